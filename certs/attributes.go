@@ -1,0 +1,257 @@
+package certs
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"net/url"
+	"regexp"
+	"slices"
+	"sort"
+	"strings"
+
+	"github.com/skybridge-mesh/skybridge/internal/iso3166"
+)
+
+// AttributeURIScheme is the URI scheme of the SAN that carries a gateway's
+// attributes in its certificate:
+//
+//	skybridge://SITE/NODE?provider=P&region=R&jurisdiction=CC&route=CIDR&label.K=V
+//
+// A URI SAN (rather than a private X.509 extension) is used because Vault's
+// PKI engine can put one into a certificate under a role's allowed_uri_sans
+// glob, so the embedded CA and Vault issue byte-for-byte the same kind of
+// certificate and one verifier serves both. The overlay IP is an ordinary IP
+// SAN, and the node name is also the subject common name.
+const AttributeURIScheme = "skybridge"
+
+// Limits that keep a signed advert inside memberlist's 512-byte node meta.
+const (
+	maxNameLen   = 63
+	maxRoutes    = 32
+	maxLabels    = 32
+	maxLabelLen  = 63
+	maxEndpoints = 8
+)
+
+// Attributes are the facts about a gateway that the mesh CA vouches for.
+// Everything the residency policy or the topology relies on is here, so a
+// gateway cannot claim to be somewhere it is not.
+type Attributes struct {
+	Node         string            `json:"node"`
+	Site         string            `json:"site"`
+	Region       string            `json:"region"`
+	Provider     string            `json:"provider"`
+	Jurisdiction string            `json:"jurisdiction"` // ISO 3166-1 alpha-2
+	OverlayIP    netip.Addr        `json:"overlay_ip"`
+	Routes       []netip.Prefix    `json:"routes,omitempty"` // prefixes routed behind this gateway's site
+	Labels       map[string]string `json:"labels,omitempty"` // free-form site labels, e.g. tier=gold, classes=pii-eu
+}
+
+var (
+	nameRE     = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$`)
+	labelKeyRE = regexp.MustCompile(`^[a-z0-9]([a-z0-9._/-]{0,61}[a-z0-9])?$`)
+	labelValRE = regexp.MustCompile(`^[A-Za-z0-9._:/+@-]{0,63}$`)
+)
+
+// Validate checks every attribute and says which one is wrong and how to fix
+// it. meshPrefix, if valid, is the overlay range the overlay IP must be in.
+func (a *Attributes) Validate(meshPrefix netip.Prefix) error {
+	var errs []error
+	checkName := func(field, v string) {
+		if !nameRE.MatchString(v) {
+			errs = append(errs, fmt.Errorf("%s %q is not valid: use 1-63 lower-case letters, digits and '-', starting and ending with a letter or digit", field, v))
+		}
+	}
+	checkName("node", a.Node)
+	checkName("site", a.Site)
+	checkName("region", a.Region)
+	checkName("provider", a.Provider)
+	if !iso3166.Valid(a.Jurisdiction) {
+		errs = append(errs, fmt.Errorf("jurisdiction %q is not an ISO 3166-1 alpha-2 country code (e.g. CH, DE, US)", a.Jurisdiction))
+	}
+	switch {
+	case !a.OverlayIP.IsValid():
+		errs = append(errs, errors.New("overlay IP is missing"))
+	case a.OverlayIP.Zone() != "":
+		errs = append(errs, fmt.Errorf("overlay IP %s must not have a zone", a.OverlayIP))
+	case a.OverlayIP.Is4In6():
+		errs = append(errs, fmt.Errorf("overlay IP %s: write IPv4 addresses in dotted form", a.OverlayIP))
+	case meshPrefix.IsValid() && !meshPrefix.Contains(a.OverlayIP):
+		errs = append(errs, fmt.Errorf("overlay IP %s is outside the mesh overlay range %s: pick an address inside it", a.OverlayIP, meshPrefix))
+	}
+	if len(a.Routes) > maxRoutes {
+		errs = append(errs, fmt.Errorf("%d routes given; at most %d fit in a gateway's advertisement: aggregate them into larger prefixes", len(a.Routes), maxRoutes))
+	}
+	for _, r := range a.Routes {
+		if !r.IsValid() {
+			errs = append(errs, errors.New("a route is not a valid CIDR prefix"))
+			continue
+		}
+		if r != r.Masked() {
+			errs = append(errs, fmt.Errorf("route %s has host bits set: did you mean %s?", r, r.Masked()))
+		}
+		if meshPrefix.IsValid() && r.Overlaps(meshPrefix) {
+			errs = append(errs, fmt.Errorf("route %s overlaps the mesh overlay range %s: routes are the site networks behind the gateway, not overlay addresses", r, meshPrefix))
+		}
+	}
+	if len(a.Labels) > maxLabels {
+		errs = append(errs, fmt.Errorf("%d labels given; at most %d are allowed", len(a.Labels), maxLabels))
+	}
+	for k, v := range a.Labels {
+		if !labelKeyRE.MatchString(k) {
+			errs = append(errs, fmt.Errorf("label key %q is not valid: use lower-case letters, digits and . _ / -", k))
+		}
+		if !labelValRE.MatchString(v) {
+			errs = append(errs, fmt.Errorf("label %s value %q is not valid: use at most 63 letters, digits and . _ : / + @ -", k, v))
+		}
+	}
+	sort.Slice(errs, func(i, j int) bool { return errs[i].Error() < errs[j].Error() })
+	return errors.Join(errs...)
+}
+
+// Normalize puts routes in a canonical order so that equal attribute sets
+// encode identically.
+func (a *Attributes) Normalize() {
+	slices.SortFunc(a.Routes, func(x, y netip.Prefix) int {
+		if c := x.Addr().Compare(y.Addr()); c != 0 {
+			return c
+		}
+		return x.Bits() - y.Bits()
+	})
+	a.Routes = slices.Compact(a.Routes)
+}
+
+// Grants reports whether these (certified) attributes allow prefix to be
+// advertised: it must lie inside one of the certified routes.
+func (a *Attributes) Grants(prefix netip.Prefix) bool {
+	for _, r := range a.Routes {
+		if r.Bits() <= prefix.Bits() && r.Contains(prefix.Addr()) {
+			return true
+		}
+	}
+	return false
+}
+
+// Equal reports whether two attribute sets are the same.
+func (a *Attributes) Equal(b *Attributes) bool {
+	if a.Node != b.Node || a.Site != b.Site || a.Region != b.Region || a.Provider != b.Provider ||
+		a.Jurisdiction != b.Jurisdiction || a.OverlayIP != b.OverlayIP || !slices.Equal(a.Routes, b.Routes) ||
+		len(a.Labels) != len(b.Labels) {
+		return false
+	}
+	for k, v := range a.Labels {
+		if bv, ok := b.Labels[k]; !ok || bv != v {
+			return false
+		}
+	}
+	return true
+}
+
+// URI encodes the attributes (all but the overlay IP, which is an IP SAN) as
+// the certificate's attribute URI, in a canonical order.
+func (a *Attributes) URI() *url.URL {
+	q := []string{
+		"provider=" + url.QueryEscape(a.Provider),
+		"region=" + url.QueryEscape(a.Region),
+		"jurisdiction=" + url.QueryEscape(a.Jurisdiction),
+	}
+	for _, r := range a.Routes {
+		q = append(q, "route="+r.String())
+	}
+	keys := make([]string, 0, len(a.Labels))
+	for k := range a.Labels {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	for _, k := range keys {
+		q = append(q, "label."+url.QueryEscape(k)+"="+url.QueryEscape(a.Labels[k]))
+	}
+	return &url.URL{Scheme: AttributeURIScheme, Host: a.Site, Path: "/" + a.Node, RawQuery: strings.Join(q, "&")}
+}
+
+// parseAttributeURI is the inverse of URI. It does not validate values; the
+// caller runs Validate on the whole set.
+func parseAttributeURI(u *url.URL) (Attributes, error) {
+	var a Attributes
+	if u.Scheme != AttributeURIScheme {
+		return a, fmt.Errorf("URI %q is not a %s attribute URI", u, AttributeURIScheme)
+	}
+	a.Site = u.Host
+	a.Node = strings.TrimPrefix(u.Path, "/")
+	q, err := url.ParseQuery(u.RawQuery)
+	if err != nil {
+		return a, fmt.Errorf("attribute URI query: %w", err)
+	}
+	one := func(k string) (string, error) {
+		v := q[k]
+		if len(v) != 1 {
+			return "", fmt.Errorf("attribute URI must carry exactly one %s, has %d", k, len(v))
+		}
+		return v[0], nil
+	}
+	var errs []error
+	for k, dst := range map[string]*string{"provider": &a.Provider, "region": &a.Region, "jurisdiction": &a.Jurisdiction} {
+		v, err := one(k)
+		errs = append(errs, err)
+		*dst = v
+	}
+	for _, r := range q["route"] {
+		p, err := netip.ParsePrefix(r)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("attribute URI route: %w", err))
+			continue
+		}
+		a.Routes = append(a.Routes, p)
+	}
+	for k, v := range q {
+		switch {
+		case k == "provider" || k == "region" || k == "jurisdiction" || k == "route":
+		case strings.HasPrefix(k, "label."):
+			if len(v) != 1 {
+				errs = append(errs, fmt.Errorf("attribute URI label %s appears %d times", k, len(v)))
+				continue
+			}
+			if a.Labels == nil {
+				a.Labels = map[string]string{}
+			}
+			a.Labels[strings.TrimPrefix(k, "label.")] = v[0]
+		default:
+			errs = append(errs, fmt.Errorf("attribute URI has unknown key %q", k))
+		}
+	}
+	return a, errors.Join(errs...)
+}
+
+// ParseLabels parses "key=value" strings as given on a command line.
+func ParseLabels(kvs []string) (map[string]string, error) {
+	if len(kvs) == 0 {
+		return nil, nil
+	}
+	m := make(map[string]string, len(kvs))
+	for _, kv := range kvs {
+		k, v, ok := strings.Cut(kv, "=")
+		if !ok {
+			return nil, fmt.Errorf("label %q is not key=value", kv)
+		}
+		if _, dup := m[k]; dup {
+			return nil, fmt.Errorf("label %q given twice", k)
+		}
+		m[k] = v
+	}
+	return m, nil
+}
+
+// ParseRoutes parses CIDR prefixes as given on a command line, with errors
+// that name the bad one.
+func ParseRoutes(ss []string) ([]netip.Prefix, error) {
+	out := make([]netip.Prefix, 0, len(ss))
+	for _, s := range ss {
+		p, err := netip.ParsePrefix(strings.TrimSpace(s))
+		if err != nil {
+			return nil, fmt.Errorf("route %q is not a CIDR prefix such as 10.1.0.0/16: %w", s, err)
+		}
+		out = append(out, p)
+	}
+	return out, nil
+}

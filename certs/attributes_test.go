@@ -1,0 +1,159 @@
+package certs
+
+import (
+	"net/netip"
+	"net/url"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestAttributeURIRoundTrip(t *testing.T) {
+	a := testAttrs("gw1", "aws-eu-central-1", "100.96.0.10", "10.20.0.0/16", "fd00:20::/48")
+	a.Labels["certified"] = "pci-dss"
+	a.Labels["owner"] = "team@bank.example"
+	u := a.URI()
+	want := "skybridge://aws-eu-central-1/gw1?provider=aws&region=eu-central-1&jurisdiction=DE&route=10.20.0.0/16&route=fd00:20::/48&label.certified=pci-dss&label.classes=pii-eu.risk-batch&label.owner=team%40bank.example&label.tier=gold"
+	if u.String() != want {
+		t.Fatalf("URI =\n %s\nwant\n %s", u, want)
+	}
+	parsed, err := url.Parse(u.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	back, err := parseAttributeURI(parsed)
+	if err != nil {
+		t.Fatal(err)
+	}
+	back.OverlayIP = a.OverlayIP
+	if !back.Equal(&a) {
+		t.Fatalf("round trip:\n got %+v\nwant %+v", back, a)
+	}
+	for _, bad := range []string{
+		"https://aws-eu-central-1/gw1?provider=aws&region=r&jurisdiction=DE",
+		"skybridge://s/gw1?region=r&jurisdiction=DE",
+		"skybridge://s/gw1?provider=a&provider=b&region=r&jurisdiction=DE",
+		"skybridge://s/gw1?provider=a&region=r&jurisdiction=DE&route=10.0.0.0/33",
+		"skybridge://s/gw1?provider=a&region=r&jurisdiction=DE&colour=blue",
+	} {
+		u, _ := url.Parse(bad)
+		if _, err := parseAttributeURI(u); err == nil {
+			t.Errorf("parseAttributeURI(%s) accepted", bad)
+		}
+	}
+}
+
+func TestGrants(t *testing.T) {
+	a := testAttrs("gw1", "s", "100.96.0.1", "10.20.0.0/16", "fd00:20::/48")
+	for p, want := range map[string]bool{
+		"10.20.0.0/16": true, "10.20.3.0/24": true, "10.20.3.4/32": true, "fd00:20:0:1::/64": true,
+		"10.0.0.0/8": false, "10.21.0.0/16": false, "0.0.0.0/0": false, "::/0": false, "fd00::/16": false,
+	} {
+		if got := a.Grants(netip.MustParsePrefix(p)); got != want {
+			t.Errorf("Grants(%s) = %v, want %v", p, got, want)
+		}
+	}
+}
+
+func TestParseRoutesAndLabels(t *testing.T) {
+	if _, err := ParseRoutes([]string{"10.0.0.0/8", "bogus"}); err == nil || !strings.Contains(err.Error(), `"bogus"`) {
+		t.Errorf("bad route: err = %v, want it to name the route", err)
+	}
+	if _, err := ParseLabels([]string{"tier"}); err == nil {
+		t.Error("label without = accepted")
+	}
+	if _, err := ParseLabels([]string{"a=1", "a=2"}); err == nil {
+		t.Error("duplicate label accepted")
+	}
+	m, err := ParseLabels([]string{"tier=gold", "classes=pii-eu"})
+	if err != nil || m["tier"] != "gold" || m["classes"] != "pii-eu" {
+		t.Errorf("ParseLabels = %v, %v", m, err)
+	}
+}
+
+func TestIdentitySaveLoad(t *testing.T) {
+	ca := newTestCA(t)
+	id := issue(t, ca, testAttrs("gw1", "s", "100.96.0.1", "10.1.0.0/16"), t0, time.Hour)
+	dir := filepath.Join(t.TempDir(), "id")
+	if err := id.Save(dir, trust(t, ca)); err != nil {
+		t.Fatal(err)
+	}
+	st, _ := os.Stat(filepath.Join(dir, fileNodeKey))
+	if st.Mode().Perm() != 0o600 {
+		t.Fatalf("node.key mode %04o", st.Mode().Perm())
+	}
+	back, err := LoadNodeIdentity(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if back.Fingerprint() != id.Fingerprint() || !back.key.Equal(id.key) {
+		t.Fatal("identity changed on save/load")
+	}
+	tb, err := LoadTrustBundle(dir, netip.Prefix{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tb.VerifyCertificate(back.Certificate(), t0); err != nil {
+		t.Fatal(err)
+	}
+	// A key that does not match the certificate is refused.
+	other := issue(t, ca, testAttrs("gw2", "s", "100.96.0.2"), t0, time.Hour)
+	keyPEM, _ := marshalKeyPEM(other.key)
+	os.WriteFile(filepath.Join(dir, fileNodeKey), keyPEM, 0o600)
+	if _, err := LoadNodeIdentity(dir); err == nil || !strings.Contains(err.Error(), "does not belong") {
+		t.Fatalf("mismatched key: err = %v", err)
+	}
+}
+
+func TestCSRFlow(t *testing.T) {
+	ca := newTestCA(t)
+	key, _ := GenerateNodeKey()
+	a := testAttrs("gw1", "s", "100.96.0.1", "10.1.0.0/16")
+	csrPEM, err := CreateCSR(key, a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	csr, asked, err := ParseCSR(csrPEM)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !asked.Equal(&a) {
+		t.Fatalf("CSR attributes = %+v", asked)
+	}
+	cert, err := ca.Issue(IssueRequest{Attributes: *asked, PublicKey: csr.PublicKey, Now: t0})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := NewNodeIdentity(cert, key); err != nil {
+		t.Fatal(err)
+	}
+	// A CSR whose signature was tampered with is refused.
+	bad := []byte(strings.Replace(string(csrPEM), "A", "B", 1))
+	if _, _, err := ParseCSR(bad); err == nil {
+		t.Fatal("tampered CSR accepted")
+	}
+}
+
+// TestWGKeyMatchesWgTool cross-checks key derivation with wireguard-tools.
+func TestWGKeyMatchesWgTool(t *testing.T) {
+	wgPath, err := exec.LookPath("wg")
+	if err != nil {
+		if os.Getenv("CI") == "true" {
+			t.Fatal("wg (wireguard-tools) is missing; the test command installs it")
+		}
+		t.Skip("wg not installed")
+	}
+	k, _ := GenerateWGKey()
+	cmd := exec.Command(wgPath, "pubkey")
+	cmd.Stdin = strings.NewReader(k.Base64Secret() + "\n")
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := strings.TrimSpace(string(out)); got != k.Public().String() {
+		t.Fatalf("wg pubkey = %s, ours = %s", got, k.Public())
+	}
+}

@@ -1,0 +1,305 @@
+package certs
+
+import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"errors"
+	"math/big"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+func TestInitCAFiles(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "ca")
+	ca, err := InitCA(dir, InitOptions{Now: t0})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, want := range map[string]os.FileMode{fileCAKey: 0o600, fileCACert: 0o644, fileCRL: 0o644, fileIndex: 0o600} {
+		st, err := os.Stat(filepath.Join(dir, name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st.Mode().Perm() != want {
+			t.Errorf("%s mode = %04o, want %04o", name, st.Mode().Perm(), want)
+		}
+	}
+	if st, _ := os.Stat(dir); st.Mode().Perm() != 0o700 {
+		t.Errorf("CA directory mode = %04o, want 0700", st.Mode().Perm())
+	}
+	if got := ca.MeshPrefix(); got != DefaultMeshPrefix {
+		t.Errorf("mesh prefix = %s, want default %s", got, DefaultMeshPrefix)
+	}
+	c := ca.Certificate()
+	if !c.IsCA || c.PublicKeyAlgorithm != x509.ECDSA || c.SignatureAlgorithm != x509.ECDSAWithSHA256 {
+		t.Errorf("CA certificate: IsCA=%v alg=%v sig=%v", c.IsCA, c.PublicKeyAlgorithm, c.SignatureAlgorithm)
+	}
+	// No temporary directories left beside it.
+	ents, _ := os.ReadDir(filepath.Dir(dir))
+	if len(ents) != 1 {
+		t.Errorf("init left %d entries beside the CA", len(ents))
+	}
+	if _, err := OpenCA(dir); err != nil {
+		t.Fatalf("open new CA: %v", err)
+	}
+}
+
+func TestInitCARefusesToOverwrite(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "ca")
+	if _, err := InitCA(dir, InitOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	before, _ := os.ReadFile(filepath.Join(dir, fileCAKey))
+	_, err := InitCA(dir, InitOptions{})
+	if err == nil || !strings.Contains(err.Error(), "already exists") {
+		t.Fatalf("second init: err = %v, want 'already exists'", err)
+	}
+	after, _ := os.ReadFile(filepath.Join(dir, fileCAKey))
+	if string(before) != string(after) {
+		t.Fatal("second init changed the CA key")
+	}
+
+	other := t.TempDir()
+	os.WriteFile(filepath.Join(other, "notes.txt"), []byte("x"), 0o644)
+	if _, err := InitCA(other, InitOptions{}); err == nil {
+		t.Fatal("init into a non-empty directory succeeded")
+	}
+	if _, err := InitCA(t.TempDir(), InitOptions{}); err != nil {
+		t.Fatalf("init into an empty existing directory: %v", err)
+	}
+}
+
+func TestOpenCAErrors(t *testing.T) {
+	if _, err := OpenCA(t.TempDir()); err == nil || !strings.Contains(err.Error(), "skybridge ca init") {
+		t.Errorf("missing CA: err = %v, want a hint to run ca init", err)
+	}
+	dir := filepath.Join(t.TempDir(), "ca")
+	if _, err := InitCA(dir, InitOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	keyPath := filepath.Join(dir, fileCAKey)
+	os.Chmod(keyPath, 0o644)
+	if _, err := OpenCA(dir); err == nil || !strings.Contains(err.Error(), "chmod 600") {
+		t.Errorf("world-readable key: err = %v, want a chmod hint", err)
+	}
+	os.Chmod(keyPath, 0o600)
+	os.WriteFile(keyPath, []byte("not a key"), 0o600)
+	if _, err := OpenCA(dir); err == nil || !strings.Contains(err.Error(), fileCAKey) {
+		t.Errorf("garbage key: err = %v, want it to name the file", err)
+	}
+	if os.Getuid() != 0 { // root reads mode-000 files anyway
+		os.Chmod(keyPath, 0o000)
+		if _, err := OpenCA(dir); err == nil {
+			t.Error("unreadable key: no error")
+		}
+	}
+}
+
+func TestIssueBindsAttributes(t *testing.T) {
+	ca := newTestCA(t)
+	a := testAttrs("gw1", "aws-eu-central-1", "100.96.0.10", "fd00:20::/48", "10.20.0.0/16")
+	id := issue(t, ca, a, t0, 48*time.Hour)
+	c := id.Certificate()
+	got, err := AttributesOf(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.Normalize()
+	if !got.Equal(&a) {
+		t.Fatalf("certified attributes differ:\n got %+v\nwant %+v", got, a)
+	}
+	if c.NotAfter.Sub(t0) != 48*time.Hour {
+		t.Errorf("NotAfter = %v, want issue time + TTL", c.NotAfter)
+	}
+	if c.Subject.CommonName != "gw1" || c.Subject.OrganizationalUnit[0] != "aws-eu-central-1" {
+		t.Errorf("subject = %v", c.Subject)
+	}
+	// A standard verifier (not ours) accepts it under the CA.
+	pool := x509.NewCertPool()
+	pool.AddCert(ca.Certificate())
+	if _, err := c.Verify(x509.VerifyOptions{Roots: pool, CurrentTime: t0, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}}); err != nil {
+		t.Fatalf("x509 verification: %v", err)
+	}
+	if _, err := trust(t, ca).VerifyCertificate(c, t0); err != nil {
+		t.Fatalf("VerifyCertificate: %v", err)
+	}
+}
+
+func TestIssueRejectsBadInput(t *testing.T) {
+	ca := newTestCA(t)
+	issue(t, ca, testAttrs("gw1", "onprem-zrh", "100.96.0.10"), t0, time.Hour)
+	bad := func(mut func(*Attributes)) Attributes {
+		a := testAttrs("gw2", "onprem-zrh", "100.96.0.20", "10.1.0.0/16")
+		mut(&a)
+		return a
+	}
+	tests := []struct {
+		name  string
+		attrs Attributes
+		ttl   time.Duration
+		want  string
+	}{
+		{"overlay outside mesh", bad(func(a *Attributes) { a.OverlayIP = netip.MustParseAddr("10.0.0.1") }), 0, "outside the mesh overlay range"},
+		{"overlay missing", bad(func(a *Attributes) { a.OverlayIP = netip.Addr{} }), 0, "overlay IP is missing"},
+		{"overlay held by another node", bad(func(a *Attributes) { a.OverlayIP = netip.MustParseAddr("100.96.0.10") }), 0, "already held by node \"gw1\""},
+		{"route with host bits", bad(func(a *Attributes) { a.Routes = []netip.Prefix{netip.MustParsePrefix("10.1.2.3/16")} }), 0, "did you mean 10.1.0.0/16"},
+		{"route overlapping mesh", bad(func(a *Attributes) { a.Routes = []netip.Prefix{netip.MustParsePrefix("100.96.4.0/24")} }), 0, "overlaps the mesh overlay range"},
+		{"bad node name", bad(func(a *Attributes) { a.Node = "GW_2" }), 0, "node \"GW_2\" is not valid"},
+		{"empty site", bad(func(a *Attributes) { a.Site = "" }), 0, "site \"\" is not valid"},
+		{"unknown jurisdiction", bad(func(a *Attributes) { a.Jurisdiction = "EU" }), 0, "not an ISO 3166-1"},
+		{"lower-case jurisdiction", bad(func(a *Attributes) { a.Jurisdiction = "ch" }), 0, "not an ISO 3166-1"},
+		{"bad label", bad(func(a *Attributes) { a.Labels = map[string]string{"Tier": "gold"} }), 0, "label key \"Tier\""},
+		{"label value with separator", bad(func(a *Attributes) { a.Labels = map[string]string{"tier": "gold&x=y"} }), 0, "label tier value"},
+		{"TTL beyond CA", bad(func(*Attributes) {}), 20 * 365 * 24 * time.Hour, "outlive the CA"},
+		{"negative TTL", bad(func(*Attributes) {}), -time.Hour, "negative"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := ca.IssueIdentity(tt.attrs, tt.ttl, t0)
+			if err == nil || !strings.Contains(err.Error(), tt.want) {
+				t.Fatalf("err = %v, want it to contain %q", err, tt.want)
+			}
+		})
+	}
+	issued, _ := ca.Issued()
+	if len(issued) != 1 {
+		t.Fatalf("refused requests changed the index: %d entries", len(issued))
+	}
+}
+
+func TestIssueRejectsForeignKeys(t *testing.T) {
+	ca := newTestCA(t)
+	k384, _ := ecdsa.GenerateKey(elliptic.P384(), rand.Reader)
+	_, err := ca.Issue(IssueRequest{Attributes: testAttrs("gw1", "s", "100.96.0.1"), PublicKey: k384.Public(), Now: t0})
+	if err == nil || !strings.Contains(err.Error(), "P-256") {
+		t.Fatalf("P-384 key: err = %v", err)
+	}
+}
+
+// TestNameConstraint: even a certificate the CA key signed outside of
+// Issue (a bug, a stolen-but-constrained intermediate) cannot carry an
+// overlay IP outside the mesh range, because the CA's name constraint is
+// enforced by X.509 verification itself.
+func TestNameConstraint(t *testing.T) {
+	ca := newTestCA(t)
+	a := testAttrs("gw1", "s", "100.96.0.1")
+	key, _ := GenerateNodeKey()
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(99), Subject: pkix.Name{CommonName: "gw1"},
+		NotBefore: t0.Add(-time.Hour), NotAfter: t0.Add(time.Hour),
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+		URIs:        nil, IPAddresses: []net.IP{net.ParseIP("10.9.9.9")},
+	}
+	tmpl.URIs = append(tmpl.URIs, a.URI())
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, key.Public(), ca.key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, _ := x509.ParseCertificate(der)
+	_, err = trust(t, ca).VerifyCertificate(c, t0)
+	if ReasonOf(err) != ReasonBadCertificate {
+		t.Fatalf("err = %v, want bad_certificate", err)
+	}
+}
+
+func TestRevoke(t *testing.T) {
+	ca := newTestCA(t)
+	id1 := issue(t, ca, testAttrs("gw1", "s", "100.96.0.1"), t0, time.Hour)
+	id2 := issue(t, ca, testAttrs("gw2", "s", "100.96.0.2"), t0, time.Hour)
+	tbBefore := trust(t, ca)
+
+	serials, err := ca.SerialsOfNode("gw1", t0)
+	if err != nil || len(serials) != 1 || serials[0].Cmp(id1.Certificate().SerialNumber) != 0 {
+		t.Fatalf("SerialsOfNode = %v, %v", serials, err)
+	}
+	done, err := ca.RevokeSerials(serials, "keyCompromise", t0)
+	if err != nil || len(done) != 1 || done[0].Reason != "keyCompromise" {
+		t.Fatalf("Revoke = %+v, %v", done, err)
+	}
+	tbAfter := trust(t, ca)
+	if _, err := tbAfter.VerifyCertificate(id1.Certificate(), t0); !errors.Is(err, ErrRevoked) {
+		t.Fatalf("revoked cert: err = %v", err)
+	}
+	if _, err := tbAfter.VerifyCertificate(id2.Certificate(), t0); err != nil {
+		t.Fatalf("unrevoked cert refused: %v", err)
+	}
+	if tbAfter.CRL().Number.Cmp(tbBefore.CRL().Number) <= 0 {
+		t.Fatal("CRL number did not increase")
+	}
+	// An older list cannot replace a newer one: no un-revoking by replay.
+	if _, err := tbAfter.WithCRL(tbBefore.CRL()); !errors.Is(err, ErrReplay) {
+		t.Fatalf("older CRL accepted: %v", err)
+	}
+	// A list from another CA is refused.
+	other := trust(t, newTestCA(t))
+	if _, err := tbAfter.WithCRL(other.CRL()); !errors.Is(err, ErrUnknownCA) {
+		t.Fatalf("foreign CRL accepted: %v", err)
+	}
+	// Revoking again is idempotent; unknown serials and reasons are errors.
+	if _, err := ca.RevokeSerials(serials, "", t0); err != nil {
+		t.Fatalf("repeat revoke: %v", err)
+	}
+	if _, err := ca.RevokeSerials([]*big.Int{big.NewInt(12345)}, "", t0); err == nil || !strings.Contains(err.Error(), "not issued by this CA") {
+		t.Fatalf("unknown serial: %v", err)
+	}
+	if _, err := ca.RevokeSerials(serials, "because", t0); err == nil || !strings.Contains(err.Error(), "keyCompromise") {
+		t.Fatalf("unknown reason: %v", err)
+	}
+	if _, err := ca.SerialsOfNode("gw1", t0); err == nil {
+		t.Fatal("revoked node still has valid serials")
+	}
+	// The overlay IP of a revoked certificate may be reused.
+	issue(t, ca, testAttrs("gw9", "s", "100.96.0.1"), t0, time.Hour)
+}
+
+// TestConcurrentIssue: parallel operators must not lose index entries.
+func TestConcurrentIssue(t *testing.T) {
+	ca := newTestCA(t)
+	var wg sync.WaitGroup
+	const n = 12
+	for i := range n {
+		wg.Go(func() {
+			other, err := OpenCA(ca.Dir()) // as a separate `skybridge ca issue` would
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			a := testAttrs("gw"+string(rune('a'+i)), "s", netip.AddrFrom4([4]byte{100, 96, 1, byte(i + 1)}).String())
+			if _, err := other.IssueIdentity(a, time.Hour, t0); err != nil {
+				t.Error(err)
+			}
+		})
+	}
+	wg.Wait()
+	issued, err := ca.Issued()
+	if err != nil || len(issued) != n {
+		t.Fatalf("index has %d entries (%v), want %d", len(issued), err, n)
+	}
+}
+
+func TestSerialFormat(t *testing.T) {
+	s := big.NewInt(0x1a2b3c)
+	if got := FormatSerial(s); got != "1a:2b:3c" {
+		t.Fatalf("FormatSerial = %q", got)
+	}
+	for _, in := range []string{"1a:2b:3c", "0x1a2b3c", "1715004"} {
+		got, err := ParseSerial(in)
+		if err != nil || got.Cmp(s) != 0 {
+			t.Errorf("ParseSerial(%q) = %v, %v", in, got, err)
+		}
+	}
+	for _, in := range []string{"", "zz", "-5", "0", "0x"} {
+		if _, err := ParseSerial(in); err == nil {
+			t.Errorf("ParseSerial(%q) accepted", in)
+		}
+	}
+}

@@ -1,0 +1,242 @@
+package certs
+
+import (
+	"fmt"
+	"net/netip"
+	"time"
+
+	"github.com/hashicorp/hcl/v2"
+
+	"github.com/skybridge-mesh/skybridge/internal/hclconf"
+)
+
+// Back ends.
+const (
+	BackendFile  = "file"
+	BackendVault = "vault"
+)
+
+// NodeConfig is the `node` block of a gateway configuration: the attributes
+// the gateway asks to be certified with.
+//
+//	node {
+//	  name         = "gw1"
+//	  site         = "onprem-zrh"
+//	  region       = "zrh-dc1"
+//	  provider     = "onprem"
+//	  jurisdiction = "CH"
+//	  overlay_ip   = "100.96.0.1"
+//	  routes       = ["10.1.0.0/16"]
+//	  labels       = { classes = "swiss-banking-secret" }
+//	}
+type NodeConfig struct {
+	Name         string            `hcl:"name"`
+	Site         string            `hcl:"site"`
+	Region       string            `hcl:"region"`
+	Provider     string            `hcl:"provider"`
+	Jurisdiction string            `hcl:"jurisdiction"`
+	OverlayIP    string            `hcl:"overlay_ip"`
+	Routes       []string          `hcl:"routes,optional"`
+	Labels       map[string]string `hcl:"labels,optional"`
+	Body         hcl.Body          `hcl:",body"`
+}
+
+// Attributes converts and validates the block.
+func (n *NodeConfig) Attributes(meshPrefix netip.Prefix) (Attributes, error) {
+	a := Attributes{Node: n.Name, Site: n.Site, Region: n.Region, Provider: n.Provider, Jurisdiction: n.Jurisdiction, Labels: n.Labels}
+	ip, err := netip.ParseAddr(n.OverlayIP)
+	if err != nil {
+		return a, hclconf.Errorf(n.Body, "overlay_ip", "%q is not an IP address", n.OverlayIP)
+	}
+	a.OverlayIP = ip
+	for _, r := range n.Routes {
+		p, err := netip.ParsePrefix(r)
+		if err != nil {
+			return a, hclconf.Errorf(n.Body, "routes", "%q is not a CIDR prefix such as 10.1.0.0/16", r)
+		}
+		a.Routes = append(a.Routes, p)
+	}
+	a.Normalize()
+	if err := a.Validate(meshPrefix); err != nil {
+		return a, hclconf.Errorf(n.Body, "node", "%v", err)
+	}
+	return a, nil
+}
+
+// Config is the `identity` block of a gateway configuration: where the
+// gateway's identity comes from. Choosing Vault instead of the embedded CA
+// is a change here, not in code.
+//
+//	identity {
+//	  backend   = "file"               # or "vault"
+//	  dir       = "/var/lib/skybridge/identity"
+//	  mesh_cidr = "100.96.0.0/16"      # needed when the CA has no IP name constraint (Vault)
+//	  ttl       = "24h"                # certificate lifetime asked of an issuer
+//	  ca_dir    = "/etc/skybridge/ca"  # file back end: let the gateway renew from a local CA
+//	  vault { ... }                    # see VaultConfig
+//	}
+type Config struct {
+	Backend  string       `hcl:"backend,optional"`
+	Dir      string       `hcl:"dir"`
+	MeshCIDR string       `hcl:"mesh_cidr,optional"`
+	TTL      string       `hcl:"ttl,optional"`
+	CADir    string       `hcl:"ca_dir,optional"`
+	Vault    *VaultConfig `hcl:"vault,block"`
+	Body     hcl.Body     `hcl:",body"`
+}
+
+// VaultConfig selects a Vault server, its PKI and KV v2 mounts and how to
+// log in.
+//
+//	vault {
+//	  address   = "https://vault.bank.example:8200"  # default: $VAULT_ADDR
+//	  ca_cert   = "/etc/skybridge/vault-ca.pem"
+//	  pki_mount = "pki"
+//	  pki_role  = "skybridge-gateway"
+//	  kv_mount  = "kv"
+//	  kv_prefix = "skybridge"
+//	  auth {
+//	    method         = "approle"              # or "token"
+//	    role_id        = "..."                  # or role_id_file
+//	    secret_id_file = "/run/skybridge/secret-id"
+//	    wrapped        = true                   # the file holds a response-wrapping token
+//	  }
+//	}
+type VaultConfig struct {
+	Address   string    `hcl:"address,optional"`
+	CACert    string    `hcl:"ca_cert,optional"`
+	Namespace string    `hcl:"namespace,optional"`
+	PKIMount  string    `hcl:"pki_mount,optional"`
+	PKIRole   string    `hcl:"pki_role"`
+	KVMount   string    `hcl:"kv_mount,optional"`
+	KVPrefix  string    `hcl:"kv_prefix,optional"`
+	Auth      VaultAuth `hcl:"auth,block"`
+	Body      hcl.Body  `hcl:",body"`
+}
+
+// VaultAuth says how a gateway logs in to Vault.
+type VaultAuth struct {
+	Method       string   `hcl:"method"`
+	TokenFile    string   `hcl:"token_file,optional"` // token: default $VAULT_TOKEN
+	Mount        string   `hcl:"mount,optional"`      // approle: default "approle"
+	RoleID       string   `hcl:"role_id,optional"`
+	RoleIDFile   string   `hcl:"role_id_file,optional"`
+	SecretIDFile string   `hcl:"secret_id_file,optional"`
+	SecretIDEnv  string   `hcl:"secret_id_env,optional"`
+	Wrapped      bool     `hcl:"wrapped,optional"`
+	Body         hcl.Body `hcl:",body"`
+}
+
+// settings is Config after validation.
+type settings struct {
+	backend    string
+	dir        string
+	meshPrefix netip.Prefix
+	ttl        time.Duration
+	caDir      string
+	vault      *VaultConfig
+}
+
+func (c *Config) validate() (*settings, error) {
+	s := &settings{backend: c.Backend, dir: c.Dir, caDir: c.CADir, vault: c.Vault, ttl: DefaultNodeTTL}
+	if s.backend == "" {
+		s.backend = BackendFile
+	}
+	var errs []error
+	switch s.backend {
+	case BackendFile:
+		if c.Vault != nil {
+			errs = append(errs, hclconf.Errorf(c.Body, "vault", "a vault block needs backend = %q", BackendVault))
+		}
+	case BackendVault:
+		if c.Vault == nil {
+			errs = append(errs, hclconf.Errorf(c.Body, "vault", "backend = %q needs a vault block", BackendVault))
+		}
+		if c.CADir != "" {
+			errs = append(errs, hclconf.Errorf(c.Body, "ca_dir", "only the file back end uses a local CA"))
+		}
+		s.ttl = 24 * time.Hour
+	default:
+		errs = append(errs, hclconf.Errorf(c.Body, "backend", "%q is not a back end; use %q or %q", c.Backend, BackendFile, BackendVault))
+	}
+	if c.Dir == "" {
+		errs = append(errs, hclconf.Errorf(c.Body, "dir", "must name the directory that holds the node identity"))
+	}
+	if c.MeshCIDR != "" {
+		p, err := netip.ParsePrefix(c.MeshCIDR)
+		if err != nil || p != p.Masked() {
+			errs = append(errs, hclconf.Errorf(c.Body, "mesh_cidr", "%q is not a CIDR prefix such as 100.96.0.0/16", c.MeshCIDR))
+		}
+		s.meshPrefix = p
+	}
+	if c.TTL != "" {
+		d, err := time.ParseDuration(c.TTL)
+		if err != nil || d <= 0 {
+			errs = append(errs, hclconf.Errorf(c.Body, "ttl", "%q is not a positive duration such as 24h", c.TTL))
+		}
+		s.ttl = d
+	}
+	if v := c.Vault; v != nil {
+		if v.PKIRole == "" {
+			errs = append(errs, hclconf.Errorf(v.Body, "pki_role", "must name the PKI role that signs gateway certificates"))
+		}
+		if v.PKIMount == "" {
+			v.PKIMount = "pki"
+		}
+		if v.KVMount == "" {
+			v.KVMount = "kv"
+		}
+		if v.KVPrefix == "" {
+			v.KVPrefix = "skybridge"
+		}
+		a := &v.Auth
+		switch a.Method {
+		case "token":
+		case "approle":
+			if (a.RoleID == "") == (a.RoleIDFile == "") {
+				errs = append(errs, hclconf.Errorf(a.Body, "role_id", "approle needs exactly one of role_id and role_id_file"))
+			}
+			if (a.SecretIDFile == "") == (a.SecretIDEnv == "") {
+				errs = append(errs, hclconf.Errorf(a.Body, "secret_id_file", "approle needs exactly one of secret_id_file and secret_id_env"))
+			}
+			if a.Mount == "" {
+				a.Mount = "approle"
+			}
+		default:
+			errs = append(errs, hclconf.Errorf(a.Body, "method", "%q is not supported; use \"token\" or \"approle\"", a.Method))
+		}
+	}
+	if err := hclconf.Join(errs...); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// File is a configuration file holding a node block and an identity block.
+// Other blocks (those of the gateway) are left for their own decoders, so
+// `skybridge identity` commands read the gateway's configuration file as is.
+type File struct {
+	Node     *NodeConfig `hcl:"node,block"`
+	Identity Config      `hcl:"identity,block"`
+	Rest     hcl.Body    `hcl:",remain"`
+}
+
+// LoadFile reads a configuration file's node and identity blocks.
+func LoadFile(path string) (*File, error) {
+	var f File
+	if err := hclconf.DecodeFile(path, &f); err != nil {
+		return nil, err
+	}
+	if _, err := f.Identity.validate(); err != nil {
+		return nil, err
+	}
+	return &f, nil
+}
+
+// String describes the back end choice for logs and status output.
+func (c *Config) String() string {
+	if c.Backend == BackendVault && c.Vault != nil {
+		return fmt.Sprintf("vault %s (pki %s/%s, kv %s/%s)", c.Vault.Address, c.Vault.PKIMount, c.Vault.PKIRole, c.Vault.KVMount, c.Vault.KVPrefix)
+	}
+	return "file " + c.Dir
+}

@@ -1,0 +1,113 @@
+package certs
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"syscall"
+
+	"github.com/skybridge-mesh/skybridge/internal/atomicfile"
+)
+
+// Files of the file secret store.
+const (
+	FileWireGuardKey  = "wireguard.key"
+	FileGossipKeyring = "gossip.keyring"
+)
+
+// DirSecrets is the file-backed SecretStore: 0600 files in a gateway's
+// state directory. The gossip keyring is shared by the whole mesh, so it is
+// never invented here; `skybridge ca init` creates it and `skybridge ca
+// issue` hands it out with each identity.
+type DirSecrets struct{ Dir string }
+
+var _ SecretStore = DirSecrets{}
+
+// WireGuardKey implements SecretStore.
+func (d DirSecrets) WireGuardKey(_ context.Context, node string) (WGPrivateKey, error) {
+	path := filepath.Join(d.Dir, FileWireGuardKey)
+	for range 2 {
+		b, err := readPrivateFile(path)
+		if err == nil {
+			k, err := ParseWGPrivateKey(string(b))
+			if err != nil {
+				return WGPrivateKey{}, fmt.Errorf("%s: %w", path, err)
+			}
+			return k, nil
+		}
+		if !errors.Is(err, os.ErrNotExist) {
+			return WGPrivateKey{}, fmt.Errorf("read WireGuard key: %w", err)
+		}
+		k, err := GenerateWGKey()
+		if err != nil {
+			return WGPrivateKey{}, err
+		}
+		if err := os.MkdirAll(d.Dir, 0o700); err != nil {
+			return WGPrivateKey{}, err
+		}
+		// WriteNew: if another process created the key meanwhile, loop
+		// and use theirs, so one node never ends up with two keys.
+		err = atomicfile.WriteNew(path, []byte(k.Base64Secret()+"\n"), 0o600)
+		if err == nil {
+			return k, nil
+		}
+		if !errors.Is(err, os.ErrExist) {
+			return WGPrivateKey{}, fmt.Errorf("store WireGuard key: %w", err)
+		}
+	}
+	return WGPrivateKey{}, fmt.Errorf("WireGuard key %s keeps changing under us", path)
+}
+
+// GossipKeyring implements SecretStore.
+func (d DirSecrets) GossipKeyring(context.Context) (*GossipKeyring, error) {
+	path := filepath.Join(d.Dir, FileGossipKeyring)
+	b, err := readPrivateFile(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("no gossip keyring at %s: every gateway of a mesh needs the same one; `skybridge ca issue --out %s` copies it from the CA directory", path, d.Dir)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read gossip keyring: %w", err)
+	}
+	kr, err := ParseGossipKeyring(b)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return kr, nil
+}
+
+// UpdateGossipKeyring implements SecretStore.
+func (d DirSecrets) UpdateGossipKeyring(ctx context.Context, update func(*GossipKeyring) (*GossipKeyring, error)) error {
+	unlock, err := lockFile(filepath.Join(d.Dir, ".gossip.lock"))
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	cur, err := d.GossipKeyring(ctx)
+	if err != nil {
+		return err
+	}
+	next, err := update(cur)
+	if err != nil {
+		return err
+	}
+	return atomicfile.WriteFile(filepath.Join(d.Dir, FileGossipKeyring), next.MarshalSecret(), 0o600)
+}
+
+// lockFile takes an exclusive advisory lock, for read-modify-write cycles
+// shared with other processes (two `skybridge` commands at once).
+func lockFile(path string) (unlock func(), err error) {
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("lock %s: %w", path, err)
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("lock %s: %w", path, err)
+	}
+	return func() {
+		syscall.Flock(int(f.Fd()), syscall.LOCK_UN)
+		f.Close()
+	}, nil
+}

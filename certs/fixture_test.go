@@ -1,0 +1,70 @@
+package certs
+
+import (
+	"net/netip"
+	"path/filepath"
+	"testing"
+	"time"
+)
+
+// t0 is a fixed clock for deterministic tests.
+var t0 = time.Date(2026, 11, 24, 12, 0, 0, 0, time.UTC)
+
+func testAttrs(node, site, overlay string, routes ...string) Attributes {
+	a := Attributes{
+		Node: node, Site: site, Region: "eu-central-1", Provider: "aws", Jurisdiction: "DE",
+		OverlayIP: netip.MustParseAddr(overlay),
+		Labels:    map[string]string{"classes": "pii-eu.risk-batch", "tier": "gold"},
+	}
+	for _, r := range routes {
+		a.Routes = append(a.Routes, netip.MustParsePrefix(r))
+	}
+	return a
+}
+
+func newTestCA(t testing.TB) *CA {
+	t.Helper()
+	ca, err := InitCA(filepath.Join(t.TempDir(), "ca"), InitOptions{Now: t0.Add(-24 * time.Hour), MeshPrefix: netip.MustParsePrefix("100.96.0.0/16")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ca
+}
+
+func issue(t testing.TB, ca *CA, a Attributes, now time.Time, ttl time.Duration) *NodeIdentity {
+	t.Helper()
+	id, err := ca.IssueIdentity(a, ttl, now)
+	if err != nil {
+		t.Fatalf("issue %s: %v", a.Node, err)
+	}
+	return id
+}
+
+func trust(t testing.TB, ca *CA) *TrustBundle {
+	t.Helper()
+	tb, err := ca.TrustBundle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tb
+}
+
+func advertFor(id *NodeIdentity, version uint64, at time.Time) *Advert {
+	a := id.Attributes()
+	wg, _ := GenerateWGKey()
+	return &Advert{
+		Version: version, Timestamp: at,
+		Node: a.Node, Site: a.Site, Region: a.Region, Provider: a.Provider, Jurisdiction: a.Jurisdiction,
+		OverlayIP: a.OverlayIP, Routes: a.Routes, WireGuardKey: wg.Public(),
+		Endpoints: []netip.AddrPort{netip.MustParseAddrPort("192.0.2.10:51820"), netip.MustParseAddrPort("[2001:db8::10]:51820")},
+	}
+}
+
+func sign(t testing.TB, a *Advert, id *NodeIdentity) []byte {
+	t.Helper()
+	raw, err := SignAdvert(a, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return raw
+}

@@ -1,0 +1,212 @@
+package certs
+
+import (
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/url"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/skybridge-mesh/skybridge/internal/atomicfile"
+)
+
+// NodeIdentity is a gateway's certificate together with its private key.
+// Printing or logging it shows who it is, never the key.
+type NodeIdentity struct {
+	cert  *x509.Certificate
+	key   *ecdsa.PrivateKey
+	attrs *Attributes
+}
+
+// GenerateNodeKey makes a new gateway key (ECDSA P-256).
+func GenerateNodeKey() (*ecdsa.PrivateKey, error) {
+	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, fmt.Errorf("generate node key: %w", err)
+	}
+	return k, nil
+}
+
+// NewNodeIdentity pairs a certificate with its key, checking they match.
+func NewNodeIdentity(cert *x509.Certificate, key *ecdsa.PrivateKey) (*NodeIdentity, error) {
+	if !key.PublicKey.Equal(cert.PublicKey) {
+		return nil, errors.New("private key does not belong to the certificate")
+	}
+	attrs, err := AttributesOf(cert)
+	if err != nil {
+		return nil, err
+	}
+	return &NodeIdentity{cert: cert, key: key, attrs: attrs}, nil
+}
+
+// CreateCSR makes a certificate signing request for attrs with key, for a
+// CA that signs CSRs (Vault's pki/sign, or `skybridge ca issue --csr`). The
+// key never leaves the gateway.
+func CreateCSR(key *ecdsa.PrivateKey, attrs Attributes) ([]byte, error) {
+	attrs.Normalize()
+	der, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{
+		Subject:     pkix.Name{CommonName: attrs.Node},
+		URIs:        []*url.URL{attrs.URI()},
+		IPAddresses: []net.IP{attrs.OverlayIP.AsSlice()},
+	}, key)
+	if err != nil {
+		return nil, fmt.Errorf("create CSR: %w", err)
+	}
+	return encodePEM(pemCSR, der), nil
+}
+
+// ParseCSR parses a PEM CSR, checks its self-signature and returns the
+// request and the attributes it asks for.
+func ParseCSR(b []byte) (*x509.CertificateRequest, *Attributes, error) {
+	blk := decodePEMBlock(b, pemCSR)
+	if blk == nil {
+		return nil, nil, errors.New("no PEM CERTIFICATE REQUEST block found")
+	}
+	csr, err := x509.ParseCertificateRequest(blk)
+	if err != nil {
+		return nil, nil, fmt.Errorf("parse CSR: %w", err)
+	}
+	if err := csr.CheckSignature(); err != nil {
+		return nil, nil, fmt.Errorf("CSR signature does not verify: %w", err)
+	}
+	tmp := &x509.Certificate{Subject: csr.Subject, URIs: csr.URIs, IPAddresses: csr.IPAddresses}
+	attrs, err := AttributesOf(tmp)
+	if err != nil {
+		return nil, nil, fmt.Errorf("CSR: %w", err)
+	}
+	return csr, attrs, nil
+}
+
+// Certificate returns the gateway certificate.
+func (id *NodeIdentity) Certificate() *x509.Certificate { return id.cert }
+
+// Attributes returns the certified attributes.
+func (id *NodeIdentity) Attributes() *Attributes { return id.attrs }
+
+// Fingerprint is the SHA-256 of the certificate, which adverts reference.
+func (id *NodeIdentity) Fingerprint() [32]byte { return sha256.Sum256(id.cert.Raw) }
+
+// Signer returns the private key as a crypto.Signer, for TLS or signing
+// adverts. It does not expose the key to printing.
+func (id *NodeIdentity) Signer() crypto.Signer { return id.key }
+
+// TLSCertificate returns the identity for mutual TLS between gateways.
+func (id *NodeIdentity) TLSCertificate() tls.Certificate {
+	return tls.Certificate{Certificate: [][]byte{id.cert.Raw}, PrivateKey: id.key, Leaf: id.cert}
+}
+
+func (id *NodeIdentity) String() string {
+	return fmt.Sprintf("node %s of site %s (serial %s, valid until %s)", id.attrs.Node, id.attrs.Site,
+		FormatSerial(id.cert.SerialNumber), id.cert.NotAfter.UTC().Format(time.RFC3339))
+}
+
+// Format prints the public identity only.
+func (id *NodeIdentity) Format(f fmt.State, _ rune) { fmt.Fprint(f, id.String()) }
+
+// LogValue logs the public identity only.
+func (id *NodeIdentity) LogValue() slog.Value {
+	return slog.GroupValue(
+		slog.String("node", id.attrs.Node),
+		slog.String("site", id.attrs.Site),
+		slog.String("serial", FormatSerial(id.cert.SerialNumber)),
+		slog.Time("not_after", id.cert.NotAfter),
+	)
+}
+
+// Save writes the identity into dir: node.crt, node.key (0600) and the CA
+// bundle ca.crt (plus crl.pem if tb has one). Each file is replaced
+// atomically.
+func (id *NodeIdentity) Save(dir string, tb *TrustBundle) error {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("create identity directory: %w", err)
+	}
+	keyPEM, err := marshalKeyPEM(id.key)
+	if err != nil {
+		return err
+	}
+	// The key goes first. A crash between the two writes leaves a key
+	// that does not match the certificate, which LoadNodeIdentity reports
+	// and a re-issue repairs; it never leaves a certificate whose key was
+	// lost.
+	if err := atomicfile.WriteFile(filepath.Join(dir, fileNodeKey), keyPEM, 0o600); err != nil {
+		return err
+	}
+	if err := atomicfile.WriteFile(filepath.Join(dir, fileNodeCert), encodePEM(pemCert, id.cert.Raw), 0o644); err != nil {
+		return err
+	}
+	if tb != nil {
+		if err := tb.Save(dir); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// Save writes ca.crt and, if the bundle has one, crl.pem into dir.
+func (tb *TrustBundle) Save(dir string) error {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("create identity directory: %w", err)
+	}
+	if err := atomicfile.WriteFile(filepath.Join(dir, fileCACert), tb.CAPEM(), 0o644); err != nil {
+		return err
+	}
+	if tb.crl != nil {
+		if err := atomicfile.WriteFile(filepath.Join(dir, fileCRL), encodePEM(pemCRL, tb.crl.Raw), 0o644); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// LoadNodeIdentity reads node.crt and node.key from dir.
+func LoadNodeIdentity(dir string) (*NodeIdentity, error) {
+	certPEM, err := os.ReadFile(filepath.Join(dir, fileNodeCert))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("no node identity in %s: issue one with `skybridge ca issue ... --out %s`", dir, dir)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read node certificate: %w", err)
+	}
+	certs, err := ParseCertificatesPEM(certPEM)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", filepath.Join(dir, fileNodeCert), err)
+	}
+	keyPEM, err := readPrivateFile(filepath.Join(dir, fileNodeKey))
+	if err != nil {
+		return nil, fmt.Errorf("read node key: %w", err)
+	}
+	key, err := parseKeyPEM(keyPEM)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", filepath.Join(dir, fileNodeKey), err)
+	}
+	id, err := NewNodeIdentity(certs[0], key)
+	if err != nil {
+		return nil, fmt.Errorf("identity in %s: %w", dir, err)
+	}
+	return id, nil
+}
+
+// IssueIdentity generates a key, has the CA sign it, and returns the
+// identity: the embedded CA's one-step path for `skybridge ca issue`.
+func (ca *CA) IssueIdentity(attrs Attributes, ttl time.Duration, now time.Time) (*NodeIdentity, error) {
+	key, err := GenerateNodeKey()
+	if err != nil {
+		return nil, err
+	}
+	cert, err := ca.Issue(IssueRequest{Attributes: attrs, PublicKey: key.Public(), TTL: ttl, Now: now})
+	if err != nil {
+		return nil, err
+	}
+	return NewNodeIdentity(cert, key)
+}

@@ -1,0 +1,227 @@
+package certs
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"net/netip"
+	"time"
+)
+
+// Provider gives a gateway its identity, the mesh's trust bundle and its
+// secrets from the configured back end. With an Issuer (Vault, or a local
+// embedded CA via ca_dir) it obtains and renews the identity itself;
+// without one it uses the identity issued offline by `skybridge ca issue`.
+type Provider struct {
+	s       *settings
+	issuer  Issuer
+	secrets SecretStore
+	log     *slog.Logger
+	close   func()
+	now     func() time.Time
+}
+
+// Open connects to the configured back end. For Vault it logs in and keeps
+// the token renewed until Close.
+func Open(ctx context.Context, cfg Config, log *slog.Logger) (*Provider, error) {
+	s, err := cfg.validate()
+	if err != nil {
+		return nil, err
+	}
+	if log == nil {
+		log = slog.Default()
+	}
+	p := &Provider{s: s, log: log, close: func() {}, now: time.Now}
+	switch s.backend {
+	case BackendFile:
+		p.secrets = DirSecrets{Dir: s.dir}
+		if s.caDir != "" {
+			ca, err := OpenCA(s.caDir)
+			if err != nil {
+				return nil, err
+			}
+			p.issuer = ca
+		}
+	case BackendVault:
+		v, err := OpenVault(ctx, s.vault, s.meshPrefix, log)
+		if err != nil {
+			return nil, err
+		}
+		p.issuer, p.secrets, p.close = v, v, v.Close
+	}
+	return p, nil
+}
+
+// Close stops background work (Vault token renewal).
+func (p *Provider) Close() { p.close() }
+
+// Secrets returns the secret store of the back end.
+func (p *Provider) Secrets() SecretStore { return p.secrets }
+
+// Issuer returns the back end's issuer, or nil if identities are issued
+// offline.
+func (p *Provider) Issuer() Issuer { return p.issuer }
+
+// MeshPrefix is the configured overlay range (zero if taken from the CA).
+func (p *Provider) MeshPrefix() netip.Prefix { return p.s.meshPrefix }
+
+// Trust returns the trust bundle: fresh from the issuer if there is one
+// (and cached in the identity directory for restarts while it is
+// unreachable), else from the identity directory.
+func (p *Provider) Trust(ctx context.Context) (*TrustBundle, error) {
+	if p.issuer != nil {
+		tb, err := p.issuer.Trust(ctx)
+		if err == nil {
+			if err := tb.Save(p.s.dir); err != nil {
+				return nil, err
+			}
+			return tb, nil
+		}
+		p.log.Warn("issuer unreachable, using cached trust bundle", "err", err)
+	}
+	tb, err := LoadTrustBundle(p.s.dir, p.s.meshPrefix)
+	if err != nil {
+		return nil, fmt.Errorf("trust bundle in %s: %w", p.s.dir, err)
+	}
+	return tb, nil
+}
+
+// Identity returns the gateway's identity for attrs. With an issuer it
+// obtains a new one when there is none, when the stored one was issued for
+// other attributes, is no longer valid, or is past its renewal time;
+// without one it insists that the stored identity matches and is valid.
+func (p *Provider) Identity(ctx context.Context, attrs Attributes) (*NodeIdentity, *TrustBundle, error) {
+	attrs.Normalize()
+	tb, err := p.Trust(ctx)
+	if err != nil {
+		return nil, nil, err
+	}
+	now := p.now()
+	id, loadErr := LoadNodeIdentity(p.s.dir)
+	var why string
+	switch {
+	case loadErr != nil:
+		why = loadErr.Error()
+	case !id.Attributes().Equal(&attrs):
+		why = fmt.Sprintf("stored identity is for %+v, configuration says %+v", *id.Attributes(), attrs)
+	default:
+		if _, err := tb.VerifyCertificate(id.Certificate(), now); err != nil {
+			why = err.Error()
+		} else if now.After(RenewalTime(id.Certificate().NotBefore, id.Certificate().NotAfter, 0.5)) {
+			why = "certificate is past its renewal time"
+			if p.issuer == nil {
+				p.log.Warn("node certificate should be renewed; issue a new one with `skybridge ca issue`", "identity", id)
+				return id, tb, nil
+			}
+		} else {
+			return id, tb, nil
+		}
+	}
+	if p.issuer == nil {
+		return nil, nil, fmt.Errorf("no usable identity in %s: %s", p.s.dir, why)
+	}
+	p.log.Info("obtaining node certificate", "node", attrs.Node, "site", attrs.Site, "reason", why)
+	fresh, tb, err := p.obtain(ctx, attrs)
+	if err != nil {
+		if id != nil && loadErr == nil && id.Attributes().Equal(&attrs) {
+			if _, verr := tb.VerifyCertificate(id.Certificate(), now); verr == nil {
+				p.log.Warn("renewal failed, keeping the current certificate", "err", err, "identity", id)
+				return id, tb, nil
+			}
+		}
+		return nil, nil, err
+	}
+	return fresh, tb, nil
+}
+
+// obtain makes a new key, has it certified and stores the identity.
+func (p *Provider) obtain(ctx context.Context, attrs Attributes) (*NodeIdentity, *TrustBundle, error) {
+	key, err := GenerateNodeKey()
+	if err != nil {
+		return nil, nil, err
+	}
+	csr, err := CreateCSR(key, attrs)
+	if err != nil {
+		return nil, nil, err
+	}
+	cert, err := p.issuer.Sign(ctx, csr, attrs, p.s.ttl)
+	if err != nil {
+		return nil, nil, fmt.Errorf("obtain certificate for %s: %w", attrs.Node, err)
+	}
+	id, err := NewNodeIdentity(cert, key)
+	if err != nil {
+		return nil, nil, err
+	}
+	tb, err := p.Trust(ctx)
+	if err != nil {
+		return nil, nil, err
+	}
+	if _, err := tb.VerifyCertificate(cert, p.now()); err != nil {
+		return nil, nil, fmt.Errorf("issuer returned a certificate the mesh would refuse: %w", err)
+	}
+	if err := id.Save(p.s.dir, tb); err != nil {
+		return nil, nil, err
+	}
+	p.log.Info("node certificate issued", "identity", id)
+	return id, tb, nil
+}
+
+// RenewalTime is when a certificate valid from notBefore to notAfter should
+// be renewed: at about two thirds of its lifetime, spread by jitter (0..1)
+// over 62-72 % so that a fleet issued at once does not renew at once.
+func RenewalTime(notBefore, notAfter time.Time, jitter float64) time.Time {
+	life := notAfter.Sub(notBefore)
+	frac := 0.62 + 0.10*min(max(jitter, 0), 1)
+	return notBefore.Add(time.Duration(float64(life) * frac))
+}
+
+// KeepRenewed renews id at its renewal time, again and again, until ctx is
+// done, calling onRenew with each new identity (the gateway re-advertises
+// it). Failed renewals are retried with backoff while the current
+// certificate is still valid, and after that too: a gateway should recover
+// as soon as its issuer does.
+func (p *Provider) KeepRenewed(ctx context.Context, id *NodeIdentity, onRenew func(*NodeIdentity, *TrustBundle)) error {
+	if p.issuer == nil {
+		return errors.New("identity back end cannot renew certificates (no issuer): configure Vault or ca_dir")
+	}
+	attrs := *id.Attributes()
+	for {
+		c := id.Certificate()
+		at := RenewalTime(c.NotBefore, c.NotAfter, rand.Float64())
+		if err := sleepUntil(ctx, p.now, at); err != nil {
+			return err
+		}
+		backoff := time.Second
+		for {
+			fresh, tb, err := p.obtain(ctx, attrs)
+			if err == nil {
+				id = fresh
+				onRenew(fresh, tb)
+				break
+			}
+			left := c.NotAfter.Sub(p.now())
+			p.log.Error("certificate renewal failed", "err", err, "node", attrs.Node, "expires_in", left.Round(time.Second), "retry_in", backoff)
+			if err := sleepUntil(ctx, p.now, p.now().Add(backoff)); err != nil {
+				return err
+			}
+			backoff = min(2*backoff, max(5*time.Second, left/10), 5*time.Minute)
+		}
+	}
+}
+
+func sleepUntil(ctx context.Context, now func() time.Time, at time.Time) error {
+	d := at.Sub(now())
+	if d <= 0 {
+		return ctx.Err()
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-t.C:
+		return nil
+	}
+}

@@ -1,0 +1,201 @@
+package certs
+
+import (
+	"context"
+	"log/slog"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/skybridge-mesh/skybridge/internal/hclconf"
+)
+
+func quietLog() *slog.Logger { return slog.New(slog.DiscardHandler) }
+
+func TestRenewalTime(t *testing.T) {
+	nb := t0
+	na := t0.Add(24 * time.Hour)
+	for _, tc := range []struct {
+		jitter  float64
+		wantMin time.Duration
+		wantMax time.Duration
+	}{
+		{0, 14*time.Hour + 52*time.Minute, 14*time.Hour + 53*time.Minute},
+		{0.5, 16*time.Hour + 4*time.Minute, 16*time.Hour + 5*time.Minute},
+		{1, 17*time.Hour + 16*time.Minute, 17*time.Hour + 17*time.Minute},
+		{-3, 14*time.Hour + 52*time.Minute, 14*time.Hour + 53*time.Minute}, // clamped
+		{7, 17*time.Hour + 16*time.Minute, 17*time.Hour + 17*time.Minute},
+	} {
+		got := RenewalTime(nb, na, tc.jitter).Sub(nb)
+		if got < tc.wantMin || got > tc.wantMax {
+			t.Errorf("jitter %v: renew after %v, want %v..%v", tc.jitter, got, tc.wantMin, tc.wantMax)
+		}
+	}
+}
+
+func TestProviderFileOffline(t *testing.T) {
+	ca := newTestCA(t)
+	attrs := testAttrs("gw1", "onprem-zrh", "100.96.0.1", "10.1.0.0/16")
+	dir := filepath.Join(t.TempDir(), "id")
+	ctx := context.Background()
+
+	p, err := Open(ctx, Config{Dir: dir}, quietLog())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := p.Identity(ctx, attrs); err == nil {
+		t.Fatal("identity without files or issuer")
+	}
+	id := issue(t, ca, attrs, time.Now(), time.Hour)
+	if err := id.Save(dir, trust(t, ca)); err != nil {
+		t.Fatal(err)
+	}
+	got, _, err := p.Identity(ctx, attrs)
+	if err != nil || got.Fingerprint() != id.Fingerprint() {
+		t.Fatalf("offline identity: %v", err)
+	}
+	other := attrs
+	other.Site = "aws-eu-central-1"
+	if _, _, err := p.Identity(ctx, other); err == nil || !strings.Contains(err.Error(), "configuration says") {
+		t.Fatalf("mismatched attributes: err = %v", err)
+	}
+	if err := p.KeepRenewed(ctx, id, nil); err == nil || !strings.Contains(err.Error(), "cannot renew") {
+		t.Fatalf("KeepRenewed without issuer: err = %v", err)
+	}
+}
+
+func TestProviderIssuesAndRenews(t *testing.T) {
+	ca := newTestCA(t)
+	attrs := testAttrs("gw1", "onprem-zrh", "100.96.0.1", "10.1.0.0/16")
+	dir := filepath.Join(t.TempDir(), "id")
+	ctx := t.Context()
+
+	p, err := Open(ctx, Config{Dir: dir, CADir: ca.Dir(), TTL: "1h"}, quietLog())
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, tb, err := p.Identity(ctx, attrs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tb.VerifyCertificate(id.Certificate(), time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	// Same attributes again: the stored identity is reused.
+	again, _, err := p.Identity(ctx, attrs)
+	if err != nil || again.Fingerprint() != id.Fingerprint() {
+		t.Fatalf("identity was not reused: %v", err)
+	}
+	// New attributes: a new certificate is issued.
+	moved := attrs
+	moved.Routes = append(moved.Routes, mustPrefix("10.2.0.0/16"))
+	re, _, err := p.Identity(ctx, moved)
+	if err != nil || re.Fingerprint() == id.Fingerprint() || !re.Attributes().Grants(mustPrefix("10.2.0.0/16")) {
+		t.Fatalf("attributes change did not re-issue: %v", err)
+	}
+
+	// With a 3 s TTL the CA's one-minute backdate puts every certificate
+	// past two thirds of its lifetime at once, so KeepRenewed renews
+	// straight away, and again for the renewed one.
+	p, err = Open(ctx, Config{Dir: dir, CADir: ca.Dir(), TTL: "3s"}, quietLog())
+	if err != nil {
+		t.Fatal(err)
+	}
+	moved.Labels = map[string]string{"tier": "silver"}
+	re, _, err = p.Identity(ctx, moved)
+	if err != nil || re.Certificate().NotAfter.Sub(re.Certificate().NotBefore) > 2*time.Minute {
+		t.Fatalf("short-lived identity: %v", err)
+	}
+	var renewals atomic.Int32
+	done := make(chan *NodeIdentity, 4)
+	rctx, cancel := context.WithCancel(ctx)
+	go p.KeepRenewed(rctx, re, func(n *NodeIdentity, _ *TrustBundle) {
+		if renewals.Add(1) == 2 {
+			cancel()
+		}
+		done <- n
+	})
+	deadline := time.After(20 * time.Second)
+	for range 2 {
+		select {
+		case n := <-done:
+			if n.Fingerprint() == re.Fingerprint() || !n.Attributes().Equal(re.Attributes()) {
+				t.Fatal("renewal returned the old certificate or other attributes")
+			}
+		case <-deadline:
+			t.Fatal("no renewal within 20 s")
+		}
+	}
+	if _, err := LoadNodeIdentity(dir); err != nil {
+		t.Fatalf("renewed identity not stored: %v", err)
+	}
+	if issued, _ := ca.Issued(); len(issued) < 4 {
+		t.Fatalf("CA issued %d certificates, want at least 4", len(issued))
+	}
+}
+
+func TestConfigErrorsNameFileAndLine(t *testing.T) {
+	src := `
+node {
+  name = "gw1"
+  site = "onprem-zrh"
+  region = "zrh-dc1"
+  provider = "onprem"
+  jurisdiction = "CH"
+  overlay_ip = "100.96.0.1"
+}
+identity {
+  backend = "vault"
+  dir = "/tmp/x"
+  mesh_cidr = "100.96.0.0/33"
+  vault {
+    pki_role = "gw"
+    auth {
+      method = "approle"
+      role_id = "abc"
+    }
+  }
+}
+gossip {
+  anything = "left for the gateway"
+}
+`
+	path := filepath.Join(t.TempDir(), "gateway.hcl")
+	os.WriteFile(path, []byte(src), 0o644)
+	_, err := LoadFile(path)
+	if err == nil {
+		t.Fatal("bad configuration accepted")
+	}
+	for _, want := range []string{path + ":13:3: mesh_cidr", path + ":16: secret_id_file"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error does not contain %q:\n%v", want, err)
+		}
+	}
+
+	var f File
+	err = hclconf.Decode("x.hcl", []byte("identity {\n  dir = 5\n  bogus = 1\n}\n"), &f)
+	if err == nil || !strings.Contains(err.Error(), "x.hcl:3:3") {
+		t.Errorf("unknown attribute: err = %v", err)
+	}
+
+	good := strings.Replace(strings.Replace(src, "100.96.0.0/33", "100.96.0.0/16", 1), `role_id = "abc"`, `role_id = "abc"
+      secret_id_env = "SECRET_ID"`, 1)
+	os.WriteFile(path, []byte(good), 0o644)
+	f2, err := LoadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	attrs, err := f2.Node.Attributes(mustPrefix("100.96.0.0/16"))
+	if err != nil || attrs.Jurisdiction != "CH" {
+		t.Fatalf("node block: %+v, %v", attrs, err)
+	}
+	if _, err := f2.Node.Attributes(mustPrefix("100.97.0.0/16")); err == nil || !strings.Contains(err.Error(), path+":2:") {
+		t.Fatalf("overlay outside mesh: err = %v", err)
+	}
+}
+
+func mustPrefix(s string) netip.Prefix { return netip.MustParsePrefix(s) }

@@ -1,0 +1,19 @@
+package certs
+
+import (
+	"fmt"
+	"log/slog"
+)
+
+const redacted = "[redacted]"
+
+// secret is embedded by every type that holds private key material so that
+// fmt (every verb, including %#v and %x) and log/slog print a placeholder
+// instead of the secret. Types that want to show their public half override
+// Format and LogValue themselves.
+type secret struct{}
+
+func (secret) Format(f fmt.State, _ rune) { fmt.Fprint(f, redacted) }
+func (secret) String() string             { return redacted }
+func (secret) GoString() string           { return redacted }
+func (secret) LogValue() slog.Value       { return slog.StringValue(redacted) }

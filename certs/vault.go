@@ -1,0 +1,402 @@
+package certs
+
+import (
+	"context"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/big"
+	"net/http"
+	"net/netip"
+	"os"
+	"path"
+	"strings"
+	"sync"
+	"time"
+
+	vault "github.com/hashicorp/vault/api"
+	"github.com/hashicorp/vault/api/auth/approle"
+)
+
+// Vault is the production identity back end: gateway certificates from a
+// PKI secrets engine role (pki/sign with a CSR made on the gateway, so its
+// key never leaves it), the CA and revocation list from the same engine,
+// and the WireGuard key and gossip keyring in KV v2.
+//
+// The PKI role must let the gateway ask for its attributes, e.g.
+//
+//	vault write pki/roles/skybridge-gateway \
+//	    allow_any_name=true enforce_hostnames=false allow_ip_sans=true \
+//	    allowed_uri_sans='skybridge://onprem-zrh/*' \
+//	    key_type=ec key_bits=256 server_flag=true client_flag=true \
+//	    max_ttl=72h not_before_duration=30s
+//
+// A role per site (allowed_uri_sans naming the site) and an AppRole per
+// site bound to it is what keeps a compromised gateway of one site from
+// obtaining a certificate for another.
+type Vault struct {
+	client     *vault.Client
+	cfg        *VaultConfig
+	meshPrefix netip.Prefix
+	log        *slog.Logger
+	stop       context.CancelFunc
+	wg         sync.WaitGroup
+}
+
+var (
+	_ Issuer      = (*Vault)(nil)
+	_ SecretStore = (*Vault)(nil)
+)
+
+// OpenVault logs in to Vault and keeps the login alive (token renewal with
+// the api's LifetimeWatcher, re-login when the token reaches its maximum
+// TTL) until Close.
+func OpenVault(ctx context.Context, cfg *VaultConfig, meshPrefix netip.Prefix, log *slog.Logger) (*Vault, error) {
+	if !meshPrefix.IsValid() {
+		return nil, errors.New("vault back end needs mesh_cidr in the identity block: Vault's CA does not carry the overlay range")
+	}
+	vc := vault.DefaultConfig()
+	if vc.Error != nil {
+		return nil, fmt.Errorf("vault client configuration: %w", vc.Error)
+	}
+	if cfg.Address != "" {
+		vc.Address = cfg.Address
+	}
+	if cfg.CACert != "" {
+		if err := vc.ConfigureTLS(&vault.TLSConfig{CACert: cfg.CACert}); err != nil {
+			return nil, fmt.Errorf("vault TLS: %w", err)
+		}
+	}
+	client, err := vault.NewClient(vc)
+	if err != nil {
+		return nil, fmt.Errorf("vault client: %w", err)
+	}
+	if cfg.Namespace != "" {
+		client.SetNamespace(cfg.Namespace)
+	}
+	v := &Vault{client: client, cfg: cfg, meshPrefix: meshPrefix, log: log.With("vault", vc.Address)}
+	secret, err := v.login(ctx)
+	if err != nil {
+		return nil, err
+	}
+	bg, stop := context.WithCancel(context.Background())
+	v.stop = stop
+	v.wg.Go(func() { v.maintainLogin(bg, secret) })
+	return v, nil
+}
+
+// Close stops token renewal.
+func (v *Vault) Close() {
+	v.stop()
+	v.wg.Wait()
+}
+
+// login authenticates and returns the login secret (its Auth part says
+// whether and how long the token can be renewed).
+func (v *Vault) login(ctx context.Context) (*vault.Secret, error) {
+	a := &v.cfg.Auth
+	switch a.Method {
+	case "token":
+		tok := os.Getenv("VAULT_TOKEN")
+		if a.TokenFile != "" {
+			b, err := readPrivateFile(a.TokenFile)
+			if err != nil {
+				return nil, fmt.Errorf("vault token: %w", err)
+			}
+			tok = strings.TrimSpace(string(b))
+		}
+		if tok == "" {
+			return nil, errors.New("vault token auth: set token_file or VAULT_TOKEN")
+		}
+		v.client.SetToken(tok)
+		self, err := v.client.Auth().Token().LookupSelfWithContext(ctx)
+		if err != nil {
+			return nil, fmt.Errorf("vault token auth: %w", err)
+		}
+		ttl, _ := self.TokenTTL()
+		renewable, _ := self.TokenIsRenewable()
+		return &vault.Secret{Auth: &vault.SecretAuth{ClientToken: tok, Renewable: renewable, LeaseDuration: int(ttl.Seconds())}}, nil
+	case "approle":
+		roleID := a.RoleID
+		if a.RoleIDFile != "" {
+			b, err := os.ReadFile(a.RoleIDFile)
+			if err != nil {
+				return nil, fmt.Errorf("vault approle role_id_file: %w", err)
+			}
+			roleID = strings.TrimSpace(string(b))
+		}
+		var opts []approle.LoginOption
+		if a.Mount != "" {
+			opts = append(opts, approle.WithMountPath(a.Mount))
+		}
+		if a.Wrapped {
+			opts = append(opts, approle.WithWrappingToken())
+		}
+		auth, err := approle.NewAppRoleAuth(roleID, &approle.SecretID{FromFile: a.SecretIDFile, FromEnv: a.SecretIDEnv}, opts...)
+		if err != nil {
+			return nil, fmt.Errorf("vault approle: %w", err)
+		}
+		v.client.ClearToken()
+		s, err := v.client.Auth().Login(ctx, auth)
+		if err != nil {
+			return nil, fmt.Errorf("vault approle login: %w", err)
+		}
+		if s == nil || s.Auth == nil {
+			return nil, errors.New("vault approle login returned no token")
+		}
+		return s, nil
+	}
+	return nil, fmt.Errorf("vault auth method %q is not supported", a.Method)
+}
+
+// maintainLogin renews the token while Vault allows and logs in again when
+// it does not (maximum TTL reached, token revoked).
+func (v *Vault) maintainLogin(ctx context.Context, secret *vault.Secret) {
+	backoff := time.Second
+	for {
+		v.waitForLoginEnd(ctx, secret)
+		if ctx.Err() != nil {
+			return
+		}
+		s, err := v.login(ctx)
+		if err != nil {
+			v.log.Error("vault re-login failed", "err", err, "retry_in", backoff)
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(backoff):
+			}
+			backoff = min(2*backoff, time.Minute)
+			continue
+		}
+		backoff = time.Second
+		v.log.Info("vault login renewed by logging in again")
+		secret = s
+	}
+}
+
+// waitForLoginEnd returns when the login in secret can no longer be used
+// (or ctx ends).
+func (v *Vault) waitForLoginEnd(ctx context.Context, secret *vault.Secret) {
+	auth := secret.Auth
+	switch {
+	case auth.Renewable:
+		w, err := v.client.NewLifetimeWatcher(&vault.LifetimeWatcherInput{Secret: secret})
+		if err != nil {
+			v.log.Error("vault token watcher", "err", err)
+			return
+		}
+		go w.Start()
+		defer w.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case err := <-w.DoneCh():
+				if err != nil {
+					v.log.Warn("vault token renewal ended", "err", err)
+				}
+				return
+			case r := <-w.RenewCh():
+				v.log.Debug("vault token renewed", "ttl_s", r.Secret.Auth.LeaseDuration)
+			}
+		}
+	case auth.LeaseDuration > 0:
+		// Not renewable but expiring: log in again shortly before.
+		select {
+		case <-ctx.Done():
+		case <-time.After(time.Duration(auth.LeaseDuration) * time.Second * 9 / 10):
+		}
+	default:
+		<-ctx.Done() // a token without TTL (root) never needs renewal
+	}
+}
+
+// Sign implements Issuer with pki/sign/<role>.
+func (v *Vault) Sign(ctx context.Context, csrPEM []byte, attrs Attributes, ttl time.Duration) (*x509.Certificate, error) {
+	attrs.Normalize()
+	if err := attrs.Validate(v.meshPrefix); err != nil {
+		return nil, err
+	}
+	s, err := v.client.Logical().WriteWithContext(ctx, path.Join(v.cfg.PKIMount, "sign", v.cfg.PKIRole), map[string]any{
+		"csr":                  string(csrPEM),
+		"common_name":          attrs.Node,
+		"uri_sans":             attrs.URI().String(),
+		"ip_sans":              attrs.OverlayIP.String(),
+		"ttl":                  ttl.String(),
+		"format":               "pem",
+		"exclude_cn_from_sans": true,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("vault %s/sign/%s: %w", v.cfg.PKIMount, v.cfg.PKIRole, err)
+	}
+	certPEM, _ := s.Data["certificate"].(string)
+	certs, err := ParseCertificatesPEM([]byte(certPEM))
+	if err != nil {
+		return nil, fmt.Errorf("vault returned no certificate: %w", err)
+	}
+	cert := certs[0]
+	got, err := AttributesOf(cert)
+	if err != nil {
+		return nil, fmt.Errorf("vault role %s issued a certificate skybridge cannot use (check its allowed_uri_sans and exclude_cn_from_sans): %w", v.cfg.PKIRole, err)
+	}
+	if !got.Equal(&attrs) {
+		return nil, fmt.Errorf("vault role %s changed the requested attributes: asked %+v, got %+v", v.cfg.PKIRole, attrs, *got)
+	}
+	return cert, nil
+}
+
+// Trust implements Issuer: the issuing CA certificate and its CRL.
+func (v *Vault) Trust(ctx context.Context) (*TrustBundle, error) {
+	caPEM, err := v.readPEM(ctx, path.Join(v.cfg.PKIMount, "cert", "ca"))
+	if err != nil {
+		return nil, err
+	}
+	cas, err := ParseCertificatesPEM(caPEM)
+	if err != nil {
+		return nil, fmt.Errorf("vault CA certificate: %w", err)
+	}
+	tb, err := NewTrustBundle(cas, v.meshPrefix)
+	if err != nil {
+		return nil, err
+	}
+	crlPEM, err := v.readPEM(ctx, path.Join(v.cfg.PKIMount, "cert", "crl"))
+	if err != nil {
+		return nil, err
+	}
+	crl, err := ParseCRL(crlPEM)
+	if err != nil {
+		return nil, fmt.Errorf("vault CRL: %w", err)
+	}
+	return tb.WithCRL(crl)
+}
+
+func (v *Vault) readPEM(ctx context.Context, p string) ([]byte, error) {
+	s, err := v.client.Logical().ReadWithContext(ctx, p)
+	if err != nil {
+		return nil, fmt.Errorf("vault read %s: %w", p, err)
+	}
+	if s == nil {
+		return nil, fmt.Errorf("vault read %s: nothing there (is the PKI engine mounted at %q and its CA configured?)", p, v.cfg.PKIMount)
+	}
+	pemStr, _ := s.Data["certificate"].(string)
+	if pemStr == "" {
+		return nil, fmt.Errorf("vault read %s: no certificate field", p)
+	}
+	return []byte(pemStr), nil
+}
+
+// Revoke implements Issuer with pki/revoke.
+func (v *Vault) Revoke(ctx context.Context, serial *big.Int) error {
+	_, err := v.client.Logical().WriteWithContext(ctx, path.Join(v.cfg.PKIMount, "revoke"), map[string]any{"serial_number": FormatSerial(serial)})
+	if err != nil {
+		return fmt.Errorf("vault revoke %s: %w", FormatSerial(serial), err)
+	}
+	return nil
+}
+
+func (v *Vault) kv() *vault.KVv2 { return v.client.KVv2(v.cfg.KVMount) }
+
+func (v *Vault) wgPath(node string) string {
+	return path.Join(v.cfg.KVPrefix, "nodes", node, "wireguard")
+}
+
+func (v *Vault) gossipPath() string { return path.Join(v.cfg.KVPrefix, "gossip") }
+
+// WireGuardKey implements SecretStore: KV v2 at <prefix>/nodes/<node>/wireguard,
+// created with check-and-set 0 so two starts of one gateway cannot store
+// two different keys.
+func (v *Vault) WireGuardKey(ctx context.Context, node string) (WGPrivateKey, error) {
+	for range 3 {
+		s, err := v.kv().Get(ctx, v.wgPath(node))
+		if err == nil {
+			str, _ := s.Data["private_key"].(string)
+			k, err := ParseWGPrivateKey(str)
+			if err != nil {
+				return WGPrivateKey{}, fmt.Errorf("vault %s/%s: %w", v.cfg.KVMount, v.wgPath(node), err)
+			}
+			return k, nil
+		}
+		if !errors.Is(err, vault.ErrSecretNotFound) {
+			return WGPrivateKey{}, fmt.Errorf("vault read WireGuard key: %w", err)
+		}
+		k, err := GenerateWGKey()
+		if err != nil {
+			return WGPrivateKey{}, err
+		}
+		_, err = v.kv().Put(ctx, v.wgPath(node), map[string]any{"private_key": k.Base64Secret()}, vault.WithCheckAndSet(0))
+		if err == nil {
+			return k, nil
+		}
+		if !isCASMismatch(err) {
+			return WGPrivateKey{}, fmt.Errorf("vault store WireGuard key: %w", err)
+		}
+	}
+	return WGPrivateKey{}, errors.New("vault WireGuard key keeps changing under us")
+}
+
+// GossipKeyring implements SecretStore: KV v2 at <prefix>/gossip. The first
+// gateway to start creates it (check-and-set 0); everyone else reads it.
+func (v *Vault) GossipKeyring(ctx context.Context) (*GossipKeyring, error) {
+	kr, _, err := v.readKeyring(ctx, true)
+	return kr, err
+}
+
+func (v *Vault) readKeyring(ctx context.Context, create bool) (*GossipKeyring, int, error) {
+	for range 3 {
+		s, err := v.kv().Get(ctx, v.gossipPath())
+		if err == nil {
+			str, _ := s.Data["keyring"].(string)
+			kr, err := ParseGossipKeyring([]byte(str))
+			if err != nil {
+				return nil, 0, fmt.Errorf("vault %s/%s: %w", v.cfg.KVMount, v.gossipPath(), err)
+			}
+			return kr, s.VersionMetadata.Version, nil
+		}
+		if !errors.Is(err, vault.ErrSecretNotFound) || !create {
+			return nil, 0, fmt.Errorf("vault read gossip keyring: %w", err)
+		}
+		kr, err := GenerateGossipKeyring()
+		if err != nil {
+			return nil, 0, err
+		}
+		s, err = v.kv().Put(ctx, v.gossipPath(), map[string]any{"keyring": string(kr.MarshalSecret())}, vault.WithCheckAndSet(0))
+		if err == nil {
+			v.log.Info("created the mesh gossip keyring in vault", "path", v.gossipPath())
+			return kr, s.VersionMetadata.Version, nil
+		}
+		if !isCASMismatch(err) {
+			return nil, 0, fmt.Errorf("vault store gossip keyring: %w", err)
+		}
+	}
+	return nil, 0, errors.New("vault gossip keyring keeps changing under us")
+}
+
+// UpdateGossipKeyring implements SecretStore with a check-and-set loop.
+func (v *Vault) UpdateGossipKeyring(ctx context.Context, update func(*GossipKeyring) (*GossipKeyring, error)) error {
+	for range 5 {
+		cur, version, err := v.readKeyring(ctx, false)
+		if err != nil {
+			return err
+		}
+		next, err := update(cur)
+		if err != nil {
+			return err
+		}
+		_, err = v.kv().Put(ctx, v.gossipPath(), map[string]any{"keyring": string(next.MarshalSecret())}, vault.WithCheckAndSet(version))
+		if err == nil {
+			return nil
+		}
+		if !isCASMismatch(err) {
+			return fmt.Errorf("vault store gossip keyring: %w", err)
+		}
+	}
+	return errors.New("vault gossip keyring: too many concurrent updates, try again")
+}
+
+func isCASMismatch(err error) bool {
+	var re *vault.ResponseError
+	return errors.As(err, &re) && re.StatusCode == http.StatusBadRequest &&
+		strings.Contains(strings.Join(re.Errors, " "), "check-and-set")
+}

@@ -1,0 +1,106 @@
+package certs
+
+import (
+	"crypto/ecdsa"
+	"crypto/sha256"
+	"crypto/x509"
+	"time"
+)
+
+// MaxClockSkew is how far in the future an advert's timestamp may lie
+// before it is refused. Gateways in different clouds disagree about the
+// time by seconds, not minutes.
+const MaxClockSkew = 5 * time.Minute
+
+// Seen is what a verifier remembers of the last advert it accepted from a
+// node, to refuse replays of older ones.
+type Seen struct {
+	Version uint64
+	Digest  [32]byte // SHA-256 of the whole signed advert
+}
+
+// Verified is an advert that passed VerifyAdvert, with the certified
+// attributes it was checked against.
+type Verified struct {
+	Advert     Advert
+	Attributes *Attributes
+	Cert       *x509.Certificate
+	Seen       Seen // remember this to detect replays of older adverts
+}
+
+// VerifyAdvert decides whether the mesh accepts raw, an advert signed with
+// the key of cert, at time now. last is the previous advert accepted from
+// the same node, or nil. It is a pure function: the same arguments always
+// give the same answer, and every refusal is a *VerifyError whose Reason
+// says why:
+//
+//   - malformed: the bytes do not decode;
+//   - cert_mismatch: the advert names a different certificate;
+//   - unknown_ca, expired, not_yet_valid, revoked, bad_certificate: the
+//     certificate is not acceptable (see TrustBundle.VerifyCertificate);
+//   - bad_signature: the advert was not signed by the certificate's key, or
+//     was changed after signing;
+//   - attribute_mismatch: the advert claims a node, site, region, provider,
+//     jurisdiction, overlay IP or route its certificate does not grant;
+//   - clock_skew: the advert is dated too far in the future;
+//   - replay: the advert is older than last, or has the same version but
+//     different content.
+func VerifyAdvert(raw []byte, cert *x509.Certificate, tb *TrustBundle, now time.Time, last *Seen) (*Verified, error) {
+	sa, err := DecodeAdvert(raw)
+	if err != nil {
+		return nil, err
+	}
+	if cert == nil {
+		return nil, refuse(ReasonCertMismatch, "no certificate for advert of %q", sa.Node)
+	}
+	if sha256.Sum256(cert.Raw) != sa.CertHash {
+		return nil, refuse(ReasonCertMismatch, "advert of %q names another certificate", sa.Node)
+	}
+	attrs, err := tb.VerifyCertificate(cert, now)
+	if err != nil {
+		return nil, err
+	}
+	pub, ok := cert.PublicKey.(*ecdsa.PublicKey)
+	if !ok || !ecdsa.VerifyASN1(pub, advertDigest(sa.body), sa.sig) {
+		return nil, refuse(ReasonBadSignature, "advert of %q does not verify with its certificate key", sa.Node)
+	}
+	if err := checkClaims(&sa.Advert, attrs); err != nil {
+		return nil, err
+	}
+	if sa.Timestamp.After(now.Add(MaxClockSkew)) {
+		return nil, refuse(ReasonClockSkew, "advert of %q is dated %s, more than %s ahead", sa.Node, sa.Timestamp.Format(time.RFC3339), MaxClockSkew)
+	}
+	seen := Seen{Version: sa.Version, Digest: sha256.Sum256(raw)}
+	if last != nil {
+		switch {
+		case sa.Version < last.Version:
+			return nil, refuse(ReasonReplay, "advert of %q has version %d, older than %d already accepted", sa.Node, sa.Version, last.Version)
+		case sa.Version == last.Version && seen.Digest != last.Digest:
+			return nil, refuse(ReasonReplay, "advert of %q reuses version %d with different content", sa.Node, sa.Version)
+		}
+	}
+	return &Verified{Advert: sa.Advert, Attributes: attrs, Cert: cert, Seen: seen}, nil
+}
+
+// checkClaims binds an advert to its certificate: everything it says about
+// where the gateway is and what it routes must be certified.
+func checkClaims(a *Advert, c *Attributes) error {
+	for _, f := range []struct{ name, claim, cert string }{
+		{"node", a.Node, c.Node},
+		{"site", a.Site, c.Site},
+		{"region", a.Region, c.Region},
+		{"provider", a.Provider, c.Provider},
+		{"jurisdiction", a.Jurisdiction, c.Jurisdiction},
+		{"overlay IP", a.OverlayIP.String(), c.OverlayIP.String()},
+	} {
+		if f.claim != f.cert {
+			return refuse(ReasonAttributeMismatch, "advert of %q claims %s %q but its certificate grants %q", c.Node, f.name, f.claim, f.cert)
+		}
+	}
+	for _, r := range a.Routes {
+		if !c.Grants(r) {
+			return refuse(ReasonAttributeMismatch, "advert of %q claims route %s which its certificate does not grant (granted: %v)", c.Node, r, c.Routes)
+		}
+	}
+	return nil
+}

@@ -1,0 +1,150 @@
+package certs
+
+import (
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/x509"
+	"math/big"
+	"net/netip"
+	"testing"
+	"time"
+)
+
+// TestVerifyAdvert is the table that guards admission to the mesh. Every
+// row must fail if the corresponding check in VerifyAdvert is removed.
+func TestVerifyAdvert(t *testing.T) {
+	ca := newTestCA(t)
+	other := newTestCA(t) // a different mesh CA with the same shape
+	now := t0
+
+	good := issue(t, ca, testAttrs("gw1", "aws-eu-central-1", "100.96.0.10", "10.20.0.0/16", "fd00:20::/48"), now.Add(-time.Hour), 24*time.Hour)
+	expired := issue(t, ca, testAttrs("gw2", "aws-eu-central-1", "100.96.0.11"), now.Add(-48*time.Hour), time.Hour)
+	future := issue(t, ca, testAttrs("gw3", "aws-eu-central-1", "100.96.0.12"), now.Add(2*time.Hour), 24*time.Hour)
+	revoked := issue(t, ca, testAttrs("gw4", "aws-eu-central-1", "100.96.0.13"), now.Add(-time.Hour), 24*time.Hour)
+	foreign := issue(t, other, testAttrs("gw1", "aws-eu-central-1", "100.96.0.10", "10.20.0.0/16"), now.Add(-time.Hour), 24*time.Hour)
+	if _, err := ca.RevokeSerials([]*big.Int{revoked.Certificate().SerialNumber}, "keyCompromise", now.Add(-time.Minute)); err != nil {
+		t.Fatal(err)
+	}
+	tb := trust(t, ca)
+
+	goodAd := func() *Advert { return advertFor(good, 7, now.Add(-time.Second)) }
+	signed := func(mut func(*Advert), id *NodeIdentity) []byte {
+		a := goodAd()
+		if mut != nil {
+			mut(a)
+		}
+		if id != good {
+			// keep the advert consistent with the signing identity so
+			// that only the property under test differs
+			ia := id.Attributes()
+			a.Node, a.OverlayIP, a.Routes = ia.Node, ia.OverlayIP, ia.Routes
+		}
+		return sign(t, a, id)
+	}
+	goodRaw := signed(nil, good)
+	goodSeen := Seen{Version: 7, Digest: sha256.Sum256(goodRaw)}
+
+	tampered := append([]byte(nil), goodRaw...)
+	// Flip a bit inside the endpoint port: the advert still decodes, so
+	// only the signature can catch it.
+	sa, _ := DecodeAdvert(goodRaw)
+	idx := len(sa.body) - 35 // last byte of the endpoints field, before the 34-byte certificate hash field
+	tampered[idx] ^= 0x01
+
+	tests := []struct {
+		name string
+		raw  []byte
+		cert *NodeIdentity
+		tb   *TrustBundle
+		now  time.Time
+		last *Seen
+		want Reason // "" = accept
+	}{
+		{name: "valid", raw: goodRaw, cert: good},
+		{name: "valid first advert after restart", raw: goodRaw, cert: good, last: nil},
+		{name: "same advert again is idempotent", raw: goodRaw, cert: good, last: &goodSeen},
+		{name: "newer version", raw: signed(func(a *Advert) { a.Version = 8 }, good), cert: good, last: &goodSeen},
+		{name: "advertising a sub-prefix of a certified route", raw: signed(func(a *Advert) { a.Routes = []netip.Prefix{netip.MustParsePrefix("10.20.5.0/24")} }, good), cert: good},
+		{name: "advertising no routes", raw: signed(func(a *Advert) { a.Routes = nil }, good), cert: good},
+
+		{name: "wrong CA", raw: signed(nil, foreign), cert: foreign, want: ReasonUnknownCA},
+		{name: "expired", raw: signed(nil, expired), cert: expired, want: ReasonExpired},
+		{name: "expires a second later", raw: goodRaw, cert: good, now: good.Certificate().NotAfter.Add(time.Second), want: ReasonExpired},
+		{name: "not yet valid", raw: signed(nil, future), cert: future, want: ReasonNotYetValid},
+		{name: "revoked", raw: signed(nil, revoked), cert: revoked, want: ReasonRevoked},
+		{name: "CA expired", raw: goodRaw, cert: good, now: ca.Certificate().NotAfter.Add(time.Hour), want: ReasonExpired},
+
+		{name: "claims another site", raw: signed(func(a *Advert) { a.Site = "onprem-zrh" }, good), cert: good, want: ReasonAttributeMismatch},
+		{name: "claims another node", raw: signed(func(a *Advert) { a.Node = "gw9" }, good), cert: good, want: ReasonAttributeMismatch},
+		{name: "claims another region", raw: signed(func(a *Advert) { a.Region = "us-east-1" }, good), cert: good, want: ReasonAttributeMismatch},
+		{name: "claims another provider", raw: signed(func(a *Advert) { a.Provider = "onprem" }, good), cert: good, want: ReasonAttributeMismatch},
+		{name: "claims another jurisdiction", raw: signed(func(a *Advert) { a.Jurisdiction = "US" }, good), cert: good, want: ReasonAttributeMismatch},
+		{name: "claims another overlay IP", raw: signed(func(a *Advert) { a.OverlayIP = netip.MustParseAddr("100.96.0.99") }, good), cert: good, want: ReasonAttributeMismatch},
+		{name: "claims a route not granted", raw: signed(func(a *Advert) { a.Routes = append(a.Routes, netip.MustParsePrefix("10.30.0.0/16")) }, good), cert: good, want: ReasonAttributeMismatch},
+		{name: "claims a super-prefix of a granted route", raw: signed(func(a *Advert) { a.Routes = []netip.Prefix{netip.MustParsePrefix("10.0.0.0/8")} }, good), cert: good, want: ReasonAttributeMismatch},
+		{name: "claims default route", raw: signed(func(a *Advert) { a.Routes = []netip.Prefix{netip.MustParsePrefix("0.0.0.0/0")} }, good), cert: good, want: ReasonAttributeMismatch},
+
+		{name: "replayed older version", raw: goodRaw, cert: good, last: &Seen{Version: 8}, want: ReasonReplay},
+		{name: "same version different content", raw: signed(func(a *Advert) { a.Endpoints = a.Endpoints[:1] }, good), cert: good, last: &goodSeen, want: ReasonReplay},
+		{name: "dated in the future", raw: signed(func(a *Advert) { a.Timestamp = now.Add(time.Hour) }, good), cert: good, want: ReasonClockSkew},
+
+		{name: "tampered after signing", raw: tampered, cert: good, want: ReasonBadSignature},
+		{name: "signed by another identity's key", raw: resign(t, goodRaw, revoked), cert: good, want: ReasonBadSignature},
+		{name: "presented with another certificate", raw: goodRaw, cert: expired, want: ReasonCertMismatch},
+		{name: "no certificate", raw: goodRaw, cert: nil, want: ReasonCertMismatch},
+
+		{name: "empty", raw: nil, cert: good, want: ReasonMalformed},
+		{name: "truncated in the signature", raw: goodRaw[:len(goodRaw)-5], cert: good, want: ReasonMalformed},
+		{name: "signature stripped", raw: goodRaw[:len(sa.body)], cert: good, want: ReasonMalformed},
+		{name: "truncated to one byte", raw: goodRaw[:1], cert: good, want: ReasonMalformed},
+		{name: "garbage", raw: []byte("GET / HTTP/1.1\r\nHost: skybridge\r\n\r\n"), cert: good, want: ReasonMalformed},
+		{name: "oversized", raw: make([]byte, MaxAdvertSize+1), cert: good, want: ReasonMalformed},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			b := tt.tb
+			if b == nil {
+				b = tb
+			}
+			at := tt.now
+			if at.IsZero() {
+				at = now
+			}
+			v, err := VerifyAdvert(tt.raw, certOf(tt.cert), b, at, tt.last)
+			if got := ReasonOf(err); got != tt.want {
+				t.Fatalf("reason = %q (err %v), want %q", got, err, tt.want)
+			}
+			if tt.want == "" {
+				if err != nil {
+					t.Fatal(err)
+				}
+				if v.Attributes.Site != "aws-eu-central-1" || v.Seen.Digest != sha256.Sum256(tt.raw) {
+					t.Fatalf("accepted advert has wrong attributes or digest: %+v", v)
+				}
+			} else if v != nil {
+				t.Fatal("refusal returned a verified advert")
+			}
+		})
+	}
+}
+
+func certOf(id *NodeIdentity) *x509.Certificate {
+	if id == nil {
+		return nil
+	}
+	return id.Certificate()
+}
+
+// resign replaces the signature of raw with one made by another identity.
+func resign(t *testing.T, raw []byte, by *NodeIdentity) []byte {
+	t.Helper()
+	sa, err := DecodeAdvert(raw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sig, err := by.Signer().Sign(rand.Reader, advertDigest(sa.body), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return appendField(append([]byte(nil), sa.body...), tagSignature, sig)
+}

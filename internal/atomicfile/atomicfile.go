@@ -1,0 +1,94 @@
+// Package atomicfile writes files so that a reader, or a process that
+// restarts after a crash, sees either the old content or the new content and
+// never a torn mixture.
+//
+// The recipe is the classic one: write to a temporary name in the same
+// directory, fsync the file, rename it over the final name, then fsync the
+// directory so the rename itself is durable.
+package atomicfile
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+)
+
+// WriteFile atomically replaces path with data, created with mode perm.
+func WriteFile(path string, data []byte, perm os.FileMode) error {
+	tmp, err := writeTemp(path, data, perm)
+	if err != nil {
+		return err
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		os.Remove(tmp)
+		return fmt.Errorf("rename %s into place: %w", path, err)
+	}
+	return SyncDir(filepath.Dir(path))
+}
+
+// WriteNew atomically creates path with data and fails with an error
+// satisfying errors.Is(err, os.ErrExist) if path already exists. Unlike
+// O_EXCL, the file never appears half-written: it is linked into place only
+// once its content is durable.
+func WriteNew(path string, data []byte, perm os.FileMode) error {
+	tmp, err := writeTemp(path, data, perm)
+	if err != nil {
+		return err
+	}
+	defer os.Remove(tmp)
+	if err := os.Link(tmp, path); err != nil {
+		if errors.Is(err, os.ErrExist) {
+			return fmt.Errorf("%s already exists: %w", path, os.ErrExist)
+		}
+		return fmt.Errorf("link %s into place: %w", path, err)
+	}
+	return SyncDir(filepath.Dir(path))
+}
+
+func writeTemp(path string, data []byte, perm os.FileMode) (string, error) {
+	dir, base := filepath.Split(path)
+	if dir == "" {
+		dir = "."
+	}
+	f, err := os.CreateTemp(dir, "."+base+".tmp-*")
+	if err != nil {
+		return "", fmt.Errorf("create temporary file for %s: %w", path, err)
+	}
+	name := f.Name()
+	fail := func(step string, err error) (string, error) {
+		f.Close()
+		os.Remove(name)
+		return "", fmt.Errorf("%s %s: %w", step, path, err)
+	}
+	// CreateTemp makes the file 0600; set the final mode explicitly so the
+	// umask cannot loosen or tighten what the caller asked for.
+	if err := f.Chmod(perm); err != nil {
+		return fail("chmod", err)
+	}
+	if _, err := f.Write(data); err != nil {
+		return fail("write", err)
+	}
+	if err := f.Sync(); err != nil {
+		return fail("fsync", err)
+	}
+	if err := f.Close(); err != nil {
+		os.Remove(name)
+		return "", fmt.Errorf("close %s: %w", path, err)
+	}
+	return name, nil
+}
+
+// SyncDir fsyncs a directory so that entries created or renamed in it
+// survive a crash.
+func SyncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return fmt.Errorf("open directory %s: %w", dir, err)
+	}
+	defer d.Close()
+	if err := d.Sync(); err != nil {
+		return fmt.Errorf("fsync directory %s: %w", dir, err)
+	}
+	return nil
+}

@@ -1,0 +1,103 @@
+// Package hclconf loads HCL configuration files with errors that name the
+// file, line and field, so an operator can fix a typo without reading code.
+package hclconf
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"strings"
+
+	"github.com/hashicorp/hcl/v2"
+	"github.com/hashicorp/hcl/v2/gohcl"
+	"github.com/hashicorp/hcl/v2/hclsyntax"
+)
+
+// DecodeFile parses the HCL file at path into v (a pointer to a struct with
+// hcl tags).
+func DecodeFile(path string, v any) error {
+	src, err := os.ReadFile(path)
+	if err != nil {
+		return fmt.Errorf("read configuration: %w", err)
+	}
+	return Decode(path, src, v)
+}
+
+// Decode parses src, named filename in errors, into v.
+func Decode(filename string, src []byte, v any) error {
+	f, diags := hclsyntax.ParseConfig(src, filename, hcl.InitialPos)
+	if diags.HasErrors() {
+		return Diagnostics(diags)
+	}
+	if diags := gohcl.DecodeBody(f.Body, nil, v); diags.HasErrors() {
+		return Diagnostics(diags)
+	}
+	return nil
+}
+
+// Diagnostics turns HCL diagnostics into one error, one line per problem,
+// each starting with file:line:column.
+func Diagnostics(diags hcl.Diagnostics) error {
+	var errs []error
+	for _, d := range diags {
+		if d.Severity != hcl.DiagError {
+			continue
+		}
+		msg := d.Summary
+		if d.Detail != "" {
+			msg += ": " + d.Detail
+		}
+		if d.Subject != nil {
+			msg = fmt.Sprintf("%s:%d:%d: %s", d.Subject.Filename, d.Subject.Start.Line, d.Subject.Start.Column, msg)
+		}
+		errs = append(errs, errors.New(msg))
+	}
+	return errors.Join(errs...)
+}
+
+// Errorf reports a problem with the attribute named attr of a block whose
+// body was captured with an `hcl:",body"` field, prefixed with the
+// attribute's position (or the block's, if the attribute is absent).
+func Errorf(body hcl.Body, attr, format string, args ...any) error {
+	msg := fmt.Sprintf(format, args...)
+	if r, ok := AttrRange(body, attr); ok {
+		return fmt.Errorf("%s:%d:%d: %s: %s", r.Filename, r.Start.Line, r.Start.Column, attr, msg)
+	}
+	if sb, ok := body.(*hclsyntax.Body); ok {
+		r := sb.SrcRange
+		return fmt.Errorf("%s:%d: %s: %s", r.Filename, r.Start.Line, attr, msg)
+	}
+	return fmt.Errorf("%s: %s", attr, msg)
+}
+
+// AttrRange finds where attr is defined in body.
+func AttrRange(body hcl.Body, attr string) (hcl.Range, bool) {
+	sb, ok := body.(*hclsyntax.Body)
+	if !ok {
+		return hcl.Range{}, false
+	}
+	a, ok := sb.Attributes[attr]
+	if !ok {
+		return hcl.Range{}, false
+	}
+	return a.SrcRange, true
+}
+
+// Join combines validation errors; nil if there are none. Errors are kept
+// in file order because each starts with its position.
+func Join(errs ...error) error {
+	var keep []error
+	for _, e := range errs {
+		if e != nil {
+			keep = append(keep, e)
+		}
+	}
+	if len(keep) == 0 {
+		return nil
+	}
+	msgs := make([]string, len(keep))
+	for i, e := range keep {
+		msgs[i] = e.Error()
+	}
+	return errors.New(strings.Join(msgs, "\n"))
+}
