@@ -1,6 +1,7 @@
 package certs
 
 import (
+	"context"
 	"crypto"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -262,6 +263,23 @@ func (ca *CA) TrustBundle() (*TrustBundle, error) {
 // Secrets returns the CA directory's secret store, which holds the mesh's
 // gossip keyring.
 func (ca *CA) Secrets() DirSecrets { return DirSecrets{Dir: ca.dir} }
+
+// CopyGossipKeyring gives a new gateway directory the mesh's gossip keyring,
+// unless it already has one (which may be newer, after a rotation).
+func (ca *CA) CopyGossipKeyring(ctx context.Context, dir string) error {
+	kr, err := ca.Secrets().GossipKeyring(ctx)
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return err
+	}
+	err = atomicfile.WriteNew(filepath.Join(dir, FileGossipKeyring), kr.MarshalSecret(), 0o600)
+	if err != nil && !errors.Is(err, os.ErrExist) {
+		return err
+	}
+	return nil
+}
 
 // IssueRequest asks the CA for a gateway certificate.
 type IssueRequest struct {

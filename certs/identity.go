@@ -9,6 +9,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -64,6 +65,38 @@ func CreateCSR(key *ecdsa.PrivateKey, attrs Attributes) ([]byte, error) {
 		return nil, fmt.Errorf("create CSR: %w", err)
 	}
 	return encodePEM(pemCSR, der), nil
+}
+
+// PrepareCSR is the gateway's half of CSR issuance: it creates the node key
+// in dir (0600) unless one is already there, and returns a CSR for attrs
+// signed with it. Re-running it never replaces a key.
+func PrepareCSR(dir string, attrs Attributes) ([]byte, error) {
+	path := filepath.Join(dir, fileNodeKey)
+	var key *ecdsa.PrivateKey
+	b, err := readPrivateFile(path)
+	switch {
+	case err == nil:
+		if key, err = parseKeyPEM(b); err != nil {
+			return nil, fmt.Errorf("%s: %w", path, err)
+		}
+	case errors.Is(err, os.ErrNotExist):
+		if key, err = GenerateNodeKey(); err != nil {
+			return nil, err
+		}
+		keyPEM, err := marshalKeyPEM(key)
+		if err != nil {
+			return nil, err
+		}
+		if err := os.MkdirAll(dir, 0o700); err != nil {
+			return nil, err
+		}
+		if err := atomicfile.WriteNew(path, keyPEM, 0o600); err != nil {
+			return nil, err
+		}
+	default:
+		return nil, fmt.Errorf("read node key: %w", err)
+	}
+	return CreateCSR(key, attrs)
 }
 
 // ParseCSR parses a PEM CSR, checks its self-signature and returns the
@@ -167,6 +200,22 @@ func (tb *TrustBundle) Save(dir string) error {
 		}
 	}
 	return nil
+}
+
+// SaveCertificate writes a certificate signed for a CSR (whose key stays
+// where the CSR was made) into dir, with the trust bundle.
+func SaveCertificate(dir string, cert *x509.Certificate, tb *TrustBundle) error {
+	if err := tb.Save(dir); err != nil {
+		return err
+	}
+	return atomicfile.WriteFile(filepath.Join(dir, fileNodeCert), encodePEM(pemCert, cert.Raw), 0o644)
+}
+
+// Fingerprint is the SHA-256 of a certificate in hex, as `openssl x509
+// -fingerprint -sha256` shows it (without colons).
+func Fingerprint(cert *x509.Certificate) string {
+	sum := sha256.Sum256(cert.Raw)
+	return hex.EncodeToString(sum[:])
 }
 
 // LoadNodeIdentity reads node.crt and node.key from dir.

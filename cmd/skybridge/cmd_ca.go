@@ -1,0 +1,351 @@
+package main
+
+import (
+	"crypto/x509"
+	"fmt"
+	"math/big"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/skybridge-mesh/skybridge/certs"
+)
+
+func caCommand() *cli.Command {
+	caFlag := &cli.StringFlag{Name: "ca", Usage: "CA directory, as made by ca init", Required: true, EnvVars: []string{"SKYBRIDGE_CA"}}
+	return &cli.Command{
+		Name:  "ca",
+		Usage: "run the embedded mesh CA: admit, list and revoke gateways",
+		Subcommands: []*cli.Command{
+			{
+				Name:      "init",
+				Usage:     "create a new mesh CA",
+				UsageText: "skybridge ca init --dir DIR [--mesh-cidr 100.96.0.0/16] [--name NAME]",
+				Flags: []cli.Flag{
+					&cli.StringFlag{Name: "dir", Usage: "directory to create the CA in (must not hold a CA)", Required: true},
+					&cli.StringFlag{Name: "mesh-cidr", Value: certs.DefaultMeshPrefix.String(), Usage: "overlay range all gateway overlay IPs must lie in"},
+					&cli.StringFlag{Name: "name", Value: "skybridge mesh", Usage: "name shown in the CA certificate"},
+					&cli.DurationFlag{Name: "validity", Value: certs.DefaultCAValidity, Usage: "lifetime of the CA certificate"},
+				},
+				Action: caInit,
+			},
+			{
+				Name:  "issue",
+				Usage: "issue a gateway identity binding its node, site, region, provider, jurisdiction, overlay IP and routes",
+				UsageText: "skybridge ca issue --ca DIR --node NAME --site SITE --region REGION --provider onprem|aws|gcp|azure|... \\\n" +
+					"    --jurisdiction CC --overlay-ip IP [--route CIDR ...] [--label KEY=VALUE ...] [--ttl DURATION] [--csr FILE] --out DIR",
+				Flags: append(attributeFlags(),
+					caFlag,
+					&cli.DurationFlag{Name: "ttl", Value: certs.DefaultNodeTTL, Usage: "certificate lifetime"},
+					&cli.StringFlag{Name: "csr", Usage: "sign this PEM CSR made on the gateway instead of generating its key here"},
+					&cli.StringFlag{Name: "out", Usage: "directory to write node.crt, node.key, ca.crt, crl.pem and gossip.keyring to", Required: true},
+					jsonFlag,
+				),
+				Action: caIssue,
+			},
+			{
+				Name:      "revoke",
+				Usage:     "revoke gateway certificates: they are refused mesh-wide once the new revocation list spreads",
+				UsageText: "skybridge ca revoke --ca DIR (--serial SERIAL ... | --node NAME) [--reason keyCompromise|superseded|...]",
+				Flags: []cli.Flag{
+					caFlag,
+					&cli.StringSliceFlag{Name: "serial", Usage: "serial to revoke, as ca list prints it (repeatable)"},
+					&cli.StringFlag{Name: "node", Usage: "revoke every valid certificate of this node"},
+					&cli.StringFlag{Name: "reason", Value: "unspecified", Usage: "one of " + strings.Join(certs.RevocationReasons(), ", ")},
+					jsonFlag,
+				},
+				Action: caRevoke,
+			},
+			{
+				Name:   "list",
+				Usage:  "list the certificates this CA issued",
+				Flags:  []cli.Flag{caFlag, jsonFlag},
+				Action: caList,
+			},
+			{
+				Name:  "crl",
+				Usage: "show the revocation list, or re-sign it with --refresh",
+				Flags: []cli.Flag{
+					caFlag,
+					&cli.BoolFlag{Name: "refresh", Usage: "re-sign the list with a new number and validity"},
+					jsonFlag,
+				},
+				Action: caCRL,
+			},
+		},
+	}
+}
+
+func caInit(c *cli.Context) error {
+	prefix, err := netip.ParsePrefix(c.String("mesh-cidr"))
+	if err != nil {
+		return usageError("--mesh-cidr %q is not a CIDR prefix such as 100.96.0.0/16", c.String("mesh-cidr"))
+	}
+	ca, err := certs.InitCA(c.String("dir"), certs.InitOptions{Name: c.String("name"), MeshPrefix: prefix, Validity: c.Duration("validity")})
+	if err != nil {
+		return err
+	}
+	cert := ca.Certificate()
+	fmt.Fprintf(c.App.Writer, "created mesh CA %q in %s\n  mesh overlay range: %s\n  valid until:        %s\n  key:                ECDSA P-256, %s (mode 0600)\n",
+		cert.Subject.CommonName, ca.Dir(), ca.MeshPrefix(), cert.NotAfter.UTC().Format(time.RFC3339), filepath.Join(ca.Dir(), "ca.key"))
+	return nil
+}
+
+// issueOutput is what `ca issue --json` prints.
+type issueOutput struct {
+	Serial      string           `json:"serial"`
+	Fingerprint string           `json:"sha256_fingerprint"`
+	NotBefore   time.Time        `json:"not_before"`
+	NotAfter    time.Time        `json:"not_after"`
+	Attributes  certs.Attributes `json:"attributes"`
+	Out         string           `json:"out"`
+}
+
+func caIssue(c *cli.Context) error {
+	attrs, err := attributesFromFlags(c)
+	if err != nil {
+		return err
+	}
+	ca, err := certs.OpenCA(c.String("ca"))
+	if err != nil {
+		return err
+	}
+	out := c.String("out")
+	if err := checkOutDir(out, attrs.Node); err != nil {
+		return err
+	}
+
+	var (
+		cert     *x509.Certificate
+		identity *certs.NodeIdentity
+	)
+	if csrPath := c.String("csr"); csrPath != "" {
+		b, err := os.ReadFile(csrPath)
+		if err != nil {
+			return fmt.Errorf("read CSR: %w", err)
+		}
+		csr, asked, err := certs.ParseCSR(b)
+		if err != nil {
+			return fmt.Errorf("%s: %w", csrPath, err)
+		}
+		if asked.Node != attrs.Node || asked.OverlayIP != attrs.OverlayIP {
+			return fmt.Errorf("%s asks for node %s with overlay IP %s, but the flags say %s with %s", csrPath, asked.Node, asked.OverlayIP, attrs.Node, attrs.OverlayIP)
+		}
+		cert, err = ca.Issue(certs.IssueRequest{Attributes: attrs, PublicKey: csr.PublicKey, TTL: c.Duration("ttl")})
+		if err != nil {
+			return err
+		}
+	} else {
+		identity, err = ca.IssueIdentity(attrs, c.Duration("ttl"), time.Now())
+		if err != nil {
+			return err
+		}
+		cert = identity.Certificate()
+	}
+
+	tb, err := ca.TrustBundle()
+	if err != nil {
+		return err
+	}
+	if identity != nil {
+		err = identity.Save(out, tb)
+	} else {
+		err = certs.SaveCertificate(out, cert, tb)
+	}
+	if err != nil {
+		return err
+	}
+	if err := ca.CopyGossipKeyring(c.Context, out); err != nil {
+		return err
+	}
+
+	res := issueOutput{
+		Serial: certs.FormatSerial(cert.SerialNumber), Fingerprint: certs.Fingerprint(cert),
+		NotBefore: cert.NotBefore, NotAfter: cert.NotAfter, Attributes: attrs, Out: out,
+	}
+	if c.Bool("json") {
+		return printJSON(c.App.Writer, res)
+	}
+	fmt.Fprintf(c.App.Writer, "issued %s for node %s of site %s\n  serial:      %s\n  overlay IP:  %s\n  routes:      %s\n  valid until: %s\n  written to:  %s\n",
+		"certificate", attrs.Node, attrs.Site, res.Serial, attrs.OverlayIP, routesString(attrs.Routes), cert.NotAfter.UTC().Format(time.RFC3339), out)
+	return nil
+}
+
+// attributeFlags are the flags that describe a gateway, shared by every
+// command that asks for a certificate.
+func attributeFlags() []cli.Flag {
+	return []cli.Flag{
+		&cli.StringFlag{Name: "node", Usage: "gateway name", Required: true},
+		&cli.StringFlag{Name: "site", Usage: "site the gateway serves", Required: true},
+		&cli.StringFlag{Name: "region", Usage: "region of the site (a cloud region, or a datacenter name)", Required: true},
+		&cli.StringFlag{Name: "provider", Usage: "onprem, aws, gcp, azure, ...", Required: true},
+		&cli.StringFlag{Name: "jurisdiction", Usage: "ISO 3166-1 alpha-2 country code of the site", Required: true},
+		&cli.StringFlag{Name: "overlay-ip", Usage: "the gateway's address on the mesh overlay", Required: true},
+		&cli.StringSliceFlag{Name: "route", Usage: "site prefix routed behind the gateway (repeatable)"},
+		&cli.StringSliceFlag{Name: "label", Usage: "site label KEY=VALUE, e.g. classes=pii-eu (repeatable)"},
+	}
+}
+
+func attributesFromFlags(c *cli.Context) (certs.Attributes, error) {
+	ip, err := netip.ParseAddr(c.String("overlay-ip"))
+	if err != nil {
+		return certs.Attributes{}, usageError("--overlay-ip %q is not an IP address", c.String("overlay-ip"))
+	}
+	routes, err := certs.ParseRoutes(c.StringSlice("route"))
+	if err != nil {
+		return certs.Attributes{}, usageError("--route: %v", err)
+	}
+	labels, err := certs.ParseLabels(c.StringSlice("label"))
+	if err != nil {
+		return certs.Attributes{}, usageError("--label: %v", err)
+	}
+	a := certs.Attributes{
+		Node: c.String("node"), Site: c.String("site"), Region: c.String("region"), Provider: c.String("provider"),
+		Jurisdiction: strings.ToUpper(c.String("jurisdiction")), OverlayIP: ip, Routes: routes, Labels: labels,
+	}
+	a.Normalize()
+	return a, nil
+}
+
+// checkOutDir refuses to mix two gateways' identities in one directory:
+// re-issuing for the same node (renewal) is fine, overwriting another
+// node's key is a mistake that would take that gateway off the mesh.
+func checkOutDir(dir, node string) error {
+	id, err := certs.LoadNodeIdentity(dir)
+	if err != nil {
+		return nil // nothing usable there
+	}
+	if have := id.Attributes().Node; have != node {
+		return fmt.Errorf("%s already holds the identity of node %q; use one directory per gateway", dir, have)
+	}
+	return nil
+}
+
+type revokeOutput struct {
+	Revoked   []certs.IssuedCert `json:"revoked"`
+	CRLNumber string             `json:"crl_number"`
+}
+
+func caRevoke(c *cli.Context) error {
+	serialArgs, node := c.StringSlice("serial"), c.String("node")
+	if (len(serialArgs) == 0) == (node == "") {
+		return usageError("give either --serial (one or more) or --node")
+	}
+	ca, err := certs.OpenCA(c.String("ca"))
+	if err != nil {
+		return err
+	}
+	var serials []*big.Int
+	if node != "" {
+		serials, err = ca.SerialsOfNode(node, time.Now())
+		if err != nil {
+			return err
+		}
+	}
+	for _, s := range serialArgs {
+		n, err := certs.ParseSerial(s)
+		if err != nil {
+			return usageError("--serial: %v", err)
+		}
+		serials = append(serials, n)
+	}
+	done, err := ca.RevokeSerials(serials, c.String("reason"), time.Now())
+	if err != nil {
+		return err
+	}
+	tb, err := ca.TrustBundle()
+	if err != nil {
+		return err
+	}
+	out := revokeOutput{Revoked: done, CRLNumber: tb.CRL().Number.String()}
+	if c.Bool("json") {
+		return printJSON(c.App.Writer, out)
+	}
+	for _, e := range done {
+		fmt.Fprintf(c.App.Writer, "revoked %s (node %s, site %s, reason %s)\n", e.Serial, e.Node, e.Site, e.Reason)
+	}
+	fmt.Fprintf(c.App.Writer, "revocation list #%s written to %s\n", out.CRLNumber, filepath.Join(ca.Dir(), "crl.pem"))
+	return nil
+}
+
+func caList(c *cli.Context) error {
+	ca, err := certs.OpenCA(c.String("ca"))
+	if err != nil {
+		return err
+	}
+	issued, err := ca.Issued()
+	if err != nil {
+		return err
+	}
+	if c.Bool("json") {
+		if issued == nil {
+			issued = []certs.IssuedCert{}
+		}
+		return printJSON(c.App.Writer, issued)
+	}
+	now := time.Now()
+	rows := make([][]string, 0, len(issued))
+	for _, e := range issued {
+		state := "valid"
+		switch {
+		case e.RevokedAt != nil:
+			state = "revoked (" + e.Reason + ")"
+		case now.After(e.NotAfter):
+			state = "expired"
+		}
+		rows = append(rows, []string{e.Serial, e.Node, e.Site, e.OverlayIP, e.NotAfter.UTC().Format(time.RFC3339), state})
+	}
+	return printTable(c.App.Writer, []string{"serial", "node", "site", "overlay ip", "not after", "state"}, rows)
+}
+
+type crlOutput struct {
+	Number     string    `json:"number"`
+	ThisUpdate time.Time `json:"this_update"`
+	NextUpdate time.Time `json:"next_update"`
+	Revoked    []string  `json:"revoked_serials"`
+}
+
+func caCRL(c *cli.Context) error {
+	ca, err := certs.OpenCA(c.String("ca"))
+	if err != nil {
+		return err
+	}
+	if c.Bool("refresh") {
+		if err := ca.RefreshCRL(time.Now()); err != nil {
+			return err
+		}
+	}
+	tb, err := ca.TrustBundle()
+	if err != nil {
+		return err
+	}
+	crl := tb.CRL()
+	out := crlOutput{Number: crl.Number.String(), ThisUpdate: crl.ThisUpdate, NextUpdate: crl.NextUpdate, Revoked: []string{}}
+	for _, e := range crl.RevokedCertificateEntries {
+		out.Revoked = append(out.Revoked, certs.FormatSerial(e.SerialNumber))
+	}
+	if c.Bool("json") {
+		return printJSON(c.App.Writer, out)
+	}
+	fmt.Fprintf(c.App.Writer, "revocation list #%s of %q\n  this update: %s\n  next update: %s\n  revoked:     %d\n",
+		out.Number, ca.Certificate().Subject.CommonName, out.ThisUpdate.UTC().Format(time.RFC3339), out.NextUpdate.UTC().Format(time.RFC3339), len(out.Revoked))
+	for _, s := range out.Revoked {
+		fmt.Fprintf(c.App.Writer, "    %s\n", s)
+	}
+	return nil
+}
+
+func routesString(rs []netip.Prefix) string {
+	if len(rs) == 0 {
+		return "(none)"
+	}
+	s := make([]string, len(rs))
+	for i, r := range rs {
+		s[i] = r.String()
+	}
+	return strings.Join(s, ", ")
+}

@@ -1,0 +1,215 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// runCLI runs the command line in-process and returns stdout, stderr and the
+// exit code.
+func runCLI(t *testing.T, args ...string) (string, string, int) {
+	t.Helper()
+	var out, errb bytes.Buffer
+	code := run(append([]string{"skybridge"}, args...), &out, &errb)
+	return out.String(), errb.String(), code
+}
+
+func mustRun(t *testing.T, args ...string) string {
+	t.Helper()
+	out, errs, code := runCLI(t, args...)
+	if code != 0 {
+		t.Fatalf("skybridge %s: exit %d\n%s", strings.Join(args, " "), code, errs)
+	}
+	return out
+}
+
+func issueArgs(ca, out, node, overlay string, extra ...string) []string {
+	return append([]string{"ca", "issue", "--ca", ca, "--node", node, "--site", "onprem-zrh", "--region", "zrh-dc1",
+		"--provider", "onprem", "--jurisdiction", "CH", "--overlay-ip", overlay, "--out", out}, extra...)
+}
+
+func TestVersionAndHelp(t *testing.T) {
+	out := mustRun(t, "--version")
+	if !strings.HasPrefix(out, "skybridge version ") {
+		t.Fatalf("--version printed %q", out)
+	}
+	out = mustRun(t, "help")
+	for _, want := range []string{"ca", "identity", "--log-format"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("help lacks %q", want)
+		}
+	}
+	if _, errs, code := runCLI(t, "--log-format", "xml", "ca", "list", "--ca", t.TempDir()); code == 0 || !strings.Contains(errs, "use text or json") {
+		t.Errorf("bad --log-format: exit %d, %q", code, errs)
+	}
+	// Shell completion lists the sub-commands. (urfave/cli reads os.Args
+	// for completion, so make them look like a real invocation.)
+	saved := os.Args
+	os.Args = []string{"skybridge", "ca", "--generate-bash-completion"}
+	defer func() { os.Args = saved }()
+	out = mustRun(t, "ca", "--generate-bash-completion")
+	if !strings.Contains(out, "issue") || !strings.Contains(out, "revoke") {
+		t.Errorf("completion output %q", out)
+	}
+}
+
+func TestCAWorkflow(t *testing.T) {
+	dir := t.TempDir()
+	ca := filepath.Join(dir, "ca")
+	gw := filepath.Join(dir, "gw1")
+	mustRun(t, "ca", "init", "--dir", ca)
+
+	// Refuses to overwrite, and leaves the CA as it was.
+	key, _ := os.ReadFile(filepath.Join(ca, "ca.key"))
+	if _, errs, code := runCLI(t, "ca", "init", "--dir", ca); code == 0 || !strings.Contains(errs, "refusing to overwrite") {
+		t.Fatalf("second init: exit %d, %s", code, errs)
+	}
+	if key2, _ := os.ReadFile(filepath.Join(ca, "ca.key")); !bytes.Equal(key, key2) {
+		t.Fatal("CA key changed")
+	}
+
+	out := mustRun(t, issueArgs(ca, gw, "gw1", "100.96.0.1", "--route", "10.1.0.0/16", "--label", "classes=swiss-banking-secret", "--json")...)
+	var issued issueOutput
+	if err := json.Unmarshal([]byte(out), &issued); err != nil {
+		t.Fatalf("issue --json: %v\n%s", err, out)
+	}
+	if issued.Attributes.Jurisdiction != "CH" || len(issued.Attributes.Routes) != 1 || issued.Serial == "" {
+		t.Fatalf("issue --json = %+v", issued)
+	}
+	for name, mode := range map[string]os.FileMode{"node.key": 0o600, "node.crt": 0o644, "ca.crt": 0o644, "crl.pem": 0o644, "gossip.keyring": 0o600} {
+		st, err := os.Stat(filepath.Join(gw, name))
+		if err != nil {
+			t.Fatalf("issue did not write %s: %v", name, err)
+		}
+		if st.Mode().Perm() != mode {
+			t.Errorf("%s mode %04o, want %04o", name, st.Mode().Perm(), mode)
+		}
+	}
+
+	var info identityInfo
+	out = mustRun(t, "identity", "show", "--dir", gw, "--json")
+	if err := json.Unmarshal([]byte(out), &info); err != nil || !info.Accepted || info.Attributes.Node != "gw1" || info.GossipKeys != 1 {
+		t.Fatalf("identity show: %+v %v", info, err)
+	}
+
+	var list []map[string]any
+	if err := json.Unmarshal([]byte(mustRun(t, "ca", "list", "--ca", ca, "--json")), &list); err != nil || len(list) != 1 {
+		t.Fatalf("ca list --json: %v %v", list, err)
+	}
+	if out := mustRun(t, "ca", "list", "--ca", ca); !strings.Contains(out, "SERIAL") || !strings.Contains(out, "gw1") {
+		t.Fatalf("ca list table:\n%s", out)
+	}
+
+	// Revoke by node; the identity is then refused (exit 1) once the new
+	// list is next to it.
+	mustRun(t, "ca", "revoke", "--ca", ca, "--node", "gw1", "--reason", "keyCompromise")
+	crl, _ := os.ReadFile(filepath.Join(ca, "crl.pem"))
+	os.WriteFile(filepath.Join(gw, "crl.pem"), crl, 0o644)
+	out, _, code := runCLI(t, "identity", "show", "--dir", gw)
+	if code != 1 || !strings.Contains(out, "REFUSED") || !strings.Contains(out, "revoked") {
+		t.Fatalf("revoked identity: exit %d\n%s", code, out)
+	}
+	var crlOut crlOutput
+	if err := json.Unmarshal([]byte(mustRun(t, "ca", "crl", "--ca", ca, "--json")), &crlOut); err != nil || len(crlOut.Revoked) != 1 || crlOut.Number != "2" {
+		t.Fatalf("ca crl: %+v %v", crlOut, err)
+	}
+	mustRun(t, "ca", "crl", "--ca", ca, "--refresh")
+	if err := json.Unmarshal([]byte(mustRun(t, "ca", "crl", "--ca", ca, "--json")), &crlOut); err != nil || crlOut.Number != "3" || len(crlOut.Revoked) != 1 {
+		t.Fatalf("ca crl after refresh: %+v %v", crlOut, err)
+	}
+}
+
+// TestCABadInput: every mistake gets an error that says what was wrong,
+// and nothing is written.
+func TestCABadInput(t *testing.T) {
+	dir := t.TempDir()
+	ca := filepath.Join(dir, "ca")
+	mustRun(t, "ca", "init", "--dir", ca, "--mesh-cidr", "100.96.0.0/16")
+	mustRun(t, issueArgs(ca, filepath.Join(dir, "taken"), "gw0", "100.96.0.9")...)
+	out := filepath.Join(dir, "out")
+
+	tests := []struct {
+		name string
+		args []string
+		code int
+		want string
+	}{
+		{"missing flags", []string{"ca", "issue", "--ca", ca, "--node", "gw1", "--out", out}, 1, "Required flags"},
+		{"bad CIDR", issueArgs(ca, out, "gw1", "100.96.0.1", "--route", "10.1.0.0/33"), 2, `route "10.1.0.0/33" is not a CIDR prefix`},
+		{"host bits", issueArgs(ca, out, "gw1", "100.96.0.1", "--route", "10.1.2.3/16"), 1, "did you mean 10.1.0.0/16"},
+		{"bad overlay IP", issueArgs(ca, out, "gw1", "100.96.0.300"), 2, `--overlay-ip "100.96.0.300" is not an IP address`},
+		{"overlay outside mesh", issueArgs(ca, out, "gw1", "10.9.0.1"), 1, "outside the mesh overlay range 100.96.0.0/16"},
+		{"overlay taken", issueArgs(ca, out, "gw1", "100.96.0.9"), 1, `already held by node "gw0"`},
+		{"bad label", issueArgs(ca, out, "gw1", "100.96.0.1", "--label", "tier"), 2, `label "tier" is not key=value`},
+		{"bad jurisdiction", append(issueArgs(ca, out, "gw1", "100.96.0.1"), "--jurisdiction", "EU"), 1, "not an ISO 3166-1"},
+		{"no CA", issueArgs(filepath.Join(dir, "nope"), out, "gw1", "100.96.0.1"), 1, "skybridge ca init --dir"},
+		{"bad mesh CIDR", []string{"ca", "init", "--dir", filepath.Join(dir, "ca2"), "--mesh-cidr", "banana"}, 2, "--mesh-cidr"},
+		{"revoke needs a target", []string{"ca", "revoke", "--ca", ca}, 2, "either --serial"},
+		{"revoke bad serial", []string{"ca", "revoke", "--ca", ca, "--serial", "zz"}, 2, "not a certificate serial"},
+		{"revoke unknown serial", []string{"ca", "revoke", "--ca", ca, "--serial", "0x1234"}, 1, "not issued by this CA"},
+		{"revoke unknown node", []string{"ca", "revoke", "--ca", ca, "--node", "ghost"}, 1, `node "ghost" has no valid certificate`},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, errs, code := runCLI(t, tt.args...)
+			if code != tt.code || !strings.Contains(errs, tt.want) {
+				t.Fatalf("exit %d (want %d), stderr:\n%s\nwant it to contain %q", code, tt.code, errs, tt.want)
+			}
+			if _, err := os.Stat(out); !os.IsNotExist(err) {
+				t.Fatalf("failed issue left %s behind", out)
+			}
+		})
+	}
+
+	// An unreadable (world-readable, so refused) CA key.
+	os.Chmod(filepath.Join(ca, "ca.key"), 0o644)
+	_, errs, code := runCLI(t, issueArgs(ca, out, "gw1", "100.96.0.1")...)
+	if code == 0 || !strings.Contains(errs, "chmod 600") {
+		t.Fatalf("world-readable CA key: exit %d, %s", code, errs)
+	}
+	os.Chmod(filepath.Join(ca, "ca.key"), 0o600)
+
+	// The CA directory holds no temporary files after all this.
+	ents, _ := os.ReadDir(ca)
+	for _, e := range ents {
+		if strings.Contains(e.Name(), ".tmp-") {
+			t.Errorf("temporary file left in CA: %s", e.Name())
+		}
+	}
+}
+
+func TestIssueWithCSR(t *testing.T) {
+	dir := t.TempDir()
+	ca := filepath.Join(dir, "ca")
+	mustRun(t, "ca", "init", "--dir", ca)
+	// The gateway makes its key and CSR; only the CSR travels.
+	gwKeyDir := filepath.Join(dir, "gw")
+	csrArgs := issueArgs("", gwKeyDir, "gw1", "100.96.0.1")[4:] // drop "ca issue --ca X"
+	csrArgs = append([]string{"identity", "csr", "--dir", gwKeyDir}, csrArgs[:len(csrArgs)-2]...)
+	csr := filepath.Join(dir, "node.csr")
+	os.WriteFile(csr, []byte(mustRun(t, csrArgs...)), 0o644)
+	key, _ := os.ReadFile(filepath.Join(gwKeyDir, "node.key"))
+	// Running it again keeps the key.
+	mustRun(t, csrArgs...)
+	if key2, _ := os.ReadFile(filepath.Join(gwKeyDir, "node.key")); !bytes.Equal(key, key2) || len(key) == 0 {
+		t.Fatal("identity csr replaced the node key")
+	}
+	mustRun(t, issueArgs(ca, gwKeyDir, "gw1", "100.96.0.1", "--csr", csr)...)
+	out := mustRun(t, "identity", "show", "--dir", gwKeyDir, "--json")
+	var info identityInfo
+	if err := json.Unmarshal([]byte(out), &info); err != nil || !info.Accepted {
+		t.Fatalf("CSR-issued identity: %s %v", out, err)
+	}
+	if key2, _ := os.ReadFile(filepath.Join(gwKeyDir, "node.key")); !bytes.Equal(key, key2) {
+		t.Fatal("ca issue --csr touched the gateway's key")
+	}
+	// A CSR for another node is refused.
+	_, errs, code := runCLI(t, issueArgs(ca, filepath.Join(dir, "gw2"), "gw2", "100.96.0.2", "--csr", csr)...)
+	if code == 0 || !strings.Contains(errs, "asks for node gw1") {
+		t.Fatalf("mismatched CSR: exit %d %s", code, errs)
+	}
+}
