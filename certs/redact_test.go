@@ -2,6 +2,7 @@ package certs
 
 import (
 	"bytes"
+	"crypto/ecdsa"
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
@@ -30,8 +31,8 @@ func TestSecretsNeverPrint(t *testing.T) {
 	secrets := map[string][]string{
 		"wireguard key": {wg.Base64Secret(), fmt.Sprintf("%x", wg.k[:])},
 		"gossip key":    {base64.StdEncoding.EncodeToString(kr.Primary()), fmt.Sprintf("%x", kr.Primary())},
-		"node key":      {id.key.D.String(), fmt.Sprintf("%x", id.key.D.Bytes()), string(keyPEM)},
-		"CA key":        {ca.key.D.String(), fmt.Sprintf("%x", ca.key.D.Bytes()), string(caKeyPEM)},
+		"node key":      {rawKey(t, id.key), string(keyPEM)},
+		"CA key":        {rawKey(t, ca.key), string(caKeyPEM)},
 	}
 	values := map[string]any{"wireguard key": wg, "gossip key": kr, "node key": id, "CA key": ca}
 
@@ -122,4 +123,14 @@ func TestGossipKeyring(t *testing.T) {
 	if _, err := ParseGossipKeyring([]byte("not base64!\n")); err == nil || strings.Contains(err.Error(), "not base64!") {
 		t.Errorf("bad keyring file: err = %v (must not echo the content)", err)
 	}
+}
+
+// rawKey is the private scalar in hex, the way a leak through %x would
+// show it.
+func rawKey(t *testing.T, k *ecdsa.PrivateKey) string {
+	b, err := k.Bytes()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return fmt.Sprintf("%x", b)
 }

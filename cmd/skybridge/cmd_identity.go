@@ -114,11 +114,14 @@ func identityShow(c *cli.Context) error {
 		info.Refusal = "cannot judge: " + tbErr.Error()
 	}
 	if c.Bool("json") {
-		return printJSON(c.App.Writer, info)
+		if err := printJSON(c.App.Writer, info); err != nil {
+			return err
+		}
+	} else {
+		printIdentity(c.App.Writer, info)
 	}
-	printIdentity(c.App.Writer, info)
 	if !info.Accepted {
-		return cli.Exit("", 1)
+		return cli.Exit("", 1) // scripts can test an identity by exit code
 	}
 	return nil
 }
