@@ -30,7 +30,6 @@ const (
 	maxNameLen   = 63
 	maxRoutes    = 32
 	maxLabels    = 32
-	maxLabelLen  = 63
 	maxEndpoints = 8
 )
 
@@ -51,7 +50,7 @@ type Attributes struct {
 var (
 	nameRE     = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$`)
 	labelKeyRE = regexp.MustCompile(`^[a-z0-9]([a-z0-9._/-]{0,61}[a-z0-9])?$`)
-	labelValRE = regexp.MustCompile(`^[A-Za-z0-9._:/+@-]{0,63}$`)
+	labelValRE = regexp.MustCompile(`^[A-Za-z0-9._:/+@,-]{0,255}$`)
 )
 
 // Validate checks every attribute and says which one is wrong and how to fix
@@ -103,7 +102,7 @@ func (a *Attributes) Validate(meshPrefix netip.Prefix) error {
 			errs = append(errs, fmt.Errorf("label key %q is not valid: use lower-case letters, digits and . _ / -", k))
 		}
 		if !labelValRE.MatchString(v) {
-			errs = append(errs, fmt.Errorf("label %s value %q is not valid: use at most 63 letters, digits and . _ : / + @ -", k, v))
+			errs = append(errs, fmt.Errorf("label %s value %q is not valid: use at most 255 letters, digits and . _ : / + @ , -", k, v))
 		}
 	}
 	sort.Slice(errs, func(i, j int) bool { return errs[i].Error() < errs[j].Error() })

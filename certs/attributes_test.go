@@ -16,7 +16,7 @@ func TestAttributeURIRoundTrip(t *testing.T) {
 	a.Labels["certified"] = "pci-dss"
 	a.Labels["owner"] = "team@bank.example"
 	u := a.URI()
-	want := "skybridge://aws-eu-central-1/gw1?provider=aws&region=eu-central-1&jurisdiction=DE&route=10.20.0.0/16&route=fd00:20::/48&label.certified=pci-dss&label.classes=pii-eu.risk-batch&label.owner=team%40bank.example&label.tier=gold"
+	want := "skybridge://aws-eu-central-1/gw1?provider=aws&region=eu-central-1&jurisdiction=DE&route=10.20.0.0/16&route=fd00:20::/48&label.certified=pci-dss&label.classes=pii-eu%2Crisk-batch&label.owner=team%40bank.example&label.tier=gold"
 	if u.String() != want {
 		t.Fatalf("URI =\n %s\nwant\n %s", u, want)
 	}

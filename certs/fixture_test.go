@@ -14,7 +14,7 @@ func testAttrs(node, site, overlay string, routes ...string) Attributes {
 	a := Attributes{
 		Node: node, Site: site, Region: "eu-central-1", Provider: "aws", Jurisdiction: "DE",
 		OverlayIP: netip.MustParseAddr(overlay),
-		Labels:    map[string]string{"classes": "pii-eu.risk-batch", "tier": "gold"},
+		Labels:    map[string]string{"classes": "pii-eu,risk-batch", "tier": "gold"},
 	}
 	for _, r := range routes {
 		a.Routes = append(a.Routes, netip.MustParsePrefix(r))

@@ -48,6 +48,9 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 		Description:          "Gateways in every rack and region gossip, admit each other by certificate, build a WireGuard mesh,\nand move VM images between sites only where the data-residency policy allows.",
 		Version:              buildVersion(),
 		EnableBashCompletion: true,
+		// Repeat a flag to give several values; a comma is data (a label
+		// listing data classes), not a separator.
+		DisableSliceFlagSeparator: true,
 		Writer:               stdout,
 		ErrWriter:            stderr,
 		// Errors are printed once, by run, with the exit code they carry.
@@ -67,6 +70,7 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 		Commands: []*cli.Command{
 			caCommand(),
 			identityCommand(),
+			completionCommand(),
 		},
 	}
 }

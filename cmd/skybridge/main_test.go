@@ -55,6 +55,9 @@ func TestVersionAndHelp(t *testing.T) {
 	if !strings.Contains(out, "issue") || !strings.Contains(out, "revoke") {
 		t.Errorf("completion output %q", out)
 	}
+	if out := mustRun(t, "completion", "bash"); !strings.Contains(out, "complete -o default -F _skybridge_complete skybridge") {
+		t.Errorf("completion script:\n%s", out)
+	}
 }
 
 func TestCAWorkflow(t *testing.T) {
