@@ -207,28 +207,12 @@ func checkEmptyDir(dir string) error {
 
 // OpenCA loads the CA in dir.
 func OpenCA(dir string) (*CA, error) {
-	certPEM, err := os.ReadFile(filepath.Join(dir, fileCACert))
+	cert, key, err := loadKeyPair(dir, fileCACert, fileCAKey)
 	if errors.Is(err, os.ErrNotExist) {
 		return nil, fmt.Errorf("no CA in %s: create one with `skybridge ca init --dir %s`", dir, dir)
 	}
 	if err != nil {
-		return nil, fmt.Errorf("read CA certificate: %w", err)
-	}
-	certs, err := ParseCertificatesPEM(certPEM)
-	if err != nil {
-		return nil, fmt.Errorf("%s: %w", filepath.Join(dir, fileCACert), err)
-	}
-	keyPEM, err := readPrivateFile(filepath.Join(dir, fileCAKey))
-	if err != nil {
-		return nil, fmt.Errorf("read CA key: %w", err)
-	}
-	key, err := parseKeyPEM(keyPEM)
-	if err != nil {
-		return nil, fmt.Errorf("%s: %w", filepath.Join(dir, fileCAKey), err)
-	}
-	cert := certs[0]
-	if !key.PublicKey.Equal(cert.PublicKey) {
-		return nil, fmt.Errorf("%s does not belong to %s: the CA directory is damaged", fileCAKey, fileCACert)
+		return nil, fmt.Errorf("CA in %s: %w", dir, err)
 	}
 	return &CA{dir: dir, cert: cert, key: key}, nil
 }
@@ -314,59 +298,52 @@ func (ca *CA) Issue(req IssueRequest) (*x509.Certificate, error) {
 		return nil, fmt.Errorf("TTL %s would outlive the CA (valid until %s): choose a shorter --ttl", req.TTL, ca.cert.NotAfter.UTC().Format(time.RFC3339))
 	}
 
-	unlock, err := ca.lock()
-	if err != nil {
-		return nil, err
-	}
-	defer unlock()
-	idx, err := ca.readIndex()
-	if err != nil {
-		return nil, err
-	}
-	for _, e := range idx.Certs {
-		if e.OverlayIP == attrs.OverlayIP.String() && e.Node != attrs.Node && e.RevokedAt == nil && e.NotAfter.After(req.Now) {
-			return nil, fmt.Errorf("overlay IP %s is already held by node %q (serial %s, valid until %s): pick another address or revoke that certificate first",
-				attrs.OverlayIP, e.Node, e.Serial, e.NotAfter.UTC().Format(time.RFC3339))
+	var cert *x509.Certificate
+	err := ca.updateIndex(func(idx *caIndex) error {
+		for _, e := range idx.Certs {
+			if e.OverlayIP == attrs.OverlayIP.String() && e.Node != attrs.Node && e.RevokedAt == nil && e.NotAfter.After(req.Now) {
+				return fmt.Errorf("overlay IP %s is already held by node %q (serial %s, valid until %s): pick another address or revoke that certificate first",
+					attrs.OverlayIP, e.Node, e.Serial, e.NotAfter.UTC().Format(time.RFC3339))
+			}
 		}
-	}
-
-	serial, err := randomSerial()
-	if err != nil {
-		return nil, err
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber: serial,
-		Subject: pkix.Name{
-			CommonName:         attrs.Node,
-			OrganizationalUnit: []string{attrs.Site},
-			Organization:       []string{"skybridge"},
-			Country:            []string{attrs.Jurisdiction},
-		},
-		NotBefore:             req.Now.Add(-backdate),
-		NotAfter:              notAfter,
-		KeyUsage:              x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
-		BasicConstraintsValid: true,
-		URIs:                  []*url.URL{attrs.URI()},
-		IPAddresses:           []net.IP{attrs.OverlayIP.AsSlice()},
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, req.PublicKey, ca.key)
-	if err != nil {
-		return nil, fmt.Errorf("sign certificate for %s: %w", attrs.Node, err)
-	}
-	cert, err := x509.ParseCertificate(der)
-	if err != nil {
-		return nil, err
-	}
-	idx.Certs = append(idx.Certs, indexEntry{
-		Serial:    FormatSerial(serial),
-		Node:      attrs.Node,
-		Site:      attrs.Site,
-		OverlayIP: attrs.OverlayIP.String(),
-		NotBefore: cert.NotBefore,
-		NotAfter:  cert.NotAfter,
+		serial, err := randomSerial()
+		if err != nil {
+			return err
+		}
+		tmpl := &x509.Certificate{
+			SerialNumber: serial,
+			Subject: pkix.Name{
+				CommonName:         attrs.Node,
+				OrganizationalUnit: []string{attrs.Site},
+				Organization:       []string{"skybridge"},
+				Country:            []string{attrs.Jurisdiction},
+			},
+			NotBefore:             req.Now.Add(-backdate),
+			NotAfter:              notAfter,
+			KeyUsage:              x509.KeyUsageDigitalSignature,
+			ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
+			BasicConstraintsValid: true,
+			URIs:                  []*url.URL{attrs.URI()},
+			IPAddresses:           []net.IP{attrs.OverlayIP.AsSlice()},
+		}
+		der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, req.PublicKey, ca.key)
+		if err != nil {
+			return fmt.Errorf("sign certificate for %s: %w", attrs.Node, err)
+		}
+		if cert, err = x509.ParseCertificate(der); err != nil {
+			return err
+		}
+		idx.Certs = append(idx.Certs, IssuedCert{
+			Serial:    FormatSerial(serial),
+			Node:      attrs.Node,
+			Site:      attrs.Site,
+			OverlayIP: attrs.OverlayIP.String(),
+			NotBefore: cert.NotBefore,
+			NotAfter:  cert.NotAfter,
+		})
+		return nil
 	})
-	if err := ca.writeIndex(idx); err != nil {
+	if err != nil {
 		return nil, err
 	}
 	return cert, nil
@@ -395,14 +372,12 @@ type IssuedCert struct {
 	Reason    string     `json:"revocation_reason,omitempty"`
 }
 
-type indexEntry = IssuedCert
-
 // caIndex is the CA's record of what it issued and revoked. The CRL is
 // derived from it.
 type caIndex struct {
 	MeshPrefix string       `json:"mesh_prefix"`
 	CRLNumber  int64        `json:"crl_number"`
-	Certs      []indexEntry `json:"certs"`
+	Certs      []IssuedCert `json:"certs"`
 }
 
 // Issued lists the certificates this CA has issued, oldest first.
@@ -443,35 +418,27 @@ func (ca *CA) RevokeSerials(serials []*big.Int, reason string, now time.Time) ([
 	if _, ok := revocationReasons[reason]; !ok {
 		return nil, fmt.Errorf("revocation reason %q is unknown; use one of %v", reason, RevocationReasons())
 	}
-	unlock, err := ca.lock()
-	if err != nil {
-		return nil, err
-	}
-	defer unlock()
-	idx, err := ca.readIndex()
-	if err != nil {
-		return nil, err
-	}
 	var done []IssuedCert
-	for _, s := range serials {
-		want := FormatSerial(s)
-		i := slices.IndexFunc(idx.Certs, func(e indexEntry) bool { return e.Serial == want })
-		if i < 0 {
-			return nil, fmt.Errorf("serial %s was not issued by this CA (see `skybridge ca list`)", want)
+	err := ca.updateIndex(func(idx *caIndex) error {
+		for _, s := range serials {
+			want := FormatSerial(s)
+			i := slices.IndexFunc(idx.Certs, func(e IssuedCert) bool { return e.Serial == want })
+			if i < 0 {
+				return fmt.Errorf("serial %s was not issued by this CA (see skybridge ca list)", want)
+			}
+			if idx.Certs[i].RevokedAt == nil {
+				t := now.UTC()
+				idx.Certs[i].RevokedAt = &t
+				idx.Certs[i].Reason = reason
+			}
+			done = append(done, idx.Certs[i])
 		}
-		if idx.Certs[i].RevokedAt == nil {
-			t := now.UTC()
-			idx.Certs[i].RevokedAt = &t
-			idx.Certs[i].Reason = reason
-		}
-		done = append(done, idx.Certs[i])
-	}
-	// Write the CRL before the index: if we crash between the two, the
-	// serial is already revoked for the mesh and a retry is idempotent.
-	if err := ca.writeCRL(idx, now); err != nil {
-		return nil, err
-	}
-	if err := ca.writeIndex(idx); err != nil {
+		// The CRL is written before the index: if we crash between the
+		// two, the serial is already revoked for the mesh and a retry is
+		// idempotent.
+		return ca.writeCRL(idx, now)
+	})
+	if err != nil {
 		return nil, err
 	}
 	return done, nil
@@ -503,19 +470,7 @@ func (ca *CA) SerialsOfNode(node string, now time.Time) ([]*big.Int, error) {
 // RefreshCRL re-signs the revocation list with a new number and validity,
 // for operators who publish it to tools that honour nextUpdate.
 func (ca *CA) RefreshCRL(now time.Time) error {
-	unlock, err := ca.lock()
-	if err != nil {
-		return err
-	}
-	defer unlock()
-	idx, err := ca.readIndex()
-	if err != nil {
-		return err
-	}
-	if err := ca.writeCRL(idx, now); err != nil {
-		return err
-	}
-	return ca.writeIndex(idx)
+	return ca.updateIndex(func(idx *caIndex) error { return ca.writeCRL(idx, now) })
 }
 
 // CRLPEM returns the current revocation list.
@@ -571,8 +526,23 @@ func (ca *CA) writeIndex(idx *caIndex) error {
 	return atomicfile.WriteFile(filepath.Join(ca.dir, fileIndex), append(b, '\n'), 0o600)
 }
 
-func (ca *CA) lock() (unlock func(), err error) {
-	return lockFile(filepath.Join(ca.dir, fileLock))
+// updateIndex runs fn on the index under the CA's lock and writes the
+// index back if fn succeeds, so concurrent `skybridge ca` processes never
+// lose each other's changes.
+func (ca *CA) updateIndex(fn func(*caIndex) error) error {
+	unlock, err := lockFile(filepath.Join(ca.dir, fileLock))
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	idx, err := ca.readIndex()
+	if err != nil {
+		return err
+	}
+	if err := fn(idx); err != nil {
+		return err
+	}
+	return ca.writeIndex(idx)
 }
 
 // randomSerial returns a positive 127-bit serial: unpredictable, as the

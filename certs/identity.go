@@ -220,30 +220,43 @@ func Fingerprint(cert *x509.Certificate) string {
 
 // LoadNodeIdentity reads node.crt and node.key from dir.
 func LoadNodeIdentity(dir string) (*NodeIdentity, error) {
-	certPEM, err := os.ReadFile(filepath.Join(dir, fileNodeCert))
+	cert, key, err := loadKeyPair(dir, fileNodeCert, fileNodeKey)
 	if errors.Is(err, os.ErrNotExist) {
 		return nil, fmt.Errorf("no node identity in %s: issue one with `skybridge ca issue ... --out %s`", dir, dir)
 	}
 	if err != nil {
-		return nil, fmt.Errorf("read node certificate: %w", err)
+		return nil, fmt.Errorf("identity in %s: %w", dir, err)
+	}
+	return NewNodeIdentity(cert, key)
+}
+
+// loadKeyPair reads a PEM certificate and its 0600 private key from dir and
+// checks that they belong together. A missing certificate is reported as
+// os.ErrNotExist so callers can say how to create one.
+func loadKeyPair(dir, certFile, keyFile string) (*x509.Certificate, *ecdsa.PrivateKey, error) {
+	certPEM, err := os.ReadFile(filepath.Join(dir, certFile))
+	if err != nil {
+		return nil, nil, err
 	}
 	certs, err := ParseCertificatesPEM(certPEM)
 	if err != nil {
-		return nil, fmt.Errorf("%s: %w", filepath.Join(dir, fileNodeCert), err)
+		return nil, nil, fmt.Errorf("%s: %w", certFile, err)
 	}
-	keyPEM, err := readPrivateFile(filepath.Join(dir, fileNodeKey))
+	keyPEM, err := readPrivateFile(filepath.Join(dir, keyFile))
 	if err != nil {
-		return nil, fmt.Errorf("read node key: %w", err)
+		if errors.Is(err, os.ErrNotExist) {
+			return nil, nil, fmt.Errorf("%s is missing next to %s", keyFile, certFile)
+		}
+		return nil, nil, err
 	}
 	key, err := parseKeyPEM(keyPEM)
 	if err != nil {
-		return nil, fmt.Errorf("%s: %w", filepath.Join(dir, fileNodeKey), err)
+		return nil, nil, fmt.Errorf("%s: %w", keyFile, err)
 	}
-	id, err := NewNodeIdentity(certs[0], key)
-	if err != nil {
-		return nil, fmt.Errorf("identity in %s: %w", dir, err)
+	if !key.PublicKey.Equal(certs[0].PublicKey) {
+		return nil, nil, fmt.Errorf("%s does not belong to %s", keyFile, certFile)
 	}
-	return id, nil
+	return certs[0], key, nil
 }
 
 // IssueIdentity generates a key, has the CA sign it, and returns the
