@@ -51,8 +51,8 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 		// Repeat a flag to give several values; a comma is data (a label
 		// listing data classes), not a separator.
 		DisableSliceFlagSeparator: true,
-		Writer:               stdout,
-		ErrWriter:            stderr,
+		Writer:                    stdout,
+		ErrWriter:                 stderr,
 		// Errors are printed once, by run, with the exit code they carry.
 		ExitErrHandler: func(*cli.Context, error) {},
 		Flags: []cli.Flag{
