@@ -220,6 +220,10 @@ func OpenCA(dir string) (*CA, error) {
 // Certificate returns the CA certificate.
 func (ca *CA) Certificate() *x509.Certificate { return ca.cert }
 
+// Signer returns the CA key as a crypto.Signer, for signing what the whole
+// mesh must trust (the residency policy). The signer prints as [redacted].
+func (ca *CA) Signer() crypto.Signer { return signer{k: ca.key} }
+
 // Dir is the CA's directory.
 func (ca *CA) Dir() string { return ca.dir }
 
@@ -279,68 +283,96 @@ func (ca *CA) Issue(req IssueRequest) (*x509.Certificate, error) {
 	if req.Now.IsZero() {
 		req.Now = time.Now()
 	}
-	if req.TTL == 0 {
-		req.TTL = DefaultNodeTTL
-	}
-	if req.TTL < 0 {
-		return nil, fmt.Errorf("TTL %s is negative", req.TTL)
-	}
 	attrs := req.Attributes
 	attrs.Normalize()
 	if err := attrs.Validate(ca.MeshPrefix()); err != nil {
 		return nil, err
 	}
-	if err := checkNodeKey(req.PublicKey); err != nil {
+	tmpl := &x509.Certificate{
+		Subject: pkix.Name{
+			CommonName:         attrs.Node,
+			OrganizationalUnit: []string{attrs.Site},
+			Organization:       []string{"skybridge"},
+			Country:            []string{attrs.Jurisdiction},
+		},
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
+		URIs:        []*url.URL{attrs.URI()},
+		IPAddresses: []net.IP{attrs.OverlayIP.AsSlice()},
+	}
+	entry := IssuedCert{Kind: KindGateway, Node: attrs.Node, Site: attrs.Site, OverlayIP: attrs.OverlayIP.String()}
+	return ca.issue(tmpl, req.PublicKey, req.TTL, req.Now, entry, func(idx *caIndex) error {
+		for _, e := range idx.Certs {
+			if e.OverlayIP == entry.OverlayIP && e.Node != attrs.Node && e.RevokedAt == nil && e.NotAfter.After(req.Now) {
+				return fmt.Errorf("overlay IP %s is already held by node %q (serial %s, valid until %s): pick another address or revoke that certificate first",
+					attrs.OverlayIP, e.Node, e.Serial, e.NotAfter.UTC().Format(time.RFC3339))
+			}
+		}
+		return nil
+	})
+}
+
+// Kinds of certificates the CA issues.
+const (
+	KindGateway      = "gateway"
+	KindPolicySigner = "policy-signer"
+)
+
+// IssuePolicySigner certifies pub as a policy signer called name: a
+// code-signing certificate without mesh attributes, so the compliance team
+// can sign residency policies without holding the CA key, and lose that
+// right by revocation.
+func (ca *CA) IssuePolicySigner(name string, pub crypto.PublicKey, ttl time.Duration, now time.Time) (*x509.Certificate, error) {
+	if !nameRE.MatchString(name) {
+		return nil, fmt.Errorf("signer name %q is not valid: use 1-63 lower-case letters, digits and '-'", name)
+	}
+	tmpl := &x509.Certificate{
+		Subject:     pkix.Name{CommonName: name, Organization: []string{"skybridge"}, OrganizationalUnit: []string{"policy signers"}},
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageCodeSigning},
+	}
+	return ca.issue(tmpl, pub, ttl, now, IssuedCert{Kind: KindPolicySigner, Node: name}, nil)
+}
+
+// issue signs tmpl for pub, valid from now for ttl, and records entry in
+// the index; check, if set, may refuse under the index lock.
+func (ca *CA) issue(tmpl *x509.Certificate, pub crypto.PublicKey, ttl time.Duration, now time.Time, entry IssuedCert, check func(*caIndex) error) (*x509.Certificate, error) {
+	if ttl == 0 {
+		ttl = DefaultNodeTTL
+	}
+	if ttl < 0 {
+		return nil, fmt.Errorf("TTL %s is negative", ttl)
+	}
+	if err := checkNodeKey(pub); err != nil {
 		return nil, err
 	}
-	notAfter := req.Now.Add(req.TTL)
+	notAfter := now.Add(ttl)
 	if notAfter.After(ca.cert.NotAfter) {
-		return nil, fmt.Errorf("TTL %s would outlive the CA (valid until %s): choose a shorter --ttl", req.TTL, ca.cert.NotAfter.UTC().Format(time.RFC3339))
+		return nil, fmt.Errorf("TTL %s would outlive the CA (valid until %s): choose a shorter --ttl", ttl, ca.cert.NotAfter.UTC().Format(time.RFC3339))
 	}
+	tmpl.NotBefore, tmpl.NotAfter = now.Add(-backdate), notAfter
+	tmpl.KeyUsage = x509.KeyUsageDigitalSignature
+	tmpl.BasicConstraintsValid = true
 
 	var cert *x509.Certificate
 	err := ca.updateIndex(func(idx *caIndex) error {
-		for _, e := range idx.Certs {
-			if e.OverlayIP == attrs.OverlayIP.String() && e.Node != attrs.Node && e.RevokedAt == nil && e.NotAfter.After(req.Now) {
-				return fmt.Errorf("overlay IP %s is already held by node %q (serial %s, valid until %s): pick another address or revoke that certificate first",
-					attrs.OverlayIP, e.Node, e.Serial, e.NotAfter.UTC().Format(time.RFC3339))
+		if check != nil {
+			if err := check(idx); err != nil {
+				return err
 			}
 		}
 		serial, err := randomSerial()
 		if err != nil {
 			return err
 		}
-		tmpl := &x509.Certificate{
-			SerialNumber: serial,
-			Subject: pkix.Name{
-				CommonName:         attrs.Node,
-				OrganizationalUnit: []string{attrs.Site},
-				Organization:       []string{"skybridge"},
-				Country:            []string{attrs.Jurisdiction},
-			},
-			NotBefore:             req.Now.Add(-backdate),
-			NotAfter:              notAfter,
-			KeyUsage:              x509.KeyUsageDigitalSignature,
-			ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
-			BasicConstraintsValid: true,
-			URIs:                  []*url.URL{attrs.URI()},
-			IPAddresses:           []net.IP{attrs.OverlayIP.AsSlice()},
-		}
-		der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, req.PublicKey, ca.key)
+		tmpl.SerialNumber = serial
+		der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, pub, ca.key)
 		if err != nil {
-			return fmt.Errorf("sign certificate for %s: %w", attrs.Node, err)
+			return fmt.Errorf("sign certificate for %s: %w", tmpl.Subject.CommonName, err)
 		}
 		if cert, err = x509.ParseCertificate(der); err != nil {
 			return err
 		}
-		idx.Certs = append(idx.Certs, IssuedCert{
-			Serial:    FormatSerial(serial),
-			Node:      attrs.Node,
-			Site:      attrs.Site,
-			OverlayIP: attrs.OverlayIP.String(),
-			NotBefore: cert.NotBefore,
-			NotAfter:  cert.NotAfter,
-		})
+		entry.Serial, entry.NotBefore, entry.NotAfter = FormatSerial(serial), cert.NotBefore, cert.NotAfter
+		idx.Certs = append(idx.Certs, entry)
 		return nil
 	})
 	if err != nil {
@@ -362,10 +394,11 @@ func checkNodeKey(pub crypto.PublicKey) error {
 
 // IssuedCert describes one certificate in the CA's index.
 type IssuedCert struct {
+	Kind      string     `json:"kind,omitempty"` // KindGateway (also when empty) or KindPolicySigner
 	Serial    string     `json:"serial"`
 	Node      string     `json:"node"`
 	Site      string     `json:"site"`
-	OverlayIP string     `json:"overlay_ip"`
+	OverlayIP string     `json:"overlay_ip,omitempty"`
 	NotBefore time.Time  `json:"not_before"`
 	NotAfter  time.Time  `json:"not_after"`
 	RevokedAt *time.Time `json:"revoked_at,omitempty"`

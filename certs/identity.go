@@ -131,12 +131,12 @@ func (id *NodeIdentity) Attributes() *Attributes { return id.attrs }
 func (id *NodeIdentity) Fingerprint() [32]byte { return sha256.Sum256(id.cert.Raw) }
 
 // Signer returns the private key as a crypto.Signer, for TLS or signing
-// adverts. It does not expose the key to printing.
-func (id *NodeIdentity) Signer() crypto.Signer { return id.key }
+// adverts. The signer prints as [redacted].
+func (id *NodeIdentity) Signer() crypto.Signer { return signer{k: id.key} }
 
 // TLSCertificate returns the identity for mutual TLS between gateways.
 func (id *NodeIdentity) TLSCertificate() tls.Certificate {
-	return tls.Certificate{Certificate: [][]byte{id.cert.Raw}, PrivateKey: id.key, Leaf: id.cert}
+	return tls.Certificate{Certificate: [][]byte{id.cert.Raw}, PrivateKey: signer{k: id.key}, Leaf: id.cert}
 }
 
 func (id *NodeIdentity) String() string {

@@ -1,7 +1,10 @@
 package certs
 
 import (
+	"crypto"
+	"crypto/ecdsa"
 	"fmt"
+	"io"
 	"log/slog"
 )
 
@@ -17,3 +20,16 @@ func (secret) Format(f fmt.State, _ rune) { fmt.Fprint(f, redacted) }
 func (secret) String() string             { return redacted }
 func (secret) GoString() string           { return redacted }
 func (secret) LogValue() slog.Value       { return slog.StringValue(redacted) }
+
+// signer exposes a private key only through crypto.Signer, so handing it to
+// TLS or a signing function never lets the key be printed or logged.
+type signer struct {
+	secret
+	k *ecdsa.PrivateKey
+}
+
+func (s signer) Public() crypto.PublicKey { return s.k.Public() }
+
+func (s signer) Sign(rand io.Reader, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
+	return s.k.Sign(rand, digest, opts)
+}

@@ -35,6 +35,16 @@ func TestSecretsNeverPrint(t *testing.T) {
 		"CA key":        {rawKey(t, ca.key), string(caKeyPEM)},
 	}
 	values := map[string]any{"wireguard key": wg, "gossip key": kr, "node key": id, "CA key": ca}
+	for name, sig := range map[string]any{"node key": id.Signer(), "CA key": ca.Signer()} {
+		var out bytes.Buffer
+		fmt.Fprintf(&out, "%v %+v %#v %x", sig, sig, sig, sig)
+		slog.New(slog.NewJSONHandler(&out, nil)).Info("m", "signer", sig)
+		for _, s := range secrets[name] {
+			if strings.Contains(out.String(), s) {
+				t.Errorf("%s signer leaked: %s", name, out.String())
+			}
+		}
+	}
 
 	for name, v := range values {
 		var out bytes.Buffer

@@ -1,0 +1,469 @@
+package policy
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"os"
+	"path"
+	"regexp"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/hashicorp/hcl/v2"
+	"github.com/hashicorp/hcl/v2/gohcl"
+	"github.com/hashicorp/hcl/v2/hclsyntax"
+
+	"github.com/skybridge-mesh/skybridge/internal/hclconf"
+	"github.com/skybridge-mesh/skybridge/internal/iso3166"
+)
+
+// Policy is a compiled residency policy. It is immutable and safe for
+// concurrent use.
+type Policy struct {
+	rev           Revision
+	file          string
+	mode          Mode
+	description   string
+	jurisdictions map[string]map[string]struct{} // group → countries, expanded
+	selectors     map[string]*selector
+	classes       map[string]*class
+	classNames    []string // sorted
+	exceptions    []*exception
+}
+
+type class struct {
+	name        string
+	description string
+	mode        Mode
+	pos         Position
+	allow       map[Action][]*rule
+	deny        map[Action][]*rule
+}
+
+type rule struct {
+	kind   string // "allow" or "deny"
+	class  string
+	action Action
+	sel    *selector
+	reason string
+	req    Obligations
+	pos    Position
+	name   string // `class "pii-eu" allow "store"`, built once
+}
+
+func (r *rule) ref() RuleRef {
+	return RuleRef{Kind: r.kind, Name: r.name, Pos: r.pos, Reason: r.reason}
+}
+
+type exception struct {
+	name     string
+	class    string
+	action   Action
+	sel      *selector
+	category string
+	reason   string
+	approver string
+	ticket   string
+	expires  time.Time // the exception applies strictly before this instant
+	pos      Position
+}
+
+func (e *exception) ref() *ExceptionRef {
+	return &ExceptionRef{Name: e.name, Category: e.category, Approver: e.approver, Ticket: e.ticket, Expires: e.expires}
+}
+
+// Revision identifies the policy.
+func (p *Policy) Revision() Revision { return p.rev }
+
+// Mode is the policy-wide mode.
+func (p *Policy) Mode() Mode { return p.mode }
+
+// Classes lists the data classes the policy defines, sorted.
+func (p *Policy) Classes() []string { return append([]string(nil), p.classNames...) }
+
+// File is the name the policy was parsed under.
+func (p *Policy) File() string { return p.file }
+
+// Load reads and compiles a policy file.
+func Load(file string) (*Policy, []byte, error) {
+	src, err := os.ReadFile(file)
+	if err != nil {
+		return nil, nil, fmt.Errorf("read policy: %w", err)
+	}
+	p, err := Parse(file, src)
+	return p, src, err
+}
+
+// Parse compiles policy source. Every mistake is reported with file:line;
+// a policy that does not compile is never half-applied.
+func Parse(file string, src []byte) (*Policy, error) {
+	f, diags := hclsyntax.ParseConfig(src, file, hcl.InitialPos)
+	if diags.HasErrors() {
+		return nil, hclconf.Diagnostics(diags)
+	}
+	var syn fileSyntax
+	if diags := gohcl.DecodeBody(f.Body, nil, &syn); diags.HasErrors() {
+		return nil, hclconf.Diagnostics(diags)
+	}
+	sum := sha256.Sum256(src)
+	c := &compiler{file: file, p: &Policy{
+		file:          file,
+		jurisdictions: map[string]map[string]struct{}{},
+		selectors:     map[string]*selector{},
+		classes:       map[string]*class{},
+	}}
+	c.p.rev.SHA256 = hex.EncodeToString(sum[:])
+	c.compile(&syn, f.Body.(*hclsyntax.Body))
+	if len(c.errs) > 0 {
+		sort.SliceStable(c.errs, func(i, j int) bool { return c.errs[i].line < c.errs[j].line })
+		msgs := make([]string, len(c.errs))
+		for i, e := range c.errs {
+			msgs[i] = e.msg
+		}
+		return nil, errors.New(strings.Join(msgs, "\n"))
+	}
+	return c.p, nil
+}
+
+type compileError struct {
+	line int
+	msg  string
+}
+
+type compiler struct {
+	file string
+	p    *Policy
+	errs []compileError
+}
+
+func (c *compiler) errorf(r hcl.Range, format string, args ...any) {
+	line := r.Start.Line
+	if line == 0 {
+		line = 1
+	}
+	c.errs = append(c.errs, compileError{line: line, msg: fmt.Sprintf("%s:%d:%d: %s", c.file, line, r.Start.Column, fmt.Sprintf(format, args...))})
+}
+
+func (c *compiler) pos(r hcl.Range) Position { return Position{File: c.file, Line: r.Start.Line} }
+
+var (
+	nameRE  = regexp.MustCompile(`^[a-z0-9]([a-z0-9_-]{0,62})$`)
+	groupRE = regexp.MustCompile(`^[A-Z][A-Z0-9_-]{1,31}$`)
+)
+
+func (c *compiler) compile(syn *fileSyntax, body *hclsyntax.Body) {
+	p := c.p
+	if syn.Policy == nil {
+		c.errorf(body.SrcRange, `missing policy block: start the file with policy { name = "..." version = 1 }`)
+	} else {
+		h := syn.Policy
+		p.rev.Name, p.rev.Version, p.description = h.Name, h.Version, h.Description
+		if !nameRE.MatchString(h.Name) {
+			c.errorf(h.DefRange, "policy name %q: use lower-case letters, digits, '-' and '_'", h.Name)
+		}
+		if h.Version < 1 {
+			c.errorf(h.VersionRange, "policy version must be 1 or more; raise it with every change so gateways adopt the newer policy")
+		}
+		p.mode = c.mode(h.Mode, h.ModeRange, Enforce)
+	}
+
+	c.compileJurisdictions(syn.Jurisdictions)
+	for _, s := range syn.Selectors {
+		if !nameRE.MatchString(s.Name) {
+			c.errorf(s.DefRange, "selector name %q: use lower-case letters, digits, '-' and '_'", s.Name)
+		}
+		if _, dup := p.selectors[s.Name]; dup {
+			c.errorf(s.DefRange, "selector %q is defined twice", s.Name)
+		}
+		// Named selectors may only refer to selectors defined above them,
+		// which rules out cycles.
+		p.selectors[s.Name] = c.selector(s.Rest, s.DefRange, fmt.Sprintf("selector %q", s.Name))
+	}
+	for i := range syn.Classes {
+		c.compileClass(&syn.Classes[i])
+	}
+	for i := range syn.Exceptions {
+		c.compileException(&syn.Exceptions[i])
+	}
+	for n := range p.classes {
+		p.classNames = append(p.classNames, n)
+	}
+	sort.Strings(p.classNames)
+}
+
+func (c *compiler) mode(s string, r hcl.Range, def Mode) Mode {
+	switch Mode(s) {
+	case "":
+		return def
+	case Enforce, Audit:
+		return Mode(s)
+	}
+	c.errorf(r, "mode %q is not %q or %q", s, Enforce, Audit)
+	return Enforce
+}
+
+func (c *compiler) compileJurisdictions(js []jurisdictionSyntax) {
+	raw := map[string]*jurisdictionSyntax{}
+	for i := range js {
+		j := &js[i]
+		switch {
+		case !groupRE.MatchString(j.Name):
+			c.errorf(j.DefRange, "jurisdiction name %q: use upper-case letters, digits, '-' and '_' (e.g. EU, EEA, DACH)", j.Name)
+			continue
+		case iso3166.Valid(j.Name):
+			c.errorf(j.DefRange, "jurisdiction %q is a country code; name the group something else", j.Name)
+			continue
+		case raw[j.Name] != nil:
+			c.errorf(j.DefRange, "jurisdiction %q is defined twice", j.Name)
+			continue
+		}
+		raw[j.Name] = j
+	}
+	var expand func(name string, stack []string) map[string]struct{}
+	expand = func(name string, stack []string) map[string]struct{} {
+		if got, ok := c.p.jurisdictions[name]; ok {
+			return got
+		}
+		j := raw[name]
+		for _, s := range stack {
+			if s == name {
+				c.errorf(j.DefRange, "jurisdiction %q includes itself (%s)", name, strings.Join(append(stack, name), " → "))
+				return nil
+			}
+		}
+		set := map[string]struct{}{}
+		if len(j.Countries) == 0 {
+			c.errorf(j.CountriesRange, "jurisdiction %q lists no countries", name)
+		}
+		for _, cc := range j.Countries {
+			switch {
+			case iso3166.Valid(cc):
+				set[cc] = struct{}{}
+			case raw[cc] != nil:
+				for k := range expand(cc, append(stack, name)) {
+					set[k] = struct{}{}
+				}
+			default:
+				c.errorf(j.CountriesRange, "jurisdiction %q: %q is neither an ISO 3166-1 alpha-2 country code nor a jurisdiction defined in this file", name, cc)
+			}
+		}
+		c.p.jurisdictions[name] = set
+		return set
+	}
+	for _, j := range js {
+		if raw[j.Name] != nil {
+			expand(j.Name, nil)
+		}
+	}
+}
+
+func (c *compiler) compileClass(cs *classSyntax) {
+	p := c.p
+	if !nameRE.MatchString(cs.Name) {
+		c.errorf(cs.DefRange, "class name %q: use lower-case letters, digits, '-' and '_'", cs.Name)
+	}
+	if _, dup := p.classes[cs.Name]; dup {
+		c.errorf(cs.DefRange, "class %q is defined twice", cs.Name)
+		return
+	}
+	cl := &class{
+		name: cs.Name, description: cs.Description, pos: c.pos(cs.DefRange),
+		mode:  c.mode(cs.Mode, cs.ModeRange, ""),
+		allow: map[Action][]*rule{}, deny: map[Action][]*rule{},
+	}
+	for kind, rules := range map[string][]ruleSyntax{"allow": cs.Allow, "deny": cs.Deny} {
+		for i := range rules {
+			rs := &rules[i]
+			a, err := ParseAction(rs.Action)
+			if err != nil {
+				c.errorf(rs.DefRange, "%s %q: the action must be \"store\" or \"transit\"", kind, rs.Action)
+				continue
+			}
+			r := &rule{kind: kind, class: cs.Name, action: a, reason: rs.Reason, pos: c.pos(rs.DefRange),
+				name: fmt.Sprintf("class %q %s %q", cs.Name, kind, a)}
+			r.sel = c.selector(rs.Rest, rs.DefRange, fmt.Sprintf("class %q %s %q", cs.Name, kind, a))
+			if kind == "deny" && rs.Reason == "" {
+				c.errorf(rs.DefRange, "class %q deny %q needs a reason: it is what people are told when they are refused", cs.Name, a)
+			}
+			if rq := rs.Require; rq != nil {
+				if kind == "deny" {
+					c.errorf(rq.DefRange, "requirements belong to allow rules, not deny")
+				}
+				r.req = c.requirements(rq, a)
+			}
+			if kind == "allow" {
+				cl.allow[a] = append(cl.allow[a], r)
+			} else {
+				cl.deny[a] = append(cl.deny[a], r)
+			}
+		}
+	}
+	// Keep rules in file order whatever the map iteration did, so the
+	// first matching rule is the one written first.
+	for _, m := range []map[Action][]*rule{cl.allow, cl.deny} {
+		for _, rs := range m {
+			sort.SliceStable(rs, func(i, j int) bool { return rs[i].pos.Line < rs[j].pos.Line })
+		}
+	}
+	p.classes[cs.Name] = cl
+}
+
+func (c *compiler) requirements(rq *requireSyntax, a Action) Obligations {
+	var o Obligations
+	if rq.EncryptionAtRest != nil {
+		o.EncryptionAtRest = *rq.EncryptionAtRest
+	}
+	if rq.MaxHops != nil {
+		if *rq.MaxHops < 1 {
+			c.errorf(rq.MaxHopsRange, "max_hops must be 1 or more (a direct tunnel is 1 hop)")
+		}
+		if a != Transit {
+			c.errorf(rq.MaxHopsRange, "max_hops only makes sense on a transit rule")
+		}
+		o.MaxHops = *rq.MaxHops
+	}
+	if rq.MinReplicaZones != nil {
+		if *rq.MinReplicaZones < 1 {
+			c.errorf(rq.ZonesRange, "min_replica_zones must be 1 or more")
+		}
+		if a != Store {
+			c.errorf(rq.ZonesRange, "min_replica_zones only makes sense on a store rule")
+		}
+		o.MinReplicaZones = *rq.MinReplicaZones
+	}
+	return o
+}
+
+func (c *compiler) compileException(es *exceptionSyntax) {
+	e := &exception{
+		name: es.Name, class: es.Class, category: es.Category, reason: es.Reason,
+		approver: es.Approver, ticket: es.Ticket, pos: c.pos(es.DefRange),
+	}
+	what := fmt.Sprintf("exception %q", es.Name)
+	if !nameRE.MatchString(es.Name) {
+		c.errorf(es.DefRange, "exception name %q: use lower-case letters, digits, '-' and '_'", es.Name)
+	}
+	if _, ok := c.p.classes[es.Class]; !ok {
+		c.errorf(es.ClassRange, "%s: class %q is not defined (exceptions come after the classes they relax)", what, es.Class)
+	}
+	a, err := ParseAction(es.Action)
+	if err != nil {
+		c.errorf(es.ActionRange, "%s: action %q must be \"store\" or \"transit\"", what, es.Action)
+	}
+	e.action = a
+	switch es.Category {
+	case "waiver", "mitigated":
+	default:
+		c.errorf(es.CategoryRange, "%s: category %q must be \"waiver\" (risk accepted) or \"mitigated\" (risk reduced by other controls)", what, es.Category)
+	}
+	for field, v := range map[string]string{"reason": es.Reason, "approver": es.Approver, "ticket": es.Ticket} {
+		if strings.TrimSpace(v) == "" {
+			c.errorf(es.DefRange, "%s: %s must not be empty: an exception must be traceable", what, field)
+		}
+	}
+	exp, err := parseExpiry(es.Expires)
+	if err != nil {
+		c.errorf(es.ExpiresRange, "%s: %v", what, err)
+	}
+	e.expires = exp
+	e.sel = c.selector(es.Rest, es.DefRange, what)
+	c.p.exceptions = append(c.p.exceptions, e)
+}
+
+// parseExpiry accepts a date (the exception ends when that day ends, UTC)
+// or an RFC 3339 instant.
+func parseExpiry(s string) (time.Time, error) {
+	if d, err := time.Parse(time.DateOnly, s); err == nil {
+		return d.Add(24 * time.Hour), nil
+	}
+	if t, err := time.Parse(time.RFC3339, s); err == nil {
+		return t, nil
+	}
+	return time.Time{}, fmt.Errorf("expires %q is not a date (2026-12-31) or an RFC 3339 time", s)
+}
+
+// selector decodes and compiles the selector attributes left in body.
+func (c *compiler) selector(body hcl.Body, def hcl.Range, what string) *selector {
+	var ss selectorSyntax
+	if diags := gohcl.DecodeBody(body, nil, &ss); diags.HasErrors() {
+		for _, d := range diags {
+			r := def
+			if d.Subject != nil {
+				r = *d.Subject
+			}
+			msg := d.Summary
+			if d.Detail != "" {
+				msg += ": " + d.Detail
+			}
+			c.errorf(r, "%s: %s", what, msg)
+		}
+		return &selector{never: true}
+	}
+	s := &selector{}
+	given := false
+	checkList := func(name string, vals []string, r hcl.Range) {
+		if vals != nil {
+			given = true
+			if len(vals) == 0 {
+				c.errorf(r, "%s: %s = [] can never match; remove it or list values", what, name)
+				s.never = true
+			}
+		}
+	}
+	checkList("site", ss.Site, ss.SiteRange)
+	checkList("provider", ss.Provider, ss.ProviderRange)
+	checkList("region", ss.Region, ss.RegionRange)
+	checkList("jurisdiction", ss.Jurisdiction, ss.JurisdictionRange)
+	for _, g := range append(append([]string(nil), ss.Site...), ss.Region...) {
+		if _, err := path.Match(g, ""); err != nil {
+			c.errorf(def, "%s: %q is not a valid glob pattern", what, g)
+		}
+	}
+	s.sites, s.regions = ss.Site, ss.Region
+	if ss.Provider != nil {
+		s.providers = map[string]struct{}{}
+		for _, v := range ss.Provider {
+			s.providers[v] = struct{}{}
+		}
+	}
+	if ss.Jurisdiction != nil {
+		s.countries = map[string]struct{}{}
+		for _, v := range ss.Jurisdiction {
+			if iso3166.Valid(v) {
+				s.countries[v] = struct{}{}
+				continue
+			}
+			set, ok := c.p.jurisdictions[v]
+			if !ok {
+				c.errorf(ss.JurisdictionRange, "%s: %q is neither an ISO 3166-1 alpha-2 country code nor a defined jurisdiction", what, v)
+				continue
+			}
+			for k := range set {
+				s.countries[k] = struct{}{}
+			}
+		}
+	}
+	if ss.Labels != nil {
+		given = true
+		if len(ss.Labels) == 0 {
+			c.errorf(ss.LabelsRange, "%s: labels = {} selects nothing in particular; remove it", what)
+		}
+		s.labels = ss.Labels
+	}
+	if ss.Selector != "" {
+		given = true
+		ref, ok := c.p.selectors[ss.Selector]
+		if !ok {
+			c.errorf(ss.SelectorRange, "%s: selector %q is not defined above", what, ss.Selector)
+		}
+		s.ref = ref
+	}
+	if !given {
+		c.errorf(def, `%s says no site it applies to: give site, provider, region, jurisdiction, labels or selector (site = ["*"] means every site)`, what)
+		s.never = true
+	}
+	return s
+}

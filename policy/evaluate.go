@@ -1,0 +1,159 @@
+package policy
+
+import (
+	"fmt"
+	"strings"
+)
+
+// Evaluate decides a request. It is pure and deterministic: the same
+// policy and request always give the same decision, so a gateway, the
+// migration engine and an auditor replaying the decision log agree.
+//
+// Per site: a matching deny rule refuses (unless an unexpired exception
+// covers the site); otherwise a matching allow rule admits; otherwise an
+// unexpired exception admits; otherwise the site is refused by default.
+// The request is allowed only if every site is, and, for transit, the path
+// is no longer than the strictest max_hops of the rules that admitted it.
+func (p *Policy) Evaluate(req Request) Decision {
+	d := Decision{Policy: p.rev, Sites: make([]SiteDecision, 0, len(req.Sites))}
+	mode := p.mode
+	cls := p.classes[req.Class]
+	switch {
+	case cls == nil:
+		d.deny(RuleRef{Kind: "default-deny", Name: "unknown class"},
+			fmt.Sprintf("class %q is not defined in policy %s (defined: %s)", req.Class, p.rev.Name, strings.Join(p.classNames, ", ")))
+	case req.Action != Store && req.Action != Transit:
+		d.deny(RuleRef{Kind: "default-deny", Name: "unknown action"}, fmt.Sprintf("action %q is not store or transit", req.Action))
+	case len(req.Sites) == 0:
+		d.deny(RuleRef{Kind: "default-deny", Name: "no site"}, "the request names no site")
+	case req.Time.IsZero():
+		d.deny(RuleRef{Kind: "default-deny", Name: "no time"}, "the request has no time, so exceptions cannot be judged")
+	default:
+		if cls.mode != "" {
+			mode = cls.mode
+		}
+		p.evaluateSites(cls, &req, &d)
+	}
+	if d.Denied && mode == Audit {
+		d.Allowed, d.Audit = true, true
+		d.Reasons = append(d.Reasons, fmt.Sprintf("allowed anyway: class %q is in audit mode, so this denial is only recorded", req.Class))
+	}
+	return d
+}
+
+func (d *Decision) deny(r RuleRef, reason string) {
+	d.Denied, d.Allowed = true, false
+	if d.Rule.Kind == "" || d.Rule.Kind == "allow" || d.Rule.Kind == "exception" {
+		d.Rule = r
+	}
+	d.Reasons = append(d.Reasons, reason)
+}
+
+func (p *Policy) evaluateSites(cls *class, req *Request, d *Decision) {
+	d.Allowed = true
+	var hopsRule *rule // the admitting rule with the strictest max_hops
+	for i := range req.Sites {
+		site := &req.Sites[i]
+		sd, allows := p.decideSite(cls, req.Action, site, req)
+		d.Sites = append(d.Sites, sd)
+		if !sd.Allowed {
+			d.deny(sd.Rule, sd.Reason)
+			continue
+		}
+		for _, r := range allows {
+			d.Obligations.merge(&r.req)
+			if r.req.MaxHops > 0 && (hopsRule == nil || r.req.MaxHops < hopsRule.req.MaxHops) {
+				hopsRule = r
+			}
+		}
+		if sd.Exception != nil && d.Exception == nil {
+			d.Exception = sd.Exception
+		}
+	}
+	if d.Denied {
+		return
+	}
+	if hops := len(req.Sites) - 1; req.Action == Transit && hopsRule != nil && hops > hopsRule.req.MaxHops {
+		names := make([]string, len(req.Sites))
+		for i := range req.Sites {
+			names[i] = req.Sites[i].Name
+		}
+		ref := hopsRule.ref()
+		ref.Kind = "max-hops"
+		d.deny(ref, fmt.Sprintf("path %s has %d hops; %s allows at most %d", strings.Join(names, " → "), hops, hopsRule.ref(), hopsRule.req.MaxHops))
+		return
+	}
+	// The destination's verdict is the one people ask about.
+	last := d.Sites[len(d.Sites)-1]
+	d.Rule = last.Rule
+	for _, sd := range d.Sites {
+		d.Reasons = append(d.Reasons, sd.Reason)
+	}
+}
+
+// decideSite returns the verdict for one site and the allow rules that
+// matched it (for their obligations).
+func (p *Policy) decideSite(cls *class, a Action, site *Site, req *Request) (SiteDecision, []*rule) {
+	sd := SiteDecision{Site: site.Name}
+	where := describeSite(site)
+	var allows []*rule
+	for _, r := range cls.allow[a] {
+		if r.sel.match(site) {
+			allows = append(allows, r)
+		}
+	}
+	var deny *rule
+	for _, r := range cls.deny[a] {
+		if r.sel.match(site) {
+			deny = r
+			break
+		}
+	}
+	var exc, expired *exception
+	for _, e := range p.exceptions {
+		if e.class != cls.name || e.action != a || !e.sel.match(site) {
+			continue
+		}
+		if req.Time.Before(e.expires) {
+			exc = e
+			break
+		}
+		if expired == nil {
+			expired = e
+		}
+	}
+
+	switch {
+	case deny != nil && exc != nil:
+		sd.Allowed, sd.Exception = true, exc.ref()
+		sd.Rule = RuleRef{Kind: "exception", Name: fmt.Sprintf("exception %q", exc.name), Pos: exc.pos, Reason: exc.reason}
+		sd.Reason = fmt.Sprintf("%s: %s of %q allowed by %s exception %q (ticket %s, approved by %s, until %s) over %s",
+			where, a, cls.name, exc.category, exc.name, exc.ticket, exc.approver, exc.expires.UTC().Format("2006-01-02 15:04 MST"), deny.ref())
+	case deny != nil:
+		sd.Rule = deny.ref()
+		sd.Reason = fmt.Sprintf("%s: %s of %q denied by %s: %s", where, a, cls.name, deny.ref(), deny.reason)
+	case len(allows) > 0:
+		sd.Allowed = true
+		sd.Rule = allows[0].ref()
+		sd.Reason = fmt.Sprintf("%s: %s of %q allowed by %s", where, a, cls.name, allows[0].ref())
+		if allows[0].reason != "" {
+			sd.Reason += ": " + allows[0].reason
+		}
+	case exc != nil:
+		sd.Allowed, sd.Exception = true, exc.ref()
+		sd.Rule = RuleRef{Kind: "exception", Name: fmt.Sprintf("exception %q", exc.name), Pos: exc.pos, Reason: exc.reason}
+		sd.Reason = fmt.Sprintf("%s: %s of %q allowed only by %s exception %q (ticket %s, approved by %s, until %s): %s",
+			where, a, cls.name, exc.category, exc.name, exc.ticket, exc.approver, exc.expires.UTC().Format("2006-01-02 15:04 MST"), exc.reason)
+	default:
+		sd.Rule = RuleRef{Kind: "default-deny", Name: fmt.Sprintf("class %q has no allow %q rule for this site", cls.name, a), Pos: cls.pos}
+		sd.Reason = fmt.Sprintf("%s: %s of %q denied by default: no allow rule matches", where, a, cls.name)
+	}
+	if !sd.Allowed && expired != nil {
+		sd.Reason += fmt.Sprintf(" (exception %q expired %s)", expired.name, expired.expires.UTC().Format("2006-01-02 15:04 MST"))
+	}
+	return sd, allows
+}
+
+func describeSite(s *Site) string {
+	return fmt.Sprintf("site %s (%s, %s %s)", s.Name, s.Jurisdiction, s.Provider, s.Region)
+}

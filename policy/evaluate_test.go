@@ -1,0 +1,230 @@
+package policy
+
+import (
+	"strings"
+	"testing"
+	"time"
+)
+
+// testPolicy exercises every construct of the language; the line numbers
+// in the table below refer to it.
+const testPolicy = `policy {
+  name    = "test"
+  version = 3
+}
+jurisdiction "EU" {
+  countries = ["DE", "FR", "IE"]
+}
+jurisdiction "EEA" {
+  countries = ["EU", "NO"]
+}
+selector "approved" {
+  provider = ["aws", "gcp"]
+  labels   = { certified = "iso27001" }
+}
+class "secret" {
+  allow "store" {
+    jurisdiction = ["CH"]
+    provider     = ["onprem"]
+    require {
+      encryption_at_rest = true
+      min_replica_zones  = 2
+    }
+  }
+  allow "transit" {
+    jurisdiction = ["CH"]
+    require {
+      max_hops = 1
+    }
+  }
+}
+class "pii" {
+  allow "store" {
+    jurisdiction = ["EEA"]
+    require {
+      encryption_at_rest = true
+    }
+  }
+  allow "transit" {
+    jurisdiction = ["EEA", "CH"]
+    require {
+      max_hops = 3
+    }
+  }
+  deny "store" {
+    site   = ["*-shared-*"]
+    reason = "no shared tenancy"
+  }
+}
+class "batch" {
+  allow "store" {
+    selector = "approved"
+    region   = ["eu-*", "us-east-?"]
+  }
+  allow "transit" {
+    site = ["*"]
+  }
+}
+class "trial" {
+  mode = "audit"
+  allow "store" {
+    jurisdiction = ["DE"]
+  }
+}
+exception "pii-us" {
+  class    = "pii"
+  action   = "store"
+  site     = ["aws-us-east-1"]
+  category = "waiver"
+  reason   = "DR test"
+  approver = "CDO"
+  ticket   = "GRC-1"
+  expires  = "2026-12-31"
+}
+exception "pii-shared" {
+  class    = "pii"
+  action   = "store"
+  site     = ["gcp-shared-eu"]
+  category = "mitigated"
+  reason   = "dedicated host booked"
+  approver = "CISO"
+  ticket   = "GRC-2"
+  expires  = "2026-12-01T00:00:00Z"
+}
+`
+
+var (
+	zrh       = Site{Name: "onprem-zrh", Provider: "onprem", Region: "zrh", Jurisdiction: "CH"}
+	gva       = Site{Name: "onprem-gva", Provider: "onprem", Region: "gva", Jurisdiction: "CH"}
+	bsl       = Site{Name: "onprem-bsl", Provider: "onprem", Region: "bsl", Jurisdiction: "CH"}
+	gcpZrh    = Site{Name: "gcp-zrh", Provider: "gcp", Region: "europe-west6", Jurisdiction: "CH", Labels: map[string]string{"certified": "iso27001"}}
+	fra       = Site{Name: "aws-eu-central-1", Provider: "aws", Region: "eu-central-1", Jurisdiction: "DE", Labels: map[string]string{"certified": "soc2,iso27001"}}
+	osl       = Site{Name: "onprem-osl", Provider: "onprem", Region: "osl", Jurisdiction: "NO"}
+	shared    = Site{Name: "gcp-shared-eu", Provider: "gcp", Region: "eu-west-1", Jurisdiction: "IE"}
+	iad       = Site{Name: "aws-us-east-1", Provider: "aws", Region: "us-east-1", Jurisdiction: "US", Labels: map[string]string{"certified": "iso27001"}}
+	iad2      = Site{Name: "aws-us-east-2", Provider: "aws", Region: "us-east-2", Jurisdiction: "US"}
+	uncert    = Site{Name: "aws-eu-west-1", Provider: "aws", Region: "eu-west-1", Jurisdiction: "IE"}
+	unknownCC = Site{Name: "mystery", Provider: "aws", Region: "eu-central-1", Jurisdiction: "XX"}
+	nov24     = time.Date(2026, 11, 24, 12, 0, 0, 0, time.UTC)
+)
+
+func mustParse(t testing.TB, src string) *Policy {
+	t.Helper()
+	p, err := Parse("test.hcl", []byte(src))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func TestEvaluate(t *testing.T) {
+	p := mustParse(t, testPolicy)
+	tests := []struct {
+		name      string
+		class     string
+		action    Action
+		sites     []Site
+		at        time.Time
+		outcome   string // allow, deny, audit
+		line      int    // line of the deciding rule (0: not checked)
+		kind      string // kind of the deciding rule ("" not checked)
+		reason    string // substring of the reasons
+		exception string
+		oblig     Obligations
+	}{
+		// allow rules and their selectors
+		{name: "country and provider", class: "secret", action: Store, sites: []Site{zrh}, outcome: "allow", line: 16, kind: "allow",
+			oblig: Obligations{EncryptionAtRest: true, MinReplicaZones: 2}},
+		{name: "provider mismatch", class: "secret", action: Store, sites: []Site{gcpZrh}, outcome: "deny", kind: "default-deny", reason: "denied by default"},
+		{name: "jurisdiction group", class: "pii", action: Store, sites: []Site{fra}, outcome: "allow", line: 32, oblig: Obligations{EncryptionAtRest: true}},
+		{name: "nested jurisdiction group", class: "pii", action: Store, sites: []Site{osl}, outcome: "allow", line: 32},
+		{name: "outside the group", class: "pii", action: Store, sites: []Site{zrh}, outcome: "deny", kind: "default-deny"},
+		{name: "named selector with label list", class: "batch", action: Store, sites: []Site{fra}, outcome: "allow", line: 50},
+		{name: "named selector label missing", class: "batch", action: Store, sites: []Site{uncert}, outcome: "deny"},
+		{name: "region glob ?", class: "batch", action: Store, sites: []Site{iad}, outcome: "allow"},
+		{name: "region glob no match", class: "batch", action: Store, sites: []Site{gcpZrh}, outcome: "deny"},
+		{name: "site glob *", class: "batch", action: Transit, sites: []Site{iad, fra, zrh}, outcome: "allow", line: 54},
+		{name: "unknown jurisdiction at a site", class: "pii", action: Store, sites: []Site{unknownCC}, outcome: "deny", kind: "default-deny"},
+
+		// precedence
+		{name: "deny beats allow", class: "pii", action: Store, sites: []Site{shared}, at: time.Date(2026, 12, 2, 0, 0, 0, 0, time.UTC), outcome: "deny", line: 44, kind: "deny", reason: "no shared tenancy"},
+		{name: "exception beats deny", class: "pii", action: Store, sites: []Site{shared}, outcome: "allow", line: 74, kind: "exception", exception: "pii-shared", oblig: Obligations{EncryptionAtRest: true}},
+		{name: "exception where nothing allows", class: "pii", action: Store, sites: []Site{iad}, outcome: "allow", line: 64, exception: "pii-us"},
+		{name: "exception last day", class: "pii", action: Store, sites: []Site{iad}, at: time.Date(2026, 12, 31, 23, 59, 59, 0, time.UTC), outcome: "allow", exception: "pii-us"},
+		{name: "exception expired", class: "pii", action: Store, sites: []Site{iad}, at: time.Date(2027, 1, 1, 0, 0, 0, 0, time.UTC), outcome: "deny", reason: `exception "pii-us" expired`},
+		{name: "exception for another action", class: "pii", action: Transit, sites: []Site{zrh, iad}, outcome: "deny"},
+		{name: "exception for another site", class: "pii", action: Store, sites: []Site{iad2}, outcome: "deny"},
+		{name: "exception expiring at an instant", class: "pii", action: Store, sites: []Site{shared}, at: time.Date(2026, 12, 1, 0, 0, 0, 0, time.UTC), outcome: "deny", kind: "deny"},
+
+		// transit paths and hops
+		{name: "direct tunnel", class: "secret", action: Transit, sites: []Site{zrh, gva}, outcome: "allow", oblig: Obligations{MaxHops: 1}},
+		{name: "too many hops", class: "secret", action: Transit, sites: []Site{zrh, bsl, gva}, outcome: "deny", kind: "max-hops", line: 24, reason: "has 2 hops"},
+		{name: "path through a forbidden site", class: "pii", action: Transit, sites: []Site{fra, iad, osl}, outcome: "deny", reason: "aws-us-east-1"},
+		{name: "strictest max_hops wins", class: "pii", action: Transit, sites: []Site{zrh, fra, osl, shared}, outcome: "allow", oblig: Obligations{MaxHops: 3}},
+		{name: "multi-site store: all must allow", class: "secret", action: Store, sites: []Site{zrh, gcpZrh}, outcome: "deny", reason: "gcp-zrh"},
+
+		// modes and defaults
+		{name: "audit mode allows a denial", class: "trial", action: Store, sites: []Site{zrh}, outcome: "audit", kind: "default-deny", reason: "audit mode"},
+		{name: "audit mode allow", class: "trial", action: Store, sites: []Site{fra}, outcome: "allow"},
+		{name: "unknown class", class: "nope", action: Store, sites: []Site{zrh}, outcome: "deny", kind: "default-deny", reason: `class "nope" is not defined`},
+		{name: "unknown action", class: "pii", action: "delete", sites: []Site{fra}, outcome: "deny", reason: "not store or transit"},
+		{name: "no sites", class: "pii", action: Store, outcome: "deny", reason: "names no site"},
+		{name: "no time", class: "pii", action: Store, sites: []Site{fra}, at: time.Time{}.Add(1), outcome: "deny", reason: "no time"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			at := tt.at
+			switch {
+			case at.IsZero():
+				at = nov24
+			case at == time.Time{}.Add(1):
+				at = time.Time{}
+			}
+			d := p.Evaluate(Request{Class: tt.class, Action: tt.action, Sites: tt.sites, Time: at})
+			reasons := strings.Join(d.Reasons, "\n")
+			if got := d.Outcome(); got != tt.outcome {
+				t.Fatalf("outcome %s, want %s\n%s", got, tt.outcome, reasons)
+			}
+			if d.Allowed == d.Denied && !d.Audit {
+				t.Fatalf("Allowed=%v Denied=%v", d.Allowed, d.Denied)
+			}
+			if tt.line != 0 && (d.Rule.Pos.Line != tt.line || d.Rule.Pos.File != "test.hcl") {
+				t.Errorf("deciding rule %s, want line %d", d.Rule, tt.line)
+			}
+			if tt.kind != "" && d.Rule.Kind != tt.kind {
+				t.Errorf("deciding rule kind %q, want %q", d.Rule.Kind, tt.kind)
+			}
+			if !strings.Contains(reasons, tt.reason) || len(d.Reasons) == 0 {
+				t.Errorf("reasons do not mention %q:\n%s", tt.reason, reasons)
+			}
+			if got := ""; d.Exception != nil {
+				got = d.Exception.Name
+				if got != tt.exception {
+					t.Errorf("exception %q, want %q", got, tt.exception)
+				}
+			} else if tt.exception != "" {
+				t.Errorf("no exception used, want %q", tt.exception)
+			}
+			if tt.outcome != "deny" && d.Obligations != tt.oblig && tt.oblig != (Obligations{}) {
+				t.Errorf("obligations %+v, want %+v", d.Obligations, tt.oblig)
+			}
+			if d.Policy.Version != 3 || d.Policy.SHA256 == "" {
+				t.Errorf("decision does not name the policy revision: %+v", d.Policy)
+			}
+		})
+	}
+}
+
+// TestEvaluateDeterministic: same input, same output, whatever map order.
+func TestEvaluateDeterministic(t *testing.T) {
+	p := mustParse(t, testPolicy)
+	req := Request{Class: "pii", Action: Transit, Sites: []Site{zrh, fra, iad, osl}, Time: nov24}
+	first := p.Evaluate(req)
+	for range 50 {
+		p2 := mustParse(t, testPolicy)
+		d := p2.Evaluate(req)
+		if d.Rule != first.Rule || strings.Join(d.Reasons, "|") != strings.Join(first.Reasons, "|") {
+			t.Fatalf("decision changed between runs:\n%+v\n%+v", first, d)
+		}
+	}
+}

@@ -1,0 +1,91 @@
+package policy
+
+import (
+	"fmt"
+	"os"
+	"sort"
+
+	"github.com/hashicorp/hcl/v2"
+	"github.com/hashicorp/hcl/v2/gohcl"
+	"github.com/hashicorp/hcl/v2/hclsyntax"
+
+	"github.com/skybridge-mesh/skybridge/internal/hclconf"
+	"github.com/skybridge-mesh/skybridge/internal/iso3166"
+)
+
+// Inventory is a set of sites by name, for judging a policy against the
+// mesh it will govern.
+type Inventory map[string]Site
+
+// Names returns the site names, sorted.
+func (inv Inventory) Names() []string {
+	out := make([]string, 0, len(inv))
+	for n := range inv {
+		out = append(out, n)
+	}
+	sort.Strings(out)
+	return out
+}
+
+// Lookup returns the named sites in order, or an error naming the unknown
+// ones.
+func (inv Inventory) Lookup(names []string) ([]Site, error) {
+	out := make([]Site, 0, len(names))
+	for _, n := range names {
+		s, ok := inv[n]
+		if !ok {
+			return nil, fmt.Errorf("site %q is not in the inventory (known: %v)", n, inv.Names())
+		}
+		out = append(out, s)
+	}
+	return out, nil
+}
+
+type siteSyntax struct {
+	Name         string            `hcl:"name,label"`
+	Provider     string            `hcl:"provider"`
+	Region       string            `hcl:"region"`
+	Jurisdiction string            `hcl:"jurisdiction"`
+	Labels       map[string]string `hcl:"labels,optional"`
+	DefRange     hcl.Range         `hcl:",def_range"`
+}
+
+type inventorySyntax struct {
+	Sites []siteSyntax `hcl:"site,block"`
+	Rest  hcl.Body     `hcl:",remain"`
+}
+
+// LoadInventory reads `site "NAME" { provider region jurisdiction labels }`
+// blocks from an HCL file.
+func LoadInventory(file string) (Inventory, error) {
+	src, err := os.ReadFile(file)
+	if err != nil {
+		return nil, fmt.Errorf("read inventory: %w", err)
+	}
+	f, diags := hclsyntax.ParseConfig(src, file, hcl.InitialPos)
+	if diags.HasErrors() {
+		return nil, hclconf.Diagnostics(diags)
+	}
+	return decodeSites(f.Body)
+}
+
+// decodeSites takes the site blocks of body and leaves other blocks alone
+// (a policy test file has both).
+func decodeSites(body hcl.Body) (Inventory, error) {
+	var syn inventorySyntax
+	if diags := gohcl.DecodeBody(body, nil, &syn); diags.HasErrors() {
+		return nil, hclconf.Diagnostics(diags)
+	}
+	inv := Inventory{}
+	for _, s := range syn.Sites {
+		r := s.DefRange
+		if _, dup := inv[s.Name]; dup {
+			return nil, fmt.Errorf("%s:%d: site %q is defined twice", r.Filename, r.Start.Line, s.Name)
+		}
+		if !iso3166.Valid(s.Jurisdiction) {
+			return nil, fmt.Errorf("%s:%d: site %q: jurisdiction %q is not an ISO 3166-1 alpha-2 country code", r.Filename, r.Start.Line, s.Name, s.Jurisdiction)
+		}
+		inv[s.Name] = Site{Name: s.Name, Provider: s.Provider, Region: s.Region, Jurisdiction: s.Jurisdiction, Labels: s.Labels}
+	}
+	return inv, nil
+}

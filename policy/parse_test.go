@@ -1,0 +1,108 @@
+package policy
+
+import (
+	"regexp"
+	"strings"
+	"testing"
+)
+
+const header = "policy {\n  name = \"t\"\n  version = 1\n}\n" // 4 lines
+
+// TestParseErrors: every mistake is refused with the file and line that
+// hold it, so a typo fails closed and is easy to find.
+func TestParseErrors(t *testing.T) {
+	tests := []struct {
+		name, src, want string
+	}{
+		{"no policy block", `class "a" {}`, `test.hcl:1:1: missing policy block`},
+		{"version zero", "policy {\n  name = \"t\"\n  version = 0\n}\n", `test.hcl:3:3: policy version must be 1 or more`},
+		{"bad mode", "policy {\n  name = \"t\"\n  version = 1\n  mode = \"lenient\"\n}\n", `test.hcl:4:3: mode "lenient"`},
+		{"syntax error", header + "class \"a\" {\n  allow \"store\" {\n", `test.hcl:6:`},
+		{"unknown block", header + "klass \"a\" {}\n", `test.hcl:5:1: Unsupported block type`},
+		{"unknown attribute in a rule", header + "class \"a\" {\n  allow \"store\" {\n    contry = [\"CH\"]\n  }\n}\n", `test.hcl:7:5: class "a" allow "store": Unsupported argument`},
+		{"unknown jurisdiction", header + "class \"a\" {\n  allow \"store\" {\n    jurisdiction = [\"CH\", \"EUR\"]\n  }\n}\n", `test.hcl:7:5: class "a" allow "store": "EUR" is neither`},
+		{"lower-case country", header + "class \"a\" {\n  allow \"store\" {\n    jurisdiction = [\"ch\"]\n  }\n}\n", `"ch" is neither`},
+		{"unknown country in a group", header + "jurisdiction \"EU\" {\n  countries = [\"DE\", \"XX\"]\n}\n", `test.hcl:6:3: jurisdiction "EU": "XX"`},
+		{"group named like a country", header + "jurisdiction \"CH\" {\n  countries = [\"LI\"]\n}\n", `test.hcl:5:1: jurisdiction "CH" is a country code`},
+		{"group cycle", header + "jurisdiction \"A1\" {\n  countries = [\"B1\"]\n}\njurisdiction \"B1\" {\n  countries = [\"A1\"]\n}\n", `includes itself`},
+		{"bad action", header + "class \"a\" {\n  allow \"delete\" {\n    site = [\"*\"]\n  }\n}\n", `test.hcl:6:3: allow "delete"`},
+		{"rule without sites", header + "class \"a\" {\n  allow \"store\" {\n  }\n}\n", `test.hcl:6:3: class "a" allow "store" says no site`},
+		{"empty list never matches", header + "class \"a\" {\n  allow \"store\" {\n    provider = []\n  }\n}\n", `test.hcl:7:5: class "a" allow "store": provider = [] can never match`},
+		{"deny without reason", header + "class \"a\" {\n  deny \"store\" {\n    site = [\"x\"]\n  }\n}\n", `test.hcl:6:3: class "a" deny "store" needs a reason`},
+		{"bad glob", header + "class \"a\" {\n  allow \"store\" {\n    site = [\"[a-\"]\n  }\n}\n", `not a valid glob`},
+		{"unknown selector", header + "class \"a\" {\n  allow \"store\" {\n    selector = \"nope\"\n  }\n}\n", `test.hcl:7:5: class "a" allow "store": selector "nope" is not defined`},
+		{"duplicate class", header + "class \"a\" {}\nclass \"a\" {}\n", `test.hcl:6:1: class "a" is defined twice`},
+		{"max_hops on store", header + "class \"a\" {\n  allow \"store\" {\n    site = [\"*\"]\n    require {\n      max_hops = 2\n    }\n  }\n}\n", `test.hcl:9:7: max_hops only makes sense on a transit rule`},
+		{"negative hops", header + "class \"a\" {\n  allow \"transit\" {\n    site = [\"*\"]\n    require {\n      max_hops = 0\n    }\n  }\n}\n", `max_hops must be 1 or more`},
+		{"exception without expiry", header + "class \"a\" {}\nexception \"e\" {\n  class = \"a\"\n  action = \"store\"\n  site = [\"x\"]\n  category = \"waiver\"\n  reason = \"r\"\n  approver = \"p\"\n  ticket = \"T-1\"\n}\n", `test.hcl:6:15: Missing required argument: The argument "expires" is required`},
+		{"exception with bad date", header + "class \"a\" {}\nexception \"e\" {\n  class = \"a\"\n  action = \"store\"\n  site = [\"x\"]\n  category = \"waiver\"\n  reason = \"r\"\n  approver = \"p\"\n  ticket = \"T-1\"\n  expires = \"31.12.2026\"\n}\n", `test.hcl:14:3: exception "e": expires "31.12.2026"`},
+		{"exception for unknown class", header + "exception \"e\" {\n  class = \"b\"\n  action = \"store\"\n  site = [\"x\"]\n  category = \"waiver\"\n  reason = \"r\"\n  approver = \"p\"\n  ticket = \"T-1\"\n  expires = \"2026-12-31\"\n}\n", `test.hcl:6:3: exception "e": class "b" is not defined`},
+		{"exception with bad category", header + "class \"a\" {}\nexception \"e\" {\n  class = \"a\"\n  action = \"store\"\n  site = [\"x\"]\n  category = \"yolo\"\n  reason = \"r\"\n  approver = \"p\"\n  ticket = \"T-1\"\n  expires = \"2026-12-31\"\n}\n", `test.hcl:10:3: exception "e": category "yolo"`},
+		{"exception without approver", header + "class \"a\" {}\nexception \"e\" {\n  class = \"a\"\n  action = \"store\"\n  site = [\"x\"]\n  category = \"waiver\"\n  reason = \"r\"\n  approver = \" \"\n  ticket = \"T-1\"\n  expires = \"2026-12-31\"\n}\n", `approver must not be empty`},
+		{"wrong type", header + "class \"a\" {\n  allow \"store\" {\n    site = \"x\"\n  }\n}\n", `test.hcl:7:`},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			p, err := Parse("test.hcl", []byte(tt.src))
+			if err == nil {
+				t.Fatalf("parsed: %+v", p.rev)
+			}
+			if !strings.Contains(err.Error(), tt.want) {
+				t.Fatalf("error:\n%v\nwant it to contain %q", err, tt.want)
+			}
+			if p != nil {
+				t.Fatal("a policy was returned with the error")
+			}
+		})
+	}
+}
+
+func TestExamplePolicyParses(t *testing.T) {
+	p, _, err := Load("../docs/examples/residency.hcl")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := p.Classes(); strings.Join(got, ",") != "pii-eu,public,risk-batch,swiss-banking-secret" {
+		t.Fatalf("classes = %v", got)
+	}
+}
+
+var posRE = regexp.MustCompile(`(?m)^fuzz\.hcl:\d+`)
+
+// FuzzParse: whatever the file holds, Parse either refuses it with a
+// file:line on every error line, or returns a policy whose every allowing
+// decision is traceable to a rule or exception written in the file: never
+// a panic, never a silent allow.
+func FuzzParse(f *testing.F) {
+	f.Add([]byte(testPolicy))
+	f.Add([]byte(header + "class \"a\" {\n  allow \"store\" {\n    site = [\"*\"]\n  }\n}\n"))
+	f.Add([]byte(header))
+	f.Add([]byte("policy {"))
+	sites := []Site{zrh, fra, iad, shared, unknownCC, {}}
+	f.Fuzz(func(t *testing.T, src []byte) {
+		p, err := Parse("fuzz.hcl", src)
+		if err != nil {
+			for _, line := range strings.Split(err.Error(), "\n") {
+				if !posRE.MatchString(line) {
+					t.Fatalf("error line without file:line: %q", line)
+				}
+			}
+			return
+		}
+		lines := strings.Count(string(src), "\n") + 1
+		for _, cls := range append(p.Classes(), "unknown") {
+			for _, a := range []Action{Store, Transit} {
+				for i := range sites {
+					d := p.Evaluate(Request{Class: cls, Action: a, Sites: sites[i : i+1], Time: nov24})
+					if d.Denied {
+						continue
+					}
+					k := d.Rule.Kind
+					if (k != "allow" && k != "exception") || d.Rule.Pos.File != "fuzz.hcl" || d.Rule.Pos.Line < 1 || d.Rule.Pos.Line > lines {
+						t.Fatalf("allow without a rule in the file: %+v", d.Rule)
+					}
+				}
+			}
+		}
+	})
+}

@@ -1,0 +1,196 @@
+package policy
+
+import (
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/x509"
+	"encoding/binary"
+	"encoding/hex"
+	"encoding/json"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/skybridge-mesh/skybridge/certs"
+)
+
+// SignatureFormat names the signature file format.
+const SignatureFormat = "skybridge-policy-signature/v1"
+
+// signDomain separates policy signatures from every other use of the CA
+// or signer key.
+const signDomain = "skybridge policy v1\x00"
+
+// Signature is a detached signature of a policy file (FILE.sig, JSON). It
+// is made by the mesh CA's key, or by a policy-signer certificate the CA
+// issued (so a compliance team can sign policies without holding the CA).
+type Signature struct {
+	Format            string    `json:"format"`
+	Policy            Revision  `json:"policy"`
+	SignedAt          time.Time `json:"signed_at"`
+	Signer            string    `json:"signer"`
+	SignerCertificate string    `json:"signer_certificate,omitempty"` // PEM; empty when the CA itself signed
+	Signature         []byte    `json:"signature"`
+}
+
+// Errors of Verify and Adopt, for errors.Is.
+var (
+	ErrUnsigned        = errors.New("policy is not signed")
+	ErrBadSignature    = errors.New("policy signature does not verify: the policy or its signature was changed after signing")
+	ErrUntrustedSigner = errors.New("policy signer is not trusted by the mesh CA")
+	ErrRollback        = errors.New("policy is older than the one in force")
+	ErrEquivocation    = errors.New("policy has the version of the one in force but different content")
+)
+
+func signDigest(policySHA256 string, signedAt time.Time) ([]byte, error) {
+	sum, err := hex.DecodeString(policySHA256)
+	if err != nil || len(sum) != sha256.Size {
+		return nil, fmt.Errorf("bad policy hash %q", policySHA256)
+	}
+	h := sha256.New()
+	h.Write([]byte(signDomain))
+	h.Write(sum)
+	binary.Write(h, binary.BigEndian, signedAt.UnixNano())
+	return h.Sum(nil), nil
+}
+
+// Sign signs policy source with signer. signerCert is nil when signer is
+// the mesh CA's own key, or the policy-signer certificate that belongs to
+// signer. The policy must compile: an invalid policy is never signed.
+func Sign(file string, src []byte, signer crypto.Signer, signerName string, signerCert *x509.Certificate, now time.Time) (*Signature, error) {
+	p, err := Parse(file, src)
+	if err != nil {
+		return nil, fmt.Errorf("refusing to sign a policy that does not compile:\n%w", err)
+	}
+	sig := &Signature{Format: SignatureFormat, Policy: p.rev, SignedAt: now.UTC().Truncate(time.Second), Signer: signerName}
+	if signerCert != nil {
+		sig.SignerCertificate = string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: signerCert.Raw}))
+	}
+	digest, err := signDigest(sig.Policy.SHA256, sig.SignedAt)
+	if err != nil {
+		return nil, err
+	}
+	if sig.Signature, err = signer.Sign(rand.Reader, digest, crypto.SHA256); err != nil {
+		return nil, fmt.Errorf("sign policy: %w", err)
+	}
+	return sig, nil
+}
+
+// Marshal encodes the signature file.
+func (s *Signature) Marshal() []byte {
+	b, _ := json.MarshalIndent(s, "", "  ")
+	return append(b, '\n')
+}
+
+// ParseSignature decodes a signature file.
+func ParseSignature(b []byte) (*Signature, error) {
+	var s Signature
+	if err := json.Unmarshal(b, &s); err != nil {
+		return nil, fmt.Errorf("policy signature is not valid JSON: %w", err)
+	}
+	if s.Format != SignatureFormat {
+		return nil, fmt.Errorf("policy signature format %q is not %q", s.Format, SignatureFormat)
+	}
+	return &s, nil
+}
+
+// Verify checks that sig is a valid signature of src by the mesh CA of tb
+// (or a policy signer it certified, valid at signing time and not revoked)
+// and returns the compiled policy. now bounds how far in the future the
+// signing time may lie.
+func Verify(file string, src []byte, sig *Signature, tb *certs.TrustBundle, now time.Time) (*Policy, error) {
+	if sig == nil {
+		return nil, ErrUnsigned
+	}
+	sum := sha256.Sum256(src)
+	if hex.EncodeToString(sum[:]) != sig.Policy.SHA256 {
+		return nil, ErrBadSignature
+	}
+	digest, err := signDigest(sig.Policy.SHA256, sig.SignedAt)
+	if err != nil {
+		return nil, err
+	}
+	if sig.SignedAt.After(now.Add(certs.MaxClockSkew)) {
+		return nil, fmt.Errorf("%w: signed in the future (%s)", ErrBadSignature, sig.SignedAt.Format(time.RFC3339))
+	}
+	keys, err := signerKeys(sig, tb)
+	if err != nil {
+		return nil, err
+	}
+	ok := false
+	for _, k := range keys {
+		if ecdsa.VerifyASN1(k, digest, sig.Signature) {
+			ok = true
+			break
+		}
+	}
+	if !ok {
+		return nil, ErrBadSignature
+	}
+	p, err := Parse(file, src)
+	if err != nil {
+		return nil, fmt.Errorf("signed policy does not compile: %w", err)
+	}
+	if p.rev != sig.Policy {
+		return nil, fmt.Errorf("%w: signature is for %s, policy is %s", ErrBadSignature, sig.Policy, p.rev)
+	}
+	return p, nil
+}
+
+// signerKeys returns the keys a signature may be checked with: the CA's
+// own, or a delegated signer's after checking its certificate.
+func signerKeys(sig *Signature, tb *certs.TrustBundle) ([]*ecdsa.PublicKey, error) {
+	if sig.SignerCertificate == "" {
+		var keys []*ecdsa.PublicKey
+		for _, ca := range tb.CAs() {
+			if k, ok := ca.PublicKey.(*ecdsa.PublicKey); ok {
+				keys = append(keys, k)
+			}
+		}
+		return keys, nil
+	}
+	cs, err := certs.ParseCertificatesPEM([]byte(sig.SignerCertificate))
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrUntrustedSigner, err)
+	}
+	c := cs[0]
+	// Judge the signer as of the signing time, so a policy stays valid
+	// after its signer's certificate expires; revocation still counts.
+	if _, err := c.Verify(x509.VerifyOptions{Roots: tb.Roots(), CurrentTime: sig.SignedAt, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageCodeSigning}}); err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrUntrustedSigner, err)
+	}
+	if tb.IsRevoked(c.SerialNumber) {
+		return nil, fmt.Errorf("%w: signer certificate %s is revoked", ErrUntrustedSigner, certs.FormatSerial(c.SerialNumber))
+	}
+	k, ok := c.PublicKey.(*ecdsa.PublicKey)
+	if !ok {
+		return nil, fmt.Errorf("%w: signer key is not ECDSA", ErrUntrustedSigner)
+	}
+	return []*ecdsa.PublicKey{k}, nil
+}
+
+// Adopt decides whether a verified candidate may replace the policy in
+// force (nil if none): only a newer version may, so an attacker replaying
+// an old, laxer policy gets nowhere. It returns false, nil when candidate
+// is the policy already in force.
+func Adopt(current, candidate *Policy) (bool, error) {
+	if current == nil {
+		return true, nil
+	}
+	c, n := current.rev, candidate.rev
+	switch {
+	case n.Name != c.Name:
+		return false, fmt.Errorf("policy %q cannot replace policy %q", n.Name, c.Name)
+	case n.Version < c.Version:
+		return false, fmt.Errorf("%w: version %d < %d", ErrRollback, n.Version, c.Version)
+	case n.Version == c.Version && n.SHA256 != c.SHA256:
+		return false, fmt.Errorf("%w: version %d", ErrEquivocation, n.Version)
+	case n.Version == c.Version:
+		return false, nil
+	}
+	return true, nil
+}
+

@@ -1,0 +1,152 @@
+package policy
+
+import (
+	"errors"
+	"math/big"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/skybridge-mesh/skybridge/certs"
+)
+
+func testCA(t *testing.T) *certs.CA {
+	t.Helper()
+	ca, err := certs.InitCA(filepath.Join(t.TempDir(), "ca"), certs.InitOptions{Now: nov24.Add(-time.Hour)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ca
+}
+
+func trustOf(t *testing.T, ca *certs.CA) *certs.TrustBundle {
+	t.Helper()
+	tb, err := ca.TrustBundle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tb
+}
+
+func TestSignVerify(t *testing.T) {
+	ca := testCA(t)
+	other := testCA(t)
+	src := []byte(testPolicy)
+	sig, err := Sign("test.hcl", src, ca.Signer(), "mesh CA", nil, nov24)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The signature survives its file format.
+	sig, err = ParseSignature(sig.Marshal())
+	if err != nil {
+		t.Fatal(err)
+	}
+	tb := trustOf(t, ca)
+	p, err := Verify("test.hcl", src, sig, tb, nov24)
+	if err != nil {
+		t.Fatalf("genuine policy refused: %v", err)
+	}
+	if p.Revision().Version != 3 {
+		t.Fatalf("verified policy version %d", p.Revision().Version)
+	}
+
+	tampered := []byte(strings.Replace(testPolicy, `jurisdiction = ["CH"]`, `jurisdiction = ["US"]`, 1))
+	forged := *sig
+	forged.Signature = append([]byte(nil), sig.Signature...)
+	forged.Signature[len(forged.Signature)-1] ^= 1
+	resigned := *sig
+	resigned.SignedAt = sig.SignedAt.Add(time.Second)
+	foreign, _ := Sign("test.hcl", src, other.Signer(), "other CA", nil, nov24)
+	tests := []struct {
+		name string
+		src  []byte
+		sig  *Signature
+		want error
+	}{
+		{"unsigned", src, nil, ErrUnsigned},
+		{"tampered policy", tampered, sig, ErrBadSignature},
+		{"forged signature", src, &forged, ErrBadSignature},
+		{"signing time changed", src, &resigned, ErrBadSignature},
+		{"signed by another mesh's CA", src, foreign, ErrBadSignature},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			p, err := Verify("test.hcl", tt.src, tt.sig, tb, nov24)
+			if !errors.Is(err, tt.want) || p != nil {
+				t.Fatalf("err = %v, want %v", err, tt.want)
+			}
+		})
+	}
+
+	if _, err := Sign("bad.hcl", []byte("policy {"), ca.Signer(), "mesh CA", nil, nov24); err == nil || !strings.Contains(err.Error(), "refusing to sign") {
+		t.Fatalf("signing an invalid policy: %v", err)
+	}
+}
+
+// TestDelegatedSigner: a policy signer certified by the CA can sign; once
+// revoked, its signatures are refused; a gateway certificate cannot sign.
+func TestDelegatedSigner(t *testing.T) {
+	ca := testCA(t)
+	src := []byte(testPolicy)
+	signer, err := ca.NewPolicySigner("compliance", 24*time.Hour, nov24)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sig, err := Sign("test.hcl", src, signer.Signer(), signer.Name(), signer.Certificate(), nov24)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Verify("test.hcl", src, sig, trustOf(t, ca), nov24); err != nil {
+		t.Fatalf("delegated signature refused: %v", err)
+	}
+	// Still valid after the signer's certificate expired: it is judged at
+	// signing time.
+	if _, err := Verify("test.hcl", src, sig, trustOf(t, ca), nov24.Add(30*24*time.Hour)); err != nil {
+		t.Fatalf("signature refused after signer expiry: %v", err)
+	}
+
+	gw, err := ca.IssueIdentity(certs.Attributes{Node: "gw1", Site: "s", Region: "r", Provider: "aws", Jurisdiction: "DE",
+		OverlayIP: certs.DefaultMeshPrefix.Addr().Next()}, time.Hour, nov24)
+	if err != nil {
+		t.Fatal(err)
+	}
+	gwSig, _ := Sign("test.hcl", src, gw.Signer(), "gw1", gw.Certificate(), nov24)
+	if _, err := Verify("test.hcl", src, gwSig, trustOf(t, ca), nov24); !errors.Is(err, ErrUntrustedSigner) {
+		t.Fatalf("gateway-signed policy: err = %v, want untrusted signer", err)
+	}
+
+	if _, err := ca.RevokeSerials([]*big.Int{signer.Certificate().SerialNumber}, "keyCompromise", nov24); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Verify("test.hcl", src, sig, trustOf(t, ca), nov24); !errors.Is(err, ErrUntrustedSigner) {
+		t.Fatalf("revoked signer: err = %v", err)
+	}
+}
+
+func TestAdopt(t *testing.T) {
+	v3 := mustParse(t, testPolicy)
+	v4 := mustParse(t, strings.Replace(testPolicy, "version = 3", "version = 4", 1))
+	v3b := mustParse(t, strings.Replace(testPolicy, `reason   = "DR test"`, `reason   = "DR test!"`, 1))
+	other := mustParse(t, strings.Replace(testPolicy, `name    = "test"`, `name    = "other"`, 1))
+	for _, tc := range []struct {
+		name      string
+		cur, cand *Policy
+		adopt     bool
+		err       error
+	}{
+		{"first policy", nil, v3, true, nil},
+		{"newer", v3, v4, true, nil},
+		{"same", v3, v3, false, nil},
+		{"older", v4, v3, false, ErrRollback},
+		{"same version, other content", v3, v3b, false, ErrEquivocation},
+	} {
+		adopt, err := Adopt(tc.cur, tc.cand)
+		if adopt != tc.adopt || !errors.Is(err, tc.err) {
+			t.Errorf("%s: Adopt = %v, %v; want %v, %v", tc.name, adopt, err, tc.adopt, tc.err)
+		}
+	}
+	if _, err := Adopt(v3, other); err == nil {
+		t.Error("a policy of another name replaced the one in force")
+	}
+}

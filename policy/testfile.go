@@ -1,0 +1,187 @@
+package policy
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/hashicorp/hcl/v2"
+	"github.com/hashicorp/hcl/v2/gohcl"
+	"github.com/hashicorp/hcl/v2/hclsyntax"
+
+	"github.com/skybridge-mesh/skybridge/internal/hclconf"
+)
+
+// TestFile is a policy test suite, like `opa test` runs: cases of input
+// and expected decision, judged against a policy and an inventory of sites.
+//
+//	policy    = "residency.hcl"          # relative to the test file
+//	inventory = "sites.hcl"              # optional; site blocks may also be inline
+//	at        = "2026-11-24T12:00:00Z"   # default time of the cases
+//
+//	test "swiss banking secrecy never reaches the US" {
+//	  class  = "swiss-banking-secret"
+//	  action = "store"
+//	  sites  = ["aws-us-east-1"]
+//	  expect = "deny"                     # allow, deny or audit
+//	  expect_rule   = "residency.hcl:46"  # optional: where the deciding rule is
+//	  expect_reason = "denied by default" # optional: a substring of the reasons
+//	}
+type TestFile struct {
+	Path      string
+	Policy    string // resolved path of the policy
+	Inventory Inventory
+	At        time.Time
+	Cases     []TestCase
+}
+
+// TestCase is one case of a TestFile.
+type TestCase struct {
+	Name            string
+	Pos             Position
+	Class           string
+	Action          Action
+	Sites           []string
+	At              time.Time
+	Expect          string // "allow", "deny" or "audit"
+	ExpectRule      string // "file:line", file relative to the policy's directory or just its base name
+	ExpectReason    string
+	ExpectException string
+}
+
+type testFileSyntax struct {
+	Policy    string           `hcl:"policy"`
+	Inventory string           `hcl:"inventory,optional"`
+	At        string           `hcl:"at,optional"`
+	Tests     []testCaseSyntax `hcl:"test,block"`
+	Rest      hcl.Body         `hcl:",remain"` // site blocks
+}
+
+type testCaseSyntax struct {
+	Name            string    `hcl:"name,label"`
+	Class           string    `hcl:"class"`
+	Action          string    `hcl:"action"`
+	Sites           []string  `hcl:"sites"`
+	At              string    `hcl:"at,optional"`
+	Expect          string    `hcl:"expect"`
+	ExpectRule      string    `hcl:"expect_rule,optional"`
+	ExpectReason    string    `hcl:"expect_reason,optional"`
+	ExpectException string    `hcl:"expect_exception,optional"`
+	DefRange        hcl.Range `hcl:",def_range"`
+}
+
+// LoadTestFile reads a test suite. Times default to now when neither the
+// case nor the file says.
+func LoadTestFile(path string, now time.Time) (*TestFile, error) {
+	src, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("read policy tests: %w", err)
+	}
+	f, diags := hclsyntax.ParseConfig(src, path, hcl.InitialPos)
+	if diags.HasErrors() {
+		return nil, hclconf.Diagnostics(diags)
+	}
+	var syn testFileSyntax
+	if diags := gohcl.DecodeBody(f.Body, nil, &syn); diags.HasErrors() {
+		return nil, hclconf.Diagnostics(diags)
+	}
+	dir := filepath.Dir(path)
+	tf := &TestFile{Path: path, Policy: filepath.Join(dir, syn.Policy), At: now, Inventory: Inventory{}}
+	if syn.At != "" {
+		if tf.At, err = time.Parse(time.RFC3339, syn.At); err != nil {
+			return nil, fmt.Errorf("%s: at %q is not an RFC 3339 time", path, syn.At)
+		}
+	}
+	if syn.Inventory != "" {
+		if tf.Inventory, err = LoadInventory(filepath.Join(dir, syn.Inventory)); err != nil {
+			return nil, err
+		}
+	}
+	inline, err := decodeSites(syn.Rest)
+	if err != nil {
+		return nil, err
+	}
+	for n, s := range inline {
+		tf.Inventory[n] = s
+	}
+	for _, ts := range syn.Tests {
+		r := ts.DefRange
+		where := fmt.Sprintf("%s:%d: test %q", r.Filename, r.Start.Line, ts.Name)
+		a, err := ParseAction(ts.Action)
+		if err != nil {
+			return nil, fmt.Errorf("%s: %v", where, err)
+		}
+		switch ts.Expect {
+		case "allow", "deny", "audit":
+		default:
+			return nil, fmt.Errorf("%s: expect %q must be allow, deny or audit", where, ts.Expect)
+		}
+		at := tf.At
+		if ts.At != "" {
+			if at, err = time.Parse(time.RFC3339, ts.At); err != nil {
+				return nil, fmt.Errorf("%s: at %q is not an RFC 3339 time", where, ts.At)
+			}
+		}
+		tf.Cases = append(tf.Cases, TestCase{
+			Name: ts.Name, Pos: Position{File: r.Filename, Line: r.Start.Line},
+			Class: ts.Class, Action: a, Sites: ts.Sites, At: at, Expect: ts.Expect,
+			ExpectRule: ts.ExpectRule, ExpectReason: ts.ExpectReason, ExpectException: ts.ExpectException,
+		})
+	}
+	if len(tf.Cases) == 0 {
+		return nil, fmt.Errorf("%s has no test blocks", path)
+	}
+	return tf, nil
+}
+
+// TestResult is the outcome of one case.
+type TestResult struct {
+	Name     string   `json:"name"`
+	Pos      Position `json:"position"`
+	Pass     bool     `json:"pass"`
+	Problems []string `json:"problems,omitempty"`
+	Decision Decision `json:"decision"`
+}
+
+// RunTests judges every case against p. It is pure.
+func RunTests(p *Policy, inv Inventory, cases []TestCase) []TestResult {
+	out := make([]TestResult, 0, len(cases))
+	for _, tc := range cases {
+		res := TestResult{Name: tc.Name, Pos: tc.Pos}
+		sites, err := inv.Lookup(tc.Sites)
+		if err != nil {
+			res.Problems = append(res.Problems, err.Error())
+			out = append(out, res)
+			continue
+		}
+		d := p.Evaluate(Request{Class: tc.Class, Action: tc.Action, Sites: sites, Time: tc.At})
+		res.Decision = d
+		if got := d.Outcome(); got != tc.Expect {
+			res.Problems = append(res.Problems, fmt.Sprintf("expected %s, got %s: %s", tc.Expect, got, strings.Join(d.Reasons, "; ")))
+		}
+		if tc.ExpectRule != "" && !sameRule(tc.ExpectRule, d.Rule.Pos) {
+			res.Problems = append(res.Problems, fmt.Sprintf("expected the rule at %s to decide, but %s did", tc.ExpectRule, d.Rule))
+		}
+		if tc.ExpectReason != "" && !strings.Contains(strings.Join(d.Reasons, "\n"), tc.ExpectReason) {
+			res.Problems = append(res.Problems, fmt.Sprintf("no reason mentions %q: %s", tc.ExpectReason, strings.Join(d.Reasons, "; ")))
+		}
+		if tc.ExpectException != "" && (d.Exception == nil || d.Exception.Name != tc.ExpectException) {
+			res.Problems = append(res.Problems, fmt.Sprintf("expected exception %q to apply", tc.ExpectException))
+		}
+		res.Pass = len(res.Problems) == 0
+		out = append(out, res)
+	}
+	return out
+}
+
+// sameRule compares "file:line" with a position, accepting the base name
+// of the file.
+func sameRule(want string, got Position) bool {
+	file, line, ok := strings.Cut(want, ":")
+	if !ok {
+		return false
+	}
+	return line == fmt.Sprint(got.Line) && (file == got.File || file == filepath.Base(got.File))
+}

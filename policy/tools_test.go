@@ -1,0 +1,192 @@
+package policy
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestLint(t *testing.T) {
+	src := header + `class "a" {
+  mode = "audit"
+  allow "store" {
+    jurisdiction = ["DE"]
+  }
+  deny "store" {
+    jurisdiction = ["DE", "FR"]
+    reason = "x"
+  }
+  allow "transit" {
+    provider = ["nowhere"]
+  }
+}
+class "b" {
+  allow "transit" {
+    site = ["*"]
+  }
+}
+exception "old" {
+  class = "a"
+  action = "store"
+  site = ["x"]
+  category = "waiver"
+  reason = "r"
+  approver = "p"
+  ticket = "T-1"
+  expires = "2026-01-31"
+}
+exception "forever" {
+  class = "a"
+  action = "store"
+  site = ["onprem-zrh"]
+  category = "waiver"
+  reason = "r"
+  approver = "p"
+  ticket = "T-2"
+  expires = "2030-01-01"
+}
+`
+	p := mustParse(t, src)
+	inv := Inventory{"onprem-zrh": zrh, "aws-eu-central-1": fra}
+	got := map[string][]int{}
+	for _, f := range Lint(p, inv, nov24) {
+		got[f.Check] = append(got[f.Check], f.Pos.Line)
+	}
+	want := map[string][]int{
+		"audit-mode":        {5},
+		"shadowed-allow":    {7},
+		"matches-no-site":   {14, 23},
+		"never-stored":      {18}, // not "a": the exception lets it be stored at onprem-zrh
+		"expired-exception": {23},
+		"long-exception":    {33},
+	}
+	for check, lines := range want {
+		if fmt.Sprint(got[check]) != fmt.Sprint(lines) {
+			t.Errorf("%s at lines %v, want %v", check, got[check], lines)
+		}
+	}
+	for check := range got {
+		if _, ok := want[check]; !ok {
+			t.Errorf("unexpected finding %s at %v", check, got[check])
+		}
+	}
+
+	// The shipped example is clean, with and without its inventory.
+	ex, _, err := Load("../docs/examples/residency.hcl")
+	if err != nil {
+		t.Fatal(err)
+	}
+	exInv, err := LoadInventory("../docs/examples/sites.hcl")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, inv := range []Inventory{nil, exInv} {
+		if fs := Lint(ex, inv, nov24); len(fs) != 0 {
+			t.Errorf("example policy has lint findings: %+v", fs)
+		}
+	}
+}
+
+func jsonOf(v any) string { b, _ := json.Marshal(v); return string(b) }
+
+// TestExampleSuite runs docs/examples/residency_test.hcl: the bank's policy
+// must pass its own tests.
+func TestExampleSuite(t *testing.T) {
+	tf, err := LoadTestFile("../docs/examples/residency_test.hcl", nov24)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, _, err := Load(tf.Policy)
+	if err != nil {
+		t.Fatal(err)
+	}
+	res := RunTests(p, tf.Inventory, tf.Cases)
+	if len(res) < 12 {
+		t.Fatalf("only %d cases", len(res))
+	}
+	for _, r := range res {
+		if !r.Pass {
+			t.Errorf("%s (%s): %v", r.Name, r.Pos, r.Problems)
+		}
+	}
+}
+
+// TestRunTestsReportsFailures: a wrong expectation is a failure that says
+// what happened, not a pass.
+func TestRunTestsReportsFailures(t *testing.T) {
+	p := mustParse(t, testPolicy)
+	inv := Inventory{"onprem-zrh": zrh, "aws-us-east-1": iad}
+	res := RunTests(p, inv, []TestCase{
+		{Name: "wrong outcome", Class: "secret", Action: Store, Sites: []string{"aws-us-east-1"}, At: nov24, Expect: "allow"},
+		{Name: "wrong rule", Class: "secret", Action: Store, Sites: []string{"onprem-zrh"}, At: nov24, Expect: "allow", ExpectRule: "test.hcl:99"},
+		{Name: "unknown site", Class: "secret", Action: Store, Sites: []string{"atlantis"}, At: nov24, Expect: "deny"},
+		{Name: "right", Class: "secret", Action: Store, Sites: []string{"onprem-zrh"}, At: nov24, Expect: "allow", ExpectRule: "test.hcl:16", ExpectReason: "allowed by"},
+	})
+	for i, wantPass := range []bool{false, false, false, true} {
+		if res[i].Pass != wantPass {
+			t.Errorf("%s: pass = %v (%v)", res[i].Name, res[i].Pass, res[i].Problems)
+		}
+	}
+	if !strings.Contains(res[0].Problems[0], "expected allow, got deny") || !strings.Contains(res[2].Problems[0], `"atlantis" is not in the inventory`) {
+		t.Errorf("problems do not explain: %v / %v", res[0].Problems, res[2].Problems)
+	}
+}
+
+func TestLoadTestFileErrors(t *testing.T) {
+	dir := t.TempDir()
+	write := func(name, s string) string {
+		p := filepath.Join(dir, name)
+		os.WriteFile(p, []byte(s), 0o644)
+		return p
+	}
+	for _, tc := range []struct{ src, want string }{
+		{`policy = "p.hcl"`, "has no test blocks"},
+		{"policy = \"p.hcl\"\ntest \"a\" {\n  class = \"c\"\n  action = \"keep\"\n  sites = []\n  expect = \"deny\"\n}\n", `:2: test "a": action "keep"`},
+		{"policy = \"p.hcl\"\ntest \"a\" {\n  class = \"c\"\n  action = \"store\"\n  sites = []\n  expect = \"maybe\"\n}\n", `expect "maybe"`},
+		{"policy = \"p.hcl\"\nsite \"x\" {\n  provider = \"aws\"\n  region = \"r\"\n  jurisdiction = \"EU\"\n}\n", `site "x": jurisdiction "EU"`},
+	} {
+		if _, err := LoadTestFile(write("t.hcl", tc.src), nov24); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("err = %v, want %q", err, tc.want)
+		}
+	}
+}
+
+var uuidRE = regexp.MustCompile(`^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$`)
+
+// TestRecordShape: a decision record has the fields of an OPA decision log
+// event, so SIEM parsers for OPA read it.
+func TestRecordShape(t *testing.T) {
+	p := mustParse(t, testPolicy)
+	req := Request{Class: "secret", Action: Store, Sites: []Site{iad}, Time: nov24}
+	d := p.Evaluate(req)
+	r1 := NewRecord(req, d, map[string]string{"node": "gw1", "site": "onprem-zrh"}, "migration 42", nov24)
+	r2 := NewRecord(req, d, nil, "", nov24)
+	if !uuidRE.MatchString(r1.DecisionID) || r1.DecisionID == r2.DecisionID {
+		t.Fatalf("decision IDs %q, %q", r1.DecisionID, r2.DecisionID)
+	}
+	var m map[string]any
+	if err := json.Unmarshal([]byte(jsonOf(r1)), &m); err != nil {
+		t.Fatal(err)
+	}
+	for _, k := range []string{"decision_id", "timestamp", "path", "input", "result", "bundles", "labels", "requested_by"} {
+		if _, ok := m[k]; !ok {
+			t.Errorf("record lacks %q", k)
+		}
+	}
+	rev := m["bundles"].(map[string]any)["test"].(map[string]any)["revision"].(string)
+	if !strings.HasPrefix(rev, "v3-sha256:") || !strings.HasSuffix(rev, d.Policy.SHA256) {
+		t.Errorf("bundle revision %q", rev)
+	}
+	res := m["result"].(map[string]any)
+	if res["allowed"] != false || res["rule"].(map[string]any)["kind"] != "default-deny" {
+		t.Errorf("result = %v", res)
+	}
+	if m["timestamp"] != nov24.Format(time.RFC3339) {
+		t.Errorf("timestamp %v", m["timestamp"])
+	}
+}
