@@ -192,4 +192,3 @@ func (r Revision) String() string {
 	}
 	return fmt.Sprintf("%s v%d (sha256:%s)", r.Name, r.Version, h)
 }
-

@@ -193,4 +193,3 @@ func Adopt(current, candidate *Policy) (bool, error) {
 	}
 	return true, nil
 }
-
