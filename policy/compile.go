@@ -68,6 +68,7 @@ type exception struct {
 	approver string
 	ticket   string
 	expires  time.Time // the exception applies strictly before this instant
+	until    string    // the expiry as written ("2026-12-31" means through that day)
 	pos      Position
 }
 
@@ -368,7 +369,7 @@ func (c *compiler) compileException(es *exceptionSyntax) {
 	if err != nil {
 		c.errorf(es.ExpiresRange, "%s: %v", what, err)
 	}
-	e.expires = exp
+	e.expires, e.until = exp, es.Expires
 	e.sel = c.selector(es.Rest, es.DefRange, what)
 	c.p.exceptions = append(c.p.exceptions, e)
 }

@@ -128,7 +128,7 @@ func (p *Policy) decideSite(cls *class, a Action, site *Site, req *Request) (Sit
 		sd.Allowed, sd.Exception = true, exc.ref()
 		sd.Rule = RuleRef{Kind: "exception", Name: fmt.Sprintf("exception %q", exc.name), Pos: exc.pos, Reason: exc.reason}
 		sd.Reason = fmt.Sprintf("%s: %s of %q allowed by %s exception %q (ticket %s, approved by %s, until %s) over %s",
-			where, a, cls.name, exc.category, exc.name, exc.ticket, exc.approver, exc.expires.UTC().Format("2006-01-02 15:04 MST"), deny.ref())
+			where, a, cls.name, exc.category, exc.name, exc.ticket, exc.approver, exc.until, deny.ref())
 	case deny != nil:
 		sd.Rule = deny.ref()
 		sd.Reason = fmt.Sprintf("%s: %s of %q denied by %s: %s", where, a, cls.name, deny.ref(), deny.reason)
@@ -143,13 +143,13 @@ func (p *Policy) decideSite(cls *class, a Action, site *Site, req *Request) (Sit
 		sd.Allowed, sd.Exception = true, exc.ref()
 		sd.Rule = RuleRef{Kind: "exception", Name: fmt.Sprintf("exception %q", exc.name), Pos: exc.pos, Reason: exc.reason}
 		sd.Reason = fmt.Sprintf("%s: %s of %q allowed only by %s exception %q (ticket %s, approved by %s, until %s): %s",
-			where, a, cls.name, exc.category, exc.name, exc.ticket, exc.approver, exc.expires.UTC().Format("2006-01-02 15:04 MST"), exc.reason)
+			where, a, cls.name, exc.category, exc.name, exc.ticket, exc.approver, exc.until, exc.reason)
 	default:
 		sd.Rule = RuleRef{Kind: "default-deny", Name: fmt.Sprintf("class %q has no allow %q rule for this site", cls.name, a), Pos: cls.pos}
 		sd.Reason = fmt.Sprintf("%s: %s of %q denied by default: no allow rule matches", where, a, cls.name)
 	}
 	if !sd.Allowed && expired != nil {
-		sd.Reason += fmt.Sprintf(" (exception %q expired %s)", expired.name, expired.expires.UTC().Format("2006-01-02 15:04 MST"))
+		sd.Reason += fmt.Sprintf(" (exception %q ran until %s and has expired)", expired.name, expired.until)
 	}
 	return sd, allows
 }

@@ -151,7 +151,7 @@ func TestEvaluate(t *testing.T) {
 		{name: "exception beats deny", class: "pii", action: Store, sites: []Site{shared}, outcome: "allow", line: 74, kind: "exception", exception: "pii-shared", oblig: Obligations{EncryptionAtRest: true}},
 		{name: "exception where nothing allows", class: "pii", action: Store, sites: []Site{iad}, outcome: "allow", line: 64, exception: "pii-us"},
 		{name: "exception last day", class: "pii", action: Store, sites: []Site{iad}, at: time.Date(2026, 12, 31, 23, 59, 59, 0, time.UTC), outcome: "allow", exception: "pii-us"},
-		{name: "exception expired", class: "pii", action: Store, sites: []Site{iad}, at: time.Date(2027, 1, 1, 0, 0, 0, 0, time.UTC), outcome: "deny", reason: `exception "pii-us" expired`},
+		{name: "exception expired", class: "pii", action: Store, sites: []Site{iad}, at: time.Date(2027, 1, 1, 0, 0, 0, 0, time.UTC), outcome: "deny", reason: `exception "pii-us" ran until 2026-12-31 and has expired`},
 		{name: "exception for another action", class: "pii", action: Transit, sites: []Site{zrh, iad}, outcome: "deny"},
 		{name: "exception for another site", class: "pii", action: Store, sites: []Site{iad2}, outcome: "deny"},
 		{name: "exception expiring at an instant", class: "pii", action: Store, sites: []Site{shared}, at: time.Date(2026, 12, 1, 0, 0, 0, 0, time.UTC), outcome: "deny", kind: "deny"},

@@ -30,9 +30,9 @@ func Lint(p *Policy, inv Inventory, now time.Time) []Finding {
 	for _, e := range p.exceptions {
 		switch {
 		case !now.Before(e.expires):
-			add("expired-exception", "warning", e.pos, "exception %q expired %s; it no longer applies, remove it", e.name, e.expires.UTC().Format(time.DateOnly))
+			add("expired-exception", "warning", e.pos, "exception %q ran until %s and no longer applies; remove it", e.name, e.until)
 		case e.expires.Sub(now) > 366*24*time.Hour:
-			add("long-exception", "warning", e.pos, "exception %q runs for more than a year (until %s); exceptions should be short and renewed deliberately", e.name, e.expires.UTC().Format(time.DateOnly))
+			add("long-exception", "warning", e.pos, "exception %q runs for more than a year (until %s); exceptions should be short and renewed deliberately", e.name, e.until)
 		}
 	}
 	var sites []Site

@@ -88,14 +88,20 @@ func LoadTestFile(path string, now time.Time) (*TestFile, error) {
 		return nil, hclconf.Diagnostics(diags)
 	}
 	dir := filepath.Dir(path)
-	tf := &TestFile{Path: path, Policy: filepath.Join(dir, syn.Policy), At: now, Inventory: Inventory{}}
+	rel := func(p string) string {
+		if filepath.IsAbs(p) {
+			return p
+		}
+		return filepath.Join(dir, p)
+	}
+	tf := &TestFile{Path: path, Policy: rel(syn.Policy), At: now, Inventory: Inventory{}}
 	if syn.At != "" {
 		if tf.At, err = time.Parse(time.RFC3339, syn.At); err != nil {
 			return nil, fmt.Errorf("%s: at %q is not an RFC 3339 time", path, syn.At)
 		}
 	}
 	if syn.Inventory != "" {
-		if tf.Inventory, err = LoadInventory(filepath.Join(dir, syn.Inventory)); err != nil {
+		if tf.Inventory, err = LoadInventory(rel(syn.Inventory)); err != nil {
 			return nil, err
 		}
 	}

@@ -48,6 +48,18 @@ func caCommand() *cli.Command {
 				Action: caIssue,
 			},
 			{
+				Name:      "issue-signer",
+				Usage:     "certify a policy signer, so a compliance team can sign residency policies without the CA key",
+				UsageText: "skybridge ca issue-signer --ca DIR --name NAME [--ttl DURATION] --out DIR",
+				Flags: []cli.Flag{
+					caFlag,
+					&cli.StringFlag{Name: "name", Usage: "signer name, e.g. compliance", Required: true},
+					&cli.DurationFlag{Name: "ttl", Value: 365 * 24 * time.Hour, Usage: "certificate lifetime"},
+					&cli.StringFlag{Name: "out", Usage: "directory to write signer.crt and signer.key (0600) to", Required: true},
+				},
+				Action: caIssueSigner,
+			},
+			{
 				Name:      "revoke",
 				Usage:     "revoke gateway certificates: they are refused mesh-wide once the new revocation list spreads",
 				UsageText: "skybridge ca revoke --ca DIR (--serial SERIAL ... | --node NAME) [--reason keyCompromise|superseded|...]",
@@ -222,6 +234,22 @@ func checkOutDir(dir, node string) error {
 	if have := id.Attributes().Node; have != node {
 		return fmt.Errorf("%s already holds the identity of node %q; use one directory per gateway", dir, have)
 	}
+	return nil
+}
+
+func caIssueSigner(c *cli.Context) error {
+	ca, err := certs.OpenCA(c.String("ca"))
+	if err != nil {
+		return err
+	}
+	s, err := ca.NewPolicySigner(c.String("name"), c.Duration("ttl"), time.Now())
+	if err != nil {
+		return err
+	}
+	if err := s.Save(c.String("out")); err != nil {
+		return err
+	}
+	fmt.Fprintf(c.App.Writer, "issued %s, valid until %s, written to %s\n", s, s.Certificate().NotAfter.UTC().Format(time.RFC3339), c.String("out"))
 	return nil
 }
 

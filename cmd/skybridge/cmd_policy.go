@@ -1,0 +1,456 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/skybridge-mesh/skybridge/certs"
+	"github.com/skybridge-mesh/skybridge/internal/atomicfile"
+	"github.com/skybridge-mesh/skybridge/policy"
+)
+
+// Exit codes of the policy commands: scripts and CI gates branch on them.
+const (
+	exitAllow = 0
+	exitDeny  = 1 // also: a failed test, a lint error, a bad signature
+	exitError = 2 // the question could not be answered
+)
+
+func policyCommand() *cli.Command {
+	policyFlag := &cli.StringFlag{Name: "policy", Usage: "residency policy file (HCL)", Required: true, EnvVars: []string{"SKYBRIDGE_POLICY"}}
+	inventoryFlag := &cli.StringFlag{Name: "inventory", Usage: "HCL file of site blocks (provider, region, jurisdiction, labels)"}
+	atFlag := &cli.TimestampFlag{Name: "at", Layout: time.RFC3339, Usage: "decide as of this RFC 3339 time (default: now)"}
+	return &cli.Command{
+		Name:  "policy",
+		Usage: "check, explain, test, lint and sign the data-residency policy",
+		Subcommands: []*cli.Command{
+			{
+				Name:  "check",
+				Usage: "decide whether a class of data may be stored at, or travel through, sites (exit 0 allow, 1 deny, 2 error)",
+				UsageText: "skybridge policy check --policy FILE --class CLASS --action store|transit --site NAME [--site NAME ...]\n" +
+					"    (--inventory FILE | --site-attrs provider=P --site-attrs region=R --site-attrs jurisdiction=CC [--site-attrs label.K=V ...]) [--at TIME] [--json]",
+				Flags: []cli.Flag{
+					policyFlag, inventoryFlag, atFlag, jsonFlag,
+					&cli.StringFlag{Name: "class", Usage: "data class", Required: true},
+					&cli.StringFlag{Name: "action", Usage: "store or transit", Required: true},
+					&cli.StringSliceFlag{Name: "site", Usage: "site; for transit repeat it along the path, source first", Required: true},
+					&cli.StringSliceFlag{Name: "site-attrs", Usage: "attribute KEY=VALUE of the (single) site when there is no inventory: provider, region, jurisdiction, label.NAME"},
+				},
+				Action: policyCheck,
+			},
+			{
+				Name:      "explain",
+				Usage:     "show, for one class, which sites of an inventory may store it or carry it, and why",
+				UsageText: "skybridge policy explain --policy FILE --class CLASS --inventory FILE [--at TIME] [--json]",
+				Flags: []cli.Flag{
+					policyFlag, atFlag, jsonFlag,
+					&cli.StringFlag{Name: "class", Usage: "data class", Required: true},
+					&cli.StringFlag{Name: "inventory", Usage: "HCL file of site blocks", Required: true},
+				},
+				Action: policyExplain,
+			},
+			{
+				Name:      "test",
+				Usage:     "run a policy test file (cases of input and expected decision), like opa test",
+				UsageText: "skybridge policy test FILE [--policy FILE] [--json]",
+				Flags: []cli.Flag{
+					&cli.StringFlag{Name: "policy", Usage: "test this policy instead of the one the test file names"},
+					jsonFlag,
+				},
+				Action: policyTest,
+			},
+			{
+				Name:      "lint",
+				Usage:     "find expired exceptions, rules that never take effect and classes with nowhere to go",
+				UsageText: "skybridge policy lint --policy FILE [--inventory FILE] [--json]",
+				Flags:     []cli.Flag{policyFlag, inventoryFlag, atFlag, jsonFlag},
+				Action:    policyLint,
+			},
+			{
+				Name:      "sign",
+				Usage:     "sign a policy for distribution to the gateways, with the mesh CA or a policy signer it certified",
+				UsageText: "skybridge policy sign --policy FILE (--ca DIR | --signer DIR) [--out FILE.sig]",
+				Flags: []cli.Flag{
+					policyFlag,
+					&cli.StringFlag{Name: "ca", Usage: "sign with the embedded CA in DIR"},
+					&cli.StringFlag{Name: "signer", Usage: "sign with the policy signer in DIR (made by ca issue-signer)"},
+					&cli.StringFlag{Name: "out", Usage: "signature file (default: the policy file name + .sig)"},
+				},
+				Action: policySign,
+			},
+			{
+				Name:      "verify",
+				Usage:     "check a policy's signature against the mesh CA, as a gateway does before adopting it",
+				UsageText: "skybridge policy verify --policy FILE [--sig FILE.sig] --ca-cert ca.crt [--crl crl.pem]",
+				Flags: []cli.Flag{
+					policyFlag, jsonFlag,
+					&cli.StringFlag{Name: "sig", Usage: "signature file (default: the policy file name + .sig)"},
+					&cli.StringFlag{Name: "ca-cert", Usage: "mesh CA certificate(s), PEM", Required: true},
+					&cli.StringFlag{Name: "crl", Usage: "the CA's revocation list, to refuse revoked signers"},
+				},
+				Action: policyVerify,
+			},
+		},
+	}
+}
+
+// policyErr turns an error into exit code 2: the policy could not be
+// judged, which a script must not mistake for a denial.
+func policyErr(err error) error {
+	if err == nil {
+		return nil
+	}
+	var ec cli.ExitCoder
+	if errors.As(err, &ec) {
+		return err
+	}
+	return cli.Exit(err.Error(), exitError)
+}
+
+func decisionTime(c *cli.Context) time.Time {
+	if t := c.Timestamp("at"); t != nil {
+		return *t
+	}
+	return time.Now()
+}
+
+func policyCheck(c *cli.Context) error {
+	p, _, err := policy.Load(c.String("policy"))
+	if err != nil {
+		return policyErr(err)
+	}
+	action, err := policy.ParseAction(c.String("action"))
+	if err != nil {
+		return policyErr(err)
+	}
+	sites, err := requestSites(c)
+	if err != nil {
+		return policyErr(err)
+	}
+	req := policy.Request{Class: c.String("class"), Action: action, Sites: sites, Time: decisionTime(c)}
+	d := p.Evaluate(req)
+	if c.Bool("json") {
+		if err := printJSON(c.App.Writer, policy.NewRecord(req, d, nil, "skybridge policy check", time.Now())); err != nil {
+			return policyErr(err)
+		}
+	} else {
+		printDecision(c.App.Writer, req, d)
+	}
+	if !d.Allowed {
+		return cli.Exit("", exitDeny)
+	}
+	return nil
+}
+
+func requestSites(c *cli.Context) ([]policy.Site, error) {
+	names := c.StringSlice("site")
+	if inv := c.String("inventory"); inv != "" {
+		if len(c.StringSlice("site-attrs")) > 0 {
+			return nil, errors.New("give --inventory or --site-attrs, not both")
+		}
+		i, err := policy.LoadInventory(inv)
+		if err != nil {
+			return nil, err
+		}
+		return i.Lookup(names)
+	}
+	attrs := c.StringSlice("site-attrs")
+	if len(attrs) == 0 {
+		return nil, errors.New("the policy needs to know the sites: give --inventory FILE, or --site-attrs for a single site")
+	}
+	if len(names) != 1 {
+		return nil, errors.New("--site-attrs describes one site; use --inventory for a path of several")
+	}
+	s := policy.Site{Name: names[0]}
+	for _, kv := range attrs {
+		k, v, ok := strings.Cut(kv, "=")
+		if !ok {
+			return nil, fmt.Errorf("--site-attrs %q is not KEY=VALUE", kv)
+		}
+		switch {
+		case k == "provider":
+			s.Provider = v
+		case k == "region":
+			s.Region = v
+		case k == "jurisdiction":
+			s.Jurisdiction = strings.ToUpper(v)
+		case strings.HasPrefix(k, "label."):
+			if s.Labels == nil {
+				s.Labels = map[string]string{}
+			}
+			s.Labels[strings.TrimPrefix(k, "label.")] = v
+		default:
+			return nil, fmt.Errorf("--site-attrs key %q is not provider, region, jurisdiction or label.NAME", k)
+		}
+	}
+	return []policy.Site{s}, nil
+}
+
+func printDecision(w io.Writer, req policy.Request, d policy.Decision) {
+	names := make([]string, len(req.Sites))
+	for i, s := range req.Sites {
+		names[i] = s.Name
+	}
+	verdict := strings.ToUpper(d.Outcome())
+	if d.Audit {
+		verdict = "ALLOW (audit mode; the policy denies this)"
+	}
+	fmt.Fprintf(w, "%s  %s %s %s\n", verdict, req.Class, req.Action, strings.Join(names, " → "))
+	fmt.Fprintf(w, "rule:        %s\n", d.Rule)
+	fmt.Fprintln(w, "reasons:")
+	for _, r := range d.Reasons {
+		fmt.Fprintf(w, "  - %s\n", r)
+	}
+	if d.Exception != nil {
+		fmt.Fprintf(w, "exception:   %s (%s, ticket %s, approved by %s, until %s)\n", d.Exception.Name, d.Exception.Category, d.Exception.Ticket, d.Exception.Approver, d.Exception.Expires.UTC().Format(time.RFC3339))
+	}
+	if d.Allowed {
+		fmt.Fprintf(w, "obligations: %s\n", d.Obligations)
+	}
+	fmt.Fprintf(w, "policy:      %s\n", d.Policy)
+}
+
+type explainRow struct {
+	Site    policy.Site     `json:"site"`
+	Store   policy.Decision `json:"store"`
+	Transit policy.Decision `json:"transit"`
+}
+
+func policyExplain(c *cli.Context) error {
+	p, _, err := policy.Load(c.String("policy"))
+	if err != nil {
+		return policyErr(err)
+	}
+	inv, err := policy.LoadInventory(c.String("inventory"))
+	if err != nil {
+		return policyErr(err)
+	}
+	class, at := c.String("class"), decisionTime(c)
+	var rows []explainRow
+	for _, n := range inv.Names() {
+		s := inv[n]
+		rows = append(rows, explainRow{
+			Site:    s,
+			Store:   p.Evaluate(policy.Request{Class: class, Action: policy.Store, Sites: []policy.Site{s}, Time: at}),
+			Transit: p.Evaluate(policy.Request{Class: class, Action: policy.Transit, Sites: []policy.Site{s}, Time: at}),
+		})
+	}
+	if c.Bool("json") {
+		return policyErr(printJSON(c.App.Writer, rows))
+	}
+	fmt.Fprintf(c.App.Writer, "class %q under %s, as of %s\n\n", class, p.Revision(), at.UTC().Format(time.RFC3339))
+	table := make([][]string, 0, len(rows))
+	for _, r := range rows {
+		why := r.Store.Rule.String()
+		if r.Store.Exception != nil {
+			why += " [ticket " + r.Store.Exception.Ticket + "]"
+		}
+		table = append(table, []string{r.Site.Name, r.Site.Jurisdiction, r.Site.Provider, r.Site.Region, r.Store.Outcome(), r.Transit.Outcome(), why})
+	}
+	return policyErr(printTable(c.App.Writer, []string{"site", "jurisdiction", "provider", "region", "store", "transit", "store decided by"}, table))
+}
+
+func policyTest(c *cli.Context) error {
+	file := c.Args().First()
+	if file == "" {
+		return cli.Exit("policy test needs the test file: skybridge policy test FILE", exitError)
+	}
+	tf, err := policy.LoadTestFile(file, time.Now())
+	if err != nil {
+		return policyErr(err)
+	}
+	if c.String("policy") != "" {
+		tf.Policy = c.String("policy")
+	}
+	p, _, err := policy.Load(tf.Policy)
+	if err != nil {
+		return policyErr(err)
+	}
+	res := policy.RunTests(p, tf.Inventory, tf.Cases)
+	failed := 0
+	for _, r := range res {
+		if !r.Pass {
+			failed++
+		}
+	}
+	if c.Bool("json") {
+		if err := printJSON(c.App.Writer, res); err != nil {
+			return policyErr(err)
+		}
+	} else {
+		for _, r := range res {
+			status := "PASS"
+			if !r.Pass {
+				status = "FAIL"
+			}
+			fmt.Fprintf(c.App.Writer, "%s  %s (%s)\n", status, r.Name, r.Pos)
+			for _, pr := range r.Problems {
+				fmt.Fprintf(c.App.Writer, "        %s\n", pr)
+			}
+		}
+		fmt.Fprintf(c.App.Writer, "\n%d passed, %d failed (%s against %s)\n", len(res)-failed, failed, tf.Path, p.Revision())
+	}
+	if failed > 0 {
+		return cli.Exit("", exitDeny)
+	}
+	return nil
+}
+
+func policyLint(c *cli.Context) error {
+	p, _, err := policy.Load(c.String("policy"))
+	if err != nil {
+		// Compile errors are lint errors too, with their positions.
+		return policyErr(err)
+	}
+	var inv policy.Inventory
+	if f := c.String("inventory"); f != "" {
+		if inv, err = policy.LoadInventory(f); err != nil {
+			return policyErr(err)
+		}
+	}
+	findings := policy.Lint(p, inv, decisionTime(c))
+	if c.Bool("json") {
+		if findings == nil {
+			findings = []policy.Finding{}
+		}
+		if err := printJSON(c.App.Writer, findings); err != nil {
+			return policyErr(err)
+		}
+	} else {
+		for _, f := range findings {
+			fmt.Fprintf(c.App.Writer, "%s: %s: %s [%s]\n", f.Pos, f.Severity, f.Message, f.Check)
+		}
+		if len(findings) == 0 {
+			fmt.Fprintf(c.App.Writer, "%s: no findings\n", p.Revision())
+		}
+	}
+	for _, f := range findings {
+		if f.Severity == "error" {
+			return cli.Exit("", exitDeny)
+		}
+	}
+	return nil
+}
+
+func policySign(c *cli.Context) error {
+	file := c.String("policy")
+	src, err := os.ReadFile(file)
+	if err != nil {
+		return fmt.Errorf("read policy: %w", err)
+	}
+	var sig *policy.Signature
+	switch caDir, signerDir := c.String("ca"), c.String("signer"); {
+	case (caDir == "") == (signerDir == ""):
+		return usageError("give either --ca DIR or --signer DIR")
+	case caDir != "":
+		ca, err := certs.OpenCA(caDir)
+		if err != nil {
+			return err
+		}
+		sig, err = policy.Sign(file, src, ca.Signer(), ca.Certificate().Subject.CommonName, nil, time.Now())
+		if err != nil {
+			return err
+		}
+	default:
+		s, err := certs.LoadPolicySigner(signerDir)
+		if err != nil {
+			return err
+		}
+		sig, err = policy.Sign(file, src, s.Signer(), s.Name(), s.Certificate(), time.Now())
+		if err != nil {
+			return err
+		}
+	}
+	out := c.String("out")
+	if out == "" {
+		out = file + ".sig"
+	}
+	if err := atomicfile.WriteFile(out, sig.Marshal(), 0o644); err != nil {
+		return err
+	}
+	fmt.Fprintf(c.App.Writer, "signed %s as %q, written to %s\n", sig.Policy, sig.Signer, out)
+	return nil
+}
+
+type verifyOutput struct {
+	Valid     bool              `json:"valid"`
+	Error     string            `json:"error,omitempty"`
+	Signature *policy.Signature `json:"signature,omitempty"`
+}
+
+func policyVerify(c *cli.Context) error {
+	file := c.String("policy")
+	src, err := os.ReadFile(file)
+	if err != nil {
+		return policyErr(fmt.Errorf("read policy: %w", err))
+	}
+	sigFile := c.String("sig")
+	if sigFile == "" {
+		sigFile = file + ".sig"
+	}
+	var sig *policy.Signature
+	if b, err := os.ReadFile(sigFile); err == nil {
+		if sig, err = policy.ParseSignature(b); err != nil {
+			return policyErr(fmt.Errorf("%s: %w", sigFile, err))
+		}
+	} else if !errors.Is(err, os.ErrNotExist) {
+		return policyErr(err)
+	}
+	tb, err := trustFromFiles(c.String("ca-cert"), c.String("crl"))
+	if err != nil {
+		return policyErr(err)
+	}
+	p, verr := policy.Verify(file, src, sig, tb, time.Now())
+	out := verifyOutput{Valid: verr == nil, Signature: sig}
+	if verr != nil {
+		out.Error = verr.Error()
+	}
+	if c.Bool("json") {
+		if err := printJSON(c.App.Writer, out); err != nil {
+			return policyErr(err)
+		}
+	} else if verr == nil {
+		fmt.Fprintf(c.App.Writer, "valid: %s signed by %q at %s\n", p.Revision(), sig.Signer, sig.SignedAt.Format(time.RFC3339))
+	} else {
+		fmt.Fprintf(c.App.Writer, "INVALID: %v\n", verr)
+	}
+	if verr != nil {
+		return cli.Exit("", exitDeny)
+	}
+	return nil
+}
+
+// trustFromFiles builds a trust bundle from a CA certificate file and an
+// optional CRL file.
+func trustFromFiles(caFile, crlFile string) (*certs.TrustBundle, error) {
+	b, err := os.ReadFile(caFile)
+	if err != nil {
+		return nil, fmt.Errorf("read CA certificate: %w", err)
+	}
+	cas, err := certs.ParseCertificatesPEM(b)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", caFile, err)
+	}
+	tb, err := certs.NewTrustBundle(cas, certs.DefaultMeshPrefix)
+	if err != nil {
+		return nil, err
+	}
+	if crlFile == "" {
+		return tb, nil
+	}
+	crlPEM, err := os.ReadFile(crlFile)
+	if err != nil {
+		return nil, fmt.Errorf("read CRL: %w", err)
+	}
+	crl, err := certs.ParseCRL(crlPEM)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", crlFile, err)
+	}
+	return tb.WithCRL(crl)
+}

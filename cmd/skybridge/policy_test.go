@@ -1,0 +1,166 @@
+package main
+
+import (
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+const (
+	examplePolicy    = "../../docs/examples/residency.hcl"
+	exampleInventory = "../../docs/examples/sites.hcl"
+	exampleTests     = "../../docs/examples/residency_test.hcl"
+	beforeExpiry     = "2026-11-24T12:00:00Z"
+)
+
+// TestPolicyCheckExitCodes: 0 allow, 1 deny, 2 could not decide.
+func TestPolicyCheckExitCodes(t *testing.T) {
+	check := func(extra ...string) []string {
+		return append([]string{"policy", "check", "--policy", examplePolicy, "--inventory", exampleInventory, "--at", beforeExpiry}, extra...)
+	}
+	tests := []struct {
+		name string
+		args []string
+		code int
+		out  string // in stdout
+		err  string // in stderr
+	}{
+		{"allowed", check("--class", "pii-eu", "--action", "store", "--site", "aws-eu-central-1"), 0, "obligations: encryption at rest", ""},
+		{"denied", check("--class", "swiss-banking-secret", "--action", "store", "--site", "aws-us-east-1"), 1, "residency.hcl:46", ""},
+		{"transit path", check("--class", "swiss-banking-secret", "--action", "transit", "--site", "onprem-zrh", "--site", "onprem-gva"), 0, "onprem-zrh → onprem-gva", ""},
+		{"exception", check("--class", "pii-eu", "--action", "store", "--site", "aws-us-east-1"), 0, "ticket GRC-2041", ""},
+		{"exception expired", []string{"policy", "check", "--policy", examplePolicy, "--inventory", exampleInventory, "--at", "2027-01-02T00:00:00Z", "--class", "pii-eu", "--action", "store", "--site", "aws-us-east-1"}, 1, "has expired", ""},
+		{"unknown site", check("--class", "pii-eu", "--action", "store", "--site", "atlantis"), 2, "", `"atlantis" is not in the inventory`},
+		{"bad action", check("--class", "pii-eu", "--action", "keep", "--site", "onprem-zrh"), 2, "", `action "keep"`},
+		{"missing policy", []string{"policy", "check", "--policy", "nope.hcl", "--class", "a", "--action", "store", "--site", "x", "--site-attrs", "provider=aws"}, 2, "", "read policy"},
+		{"no site attributes", []string{"policy", "check", "--policy", examplePolicy, "--class", "a", "--action", "store", "--site", "x"}, 2, "", "give --inventory"},
+		{"site attributes", []string{"policy", "check", "--policy", examplePolicy, "--class", "pii-eu", "--action", "store", "--site", "aws-eu-west-3",
+			"--site-attrs", "provider=aws", "--site-attrs", "region=eu-west-3", "--site-attrs", "jurisdiction=FR", "--site-attrs", "label.tenancy=shared"}, 1, "shared-tenancy", ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			out, errs, code := runCLI(t, tt.args...)
+			if code != tt.code || !strings.Contains(out, tt.out) || !strings.Contains(errs, tt.err) {
+				t.Fatalf("exit %d (want %d)\nstdout:\n%s\nstderr:\n%s\nwant %q / %q", code, tt.code, out, errs, tt.out, tt.err)
+			}
+		})
+	}
+
+	// --json prints an OPA-shaped decision record.
+	out, _, code := runCLI(t, check("--class", "swiss-banking-secret", "--action", "store", "--site", "aws-us-east-1", "--json")...)
+	var rec struct {
+		DecisionID string `json:"decision_id"`
+		Result     struct {
+			Allowed bool     `json:"allowed"`
+			Reasons []string `json:"reasons"`
+		} `json:"result"`
+		Bundles map[string]struct{ Revision string } `json:"bundles"`
+	}
+	if err := json.Unmarshal([]byte(out), &rec); err != nil || code != 1 || rec.DecisionID == "" || rec.Result.Allowed || len(rec.Result.Reasons) == 0 || rec.Bundles["acme-bank-residency"].Revision == "" {
+		t.Fatalf("check --json: exit %d, %+v, %v\n%s", code, rec, err, out)
+	}
+}
+
+func TestPolicyExplainTestLint(t *testing.T) {
+	out := mustRun(t, "policy", "explain", "--policy", examplePolicy, "--class", "swiss-banking-secret", "--inventory", exampleInventory, "--at", beforeExpiry)
+	_, table, _ := strings.Cut(out, "STORE DECIDED BY\n")
+	rows := strings.Split(strings.TrimSpace(table), "\n")
+	if len(rows) != 6 {
+		t.Fatalf("explain printed %d site rows, want 6:\n%s", len(rows), out)
+	}
+	for _, line := range rows {
+		f := strings.Fields(line)
+		if want := map[bool]string{true: "allow", false: "deny"}[strings.HasPrefix(f[0], "onprem-")]; f[4] != want {
+			t.Errorf("explain: %s store = %s, want %s", f[0], f[4], want)
+		}
+	}
+
+	out = mustRun(t, "policy", "test", exampleTests)
+	if !strings.Contains(out, "16 passed, 0 failed") {
+		t.Fatalf("policy test:\n%s", out)
+	}
+	// A failing case fails the command.
+	dir := t.TempDir()
+	bad := filepath.Join(dir, "bad_test.hcl")
+	abs, _ := filepath.Abs(examplePolicy)
+	os.WriteFile(bad, []byte(`policy = "`+abs+`"
+site "x" {
+  provider = "aws"
+  region = "us-east-1"
+  jurisdiction = "US"
+}
+test "wishful" {
+  class = "swiss-banking-secret"
+  action = "store"
+  sites = ["x"]
+  expect = "allow"
+}
+`), 0o644)
+	out, _, code := runCLI(t, "policy", "test", bad)
+	if code != 1 || !strings.Contains(out, "FAIL  wishful") || !strings.Contains(out, "expected allow, got deny") {
+		t.Fatalf("failing test: exit %d\n%s", code, out)
+	}
+
+	out = mustRun(t, "policy", "lint", "--policy", examplePolicy, "--inventory", exampleInventory, "--at", beforeExpiry)
+	if !strings.Contains(out, "no findings") {
+		t.Fatalf("lint of the example:\n%s", out)
+	}
+	out = mustRun(t, "policy", "lint", "--policy", examplePolicy, "--at", "2027-03-01T00:00:00Z", "--json")
+	var fs []struct{ Check string }
+	if err := json.Unmarshal([]byte(out), &fs); err != nil || len(fs) != 2 || fs[0].Check != "expired-exception" {
+		t.Fatalf("lint after expiry: %v %s", err, out)
+	}
+	if _, errs, code := runCLI(t, "policy", "lint", "--policy", exampleTests); code != 2 || !strings.Contains(errs, "residency_test.hcl:") {
+		t.Fatalf("lint of a non-policy: exit %d %s", code, errs)
+	}
+}
+
+// TestPolicySignVerify: sign with the CA and with a delegated signer;
+// verification refuses unsigned and tampered policies and a revoked signer.
+func TestPolicySignVerify(t *testing.T) {
+	dir := t.TempDir()
+	ca := filepath.Join(dir, "ca")
+	mustRun(t, "ca", "init", "--dir", ca)
+	src, _ := os.ReadFile(examplePolicy)
+	pol := filepath.Join(dir, "residency.hcl")
+	os.WriteFile(pol, src, 0o644)
+	verify := func() (string, int) {
+		out, _, code := runCLI(t, "policy", "verify", "--policy", pol, "--ca-cert", filepath.Join(ca, "ca.crt"), "--crl", filepath.Join(ca, "crl.pem"))
+		return out, code
+	}
+
+	if out, code := verify(); code != 1 || !strings.Contains(out, "not signed") {
+		t.Fatalf("unsigned: exit %d %s", code, out)
+	}
+	mustRun(t, "policy", "sign", "--policy", pol, "--ca", ca)
+	if out, code := verify(); code != 0 || !strings.Contains(out, "valid: acme-bank-residency v1") {
+		t.Fatalf("CA-signed: exit %d %s", code, out)
+	}
+	os.WriteFile(pol, []byte(strings.Replace(string(src), `jurisdiction = ["CH"]`, `jurisdiction = ["CH", "US"]`, 1)), 0o644)
+	if out, code := verify(); code != 1 || !strings.Contains(out, "changed after signing") {
+		t.Fatalf("tampered: exit %d %s", code, out)
+	}
+	os.WriteFile(pol, src, 0o644)
+
+	signer := filepath.Join(dir, "compliance")
+	mustRun(t, "ca", "issue-signer", "--ca", ca, "--name", "compliance", "--out", signer)
+	if st, _ := os.Stat(filepath.Join(signer, "signer.key")); st == nil || st.Mode().Perm() != 0o600 {
+		t.Fatal("signer key missing or not 0600")
+	}
+	mustRun(t, "policy", "sign", "--policy", pol, "--signer", signer)
+	if out, code := verify(); code != 0 || !strings.Contains(out, `signed by "compliance"`) {
+		t.Fatalf("signer-signed: exit %d %s", code, out)
+	}
+	mustRun(t, "ca", "revoke", "--ca", ca, "--node", "compliance")
+	if out, code := verify(); code != 1 || !strings.Contains(out, "revoked") {
+		t.Fatalf("revoked signer: exit %d %s", code, out)
+	}
+
+	// An invalid policy is never signed.
+	os.WriteFile(pol, []byte("policy {"), 0o644)
+	if _, errs, code := runCLI(t, "policy", "sign", "--policy", pol, "--ca", ca); code == 0 || !strings.Contains(errs, "refusing to sign") {
+		t.Fatalf("signing garbage: exit %d %s", code, errs)
+	}
+}
