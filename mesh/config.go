@@ -1,0 +1,268 @@
+package mesh
+
+import (
+	"fmt"
+	"net/netip"
+	"path/filepath"
+	"strconv"
+	"time"
+
+	"github.com/hashicorp/hcl/v2"
+
+	"github.com/skybridge-mesh/skybridge/certs"
+	"github.com/skybridge-mesh/skybridge/internal/hclconf"
+)
+
+// Device modes.
+const (
+	ModeAuto     = "auto"     // kernel WireGuard if the module is there, else TUN
+	ModeKernel   = "kernel"   // kernel WireGuard via netlink
+	ModeTUN      = "tun"      // embedded wireguard-go on a TUN device, configured over its UAPI socket
+	ModeNetstack = "netstack" // embedded wireguard-go on a userspace TCP/IP stack: no root, no TUN
+)
+
+// Topology modes.
+const (
+	TopologyFullMesh = "full-mesh" // every gateway peers with every permitted gateway
+	TopologyHub      = "hub"       // one hub per site; other gateways reach the mesh through it
+)
+
+// Config is a gateway's configuration file (HCL):
+//
+//	state_dir = "/var/lib/skybridge"
+//	node     { ... }   # certs.NodeConfig: the attributes to be certified
+//	identity { ... }   # certs.Config: embedded CA files or Vault
+//	gossip {
+//	  bind      = "192.0.2.1:7946"
+//	  advertise = "192.0.2.1:7946"       # default: bind
+//	  seeds     = ["198.51.100.1:7946", "203.0.113.1:7946"]
+//	}
+//	wireguard {
+//	  interface  = "sb0"
+//	  port       = 51820
+//	  mode       = "auto"                # auto, kernel, tun, netstack
+//	  mtu        = 1420
+//	  endpoints  = ["192.0.2.1:51820"]   # underlay addresses peers reach us at; default: gossip advertise address
+//	  behind_nat = false                 # send keepalives so the NAT mapping stays open
+//	}
+//	topology { mode = "full-mesh" }      # or "hub"
+//	policy {
+//	  file      = "/etc/skybridge/residency.hcl"   # signed: file.sig next to it
+//	}
+//	control { socket = "/run/skybridge/sb0.sock" }
+type Config struct {
+	StateDir  string           `hcl:"state_dir"`
+	Node      certs.NodeConfig `hcl:"node,block"`
+	Identity  certs.Config     `hcl:"identity,block"`
+	Gossip    GossipConfig     `hcl:"gossip,block"`
+	WireGuard WireGuardConfig  `hcl:"wireguard,block"`
+	Topology  *TopologyConfig  `hcl:"topology,block"`
+	Policy    *PolicyConfig    `hcl:"policy,block"`
+	Control   *ControlConfig   `hcl:"control,block"`
+	Body      hcl.Body         `hcl:",body"`
+
+	file string
+}
+
+// GossipConfig is the gossip block.
+type GossipConfig struct {
+	Bind      string   `hcl:"bind"`
+	Advertise string   `hcl:"advertise,optional"`
+	Seeds     []string `hcl:"seeds,optional"`
+	// Profile picks memberlist timings: "lan" (default) or "wan" (slower
+	// failure detection over lossy links), or "local" for tests.
+	Profile string   `hcl:"profile,optional"`
+	Body    hcl.Body `hcl:",body"`
+}
+
+// WireGuardConfig is the wireguard block.
+type WireGuardConfig struct {
+	Interface string   `hcl:"interface"`
+	Port      int      `hcl:"port,optional"`
+	Mode      string   `hcl:"mode,optional"`
+	MTU       int      `hcl:"mtu,optional"`
+	Endpoints []string `hcl:"endpoints,optional"`
+	BehindNAT bool     `hcl:"behind_nat,optional"`
+	Body      hcl.Body `hcl:",body"`
+}
+
+// TopologyConfig is the topology block.
+type TopologyConfig struct {
+	Mode string   `hcl:"mode"`
+	Body hcl.Body `hcl:",body"`
+}
+
+// PolicyConfig is the policy block.
+type PolicyConfig struct {
+	File      string   `hcl:"file"`
+	Signature string   `hcl:"signature,optional"` // default: file + ".sig"
+	Body      hcl.Body `hcl:",body"`
+}
+
+// ControlConfig is the control block.
+type ControlConfig struct {
+	Socket string   `hcl:"socket"`
+	Body   hcl.Body `hcl:",body"`
+}
+
+// Settings is a validated configuration with defaults filled in.
+type Settings struct {
+	File       string
+	StateDir   string
+	Attributes certs.Attributes
+	Identity   certs.Config
+
+	GossipBind      netip.AddrPort
+	GossipAdvertise netip.AddrPort
+	Seeds           []string
+	GossipProfile   string
+
+	Interface string
+	Port      int
+	Mode      string
+	MTU       int
+	Endpoints []netip.AddrPort
+	BehindNAT bool
+
+	Topology string
+
+	PolicyFile      string
+	PolicySignature string
+
+	ControlSocket string
+}
+
+// Defaults.
+const (
+	DefaultWireGuardPort = 51820
+	DefaultMTU           = 1420 // 1500 underlay minus WireGuard's worst-case IPv6 overhead
+	DefaultGossipPort    = 7946
+)
+
+// LoadConfig reads and validates a gateway configuration file.
+func LoadConfig(path string) (*Settings, error) {
+	var c Config
+	if err := hclconf.DecodeFile(path, &c); err != nil {
+		return nil, err
+	}
+	c.file = path
+	return c.validate()
+}
+
+func (c *Config) validate() (*Settings, error) {
+	s := &Settings{File: c.file, StateDir: c.StateDir, Identity: c.Identity, Topology: TopologyFullMesh}
+	var errs []error
+	if c.StateDir == "" {
+		errs = append(errs, hclconf.Errorf(c.Body, "state_dir", "must name the directory where the gateway keeps its state"))
+	}
+	if c.Identity.Dir == "" && c.StateDir != "" {
+		s.Identity.Dir = filepath.Join(c.StateDir, "identity")
+	}
+
+	g := c.Gossip
+	var err error
+	if s.GossipBind, err = parseAddrPort(g.Bind, DefaultGossipPort); err != nil {
+		errs = append(errs, hclconf.Errorf(g.Body, "bind", "%v", err))
+	}
+	s.GossipAdvertise = s.GossipBind
+	if g.Advertise != "" {
+		if s.GossipAdvertise, err = parseAddrPort(g.Advertise, DefaultGossipPort); err != nil {
+			errs = append(errs, hclconf.Errorf(g.Body, "advertise", "%v", err))
+		}
+	}
+	if s.GossipAdvertise.Addr().IsUnspecified() {
+		errs = append(errs, hclconf.Errorf(g.Body, "advertise", "gateways cannot reach %s; set advertise to an address they can", s.GossipAdvertise))
+	}
+	for _, seed := range g.Seeds {
+		if _, err := parseAddrPort(seed, DefaultGossipPort); err != nil {
+			errs = append(errs, hclconf.Errorf(g.Body, "seeds", "%v", err))
+		}
+	}
+	s.Seeds = g.Seeds
+	switch g.Profile {
+	case "", "lan", "wan", "local":
+		s.GossipProfile = g.Profile
+		if s.GossipProfile == "" {
+			s.GossipProfile = "lan"
+		}
+	default:
+		errs = append(errs, hclconf.Errorf(g.Body, "profile", "%q is not lan, wan or local", g.Profile))
+	}
+
+	w := c.WireGuard
+	s.Interface, s.Port, s.Mode, s.MTU, s.BehindNAT = w.Interface, w.Port, w.Mode, w.MTU, w.BehindNAT
+	if len(w.Interface) == 0 || len(w.Interface) > 15 {
+		errs = append(errs, hclconf.Errorf(w.Body, "interface", "%q: an interface name has 1 to 15 characters", w.Interface))
+	}
+	if s.Port == 0 {
+		s.Port = DefaultWireGuardPort
+	}
+	if s.Port < 1 || s.Port > 65535 {
+		errs = append(errs, hclconf.Errorf(w.Body, "port", "%d is not a UDP port", w.Port))
+	}
+	switch s.Mode {
+	case "":
+		s.Mode = ModeAuto
+	case ModeAuto, ModeKernel, ModeTUN, ModeNetstack:
+	default:
+		errs = append(errs, hclconf.Errorf(w.Body, "mode", "%q is not auto, kernel, tun or netstack", w.Mode))
+	}
+	if s.MTU == 0 {
+		s.MTU = DefaultMTU
+	}
+	if s.MTU < 1280 || s.MTU > 9000 {
+		errs = append(errs, hclconf.Errorf(w.Body, "mtu", "%d is outside 1280-9000", w.MTU))
+	}
+	for _, e := range w.Endpoints {
+		ap, err := parseAddrPort(e, s.Port)
+		if err != nil {
+			errs = append(errs, hclconf.Errorf(w.Body, "endpoints", "%v", err))
+			continue
+		}
+		s.Endpoints = append(s.Endpoints, ap)
+	}
+	if len(s.Endpoints) == 0 && s.GossipAdvertise.IsValid() {
+		s.Endpoints = []netip.AddrPort{netip.AddrPortFrom(s.GossipAdvertise.Addr(), uint16(s.Port))}
+	}
+
+	if t := c.Topology; t != nil {
+		switch t.Mode {
+		case TopologyFullMesh, TopologyHub:
+			s.Topology = t.Mode
+		default:
+			errs = append(errs, hclconf.Errorf(t.Body, "mode", "%q is not %q or %q", t.Mode, TopologyFullMesh, TopologyHub))
+		}
+	}
+	if p := c.Policy; p != nil {
+		s.PolicyFile, s.PolicySignature = p.File, p.Signature
+		if s.PolicySignature == "" {
+			s.PolicySignature = p.File + ".sig"
+		}
+	}
+	s.ControlSocket = filepath.Join(c.StateDir, "control.sock")
+	if c.Control != nil {
+		s.ControlSocket = c.Control.Socket
+	}
+	if err := hclconf.Join(errs...); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// parseAddrPort accepts "ip:port", "[ip6]:port" or a bare IP (with
+// defaultPort).
+func parseAddrPort(s string, defaultPort int) (netip.AddrPort, error) {
+	if ap, err := netip.ParseAddrPort(s); err == nil {
+		return ap, nil
+	}
+	if a, err := netip.ParseAddr(s); err == nil {
+		return netip.AddrPortFrom(a, uint16(defaultPort)), nil
+	}
+	return netip.AddrPort{}, fmt.Errorf("%q is not an address such as 192.0.2.1:%s", s, strconv.Itoa(defaultPort))
+}
+
+// Durations of the gateway's loops.
+const (
+	reconcileInterval = 10 * time.Second // resync even without events, to repair drift
+	rejoinInterval    = 5 * time.Second  // how often a gateway missing members knocks on seeds
+)

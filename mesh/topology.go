@@ -1,0 +1,319 @@
+package mesh
+
+import (
+	"cmp"
+	"fmt"
+	"net/netip"
+	"slices"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/skybridge-mesh/skybridge/certs"
+	"github.com/skybridge-mesh/skybridge/policy"
+)
+
+// ClassesLabel is the site label that lists the data classes a site
+// handles, comma-separated. Residency-aware topology links two sites only
+// if the policy lets at least one class they both handle travel between
+// them.
+const ClassesLabel = "classes"
+
+// Keepalive is the persistent keepalive a gateway behind NAT sends, short
+// enough for common NAT mapping timeouts (30 s and up).
+const Keepalive = 25 * time.Second
+
+// Gateway is a verified member as the topology sees it: what its
+// certificate grants and what its advert currently says.
+type Gateway struct {
+	Attributes *certs.Attributes // certified
+	Advert     certs.Advert      // verified against the certificate
+}
+
+func (g *Gateway) node() string { return g.Attributes.Node }
+func (g *Gateway) site() string { return g.Attributes.Site }
+
+// TopologyInput is everything the topology depends on. It holds no I/O
+// handles: Compute is a pure function of it.
+type TopologyInput struct {
+	Self       Gateway
+	Peers      []Gateway      // verified, alive members other than Self
+	MeshPrefix netip.Prefix   // the overlay range, routed by the interface address itself
+	Policy     *policy.Policy // nil: no residency policy in force, sites link freely
+	Mode       string         // TopologyFullMesh or TopologyHub
+	BehindNAT  bool           // Self needs keepalives to hold its NAT mapping
+	Now        time.Time      // decides which policy exceptions are in force
+}
+
+// PeerConfig is the WireGuard configuration of one peer.
+type PeerConfig struct {
+	Node       string            `json:"node"`
+	Site       string            `json:"site"`
+	PublicKey  certs.WGPublicKey `json:"public_key"`
+	Endpoint   netip.AddrPort    `json:"endpoint"`
+	AllowedIPs []netip.Prefix    `json:"allowed_ips"`
+	Keepalive  time.Duration     `json:"keepalive"`
+}
+
+// Link is the residency verdict for a pair of sites.
+type Link struct {
+	Site    string `json:"site"`
+	Allowed bool   `json:"allowed"`
+	Class   string `json:"class,omitempty"` // a class the policy lets travel between the sites
+	Reason  string `json:"reason"`
+}
+
+// Plan is the WireGuard configuration Self should have.
+type Plan struct {
+	Peers  []PeerConfig   `json:"peers"`  // sorted by node
+	Routes []netip.Prefix `json:"routes"` // site prefixes to route into the interface
+	Links  []Link         `json:"links"`  // one per remote site, sorted by site
+	// Conflicts lists claims the plan had to drop: a prefix claimed by
+	// gateways of two sites, or a gateway's routes shadowed by another
+	// gateway of its own site (only one gateway per site carries them).
+	Conflicts []string `json:"conflicts,omitempty"`
+}
+
+// Compute derives the WireGuard configuration of in.Self from the verified
+// membership and the residency policy. It is pure and deterministic: the
+// same membership gives every gateway the same view of who links to whom,
+// whatever order the members arrived in.
+func Compute(in TopologyInput) Plan {
+	var plan Plan
+	peers := slices.Clone(in.Peers)
+	slices.SortFunc(peers, func(a, b Gateway) int { return cmp.Compare(a.node(), b.node()) })
+
+	// Residency: which remote sites may we link to at all?
+	links := map[string]Link{}
+	for _, p := range peers {
+		s := p.site()
+		if _, done := links[s]; done || s == in.Self.site() {
+			continue
+		}
+		links[s] = residencyLink(in.Policy, in.Self.Attributes, p.Attributes, in.Now)
+	}
+	for _, s := range sortedKeys(links) {
+		plan.Links = append(plan.Links, links[s])
+	}
+	linked := func(g *Gateway) bool { return g.site() == in.Self.site() || links[g.site()].Allowed }
+
+	// Routes of a site are carried by exactly one of its gateways (the
+	// first by name; issue-9 HA replaces "first" with "first healthy").
+	carrier := map[string]string{} // site → node
+	for _, g := range append([]Gateway{in.Self}, peers...) {
+		if c, ok := carrier[g.site()]; !ok || g.node() < c {
+			carrier[g.site()] = g.node()
+		}
+	}
+
+	var members []Gateway // the linked ones
+	for _, p := range peers {
+		if linked(&p) {
+			members = append(members, p)
+		}
+	}
+
+	switch in.Mode {
+	case TopologyHub:
+		plan.Peers = hubPeers(in, members, carrier, &plan)
+	default:
+		for _, p := range members {
+			pc := peerConfig(in, p)
+			pc.AllowedIPs = []netip.Prefix{overlayPrefix(p)}
+			if carrier[p.site()] == p.node() && p.site() != in.Self.site() {
+				pc.AllowedIPs = append(pc.AllowedIPs, p.Advert.Routes...)
+			}
+			plan.Peers = append(plan.Peers, pc)
+		}
+	}
+	dedupe(&plan, in.Self, in.MeshPrefix)
+	return plan
+}
+
+// hubPeers builds the hub topology: each site's hub (its route carrier)
+// peers with the other sites' hubs and with its own site's gateways; every
+// other gateway peers only with its site's hub, which relays for it.
+func hubPeers(in TopologyInput, members []Gateway, hub map[string]string, plan *Plan) []PeerConfig {
+	selfIsHub := hub[in.Self.site()] == in.Self.node()
+	var out []PeerConfig
+	if !selfIsHub {
+		for _, p := range members {
+			if p.node() != hub[in.Self.site()] {
+				continue
+			}
+			pc := peerConfig(in, p)
+			// Everything else in the mesh is reached through the hub.
+			for _, q := range members {
+				if q.node() == in.Self.node() {
+					continue
+				}
+				pc.AllowedIPs = append(pc.AllowedIPs, overlayPrefix(q))
+				if hub[q.site()] == q.node() && q.site() != in.Self.site() {
+					pc.AllowedIPs = append(pc.AllowedIPs, q.Advert.Routes...)
+				}
+			}
+			out = append(out, pc)
+		}
+		return out
+	}
+	bySite := map[string][]Gateway{}
+	for _, p := range members {
+		bySite[p.site()] = append(bySite[p.site()], p)
+	}
+	for _, p := range members {
+		switch {
+		case p.site() == in.Self.site():
+			pc := peerConfig(in, p)
+			pc.AllowedIPs = []netip.Prefix{overlayPrefix(p)}
+			out = append(out, pc)
+		case hub[p.site()] == p.node():
+			pc := peerConfig(in, p)
+			for _, q := range bySite[p.site()] {
+				pc.AllowedIPs = append(pc.AllowedIPs, overlayPrefix(q))
+			}
+			pc.AllowedIPs = append(pc.AllowedIPs, p.Advert.Routes...)
+			out = append(out, pc)
+		}
+	}
+	return out
+}
+
+func peerConfig(in TopologyInput, p Gateway) PeerConfig {
+	pc := PeerConfig{Node: p.node(), Site: p.site(), PublicKey: p.Advert.WireGuardKey, Endpoint: pickEndpoint(in.Self.Advert.Endpoints, p.Advert.Endpoints)}
+	if in.BehindNAT {
+		pc.Keepalive = Keepalive
+	}
+	return pc
+}
+
+func overlayPrefix(g Gateway) netip.Prefix {
+	a := g.Attributes.OverlayIP
+	return netip.PrefixFrom(a, a.BitLen())
+}
+
+// pickEndpoint prefers a peer endpoint of the same address family as our
+// own first endpoint, so an IPv4-only underlay never dials IPv6.
+func pickEndpoint(self, peer []netip.AddrPort) netip.AddrPort {
+	if len(peer) == 0 {
+		return netip.AddrPort{}
+	}
+	if len(self) > 0 {
+		for _, e := range peer {
+			if e.Addr().Is4() == self[0].Addr().Is4() {
+				return e
+			}
+		}
+	}
+	return peer[0]
+}
+
+// residencyLink decides whether two sites may have a tunnel: only if the
+// policy lets at least one class both sites handle travel between them.
+func residencyLink(p *policy.Policy, self, peer *certs.Attributes, now time.Time) Link {
+	l := Link{Site: peer.Site}
+	if p == nil {
+		l.Allowed, l.Reason = true, "no residency policy in force"
+		return l
+	}
+	shared := sharedClasses(self.Labels[ClassesLabel], peer.Labels[ClassesLabel])
+	if len(shared) == 0 {
+		l.Reason = fmt.Sprintf("sites %s and %s handle no data class in common (label %q)", self.Site, peer.Site, ClassesLabel)
+		return l
+	}
+	path := []policy.Site{policy.SiteOf(self), policy.SiteOf(peer)}
+	var denials []string
+	for _, c := range shared {
+		d := p.Evaluate(policy.Request{Class: c, Action: policy.Transit, Sites: path, Time: now})
+		if d.Allowed {
+			l.Allowed, l.Class = true, c
+			l.Reason = fmt.Sprintf("%s may travel between %s and %s (%s)", c, self.Site, peer.Site, d.Rule)
+			return l
+		}
+		denials = append(denials, fmt.Sprintf("%s: %s", c, d.Rule))
+	}
+	l.Reason = fmt.Sprintf("policy %s lets none of the shared classes travel between %s and %s (%s)",
+		p.Revision(), self.Site, peer.Site, strings.Join(denials, "; "))
+	return l
+}
+
+func sharedClasses(a, b string) []string {
+	set := map[string]bool{}
+	for _, c := range strings.Split(a, ",") {
+		if c = strings.TrimSpace(c); c != "" {
+			set[c] = true
+		}
+	}
+	var out []string
+	for _, c := range strings.Split(b, ",") {
+		if c = strings.TrimSpace(c); c != "" && set[c] {
+			out = append(out, c)
+			set[c] = false
+		}
+	}
+	sort.Strings(out)
+	return out
+}
+
+// dedupe sorts each peer's allowed IPs, drops any prefix that overlaps one
+// already given to another peer (WireGuard routes an address to exactly
+// one peer; the first peer by name keeps it) or that covers our own
+// overlay address or routes, and derives the routes: every allowed prefix
+// outside the mesh overlay range.
+func dedupe(plan *Plan, self Gateway, mesh netip.Prefix) {
+	var taken []netip.Prefix
+	owner := map[netip.Prefix]string{}
+	own := append([]netip.Prefix{overlayPrefix(self)}, self.Advert.Routes...)
+	routes := map[netip.Prefix]bool{}
+	for i := range plan.Peers {
+		pc := &plan.Peers[i]
+		slices.SortFunc(pc.AllowedIPs, comparePrefix)
+		pc.AllowedIPs = slices.Compact(pc.AllowedIPs)
+		kept := pc.AllowedIPs[:0]
+		for _, p := range pc.AllowedIPs {
+			if q, ok := overlapsAny(p, own); ok {
+				plan.Conflicts = append(plan.Conflicts, fmt.Sprintf("%s of %s overlaps our own %s; not routed to it", p, pc.Node, q))
+				continue
+			}
+			if q, ok := overlapsAny(p, taken); ok {
+				plan.Conflicts = append(plan.Conflicts, fmt.Sprintf("%s of %s overlaps %s of %s; not routed to it", p, pc.Node, q, owner[q]))
+				continue
+			}
+			taken = append(taken, p)
+			owner[p] = pc.Node
+			kept = append(kept, p)
+			if !(mesh.Contains(p.Addr()) && p.Bits() >= mesh.Bits()) {
+				routes[p] = true
+			}
+		}
+		pc.AllowedIPs = kept
+	}
+	for p := range routes {
+		plan.Routes = append(plan.Routes, p)
+	}
+	slices.SortFunc(plan.Routes, comparePrefix)
+}
+
+func overlapsAny(p netip.Prefix, set []netip.Prefix) (netip.Prefix, bool) {
+	for _, q := range set {
+		if p.Overlaps(q) {
+			return q, true
+		}
+	}
+	return netip.Prefix{}, false
+}
+
+func comparePrefix(a, b netip.Prefix) int {
+	if c := a.Addr().Compare(b.Addr()); c != 0 {
+		return c
+	}
+	return a.Bits() - b.Bits()
+}
+
+func sortedKeys[V any](m map[string]V) []string {
+	out := make([]string, 0, len(m))
+	for k := range m {
+		out = append(out, k)
+	}
+	sort.Strings(out)
+	return out
+}

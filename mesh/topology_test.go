@@ -1,0 +1,250 @@
+package mesh
+
+import (
+	"fmt"
+	"net/netip"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/skybridge-mesh/skybridge/certs"
+	"github.com/skybridge-mesh/skybridge/policy"
+)
+
+var (
+	mesh16 = netip.MustParsePrefix("100.96.0.0/16")
+	now    = time.Date(2026, 11, 24, 12, 0, 0, 0, time.UTC)
+)
+
+// gw builds a verified gateway: node, site, jurisdiction, provider, overlay
+// host number, classes label, routes.
+func gw(node, site, cc, provider string, host byte, classes string, routes ...string) Gateway {
+	a := &certs.Attributes{
+		Node: node, Site: site, Region: "r-" + site, Provider: provider, Jurisdiction: cc,
+		OverlayIP: netip.AddrFrom4([4]byte{100, 96, 0, host}),
+		Labels:    map[string]string{ClassesLabel: classes},
+	}
+	for _, r := range routes {
+		a.Routes = append(a.Routes, netip.MustParsePrefix(r))
+	}
+	var key certs.WGPublicKey
+	key[0], key[1] = host, 0xAA
+	return Gateway{Attributes: a, Advert: certs.Advert{
+		Node: node, Site: site, OverlayIP: a.OverlayIP, Routes: a.Routes, WireGuardKey: key,
+		Endpoints: []netip.AddrPort{netip.AddrPortFrom(netip.AddrFrom4([4]byte{192, 0, 2, host}), 51820), netip.MustParseAddrPort(fmt.Sprintf("[2001:db8::%x]:51820", host))},
+	}}
+}
+
+var (
+	zrh1 = gw("zrh-1", "onprem-zrh", "CH", "onprem", 1, "swiss-banking-secret,pii-eu", "10.1.0.0/16")
+	zrh2 = gw("zrh-2", "onprem-zrh", "CH", "onprem", 2, "swiss-banking-secret,pii-eu", "10.1.0.0/16")
+	gva1 = gw("gva-1", "onprem-gva", "CH", "onprem", 3, "swiss-banking-secret", "10.4.0.0/16")
+	fra1 = gw("fra-1", "aws-eu-central-1", "DE", "aws", 4, "pii-eu,risk-batch", "10.2.0.0/16")
+	fra2 = gw("fra-2", "aws-eu-central-1", "DE", "aws", 5, "pii-eu,risk-batch", "10.2.0.0/16")
+	iad1 = gw("iad-1", "aws-us-east-1", "US", "aws", 6, "risk-batch", "10.3.0.0/16")
+	sbs1 = gw("sbs-1", "onprem-sbs", "CH", "onprem", 7, "swiss-banking-secret", "10.5.0.0/16")
+)
+
+const meshPolicy = `policy {
+  name    = "mesh-test"
+  version = 1
+}
+class "swiss-banking-secret" {
+  allow "transit" {
+    jurisdiction = ["CH"]
+  }
+  allow "store" {
+    jurisdiction = ["CH"]
+  }
+}
+class "pii-eu" {
+  allow "transit" {
+    jurisdiction = ["CH", "DE", "FR"]
+  }
+  allow "store" {
+    jurisdiction = ["CH", "DE", "FR"]
+  }
+}
+class "risk-batch" {
+  allow "transit" {
+    site = ["*"]
+  }
+  allow "store" {
+    site = ["*"]
+  }
+}
+`
+
+func mustPolicy(t *testing.T, src string) *policy.Policy {
+	t.Helper()
+	p, err := policy.Parse("mesh.hcl", []byte(src))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// summary renders a plan compactly: "node=allowed,ips@endpoint" per peer.
+func summary(p Plan) string {
+	var parts []string
+	for _, pc := range p.Peers {
+		ips := make([]string, len(pc.AllowedIPs))
+		for i, a := range pc.AllowedIPs {
+			ips[i] = a.String()
+		}
+		s := pc.Node + "=" + strings.Join(ips, ",")
+		if pc.Keepalive > 0 {
+			s += "+ka"
+		}
+		parts = append(parts, s)
+	}
+	return strings.Join(parts, " ")
+}
+
+func TestCompute(t *testing.T) {
+	pol := mustPolicy(t, meshPolicy)
+	tests := []struct {
+		name      string
+		self      Gateway
+		peers     []Gateway
+		policy    *policy.Policy
+		mode      string
+		nat       bool
+		want      string   // summary
+		routes    string   // comma-joined
+		refused   []string // sites refused by residency
+		conflicts int
+	}{
+		{
+			name: "alone", self: zrh1, want: "",
+		},
+		{
+			name: "full mesh without policy", self: zrh1, peers: []Gateway{iad1, fra1},
+			want:   "fra-1=10.2.0.0/16,100.96.0.4/32 iad-1=10.3.0.0/16,100.96.0.6/32",
+			routes: "10.2.0.0/16,10.3.0.0/16",
+		},
+		{
+			name: "residency: swiss-only site never links to the US", self: iad1, peers: []Gateway{gva1, fra1, zrh1}, policy: pol,
+			want: "fra-1=10.2.0.0/16,100.96.0.4/32", routes: "10.2.0.0/16", refused: []string{"onprem-gva", "onprem-zrh"},
+		},
+		{
+			name: "residency: shared class pii-eu links Zurich and Frankfurt", self: zrh1, peers: []Gateway{fra1, gva1, iad1}, policy: pol,
+			want:   "fra-1=10.2.0.0/16,100.96.0.4/32 gva-1=10.4.0.0/16,100.96.0.3/32",
+			routes: "10.2.0.0/16,10.4.0.0/16", refused: []string{"aws-us-east-1"},
+		},
+		{
+			name: "residency: a site without classes links to nothing", self: zrh1,
+			peers:  []Gateway{gw("x-1", "lab", "CH", "onprem", 9, "", "10.9.0.0/16")},
+			policy: pol, want: "", refused: []string{"lab"},
+		},
+		{
+			name: "same site always links, routes carried once", self: fra1, peers: []Gateway{fra2, zrh1, zrh2},
+			want:   "fra-2=100.96.0.5/32 zrh-1=10.1.0.0/16,100.96.0.1/32 zrh-2=100.96.0.2/32",
+			routes: "10.1.0.0/16",
+		},
+		{
+			name: "the second gateway of a site does not carry its own site's routes to itself", self: fra2, peers: []Gateway{fra1, iad1},
+			want:   "fra-1=100.96.0.4/32 iad-1=10.3.0.0/16,100.96.0.6/32",
+			routes: "10.3.0.0/16",
+		},
+		{
+			name: "behind NAT: keepalive on every peer", self: zrh1, peers: []Gateway{fra1}, nat: true,
+			want: "fra-1=10.2.0.0/16,100.96.0.4/32+ka", routes: "10.2.0.0/16",
+		},
+		{
+			name: "route claimed by two sites: first by name keeps it", self: zrh1,
+			peers:  []Gateway{gw("b-1", "site-b", "DE", "aws", 10, "", "10.7.0.0/16"), gw("a-1", "site-a", "DE", "aws", 11, "", "10.7.0.0/24")},
+			want:   "a-1=10.7.0.0/24,100.96.0.11/32 b-1=100.96.0.10/32",
+			routes: "10.7.0.0/24", conflicts: 1,
+		},
+		{
+			name: "peer route overlapping our own site is dropped", self: zrh1,
+			peers: []Gateway{gw("b-1", "site-b", "DE", "aws", 10, "", "10.1.2.0/24")},
+			want:  "b-1=100.96.0.10/32", conflicts: 1,
+		},
+		{
+			name: "hub mode: hub peers with remote hubs and its own site", self: zrh1, peers: []Gateway{zrh2, fra1, fra2, iad1}, mode: TopologyHub,
+			want:   "fra-1=10.2.0.0/16,100.96.0.4/32,100.96.0.5/32 iad-1=10.3.0.0/16,100.96.0.6/32 zrh-2=100.96.0.2/32",
+			routes: "10.2.0.0/16,10.3.0.0/16",
+		},
+		{
+			name: "hub mode: non-hub peers only with its hub, which relays everything", self: zrh2, peers: []Gateway{zrh1, fra1, fra2, iad1}, mode: TopologyHub,
+			want:   "zrh-1=10.2.0.0/16,10.3.0.0/16,100.96.0.1/32,100.96.0.4/32,100.96.0.5/32,100.96.0.6/32",
+			routes: "10.2.0.0/16,10.3.0.0/16",
+		},
+		{
+			name: "hub mode respects residency", self: iad1, peers: []Gateway{zrh1, zrh2, fra1, fra2}, mode: TopologyHub, policy: pol,
+			want: "fra-1=10.2.0.0/16,100.96.0.4/32,100.96.0.5/32", routes: "10.2.0.0/16", refused: []string{"onprem-zrh"},
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			in := TopologyInput{Self: tt.self, Peers: tt.peers, Policy: tt.policy, Mode: tt.mode, BehindNAT: tt.nat, Now: now, MeshPrefix: mesh16}
+			plan := Compute(in)
+			if got := summary(plan); got != tt.want {
+				t.Errorf("peers:\n got %s\nwant %s", got, tt.want)
+			}
+			var routes []string
+			for _, r := range plan.Routes {
+				routes = append(routes, r.String())
+			}
+			if got := strings.Join(routes, ","); got != tt.routes {
+				t.Errorf("routes %s, want %s", got, tt.routes)
+			}
+			var refused []string
+			for _, l := range plan.Links {
+				if !l.Allowed {
+					refused = append(refused, l.Site)
+					if l.Reason == "" {
+						t.Errorf("refused link to %s has no reason", l.Site)
+					}
+				}
+			}
+			if !slices.Equal(refused, tt.refused) {
+				t.Errorf("refused links %v, want %v", refused, tt.refused)
+			}
+			if len(plan.Conflicts) != tt.conflicts {
+				t.Errorf("conflicts %v, want %d", plan.Conflicts, tt.conflicts)
+			}
+			for _, pc := range plan.Peers {
+				if !pc.Endpoint.Addr().Is4() {
+					t.Errorf("%s: endpoint %s is not of our (IPv4) family", pc.Node, pc.Endpoint)
+				}
+			}
+			// Order of arrival must not matter.
+			rev := slices.Clone(tt.peers)
+			slices.Reverse(rev)
+			in.Peers = rev
+			if again := summary(Compute(in)); again != summary(plan) {
+				t.Errorf("peer order changed the plan:\n%s\n%s", again, summary(plan))
+			}
+		})
+	}
+}
+
+// TestComputeIsSymmetric: in a full mesh, if A peers with B then B peers
+// with A — otherwise a tunnel would be half-configured.
+func TestComputeIsSymmetric(t *testing.T) {
+	pol := mustPolicy(t, meshPolicy)
+	all := []Gateway{zrh1, zrh2, gva1, fra1, fra2, iad1, sbs1}
+	peersOf := map[string]map[string]bool{}
+	for i, self := range all {
+		others := append(slices.Clone(all[:i]), all[i+1:]...)
+		plan := Compute(TopologyInput{Self: self, Peers: others, Policy: pol, Now: now, MeshPrefix: mesh16})
+		peersOf[self.node()] = map[string]bool{}
+		for _, pc := range plan.Peers {
+			peersOf[self.node()][pc.Node] = true
+		}
+	}
+	for a, ps := range peersOf {
+		for b := range ps {
+			if !peersOf[b][a] {
+				t.Errorf("%s peers with %s but not the other way round", a, b)
+			}
+		}
+	}
+	if peersOf["iad-1"]["sbs-1"] || peersOf["sbs-1"]["iad-1"] {
+		t.Error("US site linked to a swiss-banking-secret-only site")
+	}
+}
