@@ -1,0 +1,253 @@
+package mesh
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+
+	"golang.zx2c4.com/wireguard/conn"
+	"golang.zx2c4.com/wireguard/device"
+	"golang.zx2c4.com/wireguard/ipc"
+	"golang.zx2c4.com/wireguard/tun"
+	"golang.zx2c4.com/wireguard/tun/netstack"
+	"golang.zx2c4.com/wireguard/wgctrl"
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
+
+	"github.com/skybridge-mesh/skybridge/certs"
+)
+
+// Device is the WireGuard interface the reconciler drives. Implementations:
+// kernel WireGuard and embedded wireguard-go on a TUN device (both
+// configured with wgctrl, exactly as `wg` does), netstack (in process, no
+// root), and in tests and benchmarks a recorder.
+type Device interface {
+	Name() string
+	Mode() string
+	// Device returns the current configuration, peers with handshake
+	// times and counters included.
+	Device() (*wgtypes.Device, error)
+	// Configure applies a change; it never replaces peers wholesale.
+	Configure(wgtypes.Config) error
+	// Routes returns the routes skybridge installed towards the device;
+	// SetRoutes adds and removes some. Devices without kernel routing
+	// (netstack) route by allowed IPs alone and do nothing here.
+	Routes() ([]netip.Prefix, error)
+	SetRoutes(add, del []netip.Prefix) error
+	Close() error
+}
+
+// DeviceOptions says how to bring a device up.
+type DeviceOptions struct {
+	Name       string
+	Mode       string // ModeAuto, ModeKernel, ModeTUN, ModeNetstack
+	Port       int
+	MTU        int
+	PrivateKey certs.WGPrivateKey
+	Overlay    netip.Addr   // the gateway's overlay address
+	MeshPrefix netip.Prefix // the overlay range, routed to the interface
+	Log        *slog.Logger
+}
+
+// errNoKernelWireGuard says the kernel has no WireGuard module.
+var errNoKernelWireGuard = errors.New("kernel has no WireGuard support")
+
+// OpenDevice creates (or, for kernel WireGuard, adopts) the interface,
+// gives it the private key, port, overlay address and MTU, and brings it up.
+// In auto mode it uses kernel WireGuard where the module exists and
+// embedded wireguard-go on TUN otherwise.
+func OpenDevice(opt DeviceOptions) (Device, error) {
+	if opt.Log == nil {
+		opt.Log = slog.Default()
+	}
+	switch opt.Mode {
+	case ModeNetstack:
+		return openNetstack(opt)
+	case ModeTUN:
+		return openTUN(opt)
+	case ModeKernel:
+		return openKernel(opt)
+	case ModeAuto, "":
+		d, err := openKernel(opt)
+		if errors.Is(err, errNoKernelWireGuard) {
+			opt.Log.Info("no kernel WireGuard here; using embedded wireguard-go on a TUN device", "interface", opt.Name)
+			return openTUN(opt)
+		}
+		return d, err
+	}
+	return nil, fmt.Errorf("unknown device mode %q", opt.Mode)
+}
+
+func baseConfig(opt DeviceOptions) wgtypes.Config {
+	k := wgtypes.Key(opt.PrivateKey.Bytes())
+	return wgtypes.Config{PrivateKey: &k, ListenPort: &opt.Port}
+}
+
+// wgctrlDevice is a device configured through wgctrl: kernel WireGuard over
+// netlink, or wireguard-go over its UAPI socket.
+type wgctrlDevice struct {
+	name, mode string
+	client     *wgctrl.Client
+	link       *linkConfig
+	close      func() error
+}
+
+func (d *wgctrlDevice) Name() string                            { return d.name }
+func (d *wgctrlDevice) Mode() string                            { return d.mode }
+func (d *wgctrlDevice) Device() (*wgtypes.Device, error)        { return d.client.Device(d.name) }
+func (d *wgctrlDevice) Configure(c wgtypes.Config) error        { return d.client.ConfigureDevice(d.name, c) }
+func (d *wgctrlDevice) Routes() ([]netip.Prefix, error)         { return d.link.routes() }
+func (d *wgctrlDevice) SetRoutes(add, del []netip.Prefix) error { return d.link.setRoutes(add, del) }
+func (d *wgctrlDevice) Close() error {
+	err := d.close()
+	d.client.Close()
+	return err
+}
+
+func openTUN(opt DeviceOptions) (Device, error) {
+	t, err := tun.CreateTUN(opt.Name, opt.MTU)
+	if err != nil {
+		return nil, fmt.Errorf("create TUN device %s: %w (TUN mode needs root or CAP_NET_ADMIN and /dev/net/tun; netstack mode needs neither)", opt.Name, err)
+	}
+	dev := device.NewDevice(t, conn.NewDefaultBind(), wgLogger(opt.Log, opt.Name))
+	uapiFile, err := ipc.UAPIOpen(opt.Name)
+	if err != nil {
+		dev.Close()
+		return nil, fmt.Errorf("open UAPI socket for %s: %w", opt.Name, err)
+	}
+	uapi, err := ipc.UAPIListen(opt.Name, uapiFile)
+	if err != nil {
+		uapiFile.Close()
+		dev.Close()
+		return nil, fmt.Errorf("listen on UAPI socket for %s: %w", opt.Name, err)
+	}
+	go func() {
+		for {
+			c, err := uapi.Accept()
+			if err != nil {
+				return
+			}
+			go dev.IpcHandle(c)
+		}
+	}()
+	closeAll := func() error {
+		uapi.Close()
+		dev.Close() // closes the TUN device, which removes the interface
+		os.Remove(filepath.Join("/var/run/wireguard", opt.Name+".sock"))
+		return nil
+	}
+	client, err := wgctrl.New()
+	if err != nil {
+		closeAll()
+		return nil, fmt.Errorf("wgctrl: %w", err)
+	}
+	d := &wgctrlDevice{name: opt.Name, mode: ModeTUN, client: client, close: closeAll}
+	if err := d.Configure(baseConfig(opt)); err != nil {
+		d.Close()
+		return nil, fmt.Errorf("configure %s: %w", opt.Name, err)
+	}
+	if d.link, err = setUpLink(opt); err != nil {
+		d.Close()
+		return nil, err
+	}
+	return d, nil
+}
+
+func openKernel(opt DeviceOptions) (Device, error) {
+	created, err := createKernelLink(opt.Name, opt.MTU)
+	if err != nil {
+		return nil, err
+	}
+	closeLink := func() error { return deleteLink(opt.Name) }
+	client, err := wgctrl.New()
+	if err != nil {
+		closeLink()
+		return nil, fmt.Errorf("wgctrl: %w", err)
+	}
+	d := &wgctrlDevice{name: opt.Name, mode: ModeKernel, client: client, close: closeLink}
+	if err := d.Configure(baseConfig(opt)); err != nil {
+		d.Close()
+		return nil, fmt.Errorf("configure %s: %w", opt.Name, err)
+	}
+	if d.link, err = setUpLink(opt); err != nil {
+		d.Close()
+		return nil, err
+	}
+	if !created {
+		opt.Log.Info("adopted existing kernel WireGuard interface; its peers stay until reconciled", "interface", opt.Name)
+	}
+	return d, nil
+}
+
+// NetstackDevice is wireguard-go on gVisor's userspace network stack: the
+// gateway's own services listen on its overlay address through Net, with
+// neither root nor a TUN device.
+type NetstackDevice struct {
+	name string
+	dev  *device.Device
+	net  *netstack.Net
+}
+
+func openNetstack(opt DeviceOptions) (Device, error) {
+	t, tnet, err := netstack.CreateNetTUN([]netip.Addr{opt.Overlay}, nil, opt.MTU)
+	if err != nil {
+		return nil, fmt.Errorf("create netstack device: %w", err)
+	}
+	dev := device.NewDevice(t, conn.NewDefaultBind(), wgLogger(opt.Log, opt.Name))
+	d := &NetstackDevice{name: opt.Name, dev: dev, net: tnet}
+	if err := d.Configure(baseConfig(opt)); err != nil {
+		dev.Close()
+		return nil, fmt.Errorf("configure netstack device: %w", err)
+	}
+	if err := dev.Up(); err != nil {
+		dev.Close()
+		return nil, fmt.Errorf("bring up netstack device: %w", err)
+	}
+	return d, nil
+}
+
+// Net is the userspace network stack on the overlay address.
+func (d *NetstackDevice) Net() *netstack.Net { return d.net }
+
+func (d *NetstackDevice) Name() string { return d.name }
+func (d *NetstackDevice) Mode() string { return ModeNetstack }
+
+func (d *NetstackDevice) Device() (*wgtypes.Device, error) {
+	s, err := d.dev.IpcGet()
+	if err != nil {
+		return nil, err
+	}
+	return parseUAPI(d.name, s)
+}
+
+func (d *NetstackDevice) Configure(c wgtypes.Config) error { return d.dev.IpcSet(encodeUAPI(c)) }
+
+func (d *NetstackDevice) Routes() ([]netip.Prefix, error)     { return nil, nil }
+func (d *NetstackDevice) SetRoutes(_, _ []netip.Prefix) error { return nil }
+
+func (d *NetstackDevice) Close() error {
+	d.dev.Close()
+	return nil
+}
+
+// DialContext dials an overlay address through the netstack device, for
+// the gateway's own clients (and tests).
+func (d *NetstackDevice) DialContext(ctx context.Context, network, addr string) (net.Conn, error) {
+	return d.net.DialContext(ctx, network, addr)
+}
+
+func wgLogger(log *slog.Logger, name string) *device.Logger {
+	l := log.With("interface", name)
+	return &device.Logger{
+		Verbosef: func(format string, args ...any) {
+			if l.Enabled(context.Background(), slog.LevelDebug-4) {
+				l.Log(context.Background(), slog.LevelDebug-4, fmt.Sprintf(format, args...))
+			}
+		},
+		Errorf: func(format string, args ...any) { l.Warn(fmt.Sprintf(format, args...)) },
+	}
+}
