@@ -107,10 +107,10 @@ type ControlConfig struct {
 
 // Settings is a validated configuration with defaults filled in.
 type Settings struct {
-	File       string
-	StateDir   string
-	Attributes certs.Attributes
-	Identity   certs.Config
+	File     string
+	StateDir string
+	Node     certs.NodeConfig
+	Identity certs.Config
 
 	GossipBind      netip.AddrPort
 	GossipAdvertise netip.AddrPort
@@ -150,7 +150,7 @@ func LoadConfig(path string) (*Settings, error) {
 }
 
 func (c *Config) validate() (*Settings, error) {
-	s := &Settings{File: c.file, StateDir: c.StateDir, Identity: c.Identity, Topology: TopologyFullMesh}
+	s := &Settings{File: c.file, StateDir: c.StateDir, Node: c.Node, Identity: c.Identity, Topology: TopologyFullMesh}
 	var errs []error
 	if c.StateDir == "" {
 		errs = append(errs, hclconf.Errorf(c.Body, "state_dir", "must name the directory where the gateway keeps its state"))

@@ -9,6 +9,8 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
+	"sync"
 
 	"golang.zx2c4.com/wireguard/conn"
 	"golang.zx2c4.com/wireguard/device"
@@ -187,9 +189,11 @@ func openKernel(opt DeviceOptions) (Device, error) {
 // gateway's own services listen on its overlay address through Net, with
 // neither root nor a TUN device.
 type NetstackDevice struct {
-	name string
-	dev  *device.Device
-	net  *netstack.Net
+	name   string
+	dev    *device.Device
+	net    *netstack.Net
+	mu     sync.Mutex
+	routes []netip.Prefix // the netstack routes by allowed IPs; kept for symmetry with the kernel
 }
 
 func openNetstack(opt DeviceOptions) (Device, error) {
@@ -226,8 +230,21 @@ func (d *NetstackDevice) Device() (*wgtypes.Device, error) {
 
 func (d *NetstackDevice) Configure(c wgtypes.Config) error { return d.dev.IpcSet(encodeUAPI(c)) }
 
-func (d *NetstackDevice) Routes() ([]netip.Prefix, error)     { return nil, nil }
-func (d *NetstackDevice) SetRoutes(_, _ []netip.Prefix) error { return nil }
+// Routes returns the routes last set: netstack routes by the peers'
+// allowed IPs alone, so the list is only bookkeeping.
+func (d *NetstackDevice) Routes() ([]netip.Prefix, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return slices.Clone(d.routes), nil
+}
+
+func (d *NetstackDevice) SetRoutes(add, del []netip.Prefix) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.routes = slices.DeleteFunc(d.routes, func(p netip.Prefix) bool { return slices.Contains(del, p) })
+	d.routes = append(d.routes, add...)
+	return nil
+}
 
 func (d *NetstackDevice) Close() error {
 	d.dev.Close()

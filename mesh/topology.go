@@ -23,21 +23,21 @@ const ClassesLabel = "classes"
 // enough for common NAT mapping timeouts (30 s and up).
 const Keepalive = 25 * time.Second
 
-// Gateway is a verified member as the topology sees it: what its
+// Node is a verified gateway as the topology sees it: what its
 // certificate grants and what its advert currently says.
-type Gateway struct {
+type Node struct {
 	Attributes *certs.Attributes // certified
 	Advert     certs.Advert      // verified against the certificate
 }
 
-func (g *Gateway) node() string { return g.Attributes.Node }
-func (g *Gateway) site() string { return g.Attributes.Site }
+func (g *Node) node() string { return g.Attributes.Node }
+func (g *Node) site() string { return g.Attributes.Site }
 
 // TopologyInput is everything the topology depends on. It holds no I/O
 // handles: Compute is a pure function of it.
 type TopologyInput struct {
-	Self       Gateway
-	Peers      []Gateway      // verified, alive members other than Self
+	Self       Node
+	Peers      []Node         // verified, alive members other than Self
 	MeshPrefix netip.Prefix   // the overlay range, routed by the interface address itself
 	Policy     *policy.Policy // nil: no residency policy in force, sites link freely
 	Mode       string         // TopologyFullMesh or TopologyHub
@@ -81,7 +81,7 @@ type Plan struct {
 func Compute(in TopologyInput) Plan {
 	var plan Plan
 	peers := slices.Clone(in.Peers)
-	slices.SortFunc(peers, func(a, b Gateway) int { return cmp.Compare(a.node(), b.node()) })
+	slices.SortFunc(peers, func(a, b Node) int { return cmp.Compare(a.node(), b.node()) })
 
 	// Residency: which remote sites may we link to at all?
 	links := map[string]Link{}
@@ -95,18 +95,18 @@ func Compute(in TopologyInput) Plan {
 	for _, s := range sortedKeys(links) {
 		plan.Links = append(plan.Links, links[s])
 	}
-	linked := func(g *Gateway) bool { return g.site() == in.Self.site() || links[g.site()].Allowed }
+	linked := func(g *Node) bool { return g.site() == in.Self.site() || links[g.site()].Allowed }
 
 	// Routes of a site are carried by exactly one of its gateways (the
 	// first by name; issue-9 HA replaces "first" with "first healthy").
 	carrier := map[string]string{} // site → node
-	for _, g := range append([]Gateway{in.Self}, peers...) {
+	for _, g := range append([]Node{in.Self}, peers...) {
 		if c, ok := carrier[g.site()]; !ok || g.node() < c {
 			carrier[g.site()] = g.node()
 		}
 	}
 
-	var members []Gateway // the linked ones
+	var members []Node // the linked ones
 	for _, p := range peers {
 		if linked(&p) {
 			members = append(members, p)
@@ -133,7 +133,7 @@ func Compute(in TopologyInput) Plan {
 // hubPeers builds the hub topology: each site's hub (its route carrier)
 // peers with the other sites' hubs and with its own site's gateways; every
 // other gateway peers only with its site's hub, which relays for it.
-func hubPeers(in TopologyInput, members []Gateway, hub map[string]string, plan *Plan) []PeerConfig {
+func hubPeers(in TopologyInput, members []Node, hub map[string]string, plan *Plan) []PeerConfig {
 	selfIsHub := hub[in.Self.site()] == in.Self.node()
 	var out []PeerConfig
 	if !selfIsHub {
@@ -156,7 +156,7 @@ func hubPeers(in TopologyInput, members []Gateway, hub map[string]string, plan *
 		}
 		return out
 	}
-	bySite := map[string][]Gateway{}
+	bySite := map[string][]Node{}
 	for _, p := range members {
 		bySite[p.site()] = append(bySite[p.site()], p)
 	}
@@ -178,7 +178,7 @@ func hubPeers(in TopologyInput, members []Gateway, hub map[string]string, plan *
 	return out
 }
 
-func peerConfig(in TopologyInput, p Gateway) PeerConfig {
+func peerConfig(in TopologyInput, p Node) PeerConfig {
 	pc := PeerConfig{Node: p.node(), Site: p.site(), PublicKey: p.Advert.WireGuardKey, Endpoint: pickEndpoint(in.Self.Advert.Endpoints, p.Advert.Endpoints)}
 	if in.BehindNAT {
 		pc.Keepalive = Keepalive
@@ -186,7 +186,7 @@ func peerConfig(in TopologyInput, p Gateway) PeerConfig {
 	return pc
 }
 
-func overlayPrefix(g Gateway) netip.Prefix {
+func overlayPrefix(g Node) netip.Prefix {
 	a := g.Attributes.OverlayIP
 	return netip.PrefixFrom(a, a.BitLen())
 }
@@ -259,7 +259,7 @@ func sharedClasses(a, b string) []string {
 // one peer; the first peer by name keeps it) or that covers our own
 // overlay address or routes, and derives the routes: every allowed prefix
 // outside the mesh overlay range.
-func dedupe(plan *Plan, self Gateway, mesh netip.Prefix) {
+func dedupe(plan *Plan, self Node, mesh netip.Prefix) {
 	var taken []netip.Prefix
 	owner := map[netip.Prefix]string{}
 	own := append([]netip.Prefix{overlayPrefix(self)}, self.Advert.Routes...)

@@ -19,7 +19,7 @@ var (
 
 // gw builds a verified gateway: node, site, jurisdiction, provider, overlay
 // host number, classes label, routes.
-func gw(node, site, cc, provider string, host byte, classes string, routes ...string) Gateway {
+func gw(node, site, cc, provider string, host byte, classes string, routes ...string) Node {
 	a := &certs.Attributes{
 		Node: node, Site: site, Region: "r-" + site, Provider: provider, Jurisdiction: cc,
 		OverlayIP: netip.AddrFrom4([4]byte{100, 96, 0, host}),
@@ -30,7 +30,7 @@ func gw(node, site, cc, provider string, host byte, classes string, routes ...st
 	}
 	var key certs.WGPublicKey
 	key[0], key[1] = host, 0xAA
-	return Gateway{Attributes: a, Advert: certs.Advert{
+	return Node{Attributes: a, Advert: certs.Advert{
 		Node: node, Site: site, OverlayIP: a.OverlayIP, Routes: a.Routes, WireGuardKey: key,
 		Endpoints: []netip.AddrPort{netip.AddrPortFrom(netip.AddrFrom4([4]byte{192, 0, 2, host}), 51820), netip.MustParseAddrPort(fmt.Sprintf("[2001:db8::%x]:51820", host))},
 	}}
@@ -106,8 +106,8 @@ func TestCompute(t *testing.T) {
 	pol := mustPolicy(t, meshPolicy)
 	tests := []struct {
 		name      string
-		self      Gateway
-		peers     []Gateway
+		self      Node
+		peers     []Node
 		policy    *policy.Policy
 		mode      string
 		nat       bool
@@ -120,61 +120,61 @@ func TestCompute(t *testing.T) {
 			name: "alone", self: zrh1, want: "",
 		},
 		{
-			name: "full mesh without policy", self: zrh1, peers: []Gateway{iad1, fra1},
+			name: "full mesh without policy", self: zrh1, peers: []Node{iad1, fra1},
 			want:   "fra-1=10.2.0.0/16,100.96.0.4/32 iad-1=10.3.0.0/16,100.96.0.6/32",
 			routes: "10.2.0.0/16,10.3.0.0/16",
 		},
 		{
-			name: "residency: swiss-only site never links to the US", self: iad1, peers: []Gateway{gva1, fra1, zrh1}, policy: pol,
+			name: "residency: swiss-only site never links to the US", self: iad1, peers: []Node{gva1, fra1, zrh1}, policy: pol,
 			want: "fra-1=10.2.0.0/16,100.96.0.4/32", routes: "10.2.0.0/16", refused: []string{"onprem-gva", "onprem-zrh"},
 		},
 		{
-			name: "residency: shared class pii-eu links Zurich and Frankfurt", self: zrh1, peers: []Gateway{fra1, gva1, iad1}, policy: pol,
+			name: "residency: shared class pii-eu links Zurich and Frankfurt", self: zrh1, peers: []Node{fra1, gva1, iad1}, policy: pol,
 			want:   "fra-1=10.2.0.0/16,100.96.0.4/32 gva-1=10.4.0.0/16,100.96.0.3/32",
 			routes: "10.2.0.0/16,10.4.0.0/16", refused: []string{"aws-us-east-1"},
 		},
 		{
 			name: "residency: a site without classes links to nothing", self: zrh1,
-			peers:  []Gateway{gw("x-1", "lab", "CH", "onprem", 9, "", "10.9.0.0/16")},
+			peers:  []Node{gw("x-1", "lab", "CH", "onprem", 9, "", "10.9.0.0/16")},
 			policy: pol, want: "", refused: []string{"lab"},
 		},
 		{
-			name: "same site always links, routes carried once", self: fra1, peers: []Gateway{fra2, zrh1, zrh2},
+			name: "same site always links, routes carried once", self: fra1, peers: []Node{fra2, zrh1, zrh2},
 			want:   "fra-2=100.96.0.5/32 zrh-1=10.1.0.0/16,100.96.0.1/32 zrh-2=100.96.0.2/32",
 			routes: "10.1.0.0/16",
 		},
 		{
-			name: "the second gateway of a site does not carry its own site's routes to itself", self: fra2, peers: []Gateway{fra1, iad1},
+			name: "the second gateway of a site does not carry its own site's routes to itself", self: fra2, peers: []Node{fra1, iad1},
 			want:   "fra-1=100.96.0.4/32 iad-1=10.3.0.0/16,100.96.0.6/32",
 			routes: "10.3.0.0/16",
 		},
 		{
-			name: "behind NAT: keepalive on every peer", self: zrh1, peers: []Gateway{fra1}, nat: true,
+			name: "behind NAT: keepalive on every peer", self: zrh1, peers: []Node{fra1}, nat: true,
 			want: "fra-1=10.2.0.0/16,100.96.0.4/32+ka", routes: "10.2.0.0/16",
 		},
 		{
 			name: "route claimed by two sites: first by name keeps it", self: zrh1,
-			peers:  []Gateway{gw("b-1", "site-b", "DE", "aws", 10, "", "10.7.0.0/16"), gw("a-1", "site-a", "DE", "aws", 11, "", "10.7.0.0/24")},
+			peers:  []Node{gw("b-1", "site-b", "DE", "aws", 10, "", "10.7.0.0/16"), gw("a-1", "site-a", "DE", "aws", 11, "", "10.7.0.0/24")},
 			want:   "a-1=10.7.0.0/24,100.96.0.11/32 b-1=100.96.0.10/32",
 			routes: "10.7.0.0/24", conflicts: 1,
 		},
 		{
 			name: "peer route overlapping our own site is dropped", self: zrh1,
-			peers: []Gateway{gw("b-1", "site-b", "DE", "aws", 10, "", "10.1.2.0/24")},
+			peers: []Node{gw("b-1", "site-b", "DE", "aws", 10, "", "10.1.2.0/24")},
 			want:  "b-1=100.96.0.10/32", conflicts: 1,
 		},
 		{
-			name: "hub mode: hub peers with remote hubs and its own site", self: zrh1, peers: []Gateway{zrh2, fra1, fra2, iad1}, mode: TopologyHub,
+			name: "hub mode: hub peers with remote hubs and its own site", self: zrh1, peers: []Node{zrh2, fra1, fra2, iad1}, mode: TopologyHub,
 			want:   "fra-1=10.2.0.0/16,100.96.0.4/32,100.96.0.5/32 iad-1=10.3.0.0/16,100.96.0.6/32 zrh-2=100.96.0.2/32",
 			routes: "10.2.0.0/16,10.3.0.0/16",
 		},
 		{
-			name: "hub mode: non-hub peers only with its hub, which relays everything", self: zrh2, peers: []Gateway{zrh1, fra1, fra2, iad1}, mode: TopologyHub,
+			name: "hub mode: non-hub peers only with its hub, which relays everything", self: zrh2, peers: []Node{zrh1, fra1, fra2, iad1}, mode: TopologyHub,
 			want:   "zrh-1=10.2.0.0/16,10.3.0.0/16,100.96.0.1/32,100.96.0.4/32,100.96.0.5/32,100.96.0.6/32",
 			routes: "10.2.0.0/16,10.3.0.0/16",
 		},
 		{
-			name: "hub mode respects residency", self: iad1, peers: []Gateway{zrh1, zrh2, fra1, fra2}, mode: TopologyHub, policy: pol,
+			name: "hub mode respects residency", self: iad1, peers: []Node{zrh1, zrh2, fra1, fra2}, mode: TopologyHub, policy: pol,
 			want: "fra-1=10.2.0.0/16,100.96.0.4/32,100.96.0.5/32", routes: "10.2.0.0/16", refused: []string{"onprem-zrh"},
 		},
 	}
@@ -227,7 +227,7 @@ func TestCompute(t *testing.T) {
 // with A — otherwise a tunnel would be half-configured.
 func TestComputeIsSymmetric(t *testing.T) {
 	pol := mustPolicy(t, meshPolicy)
-	all := []Gateway{zrh1, zrh2, gva1, fra1, fra2, iad1, sbs1}
+	all := []Node{zrh1, zrh2, gva1, fra1, fra2, iad1, sbs1}
 	peersOf := map[string]map[string]bool{}
 	for i, self := range all {
 		others := append(slices.Clone(all[:i]), all[i+1:]...)

@@ -85,6 +85,15 @@ func policyCommand() *cli.Command {
 				Action: policySign,
 			},
 			{
+				Name:      "publish",
+				Usage:     "hand a signed policy to a running gateway, which verifies it and spreads it through the mesh",
+				UsageText: "skybridge policy publish --policy FILE [--sig FILE.sig] (--socket PATH | --config FILE)",
+				Flags: append(append([]cli.Flag(nil), socketFlags...),
+					policyFlag,
+					&cli.StringFlag{Name: "sig", Usage: "signature file (default: the policy file name + .sig)"}),
+				Action: policyPublish,
+			},
+			{
 				Name:      "verify",
 				Usage:     "check a policy's signature against the mesh CA, as a gateway does before adopting it",
 				UsageText: "skybridge policy verify --policy FILE [--sig FILE.sig] --ca-cert ca.crt [--crl crl.pem]",

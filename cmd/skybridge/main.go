@@ -71,6 +71,10 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 			caCommand(),
 			identityCommand(),
 			policyCommand(),
+			gatewayCommand(),
+			statusCommand(),
+			graphCommand(),
+			keysCommand(),
 			completionCommand(),
 		},
 	}

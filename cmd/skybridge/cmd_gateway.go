@@ -1,0 +1,221 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/skybridge-mesh/skybridge/mesh"
+)
+
+// socketFlags locate a running gateway's control socket: directly, or
+// through its configuration file.
+var socketFlags = []cli.Flag{
+	&cli.StringFlag{Name: "socket", Usage: "control socket of the gateway", EnvVars: []string{"SKYBRIDGE_SOCKET"}},
+	&cli.StringFlag{Name: "config", Usage: "gateway configuration (its control socket is used)", EnvVars: []string{"SKYBRIDGE_CONFIG"}},
+}
+
+func controlClient(c *cli.Context) (*mesh.Client, error) {
+	if s := c.String("socket"); s != "" {
+		return mesh.NewClient(s), nil
+	}
+	if f := c.String("config"); f != "" {
+		s, err := mesh.LoadConfig(f)
+		if err != nil {
+			return nil, err
+		}
+		return mesh.NewClient(s.ControlSocket), nil
+	}
+	return nil, usageError("say which gateway: --socket PATH or --config FILE")
+}
+
+func gatewayCommand() *cli.Command {
+	return &cli.Command{
+		Name:  "gateway",
+		Usage: "run a gateway: gossip with the other gateways and keep the WireGuard mesh configured",
+		Subcommands: []*cli.Command{{
+			Name:      "run",
+			Usage:     "run the gateway of one site until SIGINT/SIGTERM (then it leaves the cluster and removes its interface)",
+			UsageText: "skybridge gateway run --config FILE",
+			Flags: []cli.Flag{
+				&cli.StringFlag{Name: "config", Usage: "gateway configuration (HCL)", Required: true, EnvVars: []string{"SKYBRIDGE_CONFIG"}},
+			},
+			Action: gatewayRun,
+		}},
+	}
+}
+
+func gatewayRun(c *cli.Context) error {
+	s, err := mesh.LoadConfig(c.String("config"))
+	if err != nil {
+		return err
+	}
+	ctx, stop := signal.NotifyContext(c.Context, syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	g, err := mesh.New(ctx, s, slog.Default())
+	if err != nil {
+		return err
+	}
+	return g.Run(ctx)
+}
+
+func statusCommand() *cli.Command {
+	return &cli.Command{
+		Name:      "status",
+		Usage:     "show a gateway's view of the mesh: members, tunnels, handshakes, policy",
+		UsageText: "skybridge status (--socket PATH | --config FILE) [--json]",
+		Flags:     append(append([]cli.Flag(nil), socketFlags...), jsonFlag),
+		Action: func(c *cli.Context) error {
+			cl, err := controlClient(c)
+			if err != nil {
+				return err
+			}
+			st, err := cl.Status(c.Context)
+			if err != nil {
+				return err
+			}
+			if c.Bool("json") {
+				return printJSON(c.App.Writer, st)
+			}
+			printStatus(c, st)
+			return nil
+		},
+	}
+}
+
+func printStatus(c *cli.Context, st *mesh.Status) {
+	w := c.App.Writer
+	fmt.Fprintf(w, "node %s of site %s (%s, %s), overlay %s\n", st.Node, st.Site, st.Jurisdiction, st.Region, st.OverlayIP)
+	fmt.Fprintf(w, "interface %s (%s), port %d, key %s\n", st.Interface, st.Mode, st.ListenPort, st.PublicKey)
+	fmt.Fprintf(w, "identity serial %s, valid until %s, revocation list #%d\n", st.Identity.Serial, st.Identity.NotAfter.UTC().Format(time.RFC3339), st.Identity.CRLNumber)
+	fmt.Fprintf(w, "policy %s, topology %s, gossip %s, up %s\n\n", st.Policy, st.Topology, st.Gossip, st.Uptime.Round(time.Second))
+	rows := [][]string{}
+	now := time.Now()
+	for _, m := range st.Members {
+		hs := "-"
+		if !m.LastHandshake.IsZero() {
+			hs = now.Sub(m.LastHandshake).Round(time.Second).String() + " ago"
+		} else if m.Peer {
+			hs = "never"
+		}
+		exp := "-"
+		if !m.IdentityExpiry.IsZero() {
+			exp = m.IdentityExpiry.UTC().Format("2006-01-02")
+		}
+		state := string(m.State)
+		if m.Peer {
+			state += ", peer"
+		}
+		rows = append(rows, []string{m.Node, dash(m.Site), dash(m.Jurisdiction), dash(m.OverlayIP), state, dash(m.Endpoint), hs,
+			fmt.Sprint(m.RxBytes), fmt.Sprint(m.TxBytes), exp, dash(m.Reason)})
+	}
+	printTable(w, []string{"node", "site", "jur", "overlay ip", "state", "endpoint", "handshake", "rx", "tx", "identity until", "reason"}, rows)
+	for _, l := range st.Links {
+		if !l.Allowed {
+			fmt.Fprintf(w, "\nno tunnel to site %s: %s", l.Site, l.Reason)
+		}
+	}
+	if len(st.Links) > 0 {
+		fmt.Fprintln(w)
+	}
+}
+
+func dash(s string) string {
+	if strings.TrimSpace(s) == "" {
+		return "-"
+	}
+	return s
+}
+
+func graphCommand() *cli.Command {
+	return &cli.Command{
+		Name:      "graph",
+		Usage:     "render the mesh (sites, gateways, tunnels) as a Graphviz graph",
+		UsageText: "skybridge graph (--socket PATH | --config FILE) [--format dot] > mesh.dot",
+		Flags: append(append([]cli.Flag(nil), socketFlags...),
+			&cli.StringFlag{Name: "format", Value: "dot", Usage: "dot"}),
+		Action: func(c *cli.Context) error {
+			if f := c.String("format"); f != "dot" {
+				return usageError("--format %q: only dot is supported (render it with `dot -Tsvg`)", f)
+			}
+			cl, err := controlClient(c)
+			if err != nil {
+				return err
+			}
+			dot, err := cl.Graph(c.Context)
+			if err != nil {
+				return err
+			}
+			_, err = fmt.Fprint(c.App.Writer, dot)
+			return err
+		},
+	}
+}
+
+func keysCommand() *cli.Command {
+	return &cli.Command{
+		Name:  "keys",
+		Usage: "rotate the mesh's keys",
+		Subcommands: []*cli.Command{{
+			Name:      "rotate-gossip",
+			Usage:     "replace the gossip encryption key on every gateway, without a restart",
+			UsageText: "skybridge keys rotate-gossip (--socket PATH | --config FILE)",
+			Flags:     append(append([]cli.Flag(nil), socketFlags...), jsonFlag),
+			Action: func(c *cli.Context) error {
+				cl, err := controlClient(c)
+				if err != nil {
+					return err
+				}
+				ctx, cancel := context.WithTimeout(c.Context, 2*time.Minute)
+				defer cancel()
+				rep, err := cl.RotateGossipKey(ctx)
+				if err != nil {
+					return err
+				}
+				if c.Bool("json") {
+					return printJSON(c.App.Writer, rep)
+				}
+				fmt.Fprintf(c.App.Writer, "gossip key rotated on %d other gateways in %s: %s\n", len(rep.Members), rep.Elapsed.Round(time.Millisecond), strings.Join(rep.Members, ", "))
+				return nil
+			},
+		}},
+	}
+}
+
+// policyPublish hands a signed policy to a running gateway.
+func policyPublish(c *cli.Context) error {
+	file := c.String("policy")
+	src, err := os.ReadFile(file)
+	if err != nil {
+		return fmt.Errorf("read policy: %w", err)
+	}
+	sigFile := c.String("sig")
+	if sigFile == "" {
+		sigFile = file + ".sig"
+	}
+	sig, err := os.ReadFile(sigFile)
+	if err != nil {
+		return fmt.Errorf("read policy signature (sign it with skybridge policy sign): %w", err)
+	}
+	cl, err := controlClient(c)
+	if err != nil {
+		return err
+	}
+	adopted, rev, err := cl.PublishPolicy(c.Context, src, sig)
+	if err != nil {
+		return err
+	}
+	if adopted {
+		fmt.Fprintf(c.App.Writer, "gateway adopted %s and is spreading it through the mesh\n", rev)
+	} else {
+		fmt.Fprintf(c.App.Writer, "gateway already runs %s\n", rev)
+	}
+	return nil
+}

@@ -1,0 +1,89 @@
+package mesh
+
+import (
+	"net/netip"
+
+	"github.com/hashicorp/memberlist"
+)
+
+// delegate connects memberlist to the gateway. memberlist calls it from
+// its network goroutines, some while holding its own locks: every method
+// here is quick, never blocks, and never calls back into memberlist;
+// anything slower (verification of fetched certificates, answering
+// requests) is queued for the gateway's worker.
+type delegate struct{ g *Gateway }
+
+var (
+	_ memberlist.Delegate      = delegate{}
+	_ memberlist.EventDelegate = delegate{}
+	_ memberlist.AliveDelegate = delegate{}
+)
+
+// NodeMeta is our signed advert.
+func (d delegate) NodeMeta(limit int) []byte {
+	raw := *d.g.advert.Load()
+	if len(raw) > limit {
+		d.g.log.Error("advert exceeds the gossip metadata limit", "bytes", len(raw), "limit", limit)
+		return nil
+	}
+	return raw
+}
+
+// NotifyMsg hands a user message to the worker.
+func (d delegate) NotifyMsg(b []byte) { d.g.enqueue(append([]byte(nil), b...)) }
+
+func (d delegate) GetBroadcasts(overhead, limit int) [][]byte {
+	return d.g.queue.GetBroadcasts(overhead, limit)
+}
+
+// LocalState is what we send in a push/pull exchange: our certificate, the
+// revocation list and the signed policy, so anti-entropy repairs whatever
+// the targeted requests missed.
+func (d delegate) LocalState(join bool) []byte { return d.g.localState() }
+
+func (d delegate) MergeRemoteState(buf []byte, join bool) {
+	msgs, err := unbundle(buf)
+	if err != nil {
+		d.g.log.Debug("ignoring malformed push/pull state", "err", err)
+		return
+	}
+	for _, m := range msgs {
+		d.g.enqueue(append([]byte(nil), m...))
+	}
+}
+
+// NotifyAlive refuses, before memberlist takes them in, members whose
+// advert is known to be bad. Members whose certificate has not arrived
+// yet get in as pending: they gossip, but never become WireGuard peers
+// until verified.
+func (d delegate) NotifyAlive(n *memberlist.Node) error {
+	if err := d.g.members.admit(n.Name, n.Meta); err != nil {
+		d.g.log.Debug("refused gossip member", "peer", n.Name, "addr", n.Addr.String(), "err", err)
+		return err
+	}
+	return nil
+}
+
+func (d delegate) NotifyJoin(n *memberlist.Node)   { d.g.memberUp(n) }
+func (d delegate) NotifyUpdate(n *memberlist.Node) { d.g.memberUp(n) }
+func (d delegate) NotifyLeave(n *memberlist.Node)  { d.g.members.leave(n.Name) }
+
+func nodeAddr(n *memberlist.Node) netip.AddrPort {
+	a, _ := netip.AddrFromSlice(n.Addr)
+	return netip.AddrPortFrom(a.Unmap(), n.Port)
+}
+
+// broadcast is a named memberlist broadcast: a newer announcement of the
+// same blob replaces an older one still in the queue.
+type broadcast struct {
+	name string
+	msg  []byte
+}
+
+func (b broadcast) Invalidates(o memberlist.Broadcast) bool {
+	nb, ok := o.(memberlist.NamedBroadcast)
+	return ok && nb.Name() == b.name
+}
+func (b broadcast) Name() string    { return b.name }
+func (b broadcast) Message() []byte { return b.msg }
+func (b broadcast) Finished()       {}

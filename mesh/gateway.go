@@ -1,0 +1,556 @@
+package mesh
+
+import (
+	"context"
+	"crypto/x509"
+	"fmt"
+	"log"
+	"log/slog"
+	"net"
+	"os"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/hashicorp/memberlist"
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
+
+	"github.com/skybridge-mesh/skybridge/certs"
+	"github.com/skybridge-mesh/skybridge/policy"
+)
+
+// Gateway is one running skybridge gateway.
+type Gateway struct {
+	s     *Settings
+	log   *slog.Logger
+	now   func() time.Time
+	state stateDir
+
+	prov    *certs.Provider
+	id      atomic.Pointer[certs.NodeIdentity]
+	trust   atomic.Pointer[certs.TrustBundle]
+	wgKey   certs.WGPrivateKey
+	keyring *memberlist.Keyring
+	dev     Device
+
+	ml      *memberlist.Memberlist
+	queue   *memberlist.TransmitLimitedQueue
+	members *membership
+	policy  atomic.Pointer[adoptedPolicy]
+	advert  atomic.Pointer[[]byte]
+	self    atomic.Pointer[Node]
+
+	inbox chan []byte
+	kick  chan struct{}
+
+	// Owned by the reconcile loop.
+	lastApplied map[certs.WGPublicKey]PeerConfig
+	plan        atomic.Pointer[Plan]
+	stats       reconcileStats
+
+	// Owned by the worker.
+	certAsked map[string]time.Time
+
+	started  time.Time
+	stopOnce sync.Once
+	rotation sync.Mutex // one gossip key rotation at a time
+	acks     chan keyringAck
+}
+
+type adoptedPolicy struct {
+	p   *policy.Policy
+	src []byte
+	sig []byte
+}
+
+type reconcileStats struct {
+	mu        sync.Mutex
+	runs      int
+	errors    int
+	lastError string
+	last      time.Time
+	duration  time.Duration
+}
+
+// New prepares a gateway: identity, secrets, trust, policy, WireGuard
+// device, and the members remembered from the last run (so that a restart
+// during a partition keeps their tunnels). Run starts the gossip.
+func New(ctx context.Context, s *Settings, logger *slog.Logger) (*Gateway, error) {
+	if logger == nil {
+		logger = slog.Default()
+	}
+	if err := os.MkdirAll(s.StateDir, 0o700); err != nil {
+		return nil, fmt.Errorf("create state directory: %w", err)
+	}
+	g := &Gateway{
+		s: s, now: time.Now, state: stateDir(s.StateDir),
+		inbox: make(chan []byte, 1024), kick: make(chan struct{}, 1),
+		lastApplied: map[certs.WGPublicKey]PeerConfig{}, certAsked: map[string]time.Time{},
+		started: time.Now(), acks: make(chan keyringAck, 64),
+	}
+	prov, err := certs.Open(ctx, s.Identity, logger)
+	if err != nil {
+		return nil, fmt.Errorf("identity back end: %w", err)
+	}
+	g.prov = prov
+	tb, err := prov.Trust(ctx)
+	if err != nil {
+		prov.Close()
+		return nil, err
+	}
+	attrs, err := s.Node.Attributes(tb.MeshPrefix())
+	if err != nil {
+		prov.Close()
+		return nil, err
+	}
+	g.log = logger.With("node", attrs.Node, "site", attrs.Site)
+	id, tb, err := prov.Identity(ctx, attrs)
+	if err != nil {
+		prov.Close()
+		return nil, err
+	}
+	g.id.Store(id)
+	g.trust.Store(tb)
+	if err := g.loadSecrets(ctx); err != nil {
+		prov.Close()
+		return nil, err
+	}
+	g.members = newMembership(attrs.Node, tb, g.now, g.triggerReconcile)
+	g.loadPolicies()
+	if err := g.signAdvert(); err != nil {
+		prov.Close()
+		return nil, err
+	}
+	g.dev, err = OpenDevice(DeviceOptions{
+		Name: s.Interface, Mode: s.Mode, Port: s.Port, MTU: s.MTU, PrivateKey: g.wgKey,
+		Overlay: attrs.OverlayIP, MeshPrefix: tb.MeshPrefix(), Log: g.log,
+	})
+	if err != nil {
+		prov.Close()
+		return nil, err
+	}
+	g.restoreMembers()
+	g.reconcile()
+	return g, nil
+}
+
+func (g *Gateway) loadSecrets(ctx context.Context) error {
+	sec := g.prov.Secrets()
+	k, err := sec.WireGuardKey(ctx, g.id.Load().Attributes().Node)
+	if err != nil {
+		return fmt.Errorf("WireGuard key: %w", err)
+	}
+	g.wgKey = k
+	kr, err := sec.GossipKeyring(ctx)
+	if err != nil {
+		return fmt.Errorf("gossip keyring: %w", err)
+	}
+	keys := kr.Keys()
+	g.keyring, err = memberlist.NewKeyring(keys, keys[0])
+	if err != nil {
+		return fmt.Errorf("gossip keyring: %w", err)
+	}
+	return nil
+}
+
+// signAdvert makes and signs our advert with a fresh version.
+func (g *Gateway) signAdvert() error {
+	id := g.id.Load()
+	a := id.Attributes()
+	v, err := g.state.nextAdvertVersion(uint64(g.now().UnixMilli()))
+	if err != nil {
+		return fmt.Errorf("advert version: %w", err)
+	}
+	ad := &certs.Advert{
+		Version: v, Timestamp: g.now(),
+		Node: a.Node, Site: a.Site, Region: a.Region, Provider: a.Provider, Jurisdiction: a.Jurisdiction,
+		OverlayIP: a.OverlayIP, Routes: a.Routes, WireGuardKey: g.wgKey.Public(), Endpoints: g.s.Endpoints,
+	}
+	raw, err := certs.SignAdvert(ad, id)
+	if err != nil {
+		return err
+	}
+	g.advert.Store(&raw)
+	g.self.Store(&Node{Attributes: a, Advert: *ad})
+	return nil
+}
+
+// Run joins the gossip and keeps the WireGuard configuration in line with
+// the verified membership until ctx ends, then leaves the cluster, removes
+// the interface and keeps the state.
+func (g *Gateway) Run(ctx context.Context) error {
+	if err := g.startGossip(); err != nil {
+		g.closeDevice()
+		return err
+	}
+	ctl, err := g.serveControl()
+	if err != nil {
+		g.ml.Shutdown()
+		g.closeDevice()
+		return err
+	}
+	g.log.Info("gateway running", "interface", g.dev.Name(), "mode", g.dev.Mode(), "gossip", g.s.GossipAdvertise.String(),
+		"overlay_ip", g.id.Load().Attributes().OverlayIP.String(), "policy", g.policyRevision())
+
+	var wg sync.WaitGroup
+	loop := func(f func(context.Context)) { wg.Go(func() { f(ctx) }) }
+	loop(g.reconcileLoop)
+	loop(g.worker)
+	loop(g.maintain)
+	if g.prov.Issuer() != nil {
+		loop(func(ctx context.Context) {
+			if err := g.prov.KeepRenewed(ctx, g.id.Load(), g.renewed); err != nil && ctx.Err() == nil {
+				g.log.Error("certificate renewal stopped", "err", err)
+			}
+		})
+	}
+	g.join(g.s.Seeds)
+	<-ctx.Done()
+
+	g.log.Info("gateway stopping: leaving the cluster")
+	if err := g.ml.Leave(3 * time.Second); err != nil {
+		g.log.Warn("leave", "err", err)
+	}
+	ctl.Close()
+	wg.Wait()
+	g.ml.Shutdown()
+	g.saveMembers()
+	g.closeDevice()
+	g.prov.Close()
+	return nil
+}
+
+func (g *Gateway) closeDevice() {
+	g.stopOnce.Do(func() {
+		if err := g.dev.Close(); err != nil {
+			g.log.Warn("close WireGuard device", "err", err)
+		}
+	})
+}
+
+func (g *Gateway) startGossip() error {
+	var cfg *memberlist.Config
+	switch g.s.GossipProfile {
+	case "wan":
+		cfg = memberlist.DefaultWANConfig()
+	case "local":
+		cfg = memberlist.DefaultLocalConfig()
+	default:
+		cfg = memberlist.DefaultLANConfig()
+	}
+	a := g.id.Load().Attributes()
+	cfg.Name = a.Node
+	cfg.BindAddr = g.s.GossipBind.Addr().String()
+	cfg.BindPort = int(g.s.GossipBind.Port())
+	cfg.AdvertiseAddr = g.s.GossipAdvertise.Addr().String()
+	cfg.AdvertisePort = int(g.s.GossipAdvertise.Port())
+	cfg.Keyring = g.keyring
+	cfg.SecretKey = nil
+	cfg.GossipVerifyIncoming, cfg.GossipVerifyOutgoing = true, true
+	d := delegate{g}
+	cfg.Delegate, cfg.Events, cfg.Alive = d, d, d
+	cfg.Logger = log.New(slogWriter{g.log}, "", 0)
+	ml, err := memberlist.Create(cfg)
+	if err != nil {
+		return fmt.Errorf("start gossip on %s: %w", g.s.GossipBind, err)
+	}
+	g.ml = ml
+	g.queue = &memberlist.TransmitLimitedQueue{NumNodes: ml.NumMembers, RetransmitMult: cfg.RetransmitMult}
+	return nil
+}
+
+// join knocks on addresses; failures are normal during a partition.
+func (g *Gateway) join(addrs []string) {
+	if len(addrs) == 0 {
+		return
+	}
+	n, err := g.ml.Join(addrs)
+	if err != nil && n == 0 {
+		g.log.Debug("join found nobody", "addrs", addrs, "err", err)
+		return
+	}
+	g.log.Debug("joined", "contacted", n, "addrs", addrs)
+}
+
+func (g *Gateway) triggerReconcile() {
+	select {
+	case g.kick <- struct{}{}:
+	default:
+	}
+}
+
+func (g *Gateway) enqueue(msg []byte) {
+	select {
+	case g.inbox <- msg:
+	default:
+		g.log.Warn("gossip inbox full; dropping a message (anti-entropy will repair it)")
+	}
+}
+
+// memberUp records a joined or updated member and fetches its certificate
+// if we lack it.
+func (g *Gateway) memberUp(n *memberlist.Node) {
+	if g.members.update(n.Name, nodeAddr(n), n.Meta) {
+		g.enqueue(encodeMessage(msgFetchCert, []byte(n.Name)))
+	}
+}
+
+// msgFetchCert is an internal job for the worker, never sent on the wire.
+const msgFetchCert byte = 0xf0
+
+func (g *Gateway) reconcileLoop(ctx context.Context) {
+	t := time.NewTicker(reconcileInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-g.kick:
+		case <-t.C:
+		}
+		g.reconcile()
+	}
+}
+
+// reconcile computes the plan from the verified membership and applies the
+// difference to the device.
+func (g *Gateway) reconcile() {
+	start := time.Now()
+	self := g.self.Load()
+	pol := g.policy.Load()
+	in := TopologyInput{Self: *self, Peers: g.members.gateways(), Mode: g.s.Topology, BehindNAT: g.s.BehindNAT, Now: g.now(), MeshPrefix: g.trust.Load().MeshPrefix()}
+	if pol != nil {
+		in.Policy = pol.p
+	}
+	plan := Compute(in)
+	err := g.apply(plan)
+	g.stats.mu.Lock()
+	g.stats.runs++
+	g.stats.last, g.stats.duration = time.Now(), time.Since(start)
+	if err != nil {
+		g.stats.errors++
+		g.stats.lastError = err.Error()
+	}
+	g.stats.mu.Unlock()
+	if err != nil {
+		g.log.Error("reconcile", "err", err)
+		return
+	}
+	g.plan.Store(&plan)
+	g.saveMembers()
+}
+
+func (g *Gateway) apply(plan Plan) error {
+	dev, err := g.dev.Device()
+	if err != nil {
+		return fmt.Errorf("read %s: %w", g.dev.Name(), err)
+	}
+	peers, ch := DiffPeers(dev.Peers, plan.Peers, g.lastApplied)
+	if len(peers) > 0 {
+		if err := g.dev.Configure(wgtypes.Config{Peers: peers}); err != nil {
+			return fmt.Errorf("configure %s: %w", g.dev.Name(), err)
+		}
+	}
+	have, err := g.dev.Routes()
+	if err != nil {
+		return err
+	}
+	ch.RoutesAdded, ch.RoutesRemoved = DiffRoutes(have, plan.Routes)
+	if err := g.dev.SetRoutes(ch.RoutesAdded, ch.RoutesRemoved); err != nil {
+		return err
+	}
+	applied := make(map[certs.WGPublicKey]PeerConfig, len(plan.Peers))
+	for _, p := range plan.Peers {
+		applied[p.PublicKey] = p
+	}
+	g.lastApplied = applied
+	if !ch.Empty() {
+		g.log.Info("WireGuard configuration changed", "added", ch.Added, "removed", ch.Removed, "updated", ch.Updated,
+			"routes_added", ch.RoutesAdded, "routes_removed", ch.RoutesRemoved, "peers", len(plan.Peers))
+	}
+	for _, c := range plan.Conflicts {
+		g.log.Warn("topology conflict", "detail", c)
+	}
+	return nil
+}
+
+// maintain heals partitions (knocks on seeds and known members that are
+// not alive), fetches missing certificates, and re-judges members as time
+// passes (expiry).
+func (g *Gateway) maintain(ctx context.Context) {
+	fetch := time.NewTicker(time.Second)
+	rejoin := time.NewTicker(rejoinInterval)
+	refresh := time.NewTicker(30 * time.Second)
+	defer fetch.Stop()
+	defer rejoin.Stop()
+	defer refresh.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-fetch.C:
+			for _, m := range g.members.snapshot() {
+				if m.State == StatePending {
+					g.enqueue(encodeMessage(msgFetchCert, []byte(m.Name)))
+				}
+			}
+		case <-rejoin.C:
+			g.join(g.rejoinTargets())
+		case <-refresh.C:
+			g.members.refresh()
+		}
+	}
+}
+
+// rejoinTargets are the seeds and the members we know of (from gossip or
+// the state directory) that gossip does not currently count as alive.
+func (g *Gateway) rejoinTargets() []string {
+	alive := map[string]bool{}
+	for _, n := range g.ml.Members() {
+		alive[nodeAddr(n).String()] = true
+	}
+	var out []string
+	seen := map[string]bool{}
+	add := func(a string) {
+		if !alive[a] && !seen[a] && a != g.s.GossipAdvertise.String() {
+			seen[a] = true
+			out = append(out, a)
+		}
+	}
+	for _, s := range g.s.Seeds {
+		if ap, err := parseAddrPort(s, DefaultGossipPort); err == nil {
+			add(ap.String())
+		}
+	}
+	for _, m := range g.members.snapshot() {
+		if m.State == StateDead || m.Remembered {
+			add(m.Gossip.String())
+		}
+	}
+	return out
+}
+
+// restoreMembers brings back the members verified and alive at the last
+// save, so their tunnels are configured before gossip has even started.
+func (g *Gateway) restoreMembers() {
+	saved, err := g.state.loadMembers()
+	if err != nil {
+		g.log.Warn("cannot restore members", "err", err)
+		return
+	}
+	n := 0
+	for _, m := range saved {
+		if !m.Alive {
+			g.members.rememberDead(m.Name, m.Gossip)
+			continue
+		}
+		if err := g.members.remember(m.Name, m.Gossip, m.Advert, m.Cert); err != nil {
+			g.log.Info("not restoring member", "peer", m.Name, "err", err)
+			continue
+		}
+		n++
+	}
+	if n > 0 {
+		g.log.Info("restored members from the last run; their tunnels stay up while gossip reconnects", "members", n)
+	}
+}
+
+func (g *Gateway) saveMembers() {
+	var out []savedMember
+	for _, m := range g.members.snapshot() {
+		sm := savedMember{Name: m.Name, Gossip: m.Gossip}
+		if m.State == StateVerified {
+			sm.Alive, sm.Advert, sm.Cert = true, m.Meta, m.Verified.Cert.Raw
+		} else if m.State != StateDead {
+			continue
+		}
+		out = append(out, sm)
+	}
+	if err := g.state.saveMembers(out); err != nil {
+		g.log.Warn("save members", "err", err)
+	}
+}
+
+// renewed re-advertises a renewed identity: new certificate, new advert
+// version, same WireGuard key, so tunnels do not drop.
+func (g *Gateway) renewed(id *certs.NodeIdentity, tb *certs.TrustBundle) {
+	g.id.Store(id)
+	g.adoptTrust(tb)
+	if err := g.signAdvert(); err != nil {
+		g.log.Error("re-sign advert after renewal", "err", err)
+		return
+	}
+	if err := g.ml.UpdateNode(5 * time.Second); err != nil {
+		g.log.Warn("announce renewed identity", "err", err)
+	}
+	g.log.Info("identity renewed and re-advertised", "identity", id)
+}
+
+// adoptTrust switches to a trust bundle with a newer revocation list.
+func (g *Gateway) adoptTrust(tb *certs.TrustBundle) bool {
+	cur := g.trust.Load()
+	if crlNumber(tb.CRL()) <= crlNumber(cur.CRL()) {
+		return false
+	}
+	g.trust.Store(tb)
+	g.members.setTrust(tb)
+	if err := tb.Save(g.s.Identity.Dir); err != nil {
+		g.log.Warn("save revocation list", "err", err)
+	}
+	g.announce(blobCRL, crlNumber(tb.CRL()), tb.CRL().Raw)
+	g.log.Info("adopted revocation list", "number", crlNumber(tb.CRL()), "revoked", len(tb.CRL().RevokedCertificateEntries))
+	return true
+}
+
+func crlNumber(c *x509.RevocationList) uint64 {
+	if c == nil || c.Number == nil || !c.Number.IsUint64() {
+		return 0
+	}
+	return c.Number.Uint64()
+}
+
+// slogWriter turns memberlist's log lines ("[DEBUG] memberlist: ...")
+// into slog records of the matching level.
+type slogWriter struct{ log *slog.Logger }
+
+func (w slogWriter) Write(p []byte) (int, error) {
+	line := strings.TrimSpace(string(p))
+	lvl := slog.LevelDebug
+	switch {
+	case strings.HasPrefix(line, "[ERR]"):
+		lvl = slog.LevelError
+	case strings.HasPrefix(line, "[WARN]"):
+		lvl = slog.LevelWarn
+	case strings.HasPrefix(line, "[INFO]"):
+		lvl = slog.LevelInfo
+	}
+	if i := strings.Index(line, "] "); i >= 0 {
+		line = line[i+2:]
+	}
+	w.log.Log(context.Background(), lvl, line, "component", "gossip")
+	return len(p), nil
+}
+
+// nodeFor builds the memberlist address of a member to send to.
+func (g *Gateway) nodeFor(name string) *memberlist.Node {
+	for _, m := range g.members.snapshot() {
+		if m.Name == name && m.Gossip.IsValid() {
+			return &memberlist.Node{Name: name, Addr: net.IP(m.Gossip.Addr().AsSlice()), Port: m.Gossip.Port()}
+		}
+	}
+	for _, n := range g.ml.Members() {
+		if n.Name == name {
+			return n
+		}
+	}
+	return nil
+}
+
+func (g *Gateway) send(to string, msg []byte) error {
+	n := g.nodeFor(to)
+	if n == nil {
+		return fmt.Errorf("no address for %s", to)
+	}
+	return g.ml.SendReliable(n, msg)
+}

@@ -1,0 +1,394 @@
+package mesh
+
+import (
+	"cmp"
+	"crypto/sha256"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"net/netip"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/skybridge-mesh/skybridge/certs"
+)
+
+// MemberState is what the gateway thinks of a member.
+type MemberState string
+
+const (
+	StateVerified MemberState = "verified" // advert verified: may be a WireGuard peer
+	StatePending  MemberState = "pending"  // certificate not received yet: never a peer
+	StateRefused  MemberState = "refused"  // advert or certificate refused: never a peer
+	StateDead     MemberState = "dead"     // gossip declared it dead or it left: not a peer
+)
+
+// member is one gateway the gossip layer told us about.
+type member struct {
+	name       string
+	gossip     netip.AddrPort
+	meta       []byte
+	advert     *certs.SignedAdvert // nil if the meta does not decode
+	verified   *certs.Verified
+	seen       *certs.Seen // last accepted advert, against replays
+	state      MemberState
+	reason     string // why pending, refused or dead
+	alive      bool
+	remembered bool // restored from the state directory, not yet heard from
+	changed    time.Time
+}
+
+// membership is the gateway's verified view of the mesh. The memberlist
+// delegates feed it (without blocking: they run under memberlist's locks);
+// the reconciler reads a snapshot of it. All methods are safe for
+// concurrent use.
+type membership struct {
+	mu      sync.Mutex
+	self    string
+	trust   *certs.TrustBundle
+	members map[string]*member
+	certs   map[[32]byte]*x509.Certificate // certificates by SHA-256, chain-verified
+	badCert map[[32]byte]string            // certificates refused, and why
+	now     func() time.Time
+	// onChange is called (outside the lock) when the verified set may
+	// have changed.
+	onChange func()
+}
+
+func newMembership(self string, tb *certs.TrustBundle, now func() time.Time, onChange func()) *membership {
+	return &membership{
+		self: self, trust: tb, now: now, onChange: onChange,
+		members: map[string]*member{}, certs: map[[32]byte]*x509.Certificate{}, badCert: map[[32]byte]string{},
+	}
+}
+
+// admit decides whether memberlist may take an alive message with this
+// meta at all (the AliveDelegate). It refuses what can already be known to
+// be bad — undecodable, a name that differs from the advert's, a refused
+// certificate, a failed verification, a replay, a conflict — and lets a
+// member whose certificate has not arrived yet in as pending, to be
+// verified once it has.
+func (ms *membership) admit(name string, meta []byte) error {
+	if name == ms.self {
+		return nil
+	}
+	ms.mu.Lock()
+	defer ms.mu.Unlock()
+	sa, err := certs.DecodeAdvert(meta)
+	if err != nil {
+		return err
+	}
+	if sa.Node != name {
+		return fmt.Errorf("gossip name %q differs from advert node %q", name, sa.Node)
+	}
+	if why, bad := ms.badCert[sa.CertHash]; bad {
+		return errors.New(why)
+	}
+	cert := ms.certs[sa.CertHash]
+	if cert == nil {
+		return nil // pending
+	}
+	var last *certs.Seen
+	if m := ms.members[name]; m != nil {
+		last = m.seen
+	}
+	v, err := certs.VerifyAdvert(meta, cert, ms.trust, ms.now(), last)
+	if err != nil {
+		return err
+	}
+	for _, o := range ms.members {
+		if o.name != name && o.state == StateVerified {
+			if why := conflict(o.verified, v); why != "" && wins(o.verified, o.name, v, name) {
+				return fmt.Errorf("%s already held by %s", why, o.name)
+			}
+		}
+	}
+	return nil
+}
+
+// conflictLocked refuses a verified advert that claims an overlay IP, or a
+// route of another site, that a verified member with an older certificate
+// (ties: lower name) holds, and refuses in turn the verified members that
+// this one beats. The rule is deterministic, so every gateway keeps the
+// same claimant whatever order adverts arrive in.
+func (ms *membership) conflictLocked(name string, v *certs.Verified) error {
+	for _, o := range ms.members {
+		if o.name == name || o.state != StateVerified {
+			continue
+		}
+		why := conflict(o.verified, v)
+		if why == "" {
+			continue
+		}
+		if wins(o.verified, o.name, v, name) {
+			return fmt.Errorf("%s already held by %s", why, o.name)
+		}
+		o.verified, o.state, o.reason, o.changed = nil, StateRefused, fmt.Sprintf("%s also claimed by %s, whose certificate is older", why, name), ms.now()
+	}
+	return nil
+}
+
+// conflict says what two verified adverts both claim, or "".
+func conflict(a, b *certs.Verified) string {
+	aa, ba := a.Attributes, b.Attributes
+	if aa.OverlayIP == ba.OverlayIP {
+		return fmt.Sprintf("overlay IP %s", ba.OverlayIP)
+	}
+	if aa.Site == ba.Site {
+		return "" // gateways of one site share its routes
+	}
+	for _, r := range b.Advert.Routes {
+		for _, ar := range a.Advert.Routes {
+			if r.Overlaps(ar) {
+				return fmt.Sprintf("route %s (overlapping %s of site %s)", r, ar, aa.Site)
+			}
+		}
+	}
+	return ""
+}
+
+// wins reports whether claimant a (older certificate, then lower name)
+// keeps a contested claim against b.
+func wins(a *certs.Verified, an string, b *certs.Verified, bn string) bool {
+	if c := a.Cert.NotBefore.Compare(b.Cert.NotBefore); c != 0 {
+		return c < 0
+	}
+	return an < bn
+}
+
+// update records a member as alive with its current meta (join or update)
+// and verifies it if its certificate is known. It returns whether the
+// member's certificate is unknown, so the caller can fetch it.
+func (ms *membership) update(name string, gossip netip.AddrPort, meta []byte) (needCert bool) {
+	if name == ms.self {
+		return false
+	}
+	ms.mu.Lock()
+	m := ms.members[name]
+	if m == nil {
+		m = &member{name: name}
+		ms.members[name] = m
+	}
+	m.gossip, m.meta, m.alive, m.remembered = gossip, append([]byte(nil), meta...), true, false
+	needCert = ms.judgeLocked(m)
+	ms.mu.Unlock()
+	ms.onChange()
+	return needCert
+}
+
+// judgeLocked (re)derives a member's state from its meta, the known
+// certificates and the trust bundle.
+func (ms *membership) judgeLocked(m *member) (needCert bool) {
+	prev := m.state
+	defer func() {
+		if m.state != prev {
+			m.changed = ms.now()
+		}
+	}()
+	if !m.alive && !m.remembered {
+		m.state, m.verified = StateDead, nil
+		return false
+	}
+	sa, err := certs.DecodeAdvert(m.meta)
+	if err != nil {
+		m.advert, m.verified, m.state, m.reason = nil, nil, StateRefused, err.Error()
+		return false
+	}
+	m.advert = sa
+	if why, bad := ms.badCert[sa.CertHash]; bad {
+		m.verified, m.state, m.reason = nil, StateRefused, why
+		return false
+	}
+	cert := ms.certs[sa.CertHash]
+	if cert == nil {
+		m.verified, m.state, m.reason = nil, StatePending, "waiting for its certificate"
+		return true
+	}
+	v, err := certs.VerifyAdvert(m.meta, cert, ms.trust, ms.now(), m.seen)
+	if err == nil {
+		err = ms.conflictLocked(m.name, v)
+	}
+	if err != nil {
+		m.verified, m.state, m.reason = nil, StateRefused, err.Error()
+		return false
+	}
+	m.verified, m.seen, m.state, m.reason = v, &v.Seen, StateVerified, ""
+	return false
+}
+
+// leave records that gossip declared a member dead or that it left.
+func (ms *membership) leave(name string) {
+	ms.mu.Lock()
+	if m := ms.members[name]; m != nil {
+		m.alive, m.remembered = false, false
+		ms.judgeLocked(m)
+		m.reason = "declared dead or left"
+	}
+	ms.mu.Unlock()
+	ms.onChange()
+}
+
+// addCert learns a certificate (fetched from its owner, or from push/pull).
+// It is kept only if it chains to the mesh CA now; either way the members
+// waiting for it are judged again.
+func (ms *membership) addCert(der []byte) error {
+	sum := sha256.Sum256(der)
+	ms.mu.Lock()
+	if _, ok := ms.certs[sum]; ok {
+		ms.mu.Unlock()
+		return nil
+	}
+	cert, err := x509.ParseCertificate(der)
+	if err == nil {
+		_, err = ms.trust.VerifyCertificate(cert, ms.now())
+	}
+	if err != nil {
+		ms.badCert[sum] = "certificate refused: " + err.Error()
+	} else {
+		ms.certs[sum] = cert
+	}
+	for _, m := range ms.members {
+		if m.advert != nil && m.advert.CertHash == sum {
+			ms.judgeLocked(m)
+		}
+	}
+	ms.mu.Unlock()
+	ms.onChange()
+	return err
+}
+
+// setTrust swaps the trust bundle (a newer CRL) and judges everyone again,
+// so a revoked gateway drops out of every configuration.
+func (ms *membership) setTrust(tb *certs.TrustBundle) {
+	ms.mu.Lock()
+	ms.trust = tb
+	for sum, c := range ms.certs {
+		if _, err := tb.VerifyCertificate(c, ms.now()); err != nil {
+			delete(ms.certs, sum)
+			ms.badCert[sum] = "certificate refused: " + err.Error()
+		}
+	}
+	ms.rejudgeLocked()
+	ms.mu.Unlock()
+	ms.onChange()
+}
+
+// rejudgeLocked judges every member again, oldest certificate first so the
+// deterministic conflict rule sees incumbents before newcomers.
+func (ms *membership) rejudgeLocked() {
+	all := make([]*member, 0, len(ms.members))
+	for _, m := range ms.members {
+		m.verified = nil
+		m.state = ""
+		all = append(all, m)
+	}
+	slices.SortFunc(all, func(a, b *member) int { return cmp.Compare(a.name, b.name) })
+	for _, m := range all {
+		ms.judgeLocked(m)
+	}
+}
+
+// refresh re-judges everyone at the current time (expiry) and reports the
+// members still waiting for a certificate.
+func (ms *membership) refresh() (pending []string) {
+	ms.mu.Lock()
+	ms.rejudgeLocked()
+	for _, m := range ms.members {
+		if m.state == StatePending {
+			pending = append(pending, m.name)
+		}
+	}
+	ms.mu.Unlock()
+	ms.onChange()
+	return pending
+}
+
+// remember restores a member from the state directory: a gateway that
+// restarts during a partition keeps its tunnels to the members it last
+// verified until gossip says otherwise.
+func (ms *membership) remember(name string, gossip netip.AddrPort, meta, certDER []byte) error {
+	if name == ms.self {
+		return nil
+	}
+	if err := ms.addCert(certDER); err != nil {
+		return err
+	}
+	ms.mu.Lock()
+	defer ms.mu.Unlock()
+	if _, known := ms.members[name]; known {
+		return nil
+	}
+	m := &member{name: name, gossip: gossip, meta: meta, remembered: true}
+	ms.members[name] = m
+	ms.judgeLocked(m)
+	if m.state != StateVerified {
+		delete(ms.members, name)
+		return errors.New(m.reason)
+	}
+	return nil
+}
+
+// rememberDead restores a member that was dead at the last save: it is
+// not a peer, but the gateway keeps knocking on its address.
+func (ms *membership) rememberDead(name string, gossip netip.AddrPort) {
+	if name == ms.self || !gossip.IsValid() {
+		return
+	}
+	ms.mu.Lock()
+	defer ms.mu.Unlock()
+	if _, known := ms.members[name]; !known {
+		ms.members[name] = &member{name: name, gossip: gossip, state: StateDead, reason: "dead at the last save"}
+	}
+}
+
+// MemberView is a read-only copy of a member for status and persistence.
+type MemberView struct {
+	Name       string
+	Gossip     netip.AddrPort
+	State      MemberState
+	Reason     string
+	Remembered bool
+	Meta       []byte
+	Verified   *certs.Verified
+	Advert     *certs.Advert
+	Since      time.Time
+}
+
+// snapshot copies the members, sorted by name.
+func (ms *membership) snapshot() []MemberView {
+	ms.mu.Lock()
+	defer ms.mu.Unlock()
+	out := make([]MemberView, 0, len(ms.members))
+	for _, m := range ms.members {
+		v := MemberView{Name: m.name, Gossip: m.gossip, State: m.state, Reason: m.reason, Remembered: m.remembered, Meta: m.meta, Verified: m.verified, Since: m.changed}
+		if m.advert != nil {
+			a := m.advert.Advert
+			v.Advert = &a
+		}
+		out = append(out, v)
+	}
+	slices.SortFunc(out, func(a, b MemberView) int { return cmp.Compare(a.Name, b.Name) })
+	return out
+}
+
+// gateways returns the verified members as topology input.
+func (ms *membership) gateways() []Node {
+	var out []Node
+	for _, m := range ms.snapshot() {
+		if m.State == StateVerified {
+			out = append(out, Node{Attributes: m.Verified.Attributes, Advert: m.Verified.Advert})
+		}
+	}
+	return out
+}
+
+// certOf returns the certificate of a verified member (for persistence).
+func (ms *membership) certOf(name string) *x509.Certificate {
+	ms.mu.Lock()
+	defer ms.mu.Unlock()
+	if m := ms.members[name]; m != nil && m.verified != nil {
+		return m.verified.Cert
+	}
+	return nil
+}

@@ -1,0 +1,95 @@
+package mesh
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+)
+
+// User messages the gateways exchange beside memberlist's own. Each is
+// authenticated on its own — certificates chain to the CA, the CRL and the
+// policy are CA-signed, keyring operations are signed by a gateway
+// identity — so the gossip key alone (which every member holds) grants
+// nothing. Messages are a type byte followed by length-prefixed fields.
+const (
+	msgCertRequest  byte = 1 // requester name, requester certificate: "send me yours"
+	msgCert         byte = 2 // a certificate (answer to msgCertRequest)
+	msgAnnounce     byte = 3 // kind, version, digest: "I have this version of a blob"
+	msgBlobRequest  byte = 4 // kind, requester name: "send me your blob of this kind"
+	msgBlob         byte = 5 // kind, payload: a CRL or a signed policy
+	msgKeyringOp    byte = 6 // a signed gossip keyring operation (rotation)
+	msgKeyringAck   byte = 7 // node, operation digest: "done"
+	maxMessageField      = 1 << 20
+)
+
+// Blob kinds travelling by announce/request.
+const (
+	blobCRL    byte = 1
+	blobPolicy byte = 2
+)
+
+type message struct {
+	typ    byte
+	fields [][]byte
+}
+
+func encodeMessage(typ byte, fields ...[]byte) []byte {
+	n := 1
+	for _, f := range fields {
+		n += binary.MaxVarintLen32 + len(f)
+	}
+	b := make([]byte, 0, n)
+	b = append(b, typ)
+	for _, f := range fields {
+		b = binary.AppendUvarint(b, uint64(len(f)))
+		b = append(b, f...)
+	}
+	return b
+}
+
+func decodeMessage(b []byte) (message, error) {
+	if len(b) == 0 {
+		return message{}, errors.New("empty message")
+	}
+	m := message{typ: b[0]}
+	rest := b[1:]
+	for len(rest) > 0 {
+		n, w := binary.Uvarint(rest)
+		if w <= 0 || n > maxMessageField || n > uint64(len(rest)-w) {
+			return message{}, fmt.Errorf("message type %d: bad field length", m.typ)
+		}
+		m.fields = append(m.fields, rest[w:w+int(n)])
+		rest = rest[w+int(n):]
+	}
+	return m, nil
+}
+
+func (m message) want(n int) error {
+	if len(m.fields) != n {
+		return fmt.Errorf("message type %d has %d fields, want %d", m.typ, len(m.fields), n)
+	}
+	return nil
+}
+
+func u64(v uint64) []byte { return binary.BigEndian.AppendUint64(nil, v) }
+
+func readU64(b []byte) (uint64, error) {
+	if len(b) != 8 {
+		return 0, errors.New("bad number")
+	}
+	return binary.BigEndian.Uint64(b), nil
+}
+
+// bundle packs several messages into one (push/pull state).
+func bundle(msgs ...[]byte) []byte { return encodeMessage(0, msgs...) }
+
+func unbundle(b []byte) ([][]byte, error) {
+	m, err := decodeMessage(b)
+	if err != nil {
+		return nil, err
+	}
+	if m.typ != 0 {
+		return nil, errors.New("not a state bundle")
+	}
+	return m.fields, nil
+}

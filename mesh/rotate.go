@@ -1,0 +1,247 @@
+package mesh
+
+import (
+	"bytes"
+	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/x509"
+	"fmt"
+	"slices"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/skybridge-mesh/skybridge/certs"
+)
+
+// Gossip key rotation without a restart, in three cluster-wide steps, each
+// acknowledged by every verified member before the next: install the new
+// key (everyone can now decrypt it), switch the primary key (everyone now
+// encrypts with it), remove the old key. Operations are signed by the
+// initiating gateway's identity and carry a fresh ID and time, so a member
+// that merely holds the gossip key can neither forge nor replay one.
+
+const (
+	opInstall = "install"
+	opUse     = "use"
+	opRemove  = "remove"
+
+	keyringOpDomain = "skybridge keyring op v1\x00"
+	keyringOpMaxAge = 2 * time.Minute
+	keyringAckWait  = 15 * time.Second
+)
+
+type keyringAck struct {
+	node string
+	id   []byte
+}
+
+type keyringOp struct {
+	kind      string
+	key       []byte // the key to install, or whose primary/removal is meant
+	id        []byte // 16 random bytes
+	at        time.Time
+	initiator string
+	certDER   []byte
+	sig       []byte
+}
+
+func (op *keyringOp) digest() []byte {
+	h := sha256.New()
+	h.Write([]byte(keyringOpDomain))
+	for _, f := range [][]byte{[]byte(op.kind), op.key, op.id, u64(uint64(op.at.UnixNano())), []byte(op.initiator), op.certDER} {
+		h.Write(u64(uint64(len(f))))
+		h.Write(f)
+	}
+	return h.Sum(nil)
+}
+
+func (op *keyringOp) encode() []byte {
+	return encodeMessage(msgKeyringOp, []byte(op.kind), op.key, op.id, u64(uint64(op.at.UnixNano())), []byte(op.initiator), op.certDER, op.sig)
+}
+
+// seenOps remembers recent operation IDs against replays.
+var seenOps = struct {
+	sync.Mutex
+	ids map[string]time.Time
+}{ids: map[string]time.Time{}}
+
+func (g *Gateway) handleKeyringOp(m message) error {
+	if err := m.want(7); err != nil {
+		return err
+	}
+	at, err := readU64(m.fields[3])
+	if err != nil {
+		return err
+	}
+	op := &keyringOp{kind: string(m.fields[0]), key: m.fields[1], id: m.fields[2], at: time.Unix(0, int64(at)),
+		initiator: string(m.fields[4]), certDER: m.fields[5], sig: m.fields[6]}
+	if err := g.verifyKeyringOp(op); err != nil {
+		g.log.Warn("refused gossip keyring operation", "from", op.initiator, "err", err)
+		return err
+	}
+	if err := g.applyKeyringOp(op); err != nil {
+		g.log.Error("gossip keyring operation failed", "op", op.kind, "err", err)
+		return err
+	}
+	return g.send(op.initiator, encodeMessage(msgKeyringAck, []byte(g.id.Load().Attributes().Node), op.id))
+}
+
+func (g *Gateway) verifyKeyringOp(op *keyringOp) error {
+	now := g.now()
+	if d := now.Sub(op.at); d > keyringOpMaxAge || d < -keyringOpMaxAge {
+		return fmt.Errorf("operation dated %s is stale or from the future", op.at.Format(time.RFC3339))
+	}
+	cert, err := x509.ParseCertificate(op.certDER)
+	if err != nil {
+		return err
+	}
+	attrs, err := g.trust.Load().VerifyCertificate(cert, now)
+	if err != nil {
+		return err
+	}
+	if attrs.Node != op.initiator {
+		return fmt.Errorf("signed by %s, claims to come from %s", attrs.Node, op.initiator)
+	}
+	pub, ok := cert.PublicKey.(*ecdsa.PublicKey)
+	if !ok || !ecdsa.VerifyASN1(pub, op.digest(), op.sig) {
+		return fmt.Errorf("bad signature")
+	}
+	seenOps.Lock()
+	defer seenOps.Unlock()
+	for id, t := range seenOps.ids {
+		if now.Sub(t) > 2*keyringOpMaxAge {
+			delete(seenOps.ids, id)
+		}
+	}
+	if _, dup := seenOps.ids[string(op.id)]; dup {
+		return fmt.Errorf("operation replayed")
+	}
+	seenOps.ids[string(op.id)] = now
+	return nil
+}
+
+// applyKeyringOp changes the live keyring and the stored one together.
+func (g *Gateway) applyKeyringOp(op *keyringOp) error {
+	var err error
+	switch op.kind {
+	case opInstall:
+		err = g.keyring.AddKey(op.key)
+	case opUse:
+		err = g.keyring.UseKey(op.key)
+	case opRemove:
+		if bytes.Equal(g.keyring.GetPrimaryKey(), op.key) {
+			return fmt.Errorf("refusing to remove the primary gossip key")
+		}
+		err = g.keyring.RemoveKey(op.key)
+	default:
+		return fmt.Errorf("unknown keyring operation %q", op.kind)
+	}
+	if err != nil {
+		return err
+	}
+	live := g.keyring.GetKeys() // primary first
+	return g.prov.Secrets().UpdateGossipKeyring(context.Background(), func(*certs.GossipKeyring) (*certs.GossipKeyring, error) {
+		return certs.NewGossipKeyring(live)
+	})
+}
+
+func (g *Gateway) handleKeyringAck(m message) error {
+	if err := m.want(2); err != nil {
+		return err
+	}
+	select {
+	case g.acks <- keyringAck{node: string(m.fields[0]), id: m.fields[1]}:
+	default:
+	}
+	return nil
+}
+
+// RotationReport says how a rotation went.
+type RotationReport struct {
+	Members []string      `json:"members"` // verified members that acknowledged every step
+	Elapsed time.Duration `json:"elapsed"`
+}
+
+// RotateGossipKey replaces the mesh's gossip key without a restart (see
+// the top of this file). It fails, naming them, if a verified member does
+// not acknowledge a step; the steps already done are safe to leave (an
+// extra installed key, or the new key already primary) and a new rotation
+// finishes the job.
+func (g *Gateway) RotateGossipKey(ctx context.Context) (*RotationReport, error) {
+	g.rotation.Lock()
+	defer g.rotation.Unlock()
+	start := time.Now()
+	newKey, err := certs.NewGossipKey()
+	if err != nil {
+		return nil, err
+	}
+	old := g.keyring.GetPrimaryKey()
+	var members []string
+	for _, m := range g.members.snapshot() {
+		if m.State == StateVerified && !m.Remembered {
+			members = append(members, m.Name)
+		}
+	}
+	sort.Strings(members)
+	for _, step := range []struct {
+		kind string
+		key  []byte
+	}{{opInstall, newKey}, {opUse, newKey}, {opRemove, old}} {
+		if err := g.rotationStep(ctx, step.kind, step.key, members); err != nil {
+			return nil, fmt.Errorf("gossip key rotation, step %q: %w", step.kind, err)
+		}
+	}
+	g.log.Info("gossip key rotated", "members", len(members))
+	return &RotationReport{Members: members, Elapsed: time.Since(start)}, nil
+}
+
+func (g *Gateway) rotationStep(ctx context.Context, kind string, key []byte, members []string) error {
+	id := g.id.Load()
+	op := &keyringOp{kind: kind, key: key, id: make([]byte, 16), at: g.now(), initiator: id.Attributes().Node, certDER: id.Certificate().Raw}
+	rand.Read(op.id)
+	sig, err := id.Signer().Sign(rand.Reader, op.digest(), crypto.SHA256)
+	if err != nil {
+		return err
+	}
+	op.sig = sig
+	// Drain acks of earlier, failed steps.
+	for len(g.acks) > 0 {
+		<-g.acks
+	}
+	if err := g.applyKeyringOp(op); err != nil {
+		return err
+	}
+	msg := op.encode()
+	waiting := map[string]bool{}
+	for _, m := range members {
+		waiting[m] = true
+		if err := g.send(m, msg); err != nil {
+			g.log.Warn("send keyring operation", "peer", m, "err", err)
+		}
+	}
+	deadline := time.NewTimer(keyringAckWait)
+	defer deadline.Stop()
+	for len(waiting) > 0 {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case a := <-g.acks:
+			if bytes.Equal(a.id, op.id) {
+				delete(waiting, a.node)
+			}
+		case <-deadline.C:
+			var missing []string
+			for m := range waiting {
+				missing = append(missing, m)
+			}
+			slices.Sort(missing)
+			return fmt.Errorf("no acknowledgement from %s within %s", strings.Join(missing, ", "), keyringAckWait)
+		}
+	}
+	return nil
+}

@@ -1,0 +1,236 @@
+package mesh
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"time"
+
+	"github.com/skybridge-mesh/skybridge/certs"
+	"github.com/skybridge-mesh/skybridge/policy"
+)
+
+// certRetry is how long the worker waits before asking a member for its
+// certificate again.
+const certRetry = 3 * time.Second
+
+// worker handles user messages and internal jobs one at a time, off
+// memberlist's goroutines.
+func (g *Gateway) worker(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case b := <-g.inbox:
+			if err := g.handle(b); err != nil {
+				g.log.Debug("ignoring gossip message", "err", err)
+			}
+		}
+	}
+}
+
+func (g *Gateway) handle(b []byte) error {
+	m, err := decodeMessage(b)
+	if err != nil {
+		return err
+	}
+	me := g.id.Load()
+	switch m.typ {
+	case msgFetchCert:
+		name := string(m.fields[0])
+		if t, ok := g.certAsked[name]; ok && time.Since(t) < certRetry {
+			return nil
+		}
+		g.certAsked[name] = time.Now()
+		return g.send(name, encodeMessage(msgCertRequest, []byte(me.Attributes().Node), me.Certificate().Raw))
+
+	case msgCertRequest:
+		if err := m.want(2); err != nil {
+			return err
+		}
+		if err := g.members.addCert(m.fields[1]); err != nil {
+			g.log.Debug("refused a certificate", "from", string(m.fields[0]), "err", err)
+		}
+		return g.send(string(m.fields[0]), encodeMessage(msgCert, me.Certificate().Raw))
+
+	case msgCert:
+		if err := m.want(1); err != nil {
+			return err
+		}
+		if err := g.members.addCert(m.fields[0]); err != nil {
+			g.log.Info("refused a gateway certificate", "err", err)
+		}
+		return nil
+
+	case msgAnnounce:
+		if err := m.want(3); err != nil {
+			return err
+		}
+		kind, from := m.fields[0], string(m.fields[2])
+		v, err := readU64(m.fields[1])
+		if err != nil || len(kind) != 1 {
+			return fmt.Errorf("bad announcement")
+		}
+		if v > g.blobVersion(kind[0]) && from != me.Attributes().Node {
+			return g.send(from, encodeMessage(msgBlobRequest, kind, []byte(me.Attributes().Node)))
+		}
+		return nil
+
+	case msgBlobRequest:
+		if err := m.want(2); err != nil || len(m.fields[0]) != 1 {
+			return fmt.Errorf("bad blob request")
+		}
+		blob := g.blob(m.fields[0][0])
+		if blob == nil {
+			return nil
+		}
+		return g.send(string(m.fields[1]), blob)
+
+	case msgBlob:
+		if err := m.want(2); err != nil || len(m.fields[0]) != 1 {
+			return fmt.Errorf("bad blob")
+		}
+		switch m.fields[0][0] {
+		case blobCRL:
+			crl, err := certs.ParseCRL(m.fields[1])
+			if err != nil {
+				return err
+			}
+			tb, err := g.trust.Load().WithCRL(crl)
+			if err != nil {
+				return err
+			}
+			g.adoptTrust(tb)
+		case blobPolicy:
+			parts, err := unbundle(m.fields[1])
+			if err != nil || len(parts) != 2 {
+				return fmt.Errorf("bad policy blob")
+			}
+			_, err = g.AdoptPolicy(parts[0], parts[1])
+			return err
+		}
+		return nil
+
+	case msgKeyringOp:
+		return g.handleKeyringOp(m)
+	case msgKeyringAck:
+		return g.handleKeyringAck(m)
+	}
+	return fmt.Errorf("unknown message type %d", m.typ)
+}
+
+// blobVersion is the version of what we hold: the CRL number, the policy
+// version.
+func (g *Gateway) blobVersion(kind byte) uint64 {
+	switch kind {
+	case blobCRL:
+		return crlNumber(g.trust.Load().CRL())
+	case blobPolicy:
+		if p := g.policy.Load(); p != nil {
+			return uint64(p.p.Revision().Version)
+		}
+	}
+	return 0
+}
+
+// blob is our copy of a blob, as a msgBlob message, or nil.
+func (g *Gateway) blob(kind byte) []byte {
+	switch kind {
+	case blobCRL:
+		if crl := g.trust.Load().CRL(); crl != nil {
+			return encodeMessage(msgBlob, []byte{blobCRL}, crl.Raw)
+		}
+	case blobPolicy:
+		if p := g.policy.Load(); p != nil {
+			return encodeMessage(msgBlob, []byte{blobPolicy}, bundle(p.src, p.sig))
+		}
+	}
+	return nil
+}
+
+// announce tells the mesh (by gossip broadcast) that we hold a version of
+// a blob; members with an older one ask us for it.
+func (g *Gateway) announce(kind byte, version uint64, _ []byte) {
+	if g.queue == nil {
+		return
+	}
+	msg := encodeMessage(msgAnnounce, []byte{kind}, u64(version), []byte(g.id.Load().Attributes().Node))
+	g.queue.QueueBroadcast(broadcast{name: fmt.Sprintf("announce/%d", kind), msg: msg})
+}
+
+// localState is our push/pull state: certificate, CRL, policy.
+func (g *Gateway) localState() []byte {
+	me := g.id.Load()
+	parts := [][]byte{encodeMessage(msgCert, me.Certificate().Raw)}
+	if b := g.blob(blobCRL); b != nil {
+		parts = append(parts, b)
+	}
+	if b := g.blob(blobPolicy); b != nil {
+		parts = append(parts, b)
+	}
+	return bundle(parts...)
+}
+
+// loadPolicies adopts the newest correctly signed policy among the one
+// adopted in the last run (state directory) and the one the configuration
+// names.
+func (g *Gateway) loadPolicies() {
+	if src, sig, err := g.state.loadPolicy(); err == nil {
+		if _, err := g.AdoptPolicy(src, sig); err != nil {
+			g.log.Warn("stored policy refused", "err", err)
+		}
+	}
+	if g.s.PolicyFile == "" {
+		return
+	}
+	src, err := os.ReadFile(g.s.PolicyFile)
+	if err != nil {
+		g.log.Error("read policy", "err", err)
+		return
+	}
+	sig, err := os.ReadFile(g.s.PolicySignature)
+	if err != nil {
+		g.log.Error("policy is not signed: it will not be used", "policy", g.s.PolicyFile, "err", err)
+		return
+	}
+	if _, err := g.AdoptPolicy(src, sig); err != nil {
+		g.log.Error("configured policy refused", "policy", g.s.PolicyFile, "err", err)
+	}
+}
+
+// AdoptPolicy verifies a signed policy and adopts it if it is newer than
+// the one in force: it is stored, announced to the mesh, and the topology
+// is re-planned. It returns whether it was adopted.
+func (g *Gateway) AdoptPolicy(src, sigJSON []byte) (bool, error) {
+	sig, err := policy.ParseSignature(sigJSON)
+	if err != nil {
+		return false, err
+	}
+	p, err := policy.Verify("policy.hcl", src, sig, g.trust.Load(), g.now())
+	if err != nil {
+		return false, err
+	}
+	var cur *policy.Policy
+	if c := g.policy.Load(); c != nil {
+		cur = c.p
+	}
+	ok, err := policy.Adopt(cur, p)
+	if err != nil || !ok {
+		return false, err
+	}
+	g.policy.Store(&adoptedPolicy{p: p, src: src, sig: sigJSON})
+	if err := g.state.savePolicy(src, sigJSON); err != nil {
+		g.log.Warn("save adopted policy", "err", err)
+	}
+	g.log.Info("adopted residency policy", "policy", p.Revision().String())
+	g.announce(blobPolicy, uint64(p.Revision().Version), nil)
+	g.triggerReconcile()
+	return true, nil
+}
+
+func (g *Gateway) policyRevision() string {
+	if p := g.policy.Load(); p != nil {
+		return p.p.Revision().String()
+	}
+	return "none"
+}
