@@ -17,6 +17,9 @@ import (
 var skybridge string
 
 func TestMain(m *testing.M) {
+	if h := os.Getenv(helperEnv); h != "" {
+		os.Exit(runHelper(h))
+	}
 	dir, err := os.MkdirTemp("", "skybridge-e2e-bin-")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)

@@ -1,0 +1,290 @@
+package e2e
+
+import (
+	"bufio"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// A test lab: sites as network namespaces on one underlay segment (a
+// bridge in a "wan" namespace), each running the real skybridge binary.
+// Names carry a per-run ID, and everything is removed at the end, also
+// when the test fails.
+
+const helperEnv = "SKYBRIDGE_E2E_HELPER"
+
+// runHelper is the test binary acting as a tiny network tool inside a
+// namespace: "echo ADDR" serves TCP echo; "dial ADDR" sends a line and
+// expects it back.
+func runHelper(h string) int {
+	f := strings.Fields(h)
+	switch f[0] {
+	case "echo":
+		ln, err := net.Listen("tcp", f[1])
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 1
+		}
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return 1
+			}
+			go func() { defer c.Close(); io.Copy(c, c) }()
+		}
+	case "dial":
+		c, err := net.DialTimeout("tcp", f[1], 3*time.Second)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 1
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(3 * time.Second))
+		msg := "hello over skybridge\n"
+		io.WriteString(c, msg)
+		got, err := bufio.NewReader(c).ReadString('\n')
+		if err != nil || got != msg {
+			fmt.Fprintln(os.Stderr, "echo mismatch:", got, err)
+			return 1
+		}
+		return 0
+	}
+	return 2
+}
+
+// requireRoot skips without root, except under CI where it must fail.
+func requireRoot(t *testing.T) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		if os.Getenv("CI") == "true" {
+			t.Fatal("this end-to-end test needs root (network namespaces, TUN); CI must run it as root")
+		}
+		t.Skip("needs root for network namespaces and TUN devices")
+	}
+	tool(t, "ip")
+	tool(t, "wg")
+	tool(t, "nft")
+}
+
+type lab struct {
+	t      *testing.T
+	id     string
+	dir    string
+	wan    string
+	procs  []*exec.Cmd
+	netnss []string
+}
+
+func newLab(t *testing.T) *lab {
+	requireRoot(t)
+	b := make([]byte, 3)
+	rand.Read(b)
+	l := &lab{t: t, id: hex.EncodeToString(b), dir: t.TempDir()}
+	l.wan = "sbw" + l.id
+	t.Cleanup(l.cleanup)
+	l.ip("netns", "add", l.wan)
+	l.netnss = append(l.netnss, l.wan)
+	l.nsip(l.wan, "link", "add", "br0", "type", "bridge")
+	l.nsip(l.wan, "link", "set", "br0", "up")
+	l.nsip(l.wan, "link", "set", "lo", "up")
+	return l
+}
+
+func (l *lab) cleanup() {
+	for _, p := range l.procs {
+		if p.Process != nil && p.ProcessState == nil {
+			p.Process.Signal(syscall.SIGKILL)
+			p.Wait()
+		}
+	}
+	for _, ns := range l.netnss {
+		exec.Command("ip", "netns", "del", ns).Run()
+	}
+	// Gateways killed with SIGKILL leave their UAPI sockets behind.
+	socks, _ := filepath.Glob("/var/run/wireguard/sb" + l.id + "*.sock")
+	for _, s := range socks {
+		os.Remove(s)
+	}
+	// No namespace of this run may survive.
+	out, _ := exec.Command("ip", "netns", "list").Output()
+	if strings.Contains(string(out), l.id) {
+		l.t.Errorf("namespaces left behind: %s", out)
+	}
+}
+
+func (l *lab) run(name string, args ...string) string {
+	l.t.Helper()
+	out, err := exec.Command(name, args...).CombinedOutput()
+	if err != nil {
+		l.t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
+	}
+	return string(out)
+}
+
+func (l *lab) ip(args ...string) string { l.t.Helper(); return l.run("ip", args...) }
+
+func (l *lab) nsip(ns string, args ...string) string {
+	l.t.Helper()
+	return l.run("ip", append([]string{"-n", ns}, args...)...)
+}
+
+func (l *lab) nsexec(ns string, args ...string) (string, error) {
+	out, err := exec.Command("ip", append([]string{"netns", "exec", ns}, args...)...).CombinedOutput()
+	return string(out), err
+}
+
+// addHost makes a namespace attached to the underlay with addr/24.
+func (l *lab) addHost(short, addr string) string {
+	ns := "sb" + short + l.id
+	l.ip("netns", "add", ns)
+	l.netnss = append(l.netnss, ns)
+	in, out := "u"+short+l.id, "w"+short+l.id
+	l.ip("link", "add", in, "netns", ns, "type", "veth", "peer", "name", out, "netns", l.wan)
+	l.nsip(l.wan, "link", "set", out, "master", "br0")
+	l.nsip(l.wan, "link", "set", out, "up")
+	l.nsip(ns, "link", "set", "lo", "up")
+	l.nsip(ns, "link", "set", in, "mtu", "1500")
+	l.nsip(ns, "addr", "add", addr+"/24", "dev", in)
+	l.nsip(ns, "link", "set", in, "up")
+	return ns
+}
+
+// start runs a process in ns, logging to a file kept for failures.
+func (l *lab) start(ns, logName string, env []string, args ...string) *exec.Cmd {
+	l.t.Helper()
+	logf, err := os.Create(filepath.Join(l.dir, logName+".log"))
+	if err != nil {
+		l.t.Fatal(err)
+	}
+	cmd := exec.Command("ip", append([]string{"netns", "exec", ns}, args...)...)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.Env = append(os.Environ(), env...)
+	if err := cmd.Start(); err != nil {
+		l.t.Fatal(err)
+	}
+	l.procs = append(l.procs, cmd)
+	l.t.Cleanup(func() { logf.Close() })
+	return cmd
+}
+
+// dumpLogs prints the gateways' logs when the test failed.
+func (l *lab) dumpLogs() {
+	if !l.t.Failed() {
+		return
+	}
+	files, _ := filepath.Glob(filepath.Join(l.dir, "*.log"))
+	for _, f := range files {
+		b, _ := os.ReadFile(f)
+		if len(b) > 20000 {
+			b = b[len(b)-20000:]
+		}
+		l.t.Logf("==== %s (tail)\n%s", filepath.Base(f), b)
+	}
+}
+
+// waitFor polls cond until it holds or the deadline passes.
+func waitFor(t *testing.T, timeout time.Duration, what string, cond func() (bool, string)) time.Duration {
+	t.Helper()
+	start := time.Now()
+	deadline := start.Add(timeout)
+	last := ""
+	for {
+		ok, state := cond()
+		if ok {
+			return time.Since(start)
+		}
+		last = state
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: not within %s; last state: %s", what, timeout, last)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+// wgPeer is a line of `wg show IF dump`.
+type wgPeer struct {
+	PublicKey  string
+	Endpoint   string
+	AllowedIPs []string
+	Handshake  int64
+	Rx, Tx     int64
+}
+
+func (l *lab) wgDump(ns, ifname string) (map[string]wgPeer, error) {
+	out, err := l.nsexec(ns, "wg", "show", ifname, "dump")
+	if err != nil {
+		return nil, fmt.Errorf("wg show: %v: %s", err, out)
+	}
+	peers := map[string]wgPeer{}
+	sc := bufio.NewScanner(strings.NewReader(out))
+	first := true
+	for sc.Scan() {
+		if first {
+			first = false
+			continue
+		}
+		f := strings.Split(sc.Text(), "\t")
+		if len(f) < 8 {
+			continue
+		}
+		p := wgPeer{PublicKey: f[0], Endpoint: f[2]}
+		if f[3] != "(none)" {
+			p.AllowedIPs = strings.Split(f[3], ",")
+		}
+		p.Handshake, _ = strconv.ParseInt(f[4], 10, 64)
+		p.Rx, _ = strconv.ParseInt(f[5], 10, 64)
+		p.Tx, _ = strconv.ParseInt(f[6], 10, 64)
+		peers[p.PublicKey] = p
+	}
+	return peers, nil
+}
+
+// status asks a gateway for its status through the real CLI.
+func status(socket string) (*gwStatus, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, skybridge, "status", "--socket", socket, "--json").Output()
+	if err != nil {
+		return nil, err
+	}
+	var st gwStatus
+	return &st, json.Unmarshal(out, &st)
+}
+
+type gwStatus struct {
+	Node      string `json:"node"`
+	PublicKey string `json:"public_key"`
+	Policy    string `json:"policy"`
+	Members   []struct {
+		Node      string `json:"node"`
+		State     string `json:"state"`
+		Peer      bool   `json:"peer"`
+		PublicKey string `json:"public_key"`
+		Reason    string `json:"reason"`
+	} `json:"members"`
+}
+
+func (s *gwStatus) peers() []string {
+	var out []string
+	for _, m := range s.Members {
+		if m.Peer {
+			out = append(out, m.Node)
+		}
+	}
+	return out
+}
+
+func jsonUnmarshal(b []byte, v any) error { return json.Unmarshal(b, v) }

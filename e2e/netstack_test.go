@@ -1,0 +1,145 @@
+package e2e
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// TestNetstackMeshUnprivileged runs three gateways in netstack mode on
+// loopback, as an unprivileged user when the test runs as root: no TUN, no
+// root, real memberlist and real WireGuard handshakes between them.
+func TestNetstackMeshUnprivileged(t *testing.T) {
+	// Not t.TempDir: its parent is private to root, and the gateways run
+	// as nobody.
+	dir, err := os.MkdirTemp("", "skybridge-netstack-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	caDir := filepath.Join(dir, "ca")
+	sb(t, 0, "ca", "init", "--dir", caDir)
+	base := 20000 + os.Getpid()%20000
+	var cmds []*exec.Cmd
+	var sockets []string
+	t.Cleanup(func() {
+		for _, c := range cmds {
+			c.Process.Signal(syscall.SIGTERM)
+			c.Wait()
+		}
+	})
+	asNobody := os.Geteuid() == 0
+	if asNobody {
+		os.Chmod(dir, 0o755)
+		os.Chmod(filepath.Dir(skybridge), 0o755)
+	}
+	for i := 1; i <= 3; i++ {
+		sdir := filepath.Join(dir, fmt.Sprintf("gw%d", i))
+		sb(t, 0, "ca", "issue", "--ca", caDir, "--node", fmt.Sprintf("ns-%d", i), "--site", fmt.Sprintf("site-%d", i), "--region", "r",
+			"--provider", "onprem", "--jurisdiction", "CH", "--overlay-ip", fmt.Sprintf("100.96.1.%d", i), "--out", filepath.Join(sdir, "identity"))
+		cfg := filepath.Join(dir, fmt.Sprintf("gw%d.hcl", i))
+		os.WriteFile(cfg, []byte(fmt.Sprintf(`state_dir = %q
+node {
+  name         = "ns-%d"
+  site         = "site-%d"
+  region       = "r"
+  provider     = "onprem"
+  jurisdiction = "CH"
+  overlay_ip   = "100.96.1.%d"
+}
+identity {
+  dir = %q
+}
+gossip {
+  bind    = "127.0.0.1:%d"
+  seeds   = ["127.0.0.1:%d"]
+  profile = "local"
+}
+wireguard {
+  interface  = "sbns%d"
+  port       = %d
+  mode       = "netstack"
+  behind_nat = true
+}
+`, sdir, i, i, i, filepath.Join(sdir, "identity"), base+i, base+1, i, base+100+i)), 0o644)
+		args := []string{skybridge, "gateway", "run", "--config", cfg}
+		if asNobody {
+			chownR(t, sdir, 65534)
+			args = append([]string{"setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"}, args...)
+		}
+		logf, _ := os.Create(filepath.Join(dir, fmt.Sprintf("gw%d.log", i)))
+		c := exec.Command(args[0], args[1:]...)
+		c.Stdout, c.Stderr = logf, logf
+		if err := c.Start(); err != nil {
+			t.Fatal(err)
+		}
+		cmds = append(cmds, c)
+		sockets = append(sockets, filepath.Join(sdir, "control.sock"))
+	}
+	defer func() {
+		if t.Failed() {
+			logs, _ := filepath.Glob(filepath.Join(dir, "*.log"))
+			for _, f := range logs {
+				b, _ := os.ReadFile(f)
+				t.Logf("==== %s\n%s", f, b)
+			}
+		}
+	}()
+	waitFor(t, 60*time.Second, "netstack gateways handshake with each other", func() (bool, string) {
+		var state []string
+		ok := true
+		for i, s := range sockets {
+			st, err := statusAs(s, asNobody)
+			if err != nil {
+				return false, err.Error()
+			}
+			var hs []string
+			for _, m := range st.Members {
+				if m.Peer && m.Handshake != "" && !strings.HasPrefix(m.Handshake, "0001") {
+					hs = append(hs, m.Node)
+				}
+			}
+			slices.Sort(hs)
+			state = append(state, fmt.Sprintf("%d:%v", i+1, hs))
+			if len(hs) != 2 {
+				ok = false
+			}
+		}
+		return ok, strings.Join(state, " ")
+	})
+}
+
+func chownR(t *testing.T, dir string, uid int) {
+	t.Helper()
+	filepath.Walk(dir, func(p string, _ os.FileInfo, _ error) error { return os.Lchown(p, uid, uid) })
+}
+
+// statusAs queries a control socket, as the unprivileged gateway's user
+// when it runs as one (the socket is 0600: nobody else may).
+func statusAs(socket string, asNobody bool) (*netstackStatus, error) {
+	args := []string{skybridge, "status", "--socket", socket, "--json"}
+	if asNobody {
+		args = append([]string{"setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"}, args...)
+	}
+	out, err := exec.Command(args[0], args[1:]...).Output()
+	if err != nil {
+		return nil, fmt.Errorf("%v: %s", err, out)
+	}
+	var st netstackStatus
+	return &st, jsonUnmarshal(out, &st)
+}
+
+type netstackStatus struct {
+	Mode    string `json:"mode"`
+	Members []struct {
+		Node      string `json:"node"`
+		Peer      bool   `json:"peer"`
+		Handshake string `json:"last_handshake"`
+	} `json:"members"`
+}
