@@ -113,6 +113,63 @@ wireguard {
 		}
 		return ok, strings.Join(state, " ")
 	})
+
+	// The gossip key rotates on every gateway, from one of them, without a
+	// restart, and the mesh keeps gossiping under the new key.
+	before := map[string]bool{}
+	for i := 1; i <= 3; i++ {
+		b, _ := os.ReadFile(filepath.Join(dir, fmt.Sprintf("gw%d", i), "identity", "gossip.keyring"))
+		before[string(b)] = true
+	}
+	rot := []string{skybridge, "keys", "rotate-gossip", "--socket", sockets[0]}
+	if asNobody {
+		rot = append([]string{"setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"}, rot...)
+	}
+	if out, err := exec.Command(rot[0], rot[1:]...).CombinedOutput(); err != nil || !strings.Contains(string(out), "rotated on 2 other gateways") {
+		t.Fatalf("keys rotate-gossip: %v\n%s", err, out)
+	}
+	var after string
+	for i := 1; i <= 3; i++ {
+		b, err := os.ReadFile(filepath.Join(dir, fmt.Sprintf("gw%d", i), "identity", "gossip.keyring"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		keys := 0
+		for _, line := range strings.Split(string(b), "\n") {
+			if line != "" && !strings.HasPrefix(line, "#") {
+				keys++
+			}
+		}
+		if before[string(b)] || keys != 1 || (after != "" && string(b) != after) {
+			t.Fatalf("gateway %d keyring after rotation (%d keys, unchanged=%v):\n%s", i, keys, before[string(b)], b)
+		}
+		after = string(b)
+	}
+	// Gossip still works under the new key: a gateway that leaves and
+	// comes back (reading the new key from its file) is taken back by the
+	// others, which only gossip with the new key now.
+	peerOf := func(sock, node string) bool {
+		st, err := statusAs(sock, asNobody)
+		if err != nil {
+			return false
+		}
+		for _, m := range st.Members {
+			if m.Node == node && m.Peer {
+				return true
+			}
+		}
+		return false
+	}
+	cmds[2].Process.Signal(syscall.SIGTERM)
+	cmds[2].Wait()
+	waitFor(t, 30*time.Second, "ns-1 drops the departed ns-3", func() (bool, string) { return !peerOf(sockets[0], "ns-3"), "" })
+	c := exec.Command(cmds[2].Args[0], cmds[2].Args[1:]...)
+	c.Stdout, c.Stderr = cmds[2].Stdout, cmds[2].Stderr
+	if err := c.Start(); err != nil {
+		t.Fatal(err)
+	}
+	cmds[2] = c
+	waitFor(t, 30*time.Second, "ns-1 takes ns-3 back, gossiping under the new key", func() (bool, string) { return peerOf(sockets[0], "ns-3"), "" })
 }
 
 func chownR(t *testing.T, dir string, uid int) {

@@ -56,6 +56,7 @@ type Gateway struct {
 	stopOnce sync.Once
 	rotation sync.Mutex // one gossip key rotation at a time
 	acks     chan keyringAck
+	ops      opLog // keyring operations seen, against replays
 }
 
 type adoptedPolicy struct {

@@ -64,11 +64,11 @@ func (op *keyringOp) encode() []byte {
 	return encodeMessage(msgKeyringOp, []byte(op.kind), op.key, op.id, u64(uint64(op.at.UnixNano())), []byte(op.initiator), op.certDER, op.sig)
 }
 
-// seenOps remembers recent operation IDs against replays.
-var seenOps = struct {
+// opLog remembers recent operation IDs against replays.
+type opLog struct {
 	sync.Mutex
 	ids map[string]time.Time
-}{ids: map[string]time.Time{}}
+}
 
 func (g *Gateway) handleKeyringOp(m message) error {
 	if err := m.want(7); err != nil {
@@ -111,17 +111,20 @@ func (g *Gateway) verifyKeyringOp(op *keyringOp) error {
 	if !ok || !ecdsa.VerifyASN1(pub, op.digest(), op.sig) {
 		return fmt.Errorf("bad signature")
 	}
-	seenOps.Lock()
-	defer seenOps.Unlock()
-	for id, t := range seenOps.ids {
+	g.ops.Lock()
+	defer g.ops.Unlock()
+	if g.ops.ids == nil {
+		g.ops.ids = map[string]time.Time{}
+	}
+	for id, t := range g.ops.ids {
 		if now.Sub(t) > 2*keyringOpMaxAge {
-			delete(seenOps.ids, id)
+			delete(g.ops.ids, id)
 		}
 	}
-	if _, dup := seenOps.ids[string(op.id)]; dup {
+	if _, dup := g.ops.ids[string(op.id)]; dup {
 		return fmt.Errorf("operation replayed")
 	}
-	seenOps.ids[string(op.id)] = now
+	g.ops.ids[string(op.id)] = now
 	return nil
 }
 

@@ -1,0 +1,74 @@
+package mesh
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+const goodConfig = `state_dir = "/var/lib/skybridge"
+node {
+  name         = "gw1"
+  site         = "onprem-zrh"
+  region       = "zrh-dc1"
+  provider     = "onprem"
+  jurisdiction = "CH"
+  overlay_ip   = "100.96.0.1"
+}
+identity {
+  dir = "/var/lib/skybridge/identity"
+}
+gossip {
+  bind  = "192.0.2.1:7946"
+  seeds = ["198.51.100.1", "203.0.113.1:7000"]
+}
+wireguard {
+  interface = "sb0"
+}
+`
+
+func writeConfig(t *testing.T, src string) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "gateway.hcl")
+	os.WriteFile(p, []byte(src), 0o644)
+	return p
+}
+
+func TestLoadConfigDefaults(t *testing.T) {
+	s, err := LoadConfig(writeConfig(t, goodConfig))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.Mode != ModeAuto || s.Port != DefaultWireGuardPort || s.MTU != DefaultMTU || s.Topology != TopologyFullMesh || s.GossipProfile != "lan" {
+		t.Errorf("defaults: %+v", s)
+	}
+	if s.GossipAdvertise != s.GossipBind || len(s.Endpoints) != 1 || s.Endpoints[0].String() != "192.0.2.1:51820" {
+		t.Errorf("advertise %s, endpoints %v", s.GossipAdvertise, s.Endpoints)
+	}
+	if s.ControlSocket != "/var/lib/skybridge/control.sock" {
+		t.Errorf("control socket %s", s.ControlSocket)
+	}
+}
+
+func TestLoadConfigErrors(t *testing.T) {
+	for _, tc := range []struct {
+		name, old, new, want string
+	}{
+		{"bad bind", `bind  = "192.0.2.1:7946"`, `bind  = "somewhere"`, ":14:3: bind: \"somewhere\" is not an address"},
+		{"unspecified advertise", `bind  = "192.0.2.1:7946"`, `bind  = "0.0.0.0:7946"`, "advertise: gateways cannot reach 0.0.0.0:7946"},
+		{"bad seed", `"198.51.100.1"`, `"seed.example"`, ":15:3: seeds: \"seed.example\""},
+		{"bad mode", `interface = "sb0"`, "interface = \"sb0\"\n  mode = \"userspace\"", ":19:3: mode: \"userspace\" is not auto"},
+		{"long interface", `interface = "sb0"`, `interface = "skybridge-interface0"`, ":18:3: interface:"},
+		{"bad mtu", `interface = "sb0"`, "interface = \"sb0\"\n  mtu = 500", "mtu: 500 is outside"},
+		{"unknown field", `interface = "sb0"`, "interface = \"sb0\"\n  colour = \"blue\"", ":19:3: Unsupported argument"},
+		{"bad topology", `interface = "sb0"`, "interface = \"sb0\"\n}\ntopology {\n  mode = \"star\"", ":21:3: mode: \"star\""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := LoadConfig(writeConfig(t, strings.Replace(goodConfig, tc.old, tc.new, 1)))
+			if err == nil || !strings.Contains(err.Error(), tc.want) || !strings.Contains(err.Error(), "gateway.hcl") {
+				t.Fatalf("err = %v, want it to contain %q and the file name", err, tc.want)
+			}
+		})
+	}
+}

@@ -1,0 +1,213 @@
+package mesh
+
+import (
+	"math/big"
+	"net/netip"
+	"path/filepath"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/skybridge-mesh/skybridge/certs"
+)
+
+type fixture struct {
+	t   *testing.T
+	ca  *certs.CA
+	now time.Time
+}
+
+func newFixture(t *testing.T) *fixture {
+	ca, err := certs.InitCA(filepath.Join(t.TempDir(), "ca"), certs.InitOptions{Now: now.Add(-24 * time.Hour)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &fixture{t: t, ca: ca, now: now}
+}
+
+func (f *fixture) trust() *certs.TrustBundle {
+	tb, err := f.ca.TrustBundle()
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	return tb
+}
+
+// identity issues a gateway identity at time at.
+func (f *fixture) identity(node, site string, host byte, at time.Time, routes ...string) *certs.NodeIdentity {
+	a := certs.Attributes{Node: node, Site: site, Region: "r", Provider: "aws", Jurisdiction: "DE", OverlayIP: netip.AddrFrom4([4]byte{100, 96, 0, host})}
+	for _, r := range routes {
+		a.Routes = append(a.Routes, netip.MustParsePrefix(r))
+	}
+	id, err := f.ca.IssueIdentity(a, 48*time.Hour, at)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	return id
+}
+
+func (f *fixture) advert(id *certs.NodeIdentity, version uint64) []byte {
+	a := id.Attributes()
+	wg, _ := certs.GenerateWGKey()
+	raw, err := certs.SignAdvert(&certs.Advert{Version: version, Timestamp: f.now, Node: a.Node, Site: a.Site, Region: a.Region,
+		Provider: a.Provider, Jurisdiction: a.Jurisdiction, OverlayIP: a.OverlayIP, Routes: a.Routes, WireGuardKey: wg.Public()}, id)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	return raw
+}
+
+func states(ms *membership) map[string]MemberState {
+	out := map[string]MemberState{}
+	for _, m := range ms.snapshot() {
+		out[m.Name] = m.State
+	}
+	return out
+}
+
+var gossipAddr = netip.MustParseAddrPort("192.0.2.1:7946")
+
+func TestMembershipVerifiesBeforeAdmitting(t *testing.T) {
+	f := newFixture(t)
+	changes := 0
+	ms := newMembership("self", f.trust(), func() time.Time { return f.now }, func() { changes++ })
+	a := f.identity("gw-a", "site-a", 1, f.now.Add(-time.Hour))
+	meta := f.advert(a, 5)
+
+	// Unknown certificate: in as pending, never a peer; the caller must
+	// fetch the certificate.
+	if err := ms.admit("gw-a", meta); err != nil {
+		t.Fatalf("admit with unknown certificate: %v", err)
+	}
+	if !ms.update("gw-a", gossipAddr, meta) {
+		t.Fatal("update did not ask for the certificate")
+	}
+	if states(ms)["gw-a"] != StatePending || len(ms.gateways()) != 0 {
+		t.Fatalf("state %v, gateways %d", states(ms), len(ms.gateways()))
+	}
+	if err := ms.addCert(a.Certificate().Raw); err != nil {
+		t.Fatal(err)
+	}
+	if states(ms)["gw-a"] != StateVerified || len(ms.gateways()) != 1 || changes == 0 {
+		t.Fatalf("after the certificate: %v", states(ms))
+	}
+
+	// Refused at the door: garbage, a name that is not the advert's, a
+	// replay of an older advert.
+	for name, tc := range map[string]struct {
+		node string
+		meta []byte
+	}{
+		"garbage":       {"gw-a", []byte("nonsense")},
+		"name mismatch": {"gw-b", meta},
+		"replay":        {"gw-a", f.advert(a, 4)},
+	} {
+		if err := ms.admit(tc.node, tc.meta); err == nil {
+			t.Errorf("%s admitted", name)
+		}
+	}
+
+	// Gossip declares it dead: no longer a peer.
+	ms.leave("gw-a")
+	if states(ms)["gw-a"] != StateDead || len(ms.gateways()) != 0 {
+		t.Fatalf("after leave: %v", states(ms))
+	}
+}
+
+// TestMembershipRefusesForeignIdentity: the rogue of the e2e test, in
+// miniature — a certificate from another CA is refused, and from then on
+// its alive messages too.
+func TestMembershipRefusesForeignIdentity(t *testing.T) {
+	f := newFixture(t)
+	rogueCA := newFixture(t)
+	ms := newMembership("self", f.trust(), func() time.Time { return f.now }, func() {})
+	r := rogueCA.identity("gw-r", "site-a", 9, f.now.Add(-time.Hour))
+	meta := rogueCA.advert(r, 1)
+	ms.update("gw-r", gossipAddr, meta)
+	if err := ms.addCert(r.Certificate().Raw); err == nil {
+		t.Fatal("foreign certificate accepted")
+	}
+	if states(ms)["gw-r"] != StateRefused || len(ms.gateways()) != 0 {
+		t.Fatalf("rogue state %v", states(ms))
+	}
+	if err := ms.admit("gw-r", meta); err == nil {
+		t.Fatal("rogue's alive message admitted after its certificate was refused")
+	}
+}
+
+// TestMembershipConflicts: the older certificate keeps a contested claim,
+// whatever order the adverts arrive in; gateways of one site may share
+// routes.
+func TestMembershipConflicts(t *testing.T) {
+	f := newFixture(t)
+	old := f.identity("gw-old", "site-a", 1, f.now.Add(-3*time.Hour), "10.7.0.0/16")
+	young := f.identity("gw-young", "site-b", 2, f.now.Add(-time.Hour), "10.7.1.0/24")
+	sibling := f.identity("gw-sibling", "site-a", 3, f.now.Add(-time.Hour), "10.7.0.0/16")
+	for _, order := range [][]*certs.NodeIdentity{{old, young, sibling}, {young, sibling, old}, {sibling, young, old}} {
+		ms := newMembership("self", f.trust(), func() time.Time { return f.now }, func() {})
+		for _, id := range order {
+			ms.addCert(id.Certificate().Raw)
+			ms.update(id.Attributes().Node, gossipAddr, f.advert(id, 1))
+		}
+		got := states(ms)
+		want := map[string]MemberState{"gw-old": StateVerified, "gw-sibling": StateVerified, "gw-young": StateRefused}
+		for n, s := range want {
+			if got[n] != s {
+				t.Errorf("order %s,%s,%s: %s is %s, want %s", order[0].Attributes().Node, order[1].Attributes().Node, order[2].Attributes().Node, n, got[n], s)
+			}
+		}
+		// Once the incumbent is gone, the newcomer's claim stands.
+		ms.leave("gw-old")
+		ms.leave("gw-sibling")
+		ms.refresh()
+		if states(ms)["gw-young"] != StateVerified {
+			t.Errorf("gw-young still refused after the incumbents left: %v", states(ms))
+		}
+	}
+}
+
+func TestMembershipRevocation(t *testing.T) {
+	f := newFixture(t)
+	a := f.identity("gw-a", "site-a", 1, f.now.Add(-time.Hour))
+	b := f.identity("gw-b", "site-b", 2, f.now.Add(-time.Hour))
+	ms := newMembership("self", f.trust(), func() time.Time { return f.now }, func() {})
+	for _, id := range []*certs.NodeIdentity{a, b} {
+		ms.addCert(id.Certificate().Raw)
+		ms.update(id.Attributes().Node, gossipAddr, f.advert(id, 1))
+	}
+	if _, err := f.ca.RevokeSerials([]*big.Int{a.Certificate().SerialNumber}, "keyCompromise", f.now); err != nil {
+		t.Fatal(err)
+	}
+	ms.setTrust(f.trust())
+	if got := states(ms); got["gw-a"] != StateRefused || got["gw-b"] != StateVerified {
+		t.Fatalf("after revocation: %v", got)
+	}
+	var names []string
+	for _, g := range ms.gateways() {
+		names = append(names, g.Attributes.Node)
+	}
+	if !slices.Equal(names, []string{"gw-b"}) {
+		t.Fatalf("peers after revocation: %v", names)
+	}
+}
+
+func TestMembershipRemember(t *testing.T) {
+	f := newFixture(t)
+	a := f.identity("gw-a", "site-a", 1, f.now.Add(-time.Hour))
+	ms := newMembership("self", f.trust(), func() time.Time { return f.now }, func() {})
+	if err := ms.remember("gw-a", gossipAddr, f.advert(a, 3), a.Certificate().Raw); err != nil {
+		t.Fatal(err)
+	}
+	if len(ms.gateways()) != 1 || !ms.snapshot()[0].Remembered {
+		t.Fatal("remembered member is not a peer")
+	}
+	// A remembered member whose certificate has expired stays out.
+	expired := f.identity("gw-x", "site-x", 5, f.now.Add(-72*time.Hour))
+	if err := ms.remember("gw-x", gossipAddr, f.advert(expired, 3), expired.Certificate().Raw); err == nil {
+		t.Fatal("expired member remembered")
+	}
+	ms.rememberDead("gw-d", gossipAddr)
+	if states(ms)["gw-d"] != StateDead || len(ms.gateways()) != 1 {
+		t.Fatalf("dead member: %v", states(ms))
+	}
+}
