@@ -277,14 +277,4 @@ type gwStatus struct {
 	} `json:"members"`
 }
 
-func (s *gwStatus) peers() []string {
-	var out []string
-	for _, m := range s.Members {
-		if m.Peer {
-			out = append(out, m.Node)
-		}
-	}
-	return out
-}
-
 func jsonUnmarshal(b []byte, v any) error { return json.Unmarshal(b, v) }

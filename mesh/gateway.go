@@ -201,7 +201,7 @@ func (g *Gateway) Run(ctx context.Context) error {
 	loop(g.maintain)
 	if g.prov.Issuer() != nil {
 		loop(func(ctx context.Context) {
-			if err := g.prov.KeepRenewed(ctx, g.id.Load(), g.renewed); err != nil && ctx.Err() == nil {
+			if err := g.prov.KeepRenewed(ctx, g.id.Load(), g.renewed); ctx.Err() == nil {
 				g.log.Error("certificate renewal stopped", "err", err)
 			}
 		})

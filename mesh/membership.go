@@ -382,13 +382,3 @@ func (ms *membership) gateways() []Node {
 	}
 	return out
 }
-
-// certOf returns the certificate of a verified member (for persistence).
-func (ms *membership) certOf(name string) *x509.Certificate {
-	ms.mu.Lock()
-	defer ms.mu.Unlock()
-	if m := ms.members[name]; m != nil && m.verified != nil {
-		return m.verified.Cert
-	}
-	return nil
-}
