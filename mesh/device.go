@@ -142,12 +142,19 @@ func openTUN(opt DeviceOptions) (Device, error) {
 		os.Remove(filepath.Join("/var/run/wireguard", opt.Name+".sock"))
 		return nil
 	}
+	return newWgctrlDevice(opt, ModeTUN, closeAll)
+}
+
+// newWgctrlDevice finishes bringing up an interface that wgctrl can reach
+// (kernel or UAPI socket): private key and port, address, MTU, up. On
+// failure it undoes everything with closeFn.
+func newWgctrlDevice(opt DeviceOptions, mode string, closeFn func() error) (*wgctrlDevice, error) {
 	client, err := wgctrl.New()
 	if err != nil {
-		closeAll()
+		closeFn()
 		return nil, fmt.Errorf("wgctrl: %w", err)
 	}
-	d := &wgctrlDevice{name: opt.Name, mode: ModeTUN, client: client, close: closeAll}
+	d := &wgctrlDevice{name: opt.Name, mode: mode, client: client, close: closeFn}
 	if err := d.Configure(baseConfig(opt)); err != nil {
 		d.Close()
 		return nil, fmt.Errorf("configure %s: %w", opt.Name, err)
@@ -164,19 +171,8 @@ func openKernel(opt DeviceOptions) (Device, error) {
 	if err != nil {
 		return nil, err
 	}
-	closeLink := func() error { return deleteLink(opt.Name) }
-	client, err := wgctrl.New()
+	d, err := newWgctrlDevice(opt, ModeKernel, func() error { return deleteLink(opt.Name) })
 	if err != nil {
-		closeLink()
-		return nil, fmt.Errorf("wgctrl: %w", err)
-	}
-	d := &wgctrlDevice{name: opt.Name, mode: ModeKernel, client: client, close: closeLink}
-	if err := d.Configure(baseConfig(opt)); err != nil {
-		d.Close()
-		return nil, fmt.Errorf("configure %s: %w", opt.Name, err)
-	}
-	if d.link, err = setUpLink(opt); err != nil {
-		d.Close()
 		return nil, err
 	}
 	if !created {

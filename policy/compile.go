@@ -14,7 +14,6 @@ import (
 
 	"github.com/hashicorp/hcl/v2"
 	"github.com/hashicorp/hcl/v2/gohcl"
-	"github.com/hashicorp/hcl/v2/hclsyntax"
 
 	"github.com/skybridge-mesh/skybridge/internal/hclconf"
 	"github.com/skybridge-mesh/skybridge/internal/iso3166"
@@ -101,13 +100,9 @@ func Load(file string) (*Policy, []byte, error) {
 // Parse compiles policy source. Every mistake is reported with file:line;
 // a policy that does not compile is never half-applied.
 func Parse(file string, src []byte) (*Policy, error) {
-	f, diags := hclsyntax.ParseConfig(src, file, hcl.InitialPos)
-	if diags.HasErrors() {
-		return nil, hclconf.Diagnostics(diags)
-	}
 	var syn fileSyntax
-	if diags := gohcl.DecodeBody(f.Body, nil, &syn); diags.HasErrors() {
-		return nil, hclconf.Diagnostics(diags)
+	if err := hclconf.Decode(file, src, &syn); err != nil {
+		return nil, err
 	}
 	sum := sha256.Sum256(src)
 	c := &compiler{file: file, p: &Policy{
@@ -117,7 +112,7 @@ func Parse(file string, src []byte) (*Policy, error) {
 		classes:       map[string]*class{},
 	}}
 	c.p.rev.SHA256 = hex.EncodeToString(sum[:])
-	c.compile(&syn, f.Body.(*hclsyntax.Body))
+	c.compile(&syn)
 	if len(c.errs) > 0 {
 		sort.SliceStable(c.errs, func(i, j int) bool { return c.errs[i].line < c.errs[j].line })
 		msgs := make([]string, len(c.errs))
@@ -155,10 +150,10 @@ var (
 	groupRE = regexp.MustCompile(`^[A-Z][A-Z0-9_-]{1,31}$`)
 )
 
-func (c *compiler) compile(syn *fileSyntax, body *hclsyntax.Body) {
+func (c *compiler) compile(syn *fileSyntax) {
 	p := c.p
 	if syn.Policy == nil {
-		c.errorf(body.SrcRange, `missing policy block: start the file with policy { name = "..." version = 1 }`)
+		c.errorf(hcl.Range{Filename: c.file, Start: hcl.Pos{Line: 1, Column: 1}}, `missing policy block: start the file with policy { name = "..." version = 1 }`)
 	} else {
 		h := syn.Policy
 		p.rev.Name, p.rev.Version, p.description = h.Name, h.Version, h.Description

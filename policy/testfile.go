@@ -8,8 +8,6 @@ import (
 	"time"
 
 	"github.com/hashicorp/hcl/v2"
-	"github.com/hashicorp/hcl/v2/gohcl"
-	"github.com/hashicorp/hcl/v2/hclsyntax"
 
 	"github.com/skybridge-mesh/skybridge/internal/hclconf"
 )
@@ -79,13 +77,9 @@ func LoadTestFile(path string, now time.Time) (*TestFile, error) {
 	if err != nil {
 		return nil, fmt.Errorf("read policy tests: %w", err)
 	}
-	f, diags := hclsyntax.ParseConfig(src, path, hcl.InitialPos)
-	if diags.HasErrors() {
-		return nil, hclconf.Diagnostics(diags)
-	}
 	var syn testFileSyntax
-	if diags := gohcl.DecodeBody(f.Body, nil, &syn); diags.HasErrors() {
-		return nil, hclconf.Diagnostics(diags)
+	if err := hclconf.Decode(path, src, &syn); err != nil {
+		return nil, err
 	}
 	dir := filepath.Dir(path)
 	rel := func(p string) string {
