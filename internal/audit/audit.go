@@ -1,0 +1,211 @@
+// Package audit keeps a tamper-evident log of what a gateway did: an
+// append-only file of JSON records, each signed with the gateway's mesh
+// identity and chained to the previous one by hash, so a deleted, changed
+// or reordered record breaks verification.
+package audit
+
+import (
+	"bufio"
+	"bytes"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/x509"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"syscall"
+	"time"
+
+	"github.com/skybridge-mesh/skybridge/certs"
+)
+
+// Record is one audit entry. Fields carries the event's details (for a
+// migration: source, destination, sites, jurisdictions, class, policy
+// revision and rule, image root hash, bytes, start, end, outcome).
+type Record struct {
+	Seq    uint64         `json:"seq"`
+	Time   time.Time      `json:"time"`
+	Node   string         `json:"node"`
+	Event  string         `json:"event"`
+	Fields map[string]any `json:"fields"`
+	Prev   string         `json:"prev"` // hex SHA-256 of the previous line, "" for the first
+	Cert   []byte         `json:"cert"` // the signer's certificate (DER)
+	Sig    []byte         `json:"sig,omitempty"`
+}
+
+const domain = "skybridge audit v1\x00"
+
+func (r *Record) digest() ([]byte, error) {
+	c := *r
+	c.Sig = nil
+	b, err := json.Marshal(&c)
+	if err != nil {
+		return nil, err
+	}
+	h := sha256.New()
+	h.Write([]byte(domain))
+	h.Write(b)
+	return h.Sum(nil), nil
+}
+
+// Log is an audit log file.
+type Log struct{ path string }
+
+// Open returns the log at path (created on first append).
+func Open(path string) *Log { return &Log{path: path} }
+
+// Path is the file of the log.
+func (l *Log) Path() string { return l.path }
+
+// Append signs and appends a record. Appends from several processes are
+// serialized by a file lock; the record is fsynced before Append returns.
+func (l *Log) Append(id *certs.NodeIdentity, event string, fields map[string]any, now time.Time) (*Record, error) {
+	f, err := os.OpenFile(l.path, os.O_RDWR|os.O_CREATE|os.O_APPEND, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("open audit log: %w", err)
+	}
+	defer f.Close()
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX); err != nil {
+		return nil, fmt.Errorf("lock audit log: %w", err)
+	}
+	defer syscall.Flock(int(f.Fd()), syscall.LOCK_UN)
+	last, seq, err := lastLine(f)
+	if err != nil {
+		return nil, err
+	}
+	r := &Record{Seq: seq + 1, Time: now.UTC(), Node: id.Attributes().Node, Event: event, Fields: fields, Cert: id.Certificate().Raw}
+	if last != nil {
+		sum := sha256.Sum256(last)
+		r.Prev = hex.EncodeToString(sum[:])
+	}
+	d, err := r.digest()
+	if err != nil {
+		return nil, err
+	}
+	if r.Sig, err = id.Signer().Sign(rand.Reader, d, crypto.SHA256); err != nil {
+		return nil, fmt.Errorf("sign audit record: %w", err)
+	}
+	line, err := json.Marshal(r)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := f.Write(append(line, '\n')); err != nil {
+		return nil, fmt.Errorf("append audit record: %w", err)
+	}
+	return r, f.Sync()
+}
+
+// lastLine returns the last line of the log and its sequence number.
+func lastLine(f *os.File) ([]byte, uint64, error) {
+	if _, err := f.Seek(0, io.SeekStart); err != nil {
+		return nil, 0, err
+	}
+	var last []byte
+	sc := bufio.NewScanner(f)
+	sc.Buffer(make([]byte, 64<<10), 16<<20)
+	for sc.Scan() {
+		if len(bytes.TrimSpace(sc.Bytes())) > 0 {
+			last = append(last[:0], sc.Bytes()...)
+		}
+	}
+	if err := sc.Err(); err != nil {
+		return nil, 0, fmt.Errorf("read audit log: %w", err)
+	}
+	if last == nil {
+		return nil, 0, nil
+	}
+	var r Record
+	if err := json.Unmarshal(last, &r); err != nil {
+		return nil, 0, fmt.Errorf("audit log's last record is damaged: %w", err)
+	}
+	return last, r.Seq, nil
+}
+
+// Report is the outcome of Verify.
+type Report struct {
+	Records int       `json:"records"`
+	First   time.Time `json:"first,omitzero"`
+	Last    time.Time `json:"last,omitzero"`
+}
+
+// Verify checks every record: its signature by a certificate the mesh CA
+// issued (judged at the record's time; revocation since then does not
+// undo history), its sequence number and its link to the previous record.
+// The error names the first bad line.
+func Verify(r io.Reader, tb *certs.TrustBundle) (*Report, error) {
+	sc := bufio.NewScanner(r)
+	sc.Buffer(make([]byte, 64<<10), 16<<20)
+	rep := &Report{}
+	var prev []byte
+	line := 0
+	for sc.Scan() {
+		line++
+		raw := bytes.TrimSpace(sc.Bytes())
+		if len(raw) == 0 {
+			continue
+		}
+		var rec Record
+		if err := json.Unmarshal(raw, &rec); err != nil {
+			return rep, fmt.Errorf("line %d: not a record: %w", line, err)
+		}
+		want := ""
+		if prev != nil {
+			sum := sha256.Sum256(prev)
+			want = hex.EncodeToString(sum[:])
+		}
+		if rec.Prev != want {
+			return rep, fmt.Errorf("line %d: chain broken: a record before it was removed, changed or reordered", line)
+		}
+		if rec.Seq != uint64(rep.Records)+1 {
+			return rep, fmt.Errorf("line %d: sequence %d, expected %d", line, rec.Seq, rep.Records+1)
+		}
+		cert, err := x509.ParseCertificate(rec.Cert)
+		if err != nil {
+			return rep, fmt.Errorf("line %d: signer certificate: %w", line, err)
+		}
+		attrs, err := verifyAt(tb, cert, rec.Time)
+		if err != nil {
+			return rep, fmt.Errorf("line %d: signer: %w", line, err)
+		}
+		if attrs.Node != rec.Node {
+			return rep, fmt.Errorf("line %d: signed by %s but claims node %s", line, attrs.Node, rec.Node)
+		}
+		d, err := rec.digest()
+		if err != nil {
+			return rep, err
+		}
+		pub, ok := cert.PublicKey.(*ecdsa.PublicKey)
+		if !ok || !ecdsa.VerifyASN1(pub, d, rec.Sig) {
+			return rep, fmt.Errorf("line %d: signature does not verify: the record was changed", line)
+		}
+		if rep.Records == 0 {
+			rep.First = rec.Time
+		}
+		rep.Records++
+		rep.Last = rec.Time
+		prev = append(prev[:0], raw...)
+	}
+	return rep, sc.Err()
+}
+
+// verifyAt checks the signer as of the record's time, except that a
+// revocation after the fact still counts for records written after it.
+func verifyAt(tb *certs.TrustBundle, cert *x509.Certificate, at time.Time) (*certs.Attributes, error) {
+	attrs, err := tb.VerifyCertificate(cert, at)
+	if err == nil {
+		return attrs, nil
+	}
+	if errors.Is(err, certs.ErrRevoked) {
+		for _, e := range tb.CRL().RevokedCertificateEntries {
+			if e.SerialNumber.Cmp(cert.SerialNumber) == 0 && at.Before(e.RevocationTime) {
+				return certs.AttributesOf(cert)
+			}
+		}
+	}
+	return nil, err
+}

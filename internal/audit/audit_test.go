@@ -1,0 +1,68 @@
+package audit
+
+import (
+	"bytes"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/skybridge-mesh/skybridge/certs"
+)
+
+var t0 = time.Date(2026, 11, 24, 12, 0, 0, 0, time.UTC)
+
+func identity(t *testing.T) (*certs.NodeIdentity, *certs.TrustBundle) {
+	ca, err := certs.InitCA(filepath.Join(t.TempDir(), "ca"), certs.InitOptions{Now: t0.Add(-time.Hour)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, err := ca.IssueIdentity(certs.Attributes{Node: "gw1", Site: "s", Region: "r", Provider: "aws", Jurisdiction: "DE", OverlayIP: netip.MustParseAddr("100.96.0.1")}, 24*time.Hour, t0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tb, err := ca.TrustBundle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return id, tb
+}
+
+func TestAppendVerify(t *testing.T) {
+	id, tb := identity(t)
+	path := filepath.Join(t.TempDir(), "audit.log")
+	l := Open(path)
+	for i := range 3 {
+		if _, err := l.Append(id, "migration", map[string]any{"n": i, "class": "pii-eu"}, t0.Add(time.Duration(i)*time.Minute)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	b, _ := os.ReadFile(path)
+	rep, err := Verify(bytes.NewReader(b), tb)
+	if err != nil || rep.Records != 3 {
+		t.Fatalf("verify: %+v %v", rep, err)
+	}
+	if st, _ := os.Stat(path); st.Mode().Perm() != 0o600 {
+		t.Errorf("audit log mode %04o", st.Mode().Perm())
+	}
+	lines := strings.SplitAfter(string(b), "\n")
+
+	_, foreignTB := identity(t)
+	for name, tc := range map[string]struct {
+		log  string
+		tb   *certs.TrustBundle
+		want string
+	}{
+		"changed field":     {strings.Replace(string(b), `"class":"pii-eu"`, `"class":"public"`, 1), tb, "line 1: signature does not verify"},
+		"removed record":    {lines[0] + lines[2], tb, "line 2: chain broken"},
+		"reordered":         {lines[1] + lines[0] + lines[2], tb, "line 1: chain broken"},
+		"truncated tail":    {lines[0] + lines[1][:20], tb, "line 2: not a record"},
+		"another mesh's CA": {string(b), foreignTB, "line 1: signer"},
+	} {
+		if _, err := Verify(strings.NewReader(tc.log), tc.tb); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: err = %v, want %q", name, err, tc.want)
+		}
+	}
+}

@@ -1,0 +1,165 @@
+package migrate
+
+import (
+	"encoding/hex"
+	"fmt"
+	"slices"
+	"sync"
+
+	"lukechampine.com/blake3"
+)
+
+// DefaultChunkSize is the unit of transfer, verification, resumption and
+// incremental re-sync: small enough that a 1 % change of an image sends
+// about 1 % of it, large enough that per-chunk overhead (hash, frame,
+// journal entry) stays negligible.
+const DefaultChunkSize = 1 << 20
+
+// Hash is a BLAKE3-256 digest.
+type Hash [32]byte
+
+func (h Hash) String() string { return hex.EncodeToString(h[:]) }
+
+// MarshalText encodes the hash in hex.
+func (h Hash) MarshalText() ([]byte, error) { return []byte(h.String()), nil }
+
+// UnmarshalText decodes hex.
+func (h *Hash) UnmarshalText(b []byte) error {
+	if len(b) != 64 {
+		return fmt.Errorf("hash %q is not 64 hex digits", b)
+	}
+	_, err := hex.Decode(h[:], b)
+	return err
+}
+
+func hashChunk(b []byte) Hash { return blake3.Sum256(b) }
+
+// chunkCount is the number of chunks of an image.
+func chunkCount(size, chunk int64) int64 { return (size + chunk - 1) / chunk }
+
+// chunkLen is the length of chunk i (the last one may be short).
+func chunkLen(i, size, chunk int64) int64 { return min(chunk, size-i*chunk) }
+
+// candidates lists, in order, the chunks that overlap an allocated extent:
+// the only ones that can hold data. Everything else is a hole and is never
+// read.
+func candidates(extents []Extent, size, chunk int64) []int64 {
+	var out []int64
+	for _, e := range extents {
+		end := min(e.Off+e.Len, size)
+		if end <= e.Off {
+			continue
+		}
+		first, last := e.Off/chunk, (end-1)/chunk
+		if n := len(out); n > 0 && out[n-1] >= first {
+			first = out[n-1] + 1
+		}
+		for i := first; i <= last; i++ {
+			out = append(out, i)
+		}
+	}
+	return out
+}
+
+// isZero reports whether b is all zero bytes: such chunks are holes even
+// when the image has them allocated.
+func isZero(b []byte) bool {
+	for len(b) >= 8 {
+		if b[0]|b[1]|b[2]|b[3]|b[4]|b[5]|b[6]|b[7] != 0 {
+			return false
+		}
+		b = b[8:]
+	}
+	for _, c := range b {
+		if c != 0 {
+			return false
+		}
+	}
+	return true
+}
+
+var zeroHashes sync.Map // length → Hash
+
+// zeroHash is the hash of n zero bytes, the leaf of a hole in the Merkle
+// tree.
+func zeroHash(n int64) Hash {
+	if h, ok := zeroHashes.Load(n); ok {
+		return h.(Hash)
+	}
+	h := hashChunk(make([]byte, n))
+	zeroHashes.Store(n, h)
+	return h
+}
+
+// Manifest describes an image as chunks: the hashes of the chunks that hold
+// data; every other chunk is zeros.
+type Manifest struct {
+	Size      int64          `json:"size"`
+	ChunkSize int64          `json:"chunk_size"`
+	Chunks    map[int64]Hash `json:"chunks"` // index → hash of the chunks that are not all zero
+}
+
+// Root is the image's Merkle root: a binary tree over the hashes of all
+// chunks in order (zero chunks included, as the hash of zeros), leaves and
+// inner nodes domain-separated. Two images have the same root exactly when
+// they have the same size, chunking and bytes.
+func (m *Manifest) Root() Hash {
+	n := chunkCount(m.Size, m.ChunkSize)
+	level := make([]Hash, 0, n)
+	for i := int64(0); i < n; i++ {
+		h, ok := m.Chunks[i]
+		if !ok {
+			h = zeroHash(chunkLen(i, m.Size, m.ChunkSize))
+		}
+		level = append(level, leaf(h))
+	}
+	if len(level) == 0 {
+		return blake3.Sum256([]byte(fmt.Sprintf("skybridge empty image %d", m.ChunkSize)))
+	}
+	for len(level) > 1 {
+		next := level[:0:0]
+		for i := 0; i < len(level); i += 2 {
+			if i+1 == len(level) {
+				next = append(next, level[i])
+				continue
+			}
+			next = append(next, node(level[i], level[i+1]))
+		}
+		level = next
+	}
+	return level[0]
+}
+
+func leaf(h Hash) Hash {
+	var b [33]byte
+	b[0] = 0
+	copy(b[1:], h[:])
+	return blake3.Sum256(b[:])
+}
+
+func node(l, r Hash) Hash {
+	var b [65]byte
+	b[0] = 1
+	copy(b[1:], l[:])
+	copy(b[33:], r[:])
+	return blake3.Sum256(b[:])
+}
+
+// DataBytes is the number of bytes in chunks that hold data.
+func (m *Manifest) DataBytes() int64 {
+	var n int64
+	for i := range m.Chunks {
+		n += chunkLen(i, m.Size, m.ChunkSize)
+	}
+	return n
+}
+
+// Indices returns the data chunks in order.
+func (m *Manifest) Indices() []int64 {
+	out := make([]int64, 0, len(m.Chunks))
+	for i := range m.Chunks {
+		out = append(out, i)
+	}
+	slices.Sort(out)
+	return out
+}

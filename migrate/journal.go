@@ -1,0 +1,237 @@
+package migrate
+
+import (
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+
+	bolt "go.etcd.io/bbolt"
+)
+
+// Journal is the durable record of migrations on one gateway (bbolt): for
+// each side of each migration its parameters and state, the chunks the
+// receiver has made durable and the sender has seen acknowledged, and the
+// catalog of stored images with their manifests.
+type Journal struct{ db *bolt.DB }
+
+var (
+	bucketSend   = []byte("send")
+	bucketRecv   = []byte("recv")
+	bucketImages = []byte("images")
+)
+
+func chunksBucket(side, id string) []byte { return []byte(side + ".chunks." + id) }
+
+// OpenJournal opens (or creates) the journal file.
+func OpenJournal(path string) (*Journal, error) {
+	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: 5 * time.Second})
+	if err != nil {
+		return nil, fmt.Errorf("open migration journal %s: %w (is another gateway using this state directory?)", path, err)
+	}
+	err = db.Update(func(tx *bolt.Tx) error {
+		for _, b := range [][]byte{bucketSend, bucketRecv, bucketImages} {
+			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		db.Close()
+		return nil, err
+	}
+	return &Journal{db: db}, nil
+}
+
+// Close closes the journal.
+func (j *Journal) Close() error { return j.db.Close() }
+
+func (j *Journal) put(bucket []byte, key string, v any) error {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	return j.db.Update(func(tx *bolt.Tx) error { return tx.Bucket(bucket).Put([]byte(key), b) })
+}
+
+var errNotFound = errors.New("not found")
+
+func (j *Journal) get(bucket []byte, key string, v any) error {
+	return j.db.View(func(tx *bolt.Tx) error {
+		b := tx.Bucket(bucket).Get([]byte(key))
+		if b == nil {
+			return errNotFound
+		}
+		return json.Unmarshal(b, v)
+	})
+}
+
+func (j *Journal) deleteKey(bucket []byte, key string) error {
+	return j.db.Update(func(tx *bolt.Tx) error { return tx.Bucket(bucket).Delete([]byte(key)) })
+}
+
+func list[T any](j *Journal, bucket []byte) ([]T, error) {
+	var out []T
+	err := j.db.View(func(tx *bolt.Tx) error {
+		return tx.Bucket(bucket).ForEach(func(_, v []byte) error {
+			var t T
+			if err := json.Unmarshal(v, &t); err != nil {
+				return err
+			}
+			out = append(out, t)
+			return nil
+		})
+	})
+	return out, err
+}
+
+// addChunks records chunks as durable (receiver) or acknowledged (sender)
+// in one transaction.
+func (j *Journal) addChunks(side, id string, chunks map[int64]Hash) error {
+	if len(chunks) == 0 {
+		return nil
+	}
+	return j.db.Update(func(tx *bolt.Tx) error {
+		b, err := tx.CreateBucketIfNotExists(chunksBucket(side, id))
+		if err != nil {
+			return err
+		}
+		// bbolt keeps the key and value slices until the transaction
+		// commits: each entry needs its own.
+		for i, h := range chunks {
+			k := binary.BigEndian.AppendUint64(nil, uint64(i))
+			if err := b.Put(k, append([]byte(nil), h[:]...)); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
+func (j *Journal) chunks(side, id string) (map[int64]Hash, error) {
+	out := map[int64]Hash{}
+	err := j.db.View(func(tx *bolt.Tx) error {
+		b := tx.Bucket(chunksBucket(side, id))
+		if b == nil {
+			return nil
+		}
+		return b.ForEach(func(k, v []byte) error {
+			var h Hash
+			copy(h[:], v)
+			out[int64(binary.BigEndian.Uint64(k))] = h
+			return nil
+		})
+	})
+	return out, err
+}
+
+func (j *Journal) dropChunks(side, id string) error {
+	return j.db.Update(func(tx *bolt.Tx) error {
+		if err := tx.DeleteBucket(chunksBucket(side, id)); err != nil && !errors.Is(err, bolt.ErrBucketNotFound) {
+			return err
+		}
+		return nil
+	})
+}
+
+// SourceID identifies the exact source file a migration read, so a resume
+// never mixes chunks of two versions of an image.
+type SourceID struct {
+	Size  int64     `json:"size"`
+	MTime time.Time `json:"mtime"`
+	Inode uint64    `json:"inode"`
+	Dev   uint64    `json:"dev"`
+}
+
+// Same reports whether two identities name the same unchanged file.
+func (a SourceID) Same(b SourceID) bool {
+	return a.Size == b.Size && a.MTime.Equal(b.MTime) && a.Inode == b.Inode && a.Dev == b.Dev
+}
+
+// Migration states.
+const (
+	StateRunning   = "running"
+	StateDone      = "done"
+	StateFailed    = "failed"
+	StateDenied    = "denied"
+	StateCancelled = "cancelled"
+)
+
+// SendRecord is the sender's record of a migration.
+type SendRecord struct {
+	ID       string    `json:"id"`
+	Image    string    `json:"image"`
+	Source   SourceID  `json:"source"`
+	Name     string    `json:"name"`
+	Class    string    `json:"class"`
+	Format   string    `json:"format"`
+	To       string    `json:"to"` // destination node
+	ToSite   string    `json:"to_site"`
+	Streams  int       `json:"streams"`
+	BWLimit  int64     `json:"bwlimit,omitempty"` // bytes per second
+	State    string    `json:"state"`
+	Error    string    `json:"error,omitempty"`
+	Reasons  []string  `json:"reasons,omitempty"`
+	Started  time.Time `json:"started"`
+	Finished time.Time `json:"finished,omitzero"`
+	Root     Hash      `json:"root,omitzero"`
+	Stats    Stats     `json:"stats"`
+}
+
+// RecvRecord is the receiver's record of a migration.
+type RecvRecord struct {
+	ID        string    `json:"id"`
+	Name      string    `json:"name"`
+	From      string    `json:"from"`
+	FromSite  string    `json:"from_site"`
+	Class     string    `json:"class"`
+	Format    string    `json:"format"`
+	Size      int64     `json:"size"`
+	ChunkSize int64     `json:"chunk_size"`
+	Temp      string    `json:"temp"`
+	State     string    `json:"state"`
+	Started   time.Time `json:"started"`
+}
+
+// ImageRecord is a stored image in the receiver's catalog.
+type ImageRecord struct {
+	Name      string    `json:"name"`
+	Path      string    `json:"path"`
+	Format    string    `json:"format"`
+	Class     string    `json:"class"`
+	From      string    `json:"from"`
+	FromSite  string    `json:"from_site"`
+	Migration string    `json:"migration"`
+	Received  time.Time `json:"received"`
+	Root      Hash      `json:"root"`
+	Manifest  Manifest  `json:"manifest"`
+}
+
+// Sends lists the sender's migrations.
+func (j *Journal) Sends() ([]SendRecord, error) { return list[SendRecord](j, bucketSend) }
+
+// Send returns one sender record.
+func (j *Journal) Send(id string) (*SendRecord, error) {
+	var r SendRecord
+	if err := j.get(bucketSend, id, &r); err != nil {
+		return nil, fmt.Errorf("migration %s: %w", id, err)
+	}
+	return &r, nil
+}
+
+// Images lists the stored images.
+func (j *Journal) Images() ([]ImageRecord, error) { return list[ImageRecord](j, bucketImages) }
+
+// Image returns one stored image.
+func (j *Journal) Image(name string) (*ImageRecord, error) {
+	var r ImageRecord
+	if err := j.get(bucketImages, name, &r); err != nil {
+		return nil, err
+	}
+	return &r, nil
+}
+
+// Receives lists the receiver's migrations in progress.
+func (j *Journal) Receives() ([]RecvRecord, error) { return list[RecvRecord](j, bucketRecv) }

@@ -1,0 +1,414 @@
+package migrate
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"errors"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/skybridge-mesh/skybridge/certs"
+	"github.com/skybridge-mesh/skybridge/internal/audit"
+	"github.com/skybridge-mesh/skybridge/policy"
+)
+
+const testPolicy = `policy {
+  name    = "migrate-test"
+  version = 1
+}
+class "pii-eu" {
+  allow "store" {
+    jurisdiction = ["DE", "CH"]
+  }
+  allow "transit" {
+    jurisdiction = ["DE", "CH"]
+  }
+}
+class "swiss-banking-secret" {
+  allow "store" {
+    jurisdiction = ["CH"]
+  }
+  allow "transit" {
+    jurisdiction = ["CH"]
+  }
+}
+`
+
+// pair is a sending and a receiving gateway on loopback, with real
+// identities from one mesh CA, real TLS and real journals.
+type pair struct {
+	t          *testing.T
+	dir        string
+	from, to   *certs.NodeIdentity
+	tb         *certs.TrustBundle
+	pol        *policy.Policy
+	recvPolicy atomic.Pointer[policy.Policy]
+	sendJ      *Journal
+	recvJ      *Journal
+	recv       *Receiver
+	addr       netip.AddrPort
+	store      string
+	sendAudit  *audit.Log
+	recvAudit  *audit.Log
+}
+
+func newPair(t *testing.T, toJur string) *pair {
+	t.Helper()
+	dir := t.TempDir()
+	ca, err := certs.InitCA(filepath.Join(dir, "ca"), certs.InitOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	issue := func(node, site, cc string, host byte) *certs.NodeIdentity {
+		id, err := ca.IssueIdentity(certs.Attributes{Node: node, Site: site, Region: "r", Provider: "onprem", Jurisdiction: cc,
+			OverlayIP: netip.AddrFrom4([4]byte{100, 96, 0, host})}, time.Hour, time.Now())
+		if err != nil {
+			t.Fatal(err)
+		}
+		return id
+	}
+	p := &pair{t: t, dir: dir, from: issue("gw-zrh", "onprem-zrh", "CH", 1), to: issue("gw-dst", "dst-site", toJur, 2)}
+	p.tb, _ = ca.TrustBundle()
+	p.pol, err = policy.Parse("p.hcl", []byte(testPolicy))
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.recvPolicy.Store(p.pol)
+	if p.sendJ, err = OpenJournal(filepath.Join(dir, "send.db")); err != nil {
+		t.Fatal(err)
+	}
+	if p.recvJ, err = OpenJournal(filepath.Join(dir, "recv.db")); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { p.sendJ.Close(); p.recvJ.Close() })
+	p.store = filepath.Join(dir, "store")
+	p.sendAudit, p.recvAudit = audit.Open(filepath.Join(dir, "send-audit.log")), audit.Open(filepath.Join(dir, "recv-audit.log"))
+	p.recv, err = NewReceiver(ReceiverConfig{
+		StoreDir: p.store, Journal: p.recvJ,
+		Identity: func() *certs.NodeIdentity { return p.to }, Trust: func() *certs.TrustBundle { return p.tb },
+		Policy: p.recvPolicy.Load, Audit: p.recvAudit, Log: slog.New(slog.DiscardHandler),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.addr = ln.Addr().(*net.TCPAddr).AddrPort()
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	go p.recv.Serve(ctx, ln)
+	return p
+}
+
+func (p *pair) config(image, class string) SendConfig {
+	var d net.Dialer
+	return SendConfig{
+		Image: image, Class: class, Streams: 3,
+		From: p.from.Attributes(), To: Peer{Attributes: p.to.Attributes(), Addr: p.addr},
+		Policy: p.pol, Identity: p.from, Trust: p.tb, Journal: p.sendJ, Audit: p.sendAudit,
+		Dial: func(ctx context.Context, addr string) (net.Conn, error) { return d.DialContext(ctx, "tcp", addr) },
+		Log:  slog.New(slog.DiscardHandler),
+	}
+}
+
+// makeRaw writes a sparse raw image: size bytes with data blocks at the
+// given offsets (alternating random and compressible), holes elsewhere.
+func makeRaw(t *testing.T, path string, size int64, blocks map[int64]int) {
+	t.Helper()
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := f.Truncate(size); err != nil {
+		t.Fatal(err)
+	}
+	k := 0
+	for off, n := range blocks {
+		b := make([]byte, n)
+		if k%2 == 0 {
+			rand.Read(b)
+		} else {
+			copy(b, bytes.Repeat([]byte("skybridge compressible block "), n/29+1))
+		}
+		k++
+		if _, err := f.WriteAt(b, off); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+func qemuImg(t *testing.T) string {
+	t.Helper()
+	p, err := exec.LookPath("qemu-img")
+	if err != nil {
+		if os.Getenv("CI") == "true" {
+			t.Fatal("qemu-img (qemu-utils) missing; scripts/test.sh installs it")
+		}
+		t.Skip("qemu-img not installed")
+	}
+	return p
+}
+
+func compare(t *testing.T, a, b string) {
+	t.Helper()
+	out, err := exec.Command(qemuImg(t), "compare", a, b).CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "Images are identical") {
+		t.Fatalf("qemu-img compare %s %s: %v\n%s", a, b, err, out)
+	}
+}
+
+const mib = 1 << 20
+
+func TestMigrateRawAndQcow2(t *testing.T) {
+	q := qemuImg(t)
+	p := newPair(t, "DE")
+	raw := filepath.Join(p.dir, "vm.raw")
+	// 64 MiB + 12345 bytes: not a multiple of the chunk size; data in 4
+	// places, one block straddling a chunk boundary, one at the very end.
+	size := int64(64*mib + 12345)
+	makeRaw(t, raw, size, map[int64]int{0: 4096, 5*mib - 100: 300, 20 * mib: 3 * mib, size - 1000: 1000})
+	qc := filepath.Join(p.dir, "vm.qcow2")
+	if out, err := exec.Command(q, "convert", "-O", "qcow2", raw, qc).CombinedOutput(); err != nil {
+		t.Fatalf("%v %s", err, out)
+	}
+
+	for _, tc := range []struct{ src, format, name string }{
+		{raw, FormatRaw, "raw-to-raw"},
+		{raw, FormatQcow2, "raw-to-qcow2"},
+		{qc, FormatRaw, "qcow2-to-raw"},
+		{qc, FormatQcow2, "qcow2-to-qcow2"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := p.config(tc.src, "pii-eu")
+			cfg.Format, cfg.Name = tc.format, tc.name
+			rec, err := Send(context.Background(), cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			img, err := p.recvJ.Image(tc.name)
+			if err != nil {
+				t.Fatal(err)
+			}
+			compare(t, raw, img.Path)
+			if img.Root != rec.Root || rec.State != StateDone {
+				t.Fatalf("record %+v / image root %s", rec, img.Root)
+			}
+			if tc.format == FormatQcow2 {
+				if out, err := exec.Command(q, "check", img.Path).CombinedOutput(); err != nil {
+					t.Fatalf("qemu-img check: %v\n%s", err, out)
+				}
+			}
+			st := rec.Stats
+			// Cost follows allocated bytes, not the virtual size.
+			if st.BytesRead > 12*mib {
+				t.Errorf("read %d bytes of a 64 MiB image with about 3 MiB of data", st.BytesRead)
+			}
+			// Chunks 0, 4, 5 (a block across their boundary), 20-22, 64.
+			if st.ChunksSent != 7 || st.BytesSent >= st.BytesRaw || st.VirtualBytes != img.Manifest.Size {
+				t.Errorf("stats %+v: want 7 chunks sent, compression paying", st)
+			}
+		})
+	}
+}
+
+func TestMigrateEmptyImage(t *testing.T) {
+	p := newPair(t, "DE")
+	raw := filepath.Join(p.dir, "empty.raw")
+	makeRaw(t, raw, 10*mib, nil)
+	rec, err := Send(context.Background(), p.config(raw, "pii-eu"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rec.Stats.BytesRead != 0 || rec.Stats.ChunksSent != 0 {
+		t.Fatalf("empty image read or sent data: %+v", rec.Stats)
+	}
+	img, _ := p.recvJ.Image("empty")
+	compare(t, raw, img.Path)
+	// Allocated zeros count as holes too.
+	zeros := filepath.Join(p.dir, "zeros.raw")
+	os.WriteFile(zeros, make([]byte, 3*mib), 0o644)
+	rec, err = Send(context.Background(), p.config(zeros, "pii-eu"))
+	if err != nil || rec.Stats.ChunksZero != 3 || rec.Stats.ChunksSent != 0 {
+		t.Fatalf("zero image: %+v %v", rec.Stats, err)
+	}
+}
+
+// TestMigratePolicy: a denied class sends nothing; the receiver refuses
+// with its own policy even when the sender's would allow.
+func TestMigratePolicy(t *testing.T) {
+	p := newPair(t, "US")
+	raw := filepath.Join(p.dir, "secret.raw")
+	makeRaw(t, raw, 8*mib, map[int64]int{0: mib})
+
+	rec, err := Send(context.Background(), p.config(raw, "swiss-banking-secret"))
+	var denied *DeniedError
+	if !errors.As(err, &denied) || denied.By != "sender" || rec.State != StateDenied || rec.Stats.BytesSent != 0 || rec.Stats.BytesRead != 0 {
+		t.Fatalf("sender-side denial: %v %+v", err, rec)
+	}
+	if !strings.Contains(strings.Join(denied.Reasons, " "), "denied by default") {
+		t.Errorf("reasons: %v", denied.Reasons)
+	}
+
+	// A lax sender policy does not get past the receiver's.
+	lax, _ := policy.Parse("lax.hcl", []byte(strings.ReplaceAll(testPolicy, `jurisdiction = ["CH"]`, `site = ["*"]`)))
+	cfg := p.config(raw, "swiss-banking-secret")
+	cfg.Policy = lax
+	rec, err = Send(context.Background(), cfg)
+	if !errors.As(err, &denied) || denied.By != "receiver" || rec.Stats.BytesSent != 0 {
+		t.Fatalf("receiver-side denial: %v %+v", err, rec)
+	}
+	if _, err := os.Stat(filepath.Join(p.store, "secret.raw")); !os.IsNotExist(err) {
+		t.Fatal("a denied image was stored")
+	}
+	// Both denials are in the audit logs, which verify.
+	for _, l := range []*audit.Log{p.sendAudit, p.recvAudit} {
+		b, _ := os.ReadFile(l.Path())
+		rep, err := audit.Verify(bytes.NewReader(b), p.tb)
+		if err != nil || rep.Records == 0 || !strings.Contains(string(b), `"outcome":"denied"`) {
+			t.Errorf("audit %s: %+v %v", l.Path(), rep, err)
+		}
+	}
+}
+
+// TestMigrateDamagedChunk: a chunk damaged after hashing is refused by the
+// receiver, sent again, and never written.
+func TestMigrateDamagedChunk(t *testing.T) {
+	p := newPair(t, "DE")
+	raw := filepath.Join(p.dir, "vm.raw")
+	makeRaw(t, raw, 16*mib, map[int64]int{0: 8 * mib})
+	cfg := p.config(raw, "pii-eu")
+	var damaged atomic.Int32
+	cfg.mangle = func(i int64, b []byte) {
+		if i == 3 && damaged.Add(1) == 1 {
+			b[len(b)/2] ^= 0xff
+		}
+	}
+	rec, err := Send(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rec.Stats.Retries != 1 || damaged.Load() != 2 {
+		t.Fatalf("retries %d, chunk 3 sent %d times", rec.Stats.Retries, damaged.Load())
+	}
+	img, _ := p.recvJ.Image("vm")
+	compare(t, raw, img.Path)
+}
+
+// TestMigrateResumeAndResync: an interrupted migration resumes without
+// re-reading acknowledged chunks; a newer version sends only what changed.
+func TestMigrateResumeAndResync(t *testing.T) {
+	p := newPair(t, "DE")
+	raw := filepath.Join(p.dir, "vm.raw")
+	makeRaw(t, raw, 128*mib, map[int64]int{0: 40 * mib, 64 * mib: 24 * mib})
+
+	// Interrupt after about half of the chunks are acknowledged.
+	cfg := p.config(raw, "pii-eu")
+	cfg.Streams = 2
+	cfg.BWLimit = 40 * mib // slow enough to interrupt mid-way
+	ctx, cancel := context.WithCancel(context.Background())
+	cfg.Progress = func(pr Progress) {
+		if pr.Stats.ChunksDone >= 30 {
+			cancel()
+		}
+	}
+	rec, err := Send(ctx, cfg)
+	if !errors.Is(err, context.Canceled) || rec.State != StateCancelled {
+		t.Fatalf("interrupted migration: %v %s", err, rec.State)
+	}
+	first := rec.Stats
+
+	cfg = p.config(raw, "pii-eu")
+	cfg.ID = rec.ID
+	waitIdle(t, p.recv, rec.ID)
+	rec, err = Send(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st := rec.Stats
+	if st.ChunksResumed < first.ChunksDone || st.ChunksSent+st.ChunksResumed+st.ChunksHad != 64 || st.BytesRead != int64(64-st.ChunksResumed)*mib {
+		t.Fatalf("resume re-read or re-sent too much: first %+v then %+v", first, st)
+	}
+	img, _ := p.recvJ.Image("vm")
+	compare(t, raw, img.Path)
+	t.Logf("interrupted after %d acknowledged chunks; resume skipped %d without reading them, found %d more already there, sent %d", first.ChunksDone, st.ChunksResumed, st.ChunksHad, st.ChunksSent)
+
+	// Change 1 % of the image (in two places) and migrate again.
+	f, _ := os.OpenFile(raw, os.O_WRONLY, 0)
+	change := make([]byte, 640*1024)
+	rand.Read(change)
+	f.WriteAt(change, 3*mib)
+	f.WriteAt(change, 70*mib+5)
+	f.Close()
+	rec, err = Send(context.Background(), p.config(raw, "pii-eu"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	st = rec.Stats
+	if st.ChunksSent > 3 || st.ChunksSame < 60 || st.BytesSent > 4*mib {
+		t.Fatalf("re-sync of a 1 %% change: %+v", st)
+	}
+	img, _ = p.recvJ.Image("vm")
+	compare(t, raw, img.Path)
+	t.Logf("re-sync after changing %d KiB of 64 MiB: %d chunks sent (%d bytes on the wire), %d reused at the destination", 2*len(change)/1024, st.ChunksSent, st.BytesSent, st.ChunksSame)
+}
+
+// waitIdle waits until the receiver has let go of an interrupted session.
+func waitIdle(t *testing.T, r *Receiver, id string) {
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		r.mu.Lock()
+		_, busy := r.sessions[id]
+		r.mu.Unlock()
+		if !busy {
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Fatalf("receiver still holds migration %s", id)
+}
+
+func TestOpenSourceErrors(t *testing.T) {
+	q := qemuImg(t)
+	dir := t.TempDir()
+	base := filepath.Join(dir, "base.qcow2")
+	over := filepath.Join(dir, "overlay.qcow2")
+	exec.Command(q, "create", "-f", "qcow2", base, "16M").Run()
+	if out, err := exec.Command(q, "create", "-f", "qcow2", "-b", base, "-F", "qcow2", over).CombinedOutput(); err != nil {
+		t.Fatalf("%v %s", err, out)
+	}
+	if _, err := OpenSource(over); err == nil || !strings.Contains(err.Error(), "backing file") || !strings.Contains(err.Error(), "qemu-img convert") {
+		t.Fatalf("backing file: %v", err)
+	}
+	if _, err := OpenSource(filepath.Join(dir, "missing")); err == nil {
+		t.Fatal("missing image opened")
+	}
+	// Compressed clusters (zlib) are read.
+	raw := filepath.Join(dir, "c.raw")
+	makeRaw(t, raw, 4*mib, map[int64]int{mib: mib})
+	comp := filepath.Join(dir, "c.qcow2")
+	if out, err := exec.Command(q, "convert", "-c", "-O", "qcow2", raw, comp).CombinedOutput(); err != nil {
+		t.Fatalf("%v %s", err, out)
+	}
+	src, err := OpenSource(comp)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer src.Close()
+	want, _ := os.ReadFile(raw)
+	got := make([]byte, len(want))
+	if _, err := src.ReadAt(got, 0); err != nil && !isEOF(err) || !bytes.Equal(got, want) {
+		t.Fatalf("compressed qcow2 read back differently: %v", err)
+	}
+}

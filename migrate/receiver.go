@@ -1,0 +1,536 @@
+package migrate
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/klauspost/compress/zstd"
+	"golang.org/x/sys/unix"
+
+	"github.com/skybridge-mesh/skybridge/certs"
+	"github.com/skybridge-mesh/skybridge/internal/atomicfile"
+	"github.com/skybridge-mesh/skybridge/internal/audit"
+	"github.com/skybridge-mesh/skybridge/policy"
+)
+
+// DefaultPort is where gateways receive migrations, on their overlay
+// address only.
+const DefaultPort = 7443
+
+// ReceiverConfig is what the receiving gateway provides.
+type ReceiverConfig struct {
+	StoreDir string // images land in StoreDir/NAME.raw|.qcow2
+	Journal  *Journal
+	Identity func() *certs.NodeIdentity
+	Trust    func() *certs.TrustBundle
+	Policy   func() *policy.Policy // the receiver's own copy: never trust the sender's verdict
+	Audit    *audit.Log
+	Log      *slog.Logger
+	Now      func() time.Time
+}
+
+// Receiver accepts migrations into a gateway's image store.
+type Receiver struct {
+	cfg ReceiverConfig
+	dec *zstd.Decoder
+
+	mu       sync.Mutex
+	sessions map[string]*session
+}
+
+// NewReceiver prepares a receiver; Serve accepts connections.
+func NewReceiver(cfg ReceiverConfig) (*Receiver, error) {
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	if cfg.Log == nil {
+		cfg.Log = slog.Default()
+	}
+	if err := os.MkdirAll(filepath.Join(cfg.StoreDir, ".incoming"), 0o700); err != nil {
+		return nil, fmt.Errorf("image store: %w", err)
+	}
+	dec, err := zstd.NewReader(nil, zstd.WithDecoderConcurrency(0), zstd.WithDecoderMaxMemory(maxFrame))
+	if err != nil {
+		return nil, err
+	}
+	return &Receiver{cfg: cfg, dec: dec, sessions: map[string]*session{}}, nil
+}
+
+// Serve accepts migration connections on ln (the gateway's overlay
+// address) until ctx ends.
+func (r *Receiver) Serve(ctx context.Context, ln net.Listener) error {
+	context.AfterFunc(ctx, func() { ln.Close() })
+	tcfg := serverTLS(r.cfg.Identity, r.cfg.Trust, r.cfg.Now)
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			return err
+		}
+		go r.handle(ctx, tls.Server(c, tcfg))
+	}
+}
+
+func (r *Receiver) handle(ctx context.Context, c *tls.Conn) {
+	defer c.Close()
+	hctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+	err := c.HandshakeContext(hctx)
+	cancel()
+	if err != nil {
+		r.cfg.Log.Info("refused migration connection", "peer", c.RemoteAddr().String(), "err", err)
+		return
+	}
+	from, err := peerAttributes(c.ConnectionState(), r.cfg.Trust(), r.cfg.Now())
+	if err != nil {
+		return
+	}
+	fr, fw := newFrameReader(c), newFrameWriter(c)
+	typ, p, err := fr.next(nil)
+	if err != nil {
+		return
+	}
+	switch typ {
+	case frameOffer:
+		var o Offer
+		if err := jsonUnmarshal(p, &o); err != nil {
+			fw.frame(frameError, []byte("bad offer"))
+			fw.flush()
+			return
+		}
+		r.control(ctx, c, fr, fw, from, &o)
+	case frameJoin:
+		var j Join
+		if err := jsonUnmarshal(p, &j); err != nil {
+			return
+		}
+		r.mu.Lock()
+		s := r.sessions[j.ID]
+		r.mu.Unlock()
+		if s == nil || s.from.Node != from.Node {
+			fw.frame(frameError, []byte("no such migration from you"))
+			fw.flush()
+			return
+		}
+		s.data(fr, &lockedWriter{fw: fw})
+	}
+}
+
+// lockedWriter serializes the acks the syncer and the stream send.
+type lockedWriter struct {
+	mu sync.Mutex
+	fw *frameWriter
+}
+
+func (w *lockedWriter) send(typ byte, p []byte) error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if err := w.fw.frame(typ, p); err != nil {
+		return err
+	}
+	return w.fw.flush()
+}
+
+// session is one migration being received.
+type session struct {
+	r      *Receiver
+	offer  Offer
+	from   *certs.Attributes
+	temp   *os.File
+	base   Source // the stored version of the image, for incremental re-sync
+	baseM  map[int64]Hash
+	record *RecvRecord
+	start  time.Time
+	policy policy.Decision
+
+	mu       sync.Mutex
+	durable  map[int64]Hash
+	pending  map[int64]pendingChunk
+	received int64
+	reused   int
+	kick     chan struct{}
+	stop     chan struct{}
+	syncErr  error
+}
+
+type pendingChunk struct {
+	hash Hash
+	to   *lockedWriter
+}
+
+func (r *Receiver) control(ctx context.Context, c *tls.Conn, fr *frameReader, fw *frameWriter, from *certs.Attributes, o *Offer) {
+	log := r.cfg.Log.With("migration_id", o.ID, "peer", from.Node, "class", o.Class)
+	if err := checkName(o.Name); err != nil || o.ChunkSize <= 0 || o.ChunkSize > maxFrame/2 || o.Size < 0 || (o.Format != FormatRaw && o.Format != FormatQcow2) {
+		fw.json(frameError, fmt.Sprintf("bad offer: %v", err))
+		return
+	}
+	// The receiver decides with its own policy copy.
+	d, ok := r.decide(o, from)
+	if !ok {
+		log.Warn("migration refused by the residency policy", "rule", d.Rule.String())
+		r.audit(o, from, d, "denied", Hash{}, 0, r.cfg.Now(), r.cfg.Now(), "")
+		fw.json(frameDeny, Deny{Rule: d.Rule.String(), Reasons: d.Reasons})
+		return
+	}
+	s, acc, err := r.open(o, from, d)
+	if err != nil {
+		log.Error("cannot receive migration", "err", err)
+		fw.json(frameError, err.Error())
+		return
+	}
+	defer s.close()
+	log.Info("receiving migration", "name", o.Name, "size", o.Size, "resumed_chunks", len(acc.Have), "base_chunks", len(acc.Base))
+	if err := fw.json(frameAccept, acc); err != nil {
+		return
+	}
+	var cm Commit
+	if err := fr.json(frameCommit, &cm); err != nil {
+		log.Info("migration interrupted; its durable chunks wait for a resume", "err", err)
+		return
+	}
+	done, err := s.finish(&cm)
+	if err != nil {
+		log.Error("migration failed verification", "err", err)
+		r.audit(o, from, d, "failed", cm.Root, s.received, s.start, r.cfg.Now(), err.Error())
+		fw.json(frameError, err.Error())
+		return
+	}
+	log.Info("migration stored and verified", "name", done.Name, "root", done.Root.String(), "received_bytes", done.Received, "reused_chunks", done.Reused)
+	r.audit(o, from, d, "done", done.Root, done.Received, s.start, r.cfg.Now(), "")
+	fw.json(frameDone, done)
+}
+
+func (r *Receiver) decide(o *Offer, from *certs.Attributes) (policy.Decision, bool) {
+	p := r.cfg.Policy()
+	self := r.cfg.Identity().Attributes()
+	if p == nil {
+		return policy.Decision{Rule: policy.RuleRef{Kind: "default-deny", Name: "no policy"}, Reasons: []string{"no residency policy is in force on the receiving gateway"}}, false
+	}
+	now := r.cfg.Now()
+	store := p.Evaluate(policy.Request{Class: o.Class, Action: policy.Store, Sites: []policy.Site{policy.SiteOf(self)}, Time: now})
+	if !store.Allowed {
+		return store, false
+	}
+	transit := p.Evaluate(policy.Request{Class: o.Class, Action: policy.Transit, Sites: []policy.Site{policy.SiteOf(from), policy.SiteOf(self)}, Time: now})
+	if !transit.Allowed {
+		return transit, false
+	}
+	return store, true
+}
+
+func (r *Receiver) audit(o *Offer, from *certs.Attributes, d policy.Decision, outcome string, root Hash, bytes int64, start, end time.Time, errText string) {
+	if r.cfg.Audit == nil {
+		return
+	}
+	self := r.cfg.Identity().Attributes()
+	f := map[string]any{
+		"migration_id": o.ID, "role": "receiver", "name": o.Name, "class": o.Class,
+		"source_node": from.Node, "source_site": from.Site, "source_jurisdiction": from.Jurisdiction,
+		"destination_node": self.Node, "destination_site": self.Site, "destination_jurisdiction": self.Jurisdiction,
+		"policy": d.Policy.RevisionString(), "rule": d.Rule.String(), "outcome": outcome, "root": root.String(),
+		"bytes_received": bytes, "start": start, "end": end,
+	}
+	if errText != "" {
+		f["error"] = errText
+	}
+	if _, err := r.cfg.Audit.Append(r.cfg.Identity(), "migration", f, r.cfg.Now()); err != nil {
+		r.cfg.Log.Error("audit log", "err", err)
+	}
+}
+
+// open creates or resumes the session's temporary image.
+func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision) (*session, *Accept, error) {
+	r.mu.Lock()
+	if _, busy := r.sessions[o.ID]; busy {
+		r.mu.Unlock()
+		return nil, nil, fmt.Errorf("migration %s is already being received", o.ID)
+	}
+	r.mu.Unlock()
+	j := r.cfg.Journal
+	temp := filepath.Join(r.cfg.StoreDir, ".incoming", o.ID+".raw")
+	var rec RecvRecord
+	resumed := j.get(bucketRecv, o.ID, &rec) == nil
+	if resumed && (rec.Size != o.Size || rec.ChunkSize != o.ChunkSize || rec.Name != o.Name || rec.From != from.Node) {
+		j.dropChunks("recv", o.ID) // a different migration under an old ID: start over
+		os.Remove(temp)
+		resumed = false
+	}
+	if !resumed {
+		rec = RecvRecord{ID: o.ID, Name: o.Name, From: from.Node, FromSite: from.Site, Class: o.Class, Format: o.Format,
+			Size: o.Size, ChunkSize: o.ChunkSize, Temp: temp, State: StateRunning, Started: r.cfg.Now()}
+		if err := j.put(bucketRecv, o.ID, &rec); err != nil {
+			return nil, nil, err
+		}
+	}
+	f, err := os.OpenFile(temp, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, nil, err
+	}
+	if err := f.Truncate(o.Size); err != nil {
+		f.Close()
+		return nil, nil, fmt.Errorf("size the incoming image: %w", err)
+	}
+	durable, err := j.chunks("recv", o.ID)
+	if err != nil {
+		f.Close()
+		return nil, nil, err
+	}
+	s := &session{r: r, offer: *o, from: from, temp: f, record: &rec, start: r.cfg.Now(), policy: d,
+		durable: durable, pending: map[int64]pendingChunk{}, kick: make(chan struct{}, 1), stop: make(chan struct{})}
+	acc := &Accept{Have: durable}
+	if img, err := j.Image(o.Name); err == nil && img.Manifest.ChunkSize == o.ChunkSize {
+		if base, err := OpenSource(img.Path); err == nil {
+			s.base, s.baseM = base, img.Manifest.Chunks
+			acc.Base = img.Manifest.Chunks
+		}
+	}
+	r.mu.Lock()
+	r.sessions[o.ID] = s
+	r.mu.Unlock()
+	go s.syncer()
+	return s, acc, nil
+}
+
+func (s *session) close() {
+	close(s.stop)
+	s.r.mu.Lock()
+	delete(s.r.sessions, s.offer.ID)
+	s.r.mu.Unlock()
+	s.temp.Close()
+	if s.base != nil {
+		s.base.Close()
+	}
+}
+
+// data receives chunks on one stream: each is decompressed, checked against
+// its hash and length, and only then written; a bad one is refused (and the
+// sender sends it again), never written.
+func (s *session) data(fr *frameReader, w *lockedWriter) {
+	o := &s.offer
+	var buf []byte
+	for {
+		typ, p, err := fr.next(buf)
+		if err != nil {
+			return
+		}
+		buf = p[:0]
+		switch typ {
+		case frameChunk:
+			i, h, flags, rawLen, payload, err := parseChunk(p)
+			if err != nil {
+				return
+			}
+			if i < 0 || i >= chunkCount(o.Size, o.ChunkSize) || int64(rawLen) != chunkLen(i, o.Size, o.ChunkSize) {
+				w.send(frameNack, append(indexFrame(i, h), "chunk outside the image"...))
+				continue
+			}
+			data := payload
+			if flags&flagZstd != 0 {
+				data, err = s.r.dec.DecodeAll(payload, make([]byte, 0, rawLen))
+				if err != nil || len(data) != rawLen {
+					w.send(frameNack, append(indexFrame(i, h), "does not decompress"...))
+					continue
+				}
+			}
+			if hashChunk(data) != h || len(data) != rawLen {
+				w.send(frameNack, append(indexFrame(i, h), "hash mismatch"...))
+				continue
+			}
+			if _, err := s.temp.WriteAt(data, i*o.ChunkSize); err != nil {
+				w.send(frameError, []byte("write: "+err.Error()))
+				return
+			}
+			s.add(i, h, w, int64(len(payload)), false)
+		case frameSame:
+			i, h, err := parseIndexFrame(p)
+			if err != nil {
+				return
+			}
+			if !s.copyFromBase(i, h) {
+				w.send(frameNack, append(indexFrame(i, h), "not in the stored version"...))
+				continue
+			}
+			s.add(i, h, w, 0, true)
+		default:
+			return
+		}
+	}
+}
+
+func (s *session) copyFromBase(i int64, h Hash) bool {
+	if s.base == nil || s.baseM[i] != h {
+		return false
+	}
+	n := chunkLen(i, s.offer.Size, s.offer.ChunkSize)
+	if i*s.offer.ChunkSize+n > s.base.Size() {
+		return false
+	}
+	b := make([]byte, n)
+	if _, err := s.base.ReadAt(b, i*s.offer.ChunkSize); err != nil && !isEOF(err) {
+		return false
+	}
+	if hashChunk(b) != h { // the stored copy must still be what its manifest says
+		return false
+	}
+	_, err := s.temp.WriteAt(b, i*s.offer.ChunkSize)
+	return err == nil
+}
+
+func (s *session) add(i int64, h Hash, w *lockedWriter, wire int64, reused bool) {
+	s.mu.Lock()
+	s.pending[i] = pendingChunk{hash: h, to: w}
+	s.received += wire
+	if reused {
+		s.reused++
+	}
+	n := len(s.pending)
+	s.mu.Unlock()
+	if n >= 32 {
+		select {
+		case s.kick <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// syncer makes written chunks durable in batches — fdatasync the image,
+// then record them in the journal — and only then acknowledges them, so
+// an acknowledged chunk survives a crash of either side.
+func (s *session) syncer() {
+	t := time.NewTicker(200 * time.Millisecond)
+	defer t.Stop()
+	for {
+		select {
+		case <-s.stop:
+			s.flush()
+			return
+		case <-t.C:
+		case <-s.kick:
+		}
+		s.flush()
+	}
+}
+
+func (s *session) flush() error {
+	s.mu.Lock()
+	batch := s.pending
+	s.pending = map[int64]pendingChunk{}
+	s.mu.Unlock()
+	if len(batch) == 0 {
+		return nil
+	}
+	err := unix.Fdatasync(int(s.temp.Fd()))
+	hashes := make(map[int64]Hash, len(batch))
+	for i, p := range batch {
+		hashes[i] = p.hash
+	}
+	if err == nil {
+		err = s.r.cfg.Journal.addChunks("recv", s.offer.ID, hashes)
+	}
+	if err != nil {
+		s.mu.Lock()
+		s.syncErr = err
+		s.mu.Unlock()
+		return err
+	}
+	s.mu.Lock()
+	for i, h := range hashes {
+		s.durable[i] = h
+	}
+	s.mu.Unlock()
+	byConn := map[*lockedWriter][]int64{}
+	for i, p := range batch {
+		byConn[p.to] = append(byConn[p.to], i)
+	}
+	for w, idx := range byConn {
+		w.send(frameAck, ackFrame(idx))
+	}
+	return nil
+}
+
+// finish verifies the complete image against the sender's manifest and
+// root, and stores it.
+func (s *session) finish(cm *Commit) (*Done, error) {
+	if err := s.flush(); err != nil {
+		return nil, err
+	}
+	o := &s.offer
+	m := &cm.Manifest
+	if m.Size != o.Size || m.ChunkSize != o.ChunkSize {
+		return nil, errors.New("manifest does not match the offer")
+	}
+	if root := m.Root(); root != cm.Root {
+		return nil, fmt.Errorf("manifest root %s differs from the announced root %s", root, cm.Root)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for i, h := range m.Chunks {
+		if d, ok := s.durable[i]; !ok || d != h {
+			return nil, fmt.Errorf("chunk %d was never received intact", i)
+		}
+	}
+	// Chunks that are zeros now (but held data in an earlier attempt)
+	// become holes.
+	for i := range s.durable {
+		if _, ok := m.Chunks[i]; !ok {
+			n := chunkLen(i, o.Size, o.ChunkSize)
+			if err := unix.Fallocate(int(s.temp.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, i*o.ChunkSize, n); err != nil {
+				if _, werr := s.temp.WriteAt(make([]byte, n), i*o.ChunkSize); werr != nil {
+					return nil, werr
+				}
+			}
+		}
+	}
+	if err := s.temp.Sync(); err != nil {
+		return nil, err
+	}
+	// The root over what we verified on arrival must be the sender's.
+	ours := Manifest{Size: o.Size, ChunkSize: o.ChunkSize, Chunks: map[int64]Hash{}}
+	for i := range m.Chunks {
+		ours.Chunks[i] = s.durable[i]
+	}
+	if ours.Root() != cm.Root {
+		return nil, errors.New("root over the received chunks differs from the sender's")
+	}
+	dir := s.r.cfg.StoreDir
+	final := filepath.Join(dir, o.Name+"."+o.Format)
+	if o.Format == FormatQcow2 {
+		tmp := filepath.Join(dir, ".incoming", o.ID+".qcow2")
+		if err := convertToQcow2(s.temp, o.Size, tmp); err != nil {
+			os.Remove(tmp)
+			return nil, fmt.Errorf("write qcow2: %w", err)
+		}
+		if err := os.Rename(tmp, final); err != nil {
+			return nil, err
+		}
+		os.Remove(s.temp.Name())
+	} else if err := os.Rename(s.temp.Name(), final); err != nil {
+		return nil, err
+	}
+	if err := atomicfile.SyncDir(dir); err != nil {
+		return nil, err
+	}
+	other := FormatRaw
+	if o.Format == FormatRaw {
+		other = FormatQcow2
+	}
+	os.Remove(filepath.Join(dir, o.Name+"."+other)) // an older version in the other format
+	img := ImageRecord{Name: o.Name, Path: final, Format: o.Format, Class: o.Class, From: s.from.Node, FromSite: s.from.Site,
+		Migration: o.ID, Received: s.r.cfg.Now(), Root: cm.Root, Manifest: ours}
+	j := s.r.cfg.Journal
+	if err := j.put(bucketImages, o.Name, &img); err != nil {
+		return nil, err
+	}
+	j.dropChunks("recv", o.ID)
+	j.deleteKey(bucketRecv, o.ID)
+	return &Done{Name: o.Name, Path: final, Format: o.Format, Root: cm.Root, Received: s.received, Reused: s.reused}, nil
+}

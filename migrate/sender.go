@@ -1,0 +1,688 @@
+package migrate
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/tls"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/klauspost/compress/zstd"
+	"golang.org/x/time/rate"
+
+	"github.com/skybridge-mesh/skybridge/certs"
+	"github.com/skybridge-mesh/skybridge/internal/audit"
+	"github.com/skybridge-mesh/skybridge/policy"
+)
+
+// Stats count what a migration did.
+type Stats struct {
+	VirtualBytes   int64         `json:"virtual_bytes"`   // image size
+	AllocatedBytes int64         `json:"allocated_bytes"` // bytes in allocated extents (what can hold data)
+	Chunks         int           `json:"chunks"`          // chunks overlapping allocated extents
+	ChunksDone     int           `json:"chunks_done"`
+	ChunksSent     int           `json:"chunks_sent"`    // sent with their data
+	ChunksSame     int           `json:"chunks_same"`    // the destination's stored version had them
+	ChunksZero     int           `json:"chunks_zero"`    // allocated but all zeros: sent as holes
+	ChunksResumed  int           `json:"chunks_resumed"` // acknowledged in an earlier attempt: not even read
+	ChunksHad      int           `json:"chunks_had"`     // durable at the destination from an earlier attempt, read here to be sure
+	BytesRead      int64         `json:"bytes_read"`
+	BytesRaw       int64         `json:"bytes_raw"`  // uncompressed bytes of the chunks sent
+	BytesSent      int64         `json:"bytes_sent"` // chunk payload on the wire (after compression)
+	Retries        int           `json:"retries"`
+	Duration       time.Duration `json:"duration_ns"`
+}
+
+// Progress is a snapshot of a running migration.
+type Progress struct {
+	ID    string `json:"id"`
+	Phase string `json:"phase"` // policy, scan, transfer, commit, done, denied, failed
+	Stats Stats  `json:"stats"`
+}
+
+// Peer is the destination gateway of a migration.
+type Peer struct {
+	Attributes *certs.Attributes // verified, from the destination's certificate
+	Addr       netip.AddrPort    // its overlay address and migration port
+}
+
+// SendConfig is everything a migration needs on the sending gateway.
+type SendConfig struct {
+	ID        string // empty: a new migration; an existing ID resumes
+	Image     string
+	Name      string // name at the destination; default: the image's file name without extension
+	Class     string
+	Format    string // raw or qcow2 at the destination; default: the source's format
+	Streams   int
+	BWLimit   int64 // bytes per second, 0: unlimited
+	ChunkSize int64
+
+	From     *certs.Attributes // this gateway
+	To       Peer
+	Policy   *policy.Policy // the residency policy in force here
+	Identity *certs.NodeIdentity
+	Trust    *certs.TrustBundle
+	Dial     func(ctx context.Context, addr string) (net.Conn, error)
+	Journal  *Journal
+	Audit    *audit.Log
+	Log      *slog.Logger
+	Progress func(Progress)
+	Now      func() time.Time
+
+	// mangle, in tests, damages a chunk's payload after it was hashed,
+	// as a broken disk or memory would.
+	mangle func(index int64, payload []byte)
+}
+
+// DeniedError is returned when the policy refuses a migration; nothing was
+// sent.
+type DeniedError struct {
+	By      string // "sender" or "receiver"
+	Rule    string
+	Reasons []string
+}
+
+func (e *DeniedError) Error() string {
+	return fmt.Sprintf("migration refused by the residency policy at the %s (%s): %s", e.By, e.Rule, strings.Join(e.Reasons, "; "))
+}
+
+// NewID makes a migration ID.
+func NewID() string {
+	b := make([]byte, 8)
+	rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+// Send runs (or resumes) a migration and returns its record.
+func Send(ctx context.Context, cfg SendConfig) (*SendRecord, error) {
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	if cfg.Log == nil {
+		cfg.Log = slog.Default()
+	}
+	if cfg.Progress == nil {
+		cfg.Progress = func(Progress) {}
+	}
+	if cfg.ChunkSize == 0 {
+		cfg.ChunkSize = DefaultChunkSize
+	}
+	if cfg.Streams <= 0 {
+		cfg.Streams = 4
+	}
+	src, err := OpenSource(cfg.Image)
+	if err != nil {
+		return nil, err
+	}
+	defer src.Close()
+	if cfg.Format == "" {
+		cfg.Format = src.Format()
+	}
+	if cfg.Format != FormatRaw && cfg.Format != FormatQcow2 {
+		return nil, fmt.Errorf("format %q: use raw or qcow2", cfg.Format)
+	}
+	if cfg.Name == "" {
+		cfg.Name = strings.TrimSuffix(filepath.Base(cfg.Image), filepath.Ext(cfg.Image))
+	}
+	if err := checkName(cfg.Name); err != nil {
+		return nil, err
+	}
+	sid, err := sourceID(cfg.Image)
+	if err != nil {
+		return nil, err
+	}
+	rec, err := startRecord(&cfg, sid)
+	if err != nil {
+		return nil, err
+	}
+	s := &sender{cfg: cfg, src: src, rec: rec, start: cfg.Now()}
+	s.stats.VirtualBytes = src.Size()
+	err = s.run(ctx)
+	s.finish(err)
+	if err != nil {
+		return s.rec, err
+	}
+	return s.rec, nil
+}
+
+func checkName(n string) error {
+	if n == "" || len(n) > 128 || strings.ContainsAny(n, "/\\\x00") || strings.HasPrefix(n, ".") {
+		return fmt.Errorf("image name %q: use letters, digits, '.', '-' and '_', not starting with '.'", n)
+	}
+	return nil
+}
+
+func sourceID(path string) (SourceID, error) {
+	st, err := os.Stat(path)
+	if err != nil {
+		return SourceID{}, err
+	}
+	id := SourceID{Size: st.Size(), MTime: st.ModTime()}
+	if sys, ok := st.Sys().(*syscall.Stat_t); ok {
+		id.Inode, id.Dev = sys.Ino, uint64(sys.Dev)
+	}
+	return id, nil
+}
+
+// startRecord creates the journal record, or picks up the one of the
+// migration being resumed — refusing if the source changed meanwhile,
+// since chunks acknowledged then would not belong to the image now.
+func startRecord(cfg *SendConfig, sid SourceID) (*SendRecord, error) {
+	if cfg.ID != "" {
+		old, err := cfg.Journal.Send(cfg.ID)
+		if err == nil {
+			if old.State == StateDone {
+				return nil, fmt.Errorf("migration %s is already done", cfg.ID)
+			}
+			if old.Image != cfg.Image || old.To != cfg.To.Attributes.Node || old.Name != cfg.Name {
+				return nil, fmt.Errorf("migration %s was %s → %s as %s; it cannot resume as something else", cfg.ID, old.Image, old.To, old.Name)
+			}
+			if !old.Source.Same(sid) {
+				cfg.Journal.dropChunks("send", cfg.ID)
+				cfg.Log.Warn("source image changed since the interrupted attempt; starting its chunks over", "migration_id", cfg.ID)
+			}
+			old.State, old.Error, old.Reasons, old.Source = StateRunning, "", nil, sid
+			old.Started, old.Finished = cfg.Now(), time.Time{}
+			return old, cfg.Journal.put(bucketSend, old.ID, old)
+		}
+	} else {
+		cfg.ID = NewID()
+	}
+	rec := &SendRecord{
+		ID: cfg.ID, Image: cfg.Image, Source: sid, Name: cfg.Name, Class: cfg.Class, Format: cfg.Format,
+		To: cfg.To.Attributes.Node, ToSite: cfg.To.Attributes.Site, Streams: cfg.Streams, BWLimit: cfg.BWLimit,
+		State: StateRunning, Started: cfg.Now(),
+	}
+	return rec, cfg.Journal.put(bucketSend, rec.ID, rec)
+}
+
+type sender struct {
+	cfg   SendConfig
+	src   Source
+	rec   *SendRecord
+	start time.Time
+
+	mu       sync.Mutex
+	manifest Manifest
+	decision policy.Decision
+	stats    Stats
+}
+
+func (s *sender) progress(phase string) {
+	s.mu.Lock()
+	st := s.stats
+	s.mu.Unlock()
+	st.Duration = s.cfg.Now().Sub(s.start)
+	s.cfg.Progress(Progress{ID: s.rec.ID, Phase: phase, Stats: st})
+}
+
+func (s *sender) finish(err error) {
+	s.mu.Lock()
+	s.stats.Duration = s.cfg.Now().Sub(s.start)
+	s.rec.Stats = s.stats
+	s.mu.Unlock()
+	s.rec.Finished = s.cfg.Now()
+	var denied *DeniedError
+	switch {
+	case err == nil:
+		s.rec.State = StateDone
+	case errors.As(err, &denied):
+		s.rec.State, s.rec.Reasons = StateDenied, denied.Reasons
+		s.rec.Error = err.Error()
+	case errors.Is(err, context.Canceled):
+		s.rec.State, s.rec.Error = StateCancelled, "cancelled"
+	default:
+		s.rec.State, s.rec.Error = StateFailed, err.Error()
+	}
+	if perr := s.cfg.Journal.put(bucketSend, s.rec.ID, s.rec); perr != nil {
+		s.cfg.Log.Error("journal", "err", perr)
+	}
+	s.audit()
+	s.progress(map[string]string{StateDone: "done", StateDenied: "denied", StateCancelled: "cancelled", StateFailed: "failed"}[s.rec.State])
+}
+
+func (s *sender) audit() {
+	if s.cfg.Audit == nil {
+		return
+	}
+	to := s.cfg.To.Attributes
+	f := map[string]any{
+		"migration_id": s.rec.ID, "role": "sender", "image": s.rec.Image, "name": s.rec.Name, "class": s.rec.Class,
+		"source_node": s.cfg.From.Node, "source_site": s.cfg.From.Site, "source_jurisdiction": s.cfg.From.Jurisdiction,
+		"destination_node": to.Node, "destination_site": to.Site, "destination_jurisdiction": to.Jurisdiction,
+		"policy": s.decision.Policy.RevisionString(), "rule": s.decision.Rule.String(), "outcome": s.rec.State,
+		"root": s.rec.Root.String(), "bytes_sent": s.rec.Stats.BytesSent, "bytes_read": s.rec.Stats.BytesRead,
+		"start": s.rec.Started, "end": s.rec.Finished,
+	}
+	if s.rec.Error != "" {
+		f["error"] = s.rec.Error
+	}
+	if _, err := s.cfg.Audit.Append(s.cfg.Identity, "migration", f, s.cfg.Now()); err != nil {
+		s.cfg.Log.Error("audit log", "err", err)
+	}
+}
+
+// check asks the residency policy before anything is sent: store at the
+// destination, transit along the path.
+func (s *sender) check() error {
+	if s.cfg.Policy == nil {
+		return &DeniedError{By: "sender", Rule: "no policy", Reasons: []string{"no residency policy is in force on this gateway: nothing may leave it"}}
+	}
+	from, to := policy.SiteOf(s.cfg.From), policy.SiteOf(s.cfg.To.Attributes)
+	now := s.cfg.Now()
+	store := s.cfg.Policy.Evaluate(policy.Request{Class: s.cfg.Class, Action: policy.Store, Sites: []policy.Site{to}, Time: now})
+	s.decision = store
+	if !store.Allowed {
+		return &DeniedError{By: "sender", Rule: store.Rule.String(), Reasons: store.Reasons}
+	}
+	transit := s.cfg.Policy.Evaluate(policy.Request{Class: s.cfg.Class, Action: policy.Transit, Sites: []policy.Site{from, to}, Time: now})
+	if !transit.Allowed {
+		s.decision = transit
+		return &DeniedError{By: "sender", Rule: transit.Rule.String(), Reasons: transit.Reasons}
+	}
+	return nil
+}
+
+func (s *sender) dial(ctx context.Context) (*tls.Conn, error) {
+	raw, err := s.cfg.Dial(ctx, s.cfg.To.Addr.String())
+	if err != nil {
+		return nil, fmt.Errorf("reach %s at %s: %w", s.cfg.To.Attributes.Node, s.cfg.To.Addr, err)
+	}
+	c := tls.Client(raw, clientTLS(s.cfg.Identity, s.cfg.Trust, s.cfg.To.Attributes.Node, s.cfg.Now))
+	if err := c.HandshakeContext(ctx); err != nil {
+		raw.Close()
+		return nil, fmt.Errorf("authenticate %s: %w", s.cfg.To.Attributes.Node, err)
+	}
+	return c, nil
+}
+
+func (s *sender) run(ctx context.Context) error {
+	s.progress("policy")
+	if err := s.check(); err != nil {
+		return err
+	}
+	extents, err := s.src.Extents()
+	if err != nil {
+		return err
+	}
+	size, chunk := s.src.Size(), s.cfg.ChunkSize
+	cands := candidates(extents, size, chunk)
+	s.mu.Lock()
+	for _, e := range extents {
+		s.stats.AllocatedBytes += e.Len
+	}
+	s.stats.Chunks = len(cands)
+	s.mu.Unlock()
+	s.manifest = Manifest{Size: size, ChunkSize: chunk, Chunks: map[int64]Hash{}}
+	acked, err := s.cfg.Journal.chunks("send", s.rec.ID)
+	if err != nil {
+		return err
+	}
+
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	ctrl, err := s.dial(ctx)
+	if err != nil {
+		return err
+	}
+	defer ctrl.Close()
+	context.AfterFunc(ctx, func() { ctrl.Close() })
+	cw, cr := newFrameWriter(ctrl), newFrameReader(ctrl)
+	offer := Offer{ID: s.rec.ID, Name: s.rec.Name, Class: s.rec.Class, Format: s.rec.Format, Size: size, ChunkSize: chunk,
+		Streams: s.cfg.Streams, Policy: s.decision.Policy.RevisionString()}
+	if err := cw.json(frameOffer, offer); err != nil {
+		return err
+	}
+	typ, payload, err := cr.next(nil)
+	if err != nil {
+		return fmt.Errorf("offer: %w", err)
+	}
+	var acc Accept
+	switch typ {
+	case frameAccept:
+		if err := jsonUnmarshal(payload, &acc); err != nil {
+			return err
+		}
+	case frameDeny:
+		var d Deny
+		jsonUnmarshal(payload, &d)
+		return &DeniedError{By: "receiver", Rule: d.Rule, Reasons: d.Reasons}
+	case frameError:
+		return fmt.Errorf("receiver: %s", payload)
+	default:
+		return fmt.Errorf("unexpected answer %d to the offer", typ)
+	}
+
+	if err := s.transfer(ctx, cands, acked, &acc); err != nil {
+		return err
+	}
+
+	s.progress("commit")
+	s.rec.Root = s.manifest.Root()
+	if err := cw.json(frameCommit, Commit{Manifest: s.manifest, Root: s.rec.Root}); err != nil {
+		return err
+	}
+	var done Done
+	if err := cr.json(frameDone, &done); err != nil {
+		return fmt.Errorf("commit: %w", err)
+	}
+	if done.Root != s.rec.Root {
+		return fmt.Errorf("receiver stored root %s, expected %s", done.Root, s.rec.Root)
+	}
+	s.cfg.Journal.dropChunks("send", s.rec.ID)
+	return nil
+}
+
+// job is one chunk on its way.
+type job struct {
+	index int64
+	hash  Hash
+	same  bool   // send a Same frame
+	data  []byte // frame payload parts: header + bytes
+	hdr   []byte
+	tries int
+}
+
+// transfer reads, hashes, compresses and sends the candidate chunks over
+// the data streams, and returns when every chunk sent is durable at the
+// receiver.
+func (s *sender) transfer(ctx context.Context, cands []int64, acked map[int64]Hash, acc *Accept) error {
+	s.progress("transfer")
+	chunk := s.cfg.ChunkSize
+	enc, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedFastest), zstd.WithEncoderConcurrency(1))
+	if err != nil {
+		return err
+	}
+	var limiter *rate.Limiter
+	if s.cfg.BWLimit > 0 {
+		limiter = rate.NewLimiter(rate.Limit(s.cfg.BWLimit), int(max(2*chunk, s.cfg.BWLimit/10)))
+	}
+
+	conns := make([]*tls.Conn, s.cfg.Streams)
+	for i := range conns {
+		c, err := s.dial(ctx)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		context.AfterFunc(ctx, func() { c.Close() })
+		fw := newFrameWriter(c)
+		if err := fw.json(frameJoin, Join{ID: s.rec.ID}); err != nil {
+			return err
+		}
+		conns[i] = c
+	}
+
+	var (
+		pending  sync.WaitGroup // chunks not yet durable at the receiver
+		inflight sync.Map       // index → *job
+		queue    = make(chan *job, 4*len(conns))
+		errc     = make(chan error, len(conns)*2+1)
+		newAcks  = map[int64]Hash{}
+		ackMu    sync.Mutex
+		done     atomic.Bool
+	)
+	fail := func(err error) {
+		select {
+		case errc <- err:
+		default:
+		}
+	}
+	flushAcks := func() {
+		ackMu.Lock()
+		batch := newAcks
+		newAcks = map[int64]Hash{}
+		ackMu.Unlock()
+		if err := s.cfg.Journal.addChunks("send", s.rec.ID, batch); err != nil {
+			fail(err)
+		}
+	}
+	// Whatever ends the transfer, what was acknowledged is recorded, so a
+	// resume does not even read it again.
+	defer flushAcks()
+
+	// Data streams: one writer and one reader per connection.
+	var streams sync.WaitGroup
+	for _, c := range conns {
+		fw, fr := newFrameWriter(c), newFrameReader(c)
+		streams.Go(func() {
+			for j := range queue {
+				inflight.Store(j.index, j)
+				var err error
+				if j.same {
+					err = fw.frame(frameSame, indexFrame(j.index, j.hash))
+				} else {
+					if limiter != nil {
+						if err := limiter.WaitN(ctx, len(j.data)); err != nil {
+							fail(err)
+							return
+						}
+					}
+					err = fw.frame(frameChunk, j.hdr, j.data)
+				}
+				if err == nil && len(queue) == 0 {
+					err = fw.flush()
+				}
+				if err != nil {
+					fail(fmt.Errorf("send chunk %d: %w", j.index, err))
+					return
+				}
+			}
+			fw.flush()
+		})
+		streams.Go(func() {
+			buf := make([]byte, 0, 4096)
+			for {
+				typ, p, err := fr.next(buf)
+				if err != nil {
+					if !done.Load() {
+						fail(fmt.Errorf("data stream: %w", err))
+					}
+					return
+				}
+				switch typ {
+				case frameAck:
+					idx, err := parseAck(p)
+					if err != nil {
+						fail(err)
+						return
+					}
+					for _, i := range idx {
+						v, ok := inflight.LoadAndDelete(i)
+						if !ok {
+							continue
+						}
+						j := v.(*job)
+						ackMu.Lock()
+						newAcks[i] = j.hash
+						ackMu.Unlock()
+						s.mu.Lock()
+						s.stats.ChunksDone++
+						s.mu.Unlock()
+						pending.Done()
+					}
+				case frameNack:
+					i, _, err := parseIndexFrame(p[:min(len(p), binaryLenIndexFrame(p))])
+					if err != nil {
+						fail(err)
+						return
+					}
+					v, ok := inflight.LoadAndDelete(i)
+					if !ok {
+						continue
+					}
+					j := v.(*job)
+					if j.tries >= 3 {
+						fail(fmt.Errorf("chunk %d refused by the receiver %d times: %s", i, j.tries, p))
+						return
+					}
+					s.mu.Lock()
+					s.stats.Retries++
+					s.mu.Unlock()
+					go func() {
+						// Re-read and send the full chunk again.
+						nj, err := s.prepare(j.index, enc, nil)
+						if err != nil {
+							fail(err)
+							return
+						}
+						nj.tries = j.tries + 1
+						queue <- nj
+					}()
+				case frameError:
+					fail(fmt.Errorf("receiver: %s", p))
+					return
+				}
+			}
+		})
+	}
+
+	// Producers: decide per chunk, reading only what must be read.
+	work := make(chan int64)
+	var producers sync.WaitGroup
+	for range max(2, len(conns)) {
+		producers.Go(func() {
+			for i := range work {
+				if h, ok := acked[i]; ok && acc.Have[i] == h {
+					s.mu.Lock()
+					s.manifest.Chunks[i] = h
+					s.stats.ChunksResumed++
+					s.stats.ChunksDone++
+					s.mu.Unlock()
+					continue
+				}
+				j, err := s.prepare(i, enc, acc)
+				if err != nil {
+					fail(err)
+					return
+				}
+				if j == nil { // zero, or already durable there
+					continue
+				}
+				pending.Add(1)
+				select {
+				case queue <- j:
+				case <-ctx.Done():
+					pending.Done()
+					return
+				}
+			}
+		})
+	}
+	go func() {
+		defer close(work)
+		for _, i := range cands {
+			select {
+			case work <- i:
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
+
+	ticker := time.NewTicker(250 * time.Millisecond)
+	defer ticker.Stop()
+	producersDone := make(chan struct{})
+	go func() { producers.Wait(); close(producersDone) }()
+	allDurable := make(chan struct{})
+	go func() {
+		<-producersDone
+		pending.Wait()
+		close(allDurable)
+	}()
+	for {
+		select {
+		case err := <-errc:
+			return err
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-ticker.C:
+			flushAcks()
+			s.progress("transfer")
+		case <-allDurable:
+			done.Store(true)
+			close(queue)
+			flushAcks()
+			for _, c := range conns {
+				c.CloseWrite()
+			}
+			streams.Wait()
+			s.progress("transfer")
+			select {
+			case err := <-errc:
+				return err
+			default:
+			}
+			return nil
+		}
+	}
+}
+
+// prepare reads chunk i and decides what to send: nil if nothing (zeros,
+// or the receiver already has exactly this chunk durable).
+func (s *sender) prepare(i int64, enc *zstd.Encoder, acc *Accept) (*job, error) {
+	size, chunk := s.src.Size(), s.cfg.ChunkSize
+	n := chunkLen(i, size, chunk)
+	buf := make([]byte, n)
+	if _, err := s.src.ReadAt(buf, i*chunk); err != nil && int64(len(buf)) != n {
+		return nil, fmt.Errorf("read chunk %d of %s: %w", i, s.cfg.Image, err)
+	} else if err != nil && !isEOF(err) {
+		return nil, fmt.Errorf("read chunk %d of %s: %w", i, s.cfg.Image, err)
+	}
+	s.mu.Lock()
+	s.stats.BytesRead += n
+	s.mu.Unlock()
+	if isZero(buf) {
+		s.mu.Lock()
+		s.stats.ChunksZero++
+		s.stats.ChunksDone++
+		delete(s.manifest.Chunks, i)
+		s.mu.Unlock()
+		return nil, nil
+	}
+	h := hashChunk(buf)
+	s.mu.Lock()
+	s.manifest.Chunks[i] = h
+	s.mu.Unlock()
+	if acc != nil {
+		if acc.Have[i] == h {
+			s.mu.Lock()
+			s.stats.ChunksHad++
+			s.stats.ChunksDone++
+			s.mu.Unlock()
+			return nil, nil
+		}
+		if acc.Base[i] == h {
+			s.mu.Lock()
+			s.stats.ChunksSame++
+			s.mu.Unlock()
+			return &job{index: i, hash: h, same: true}, nil
+		}
+	}
+	j := &job{index: i, hash: h, data: buf}
+	flags := byte(0)
+	if c := enc.EncodeAll(buf, make([]byte, 0, len(buf)/2)); len(c) < len(buf)*95/100 {
+		j.data, flags = c, flagZstd
+	}
+	j.hdr = chunkHeader(i, h, flags, len(buf))
+	if s.cfg.mangle != nil {
+		s.cfg.mangle(i, j.data)
+	}
+	s.mu.Lock()
+	s.stats.ChunksSent++
+	s.stats.BytesRaw += n
+	s.stats.BytesSent += int64(len(j.data))
+	s.mu.Unlock()
+	return j, nil
+}

@@ -1,0 +1,174 @@
+package migrate
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+
+	"github.com/klauspost/compress/zstd"
+	"github.com/lima-vm/go-qcow2reader/image"
+	"github.com/lima-vm/go-qcow2reader/image/qcow2"
+	"golang.org/x/sys/unix"
+)
+
+// Formats of images.
+const (
+	FormatRaw   = "raw"
+	FormatQcow2 = "qcow2"
+)
+
+// Extent is a byte range of an image that may hold data; everything
+// outside the extents reads as zeros and is never read.
+type Extent struct{ Off, Len int64 }
+
+// Source is an image to migrate. ReadAt must be safe for concurrent use.
+type Source interface {
+	io.ReaderAt
+	Format() string
+	Size() int64 // virtual size in bytes
+	// Extents lists the allocated ranges in order. The cost of a
+	// migration grows with their total length, not with Size.
+	Extents() ([]Extent, error)
+	Close() error
+}
+
+var qcow2Magic = []byte{'Q', 'F', 'I', 0xfb}
+
+func init() {
+	// go-qcow2reader reads zlib-compressed clusters itself; zstd-compressed
+	// ones with klauspost/compress.
+	qcow2.SetDecompressor(qcow2.CompressionTypeZstd, func(r io.Reader) (io.ReadCloser, error) {
+		d, err := zstd.NewReader(r)
+		if err != nil {
+			return nil, err
+		}
+		return d.IOReadCloser(), nil
+	})
+}
+
+// OpenSource opens a raw or qcow2 image, detecting the format by content.
+func OpenSource(path string) (Source, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("open image: %w", err)
+	}
+	magic := make([]byte, 4)
+	if n, _ := f.ReadAt(magic, 0); n == 4 && bytes.Equal(magic, qcow2Magic) {
+		return openQcow2(path, f)
+	}
+	st, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	if !st.Mode().IsRegular() {
+		f.Close()
+		return nil, fmt.Errorf("%s is not a regular file", path)
+	}
+	return &rawSource{f: f, size: st.Size()}, nil
+}
+
+// rawSource is a raw image file read sparse-aware: SEEK_DATA/SEEK_HOLE
+// find the allocated ranges, so holes are never read.
+type rawSource struct {
+	f    *os.File
+	size int64
+}
+
+func (r *rawSource) ReadAt(p []byte, off int64) (int, error) { return r.f.ReadAt(p, off) }
+func (r *rawSource) Format() string                          { return FormatRaw }
+func (r *rawSource) Size() int64                             { return r.size }
+func (r *rawSource) Close() error                            { return r.f.Close() }
+
+func (r *rawSource) Extents() ([]Extent, error) {
+	fd := int(r.f.Fd())
+	var out []Extent
+	for off := int64(0); off < r.size; {
+		data, err := unix.Seek(fd, off, unix.SEEK_DATA)
+		if errors.Is(err, unix.ENXIO) {
+			break // no data after off
+		}
+		if errors.Is(err, unix.EINVAL) {
+			// File system without SEEK_DATA: everything is data.
+			return []Extent{{0, r.size}}, nil
+		}
+		if err != nil {
+			return nil, fmt.Errorf("find data in image: %w", err)
+		}
+		hole, err := unix.Seek(fd, data, unix.SEEK_HOLE)
+		if err != nil {
+			return nil, fmt.Errorf("find hole in image: %w", err)
+		}
+		hole = min(hole, r.size)
+		if hole > data {
+			out = append(out, Extent{data, hole - data})
+		}
+		off = hole
+	}
+	return out, nil
+}
+
+// qcow2Source reads a qcow2 image natively: only allocated clusters.
+type qcow2Source struct {
+	f   *os.File
+	img *qcow2.Qcow2
+}
+
+func openQcow2(path string, f *os.File) (Source, error) {
+	// Refuse backing files before the reader tries to open one: a chain
+	// of images is not something to move piecemeal across jurisdictions.
+	hdr := make([]byte, 20)
+	if _, err := f.ReadAt(hdr, 0); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("%s: truncated qcow2 header: %w", path, err)
+	}
+	if off, n := binary.BigEndian.Uint64(hdr[8:16]), binary.BigEndian.Uint32(hdr[16:20]); off != 0 {
+		name := make([]byte, min(n, 1023))
+		f.ReadAt(name, int64(off))
+		f.Close()
+		return nil, fmt.Errorf("%s has a backing file (%q): skybridge moves self-contained images; flatten it first with `qemu-img convert -O qcow2 %s flat.qcow2`", path, name, path)
+	}
+	img, err := qcow2.Open(f, nil)
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("%s: not a readable qcow2 image: %w", path, err)
+	}
+	if err := img.Readable(); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("%s: qcow2 feature not supported: %w", path, err)
+	}
+	return &qcow2Source{f: f, img: img}, nil
+}
+
+func (q *qcow2Source) ReadAt(p []byte, off int64) (int, error) { return q.img.ReadAt(p, off) }
+func (q *qcow2Source) Format() string                          { return FormatQcow2 }
+func (q *qcow2Source) Size() int64                             { return q.img.Size() }
+func (q *qcow2Source) Close() error                            { return q.f.Close() }
+
+func (q *qcow2Source) Extents() ([]Extent, error) {
+	size := q.img.Size()
+	var out []Extent
+	for off := int64(0); off < size; {
+		e, err := q.img.Extent(off, size-off)
+		if err != nil {
+			return nil, fmt.Errorf("qcow2 allocation map at %d: %w", off, err)
+		}
+		if e.Length <= 0 {
+			return nil, fmt.Errorf("qcow2 allocation map stalls at %d", off)
+		}
+		if e.Allocated && !e.Zero {
+			if n := len(out); n > 0 && out[n-1].Off+out[n-1].Len == e.Start {
+				out[n-1].Len += e.Length
+			} else {
+				out = append(out, Extent{e.Start, e.Length})
+			}
+		}
+		off = e.Start + e.Length
+	}
+	return out, nil
+}
+
+var _ image.Image = (*qcow2.Qcow2)(nil)

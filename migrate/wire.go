@@ -1,0 +1,227 @@
+package migrate
+
+import (
+	"bufio"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+)
+
+// The migration protocol runs over mutually authenticated TLS connections
+// between two gateways. Each connection carries frames: a type byte, a
+// uvarint length, the payload. The first connection of a migration is the
+// control stream (offer, verdict, commit, result); the others are data
+// streams that join it by migration ID.
+const (
+	frameOffer  byte = 1 // sender → receiver, control: Offer (JSON)
+	frameJoin   byte = 2 // sender → receiver, data stream: Join (JSON)
+	frameAccept byte = 3 // receiver → sender, control: Accept (JSON)
+	frameDeny   byte = 4 // receiver → sender, control: Deny (JSON)
+	frameChunk  byte = 5 // sender → receiver: index, hash, flags, raw length, bytes
+	frameSame   byte = 6 // sender → receiver: index, hash — take it from the version you hold
+	frameAck    byte = 7 // receiver → sender: indices now durable
+	frameNack   byte = 8 // receiver → sender: index, reason — send it again
+	frameCommit byte = 9 // sender → receiver, control: Commit (JSON)
+	frameDone   byte = 10
+	frameError  byte = 11
+
+	flagZstd = 1
+
+	maxFrame = 64 << 20
+)
+
+// Offer opens a migration.
+type Offer struct {
+	ID        string `json:"id"`
+	Name      string `json:"name"`
+	Class     string `json:"class"`
+	Format    string `json:"format"` // format to store at the destination
+	Size      int64  `json:"size"`
+	ChunkSize int64  `json:"chunk_size"`
+	Streams   int    `json:"streams"`
+	Policy    string `json:"policy"` // the sender's policy revision, for the record
+}
+
+// Join attaches a data stream to a migration.
+type Join struct {
+	ID string `json:"id"`
+}
+
+// Accept tells the sender what the receiver already holds: chunks made
+// durable by an earlier attempt of this migration, and the chunks of the
+// version of the image it stores (for incremental re-sync).
+type Accept struct {
+	Have map[int64]Hash `json:"have,omitempty"`
+	Base map[int64]Hash `json:"base,omitempty"`
+}
+
+// Deny refuses a migration with the policy's reasons.
+type Deny struct {
+	Rule    string   `json:"rule"`
+	Reasons []string `json:"reasons"`
+}
+
+// Commit closes a migration: the sender's manifest and root.
+type Commit struct {
+	Manifest Manifest `json:"manifest"`
+	Root     Hash     `json:"root"`
+}
+
+// Done is the receiver's result.
+type Done struct {
+	Name     string `json:"name"`
+	Path     string `json:"path"`
+	Format   string `json:"format"`
+	Root     Hash   `json:"root"`
+	Received int64  `json:"received_bytes"`
+	Reused   int    `json:"reused_chunks"`
+}
+
+type frameWriter struct {
+	w   *bufio.Writer
+	hdr [binary.MaxVarintLen64 + 1]byte
+}
+
+func newFrameWriter(w io.Writer) *frameWriter {
+	return &frameWriter{w: bufio.NewWriterSize(w, 256<<10)}
+}
+
+func (fw *frameWriter) frame(typ byte, parts ...[]byte) error {
+	n := 0
+	for _, p := range parts {
+		n += len(p)
+	}
+	fw.hdr[0] = typ
+	h := binary.AppendUvarint(fw.hdr[:1], uint64(n))
+	if _, err := fw.w.Write(h); err != nil {
+		return err
+	}
+	for _, p := range parts {
+		if _, err := fw.w.Write(p); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (fw *frameWriter) json(typ byte, v any) error {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	if err := fw.frame(typ, b); err != nil {
+		return err
+	}
+	return fw.w.Flush()
+}
+
+func (fw *frameWriter) flush() error { return fw.w.Flush() }
+
+type frameReader struct{ r *bufio.Reader }
+
+func newFrameReader(r io.Reader) *frameReader {
+	return &frameReader{r: bufio.NewReaderSize(r, 256<<10)}
+}
+
+// next reads a frame into buf (grown as needed) and returns its type and
+// payload.
+func (fr *frameReader) next(buf []byte) (byte, []byte, error) {
+	typ, err := fr.r.ReadByte()
+	if err != nil {
+		return 0, nil, err
+	}
+	n, err := binary.ReadUvarint(fr.r)
+	if err != nil {
+		return 0, nil, err
+	}
+	if n > maxFrame {
+		return 0, nil, fmt.Errorf("frame of %d bytes exceeds the limit", n)
+	}
+	if uint64(cap(buf)) < n {
+		buf = make([]byte, n)
+	}
+	buf = buf[:n]
+	if _, err := io.ReadFull(fr.r, buf); err != nil {
+		return 0, nil, err
+	}
+	return typ, buf, nil
+}
+
+func (fr *frameReader) json(want byte, v any) error {
+	typ, b, err := fr.next(nil)
+	if err != nil {
+		return err
+	}
+	if typ == frameError {
+		return fmt.Errorf("peer: %s", b)
+	}
+	if typ != want {
+		return fmt.Errorf("unexpected frame %d, want %d", typ, want)
+	}
+	return json.Unmarshal(b, v)
+}
+
+// chunkHeader is the fixed part of a chunk frame.
+func chunkHeader(index int64, h Hash, flags byte, rawLen int) []byte {
+	b := binary.AppendUvarint(nil, uint64(index))
+	b = append(b, h[:]...)
+	b = append(b, flags)
+	return binary.AppendUvarint(b, uint64(rawLen))
+}
+
+func parseChunk(p []byte) (index int64, h Hash, flags byte, rawLen int, data []byte, err error) {
+	i, w := binary.Uvarint(p)
+	if w <= 0 || len(p) < w+33 {
+		return 0, h, 0, 0, nil, errors.New("short chunk frame")
+	}
+	p = p[w:]
+	copy(h[:], p[:32])
+	flags = p[32]
+	n, w2 := binary.Uvarint(p[33:])
+	if w2 <= 0 || n > maxFrame {
+		return 0, h, 0, 0, nil, errors.New("bad chunk length")
+	}
+	return int64(i), h, flags, int(n), p[33+w2:], nil
+}
+
+func indexFrame(index int64, h Hash) []byte {
+	return append(binary.AppendUvarint(nil, uint64(index)), h[:]...)
+}
+
+func parseIndexFrame(p []byte) (int64, Hash, error) {
+	var h Hash
+	i, w := binary.Uvarint(p)
+	if w <= 0 || len(p) != w+32 {
+		return 0, h, errors.New("bad index frame")
+	}
+	copy(h[:], p[w:])
+	return int64(i), h, nil
+}
+
+func ackFrame(indices []int64) []byte {
+	b := binary.AppendUvarint(nil, uint64(len(indices)))
+	for _, i := range indices {
+		b = binary.AppendUvarint(b, uint64(i))
+	}
+	return b
+}
+
+func parseAck(p []byte) ([]int64, error) {
+	n, w := binary.Uvarint(p)
+	if w <= 0 || n > uint64(len(p)) {
+		return nil, errors.New("bad ack")
+	}
+	p = p[w:]
+	out := make([]int64, 0, n)
+	for range n {
+		i, w := binary.Uvarint(p)
+		if w <= 0 {
+			return nil, errors.New("bad ack")
+		}
+		out = append(out, int64(i))
+		p = p[w:]
+	}
+	return out, nil
+}
