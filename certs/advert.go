@@ -43,6 +43,7 @@ const (
 	tagEndpoints    = 0x0b
 	tagCertHash     = 0x0c
 	tagOptional     = 0x40
+	tagLoad         = 0x41 // optional: the gateway's current load, for placement
 	tagSignature    = 0xff
 )
 
@@ -61,6 +62,7 @@ type Advert struct {
 	WireGuardKey WGPublicKey      // the gateway's current WireGuard public key
 	Endpoints    []netip.AddrPort // underlay addresses where its WireGuard listens
 	CertHash     [32]byte         // SHA-256 of the signing certificate (DER)
+	Load         uint32           // optional: migrations the gateway is receiving (0: idle or not said)
 }
 
 // SignAdvert fills in the certificate hash and signs a with the identity's
@@ -139,6 +141,9 @@ func (a *Advert) appendBody(b []byte) ([]byte, error) {
 		b = appendField(b, tagEndpoints, v)
 	}
 	b = appendField(b, tagCertHash, a.CertHash[:])
+	if a.Load > 0 {
+		b = appendField(b, tagLoad, binary.AppendUvarint(nil, uint64(a.Load)))
+	}
 	return b, nil
 }
 
@@ -247,6 +252,14 @@ func DecodeAdvert(raw []byte) (*SignedAdvert, error) {
 				err = errors.New("bad certificate hash length")
 			}
 			copy(a.CertHash[:], v)
+		case tagLoad:
+			var n uint64
+			if n, err = decodeUvarint(v); err == nil {
+				if n == 0 || n > 1<<32-1 {
+					err = errors.New("bad load")
+				}
+				a.Load = uint32(n)
+			}
 		case tagSignature:
 			if len(rest) != 0 {
 				err = errors.New("data after signature")

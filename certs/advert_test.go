@@ -15,6 +15,7 @@ func TestAdvertRoundTrip(t *testing.T) {
 	ca := newTestCA(t)
 	id := issue(t, ca, testAttrs("gw1", "aws-eu-central-1", "100.96.0.10", "10.20.0.0/16", "fd00:20::/48", "192.168.7.0/24"), t0, time.Hour)
 	a := advertFor(id, 1<<40, t0.Add(123456789*time.Nanosecond))
+	a.Load = 3
 	raw := sign(t, a, id)
 	sa, err := DecodeAdvert(raw)
 	if err != nil {
@@ -107,7 +108,7 @@ func TestDecodeAdvertSkipsOptionalFields(t *testing.T) {
 	for _, tc := range []struct {
 		tag  byte
 		want Reason
-	}{{tagOptional + 1, ""}, {tagCertHash + 1, ReasonMalformed}} {
+	}{{tagOptional + 0x20, ""}, {tagCertHash + 1, ReasonMalformed}} {
 		b := appendField(append([]byte(nil), body...), tc.tag, []byte("future"))
 		sig, err := ecdsa.SignASN1(rand.Reader, id.key, advertDigest(b))
 		if err != nil {

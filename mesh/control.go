@@ -11,6 +11,8 @@ import (
 	"os"
 	"path/filepath"
 	"time"
+
+	"github.com/skybridge-mesh/skybridge/migrate"
 )
 
 // The control endpoint is HTTP over a unix socket that only the gateway's
@@ -68,6 +70,36 @@ func (g *Gateway) serveControl() (io.Closer, error) {
 		rep, err := g.RotateGossipKey(r.Context())
 		reply(w, rep, err)
 	})
+	mux.HandleFunc("POST /v1/migrations", func(w http.ResponseWriter, r *http.Request) {
+		var req MigrationRequest
+		if err := json.NewDecoder(io.LimitReader(r.Body, 1<<20)).Decode(&req); err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		g.streamMigration(w, r, req)
+	})
+	mux.HandleFunc("POST /v1/migrations/{id}/resume", func(w http.ResponseWriter, r *http.Request) {
+		g.streamMigration(w, r, MigrationRequest{ID: r.PathValue("id")})
+	})
+	mux.HandleFunc("POST /v1/migrations/{id}/cancel", func(w http.ResponseWriter, r *http.Request) {
+		reply(w, map[string]string{"cancelled": r.PathValue("id")}, g.CancelMigration(r.PathValue("id")))
+	})
+	mux.HandleFunc("GET /v1/migrations", func(w http.ResponseWriter, r *http.Request) {
+		l, err := g.Migrations()
+		reply(w, l, err)
+	})
+	mux.HandleFunc("GET /v1/migrations/{id}", func(w http.ResponseWriter, r *http.Request) {
+		rec, p, err := g.Migration(r.PathValue("id"))
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusNotFound)
+			return
+		}
+		reply(w, MigrationStatus{Record: rec, Progress: p}, nil)
+	})
+	mux.HandleFunc("POST /v1/images/{name}/verify", func(w http.ResponseWriter, r *http.Request) {
+		rep, err := g.VerifyImage(r.PathValue("name"))
+		reply(w, rep, err)
+	})
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 	go srv.Serve(ln)
 	return closerFunc(func() error {
@@ -77,6 +109,64 @@ func (g *Gateway) serveControl() (io.Closer, error) {
 		os.Remove(path)
 		return err
 	}), nil
+}
+
+// MigrationStatus is a migration's record and, while it runs, its progress.
+type MigrationStatus struct {
+	Record   *migrate.SendRecord `json:"record"`
+	Progress *migrate.Progress   `json:"progress,omitempty"`
+}
+
+// MigrationEvent is one line of the NDJSON stream a migration request
+// answers with: progress snapshots, then the final record (and error).
+type MigrationEvent struct {
+	ID       string               `json:"id"`
+	Progress *migrate.Progress    `json:"progress,omitempty"`
+	Record   *migrate.SendRecord  `json:"record,omitempty"`
+	Error    string               `json:"error,omitempty"`
+	Denied   *migrate.DeniedError `json:"denied,omitempty"`
+}
+
+// streamMigration starts a migration and streams its progress until it
+// ends. The migration belongs to the gateway: if the client goes away, it
+// carries on (skybridge migrate status/cancel reach it by ID).
+func (g *Gateway) streamMigration(w http.ResponseWriter, r *http.Request, req MigrationRequest) {
+	run, id, err := g.StartMigration(req)
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusUnprocessableEntity)
+		return
+	}
+	w.Header().Set("Content-Type", "application/x-ndjson")
+	enc := json.NewEncoder(w)
+	fl, _ := w.(http.Flusher)
+	send := func(ev MigrationEvent) {
+		enc.Encode(ev)
+		if fl != nil {
+			fl.Flush()
+		}
+	}
+	sub := run.subscribe()
+	for {
+		select {
+		case <-r.Context().Done():
+			return
+		case p, ok := <-sub:
+			if !ok {
+				<-run.done
+				ev := MigrationEvent{ID: id, Record: run.rec}
+				if run.err != nil {
+					ev.Error = run.err.Error()
+					var d *migrate.DeniedError
+					if errors.As(run.err, &d) {
+						ev.Denied = d
+					}
+				}
+				send(ev)
+				return
+			}
+			send(MigrationEvent{ID: id, Progress: &p})
+		}
+	}
 }
 
 func reply(w http.ResponseWriter, v any, err error) {
@@ -163,6 +253,68 @@ func (c *Client) PublishPolicy(ctx context.Context, src, sig []byte) (adopted bo
 	}
 	err = c.do(ctx, http.MethodPost, "/v1/policy", map[string][]byte{"Policy": src, "Signature": sig}, &out)
 	return out.Adopted, out.Policy, err
+}
+
+// Migrate starts (or, with req.ID and no image, resumes) a migration and
+// calls onEvent for every progress event until it ends.
+func (c *Client) Migrate(ctx context.Context, req MigrationRequest, onEvent func(MigrationEvent)) (*MigrationEvent, error) {
+	path := "/v1/migrations"
+	var body any = req
+	if req.ID != "" && req.Image == "" {
+		path, body = "/v1/migrations/"+req.ID+"/resume", nil
+	}
+	b, err := json.Marshal(body)
+	if err != nil {
+		return nil, err
+	}
+	hr, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://gateway"+path, bytesReader(b))
+	if err != nil {
+		return nil, err
+	}
+	resp, err := c.http.Do(hr)
+	if err != nil {
+		return nil, fmt.Errorf("cannot reach the gateway at %s: %w", c.socket, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		msg, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
+		return nil, fmt.Errorf("gateway: %s", trimNL(msg))
+	}
+	dec := json.NewDecoder(resp.Body)
+	for {
+		var ev MigrationEvent
+		if err := dec.Decode(&ev); err != nil {
+			return nil, fmt.Errorf("migration stream ended early (the migration continues in the gateway): %w", err)
+		}
+		if ev.Record != nil || ev.Error != "" {
+			return &ev, nil
+		}
+		onEvent(ev)
+	}
+}
+
+// Migrations lists migrations and stored images.
+func (c *Client) Migrations(ctx context.Context) (*MigrationList, error) {
+	var l MigrationList
+	return &l, c.do(ctx, http.MethodGet, "/v1/migrations", nil, &l)
+}
+
+// Migration returns one migration's record and progress.
+func (c *Client) Migration(ctx context.Context, id string) (*MigrationStatus, error) {
+	var s MigrationStatus
+	return &s, c.do(ctx, http.MethodGet, "/v1/migrations/"+id, nil, &s)
+}
+
+// CancelMigration stops a running migration.
+func (c *Client) CancelMigration(ctx context.Context, id string) error {
+	var out map[string]string
+	return c.do(ctx, http.MethodPost, "/v1/migrations/"+id+"/cancel", nil, &out)
+}
+
+// VerifyImage re-proves a stored image.
+func (c *Client) VerifyImage(ctx context.Context, name string) (*migrate.VerifyReport, error) {
+	var r migrate.VerifyReport
+	return &r, c.do(ctx, http.MethodPost, "/v1/images/"+name+"/verify", nil, &r)
 }
 
 // RotateGossipKey rotates the mesh's gossip key from this gateway.

@@ -40,6 +40,10 @@ type Device interface {
 	// (netstack) route by allowed IPs alone and do nothing here.
 	Routes() ([]netip.Prefix, error)
 	SetRoutes(add, del []netip.Prefix) error
+	// Listen and Dial reach the overlay: the kernel's stack for kernel
+	// and TUN devices, the userspace stack for netstack.
+	Listen(addr netip.AddrPort) (net.Listener, error)
+	Dial(ctx context.Context, addr string) (net.Conn, error)
 	Close() error
 }
 
@@ -104,6 +108,15 @@ func (d *wgctrlDevice) Device() (*wgtypes.Device, error)        { return d.clien
 func (d *wgctrlDevice) Configure(c wgtypes.Config) error        { return d.client.ConfigureDevice(d.name, c) }
 func (d *wgctrlDevice) Routes() ([]netip.Prefix, error)         { return d.link.routes() }
 func (d *wgctrlDevice) SetRoutes(add, del []netip.Prefix) error { return d.link.setRoutes(add, del) }
+func (d *wgctrlDevice) Listen(addr netip.AddrPort) (net.Listener, error) {
+	return net.Listen("tcp", addr.String())
+}
+
+func (d *wgctrlDevice) Dial(ctx context.Context, addr string) (net.Conn, error) {
+	var dl net.Dialer
+	return dl.DialContext(ctx, "tcp", addr)
+}
+
 func (d *wgctrlDevice) Close() error {
 	err := d.close()
 	d.client.Close()
@@ -251,6 +264,14 @@ func (d *NetstackDevice) Close() error {
 // the gateway's own clients (and tests).
 func (d *NetstackDevice) DialContext(ctx context.Context, network, addr string) (net.Conn, error) {
 	return d.net.DialContext(ctx, network, addr)
+}
+
+func (d *NetstackDevice) Listen(addr netip.AddrPort) (net.Listener, error) {
+	return d.net.ListenTCPAddrPort(addr)
+}
+
+func (d *NetstackDevice) Dial(ctx context.Context, addr string) (net.Conn, error) {
+	return d.net.DialContext(ctx, "tcp", addr)
 }
 
 func wgLogger(log *slog.Logger, name string) *device.Logger {

@@ -52,6 +52,10 @@ type Gateway struct {
 	// Owned by the worker.
 	certAsked map[string]time.Time
 
+	mig         *migrations
+	load        atomic.Uint32 // migrations being received, advertised
+	readvertise chan struct{}
+
 	started  time.Time
 	stopOnce sync.Once
 	rotation sync.Mutex // one gossip key rotation at a time
@@ -88,7 +92,7 @@ func New(ctx context.Context, s *Settings, logger *slog.Logger) (*Gateway, error
 		s: s, now: time.Now, state: stateDir(s.StateDir),
 		inbox: make(chan []byte, 1024), kick: make(chan struct{}, 1),
 		lastApplied: map[certs.WGPublicKey]PeerConfig{}, certAsked: map[string]time.Time{},
-		started: time.Now(), acks: make(chan keyringAck, 64),
+		started: time.Now(), acks: make(chan keyringAck, 64), readvertise: make(chan struct{}, 1),
 	}
 	prov, err := certs.Open(ctx, s.Identity, logger)
 	if err != nil {
@@ -131,6 +135,11 @@ func New(ctx context.Context, s *Settings, logger *slog.Logger) (*Gateway, error
 		prov.Close()
 		return nil, err
 	}
+	if err := g.openMigrations(); err != nil {
+		g.closeDevice()
+		prov.Close()
+		return nil, err
+	}
 	g.restoreMembers()
 	g.reconcile()
 	return g, nil
@@ -167,6 +176,7 @@ func (g *Gateway) signAdvert() error {
 		Version: v, Timestamp: g.now(),
 		Node: a.Node, Site: a.Site, Region: a.Region, Provider: a.Provider, Jurisdiction: a.Jurisdiction,
 		OverlayIP: a.OverlayIP, Routes: a.Routes, WireGuardKey: g.wgKey.Public(), Endpoints: g.s.Endpoints,
+		Load: g.load.Load(),
 	}
 	raw, err := certs.SignAdvert(ad, id)
 	if err != nil {
@@ -191,6 +201,12 @@ func (g *Gateway) Run(ctx context.Context) error {
 		g.closeDevice()
 		return err
 	}
+	if err := g.serveMigrations(ctx); err != nil {
+		ctl.Close()
+		g.ml.Shutdown()
+		g.closeDevice()
+		return err
+	}
 	g.log.Info("gateway running", "interface", g.dev.Name(), "mode", g.dev.Mode(), "gossip", g.s.GossipAdvertise.String(),
 		"overlay_ip", g.id.Load().Attributes().OverlayIP.String(), "policy", g.policyRevision())
 
@@ -199,6 +215,7 @@ func (g *Gateway) Run(ctx context.Context) error {
 	loop(g.reconcileLoop)
 	loop(g.worker)
 	loop(g.maintain)
+	loop(g.advertiseLoad)
 	if g.prov.Issuer() != nil {
 		loop(func(ctx context.Context) {
 			if err := g.prov.KeepRenewed(ctx, g.id.Load(), g.renewed); ctx.Err() == nil {
@@ -216,10 +233,47 @@ func (g *Gateway) Run(ctx context.Context) error {
 	ctl.Close()
 	wg.Wait()
 	g.ml.Shutdown()
+	g.stopMigrations()
 	g.saveMembers()
 	g.closeDevice()
 	g.prov.Close()
 	return nil
+}
+
+// stopMigrations cancels the migrations we send (they resume later) and
+// closes the journal.
+func (g *Gateway) stopMigrations() {
+	g.mig.mu.Lock()
+	runs := make([]*runningMigration, 0, len(g.mig.running))
+	for _, r := range g.mig.running {
+		runs = append(runs, r)
+	}
+	g.mig.mu.Unlock()
+	for _, r := range runs {
+		r.cancel()
+		<-r.done
+	}
+	g.mig.journal.Close()
+}
+
+// advertiseLoad re-signs and re-gossips the advert when the load changes,
+// at most every two seconds.
+func (g *Gateway) advertiseLoad(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-g.readvertise:
+		}
+		if err := g.signAdvert(); err == nil {
+			g.ml.UpdateNode(5 * time.Second)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(2 * time.Second):
+		}
+	}
 }
 
 func (g *Gateway) closeDevice() {

@@ -361,6 +361,19 @@ func TestMigrateResumeAndResync(t *testing.T) {
 	}
 	img, _ = p.recvJ.Image("vm")
 	compare(t, raw, img.Path)
+
+	// The stored image re-proves itself; a flipped byte is found and named.
+	rep, err := VerifyImage(img)
+	if err != nil || !rep.OK || rep.Root != rec.Root {
+		t.Fatalf("verify: %+v %v", rep, err)
+	}
+	f, _ = os.OpenFile(img.Path, os.O_RDWR, 0)
+	f.WriteAt([]byte{0x42}, 70*mib+100)
+	f.Close()
+	rep, err = VerifyImage(img)
+	if err != nil || rep.OK || len(rep.BadChunks) != 1 || rep.BadChunks[0] != 70 {
+		t.Fatalf("damaged image: %+v %v", rep, err)
+	}
 	t.Logf("re-sync after changing %d KiB of 64 MiB: %d chunks sent (%d bytes on the wire), %d reused at the destination", 2*len(change)/1024, st.ChunksSent, st.BytesSent, st.ChunksSame)
 }
 

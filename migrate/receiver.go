@@ -35,6 +35,9 @@ type ReceiverConfig struct {
 	Audit    *audit.Log
 	Log      *slog.Logger
 	Now      func() time.Time
+	// OnLoad, if set, is told the number of migrations being received
+	// whenever it changes (the gateway advertises it for placement).
+	OnLoad func(n int)
 }
 
 // Receiver accepts migrations into a gateway's image store.
@@ -295,16 +298,53 @@ func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision) (*s
 	}
 	r.mu.Lock()
 	r.sessions[o.ID] = s
+	n := len(r.sessions)
 	r.mu.Unlock()
+	r.load(n)
 	go s.syncer()
 	return s, acc, nil
+}
+
+func (r *Receiver) load(n int) {
+	if r.cfg.OnLoad != nil {
+		r.cfg.OnLoad(n)
+	}
+}
+
+// Active lists the migrations being received: ID, sender, name, bytes so far.
+func (r *Receiver) Active() []Incoming {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	out := make([]Incoming, 0, len(r.sessions))
+	for id, s := range r.sessions {
+		s.mu.Lock()
+		out = append(out, Incoming{ID: id, Name: s.offer.Name, Class: s.offer.Class, From: s.from.Node, FromSite: s.from.Site,
+			Size: s.offer.Size, Durable: len(s.durable), Received: s.received, Started: s.start})
+		s.mu.Unlock()
+	}
+	return out
+}
+
+// Incoming is a migration being received.
+type Incoming struct {
+	ID       string    `json:"id"`
+	Name     string    `json:"name"`
+	Class    string    `json:"class"`
+	From     string    `json:"from"`
+	FromSite string    `json:"from_site"`
+	Size     int64     `json:"size"`
+	Durable  int       `json:"durable_chunks"`
+	Received int64     `json:"received_bytes"`
+	Started  time.Time `json:"started"`
 }
 
 func (s *session) close() {
 	close(s.stop)
 	s.r.mu.Lock()
 	delete(s.r.sessions, s.offer.ID)
+	n := len(s.r.sessions)
 	s.r.mu.Unlock()
+	s.r.load(n)
 	s.temp.Close()
 	if s.base != nil {
 		s.base.Close()

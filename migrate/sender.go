@@ -88,9 +88,9 @@ type SendConfig struct {
 // DeniedError is returned when the policy refuses a migration; nothing was
 // sent.
 type DeniedError struct {
-	By      string // "sender" or "receiver"
-	Rule    string
-	Reasons []string
+	By      string   `json:"by"` // "sender" or "receiver"
+	Rule    string   `json:"rule"`
+	Reasons []string `json:"reasons"`
 }
 
 func (e *DeniedError) Error() string {

@@ -27,7 +27,7 @@ func main() {
 // writers and check the exit code.
 func run(args []string, stdout, stderr io.Writer) int {
 	app := newApp(stdout, stderr)
-	err := app.Run(args)
+	err := app.Run(interspersed(app, args))
 	if err == nil {
 		return 0
 	}
@@ -75,6 +75,8 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 			statusCommand(),
 			graphCommand(),
 			keysCommand(),
+			migrateCommand(),
+			auditCommand(),
 			completionCommand(),
 		},
 	}

@@ -34,3 +34,6 @@ func printTable(w io.Writer, header []string, rows [][]string) error {
 func usageError(format string, args ...any) error {
 	return cli.Exit(fmt.Sprintf(format, args...), 2)
 }
+
+// printJSONLine prints v as one line of JSON (NDJSON streams).
+func printJSONLine(w io.Writer, v any) error { return json.NewEncoder(w).Encode(v) }

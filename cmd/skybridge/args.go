@@ -1,0 +1,92 @@
+package main
+
+import (
+	"strings"
+
+	"github.com/urfave/cli/v2"
+)
+
+// interspersed lets flags follow positional arguments, as in
+// `skybridge migrate run vm.qcow2 --to aws-eu-central-1 --class pii-eu`:
+// urfave/cli v2 stops parsing flags at the first argument, so the
+// arguments after the command words are reordered, flags (with their
+// values) first, positionals last. "--" ends flag parsing as usual.
+func interspersed(app *cli.App, args []string) []string {
+	if len(args) < 2 {
+		return args
+	}
+	out := []string{args[0]}
+	rest := args[1:]
+	cmds := app.Commands
+	flags := app.Flags
+	// Walk global flags and command words.
+	for len(rest) > 0 {
+		a := rest[0]
+		if strings.HasPrefix(a, "-") {
+			out = append(out, a)
+			rest = rest[1:]
+			if takesValue(flags, a) && len(rest) > 0 {
+				out = append(out, rest[0])
+				rest = rest[1:]
+			}
+			continue
+		}
+		var next *cli.Command
+		for _, c := range cmds {
+			if c.HasName(a) {
+				next = c
+			}
+		}
+		if next == nil {
+			break
+		}
+		out = append(out, a)
+		rest = rest[1:]
+		cmds, flags = next.Subcommands, next.Flags
+		if len(cmds) == 0 {
+			break
+		}
+	}
+	var fl, pos []string
+	for len(rest) > 0 {
+		a := rest[0]
+		rest = rest[1:]
+		switch {
+		case a == "--":
+			pos = append(pos, rest...)
+			rest = nil
+		case strings.HasPrefix(a, "-") && len(a) > 1:
+			fl = append(fl, a)
+			if takesValue(flags, a) && len(rest) > 0 {
+				fl = append(fl, rest[0])
+				rest = rest[1:]
+			}
+		default:
+			pos = append(pos, a)
+		}
+	}
+	out = append(out, fl...)
+	if len(pos) > 0 {
+		out = append(out, "--")
+		out = append(out, pos...)
+	}
+	return out
+}
+
+// takesValue reports whether the flag token needs the next argument as its
+// value (not for booleans, nor for --flag=value).
+func takesValue(flags []cli.Flag, tok string) bool {
+	if strings.Contains(tok, "=") {
+		return false
+	}
+	name := strings.TrimLeft(tok, "-")
+	for _, f := range flags {
+		for _, n := range f.Names() {
+			if n == name {
+				_, isBool := f.(*cli.BoolFlag)
+				return !isBool
+			}
+		}
+	}
+	return false
+}

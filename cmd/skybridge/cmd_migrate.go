@@ -1,0 +1,361 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/urfave/cli/v2"
+	"github.com/vbauerster/mpb/v8"
+	"github.com/vbauerster/mpb/v8/decor"
+
+	"github.com/skybridge-mesh/skybridge/mesh"
+	"github.com/skybridge-mesh/skybridge/migrate"
+)
+
+func migrateCommand() *cli.Command {
+	return &cli.Command{
+		Name:  "migrate",
+		Usage: "move VM images (raw, qcow2) to another site across the mesh: verified, resumable, only where the policy allows",
+		Subcommands: []*cli.Command{
+			{
+				Name:  "run",
+				Usage: "migrate an image to a site (or the least loaded permitted gateway of a region or jurisdiction)",
+				UsageText: "skybridge migrate run IMAGE --to SITE|REGION|JURISDICTION --class CLASS [--name NAME] [--format raw|qcow2]\n" +
+					"    [--streams N] [--bwlimit 200MB/s] [--json] (--config gateway.hcl | --socket PATH)",
+				Flags: append(append([]cli.Flag(nil), socketFlags...),
+					&cli.StringFlag{Name: "to", Usage: "destination: a node, site, region or jurisdiction", Required: true},
+					&cli.StringFlag{Name: "class", Usage: "data class of the image (the residency policy decides with it)", Required: true},
+					&cli.StringFlag{Name: "name", Usage: "name at the destination (default: the file name without extension)"},
+					&cli.StringFlag{Name: "format", Usage: "raw or qcow2 at the destination (default: the source's)"},
+					&cli.IntFlag{Name: "streams", Value: 4, Usage: "parallel TLS streams"},
+					&cli.StringFlag{Name: "bwlimit", Usage: "bandwidth cap, e.g. 200MB/s, 1Gbit/s (default: none)"},
+					jsonFlag,
+				),
+				Action: migrateRun,
+			},
+			{
+				Name:      "resume",
+				Usage:     "continue an interrupted migration: only chunks not yet durable at the destination are sent",
+				UsageText: "skybridge migrate resume ID [--json] (--config | --socket)",
+				Flags:     append(append([]cli.Flag(nil), socketFlags...), jsonFlag),
+				Action:    migrateResume,
+			},
+			{
+				Name:   "list",
+				Usage:  "list the migrations this gateway sent or is receiving, and the images it stores",
+				Flags:  append(append([]cli.Flag(nil), socketFlags...), jsonFlag),
+				Action: migrateList,
+			},
+			{
+				Name:      "status",
+				Usage:     "show one migration",
+				UsageText: "skybridge migrate status ID [--json] (--config | --socket)",
+				Flags:     append(append([]cli.Flag(nil), socketFlags...), jsonFlag),
+				Action:    migrateStatus,
+			},
+			{
+				Name:      "cancel",
+				Usage:     "stop a running migration (resume it later)",
+				UsageText: "skybridge migrate cancel ID (--config | --socket)",
+				Flags:     socketFlags,
+				Action: func(c *cli.Context) error {
+					cl, err := controlClient(c)
+					if err != nil {
+						return err
+					}
+					if c.Args().First() == "" {
+						return usageError("which migration? skybridge migrate cancel ID")
+					}
+					if err := cl.CancelMigration(c.Context, c.Args().First()); err != nil {
+						return err
+					}
+					fmt.Fprintf(c.App.Writer, "migration %s cancelled; `skybridge migrate resume %s` continues it\n", c.Args().First(), c.Args().First())
+					return nil
+				},
+			},
+			{
+				Name:      "verify",
+				Usage:     "re-read an image this gateway stores and check it against the root hash recorded on arrival",
+				UsageText: "skybridge migrate verify NAME [--json] (--config | --socket)",
+				Flags:     append(append([]cli.Flag(nil), socketFlags...), jsonFlag),
+				Action:    migrateVerify,
+			},
+		},
+	}
+}
+
+func migrateRun(c *cli.Context) error {
+	img := c.Args().First()
+	if img == "" {
+		return usageError("which image? skybridge migrate run IMAGE --to SITE --class CLASS")
+	}
+	abs, err := filepath.Abs(img)
+	if err != nil {
+		return err
+	}
+	var bw int64
+	if s := c.String("bwlimit"); s != "" {
+		if bw, err = parseRate(s); err != nil {
+			return usageError("--bwlimit: %v", err)
+		}
+	}
+	req := mesh.MigrationRequest{Image: abs, To: c.String("to"), Class: c.String("class"), Name: c.String("name"),
+		Format: c.String("format"), Streams: c.Int("streams"), BWLimit: bw}
+	return runMigration(c, req)
+}
+
+func migrateResume(c *cli.Context) error {
+	id := c.Args().First()
+	if id == "" {
+		return usageError("which migration? skybridge migrate resume ID (see skybridge migrate list)")
+	}
+	return runMigration(c, mesh.MigrationRequest{ID: id})
+}
+
+// runMigration streams a migration's progress: a live bar, or with --json
+// one JSON event per line.
+func runMigration(c *cli.Context, req mesh.MigrationRequest) error {
+	cl, err := controlClient(c)
+	if err != nil {
+		return err
+	}
+	asJSON := c.Bool("json")
+	var bar *progressBar
+	if !asJSON {
+		bar = newProgressBar(c.App.ErrWriter)
+	}
+	final, err := cl.Migrate(c.Context, req, func(ev mesh.MigrationEvent) {
+		if asJSON {
+			printJSONLine(c.App.Writer, ev)
+		} else if ev.Progress != nil {
+			bar.update(ev.Progress)
+		}
+	})
+	if bar != nil {
+		bar.finish(final)
+	}
+	if err != nil {
+		return err
+	}
+	if asJSON {
+		printJSONLine(c.App.Writer, final)
+	} else {
+		printMigrationResult(c.App.Writer, final)
+	}
+	if final.Error != "" {
+		if final.Denied != nil {
+			return cli.Exit("", 1)
+		}
+		return cli.Exit("migration failed: "+final.Error, 1)
+	}
+	return nil
+}
+
+func printMigrationResult(w io.Writer, ev *mesh.MigrationEvent) {
+	r := ev.Record
+	if ev.Denied != nil {
+		fmt.Fprintf(w, "REFUSED by the residency policy at the %s (%s); nothing was sent:\n", ev.Denied.By, ev.Denied.Rule)
+		for _, reason := range ev.Denied.Reasons {
+			fmt.Fprintf(w, "  - %s\n", reason)
+		}
+		return
+	}
+	if r == nil {
+		fmt.Fprintf(w, "migration %s: %s\n", ev.ID, ev.Error)
+		return
+	}
+	st := r.Stats
+	fmt.Fprintf(w, "migration %s: %s %s → %s (%s) as %s.%s\n", r.ID, r.State, r.Image, r.To, r.ToSite, r.Name, r.Format)
+	if r.State == migrate.StateDone {
+		fmt.Fprintf(w, "  verified: root %s\n", r.Root)
+	}
+	fmt.Fprintf(w, "  image %s virtual, %s allocated; read %s, sent %s (%s before compression) in %s",
+		humanBytes(st.VirtualBytes), humanBytes(st.AllocatedBytes), humanBytes(st.BytesRead), humanBytes(st.BytesSent), humanBytes(st.BytesRaw), st.Duration.Round(time.Millisecond))
+	if secs := st.Duration.Seconds(); secs > 0 {
+		fmt.Fprintf(w, " (%s/s of allocated data)", humanBytes(int64(float64(st.AllocatedBytes)/secs)))
+	}
+	fmt.Fprintf(w, "\n  chunks: %d sent, %d reused from the stored version, %d resumed, %d already there, %d zero; %d retries\n",
+		st.ChunksSent, st.ChunksSame, st.ChunksResumed, st.ChunksHad, st.ChunksZero, st.Retries)
+	if r.Error != "" {
+		fmt.Fprintf(w, "  error: %s\n", r.Error)
+	}
+}
+
+type progressBar struct {
+	p   *mpb.Progress
+	bar *mpb.Bar
+	st  migrate.Stats
+}
+
+func newProgressBar(w io.Writer) *progressBar {
+	pb := &progressBar{p: mpb.New(mpb.WithOutput(w), mpb.WithWidth(40), mpb.WithRefreshRate(200*time.Millisecond))}
+	pb.bar = pb.p.AddBar(0,
+		mpb.PrependDecorators(decor.Name("migrating "), decor.CountersKibiByte("% .1f / % .1f")),
+		mpb.AppendDecorators(
+			decor.EwmaSpeed(decor.SizeB1024(0), " % .1f", 30),
+			decor.Name(" ETA "), decor.EwmaETA(decor.ET_STYLE_GO, 30),
+			decor.Any(func(decor.Statistics) string {
+				return fmt.Sprintf("  sent %s, holes skipped %s", humanBytes(pb.st.BytesSent), humanBytes(pb.st.VirtualBytes-pb.st.AllocatedBytes))
+			}),
+		),
+	)
+	return pb
+}
+
+// update moves the bar in allocated bytes: the unit of work is what can
+// hold data, not the virtual size.
+func (pb *progressBar) update(p *migrate.Progress) {
+	old := pb.st
+	pb.st = p.Stats
+	if p.Stats.Chunks == 0 {
+		return
+	}
+	pb.bar.SetTotal(p.Stats.AllocatedBytes, false)
+	cur := p.Stats.AllocatedBytes * int64(p.Stats.ChunksDone) / int64(p.Stats.Chunks)
+	pb.bar.EwmaSetCurrent(cur, max(p.Stats.Duration-old.Duration, time.Millisecond))
+}
+
+func (pb *progressBar) finish(ev *mesh.MigrationEvent) {
+	if ev != nil && ev.Record != nil && ev.Record.State == migrate.StateDone {
+		pb.bar.SetTotal(-1, true)
+	} else {
+		pb.bar.Abort(false)
+	}
+	pb.p.Wait()
+}
+
+func migrateList(c *cli.Context) error {
+	cl, err := controlClient(c)
+	if err != nil {
+		return err
+	}
+	l, err := cl.Migrations(c.Context)
+	if err != nil {
+		return err
+	}
+	if c.Bool("json") {
+		return printJSON(c.App.Writer, l)
+	}
+	w := c.App.Writer
+	rows := [][]string{}
+	for _, r := range l.Sending {
+		rows = append(rows, []string{r.ID, r.State, r.Name, r.Class, r.To + " (" + r.ToSite + ")", humanBytes(r.Stats.BytesSent), r.Started.Local().Format("2006-01-02 15:04:05")})
+	}
+	fmt.Fprintln(w, "SENT")
+	printTable(w, []string{"id", "state", "name", "class", "to", "sent", "started"}, rows)
+	rows = rows[:0]
+	for _, r := range l.Receiving {
+		rows = append(rows, []string{r.ID, r.Name, r.Class, r.From + " (" + r.FromSite + ")", strconv.Itoa(r.Durable), humanBytes(r.Received)})
+	}
+	fmt.Fprintln(w, "\nRECEIVING")
+	printTable(w, []string{"id", "name", "class", "from", "durable chunks", "received"}, rows)
+	rows = rows[:0]
+	for _, r := range l.Images {
+		rows = append(rows, []string{r.Name, r.Format, r.Class, r.From + " (" + r.FromSite + ")", humanBytes(r.Manifest.Size), r.Root.String()[:16], r.Received.Local().Format("2006-01-02 15:04:05")})
+	}
+	fmt.Fprintln(w, "\nSTORED IMAGES")
+	return printTable(w, []string{"name", "format", "class", "from", "size", "root", "received"}, rows)
+}
+
+func migrateStatus(c *cli.Context) error {
+	cl, err := controlClient(c)
+	if err != nil {
+		return err
+	}
+	id := c.Args().First()
+	if id == "" {
+		return usageError("which migration? skybridge migrate status ID")
+	}
+	st, err := cl.Migration(c.Context, id)
+	if err != nil {
+		return err
+	}
+	if c.Bool("json") {
+		return printJSON(c.App.Writer, st)
+	}
+	ev := &mesh.MigrationEvent{ID: id, Record: st.Record}
+	if st.Progress != nil {
+		ev.Record.Stats, ev.Record.State = st.Progress.Stats, "running ("+st.Progress.Phase+")"
+	}
+	printMigrationResult(c.App.Writer, ev)
+	return nil
+}
+
+func migrateVerify(c *cli.Context) error {
+	cl, err := controlClient(c)
+	if err != nil {
+		return err
+	}
+	name := c.Args().First()
+	if name == "" {
+		return usageError("which image? skybridge migrate verify NAME")
+	}
+	rep, err := cl.VerifyImage(c.Context, name)
+	if err != nil {
+		return err
+	}
+	if c.Bool("json") {
+		if err := printJSON(c.App.Writer, rep); err != nil {
+			return err
+		}
+	} else if rep.OK {
+		fmt.Fprintf(c.App.Writer, "%s: intact (root %s, %s re-read)\n", rep.Path, rep.Root, humanBytes(rep.BytesRead))
+	} else {
+		fmt.Fprintf(c.App.Writer, "%s: DAMAGED: root %s, expected %s; chunks differing from the manifest: %v\n", rep.Path, rep.Root, rep.Expected, rep.BadChunks)
+	}
+	if !rep.OK {
+		return cli.Exit("", 1)
+	}
+	return nil
+}
+
+// parseRate reads a bandwidth such as 200MB/s, 1.5GiB/s, 800Mbit/s or 10M.
+func parseRate(s string) (int64, error) {
+	t := strings.TrimSuffix(strings.TrimSpace(s), "/s")
+	t = strings.TrimSuffix(t, "ps")
+	bits := false
+	for _, suf := range []string{"bit", "b"} {
+		if strings.HasSuffix(t, suf) && !strings.HasSuffix(t, "B") {
+			t, bits = strings.TrimSuffix(t, suf), true
+			break
+		}
+	}
+	t = strings.TrimSuffix(t, "B")
+	mult := 1.0
+	units := []struct {
+		suf string
+		m   float64
+	}{{"Ki", 1 << 10}, {"Mi", 1 << 20}, {"Gi", 1 << 30}, {"K", 1e3}, {"k", 1e3}, {"M", 1e6}, {"G", 1e9}}
+	for _, u := range units {
+		if strings.HasSuffix(t, u.suf) {
+			t, mult = strings.TrimSuffix(t, u.suf), u.m
+			break
+		}
+	}
+	v, err := strconv.ParseFloat(strings.TrimSpace(t), 64)
+	if err != nil || v <= 0 {
+		return 0, fmt.Errorf("%q is not a rate such as 200MB/s, 1GiB/s or 800Mbit/s", s)
+	}
+	r := v * mult
+	if bits {
+		r /= 8
+	}
+	return int64(r), nil
+}
+
+func humanBytes(n int64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	div, exp := int64(unit), 0
+	for m := n / unit; m >= unit; m /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
+}

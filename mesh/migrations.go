@@ -1,0 +1,306 @@
+package mesh
+
+import (
+	"cmp"
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/skybridge-mesh/skybridge/internal/audit"
+	"github.com/skybridge-mesh/skybridge/internal/iso3166"
+	"github.com/skybridge-mesh/skybridge/migrate"
+	"github.com/skybridge-mesh/skybridge/policy"
+)
+
+// The gateway moves images: it runs the sending side of migrations started
+// through its control socket, and receives migrations from other gateways
+// on its overlay address (migrate.DefaultPort), into StateDir/images.
+
+// MigrationRequest starts (or, with ID, resumes) a migration.
+type MigrationRequest struct {
+	ID      string `json:"id,omitempty"`
+	Image   string `json:"image"`
+	To      string `json:"to"` // a node, a site, a region or a jurisdiction
+	Class   string `json:"class"`
+	Name    string `json:"name,omitempty"`
+	Format  string `json:"format,omitempty"`
+	Streams int    `json:"streams,omitempty"`
+	BWLimit int64  `json:"bwlimit,omitempty"`
+}
+
+type migrations struct {
+	journal *migrate.Journal
+	recv    *migrate.Receiver
+	audit   *audit.Log
+	store   string
+
+	mu      sync.Mutex
+	running map[string]*runningMigration
+}
+
+type runningMigration struct {
+	cancel context.CancelFunc
+	done   chan struct{}
+	mu     sync.Mutex
+	last   migrate.Progress
+	subs   []chan migrate.Progress
+	rec    *migrate.SendRecord
+	err    error
+}
+
+func (r *runningMigration) publish(p migrate.Progress) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.last = p
+	for _, c := range r.subs {
+		select {
+		case c <- p:
+		default: // a slow reader skips a snapshot, never blocks the transfer
+		}
+	}
+}
+
+func (r *runningMigration) subscribe() chan migrate.Progress {
+	c := make(chan migrate.Progress, 16)
+	r.mu.Lock()
+	r.subs = append(r.subs, c)
+	c <- r.last
+	r.mu.Unlock()
+	return c
+}
+
+// openMigrations opens the journal, the audit log and the receiver.
+func (g *Gateway) openMigrations() error {
+	j, err := migrate.OpenJournal(filepath.Join(g.s.StateDir, "migrate.db"))
+	if err != nil {
+		return err
+	}
+	m := &migrations{journal: j, audit: audit.Open(filepath.Join(g.s.StateDir, "audit.log")),
+		store: filepath.Join(g.s.StateDir, "images"), running: map[string]*runningMigration{}}
+	m.recv, err = migrate.NewReceiver(migrate.ReceiverConfig{
+		StoreDir: m.store, Journal: j, Identity: g.id.Load, Trust: g.trust.Load, Audit: m.audit, Log: g.log,
+		Policy: func() *policy.Policy {
+			if p := g.policy.Load(); p != nil {
+				return p.p
+			}
+			return nil
+		},
+		OnLoad: g.setLoad,
+	})
+	if err != nil {
+		j.Close()
+		return err
+	}
+	g.mig = m
+	return nil
+}
+
+// serveMigrations receives migrations on the overlay address only.
+func (g *Gateway) serveMigrations(ctx context.Context) error {
+	addr := netip.AddrPortFrom(g.id.Load().Attributes().OverlayIP, migrate.DefaultPort)
+	ln, err := g.dev.Listen(addr)
+	if err != nil {
+		return fmt.Errorf("listen for migrations on %s: %w", addr, err)
+	}
+	go func() {
+		if err := g.mig.recv.Serve(ctx, ln); err != nil {
+			g.log.Error("migration receiver stopped", "err", err)
+		}
+	}()
+	return nil
+}
+
+// setLoad advertises how many migrations we are receiving, so senders
+// that name a region or jurisdiction pick the least loaded gateway.
+func (g *Gateway) setLoad(n int) {
+	g.load.Store(uint32(n))
+	select {
+	case g.readvertise <- struct{}{}:
+	default:
+	}
+}
+
+// StartMigration resolves the destination and starts sending in the
+// background; progress goes to the returned run.
+func (g *Gateway) StartMigration(req MigrationRequest) (*runningMigration, string, error) {
+	m := g.mig
+	if req.ID != "" {
+		old, err := m.journal.Send(req.ID)
+		if err != nil {
+			return nil, "", err
+		}
+		if old.State == migrate.StateDone {
+			return nil, "", fmt.Errorf("migration %s is already done", req.ID)
+		}
+		req.Image, req.To, req.Class, req.Name, req.Format = old.Image, old.To, old.Class, old.Name, old.Format
+		if req.Streams == 0 {
+			req.Streams = old.Streams
+		}
+		if req.BWLimit == 0 {
+			req.BWLimit = old.BWLimit
+		}
+	}
+	if req.Image == "" || req.To == "" || req.Class == "" {
+		return nil, "", errors.New("a migration needs an image, a destination and a data class")
+	}
+	dest, err := g.pickDestination(req.To, req.Class)
+	if err != nil {
+		return nil, "", err
+	}
+	id := req.ID
+	if id == "" {
+		id = migrate.NewID()
+	}
+	m.mu.Lock()
+	if _, busy := m.running[id]; busy {
+		m.mu.Unlock()
+		return nil, "", fmt.Errorf("migration %s is already running", id)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	run := &runningMigration{cancel: cancel, done: make(chan struct{}), last: migrate.Progress{ID: id, Phase: "starting"}}
+	m.running[id] = run
+	m.mu.Unlock()
+
+	var pol *policy.Policy
+	if p := g.policy.Load(); p != nil {
+		pol = p.p
+	}
+	cfg := migrate.SendConfig{
+		ID: id, Image: req.Image, Name: req.Name, Class: req.Class, Format: req.Format, Streams: req.Streams, BWLimit: req.BWLimit,
+		From: g.id.Load().Attributes(), To: migrate.Peer{Attributes: dest.Attributes, Addr: netip.AddrPortFrom(dest.Attributes.OverlayIP, migrate.DefaultPort)},
+		Policy: pol, Identity: g.id.Load(), Trust: g.trust.Load(), Dial: g.dev.Dial,
+		Journal: m.journal, Audit: m.audit, Log: g.log.With("migration_id", id, "class", req.Class), Progress: run.publish,
+	}
+	go func() {
+		defer cancel()
+		rec, err := migrate.Send(ctx, cfg)
+		run.mu.Lock()
+		run.rec, run.err = rec, err
+		for _, c := range run.subs {
+			close(c)
+		}
+		run.subs = nil
+		run.mu.Unlock()
+		close(run.done)
+		m.mu.Lock()
+		delete(m.running, id)
+		m.mu.Unlock()
+		if err != nil {
+			g.log.Warn("migration ended", "migration_id", id, "err", err)
+		} else {
+			g.log.Info("migration done", "migration_id", id, "to", dest.Attributes.Node, "root", rec.Root.String(),
+				"bytes_sent", rec.Stats.BytesSent, "duration", rec.Stats.Duration.Round(time.Millisecond))
+		}
+	}()
+	return run, id, nil
+}
+
+// pickDestination resolves "to" — a node, a site, a region or a
+// jurisdiction — to one verified gateway the policy lets this class reach,
+// the least loaded one (ties: by name). If the policy permits none, the
+// first match is returned so that the migration is refused (and recorded)
+// with the policy's reasons.
+func (g *Gateway) pickDestination(to, class string) (*Node, error) {
+	self := g.id.Load().Attributes()
+	var matched []Node
+	for _, n := range g.members.gateways() {
+		a := n.Attributes
+		if a.Node == to || a.Site == to || a.Region == to || (iso3166.Valid(strings.ToUpper(to)) && a.Jurisdiction == strings.ToUpper(to)) {
+			matched = append(matched, n)
+		}
+	}
+	if len(matched) == 0 {
+		return nil, fmt.Errorf("no verified gateway matches %q (a node, site, region or jurisdiction): see skybridge status", to)
+	}
+	slices.SortFunc(matched, func(a, b Node) int {
+		if c := cmp.Compare(a.Advert.Load, b.Advert.Load); c != 0 {
+			return c
+		}
+		return cmp.Compare(a.node(), b.node())
+	})
+	p := g.policy.Load()
+	if p == nil {
+		return &matched[0], nil // Send refuses: no policy
+	}
+	now := g.now()
+	for i := range matched {
+		site := policy.SiteOf(matched[i].Attributes)
+		store := p.p.Evaluate(policy.Request{Class: class, Action: policy.Store, Sites: []policy.Site{site}, Time: now})
+		transit := p.p.Evaluate(policy.Request{Class: class, Action: policy.Transit, Sites: []policy.Site{policy.SiteOf(self), site}, Time: now})
+		if store.Allowed && transit.Allowed {
+			return &matched[i], nil
+		}
+	}
+	return &matched[0], nil
+}
+
+// Migration returns a migration's record (and live progress if running).
+func (g *Gateway) Migration(id string) (*migrate.SendRecord, *migrate.Progress, error) {
+	g.mig.mu.Lock()
+	run := g.mig.running[id]
+	g.mig.mu.Unlock()
+	rec, err := g.mig.journal.Send(id)
+	if err != nil {
+		return nil, nil, err
+	}
+	if run != nil {
+		run.mu.Lock()
+		p := run.last
+		run.mu.Unlock()
+		return rec, &p, nil
+	}
+	return rec, nil, nil
+}
+
+// CancelMigration stops a running migration; it can be resumed later.
+func (g *Gateway) CancelMigration(id string) error {
+	g.mig.mu.Lock()
+	run := g.mig.running[id]
+	g.mig.mu.Unlock()
+	if run == nil {
+		return fmt.Errorf("migration %s is not running", id)
+	}
+	run.cancel()
+	<-run.done
+	return nil
+}
+
+// MigrationList is what `skybridge migrate list` shows.
+type MigrationList struct {
+	Sending   []migrate.SendRecord  `json:"sending"`
+	Receiving []migrate.Incoming    `json:"receiving"`
+	Images    []migrate.ImageRecord `json:"images"`
+}
+
+// Migrations lists sent migrations, migrations being received and stored
+// images.
+func (g *Gateway) Migrations() (*MigrationList, error) {
+	sends, err := g.mig.journal.Sends()
+	if err != nil {
+		return nil, err
+	}
+	imgs, err := g.mig.journal.Images()
+	if err != nil {
+		return nil, err
+	}
+	for i := range imgs {
+		imgs[i].Manifest.Chunks = nil // the listing does not need every hash
+	}
+	slices.SortFunc(sends, func(a, b migrate.SendRecord) int { return a.Started.Compare(b.Started) })
+	return &MigrationList{Sending: sends, Receiving: g.mig.recv.Active(), Images: imgs}, nil
+}
+
+// VerifyImage re-proves a stored image against its recorded root.
+func (g *Gateway) VerifyImage(name string) (*migrate.VerifyReport, error) {
+	rec, err := g.mig.journal.Image(name)
+	if err != nil {
+		return nil, fmt.Errorf("no stored image %q on this gateway", name)
+	}
+	return migrate.VerifyImage(rec)
+}
