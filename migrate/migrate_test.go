@@ -368,7 +368,9 @@ func TestMigrateResumeAndResync(t *testing.T) {
 		t.Fatalf("verify: %+v %v", rep, err)
 	}
 	f, _ = os.OpenFile(img.Path, os.O_RDWR, 0)
-	f.WriteAt([]byte{0x42}, 70*mib+100)
+	one := make([]byte, 1)
+	f.ReadAt(one, 70*mib+100)
+	f.WriteAt([]byte{one[0] ^ 0xff}, 70*mib+100)
 	f.Close()
 	rep, err = VerifyImage(img)
 	if err != nil || rep.OK || len(rep.BadChunks) != 1 || rep.BadChunks[0] != 70 {
