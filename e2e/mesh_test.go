@@ -90,6 +90,22 @@ wireguard {
 	}
 }
 
+// threeSites builds the bank's three sites — Zurich on-prem, AWS
+// Frankfurt, AWS N. Virginia — as namespaces with gateway configurations
+// (not started). classes are their "classes" labels.
+func (l *lab) threeSites(caDir, policyFile string, classes [3]string) []*meshSite {
+	sites := []*meshSite{
+		{short: "1", site: "onprem-zrh", region: "zrh-dc1", provider: "onprem", jur: "CH", underlay: "192.0.2.1", overlay: "100.96.0.1", route: "10.1.0.0/16", classes: classes[0]},
+		{short: "2", site: "aws-eu-central-1", region: "eu-central-1", provider: "aws", jur: "DE", underlay: "192.0.2.2", overlay: "100.96.0.2", route: "10.2.0.0/16", classes: classes[1]},
+		{short: "3", site: "aws-us-east-1", region: "us-east-1", provider: "aws", jur: "US", underlay: "192.0.2.3", overlay: "100.96.0.3", route: "10.3.0.0/16", classes: classes[2]},
+	}
+	for _, s := range sites {
+		s.ns = l.addHost(s.short, s.underlay)
+		l.writeGatewayConfig(s, caDir, policyFile, []string{"192.0.2.1:7946", "192.0.2.2:7946"})
+	}
+	return sites
+}
+
 func (l *lab) startGateway(s *meshSite, n int) {
 	s.gwCmd = l.start(s.ns, fmt.Sprintf("gw-%s-%d", s.short, n), nil, skybridge, "--log-level", "debug", "gateway", "run", "--config", s.cfg)
 }
@@ -110,16 +126,8 @@ func TestMeshEndToEnd(t *testing.T) {
 	os.WriteFile(pol, []byte(policyV1), 0o644)
 	sb(t, 0, "policy", "sign", "--policy", pol, "--ca", caDir)
 
-	sites := []*meshSite{
-		{short: "1", site: "onprem-zrh", region: "zrh-dc1", provider: "onprem", jur: "CH", underlay: "192.0.2.1", overlay: "100.96.0.1", route: "10.1.0.0/16", classes: "pii-eu,risk-batch"},
-		{short: "2", site: "aws-eu-central-1", region: "eu-central-1", provider: "aws", jur: "DE", underlay: "192.0.2.2", overlay: "100.96.0.2", route: "10.2.0.0/16", classes: "pii-eu,risk-batch"},
-		{short: "3", site: "aws-us-east-1", region: "us-east-1", provider: "aws", jur: "US", underlay: "192.0.2.3", overlay: "100.96.0.3", route: "10.3.0.0/16", classes: "risk-batch"},
-	}
-	byName := map[string]*meshSite{}
+	sites := l.threeSites(caDir, pol, [3]string{"pii-eu,risk-batch", "pii-eu,risk-batch", "risk-batch"})
 	for _, s := range sites {
-		s.ns = l.addHost(s.short, s.underlay)
-		l.writeGatewayConfig(s, caDir, pol, []string{"192.0.2.1:7946", "192.0.2.2:7946"})
-		byName["gw-"+s.short] = s
 		l.start(s.ns, "echo-"+s.short, []string{helperEnv + "=echo 0.0.0.0:7000"}, os.Args[0])
 	}
 	start := time.Now()

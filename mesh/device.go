@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"slices"
 	"sync"
+	"time"
 
 	"golang.zx2c4.com/wireguard/conn"
 	"golang.zx2c4.com/wireguard/device"
@@ -108,12 +109,18 @@ func (d *wgctrlDevice) Device() (*wgtypes.Device, error)        { return d.clien
 func (d *wgctrlDevice) Configure(c wgtypes.Config) error        { return d.client.ConfigureDevice(d.name, c) }
 func (d *wgctrlDevice) Routes() ([]netip.Prefix, error)         { return d.link.routes() }
 func (d *wgctrlDevice) SetRoutes(add, del []netip.Prefix) error { return d.link.setRoutes(add, del) }
+
+// overlayKeepAlive notices a peer gateway that vanished (killed, cut off)
+// within about 25 s, instead of the kernel's default of minutes.
+var overlayKeepAlive = net.KeepAliveConfig{Enable: true, Idle: 10 * time.Second, Interval: 5 * time.Second, Count: 3}
+
 func (d *wgctrlDevice) Listen(addr netip.AddrPort) (net.Listener, error) {
-	return net.Listen("tcp", addr.String())
+	lc := net.ListenConfig{KeepAliveConfig: overlayKeepAlive}
+	return lc.Listen(context.Background(), "tcp", addr.String())
 }
 
 func (d *wgctrlDevice) Dial(ctx context.Context, addr string) (net.Conn, error) {
-	var dl net.Dialer
+	dl := net.Dialer{KeepAliveConfig: overlayKeepAlive}
 	return dl.DialContext(ctx, "tcp", addr)
 }
 

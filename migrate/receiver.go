@@ -124,6 +124,7 @@ func (r *Receiver) handle(ctx context.Context, c *tls.Conn) {
 			fw.flush()
 			return
 		}
+		s.attach(c)
 		s.data(fr, &lockedWriter{fw: fw})
 	}
 }
@@ -162,7 +163,26 @@ type session struct {
 	reused   int
 	kick     chan struct{}
 	stop     chan struct{}
+	closed   chan struct{}
+	conns    []net.Conn
 	syncErr  error
+}
+
+// attach records a connection of the session, to close it on abort.
+func (s *session) attach(c net.Conn) {
+	s.mu.Lock()
+	s.conns = append(s.conns, c)
+	s.mu.Unlock()
+}
+
+// abort closes the session's connections; its goroutines then end and
+// close it.
+func (s *session) abort() {
+	s.mu.Lock()
+	for _, c := range s.conns {
+		c.Close()
+	}
+	s.mu.Unlock()
 }
 
 type pendingChunk struct {
@@ -191,6 +211,7 @@ func (r *Receiver) control(ctx context.Context, c *tls.Conn, fr *frameReader, fw
 		return
 	}
 	defer s.close()
+	s.attach(c)
 	log.Info("receiving migration", "name", o.Name, "size", o.Size, "resumed_chunks", len(acc.Have), "base_chunks", len(acc.Base))
 	if err := fw.json(frameAccept, acc); err != nil {
 		return
@@ -253,11 +274,22 @@ func (r *Receiver) audit(o *Offer, from *certs.Attributes, d policy.Decision, ou
 // open creates or resumes the session's temporary image.
 func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision) (*session, *Accept, error) {
 	r.mu.Lock()
-	if _, busy := r.sessions[o.ID]; busy {
-		r.mu.Unlock()
-		return nil, nil, fmt.Errorf("migration %s is already being received", o.ID)
-	}
+	old := r.sessions[o.ID]
 	r.mu.Unlock()
+	if old != nil {
+		// A sender runs one attempt of a migration at a time: a new offer
+		// from the same gateway means the old attempt's connections are
+		// dead but not yet noticed. Drop them and take over.
+		if old.from.Node != from.Node {
+			return nil, nil, fmt.Errorf("migration %s is being received from another gateway", o.ID)
+		}
+		old.abort()
+		select {
+		case <-old.closed:
+		case <-time.After(10 * time.Second):
+			return nil, nil, fmt.Errorf("migration %s: the previous attempt does not let go", o.ID)
+		}
+	}
 	j := r.cfg.Journal
 	temp := filepath.Join(r.cfg.StoreDir, ".incoming", o.ID+".raw")
 	var rec RecvRecord
@@ -288,7 +320,7 @@ func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision) (*s
 		return nil, nil, err
 	}
 	s := &session{r: r, offer: *o, from: from, temp: f, record: &rec, start: r.cfg.Now(), policy: d,
-		durable: durable, pending: map[int64]pendingChunk{}, kick: make(chan struct{}, 1), stop: make(chan struct{})}
+		durable: durable, pending: map[int64]pendingChunk{}, kick: make(chan struct{}, 1), stop: make(chan struct{}), closed: make(chan struct{})}
 	acc := &Accept{Have: durable}
 	if img, err := j.Image(o.Name); err == nil && img.Manifest.ChunkSize == o.ChunkSize {
 		if base, err := OpenSource(img.Path); err == nil {
@@ -349,6 +381,7 @@ func (s *session) close() {
 	if s.base != nil {
 		s.base.Close()
 	}
+	close(s.closed)
 }
 
 // data receives chunks on one stream: each is decompressed, checked against

@@ -26,6 +26,14 @@ import (
 	"github.com/skybridge-mesh/skybridge/policy"
 )
 
+// Timeouts of the sender: a receiver that acknowledges nothing for
+// stallTimeout is gone (killed, cut off); the migration fails and can be
+// resumed. commitTimeout bounds the final verification and store.
+const (
+	stallTimeout  = 30 * time.Second
+	commitTimeout = 10 * time.Minute
+)
+
 // Stats count what a migration did.
 type Stats struct {
 	VirtualBytes   int64         `json:"virtual_bytes"`   // image size
@@ -373,6 +381,9 @@ func (s *sender) run(ctx context.Context) error {
 	if err := cw.json(frameCommit, Commit{Manifest: s.manifest, Root: s.rec.Root}); err != nil {
 		return err
 	}
+	// Verifying and storing (qcow2 conversion included) is local work at
+	// the receiver; give it time, but not forever.
+	ctrl.SetReadDeadline(time.Now().Add(commitTimeout))
 	var done Done
 	if err := cr.json(frameDone, &done); err != nil {
 		return fmt.Errorf("commit: %w", err)
@@ -432,7 +443,10 @@ func (s *sender) transfer(ctx context.Context, cands []int64, acked map[int64]Ha
 		newAcks  = map[int64]Hash{}
 		ackMu    sync.Mutex
 		done     atomic.Bool
+		lastAck  atomic.Int64 // unix nanos of the last acknowledgement
+		inFlight atomic.Int64
 	)
+	lastAck.Store(time.Now().UnixNano())
 	fail := func(err error) {
 		select {
 		case errc <- err:
@@ -459,6 +473,8 @@ func (s *sender) transfer(ctx context.Context, cands []int64, acked map[int64]Ha
 		streams.Go(func() {
 			for j := range queue {
 				inflight.Store(j.index, j)
+				inFlight.Add(1)
+				c.SetWriteDeadline(time.Now().Add(stallTimeout))
 				var err error
 				if j.same {
 					err = fw.frame(frameSame, indexFrame(j.index, j.hash))
@@ -503,6 +519,8 @@ func (s *sender) transfer(ctx context.Context, cands []int64, acked map[int64]Ha
 						if !ok {
 							continue
 						}
+						inFlight.Add(-1)
+						lastAck.Store(time.Now().UnixNano())
 						j := v.(*job)
 						ackMu.Lock()
 						newAcks[i] = j.hash
@@ -522,6 +540,8 @@ func (s *sender) transfer(ctx context.Context, cands []int64, acked map[int64]Ha
 					if !ok {
 						continue
 					}
+					inFlight.Add(-1)
+					lastAck.Store(time.Now().UnixNano())
 					j := v.(*job)
 					if j.tries >= 3 {
 						fail(fmt.Errorf("chunk %d refused by the receiver %d times: %s", i, j.tries, p))
@@ -610,6 +630,9 @@ func (s *sender) transfer(ctx context.Context, cands []int64, acked map[int64]Ha
 		case <-ticker.C:
 			flushAcks()
 			s.progress("transfer")
+			if inFlight.Load() > 0 && time.Since(time.Unix(0, lastAck.Load())) > stallTimeout {
+				return fmt.Errorf("receiver %s stopped acknowledging chunks for %s; resume the migration when it is back", s.cfg.To.Attributes.Node, stallTimeout)
+			}
 		case <-allDurable:
 			done.Store(true)
 			close(queue)
