@@ -8,6 +8,7 @@ import (
 	"time"
 
 	bolt "go.etcd.io/bbolt"
+	berrors "go.etcd.io/bbolt/errors"
 )
 
 // Journal is the durable record of migrations on one gateway (bbolt): for
@@ -129,7 +130,7 @@ func (j *Journal) chunks(side, id string) (map[int64]Hash, error) {
 
 func (j *Journal) dropChunks(side, id string) error {
 	return j.db.Update(func(tx *bolt.Tx) error {
-		if err := tx.DeleteBucket(chunksBucket(side, id)); err != nil && !errors.Is(err, bolt.ErrBucketNotFound) {
+		if err := tx.DeleteBucket(chunksBucket(side, id)); err != nil && !errors.Is(err, berrors.ErrBucketNotFound) {
 			return err
 		}
 		return nil
