@@ -163,6 +163,7 @@ type session struct {
 	reused   int
 	kick     chan struct{}
 	stop     chan struct{}
+	synced   chan struct{} // closed when the syncer has made its last flush
 	closed   chan struct{}
 	conns    []net.Conn
 	syncErr  error
@@ -320,7 +321,7 @@ func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision) (*s
 		return nil, nil, err
 	}
 	s := &session{r: r, offer: *o, from: from, temp: f, record: &rec, start: r.cfg.Now(), policy: d,
-		durable: durable, pending: map[int64]pendingChunk{}, kick: make(chan struct{}, 1), stop: make(chan struct{}), closed: make(chan struct{})}
+		durable: durable, pending: map[int64]pendingChunk{}, kick: make(chan struct{}, 1), stop: make(chan struct{}), synced: make(chan struct{}), closed: make(chan struct{})}
 	acc := &Accept{Have: durable}
 	if img, err := j.Image(o.Name); err == nil && img.Manifest.ChunkSize == o.ChunkSize {
 		if base, err := OpenSource(img.Path); err == nil {
@@ -372,6 +373,7 @@ type Incoming struct {
 
 func (s *session) close() {
 	close(s.stop)
+	<-s.synced // the last flush still uses the file
 	s.r.mu.Lock()
 	delete(s.r.sessions, s.offer.ID)
 	n := len(s.r.sessions)
@@ -479,6 +481,7 @@ func (s *session) add(i int64, h Hash, w *lockedWriter, wire int64, reused bool)
 // then record them in the journal — and only then acknowledges them, so
 // an acknowledged chunk survives a crash of either side.
 func (s *session) syncer() {
+	defer close(s.synced)
 	t := time.NewTicker(200 * time.Millisecond)
 	defer t.Stop()
 	for {
