@@ -25,7 +25,7 @@ go test -run '^$' -bench . -benchmem -count 3 ./certs/ ./policy/
 if [ "$(id -u)" -eq 0 ]; then
   echo
   echo "== migration: skybridge migrate vs rsync over the same mesh"
-  SKYBRIDGE_BENCH=1 go test -count=1 -timeout 30m -run TestBenchMigrateVsRsync ./e2e/ 2>&1 | grep -E '^\||^image|^ok|FAIL|Error' || true
+  SKYBRIDGE_BENCH=1 go test -v -count=1 -timeout 30m -run TestBenchMigrateVsRsync ./e2e/ 2>&1 | grep -E '^\||^image|^ok|FAIL|Error' || true
 else
   echo "(the migration benchmark needs root for its network namespaces)"
 fi
