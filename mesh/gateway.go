@@ -434,12 +434,13 @@ func (g *Gateway) apply(plan Plan) error {
 // not alive), fetches missing certificates, and re-judges members as time
 // passes (expiry).
 func (g *Gateway) maintain(ctx context.Context) {
+	// The fetch tick also drives rejoining: every rejoinInterval, or every
+	// tick while we are alone (just started before our seeds, or cut off).
 	fetch := time.NewTicker(time.Second)
-	rejoin := time.NewTicker(rejoinInterval)
 	refresh := time.NewTicker(30 * time.Second)
 	defer fetch.Stop()
-	defer rejoin.Stop()
 	defer refresh.Stop()
+	lastJoin := time.Now()
 	for {
 		select {
 		case <-ctx.Done():
@@ -450,8 +451,10 @@ func (g *Gateway) maintain(ctx context.Context) {
 					g.enqueue(encodeMessage(msgFetchCert, []byte(m.Name)))
 				}
 			}
-		case <-rejoin.C:
-			g.join(g.rejoinTargets())
+			if g.ml.NumMembers() <= 1 || time.Since(lastJoin) >= rejoinInterval {
+				lastJoin = time.Now()
+				g.join(g.rejoinTargets())
+			}
 		case <-refresh.C:
 			g.members.refresh()
 		}

@@ -9,9 +9,8 @@ import (
 	"time"
 
 	"github.com/urfave/cli/v2"
-	"github.com/vbauerster/mpb/v8"
-	"github.com/vbauerster/mpb/v8/decor"
 
+	"github.com/skybridge-mesh/skybridge/internal/progress"
 	"github.com/skybridge-mesh/skybridge/mesh"
 	"github.com/skybridge-mesh/skybridge/migrate"
 )
@@ -124,19 +123,19 @@ func runMigration(c *cli.Context, req mesh.MigrationRequest) error {
 		return err
 	}
 	asJSON := c.Bool("json")
-	var bar *progressBar
+	var bar *progress.Bar
 	if !asJSON {
-		bar = newProgressBar(c.App.ErrWriter)
+		bar = progress.New(c.App.ErrWriter, "migrating")
 	}
 	final, err := cl.Migrate(c.Context, req, func(ev mesh.MigrationEvent) {
 		if asJSON {
 			printJSONLine(c.App.Writer, ev)
 		} else if ev.Progress != nil {
-			bar.update(ev.Progress)
+			bar.Update(ev.Progress)
 		}
 	})
 	if bar != nil {
-		bar.finish(final)
+		bar.Finish(final != nil && final.Record != nil && final.Record.State == migrate.StateDone)
 	}
 	if err != nil {
 		return err
@@ -183,49 +182,6 @@ func printMigrationResult(w io.Writer, ev *mesh.MigrationEvent) {
 	if r.Error != "" {
 		fmt.Fprintf(w, "  error: %s\n", r.Error)
 	}
-}
-
-type progressBar struct {
-	p   *mpb.Progress
-	bar *mpb.Bar
-	st  migrate.Stats
-}
-
-func newProgressBar(w io.Writer) *progressBar {
-	pb := &progressBar{p: mpb.New(mpb.WithOutput(w), mpb.WithWidth(40), mpb.WithRefreshRate(200*time.Millisecond))}
-	pb.bar = pb.p.AddBar(0,
-		mpb.PrependDecorators(decor.Name("migrating "), decor.CountersKibiByte("% .1f / % .1f")),
-		mpb.AppendDecorators(
-			decor.EwmaSpeed(decor.SizeB1024(0), " % .1f", 30),
-			decor.Name(" ETA "), decor.EwmaETA(decor.ET_STYLE_GO, 30),
-			decor.Any(func(decor.Statistics) string {
-				return fmt.Sprintf("  sent %s, holes skipped %s", humanBytes(pb.st.BytesSent), humanBytes(pb.st.VirtualBytes-pb.st.AllocatedBytes))
-			}),
-		),
-	)
-	return pb
-}
-
-// update moves the bar in allocated bytes: the unit of work is what can
-// hold data, not the virtual size.
-func (pb *progressBar) update(p *migrate.Progress) {
-	old := pb.st
-	pb.st = p.Stats
-	if p.Stats.Chunks == 0 {
-		return
-	}
-	pb.bar.SetTotal(p.Stats.AllocatedBytes, false)
-	cur := p.Stats.AllocatedBytes * int64(p.Stats.ChunksDone) / int64(p.Stats.Chunks)
-	pb.bar.EwmaSetCurrent(cur, max(p.Stats.Duration-old.Duration, time.Millisecond))
-}
-
-func (pb *progressBar) finish(ev *mesh.MigrationEvent) {
-	if ev != nil && ev.Record != nil && ev.Record.State == migrate.StateDone {
-		pb.bar.SetTotal(-1, true)
-	} else {
-		pb.bar.Abort(false)
-	}
-	pb.p.Wait()
 }
 
 func migrateList(c *cli.Context) error {
@@ -347,15 +303,4 @@ func parseRate(s string) (int64, error) {
 	return int64(r), nil
 }
 
-func humanBytes(n int64) string {
-	const unit = 1024
-	if n < unit {
-		return fmt.Sprintf("%d B", n)
-	}
-	div, exp := int64(unit), 0
-	for m := n / unit; m >= unit; m /= unit {
-		div *= unit
-		exp++
-	}
-	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
-}
+func humanBytes(n int64) string { return progress.Bytes(n) }

@@ -68,6 +68,7 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 			return nil
 		},
 		Commands: []*cli.Command{
+			demoCommand(),
 			caCommand(),
 			identityCommand(),
 			policyCommand(),

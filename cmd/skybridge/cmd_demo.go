@@ -1,0 +1,62 @@
+package main
+
+import (
+	"fmt"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/skybridge-mesh/skybridge/internal/demo"
+)
+
+func demoCommand() *cli.Command {
+	return &cli.Command{
+		Name:  "demo",
+		Usage: "run the whole product on this machine: three sites, a WireGuard mesh, a verified migration, a refusal by policy",
+		Description: "As root the sites are network namespaces with TUN devices; otherwise unprivileged netstack gateways on loopback.\n" +
+			"Everything it creates is removed at the end, on failure and on Ctrl-C, unless --keep.",
+		UsageText: "skybridge demo [--keep] [--json] [--mode auto|netns|netstack]\n   skybridge demo --down DIR   (stop a demo left running with --keep)",
+		Flags: []cli.Flag{
+			&cli.BoolFlag{Name: "keep", Usage: "leave the mesh running and print how to poke at it"},
+			&cli.StringFlag{Name: "mode", Value: demo.ModeAuto, Usage: "auto (namespaces as root, else netstack), netns or netstack"},
+			&cli.StringFlag{Name: "down", Usage: "tear down the kept demo in this directory"},
+			jsonFlag,
+		},
+		Action: func(c *cli.Context) error {
+			if d := c.String("down"); d != "" {
+				if err := demo.Down(d); err != nil {
+					return err
+				}
+				fmt.Fprintf(c.App.Writer, "demo in %s stopped and removed\n", d)
+				return nil
+			}
+			switch m := c.String("mode"); m {
+			case demo.ModeAuto, demo.ModeNetns, demo.ModeNetstack:
+			default:
+				return usageError("--mode %q: use auto, netns or netstack", m)
+			}
+			exe, err := os.Executable()
+			if err != nil {
+				return err
+			}
+			ctx, stop := signal.NotifyContext(c.Context, syscall.SIGINT, syscall.SIGTERM)
+			defer stop()
+			opt := demo.Options{Mode: c.String("mode"), Keep: c.Bool("keep"), Exe: exe}
+			if !c.Bool("json") {
+				opt.Out, opt.Bars = c.App.Writer, c.App.ErrWriter
+			}
+			sum, err := demo.Run(ctx, opt)
+			if c.Bool("json") && sum != nil {
+				if perr := printJSON(c.App.Writer, sum); perr != nil {
+					return perr
+				}
+			}
+			if err != nil {
+				return fmt.Errorf("demo failed (everything it created was removed): %w", err)
+			}
+			return nil
+		},
+	}
+}

@@ -1,0 +1,134 @@
+package e2e
+
+import (
+	"encoding/json"
+	"os"
+	"os/exec"
+	"strings"
+	"testing"
+)
+
+type demoSummary struct {
+	Mode      string  `json:"mode"`
+	WorkDir   string  `json:"work_dir"`
+	Converged bool    `json:"converged"`
+	Seconds   float64 `json:"seconds"`
+	Sites     []struct {
+		Site       string   `json:"site"`
+		Tunnels    []string `json:"tunnels"`
+		Handshakes int      `json:"handshakes"`
+	} `json:"sites"`
+	Migration struct {
+		Verified    bool   `json:"verified"`
+		QemuCompare string `json:"qemu_img_compare"`
+		Sent        int64  `json:"sent_bytes"`
+		OnDisk      int64  `json:"on_disk_bytes"`
+		Root        string `json:"root"`
+	} `json:"migration"`
+	Denial struct {
+		Refused bool     `json:"refused"`
+		Sent    int64    `json:"sent_bytes"`
+		Reasons []string `json:"reasons"`
+	} `json:"denial"`
+	Audit []struct {
+		Site    string `json:"site"`
+		Records int    `json:"records"`
+		Valid   bool   `json:"valid"`
+	} `json:"audit"`
+	CleanedUp bool `json:"cleaned_up"`
+}
+
+// runDemo runs `skybridge demo --json` (as nobody when asNobody) and checks
+// the summary and that nothing is left behind.
+func runDemo(t *testing.T, wantMode string, asNobody bool) {
+	nsBefore, _ := exec.Command("ip", "netns", "list").Output()
+	args := []string{skybridge, "demo", "--json"}
+	if asNobody {
+		os.Chmod(skybridgeDir(), 0o755)
+		args = append([]string{"setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"}, args...)
+	}
+	cmd := exec.Command(args[0], args[1:]...)
+	cmd.Env = append(os.Environ(), "TMPDIR=/tmp")
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("skybridge demo: %v\n%s\n%s", err, out, stderrOf(err))
+	}
+	var s demoSummary
+	if err := json.Unmarshal(out, &s); err != nil {
+		t.Fatalf("demo --json: %v\n%s", err, out)
+	}
+	if s.Mode != wantMode || !s.Converged || len(s.Sites) != 3 {
+		t.Fatalf("mesh: %+v", s)
+	}
+	for _, site := range s.Sites {
+		if len(site.Tunnels) != 2 || site.Handshakes != 2 {
+			t.Errorf("%s: tunnels %v, handshakes %d", site.Site, site.Tunnels, site.Handshakes)
+		}
+	}
+	m := s.Migration
+	if !m.Verified || m.Root == "" || m.Sent == 0 || m.Sent > m.OnDisk {
+		t.Errorf("migration: %+v", m)
+	}
+	if _, err := exec.LookPath("qemu-img"); err == nil && m.QemuCompare != "identical" {
+		t.Errorf("qemu-img compare: %s", m.QemuCompare)
+	}
+	if !s.Denial.Refused || s.Denial.Sent != 0 || len(s.Denial.Reasons) == 0 {
+		t.Errorf("denial: %+v", s.Denial)
+	}
+	records := 0
+	for _, a := range s.Audit {
+		if !a.Valid {
+			t.Errorf("audit log of %s invalid", a.Site)
+		}
+		records += a.Records
+	}
+	if records < 3 {
+		t.Errorf("audit records: %+v", s.Audit)
+	}
+	if s.Seconds > 60 {
+		t.Errorf("the demo took %.0f s; it must finish within a minute", s.Seconds)
+	}
+	t.Logf("demo (%s) took %.1f s", s.Mode, s.Seconds)
+
+	// Nothing left behind: work directory, processes, namespaces.
+	if !s.CleanedUp {
+		t.Error("demo says it did not clean up")
+	}
+	if _, err := os.Stat(s.WorkDir); !os.IsNotExist(err) {
+		t.Errorf("work directory %s left behind", s.WorkDir)
+	}
+	if out, _ := exec.Command("pgrep", "-f", s.WorkDir).Output(); len(strings.TrimSpace(string(out))) > 0 {
+		t.Errorf("processes left behind: %s", out)
+	}
+	nsAfter, _ := exec.Command("ip", "netns", "list").Output()
+	for _, line := range strings.Split(string(nsAfter), "\n") {
+		if strings.HasPrefix(line, "sbd") && !strings.Contains(string(nsBefore), strings.Fields(line)[0]) {
+			t.Errorf("namespace left behind: %s", line)
+		}
+	}
+}
+
+func stderrOf(err error) string {
+	if ee, ok := err.(*exec.ExitError); ok {
+		return string(ee.Stderr)
+	}
+	return ""
+}
+
+func skybridgeDir() string { return skybridge[:strings.LastIndexByte(skybridge, '/')] }
+
+// TestDemo runs the README's main job as root: network namespaces, TUN.
+func TestDemo(t *testing.T) {
+	requireRoot(t)
+	runDemo(t, "netns", false)
+}
+
+// TestDemoUnprivileged runs it as nobody: the netstack fallback.
+func TestDemoUnprivileged(t *testing.T) {
+	if os.Geteuid() != 0 {
+		runDemo(t, "netstack", false)
+		return
+	}
+	tool(t, "setpriv")
+	runDemo(t, "netstack", true)
+}

@@ -1,0 +1,794 @@
+// Package demo runs the whole product on one machine: a mesh CA, the bank's
+// residency policy, three sites each with its own real gateway process, a
+// WireGuard mesh between them, a VM image migrated from the datacenter to
+// the EU region and verified, the same image refused for the US region as
+// Swiss banking secrecy, and the audit trail — then it cleans up after
+// itself. As root the sites are network namespaces with TUN devices;
+// otherwise they are unprivileged netstack gateways on loopback.
+package demo
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"syscall"
+	"text/tabwriter"
+	"time"
+
+	"github.com/skybridge-mesh/skybridge/certs"
+	"github.com/skybridge-mesh/skybridge/docs/examples"
+	"github.com/skybridge-mesh/skybridge/internal/atomicfile"
+	"github.com/skybridge-mesh/skybridge/internal/audit"
+	"github.com/skybridge-mesh/skybridge/internal/progress"
+	"github.com/skybridge-mesh/skybridge/mesh"
+	"github.com/skybridge-mesh/skybridge/migrate"
+	"github.com/skybridge-mesh/skybridge/policy"
+)
+
+// Modes.
+const (
+	ModeAuto     = "auto"
+	ModeNetns    = "netns"    // network namespaces, TUN devices (root)
+	ModeNetstack = "netstack" // loopback, userspace network stacks (no root)
+)
+
+// Options configure a demo run.
+type Options struct {
+	Mode    string
+	Keep    bool      // leave the mesh running
+	Exe     string    // the skybridge binary to run the gateways with
+	Out     io.Writer // the story; nil for none (--json)
+	Bars    io.Writer // the progress bar; nil for none
+	WorkDir string    // default: a new temporary directory
+}
+
+// site is one of the demo's sites.
+type site struct {
+	Short, Site, Region, Provider, Jurisdiction, Classes, Certified, Route string
+	Host                                                                   byte
+	NS, Iface, Dir, Config, Socket                                         string
+	cmd                                                                    *exec.Cmd
+}
+
+func demoSites() []*site {
+	return []*site{
+		{Short: "zrh", Site: "onprem-zrh", Region: "zrh-dc1", Provider: "onprem", Jurisdiction: "CH", Classes: "swiss-banking-secret,pii-eu,risk-batch", Route: "10.1.0.0/16", Host: 1},
+		{Short: "fra", Site: "aws-eu-central-1", Region: "eu-central-1", Provider: "aws", Jurisdiction: "DE", Classes: "pii-eu,risk-batch", Certified: "iso27001,pci-dss", Route: "10.2.0.0/16", Host: 2},
+		{Short: "iad", Site: "aws-us-east-1", Region: "us-east-1", Provider: "aws", Jurisdiction: "US", Classes: "risk-batch", Certified: "iso27001", Route: "10.3.0.0/16", Host: 3},
+	}
+}
+
+// Summary is what `skybridge demo --json` prints.
+type Summary struct {
+	Mode      string           `json:"mode"`
+	WorkDir   string           `json:"work_dir"`
+	Policy    string           `json:"policy"`
+	Converged bool             `json:"converged"`
+	Converge  float64          `json:"converge_seconds"`
+	Sites     []SiteSummary    `json:"sites"`
+	Migration MigrationSummary `json:"migration"`
+	Denial    DenialSummary    `json:"denial"`
+	Audit     []AuditSummary   `json:"audit"`
+	Seconds   float64          `json:"seconds"`
+	Kept      bool             `json:"kept"`
+	CleanedUp bool             `json:"cleaned_up"`
+	Poke      []string         `json:"poke,omitempty"` // with --keep: commands to try
+}
+
+// SiteSummary is one site as its gateway sees the mesh.
+type SiteSummary struct {
+	Site         string   `json:"site"`
+	Node         string   `json:"node"`
+	Jurisdiction string   `json:"jurisdiction"`
+	OverlayIP    string   `json:"overlay_ip"`
+	Tunnels      []string `json:"tunnels"`
+	Handshakes   int      `json:"handshakes"`
+}
+
+// MigrationSummary is the image that moved.
+type MigrationSummary struct {
+	ID           string  `json:"id"`
+	Image        string  `json:"image"`
+	Format       string  `json:"format"`
+	From         string  `json:"from"`
+	To           string  `json:"to"`
+	Class        string  `json:"class"`
+	Virtual      int64   `json:"virtual_bytes"`
+	OnDisk       int64   `json:"on_disk_bytes"`
+	Sent         int64   `json:"sent_bytes"`
+	Seconds      float64 `json:"seconds"`
+	Root         string  `json:"root"`
+	Verified     bool    `json:"verified"`
+	QemuCompare  string  `json:"qemu_img_compare"` // "identical", or why it was not run
+	StoredAt     string  `json:"stored_at"`
+	ReceivedRoot string  `json:"received_root"`
+}
+
+// DenialSummary is the migration the policy refused.
+type DenialSummary struct {
+	Class   string   `json:"class"`
+	To      string   `json:"to"`
+	Refused bool     `json:"refused"`
+	By      string   `json:"by"`
+	Rule    string   `json:"rule"`
+	Reasons []string `json:"reasons"`
+	Sent    int64    `json:"sent_bytes"`
+}
+
+// AuditSummary is one gateway's audit log.
+type AuditSummary struct {
+	Site    string `json:"site"`
+	Records int    `json:"records"`
+	Valid   bool   `json:"valid"`
+}
+
+type run struct {
+	opt     Options
+	id      string
+	mode    string
+	dir     string
+	sites   []*site
+	wanNS   string
+	ca      *certs.CA
+	started time.Time
+	sum     Summary
+}
+
+func (r *run) sayf(format string, args ...any) {
+	if r.opt.Out != nil {
+		fmt.Fprintf(r.opt.Out, format, args...)
+	}
+}
+
+// Run runs the demo. Whatever happens — failure, Ctrl-C (ctx) — it removes
+// everything it created unless opt.Keep is set and it succeeded.
+func Run(ctx context.Context, opt Options) (sum *Summary, err error) {
+	r := &run{opt: opt, started: time.Now()}
+	b := make([]byte, 2)
+	rand.Read(b)
+	r.id = hex.EncodeToString(b)
+	r.mode = chooseMode(opt.Mode)
+	r.sites = demoSites()
+	r.dir = opt.WorkDir
+	if r.dir == "" {
+		if r.dir, err = os.MkdirTemp("", "skybridge-demo-"); err != nil {
+			return nil, err
+		}
+	}
+	r.sum.Mode, r.sum.WorkDir = r.mode, r.dir
+	defer func() {
+		if opt.Keep && err == nil {
+			r.sum.Kept = true
+			r.sum.Poke = r.pokeCommands()
+			if serr := r.saveState(); serr != nil {
+				err = serr
+			}
+			return
+		}
+		r.cleanup()
+		r.sum.CleanedUp = true
+	}()
+	if err := r.steps(ctx); err != nil {
+		return &r.sum, err
+	}
+	r.sum.Seconds = time.Since(r.started).Seconds()
+	return &r.sum, nil
+}
+
+func chooseMode(m string) string {
+	if m != ModeAuto && m != "" {
+		return m
+	}
+	if os.Geteuid() != 0 {
+		return ModeNetstack
+	}
+	if _, err := exec.LookPath("ip"); err != nil {
+		return ModeNetstack
+	}
+	if _, err := os.Stat("/dev/net/tun"); err != nil {
+		return ModeNetstack
+	}
+	return ModeNetns
+}
+
+func (r *run) steps(ctx context.Context) error {
+	if r.mode == ModeNetns {
+		r.sayf("skybridge demo: three sites as network namespaces, each with its own gateway on a TUN device\n\n")
+	} else {
+		r.sayf("skybridge demo: not running as root (or no ip/TUN), so the three sites are unprivileged netstack gateways on loopback\n\n")
+	}
+	if err := r.makeIdentities(); err != nil {
+		return err
+	}
+	if err := r.startSites(ctx); err != nil {
+		return err
+	}
+	if err := r.converge(ctx); err != nil {
+		return err
+	}
+	img, format, err := r.makeImage()
+	if err != nil {
+		return err
+	}
+	if err := r.migrate(ctx, img, format); err != nil {
+		return err
+	}
+	if err := r.deny(ctx, img); err != nil {
+		return err
+	}
+	r.audit()
+	r.summary()
+	return ctx.Err()
+}
+
+// makeIdentities creates the mesh CA, signs the bank's policy and issues
+// one identity per site.
+func (r *run) makeIdentities() error {
+	var err error
+	r.ca, err = certs.InitCA(filepath.Join(r.dir, "ca"), certs.InitOptions{Name: "skybridge demo"})
+	if err != nil {
+		return err
+	}
+	polPath := filepath.Join(r.dir, "residency.hcl")
+	if err := atomicfile.WriteFile(polPath, examples.Residency, 0o644); err != nil {
+		return err
+	}
+	sig, err := policy.Sign(polPath, examples.Residency, r.ca.Signer(), r.ca.Certificate().Subject.CommonName, nil, time.Now())
+	if err != nil {
+		return err
+	}
+	if err := atomicfile.WriteFile(polPath+".sig", sig.Marshal(), 0o644); err != nil {
+		return err
+	}
+	r.sum.Policy = sig.Policy.String()
+	for _, s := range r.sites {
+		s.Dir = filepath.Join(r.dir, s.Short)
+		labels := map[string]string{"classes": s.Classes}
+		if s.Certified != "" {
+			labels["certified"] = s.Certified
+		}
+		id, err := r.ca.IssueIdentity(certs.Attributes{
+			Node: "gw-" + s.Short, Site: s.Site, Region: s.Region, Provider: s.Provider, Jurisdiction: s.Jurisdiction,
+			OverlayIP: netip.AddrFrom4([4]byte{100, 96, 0, s.Host}), Routes: []netip.Prefix{netip.MustParsePrefix(s.Route)}, Labels: labels,
+		}, 24*time.Hour, time.Now())
+		if err != nil {
+			return err
+		}
+		tb, err := r.ca.TrustBundle()
+		if err != nil {
+			return err
+		}
+		idDir := filepath.Join(s.Dir, "identity")
+		if err := id.Save(idDir, tb); err != nil {
+			return err
+		}
+		if err := r.ca.CopyGossipKeyring(context.Background(), idDir); err != nil {
+			return err
+		}
+	}
+	r.sayf("▸ mesh CA created (ECDSA P-256); gateway identities issued for %s\n", r.siteNames())
+	r.sayf("▸ residency policy %s signed by the mesh CA\n", r.sum.Policy)
+	return nil
+}
+
+func (r *run) siteNames() string {
+	var n []string
+	for _, s := range r.sites {
+		n = append(n, s.Site+" ("+s.Jurisdiction+")")
+	}
+	return strings.Join(n, ", ")
+}
+
+// startSites builds the sites and starts one gateway process per site.
+func (r *run) startSites(ctx context.Context) error {
+	gossip := map[string]netip.AddrPort{}
+	wgPort := map[string]int{}
+	if r.mode == ModeNetns {
+		if err := r.netns(); err != nil {
+			return err
+		}
+		for _, s := range r.sites {
+			gossip[s.Short] = netip.AddrPortFrom(netip.AddrFrom4([4]byte{192, 0, 2, s.Host}), 7946)
+			wgPort[s.Short] = 51820
+		}
+	} else {
+		for _, s := range r.sites {
+			p, err := freePort()
+			if err != nil {
+				return err
+			}
+			gossip[s.Short] = netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(p))
+			if wgPort[s.Short], err = freePort(); err != nil {
+				return err
+			}
+		}
+	}
+	seeds := fmt.Sprintf("[%q, %q]", gossip["zrh"].String(), gossip["fra"].String())
+	for _, s := range r.sites {
+		s.Config = filepath.Join(s.Dir, "gateway.hcl")
+		s.Socket = filepath.Join(s.Dir, "control.sock")
+		mode, profile := "tun", "lan"
+		if r.mode == ModeNetstack {
+			mode, profile = "netstack", "local"
+		}
+		s.Iface = fmt.Sprintf("sbd%s%d", r.id, s.Host)
+		cfg := fmt.Sprintf(`state_dir = %q
+node {
+  name         = "gw-%s"
+  site         = %q
+  region       = %q
+  provider     = %q
+  jurisdiction = %q
+  overlay_ip   = "100.96.0.%d"
+  routes       = [%q]
+  labels       = %s
+}
+identity {
+  dir = %q
+}
+gossip {
+  bind    = %q
+  seeds   = %s
+  profile = %q
+}
+wireguard {
+  interface  = %q
+  port       = %d
+  mode       = %q
+  behind_nat = true
+}
+policy {
+  file = %q
+}
+`, s.Dir, s.Short, s.Site, s.Region, s.Provider, s.Jurisdiction, s.Host, s.Route, labelsHCL(s), filepath.Join(s.Dir, "identity"),
+			gossip[s.Short].String(), seeds, profile, s.Iface, wgPort[s.Short], mode, filepath.Join(r.dir, "residency.hcl"))
+		if err := atomicfile.WriteFile(s.Config, []byte(cfg), 0o644); err != nil {
+			return err
+		}
+		args := []string{r.opt.Exe, "gateway", "run", "--config", s.Config}
+		if r.mode == ModeNetns {
+			args = append([]string{"ip", "netns", "exec", s.NS}, args...)
+		}
+		logf, err := os.Create(filepath.Join(s.Dir, "gateway.log"))
+		if err != nil {
+			return err
+		}
+		s.cmd = exec.Command(args[0], args[1:]...)
+		s.cmd.Stdout, s.cmd.Stderr = logf, logf
+		// Its own process group: Ctrl-C in the terminal reaches the demo,
+		// which stops the gateways itself (or leaves them, with --keep).
+		s.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+		if err := s.cmd.Start(); err != nil {
+			logf.Close()
+			return fmt.Errorf("start gateway of %s: %w", s.Site, err)
+		}
+		logf.Close()
+	}
+	if r.mode == ModeNetns {
+		r.sayf("▸ sites are network namespaces on 192.0.2.0/24 (a bridge stands in for the WAN); a gateway runs in each: %s\n", r.nsNames())
+	} else {
+		r.sayf("▸ a gateway per site runs on loopback with its own userspace network stack\n")
+	}
+	return nil
+}
+
+func labelsHCL(s *site) string {
+	l := fmt.Sprintf("{ classes = %q", s.Classes)
+	if s.Certified != "" {
+		l += fmt.Sprintf(", certified = %q", s.Certified)
+	}
+	return l + " }"
+}
+
+func (r *run) nsNames() string {
+	var n []string
+	for _, s := range r.sites {
+		n = append(n, s.NS)
+	}
+	return strings.Join(n, ", ")
+}
+
+// netns builds the underlay: a bridge in a "wan" namespace and a veth from
+// each site namespace to it. Nothing touches the host's own interfaces.
+func (r *run) netns() error {
+	r.wanNS = "sbd" + r.id + "wan"
+	cmds := [][]string{{"netns", "add", r.wanNS}, {"-n", r.wanNS, "link", "set", "lo", "up"},
+		{"-n", r.wanNS, "link", "add", "br0", "type", "bridge"}, {"-n", r.wanNS, "link", "set", "br0", "up"}}
+	for _, s := range r.sites {
+		s.NS = "sbd" + r.id + s.Short
+		in, out := "u"+r.id+s.Short, "w"+r.id+s.Short
+		cmds = append(cmds,
+			[]string{"netns", "add", s.NS},
+			[]string{"link", "add", in, "netns", s.NS, "type", "veth", "peer", "name", out, "netns", r.wanNS},
+			[]string{"-n", r.wanNS, "link", "set", out, "master", "br0"},
+			[]string{"-n", r.wanNS, "link", "set", out, "up"},
+			[]string{"-n", s.NS, "link", "set", "lo", "up"},
+			[]string{"-n", s.NS, "addr", "add", fmt.Sprintf("192.0.2.%d/24", s.Host), "dev", in},
+			[]string{"-n", s.NS, "link", "set", in, "up"},
+		)
+	}
+	for _, c := range cmds {
+		if out, err := exec.Command("ip", c...).CombinedOutput(); err != nil {
+			return fmt.Errorf("ip %s: %v: %s", strings.Join(c, " "), err, bytes.TrimSpace(out))
+		}
+	}
+	return nil
+}
+
+func freePort() (int, error) {
+	for range 50 {
+		l, err := net.ListenPacket("udp4", "127.0.0.1:0")
+		if err != nil {
+			return 0, err
+		}
+		p := l.LocalAddr().(*net.UDPAddr).Port
+		l.Close()
+		if t, err := net.Listen("tcp4", fmt.Sprintf("127.0.0.1:%d", p)); err == nil {
+			t.Close()
+			return p, nil
+		}
+	}
+	return 0, errors.New("no free loopback port")
+}
+
+// converge waits until every gateway has a verified tunnel with a
+// WireGuard handshake to each of the others, and shows the table.
+func (r *run) converge(ctx context.Context) error {
+	start := time.Now()
+	deadline := start.Add(45 * time.Second)
+	for {
+		ok, sites := r.meshState(ctx)
+		if ok {
+			r.sum.Converged, r.sum.Converge, r.sum.Sites = true, time.Since(start).Seconds(), sites
+			break
+		}
+		if time.Now().After(deadline) {
+			r.sum.Sites = sites
+			return fmt.Errorf("the mesh did not converge in 45 s; gateway logs are in %s/*/gateway.log", r.dir)
+		}
+		if err := r.alive(); err != nil {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(250 * time.Millisecond):
+		}
+	}
+	r.sayf("▸ mesh converged in %.1f s: every site has a verified WireGuard tunnel to the others\n\n", r.sum.Converge)
+	if r.opt.Out != nil {
+		tw := tabwriter.NewWriter(r.opt.Out, 0, 0, 2, ' ', 0)
+		fmt.Fprintln(tw, "  SITE\tGATEWAY\tJURISDICTION\tOVERLAY\tTUNNELS\tHANDSHAKES")
+		for _, s := range r.sum.Sites {
+			fmt.Fprintf(tw, "  %s\t%s\t%s\t%s\t%s\t%d/%d\n", s.Site, s.Node, s.Jurisdiction, s.OverlayIP, strings.Join(s.Tunnels, ", "), s.Handshakes, len(s.Tunnels))
+		}
+		tw.Flush()
+		fmt.Fprintln(r.opt.Out)
+	}
+	return nil
+}
+
+// alive reports a gateway that exited.
+func (r *run) alive() error {
+	for _, s := range r.sites {
+		if s.cmd != nil && s.cmd.ProcessState == nil {
+			var ws syscall.WaitStatus
+			if pid, _ := syscall.Wait4(s.cmd.Process.Pid, &ws, syscall.WNOHANG, nil); pid == s.cmd.Process.Pid {
+				log, _ := os.ReadFile(filepath.Join(s.Dir, "gateway.log"))
+				return fmt.Errorf("the gateway of %s exited (%v):\n%s", s.Site, ws, tail(log, 2000))
+			}
+		}
+	}
+	return nil
+}
+
+func tail(b []byte, n int) []byte {
+	if len(b) > n {
+		return b[len(b)-n:]
+	}
+	return b
+}
+
+func (r *run) meshState(ctx context.Context) (bool, []SiteSummary) {
+	ok := true
+	var out []SiteSummary
+	for _, s := range r.sites {
+		sum := SiteSummary{Site: s.Site, Node: "gw-" + s.Short, Jurisdiction: s.Jurisdiction, OverlayIP: fmt.Sprintf("100.96.0.%d", s.Host)}
+		cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		st, err := mesh.NewClient(s.Socket).Status(cctx)
+		cancel()
+		if err != nil {
+			ok = false
+			out = append(out, sum)
+			continue
+		}
+		for _, m := range st.Members {
+			if m.Peer {
+				sum.Tunnels = append(sum.Tunnels, m.Site)
+				if !m.LastHandshake.IsZero() {
+					sum.Handshakes++
+				}
+			}
+		}
+		slices.Sort(sum.Tunnels)
+		if len(sum.Tunnels) != len(r.sites)-1 || sum.Handshakes != len(sum.Tunnels) {
+			ok = false
+		}
+		out = append(out, sum)
+	}
+	return ok, out
+}
+
+// makeImage makes the VM image to move: a qcow2 by qemu-img when it is
+// installed, else a sparse raw image. 2 GiB virtual, about 10 % allocated.
+func (r *run) makeImage() (string, string, error) {
+	raw := filepath.Join(r.dir, "vm.raw")
+	f, err := os.Create(raw)
+	if err != nil {
+		return "", "", err
+	}
+	const size, stride, block = 2 << 30, 100 << 20, 10 << 20
+	f.Truncate(size)
+	buf := make([]byte, block)
+	for off, k := int64(0), 0; off+block <= size; off, k = off+stride, k+1 {
+		if k%2 == 0 {
+			rand.Read(buf) // like compressed or encrypted data
+		} else {
+			const text = "risk model inputs, pseudonymised "
+			for i := range buf {
+				buf[i] = text[i%len(text)]
+			}
+		}
+		if _, err := f.WriteAt(buf, off); err != nil {
+			f.Close()
+			return "", "", err
+		}
+	}
+	f.Close()
+	if q, err := exec.LookPath("qemu-img"); err == nil {
+		img := filepath.Join(r.dir, "vm.qcow2")
+		if out, err := exec.Command(q, "convert", "-O", "qcow2", raw, img).CombinedOutput(); err == nil {
+			os.Remove(raw)
+			r.sayf("▸ VM image vm.qcow2 made with qemu-img: 2.0 GiB virtual, %s on disk\n", progress.Bytes(onDisk(img)))
+			return img, migrate.FormatQcow2, nil
+		} else {
+			r.sayf("  (qemu-img failed: %s; using a raw image)\n", bytes.TrimSpace(out))
+		}
+	}
+	r.sayf("▸ VM image vm.raw (sparse raw; install qemu-utils for qcow2): 2.0 GiB virtual, %s on disk\n", progress.Bytes(onDisk(raw)))
+	return raw, migrate.FormatRaw, nil
+}
+
+func onDisk(path string) int64 {
+	var st syscall.Stat_t
+	if syscall.Stat(path, &st) != nil {
+		return 0
+	}
+	return st.Blocks * 512
+}
+
+// migrate moves the image from the Zurich rack to the EU region and
+// verifies it there.
+func (r *run) migrate(ctx context.Context, img, format string) error {
+	zrh, fra := r.sites[0], r.sites[1]
+	r.sayf("▸ migrating it from %s to %s as class pii-eu (EU personal data: allowed in the EEA and Switzerland)\n", zrh.Site, fra.Site)
+	var bar *progress.Bar
+	if r.opt.Bars != nil {
+		bar = progress.New(r.opt.Bars, "  vm")
+	}
+	ev, err := mesh.NewClient(zrh.Socket).Migrate(ctx, mesh.MigrationRequest{Image: img, To: fra.Site, Class: "pii-eu", Format: format, Name: "vm"}, func(e mesh.MigrationEvent) {
+		if bar != nil && e.Progress != nil {
+			bar.Update(e.Progress)
+		}
+	})
+	ok := err == nil && ev.Record != nil && ev.Record.State == migrate.StateDone
+	if bar != nil {
+		bar.Finish(ok)
+	}
+	if err != nil {
+		return err
+	}
+	if !ok {
+		return fmt.Errorf("migration failed: %s", ev.Error)
+	}
+	rec := ev.Record
+	m := &r.sum.Migration
+	*m = MigrationSummary{ID: rec.ID, Image: filepath.Base(img), Format: format, From: zrh.Site, To: fra.Site, Class: "pii-eu",
+		Virtual: rec.Stats.VirtualBytes, OnDisk: onDisk(img), Sent: rec.Stats.BytesSent, Seconds: rec.Stats.Duration.Seconds(), Root: rec.Root.String()}
+	rep, err := mesh.NewClient(fra.Socket).VerifyImage(ctx, "vm")
+	if err != nil {
+		return fmt.Errorf("verify at the destination: %w", err)
+	}
+	m.Verified, m.ReceivedRoot, m.StoredAt = rep.OK && rep.Root == rec.Root, rep.Root.String(), rep.Path
+	m.QemuCompare = "skipped: qemu-img not installed"
+	if q, err := exec.LookPath("qemu-img"); err == nil {
+		out, err := exec.Command(q, "compare", img, rep.Path).CombinedOutput()
+		if err == nil && bytes.Contains(out, []byte("Images are identical")) {
+			m.QemuCompare = "identical"
+		} else {
+			m.QemuCompare = "DIFFERENT: " + string(bytes.TrimSpace(out))
+			m.Verified = false
+		}
+	}
+	r.sayf("▸ %s in %.2f s: %s on disk, %s sent through the tunnel; the destination re-read it: root %s… %s, qemu-img compare: %s\n",
+		map[bool]string{true: "verified", false: "NOT VERIFIED"}[m.Verified], m.Seconds, progress.Bytes(m.OnDisk), progress.Bytes(m.Sent),
+		m.Root[:16], map[bool]string{true: "matches", false: "differs"}[m.Verified], m.QemuCompare)
+	if !m.Verified {
+		return errors.New("the migrated image did not verify")
+	}
+	return nil
+}
+
+// deny tries to move the same image, as Swiss banking secrecy, to the US.
+func (r *run) deny(ctx context.Context, img string) error {
+	zrh, iad := r.sites[0], r.sites[2]
+	r.sayf("\n▸ the same image as class swiss-banking-secret to %s:\n", iad.Site)
+	ev, err := mesh.NewClient(zrh.Socket).Migrate(ctx, mesh.MigrationRequest{Image: img, To: iad.Site, Class: "swiss-banking-secret", Name: "vm-secret"}, func(mesh.MigrationEvent) {})
+	if err != nil {
+		return err
+	}
+	d := &r.sum.Denial
+	d.Class, d.To = "swiss-banking-secret", iad.Site
+	if ev.Record != nil {
+		d.Sent = ev.Record.Stats.BytesSent
+	}
+	if ev.Denied == nil {
+		return fmt.Errorf("the policy did not refuse swiss-banking-secret for the US: %+v", ev)
+	}
+	d.Refused, d.By, d.Rule, d.Reasons = true, ev.Denied.By, ev.Denied.Rule, ev.Denied.Reasons
+	r.sayf("  REFUSED by the residency policy at the %s, before a single byte left: %d bytes sent\n  rule: %s\n", d.By, d.Sent, d.Rule)
+	for _, reason := range d.Reasons {
+		r.sayf("  reason: %s\n", reason)
+	}
+	return nil
+}
+
+// audit verifies each gateway's signed audit log.
+func (r *run) audit() {
+	tb, err := r.ca.TrustBundle()
+	if err != nil {
+		return
+	}
+	r.sayf("\n▸ audit logs (signed by each gateway, hash-chained):")
+	for _, s := range r.sites {
+		a := AuditSummary{Site: s.Site, Valid: true}
+		if f, err := os.Open(filepath.Join(s.Dir, "audit.log")); err == nil {
+			rep, err := audit.Verify(f, tb)
+			f.Close()
+			a.Records, a.Valid = rep.Records, err == nil
+		}
+		r.sum.Audit = append(r.sum.Audit, a)
+		r.sayf(" %s %d record(s) %s;", s.Site, a.Records, map[bool]string{true: "valid", false: "INVALID"}[a.Valid])
+	}
+	r.sayf("\n")
+}
+
+func (r *run) summary() {
+	m := r.sum.Migration
+	r.sayf("\nsummary: %s image, %s on disk → %s sent (%.1f%% of its virtual size), %.2f s, %s; swiss-banking-secret to the US refused with %d bytes sent; demo took %.1f s\n",
+		progress.Bytes(m.Virtual), progress.Bytes(m.OnDisk), progress.Bytes(m.Sent), 100*float64(m.Sent)/float64(max(m.Virtual, 1)), m.Seconds,
+		map[bool]string{true: "verified end to end", false: "NOT verified"}[m.Verified], r.sum.Denial.Sent, time.Since(r.started).Seconds())
+}
+
+func (r *run) pokeCommands() []string {
+	var out []string
+	for _, s := range r.sites {
+		out = append(out, fmt.Sprintf("%s status --socket %s", r.opt.Exe, s.Socket))
+	}
+	out = append(out, fmt.Sprintf("%s graph --socket %s | dot -Tsvg > mesh.svg", r.opt.Exe, r.sites[0].Socket))
+	if r.mode == ModeNetns {
+		for _, s := range r.sites {
+			out = append(out, fmt.Sprintf("ip netns exec %s wg show %s", s.NS, s.Iface))
+		}
+	}
+	out = append(out, fmt.Sprintf("%s migrate list --socket %s", r.opt.Exe, r.sites[1].Socket))
+	out = append(out, fmt.Sprintf("%s demo --down %s", r.opt.Exe, r.dir))
+	return out
+}
+
+// state is what --keep leaves for --down.
+type state struct {
+	Mode       string   `json:"mode"`
+	Namespaces []string `json:"namespaces"`
+	Ifaces     []string `json:"interfaces"`
+	PIDs       []int    `json:"pids"`
+}
+
+const stateFile = "demo-state.json"
+
+func (r *run) state() state {
+	st := state{Mode: r.mode}
+	if r.wanNS != "" {
+		st.Namespaces = append(st.Namespaces, r.wanNS)
+	}
+	for _, s := range r.sites {
+		if s.NS != "" {
+			st.Namespaces = append(st.Namespaces, s.NS)
+		}
+		st.Ifaces = append(st.Ifaces, s.Iface)
+		if s.cmd != nil && s.cmd.Process != nil {
+			st.PIDs = append(st.PIDs, s.cmd.Process.Pid)
+		}
+	}
+	return st
+}
+
+func (r *run) saveState() error {
+	b, _ := json.MarshalIndent(r.state(), "", "  ")
+	if err := atomicfile.WriteFile(filepath.Join(r.dir, stateFile), b, 0o600); err != nil {
+		return err
+	}
+	r.sayf("\nthe mesh keeps running (--keep). Try:\n")
+	for _, c := range r.sum.Poke {
+		r.sayf("  %s\n", c)
+	}
+	return nil
+}
+
+// cleanup stops the gateways (SIGTERM, then SIGKILL) and removes the
+// namespaces, their stale sockets and the work directory.
+func (r *run) cleanup() {
+	teardown(r.state(), r.sites)
+	os.RemoveAll(r.dir)
+}
+
+func teardown(st state, sites []*site) {
+	for _, pid := range st.PIDs {
+		syscall.Kill(pid, syscall.SIGTERM)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for _, pid := range st.PIDs {
+		for time.Now().Before(deadline) && processAlive(pid, sites) {
+			time.Sleep(50 * time.Millisecond)
+		}
+		if processAlive(pid, sites) {
+			syscall.Kill(pid, syscall.SIGKILL)
+			processAlive(pid, sites)
+		}
+	}
+	for _, ns := range st.Namespaces {
+		exec.Command("ip", "netns", "del", ns).Run()
+	}
+	for _, i := range st.Ifaces {
+		os.Remove(filepath.Join("/var/run/wireguard", i+".sock"))
+	}
+}
+
+// processAlive reaps our own children and reports whether pid still runs.
+func processAlive(pid int, sites []*site) bool {
+	for _, s := range sites {
+		if s.cmd != nil && s.cmd.Process != nil && s.cmd.Process.Pid == pid {
+			var ws syscall.WaitStatus
+			if p, _ := syscall.Wait4(pid, &ws, syscall.WNOHANG, nil); p == pid {
+				return false
+			}
+		}
+	}
+	return syscall.Kill(pid, 0) == nil
+}
+
+// Down tears down a demo left running with --keep.
+func Down(dir string) error {
+	b, err := os.ReadFile(filepath.Join(dir, stateFile))
+	if err != nil {
+		return fmt.Errorf("%s is not a kept demo (no %s): %w", dir, stateFile, err)
+	}
+	var st state
+	if err := json.Unmarshal(b, &st); err != nil {
+		return err
+	}
+	teardown(st, nil)
+	return os.RemoveAll(dir)
+}
