@@ -67,19 +67,28 @@ func VerifyAdvert(raw []byte, cert *x509.Certificate, tb *TrustBundle, now time.
 	if err := checkClaims(&sa.Advert, attrs); err != nil {
 		return nil, err
 	}
-	if sa.Timestamp.After(now.Add(MaxClockSkew)) {
-		return nil, refuse(ReasonClockSkew, "advert of %q is dated %s, more than %s ahead", sa.Node, sa.Timestamp.Format(time.RFC3339), MaxClockSkew)
-	}
 	seen := Seen{Version: sa.Version, Digest: sha256.Sum256(raw)}
-	if last != nil {
-		switch {
-		case sa.Version < last.Version:
-			return nil, refuse(ReasonReplay, "advert of %q has version %d, older than %d already accepted", sa.Node, sa.Version, last.Version)
-		case sa.Version == last.Version && seen.Digest != last.Digest:
-			return nil, refuse(ReasonReplay, "advert of %q reuses version %d with different content", sa.Node, sa.Version)
-		}
+	if err := checkFreshness(&sa.Advert, now, last, seen); err != nil {
+		return nil, err
 	}
 	return &Verified{Advert: sa.Advert, Attributes: attrs, Cert: cert, Seen: seen}, nil
+}
+
+// checkFreshness refuses an advert dated in the future or older than the
+// last one accepted from its node.
+func checkFreshness(a *Advert, now time.Time, last *Seen, seen Seen) error {
+	if a.Timestamp.After(now.Add(MaxClockSkew)) {
+		return refuse(ReasonClockSkew, "advert of %q is dated %s, more than %s ahead", a.Node, a.Timestamp.Format(time.RFC3339), MaxClockSkew)
+	}
+	if last != nil {
+		switch {
+		case a.Version < last.Version:
+			return refuse(ReasonReplay, "advert of %q has version %d, older than %d already accepted", a.Node, a.Version, last.Version)
+		case a.Version == last.Version && seen.Digest != last.Digest:
+			return refuse(ReasonReplay, "advert of %q reuses version %d with different content", a.Node, a.Version)
+		}
+	}
+	return nil
 }
 
 // checkClaims binds an advert to its certificate: everything it says about

@@ -100,6 +100,7 @@ func TestVerifyAdvert(t *testing.T) {
 		{name: "garbage", raw: []byte("GET / HTTP/1.1\r\nHost: skybridge\r\n\r\n"), cert: good, want: ReasonMalformed},
 		{name: "oversized", raw: make([]byte, MaxAdvertSize+1), cert: good, want: ReasonMalformed},
 	}
+	cache := NewVerifyCache() // shared by all rows, as by a gateway's members
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			b := tt.tb
@@ -123,6 +124,13 @@ func TestVerifyAdvert(t *testing.T) {
 				}
 			} else if v != nil {
 				t.Fatal("refusal returned a verified advert")
+			}
+			// The cache gives the same answer, the first time and when it
+			// hits.
+			for range 2 {
+				if _, err := cache.VerifyAdvert(tt.raw, certOf(tt.cert), b, at, tt.last); ReasonOf(err) != tt.want {
+					t.Fatalf("cached: reason = %q (err %v), want %q", ReasonOf(err), err, tt.want)
+				}
 			}
 		})
 	}

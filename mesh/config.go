@@ -263,6 +263,8 @@ func parseAddrPort(s string, defaultPort int) (netip.AddrPort, error) {
 
 // Durations of the gateway's loops.
 const (
-	reconcileInterval = 10 * time.Second // resync even without events, to repair drift
-	rejoinInterval    = 5 * time.Second  // how often a gateway missing members knocks on seeds
+	reconcileInterval = 10 * time.Second      // resync even without events, to repair drift
+	reconcileDebounce = 50 * time.Millisecond // gather a burst of events into one reconcile
+	rejoinInterval    = 5 * time.Second       // how often a gateway missing members knocks on seeds
+	saveInterval      = 5 * time.Second       // at most this often is the membership written to disk
 )

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/x509"
 	"fmt"
+	"io"
 	"log"
 	"log/slog"
 	"net"
@@ -44,8 +45,13 @@ type Gateway struct {
 	inbox chan []byte
 	kick  chan struct{}
 
+	opt     options
+	joined  chan struct{} // closed once the first join (to the seeds) returned
+	crashed atomic.Bool   // stopped without leaving (tests and benchmarks)
+
 	// Owned by the reconcile loop.
 	lastApplied map[certs.WGPublicKey]PeerConfig
+	savedAt     time.Time // members last written to the state directory
 	plan        atomic.Pointer[Plan]
 	stats       reconcileStats
 
@@ -82,6 +88,22 @@ type reconcileStats struct {
 // device, and the members remembered from the last run (so that a restart
 // during a partition keeps their tunnels). Run starts the gossip.
 func New(ctx context.Context, s *Settings, logger *slog.Logger) (*Gateway, error) {
+	return newGateway(ctx, s, logger, options{})
+}
+
+// options let many gateways run in one process (the scale benchmark) or
+// with a device that only records (tests). A gateway run by
+// `skybridge gateway run` uses none of them.
+type options struct {
+	device       Device                   // use this instead of opening one
+	noControl    bool                     // no control socket
+	noMigrations bool                     // no migration journal, receiver or sender
+	cache        *certs.VerifyCache       // share verified adverts across gateways
+	tune         func(*memberlist.Config) // adjust memberlist after the profile
+	transport    func(*memberlist.Config) (memberlist.Transport, error)
+}
+
+func newGateway(ctx context.Context, s *Settings, logger *slog.Logger, opt options) (*Gateway, error) {
 	if logger == nil {
 		logger = slog.Default()
 	}
@@ -89,10 +111,11 @@ func New(ctx context.Context, s *Settings, logger *slog.Logger) (*Gateway, error
 		return nil, fmt.Errorf("create state directory: %w", err)
 	}
 	g := &Gateway{
-		s: s, now: time.Now, state: stateDir(s.StateDir),
+		s: s, now: time.Now, state: stateDir(s.StateDir), opt: opt,
 		inbox: make(chan []byte, 1024), kick: make(chan struct{}, 1),
 		lastApplied: map[certs.WGPublicKey]PeerConfig{}, certAsked: map[string]time.Time{},
 		started: time.Now(), acks: make(chan keyringAck, 64), readvertise: make(chan struct{}, 1),
+		joined: make(chan struct{}),
 	}
 	prov, err := certs.Open(ctx, s.Identity, logger)
 	if err != nil {
@@ -122,23 +145,30 @@ func New(ctx context.Context, s *Settings, logger *slog.Logger) (*Gateway, error
 		return nil, err
 	}
 	g.members = newMembership(attrs.Node, tb, g.now, g.triggerReconcile)
+	if opt.cache != nil {
+		g.members.cache = opt.cache
+	}
 	g.loadPolicies()
 	if err := g.signAdvert(); err != nil {
 		prov.Close()
 		return nil, err
 	}
-	g.dev, err = OpenDevice(DeviceOptions{
-		Name: s.Interface, Mode: s.Mode, Port: s.Port, MTU: s.MTU, PrivateKey: g.wgKey,
-		Overlay: attrs.OverlayIP, MeshPrefix: tb.MeshPrefix(), Log: g.log,
-	})
-	if err != nil {
-		prov.Close()
-		return nil, err
+	if g.dev = opt.device; g.dev == nil {
+		g.dev, err = OpenDevice(DeviceOptions{
+			Name: s.Interface, Mode: s.Mode, Port: s.Port, MTU: s.MTU, PrivateKey: g.wgKey,
+			Overlay: attrs.OverlayIP, MeshPrefix: tb.MeshPrefix(), Log: g.log,
+		})
+		if err != nil {
+			prov.Close()
+			return nil, err
+		}
 	}
-	if err := g.openMigrations(); err != nil {
-		g.closeDevice()
-		prov.Close()
-		return nil, err
+	if !opt.noMigrations {
+		if err := g.openMigrations(); err != nil {
+			g.closeDevice()
+			prov.Close()
+			return nil, err
+		}
 	}
 	g.restoreMembers()
 	g.reconcile()
@@ -195,17 +225,23 @@ func (g *Gateway) Run(ctx context.Context) error {
 		g.closeDevice()
 		return err
 	}
-	ctl, err := g.serveControl()
-	if err != nil {
-		g.ml.Shutdown()
-		g.closeDevice()
-		return err
+	var ctl io.Closer = closerFunc(func() error { return nil })
+	if !g.opt.noControl {
+		c, err := g.serveControl()
+		if err != nil {
+			g.ml.Shutdown()
+			g.closeDevice()
+			return err
+		}
+		ctl = c
 	}
-	if err := g.serveMigrations(ctx); err != nil {
-		ctl.Close()
-		g.ml.Shutdown()
-		g.closeDevice()
-		return err
+	if g.mig != nil {
+		if err := g.serveMigrations(ctx); err != nil {
+			ctl.Close()
+			g.ml.Shutdown()
+			g.closeDevice()
+			return err
+		}
 	}
 	g.log.Info("gateway running", "interface", g.dev.Name(), "mode", g.dev.Mode(), "gossip", g.s.GossipAdvertise.String(),
 		"overlay_ip", g.id.Load().Attributes().OverlayIP.String(), "policy", g.policyRevision())
@@ -224,11 +260,14 @@ func (g *Gateway) Run(ctx context.Context) error {
 		})
 	}
 	g.join(g.s.Seeds)
+	close(g.joined)
 	<-ctx.Done()
 
-	g.log.Info("gateway stopping: leaving the cluster")
-	if err := g.ml.Leave(3 * time.Second); err != nil {
-		g.log.Warn("leave", "err", err)
+	if !g.crashed.Load() {
+		g.log.Info("gateway stopping: leaving the cluster")
+		if err := g.ml.Leave(3 * time.Second); err != nil {
+			g.log.Warn("leave", "err", err)
+		}
 	}
 	ctl.Close()
 	wg.Wait()
@@ -243,6 +282,9 @@ func (g *Gateway) Run(ctx context.Context) error {
 // stopMigrations cancels the migrations we send (they resume later) and
 // closes the journal.
 func (g *Gateway) stopMigrations() {
+	if g.mig == nil {
+		return
+	}
 	g.mig.mu.Lock()
 	runs := make([]*runningMigration, 0, len(g.mig.running))
 	for _, r := range g.mig.running {
@@ -276,6 +318,12 @@ func (g *Gateway) advertiseLoad(ctx context.Context) {
 	}
 }
 
+// crash stops gossip at once, without a leave, as a killed gateway would.
+func (g *Gateway) crash() {
+	g.crashed.Store(true)
+	g.ml.Shutdown()
+}
+
 func (g *Gateway) closeDevice() {
 	g.stopOnce.Do(func() {
 		if err := g.dev.Close(); err != nil {
@@ -306,6 +354,16 @@ func (g *Gateway) startGossip() error {
 	d := delegate{g}
 	cfg.Delegate, cfg.Events, cfg.Alive = d, d, d
 	cfg.Logger = log.New(slogWriter{g.log}, "", 0)
+	if g.opt.tune != nil {
+		g.opt.tune(cfg)
+	}
+	if g.opt.transport != nil {
+		t, err := g.opt.transport(cfg)
+		if err != nil {
+			return err
+		}
+		cfg.Transport = t
+	}
 	ml, err := memberlist.Create(cfg)
 	if err != nil {
 		return fmt.Errorf("start gossip on %s: %w", g.s.GossipBind, err)
@@ -362,6 +420,17 @@ func (g *Gateway) reconcileLoop(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-g.kick:
+			// Coalesce a burst of membership events (a cluster joining,
+			// a partition healing) into one pass.
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(reconcileDebounce):
+			}
+			select {
+			case <-g.kick:
+			default:
+			}
 		case <-t.C:
 		}
 		g.reconcile()
@@ -393,7 +462,9 @@ func (g *Gateway) reconcile() {
 		return
 	}
 	g.plan.Store(&plan)
-	g.saveMembers()
+	if time.Since(g.savedAt) >= saveInterval {
+		g.saveMembers()
+	}
 }
 
 func (g *Gateway) apply(plan Plan) error {
@@ -525,6 +596,7 @@ func (g *Gateway) saveMembers() {
 		}
 		out = append(out, sm)
 	}
+	g.savedAt = time.Now()
 	if err := g.state.saveMembers(out); err != nil {
 		g.log.Warn("save members", "err", err)
 	}

@@ -50,6 +50,7 @@ type membership struct {
 	members map[string]*member
 	certs   map[[32]byte]*x509.Certificate // certificates by SHA-256, chain-verified
 	badCert map[[32]byte]string            // certificates refused, and why
+	cache   *certs.VerifyCache             // verified adverts: re-judging costs a lookup
 	now     func() time.Time
 	// onChange is called (outside the lock) when the verified set may
 	// have changed.
@@ -58,7 +59,7 @@ type membership struct {
 
 func newMembership(self string, tb *certs.TrustBundle, now func() time.Time, onChange func()) *membership {
 	return &membership{
-		self: self, trust: tb, now: now, onChange: onChange,
+		self: self, trust: tb, now: now, onChange: onChange, cache: certs.NewVerifyCache(),
 		members: map[string]*member{}, certs: map[[32]byte]*x509.Certificate{}, badCert: map[[32]byte]string{},
 	}
 }
@@ -93,7 +94,7 @@ func (ms *membership) admit(name string, meta []byte) error {
 	if m := ms.members[name]; m != nil {
 		last = m.seen
 	}
-	v, err := certs.VerifyAdvert(meta, cert, ms.trust, ms.now(), last)
+	v, err := ms.cache.VerifyAdvert(meta, cert, ms.trust, ms.now(), last)
 	if err != nil {
 		return err
 	}
@@ -205,7 +206,7 @@ func (ms *membership) judgeLocked(m *member) (needCert bool) {
 		m.verified, m.state, m.reason = nil, StatePending, "waiting for its certificate"
 		return true
 	}
-	v, err := certs.VerifyAdvert(m.meta, cert, ms.trust, ms.now(), m.seen)
+	v, err := ms.cache.VerifyAdvert(m.meta, cert, ms.trust, ms.now(), m.seen)
 	if err == nil {
 		err = ms.conflictLocked(m.name, v)
 	}
@@ -241,7 +242,7 @@ func (ms *membership) addCert(der []byte) error {
 	}
 	cert, err := x509.ParseCertificate(der)
 	if err == nil {
-		_, err = ms.trust.VerifyCertificate(cert, ms.now())
+		_, err = ms.cache.VerifyCertificate(ms.trust, cert, ms.now())
 	}
 	if err != nil {
 		ms.badCert[sum] = "certificate refused: " + err.Error()
@@ -264,7 +265,7 @@ func (ms *membership) setTrust(tb *certs.TrustBundle) {
 	ms.mu.Lock()
 	ms.trust = tb
 	for sum, c := range ms.certs {
-		if _, err := tb.VerifyCertificate(c, ms.now()); err != nil {
+		if _, err := ms.cache.VerifyCertificate(tb, c, ms.now()); err != nil {
 			delete(ms.certs, sum)
 			ms.badCert[sum] = "certificate refused: " + err.Error()
 		}

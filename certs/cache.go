@@ -1,0 +1,108 @@
+package certs
+
+import (
+	"crypto/sha256"
+	"crypto/x509"
+	"sync"
+	"time"
+)
+
+// VerifyCache remembers adverts that passed the expensive part of
+// VerifyAdvert — the certificate chain and the two ECDSA verifications —
+// so that re-judging a member (a newer revocation list, the periodic
+// expiry check, a gossip re-delivery) costs a map lookup. Entries are
+// keyed by the advert's bytes, the certificate and the revocation list in
+// force, and expire with the certificate; the replay and clock checks,
+// which depend on the caller's state, are redone on every call.
+//
+// A VerifyCache is safe for concurrent use. One per gateway is the normal
+// case; the in-process scale benchmark shares one among all its gateways,
+// so that each advert is verified once per process instead of once per
+// simulated gateway.
+type VerifyCache struct {
+	mu sync.Mutex
+	m  map[verifyKey]verifyEntry
+}
+
+type verifyKey struct {
+	advert [32]byte
+	cert   [32]byte
+	crl    string
+}
+
+type verifyEntry struct {
+	v        *Verified
+	notAfter time.Time
+}
+
+// NewVerifyCache makes an empty cache.
+func NewVerifyCache() *VerifyCache { return &VerifyCache{m: map[verifyKey]verifyEntry{}} }
+
+// maxCacheEntries bounds the cache; when full it is simply cleared (the
+// next round of verifications refills it).
+const maxCacheEntries = 1 << 16
+
+// VerifyAdvert is certs.VerifyAdvert with the cache in front. A nil cache
+// verifies every time.
+func (c *VerifyCache) VerifyAdvert(raw []byte, cert *x509.Certificate, tb *TrustBundle, now time.Time, last *Seen) (*Verified, error) {
+	if c == nil || cert == nil {
+		return VerifyAdvert(raw, cert, tb, now, last)
+	}
+	k := verifyKey{advert: sha256.Sum256(raw), cert: sha256.Sum256(cert.Raw)}
+	if crl := tb.CRL(); crl != nil && crl.Number != nil {
+		k.crl = crl.Number.String()
+	}
+	c.mu.Lock()
+	e, ok := c.m[k]
+	c.mu.Unlock()
+	if ok && now.Before(e.notAfter) && !now.Before(e.v.Cert.NotBefore) {
+		if err := checkFreshness(&e.v.Advert, now, last, e.v.Seen); err != nil {
+			return nil, err
+		}
+		v := *e.v
+		return &v, nil
+	}
+	v, err := VerifyAdvert(raw, cert, tb, now, nil)
+	if err != nil {
+		return nil, err
+	}
+	c.mu.Lock()
+	if len(c.m) >= maxCacheEntries {
+		c.m = map[verifyKey]verifyEntry{}
+	}
+	c.m[k] = verifyEntry{v: v, notAfter: cert.NotAfter}
+	c.mu.Unlock()
+	if err := checkFreshness(&v.Advert, now, last, v.Seen); err != nil {
+		return nil, err
+	}
+	return v, nil
+}
+
+// VerifyCertificate is TrustBundle.VerifyCertificate with the cache in
+// front (same keys and expiry as adverts).
+func (c *VerifyCache) VerifyCertificate(tb *TrustBundle, cert *x509.Certificate, now time.Time) (*Attributes, error) {
+	if c == nil {
+		return tb.VerifyCertificate(cert, now)
+	}
+	k := verifyKey{cert: sha256.Sum256(cert.Raw)}
+	if crl := tb.CRL(); crl != nil && crl.Number != nil {
+		k.crl = crl.Number.String()
+	}
+	c.mu.Lock()
+	e, ok := c.m[k]
+	c.mu.Unlock()
+	if ok && now.Before(e.notAfter) && !now.Before(cert.NotBefore) {
+		return e.v.Attributes, nil
+	}
+	attrs, err := tb.VerifyCertificate(cert, now)
+	if err != nil {
+		return nil, err
+	}
+	c.mu.Lock()
+	if len(c.m) >= maxCacheEntries {
+		c.m = map[verifyKey]verifyEntry{}
+	}
+	c.m[k] = verifyEntry{v: &Verified{Attributes: attrs, Cert: cert}, notAfter: cert.NotAfter}
+	c.mu.Unlock()
+	return attrs, nil
+}

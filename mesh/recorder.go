@@ -1,0 +1,116 @@
+package mesh
+
+import (
+	"context"
+	"errors"
+	"net"
+	"net/netip"
+	"slices"
+	"sync"
+
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
+)
+
+// RecordingDevice is a WireGuard device that only records what the
+// reconciler applies: for running many gateways in one process (the scale
+// benchmark) and for tests. It applies configuration changes with the
+// kernel's semantics (add, update-only, replace allowed IPs, remove).
+type RecordingDevice struct {
+	mu      sync.Mutex
+	name    string
+	peers   map[wgtypes.Key]wgtypes.Peer
+	routes  []netip.Prefix
+	applies int
+}
+
+// NewRecordingDevice makes an empty recording device.
+func NewRecordingDevice(name string) *RecordingDevice {
+	return &RecordingDevice{name: name, peers: map[wgtypes.Key]wgtypes.Peer{}}
+}
+
+func (d *RecordingDevice) Name() string { return d.name }
+func (d *RecordingDevice) Mode() string { return "record" }
+
+func (d *RecordingDevice) Device() (*wgtypes.Device, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	dev := &wgtypes.Device{Name: d.name}
+	for _, p := range d.peers {
+		p.AllowedIPs = slices.Clone(p.AllowedIPs)
+		dev.Peers = append(dev.Peers, p)
+	}
+	return dev, nil
+}
+
+func (d *RecordingDevice) Configure(c wgtypes.Config) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.applies++
+	if c.ReplacePeers {
+		d.peers = map[wgtypes.Key]wgtypes.Peer{}
+	}
+	for _, pc := range c.Peers {
+		p, exists := d.peers[pc.PublicKey]
+		switch {
+		case pc.Remove:
+			delete(d.peers, pc.PublicKey)
+			continue
+		case pc.UpdateOnly && !exists:
+			continue
+		case !exists:
+			p = wgtypes.Peer{PublicKey: pc.PublicKey}
+		}
+		if pc.Endpoint != nil {
+			p.Endpoint = pc.Endpoint
+		}
+		if pc.PersistentKeepaliveInterval != nil {
+			p.PersistentKeepaliveInterval = *pc.PersistentKeepaliveInterval
+		}
+		if pc.ReplaceAllowedIPs {
+			p.AllowedIPs = nil
+		}
+		p.AllowedIPs = append(p.AllowedIPs, pc.AllowedIPs...)
+		d.peers[pc.PublicKey] = p
+	}
+	return nil
+}
+
+// Peers returns the recorded peers by public key.
+func (d *RecordingDevice) Peers() map[wgtypes.Key]wgtypes.Peer {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	out := make(map[wgtypes.Key]wgtypes.Peer, len(d.peers))
+	for k, p := range d.peers {
+		out[k] = p
+	}
+	return out
+}
+
+// Applies counts the configuration changes applied.
+func (d *RecordingDevice) Applies() int {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.applies
+}
+
+func (d *RecordingDevice) Routes() ([]netip.Prefix, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return slices.Clone(d.routes), nil
+}
+
+func (d *RecordingDevice) SetRoutes(add, del []netip.Prefix) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.routes = slices.DeleteFunc(d.routes, func(p netip.Prefix) bool { return slices.Contains(del, p) })
+	d.routes = append(d.routes, add...)
+	return nil
+}
+
+var errNoOverlay = errors.New("a recording device carries no traffic")
+
+func (d *RecordingDevice) Listen(netip.AddrPort) (net.Listener, error) { return nil, errNoOverlay }
+func (d *RecordingDevice) Dial(context.Context, string) (net.Conn, error) {
+	return nil, errNoOverlay
+}
+func (d *RecordingDevice) Close() error { return nil }

@@ -1,0 +1,305 @@
+package mesh
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"runtime"
+	"runtime/pprof"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/memberlist"
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
+
+	"github.com/skybridge-mesh/skybridge/certs"
+)
+
+// TestScaleConvergence is the mesh-scale benchmark of docs/BENCHMARKS.md:
+// N gateways in one process — real memberlist over loopback, real
+// signature verification (each advert verified once per process: the
+// gateways share a verification cache), real topology and reconciliation
+// into devices that record the configuration. It measures convergence
+// after the last join, the removal of a crashed gateway, CPU, memory and
+// gossip traffic. It runs only with SKYBRIDGE_BENCH_SCALE=1 (sizes in
+// SKYBRIDGE_BENCH_SIZES, default 10,100,300,1000).
+func TestScaleConvergence(t *testing.T) {
+	if os.Getenv("SKYBRIDGE_BENCH_SCALE") == "" {
+		t.Skip("benchmark: set SKYBRIDGE_BENCH_SCALE=1 (scripts/bench.sh does)")
+	}
+	sizes := []int{10, 100, 300, 1000}
+	if s := os.Getenv("SKYBRIDGE_BENCH_SIZES"); s != "" {
+		sizes = nil
+		for _, f := range strings.Split(s, ",") {
+			n, _ := strconv.Atoi(f)
+			sizes = append(sizes, n)
+		}
+	}
+	var b strings.Builder
+	fmt.Fprintf(&b, "\n| gateways | converge after last join | crash removed everywhere | CPU per gateway (steady) | heap per gateway | gossip per gateway |\n|---|---|---|---|---|---|\n")
+	for _, n := range sizes {
+		r := runScale(t, n)
+		fmt.Fprintf(&b, "| %d | %s | %s | %.2f %% of a core | %s | %.1f KB/s |\n", n, r.converge, r.crash, r.cpuPct, kib(r.heap), r.gossipBps/1000)
+	}
+	t.Log(b.String())
+	fmt.Println(b.String())
+}
+
+type scaleResult struct {
+	converge, crash time.Duration
+	cpuPct          float64 // percent of one core per gateway
+	heap            uint64  // bytes per gateway
+	gossipBps       float64 // gossip bytes per second per gateway
+}
+
+func kib(n uint64) string { return fmt.Sprintf("%.0f KiB", float64(n)/1024) }
+
+type simGateway struct {
+	g      *Gateway
+	dev    *RecordingDevice
+	key    wgtypes.Key
+	cancel context.CancelFunc
+	done   chan struct{}
+}
+
+// countingTransport counts the gossip bytes a gateway sends: UDP packets,
+// and both directions of the streams it dials (push/pull, user messages).
+type countingTransport struct {
+	memberlist.Transport
+	n *atomic.Int64
+}
+
+func (t countingTransport) WriteTo(b []byte, addr string) (time.Time, error) {
+	t.n.Add(int64(len(b)))
+	return t.Transport.WriteTo(b, addr)
+}
+
+func (t countingTransport) DialTimeout(addr string, timeout time.Duration) (net.Conn, error) {
+	c, err := t.Transport.DialTimeout(addr, timeout)
+	if err != nil {
+		return nil, err
+	}
+	return countingConn{Conn: c, n: t.n}, nil
+}
+
+type countingConn struct {
+	net.Conn
+	n *atomic.Int64
+}
+
+func (c countingConn) Read(b []byte) (int, error) {
+	n, err := c.Conn.Read(b)
+	c.n.Add(int64(n))
+	return n, err
+}
+
+func (c countingConn) Write(b []byte) (int, error) {
+	n, err := c.Conn.Write(b)
+	c.n.Add(int64(n))
+	return n, err
+}
+
+func freeLoopbackPort(t testing.TB) int {
+	for range 100 {
+		u, err := net.ListenPacket("udp4", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		p := u.LocalAddr().(*net.UDPAddr).Port
+		u.Close()
+		if l, err := net.Listen("tcp4", fmt.Sprintf("127.0.0.1:%d", p)); err == nil {
+			l.Close()
+			return p
+		}
+	}
+	t.Fatal("no free port")
+	return 0
+}
+
+func runScale(t *testing.T, n int) scaleResult {
+	base := "/dev/shm"
+	if _, err := os.Stat(base); err != nil {
+		base = ""
+	}
+	dir, err := os.MkdirTemp(base, "skybridge-scale-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(dir)
+	ca, err := certs.InitCA(filepath.Join(dir, "ca"), certs.InitOptions{MeshPrefix: netip.MustParsePrefix("100.64.0.0/10")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tb, _ := ca.TrustBundle()
+	cache := certs.NewVerifyCache()
+	var gossipBytes atomic.Int64
+	log := slog.New(slog.DiscardHandler)
+
+	sims := make([]*simGateway, n)
+	var seeds []string
+	setup := time.Now()
+	for i := range n {
+		node := fmt.Sprintf("gw%04d", i)
+		gdir := filepath.Join(dir, node)
+		overlay := netip.AddrFrom4([4]byte{100, 64 + byte(i/65536), byte(i / 256 % 256), byte(i % 256)}).Next()
+		route := netip.PrefixFrom(netip.AddrFrom4([4]byte{10, byte(i / 256), byte(i % 256), 0}), 24)
+		attrs := certs.Attributes{Node: node, Site: "site-" + node, Region: "r", Provider: "aws", Jurisdiction: "DE", OverlayIP: overlay, Routes: []netip.Prefix{route}}
+		id, err := ca.IssueIdentity(attrs, 24*time.Hour, time.Now())
+		if err != nil {
+			t.Fatal(err)
+		}
+		idDir := filepath.Join(gdir, "identity")
+		if err := id.Save(idDir, tb); err != nil {
+			t.Fatal(err)
+		}
+		if err := ca.CopyGossipKeyring(context.Background(), idDir); err != nil {
+			t.Fatal(err)
+		}
+		port := freeLoopbackPort(t)
+		ap := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(port))
+		if i < 3 {
+			seeds = append(seeds, ap.String())
+		}
+		s := &Settings{
+			StateDir: gdir, Identity: certs.Config{Dir: idDir},
+			Node:       certs.NodeConfig{Name: node, Site: attrs.Site, Region: "r", Provider: "aws", Jurisdiction: "DE", OverlayIP: overlay.String(), Routes: []string{route.String()}},
+			GossipBind: ap, GossipAdvertise: ap, Seeds: seeds, GossipProfile: "lan",
+			Interface: "sim", Port: port, MTU: DefaultMTU, Endpoints: []netip.AddrPort{ap}, Topology: TopologyFullMesh,
+		}
+		dev := NewRecordingDevice(node)
+		g, err := newGateway(context.Background(), s, log, options{
+			device: dev, noControl: true, noMigrations: true, cache: cache, tune: scaleTuning,
+			transport: func(cfg *memberlist.Config) (memberlist.Transport, error) {
+				nt, err := memberlist.NewNetTransport(&memberlist.NetTransportConfig{BindAddrs: []string{cfg.BindAddr}, BindPort: cfg.BindPort, Logger: cfg.Logger})
+				if err != nil {
+					return nil, err
+				}
+				return countingTransport{Transport: nt, n: &gossipBytes}, nil
+			},
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		sims[i] = &simGateway{g: g, dev: dev, key: wgtypes.Key(g.wgKey.Public()), done: make(chan struct{})}
+	}
+	t.Logf("N=%d: %d identities and gateways prepared in %s", n, n, time.Since(setup).Round(time.Millisecond))
+	defer func() {
+		var wg sync.WaitGroup
+		for _, s := range sims {
+			if s.cancel != nil {
+				s.cancel()
+				wg.Go(func() { <-s.done })
+			}
+		}
+		wg.Wait()
+	}()
+
+	if f := os.Getenv("SKYBRIDGE_BENCH_PPROF"); f != "" && n == maxSize() {
+		pf, _ := os.Create(f)
+		pprof.StartCPUProfile(pf)
+		defer func() { pprof.StopCPUProfile(); pf.Close() }()
+	}
+	// Join one after the other, as gateways coming up.
+	for _, s := range sims {
+		ctx, cancel := context.WithCancel(context.Background())
+		s.cancel = cancel
+		go func() { s.g.Run(ctx); close(s.done) }()
+		<-s.g.joined
+	}
+	lastJoin := time.Now()
+	complete := func(s *simGateway, exclude wgtypes.Key) bool {
+		peers := s.dev.Peers()
+		want := n - 1
+		if exclude != (wgtypes.Key{}) {
+			if _, ok := peers[exclude]; ok {
+				return false
+			}
+			if s.key != exclude {
+				want = n - 2
+			}
+		}
+		if len(peers) != want {
+			return false
+		}
+		for _, p := range peers {
+			if len(p.AllowedIPs) != 2 { // overlay /32 and the site's route
+				return false
+			}
+		}
+		return true
+	}
+	waitAll := func(what string, exclude wgtypes.Key, skip int) time.Duration {
+		start := time.Now()
+		deadline := start.Add(3 * time.Minute)
+		for {
+			done := 0
+			for i, s := range sims {
+				if i == skip || complete(s, exclude) {
+					done++
+				}
+			}
+			if done == n {
+				return time.Since(start)
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("N=%d: %s: %d of %d gateways complete after 3 min", n, what, done, n)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	var r scaleResult
+	waitAll("convergence", wgtypes.Key{}, -1)
+	r.converge = time.Since(lastJoin)
+
+	// Steady state: CPU, memory, gossip traffic over 10 s.
+	runtime.GC()
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	r.heap = ms.HeapInuse / uint64(n)
+	cpu0, bytes0, t0 := processCPU(), gossipBytes.Load(), time.Now()
+	time.Sleep(10 * time.Second)
+	el := time.Since(t0).Seconds()
+	r.cpuPct = 100 * (processCPU() - cpu0) / el / float64(n)
+	r.gossipBps = float64(gossipBytes.Load()-bytes0) / el / float64(n)
+
+	// Crash one gateway (not a seed): no leave, it just stops.
+	victim := n / 2
+	sims[victim].g.crash()
+	crashed := time.Now()
+	waitAll("crash removal", sims[victim].key, victim)
+	r.crash = time.Since(crashed)
+	t.Logf("N=%d: converged %s after the last join; crash removed everywhere in %s", n, r.converge.Round(time.Millisecond), r.crash.Round(time.Millisecond))
+	return r
+}
+
+func maxSize() int {
+	m := 0
+	for _, f := range strings.Split(os.Getenv("SKYBRIDGE_BENCH_SIZES"), ",") {
+		if v, _ := strconv.Atoi(f); v > m {
+			m = v
+		}
+	}
+	if m == 0 {
+		m = 1000
+	}
+	return m
+}
+
+func processCPU() float64 {
+	var ru syscall.Rusage
+	syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano()).Seconds()
+}
+
+// scaleTuning is the memberlist tuning under test (nil: the LAN profile
+// as is).
+var scaleTuning func(*memberlist.Config)
