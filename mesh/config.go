@@ -267,4 +267,7 @@ const (
 	reconcileDebounce = 50 * time.Millisecond // gather a burst of events into one reconcile
 	rejoinInterval    = 5 * time.Second       // how often a gateway missing members knocks on seeds
 	saveInterval      = 5 * time.Second       // at most this often is the membership written to disk
+	inboxSize         = 8192                  // gossip messages waiting for the worker
+	maxSends          = 16                    // streams a gateway opens at once for its own messages
+	maxJoinCerts      = 8192                  // certificates a join's push/pull carries (about 5 MB)
 )

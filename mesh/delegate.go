@@ -39,7 +39,7 @@ func (d delegate) GetBroadcasts(overhead, limit int) [][]byte {
 // LocalState is what we send in a push/pull exchange: our certificate, the
 // revocation list and the signed policy, so anti-entropy repairs whatever
 // the targeted requests missed.
-func (d delegate) LocalState(join bool) []byte { return d.g.localState() }
+func (d delegate) LocalState(join bool) []byte { return d.g.localState(join) }
 
 func (d delegate) MergeRemoteState(buf []byte, join bool) {
 	msgs, err := unbundle(buf)
@@ -48,6 +48,14 @@ func (d delegate) MergeRemoteState(buf []byte, join bool) {
 		return
 	}
 	for _, m := range msgs {
+		// A join's certificate bundle is learned here, in one batch:
+		// through the inbox it could be as many messages as members.
+		if len(m) > 0 && m[0] == msgCerts {
+			if dm, err := decodeMessage(m); err == nil {
+				d.g.members.addCerts(dm.fields)
+			}
+			continue
+		}
 		d.g.enqueue(append([]byte(nil), m...))
 	}
 }

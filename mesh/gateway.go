@@ -7,7 +7,9 @@ import (
 	"io"
 	"log"
 	"log/slog"
+	"math/rand/v2"
 	"net"
+	"net/netip"
 	"os"
 	"strings"
 	"sync"
@@ -44,6 +46,7 @@ type Gateway struct {
 
 	inbox chan []byte
 	kick  chan struct{}
+	sends chan struct{} // semaphore of sendAsync
 
 	opt     options
 	joined  chan struct{} // closed once the first join (to the seeds) returned
@@ -52,6 +55,7 @@ type Gateway struct {
 	// Owned by the reconcile loop.
 	lastApplied map[certs.WGPublicKey]PeerConfig
 	savedAt     time.Time // members last written to the state directory
+	links       LinkMemo  // residency decisions of the last plan
 	plan        atomic.Pointer[Plan]
 	stats       reconcileStats
 
@@ -112,7 +116,7 @@ func newGateway(ctx context.Context, s *Settings, logger *slog.Logger, opt optio
 	}
 	g := &Gateway{
 		s: s, now: time.Now, state: stateDir(s.StateDir), opt: opt,
-		inbox: make(chan []byte, 1024), kick: make(chan struct{}, 1),
+		inbox: make(chan []byte, inboxSize), kick: make(chan struct{}, 1), sends: make(chan struct{}, maxSends),
 		lastApplied: map[certs.WGPublicKey]PeerConfig{}, certAsked: map[string]time.Time{},
 		started: time.Now(), acks: make(chan keyringAck, 64), readvertise: make(chan struct{}, 1),
 		joined: make(chan struct{}),
@@ -259,7 +263,7 @@ func (g *Gateway) Run(ctx context.Context) error {
 			}
 		})
 	}
-	g.join(g.s.Seeds)
+	g.joinSeeds(g.s.Seeds)
 	close(g.joined)
 	<-ctx.Done()
 
@@ -341,6 +345,7 @@ func (g *Gateway) startGossip() error {
 		cfg = memberlist.DefaultLocalConfig()
 	default:
 		cfg = memberlist.DefaultLANConfig()
+		tuneLAN(cfg)
 	}
 	a := g.id.Load().Attributes()
 	cfg.Name = a.Node
@@ -351,6 +356,10 @@ func (g *Gateway) startGossip() error {
 	cfg.Keyring = g.keyring
 	cfg.SecretKey = nil
 	cfg.GossipVerifyIncoming, cfg.GossipVerifyOutgoing = true, true
+	// Adverts are mostly keys and signatures: compressing them saves
+	// little, and memberlist's LZW allocates a 16 KiB table per packet,
+	// which was the largest cost of gossip in a 300-gateway mesh.
+	cfg.EnableCompression = false
 	d := delegate{g}
 	cfg.Delegate, cfg.Events, cfg.Alive = d, d, d
 	cfg.Logger = log.New(slogWriter{g.log}, "", 0)
@@ -373,6 +382,23 @@ func (g *Gateway) startGossip() error {
 	return nil
 }
 
+// tuneLAN tightens memberlist's LAN timings so that a crashed gateway
+// leaves every WireGuard configuration within seconds in meshes of a
+// thousand gateways (docs/BENCHMARKS.md). With the defaults a crash takes
+// 10-20 s to be declared: a probe a second, then a suspicion that waits
+// SuspicionMult·log10(N) probe intervals, stretched up to six-fold until
+// enough members confirm it. Here a gateway probes twice a second, needs
+// no confirmations (the suspect itself has the whole suspicion timeout to
+// refute a false accusation), and news spreads every 100 ms to 4 members,
+// which reaches 1,000 members in about 5 rounds.
+func tuneLAN(cfg *memberlist.Config) {
+	cfg.ProbeInterval = 500 * time.Millisecond
+	cfg.ProbeTimeout = 400 * time.Millisecond
+	cfg.SuspicionMult = 2
+	cfg.GossipInterval = 100 * time.Millisecond
+	cfg.GossipNodes = 4
+}
+
 // join knocks on addresses; failures are normal during a partition.
 func (g *Gateway) join(addrs []string) {
 	if len(addrs) == 0 {
@@ -384,6 +410,19 @@ func (g *Gateway) join(addrs []string) {
 		return
 	}
 	g.log.Debug("joined", "contacted", n, "addrs", addrs)
+}
+
+// joinSeeds joins through one seed, tried in random order: one push/pull
+// brings the whole membership, and if every newcomer exchanged state with
+// every seed, the seeds of a large mesh would do little else.
+func (g *Gateway) joinSeeds(seeds []string) {
+	for _, i := range rand.Perm(len(seeds)) {
+		if n, err := g.ml.Join(seeds[i : i+1]); err == nil && n > 0 {
+			g.log.Debug("joined", "seed", seeds[i])
+			return
+		}
+	}
+	g.log.Debug("no seed answered; retrying in the background", "seeds", seeds)
 }
 
 func (g *Gateway) triggerReconcile() {
@@ -421,11 +460,16 @@ func (g *Gateway) reconcileLoop(ctx context.Context) {
 			return
 		case <-g.kick:
 			// Coalesce a burst of membership events (a cluster joining,
-			// a partition healing) into one pass.
+			// a partition healing) into one pass, and never spend more
+			// than about a tenth of the time reconciling: in a large mesh
+			// that is still joining, events arrive faster than passes.
+			g.stats.mu.Lock()
+			wait := max(reconcileDebounce, 10*g.stats.duration)
+			g.stats.mu.Unlock()
 			select {
 			case <-ctx.Done():
 				return
-			case <-time.After(reconcileDebounce):
+			case <-time.After(min(wait, time.Second)):
 			}
 			select {
 			case <-g.kick:
@@ -443,7 +487,7 @@ func (g *Gateway) reconcile() {
 	start := time.Now()
 	self := g.self.Load()
 	pol := g.policy.Load()
-	in := TopologyInput{Self: *self, Peers: g.members.gateways(), Mode: g.s.Topology, BehindNAT: g.s.BehindNAT, Now: g.now(), MeshPrefix: g.trust.Load().MeshPrefix()}
+	in := TopologyInput{Self: *self, Peers: g.members.gateways(), Mode: g.s.Topology, BehindNAT: g.s.BehindNAT, Now: g.now(), MeshPrefix: g.trust.Load().MeshPrefix(), Memo: &g.links}
 	if pol != nil {
 		in.Policy = pol.p
 	}
@@ -517,10 +561,8 @@ func (g *Gateway) maintain(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-fetch.C:
-			for _, m := range g.members.snapshot() {
-				if m.State == StatePending {
-					g.enqueue(encodeMessage(msgFetchCert, []byte(m.Name)))
-				}
+			for _, name := range g.members.pending() {
+				g.enqueue(encodeMessage(msgFetchCert, []byte(name)))
 			}
 			if g.ml.NumMembers() <= 1 || time.Since(lastJoin) >= rejoinInterval {
 				lastJoin = time.Now()
@@ -662,12 +704,14 @@ func (w slogWriter) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
-// nodeFor builds the memberlist address of a member to send to.
-func (g *Gateway) nodeFor(name string) *memberlist.Node {
-	for _, m := range g.members.snapshot() {
-		if m.Name == name && m.Gossip.IsValid() {
-			return &memberlist.Node{Name: name, Addr: net.IP(m.Gossip.Addr().AsSlice()), Port: m.Gossip.Port()}
-		}
+// nodeFor builds the memberlist address of a member to send to: the
+// address given (a requester's own), else the one gossip told us.
+func (g *Gateway) nodeFor(name string, at netip.AddrPort) *memberlist.Node {
+	if !at.IsValid() {
+		at = g.members.addr(name)
+	}
+	if at.IsValid() {
+		return &memberlist.Node{Name: name, Addr: net.IP(at.Addr().AsSlice()), Port: at.Port()}
 	}
 	for _, n := range g.ml.Members() {
 		if n.Name == name {
@@ -678,9 +722,34 @@ func (g *Gateway) nodeFor(name string) *memberlist.Node {
 }
 
 func (g *Gateway) send(to string, msg []byte) error {
-	n := g.nodeFor(to)
+	return g.sendTo(to, netip.AddrPort{}, msg)
+}
+
+func (g *Gateway) sendTo(to string, at netip.AddrPort, msg []byte) error {
+	n := g.nodeFor(to, at)
 	if n == nil {
 		return fmt.Errorf("no address for %s", to)
 	}
 	return g.ml.SendReliable(n, msg)
+}
+
+// sendAsync sends off the worker, at most maxSends at a time: a newcomer
+// to a large mesh answers hundreds of certificate requests at once, and
+// each is a stream of its own.
+func (g *Gateway) sendAsync(to string, at netip.AddrPort, msg []byte) {
+	g.sends <- struct{}{}
+	go func() {
+		defer func() { <-g.sends }()
+		if err := g.sendTo(to, at, msg); err != nil {
+			g.log.Debug("gossip send", "to", to, "err", err)
+		}
+	}()
+}
+
+// gossipAddr is where other gateways reach our gossip, as text.
+func (g *Gateway) gossipAddr() []byte { return []byte(g.s.GossipAdvertise.String()) }
+
+func addrField(b []byte) netip.AddrPort {
+	ap, _ := netip.ParseAddrPort(string(b))
+	return ap
 }

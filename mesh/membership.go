@@ -1,6 +1,7 @@
 package mesh
 
 import (
+	"bytes"
 	"cmp"
 	"crypto/sha256"
 	"crypto/x509"
@@ -76,6 +77,9 @@ func (ms *membership) admit(name string, meta []byte) error {
 	}
 	ms.mu.Lock()
 	defer ms.mu.Unlock()
+	if m := ms.members[name]; m != nil && m.state == StateVerified && bytes.Equal(m.meta, meta) {
+		return nil // the advert we verified, gossiped again
+	}
 	sa, err := certs.DecodeAdvert(meta)
 	if err != nil {
 		return err
@@ -98,6 +102,9 @@ func (ms *membership) admit(name string, meta []byte) error {
 	if err != nil {
 		return err
 	}
+	if m := ms.members[name]; m != nil && m.state == StateVerified && sameClaims(m.verified, v) {
+		return nil // holds these claims already; nothing new to contest
+	}
 	for _, o := range ms.members {
 		if o.name != name && o.state == StateVerified {
 			if why := conflict(o.verified, v); why != "" && wins(o.verified, o.name, v, name) {
@@ -114,6 +121,9 @@ func (ms *membership) admit(name string, meta []byte) error {
 // this one beats. The rule is deterministic, so every gateway keeps the
 // same claimant whatever order adverts arrive in.
 func (ms *membership) conflictLocked(name string, v *certs.Verified) error {
+	if m := ms.members[name]; m != nil && m.state == StateVerified && sameClaims(m.verified, v) {
+		return nil
+	}
 	for _, o := range ms.members {
 		if o.name == name || o.state != StateVerified {
 			continue
@@ -128,6 +138,16 @@ func (ms *membership) conflictLocked(name string, v *certs.Verified) error {
 		o.verified, o.state, o.reason, o.changed = nil, StateRefused, fmt.Sprintf("%s also claimed by %s, whose certificate is older", why, name), ms.now()
 	}
 	return nil
+}
+
+// sameClaims reports whether two verified adverts of one member claim the
+// same things with the same standing (certificate), so that a re-judged
+// member (a new load figure, a refreshed advert) need not be compared with
+// every other member again: at a thousand gateways that comparison
+// dominated the cost of gossip.
+func sameClaims(a, b *certs.Verified) bool {
+	return a != nil && b != nil && a.Cert.Equal(b.Cert) && a.Attributes.OverlayIP == b.Attributes.OverlayIP &&
+		a.Attributes.Site == b.Attributes.Site && slices.Equal(a.Advert.Routes, b.Advert.Routes)
 }
 
 // conflict says what two verified adverts both claim, or "".
@@ -259,6 +279,82 @@ func (ms *membership) addCert(der []byte) error {
 	return err
 }
 
+// addCerts learns a batch of certificates (a join's bundle) under one
+// lock, judging each waiting member once.
+func (ms *membership) addCerts(ders [][]byte) {
+	ms.mu.Lock()
+	added := map[[32]byte]bool{}
+	for _, der := range ders {
+		sum := sha256.Sum256(der)
+		if _, ok := ms.certs[sum]; ok {
+			continue
+		}
+		if _, bad := ms.badCert[sum]; bad {
+			continue
+		}
+		cert, err := x509.ParseCertificate(der)
+		if err == nil {
+			_, err = ms.cache.VerifyCertificate(ms.trust, cert, ms.now())
+		}
+		if err != nil {
+			ms.badCert[sum] = "certificate refused: " + err.Error()
+		} else {
+			ms.certs[sum] = cert
+		}
+		added[sum] = true
+	}
+	if len(added) > 0 {
+		for _, m := range ms.members {
+			if m.advert != nil && added[m.advert.CertHash] {
+				ms.judgeLocked(m)
+			}
+		}
+	}
+	ms.mu.Unlock()
+	if len(added) > 0 {
+		ms.onChange()
+	}
+}
+
+// certificates returns up to max certificates of verified members (DER).
+func (ms *membership) certificates(max int) [][]byte {
+	ms.mu.Lock()
+	defer ms.mu.Unlock()
+	out := make([][]byte, 0, min(max, len(ms.members)))
+	for _, m := range ms.members {
+		if len(out) == max {
+			break
+		}
+		if m.state == StateVerified {
+			out = append(out, m.verified.Cert.Raw)
+		}
+	}
+	return out
+}
+
+// pending lists the members waiting for their certificate.
+func (ms *membership) pending() []string {
+	ms.mu.Lock()
+	defer ms.mu.Unlock()
+	var out []string
+	for _, m := range ms.members {
+		if m.state == StatePending {
+			out = append(out, m.name)
+		}
+	}
+	return out
+}
+
+// addr is where gossip last saw a member.
+func (ms *membership) addr(name string) netip.AddrPort {
+	ms.mu.Lock()
+	defer ms.mu.Unlock()
+	if m := ms.members[name]; m != nil {
+		return m.gossip
+	}
+	return netip.AddrPort{}
+}
+
 // setTrust swaps the trust bundle (a newer CRL) and judges everyone again,
 // so a revoked gateway drops out of every configuration.
 func (ms *membership) setTrust(tb *certs.TrustBundle) {
@@ -374,11 +470,14 @@ func (ms *membership) snapshot() []MemberView {
 }
 
 // gateways returns the verified members as topology input.
+// (in no particular order: Compute sorts).
 func (ms *membership) gateways() []Node {
-	var out []Node
-	for _, m := range ms.snapshot() {
-		if m.State == StateVerified {
-			out = append(out, Node{Attributes: m.Verified.Attributes, Advert: m.Verified.Advert})
+	ms.mu.Lock()
+	defer ms.mu.Unlock()
+	out := make([]Node, 0, len(ms.members))
+	for _, m := range ms.members {
+		if m.state == StateVerified {
+			out = append(out, Node{Attributes: m.verified.Attributes, Advert: m.verified.Advert})
 		}
 	}
 	return out

@@ -86,6 +86,16 @@ func (d *RecordingDevice) Peers() map[wgtypes.Key]wgtypes.Peer {
 	return out
 }
 
+// Check runs f on the recorded peers under the device's lock, without a
+// copy (a benchmark polling a thousand devices cannot afford one), along
+// with the number of configuration changes applied so far (unchanged
+// since the last check: same answer). f must not keep or modify the map.
+func (d *RecordingDevice) Check(f func(peers map[wgtypes.Key]wgtypes.Peer, applies int) bool) bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return f(d.peers, d.applies)
+}
+
 // Applies counts the configuration changes applied.
 func (d *RecordingDevice) Applies() int {
 	d.mu.Lock()

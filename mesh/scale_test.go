@@ -69,6 +69,12 @@ type simGateway struct {
 	key    wgtypes.Key
 	cancel context.CancelFunc
 	done   chan struct{}
+	// The last check of the device, valid while it applies nothing new.
+	checked struct {
+		applies int
+		exclude wgtypes.Key
+		ok      bool
+	}
 }
 
 // countingTransport counts the gossip bytes a gateway sends: UDP packets,
@@ -108,20 +114,27 @@ func (c countingConn) Write(b []byte) (int, error) {
 	return n, err
 }
 
-func freeLoopbackPort(t testing.TB) int {
-	for range 100 {
-		u, err := net.ListenPacket("udp4", "127.0.0.1:0")
+// nextLoopbackPort finds a port free for both UDP and TCP on loopback at
+// or after *next, below the kernel's ephemeral range: ports chosen ahead
+// of binding must not collide with each other or with the ephemeral
+// ports of the gateways' own outgoing streams.
+func nextLoopbackPort(t testing.TB, next *int) int {
+	for ; *next < 32000; *next++ {
+		p := *next
+		u, err := net.ListenPacket("udp4", fmt.Sprintf("127.0.0.1:%d", p))
 		if err != nil {
-			t.Fatal(err)
+			continue
 		}
-		p := u.LocalAddr().(*net.UDPAddr).Port
+		l, err := net.Listen("tcp4", fmt.Sprintf("127.0.0.1:%d", p))
 		u.Close()
-		if l, err := net.Listen("tcp4", fmt.Sprintf("127.0.0.1:%d", p)); err == nil {
-			l.Close()
-			return p
+		if err != nil {
+			continue
 		}
+		l.Close()
+		*next++
+		return p
 	}
-	t.Fatal("no free port")
+	t.Fatal("no free loopback port below 32000")
 	return 0
 }
 
@@ -146,6 +159,7 @@ func runScale(t *testing.T, n int) scaleResult {
 
 	sims := make([]*simGateway, n)
 	var seeds []string
+	nextPort := 20000
 	setup := time.Now()
 	for i := range n {
 		node := fmt.Sprintf("gw%04d", i)
@@ -164,7 +178,7 @@ func runScale(t *testing.T, n int) scaleResult {
 		if err := ca.CopyGossipKeyring(context.Background(), idDir); err != nil {
 			t.Fatal(err)
 		}
-		port := freeLoopbackPort(t)
+		port := nextLoopbackPort(t, &nextPort)
 		ap := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(port))
 		if i < 3 {
 			seeds = append(seeds, ap.String())
@@ -206,33 +220,71 @@ func runScale(t *testing.T, n int) scaleResult {
 	if f := os.Getenv("SKYBRIDGE_BENCH_PPROF"); f != "" && n == maxSize() {
 		pf, _ := os.Create(f)
 		pprof.StartCPUProfile(pf)
-		defer func() { pprof.StopCPUProfile(); pf.Close() }()
+		// At most a minute: enough to see where the time goes, and the
+		// profile is written even if the run is cut short.
+		stop := sync.OnceFunc(func() { pprof.StopCPUProfile(); pf.Close() })
+		time.AfterFunc(time.Minute, stop)
+		defer stop()
 	}
 	// Join one after the other, as gateways coming up.
-	for _, s := range sims {
+	joinStart := time.Now()
+	for i, s := range sims {
+		if debug && i%50 == 0 {
+			t.Logf("joining: %d up after %s", i, time.Since(joinStart).Round(time.Millisecond))
+		}
 		ctx, cancel := context.WithCancel(context.Background())
 		s.cancel = cancel
-		go func() { s.g.Run(ctx); close(s.done) }()
-		<-s.g.joined
+		runErr := make(chan error, 1)
+		go func() { runErr <- s.g.Run(ctx); close(s.done) }()
+		select {
+		case <-s.g.joined:
+		case err := <-runErr:
+			t.Fatalf("N=%d: gateway %s stopped: %v", n, s.g.s.Node.Name, err)
+		}
 	}
 	lastJoin := time.Now()
+	// Complete and correct: every other live gateway is a peer, at its
+	// gossip address, with exactly its overlay address and its site's route.
+	var check func(*simGateway, map[wgtypes.Key]wgtypes.Peer, wgtypes.Key) bool
+	want := make(map[wgtypes.Key][2]netip.Prefix, n)
+	for _, s := range sims {
+		a := s.g.id.Load().Attributes()
+		want[s.key] = [2]netip.Prefix{netip.PrefixFrom(a.OverlayIP, 32), a.Routes[0]}
+	}
 	complete := func(s *simGateway, exclude wgtypes.Key) bool {
-		peers := s.dev.Peers()
-		want := n - 1
+		return s.dev.Check(func(peers map[wgtypes.Key]wgtypes.Peer, applies int) bool {
+			if applies == s.checked.applies && exclude == s.checked.exclude {
+				return s.checked.ok
+			}
+			ok := check(s, peers, exclude)
+			s.checked.applies, s.checked.exclude, s.checked.ok = applies, exclude, ok
+			return ok
+		})
+	}
+	check = func(s *simGateway, peers map[wgtypes.Key]wgtypes.Peer, exclude wgtypes.Key) bool {
+		wantN := n - 1
 		if exclude != (wgtypes.Key{}) {
 			if _, ok := peers[exclude]; ok {
 				return false
 			}
 			if s.key != exclude {
-				want = n - 2
+				wantN = n - 2
 			}
 		}
-		if len(peers) != want {
+		if len(peers) != wantN {
 			return false
 		}
-		for _, p := range peers {
-			if len(p.AllowedIPs) != 2 { // overlay /32 and the site's route
+		for k, p := range peers {
+			w, ok := want[k]
+			if !ok || k == s.key || len(p.AllowedIPs) != 2 || p.Endpoint == nil {
 				return false
+			}
+			for _, ip := range p.AllowedIPs {
+				pf, _ := netip.AddrFromSlice(ip.IP)
+				ones, _ := ip.Mask.Size()
+				if q := netip.PrefixFrom(pf.Unmap(), ones); q != w[0] && q != w[1] {
+					return false
+				}
 			}
 		}
 		return true
@@ -240,6 +292,7 @@ func runScale(t *testing.T, n int) scaleResult {
 	waitAll := func(what string, exclude wgtypes.Key, skip int) time.Duration {
 		start := time.Now()
 		deadline := start.Add(3 * time.Minute)
+		lastLog := start
 		for {
 			done := 0
 			for i, s := range sims {
@@ -250,10 +303,26 @@ func runScale(t *testing.T, n int) scaleResult {
 			if done == n {
 				return time.Since(start)
 			}
+			if debug && time.Since(lastLog) >= time.Second {
+				lastLog = time.Now()
+				states := map[MemberState]int{}
+				var inc *simGateway
+				for i, s := range sims {
+					if i != skip && !complete(s, exclude) {
+						inc = s
+					}
+				}
+				if inc != nil {
+					for _, m := range inc.g.members.snapshot() {
+						states[m.State]++
+					}
+					t.Logf("%s +%s: %d/%d complete; %s sees %v, memberlist %d, peers %d", what, time.Since(start).Round(time.Millisecond), done, n, inc.g.s.Node.Name, states, inc.g.ml.NumMembers(), len(inc.dev.Peers()))
+				}
+			}
 			if time.Now().After(deadline) {
 				t.Fatalf("N=%d: %s: %d of %d gateways complete after 3 min", n, what, done, n)
 			}
-			time.Sleep(50 * time.Millisecond)
+			time.Sleep(100 * time.Millisecond)
 		}
 	}
 	var r scaleResult
@@ -280,6 +349,8 @@ func runScale(t *testing.T, n int) scaleResult {
 	t.Logf("N=%d: converged %s after the last join; crash removed everywhere in %s", n, r.converge.Round(time.Millisecond), r.crash.Round(time.Millisecond))
 	return r
 }
+
+var debug = os.Getenv("SKYBRIDGE_BENCH_DEBUG") != ""
 
 func maxSize() int {
 	m := 0

@@ -40,6 +40,7 @@ type TopologyInput struct {
 	Peers      []Node         // verified, alive members other than Self
 	MeshPrefix netip.Prefix   // the overlay range, routed by the interface address itself
 	Policy     *policy.Policy // nil: no residency policy in force, sites link freely
+	Memo       *LinkMemo      // optional: residency decisions of earlier plans
 	Mode       string         // TopologyFullMesh or TopologyHub
 	BehindNAT  bool           // Self needs keepalives to hold its NAT mapping
 	Now        time.Time      // decides which policy exceptions are in force
@@ -63,6 +64,47 @@ type Link struct {
 	Reason  string `json:"reason"`
 }
 
+// LinkMemo carries residency decisions from one plan to the next, so that
+// a reconcile in a large mesh evaluates the policy only for sites it has
+// not judged yet. Decisions are reused only under the same policy, the same
+// own attributes, and until an exception of the policy expires; peers are
+// known by their verified attributes, which never change once verified.
+// The zero value is ready; a nil *LinkMemo decides afresh every time.
+type LinkMemo struct {
+	policy     *policy.Policy
+	self       *certs.Attributes
+	until      time.Time // decisions hold strictly before this; zero: forever
+	links, now map[*certs.Attributes]Link
+}
+
+func (m *LinkMemo) link(in TopologyInput, peer *certs.Attributes) Link {
+	if m == nil {
+		return residencyLink(in.Policy, in.Self.Attributes, peer, in.Now)
+	}
+	if m.policy != in.Policy || m.self != in.Self.Attributes || (!m.until.IsZero() && !in.Now.Before(m.until)) {
+		m.policy, m.self, m.links, m.until = in.Policy, in.Self.Attributes, nil, time.Time{}
+		if in.Policy != nil {
+			m.until = in.Policy.NextChange(in.Now)
+		}
+	}
+	if m.now == nil {
+		m.now = map[*certs.Attributes]Link{}
+	}
+	l, ok := m.links[peer]
+	if !ok {
+		l = residencyLink(in.Policy, in.Self.Attributes, peer, in.Now)
+	}
+	m.now[peer] = l
+	return l
+}
+
+// done keeps the decisions of this plan only: departed peers are forgotten.
+func (m *LinkMemo) done() {
+	if m != nil {
+		m.links, m.now = m.now, nil
+	}
+}
+
 // Plan is the WireGuard configuration Self should have.
 type Plan struct {
 	Peers  []PeerConfig   `json:"peers"`  // sorted by node
@@ -84,14 +126,15 @@ func Compute(in TopologyInput) Plan {
 	slices.SortFunc(peers, func(a, b Node) int { return cmp.Compare(a.node(), b.node()) })
 
 	// Residency: which remote sites may we link to at all?
-	links := map[string]Link{}
+	links := make(map[string]Link, len(peers))
 	for _, p := range peers {
 		s := p.site()
 		if _, done := links[s]; done || s == in.Self.site() {
 			continue
 		}
-		links[s] = residencyLink(in.Policy, in.Self.Attributes, p.Attributes, in.Now)
+		links[s] = in.Memo.link(in, p.Attributes)
 	}
+	in.Memo.done()
 	for _, s := range sortedKeys(links) {
 		plan.Links = append(plan.Links, links[s])
 	}
@@ -99,14 +142,16 @@ func Compute(in TopologyInput) Plan {
 
 	// Routes of a site are carried by exactly one of its gateways (the
 	// first by name; issue-9 HA replaces "first" with "first healthy").
-	carrier := map[string]string{} // site → node
-	for _, g := range append([]Node{in.Self}, peers...) {
+	carrier := make(map[string]string, len(links)+1) // site → node
+	carrier[in.Self.site()] = in.Self.node()
+	for i := range peers {
+		g := &peers[i]
 		if c, ok := carrier[g.site()]; !ok || g.node() < c {
 			carrier[g.site()] = g.node()
 		}
 	}
 
-	var members []Node // the linked ones
+	members := make([]Node, 0, len(peers)) // the linked ones
 	for _, p := range peers {
 		if linked(&p) {
 			members = append(members, p)
@@ -117,6 +162,7 @@ func Compute(in TopologyInput) Plan {
 	case TopologyHub:
 		plan.Peers = hubPeers(in, members, carrier, &plan)
 	default:
+		plan.Peers = make([]PeerConfig, 0, len(members))
 		for _, p := range members {
 			pc := peerConfig(in, p)
 			pc.AllowedIPs = []netip.Prefix{overlayPrefix(p)}
@@ -260,26 +306,36 @@ func sharedClasses(a, b string) []string {
 // overlay address or routes, and derives the routes: every allowed prefix
 // outside the mesh overlay range.
 func dedupe(plan *Plan, self Node, mesh netip.Prefix) {
-	var taken []netip.Prefix
-	owner := map[netip.Prefix]string{}
 	own := append([]netip.Prefix{overlayPrefix(self)}, self.Advert.Routes...)
-	routes := map[netip.Prefix]bool{}
 	for i := range plan.Peers {
 		pc := &plan.Peers[i]
 		slices.SortFunc(pc.AllowedIPs, comparePrefix)
 		pc.AllowedIPs = slices.Compact(pc.AllowedIPs)
+	}
+	// Claims of different peers almost never overlap; finding out whether
+	// any do costs a sort, while settling who keeps what costs a
+	// comparison of every pair (a thousand-gateway mesh spent most of its
+	// reconcile time there), so settle only when needed.
+	contested := anyOverlap(plan.Peers)
+	var taken []netip.Prefix
+	owner := map[netip.Prefix]string{}
+	routes := map[netip.Prefix]bool{}
+	for i := range plan.Peers {
+		pc := &plan.Peers[i]
 		kept := pc.AllowedIPs[:0]
 		for _, p := range pc.AllowedIPs {
 			if q, ok := overlapsAny(p, own); ok {
 				plan.Conflicts = append(plan.Conflicts, fmt.Sprintf("%s of %s overlaps our own %s; not routed to it", p, pc.Node, q))
 				continue
 			}
-			if q, ok := overlapsAny(p, taken); ok {
-				plan.Conflicts = append(plan.Conflicts, fmt.Sprintf("%s of %s overlaps %s of %s; not routed to it", p, pc.Node, q, owner[q]))
-				continue
+			if contested {
+				if q, ok := overlapsAny(p, taken); ok {
+					plan.Conflicts = append(plan.Conflicts, fmt.Sprintf("%s of %s overlaps %s of %s; not routed to it", p, pc.Node, q, owner[q]))
+					continue
+				}
+				taken = append(taken, p)
+				owner[p] = pc.Node
 			}
-			taken = append(taken, p)
-			owner[p] = pc.Node
 			kept = append(kept, p)
 			if !(mesh.Contains(p.Addr()) && p.Bits() >= mesh.Bits()) {
 				routes[p] = true
@@ -291,6 +347,29 @@ func dedupe(plan *Plan, self Node, mesh netip.Prefix) {
 		plan.Routes = append(plan.Routes, p)
 	}
 	slices.SortFunc(plan.Routes, comparePrefix)
+}
+
+// anyOverlap reports whether any two allowed prefixes of the peers overlap
+// (each peer's own list is already free of duplicates). Sorted by address
+// then length, a prefix overlaps an earlier one only if that one contains
+// it, and the innermost such one is on a stack of the prefixes still open.
+func anyOverlap(peers []PeerConfig) bool {
+	var all []netip.Prefix
+	for _, pc := range peers {
+		all = append(all, pc.AllowedIPs...)
+	}
+	slices.SortFunc(all, comparePrefix)
+	var open []netip.Prefix
+	for _, p := range all {
+		for len(open) > 0 && !open[len(open)-1].Contains(p.Addr()) {
+			open = open[:len(open)-1]
+		}
+		if len(open) > 0 {
+			return true
+		}
+		open = append(open, p)
+	}
+	return false
 }
 
 func overlapsAny(p netip.Prefix, set []netip.Prefix) (netip.Prefix, bool) {

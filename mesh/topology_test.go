@@ -76,7 +76,7 @@ class "risk-batch" {
 }
 `
 
-func mustPolicy(t *testing.T, src string) *policy.Policy {
+func mustPolicy(t testing.TB, src string) *policy.Policy {
 	t.Helper()
 	p, err := policy.Parse("mesh.hcl", []byte(src))
 	if err != nil {
@@ -246,5 +246,114 @@ func TestComputeIsSymmetric(t *testing.T) {
 	}
 	if peersOf["iad-1"]["sbs-1"] || peersOf["sbs-1"]["iad-1"] {
 		t.Error("US site linked to a swiss-banking-secret-only site")
+	}
+}
+
+func TestAnyOverlap(t *testing.T) {
+	pc := func(prefixes ...string) PeerConfig {
+		var p PeerConfig
+		for _, s := range prefixes {
+			p.AllowedIPs = append(p.AllowedIPs, netip.MustParsePrefix(s))
+		}
+		return p
+	}
+	tests := []struct {
+		name  string
+		peers []PeerConfig
+		want  bool
+	}{
+		{"none", nil, false},
+		{"disjoint", []PeerConfig{pc("100.96.0.1/32", "10.1.0.0/16"), pc("100.96.0.2/32", "10.2.0.0/16")}, false},
+		{"adjacent, not overlapping", []PeerConfig{pc("10.0.0.0/25"), pc("10.0.0.128/25")}, false},
+		{"equal", []PeerConfig{pc("10.1.0.0/16"), pc("10.1.0.0/16")}, true},
+		{"contained, later peer", []PeerConfig{pc("10.1.0.0/16"), pc("10.1.7.0/24")}, true},
+		{"container, later peer", []PeerConfig{pc("10.1.7.0/24"), pc("10.0.0.0/8")}, true},
+		{"contained, not adjacent in order", []PeerConfig{pc("10.0.0.0/8", "100.96.0.1/32"), pc("10.200.0.0/16"), pc("10.9.0.0/16")}, true},
+		{"IPv6 inside IPv6", []PeerConfig{pc("fd00::/48"), pc("fd00:0:0:1::/64")}, true},
+		{"IPv4 and IPv6 never overlap", []PeerConfig{pc("0.0.0.0/0"), pc("::/0")}, false},
+	}
+	for _, tt := range tests {
+		if got := anyOverlap(tt.peers); got != tt.want {
+			t.Errorf("%s: anyOverlap = %v, want %v", tt.name, got, tt.want)
+		}
+	}
+}
+
+// BenchmarkCompute1000 is one reconcile's planning in a 1,000-gateway
+// full mesh under a residency policy.
+func BenchmarkCompute1000(b *testing.B) {
+	pol := mustPolicy(b, meshPolicy)
+	var peers []Node
+	for i := range 1000 {
+		n := gw(fmt.Sprintf("gw%04d", i), fmt.Sprintf("site-%d", i), "CH", "onprem", 0, "swiss-banking-secret", fmt.Sprintf("10.%d.%d.0/24", i/256, i%256))
+		n.Attributes.OverlayIP = netip.AddrFrom4([4]byte{100, 96, byte(i / 256), byte(i%256 + 1)})
+		n.Advert.OverlayIP = n.Attributes.OverlayIP
+		n.Advert.WireGuardKey[0], n.Advert.WireGuardKey[1] = byte(i), byte(i>>8)
+		peers = append(peers, n)
+	}
+	for _, memo := range []bool{false, true} {
+		b.Run(fmt.Sprintf("memo=%v", memo), func(b *testing.B) {
+			in := TopologyInput{Self: sbs1, Peers: peers, Policy: pol, Now: now, MeshPrefix: netip.MustParsePrefix("100.96.0.0/12")}
+			if memo {
+				in.Memo = &LinkMemo{}
+			}
+			b.ReportAllocs()
+			for b.Loop() {
+				if p := Compute(in); len(p.Peers) != 1000 {
+					b.Fatalf("%d peers", len(p.Peers))
+				}
+			}
+		})
+	}
+}
+
+// TestLinkMemo: plans computed with a memo equal plans computed afresh,
+// across membership changes, a new policy, and an exception expiring.
+func TestLinkMemo(t *testing.T) {
+	withException := meshPolicy + `
+exception "iad-dr" {
+  class    = "swiss-banking-secret"
+  action   = "transit"
+  site     = ["aws-us-east-1"]
+  category = "waiver"
+  reason   = "DR rehearsal"
+  approver = "CISO"
+  ticket   = "GRC-7"
+  expires  = "2026-11-30T00:00:00Z"
+}`
+	polA, polB := mustPolicy(t, meshPolicy), mustPolicy(t, withException)
+	iadRisk := gw("iad-9", "aws-us-east-1", "US", "aws", 9, "swiss-banking-secret", "10.9.0.0/16")
+	zrhRisk := gw("zrh-9", "onprem-zrh", "CH", "onprem", 8, "swiss-banking-secret", "10.1.0.0/16")
+	steps := []struct {
+		name   string
+		peers  []Node
+		policy *policy.Policy
+		at     time.Time
+	}{
+		{"first plan", []Node{zrh2, fra1, iad1}, polA, now},
+		{"a member joins", []Node{zrh2, fra1, fra2, iad1, gva1}, polA, now},
+		{"a member leaves", []Node{zrh2, fra2, gva1}, polA, now},
+		{"a new policy with an exception", []Node{zrh2, fra1, iadRisk, gva1}, polB, now},
+		{"the exception expires", []Node{zrh2, fra1, iadRisk, gva1}, polB, time.Date(2026, 11, 30, 0, 0, 0, 0, time.UTC)},
+	}
+	var memo LinkMemo
+	for _, st := range steps {
+		in := TopologyInput{Self: zrhRisk, Peers: st.peers, Policy: st.policy, Now: st.at, MeshPrefix: mesh16}
+		fresh := Compute(in)
+		in.Memo = &memo
+		memoized := Compute(in)
+		if a, b := fmt.Sprint(fresh), fmt.Sprint(memoized); a != b {
+			t.Errorf("%s: memoized plan differs:\n fresh %s\n memo  %s", st.name, a, b)
+		}
+	}
+	// The exception matters: without the memo noticing its expiry, the
+	// last two steps would agree.
+	in := TopologyInput{Self: zrhRisk, Peers: []Node{iadRisk}, Policy: polB, MeshPrefix: mesh16}
+	in.Now = now
+	before := Compute(in)
+	in.Now = time.Date(2026, 11, 30, 0, 0, 0, 0, time.UTC)
+	after := Compute(in)
+	if before.Links[0].Allowed == after.Links[0].Allowed {
+		t.Fatalf("test policy: the exception changes nothing (%v / %v)", before.Links, after.Links)
 	}
 }

@@ -3,6 +3,7 @@ package mesh
 import (
 	"context"
 	"fmt"
+	"net/netip"
 	"os"
 	"time"
 
@@ -42,16 +43,20 @@ func (g *Gateway) handle(b []byte) error {
 			return nil
 		}
 		g.certAsked[name] = time.Now()
-		return g.send(name, encodeMessage(msgCertRequest, []byte(me.Attributes().Node), me.Certificate().Raw))
+		g.sendAsync(name, netip.AddrPort{}, encodeMessage(msgCertRequest, []byte(me.Attributes().Node), me.Certificate().Raw, g.gossipAddr()))
+		return nil
 
 	case msgCertRequest:
-		if err := m.want(2); err != nil {
+		if err := m.want(3); err != nil {
 			return err
 		}
 		if err := g.members.addCert(m.fields[1]); err != nil {
 			g.log.Debug("refused a certificate", "from", string(m.fields[0]), "err", err)
 		}
-		return g.send(string(m.fields[0]), encodeMessage(msgCert, me.Certificate().Raw))
+		// Answer at the address the request gives: a newcomer asks for
+		// our certificate before gossip has told us where it is.
+		g.sendAsync(string(m.fields[0]), addrField(m.fields[2]), encodeMessage(msgCert, me.Certificate().Raw))
+		return nil
 
 	case msgCert:
 		if err := m.want(1); err != nil {
@@ -72,19 +77,20 @@ func (g *Gateway) handle(b []byte) error {
 			return fmt.Errorf("bad announcement")
 		}
 		if v > g.blobVersion(kind[0]) && from != me.Attributes().Node {
-			return g.send(from, encodeMessage(msgBlobRequest, kind, []byte(me.Attributes().Node)))
+			g.sendAsync(from, netip.AddrPort{}, encodeMessage(msgBlobRequest, kind, []byte(me.Attributes().Node), g.gossipAddr()))
 		}
 		return nil
 
 	case msgBlobRequest:
-		if err := m.want(2); err != nil || len(m.fields[0]) != 1 {
+		if err := m.want(3); err != nil || len(m.fields[0]) != 1 {
 			return fmt.Errorf("bad blob request")
 		}
 		blob := g.blob(m.fields[0][0])
 		if blob == nil {
 			return nil
 		}
-		return g.send(string(m.fields[1]), blob)
+		g.sendAsync(string(m.fields[1]), addrField(m.fields[2]), blob)
+		return nil
 
 	case msgBlob:
 		if err := m.want(2); err != nil || len(m.fields[0]) != 1 {
@@ -158,10 +164,15 @@ func (g *Gateway) announce(kind byte, version uint64, _ []byte) {
 	g.queue.QueueBroadcast(broadcast{name: fmt.Sprintf("announce/%d", kind), msg: msg})
 }
 
-// localState is our push/pull state: certificate, CRL, policy.
-func (g *Gateway) localState() []byte {
+// localState is our push/pull state: certificate, CRL, policy. Answering
+// a newcomer's join, it also carries every certificate we hold, so the
+// newcomer can verify the whole mesh at once instead of asking each member.
+func (g *Gateway) localState(join bool) []byte {
 	me := g.id.Load()
 	parts := [][]byte{encodeMessage(msgCert, me.Certificate().Raw)}
+	if join {
+		parts = append(parts, encodeMessage(msgCerts, g.members.certificates(maxJoinCerts)...))
+	}
 	if b := g.blob(blobCRL); b != nil {
 		parts = append(parts, b)
 	}

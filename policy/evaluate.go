@@ -3,6 +3,7 @@ package policy
 import (
 	"fmt"
 	"strings"
+	"time"
 )
 
 // Evaluate decides a request. It is pure and deterministic: the same
@@ -156,4 +157,17 @@ func (p *Policy) decideSite(cls *class, a Action, site *Site, req *Request) (Sit
 
 func describeSite(s *Site) string {
 	return fmt.Sprintf("site %s (%s, %s %s)", s.Name, s.Jurisdiction, s.Provider, s.Region)
+}
+
+// NextChange is the first instant after t at which a decision of the
+// policy can change by itself (an exception expiring), or the zero time if
+// none will: decisions made at t may be reused until then.
+func (p *Policy) NextChange(t time.Time) time.Time {
+	var next time.Time
+	for _, e := range p.exceptions {
+		if e.expires.After(t) && (next.IsZero() || e.expires.Before(next)) {
+			next = e.expires
+		}
+	}
+	return next
 }

@@ -228,3 +228,31 @@ func TestEvaluateDeterministic(t *testing.T) {
 		}
 	}
 }
+
+func TestNextChange(t *testing.T) {
+	p := mustParse(t, testPolicy)
+	dec1 := time.Date(2026, 12, 1, 0, 0, 0, 0, time.UTC)
+	dec31 := time.Date(2027, 1, 1, 0, 0, 0, 0, time.UTC) // expires = "2026-12-31" lasts the whole day
+	tests := []struct {
+		at, want time.Time
+	}{
+		{nov24, dec1},
+		{dec1.Add(-time.Nanosecond), dec1},
+		{dec1, dec31}, // an exception expiring at t has already changed decisions at t
+		{dec31.Add(-time.Hour), dec31},
+		{dec31, time.Time{}},
+	}
+	for _, tt := range tests {
+		got := p.NextChange(tt.at)
+		if !got.Equal(tt.want) {
+			t.Errorf("NextChange(%s) = %s, want %s", tt.at, got, tt.want)
+		}
+	}
+	// Decisions made before the next change hold until it.
+	req := Request{Class: "pii", Action: Store, Sites: []Site{shared}}
+	if p.Evaluate(req.at(nov24)).Allowed != p.Evaluate(req.at(dec1.Add(-time.Second))).Allowed {
+		t.Error("a decision changed before NextChange")
+	}
+}
+
+func (r Request) at(t time.Time) Request { r.Time = t; return r }
