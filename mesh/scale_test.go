@@ -156,6 +156,14 @@ func runScale(t *testing.T, n int) scaleResult {
 	cache := certs.NewVerifyCache()
 	var gossipBytes atomic.Int64
 	log := slog.New(slog.DiscardHandler)
+	if f := os.Getenv("SKYBRIDGE_BENCH_LOG"); f != "" {
+		lf, err := os.Create(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer lf.Close()
+		log = slog.New(slog.NewTextHandler(lf, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	}
 
 	sims := make([]*simGateway, n)
 	var seeds []string
@@ -316,7 +324,17 @@ func runScale(t *testing.T, n int) scaleResult {
 					for _, m := range inc.g.members.snapshot() {
 						states[m.State]++
 					}
-					t.Logf("%s +%s: %d/%d complete; %s sees %v, memberlist %d, peers %d", what, time.Since(start).Round(time.Millisecond), done, n, inc.g.s.Node.Name, states, inc.g.ml.NumMembers(), len(inc.dev.Peers()))
+					known := map[string]bool{}
+					for _, m := range inc.g.ml.Members() {
+						known[m.Name] = true
+					}
+					var missing []string
+					for i, s := range sims {
+						if i != skip && !known[s.g.s.Node.Name] && len(missing) < 5 {
+							missing = append(missing, s.g.s.Node.Name)
+						}
+					}
+					t.Logf("%s +%s: %d/%d complete; %s sees %v, memberlist %d (missing %v), peers %d", what, time.Since(start).Round(time.Millisecond), done, n, inc.g.s.Node.Name, states, inc.g.ml.NumMembers(), missing, len(inc.dev.Peers()))
 				}
 			}
 			if time.Now().After(deadline) {
