@@ -84,7 +84,7 @@ func lastEvent(t *testing.T, ch <-chan migrationEvent, cmd *exec.Cmd) migrationE
 }
 
 // makeImage writes a sparse raw image of size bytes with blocks of data
-// (alternately random and compressible) every stride bytes, and converts
+// (in turn random, text-like and half-compressible) every stride bytes, and converts
 // it to qcow2.
 func makeImage(t *testing.T, raw, qcow string, size, stride, block int64) {
 	t.Helper()
@@ -95,11 +95,17 @@ func makeImage(t *testing.T, raw, qcow string, size, stride, block int64) {
 	f.Truncate(size)
 	buf := make([]byte, block)
 	for off, k := int64(0), 0; off+block <= size; off, k = off+stride, k+1 {
-		if k%2 == 0 {
+		switch k % 3 {
+		case 0: // encrypted or compressed payloads
 			rand.Read(buf)
-		} else {
+		case 1: // text, logs
 			for i := range buf {
 				buf[i] = byte("skybridge risk batch "[i%21])
+			}
+		case 2: // half-compressible: random hex digits
+			rand.Read(buf)
+			for i := range buf {
+				buf[i] = "0123456789abcdef"[buf[i]&15]
 			}
 		}
 		f.WriteAt(buf, off)

@@ -397,6 +397,10 @@ func tuneLAN(cfg *memberlist.Config) {
 	cfg.SuspicionMult = 2
 	cfg.GossipInterval = 100 * time.Millisecond
 	cfg.GossipNodes = 4
+	// Anti-entropy twice as often as memberlist's LAN default: our state
+	// per member is one small advert, and memberlist scales the interval
+	// up with the mesh's size anyway (×3 at 100 members, ×6 at 1,000).
+	cfg.PushPullInterval = 15 * time.Second
 }
 
 // join knocks on addresses; failures are normal during a partition.
@@ -556,6 +560,14 @@ func (g *Gateway) maintain(ctx context.Context) {
 	defer fetch.Stop()
 	defer refresh.Stop()
 	lastJoin := time.Now()
+	// A newcomer's one push/pull gets its seed's view, which may lack a
+	// member the seed suspected at that instant (memberlist ignores
+	// suspicions of strangers), and the member's refutation may have
+	// finished spreading before we arrived: without help, such a member
+	// stays unknown to us until periodic push/pull (up to minutes in a
+	// large mesh). Two more exchanges with random members shortly after
+	// starting close that gap.
+	settle := []time.Duration{time.Second, 3 * time.Second}
 	for {
 		select {
 		case <-ctx.Done():
@@ -564,6 +576,10 @@ func (g *Gateway) maintain(ctx context.Context) {
 			for _, name := range g.members.pending() {
 				g.enqueue(encodeMessage(msgFetchCert, []byte(name)))
 			}
+			if len(settle) > 0 && time.Since(lastJoin) >= settle[0] && g.ml.NumMembers() > 1 {
+				settle = settle[1:]
+				g.syncWithRandomMember()
+			}
 			if g.ml.NumMembers() <= 1 || time.Since(lastJoin) >= rejoinInterval {
 				lastJoin = time.Now()
 				g.join(g.rejoinTargets())
@@ -571,6 +587,21 @@ func (g *Gateway) maintain(ctx context.Context) {
 		case <-refresh.C:
 			g.members.refresh()
 		}
+	}
+}
+
+// syncWithRandomMember exchanges full state (memberlist push/pull) with
+// one live member other than ourselves.
+func (g *Gateway) syncWithRandomMember() {
+	var others []string
+	for _, n := range g.ml.Members() {
+		if n.Name != g.s.Node.Name {
+			others = append(others, nodeAddr(n).String())
+		}
+	}
+	if len(others) > 0 {
+		i := rand.IntN(len(others))
+		g.join(others[i : i+1])
 	}
 }
 
