@@ -55,6 +55,8 @@ type Gateway struct {
 	// Owned by the reconcile loop.
 	lastApplied map[certs.WGPublicKey]PeerConfig
 	savedAt     time.Time // members last written to the state directory
+	savedGen    uint64    // the membership generation then
+	planKey     planKey   // the inputs of the last plan applied
 	links       LinkMemo  // residency decisions of the last plan
 	plan        atomic.Pointer[Plan]
 	stats       reconcileStats
@@ -491,11 +493,23 @@ func (g *Gateway) reconcile() {
 	start := time.Now()
 	self := g.self.Load()
 	pol := g.policy.Load()
-	in := TopologyInput{Self: *self, Peers: g.members.gateways(), Mode: g.s.Topology, BehindNAT: g.s.BehindNAT, Now: g.now(), MeshPrefix: g.trust.Load().MeshPrefix(), Memo: &g.links}
-	if pol != nil {
-		in.Policy = pol.p
+	trust := g.trust.Load()
+	now := g.now()
+	// The plan is a pure function of these inputs (and of time only where
+	// the policy has time windows): when none changed, the last plan
+	// stands and this pass only repairs drift on the device. In a large
+	// mesh that is most passes, and Compute is the costly part.
+	key := planKey{gen: g.members.generation(), self: self, policy: pol, trust: trust}
+	var plan Plan
+	if last := g.plan.Load(); last != nil && g.planKey == key && (g.links.until.IsZero() || now.Before(g.links.until)) {
+		plan = *last
+	} else {
+		in := TopologyInput{Self: *self, Peers: g.members.gateways(), Mode: g.s.Topology, BehindNAT: g.s.BehindNAT, Now: now, MeshPrefix: trust.MeshPrefix(), Memo: &g.links}
+		if pol != nil {
+			in.Policy = pol.p
+		}
+		plan = Compute(in)
 	}
-	plan := Compute(in)
 	err := g.apply(plan)
 	g.stats.mu.Lock()
 	g.stats.runs++
@@ -510,9 +524,19 @@ func (g *Gateway) reconcile() {
 		return
 	}
 	g.plan.Store(&plan)
-	if time.Since(g.savedAt) >= saveInterval {
+	g.planKey = key
+	if time.Since(g.savedAt) >= saveInterval && g.savedGen != key.gen {
+		g.savedGen = key.gen
 		g.saveMembers()
 	}
+}
+
+// planKey identifies the inputs of a plan, but for time.
+type planKey struct {
+	gen    uint64
+	self   *Node
+	policy *adoptedPolicy
+	trust  *certs.TrustBundle
 }
 
 func (g *Gateway) apply(plan Plan) error {
@@ -761,13 +785,31 @@ func (g *Gateway) sendTo(to string, at netip.AddrPort, msg []byte) error {
 	if n == nil {
 		return fmt.Errorf("no address for %s", to)
 	}
+	if len(msg) <= maxPacketMsg {
+		return g.ml.SendBestEffort(n, msg)
+	}
 	return g.ml.SendReliable(n, msg)
 }
+
+// maxPacketMsg is the largest user message sent as one gossip datagram
+// rather than over a stream: it leaves room for memberlist's encryption
+// and framing in its 1,400-byte packets. Certificate requests and answers
+// fit, and they are what a join multiplies by the mesh's size: a stream
+// each (a TCP handshake, a goroutine on both ends) made a newcomer to a
+// mesh of hundreds spend seconds answering. A lost datagram costs one
+// retry (certRetry); everything else travels on streams.
+const maxPacketMsg = 1200
 
 // sendAsync sends off the worker, at most maxSends at a time: a newcomer
 // to a large mesh answers hundreds of certificate requests at once, and
 // each is a stream of its own.
 func (g *Gateway) sendAsync(to string, at netip.AddrPort, msg []byte) {
+	if len(msg) <= maxPacketMsg {
+		if err := g.sendTo(to, at, msg); err != nil {
+			g.log.Debug("gossip send", "to", to, "err", err)
+		}
+		return
+	}
 	g.sends <- struct{}{}
 	go func() {
 		defer func() { <-g.sends }()

@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/skybridge-mesh/skybridge/certs"
@@ -56,7 +57,19 @@ type membership struct {
 	// onChange is called (outside the lock) when the verified set may
 	// have changed.
 	onChange func()
+	// gen counts such changes: a reconcile that finds it unchanged (and
+	// nothing else changed) reuses its last plan instead of recomputing.
+	gen atomic.Uint64
 }
+
+// changed records a change and tells the gateway.
+func (ms *membership) changed() {
+	ms.gen.Add(1)
+	ms.onChange()
+}
+
+// generation is the number of changes so far.
+func (ms *membership) generation() uint64 { return ms.gen.Load() }
 
 func newMembership(self string, tb *certs.TrustBundle, now func() time.Time, onChange func()) *membership {
 	return &membership{
@@ -194,7 +207,7 @@ func (ms *membership) update(name string, gossip netip.AddrPort, meta []byte) (n
 	m.gossip, m.meta, m.alive, m.remembered = gossip, append([]byte(nil), meta...), true, false
 	needCert = ms.judgeLocked(m)
 	ms.mu.Unlock()
-	ms.onChange()
+	ms.changed()
 	return needCert
 }
 
@@ -247,7 +260,7 @@ func (ms *membership) leave(name string) {
 		m.reason = "declared dead or left"
 	}
 	ms.mu.Unlock()
-	ms.onChange()
+	ms.changed()
 }
 
 // addCert learns a certificate (fetched from its owner, or from push/pull).
@@ -275,7 +288,7 @@ func (ms *membership) addCert(der []byte) error {
 		}
 	}
 	ms.mu.Unlock()
-	ms.onChange()
+	ms.changed()
 	return err
 }
 
@@ -312,7 +325,7 @@ func (ms *membership) addCerts(ders [][]byte) {
 	}
 	ms.mu.Unlock()
 	if len(added) > 0 {
-		ms.onChange()
+		ms.changed()
 	}
 }
 
@@ -368,14 +381,22 @@ func (ms *membership) setTrust(tb *certs.TrustBundle) {
 	}
 	ms.rejudgeLocked()
 	ms.mu.Unlock()
-	ms.onChange()
+	ms.changed()
 }
 
 // rejudgeLocked judges every member again, oldest certificate first so the
 // deterministic conflict rule sees incumbents before newcomers.
-func (ms *membership) rejudgeLocked() {
+func (ms *membership) rejudgeLocked() (changed bool) {
+	type was struct {
+		state   MemberState
+		v       *certs.Verified
+		reason  string
+		changed time.Time
+	}
+	prev := make(map[*member]was, len(ms.members))
 	all := make([]*member, 0, len(ms.members))
 	for _, m := range ms.members {
+		prev[m] = was{m.state, m.verified, m.reason, m.changed}
 		m.verified = nil
 		m.state = ""
 		all = append(all, m)
@@ -383,21 +404,35 @@ func (ms *membership) rejudgeLocked() {
 	slices.SortFunc(all, func(a, b *member) int { return cmp.Compare(a.name, b.name) })
 	for _, m := range all {
 		ms.judgeLocked(m)
+		p := prev[m]
+		if p.state == m.state {
+			m.changed = p.changed // judged again, not changed
+		}
+		// The advert is the same bytes as before, so two verifications
+		// of it hold the same claims.
+		if p.state != m.state || (p.v == nil) != (m.verified == nil) || p.reason != m.reason {
+			changed = true
+		}
 	}
+	return changed
 }
 
 // refresh re-judges everyone at the current time (expiry) and reports the
 // members still waiting for a certificate.
 func (ms *membership) refresh() (pending []string) {
 	ms.mu.Lock()
-	ms.rejudgeLocked()
+	changed := ms.rejudgeLocked()
 	for _, m := range ms.members {
 		if m.state == StatePending {
 			pending = append(pending, m.name)
 		}
 	}
 	ms.mu.Unlock()
-	ms.onChange()
+	// Re-judging finds nothing new almost always; a change (an expiry)
+	// is what makes the topology worth recomputing.
+	if changed {
+		ms.changed()
+	}
 	return pending
 }
 
@@ -418,6 +453,7 @@ func (ms *membership) remember(name string, gossip netip.AddrPort, meta, certDER
 	}
 	m := &member{name: name, gossip: gossip, meta: meta, remembered: true}
 	ms.members[name] = m
+	ms.gen.Add(1)
 	ms.judgeLocked(m)
 	if m.state != StateVerified {
 		delete(ms.members, name)
@@ -436,6 +472,7 @@ func (ms *membership) rememberDead(name string, gossip netip.AddrPort) {
 	defer ms.mu.Unlock()
 	if _, known := ms.members[name]; !known {
 		ms.members[name] = &member{name: name, gossip: gossip, state: StateDead, reason: "dead at the last save"}
+		ms.gen.Add(1)
 	}
 }
 

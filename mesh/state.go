@@ -55,7 +55,7 @@ type savedMember struct {
 }
 
 func (d stateDir) saveMembers(ms []savedMember) error {
-	b, err := json.MarshalIndent(ms, "", "  ")
+	b, err := json.Marshal(ms)
 	if err != nil {
 		return err
 	}

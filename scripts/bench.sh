@@ -1,31 +1,84 @@
 #!/usr/bin/env bash
-# Runs skybridge's benchmarks on this machine and prints their tables:
-# the Go micro-benchmarks (admission, policy decisions) and, as root, the
-# migration benchmark against rsync over a real WireGuard mesh between
-# network namespaces. Figures go into docs/BENCHMARKS.md by hand, with the
-# date and the machine. Not part of the tests: nothing here asserts speed.
+# Runs skybridge's benchmark suite on this machine and prints its tables
+# (docs/BENCHMARKS.md holds the latest, with the machine and what limits
+# each figure). Benchmarks print figures; they assert nothing about speed.
 #
-#   ./scripts/bench.sh                 everything
-#   SKYBRIDGE_BENCH_GIB=8 ./scripts/bench.sh   a larger image for the migration benchmark
+#   ./scripts/bench.sh            everything (root: about 15 minutes on 2 cores)
+#   ./scripts/bench.sh micro      Go micro-benchmarks (admission, policy, topology)
+#   ./scripts/bench.sh scale      N gateways in one process: convergence, crash removal, CPU, memory, gossip
+#   ./scripts/bench.sh dataplane  TCP over raw veth vs skybridge vs upstream and Debian wireguard-go (root)
+#   ./scripts/bench.sh migrate    skybridge migrate vs rsync -S / -Sz, resume, re-sync (root)
+#   ./scripts/bench.sh footprint  RSS and CPU of a gateway with 100 peers, idle and migrating (root)
+#
+# Knobs: SKYBRIDGE_BENCH_SIZES=10,100,300,1000 (scale), SKYBRIDGE_BENCH_ROUNDS=3
+# and SKYBRIDGE_BENCH_SECONDS=5 (dataplane), SKYBRIDGE_BENCH_GIB=8 (migrate),
+# SKYBRIDGE_BENCH_PERF=DIR (dataplane: perf profile of each WireGuard
+# implementation), SKYBRIDGE_BENCH_PPROF=FILE (scale: CPU profile of the
+# largest size).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+parts=("$@")
+[ ${#parts[@]} -gt 0 ] || parts=(micro scale dataplane migrate footprint)
+root=false
+[ "$(id -u)" -eq 0 ] && root=true
+
 need=()
-for p in qemu-utils rsync wireguard-tools iproute2; do
+for p in qemu-utils rsync wireguard-tools iproute2 nftables iperf3 wireguard-go; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || need+=("$p")
 done
+if [ -n "${SKYBRIDGE_BENCH_PERF:-}" ] && ! command -v perf >/dev/null; then need+=(linux-perf); fi
 if [ ${#need[@]} -gt 0 ]; then
-  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  $sudo apt-get update -qq && $sudo apt-get install -y --no-install-recommends "${need[@]}"
+  sudo=""; $root || sudo="sudo"
+  $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y --no-install-recommends "${need[@]}"
 fi
+go mod download
 
-echo "== admission and policy micro-benchmarks"
-go test -run '^$' -bench . -benchmem -count 3 ./certs/ ./policy/
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+tables() { grep -E '^\||^(image|TCP|[0-9]+ gateway)' || true; }
+started=$(date +%s)
 
-if [ "$(id -u)" -eq 0 ]; then
+for part in "${parts[@]}"; do
+  case "$part" in
+  micro)
+    echo "== micro-benchmarks"
+    go test -run '^$' -bench . -benchmem -count 1 ./certs/ ./policy/ ./mesh/ | tee "$out/micro" | grep -E '^Benchmark' ;;
+  scale)
+    echo "== mesh convergence at scale (one process, real memberlist on loopback, recorded WireGuard)"
+    SKYBRIDGE_BENCH_SCALE=1 go test -count=1 -v -timeout 40m -run TestScaleConvergence ./mesh/ 2>&1 | tee "$out/scale" | grep -E 'N=[0-9]+: (converged|.*stopped)|FAIL' || true ;;
+  dataplane|migrate|footprint)
+    if ! $root; then echo "== $part: needs root (network namespaces, TUN); skipped"; continue; fi
+    case "$part" in
+    dataplane)
+      # The upstream reference: wireguard-go built from the very module
+      # version skybridge embeds.
+      ver=$(go list -m -f '{{.Version}}' golang.zx2c4.com/wireguard)
+      GOBIN="$out/bin" go install "golang.zx2c4.com/wireguard@$ver"
+      echo "== data plane (upstream wireguard-go $ver)"
+      SKYBRIDGE_BENCH=1 SKYBRIDGE_WG_UPSTREAM="$out/bin/wireguard" go test -count=1 -v -timeout 20m -run TestBenchDataPlane ./e2e/ >"$out/$part" 2>&1 || { cat "$out/$part"; exit 1; } ;;
+    migrate)
+      echo "== migration vs rsync"
+      SKYBRIDGE_BENCH=1 go test -count=1 -v -timeout 30m -run TestBenchMigrateVsRsync ./e2e/ >"$out/$part" 2>&1 || { cat "$out/$part"; exit 1; } ;;
+    footprint)
+      echo "== gateway footprint"
+      SKYBRIDGE_BENCH=1 go test -count=1 -v -timeout 20m -run TestBenchFootprint ./e2e/ >"$out/$part" 2>&1 || { cat "$out/$part"; exit 1; } ;;
+    esac ;;
+  *) echo "unknown part $part (micro, scale, dataplane, migrate, footprint)" >&2; exit 2 ;;
+  esac
+done
+
+echo
+echo "================ results ($(nproc) cores, $(date -u +%F), $(( $(date +%s) - started )) s) ================"
+for part in "${parts[@]}"; do
+  [ -f "$out/$part" ] || continue
   echo
-  echo "== migration: skybridge migrate vs rsync over the same mesh"
-  SKYBRIDGE_BENCH=1 go test -v -count=1 -timeout 30m -run TestBenchMigrateVsRsync ./e2e/ 2>&1 | grep -E '^\||^image|^ok|FAIL|Error' || true
-else
-  echo "(the migration benchmark needs root for its network namespaces)"
-fi
+  echo "## $part"
+  if [ "$part" = micro ]; then grep -E '^Benchmark' "$out/$part"; else
+    # Each table once: the test prints it to stdout and to its log.
+    grep -vE '^\s+\S+_test\.go:[0-9]+:' "$out/$part" | tables | awk '!seen[$0]++ || /^\|---/'
+  fi
+  if [ "$part" = dataplane ] && [ -n "${SKYBRIDGE_BENCH_PERF:-}" ]; then
+    sed -n '/^== where the cycles go/,/^$/p' "$out/$part"
+  fi
+done
