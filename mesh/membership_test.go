@@ -211,3 +211,46 @@ func TestMembershipRemember(t *testing.T) {
 		t.Fatalf("dead member: %v", states(ms))
 	}
 }
+
+// TestMembershipGeneration: the reconciler reuses its last plan while the
+// generation stands still, so every change must move it, and the periodic
+// re-judging must not move it (nor reset when members last changed) when
+// nothing changed — but must when a certificate expires.
+func TestMembershipGeneration(t *testing.T) {
+	f := newFixture(t)
+	clock := f.now
+	ms := newMembership("self", f.trust(), func() time.Time { return clock }, func() {})
+	a := f.identity("gw-a", "site-a", 1, f.now.Add(-time.Hour))
+	g0 := ms.generation()
+	ms.update("gw-a", gossipAddr, f.advert(a, 1))
+	g1 := ms.generation()
+	if g1 == g0 {
+		t.Fatal("a new member did not move the generation")
+	}
+	if err := ms.addCert(a.Certificate().Raw); err != nil {
+		t.Fatal(err)
+	}
+	g2 := ms.generation()
+	if g2 == g1 || states(ms)["gw-a"] != StateVerified {
+		t.Fatalf("verification: generation %d→%d, state %s", g1, g2, states(ms)["gw-a"])
+	}
+	changedAt := ms.snapshot()[0].Since
+	clock = clock.Add(time.Minute)
+	ms.refresh()
+	if g := ms.generation(); g != g2 {
+		t.Fatalf("re-judging an unchanged membership moved the generation %d→%d", g2, g)
+	}
+	if got := ms.snapshot()[0].Since; !got.Equal(changedAt) {
+		t.Fatalf("re-judging reset the change time: %s → %s", changedAt, got)
+	}
+	clock = f.now.Add(72 * time.Hour) // past the certificate's 48 h
+	ms.refresh()
+	g3 := ms.generation()
+	if g3 == g2 || states(ms)["gw-a"] == StateVerified {
+		t.Fatalf("expiry: generation %d→%d, state %s", g2, g3, states(ms)["gw-a"])
+	}
+	ms.leave("gw-a")
+	if g := ms.generation(); g == g3 {
+		t.Fatal("a departure did not move the generation")
+	}
+}

@@ -48,6 +48,10 @@ func TestScaleConvergence(t *testing.T) {
 	fmt.Fprintf(&b, "\n| gateways | sequential joins took | converge after last join | crash removed everywhere | CPU per gateway (steady) | heap per gateway | gossip per gateway |\n|---|---|---|---|---|---|---|\n")
 	for _, n := range sizes {
 		r := runScale(t, n)
+		if r.note != "" {
+			fmt.Fprintf(&b, "| %d | %s | | | | | |\n", n, r.note)
+			continue
+		}
 		fmt.Fprintf(&b, "| %d | %s | %s | %s | %.2f %% of a core | %s | %.1f KB/s |\n", n, r.joins.Round(10*time.Millisecond), r.converge.Round(time.Millisecond),
 			r.crash.Round(time.Millisecond), r.cpuPct, kib(r.heap), r.gossipBps/1000)
 	}
@@ -55,7 +59,15 @@ func TestScaleConvergence(t *testing.T) {
 	fmt.Println(b.String())
 }
 
+// A size that cannot join or converge within these budgets on the
+// machine at hand is reported as such rather than waited for.
+const (
+	joinBudget = 2 * time.Minute
+	waitBudget = 90 * time.Second
+)
+
 type scaleResult struct {
+	note            string        // why the run stopped short, if it did
 	joins           time.Duration // from the first gateway's start to the last one's join
 	converge, crash time.Duration
 	cpuPct          float64 // percent of one core per gateway
@@ -238,7 +250,13 @@ func runScale(t *testing.T, n int) scaleResult {
 	}
 	// Join one after the other, as gateways coming up.
 	joinStart := time.Now()
+	var r scaleResult
 	for i, s := range sims {
+		if time.Since(joinStart) > joinBudget {
+			r.note = fmt.Sprintf("only %d of %d joined within %s", i, n, joinBudget)
+			t.Logf("N=%d: %s", n, r.note)
+			return r
+		}
 		if debug && i%50 == 0 {
 			t.Logf("joining: %d up after %s", i, time.Since(joinStart).Round(time.Millisecond))
 		}
@@ -299,9 +317,9 @@ func runScale(t *testing.T, n int) scaleResult {
 		}
 		return true
 	}
-	waitAll := func(what string, exclude wgtypes.Key, skip int) time.Duration {
+	waitAll := func(what string, exclude wgtypes.Key, skip int) (time.Duration, bool) {
 		start := time.Now()
-		deadline := start.Add(3 * time.Minute)
+		deadline := start.Add(waitBudget)
 		lastLog := start
 		for {
 			done := 0
@@ -311,7 +329,7 @@ func runScale(t *testing.T, n int) scaleResult {
 				}
 			}
 			if done == n {
-				return time.Since(start)
+				return time.Since(start), true
 			}
 			if debug && time.Since(lastLog) >= time.Second {
 				lastLog = time.Now()
@@ -340,14 +358,17 @@ func runScale(t *testing.T, n int) scaleResult {
 				}
 			}
 			if time.Now().After(deadline) {
-				t.Fatalf("N=%d: %s: %d of %d gateways complete after 3 min", n, what, done, n)
+				r.note = fmt.Sprintf("%s: %d of %d gateways complete after %s", what, done, n, waitBudget)
+				t.Logf("N=%d: %s", n, r.note)
+				return 0, false
 			}
 			time.Sleep(100 * time.Millisecond)
 		}
 	}
-	var r scaleResult
 	r.joins = lastJoin.Sub(joinStart)
-	waitAll("convergence", wgtypes.Key{}, -1)
+	if _, ok := waitAll("convergence", wgtypes.Key{}, -1); !ok {
+		return r
+	}
 	r.converge = time.Since(lastJoin)
 
 	// Steady state: CPU, memory, gossip traffic over 10 s.
@@ -365,7 +386,9 @@ func runScale(t *testing.T, n int) scaleResult {
 	victim := n / 2
 	sims[victim].g.crash()
 	crashed := time.Now()
-	waitAll("crash removal", sims[victim].key, victim)
+	if _, ok := waitAll("crash removal", sims[victim].key, victim); !ok {
+		return r
+	}
 	r.crash = time.Since(crashed)
 	t.Logf("N=%d: converged %s after the last join; crash removed everywhere in %s", n, r.converge.Round(time.Millisecond), r.crash.Round(time.Millisecond))
 	return r
