@@ -11,6 +11,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -422,6 +423,12 @@ func (g *Gateway) join(addrs []string) {
 // brings the whole membership, and if every newcomer exchanged state with
 // every seed, the seeds of a large mesh would do little else.
 func (g *Gateway) joinSeeds(seeds []string) {
+	// A seed that is ourselves would "succeed" (memberlist answers its own
+	// push/pull) and leave us an island until the next rejoin round.
+	seeds = slices.DeleteFunc(slices.Clone(seeds), func(s string) bool {
+		ap, err := parseAddrPort(s, DefaultGossipPort)
+		return err == nil && (ap == g.s.GossipAdvertise || ap == g.s.GossipBind)
+	})
 	for _, i := range rand.Perm(len(seeds)) {
 		if n, err := g.ml.Join(seeds[i : i+1]); err == nil && n > 0 {
 			g.log.Debug("joined", "seed", seeds[i])
