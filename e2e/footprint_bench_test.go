@@ -52,7 +52,7 @@ func TestBenchFootprint(t *testing.T) {
 	for i := range n {
 		name := fmt.Sprintf("fp-%03d", i+1)
 		sdir := filepath.Join(dir, name)
-		overlay := fmt.Sprintf("100.97.%d.%d", (i+1)/250, (i+1)%250+1)
+		overlay := fmt.Sprintf("100.96.%d.%d", 20+(i+1)/250, (i+1)%250+1)
 		site := fmt.Sprintf("site-%03d", i+1)
 		sb(t, 0, "ca", "issue", "--ca", caDir, "--node", name, "--site", site, "--region", "r", "--provider", "onprem",
 			"--jurisdiction", "CH", "--overlay-ip", overlay, "--label", "classes=risk-batch", "--out", filepath.Join(sdir, "identity"))

@@ -36,17 +36,34 @@ go mod download
 
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
-tables() { grep -E '^\||^(image|TCP|[0-9]+ gateway)' || true; }
 started=$(date +%s)
+failed=()
+
+# table prints a part's tables once: the tests print them to stdout and,
+# indented, to their logs.
+table() {
+  if [ "$1" = micro ]; then grep -E '^Benchmark' "$out/$1" || true; return; fi
+  grep -vE '^\s' "$out/$1" | grep -E '^\||^(image|TCP|[0-9]+ gateway)' || true
+  if [ "$1" = dataplane ] && [ -n "${SKYBRIDGE_BENCH_PERF:-}" ]; then
+    sed -n '/^== where the cycles go/,/^$/p' "$out/$1"
+  fi
+}
+
+run() { # part, then the command; a failed part is shown and the others still run
+  local part=$1; shift
+  if "$@" >"$out/$part" 2>&1; then table "$part"; else
+    tail -n 60 "$out/$part"; failed+=("$part")
+  fi
+}
 
 for part in "${parts[@]}"; do
   case "$part" in
   micro)
     echo "== micro-benchmarks"
-    go test -run '^$' -bench . -benchmem -count 1 ./certs/ ./policy/ ./mesh/ | tee "$out/micro" | grep -E '^Benchmark' ;;
+    run micro go test -run '^$' -bench . -benchmem -count 1 ./certs/ ./policy/ ./mesh/ ;;
   scale)
     echo "== mesh convergence at scale (one process, real memberlist on loopback, recorded WireGuard)"
-    SKYBRIDGE_BENCH_SCALE=1 go test -count=1 -v -timeout 40m -run TestScaleConvergence ./mesh/ 2>&1 | tee "$out/scale" | grep -E 'N=[0-9]+: (converged|.*stopped)|FAIL' || true ;;
+    run scale env SKYBRIDGE_BENCH_SCALE=1 go test -count=1 -v -timeout 40m -run TestScaleConvergence ./mesh/ ;;
   dataplane|migrate|footprint)
     if ! $root; then echo "== $part: needs root (network namespaces, TUN); skipped"; continue; fi
     case "$part" in
@@ -56,29 +73,27 @@ for part in "${parts[@]}"; do
       ver=$(go list -m -f '{{.Version}}' golang.zx2c4.com/wireguard)
       GOBIN="$out/bin" go install "golang.zx2c4.com/wireguard@$ver"
       echo "== data plane (upstream wireguard-go $ver)"
-      SKYBRIDGE_BENCH=1 SKYBRIDGE_WG_UPSTREAM="$out/bin/wireguard" go test -count=1 -v -timeout 20m -run TestBenchDataPlane ./e2e/ >"$out/$part" 2>&1 || { cat "$out/$part"; exit 1; } ;;
+      run dataplane env SKYBRIDGE_BENCH=1 SKYBRIDGE_WG_UPSTREAM="$out/bin/wireguard" go test -count=1 -v -timeout 20m -run TestBenchDataPlane ./e2e/ ;;
     migrate)
       echo "== migration vs rsync"
-      SKYBRIDGE_BENCH=1 go test -count=1 -v -timeout 30m -run TestBenchMigrateVsRsync ./e2e/ >"$out/$part" 2>&1 || { cat "$out/$part"; exit 1; } ;;
+      run migrate env SKYBRIDGE_BENCH=1 go test -count=1 -v -timeout 30m -run TestBenchMigrateVsRsync ./e2e/ ;;
     footprint)
       echo "== gateway footprint"
-      SKYBRIDGE_BENCH=1 go test -count=1 -v -timeout 20m -run TestBenchFootprint ./e2e/ >"$out/$part" 2>&1 || { cat "$out/$part"; exit 1; } ;;
+      run footprint env SKYBRIDGE_BENCH=1 go test -count=1 -v -timeout 20m -run TestBenchFootprint ./e2e/ ;;
     esac ;;
   *) echo "unknown part $part (micro, scale, dataplane, migrate, footprint)" >&2; exit 2 ;;
   esac
 done
 
 echo
-echo "================ results ($(nproc) cores, $(date -u +%F), $(( $(date +%s) - started )) s) ================"
+echo "================ results: $(nproc) cores, $(date -u +%F), $(( $(date +%s) - started )) s ================"
 for part in "${parts[@]}"; do
   [ -f "$out/$part" ] || continue
   echo
   echo "## $part"
-  if [ "$part" = micro ]; then grep -E '^Benchmark' "$out/$part"; else
-    # Each table once: the test prints it to stdout and to its log.
-    grep -vE '^\s+\S+_test\.go:[0-9]+:' "$out/$part" | tables | awk '!seen[$0]++ || /^\|---/'
-  fi
-  if [ "$part" = dataplane ] && [ -n "${SKYBRIDGE_BENCH_PERF:-}" ]; then
-    sed -n '/^== where the cycles go/,/^$/p' "$out/$part"
-  fi
+  table "$part"
 done
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "failed: ${failed[*]}" >&2
+  exit 1
+fi
