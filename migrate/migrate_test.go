@@ -46,7 +46,7 @@ class "swiss-banking-secret" {
 // pair is a sending and a receiving gateway on loopback, with real
 // identities from one mesh CA, real TLS and real journals.
 type pair struct {
-	t          *testing.T
+	t          testing.TB
 	dir        string
 	from, to   *certs.NodeIdentity
 	tb         *certs.TrustBundle
@@ -61,7 +61,7 @@ type pair struct {
 	recvAudit  *audit.Log
 }
 
-func newPair(t *testing.T, toJur string) *pair {
+func newPair(t testing.TB, toJur string) *pair {
 	t.Helper()
 	dir := t.TempDir()
 	ca, err := certs.InitCA(filepath.Join(dir, "ca"), certs.InitOptions{})

@@ -695,8 +695,10 @@ func (s *sender) prepare(i int64, enc *zstd.Encoder, acc *Accept) (*job, error) 
 	}
 	j := &job{index: i, hash: h, data: buf}
 	flags := byte(0)
-	if c := enc.EncodeAll(buf, make([]byte, 0, len(buf)/2)); len(c) < len(buf)*95/100 {
-		j.data, flags = c, flagZstd
+	if worthCompressing(enc, buf) {
+		if c := enc.EncodeAll(buf, make([]byte, 0, len(buf))); len(c) < len(buf)*95/100 {
+			j.data, flags = c, flagZstd
+		}
 	}
 	j.hdr = chunkHeader(i, h, flags, len(buf))
 	if s.cfg.mangle != nil {
@@ -708,4 +710,24 @@ func (s *sender) prepare(i int64, enc *zstd.Encoder, acc *Accept) (*job, error) 
 	s.stats.BytesSent += int64(len(j.data))
 	s.mu.Unlock()
 	return j, nil
+}
+
+// worthCompressing guesses from two 32 KiB samples (start and middle)
+// whether zstd will save at least 5 % of a chunk: encrypted, compressed
+// or random data (the bulk of many images) then costs two small probes
+// instead of a whole failed compression, which was the largest single
+// cost of sending such data. A mixed chunk that samples badly is merely
+// sent uncompressed.
+func worthCompressing(enc *zstd.Encoder, buf []byte) bool {
+	const sample = 32 << 10
+	if len(buf) <= 2*sample {
+		return true
+	}
+	var out [2 * sample]byte
+	for _, off := range []int{0, len(buf)/2 - sample/2} {
+		if c := enc.EncodeAll(buf[off:off+sample], out[:0]); len(c) < sample*95/100 {
+			return true
+		}
+	}
+	return false
 }
