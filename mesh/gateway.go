@@ -386,14 +386,17 @@ func (g *Gateway) startGossip() error {
 }
 
 // tuneLAN tightens memberlist's LAN timings so that a crashed gateway
-// leaves every WireGuard configuration within seconds in meshes of a
-// thousand gateways (docs/BENCHMARKS.md). With the defaults a crash takes
+// leaves every WireGuard configuration within seconds: 1.7-3.2 s at 10-100
+// gateways in docs/BENCHMARKS.md (larger meshes could not be simulated in
+// one 2-core process and are unmeasured). With the defaults a crash takes
 // 10-20 s to be declared: a probe a second, then a suspicion that waits
 // SuspicionMult·log10(N) probe intervals, stretched up to six-fold until
 // enough members confirm it. Here a gateway probes twice a second, needs
 // no confirmations (the suspect itself has the whole suspicion timeout to
 // refute a false accusation), and news spreads every 100 ms to 4 members,
-// which reaches 1,000 members in about 5 rounds.
+// which reaches 1,000 members in about 5 rounds. The price is sensitivity
+// to starved CPUs: a gateway that cannot answer a probe within 400 ms is
+// suspected.
 func tuneLAN(cfg *memberlist.Config) {
 	cfg.ProbeInterval = 500 * time.Millisecond
 	cfg.ProbeTimeout = 400 * time.Millisecond
