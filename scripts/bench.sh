@@ -60,7 +60,7 @@ for part in "${parts[@]}"; do
   case "$part" in
   micro)
     echo "== micro-benchmarks"
-    run micro go test -run '^$' -bench . -benchmem -count 1 ./certs/ ./policy/ ./mesh/ ;;
+    run micro go test -p 1 -run '^$' -bench . -benchmem -count 1 ./certs/ ./policy/ ./mesh/ ;; # -p 1: packages one at a time, not competing for the cores
   scale)
     echo "== mesh convergence at scale (one process, real memberlist on loopback, recorded WireGuard)"
     run scale env SKYBRIDGE_BENCH_SCALE=1 go test -count=1 -v -timeout 40m -run TestScaleConvergence ./mesh/ ;;
