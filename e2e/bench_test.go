@@ -30,20 +30,14 @@ func TestBenchMigrateVsRsync(t *testing.T) {
 	tool(t, "qemu-img")
 	rsync := tool(t, "rsync")
 	iperf := tool(t, "iperf3")
-	caDir := filepath.Join(l.dir, "ca")
-	sb(t, 0, "ca", "init", "--dir", caDir)
-	pol := filepath.Join(l.dir, "residency.hcl")
-	src, _ := os.ReadFile("../docs/examples/residency.hcl")
-	os.WriteFile(pol, src, 0o644)
-	sb(t, 0, "policy", "sign", "--policy", pol, "--ca", caDir)
-	sites := l.threeSites(caDir, pol, [3]string{"swiss-banking-secret,pii-eu,risk-batch", "pii-eu,risk-batch", "risk-batch"})
-	zrh, fra := sites[0], sites[1]
-	// Info level, as in production: the logger is not what is measured.
-	start := func(s *meshSite, n int) {
-		s.gwCmd = l.start(s.ns, fmt.Sprintf("gw-%s-%d", s.short, n), nil, skybridge, "gateway", "run", "--config", s.cfg)
+	src, err := os.ReadFile("../docs/examples/residency.hcl")
+	if err != nil {
+		t.Fatal(err)
 	}
-	start(zrh, 1)
-	start(fra, 1)
+	_, sites := l.signedSites(src, [3]string{"swiss-banking-secret,pii-eu,risk-batch", "pii-eu,risk-batch", "risk-batch"})
+	zrh, fra := sites[0], sites[1]
+	l.startQuiet(zrh, 1)
+	l.startQuiet(fra, 1)
 	waitTunnel := func() {
 		waitFor(t, 60*time.Second, "tunnel up", func() (bool, string) {
 			st, err := status(zrh.socket)
@@ -184,7 +178,7 @@ func TestBenchMigrateVsRsync(t *testing.T) {
 		zrh.gwCmd.Wait()
 		cmd.Process.Kill()
 		cmd.Wait()
-		start(zrh, 2)
+		l.startQuiet(zrh, 2)
 		waitTunnel()
 		ch, cmd = startMigration(t, "migrate", "resume", id, "--socket", zrh.socket)
 		ev := lastEvent(t, ch, cmd)

@@ -32,17 +32,10 @@ func TestBenchDataPlane(t *testing.T) {
 	l := newLab(t)
 	defer l.dumpLogs()
 	iperf := tool(t, "iperf3")
-	caDir := filepath.Join(l.dir, "ca")
-	sb(t, 0, "ca", "init", "--dir", caDir)
-	pol := filepath.Join(l.dir, "residency.hcl")
-	os.WriteFile(pol, []byte(policyV1), 0o644)
-	sb(t, 0, "policy", "sign", "--policy", pol, "--ca", caDir)
-	sites := l.threeSites(caDir, pol, [3]string{"pii-eu,risk-batch", "pii-eu,risk-batch", "risk-batch"})
+	_, sites := l.signedSites([]byte(policyV1), [3]string{"pii-eu,risk-batch", "pii-eu,risk-batch", "risk-batch"})
 	a, b := sites[0], sites[1]
-	// Info level: the data plane is what is measured, not the logger.
-	for _, s := range []*meshSite{a, b} {
-		s.gwCmd = l.start(s.ns, "gw-"+s.short, nil, skybridge, "gateway", "run", "--config", s.cfg)
-	}
+	l.startQuiet(a, 1)
+	l.startQuiet(b, 1)
 
 	type variant struct {
 		name, addr string

@@ -106,6 +106,26 @@ func (l *lab) threeSites(caDir, policyFile string, classes [3]string) []*meshSit
 	return sites
 }
 
+// signedSites makes a CA and a signed policy (source src) in the lab and
+// the three sites configured to use them (not started).
+func (l *lab) signedSites(src []byte, classes [3]string) (caDir string, sites []*meshSite) {
+	l.t.Helper()
+	caDir = filepath.Join(l.dir, "ca")
+	sb(l.t, 0, "ca", "init", "--dir", caDir)
+	pol := filepath.Join(l.dir, "residency.hcl")
+	if err := os.WriteFile(pol, src, 0o644); err != nil {
+		l.t.Fatal(err)
+	}
+	sb(l.t, 0, "policy", "sign", "--policy", pol, "--ca", caDir)
+	return caDir, l.threeSites(caDir, pol, classes)
+}
+
+// startQuiet starts a site's gateway at the default log level, as in
+// production: for benchmarks, where the logger is not what is measured.
+func (l *lab) startQuiet(s *meshSite, n int) {
+	s.gwCmd = l.start(s.ns, fmt.Sprintf("gw-%s-%d", s.short, n), nil, skybridge, "gateway", "run", "--config", s.cfg)
+}
+
 func (l *lab) startGateway(s *meshSite, n int) {
 	s.gwCmd = l.start(s.ns, fmt.Sprintf("gw-%s-%d", s.short, n), nil, skybridge, "--log-level", "debug", "gateway", "run", "--config", s.cfg)
 }

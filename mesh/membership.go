@@ -273,15 +273,7 @@ func (ms *membership) addCert(der []byte) error {
 		ms.mu.Unlock()
 		return nil
 	}
-	cert, err := x509.ParseCertificate(der)
-	if err == nil {
-		_, err = ms.cache.VerifyCertificate(ms.trust, cert, ms.now())
-	}
-	if err != nil {
-		ms.badCert[sum] = "certificate refused: " + err.Error()
-	} else {
-		ms.certs[sum] = cert
-	}
+	err := ms.learnCertLocked(sum, der)
 	for _, m := range ms.members {
 		if m.advert != nil && m.advert.CertHash == sum {
 			ms.judgeLocked(m)
@@ -290,6 +282,21 @@ func (ms *membership) addCert(der []byte) error {
 	ms.mu.Unlock()
 	ms.changed()
 	return err
+}
+
+// learnCertLocked verifies a certificate against the trust bundle and
+// files it as known or refused.
+func (ms *membership) learnCertLocked(sum [32]byte, der []byte) error {
+	cert, err := x509.ParseCertificate(der)
+	if err == nil {
+		_, err = ms.cache.VerifyCertificate(ms.trust, cert, ms.now())
+	}
+	if err != nil {
+		ms.badCert[sum] = "certificate refused: " + err.Error()
+		return err
+	}
+	ms.certs[sum] = cert
+	return nil
 }
 
 // addCerts learns a batch of certificates (a join's bundle) under one
@@ -305,15 +312,7 @@ func (ms *membership) addCerts(ders [][]byte) {
 		if _, bad := ms.badCert[sum]; bad {
 			continue
 		}
-		cert, err := x509.ParseCertificate(der)
-		if err == nil {
-			_, err = ms.cache.VerifyCertificate(ms.trust, cert, ms.now())
-		}
-		if err != nil {
-			ms.badCert[sum] = "certificate refused: " + err.Error()
-		} else {
-			ms.certs[sum] = cert
-		}
+		ms.learnCertLocked(sum, der)
 		added[sum] = true
 	}
 	if len(added) > 0 {
