@@ -386,7 +386,7 @@ func (g *Gateway) startGossip() error {
 }
 
 // tuneLAN tightens memberlist's LAN timings so that a crashed gateway
-// leaves every WireGuard configuration within seconds: 1.7-3.2 s at 10-100
+// leaves every WireGuard configuration within seconds: 1.8-3.2 s at 10-100
 // gateways in docs/BENCHMARKS.md (larger meshes could not be simulated in
 // one 2-core process and are unmeasured). With the defaults a crash takes
 // 10-20 s to be declared: a probe a second, then a suspicion that waits
