@@ -22,9 +22,7 @@ import (
 // change sends. It is a benchmark, not a test: it runs only with
 // SKYBRIDGE_BENCH=1 (see scripts/bench.sh) and asserts nothing about speed.
 func TestBenchMigrateVsRsync(t *testing.T) {
-	if os.Getenv("SKYBRIDGE_BENCH") == "" {
-		t.Skip("benchmark: set SKYBRIDGE_BENCH=1 (scripts/bench.sh does)")
-	}
+	benchmarkOnly(t)
 	l := newLab(t)
 	defer l.dumpLogs()
 	tool(t, "qemu-img")
@@ -145,19 +143,11 @@ func TestBenchMigrateVsRsync(t *testing.T) {
 	imageAlloc := rows[0].allocated
 
 	// The overlay's TCP throughput, then a migration of random data.
-	out, err := l.nsexec(zrh.ns, iperf, "-c", fra.overlay, "-p", "5201", "-t", "5", "-O", "1", "-J")
+	bits, _, err := l.iperfTCP(zrh.ns, fra.overlay, 5)
 	if err != nil {
-		t.Fatalf("iperf3: %v %s", err, out)
+		t.Fatal(err)
 	}
-	var rep struct {
-		End struct {
-			SumReceived struct {
-				Bits float64 `json:"bits_per_second"`
-			} `json:"sum_received"`
-		} `json:"end"`
-	}
-	json.Unmarshal([]byte(out), &rep)
-	overlayMiBs := rep.End.SumReceived.Bits / 8 / mib
+	overlayMiBs := bits / 8 / mib
 	noiseRow := measure("skybridge migrate, incompressible raw", migrate(noise, "raw"))
 	noiseMiBs := float64(noiseRow.allocated) / mib / noiseRow.wall.Seconds()
 
@@ -309,4 +299,42 @@ func cpuSelf() float64 {
 	u, _ := strconv.ParseFloat(f[11], 64)
 	st, _ := strconv.ParseFloat(f[12], 64)
 	return (u + st) / 100
+}
+
+// benchmarkOnly skips a benchmark unless SKYBRIDGE_BENCH is set: they
+// print figures, take minutes, and are not part of the tests.
+func benchmarkOnly(t *testing.T) {
+	t.Helper()
+	if os.Getenv("SKYBRIDGE_BENCH") == "" {
+		t.Skip("benchmark: set SKYBRIDGE_BENCH=1 (scripts/bench.sh does)")
+	}
+}
+
+func envInt(name string, def int) int {
+	if v, err := strconv.Atoi(os.Getenv(name)); err == nil && v > 0 {
+		return v
+	}
+	return def
+}
+
+// iperfTCP runs one iperf3 measurement from ns to an iperf3 server (port
+// 5201) at addr for secs seconds after a first second left out (TCP's slow
+// start), and returns what the server received: bits per second and bytes.
+func (l *lab) iperfTCP(ns, addr string, secs int) (bitsPerSec, bytes float64, err error) {
+	out, err := l.nsexec(ns, "iperf3", "-c", addr, "-p", "5201", "-t", strconv.Itoa(secs), "-O", "1", "-J")
+	if err != nil {
+		return 0, 0, fmt.Errorf("iperf3 to %s: %v\n%s", addr, err, out)
+	}
+	var rep struct {
+		End struct {
+			SumReceived struct {
+				Bytes float64 `json:"bytes"`
+				Bits  float64 `json:"bits_per_second"`
+			} `json:"sum_received"`
+		} `json:"end"`
+	}
+	if err := json.Unmarshal([]byte(out), &rep); err != nil || rep.End.SumReceived.Bits == 0 {
+		return 0, 0, fmt.Errorf("iperf3 report from %s: %v\n%s", addr, err, out)
+	}
+	return rep.End.SumReceived.Bits, rep.End.SumReceived.Bytes, nil
 }

@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
@@ -26,9 +25,7 @@ import (
 // builds it with `go install golang.zx2c4.com/wireguard@VERSION`); a
 // reference that is missing is reported as such, not silently dropped.
 func TestBenchDataPlane(t *testing.T) {
-	if os.Getenv("SKYBRIDGE_BENCH") == "" {
-		t.Skip("benchmark: set SKYBRIDGE_BENCH=1 (scripts/bench.sh does)")
-	}
+	benchmarkOnly(t)
 	l := newLab(t)
 	defer l.dumpLogs()
 	iperf := tool(t, "iperf3")
@@ -88,35 +85,24 @@ func TestBenchDataPlane(t *testing.T) {
 				cpu0 += cpuOf(p)
 			}
 			stopProfile := l.perfRecord(v.name, round, v.pids(), secs)
-			out, err := l.nsexec(a.ns, iperf, "-c", v.addr, "-p", "5201", "-t", strconv.Itoa(secs), "-O", "1", "-J")
+			bits, bytes, err := l.iperfTCP(a.ns, v.addr, secs)
 			stopProfile()
 			if err != nil {
-				t.Fatalf("iperf3 to %s (%s): %v\n%s", v.addr, v.name, err, out)
+				t.Fatalf("%s: %v", v.name, err)
 			}
 			var cpu float64
 			for _, p := range v.pids() {
 				cpu += cpuOf(p)
 			}
-			var rep struct {
-				End struct {
-					SumReceived struct {
-						Bytes float64 `json:"bytes"`
-						Bits  float64 `json:"bits_per_second"`
-					} `json:"sum_received"`
-				} `json:"end"`
-			}
-			if err := json.Unmarshal([]byte(out), &rep); err != nil || rep.End.SumReceived.Bits == 0 {
-				t.Fatalf("iperf3 report for %s: %v\n%s", v.name, err, out)
-			}
-			gb := rep.End.SumReceived.Bytes / 1e9
-			res[i].gbits = append(res[i].gbits, rep.End.SumReceived.Bits/1e9)
+			gb := bytes / 1e9
+			res[i].gbits = append(res[i].gbits, bits/1e9)
 			if len(v.pids()) > 0 {
 				// The omitted first second is not in Bytes but is in the
 				// CPU delta; scale the bytes up to the whole run.
 				gb *= float64(secs+1) / float64(secs)
 				res[i].cpuPerGB = append(res[i].cpuPerGB, (cpu-cpu0)/gb)
 			}
-			t.Logf("round %d: %s: %.2f Gbit/s", round+1, v.name, rep.End.SumReceived.Bits/1e9)
+			t.Logf("round %d: %s: %.2f Gbit/s", round+1, v.name, bits/1e9)
 		}
 	}
 
@@ -250,11 +236,4 @@ func debianWGVersion() string {
 		return f[1]
 	}
 	return ""
-}
-
-func envInt(name string, def int) int {
-	if v, err := strconv.Atoi(os.Getenv(name)); err == nil && v > 0 {
-		return v
-	}
-	return def
 }

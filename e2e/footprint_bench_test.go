@@ -21,9 +21,7 @@ import (
 // (memberlist's LAN profile as tuned for production, real WireGuard).
 // A benchmark, not a test: it runs only with SKYBRIDGE_BENCH=1.
 func TestBenchFootprint(t *testing.T) {
-	if os.Getenv("SKYBRIDGE_BENCH") == "" {
-		t.Skip("benchmark: set SKYBRIDGE_BENCH=1 (scripts/bench.sh does)")
-	}
+	benchmarkOnly(t)
 	tool(t, "qemu-img")
 	n := envInt("SKYBRIDGE_BENCH_GATEWAYS", 100)
 	idle := time.Duration(envInt("SKYBRIDGE_BENCH_IDLE_SECONDS", 30)) * time.Second

@@ -511,7 +511,7 @@ func (g *Gateway) reconcile() {
 	// mesh that is most passes, and Compute is the costly part.
 	key := planKey{gen: g.members.generation(), self: self, policy: pol, trust: trust}
 	var plan Plan
-	if last := g.plan.Load(); last != nil && g.planKey == key && (g.links.until.IsZero() || now.Before(g.links.until)) {
+	if last := g.plan.Load(); last != nil && g.planKey == key && g.links.holds(now) {
 		plan = *last
 	} else {
 		in := TopologyInput{Self: *self, Peers: g.members.gateways(), Mode: g.s.Topology, BehindNAT: g.s.BehindNAT, Now: now, MeshPrefix: trust.MeshPrefix(), Memo: &g.links}
@@ -810,9 +810,10 @@ func (g *Gateway) sendTo(to string, at netip.AddrPort, msg []byte) error {
 // retry (certRetry); everything else travels on streams.
 const maxPacketMsg = 1200
 
-// sendAsync sends off the worker, at most maxSends at a time: a newcomer
-// to a large mesh answers hundreds of certificate requests at once, and
-// each is a stream of its own.
+// sendAsync sends without holding up the worker: datagrams at once,
+// streams (a policy or CRL blob, which a new version makes every member
+// request at the same moment) from their own goroutines, at most maxSends
+// at a time.
 func (g *Gateway) sendAsync(to string, at netip.AddrPort, msg []byte) {
 	if len(msg) <= maxPacketMsg {
 		if err := g.sendTo(to, at, msg); err != nil {

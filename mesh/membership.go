@@ -416,23 +416,16 @@ func (ms *membership) rejudgeLocked() (changed bool) {
 	return changed
 }
 
-// refresh re-judges everyone at the current time (expiry) and reports the
-// members still waiting for a certificate.
-func (ms *membership) refresh() (pending []string) {
+// refresh re-judges everyone at the current time (expiry).
+func (ms *membership) refresh() {
 	ms.mu.Lock()
 	changed := ms.rejudgeLocked()
-	for _, m := range ms.members {
-		if m.state == StatePending {
-			pending = append(pending, m.name)
-		}
-	}
 	ms.mu.Unlock()
 	// Re-judging finds nothing new almost always; a change (an expiry)
 	// is what makes the topology worth recomputing.
 	if changed {
 		ms.changed()
 	}
-	return pending
 }
 
 // remember restores a member from the state directory: a gateway that

@@ -81,7 +81,7 @@ func (m *LinkMemo) link(in TopologyInput, peer *certs.Attributes) Link {
 	if m == nil {
 		return residencyLink(in.Policy, in.Self.Attributes, peer, in.Now)
 	}
-	if m.policy != in.Policy || m.self != in.Self.Attributes || (!m.until.IsZero() && !in.Now.Before(m.until)) {
+	if m.policy != in.Policy || m.self != in.Self.Attributes || !m.holds(in.Now) {
 		m.policy, m.self, m.links, m.until = in.Policy, in.Self.Attributes, nil, time.Time{}
 		if in.Policy != nil {
 			m.until = in.Policy.NextChange(in.Now)
@@ -96,6 +96,12 @@ func (m *LinkMemo) link(in TopologyInput, peer *certs.Attributes) Link {
 	}
 	m.now[peer] = l
 	return l
+}
+
+// holds reports whether the decisions made so far still stand at now (no
+// exception of the policy has expired since).
+func (m *LinkMemo) holds(now time.Time) bool {
+	return m.until.IsZero() || now.Before(m.until)
 }
 
 // done keeps the decisions of this plan only: departed peers are forgotten.

@@ -719,15 +719,22 @@ func (s *sender) prepare(i int64, enc *zstd.Encoder, acc *Accept) (*job, error) 
 // cost of sending such data. A mixed chunk that samples badly is merely
 // sent uncompressed.
 func worthCompressing(enc *zstd.Encoder, buf []byte) bool {
-	const sample = 32 << 10
-	if len(buf) <= 2*sample {
+	if len(buf) <= 2*probeSample {
 		return true
 	}
-	var out [2 * sample]byte
-	for _, off := range []int{0, len(buf)/2 - sample/2} {
-		if c := enc.EncodeAll(buf[off:off+sample], out[:0]); len(c) < sample*95/100 {
+	out := probeBufs.Get().(*[]byte)
+	defer probeBufs.Put(out)
+	for _, off := range []int{0, len(buf)/2 - probeSample/2} {
+		*out = enc.EncodeAll(buf[off:off+probeSample], (*out)[:0])
+		if len(*out) < probeSample*95/100 {
 			return true
 		}
 	}
 	return false
 }
+
+const probeSample = 32 << 10
+
+// probeBufs hold the probes' output: chunks are prepared concurrently, and
+// a fresh 64 KiB per chunk is garbage the collector need not see.
+var probeBufs = sync.Pool{New: func() any { b := make([]byte, 0, 2*probeSample); return &b }}
