@@ -5,6 +5,7 @@ import (
 	"net/netip"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/hashicorp/hcl/v2"
@@ -50,6 +51,10 @@ const (
 //	  file      = "/etc/skybridge/residency.hcl"   # signed: file.sig next to it
 //	}
 //	control { socket = "/run/skybridge/sb0.sock" }
+//	operator {                           # metrics and dashboard, token required
+//	  listen     = "127.0.0.1:7480"      # loopback, "overlay:7480" (WireGuard-encrypted) or "off"
+//	  token_file = "/var/lib/skybridge/operator.token"  # default: in state_dir, created 0600
+//	}
 type Config struct {
 	StateDir  string           `hcl:"state_dir"`
 	Node      certs.NodeConfig `hcl:"node,block"`
@@ -59,6 +64,7 @@ type Config struct {
 	Topology  *TopologyConfig  `hcl:"topology,block"`
 	Policy    *PolicyConfig    `hcl:"policy,block"`
 	Control   *ControlConfig   `hcl:"control,block"`
+	Operator  *OperatorConfig  `hcl:"operator,block"`
 	Body      hcl.Body         `hcl:",body"`
 
 	file string
@@ -105,6 +111,14 @@ type ControlConfig struct {
 	Body   hcl.Body `hcl:",body"`
 }
 
+// OperatorConfig is the operator block: the HTTP endpoint that serves
+// Prometheus metrics and the dashboard.
+type OperatorConfig struct {
+	Listen    string   `hcl:"listen,optional"`
+	TokenFile string   `hcl:"token_file,optional"`
+	Body      hcl.Body `hcl:",body"`
+}
+
 // Settings is a validated configuration with defaults filled in.
 type Settings struct {
 	File     string
@@ -130,6 +144,12 @@ type Settings struct {
 	PolicySignature string
 
 	ControlSocket string
+
+	// The operator endpoint: off if neither is set. OperatorOverlay
+	// listens on the gateway's overlay address at OperatorAddr's port.
+	OperatorAddr      netip.AddrPort
+	OperatorOverlay   bool
+	OperatorTokenFile string
 }
 
 // Defaults.
@@ -137,6 +157,7 @@ const (
 	DefaultWireGuardPort = 51820
 	DefaultMTU           = 1420 // 1500 underlay minus WireGuard's worst-case IPv6 overhead
 	DefaultGossipPort    = 7946
+	DefaultOperatorPort  = 7480
 )
 
 // LoadConfig reads and validates a gateway configuration file.
@@ -243,10 +264,52 @@ func (c *Config) validate() (*Settings, error) {
 	if c.Control != nil {
 		s.ControlSocket = c.Control.Socket
 	}
+	op := OperatorConfig{Listen: fmt.Sprintf("127.0.0.1:%d", DefaultOperatorPort)}
+	if c.Operator != nil {
+		op.Body, op.TokenFile = c.Operator.Body, c.Operator.TokenFile
+		if c.Operator.Listen != "" {
+			op.Listen = c.Operator.Listen
+		}
+	}
+	if err := s.operator(op); err != nil {
+		errs = append(errs, err)
+	}
 	if err := hclconf.Join(errs...); err != nil {
 		return nil, err
 	}
 	return s, nil
+}
+
+// operator validates the operator block. The endpoint is plain HTTP with
+// a bearer token, so it may listen only where nobody can read the token
+// on the way: loopback, or the overlay address, whose traffic WireGuard
+// encrypts and which only verified gateways reach.
+func (s *Settings) operator(op OperatorConfig) error {
+	if op.Listen == "off" {
+		return nil
+	}
+	s.OperatorTokenFile = op.TokenFile
+	if s.OperatorTokenFile == "" && s.StateDir != "" {
+		s.OperatorTokenFile = filepath.Join(s.StateDir, "operator.token")
+	}
+	if port, ok := strings.CutPrefix(op.Listen, "overlay:"); ok {
+		p, err := strconv.ParseUint(port, 10, 16)
+		if err != nil || p == 0 {
+			return hclconf.Errorf(op.Body, "listen", "%q: the port after overlay: must be 1-65535", op.Listen)
+		}
+		s.OperatorOverlay, s.OperatorAddr = true, netip.AddrPortFrom(netip.IPv4Unspecified(), uint16(p))
+		return nil
+	}
+	ap, err := parseAddrPort(op.Listen, DefaultOperatorPort)
+	if err != nil {
+		return hclconf.Errorf(op.Body, "listen", "%v, \"overlay:PORT\" or \"off\"", err)
+	}
+	if !ap.Addr().IsLoopback() {
+		return hclconf.Errorf(op.Body, "listen", "%s is not a loopback address: the operator endpoint would send its token in clear; "+
+			"use 127.0.0.1:PORT, overlay:PORT (reached through the WireGuard mesh) or a TLS-terminating proxy in front of loopback", ap)
+	}
+	s.OperatorAddr = ap
+	return nil
 }
 
 // parseAddrPort accepts "ip:port", "[ip6]:port" or a bare IP (with

@@ -8,8 +8,11 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"path/filepath"
+	"slices"
+	"strings"
 	"time"
 
 	"github.com/skybridge-mesh/skybridge/migrate"
@@ -44,14 +47,10 @@ func (g *Gateway) serveControl() (io.Closer, error) {
 		st, err := g.Status()
 		reply(w, st, err)
 	})
-	mux.HandleFunc("GET /v1/graph", func(w http.ResponseWriter, r *http.Request) {
-		dot, err := g.Graph()
-		if err != nil {
-			http.Error(w, err.Error(), http.StatusInternalServerError)
-			return
-		}
-		w.Header().Set("Content-Type", "text/vnd.graphviz")
-		io.WriteString(w, dot)
+	mux.HandleFunc("GET /v1/graph", g.serveGraph)
+	mux.HandleFunc("GET /v1/operator", func(w http.ResponseWriter, r *http.Request) {
+		l, err := g.operatorLink()
+		reply(w, l, err)
 	})
 	mux.HandleFunc("POST /v1/policy", func(w http.ResponseWriter, r *http.Request) {
 		var req struct{ Policy, Signature []byte }
@@ -109,6 +108,37 @@ func (g *Gateway) serveControl() (io.Closer, error) {
 		os.Remove(path)
 		return err
 	}), nil
+}
+
+// GraphFormats are the renderings of the mesh graph.
+var GraphFormats = []string{"dot", "svg", "json"}
+
+// serveGraph answers GET …/graph?format=dot|svg|json, on the control
+// socket and on the operator endpoint.
+func (g *Gateway) serveGraph(w http.ResponseWriter, r *http.Request) {
+	format := r.URL.Query().Get("format")
+	if format == "" {
+		format = "dot"
+	}
+	if !slices.Contains(GraphFormats, format) {
+		http.Error(w, fmt.Sprintf("format %q: want one of %s", format, strings.Join(GraphFormats, ", ")), http.StatusBadRequest)
+		return
+	}
+	mg, err := g.Graph()
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusInternalServerError)
+		return
+	}
+	switch format {
+	case "dot":
+		w.Header().Set("Content-Type", "text/vnd.graphviz; charset=utf-8")
+		io.WriteString(w, mg.DOT())
+	case "svg":
+		w.Header().Set("Content-Type", "image/svg+xml")
+		io.WriteString(w, mg.SVG())
+	default:
+		reply(w, mg, nil)
+	}
 }
 
 // MigrationStatus is a migration's record and, while it runs, its progress.
@@ -232,16 +262,23 @@ func (c *Client) do(ctx context.Context, method, path string, body any, out any)
 	return json.NewDecoder(resp.Body).Decode(out)
 }
 
+// Operator fetches where the operator endpoint listens and the
+// dashboard link with its token.
+func (c *Client) Operator(ctx context.Context) (*OperatorLink, error) {
+	var l OperatorLink
+	return &l, c.do(ctx, http.MethodGet, "/v1/operator", nil, &l)
+}
+
 // Status fetches the gateway's status.
 func (c *Client) Status(ctx context.Context) (*Status, error) {
 	var st Status
 	return &st, c.do(ctx, http.MethodGet, "/v1/status", nil, &st)
 }
 
-// Graph fetches the mesh graph in Graphviz dot.
-func (c *Client) Graph(ctx context.Context) (string, error) {
+// Graph fetches the mesh graph in a format of GraphFormats.
+func (c *Client) Graph(ctx context.Context, format string) (string, error) {
 	var s string
-	return s, c.do(ctx, http.MethodGet, "/v1/graph", nil, &s)
+	return s, c.do(ctx, http.MethodGet, "/v1/graph?format="+url.QueryEscape(format), nil, &s)
 }
 
 // PublishPolicy hands a signed policy to the gateway, which verifies it,

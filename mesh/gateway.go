@@ -65,9 +65,11 @@ type Gateway struct {
 	// Owned by the worker.
 	certAsked map[string]time.Time
 
-	mig         *migrations
-	load        atomic.Uint32 // migrations being received, advertised
-	readvertise chan struct{}
+	metrics      *metrics
+	operatorAddr atomic.Pointer[net.Addr]
+	mig          *migrations
+	load         atomic.Uint32 // migrations being received, advertised
+	readvertise  chan struct{}
 
 	started  time.Time
 	stopOnce sync.Once
@@ -151,7 +153,9 @@ func newGateway(ctx context.Context, s *Settings, logger *slog.Logger, opt optio
 		prov.Close()
 		return nil, err
 	}
+	g.metrics = newMetrics(g)
 	g.members = newMembership(attrs.Node, tb, g.now, g.triggerReconcile)
+	g.members.onRefuse = g.metrics.rejected
 	if opt.cache != nil {
 		g.members.cache = opt.cache
 	}
@@ -250,6 +254,13 @@ func (g *Gateway) Run(ctx context.Context) error {
 			return err
 		}
 	}
+	opEndpoint, err := g.serveOperator(ctx)
+	if err != nil {
+		ctl.Close()
+		g.ml.Shutdown()
+		g.closeDevice()
+		return err
+	}
 	g.log.Info("gateway running", "interface", g.dev.Name(), "mode", g.dev.Mode(), "gossip", g.s.GossipAdvertise.String(),
 		"overlay_ip", g.id.Load().Attributes().OverlayIP.String(), "policy", g.policyRevision())
 
@@ -276,6 +287,7 @@ func (g *Gateway) Run(ctx context.Context) error {
 			g.log.Warn("leave", "err", err)
 		}
 	}
+	opEndpoint.Close()
 	ctl.Close()
 	wg.Wait()
 	g.ml.Shutdown()
@@ -529,6 +541,7 @@ func (g *Gateway) reconcile() {
 		g.stats.lastError = err.Error()
 	}
 	g.stats.mu.Unlock()
+	g.metrics.reconciled(time.Since(start), err)
 	if err != nil {
 		g.log.Error("reconcile", "err", err)
 		return

@@ -51,12 +51,16 @@ type membership struct {
 	trust   *certs.TrustBundle
 	members map[string]*member
 	certs   map[[32]byte]*x509.Certificate // certificates by SHA-256, chain-verified
-	badCert map[[32]byte]string            // certificates refused, and why
+	badCert map[[32]byte]error             // certificates refused, and why
 	cache   *certs.VerifyCache             // verified adverts: re-judging costs a lookup
 	now     func() time.Time
 	// onChange is called (outside the lock) when the verified set may
 	// have changed.
 	onChange func()
+	// onRefuse, if set, is told (under the lock) why a member or a gossip
+	// message was refused, as a metric label.
+	onRefuse   func(reason string)
+	refusedMsg map[string]string // the last message refused per name, counted once
 	// gen counts such changes: a reconcile that finds it unchanged (and
 	// nothing else changed) reuses its last plan instead of recomputing.
 	gen atomic.Uint64
@@ -74,7 +78,7 @@ func (ms *membership) generation() uint64 { return ms.gen.Load() }
 func newMembership(self string, tb *certs.TrustBundle, now func() time.Time, onChange func()) *membership {
 	return &membership{
 		self: self, trust: tb, now: now, onChange: onChange, cache: certs.NewVerifyCache(),
-		members: map[string]*member{}, certs: map[[32]byte]*x509.Certificate{}, badCert: map[[32]byte]string{},
+		members: map[string]*member{}, certs: map[[32]byte]*x509.Certificate{}, badCert: map[[32]byte]error{}, refusedMsg: map[string]string{},
 	}
 }
 
@@ -90,6 +94,17 @@ func (ms *membership) admit(name string, meta []byte) error {
 	}
 	ms.mu.Lock()
 	defer ms.mu.Unlock()
+	err := ms.admitLocked(name, meta)
+	// Gossip repeats a refused message many times; count a refusal once
+	// per member until it is admitted again.
+	if m := ms.members[name]; err != nil && ms.onRefuse != nil && (m == nil || m.state != StateRefused) && ms.refusedMsg[name] != string(meta) {
+		ms.refusedMsg[name] = string(meta)
+		ms.onRefuse(rejectionReason(err))
+	}
+	return err
+}
+
+func (ms *membership) admitLocked(name string, meta []byte) error {
 	if m := ms.members[name]; m != nil && m.state == StateVerified && bytes.Equal(m.meta, meta) {
 		return nil // the advert we verified, gossiped again
 	}
@@ -98,10 +113,10 @@ func (ms *membership) admit(name string, meta []byte) error {
 		return err
 	}
 	if sa.Node != name {
-		return fmt.Errorf("gossip name %q differs from advert node %q", name, sa.Node)
+		return &certs.VerifyError{Reason: certs.ReasonAttributeMismatch, Detail: fmt.Sprintf("gossip name %q differs from advert node %q", name, sa.Node)}
 	}
-	if why, bad := ms.badCert[sa.CertHash]; bad {
-		return errors.New(why)
+	if err, bad := ms.badCert[sa.CertHash]; bad {
+		return err
 	}
 	cert := ms.certs[sa.CertHash]
 	if cert == nil {
@@ -121,7 +136,7 @@ func (ms *membership) admit(name string, meta []byte) error {
 	for _, o := range ms.members {
 		if o.name != name && o.state == StateVerified {
 			if why := conflict(o.verified, v); why != "" && wins(o.verified, o.name, v, name) {
-				return fmt.Errorf("%s already held by %s", why, o.name)
+				return &conflictError{fmt.Sprintf("%s already held by %s", why, o.name)}
 			}
 		}
 	}
@@ -146,7 +161,7 @@ func (ms *membership) conflictLocked(name string, v *certs.Verified) error {
 			continue
 		}
 		if wins(o.verified, o.name, v, name) {
-			return fmt.Errorf("%s already held by %s", why, o.name)
+			return &conflictError{fmt.Sprintf("%s already held by %s", why, o.name)}
 		}
 		o.verified, o.state, o.reason, o.changed = nil, StateRefused, fmt.Sprintf("%s also claimed by %s, whose certificate is older", why, name), ms.now()
 	}
@@ -226,12 +241,13 @@ func (ms *membership) judgeLocked(m *member) (needCert bool) {
 	}
 	sa, err := certs.DecodeAdvert(m.meta)
 	if err != nil {
-		m.advert, m.verified, m.state, m.reason = nil, nil, StateRefused, err.Error()
+		m.advert = nil
+		ms.refuseLocked(m, prev, err)
 		return false
 	}
 	m.advert = sa
-	if why, bad := ms.badCert[sa.CertHash]; bad {
-		m.verified, m.state, m.reason = nil, StateRefused, why
+	if err, bad := ms.badCert[sa.CertHash]; bad {
+		ms.refuseLocked(m, prev, err)
 		return false
 	}
 	cert := ms.certs[sa.CertHash]
@@ -244,12 +260,27 @@ func (ms *membership) judgeLocked(m *member) (needCert bool) {
 		err = ms.conflictLocked(m.name, v)
 	}
 	if err != nil {
-		m.verified, m.state, m.reason = nil, StateRefused, err.Error()
+		ms.refuseLocked(m, prev, err)
 		return false
 	}
 	m.verified, m.seen, m.state, m.reason = v, &v.Seen, StateVerified, ""
 	return false
 }
+
+// refuseLocked refuses a member; a refusal that is new (not the same
+// member judged again) is counted.
+func (ms *membership) refuseLocked(m *member, prev MemberState, err error) {
+	m.verified, m.state, m.reason = nil, StateRefused, err.Error()
+	if prev != StateRefused && ms.onRefuse != nil {
+		ms.onRefuse(rejectionReason(err))
+	}
+}
+
+// conflictError refuses a claim (overlay IP, route) that an older
+// certificate holds.
+type conflictError struct{ msg string }
+
+func (e *conflictError) Error() string { return e.msg }
 
 // leave records that gossip declared a member dead or that it left.
 func (ms *membership) leave(name string) {
@@ -292,7 +323,7 @@ func (ms *membership) learnCertLocked(sum [32]byte, der []byte) error {
 		_, err = ms.cache.VerifyCertificate(ms.trust, cert, ms.now())
 	}
 	if err != nil {
-		ms.badCert[sum] = "certificate refused: " + err.Error()
+		ms.badCert[sum] = fmt.Errorf("certificate refused: %w", err)
 		return err
 	}
 	ms.certs[sum] = cert
@@ -375,7 +406,7 @@ func (ms *membership) setTrust(tb *certs.TrustBundle) {
 	for sum, c := range ms.certs {
 		if _, err := ms.cache.VerifyCertificate(tb, c, ms.now()); err != nil {
 			delete(ms.certs, sum)
-			ms.badCert[sum] = "certificate refused: " + err.Error()
+			ms.badCert[sum] = fmt.Errorf("certificate refused: %w", err)
 		}
 	}
 	ms.rejudgeLocked()

@@ -84,7 +84,7 @@ func (g *Gateway) openMigrations() error {
 	m := &migrations{journal: j, audit: audit.Open(filepath.Join(g.s.StateDir, "audit.log")),
 		store: filepath.Join(g.s.StateDir, "images"), running: map[string]*runningMigration{}}
 	m.recv, err = migrate.NewReceiver(migrate.ReceiverConfig{
-		StoreDir: m.store, Journal: j, Identity: g.id.Load, Trust: g.trust.Load, Audit: m.audit, Log: g.log,
+		StoreDir: m.store, Journal: j, Identity: g.id.Load, Trust: g.trust.Load, Audit: m.audit, Log: g.log, Observer: g.metrics,
 		Policy: func() *policy.Policy {
 			if p := g.policy.Load(); p != nil {
 				return p.p
@@ -175,7 +175,7 @@ func (g *Gateway) StartMigration(req MigrationRequest) (*runningMigration, strin
 		ID: id, Image: req.Image, Name: req.Name, Class: req.Class, Format: req.Format, Streams: req.Streams, BWLimit: req.BWLimit,
 		From: g.id.Load().Attributes(), To: migrate.Peer{Attributes: dest.Attributes, Addr: netip.AddrPortFrom(dest.Attributes.OverlayIP, migrate.DefaultPort)},
 		Policy: pol, Identity: g.id.Load(), Trust: g.trust.Load(), Dial: g.dev.Dial,
-		Journal: m.journal, Audit: m.audit, Log: g.log.With("migration_id", id, "class", req.Class), Progress: run.publish,
+		Journal: m.journal, Audit: m.audit, Log: g.log.With("migration_id", id, "class", req.Class), Progress: run.publish, Observer: g.metrics,
 	}
 	go func() {
 		defer cancel()
@@ -269,6 +269,17 @@ func (g *Gateway) CancelMigration(id string) error {
 	run.cancel()
 	<-run.done
 	return nil
+}
+
+// migrationsRunning counts the migrations this gateway sends and receives.
+func (g *Gateway) migrationsRunning() (send, recv int) {
+	if g.mig == nil {
+		return 0, 0
+	}
+	g.mig.mu.Lock()
+	send = len(g.mig.running)
+	g.mig.mu.Unlock()
+	return send, len(g.mig.recv.Active())
 }
 
 // MigrationList is what `skybridge migrate list` shows.

@@ -3,8 +3,6 @@ package mesh
 import (
 	"fmt"
 	"net/netip"
-	"sort"
-	"strings"
 	"time"
 
 	"github.com/skybridge-mesh/skybridge/certs"
@@ -116,98 +114,4 @@ func (g *Gateway) Status() (*Status, error) {
 		st.Members = append(st.Members, ms)
 	}
 	return st, nil
-}
-
-// Graph renders the mesh as Graphviz: sites as clusters, gateways as
-// nodes, tunnels as edges. Every gateway can draw the whole mesh because
-// the topology is a pure function of the membership it verified; our own
-// tunnels are labelled with their handshake age.
-func (g *Gateway) Graph() (string, error) {
-	st, err := g.Status()
-	if err != nil {
-		return "", err
-	}
-	self := *g.self.Load()
-	nodes := append([]Node{self}, g.members.gateways()...)
-	in := TopologyInput{Mode: g.s.Topology, Now: g.now(), MeshPrefix: g.trust.Load().MeshPrefix()}
-	if p := g.policy.Load(); p != nil {
-		in.Policy = p.p
-	}
-	edges := map[[2]string]bool{}
-	for i, n := range nodes {
-		in.Self = n
-		in.Peers = append(append([]Node(nil), nodes[:i]...), nodes[i+1:]...)
-		for _, pc := range Compute(in).Peers {
-			e := [2]string{n.node(), pc.Node}
-			if e[0] > e[1] {
-				e[0], e[1] = e[1], e[0]
-			}
-			edges[e] = true
-		}
-	}
-	hs := map[string]time.Time{}
-	for _, m := range st.Members {
-		if m.Peer {
-			hs[m.Node] = m.LastHandshake
-		}
-	}
-	return renderDot(nodes, edges, self.node(), hs, g.now()), nil
-}
-
-func renderDot(nodes []Node, edges map[[2]string]bool, self string, handshakes map[string]time.Time, now time.Time) string {
-	var b strings.Builder
-	b.WriteString("graph skybridge {\n  layout=dot; node [shape=box, style=rounded];\n")
-	bySite := map[string][]Node{}
-	for _, n := range nodes {
-		bySite[n.site()] = append(bySite[n.site()], n)
-	}
-	for i, site := range sortedKeys(bySite) {
-		a := bySite[site][0].Attributes
-		fmt.Fprintf(&b, "  subgraph cluster_%d {\n    label=%q;\n", i, fmt.Sprintf("%s (%s, %s %s)", site, a.Jurisdiction, a.Provider, a.Region))
-		for _, n := range bySite[site] {
-			attrs := ""
-			if n.node() == self {
-				attrs = ", penwidth=2"
-			}
-			fmt.Fprintf(&b, "    %q [label=%q%s];\n", n.node(), fmt.Sprintf("%s\n%s", n.node(), n.Attributes.OverlayIP), attrs)
-		}
-		b.WriteString("  }\n")
-	}
-	keys := make([][2]string, 0, len(edges))
-	for e := range edges {
-		keys = append(keys, e)
-	}
-	sort.Slice(keys, func(i, j int) bool { return keys[i][0]+keys[i][1] < keys[j][0]+keys[j][1] })
-	for _, e := range keys {
-		label := ""
-		other := ""
-		switch self {
-		case e[0]:
-			other = e[1]
-		case e[1]:
-			other = e[0]
-		}
-		if other != "" {
-			if t, ok := handshakes[other]; ok && !t.IsZero() {
-				label = fmt.Sprintf(" [label=%q, color=%s]", "handshake "+now.Sub(t).Round(time.Second).String()+" ago", handshakeColour(now.Sub(t)))
-			} else {
-				label = ` [label="no handshake", color=grey, style=dashed]`
-			}
-		}
-		fmt.Fprintf(&b, "  %q -- %q%s;\n", e[0], e[1], label)
-	}
-	b.WriteString("}\n")
-	return b.String()
-}
-
-// handshakeColour: WireGuard re-handshakes every 2 minutes on a live
-// tunnel; older than 3 means stale.
-func handshakeColour(age time.Duration) string {
-	switch {
-	case age < 150*time.Second:
-		return "darkgreen"
-	case age < 180*time.Second:
-		return "orange"
-	}
-	return "red"
 }

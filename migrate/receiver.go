@@ -34,6 +34,7 @@ type ReceiverConfig struct {
 	Policy   func() *policy.Policy // the receiver's own copy: never trust the sender's verdict
 	Audit    *audit.Log
 	Log      *slog.Logger
+	Observer Observer // nil: nobody watches
 	Now      func() time.Time
 	// OnLoad, if set, is told the number of migrations being received
 	// whenever it changes (the gateway advertises it for placement).
@@ -51,6 +52,7 @@ type Receiver struct {
 
 // NewReceiver prepares a receiver; Serve accepts connections.
 func NewReceiver(cfg ReceiverConfig) (*Receiver, error) {
+	cfg.Observer = observer(cfg.Observer)
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
@@ -202,6 +204,7 @@ func (r *Receiver) control(ctx context.Context, c *tls.Conn, fr *frameReader, fw
 	if !ok {
 		log.Warn("migration refused by the residency policy", "rule", d.Rule.String())
 		r.audit(o, from, d, "denied", Hash{}, 0, r.cfg.Now(), r.cfg.Now(), "")
+		r.cfg.Observer.Ended(RoleReceive, StateDenied, 0)
 		fw.json(frameDeny, Deny{Rule: d.Rule.String(), Reasons: d.Reasons})
 		return
 	}
@@ -226,11 +229,13 @@ func (r *Receiver) control(ctx context.Context, c *tls.Conn, fr *frameReader, fw
 	if err != nil {
 		log.Error("migration failed verification", "err", err)
 		r.audit(o, from, d, "failed", cm.Root, s.received, s.start, r.cfg.Now(), err.Error())
+		r.cfg.Observer.Ended(RoleReceive, StateFailed, r.cfg.Now().Sub(s.start))
 		fw.json(frameError, err.Error())
 		return
 	}
 	log.Info("migration stored and verified", "name", done.Name, "root", done.Root.String(), "received_bytes", done.Received, "reused_chunks", done.Reused)
 	r.audit(o, from, d, "done", done.Root, done.Received, s.start, r.cfg.Now(), "")
+	r.cfg.Observer.Ended(RoleReceive, StateDone, r.cfg.Now().Sub(s.start))
 	fw.json(frameDone, done)
 }
 
@@ -241,11 +246,15 @@ func (r *Receiver) decide(o *Offer, from *certs.Attributes) (policy.Decision, bo
 		return policy.Decision{Rule: policy.RuleRef{Kind: "default-deny", Name: "no policy"}, Reasons: []string{"no residency policy is in force on the receiving gateway"}}, false
 	}
 	now := r.cfg.Now()
-	store := p.Evaluate(policy.Request{Class: o.Class, Action: policy.Store, Sites: []policy.Site{policy.SiteOf(self)}, Time: now})
+	req := policy.Request{Class: o.Class, Action: policy.Store, Sites: []policy.Site{policy.SiteOf(self)}, Time: now}
+	store := p.Evaluate(req)
+	r.cfg.Observer.Decided(RoleReceive, o.ID, req, store)
 	if !store.Allowed {
 		return store, false
 	}
-	transit := p.Evaluate(policy.Request{Class: o.Class, Action: policy.Transit, Sites: []policy.Site{policy.SiteOf(from), policy.SiteOf(self)}, Time: now})
+	req = policy.Request{Class: o.Class, Action: policy.Transit, Sites: []policy.Site{policy.SiteOf(from), policy.SiteOf(self)}, Time: now}
+	transit := p.Evaluate(req)
+	r.cfg.Observer.Decided(RoleReceive, o.ID, req, transit)
 	if !transit.Allowed {
 		return transit, false
 	}
@@ -466,6 +475,8 @@ func (s *session) add(i int64, h Hash, w *lockedWriter, wire int64, reused bool)
 	s.received += wire
 	if reused {
 		s.reused++
+	} else {
+		s.r.cfg.Observer.Moved(RoleReceive, 1, wire)
 	}
 	n := len(s.pending)
 	s.mu.Unlock()

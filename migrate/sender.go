@@ -86,6 +86,7 @@ type SendConfig struct {
 	Audit    *audit.Log
 	Log      *slog.Logger
 	Progress func(Progress)
+	Observer Observer // nil: nobody watches
 	Now      func() time.Time
 
 	// mangle, in tests, damages a chunk's payload after it was hashed,
@@ -114,6 +115,7 @@ func NewID() string {
 
 // Send runs (or resumes) a migration and returns its record.
 func Send(ctx context.Context, cfg SendConfig) (*SendRecord, error) {
+	cfg.Observer = observer(cfg.Observer)
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
@@ -257,6 +259,7 @@ func (s *sender) finish(err error) {
 		s.cfg.Log.Error("journal", "err", perr)
 	}
 	s.audit()
+	s.cfg.Observer.Ended(RoleSend, s.rec.State, s.rec.Stats.Duration)
 	s.progress(map[string]string{StateDone: "done", StateDenied: "denied", StateCancelled: "cancelled", StateFailed: "failed"}[s.rec.State])
 }
 
@@ -289,12 +292,16 @@ func (s *sender) check() error {
 	}
 	from, to := policy.SiteOf(s.cfg.From), policy.SiteOf(s.cfg.To.Attributes)
 	now := s.cfg.Now()
-	store := s.cfg.Policy.Evaluate(policy.Request{Class: s.cfg.Class, Action: policy.Store, Sites: []policy.Site{to}, Time: now})
+	req := policy.Request{Class: s.cfg.Class, Action: policy.Store, Sites: []policy.Site{to}, Time: now}
+	store := s.cfg.Policy.Evaluate(req)
+	s.cfg.Observer.Decided(RoleSend, s.rec.ID, req, store)
 	s.decision = store
 	if !store.Allowed {
 		return &DeniedError{By: "sender", Rule: store.Rule.String(), Reasons: store.Reasons}
 	}
-	transit := s.cfg.Policy.Evaluate(policy.Request{Class: s.cfg.Class, Action: policy.Transit, Sites: []policy.Site{from, to}, Time: now})
+	req = policy.Request{Class: s.cfg.Class, Action: policy.Transit, Sites: []policy.Site{from, to}, Time: now}
+	transit := s.cfg.Policy.Evaluate(req)
+	s.cfg.Observer.Decided(RoleSend, s.rec.ID, req, transit)
 	if !transit.Allowed {
 		s.decision = transit
 		return &DeniedError{By: "sender", Rule: transit.Rule.String(), Reasons: transit.Reasons}
@@ -550,6 +557,7 @@ func (s *sender) transfer(ctx context.Context, cands []int64, acked map[int64]Ha
 					s.mu.Lock()
 					s.stats.Retries++
 					s.mu.Unlock()
+					s.cfg.Observer.Retried(RoleSend)
 					go func() {
 						// Re-read and send the full chunk again.
 						nj, err := s.prepare(j.index, enc, nil)
@@ -709,6 +717,7 @@ func (s *sender) prepare(i int64, enc *zstd.Encoder, acc *Accept) (*job, error) 
 	s.stats.BytesRaw += n
 	s.stats.BytesSent += int64(len(j.data))
 	s.mu.Unlock()
+	s.cfg.Observer.Moved(RoleSend, 1, int64(len(j.data)))
 	return j, nil
 }
 

@@ -6,12 +6,14 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
 
 	"github.com/urfave/cli/v2"
 
+	"github.com/skybridge-mesh/skybridge/internal/atomicfile"
 	"github.com/skybridge-mesh/skybridge/mesh"
 )
 
@@ -136,25 +138,56 @@ func dash(s string) string {
 
 func graphCommand() *cli.Command {
 	return &cli.Command{
-		Name:      "graph",
-		Usage:     "render the mesh (sites, gateways, tunnels) as a Graphviz graph",
-		UsageText: "skybridge graph (--socket PATH | --config FILE) [--format dot] > mesh.dot",
+		Name:  "graph",
+		Usage: "render the mesh (sites, gateways, tunnels coloured by handshake age) for reports",
+		UsageText: "skybridge graph (--socket PATH | --config FILE) [--format dot|svg|json] [--out FILE]\n\n" +
+			"svg is drawn by skybridge itself (the dashboard's picture); dot is for Graphviz (`dot -Tpdf`).",
 		Flags: append(append([]cli.Flag(nil), socketFlags...),
-			&cli.StringFlag{Name: "format", Value: "dot", Usage: "dot"}),
+			&cli.StringFlag{Name: "format", Value: "dot", Usage: strings.Join(mesh.GraphFormats, ", ")},
+			&cli.StringFlag{Name: "out", Usage: "write to `FILE` (atomically) instead of standard output"}),
 		Action: func(c *cli.Context) error {
-			if f := c.String("format"); f != "dot" {
-				return usageError("--format %q: only dot is supported (render it with `dot -Tsvg`)", f)
+			f := c.String("format")
+			if !slices.Contains(mesh.GraphFormats, f) {
+				return usageError("--format %q: want one of %s", f, strings.Join(mesh.GraphFormats, ", "))
 			}
 			cl, err := controlClient(c)
 			if err != nil {
 				return err
 			}
-			dot, err := cl.Graph(c.Context)
+			out, err := cl.Graph(c.Context, f)
 			if err != nil {
 				return err
 			}
-			_, err = fmt.Fprint(c.App.Writer, dot)
+			if path := c.String("out"); path != "" {
+				return atomicfile.WriteFile(path, []byte(out), 0o644)
+			}
+			_, err = fmt.Fprint(c.App.Writer, out)
 			return err
+		},
+	}
+}
+
+func dashboardCommand() *cli.Command {
+	return &cli.Command{
+		Name:  "dashboard",
+		Usage: "print the link to the gateway's live dashboard (it carries the operator token: do not share it)",
+		UsageText: "skybridge dashboard (--socket PATH | --config FILE) [--json]\n\n" +
+			"The same endpoint serves Prometheus metrics at /metrics to a bearer token (the gateway's operator.token).",
+		Flags: append(append([]cli.Flag(nil), socketFlags...), jsonFlag),
+		Action: func(c *cli.Context) error {
+			cl, err := controlClient(c)
+			if err != nil {
+				return err
+			}
+			l, err := cl.Operator(c.Context)
+			if err != nil {
+				return err
+			}
+			if c.Bool("json") {
+				return printJSON(c.App.Writer, l)
+			}
+			fmt.Fprintf(c.App.Writer, "dashboard: %s\nmetrics:   %s (Authorization: Bearer, token in %s)\n", l.Dashboard, l.Metrics, l.TokenFile)
+			return nil
 		},
 	}
 }

@@ -75,6 +75,7 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 			gatewayCommand(),
 			statusCommand(),
 			graphCommand(),
+			dashboardCommand(),
 			keysCommand(),
 			migrateCommand(),
 			auditCommand(),

@@ -1,0 +1,322 @@
+package mesh
+
+import (
+	"math"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+
+	"github.com/skybridge-mesh/skybridge/certs"
+	"github.com/skybridge-mesh/skybridge/migrate"
+	"github.com/skybridge-mesh/skybridge/policy"
+)
+
+// metrics are a gateway's Prometheus metrics. Each gateway has its own
+// registry, not the global one, so that many gateways can share a process
+// (tests, the scale benchmark) without mixing their figures.
+//
+// Counters are updated where things happen; what the gateway can read
+// whole at scrape time (members, tunnels, running migrations) is
+// collected then, from the same Status the CLI shows, so the two never
+// disagree.
+type metrics struct {
+	reg *prometheus.Registry
+
+	rejections      *prometheus.CounterVec
+	reconcileRuns   prometheus.Counter
+	reconcileErrors prometheus.Counter
+	reconcileTime   prometheus.Histogram
+	migBytes        *prometheus.CounterVec
+	migChunks       *prometheus.CounterVec
+	migRetries      *prometheus.CounterVec
+	migDuration     *prometheus.HistogramVec
+	decisions       *prometheus.CounterVec
+
+	recent *decisionLog
+}
+
+func newMetrics(g *Gateway) *metrics {
+	m := &metrics{
+		reg: prometheus.NewRegistry(),
+		rejections: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "skybridge_verification_rejections_total",
+			Help: "Gossiped identities or adverts refused, by reason (unknown_ca, expired, revoked, bad_signature, replay, conflict, ...).",
+		}, []string{"reason"}),
+		reconcileRuns: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "skybridge_reconcile_runs_total",
+			Help: "Reconcile passes: topology computed (or reused) and applied to the WireGuard device.",
+		}),
+		reconcileErrors: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "skybridge_reconcile_errors_total",
+			Help: "Reconcile passes that failed to apply to the device.",
+		}),
+		reconcileTime: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "skybridge_reconcile_duration_seconds",
+			Help:    "Time a reconcile pass takes.",
+			Buckets: prometheus.ExponentialBuckets(0.0001, 4, 10), // 100 µs .. 26 s
+		}),
+		migBytes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "skybridge_migration_bytes_total",
+			Help: "Image bytes on the wire (after compression) by migrations, by role (send, receive).",
+		}, []string{"role"}),
+		migChunks: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "skybridge_migration_chunks_total",
+			Help: "Chunks sent or received with their data, by role.",
+		}, []string{"role"}),
+		migRetries: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "skybridge_migration_retries_total",
+			Help: "Chunks sent again after the receiver refused them or a stream failed.",
+		}, []string{"role"}),
+		migDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "skybridge_migration_duration_seconds",
+			Help:    "Duration of ended migrations, by role and outcome (done, denied, cancelled, failed).",
+			Buckets: prometheus.ExponentialBuckets(1, 2, 14), // 1 s .. 2.3 h
+		}, []string{"role", "outcome"}),
+		decisions: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "skybridge_policy_decisions_total",
+			Help: "Residency decisions taken for migrations, by data class, action (store, transit) and outcome (allowed, denied, audit).",
+		}, []string{"class", "action", "outcome"}),
+		recent: &decisionLog{max: maxRecentDecisions},
+	}
+	m.reg.MustRegister(m.rejections, m.reconcileRuns, m.reconcileErrors, m.reconcileTime,
+		m.migBytes, m.migChunks, m.migRetries, m.migDuration, m.decisions,
+		&gatewayCollector{g: g},
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	// Every label value a rule or dashboard may select on exists from the
+	// start, so that rate() and absent() see zeros rather than nothing.
+	for _, role := range []string{migrate.RoleSend, migrate.RoleReceive} {
+		m.migBytes.WithLabelValues(role)
+		m.migChunks.WithLabelValues(role)
+		m.migRetries.WithLabelValues(role)
+	}
+	return m
+}
+
+func (m *metrics) reconciled(took time.Duration, err error) {
+	m.reconcileRuns.Inc()
+	m.reconcileTime.Observe(took.Seconds())
+	if err != nil {
+		m.reconcileErrors.Inc()
+	}
+}
+
+func (m *metrics) rejected(reason string) { m.rejections.WithLabelValues(reason).Inc() }
+
+// The migrate.Observer the gateway hands to its sender and receiver.
+
+func (m *metrics) Decided(role, id string, req policy.Request, d policy.Decision) {
+	outcome := decisionOutcome(d)
+	m.decisions.WithLabelValues(req.Class, string(req.Action), outcome).Inc()
+	sites := make([]string, len(req.Sites))
+	for i, s := range req.Sites {
+		sites[i] = s.Name
+	}
+	m.recent.add(DecisionRecord{
+		Time: req.Time, Role: role, MigrationID: id, Class: req.Class, Action: string(req.Action), Sites: sites,
+		Outcome: outcome, Rule: d.Rule.String(), Reasons: d.Reasons, Policy: d.Policy.RevisionString(),
+	})
+}
+
+func (m *metrics) Moved(role string, chunks int, wireBytes int64) {
+	m.migChunks.WithLabelValues(role).Add(float64(chunks))
+	m.migBytes.WithLabelValues(role).Add(float64(wireBytes))
+}
+
+func (m *metrics) Retried(role string) { m.migRetries.WithLabelValues(role).Inc() }
+
+func (m *metrics) Ended(role, outcome string, took time.Duration) {
+	m.migDuration.WithLabelValues(role, outcome).Observe(took.Seconds())
+}
+
+func decisionOutcome(d policy.Decision) string {
+	switch {
+	case d.Audit:
+		return "audit" // denied by the rules, allowed because the class is in audit mode
+	case d.Allowed:
+		return "allowed"
+	}
+	return "denied"
+}
+
+// DecisionRecord is one residency decision, as the dashboard lists it.
+type DecisionRecord struct {
+	Time        time.Time `json:"time"`
+	Role        string    `json:"role"` // send or receive
+	MigrationID string    `json:"migration_id"`
+	Class       string    `json:"class"`
+	Action      string    `json:"action"`
+	Sites       []string  `json:"sites"`
+	Outcome     string    `json:"outcome"`
+	Rule        string    `json:"rule"`
+	Reasons     []string  `json:"reasons"`
+	Policy      string    `json:"policy"`
+}
+
+const maxRecentDecisions = 50
+
+// decisionLog keeps the last decisions in memory for the dashboard; the
+// signed audit log on disk is the record that lasts.
+type decisionLog struct {
+	mu   sync.Mutex
+	max  int
+	list []DecisionRecord // oldest first
+}
+
+func (l *decisionLog) add(d DecisionRecord) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if len(l.list) == l.max {
+		copy(l.list, l.list[1:])
+		l.list = l.list[:l.max-1]
+	}
+	l.list = append(l.list, d)
+}
+
+// newest returns the decisions, newest first.
+func (l *decisionLog) newest() []DecisionRecord {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	out := make([]DecisionRecord, len(l.list))
+	for i, d := range l.list {
+		out[len(l.list)-1-i] = d
+	}
+	return out
+}
+
+// staleHandshake is when a tunnel that carries traffic should have
+// handshaken again: WireGuard re-keys every 2 minutes while it is used
+// and gives up on a handshake after 90 s more.
+const staleHandshake = 180 * time.Second
+
+var (
+	descMembers = prometheus.NewDesc("skybridge_members",
+		"Members this gateway knows, by site and state (verified, pending, refused, dead); itself included.", []string{"site", "state"}, nil)
+	descSiteReachable = prometheus.NewDesc("skybridge_site_reachable",
+		"1 if the site has a verified live gateway and, where this gateway has tunnels into the site that carry traffic, one of them handshook within 3 minutes; 0 otherwise.", []string{"site"}, nil)
+	descHandshakeAge = prometheus.NewDesc("skybridge_peer_handshake_age_seconds",
+		"Seconds since the last WireGuard handshake with the peer (+Inf: none yet).", []string{"peer", "peer_site"}, nil)
+	descHandshakeTime = prometheus.NewDesc("skybridge_peer_last_handshake_timestamp_seconds",
+		"Unix time of the last WireGuard handshake with the peer (0: none yet).", []string{"peer", "peer_site"}, nil)
+	descRx = prometheus.NewDesc("skybridge_peer_receive_bytes_total",
+		"Bytes received from the peer through its tunnel.", []string{"peer", "peer_site"}, nil)
+	descTx = prometheus.NewDesc("skybridge_peer_transmit_bytes_total",
+		"Bytes sent to the peer through its tunnel.", []string{"peer", "peer_site"}, nil)
+	descRunning = prometheus.NewDesc("skybridge_migrations_running",
+		"Migrations in progress, by role.", []string{"role"}, nil)
+	descIdentityExpiry = prometheus.NewDesc("skybridge_identity_expiry_timestamp_seconds",
+		"Unix time when this gateway's mesh certificate expires.", nil, nil)
+	descInfo = prometheus.NewDesc("skybridge_gateway_info",
+		"The gateway's identity and configuration (value 1).", []string{"node", "site", "region", "jurisdiction", "mode", "policy"}, nil)
+)
+
+// gatewayCollector reads the gateway's state at scrape time.
+type gatewayCollector struct{ g *Gateway }
+
+func (c *gatewayCollector) Describe(ch chan<- *prometheus.Desc) { prometheus.DescribeByCollect(c, ch) }
+
+func (c *gatewayCollector) Collect(ch chan<- prometheus.Metric) {
+	st, err := c.g.Status()
+	if err != nil {
+		ch <- prometheus.NewInvalidMetric(descMembers, err)
+		return
+	}
+	now := c.g.now()
+	ch <- prometheus.MustNewConstMetric(descInfo, prometheus.GaugeValue, 1, st.Node, st.Site, st.Region, st.Jurisdiction, st.Mode, st.Policy)
+	ch <- prometheus.MustNewConstMetric(descIdentityExpiry, prometheus.GaugeValue, float64(st.Identity.NotAfter.Unix()))
+	for _, s := range siteHealth(st, now) {
+		for _, state := range []MemberState{StateVerified, StatePending, StateRefused, StateDead} {
+			ch <- prometheus.MustNewConstMetric(descMembers, prometheus.GaugeValue, float64(s.count[state]), s.name, string(state))
+		}
+		ch <- prometheus.MustNewConstMetric(descSiteReachable, prometheus.GaugeValue, b2f(s.reachable), s.name)
+	}
+	for _, m := range st.Members {
+		if !m.Peer {
+			continue
+		}
+		age, at := math.Inf(1), 0.0
+		if !m.LastHandshake.IsZero() {
+			age, at = now.Sub(m.LastHandshake).Seconds(), float64(m.LastHandshake.UnixNano())/1e9
+		}
+		ch <- prometheus.MustNewConstMetric(descHandshakeAge, prometheus.GaugeValue, age, m.Node, m.Site)
+		ch <- prometheus.MustNewConstMetric(descHandshakeTime, prometheus.GaugeValue, at, m.Node, m.Site)
+		ch <- prometheus.MustNewConstMetric(descRx, prometheus.CounterValue, float64(m.RxBytes), m.Node, m.Site)
+		ch <- prometheus.MustNewConstMetric(descTx, prometheus.CounterValue, float64(m.TxBytes), m.Node, m.Site)
+	}
+	send, recv := c.g.migrationsRunning()
+	ch <- prometheus.MustNewConstMetric(descRunning, prometheus.GaugeValue, float64(send), migrate.RoleSend)
+	ch <- prometheus.MustNewConstMetric(descRunning, prometheus.GaugeValue, float64(recv), migrate.RoleReceive)
+}
+
+func b2f(b bool) float64 {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+type siteState struct {
+	name      string
+	count     map[MemberState]int
+	reachable bool
+}
+
+// siteHealth groups the members by site. A site is reachable when a
+// gateway of it is verified and alive (ours always is) and no tunnel into
+// it is failing: one that has sent traffic with no handshake for longer
+// than WireGuard allows. An idle tunnel never handshakes, so idleness
+// alone says nothing.
+func siteHealth(st *Status, now time.Time) []siteState {
+	by := map[string]*siteState{}
+	get := func(name string) *siteState {
+		if by[name] == nil {
+			by[name] = &siteState{name: name, count: map[MemberState]int{}}
+		}
+		return by[name]
+	}
+	self := get(st.Site)
+	self.count[StateVerified]++
+	self.reachable = true
+	healthy := map[string]bool{}
+	for _, m := range st.Members {
+		site := m.Site
+		if site == "" {
+			site = "unknown" // pending or undecodable: no verified site yet
+		}
+		s := get(site)
+		s.count[m.State]++
+		if m.State != StateVerified || site == st.Site {
+			continue
+		}
+		if !m.Peer {
+			healthy[site] = true // verified, no tunnel from here (hub topology, policy): gossip is the signal
+			continue
+		}
+		stale := m.LastHandshake.IsZero() || now.Sub(m.LastHandshake) > staleHandshake
+		if !stale || m.TxBytes == 0 {
+			healthy[site] = true
+		}
+	}
+	out := make([]siteState, 0, len(by))
+	for _, name := range sortedKeys(by) {
+		s := by[name]
+		if name != st.Site {
+			s.reachable = healthy[name]
+		}
+		out = append(out, *s)
+	}
+	return out
+}
+
+// rejectionReason names a refusal for the rejections metric: a
+// certificate verification reason, or what the membership itself refused.
+func rejectionReason(err error) string {
+	if r := certs.ReasonOf(err); r != "" {
+		return string(r)
+	}
+	if _, ok := err.(*conflictError); ok {
+		return "conflict"
+	}
+	return string(certs.ReasonMalformed)
+}

@@ -1,0 +1,309 @@
+package mesh
+
+import (
+	"context"
+	"crypto/hmac"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/subtle"
+	"embed"
+	"encoding/base64"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"net"
+	"net/http"
+	"net/netip"
+	"net/url"
+	"os"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/skybridge-mesh/skybridge/internal/atomicfile"
+	"github.com/skybridge-mesh/skybridge/migrate"
+)
+
+// The operator endpoint serves Prometheus metrics and a read-only
+// dashboard over HTTP. Everything on it, the metrics included, needs the
+// gateway's operator token: as a bearer token (Prometheus'
+// authorization.credentials_file), or, for a browser, once in the URL of
+// the link `skybridge dashboard` prints, which trades it for an HttpOnly
+// cookie and redirects to a URL without it.
+
+//go:embed ui
+var uiFiles embed.FS
+
+const (
+	sessionCookie   = "skybridge_session"
+	dashboardEvery  = time.Second // how often the live view is refreshed
+	recentSends     = 20          // finished migrations the dashboard lists
+	operatorHeaders = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+
+// operatorToken loads the token, creating it (0600) on first start.
+func operatorToken(path string) (string, error) {
+	b, err := os.ReadFile(path)
+	if errors.Is(err, os.ErrNotExist) {
+		raw := make([]byte, 32)
+		rand.Read(raw)
+		tok := base64.RawURLEncoding.EncodeToString(raw)
+		if err := atomicfile.WriteNew(path, []byte(tok+"\n"), 0o600); err != nil && !errors.Is(err, os.ErrExist) {
+			return "", fmt.Errorf("create operator token %s: %w", path, err)
+		}
+		b, err = os.ReadFile(path)
+	}
+	if err != nil {
+		return "", fmt.Errorf("operator token: %w", err)
+	}
+	if fi, err := os.Stat(path); err == nil && fi.Mode().Perm()&0o077 != 0 {
+		return "", fmt.Errorf("operator token %s is open to other users (mode %04o): run chmod 600 %s", path, fi.Mode().Perm(), path)
+	}
+	tok := strings.TrimSpace(string(b))
+	if len(tok) < 16 {
+		return "", fmt.Errorf("operator token %s is too short to be secret (%d characters, want at least 16): delete it and restart to get a new one", path, len(tok))
+	}
+	return tok, nil
+}
+
+// operator is the running endpoint.
+type operator struct {
+	g       *Gateway
+	token   []byte
+	session string // cookie value: derived from the token, so the cookie jar never holds the token itself
+	addr    net.Addr
+}
+
+func (g *Gateway) serveOperator(ctx context.Context) (io.Closer, error) {
+	if !g.s.OperatorAddr.IsValid() {
+		return closerFunc(func() error { return nil }), nil
+	}
+	tok, err := operatorToken(g.s.OperatorTokenFile)
+	if err != nil {
+		return nil, err
+	}
+	addr := g.s.OperatorAddr
+	var ln net.Listener
+	if g.s.OperatorOverlay {
+		addr = netip.AddrPortFrom(g.id.Load().Attributes().OverlayIP, addr.Port())
+		ln, err = g.dev.Listen(addr)
+	} else {
+		ln, err = net.Listen("tcp", addr.String())
+	}
+	if err != nil {
+		return nil, fmt.Errorf("operator endpoint on %s: %w (set operator { listen = ... } to another port, or \"off\")", addr, err)
+	}
+	mac := hmac.New(sha256.New, []byte(tok))
+	mac.Write([]byte("skybridge dashboard session v1"))
+	op := &operator{g: g, token: []byte(tok), session: hex.EncodeToString(mac.Sum(nil)), addr: ln.Addr()}
+	g.operatorAddr.Store(&op.addr)
+	srv := &http.Server{Handler: op.routes(), ReadHeaderTimeout: 5 * time.Second, BaseContext: func(net.Listener) context.Context { return ctx }}
+	go srv.Serve(ln)
+	g.log.Info("operator endpoint: metrics and dashboard (token required)", "address", ln.Addr().String())
+	return closerFunc(func() error {
+		c, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		return srv.Shutdown(c)
+	}), nil
+}
+
+// OperatorAddress is where the operator endpoint listens (nil: off or not
+// started).
+func (g *Gateway) OperatorAddress() net.Addr {
+	if a := g.operatorAddr.Load(); a != nil {
+		return *a
+	}
+	return nil
+}
+
+// OperatorLink is how to reach the operator endpoint. It holds the token:
+// only the control socket (the gateway's own user) hands it out.
+type OperatorLink struct {
+	Address   string `json:"address"`
+	Dashboard string `json:"dashboard"` // URL with the token, for a browser
+	Metrics   string `json:"metrics"`   // URL for Prometheus (bearer token from TokenFile)
+	TokenFile string `json:"token_file"`
+}
+
+func (g *Gateway) operatorLink() (*OperatorLink, error) {
+	a := g.OperatorAddress()
+	if a == nil {
+		return nil, errors.New("the operator endpoint is off (operator { listen = \"off\" } in the configuration)")
+	}
+	tok, err := operatorToken(g.s.OperatorTokenFile)
+	if err != nil {
+		return nil, err
+	}
+	base := "http://" + a.String()
+	return &OperatorLink{Address: a.String(), Dashboard: base + "/?token=" + url.QueryEscape(tok), Metrics: base + "/metrics", TokenFile: g.s.OperatorTokenFile}, nil
+}
+
+func (o *operator) routes() http.Handler {
+	mux := http.NewServeMux()
+	mux.Handle("GET /metrics", promhttp.HandlerFor(o.g.metrics.reg, promhttp.HandlerOpts{ErrorHandling: promhttp.ContinueOnError}))
+	static, _ := fs.Sub(uiFiles, "ui")
+	files := http.FileServerFS(static)
+	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, r *http.Request) {
+		r2 := r.Clone(r.Context())
+		r2.URL.Path = "/dashboard.html"
+		files.ServeHTTP(w, r2)
+	})
+	mux.Handle("GET /ui/", http.StripPrefix("/ui/", files))
+	mux.HandleFunc("GET /api/v1/dashboard", func(w http.ResponseWriter, r *http.Request) {
+		d, err := o.g.Dashboard()
+		reply(w, d, err)
+	})
+	mux.HandleFunc("GET /api/v1/events", o.events)
+	mux.HandleFunc("GET /api/v1/graph", o.g.serveGraph)
+	return o.authenticate(mux)
+}
+
+// authenticate admits a request with the bearer token or the session
+// cookie; a browser's first visit carries ?token= and is redirected.
+func (o *operator) authenticate(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		h := w.Header()
+		h.Set("Content-Security-Policy", operatorHeaders)
+		h.Set("X-Content-Type-Options", "nosniff")
+		h.Set("Referrer-Policy", "no-referrer")
+		h.Set("Cache-Control", "no-store")
+		if t := r.URL.Query().Get("token"); t != "" && r.Method == http.MethodGet {
+			if !o.validToken(t) {
+				o.refuse(w, r, "the token in the link is not this gateway's")
+				return
+			}
+			http.SetCookie(w, &http.Cookie{Name: sessionCookie, Value: o.session, Path: "/", HttpOnly: true, SameSite: http.SameSiteStrictMode})
+			q := r.URL.Query()
+			q.Del("token")
+			u := *r.URL
+			u.RawQuery = q.Encode()
+			http.Redirect(w, r, u.RequestURI(), http.StatusSeeOther)
+			return
+		}
+		if bearer, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer "); ok {
+			if o.validToken(strings.TrimSpace(bearer)) {
+				next.ServeHTTP(w, r)
+				return
+			}
+			o.refuse(w, r, "wrong bearer token")
+			return
+		}
+		if c, err := r.Cookie(sessionCookie); err == nil && subtle.ConstantTimeCompare([]byte(c.Value), []byte(o.session)) == 1 {
+			next.ServeHTTP(w, r)
+			return
+		}
+		o.refuse(w, r, "no token")
+	})
+}
+
+func (o *operator) validToken(t string) bool {
+	return subtle.ConstantTimeCompare([]byte(t), o.token) == 1
+}
+
+func (o *operator) refuse(w http.ResponseWriter, r *http.Request, why string) {
+	o.g.log.Debug("operator request refused", "remote", r.RemoteAddr, "path", r.URL.Path, "why", why)
+	w.Header().Set("WWW-Authenticate", `Bearer realm="skybridge"`)
+	msg := "skybridge: this gateway's operator token is required (" + why + ").\n" +
+		"Open the link that `skybridge dashboard --config FILE` prints on the gateway's host, " +
+		"or send Authorization: Bearer <token> (the token is in the gateway's operator.token).\n"
+	http.Error(w, msg, http.StatusUnauthorized)
+}
+
+// events streams the dashboard as server-sent events, one snapshot per
+// second, until the browser goes away.
+func (o *operator) events(w http.ResponseWriter, r *http.Request) {
+	fl, ok := w.(http.Flusher)
+	if !ok {
+		http.Error(w, "streaming unsupported", http.StatusInternalServerError)
+		return
+	}
+	w.Header().Set("Content-Type", "text/event-stream")
+	w.Header().Set("X-Accel-Buffering", "no")
+	t := time.NewTicker(dashboardEvery)
+	defer t.Stop()
+	for {
+		d, err := o.g.Dashboard()
+		if err != nil {
+			fmt.Fprintf(w, "event: error\ndata: %s\n\n", strings.ReplaceAll(err.Error(), "\n", " "))
+		} else {
+			b, _ := json.Marshal(d)
+			fmt.Fprintf(w, "event: snapshot\ndata: %s\n\n", b)
+		}
+		fl.Flush()
+		select {
+		case <-r.Context().Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// Dashboard is everything the dashboard shows, in one snapshot.
+type Dashboard struct {
+	Time      time.Time          `json:"time"`
+	Status    *Status            `json:"status"`
+	Graph     *MeshGraph         `json:"graph"`
+	SVG       string             `json:"svg"`
+	Sending   []MigrationView    `json:"sending"`
+	Receiving []migrate.Incoming `json:"receiving"`
+	Decisions []DecisionRecord   `json:"decisions"`
+}
+
+// MigrationView is a migration this gateway sends, running or recent.
+type MigrationView struct {
+	migrate.SendRecord
+	Running bool    `json:"running"`
+	Phase   string  `json:"phase,omitempty"`
+	Percent float64 `json:"percent"` // of the chunks to do
+}
+
+// Dashboard takes a snapshot of the gateway for the dashboard.
+func (g *Gateway) Dashboard() (*Dashboard, error) {
+	st, err := g.Status()
+	if err != nil {
+		return nil, err
+	}
+	mg, err := g.Graph()
+	if err != nil {
+		return nil, err
+	}
+	d := &Dashboard{Time: g.now(), Status: st, Graph: mg, SVG: mg.SVG(), Decisions: g.metrics.recent.newest()}
+	if g.mig == nil {
+		return d, nil
+	}
+	sends, err := g.mig.journal.Sends()
+	if err != nil {
+		return nil, err
+	}
+	slices.SortFunc(sends, func(a, b migrate.SendRecord) int { return b.Started.Compare(a.Started) })
+	g.mig.mu.Lock()
+	running := map[string]*runningMigration{}
+	for id, r := range g.mig.running {
+		running[id] = r
+	}
+	g.mig.mu.Unlock()
+	for _, rec := range sends {
+		v := MigrationView{SendRecord: rec}
+		if r := running[rec.ID]; r != nil {
+			r.mu.Lock()
+			p := r.last
+			r.mu.Unlock()
+			v.Running, v.Phase, v.Stats = true, p.Phase, p.Stats
+		} else if len(d.Sending) >= recentSends {
+			continue
+		}
+		if v.Stats.Chunks > 0 {
+			v.Percent = 100 * float64(v.Stats.ChunksDone) / float64(v.Stats.Chunks)
+		} else if rec.State == migrate.StateDone {
+			v.Percent = 100
+		}
+		d.Sending = append(d.Sending, v)
+	}
+	d.Receiving = g.mig.recv.Active()
+	return d, nil
+}
