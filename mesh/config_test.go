@@ -49,6 +49,31 @@ func TestLoadConfigDefaults(t *testing.T) {
 	if s.ControlSocket != "/var/lib/skybridge/control.sock" {
 		t.Errorf("control socket %s", s.ControlSocket)
 	}
+	if s.OperatorAddr.String() != "127.0.0.1:7480" || s.OperatorOverlay || s.OperatorTokenFile != "/var/lib/skybridge/operator.token" {
+		t.Errorf("operator endpoint %s (overlay %v), token %s; want loopback 7480 and a token in the state directory", s.OperatorAddr, s.OperatorOverlay, s.OperatorTokenFile)
+	}
+}
+
+func TestLoadConfigOperator(t *testing.T) {
+	for _, tc := range []struct {
+		block   string
+		addr    string
+		overlay bool
+		token   string
+	}{
+		{`operator { listen = "off" }`, "invalid AddrPort", false, ""},
+		{`operator { listen = "overlay:9100" }`, "0.0.0.0:9100", true, "/var/lib/skybridge/operator.token"},
+		{`operator { listen = "[::1]:9100" }`, "[::1]:9100", false, "/var/lib/skybridge/operator.token"},
+		{"operator {\n  listen = \"127.0.0.2\"\n  token_file = \"/etc/skybridge/token\"\n}", "127.0.0.2:7480", false, "/etc/skybridge/token"},
+	} {
+		s, err := LoadConfig(writeConfig(t, goodConfig+tc.block+"\n"))
+		if err != nil {
+			t.Fatalf("%s: %v", tc.block, err)
+		}
+		if s.OperatorAddr.String() != tc.addr || s.OperatorOverlay != tc.overlay || s.OperatorTokenFile != tc.token {
+			t.Errorf("%s: address %s overlay %v token %q; want %s %v %q", tc.block, s.OperatorAddr, s.OperatorOverlay, s.OperatorTokenFile, tc.addr, tc.overlay, tc.token)
+		}
+	}
 }
 
 func TestLoadConfigErrors(t *testing.T) {
@@ -62,6 +87,9 @@ func TestLoadConfigErrors(t *testing.T) {
 		{"long interface", `interface = "sb0"`, `interface = "skybridge-interface0"`, ":18:3: interface:"},
 		{"bad mtu", `interface = "sb0"`, "interface = \"sb0\"\n  mtu = 500", "mtu: 500 is outside"},
 		{"unknown field", `interface = "sb0"`, "interface = \"sb0\"\n  colour = \"blue\"", ":19:3: Unsupported argument"},
+		{"operator on all interfaces", `interface = "sb0"`, "interface = \"sb0\"\n}\noperator {\n  listen = \"0.0.0.0:7480\"", ":21:3: listen: 0.0.0.0:7480 is not a loopback address: the operator endpoint would send its token in clear"},
+		{"operator on a LAN address", `interface = "sb0"`, "interface = \"sb0\"\n}\noperator {\n  listen = \"192.0.2.1:7480\"", "use 127.0.0.1:PORT, overlay:PORT"},
+		{"operator overlay without port", `interface = "sb0"`, "interface = \"sb0\"\n}\noperator {\n  listen = \"overlay:\"", "the port after overlay: must be 1-65535"},
 		{"bad topology", `interface = "sb0"`, "interface = \"sb0\"\n}\ntopology {\n  mode = \"star\"", ":21:3: mode: \"star\""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

@@ -214,7 +214,10 @@ var (
 // gatewayCollector reads the gateway's state at scrape time.
 type gatewayCollector struct{ g *Gateway }
 
-func (c *gatewayCollector) Describe(ch chan<- *prometheus.Desc) { prometheus.DescribeByCollect(c, ch) }
+// Describe describes nothing, which makes this an unchecked collector:
+// its series (one per member and peer) are only known at scrape time, and
+// the gateway is not complete yet when the collector is registered.
+func (c *gatewayCollector) Describe(chan<- *prometheus.Desc) {}
 
 func (c *gatewayCollector) Collect(ch chan<- prometheus.Metric) {
 	st, err := c.g.Status()

@@ -1,0 +1,153 @@
+package mesh
+
+import (
+	"encoding/xml"
+	"io"
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/skybridge-mesh/skybridge/certs"
+	"github.com/skybridge-mesh/skybridge/policy"
+)
+
+func graphNode(name, site string, ip byte) Node {
+	return Node{Attributes: &certs.Attributes{Node: name, Site: site, Jurisdiction: "CH", Provider: "onprem", Region: "r",
+		OverlayIP: netip.AddrFrom4([4]byte{100, 64, 0, ip})}}
+}
+
+func TestBuildGraphTunnelHealth(t *testing.T) {
+	now := time.Date(2026, 11, 25, 12, 0, 0, 0, time.UTC)
+	nodes := []Node{graphNode("a", "s1", 1), graphNode("b", "s2", 2), graphNode("c", "s2", 3), graphNode("d", "s3", 4), graphNode("e", "s3", 5), graphNode("f", "s1", 6)}
+	edges := map[[2]string]bool{{"a", "b"}: true, {"a", "c"}: true, {"a", "d"}: true, {"a", "e"}: true, {"a", "f"}: true, {"b", "d"}: true}
+	members := []MemberStatus{
+		{Node: "b", Peer: true, LastHandshake: now.Add(-30 * time.Second), TxBytes: 100},
+		{Node: "c", Peer: true, LastHandshake: now.Add(-160 * time.Second), TxBytes: 100},
+		{Node: "d", Peer: true, LastHandshake: now.Add(-10 * time.Minute), TxBytes: 100},
+		{Node: "e", Peer: true}, // configured, never used
+		// f: planned, not on the device yet
+	}
+	g := buildGraph(nodes, edges, "a", members, now)
+	want := map[[2]string]string{
+		{"a", "b"}: TunnelFresh, {"a", "c"}: TunnelAgeing, {"a", "d"}: TunnelStale, {"a", "e"}: TunnelIdle, {"a", "f"}: TunnelIdle, {"b", "d"}: TunnelRemote,
+	}
+	if len(g.Tunnels) != len(want) {
+		t.Fatalf("%d tunnels, want %d", len(g.Tunnels), len(want))
+	}
+	for _, tn := range g.Tunnels {
+		if h := want[[2]string{tn.A, tn.B}]; tn.Health != h {
+			t.Errorf("%s-%s: %s, want %s", tn.A, tn.B, tn.Health, h)
+		}
+	}
+	if len(g.Sites) != 3 || g.Sites[0].Name != "s1" || len(g.Sites[1].Gateways) != 2 || !g.Sites[0].Gateways[0].Self {
+		t.Errorf("sites: %+v", g.Sites)
+	}
+	// A stale tunnel that carried nothing is idle, not broken: WireGuard
+	// handshakes on demand.
+	if h := tunnelHealth(MemberStatus{LastHandshake: now.Add(-time.Hour)}, now); h != TunnelIdle {
+		t.Errorf("old handshake, no traffic: %s, want idle", h)
+	}
+	if h := tunnelHealth(MemberStatus{TxBytes: 148}, now); h != TunnelStale {
+		t.Errorf("never handshook while sending: %s, want stale", h)
+	}
+}
+
+// TestGraphSVG checks that the picture is well-formed XML, names every
+// site, gateway and tunnel, and escapes what a certificate could carry.
+func TestGraphSVG(t *testing.T) {
+	for n := 1; n <= 7; n++ {
+		var nodes []Node
+		edges := map[[2]string]bool{}
+		for i := range n {
+			nodes = append(nodes, graphNode(string(rune('a'+i)), "site-"+string(rune('a'+i)), byte(i+1)))
+			if i > 0 {
+				edges[[2]string{"a", string(rune('a' + i))}] = true
+			}
+		}
+		nodes[0].Attributes.Site = `<script>alert("x")</script>&`
+		svg := buildGraph(nodes, edges, "a", nil, time.Now()).SVG()
+		dec := xml.NewDecoder(strings.NewReader(svg))
+		for {
+			if _, err := dec.Token(); err == io.EOF {
+				break
+			} else if err != nil {
+				t.Fatalf("n=%d: not well-formed: %v\n%s", n, err, svg)
+			}
+		}
+		if strings.Contains(svg, "<script") {
+			t.Fatalf("n=%d: a site name reached the SVG unescaped", n)
+		}
+		if got := strings.Count(svg, `class="site"`); got != n {
+			t.Errorf("n=%d: %d sites drawn", n, got)
+		}
+		if got := strings.Count(svg, `class="tunnel"`); got != n-1 {
+			t.Errorf("n=%d: %d tunnels drawn, want %d", n, got, n-1)
+		}
+		if strings.Contains(svg, "style=") || strings.Contains(svg, "NaN") {
+			t.Errorf("n=%d: style attributes (blocked by the dashboard's CSP) or NaN coordinates", n)
+		}
+	}
+}
+
+func TestGraphDOT(t *testing.T) {
+	now := time.Now()
+	g := buildGraph([]Node{graphNode("a", "s1", 1), graphNode("b", "s2", 2)}, map[[2]string]bool{{"a", "b"}: true}, "a",
+		[]MemberStatus{{Node: "b", Peer: true, LastHandshake: now.Add(-5 * time.Second)}}, now)
+	dot := g.DOT()
+	for _, want := range []string{`label="s1 (CH, onprem r)"`, `"a" [label="a\n100.64.0.1", penwidth=2]`, `"a" -- "b" [label="handshake 5s ago", color="#1a7f37"]`} {
+		if !strings.Contains(dot, want) {
+			t.Errorf("dot lacks %s:\n%s", want, dot)
+		}
+	}
+}
+
+func TestSiteHealth(t *testing.T) {
+	now := time.Now()
+	st := &Status{Site: "home", Members: []MemberStatus{
+		{Node: "h2", Site: "home", State: StateVerified},
+		{Node: "ok", Site: "up", State: StateVerified, Peer: true, LastHandshake: now.Add(-time.Minute), TxBytes: 10},
+		{Node: "broken", Site: "cut", State: StateVerified, Peer: true, LastHandshake: now.Add(-time.Hour), TxBytes: 10},
+		{Node: "idle", Site: "quiet", State: StateVerified, Peer: true},
+		{Node: "gone", Site: "lost", State: StateDead},
+		{Node: "hub-only", Site: "spoke", State: StateVerified},
+		{Node: "x", State: StatePending},
+	}}
+	want := map[string]bool{"home": true, "up": true, "cut": false, "quiet": true, "lost": false, "spoke": true, "unknown": false}
+	got := siteHealth(st, now)
+	if len(got) != len(want) {
+		t.Fatalf("%d sites, want %d: %+v", len(got), len(want), got)
+	}
+	for _, s := range got {
+		if s.reachable != want[s.name] {
+			t.Errorf("site %s reachable %v, want %v", s.name, s.reachable, want[s.name])
+		}
+	}
+	if got[0].name != "cut" || got[1].count[StateVerified] != 2 { // sorted; home has us and h2
+		t.Errorf("order or counts: %+v", got[:2])
+	}
+}
+
+func TestDecisionLog(t *testing.T) {
+	m := &metrics{recent: &decisionLog{max: 3}}
+	l := m.recent
+	for i := range 5 {
+		l.add(DecisionRecord{MigrationID: string(rune('a' + i))})
+	}
+	got := l.newest()
+	if len(got) != 3 || got[0].MigrationID != "e" || got[2].MigrationID != "c" {
+		t.Errorf("newest: %+v", got)
+	}
+	for _, tc := range []struct {
+		d    policy.Decision
+		want string
+	}{
+		{policy.Decision{Allowed: true}, "allowed"},
+		{policy.Decision{Denied: true}, "denied"},
+		{policy.Decision{Allowed: true, Denied: true, Audit: true}, "audit"},
+	} {
+		if got := decisionOutcome(tc.d); got != tc.want {
+			t.Errorf("%+v: %s, want %s", tc.d, got, tc.want)
+		}
+	}
+}

@@ -1,0 +1,309 @@
+package mesh
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"math"
+	"net/http"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/skybridge-mesh/skybridge/certs"
+	"github.com/skybridge-mesh/skybridge/internal/scrape"
+)
+
+// liveGateway is an in-process gateway with real gossip on loopback, a
+// device that records its configuration, and its operator endpoint on an
+// ephemeral loopback port.
+type liveGateway struct {
+	g    *Gateway
+	dev  *RecordingDevice
+	done chan struct{}
+}
+
+func startLiveGateway(t *testing.T, ca *certs.CA, dir string, i int, site string, seeds []string, port *int, logs io.Writer) *liveGateway {
+	t.Helper()
+	tb, err := ca.TrustBundle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	node := fmt.Sprintf("op%d", i)
+	gdir := filepath.Join(dir, node)
+	overlay := netip.AddrFrom4([4]byte{100, 64, 7, byte(i + 1)})
+	attrs := certs.Attributes{Node: node, Site: site, Region: "r-" + site, Provider: "onprem", Jurisdiction: "CH", OverlayIP: overlay}
+	id, err := ca.IssueIdentity(attrs, time.Hour, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	idDir := filepath.Join(gdir, "identity")
+	if err := id.Save(idDir, tb); err != nil {
+		t.Fatal(err)
+	}
+	if err := ca.CopyGossipKeyring(context.Background(), idDir); err != nil {
+		t.Fatal(err)
+	}
+	p := nextLoopbackPort(t, port)
+	ap := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(p))
+	s := &Settings{
+		StateDir: gdir, Identity: certs.Config{Dir: idDir},
+		Node:       certs.NodeConfig{Name: node, Site: site, Region: attrs.Region, Provider: "onprem", Jurisdiction: "CH", OverlayIP: overlay.String()},
+		GossipBind: ap, GossipAdvertise: ap, Seeds: seeds, GossipProfile: "local",
+		Interface: "sim", Port: p, MTU: DefaultMTU, Endpoints: []netip.AddrPort{ap}, Topology: TopologyFullMesh,
+		OperatorAddr: netip.MustParseAddrPort("127.0.0.1:0"), OperatorTokenFile: filepath.Join(gdir, "operator.token"),
+	}
+	log := slog.New(slog.NewJSONHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	dev := NewRecordingDevice(node)
+	g, err := newGateway(context.Background(), s, log, options{device: dev, noControl: true, noMigrations: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	lg := &liveGateway{g: g, dev: dev, done: make(chan struct{})}
+	go func() {
+		defer close(lg.done)
+		if err := g.Run(ctx); err != nil {
+			t.Errorf("%s: %v", node, err)
+		}
+	}()
+	t.Cleanup(func() { cancel(); <-lg.done })
+	return lg
+}
+
+func (lg *liveGateway) url(path string) string {
+	deadline := time.Now().Add(10 * time.Second)
+	for lg.g.OperatorAddress() == nil && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	return "http://" + lg.g.OperatorAddress().String() + path
+}
+
+func (lg *liveGateway) token(t *testing.T) string {
+	b, err := os.ReadFile(lg.g.s.OperatorTokenFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return strings.TrimSpace(string(b))
+}
+
+// waitUntil polls cond until it holds or the deadline passes.
+func waitUntil(t *testing.T, d time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %s waiting for %s", d, what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// TestOperatorEndpoint runs three gateways and an impostor signed by
+// another CA, then checks what an operator sees: metrics scraped from a
+// live gateway (members, reachability, tunnels, the impostor's rejection,
+// reconciles), the dashboard's data and picture, and that nothing on the
+// endpoint answers without the token.
+func TestOperatorEndpoint(t *testing.T) {
+	dir := t.TempDir()
+	ca, err := certs.InitCA(filepath.Join(dir, "ca"), certs.InitOptions{MeshPrefix: netip.MustParsePrefix("100.64.0.0/10")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	lw := &lockedWriter{}
+	port := 22000 + os.Getpid()%5000
+	a := startLiveGateway(t, ca, dir, 0, "zrh-dc", nil, &port, lw)
+	seed := []string{a.g.s.GossipAdvertise.String()}
+	b := startLiveGateway(t, ca, dir, 1, "aws-fra", seed, &port, lw)
+	c := startLiveGateway(t, ca, dir, 2, "gcp-ams", seed, &port, lw)
+	for _, lg := range []*liveGateway{a, b, c} {
+		waitUntil(t, 20*time.Second, lg.g.s.Node.Name+" peers with the other two", func() bool { return len(lg.dev.Peers()) == 2 })
+	}
+
+	// An impostor: a valid-looking gateway whose certificate another CA
+	// signed, given the mesh's gossip key (a leaked key must not be enough).
+	rogueCA, err := certs.InitCA(filepath.Join(dir, "rogue-ca"), certs.InitOptions{MeshPrefix: netip.MustParsePrefix("100.64.0.0/10")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Its identity directory gets the mesh's keyring first (the rogue
+	// CA's copy does not overwrite it).
+	if err := ca.CopyGossipKeyring(context.Background(), filepath.Join(dir, "op3", "identity")); err != nil {
+		t.Fatal(err)
+	}
+	startLiveGateway(t, rogueCA, dir, 3, "evil", seed, &port, lw)
+
+	tok := a.token(t)
+	if fi, err := os.Stat(a.g.s.OperatorTokenFile); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("operator token file: %v, mode %v; want 0600", err, fi.Mode().Perm())
+	}
+	noRedirect := &http.Client{Timeout: 10 * time.Second, CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+	get := func(path string, hdr map[string]string) *http.Response {
+		t.Helper()
+		req, _ := http.NewRequest(http.MethodGet, a.url(path), nil)
+		for k, v := range hdr {
+			req.Header.Set(k, v)
+		}
+		resp, err := noRedirect.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { resp.Body.Close() })
+		return resp
+	}
+
+	// Nothing without the token.
+	for _, tc := range []struct {
+		path string
+		hdr  map[string]string
+	}{
+		{"/metrics", nil},
+		{"/metrics", map[string]string{"Authorization": "Bearer " + strings.Repeat("x", len(tok))}},
+		{"/", nil},
+		{"/?token=wrong", nil},
+		{"/ui/dashboard.js", nil},
+		{"/api/v1/dashboard", map[string]string{"Cookie": sessionCookie + "=" + tok}}, // the token is not the session
+		{"/api/v1/events", nil},
+		{"/api/v1/graph?format=svg", nil},
+	} {
+		if resp := get(tc.path, tc.hdr); resp.StatusCode != http.StatusUnauthorized {
+			t.Errorf("GET %s %v: %s, want 401", tc.path, tc.hdr, resp.Status)
+		}
+	}
+
+	// Metrics, as Prometheus scrapes them.
+	var fam scrape.Families
+	waitUntil(t, 20*time.Second, "the impostor's rejection to be counted", func() bool {
+		fam, err = scrape.Get(context.Background(), noRedirect, a.url("/metrics"), tok)
+		if err != nil {
+			t.Fatal(err)
+		}
+		v, _ := fam.Value("skybridge_verification_rejections_total", map[string]string{"reason": "unknown_ca"})
+		return v >= 1
+	})
+	for _, site := range []string{"zrh-dc", "aws-fra", "gcp-ams"} {
+		if v, ok := fam.Value("skybridge_members", map[string]string{"site": site, "state": "verified"}); !ok || v != 1 {
+			t.Errorf("skybridge_members{site=%q,state=verified} = %v (present %v), want 1", site, v, ok)
+		}
+		if v, ok := fam.Value("skybridge_site_reachable", map[string]string{"site": site}); !ok || v != 1 {
+			t.Errorf("skybridge_site_reachable{site=%q} = %v (present %v), want 1", site, v, ok)
+		}
+	}
+	if v, _ := fam.Value("skybridge_members", map[string]string{"site": "evil", "state": "verified"}); v != 0 {
+		t.Errorf("the impostor counts as verified: %v", v)
+	}
+	if n := fam.Series("skybridge_peer_handshake_age_seconds", nil); n != 2 {
+		t.Errorf("%d handshake-age series, want one per peer (2)", n)
+	}
+	// The recording device never handshakes: the age is +Inf, not 0.
+	if v, _ := fam.Value("skybridge_peer_handshake_age_seconds", map[string]string{"peer": "op1", "peer_site": "aws-fra"}); !math.IsInf(v, 1) {
+		t.Errorf("handshake age of a peer that never handshook = %v, want +Inf", v)
+	}
+	if v, _ := fam.Value("skybridge_reconcile_runs_total", nil); v < 1 {
+		t.Errorf("skybridge_reconcile_runs_total = %v", v)
+	}
+	if v, _ := fam.Value("skybridge_reconcile_duration_seconds", nil); v < 1 {
+		t.Errorf("reconcile duration histogram has %v observations", v)
+	}
+	if v, _ := fam.Value("skybridge_gateway_info", map[string]string{"node": "op0", "site": "zrh-dc", "mode": "record"}); v != 1 {
+		t.Errorf("skybridge_gateway_info for op0 = %v", v)
+	}
+	if v, _ := fam.Value("skybridge_identity_expiry_timestamp_seconds", nil); time.Until(time.Unix(int64(v), 0)) < 50*time.Minute {
+		t.Errorf("identity expiry %v is not the certificate's (an hour from now)", v)
+	}
+	for _, name := range []string{"skybridge_migration_bytes_total", "skybridge_migrations_running", "go_goroutines", "process_resident_memory_bytes"} {
+		if _, ok := fam.Value(name, nil); !ok {
+			t.Errorf("metric %s missing", name)
+		}
+	}
+
+	// A browser: the link with the token sets a session cookie and
+	// redirects to a URL without the token.
+	resp := get("/?token="+tok, nil)
+	if resp.StatusCode != http.StatusSeeOther || strings.Contains(resp.Header.Get("Location"), tok) {
+		t.Fatalf("GET /?token=…: %s, Location %q; want 303 to a URL without the token", resp.Status, resp.Header.Get("Location"))
+	}
+	var cookie *http.Cookie
+	for _, ck := range resp.Cookies() {
+		if ck.Name == sessionCookie {
+			cookie = ck
+		}
+	}
+	if cookie == nil || !cookie.HttpOnly || cookie.SameSite != http.SameSiteStrictMode || strings.Contains(cookie.Value, tok) {
+		t.Fatalf("session cookie %+v: want HttpOnly, SameSite=Strict, not the token", cookie)
+	}
+	withCookie := map[string]string{"Cookie": cookie.String()}
+	resp = get("/", withCookie)
+	body, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != http.StatusOK || !strings.Contains(string(body), "dashboard.js") || !strings.Contains(resp.Header.Get("Content-Security-Policy"), "script-src 'self'") {
+		t.Fatalf("GET / with the session: %s, CSP %q", resp.Status, resp.Header.Get("Content-Security-Policy"))
+	}
+	resp = get("/api/v1/dashboard", withCookie)
+	var d Dashboard
+	if err := json.NewDecoder(resp.Body).Decode(&d); err != nil {
+		t.Fatal(err)
+	}
+	if len(d.Graph.Sites) != 3 || len(d.Graph.Tunnels) != 3 {
+		t.Errorf("dashboard graph: %d sites, %d tunnels; want 3 and 3 (the impostor in neither)", len(d.Graph.Sites), len(d.Graph.Tunnels))
+	}
+	for _, site := range []string{"zrh-dc", "aws-fra", "gcp-ams"} {
+		if !strings.Contains(d.SVG, `data-site="`+site+`"`) {
+			t.Errorf("dashboard picture lacks site %s", site)
+		}
+	}
+	refused := false
+	for _, m := range d.Status.Members {
+		refused = refused || (m.Node == "op3" && m.State == StateRefused && strings.Contains(m.Reason, "unknown_ca"))
+	}
+	if !refused {
+		t.Errorf("the impostor is not listed as refused with its reason: %+v", d.Status.Members)
+	}
+
+	// The bearer token works for the graph too.
+	resp = get("/api/v1/graph?format=dot", map[string]string{"Authorization": "Bearer " + tok})
+	body, _ = io.ReadAll(resp.Body)
+	if resp.StatusCode != http.StatusOK || !strings.Contains(string(body), `"op0" -- "op1"`) {
+		t.Errorf("graph as dot: %s\n%s", resp.Status, body)
+	}
+
+	// Logs: every line names its gateway with the stable keys, and no
+	// secret reaches them, neither the token nor a WireGuard private key.
+	out := lw.String()
+	for _, secret := range []string{tok, a.g.wgKey.Base64Secret(), b.g.wgKey.Base64Secret()} {
+		if strings.Contains(out, secret) {
+			t.Error("a secret appears in the logs")
+		}
+	}
+	for line := range strings.Lines(out) {
+		var rec map[string]any
+		if err := json.Unmarshal([]byte(line), &rec); err != nil {
+			t.Fatalf("log line is not JSON: %v: %s", err, line)
+		}
+		if rec["node"] == nil || rec["site"] == nil {
+			t.Errorf("log line without node and site: %s", line)
+		}
+	}
+}
+
+type lockedWriter struct {
+	mu sync.Mutex
+	w  strings.Builder
+}
+
+func (l *lockedWriter) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.w.Write(p)
+}
+
+func (l *lockedWriter) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.w.String()
+}
