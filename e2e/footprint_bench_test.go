@@ -80,6 +80,7 @@ wireguard {
   port      = %d
   mode      = "netstack"
 }
+operator { listen = "127.0.0.1:0" }
 `, sdir, name, site, overlay, filepath.Join(sdir, "identity"), pol, gossipBase+i, gossipBase, gossipBase+1, i, wgBase+i)), 0o644)
 		logf, err := os.Create(filepath.Join(dir, name+".log"))
 		if err != nil {

@@ -67,6 +67,7 @@ wireguard {
   mode       = "netstack"
   behind_nat = true
 }
+operator { listen = "127.0.0.1:0" }
 `, sdir, i, i, i, filepath.Join(sdir, "identity"), base+i, base+1, i, base+100+i)), 0o644)
 		args := []string{skybridge, "gateway", "run", "--config", cfg}
 		if asNobody {

@@ -237,16 +237,26 @@ func (g *MeshGraph) SVG() string {
 			r = (siteW + 120) / 2
 		}
 	}
-	cx, cy := r+siteW/2+20, r+maxH/2+20
+	minX, minY, maxX, maxY := math.Inf(1), math.Inf(1), math.Inf(-1), math.Inf(-1)
 	for i := range boxes {
 		a := -math.Pi/2 + 2*math.Pi*float64(i)/float64(max(n, 1))
 		if n == 2 {
 			a = math.Pi * float64(i-1) // left, right
 		}
-		boxes[i].x = cx + r*math.Cos(a) - boxes[i].w/2
-		boxes[i].y = cy + r*math.Sin(a) - boxes[i].h/2
+		boxes[i].x = r*math.Cos(a) - boxes[i].w/2
+		boxes[i].y = r*math.Sin(a) - boxes[i].h/2
+		minX, minY = min(minX, boxes[i].x), min(minY, boxes[i].y)
+		maxX, maxY = max(maxX, boxes[i].x+boxes[i].w), max(maxY, boxes[i].y+boxes[i].h)
 	}
-	width, height := max(2*cx, 540), 2*cy+30
+	// Crop to the boxes: a circle of three sites leaves its lower part
+	// empty.
+	const margin, legend = 20.0, 34.0
+	width := max(maxX-minX+2*margin, 540)
+	for i := range boxes {
+		boxes[i].x += width/2 - (minX+maxX)/2
+		boxes[i].y += margin - minY
+	}
+	height := maxY - minY + 2*margin + legend
 	centre := map[string][2]float64{}
 	for i, s := range g.Sites {
 		for j, gw := range s.Gateways {

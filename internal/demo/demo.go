@@ -93,6 +93,7 @@ type SiteSummary struct {
 	Node         string   `json:"node"`
 	Jurisdiction string   `json:"jurisdiction"`
 	OverlayIP    string   `json:"overlay_ip"`
+	Socket       string   `json:"socket"` // control socket, for --keep
 	Tunnels      []string `json:"tunnels"`
 	Handshakes   int      `json:"handshakes"`
 }
@@ -319,9 +320,12 @@ func (r *run) startSites(ctx context.Context) error {
 	for _, s := range r.sites {
 		s.Config = filepath.Join(s.Dir, "gateway.hcl")
 		s.Socket = filepath.Join(s.Dir, "control.sock")
-		mode, profile := "tun", "lan"
+		// As root each site has its own namespace, so each gateway's
+		// dashboard can have the default port; on shared loopback each
+		// takes a free one (`skybridge dashboard` prints where).
+		mode, profile, operator := "tun", "lan", "127.0.0.1:7480"
 		if r.mode == ModeNetstack {
-			mode, profile = "netstack", "local"
+			mode, profile, operator = "netstack", "local", "127.0.0.1:0"
 		}
 		s.Iface = fmt.Sprintf("sbd%s%d", r.id, s.Host)
 		cfg := fmt.Sprintf(`state_dir = %q
@@ -352,8 +356,11 @@ wireguard {
 policy {
   file = %q
 }
+operator {
+  listen = %q
+}
 `, s.Dir, s.Short, s.Site, s.Region, s.Provider, s.Jurisdiction, s.Host, s.Route, labelsHCL(s), filepath.Join(s.Dir, "identity"),
-			gossip[s.Short].String(), seeds, profile, s.Iface, wgPort[s.Short], mode, filepath.Join(r.dir, "residency.hcl"))
+			gossip[s.Short].String(), seeds, profile, s.Iface, wgPort[s.Short], mode, filepath.Join(r.dir, "residency.hcl"), operator)
 		if err := atomicfile.WriteFile(s.Config, []byte(cfg), 0o644); err != nil {
 			return err
 		}
@@ -505,7 +512,7 @@ func (r *run) meshState(ctx context.Context) (bool, []SiteSummary) {
 	ok := true
 	var out []SiteSummary
 	for _, s := range r.sites {
-		sum := SiteSummary{Site: s.Site, Node: "gw-" + s.Short, Jurisdiction: s.Jurisdiction, OverlayIP: fmt.Sprintf("100.96.0.%d", s.Host)}
+		sum := SiteSummary{Site: s.Site, Node: "gw-" + s.Short, Jurisdiction: s.Jurisdiction, OverlayIP: fmt.Sprintf("100.96.0.%d", s.Host), Socket: s.Socket}
 		cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 		st, err := mesh.NewClient(s.Socket).Status(cctx)
 		cancel()
@@ -687,7 +694,13 @@ func (r *run) pokeCommands() []string {
 	for _, s := range r.sites {
 		out = append(out, fmt.Sprintf("%s status --socket %s", r.opt.Exe, s.Socket))
 	}
-	out = append(out, fmt.Sprintf("%s graph --socket %s | dot -Tsvg > mesh.svg", r.opt.Exe, r.sites[0].Socket))
+	out = append(out, fmt.Sprintf("%s graph --socket %s --format svg --out mesh.svg", r.opt.Exe, r.sites[0].Socket))
+	if r.mode == ModeNetns {
+		// The dashboard listens on loopback inside the site's namespace.
+		out = append(out, fmt.Sprintf("ip netns exec %s %s dashboard --socket %s   # then a browser in that namespace", r.sites[0].NS, r.opt.Exe, r.sites[0].Socket))
+	} else {
+		out = append(out, fmt.Sprintf("%s dashboard --socket %s   # the live dashboard's link", r.opt.Exe, r.sites[0].Socket))
+	}
 	if r.mode == ModeNetns {
 		for _, s := range r.sites {
 			out = append(out, fmt.Sprintf("ip netns exec %s wg show %s", s.NS, s.Iface))

@@ -103,14 +103,20 @@ function render(d) {
   ], { node: m.node, state: m.state })), "no other gateway yet");
 
   fill($("#sending"), (d.sending || []).map((m) => {
-    const p = el("td");
-    const bar = document.createElement("progress");
-    bar.max = 100;
-    bar.value = m.percent;
-    p.append(bar, " " + m.percent.toFixed(1) + " %");
+    const p = el("td", null, "progress");
+    if (m.running || m.stats.chunks > 0) {
+      const bar = document.createElement("progress");
+      bar.max = 100;
+      bar.value = m.percent;
+      p.append(bar, " " + m.percent.toFixed(1) + " %");
+    } else {
+      p.textContent = "—"; // refused before anything was read
+    }
     const state = m.running ? m.phase : m.state;
+    const image = el("td", m.image.split("/").pop());
+    image.title = m.image;
     return row([
-      m.id, m.image, `${m.to} (${m.to_site})`, m.class,
+      m.id, image, `${m.to} (${m.to_site})`, m.class,
       el("td", state, "state-" + (m.running ? "running" : m.state)),
       p, el("td", bytes(m.stats.bytes_sent), "num"), clock(m.started),
       m.stats.duration_ns ? duration(m.stats.duration_ns) : "",
