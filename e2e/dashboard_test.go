@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -245,6 +246,21 @@ func TestDashboardInBrowser(t *testing.T) {
 	}
 	if v, _ := fam.Value("skybridge_peer_handshake_age_seconds", map[string]string{"peer": demo.Sites[1].Node}); v > 180 {
 		t.Errorf("handshake age with %s is %v s right after a migration through its tunnel", demo.Sites[1].Node, v)
+	}
+	// Every metric the shipped alerting rules use is one the gateway
+	// exports (promtool checks their syntax and behaviour).
+	rules, err := os.ReadFile("../docs/examples/prometheus/alerts.yml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	names := regexp.MustCompile(`skybridge_[a-z_]+`).FindAllString(string(rules), -1)
+	if len(names) < 8 {
+		t.Fatalf("only %d metric names found in alerts.yml", len(names))
+	}
+	for _, name := range names {
+		if _, ok := fam[name]; !ok {
+			t.Errorf("alerts.yml uses %s, which the gateway does not export", name)
+		}
 	}
 	// The receiver counted what arrived.
 	var fra struct {

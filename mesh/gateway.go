@@ -155,7 +155,10 @@ func newGateway(ctx context.Context, s *Settings, logger *slog.Logger, opt optio
 	}
 	g.metrics = newMetrics(g)
 	g.members = newMembership(attrs.Node, tb, g.now, g.triggerReconcile)
-	g.members.onRefuse = g.metrics.rejected
+	g.members.onRefuse = func(name, reason string, err error) {
+		g.metrics.rejected(reason)
+		g.log.Warn("gateway refused", "peer", name, "reason", reason, "err", err)
+	}
 	if opt.cache != nil {
 		g.members.cache = opt.cache
 	}
@@ -830,7 +833,7 @@ const maxPacketMsg = 1200
 func (g *Gateway) sendAsync(to string, at netip.AddrPort, msg []byte) {
 	if len(msg) <= maxPacketMsg {
 		if err := g.sendTo(to, at, msg); err != nil {
-			g.log.Debug("gossip send", "to", to, "err", err)
+			g.log.Debug("gossip send", "peer", to, "err", err)
 		}
 		return
 	}
@@ -838,7 +841,7 @@ func (g *Gateway) sendAsync(to string, at netip.AddrPort, msg []byte) {
 	go func() {
 		defer func() { <-g.sends }()
 		if err := g.sendTo(to, at, msg); err != nil {
-			g.log.Debug("gossip send", "to", to, "err", err)
+			g.log.Debug("gossip send", "peer", to, "err", err)
 		}
 	}()
 }

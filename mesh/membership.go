@@ -59,7 +59,7 @@ type membership struct {
 	onChange func()
 	// onRefuse, if set, is told (under the lock) why a member or a gossip
 	// message was refused, as a metric label.
-	onRefuse   func(reason string)
+	onRefuse   func(name, reason string, err error)
 	refusedMsg map[string]string // the last message refused per name, counted once
 	// gen counts such changes: a reconcile that finds it unchanged (and
 	// nothing else changed) reuses its last plan instead of recomputing.
@@ -99,7 +99,7 @@ func (ms *membership) admit(name string, meta []byte) error {
 	// per member until it is admitted again.
 	if m := ms.members[name]; err != nil && ms.onRefuse != nil && (m == nil || m.state != StateRefused) && ms.refusedMsg[name] != string(meta) {
 		ms.refusedMsg[name] = string(meta)
-		ms.onRefuse(rejectionReason(err))
+		ms.onRefuse(name, rejectionReason(err), err)
 	}
 	return err
 }
@@ -272,7 +272,7 @@ func (ms *membership) judgeLocked(m *member) (needCert bool) {
 func (ms *membership) refuseLocked(m *member, prev MemberState, err error) {
 	m.verified, m.state, m.reason = nil, StateRefused, err.Error()
 	if prev != StateRefused && ms.onRefuse != nil {
-		ms.onRefuse(rejectionReason(err))
+		ms.onRefuse(m.name, rejectionReason(err), err)
 	}
 }
 

@@ -86,6 +86,11 @@ func newMetrics(g *Gateway) *metrics {
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	// Every label value a rule or dashboard may select on exists from the
 	// start, so that rate() and absent() see zeros rather than nothing.
+	for _, r := range []certs.Reason{certs.ReasonMalformed, certs.ReasonUnknownCA, certs.ReasonExpired, certs.ReasonNotYetValid, certs.ReasonRevoked,
+		certs.ReasonBadCertificate, certs.ReasonCertMismatch, certs.ReasonBadSignature, certs.ReasonAttributeMismatch, certs.ReasonReplay, certs.ReasonClockSkew} {
+		m.rejections.WithLabelValues(string(r))
+	}
+	m.rejections.WithLabelValues("conflict")
 	for _, role := range []string{migrate.RoleSend, migrate.RoleReceive} {
 		m.migBytes.WithLabelValues(role)
 		m.migChunks.WithLabelValues(role)
@@ -103,6 +108,18 @@ func (m *metrics) reconciled(took time.Duration, err error) {
 }
 
 func (m *metrics) rejected(reason string) { m.rejections.WithLabelValues(reason).Inc() }
+
+// classes makes the decision counters of a newly adopted policy's classes
+// exist at zero, so that an alert on increase() sees the first denial.
+func (m *metrics) classes(names []string) {
+	for _, c := range names {
+		for _, a := range []policy.Action{policy.Store, policy.Transit} {
+			for _, o := range []string{"allowed", "denied", "audit"} {
+				m.decisions.WithLabelValues(c, string(a), o)
+			}
+		}
+	}
+}
 
 // The migrate.Observer the gateway hands to its sender and receiver.
 

@@ -171,11 +171,12 @@ func (g *Gateway) StartMigration(req MigrationRequest) (*runningMigration, strin
 	if p := g.policy.Load(); p != nil {
 		pol = p.p
 	}
+	log := g.log.With("migration_id", id, "class", req.Class, "peer", dest.Attributes.Node, "peer_site", dest.Attributes.Site)
 	cfg := migrate.SendConfig{
 		ID: id, Image: req.Image, Name: req.Name, Class: req.Class, Format: req.Format, Streams: req.Streams, BWLimit: req.BWLimit,
 		From: g.id.Load().Attributes(), To: migrate.Peer{Attributes: dest.Attributes, Addr: netip.AddrPortFrom(dest.Attributes.OverlayIP, migrate.DefaultPort)},
 		Policy: pol, Identity: g.id.Load(), Trust: g.trust.Load(), Dial: g.dev.Dial,
-		Journal: m.journal, Audit: m.audit, Log: g.log.With("migration_id", id, "class", req.Class), Progress: run.publish, Observer: g.metrics,
+		Journal: m.journal, Audit: m.audit, Log: log, Progress: run.publish, Observer: g.metrics,
 	}
 	go func() {
 		defer cancel()
@@ -191,11 +192,14 @@ func (g *Gateway) StartMigration(req MigrationRequest) (*runningMigration, strin
 		m.mu.Lock()
 		delete(m.running, id)
 		m.mu.Unlock()
-		if err != nil {
-			g.log.Warn("migration ended", "migration_id", id, "err", err)
-		} else {
-			g.log.Info("migration done", "migration_id", id, "to", dest.Attributes.Node, "root", rec.Root.String(),
-				"bytes_sent", rec.Stats.BytesSent, "duration", rec.Stats.Duration.Round(time.Millisecond))
+		var denied *migrate.DeniedError
+		switch {
+		case errors.As(err, &denied):
+			log.Warn("migration refused by the residency policy", "by", denied.By, "rule", denied.Rule, "reasons", strings.Join(denied.Reasons, "; "))
+		case err != nil:
+			log.Warn("migration ended", "err", err)
+		default:
+			log.Info("migration done", "root", rec.Root.String(), "bytes_sent", rec.Stats.BytesSent, "duration", rec.Stats.Duration.Round(time.Millisecond))
 		}
 	}()
 	return run, id, nil

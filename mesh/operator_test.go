@@ -280,6 +280,7 @@ func TestOperatorEndpoint(t *testing.T) {
 			t.Error("a secret appears in the logs")
 		}
 	}
+	refusalLogged := false
 	for line := range strings.Lines(out) {
 		var rec map[string]any
 		if err := json.Unmarshal([]byte(line), &rec); err != nil {
@@ -288,6 +289,10 @@ func TestOperatorEndpoint(t *testing.T) {
 		if rec["node"] == nil || rec["site"] == nil {
 			t.Errorf("log line without node and site: %s", line)
 		}
+		refusalLogged = refusalLogged || (rec["msg"] == "gateway refused" && rec["node"] == "op0" && rec["peer"] == "op3" && rec["reason"] == "unknown_ca")
+	}
+	if !refusalLogged {
+		t.Error("op0 did not log the impostor's refusal with peer and reason")
 	}
 }
 

@@ -81,7 +81,7 @@ func (g *Gateway) handleKeyringOp(m message) error {
 	op := &keyringOp{kind: string(m.fields[0]), key: m.fields[1], id: m.fields[2], at: time.Unix(0, int64(at)),
 		initiator: string(m.fields[4]), certDER: m.fields[5], sig: m.fields[6]}
 	if err := g.verifyKeyringOp(op); err != nil {
-		g.log.Warn("refused gossip keyring operation", "from", op.initiator, "err", err)
+		g.log.Warn("refused gossip keyring operation", "peer", op.initiator, "err", err)
 		return err
 	}
 	if err := g.applyKeyringOp(op); err != nil {

@@ -51,7 +51,7 @@ func (g *Gateway) handle(b []byte) error {
 			return err
 		}
 		if err := g.members.addCert(m.fields[1]); err != nil {
-			g.log.Debug("refused a certificate", "from", string(m.fields[0]), "err", err)
+			g.log.Debug("refused a certificate", "peer", string(m.fields[0]), "err", err)
 		}
 		// Answer at the address the request gives: a newcomer asks for
 		// our certificate before gossip has told us where it is.
@@ -230,6 +230,7 @@ func (g *Gateway) AdoptPolicy(src, sigJSON []byte) (bool, error) {
 		return false, err
 	}
 	g.policy.Store(&adoptedPolicy{p: p, src: src, sig: sigJSON})
+	g.metrics.classes(p.Classes())
 	if err := g.state.savePolicy(src, sigJSON); err != nil {
 		g.log.Warn("save adopted policy", "err", err)
 	}

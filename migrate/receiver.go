@@ -92,7 +92,7 @@ func (r *Receiver) handle(ctx context.Context, c *tls.Conn) {
 	err := c.HandshakeContext(hctx)
 	cancel()
 	if err != nil {
-		r.cfg.Log.Info("refused migration connection", "peer", c.RemoteAddr().String(), "err", err)
+		r.cfg.Log.Info("refused migration connection", "remote", c.RemoteAddr().String(), "err", err)
 		return
 	}
 	from, err := peerAttributes(c.ConnectionState(), r.cfg.Trust(), r.cfg.Now())
@@ -194,7 +194,7 @@ type pendingChunk struct {
 }
 
 func (r *Receiver) control(ctx context.Context, c *tls.Conn, fr *frameReader, fw *frameWriter, from *certs.Attributes, o *Offer) {
-	log := r.cfg.Log.With("migration_id", o.ID, "peer", from.Node, "class", o.Class)
+	log := r.cfg.Log.With("migration_id", o.ID, "peer", from.Node, "peer_site", from.Site, "class", o.Class)
 	if err := checkName(o.Name); err != nil || o.ChunkSize <= 0 || o.ChunkSize > maxFrame/2 || o.Size < 0 || (o.Format != FormatRaw && o.Format != FormatQcow2) {
 		fw.json(frameError, fmt.Sprintf("bad offer: %v", err))
 		return

@@ -15,8 +15,10 @@ step() { printf '\n== %s\n' "$*"; }
 
 # Debian packages the tests use: wg (checks keys and, later, the mesh),
 # qemu-img (VM images), ip and nft (network namespaces, cut links), openssl
-# (an independent X.509 verifier).
-packages=(wireguard-tools qemu-utils iproute2 nftables openssl ca-certificates)
+# (an independent X.509 verifier), chromium (the dashboard's browser test,
+# with a font to render it), prometheus (promtool checks the alerting
+# rules).
+packages=(wireguard-tools qemu-utils iproute2 nftables openssl ca-certificates chromium fonts-dejavu-core prometheus)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -44,6 +46,10 @@ go vet ./...
 
 step "staticcheck"
 go run honnef.co/go/tools/cmd/staticcheck@v0.8.2 ./...
+
+step "promtool: the shipped alerting rules"
+promtool check rules docs/examples/prometheus/alerts.yml
+(cd docs/examples/prometheus && promtool test rules alerts_test.yml)
 
 step "go test (unit and e2e, race detector on)"
 go test -race -count=1 -timeout 20m ./...
