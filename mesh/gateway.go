@@ -66,6 +66,7 @@ type Gateway struct {
 	certAsked map[string]time.Time
 
 	metrics      *metrics
+	graph        graphCache
 	operatorAddr atomic.Pointer[net.Addr]
 	mig          *migrations
 	load         atomic.Uint32 // migrations being received, advertised

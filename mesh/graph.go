@@ -7,6 +7,7 @@ import (
 	"math"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 )
 
@@ -19,6 +20,20 @@ type MeshGraph struct {
 	Self    string        `json:"self"`
 	Sites   []GraphSite   `json:"sites"`
 	Tunnels []GraphTunnel `json:"tunnels"`
+	// SiteLinks are the tunnels between each pair of sites, counted: the
+	// picture of a mesh too large to draw gateway by gateway.
+	SiteLinks []GraphSiteLink `json:"site_links"`
+	// TunnelsOmitted counts tunnels left out of Tunnels (the dashboard
+	// keeps only this gateway's own in a large mesh).
+	TunnelsOmitted int `json:"tunnels_omitted,omitempty"`
+}
+
+// GraphSiteLink is the tunnels between two sites (A < B).
+type GraphSiteLink struct {
+	A       string `json:"a"`
+	B       string `json:"b"`
+	Tunnels int    `json:"tunnels"`
+	Health  string `json:"health"` // the worst of this gateway's tunnels among them, else remote
 }
 
 // GraphSite is a site and its verified gateways.
@@ -61,12 +76,45 @@ func (g *Gateway) Graph() (*MeshGraph, error) {
 	if err != nil {
 		return nil, err
 	}
-	self := *g.self.Load()
-	nodes := append([]Node{self}, g.members.gateways()...)
-	in := TopologyInput{Mode: g.s.Topology, Now: g.now(), MeshPrefix: g.trust.Load().MeshPrefix()}
-	if p := g.policy.Load(); p != nil {
-		in.Policy = p.p
+	selfp, pol, trust := g.self.Load(), g.policy.Load(), g.trust.Load()
+	key := planKey{gen: g.members.generation(), self: selfp, policy: pol, trust: trust}
+	nodes := append([]Node{*selfp}, g.members.gateways()...)
+	now := g.now()
+	// Drawing the mesh computes every gateway's plan: O(n²) work that a
+	// dashboard would otherwise redo every second. The edges are kept
+	// while the inputs stand (30 s at most, for the policy's time
+	// windows), and, in a large mesh under churn, for a few seconds even
+	// if they changed.
+	g.graph.mu.Lock()
+	defer g.graph.mu.Unlock()
+	age := now.Sub(g.graph.at)
+	if g.graph.edges == nil || age > graphMaxAge || (g.graph.key != key && (len(nodes) <= svgDetailLimit || age > graphChurnAge)) {
+		in := TopologyInput{Mode: g.s.Topology, Now: now, MeshPrefix: trust.MeshPrefix()}
+		if pol != nil {
+			in.Policy = pol.p
+		}
+		g.graph.edges, g.graph.key, g.graph.at = meshEdges(nodes, in), key, now
 	}
+	return buildGraph(nodes, g.graph.edges, selfp.node(), st.Members, now), nil
+}
+
+// How long Graph keeps the mesh's edges.
+const (
+	graphMaxAge   = 30 * time.Second
+	graphChurnAge = 5 * time.Second
+)
+
+// graphCache holds the edges Graph computed last.
+type graphCache struct {
+	mu    sync.Mutex
+	key   planKey
+	at    time.Time
+	edges map[[2]string]bool
+}
+
+// meshEdges computes every gateway's plan, as that gateway would, and
+// collects the tunnels (A < B).
+func meshEdges(nodes []Node, in TopologyInput) map[[2]string]bool {
 	edges := map[[2]string]bool{}
 	for i, n := range nodes {
 		in.Self = n
@@ -79,7 +127,7 @@ func (g *Gateway) Graph() (*MeshGraph, error) {
 			edges[e] = true
 		}
 	}
-	return buildGraph(nodes, edges, self.node(), st.Members, g.now()), nil
+	return edges
 }
 
 // buildGraph is the pure part of Graph.
@@ -105,7 +153,14 @@ func buildGraph(nodes []Node, edges map[[2]string]bool, self string, members []M
 			peer[m.Node] = m
 		}
 	}
+	known := map[string]bool{}
+	for _, n := range nodes {
+		known[n.node()] = true
+	}
 	for e := range edges {
+		if !known[e[0]] || !known[e[1]] {
+			continue // computed before the gateway left
+		}
 		t := GraphTunnel{A: e[0], B: e[1], Health: TunnelRemote}
 		other := ""
 		switch self {
@@ -125,7 +180,61 @@ func buildGraph(nodes []Node, edges map[[2]string]bool, self string, members []M
 		g.Tunnels = append(g.Tunnels, t)
 	}
 	slices.SortFunc(g.Tunnels, func(a, b GraphTunnel) int { return cmp.Or(cmp.Compare(a.A, b.A), cmp.Compare(a.B, b.B)) })
+
+	siteOf := map[string]string{}
+	for _, n := range nodes {
+		siteOf[n.node()] = n.site()
+	}
+	links := map[[2]string]*GraphSiteLink{}
+	for _, t := range g.Tunnels {
+		k := [2]string{siteOf[t.A], siteOf[t.B]}
+		if k[0] == k[1] {
+			continue
+		}
+		if k[0] > k[1] {
+			k[0], k[1] = k[1], k[0]
+		}
+		l := links[k]
+		if l == nil {
+			l = &GraphSiteLink{A: k[0], B: k[1], Health: TunnelRemote}
+			links[k] = l
+		}
+		l.Tunnels++
+		if t.Health != TunnelRemote && (l.Health == TunnelRemote || healthRank[t.Health] > healthRank[l.Health]) {
+			l.Health = t.Health
+		}
+	}
+	for _, l := range links {
+		g.SiteLinks = append(g.SiteLinks, *l)
+	}
+	slices.SortFunc(g.SiteLinks, func(a, b GraphSiteLink) int { return cmp.Or(cmp.Compare(a.A, b.A), cmp.Compare(a.B, b.B)) })
 	return g
+}
+
+// healthRank orders this gateway's tunnel states from good to bad.
+var healthRank = map[string]int{TunnelIdle: 0, TunnelFresh: 1, TunnelAgeing: 2, TunnelStale: 3}
+
+// gateways counts the gateways in the graph.
+func (g *MeshGraph) gateways() int {
+	n := 0
+	for _, s := range g.Sites {
+		n += len(s.Gateways)
+	}
+	return n
+}
+
+// OnlyLocalTunnels drops the tunnels this gateway does not terminate,
+// keeping SiteLinks: what a dashboard of a large mesh needs each second.
+func (g *MeshGraph) OnlyLocalTunnels() {
+	kept := g.Tunnels[:0]
+	for _, t := range g.Tunnels {
+		if t.A == g.Self || t.B == g.Self {
+			kept = append(kept, t)
+		} else {
+			g.TunnelsOmitted++
+		}
+	}
+	g.Tunnels = kept
 }
 
 func tunnelHealth(m MemberStatus, now time.Time) string {
@@ -203,6 +312,8 @@ func (g *MeshGraph) DOT() string {
 
 // SVG geometry.
 const (
+	svgDetailLimit = 48 // more gateways than this: sites only, tunnels counted between them
+
 	svgGatewayW = 180.0
 	svgGatewayH = 40.0
 	svgSitePad  = 14.0
@@ -214,49 +325,20 @@ type svgBox struct{ x, y, w, h float64 }
 
 // SVG renders the graph as a standalone SVG document: sites on a circle
 // (so every pair of sites has a clear line of sight), their gateways
-// stacked inside, tunnels drawn between gateway centres. Every element
+// stacked inside, tunnels drawn between gateway centres; a mesh of more
+// than svgDetailLimit gateways is drawn by site (see siteSVG). Every element
 // carries data-* attributes naming what it shows, for scripts and tests.
 // It uses presentation attributes only (no style attributes or scripts),
 // so a strict Content-Security-Policy page can inline it.
 func (g *MeshGraph) SVG() string {
-	n := len(g.Sites)
-	siteW := svgGatewayW + 2*svgSitePad
-	boxes := make([]svgBox, n)
-	maxH := 0.0
+	if g.gateways() > svgDetailLimit || g.TunnelsOmitted > 0 {
+		return g.siteSVG()
+	}
+	heights := make([]float64, len(g.Sites))
 	for i, s := range g.Sites {
-		h := svgSiteHead + float64(len(s.Gateways))*(svgGatewayH+svgGap) + svgSitePad - svgGap
-		boxes[i] = svgBox{w: siteW, h: h}
-		maxH = max(maxH, h)
+		heights[i] = svgSiteHead + float64(len(s.Gateways))*(svgGatewayH+svgGap) + svgSitePad - svgGap
 	}
-	// Place the site centres on a circle wide enough that the boxes do
-	// not overlap: neighbours are 2r·sin(π/n) apart.
-	r := 0.0
-	if n > 1 {
-		r = (math.Hypot(siteW, maxH) + 60) / (2 * math.Sin(math.Pi/float64(n)))
-		if n == 2 {
-			r = (siteW + 120) / 2
-		}
-	}
-	minX, minY, maxX, maxY := math.Inf(1), math.Inf(1), math.Inf(-1), math.Inf(-1)
-	for i := range boxes {
-		a := -math.Pi/2 + 2*math.Pi*float64(i)/float64(max(n, 1))
-		if n == 2 {
-			a = math.Pi * float64(i-1) // left, right
-		}
-		boxes[i].x = r*math.Cos(a) - boxes[i].w/2
-		boxes[i].y = r*math.Sin(a) - boxes[i].h/2
-		minX, minY = min(minX, boxes[i].x), min(minY, boxes[i].y)
-		maxX, maxY = max(maxX, boxes[i].x+boxes[i].w), max(maxY, boxes[i].y+boxes[i].h)
-	}
-	// Crop to the boxes: a circle of three sites leaves its lower part
-	// empty.
-	const margin, legend = 20.0, 34.0
-	width := max(maxX-minX+2*margin, 540)
-	for i := range boxes {
-		boxes[i].x += width/2 - (minX+maxX)/2
-		boxes[i].y += margin - minY
-	}
-	height := maxY - minY + 2*margin + legend
+	boxes, width, height := circleLayout(heights)
 	centre := map[string][2]float64{}
 	for i, s := range g.Sites {
 		for j, gw := range s.Gateways {
@@ -264,8 +346,7 @@ func (g *MeshGraph) SVG() string {
 		}
 	}
 	var b strings.Builder
-	fmt.Fprintf(&b, `<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 %.0f %.0f" width="%.0f" height="%.0f" font-family="DejaVu Sans, Helvetica, Arial, sans-serif" font-size="12" role="img" aria-label="skybridge mesh">`+"\n", width, height, width, height)
-	fmt.Fprintf(&b, `<rect width="100%%" height="100%%" fill="#ffffff"/>`+"\n")
+	svgOpen(&b, width, height)
 	b.WriteString(`<g class="tunnels">` + "\n")
 	for _, t := range g.Tunnels {
 		p, q := centre[t.A], centre[t.B]
@@ -283,10 +364,7 @@ func (g *MeshGraph) SVG() string {
 	b.WriteString("</g>\n")
 	for i, s := range g.Sites {
 		bx := boxes[i]
-		fmt.Fprintf(&b, `<g class="site" data-site="%s">`+"\n", esc(s.Name))
-		fmt.Fprintf(&b, `<rect x="%.1f" y="%.1f" width="%.1f" height="%.1f" rx="10" fill="#f6f8fa" stroke="#57606a" stroke-width="1.2"/>`+"\n", bx.x, bx.y, bx.w, bx.h)
-		fmt.Fprintf(&b, `<text x="%.1f" y="%.1f" font-weight="bold" font-size="13" fill="#24292f">%s</text>`+"\n", bx.x+svgSitePad, bx.y+18, esc(s.Name))
-		fmt.Fprintf(&b, `<text x="%.1f" y="%.1f" font-size="11" fill="#57606a">%s</text>`+"\n", bx.x+svgSitePad, bx.y+32, esc(fmt.Sprintf("%s · %s %s", s.Jurisdiction, s.Provider, s.Region)))
+		siteHeader(&b, s, bx)
 		for j, gw := range s.Gateways {
 			y := bx.y + svgSiteHead + float64(j)*(svgGatewayH+svgGap)
 			stroke, sw := "#57606a", 1.0
@@ -299,15 +377,114 @@ func (g *MeshGraph) SVG() string {
 		}
 		b.WriteString("</g>\n")
 	}
-	// Legend.
+	svgLegend(&b, height)
+	b.WriteString("</svg>\n")
+	return b.String()
+}
+
+// circleLayout places boxes of the given heights (and the site width) on
+// a circle wide enough that neighbours do not overlap (they are
+// 2r·sin(π/n) apart), then crops to them: a circle of three sites leaves
+// its lower part empty.
+func circleLayout(heights []float64) (boxes []svgBox, width, height float64) {
+	n := len(heights)
+	siteW := svgGatewayW + 2*svgSitePad
+	boxes = make([]svgBox, n)
+	maxH := 0.0
+	for i, h := range heights {
+		boxes[i] = svgBox{w: siteW, h: h}
+		maxH = max(maxH, h)
+	}
+	r := 0.0
+	switch {
+	case n == 2:
+		r = (siteW + 120) / 2
+	case n > 2:
+		r = (math.Hypot(siteW, maxH) + 60) / (2 * math.Sin(math.Pi/float64(n)))
+	}
+	minX, minY, maxX, maxY := math.Inf(1), math.Inf(1), math.Inf(-1), math.Inf(-1)
+	for i := range boxes {
+		a := -math.Pi/2 + 2*math.Pi*float64(i)/float64(max(n, 1))
+		if n == 2 {
+			a = math.Pi * float64(i-1) // left, right
+		}
+		boxes[i].x = r*math.Cos(a) - boxes[i].w/2
+		boxes[i].y = r*math.Sin(a) - boxes[i].h/2
+		minX, minY = min(minX, boxes[i].x), min(minY, boxes[i].y)
+		maxX, maxY = max(maxX, boxes[i].x+boxes[i].w), max(maxY, boxes[i].y+boxes[i].h)
+	}
+	const margin, legend = 20.0, 34.0
+	width = max(maxX-minX+2*margin, 540)
+	for i := range boxes {
+		boxes[i].x += width/2 - (minX+maxX)/2
+		boxes[i].y += margin - minY
+	}
+	return boxes, width, maxY - minY + 2*margin + legend
+}
+
+// siteSVG draws a large mesh by site: each site with its number of
+// gateways (and this gateway, if it is there), one line per pair of sites
+// labelled with the number of tunnels between them.
+func (g *MeshGraph) siteSVG() string {
+	heights := make([]float64, len(g.Sites))
+	for i := range heights {
+		heights[i] = svgSiteHead + svgGatewayH + svgSitePad
+	}
+	boxes, width, height := circleLayout(heights)
+	index := map[string]int{}
+	for i, s := range g.Sites {
+		index[s.Name] = i
+	}
+	var b strings.Builder
+	svgOpen(&b, width, height)
+	b.WriteString(`<g class="site-links">` + "\n")
+	for _, l := range g.SiteLinks {
+		p, q := boxes[index[l.A]], boxes[index[l.B]]
+		x1, y1, x2, y2 := p.x+p.w/2, p.y+p.h/2, q.x+q.w/2, q.y+q.h/2
+		fmt.Fprintf(&b, `<line class="site-link" data-a="%s" data-b="%s" data-tunnels="%d" data-health="%s" x1="%.1f" y1="%.1f" x2="%.1f" y2="%.1f" stroke="%s" stroke-width="%.1f"><title>%s</title></line>`+"\n",
+			esc(l.A), esc(l.B), l.Tunnels, l.Health, x1, y1, x2, y2, healthColour[l.Health], min(1.5+math.Log2(float64(l.Tunnels)), 8),
+			esc(fmt.Sprintf("%s — %s: %d tunnels", l.A, l.B, l.Tunnels)))
+		fmt.Fprintf(&b, `<text x="%.1f" y="%.1f" font-size="11" fill="#57606a" text-anchor="middle">%d</text>`+"\n", (x1+x2)/2, (y1+y2)/2-4, l.Tunnels)
+	}
+	b.WriteString("</g>\n")
+	for i, s := range g.Sites {
+		bx := boxes[i]
+		siteHeader(&b, s, bx)
+		line, stroke, sw := fmt.Sprintf("%d gateways", len(s.Gateways)), "#57606a", 1.0
+		for _, gw := range s.Gateways {
+			if gw.Self {
+				line, stroke, sw = fmt.Sprintf("%d gateways, this one: %s", len(s.Gateways), gw.Node), "#0969da", 2.5
+			}
+		}
+		fmt.Fprintf(&b, `<rect x="%.1f" y="%.1f" width="%.1f" height="%.1f" rx="6" fill="#ffffff" stroke="%s" stroke-width="%.1f"/><text x="%.1f" y="%.1f" fill="#24292f">%s</text>`+"\n",
+			bx.x+svgSitePad, bx.y+svgSiteHead, svgGatewayW, svgGatewayH, stroke, sw, bx.x+svgSitePad+10, bx.y+svgSiteHead+24, esc(line))
+		b.WriteString("</g>\n")
+	}
+	svgLegend(&b, height)
+	b.WriteString("</svg>\n")
+	return b.String()
+}
+
+func svgOpen(b *strings.Builder, width, height float64) {
+	fmt.Fprintf(b, `<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 %.0f %.0f" width="%.0f" height="%.0f" font-family="DejaVu Sans, Helvetica, Arial, sans-serif" font-size="12" role="img" aria-label="skybridge mesh">`+"\n", width, height, width, height)
+	b.WriteString(`<rect width="100%" height="100%" fill="#ffffff"/>` + "\n")
+}
+
+// siteHeader opens a site's group and draws its box and title.
+func siteHeader(b *strings.Builder, s GraphSite, bx svgBox) {
+	fmt.Fprintf(b, `<g class="site" data-site="%s">`+"\n", esc(s.Name))
+	fmt.Fprintf(b, `<rect x="%.1f" y="%.1f" width="%.1f" height="%.1f" rx="10" fill="#f6f8fa" stroke="#57606a" stroke-width="1.2"/>`+"\n", bx.x, bx.y, bx.w, bx.h)
+	fmt.Fprintf(b, `<text x="%.1f" y="%.1f" font-weight="bold" font-size="13" fill="#24292f">%s</text>`+"\n", bx.x+svgSitePad, bx.y+18, esc(s.Name))
+	fmt.Fprintf(b, `<text x="%.1f" y="%.1f" font-size="11" fill="#57606a">%s</text>`+"\n", bx.x+svgSitePad, bx.y+32, esc(fmt.Sprintf("%s · %s %s", s.Jurisdiction, s.Provider, s.Region)))
+}
+
+func svgLegend(b *strings.Builder, height float64) {
 	x := 20.0
 	for _, h := range []string{TunnelFresh, TunnelAgeing, TunnelStale, TunnelIdle, TunnelRemote} {
-		fmt.Fprintf(&b, `<line x1="%.0f" y1="%.0f" x2="%.0f" y2="%.0f" stroke="%s" stroke-width="3"/><text x="%.0f" y="%.0f" font-size="11" fill="#57606a">%s</text>`+"\n",
+		fmt.Fprintf(b, `<line x1="%.0f" y1="%.0f" x2="%.0f" y2="%.0f" stroke="%s" stroke-width="3"/><text x="%.0f" y="%.0f" font-size="11" fill="#57606a">%s</text>`+"\n",
 			x, height-15, x+24, height-15, healthColour[h], x+30, height-11, h)
 		x += 100
 	}
-	b.WriteString("</svg>\n")
-	return b.String()
 }
 
 func esc(s string) string { return html.EscapeString(s) }

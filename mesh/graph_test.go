@@ -2,6 +2,7 @@ package mesh
 
 import (
 	"encoding/xml"
+	"fmt"
 	"io"
 	"net/netip"
 	"strings"
@@ -149,5 +150,82 @@ func TestDecisionLog(t *testing.T) {
 		if got := decisionOutcome(tc.d); got != tc.want {
 			t.Errorf("%+v: %s, want %s", tc.d, got, tc.want)
 		}
+	}
+}
+
+// BenchmarkGraph measures what one dashboard snapshot costs in drawing
+// the mesh: every gateway's plan (the topology is computed for each, as
+// each would) and the SVG. sites×gateways per site.
+func BenchmarkGraph(b *testing.B) {
+	for _, size := range []struct{ sites, per int }{{3, 1}, {10, 10}, {30, 10}} {
+		var nodes []Node
+		for s := range size.sites {
+			for g := range size.per {
+				i := s*size.per + g
+				n := graphNode(fmt.Sprintf("gw-%d-%d", s, g), fmt.Sprintf("site-%02d", s), byte(i))
+				n.Attributes.OverlayIP = netip.AddrFrom4([4]byte{100, 64, byte(i / 256), byte(i%256 + 1)})
+				n.Advert = certs.Advert{WireGuardKey: certs.WGPublicKey{byte(i), byte(i >> 8), 1}, Endpoints: []netip.AddrPort{netip.MustParseAddrPort("192.0.2.1:51820")}}
+				nodes = append(nodes, n)
+			}
+		}
+		in := TopologyInput{Mode: TopologyFullMesh, Now: time.Now(), MeshPrefix: netip.MustParsePrefix("100.64.0.0/10")}
+		b.Run(fmt.Sprintf("gateways=%d/edges", len(nodes)), func(b *testing.B) {
+			for b.Loop() {
+				meshEdges(nodes, in)
+			}
+		})
+		edges := meshEdges(nodes, in)
+		b.Run(fmt.Sprintf("gateways=%d/svg", len(nodes)), func(b *testing.B) {
+			for b.Loop() {
+				buildGraph(nodes, edges, nodes[0].node(), nil, in.Now).SVG()
+			}
+		})
+	}
+}
+
+// TestGraphBySite checks the picture of a mesh too large to draw gateway
+// by gateway: sites with their counts, tunnels counted between sites,
+// coloured by this gateway's worst tunnel among them.
+func TestGraphBySite(t *testing.T) {
+	now := time.Now()
+	var nodes []Node
+	edges := map[[2]string]bool{}
+	for s := range 5 {
+		for g := range 12 {
+			nodes = append(nodes, graphNode(fmt.Sprintf("gw-%d-%02d", s, g), fmt.Sprintf("site-%d", s), byte(s*12+g+1)))
+		}
+	}
+	for i := range nodes {
+		for j := i + 1; j < len(nodes); j++ {
+			edges[[2]string{nodes[i].node(), nodes[j].node()}] = true
+		}
+	}
+	self := nodes[0].node() // gw-0-00
+	members := []MemberStatus{
+		{Node: "gw-1-00", Peer: true, LastHandshake: now.Add(-time.Second), TxBytes: 1},
+		{Node: "gw-1-01", Peer: true, LastHandshake: now.Add(-time.Hour), TxBytes: 1}, // broken
+		{Node: "gw-2-00", Peer: true, LastHandshake: now.Add(-time.Second), TxBytes: 1},
+	}
+	g := buildGraph(nodes, edges, self, members, now)
+	if len(g.SiteLinks) != 10 {
+		t.Fatalf("%d site links, want 10 (5 sites, every pair)", len(g.SiteLinks))
+	}
+	want := map[[2]string]string{{"site-0", "site-1"}: TunnelStale, {"site-0", "site-2"}: TunnelFresh, {"site-0", "site-3"}: TunnelIdle, {"site-1", "site-2"}: TunnelRemote}
+	for _, l := range g.SiteLinks {
+		if l.Tunnels != 144 {
+			t.Errorf("%s-%s: %d tunnels, want 12×12", l.A, l.B, l.Tunnels)
+		}
+		if h, ok := want[[2]string{l.A, l.B}]; ok && l.Health != h {
+			t.Errorf("%s-%s: %s, want %s", l.A, l.B, l.Health, h)
+		}
+	}
+	svg := g.SVG()
+	if strings.Count(svg, `class="site-link"`) != 10 || strings.Contains(svg, `class="tunnel"`) || !strings.Contains(svg, "12 gateways, this one: gw-0-00") {
+		t.Errorf("a 60-gateway mesh is not drawn by site:\n%.2000s", svg)
+	}
+	total := len(g.Tunnels)
+	g.OnlyLocalTunnels()
+	if len(g.Tunnels) != 59 || g.TunnelsOmitted != total-59 {
+		t.Errorf("kept %d tunnels (omitted %d of %d), want this gateway's 59", len(g.Tunnels), g.TunnelsOmitted, total)
 	}
 }

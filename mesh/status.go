@@ -20,6 +20,7 @@ type Status struct {
 	PublicKey    string         `json:"public_key"`
 	ListenPort   int            `json:"listen_port"`
 	Gossip       string         `json:"gossip"`
+	Operator     string         `json:"operator,omitempty"` // metrics and dashboard address; empty: off
 	Identity     IdentityStatus `json:"identity"`
 	Policy       string         `json:"policy"`
 	Topology     string         `json:"topology"`
@@ -77,6 +78,9 @@ func (g *Gateway) Status() (*Status, error) {
 		Interface: g.dev.Name(), Mode: g.dev.Mode(), PublicKey: g.wgKey.Public().String(), ListenPort: g.s.Port,
 		Gossip: g.s.GossipAdvertise.String(), Policy: g.policyRevision(), Topology: g.s.Topology, Uptime: time.Since(g.started),
 		Identity: IdentityStatus{Serial: certs.FormatSerial(id.Certificate().SerialNumber), NotAfter: id.Certificate().NotAfter, CRLNumber: crlNumber(tb.CRL())},
+	}
+	if a := g.OperatorAddress(); a != nil {
+		st.Operator = a.String()
 	}
 	g.stats.mu.Lock()
 	st.Reconcile = ReconcileStats{Runs: g.stats.runs, Errors: g.stats.errors, LastError: g.stats.lastError, Last: g.stats.last, Duration: g.stats.duration}

@@ -97,7 +97,7 @@ func printStatus(c *cli.Context, st *mesh.Status) {
 	fmt.Fprintf(w, "node %s of site %s (%s, %s), overlay %s\n", st.Node, st.Site, st.Jurisdiction, st.Region, st.OverlayIP)
 	fmt.Fprintf(w, "interface %s (%s), port %d, key %s\n", st.Interface, st.Mode, st.ListenPort, st.PublicKey)
 	fmt.Fprintf(w, "identity serial %s, valid until %s, revocation list #%d\n", st.Identity.Serial, st.Identity.NotAfter.UTC().Format(time.RFC3339), st.Identity.CRLNumber)
-	fmt.Fprintf(w, "policy %s, topology %s, gossip %s, up %s\n\n", st.Policy, st.Topology, st.Gossip, st.Uptime.Round(time.Second))
+	fmt.Fprintf(w, "policy %s, topology %s, gossip %s, operator %s, up %s\n\n", st.Policy, st.Topology, st.Gossip, dash(st.Operator), st.Uptime.Round(time.Second))
 	rows := [][]string{}
 	now := time.Now()
 	for _, m := range st.Members {
