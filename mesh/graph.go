@@ -71,7 +71,12 @@ type GraphTunnel struct {
 }
 
 // Graph computes the mesh graph from what this gateway verified.
-func (g *Gateway) Graph() (*MeshGraph, error) {
+func (g *Gateway) Graph() (*MeshGraph, error) { return g.graphOf(false) }
+
+// graphOf computes the graph; with localOnly, a mesh larger than
+// svgDetailLimit keeps only this gateway's own tunnels in Tunnels (the
+// others are counted in SiteLinks): what a dashboard needs every second.
+func (g *Gateway) graphOf(localOnly bool) (*MeshGraph, error) {
 	st, err := g.Status()
 	if err != nil {
 		return nil, err
@@ -95,7 +100,7 @@ func (g *Gateway) Graph() (*MeshGraph, error) {
 		}
 		g.graph.edges, g.graph.key, g.graph.at = meshEdges(nodes, in), key, now
 	}
-	return buildGraph(nodes, g.graph.edges, selfp.node(), st.Members, now), nil
+	return buildGraph(nodes, g.graph.edges, selfp.node(), st.Members, now, localOnly && len(nodes) > svgDetailLimit), nil
 }
 
 // How long Graph keeps the mesh's edges.
@@ -130,8 +135,9 @@ func meshEdges(nodes []Node, in TopologyInput) map[[2]string]bool {
 	return edges
 }
 
-// buildGraph is the pure part of Graph.
-func buildGraph(nodes []Node, edges map[[2]string]bool, self string, members []MemberStatus, now time.Time) *MeshGraph {
+// buildGraph is the pure part of Graph. With localOnly, Tunnels holds
+// only self's tunnels and the others are only counted.
+func buildGraph(nodes []Node, edges map[[2]string]bool, self string, members []MemberStatus, now time.Time, localOnly bool) *MeshGraph {
 	g := &MeshGraph{Self: self}
 	bySite := map[string][]Node{}
 	for _, n := range nodes {
@@ -153,12 +159,15 @@ func buildGraph(nodes []Node, edges map[[2]string]bool, self string, members []M
 			peer[m.Node] = m
 		}
 	}
-	known := map[string]bool{}
+	siteOf := map[string]string{}
 	for _, n := range nodes {
-		known[n.node()] = true
+		siteOf[n.node()] = n.site()
 	}
+	links := map[[2]string]*GraphSiteLink{}
 	for e := range edges {
-		if !known[e[0]] || !known[e[1]] {
+		sa, okA := siteOf[e[0]]
+		sb, okB := siteOf[e[1]]
+		if !okA || !okB {
 			continue // computed before the gateway left
 		}
 		t := GraphTunnel{A: e[0], B: e[1], Health: TunnelRemote}
@@ -177,23 +186,15 @@ func buildGraph(nodes []Node, edges map[[2]string]bool, self string, members []M
 		} else if other != "" {
 			t.Health = TunnelIdle // planned, not yet on the device
 		}
-		g.Tunnels = append(g.Tunnels, t)
-	}
-	slices.SortFunc(g.Tunnels, func(a, b GraphTunnel) int { return cmp.Or(cmp.Compare(a.A, b.A), cmp.Compare(a.B, b.B)) })
-
-	siteOf := map[string]string{}
-	for _, n := range nodes {
-		siteOf[n.node()] = n.site()
-	}
-	links := map[[2]string]*GraphSiteLink{}
-	for _, t := range g.Tunnels {
-		k := [2]string{siteOf[t.A], siteOf[t.B]}
-		if k[0] == k[1] {
+		if other != "" || !localOnly {
+			g.Tunnels = append(g.Tunnels, t)
+		} else {
+			g.TunnelsOmitted++
+		}
+		if sa == sb {
 			continue
 		}
-		if k[0] > k[1] {
-			k[0], k[1] = k[1], k[0]
-		}
+		k := [2]string{min(sa, sb), max(sa, sb)}
 		l := links[k]
 		if l == nil {
 			l = &GraphSiteLink{A: k[0], B: k[1], Health: TunnelRemote}
@@ -204,6 +205,7 @@ func buildGraph(nodes []Node, edges map[[2]string]bool, self string, members []M
 			l.Health = t.Health
 		}
 	}
+	slices.SortFunc(g.Tunnels, func(a, b GraphTunnel) int { return cmp.Or(cmp.Compare(a.A, b.A), cmp.Compare(a.B, b.B)) })
 	for _, l := range links {
 		g.SiteLinks = append(g.SiteLinks, *l)
 	}
@@ -221,20 +223,6 @@ func (g *MeshGraph) gateways() int {
 		n += len(s.Gateways)
 	}
 	return n
-}
-
-// OnlyLocalTunnels drops the tunnels this gateway does not terminate,
-// keeping SiteLinks: what a dashboard of a large mesh needs each second.
-func (g *MeshGraph) OnlyLocalTunnels() {
-	kept := g.Tunnels[:0]
-	for _, t := range g.Tunnels {
-		if t.A == g.Self || t.B == g.Self {
-			kept = append(kept, t)
-		} else {
-			g.TunnelsOmitted++
-		}
-	}
-	g.Tunnels = kept
 }
 
 func tunnelHealth(m MemberStatus, now time.Time) string {

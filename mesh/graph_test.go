@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -29,7 +30,7 @@ func TestBuildGraphTunnelHealth(t *testing.T) {
 		{Node: "e", Peer: true}, // configured, never used
 		// f: planned, not on the device yet
 	}
-	g := buildGraph(nodes, edges, "a", members, now)
+	g := buildGraph(nodes, edges, "a", members, now, false)
 	want := map[[2]string]string{
 		{"a", "b"}: TunnelFresh, {"a", "c"}: TunnelAgeing, {"a", "d"}: TunnelStale, {"a", "e"}: TunnelIdle, {"a", "f"}: TunnelIdle, {"b", "d"}: TunnelRemote,
 	}
@@ -67,7 +68,7 @@ func TestGraphSVG(t *testing.T) {
 			}
 		}
 		nodes[0].Attributes.Site = `<script>alert("x")</script>&`
-		svg := buildGraph(nodes, edges, "a", nil, time.Now()).SVG()
+		svg := buildGraph(nodes, edges, "a", nil, time.Now(), false).SVG()
 		dec := xml.NewDecoder(strings.NewReader(svg))
 		for {
 			if _, err := dec.Token(); err == io.EOF {
@@ -94,7 +95,7 @@ func TestGraphSVG(t *testing.T) {
 func TestGraphDOT(t *testing.T) {
 	now := time.Now()
 	g := buildGraph([]Node{graphNode("a", "s1", 1), graphNode("b", "s2", 2)}, map[[2]string]bool{{"a", "b"}: true}, "a",
-		[]MemberStatus{{Node: "b", Peer: true, LastHandshake: now.Add(-5 * time.Second)}}, now)
+		[]MemberStatus{{Node: "b", Peer: true, LastHandshake: now.Add(-5 * time.Second)}}, now, false)
 	dot := g.DOT()
 	for _, want := range []string{`label="s1 (CH, onprem r)"`, `"a" [label="a\n100.64.0.1", penwidth=2]`, `"a" -- "b" [label="handshake 5s ago", color="#1a7f37"]`} {
 		if !strings.Contains(dot, want) {
@@ -177,7 +178,7 @@ func BenchmarkGraph(b *testing.B) {
 		edges := meshEdges(nodes, in)
 		b.Run(fmt.Sprintf("gateways=%d/svg", len(nodes)), func(b *testing.B) {
 			for b.Loop() {
-				buildGraph(nodes, edges, nodes[0].node(), nil, in.Now).SVG()
+				buildGraph(nodes, edges, nodes[0].node(), nil, in.Now, true).SVG()
 			}
 		})
 	}
@@ -206,7 +207,7 @@ func TestGraphBySite(t *testing.T) {
 		{Node: "gw-1-01", Peer: true, LastHandshake: now.Add(-time.Hour), TxBytes: 1}, // broken
 		{Node: "gw-2-00", Peer: true, LastHandshake: now.Add(-time.Second), TxBytes: 1},
 	}
-	g := buildGraph(nodes, edges, self, members, now)
+	g := buildGraph(nodes, edges, self, members, now, false)
 	if len(g.SiteLinks) != 10 {
 		t.Fatalf("%d site links, want 10 (5 sites, every pair)", len(g.SiteLinks))
 	}
@@ -224,8 +225,11 @@ func TestGraphBySite(t *testing.T) {
 		t.Errorf("a 60-gateway mesh is not drawn by site:\n%.2000s", svg)
 	}
 	total := len(g.Tunnels)
-	g.OnlyLocalTunnels()
-	if len(g.Tunnels) != 59 || g.TunnelsOmitted != total-59 {
-		t.Errorf("kept %d tunnels (omitted %d of %d), want this gateway's 59", len(g.Tunnels), g.TunnelsOmitted, total)
+	local := buildGraph(nodes, edges, self, members, now, true)
+	if len(local.Tunnels) != 59 || local.TunnelsOmitted != total-59 {
+		t.Errorf("kept %d tunnels (omitted %d of %d), want this gateway's 59", len(local.Tunnels), local.TunnelsOmitted, total)
+	}
+	if !slices.Equal(local.SiteLinks, g.SiteLinks) || local.SVG() != svg {
+		t.Error("dropping the remote tunnels changed the picture")
 	}
 }
