@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -28,7 +29,8 @@ const helperEnv = "SKYBRIDGE_E2E_HELPER"
 
 // runHelper is the test binary acting as a tiny network tool inside a
 // namespace: "echo ADDR" serves TCP echo; "dial ADDR" sends a line and
-// expects it back.
+// expects it back; "get URL TOKENFILE" prints what an HTTP GET with the
+// bearer token returns (exit 3 on 401, 1 if unreachable).
 func runHelper(h string) int {
 	f := strings.Fields(h)
 	switch f[0] {
@@ -61,6 +63,28 @@ func runHelper(h string) int {
 			return 1
 		}
 		return 0
+	case "get":
+		tok, err := os.ReadFile(f[2])
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 2
+		}
+		req, _ := http.NewRequest(http.MethodGet, f[1], nil)
+		req.Header.Set("Authorization", "Bearer "+strings.TrimSpace(string(tok)))
+		resp, err := (&http.Client{Timeout: 3 * time.Second}).Do(req)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 1
+		}
+		defer resp.Body.Close()
+		io.Copy(os.Stdout, resp.Body)
+		switch resp.StatusCode {
+		case http.StatusOK:
+			return 0
+		case http.StatusUnauthorized:
+			return 3
+		}
+		return 4
 	}
 	return 2
 }
@@ -268,6 +292,7 @@ type gwStatus struct {
 	Node      string `json:"node"`
 	PublicKey string `json:"public_key"`
 	Policy    string `json:"policy"`
+	Operator  string `json:"operator"`
 	Members   []struct {
 		Node      string `json:"node"`
 		State     string `json:"state"`
