@@ -216,3 +216,13 @@ func TestIssueWithCSR(t *testing.T) {
 		t.Fatalf("mismatched CSR: exit %d %s", code, errs)
 	}
 }
+
+func TestGraphAndDashboardUsage(t *testing.T) {
+	if _, errs, code := runCLI(t, "graph", "--socket", "/nonexistent.sock", "--format", "png"); code != 2 || !strings.Contains(errs, `--format "png": want one of dot, svg, json`) {
+		t.Errorf("graph --format png: exit %d, %q; want a usage error naming the formats", code, errs)
+	}
+	sock := filepath.Join(t.TempDir(), "control.sock")
+	if _, errs, code := runCLI(t, "dashboard", "--socket", sock); code != 1 || !strings.Contains(errs, "cannot reach the gateway at "+sock) {
+		t.Errorf("dashboard without a gateway: exit %d, %q", code, errs)
+	}
+}
