@@ -1,7 +1,9 @@
 package e2e
 
 import (
+	"errors"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -62,17 +64,25 @@ func TestOperatorOverOverlay(t *testing.T) {
 		}
 	}
 
-	// Not on the underlay, nor on zrh's loopback.
-	if out, err := l.nsexec(fra.ns, "env", helperEnv+"=get http://"+zrh.underlay+":7480/metrics "+token, os.Args[0]); err == nil {
-		t.Errorf("the operator endpoint answers on the underlay address: %s", out)
+	// Not on the underlay, nor on zrh's loopback: unreachable there
+	// (helper exit 1), not merely refused.
+	exit := func(err error) int {
+		var ee *exec.ExitError
+		if errors.As(err, &ee) {
+			return ee.ExitCode()
+		}
+		return 0
 	}
-	if out, err := l.nsexec(zrh.ns, "env", helperEnv+"=get http://127.0.0.1:7480/metrics "+token, os.Args[0]); err == nil {
-		t.Errorf("the operator endpoint answers on loopback too: %s", out)
+	if out, err := l.nsexec(fra.ns, "env", helperEnv+"=get http://"+zrh.underlay+":7480/metrics "+token, os.Args[0]); exit(err) != 1 {
+		t.Errorf("the operator endpoint on the underlay address: %v, %s; want it unreachable", err, out)
+	}
+	if out, err := l.nsexec(zrh.ns, "env", helperEnv+"=get http://127.0.0.1:7480/metrics "+token, os.Args[0]); exit(err) != 1 {
+		t.Errorf("the operator endpoint on loopback: %v, %s; want it unreachable", err, out)
 	}
 	// A wrong token is refused (exit 3: HTTP 401).
 	wrong := filepath.Join(l.dir, "wrong.token")
 	os.WriteFile(wrong, []byte("not-the-operator-token-of-zrh"), 0o600)
-	if out, err := l.nsexec(fra.ns, "env", helperEnv+"=get "+overlayURL+" "+wrong, os.Args[0]); err == nil || !strings.Contains(out, "token is required") {
+	if out, err := l.nsexec(fra.ns, "env", helperEnv+"=get "+overlayURL+" "+wrong, os.Args[0]); exit(err) != 3 || !strings.Contains(out, "token is required") {
 		t.Errorf("a wrong token: err %v, %s; want 401", err, out)
 	}
 	// skybridge status names the endpoint.

@@ -68,6 +68,7 @@ type Gateway struct {
 	metrics      *metrics
 	graph        graphCache
 	operatorAddr atomic.Pointer[net.Addr]
+	operatorTok  atomic.Pointer[string]
 	mig          *migrations
 	load         atomic.Uint32 // migrations being received, advertised
 	readvertise  chan struct{}
@@ -250,20 +251,23 @@ func (g *Gateway) Run(ctx context.Context) error {
 		}
 		ctl = c
 	}
-	if g.mig != nil {
-		if err := g.serveMigrations(ctx); err != nil {
-			ctl.Close()
-			g.ml.Shutdown()
-			g.closeDevice()
-			return err
-		}
-	}
 	opEndpoint, err := g.serveOperator(ctx)
 	if err != nil {
 		ctl.Close()
 		g.ml.Shutdown()
+		g.stopMigrations()
 		g.closeDevice()
 		return err
+	}
+	if g.mig != nil {
+		if err := g.serveMigrations(ctx); err != nil {
+			opEndpoint.Close()
+			ctl.Close()
+			g.ml.Shutdown()
+			g.stopMigrations()
+			g.closeDevice()
+			return err
+		}
 	}
 	g.log.Info("gateway running", "interface", g.dev.Name(), "mode", g.dev.Mode(), "gossip", g.s.GossipAdvertise.String(),
 		"overlay_ip", g.id.Load().Attributes().OverlayIP.String(), "policy", g.policyRevision())

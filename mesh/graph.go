@@ -138,7 +138,7 @@ func meshEdges(nodes []Node, in TopologyInput) map[[2]string]bool {
 // buildGraph is the pure part of Graph. With localOnly, Tunnels holds
 // only self's tunnels and the others are only counted.
 func buildGraph(nodes []Node, edges map[[2]string]bool, self string, members []MemberStatus, now time.Time, localOnly bool) *MeshGraph {
-	g := &MeshGraph{Self: self}
+	g := &MeshGraph{Self: self, Sites: []GraphSite{}, Tunnels: []GraphTunnel{}, SiteLinks: []GraphSiteLink{}} // [] not null in JSON
 	bySite := map[string][]Node{}
 	for _, n := range nodes {
 		bySite[n.site()] = append(bySite[n.site()], n)

@@ -107,13 +107,15 @@ func TestGraphDOT(t *testing.T) {
 func TestSiteHealth(t *testing.T) {
 	now := time.Now()
 	st := &Status{Site: "home", Members: []MemberStatus{
-		{Node: "h2", Site: "home", State: StateVerified},
-		{Node: "ok", Site: "up", State: StateVerified, Peer: true, LastHandshake: now.Add(-time.Minute), TxBytes: 10},
-		{Node: "broken", Site: "cut", State: StateVerified, Peer: true, LastHandshake: now.Add(-time.Hour), TxBytes: 10},
-		{Node: "idle", Site: "quiet", State: StateVerified, Peer: true},
-		{Node: "gone", Site: "lost", State: StateDead},
-		{Node: "hub-only", Site: "spoke", State: StateVerified},
+		{Node: "h2", Site: "home", SiteVerified: true, State: StateVerified},
+		{Node: "ok", Site: "up", SiteVerified: true, State: StateVerified, Peer: true, LastHandshake: now.Add(-time.Minute), TxBytes: 10},
+		{Node: "broken", Site: "cut", SiteVerified: true, State: StateVerified, Peer: true, LastHandshake: now.Add(-time.Hour), TxBytes: 10},
+		{Node: "idle", Site: "quiet", SiteVerified: true, State: StateVerified, Peer: true},
+		{Node: "gone", Site: "lost", SiteVerified: true, State: StateDead},
+		{Node: "retired", Site: "closed", SiteVerified: true, State: StateDead, Left: true}, // decommissioned: not missed
+		{Node: "hub-only", Site: "spoke", SiteVerified: true, State: StateVerified},
 		{Node: "x", State: StatePending},
+		{Node: "liar", Site: "evil", State: StateRefused}, // a claim, never verified
 	}}
 	want := map[string]bool{"home": true, "up": true, "cut": false, "quiet": true, "lost": false, "spoke": true, "unknown": false}
 	got := siteHealth(st, now)
@@ -127,6 +129,9 @@ func TestSiteHealth(t *testing.T) {
 	}
 	if got[0].name != "cut" || got[1].count[StateVerified] != 2 { // sorted; home has us and h2
 		t.Errorf("order or counts: %+v", got[:2])
+	}
+	if u := got[len(got)-2]; u.name != "unknown" || u.count[StatePending] != 1 || u.count[StateRefused] != 1 {
+		t.Errorf("unverified members: %+v, want the pending one and the liar under unknown", u)
 	}
 }
 

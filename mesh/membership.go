@@ -37,7 +37,9 @@ type member struct {
 	state      MemberState
 	reason     string // why pending, refused or dead
 	alive      bool
-	remembered bool // restored from the state directory, not yet heard from
+	remembered bool   // restored from the state directory, not yet heard from
+	left       bool   // left on purpose (graceful leave), rather than declared dead
+	certSite   string // the site its certificate gave, once verified: adverts alone are not trusted for it
 	changed    time.Time
 }
 
@@ -60,7 +62,7 @@ type membership struct {
 	// onRefuse, if set, is told (under the lock) why a member or a gossip
 	// message was refused, as a metric label.
 	onRefuse   func(name, reason string, err error)
-	refusedMsg map[string]string // the last message refused per name, counted once
+	refusedMsg map[string][32]byte // hash of the last message refused per name, counted once
 	// gen counts such changes: a reconcile that finds it unchanged (and
 	// nothing else changed) reuses its last plan instead of recomputing.
 	gen atomic.Uint64
@@ -78,7 +80,7 @@ func (ms *membership) generation() uint64 { return ms.gen.Load() }
 func newMembership(self string, tb *certs.TrustBundle, now func() time.Time, onChange func()) *membership {
 	return &membership{
 		self: self, trust: tb, now: now, onChange: onChange, cache: certs.NewVerifyCache(),
-		members: map[string]*member{}, certs: map[[32]byte]*x509.Certificate{}, badCert: map[[32]byte]error{}, refusedMsg: map[string]string{},
+		members: map[string]*member{}, certs: map[[32]byte]*x509.Certificate{}, badCert: map[[32]byte]error{}, refusedMsg: map[string][32]byte{},
 	}
 }
 
@@ -96,9 +98,14 @@ func (ms *membership) admit(name string, meta []byte) error {
 	defer ms.mu.Unlock()
 	err := ms.admitLocked(name, meta)
 	// Gossip repeats a refused message many times; count a refusal once
-	// per member until it is admitted again.
-	if m := ms.members[name]; err != nil && ms.onRefuse != nil && (m == nil || m.state != StateRefused) && ms.refusedMsg[name] != string(meta) {
-		ms.refusedMsg[name] = string(meta)
+	// per member and message.
+	if err == nil {
+		delete(ms.refusedMsg, name)
+		return nil
+	}
+	sum := sha256.Sum256(meta)
+	if m := ms.members[name]; ms.onRefuse != nil && (m == nil || m.state != StateRefused) && ms.refusedMsg[name] != sum {
+		ms.refusedMsg[name] = sum
 		ms.onRefuse(name, rejectionReason(err), err)
 	}
 	return err
@@ -163,7 +170,11 @@ func (ms *membership) conflictLocked(name string, v *certs.Verified) error {
 		if wins(o.verified, o.name, v, name) {
 			return &conflictError{fmt.Sprintf("%s already held by %s", why, o.name)}
 		}
-		o.verified, o.state, o.reason, o.changed = nil, StateRefused, fmt.Sprintf("%s also claimed by %s, whose certificate is older", why, name), ms.now()
+		err := &conflictError{fmt.Sprintf("%s also claimed by %s, whose certificate is older", why, name)}
+		o.verified, o.state, o.reason, o.changed = nil, StateRefused, err.Error(), ms.now()
+		if ms.onRefuse != nil {
+			ms.onRefuse(o.name, "conflict", err)
+		}
 	}
 	return nil
 }
@@ -263,7 +274,7 @@ func (ms *membership) judgeLocked(m *member) (needCert bool) {
 		ms.refuseLocked(m, prev, err)
 		return false
 	}
-	m.verified, m.seen, m.state, m.reason = v, &v.Seen, StateVerified, ""
+	m.verified, m.seen, m.state, m.reason, m.certSite, m.left = v, &v.Seen, StateVerified, "", v.Attributes.Site, false
 	return false
 }
 
@@ -283,12 +294,15 @@ type conflictError struct{ msg string }
 func (e *conflictError) Error() string { return e.msg }
 
 // leave records that gossip declared a member dead or that it left.
-func (ms *membership) leave(name string) {
+func (ms *membership) leave(name string, left bool) {
 	ms.mu.Lock()
 	if m := ms.members[name]; m != nil {
-		m.alive, m.remembered = false, false
+		m.alive, m.remembered, m.left = false, false, left
 		ms.judgeLocked(m)
-		m.reason = "declared dead or left"
+		m.reason = "declared dead"
+		if left {
+			m.reason = "left the mesh"
+		}
 	}
 	ms.mu.Unlock()
 	ms.changed()
@@ -510,6 +524,8 @@ type MemberView struct {
 	Verified   *certs.Verified
 	Advert     *certs.Advert
 	Since      time.Time
+	Left       bool   // left on purpose, not declared dead
+	CertSite   string // the site a verified certificate gave it ("" if never verified)
 }
 
 // snapshot copies the members, sorted by name.
@@ -518,7 +534,7 @@ func (ms *membership) snapshot() []MemberView {
 	defer ms.mu.Unlock()
 	out := make([]MemberView, 0, len(ms.members))
 	for _, m := range ms.members {
-		v := MemberView{Name: m.name, Gossip: m.gossip, State: m.state, Reason: m.reason, Remembered: m.remembered, Meta: m.meta, Verified: m.verified, Since: m.changed}
+		v := MemberView{Name: m.name, Gossip: m.gossip, State: m.state, Reason: m.reason, Remembered: m.remembered, Meta: m.meta, Verified: m.verified, Since: m.changed, Left: m.left, CertSite: m.certSite}
 		if m.advert != nil {
 			a := m.advert.Advert
 			v.Advert = &a

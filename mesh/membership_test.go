@@ -108,7 +108,7 @@ func TestMembershipVerifiesBeforeAdmitting(t *testing.T) {
 	}
 
 	// Gossip declares it dead: no longer a peer.
-	ms.leave("gw-a")
+	ms.leave("gw-a", false)
 	if states(ms)["gw-a"] != StateDead || len(ms.gateways()) != 0 {
 		t.Fatalf("after leave: %v", states(ms))
 	}
@@ -157,8 +157,8 @@ func TestMembershipConflicts(t *testing.T) {
 			}
 		}
 		// Once the incumbent is gone, the newcomer's claim stands.
-		ms.leave("gw-old")
-		ms.leave("gw-sibling")
+		ms.leave("gw-old", false)
+		ms.leave("gw-sibling", false)
 		ms.refresh()
 		if states(ms)["gw-young"] != StateVerified {
 			t.Errorf("gw-young still refused after the incumbents left: %v", states(ms))
@@ -249,7 +249,7 @@ func TestMembershipGeneration(t *testing.T) {
 	if g3 == g2 || states(ms)["gw-a"] == StateVerified {
 		t.Fatalf("expiry: generation %d→%d, state %s", g2, g3, states(ms)["gw-a"])
 	}
-	ms.leave("gw-a")
+	ms.leave("gw-a", false)
 	if g := ms.generation(); g == g3 {
 		t.Fatal("a departure did not move the generation")
 	}

@@ -3,6 +3,7 @@ package mesh
 import (
 	"math"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -35,6 +36,7 @@ type metrics struct {
 	decisions       *prometheus.CounterVec
 
 	recent *decisionLog
+	known  atomic.Pointer[map[string]bool] // the adopted policy's classes
 }
 
 func newMetrics(g *Gateway) *metrics {
@@ -112,20 +114,27 @@ func (m *metrics) rejected(reason string) { m.rejections.WithLabelValues(reason)
 // classes makes the decision counters of a newly adopted policy's classes
 // exist at zero, so that an alert on increase() sees the first denial.
 func (m *metrics) classes(names []string) {
+	known := map[string]bool{}
 	for _, c := range names {
+		known[c] = true
 		for _, a := range []policy.Action{policy.Store, policy.Transit} {
 			for _, o := range []string{"allowed", "denied", "audit"} {
 				m.decisions.WithLabelValues(c, string(a), o)
 			}
 		}
 	}
+	m.known.Store(&known)
 }
 
 // The migrate.Observer the gateway hands to its sender and receiver.
 
 func (m *metrics) Decided(role, id string, req policy.Request, d policy.Decision) {
 	outcome := decisionOutcome(d)
-	m.decisions.WithLabelValues(req.Class, string(req.Action), outcome).Inc()
+	class := req.Class
+	if k := m.known.Load(); k == nil || !(*k)[class] {
+		class = "unknown" // a sender names the class: it must not mint label values
+	}
+	m.decisions.WithLabelValues(class, string(req.Action), outcome).Inc()
 	sites := make([]string, len(req.Sites))
 	for i, s := range req.Sites {
 		sites[i] = s.Name
@@ -286,7 +295,9 @@ type siteState struct {
 // gateway of it is verified and alive (ours always is) and no tunnel into
 // it is failing: one that has sent traffic with no handshake for longer
 // than WireGuard allows. An idle tunnel never handshakes, so idleness
-// alone says nothing.
+// alone says nothing. Members that left on purpose are not counted, so a
+// decommissioned site disappears instead of alerting forever; members
+// never verified count under "unknown".
 func siteHealth(st *Status, now time.Time) []siteState {
 	by := map[string]*siteState{}
 	get := func(name string) *siteState {
@@ -300,9 +311,14 @@ func siteHealth(st *Status, now time.Time) []siteState {
 	self.reachable = true
 	healthy := map[string]bool{}
 	for _, m := range st.Members {
+		if m.Left {
+			continue // decommissioned: its site is not missed
+		}
 		site := m.Site
-		if site == "" {
-			site = "unknown" // pending or undecodable: no verified site yet
+		if !m.SiteVerified {
+			// Only a certificate names a site: a refused or pending
+			// member's claim must not create (or hide) one.
+			site = "unknown"
 		}
 		s := get(site)
 		s.count[m.State]++

@@ -2,9 +2,7 @@ package mesh
 
 import (
 	"context"
-	"crypto/hmac"
 	"crypto/rand"
-	"crypto/sha256"
 	"crypto/subtle"
 	"embed"
 	"encoding/base64"
@@ -40,7 +38,8 @@ import (
 var uiFiles embed.FS
 
 const (
-	sessionCookie   = "skybridge_session"
+	sessionCookie   = "skybridge_session_" // and the port: browsers share cookies between the ports of a host
+	sessionLifetime = 12 * time.Hour
 	dashboardEvery  = time.Second // how often the live view is refreshed
 	recentSends     = 20          // finished migrations the dashboard lists
 	operatorHeaders = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
@@ -75,7 +74,8 @@ func operatorToken(path string) (string, error) {
 type operator struct {
 	g       *Gateway
 	token   []byte
-	session string // cookie value: derived from the token, so the cookie jar never holds the token itself
+	cookie  string // the session cookie's name
+	session string // its value: random per start, so the cookie jar never holds the token and a restart ends every session
 	addr    net.Addr
 }
 
@@ -98,9 +98,11 @@ func (g *Gateway) serveOperator(ctx context.Context) (io.Closer, error) {
 	if err != nil {
 		return nil, fmt.Errorf("operator endpoint on %s: %w (set operator { listen = ... } to another port, or \"off\")", addr, err)
 	}
-	mac := hmac.New(sha256.New, []byte(tok))
-	mac.Write([]byte("skybridge dashboard session v1"))
-	op := &operator{g: g, token: []byte(tok), session: hex.EncodeToString(mac.Sum(nil)), addr: ln.Addr()}
+	session := make([]byte, 32)
+	rand.Read(session)
+	_, port, _ := net.SplitHostPort(ln.Addr().String())
+	op := &operator{g: g, token: []byte(tok), cookie: sessionCookie + port, session: hex.EncodeToString(session), addr: ln.Addr()}
+	g.operatorTok.Store(&tok)
 	g.operatorAddr.Store(&op.addr)
 	srv := &http.Server{Handler: op.routes(), ReadHeaderTimeout: 5 * time.Second, BaseContext: func(net.Listener) context.Context { return ctx }}
 	go srv.Serve(ln)
@@ -131,16 +133,14 @@ type OperatorLink struct {
 }
 
 func (g *Gateway) operatorLink() (*OperatorLink, error) {
-	a := g.OperatorAddress()
-	if a == nil {
+	a, tok := g.OperatorAddress(), g.operatorTok.Load()
+	if a == nil || tok == nil {
 		return nil, errors.New("the operator endpoint is off (operator { listen = \"off\" } in the configuration)")
 	}
-	tok, err := operatorToken(g.s.OperatorTokenFile)
-	if err != nil {
-		return nil, err
-	}
+	// The token the endpoint runs with, not the file's current content:
+	// the link must open the page even if the file was replaced since.
 	base := "http://" + a.String()
-	return &OperatorLink{Address: a.String(), Dashboard: base + "/?token=" + url.QueryEscape(tok), Metrics: base + "/metrics", TokenFile: g.s.OperatorTokenFile}, nil
+	return &OperatorLink{Address: a.String(), Dashboard: base + "/?token=" + url.QueryEscape(*tok), Metrics: base + "/metrics", TokenFile: g.s.OperatorTokenFile}, nil
 }
 
 func (o *operator) routes() http.Handler {
@@ -177,7 +177,7 @@ func (o *operator) authenticate(next http.Handler) http.Handler {
 				o.refuse(w, r, "the token in the link is not this gateway's")
 				return
 			}
-			http.SetCookie(w, &http.Cookie{Name: sessionCookie, Value: o.session, Path: "/", HttpOnly: true, SameSite: http.SameSiteStrictMode})
+			http.SetCookie(w, &http.Cookie{Name: o.cookie, Value: o.session, Path: "/", MaxAge: int(sessionLifetime.Seconds()), HttpOnly: true, SameSite: http.SameSiteStrictMode})
 			q := r.URL.Query()
 			q.Del("token")
 			u := *r.URL
@@ -193,7 +193,7 @@ func (o *operator) authenticate(next http.Handler) http.Handler {
 			o.refuse(w, r, "wrong bearer token")
 			return
 		}
-		if c, err := r.Cookie(sessionCookie); err == nil && subtle.ConstantTimeCompare([]byte(c.Value), []byte(o.session)) == 1 {
+		if c, err := r.Cookie(o.cookie); err == nil && subtle.ConstantTimeCompare([]byte(c.Value), []byte(o.session)) == 1 {
 			next.ServeHTTP(w, r)
 			return
 		}

@@ -7,10 +7,12 @@ import (
 	"io"
 	"log/slog"
 	"math"
+	"net"
 	"net/http"
 	"net/netip"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"sync"
 	"testing"
@@ -85,6 +87,11 @@ func (lg *liveGateway) url(path string) string {
 	return "http://" + lg.g.OperatorAddress().String() + path
 }
 
+func (lg *liveGateway) cookieName() string {
+	_, port, _ := net.SplitHostPort(lg.g.OperatorAddress().String())
+	return sessionCookie + port
+}
+
 func (lg *liveGateway) token(t *testing.T) string {
 	b, err := os.ReadFile(lg.g.s.OperatorTokenFile)
 	if err != nil {
@@ -140,8 +147,10 @@ func TestOperatorEndpoint(t *testing.T) {
 	startLiveGateway(t, rogueCA, dir, 3, "evil", seed, &port, lw)
 
 	tok := a.token(t)
-	if fi, err := os.Stat(a.g.s.OperatorTokenFile); err != nil || fi.Mode().Perm() != 0o600 {
-		t.Fatalf("operator token file: %v, mode %v; want 0600", err, fi.Mode().Perm())
+	if fi, err := os.Stat(a.g.s.OperatorTokenFile); err != nil {
+		t.Fatal(err)
+	} else if fi.Mode().Perm() != 0o600 {
+		t.Fatalf("operator token file mode %v, want 0600", fi.Mode().Perm())
 	}
 	noRedirect := &http.Client{Timeout: 10 * time.Second, CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
 	get := func(path string, hdr map[string]string) *http.Response {
@@ -168,7 +177,7 @@ func TestOperatorEndpoint(t *testing.T) {
 		{"/", nil},
 		{"/?token=wrong", nil},
 		{"/ui/dashboard.js", nil},
-		{"/api/v1/dashboard", map[string]string{"Cookie": sessionCookie + "=" + tok}}, // the token is not the session
+		{"/api/v1/dashboard", map[string]string{"Cookie": a.cookieName() + "=" + tok}}, // the token is not the session
 		{"/api/v1/events", nil},
 		{"/api/v1/graph?format=svg", nil},
 	} {
@@ -195,8 +204,13 @@ func TestOperatorEndpoint(t *testing.T) {
 			t.Errorf("skybridge_site_reachable{site=%q} = %v (present %v), want 1", site, v, ok)
 		}
 	}
-	if v, _ := fam.Value("skybridge_members", map[string]string{"site": "evil", "state": "verified"}); v != 0 {
-		t.Errorf("the impostor counts as verified: %v", v)
+	// The impostor's claimed site is not a site: only certificates name
+	// sites, so it counts as refused under "unknown" and mints no label.
+	if n := fam.Series("skybridge_members", map[string]string{"site": "evil"}) + fam.Series("skybridge_site_reachable", map[string]string{"site": "evil"}); n != 0 {
+		t.Errorf("the impostor's claimed site appears in %d series", n)
+	}
+	if v, _ := fam.Value("skybridge_members", map[string]string{"site": "unknown", "state": "refused"}); v != 1 {
+		t.Errorf("skybridge_members{site=unknown,state=refused} = %v, want the impostor", v)
 	}
 	if n := fam.Series("skybridge_peer_handshake_age_seconds", nil); n != 2 {
 		t.Errorf("%d handshake-age series, want one per peer (2)", n)
@@ -217,6 +231,27 @@ func TestOperatorEndpoint(t *testing.T) {
 	if v, _ := fam.Value("skybridge_identity_expiry_timestamp_seconds", nil); time.Until(time.Unix(int64(v), 0)) < 50*time.Minute {
 		t.Errorf("identity expiry %v is not the certificate's (an hour from now)", v)
 	}
+	// Every metric the shipped alerting rules use is one a live gateway
+	// exports (promtool, in scripts/test.sh, checks the rules' syntax and
+	// behaviour). The decision counter exists once a policy names classes.
+	a.g.metrics.classes([]string{"pii-eu"})
+	fam, err = scrape.Get(context.Background(), noRedirect, a.url("/metrics"), tok)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rules, err := os.ReadFile("../docs/examples/prometheus/alerts.yml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	names := regexp.MustCompile(`skybridge_[a-z_]+`).FindAllString(string(rules), -1)
+	if len(names) < 8 {
+		t.Fatalf("only %d metric names found in alerts.yml", len(names))
+	}
+	for _, name := range names {
+		if _, ok := fam[name]; !ok {
+			t.Errorf("alerts.yml uses %s, which the gateway does not export", name)
+		}
+	}
 	for _, name := range []string{"skybridge_migration_bytes_total", "skybridge_migrations_running", "go_goroutines", "process_resident_memory_bytes"} {
 		if _, ok := fam.Value(name, nil); !ok {
 			t.Errorf("metric %s missing", name)
@@ -231,7 +266,7 @@ func TestOperatorEndpoint(t *testing.T) {
 	}
 	var cookie *http.Cookie
 	for _, ck := range resp.Cookies() {
-		if ck.Name == sessionCookie {
+		if ck.Name == a.cookieName() {
 			cookie = ck
 		}
 	}

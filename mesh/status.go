@@ -48,6 +48,8 @@ type MemberStatus struct {
 	Jurisdiction   string         `json:"jurisdiction,omitempty"`
 	OverlayIP      string         `json:"overlay_ip,omitempty"`
 	State          MemberState    `json:"state"`
+	SiteVerified   bool           `json:"site_verified"`  // Site comes from a certificate verified now or before, not only from the member's claim
+	Left           bool           `json:"left,omitempty"` // left on purpose (decommissioned), not declared dead
 	Reason         string         `json:"reason,omitempty"`
 	Peer           bool           `json:"peer"` // configured as a WireGuard peer
 	Endpoint       string         `json:"endpoint,omitempty"`
@@ -97,11 +99,12 @@ func (g *Gateway) Status() (*Status, error) {
 		peers[certs.WGPublicKey(p.PublicKey)] = i
 	}
 	for _, m := range g.members.snapshot() {
-		ms := MemberStatus{Node: m.Name, State: m.State, Reason: m.Reason}
+		ms := MemberStatus{Node: m.Name, State: m.State, Reason: m.Reason, Left: m.Left}
 		if m.Advert != nil {
 			ms.Site, ms.Jurisdiction, ms.Region, ms.Provider = m.Advert.Site, m.Advert.Jurisdiction, m.Advert.Region, m.Advert.Provider
 			ms.OverlayIP, ms.PublicKey = m.Advert.OverlayIP.String(), m.Advert.WireGuardKey.String()
 		}
+		ms.SiteVerified = m.CertSite != "" && m.CertSite == ms.Site
 		if m.Verified != nil {
 			ms.IdentityExpiry = m.Verified.Cert.NotAfter
 			if i, ok := peers[m.Verified.Advert.WireGuardKey]; ok {

@@ -76,7 +76,7 @@ function render(d) {
   const running = (d.sending || []).filter((m) => m.running).length + (d.receiving || []).length;
   const denied = (d.decisions || []).filter((x) => x.outcome === "denied").length;
   $("#overview").replaceChildren(
-    card("sites", d.graph.sites.length),
+    card("sites", (d.graph.sites || []).length),
     card("gateways verified", verified + 1),
     card("tunnels from here", peers.length),
     card("refused or dead", members.length - verified, members.length > verified ? "state-refused" : ""),
@@ -92,7 +92,7 @@ function render(d) {
   }
 
   const health = {};
-  for (const t of d.graph.tunnels) health[t.a === st.node ? t.b : t.a] = t.health;
+  for (const t of d.graph.tunnels || []) health[t.a === st.node ? t.b : t.a] = t.health;
   fill($("#peers"), members.map((m) => row([
     m.node, m.site || "", m.jurisdiction || "",
     el("td", m.state, "state-" + m.state),
