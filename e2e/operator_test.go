@@ -2,10 +2,12 @@ package e2e
 
 import (
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -17,7 +19,9 @@ import (
 // scrapes it the way a Prometheus in another site would: through the
 // WireGuard tunnel, with the token. The endpoint is not on the underlay,
 // the metrics show the real tunnels' handshakes and traffic, and a wrong
-// token is refused.
+// token is refused. Then a site whose gateway crashed is reported
+// unreachable, and one whose gateway was shut down (decommissioned) drops
+// out of the metrics instead of alerting forever.
 func TestOperatorOverOverlay(t *testing.T) {
 	l := newLab(t)
 	defer l.dumpLogs()
@@ -34,16 +38,20 @@ func TestOperatorOverOverlay(t *testing.T) {
 	}
 	token := filepath.Join(zrh.dir, "operator.token")
 	overlayURL := "http://" + zrh.overlay + ":7480/metrics"
-	var body string
-	waitFor(t, 30*time.Second, "fra scrapes zrh's metrics through the tunnel", func() (bool, string) {
+	// Scraped from Frankfurt through the tunnel, until zrh sees all three
+	// sites (N. Virginia may join last).
+	var fam scrape.Families
+	waitFor(t, 30*time.Second, "fra scrapes zrh's metrics through the tunnel, all sites reachable", func() (bool, string) {
 		out, err := l.nsexec(fra.ns, "env", helperEnv+"=get "+overlayURL+" "+token, os.Args[0])
-		body = out
-		return err == nil, out
+		if err != nil {
+			return false, out
+		}
+		if fam, err = scrape.Parse(strings.NewReader(out)); err != nil {
+			t.Fatalf("parse the metrics: %v", err)
+		}
+		n, _ := fam.Value("skybridge_site_reachable", nil)
+		return n == 3, fmt.Sprintf("%v sites reachable", n)
 	})
-	fam, err := scrape.Parse(strings.NewReader(body))
-	if err != nil {
-		t.Fatalf("parse the metrics: %v", err)
-	}
 	// The scrape itself crossed the zrh–fra tunnel: a handshake just now,
 	// bytes both ways, on the real WireGuard device.
 	peer := map[string]string{"peer": "gw-" + fra.short, "peer_site": fra.site}
@@ -85,6 +93,39 @@ func TestOperatorOverOverlay(t *testing.T) {
 	if out, err := l.nsexec(fra.ns, "env", helperEnv+"=get "+overlayURL+" "+wrong, os.Args[0]); exit(err) != 3 || !strings.Contains(out, "token is required") {
 		t.Errorf("a wrong token: err %v, %s; want 401", err, out)
 	}
+	// Crash Frankfurt: zrh reports it unreachable. Shut N. Virginia down
+	// (SIGTERM: it leaves): zrh stops reporting it at all.
+	reachable := func() (map[string]float64, string) {
+		out, err := l.nsexec(zrh.ns, "env", helperEnv+"=get "+overlayURL+" "+token, os.Args[0])
+		if err != nil {
+			return nil, out
+		}
+		fam, err := scrape.Parse(strings.NewReader(out))
+		if err != nil {
+			return nil, err.Error()
+		}
+		got := map[string]float64{}
+		for _, m := range fam["skybridge_site_reachable"].GetMetric() {
+			got[m.GetLabel()[0].GetValue()] = m.GetGauge().GetValue()
+		}
+		return got, fmt.Sprint(got)
+	}
+	fra.gwCmd.Process.Kill()
+	fra.gwCmd.Wait()
+	waitFor(t, 30*time.Second, "zrh reports the crashed site unreachable", func() (bool, string) {
+		got, state := reachable()
+		v, ok := got[fra.site]
+		return ok && v == 0, state
+	})
+	iad := sites[2]
+	iad.gwCmd.Process.Signal(syscall.SIGTERM)
+	iad.gwCmd.Wait()
+	waitFor(t, 30*time.Second, "zrh drops the decommissioned site", func() (bool, string) {
+		got, state := reachable()
+		_, there := got[iad.site]
+		return got != nil && !there && got[fra.site] == 0 && got[zrh.site] == 1, state
+	})
+
 	// skybridge status names the endpoint.
 	st, err := status(zrh.socket)
 	if err != nil {

@@ -74,9 +74,7 @@ func (d delegate) NotifyAlive(n *memberlist.Node) error {
 
 func (d delegate) NotifyJoin(n *memberlist.Node)   { d.g.memberUp(n) }
 func (d delegate) NotifyUpdate(n *memberlist.Node) { d.g.memberUp(n) }
-func (d delegate) NotifyLeave(n *memberlist.Node) {
-	d.g.members.leave(n.Name, n.State == memberlist.StateLeft)
-}
+func (d delegate) NotifyLeave(n *memberlist.Node)  { d.g.members.leave(n.Name) }
 
 func nodeAddr(n *memberlist.Node) netip.AddrPort {
 	a, _ := netip.AddrFromSlice(n.Addr)

@@ -291,6 +291,7 @@ func (g *Gateway) Run(ctx context.Context) error {
 
 	if !g.crashed.Load() {
 		g.log.Info("gateway stopping: leaving the cluster")
+		g.announceLeaving()
 		if err := g.ml.Leave(3 * time.Second); err != nil {
 			g.log.Warn("leave", "err", err)
 		}

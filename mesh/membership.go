@@ -28,19 +28,21 @@ const (
 
 // member is one gateway the gossip layer told us about.
 type member struct {
-	name       string
-	gossip     netip.AddrPort
-	meta       []byte
-	advert     *certs.SignedAdvert // nil if the meta does not decode
-	verified   *certs.Verified
-	seen       *certs.Seen // last accepted advert, against replays
-	state      MemberState
-	reason     string // why pending, refused or dead
-	alive      bool
-	remembered bool   // restored from the state directory, not yet heard from
-	left       bool   // left on purpose (graceful leave), rather than declared dead
-	certSite   string // the site its certificate gave, once verified: adverts alone are not trusted for it
-	changed    time.Time
+	name         string
+	gossip       netip.AddrPort
+	meta         []byte
+	advert       *certs.SignedAdvert // nil if the meta does not decode
+	verified     *certs.Verified
+	seen         *certs.Seen // last accepted advert, against replays
+	state        MemberState
+	reason       string // why pending, refused or dead
+	alive        bool
+	remembered   bool            // restored from the state directory, not yet heard from
+	left         bool            // left on purpose (it said so, signed), rather than declared dead
+	leavingAt    time.Time       // when its signed leave notice arrived
+	certSite     string          // the site its certificate gave, once verified: adverts alone are not trusted for it
+	lastVerified *certs.Verified // kept when it dies, to check its leave notice
+	changed      time.Time
 }
 
 // membership is the gateway's verified view of the mesh. The memberlist
@@ -274,7 +276,7 @@ func (ms *membership) judgeLocked(m *member) (needCert bool) {
 		ms.refuseLocked(m, prev, err)
 		return false
 	}
-	m.verified, m.seen, m.state, m.reason, m.certSite, m.left = v, &v.Seen, StateVerified, "", v.Attributes.Site, false
+	m.verified, m.seen, m.state, m.reason, m.certSite, m.left, m.leavingAt, m.lastVerified = v, &v.Seen, StateVerified, "", v.Attributes.Site, false, time.Time{}, v
 	return false
 }
 
@@ -294,18 +296,43 @@ type conflictError struct{ msg string }
 func (e *conflictError) Error() string { return e.msg }
 
 // leave records that gossip declared a member dead or that it left.
-func (ms *membership) leave(name string, left bool) {
+func (ms *membership) leave(name string) {
 	ms.mu.Lock()
 	if m := ms.members[name]; m != nil {
-		m.alive, m.remembered, m.left = false, false, left
+		m.alive, m.remembered = false, false
 		ms.judgeLocked(m)
+		m.left = !m.leavingAt.IsZero() && ms.now().Sub(m.leavingAt) < leavingMatches
 		m.reason = "declared dead"
-		if left {
+		if m.left {
 			m.reason = "left the mesh"
 		}
 	}
 	ms.mu.Unlock()
 	ms.changed()
+}
+
+// leaving records a member's signed notice that it is leaving on purpose;
+// valid checks the signature against the member's verified certificate.
+// The notice may arrive before or after gossip reports the departure.
+func (ms *membership) leaving(name string, valid func(*certs.Verified) bool) error {
+	ms.mu.Lock()
+	defer ms.mu.Unlock()
+	m := ms.members[name]
+	if m == nil {
+		return fmt.Errorf("leave notice of unknown member %s", name)
+	}
+	v := m.verified
+	if v == nil {
+		v = m.lastVerified // already declared dead: its last certificate
+	}
+	if v == nil || !valid(v) {
+		return fmt.Errorf("leave notice of %s: signature does not verify", name)
+	}
+	m.leavingAt = ms.now()
+	if m.state == StateDead && ms.now().Sub(m.changed) < leavingMatches {
+		m.left, m.reason = true, "left the mesh"
+	}
+	return nil
 }
 
 // addCert learns a certificate (fetched from its owner, or from push/pull).

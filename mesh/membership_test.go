@@ -1,6 +1,9 @@
 package mesh
 
 import (
+	"crypto"
+	"crypto/rand"
+	"encoding/binary"
 	"math/big"
 	"net/netip"
 	"path/filepath"
@@ -108,7 +111,7 @@ func TestMembershipVerifiesBeforeAdmitting(t *testing.T) {
 	}
 
 	// Gossip declares it dead: no longer a peer.
-	ms.leave("gw-a", false)
+	ms.leave("gw-a")
 	if states(ms)["gw-a"] != StateDead || len(ms.gateways()) != 0 {
 		t.Fatalf("after leave: %v", states(ms))
 	}
@@ -157,8 +160,8 @@ func TestMembershipConflicts(t *testing.T) {
 			}
 		}
 		// Once the incumbent is gone, the newcomer's claim stands.
-		ms.leave("gw-old", false)
-		ms.leave("gw-sibling", false)
+		ms.leave("gw-old")
+		ms.leave("gw-sibling")
 		ms.refresh()
 		if states(ms)["gw-young"] != StateVerified {
 			t.Errorf("gw-young still refused after the incumbents left: %v", states(ms))
@@ -249,8 +252,57 @@ func TestMembershipGeneration(t *testing.T) {
 	if g3 == g2 || states(ms)["gw-a"] == StateVerified {
 		t.Fatalf("expiry: generation %d→%d, state %s", g2, g3, states(ms)["gw-a"])
 	}
-	ms.leave("gw-a", false)
+	ms.leave("gw-a")
 	if g := ms.generation(); g == g3 {
 		t.Fatal("a departure did not move the generation")
+	}
+}
+
+// TestLeaveNotice: a gateway that leaves on purpose is told from one that
+// crashed only by its signed notice, whichever arrives first, the notice
+// or gossip's report; a notice signed by anyone else, or stale, counts
+// for nothing.
+func TestLeaveNotice(t *testing.T) {
+	f := newFixture(t)
+	ms := newMembership("self", f.trust(), func() time.Time { return f.now }, func() {})
+	g := &Gateway{members: ms, now: func() time.Time { return f.now }}
+	ids := map[string]*certs.NodeIdentity{}
+	for i, name := range []string{"early", "late", "crashed", "forged"} {
+		id := f.identity(name, "site-"+name, byte(i+1), f.now.Add(-time.Hour))
+		ids[name] = id
+		meta := f.advert(id, 1)
+		ms.update(name, gossipAddr, meta)
+		if err := ms.addCert(id.Certificate().Raw); err != nil {
+			t.Fatal(err)
+		}
+	}
+	notice := func(name string, signer *certs.NodeIdentity, at time.Time) message {
+		sig, err := signer.Signer().Sign(rand.Reader, leavingDigest(name, at.Unix()), crypto.SHA256)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return message{typ: msgLeaving, fields: [][]byte{[]byte(name), binary.BigEndian.AppendUint64(nil, uint64(at.Unix())), sig}}
+	}
+	if err := g.handleLeaving(notice("early", ids["early"], f.now)); err != nil {
+		t.Fatal(err)
+	}
+	ms.leave("early")
+	ms.leave("late")
+	if err := g.handleLeaving(notice("late", ids["late"], f.now)); err != nil {
+		t.Fatal(err)
+	}
+	if err := g.handleLeaving(notice("forged", ids["crashed"], f.now)); err == nil {
+		t.Error("a notice signed by another gateway was accepted")
+	}
+	if err := g.handleLeaving(notice("forged", ids["forged"], f.now.Add(-3*time.Minute))); err == nil {
+		t.Error("a stale notice was accepted")
+	}
+	ms.leave("crashed")
+	ms.leave("forged")
+	want := map[string]bool{"early": true, "late": true, "crashed": false, "forged": false}
+	for _, v := range ms.snapshot() {
+		if v.State != StateDead || v.Left != want[v.Name] {
+			t.Errorf("%s: %s, left %v; want dead, left %v", v.Name, v.State, v.Left, want[v.Name])
+		}
 	}
 }

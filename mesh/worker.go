@@ -117,6 +117,8 @@ func (g *Gateway) handle(b []byte) error {
 		}
 		return nil
 
+	case msgLeaving:
+		return g.handleLeaving(m)
 	case msgKeyringOp:
 		return g.handleKeyringOp(m)
 	case msgKeyringAck:

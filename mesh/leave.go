@@ -1,0 +1,76 @@
+package mesh
+
+import (
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/hashicorp/memberlist"
+
+	"github.com/skybridge-mesh/skybridge/certs"
+)
+
+// A gateway shut down on purpose says so, signed with its identity,
+// before it leaves the gossip. memberlist reports a graceful leave and a
+// failure alike (its Node.State is not kept up to date for the delegate),
+// but an operator must tell a decommissioned site from a lost one: the
+// first should disappear from the metrics, the second should alert. The
+// signature matters because the gossip key alone must not let anyone
+// retire a live gateway and so silence the alert about its site.
+
+const (
+	msgLeaving     byte = 9 // node, unix time, signature: "I am leaving on purpose"
+	leavingDomain       = "skybridge leaving v1\x00"
+	leavingSkew         = 2 * time.Minute // how far the stated time may be from ours
+	leavingMatches      = time.Minute     // a leave notice and the departure belong together within this
+)
+
+func leavingDigest(node string, at int64) []byte {
+	h := sha256.New()
+	h.Write([]byte(leavingDomain))
+	h.Write([]byte(node))
+	h.Write([]byte{0})
+	h.Write(binary.BigEndian.AppendUint64(nil, uint64(at)))
+	return h.Sum(nil)
+}
+
+// announceLeaving tells every member, directly and by gossip, that this
+// gateway is leaving on purpose.
+func (g *Gateway) announceLeaving() {
+	id := g.id.Load()
+	node := id.Attributes().Node
+	at := g.now().Unix()
+	sig, err := id.Signer().Sign(rand.Reader, leavingDigest(node, at), crypto.SHA256)
+	if err != nil {
+		g.log.Warn("sign leave notice", "err", err)
+		return
+	}
+	msg := encodeMessage(msgLeaving, []byte(node), binary.BigEndian.AppendUint64(nil, uint64(at)), sig)
+	g.enqueue(msg)
+	for _, n := range g.ml.Members() {
+		if n.Name != node && n.State == memberlist.StateAlive {
+			g.sendAsync(n.Name, nodeAddr(n), msg)
+		}
+	}
+}
+
+// handleLeaving checks a leave notice and records it.
+func (g *Gateway) handleLeaving(m message) error {
+	if len(m.fields) != 3 || len(m.fields[1]) != 8 {
+		return errors.New("leave notice: malformed")
+	}
+	node, at, sig := string(m.fields[0]), int64(binary.BigEndian.Uint64(m.fields[1])), m.fields[2]
+	now := g.now()
+	if d := now.Sub(time.Unix(at, 0)); d > leavingSkew || d < -leavingSkew {
+		return fmt.Errorf("leave notice of %s: dated %s away from now", node, d.Round(time.Second))
+	}
+	return g.members.leaving(node, func(v *certs.Verified) bool {
+		pub, ok := v.Cert.PublicKey.(*ecdsa.PublicKey)
+		return ok && ecdsa.VerifyASN1(pub, leavingDigest(node, at), sig)
+	})
+}
