@@ -237,7 +237,7 @@ func TestDashboardInBrowser(t *testing.T) {
 	if moving < 2 || seen[len(seen)-1] != 100 {
 		t.Errorf("progress seen on the page: %v; want it to rise through at least three values to 100", seen)
 	}
-	t.Logf("progress seen on the page: %v", seen)
+	t.Logf("progress seen on the page: %v; screenshot: %s", seen, shot)
 	if !fileExists(shot) {
 		t.Error("no screenshot taken mid-migration")
 	} else if dst := os.Getenv("SKYBRIDGE_SCREENSHOT"); dst != "" {

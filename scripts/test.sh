@@ -52,7 +52,11 @@ promtool check rules docs/examples/prometheus/alerts.yml
 (cd docs/examples/prometheus && promtool test rules alerts_test.yml)
 
 step "go test (unit and e2e, race detector on)"
-go test -race -count=1 -timeout 20m ./...
+# Tests' output files (the dashboard's screenshot) are kept here.
+artifacts="${ARTIFACTS_DIR:-${TMPDIR:-/tmp}/skybridge-test-artifacts}"
+mkdir -p "$artifacts"
+go test -race -count=1 -timeout 20m -artifacts -outputdir "$artifacts" ./...
+echo "test artifacts: $artifacts"
 
 if [ -z "${SKIP_VAULT:-}" ]; then
   step "Vault integration tests (nested module e2e/vault)"
