@@ -83,6 +83,19 @@ func (g *Gateway) serveControl() (io.Closer, error) {
 	mux.HandleFunc("POST /v1/migrations/{id}/cancel", func(w http.ResponseWriter, r *http.Request) {
 		reply(w, map[string]string{"cancelled": r.PathValue("id")}, g.CancelMigration(r.PathValue("id")))
 	})
+	mux.HandleFunc("POST /v1/plan", func(w http.ResponseWriter, r *http.Request) {
+		var req PlanRequest
+		if err := json.NewDecoder(io.LimitReader(r.Body, 16<<20)).Decode(&req); err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		p, err := g.Plan(req)
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusUnprocessableEntity)
+			return
+		}
+		reply(w, p, nil)
+	})
 	mux.HandleFunc("GET /v1/migrations", func(w http.ResponseWriter, r *http.Request) {
 		l, err := g.Migrations()
 		reply(w, l, err)
@@ -267,6 +280,12 @@ func (c *Client) do(ctx context.Context, method, path string, body any, out any)
 func (c *Client) Operator(ctx context.Context) (*OperatorLink, error) {
 	var l OperatorLink
 	return &l, c.do(ctx, http.MethodGet, "/v1/operator", nil, &l)
+}
+
+// Plan asks the gateway for a placement plan.
+func (c *Client) Plan(ctx context.Context, req PlanRequest) (*migrate.Plan, error) {
+	var p migrate.Plan
+	return &p, c.do(ctx, http.MethodPost, "/v1/plan", req, &p)
 }
 
 // Status fetches the gateway's status.

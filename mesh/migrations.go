@@ -13,7 +13,6 @@ import (
 	"time"
 
 	"github.com/skybridge-mesh/skybridge/internal/audit"
-	"github.com/skybridge-mesh/skybridge/internal/iso3166"
 	"github.com/skybridge-mesh/skybridge/migrate"
 	"github.com/skybridge-mesh/skybridge/policy"
 )
@@ -215,7 +214,7 @@ func (g *Gateway) pickDestination(to, class string) (*Node, error) {
 	var matched []Node
 	for _, n := range g.members.gateways() {
 		a := n.Attributes
-		if a.Node == to || a.Site == to || a.Region == to || (iso3166.Valid(strings.ToUpper(to)) && a.Jurisdiction == strings.ToUpper(to)) {
+		if migrate.Matches(a, to) {
 			matched = append(matched, n)
 		}
 	}

@@ -36,6 +36,7 @@ func migrateCommand() *cli.Command {
 				),
 				Action: migrateRun,
 			},
+			migrateApplyCommand(),
 			{
 				Name:      "resume",
 				Usage:     "continue an interrupted migration: only chunks not yet durable at the destination are sent",

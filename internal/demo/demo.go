@@ -57,6 +57,7 @@ type Options struct {
 // site is one of the demo's sites.
 type site struct {
 	Short, Site, Region, Provider, Jurisdiction, Classes, Certified, Route string
+	CPU, MemoryGiB                                                         string // capacity for `skybridge plan`
 	Host                                                                   byte
 	NS, Iface, Dir, Config, Socket                                         string
 	cmd                                                                    *exec.Cmd
@@ -65,8 +66,8 @@ type site struct {
 func demoSites() []*site {
 	return []*site{
 		{Short: "zrh", Site: "onprem-zrh", Region: "zrh-dc1", Provider: "onprem", Jurisdiction: "CH", Classes: "swiss-banking-secret,pii-eu,risk-batch", Route: "10.1.0.0/16", Host: 1},
-		{Short: "fra", Site: "aws-eu-central-1", Region: "eu-central-1", Provider: "aws", Jurisdiction: "DE", Classes: "pii-eu,risk-batch", Certified: "iso27001,pci-dss", Route: "10.2.0.0/16", Host: 2},
-		{Short: "iad", Site: "aws-us-east-1", Region: "us-east-1", Provider: "aws", Jurisdiction: "US", Classes: "risk-batch", Certified: "iso27001", Route: "10.3.0.0/16", Host: 3},
+		{Short: "fra", Site: "aws-eu-central-1", Region: "eu-central-1", Provider: "aws", Jurisdiction: "DE", Classes: "pii-eu,risk-batch", Certified: "iso27001,pci-dss", Route: "10.2.0.0/16", CPU: "96", MemoryGiB: "384", Host: 2},
+		{Short: "iad", Site: "aws-us-east-1", Region: "us-east-1", Provider: "aws", Jurisdiction: "US", Classes: "risk-batch", Certified: "iso27001", Route: "10.3.0.0/16", CPU: "128", MemoryGiB: "512", Host: 3},
 	}
 }
 
@@ -260,6 +261,9 @@ func (r *run) makeIdentities() error {
 		if s.Certified != "" {
 			labels["certified"] = s.Certified
 		}
+		if s.CPU != "" {
+			labels[migrate.LabelCapacityCPU], labels[migrate.LabelCapacityMemory] = s.CPU, s.MemoryGiB
+		}
 		id, err := r.ca.IssueIdentity(certs.Attributes{
 			Node: "gw-" + s.Short, Site: s.Site, Region: s.Region, Provider: s.Provider, Jurisdiction: s.Jurisdiction,
 			OverlayIP: netip.AddrFrom4([4]byte{100, 96, 0, s.Host}), Routes: []netip.Prefix{netip.MustParsePrefix(s.Route)}, Labels: labels,
@@ -395,6 +399,9 @@ func labelsHCL(s *site) string {
 	l := fmt.Sprintf("{ classes = %q", s.Classes)
 	if s.Certified != "" {
 		l += fmt.Sprintf(", certified = %q", s.Certified)
+	}
+	if s.CPU != "" {
+		l += fmt.Sprintf(", %s = %q, %s = %q", migrate.LabelCapacityCPU, s.CPU, migrate.LabelCapacityMemory, s.MemoryGiB)
 	}
 	return l + " }"
 }

@@ -1,0 +1,369 @@
+package main
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/skybridge-mesh/skybridge/internal/atomicfile"
+	"github.com/skybridge-mesh/skybridge/mesh"
+	"github.com/skybridge-mesh/skybridge/migrate"
+)
+
+func planCommand() *cli.Command {
+	return &cli.Command{
+		Name:  "plan",
+		Usage: "place many VMs at once: a destination for each that the policy permits and has room, least loaded first",
+		UsageText: "skybridge plan --inventory vms.csv [--to SITE|REGION|JURISDICTION ...] [--out plan.json] [--json] (--config | --socket)\n\n" +
+			"The inventory is CSV with a header: name,image,class,cpu,memory_gib[,bytes]. Relative image paths are\n" +
+			"relative to the inventory. Gateways advertise capacity with the certificate labels capacity_cpu and\n" +
+			"capacity_memory_gib. `skybridge migrate apply plan.json` carries the plan out.",
+		Flags: append(append([]cli.Flag(nil), socketFlags...), jsonFlag,
+			&cli.StringFlag{Name: "inventory", Usage: "the VMs, as CSV", Required: true},
+			&cli.StringSliceFlag{Name: "to", Usage: "limit destinations to these nodes, sites, regions or jurisdictions"},
+			&cli.StringFlag{Name: "out", Usage: "write the plan to `FILE` (for migrate apply)"}),
+		Action: func(c *cli.Context) error {
+			inv := c.String("inventory")
+			f, err := os.Open(inv)
+			if err != nil {
+				return err
+			}
+			vms, err := migrate.ParseInventory(f)
+			f.Close()
+			if err != nil {
+				return fmt.Errorf("%s: %w", inv, err)
+			}
+			base, err := filepath.Abs(filepath.Dir(inv))
+			if err != nil {
+				return err
+			}
+			for i := range vms {
+				if !filepath.IsAbs(vms[i].Image) {
+					vms[i].Image = filepath.Join(base, vms[i].Image)
+				}
+			}
+			cl, err := controlClient(c)
+			if err != nil {
+				return err
+			}
+			p, err := cl.Plan(c.Context, mesh.PlanRequest{VMs: vms, To: c.StringSlice("to")})
+			if err != nil {
+				return err
+			}
+			if out := c.String("out"); out != "" {
+				b, _ := json.MarshalIndent(p, "", "  ")
+				if err := atomicfile.WriteFile(out, append(b, '\n'), 0o644); err != nil {
+					return err
+				}
+			}
+			if c.Bool("json") {
+				return printJSON(c.App.Writer, p)
+			}
+			printPlan(c, p)
+			return nil
+		},
+	}
+}
+
+func printPlan(c *cli.Context, p *migrate.Plan) {
+	w := c.App.Writer
+	rows := [][]string{}
+	for _, pl := range p.Placements {
+		est := "?"
+		if pl.Estimate > 0 {
+			est = roundDuration(pl.Estimate)
+		}
+		rows = append(rows, []string{pl.Name, pl.Class, fmt.Sprintf("%d / %g GiB", pl.CPU, pl.MemoryGiB), humanBytes(pl.Bytes), pl.To + " (" + pl.Site + ")", est, pl.Rule})
+	}
+	fmt.Fprintf(w, "PLACED (%d of %d VMs), from %s under policy %s\n", len(p.Placements), len(p.Placements)+len(p.Unplaced), p.From, dash(p.Policy))
+	printTable(w, []string{"vm", "class", "cpu / memory", "to move", "to", "estimate", "admitted by"}, rows)
+	if len(p.Unplaced) > 0 {
+		fmt.Fprintf(w, "\nNOT PLACED (%d)\n", len(p.Unplaced))
+		for _, u := range p.Unplaced {
+			fmt.Fprintf(w, "%s (%s, %d CPU, %g GiB):\n", u.Name, u.Class, u.CPU, u.MemoryGiB)
+			for _, r := range u.Reasons {
+				fmt.Fprintf(w, "  - %s\n", r)
+			}
+		}
+	}
+	rows = rows[:0]
+	for _, s := range p.Sites {
+		cpu, mem := fmt.Sprintf("%d/%d", s.CPU, s.CPUCap), fmt.Sprintf("%g/%g GiB", s.MemoryGiB, s.MemoryCap)
+		if s.Unbounded {
+			cpu, mem = fmt.Sprintf("%d/-", s.CPU), fmt.Sprintf("%g/- GiB", s.MemoryGiB)
+		}
+		tput := "not measured"
+		if s.Throughput > 0 {
+			tput = humanBytes(int64(s.Throughput)) + "/s"
+		}
+		rows = append(rows, []string{s.Node, s.Site, fmt.Sprint(s.VMs), cpu, mem, humanBytes(s.Bytes), fmt.Sprint(s.Load), tput})
+	}
+	fmt.Fprintln(w, "\nDESTINATIONS")
+	printTable(w, []string{"gateway", "site", "vms", "cpu", "memory", "to move", "receiving now", "throughput"}, rows)
+	fmt.Fprintf(w, "\ntotal: %s to move; %s one at a time at the measured throughput", humanBytes(p.Bytes), roundDuration(p.Estimate))
+	if p.Unmeasured > 0 {
+		fmt.Fprintf(w, ", plus %d VM(s) to sites not measured yet", p.Unmeasured)
+	}
+	fmt.Fprintln(w)
+	for _, n := range p.Notes {
+		fmt.Fprintf(w, "note: %s\n", n)
+	}
+}
+
+// roundDuration keeps an estimate's meaningful digits.
+func roundDuration(d time.Duration) string {
+	switch {
+	case d < time.Second:
+		return d.Round(time.Millisecond).String()
+	case d < time.Minute:
+		return d.Round(100 * time.Millisecond).String()
+	}
+	return d.Round(time.Second).String()
+}
+
+func migrateApplyCommand() *cli.Command {
+	return &cli.Command{
+		Name:  "apply",
+		Usage: "carry out a plan from `skybridge plan --out`: N migrations at a time, resumable as a whole",
+		UsageText: "skybridge migrate apply PLAN [--parallel 4] [--streams N] [--bwlimit 200MB/s] [--json] (--config | --socket)\n\n" +
+			"Progress is kept in PLAN.state: run the same command again after an interruption and it skips what is\n" +
+			"done, resumes what was interrupted (only missing chunks are sent) and starts the rest.",
+		Flags: append(append([]cli.Flag(nil), socketFlags...), jsonFlag,
+			&cli.IntFlag{Name: "parallel", Value: 4, Usage: "migrations at a time"},
+			&cli.IntFlag{Name: "streams", Value: 2, Usage: "TLS streams per migration"},
+			&cli.StringFlag{Name: "bwlimit", Usage: "bandwidth cap per migration, e.g. 200MB/s"}),
+		Action: migrateApply,
+	}
+}
+
+// applyState is what PLAN.state holds: per VM, its migration.
+type applyState struct {
+	Plan string              `json:"plan"` // SHA-256 of the plan file: a state belongs to one plan
+	VMs  map[string]*vmState `json:"vms"`
+}
+
+type vmState struct {
+	ID       string  `json:"id,omitempty"`
+	To       string  `json:"to"`
+	State    string  `json:"state"` // running, done, failed, denied, cancelled
+	Error    string  `json:"error,omitempty"`
+	Root     string  `json:"root,omitempty"`
+	Sent     int64   `json:"bytes_sent,omitempty"`
+	Seconds  float64 `json:"seconds,omitempty"`
+	Attempts int     `json:"attempts"`
+}
+
+func migrateApply(c *cli.Context) error {
+	path := c.Args().First()
+	if path == "" {
+		return usageError("which plan? skybridge migrate apply PLAN (from skybridge plan --out PLAN)")
+	}
+	if c.Int("parallel") < 1 {
+		return usageError("--parallel %d: at least 1", c.Int("parallel"))
+	}
+	var bw int64
+	if s := c.String("bwlimit"); s != "" {
+		var err error
+		if bw, err = parseRate(s); err != nil {
+			return usageError("--bwlimit: %v", err)
+		}
+	}
+	raw, err := os.ReadFile(path)
+	if err != nil {
+		return err
+	}
+	var plan migrate.Plan
+	if err := json.Unmarshal(raw, &plan); err != nil {
+		return fmt.Errorf("%s is not a plan from `skybridge plan --out`: %w", path, err)
+	}
+	if len(plan.Placements) == 0 {
+		return fmt.Errorf("%s places no VM: nothing to apply", path)
+	}
+	sum := sha256.Sum256(raw)
+	st := &applyState{Plan: hex.EncodeToString(sum[:]), VMs: map[string]*vmState{}}
+	statePath := path + ".state"
+	if b, err := os.ReadFile(statePath); err == nil {
+		var old applyState
+		if err := json.Unmarshal(b, &old); err != nil {
+			return fmt.Errorf("%s: %w (remove it to start the plan over)", statePath, err)
+		}
+		if old.Plan != st.Plan {
+			return fmt.Errorf("%s belongs to another version of %s: remove it to apply this plan from the start", statePath, path)
+		}
+		st = &old
+	} else if !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	cl, err := controlClient(c)
+	if err != nil {
+		return err
+	}
+	var mu sync.Mutex
+	save := func() error {
+		mu.Lock()
+		defer mu.Unlock()
+		b, _ := json.MarshalIndent(st, "", "  ")
+		return atomicfile.WriteFile(statePath, b, 0o644)
+	}
+	get := func(name, to string) *vmState {
+		mu.Lock()
+		defer mu.Unlock()
+		if st.VMs[name] == nil {
+			st.VMs[name] = &vmState{To: to}
+		}
+		return st.VMs[name]
+	}
+	sem := make(chan struct{}, c.Int("parallel"))
+	var wg sync.WaitGroup
+	var saveErr error
+	var saveOnce sync.Once
+	for _, pl := range plan.Placements {
+		vs := get(pl.Name, pl.To)
+		mu.Lock()
+		done := vs.State == migrate.StateDone
+		mu.Unlock()
+		if done {
+			continue
+		}
+		sem <- struct{}{}
+		wg.Go(func() {
+			defer func() { <-sem }()
+			applyOne(c.Context, cl, pl, vs, &mu, save, c.Int("streams"), bw)
+			if err := save(); err != nil {
+				saveOnce.Do(func() { saveErr = err })
+			}
+		})
+	}
+	wg.Wait()
+	if saveErr != nil {
+		return fmt.Errorf("record progress in %s: %w", statePath, saveErr)
+	}
+	return reportApply(c, &plan, st)
+}
+
+// applyOne runs (or resumes, or waits for) one VM's migration and records
+// its outcome in vs.
+func applyOne(ctx context.Context, cl *mesh.Client, pl migrate.Placement, vs *vmState, mu *sync.Mutex, save func() error, streams int, bw int64) {
+	mu.Lock()
+	req := mesh.MigrationRequest{Image: pl.Image, To: pl.To, Class: pl.Class, Name: pl.Name, Streams: streams, BWLimit: bw}
+	id := ""
+	if vs.ID != "" && vs.State != migrate.StateDenied {
+		id = vs.ID
+	}
+	mu.Unlock()
+	var final *mesh.MigrationEvent
+	var err error
+	if id != "" {
+		// An earlier apply was interrupted. The gateway owns the
+		// migration: it may have finished it, or still be running it,
+		// or it stopped and can resume (sending only the chunks not yet
+		// durable at the destination).
+		if s, serr := cl.Migration(ctx, id); serr == nil && s.Record != nil {
+			switch {
+			case s.Progress != nil:
+				final, err = waitMigration(ctx, cl, id)
+			case s.Record.State == migrate.StateDone:
+				final = &mesh.MigrationEvent{ID: id, Record: s.Record}
+			}
+		}
+		req = mesh.MigrationRequest{ID: id}
+	}
+	if final == nil && err == nil {
+		mu.Lock()
+		vs.Attempts++
+		mu.Unlock()
+		final, err = cl.Migrate(ctx, req, func(ev mesh.MigrationEvent) {
+			mu.Lock()
+			first := vs.ID != ev.ID && ev.ID != ""
+			if first {
+				vs.ID, vs.State = ev.ID, migrate.StateRunning
+			}
+			mu.Unlock()
+			if first {
+				save() // the ID is what makes a resume possible: keep it at once
+			}
+		})
+		if err != nil && id != "" && strings.Contains(err.Error(), "already running") {
+			final, err = waitMigration(ctx, cl, id) // started again between our look and our resume
+		}
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	switch {
+	case err != nil:
+		vs.State, vs.Error = migrate.StateFailed, err.Error()
+	case final.Record != nil:
+		r := final.Record
+		vs.State, vs.Error, vs.Sent, vs.Seconds = r.State, r.Error, r.Stats.BytesSent, r.Stats.Duration.Seconds()
+		if r.State == migrate.StateDone {
+			vs.Root = r.Root.String()
+		}
+	default:
+		vs.State, vs.Error = migrate.StateFailed, final.Error
+	}
+	if final != nil && final.Denied != nil {
+		vs.State, vs.Error = migrate.StateDenied, strings.Join(final.Denied.Reasons, "; ")
+	}
+}
+
+// waitMigration polls a migration the gateway runs until it ends.
+func waitMigration(ctx context.Context, cl *mesh.Client, id string) (*mesh.MigrationEvent, error) {
+	t := time.NewTicker(500 * time.Millisecond)
+	defer t.Stop()
+	for {
+		s, err := cl.Migration(ctx, id)
+		if err != nil {
+			return nil, err
+		}
+		if s.Progress == nil && s.Record != nil && s.Record.State != migrate.StateRunning {
+			return &mesh.MigrationEvent{ID: id, Record: s.Record, Error: s.Record.Error}, nil
+		}
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-t.C:
+		}
+	}
+}
+
+func reportApply(c *cli.Context, plan *migrate.Plan, st *applyState) error {
+	failed := 0
+	for _, pl := range plan.Placements {
+		if st.VMs[pl.Name].State != migrate.StateDone {
+			failed++
+		}
+	}
+	if c.Bool("json") {
+		printJSON(c.App.Writer, st)
+	} else {
+		rows := [][]string{}
+		for _, pl := range plan.Placements {
+			vs := st.VMs[pl.Name]
+			detail := vs.Error
+			if vs.State == migrate.StateDone && len(vs.Root) >= 16 {
+				detail = "verified, root " + vs.Root[:16] + "…"
+			}
+			rows = append(rows, []string{pl.Name, pl.To + " (" + pl.Site + ")", vs.State, humanBytes(vs.Sent), fmt.Sprintf("%.1f s", vs.Seconds), fmt.Sprint(vs.Attempts), detail})
+		}
+		printTable(c.App.Writer, []string{"vm", "to", "state", "sent", "took", "attempts", ""}, rows)
+		fmt.Fprintf(c.App.Writer, "\n%d of %d VMs migrated and verified", len(plan.Placements)-failed, len(plan.Placements))
+		if len(plan.Unplaced) > 0 {
+			fmt.Fprintf(c.App.Writer, "; %d VM(s) the plan could not place", len(plan.Unplaced))
+		}
+		fmt.Fprintln(c.App.Writer)
+	}
+	if failed > 0 {
+		return cli.Exit(fmt.Sprintf("%d migration(s) did not complete: run the same command again to resume them", failed), 1)
+	}
+	return nil
+}

@@ -1,0 +1,96 @@
+package mesh
+
+import (
+	"errors"
+	"fmt"
+
+	"github.com/skybridge-mesh/skybridge/migrate"
+)
+
+// PlanRequest asks the gateway where a list of VMs may go.
+type PlanRequest struct {
+	VMs []migrate.VM `json:"vms"`
+	To  []string     `json:"to,omitempty"` // node, site, region or jurisdiction selectors
+}
+
+// Plan gathers what a placement plan depends on — the verified gateways
+// with their advertised capacity and load, the throughput measured by
+// past migrations to each site, the sizes of the images, the policy in
+// force — and makes the plan (migrate.MakePlan, which is pure).
+func (g *Gateway) Plan(req PlanRequest) (*migrate.Plan, error) {
+	if g.mig == nil {
+		return nil, errors.New("this gateway does not run migrations")
+	}
+	if err := migrate.ValidateInventory(req.VMs); err != nil {
+		return nil, err
+	}
+	vms := append([]migrate.VM(nil), req.VMs...)
+	var errs []error
+	for i := range vms {
+		if vms[i].Bytes > 0 {
+			continue
+		}
+		n, err := allocatedBytes(vms[i].Image)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("VM %q: %w", vms[i].Name, err))
+			continue
+		}
+		vms[i].Bytes = n
+	}
+	if err := errors.Join(errs...); err != nil {
+		return nil, err
+	}
+	rates, err := g.measuredThroughput()
+	if err != nil {
+		return nil, err
+	}
+	var dests []migrate.Destination
+	for _, n := range g.members.gateways() {
+		dests = append(dests, migrate.Destination{Attributes: n.Attributes, Load: int(n.Advert.Load), Throughput: rates[n.Attributes.Site]})
+	}
+	in := migrate.PlanInput{From: g.id.Load().Attributes(), Now: g.now(), VMs: vms, To: req.To, Destinations: dests}
+	if p := g.policy.Load(); p != nil {
+		in.Policy = p.p
+	}
+	return migrate.MakePlan(in)
+}
+
+// allocatedBytes is what migrating an image moves at most: its allocated
+// extents.
+func allocatedBytes(path string) (int64, error) {
+	src, err := migrate.OpenSource(path)
+	if err != nil {
+		return 0, err
+	}
+	defer src.Close()
+	ext, err := src.Extents()
+	if err != nil {
+		return 0, fmt.Errorf("image %s: %w", path, err)
+	}
+	var n int64
+	for _, e := range ext {
+		n += e.Len
+	}
+	return n, nil
+}
+
+// measuredThroughput is, per destination site, the allocated bytes of the
+// migrations done to it over the time they took.
+func (g *Gateway) measuredThroughput() (map[string]float64, error) {
+	sends, err := g.mig.journal.Sends()
+	if err != nil {
+		return nil, err
+	}
+	bytes, secs := map[string]float64{}, map[string]float64{}
+	for _, r := range sends {
+		if r.State == migrate.StateDone && r.Stats.Duration > 0 {
+			bytes[r.ToSite] += float64(r.Stats.AllocatedBytes)
+			secs[r.ToSite] += r.Stats.Duration.Seconds()
+		}
+	}
+	out := map[string]float64{}
+	for site, b := range bytes {
+		out[site] = b / secs[site]
+	}
+	return out, nil
+}

@@ -1,0 +1,387 @@
+package migrate
+
+import (
+	"cmp"
+	"encoding/csv"
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/skybridge-mesh/skybridge/certs"
+	"github.com/skybridge-mesh/skybridge/internal/iso3166"
+	"github.com/skybridge-mesh/skybridge/policy"
+)
+
+// Placement planning: where may each of many VMs go? A plan is a pure
+// function of the inventory, the verified destinations (their attributes,
+// advertised capacity and load, measured throughput) and the residency
+// policy, so the same inputs always give the same plan and the function
+// is table-tested; the gateway gathers the inputs and `migrate apply`
+// carries the plan out.
+
+// VM is one line of a placement inventory.
+type VM struct {
+	Name      string  `json:"name"`
+	Image     string  `json:"image"`
+	Class     string  `json:"class"`
+	CPU       int     `json:"cpu"`
+	MemoryGiB float64 `json:"memory_gib"`
+	Bytes     int64   `json:"bytes"` // allocated bytes to move; the gateway measures the image when 0
+}
+
+// Capacity labels a gateway's certificate may carry: what the site behind
+// it can run. A gateway without them is placed by load only.
+const (
+	LabelCapacityCPU    = "capacity_cpu"
+	LabelCapacityMemory = "capacity_memory_gib"
+)
+
+// Destination is a verified gateway a plan may send VMs to.
+type Destination struct {
+	Attributes *certs.Attributes
+	Load       int     // migrations it is receiving now (advertised)
+	Throughput float64 // image bytes per second measured to its site; 0: none yet
+}
+
+// capacity reads the capacity labels; ok is false if they are absent.
+func capacity(a *certs.Attributes) (cpu int, mem float64, ok bool, err error) {
+	c, hasC := a.Labels[LabelCapacityCPU]
+	m, hasM := a.Labels[LabelCapacityMemory]
+	if !hasC && !hasM {
+		return 0, 0, false, nil
+	}
+	if cpu, err = strconv.Atoi(c); err != nil || cpu < 0 {
+		return 0, 0, false, fmt.Errorf("gateway %s: label %s=%q is not a number of CPUs", a.Node, LabelCapacityCPU, c)
+	}
+	if mem, err = strconv.ParseFloat(m, 64); err != nil || mem < 0 || math.IsNaN(mem) {
+		return 0, 0, false, fmt.Errorf("gateway %s: label %s=%q is not a number of GiB", a.Node, LabelCapacityMemory, m)
+	}
+	return cpu, mem, true, nil
+}
+
+// PlanInput is everything a plan depends on.
+type PlanInput struct {
+	From         *certs.Attributes // the gateway the VMs leave from
+	Policy       *policy.Policy    // nil: nothing may leave
+	Now          time.Time
+	VMs          []VM
+	To           []string // node, site, region or jurisdiction selectors; empty: any gateway
+	Destinations []Destination
+}
+
+// Plan says where each VM goes.
+type Plan struct {
+	Created    time.Time     `json:"created"`
+	From       string        `json:"from"`
+	Policy     string        `json:"policy"`
+	To         []string      `json:"to,omitempty"`
+	Placements []Placement   `json:"placements"` // in inventory order
+	Unplaced   []Unplaced    `json:"unplaced"`
+	Sites      []SitePlan    `json:"sites"`
+	Bytes      int64         `json:"bytes"`       // to move, over all placements
+	Estimate   time.Duration `json:"estimate_ns"` // one migration at a time, at the measured throughput
+	Unmeasured int           `json:"unmeasured"`  // placements to sites with no throughput measured yet (not in Estimate)
+	Notes      []string      `json:"notes,omitempty"`
+}
+
+// Placement is one VM's destination.
+type Placement struct {
+	VM
+	To       string        `json:"to"` // gateway (node)
+	Site     string        `json:"site"`
+	Rule     string        `json:"rule"` // the policy rule that admits it there
+	Estimate time.Duration `json:"estimate_ns,omitempty"`
+}
+
+// Unplaced is a VM no destination can take, and why.
+type Unplaced struct {
+	VM
+	Reasons []string `json:"reasons"`
+}
+
+// SitePlan sums a plan per destination gateway.
+type SitePlan struct {
+	Node       string  `json:"node"`
+	Site       string  `json:"site"`
+	VMs        int     `json:"vms"`
+	Bytes      int64   `json:"bytes"`
+	CPU        int     `json:"cpu"`
+	CPUCap     int     `json:"cpu_capacity,omitempty"` // 0 with Unbounded
+	MemoryGiB  float64 `json:"memory_gib"`
+	MemoryCap  float64 `json:"memory_capacity_gib,omitempty"`
+	Unbounded  bool    `json:"unbounded,omitempty"` // no capacity advertised
+	Load       int     `json:"load"`                // migrations it was receiving when planned
+	Throughput float64 `json:"throughput,omitempty"`
+}
+
+// Matches reports whether a gateway is what a "to" selector names: its
+// node, site or region, or its jurisdiction (an ISO 3166 code).
+func Matches(a *certs.Attributes, to string) bool {
+	return a.Node == to || a.Site == to || a.Region == to || (iso3166.Valid(strings.ToUpper(to)) && a.Jurisdiction == strings.ToUpper(to))
+}
+
+// ValidateInventory checks VMs for what no plan can fix.
+func ValidateInventory(vms []VM) error {
+	var errs []error
+	seen := map[string]bool{}
+	for i, vm := range vms {
+		switch {
+		case vm.Name == "":
+			errs = append(errs, fmt.Errorf("VM %d: no name", i+1))
+		case seen[vm.Name]:
+			errs = append(errs, fmt.Errorf("VM %q: listed twice", vm.Name))
+		}
+		seen[vm.Name] = true
+		if err := checkName(vm.Name); vm.Name != "" && err != nil {
+			errs = append(errs, fmt.Errorf("VM %q: %v (it names the image at the destination)", vm.Name, err))
+		}
+		if vm.Image == "" {
+			errs = append(errs, fmt.Errorf("VM %q: no image", vm.Name))
+		}
+		if vm.Class == "" {
+			errs = append(errs, fmt.Errorf("VM %q: no data class (the policy decides with it)", vm.Name))
+		}
+		if vm.CPU < 0 || vm.MemoryGiB < 0 || vm.Bytes < 0 || math.IsNaN(vm.MemoryGiB) {
+			errs = append(errs, fmt.Errorf("VM %q: negative size", vm.Name))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+type slot struct {
+	dest      Destination
+	cpu       int
+	mem       float64
+	bounded   bool
+	usedCPU   int
+	usedMem   float64
+	assigned  int
+	bytes     int64
+	policyErr map[string]string // class → why not, "" if allowed
+	rule      map[string]string // class → admitting rule
+}
+
+func (s *slot) fits(vm VM) bool {
+	return !s.bounded || (s.usedCPU+vm.CPU <= s.cpu && s.usedMem+vm.MemoryGiB <= s.mem+1e-9)
+}
+
+// fill is how full a slot would be with vm: the larger of its CPU and
+// memory shares (0 when unbounded).
+func (s *slot) fill(vm VM) float64 {
+	if !s.bounded {
+		return 0
+	}
+	f := 0.0
+	if s.cpu > 0 {
+		f = float64(s.usedCPU+vm.CPU) / float64(s.cpu)
+	}
+	if s.mem > 0 {
+		f = max(f, (s.usedMem+vm.MemoryGiB)/s.mem)
+	}
+	return f
+}
+
+// MakePlan places the VMs: for each, the destinations the selectors name
+// and the policy admits (store at the destination, transit on the way)
+// with room left, the least loaded first — migrations it is receiving
+// plus those planned for it, as a dispatcher hands work to the least busy
+// worker — then the one left least full, then by name. The largest VMs
+// are placed first, so that they are not the ones left without room.
+func MakePlan(in PlanInput) (*Plan, error) {
+	if err := ValidateInventory(in.VMs); err != nil {
+		return nil, err
+	}
+	p := &Plan{Created: in.Now, From: in.From.Node, To: in.To, Placements: []Placement{}, Unplaced: []Unplaced{}, Sites: []SitePlan{}}
+	if in.Policy != nil {
+		p.Policy = in.Policy.Revision().String()
+	}
+	var slots []*slot
+	for _, d := range in.Destinations {
+		if d.Attributes.Node == in.From.Node {
+			continue
+		}
+		if len(in.To) > 0 && !slices.ContainsFunc(in.To, func(to string) bool { return Matches(d.Attributes, to) }) {
+			continue
+		}
+		cpu, mem, bounded, err := capacity(d.Attributes)
+		if err != nil {
+			return nil, err
+		}
+		if !bounded {
+			p.Notes = append(p.Notes, fmt.Sprintf("%s (%s) advertises no capacity (labels %s, %s): placed by load only", d.Attributes.Node, d.Attributes.Site, LabelCapacityCPU, LabelCapacityMemory))
+		}
+		slots = append(slots, &slot{dest: d, cpu: cpu, mem: mem, bounded: bounded, policyErr: map[string]string{}, rule: map[string]string{}})
+	}
+	slices.SortFunc(slots, func(a, b *slot) int { return cmp.Compare(a.dest.Attributes.Node, b.dest.Attributes.Node) })
+
+	order := make([]int, len(in.VMs))
+	for i := range order {
+		order[i] = i
+	}
+	slices.SortStableFunc(order, func(i, j int) int {
+		a, b := in.VMs[i], in.VMs[j]
+		return cmp.Or(cmp.Compare(b.CPU, a.CPU), cmp.Compare(b.MemoryGiB, a.MemoryGiB), cmp.Compare(b.Bytes, a.Bytes), cmp.Compare(a.Name, b.Name))
+	})
+	placed := make([]*Placement, len(in.VMs))
+	why := make([][]string, len(in.VMs))
+	for _, i := range order {
+		vm := in.VMs[i]
+		var best *slot
+		var reasons []string
+		for _, s := range slots {
+			if msg := s.admits(in, vm.Class); msg != "" {
+				reasons = append(reasons, msg)
+				continue
+			}
+			if !s.fits(vm) {
+				reasons = append(reasons, fmt.Sprintf("%s (%s): needs %d CPU and %g GiB; %d CPU and %g GiB free",
+					s.dest.Attributes.Node, s.dest.Attributes.Site, vm.CPU, vm.MemoryGiB, s.cpu-s.usedCPU, s.mem-s.usedMem))
+				continue
+			}
+			if best == nil || better(s, best, vm) {
+				best = s
+			}
+		}
+		if best == nil {
+			if len(slots) == 0 {
+				reasons = []string{noDestination(in.To)}
+			}
+			why[i] = reasons
+			continue
+		}
+		best.usedCPU += vm.CPU
+		best.usedMem += vm.MemoryGiB
+		best.assigned++
+		best.bytes += vm.Bytes
+		a := best.dest.Attributes
+		pl := &Placement{VM: vm, To: a.Node, Site: a.Site, Rule: best.rule[vm.Class]}
+		if t := best.dest.Throughput; t > 0 {
+			pl.Estimate = time.Duration(float64(vm.Bytes) / t * float64(time.Second))
+		}
+		placed[i] = pl
+	}
+	for i, vm := range in.VMs {
+		if pl := placed[i]; pl != nil {
+			p.Placements = append(p.Placements, *pl)
+			p.Bytes += vm.Bytes
+			p.Estimate += pl.Estimate
+			if pl.Estimate == 0 && vm.Bytes > 0 {
+				p.Unmeasured++
+			}
+		} else {
+			p.Unplaced = append(p.Unplaced, Unplaced{VM: vm, Reasons: why[i]})
+		}
+	}
+	for _, s := range slots {
+		a := s.dest.Attributes
+		p.Sites = append(p.Sites, SitePlan{Node: a.Node, Site: a.Site, VMs: s.assigned, Bytes: s.bytes, CPU: s.usedCPU, CPUCap: s.cpu,
+			MemoryGiB: s.usedMem, MemoryCap: s.mem, Unbounded: !s.bounded, Load: s.dest.Load, Throughput: s.dest.Throughput})
+	}
+	return p, nil
+}
+
+// better: fewer migrations (running and planned), then less full after
+// taking vm, then by name (slots are sorted by name, so keep the first).
+func better(s, than *slot, vm VM) bool {
+	if a, b := s.dest.Load+s.assigned, than.dest.Load+than.assigned; a != b {
+		return a < b
+	}
+	return s.fill(vm) < than.fill(vm)
+}
+
+// admits asks the policy (once per class) whether data of class may be
+// stored at the slot's site and cross from the source to it, as the
+// sender will ask before the first byte; "" if so, else why not.
+func (s *slot) admits(in PlanInput, class string) string {
+	if msg, ok := s.policyErr[class]; ok {
+		return msg
+	}
+	a := s.dest.Attributes
+	msg := ""
+	if in.Policy == nil {
+		msg = "no residency policy is in force on this gateway: nothing may leave it"
+	} else {
+		site := policy.SiteOf(a)
+		store := in.Policy.Evaluate(policy.Request{Class: class, Action: policy.Store, Sites: []policy.Site{site}, Time: in.Now})
+		transit := in.Policy.Evaluate(policy.Request{Class: class, Action: policy.Transit, Sites: []policy.Site{policy.SiteOf(in.From), site}, Time: in.Now})
+		switch {
+		case !store.Allowed:
+			msg = fmt.Sprintf("%s (%s): %s [%s]", a.Node, a.Site, strings.Join(store.Reasons, "; "), store.Rule)
+		case !transit.Allowed:
+			msg = fmt.Sprintf("%s (%s): %s [%s]", a.Node, a.Site, strings.Join(transit.Reasons, "; "), transit.Rule)
+		default:
+			s.rule[class] = store.Rule.String()
+		}
+	}
+	s.policyErr[class] = msg
+	return msg
+}
+
+func noDestination(to []string) string {
+	if len(to) == 0 {
+		return "no other verified gateway in the mesh"
+	}
+	return fmt.Sprintf("no verified gateway matches %s (a node, site, region or jurisdiction)", strings.Join(to, ", "))
+}
+
+// inventoryColumns are the CSV header's names; bytes is optional.
+var inventoryColumns = []string{"name", "image", "class", "cpu", "memory_gib", "bytes"}
+
+// ParseInventory reads a CSV inventory with a header naming the columns
+// name, image, class, cpu, memory_gib and, optionally, bytes (allocated
+// bytes to move; measured from the image when absent or empty).
+func ParseInventory(r io.Reader) ([]VM, error) {
+	cr := csv.NewReader(r)
+	cr.Comment = '#'
+	cr.TrimLeadingSpace = true
+	header, err := cr.Read()
+	if err != nil {
+		return nil, fmt.Errorf("inventory header: %w", err)
+	}
+	col := map[string]int{}
+	for i, h := range header {
+		h = strings.ToLower(strings.TrimSpace(h))
+		if !slices.Contains(inventoryColumns, h) {
+			return nil, fmt.Errorf("inventory header: unknown column %q (want %s)", h, strings.Join(inventoryColumns, ", "))
+		}
+		col[h] = i
+	}
+	for _, need := range inventoryColumns[:5] {
+		if _, ok := col[need]; !ok {
+			return nil, fmt.Errorf("inventory header: column %q is missing (want %s; bytes is optional)", need, strings.Join(inventoryColumns, ", "))
+		}
+	}
+	var vms []VM
+	for {
+		rec, err := cr.Read()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			return nil, fmt.Errorf("inventory: %w", err)
+		}
+		line, _ := cr.FieldPos(0)
+		vm := VM{Name: rec[col["name"]], Image: rec[col["image"]], Class: rec[col["class"]]}
+		if vm.CPU, err = strconv.Atoi(rec[col["cpu"]]); err != nil {
+			return nil, fmt.Errorf("inventory line %d: cpu %q is not a whole number", line, rec[col["cpu"]])
+		}
+		if vm.MemoryGiB, err = strconv.ParseFloat(rec[col["memory_gib"]], 64); err != nil {
+			return nil, fmt.Errorf("inventory line %d: memory_gib %q is not a number", line, rec[col["memory_gib"]])
+		}
+		if i, ok := col["bytes"]; ok && rec[i] != "" {
+			if vm.Bytes, err = strconv.ParseInt(rec[i], 10, 64); err != nil {
+				return nil, fmt.Errorf("inventory line %d: bytes %q is not a whole number", line, rec[i])
+			}
+		}
+		vms = append(vms, vm)
+	}
+	if len(vms) == 0 {
+		return nil, errors.New("inventory lists no VM")
+	}
+	return vms, ValidateInventory(vms)
+}

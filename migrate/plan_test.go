@@ -1,0 +1,201 @@
+package migrate
+
+import (
+	"fmt"
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/skybridge-mesh/skybridge/certs"
+	"github.com/skybridge-mesh/skybridge/policy"
+)
+
+const planPolicy = `policy {
+  name    = "plan"
+  version = 1
+}
+class "risk-batch" {
+  allow "transit" {
+    site = ["*"]
+  }
+  allow "store" {
+    site = ["*"]
+  }
+}
+class "pii-eu" {
+  allow "transit" {
+    site = ["*"]
+  }
+  allow "store" {
+    jurisdiction = ["CH", "DE"]
+  }
+}
+`
+
+func planDest(node, site, jur string, cpu int, mem float64, load int, tput float64) Destination {
+	a := &certs.Attributes{Node: node, Site: site, Region: site + "-r", Provider: "aws", Jurisdiction: jur, OverlayIP: netip.MustParseAddr("100.96.0.9")}
+	if cpu > 0 {
+		a.Labels = map[string]string{LabelCapacityCPU: fmt.Sprint(cpu), LabelCapacityMemory: fmt.Sprint(mem)}
+	}
+	return Destination{Attributes: a, Load: load, Throughput: tput}
+}
+
+func TestMakePlan(t *testing.T) {
+	pol, err := policy.Parse("plan.hcl", []byte(planPolicy))
+	if err != nil {
+		t.Fatal(err)
+	}
+	now := time.Date(2026, 11, 25, 12, 0, 0, 0, time.UTC)
+	from := &certs.Attributes{Node: "gw-zrh", Site: "onprem-zrh", Region: "zrh", Provider: "onprem", Jurisdiction: "CH"}
+	fra := planDest("gw-fra", "aws-eu-central-1", "DE", 16, 64, 0, 100e6)
+	fra2 := planDest("gw-fra2", "aws-eu-central-1", "DE", 16, 64, 1, 100e6) // busy: receiving one already
+	iad := planDest("gw-iad", "aws-us-east-1", "US", 8, 32, 0, 0)
+	self := planDest("gw-zrh", "onprem-zrh", "CH", 64, 256, 0, 0)
+	dests := []Destination{iad, fra2, self, fra}
+	vm := func(name, class string, cpu int, mem float64) VM {
+		return VM{Name: name, Image: "/img/" + name + ".qcow2", Class: class, CPU: cpu, MemoryGiB: mem, Bytes: 1e9}
+	}
+	for _, tc := range []struct {
+		name     string
+		vms      []VM
+		to       []string
+		dests    []Destination
+		policy   *policy.Policy
+		want     map[string]string // VM → node ("" : unplaced)
+		reason   map[string]string // VM → a reason it must give
+		estimate time.Duration
+	}{
+		{
+			// a: fra and iad idle, fra left less full; b: iad the only idle
+			// one; c: all at one migration, fra2 left least full; d: fra
+			// and iad at one, fra half full, iad full.
+			name: "least loaded first, then least full, never to itself",
+			vms:  []VM{vm("a", "risk-batch", 4, 8), vm("b", "risk-batch", 4, 8), vm("c", "risk-batch", 4, 8), vm("d", "risk-batch", 4, 8)},
+			want: map[string]string{"a": "gw-fra", "b": "gw-iad", "c": "gw-fra2", "d": "gw-fra"},
+		},
+		{
+			name:   "policy keeps EU personal data out of the US; the reason says so",
+			vms:    []VM{vm("p1", "pii-eu", 2, 4), vm("p2", "pii-eu", 2, 4), vm("p3", "pii-eu", 2, 4)},
+			to:     []string{"US"},
+			want:   map[string]string{"p1": "", "p2": "", "p3": ""},
+			reason: map[string]string{"p1": `gw-iad (aws-us-east-1): site aws-us-east-1 (US, aws aws-us-east-1-r): store of "pii-eu" denied by default`},
+		},
+		{
+			name:     "selectors: a jurisdiction; estimates from measured throughput",
+			vms:      []VM{vm("p1", "pii-eu", 2, 4), vm("p2", "pii-eu", 2, 4)},
+			to:       []string{"DE"},
+			want:     map[string]string{"p1": "gw-fra", "p2": "gw-fra2"}, // fra2's running migration weighs as much as p1 planned on fra
+			estimate: 20 * time.Second,
+		},
+		{
+			name:   "capacity: the big VM goes first and only where it fits; one too big for anyone",
+			vms:    []VM{vm("small", "risk-batch", 8, 16), vm("big", "risk-batch", 16, 64), vm("huge", "risk-batch", 32, 64)},
+			to:     []string{"aws-eu-central-1"},
+			want:   map[string]string{"big": "gw-fra", "small": "gw-fra2", "huge": ""},
+			reason: map[string]string{"huge": "gw-fra (aws-eu-central-1): needs 32 CPU and 64 GiB; 16 CPU and 64 GiB free"}, // placed first, before the others took room
+		},
+		{
+			name:   "no gateway matches",
+			vms:    []VM{vm("x", "risk-batch", 1, 1)},
+			to:     []string{"mars-1"},
+			want:   map[string]string{"x": ""},
+			reason: map[string]string{"x": "no verified gateway matches mars-1"},
+		},
+		{
+			name:   "no policy: nothing leaves",
+			vms:    []VM{vm("x", "risk-batch", 1, 1)},
+			policy: nil,
+			want:   map[string]string{"x": ""},
+			reason: map[string]string{"x": "no residency policy is in force"},
+		},
+		{
+			name:  "unbounded destination: placed by load, noted",
+			vms:   []VM{vm("a", "risk-batch", 100, 1000), vm("b", "risk-batch", 100, 1000)},
+			dests: []Destination{planDest("gw-x", "x", "DE", 0, 0, 0, 0), planDest("gw-y", "y", "DE", 0, 0, 0, 0)},
+			want:  map[string]string{"a": "gw-x", "b": "gw-y"},
+		},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			in := PlanInput{From: from, Policy: pol, Now: now, VMs: tc.vms, To: tc.to, Destinations: dests}
+			if tc.name == "no policy: nothing leaves" {
+				in.Policy = nil
+			}
+			if tc.dests != nil {
+				in.Destinations = tc.dests
+			}
+			p, err := MakePlan(in)
+			if err != nil {
+				t.Fatal(err)
+			}
+			got := map[string]string{}
+			reasons := map[string]string{}
+			for _, pl := range p.Placements {
+				got[pl.Name] = pl.To
+				if pl.Rule == "" {
+					t.Errorf("%s placed without the rule that admits it", pl.Name)
+				}
+			}
+			for _, u := range p.Unplaced {
+				got[u.Name] = ""
+				reasons[u.Name] = strings.Join(u.Reasons, "\n")
+			}
+			for vm, want := range tc.want {
+				if g, ok := got[vm]; !ok || g != want {
+					t.Errorf("%s → %q, want %q (plan: %+v)", vm, g, want, p)
+				}
+			}
+			for vm, want := range tc.reason {
+				if !strings.Contains(reasons[vm], want) {
+					t.Errorf("%s: reasons %q lack %q", vm, reasons[vm], want)
+				}
+			}
+			if tc.estimate != 0 && p.Estimate != tc.estimate {
+				t.Errorf("estimate %s, want %s", p.Estimate, tc.estimate)
+			}
+			for i, pl := range p.Placements { // inventory order kept
+				if i > 0 && indexOf(tc.vms, pl.Name) < indexOf(tc.vms, p.Placements[i-1].Name) {
+					t.Errorf("placements out of inventory order: %s after %s", pl.Name, p.Placements[i-1].Name)
+				}
+			}
+			// Deterministic: the same inputs, the same plan.
+			again, _ := MakePlan(in)
+			if fmt.Sprint(again.Placements) != fmt.Sprint(p.Placements) {
+				t.Error("the same inputs gave another plan")
+			}
+		})
+	}
+}
+
+func indexOf(vms []VM, name string) int {
+	for i, vm := range vms {
+		if vm.Name == name {
+			return i
+		}
+	}
+	return -1
+}
+
+func TestParseInventory(t *testing.T) {
+	good := "# the monthly risk run\nname,image,class,cpu,memory_gib,bytes\nrisk-001,/img/r1.qcow2,risk-batch,8,32,1048576\nrisk-002, /img/r2.raw ,risk-batch,4,16,\n"
+	vms, err := ParseInventory(strings.NewReader(good))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(vms) != 2 || vms[0].Bytes != 1<<20 || vms[1].Bytes != 0 || vms[1].CPU != 4 || vms[1].MemoryGiB != 16 {
+		t.Errorf("parsed %+v", vms)
+	}
+	for _, tc := range []struct{ src, want string }{
+		{"name,image,class,cpu\n", `column "memory_gib" is missing`},
+		{"name,image,class,cpu,memory_gib,colour\n", `unknown column "colour"`},
+		{"name,image,class,cpu,memory_gib\nvm1,/i,risk-batch,eight,4\n", `line 2: cpu "eight" is not a whole number`},
+		{"name,image,class,cpu,memory_gib\nvm1,/i,risk-batch,1,4\nvm1,/j,risk-batch,1,4\n", `VM "vm1": listed twice`},
+		{"name,image,class,cpu,memory_gib\nvm1,/i,,1,4\n", `no data class`},
+		{"name,image,class,cpu,memory_gib\n../etc,/i,risk-batch,1,4\n", `VM "../etc"`},
+		{"name,image,class,cpu,memory_gib\n", "lists no VM"},
+	} {
+		if _, err := ParseInventory(strings.NewReader(tc.src)); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%q: err %v, want %q", tc.src, err, tc.want)
+		}
+	}
+}
