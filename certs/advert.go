@@ -44,6 +44,7 @@ const (
 	tagCertHash     = 0x0c
 	tagOptional     = 0x40
 	tagLoad         = 0x41 // optional: the gateway's current load, for placement
+	tagNextWGKey    = 0x42 // optional: the WireGuard key the gateway is about to switch to
 	tagSignature    = 0xff
 )
 
@@ -63,6 +64,10 @@ type Advert struct {
 	Endpoints    []netip.AddrPort // underlay addresses where its WireGuard listens
 	CertHash     [32]byte         // SHA-256 of the signing certificate (DER)
 	Load         uint32           // optional: migrations the gateway is receiving (0: idle or not said)
+	// NextWireGuardKey, while a key rotation runs, is the key the gateway
+	// will switch to: peers add it beside the current one, so that the
+	// switch needs no new peer, only the move of the allowed IPs.
+	NextWireGuardKey WGPublicKey
 }
 
 // SignAdvert fills in the certificate hash and signs a with the identity's
@@ -143,6 +148,9 @@ func (a *Advert) appendBody(b []byte) ([]byte, error) {
 	b = appendField(b, tagCertHash, a.CertHash[:])
 	if a.Load > 0 {
 		b = appendField(b, tagLoad, binary.AppendUvarint(nil, uint64(a.Load)))
+	}
+	if a.NextWireGuardKey != (WGPublicKey{}) {
+		b = appendField(b, tagNextWGKey, a.NextWireGuardKey[:])
 	}
 	return b, nil
 }
@@ -260,6 +268,11 @@ func DecodeAdvert(raw []byte) (*SignedAdvert, error) {
 				}
 				a.Load = uint32(n)
 			}
+		case tagNextWGKey:
+			if len(v) != WGKeyLen {
+				err = errors.New("bad next WireGuard key length")
+			}
+			copy(a.NextWireGuardKey[:], v)
 		case tagSignature:
 			if len(rest) != 0 {
 				err = errors.New("data after signature")

@@ -16,6 +16,7 @@ func TestAdvertRoundTrip(t *testing.T) {
 	id := issue(t, ca, testAttrs("gw1", "aws-eu-central-1", "100.96.0.10", "10.20.0.0/16", "fd00:20::/48", "192.168.7.0/24"), t0, time.Hour)
 	a := advertFor(id, 1<<40, t0.Add(123456789*time.Nanosecond))
 	a.Load = 3
+	a.NextWireGuardKey = WGPublicKey{1, 2, 3}
 	raw := sign(t, a, id)
 	sa, err := DecodeAdvert(raw)
 	if err != nil {
@@ -45,8 +46,9 @@ func TestAdvertFitsGossipMeta(t *testing.T) {
 	id := issue(t, ca, a, t0, time.Hour)
 	ad := advertFor(id, 1<<62, t0)
 	ad.Endpoints = append(ad.Endpoints, netip.MustParseAddrPort("[2001:db8:1:2:3:4:5:6]:51820"), netip.MustParseAddrPort("203.0.113.7:443"))
+	ad.NextWireGuardKey = WGPublicKey{9} // mid-rotation
 	raw := sign(t, ad, id)
-	t.Logf("advert with 16 routes and 4 endpoints: %d bytes", len(raw))
+	t.Logf("advert with 16 routes, 4 endpoints and a next WireGuard key: %d bytes", len(raw))
 	if len(raw) > MaxAdvertSize {
 		t.Fatalf("advert is %d bytes", len(raw))
 	}

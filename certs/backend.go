@@ -29,6 +29,9 @@ type SecretStore interface {
 	// WireGuardKey returns node's WireGuard private key, creating and
 	// storing one on first use.
 	WireGuardKey(ctx context.Context, node string) (WGPrivateKey, error)
+	// SetWireGuardKey replaces node's WireGuard private key (a rotation);
+	// once it returns, a restart uses k.
+	SetWireGuardKey(ctx context.Context, node string, k WGPrivateKey) error
 	// GossipKeyring returns the mesh's gossip keyring.
 	GossipKeyring(ctx context.Context) (*GossipKeyring, error)
 	// UpdateGossipKeyring replaces the keyring with update(current),

@@ -60,6 +60,15 @@ func (d DirSecrets) WireGuardKey(_ context.Context, node string) (WGPrivateKey, 
 	return WGPrivateKey{}, fmt.Errorf("WireGuard key %s keeps changing under us", path)
 }
 
+// SetWireGuardKey implements SecretStore: the file is replaced atomically
+// (0600), never left half-written.
+func (d DirSecrets) SetWireGuardKey(_ context.Context, _ string, k WGPrivateKey) error {
+	if err := atomicfile.WriteFile(filepath.Join(d.Dir, FileWireGuardKey), []byte(k.Base64Secret()+"\n"), 0o600); err != nil {
+		return fmt.Errorf("store WireGuard key: %w", err)
+	}
+	return nil
+}
+
 // GossipKeyring implements SecretStore.
 func (d DirSecrets) GossipKeyring(context.Context) (*GossipKeyring, error) {
 	path := filepath.Join(d.Dir, FileGossipKeyring)

@@ -336,6 +336,15 @@ func (v *Vault) WireGuardKey(ctx context.Context, node string) (WGPrivateKey, er
 	return WGPrivateKey{}, errors.New("vault WireGuard key keeps changing under us")
 }
 
+// SetWireGuardKey implements SecretStore: a new version of the KV secret
+// (the old versions stay in Vault's history, as KV v2 keeps them).
+func (v *Vault) SetWireGuardKey(ctx context.Context, node string, k WGPrivateKey) error {
+	if _, err := v.kv().Put(ctx, v.wgPath(node), map[string]any{"private_key": k.Base64Secret()}); err != nil {
+		return fmt.Errorf("vault store WireGuard key: %w", err)
+	}
+	return nil
+}
+
 // GossipKeyring implements SecretStore: KV v2 at <prefix>/gossip. The first
 // gateway to start creates it (check-and-set 0); everyone else reads it.
 func (v *Vault) GossipKeyring(ctx context.Context) (*GossipKeyring, error) {

@@ -45,6 +45,7 @@ const (
 //	  mtu        = 1420
 //	  endpoints  = ["192.0.2.1:51820"]   # underlay addresses peers reach us at; default: gossip advertise address
 //	  behind_nat = false                 # send keepalives so the NAT mapping stays open
+//	  rotate_every = "720h"              # replace the WireGuard key on a schedule (also: skybridge keys rotate-wg)
 //	}
 //	topology { mode = "full-mesh" }      # or "hub"
 //	policy {
@@ -89,7 +90,10 @@ type WireGuardConfig struct {
 	MTU       int      `hcl:"mtu,optional"`
 	Endpoints []string `hcl:"endpoints,optional"`
 	BehindNAT bool     `hcl:"behind_nat,optional"`
-	Body      hcl.Body `hcl:",body"`
+	// RotateEvery replaces the WireGuard key on a schedule ("720h");
+	// empty: only when `skybridge keys rotate-wg` asks.
+	RotateEvery string   `hcl:"rotate_every,optional"`
+	Body        hcl.Body `hcl:",body"`
 }
 
 // TopologyConfig is the topology block.
@@ -137,6 +141,8 @@ type Settings struct {
 	MTU       int
 	Endpoints []netip.AddrPort
 	BehindNAT bool
+	// WGRotateEvery is the WireGuard key's scheduled lifetime (0: none).
+	WGRotateEvery time.Duration
 
 	Topology string
 
@@ -241,6 +247,17 @@ func (c *Config) validate() (*Settings, error) {
 			continue
 		}
 		s.Endpoints = append(s.Endpoints, ap)
+	}
+	if w.RotateEvery != "" {
+		d, err := time.ParseDuration(w.RotateEvery)
+		switch {
+		case err != nil:
+			errs = append(errs, hclconf.Errorf(w.Body, "rotate_every", "%q is not a duration such as \"720h\"", w.RotateEvery))
+		case d < 10*time.Minute:
+			errs = append(errs, hclconf.Errorf(w.Body, "rotate_every", "%s is too often: at least 10m", d))
+		default:
+			s.WGRotateEvery = d
+		}
 	}
 	if len(s.Endpoints) == 0 && s.GossipAdvertise.IsValid() {
 		s.Endpoints = []netip.AddrPort{netip.AddrPortFrom(s.GossipAdvertise.Addr(), uint16(s.Port))}

@@ -65,6 +65,10 @@ func (g *Gateway) serveControl() (io.Closer, error) {
 		}
 		reply(w, map[string]any{"adopted": adopted, "policy": g.policyRevision()}, nil)
 	})
+	mux.HandleFunc("POST /v1/keys/rotate-wg", func(w http.ResponseWriter, r *http.Request) {
+		rep, err := g.RotateWireGuardKey(r.Context())
+		reply(w, rep, err)
+	})
 	mux.HandleFunc("POST /v1/keys/rotate-gossip", func(w http.ResponseWriter, r *http.Request) {
 		rep, err := g.RotateGossipKey(r.Context())
 		reply(w, rep, err)
@@ -371,6 +375,12 @@ func (c *Client) CancelMigration(ctx context.Context, id string) error {
 func (c *Client) VerifyImage(ctx context.Context, name string) (*migrate.VerifyReport, error) {
 	var r migrate.VerifyReport
 	return &r, c.do(ctx, http.MethodPost, "/v1/images/"+name+"/verify", nil, &r)
+}
+
+// RotateWireGuardKey asks the gateway to replace its WireGuard key.
+func (c *Client) RotateWireGuardKey(ctx context.Context) (*WGRotationReport, error) {
+	var r WGRotationReport
+	return &r, c.do(ctx, http.MethodPost, "/v1/keys/rotate-wg", nil, &r)
 }
 
 // RotateGossipKey rotates the mesh's gossip key from this gateway.

@@ -34,7 +34,9 @@ type Gateway struct {
 	prov    *certs.Provider
 	id      atomic.Pointer[certs.NodeIdentity]
 	trust   atomic.Pointer[certs.TrustBundle]
+	wgMu    sync.Mutex // guards wgKey and wgNext, which a rotation changes
 	wgKey   certs.WGPrivateKey
+	wgNext  certs.WGPrivateKey // zero unless a rotation has advertised it
 	keyring *memberlist.Keyring
 	dev     Device
 
@@ -69,6 +71,10 @@ type Gateway struct {
 	graph        graphCache
 	operatorAddr atomic.Pointer[net.Addr]
 	operatorTok  atomic.Pointer[string]
+	wgRotation   sync.Mutex // one WireGuard key rotation at a time
+	advertMu     sync.Mutex // serialises signAdvert
+	wgAck        atomic.Pointer[wgAckWaiter]
+	nextAcked    map[certs.WGPublicKey]bool // owned by the reconcile loop: peers' next keys acknowledged
 	mig          *migrations
 	load         atomic.Uint32 // migrations being received, advertised
 	readvertise  chan struct{}
@@ -124,7 +130,7 @@ func newGateway(ctx context.Context, s *Settings, logger *slog.Logger, opt optio
 	g := &Gateway{
 		s: s, now: time.Now, state: stateDir(s.StateDir), opt: opt,
 		inbox: make(chan []byte, inboxSize), kick: make(chan struct{}, 1), sends: make(chan struct{}, maxSends),
-		lastApplied: map[certs.WGPublicKey]PeerConfig{}, certAsked: map[string]time.Time{},
+		lastApplied: map[certs.WGPublicKey]PeerConfig{}, certAsked: map[string]time.Time{}, nextAcked: map[certs.WGPublicKey]bool{},
 		started: time.Now(), acks: make(chan keyringAck, 64), readvertise: make(chan struct{}, 1),
 		joined: make(chan struct{}),
 	}
@@ -212,17 +218,26 @@ func (g *Gateway) loadSecrets(ctx context.Context) error {
 
 // signAdvert makes and signs our advert with a fresh version.
 func (g *Gateway) signAdvert() error {
+	// One at a time: two signers could otherwise store their adverts in
+	// the opposite order of their versions, and peers would refuse the
+	// older-versioned one that ended up current as a replay.
+	g.advertMu.Lock()
+	defer g.advertMu.Unlock()
 	id := g.id.Load()
 	a := id.Attributes()
 	v, err := g.state.nextAdvertVersion(uint64(g.now().UnixMilli()))
 	if err != nil {
 		return fmt.Errorf("advert version: %w", err)
 	}
+	cur, next := g.wgKeys()
 	ad := &certs.Advert{
 		Version: v, Timestamp: g.now(),
 		Node: a.Node, Site: a.Site, Region: a.Region, Provider: a.Provider, Jurisdiction: a.Jurisdiction,
-		OverlayIP: a.OverlayIP, Routes: a.Routes, WireGuardKey: g.wgKey.Public(), Endpoints: g.s.Endpoints,
+		OverlayIP: a.OverlayIP, Routes: a.Routes, WireGuardKey: cur.Public(), Endpoints: g.s.Endpoints,
 		Load: g.load.Load(),
+	}
+	if !next.IsZero() {
+		ad.NextWireGuardKey = next.Public()
 	}
 	raw, err := certs.SignAdvert(ad, id)
 	if err != nil {
@@ -278,6 +293,7 @@ func (g *Gateway) Run(ctx context.Context) error {
 	loop(g.worker)
 	loop(g.maintain)
 	loop(g.advertiseLoad)
+	loop(g.rotateOnSchedule)
 	if g.prov.Issuer() != nil {
 		loop(func(ctx context.Context) {
 			if err := g.prov.KeepRenewed(ctx, g.id.Load(), g.renewed); ctx.Err() == nil {
@@ -557,6 +573,7 @@ func (g *Gateway) reconcile() {
 	}
 	g.plan.Store(&plan)
 	g.planKey = key
+	g.ackNextKeys(plan)
 	if time.Since(g.savedAt) >= saveInterval && g.savedGen != key.gen {
 		g.savedGen = key.gen
 		g.saveMembers()

@@ -77,7 +77,7 @@ func (g *Gateway) Status() (*Status, error) {
 	tb := g.trust.Load()
 	st := &Status{
 		Node: a.Node, Site: a.Site, Region: a.Region, Jurisdiction: a.Jurisdiction, OverlayIP: a.OverlayIP,
-		Interface: g.dev.Name(), Mode: g.dev.Mode(), PublicKey: g.wgKey.Public().String(), ListenPort: g.s.Port,
+		Interface: g.dev.Name(), Mode: g.dev.Mode(), PublicKey: g.wgPublicKey(), ListenPort: g.s.Port,
 		Gossip: g.s.GossipAdvertise.String(), Policy: g.policyRevision(), Topology: g.s.Topology, Uptime: time.Since(g.started),
 		Identity: IdentityStatus{Serial: certs.FormatSerial(id.Certificate().SerialNumber), NotAfter: id.Certificate().NotAfter, CRLNumber: crlNumber(tb.CRL())},
 	}

@@ -54,6 +54,10 @@ type PeerConfig struct {
 	Endpoint   netip.AddrPort    `json:"endpoint"`
 	AllowedIPs []netip.Prefix    `json:"allowed_ips"`
 	Keepalive  time.Duration     `json:"keepalive"`
+	// Next marks the entry for the key a peer is rotating to: no allowed
+	// IPs until the peer switches, so it routes nothing, but a handshake
+	// with the new key succeeds at once.
+	Next bool `json:"next,omitempty"`
 }
 
 // Link is the residency verdict for a pair of sites.
@@ -179,7 +183,28 @@ func Compute(in TopologyInput) Plan {
 		}
 	}
 	dedupe(&plan, in.Self, in.MeshPrefix)
+	addNextKeys(&plan, members)
 	return plan
+}
+
+// addNextKeys adds an entry for each peer's next key (a rotation in
+// progress), beside its current one.
+func addNextKeys(plan *Plan, members []Node) {
+	next := map[string]Node{}
+	for _, m := range members {
+		if k := m.Advert.NextWireGuardKey; k != (certs.WGPublicKey{}) && k != m.Advert.WireGuardKey {
+			next[m.node()] = m
+		}
+	}
+	if len(next) == 0 {
+		return
+	}
+	n := len(plan.Peers)
+	for _, pc := range plan.Peers[:n] {
+		if m, ok := next[pc.Node]; ok {
+			plan.Peers = append(plan.Peers, PeerConfig{Node: pc.Node, Site: pc.Site, PublicKey: m.Advert.NextWireGuardKey, Endpoint: pc.Endpoint, Keepalive: pc.Keepalive, Next: true})
+		}
+	}
 }
 
 // hubPeers builds the hub topology: each site's hub (its route carrier)

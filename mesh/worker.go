@@ -119,6 +119,8 @@ func (g *Gateway) handle(b []byte) error {
 
 	case msgLeaving:
 		return g.handleLeaving(m)
+	case msgWGKeyAck:
+		return g.handleWGKeyAck(m)
 	case msgKeyringOp:
 		return g.handleKeyringOp(m)
 	case msgKeyringAck:

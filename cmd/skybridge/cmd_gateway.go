@@ -218,6 +218,34 @@ func keysCommand() *cli.Command {
 				fmt.Fprintf(c.App.Writer, "gossip key rotated on %d other gateways in %s: %s\n", len(rep.Members), rep.Elapsed.Round(time.Millisecond), strings.Join(rep.Members, ", "))
 				return nil
 			},
+		}, {
+			Name:  "rotate-wg",
+			Usage: "replace this gateway's WireGuard key without dropping its tunnels (also on a schedule: wireguard { rotate_every = \"720h\" })",
+			UsageText: "skybridge keys rotate-wg (--socket PATH | --config FILE) [--json]\n\n" +
+				"The next key is advertised first; peers add it and acknowledge; then the gateway switches and peers move\n" +
+				"their routes to the new key. Tunnels pause for about as long as gossip takes to carry the switch.",
+			Flags: append(append([]cli.Flag(nil), socketFlags...), jsonFlag),
+			Action: func(c *cli.Context) error {
+				cl, err := controlClient(c)
+				if err != nil {
+					return err
+				}
+				ctx, cancel := context.WithTimeout(c.Context, time.Minute)
+				defer cancel()
+				rep, err := cl.RotateWireGuardKey(ctx)
+				if err != nil {
+					return err
+				}
+				if c.Bool("json") {
+					return printJSON(c.App.Writer, rep)
+				}
+				fmt.Fprintf(c.App.Writer, "WireGuard key rotated in %s: %s → %s\n", rep.Took.Round(time.Millisecond), rep.OldKey, rep.NewKey)
+				fmt.Fprintf(c.App.Writer, "peers ready before the switch: %s\n", dash(strings.Join(rep.Ready, ", ")))
+				if len(rep.Late) > 0 {
+					fmt.Fprintf(c.App.Writer, "peers that had not acknowledged (they catch up from the advert): %s\n", strings.Join(rep.Late, ", "))
+				}
+				return nil
+			},
 		}},
 	}
 }

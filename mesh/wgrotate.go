@@ -1,0 +1,246 @@
+package mesh
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"slices"
+	"strings"
+	"time"
+
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
+
+	"github.com/skybridge-mesh/skybridge/certs"
+	"github.com/skybridge-mesh/skybridge/internal/atomicfile"
+)
+
+// WireGuard key rotation, make-before-break as far as WireGuard allows:
+//
+//  1. The gateway advertises the next key beside the current one (signed
+//     advert). Every peer adds it as a second peer entry with no allowed
+//     IPs, which routes nothing but lets a handshake with the new key
+//     succeed at once, and acknowledges.
+//  2. Once its peers have acknowledged (or a deadline passed), the gateway
+//     stores the new key durably, switches its device to it and
+//     advertises it as the current key. Each peer, on that advert, moves
+//     the allowed IPs to the new entry and removes the old: WireGuard
+//     cannot route one address to two keys, so this move is the only
+//     interruption, as long as gossip takes to carry the advert.
+//
+// Acknowledgements only tell the gateway when to switch; a forged one
+// can at worst make it switch before a peer was ready, which costs that
+// peer one handshake round trip more.
+
+const (
+	msgWGKeyAck     byte = 10 // node, next public key: "I have added it"
+	wgAckWait            = 15 * time.Second
+	wgRotatedFile        = "wireguard.rotated" // when the key last changed (RFC 3339)
+	wgRotationCheck      = time.Minute
+)
+
+// WGRotationReport says how a rotation went.
+type WGRotationReport struct {
+	OldKey string        `json:"old_public_key"`
+	NewKey string        `json:"new_public_key"`
+	Ready  []string      `json:"ready"` // peers that had added the new key before the switch
+	Late   []string      `json:"late"`  // peers that had not acknowledged within the wait
+	Took   time.Duration `json:"took_ns"`
+}
+
+type wgAckWaiter struct {
+	key certs.WGPublicKey
+	ch  chan string
+}
+
+// wgKeys returns the current private key and the next one (zero if no
+// rotation is under way).
+func (g *Gateway) wgKeys() (cur, next certs.WGPrivateKey) {
+	g.wgMu.Lock()
+	defer g.wgMu.Unlock()
+	return g.wgKey, g.wgNext
+}
+
+// RotateWireGuardKey replaces the gateway's WireGuard key without
+// dropping its tunnels (see above). One rotation runs at a time.
+func (g *Gateway) RotateWireGuardKey(ctx context.Context) (*WGRotationReport, error) {
+	g.wgRotation.Lock()
+	defer g.wgRotation.Unlock()
+	start := time.Now()
+	old, _ := g.wgKeys()
+	next, err := certs.GenerateWGKey()
+	if err != nil {
+		return nil, err
+	}
+	rep := &WGRotationReport{OldKey: old.Public().String(), NewKey: next.Public().String(), Ready: []string{}, Late: []string{}}
+	expect := map[string]bool{}
+	if p := g.plan.Load(); p != nil {
+		for _, pc := range p.Peers {
+			if !pc.Next {
+				expect[pc.Node] = true
+			}
+		}
+	}
+	acks := make(chan string, len(expect)+8)
+	g.wgAck.Store(&wgAckWaiter{key: next.Public(), ch: acks})
+	defer g.wgAck.Store(nil)
+
+	g.wgMu.Lock()
+	g.wgNext = next
+	g.wgMu.Unlock()
+	if err := g.advertiseNow(); err != nil {
+		g.abandonNext()
+		return nil, fmt.Errorf("advertise the next WireGuard key: %w", err)
+	}
+	g.log.Info("WireGuard key rotation: next key advertised", "peers", len(expect))
+
+	deadline := time.NewTimer(wgAckWait)
+	defer deadline.Stop()
+wait:
+	for len(rep.Ready) < len(expect) {
+		select {
+		case n := <-acks:
+			if expect[n] && !slices.Contains(rep.Ready, n) {
+				rep.Ready = append(rep.Ready, n)
+			}
+		case <-deadline.C:
+			break wait
+		case <-ctx.Done():
+			g.abandonNext()
+			return nil, ctx.Err()
+		}
+	}
+	for n := range expect {
+		if !slices.Contains(rep.Ready, n) {
+			rep.Late = append(rep.Late, n)
+		}
+	}
+	slices.Sort(rep.Ready)
+	slices.Sort(rep.Late)
+
+	// Durable first: a crash after this point restarts with the new key,
+	// which peers already know.
+	node := g.id.Load().Attributes().Node
+	if err := g.prov.Secrets().SetWireGuardKey(ctx, node, next); err != nil {
+		g.abandonNext()
+		return nil, err
+	}
+	k := wgtypes.Key(next.Bytes())
+	if err := g.dev.Configure(wgtypes.Config{PrivateKey: &k}); err != nil {
+		// The stored key is the new one; a restart completes the switch.
+		return nil, fmt.Errorf("switch %s to the new key (stored; a restart completes the switch): %w", g.dev.Name(), err)
+	}
+	g.wgMu.Lock()
+	g.wgKey, g.wgNext = next, certs.WGPrivateKey{}
+	g.wgMu.Unlock()
+	if err := g.advertiseNow(); err != nil {
+		return nil, fmt.Errorf("advertise the new WireGuard key: %w", err)
+	}
+	g.state.markRotated(g.now())
+	rep.Took = time.Since(start)
+	g.log.Info("WireGuard key rotated", "public_key", rep.NewKey, "ready", len(rep.Ready), "late", strings.Join(rep.Late, ","), "took", rep.Took.Round(time.Millisecond))
+	return rep, nil
+}
+
+// abandonNext withdraws an advertised next key (a rotation that failed
+// before the switch): peers drop the extra entry.
+func (g *Gateway) abandonNext() {
+	g.wgMu.Lock()
+	g.wgNext = certs.WGPrivateKey{}
+	g.wgMu.Unlock()
+	if err := g.advertiseNow(); err != nil {
+		g.log.Warn("withdraw the next WireGuard key", "err", err)
+	}
+}
+
+// advertiseNow signs a new advert and gossips it now.
+func (g *Gateway) advertiseNow() error {
+	if err := g.signAdvert(); err != nil {
+		return err
+	}
+	return g.ml.UpdateNode(5 * time.Second)
+}
+
+// handleWGKeyAck passes a peer's acknowledgement to the running rotation.
+func (g *Gateway) handleWGKeyAck(m message) error {
+	if len(m.fields) != 2 || len(m.fields[1]) != certs.WGKeyLen {
+		return errors.New("WireGuard key ack: malformed")
+	}
+	w := g.wgAck.Load()
+	if w == nil || certs.WGPublicKey(m.fields[1]) != w.key {
+		return nil // a late ack, or for another rotation
+	}
+	select {
+	case w.ch <- string(m.fields[0]):
+	default:
+	}
+	return nil
+}
+
+// ackNextKeys tells the peers whose next key the device now holds that
+// they may switch; once per key. It runs in the reconcile loop.
+func (g *Gateway) ackNextKeys(plan Plan) {
+	seen := map[certs.WGPublicKey]bool{}
+	self := []byte(g.id.Load().Attributes().Node)
+	for _, pc := range plan.Peers {
+		if !pc.Next {
+			continue
+		}
+		seen[pc.PublicKey] = true
+		if g.nextAcked[pc.PublicKey] {
+			continue
+		}
+		g.nextAcked[pc.PublicKey] = true
+		g.sendAsync(pc.Node, netip.AddrPort{}, encodeMessage(msgWGKeyAck, self, pc.PublicKey[:]))
+	}
+	for k := range g.nextAcked {
+		if !seen[k] {
+			delete(g.nextAcked, k)
+		}
+	}
+}
+
+// rotateOnSchedule rotates the key when the configured period has passed
+// since the last change (the first start counts as one).
+func (g *Gateway) rotateOnSchedule(ctx context.Context) {
+	if g.s.WGRotateEvery <= 0 {
+		return
+	}
+	t := time.NewTicker(wgRotationCheck)
+	defer t.Stop()
+	for {
+		last, err := g.state.rotatedAt()
+		if errors.Is(err, os.ErrNotExist) {
+			g.state.markRotated(g.now())
+			last = g.now()
+		}
+		if wait := g.s.WGRotateEvery - g.now().Sub(last); wait <= 0 {
+			if _, err := g.RotateWireGuardKey(ctx); err != nil && ctx.Err() == nil {
+				g.log.Error("scheduled WireGuard key rotation", "err", err)
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+func (d stateDir) markRotated(t time.Time) error {
+	return atomicfile.WriteFile(d.path(wgRotatedFile), []byte(t.UTC().Format(time.RFC3339)+"\n"), 0o600)
+}
+
+func (d stateDir) rotatedAt() (time.Time, error) {
+	b, err := os.ReadFile(d.path(wgRotatedFile))
+	if err != nil {
+		return time.Time{}, err
+	}
+	return time.Parse(time.RFC3339, strings.TrimSpace(string(b)))
+}
+
+func (g *Gateway) wgPublicKey() string {
+	k, _ := g.wgKeys()
+	return k.Public().String()
+}

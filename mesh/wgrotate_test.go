@@ -1,0 +1,73 @@
+package mesh
+
+import (
+	"context"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"testing"
+	"time"
+
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
+
+	"github.com/skybridge-mesh/skybridge/certs"
+)
+
+// TestWireGuardKeyRotation rotates one gateway's key among three live
+// gateways: the others acknowledge the advertised next key before the
+// switch, then route the gateway's overlay address to the new key only;
+// the new key is stored for restarts and shows in the status.
+func TestWireGuardKeyRotation(t *testing.T) {
+	dir := t.TempDir()
+	ca, err := certs.InitCA(filepath.Join(dir, "ca"), certs.InitOptions{MeshPrefix: netip.MustParsePrefix("100.64.0.0/10")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	lw := &lockedWriter{}
+	port := 27000 + os.Getpid()%3000
+	a := startLiveGateway(t, ca, dir, 0, "zrh-dc", nil, &port, lw)
+	seed := []string{a.g.s.GossipAdvertise.String()}
+	b := startLiveGateway(t, ca, dir, 1, "aws-fra", seed, &port, lw)
+	c := startLiveGateway(t, ca, dir, 2, "gcp-ams", seed, &port, lw)
+	for _, lg := range []*liveGateway{a, b, c} {
+		waitUntil(t, 20*time.Second, lg.g.s.Node.Name+" peers with the other two", func() bool { return len(lg.dev.Peers()) == 2 })
+	}
+	old := wgtypes.Key(a.g.wgKey.Public())
+	aIP := netip.MustParsePrefix(a.g.id.Load().Attributes().OverlayIP.String() + "/32")
+
+	rep, err := a.g.RotateWireGuardKey(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(rep.Ready, []string{"op1", "op2"}) || len(rep.Late) != 0 {
+		t.Errorf("ready %v, late %v: both peers should have added the next key before the switch", rep.Ready, rep.Late)
+	}
+	newKey := wgtypes.Key(a.g.wgKey.Public())
+	if newKey == old || rep.NewKey != certs.WGPublicKey(newKey).String() {
+		t.Fatalf("key not replaced: %s → %s (report %s)", old, newKey, rep.NewKey)
+	}
+	for _, lg := range []*liveGateway{b, c} {
+		waitUntil(t, 10*time.Second, lg.g.s.Node.Name+" routes op0 to its new key only", func() bool {
+			peers := lg.dev.Peers()
+			p, ok := peers[newKey]
+			_, stale := peers[old]
+			routed := false
+			for _, n := range p.AllowedIPs {
+				routed = routed || prefixOf(n) == aIP
+			}
+			return ok && !stale && routed && len(peers) == 2
+		})
+	}
+	stored, err := a.g.prov.Secrets().WireGuardKey(context.Background(), "op0")
+	if err != nil || wgtypes.Key(stored.Public()) != newKey {
+		t.Errorf("stored key %v (err %v), want the new one: a restart must keep it", stored.Public(), err)
+	}
+	st, err := a.g.Status()
+	if err != nil || st.PublicKey != rep.NewKey {
+		t.Errorf("status public key %q, want %s", st.PublicKey, rep.NewKey)
+	}
+	if _, err := a.g.state.rotatedAt(); err != nil {
+		t.Errorf("rotation time not recorded: %v", err)
+	}
+}
