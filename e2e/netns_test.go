@@ -30,7 +30,9 @@ const helperEnv = "SKYBRIDGE_E2E_HELPER"
 // runHelper is the test binary acting as a tiny network tool inside a
 // namespace: "echo ADDR" serves TCP echo; "dial ADDR" sends a line and
 // expects it back; "get URL TOKENFILE" prints what an HTTP GET with the
-// bearer token returns (exit 3 on 401, 1 if unreachable).
+// bearer token returns (exit 3 on 401, 1 if unreachable); "stream ADDR
+// SECONDS" keeps one TCP connection busy with a line every 20 ms for that
+// long, expects every line back, and prints the longest wait for one.
 func runHelper(h string) int {
 	f := strings.Fields(h)
 	switch f[0] {
@@ -62,6 +64,35 @@ func runHelper(h string) int {
 			fmt.Fprintln(os.Stderr, "echo mismatch:", got, err)
 			return 1
 		}
+		return 0
+	case "stream":
+		secs, _ := strconv.Atoi(f[2])
+		c, err := net.DialTimeout("tcp", f[1], 3*time.Second)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 1
+		}
+		defer c.Close()
+		r := bufio.NewReader(c)
+		end := time.Now().Add(time.Duration(secs) * time.Second)
+		var worst time.Duration
+		for i := 0; time.Now().Before(end); i++ {
+			msg := fmt.Sprintf("line %08d\n", i)
+			sent := time.Now()
+			c.SetDeadline(sent.Add(30 * time.Second))
+			if _, err := io.WriteString(c, msg); err != nil {
+				fmt.Fprintln(os.Stderr, "write:", err)
+				return 1
+			}
+			got, err := r.ReadString('\n')
+			if err != nil || got != msg {
+				fmt.Fprintln(os.Stderr, "echo:", got, err)
+				return 1
+			}
+			worst = max(worst, time.Since(sent))
+			time.Sleep(20 * time.Millisecond)
+		}
+		fmt.Printf("lines=ok longest_ms=%d\n", worst.Milliseconds())
 		return 0
 	case "get":
 		tok, err := os.ReadFile(f[2])

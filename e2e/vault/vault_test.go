@@ -219,6 +219,21 @@ func TestVaultIdentityLifecycle(t *testing.T) {
 	if err != nil || kv.Data["private_key"] != wg.Base64Secret() {
 		t.Fatalf("WireGuard key not in KV v2 where documented: %v", err)
 	}
+	// A rotation stores the new key as a new version; the gateway's next
+	// start reads it.
+	rotated, err := certs.GenerateWGKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Secrets().SetWireGuardKey(ctx, a.Node, rotated); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := p.Secrets().WireGuardKey(ctx, a.Node); err != nil || got.Public() != rotated.Public() {
+		t.Fatalf("after a rotation the stored key is %v (err %v), want the new one", got.Public(), err)
+	}
+	if v, err := e.root.KVv2(e.kv).GetVersionsAsList(ctx, "skybridge/nodes/gw-fra-1/wireguard"); err != nil || len(v) != 2 {
+		t.Errorf("KV versions after one rotation: %d (err %v), want 2", len(v), err)
+	}
 
 	// A second gateway (token auth this time) shares the keyring, and a
 	// rotation by one is seen by the other.
