@@ -32,7 +32,10 @@ const helperEnv = "SKYBRIDGE_E2E_HELPER"
 // expects it back; "get URL TOKENFILE" prints what an HTTP GET with the
 // bearer token returns (exit 3 on 401, 1 if unreachable); "stream ADDR
 // SECONDS" keeps one TCP connection busy with a line every 20 ms for that
-// long, expects every line back, and prints the longest wait for one.
+// long, expects every line back, and prints the longest wait for one;
+// "reconnect ADDR SECONDS" does the same but, when the connection breaks,
+// connects again (as a client of a failed-over service does) and prints
+// the longest time between two echoed lines and the number of reconnects.
 func runHelper(h string) int {
 	f := strings.Fields(h)
 	switch f[0] {
@@ -93,6 +96,50 @@ func runHelper(h string) int {
 			time.Sleep(20 * time.Millisecond)
 		}
 		fmt.Printf("lines=ok longest_ms=%d\n", worst.Milliseconds())
+		return 0
+	case "reconnect":
+		secs, _ := strconv.Atoi(f[2])
+		end := time.Now().Add(time.Duration(secs) * time.Second)
+		var (
+			c          net.Conn
+			r          *bufio.Reader
+			last       = time.Now()
+			worst      time.Duration
+			reconnects int
+			ok         bool
+		)
+		for i := 0; time.Now().Before(end); i++ {
+			if c == nil {
+				var err error
+				if c, err = net.DialTimeout("tcp", f[1], 500*time.Millisecond); err != nil {
+					c = nil
+					time.Sleep(100 * time.Millisecond)
+					continue
+				}
+				r = bufio.NewReader(c)
+				if i > 0 {
+					reconnects++
+				}
+			}
+			msg := fmt.Sprintf("line %08d\n", i)
+			c.SetDeadline(time.Now().Add(time.Second))
+			_, err := io.WriteString(c, msg)
+			var got string
+			if err == nil {
+				got, err = r.ReadString('\n')
+			}
+			if err != nil || got != msg {
+				c.Close()
+				c, ok = nil, false
+				continue
+			}
+			worst, last, ok = max(worst, time.Since(last)), time.Now(), true
+			time.Sleep(20 * time.Millisecond)
+		}
+		fmt.Printf("longest_ms=%d reconnects=%d\n", worst.Milliseconds(), reconnects)
+		if !ok {
+			return 1
+		}
 		return 0
 	case "get":
 		tok, err := os.ReadFile(f[2])
@@ -320,11 +367,13 @@ func status(socket string) (*gwStatus, error) {
 }
 
 type gwStatus struct {
-	Node      string `json:"node"`
-	PublicKey string `json:"public_key"`
-	Policy    string `json:"policy"`
-	Operator  string `json:"operator"`
-	Members   []struct {
+	Node        string            `json:"node"`
+	PublicKey   string            `json:"public_key"`
+	Policy      string            `json:"policy"`
+	Operator    string            `json:"operator"`
+	Carriers    map[string]string `json:"carriers"`
+	Unreachable []string          `json:"unreachable"`
+	Members     []struct {
 		Node      string `json:"node"`
 		State     string `json:"state"`
 		Peer      bool   `json:"peer"`

@@ -71,8 +71,10 @@ type Gateway struct {
 	graph        graphCache
 	operatorAddr atomic.Pointer[net.Addr]
 	operatorTok  atomic.Pointer[string]
-	wgRotation   sync.Mutex // one WireGuard key rotation at a time
-	advertMu     sync.Mutex // serialises signAdvert
+	wgRotation   sync.Mutex                      // one WireGuard key rotation at a time
+	advertMu     sync.Mutex                      // serialises signAdvert
+	down         atomic.Pointer[map[string]bool] // gateways our data plane does not reach (health.go)
+	healthGen    atomic.Uint64                   // counts changes of down
 	wgAck        atomic.Pointer[wgAckWaiter]
 	nextAcked    map[certs.WGPublicKey]bool // owned by the reconcile loop: peers' next keys acknowledged
 	mig          *migrations
@@ -294,6 +296,9 @@ func (g *Gateway) Run(ctx context.Context) error {
 	loop(g.maintain)
 	loop(g.advertiseLoad)
 	loop(g.rotateOnSchedule)
+	if g.s.Topology != TopologyHub {
+		loop(g.healthLoop) // hubs are chosen from the membership alone
+	}
 	if g.prov.Issuer() != nil {
 		loop(func(ctx context.Context) {
 			if err := g.prov.KeepRenewed(ctx, g.id.Load(), g.renewed); ctx.Err() == nil {
@@ -546,12 +551,12 @@ func (g *Gateway) reconcile() {
 	// the policy has time windows): when none changed, the last plan
 	// stands and this pass only repairs drift on the device. In a large
 	// mesh that is most passes, and Compute is the costly part.
-	key := planKey{gen: g.members.generation(), self: self, policy: pol, trust: trust}
+	key := planKey{gen: g.members.generation(), health: g.healthGen.Load(), self: self, policy: pol, trust: trust}
 	var plan Plan
 	if last := g.plan.Load(); last != nil && g.planKey == key && g.links.holds(now) {
 		plan = *last
 	} else {
-		in := TopologyInput{Self: *self, Peers: g.members.gateways(), Mode: g.s.Topology, BehindNAT: g.s.BehindNAT, Now: now, MeshPrefix: trust.MeshPrefix(), Memo: &g.links}
+		in := TopologyInput{Self: *self, Peers: g.members.gateways(), Mode: g.s.Topology, BehindNAT: g.s.BehindNAT, Now: now, MeshPrefix: trust.MeshPrefix(), Memo: &g.links, Down: g.downSet()}
 		if pol != nil {
 			in.Policy = pol.p
 		}
@@ -583,6 +588,7 @@ func (g *Gateway) reconcile() {
 // planKey identifies the inputs of a plan, but for time.
 type planKey struct {
 	gen    uint64
+	health uint64
 	self   *Node
 	policy *adoptedPolicy
 	trust  *certs.TrustBundle

@@ -3,6 +3,7 @@ package mesh
 import (
 	"fmt"
 	"net/netip"
+	"sort"
 	"time"
 
 	"github.com/skybridge-mesh/skybridge/certs"
@@ -28,7 +29,12 @@ type Status struct {
 	Members      []MemberStatus `json:"members"`
 	Links        []Link         `json:"links"`
 	Conflicts    []string       `json:"conflicts,omitempty"`
-	Reconcile    ReconcileStats `json:"reconcile"`
+	// Carriers names, per site, the gateway its routes go through from
+	// here; Unreachable, the gateways our probes through their tunnels
+	// do not reach (or that have not proved themselves yet).
+	Carriers    map[string]string `json:"carriers"`
+	Unreachable []string          `json:"unreachable,omitempty"`
+	Reconcile   ReconcileStats    `json:"reconcile"`
 }
 
 // IdentityStatus describes our own certificate.
@@ -88,8 +94,12 @@ func (g *Gateway) Status() (*Status, error) {
 	st.Reconcile = ReconcileStats{Runs: g.stats.runs, Errors: g.stats.errors, LastError: g.stats.lastError, Last: g.stats.last, Duration: g.stats.duration}
 	g.stats.mu.Unlock()
 	if p := g.plan.Load(); p != nil {
-		st.Links, st.Conflicts = p.Links, p.Conflicts
+		st.Links, st.Conflicts, st.Carriers = p.Links, p.Conflicts, p.Carriers
 	}
+	for n := range g.downSet() {
+		st.Unreachable = append(st.Unreachable, n)
+	}
+	sort.Strings(st.Unreachable)
 	dev, err := g.dev.Device()
 	if err != nil {
 		return nil, fmt.Errorf("read %s: %w", g.dev.Name(), err)

@@ -44,6 +44,10 @@ type TopologyInput struct {
 	Mode       string         // TopologyFullMesh or TopologyHub
 	BehindNAT  bool           // Self needs keepalives to hold its NAT mapping
 	Now        time.Time      // decides which policy exceptions are in force
+	// Down names gateways this gateway's data plane cannot reach (probes
+	// through their tunnels fail): a site's routes go through another of
+	// its gateways if it has one.
+	Down map[string]bool
 }
 
 // PeerConfig is the WireGuard configuration of one peer.
@@ -120,6 +124,8 @@ type Plan struct {
 	Peers  []PeerConfig   `json:"peers"`  // sorted by node
 	Routes []netip.Prefix `json:"routes"` // site prefixes to route into the interface
 	Links  []Link         `json:"links"`  // one per remote site, sorted by site
+	// Carriers names, per site, the gateway its routes go through.
+	Carriers map[string]string `json:"carriers"`
 	// Conflicts lists claims the plan had to drop: a prefix claimed by
 	// gateways of two sites, or a gateway's routes shadowed by another
 	// gateway of its own site (only one gateway per site carries them).
@@ -150,16 +156,31 @@ func Compute(in TopologyInput) Plan {
 	}
 	linked := func(g *Node) bool { return g.site() == in.Self.site() || links[g.site()].Allowed }
 
-	// Routes of a site are carried by exactly one of its gateways (the
-	// first by name; issue-9 HA replaces "first" with "first healthy").
+	// Routes of a site are carried by exactly one of its gateways: the
+	// first by name that our data plane reaches (the first by name if it
+	// reaches none, so that the routes stay somewhere). In a full mesh
+	// that is each gateway's own choice; hubs must be the same for
+	// everyone (a hub peers only with hubs), so they are chosen from the
+	// membership alone.
+	down := in.Down
+	if in.Mode == TopologyHub {
+		down = nil
+	}
 	carrier := make(map[string]string, len(links)+1) // site → node
+	better := func(a, b string) bool {               // a should carry rather than b
+		if down[a] != down[b] {
+			return !down[a]
+		}
+		return a < b
+	}
 	carrier[in.Self.site()] = in.Self.node()
 	for i := range peers {
 		g := &peers[i]
-		if c, ok := carrier[g.site()]; !ok || g.node() < c {
+		if c, ok := carrier[g.site()]; !ok || better(g.node(), c) {
 			carrier[g.site()] = g.node()
 		}
 	}
+	plan.Carriers = carrier
 
 	members := make([]Node, 0, len(peers)) // the linked ones
 	for _, p := range peers {

@@ -111,6 +111,8 @@ func TestCompute(t *testing.T) {
 		policy    *policy.Policy
 		mode      string
 		nat       bool
+		down      []string // gateways the data plane does not reach
+		carriers  string   // site=node,... (only checked when set)
 		want      string   // summary
 		routes    string   // comma-joined
 		refused   []string // sites refused by residency
@@ -149,6 +151,24 @@ func TestCompute(t *testing.T) {
 			routes: "10.3.0.0/16",
 		},
 		{
+			name: "HA: a site's first gateway unreachable, its routes go through the next", self: zrh1, peers: []Node{fra2, fra1, iad1}, down: []string{"fra-1"},
+			want:     "fra-1=100.96.0.4/32 fra-2=10.2.0.0/16,100.96.0.5/32 iad-1=10.3.0.0/16,100.96.0.6/32",
+			routes:   "10.2.0.0/16,10.3.0.0/16",
+			carriers: "aws-eu-central-1=fra-2,aws-us-east-1=iad-1,onprem-zrh=zrh-1",
+		},
+		{
+			name: "HA: every gateway of a site unreachable, the routes stay with the first", self: zrh1, peers: []Node{fra2, fra1}, down: []string{"fra-1", "fra-2"},
+			want:     "fra-1=10.2.0.0/16,100.96.0.4/32 fra-2=100.96.0.5/32",
+			routes:   "10.2.0.0/16",
+			carriers: "aws-eu-central-1=fra-1,onprem-zrh=zrh-1",
+		},
+		{
+			name: "HA: hub mode chooses hubs from the membership alone, as everyone must agree", self: zrh2, peers: []Node{zrh1, fra1, fra2, iad1}, down: []string{"zrh-1", "fra-1"}, mode: TopologyHub,
+			want:     "zrh-1=10.2.0.0/16,10.3.0.0/16,100.96.0.1/32,100.96.0.4/32,100.96.0.5/32,100.96.0.6/32",
+			routes:   "10.2.0.0/16,10.3.0.0/16",
+			carriers: "aws-eu-central-1=fra-1,aws-us-east-1=iad-1,onprem-zrh=zrh-1",
+		},
+		{
 			name: "behind NAT: keepalive on every peer", self: zrh1, peers: []Node{fra1}, nat: true,
 			want: "fra-1=10.2.0.0/16,100.96.0.4/32+ka", routes: "10.2.0.0/16",
 		},
@@ -181,7 +201,22 @@ func TestCompute(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			in := TopologyInput{Self: tt.self, Peers: tt.peers, Policy: tt.policy, Mode: tt.mode, BehindNAT: tt.nat, Now: now, MeshPrefix: mesh16}
+			if tt.down != nil {
+				in.Down = map[string]bool{}
+				for _, n := range tt.down {
+					in.Down[n] = true
+				}
+			}
 			plan := Compute(in)
+			if tt.carriers != "" {
+				var cs []string
+				for _, s := range sortedKeys(plan.Carriers) {
+					cs = append(cs, s+"="+plan.Carriers[s])
+				}
+				if got := strings.Join(cs, ","); got != tt.carriers {
+					t.Errorf("carriers %s, want %s", got, tt.carriers)
+				}
+			}
 			if got := summary(plan); got != tt.want {
 				t.Errorf("peers:\n got %s\nwant %s", got, tt.want)
 			}

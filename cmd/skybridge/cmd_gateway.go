@@ -124,6 +124,24 @@ func printStatus(c *cli.Context, st *mesh.Status) {
 			fmt.Fprintf(w, "\nno tunnel to site %s: %s", l.Site, l.Reason)
 		}
 	}
+	sites := make([]string, 0, len(st.Carriers))
+	for s := range st.Carriers {
+		if s != st.Site {
+			sites = append(sites, s)
+		}
+	}
+	slices.Sort(sites)
+	if len(sites) > 0 {
+		var via []string
+		for _, s := range sites {
+			via = append(via, s+" via "+st.Carriers[s])
+		}
+		fmt.Fprintf(w, "\nsite routes: %s", strings.Join(via, ", "))
+		if len(st.Unreachable) > 0 {
+			fmt.Fprintf(w, " (not through %s: unreachable through their tunnels)", strings.Join(st.Unreachable, ", "))
+		}
+		fmt.Fprintln(w)
+	}
 	if len(st.Links) > 0 {
 		fmt.Fprintln(w)
 	}

@@ -1,0 +1,180 @@
+package mesh
+
+import (
+	"context"
+	"errors"
+	"net/netip"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/skybridge-mesh/skybridge/migrate"
+)
+
+// Data-plane health of the gateways that could carry a site's routes.
+//
+// Gossip says whether a gateway is alive; it does not say whether our
+// tunnel to it carries packets. Where a remote site has two or more
+// gateways, this gateway probes each of them through its tunnel every
+// second (a TCP connection to its overlay address: the answer, even a
+// refusal, has crossed the tunnel both ways, and the probe keeps the
+// WireGuard handshake fresh), and the topology routes the site's prefixes
+// through the first gateway by name that answers. A gateway is judged
+// unreachable after probeFailures misses in a row, and reachable again only
+// after answering for probeRecovery without a miss, so a gateway that
+// comes and goes does not drag traffic back and forth. A gateway not yet
+// probed long enough (just joined) counts as unreachable: the routes stay
+// where they are until it has proved itself.
+
+const (
+	probeInterval = time.Second
+	probeTimeout  = 800 * time.Millisecond
+	probeFailures = 2
+	probeRecovery = 10 * time.Second
+	probeForget   = 10 * time.Minute // a gateway gone this long is forgotten
+)
+
+type probeState struct {
+	fails    int
+	down     bool
+	upSince  time.Time // first answer of the current run of answers
+	lastSeen time.Time // last time it was a member
+}
+
+// observe takes one probe's outcome and reports whether the verdict
+// changed.
+func (st *probeState) observe(answered bool, now time.Time) bool {
+	if !answered {
+		st.fails++
+		st.upSince = time.Time{}
+		if !st.down && st.fails >= probeFailures {
+			st.down = true
+			return true
+		}
+		return false
+	}
+	st.fails = 0
+	if st.upSince.IsZero() {
+		st.upSince = now
+	}
+	if st.down && now.Sub(st.upSince) >= probeRecovery {
+		st.down = false
+		return true
+	}
+	return false
+}
+
+// healthLoop probes and publishes the set of unreachable gateways.
+func (g *Gateway) healthLoop(ctx context.Context) {
+	states := map[string]*probeState{}
+	t := time.NewTicker(probeInterval)
+	defer t.Stop()
+	lastGen := ^uint64(0)
+	for {
+		// Without a site of two gateways there is nothing to probe; look
+		// again only when the membership changes (a thousand gateways
+		// each listing a thousand members every second would cost).
+		if gen := g.members.generation(); len(states) > 0 || gen != lastGen {
+			lastGen = gen
+			g.probeRound(ctx, states)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+func (g *Gateway) probeRound(ctx context.Context, states map[string]*probeState) {
+	self := g.id.Load().Attributes()
+	nodes := g.members.gateways()
+	perSite := map[string]int{}
+	for _, n := range nodes {
+		perSite[n.site()]++
+	}
+	// Probe the gateways of remote sites with a choice of gateways, and
+	// keep probing those already judged (a site down to one gateway while
+	// its other one is away): when it returns, both verdicts must be
+	// current.
+	var targets []Node
+	members := map[string]bool{}
+	for _, n := range nodes {
+		members[n.node()] = true
+		if n.site() != self.Site && (perSite[n.site()] > 1 || states[n.node()] != nil) {
+			targets = append(targets, n)
+		}
+	}
+	now := time.Now()
+	answered := make([]bool, len(targets))
+	var wg sync.WaitGroup
+	for i, n := range targets {
+		wg.Go(func() { answered[i] = g.probe(ctx, n.Attributes.OverlayIP) })
+	}
+	wg.Wait()
+	if ctx.Err() != nil {
+		return
+	}
+	changed := false
+	for i, n := range targets {
+		st := states[n.node()]
+		if st == nil {
+			st = &probeState{down: true} // unproven
+			states[n.node()] = st
+		}
+		st.lastSeen = now
+		if st.observe(answered[i], now) {
+			changed = true
+			if st.down {
+				g.log.Warn("gateway unreachable through its tunnel: its site's routes go through another gateway", "peer", n.node(), "peer_site", n.site())
+			} else {
+				g.log.Info("gateway reachable through its tunnel again", "peer", n.node(), "peer_site", n.site())
+			}
+		}
+	}
+	for name, st := range states {
+		if !members[name] {
+			// Gone from the membership (dead, left): when it returns it
+			// must prove itself again.
+			if !st.down {
+				st.down, st.upSince, changed = true, time.Time{}, true
+			}
+			if now.Sub(st.lastSeen) > probeForget {
+				delete(states, name)
+			}
+		}
+	}
+	if changed {
+		down := map[string]bool{}
+		for name, st := range states {
+			if st.down {
+				down[name] = true
+			}
+		}
+		g.down.Store(&down)
+		g.healthGen.Add(1)
+		g.triggerReconcile()
+	}
+}
+
+// probe reports whether a TCP connection attempt to addr through the
+// tunnel got an answer (accepted or refused) within probeTimeout.
+func (g *Gateway) probe(ctx context.Context, addr netip.Addr) bool {
+	ctx, cancel := context.WithTimeout(ctx, probeTimeout)
+	defer cancel()
+	c, err := g.dev.Dial(ctx, netip.AddrPortFrom(addr, migrate.DefaultPort).String())
+	if err == nil {
+		c.Close()
+		return true
+	}
+	return errors.Is(err, syscall.ECONNREFUSED) || strings.Contains(err.Error(), "connection refused")
+}
+
+// downSet is the gateways the data plane does not reach now.
+func (g *Gateway) downSet() map[string]bool {
+	if d := g.down.Load(); d != nil {
+		return *d
+	}
+	return nil
+}
