@@ -94,7 +94,7 @@ func TestPlanAndApply(t *testing.T) {
 			Node      string
 			VMs       int
 			CPU       int
-			CPUCap    int     `json:"cpu_capacity"`
+			CPUCap    float64 `json:"cpu_capacity"`
 			MemoryGiB float64 `json:"memory_gib"`
 			MemoryCap float64 `json:"memory_capacity_gib"`
 		}
@@ -126,8 +126,8 @@ func TestPlanAndApply(t *testing.T) {
 		}
 	}
 	for _, s := range plan.Sites {
-		if s.CPU > s.CPUCap || s.MemoryGiB > s.MemoryCap {
-			t.Errorf("%s over capacity: %d/%d CPU, %g/%g GiB", s.Node, s.CPU, s.CPUCap, s.MemoryGiB, s.MemoryCap)
+		if float64(s.CPU) > s.CPUCap || s.MemoryGiB > s.MemoryCap {
+			t.Errorf("%s over capacity: %d/%g CPU, %g/%g GiB", s.Node, s.CPU, s.CPUCap, s.MemoryGiB, s.MemoryCap)
 		}
 	}
 

@@ -3,6 +3,7 @@ package mesh
 import (
 	"context"
 	"errors"
+	"maps"
 	"net/netip"
 	"strings"
 	"sync"
@@ -90,23 +91,7 @@ func (g *Gateway) healthLoop(ctx context.Context) {
 func (g *Gateway) probeRound(ctx context.Context, states map[string]*probeState) {
 	self := g.id.Load().Attributes()
 	nodes := g.members.gateways()
-	perSite := map[string]int{}
-	for _, n := range nodes {
-		perSite[n.site()]++
-	}
-	// Probe the gateways of remote sites with a choice of gateways, and
-	// keep probing those already judged (a site down to one gateway while
-	// its other one is away): when it returns, both verdicts must be
-	// current.
-	var targets []Node
-	members := map[string]bool{}
-	for _, n := range nodes {
-		members[n.node()] = true
-		if n.site() != self.Site && (perSite[n.site()] > 1 || states[n.node()] != nil) {
-			targets = append(targets, n)
-		}
-	}
-	now := time.Now()
+	targets, members := probeTargets(self.Site, nodes, states)
 	answered := make([]bool, len(targets))
 	var wg sync.WaitGroup
 	for i, n := range targets {
@@ -116,7 +101,45 @@ func (g *Gateway) probeRound(ctx context.Context, states map[string]*probeState)
 	if ctx.Err() != nil {
 		return
 	}
-	changed := false
+	down, flips := judge(states, targets, members, answered, time.Now())
+	for _, n := range flips {
+		if down[n.node()] {
+			g.log.Warn("gateway unreachable through its tunnel: its site's routes go through another gateway", "peer", n.node(), "peer_site", n.site())
+		} else {
+			g.log.Info("gateway reachable through its tunnel again", "peer", n.node(), "peer_site", n.site())
+		}
+	}
+	if old := g.downSet(); !maps.Equal(old, down) {
+		g.down.Store(&down)
+		g.healthGen.Add(1)
+		g.triggerReconcile()
+	}
+}
+
+// probeTargets picks the gateways to probe: those of remote sites with a
+// choice of gateways, and those already judged (a site down to one
+// gateway while its other one is away: when it returns, both verdicts
+// must be current). members names every verified gateway.
+func probeTargets(selfSite string, nodes []Node, states map[string]*probeState) (targets []Node, members map[string]bool) {
+	perSite := map[string]int{}
+	for _, n := range nodes {
+		perSite[n.site()]++
+	}
+	members = map[string]bool{}
+	for _, n := range nodes {
+		members[n.node()] = true
+		if n.site() != selfSite && (perSite[n.site()] > 1 || states[n.node()] != nil) {
+			targets = append(targets, n)
+		}
+	}
+	return targets, members
+}
+
+// judge takes a round of probe outcomes and returns the gateways now
+// judged unreachable (new ones are, until they prove themselves; so are
+// those gone from the membership, for when they return) and those whose
+// verdict flipped.
+func judge(states map[string]*probeState, targets []Node, members map[string]bool, answered []bool, now time.Time) (down map[string]bool, flips []Node) {
 	for i, n := range targets {
 		st := states[n.node()]
 		if st == nil {
@@ -125,37 +148,23 @@ func (g *Gateway) probeRound(ctx context.Context, states map[string]*probeState)
 		}
 		st.lastSeen = now
 		if st.observe(answered[i], now) {
-			changed = true
-			if st.down {
-				g.log.Warn("gateway unreachable through its tunnel: its site's routes go through another gateway", "peer", n.node(), "peer_site", n.site())
-			} else {
-				g.log.Info("gateway reachable through its tunnel again", "peer", n.node(), "peer_site", n.site())
-			}
+			flips = append(flips, n)
 		}
 	}
+	down = map[string]bool{}
 	for name, st := range states {
 		if !members[name] {
-			// Gone from the membership (dead, left): when it returns it
-			// must prove itself again.
-			if !st.down {
-				st.down, st.upSince, changed = true, time.Time{}, true
-			}
+			st.down, st.upSince = true, time.Time{}
 			if now.Sub(st.lastSeen) > probeForget {
 				delete(states, name)
+				continue
 			}
 		}
-	}
-	if changed {
-		down := map[string]bool{}
-		for name, st := range states {
-			if st.down {
-				down[name] = true
-			}
+		if st.down {
+			down[name] = true
 		}
-		g.down.Store(&down)
-		g.healthGen.Add(1)
-		g.triggerReconcile()
 	}
+	return down, flips
 }
 
 // probe reports whether a TCP connection attempt to addr through the

@@ -31,3 +31,42 @@ func TestProbeVerdicts(t *testing.T) {
 		}
 	}
 }
+
+// TestJudge: the published verdicts of probe rounds — a new gateway is
+// unreachable until it proves itself, one that fails twice becomes
+// unreachable, one that leaves the membership stays unreachable (and must
+// prove itself on return), and one long gone is forgotten.
+func TestJudge(t *testing.T) {
+	t0 := time.Date(2026, 11, 25, 12, 0, 0, 0, time.UTC)
+	a, b := graphNode("a", "s", 1), graphNode("b", "s", 2)
+	states := map[string]*probeState{}
+	both := map[string]bool{"a": true, "b": true}
+	round := func(i int, targets []Node, members map[string]bool, answered ...bool) map[string]bool {
+		down, _ := judge(states, targets, members, answered, t0.Add(time.Duration(i)*time.Second))
+		return down
+	}
+	if d := round(0, []Node{a, b}, both, true, true); !d["a"] || !d["b"] {
+		t.Fatalf("new gateways published as reachable before proving themselves: %v", d)
+	}
+	for i := 1; i <= 10; i++ {
+		round(i, []Node{a, b}, both, true, true)
+	}
+	if d := round(11, []Node{a, b}, both, true, true); len(d) != 0 {
+		t.Fatalf("after ten seconds of answers: %v, want none down", d)
+	}
+	round(12, []Node{a, b}, both, false, true)
+	if d := round(13, []Node{a, b}, both, false, true); !d["a"] || d["b"] {
+		t.Fatalf("a missed twice: %v, want a down only", d)
+	}
+	// a leaves the membership; b is still probed (the site had a choice).
+	targets, members := probeTargets("home", []Node{b}, states)
+	if len(targets) != 1 || targets[0].node() != "b" {
+		t.Fatalf("targets after a left: %v", targets)
+	}
+	if d := round(14, targets, members, true); !d["a"] || d["b"] {
+		t.Fatalf("a gone: %v, want a down, b up", d)
+	}
+	if d := round(14+int(probeForget/time.Second)+1, targets, members, true); d["a"] || states["a"] != nil {
+		t.Fatalf("a gone for longer than probeForget: still judged %v", d)
+	}
+}

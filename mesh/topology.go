@@ -204,13 +204,16 @@ func Compute(in TopologyInput) Plan {
 		}
 	}
 	dedupe(&plan, in.Self, in.MeshPrefix)
-	addNextKeys(&plan, members)
+	addNextKeys(&plan, in.Self, members)
 	return plan
 }
 
 // addNextKeys adds an entry for each peer's next key (a rotation in
 // progress), beside its current one.
-func addNextKeys(plan *Plan, members []Node) {
+// A next key that is already someone's key (ours, or a peer's current or
+// next one) is refused: WireGuard keys peers by public key, and a second
+// entry with that key would take over the other peer's.
+func addNextKeys(plan *Plan, self Node, members []Node) {
 	next := map[string]Node{}
 	for _, m := range members {
 		if k := m.Advert.NextWireGuardKey; k != (certs.WGPublicKey{}) && k != m.Advert.WireGuardKey {
@@ -220,11 +223,22 @@ func addNextKeys(plan *Plan, members []Node) {
 	if len(next) == 0 {
 		return
 	}
+	taken := map[certs.WGPublicKey]bool{self.Advert.WireGuardKey: true}
+	for _, pc := range plan.Peers {
+		taken[pc.PublicKey] = true
+	}
 	n := len(plan.Peers)
 	for _, pc := range plan.Peers[:n] {
-		if m, ok := next[pc.Node]; ok {
-			plan.Peers = append(plan.Peers, PeerConfig{Node: pc.Node, Site: pc.Site, PublicKey: m.Advert.NextWireGuardKey, Endpoint: pc.Endpoint, Keepalive: pc.Keepalive, Next: true})
+		m, ok := next[pc.Node]
+		if !ok {
+			continue
 		}
+		if k := m.Advert.NextWireGuardKey; taken[k] {
+			plan.Conflicts = append(plan.Conflicts, fmt.Sprintf("%s advertises %s as its next WireGuard key, which is already in use; ignored", pc.Node, k))
+			continue
+		}
+		taken[m.Advert.NextWireGuardKey] = true
+		plan.Peers = append(plan.Peers, PeerConfig{Node: pc.Node, Site: pc.Site, PublicKey: m.Advert.NextWireGuardKey, Endpoint: pc.Endpoint, Keepalive: pc.Keepalive, Next: true})
 	}
 }
 

@@ -392,3 +392,32 @@ exception "iad-dr" {
 		t.Fatalf("test policy: the exception changes nothing (%v / %v)", before.Links, after.Links)
 	}
 }
+
+// TestNextKeys: a peer rotating its key gets a second entry for the next
+// key, with no allowed IPs; a next key that is already someone's key is
+// refused, so that no member can take over another's entry.
+func TestNextKeys(t *testing.T) {
+	rotating, thief := fra1, iad1
+	rotating.Advert.NextWireGuardKey = certs.WGPublicKey{0x42}
+	thief.Advert.NextWireGuardKey = zrh2.Advert.WireGuardKey // another peer's key
+	selfThief := fra2
+	selfThief.Advert.NextWireGuardKey = zrh1.Advert.WireGuardKey // ours
+	plan := Compute(TopologyInput{Self: zrh1, Peers: []Node{rotating, thief, zrh2, selfThief}, Now: now, MeshPrefix: mesh16})
+	var next []PeerConfig
+	for _, pc := range plan.Peers {
+		if pc.Next {
+			next = append(next, pc)
+		}
+	}
+	if len(next) != 1 || next[0].Node != "fra-1" || next[0].PublicKey != (certs.WGPublicKey{0x42}) || len(next[0].AllowedIPs) != 0 {
+		t.Fatalf("next-key entries %+v, want only fra-1's, routing nothing", next)
+	}
+	if len(plan.Conflicts) != 2 {
+		t.Errorf("conflicts %v, want the two stolen keys reported", plan.Conflicts)
+	}
+	for _, pc := range plan.Peers {
+		if pc.Node == "zrh-2" && pc.PublicKey != zrh2.Advert.WireGuardKey {
+			t.Errorf("zrh-2's entry was taken over: %+v", pc)
+		}
+	}
+}

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net/netip"
 	"os"
 	"slices"
 	"strings"
@@ -38,6 +37,7 @@ const (
 	wgAckWait            = 15 * time.Second
 	wgRotatedFile        = "wireguard.rotated" // when the key last changed (RFC 3339)
 	wgRotationCheck      = time.Minute
+	wgRotationRetry      = 15 * time.Minute // after a failed scheduled rotation
 )
 
 // WGRotationReport says how a rotation went.
@@ -120,16 +120,24 @@ wait:
 	slices.Sort(rep.Late)
 
 	// Durable first: a crash after this point restarts with the new key,
-	// which peers already know.
+	// which peers already know. From here on the caller's context no
+	// longer applies: a cancelled request must not leave the store and
+	// the device disagreeing.
+	sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
 	node := g.id.Load().Attributes().Node
-	if err := g.prov.Secrets().SetWireGuardKey(ctx, node, next); err != nil {
+	if err := g.prov.Secrets().SetWireGuardKey(sctx, node, next); err != nil {
 		g.abandonNext()
 		return nil, err
 	}
 	k := wgtypes.Key(next.Bytes())
 	if err := g.dev.Configure(wgtypes.Config{PrivateKey: &k}); err != nil {
-		// The stored key is the new one; a restart completes the switch.
-		return nil, fmt.Errorf("switch %s to the new key (stored; a restart completes the switch): %w", g.dev.Name(), err)
+		// Put the old key back, so that store, device and advert agree.
+		if rerr := g.prov.Secrets().SetWireGuardKey(sctx, node, old); rerr != nil {
+			return nil, fmt.Errorf("switch %s to the new key: %w; restoring the old key in the store also failed (%v): the next start uses the new key, which peers know from the advert", g.dev.Name(), err, rerr)
+		}
+		g.abandonNext()
+		return nil, fmt.Errorf("switch %s to the new key: %w (rotation abandoned; the old key stays)", g.dev.Name(), err)
 	}
 	g.wgMu.Lock()
 	g.wgKey, g.wgNext = next, certs.WGPrivateKey{}
@@ -181,6 +189,9 @@ func (g *Gateway) handleWGKeyAck(m message) error {
 // ackNextKeys tells the peers whose next key the device now holds that
 // they may switch; once per key. It runs in the reconcile loop.
 func (g *Gateway) ackNextKeys(plan Plan) {
+	if g.ml == nil {
+		return // restoring members before gossip started: the next pass acknowledges
+	}
 	seen := map[certs.WGPublicKey]bool{}
 	self := []byte(g.id.Load().Attributes().Node)
 	for _, pc := range plan.Peers {
@@ -191,8 +202,13 @@ func (g *Gateway) ackNextKeys(plan Plan) {
 		if g.nextAcked[pc.PublicKey] {
 			continue
 		}
+		// A datagram, sent here and now; marked only once it left, so a
+		// failed send is tried again on the next pass.
+		if err := g.send(pc.Node, encodeMessage(msgWGKeyAck, self, pc.PublicKey[:])); err != nil {
+			g.log.Debug("acknowledge next WireGuard key", "peer", pc.Node, "err", err)
+			continue
+		}
 		g.nextAcked[pc.PublicKey] = true
-		g.sendAsync(pc.Node, netip.AddrPort{}, encodeMessage(msgWGKeyAck, self, pc.PublicKey[:]))
 	}
 	for k := range g.nextAcked {
 		if !seen[k] {
@@ -209,15 +225,17 @@ func (g *Gateway) rotateOnSchedule(ctx context.Context) {
 	}
 	t := time.NewTicker(wgRotationCheck)
 	defer t.Stop()
+	var retryAt time.Time // after a failure: not before this
 	for {
 		last, err := g.state.rotatedAt()
 		if errors.Is(err, os.ErrNotExist) {
 			g.state.markRotated(g.now())
 			last = g.now()
 		}
-		if wait := g.s.WGRotateEvery - g.now().Sub(last); wait <= 0 {
+		if g.now().Sub(last) >= g.s.WGRotateEvery && !g.now().Before(retryAt) {
 			if _, err := g.RotateWireGuardKey(ctx); err != nil && ctx.Err() == nil {
-				g.log.Error("scheduled WireGuard key rotation", "err", err)
+				retryAt = g.now().Add(wgRotationRetry)
+				g.log.Error("scheduled WireGuard key rotation", "err", err, "retry_in", wgRotationRetry)
 			}
 		}
 		select {

@@ -48,20 +48,26 @@ type Destination struct {
 	Throughput float64 // image bytes per second measured to its site; 0: none yet
 }
 
-// capacity reads the capacity labels; ok is false if they are absent.
-func capacity(a *certs.Attributes) (cpu int, mem float64, ok bool, err error) {
-	c, hasC := a.Labels[LabelCapacityCPU]
-	m, hasM := a.Labels[LabelCapacityMemory]
-	if !hasC && !hasM {
-		return 0, 0, false, nil
+// capacity reads the capacity labels: +Inf for a dimension not
+// advertised; an error (the gateway is then left out, with a note) for a
+// label that is not a finite, non-negative number.
+func capacity(a *certs.Attributes) (cpu, mem float64, err error) {
+	read := func(label, unit string) (float64, error) {
+		s, ok := a.Labels[label]
+		if !ok {
+			return math.Inf(1), nil
+		}
+		v, err := strconv.ParseFloat(s, 64)
+		if err != nil || v < 0 || math.IsNaN(v) || math.IsInf(v, 0) {
+			return 0, fmt.Errorf("%s (%s): label %s=%q is not a number of %s", a.Node, a.Site, label, s, unit)
+		}
+		return v, nil
 	}
-	if cpu, err = strconv.Atoi(c); err != nil || cpu < 0 {
-		return 0, 0, false, fmt.Errorf("gateway %s: label %s=%q is not a number of CPUs", a.Node, LabelCapacityCPU, c)
+	if cpu, err = read(LabelCapacityCPU, "CPUs"); err != nil {
+		return 0, 0, err
 	}
-	if mem, err = strconv.ParseFloat(m, 64); err != nil || mem < 0 || math.IsNaN(mem) {
-		return 0, 0, false, fmt.Errorf("gateway %s: label %s=%q is not a number of GiB", a.Node, LabelCapacityMemory, m)
-	}
-	return cpu, mem, true, nil
+	mem, err = read(LabelCapacityMemory, "GiB")
+	return cpu, mem, err
 }
 
 // PlanInput is everything a plan depends on.
@@ -106,17 +112,19 @@ type Unplaced struct {
 
 // SitePlan sums a plan per destination gateway.
 type SitePlan struct {
-	Node       string  `json:"node"`
-	Site       string  `json:"site"`
-	VMs        int     `json:"vms"`
-	Bytes      int64   `json:"bytes"`
-	CPU        int     `json:"cpu"`
-	CPUCap     int     `json:"cpu_capacity,omitempty"` // 0 with Unbounded
-	MemoryGiB  float64 `json:"memory_gib"`
-	MemoryCap  float64 `json:"memory_capacity_gib,omitempty"`
-	Unbounded  bool    `json:"unbounded,omitempty"` // no capacity advertised
-	Load       int     `json:"load"`                // migrations it was receiving when planned
-	Throughput float64 `json:"throughput,omitempty"`
+	Node      string  `json:"node"`
+	Site      string  `json:"site"`
+	VMs       int     `json:"vms"`
+	Bytes     int64   `json:"bytes"`
+	CPU       int     `json:"cpu"`
+	CPUCap    float64 `json:"cpu_capacity,omitempty"` // 0 when not advertised (CPUUnbounded)
+	MemoryGiB float64 `json:"memory_gib"`
+	MemoryCap float64 `json:"memory_capacity_gib,omitempty"`
+	// A dimension the gateway does not advertise does not limit it.
+	CPUUnbounded    bool    `json:"cpu_unbounded,omitempty"`
+	MemoryUnbounded bool    `json:"memory_unbounded,omitempty"`
+	Load            int     `json:"load"` // migrations it was receiving when planned
+	Throughput      float64 `json:"throughput,omitempty"`
 }
 
 // Matches reports whether a gateway is what a "to" selector names: its
@@ -146,8 +154,8 @@ func ValidateInventory(vms []VM) error {
 		if vm.Class == "" {
 			errs = append(errs, fmt.Errorf("VM %q: no data class (the policy decides with it)", vm.Name))
 		}
-		if vm.CPU < 0 || vm.MemoryGiB < 0 || vm.Bytes < 0 || math.IsNaN(vm.MemoryGiB) {
-			errs = append(errs, fmt.Errorf("VM %q: negative size", vm.Name))
+		if vm.CPU < 0 || vm.MemoryGiB < 0 || vm.Bytes < 0 || math.IsNaN(vm.MemoryGiB) || math.IsInf(vm.MemoryGiB, 0) {
+			errs = append(errs, fmt.Errorf("VM %q: CPU, memory and bytes must be finite and not negative", vm.Name))
 		}
 	}
 	return errors.Join(errs...)
@@ -155,9 +163,7 @@ func ValidateInventory(vms []VM) error {
 
 type slot struct {
 	dest      Destination
-	cpu       int
-	mem       float64
-	bounded   bool
+	cpu, mem  float64 // capacity; +Inf: not advertised
 	usedCPU   int
 	usedMem   float64
 	assigned  int
@@ -167,20 +173,17 @@ type slot struct {
 }
 
 func (s *slot) fits(vm VM) bool {
-	return !s.bounded || (s.usedCPU+vm.CPU <= s.cpu && s.usedMem+vm.MemoryGiB <= s.mem+1e-9)
+	return float64(s.usedCPU+vm.CPU) <= s.cpu && s.usedMem+vm.MemoryGiB <= s.mem+1e-9
 }
 
 // fill is how full a slot would be with vm: the larger of its CPU and
-// memory shares (0 when unbounded).
+// memory shares (an unadvertised dimension counts as empty).
 func (s *slot) fill(vm VM) float64 {
-	if !s.bounded {
-		return 0
-	}
 	f := 0.0
-	if s.cpu > 0 {
-		f = float64(s.usedCPU+vm.CPU) / float64(s.cpu)
+	if s.cpu > 0 && !math.IsInf(s.cpu, 1) {
+		f = float64(s.usedCPU+vm.CPU) / s.cpu
 	}
-	if s.mem > 0 {
+	if s.mem > 0 && !math.IsInf(s.mem, 1) {
 		f = max(f, (s.usedMem+vm.MemoryGiB)/s.mem)
 	}
 	return f
@@ -200,24 +203,27 @@ func MakePlan(in PlanInput) (*Plan, error) {
 	if in.Policy != nil {
 		p.Policy = in.Policy.Revision().String()
 	}
+	dests := slices.Clone(in.Destinations)
+	slices.SortFunc(dests, func(a, b Destination) int { return cmp.Compare(a.Attributes.Node, b.Attributes.Node) })
 	var slots []*slot
-	for _, d := range in.Destinations {
+	for _, d := range dests {
 		if d.Attributes.Node == in.From.Node {
 			continue
 		}
 		if len(in.To) > 0 && !slices.ContainsFunc(in.To, func(to string) bool { return Matches(d.Attributes, to) }) {
 			continue
 		}
-		cpu, mem, bounded, err := capacity(d.Attributes)
+		cpu, mem, err := capacity(d.Attributes)
 		if err != nil {
-			return nil, err
+			p.Notes = append(p.Notes, err.Error()+": left out of the plan")
+			continue
 		}
-		if !bounded {
-			p.Notes = append(p.Notes, fmt.Sprintf("%s (%s) advertises no capacity (labels %s, %s): placed by load only", d.Attributes.Node, d.Attributes.Site, LabelCapacityCPU, LabelCapacityMemory))
+		if math.IsInf(cpu, 1) || math.IsInf(mem, 1) {
+			p.Notes = append(p.Notes, fmt.Sprintf("%s (%s) does not advertise all its capacity (labels %s, %s): what it does not advertise does not limit it",
+				d.Attributes.Node, d.Attributes.Site, LabelCapacityCPU, LabelCapacityMemory))
 		}
-		slots = append(slots, &slot{dest: d, cpu: cpu, mem: mem, bounded: bounded, policyErr: map[string]string{}, rule: map[string]string{}})
+		slots = append(slots, &slot{dest: d, cpu: cpu, mem: mem, policyErr: map[string]string{}, rule: map[string]string{}})
 	}
-	slices.SortFunc(slots, func(a, b *slot) int { return cmp.Compare(a.dest.Attributes.Node, b.dest.Attributes.Node) })
 
 	order := make([]int, len(in.VMs))
 	for i := range order {
@@ -239,8 +245,8 @@ func MakePlan(in PlanInput) (*Plan, error) {
 				continue
 			}
 			if !s.fits(vm) {
-				reasons = append(reasons, fmt.Sprintf("%s (%s): needs %d CPU and %g GiB; %d CPU and %g GiB free",
-					s.dest.Attributes.Node, s.dest.Attributes.Site, vm.CPU, vm.MemoryGiB, s.cpu-s.usedCPU, s.mem-s.usedMem))
+				reasons = append(reasons, fmt.Sprintf("%s (%s): needs %d CPU and %g GiB; %g CPU and %g GiB free",
+					s.dest.Attributes.Node, s.dest.Attributes.Site, vm.CPU, vm.MemoryGiB, s.cpu-float64(s.usedCPU), s.mem-s.usedMem))
 				continue
 			}
 			if best == nil || better(s, best, vm) {
@@ -279,8 +285,15 @@ func MakePlan(in PlanInput) (*Plan, error) {
 	}
 	for _, s := range slots {
 		a := s.dest.Attributes
-		p.Sites = append(p.Sites, SitePlan{Node: a.Node, Site: a.Site, VMs: s.assigned, Bytes: s.bytes, CPU: s.usedCPU, CPUCap: s.cpu,
-			MemoryGiB: s.usedMem, MemoryCap: s.mem, Unbounded: !s.bounded, Load: s.dest.Load, Throughput: s.dest.Throughput})
+		sp := SitePlan{Node: a.Node, Site: a.Site, VMs: s.assigned, Bytes: s.bytes, CPU: s.usedCPU, MemoryGiB: s.usedMem, Load: s.dest.Load, Throughput: s.dest.Throughput,
+			CPUUnbounded: math.IsInf(s.cpu, 1), MemoryUnbounded: math.IsInf(s.mem, 1)}
+		if !sp.CPUUnbounded {
+			sp.CPUCap = s.cpu
+		}
+		if !sp.MemoryUnbounded {
+			sp.MemoryCap = s.mem
+		}
+		p.Sites = append(p.Sites, sp)
 	}
 	return p, nil
 }
@@ -370,7 +383,7 @@ func ParseInventory(r io.Reader) ([]VM, error) {
 		if vm.CPU, err = strconv.Atoi(rec[col["cpu"]]); err != nil {
 			return nil, fmt.Errorf("inventory line %d: cpu %q is not a whole number", line, rec[col["cpu"]])
 		}
-		if vm.MemoryGiB, err = strconv.ParseFloat(rec[col["memory_gib"]], 64); err != nil {
+		if vm.MemoryGiB, err = strconv.ParseFloat(rec[col["memory_gib"]], 64); err != nil || math.IsInf(vm.MemoryGiB, 0) || math.IsNaN(vm.MemoryGiB) {
 			return nil, fmt.Errorf("inventory line %d: memory_gib %q is not a number", line, rec[col["memory_gib"]])
 		}
 		if i, ok := col["bytes"]; ok && rec[i] != "" {

@@ -1,8 +1,10 @@
 package migrate
 
 import (
+	"encoding/json"
 	"fmt"
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -110,6 +112,13 @@ func TestMakePlan(t *testing.T) {
 			reason: map[string]string{"x": "no residency policy is in force"},
 		},
 		{
+			name:   "one dimension advertised: the other does not limit; a bad label leaves the gateway out",
+			vms:    []VM{vm("a", "risk-batch", 100, 1000), vm("b", "risk-batch", 100, 1000)},
+			dests:  []Destination{memOnly("gw-m", 4096), badCap("gw-bad", "inf")},
+			want:   map[string]string{"a": "gw-m", "b": "gw-m"},
+			reason: map[string]string{},
+		},
+		{
 			name:  "unbounded destination: placed by load, noted",
 			vms:   []VM{vm("a", "risk-batch", 100, 1000), vm("b", "risk-batch", 100, 1000)},
 			dests: []Destination{planDest("gw-x", "x", "DE", 0, 0, 0, 0), planDest("gw-y", "y", "DE", 0, 0, 0, 0)},
@@ -164,6 +173,45 @@ func TestMakePlan(t *testing.T) {
 				t.Error("the same inputs gave another plan")
 			}
 		})
+	}
+}
+
+func memOnly(node string, mem float64) Destination {
+	d := planDest(node, "m", "DE", 0, 0, 0, 0)
+	d.Attributes.Labels = map[string]string{LabelCapacityMemory: fmt.Sprint(mem)}
+	return d
+}
+
+func badCap(node, v string) Destination {
+	d := planDest(node, "bad", "DE", 0, 0, 0, 0)
+	d.Attributes.Labels = map[string]string{LabelCapacityCPU: v, LabelCapacityMemory: "8"}
+	return d
+}
+
+func TestMakePlanNotes(t *testing.T) {
+	pol, _ := policy.Parse("plan.hcl", []byte(planPolicy))
+	from := &certs.Attributes{Node: "gw-zrh", Site: "onprem-zrh", Region: "zrh", Provider: "onprem", Jurisdiction: "CH"}
+	in := PlanInput{From: from, Policy: pol, Now: time.Now(), VMs: []VM{{Name: "a", Image: "/a", Class: "risk-batch", CPU: 1, MemoryGiB: 1}},
+		Destinations: []Destination{badCap("gw-bad", "inf"), memOnly("gw-m", 64)}}
+	p, err := MakePlan(in)
+	if err != nil {
+		t.Fatal(err)
+	}
+	notes := strings.Join(p.Notes, "\n")
+	if !strings.Contains(notes, `gw-bad (bad): label capacity_cpu="inf" is not a number of CPUs: left out of the plan`) || !strings.Contains(notes, "gw-m (m) does not advertise all its capacity") {
+		t.Errorf("notes:\n%s", notes)
+	}
+	if len(p.Sites) != 1 || !p.Sites[0].CPUUnbounded || p.Sites[0].MemoryUnbounded || p.Sites[0].MemoryCap != 64 {
+		t.Errorf("sites %+v", p.Sites)
+	}
+	if _, err := json.Marshal(p); err != nil {
+		t.Errorf("the plan does not encode: %v", err)
+	}
+	// Notes in a stable order, whatever order the destinations came in.
+	slices.Reverse(in.Destinations)
+	again, _ := MakePlan(in)
+	if strings.Join(again.Notes, "\n") != notes {
+		t.Error("destination order changed the notes")
 	}
 }
 

@@ -98,9 +98,12 @@ func printPlan(c *cli.Context, p *migrate.Plan) {
 	}
 	rows = rows[:0]
 	for _, s := range p.Sites {
-		cpu, mem := fmt.Sprintf("%d/%d", s.CPU, s.CPUCap), fmt.Sprintf("%g/%g GiB", s.MemoryGiB, s.MemoryCap)
-		if s.Unbounded {
-			cpu, mem = fmt.Sprintf("%d/-", s.CPU), fmt.Sprintf("%g/- GiB", s.MemoryGiB)
+		cpu, mem := fmt.Sprintf("%d/%g", s.CPU, s.CPUCap), fmt.Sprintf("%g/%g GiB", s.MemoryGiB, s.MemoryCap)
+		if s.CPUUnbounded {
+			cpu = fmt.Sprintf("%d/-", s.CPU)
+		}
+		if s.MemoryUnbounded {
+			mem = fmt.Sprintf("%g/- GiB", s.MemoryGiB)
 		}
 		tput := "not measured"
 		if s.Throughput > 0 {
@@ -209,11 +212,29 @@ func migrateApply(c *cli.Context) error {
 		return err
 	}
 	var mu sync.Mutex
-	save := func() error {
+	var saveErr error
+	save := func() {
 		mu.Lock()
 		defer mu.Unlock()
 		b, _ := json.MarshalIndent(st, "", "  ")
-		return atomicfile.WriteFile(statePath, b, 0o644)
+		if err := atomicfile.WriteFile(statePath, b, 0o644); err != nil && saveErr == nil {
+			saveErr = err
+		}
+	}
+	// A migration this plan started whose ID never reached the state file
+	// (the apply was killed at that moment) is found on the gateway by
+	// image, name and destination, so that it is not started twice.
+	started := map[string]string{} // VM name → migration ID
+	if l, err := cl.Migrations(c.Context); err == nil {
+		for _, r := range l.Sending {
+			if !r.Started.Before(plan.Created) {
+				for _, pl := range plan.Placements {
+					if r.Name == pl.Name && r.To == pl.To && r.Image == pl.Image {
+						started[pl.Name] = r.ID
+					}
+				}
+			}
+		}
 	}
 	get := func(name, to string) *vmState {
 		mu.Lock()
@@ -225,23 +246,27 @@ func migrateApply(c *cli.Context) error {
 	}
 	sem := make(chan struct{}, c.Int("parallel"))
 	var wg sync.WaitGroup
-	var saveErr error
-	var saveOnce sync.Once
+dispatch:
 	for _, pl := range plan.Placements {
 		vs := get(pl.Name, pl.To)
 		mu.Lock()
 		done := vs.State == migrate.StateDone
+		if vs.ID == "" && started[pl.Name] != "" {
+			vs.ID, vs.State = started[pl.Name], migrate.StateRunning
+		}
 		mu.Unlock()
 		if done {
 			continue
 		}
-		sem <- struct{}{}
+		select {
+		case sem <- struct{}{}:
+		case <-c.Context.Done():
+			break dispatch // interrupted: what runs finishes its record; the rest waits for the next apply
+		}
 		wg.Go(func() {
 			defer func() { <-sem }()
 			applyOne(c.Context, cl, pl, vs, &mu, save, c.Int("streams"), bw)
-			if err := save(); err != nil {
-				saveOnce.Do(func() { saveErr = err })
-			}
+			save()
 		})
 	}
 	wg.Wait()
@@ -253,7 +278,7 @@ func migrateApply(c *cli.Context) error {
 
 // applyOne runs (or resumes, or waits for) one VM's migration and records
 // its outcome in vs.
-func applyOne(ctx context.Context, cl *mesh.Client, pl migrate.Placement, vs *vmState, mu *sync.Mutex, save func() error, streams int, bw int64) {
+func applyOne(ctx context.Context, cl *mesh.Client, pl migrate.Placement, vs *vmState, mu *sync.Mutex, save func(), streams int, bw int64) {
 	mu.Lock()
 	req := mesh.MigrationRequest{Image: pl.Image, To: pl.To, Class: pl.Class, Name: pl.Name, Streams: streams, BWLimit: bw}
 	id := ""
