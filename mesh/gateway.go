@@ -356,8 +356,8 @@ func (g *Gateway) advertiseLoad(ctx context.Context) {
 			return
 		case <-g.readvertise:
 		}
-		if err := g.signAdvert(); err == nil {
-			g.ml.UpdateNode(5 * time.Second)
+		if err := g.advertiseNow(); err != nil {
+			g.log.Error("re-sign advert", "err", err)
 		}
 		select {
 		case <-ctx.Done():
@@ -671,11 +671,15 @@ func (g *Gateway) maintain(ctx context.Context) {
 
 // syncWithRandomMember exchanges full state (memberlist push/pull) with
 // one live member other than ourselves.
+//
+// Addresses come from our membership, copied inside memberlist's
+// callbacks: the nodes memberlist.Members returns point into its own
+// state, which it goes on updating, so reading them races with it.
 func (g *Gateway) syncWithRandomMember() {
 	var others []string
-	for _, n := range g.ml.Members() {
-		if n.Name != g.s.Node.Name {
-			others = append(others, nodeAddr(n).String())
+	for _, m := range g.members.snapshot() {
+		if m.Alive && m.Gossip.IsValid() {
+			others = append(others, m.Gossip.String())
 		}
 	}
 	if len(others) > 0 {
@@ -688,8 +692,11 @@ func (g *Gateway) syncWithRandomMember() {
 // the state directory) that gossip does not currently count as alive.
 func (g *Gateway) rejoinTargets() []string {
 	alive := map[string]bool{}
-	for _, n := range g.ml.Members() {
-		alive[nodeAddr(n).String()] = true
+	members := g.members.snapshot()
+	for _, m := range members {
+		if m.Alive {
+			alive[m.Gossip.String()] = true
+		}
 	}
 	var out []string
 	seen := map[string]bool{}
@@ -704,7 +711,7 @@ func (g *Gateway) rejoinTargets() []string {
 			add(ap.String())
 		}
 	}
-	for _, m := range g.members.snapshot() {
+	for _, m := range members {
 		if m.State == StateDead || m.Remembered {
 			add(m.Gossip.String())
 		}
@@ -759,12 +766,9 @@ func (g *Gateway) saveMembers() {
 func (g *Gateway) renewed(id *certs.NodeIdentity, tb *certs.TrustBundle) {
 	g.id.Store(id)
 	g.adoptTrust(tb)
-	if err := g.signAdvert(); err != nil {
+	if err := g.advertiseNow(); err != nil {
 		g.log.Error("re-sign advert after renewal", "err", err)
 		return
-	}
-	if err := g.ml.UpdateNode(5 * time.Second); err != nil {
-		g.log.Warn("announce renewed identity", "err", err)
 	}
 	g.log.Info("identity renewed and re-advertised", "identity", id)
 }
@@ -822,11 +826,6 @@ func (g *Gateway) nodeFor(name string, at netip.AddrPort) *memberlist.Node {
 	}
 	if at.IsValid() {
 		return &memberlist.Node{Name: name, Addr: net.IP(at.Addr().AsSlice()), Port: at.Port()}
-	}
-	for _, n := range g.ml.Members() {
-		if n.Name == name {
-			return n
-		}
 	}
 	return nil
 }

@@ -10,8 +10,6 @@ import (
 	"fmt"
 	"time"
 
-	"github.com/hashicorp/memberlist"
-
 	"github.com/skybridge-mesh/skybridge/certs"
 )
 
@@ -52,9 +50,9 @@ func (g *Gateway) announceLeaving() {
 	}
 	msg := encodeMessage(msgLeaving, []byte(node), binary.BigEndian.AppendUint64(nil, uint64(at)), sig)
 	g.enqueue(msg)
-	for _, n := range g.ml.Members() {
-		if n.Name != node && n.State == memberlist.StateAlive {
-			g.sendAsync(n.Name, nodeAddr(n), msg)
+	for _, m := range g.members.snapshot() {
+		if m.Alive && m.Gossip.IsValid() {
+			g.sendAsync(m.Name, m.Gossip, msg)
 		}
 	}
 }

@@ -552,6 +552,7 @@ type MemberView struct {
 	Advert     *certs.Advert
 	Since      time.Time
 	Left       bool   // left on purpose, not declared dead
+	Alive      bool   // gossip counts it alive now
 	CertSite   string // the site a verified certificate gave it ("" if never verified)
 }
 
@@ -561,7 +562,7 @@ func (ms *membership) snapshot() []MemberView {
 	defer ms.mu.Unlock()
 	out := make([]MemberView, 0, len(ms.members))
 	for _, m := range ms.members {
-		v := MemberView{Name: m.name, Gossip: m.gossip, State: m.state, Reason: m.reason, Remembered: m.remembered, Meta: m.meta, Verified: m.verified, Since: m.changed, Left: m.left, CertSite: m.certSite}
+		v := MemberView{Name: m.name, Gossip: m.gossip, State: m.state, Reason: m.reason, Remembered: m.remembered, Meta: m.meta, Verified: m.verified, Since: m.changed, Left: m.left, CertSite: m.certSite, Alive: m.alive}
 		if m.advert != nil {
 			a := m.advert.Advert
 			v.Advert = &a

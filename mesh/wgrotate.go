@@ -162,12 +162,18 @@ func (g *Gateway) abandonNext() {
 	}
 }
 
-// advertiseNow signs a new advert and gossips it now.
+// advertiseNow signs a new advert and gossips it now. Only signing can
+// fail: memberlist's wait for the first broadcast to go out may time out
+// on a busy machine, but the advert is our node's metadata from then on
+// and reaches everyone with the next gossip or push/pull.
 func (g *Gateway) advertiseNow() error {
 	if err := g.signAdvert(); err != nil {
 		return err
 	}
-	return g.ml.UpdateNode(5 * time.Second)
+	if err := g.ml.UpdateNode(5 * time.Second); err != nil {
+		g.log.Debug("advert broadcast", "err", err)
+	}
+	return nil
 }
 
 // handleWGKeyAck passes a peer's acknowledgement to the running rotation.
