@@ -28,26 +28,14 @@ import (
 // elsewhere too, as the README's).
 func TestDashboardInBrowser(t *testing.T) {
 	chromium := tool(t, "chromium")
-	out, _ := sb(t, 0, "demo", "--keep", "--mode", "netstack", "--json")
-	var demo struct {
-		WorkDir string `json:"work_dir"`
-		Sites   []struct {
-			Site   string `json:"site"`
-			Node   string `json:"node"`
-			Socket string `json:"socket"`
-		} `json:"sites"`
-	}
-	if err := json.Unmarshal([]byte(out), &demo); err != nil || len(demo.Sites) != 3 {
-		t.Fatalf("demo --keep --json: %v\n%s", err, out)
-	}
-	t.Cleanup(func() { sb(t, 0, "demo", "--down", demo.WorkDir) })
+	demo := keepDemo(t)
 	zrh := demo.Sites[0]
 
 	var link struct {
 		Address, Dashboard, Metrics string
 		TokenFile                   string `json:"token_file"`
 	}
-	out, _ = sb(t, 0, "dashboard", "--socket", zrh.Socket, "--json")
+	out, _ := sb(t, 0, "dashboard", "--socket", zrh.Socket, "--json")
 	if err := json.Unmarshal([]byte(out), &link); err != nil || !strings.HasPrefix(link.Address, "127.0.0.1:") {
 		t.Fatalf("dashboard --json: %v\n%s", err, out)
 	}
@@ -287,3 +275,27 @@ func TestDashboardInBrowser(t *testing.T) {
 }
 
 func fileExists(p string) bool { _, err := os.Stat(p); return err == nil }
+
+// keptDemo is the demo's mesh left running (netstack gateways on
+// loopback): the browser and the CLI reach every gateway from here.
+type keptDemo struct {
+	WorkDir string `json:"work_dir"`
+	Sites   []struct {
+		Site   string `json:"site"`
+		Node   string `json:"node"`
+		Socket string `json:"socket"`
+	} `json:"sites"`
+}
+
+// keepDemo runs `skybridge demo --keep` and takes it down when the test
+// ends.
+func keepDemo(t *testing.T) *keptDemo {
+	t.Helper()
+	out, _ := sb(t, 0, "demo", "--keep", "--mode", "netstack", "--json")
+	var d keptDemo
+	if err := json.Unmarshal([]byte(out), &d); err != nil || len(d.Sites) != 3 {
+		t.Fatalf("demo --keep --json: %v\n%s", err, out)
+	}
+	t.Cleanup(func() { sb(t, 0, "demo", "--down", d.WorkDir) })
+	return &d
+}

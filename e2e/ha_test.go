@@ -3,7 +3,6 @@ package e2e
 import (
 	"fmt"
 	"os"
-	"path/filepath"
 	"regexp"
 	"slices"
 	"strconv"
@@ -22,11 +21,7 @@ import (
 func TestHAFailover(t *testing.T) {
 	l := newLab(t)
 	defer l.dumpLogs()
-	caDir := filepath.Join(l.dir, "ca")
-	sb(t, 0, "ca", "init", "--dir", caDir)
-	pol := filepath.Join(l.dir, "residency.hcl")
-	os.WriteFile(pol, []byte(policyV1), 0o644)
-	sb(t, 0, "policy", "sign", "--policy", pol, "--ca", caDir)
+	caDir, pol := l.signedPolicy([]byte(policyV1))
 	sites := []*meshSite{
 		{short: "1", site: "onprem-zrh", region: "zrh-dc1", provider: "onprem", jur: "CH", underlay: "192.0.2.1", overlay: "100.96.0.1", route: "10.1.0.0/16", classes: "risk-batch"},
 		{short: "2a", site: "aws-eu-central-1", region: "eu-central-1", provider: "aws", jur: "DE", underlay: "192.0.2.2", overlay: "100.96.0.2", route: "10.2.0.0/24", classes: "risk-batch"},

@@ -110,14 +110,21 @@ func (l *lab) threeSites(caDir, policyFile string, classes [3]string) []*meshSit
 // the three sites configured to use them (not started).
 func (l *lab) signedSites(src []byte, classes [3]string) (caDir string, sites []*meshSite) {
 	l.t.Helper()
+	caDir, pol := l.signedPolicy(src)
+	return caDir, l.threeSites(caDir, pol, classes)
+}
+
+// signedPolicy makes a CA in the lab and the policy src signed by it.
+func (l *lab) signedPolicy(src []byte) (caDir, pol string) {
+	l.t.Helper()
 	caDir = filepath.Join(l.dir, "ca")
 	sb(l.t, 0, "ca", "init", "--dir", caDir)
-	pol := filepath.Join(l.dir, "residency.hcl")
+	pol = filepath.Join(l.dir, "residency.hcl")
 	if err := os.WriteFile(pol, src, 0o644); err != nil {
 		l.t.Fatal(err)
 	}
 	sb(l.t, 0, "policy", "sign", "--policy", pol, "--ca", caDir)
-	return caDir, l.threeSites(caDir, pol, classes)
+	return caDir, pol
 }
 
 // startQuiet starts a site's gateway at the default log level, as in

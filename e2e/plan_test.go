@@ -22,17 +22,7 @@ import (
 // proves every placed image arrived intact at the planned gateway.
 func TestPlanAndApply(t *testing.T) {
 	qemuImg := tool(t, "qemu-img")
-	out, _ := sb(t, 0, "demo", "--keep", "--mode", "netstack", "--json")
-	var demo struct {
-		WorkDir string `json:"work_dir"`
-		Sites   []struct {
-			Site, Node, Socket string
-		} `json:"sites"`
-	}
-	if err := json.Unmarshal([]byte(out), &demo); err != nil || len(demo.Sites) != 3 {
-		t.Fatalf("demo --keep --json: %v\n%s", err, out)
-	}
-	t.Cleanup(func() { sb(t, 0, "demo", "--down", demo.WorkDir) })
+	demo := keepDemo(t)
 	zrh := demo.Sites[0].Socket
 
 	// 50 small sparse images: 30 risk batches, 15 EU personal data, 5
@@ -78,7 +68,7 @@ func TestPlanAndApply(t *testing.T) {
 	os.WriteFile(invPath, []byte(inv), 0o644)
 
 	planPath := filepath.Join(dir, "plan.json")
-	out, _ = sb(t, 0, "plan", "--inventory", invPath, "--out", planPath, "--json", "--socket", zrh)
+	out, _ := sb(t, 0, "plan", "--inventory", invPath, "--out", planPath, "--json", "--socket", zrh)
 	var plan struct {
 		Placements []struct {
 			Name, Image, Class, To, Site, Rule string

@@ -100,6 +100,34 @@ func (lg *liveGateway) token(t *testing.T) string {
 	return strings.TrimSpace(string(b))
 }
 
+// liveMesh is three live gateways of three sites, peered.
+type liveMesh struct {
+	ca   *certs.CA
+	dir  string
+	port int // next loopback port to try
+	logs *lockedWriter
+	gws  [3]*liveGateway
+}
+
+func startLiveMesh(t *testing.T) *liveMesh {
+	t.Helper()
+	m := &liveMesh{dir: t.TempDir(), logs: &lockedWriter{}, port: 22000 + os.Getpid()%8000}
+	var err error
+	m.ca, err = certs.InitCA(filepath.Join(m.dir, "ca"), certs.InitOptions{MeshPrefix: netip.MustParsePrefix("100.64.0.0/10")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var seed []string
+	for i, site := range []string{"zrh-dc", "aws-fra", "gcp-ams"} {
+		m.gws[i] = startLiveGateway(t, m.ca, m.dir, i, site, seed, &m.port, m.logs)
+		seed = []string{m.gws[0].g.s.GossipAdvertise.String()}
+	}
+	for _, lg := range m.gws {
+		waitUntil(t, 20*time.Second, lg.g.s.Node.Name+" peers with the other two", func() bool { return len(lg.dev.Peers()) == 2 })
+	}
+	return m
+}
+
 // waitUntil polls cond until it holds or the deadline passes.
 func waitUntil(t *testing.T, d time.Duration, what string, cond func() bool) {
 	t.Helper()
@@ -118,20 +146,9 @@ func waitUntil(t *testing.T, d time.Duration, what string, cond func() bool) {
 // reconciles), the dashboard's data and picture, and that nothing on the
 // endpoint answers without the token.
 func TestOperatorEndpoint(t *testing.T) {
-	dir := t.TempDir()
-	ca, err := certs.InitCA(filepath.Join(dir, "ca"), certs.InitOptions{MeshPrefix: netip.MustParsePrefix("100.64.0.0/10")})
-	if err != nil {
-		t.Fatal(err)
-	}
-	lw := &lockedWriter{}
-	port := 22000 + os.Getpid()%5000
-	a := startLiveGateway(t, ca, dir, 0, "zrh-dc", nil, &port, lw)
+	m := startLiveMesh(t)
+	a, b, ca, dir, lw := m.gws[0], m.gws[1], m.ca, m.dir, m.logs
 	seed := []string{a.g.s.GossipAdvertise.String()}
-	b := startLiveGateway(t, ca, dir, 1, "aws-fra", seed, &port, lw)
-	c := startLiveGateway(t, ca, dir, 2, "gcp-ams", seed, &port, lw)
-	for _, lg := range []*liveGateway{a, b, c} {
-		waitUntil(t, 20*time.Second, lg.g.s.Node.Name+" peers with the other two", func() bool { return len(lg.dev.Peers()) == 2 })
-	}
 
 	// An impostor: a valid-looking gateway whose certificate another CA
 	// signed, given the mesh's gossip key (a leaked key must not be enough).
@@ -144,7 +161,7 @@ func TestOperatorEndpoint(t *testing.T) {
 	if err := ca.CopyGossipKeyring(context.Background(), filepath.Join(dir, "op3", "identity")); err != nil {
 		t.Fatal(err)
 	}
-	startLiveGateway(t, rogueCA, dir, 3, "evil", seed, &port, lw)
+	startLiveGateway(t, rogueCA, dir, 3, "evil", seed, &m.port, lw)
 
 	tok := a.token(t)
 	if fi, err := os.Stat(a.g.s.OperatorTokenFile); err != nil {

@@ -3,8 +3,6 @@ package mesh
 import (
 	"context"
 	"net/netip"
-	"os"
-	"path/filepath"
 	"slices"
 	"testing"
 	"time"
@@ -19,20 +17,8 @@ import (
 // switch, then route the gateway's overlay address to the new key only;
 // the new key is stored for restarts and shows in the status.
 func TestWireGuardKeyRotation(t *testing.T) {
-	dir := t.TempDir()
-	ca, err := certs.InitCA(filepath.Join(dir, "ca"), certs.InitOptions{MeshPrefix: netip.MustParsePrefix("100.64.0.0/10")})
-	if err != nil {
-		t.Fatal(err)
-	}
-	lw := &lockedWriter{}
-	port := 27000 + os.Getpid()%3000
-	a := startLiveGateway(t, ca, dir, 0, "zrh-dc", nil, &port, lw)
-	seed := []string{a.g.s.GossipAdvertise.String()}
-	b := startLiveGateway(t, ca, dir, 1, "aws-fra", seed, &port, lw)
-	c := startLiveGateway(t, ca, dir, 2, "gcp-ams", seed, &port, lw)
-	for _, lg := range []*liveGateway{a, b, c} {
-		waitUntil(t, 20*time.Second, lg.g.s.Node.Name+" peers with the other two", func() bool { return len(lg.dev.Peers()) == 2 })
-	}
+	m := startLiveMesh(t)
+	a, b, c := m.gws[0], m.gws[1], m.gws[2]
 	old := wgtypes.Key(a.g.wgKey.Public())
 	aIP := netip.MustParsePrefix(a.g.id.Load().Attributes().OverlayIP.String() + "/32")
 
