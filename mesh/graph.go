@@ -71,16 +71,19 @@ type GraphTunnel struct {
 }
 
 // Graph computes the mesh graph from what this gateway verified.
-func (g *Gateway) Graph() (*MeshGraph, error) { return g.graphOf(false) }
-
-// graphOf computes the graph; with localOnly, a mesh larger than
-// svgDetailLimit keeps only this gateway's own tunnels in Tunnels (the
-// others are counted in SiteLinks): what a dashboard needs every second.
-func (g *Gateway) graphOf(localOnly bool) (*MeshGraph, error) {
+func (g *Gateway) Graph() (*MeshGraph, error) {
 	st, err := g.Status()
 	if err != nil {
 		return nil, err
 	}
+	return g.graphOf(st, false), nil
+}
+
+// graphOf computes the graph; with localOnly, a mesh larger than
+// svgDetailLimit keeps only this gateway's own tunnels in Tunnels (the
+// others are counted in SiteLinks): what a dashboard needs every second.
+// st is the status the caller already read (the device's handshakes).
+func (g *Gateway) graphOf(st *Status, localOnly bool) *MeshGraph {
 	selfp, pol, trust := g.self.Load(), g.policy.Load(), g.trust.Load()
 	key := planKey{gen: g.members.generation(), self: selfp, policy: pol, trust: trust}
 	nodes := append([]Node{*selfp}, g.members.gateways()...)
@@ -100,7 +103,7 @@ func (g *Gateway) graphOf(localOnly bool) (*MeshGraph, error) {
 		}
 		g.graph.edges, g.graph.key, g.graph.at = meshEdges(nodes, in), key, now
 	}
-	return buildGraph(nodes, g.graph.edges, selfp.node(), st.Members, now, localOnly && len(nodes) > svgDetailLimit), nil
+	return buildGraph(nodes, g.graph.edges, selfp.node(), st.Members, now, localOnly && len(nodes) > svgDetailLimit)
 }
 
 // How long Graph keeps the mesh's edges.

@@ -329,8 +329,7 @@ func siteHealth(st *Status, now time.Time) []siteState {
 			healthy[site] = true // verified, no tunnel from here (hub topology, policy): gossip is the signal
 			continue
 		}
-		stale := m.LastHandshake.IsZero() || now.Sub(m.LastHandshake) > staleHandshake
-		if !stale || m.TxBytes == 0 {
+		if tunnelHealth(m, now) != TunnelStale {
 			healthy[site] = true
 		}
 	}

@@ -268,10 +268,7 @@ func (g *Gateway) Dashboard() (*Dashboard, error) {
 	if err != nil {
 		return nil, err
 	}
-	mg, err := g.graphOf(true) // the page needs this gateway's tunnels; the others, by the thousand, would be megabytes a second
-	if err != nil {
-		return nil, err
-	}
+	mg := g.graphOf(st, true) // the page needs this gateway's tunnels; the others, by the thousand, would be megabytes a second
 	d := &Dashboard{Time: g.now(), Status: st, Graph: mg, SVG: mg.SVG(), Decisions: g.metrics.recent.newest()}
 	if g.mig == nil {
 		return d, nil
