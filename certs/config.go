@@ -3,6 +3,7 @@ package certs
 import (
 	"fmt"
 	"net/netip"
+	"strings"
 	"time"
 
 	"github.com/hashicorp/hcl/v2"
@@ -30,19 +31,31 @@ const (
 //	  labels       = { classes = "swiss-banking-secret" }
 //	}
 type NodeConfig struct {
-	Name         string            `hcl:"name"`
-	Site         string            `hcl:"site"`
-	Region       string            `hcl:"region"`
-	Provider     string            `hcl:"provider"`
-	Jurisdiction string            `hcl:"jurisdiction"`
-	OverlayIP    string            `hcl:"overlay_ip"`
+	Name         string            `hcl:"name,optional"`
+	Site         string            `hcl:"site,optional"`
+	Region       string            `hcl:"region,optional"`
+	Provider     string            `hcl:"provider,optional"`
+	Jurisdiction string            `hcl:"jurisdiction,optional"`
+	OverlayIP    string            `hcl:"overlay_ip,optional"`
 	Routes       []string          `hcl:"routes,optional"`
 	Labels       map[string]string `hcl:"labels,optional"`
 	Body         hcl.Body          `hcl:",body"`
 }
 
-// Attributes converts and validates the block.
+// Attributes converts and validates the block. Every attribute is
+// required here; the fields are optional in HCL only because a burst
+// gateway takes them from the certificate its join token obtained.
 func (n *NodeConfig) Attributes(meshPrefix netip.Prefix) (Attributes, error) {
+	var missing []string
+	for _, f := range []struct{ name, v string }{{"name", n.Name}, {"site", n.Site}, {"region", n.Region}, {"provider", n.Provider}, {"jurisdiction", n.Jurisdiction}, {"overlay_ip", n.OverlayIP}} {
+		if f.v == "" {
+			missing = append(missing, f.name)
+		}
+	}
+	if len(missing) > 0 {
+		return Attributes{}, hclconf.Errorf(n.Body, "node", "the node block lacks %s: describe this gateway there, or start a burst gateway with --join-token",
+			strings.Join(missing, ", "))
+	}
 	a := Attributes{Node: n.Name, Site: n.Site, Region: n.Region, Provider: n.Provider, Jurisdiction: n.Jurisdiction, Labels: n.Labels}
 	ip, err := netip.ParseAddr(n.OverlayIP)
 	if err != nil {

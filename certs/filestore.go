@@ -120,3 +120,32 @@ func lockFile(path string) (unlock func(), err error) {
 		f.Close()
 	}, nil
 }
+
+// ForgetIdentity removes a gateway's identity and secrets from dir (node
+// key and certificate, WireGuard key, gossip keyring): what a burst
+// gateway does when its site ends, so nothing that could rejoin the mesh
+// is left on a rented server. The CA certificate and CRL stay; they are
+// public. Missing files are not an error.
+func ForgetIdentity(dir string) error {
+	var errs []error
+	for _, name := range []string{fileNodeKey, fileNodeCert, FileWireGuardKey, FileGossipKeyring} {
+		if err := os.Remove(filepath.Join(dir, name)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, err)
+		}
+	}
+	if len(errs) == 0 {
+		if err := atomicfile.SyncDir(dir); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// SaveGossipKeyring writes the mesh's gossip keyring into dir (0600), as
+// an enrolled gateway receives it.
+func SaveGossipKeyring(dir string, kr *GossipKeyring) error {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return err
+	}
+	return atomicfile.WriteFile(filepath.Join(dir, FileGossipKeyring), kr.MarshalSecret(), 0o600)
+}

@@ -56,17 +56,22 @@ const (
 //	  listen     = "127.0.0.1:7480"      # loopback, "overlay:7480" (WireGuard-encrypted) or "off"
 //	  token_file = "/var/lib/skybridge/operator.token"  # default: in state_dir, created 0600
 //	}
+//	enroll {                             # burst gateways enrol here; only with identity.ca_dir
+//	  listen    = "192.0.2.1:7947"       # default: the gossip bind address, port 7947; "off" to disable
+//	  advertise = "192.0.2.1:7947"       # what join tokens name; default: the gossip advertise address
+//	}
 type Config struct {
-	StateDir  string           `hcl:"state_dir"`
-	Node      certs.NodeConfig `hcl:"node,block"`
-	Identity  certs.Config     `hcl:"identity,block"`
-	Gossip    GossipConfig     `hcl:"gossip,block"`
-	WireGuard WireGuardConfig  `hcl:"wireguard,block"`
-	Topology  *TopologyConfig  `hcl:"topology,block"`
-	Policy    *PolicyConfig    `hcl:"policy,block"`
-	Control   *ControlConfig   `hcl:"control,block"`
-	Operator  *OperatorConfig  `hcl:"operator,block"`
-	Body      hcl.Body         `hcl:",body"`
+	StateDir  string            `hcl:"state_dir"`
+	Node      *certs.NodeConfig `hcl:"node,block"` // optional only for a burst gateway (--join-token)
+	Identity  certs.Config      `hcl:"identity,block"`
+	Gossip    GossipConfig      `hcl:"gossip,block"`
+	WireGuard WireGuardConfig   `hcl:"wireguard,block"`
+	Topology  *TopologyConfig   `hcl:"topology,block"`
+	Policy    *PolicyConfig     `hcl:"policy,block"`
+	Control   *ControlConfig    `hcl:"control,block"`
+	Operator  *OperatorConfig   `hcl:"operator,block"`
+	Enroll    *EnrollConfig     `hcl:"enroll,block"`
+	Body      hcl.Body          `hcl:",body"`
 
 	file string
 }
@@ -123,6 +128,14 @@ type OperatorConfig struct {
 	Body      hcl.Body `hcl:",body"`
 }
 
+// EnrollConfig is the enroll block: where a CA-holding gateway serves
+// the enrollment of burst gateways (TLS, join token required).
+type EnrollConfig struct {
+	Listen    string   `hcl:"listen,optional"`
+	Advertise string   `hcl:"advertise,optional"`
+	Body      hcl.Body `hcl:",body"`
+}
+
 // Settings is a validated configuration with defaults filled in.
 type Settings struct {
 	File     string
@@ -156,6 +169,10 @@ type Settings struct {
 	OperatorAddr      netip.AddrPort
 	OperatorOverlay   bool
 	OperatorTokenFile string
+
+	// Enrollment of burst gateways: off unless valid (needs the CA).
+	EnrollListen    netip.AddrPort
+	EnrollAdvertise netip.AddrPort
 }
 
 // Defaults.
@@ -177,7 +194,10 @@ func LoadConfig(path string) (*Settings, error) {
 }
 
 func (c *Config) validate() (*Settings, error) {
-	s := &Settings{File: c.file, StateDir: c.StateDir, Node: c.Node, Identity: c.Identity, Topology: TopologyFullMesh}
+	s := &Settings{File: c.file, StateDir: c.StateDir, Identity: c.Identity, Topology: TopologyFullMesh}
+	if c.Node != nil {
+		s.Node = *c.Node
+	}
 	var errs []error
 	if c.StateDir == "" {
 		errs = append(errs, hclconf.Errorf(c.Body, "state_dir", "must name the directory where the gateway keeps its state"))
@@ -291,6 +311,9 @@ func (c *Config) validate() (*Settings, error) {
 	if err := s.operator(op); err != nil {
 		errs = append(errs, err)
 	}
+	if err := s.enroll(c.Enroll); err != nil {
+		errs = append(errs, err)
+	}
 	if err := hclconf.Join(errs...); err != nil {
 		return nil, err
 	}
@@ -326,6 +349,42 @@ func (s *Settings) operator(op OperatorConfig) error {
 			"use 127.0.0.1:PORT, overlay:PORT (reached through the WireGuard mesh) or a TLS-terminating proxy in front of loopback", ap)
 	}
 	s.OperatorAddr = ap
+	return nil
+}
+
+// enroll validates the enroll block. Enrollment is on by default where it
+// can work, on a gateway holding the CA (identity.ca_dir).
+func (s *Settings) enroll(e *EnrollConfig) error {
+	var body hcl.Body
+	listen, advertise := "", ""
+	if e != nil {
+		body, listen, advertise = e.Body, e.Listen, e.Advertise
+	}
+	if listen == "off" {
+		return nil
+	}
+	if s.Identity.CADir == "" {
+		if listen != "" || advertise != "" {
+			return hclconf.Errorf(body, "listen", "only a gateway holding the mesh CA (identity.ca_dir) enrols burst gateways; remove the enroll block")
+		}
+		return nil
+	}
+	var err error
+	s.EnrollListen = netip.AddrPortFrom(s.GossipBind.Addr(), DefaultEnrollPort)
+	if listen != "" {
+		if s.EnrollListen, err = parseAddrPort(listen, DefaultEnrollPort); err != nil {
+			return hclconf.Errorf(body, "listen", "%v, or \"off\"", err)
+		}
+	}
+	s.EnrollAdvertise = netip.AddrPortFrom(s.GossipAdvertise.Addr(), s.EnrollListen.Port())
+	if advertise != "" {
+		if s.EnrollAdvertise, err = parseAddrPort(advertise, int(s.EnrollListen.Port())); err != nil {
+			return hclconf.Errorf(body, "advertise", "%v", err)
+		}
+	}
+	if !s.EnrollAdvertise.Addr().IsValid() || s.EnrollAdvertise.Addr().IsUnspecified() {
+		return hclconf.Errorf(body, "advertise", "join tokens must name an address burst gateways can reach; set advertise")
+	}
 	return nil
 }
 

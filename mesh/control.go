@@ -100,6 +100,31 @@ func (g *Gateway) serveControl() (io.Closer, error) {
 		}
 		reply(w, p, nil)
 	})
+	mux.HandleFunc("POST /v1/bursts", func(w http.ResponseWriter, r *http.Request) {
+		var req BurstRequest
+		if err := json.NewDecoder(io.LimitReader(r.Body, 1<<20)).Decode(&req); err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		grant, err := g.BurstUp(req)
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusUnprocessableEntity)
+			return
+		}
+		reply(w, grant, nil)
+	})
+	mux.HandleFunc("GET /v1/bursts", func(w http.ResponseWriter, r *http.Request) {
+		l, err := g.Bursts()
+		reply(w, l, err)
+	})
+	mux.HandleFunc("POST /v1/bursts/{site}/down", func(w http.ResponseWriter, r *http.Request) {
+		bi, err := g.BurstDown(r.PathValue("site"))
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusUnprocessableEntity)
+			return
+		}
+		reply(w, bi, nil)
+	})
 	mux.HandleFunc("GET /v1/migrations", func(w http.ResponseWriter, r *http.Request) {
 		l, err := g.Migrations()
 		reply(w, l, err)
@@ -290,6 +315,24 @@ func (c *Client) Operator(ctx context.Context) (*OperatorLink, error) {
 func (c *Client) Plan(ctx context.Context, req PlanRequest) (*migrate.Plan, error) {
 	var p migrate.Plan
 	return &p, c.do(ctx, http.MethodPost, "/v1/plan", req, &p)
+}
+
+// BurstUp opens a burst site on a CA-holding gateway.
+func (c *Client) BurstUp(ctx context.Context, req BurstRequest) (*BurstGrant, error) {
+	var g BurstGrant
+	return &g, c.do(ctx, http.MethodPost, "/v1/bursts", req, &g)
+}
+
+// BurstDown ends a burst site now.
+func (c *Client) BurstDown(ctx context.Context, site string) (*BurstInfo, error) {
+	var bi BurstInfo
+	return &bi, c.do(ctx, http.MethodPost, "/v1/bursts/"+url.PathEscape(site)+"/down", nil, &bi)
+}
+
+// Bursts lists the burst sites the gateway opened.
+func (c *Client) Bursts(ctx context.Context) ([]BurstInfo, error) {
+	var l []BurstInfo
+	return l, c.do(ctx, http.MethodGet, "/v1/bursts", nil, &l)
 }
 
 // Status fetches the gateway's status.

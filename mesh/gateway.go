@@ -3,6 +3,7 @@ package mesh
 import (
 	"context"
 	"crypto/x509"
+	"errors"
 	"fmt"
 	"io"
 	"log"
@@ -81,6 +82,11 @@ type Gateway struct {
 	load         atomic.Uint32 // migrations being received, advertised
 	readvertise  chan struct{}
 
+	enroll      *enrollment   // the burst sites we enrol (CA-holding gateways only)
+	burst       *Enrollment   // how we joined, if we are a burst gateway
+	revokedSelf chan struct{} // closed when a burst gateway sees its own certificate revoked
+	revokedOnce sync.Once
+
 	started  time.Time
 	stopOnce sync.Once
 	rotation sync.Mutex // one gossip key rotation at a time
@@ -134,7 +140,7 @@ func newGateway(ctx context.Context, s *Settings, logger *slog.Logger, opt optio
 		inbox: make(chan []byte, inboxSize), kick: make(chan struct{}, 1), sends: make(chan struct{}, maxSends),
 		lastApplied: map[certs.WGPublicKey]PeerConfig{}, certAsked: map[string]time.Time{}, nextAcked: map[certs.WGPublicKey]bool{},
 		started: time.Now(), acks: make(chan keyringAck, 64), readvertise: make(chan struct{}, 1),
-		joined: make(chan struct{}),
+		joined: make(chan struct{}), revokedSelf: make(chan struct{}),
 	}
 	prov, err := certs.Open(ctx, s.Identity, logger)
 	if err != nil {
@@ -146,7 +152,7 @@ func newGateway(ctx context.Context, s *Settings, logger *slog.Logger, opt optio
 		prov.Close()
 		return nil, err
 	}
-	attrs, err := s.Node.Attributes(tb.MeshPrefix())
+	attrs, err := g.nodeAttributes(tb)
 	if err != nil {
 		prov.Close()
 		return nil, err
@@ -173,6 +179,10 @@ func newGateway(ctx context.Context, s *Settings, logger *slog.Logger, opt optio
 		g.members.cache = opt.cache
 	}
 	g.loadPolicies()
+	if err := g.openEnrollment(); err != nil {
+		prov.Close()
+		return nil, err
+	}
 	if err := g.signAdvert(); err != nil {
 		prov.Close()
 		return nil, err
@@ -253,7 +263,11 @@ func (g *Gateway) signAdvert() error {
 // Run joins the gossip and keeps the WireGuard configuration in line with
 // the verified membership until ctx ends, then leaves the cluster, removes
 // the interface and keeps the state.
-func (g *Gateway) Run(ctx context.Context) error {
+func (g *Gateway) Run(parent context.Context) error {
+	// A burst gateway's run also ends when its site does (cause
+	// *BurstEndedError).
+	ctx, stop := context.WithCancelCause(parent)
+	defer stop(nil)
 	if err := g.startGossip(); err != nil {
 		g.closeDevice()
 		return err
@@ -276,8 +290,18 @@ func (g *Gateway) Run(ctx context.Context) error {
 		g.closeDevice()
 		return err
 	}
+	enrollEndpoint, err := g.serveEnrollment(ctx)
+	if err != nil {
+		opEndpoint.Close()
+		ctl.Close()
+		g.ml.Shutdown()
+		g.stopMigrations()
+		g.closeDevice()
+		return err
+	}
 	if g.mig != nil {
 		if err := g.serveMigrations(ctx); err != nil {
+			enrollEndpoint.Close()
 			opEndpoint.Close()
 			ctl.Close()
 			g.ml.Shutdown()
@@ -296,6 +320,11 @@ func (g *Gateway) Run(ctx context.Context) error {
 	loop(g.maintain)
 	loop(g.advertiseLoad)
 	loop(g.rotateOnSchedule)
+	loop(g.burstLoop)
+	loop(g.refreshTrust)
+	if g.burst != nil {
+		loop(func(ctx context.Context) { g.watchBurst(ctx, stop) })
+	}
 	if g.s.Topology != TopologyHub {
 		loop(g.healthLoop) // hubs are chosen from the membership alone
 	}
@@ -317,6 +346,7 @@ func (g *Gateway) Run(ctx context.Context) error {
 			g.log.Warn("leave", "err", err)
 		}
 	}
+	enrollEndpoint.Close()
 	opEndpoint.Close()
 	ctl.Close()
 	wg.Wait()
@@ -325,6 +355,11 @@ func (g *Gateway) Run(ctx context.Context) error {
 	g.saveMembers()
 	g.closeDevice()
 	g.prov.Close()
+	var ended *BurstEndedError
+	if errors.As(context.Cause(ctx), &ended) {
+		g.forgetBurst(ended)
+		return ended
+	}
 	return nil
 }
 
@@ -786,6 +821,9 @@ func (g *Gateway) adoptTrust(tb *certs.TrustBundle) bool {
 	}
 	g.announce(blobCRL, crlNumber(tb.CRL()), tb.CRL().Raw)
 	g.log.Info("adopted revocation list", "number", crlNumber(tb.CRL()), "revoked", len(tb.CRL().RevokedCertificateEntries))
+	if g.burst != nil && tb.IsRevoked(g.id.Load().Certificate().SerialNumber) {
+		g.revokedOnce.Do(func() { close(g.revokedSelf) })
+	}
 	return true
 }
 

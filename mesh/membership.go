@@ -306,6 +306,7 @@ func (ms *membership) leave(name string) {
 		if m.left {
 			m.reason = "left the mesh"
 		}
+		ms.forgetEndedLocked()
 	}
 	ms.mu.Unlock()
 	ms.changed()
@@ -451,8 +452,28 @@ func (ms *membership) setTrust(tb *certs.TrustBundle) {
 		}
 	}
 	ms.rejudgeLocked()
+	ms.forgetEndedLocked()
 	ms.mu.Unlock()
 	ms.changed()
+}
+
+// forgetEndedLocked drops members that are gone and whose last verified
+// certificate has expired or been revoked: a burst gateway after its
+// burst, a decommissioned gateway after revocation. They cannot come back
+// with that identity, so nothing of them is kept, saved or knocked on.
+func (ms *membership) forgetEndedLocked() (forgot bool) {
+	now := ms.now()
+	for name, m := range ms.members {
+		if m.alive || m.remembered || m.lastVerified == nil {
+			continue
+		}
+		c := m.lastVerified.Cert
+		if !now.Before(c.NotAfter) || ms.trust.IsRevoked(c.SerialNumber) {
+			delete(ms.members, name)
+			forgot = true
+		}
+	}
+	return forgot
 }
 
 // rejudgeLocked judges every member again, oldest certificate first so the
@@ -492,6 +513,7 @@ func (ms *membership) rejudgeLocked() (changed bool) {
 func (ms *membership) refresh() {
 	ms.mu.Lock()
 	changed := ms.rejudgeLocked()
+	changed = ms.forgetEndedLocked() || changed
 	ms.mu.Unlock()
 	// Re-judging finds nothing new almost always; a change (an expiry)
 	// is what makes the topology worth recomputing.

@@ -34,6 +34,7 @@ type metrics struct {
 	migRetries      *prometheus.CounterVec
 	migDuration     *prometheus.HistogramVec
 	decisions       *prometheus.CounterVec
+	enrollments     *prometheus.CounterVec
 
 	recent *decisionLog
 	known  atomic.Pointer[map[string]bool] // the adopted policy's classes
@@ -80,10 +81,14 @@ func newMetrics(g *Gateway) *metrics {
 			Name: "skybridge_policy_decisions_total",
 			Help: "Residency decisions taken for migrations, by data class, action (store, transit) and outcome (allowed, denied, audit).",
 		}, []string{"class", "action", "outcome"}),
+		enrollments: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "skybridge_burst_enrollments_total",
+			Help: "Burst gateways that presented a join token here, by outcome (enrolled, refused).",
+		}, []string{"outcome"}),
 		recent: &decisionLog{max: maxRecentDecisions},
 	}
 	m.reg.MustRegister(m.rejections, m.reconcileRuns, m.reconcileErrors, m.reconcileTime,
-		m.migBytes, m.migChunks, m.migRetries, m.migDuration, m.decisions,
+		m.migBytes, m.migChunks, m.migRetries, m.migDuration, m.decisions, m.enrollments,
 		&gatewayCollector{g: g},
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	// Every label value a rule or dashboard may select on exists from the
@@ -98,8 +103,13 @@ func newMetrics(g *Gateway) *metrics {
 		m.migChunks.WithLabelValues(role)
 		m.migRetries.WithLabelValues(role)
 	}
+	for _, o := range []string{"enrolled", "refused"} {
+		m.enrollments.WithLabelValues(o)
+	}
 	return m
 }
+
+func (m *metrics) enrollment(outcome string) { m.enrollments.WithLabelValues(outcome).Inc() }
 
 func (m *metrics) reconciled(took time.Duration, err error) {
 	m.reconcileRuns.Inc()

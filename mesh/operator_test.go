@@ -3,6 +3,7 @@ package mesh
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -29,9 +30,16 @@ type liveGateway struct {
 	g    *Gateway
 	dev  *RecordingDevice
 	done chan struct{}
+	err  error // Run's, once done is closed
 }
 
 func startLiveGateway(t *testing.T, ca *certs.CA, dir string, i int, site string, seeds []string, port *int, logs io.Writer) *liveGateway {
+	return startLiveGatewayWith(t, ca, dir, i, site, seeds, port, logs, nil)
+}
+
+// startLiveGatewayWith is startLiveGateway with a last change to its
+// settings.
+func startLiveGatewayWith(t *testing.T, ca *certs.CA, dir string, i int, site string, seeds []string, port *int, logs io.Writer, tweak func(*Settings)) *liveGateway {
 	t.Helper()
 	tb, err := ca.TrustBundle()
 	if err != nil {
@@ -52,17 +60,34 @@ func startLiveGateway(t *testing.T, ca *certs.CA, dir string, i int, site string
 	if err := ca.CopyGossipKeyring(context.Background(), idDir); err != nil {
 		t.Fatal(err)
 	}
+	s := liveSettings(t, gdir, port)
+	s.Node = certs.NodeConfig{Name: node, Site: site, Region: attrs.Region, Provider: "onprem", Jurisdiction: "CH", OverlayIP: overlay.String()}
+	s.Seeds = seeds
+	if tweak != nil {
+		tweak(s)
+	}
+	return runLiveGateway(t, s, logs)
+}
+
+// liveSettings are the settings of an in-process gateway in dir with its
+// gossip on a free loopback port, and no node block.
+func liveSettings(t *testing.T, dir string, port *int) *Settings {
 	p := nextLoopbackPort(t, port)
 	ap := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(p))
-	s := &Settings{
-		StateDir: gdir, Identity: certs.Config{Dir: idDir},
-		Node:       certs.NodeConfig{Name: node, Site: site, Region: attrs.Region, Provider: "onprem", Jurisdiction: "CH", OverlayIP: overlay.String()},
-		GossipBind: ap, GossipAdvertise: ap, Seeds: seeds, GossipProfile: "local",
+	return &Settings{
+		StateDir: dir, Identity: certs.Config{Dir: filepath.Join(dir, "identity")},
+		GossipBind: ap, GossipAdvertise: ap, GossipProfile: "local",
 		Interface: "sim", Port: p, MTU: DefaultMTU, Endpoints: []netip.AddrPort{ap}, Topology: TopologyFullMesh,
-		OperatorAddr: netip.MustParseAddrPort("127.0.0.1:0"), OperatorTokenFile: filepath.Join(gdir, "operator.token"),
+		OperatorAddr: netip.MustParseAddrPort("127.0.0.1:0"), OperatorTokenFile: filepath.Join(dir, "operator.token"),
 	}
+}
+
+// runLiveGateway runs a gateway with a recording device until the test
+// ends; its run's error is lg.err once lg.done is closed.
+func runLiveGateway(t *testing.T, s *Settings, logs io.Writer) *liveGateway {
+	t.Helper()
 	log := slog.New(slog.NewJSONHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
-	dev := NewRecordingDevice(node)
+	dev := NewRecordingDevice(filepath.Base(s.StateDir))
 	g, err := newGateway(context.Background(), s, log, options{device: dev, noControl: true, noMigrations: true})
 	if err != nil {
 		t.Fatal(err)
@@ -71,8 +96,10 @@ func startLiveGateway(t *testing.T, ca *certs.CA, dir string, i int, site string
 	lg := &liveGateway{g: g, dev: dev, done: make(chan struct{})}
 	go func() {
 		defer close(lg.done)
-		if err := g.Run(ctx); err != nil {
-			t.Errorf("%s: %v", node, err)
+		lg.err = g.Run(ctx)
+		var ended *BurstEndedError
+		if lg.err != nil && !errors.As(lg.err, &ended) {
+			t.Errorf("%s: %v", g.id.Load().Attributes().Node, lg.err)
 		}
 	}()
 	t.Cleanup(func() { cancel(); <-lg.done })

@@ -1,0 +1,272 @@
+package mesh
+
+import (
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"slices"
+	"time"
+
+	"github.com/skybridge-mesh/skybridge/certs"
+	"github.com/skybridge-mesh/skybridge/internal/atomicfile"
+)
+
+// A burst site is a site that exists for a while: cloud servers rented
+// for an hour. A gateway that holds the mesh CA opens it (`skybridge burst
+// up`), hands out one single-use join token per gateway the site will
+// run, enrols each fresh gateway that presents one, and closes the site at
+// its end (TTL or `skybridge burst down`) by revoking every certificate it
+// issued there. This file is the record of bursts and its rules, free of
+// I/O so they can be table-tested; enroll.go serves it.
+
+// BurstRequest asks for a burst site.
+type BurstRequest struct {
+	Site         string            `json:"site"`
+	Provider     string            `json:"provider"`
+	Region       string            `json:"region"`
+	Jurisdiction string            `json:"jurisdiction"`
+	Routes       []string          `json:"routes"`
+	Labels       map[string]string `json:"labels,omitempty"`
+	TTL          time.Duration     `json:"ttl"`                 // the site's lifetime
+	TokenTTL     time.Duration     `json:"token_ttl,omitempty"` // how long a token may wait to be used; default DefaultTokenTTL
+	Gateways     int               `json:"gateways,omitempty"`  // tokens to make (gateways the site runs); default 1
+}
+
+// Limits of a burst request.
+const (
+	DefaultTokenTTL = 30 * time.Minute
+	MaxBurstTTL     = 7 * 24 * time.Hour
+	MinBurstTTL     = 30 * time.Second
+	maxBurstGWs     = 64
+	// burstNameRoom leaves room in a 63-character node name for the
+	// "-gwNN" suffix of the burst's gateways.
+	burstNameRoom = 58
+	// endedKept is how long an ended burst stays in the record (and in
+	// `skybridge burst list`) before it is dropped.
+	endedKept = 7 * 24 * time.Hour
+)
+
+// attributes validates the request and returns the attributes its
+// gateways will be certified with (node and overlay IP are placeholders:
+// each gateway gets its own at enrollment).
+func (r *BurstRequest) attributes(meshPrefix netip.Prefix) (certs.Attributes, error) {
+	a := certs.Attributes{
+		Node: "placeholder", Site: r.Site, Region: r.Region, Provider: r.Provider, Jurisdiction: r.Jurisdiction,
+		OverlayIP: meshPrefix.Addr().Next(), Labels: r.Labels,
+	}
+	var errs []error
+	routes, err := certs.ParseRoutes(r.Routes)
+	if err != nil {
+		errs = append(errs, err)
+	}
+	a.Routes = routes
+	a.Normalize()
+	if len(r.Routes) == 0 {
+		errs = append(errs, errors.New("a burst site needs --routes: the prefixes of the servers behind its gateways"))
+	}
+	if err := a.Validate(meshPrefix); err != nil {
+		errs = append(errs, err)
+	}
+	if len(r.Site) > burstNameRoom {
+		errs = append(errs, fmt.Errorf("site name %q is longer than %d characters: its gateways are named SITE-gwN", r.Site, burstNameRoom))
+	}
+	switch {
+	case r.TTL < MinBurstTTL:
+		errs = append(errs, fmt.Errorf("--ttl %s is too short: at least %s", r.TTL, MinBurstTTL))
+	case r.TTL > MaxBurstTTL:
+		errs = append(errs, fmt.Errorf("--ttl %s is too long for a burst: at most %s (a lasting site gets its identities from `skybridge ca issue`)", r.TTL, MaxBurstTTL))
+	}
+	if r.TokenTTL < 0 || (r.TokenTTL > 0 && r.TokenTTL < time.Second) {
+		errs = append(errs, fmt.Errorf("--token-ttl %s: use a positive duration of at least 1s", r.TokenTTL))
+	}
+	if r.Gateways < 0 || r.Gateways > maxBurstGWs {
+		errs = append(errs, fmt.Errorf("--gateways %d: use 1 to %d", r.Gateways, maxBurstGWs))
+	}
+	return a, errors.Join(errs...)
+}
+
+// burstRecord is one burst site as the enrolling gateway keeps it.
+type burstRecord struct {
+	Site         string            `json:"site"`
+	Provider     string            `json:"provider"`
+	Region       string            `json:"region"`
+	Jurisdiction string            `json:"jurisdiction"`
+	Routes       []string          `json:"routes"`
+	Labels       map[string]string `json:"labels,omitempty"`
+	Created      time.Time         `json:"created"`
+	Expires      time.Time         `json:"expires"`
+	Ended        *time.Time        `json:"ended,omitempty"`
+	EndReason    string            `json:"end_reason,omitempty"`
+	Tokens       []burstToken      `json:"tokens"`
+}
+
+// burstToken is one join token: its hash, never its secret.
+type burstToken struct {
+	ID        string     `json:"id"`
+	Hash      string     `json:"sha256"`
+	Expires   time.Time  `json:"expires"`
+	Used      *time.Time `json:"used,omitempty"`
+	Node      string     `json:"node,omitempty"`
+	OverlayIP string     `json:"overlay_ip,omitempty"`
+	Serial    string     `json:"serial,omitempty"`
+}
+
+func (r *burstRecord) active(now time.Time) bool { return r.Ended == nil && now.Before(r.Expires) }
+
+// burstBook is every burst this gateway opened.
+type burstBook struct {
+	Bursts []*burstRecord `json:"bursts"`
+}
+
+// find returns the newest record of site that has not ended, or nil.
+func (b *burstBook) find(site string) *burstRecord {
+	for i := len(b.Bursts) - 1; i >= 0; i-- {
+		if r := b.Bursts[i]; r.Site == site && r.Ended == nil {
+			return r
+		}
+	}
+	return nil
+}
+
+// open records a new burst with its tokens.
+func (b *burstBook) open(req BurstRequest, attrs certs.Attributes, tokens []*certs.JoinToken, now time.Time) (*burstRecord, error) {
+	if r := b.find(req.Site); r != nil {
+		return nil, fmt.Errorf("burst site %s is already open (until %s): end it first with `skybridge burst down --site %s`",
+			req.Site, r.Expires.UTC().Format(time.RFC3339), req.Site)
+	}
+	r := &burstRecord{
+		Site: attrs.Site, Provider: attrs.Provider, Region: attrs.Region, Jurisdiction: attrs.Jurisdiction, Labels: attrs.Labels,
+		Created: now.UTC(), Expires: now.Add(req.TTL).UTC(),
+	}
+	for _, p := range attrs.Routes {
+		r.Routes = append(r.Routes, p.String())
+	}
+	for _, t := range tokens {
+		h := t.SecretHash()
+		r.Tokens = append(r.Tokens, burstToken{ID: t.ID, Hash: hex.EncodeToString(h[:]), Expires: t.Expires.UTC()})
+	}
+	b.Bursts = append(b.Bursts, r)
+	return r, nil
+}
+
+// errToken is what a newcomer hears for a token that does not exist or
+// whose secret is wrong: the same words, so probing learns nothing.
+var errToken = errors.New("join token not recognised by this gateway: check that you copied it whole, or ask for a new one with `skybridge burst up`")
+
+// redeem checks a token and returns its burst and index. It does not mark
+// it used: the caller does, once the certificate exists.
+func (b *burstBook) redeem(id string, secret []byte, now time.Time) (*burstRecord, int, error) {
+	for _, r := range b.Bursts {
+		for i, t := range r.Tokens {
+			if t.ID != id {
+				continue
+			}
+			h, err := hex.DecodeString(t.Hash)
+			if err != nil || len(h) != 32 || !certs.MatchesSecretHash(secret, [32]byte(h)) {
+				return nil, 0, errToken
+			}
+			switch {
+			case t.Used != nil:
+				return nil, 0, fmt.Errorf("join token %s was already used at %s (by gateway %s): a token enrols one gateway once; ask for a new one with `skybridge burst up`",
+					t.ID, t.Used.UTC().Format(time.RFC3339), t.Node)
+			case r.Ended != nil:
+				return nil, 0, fmt.Errorf("burst site %s ended at %s (%s): its tokens are void", r.Site, r.Ended.UTC().Format(time.RFC3339), r.EndReason)
+			case !now.Before(r.Expires):
+				return nil, 0, fmt.Errorf("burst site %s expired at %s: its tokens are void", r.Site, r.Expires.UTC().Format(time.RFC3339))
+			case !now.Before(t.Expires):
+				return nil, 0, fmt.Errorf("join token %s expired at %s: ask for a new one with `skybridge burst up`", t.ID, t.Expires.UTC().Format(time.RFC3339))
+			}
+			return r, i, nil
+		}
+	}
+	return nil, 0, errToken
+}
+
+// end closes a burst and returns the serials of the certificates it
+// issued, to be revoked.
+func (r *burstRecord) end(reason string, now time.Time) []string {
+	if r.Ended == nil {
+		t := now.UTC()
+		r.Ended, r.EndReason = &t, reason
+	}
+	var serials []string
+	for _, t := range r.Tokens {
+		if t.Serial != "" {
+			serials = append(serials, t.Serial)
+		}
+	}
+	return serials
+}
+
+// due returns the bursts that have run out and are not ended yet.
+func (b *burstBook) due(now time.Time) []*burstRecord {
+	var out []*burstRecord
+	for _, r := range b.Bursts {
+		if r.Ended == nil && !now.Before(r.Expires) {
+			out = append(out, r)
+		}
+	}
+	return out
+}
+
+// prune drops bursts that ended long ago.
+func (b *burstBook) prune(now time.Time) bool {
+	n := len(b.Bursts)
+	b.Bursts = slices.DeleteFunc(b.Bursts, func(r *burstRecord) bool { return r.Ended != nil && now.Sub(*r.Ended) > endedKept })
+	return len(b.Bursts) != n
+}
+
+// nodeName names the i-th gateway of a burst.
+func (r *burstRecord) nodeName(i int) string { return fmt.Sprintf("%s-gw%d", r.Site, i+1) }
+
+// pickOverlayIP returns the highest address of prefix that is not used,
+// skipping the prefix's first and last address. Burst gateways take
+// addresses from the top of the range because operators number their
+// lasting gateways from the bottom.
+func pickOverlayIP(prefix netip.Prefix, used map[netip.Addr]bool) (netip.Addr, error) {
+	first := prefix.Masked().Addr()
+	last := lastAddr(prefix)
+	for a, n := last.Prev(), 0; a.IsValid() && a.Compare(first) > 0 && n < 1<<20; a, n = a.Prev(), n+1 {
+		if !used[a] {
+			return a, nil
+		}
+	}
+	return netip.Addr{}, fmt.Errorf("no free overlay address left in %s for a burst gateway", prefix)
+}
+
+func lastAddr(p netip.Prefix) netip.Addr {
+	b := p.Masked().Addr().AsSlice()
+	for i := p.Bits(); i < len(b)*8; i++ {
+		b[i/8] |= 0x80 >> (i % 8)
+	}
+	a, _ := netip.AddrFromSlice(b)
+	return a
+}
+
+const fileBursts = "bursts.json"
+
+func (d stateDir) loadBursts() (*burstBook, error) {
+	b, err := os.ReadFile(d.path(fileBursts))
+	if errors.Is(err, os.ErrNotExist) {
+		return &burstBook{}, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var bk burstBook
+	if err := json.Unmarshal(b, &bk); err != nil {
+		return nil, fmt.Errorf("%s is damaged: %w; it records which burst tokens were used, so it is not rewritten: repair or remove it", d.path(fileBursts), err)
+	}
+	return &bk, nil
+}
+
+func (d stateDir) saveBursts(bk *burstBook) error {
+	b, err := json.MarshalIndent(bk, "", "  ")
+	if err != nil {
+		return err
+	}
+	return atomicfile.WriteFile(d.path(fileBursts), append(b, '\n'), 0o600)
+}

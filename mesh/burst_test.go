@@ -1,0 +1,326 @@
+package mesh
+
+import (
+	"context"
+	"errors"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/skybridge-mesh/skybridge/certs"
+)
+
+func TestPickOverlayIP(t *testing.T) {
+	p := netip.MustParsePrefix("100.96.0.0/16")
+	addrs := func(ss ...string) map[netip.Addr]bool {
+		m := map[netip.Addr]bool{}
+		for _, s := range ss {
+			m[netip.MustParseAddr(s)] = true
+		}
+		return m
+	}
+	for _, tc := range []struct {
+		name   string
+		prefix netip.Prefix
+		used   map[netip.Addr]bool
+		want   string
+	}{
+		{"top of the range, not the broadcast address", p, nil, "100.96.255.254"},
+		{"skips used addresses", p, addrs("100.96.255.254", "100.96.255.253"), "100.96.255.252"},
+		{"small range", netip.MustParsePrefix("10.0.0.0/30"), addrs("10.0.0.2"), "10.0.0.1"},
+		{"full", netip.MustParsePrefix("10.0.0.0/30"), addrs("10.0.0.2", "10.0.0.1"), ""},
+		{"IPv6", netip.MustParsePrefix("fd00::/64"), nil, "fd00::ffff:ffff:ffff:fffe"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got, err := pickOverlayIP(tc.prefix, tc.used)
+			if tc.want == "" {
+				if err == nil {
+					t.Fatalf("got %s, want an error", got)
+				}
+				return
+			}
+			if err != nil || got.String() != tc.want {
+				t.Fatalf("got %v, %v; want %s", got, err, tc.want)
+			}
+		})
+	}
+}
+
+func TestBurstRequestValidation(t *testing.T) {
+	mesh := netip.MustParsePrefix("100.96.0.0/16")
+	good := BurstRequest{Site: "burst-ams", Provider: "aws", Region: "eu-west-1", Jurisdiction: "NL", Routes: []string{"10.77.0.0/24"}, TTL: time.Hour}
+	if _, err := good.attributes(mesh); err != nil {
+		t.Fatalf("valid request refused: %v", err)
+	}
+	for _, tc := range []struct {
+		name string
+		edit func(*BurstRequest)
+		want string
+	}{
+		{"no routes", func(r *BurstRequest) { r.Routes = nil }, "needs --routes"},
+		{"bad route", func(r *BurstRequest) { r.Routes = []string{"10.77.0.1/24"} }, "host bits"},
+		{"route in the overlay", func(r *BurstRequest) { r.Routes = []string{"100.96.9.0/24"} }, "overlaps the mesh overlay range"},
+		{"bad jurisdiction", func(r *BurstRequest) { r.Jurisdiction = "XX" }, "ISO 3166-1"},
+		{"bad site", func(r *BurstRequest) { r.Site = "Burst_AMS" }, `site "Burst_AMS" is not valid`},
+		{"long site", func(r *BurstRequest) { r.Site = strings.Repeat("a", 60) }, "longer than 58"},
+		{"short ttl", func(r *BurstRequest) { r.TTL = time.Second }, "too short"},
+		{"long ttl", func(r *BurstRequest) { r.TTL = 30 * 24 * time.Hour }, "too long"},
+		{"token ttl", func(r *BurstRequest) { r.TokenTTL = time.Millisecond }, "--token-ttl"},
+		{"gateways", func(r *BurstRequest) { r.Gateways = 1000 }, "--gateways 1000"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := good
+			tc.edit(&r)
+			_, err := r.attributes(mesh)
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("got %v, want an error saying %q", err, tc.want)
+			}
+		})
+	}
+}
+
+// TestBurstBook walks tokens through their life: redeemed once, refused
+// when used, expired, mistyped or void because the burst ended.
+func TestBurstBook(t *testing.T) {
+	ca, err := certs.InitCA(filepath.Join(t.TempDir(), "ca"), certs.InitOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t0 := time.Date(2026, 11, 26, 9, 0, 0, 0, time.UTC)
+	ep := []netip.AddrPort{netip.MustParseAddrPort("192.0.2.1:7947")}
+	mk := func(exp time.Time) *certs.JoinToken {
+		tok, err := certs.NewJoinToken("burst-ams", ca.Certificate(), ep, exp)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return tok
+	}
+	a, b := mk(t0.Add(30*time.Minute)), mk(t0.Add(time.Minute))
+	req := BurstRequest{Site: "burst-ams", Provider: "aws", Region: "eu-west-1", Jurisdiction: "NL", Routes: []string{"10.77.0.0/24"}, TTL: time.Hour}
+	attrs, err := req.attributes(netip.MustParsePrefix("100.96.0.0/16"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var bk burstBook
+	rec, err := bk.open(req, attrs, []*certs.JoinToken{a, b}, t0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := bk.open(req, attrs, nil, t0); err == nil || !strings.Contains(err.Error(), "already open") {
+		t.Fatalf("a second open burst of the same site: %v", err)
+	}
+	if strings.Contains(rec.Tokens[0].Hash, string(a.Secret)) || rec.Tokens[0].Hash == "" {
+		t.Fatal("the book must keep the token's hash")
+	}
+
+	refused := func(id string, secret []byte, at time.Time, want string) {
+		t.Helper()
+		_, _, err := bk.redeem(id, secret, at)
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Fatalf("redeem %s at %s: %v, want an error saying %q", id, at.Format(time.Kitchen), err, want)
+		}
+	}
+	refused("0123456789abcdef", a.Secret, t0, "not recognised")
+	refused(a.ID, b.Secret, t0, "not recognised")
+	refused(b.ID, b.Secret, t0.Add(2*time.Minute), "expired")
+
+	r, i, err := bk.redeem(a.ID, a.Secret, t0.Add(time.Minute))
+	if err != nil || r != rec || i != 0 {
+		t.Fatalf("redeem: %v %v %d", r, err, i)
+	}
+	used := t0.Add(time.Minute)
+	rec.Tokens[0].Used, rec.Tokens[0].Node, rec.Tokens[0].Serial = &used, rec.nodeName(0), "0a"
+	refused(a.ID, a.Secret, t0.Add(2*time.Minute), "already used")
+	if got := rec.nodeName(0); got != "burst-ams-gw1" {
+		t.Fatalf("node name %s", got)
+	}
+
+	if d := bk.due(t0.Add(59 * time.Minute)); len(d) != 0 {
+		t.Fatalf("due before expiry: %v", d)
+	}
+	if d := bk.due(t0.Add(time.Hour)); len(d) != 1 {
+		t.Fatalf("due at expiry: %v", d)
+	}
+	if serials := rec.end("ended by burst down", t0.Add(10*time.Minute)); !slices.Equal(serials, []string{"0a"}) {
+		t.Fatalf("serials to revoke: %v", serials)
+	}
+	refused(b.ID, b.Secret, t0.Add(10*time.Minute), "ended")
+	if d := bk.due(t0.Add(2 * time.Hour)); len(d) != 0 {
+		t.Fatalf("an ended burst is not due again: %v", d)
+	}
+	if bk.find("burst-ams") != nil {
+		t.Fatal("an ended burst is not open")
+	}
+	if _, err := bk.open(req, attrs, nil, t0.Add(11*time.Minute)); err != nil {
+		t.Fatalf("the site may be opened again once ended: %v", err)
+	}
+	if !bk.prune(t0.Add(10*time.Minute+endedKept+time.Second)) || len(bk.Bursts) != 1 {
+		t.Fatalf("prune kept %d bursts", len(bk.Bursts))
+	}
+}
+
+// TestBurstLifecycle runs a CA-holding gateway and a static one, opens a
+// burst site of two gateways, enrols one with its token over the real
+// enrollment endpoint, and checks that it peers with routes; that the
+// token cannot be used twice, a wrong secret or a foreign CA pin gets
+// nowhere; and that taking the burst down revokes it, ends the burst
+// gateway's run, removes it from every configuration and membership, and
+// voids the unused token.
+func TestBurstLifecycle(t *testing.T) {
+	dir := t.TempDir()
+	logs := &lockedWriter{}
+	port := 24000 + os.Getpid()%6000
+	ca, err := certs.InitCA(filepath.Join(dir, "ca"), certs.InitOptions{MeshPrefix: netip.MustParsePrefix("100.64.0.0/10")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		if t.Failed() {
+			t.Logf("logs:\n%s", logs.String())
+		}
+	}()
+	hq := startLiveGatewayWith(t, ca, dir, 0, "zrh-dc", nil, &port, logs, func(s *Settings) {
+		s.Identity.CADir = ca.Dir()
+		s.EnrollListen = netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(nextLoopbackPort(t, &port)))
+		s.EnrollAdvertise = s.EnrollListen
+	})
+	seed := []string{hq.g.s.GossipAdvertise.String()}
+	fra := startLiveGatewayWith(t, ca, dir, 1, "aws-fra", seed, &port, logs, nil)
+	waitUntil(t, 20*time.Second, "the two static gateways peer", func() bool { return len(hq.dev.Peers()) == 1 && len(fra.dev.Peers()) == 1 })
+
+	if _, err := fra.g.BurstUp(BurstRequest{Site: "burst-ams"}); err == nil || !strings.Contains(err.Error(), "ca_dir") {
+		t.Fatalf("burst up on a gateway without the CA: %v", err)
+	}
+	req := BurstRequest{Site: "burst-ams", Provider: "aws", Region: "eu-west-1", Jurisdiction: "NL", Routes: []string{"10.77.0.0/24"},
+		TTL: time.Hour, Gateways: 2}
+	for _, bad := range []BurstRequest{
+		{Site: "zrh-dc", Provider: "aws", Region: "x", Jurisdiction: "NL", Routes: []string{"10.78.0.0/24"}, TTL: time.Hour},
+	} {
+		if _, err := hq.g.BurstUp(bad); err == nil || !strings.Contains(err.Error(), "already exists") {
+			t.Fatalf("a burst named like an existing site: %v", err)
+		}
+	}
+	grant, err := hq.g.BurstUp(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(grant.Tokens) != 2 || grant.Expires.Sub(grant.TokenExpires) < 29*time.Minute {
+		t.Fatalf("grant: %+v", grant)
+	}
+	tokA, tokB := grant.Tokens[0], grant.Tokens[1]
+
+	// Tokens that must get nowhere: a wrong secret, a foreign CA pin.
+	other, err := certs.InitCA(filepath.Join(dir, "other-ca"), certs.InitOptions{MeshPrefix: netip.MustParsePrefix("100.64.0.0/10")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	parsed, err := certs.ParseJoinToken(tokA)
+	if err != nil {
+		t.Fatal(err)
+	}
+	wrongSecret := *parsed
+	wrongSecret.Secret = make([]byte, 32)
+	foreignPin := *parsed
+	foreignPin.CAPin = certs.CAPin(other.Certificate())
+	for _, tc := range []struct{ tok, want string }{
+		{wrongSecret.Encode(), "not recognised"},
+		{foreignPin.Encode(), "not the one the join token pins"},
+		{"sbj1.garbage!", "damaged"},
+	} {
+		s := liveSettings(t, t.TempDir(), &port)
+		if _, err := Join(context.Background(), s, tc.tok, nil); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Fatalf("join with a bad token: %v, want an error saying %q", err, tc.want)
+		}
+		if _, err := os.Stat(filepath.Join(s.Identity.Dir, "node.key")); err == nil {
+			t.Fatal("a refused enrollment left a key behind")
+		}
+	}
+
+	bs := liveSettings(t, filepath.Join(dir, "burst1"), &port)
+	enr, err := Join(context.Background(), bs, tokA, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if enr.Node != "burst-ams-gw1" || enr.Site != "burst-ams" || !slices.Contains(enr.Seeds, seed[0]) {
+		t.Fatalf("enrollment: %+v", enr)
+	}
+	for name, mode := range map[string]os.FileMode{"node.key": 0o600, certs.FileGossipKeyring: 0o600} {
+		if fi, err := os.Stat(filepath.Join(bs.Identity.Dir, name)); err != nil || fi.Mode().Perm() != mode {
+			t.Fatalf("%s: %v %v", name, fi, err)
+		}
+	}
+	// The token is spent: a second gateway cannot use it.
+	if _, err := Join(context.Background(), liveSettings(t, t.TempDir(), &port), tokA, nil); err == nil || !strings.Contains(err.Error(), "already used") {
+		t.Fatalf("token reuse: %v", err)
+	}
+	// A restart with the same token uses the stored identity.
+	if again, err := Join(context.Background(), bs, tokA, nil); err != nil || again.Node != enr.Node {
+		t.Fatalf("restart of an enrolled gateway: %v %v", again, err)
+	}
+
+	burst := runLiveGateway(t, bs, logs)
+	routes := netip.MustParsePrefix("10.77.0.0/24")
+	carries := func(lg *liveGateway) bool {
+		for _, p := range lg.dev.Peers() {
+			for _, n := range p.AllowedIPs {
+				if prefixOf(n) == routes {
+					return true
+				}
+			}
+		}
+		return false
+	}
+	waitUntil(t, 20*time.Second, "both static gateways route the burst site's prefix to it", func() bool { return carries(hq) && carries(fra) })
+	waitUntil(t, 20*time.Second, "the burst gateway peers with both", func() bool { return len(burst.dev.Peers()) == 2 })
+	burstIP := burst.g.id.Load().Attributes().OverlayIP
+	if !strings.HasPrefix(burstIP.String(), "100.127.255.") {
+		t.Fatalf("burst gateway's overlay IP %s: expected from the top of 100.64.0.0/10", burstIP)
+	}
+	list, err := hq.g.Bursts()
+	if err != nil || len(list) != 1 || len(list[0].Gateways) != 1 || list[0].TokensUnused != 1 || list[0].Gateways[0].Node != "burst-ams-gw1" {
+		t.Fatalf("bursts: %+v %v", list, err)
+	}
+
+	down, err := hq.g.BurstDown("burst-ams")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(down.Revoked) != 1 || down.Ended == nil {
+		t.Fatalf("burst down: %+v", down)
+	}
+	select {
+	case <-burst.done:
+	case <-time.After(20 * time.Second):
+		t.Fatal("the burst gateway did not leave after its certificate was revoked")
+	}
+	var ended *BurstEndedError
+	if !errors.As(burst.err, &ended) || ended.Site != "burst-ams" {
+		t.Fatalf("burst gateway's run ended with %v", burst.err)
+	}
+	for _, name := range []string{"node.key", "node.crt", certs.FileWireGuardKey, certs.FileGossipKeyring} {
+		if _, err := os.Stat(filepath.Join(bs.Identity.Dir, name)); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("%s left behind after the burst: %v", name, err)
+		}
+	}
+	for _, lg := range []*liveGateway{hq, fra} {
+		waitUntil(t, 20*time.Second, "the burst gateway gone from every configuration and membership", func() bool {
+			for _, m := range lg.g.members.snapshot() {
+				if m.Name == "burst-ams-gw1" {
+					return false
+				}
+			}
+			return len(lg.dev.Peers()) == 1 && !carries(lg)
+		})
+	}
+	if _, err := Join(context.Background(), liveSettings(t, t.TempDir(), &port), tokB, nil); err == nil || !strings.Contains(err.Error(), "ended") {
+		t.Fatalf("the unused token of an ended burst: %v", err)
+	}
+	// A restart of the ended burst gateway does not bring it back.
+	if _, err := newGateway(context.Background(), bs, nil, options{device: NewRecordingDevice("again"), noControl: true, noMigrations: true}); !errors.As(err, &ended) {
+		t.Fatalf("restart after the burst ended: %v", err)
+	}
+}

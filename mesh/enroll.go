@@ -1,0 +1,529 @@
+package mesh
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"io"
+	"log"
+	"math/big"
+	"net"
+	"net/http"
+	"net/netip"
+	"slices"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/skybridge-mesh/skybridge/certs"
+	"github.com/skybridge-mesh/skybridge/policy"
+)
+
+// The enrolling side of burst sites: a gateway that holds the mesh CA
+// (identity.ca_dir) serves POST /v1/enroll over TLS on its underlay. The
+// channel is authenticated both ways: the newcomer checks our certificate
+// against the CA its token pins, we check the token's secret against the
+// hash we kept. What we sign is decided here, from the burst's record,
+// never from what the newcomer asks.
+
+// DefaultEnrollPort is where CA-holding gateways serve enrollment.
+const DefaultEnrollPort = 7947
+
+// enrollment is the state of a CA-holding gateway's burst sites.
+type enrollment struct {
+	ca   *certs.CA
+	mu   sync.Mutex // guards book and its file
+	book *burstBook
+}
+
+// enrollRequest is what a newcomer sends.
+type enrollRequest struct {
+	Token  string `json:"token"`  // the token's ID
+	Secret []byte `json:"secret"` // its secret
+	CSR    []byte `json:"csr"`    // PEM; proves possession of the key to certify
+}
+
+// enrollResponse is what it gets: an identity bound to the burst, the
+// mesh's trust, its gossip keyring and whom to gossip with.
+type enrollResponse struct {
+	Certificate []byte    `json:"certificate"` // PEM
+	CAs         []byte    `json:"cas"`         // PEM
+	CRL         []byte    `json:"crl,omitempty"`
+	Keyring     []byte    `json:"gossip_keyring"`
+	Seeds       []string  `json:"seeds"`
+	Expires     time.Time `json:"expires"`
+}
+
+// openEnrollment prepares the enrolling side if the configuration asks
+// for it and the identity back end holds a CA.
+func (g *Gateway) openEnrollment() error {
+	if !g.s.EnrollListen.IsValid() {
+		return nil
+	}
+	ca, ok := g.prov.Issuer().(*certs.CA)
+	if !ok {
+		return errors.New("enroll: only a gateway holding the embedded CA (identity.ca_dir) enrols burst gateways; set enroll { listen = \"off\" }")
+	}
+	book, err := g.state.loadBursts()
+	if err != nil {
+		return err
+	}
+	g.enroll = &enrollment{ca: ca, book: book}
+	return nil
+}
+
+// serveEnrollment listens for newcomers.
+func (g *Gateway) serveEnrollment(ctx context.Context) (io.Closer, error) {
+	if g.enroll == nil {
+		return closerFunc(func() error { return nil }), nil
+	}
+	ln, err := net.Listen("tcp", g.s.EnrollListen.String())
+	if err != nil {
+		return nil, fmt.Errorf("enrollment endpoint: %w", err)
+	}
+	cfg := &tls.Config{
+		MinVersion: tls.VersionTLS13,
+		// Our current certificate (renewals replace it) with the CA
+		// behind it, for the newcomer to check against its pin.
+		GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) {
+			c := g.id.Load().TLSCertificate()
+			c.Certificate = append(c.Certificate, g.enroll.ca.Certificate().Raw)
+			return &c, nil
+		},
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("POST /v1/enroll", func(w http.ResponseWriter, r *http.Request) {
+		var req enrollRequest
+		if err := json.NewDecoder(io.LimitReader(r.Body, 64<<10)).Decode(&req); err != nil {
+			http.Error(w, "malformed enrollment request: "+err.Error(), http.StatusBadRequest)
+			return
+		}
+		res, err := g.enrol(r.Context(), req, r.RemoteAddr)
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusForbidden)
+			return
+		}
+		w.Header().Set("Content-Type", "application/json")
+		json.NewEncoder(w).Encode(res)
+	})
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 15 * time.Second, WriteTimeout: 15 * time.Second,
+		// TLS handshake failures (scanners, wrong pins) are debug noise.
+		ErrorLog: log.New(slogWriter{g.log.With("component", "enroll")}, "", 0)}
+	go srv.Serve(tls.NewListener(ln, cfg))
+	g.log.Info("enrolling burst gateways", "listen", ln.Addr().String(), "advertise", g.s.EnrollAdvertise.String())
+	return closerFunc(func() error {
+		sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		return srv.Shutdown(sctx)
+	}), nil
+}
+
+// enrol redeems a token: it certifies the newcomer's key for the burst
+// site, records the token as used (durably, before answering) and hands
+// over what a gateway needs to join.
+func (g *Gateway) enrol(ctx context.Context, req enrollRequest, from string) (*enrollResponse, error) {
+	e := g.enroll
+	csr, err := parseEnrollCSR(req.CSR)
+	if err != nil {
+		return nil, err
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	now := g.now()
+	rec, i, err := e.book.redeem(req.Token, req.Secret, now)
+	if err != nil {
+		g.log.Warn("enrollment refused", "token", req.Token, "from", from, "err", err)
+		g.metrics.enrollment("refused")
+		return nil, err
+	}
+	tb := g.trust.Load()
+	ip, err := pickOverlayIP(tb.MeshPrefix(), g.overlayIPsInUse(e))
+	if err != nil {
+		return nil, err
+	}
+	routes, err := certs.ParseRoutes(rec.Routes)
+	if err != nil {
+		return nil, fmt.Errorf("burst record of %s: %w", rec.Site, err)
+	}
+	attrs := certs.Attributes{Node: rec.nodeName(i), Site: rec.Site, Region: rec.Region, Provider: rec.Provider,
+		Jurisdiction: rec.Jurisdiction, OverlayIP: ip, Routes: routes, Labels: rec.Labels}
+	// The identity ends with the burst: nothing needs revoking after it.
+	cert, err := e.ca.Issue(certs.IssueRequest{Attributes: attrs, PublicKey: csr.PublicKey, TTL: rec.Expires.Sub(now), Now: now})
+	if err != nil {
+		return nil, fmt.Errorf("certify %s: %w", attrs.Node, err)
+	}
+	t := &rec.Tokens[i]
+	used := now.UTC()
+	t.Used, t.Node, t.OverlayIP, t.Serial = &used, attrs.Node, ip.String(), certs.FormatSerial(cert.SerialNumber)
+	if err := g.state.saveBursts(e.book); err != nil {
+		// Unrecorded, the token would work again: take the certificate back.
+		t.Used, t.Node, t.OverlayIP, t.Serial = nil, "", "", ""
+		if _, rerr := e.ca.RevokeSerials([]*big.Int{cert.SerialNumber}, "cessationOfOperation", now); rerr != nil {
+			g.log.Error("enrollment: could not record the token nor revoke the certificate issued for it", "serial", certs.FormatSerial(cert.SerialNumber), "err", rerr)
+		}
+		return nil, fmt.Errorf("record enrollment: %w", err)
+	}
+	kr, err := g.prov.Secrets().GossipKeyring(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("gossip keyring: %w", err)
+	}
+	res := &enrollResponse{
+		Certificate: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: cert.Raw}),
+		CAs:         tb.CAPEM(), Keyring: kr.MarshalSecret(), Seeds: g.seedsForNewcomer(), Expires: rec.Expires,
+	}
+	if crl := tb.CRL(); crl != nil {
+		res.CRL = pem.EncodeToMemory(&pem.Block{Type: "X509 CRL", Bytes: crl.Raw})
+	}
+	g.metrics.enrollment("enrolled")
+	g.log.Info("burst gateway enrolled", "peer", attrs.Node, "peer_site", rec.Site, "overlay_ip", ip.String(), "from", from,
+		"serial", t.Serial, "until", rec.Expires)
+	return res, nil
+}
+
+func parseEnrollCSR(b []byte) (*x509.CertificateRequest, error) {
+	blk, _ := pem.Decode(b)
+	if blk == nil || blk.Type != "CERTIFICATE REQUEST" {
+		return nil, errors.New("enrollment request carries no PEM certificate request")
+	}
+	csr, err := x509.ParseCertificateRequest(blk.Bytes)
+	if err != nil {
+		return nil, fmt.Errorf("certificate request: %w", err)
+	}
+	if err := csr.CheckSignature(); err != nil {
+		return nil, fmt.Errorf("certificate request is not signed by its key: %w", err)
+	}
+	return csr, nil
+}
+
+// overlayIPsInUse are the addresses a new burst gateway must not take:
+// every member's, every valid certificate's in the CA's index, and those
+// handed to burst gateways.
+func (g *Gateway) overlayIPsInUse(e *enrollment) map[netip.Addr]bool {
+	used := map[netip.Addr]bool{g.id.Load().Attributes().OverlayIP: true}
+	for _, m := range g.members.snapshot() {
+		if m.Advert != nil {
+			used[m.Advert.OverlayIP] = true
+		}
+	}
+	now := g.now()
+	if issued, err := e.ca.Issued(); err == nil {
+		for _, c := range issued {
+			if a, err := netip.ParseAddr(c.OverlayIP); err == nil && c.RevokedAt == nil && c.NotAfter.After(now) {
+				used[a] = true
+			}
+		}
+	}
+	for _, r := range e.book.Bursts {
+		for _, t := range r.Tokens {
+			if a, err := netip.ParseAddr(t.OverlayIP); err == nil && r.active(now) {
+				used[a] = true
+			}
+		}
+	}
+	return used
+}
+
+// seedsForNewcomer are the gossip addresses a burst gateway joins
+// through: ours and up to seven live verified members'.
+func (g *Gateway) seedsForNewcomer() []string {
+	out := []string{g.s.GossipAdvertise.String()}
+	for _, m := range g.members.snapshot() {
+		if len(out) == 8 {
+			break
+		}
+		if m.State == StateVerified && m.Alive && m.Gossip.IsValid() {
+			out = append(out, m.Gossip.String())
+		}
+	}
+	return out
+}
+
+// BurstGrant answers `skybridge burst up`: the tokens (secrets: printed
+// once, kept nowhere) and what the policy lets the site hold.
+type BurstGrant struct {
+	Site         string         `json:"site"`
+	Expires      time.Time      `json:"expires"`
+	TokenExpires time.Time      `json:"token_expires"`
+	Tokens       []string       `json:"tokens"`
+	Endpoint     string         `json:"endpoint"`
+	Classes      []ClassVerdict `json:"classes"`
+}
+
+// ClassVerdict is the policy's answer to "may data of this class be
+// stored at the burst site?".
+type ClassVerdict struct {
+	Class   string   `json:"class"`
+	Allowed bool     `json:"allowed"`
+	Rule    string   `json:"rule"`
+	Reasons []string `json:"reasons,omitempty"`
+}
+
+// BurstUp opens a burst site and makes its join tokens.
+func (g *Gateway) BurstUp(req BurstRequest) (*BurstGrant, error) {
+	e := g.enroll
+	if e == nil {
+		return nil, errors.New("this gateway does not enrol burst gateways: run `skybridge burst up` against a gateway whose identity block has ca_dir (and whose enroll block is not off)")
+	}
+	tb := g.trust.Load()
+	attrs, err := req.attributes(tb.MeshPrefix())
+	if err != nil {
+		return nil, err
+	}
+	if err := g.checkBurstSite(attrs); err != nil {
+		return nil, err
+	}
+	if req.Gateways == 0 {
+		req.Gateways = 1
+	}
+	if req.TokenTTL == 0 {
+		req.TokenTTL = DefaultTokenTTL
+	}
+	now := g.now()
+	expires := now.Add(req.TTL)
+	tokExp := now.Add(req.TokenTTL)
+	if expires.Before(tokExp) {
+		tokExp = expires
+	}
+	grant := &BurstGrant{Site: attrs.Site, Expires: expires.UTC(), TokenExpires: tokExp.UTC(), Endpoint: g.s.EnrollAdvertise.String(), Classes: g.classVerdicts(attrs, now)}
+	var toks []*certs.JoinToken
+	for range req.Gateways {
+		t, err := certs.NewJoinToken(attrs.Site, e.ca.Certificate(), []netip.AddrPort{g.s.EnrollAdvertise}, tokExp)
+		if err != nil {
+			return nil, err
+		}
+		toks = append(toks, t)
+		grant.Tokens = append(grant.Tokens, t.Encode())
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if _, err := e.book.open(req, attrs, toks, now); err != nil {
+		return nil, err
+	}
+	if err := g.state.saveBursts(e.book); err != nil {
+		e.book.Bursts = e.book.Bursts[:len(e.book.Bursts)-1]
+		return nil, fmt.Errorf("record burst: %w", err)
+	}
+	g.log.Info("burst site opened", "burst_site", attrs.Site, "until", expires, "gateways", req.Gateways, "token_ids", tokenIDs(toks))
+	return grant, nil
+}
+
+func tokenIDs(ts []*certs.JoinToken) []string {
+	out := make([]string, len(ts))
+	for i, t := range ts {
+		out[i] = t.ID
+	}
+	return out
+}
+
+// checkBurstSite refuses a burst that would impersonate a site the mesh
+// already has, or claim prefixes another site routes.
+func (g *Gateway) checkBurstSite(a certs.Attributes) error {
+	self := g.id.Load().Attributes()
+	nodes := append(g.members.gateways(), Node{Attributes: self})
+	for _, n := range nodes {
+		if n.Attributes.Site == a.Site {
+			return fmt.Errorf("site %s already exists (gateway %s): a burst site needs a name of its own", a.Site, n.Attributes.Node)
+		}
+		for _, r := range a.Routes {
+			for _, o := range n.Attributes.Routes {
+				if r.Overlaps(o) {
+					return fmt.Errorf("route %s overlaps %s of site %s (gateway %s): a burst site needs prefixes of its own", r, o, n.Attributes.Site, n.Attributes.Node)
+				}
+			}
+		}
+	}
+	return nil
+}
+
+// classVerdicts asks the policy in force, for each class it defines,
+// whether the burst site may store it.
+func (g *Gateway) classVerdicts(a certs.Attributes, now time.Time) []ClassVerdict {
+	ap := g.policy.Load()
+	if ap == nil {
+		return nil
+	}
+	site := policy.SiteOf(&a)
+	var out []ClassVerdict
+	for _, c := range ap.p.Classes() {
+		d := ap.p.Evaluate(policy.Request{Class: c, Action: policy.Store, Sites: []policy.Site{site}, Time: now})
+		out = append(out, ClassVerdict{Class: c, Allowed: d.Allowed, Rule: d.Rule.String(), Reasons: d.Reasons})
+	}
+	return out
+}
+
+// BurstInfo describes a burst site for `skybridge burst list` and down.
+type BurstInfo struct {
+	Site         string         `json:"site"`
+	Provider     string         `json:"provider"`
+	Region       string         `json:"region"`
+	Jurisdiction string         `json:"jurisdiction"`
+	Routes       []string       `json:"routes"`
+	Created      time.Time      `json:"created"`
+	Expires      time.Time      `json:"expires"`
+	Ended        *time.Time     `json:"ended,omitempty"`
+	EndReason    string         `json:"end_reason,omitempty"`
+	Gateways     []BurstGateway `json:"gateways"`
+	TokensUnused int            `json:"tokens_unused"`
+	Revoked      []string       `json:"revoked,omitempty"` // serials revoked by this call (burst down)
+}
+
+// BurstGateway is a gateway enrolled into a burst site.
+type BurstGateway struct {
+	Node      string    `json:"node"`
+	OverlayIP string    `json:"overlay_ip"`
+	Serial    string    `json:"serial"`
+	Enrolled  time.Time `json:"enrolled"`
+}
+
+func (r *burstRecord) info() BurstInfo {
+	bi := BurstInfo{Site: r.Site, Provider: r.Provider, Region: r.Region, Jurisdiction: r.Jurisdiction, Routes: r.Routes,
+		Created: r.Created, Expires: r.Expires, Ended: r.Ended, EndReason: r.EndReason, Gateways: []BurstGateway{}}
+	for _, t := range r.Tokens {
+		if t.Used == nil {
+			bi.TokensUnused++
+			continue
+		}
+		bi.Gateways = append(bi.Gateways, BurstGateway{Node: t.Node, OverlayIP: t.OverlayIP, Serial: t.Serial, Enrolled: *t.Used})
+	}
+	return bi
+}
+
+// Bursts lists the burst sites this gateway opened, newest first.
+func (g *Gateway) Bursts() ([]BurstInfo, error) {
+	e := g.enroll
+	if e == nil {
+		return nil, errors.New("this gateway does not enrol burst gateways (no identity.ca_dir)")
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	out := []BurstInfo{}
+	for _, r := range slices.Backward(e.book.Bursts) {
+		out = append(out, r.info())
+	}
+	return out, nil
+}
+
+// BurstDown ends a burst site now.
+func (g *Gateway) BurstDown(site string) (*BurstInfo, error) {
+	e := g.enroll
+	if e == nil {
+		return nil, errors.New("this gateway does not enrol burst gateways (no identity.ca_dir): run `skybridge burst down` where `burst up` ran")
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	r := e.book.find(site)
+	if r == nil {
+		var open []string
+		for _, r := range e.book.Bursts {
+			if r.Ended == nil {
+				open = append(open, r.Site)
+			}
+		}
+		sort.Strings(open)
+		return nil, fmt.Errorf("no open burst site %q here (open: %v)", site, open)
+	}
+	revoked, err := g.endBurstLocked(r, "ended by burst down")
+	if err != nil {
+		return nil, err
+	}
+	bi := r.info()
+	bi.Revoked = revoked
+	return &bi, nil
+}
+
+// endBurstLocked ends a burst: the record first (no token works after
+// it), then the revocation of its certificates, which the mesh adopts
+// from us by gossip; the burst's gateways leave when they see it.
+func (g *Gateway) endBurstLocked(r *burstRecord, reason string) ([]string, error) {
+	e := g.enroll
+	now := g.now()
+	serials := r.end(reason, now)
+	if err := g.state.saveBursts(e.book); err != nil {
+		return nil, fmt.Errorf("record the end of burst %s: %w", r.Site, err)
+	}
+	var ss []*big.Int
+	for _, s := range serials {
+		n, err := certs.ParseSerial(s)
+		if err != nil {
+			return nil, err
+		}
+		ss = append(ss, n)
+	}
+	g.log.Info("burst site ended", "burst_site", r.Site, "reason", reason, "revoking", len(ss))
+	if len(ss) == 0 {
+		return nil, nil
+	}
+	if _, err := e.ca.RevokeSerials(ss, "cessationOfOperation", now); err != nil {
+		return nil, fmt.Errorf("revoke the certificates of burst %s: %w", r.Site, err)
+	}
+	tb, err := e.ca.TrustBundle()
+	if err != nil {
+		return nil, err
+	}
+	g.adoptTrust(tb)
+	return serials, nil
+}
+
+// burstLoop ends bursts when their time is up, and forgets those that
+// ended long ago.
+func (g *Gateway) burstLoop(ctx context.Context) {
+	if g.enroll == nil {
+		return
+	}
+	t := time.NewTicker(time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		e := g.enroll
+		e.mu.Lock()
+		now := g.now()
+		for _, r := range e.book.due(now) {
+			if _, err := g.endBurstLocked(r, "expired"); err != nil {
+				g.log.Error("end expired burst", "burst_site", r.Site, "err", err)
+			}
+		}
+		if e.book.prune(now) {
+			if err := g.state.saveBursts(e.book); err != nil {
+				g.log.Warn("save bursts", "err", err)
+			}
+		}
+		e.mu.Unlock()
+	}
+}
+
+// refreshTrust adopts a newer revocation list from the issuer (a
+// `skybridge ca revoke` on the CA directory, Vault's pki/revoke), which
+// then spreads by gossip. Only gateways with an issuer look.
+func (g *Gateway) refreshTrust(ctx context.Context) {
+	iss := g.prov.Issuer()
+	if iss == nil {
+		return
+	}
+	t := time.NewTicker(trustRefresh)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		tb, err := iss.Trust(ctx)
+		if err != nil {
+			g.log.Debug("refresh trust bundle", "err", err)
+			continue
+		}
+		g.adoptTrust(tb)
+	}
+}
+
+// trustRefresh is how often a gateway with an issuer asks it for a newer
+// revocation list.
+const trustRefresh = 15 * time.Second

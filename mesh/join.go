@@ -1,0 +1,343 @@
+package mesh
+
+import (
+	"bytes"
+	"context"
+	"crypto/ecdsa"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/json"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/skybridge-mesh/skybridge/certs"
+	"github.com/skybridge-mesh/skybridge/internal/atomicfile"
+)
+
+// The newcomer's side of a burst site: `skybridge gateway run
+// --join-token` on a fresh cloud server. The gateway makes its key, has it
+// certified by an enrolling gateway (whose certificate it checks against
+// the CA its token pins), stores the identity, and from then on is an
+// ordinary gateway whose node block came from its certificate, until the
+// burst ends: then it leaves and forgets its identity.
+
+// fileEnrollment, in the identity directory, records that the identity
+// there came from a burst enrollment. It is written last: its presence
+// means the identity beside it is complete.
+const fileEnrollment = "burst.json"
+
+// Enrollment is a burst gateway's record of how it joined.
+type Enrollment struct {
+	Site     string     `json:"site"`
+	Node     string     `json:"node"`
+	TokenID  string     `json:"token_id"`
+	Enrolled time.Time  `json:"enrolled"`
+	Expires  time.Time  `json:"expires"`
+	Seeds    []string   `json:"seeds"`
+	Ended    *time.Time `json:"ended,omitempty"`
+	Reason   string     `json:"end_reason,omitempty"`
+}
+
+func loadEnrollment(dir string) (*Enrollment, error) {
+	b, err := os.ReadFile(filepath.Join(dir, fileEnrollment))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var e Enrollment
+	if err := json.Unmarshal(b, &e); err != nil {
+		return nil, fmt.Errorf("%s is damaged: %w", filepath.Join(dir, fileEnrollment), err)
+	}
+	return &e, nil
+}
+
+func saveEnrollment(dir string, e *Enrollment) error {
+	b, err := json.MarshalIndent(e, "", "  ")
+	if err != nil {
+		return err
+	}
+	return atomicfile.WriteFile(filepath.Join(dir, fileEnrollment), append(b, '\n'), 0o600)
+}
+
+// BurstEndedError is how a burst gateway's run ends: its site expired or
+// was taken down, it left the mesh and forgot its identity. It is the
+// expected end of a burst, not a failure.
+type BurstEndedError struct {
+	Site, Node, Reason string
+}
+
+func (e *BurstEndedError) Error() string {
+	return fmt.Sprintf("burst site %s has ended (%s): gateway %s left the mesh and removed its identity; a new burst needs a new join token",
+		e.Site, e.Reason, e.Node)
+}
+
+// Join enrols this gateway into a burst site with a join token, unless
+// its identity directory already holds a burst identity (a restart: the
+// token, used once, is not presented again). The identity is stored in
+// the identity directory; New then takes the node's attributes from it.
+func Join(ctx context.Context, s *Settings, token string, log *slog.Logger) (*Enrollment, error) {
+	if log == nil {
+		log = slog.Default()
+	}
+	dir := s.Identity.Dir
+	if s.Identity.Backend != "" && s.Identity.Backend != certs.BackendFile {
+		return nil, errors.New("--join-token enrols through a gateway holding the embedded CA; with Vault, give the gateway its AppRole (identity.vault.auth) instead")
+	}
+	if n := s.Node; n.Name != "" || n.Site != "" || n.Region != "" || n.Provider != "" || n.Jurisdiction != "" || n.OverlayIP != "" || len(n.Routes) > 0 || len(n.Labels) > 0 {
+		return nil, errors.New("with --join-token the burst decides the node's name, site, overlay IP, routes and labels: leave the node block out of the configuration")
+	}
+	if enr, err := loadEnrollment(dir); err != nil {
+		return nil, err
+	} else if enr != nil {
+		log.Info("already enrolled in a burst site: the join token is not used again", "site", enr.Site, "node", enr.Node, "until", enr.Expires)
+		return enr, nil
+	}
+	if _, err := os.Stat(filepath.Join(dir, "node.crt")); err == nil {
+		return nil, fmt.Errorf("%s already holds a gateway identity that no join token made: a join token is for a fresh gateway; use another identity directory", dir)
+	}
+	tok, err := certs.ParseJoinToken(token)
+	if err != nil {
+		return nil, err
+	}
+	if tok.Expired(time.Now()) {
+		return nil, fmt.Errorf("join token %s expired at %s: ask for a new one with `skybridge burst up`", tok.ID, tok.Expires.UTC().Format(time.RFC3339))
+	}
+	key, err := certs.GenerateNodeKey()
+	if err != nil {
+		return nil, err
+	}
+	csrDER, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{Subject: pkix.Name{CommonName: "enroll-" + tok.ID}}, key)
+	if err != nil {
+		return nil, err
+	}
+	req, _ := json.Marshal(enrollRequest{Token: tok.ID, Secret: tok.Secret, CSR: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: csrDER})})
+	log.Info("enrolling", "token", tok)
+	res, err := postEnroll(ctx, tok, req, log)
+	if err != nil {
+		return nil, err
+	}
+	enr, err := storeEnrollment(dir, s.Identity.MeshCIDR, tok, key, res)
+	if err != nil {
+		return nil, err
+	}
+	log.Info("enrolled in burst site", "site", enr.Site, "node", enr.Node, "until", enr.Expires)
+	return enr, nil
+}
+
+// postEnroll tries each endpoint of the token. A refusal is final; an
+// unreachable endpoint is tried again with backoff for a minute, since a
+// server booting in the cloud may run before its network is ready.
+func postEnroll(ctx context.Context, tok *certs.JoinToken, body []byte, log *slog.Logger) (*enrollResponse, error) {
+	client := &http.Client{Timeout: 15 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{
+		MinVersion: tls.VersionTLS13,
+		// Chain verification is VerifyPeerCertificate's, against the
+		// pinned CA: the enrolling gateway has no name to verify.
+		InsecureSkipVerify: true,
+		VerifyPeerCertificate: func(raw [][]byte, _ [][]*x509.Certificate) error {
+			return tok.VerifyEnroller(raw, time.Now())
+		},
+	}}}
+	defer client.CloseIdleConnections()
+	deadline := time.Now().Add(time.Minute)
+	backoff := time.Second
+	for {
+		var errs []error
+		for _, ep := range tok.Endpoints {
+			r, err := http.NewRequestWithContext(ctx, http.MethodPost, "https://"+ep.String()+"/v1/enroll", bytes.NewReader(body))
+			if err != nil {
+				return nil, err
+			}
+			r.Header.Set("Content-Type", "application/json")
+			resp, err := client.Do(r)
+			if err != nil {
+				if strings.Contains(err.Error(), "pins") || strings.Contains(err.Error(), "pinned") {
+					return nil, fmt.Errorf("enrollment endpoint %s: %w", ep, err)
+				}
+				errs = append(errs, fmt.Errorf("%s: %w", ep, err))
+				continue
+			}
+			b, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+			resp.Body.Close()
+			if err != nil {
+				errs = append(errs, fmt.Errorf("%s: %w", ep, err))
+				continue
+			}
+			if resp.StatusCode != http.StatusOK {
+				return nil, fmt.Errorf("enrollment refused by %s: %s", ep, strings.TrimSpace(string(b)))
+			}
+			var res enrollResponse
+			if err := json.Unmarshal(b, &res); err != nil {
+				return nil, fmt.Errorf("enrollment answer from %s: %w", ep, err)
+			}
+			return &res, nil
+		}
+		err := errors.Join(errs...)
+		if time.Now().Add(backoff).After(deadline) {
+			return nil, fmt.Errorf("no enrollment endpoint reachable: %w", err)
+		}
+		log.Warn("enrollment endpoint unreachable, trying again", "err", err, "retry_in", backoff)
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, 10*time.Second)
+	}
+}
+
+// storeEnrollment checks what the enrolling gateway sent and stores it:
+// identity and trust, gossip keyring, and last the enrollment record.
+func storeEnrollment(dir, meshCIDR string, tok *certs.JoinToken, key *ecdsa.PrivateKey, res *enrollResponse) (*Enrollment, error) {
+	leaf, err := certs.ParseCertificatesPEM(res.Certificate)
+	if err != nil || len(leaf) != 1 {
+		return nil, fmt.Errorf("enrollment answer: expected one certificate (%v)", err)
+	}
+	cert := leaf[0]
+	cas, err := certs.ParseCertificatesPEM(res.CAs)
+	if err != nil {
+		return nil, fmt.Errorf("enrollment answer: CA certificates: %w", err)
+	}
+	pinned := false
+	for _, c := range cas {
+		pinned = pinned || certs.CAPin(c) == tok.CAPin
+	}
+	if !pinned {
+		return nil, errors.New("enrollment answer: its CA is not the one the join token pins")
+	}
+	prefix, _ := netip.ParsePrefix(meshCIDR) // zero when not configured: taken from the CA
+	tb, err := certs.NewTrustBundle(cas, prefix)
+	if err != nil {
+		return nil, err
+	}
+	if len(res.CRL) > 0 {
+		crl, err := certs.ParseCRL(res.CRL)
+		if err != nil {
+			return nil, fmt.Errorf("enrollment answer: %w", err)
+		}
+		if tb, err = tb.WithCRL(crl); err != nil {
+			return nil, fmt.Errorf("enrollment answer: %w", err)
+		}
+	}
+	attrs, err := tb.VerifyCertificate(cert, time.Now())
+	if err != nil {
+		return nil, fmt.Errorf("enrollment answer: the certificate would not be accepted by the mesh: %w", err)
+	}
+	if attrs.Site != tok.Site {
+		return nil, fmt.Errorf("enrollment answer: certificate is for site %s, the token for %s", attrs.Site, tok.Site)
+	}
+	id, err := certs.NewNodeIdentity(cert, key) // checks that the certificate is for our key
+	if err != nil {
+		return nil, fmt.Errorf("enrollment answer: %w", err)
+	}
+	kr, err := certs.ParseGossipKeyring(res.Keyring)
+	if err != nil {
+		return nil, fmt.Errorf("enrollment answer: gossip keyring: %w", err)
+	}
+	if err := id.Save(dir, tb); err != nil {
+		return nil, err
+	}
+	if err := certs.SaveGossipKeyring(dir, kr); err != nil {
+		return nil, err
+	}
+	enr := &Enrollment{Site: attrs.Site, Node: attrs.Node, TokenID: tok.ID, Enrolled: time.Now().UTC(), Expires: cert.NotAfter.UTC(), Seeds: res.Seeds}
+	if err := saveEnrollment(dir, enr); err != nil {
+		return nil, err
+	}
+	return enr, nil
+}
+
+// nodeAttributes are the attributes the gateway runs with: from its node
+// block, or, for a burst gateway, from the certificate its enrollment
+// obtained (the burst decided them). A burst gateway whose identity has
+// expired or been revoked since it last ran forgets it and does not start.
+func (g *Gateway) nodeAttributes(tb *certs.TrustBundle) (certs.Attributes, error) {
+	dir := g.s.Identity.Dir
+	enr, err := loadEnrollment(dir)
+	if err != nil {
+		return certs.Attributes{}, err
+	}
+	if enr == nil {
+		return g.s.Node.Attributes(tb.MeshPrefix())
+	}
+	g.burst = enr
+	ended := &BurstEndedError{Site: enr.Site, Node: enr.Node, Reason: enr.Reason}
+	if enr.Ended != nil {
+		return certs.Attributes{}, ended
+	}
+	id, err := certs.LoadNodeIdentity(dir)
+	if err == nil {
+		_, err = tb.VerifyCertificate(id.Certificate(), g.now())
+	}
+	if err != nil {
+		ended.Reason = err.Error()
+		g.forgetBurst(ended)
+		return certs.Attributes{}, ended
+	}
+	a := *id.Attributes()
+	if g.s.Node.Name != "" && g.s.Node.Name != a.Node {
+		return a, fmt.Errorf("node block names %s but this burst gateway was enrolled as %s: remove the name", g.s.Node.Name, a.Node)
+	}
+	s := *g.s // the caller's settings are left as they were
+	s.Seeds = append(slices.Clone(s.Seeds), enr.Seeds...)
+	g.s = &s
+	return a, nil
+}
+
+// burstLeaveEarly is how long before its certificate expires a burst
+// gateway leaves, so that its signed leave notice is still valid.
+const burstLeaveEarly = 2 * time.Second
+
+// watchBurst ends a burst gateway's run when its certificate is about to
+// expire or when it sees it revoked (`skybridge burst down`).
+func (g *Gateway) watchBurst(ctx context.Context, stop context.CancelCauseFunc) {
+	t := time.NewTimer(time.Until(g.id.Load().Certificate().NotAfter.Add(-burstLeaveEarly)))
+	defer t.Stop()
+	reason := ""
+	select {
+	case <-ctx.Done():
+		return
+	case <-t.C:
+		reason = "its time is up"
+	case <-g.revokedSelf:
+		reason = "taken down: this gateway's certificate was revoked"
+	}
+	g.log.Info("burst site ended: leaving the mesh", "reason", reason)
+	stop(&BurstEndedError{Site: g.burst.Site, Node: g.burst.Node, Reason: reason})
+}
+
+// forgetBurst removes what would let this gateway rejoin (its keys and
+// certificate) and the membership it remembered, and records the end.
+func (g *Gateway) forgetBurst(e *BurstEndedError) {
+	log := g.log
+	if log == nil {
+		log = slog.Default()
+	}
+	dir := g.s.Identity.Dir
+	if err := certs.ForgetIdentity(dir); err != nil {
+		log.Error("burst ended, but its identity could not be removed", "dir", dir, "err", err)
+	}
+	if err := os.Remove(g.state.path(fileMembers)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		log.Warn("remove remembered members", "err", err)
+	}
+	if enr := g.burst; enr != nil && enr.Ended == nil {
+		t := time.Now().UTC()
+		enr.Ended, enr.Reason = &t, e.Reason
+		if err := saveEnrollment(dir, enr); err != nil {
+			log.Warn("record the end of the burst", "err", err)
+		}
+	}
+}
