@@ -90,7 +90,7 @@ func (n *NodeConfig) Attributes(meshPrefix netip.Prefix) (Attributes, error) {
 //	}
 type Config struct {
 	Backend  string       `hcl:"backend,optional"`
-	Dir      string       `hcl:"dir"`
+	Dir      string       `hcl:"dir,optional"` // a gateway defaults it to state_dir/identity
 	MeshCIDR string       `hcl:"mesh_cidr,optional"`
 	TTL      string       `hcl:"ttl,optional"`
 	CADir    string       `hcl:"ca_dir,optional"`

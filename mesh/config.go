@@ -62,8 +62,8 @@ const (
 //	}
 type Config struct {
 	StateDir  string            `hcl:"state_dir"`
-	Node      *certs.NodeConfig `hcl:"node,block"` // optional only for a burst gateway (--join-token)
-	Identity  certs.Config      `hcl:"identity,block"`
+	Node      *certs.NodeConfig `hcl:"node,block"`     // optional only for a burst gateway (--join-token)
+	Identity  *certs.Config     `hcl:"identity,block"` // default: the file back end in state_dir/identity
 	Gossip    GossipConfig      `hcl:"gossip,block"`
 	WireGuard WireGuardConfig   `hcl:"wireguard,block"`
 	Topology  *TopologyConfig   `hcl:"topology,block"`
@@ -194,7 +194,10 @@ func LoadConfig(path string) (*Settings, error) {
 }
 
 func (c *Config) validate() (*Settings, error) {
-	s := &Settings{File: c.file, StateDir: c.StateDir, Identity: c.Identity, Topology: TopologyFullMesh}
+	s := &Settings{File: c.file, StateDir: c.StateDir, Topology: TopologyFullMesh}
+	if c.Identity != nil {
+		s.Identity = *c.Identity
+	}
 	if c.Node != nil {
 		s.Node = *c.Node
 	}
@@ -202,7 +205,7 @@ func (c *Config) validate() (*Settings, error) {
 	if c.StateDir == "" {
 		errs = append(errs, hclconf.Errorf(c.Body, "state_dir", "must name the directory where the gateway keeps its state"))
 	}
-	if c.Identity.Dir == "" && c.StateDir != "" {
+	if s.Identity.Dir == "" && c.StateDir != "" {
 		s.Identity.Dir = filepath.Join(c.StateDir, "identity")
 	}
 

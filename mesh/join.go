@@ -102,10 +102,12 @@ func Join(ctx context.Context, s *Settings, token string, log *slog.Logger) (*En
 	}
 	if enr, err := loadEnrollment(dir); err != nil {
 		return nil, err
-	} else if enr != nil {
+	} else if enr != nil && enr.Ended == nil {
 		log.Info("already enrolled in a burst site: the join token is not used again", "site", enr.Site, "node", enr.Node, "until", enr.Expires)
 		return enr, nil
 	}
+	// A fresh gateway, or one whose burst ended (its identity is gone):
+	// the token enrols it anew.
 	if _, err := os.Stat(filepath.Join(dir, "node.crt")); err == nil {
 		return nil, fmt.Errorf("%s already holds a gateway identity that no join token made: a join token is for a fresh gateway; use another identity directory", dir)
 	}

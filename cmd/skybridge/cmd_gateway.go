@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -43,11 +44,15 @@ func gatewayCommand() *cli.Command {
 		Name:  "gateway",
 		Usage: "run a gateway: gossip with the other gateways and keep the WireGuard mesh configured",
 		Subcommands: []*cli.Command{{
-			Name:      "run",
-			Usage:     "run the gateway of one site until SIGINT/SIGTERM (then it leaves the cluster and removes its interface)",
-			UsageText: "skybridge gateway run --config FILE",
+			Name:  "run",
+			Usage: "run the gateway of one site until SIGINT/SIGTERM (then it leaves the cluster and removes its interface)",
+			UsageText: "skybridge gateway run --config FILE [--join-token-file FILE]\n\n" +
+				"With a join token (from `skybridge burst up`) a fresh gateway enrols into a burst site first; its configuration\n" +
+				"then has no node block. It leaves the mesh and removes its identity when the burst ends, and exits 0.",
 			Flags: []cli.Flag{
 				&cli.StringFlag{Name: "config", Usage: "gateway configuration (HCL)", Required: true, EnvVars: []string{"SKYBRIDGE_CONFIG"}},
+				&cli.StringFlag{Name: "join-token-file", Usage: "file holding a join token: enrol into a burst site (used once; a restart uses the stored identity)"},
+				&cli.StringFlag{Name: "join-token", Usage: "the join token itself (prefer --join-token-file: a command line is visible to other users)", EnvVars: []string{"SKYBRIDGE_JOIN_TOKEN"}},
 			},
 			Action: gatewayRun,
 		}},
@@ -61,11 +66,33 @@ func gatewayRun(c *cli.Context) error {
 	}
 	ctx, stop := signal.NotifyContext(c.Context, syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
+	token := c.String("join-token")
+	if f := c.String("join-token-file"); f != "" {
+		if token != "" {
+			return usageError("give the join token once: --join-token-file or --join-token")
+		}
+		b, err := os.ReadFile(f)
+		if err != nil {
+			return fmt.Errorf("join token: %w", err)
+		}
+		token = strings.TrimSpace(string(b))
+	}
+	if token != "" {
+		if _, err := mesh.Join(ctx, s, token, slog.Default()); err != nil {
+			return err
+		}
+	}
 	g, err := mesh.New(ctx, s, slog.Default())
 	if err != nil {
 		return err
 	}
-	return g.Run(ctx)
+	err = g.Run(ctx)
+	var ended *mesh.BurstEndedError
+	if errors.As(err, &ended) {
+		fmt.Fprintln(c.App.Writer, ended.Error())
+		return nil
+	}
+	return err
 }
 
 func statusCommand() *cli.Command {

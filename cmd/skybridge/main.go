@@ -77,6 +77,7 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 			graphCommand(),
 			dashboardCommand(),
 			planCommand(),
+			burstCommand(),
 			keysCommand(),
 			migrateCommand(),
 			auditCommand(),
