@@ -84,7 +84,7 @@ func (n *NodeConfig) Attributes(meshPrefix netip.Prefix) (Attributes, error) {
 //	  backend   = "file"               # or "vault"
 //	  dir       = "/var/lib/skybridge/identity"
 //	  mesh_cidr = "100.96.0.0/16"      # needed when the CA has no IP name constraint (Vault)
-//	  ttl       = "24h"                # certificate lifetime asked of an issuer
+//	  ttl       = "24h"                # certificate lifetime asked of an issuer; Vault: "role" lets the PKI role decide
 //	  ca_dir    = "/etc/skybridge/ca"  # file back end: let the gateway renew from a local CA
 //	  vault { ... }                    # see VaultConfig
 //	}
@@ -182,7 +182,9 @@ func (c *Config) validate() (*settings, error) {
 		}
 		s.meshPrefix = p
 	}
-	if c.TTL != "" {
+	if c.TTL == "role" && s.backend == BackendVault {
+		s.ttl = 0 // the PKI role decides (a burst site's role ends every certificate at the burst's end)
+	} else if c.TTL != "" {
 		d, err := time.ParseDuration(c.TTL)
 		if err != nil || d <= 0 {
 			errs = append(errs, hclconf.Errorf(c.Body, "ttl", "%q is not a positive duration such as 24h", c.TTL))

@@ -35,15 +35,20 @@ type JoinToken struct {
 	Endpoints []netip.AddrPort // enrollment endpoints to try, in order
 	Site      string           // the burst site it enrols into (informational: the enrolling side decides)
 	Expires   time.Time        // the enrolling side refuses it afterwards
+	// Vault, if set, makes this a Vault join token: the newcomer logs in
+	// to Vault with the AppRole it names instead of asking a gateway, and
+	// Secret, CAPin and Endpoints are unused.
+	Vault *VaultJoin
 }
 
 type joinTokenJSON struct {
-	ID        string   `json:"id"`
-	Secret    string   `json:"s"`
-	CAPin     string   `json:"ca"`
-	Endpoints []string `json:"ep"`
-	Site      string   `json:"site"`
-	Expires   int64    `json:"exp"`
+	ID        string     `json:"id"`
+	Secret    string     `json:"s"`
+	CAPin     string     `json:"ca"`
+	Endpoints []string   `json:"ep"`
+	Site      string     `json:"site"`
+	Expires   int64      `json:"exp"`
+	Vault     *VaultJoin `json:"vault,omitempty"`
 }
 
 // NewJoinToken makes a token for site, pinned to ca, valid until expires.
@@ -65,10 +70,21 @@ func NewJoinToken(site string, ca *x509.Certificate, endpoints []netip.AddrPort,
 // CAPin is the pin of a CA certificate: the SHA-256 of its public key.
 func CAPin(ca *x509.Certificate) [32]byte { return sha256.Sum256(ca.RawSubjectPublicKeyInfo) }
 
+// NewVaultJoinToken makes a Vault join token for site.
+func NewVaultJoinToken(site string, vj *VaultJoin, expires time.Time) (*JoinToken, error) {
+	id := make([]byte, 8)
+	if _, err := rand.Read(id); err != nil {
+		return nil, err
+	}
+	return &JoinToken{ID: hex.EncodeToString(id), Site: site, Expires: expires.Truncate(time.Second), Vault: vj}, nil
+}
+
 // Encode returns the token as one line of text. It is a secret.
 func (t *JoinToken) Encode() string {
-	j := joinTokenJSON{ID: t.ID, Secret: base64.RawURLEncoding.EncodeToString(t.Secret), CAPin: hex.EncodeToString(t.CAPin[:]),
-		Site: t.Site, Expires: t.Expires.Unix()}
+	j := joinTokenJSON{ID: t.ID, Site: t.Site, Expires: t.Expires.Unix(), Vault: t.Vault}
+	if t.Vault == nil {
+		j.Secret, j.CAPin = base64.RawURLEncoding.EncodeToString(t.Secret), hex.EncodeToString(t.CAPin[:])
+	}
 	for _, e := range t.Endpoints {
 		j.Endpoints = append(j.Endpoints, e.String())
 	}
@@ -92,10 +108,25 @@ func ParseJoinToken(s string) (*JoinToken, error) {
 	if err := json.Unmarshal(raw, &j); err != nil {
 		return nil, errors.New("join token is damaged: copy the whole line `skybridge burst up` printed")
 	}
-	t := &JoinToken{ID: j.ID, Site: j.Site, Expires: time.Unix(j.Expires, 0)}
+	t := &JoinToken{ID: j.ID, Site: j.Site, Expires: time.Unix(j.Expires, 0), Vault: j.Vault}
 	var errs []error
 	if len(j.ID) != 16 {
 		errs = append(errs, errors.New("its id is malformed"))
+	}
+	if !nameRE.MatchString(t.Site) {
+		errs = append(errs, fmt.Errorf("its site %q is not a valid name", t.Site))
+	}
+	if v := j.Vault; v != nil {
+		if v.Address == "" || v.RoleID == "" || v.WrappedSecretID == "" || v.PKIRole == "" {
+			errs = append(errs, errors.New("its Vault part lacks the address, role or wrapped SecretID"))
+		}
+		if err := v.Node.Validate(netip.Prefix{}); err != nil || v.Node.Site != t.Site {
+			errs = append(errs, errors.New("its node attributes are not valid"))
+		}
+		if err := errors.Join(errs...); err != nil {
+			return nil, fmt.Errorf("join token is damaged: %w", err)
+		}
+		return t, nil
 	}
 	if t.Secret, err = base64.RawURLEncoding.DecodeString(j.Secret); err != nil || len(t.Secret) != 32 {
 		errs = append(errs, errors.New("its secret is malformed"))
@@ -115,9 +146,6 @@ func ParseJoinToken(s string) (*JoinToken, error) {
 	}
 	if len(t.Endpoints) == 0 {
 		errs = append(errs, errors.New("it names no enrollment endpoint"))
-	}
-	if !nameRE.MatchString(t.Site) {
-		errs = append(errs, fmt.Errorf("its site %q is not a valid name", t.Site))
 	}
 	if err := errors.Join(errs...); err != nil {
 		return nil, fmt.Errorf("join token is damaged: %w", err)

@@ -219,15 +219,18 @@ func (v *Vault) Sign(ctx context.Context, csrPEM []byte, attrs Attributes, ttl t
 	if err := attrs.Validate(v.meshPrefix); err != nil {
 		return nil, err
 	}
-	s, err := v.client.Logical().WriteWithContext(ctx, path.Join(v.cfg.PKIMount, "sign", v.cfg.PKIRole), map[string]any{
+	req := map[string]any{
 		"csr":                  string(csrPEM),
 		"common_name":          attrs.Node,
 		"uri_sans":             attrs.URI().String(),
 		"ip_sans":              attrs.OverlayIP.String(),
-		"ttl":                  ttl.String(),
 		"format":               "pem",
 		"exclude_cn_from_sans": true,
-	})
+	}
+	if ttl > 0 { // else the role decides: a burst role's not_after refuses any ttl
+		req["ttl"] = ttl.String()
+	}
+	s, err := v.client.Logical().WriteWithContext(ctx, path.Join(v.cfg.PKIMount, "sign", v.cfg.PKIRole), req)
 	if err != nil {
 		return nil, fmt.Errorf("vault %s/sign/%s: %w", v.cfg.PKIMount, v.cfg.PKIRole, err)
 	}
@@ -341,6 +344,15 @@ func (v *Vault) WireGuardKey(ctx context.Context, node string) (WGPrivateKey, er
 func (v *Vault) SetWireGuardKey(ctx context.Context, node string, k WGPrivateKey) error {
 	if _, err := v.kv().Put(ctx, v.wgPath(node), map[string]any{"private_key": k.Base64Secret()}); err != nil {
 		return fmt.Errorf("vault store WireGuard key: %w", err)
+	}
+	return nil
+}
+
+// DeleteWireGuardKey destroys every version of node's WireGuard key: a
+// burst gateway does so when its burst ends.
+func (v *Vault) DeleteWireGuardKey(ctx context.Context, node string) error {
+	if err := v.kv().DeleteMetadata(ctx, v.wgPath(node)); err != nil {
+		return fmt.Errorf("vault delete WireGuard key: %w", err)
 	}
 	return nil
 }

@@ -116,7 +116,7 @@ func TestBurstSite(t *testing.T) {
 
 	// Refusals before anything is issued.
 	if _, e := sb(t, 1, "burst", "up", "--socket", fra.socket, "--site", "burst-ams", "--provider", "aws", "--region", "eu-west-1",
-		"--jurisdiction", "NL", "--ttl", "1h", "--routes", "10.9.0.0/24"); !strings.Contains(e, "ca_dir") {
+		"--jurisdiction", "NL", "--ttl", "1h", "--routes", "10.9.0.0/24"); !strings.Contains(e, "does not open burst sites") {
 		t.Fatalf("burst up on a gateway without the CA: %s", e)
 	}
 	if _, e := sb(t, 1, "burst", "up", "--socket", zrh.socket, "--site", "burst-ams", "--provider", "aws", "--region", "eu-west-1",

@@ -33,6 +33,10 @@ type BurstRequest struct {
 	TTL          time.Duration     `json:"ttl"`                 // the site's lifetime
 	TokenTTL     time.Duration     `json:"token_ttl,omitempty"` // how long a token may wait to be used; default DefaultTokenTTL
 	Gateways     int               `json:"gateways,omitempty"`  // tokens to make (gateways the site runs); default 1
+	// VaultToken is an operator's Vault token for a Vault-backed gateway
+	// to set the burst up with (roles, policy, AppRole). It is used for
+	// this request only: never stored, never logged.
+	VaultToken string `json:"vault_token,omitempty"`
 }
 
 // Limits of a burst request.
@@ -101,6 +105,11 @@ type burstRecord struct {
 	Ended        *time.Time        `json:"ended,omitempty"`
 	EndReason    string            `json:"end_reason,omitempty"`
 	Tokens       []burstToken      `json:"tokens"`
+	// Vault bursts: Vault admits the gateways (their tokens' Node and
+	// OverlayIP are assigned at burst up, Used stays unknown);
+	// VaultCleaned once burst down removed the burst's Vault objects.
+	Vault        bool `json:"vault,omitempty"`
+	VaultCleaned bool `json:"vault_cleaned,omitempty"`
 }
 
 // burstToken is one join token: its hash, never its secret.

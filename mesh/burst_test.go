@@ -192,7 +192,7 @@ func TestBurstLifecycle(t *testing.T) {
 	fra := startLiveGatewayWith(t, ca, dir, 1, "aws-fra", seed, &port, logs, nil)
 	waitUntil(t, 20*time.Second, "the two static gateways peer", func() bool { return len(hq.dev.Peers()) == 1 && len(fra.dev.Peers()) == 1 })
 
-	if _, err := fra.g.BurstUp(BurstRequest{Site: "burst-ams"}); err == nil || !strings.Contains(err.Error(), "ca_dir") {
+	if _, err := fra.g.BurstUp(context.Background(), BurstRequest{Site: "burst-ams"}); err == nil || !strings.Contains(err.Error(), "does not open burst sites") {
 		t.Fatalf("burst up on a gateway without the CA: %v", err)
 	}
 	req := BurstRequest{Site: "burst-ams", Provider: "aws", Region: "eu-west-1", Jurisdiction: "NL", Routes: []string{"10.77.0.0/24"},
@@ -200,11 +200,11 @@ func TestBurstLifecycle(t *testing.T) {
 	for _, bad := range []BurstRequest{
 		{Site: "zrh-dc", Provider: "aws", Region: "x", Jurisdiction: "NL", Routes: []string{"10.78.0.0/24"}, TTL: time.Hour},
 	} {
-		if _, err := hq.g.BurstUp(bad); err == nil || !strings.Contains(err.Error(), "already exists") {
+		if _, err := hq.g.BurstUp(context.Background(), bad); err == nil || !strings.Contains(err.Error(), "already exists") {
 			t.Fatalf("a burst named like an existing site: %v", err)
 		}
 	}
-	grant, err := hq.g.BurstUp(req)
+	grant, err := hq.g.BurstUp(context.Background(), req)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -285,7 +285,7 @@ func TestBurstLifecycle(t *testing.T) {
 		t.Fatalf("bursts: %+v %v", list, err)
 	}
 
-	down, err := hq.g.BurstDown("burst-ams")
+	down, err := hq.g.BurstDown(context.Background(), "burst-ams", "")
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -106,7 +106,7 @@ func (g *Gateway) serveControl() (io.Closer, error) {
 			http.Error(w, err.Error(), http.StatusBadRequest)
 			return
 		}
-		grant, err := g.BurstUp(req)
+		grant, err := g.BurstUp(r.Context(), req)
 		if err != nil {
 			http.Error(w, err.Error(), http.StatusUnprocessableEntity)
 			return
@@ -118,7 +118,14 @@ func (g *Gateway) serveControl() (io.Closer, error) {
 		reply(w, l, err)
 	})
 	mux.HandleFunc("POST /v1/bursts/{site}/down", func(w http.ResponseWriter, r *http.Request) {
-		bi, err := g.BurstDown(r.PathValue("site"))
+		var req struct {
+			VaultToken string `json:"vault_token"`
+		}
+		if err := json.NewDecoder(io.LimitReader(r.Body, 64<<10)).Decode(&req); err != nil && !errors.Is(err, io.EOF) {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		bi, err := g.BurstDown(r.Context(), r.PathValue("site"), req.VaultToken)
 		if err != nil {
 			http.Error(w, err.Error(), http.StatusUnprocessableEntity)
 			return
@@ -323,10 +330,12 @@ func (c *Client) BurstUp(ctx context.Context, req BurstRequest) (*BurstGrant, er
 	return &g, c.do(ctx, http.MethodPost, "/v1/bursts", req, &g)
 }
 
-// BurstDown ends a burst site now.
-func (c *Client) BurstDown(ctx context.Context, site string) (*BurstInfo, error) {
+// BurstDown ends a burst site now; vaultToken is needed for a Vault
+// burst (an operator's token that may revoke and delete roles).
+func (c *Client) BurstDown(ctx context.Context, site, vaultToken string) (*BurstInfo, error) {
 	var bi BurstInfo
-	return &bi, c.do(ctx, http.MethodPost, "/v1/bursts/"+url.PathEscape(site)+"/down", nil, &bi)
+	body := map[string]string{"vault_token": vaultToken}
+	return &bi, c.do(ctx, http.MethodPost, "/v1/bursts/"+url.PathEscape(site)+"/down", body, &bi)
 }
 
 // Bursts lists the burst sites the gateway opened.

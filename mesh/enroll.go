@@ -35,9 +35,10 @@ const DefaultEnrollPort = 7947
 
 // enrollment is the state of a CA-holding gateway's burst sites.
 type enrollment struct {
-	ca   *certs.CA
-	mu   sync.Mutex // guards book and its file
-	book *burstBook
+	ca    *certs.CA    // embedded CA: we enrol newcomers ourselves
+	vault *certs.Vault // Vault: it admits them; we set it up and keep the record
+	mu    sync.Mutex   // guards book and its file
+	book  *burstBook
 }
 
 // enrollRequest is what a newcomer sends.
@@ -58,27 +59,34 @@ type enrollResponse struct {
 	Expires     time.Time `json:"expires"`
 }
 
-// openEnrollment prepares the enrolling side if the configuration asks
-// for it and the identity back end holds a CA.
+// openEnrollment prepares burst sites: on a gateway holding the embedded
+// CA whose enrollment endpoint is not off, or on any Vault-backed
+// gateway.
 func (g *Gateway) openEnrollment() error {
-	if !g.s.EnrollListen.IsValid() {
+	var e *enrollment
+	switch iss := g.prov.Issuer().(type) {
+	case *certs.CA:
+		if !g.s.EnrollListen.IsValid() {
+			return nil
+		}
+		e = &enrollment{ca: iss}
+	case *certs.Vault:
+		e = &enrollment{vault: iss}
+	default:
 		return nil
-	}
-	ca, ok := g.prov.Issuer().(*certs.CA)
-	if !ok {
-		return errors.New("enroll: only a gateway holding the embedded CA (identity.ca_dir) enrols burst gateways; set enroll { listen = \"off\" }")
 	}
 	book, err := g.state.loadBursts()
 	if err != nil {
 		return err
 	}
-	g.enroll = &enrollment{ca: ca, book: book}
+	e.book = book
+	g.enroll = e
 	return nil
 }
 
 // serveEnrollment listens for newcomers.
 func (g *Gateway) serveEnrollment(ctx context.Context) (io.Closer, error) {
-	if g.enroll == nil {
+	if g.enroll == nil || g.enroll.ca == nil {
 		return closerFunc(func() error { return nil }), nil
 	}
 	ln, err := net.Listen("tcp", g.s.EnrollListen.String())
@@ -210,7 +218,10 @@ func (g *Gateway) overlayIPsInUse(e *enrollment) map[netip.Addr]bool {
 		}
 	}
 	now := g.now()
-	if issued, err := e.ca.Issued(); err == nil {
+	if e.ca == nil {
+		// Vault: its certificates are not listed here; the members and
+		// the bursts' assignments are what we know.
+	} else if issued, err := e.ca.Issued(); err == nil {
 		for _, c := range issued {
 			if a, err := netip.ParseAddr(c.OverlayIP); err == nil && c.RevokedAt == nil && c.NotAfter.After(now) {
 				used[a] = true
@@ -262,11 +273,14 @@ type ClassVerdict struct {
 	Reasons []string `json:"reasons,omitempty"`
 }
 
+// errNoBursts is the answer of a gateway that cannot open burst sites.
+var errNoBursts = errors.New("this gateway does not open burst sites: use a gateway whose identity block has ca_dir (and whose enroll block is not off), or one backed by Vault")
+
 // BurstUp opens a burst site and makes its join tokens.
-func (g *Gateway) BurstUp(req BurstRequest) (*BurstGrant, error) {
+func (g *Gateway) BurstUp(ctx context.Context, req BurstRequest) (*BurstGrant, error) {
 	e := g.enroll
 	if e == nil {
-		return nil, errors.New("this gateway does not enrol burst gateways: run `skybridge burst up` against a gateway whose identity block has ca_dir (and whose enroll block is not off)")
+		return nil, errNoBursts
 	}
 	tb := g.trust.Load()
 	attrs, err := req.attributes(tb.MeshPrefix())
@@ -288,20 +302,41 @@ func (g *Gateway) BurstUp(req BurstRequest) (*BurstGrant, error) {
 	if expires.Before(tokExp) {
 		tokExp = expires
 	}
-	grant := &BurstGrant{Site: attrs.Site, Expires: expires.UTC(), TokenExpires: tokExp.UTC(), Endpoint: g.s.EnrollAdvertise.String(), Classes: g.classVerdicts(attrs, now)}
-	var toks []*certs.JoinToken
-	for range req.Gateways {
-		t, err := certs.NewJoinToken(attrs.Site, e.ca.Certificate(), []netip.AddrPort{g.s.EnrollAdvertise}, tokExp)
-		if err != nil {
-			return nil, err
-		}
-		toks = append(toks, t)
-		grant.Tokens = append(grant.Tokens, t.Encode())
-	}
+	grant := &BurstGrant{Site: attrs.Site, Expires: expires.UTC(), TokenExpires: tokExp.UTC(), Classes: g.classVerdicts(attrs, now)}
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	if _, err := e.book.open(req, attrs, toks, now); err != nil {
+	if r := e.book.find(attrs.Site); r != nil {
+		return nil, fmt.Errorf("burst site %s is already open (until %s): end it first with `skybridge burst down --site %s`",
+			r.Site, r.Expires.UTC().Format(time.RFC3339), r.Site)
+	}
+	var toks []*certs.JoinToken
+	if e.vault != nil {
+		grant.Endpoint = "vault"
+		if toks, err = g.vaultTokens(ctx, e, req, attrs, expires, tokExp); err != nil {
+			return nil, err
+		}
+	} else {
+		grant.Endpoint = g.s.EnrollAdvertise.String()
+		for range req.Gateways {
+			t, err := certs.NewJoinToken(attrs.Site, e.ca.Certificate(), []netip.AddrPort{g.s.EnrollAdvertise}, tokExp)
+			if err != nil {
+				return nil, err
+			}
+			toks = append(toks, t)
+		}
+	}
+	for _, t := range toks {
+		grant.Tokens = append(grant.Tokens, t.Encode())
+	}
+	rec, err := e.book.open(req, attrs, toks, now)
+	if err != nil {
 		return nil, err
+	}
+	if e.vault != nil {
+		rec.Vault = true
+		for i, t := range toks {
+			rec.Tokens[i].Hash, rec.Tokens[i].Node, rec.Tokens[i].OverlayIP = "", t.Vault.Node.Node, t.Vault.Node.OverlayIP.String()
+		}
 	}
 	if err := g.state.saveBursts(e.book); err != nil {
 		e.book.Bursts = e.book.Bursts[:len(e.book.Bursts)-1]
@@ -373,21 +408,21 @@ type BurstInfo struct {
 
 // BurstGateway is a gateway enrolled into a burst site.
 type BurstGateway struct {
-	Node      string    `json:"node"`
-	OverlayIP string    `json:"overlay_ip"`
-	Serial    string    `json:"serial"`
-	Enrolled  time.Time `json:"enrolled"`
+	Node      string     `json:"node"`
+	OverlayIP string     `json:"overlay_ip"`
+	Serial    string     `json:"serial,omitempty"`
+	Enrolled  *time.Time `json:"enrolled,omitempty"` // unknown for Vault bursts: Vault admits them
 }
 
 func (r *burstRecord) info() BurstInfo {
 	bi := BurstInfo{Site: r.Site, Provider: r.Provider, Region: r.Region, Jurisdiction: r.Jurisdiction, Routes: r.Routes,
 		Created: r.Created, Expires: r.Expires, Ended: r.Ended, EndReason: r.EndReason, Gateways: []BurstGateway{}}
 	for _, t := range r.Tokens {
-		if t.Used == nil {
+		if t.Used == nil && !r.Vault {
 			bi.TokensUnused++
 			continue
 		}
-		bi.Gateways = append(bi.Gateways, BurstGateway{Node: t.Node, OverlayIP: t.OverlayIP, Serial: t.Serial, Enrolled: *t.Used})
+		bi.Gateways = append(bi.Gateways, BurstGateway{Node: t.Node, OverlayIP: t.OverlayIP, Serial: t.Serial, Enrolled: t.Used})
 	}
 	return bi
 }
@@ -407,15 +442,27 @@ func (g *Gateway) Bursts() ([]BurstInfo, error) {
 	return out, nil
 }
 
-// BurstDown ends a burst site now.
-func (g *Gateway) BurstDown(site string) (*BurstInfo, error) {
+// BurstDown ends a burst site now. With Vault, vaultToken is an
+// operator's token that may revoke certificates and delete what burst up
+// created.
+func (g *Gateway) BurstDown(ctx context.Context, site, vaultToken string) (*BurstInfo, error) {
 	e := g.enroll
 	if e == nil {
-		return nil, errors.New("this gateway does not enrol burst gateways (no identity.ca_dir): run `skybridge burst down` where `burst up` ran")
+		return nil, errNoBursts
 	}
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	r := e.book.find(site)
+	if r == nil && e.vault != nil {
+		// An expired Vault burst ended without its Vault objects being
+		// removed (that takes an operator's token): down cleans it up.
+		for _, b := range slices.Backward(e.book.Bursts) {
+			if b.Site == site && b.Vault && !b.VaultCleaned {
+				r = b
+				break
+			}
+		}
+	}
 	if r == nil {
 		var open []string
 		for _, r := range e.book.Bursts {
@@ -426,7 +473,13 @@ func (g *Gateway) BurstDown(site string) (*BurstInfo, error) {
 		sort.Strings(open)
 		return nil, fmt.Errorf("no open burst site %q here (open: %v)", site, open)
 	}
-	revoked, err := g.endBurstLocked(r, "ended by burst down")
+	var revoked []string
+	var err error
+	if r.Vault {
+		revoked, err = g.endVaultBurstLocked(ctx, r, vaultToken)
+	} else {
+		revoked, err = g.endBurstLocked(r, "ended by burst down")
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -486,6 +539,19 @@ func (g *Gateway) burstLoop(ctx context.Context) {
 		e.mu.Lock()
 		now := g.now()
 		for _, r := range e.book.due(now) {
+			if r.Vault {
+				// Its certificates end now (the role's not_after) and its
+				// SecretIDs with them; what stays in Vault grants nothing
+				// and goes with `skybridge burst down`.
+				t := now.UTC()
+				r.Ended, r.EndReason = &t, "expired"
+				if err := g.state.saveBursts(e.book); err != nil {
+					g.log.Warn("save bursts", "err", err)
+				}
+				g.log.Info("burst site ended", "burst_site", r.Site, "reason", "expired",
+					"hint", "its role, policy and AppRole stay in Vault until `skybridge burst down --site "+r.Site+"` removes them")
+				continue
+			}
 			if _, err := g.endBurstLocked(r, "expired"); err != nil {
 				g.log.Error("end expired burst", "burst_site", r.Site, "err", err)
 			}
@@ -526,4 +592,63 @@ func (g *Gateway) refreshTrust(ctx context.Context) {
 
 // trustRefresh is how often a gateway with an issuer asks it for a newer
 // revocation list.
-const trustRefresh = 15 * time.Second
+const trustRefresh = time.Minute
+
+// vaultTokens sets the burst up in Vault and makes a Vault join token per
+// gateway, each with its node name and overlay address decided here.
+func (g *Gateway) vaultTokens(ctx context.Context, e *enrollment, req BurstRequest, attrs certs.Attributes, expires, tokExp time.Time) ([]*certs.JoinToken, error) {
+	used := g.overlayIPsInUse(e)
+	nodes := make([]certs.Attributes, req.Gateways)
+	for i := range nodes {
+		ip, err := pickOverlayIP(g.trust.Load().MeshPrefix(), used)
+		if err != nil {
+			return nil, err
+		}
+		used[ip] = true
+		n := attrs
+		n.Node, n.OverlayIP = fmt.Sprintf("%s-gw%d", attrs.Site, i+1), ip
+		nodes[i] = n
+	}
+	vb, err := e.vault.OpenBurst(ctx, req.VaultToken, certs.VaultBurstSpec{Attributes: attrs, Expires: expires, TokenTTL: tokExp.Sub(g.now()), Gateways: req.Gateways})
+	if err != nil {
+		return nil, err
+	}
+	var toks []*certs.JoinToken
+	for i, wrapped := range vb.WrappedSecretIDs {
+		vj, err := e.vault.VaultJoinFor(vb)
+		if err != nil {
+			return nil, err
+		}
+		vj.WrappedSecretID, vj.Node, vj.Seeds = wrapped, nodes[i], g.seedsForNewcomer()
+		t, err := certs.NewVaultJoinToken(attrs.Site, vj, tokExp)
+		if err != nil {
+			return nil, err
+		}
+		toks = append(toks, t)
+	}
+	return toks, nil
+}
+
+// endVaultBurstLocked ends a Vault burst: Vault revokes the site's
+// certificates and forgets its role, policy and AppRole; we adopt the new
+// revocation list at once, and gossip spreads it.
+func (g *Gateway) endVaultBurstLocked(ctx context.Context, r *burstRecord, vaultToken string) ([]string, error) {
+	e := g.enroll
+	revoked, err := e.vault.CloseBurst(ctx, vaultToken, r.Site)
+	if err != nil {
+		return revoked, err
+	}
+	now := g.now()
+	r.end("ended by burst down", now)
+	r.VaultCleaned = true
+	if err := g.state.saveBursts(e.book); err != nil {
+		return revoked, fmt.Errorf("record the end of burst %s: %w", r.Site, err)
+	}
+	g.log.Info("burst site ended", "burst_site", r.Site, "reason", r.EndReason, "revoked", len(revoked))
+	if tb, err := e.vault.Trust(ctx); err == nil {
+		g.adoptTrust(tb)
+	} else {
+		g.log.Warn("fetch the revocation list from vault; gateways will pick it up on their next refresh", "err", err)
+	}
+	return revoked, nil
+}

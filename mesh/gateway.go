@@ -135,6 +135,10 @@ func newGateway(ctx context.Context, s *Settings, logger *slog.Logger, opt optio
 	if err := os.MkdirAll(s.StateDir, 0o700); err != nil {
 		return nil, fmt.Errorf("create state directory: %w", err)
 	}
+	s, err := applyEnrollment(s)
+	if err != nil {
+		return nil, err
+	}
 	g := &Gateway{
 		s: s, now: time.Now, state: stateDir(s.StateDir), opt: opt,
 		inbox: make(chan []byte, inboxSize), kick: make(chan struct{}, 1), sends: make(chan struct{}, maxSends),
@@ -328,7 +332,8 @@ func (g *Gateway) Run(parent context.Context) error {
 	if g.s.Topology != TopologyHub {
 		loop(g.healthLoop) // hubs are chosen from the membership alone
 	}
-	if g.prov.Issuer() != nil {
+	// A burst gateway's certificate lasts exactly as long as its burst.
+	if g.prov.Issuer() != nil && g.burst == nil {
 		loop(func(ctx context.Context) {
 			if err := g.prov.KeepRenewed(ctx, g.id.Load(), g.renewed); ctx.Err() == nil {
 				g.log.Error("certificate renewal stopped", "err", err)
@@ -354,12 +359,24 @@ func (g *Gateway) Run(parent context.Context) error {
 	g.stopMigrations()
 	g.saveMembers()
 	g.closeDevice()
-	g.prov.Close()
 	var ended *BurstEndedError
 	if errors.As(context.Cause(ctx), &ended) {
+		// With Vault, our WireGuard key lives there: delete it while our
+		// login still works.
+		if d, ok := g.prov.Secrets().(interface {
+			DeleteWireGuardKey(context.Context, string) error
+		}); ok {
+			dctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			if err := d.DeleteWireGuardKey(dctx, g.id.Load().Attributes().Node); err != nil {
+				g.log.Info("could not delete our WireGuard key from vault (after burst down, burst down deletes it)", "err", err)
+			}
+			cancel()
+		}
+		g.prov.Close()
 		g.forgetBurst(ended)
 		return ended
 	}
+	g.prov.Close()
 	return nil
 }
 

@@ -48,7 +48,30 @@ type Enrollment struct {
 	Seeds    []string   `json:"seeds"`
 	Ended    *time.Time `json:"ended,omitempty"`
 	Reason   string     `json:"end_reason,omitempty"`
+	// Vault is set when Vault admitted us: how to log in and what we are.
+	Vault *VaultEnrollment `json:"vault,omitempty"`
 }
+
+// VaultEnrollment is the identity configuration a Vault join token gave:
+// no secret (the SecretID sits beside it in a 0600 file).
+type VaultEnrollment struct {
+	Address      string           `json:"address"`
+	Namespace    string           `json:"namespace,omitempty"`
+	AppRoleMount string           `json:"approle_mount"`
+	PKIMount     string           `json:"pki_mount"`
+	PKIRole      string           `json:"pki_role"`
+	KVMount      string           `json:"kv_mount"`
+	KVPrefix     string           `json:"kv_prefix"`
+	MeshCIDR     string           `json:"mesh_cidr"`
+	Node         certs.Attributes `json:"node"`
+}
+
+// Files a Vault join leaves in the identity directory.
+const (
+	fileVaultCA       = "vault-ca.pem"
+	fileVaultRoleID   = "vault-role-id"
+	fileVaultSecretID = "vault-secret-id"
+)
 
 func loadEnrollment(dir string) (*Enrollment, error) {
 	b, err := os.ReadFile(filepath.Join(dir, fileEnrollment))
@@ -117,6 +140,9 @@ func Join(ctx context.Context, s *Settings, token string, log *slog.Logger) (*En
 	}
 	if tok.Expired(time.Now()) {
 		return nil, fmt.Errorf("join token %s expired at %s: ask for a new one with `skybridge burst up`", tok.ID, tok.Expires.UTC().Format(time.RFC3339))
+	}
+	if tok.Vault != nil {
+		return joinVault(ctx, dir, tok, log)
 	}
 	key, err := certs.GenerateNodeKey()
 	if err != nil {
@@ -262,6 +288,71 @@ func storeEnrollment(dir, meshCIDR string, tok *certs.JoinToken, key *ecdsa.Priv
 	return enr, nil
 }
 
+// joinVault redeems a Vault join token: it unwraps the AppRole SecretID
+// (which Vault allows once) and stores it with the role ID; the gateway
+// then logs in to Vault and obtains its certificate like any Vault-backed
+// gateway, with the attributes the token assigned.
+func joinVault(ctx context.Context, dir string, tok *certs.JoinToken, log *slog.Logger) (*Enrollment, error) {
+	vj := tok.Vault
+	log.Info("enrolling through Vault", "token", tok, "vault", vj.Address)
+	secretID, err := vj.UnwrapSecretID(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, err
+	}
+	if vj.CACert != "" {
+		if err := atomicfile.WriteFile(filepath.Join(dir, fileVaultCA), []byte(vj.CACert), 0o644); err != nil {
+			return nil, err
+		}
+	}
+	if err := atomicfile.WriteFile(filepath.Join(dir, fileVaultRoleID), []byte(vj.RoleID+"\n"), 0o600); err != nil {
+		return nil, err
+	}
+	if err := atomicfile.WriteFile(filepath.Join(dir, fileVaultSecretID), []byte(secretID+"\n"), 0o600); err != nil {
+		return nil, err
+	}
+	enr := &Enrollment{Site: tok.Site, Node: vj.Node.Node, TokenID: tok.ID, Enrolled: time.Now().UTC(), Seeds: vj.Seeds,
+		Vault: &VaultEnrollment{Address: vj.Address, Namespace: vj.Namespace, AppRoleMount: vj.AppRoleMount, PKIMount: vj.PKIMount,
+			PKIRole: vj.PKIRole, KVMount: vj.KVMount, KVPrefix: vj.KVPrefix, MeshCIDR: vj.MeshCIDR, Node: vj.Node}}
+	// The burst ends when the role's not_after does; the token does not
+	// say when that is, the certificate will. Until then: the token's
+	// own horizon is a lower bound only, so record none.
+	if err := saveEnrollment(dir, enr); err != nil {
+		return nil, err
+	}
+	log.Info("enrolled in burst site through Vault", "site", enr.Site, "node", enr.Node)
+	return enr, nil
+}
+
+// applyEnrollment gives a gateway enrolled through Vault the identity
+// and node configuration its token assigned (its configuration file has
+// neither). Other gateways' settings are returned as they are.
+func applyEnrollment(s *Settings) (*Settings, error) {
+	enr, err := loadEnrollment(s.Identity.Dir)
+	if err != nil || enr == nil || enr.Vault == nil || enr.Ended != nil {
+		return s, err
+	}
+	v, dir := enr.Vault, s.Identity.Dir
+	c := *s
+	c.Identity = certs.Config{Backend: certs.BackendVault, Dir: dir, MeshCIDR: v.MeshCIDR, TTL: "role",
+		Vault: &certs.VaultConfig{Address: v.Address, Namespace: v.Namespace, PKIMount: v.PKIMount, PKIRole: v.PKIRole,
+			KVMount: v.KVMount, KVPrefix: v.KVPrefix, Auth: certs.VaultAuth{Method: "approle", Mount: v.AppRoleMount,
+				RoleIDFile: filepath.Join(dir, fileVaultRoleID), SecretIDFile: filepath.Join(dir, fileVaultSecretID)}}}
+	if _, err := os.Stat(filepath.Join(dir, fileVaultCA)); err == nil {
+		c.Identity.Vault.CACert = filepath.Join(dir, fileVaultCA)
+	}
+	n := v.Node
+	c.Node = certs.NodeConfig{Name: n.Node, Site: n.Site, Region: n.Region, Provider: n.Provider, Jurisdiction: n.Jurisdiction,
+		OverlayIP: n.OverlayIP.String(), Labels: n.Labels}
+	for _, r := range n.Routes {
+		c.Node.Routes = append(c.Node.Routes, r.String())
+	}
+	c.Seeds = append(slices.Clone(s.Seeds), enr.Seeds...)
+	return &c, nil
+}
+
 // nodeAttributes are the attributes the gateway runs with: from its node
 // block, or, for a burst gateway, from the certificate its enrollment
 // obtained (the burst decided them). A burst gateway whose identity has
@@ -279,6 +370,11 @@ func (g *Gateway) nodeAttributes(tb *certs.TrustBundle) (certs.Attributes, error
 	ended := &BurstEndedError{Site: enr.Site, Node: enr.Node, Reason: enr.Reason}
 	if enr.Ended != nil {
 		return certs.Attributes{}, ended
+	}
+	if enr.Vault != nil {
+		// applyEnrollment made the node block; Vault issues the
+		// certificate, and refuses once the burst is over.
+		return g.s.Node.Attributes(tb.MeshPrefix())
 	}
 	id, err := certs.LoadNodeIdentity(dir)
 	if err == nil {

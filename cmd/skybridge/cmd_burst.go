@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"net/netip"
+	"os"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -89,6 +90,9 @@ func burstUp(c *cli.Context) error {
 	req := mesh.BurstRequest{
 		Site: c.String("site"), Provider: c.String("provider"), Region: c.String("region"), Jurisdiction: c.String("jurisdiction"),
 		Routes: routes, Labels: labels, TTL: c.Duration("ttl"), TokenTTL: c.Duration("token-ttl"), Gateways: c.Int("gateways"),
+		// A Vault-backed gateway sets the burst up in Vault with the
+		// operator's token; the embedded CA ignores it.
+		VaultToken: os.Getenv("VAULT_TOKEN"),
 	}
 	ctx, cancel := context.WithTimeout(c.Context, 30*time.Second)
 	defer cancel()
@@ -132,7 +136,7 @@ func burstDown(c *cli.Context) error {
 	}
 	ctx, cancel := context.WithTimeout(c.Context, 30*time.Second)
 	defer cancel()
-	bi, err := cl.BurstDown(ctx, c.String("site"))
+	bi, err := cl.BurstDown(ctx, c.String("site"), os.Getenv("VAULT_TOKEN"))
 	if err != nil {
 		return err
 	}

@@ -1,0 +1,287 @@
+package certs
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"os"
+	"path"
+	"strings"
+	"time"
+
+	vault "github.com/hashicorp/vault/api"
+)
+
+// Burst sites with Vault. Vault, not a gateway, is then what admits a
+// burst gateway: `skybridge burst up` (with an operator's Vault token that
+// may manage roles, used for that one call and never stored) creates for
+// the site a PKI role that certifies only the site's attribute URI and
+// ends every certificate at the burst's end (not_after), a policy that
+// lets a token sign with that role and keep the site's gateways' secrets,
+// and an AppRole bound to that policy whose SecretIDs expire with the
+// burst. Each gateway's join token carries a response-wrapped SecretID:
+// Vault lets it be unwrapped once, which is what makes the token
+// single-use.
+
+// VaultBurstSpec describes a burst site to Vault.
+type VaultBurstSpec struct {
+	Attributes Attributes // the site's attributes; Node and OverlayIP are per gateway
+	Expires    time.Time  // when every identity of the site ends
+	TokenTTL   time.Duration
+	Gateways   int
+}
+
+// VaultBurst is what OpenBurst made: the AppRole's role ID and one wrapped
+// SecretID per gateway (secrets: they go into join tokens only).
+type VaultBurst struct {
+	Name             string // of the PKI role, the policy and the AppRole
+	RoleID           string
+	WrappedSecretIDs []string
+	AppRoleMount     string
+}
+
+// BurstName is the name of a burst site's PKI role, policy and AppRole.
+func (v *Vault) BurstName(site string) string {
+	return strings.ReplaceAll(v.cfg.KVPrefix, "/", "-") + "-burst-" + site
+}
+
+// appRoleMount is where burst AppRoles live: the gateway's own AppRole
+// mount if it logs in with one, else "approle".
+func (v *Vault) appRoleMount() string {
+	if v.cfg.Auth.Method == "approle" && v.cfg.Auth.Mount != "" {
+		return v.cfg.Auth.Mount
+	}
+	return "approle"
+}
+
+// admin is a client acting with an operator's token.
+func (v *Vault) admin(token string) (*vault.Client, error) {
+	if token == "" {
+		return nil, errors.New("a burst site with Vault needs an operator's Vault token that may manage PKI roles, policies and AppRoles: set VAULT_TOKEN for `skybridge burst`")
+	}
+	c, err := v.client.Clone()
+	if err != nil {
+		return nil, err
+	}
+	c.SetToken(token)
+	return c, nil
+}
+
+// OpenBurst creates the site's PKI role, policy and AppRole and returns a
+// wrapped SecretID per gateway.
+func (v *Vault) OpenBurst(ctx context.Context, adminToken string, spec VaultBurstSpec) (*VaultBurst, error) {
+	c, err := v.admin(adminToken)
+	if err != nil {
+		return nil, err
+	}
+	a := spec.Attributes
+	name := v.BurstName(a.Site)
+	mount := v.appRoleMount()
+	ttl := time.Until(spec.Expires).Round(time.Second)
+	if ttl <= 0 {
+		return nil, errors.New("the burst has already ended")
+	}
+	// Only the node name varies between the site's gateways; the rest of
+	// the attribute URI is fixed, so the role certifies nothing else. A
+	// node name cannot hold '?' or '&', so the wildcard cannot smuggle
+	// attributes in.
+	a.Node = "node"
+	uri := a.URI().String()
+	glob := strings.Replace(uri, "/node?", "/*?", 1)
+	if glob == uri || strings.Contains(glob, ",") {
+		return nil, fmt.Errorf("cannot express the attribute URI %s as a Vault role pattern", uri)
+	}
+	w := func(p string, data map[string]any) error {
+		if _, err := c.Logical().WriteWithContext(ctx, p, data); err != nil {
+			return fmt.Errorf("vault write %s: %w", p, err)
+		}
+		return nil
+	}
+	if err := w(path.Join(v.cfg.PKIMount, "roles", name), map[string]any{
+		"allow_any_name": true, "enforce_hostnames": false, "allow_ip_sans": true, "allowed_uri_sans": glob,
+		"key_type": "ec", "key_bits": 256, "server_flag": true, "client_flag": true,
+		"max_ttl": ttl.String(), "not_after": spec.Expires.UTC().Format(time.RFC3339), "not_before_duration": "30s",
+	}); err != nil {
+		return nil, err
+	}
+	nodes := path.Join(v.cfg.KVPrefix, "nodes", a.Site+"-gw")
+	acl := fmt.Sprintf(`# skybridge burst site %[6]s, until %[7]s
+path "%[1]s/sign/%[2]s" { capabilities = ["update"] }
+path "%[1]s/cert/*" { capabilities = ["read"] }
+path "%[3]s/data/%[4]s*" { capabilities = ["create", "read", "update", "delete"] }
+path "%[3]s/metadata/%[4]s*" { capabilities = ["read", "delete"] }
+path "%[3]s/data/%[5]s" { capabilities = ["read"] }
+`, v.cfg.PKIMount, name, v.cfg.KVMount, nodes, v.gossipPath(), a.Site, spec.Expires.UTC().Format(time.RFC3339))
+	if err := c.Sys().PutPolicyWithContext(ctx, name, acl); err != nil {
+		return nil, fmt.Errorf("vault policy %s: %w", name, err)
+	}
+	roleBase := path.Join("auth", mount, "role", name)
+	if err := w(roleBase, map[string]any{
+		"token_policies": name, "token_ttl": ttl.String(), "token_max_ttl": ttl.String(),
+		"secret_id_ttl": ttl.String(), "secret_id_num_uses": 0,
+	}); err != nil {
+		return nil, err
+	}
+	s, err := c.Logical().ReadWithContext(ctx, roleBase+"/role-id")
+	if err != nil || s == nil {
+		return nil, fmt.Errorf("vault read %s/role-id: %v", roleBase, err)
+	}
+	vb := &VaultBurst{Name: name, AppRoleMount: mount}
+	vb.RoleID, _ = s.Data["role_id"].(string)
+	wrap := min(spec.TokenTTL, ttl)
+	c.SetWrappingLookupFunc(func(string, string) string { return wrap.String() })
+	for range spec.Gateways {
+		s, err := c.Logical().WriteWithContext(ctx, roleBase+"/secret-id", nil)
+		if err != nil {
+			return nil, fmt.Errorf("vault write %s/secret-id: %w", roleBase, err)
+		}
+		if s == nil || s.WrapInfo == nil {
+			return nil, errors.New("vault did not wrap the SecretID")
+		}
+		vb.WrappedSecretIDs = append(vb.WrappedSecretIDs, s.WrapInfo.Token)
+	}
+	return vb, nil
+}
+
+// CloseBurst ends a burst site in Vault: it revokes every unexpired
+// certificate of the site (the CRL then reaches the mesh), and deletes its
+// gateways' WireGuard keys, the AppRole (its SecretIDs with it), the
+// policy and the PKI role.
+func (v *Vault) CloseBurst(ctx context.Context, adminToken, site string) (revoked []string, err error) {
+	c, err := v.admin(adminToken)
+	if err != nil {
+		return nil, err
+	}
+	name := v.BurstName(site)
+	s, err := c.Logical().ListWithContext(ctx, path.Join(v.cfg.PKIMount, "certs"))
+	if err != nil {
+		return nil, fmt.Errorf("vault list %s/certs: %w", v.cfg.PKIMount, err)
+	}
+	var keys []any
+	if s != nil {
+		keys, _ = s.Data["keys"].([]any)
+	}
+	now := time.Now()
+	for _, k := range keys {
+		serial, _ := k.(string)
+		pemb, err := v.readPEM(ctx, path.Join(v.cfg.PKIMount, "cert", serial))
+		if err != nil {
+			return revoked, err
+		}
+		cs, err := ParseCertificatesPEM(pemb)
+		if err != nil || len(cs) == 0 || !cs[0].NotAfter.After(now) || cs[0].IsCA {
+			continue
+		}
+		if a, err := AttributesOf(cs[0]); err != nil || a.Site != site {
+			continue
+		}
+		if _, err := c.Logical().WriteWithContext(ctx, path.Join(v.cfg.PKIMount, "revoke"), map[string]any{"serial_number": serial}); err != nil {
+			return revoked, fmt.Errorf("vault revoke %s: %w", serial, err)
+		}
+		revoked = append(revoked, FormatSerial(cs[0].SerialNumber))
+	}
+	// The site's gateways' WireGuard keys: each deletes its own when its
+	// burst ends, but not one that crashed, nor once its policy is gone.
+	nodes := path.Join(v.cfg.KVPrefix, "nodes")
+	if l, err := c.Logical().ListWithContext(ctx, path.Join(v.cfg.KVMount, "metadata", nodes)); err == nil && l != nil {
+		ks, _ := l.Data["keys"].([]any)
+		for _, k := range ks {
+			n, _ := k.(string)
+			if strings.HasPrefix(n, site+"-gw") {
+				if err := c.KVv2(v.cfg.KVMount).DeleteMetadata(ctx, path.Join(nodes, strings.TrimSuffix(n, "/"), "wireguard")); err != nil {
+					return revoked, fmt.Errorf("vault delete the WireGuard key of %s: %w", strings.TrimSuffix(n, "/"), err)
+				}
+			}
+		}
+	}
+	del := func(p string) error {
+		_, err := c.Logical().DeleteWithContext(ctx, p)
+		var re *vault.ResponseError
+		if err != nil && !(errors.As(err, &re) && re.StatusCode == http.StatusNotFound) {
+			return fmt.Errorf("vault delete %s: %w", p, err)
+		}
+		return nil
+	}
+	if err := del(path.Join("auth", v.appRoleMount(), "role", name)); err != nil {
+		return revoked, err
+	}
+	if err := c.Sys().DeletePolicyWithContext(ctx, name); err != nil {
+		return revoked, fmt.Errorf("vault delete policy %s: %w", name, err)
+	}
+	return revoked, del(path.Join(v.cfg.PKIMount, "roles", name))
+}
+
+// VaultJoin is the Vault half of a join token: where Vault is, how to log
+// in (the AppRole's role ID and a wrapped SecretID), what to ask for.
+type VaultJoin struct {
+	Address         string     `json:"addr"`
+	CACert          string     `json:"ca,omitempty"` // PEM of the CA that signed Vault's TLS certificate
+	Namespace       string     `json:"ns,omitempty"`
+	AppRoleMount    string     `json:"approle"`
+	RoleID          string     `json:"role_id"`
+	WrappedSecretID string     `json:"wrapped"`
+	PKIMount        string     `json:"pki"`
+	PKIRole         string     `json:"role"`
+	KVMount         string     `json:"kv"`
+	KVPrefix        string     `json:"kv_prefix"`
+	MeshCIDR        string     `json:"mesh_cidr"`
+	Node            Attributes `json:"node"`
+	Seeds           []string   `json:"seeds"`
+}
+
+// VaultJoinFor fills the parts of a VaultJoin this gateway's configuration
+// knows.
+func (v *Vault) VaultJoinFor(b *VaultBurst) (*VaultJoin, error) {
+	vj := &VaultJoin{Address: v.client.Address(), Namespace: v.cfg.Namespace, AppRoleMount: b.AppRoleMount, RoleID: b.RoleID,
+		PKIMount: v.cfg.PKIMount, PKIRole: b.Name, KVMount: v.cfg.KVMount, KVPrefix: v.cfg.KVPrefix, MeshCIDR: v.meshPrefix.String()}
+	if v.cfg.CACert != "" {
+		pemb, err := os.ReadFile(v.cfg.CACert)
+		if err != nil {
+			return nil, fmt.Errorf("vault ca_cert: %w", err)
+		}
+		vj.CACert = string(pemb)
+	}
+	return vj, nil
+}
+
+// UnwrapSecretID redeems the wrapped SecretID of a join token. Vault
+// answers only once per wrapping token: a second use, or one after the
+// token's wrap TTL, is refused.
+func (vj *VaultJoin) UnwrapSecretID(ctx context.Context) (string, error) {
+	vc := vault.DefaultConfig()
+	if vc.Error != nil {
+		return "", vc.Error
+	}
+	vc.Address = vj.Address
+	if vj.CACert != "" {
+		if err := vc.ConfigureTLS(&vault.TLSConfig{CACertBytes: []byte(vj.CACert)}); err != nil {
+			return "", fmt.Errorf("vault TLS: %w", err)
+		}
+	}
+	c, err := vault.NewClient(vc)
+	if err != nil {
+		return "", err
+	}
+	if vj.Namespace != "" {
+		c.SetNamespace(vj.Namespace)
+	}
+	c.SetToken("")
+	s, err := c.Logical().UnwrapWithContext(ctx, vj.WrappedSecretID)
+	if err != nil {
+		var re *vault.ResponseError
+		if errors.As(err, &re) && (re.StatusCode == http.StatusBadRequest || re.StatusCode == http.StatusForbidden) {
+			return "", fmt.Errorf("join token already used or expired: Vault no longer holds its wrapped SecretID (%s); ask for a new one with `skybridge burst up`",
+				strings.Join(re.Errors, "; "))
+		}
+		return "", fmt.Errorf("vault unwrap: %w", err)
+	}
+	if s == nil {
+		return "", errors.New("vault unwrap returned nothing")
+	}
+	id, _ := s.Data["secret_id"].(string)
+	if id == "" {
+		return "", errors.New("the join token's wrapped secret is not an AppRole SecretID")
+	}
+	return id, nil
+}

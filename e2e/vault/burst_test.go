@@ -1,0 +1,283 @@
+package vault
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/vault/api"
+)
+
+// buildSkybridge builds the gateway binary: the gateways of this test run
+// as processes (as in production) talking to the Vault over HTTP, so
+// this module links none of their code.
+func buildSkybridge(t *testing.T) string {
+	t.Helper()
+	bin := filepath.Join(t.TempDir(), "skybridge")
+	cmd := exec.Command("go", "build", "-o", bin, "./cmd/skybridge")
+	cmd.Dir = "../.."
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("build skybridge: %v\n%s", err, out)
+	}
+	return bin
+}
+
+func freeLoopbackPort(t *testing.T) int {
+	t.Helper()
+	for range 50 {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		p := l.Addr().(*net.TCPAddr).Port
+		l.Close()
+		if u, err := net.ListenPacket("udp", fmt.Sprintf("127.0.0.1:%d", p)); err == nil {
+			u.Close()
+			return p
+		}
+	}
+	t.Fatal("no free loopback port")
+	return 0
+}
+
+type gwProc struct {
+	cmd    *exec.Cmd
+	log    *bytes.Buffer
+	socket string
+	exited chan error
+}
+
+func startGW(t *testing.T, bin string, env []string, args ...string) *gwProc {
+	t.Helper()
+	g := &gwProc{log: &bytes.Buffer{}, exited: make(chan error, 1)}
+	g.cmd = exec.Command(bin, args...)
+	g.cmd.Env = append(os.Environ(), env...)
+	g.cmd.Stdout, g.cmd.Stderr = g.log, g.log
+	if err := g.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { g.exited <- g.cmd.Wait() }()
+	t.Cleanup(func() {
+		g.cmd.Process.Kill()
+		<-g.exited
+		if t.Failed() {
+			t.Logf("%s log:\n%s", strings.Join(args, " "), g.log.String())
+		}
+	})
+	return g
+}
+
+type statusView struct {
+	Members []struct {
+		Node  string `json:"node"`
+		State string `json:"state"`
+		Peer  bool   `json:"peer"`
+	} `json:"members"`
+}
+
+func gwStatus(bin, socket string) (*statusView, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, bin, "status", "--socket", socket, "--json").Output()
+	if err != nil {
+		return nil, err
+	}
+	var st statusView
+	return &st, json.Unmarshal(out, &st)
+}
+
+func waitCond(t *testing.T, d time.Duration, what string, cond func() (bool, string)) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	last := ""
+	for {
+		ok, state := cond()
+		if ok {
+			return
+		}
+		last = state
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: not within %s; last: %s", what, d, last)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+// TestVaultBurstSite opens a burst site on a Vault-backed gateway: Vault
+// gets a PKI role that certifies only the site, a policy and an AppRole;
+// the join token carries a response-wrapped SecretID. A fresh gateway
+// redeems it, obtains its certificate from Vault, joins the mesh and
+// peers; the token does not work twice; burst down revokes the site's
+// certificate in Vault and deletes what burst up created; the burst
+// gateway sees the revocation, leaves, and deletes its WireGuard key
+// from Vault and its identity from disk.
+func TestVaultBurstSite(t *testing.T) {
+	e := startVault(t)
+	bin := buildSkybridge(t)
+	dir := t.TempDir()
+	ctx := context.Background()
+	root := []string{"VAULT_TOKEN=" + e.root.Token()}
+
+	// The static on-prem gateway, with its own AppRole.
+	roleFile, secretFile := e.appRole(t, dir, false)
+	aDir := filepath.Join(dir, "a")
+	aSock := filepath.Join(aDir, "control.sock")
+	gossipA := freeLoopbackPort(t)
+	cfgA := fmt.Sprintf(`state_dir = %q
+node {
+  name         = "gw-zrh"
+  site         = "onprem-zrh"
+  region       = "zrh-dc1"
+  provider     = "onprem"
+  jurisdiction = "CH"
+  overlay_ip   = "100.96.0.1"
+  routes       = ["10.1.0.0/16"]
+  labels       = { classes = "risk-batch" }
+}
+identity {
+  backend   = "vault"
+  mesh_cidr = %q
+  vault {
+    address   = %q
+    ca_cert   = %q
+    pki_mount = %q
+    pki_role  = %q
+    kv_mount  = %q
+    auth {
+      method         = "approle"
+      mount          = %q
+      role_id_file   = %q
+      secret_id_file = %q
+    }
+  }
+}
+gossip {
+  bind    = "127.0.0.1:%d"
+  profile = "local"
+}
+wireguard {
+  interface = "sbvza"
+  port      = %d
+  mode      = "netstack"
+}
+operator { listen = "off" }
+`, aDir, meshPrefix, e.addr, e.caFile, e.pki, e.role, e.kv, e.approleMount, roleFile, secretFile, gossipA, freeLoopbackPort(t))
+	must(t, os.WriteFile(filepath.Join(dir, "a.hcl"), []byte(cfgA), 0o644))
+	a := startGW(t, bin, nil, "gateway", "run", "--config", filepath.Join(dir, "a.hcl"))
+	waitCond(t, 60*time.Second, "the static gateway runs", func() (bool, string) {
+		_, err := gwStatus(bin, aSock)
+		return err == nil, fmt.Sprint(err)
+	})
+
+	burstUp := exec.Command(bin, "burst", "up", "--socket", aSock, "--site", "burst-ams", "--provider", "aws", "--region", "eu-west-1",
+		"--jurisdiction", "NL", "--ttl", "1h", "--label", "classes=risk-batch", "--routes", "10.9.0.0/24", "--json")
+	burstUp.Env = append(os.Environ(), root...)
+	out, err := burstUp.Output()
+	if err != nil {
+		t.Fatalf("burst up: %v %s\n%s", err, out, a.log.String())
+	}
+	var grant struct {
+		Tokens []string `json:"tokens"`
+	}
+	must(t, json.Unmarshal(out, &grant))
+	if len(grant.Tokens) != 1 {
+		t.Fatalf("burst up: %s", out)
+	}
+	name := "skybridge-burst-burst-ams"
+	if s, err := e.root.Logical().Read(e.pki + "/roles/" + name); err != nil || s == nil {
+		t.Fatalf("burst up made no PKI role: %v", err)
+	} else if got := fmt.Sprint(s.Data["allowed_uri_sans"]); !strings.Contains(got, "skybridge://burst-ams/*?") || !strings.Contains(got, "jurisdiction=NL") {
+		t.Fatalf("the burst role certifies %s", got)
+	}
+	tokenFile := filepath.Join(dir, "token")
+	must(t, os.WriteFile(tokenFile, []byte(grant.Tokens[0]), 0o600))
+
+	// The burst gateway: its configuration has no node and no identity.
+	burstCfg := func(name string) string {
+		p := filepath.Join(dir, name+".hcl")
+		must(t, os.WriteFile(p, []byte(fmt.Sprintf(`state_dir = %q
+gossip {
+  bind    = "127.0.0.1:%d"
+  profile = "local"
+}
+wireguard {
+  interface = "sbv%s"
+  port      = %d
+  mode      = "netstack"
+}
+operator { listen = "off" }
+`, filepath.Join(dir, name), freeLoopbackPort(t), name, freeLoopbackPort(t))), 0o644))
+		return p
+	}
+	b := startGW(t, bin, nil, "gateway", "run", "--config", burstCfg("b"), "--join-token-file", tokenFile)
+	waitCond(t, 60*time.Second, "the burst gateway is a verified peer of the static one", func() (bool, string) {
+		st, err := gwStatus(bin, aSock)
+		if err != nil {
+			return false, err.Error()
+		}
+		for _, m := range st.Members {
+			if m.Node == "burst-ams-gw1" {
+				return m.State == "verified" && m.Peer, m.State
+			}
+		}
+		return false, "not a member yet"
+	})
+
+	// The wrapped SecretID is gone: the token cannot enrol another.
+	reuse := exec.Command(bin, "gateway", "run", "--config", burstCfg("c"), "--join-token-file", tokenFile)
+	if out, err := reuse.CombinedOutput(); err == nil || !strings.Contains(string(out), "already used or expired") {
+		t.Fatalf("token reuse: %v\n%s", err, out)
+	}
+
+	down := exec.Command(bin, "burst", "down", "--socket", aSock, "--site", "burst-ams")
+	down.Env = append(os.Environ(), root...)
+	if out, err := down.CombinedOutput(); err != nil || !strings.Contains(string(out), "1 identities revoked") {
+		t.Fatalf("burst down: %v\n%s", err, out)
+	}
+	select {
+	case err := <-b.exited:
+		if err != nil {
+			t.Fatalf("burst gateway exited with %v", err)
+		}
+		b.exited <- nil // for the cleanup
+	case <-time.After(60 * time.Second):
+		t.Fatal("the burst gateway did not leave after burst down")
+	}
+	if !strings.Contains(b.log.String(), "has ended") {
+		t.Error("the burst gateway did not say why it stopped")
+	}
+	for _, f := range []string{"node.key", "node.crt", "vault-secret-id", "vault-role-id"} {
+		if _, err := os.Stat(filepath.Join(dir, "b", "identity", f)); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("%s left behind: %v", f, err)
+		}
+	}
+	if _, err := e.root.KVv2(e.kv).Get(ctx, "skybridge/nodes/burst-ams-gw1/wireguard"); !errors.Is(err, api.ErrSecretNotFound) {
+		t.Errorf("the burst gateway's WireGuard key is still in Vault: %v", err)
+	}
+	for _, p := range []string{e.pki + "/roles/" + name, "auth/" + e.approleMount + "/role/" + name, "sys/policy/" + name} {
+		if s, _ := e.root.Logical().Read(p); s != nil {
+			t.Errorf("%s still exists after burst down", p)
+		}
+	}
+	waitCond(t, 30*time.Second, "the burst gateway gone from the static gateway's membership", func() (bool, string) {
+		st, err := gwStatus(bin, aSock)
+		if err != nil {
+			return false, err.Error()
+		}
+		for _, m := range st.Members {
+			if m.Node == "burst-ams-gw1" {
+				return false, m.State
+			}
+		}
+		return true, ""
+	})
+}
