@@ -175,11 +175,12 @@ func TestBurstSite(t *testing.T) {
 		return err == nil, out
 	})
 	parKey := publicKeyOf(t, zrh.socket, "burst-par-gw1")
+	downAt := time.Now()
 	out, _ = sb(t, 0, "burst", "down", "--socket", zrh.socket, "--site", "burst-par")
 	if !strings.Contains(out, "1 identities revoked") {
 		t.Fatalf("burst down: %s", out)
 	}
-	l.checkBurstGone(par, "burst-par-gw1", parKey, "10.10.0.0/24", 30*time.Second, zrh, fra)
+	l.checkBurstGone(par, "burst-par-gw1", parKey, "10.10.0.0/24", downAt, 30*time.Second, zrh, fra)
 
 	// An expired token is refused with a clear error.
 	g3 := burstUp(t, zrh.socket, "--site", "burst-lhr", "--provider", "aws", "--region", "eu-west-2", "--jurisdiction", "GB",
@@ -194,7 +195,7 @@ func TestBurstSite(t *testing.T) {
 	// The first burst runs out.
 	amsKey := publicKeyOf(t, zrh.socket, "burst-ams-gw1")
 	t.Logf("waiting for the end of burst-ams (%s after it opened)", ttl)
-	l.checkBurstGone(ams, "burst-ams-gw1", amsKey, "10.9.0.0/24", ttl-time.Since(opened)+40*time.Second, zrh, fra)
+	l.checkBurstGone(ams, "burst-ams-gw1", amsKey, "10.9.0.0/24", grant.Expires, ttl-time.Since(opened)+40*time.Second, zrh, fra)
 	out, _ = sb(t, 0, "burst", "list", "--socket", zrh.socket)
 	if !strings.Contains(out, "burst-ams") || !strings.Contains(out, "(expired)") || !strings.Contains(out, "(ended by burst down)") {
 		t.Fatalf("burst list:\n%s", out)
@@ -222,8 +223,8 @@ func publicKeyOf(t *testing.T, socket, node string) string {
 // checkBurstGone waits for a burst gateway to end on its own (exit 0,
 // saying so, its secrets removed) and checks that no gateway keeps a
 // trace of it: no WireGuard peer, no route, no member, nothing in the
-// saved membership.
-func (l *lab) checkBurstGone(b *burstGW, node, key, route string, within time.Duration, sites ...*meshSite) {
+// saved membership. It logs how long after since each took.
+func (l *lab) checkBurstGone(b *burstGW, node, key, route string, since time.Time, within time.Duration, sites ...*meshSite) {
 	t := l.t
 	t.Helper()
 	exited := make(chan error, 1)
@@ -237,6 +238,7 @@ func (l *lab) checkBurstGone(b *burstGW, node, key, route string, within time.Du
 		b.cmd.Process.Signal(syscall.SIGKILL)
 		t.Fatalf("burst gateway %s still running %s later", node, within)
 	}
+	exitAfter := time.Since(since)
 	logb, _ := os.ReadFile(filepath.Join(l.dir, b.log+".log"))
 	if !strings.Contains(string(logb), "has ended") {
 		t.Errorf("burst gateway %s did not say why it stopped", node)
@@ -273,4 +275,6 @@ func (l *lab) checkBurstGone(b *burstGW, node, key, route string, within time.Du
 			return true, ""
 		})
 	}
+	t.Logf("%s: exited at %+.2f s from the end, gone from every gateway (tunnel, route, membership, saved state) at %+.2f s",
+		node, exitAfter.Seconds(), time.Since(since).Seconds())
 }

@@ -652,8 +652,26 @@ func (g *Gateway) apply(plan Plan) error {
 		return fmt.Errorf("read %s: %w", g.dev.Name(), err)
 	}
 	peers, ch := DiffPeers(dev.Peers, plan.Peers, g.lastApplied)
+	// A new peer is greeted at once: both WireGuards (kernel and Go) send
+	// a keepalive, hence a handshake initiation, when a peer's persistent
+	// keepalive is switched on, and the switch back off costs nothing.
+	// Without it, when our first packet reaches a peer that has not added
+	// us yet, its handshake is dropped and retried only after 5 s
+	// (REKEY_TIMEOUT): the newcomer's own greeting closes that gap.
+	var quiet []wgtypes.PeerConfig
+	for i, p := range peers {
+		if !p.UpdateOnly && !p.Remove && p.PersistentKeepaliveInterval != nil && *p.PersistentKeepaliveInterval == 0 {
+			peers[i].PersistentKeepaliveInterval = ptr(time.Second)
+			quiet = append(quiet, wgtypes.PeerConfig{PublicKey: p.PublicKey, UpdateOnly: true, PersistentKeepaliveInterval: ptr(time.Duration(0))})
+		}
+	}
 	if len(peers) > 0 {
 		if err := g.dev.Configure(wgtypes.Config{Peers: peers}); err != nil {
+			return fmt.Errorf("configure %s: %w", g.dev.Name(), err)
+		}
+	}
+	if len(quiet) > 0 {
+		if err := g.dev.Configure(wgtypes.Config{Peers: quiet}); err != nil {
 			return fmt.Errorf("configure %s: %w", g.dev.Name(), err)
 		}
 	}

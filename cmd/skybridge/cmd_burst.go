@@ -104,7 +104,11 @@ func burstUp(c *cli.Context) error {
 		return printJSON(c.App.Writer, g)
 	}
 	w := c.App.Writer
-	fmt.Fprintf(w, "burst site %s is open until %s (%s); gateways enrol at %s\n", g.Site, g.Expires.Format(time.RFC3339), req.TTL, g.Endpoint)
+	where := "at " + g.Endpoint
+	if g.Endpoint == "vault" {
+		where = "by logging in to Vault (each token holds a wrapped AppRole SecretID)"
+	}
+	fmt.Fprintf(w, "burst site %s is open until %s (%s); gateways enrol %s\n", g.Site, g.Expires.Format(time.RFC3339), req.TTL, where)
 	if len(g.Classes) > 0 {
 		fmt.Fprintf(w, "what the residency policy lets %s store:\n", g.Site)
 		tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
@@ -145,8 +149,9 @@ func burstDown(c *cli.Context) error {
 	}
 	fmt.Fprintf(c.App.Writer, "burst site %s ended; %d identities revoked, %d unused tokens void\n", bi.Site, len(bi.Revoked), bi.TokensUnused)
 	for _, gw := range bi.Gateways {
-		fmt.Fprintf(c.App.Writer, "  %s (%s, serial %s) leaves the mesh as the revocation spreads\n", gw.Node, gw.OverlayIP, gw.Serial)
+		fmt.Fprintf(c.App.Writer, "  %s (%s) leaves the mesh as the revocation spreads\n", gw.Node, gw.OverlayIP)
 	}
+	fmt.Fprintln(c.App.Writer, "its gateways knew the gossip key, which alone admits nobody; `skybridge keys rotate-gossip` replaces it if your rules say so")
 	return nil
 }
 

@@ -332,6 +332,20 @@ func (r *run) startSites(ctx context.Context) error {
 			mode, profile, operator = "netstack", "local", "127.0.0.1:0"
 		}
 		s.Iface = fmt.Sprintf("sbd%s%d", r.id, s.Host)
+		// Zurich, the bank's own rack, holds the mesh CA: it can open
+		// burst sites (`skybridge burst up`) and enrol their gateways.
+		identity := fmt.Sprintf("identity {\n  dir = %q\n}\n", filepath.Join(s.Dir, "identity"))
+		if s == r.sites[0] {
+			enroll := ""
+			if r.mode == ModeNetstack {
+				p, err := freePort()
+				if err != nil {
+					return err
+				}
+				enroll = fmt.Sprintf("enroll {\n  listen = \"127.0.0.1:%d\"\n}\n", p)
+			}
+			identity = fmt.Sprintf("identity {\n  dir    = %q\n  ca_dir = %q\n}\n%s", filepath.Join(s.Dir, "identity"), r.ca.Dir(), enroll)
+		}
 		cfg := fmt.Sprintf(`state_dir = %q
 node {
   name         = "gw-%s"
@@ -343,10 +357,7 @@ node {
   routes       = [%q]
   labels       = %s
 }
-identity {
-  dir = %q
-}
-gossip {
+%sgossip {
   bind    = %q
   seeds   = %s
   profile = %q
@@ -363,7 +374,7 @@ policy {
 operator {
   listen = %q
 }
-`, s.Dir, s.Short, s.Site, s.Region, s.Provider, s.Jurisdiction, s.Host, s.Route, labelsHCL(s), filepath.Join(s.Dir, "identity"),
+`, s.Dir, s.Short, s.Site, s.Region, s.Provider, s.Jurisdiction, s.Host, s.Route, labelsHCL(s), identity,
 			gossip[s.Short].String(), seeds, profile, s.Iface, wgPort[s.Short], mode, filepath.Join(r.dir, "residency.hcl"), operator)
 		if err := atomicfile.WriteFile(s.Config, []byte(cfg), 0o644); err != nil {
 			return err
@@ -714,6 +725,8 @@ func (r *run) pokeCommands() []string {
 		}
 	}
 	out = append(out, fmt.Sprintf("%s migrate list --socket %s", r.opt.Exe, r.sites[1].Socket))
+	out = append(out, fmt.Sprintf("%s burst up --socket %s --site burst-ams --provider aws --region eu-west-1 --jurisdiction NL --ttl 1h --label classes=risk-batch --routes 10.9.0.0/16   # a one-hour cloud site",
+		r.opt.Exe, r.sites[0].Socket))
 	out = append(out, fmt.Sprintf("%s demo --down %s", r.opt.Exe, r.dir))
 	return out
 }
