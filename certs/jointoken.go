@@ -165,16 +165,20 @@ func MatchesSecretHash(secret []byte, h [32]byte) bool {
 	return subtle.ConstantTimeCompare(got[:], h[:]) == 1
 }
 
+// ErrEnrollerNotTrusted is the error of VerifyEnroller: the enrolling
+// side is not who the token says.
+var ErrEnrollerNotTrusted = errors.New("enrolling gateway not trusted")
+
 // VerifyEnroller checks the certificate chain an enrolling gateway
 // presented (leaf first, then its CA): the CA must be the one the token
 // pins, the leaf a gateway certificate it signed, valid at now.
 func (t *JoinToken) VerifyEnroller(chain [][]byte, now time.Time) error {
 	if len(chain) < 2 {
-		return errors.New("enrolling gateway presented no CA certificate")
+		return fmt.Errorf("%w: it presented no CA certificate", ErrEnrollerNotTrusted)
 	}
 	leaf, err := x509.ParseCertificate(chain[0])
 	if err != nil {
-		return fmt.Errorf("enrolling gateway's certificate: %w", err)
+		return fmt.Errorf("%w: its certificate: %v", ErrEnrollerNotTrusted, err)
 	}
 	roots := x509.NewCertPool()
 	pinned := false
@@ -189,10 +193,10 @@ func (t *JoinToken) VerifyEnroller(chain [][]byte, now time.Time) error {
 		}
 	}
 	if !pinned {
-		return errors.New("enrolling gateway's CA is not the one the join token pins: wrong endpoint, or someone in between")
+		return fmt.Errorf("%w: its CA is not the one the join token pins (wrong endpoint, or someone in between)", ErrEnrollerNotTrusted)
 	}
 	if _, err := leaf.Verify(x509.VerifyOptions{Roots: roots, CurrentTime: now, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}}); err != nil {
-		return fmt.Errorf("enrolling gateway's certificate does not chain to the pinned CA: %w", err)
+		return fmt.Errorf("%w: its certificate does not chain to the pinned CA: %v", ErrEnrollerNotTrusted, err)
 	}
 	return nil
 }

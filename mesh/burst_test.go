@@ -276,6 +276,9 @@ func TestBurstLifecycle(t *testing.T) {
 	}
 	waitUntil(t, 20*time.Second, "both static gateways route the burst site's prefix to it", func() bool { return carries(hq) && carries(fra) })
 	waitUntil(t, 20*time.Second, "the burst gateway peers with both", func() bool { return len(burst.dev.Peers()) == 2 })
+	if st, err := burst.g.Status(); err != nil || st.BurstUntil == nil || st.BurstUntil.Sub(grant.Expires).Abs() > 5*time.Second {
+		t.Fatalf("a burst gateway's status should say when it leaves (%v): %v", grant.Expires, err)
+	}
 	burstIP := burst.g.id.Load().Attributes().OverlayIP
 	if !strings.HasPrefix(burstIP.String(), "100.127.255.") {
 		t.Fatalf("burst gateway's overlay IP %s: expected from the top of 100.64.0.0/10", burstIP)

@@ -148,6 +148,12 @@ func (g *Gateway) enrol(ctx context.Context, req enrollRequest, from string) (*e
 		g.metrics.enrollment("refused")
 		return nil, err
 	}
+	// Everything that can fail comes before the certificate and the
+	// token's use, which is final.
+	kr, err := g.prov.Secrets().GossipKeyring(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("gossip keyring: %w", err)
+	}
 	tb := g.trust.Load()
 	ip, err := pickOverlayIP(tb.MeshPrefix(), g.overlayIPsInUse(e))
 	if err != nil {
@@ -174,10 +180,6 @@ func (g *Gateway) enrol(ctx context.Context, req enrollRequest, from string) (*e
 			g.log.Error("enrollment: could not record the token nor revoke the certificate issued for it", "serial", certs.FormatSerial(cert.SerialNumber), "err", rerr)
 		}
 		return nil, fmt.Errorf("record enrollment: %w", err)
-	}
-	kr, err := g.prov.Secrets().GossipKeyring(ctx)
-	if err != nil {
-		return nil, fmt.Errorf("gossip keyring: %w", err)
 	}
 	res := &enrollResponse{
 		Certificate: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: cert.Raw}),

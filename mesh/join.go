@@ -118,7 +118,7 @@ func Join(ctx context.Context, s *Settings, token string, log *slog.Logger) (*En
 	}
 	dir := s.Identity.Dir
 	if s.Identity.Backend != "" && s.Identity.Backend != certs.BackendFile {
-		return nil, errors.New("--join-token enrols through a gateway holding the embedded CA; with Vault, give the gateway its AppRole (identity.vault.auth) instead")
+		return nil, errors.New("with --join-token the token says where the identity comes from (the mesh CA or Vault): leave the identity block's backend out")
 	}
 	if n := s.Node; n.Name != "" || n.Site != "" || n.Region != "" || n.Provider != "" || n.Jurisdiction != "" || n.OverlayIP != "" || len(n.Routes) > 0 || len(n.Labels) > 0 {
 		return nil, errors.New("with --join-token the burst decides the node's name, site, overlay IP, routes and labels: leave the node block out of the configuration")
@@ -192,7 +192,7 @@ func postEnroll(ctx context.Context, tok *certs.JoinToken, body []byte, log *slo
 			r.Header.Set("Content-Type", "application/json")
 			resp, err := client.Do(r)
 			if err != nil {
-				if strings.Contains(err.Error(), "pins") || strings.Contains(err.Error(), "pinned") {
+				if errors.Is(err, certs.ErrEnrollerNotTrusted) {
 					return nil, fmt.Errorf("enrollment endpoint %s: %w", ep, err)
 				}
 				errs = append(errs, fmt.Errorf("%s: %w", ep, err))

@@ -23,12 +23,14 @@ type Status struct {
 	Gossip       string         `json:"gossip"`
 	Operator     string         `json:"operator,omitempty"` // metrics and dashboard address; empty: off
 	Identity     IdentityStatus `json:"identity"`
-	Policy       string         `json:"policy"`
-	Topology     string         `json:"topology"`
-	Uptime       time.Duration  `json:"uptime_ns"`
-	Members      []MemberStatus `json:"members"`
-	Links        []Link         `json:"links"`
-	Conflicts    []string       `json:"conflicts,omitempty"`
+	// BurstUntil is set on a burst gateway: it leaves the mesh then.
+	BurstUntil *time.Time     `json:"burst_until,omitempty"`
+	Policy     string         `json:"policy"`
+	Topology   string         `json:"topology"`
+	Uptime     time.Duration  `json:"uptime_ns"`
+	Members    []MemberStatus `json:"members"`
+	Links      []Link         `json:"links"`
+	Conflicts  []string       `json:"conflicts,omitempty"`
 	// Carriers names, per site, the gateway its routes go through from
 	// here; Unreachable, the gateways our probes through their tunnels
 	// do not reach (or that have not proved themselves yet).
@@ -89,6 +91,10 @@ func (g *Gateway) Status() (*Status, error) {
 	}
 	if a := g.OperatorAddress(); a != nil {
 		st.Operator = a.String()
+	}
+	if g.burst != nil {
+		t := id.Certificate().NotAfter.Add(-burstLeaveEarly)
+		st.BurstUntil = &t
 	}
 	g.stats.mu.Lock()
 	st.Reconcile = ReconcileStats{Runs: g.stats.runs, Errors: g.stats.errors, LastError: g.stats.lastError, Last: g.stats.last, Duration: g.stats.duration}

@@ -124,6 +124,9 @@ func printStatus(c *cli.Context, st *mesh.Status) {
 	fmt.Fprintf(w, "node %s of site %s (%s, %s), overlay %s\n", st.Node, st.Site, st.Jurisdiction, st.Region, st.OverlayIP)
 	fmt.Fprintf(w, "interface %s (%s), port %d, key %s\n", st.Interface, st.Mode, st.ListenPort, st.PublicKey)
 	fmt.Fprintf(w, "identity serial %s, valid until %s, revocation list #%d\n", st.Identity.Serial, st.Identity.NotAfter.UTC().Format(time.RFC3339), st.Identity.CRLNumber)
+	if st.BurstUntil != nil {
+		fmt.Fprintf(w, "burst gateway: leaves the mesh at %s, or when the burst is taken down\n", st.BurstUntil.UTC().Format(time.RFC3339))
+	}
 	fmt.Fprintf(w, "policy %s, topology %s, gossip %s, operator %s, up %s\n\n", st.Policy, st.Topology, st.Gossip, dash(st.Operator), st.Uptime.Round(time.Second))
 	rows := [][]string{}
 	now := time.Now()
