@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -68,22 +69,13 @@ func burstUp(t *testing.T, socket string, args ...string) burstGrant {
 	return g
 }
 
-// TestBurstSite opens a burst site in "Amsterdam" (NL) from the Zurich
-// gateway, which holds the mesh CA. A fresh gateway enrols with the join
-// token, joins the mesh and advertises the site's servers, which the
-// Zurich rack then reaches over the mesh (join-to-routable time measured);
-// the token does not work twice; the residency policy lets risk batches
-// run there and keeps pii-eu out before the first byte; and at the end of
-// the TTL the burst gateway leaves, its identity is revoked and removed,
-// and no gateway keeps anything of it. A second burst site ended early by
-// `skybridge burst down` goes the same way, and an expired token is
-// refused.
-func TestBurstSite(t *testing.T) {
-	l := newLab(t)
-	defer l.dumpLogs()
+// burstLab starts Zurich (holding the CA, enrolling on 192.0.2.1:7947)
+// and Frankfurt, and waits until they peer.
+func burstLab(t *testing.T) (l *lab, zrh, fra *meshSite) {
+	l = newLab(t)
 	caDir, pol := l.signedPolicy([]byte(policyV1))
-	zrh := &meshSite{short: "1", site: "onprem-zrh", region: "zrh-dc1", provider: "onprem", jur: "CH", underlay: "192.0.2.1", overlay: "100.96.0.1", route: "10.1.0.0/16", classes: "pii-eu,risk-batch"}
-	fra := &meshSite{short: "2", site: "aws-eu-central-1", region: "eu-central-1", provider: "aws", jur: "DE", underlay: "192.0.2.2", overlay: "100.96.0.2", route: "10.2.0.0/16", classes: "pii-eu,risk-batch"}
+	zrh = &meshSite{short: "1", site: "onprem-zrh", region: "zrh-dc1", provider: "onprem", jur: "CH", underlay: "192.0.2.1", overlay: "100.96.0.1", route: "10.1.0.0/16", classes: "pii-eu,risk-batch"}
+	fra = &meshSite{short: "2", site: "aws-eu-central-1", region: "eu-central-1", provider: "aws", jur: "DE", underlay: "192.0.2.2", overlay: "100.96.0.2", route: "10.2.0.0/16", classes: "pii-eu,risk-batch"}
 	for _, s := range []*meshSite{zrh, fra} {
 		s.ns = l.addHost(s.short, s.underlay)
 		l.writeGatewayConfig(s, caDir, pol, []string{"192.0.2.1:7946"})
@@ -98,8 +90,6 @@ func TestBurstSite(t *testing.T) {
 	for _, s := range []*meshSite{zrh, fra} {
 		l.startGateway(s, 1)
 	}
-	ams := l.addBurstServer("b", "192.0.2.9", "10.9.0.1")
-	par := l.addBurstServer("c", "192.0.2.10", "10.10.0.1")
 	waitFor(t, 60*time.Second, "Zurich and Frankfurt peer", func() (bool, string) {
 		st, err := status(zrh.socket)
 		if err != nil {
@@ -113,6 +103,24 @@ func TestBurstSite(t *testing.T) {
 		}
 		return n == 1, fmt.Sprintf("%d peers", n)
 	})
+	return l, zrh, fra
+}
+
+// TestBurstSite opens a burst site in "Amsterdam" (NL) from the Zurich
+// gateway, which holds the mesh CA. A fresh gateway enrols with the join
+// token, joins the mesh and advertises the site's servers, which the
+// Zurich rack then reaches over the mesh (join-to-routable time measured);
+// the token does not work twice; the residency policy lets risk batches
+// run there and keeps pii-eu out before the first byte; and at the end of
+// the TTL the burst gateway leaves, its identity is revoked and removed,
+// and no gateway keeps anything of it. A second burst site ended early by
+// `skybridge burst down` goes the same way, and an expired token is
+// refused.
+func TestBurstSite(t *testing.T) {
+	l, zrh, fra := burstLab(t)
+	defer l.dumpLogs()
+	ams := l.addBurstServer("b", "192.0.2.9", "10.9.0.1")
+	par := l.addBurstServer("c", "192.0.2.10", "10.10.0.1")
 
 	// Refusals before anything is issued.
 	if _, e := sb(t, 1, "burst", "up", "--socket", fra.socket, "--site", "burst-ams", "--provider", "aws", "--region", "eu-west-1",
@@ -249,32 +257,87 @@ func (l *lab) checkBurstGone(b *burstGW, node, key, route string, since time.Tim
 		}
 	}
 	for _, s := range sites {
-		waitFor(t, 45*time.Second, node+" gone from "+s.site, func() (bool, string) {
-			peers, err := l.wgDump(s.ns, s.ifname)
-			if err != nil {
-				return false, err.Error()
+		var pending string
+		defer func() {
+			if pending != "" {
+				t.Logf("%s: on %s the last thing to go was: %s", node, s.site, pending)
 			}
-			if _, ok := peers[key]; ok {
-				return false, "still a WireGuard peer"
+		}()
+		took := waitFor(t, 45*time.Second, node+" gone from "+s.site, func() (bool, string) {
+			ok, why := l.burstGoneFrom(s, node, key, route)
+			if !ok {
+				pending = why
 			}
-			if r := l.nsip(s.ns, "route", "show", route); strings.TrimSpace(r) != "" {
-				return false, "route left: " + r
-			}
-			st, err := status(s.socket)
-			if err != nil {
-				return false, err.Error()
-			}
-			for _, m := range st.Members {
-				if m.Node == node {
-					return false, "still a member: " + m.State + " " + m.Reason
-				}
-			}
-			if saved, _ := os.ReadFile(filepath.Join(s.dir, "members.json")); strings.Contains(string(saved), node) {
-				return false, "still in the saved membership"
-			}
-			return true, ""
+			return ok, why
 		})
+		if took < 2*time.Second {
+			pending = ""
+		}
 	}
 	t.Logf("%s: exited at %+.2f s from the end, gone from every gateway (tunnel, route, membership, saved state) at %+.2f s",
 		node, exitAfter.Seconds(), time.Since(since).Seconds())
+}
+
+// burstGoneFrom reports whether s keeps nothing of a burst gateway, or
+// what it keeps.
+func (l *lab) burstGoneFrom(s *meshSite, node, key, route string) (bool, string) {
+	peers, err := l.wgDump(s.ns, s.ifname)
+	if err != nil {
+		return false, err.Error()
+	}
+	if _, ok := peers[key]; ok {
+		return false, "still a WireGuard peer"
+	}
+	if r := l.nsip(s.ns, "route", "show", route); strings.TrimSpace(r) != "" {
+		return false, "route left: " + r
+	}
+	st, err := status(s.socket)
+	if err != nil {
+		return false, err.Error()
+	}
+	for _, m := range st.Members {
+		if m.Node == node {
+			return false, "still a member: " + m.State + " " + m.Reason
+		}
+	}
+	if saved, _ := os.ReadFile(filepath.Join(s.dir, "members.json")); strings.Contains(string(saved), node) {
+		return false, "still in the saved membership"
+	}
+	return true, ""
+}
+
+// TestBenchBurstJoin opens burst sites one after another, each with a
+// fresh gateway in its own namespace, and measures join to routable
+// (process start to a TCP echo from Zurich through the mesh) and burst
+// down to gone; it prints the figures.
+func TestBenchBurstJoin(t *testing.T) {
+	benchmarkOnly(t)
+	l, zrh, fra := burstLab(t)
+	defer l.dumpLogs()
+	n := envInt("SKYBRIDGE_BENCH_JOINS", 10)
+	var joins, gone []time.Duration
+	for i := range n {
+		short := fmt.Sprintf("j%d", i)
+		server := fmt.Sprintf("10.%d.0.1", 20+i)
+		b := l.addBurstServer(short, fmt.Sprintf("192.0.2.%d", 20+i), server)
+		site := fmt.Sprintf("burst-%d", i)
+		g := burstUp(t, zrh.socket, "--site", site, "--provider", "aws", "--region", "eu-west-1", "--jurisdiction", "NL",
+			"--ttl", "1h", "--label", "classes=risk-batch", "--routes", fmt.Sprintf("10.%d.0.0/24", 20+i))
+		os.WriteFile(b.tokenFile, []byte(g.Tokens[0]), 0o600)
+		b.cmd = l.start(b.ns, b.log, nil, skybridge, "gateway", "run", "--config", b.cfg, "--join-token-file", b.tokenFile)
+		joins = append(joins, waitFor(t, 60*time.Second, site+" routable", func() (bool, string) {
+			out, err := l.nsexec(zrh.ns, "env", helperEnv+"=dial "+server+":7000", os.Args[0])
+			return err == nil, out
+		}))
+		key := publicKeyOf(t, zrh.socket, site+"-gw1")
+		down := time.Now()
+		sb(t, 0, "burst", "down", "--socket", zrh.socket, "--site", site)
+		l.checkBurstGone(b, site+"-gw1", key, fmt.Sprintf("10.%d.0.0/24", 20+i), down, 30*time.Second, zrh, fra)
+		gone = append(gone, time.Since(down))
+	}
+	slices.Sort(joins)
+	slices.Sort(gone)
+	ms := func(d time.Duration) string { return fmt.Sprintf("%d ms", d.Milliseconds()) }
+	fmt.Printf("%d burst gateway(s), one after another\n| | median | min | max |\n|---|---|---|---|\n| join to routable | %s | %s | %s |\n| burst down to gone everywhere | %s | %s | %s |\n",
+		n, ms(joins[n/2]), ms(joins[0]), ms(joins[n-1]), ms(gone[n/2]), ms(gone[0]), ms(gone[n-1]))
 }

@@ -57,13 +57,16 @@ type Gateway struct {
 	crashed atomic.Bool   // stopped without leaving (tests and benchmarks)
 
 	// Owned by the reconcile loop.
-	lastApplied map[certs.WGPublicKey]PeerConfig
-	savedAt     time.Time // members last written to the state directory
-	savedGen    uint64    // the membership generation then
-	planKey     planKey   // the inputs of the last plan applied
-	links       LinkMemo  // residency decisions of the last plan
-	plan        atomic.Pointer[Plan]
-	stats       reconcileStats
+	lastApplied  map[certs.WGPublicKey]PeerConfig
+	greetings    map[certs.WGPublicKey]greeting // new peers we are handshaking with (greet.go)
+	greetPending atomic.Bool                    // a reconcile to check on them is scheduled
+	savedAt      time.Time                      // members last written to the state directory
+	savedGen     uint64                         // the membership generation then
+	savePending  atomic.Bool                    // a pass to save a newer membership is scheduled
+	planKey      planKey                        // the inputs of the last plan applied
+	links        LinkMemo                       // residency decisions of the last plan
+	plan         atomic.Pointer[Plan]
+	stats        reconcileStats
 
 	// Owned by the worker.
 	certAsked map[string]time.Time
@@ -142,7 +145,7 @@ func newGateway(ctx context.Context, s *Settings, logger *slog.Logger, opt optio
 	g := &Gateway{
 		s: s, now: time.Now, state: stateDir(s.StateDir), opt: opt,
 		inbox: make(chan []byte, inboxSize), kick: make(chan struct{}, 1), sends: make(chan struct{}, maxSends),
-		lastApplied: map[certs.WGPublicKey]PeerConfig{}, certAsked: map[string]time.Time{}, nextAcked: map[certs.WGPublicKey]bool{},
+		lastApplied: map[certs.WGPublicKey]PeerConfig{}, greetings: map[certs.WGPublicKey]greeting{}, certAsked: map[string]time.Time{}, nextAcked: map[certs.WGPublicKey]bool{},
 		started: time.Now(), acks: make(chan keyringAck, 64), readvertise: make(chan struct{}, 1),
 		joined: make(chan struct{}), revokedSelf: make(chan struct{}),
 	}
@@ -631,9 +634,18 @@ func (g *Gateway) reconcile() {
 	g.plan.Store(&plan)
 	g.planKey = key
 	g.ackNextKeys(plan)
-	if time.Since(g.savedAt) >= saveInterval && g.savedGen != key.gen {
-		g.savedGen = key.gen
-		g.saveMembers()
+	if g.savedGen != key.gen {
+		if wait := saveInterval - time.Since(g.savedAt); wait <= 0 {
+			g.savedGen = key.gen
+			g.saveMembers()
+		} else if g.savePending.CompareAndSwap(false, true) {
+			// Saved too recently: come back when it is due rather than at
+			// the next periodic pass, so the file never lags long.
+			time.AfterFunc(wait, func() {
+				g.savePending.Store(false)
+				g.triggerReconcile()
+			})
+		}
 	}
 }
 
@@ -652,28 +664,13 @@ func (g *Gateway) apply(plan Plan) error {
 		return fmt.Errorf("read %s: %w", g.dev.Name(), err)
 	}
 	peers, ch := DiffPeers(dev.Peers, plan.Peers, g.lastApplied)
-	// A new peer is greeted at once: both WireGuards (kernel and Go) send
-	// a keepalive, hence a handshake initiation, when a peer's persistent
-	// keepalive is switched on, and the switch back off costs nothing.
-	// Without it, when our first packet reaches a peer that has not added
-	// us yet, its handshake is dropped and retried only after 5 s
-	// (REKEY_TIMEOUT): the newcomer's own greeting closes that gap.
-	var quiet []wgtypes.PeerConfig
-	for i, p := range peers {
-		if !p.UpdateOnly && !p.Remove && p.PersistentKeepaliveInterval != nil && *p.PersistentKeepaliveInterval == 0 {
-			peers[i].PersistentKeepaliveInterval = ptr(time.Second)
-			quiet = append(quiet, wgtypes.PeerConfig{PublicKey: p.PublicKey, UpdateOnly: true, PersistentKeepaliveInterval: ptr(time.Duration(0))})
-		}
-	}
 	if len(peers) > 0 {
 		if err := g.dev.Configure(wgtypes.Config{Peers: peers}); err != nil {
 			return fmt.Errorf("configure %s: %w", g.dev.Name(), err)
 		}
 	}
-	if len(quiet) > 0 {
-		if err := g.dev.Configure(wgtypes.Config{Peers: quiet}); err != nil {
-			return fmt.Errorf("configure %s: %w", g.dev.Name(), err)
-		}
+	if err := g.greet(dev.Peers, peers, plan.Peers); err != nil {
+		return err
 	}
 	have, err := g.dev.Routes()
 	if err != nil {

@@ -46,13 +46,7 @@ func DiffPeers(current []wgtypes.Peer, plan []PeerConfig, lastApplied map[certs.
 		want[pc.PublicKey] = true
 		cur, ok := have[pc.PublicKey]
 		if !ok {
-			out = append(out, wgtypes.PeerConfig{
-				PublicKey:                   wgtypes.Key(pc.PublicKey),
-				Endpoint:                    udpAddr(pc.Endpoint),
-				PersistentKeepaliveInterval: ptr(pc.Keepalive),
-				ReplaceAllowedIPs:           true,
-				AllowedIPs:                  ipNets(pc.AllowedIPs),
-			})
+			out = append(out, newPeer(pc))
 			ch.Added = append(ch.Added, pc.Node)
 			continue
 		}
@@ -85,6 +79,17 @@ func DiffPeers(current []wgtypes.Peer, plan []PeerConfig, lastApplied map[certs.
 		ch.Removed = append(ch.Removed, name)
 	}
 	return out, ch
+}
+
+// newPeer is the configuration that adds pc to a device.
+func newPeer(pc PeerConfig) wgtypes.PeerConfig {
+	return wgtypes.PeerConfig{
+		PublicKey:                   wgtypes.Key(pc.PublicKey),
+		Endpoint:                    udpAddr(pc.Endpoint),
+		PersistentKeepaliveInterval: ptr(pc.Keepalive),
+		ReplaceAllowedIPs:           true,
+		AllowedIPs:                  ipNets(pc.AllowedIPs),
+	}
 }
 
 // DiffRoutes returns the routes to add and to remove so that the routes

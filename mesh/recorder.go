@@ -29,7 +29,10 @@ func NewRecordingDevice(name string) *RecordingDevice {
 }
 
 func (d *RecordingDevice) Name() string { return d.name }
-func (d *RecordingDevice) Mode() string { return "record" }
+func (d *RecordingDevice) Mode() string { return modeRecord }
+
+// modeRecord is the RecordingDevice's mode.
+const modeRecord = "record"
 
 func (d *RecordingDevice) Device() (*wgtypes.Device, error) {
 	d.mu.Lock()

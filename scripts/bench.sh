@@ -9,17 +9,18 @@
 #   ./scripts/bench.sh dataplane  TCP over raw veth vs skybridge vs upstream and Debian wireguard-go (root)
 #   ./scripts/bench.sh migrate    skybridge migrate vs rsync -S / -Sz, resume, re-sync (root)
 #   ./scripts/bench.sh footprint  RSS and CPU of a gateway with 100 peers, idle and migrating (root)
+#   ./scripts/bench.sh burst      burst gateways: join to routable, burst down to gone (root)
 #
 # Knobs: SKYBRIDGE_BENCH_SIZES=10,100,300,1000 (scale), SKYBRIDGE_BENCH_ROUNDS=3
 # and SKYBRIDGE_BENCH_SECONDS=5 (dataplane), SKYBRIDGE_BENCH_GIB=8 (migrate),
-# SKYBRIDGE_BENCH_PERF=DIR (dataplane: perf profile of each WireGuard
+# SKYBRIDGE_BENCH_JOINS=10 (burst), SKYBRIDGE_BENCH_PERF=DIR (dataplane: perf profile of each WireGuard
 # implementation), SKYBRIDGE_BENCH_PPROF=FILE (scale: CPU profile of the
 # largest size).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 parts=("$@")
-[ ${#parts[@]} -gt 0 ] || parts=(micro scale dataplane migrate footprint)
+[ ${#parts[@]} -gt 0 ] || parts=(micro scale dataplane migrate footprint burst)
 root=false
 [ "$(id -u)" -eq 0 ] && root=true
 
@@ -43,7 +44,7 @@ failed=()
 # indented, to their logs.
 table() {
   if [ "$1" = micro ]; then grep -E '^Benchmark' "$out/$1" || true; return; fi
-  grep -vE '^\s' "$out/$1" | grep -E '^\||^(image|TCP|[0-9]+ gateway)' || true
+  grep -vE '^\s' "$out/$1" | grep -E '^\||^(image|TCP|[0-9]+ (gateway|burst))' || true
   if [ "$1" = dataplane ] && [ -n "${SKYBRIDGE_BENCH_PERF:-}" ]; then
     sed -n '/^== where the cycles go/,/^$/p' "$out/$1"
   fi
@@ -64,7 +65,7 @@ for part in "${parts[@]}"; do
   scale)
     echo "== mesh convergence at scale (one process, real memberlist on loopback, recorded WireGuard)"
     run scale env SKYBRIDGE_BENCH_SCALE=1 go test -count=1 -v -timeout 40m -run TestScaleConvergence ./mesh/ ;;
-  dataplane|migrate|footprint)
+  dataplane|migrate|footprint|burst)
     if ! $root; then echo "== $part: needs root (network namespaces, TUN); skipped"; continue; fi
     case "$part" in
     dataplane)
@@ -80,8 +81,11 @@ for part in "${parts[@]}"; do
     footprint)
       echo "== gateway footprint"
       run footprint env SKYBRIDGE_BENCH=1 go test -count=1 -v -timeout 20m -run TestBenchFootprint ./e2e/ ;;
+    burst)
+      echo "== burst gateways"
+      run burst env SKYBRIDGE_BENCH=1 go test -count=1 -v -timeout 10m -run TestBenchBurstJoin ./e2e/ ;;
     esac ;;
-  *) echo "unknown part $part (micro, scale, dataplane, migrate, footprint)" >&2; exit 2 ;;
+  *) echo "unknown part $part (micro, scale, dataplane, migrate, footprint, burst)" >&2; exit 2 ;;
   esac
 done
 
