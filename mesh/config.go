@@ -31,8 +31,8 @@ const (
 // Config is a gateway's configuration file (HCL):
 //
 //	state_dir = "/var/lib/skybridge"
-//	node     { ... }   # certs.NodeConfig: the attributes to be certified
-//	identity { ... }   # certs.Config: embedded CA files or Vault
+//	node     { ... }   # certs.NodeConfig: the attributes to be certified (none for a burst gateway: --join-token)
+//	identity { ... }   # certs.Config: embedded CA files or Vault (default: files in state_dir/identity)
 //	gossip {
 //	  bind      = "192.0.2.1:7946"
 //	  advertise = "192.0.2.1:7946"       # default: bind

@@ -226,3 +226,29 @@ func TestGraphAndDashboardUsage(t *testing.T) {
 		t.Errorf("dashboard without a gateway: exit %d, %q", code, errs)
 	}
 }
+
+// TestBurstUsage: mistakes in burst commands are caught before any
+// gateway is contacted, and say what to do.
+func TestBurstUsage(t *testing.T) {
+	base := []string{"burst", "up", "--socket", filepath.Join(t.TempDir(), "none.sock"), "--site", "burst-ams", "--provider", "aws",
+		"--region", "eu-west-1", "--jurisdiction", "NL", "--ttl", "1h", "--routes", "10.9.0.0/24"}
+	if _, errs, code := runCLI(t, append(base, "not-a-route")...); code != 2 || !strings.Contains(errs, "only routes (CIDR prefixes) may follow") {
+		t.Errorf("burst up with a stray argument: exit %d, %q", code, errs)
+	}
+	if _, errs, code := runCLI(t, append(base, "--label", "classes")...); code != 2 || !strings.Contains(errs, "classes") {
+		t.Errorf("burst up with a bad label: exit %d, %q", code, errs)
+	}
+	if _, errs, code := runCLI(t, append(base, "10.10.0.0/24")...); code != 1 || !strings.Contains(errs, "cannot reach the gateway") {
+		t.Errorf("burst up without a gateway: exit %d, %q", code, errs)
+	}
+	cfg := filepath.Join(t.TempDir(), "gw.hcl")
+	os.WriteFile(cfg, []byte("state_dir = \"/nonexistent\"\ngossip { bind = \"127.0.0.1:7946\" }\nwireguard { interface = \"sbx\" }\n"), 0o644)
+	tok := filepath.Join(t.TempDir(), "token")
+	os.WriteFile(tok, []byte("sbj1.bm90LWEtdG9rZW4"), 0o600)
+	if _, errs, code := runCLI(t, "gateway", "run", "--config", cfg, "--join-token-file", tok, "--join-token", "x"); code != 2 || !strings.Contains(errs, "give the join token once") {
+		t.Errorf("two join tokens: exit %d, %q", code, errs)
+	}
+	if _, errs, code := runCLI(t, "gateway", "run", "--config", cfg, "--join-token-file", tok); code != 1 || !strings.Contains(errs, "join token is damaged") {
+		t.Errorf("a damaged join token: exit %d, %q", code, errs)
+	}
+}
