@@ -57,16 +57,16 @@ type Gateway struct {
 	crashed atomic.Bool   // stopped without leaving (tests and benchmarks)
 
 	// Owned by the reconcile loop.
-	lastApplied  map[certs.WGPublicKey]PeerConfig
-	greetings    map[certs.WGPublicKey]greeting // new peers we are handshaking with (greet.go)
-	greetPending atomic.Bool                    // a reconcile to check on them is scheduled
-	savedAt      time.Time                      // members last written to the state directory
-	savedGen     uint64                         // the membership generation then
-	savePending  atomic.Bool                    // a pass to save a newer membership is scheduled
-	planKey      planKey                        // the inputs of the last plan applied
-	links        LinkMemo                       // residency decisions of the last plan
-	plan         atomic.Pointer[Plan]
-	stats        reconcileStats
+	lastApplied map[certs.WGPublicKey]PeerConfig
+	greetings   map[certs.WGPublicKey]greeting // new peers we are handshaking with (greet.go)
+	greetTimer  *time.Timer                    // wakes the reconcile loop when a greeting is due
+	savedAt     time.Time                      // members last written to the state directory
+	savedGen    uint64                         // the membership generation then
+	savePending atomic.Bool                    // a pass to save a newer membership is scheduled
+	planKey     planKey                        // the inputs of the last plan applied
+	links       LinkMemo                       // residency decisions of the last plan
+	plan        atomic.Pointer[Plan]
+	stats       reconcileStats
 
 	// Owned by the worker.
 	certAsked map[string]time.Time

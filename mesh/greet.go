@@ -85,11 +85,19 @@ func (g *Gateway) greet(before []wgtypes.Peer, applied []wgtypes.PeerConfig, pla
 			g.greetings[k] = greeting{at: now, tries: gr.tries + 1}
 		}
 	}
-	if len(g.greetings) > 0 && g.greetPending.CompareAndSwap(false, true) {
-		time.AfterFunc(greetWait/2, func() {
-			g.greetPending.Store(false)
-			g.triggerReconcile()
-		})
+	// Come back when the next greeting is due.
+	var due time.Duration
+	for _, gr := range g.greetings {
+		if d := gr.at.Add(greetWait << (gr.tries - 1)).Sub(now); due == 0 || d < due {
+			due = max(d, time.Millisecond)
+		}
+	}
+	if due > 0 {
+		if g.greetTimer == nil {
+			g.greetTimer = time.AfterFunc(due, g.triggerReconcile)
+		} else {
+			g.greetTimer.Reset(due)
+		}
 	}
 	return nil
 }
