@@ -24,9 +24,10 @@ import (
 // initiation as soon as it adds the peer (switching on persistent
 // keepalive sends one at once, in the kernel and in wireguard-go alike,
 // and switching it off again costs nothing). If no handshake has
-// completed a second later, it greets again with the peer re-created,
-// since WireGuard will not initiate twice within five seconds for the same
-// peer object; then after 2 and 4 seconds.
+// completed a quarter of a second later (typically: the peer had not
+// added us yet), it greets again with the peer re-created, since WireGuard
+// will not initiate twice within five seconds for the same peer object;
+// then after 0.5, 1 and 2 seconds.
 
 type greeting struct {
 	at    time.Time // last greeted
@@ -34,8 +35,8 @@ type greeting struct {
 }
 
 const (
-	greetWait  = time.Second // for the first answer; doubled each try
-	greetTries = 4
+	greetWait  = 250 * time.Millisecond // for the first answer; doubled each try
+	greetTries = 5
 )
 
 // greeter reports whether we start the handshake with peer.
