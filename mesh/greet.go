@@ -21,21 +21,26 @@ import (
 // otherwise wait before its first packet passes.
 //
 // So one side greets: the one with the lower public key sends a handshake
-// initiation as soon as it adds the peer (switching on persistent
+// initiation 100 ms after it adds the peer (switching on persistent
 // keepalive sends one at once, in the kernel and in wireguard-go alike,
-// and switching it off again costs nothing). If no handshake has
-// completed a quarter of a second later (typically: the peer had not
-// added us yet), it greets again with the peer re-created, since WireGuard
-// will not initiate twice within five seconds for the same peer object;
-// then after 0.5, 1 and 2 seconds.
+// and switching it off again costs nothing), unless a handshake happened
+// meanwhile. If none has completed a quarter of a second later, it greets
+// again with the peer re-created, since WireGuard will not initiate twice
+// within five seconds for the same peer object; then after 0.5, 1 and 2
+// seconds.
 
 type greeting struct {
-	at    time.Time // last greeted
-	tries int
+	due   time.Time // when to greet (again)
+	tries int       // greetings sent
 }
 
 const (
-	greetWait  = 250 * time.Millisecond // for the first answer; doubled each try
+	// greetFirst lets the peer add us too (both learn of each other from
+	// the same gossip, within milliseconds) before the first greeting,
+	// which would otherwise be dropped and need a re-creation, losing any
+	// packet WireGuard had queued for the peer.
+	greetFirst = 100 * time.Millisecond
+	greetWait  = 250 * time.Millisecond // for an answer; doubled each try
 	greetTries = 5
 )
 
@@ -51,53 +56,54 @@ func (g *Gateway) greet(before []wgtypes.Peer, applied []wgtypes.PeerConfig, pla
 	}
 	cur, _ := g.wgKeys()
 	own := cur.Public()
+	now := time.Now()
+	for _, p := range applied {
+		if k := certs.WGPublicKey(p.PublicKey); !p.UpdateOnly && !p.Remove && greeter(own, k) {
+			g.greetings[k] = greeting{due: now.Add(greetFirst)}
+		}
+	}
+	if len(g.greetings) == 0 {
+		return nil
+	}
 	want := make(map[certs.WGPublicKey]PeerConfig, len(plan))
 	for _, pc := range plan {
 		want[pc.PublicKey] = pc
-	}
-	now := time.Now()
-	for _, p := range applied {
-		k := certs.WGPublicKey(p.PublicKey)
-		if p.UpdateOnly || p.Remove || !greeter(own, k) {
-			continue
-		}
-		if err := g.kickHandshake(want[k]); err != nil {
-			return err
-		}
-		g.greetings[k] = greeting{at: now, tries: 1}
 	}
 	shook := make(map[certs.WGPublicKey]bool, len(before))
 	for _, p := range before {
 		shook[certs.WGPublicKey(p.PublicKey)] = !p.LastHandshakeTime.IsZero()
 	}
+	var next time.Time
 	for k, gr := range g.greetings {
 		pc, wanted := want[k]
 		switch {
 		case !wanted || shook[k] || gr.tries >= greetTries:
 			delete(g.greetings, k)
-		case now.Sub(gr.at) >= greetWait<<(gr.tries-1):
-			g.log.Debug("no handshake yet with a new peer: greeting it again", "peer", pc.Node, "try", gr.tries+1)
-			if err := g.dev.Configure(wgtypes.Config{Peers: []wgtypes.PeerConfig{{PublicKey: wgtypes.Key(k), Remove: true}, newPeer(pc)}}); err != nil {
-				return fmt.Errorf("configure %s: %w", g.dev.Name(), err)
+			continue
+		case !now.Before(gr.due):
+			if gr.tries > 0 {
+				g.log.Debug("no handshake yet with a new peer: greeting it again", "peer", pc.Node, "try", gr.tries+1)
+				if err := g.dev.Configure(wgtypes.Config{Peers: []wgtypes.PeerConfig{{PublicKey: wgtypes.Key(k), Remove: true}, newPeer(pc)}}); err != nil {
+					return fmt.Errorf("configure %s: %w", g.dev.Name(), err)
+				}
 			}
 			if err := g.kickHandshake(pc); err != nil {
 				return err
 			}
-			g.greetings[k] = greeting{at: now, tries: gr.tries + 1}
+			gr = greeting{due: now.Add(greetWait << gr.tries), tries: gr.tries + 1}
+			g.greetings[k] = gr
+		}
+		if next.IsZero() || gr.due.Before(next) {
+			next = gr.due
 		}
 	}
 	// Come back when the next greeting is due.
-	var due time.Duration
-	for _, gr := range g.greetings {
-		if d := gr.at.Add(greetWait << (gr.tries - 1)).Sub(now); due == 0 || d < due {
-			due = max(d, time.Millisecond)
-		}
-	}
-	if due > 0 {
+	if !next.IsZero() {
+		d := max(next.Sub(now), time.Millisecond)
 		if g.greetTimer == nil {
-			g.greetTimer = time.AfterFunc(due, g.triggerReconcile)
+			g.greetTimer = time.AfterFunc(d, g.triggerReconcile)
 		} else {
-			g.greetTimer.Reset(due)
+			g.greetTimer.Reset(d)
 		}
 	}
 	return nil

@@ -82,12 +82,21 @@ func TestGreet(t *testing.T) {
 		return kicks, recreated
 	}
 
-	cs := pass()
-	if k, _ := kicked(cs, above); k != 1 {
-		t.Fatalf("the new peer with the higher key was greeted %d times, want 1: %+v", k, cs)
+	dueNow := func(k certs.WGPublicKey) {
+		gr := g.greetings[k]
+		gr.due = time.Now().Add(-time.Millisecond)
+		g.greetings[k] = gr
 	}
-	if k, _ := kicked(cs, below); k != 0 {
+	if cs := pass(); len(cs) != 1 || len(g.greetings) != 1 {
+		t.Fatalf("adding two peers: %d configurations, %d greetings; want the add alone and one greeting (not yet due)", len(cs), len(g.greetings))
+	}
+	if _, ok := g.greetings[below]; ok {
 		t.Fatal("the peer with the lower key greets us; we must not greet it too (crossing initiations void each other)")
+	}
+	dueNow(above)
+	cs := pass()
+	if k, r := kicked(cs, above); k != 1 || r != 0 {
+		t.Fatalf("first greeting: %d kicks, %d re-creations; want 1 and 0: %+v", k, r, cs)
 	}
 	if p := dev.Peers()[wgtypes.Key(above)]; p.PersistentKeepaliveInterval != 0 {
 		t.Fatalf("keepalive left at %s after the greeting", p.PersistentKeepaliveInterval)
@@ -95,10 +104,8 @@ func TestGreet(t *testing.T) {
 	if cs := pass(); len(cs) != 0 {
 		t.Fatalf("greeted again before its time: %+v", cs)
 	}
-	for try, wait := 2, greetWait; try <= greetTries; try, wait = try+1, wait*2 {
-		gr := g.greetings[above]
-		gr.at = gr.at.Add(-wait)
-		g.greetings[above] = gr
+	for try := 2; try <= greetTries; try++ {
+		dueNow(above)
 		cs := pass()
 		if k, r := kicked(cs, above); k != 1 || r != 1 {
 			t.Fatalf("try %d: %d greetings, %d re-creations; want 1 and 1", try, k, r)
@@ -107,9 +114,7 @@ func TestGreet(t *testing.T) {
 			t.Fatal("the re-created peer is missing")
 		}
 	}
-	gr := g.greetings[above]
-	gr.at = gr.at.Add(-time.Minute)
-	g.greetings[above] = gr
+	dueNow(above)
 	if cs := pass(); len(cs) != 0 || len(g.greetings) != 0 {
 		t.Fatalf("greeted after %d tries: %+v", greetTries, cs)
 	}
@@ -120,6 +125,7 @@ func TestGreet(t *testing.T) {
 	if _, ok := g.greetings[certs.WGPublicKey{0xff, 0xff}]; !ok {
 		t.Fatal("the newest peer is not being greeted")
 	}
+	dueNow(certs.WGPublicKey{0xff, 0xff})
 	dev.mu.Lock()
 	p := dev.peers[wgtypes.Key{0xff, 0xff}]
 	p.LastHandshakeTime = time.Now()
