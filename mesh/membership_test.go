@@ -306,3 +306,48 @@ func TestLeaveNotice(t *testing.T) {
 		}
 	}
 }
+
+// TestMembershipForgetsEnded: a member that is gone is forgotten once its
+// last certificate has expired or been revoked, and not before; one that
+// is still alive is kept (and refused) whatever its certificate.
+func TestMembershipForgetsEnded(t *testing.T) {
+	f := newFixture(t)
+	clock := f.now
+	expiring := f.identity("gw-expiring", "site-a", 1, f.now.Add(-47*time.Hour)) // 48 h certificates: one hour left
+	revoked := f.identity("gw-revoked", "site-b", 2, f.now.Add(-time.Hour))
+	lasting := f.identity("gw-lasting", "site-c", 3, f.now.Add(-time.Hour))
+	alive := f.identity("gw-alive", "site-d", 4, f.now.Add(-time.Hour))
+	ms := newMembership("self", f.trust(), func() time.Time { return clock }, func() {})
+	for _, id := range []*certs.NodeIdentity{expiring, revoked, lasting, alive} {
+		ms.addCert(id.Certificate().Raw)
+		ms.update(id.Attributes().Node, gossipAddr, f.advert(id, 1))
+	}
+	for _, n := range []string{"gw-expiring", "gw-revoked", "gw-lasting"} {
+		ms.leave(n)
+	}
+	known := func() []string {
+		var out []string
+		for _, m := range ms.snapshot() {
+			out = append(out, m.Name)
+		}
+		return out
+	}
+	if got := known(); len(got) != 4 {
+		t.Fatalf("members forgotten while their certificates are valid: %v", got)
+	}
+	if _, err := f.ca.RevokeSerials([]*big.Int{revoked.Certificate().SerialNumber, alive.Certificate().SerialNumber}, "cessationOfOperation", f.now); err != nil {
+		t.Fatal(err)
+	}
+	ms.setTrust(f.trust())
+	if got := known(); !slices.Equal(got, []string{"gw-alive", "gw-expiring", "gw-lasting"}) {
+		t.Fatalf("after revoking gw-revoked (gone) and gw-alive (still there): %v", got)
+	}
+	if states(ms)["gw-alive"] != StateRefused {
+		t.Fatal("a revoked member still alive must stay known, and refused")
+	}
+	clock = clock.Add(2 * time.Hour)
+	ms.refresh()
+	if got := known(); !slices.Equal(got, []string{"gw-alive", "gw-lasting"}) {
+		t.Fatalf("after gw-expiring's certificate expired: %v", got)
+	}
+}
