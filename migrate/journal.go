@@ -183,17 +183,21 @@ type SendRecord struct {
 
 // RecvRecord is the receiver's record of a migration.
 type RecvRecord struct {
-	ID        string    `json:"id"`
-	Name      string    `json:"name"`
-	From      string    `json:"from"`
-	FromSite  string    `json:"from_site"`
-	Class     string    `json:"class"`
-	Format    string    `json:"format"`
-	Size      int64     `json:"size"`
-	ChunkSize int64     `json:"chunk_size"`
-	Temp      string    `json:"temp"`
-	State     string    `json:"state"`
-	Started   time.Time `json:"started"`
+	ID        string `json:"id"`
+	Name      string `json:"name"`
+	From      string `json:"from"`
+	FromSite  string `json:"from_site"`
+	Class     string `json:"class"`
+	Format    string `json:"format"`
+	Size      int64  `json:"size"`
+	ChunkSize int64  `json:"chunk_size"`
+	Temp      string `json:"temp"`
+	// DataAt is where virtual offset 0 sits in Temp: 0 for raw; for
+	// qcow2, after room for the metadata written at the end (records of
+	// older versions have 0 and are converted instead).
+	DataAt  int64     `json:"data_at,omitempty"`
+	State   string    `json:"state"`
+	Started time.Time `json:"started"`
 }
 
 // ImageRecord is a stored image in the receiver's catalog.

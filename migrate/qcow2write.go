@@ -155,3 +155,141 @@ func convertToQcow2(src *os.File, size int64, dst string) error {
 	}
 	return atomicfile.SyncDir(dirOf(dst))
 }
+
+// Writing qcow2 in place. A receiver that is to store qcow2 writes each
+// chunk into its temporary file at base + its virtual offset, and leaves
+// [0, base) for the metadata: at the end only the header, L1, L2 and
+// refcount tables are written there, and the data clusters are mapped
+// where they already are. Converting instead would write every allocated
+// byte a second time and flush it (as long again as receiving them, on
+// the bench machine). qcow2 allows data clusters at any cluster-aligned
+// host offset; the unallocated ones stay holes in the host file too, with
+// refcount 0.
+
+// qcowInPlace is the layout of an in-place qcow2 image of a given size.
+type qcowInPlace struct {
+	virtual  int64 // the image size rounded up to 512-byte sectors
+	clusters int64 // virtual clusters
+	l1Size   int64 // L1 entries
+	l1, l2   int64 // first cluster of the L1 table and of the reserved L2 tables (one per L1 entry)
+	rt, rb   int64 // first cluster of the refcount table and of the refcount blocks
+	rtN, rbN int64 // their lengths in clusters
+	base     int64 // byte offset of virtual offset 0
+}
+
+func qcowInPlaceLayout(size int64) qcowInPlace {
+	var l qcowInPlace
+	l.virtual = (size + 511) &^ 511
+	l.clusters = chunkCount(l.virtual, qcowCluster)
+	l.l1Size = max(1, (l.clusters+qcowL2Entries-1)/qcowL2Entries)
+	l1N := (l.l1Size*8 + qcowCluster - 1) / qcowCluster
+	l.l1, l.l2 = 1, 1+l1N
+	l.rt = l.l2 + l.l1Size
+	// The refcount structures cover the whole host file, themselves
+	// included: grow them until they fit.
+	for {
+		meta := l.rt + l.rtN + l.rbN
+		l.base = (meta*qcowCluster + 1<<20 - 1) &^ (1<<20 - 1) // chunk writes stay 1 MiB-aligned
+		host := l.base/qcowCluster + l.clusters
+		rbN := (host + qcowRefPerBlock - 1) / qcowRefPerBlock
+		rtN := (rbN*8 + qcowCluster - 1) / qcowCluster
+		if rbN == l.rbN && rtN == l.rtN {
+			break
+		}
+		l.rbN, l.rtN = rbN, rtN
+	}
+	l.rb = l.rt + l.rtN
+	return l
+}
+
+// qcowDataStart is where a receiver writes virtual offset 0 of an image of
+// size bytes that it will store as qcow2.
+func qcowDataStart(size int64) int64 { return qcowInPlaceLayout(size).base }
+
+// finishQcow2InPlace writes the metadata of f, whose data (size bytes of
+// image) starts at base, so that f is a qcow2 image. Clusters that hold no
+// data in f (holes) are left unallocated.
+func finishQcow2InPlace(f *os.File, size, base int64) error {
+	l := qcowInPlaceLayout(size)
+	if l.base != base {
+		return fmt.Errorf("in-place qcow2 layout: data at %d, expected %d", base, l.base)
+	}
+	hostEnd := base + l.clusters*qcowCluster
+	if err := f.Truncate(hostEnd); err != nil {
+		return err
+	}
+	extents, err := (&rawSource{f: f, size: hostEnd}).Extents()
+	if err != nil {
+		return err
+	}
+	var data []int64 // virtual clusters holding data, ascending
+	for _, e := range extents {
+		from, to := max(e.Off, base), min(e.Off+e.Len, hostEnd)
+		for c := (from - base) / qcowCluster; from < to && c*qcowCluster < to-base; c++ {
+			if n := len(data); n == 0 || data[n-1] < c {
+				data = append(data, c)
+			}
+		}
+	}
+	be := binary.BigEndian
+	refs := make([]byte, l.rbN*qcowCluster)
+	ref := func(hostCluster int64) { be.PutUint16(refs[hostCluster*2:], 1) }
+	ref(0)
+	for c := l.l1; c < l.l2; c++ {
+		ref(c)
+	}
+	for c := l.rt; c < l.rb+l.rbN; c++ {
+		ref(c)
+	}
+	l1 := make([]byte, (l.l2-l.l1)*qcowCluster)
+	l2 := map[int64][]byte{}
+	for _, c := range data {
+		t := c / qcowL2Entries
+		if l2[t] == nil {
+			l2[t] = make([]byte, qcowCluster)
+			be.PutUint64(l1[t*8:], uint64((l.l2+t)*qcowCluster)|qcowCopied)
+			ref(l.l2 + t)
+		}
+		host := base + c*qcowCluster
+		be.PutUint64(l2[t][(c%qcowL2Entries)*8:], uint64(host)|qcowCopied)
+		ref(host / qcowCluster)
+	}
+	hdr := make([]byte, qcowCluster)
+	copy(hdr, qcow2Magic)
+	be.PutUint32(hdr[4:], 3)                // version
+	be.PutUint32(hdr[20:], qcowClusterBits) // cluster_bits
+	be.PutUint64(hdr[24:], uint64(l.virtual))
+	be.PutUint32(hdr[36:], uint32(l.l1Size))
+	be.PutUint64(hdr[40:], uint64(l.l1*qcowCluster))
+	be.PutUint64(hdr[48:], uint64(l.rt*qcowCluster))
+	be.PutUint32(hdr[56:], uint32(l.rtN))
+	be.PutUint32(hdr[96:], 4)              // refcount_order: 16-bit refcounts
+	be.PutUint32(hdr[100:], qcowHeaderLen) // header_length
+	rt := make([]byte, l.rtN*qcowCluster)
+	for b := int64(0); b < l.rbN; b++ {
+		be.PutUint64(rt[b*8:], uint64((l.rb+b)*qcowCluster))
+	}
+	writes := []struct {
+		b   []byte
+		off int64
+	}{{l1, l.l1}, {rt, l.rt}, {refs, l.rb}}
+	for t, b := range l2 {
+		writes = append(writes, struct {
+			b   []byte
+			off int64
+		}{b, l.l2 + t})
+	}
+	for _, w := range writes {
+		if _, err := f.WriteAt(w.b, w.off*qcowCluster); err != nil {
+			return err
+		}
+	}
+	// The header last: until it is there, the file is no qcow2 image.
+	if err := f.Sync(); err != nil {
+		return err
+	}
+	if _, err := f.WriteAt(hdr, 0); err != nil {
+		return err
+	}
+	return f.Sync()
+}

@@ -152,6 +152,7 @@ type session struct {
 	offer  Offer
 	from   *certs.Attributes
 	temp   *os.File
+	at     int64  // where virtual offset 0 is in temp (RecvRecord.DataAt)
 	base   Source // the stored version of the image, for incremental re-sync
 	baseM  map[int64]Hash
 	record *RecvRecord
@@ -304,7 +305,7 @@ func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision) (*s
 	temp := filepath.Join(r.cfg.StoreDir, ".incoming", o.ID+".raw")
 	var rec RecvRecord
 	resumed := j.get(bucketRecv, o.ID, &rec) == nil
-	if resumed && (rec.Size != o.Size || rec.ChunkSize != o.ChunkSize || rec.Name != o.Name || rec.From != from.Node) {
+	if resumed && (rec.Size != o.Size || rec.ChunkSize != o.ChunkSize || rec.Name != o.Name || rec.From != from.Node || rec.Format != o.Format) {
 		j.dropChunks("recv", o.ID) // a different migration under an old ID: start over
 		os.Remove(temp)
 		resumed = false
@@ -312,6 +313,9 @@ func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision) (*s
 	if !resumed {
 		rec = RecvRecord{ID: o.ID, Name: o.Name, From: from.Node, FromSite: from.Site, Class: o.Class, Format: o.Format,
 			Size: o.Size, ChunkSize: o.ChunkSize, Temp: temp, State: StateRunning, Started: r.cfg.Now()}
+		if o.Format == FormatQcow2 {
+			rec.DataAt = qcowDataStart(o.Size)
+		}
 		if err := j.put(bucketRecv, o.ID, &rec); err != nil {
 			return nil, nil, err
 		}
@@ -320,7 +324,7 @@ func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision) (*s
 	if err != nil {
 		return nil, nil, err
 	}
-	if err := f.Truncate(o.Size); err != nil {
+	if err := f.Truncate(rec.DataAt + o.Size); err != nil {
 		f.Close()
 		return nil, nil, fmt.Errorf("size the incoming image: %w", err)
 	}
@@ -329,7 +333,7 @@ func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision) (*s
 		f.Close()
 		return nil, nil, err
 	}
-	s := &session{r: r, offer: *o, from: from, temp: f, record: &rec, start: r.cfg.Now(), policy: d,
+	s := &session{r: r, offer: *o, from: from, temp: f, at: rec.DataAt, record: &rec, start: r.cfg.Now(), policy: d,
 		durable: durable, pending: map[int64]pendingChunk{}, kick: make(chan struct{}, 1), stop: make(chan struct{}), synced: make(chan struct{}), closed: make(chan struct{})}
 	acc := &Accept{Have: durable}
 	if img, err := j.Image(o.Name); err == nil && img.Manifest.ChunkSize == o.ChunkSize {
@@ -429,7 +433,7 @@ func (s *session) data(fr *frameReader, w *lockedWriter) {
 				w.send(frameNack, append(indexFrame(i, h), "hash mismatch"...))
 				continue
 			}
-			if _, err := s.temp.WriteAt(data, i*o.ChunkSize); err != nil {
+			if _, err := s.temp.WriteAt(data, s.at+i*o.ChunkSize); err != nil {
 				w.send(frameError, []byte("write: "+err.Error()))
 				return
 			}
@@ -465,7 +469,7 @@ func (s *session) copyFromBase(i int64, h Hash) bool {
 	if hashChunk(b) != h { // the stored copy must still be what its manifest says
 		return false
 	}
-	_, err := s.temp.WriteAt(b, i*s.offer.ChunkSize)
+	_, err := s.temp.WriteAt(b, s.at+i*s.offer.ChunkSize)
 	return err == nil
 }
 
@@ -570,8 +574,8 @@ func (s *session) finish(cm *Commit) (*Done, error) {
 	for i := range s.durable {
 		if _, ok := m.Chunks[i]; !ok {
 			n := chunkLen(i, o.Size, o.ChunkSize)
-			if err := unix.Fallocate(int(s.temp.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, i*o.ChunkSize, n); err != nil {
-				if _, werr := s.temp.WriteAt(make([]byte, n), i*o.ChunkSize); werr != nil {
+			if err := unix.Fallocate(int(s.temp.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, s.at+i*o.ChunkSize, n); err != nil {
+				if _, werr := s.temp.WriteAt(make([]byte, n), s.at+i*o.ChunkSize); werr != nil {
 					return nil, werr
 				}
 			}
@@ -590,7 +594,15 @@ func (s *session) finish(cm *Commit) (*Done, error) {
 	}
 	dir := s.r.cfg.StoreDir
 	final := filepath.Join(dir, o.Name+"."+o.Format)
-	if o.Format == FormatQcow2 {
+	switch {
+	case o.Format == FormatQcow2 && s.at > 0:
+		if err := finishQcow2InPlace(s.temp, o.Size, s.at); err != nil {
+			return nil, fmt.Errorf("write qcow2: %w", err)
+		}
+		if err := os.Rename(s.temp.Name(), final); err != nil {
+			return nil, err
+		}
+	case o.Format == FormatQcow2:
 		tmp := filepath.Join(dir, ".incoming", o.ID+".qcow2")
 		if err := convertToQcow2(s.temp, o.Size, tmp); err != nil {
 			os.Remove(tmp)
@@ -600,8 +612,10 @@ func (s *session) finish(cm *Commit) (*Done, error) {
 			return nil, err
 		}
 		os.Remove(s.temp.Name())
-	} else if err := os.Rename(s.temp.Name(), final); err != nil {
-		return nil, err
+	default:
+		if err := os.Rename(s.temp.Name(), final); err != nil {
+			return nil, err
+		}
 	}
 	if err := atomicfile.SyncDir(dir); err != nil {
 		return nil, err
