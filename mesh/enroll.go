@@ -509,6 +509,13 @@ func (g *Gateway) endBurstLocked(r *burstRecord, reason string) ([]string, error
 		ss = append(ss, n)
 	}
 	g.log.Info("burst site ended", "burst_site", r.Site, "reason", reason, "revoking", len(ss))
+	if r.Vault {
+		// Vault admitted its gateways: their certificates end now (the
+		// role's not_after), their SecretIDs with them. What stays in
+		// Vault grants nothing; `skybridge burst down` removes it.
+		g.log.Info("the burst's role, policy and AppRole stay in Vault until `skybridge burst down --site " + r.Site + "` removes them")
+		return nil, nil
+	}
 	if len(ss) == 0 {
 		return nil, nil
 	}
@@ -541,19 +548,6 @@ func (g *Gateway) burstLoop(ctx context.Context) {
 		e.mu.Lock()
 		now := g.now()
 		for _, r := range e.book.due(now) {
-			if r.Vault {
-				// Its certificates end now (the role's not_after) and its
-				// SecretIDs with them; what stays in Vault grants nothing
-				// and goes with `skybridge burst down`.
-				t := now.UTC()
-				r.Ended, r.EndReason = &t, "expired"
-				if err := g.state.saveBursts(e.book); err != nil {
-					g.log.Warn("save bursts", "err", err)
-				}
-				g.log.Info("burst site ended", "burst_site", r.Site, "reason", "expired",
-					"hint", "its role, policy and AppRole stay in Vault until `skybridge burst down --site "+r.Site+"` removes them")
-				continue
-			}
 			if _, err := g.endBurstLocked(r, "expired"); err != nil {
 				g.log.Error("end expired burst", "burst_site", r.Site, "err", err)
 			}

@@ -275,46 +275,40 @@ func (g *Gateway) Run(parent context.Context) error {
 	// *BurstEndedError).
 	ctx, stop := context.WithCancelCause(parent)
 	defer stop(nil)
-	if err := g.startGossip(); err != nil {
-		g.closeDevice()
+	// What start-up has set up, undone in reverse if a later step fails.
+	undo := []func(){g.closeDevice, g.stopMigrations}
+	fail := func(err error) error {
+		for _, u := range slices.Backward(undo) {
+			u()
+		}
 		return err
 	}
+	if err := g.startGossip(); err != nil {
+		return fail(err)
+	}
+	undo = append(undo, func() { g.ml.Shutdown() })
 	var ctl io.Closer = closerFunc(func() error { return nil })
 	if !g.opt.noControl {
 		c, err := g.serveControl()
 		if err != nil {
-			g.ml.Shutdown()
-			g.closeDevice()
-			return err
+			return fail(err)
 		}
 		ctl = c
 	}
+	undo = append(undo, func() { ctl.Close() })
 	opEndpoint, err := g.serveOperator(ctx)
 	if err != nil {
-		ctl.Close()
-		g.ml.Shutdown()
-		g.stopMigrations()
-		g.closeDevice()
-		return err
+		return fail(err)
 	}
+	undo = append(undo, func() { opEndpoint.Close() })
 	enrollEndpoint, err := g.serveEnrollment(ctx)
 	if err != nil {
-		opEndpoint.Close()
-		ctl.Close()
-		g.ml.Shutdown()
-		g.stopMigrations()
-		g.closeDevice()
-		return err
+		return fail(err)
 	}
+	undo = append(undo, func() { enrollEndpoint.Close() })
 	if g.mig != nil {
 		if err := g.serveMigrations(ctx); err != nil {
-			enrollEndpoint.Close()
-			opEndpoint.Close()
-			ctl.Close()
-			g.ml.Shutdown()
-			g.stopMigrations()
-			g.closeDevice()
-			return err
+			return fail(err)
 		}
 	}
 	g.log.Info("gateway running", "interface", g.dev.Name(), "mode", g.dev.Mode(), "gossip", g.s.GossipAdvertise.String(),
