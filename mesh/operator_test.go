@@ -49,19 +49,8 @@ func startLiveGatewayWith(t *testing.T, ca *certs.CA, dir string, i int, site st
 	gdir := filepath.Join(dir, node)
 	overlay := netip.AddrFrom4([4]byte{100, 64, 7, byte(i + 1)})
 	attrs := certs.Attributes{Node: node, Site: site, Region: "r-" + site, Provider: "onprem", Jurisdiction: "CH", OverlayIP: overlay}
-	id, err := ca.IssueIdentity(attrs, time.Hour, time.Now())
-	if err != nil {
-		t.Fatal(err)
-	}
-	idDir := filepath.Join(gdir, "identity")
-	if err := id.Save(idDir, tb); err != nil {
-		t.Fatal(err)
-	}
-	if err := ca.CopyGossipKeyring(context.Background(), idDir); err != nil {
-		t.Fatal(err)
-	}
 	s := liveSettings(t, gdir, port)
-	s.Node = certs.NodeConfig{Name: node, Site: site, Region: attrs.Region, Provider: "onprem", Jurisdiction: "CH", OverlayIP: overlay.String()}
+	s.Node = provisionGateway(t, ca, tb, attrs, time.Hour, s.Identity.Dir)
 	s.Seeds = seeds
 	if tweak != nil {
 		tweak(s)

@@ -132,6 +132,29 @@ func (c countingConn) Write(b []byte) (int, error) {
 // or after *next, below the kernel's ephemeral range: ports chosen ahead
 // of binding must not collide with each other or with the ephemeral
 // ports of the gateways' own outgoing streams.
+// provisionGateway issues attrs an identity valid for ttl, stores it in
+// idDir with the mesh's trust bundle and gossip keyring, as `skybridge ca
+// issue --out` would, and returns the node block that asks for it.
+func provisionGateway(t testing.TB, ca *certs.CA, tb *certs.TrustBundle, attrs certs.Attributes, ttl time.Duration, idDir string) certs.NodeConfig {
+	t.Helper()
+	id, err := ca.IssueIdentity(attrs, ttl, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := id.Save(idDir, tb); err != nil {
+		t.Fatal(err)
+	}
+	if err := ca.CopyGossipKeyring(context.Background(), idDir); err != nil {
+		t.Fatal(err)
+	}
+	n := certs.NodeConfig{Name: attrs.Node, Site: attrs.Site, Region: attrs.Region, Provider: attrs.Provider,
+		Jurisdiction: attrs.Jurisdiction, OverlayIP: attrs.OverlayIP.String(), Labels: attrs.Labels}
+	for _, r := range attrs.Routes {
+		n.Routes = append(n.Routes, r.String())
+	}
+	return n
+}
+
 func nextLoopbackPort(t testing.TB, next *int) int {
 	for ; *next < 32000; *next++ {
 		p := *next
@@ -189,17 +212,8 @@ func runScale(t *testing.T, n int) scaleResult {
 		overlay := netip.AddrFrom4([4]byte{100, 64 + byte(i/65536), byte(i / 256 % 256), byte(i % 256)}).Next()
 		route := netip.PrefixFrom(netip.AddrFrom4([4]byte{10, byte(i / 256), byte(i % 256), 0}), 24)
 		attrs := certs.Attributes{Node: node, Site: "site-" + node, Region: "r", Provider: "aws", Jurisdiction: "DE", OverlayIP: overlay, Routes: []netip.Prefix{route}}
-		id, err := ca.IssueIdentity(attrs, 24*time.Hour, time.Now())
-		if err != nil {
-			t.Fatal(err)
-		}
 		idDir := filepath.Join(gdir, "identity")
-		if err := id.Save(idDir, tb); err != nil {
-			t.Fatal(err)
-		}
-		if err := ca.CopyGossipKeyring(context.Background(), idDir); err != nil {
-			t.Fatal(err)
-		}
+		nodeCfg := provisionGateway(t, ca, tb, attrs, 24*time.Hour, idDir)
 		port := nextLoopbackPort(t, &nextPort)
 		ap := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(port))
 		if i < 3 {
@@ -207,7 +221,7 @@ func runScale(t *testing.T, n int) scaleResult {
 		}
 		s := &Settings{
 			StateDir: gdir, Identity: certs.Config{Dir: idDir},
-			Node:       certs.NodeConfig{Name: node, Site: attrs.Site, Region: "r", Provider: "aws", Jurisdiction: "DE", OverlayIP: overlay.String(), Routes: []string{route.String()}},
+			Node:       nodeCfg,
 			GossipBind: ap, GossipAdvertise: ap, Seeds: seeds, GossipProfile: "lan",
 			Interface: "sim", Port: port, MTU: DefaultMTU, Endpoints: []netip.AddrPort{ap}, Topology: TopologyFullMesh,
 		}
