@@ -49,7 +49,11 @@ func (g *Gateway) announceLeaving() {
 		return
 	}
 	msg := encodeMessage(msgLeaving, []byte(node), binary.BigEndian.AppendUint64(nil, uint64(at)), sig)
-	g.enqueue(msg)
+	// Gossip carries it to members a lost datagram would miss; memberlist
+	// goes on sending broadcasts while Leave spreads our departure.
+	if g.queue != nil {
+		g.queue.QueueBroadcast(broadcast{name: "leaving/" + node, msg: msg})
+	}
 	for _, m := range g.members.snapshot() {
 		if m.Alive && m.Gossip.IsValid() {
 			g.sendAsync(m.Name, m.Gossip, msg)

@@ -8,9 +8,11 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"os/signal"
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/urfave/cli/v2"
@@ -211,6 +213,10 @@ func migrateApply(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
+	// Ctrl-C stops dispatching; migrations under way finish their record
+	// (the gateway carries them on) and the next apply resumes the rest.
+	ctx, stop := signal.NotifyContext(c.Context, syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
 	var mu sync.Mutex
 	var saveErr error
 	save := func() {
@@ -225,7 +231,7 @@ func migrateApply(c *cli.Context) error {
 	// (the apply was killed at that moment) is found on the gateway by
 	// image, name and destination, so that it is not started twice.
 	started := map[string]string{} // VM name → migration ID
-	if l, err := cl.Migrations(c.Context); err == nil {
+	if l, err := cl.Migrations(ctx); err == nil {
 		for _, r := range l.Sending {
 			if !r.Started.Before(plan.Created) {
 				for _, pl := range plan.Placements {
@@ -244,6 +250,9 @@ func migrateApply(c *cli.Context) error {
 		}
 		return st.VMs[name]
 	}
+	for _, pl := range plan.Placements {
+		get(pl.Name, pl.To) // every VM has a state, started or not, for the report
+	}
 	sem := make(chan struct{}, c.Int("parallel"))
 	var wg sync.WaitGroup
 dispatch:
@@ -260,12 +269,12 @@ dispatch:
 		}
 		select {
 		case sem <- struct{}{}:
-		case <-c.Context.Done():
-			break dispatch // interrupted: what runs finishes its record; the rest waits for the next apply
+		case <-ctx.Done():
+			break dispatch
 		}
 		wg.Go(func() {
 			defer func() { <-sem }()
-			applyOne(c.Context, cl, pl, vs, &mu, save, c.Int("streams"), bw)
+			applyOne(ctx, cl, pl, vs, &mu, save, c.Int("streams"), bw)
 			save()
 		})
 	}
@@ -378,7 +387,7 @@ func reportApply(c *cli.Context, plan *migrate.Plan, st *applyState) error {
 			if vs.State == migrate.StateDone && len(vs.Root) >= 16 {
 				detail = "verified, root " + vs.Root[:16] + "…"
 			}
-			rows = append(rows, []string{pl.Name, pl.To + " (" + pl.Site + ")", vs.State, humanBytes(vs.Sent), fmt.Sprintf("%.1f s", vs.Seconds), fmt.Sprint(vs.Attempts), detail})
+			rows = append(rows, []string{pl.Name, pl.To + " (" + pl.Site + ")", dash(vs.State), humanBytes(vs.Sent), fmt.Sprintf("%.1f s", vs.Seconds), fmt.Sprint(vs.Attempts), detail})
 		}
 		printTable(c.App.Writer, []string{"vm", "to", "state", "sent", "took", "attempts", ""}, rows)
 		fmt.Fprintf(c.App.Writer, "\n%d of %d VMs migrated and verified", len(plan.Placements)-failed, len(plan.Placements))
