@@ -219,7 +219,19 @@ func parseAttributeURI(u *url.URL) (Attributes, error) {
 			errs = append(errs, fmt.Errorf("attribute URI has unknown key %q", k))
 		}
 	}
-	return a, errors.Join(errs...)
+	// Only the one encoding URI makes is accepted: a fragment, user info
+	// or a second copy of the query could otherwise hide attributes from
+	// a CA that matches the URI as a string (a Vault role's
+	// allowed_uri_sans glob) while this parser reads others.
+	if err := errors.Join(errs...); err != nil {
+		return a, err
+	}
+	canon := a
+	canon.Normalize()
+	if got := u.String(); got != canon.URI().String() {
+		return a, fmt.Errorf("attribute URI %q is not in canonical form (%q)", got, canon.URI().String())
+	}
+	return a, nil
 }
 
 // ParseLabels parses "key=value" strings as given on a command line.

@@ -38,6 +38,11 @@ func TestAttributeURIRoundTrip(t *testing.T) {
 		"skybridge://s/gw1?provider=a&provider=b&region=r&jurisdiction=DE",
 		"skybridge://s/gw1?provider=a&region=r&jurisdiction=DE&route=10.0.0.0/33",
 		"skybridge://s/gw1?provider=a&region=r&jurisdiction=DE&colour=blue",
+		// What a string glob such as Vault's allowed_uri_sans would let
+		// through after the attributes it pins: refused, not read past.
+		"skybridge://s/gw1?provider=a&region=r&jurisdiction=CH&route=10.0.0.0%2F8#?provider=a&region=r&jurisdiction=NL",
+		"skybridge://x@s/gw1?provider=a&region=r&jurisdiction=DE",
+		"skybridge://s/gw1?region=r&provider=a&jurisdiction=DE", // not the canonical order
 	} {
 		u, _ := url.Parse(bad)
 		if _, err := parseAttributeURI(u); err == nil {

@@ -16,9 +16,10 @@ import (
 // Burst sites with Vault. Vault, not a gateway, is then what admits a
 // burst gateway: `skybridge burst up` (with an operator's Vault token that
 // may manage roles, used for that one call and never stored) creates for
-// the site a PKI role that certifies only the site's attribute URI and
-// ends every certificate at the burst's end (not_after), a policy that
-// lets a token sign with that role and keep the site's gateways' secrets,
+// the site a PKI role that certifies exactly its gateways' attribute URIs
+// (name and overlay address assigned at burst up) and ends every
+// certificate at the burst's end (not_after), a policy that lets a token
+// sign with that role and keep those gateways' WireGuard keys,
 // and an AppRole bound to that policy whose SecretIDs expire with the
 // burst. Each gateway's join token carries a response-wrapped SecretID:
 // Vault lets it be unwrapped once, which is what makes the token
@@ -26,10 +27,10 @@ import (
 
 // VaultBurstSpec describes a burst site to Vault.
 type VaultBurstSpec struct {
-	Attributes Attributes // the site's attributes; Node and OverlayIP are per gateway
-	Expires    time.Time  // when every identity of the site ends
-	TokenTTL   time.Duration
-	Gateways   int
+	Site     string
+	Nodes    []Attributes // each gateway's attributes, as the enrolling gateway assigned them
+	Expires  time.Time    // when every identity of the site ends
+	TokenTTL time.Duration
 }
 
 // VaultBurst is what OpenBurst made: the AppRole's role ID and one wrapped
@@ -75,22 +76,29 @@ func (v *Vault) OpenBurst(ctx context.Context, adminToken string, spec VaultBurs
 	if err != nil {
 		return nil, err
 	}
-	a := spec.Attributes
-	name := v.BurstName(a.Site)
+	name := v.BurstName(spec.Site)
 	mount := v.appRoleMount()
 	ttl := time.Until(spec.Expires).Round(time.Second)
 	if ttl <= 0 {
 		return nil, errors.New("the burst has already ended")
 	}
-	// Only the node name varies between the site's gateways; the rest of
-	// the attribute URI is fixed, so the role certifies nothing else. A
-	// node name cannot hold '?' or '&', so the wildcard cannot smuggle
-	// attributes in.
-	a.Node = "node"
-	uri := a.URI().String()
-	glob := strings.Replace(uri, "/node?", "/*?", 1)
-	if glob == uri || strings.Contains(glob, ",") {
-		return nil, fmt.Errorf("cannot express the attribute URI %s as a Vault role pattern", uri)
+	// The role certifies exactly the gateways' attribute URIs, each as a
+	// whole (a glob would let anything follow the part it pins), and the
+	// policy reaches exactly their WireGuard keys.
+	var uris []string
+	var acl strings.Builder
+	fmt.Fprintf(&acl, "# skybridge burst site %s, until %s\n", spec.Site, spec.Expires.UTC().Format(time.RFC3339))
+	fmt.Fprintf(&acl, "path %q { capabilities = [\"update\"] }\n", path.Join(v.cfg.PKIMount, "sign", name))
+	fmt.Fprintf(&acl, "path %q { capabilities = [\"read\"] }\n", path.Join(v.cfg.PKIMount, "cert")+"/*")
+	fmt.Fprintf(&acl, "path %q { capabilities = [\"read\"] }\n", path.Join(v.cfg.KVMount, "data", v.gossipPath()))
+	for _, n := range spec.Nodes {
+		if n.Site != spec.Site {
+			return nil, fmt.Errorf("gateway %s is not of burst site %s", n.Node, spec.Site)
+		}
+		n.Normalize()
+		uris = append(uris, n.URI().String())
+		fmt.Fprintf(&acl, "path %q { capabilities = [\"create\", \"read\", \"update\", \"delete\"] }\n", path.Join(v.cfg.KVMount, "data", v.wgPath(n.Node)))
+		fmt.Fprintf(&acl, "path %q { capabilities = [\"read\", \"delete\"] }\n", path.Join(v.cfg.KVMount, "metadata", v.wgPath(n.Node)))
 	}
 	w := func(p string, data map[string]any) error {
 		if _, err := c.Logical().WriteWithContext(ctx, p, data); err != nil {
@@ -99,21 +107,13 @@ func (v *Vault) OpenBurst(ctx context.Context, adminToken string, spec VaultBurs
 		return nil
 	}
 	if err := w(path.Join(v.cfg.PKIMount, "roles", name), map[string]any{
-		"allow_any_name": true, "enforce_hostnames": false, "allow_ip_sans": true, "allowed_uri_sans": glob,
+		"allow_any_name": true, "enforce_hostnames": false, "allow_ip_sans": true, "allowed_uri_sans": uris,
 		"key_type": "ec", "key_bits": 256, "server_flag": true, "client_flag": true,
 		"max_ttl": ttl.String(), "not_after": spec.Expires.UTC().Format(time.RFC3339), "not_before_duration": "30s",
 	}); err != nil {
 		return nil, err
 	}
-	nodes := path.Join(v.cfg.KVPrefix, "nodes", a.Site+"-gw")
-	acl := fmt.Sprintf(`# skybridge burst site %[6]s, until %[7]s
-path "%[1]s/sign/%[2]s" { capabilities = ["update"] }
-path "%[1]s/cert/*" { capabilities = ["read"] }
-path "%[3]s/data/%[4]s*" { capabilities = ["create", "read", "update", "delete"] }
-path "%[3]s/metadata/%[4]s*" { capabilities = ["read", "delete"] }
-path "%[3]s/data/%[5]s" { capabilities = ["read"] }
-`, v.cfg.PKIMount, name, v.cfg.KVMount, nodes, v.gossipPath(), a.Site, spec.Expires.UTC().Format(time.RFC3339))
-	if err := c.Sys().PutPolicyWithContext(ctx, name, acl); err != nil {
+	if err := c.Sys().PutPolicyWithContext(ctx, name, acl.String()); err != nil {
 		return nil, fmt.Errorf("vault policy %s: %w", name, err)
 	}
 	roleBase := path.Join("auth", mount, "role", name)
@@ -131,7 +131,7 @@ path "%[3]s/data/%[5]s" { capabilities = ["read"] }
 	vb.RoleID, _ = s.Data["role_id"].(string)
 	wrap := min(spec.TokenTTL, ttl)
 	c.SetWrappingLookupFunc(func(string, string) string { return wrap.String() })
-	for range spec.Gateways {
+	for range spec.Nodes {
 		s, err := c.Logical().WriteWithContext(ctx, roleBase+"/secret-id", nil)
 		if err != nil {
 			return nil, fmt.Errorf("vault write %s/secret-id: %w", roleBase, err)
@@ -148,7 +148,7 @@ path "%[3]s/data/%[5]s" { capabilities = ["read"] }
 // certificate of the site (the CRL then reaches the mesh), and deletes its
 // gateways' WireGuard keys, the AppRole (its SecretIDs with it), the
 // policy and the PKI role.
-func (v *Vault) CloseBurst(ctx context.Context, adminToken, site string) (revoked []string, err error) {
+func (v *Vault) CloseBurst(ctx context.Context, adminToken, site string, nodes []string) (revoked []string, err error) {
 	c, err := v.admin(adminToken)
 	if err != nil {
 		return nil, err
@@ -183,16 +183,9 @@ func (v *Vault) CloseBurst(ctx context.Context, adminToken, site string) (revoke
 	}
 	// The site's gateways' WireGuard keys: each deletes its own when its
 	// burst ends, but not one that crashed, nor once its policy is gone.
-	nodes := path.Join(v.cfg.KVPrefix, "nodes")
-	if l, err := c.Logical().ListWithContext(ctx, path.Join(v.cfg.KVMount, "metadata", nodes)); err == nil && l != nil {
-		ks, _ := l.Data["keys"].([]any)
-		for _, k := range ks {
-			n, _ := k.(string)
-			if strings.HasPrefix(n, site+"-gw") {
-				if err := c.KVv2(v.cfg.KVMount).DeleteMetadata(ctx, path.Join(nodes, strings.TrimSuffix(n, "/"), "wireguard")); err != nil {
-					return revoked, fmt.Errorf("vault delete the WireGuard key of %s: %w", strings.TrimSuffix(n, "/"), err)
-				}
-			}
+	for _, n := range nodes {
+		if err := c.KVv2(v.cfg.KVMount).DeleteMetadata(ctx, v.wgPath(n)); err != nil {
+			return revoked, fmt.Errorf("vault delete the WireGuard key of %s: %w", n, err)
 		}
 	}
 	del := func(p string) error {

@@ -154,8 +154,16 @@ func (b *burstBook) open(req BurstRequest, attrs certs.Attributes, tokens []*cer
 		r.Routes = append(r.Routes, p.String())
 	}
 	for _, t := range tokens {
-		h := t.SecretHash()
-		r.Tokens = append(r.Tokens, burstToken{ID: t.ID, Hash: hex.EncodeToString(h[:]), Expires: t.Expires.UTC()})
+		bt := burstToken{ID: t.ID, Expires: t.Expires.UTC()}
+		if v := t.Vault; v != nil {
+			// Vault admits the gateway (its wrapped SecretID is the
+			// secret); we only assign its name and address.
+			r.Vault, bt.Node, bt.OverlayIP = true, v.Node.Node, v.Node.OverlayIP.String()
+		} else {
+			h := t.SecretHash()
+			bt.Hash = hex.EncodeToString(h[:])
+		}
+		r.Tokens = append(r.Tokens, bt)
 	}
 	b.Bursts = append(b.Bursts, r)
 	return r, nil
@@ -229,7 +237,9 @@ func (b *burstBook) prune(now time.Time) bool {
 }
 
 // nodeName names the i-th gateway of a burst.
-func (r *burstRecord) nodeName(i int) string { return fmt.Sprintf("%s-gw%d", r.Site, i+1) }
+func (r *burstRecord) nodeName(i int) string { return burstNodeName(r.Site, i) }
+
+func burstNodeName(site string, i int) string { return fmt.Sprintf("%s-gw%d", site, i+1) }
 
 // pickOverlayIP returns the highest address of prefix that is not used,
 // skipping the prefix's first and last address. Burst gateways take

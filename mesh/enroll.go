@@ -330,15 +330,8 @@ func (g *Gateway) BurstUp(ctx context.Context, req BurstRequest) (*BurstGrant, e
 	for _, t := range toks {
 		grant.Tokens = append(grant.Tokens, t.Encode())
 	}
-	rec, err := e.book.open(req, attrs, toks, now)
-	if err != nil {
+	if _, err := e.book.open(req, attrs, toks, now); err != nil {
 		return nil, err
-	}
-	if e.vault != nil {
-		rec.Vault = true
-		for i, t := range toks {
-			rec.Tokens[i].Hash, rec.Tokens[i].Node, rec.Tokens[i].OverlayIP = "", t.Vault.Node.Node, t.Vault.Node.OverlayIP.String()
-		}
 	}
 	if err := g.state.saveBursts(e.book); err != nil {
 		e.book.Bursts = e.book.Bursts[:len(e.book.Bursts)-1]
@@ -602,21 +595,23 @@ func (g *Gateway) vaultTokens(ctx context.Context, e *enrollment, req BurstReque
 		}
 		used[ip] = true
 		n := attrs
-		n.Node, n.OverlayIP = fmt.Sprintf("%s-gw%d", attrs.Site, i+1), ip
+		n.Node, n.OverlayIP = burstNodeName(attrs.Site, i), ip
 		nodes[i] = n
 	}
-	vb, err := e.vault.OpenBurst(ctx, req.VaultToken, certs.VaultBurstSpec{Attributes: attrs, Expires: expires, TokenTTL: tokExp.Sub(g.now()), Gateways: req.Gateways})
+	vb, err := e.vault.OpenBurst(ctx, req.VaultToken, certs.VaultBurstSpec{Site: attrs.Site, Nodes: nodes, Expires: expires, TokenTTL: tokExp.Sub(g.now())})
 	if err != nil {
 		return nil, err
 	}
+	common, err := e.vault.VaultJoinFor(vb)
+	if err != nil {
+		return nil, err
+	}
+	common.Seeds = g.seedsForNewcomer()
 	var toks []*certs.JoinToken
 	for i, wrapped := range vb.WrappedSecretIDs {
-		vj, err := e.vault.VaultJoinFor(vb)
-		if err != nil {
-			return nil, err
-		}
-		vj.WrappedSecretID, vj.Node, vj.Seeds = wrapped, nodes[i], g.seedsForNewcomer()
-		t, err := certs.NewVaultJoinToken(attrs.Site, vj, tokExp)
+		vj := *common
+		vj.WrappedSecretID, vj.Node = wrapped, nodes[i]
+		t, err := certs.NewVaultJoinToken(attrs.Site, &vj, tokExp)
 		if err != nil {
 			return nil, err
 		}
@@ -630,7 +625,11 @@ func (g *Gateway) vaultTokens(ctx context.Context, e *enrollment, req BurstReque
 // revocation list at once, and gossip spreads it.
 func (g *Gateway) endVaultBurstLocked(ctx context.Context, r *burstRecord, vaultToken string) ([]string, error) {
 	e := g.enroll
-	revoked, err := e.vault.CloseBurst(ctx, vaultToken, r.Site)
+	var nodes []string
+	for _, t := range r.Tokens {
+		nodes = append(nodes, t.Node)
+	}
+	revoked, err := e.vault.CloseBurst(ctx, vaultToken, r.Site, nodes)
 	if err != nil {
 		return revoked, err
 	}
