@@ -15,7 +15,16 @@ import (
 const (
 	FileWireGuardKey  = "wireguard.key"
 	FileGossipKeyring = "gossip.keyring"
+	// The AppRole login a Vault burst join leaves (the SecretID 0600).
+	FileVaultRoleID   = "vault-role-id"
+	FileVaultSecretID = "vault-secret-id"
 )
+
+// HasNodeCertificate reports whether dir holds a gateway certificate.
+func HasNodeCertificate(dir string) bool {
+	_, err := os.Stat(filepath.Join(dir, fileNodeCert))
+	return err == nil
+}
 
 // DirSecrets is the file-backed SecretStore: 0600 files in a gateway's
 // state directory. The gossip keyring is shared by the whole mesh, so it is
@@ -128,7 +137,7 @@ func lockFile(path string) (unlock func(), err error) {
 // public. Missing files are not an error.
 func ForgetIdentity(dir string) error {
 	var errs []error
-	for _, name := range []string{fileNodeKey, fileNodeCert, FileWireGuardKey, FileGossipKeyring, "vault-secret-id", "vault-role-id"} {
+	for _, name := range []string{fileNodeKey, fileNodeCert, FileWireGuardKey, FileGossipKeyring, FileVaultSecretID, FileVaultRoleID} {
 		if err := os.Remove(filepath.Join(dir, name)); err != nil && !errors.Is(err, os.ErrNotExist) {
 			errs = append(errs, err)
 		}

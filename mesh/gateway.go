@@ -138,7 +138,7 @@ func newGateway(ctx context.Context, s *Settings, logger *slog.Logger, opt optio
 	if err := os.MkdirAll(s.StateDir, 0o700); err != nil {
 		return nil, fmt.Errorf("create state directory: %w", err)
 	}
-	s, err := applyEnrollment(s)
+	s, enr, err := applyEnrollment(s)
 	if err != nil {
 		return nil, err
 	}
@@ -147,7 +147,7 @@ func newGateway(ctx context.Context, s *Settings, logger *slog.Logger, opt optio
 		inbox: make(chan []byte, inboxSize), kick: make(chan struct{}, 1), sends: make(chan struct{}, maxSends),
 		lastApplied: map[certs.WGPublicKey]PeerConfig{}, greetings: map[certs.WGPublicKey]greeting{}, certAsked: map[string]time.Time{}, nextAcked: map[certs.WGPublicKey]bool{},
 		started: time.Now(), acks: make(chan keyringAck, 64), readvertise: make(chan struct{}, 1),
-		joined: make(chan struct{}), revokedSelf: make(chan struct{}),
+		joined: make(chan struct{}), revokedSelf: make(chan struct{}), burst: enr,
 	}
 	prov, err := certs.Open(ctx, s.Identity, logger)
 	if err != nil {

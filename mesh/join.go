@@ -66,12 +66,10 @@ type VaultEnrollment struct {
 	Node         certs.Attributes `json:"node"`
 }
 
-// Files a Vault join leaves in the identity directory.
-const (
-	fileVaultCA       = "vault-ca.pem"
-	fileVaultRoleID   = "vault-role-id"
-	fileVaultSecretID = "vault-secret-id"
-)
+// fileVaultCA is the CA of Vault's TLS certificate, as a Vault join token
+// gave it (public; the AppRole's files are certs.FileVaultRoleID and
+// certs.FileVaultSecretID).
+const fileVaultCA = "vault-ca.pem"
 
 func loadEnrollment(dir string) (*Enrollment, error) {
 	b, err := os.ReadFile(filepath.Join(dir, fileEnrollment))
@@ -131,7 +129,7 @@ func Join(ctx context.Context, s *Settings, token string, log *slog.Logger) (*En
 	}
 	// A fresh gateway, or one whose burst ended (its identity is gone):
 	// the token enrols it anew.
-	if _, err := os.Stat(filepath.Join(dir, "node.crt")); err == nil {
+	if certs.HasNodeCertificate(dir) {
 		return nil, fmt.Errorf("%s already holds a gateway identity that no join token made: a join token is for a fresh gateway; use another identity directory", dir)
 	}
 	tok, err := certs.ParseJoinToken(token)
@@ -295,11 +293,12 @@ func storeEnrollment(dir, meshCIDR string, tok *certs.JoinToken, key *ecdsa.Priv
 func joinVault(ctx context.Context, dir string, tok *certs.JoinToken, log *slog.Logger) (*Enrollment, error) {
 	vj := tok.Vault
 	log.Info("enrolling through Vault", "token", tok, "vault", vj.Address)
-	secretID, err := vj.UnwrapSecretID(ctx)
-	if err != nil {
+	// Unwrapping spends the token: be ready to keep what it gives first.
+	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
 	}
-	if err := os.MkdirAll(dir, 0o700); err != nil {
+	secretID, err := vj.UnwrapSecretID(ctx)
+	if err != nil {
 		return nil, err
 	}
 	if vj.CACert != "" {
@@ -307,10 +306,10 @@ func joinVault(ctx context.Context, dir string, tok *certs.JoinToken, log *slog.
 			return nil, err
 		}
 	}
-	if err := atomicfile.WriteFile(filepath.Join(dir, fileVaultRoleID), []byte(vj.RoleID+"\n"), 0o600); err != nil {
+	if err := atomicfile.WriteFile(filepath.Join(dir, certs.FileVaultRoleID), []byte(vj.RoleID+"\n"), 0o600); err != nil {
 		return nil, err
 	}
-	if err := atomicfile.WriteFile(filepath.Join(dir, fileVaultSecretID), []byte(secretID+"\n"), 0o600); err != nil {
+	if err := atomicfile.WriteFile(filepath.Join(dir, certs.FileVaultSecretID), []byte(secretID+"\n"), 0o600); err != nil {
 		return nil, err
 	}
 	enr := &Enrollment{Site: tok.Site, Node: vj.Node.Node, TokenID: tok.ID, Enrolled: time.Now().UTC(), Seeds: vj.Seeds,
@@ -326,72 +325,69 @@ func joinVault(ctx context.Context, dir string, tok *certs.JoinToken, log *slog.
 	return enr, nil
 }
 
-// applyEnrollment gives a gateway enrolled through Vault the identity
-// and node configuration its token assigned (its configuration file has
-// neither). Other gateways' settings are returned as they are.
-func applyEnrollment(s *Settings) (*Settings, error) {
+// applyEnrollment reads how a burst gateway joined (nil for any other
+// gateway) and gives its settings what the enrollment decided: the seeds
+// it was handed and, when Vault admitted it, the identity and node
+// configuration its token assigned (its configuration file has neither).
+// A burst that has ended is an error: the gateway does not start again.
+func applyEnrollment(s *Settings) (*Settings, *Enrollment, error) {
 	enr, err := loadEnrollment(s.Identity.Dir)
-	if err != nil || enr == nil || enr.Vault == nil || enr.Ended != nil {
-		return s, err
+	if err != nil || enr == nil {
+		return s, nil, err
 	}
-	v, dir := enr.Vault, s.Identity.Dir
-	c := *s
-	c.Identity = certs.Config{Backend: certs.BackendVault, Dir: dir, MeshCIDR: v.MeshCIDR, TTL: "role",
-		Vault: &certs.VaultConfig{Address: v.Address, Namespace: v.Namespace, PKIMount: v.PKIMount, PKIRole: v.PKIRole,
-			KVMount: v.KVMount, KVPrefix: v.KVPrefix, Auth: certs.VaultAuth{Method: "approle", Mount: v.AppRoleMount,
-				RoleIDFile: filepath.Join(dir, fileVaultRoleID), SecretIDFile: filepath.Join(dir, fileVaultSecretID)}}}
-	if _, err := os.Stat(filepath.Join(dir, fileVaultCA)); err == nil {
-		c.Identity.Vault.CACert = filepath.Join(dir, fileVaultCA)
+	if enr.Ended != nil {
+		return s, enr, &BurstEndedError{Site: enr.Site, Node: enr.Node, Reason: enr.Reason}
 	}
-	n := v.Node
-	c.Node = certs.NodeConfig{Name: n.Node, Site: n.Site, Region: n.Region, Provider: n.Provider, Jurisdiction: n.Jurisdiction,
-		OverlayIP: n.OverlayIP.String(), Labels: n.Labels}
-	for _, r := range n.Routes {
-		c.Node.Routes = append(c.Node.Routes, r.String())
-	}
+	c := *s // the caller's settings are left as they were
 	c.Seeds = append(slices.Clone(s.Seeds), enr.Seeds...)
-	return &c, nil
+	if v := enr.Vault; v != nil {
+		dir := s.Identity.Dir
+		c.Identity = certs.Config{Backend: certs.BackendVault, Dir: dir, MeshCIDR: v.MeshCIDR, TTL: "role",
+			Vault: &certs.VaultConfig{Address: v.Address, Namespace: v.Namespace, PKIMount: v.PKIMount, PKIRole: v.PKIRole,
+				KVMount: v.KVMount, KVPrefix: v.KVPrefix, Auth: certs.VaultAuth{Method: "approle", Mount: v.AppRoleMount,
+					RoleIDFile: filepath.Join(dir, certs.FileVaultRoleID), SecretIDFile: filepath.Join(dir, certs.FileVaultSecretID)}}}
+		if _, err := os.Stat(filepath.Join(dir, fileVaultCA)); err == nil {
+			c.Identity.Vault.CACert = filepath.Join(dir, fileVaultCA)
+		}
+		n := v.Node
+		c.Node = certs.NodeConfig{Name: n.Node, Site: n.Site, Region: n.Region, Provider: n.Provider, Jurisdiction: n.Jurisdiction,
+			OverlayIP: n.OverlayIP.String(), Labels: n.Labels}
+		for _, r := range n.Routes {
+			c.Node.Routes = append(c.Node.Routes, r.String())
+		}
+	}
+	return &c, enr, nil
 }
 
 // nodeAttributes are the attributes the gateway runs with: from its node
-// block, or, for a burst gateway, from the certificate its enrollment
-// obtained (the burst decided them). A burst gateway whose identity has
-// expired or been revoked since it last ran forgets it and does not start.
+// block (which applyEnrollment wrote for a gateway Vault admitted), or,
+// for a burst gateway the embedded CA enrolled, from the certificate its
+// enrollment obtained. One whose certificate has expired or been revoked
+// since it last ran forgets it and does not start; any other trouble with
+// it is an error that leaves it in place.
 func (g *Gateway) nodeAttributes(tb *certs.TrustBundle) (certs.Attributes, error) {
+	enr := g.burst
+	if enr == nil || enr.Vault != nil {
+		return g.s.Node.Attributes(tb.MeshPrefix())
+	}
 	dir := g.s.Identity.Dir
-	enr, err := loadEnrollment(dir)
-	if err != nil {
-		return certs.Attributes{}, err
-	}
-	if enr == nil {
-		return g.s.Node.Attributes(tb.MeshPrefix())
-	}
-	g.burst = enr
-	ended := &BurstEndedError{Site: enr.Site, Node: enr.Node, Reason: enr.Reason}
-	if enr.Ended != nil {
-		return certs.Attributes{}, ended
-	}
-	if enr.Vault != nil {
-		// applyEnrollment made the node block; Vault issues the
-		// certificate, and refuses once the burst is over.
-		return g.s.Node.Attributes(tb.MeshPrefix())
-	}
 	id, err := certs.LoadNodeIdentity(dir)
-	if err == nil {
-		_, err = tb.VerifyCertificate(id.Certificate(), g.now())
-	}
 	if err != nil {
-		ended.Reason = err.Error()
-		g.forgetBurst(ended)
-		return certs.Attributes{}, ended
+		return certs.Attributes{}, fmt.Errorf("burst gateway identity: %w", err)
+	}
+	if _, err := tb.VerifyCertificate(id.Certificate(), g.now()); err != nil {
+		var ve *certs.VerifyError
+		if errors.As(err, &ve) && (ve.Reason == certs.ReasonExpired || ve.Reason == certs.ReasonRevoked) {
+			ended := &BurstEndedError{Site: enr.Site, Node: enr.Node, Reason: err.Error()}
+			g.forgetBurst(ended)
+			return certs.Attributes{}, ended
+		}
+		return certs.Attributes{}, fmt.Errorf("burst gateway identity in %s: %w", dir, err)
 	}
 	a := *id.Attributes()
 	if g.s.Node.Name != "" && g.s.Node.Name != a.Node {
 		return a, fmt.Errorf("node block names %s but this burst gateway was enrolled as %s: remove the name", g.s.Node.Name, a.Node)
 	}
-	s := *g.s // the caller's settings are left as they were
-	s.Seeds = append(slices.Clone(s.Seeds), enr.Seeds...)
-	g.s = &s
 	return a, nil
 }
 

@@ -40,7 +40,6 @@ type member struct {
 	remembered   bool            // restored from the state directory, not yet heard from
 	left         bool            // left on purpose (it said so, signed), rather than declared dead
 	leavingAt    time.Time       // when its signed leave notice arrived
-	certSite     string          // the site its certificate gave, once verified: adverts alone are not trusted for it
 	lastVerified *certs.Verified // kept when it dies, to check its leave notice
 	changed      time.Time
 }
@@ -232,6 +231,13 @@ func (ms *membership) update(name string, gossip netip.AddrPort, meta []byte) (n
 		m = &member{name: name}
 		ms.members[name] = m
 	}
+	if !m.alive {
+		// Back (or new): a leave notice or departure from before is over.
+		// Only this clears them, not the re-judging of a member that is
+		// still here, which would lose a notice that arrived before gossip
+		// saw it go.
+		m.left, m.leavingAt = false, time.Time{}
+	}
 	m.gossip, m.meta, m.alive, m.remembered = gossip, append([]byte(nil), meta...), true, false
 	needCert = ms.judgeLocked(m)
 	ms.mu.Unlock()
@@ -276,7 +282,7 @@ func (ms *membership) judgeLocked(m *member) (needCert bool) {
 		ms.refuseLocked(m, prev, err)
 		return false
 	}
-	m.verified, m.seen, m.state, m.reason, m.certSite, m.left, m.leavingAt, m.lastVerified = v, &v.Seen, StateVerified, "", v.Attributes.Site, false, time.Time{}, v
+	m.verified, m.seen, m.state, m.reason, m.lastVerified = v, &v.Seen, StateVerified, "", v
 	return false
 }
 
@@ -322,10 +328,7 @@ func (ms *membership) leaving(name string, valid func(*certs.Verified) bool) err
 	if m == nil {
 		return fmt.Errorf("leave notice of unknown member %s", name)
 	}
-	v := m.verified
-	if v == nil {
-		v = m.lastVerified // already declared dead: its last certificate
-	}
+	v := m.lastVerified // the current one, or the last before it was declared dead
 	if v == nil || !valid(v) {
 		return fmt.Errorf("leave notice of %s: signature does not verify", name)
 	}
@@ -584,7 +587,10 @@ func (ms *membership) snapshot() []MemberView {
 	defer ms.mu.Unlock()
 	out := make([]MemberView, 0, len(ms.members))
 	for _, m := range ms.members {
-		v := MemberView{Name: m.name, Gossip: m.gossip, State: m.state, Reason: m.reason, Remembered: m.remembered, Meta: m.meta, Verified: m.verified, Since: m.changed, Left: m.left, CertSite: m.certSite, Alive: m.alive}
+		v := MemberView{Name: m.name, Gossip: m.gossip, State: m.state, Reason: m.reason, Remembered: m.remembered, Meta: m.meta, Verified: m.verified, Since: m.changed, Left: m.left, Alive: m.alive}
+		if m.lastVerified != nil { // only a certificate names a site
+			v.CertSite = m.lastVerified.Attributes.Site
+		}
 		if m.advert != nil {
 			a := m.advert.Advert
 			v.Advert = &a

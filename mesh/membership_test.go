@@ -286,6 +286,10 @@ func TestLeaveNotice(t *testing.T) {
 	if err := g.handleLeaving(notice("early", ids["early"], f.now)); err != nil {
 		t.Fatal(err)
 	}
+	// Members are judged again (a new revocation list, the periodic
+	// refresh) between the notice and the departure: the notice stands.
+	ms.setTrust(f.trust())
+	ms.refresh()
 	ms.leave("early")
 	ms.leave("late")
 	if err := g.handleLeaving(notice("late", ids["late"], f.now)); err != nil {

@@ -83,10 +83,11 @@ func gatewayRun(c *cli.Context) error {
 		}
 	}
 	g, err := mesh.New(ctx, s, slog.Default())
-	if err != nil {
-		return err
+	if err == nil {
+		err = g.Run(ctx)
 	}
-	err = g.Run(ctx)
+	// The end of a burst, now or before this start, is how a burst
+	// gateway is meant to stop: exit 0, so a supervisor does not restart it.
 	var ended *mesh.BurstEndedError
 	if errors.As(err, &ended) {
 		fmt.Fprintln(c.App.Writer, ended.Error())
