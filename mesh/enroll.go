@@ -111,8 +111,15 @@ func (g *Gateway) serveEnrollment(ctx context.Context) (io.Closer, error) {
 			return
 		}
 		res, err := g.enrol(r.Context(), req, r.RemoteAddr)
-		if err != nil {
-			http.Error(w, err.Error(), http.StatusForbidden)
+		var refused *enrollRefusal
+		switch {
+		case errors.As(err, &refused):
+			http.Error(w, refused.Error(), http.StatusForbidden)
+			return
+		case err != nil:
+			// Our trouble, not the newcomer's: it may try again.
+			g.log.Error("enrollment failed", "token", req.Token, "from", r.RemoteAddr, "err", err)
+			http.Error(w, "enrollment failed on the enrolling gateway (see its log); try again", http.StatusServiceUnavailable)
 			return
 		}
 		w.Header().Set("Content-Type", "application/json")
@@ -137,7 +144,7 @@ func (g *Gateway) enrol(ctx context.Context, req enrollRequest, from string) (*e
 	e := g.enroll
 	csr, err := parseEnrollCSR(req.CSR)
 	if err != nil {
-		return nil, err
+		return nil, &enrollRefusal{err}
 	}
 	e.mu.Lock()
 	defer e.mu.Unlock()
@@ -146,7 +153,7 @@ func (g *Gateway) enrol(ctx context.Context, req enrollRequest, from string) (*e
 	if err != nil {
 		g.log.Warn("enrollment refused", "token", req.Token, "from", from, "err", err)
 		g.metrics.enrollment("refused")
-		return nil, err
+		return nil, &enrollRefusal{err}
 	}
 	// Everything that can fail comes before the certificate and the
 	// token's use, which is final.
@@ -165,7 +172,7 @@ func (g *Gateway) enrol(ctx context.Context, req enrollRequest, from string) (*e
 	}
 	attrs := certs.Attributes{Node: rec.nodeName(i), Site: rec.Site, Region: rec.Region, Provider: rec.Provider,
 		Jurisdiction: rec.Jurisdiction, OverlayIP: ip, Routes: routes, Labels: rec.Labels}
-	// The identity ends with the burst: nothing needs revoking after it.
+	// The identity ends with the burst.
 	cert, err := e.ca.Issue(certs.IssueRequest{Attributes: attrs, PublicKey: csr.PublicKey, TTL: rec.Expires.Sub(now), Now: now})
 	if err != nil {
 		return nil, fmt.Errorf("certify %s: %w", attrs.Node, err)
@@ -193,6 +200,12 @@ func (g *Gateway) enrol(ctx context.Context, req enrollRequest, from string) (*e
 		"serial", t.Serial, "until", rec.Expires)
 	return res, nil
 }
+
+// enrollRefusal is an enrollment refused for what the newcomer sent (its
+// token, its CSR): final, unlike a failure on our side.
+type enrollRefusal struct{ error }
+
+func (e *enrollRefusal) Unwrap() error { return e.error }
 
 func parseEnrollCSR(b []byte) (*x509.CertificateRequest, error) {
 	blk, _ := pem.Decode(b)

@@ -35,6 +35,7 @@ type Gateway struct {
 	prov    *certs.Provider
 	id      atomic.Pointer[certs.NodeIdentity]
 	trust   atomic.Pointer[certs.TrustBundle]
+	trustMu sync.Mutex // serialises adoptTrust
 	wgMu    sync.Mutex // guards wgKey and wgNext, which a rotation changes
 	wgKey   certs.WGPrivateKey
 	wgNext  certs.WGPrivateKey // zero unless a rotation has advertised it
@@ -836,6 +837,10 @@ func (g *Gateway) renewed(id *certs.NodeIdentity, tb *certs.TrustBundle) {
 
 // adoptTrust switches to a trust bundle with a newer revocation list.
 func (g *Gateway) adoptTrust(tb *certs.TrustBundle) bool {
+	// Gossip, renewal, the issuer poll and burst ends all call this: one
+	// at a time, so an older list never replaces a newer one.
+	g.trustMu.Lock()
+	defer g.trustMu.Unlock()
 	cur := g.trust.Load()
 	if crlNumber(tb.CRL()) <= crlNumber(cur.CRL()) {
 		return false

@@ -165,8 +165,9 @@ func Join(ctx context.Context, s *Settings, token string, log *slog.Logger) (*En
 }
 
 // postEnroll tries each endpoint of the token. A refusal is final; an
-// unreachable endpoint is tried again with backoff for a minute, since a
-// server booting in the cloud may run before its network is ready.
+// unreachable or failing endpoint is tried again with backoff for a
+// minute, since a server booting in the cloud may run before its network
+// is ready.
 func postEnroll(ctx context.Context, tok *certs.JoinToken, body []byte, log *slog.Logger) (*enrollResponse, error) {
 	client := &http.Client{Timeout: 15 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{
 		MinVersion: tls.VersionTLS13,
@@ -202,6 +203,10 @@ func postEnroll(ctx context.Context, tok *certs.JoinToken, body []byte, log *slo
 				errs = append(errs, fmt.Errorf("%s: %w", ep, err))
 				continue
 			}
+			if resp.StatusCode >= 500 {
+				errs = append(errs, fmt.Errorf("%s: %s", ep, strings.TrimSpace(string(b))))
+				continue
+			}
 			if resp.StatusCode != http.StatusOK {
 				return nil, fmt.Errorf("enrollment refused by %s: %s", ep, strings.TrimSpace(string(b)))
 			}
@@ -213,9 +218,9 @@ func postEnroll(ctx context.Context, tok *certs.JoinToken, body []byte, log *slo
 		}
 		err := errors.Join(errs...)
 		if time.Now().Add(backoff).After(deadline) {
-			return nil, fmt.Errorf("no enrollment endpoint reachable: %w", err)
+			return nil, fmt.Errorf("no enrollment endpoint answered: %w", err)
 		}
-		log.Warn("enrollment endpoint unreachable, trying again", "err", err, "retry_in", backoff)
+		log.Warn("no enrollment endpoint answered, trying again", "err", err, "retry_in", backoff)
 		select {
 		case <-ctx.Done():
 			return nil, ctx.Err()
