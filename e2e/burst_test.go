@@ -154,7 +154,7 @@ func TestBurstSite(t *testing.T) {
 	t.Logf("burst gateway: join-to-routable %s (process start to a TCP echo from Zurich through the mesh)", routable.Round(10*time.Millisecond))
 
 	// The token is spent: a second server presenting it gets a clear no.
-	out, err := l.nsexec(par.ns, skybridge, "gateway", "run", "--config", par.cfg, "--join-token-file", ams.tokenFile)
+	out, err := l.nsexec(par.ns, "timeout", "30", skybridge, "gateway", "run", "--config", par.cfg, "--join-token-file", ams.tokenFile) // a token wrongly accepted would run on
 	if err == nil || !strings.Contains(out, "already used") {
 		t.Fatalf("token reuse: %v\n%s", err, out)
 	}
@@ -195,7 +195,7 @@ func TestBurstSite(t *testing.T) {
 		"--ttl", "1h", "--token-ttl", "1s", "--routes", "10.11.0.0/24")
 	time.Sleep(time.Until(g3.TokenExpires) + 100*time.Millisecond) // the token's expiry is the condition
 	os.WriteFile(par.tokenFile, []byte(g3.Tokens[0]), 0o600)
-	out, err = l.nsexec(par.ns, skybridge, "gateway", "run", "--config", par.cfg, "--join-token-file", par.tokenFile)
+	out, err = l.nsexec(par.ns, "timeout", "30", skybridge, "gateway", "run", "--config", par.cfg, "--join-token-file", par.tokenFile)
 	if err == nil || !strings.Contains(out, "expired") {
 		t.Fatalf("expired token: %v\n%s", err, out)
 	}

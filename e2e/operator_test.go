@@ -123,7 +123,8 @@ func TestOperatorOverOverlay(t *testing.T) {
 	waitFor(t, 30*time.Second, "zrh drops the decommissioned site", func() (bool, string) {
 		got, state := reachable()
 		_, there := got[iad.site]
-		return got != nil && !there && got[fra.site] == 0 && got[zrh.site] == 1, state
+		fraV, fraThere := got[fra.site] // crashed, not decommissioned: still counted, unreachable
+		return got != nil && !there && fraThere && fraV == 0 && got[zrh.site] == 1, state
 	})
 
 	// skybridge status names the endpoint.

@@ -87,8 +87,9 @@ func TestWireGuardKeyRotationUnderLoad(t *testing.T) {
 			return hasNew && !hasOld, "new " + strconv.FormatBool(hasNew) + " old " + strconv.FormatBool(hasOld)
 		})
 	}
-	st, err := status(zrh.socket)
-	if err != nil || st.PublicKey != rep.New {
-		t.Errorf("zrh status public key %q (err %v), want %s", st.PublicKey, err, rep.New)
+	if st, err := status(zrh.socket); err != nil {
+		t.Errorf("zrh status: %v", err)
+	} else if st.PublicKey != rep.New {
+		t.Errorf("zrh status public key %q, want %s", st.PublicKey, rep.New)
 	}
 }

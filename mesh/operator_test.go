@@ -95,16 +95,19 @@ func runLiveGateway(t *testing.T, s *Settings, logs io.Writer) *liveGateway {
 	return lg
 }
 
-func (lg *liveGateway) url(path string) string {
-	deadline := time.Now().Add(10 * time.Second)
-	for lg.g.OperatorAddress() == nil && time.Now().Before(deadline) {
-		time.Sleep(10 * time.Millisecond)
-	}
-	return "http://" + lg.g.OperatorAddress().String() + path
+// operatorAddr waits for the operator endpoint to listen.
+func (lg *liveGateway) operatorAddr(t *testing.T) net.Addr {
+	t.Helper()
+	waitUntil(t, 10*time.Second, "the operator endpoint", func() bool { return lg.g.OperatorAddress() != nil })
+	return lg.g.OperatorAddress()
 }
 
-func (lg *liveGateway) cookieName() string {
-	_, port, _ := net.SplitHostPort(lg.g.OperatorAddress().String())
+func (lg *liveGateway) url(t *testing.T, path string) string {
+	return "http://" + lg.operatorAddr(t).String() + path
+}
+
+func (lg *liveGateway) cookieName(t *testing.T) string {
+	_, port, _ := net.SplitHostPort(lg.operatorAddr(t).String())
 	return sessionCookie + port
 }
 
@@ -188,7 +191,7 @@ func TestOperatorEndpoint(t *testing.T) {
 	noRedirect := &http.Client{Timeout: 10 * time.Second, CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
 	get := func(path string, hdr map[string]string) *http.Response {
 		t.Helper()
-		req, _ := http.NewRequest(http.MethodGet, a.url(path), nil)
+		req, _ := http.NewRequest(http.MethodGet, a.url(t, path), nil)
 		for k, v := range hdr {
 			req.Header.Set(k, v)
 		}
@@ -210,7 +213,7 @@ func TestOperatorEndpoint(t *testing.T) {
 		{"/", nil},
 		{"/?token=wrong", nil},
 		{"/ui/dashboard.js", nil},
-		{"/api/v1/dashboard", map[string]string{"Cookie": a.cookieName() + "=" + tok}}, // the token is not the session
+		{"/api/v1/dashboard", map[string]string{"Cookie": a.cookieName(t) + "=" + tok}}, // the token is not the session
 		{"/api/v1/events", nil},
 		{"/api/v1/graph?format=svg", nil},
 	} {
@@ -222,7 +225,7 @@ func TestOperatorEndpoint(t *testing.T) {
 	// Metrics, as Prometheus scrapes them.
 	var fam scrape.Families
 	waitUntil(t, 20*time.Second, "the impostor's rejection to be counted", func() bool {
-		fam, err = scrape.Get(context.Background(), noRedirect, a.url("/metrics"), tok)
+		fam, err = scrape.Get(context.Background(), noRedirect, a.url(t, "/metrics"), tok)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -268,7 +271,7 @@ func TestOperatorEndpoint(t *testing.T) {
 	// exports (promtool, in scripts/test.sh, checks the rules' syntax and
 	// behaviour). The decision counter exists once a policy names classes.
 	a.g.metrics.classes([]string{"pii-eu"})
-	fam, err = scrape.Get(context.Background(), noRedirect, a.url("/metrics"), tok)
+	fam, err = scrape.Get(context.Background(), noRedirect, a.url(t, "/metrics"), tok)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -299,7 +302,7 @@ func TestOperatorEndpoint(t *testing.T) {
 	}
 	var cookie *http.Cookie
 	for _, ck := range resp.Cookies() {
-		if ck.Name == a.cookieName() {
+		if ck.Name == a.cookieName(t) {
 			cookie = ck
 		}
 	}

@@ -49,8 +49,9 @@ func TestWireGuardKeyRotation(t *testing.T) {
 	if err != nil || wgtypes.Key(stored.Public()) != newKey {
 		t.Errorf("stored key %v (err %v), want the new one: a restart must keep it", stored.Public(), err)
 	}
-	st, err := a.g.Status()
-	if err != nil || st.PublicKey != rep.NewKey {
+	if st, err := a.g.Status(); err != nil {
+		t.Errorf("status: %v", err)
+	} else if st.PublicKey != rep.NewKey {
 		t.Errorf("status public key %q, want %s", st.PublicKey, rep.NewKey)
 	}
 	if _, err := a.g.state.rotatedAt(); err != nil {

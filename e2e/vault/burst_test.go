@@ -233,7 +233,9 @@ operator { listen = "off" }
 	})
 
 	// The wrapped SecretID is gone: the token cannot enrol another.
-	reuse := exec.Command(bin, "gateway", "run", "--config", burstCfg("c"), "--join-token-file", tokenFile)
+	rctx, cancel := context.WithTimeout(ctx, 30*time.Second) // a token wrongly accepted would run on
+	defer cancel()
+	reuse := exec.CommandContext(rctx, bin, "gateway", "run", "--config", burstCfg("c"), "--join-token-file", tokenFile)
 	if out, err := reuse.CombinedOutput(); err == nil || !strings.Contains(string(out), "already used or expired") {
 		t.Fatalf("token reuse: %v\n%s", err, out)
 	}
