@@ -75,7 +75,8 @@ func allocatedBytes(path string) (int64, error) {
 }
 
 // measuredThroughput is, per destination site, the allocated bytes of the
-// migrations done to it over the time they took.
+// migrations done to it over the time they took. Only whole runs count: a
+// resumed attempt or a re-sync skips chunks its duration never paid for.
 func (g *Gateway) measuredThroughput() (map[string]float64, error) {
 	sends, err := g.mig.journal.Sends()
 	if err != nil {
@@ -83,9 +84,10 @@ func (g *Gateway) measuredThroughput() (map[string]float64, error) {
 	}
 	bytes, secs := map[string]float64{}, map[string]float64{}
 	for _, r := range sends {
-		if r.State == migrate.StateDone && r.Stats.Duration > 0 {
-			bytes[r.ToSite] += float64(r.Stats.AllocatedBytes)
-			secs[r.ToSite] += r.Stats.Duration.Seconds()
+		st := r.Stats
+		if r.State == migrate.StateDone && st.Duration > 0 && st.ChunksResumed+st.ChunksHad+st.ChunksSame == 0 {
+			bytes[r.ToSite] += float64(st.AllocatedBytes)
+			secs[r.ToSite] += st.Duration.Seconds()
 		}
 	}
 	out := map[string]float64{}

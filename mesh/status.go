@@ -102,8 +102,16 @@ func (g *Gateway) Status() (*Status, error) {
 	if p := g.plan.Load(); p != nil {
 		st.Links, st.Conflicts, st.Carriers = p.Links, p.Conflicts, p.Carriers
 	}
+	// Probe verdicts outlive a gateway's departure (so that a return must
+	// prove itself); status names only those still verified members.
+	verified := map[string]bool{}
+	for _, m := range g.members.gateways() {
+		verified[m.Attributes.Node] = true
+	}
 	for n := range g.downSet() {
-		st.Unreachable = append(st.Unreachable, n)
+		if verified[n] {
+			st.Unreachable = append(st.Unreachable, n)
+		}
 	}
 	sort.Strings(st.Unreachable)
 	dev, err := g.dev.Device()

@@ -121,7 +121,7 @@ func (m *LinkMemo) done() {
 
 // Plan is the WireGuard configuration Self should have.
 type Plan struct {
-	Peers  []PeerConfig   `json:"peers"`  // sorted by node
+	Peers  []PeerConfig   `json:"peers"`  // sorted by node, then the next keys of rotating peers
 	Routes []netip.Prefix `json:"routes"` // site prefixes to route into the interface
 	Links  []Link         `json:"links"`  // one per remote site, sorted by site
 	// Carriers names, per site, the gateway its routes go through.

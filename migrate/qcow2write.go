@@ -88,20 +88,8 @@ func convertToQcow2(src *os.File, size int64, dst string) error {
 		return err
 	}
 
-	hdr := make([]byte, qcowCluster)
 	be := binary.BigEndian
-	copy(hdr, qcow2Magic)
-	be.PutUint32(hdr[4:], 3)                // version
-	be.PutUint32(hdr[20:], qcowClusterBits) // cluster_bits
-	be.PutUint64(hdr[24:], uint64(virtual))
-	be.PutUint32(hdr[36:], uint32(l1Size))
-	be.PutUint64(hdr[40:], uint64(l1Off*qcowCluster))
-	be.PutUint64(hdr[48:], uint64(rtOff*qcowCluster))
-	be.PutUint32(hdr[56:], uint32(rtClusters))
-	be.PutUint32(hdr[96:], 4)              // refcount_order: 16-bit refcounts
-	be.PutUint32(hdr[100:], qcowHeaderLen) // header_length
-	// hdr[104:112] stays zero: the end-of-extensions marker.
-	if err := w(hdr, 0, 0); err != nil {
+	if err := w(qcowHeader(virtual, l1Size, l1Off, rtOff, rtClusters), 0, 0); err != nil {
 		return err
 	}
 
@@ -154,6 +142,26 @@ func convertToQcow2(src *os.File, size int64, dst string) error {
 		return fmt.Errorf("fsync %s: %w", dst, err)
 	}
 	return atomicfile.SyncDir(dirOf(dst))
+}
+
+// qcowHeader is the header cluster of an image of virtual bytes whose L1
+// table (l1Size entries) starts at cluster l1Off and whose refcount table
+// takes rtN clusters from rtOff.
+func qcowHeader(virtual, l1Size, l1Off, rtOff, rtN int64) []byte {
+	hdr := make([]byte, qcowCluster)
+	be := binary.BigEndian
+	copy(hdr, qcow2Magic)
+	be.PutUint32(hdr[4:], 3)                // version
+	be.PutUint32(hdr[20:], qcowClusterBits) // cluster_bits
+	be.PutUint64(hdr[24:], uint64(virtual))
+	be.PutUint32(hdr[36:], uint32(l1Size))
+	be.PutUint64(hdr[40:], uint64(l1Off*qcowCluster))
+	be.PutUint64(hdr[48:], uint64(rtOff*qcowCluster))
+	be.PutUint32(hdr[56:], uint32(rtN))
+	be.PutUint32(hdr[96:], 4)              // refcount_order: 16-bit refcounts
+	be.PutUint32(hdr[100:], qcowHeaderLen) // header_length
+	// hdr[104:112] stays zero: the end-of-extensions marker.
+	return hdr
 }
 
 // Writing qcow2 in place. A receiver that is to store qcow2 writes each
@@ -222,15 +230,16 @@ func finishQcow2InPlace(f *os.File, size, base int64) error {
 	if err != nil {
 		return err
 	}
-	var data []int64 // virtual clusters holding data, ascending
+	// The virtual clusters holding data: those the file's data extents
+	// overlap, counted from base.
+	var virtualExtents []Extent
 	for _, e := range extents {
-		from, to := max(e.Off, base), min(e.Off+e.Len, hostEnd)
-		for c := (from - base) / qcowCluster; from < to && c*qcowCluster < to-base; c++ {
-			if n := len(data); n == 0 || data[n-1] < c {
-				data = append(data, c)
-			}
+		if end := e.Off + e.Len; end > base {
+			from := max(e.Off, base)
+			virtualExtents = append(virtualExtents, Extent{from - base, end - from})
 		}
 	}
+	data := candidates(virtualExtents, l.clusters*qcowCluster, qcowCluster)
 	be := binary.BigEndian
 	refs := make([]byte, l.rbN*qcowCluster)
 	ref := func(hostCluster int64) { be.PutUint16(refs[hostCluster*2:], 1) }
@@ -254,17 +263,7 @@ func finishQcow2InPlace(f *os.File, size, base int64) error {
 		be.PutUint64(l2[t][(c%qcowL2Entries)*8:], uint64(host)|qcowCopied)
 		ref(host / qcowCluster)
 	}
-	hdr := make([]byte, qcowCluster)
-	copy(hdr, qcow2Magic)
-	be.PutUint32(hdr[4:], 3)                // version
-	be.PutUint32(hdr[20:], qcowClusterBits) // cluster_bits
-	be.PutUint64(hdr[24:], uint64(l.virtual))
-	be.PutUint32(hdr[36:], uint32(l.l1Size))
-	be.PutUint64(hdr[40:], uint64(l.l1*qcowCluster))
-	be.PutUint64(hdr[48:], uint64(l.rt*qcowCluster))
-	be.PutUint32(hdr[56:], uint32(l.rtN))
-	be.PutUint32(hdr[96:], 4)              // refcount_order: 16-bit refcounts
-	be.PutUint32(hdr[100:], qcowHeaderLen) // header_length
+	hdr := qcowHeader(l.virtual, l.l1Size, l.l1, l.rt, l.rtN)
 	rt := make([]byte, l.rtN*qcowCluster)
 	for b := int64(0); b < l.rbN; b++ {
 		be.PutUint64(rt[b*8:], uint64((l.rb+b)*qcowCluster))
