@@ -140,11 +140,36 @@ func (b *burstBook) find(site string) *burstRecord {
 	return nil
 }
 
+// check refuses a burst whose site is open already, or whose routes
+// overlap those of an open burst (whose gateways may not have joined yet).
+func (b *burstBook) check(a certs.Attributes) error {
+	if r := b.find(a.Site); r != nil {
+		return fmt.Errorf("burst site %s is already open (until %s): end it first with `skybridge burst down --site %s`",
+			a.Site, r.Expires.UTC().Format(time.RFC3339), a.Site)
+	}
+	for _, r := range b.Bursts {
+		if r.Ended != nil {
+			continue
+		}
+		for _, rs := range r.Routes {
+			o, err := netip.ParsePrefix(rs)
+			if err != nil {
+				continue
+			}
+			for _, p := range a.Routes {
+				if p.Overlaps(o) {
+					return fmt.Errorf("route %s overlaps %s of open burst site %s: a burst site needs prefixes of its own", p, o, r.Site)
+				}
+			}
+		}
+	}
+	return nil
+}
+
 // open records a new burst with its tokens.
 func (b *burstBook) open(req BurstRequest, attrs certs.Attributes, tokens []*certs.JoinToken, now time.Time) (*burstRecord, error) {
-	if r := b.find(req.Site); r != nil {
-		return nil, fmt.Errorf("burst site %s is already open (until %s): end it first with `skybridge burst down --site %s`",
-			req.Site, r.Expires.UTC().Format(time.RFC3339), req.Site)
+	if err := b.check(attrs); err != nil {
+		return nil, err
 	}
 	r := &burstRecord{
 		Site: attrs.Site, Provider: attrs.Provider, Region: attrs.Region, Jurisdiction: attrs.Jurisdiction, Labels: attrs.Labels,

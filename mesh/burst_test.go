@@ -117,6 +117,11 @@ func TestBurstBook(t *testing.T) {
 	if _, err := bk.open(req, attrs, nil, t0); err == nil || !strings.Contains(err.Error(), "already open") {
 		t.Fatalf("a second open burst of the same site: %v", err)
 	}
+	other := attrs
+	other.Site = "burst-par"
+	if _, err := bk.open(BurstRequest{Site: "burst-par", TTL: time.Hour}, other, nil, t0); err == nil || !strings.Contains(err.Error(), "overlaps 10.77.0.0/24 of open burst site burst-ams") {
+		t.Fatalf("a burst claiming an open burst's routes: %v", err)
+	}
 	if h := a.SecretHash(); rec.Tokens[0].Hash != hex.EncodeToString(h[:]) {
 		t.Fatalf("the book keeps %q for the token, want its SHA-256", rec.Tokens[0].Hash)
 	}

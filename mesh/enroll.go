@@ -302,7 +302,7 @@ func (g *Gateway) BurstUp(ctx context.Context, req BurstRequest) (*BurstGrant, e
 	if err != nil {
 		return nil, err
 	}
-	if err := g.checkBurstSite(attrs); err != nil {
+	if err := g.checkBurstSite(attrs, max(req.Gateways, 1)); err != nil {
 		return nil, err
 	}
 	if req.Gateways == 0 {
@@ -320,9 +320,8 @@ func (g *Gateway) BurstUp(ctx context.Context, req BurstRequest) (*BurstGrant, e
 	grant := &BurstGrant{Site: attrs.Site, Expires: expires.UTC(), TokenExpires: tokExp.UTC(), Classes: g.classVerdicts(attrs, now)}
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	if r := e.book.find(attrs.Site); r != nil {
-		return nil, fmt.Errorf("burst site %s is already open (until %s): end it first with `skybridge burst down --site %s`",
-			r.Site, r.Expires.UTC().Format(time.RFC3339), r.Site)
+	if err := e.book.check(attrs); err != nil { // before anything is made in Vault
+		return nil, err
 	}
 	var toks []*certs.JoinToken
 	if e.vault != nil {
@@ -363,11 +362,19 @@ func tokenIDs(ts []*certs.JoinToken) []string {
 }
 
 // checkBurstSite refuses a burst that would impersonate a site the mesh
-// already has, or claim prefixes another site routes.
-func (g *Gateway) checkBurstSite(a certs.Attributes) error {
+// already has, name a gateway like an existing one, or claim prefixes
+// another site routes (open bursts are checked by the book).
+func (g *Gateway) checkBurstSite(a certs.Attributes, gateways int) error {
 	self := g.id.Load().Attributes()
 	nodes := append(g.members.gateways(), Node{Attributes: self})
+	names := map[string]bool{}
+	for i := range gateways {
+		names[burstNodeName(a.Site, i)] = true
+	}
 	for _, n := range nodes {
+		if names[n.Attributes.Node] {
+			return fmt.Errorf("gateway %s of site %s already has the name a gateway of burst site %s would get: choose another site name", n.Attributes.Node, n.Attributes.Site, a.Site)
+		}
 		if n.Attributes.Site == a.Site {
 			return fmt.Errorf("site %s already exists (gateway %s): a burst site needs a name of its own", a.Site, n.Attributes.Node)
 		}
