@@ -101,7 +101,13 @@ func (g *Gateway) probeRound(ctx context.Context, states map[string]*probeState)
 	if ctx.Err() != nil {
 		return
 	}
-	down, flips := judge(states, targets, members, answered, time.Now())
+	carriers := map[string]bool{}
+	if p := g.plan.Load(); p != nil {
+		for _, n := range p.Carriers {
+			carriers[n] = true
+		}
+	}
+	down, flips := judge(states, targets, members, carriers, answered, time.Now())
 	for _, n := range flips {
 		if down[n.node()] {
 			g.log.Warn("gateway unreachable through its tunnel: its site's routes go through another gateway", "peer", n.node(), "peer_site", n.site())
@@ -138,12 +144,14 @@ func probeTargets(selfSite string, nodes []Node, states map[string]*probeState) 
 // judge takes a round of probe outcomes and returns the gateways now
 // judged unreachable (new ones are, until they prove themselves; so are
 // those gone from the membership, for when they return) and those whose
-// verdict flipped.
-func judge(states map[string]*probeState, targets []Node, members map[string]bool, answered []bool, now time.Time) (down map[string]bool, flips []Node) {
+// verdict flipped. A gateway first probed while it carries its site's
+// routes (carriers) starts reachable: it was the site's only gateway, and
+// a newcomer beside it must prove itself before taking them.
+func judge(states map[string]*probeState, targets []Node, members, carriers map[string]bool, answered []bool, now time.Time) (down map[string]bool, flips []Node) {
 	for i, n := range targets {
 		st := states[n.node()]
 		if st == nil {
-			st = &probeState{down: true} // unproven
+			st = &probeState{down: !carriers[n.node()]} // unproven, unless it carries the routes now
 			states[n.node()] = st
 		}
 		st.lastSeen = now

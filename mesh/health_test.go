@@ -42,7 +42,7 @@ func TestJudge(t *testing.T) {
 	states := map[string]*probeState{}
 	both := map[string]bool{"a": true, "b": true}
 	round := func(i int, targets []Node, members map[string]bool, answered ...bool) map[string]bool {
-		down, _ := judge(states, targets, members, answered, t0.Add(time.Duration(i)*time.Second))
+		down, _ := judge(states, targets, members, nil, answered, t0.Add(time.Duration(i)*time.Second))
 		return down
 	}
 	if d := round(0, []Node{a, b}, both, true, true); !d["a"] || !d["b"] {
@@ -68,5 +68,16 @@ func TestJudge(t *testing.T) {
 	}
 	if d := round(14+int(probeForget/time.Second)+1, targets, members, true); d["a"] || states["a"] != nil {
 		t.Fatalf("a gone for longer than probeForget: still judged %v", d)
+	}
+
+	// A site's only gateway (never probed: no choice) gets a sibling
+	// that sorts first: the one carrying the routes starts reachable, the
+	// newcomer must prove itself, so the routes stay put.
+	only, newcomer := graphNode("z-only", "t", 3), graphNode("a-new", "t", 4)
+	fresh := map[string]*probeState{}
+	down, _ := judge(fresh, []Node{newcomer, only}, map[string]bool{"z-only": true, "a-new": true}, map[string]bool{"z-only": true},
+		[]bool{true, true}, t0)
+	if down["z-only"] || !down["a-new"] {
+		t.Fatalf("a newcomer beside the carrier: %v, want only the newcomer down", down)
 	}
 }
