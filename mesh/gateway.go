@@ -77,6 +77,7 @@ type Gateway struct {
 	operatorAddr atomic.Pointer[net.Addr]
 	operatorTok  atomic.Pointer[string]
 	wgRotation   sync.Mutex                      // one WireGuard key rotation at a time
+	wgRotated    atomic.Int64                    // last WireGuard key rotation, Unix ns (0: not known yet)
 	advertMu     sync.Mutex                      // serialises signAdvert
 	down         atomic.Pointer[map[string]bool] // gateways our data plane does not reach (health.go)
 	healthGen    atomic.Uint64                   // counts changes of down

@@ -145,7 +145,10 @@ wait:
 	if err := g.advertiseNow(); err != nil {
 		return nil, fmt.Errorf("advertise the new WireGuard key: %w", err)
 	}
-	g.state.markRotated(g.now())
+	g.wgRotated.Store(g.now().UnixNano())
+	if err := g.state.markRotated(g.now()); err != nil {
+		g.log.Warn("record the rotation time (a restart may rotate again early)", "err", err)
+	}
 	rep.Took = time.Since(start)
 	g.log.Info("WireGuard key rotated", "public_key", rep.NewKey, "ready", len(rep.Ready), "late", strings.Join(rep.Late, ","), "took", rep.Took.Round(time.Millisecond))
 	return rep, nil
@@ -231,13 +234,23 @@ func (g *Gateway) rotateOnSchedule(ctx context.Context) {
 	}
 	t := time.NewTicker(wgRotationCheck)
 	defer t.Stop()
+	// The time of the last rotation survives restarts in the state
+	// directory; from then on RotateWireGuardKey keeps it in memory, so a
+	// state file that cannot be written does not make every check rotate.
+	last, err := g.state.rotatedAt()
+	if err != nil {
+		if !errors.Is(err, os.ErrNotExist) {
+			g.log.Warn("read the last WireGuard rotation time; counting from now", "err", err)
+		}
+		last = g.now()
+		if err := g.state.markRotated(last); err != nil {
+			g.log.Warn("record the rotation schedule's start", "err", err)
+		}
+	}
+	g.wgRotated.CompareAndSwap(0, last.UnixNano())
 	var retryAt time.Time // after a failure: not before this
 	for {
-		last, err := g.state.rotatedAt()
-		if errors.Is(err, os.ErrNotExist) {
-			g.state.markRotated(g.now())
-			last = g.now()
-		}
+		last := time.Unix(0, g.wgRotated.Load())
 		if g.now().Sub(last) >= g.s.WGRotateEvery && !g.now().Before(retryAt) {
 			if _, err := g.RotateWireGuardKey(ctx); err != nil && ctx.Err() == nil {
 				retryAt = g.now().Add(wgRotationRetry)
