@@ -19,6 +19,7 @@ import (
 	"os"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -77,6 +78,33 @@ type operator struct {
 	cookie  string // the session cookie's name
 	session string // its value: random per start, so the cookie jar never holds the token and a restart ends every session
 	addr    net.Addr
+
+	// The latest dashboard snapshot, shared by every open page: each
+	// asks once a second, and a snapshot reads the device, the membership
+	// and the migration journal.
+	snapMu sync.Mutex
+	snap   []byte
+	snapAt time.Time
+}
+
+// snapshot returns the dashboard as JSON, taken afresh at most twice per
+// dashboardEvery whatever the number of pages.
+func (o *operator) snapshot() ([]byte, error) {
+	o.snapMu.Lock()
+	defer o.snapMu.Unlock()
+	if o.snap != nil && time.Since(o.snapAt) < dashboardEvery/2 {
+		return o.snap, nil
+	}
+	d, err := o.g.Dashboard()
+	if err != nil {
+		return nil, err
+	}
+	b, err := json.Marshal(d)
+	if err != nil {
+		return nil, err
+	}
+	o.snap, o.snapAt = b, time.Now()
+	return b, nil
 }
 
 func (g *Gateway) serveOperator(ctx context.Context) (io.Closer, error) {
@@ -155,8 +183,13 @@ func (o *operator) routes() http.Handler {
 	})
 	mux.Handle("GET /ui/", http.StripPrefix("/ui/", files))
 	mux.HandleFunc("GET /api/v1/dashboard", func(w http.ResponseWriter, r *http.Request) {
-		d, err := o.g.Dashboard()
-		reply(w, d, err)
+		b, err := o.snapshot()
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusInternalServerError)
+			return
+		}
+		w.Header().Set("Content-Type", "application/json")
+		w.Write(append(b, '\n'))
 	})
 	mux.HandleFunc("GET /api/v1/events", o.events)
 	mux.HandleFunc("GET /api/v1/graph", o.g.serveGraph)
@@ -227,11 +260,9 @@ func (o *operator) events(w http.ResponseWriter, r *http.Request) {
 	t := time.NewTicker(dashboardEvery)
 	defer t.Stop()
 	for {
-		d, err := o.g.Dashboard()
-		if err != nil {
+		if b, err := o.snapshot(); err != nil {
 			fmt.Fprintf(w, "event: error\ndata: %s\n\n", strings.ReplaceAll(err.Error(), "\n", " "))
 		} else {
-			b, _ := json.Marshal(d)
 			fmt.Fprintf(w, "event: snapshot\ndata: %s\n\n", b)
 		}
 		fl.Flush()
