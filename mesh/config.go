@@ -408,8 +408,13 @@ const (
 	reconcileInterval = 10 * time.Second      // resync even without events, to repair drift
 	reconcileDebounce = 50 * time.Millisecond // gather a burst of events into one reconcile
 	rejoinInterval    = 5 * time.Second       // how often a gateway missing members knocks on seeds
-	saveInterval      = 5 * time.Second       // at most this often is the membership written to disk
-	inboxSize         = 8192                  // gossip messages waiting for the worker
-	maxSends          = 16                    // streams a gateway opens at once for its own messages
-	maxJoinCerts      = 8192                  // certificates a join's push/pull carries (about 5 MB)
+	// rejoinFanout bounds the addresses knocked on per round: each knock is
+	// a full state exchange, one that answers heals the partition, and a
+	// mesh that falsely declared many members dead must not answer with a
+	// storm of exchanges.
+	rejoinFanout = 3
+	saveInterval = 5 * time.Second // at most this often is the membership written to disk
+	inboxSize    = 8192            // gossip messages waiting for the worker
+	maxSends     = 16              // streams a gateway opens at once for its own messages
+	maxJoinCerts = 8192            // certificates a join's push/pull carries (about 5 MB)
 )

@@ -468,6 +468,12 @@ func (g *Gateway) startGossip() error {
 			return err
 		}
 		cfg.Transport = t
+	} else {
+		t, err := newGossipTransport(g.s.GossipBind, g.log)
+		if err != nil {
+			return fmt.Errorf("start gossip: %w", err)
+		}
+		cfg.Transport = t
 	}
 	ml, err := memberlist.Create(cfg)
 	if err != nil {
@@ -724,7 +730,9 @@ func (g *Gateway) maintain(ctx context.Context) {
 			}
 			if g.ml.NumMembers() <= 1 || time.Since(lastJoin) >= rejoinInterval {
 				lastJoin = time.Now()
-				g.join(g.rejoinTargets())
+				t := g.rejoinTargets()
+				rand.Shuffle(len(t), func(i, j int) { t[i], t[j] = t[j], t[i] })
+				g.join(t[:min(len(t), rejoinFanout)])
 			}
 		case <-refresh.C:
 			g.members.refresh()

@@ -45,14 +45,14 @@ func TestScaleConvergence(t *testing.T) {
 		}
 	}
 	var b strings.Builder
-	fmt.Fprintf(&b, "\n| gateways | sequential joins took | converge after last join | crash removed everywhere | CPU per gateway (steady) | heap per gateway | gossip per gateway |\n|---|---|---|---|---|---|---|\n")
+	fmt.Fprintf(&b, "\n| gateways | sequential joins took | CPU per join (whole process) | converge after last join | crash removed everywhere | CPU per gateway (steady) | heap per gateway | gossip per gateway |\n|---|---|---|---|---|---|---|---|\n")
 	for _, n := range sizes {
 		r := runScale(t, n)
 		if r.note != "" {
-			fmt.Fprintf(&b, "| %d | %s | | | | | |\n", n, r.note)
+			fmt.Fprintf(&b, "| %d | %s | | | | | | |\n", n, r.note)
 			continue
 		}
-		fmt.Fprintf(&b, "| %d | %s | %s | %s | %.2f %% of a core | %s | %.1f KB/s |\n", n, r.joins.Round(10*time.Millisecond), r.converge.Round(time.Millisecond),
+		fmt.Fprintf(&b, "| %d | %s | %.0f ms | %s | %s | %.2f %% of a core | %s | %.1f KB/s |\n", n, r.joins.Round(10*time.Millisecond), 1000*r.joinCPU, r.converge.Round(time.Millisecond),
 			r.crash.Round(time.Millisecond), r.cpuPct, kib(r.heap), r.gossipBps/1000)
 	}
 	t.Log(b.String())
@@ -69,6 +69,7 @@ const (
 type scaleResult struct {
 	note            string        // why the run stopped short, if it did
 	joins           time.Duration // from the first gateway's start to the last one's join
+	joinCPU         float64       // CPU seconds the process spent per join while joining
 	converge, crash time.Duration
 	cpuPct          float64 // percent of one core per gateway
 	heap            uint64  // bytes per gateway
@@ -94,21 +95,29 @@ type simGateway struct {
 // countingTransport counts the gossip bytes a gateway sends: UDP packets,
 // and both directions of the streams it dials (push/pull, user messages).
 type countingTransport struct {
-	memberlist.Transport
+	*gossipTransport
 	n *atomic.Int64
 }
 
-func (t countingTransport) WriteTo(b []byte, addr string) (time.Time, error) {
+func (t countingTransport) WriteToAddress(b []byte, a memberlist.Address) (time.Time, error) {
 	t.n.Add(int64(len(b)))
-	return t.Transport.WriteTo(b, addr)
+	return t.gossipTransport.WriteToAddress(b, a)
 }
 
-func (t countingTransport) DialTimeout(addr string, timeout time.Duration) (net.Conn, error) {
-	c, err := t.Transport.DialTimeout(addr, timeout)
+func (t countingTransport) WriteTo(b []byte, addr string) (time.Time, error) {
+	return t.WriteToAddress(b, memberlist.Address{Addr: addr})
+}
+
+func (t countingTransport) DialAddressTimeout(a memberlist.Address, timeout time.Duration) (net.Conn, error) {
+	c, err := t.gossipTransport.DialAddressTimeout(a, timeout)
 	if err != nil {
 		return nil, err
 	}
 	return countingConn{Conn: c, n: t.n}, nil
+}
+
+func (t countingTransport) DialTimeout(addr string, timeout time.Duration) (net.Conn, error) {
+	return t.DialAddressTimeout(memberlist.Address{Addr: addr}, timeout)
 }
 
 type countingConn struct {
@@ -229,11 +238,11 @@ func runScale(t *testing.T, n int) scaleResult {
 		g, err := newGateway(context.Background(), s, log, options{
 			device: dev, noControl: true, noMigrations: true, cache: cache, tune: scaleTuning,
 			transport: func(cfg *memberlist.Config) (memberlist.Transport, error) {
-				nt, err := memberlist.NewNetTransport(&memberlist.NetTransportConfig{BindAddrs: []string{cfg.BindAddr}, BindPort: cfg.BindPort, Logger: cfg.Logger})
+				gt, err := newGossipTransport(ap, log)
 				if err != nil {
 					return nil, err
 				}
-				return countingTransport{Transport: nt, n: &gossipBytes}, nil
+				return countingTransport{gossipTransport: gt, n: &gossipBytes}, nil
 			},
 		})
 		if err != nil {
@@ -263,7 +272,7 @@ func runScale(t *testing.T, n int) scaleResult {
 		defer stop()
 	}
 	// Join one after the other, as gateways coming up.
-	joinStart := time.Now()
+	joinStart, cpuStart := time.Now(), processCPU()
 	var r scaleResult
 	for i, s := range sims {
 		if time.Since(joinStart) > joinBudget {
@@ -271,8 +280,8 @@ func runScale(t *testing.T, n int) scaleResult {
 			t.Logf("N=%d: %s", n, r.note)
 			return r
 		}
-		if debug && i%50 == 0 {
-			t.Logf("joining: %d up after %s", i, time.Since(joinStart).Round(time.Millisecond))
+		if debug && i%25 == 0 {
+			t.Logf("joining: %d up after %s, CPU %.1f s", i, time.Since(joinStart).Round(time.Millisecond), processCPU())
 		}
 		ctx, cancel := context.WithCancel(context.Background())
 		s.cancel = cancel
@@ -282,9 +291,14 @@ func runScale(t *testing.T, n int) scaleResult {
 		case <-s.g.joined:
 		case err := <-runErr:
 			t.Fatalf("N=%d: gateway %s stopped: %v", n, s.g.s.Node.Name, err)
+		case <-time.After(time.Until(joinStart.Add(joinBudget))):
+			r.note = fmt.Sprintf("only %d of %d joined within %s", i, n, joinBudget)
+			t.Logf("N=%d: %s", n, r.note)
+			return r
 		}
 	}
 	lastJoin := time.Now()
+	r.joinCPU = (processCPU() - cpuStart) / float64(n)
 	// Complete and correct: every other live gateway is a peer, at its
 	// gossip address, with exactly its overlay address and its site's route.
 	var check func(*simGateway, map[wgtypes.Key]wgtypes.Peer, wgtypes.Key) bool
@@ -431,4 +445,36 @@ func processCPU() float64 {
 
 // scaleTuning is the memberlist tuning under test (nil: the LAN profile
 // as is).
-var scaleTuning func(*memberlist.Config)
+var scaleTuning func(*memberlist.Config) = envTuning()
+
+func envTuning() func(*memberlist.Config) {
+	v := os.Getenv("SKYBRIDGE_BENCH_TUNE")
+	if v == "" {
+		return nil
+	}
+	return func(c *memberlist.Config) {
+		for _, kv := range strings.Split(v, ",") {
+			k, val, _ := strings.Cut(kv, "=")
+			d, _ := time.ParseDuration(val)
+			n, _ := strconv.Atoi(val)
+			switch k {
+			case "gossip":
+				c.GossipInterval = d
+			case "nodes":
+				c.GossipNodes = n
+			case "probe":
+				c.ProbeInterval = d
+			case "ptimeout":
+				c.ProbeTimeout = d
+			case "susp":
+				c.SuspicionMult = n
+			case "retrans":
+				c.RetransmitMult = n
+			case "queue":
+				c.HandoffQueueDepth = n
+			case "notcp":
+				c.DisableTcpPings = true
+			}
+		}
+	}
+}

@@ -138,8 +138,12 @@ type Plan struct {
 // whatever order the members arrived in.
 func Compute(in TopologyInput) Plan {
 	var plan Plan
-	peers := slices.Clone(in.Peers)
-	slices.SortFunc(peers, func(a, b Node) int { return cmp.Compare(a.node(), b.node()) })
+	byName := func(a, b Node) int { return cmp.Compare(a.node(), b.node()) }
+	peers := in.Peers // read only
+	if !slices.IsSortedFunc(peers, byName) {
+		peers = slices.Clone(peers)
+		slices.SortFunc(peers, byName)
+	}
 
 	// Residency: which remote sites may we link to at all?
 	links := make(map[string]Link, len(peers))
