@@ -230,6 +230,12 @@ func TestMembershipGeneration(t *testing.T) {
 	if g1 == g0 {
 		t.Fatal("a new member did not move the generation")
 	}
+	// Still waiting for its certificate, it re-advertises: nothing a plan
+	// is made of has changed, so no gateway should recompute.
+	ms.update("gw-a", gossipAddr, f.advert(a, 2))
+	if g := ms.generation(); g != g1 {
+		t.Fatalf("a pending member's new advert moved the generation %d→%d", g1, g)
+	}
 	if err := ms.addCert(a.Certificate().Raw); err != nil {
 		t.Fatal(err)
 	}
@@ -237,6 +243,20 @@ func TestMembershipGeneration(t *testing.T) {
 	if g2 == g1 || states(ms)["gw-a"] != StateVerified {
 		t.Fatalf("verification: generation %d→%d, state %s", g1, g2, states(ms)["gw-a"])
 	}
+	if gw := ms.gateways(); len(gw) != 1 || gw[0].Advert.Version != 2 {
+		t.Fatalf("gateways after verification: %+v", gw)
+	}
+	meta3 := f.advert(a, 3)
+	ms.update("gw-a", gossipAddr, meta3)
+	g2b := ms.generation()
+	if g2b == g2 || ms.gateways()[0].Advert.Version != 3 {
+		t.Fatalf("a verified member's new advert: generation %d→%d, gateways hold version %d", g2, g2b, ms.gateways()[0].Advert.Version)
+	}
+	ms.update("gw-a", gossipAddr, meta3) // the same advert, gossiped again
+	if g := ms.generation(); g != g2b {
+		t.Fatalf("the same advert again moved the generation %d→%d", g2b, g)
+	}
+	g2 = g2b
 	changedAt := ms.snapshot()[0].Since
 	clock = clock.Add(time.Minute)
 	ms.refresh()

@@ -1,0 +1,95 @@
+package mesh
+
+import (
+	"bytes"
+	"io"
+	"log/slog"
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/memberlist"
+)
+
+// TestGossipTransport checks what memberlist relies on: datagrams arrive
+// whole with their sender, each in a buffer of its own (the receive buffer
+// is reused, so a packet must not change when the next one arrives),
+// streams connect, the advertised address is the one asked for (the bound
+// port if none), and shutdown returns.
+func TestGossipTransport(t *testing.T) {
+	lo := netip.MustParseAddr("127.0.0.1")
+	a, err := newGossipTransport(netip.AddrPortFrom(lo, 0), slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := newGossipTransport(netip.AddrPortFrom(lo, 0), slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Shutdown()
+	ip, port, err := b.FinalAdvertiseAddr("", 0)
+	if err != nil || !ip.Equal(lo.AsSlice()) || port == 0 {
+		t.Fatalf("FinalAdvertiseAddr(\"\", 0) = %v, %d, %v; want 127.0.0.1 and the bound port", ip, port, err)
+	}
+	if ip, p, err := b.FinalAdvertiseAddr("192.0.2.7", 7946); err != nil || ip.String() != "192.0.2.7" || p != 7946 {
+		t.Fatalf("FinalAdvertiseAddr(192.0.2.7, 7946) = %v, %d, %v", ip, p, err)
+	}
+	if _, _, err := b.FinalAdvertiseAddr("gateway.example", 7946); err == nil {
+		t.Fatal("a host name was accepted as the advertise address")
+	}
+	to := netip.AddrPortFrom(lo, uint16(port)).String()
+
+	first, second := bytes.Repeat([]byte{1}, 1400), []byte("ping")
+	for _, msg := range [][]byte{first, second} {
+		if _, err := a.WriteToAddress(msg, memberlist.Address{Addr: to}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	recv := func() *memberlist.Packet {
+		select {
+		case p := <-b.PacketCh():
+			return p
+		case <-time.After(5 * time.Second):
+			t.Fatal("no datagram within 5 s")
+			return nil
+		}
+	}
+	p1, p2 := recv(), recv()
+	if !bytes.Equal(p1.Buf, first) || !bytes.Equal(p2.Buf, second) {
+		t.Fatalf("received %d bytes then %q; want the 1400-byte datagram unchanged, then %q", len(p1.Buf), p2.Buf, second)
+	}
+	if cap(p2.Buf) > 64 {
+		t.Errorf("a 4-byte datagram holds a %d-byte buffer; want an exact-size copy", cap(p2.Buf))
+	}
+	_, aPort, _ := a.FinalAdvertiseAddr("", 0)
+	if want := netip.AddrPortFrom(lo, uint16(aPort)).String(); p1.From.String() != want {
+		t.Errorf("sender %s; want %s", p1.From, want)
+	}
+
+	c, err := a.DialTimeout(to, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() { c.Write([]byte("push/pull")); c.Close() }()
+	select {
+	case s := <-b.StreamCh():
+		got, _ := io.ReadAll(s)
+		s.Close()
+		if string(got) != "push/pull" {
+			t.Fatalf("stream carried %q", got)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("no stream within 5 s")
+	}
+
+	done := make(chan error, 1)
+	go func() { done <- a.Shutdown() }()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("Shutdown did not return")
+	}
+}
