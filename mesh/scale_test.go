@@ -444,7 +444,8 @@ func processCPU() float64 {
 }
 
 // scaleTuning is the memberlist tuning under test (nil: the LAN profile
-// as is).
+// as is), adjusted from SKYBRIDGE_BENCH_TUNE, e.g.
+// "gossip=200ms,nodes=3,probe=1s,ptimeout=500ms,susp=4,notcp".
 var scaleTuning func(*memberlist.Config) = envTuning()
 
 func envTuning() func(*memberlist.Config) {
@@ -474,6 +475,8 @@ func envTuning() func(*memberlist.Config) {
 				c.HandoffQueueDepth = n
 			case "notcp":
 				c.DisableTcpPings = true
+			default:
+				panic(fmt.Sprintf("SKYBRIDGE_BENCH_TUNE: unknown setting %q (known: gossip, nodes, probe, ptimeout, susp, retrans, queue, notcp)", k))
 			}
 		}
 	}
