@@ -233,10 +233,7 @@ func (g *Gateway) pickDestination(to, class string) (*Node, error) {
 	}
 	now := g.now()
 	for i := range matched {
-		site := policy.SiteOf(matched[i].Attributes)
-		store := p.p.Evaluate(policy.Request{Class: class, Action: policy.Store, Sites: []policy.Site{site}, Time: now})
-		transit := p.p.Evaluate(policy.Request{Class: class, Action: policy.Transit, Sites: []policy.Site{policy.SiteOf(self), site}, Time: now})
-		if store.Allowed && transit.Allowed {
+		if _, verdict := p.p.AdmitMove(class, policy.SiteOf(self), policy.SiteOf(matched[i].Attributes), now); verdict.Allowed {
 			return &matched[i], nil
 		}
 	}

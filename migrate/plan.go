@@ -319,16 +319,11 @@ func (s *slot) admits(in PlanInput, class string) string {
 	if in.Policy == nil {
 		msg = "no residency policy is in force on this gateway: nothing may leave it"
 	} else {
-		site := policy.SiteOf(a)
-		store := in.Policy.Evaluate(policy.Request{Class: class, Action: policy.Store, Sites: []policy.Site{site}, Time: in.Now})
-		transit := in.Policy.Evaluate(policy.Request{Class: class, Action: policy.Transit, Sites: []policy.Site{policy.SiteOf(in.From), site}, Time: in.Now})
-		switch {
-		case !store.Allowed:
-			msg = fmt.Sprintf("%s (%s): %s [%s]", a.Node, a.Site, strings.Join(store.Reasons, "; "), store.Rule)
-		case !transit.Allowed:
-			msg = fmt.Sprintf("%s (%s): %s [%s]", a.Node, a.Site, strings.Join(transit.Reasons, "; "), transit.Rule)
-		default:
-			s.rule[class] = store.Rule.String()
+		_, verdict := in.Policy.AdmitMove(class, policy.SiteOf(in.From), policy.SiteOf(a), in.Now)
+		if verdict.Allowed {
+			s.rule[class] = verdict.Rule.String()
+		} else {
+			msg = fmt.Sprintf("%s (%s): %s [%s]", a.Node, a.Site, strings.Join(verdict.Reasons, "; "), verdict.Rule)
 		}
 	}
 	s.policyErr[class] = msg

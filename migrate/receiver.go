@@ -246,20 +246,11 @@ func (r *Receiver) decide(o *Offer, from *certs.Attributes) (policy.Decision, bo
 	if p == nil {
 		return policy.Decision{Rule: policy.RuleRef{Kind: "default-deny", Name: "no policy"}, Reasons: []string{"no residency policy is in force on the receiving gateway"}}, false
 	}
-	now := r.cfg.Now()
-	req := policy.Request{Class: o.Class, Action: policy.Store, Sites: []policy.Site{policy.SiteOf(self)}, Time: now}
-	store := p.Evaluate(req)
-	r.cfg.Observer.Decided(RoleReceive, o.ID, req, store)
-	if !store.Allowed {
-		return store, false
+	checks, verdict := p.AdmitMove(o.Class, policy.SiteOf(from), policy.SiteOf(self), r.cfg.Now())
+	for _, c := range checks {
+		r.cfg.Observer.Decided(RoleReceive, o.ID, c.Request, c.Decision)
 	}
-	req = policy.Request{Class: o.Class, Action: policy.Transit, Sites: []policy.Site{policy.SiteOf(from), policy.SiteOf(self)}, Time: now}
-	transit := p.Evaluate(req)
-	r.cfg.Observer.Decided(RoleReceive, o.ID, req, transit)
-	if !transit.Allowed {
-		return transit, false
-	}
-	return store, true
+	return verdict, verdict.Allowed
 }
 
 func (r *Receiver) audit(o *Offer, from *certs.Attributes, d policy.Decision, outcome string, root Hash, bytes int64, start, end time.Time, errText string) {

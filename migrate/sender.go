@@ -290,21 +290,13 @@ func (s *sender) check() error {
 	if s.cfg.Policy == nil {
 		return &DeniedError{By: "sender", Rule: "no policy", Reasons: []string{"no residency policy is in force on this gateway: nothing may leave it"}}
 	}
-	from, to := policy.SiteOf(s.cfg.From), policy.SiteOf(s.cfg.To.Attributes)
-	now := s.cfg.Now()
-	req := policy.Request{Class: s.cfg.Class, Action: policy.Store, Sites: []policy.Site{to}, Time: now}
-	store := s.cfg.Policy.Evaluate(req)
-	s.cfg.Observer.Decided(RoleSend, s.rec.ID, req, store)
-	s.decision = store
-	if !store.Allowed {
-		return &DeniedError{By: "sender", Rule: store.Rule.String(), Reasons: store.Reasons}
+	checks, verdict := s.cfg.Policy.AdmitMove(s.cfg.Class, policy.SiteOf(s.cfg.From), policy.SiteOf(s.cfg.To.Attributes), s.cfg.Now())
+	for _, c := range checks {
+		s.cfg.Observer.Decided(RoleSend, s.rec.ID, c.Request, c.Decision)
 	}
-	req = policy.Request{Class: s.cfg.Class, Action: policy.Transit, Sites: []policy.Site{from, to}, Time: now}
-	transit := s.cfg.Policy.Evaluate(req)
-	s.cfg.Observer.Decided(RoleSend, s.rec.ID, req, transit)
-	if !transit.Allowed {
-		s.decision = transit
-		return &DeniedError{By: "sender", Rule: transit.Rule.String(), Reasons: transit.Reasons}
+	s.decision = verdict
+	if !verdict.Allowed {
+		return &DeniedError{By: "sender", Rule: verdict.Rule.String(), Reasons: verdict.Reasons}
 	}
 	return nil
 }

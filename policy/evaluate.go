@@ -171,3 +171,31 @@ func (p *Policy) NextChange(t time.Time) time.Time {
 	}
 	return next
 }
+
+// Check is one decision taken on the way to a verdict, with its request,
+// as the audit log records it.
+type Check struct {
+	Request  Request
+	Decision Decision
+}
+
+// AdmitMove decides whether data of class may move from one site to
+// another and rest there: storage at the destination first, then transit
+// from source to destination, stopping at the first denial. It returns the
+// checks made, in order, and the verdict: the denying decision, or the
+// storage decision (whose rule admitted the data and whose obligations
+// apply) when both allow. The migration planner, the sending and the
+// receiving gateway all decide this way, so they cannot disagree.
+func (p *Policy) AdmitMove(class string, from, to Site, now time.Time) (checks []Check, verdict Decision) {
+	for _, req := range []Request{
+		{Class: class, Action: Store, Sites: []Site{to}, Time: now},
+		{Class: class, Action: Transit, Sites: []Site{from, to}, Time: now},
+	} {
+		d := p.Evaluate(req)
+		checks = append(checks, Check{Request: req, Decision: d})
+		if !d.Allowed {
+			return checks, d
+		}
+	}
+	return checks, checks[0].Decision
+}

@@ -256,3 +256,46 @@ func TestNextChange(t *testing.T) {
 }
 
 func (r Request) at(t time.Time) Request { r.Time = t; return r }
+
+// TestAdmitMove: storage at the destination is decided first, then
+// transit; the first denial is the verdict and nothing after it is asked;
+// when both allow, the storage decision is the verdict (its rule admitted
+// the data, its obligations apply at rest).
+func TestAdmitMove(t *testing.T) {
+	p := mustParse(t, testPolicy)
+	tests := []struct {
+		name     string
+		class    string
+		from, to Site
+		checks   int // decisions taken
+		allowed  bool
+		action   Action // of the verdict
+		line     int    // of the verdict's rule
+	}{
+		{name: "both allow", class: "pii", from: osl, to: fra, checks: 2, allowed: true, action: Store, line: 32},
+		{name: "storage denied: transit not asked", class: "pii", from: fra, to: zrh, checks: 1, action: Store},
+		{name: "transit denied", class: "secret", from: fra, to: zrh, checks: 2, action: Transit},
+		{name: "unknown class", class: "nope", from: zrh, to: fra, checks: 1, action: Store},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			checks, v := p.AdmitMove(tc.class, tc.from, tc.to, nov24)
+			if len(checks) != tc.checks || v.Allowed != tc.allowed {
+				t.Fatalf("%d checks, allowed %v; want %d, %v (%v)", len(checks), v.Allowed, tc.checks, tc.allowed, v.Reasons)
+			}
+			last := checks[len(checks)-1]
+			if last.Request.Action != Store && last.Request.Action != Transit || last.Request.Class != tc.class {
+				t.Fatalf("last request %+v", last.Request)
+			}
+			if !tc.allowed && last.Request.Action != tc.action {
+				t.Errorf("denied by %s; want %s", last.Request.Action, tc.action)
+			}
+			if tc.allowed && (checks[0].Request.Action != Store || v.Rule.Pos.Line != tc.line) {
+				t.Errorf("verdict from %s, rule line %d; want the storage decision, line %d", checks[0].Request.Action, v.Rule.Pos.Line, tc.line)
+			}
+			if got := checks[len(checks)-1].Request.Sites; checks[len(checks)-1].Request.Action == Transit && (len(got) != 2 || got[0].Name != tc.from.Name || got[1].Name != tc.to.Name) {
+				t.Errorf("transit path %v; want %s → %s", got, tc.from.Name, tc.to.Name)
+			}
+		})
+	}
+}
