@@ -186,10 +186,10 @@ func Compute(in TopologyInput) Plan {
 	}
 	plan.Carriers = carrier
 
-	members := make([]Node, 0, len(peers)) // the linked ones
-	for _, p := range peers {
-		if linked(&p) {
-			members = append(members, p)
+	members := make([]*Node, 0, len(peers)) // the linked ones (pointers: a Node is a few hundred bytes)
+	for i := range peers {
+		if linked(&peers[i]) {
+			members = append(members, &peers[i])
 		}
 	}
 
@@ -199,7 +199,7 @@ func Compute(in TopologyInput) Plan {
 	default:
 		plan.Peers = make([]PeerConfig, 0, len(members))
 		for _, p := range members {
-			pc := peerConfig(in, p)
+			pc := peerConfig(&in, p)
 			pc.AllowedIPs = []netip.Prefix{overlayPrefix(p)}
 			if carrier[p.site()] == p.node() && p.site() != in.Self.site() {
 				pc.AllowedIPs = append(pc.AllowedIPs, p.Advert.Routes...)
@@ -217,8 +217,8 @@ func Compute(in TopologyInput) Plan {
 // A next key that is already someone's key (ours, or a peer's current or
 // next one) is refused: WireGuard keys peers by public key, and a second
 // entry with that key would take over the other peer's.
-func addNextKeys(plan *Plan, self Node, members []Node) {
-	next := map[string]Node{}
+func addNextKeys(plan *Plan, self Node, members []*Node) {
+	next := map[string]*Node{}
 	for _, m := range members {
 		if k := m.Advert.NextWireGuardKey; k != (certs.WGPublicKey{}) && k != m.Advert.WireGuardKey {
 			next[m.node()] = m
@@ -249,7 +249,7 @@ func addNextKeys(plan *Plan, self Node, members []Node) {
 // hubPeers builds the hub topology: each site's hub (its route carrier)
 // peers with the other sites' hubs and with its own site's gateways; every
 // other gateway peers only with its site's hub, which relays for it.
-func hubPeers(in TopologyInput, members []Node, hub map[string]string, plan *Plan) []PeerConfig {
+func hubPeers(in TopologyInput, members []*Node, hub map[string]string, plan *Plan) []PeerConfig {
 	selfIsHub := hub[in.Self.site()] == in.Self.node()
 	var out []PeerConfig
 	if !selfIsHub {
@@ -257,7 +257,7 @@ func hubPeers(in TopologyInput, members []Node, hub map[string]string, plan *Pla
 			if p.node() != hub[in.Self.site()] {
 				continue
 			}
-			pc := peerConfig(in, p)
+			pc := peerConfig(&in, p)
 			// Everything else in the mesh is reached through the hub.
 			for _, q := range members {
 				if q.node() == in.Self.node() {
@@ -272,18 +272,18 @@ func hubPeers(in TopologyInput, members []Node, hub map[string]string, plan *Pla
 		}
 		return out
 	}
-	bySite := map[string][]Node{}
+	bySite := map[string][]*Node{}
 	for _, p := range members {
 		bySite[p.site()] = append(bySite[p.site()], p)
 	}
 	for _, p := range members {
 		switch {
 		case p.site() == in.Self.site():
-			pc := peerConfig(in, p)
+			pc := peerConfig(&in, p)
 			pc.AllowedIPs = []netip.Prefix{overlayPrefix(p)}
 			out = append(out, pc)
 		case hub[p.site()] == p.node():
-			pc := peerConfig(in, p)
+			pc := peerConfig(&in, p)
 			for _, q := range bySite[p.site()] {
 				pc.AllowedIPs = append(pc.AllowedIPs, overlayPrefix(q))
 			}
@@ -294,7 +294,7 @@ func hubPeers(in TopologyInput, members []Node, hub map[string]string, plan *Pla
 	return out
 }
 
-func peerConfig(in TopologyInput, p Node) PeerConfig {
+func peerConfig(in *TopologyInput, p *Node) PeerConfig {
 	pc := PeerConfig{Node: p.node(), Site: p.site(), PublicKey: p.Advert.WireGuardKey, Endpoint: pickEndpoint(in.Self.Advert.Endpoints, p.Advert.Endpoints)}
 	if in.BehindNAT {
 		pc.Keepalive = Keepalive
@@ -302,7 +302,7 @@ func peerConfig(in TopologyInput, p Node) PeerConfig {
 	return pc
 }
 
-func overlayPrefix(g Node) netip.Prefix {
+func overlayPrefix(g *Node) netip.Prefix {
 	a := g.Attributes.OverlayIP
 	return netip.PrefixFrom(a, a.BitLen())
 }
@@ -376,7 +376,7 @@ func sharedClasses(a, b string) []string {
 // overlay address or routes, and derives the routes: every allowed prefix
 // outside the mesh overlay range.
 func dedupe(plan *Plan, self Node, mesh netip.Prefix) {
-	own := append([]netip.Prefix{overlayPrefix(self)}, self.Advert.Routes...)
+	own := append([]netip.Prefix{overlayPrefix(&self)}, self.Advert.Routes...)
 	for i := range plan.Peers {
 		pc := &plan.Peers[i]
 		slices.SortFunc(pc.AllowedIPs, comparePrefix)
@@ -389,7 +389,6 @@ func dedupe(plan *Plan, self Node, mesh netip.Prefix) {
 	contested := anyOverlap(plan.Peers)
 	var taken []netip.Prefix
 	owner := map[netip.Prefix]string{}
-	routes := map[netip.Prefix]bool{}
 	for i := range plan.Peers {
 		pc := &plan.Peers[i]
 		kept := pc.AllowedIPs[:0]
@@ -408,29 +407,52 @@ func dedupe(plan *Plan, self Node, mesh netip.Prefix) {
 			}
 			kept = append(kept, p)
 			if !(mesh.Contains(p.Addr()) && p.Bits() >= mesh.Bits()) {
-				routes[p] = true
+				plan.Routes = append(plan.Routes, p)
 			}
 		}
 		pc.AllowedIPs = kept
 	}
-	for p := range routes {
-		plan.Routes = append(plan.Routes, p)
-	}
 	slices.SortFunc(plan.Routes, comparePrefix)
+	plan.Routes = slices.Compact(plan.Routes)
 }
 
 // anyOverlap reports whether any two allowed prefixes of the peers overlap
 // (each peer's own list is already free of duplicates). Sorted by address
 // then length, a prefix overlaps an earlier one only if that one contains
 // it, and the innermost such one is on a stack of the prefixes still open.
+// IPv4 prefixes, the usual case, are sorted as integers: sorting netip
+// values was most of the cost of a thousand-peer plan.
 func anyOverlap(peers []PeerConfig) bool {
-	var all []netip.Prefix
+	v4 := make([]uint64, 0, 2*len(peers)) // address << 8 | length
+	var v6 []netip.Prefix
 	for _, pc := range peers {
-		all = append(all, pc.AllowedIPs...)
+		for _, p := range pc.AllowedIPs {
+			if p.Addr().Is4() {
+				a := p.Addr().As4()
+				v4 = append(v4, uint64(a[0])<<32|uint64(a[1])<<24|uint64(a[2])<<16|uint64(a[3])<<8|uint64(p.Bits()))
+			} else {
+				v6 = append(v6, p)
+			}
+		}
 	}
-	slices.SortFunc(all, comparePrefix)
+	slices.Sort(v4)
+	var open4 []uint64
+	contains := func(q, k uint64) bool { // prefix q contains the address of k
+		bits := q & 0xff
+		return bits == 0 || (q>>8)>>(32-bits) == (k>>8)>>(32-bits)
+	}
+	for _, k := range v4 {
+		for len(open4) > 0 && !contains(open4[len(open4)-1], k) {
+			open4 = open4[:len(open4)-1]
+		}
+		if len(open4) > 0 {
+			return true
+		}
+		open4 = append(open4, k)
+	}
+	slices.SortFunc(v6, comparePrefix)
 	var open []netip.Prefix
-	for _, p := range all {
+	for _, p := range v6 {
 		for len(open) > 0 && !open[len(open)-1].Contains(p.Addr()) {
 			open = open[:len(open)-1]
 		}

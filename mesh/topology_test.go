@@ -306,6 +306,9 @@ func TestAnyOverlap(t *testing.T) {
 		{"contained, not adjacent in order", []PeerConfig{pc("10.0.0.0/8", "100.96.0.1/32"), pc("10.200.0.0/16"), pc("10.9.0.0/16")}, true},
 		{"IPv6 inside IPv6", []PeerConfig{pc("fd00::/48"), pc("fd00:0:0:1::/64")}, true},
 		{"IPv4 and IPv6 never overlap", []PeerConfig{pc("0.0.0.0/0"), pc("::/0")}, false},
+		{"IPv4 default route contains everything", []PeerConfig{pc("192.0.2.1/32"), pc("0.0.0.0/0")}, true},
+		{"IPv4 stack pops, then a container", []PeerConfig{pc("10.0.0.0/24"), pc("10.0.2.0/24"), pc("10.0.3.5/32"), pc("10.0.3.0/24")}, true},
+		{"IPv4 neighbours at the top of the range", []PeerConfig{pc("255.255.255.254/32"), pc("255.255.255.255/32"), pc("255.255.255.0/25")}, false},
 	}
 	for _, tt := range tests {
 		if got := anyOverlap(tt.peers); got != tt.want {
