@@ -2,6 +2,7 @@ package mesh
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -454,29 +455,23 @@ func envTuning() func(*memberlist.Config) {
 		return nil
 	}
 	return func(c *memberlist.Config) {
+		durations := map[string]*time.Duration{"gossip": &c.GossipInterval, "probe": &c.ProbeInterval, "ptimeout": &c.ProbeTimeout}
+		ints := map[string]*int{"nodes": &c.GossipNodes, "susp": &c.SuspicionMult, "retrans": &c.RetransmitMult, "queue": &c.HandoffQueueDepth}
 		for _, kv := range strings.Split(v, ",") {
 			k, val, _ := strings.Cut(kv, "=")
-			d, _ := time.ParseDuration(val)
-			n, _ := strconv.Atoi(val)
-			switch k {
-			case "gossip":
-				c.GossipInterval = d
-			case "nodes":
-				c.GossipNodes = n
-			case "probe":
-				c.ProbeInterval = d
-			case "ptimeout":
-				c.ProbeTimeout = d
-			case "susp":
-				c.SuspicionMult = n
-			case "retrans":
-				c.RetransmitMult = n
-			case "queue":
-				c.HandoffQueueDepth = n
-			case "notcp":
+			var err error
+			switch {
+			case durations[k] != nil:
+				*durations[k], err = time.ParseDuration(val)
+			case ints[k] != nil:
+				*ints[k], err = strconv.Atoi(val)
+			case k == "notcp":
 				c.DisableTcpPings = true
 			default:
-				panic(fmt.Sprintf("SKYBRIDGE_BENCH_TUNE: unknown setting %q (known: gossip, nodes, probe, ptimeout, susp, retrans, queue, notcp)", k))
+				err = errors.New("unknown setting (known: gossip, probe, ptimeout as durations; nodes, susp, retrans, queue as numbers; notcp)")
+			}
+			if err != nil {
+				panic(fmt.Sprintf("SKYBRIDGE_BENCH_TUNE %q: %v", kv, err))
 			}
 		}
 	}
