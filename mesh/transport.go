@@ -141,6 +141,8 @@ func (t *gossipTransport) readPackets() {
 		if n == 0 {
 			continue
 		}
+		// A dual-stack socket reports IPv4 senders as ::ffff:a.b.c.d.
+		from = netip.AddrPortFrom(from.Addr().Unmap(), from.Port())
 		t.packets <- &memberlist.Packet{Buf: append([]byte(nil), buf[:n]...), From: net.UDPAddrFromAddrPort(from), Timestamp: now}
 	}
 }
