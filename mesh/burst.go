@@ -22,17 +22,23 @@ import (
 // issued there. This file is the record of bursts and its rules, free of
 // I/O so they can be table-tested; enroll.go serves it.
 
-// BurstRequest asks for a burst site.
-type BurstRequest struct {
+// BurstSite is what a burst site is: where it runs and what it routes.
+// A request, the enrolling gateway's record and `burst list` all carry it.
+type BurstSite struct {
 	Site         string            `json:"site"`
 	Provider     string            `json:"provider"`
 	Region       string            `json:"region"`
 	Jurisdiction string            `json:"jurisdiction"`
 	Routes       []string          `json:"routes"`
 	Labels       map[string]string `json:"labels,omitempty"`
-	TTL          time.Duration     `json:"ttl"`                 // the site's lifetime
-	TokenTTL     time.Duration     `json:"token_ttl,omitempty"` // how long a token may wait to be used; default DefaultTokenTTL
-	Gateways     int               `json:"gateways,omitempty"`  // tokens to make (gateways the site runs); default 1
+}
+
+// BurstRequest asks for a burst site.
+type BurstRequest struct {
+	BurstSite
+	TTL      time.Duration `json:"ttl"`                 // the site's lifetime
+	TokenTTL time.Duration `json:"token_ttl,omitempty"` // how long a token may wait to be used; default DefaultTokenTTL
+	Gateways int           `json:"gateways,omitempty"`  // tokens to make (gateways the site runs); default 1
 	// VaultToken is an operator's Vault token for a Vault-backed gateway
 	// to set the burst up with (roles, policy, AppRole). It is used for
 	// this request only: never stored, never logged.
@@ -94,17 +100,12 @@ func (r *BurstRequest) attributes(meshPrefix netip.Prefix) (certs.Attributes, er
 
 // burstRecord is one burst site as the enrolling gateway keeps it.
 type burstRecord struct {
-	Site         string            `json:"site"`
-	Provider     string            `json:"provider"`
-	Region       string            `json:"region"`
-	Jurisdiction string            `json:"jurisdiction"`
-	Routes       []string          `json:"routes"`
-	Labels       map[string]string `json:"labels,omitempty"`
-	Created      time.Time         `json:"created"`
-	Expires      time.Time         `json:"expires"`
-	Ended        *time.Time        `json:"ended,omitempty"`
-	EndReason    string            `json:"end_reason,omitempty"`
-	Tokens       []burstToken      `json:"tokens"`
+	BurstSite
+	Created   time.Time    `json:"created"`
+	Expires   time.Time    `json:"expires"`
+	Ended     *time.Time   `json:"ended,omitempty"`
+	EndReason string       `json:"end_reason,omitempty"`
+	Tokens    []burstToken `json:"tokens"`
 	// Vault bursts: Vault admits the gateways (their tokens' Node and
 	// OverlayIP are assigned at burst up, Used stays unknown);
 	// VaultCleaned once burst down removed the burst's Vault objects.
@@ -172,8 +173,8 @@ func (b *burstBook) open(req BurstRequest, attrs certs.Attributes, tokens []*cer
 		return nil, err
 	}
 	r := &burstRecord{
-		Site: attrs.Site, Provider: attrs.Provider, Region: attrs.Region, Jurisdiction: attrs.Jurisdiction, Labels: attrs.Labels,
-		Created: now.UTC(), Expires: now.Add(req.TTL).UTC(),
+		BurstSite: BurstSite{Site: attrs.Site, Provider: attrs.Provider, Region: attrs.Region, Jurisdiction: attrs.Jurisdiction, Labels: attrs.Labels},
+		Created:   now.UTC(), Expires: now.Add(req.TTL).UTC(),
 	}
 	for _, p := range attrs.Routes {
 		r.Routes = append(r.Routes, p.String())

@@ -18,6 +18,9 @@ import (
 	"github.com/skybridge-mesh/skybridge/certs"
 )
 
+// amsSite is the burst site the tests open.
+var amsSite = BurstSite{Site: "burst-ams", Provider: "aws", Region: "eu-west-1", Jurisdiction: "NL", Routes: []string{"10.77.0.0/24"}}
+
 func TestPickOverlayIP(t *testing.T) {
 	p := netip.MustParsePrefix("100.96.0.0/16")
 	addrs := func(ss ...string) map[netip.Addr]bool {
@@ -56,7 +59,7 @@ func TestPickOverlayIP(t *testing.T) {
 
 func TestBurstRequestValidation(t *testing.T) {
 	mesh := netip.MustParsePrefix("100.96.0.0/16")
-	good := BurstRequest{Site: "burst-ams", Provider: "aws", Region: "eu-west-1", Jurisdiction: "NL", Routes: []string{"10.77.0.0/24"}, TTL: time.Hour}
+	good := BurstRequest{BurstSite: amsSite, TTL: time.Hour}
 	if _, err := good.attributes(mesh); err != nil {
 		t.Fatalf("valid request refused: %v", err)
 	}
@@ -104,7 +107,7 @@ func TestBurstBook(t *testing.T) {
 		return tok
 	}
 	a, b := mk(t0.Add(30*time.Minute)), mk(t0.Add(time.Minute))
-	req := BurstRequest{Site: "burst-ams", Provider: "aws", Region: "eu-west-1", Jurisdiction: "NL", Routes: []string{"10.77.0.0/24"}, TTL: time.Hour}
+	req := BurstRequest{BurstSite: amsSite, TTL: time.Hour}
 	attrs, err := req.attributes(netip.MustParsePrefix("100.96.0.0/16"))
 	if err != nil {
 		t.Fatal(err)
@@ -119,7 +122,7 @@ func TestBurstBook(t *testing.T) {
 	}
 	other := attrs
 	other.Site = "burst-par"
-	if _, err := bk.open(BurstRequest{Site: "burst-par", TTL: time.Hour}, other, nil, t0); err == nil || !strings.Contains(err.Error(), "overlaps 10.77.0.0/24 of open burst site burst-ams") {
+	if _, err := bk.open(BurstRequest{BurstSite: BurstSite{Site: "burst-par"}, TTL: time.Hour}, other, nil, t0); err == nil || !strings.Contains(err.Error(), "overlaps 10.77.0.0/24 of open burst site burst-ams") {
 		t.Fatalf("a burst claiming an open burst's routes: %v", err)
 	}
 	if h := a.SecretHash(); rec.Tokens[0].Hash != hex.EncodeToString(h[:]) {
@@ -205,17 +208,13 @@ func TestBurstLifecycle(t *testing.T) {
 	fra := startLiveGatewayWith(t, ca, dir, 1, "aws-fra", seed, &port, logs, nil)
 	waitUntil(t, 20*time.Second, "the two static gateways peer", func() bool { return len(hq.dev.Peers()) == 1 && len(fra.dev.Peers()) == 1 })
 
-	if _, err := fra.g.BurstUp(context.Background(), BurstRequest{Site: "burst-ams"}); err == nil || !strings.Contains(err.Error(), "does not open burst sites") {
+	if _, err := fra.g.BurstUp(context.Background(), BurstRequest{BurstSite: BurstSite{Site: "burst-ams"}}); err == nil || !strings.Contains(err.Error(), "does not open burst sites") {
 		t.Fatalf("burst up on a gateway without the CA: %v", err)
 	}
-	req := BurstRequest{Site: "burst-ams", Provider: "aws", Region: "eu-west-1", Jurisdiction: "NL", Routes: []string{"10.77.0.0/24"},
-		TTL: time.Hour, Gateways: 2}
-	for _, bad := range []BurstRequest{
-		{Site: "zrh-dc", Provider: "aws", Region: "x", Jurisdiction: "NL", Routes: []string{"10.78.0.0/24"}, TTL: time.Hour},
-	} {
-		if _, err := hq.g.BurstUp(context.Background(), bad); err == nil || !strings.Contains(err.Error(), "already exists") {
-			t.Fatalf("a burst named like an existing site: %v", err)
-		}
+	req := BurstRequest{BurstSite: amsSite, TTL: time.Hour, Gateways: 2}
+	sameName := BurstRequest{BurstSite: BurstSite{Site: "zrh-dc", Provider: "aws", Region: "x", Jurisdiction: "NL", Routes: []string{"10.78.0.0/24"}}, TTL: time.Hour}
+	if _, err := hq.g.BurstUp(context.Background(), sameName); err == nil || !strings.Contains(err.Error(), "already exists") {
+		t.Fatalf("a burst named like an existing site: %v", err)
 	}
 	grant, err := hq.g.BurstUp(context.Background(), req)
 	if err != nil {

@@ -407,11 +407,7 @@ func (g *Gateway) classVerdicts(a certs.Attributes, now time.Time) []ClassVerdic
 
 // BurstInfo describes a burst site for `skybridge burst list` and down.
 type BurstInfo struct {
-	Site         string         `json:"site"`
-	Provider     string         `json:"provider"`
-	Region       string         `json:"region"`
-	Jurisdiction string         `json:"jurisdiction"`
-	Routes       []string       `json:"routes"`
+	BurstSite
 	Created      time.Time      `json:"created"`
 	Expires      time.Time      `json:"expires"`
 	Ended        *time.Time     `json:"ended,omitempty"`
@@ -430,7 +426,7 @@ type BurstGateway struct {
 }
 
 func (r *burstRecord) info() BurstInfo {
-	bi := BurstInfo{Site: r.Site, Provider: r.Provider, Region: r.Region, Jurisdiction: r.Jurisdiction, Routes: r.Routes,
+	bi := BurstInfo{BurstSite: r.BurstSite,
 		Created: r.Created, Expires: r.Expires, Ended: r.Ended, EndReason: r.EndReason, Gateways: []BurstGateway{}}
 	for _, t := range r.Tokens {
 		if t.Used == nil && !r.Vault {

@@ -88,8 +88,9 @@ func burstUp(c *cli.Context) error {
 		routes = append(routes, r)
 	}
 	req := mesh.BurstRequest{
-		Site: c.String("site"), Provider: c.String("provider"), Region: c.String("region"), Jurisdiction: c.String("jurisdiction"),
-		Routes: routes, Labels: labels, TTL: c.Duration("ttl"), TokenTTL: c.Duration("token-ttl"), Gateways: c.Int("gateways"),
+		BurstSite: mesh.BurstSite{Site: c.String("site"), Provider: c.String("provider"), Region: c.String("region"), Jurisdiction: c.String("jurisdiction"),
+			Routes: routes, Labels: labels},
+		TTL: c.Duration("ttl"), TokenTTL: c.Duration("token-ttl"), Gateways: c.Int("gateways"),
 		// A Vault-backed gateway sets the burst up in Vault with the
 		// operator's token; the embedded CA ignores it.
 		VaultToken: os.Getenv("VAULT_TOKEN"),
