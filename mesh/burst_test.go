@@ -334,7 +334,12 @@ func TestBurstLifecycle(t *testing.T) {
 	if _, err := Join(context.Background(), liveSettings(t, t.TempDir(), &port), tokB, nil); err == nil || !strings.Contains(err.Error(), "ended") {
 		t.Fatalf("the unused token of an ended burst: %v", err)
 	}
-	// A restart of the ended burst gateway does not bring it back.
+	// A restart of the ended burst gateway does not bring it back, and a
+	// supervisor restarting it with its old token gets the end, not an
+	// enrollment failure (the command exits 0 on it).
+	if _, err := Join(context.Background(), bs, tokA, nil); !errors.As(err, &ended) {
+		t.Fatalf("restart with the ended burst's token: %v", err)
+	}
 	if _, err := newGateway(context.Background(), bs, nil, options{device: NewRecordingDevice("again"), noControl: true, noMigrations: true}); !errors.As(err, &ended) {
 		t.Fatalf("restart after the burst ended: %v", err)
 	}

@@ -121,20 +121,27 @@ func Join(ctx context.Context, s *Settings, token string, log *slog.Logger) (*En
 	if n := s.Node; n.Name != "" || n.Site != "" || n.Region != "" || n.Provider != "" || n.Jurisdiction != "" || n.OverlayIP != "" || len(n.Routes) > 0 || len(n.Labels) > 0 {
 		return nil, errors.New("with --join-token the burst decides the node's name, site, overlay IP, routes and labels: leave the node block out of the configuration")
 	}
-	if enr, err := loadEnrollment(dir); err != nil {
+	enr, err := loadEnrollment(dir)
+	if err != nil {
 		return nil, err
-	} else if enr != nil && enr.Ended == nil {
+	}
+	if enr != nil && enr.Ended == nil {
 		log.Info("already enrolled in a burst site: the join token is not used again", "site", enr.Site, "node", enr.Node, "until", enr.Expires)
 		return enr, nil
 	}
 	// A fresh gateway, or one whose burst ended (its identity is gone):
-	// the token enrols it anew.
+	// a new token enrols it anew.
 	if certs.HasNodeCertificate(dir) {
 		return nil, fmt.Errorf("%s already holds a gateway identity that no join token made: a join token is for a fresh gateway; use another identity directory", dir)
 	}
 	tok, err := certs.ParseJoinToken(token)
 	if err != nil {
 		return nil, err
+	}
+	// A supervisor restarting the gateway with the token of the burst
+	// that ended: that is the expected end, not a failed enrollment.
+	if enr != nil && tok.ID == enr.TokenID {
+		return nil, &BurstEndedError{Site: enr.Site, Node: enr.Node, Reason: enr.Reason}
 	}
 	if tok.Expired(time.Now()) {
 		return nil, fmt.Errorf("join token %s expired at %s: ask for a new one with `skybridge burst up`", tok.ID, tok.Expires.UTC().Format(time.RFC3339))
@@ -156,7 +163,7 @@ func Join(ctx context.Context, s *Settings, token string, log *slog.Logger) (*En
 	if err != nil {
 		return nil, err
 	}
-	enr, err := storeEnrollment(dir, s.Identity.MeshCIDR, tok, key, res)
+	enr, err = storeEnrollment(dir, s.Identity.MeshCIDR, tok, key, res)
 	if err != nil {
 		return nil, err
 	}
