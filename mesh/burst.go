@@ -111,6 +111,9 @@ type burstRecord struct {
 	// VaultCleaned once burst down removed the burst's Vault objects.
 	Vault        bool `json:"vault,omitempty"`
 	VaultCleaned bool `json:"vault_cleaned,omitempty"`
+	// CertsRevoked once the embedded CA revoked the certificates of an
+	// ended burst; until then `burst down` may try again.
+	CertsRevoked bool `json:"certs_revoked,omitempty"`
 }
 
 // burstToken is one join token: its hash, never its secret.

@@ -464,11 +464,12 @@ func (g *Gateway) BurstDown(ctx context.Context, site, vaultToken string) (*Burs
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	r := e.book.find(site)
-	if r == nil && e.vault != nil {
-		// An expired Vault burst ended without its Vault objects being
-		// removed (that takes an operator's token): down cleans it up.
+	if r == nil {
+		// An ended burst with work left: an expired Vault burst whose Vault
+		// objects were not removed (that takes an operator's token), or a
+		// burst whose certificates could not be revoked when it ended.
 		for _, b := range slices.Backward(e.book.Bursts) {
-			if b.Site == site && b.Vault && !b.VaultCleaned {
+			if b.Site == site && (b.Vault && e.vault != nil && !b.VaultCleaned || !b.Vault && !b.CertsRevoked) {
 				r = b
 				break
 			}
@@ -505,8 +506,12 @@ func (g *Gateway) BurstDown(ctx context.Context, site, vaultToken string) (*Burs
 func (g *Gateway) endBurstLocked(r *burstRecord, reason string) ([]string, error) {
 	e := g.enroll
 	now := g.now()
+	wasOpen := r.Ended == nil
 	serials := r.end(reason, now)
 	if err := g.state.saveBursts(e.book); err != nil {
+		if wasOpen { // still open on disk: keep it open here, so it can be ended again
+			r.Ended, r.EndReason = nil, ""
+		}
 		return nil, fmt.Errorf("record the end of burst %s: %w", r.Site, err)
 	}
 	var ss []*big.Int
@@ -525,17 +530,20 @@ func (g *Gateway) endBurstLocked(r *burstRecord, reason string) ([]string, error
 		g.log.Info("the burst's role, policy and AppRole stay in Vault until `skybridge burst down --site " + r.Site + "` removes them")
 		return nil, nil
 	}
-	if len(ss) == 0 {
-		return nil, nil
+	if len(ss) > 0 {
+		if _, err := e.ca.RevokeSerials(ss, "cessationOfOperation", now); err != nil {
+			return nil, fmt.Errorf("revoke the certificates of burst %s (`skybridge burst down --site %s` tries again): %w", r.Site, r.Site, err)
+		}
+		tb, err := e.ca.TrustBundle()
+		if err != nil {
+			return nil, err
+		}
+		g.adoptTrust(tb)
 	}
-	if _, err := e.ca.RevokeSerials(ss, "cessationOfOperation", now); err != nil {
-		return nil, fmt.Errorf("revoke the certificates of burst %s: %w", r.Site, err)
+	r.CertsRevoked = true
+	if err := g.state.saveBursts(e.book); err != nil {
+		g.log.Warn("save bursts", "err", err) // revoking again later is harmless
 	}
-	tb, err := e.ca.TrustBundle()
-	if err != nil {
-		return nil, err
-	}
-	g.adoptTrust(tb)
 	return serials, nil
 }
 
