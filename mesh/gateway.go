@@ -671,9 +671,6 @@ func (g *Gateway) apply(plan Plan) error {
 			return fmt.Errorf("configure %s: %w", g.dev.Name(), err)
 		}
 	}
-	if err := g.greet(dev.Peers, peers, plan.Peers); err != nil {
-		return err
-	}
 	have, err := g.dev.Routes()
 	if err != nil {
 		return err
@@ -681,6 +678,11 @@ func (g *Gateway) apply(plan Plan) error {
 	ch.RoutesAdded, ch.RoutesRemoved = DiffRoutes(have, plan.Routes)
 	if err := g.dev.SetRoutes(ch.RoutesAdded, ch.RoutesRemoved); err != nil {
 		return err
+	}
+	// Greeting only hastens a first handshake (WireGuard would start one
+	// itself): its failure must not hold the configuration back.
+	if err := g.greet(dev.Peers, peers, plan.Peers); err != nil {
+		g.log.Warn("greet new peers", "err", err)
 	}
 	applied := make(map[certs.WGPublicKey]PeerConfig, len(plan.Peers))
 	for _, p := range plan.Peers {
