@@ -17,7 +17,9 @@ import (
 // burst gateway: `skybridge burst up` (with an operator's Vault token that
 // may manage roles, used for that one call and never stored) creates for
 // the site a PKI role that certifies exactly its gateways' attribute URIs
-// (name and overlay address assigned at burst up) and ends every
+// (names assigned at burst up; Vault cannot pin an IP SAN, so the overlay
+// address assigned with the name is held by the membership's rule that
+// the older certificate keeps a claimed address) and ends every
 // certificate at the burst's end (not_after), a policy that lets a token
 // sign with that role and keep those gateways' WireGuard keys,
 // and an AppRole bound to that policy whose SecretIDs expire with the
@@ -66,17 +68,50 @@ func (v *Vault) admin(token string) (*vault.Client, error) {
 		return nil, err
 	}
 	c.SetToken(token)
+	// Clone does not copy headers, and the namespace is one.
+	if v.cfg.Namespace != "" {
+		c.SetNamespace(v.cfg.Namespace)
+	}
 	return c, nil
 }
 
+// deleteBurstObjects deletes what OpenBurst creates, issuing first: the
+// AppRole (its SecretIDs with it), the policy, the PKI role. Objects
+// already gone are not an error.
+func (v *Vault) deleteBurstObjects(ctx context.Context, c *vault.Client, name string) error {
+	del := func(p string) error {
+		_, err := c.Logical().DeleteWithContext(ctx, p)
+		var re *vault.ResponseError
+		if err != nil && !(errors.As(err, &re) && re.StatusCode == http.StatusNotFound) {
+			return fmt.Errorf("vault delete %s: %w", p, err)
+		}
+		return nil
+	}
+	if err := del(path.Join("auth", v.appRoleMount(), "role", name)); err != nil {
+		return err
+	}
+	if err := c.Sys().DeletePolicyWithContext(ctx, name); err != nil {
+		return fmt.Errorf("vault delete policy %s: %w", name, err)
+	}
+	return del(path.Join(v.cfg.PKIMount, "roles", name))
+}
+
 // OpenBurst creates the site's PKI role, policy and AppRole and returns a
-// wrapped SecretID per gateway.
-func (v *Vault) OpenBurst(ctx context.Context, adminToken string, spec VaultBurstSpec) (*VaultBurst, error) {
+// wrapped SecretID per gateway. If it fails half-way, it deletes what it
+// created.
+func (v *Vault) OpenBurst(ctx context.Context, adminToken string, spec VaultBurstSpec) (vb *VaultBurst, err error) {
 	c, err := v.admin(adminToken)
 	if err != nil {
 		return nil, err
 	}
 	name := v.BurstName(spec.Site)
+	defer func() {
+		if err != nil {
+			if derr := v.deleteBurstObjects(context.WithoutCancel(ctx), c, name); derr != nil {
+				err = fmt.Errorf("%w (and cleaning up: %v)", err, derr)
+			}
+		}
+	}()
 	mount := v.appRoleMount()
 	ttl := time.Until(spec.Expires).Round(time.Second)
 	if ttl <= 0 {
@@ -124,11 +159,16 @@ func (v *Vault) OpenBurst(ctx context.Context, adminToken string, spec VaultBurs
 		return nil, err
 	}
 	s, err := c.Logical().ReadWithContext(ctx, roleBase+"/role-id")
-	if err != nil || s == nil {
-		return nil, fmt.Errorf("vault read %s/role-id: %v", roleBase, err)
+	if err != nil {
+		return nil, fmt.Errorf("vault read %s/role-id: %w", roleBase, err)
 	}
-	vb := &VaultBurst{Name: name, AppRoleMount: mount}
-	vb.RoleID, _ = s.Data["role_id"].(string)
+	vb = &VaultBurst{Name: name, AppRoleMount: mount}
+	if s != nil {
+		vb.RoleID, _ = s.Data["role_id"].(string)
+	}
+	if vb.RoleID == "" {
+		return nil, fmt.Errorf("vault read %s/role-id: no role ID in the answer", roleBase)
+	}
 	wrap := min(spec.TokenTTL, ttl)
 	c.SetWrappingLookupFunc(func(string, string) string { return wrap.String() })
 	for range spec.Nodes {
@@ -144,16 +184,19 @@ func (v *Vault) OpenBurst(ctx context.Context, adminToken string, spec VaultBurs
 	return vb, nil
 }
 
-// CloseBurst ends a burst site in Vault: it revokes every unexpired
-// certificate of the site (the CRL then reaches the mesh), and deletes its
-// gateways' WireGuard keys, the AppRole (its SecretIDs with it), the
-// policy and the PKI role.
+// CloseBurst ends a burst site in Vault: it deletes the AppRole (its
+// SecretIDs with it), the policy and the PKI role first, so that nothing
+// can be issued for the site any more, then revokes every unexpired
+// certificate of the site (the CRL then reaches the mesh) and deletes its
+// gateways' WireGuard keys.
 func (v *Vault) CloseBurst(ctx context.Context, adminToken, site string, nodes []string) (revoked []string, err error) {
 	c, err := v.admin(adminToken)
 	if err != nil {
 		return nil, err
 	}
-	name := v.BurstName(site)
+	if err := v.deleteBurstObjects(ctx, c, v.BurstName(site)); err != nil {
+		return nil, err
+	}
 	s, err := c.Logical().ListWithContext(ctx, path.Join(v.cfg.PKIMount, "certs"))
 	if err != nil {
 		return nil, fmt.Errorf("vault list %s/certs: %w", v.cfg.PKIMount, err)
@@ -165,9 +208,11 @@ func (v *Vault) CloseBurst(ctx context.Context, adminToken, site string, nodes [
 	now := time.Now()
 	for _, k := range keys {
 		serial, _ := k.(string)
+		// A certificate that cannot be read or parsed is not one of ours
+		// to judge; it must not stop the others' revocation.
 		pemb, err := v.readPEM(ctx, path.Join(v.cfg.PKIMount, "cert", serial))
 		if err != nil {
-			return revoked, err
+			continue
 		}
 		cs, err := ParseCertificatesPEM(pemb)
 		if err != nil || len(cs) == 0 || !cs[0].NotAfter.After(now) || cs[0].IsCA {
@@ -188,21 +233,7 @@ func (v *Vault) CloseBurst(ctx context.Context, adminToken, site string, nodes [
 			return revoked, fmt.Errorf("vault delete the WireGuard key of %s: %w", n, err)
 		}
 	}
-	del := func(p string) error {
-		_, err := c.Logical().DeleteWithContext(ctx, p)
-		var re *vault.ResponseError
-		if err != nil && !(errors.As(err, &re) && re.StatusCode == http.StatusNotFound) {
-			return fmt.Errorf("vault delete %s: %w", p, err)
-		}
-		return nil
-	}
-	if err := del(path.Join("auth", v.appRoleMount(), "role", name)); err != nil {
-		return revoked, err
-	}
-	if err := c.Sys().DeletePolicyWithContext(ctx, name); err != nil {
-		return revoked, fmt.Errorf("vault delete policy %s: %w", name, err)
-	}
-	return revoked, del(path.Join(v.cfg.PKIMount, "roles", name))
+	return revoked, nil
 }
 
 // VaultJoin is the Vault half of a join token: where Vault is, how to log
