@@ -803,7 +803,7 @@ func (g *Gateway) restoreMembers() {
 	n := 0
 	for _, m := range saved {
 		if !m.Alive {
-			g.members.rememberDead(m.Name, m.Gossip)
+			g.members.rememberDead(m.Name, m.Gossip, m.Cert)
 			continue
 		}
 		if err := g.members.remember(m.Name, m.Gossip, m.Advert, m.Cert); err != nil {
@@ -821,9 +821,12 @@ func (g *Gateway) saveMembers() {
 	var out []savedMember
 	for _, m := range g.members.snapshot() {
 		sm := savedMember{Name: m.Name, Gossip: m.Gossip}
-		if m.State == StateVerified {
+		switch m.State {
+		case StateVerified:
 			sm.Alive, sm.Advert, sm.Cert = true, m.Meta, m.Verified.Cert.Raw
-		} else if m.State != StateDead {
+		case StateDead:
+			sm.Cert = m.LastCert // so that a restart can tell when it has ended
+		default:
 			continue
 		}
 		out = append(out, sm)

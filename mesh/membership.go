@@ -563,17 +563,28 @@ func (ms *membership) remember(name string, gossip netip.AddrPort, meta, certDER
 }
 
 // rememberDead restores a member that was dead at the last save: it is
-// not a peer, but the gateway keeps knocking on its address.
-func (ms *membership) rememberDead(name string, gossip netip.AddrPort) {
+// not a peer, but the gateway keeps knocking on its address. certDER is
+// its last verified certificate, if saved: a member whose certificate has
+// expired or been revoked since is not restored (it cannot come back
+// with it), and one restored is forgotten when that happens later.
+func (ms *membership) rememberDead(name string, gossip netip.AddrPort, certDER []byte) {
 	if name == ms.self || !gossip.IsValid() {
 		return
 	}
 	ms.mu.Lock()
 	defer ms.mu.Unlock()
-	if _, known := ms.members[name]; !known {
-		ms.members[name] = &member{name: name, gossip: gossip, state: StateDead, reason: "dead at the last save"}
-		ms.gen.Add(1)
+	if _, known := ms.members[name]; known {
+		return
 	}
+	m := &member{name: name, gossip: gossip, state: StateDead, reason: "dead at the last save"}
+	if c, err := x509.ParseCertificate(certDER); err == nil {
+		if a, err := certs.AttributesOf(c); err == nil {
+			m.lastVerified = &certs.Verified{Cert: c, Attributes: a}
+		}
+	}
+	ms.members[name] = m
+	ms.forgetEndedLocked()
+	ms.gen.Add(1)
 }
 
 // MemberView is a read-only copy of a member for status and persistence.
@@ -590,6 +601,7 @@ type MemberView struct {
 	Left       bool   // left on purpose, not declared dead
 	Alive      bool   // gossip counts it alive now
 	CertSite   string // the site a verified certificate gave it ("" if never verified)
+	LastCert   []byte // its last verified certificate (DER), kept after it died
 }
 
 // snapshot copies the members, sorted by name.
@@ -600,7 +612,7 @@ func (ms *membership) snapshot() []MemberView {
 	for _, m := range ms.members {
 		v := MemberView{Name: m.name, Gossip: m.gossip, State: m.state, Reason: m.reason, Remembered: m.remembered, Meta: m.meta, Verified: m.verified, Since: m.changed, Left: m.left, Alive: m.alive}
 		if m.lastVerified != nil { // only a certificate names a site
-			v.CertSite = m.lastVerified.Attributes.Site
+			v.CertSite, v.LastCert = m.lastVerified.Attributes.Site, m.lastVerified.Cert.Raw
 		}
 		if m.advert != nil {
 			a := m.advert.Advert

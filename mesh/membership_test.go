@@ -1,6 +1,7 @@
 package mesh
 
 import (
+	"bytes"
 	"crypto"
 	"crypto/rand"
 	"encoding/binary"
@@ -209,9 +210,22 @@ func TestMembershipRemember(t *testing.T) {
 	if err := ms.remember("gw-x", gossipAddr, f.advert(expired, 3), expired.Certificate().Raw); err == nil {
 		t.Fatal("expired member remembered")
 	}
-	ms.rememberDead("gw-d", gossipAddr)
-	if states(ms)["gw-d"] != StateDead || len(ms.gateways()) != 1 {
-		t.Fatalf("dead member: %v", states(ms))
+	d := f.identity("gw-d", "site-d", 6, f.now.Add(-time.Hour))
+	ms.rememberDead("gw-d", gossipAddr, d.Certificate().Raw)
+	ms.rememberDead("gw-n", gossipAddr, nil) // saved by an older version, without its certificate
+	if st := states(ms); st["gw-d"] != StateDead || st["gw-n"] != StateDead || len(ms.gateways()) != 1 {
+		t.Fatalf("dead members: %v", st)
+	}
+	// Its certificate is what lets the membership forget it once it has
+	// ended; one that had ended by the restart is not restored at all.
+	for _, v := range ms.snapshot() {
+		if v.Name == "gw-d" && (v.CertSite != "site-d" || !bytes.Equal(v.LastCert, d.Certificate().Raw)) {
+			t.Fatalf("restored dead member keeps site %q and %d certificate bytes", v.CertSite, len(v.LastCert))
+		}
+	}
+	ms.rememberDead("gw-e", gossipAddr, expired.Certificate().Raw)
+	if _, ok := states(ms)["gw-e"]; ok {
+		t.Fatal("a dead member whose certificate expired was restored")
 	}
 }
 
