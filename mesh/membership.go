@@ -244,11 +244,12 @@ func (ms *membership) update(name string, gossip netip.AddrPort, meta []byte) (n
 	prev, prevGossip, prevMeta := m.state, m.gossip, m.meta
 	m.gossip, m.meta, m.alive, m.remembered = gossip, append([]byte(nil), meta...), true, false
 	needCert = ms.judgeLocked(m)
-	// Only what a plan is made of counts as a change: every newcomer is
-	// announced (pending) before its certificate arrives, and each change
-	// makes every gateway recompute its plan, so counting the announcement
-	// doubled the work a join costs the mesh.
-	relevant := m.state != prev || m.state == StateVerified && (gossip != prevGossip || !bytes.Equal(meta, prevMeta))
+	// Only what a plan is made of counts as a change — a verified member
+	// coming, going or changing: every newcomer is announced (pending)
+	// before its certificate arrives, and each change makes every gateway
+	// recompute its plan, so counting the announcement doubled the work a
+	// join costs the mesh.
+	relevant := (prev == StateVerified || m.state == StateVerified) && (m.state != prev || gossip != prevGossip || !bytes.Equal(meta, prevMeta))
 	ms.mu.Unlock()
 	if relevant {
 		ms.changed()
@@ -266,6 +267,15 @@ func (ms *membership) judgeLocked(m *member) (needCert bool) {
 		}
 	}()
 	if !m.alive && !m.remembered {
+		// One refused for its certificate stays refused when it goes: it
+		// is not a member that died (never knocked on, never saved), and
+		// status keeps saying why it was refused.
+		if m.advert != nil {
+			if err, bad := ms.badCert[m.advert.CertHash]; bad {
+				ms.refuseLocked(m, prev, err)
+				return false
+			}
+		}
 		m.state, m.verified = StateDead, nil
 		return false
 	}
@@ -319,9 +329,11 @@ func (ms *membership) leave(name string) {
 		m.alive, m.remembered = false, false
 		ms.judgeLocked(m)
 		m.left = !m.leavingAt.IsZero() && ms.now().Sub(m.leavingAt) < leavingMatches
-		m.reason = "declared dead"
-		if m.left {
-			m.reason = "left the mesh"
+		if m.state == StateDead {
+			m.reason = "declared dead"
+			if m.left {
+				m.reason = "left the mesh"
+			}
 		}
 		ms.forgetEndedLocked()
 	}

@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -137,6 +138,15 @@ func TestMembershipRefusesForeignIdentity(t *testing.T) {
 	if err := ms.admit("gw-r", meta); err == nil {
 		t.Fatal("rogue's alive message admitted after its certificate was refused")
 	}
+	// Gone, it stays refused with its reason: not a dead member to knock
+	// on or save (nor after the periodic re-judging).
+	ms.leave("gw-r")
+	ms.refresh()
+	for _, v := range ms.snapshot() {
+		if v.Name == "gw-r" && (v.State != StateRefused || !strings.Contains(v.Reason, "certificate")) {
+			t.Fatalf("rogue after leaving: %s (%s)", v.State, v.Reason)
+		}
+	}
 }
 
 // TestMembershipConflicts: the older certificate keeps a contested claim,
@@ -241,11 +251,12 @@ func TestMembershipGeneration(t *testing.T) {
 	g0 := ms.generation()
 	ms.update("gw-a", gossipAddr, f.advert(a, 1))
 	g1 := ms.generation()
-	if g1 == g0 {
-		t.Fatal("a new member did not move the generation")
+	// Announced, still waiting for its certificate, and re-advertising:
+	// nothing a plan is made of has changed, so no gateway should
+	// recompute.
+	if g1 != g0 {
+		t.Fatalf("a pending newcomer moved the generation %d→%d", g0, g1)
 	}
-	// Still waiting for its certificate, it re-advertises: nothing a plan
-	// is made of has changed, so no gateway should recompute.
 	ms.update("gw-a", gossipAddr, f.advert(a, 2))
 	if g := ms.generation(); g != g1 {
 		t.Fatalf("a pending member's new advert moved the generation %d→%d", g1, g)
