@@ -477,6 +477,7 @@ func (g *Gateway) startGossip() error {
 	}
 	ml, err := memberlist.Create(cfg)
 	if err != nil {
+		cfg.Transport.Shutdown()
 		return fmt.Errorf("start gossip on %s: %w", g.s.GossipBind, err)
 	}
 	g.ml = ml

@@ -28,6 +28,7 @@ type gossipTransport struct {
 	streams  chan net.Conn
 	wg       sync.WaitGroup
 	shutdown atomic.Bool
+	done     chan struct{} // closed by Shutdown: hand-overs nobody takes are dropped
 }
 
 var _ memberlist.NodeAwareTransport = (*gossipTransport)(nil)
@@ -57,7 +58,7 @@ func newGossipTransport(bind netip.AddrPort, log *slog.Logger) (*gossipTransport
 			break
 		}
 	}
-	t := &gossipTransport{log: log, udp: udp, tcp: tcp, packets: make(chan *memberlist.Packet), streams: make(chan net.Conn)}
+	t := &gossipTransport{log: log, udp: udp, tcp: tcp, packets: make(chan *memberlist.Packet), streams: make(chan net.Conn), done: make(chan struct{})}
 	t.wg.Add(2)
 	go t.readPackets()
 	go t.acceptStreams()
@@ -118,7 +119,10 @@ func (t *gossipTransport) DialAddressTimeout(a memberlist.Address, timeout time.
 func (t *gossipTransport) StreamCh() <-chan net.Conn { return t.streams }
 
 func (t *gossipTransport) Shutdown() error {
-	t.shutdown.Store(true)
+	if t.shutdown.Swap(true) {
+		return nil
+	}
+	close(t.done)
 	t.tcp.Close()
 	t.udp.Close()
 	t.wg.Wait()
@@ -143,7 +147,11 @@ func (t *gossipTransport) readPackets() {
 		}
 		// A dual-stack socket reports IPv4 senders as ::ffff:a.b.c.d.
 		from = netip.AddrPortFrom(from.Addr().Unmap(), from.Port())
-		t.packets <- &memberlist.Packet{Buf: append([]byte(nil), buf[:n]...), From: net.UDPAddrFromAddrPort(from), Timestamp: now}
+		select {
+		case t.packets <- &memberlist.Packet{Buf: append([]byte(nil), buf[:n]...), From: net.UDPAddrFromAddrPort(from), Timestamp: now}:
+		case <-t.done:
+			return
+		}
 	}
 }
 
@@ -163,6 +171,11 @@ func (t *gossipTransport) acceptStreams() {
 			continue
 		}
 		delay = 0
-		t.streams <- c
+		select {
+		case t.streams <- c:
+		case <-t.done:
+			c.Close()
+			return
+		}
 	}
 }

@@ -26,7 +26,6 @@ func TestGossipTransport(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer b.Shutdown()
 	ip, port, err := b.FinalAdvertiseAddr("", 0)
 	if err != nil || !ip.Equal(lo.AsSlice()) || port == 0 {
 		t.Fatalf("FinalAdvertiseAddr(\"\", 0) = %v, %d, %v; want 127.0.0.1 and the bound port", ip, port, err)
@@ -82,14 +81,25 @@ func TestGossipTransport(t *testing.T) {
 		t.Fatal("no stream within 5 s")
 	}
 
-	done := make(chan error, 1)
-	go func() { done <- a.Shutdown() }()
-	select {
-	case err := <-done:
-		if err != nil {
-			t.Fatal(err)
+	// Shut down with a datagram and a stream that nobody takes (memberlist
+	// failed to start, say): Shutdown must still return, and twice.
+	if _, err := a.WriteToAddress([]byte("unread"), memberlist.Address{Addr: to}); err != nil {
+		t.Fatal(err)
+	}
+	if c, err := a.DialTimeout(to, 5*time.Second); err == nil {
+		defer c.Close()
+	}
+	time.Sleep(50 * time.Millisecond) // let b's readers block on their hand-over
+	for _, tr := range []*gossipTransport{a, b, b} {
+		done := make(chan error, 1)
+		go func() { done <- tr.Shutdown() }()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Fatal(err)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatal("Shutdown did not return")
 		}
-	case <-time.After(5 * time.Second):
-		t.Fatal("Shutdown did not return")
 	}
 }
