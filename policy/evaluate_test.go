@@ -1,6 +1,7 @@
 package policy
 
 import (
+	"reflect"
 	"strings"
 	"testing"
 	"time"
@@ -284,11 +285,20 @@ func TestAdmitMove(t *testing.T) {
 				t.Fatalf("%d checks, allowed %v; want %d, %v (%v)", len(checks), v.Allowed, tc.checks, tc.allowed, v.Reasons)
 			}
 			last := checks[len(checks)-1]
-			if last.Request.Action != Store && last.Request.Action != Transit || last.Request.Class != tc.class {
+			if last.Request.Class != tc.class {
 				t.Fatalf("last request %+v", last.Request)
 			}
 			if !tc.allowed && last.Request.Action != tc.action {
 				t.Errorf("denied by %s; want %s", last.Request.Action, tc.action)
+			}
+			// The verdict is a decision actually made: the denying one, or
+			// storage's (its rule and obligations are what callers show).
+			want := checks[0].Decision
+			if !tc.allowed {
+				want = last.Decision
+			}
+			if !reflect.DeepEqual(v, want) || !tc.allowed && (v.Allowed || len(v.Reasons) == 0) {
+				t.Errorf("verdict %+v; want %+v", v, want)
 			}
 			if tc.allowed && (checks[0].Request.Action != Store || v.Rule.Pos.Line != tc.line) {
 				t.Errorf("verdict from %s, rule line %d; want the storage decision, line %d", checks[0].Request.Action, v.Rule.Pos.Line, tc.line)
