@@ -733,9 +733,7 @@ func (g *Gateway) maintain(ctx context.Context) {
 			}
 			if g.ml.NumMembers() <= 1 || time.Since(lastJoin) >= rejoinInterval {
 				lastJoin = time.Now()
-				t := g.rejoinTargets()
-				rand.Shuffle(len(t), func(i, j int) { t[i], t[j] = t[j], t[i] })
-				g.join(t[:min(len(t), rejoinFanout)])
+				g.join(g.rejoinTargets())
 			}
 		case <-refresh.C:
 			g.members.refresh()
@@ -762,8 +760,10 @@ func (g *Gateway) syncWithRandomMember() {
 	}
 }
 
-// rejoinTargets are the seeds and the members we know of (from gossip or
-// the state directory) that gossip does not currently count as alive.
+// rejoinTargets are up to rejoinFanout of the seeds and the members we
+// know of (from gossip or the state directory) that gossip does not
+// currently count as alive: one seed if any is missing, the rest picked at
+// random (a seed is where a lone gateway is most likely to find the mesh).
 func (g *Gateway) rejoinTargets() []string {
 	alive := map[string]bool{}
 	members := g.members.snapshot()
@@ -785,12 +785,23 @@ func (g *Gateway) rejoinTargets() []string {
 			add(ap.String())
 		}
 	}
+	seeds := len(out)
 	for _, m := range members {
 		if m.State == StateDead || m.Remembered {
 			add(m.Gossip.String())
 		}
 	}
-	return out
+	if len(out) <= rejoinFanout {
+		return out
+	}
+	// One random missing seed first, then a random pick of the rest.
+	if seeds > 0 {
+		i := rand.IntN(seeds)
+		out[0], out[i] = out[i], out[0]
+	}
+	rest := out[min(seeds, 1):]
+	rand.Shuffle(len(rest), func(i, j int) { rest[i], rest[j] = rest[j], rest[i] })
+	return out[:rejoinFanout]
 }
 
 // restoreMembers brings back the members verified and alive at the last

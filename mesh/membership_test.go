@@ -5,6 +5,7 @@ import (
 	"crypto"
 	"crypto/rand"
 	"encoding/binary"
+	"fmt"
 	"math/big"
 	"net/netip"
 	"path/filepath"
@@ -398,5 +399,45 @@ func TestMembershipForgetsEnded(t *testing.T) {
 	ms.refresh()
 	if got := known(); !slices.Equal(got, []string{"gw-alive", "gw-lasting"}) {
 		t.Fatalf("after gw-expiring's certificate expired: %v", got)
+	}
+}
+
+// TestRejoinTargets: a rejoin round knocks on at most rejoinFanout
+// addresses it does not count alive, one of them a seed when a seed is
+// missing, never itself, never twice.
+func TestRejoinTargets(t *testing.T) {
+	f := newFixture(t)
+	ms := newMembership("self", f.trust(), func() time.Time { return f.now }, func() {})
+	self := netip.MustParseAddrPort("192.0.2.1:7946")
+	seeds := []string{self.String()}
+	for i := range 4 {
+		seeds = append(seeds, fmt.Sprintf("192.0.2.%d:7946", 10+i))
+	}
+	dead := map[string]bool{}
+	for i := range 10 {
+		a := netip.AddrPortFrom(netip.AddrFrom4([4]byte{198, 51, 100, byte(10 + i)}), 7946)
+		ms.rememberDead(fmt.Sprintf("gw-%d", i), a, nil)
+		dead[a.String()] = true
+	}
+	g := &Gateway{s: &Settings{Seeds: seeds, GossipAdvertise: self}, members: ms}
+	for range 20 {
+		got := g.rejoinTargets()
+		if len(got) != rejoinFanout || !slices.Contains(seeds[1:], got[0]) {
+			t.Fatalf("targets %v: want %d, a seed first", got, rejoinFanout)
+		}
+		seen := map[string]bool{}
+		for _, a := range got {
+			if seen[a] || a == self.String() || !dead[a] && !slices.Contains(seeds, a) {
+				t.Fatalf("targets %v: duplicate, self or unknown %s", got, a)
+			}
+			seen[a] = true
+		}
+	}
+	g.s.Seeds = nil
+	ms2 := newMembership("self", f.trust(), func() time.Time { return f.now }, func() {})
+	ms2.rememberDead("gw-x", netip.MustParseAddrPort("198.51.100.99:7946"), nil)
+	g.members = ms2
+	if got := g.rejoinTargets(); len(got) != 1 || got[0] != "198.51.100.99:7946" {
+		t.Fatalf("one dead member, no seeds: %v", got)
 	}
 }
