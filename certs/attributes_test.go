@@ -32,6 +32,12 @@ func TestAttributeURIRoundTrip(t *testing.T) {
 	if !back.Equal(&a) {
 		t.Fatalf("round trip:\n got %+v\nwant %+v", back, a)
 	}
+	// The node block that asks for these attributes gives them back.
+	nc := a.NodeConfig()
+	fromBlock, err := nc.Attributes(netip.MustParsePrefix("100.96.0.0/16"))
+	if err != nil || !fromBlock.Equal(&a) {
+		t.Fatalf("node block round trip: %v\n got %+v\nwant %+v", err, fromBlock, a)
+	}
 	for _, bad := range []string{
 		"https://aws-eu-central-1/gw1?provider=aws&region=r&jurisdiction=DE",
 		"skybridge://s/gw1?region=r&jurisdiction=DE",

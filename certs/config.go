@@ -42,6 +42,17 @@ type NodeConfig struct {
 	Body         hcl.Body          `hcl:",body"`
 }
 
+// NodeConfig is the node block that asks for exactly these attributes,
+// the inverse of NodeConfig.Attributes.
+func (a *Attributes) NodeConfig() NodeConfig {
+	n := NodeConfig{Name: a.Node, Site: a.Site, Region: a.Region, Provider: a.Provider, Jurisdiction: a.Jurisdiction,
+		OverlayIP: a.OverlayIP.String(), Labels: a.Labels}
+	for _, r := range a.Routes {
+		n.Routes = append(n.Routes, r.String())
+	}
+	return n
+}
+
 // Attributes converts and validates the block. Every attribute is
 // required here; the fields are optional in HCL only because a burst
 // gateway takes them from the certificate its join token obtained.

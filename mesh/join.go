@@ -361,12 +361,7 @@ func applyEnrollment(s *Settings) (*Settings, *Enrollment, error) {
 		if _, err := os.Stat(filepath.Join(dir, fileVaultCA)); err == nil {
 			c.Identity.Vault.CACert = filepath.Join(dir, fileVaultCA)
 		}
-		n := v.Node
-		c.Node = certs.NodeConfig{Name: n.Node, Site: n.Site, Region: n.Region, Provider: n.Provider, Jurisdiction: n.Jurisdiction,
-			OverlayIP: n.OverlayIP.String(), Labels: n.Labels}
-		for _, r := range n.Routes {
-			c.Node.Routes = append(c.Node.Routes, r.String())
-		}
+		c.Node = v.Node.NodeConfig()
 	}
 	return &c, enr, nil
 }

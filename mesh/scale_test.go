@@ -138,10 +138,6 @@ func (c countingConn) Write(b []byte) (int, error) {
 	return n, err
 }
 
-// nextLoopbackPort finds a port free for both UDP and TCP on loopback at
-// or after *next, below the kernel's ephemeral range: ports chosen ahead
-// of binding must not collide with each other or with the ephemeral
-// ports of the gateways' own outgoing streams.
 // provisionGateway issues attrs an identity valid for ttl, stores it in
 // idDir with the mesh's trust bundle and gossip keyring, as `skybridge ca
 // issue --out` would, and returns the node block that asks for it.
@@ -157,14 +153,13 @@ func provisionGateway(t testing.TB, ca *certs.CA, tb *certs.TrustBundle, attrs c
 	if err := ca.CopyGossipKeyring(context.Background(), idDir); err != nil {
 		t.Fatal(err)
 	}
-	n := certs.NodeConfig{Name: attrs.Node, Site: attrs.Site, Region: attrs.Region, Provider: attrs.Provider,
-		Jurisdiction: attrs.Jurisdiction, OverlayIP: attrs.OverlayIP.String(), Labels: attrs.Labels}
-	for _, r := range attrs.Routes {
-		n.Routes = append(n.Routes, r.String())
-	}
-	return n
+	return attrs.NodeConfig()
 }
 
+// nextLoopbackPort finds a port free for both UDP and TCP on loopback at
+// or after *next, below the kernel's ephemeral range: ports chosen ahead
+// of binding must not collide with each other or with the ephemeral
+// ports of the gateways' own outgoing streams.
 func nextLoopbackPort(t testing.TB, next *int) int {
 	for ; *next < 32000; *next++ {
 		p := *next
