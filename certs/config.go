@@ -197,7 +197,10 @@ func (c *Config) validate() (*settings, error) {
 		s.ttl = 0 // the PKI role decides (a burst site's role ends every certificate at the burst's end)
 	} else if c.TTL != "" {
 		d, err := time.ParseDuration(c.TTL)
-		if err != nil || d <= 0 {
+		switch {
+		case c.TTL == "role":
+			errs = append(errs, hclconf.Errorf(c.Body, "ttl", `"role" (the PKI role decides) is for the vault back end only; give a duration such as 24h`))
+		case err != nil || d <= 0:
 			errs = append(errs, hclconf.Errorf(c.Body, "ttl", "%q is not a positive duration such as 24h", c.TTL))
 		}
 		s.ttl = d

@@ -120,8 +120,10 @@ func ParseJoinToken(s string) (*JoinToken, error) {
 		if v.Address == "" || v.RoleID == "" || v.WrappedSecretID == "" || v.PKIRole == "" {
 			errs = append(errs, errors.New("its Vault part lacks the address, role or wrapped SecretID"))
 		}
-		if err := v.Node.Validate(netip.Prefix{}); err != nil || v.Node.Site != t.Site {
-			errs = append(errs, errors.New("its node attributes are not valid"))
+		if err := v.Node.Validate(netip.Prefix{}); err != nil {
+			errs = append(errs, fmt.Errorf("its node attributes are not valid: %w", err))
+		} else if v.Node.Site != t.Site {
+			errs = append(errs, fmt.Errorf("its node is of site %q, not the token's %q", v.Node.Site, t.Site))
 		}
 		if err := errors.Join(errs...); err != nil {
 			return nil, fmt.Errorf("join token is damaged: %w", err)

@@ -149,3 +149,23 @@ func TestVerifyEnroller(t *testing.T) {
 }
 
 func base64url(b []byte) string { return base64.RawURLEncoding.EncodeToString(b) }
+
+// TestVaultJoinRedacted: the Vault half of a join token, and what burst up
+// gets from Vault, never print their wrapped SecretIDs — but the token's
+// encoding still carries them.
+func TestVaultJoinRedacted(t *testing.T) {
+	const wrapped = "hvs.WRAPPED-SECRET-ID"
+	vj := &VaultJoin{Address: "https://vault.example:8200", RoleID: "role-1", WrappedSecretID: wrapped}
+	vb := &VaultBurst{Name: "skybridge-burst-ams", RoleID: "role-1", WrappedSecretIDs: []string{wrapped}}
+	var logged bytes.Buffer
+	slog.New(slog.NewJSONHandler(&logged, nil)).Info("x", "vault", vj, "burst", vb)
+	for _, out := range []string{fmt.Sprintf("%v %+v %#v %s", vj, vj, vj, vj), fmt.Sprintf("%v %+v %#v", vb, vb, vb), logged.String()} {
+		if strings.Contains(out, wrapped) {
+			t.Fatalf("a wrapped SecretID was printed: %s", out)
+		}
+	}
+	b, err := json.Marshal(vj)
+	if err != nil || !strings.Contains(string(b), wrapped) {
+		t.Fatalf("the token's JSON lost the wrapped SecretID: %s %v", b, err)
+	}
+}

@@ -38,6 +38,7 @@ type VaultBurstSpec struct {
 // VaultBurst is what OpenBurst made: the AppRole's role ID and one wrapped
 // SecretID per gateway (secrets: they go into join tokens only).
 type VaultBurst struct {
+	secret                  // the wrapped SecretIDs are never printed or logged
 	Name             string // of the PKI role, the policy and the AppRole
 	RoleID           string
 	WrappedSecretIDs []string
@@ -239,6 +240,7 @@ func (v *Vault) CloseBurst(ctx context.Context, adminToken, site string, nodes [
 // VaultJoin is the Vault half of a join token: where Vault is, how to log
 // in (the AppRole's role ID and a wrapped SecretID), what to ask for.
 type VaultJoin struct {
+	secret                     // printed or logged, it shows nothing: it holds a wrapped SecretID
 	Address         string     `json:"addr"`
 	CACert          string     `json:"ca,omitempty"` // PEM of the CA that signed Vault's TLS certificate
 	Namespace       string     `json:"ns,omitempty"`
