@@ -2,16 +2,13 @@ package mesh
 
 import (
 	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"net/netip"
-	"os"
 	"slices"
 	"time"
 
 	"github.com/skybridge-mesh/skybridge/certs"
-	"github.com/skybridge-mesh/skybridge/internal/atomicfile"
 )
 
 // A burst site is a site that exists for a while: cloud servers rented
@@ -297,24 +294,11 @@ func lastAddr(p netip.Prefix) netip.Addr {
 const fileBursts = "bursts.json"
 
 func (d stateDir) loadBursts() (*burstBook, error) {
-	b, err := os.ReadFile(d.path(fileBursts))
-	if errors.Is(err, os.ErrNotExist) {
-		return &burstBook{}, nil
-	}
-	if err != nil {
-		return nil, err
-	}
 	var bk burstBook
-	if err := json.Unmarshal(b, &bk); err != nil {
-		return nil, fmt.Errorf("%s is damaged: %w; it records which burst tokens were used, so it is not rewritten: repair or remove it", d.path(fileBursts), err)
+	if _, err := readJSON(d.path(fileBursts), &bk); err != nil {
+		return nil, fmt.Errorf("%w; it records which burst tokens were used, so it is not rewritten: repair or remove it", err)
 	}
 	return &bk, nil
 }
 
-func (d stateDir) saveBursts(bk *burstBook) error {
-	b, err := json.MarshalIndent(bk, "", "  ")
-	if err != nil {
-		return err
-	}
-	return atomicfile.WriteFile(d.path(fileBursts), append(b, '\n'), 0o600)
-}
+func (d stateDir) saveBursts(bk *burstBook) error { return writeJSON(d.path(fileBursts), bk) }

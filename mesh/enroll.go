@@ -302,11 +302,11 @@ func (g *Gateway) BurstUp(ctx context.Context, req BurstRequest) (*BurstGrant, e
 	if err != nil {
 		return nil, err
 	}
-	if err := g.checkBurstSite(attrs, max(req.Gateways, 1)); err != nil {
-		return nil, err
-	}
 	if req.Gateways == 0 {
 		req.Gateways = 1
+	}
+	if err := g.checkBurstSite(attrs, req.Gateways); err != nil {
+		return nil, err
 	}
 	if req.TokenTTL == 0 {
 		req.TokenTTL = DefaultTokenTTL
@@ -347,7 +347,17 @@ func (g *Gateway) BurstUp(ctx context.Context, req BurstRequest) (*BurstGrant, e
 	}
 	if err := g.state.saveBursts(e.book); err != nil {
 		e.book.Bursts = e.book.Bursts[:len(e.book.Bursts)-1]
-		return nil, fmt.Errorf("record burst: %w", err)
+		err = fmt.Errorf("record burst: %w", err)
+		if e.vault != nil { // nothing would remember to remove what Vault holds for it
+			var nodes []string
+			for _, t := range toks {
+				nodes = append(nodes, t.Vault.Node.Node)
+			}
+			if _, cerr := e.vault.CloseBurst(context.WithoutCancel(ctx), req.VaultToken, attrs.Site, nodes); cerr != nil {
+				err = fmt.Errorf("%w (and removing the burst from Vault: %v)", err, cerr)
+			}
+		}
+		return nil, err
 	}
 	g.log.Info("burst site opened", "burst_site", attrs.Site, "until", expires, "gateways", req.Gateways, "token_ids", tokenIDs(toks))
 	return grant, nil
@@ -442,7 +452,7 @@ func (r *burstRecord) info() BurstInfo {
 func (g *Gateway) Bursts() ([]BurstInfo, error) {
 	e := g.enroll
 	if e == nil {
-		return nil, errors.New("this gateway does not enrol burst gateways (no identity.ca_dir)")
+		return nil, errNoBursts
 	}
 	e.mu.Lock()
 	defer e.mu.Unlock()

@@ -72,26 +72,15 @@ type VaultEnrollment struct {
 const fileVaultCA = "vault-ca.pem"
 
 func loadEnrollment(dir string) (*Enrollment, error) {
-	b, err := os.ReadFile(filepath.Join(dir, fileEnrollment))
-	if errors.Is(err, os.ErrNotExist) {
-		return nil, nil
-	}
-	if err != nil {
-		return nil, err
-	}
 	var e Enrollment
-	if err := json.Unmarshal(b, &e); err != nil {
-		return nil, fmt.Errorf("%s is damaged: %w", filepath.Join(dir, fileEnrollment), err)
+	if found, err := readJSON(filepath.Join(dir, fileEnrollment), &e); !found || err != nil {
+		return nil, err
 	}
 	return &e, nil
 }
 
 func saveEnrollment(dir string, e *Enrollment) error {
-	b, err := json.MarshalIndent(e, "", "  ")
-	if err != nil {
-		return err
-	}
-	return atomicfile.WriteFile(filepath.Join(dir, fileEnrollment), append(b, '\n'), 0o600)
+	return writeJSON(filepath.Join(dir, fileEnrollment), e)
 }
 
 // BurstEndedError is how a burst gateway's run ends: its site expired or

@@ -54,25 +54,38 @@ type savedMember struct {
 	Cert   []byte         `json:"cert,omitempty"`
 }
 
-func (d stateDir) saveMembers(ms []savedMember) error {
-	b, err := json.Marshal(ms)
+// readJSON decodes file into v; found is false (and v untouched) if there
+// is no such file. A file that does not decode is reported as damaged.
+func readJSON(file string, v any) (found bool, err error) {
+	b, err := os.ReadFile(file)
+	if errors.Is(err, os.ErrNotExist) {
+		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	if err := json.Unmarshal(b, v); err != nil {
+		return true, fmt.Errorf("%s is damaged: %w", file, err)
+	}
+	return true, nil
+}
+
+// writeJSON writes v to file durably (temporary name, fsync, rename),
+// readable by the owner only.
+func writeJSON(file string, v any) error {
+	b, err := json.Marshal(v)
 	if err != nil {
 		return err
 	}
-	return atomicfile.WriteFile(d.path(fileMembers), append(b, '\n'), 0o600)
+	return atomicfile.WriteFile(file, append(b, '\n'), 0o600)
 }
 
+func (d stateDir) saveMembers(ms []savedMember) error { return writeJSON(d.path(fileMembers), ms) }
+
 func (d stateDir) loadMembers() ([]savedMember, error) {
-	b, err := os.ReadFile(d.path(fileMembers))
-	if errors.Is(err, os.ErrNotExist) {
-		return nil, nil
-	}
-	if err != nil {
-		return nil, err
-	}
 	var ms []savedMember
-	if err := json.Unmarshal(b, &ms); err != nil {
-		return nil, fmt.Errorf("%s is damaged (%w); it will be rewritten", d.path(fileMembers), err)
+	if _, err := readJSON(d.path(fileMembers), &ms); err != nil {
+		return nil, fmt.Errorf("%w; it will be rewritten", err)
 	}
 	return ms, nil
 }
