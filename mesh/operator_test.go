@@ -224,13 +224,16 @@ func TestOperatorEndpoint(t *testing.T) {
 
 	// Metrics, as Prometheus scrapes them.
 	var fam scrape.Families
-	waitUntil(t, 20*time.Second, "the impostor's rejection to be counted", func() bool {
+	waitUntil(t, 20*time.Second, "the impostor's rejection to be counted and it to be listed as refused", func() bool {
 		fam, err = scrape.Get(context.Background(), noRedirect, a.url(t, "/metrics"), tok)
 		if err != nil {
 			t.Fatal(err)
 		}
+		// One scrape gathers the counter and the member list side by side,
+		// so the refusal may land between the two: wait for both.
 		v, _ := fam.Value("skybridge_verification_rejections_total", map[string]string{"reason": "unknown_ca"})
-		return v >= 1
+		r, _ := fam.Value("skybridge_members", map[string]string{"site": "unknown", "state": "refused"})
+		return v >= 1 && r >= 1
 	})
 	for _, site := range []string{"zrh-dc", "aws-fra", "gcp-ams"} {
 		if v, ok := fam.Value("skybridge_members", map[string]string{"site": site, "state": "verified"}); !ok || v != 1 {
