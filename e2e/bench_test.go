@@ -134,7 +134,11 @@ func TestBenchMigrateVsRsync(t *testing.T) {
 			}
 		}
 	}
+	// SKYBRIDGE_BENCH_PERF samples both gateways through the first
+	// migration: where a migration's cycles go, WireGuard included.
+	stopPerf := l.perfRecord("migrate raw", 0, []int{gwPID(zrh), gwPID(fra)}, 10)
 	rows = append(rows, measure("skybridge migrate raw → raw", migrate(raw, "raw")))
+	stopPerf()
 	rows = append(rows, measure("rsync -S raw", rsyncRun("-S", raw)))
 	rows = append(rows, measure("rsync -Sz raw", rsyncRun("-Sz", raw)))
 	rows = append(rows, measure("skybridge migrate qcow2 → qcow2", migrate(qcow, "qcow2")))
