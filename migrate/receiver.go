@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/klauspost/compress/zstd"
@@ -151,7 +152,7 @@ type session struct {
 	r      *Receiver
 	offer  Offer
 	from   *certs.Attributes
-	temp   *os.File
+	temp   *directFile
 	at     int64  // where virtual offset 0 is in temp (RecvRecord.DataAt)
 	base   Source // the stored version of the image, for incremental re-sync
 	baseM  map[int64]Hash
@@ -311,7 +312,7 @@ func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision) (*s
 			return nil, nil, err
 		}
 	}
-	f, err := os.OpenFile(temp, os.O_RDWR|os.O_CREATE, 0o600)
+	f, err := openDirect(temp)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -396,45 +397,105 @@ func (s *session) close() {
 func (s *session) data(fr *frameReader, w *lockedWriter) {
 	o := &s.offer
 	var buf []byte
-	for {
-		typ, p, err := fr.next(buf)
+	// Chunks are assembled in buffers aligned for direct I/O (raw ones
+	// read straight into one, compressed ones decompressed into one),
+	// and written by a writer of their own: with direct I/O a write
+	// waits for the device, and meanwhile the next chunk arrives.
+	spare := make(chan []byte, 2)
+	for range cap(spare) {
+		spare <- alignedBuffer(int(o.ChunkSize))
+	}
+	type write struct {
+		chunk []byte // a spare buffer, data at its start
+		index int64
+		hash  Hash
+		wire  int64
+	}
+	writes := make(chan write, 1)
+	var failed atomic.Bool
+	written := make(chan struct{})
+	go func() {
+		defer close(written)
+		for wr := range writes {
+			if !failed.Load() {
+				if err := s.temp.writeChunk(wr.chunk, s.at+wr.index*o.ChunkSize); err != nil {
+					failed.Store(true)
+					w.send(frameError, []byte("write: "+err.Error()))
+				} else {
+					s.add(wr.index, wr.hash, w, wr.wire, false)
+				}
+			}
+			spare <- wr.chunk[:cap(wr.chunk)]
+		}
+	}()
+	defer func() {
+		close(writes)
+		<-written
+	}()
+	for !failed.Load() {
+		typ, n, err := fr.head()
 		if err != nil {
 			return
 		}
-		buf = p[:0]
 		switch typ {
 		case frameChunk:
-			i, h, flags, rawLen, payload, err := parseChunk(p)
+			c, err := fr.chunkHead(n)
 			if err != nil {
 				return
 			}
-			if i < 0 || i >= chunkCount(o.Size, o.ChunkSize) || int64(rawLen) != chunkLen(i, o.Size, o.ChunkSize) {
-				w.send(frameNack, append(indexFrame(i, h), "chunk outside the image"...))
+			chunk := <-spare
+			compressed := c.flags&flagZstd != 0
+			into := chunk
+			if compressed || c.dataLen > len(chunk) {
+				into = buf
+			}
+			p, err := fr.body(c.dataLen, into)
+			if err != nil {
+				return
+			}
+			if compressed {
+				buf = p[:0]
+			}
+			i, h := c.index, c.hash
+			nack := func(why string) {
+				spare <- chunk
+				w.send(frameNack, append(indexFrame(i, h), why...))
+			}
+			if i < 0 || i >= chunkCount(o.Size, o.ChunkSize) || int64(c.rawLen) != chunkLen(i, o.Size, o.ChunkSize) {
+				nack("chunk outside the image")
 				continue
 			}
-			data := payload
-			if flags&flagZstd != 0 {
-				data, err = s.r.dec.DecodeAll(payload, make([]byte, 0, rawLen))
-				if err != nil || len(data) != rawLen {
-					w.send(frameNack, append(indexFrame(i, h), "does not decompress"...))
+			data := p
+			if compressed {
+				data, err = s.r.dec.DecodeAll(p, chunk[:0])
+				if err != nil || len(data) != c.rawLen {
+					nack("does not decompress")
 					continue
 				}
 			}
-			if hashChunk(data) != h || len(data) != rawLen {
-				w.send(frameNack, append(indexFrame(i, h), "hash mismatch"...))
+			if hashChunk(data) != h || len(data) != c.rawLen {
+				nack("hash mismatch")
 				continue
 			}
-			if _, err := s.temp.WriteAt(data, s.at+i*o.ChunkSize); err != nil {
-				w.send(frameError, []byte("write: "+err.Error()))
+			if &data[0] != &chunk[0] { // cannot be (rawLen is at most the chunk size), but the writer owns chunk
+				nack("chunk too long")
+				continue
+			}
+			writes <- write{chunk: data, index: i, hash: h, wire: int64(c.dataLen)}
+		case frameSame:
+			p, err := fr.body(n, buf)
+			if err != nil {
 				return
 			}
-			s.add(i, h, w, int64(len(payload)), false)
-		case frameSame:
+			buf = p[:0]
 			i, h, err := parseIndexFrame(p)
 			if err != nil {
 				return
 			}
-			if !s.copyFromBase(i, h) {
+			chunk := <-spare
+			ok := s.copyFromBase(i, h, chunk)
+			spare <- chunk
+			if !ok {
 				w.send(frameNack, append(indexFrame(i, h), "not in the stored version"...))
 				continue
 			}
@@ -445,7 +506,9 @@ func (s *session) data(fr *frameReader, w *lockedWriter) {
 	}
 }
 
-func (s *session) copyFromBase(i int64, h Hash) bool {
+// copyFromBase copies chunk i from the stored version, through buf (of
+// the chunk size).
+func (s *session) copyFromBase(i int64, h Hash, buf []byte) bool {
 	if s.base == nil || s.baseM[i] != h {
 		return false
 	}
@@ -453,13 +516,16 @@ func (s *session) copyFromBase(i int64, h Hash) bool {
 	if i*s.offer.ChunkSize+n > s.base.Size() {
 		return false
 	}
-	b := make([]byte, n)
+	b := buf[:n]
 	if _, err := s.base.ReadAt(b, i*s.offer.ChunkSize); err != nil && !isEOF(err) {
 		return false
 	}
 	if hashChunk(b) != h { // the stored copy must still be what its manifest says
 		return false
 	}
+	// Through the page cache: the data was just read through it, and a
+	// re-sync copies most of an image this way, which direct writes, each
+	// waiting for the device, made twice as slow.
 	_, err := s.temp.WriteAt(b, s.at+i*s.offer.ChunkSize)
 	return err == nil
 }
@@ -587,7 +653,7 @@ func (s *session) finish(cm *Commit) (*Done, error) {
 	final := filepath.Join(dir, o.Name+"."+o.Format)
 	switch {
 	case o.Format == FormatQcow2 && s.at > 0:
-		if err := finishQcow2InPlace(s.temp, o.Size, s.at); err != nil {
+		if err := finishQcow2InPlace(s.temp.File, o.Size, s.at); err != nil {
 			return nil, fmt.Errorf("write qcow2: %w", err)
 		}
 		if err := os.Rename(s.temp.Name(), final); err != nil {
@@ -595,7 +661,7 @@ func (s *session) finish(cm *Commit) (*Done, error) {
 		}
 	case o.Format == FormatQcow2:
 		tmp := filepath.Join(dir, ".incoming", o.ID+".qcow2")
-		if err := convertToQcow2(s.temp, o.Size, tmp); err != nil {
+		if err := convertToQcow2(s.temp.File, o.Size, tmp); err != nil {
 			os.Remove(tmp)
 			return nil, fmt.Errorf("write qcow2: %w", err)
 		}

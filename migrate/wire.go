@@ -128,25 +128,76 @@ func newFrameReader(r io.Reader) *frameReader {
 // next reads a frame into buf (grown as needed) and returns its type and
 // payload.
 func (fr *frameReader) next(buf []byte) (byte, []byte, error) {
-	typ, err := fr.r.ReadByte()
+	typ, n, err := fr.head()
 	if err != nil {
 		return 0, nil, err
+	}
+	p, err := fr.body(n, buf)
+	return typ, p, err
+}
+
+// head reads a frame's type and length.
+func (fr *frameReader) head() (byte, int, error) {
+	typ, err := fr.r.ReadByte()
+	if err != nil {
+		return 0, 0, err
 	}
 	n, err := binary.ReadUvarint(fr.r)
 	if err != nil {
-		return 0, nil, err
+		return 0, 0, err
 	}
 	if n > maxFrame {
-		return 0, nil, fmt.Errorf("frame of %d bytes exceeds the limit", n)
+		return 0, 0, fmt.Errorf("frame of %d bytes exceeds the limit", n)
 	}
-	if uint64(cap(buf)) < n {
+	return typ, int(n), nil
+}
+
+// body reads the n bytes that follow into buf, grown as needed.
+func (fr *frameReader) body(n int, buf []byte) ([]byte, error) {
+	if cap(buf) < n {
 		buf = make([]byte, n)
 	}
 	buf = buf[:n]
-	if _, err := io.ReadFull(fr.r, buf); err != nil {
-		return 0, nil, err
+	_, err := io.ReadFull(fr.r, buf)
+	return buf, err
+}
+
+// chunkHead reads the fixed part of a chunk frame of n bytes, leaving its
+// data to be read with body: the receiver reads data straight into a
+// buffer aligned for direct I/O.
+func (fr *frameReader) chunkHead(n int) (c chunkHead, err error) {
+	i, err := binary.ReadUvarint(fr.r)
+	if err != nil {
+		return c, err
 	}
-	return typ, buf, nil
+	var fixed [33]byte
+	if _, err := io.ReadFull(fr.r, fixed[:]); err != nil {
+		return c, err
+	}
+	raw, err := binary.ReadUvarint(fr.r)
+	if err != nil {
+		return c, err
+	}
+	hl := uvarintLen(i) + len(fixed) + uvarintLen(raw)
+	if hl > n || raw > maxFrame {
+		return c, errors.New("bad chunk frame")
+	}
+	c = chunkHead{index: int64(i), flags: fixed[32], rawLen: int(raw), dataLen: n - hl}
+	copy(c.hash[:], fixed[:32])
+	return c, nil
+}
+
+type chunkHead struct {
+	index   int64
+	hash    Hash
+	flags   byte
+	rawLen  int // length of the chunk
+	dataLen int // bytes in the frame: rawLen, or less if compressed
+}
+
+func uvarintLen(v uint64) int {
+	var b [binary.MaxVarintLen64]byte
+	return len(binary.AppendUvarint(b[:0], v))
 }
 
 func (fr *frameReader) json(want byte, v any) error {
@@ -169,21 +220,6 @@ func chunkHeader(index int64, h Hash, flags byte, rawLen int) []byte {
 	b = append(b, h[:]...)
 	b = append(b, flags)
 	return binary.AppendUvarint(b, uint64(rawLen))
-}
-
-func parseChunk(p []byte) (index int64, h Hash, flags byte, rawLen int, data []byte, err error) {
-	i, w := binary.Uvarint(p)
-	if w <= 0 || len(p) < w+33 {
-		return 0, h, 0, 0, nil, errors.New("short chunk frame")
-	}
-	p = p[w:]
-	copy(h[:], p[:32])
-	flags = p[32]
-	n, w2 := binary.Uvarint(p[33:])
-	if w2 <= 0 || n > maxFrame {
-		return 0, h, 0, 0, nil, errors.New("bad chunk length")
-	}
-	return int64(i), h, flags, int(n), p[33+w2:], nil
 }
 
 func indexFrame(index int64, h Hash) []byte {

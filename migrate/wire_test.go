@@ -1,0 +1,117 @@
+package migrate
+
+import (
+	"bytes"
+	"crypto/rand"
+	"testing"
+
+	"github.com/klauspost/compress/zstd"
+)
+
+// TestChunkFrame reads chunk frames the way the receiver does (fixed
+// part, then the data into a buffer of its choice) after frames of other
+// types, and refuses a chunk frame too short for its own header.
+func TestChunkFrame(t *testing.T) {
+	var wire bytes.Buffer
+	fw := newFrameWriter(&wire)
+	data := bytes.Repeat([]byte("skybridge"), 1000)
+	h := hashChunk(data)
+	chunks := []struct {
+		index  int64
+		flags  byte
+		rawLen int
+	}{{0, 0, len(data)}, {1 << 40, flagZstd, 1 << 20}}
+	fw.frame(frameSame, indexFrame(7, h))
+	for _, c := range chunks {
+		fw.frame(frameChunk, chunkHeader(c.index, h, c.flags, c.rawLen), data)
+	}
+	// A chunk frame shorter than its own header, followed by a frame
+	// whose bytes the header would run into.
+	fw.frame(frameChunk, chunkHeader(5, h, 0, 100)[:20])
+	fw.frame(frameSame, bytes.Repeat([]byte{0x01}, 64))
+	fw.flush()
+
+	fr := newFrameReader(&wire)
+	typ, p, err := fr.next(nil)
+	if err != nil || typ != frameSame {
+		t.Fatalf("first frame: type %d, %v", typ, err)
+	}
+	if i, got, err := parseIndexFrame(p); err != nil || i != 7 || got != h {
+		t.Fatalf("same frame: %d %s %v", i, got, err)
+	}
+	for _, want := range chunks {
+		typ, n, err := fr.head()
+		if err != nil || typ != frameChunk {
+			t.Fatalf("chunk %d: type %d, %v", want.index, typ, err)
+		}
+		c, err := fr.chunkHead(n)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if c.index != want.index || c.hash != h || c.flags != want.flags || c.rawLen != want.rawLen || c.dataLen != len(data) {
+			t.Fatalf("chunk head %+v, want %+v with %d data bytes", c, want, len(data))
+		}
+		into := make([]byte, 0, 1<<20)
+		got, err := fr.body(c.dataLen, into)
+		if err != nil || !bytes.Equal(got, data) || &got[0] != &into[:1][0] {
+			t.Fatalf("chunk %d data: %v (read into the given buffer: %v)", want.index, err, err == nil && &got[0] == &into[:1][0])
+		}
+	}
+	typ, n, err := fr.head()
+	if err != nil || typ != frameChunk {
+		t.Fatalf("short frame: type %d, %v", typ, err)
+	}
+	if _, err := fr.chunkHead(n); err == nil {
+		t.Fatal("a 20-byte chunk frame with a 35-byte header was accepted")
+	}
+}
+
+// TestChunkCompression: what the sender's encoder does with the kinds of
+// data an image holds, and that the receiver's decoder restores it.
+// Random data is sent as it is after two small probes; text compresses
+// to almost nothing; random hex digits, which have no repeats for zstd's
+// fastest level to find, are still entropy-coded to about half.
+func TestChunkCompression(t *testing.T) {
+	enc, err := newChunkEncoder(2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dec, err := zstd.NewReader(nil, zstd.WithDecoderMaxMemory(maxFrame))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dec.Close()
+	random := make([]byte, 1<<20)
+	rand.Read(random)
+	hexDigits := make([]byte, 1<<20)
+	for i, b := range random {
+		hexDigits[i] = "0123456789abcdef"[b&15]
+	}
+	text := bytes.Repeat([]byte("skybridge risk batch "), (1<<20)/21)
+	for _, tt := range []struct {
+		name     string
+		data     []byte
+		worth    bool
+		maxRatio float64
+	}{
+		{"random", random, false, 0},
+		{"text", text, true, 0.01},
+		{"random hex digits", hexDigits, true, 0.55},
+	} {
+		if got := worthCompressing(enc, tt.data); got != tt.worth {
+			t.Errorf("%s: worth compressing %v, want %v", tt.name, got, tt.worth)
+			continue
+		}
+		if !tt.worth {
+			continue
+		}
+		c := enc.EncodeAll(tt.data, nil)
+		if r := float64(len(c)) / float64(len(tt.data)); r > tt.maxRatio {
+			t.Errorf("%s: compressed to %.2f of its size, want at most %.2f", tt.name, r, tt.maxRatio)
+		}
+		back, err := dec.DecodeAll(c, nil)
+		if err != nil || !bytes.Equal(back, tt.data) {
+			t.Errorf("%s: does not decompress to itself: %v", tt.name, err)
+		}
+	}
+}
