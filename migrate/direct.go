@@ -13,17 +13,20 @@ import (
 // (O_DIRECT) where the filesystem supports it. Copying a received chunk
 // into the page cache was the largest single cost of a migration's
 // receiving gateway (a sixth of both gateways' CPU, more than hashing),
-// and the data is made durable right after anyway; it also kept a gateway
-// from evicting its whole page cache for every image it receives.
-// Everything else — metadata, a short last chunk, reads, syncs, holes —
-// goes through the ordinary descriptor; Linux keeps the two coherent
-// (a direct write drops the cached pages of its range).
+// and the data is made durable right after anyway; bypassing it also
+// keeps a gateway from evicting its page cache for every image it
+// receives. Everything else — metadata, a short last chunk, copies from a
+// stored version, reads, syncs, holes — goes through the ordinary
+// descriptor: a direct write drops the cached pages of its range, and
+// direct writes are page-aligned, so the two never share a page.
 type directFile struct {
 	*os.File
 	direct  *os.File    // nil: no direct I/O on this file
 	mem     uintptr     // required alignment of buffer addresses
 	off     int64       // required alignment of file offsets and lengths
 	refused atomic.Bool // a direct write was refused: buffered from then on
+
+	directWrites atomic.Int64 // for tests: writes that went direct
 }
 
 // openDirect opens path for reading and writing, creating it with mode
@@ -44,7 +47,10 @@ func openDirect(path string) (*directFile, error) {
 	if err != nil {
 		return df, nil // the filesystem said yes but opening says no: buffered it is
 	}
-	df.direct, df.mem, df.off = d, uintptr(st.Dio_mem_align), int64(st.Dio_offset_align)
+	// Offsets and lengths at least page-aligned: a direct write then never
+	// shares a page with a buffered one (a short last chunk, a copy from
+	// the stored version), which not every filesystem keeps coherent.
+	df.direct, df.mem, df.off = d, uintptr(st.Dio_mem_align), max(int64(st.Dio_offset_align), int64(os.Getpagesize()))
 	return df, nil
 }
 
@@ -54,7 +60,11 @@ func (f *directFile) writeChunk(b []byte, off int64) error {
 	if f.direct != nil && !f.refused.Load() && len(b) > 0 &&
 		uintptr(unsafe.Pointer(&b[0]))%f.mem == 0 && off%f.off == 0 && int64(len(b))%f.off == 0 {
 		_, err := f.direct.WriteAt(b, off)
-		if !errors.Is(err, unix.EINVAL) {
+		if err == nil {
+			f.directWrites.Add(1)
+			return nil
+		}
+		if !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.EOPNOTSUPP) {
 			return err
 		}
 		// Some filesystems accept the flag and refuse the write; from
@@ -67,10 +77,11 @@ func (f *directFile) writeChunk(b []byte, off int64) error {
 
 // Close closes both descriptors.
 func (f *directFile) Close() error {
+	var err error
 	if f.direct != nil {
-		f.direct.Close()
+		err = f.direct.Close()
 	}
-	return f.File.Close()
+	return errors.Join(err, f.File.Close())
 }
 
 // alignedBuffer returns n bytes whose address is aligned for direct I/O

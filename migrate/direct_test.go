@@ -34,22 +34,29 @@ func TestDirectFile(t *testing.T) {
 	if uintptr(len(aligned)) != mib || cap(aligned) != mib {
 		t.Fatalf("aligned buffer of %d bytes, capacity %d", len(aligned), cap(aligned))
 	}
-	odd := make([]byte, mib+1)
+	odd := alignedBuffer(mib + 1)[1:] // certainly not aligned
 	rand.Read(odd)
 	pieces := []struct {
-		name string
-		b    []byte
-		off  int64
+		name   string
+		b      []byte
+		off    int64
+		direct bool // where the filesystem offers direct I/O
 	}{
-		{"aligned chunk", aligned, 2 * mib},
-		{"unaligned address", odd[1:], 4 * mib},
-		{"unaligned offset", aligned, 6*mib + 512},
-		{"short tail", aligned[:12345], 8*mib - 12345},
-		{"overwrite through the other descriptor", odd[:mib], 2 * mib},
+		{"aligned chunk", aligned, 2 * mib, true},
+		{"unaligned address", odd, 4 * mib, false},
+		{"unaligned offset", aligned, 6*mib + 1, false},
+		{"offset aligned for the device but not to a page", aligned[:8192], 7*mib + 512, false},
+		{"short tail", aligned[:12345], 8*mib - 12345, false},
+		{"buffered over a direct write", odd, 2 * mib, false},
+		{"direct over a buffered write", aligned, 4 * mib, true},
 	}
 	for _, p := range pieces {
+		before := f.directWrites.Load()
 		if err := f.writeChunk(p.b, p.off); err != nil {
 			t.Fatalf("%s: %v", p.name, err)
+		}
+		if went := f.directWrites.Load() > before; went != (p.direct && f.direct != nil) {
+			t.Errorf("%s: went direct %v", p.name, went)
 		}
 		got := make([]byte, len(p.b))
 		if _, err := f.ReadAt(got, p.off); err != nil {

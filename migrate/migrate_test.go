@@ -430,3 +430,57 @@ func TestOpenSourceErrors(t *testing.T) {
 		t.Fatalf("compressed qcow2 read back differently: %v", err)
 	}
 }
+
+// TestMigrateTruncatedSource: a qcow2 whose host file was cut short reads
+// short at its end; the migration must fail saying so, not send zeros in
+// place of the lost data (the manifest would then vouch for them).
+func TestMigrateTruncatedSource(t *testing.T) {
+	q := qemuImg(t)
+	p := newPair(t, "DE")
+	raw := filepath.Join(p.dir, "vm.raw")
+	makeRaw(t, raw, 4*mib, map[int64]int{0: 4 * mib})
+	qc := filepath.Join(p.dir, "vm.qcow2")
+	if out, err := exec.Command(q, "convert", "-O", "qcow2", raw, qc).CombinedOutput(); err != nil {
+		t.Fatalf("%v %s", err, out)
+	}
+	if err := os.Truncate(qc, 2*mib); err != nil {
+		t.Fatal(err)
+	}
+	rec, err := Send(context.Background(), p.config(qc, "pii-eu"))
+	if err == nil || !strings.Contains(err.Error(), "shorter than its size says") {
+		t.Fatalf("migration of a truncated qcow2: %v (record %+v)", err, rec)
+	}
+	if _, err := p.recvJ.Image("vm"); err == nil {
+		t.Fatal("the truncated image was stored at the destination")
+	}
+}
+
+// TestCopyFromBaseOutsideImage: a sender may name, in a Same frame, a
+// chunk of the stored version beyond the end of the new image (the
+// stored version was larger); that is a refusal, not a crash.
+func TestCopyFromBaseOutsideImage(t *testing.T) {
+	dir := t.TempDir()
+	basePath := filepath.Join(dir, "base.raw")
+	makeRaw(t, basePath, 4*mib, map[int64]int{3 * mib: mib})
+	base, err := OpenSource(basePath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer base.Close()
+	b := make([]byte, mib)
+	base.ReadAt(b, 3*mib)
+	h := hashChunk(b)
+	temp, err := openDirect(filepath.Join(dir, "incoming.raw"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer temp.Close()
+	s := &session{offer: Offer{Size: 2 * mib, ChunkSize: mib}, temp: temp, base: base, baseM: map[int64]Hash{3: h}}
+	if s.copyFromBase(3, h, make([]byte, mib)) {
+		t.Fatal("chunk 3 of a 2-chunk image was copied")
+	}
+	s.offer.Size = 4 * mib
+	if !s.copyFromBase(3, h, make([]byte, mib)) {
+		t.Fatal("chunk 3 of a 4-chunk image, unchanged in the stored version, was not copied")
+	}
+}

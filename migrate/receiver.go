@@ -403,7 +403,13 @@ func (s *session) data(fr *frameReader, w *lockedWriter) {
 	// waits for the device, and meanwhile the next chunk arrives.
 	spare := make(chan []byte, 2)
 	for range cap(spare) {
-		spare <- alignedBuffer(int(o.ChunkSize))
+		spare <- nil // allocated when first needed: a stream may carry no data
+	}
+	takeSpare := func() []byte {
+		if b := <-spare; b != nil {
+			return b
+		}
+		return alignedBuffer(int(o.ChunkSize))
 	}
 	type write struct {
 		chunk []byte // a spare buffer, data at its start
@@ -443,7 +449,7 @@ func (s *session) data(fr *frameReader, w *lockedWriter) {
 			if err != nil {
 				return
 			}
-			chunk := <-spare
+			chunk := takeSpare()
 			compressed := c.flags&flagZstd != 0
 			into := chunk
 			if compressed || c.dataLen > len(chunk) {
@@ -492,7 +498,11 @@ func (s *session) data(fr *frameReader, w *lockedWriter) {
 			if err != nil {
 				return
 			}
-			chunk := <-spare
+			if i < 0 || i >= chunkCount(o.Size, o.ChunkSize) {
+				w.send(frameNack, append(indexFrame(i, h), "chunk outside the image"...))
+				continue
+			}
+			chunk := takeSpare()
 			ok := s.copyFromBase(i, h, chunk)
 			spare <- chunk
 			if !ok {
@@ -513,7 +523,7 @@ func (s *session) copyFromBase(i int64, h Hash, buf []byte) bool {
 		return false
 	}
 	n := chunkLen(i, s.offer.Size, s.offer.ChunkSize)
-	if i*s.offer.ChunkSize+n > s.base.Size() {
+	if n <= 0 || n > int64(len(buf)) || i*s.offer.ChunkSize+n > s.base.Size() {
 		return false
 	}
 	b := buf[:n]

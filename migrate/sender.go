@@ -663,11 +663,16 @@ func (s *sender) prepare(i int64, enc *zstd.Encoder, acc *Accept) (*job, error) 
 	size, chunk := s.src.Size(), s.cfg.ChunkSize
 	n := chunkLen(i, size, chunk)
 	buf := chunkBuf(int(n))
-	if m, err := s.src.ReadAt(buf, i*chunk); err != nil {
-		if !isEOF(err) {
-			return nil, fmt.Errorf("read chunk %d of %s: %w", i, s.cfg.Image, err)
+	// A chunk never reaches past the image's size, so a short read is a
+	// damaged or truncated source, never zeros to fill in (and the
+	// buffer is recycled: what it held before would be sent).
+	if m, err := s.src.ReadAt(buf, i*chunk); int64(m) < n {
+		if err == nil || isEOF(err) {
+			err = fmt.Errorf("only %d of %d bytes: the image is shorter than its size says (truncated?)", m, n)
 		}
-		clear(buf[m:]) // past the end of the source reads as zeros (the buffer is recycled)
+		return nil, fmt.Errorf("read chunk %d of %s: %w", i, s.cfg.Image, err)
+	} else if err != nil && !isEOF(err) {
+		return nil, fmt.Errorf("read chunk %d of %s: %w", i, s.cfg.Image, err)
 	}
 	s.mu.Lock()
 	s.stats.BytesRead += n

@@ -166,25 +166,47 @@ func (fr *frameReader) body(n int, buf []byte) ([]byte, error) {
 // data to be read with body: the receiver reads data straight into a
 // buffer aligned for direct I/O.
 func (fr *frameReader) chunkHead(n int) (c chunkHead, err error) {
-	i, err := binary.ReadUvarint(fr.r)
+	// Counted as read, not as the shortest encoding would be: a peer may
+	// pad a varint, and the data's length must still come out right.
+	cr := &countingReader{r: fr.r}
+	i, err := binary.ReadUvarint(cr)
 	if err != nil {
 		return c, err
 	}
 	var fixed [33]byte
-	if _, err := io.ReadFull(fr.r, fixed[:]); err != nil {
+	if _, err := io.ReadFull(cr, fixed[:]); err != nil {
 		return c, err
 	}
-	raw, err := binary.ReadUvarint(fr.r)
+	raw, err := binary.ReadUvarint(cr)
 	if err != nil {
 		return c, err
 	}
-	hl := uvarintLen(i) + len(fixed) + uvarintLen(raw)
-	if hl > n || raw > maxFrame {
+	if cr.n > n || raw > maxFrame {
 		return c, errors.New("bad chunk frame")
 	}
-	c = chunkHead{index: int64(i), flags: fixed[32], rawLen: int(raw), dataLen: n - hl}
+	c = chunkHead{index: int64(i), flags: fixed[32], rawLen: int(raw), dataLen: n - cr.n}
 	copy(c.hash[:], fixed[:32])
 	return c, nil
+}
+
+// countingReader counts the bytes read through it.
+type countingReader struct {
+	r *bufio.Reader
+	n int
+}
+
+func (c *countingReader) ReadByte() (byte, error) {
+	b, err := c.r.ReadByte()
+	if err == nil {
+		c.n++
+	}
+	return b, err
+}
+
+func (c *countingReader) Read(p []byte) (int, error) {
+	k, err := c.r.Read(p)
+	c.n += k
+	return k, err
 }
 
 type chunkHead struct {
@@ -193,11 +215,6 @@ type chunkHead struct {
 	flags   byte
 	rawLen  int // length of the chunk
 	dataLen int // bytes in the frame: rawLen, or less if compressed
-}
-
-func uvarintLen(v uint64) int {
-	var b [binary.MaxVarintLen64]byte
-	return len(binary.AppendUvarint(b[:0], v))
 }
 
 func (fr *frameReader) json(want byte, v any) error {

@@ -25,6 +25,11 @@ func TestChunkFrame(t *testing.T) {
 	for _, c := range chunks {
 		fw.frame(frameChunk, chunkHeader(c.index, h, c.flags, c.rawLen), data)
 	}
+	// A chunk frame whose index is padded (5 as two bytes, which
+	// binary.ReadUvarint accepts): the data's length must not come out
+	// one byte long and run into the next frame.
+	padded := append([]byte{0x85, 0x00}, chunkHeader(0, h, 0, len(data))[1:]...)
+	fw.frame(frameChunk, padded, data)
 	// A chunk frame shorter than its own header, followed by a frame
 	// whose bytes the header would run into.
 	fw.frame(frameChunk, chunkHeader(5, h, 0, 100)[:20])
@@ -58,6 +63,16 @@ func TestChunkFrame(t *testing.T) {
 		}
 	}
 	typ, n, err := fr.head()
+	if err != nil || typ != frameChunk {
+		t.Fatalf("padded frame: type %d, %v", typ, err)
+	}
+	if c, err := fr.chunkHead(n); err != nil || c.index != 5 || c.dataLen != len(data) {
+		t.Fatalf("padded chunk head %+v, %v; want index 5 and %d data bytes", c, err, len(data))
+	}
+	if got, err := fr.body(len(data), nil); err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("padded chunk's data: %v", err)
+	}
+	typ, n, err = fr.head()
 	if err != nil || typ != frameChunk {
 		t.Fatalf("short frame: type %d, %v", typ, err)
 	}
