@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"crypto/tls"
 	"errors"
 	"log/slog"
 	"net"
@@ -482,5 +483,79 @@ func TestCopyFromBaseOutsideImage(t *testing.T) {
 	s.offer.Size = 4 * mib
 	if !s.copyFromBase(3, h, make([]byte, mib)) {
 		t.Fatal("chunk 3 of a 4-chunk image, unchanged in the stored version, was not copied")
+	}
+}
+
+// TestReceiverRefusesBadFrames speaks the protocol as a certified but
+// misbehaving sender would: each bad chunk is refused with its reason and
+// never written, the receiver stays up, and a good chunk on the same
+// stream is still acknowledged.
+func TestReceiverRefusesBadFrames(t *testing.T) {
+	p := newPair(t, "DE")
+	dial := func() (*frameWriter, *frameReader) {
+		raw, err := net.Dial("tcp", p.addr.String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		c := tls.Client(raw, clientTLS(p.from, p.tb, "gw-dst", time.Now))
+		t.Cleanup(func() { c.Close() })
+		c.SetDeadline(time.Now().Add(20 * time.Second))
+		return newFrameWriter(c), newFrameReader(c)
+	}
+	cw, cr := dial()
+	const size = 2*mib + 100 // chunks 0, 1 and a 100-byte chunk 2
+	offer := Offer{ID: "0123456789abcdef", Name: "bad", Class: "pii-eu", Format: FormatRaw, Size: size, ChunkSize: mib, Streams: 1}
+	if err := cw.json(frameOffer, offer); err != nil {
+		t.Fatal(err)
+	}
+	var acc Accept
+	if err := cr.json(frameAccept, &acc); err != nil {
+		t.Fatalf("offer: %v", err)
+	}
+	dw, dr := dial()
+	if err := dw.json(frameJoin, Join{ID: offer.ID}); err != nil {
+		t.Fatal(err)
+	}
+	good := make([]byte, mib)
+	rand.Read(good)
+	h := hashChunk(good)
+	wrong := hashChunk([]byte("something else"))
+	for _, tc := range []struct {
+		name   string
+		typ    byte
+		parts  [][]byte
+		index  int64
+		reason string
+	}{
+		{"chunk past the end", frameChunk, [][]byte{chunkHeader(3, h, 0, mib), good}, 3, "chunk outside the image"},
+		{"wrong length for its place", frameChunk, [][]byte{chunkHeader(2, h, 0, mib), good}, 2, "chunk outside the image"},
+		{"not zstd", frameChunk, [][]byte{chunkHeader(0, h, flagZstd, mib), good[:1000]}, 0, "does not decompress"},
+		{"damaged", frameChunk, [][]byte{chunkHeader(0, wrong, 0, mib), good}, 0, "hash mismatch"},
+		{"same as a stored chunk past the end", frameSame, [][]byte{indexFrame(1<<40, h)}, 1 << 40, "chunk outside the image"},
+		{"same with nothing stored", frameSame, [][]byte{indexFrame(1, h)}, 1, "not in the stored version"},
+	} {
+		if err := dw.frame(tc.typ, tc.parts...); err != nil {
+			t.Fatal(err)
+		}
+		dw.flush()
+		typ, b, err := dr.next(nil)
+		if err != nil {
+			t.Fatalf("%s: %v", tc.name, err)
+		}
+		i, _, perr := parseIndexFrame(b[:min(len(b), binaryLenIndexFrame(b))])
+		if typ != frameNack || perr != nil || i != tc.index || !strings.HasSuffix(string(b), tc.reason) {
+			t.Fatalf("%s: answer type %d %q, want a nack of %d: %s", tc.name, typ, b, tc.index, tc.reason)
+		}
+	}
+	// The stream and the receiver survived: a good chunk is written,
+	// made durable and acknowledged.
+	dw.frame(frameChunk, chunkHeader(1, h, 0, mib), good)
+	dw.flush()
+	typ, b, err := dr.next(nil)
+	if err != nil || typ != frameAck {
+		t.Fatalf("good chunk after the bad ones: type %d %q, %v", typ, b, err)
+	}
+	if idx, err := parseAck(b); err != nil || len(idx) != 1 || idx[0] != 1 {
+		t.Fatalf("ack %v, %v; want chunk 1", idx, err)
 	}
 }
