@@ -95,14 +95,19 @@ func (r *BurstRequest) attributes(meshPrefix netip.Prefix) (certs.Attributes, er
 	return a, errors.Join(errs...)
 }
 
+// BurstLife is when a burst site was opened, is due to end, and ended.
+type BurstLife struct {
+	Created   time.Time  `json:"created"`
+	Expires   time.Time  `json:"expires"`
+	Ended     *time.Time `json:"ended,omitempty"`
+	EndReason string     `json:"end_reason,omitempty"`
+}
+
 // burstRecord is one burst site as the enrolling gateway keeps it.
 type burstRecord struct {
 	BurstSite
-	Created   time.Time    `json:"created"`
-	Expires   time.Time    `json:"expires"`
-	Ended     *time.Time   `json:"ended,omitempty"`
-	EndReason string       `json:"end_reason,omitempty"`
-	Tokens    []burstToken `json:"tokens"`
+	BurstLife
+	Tokens []burstToken `json:"tokens"`
 	// Vault bursts: Vault admits the gateways (their tokens' Node and
 	// OverlayIP are assigned at burst up, Used stays unknown);
 	// VaultCleaned once burst down removed the burst's Vault objects.
@@ -174,7 +179,7 @@ func (b *burstBook) open(req BurstRequest, attrs certs.Attributes, tokens []*cer
 	}
 	r := &burstRecord{
 		BurstSite: BurstSite{Site: attrs.Site, Provider: attrs.Provider, Region: attrs.Region, Jurisdiction: attrs.Jurisdiction, Labels: attrs.Labels},
-		Created:   now.UTC(), Expires: now.Add(req.TTL).UTC(),
+		BurstLife: BurstLife{Created: now.UTC(), Expires: now.Add(req.TTL).UTC()},
 	}
 	for _, p := range attrs.Routes {
 		r.Routes = append(r.Routes, p.String())

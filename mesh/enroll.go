@@ -418,10 +418,7 @@ func (g *Gateway) classVerdicts(a certs.Attributes, now time.Time) []ClassVerdic
 // BurstInfo describes a burst site for `skybridge burst list` and down.
 type BurstInfo struct {
 	BurstSite
-	Created      time.Time      `json:"created"`
-	Expires      time.Time      `json:"expires"`
-	Ended        *time.Time     `json:"ended,omitempty"`
-	EndReason    string         `json:"end_reason,omitempty"`
+	BurstLife
 	Gateways     []BurstGateway `json:"gateways"`
 	TokensUnused int            `json:"tokens_unused"`
 	Revoked      []string       `json:"revoked,omitempty"` // serials revoked by this call (burst down)
@@ -436,8 +433,7 @@ type BurstGateway struct {
 }
 
 func (r *burstRecord) info() BurstInfo {
-	bi := BurstInfo{BurstSite: r.BurstSite,
-		Created: r.Created, Expires: r.Expires, Ended: r.Ended, EndReason: r.EndReason, Gateways: []BurstGateway{}}
+	bi := BurstInfo{BurstSite: r.BurstSite, BurstLife: r.BurstLife, Gateways: []BurstGateway{}}
 	for _, t := range r.Tokens {
 		if t.Used == nil && !r.Vault {
 			bi.TokensUnused++
