@@ -12,7 +12,7 @@ import (
 // directFile is an incoming image whose chunk writes bypass the page cache
 // (O_DIRECT) where the filesystem supports it. Copying a received chunk
 // into the page cache was the largest single cost of a migration's
-// receiving gateway (a sixth of both gateways' CPU, more than hashing),
+// receiving gateway (13.6 % of both gateways' CPU, more than hashing),
 // and the data is made durable right after anyway; bypassing it also
 // keeps a gateway from evicting its page cache for every image it
 // receives. Everything else — metadata, a short last chunk, copies from a
@@ -25,8 +25,6 @@ type directFile struct {
 	mem     uintptr     // required alignment of buffer addresses
 	off     int64       // required alignment of file offsets and lengths
 	refused atomic.Bool // a direct write was refused: buffered from then on
-
-	directWrites atomic.Int64 // for tests: writes that went direct
 }
 
 // openDirect opens path for reading and writing, creating it with mode
@@ -38,9 +36,8 @@ func openDirect(path string) (*directFile, error) {
 		return nil, err
 	}
 	df := &directFile{File: f}
-	var st unix.Statx_t
-	if err := unix.Statx(int(f.Fd()), "", unix.AT_EMPTY_PATH, unix.STATX_DIOALIGN, &st); err != nil ||
-		st.Mask&unix.STATX_DIOALIGN == 0 || st.Dio_mem_align == 0 || st.Dio_offset_align == 0 {
+	mem, off, ok := dioAlign(f)
+	if !ok {
 		return df, nil
 	}
 	d, err := os.OpenFile(path, os.O_WRONLY|unix.O_DIRECT, 0)
@@ -50,8 +47,19 @@ func openDirect(path string) (*directFile, error) {
 	// Offsets and lengths at least page-aligned: a direct write then never
 	// shares a page with a buffered one (a short last chunk, a copy from
 	// the stored version), which not every filesystem keeps coherent.
-	df.direct, df.mem, df.off = d, uintptr(st.Dio_mem_align), max(int64(st.Dio_offset_align), int64(os.Getpagesize()))
+	df.direct, df.mem, df.off = d, uintptr(mem), max(int64(off), int64(os.Getpagesize()))
 	return df, nil
+}
+
+// dioAlign reports whether f's filesystem offers direct I/O for it, and
+// the alignment it requires of buffer addresses and of file offsets.
+func dioAlign(f *os.File) (mem, off uint32, ok bool) {
+	var st unix.Statx_t
+	if err := unix.Statx(int(f.Fd()), "", unix.AT_EMPTY_PATH, unix.STATX_DIOALIGN, &st); err != nil ||
+		st.Mask&unix.STATX_DIOALIGN == 0 || st.Dio_mem_align == 0 || st.Dio_offset_align == 0 {
+		return 0, 0, false
+	}
+	return st.Dio_mem_align, st.Dio_offset_align, true
 }
 
 // writeChunk writes b at off, directly when b's address, off and len(b)
@@ -60,11 +68,7 @@ func (f *directFile) writeChunk(b []byte, off int64) error {
 	if f.direct != nil && !f.refused.Load() && len(b) > 0 &&
 		uintptr(unsafe.Pointer(&b[0]))%f.mem == 0 && off%f.off == 0 && int64(len(b))%f.off == 0 {
 		_, err := f.direct.WriteAt(b, off)
-		if err == nil {
-			f.directWrites.Add(1)
-			return nil
-		}
-		if !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.EOPNOTSUPP) {
+		if err == nil || !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.EOPNOTSUPP) {
 			return err
 		}
 		// Some filesystems accept the flag and refuse the write; from

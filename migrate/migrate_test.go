@@ -456,42 +456,22 @@ func TestMigrateTruncatedSource(t *testing.T) {
 	}
 }
 
-// TestCopyFromBaseOutsideImage: a sender may name, in a Same frame, a
-// chunk of the stored version beyond the end of the new image (the
-// stored version was larger); that is a refusal, not a crash.
-func TestCopyFromBaseOutsideImage(t *testing.T) {
-	dir := t.TempDir()
-	basePath := filepath.Join(dir, "base.raw")
-	makeRaw(t, basePath, 4*mib, map[int64]int{3 * mib: mib})
-	base, err := OpenSource(basePath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer base.Close()
-	b := make([]byte, mib)
-	base.ReadAt(b, 3*mib)
-	h := hashChunk(b)
-	temp, err := openDirect(filepath.Join(dir, "incoming.raw"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer temp.Close()
-	s := &session{offer: Offer{Size: 2 * mib, ChunkSize: mib}, temp: temp, base: base, baseM: map[int64]Hash{3: h}}
-	if s.copyFromBase(3, h, make([]byte, mib)) {
-		t.Fatal("chunk 3 of a 2-chunk image was copied")
-	}
-	s.offer.Size = 4 * mib
-	if !s.copyFromBase(3, h, make([]byte, mib)) {
-		t.Fatal("chunk 3 of a 4-chunk image, unchanged in the stored version, was not copied")
-	}
-}
-
 // TestReceiverRefusesBadFrames speaks the protocol as a certified but
-// misbehaving sender would: each bad chunk is refused with its reason and
-// never written, the receiver stays up, and a good chunk on the same
-// stream is still acknowledged.
+// misbehaving sender would. A 4-chunk version of the image is stored
+// first and the new version has 3 chunks, so the receiver offers chunks
+// of the stored version beyond the new end. Each bad frame is refused with
+// its reason, nothing is acknowledged for it, the receiver stays up, and
+// good chunks on the same stream — one sent, one taken from the stored
+// version — are still acknowledged.
 func TestReceiverRefusesBadFrames(t *testing.T) {
 	p := newPair(t, "DE")
+	old := filepath.Join(p.dir, "old.raw")
+	makeRaw(t, old, 4*mib, map[int64]int{0: 4 * mib})
+	cfg := p.config(old, "pii-eu")
+	cfg.Name = "bad"
+	if _, err := Send(context.Background(), cfg); err != nil {
+		t.Fatal(err)
+	}
 	dial := func() (*frameWriter, *frameReader) {
 		raw, err := net.Dial("tcp", p.addr.String())
 		if err != nil {
@@ -512,6 +492,9 @@ func TestReceiverRefusesBadFrames(t *testing.T) {
 	if err := cr.json(frameAccept, &acc); err != nil {
 		t.Fatalf("offer: %v", err)
 	}
+	if _, ok := acc.Base[3]; !ok {
+		t.Fatalf("the stored version's chunk 3 was not offered: %v", acc.Base)
+	}
 	dw, dr := dial()
 	if err := dw.json(frameJoin, Join{ID: offer.ID}); err != nil {
 		t.Fatal(err)
@@ -528,11 +511,12 @@ func TestReceiverRefusesBadFrames(t *testing.T) {
 		reason string
 	}{
 		{"chunk past the end", frameChunk, [][]byte{chunkHeader(3, h, 0, mib), good}, 3, "chunk outside the image"},
-		{"wrong length for its place", frameChunk, [][]byte{chunkHeader(2, h, 0, mib), good}, 2, "chunk outside the image"},
+		{"wrong length for its place", frameChunk, [][]byte{chunkHeader(2, h, 0, mib), good}, 2, "chunk of the wrong length"},
+		{"fewer bytes than it says", frameChunk, [][]byte{chunkHeader(0, h, 0, mib), good[:1000]}, 0, "chunk of the wrong length"},
 		{"not zstd", frameChunk, [][]byte{chunkHeader(0, h, flagZstd, mib), good[:1000]}, 0, "does not decompress"},
 		{"damaged", frameChunk, [][]byte{chunkHeader(0, wrong, 0, mib), good}, 0, "hash mismatch"},
-		{"same as a stored chunk past the end", frameSame, [][]byte{indexFrame(1<<40, h)}, 1 << 40, "chunk outside the image"},
-		{"same with nothing stored", frameSame, [][]byte{indexFrame(1, h)}, 1, "not in the stored version"},
+		{"stored chunk past the new end", frameSame, [][]byte{indexFrame(3, acc.Base[3])}, 3, "chunk outside the image"},
+		{"not what is stored", frameSame, [][]byte{indexFrame(1, wrong)}, 1, "not in the stored version"},
 	} {
 		if err := dw.frame(tc.typ, tc.parts...); err != nil {
 			t.Fatal(err)
@@ -542,20 +526,60 @@ func TestReceiverRefusesBadFrames(t *testing.T) {
 		if err != nil {
 			t.Fatalf("%s: %v", tc.name, err)
 		}
-		i, _, perr := parseIndexFrame(b[:min(len(b), binaryLenIndexFrame(b))])
-		if typ != frameNack || perr != nil || i != tc.index || !strings.HasSuffix(string(b), tc.reason) {
+		i, reason, perr := parseNack(b)
+		if typ != frameNack || perr != nil || i != tc.index || reason != tc.reason {
 			t.Fatalf("%s: answer type %d %q, want a nack of %d: %s", tc.name, typ, b, tc.index, tc.reason)
 		}
 	}
-	// The stream and the receiver survived: a good chunk is written,
-	// made durable and acknowledged.
 	dw.frame(frameChunk, chunkHeader(1, h, 0, mib), good)
+	dw.frame(frameSame, indexFrame(0, acc.Base[0]))
 	dw.flush()
-	typ, b, err := dr.next(nil)
-	if err != nil || typ != frameAck {
-		t.Fatalf("good chunk after the bad ones: type %d %q, %v", typ, b, err)
+	acked := map[int64]bool{}
+	for len(acked) < 2 {
+		typ, b, err := dr.next(nil)
+		if err != nil || typ != frameAck {
+			t.Fatalf("good chunks after the bad ones: type %d %q, %v", typ, b, err)
+		}
+		idx, err := parseAck(b)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, i := range idx {
+			if i != 0 && i != 1 {
+				t.Fatalf("chunk %d acknowledged; only 0 and 1 were good", i)
+			}
+			acked[i] = true
+		}
 	}
-	if idx, err := parseAck(b); err != nil || len(idx) != 1 || idx[0] != 1 {
-		t.Fatalf("ack %v, %v; want chunk 1", idx, err)
+}
+
+// TestReceiverBypassesPageCache: on a filesystem that offers direct I/O,
+// the whole chunks a receiver writes do not go through the page cache;
+// the short last chunk does.
+func TestReceiverBypassesPageCache(t *testing.T) {
+	p := newPair(t, "DE")
+	raw := filepath.Join(p.dir, "vm.raw")
+	size := int64(8*mib + 1000)
+	makeRaw(t, raw, size, map[int64]int{0: int(size)})
+	if _, err := Send(context.Background(), p.config(raw, "pii-eu")); err != nil {
+		t.Fatal(err)
+	}
+	img, err := p.recvJ.Image("vm")
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.Open(img.Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, _, ok := dioAlign(f); !ok {
+		t.Skip("no direct I/O on this filesystem")
+	}
+	if in, pages := cached(t, f, 0, 8*mib); in != 0 {
+		t.Errorf("%d of %d pages of the whole chunks are in the page cache", in, pages)
+	}
+	if in, pages := cached(t, f, 8*mib, 1000); in != pages {
+		t.Errorf("the short last chunk: %d of %d pages in the page cache, want all (written through it)", in, pages)
 	}
 }

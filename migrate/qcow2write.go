@@ -40,7 +40,7 @@ func convertToQcow2(src *os.File, size int64, dst string) error {
 	for _, c := range candidates(extents, size, qcowCluster) {
 		n := chunkLen(c, size, qcowCluster)
 		clear(buf)
-		if _, err := src.ReadAt(buf[:n], c*qcowCluster); err != nil && !isEOF(err) {
+		if err := readChunk(src, buf[:n], c*qcowCluster); err != nil {
 			return err
 		}
 		if !isZero(buf[:n]) {
@@ -109,7 +109,7 @@ func convertToQcow2(src *os.File, size int64, dst string) error {
 		be.PutUint64(l2[t][(c%qcowL2Entries)*8:], uint64((dataOff+int64(k))*qcowCluster)|qcowCopied)
 		n := chunkLen(c, size, qcowCluster)
 		clear(buf)
-		if _, err := src.ReadAt(buf[:n], c*qcowCluster); err != nil && !isEOF(err) {
+		if err := readChunk(src, buf[:n], c*qcowCluster); err != nil {
 			return err
 		}
 		if err := w(buf, dataOff+int64(k), 0); err != nil {

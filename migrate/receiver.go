@@ -63,7 +63,7 @@ func NewReceiver(cfg ReceiverConfig) (*Receiver, error) {
 	if err := os.MkdirAll(filepath.Join(cfg.StoreDir, ".incoming"), 0o700); err != nil {
 		return nil, fmt.Errorf("image store: %w", err)
 	}
-	dec, err := zstd.NewReader(nil, zstd.WithDecoderConcurrency(0), zstd.WithDecoderMaxMemory(maxFrame))
+	dec, err := zstd.NewReader(nil, zstd.WithDecoderConcurrency(0), zstd.WithDecoderMaxMemory(maxFrame), zstd.WithDecodeAllCapLimit(true))
 	if err != nil {
 		return nil, err
 	}
@@ -397,6 +397,16 @@ func (s *session) close() {
 func (s *session) data(fr *frameReader, w *lockedWriter) {
 	o := &s.offer
 	var buf []byte
+	nack := func(i int64, h Hash, why string) {
+		w.send(frameNack, append(indexFrame(i, h), why...))
+	}
+	// A frame that cannot be parsed ends the stream; the sender is told
+	// why, and so is this gateway's log.
+	refuse := func(why string) {
+		s.r.cfg.Log.Warn("migration stream refused", "migration", o.ID, "from", s.from.Node, "reason", why)
+		w.send(frameError, []byte(why))
+	}
+	inImage := func(i int64) bool { return i >= 0 && i < chunkCount(o.Size, o.ChunkSize) }
 	// Chunks are assembled in buffers aligned for direct I/O (raw ones
 	// read straight into one, compressed ones decompressed into one),
 	// and written by a writer of their own: with direct I/O a write
@@ -426,7 +436,7 @@ func (s *session) data(fr *frameReader, w *lockedWriter) {
 			if !failed.Load() {
 				if err := s.temp.writeChunk(wr.chunk, s.at+wr.index*o.ChunkSize); err != nil {
 					failed.Store(true)
-					w.send(frameError, []byte("write: "+err.Error()))
+					refuse("write: " + err.Error())
 				} else {
 					s.add(wr.index, wr.hash, w, wr.wire, false)
 				}
@@ -447,44 +457,46 @@ func (s *session) data(fr *frameReader, w *lockedWriter) {
 		case frameChunk:
 			c, err := fr.chunkHead(n)
 			if err != nil {
+				refuse(err.Error())
 				return
-			}
-			chunk := takeSpare()
-			compressed := c.flags&flagZstd != 0
-			into := chunk
-			if compressed || c.dataLen > len(chunk) {
-				into = buf
-			}
-			p, err := fr.body(c.dataLen, into)
-			if err != nil {
-				return
-			}
-			if compressed {
-				buf = p[:0]
 			}
 			i, h := c.index, c.hash
-			nack := func(why string) {
-				spare <- chunk
-				w.send(frameNack, append(indexFrame(i, h), why...))
+			compressed := c.flags&flagZstd != 0
+			why := ""
+			switch {
+			case !inImage(i):
+				why = "chunk outside the image"
+			case int64(c.rawLen) != chunkLen(i, o.Size, o.ChunkSize) || (!compressed && c.dataLen != c.rawLen):
+				why = "chunk of the wrong length"
 			}
-			if i < 0 || i >= chunkCount(o.Size, o.ChunkSize) || int64(c.rawLen) != chunkLen(i, o.Size, o.ChunkSize) {
-				nack("chunk outside the image")
+			if why != "" {
+				if fr.skip(c.dataLen) != nil {
+					return
+				}
+				nack(i, h, why)
 				continue
 			}
-			data := p
+			chunk := takeSpare()
+			var data []byte
 			if compressed {
-				data, err = s.r.dec.DecodeAll(p, chunk[:0])
-				if err != nil || len(data) != c.rawLen {
-					nack("does not decompress")
+				p, err := fr.body(c.dataLen, buf)
+				if err != nil {
+					return
+				}
+				buf = p[:0]
+				// The decoder stops at the buffer's capacity (the chunk
+				// size): a frame that would inflate beyond it fails.
+				if data, err = s.r.dec.DecodeAll(p, chunk[:0]); err != nil || len(data) != c.rawLen {
+					spare <- chunk
+					nack(i, h, "does not decompress")
 					continue
 				}
+			} else if data, err = fr.body(c.dataLen, chunk); err != nil {
+				return
 			}
-			if hashChunk(data) != h || len(data) != c.rawLen {
-				nack("hash mismatch")
-				continue
-			}
-			if &data[0] != &chunk[0] { // cannot be (rawLen is at most the chunk size), but the writer owns chunk
-				nack("chunk too long")
+			if hashChunk(data) != h {
+				spare <- chunk
+				nack(i, h, "hash mismatch")
 				continue
 			}
 			writes <- write{chunk: data, index: i, hash: h, wire: int64(c.dataLen)}
@@ -496,48 +508,52 @@ func (s *session) data(fr *frameReader, w *lockedWriter) {
 			buf = p[:0]
 			i, h, err := parseIndexFrame(p)
 			if err != nil {
+				refuse(err.Error())
 				return
 			}
-			if i < 0 || i >= chunkCount(o.Size, o.ChunkSize) {
-				w.send(frameNack, append(indexFrame(i, h), "chunk outside the image"...))
+			if !inImage(i) {
+				nack(i, h, "chunk outside the image")
 				continue
 			}
 			chunk := takeSpare()
-			ok := s.copyFromBase(i, h, chunk)
+			why, err := s.copyFromBase(i, h, chunk)
 			spare <- chunk
-			if !ok {
-				w.send(frameNack, append(indexFrame(i, h), "not in the stored version"...))
+			switch {
+			case err != nil:
+				failed.Store(true)
+				refuse("write: " + err.Error())
+				return
+			case why != "":
+				nack(i, h, why)
 				continue
 			}
 			s.add(i, h, w, 0, true)
 		default:
+			refuse(fmt.Sprintf("unexpected frame type %d on a data stream", typ))
 			return
 		}
 	}
 }
 
 // copyFromBase copies chunk i from the stored version, through buf (of
-// the chunk size).
-func (s *session) copyFromBase(i int64, h Hash, buf []byte) bool {
+// the chunk size). It says why not when the stored version does not hold
+// that chunk intact; an error is a failed write here.
+func (s *session) copyFromBase(i int64, h Hash, buf []byte) (why string, err error) {
 	if s.base == nil || s.baseM[i] != h {
-		return false
+		return "not in the stored version", nil
 	}
-	n := chunkLen(i, s.offer.Size, s.offer.ChunkSize)
-	if n <= 0 || n > int64(len(buf)) || i*s.offer.ChunkSize+n > s.base.Size() {
-		return false
-	}
-	b := buf[:n]
-	if _, err := s.base.ReadAt(b, i*s.offer.ChunkSize); err != nil && !isEOF(err) {
-		return false
+	b := buf[:chunkLen(i, s.offer.Size, s.offer.ChunkSize)]
+	if err := readChunk(s.base, b, i*s.offer.ChunkSize); err != nil {
+		return "stored version unreadable: " + err.Error(), nil
 	}
 	if hashChunk(b) != h { // the stored copy must still be what its manifest says
-		return false
+		return "stored version damaged", nil
 	}
-	// Through the page cache: the data was just read through it, and a
-	// re-sync copies most of an image this way, which direct writes, each
-	// waiting for the device, made twice as slow.
-	_, err := s.temp.WriteAt(b, s.at+i*s.offer.ChunkSize)
-	return err == nil
+	// Through the page cache: a re-sync copies most of an image this way,
+	// and direct writes, each waiting for the device, would put every
+	// copy behind the disk.
+	_, err = s.temp.WriteAt(b, s.at+i*s.offer.ChunkSize)
+	return "", err
 }
 
 func (s *session) add(i int64, h Hash, w *lockedWriter, wire int64, reused bool) {

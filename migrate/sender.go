@@ -486,8 +486,9 @@ func (s *sender) transfer(ctx context.Context, cands []int64, acked map[int64]Ha
 						}
 					}
 					err = fw.frame(frameChunk, j.hdr, j.data)
-					// Written (to the buffered stream, or
-					// copied into it): a retry reads it anew.
+					// Neither bufio nor TLS keeps the slice
+					// once Write returns; a retry reads the
+					// chunk anew.
 					putChunkBuf(j.data)
 					j.data = nil
 				}
@@ -535,7 +536,7 @@ func (s *sender) transfer(ctx context.Context, cands []int64, acked map[int64]Ha
 						pending.Done()
 					}
 				case frameNack:
-					i, _, err := parseIndexFrame(p[:min(len(p), binaryLenIndexFrame(p))])
+					i, reason, err := parseNack(p)
 					if err != nil {
 						fail(err)
 						return
@@ -548,7 +549,7 @@ func (s *sender) transfer(ctx context.Context, cands []int64, acked map[int64]Ha
 					lastAck.Store(time.Now().UnixNano())
 					j := v.(*job)
 					if j.tries >= 3 {
-						fail(fmt.Errorf("chunk %d refused by the receiver %d times: %s", i, j.tries, p))
+						fail(fmt.Errorf("chunk %d refused by the receiver %d times, last: %s", i, j.tries, reason))
 						return
 					}
 					s.mu.Lock()
@@ -663,15 +664,7 @@ func (s *sender) prepare(i int64, enc *zstd.Encoder, acc *Accept) (*job, error) 
 	size, chunk := s.src.Size(), s.cfg.ChunkSize
 	n := chunkLen(i, size, chunk)
 	buf := chunkBuf(int(n))
-	// A chunk never reaches past the image's size, so a short read is a
-	// damaged or truncated source, never zeros to fill in (and the
-	// buffer is recycled: what it held before would be sent).
-	if m, err := s.src.ReadAt(buf, i*chunk); int64(m) < n {
-		if err == nil || isEOF(err) {
-			err = fmt.Errorf("only %d of %d bytes: the image is shorter than its size says (truncated?)", m, n)
-		}
-		return nil, fmt.Errorf("read chunk %d of %s: %w", i, s.cfg.Image, err)
-	} else if err != nil && !isEOF(err) {
+	if err := readChunk(s.src, buf, i*chunk); err != nil {
 		return nil, fmt.Errorf("read chunk %d of %s: %w", i, s.cfg.Image, err)
 	}
 	s.mu.Lock()
@@ -690,17 +683,22 @@ func (s *sender) prepare(i int64, enc *zstd.Encoder, acc *Accept) (*job, error) 
 	s.mu.Lock()
 	s.manifest.Chunks[i] = h
 	s.mu.Unlock()
-	if acc != nil && (acc.Have[i] == h || acc.Base[i] == h) {
-		putChunkBuf(buf)
-		s.mu.Lock()
-		defer s.mu.Unlock()
-		if acc.Have[i] == h {
+	if acc != nil {
+		switch h {
+		case acc.Have[i]:
+			putChunkBuf(buf)
+			s.mu.Lock()
 			s.stats.ChunksHad++
 			s.stats.ChunksDone++
+			s.mu.Unlock()
 			return nil, nil
+		case acc.Base[i]:
+			putChunkBuf(buf)
+			s.mu.Lock()
+			s.stats.ChunksSame++
+			s.mu.Unlock()
+			return &job{index: i, hash: h, same: true}, nil
 		}
-		s.stats.ChunksSame++
-		return &job{index: i, hash: h, same: true}, nil
 	}
 	j := &job{index: i, hash: h, data: buf}
 	flags := byte(0)

@@ -1,9 +1,9 @@
 package migrate
 
 import (
-	"encoding/binary"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"path/filepath"
 )
@@ -12,14 +12,19 @@ func jsonUnmarshal(b []byte, v any) error { return json.Unmarshal(b, v) }
 
 func isEOF(err error) bool { return errors.Is(err, io.EOF) }
 
-// binaryLenIndexFrame is the length of the index-and-hash prefix of a nack
-// frame (the rest is the reason).
-func binaryLenIndexFrame(p []byte) int {
-	_, w := binary.Uvarint(p)
-	if w <= 0 {
-		return len(p)
+// readChunk reads exactly len(b) bytes of an image at off. Every chunk
+// lies within its image's size, so a short read means the image is
+// shorter than it says — truncated or damaged —, never zeros to fill in
+// (and buffers are reused: what one held before would pass for data).
+func readChunk(r io.ReaderAt, b []byte, off int64) error {
+	n, err := r.ReadAt(b, off)
+	if n == len(b) {
+		return nil
 	}
-	return min(len(p), w+32)
+	if err == nil || isEOF(err) {
+		err = fmt.Errorf("only %d of %d bytes at offset %d: the image is shorter than its size says (truncated?)", n, len(b), off)
+	}
+	return err
 }
 
 func dirOf(p string) string { return filepath.Dir(p) }

@@ -38,7 +38,7 @@ func VerifyImage(rec *ImageRecord) (*VerifyReport, error) {
 	for _, i := range candidates(extents, m.Size, m.ChunkSize) {
 		n := chunkLen(i, m.Size, m.ChunkSize)
 		b := buf[:n]
-		if _, err := src.ReadAt(b, i*m.ChunkSize); err != nil && !isEOF(err) {
+		if err := readChunk(src, b, i*m.ChunkSize); err != nil {
 			return nil, fmt.Errorf("read chunk %d: %w", i, err)
 		}
 		rep.BytesRead += n

@@ -163,50 +163,38 @@ func (fr *frameReader) body(n int, buf []byte) ([]byte, error) {
 }
 
 // chunkHead reads the fixed part of a chunk frame of n bytes, leaving its
-// data to be read with body: the receiver reads data straight into a
-// buffer aligned for direct I/O.
+// data to be read with body (the receiver reads data straight into a
+// buffer aligned for direct I/O) or skipped. It looks at the frame's
+// bytes before consuming them, so a frame too short for its own header
+// never reads into the next one, and a padded varint counts as the bytes
+// it took.
 func (fr *frameReader) chunkHead(n int) (c chunkHead, err error) {
-	// Counted as read, not as the shortest encoding would be: a peer may
-	// pad a varint, and the data's length must still come out right.
-	cr := &countingReader{r: fr.r}
-	i, err := binary.ReadUvarint(cr)
+	p, err := fr.r.Peek(min(n, maxChunkHead))
 	if err != nil {
 		return c, err
 	}
-	var fixed [33]byte
-	if _, err := io.ReadFull(cr, fixed[:]); err != nil {
-		return c, err
+	i, w := binary.Uvarint(p)
+	if w <= 0 || len(p) < w+33 {
+		return c, errors.New("chunk frame shorter than its header")
 	}
-	raw, err := binary.ReadUvarint(cr)
-	if err != nil {
-		return c, err
+	raw, w2 := binary.Uvarint(p[w+33:])
+	if w2 <= 0 || raw > maxFrame {
+		return c, errors.New("bad chunk length")
 	}
-	if cr.n > n || raw > maxFrame {
-		return c, errors.New("bad chunk frame")
-	}
-	c = chunkHead{index: int64(i), flags: fixed[32], rawLen: int(raw), dataLen: n - cr.n}
-	copy(c.hash[:], fixed[:32])
-	return c, nil
+	c = chunkHead{index: int64(i), flags: p[w+32], rawLen: int(raw), dataLen: n - (w + 33 + w2)}
+	copy(c.hash[:], p[w:w+32])
+	_, err = fr.r.Discard(w + 33 + w2)
+	return c, err
 }
 
-// countingReader counts the bytes read through it.
-type countingReader struct {
-	r *bufio.Reader
-	n int
-}
+// maxChunkHead is the longest fixed part of a chunk frame: index and raw
+// length as varints, hash, flags.
+const maxChunkHead = 2*binary.MaxVarintLen64 + 33
 
-func (c *countingReader) ReadByte() (byte, error) {
-	b, err := c.r.ReadByte()
-	if err == nil {
-		c.n++
-	}
-	return b, err
-}
-
-func (c *countingReader) Read(p []byte) (int, error) {
-	k, err := c.r.Read(p)
-	c.n += k
-	return k, err
+// skip discards the n bytes that follow (a refused chunk's data).
+func (fr *frameReader) skip(n int) error {
+	_, err := fr.r.Discard(n)
+	return err
 }
 
 type chunkHead struct {
@@ -241,6 +229,16 @@ func chunkHeader(index int64, h Hash, flags byte, rawLen int) []byte {
 
 func indexFrame(index int64, h Hash) []byte {
 	return append(binary.AppendUvarint(nil, uint64(index)), h[:]...)
+}
+
+// parseNack reads a nack frame: the refused chunk and why.
+func parseNack(p []byte) (index int64, reason string, err error) {
+	_, w := binary.Uvarint(p)
+	if w <= 0 || len(p) < w+32 {
+		return 0, "", errors.New("bad nack frame")
+	}
+	index, _, err = parseIndexFrame(p[:w+32])
+	return index, string(p[w+32:]), err
 }
 
 func parseIndexFrame(p []byte) (int64, Hash, error) {

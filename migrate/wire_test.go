@@ -31,7 +31,7 @@ func TestChunkFrame(t *testing.T) {
 	padded := append([]byte{0x85, 0x00}, chunkHeader(0, h, 0, len(data))[1:]...)
 	fw.frame(frameChunk, padded, data)
 	// A chunk frame shorter than its own header, followed by a frame
-	// whose bytes the header would run into.
+	// whose bytes a header read would run into.
 	fw.frame(frameChunk, chunkHeader(5, h, 0, 100)[:20])
 	fw.frame(frameSame, bytes.Repeat([]byte{0x01}, 64))
 	fw.flush()
@@ -78,6 +78,14 @@ func TestChunkFrame(t *testing.T) {
 	}
 	if _, err := fr.chunkHead(n); err == nil {
 		t.Fatal("a 20-byte chunk frame with a 35-byte header was accepted")
+	}
+	// Refusing it read nothing beyond it: past its 20 bytes, the next
+	// frame is whole.
+	if err := fr.skip(n); err != nil {
+		t.Fatal(err)
+	}
+	if typ, p, err := fr.next(nil); err != nil || typ != frameSame || len(p) != 64 {
+		t.Fatalf("the frame after the short one: type %d, %d bytes, %v", typ, len(p), err)
 	}
 }
 
