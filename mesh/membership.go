@@ -42,6 +42,7 @@ type member struct {
 	leavingAt    time.Time       // when its signed leave notice arrived
 	lastVerified *certs.Verified // kept when it dies, to check its leave notice
 	changed      time.Time
+	rejudged     MemberState // its state while rejudgeLocked judges it again
 }
 
 // membership is the gateway's verified view of the mesh. The memberlist
@@ -260,7 +261,7 @@ func (ms *membership) update(name string, gossip netip.AddrPort, meta []byte) (n
 // judgeLocked (re)derives a member's state from its meta, the known
 // certificates and the trust bundle.
 func (ms *membership) judgeLocked(m *member) (needCert bool) {
-	prev := m.state
+	prev := cmp.Or(m.state, m.rejudged)
 	defer func() {
 		if m.state != prev {
 			m.changed = ms.now()
@@ -487,10 +488,19 @@ func (ms *membership) setTrust(tb *certs.TrustBundle) {
 // certificate has expired or been revoked: a burst gateway after its
 // burst, a decommissioned gateway after revocation. They cannot come back
 // with that identity, so nothing of them is kept, saved or knocked on.
+// Gone refused members are dropped refusedKept after their refusal.
 func (ms *membership) forgetEndedLocked() (forgot bool) {
 	now := ms.now()
 	for name, m := range ms.members {
-		if m.alive || m.remembered || m.lastVerified == nil {
+		if m.alive || m.remembered {
+			continue
+		}
+		if m.state == StateRefused && now.Sub(m.changed) >= refusedKept {
+			delete(ms.members, name)
+			forgot = true
+			continue
+		}
+		if m.lastVerified == nil {
 			continue
 		}
 		c := m.lastVerified.Cert
@@ -501,6 +511,11 @@ func (ms *membership) forgetEndedLocked() (forgot bool) {
 	}
 	return forgot
 }
+
+// refusedKept is how long a refused member that has gone stays listed
+// (with why it was refused) after its refusal; otherwise every name an
+// impostor ever tried would be kept for good.
+const refusedKept = time.Hour
 
 // rejudgeLocked judges every member again, oldest certificate first so the
 // deterministic conflict rule sees incumbents before newcomers.
@@ -515,13 +530,16 @@ func (ms *membership) rejudgeLocked() (changed bool) {
 	all := make([]*member, 0, len(ms.members))
 	for _, m := range ms.members {
 		prev[m] = was{m.state, m.verified, m.reason, m.changed}
-		m.verified = nil
-		m.state = ""
+		// Cleared so that no claim of its own stands in the way of the
+		// others' judgement; remembered so that judging it again is not
+		// mistaken for news (a refusal counted and logged every pass).
+		m.rejudged, m.verified, m.state = m.state, nil, ""
 		all = append(all, m)
 	}
 	slices.SortFunc(all, func(a, b *member) int { return cmp.Compare(a.name, b.name) })
 	for _, m := range all {
 		ms.judgeLocked(m)
+		m.rejudged = ""
 		p := prev[m]
 		if p.state == m.state {
 			m.changed = p.changed // judged again, not changed

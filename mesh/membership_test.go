@@ -127,6 +127,8 @@ func TestMembershipRefusesForeignIdentity(t *testing.T) {
 	f := newFixture(t)
 	rogueCA := newFixture(t)
 	ms := newMembership("self", f.trust(), func() time.Time { return f.now }, func() {})
+	refusals := 0
+	ms.onRefuse = func(string, string, error) { refusals++ }
 	r := rogueCA.identity("gw-r", "site-a", 9, f.now.Add(-time.Hour))
 	meta := rogueCA.advert(r, 1)
 	ms.update("gw-r", gossipAddr, meta)
@@ -140,13 +142,30 @@ func TestMembershipRefusesForeignIdentity(t *testing.T) {
 		t.Fatal("rogue's alive message admitted after its certificate was refused")
 	}
 	// Gone, it stays refused with its reason: not a dead member to knock
-	// on or save (nor after the periodic re-judging).
+	// on or save (nor after the periodic re-judging, which does not count
+	// or log the same refusal again).
+	counted := refusals
 	ms.leave("gw-r")
-	ms.refresh()
+	for range 3 {
+		ms.refresh()
+	}
+	found := false
 	for _, v := range ms.snapshot() {
-		if v.Name == "gw-r" && (v.State != StateRefused || !strings.Contains(v.Reason, "certificate")) {
-			t.Fatalf("rogue after leaving: %s (%s)", v.State, v.Reason)
+		if v.Name == "gw-r" {
+			found = true
+			if v.State != StateRefused || !strings.Contains(v.Reason, "certificate") {
+				t.Fatalf("rogue after leaving: %s (%s)", v.State, v.Reason)
+			}
 		}
+	}
+	if !found || refusals != counted {
+		t.Fatalf("rogue after leaving and 3 re-judgements: listed %v, refusals counted %d → %d", found, counted, refusals)
+	}
+	// An hour after its refusal it is forgotten.
+	f.now = f.now.Add(refusedKept)
+	ms.refresh()
+	if _, ok := states(ms)["gw-r"]; ok {
+		t.Fatalf("gone refused member still listed after %s: %v", refusedKept, states(ms))
 	}
 }
 
