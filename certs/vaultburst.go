@@ -98,25 +98,25 @@ func (v *Vault) deleteBurstObjects(ctx context.Context, c *vault.Client, name st
 }
 
 // OpenBurst creates the site's PKI role, policy and AppRole and returns a
-// wrapped SecretID per gateway. If it fails half-way, it deletes what it
-// created.
+// wrapped SecretID per gateway. It refuses a site whose role exists
+// already (a burst of it open elsewhere, or the remains of one), and if
+// it fails half-way, it deletes what it created — never what it found.
 func (v *Vault) OpenBurst(ctx context.Context, adminToken string, spec VaultBurstSpec) (vb *VaultBurst, err error) {
 	c, err := v.admin(adminToken)
 	if err != nil {
 		return nil, err
 	}
 	name := v.BurstName(spec.Site)
-	defer func() {
-		if err != nil {
-			if derr := v.deleteBurstObjects(context.WithoutCancel(ctx), c, name); derr != nil {
-				err = fmt.Errorf("%w (and cleaning up: %v)", err, derr)
-			}
-		}
-	}()
 	mount := v.appRoleMount()
 	ttl := time.Until(spec.Expires).Round(time.Second)
 	if ttl <= 0 {
 		return nil, errors.New("the burst has already ended")
+	}
+	rolePath := path.Join(v.cfg.PKIMount, "roles", name)
+	if s, err := c.Logical().ReadWithContext(ctx, rolePath); err != nil {
+		return nil, fmt.Errorf("vault read %s: %w", rolePath, err)
+	} else if s != nil {
+		return nil, fmt.Errorf("vault already has %s: a burst of site %s is open (from another gateway?) or a failed one left it; end that burst, or delete the role, policy and AppRole %s", rolePath, spec.Site, name)
 	}
 	// The role certifies exactly the gateways' attribute URIs, each as a
 	// whole (a glob would let anything follow the part it pins), and the
@@ -142,7 +142,15 @@ func (v *Vault) OpenBurst(ctx context.Context, adminToken string, spec VaultBurs
 		}
 		return nil
 	}
-	if err := w(path.Join(v.cfg.PKIMount, "roles", name), map[string]any{
+	// From the first write on, a failure removes what was written.
+	defer func() {
+		if err != nil {
+			if derr := v.abortBurst(ctx, c, name); derr != nil {
+				err = fmt.Errorf("%w (and cleaning up: %v)", err, derr)
+			}
+		}
+	}()
+	if err := w(rolePath, map[string]any{
 		"allow_any_name": true, "enforce_hostnames": false, "allow_ip_sans": true, "allowed_uri_sans": uris,
 		"key_type": "ec", "key_bits": 256, "server_flag": true, "client_flag": true,
 		"max_ttl": ttl.String(), "not_after": spec.Expires.UTC().Format(time.RFC3339), "not_before_duration": "30s",
@@ -185,6 +193,26 @@ func (v *Vault) OpenBurst(ctx context.Context, adminToken string, spec VaultBurs
 	return vb, nil
 }
 
+// AbortBurst removes the Vault objects of a burst whose grant never
+// reached anyone (burst up failed after OpenBurst): no gateway can have
+// been certified under it, so there is nothing to revoke.
+func (v *Vault) AbortBurst(ctx context.Context, adminToken, site string) error {
+	c, err := v.admin(adminToken)
+	if err != nil {
+		return err
+	}
+	return v.abortBurst(ctx, c, v.BurstName(site))
+}
+
+// abortBurst deletes a burst's role, policy and AppRole on behalf of a
+// request that failed: even if the caller has given up (cancelled), but
+// not for ever.
+func (v *Vault) abortBurst(ctx context.Context, c *vault.Client, name string) error {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+	defer cancel()
+	return v.deleteBurstObjects(ctx, c, name)
+}
+
 // CloseBurst ends a burst site in Vault: it deletes the AppRole (its
 // SecretIDs with it), the policy and the PKI role first, so that nothing
 // can be issued for the site any more, then revokes every unexpired
@@ -207,15 +235,24 @@ func (v *Vault) CloseBurst(ctx context.Context, adminToken, site string, nodes [
 		keys, _ = s.Data["keys"].([]any)
 	}
 	now := time.Now()
+	var unread []error
 	for _, k := range keys {
 		serial, _ := k.(string)
-		// A certificate that cannot be read or parsed is not one of ours
-		// to judge; it must not stop the others' revocation.
-		pemb, err := v.readPEM(ctx, path.Join(v.cfg.PKIMount, "cert", serial))
+		// A certificate gone or unparsable is not one of ours to judge;
+		// one that could not be read (Vault unreachable, denied) may be,
+		// so the close fails — after trying the others — and can be run
+		// again.
+		p := path.Join(v.cfg.PKIMount, "cert", serial)
+		s, err := c.Logical().ReadWithContext(ctx, p)
 		if err != nil {
+			unread = append(unread, fmt.Errorf("vault read %s: %w", p, err))
 			continue
 		}
-		cs, err := ParseCertificatesPEM(pemb)
+		var pemStr string
+		if s != nil {
+			pemStr, _ = s.Data["certificate"].(string)
+		}
+		cs, err := ParseCertificatesPEM([]byte(pemStr))
 		if err != nil || len(cs) == 0 || !cs[0].NotAfter.After(now) || cs[0].IsCA {
 			continue
 		}
@@ -233,6 +270,9 @@ func (v *Vault) CloseBurst(ctx context.Context, adminToken, site string, nodes [
 		if err := c.KVv2(v.cfg.KVMount).DeleteMetadata(ctx, v.wgPath(n)); err != nil {
 			return revoked, fmt.Errorf("vault delete the WireGuard key of %s: %w", n, err)
 		}
+	}
+	if len(unread) > 0 {
+		return revoked, fmt.Errorf("%d certificates could not be read to see whether they are of site %s (run burst down again): %w", len(unread), site, errors.Join(unread...))
 	}
 	return revoked, nil
 }

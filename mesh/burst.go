@@ -300,8 +300,10 @@ const fileBursts = "bursts.json"
 
 func (d stateDir) loadBursts() (*burstBook, error) {
 	var bk burstBook
-	if _, err := readJSON(d.path(fileBursts), &bk); err != nil {
+	if _, err := readJSON(d.path(fileBursts), &bk); errors.Is(err, errDamaged) {
 		return nil, fmt.Errorf("%w; it records which burst tokens were used, so it is not rewritten: repair or remove it", err)
+	} else if err != nil {
+		return nil, err
 	}
 	return &bk, nil
 }

@@ -292,7 +292,7 @@ type ClassVerdict struct {
 var errNoBursts = errors.New("this gateway does not open burst sites: use a gateway whose identity block has ca_dir (and whose enroll block is not off), or one backed by Vault")
 
 // BurstUp opens a burst site and makes its join tokens.
-func (g *Gateway) BurstUp(ctx context.Context, req BurstRequest) (*BurstGrant, error) {
+func (g *Gateway) BurstUp(ctx context.Context, req BurstRequest) (_ *BurstGrant, err error) {
 	e := g.enroll
 	if e == nil {
 		return nil, errNoBursts
@@ -329,6 +329,7 @@ func (g *Gateway) BurstUp(ctx context.Context, req BurstRequest) (*BurstGrant, e
 		if toks, err = g.vaultTokens(ctx, e, req, attrs, expires, tokExp); err != nil {
 			return nil, err
 		}
+		defer e.abortVaultBurst(ctx, req.VaultToken, attrs.Site, &err)
 	} else {
 		grant.Endpoint = g.s.EnrollAdvertise.String()
 		for range req.Gateways {
@@ -347,17 +348,7 @@ func (g *Gateway) BurstUp(ctx context.Context, req BurstRequest) (*BurstGrant, e
 	}
 	if err := g.state.saveBursts(e.book); err != nil {
 		e.book.Bursts = e.book.Bursts[:len(e.book.Bursts)-1]
-		err = fmt.Errorf("record burst: %w", err)
-		if e.vault != nil { // nothing would remember to remove what Vault holds for it
-			var nodes []string
-			for _, t := range toks {
-				nodes = append(nodes, t.Vault.Node.Node)
-			}
-			if _, cerr := e.vault.CloseBurst(context.WithoutCancel(ctx), req.VaultToken, attrs.Site, nodes); cerr != nil {
-				err = fmt.Errorf("%w (and removing the burst from Vault: %v)", err, cerr)
-			}
-		}
-		return nil, err
+		return nil, fmt.Errorf("record burst: %w", err)
 	}
 	g.log.Info("burst site opened", "burst_site", attrs.Site, "until", expires, "gateways", req.Gateways, "token_ids", tokenIDs(toks))
 	return grant, nil
@@ -615,7 +606,7 @@ const trustRefresh = time.Minute
 
 // vaultTokens sets the burst up in Vault and makes a Vault join token per
 // gateway, each with its node name and overlay address decided here.
-func (g *Gateway) vaultTokens(ctx context.Context, e *enrollment, req BurstRequest, attrs certs.Attributes, expires, tokExp time.Time) ([]*certs.JoinToken, error) {
+func (g *Gateway) vaultTokens(ctx context.Context, e *enrollment, req BurstRequest, attrs certs.Attributes, expires, tokExp time.Time) (_ []*certs.JoinToken, err error) {
 	used := g.overlayIPsInUse(e)
 	nodes := make([]certs.Attributes, req.Gateways)
 	for i := range nodes {
@@ -632,6 +623,7 @@ func (g *Gateway) vaultTokens(ctx context.Context, e *enrollment, req BurstReque
 	if err != nil {
 		return nil, err
 	}
+	defer e.abortVaultBurst(ctx, req.VaultToken, attrs.Site, &err)
 	common, err := e.vault.VaultJoinFor(vb)
 	if err != nil {
 		return nil, err
@@ -648,6 +640,19 @@ func (g *Gateway) vaultTokens(ctx context.Context, e *enrollment, req BurstReque
 		toks = append(toks, t)
 	}
 	return toks, nil
+}
+
+// abortVaultBurst removes, if *err is set, what Vault holds for a burst
+// that failed after OpenBurst and before it was recorded: nothing else
+// would remember to, and its grant has reached no one, so there is
+// nothing to revoke.
+func (e *enrollment) abortVaultBurst(ctx context.Context, vaultToken, site string, err *error) {
+	if *err == nil {
+		return
+	}
+	if aerr := e.vault.AbortBurst(ctx, vaultToken, site); aerr != nil {
+		*err = fmt.Errorf("%w (and removing the burst from Vault: %v)", *err, aerr)
+	}
 }
 
 // endVaultBurstLocked ends a Vault burst: Vault revokes the site's

@@ -65,10 +65,15 @@ func readJSON(file string, v any) (found bool, err error) {
 		return false, err
 	}
 	if err := json.Unmarshal(b, v); err != nil {
-		return true, fmt.Errorf("%s is damaged: %w", file, err)
+		return true, fmt.Errorf("%s is %w: %w", file, errDamaged, err)
 	}
 	return true, nil
 }
+
+// errDamaged marks a state file that was read but does not decode: what
+// to do about it (rewrite, repair) is advice only for that case, not for
+// a file that could not be read at all.
+var errDamaged = errors.New("damaged")
 
 // writeJSON writes v to file durably (temporary name, fsync, rename),
 // readable by the owner only.
@@ -84,8 +89,10 @@ func (d stateDir) saveMembers(ms []savedMember) error { return writeJSON(d.path(
 
 func (d stateDir) loadMembers() ([]savedMember, error) {
 	var ms []savedMember
-	if _, err := readJSON(d.path(fileMembers), &ms); err != nil {
+	if _, err := readJSON(d.path(fileMembers), &ms); errors.Is(err, errDamaged) {
 		return nil, fmt.Errorf("%w; it will be rewritten", err)
+	} else if err != nil {
+		return nil, err
 	}
 	return ms, nil
 }

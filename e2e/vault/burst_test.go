@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"os"
 	"os/exec"
@@ -15,6 +16,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/vault/api"
+	"github.com/skybridge-mesh/skybridge/certs"
 )
 
 // buildSkybridge builds the gateway binary: the gateways of this test run
@@ -282,4 +284,49 @@ operator { listen = "off" }
 		}
 		return true, ""
 	})
+}
+
+// TestVaultBurstOpenAndAbort: opening a burst of a site whose Vault role
+// exists already is refused and leaves that role alone (it may be a live
+// burst opened from another gateway); aborting a burst whose grant never
+// went out removes its role, policy and AppRole.
+func TestVaultBurstOpenAndAbort(t *testing.T) {
+	e := startVault(t)
+	ctx := context.Background()
+	dir := t.TempDir()
+	roleFile, secretFile := e.appRole(t, dir, false)
+	cfg := e.config(filepath.Join(dir, "id"), certs.VaultAuth{Method: "approle", RoleIDFile: roleFile, SecretIDFile: secretFile})
+	v, err := certs.OpenVault(ctx, cfg.Vault, meshPrefix, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	spec := certs.VaultBurstSpec{Site: "burst-x", Nodes: []certs.Attributes{attrs("burst-x-gw1", "burst-x", "100.96.9.1")},
+		Expires: time.Now().Add(time.Hour), TokenTTL: 10 * time.Minute}
+	spec.Nodes[0].Provider, spec.Nodes[0].Jurisdiction = "aws", "NL"
+	if _, err := v.OpenBurst(ctx, e.root.Token(), spec); err != nil {
+		t.Fatal(err)
+	}
+	name := v.BurstName("burst-x")
+	exists := func() (role, policy, approle bool) {
+		s, err := e.root.Logical().Read(e.pki + "/roles/" + name)
+		must(t, err)
+		p, err := e.root.Sys().GetPolicy(name)
+		must(t, err)
+		a, err := e.root.Logical().Read("auth/" + e.approleMount + "/role/" + name)
+		must(t, err)
+		return s != nil, p != "", a != nil
+	}
+	if r, p, a := exists(); !r || !p || !a {
+		t.Fatalf("after OpenBurst: role %v, policy %v, AppRole %v", r, p, a)
+	}
+	if _, err := v.OpenBurst(ctx, e.root.Token(), spec); err == nil || !strings.Contains(err.Error(), "already has") {
+		t.Fatalf("a second OpenBurst of the site: %v", err)
+	}
+	if r, p, a := exists(); !r || !p || !a {
+		t.Fatalf("the refused OpenBurst removed the open burst's objects: role %v, policy %v, AppRole %v", r, p, a)
+	}
+	must(t, v.AbortBurst(ctx, e.root.Token(), "burst-x"))
+	if r, p, a := exists(); r || p || a {
+		t.Fatalf("after AbortBurst: role %v, policy %v, AppRole %v", r, p, a)
+	}
 }
