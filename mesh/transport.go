@@ -167,7 +167,11 @@ func (t *gossipTransport) acceptStreams() {
 			// Out of file descriptors, say: back off rather than spin.
 			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
 			t.log.Warn("gossip: accept TCP", "err", err, "retry_in", delay)
-			time.Sleep(delay)
+			select {
+			case <-time.After(delay):
+			case <-t.done:
+				return
+			}
 			continue
 		}
 		delay = 0
