@@ -8,7 +8,6 @@ import (
 	"crypto/rand"
 	"crypto/x509"
 	"crypto/x509/pkix"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -540,23 +539,20 @@ func (ca *CA) writeCRL(idx *caIndex, now time.Time) error {
 }
 
 func (ca *CA) readIndex() (*caIndex, error) {
-	b, err := os.ReadFile(filepath.Join(ca.dir, fileIndex))
+	var idx caIndex
+	file := filepath.Join(ca.dir, fileIndex)
+	found, err := atomicfile.ReadJSON(file, &idx)
+	if err == nil && !found {
+		err = fmt.Errorf("%s: %w", file, os.ErrNotExist)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("read CA index: %w", err)
-	}
-	var idx caIndex
-	if err := json.Unmarshal(b, &idx); err != nil {
-		return nil, fmt.Errorf("CA index %s is damaged: %w", filepath.Join(ca.dir, fileIndex), err)
 	}
 	return &idx, nil
 }
 
 func (ca *CA) writeIndex(idx *caIndex) error {
-	b, err := json.MarshalIndent(idx, "", "  ")
-	if err != nil {
-		return err
-	}
-	return atomicfile.WriteFile(filepath.Join(ca.dir, fileIndex), append(b, '\n'), 0o600)
+	return atomicfile.WriteJSON(filepath.Join(ca.dir, fileIndex), idx, 0o600)
 }
 
 // updateIndex runs fn on the index under the CA's lock and writes the

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/skybridge-mesh/skybridge/certs"
+	"github.com/skybridge-mesh/skybridge/internal/atomicfile"
 )
 
 // A burst site is a site that exists for a while: cloud servers rented
@@ -300,7 +301,7 @@ const fileBursts = "bursts.json"
 
 func (d stateDir) loadBursts() (*burstBook, error) {
 	var bk burstBook
-	if _, err := readJSON(d.path(fileBursts), &bk); errors.Is(err, errDamaged) {
+	if _, err := atomicfile.ReadJSON(d.path(fileBursts), &bk); errors.Is(err, atomicfile.ErrDamaged) {
 		return nil, fmt.Errorf("%w; it records which burst tokens were used, so it is not rewritten: repair or remove it", err)
 	} else if err != nil {
 		return nil, err
@@ -308,4 +309,6 @@ func (d stateDir) loadBursts() (*burstBook, error) {
 	return &bk, nil
 }
 
-func (d stateDir) saveBursts(bk *burstBook) error { return writeJSON(d.path(fileBursts), bk) }
+func (d stateDir) saveBursts(bk *burstBook) error {
+	return atomicfile.WriteJSON(d.path(fileBursts), bk, 0o600)
+}

@@ -73,14 +73,14 @@ const fileVaultCA = "vault-ca.pem"
 
 func loadEnrollment(dir string) (*Enrollment, error) {
 	var e Enrollment
-	if found, err := readJSON(filepath.Join(dir, fileEnrollment), &e); !found || err != nil {
+	if found, err := atomicfile.ReadJSON(filepath.Join(dir, fileEnrollment), &e); !found || err != nil {
 		return nil, err
 	}
 	return &e, nil
 }
 
 func saveEnrollment(dir string, e *Enrollment) error {
-	return writeJSON(filepath.Join(dir, fileEnrollment), e)
+	return atomicfile.WriteJSON(filepath.Join(dir, fileEnrollment), e, 0o600)
 }
 
 // BurstEndedError is how a burst gateway's run ends: its site expired or

@@ -1,7 +1,6 @@
 package mesh
 
 import (
-	"encoding/json"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -54,42 +53,13 @@ type savedMember struct {
 	Cert   []byte         `json:"cert,omitempty"`
 }
 
-// readJSON decodes file into v; found is false (and v untouched) if there
-// is no such file. A file that does not decode is reported as damaged.
-func readJSON(file string, v any) (found bool, err error) {
-	b, err := os.ReadFile(file)
-	if errors.Is(err, os.ErrNotExist) {
-		return false, nil
-	}
-	if err != nil {
-		return false, err
-	}
-	if err := json.Unmarshal(b, v); err != nil {
-		return true, fmt.Errorf("%s is %w: %w", file, errDamaged, err)
-	}
-	return true, nil
+func (d stateDir) saveMembers(ms []savedMember) error {
+	return atomicfile.WriteJSON(d.path(fileMembers), ms, 0o600)
 }
-
-// errDamaged marks a state file that was read but does not decode: what
-// to do about it (rewrite, repair) is advice only for that case, not for
-// a file that could not be read at all.
-var errDamaged = errors.New("damaged")
-
-// writeJSON writes v to file durably (temporary name, fsync, rename),
-// readable by the owner only.
-func writeJSON(file string, v any) error {
-	b, err := json.Marshal(v)
-	if err != nil {
-		return err
-	}
-	return atomicfile.WriteFile(file, append(b, '\n'), 0o600)
-}
-
-func (d stateDir) saveMembers(ms []savedMember) error { return writeJSON(d.path(fileMembers), ms) }
 
 func (d stateDir) loadMembers() ([]savedMember, error) {
 	var ms []savedMember
-	if _, err := readJSON(d.path(fileMembers), &ms); errors.Is(err, errDamaged) {
+	if _, err := atomicfile.ReadJSON(d.path(fileMembers), &ms); errors.Is(err, atomicfile.ErrDamaged) {
 		return nil, fmt.Errorf("%w; it will be rewritten", err)
 	} else if err != nil {
 		return nil, err

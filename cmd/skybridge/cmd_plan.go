@@ -197,17 +197,16 @@ func migrateApply(c *cli.Context) error {
 	sum := sha256.Sum256(raw)
 	st := &applyState{Plan: hex.EncodeToString(sum[:]), VMs: map[string]*vmState{}}
 	statePath := path + ".state"
-	if b, err := os.ReadFile(statePath); err == nil {
-		var old applyState
-		if err := json.Unmarshal(b, &old); err != nil {
-			return fmt.Errorf("%s: %w (remove it to start the plan over)", statePath, err)
-		}
+	var old applyState
+	if found, err := atomicfile.ReadJSON(statePath, &old); errors.Is(err, atomicfile.ErrDamaged) {
+		return fmt.Errorf("%w (remove it to start the plan over)", err)
+	} else if err != nil {
+		return err
+	} else if found {
 		if old.Plan != st.Plan {
 			return fmt.Errorf("%s belongs to another version of %s: remove it to apply this plan from the start", statePath, path)
 		}
 		st = &old
-	} else if !errors.Is(err, os.ErrNotExist) {
-		return err
 	}
 	cl, err := controlClient(c)
 	if err != nil {
@@ -222,8 +221,7 @@ func migrateApply(c *cli.Context) error {
 	save := func() {
 		mu.Lock()
 		defer mu.Unlock()
-		b, _ := json.MarshalIndent(st, "", "  ")
-		if err := atomicfile.WriteFile(statePath, b, 0o644); err != nil && saveErr == nil {
+		if err := atomicfile.WriteJSON(statePath, st, 0o644); err != nil && saveErr == nil {
 			saveErr = err
 		}
 	}

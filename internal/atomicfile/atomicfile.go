@@ -8,6 +8,7 @@
 package atomicfile
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -92,3 +93,33 @@ func SyncDir(dir string) error {
 	}
 	return nil
 }
+
+// WriteJSON atomically replaces path with v as indented JSON (state files
+// are read by people too), created with mode perm.
+func WriteJSON(path string, v any, perm os.FileMode) error {
+	b, err := json.MarshalIndent(v, "", "  ")
+	if err != nil {
+		return fmt.Errorf("encode %s: %w", path, err)
+	}
+	return WriteFile(path, append(b, '\n'), perm)
+}
+
+// ReadJSON decodes path into v. A missing file is not an error (found is
+// false); a file that does not decode is, wrapping ErrDamaged, so callers
+// can give advice for that case alone (not for one they could not read).
+func ReadJSON(path string, v any) (found bool, err error) {
+	b, err := os.ReadFile(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	if err := json.Unmarshal(b, v); err != nil {
+		return true, fmt.Errorf("%s is %w: %w", path, ErrDamaged, err)
+	}
+	return true, nil
+}
+
+// ErrDamaged marks a file that exists but does not decode.
+var ErrDamaged = errors.New("damaged")

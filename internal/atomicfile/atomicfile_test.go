@@ -63,3 +63,30 @@ func assertNoTemps(t *testing.T, dir string) {
 		}
 	}
 }
+
+func TestJSON(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "state.json")
+	var got map[string]int
+	if found, err := ReadJSON(path, &got); found || err != nil {
+		t.Fatalf("missing file: found %v, %v", found, err)
+	}
+	if err := WriteJSON(path, map[string]int{"a": 1}, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if st, err := os.Stat(path); err != nil || st.Mode().Perm() != 0o600 {
+		t.Fatalf("mode %v, %v", st.Mode(), err)
+	}
+	if found, err := ReadJSON(path, &got); !found || err != nil || got["a"] != 1 {
+		t.Fatalf("round trip: %v %v %v", found, err, got)
+	}
+	os.WriteFile(path, []byte("{"), 0o600)
+	if _, err := ReadJSON(path, &got); !errors.Is(err, ErrDamaged) {
+		t.Fatalf("damaged file: %v", err)
+	}
+	// Unreadable is not damaged: no advice to repair or remove it.
+	os.Remove(path)
+	os.Mkdir(path, 0o700)
+	if _, err := ReadJSON(path, &got); err == nil || errors.Is(err, ErrDamaged) {
+		t.Fatalf("a directory in the file's place: %v", err)
+	}
+}

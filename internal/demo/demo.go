@@ -12,7 +12,6 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -759,8 +758,7 @@ func (r *run) state() state {
 }
 
 func (r *run) saveState() error {
-	b, _ := json.MarshalIndent(r.state(), "", "  ")
-	if err := atomicfile.WriteFile(filepath.Join(r.dir, stateFile), b, 0o600); err != nil {
+	if err := atomicfile.WriteJSON(filepath.Join(r.dir, stateFile), r.state(), 0o600); err != nil {
 		return err
 	}
 	r.sayf("\nthe mesh keeps running (--keep). Try:\n")
@@ -814,13 +812,11 @@ func processAlive(pid int, sites []*site) bool {
 
 // Down tears down a demo left running with --keep.
 func Down(dir string) error {
-	b, err := os.ReadFile(filepath.Join(dir, stateFile))
-	if err != nil {
-		return fmt.Errorf("%s is not a kept demo (no %s): %w", dir, stateFile, err)
-	}
 	var st state
-	if err := json.Unmarshal(b, &st); err != nil {
+	if found, err := atomicfile.ReadJSON(filepath.Join(dir, stateFile), &st); err != nil {
 		return err
+	} else if !found {
+		return fmt.Errorf("%s is not a kept demo (no %s)", dir, stateFile)
 	}
 	teardown(st, nil)
 	return os.RemoveAll(dir)
