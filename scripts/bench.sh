@@ -5,7 +5,8 @@
 #
 #   ./scripts/bench.sh            everything (root: about 17 minutes on 2 cores)
 #   ./scripts/bench.sh micro      Go micro-benchmarks (admission, policy, topology)
-#   ./scripts/bench.sh scale      N gateways in one process: convergence, crash removal, CPU, memory, gossip
+#   ./scripts/bench.sh scale      N gateways in one process, and N plain memberlist instances as the
+#                                 reference: convergence, crash removal, CPU, memory, gossip
 #   ./scripts/bench.sh dataplane  TCP over raw veth vs skybridge vs upstream and Debian wireguard-go (root)
 #   ./scripts/bench.sh migrate    skybridge migrate vs rsync -S / -Sz, resume, re-sync (root)
 #   ./scripts/bench.sh footprint  RSS and CPU of a gateway with 100 peers, idle and migrating (root)
@@ -15,7 +16,7 @@
 # and SKYBRIDGE_BENCH_SECONDS=5 (dataplane), SKYBRIDGE_BENCH_GIB=8 (migrate),
 # SKYBRIDGE_BENCH_JOINS=10 (burst), SKYBRIDGE_BENCH_PERF=DIR (dataplane: perf profile of each WireGuard
 # implementation), SKYBRIDGE_BENCH_PPROF=FILE (scale: CPU profile of the
-# largest size).
+# largest size), SKYBRIDGE_BENCH_REFERENCE=0 (scale: skip the memberlist reference).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
