@@ -3,7 +3,7 @@
 # (docs/BENCHMARKS.md holds the latest, with the machine and what limits
 # each figure). Benchmarks print figures; they assert nothing about speed.
 #
-#   ./scripts/bench.sh            everything (root: about 17 minutes on 2 cores)
+#   ./scripts/bench.sh            everything (root: about 15 minutes on 2 cores)
 #   ./scripts/bench.sh micro      Go micro-benchmarks (admission, policy, topology)
 #   ./scripts/bench.sh scale      N gateways in one process, and N plain memberlist instances as the
 #                                 reference: convergence, crash removal, CPU, memory, gossip
