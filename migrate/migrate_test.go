@@ -384,6 +384,36 @@ func TestMigrateResumeAndResync(t *testing.T) {
 }
 
 // waitIdle waits until the receiver has let go of an interrupted session.
+// TestMigrateCancelIsCancelled: cancelling a transfer ends it as
+// cancelled, never as the failure of the connections that the
+// cancellation itself closes (it did, at random, before Send looked at
+// the context first).
+func TestMigrateCancelIsCancelled(t *testing.T) {
+	p := newPair(t, "DE")
+	raw := filepath.Join(p.dir, "vm.raw")
+	makeRaw(t, raw, 32*mib, map[int64]int{0: 32 * mib})
+	for range 8 {
+		cfg := p.config(raw, "pii-eu")
+		cfg.BWLimit = 8 * mib // still transferring at the first progress tick
+		ctx, cancel := context.WithCancel(context.Background())
+		cfg.Progress = func(pr Progress) {
+			if pr.Phase == "transfer" && pr.Stats.ChunksDone > 0 && ctx.Err() == nil {
+				cancel()
+				// Not a wait for a condition: it lets the closed
+				// streams fail before the transfer looks again, so
+				// that both outcomes are there to choose from.
+				time.Sleep(50 * time.Millisecond)
+			}
+		}
+		rec, err := Send(ctx, cfg)
+		cancel()
+		if !errors.Is(err, context.Canceled) || rec.State != StateCancelled || rec.Error != "cancelled" {
+			t.Fatalf("cancelled migration ended %s (%q): %v", rec.State, rec.Error, err)
+		}
+		waitIdle(t, p.recv, rec.ID)
+	}
+}
+
 func waitIdle(t *testing.T, r *Receiver, id string) {
 	deadline := time.Now().Add(10 * time.Second)
 	for time.Now().Before(deadline) {

@@ -159,6 +159,12 @@ func Send(ctx context.Context, cfg SendConfig) (*SendRecord, error) {
 	s := &sender{cfg: cfg, src: src, rec: rec, start: cfg.Now()}
 	s.stats.VirtualBytes = src.Size()
 	err = s.run(ctx)
+	if err != nil && ctx.Err() != nil {
+		// Cancelling closes the connections under the transfer: what
+		// surfaces first may be a stream failing on its closed socket,
+		// which is the cancellation, not a fault to report.
+		err = ctx.Err()
+	}
 	s.finish(err)
 	if err != nil {
 		return s.rec, err
