@@ -383,7 +383,6 @@ func TestMigrateResumeAndResync(t *testing.T) {
 	t.Logf("re-sync after changing %d KiB of 64 MiB: %d chunks sent (%d bytes on the wire), %d reused at the destination", 2*len(change)/1024, st.ChunksSent, st.BytesSent, st.ChunksSame)
 }
 
-// waitIdle waits until the receiver has let go of an interrupted session.
 // TestMigrateCancelIsCancelled: cancelling a transfer ends it as
 // cancelled, never as the failure of the connections that the
 // cancellation itself closes (it did, at random, before Send looked at
@@ -407,6 +406,9 @@ func TestMigrateCancelIsCancelled(t *testing.T) {
 		}
 		rec, err := Send(ctx, cfg)
 		cancel()
+		if rec == nil {
+			t.Fatalf("cancelled migration has no record: %v", err)
+		}
 		if !errors.Is(err, context.Canceled) || rec.State != StateCancelled || rec.Error != "cancelled" {
 			t.Fatalf("cancelled migration ended %s (%q): %v", rec.State, rec.Error, err)
 		}
@@ -414,6 +416,7 @@ func TestMigrateCancelIsCancelled(t *testing.T) {
 	}
 }
 
+// waitIdle waits until the receiver has let go of an interrupted session.
 func waitIdle(t *testing.T, r *Receiver, id string) {
 	deadline := time.Now().Add(10 * time.Second)
 	for time.Now().Before(deadline) {
