@@ -85,12 +85,12 @@ const (
 
 type scaleResult struct {
 	note            string        // why the run stopped short, if it did
-	joins           time.Duration // from the first gateway's start to the last one's join
+	joins           time.Duration // from the first member's start to the last one's join
 	joinCPU         float64       // CPU seconds the process spent per join, from the first join to convergence
 	converge, crash time.Duration
-	cpuPct          float64 // percent of one core per gateway
-	heap            uint64  // bytes per gateway
-	gossipBps       float64 // gossip bytes per second per gateway
+	cpuPct          float64 // percent of one core per member
+	heap            uint64  // bytes per member
+	gossipBps       float64 // gossip bytes per second per member
 }
 
 func kib(n uint64) string { return fmt.Sprintf("%.0f KiB", float64(n)/1024) }
