@@ -24,6 +24,7 @@ func cached(t *testing.T, f *os.File, off, n int64) (in, pages int) {
 	}
 	defer unix.Munmap(m)
 	vec := make([]byte, (len(m)+int(ps)-1)/int(ps))
+	// x/sys/unix has no wrapper for mincore(2) on Linux.
 	if _, _, errno := unix.Syscall(unix.SYS_MINCORE, uintptr(unsafe.Pointer(&m[0])), uintptr(len(m)), uintptr(unsafe.Pointer(&vec[0]))); errno != 0 {
 		t.Fatal(errno)
 	}
@@ -92,5 +93,26 @@ func TestDirectFile(t *testing.T) {
 	}
 	if f.direct != nil && f.refused.Load() {
 		t.Fatal("the filesystem offered direct I/O and refused an aligned write")
+	}
+	if !supported {
+		return
+	}
+	// A filesystem that refuses a write it was told would do: here, as
+	// if it had said any address will do, an unaligned buffer. The write
+	// lands through the page cache, and so do the ones after it.
+	f.mem = 1
+	rand.Read(odd)
+	if err := f.writeChunk(odd, 2*mib); err != nil {
+		t.Fatalf("a refused direct write: %v", err)
+	}
+	got := make([]byte, len(odd))
+	if _, err := f.ReadAt(got, 2*mib); err != nil || !bytes.Equal(got, odd) || !f.refused.Load() {
+		t.Fatalf("a refused direct write: read back %v, equal %v, refused %v", err, bytes.Equal(got, odd), f.refused.Load())
+	}
+	if err := f.writeChunk(aligned, 4*mib); err != nil {
+		t.Fatal(err)
+	}
+	if in, pages := cached(t, f.File, 4*mib, mib); in != pages {
+		t.Errorf("after a refusal, an aligned chunk: %d of %d pages in the page cache, want all", in, pages)
 	}
 }

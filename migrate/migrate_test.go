@@ -13,6 +13,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -60,6 +61,25 @@ type pair struct {
 	store      string
 	sendAudit  *audit.Log
 	recvAudit  *audit.Log
+	recvLog    logBuffer // what the receiving gateway logged
+}
+
+// logBuffer collects log output from concurrent goroutines.
+type logBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *logBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *logBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }
 
 func newPair(t testing.TB, toJur string) *pair {
@@ -96,7 +116,7 @@ func newPair(t testing.TB, toJur string) *pair {
 	p.recv, err = NewReceiver(ReceiverConfig{
 		StoreDir: p.store, Journal: p.recvJ,
 		Identity: func() *certs.NodeIdentity { return p.to }, Trust: func() *certs.TrustBundle { return p.tb },
-		Policy: p.recvPolicy.Load, Audit: p.recvAudit, Log: slog.New(slog.DiscardHandler),
+		Policy: p.recvPolicy.Load, Audit: p.recvAudit, Log: slog.New(slog.NewTextHandler(&p.recvLog, nil)),
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -383,36 +403,78 @@ func TestMigrateResumeAndResync(t *testing.T) {
 	t.Logf("re-sync after changing %d KiB of 64 MiB: %d chunks sent (%d bytes on the wire), %d reused at the destination", 2*len(change)/1024, st.ChunksSent, st.BytesSent, st.ChunksSame)
 }
 
-// TestMigrateCancelIsCancelled: cancelling a transfer ends it as
+// TestMigrateCancelIsCancelled: cancelling a migration ends it as
 // cancelled, never as the failure of the connections that the
-// cancellation itself closes (it did, at random, before Send looked at
-// the context first).
+// cancellation itself closes. Cancelled as it commits, the commit's write
+// meets the closed control connection and, before Send looked at the
+// context first, always ended "failed"; cancelled mid-transfer, it did at
+// random.
 func TestMigrateCancelIsCancelled(t *testing.T) {
 	p := newPair(t, "DE")
 	raw := filepath.Join(p.dir, "vm.raw")
 	makeRaw(t, raw, 32*mib, map[int64]int{0: 32 * mib})
-	for range 8 {
+	for _, phase := range []string{"commit", "transfer", "transfer", "transfer"} {
 		cfg := p.config(raw, "pii-eu")
 		cfg.BWLimit = 8 * mib // still transferring at the first progress tick
 		ctx, cancel := context.WithCancel(context.Background())
 		cfg.Progress = func(pr Progress) {
-			if pr.Phase == "transfer" && pr.Stats.ChunksDone > 0 && ctx.Err() == nil {
+			if pr.Phase == phase && (phase == "commit" || pr.Stats.ChunksDone > 0) && ctx.Err() == nil {
 				cancel()
 				// Not a wait for a condition: it lets the closed
-				// streams fail before the transfer looks again, so
-				// that both outcomes are there to choose from.
+				// connections fail before the sender goes on.
 				time.Sleep(50 * time.Millisecond)
 			}
 		}
 		rec, err := Send(ctx, cfg)
 		cancel()
 		if rec == nil {
-			t.Fatalf("cancelled migration has no record: %v", err)
+			t.Fatalf("%s: cancelled migration has no record: %v", phase, err)
 		}
 		if !errors.Is(err, context.Canceled) || rec.State != StateCancelled || rec.Error != "cancelled" {
-			t.Fatalf("cancelled migration ended %s (%q): %v", rec.State, rec.Error, err)
+			t.Fatalf("cancelled during %s: ended %s (%q): %v", phase, rec.State, rec.Error, err)
 		}
 		waitIdle(t, p.recv, rec.ID)
+	}
+}
+
+// TestMigrateResyncDamagedStore: a re-sync copies unchanged chunks from
+// the receiver's stored version only where that copy is intact; a chunk
+// damaged on its disk, or cut off, is fetched from the sender instead,
+// and the receiver says so in its log.
+func TestMigrateResyncDamagedStore(t *testing.T) {
+	p := newPair(t, "DE")
+	raw := filepath.Join(p.dir, "vm.raw")
+	makeRaw(t, raw, 16*mib, map[int64]int{0: 8 * mib})
+	if _, err := Send(context.Background(), p.config(raw, "pii-eu")); err != nil {
+		t.Fatal(err)
+	}
+	img, err := p.recvJ.Image("vm")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Bit rot in chunk 1; the file loses its tail from the middle of
+	// chunk 6 (so chunks 6 and 7 cannot be read whole).
+	f, err := os.OpenFile(img.Path, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.WriteAt([]byte{1, 2, 3}, mib+100)
+	f.Truncate(6*mib + mib/2)
+	f.Close()
+	rec, err := Send(context.Background(), p.config(raw, "pii-eu"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st := rec.Stats; st.Retries != 3 || st.ChunksSame != 8 {
+		t.Errorf("re-sync: %d chunks offered from the stored version, %d sent again, want 8 and 3", st.ChunksSame, st.Retries)
+	}
+	if img, err = p.recvJ.Image("vm"); err != nil {
+		t.Fatal(err)
+	}
+	compare(t, raw, img.Path)
+	log := p.recvLog.String()
+	if strings.Count(log, "stored version of the image damaged") != 1 || strings.Count(log, "stored version of the image unreadable") != 2 {
+		t.Errorf("the receiver's log does not name the damaged chunk and the two unreadable ones:\n%s", log)
 	}
 }
 

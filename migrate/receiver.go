@@ -150,6 +150,7 @@ func (w *lockedWriter) send(typ byte, p []byte) error {
 // session is one migration being received.
 type session struct {
 	r      *Receiver
+	log    *slog.Logger
 	offer  Offer
 	from   *certs.Attributes
 	temp   *directFile
@@ -196,7 +197,7 @@ type pendingChunk struct {
 }
 
 func (r *Receiver) control(ctx context.Context, c *tls.Conn, fr *frameReader, fw *frameWriter, from *certs.Attributes, o *Offer) {
-	log := r.cfg.Log.With("migration_id", o.ID, "peer", from.Node, "peer_site", from.Site, "class", o.Class)
+	log := r.sessionLog(o, from)
 	if err := checkName(o.Name); err != nil || o.ChunkSize <= 0 || o.ChunkSize > maxFrame/2 || o.Size < 0 || (o.Format != FormatRaw && o.Format != FormatQcow2) {
 		fw.json(frameError, fmt.Sprintf("bad offer: %v", err))
 		return
@@ -239,6 +240,11 @@ func (r *Receiver) control(ctx context.Context, c *tls.Conn, fr *frameReader, fw
 	r.audit(o, from, d, "done", done.Root, done.Received, s.start, r.cfg.Now(), "")
 	r.cfg.Observer.Ended(RoleReceive, StateDone, r.cfg.Now().Sub(s.start))
 	fw.json(frameDone, done)
+}
+
+// sessionLog is the log of one migration, from the offer on.
+func (r *Receiver) sessionLog(o *Offer, from *certs.Attributes) *slog.Logger {
+	return r.cfg.Log.With("migration_id", o.ID, "peer", from.Node, "peer_site", from.Site, "class", o.Class)
 }
 
 func (r *Receiver) decide(o *Offer, from *certs.Attributes) (policy.Decision, bool) {
@@ -325,7 +331,7 @@ func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision) (*s
 		f.Close()
 		return nil, nil, err
 	}
-	s := &session{r: r, offer: *o, from: from, temp: f, at: rec.DataAt, record: &rec, start: r.cfg.Now(), policy: d,
+	s := &session{r: r, log: r.sessionLog(o, from), offer: *o, from: from, temp: f, at: rec.DataAt, record: &rec, start: r.cfg.Now(), policy: d,
 		durable: durable, pending: map[int64]pendingChunk{}, kick: make(chan struct{}, 1), stop: make(chan struct{}), synced: make(chan struct{}), closed: make(chan struct{})}
 	acc := &Accept{Have: durable}
 	if img, err := j.Image(o.Name); err == nil && img.Manifest.ChunkSize == o.ChunkSize {
@@ -403,7 +409,7 @@ func (s *session) data(fr *frameReader, w *lockedWriter) {
 	// A frame that cannot be parsed ends the stream; the sender is told
 	// why, and so is this gateway's log.
 	refuse := func(why string) {
-		s.r.cfg.Log.Warn("migration stream refused", "migration", o.ID, "from", s.from.Node, "reason", why)
+		s.log.Warn("migration stream refused", "reason", why)
 		w.send(frameError, []byte(why))
 	}
 	inImage := func(i int64) bool { return i >= 0 && i < chunkCount(o.Size, o.ChunkSize) }
@@ -457,7 +463,9 @@ func (s *session) data(fr *frameReader, w *lockedWriter) {
 		case frameChunk:
 			c, err := fr.chunkHead(n)
 			if err != nil {
-				refuse(err.Error())
+				if _, bad := err.(badFrame); bad {
+					refuse(err.Error())
+				}
 				return
 			}
 			i, h := c.index, c.hash
@@ -543,10 +551,14 @@ func (s *session) copyFromBase(i int64, h Hash, buf []byte) (why string, err err
 		return "not in the stored version", nil
 	}
 	b := buf[:chunkLen(i, s.offer.Size, s.offer.ChunkSize)]
+	// Either way the sender sends the chunk itself, and the new version
+	// is whole; but the stored one is not, and its owner must hear of it.
 	if err := readChunk(s.base, b, i*s.offer.ChunkSize); err != nil {
+		s.log.Warn("stored version of the image unreadable; the chunk is fetched from the sender", "name", s.offer.Name, "chunk", i, "err", err)
 		return "stored version unreadable: " + err.Error(), nil
 	}
 	if hashChunk(b) != h { // the stored copy must still be what its manifest says
+		s.log.Warn("stored version of the image damaged: a chunk does not match its manifest; it is fetched from the sender", "name", s.offer.Name, "chunk", i)
 		return "stored version damaged", nil
 	}
 	// Through the page cache: a re-sync copies most of an image this way,

@@ -171,21 +171,27 @@ func (fr *frameReader) body(n int, buf []byte) ([]byte, error) {
 func (fr *frameReader) chunkHead(n int) (c chunkHead, err error) {
 	p, err := fr.r.Peek(min(n, maxChunkHead))
 	if err != nil {
-		return c, err
+		return c, err // the connection, not the frame
 	}
-	i, w := binary.Uvarint(p)
-	if w <= 0 || len(p) < w+33 {
-		return c, errors.New("chunk frame shorter than its header")
+	i, h, rest, ok := splitIndex(p)
+	if !ok || len(rest) < 1 {
+		return c, badFrame("chunk frame shorter than its header")
 	}
-	raw, w2 := binary.Uvarint(p[w+33:])
-	if w2 <= 0 || raw > maxFrame {
-		return c, errors.New("bad chunk length")
+	raw, w := binary.Uvarint(rest[1:])
+	if w <= 0 || raw > maxFrame {
+		return c, badFrame("bad chunk length")
 	}
-	c = chunkHead{index: int64(i), flags: p[w+32], rawLen: int(raw), dataLen: n - (w + 33 + w2)}
-	copy(c.hash[:], p[w:w+32])
-	_, err = fr.r.Discard(w + 33 + w2)
+	head := len(p) - len(rest) + 1 + w
+	c = chunkHead{index: i, hash: h, flags: rest[0], rawLen: int(raw), dataLen: n - head}
+	_, err = fr.r.Discard(head)
 	return c, err
 }
+
+// badFrame is a frame that does not parse, as opposed to a connection
+// that failed while it was read: the peer is told, and the log says so.
+type badFrame string
+
+func (e badFrame) Error() string { return string(e) }
 
 // maxChunkHead is the longest fixed part of a chunk frame: index and raw
 // length as varints, hash, flags.
@@ -233,22 +239,30 @@ func indexFrame(index int64, h Hash) []byte {
 
 // parseNack reads a nack frame: the refused chunk and why.
 func parseNack(p []byte) (index int64, reason string, err error) {
-	_, w := binary.Uvarint(p)
-	if w <= 0 || len(p) < w+32 {
-		return 0, "", errors.New("bad nack frame")
+	i, _, rest, ok := splitIndex(p)
+	if !ok {
+		return 0, "", badFrame("bad nack frame")
 	}
-	index, _, err = parseIndexFrame(p[:w+32])
-	return index, string(p[w+32:]), err
+	return i, string(rest), nil
 }
 
 func parseIndexFrame(p []byte) (int64, Hash, error) {
-	var h Hash
-	i, w := binary.Uvarint(p)
-	if w <= 0 || len(p) != w+32 {
-		return 0, h, errors.New("bad index frame")
+	i, h, rest, ok := splitIndex(p)
+	if !ok || len(rest) != 0 {
+		return 0, h, badFrame("bad index frame")
 	}
-	copy(h[:], p[w:])
-	return int64(i), h, nil
+	return i, h, nil
+}
+
+// splitIndex parses the chunk index and hash that chunk, Same and nack
+// frames start with.
+func splitIndex(p []byte) (i int64, h Hash, rest []byte, ok bool) {
+	u, w := binary.Uvarint(p)
+	if w <= 0 || len(p) < w+32 {
+		return 0, h, nil, false
+	}
+	copy(h[:], p[w:w+32])
+	return int64(u), h, p[w+32:], true
 }
 
 func ackFrame(indices []int64) []byte {
