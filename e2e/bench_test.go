@@ -116,11 +116,11 @@ func TestBenchMigrateVsRsync(t *testing.T) {
 		t.Logf("%s: %.2f s, %.0f MiB through the tunnel", name, wall.Seconds(), r.wire)
 		return r
 	}
-	n := 0
-	migrate := func(img, format string) func() {
+	// Each migration stores its image under its own name: the re-sync
+	// below updates the measured raw row's.
+	migrate := func(name, img, format string) func() {
 		return func() {
-			n++
-			ch, cmd := startMigration(t, "migrate", "run", img, "--to", "aws-eu-central-1", "--class", "pii-eu", "--format", format, "--name", fmt.Sprintf("bench%d", n), "--socket", zrh.socket)
+			ch, cmd := startMigration(t, "migrate", "run", img, "--to", "aws-eu-central-1", "--class", "pii-eu", "--format", format, "--name", name, "--socket", zrh.socket)
 			ev := lastEvent(t, ch, cmd)
 			if ev.Record == nil || ev.Record.State != "done" {
 				t.Fatalf("migration: %+v", ev)
@@ -144,13 +144,13 @@ func TestBenchMigrateVsRsync(t *testing.T) {
 	if os.Getenv("SKYBRIDGE_BENCH_PERF") != "" {
 		syscall.Sync()
 		stop := l.perfRecord("migrate raw", 0, []int{gwPID(zrh), gwPID(fra)}, 10)
-		migrate(raw, "raw")()
+		migrate("bench-perf", raw, "raw")()
 		stop()
 	}
-	rows = append(rows, measure("skybridge migrate raw → raw", migrate(raw, "raw")))
+	rows = append(rows, measure("skybridge migrate raw → raw", migrate("bench-raw", raw, "raw")))
 	rows = append(rows, measure("rsync -S raw", rsyncRun("-S", raw)))
 	rows = append(rows, measure("rsync -Sz raw", rsyncRun("-Sz", raw)))
-	rows = append(rows, measure("skybridge migrate qcow2 → qcow2", migrate(qcow, "qcow2")))
+	rows = append(rows, measure("skybridge migrate qcow2 → qcow2", migrate("bench-qcow2", qcow, "qcow2")))
 	rows = append(rows, measure("rsync -S qcow2", rsyncRun("-S", qcow)))
 	rows = append(rows, measure("rsync -Sz qcow2", rsyncRun("-Sz", qcow)))
 	imageAlloc := rows[0].allocated
@@ -166,7 +166,7 @@ func TestBenchMigrateVsRsync(t *testing.T) {
 		return bits / 8 / mib
 	}
 	before := overlay()
-	noiseRow := measure("skybridge migrate, incompressible raw", migrate(noise, "raw"))
+	noiseRow := measure("skybridge migrate, incompressible raw", migrate("bench-noise", noise, "raw"))
 	after := overlay()
 	overlayMiBs := (before + after) / 2
 	noiseMiBs := float64(noiseRow.allocated) / mib / noiseRow.wall.Seconds()
@@ -214,14 +214,14 @@ func TestBenchMigrateVsRsync(t *testing.T) {
 	f.Close()
 	var resync migrationStats
 	resyncRow := measure("skybridge re-sync after a 1 % change", func() {
-		ch, cmd := startMigration(t, "migrate", "run", raw, "--to", "aws-eu-central-1", "--class", "pii-eu", "--format", "raw", "--name", "bench1", "--socket", zrh.socket)
+		ch, cmd := startMigration(t, "migrate", "run", raw, "--to", "aws-eu-central-1", "--class", "pii-eu", "--format", "raw", "--name", "bench-raw", "--socket", zrh.socket)
 		ev := lastEvent(t, ch, cmd)
 		if ev.Record == nil || ev.Record.State != "done" {
 			t.Fatalf("re-sync: %+v", ev)
 		}
 		resync = ev.Record.Stats
 	})
-	compareImages(t, raw, filepath.Join(fra.dir, "images", "bench1.raw"))
+	compareImages(t, raw, filepath.Join(fra.dir, "images", "bench-raw.raw"))
 
 	var b strings.Builder
 	fmt.Fprintf(&b, "\nimage: %d GiB virtual, %d MiB allocated (raw and qcow2), over one WireGuard tunnel (TUN mode) between two network namespaces\n\n", size>>30, imageAlloc>>20)
