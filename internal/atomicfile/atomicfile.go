@@ -94,10 +94,13 @@ func SyncDir(dir string) error {
 	return nil
 }
 
-// WriteJSON atomically replaces path with v as indented JSON (state files
-// are read by people too), created with mode perm.
+// WriteJSON atomically replaces path with v as JSON, created with mode
+// perm. Compact: a gateway rewrites its member list every few seconds
+// while the mesh changes, and indenting 1,000 members (1.2 MB) took five
+// times as long as encoding them (10.6 against 2.1 ms); `jq .` reads it
+// for people.
 func WriteJSON(path string, v any, perm os.FileMode) error {
-	b, err := json.MarshalIndent(v, "", "  ")
+	b, err := json.Marshal(v)
 	if err != nil {
 		return fmt.Errorf("encode %s: %w", path, err)
 	}
