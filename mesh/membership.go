@@ -42,7 +42,6 @@ type member struct {
 	leavingAt    time.Time       // when its signed leave notice arrived
 	lastVerified *certs.Verified // kept when it dies, to check its leave notice
 	changed      time.Time
-	rejudged     MemberState // its state while rejudgeLocked judges it again
 }
 
 // membership is the gateway's verified view of the mesh. The memberlist
@@ -244,7 +243,7 @@ func (ms *membership) update(name string, gossip netip.AddrPort, meta []byte) (n
 	}
 	prev, prevGossip, prevMeta := m.state, m.gossip, m.meta
 	m.gossip, m.meta, m.alive, m.remembered = gossip, append([]byte(nil), meta...), true, false
-	needCert = ms.judgeLocked(m)
+	needCert = ms.judgeLocked(m, m.state)
 	// Only what a plan is made of counts as a change — a verified member
 	// coming, going or changing: every newcomer is announced (pending)
 	// before its certificate arrives, and each change makes every gateway
@@ -259,18 +258,22 @@ func (ms *membership) update(name string, gossip netip.AddrPort, meta []byte) (n
 }
 
 // judgeLocked (re)derives a member's state from its meta, the known
-// certificates and the trust bundle.
-func (ms *membership) judgeLocked(m *member) (needCert bool) {
-	prev := cmp.Or(m.state, m.rejudged)
+// certificates and the trust bundle; prev is its state before (news is a
+// state that differs from it).
+func (ms *membership) judgeLocked(m *member, prev MemberState) (needCert bool) {
 	defer func() {
 		if m.state != prev {
 			m.changed = ms.now()
 		}
 	}()
 	if !m.alive && !m.remembered {
-		// One refused for its certificate stays refused when it goes: it
-		// is not a member that died (never knocked on, never saved), and
-		// status keeps saying why it was refused.
+		// One refused stays refused when it goes: it is not a member that
+		// died (never knocked on, never saved), and status keeps saying
+		// why it was refused until it is forgotten.
+		if prev == StateRefused {
+			m.state, m.verified = StateRefused, nil
+			return false
+		}
 		if m.advert != nil {
 			if err, bad := ms.badCert[m.advert.CertHash]; bad {
 				ms.refuseLocked(m, prev, err)
@@ -328,7 +331,7 @@ func (ms *membership) leave(name string) {
 	ms.mu.Lock()
 	if m := ms.members[name]; m != nil {
 		m.alive, m.remembered = false, false
-		ms.judgeLocked(m)
+		ms.judgeLocked(m, m.state)
 		m.left = !m.leavingAt.IsZero() && ms.now().Sub(m.leavingAt) < leavingMatches
 		if m.state == StateDead {
 			m.reason = "declared dead"
@@ -376,7 +379,7 @@ func (ms *membership) addCert(der []byte) error {
 	err := ms.learnCertLocked(sum, der)
 	for _, m := range ms.members {
 		if m.advert != nil && m.advert.CertHash == sum {
-			ms.judgeLocked(m)
+			ms.judgeLocked(m, m.state)
 		}
 	}
 	ms.mu.Unlock()
@@ -418,7 +421,7 @@ func (ms *membership) addCerts(ders [][]byte) {
 	if len(added) > 0 {
 		for _, m := range ms.members {
 			if m.advert != nil && added[m.advert.CertHash] {
-				ms.judgeLocked(m)
+				ms.judgeLocked(m, m.state)
 			}
 		}
 	}
@@ -488,15 +491,19 @@ func (ms *membership) setTrust(tb *certs.TrustBundle) {
 // certificate has expired or been revoked: a burst gateway after its
 // burst, a decommissioned gateway after revocation. They cannot come back
 // with that identity, so nothing of them is kept, saved or knocked on.
-// Gone refused members are dropped refusedKept after their refusal.
+// Gone members that were refused, or never verified at all, are dropped
+// refusedKept after their last change of state.
 func (ms *membership) forgetEndedLocked() (forgot bool) {
 	now := ms.now()
 	for name, m := range ms.members {
 		if m.alive || m.remembered {
 			continue
 		}
-		if m.state == StateRefused && now.Sub(m.changed) >= refusedKept {
+		if (m.state == StateRefused || m.lastVerified == nil) && now.Sub(m.changed) >= refusedKept {
+			// Refused, or never a peer: listed a while (status says
+			// why), but not for ever.
 			delete(ms.members, name)
+			delete(ms.refusedMsg, name)
 			forgot = true
 			continue
 		}
@@ -512,38 +519,34 @@ func (ms *membership) forgetEndedLocked() (forgot bool) {
 	return forgot
 }
 
-// refusedKept is how long a refused member that has gone stays listed
-// (with why it was refused) after its refusal; otherwise every name an
-// impostor ever tried would be kept for good.
+// refusedKept is how long a gone member that was refused (or never got
+// as far as verified) stays listed; otherwise every name an impostor
+// ever tried would be kept for good.
 const refusedKept = time.Hour
 
 // rejudgeLocked judges every member again, oldest certificate first so the
 // deterministic conflict rule sees incumbents before newcomers.
 func (ms *membership) rejudgeLocked() (changed bool) {
 	type was struct {
-		state   MemberState
-		v       *certs.Verified
-		reason  string
-		changed time.Time
+		state  MemberState
+		v      *certs.Verified
+		reason string
 	}
 	prev := make(map[*member]was, len(ms.members))
 	all := make([]*member, 0, len(ms.members))
 	for _, m := range ms.members {
-		prev[m] = was{m.state, m.verified, m.reason, m.changed}
+		prev[m] = was{m.state, m.verified, m.reason}
 		// Cleared so that no claim of its own stands in the way of the
-		// others' judgement; remembered so that judging it again is not
-		// mistaken for news (a refusal counted and logged every pass).
-		m.rejudged, m.verified, m.state = m.state, nil, ""
+		// others' judgement.
+		m.verified, m.state = nil, ""
 		all = append(all, m)
 	}
 	slices.SortFunc(all, func(a, b *member) int { return cmp.Compare(a.name, b.name) })
 	for _, m := range all {
-		ms.judgeLocked(m)
-		m.rejudged = ""
 		p := prev[m]
-		if p.state == m.state {
-			m.changed = p.changed // judged again, not changed
-		}
+		// Judged against its state before clearing: the same state again
+		// is not news (a refusal counted and logged every pass).
+		ms.judgeLocked(m, p.state)
 		// The advert is the same bytes as before, so two verifications
 		// of it hold the same claims.
 		if p.state != m.state || (p.v == nil) != (m.verified == nil) || p.reason != m.reason {
@@ -584,7 +587,7 @@ func (ms *membership) remember(name string, gossip netip.AddrPort, meta, certDER
 	m := &member{name: name, gossip: gossip, meta: meta, remembered: true}
 	ms.members[name] = m
 	ms.gen.Add(1)
-	ms.judgeLocked(m)
+	ms.judgeLocked(m, m.state)
 	if m.state != StateVerified {
 		delete(ms.members, name)
 		return errors.New(m.reason)
@@ -596,7 +599,9 @@ func (ms *membership) remember(name string, gossip netip.AddrPort, meta, certDER
 // not a peer, but the gateway keeps knocking on its address. certDER is
 // its last verified certificate, if saved: a member whose certificate has
 // expired or been revoked since is not restored (it cannot come back
-// with it), and one restored is forgotten when that happens later.
+// with it), and one restored is forgotten when that happens later. One
+// saved without a certificate is forgotten refusedKept after the restart
+// unless it comes back.
 func (ms *membership) rememberDead(name string, gossip netip.AddrPort, certDER []byte) {
 	if name == ms.self || !gossip.IsValid() {
 		return
@@ -606,7 +611,7 @@ func (ms *membership) rememberDead(name string, gossip netip.AddrPort, certDER [
 	if _, known := ms.members[name]; known {
 		return
 	}
-	m := &member{name: name, gossip: gossip, state: StateDead, reason: "dead at the last save"}
+	m := &member{name: name, gossip: gossip, state: StateDead, reason: "dead at the last save", changed: ms.now()}
 	if c, err := x509.ParseCertificate(certDER); err == nil {
 		if a, err := certs.AttributesOf(c); err == nil {
 			m.lastVerified = &certs.Verified{Cert: c, Attributes: a}

@@ -6,6 +6,7 @@ import (
 	"crypto/rand"
 	"encoding/binary"
 	"fmt"
+	"maps"
 	"math/big"
 	"net/netip"
 	"path/filepath"
@@ -418,6 +419,34 @@ func TestMembershipForgetsEnded(t *testing.T) {
 	ms.refresh()
 	if got := known(); !slices.Equal(got, []string{"gw-alive", "gw-lasting"}) {
 		t.Fatalf("after gw-expiring's certificate expired: %v", got)
+	}
+}
+
+// TestMembershipForgetsStrangers: gone members that never became peers —
+// refused for an advert that does not decode, gone before their
+// certificate came, restored without one — are listed for refusedKept,
+// then forgotten, not saved and knocked on for ever.
+func TestMembershipForgetsStrangers(t *testing.T) {
+	f := newFixture(t)
+	clock := f.now
+	ms := newMembership("self", f.trust(), func() time.Time { return clock }, func() {})
+	ms.onRefuse = func(string, string, error) {}
+	ms.update("gw-junk", gossipAddr, []byte("not an advert"))
+	ms.admit("gw-junk", []byte("not an advert"))
+	pending := f.identity("gw-pending", "site-p", 7, f.now.Add(-time.Hour))
+	ms.update("gw-pending", gossipAddr, f.advert(pending, 1)) // its certificate never comes
+	ms.rememberDead("gw-old", gossipAddr, nil)
+	ms.leave("gw-junk")
+	ms.leave("gw-pending")
+	ms.refresh()
+	want := map[string]MemberState{"gw-junk": StateRefused, "gw-pending": StateDead, "gw-old": StateDead}
+	if got := states(ms); !maps.Equal(got, want) {
+		t.Fatalf("gone strangers: %v, want %v", got, want)
+	}
+	clock = clock.Add(refusedKept)
+	ms.refresh()
+	if got := states(ms); len(got) != 0 || len(ms.refusedMsg) != 0 {
+		t.Fatalf("after %s: still listed %v, refusals remembered %d", refusedKept, got, len(ms.refusedMsg))
 	}
 }
 
