@@ -101,6 +101,9 @@ func (v *Vault) deleteBurstObjects(ctx context.Context, c *vault.Client, name st
 // wrapped SecretID per gateway. It refuses a site whose role exists
 // already (a burst of it open elsewhere, or the remains of one), and if
 // it fails half-way, it deletes what it created — never what it found.
+// The check is not a lock: two gateways opening the same site at the
+// same instant can both pass it, and the second's role then replaces the
+// first's.
 func (v *Vault) OpenBurst(ctx context.Context, adminToken string, spec VaultBurstSpec) (vb *VaultBurst, err error) {
 	c, err := v.admin(adminToken)
 	if err != nil {
@@ -116,7 +119,7 @@ func (v *Vault) OpenBurst(ctx context.Context, adminToken string, spec VaultBurs
 	if s, err := c.Logical().ReadWithContext(ctx, rolePath); err != nil {
 		return nil, fmt.Errorf("vault read %s: %w", rolePath, err)
 	} else if s != nil {
-		return nil, fmt.Errorf("vault already has %s: a burst of site %s is open (from another gateway?) or a failed one left it; end that burst, or delete the role, policy and AppRole %s", rolePath, spec.Site, name)
+		return nil, fmt.Errorf("vault already has %s: a burst of site %s is open, or one ended without its Vault objects removed; run `skybridge burst down --site %s` on the gateway that opened it, or delete the role, policy and AppRole %s", rolePath, spec.Site, spec.Site, name)
 	}
 	// The role certifies exactly the gateways' attribute URIs, each as a
 	// whole (a glob would let anything follow the part it pins), and the
@@ -244,6 +247,9 @@ func (v *Vault) CloseBurst(ctx context.Context, adminToken, site string, nodes [
 		// again.
 		p := path.Join(v.cfg.PKIMount, "cert", serial)
 		s, err := c.Logical().ReadWithContext(ctx, p)
+		if ctx.Err() != nil {
+			return revoked, fmt.Errorf("ending burst site %s interrupted (run burst down again): %w", site, ctx.Err())
+		}
 		if err != nil {
 			unread = append(unread, fmt.Errorf("vault read %s: %w", p, err))
 			continue
@@ -272,7 +278,7 @@ func (v *Vault) CloseBurst(ctx context.Context, adminToken, site string, nodes [
 		}
 	}
 	if len(unread) > 0 {
-		return revoked, fmt.Errorf("%d certificates could not be read to see whether they are of site %s (run burst down again): %w", len(unread), site, errors.Join(unread...))
+		return revoked, fmt.Errorf("%d certificates could not be read to see whether they are of site %s (run burst down again); the first: %w", len(unread), site, unread[0])
 	}
 	return revoked, nil
 }
