@@ -65,7 +65,7 @@ func (d delegate) MergeRemoteState(buf []byte, join bool) {
 // yet get in as pending: they gossip, but never become WireGuard peers
 // until verified.
 func (d delegate) NotifyAlive(n *memberlist.Node) error {
-	if err := d.g.members.admit(n.Name, n.Meta); err != nil {
+	if err := d.g.members.admit(n.Name, nodeAddr(n), n.Meta); err != nil {
 		d.g.log.Debug("refused gossip member", "peer", n.Name, "addr", n.Addr.String(), "err", err)
 		return err
 	}

@@ -94,7 +94,12 @@ func newMembership(self string, tb *certs.TrustBundle, now func() time.Time, onC
 // certificate, a failed verification, a replay, a conflict — and lets a
 // member whose certificate has not arrived yet in as pending, to be
 // verified once it has.
-func (ms *membership) admit(name string, meta []byte) error {
+//
+// A member unknown until its first alive message is refused is listed as
+// refused all the same (memberlist never reports it joining): whether an
+// impostor's certificate or its alive message arrives first is a race,
+// and status must say it was refused either way.
+func (ms *membership) admit(name string, gossip netip.AddrPort, meta []byte) error {
 	if name == ms.self {
 		return nil
 	}
@@ -108,11 +113,34 @@ func (ms *membership) admit(name string, meta []byte) error {
 		return nil
 	}
 	sum := sha256.Sum256(meta)
-	if m := ms.members[name]; ms.onRefuse != nil && (m == nil || m.state != StateRefused) && ms.refusedMsg[name] != sum {
+	m := ms.members[name]
+	if ms.onRefuse != nil && (m == nil || m.state != StateRefused) && ms.refusedMsg[name] != sum {
 		ms.refusedMsg[name] = sum
 		ms.onRefuse(name, rejectionReason(err), err)
 	}
+	if m == nil && ms.strangersLocked() < maxStrangers {
+		// Not alive: it is not in memberlist, and is forgotten
+		// refusedKept from now unless it is admitted later.
+		m = &member{name: name, gossip: gossip, meta: append([]byte(nil), meta...), state: StateRefused, reason: err.Error(), changed: ms.now()}
+		m.advert, _ = certs.DecodeAdvert(meta)
+		ms.members[name] = m
+	}
 	return err
+}
+
+// maxStrangers bounds the refused members that never got into memberlist,
+// so that one holding the gossip key cannot fill a gateway's memory by
+// trying names; past it, refusals are still counted and logged.
+const maxStrangers = 1024
+
+func (ms *membership) strangersLocked() int {
+	n := 0
+	for _, m := range ms.members {
+		if m.state == StateRefused && !m.alive && m.lastVerified == nil {
+			n++
+		}
+	}
+	return n
 }
 
 func (ms *membership) admitLocked(name string, meta []byte) error {

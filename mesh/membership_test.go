@@ -83,7 +83,7 @@ func TestMembershipVerifiesBeforeAdmitting(t *testing.T) {
 
 	// Unknown certificate: in as pending, never a peer; the caller must
 	// fetch the certificate.
-	if err := ms.admit("gw-a", meta); err != nil {
+	if err := ms.admit("gw-a", gossipAddr, meta); err != nil {
 		t.Fatalf("admit with unknown certificate: %v", err)
 	}
 	if !ms.update("gw-a", gossipAddr, meta) {
@@ -109,7 +109,7 @@ func TestMembershipVerifiesBeforeAdmitting(t *testing.T) {
 		"name mismatch": {"gw-b", meta},
 		"replay":        {"gw-a", f.advert(a, 4)},
 	} {
-		if err := ms.admit(tc.node, tc.meta); err == nil {
+		if err := ms.admit(tc.node, gossipAddr, tc.meta); err == nil {
 			t.Errorf("%s admitted", name)
 		}
 	}
@@ -139,7 +139,7 @@ func TestMembershipRefusesForeignIdentity(t *testing.T) {
 	if states(ms)["gw-r"] != StateRefused || len(ms.gateways()) != 0 {
 		t.Fatalf("rogue state %v", states(ms))
 	}
-	if err := ms.admit("gw-r", meta); err == nil {
+	if err := ms.admit("gw-r", gossipAddr, meta); err == nil {
 		t.Fatal("rogue's alive message admitted after its certificate was refused")
 	}
 	// Gone, it stays refused with its reason: not a dead member to knock
@@ -167,6 +167,53 @@ func TestMembershipRefusesForeignIdentity(t *testing.T) {
 	ms.refresh()
 	if _, ok := states(ms)["gw-r"]; ok {
 		t.Fatalf("gone refused member still listed after %s: %v", refusedKept, states(ms))
+	}
+}
+
+// TestMembershipListsRefusedStranger: the other order of the rogue's
+// race — its certificate is refused before its first alive message, which
+// memberlist then never takes in. Status lists it as refused all the
+// same, counted once, never a peer; and strangers are listed up to a
+// bound, so trying names cannot fill memory.
+func TestMembershipListsRefusedStranger(t *testing.T) {
+	f := newFixture(t)
+	rogueCA := newFixture(t)
+	ms := newMembership("self", f.trust(), func() time.Time { return f.now }, func() {})
+	refusals := 0
+	ms.onRefuse = func(string, string, error) { refusals++ }
+	r := rogueCA.identity("gw-r", "site-a", 9, f.now.Add(-time.Hour))
+	if err := ms.addCert(r.Certificate().Raw); err == nil {
+		t.Fatal("foreign certificate accepted")
+	}
+	meta := rogueCA.advert(r, 1)
+	for range 3 {
+		if err := ms.admit("gw-r", gossipAddr, meta); err == nil {
+			t.Fatal("rogue admitted")
+		}
+	}
+	ms.refresh()
+	var got []MemberView
+	for _, v := range ms.snapshot() {
+		if v.Name == "gw-r" {
+			got = append(got, v)
+		}
+	}
+	if len(got) != 1 || got[0].State != StateRefused || !strings.Contains(got[0].Reason, "not signed by the mesh CA") || got[0].Gossip != gossipAddr {
+		t.Fatalf("rogue refused before it was ever alive: listed %+v", got)
+	}
+	if refusals != 1 || len(ms.gateways()) != 0 {
+		t.Fatalf("refusals counted %d (want 1), gateways %d", refusals, len(ms.gateways()))
+	}
+	for i := range maxStrangers + 10 {
+		ms.admit(fmt.Sprintf("junk-%d", i), gossipAddr, []byte("not an advert"))
+	}
+	if n := len(states(ms)); n != maxStrangers {
+		t.Fatalf("%d members listed after %d strangers tried, want the bound %d", n, maxStrangers+11, maxStrangers)
+	}
+	f.now = f.now.Add(refusedKept)
+	ms.refresh()
+	if n := len(states(ms)); n != 0 {
+		t.Fatalf("strangers still listed %s later: %d", refusedKept, n)
 	}
 }
 
@@ -432,7 +479,7 @@ func TestMembershipForgetsStrangers(t *testing.T) {
 	ms := newMembership("self", f.trust(), func() time.Time { return clock }, func() {})
 	ms.onRefuse = func(string, string, error) {}
 	ms.update("gw-junk", gossipAddr, []byte("not an advert"))
-	ms.admit("gw-junk", []byte("not an advert"))
+	ms.admit("gw-junk", gossipAddr, []byte("not an advert"))
 	pending := f.identity("gw-pending", "site-p", 7, f.now.Add(-time.Hour))
 	ms.update("gw-pending", gossipAddr, f.advert(pending, 1)) // its certificate never comes
 	ms.rememberDead("gw-old", gossipAddr, nil)
