@@ -55,8 +55,10 @@ type membership struct {
 	members map[string]*member
 	certs   map[[32]byte]*x509.Certificate // certificates by SHA-256, chain-verified
 	badCert map[[32]byte]error             // certificates refused, and why
-	cache   *certs.VerifyCache             // verified adverts: re-judging costs a lookup
-	now     func() time.Time
+	// maxBadCerts bounds badCert (defaultMaxBadCerts).
+	maxBadCerts int
+	cache       *certs.VerifyCache // verified adverts: re-judging costs a lookup
+	now         func() time.Time
 	// onChange is called (outside the lock) when the verified set may
 	// have changed.
 	onChange func()
@@ -84,7 +86,7 @@ func (ms *membership) generation() uint64 { return ms.gen.Load() }
 func newMembership(self string, tb *certs.TrustBundle, now func() time.Time, onChange func()) *membership {
 	return &membership{
 		self: self, trust: tb, now: now, onChange: onChange, cache: certs.NewVerifyCache(),
-		members: map[string]*member{}, certs: map[[32]byte]*x509.Certificate{}, badCert: map[[32]byte]error{}, refusedMsg: map[string][32]byte{},
+		members: map[string]*member{}, certs: map[[32]byte]*x509.Certificate{}, badCert: map[[32]byte]error{}, maxBadCerts: defaultMaxBadCerts, refusedMsg: map[string][32]byte{},
 	}
 }
 
@@ -423,11 +425,48 @@ func (ms *membership) learnCertLocked(sum [32]byte, der []byte) error {
 		_, err = ms.cache.VerifyCertificate(ms.trust, cert, ms.now())
 	}
 	if err != nil {
-		ms.badCert[sum] = fmt.Errorf("certificate refused: %w", err)
+		if len(ms.badCert) >= ms.maxBadCerts {
+			ms.pruneCertsLocked()
+		}
+		// Past the bound (every one still named by a member) it is
+		// not remembered: seen again, it is verified and refused again.
+		if len(ms.badCert) < ms.maxBadCerts {
+			ms.badCert[sum] = fmt.Errorf("certificate refused: %w", err)
+		}
 		return err
 	}
 	ms.certs[sum] = cert
 	return nil
+}
+
+// defaultMaxBadCerts bounds the refused certificates remembered: anyone
+// holding the gossip key can send any number of them.
+const defaultMaxBadCerts = 4096
+
+// pruneCertsLocked drops the certificates no member's advert names any
+// more: expired ones (a burst's thousands of gateways, every renewed
+// identity's predecessor), which can never verify again, and refused
+// ones, which are refused again if they come back. Kept while named,
+// because a member's state comes from them (and judged again without
+// its certificate it would be pending, then fetch it).
+func (ms *membership) pruneCertsLocked() {
+	named := make(map[[32]byte]bool, len(ms.members))
+	for _, m := range ms.members {
+		if m.advert != nil {
+			named[m.advert.CertHash] = true
+		}
+	}
+	now := ms.now()
+	for sum, c := range ms.certs {
+		if !named[sum] && !now.Before(c.NotAfter) {
+			delete(ms.certs, sum)
+		}
+	}
+	for sum := range ms.badCert {
+		if !named[sum] {
+			delete(ms.badCert, sum)
+		}
+	}
 }
 
 // addCerts learns a batch of certificates (a join's bundle) under one
@@ -589,6 +628,14 @@ func (ms *membership) refresh() {
 	ms.mu.Lock()
 	changed := ms.rejudgeLocked()
 	changed = ms.forgetEndedLocked() || changed
+	ms.pruneCertsLocked()
+	for name := range ms.refusedMsg {
+		if ms.members[name] == nil {
+			// A stranger past maxStrangers: its next refusal is
+			// counted again, once per refresh at most.
+			delete(ms.refusedMsg, name)
+		}
+	}
 	ms.mu.Unlock()
 	// Re-judging finds nothing new almost always; a change (an expiry)
 	// is what makes the topology worth recomputing.

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"crypto"
 	"crypto/rand"
+	"crypto/sha256"
 	"encoding/binary"
 	"fmt"
 	"maps"
@@ -212,8 +213,79 @@ func TestMembershipListsRefusedStranger(t *testing.T) {
 	}
 	f.now = f.now.Add(refusedKept)
 	ms.refresh()
-	if n := len(states(ms)); n != 0 {
-		t.Fatalf("strangers still listed %s later: %d", refusedKept, n)
+	if n := len(states(ms)); n != 0 || len(ms.refusedMsg) != 0 {
+		t.Fatalf("strangers still listed %s later: %d (refusals remembered: %d)", refusedKept, n, len(ms.refusedMsg))
+	}
+}
+
+// TestMembershipPrunesCertificates: certificates are kept while a member's
+// advert names them; expired ones no advert names, and refused ones, are
+// dropped, and refused ones are bounded between prunes — a burst's
+// gateways and a flood of junk do not grow the gateway for ever.
+func TestMembershipPrunesCertificates(t *testing.T) {
+	f := newFixture(t)
+	rogueCA := newFixture(t)
+	clock := f.now
+	ms := newMembership("self", f.trust(), func() time.Time { return clock }, func() {})
+	a := f.identity("gw-a", "site-a", 1, f.now.Add(-time.Hour)) // expires in 47 h
+	ms.addCert(a.Certificate().Raw)
+	ms.update("gw-a", gossipAddr, f.advert(a, 1))
+	r := rogueCA.identity("gw-r", "site-r", 9, f.now.Add(-time.Hour))
+	ms.addCert(r.Certificate().Raw)
+	rMeta := rogueCA.advert(r, 1)
+	ms.update("gw-r", gossipAddr, rMeta)
+	rSum := sha256.Sum256(r.Certificate().Raw)
+	ms.maxBadCerts = 4
+	for i := range 10 {
+		ms.addCert(fmt.Appendf(nil, "junk %d", i))
+	}
+	if _, kept := ms.badCert[rSum]; !kept || len(ms.badCert) > ms.maxBadCerts {
+		t.Fatalf("after a flood of junk: %d refused certificates remembered (bound %d), the rogue's kept: %v", len(ms.badCert), ms.maxBadCerts, kept)
+	}
+	// Junk fills the bound, but a member's refused certificate is still
+	// remembered (the junk is dropped for it): otherwise the member would
+	// be waiting for its certificate, and fetch it, for ever.
+	p := rogueCA.identity("gw-p", "site-p", 10, f.now.Add(-time.Hour))
+	ms.update("gw-p", gossipAddr, rogueCA.advert(p, 1))
+	ms.addCert(p.Certificate().Raw)
+	if got := states(ms)["gw-p"]; got != StateRefused {
+		t.Fatalf("a refused certificate arriving with the bound full of junk: member %s, want refused", got)
+	}
+	ms.leave("gw-p")
+	// Members naming refused certificates fill the bound: a newcomer is
+	// refused all the same, but not remembered.
+	for i := range ms.maxBadCerts - 2 { // with gw-r's and gw-p's
+		o := rogueCA.identity(fmt.Sprintf("gw-o%d", i), "site-o", byte(20+i), f.now.Add(-time.Hour))
+		ms.update(o.Attributes().Node, gossipAddr, rogueCA.advert(o, 1))
+		ms.addCert(o.Certificate().Raw)
+	}
+	if err := ms.addCert([]byte("one more")); err == nil || len(ms.badCert) > ms.maxBadCerts {
+		t.Fatalf("bound full of named certificates: err %v, %d remembered (bound %d)", err, len(ms.badCert), ms.maxBadCerts)
+	}
+	for i := range ms.maxBadCerts - 2 {
+		ms.leave(fmt.Sprintf("gw-o%d", i))
+	}
+	clock = clock.Add(refusedKept)
+	ms.refresh()
+	if len(ms.badCert) != 1 || len(ms.certs) != 1 {
+		t.Fatalf("after refresh: %d refused and %d known certificates, want the rogue's and gw-a's", len(ms.badCert), len(ms.certs))
+	}
+	if err := ms.admit("gw-r", gossipAddr, rMeta); err == nil {
+		t.Fatal("rogue admitted after pruning")
+	}
+
+	// gw-a's certificate expires while it is alive: kept while named.
+	clock = clock.Add(48 * time.Hour)
+	ms.refresh()
+	if states(ms)["gw-a"] != StateRefused || len(ms.certs) != 1 {
+		t.Fatalf("expired while alive: %v, %d known certificates", states(ms), len(ms.certs))
+	}
+	ms.leave("gw-a")
+	ms.leave("gw-r")
+	clock = clock.Add(refusedKept)
+	ms.refresh()
+	if len(states(ms)) != 0 || len(ms.certs) != 0 || len(ms.badCert) != 0 {
+		t.Fatalf("all gone: listed %v, %d known and %d refused certificates remembered", states(ms), len(ms.certs), len(ms.badCert))
 	}
 }
 
