@@ -100,7 +100,8 @@ func newMembership(self string, tb *certs.TrustBundle, now func() time.Time, onC
 // A member unknown until its first alive message is refused is listed as
 // refused all the same (memberlist never reports it joining): whether an
 // impostor's certificate or its alive message arrives first is a race,
-// and status must say it was refused either way.
+// and status must say it was refused either way. Not so a former member
+// whose certificate has ended (see formerMember).
 func (ms *membership) admit(name string, gossip netip.AddrPort, meta []byte) error {
 	if name == ms.self {
 		return nil
@@ -120,7 +121,7 @@ func (ms *membership) admit(name string, gossip netip.AddrPort, meta []byte) err
 		ms.refusedMsg[name] = sum
 		ms.onRefuse(name, rejectionReason(err), err)
 	}
-	if m == nil && ms.strangersLocked() < maxStrangers {
+	if m == nil && !formerMember(err) && ms.strangersLocked() < maxStrangers {
 		// Not alive: it is not in memberlist, and is forgotten
 		// refusedKept from now unless it is admitted later.
 		m = &member{name: name, gossip: gossip, meta: append([]byte(nil), meta...), state: StateRefused, reason: err.Error(), changed: ms.now()}
@@ -128,6 +129,15 @@ func (ms *membership) admit(name string, gossip netip.AddrPort, meta []byte) err
 		ms.members[name] = m
 	}
 	return err
+}
+
+// formerMember reports whether a refusal at the door is of a certificate
+// that has ended (revoked, expired): a gateway forgotten for that reason
+// is still gossiped as alive by members that have not seen it go, and
+// those echoes must not list it again.
+func formerMember(err error) bool {
+	r := certs.ReasonOf(err)
+	return r == certs.ReasonRevoked || r == certs.ReasonExpired
 }
 
 // maxStrangers bounds the refused members that never got into memberlist,

@@ -507,9 +507,11 @@ func TestMembershipForgetsEnded(t *testing.T) {
 	lasting := f.identity("gw-lasting", "site-c", 3, f.now.Add(-time.Hour))
 	alive := f.identity("gw-alive", "site-d", 4, f.now.Add(-time.Hour))
 	ms := newMembership("self", f.trust(), func() time.Time { return clock }, func() {})
+	adverts := map[string][]byte{}
 	for _, id := range []*certs.NodeIdentity{expiring, revoked, lasting, alive} {
 		ms.addCert(id.Certificate().Raw)
-		ms.update(id.Attributes().Node, gossipAddr, f.advert(id, 1))
+		adverts[id.Attributes().Node] = f.advert(id, 1)
+		ms.update(id.Attributes().Node, gossipAddr, adverts[id.Attributes().Node])
 	}
 	for _, n := range []string{"gw-expiring", "gw-revoked", "gw-lasting"} {
 		ms.leave(n)
@@ -533,6 +535,14 @@ func TestMembershipForgetsEnded(t *testing.T) {
 	}
 	if states(ms)["gw-alive"] != StateRefused {
 		t.Fatal("a revoked member still alive must stay known, and refused")
+	}
+	// Members that have not seen it go still gossip it as alive: refused,
+	// and not listed again as a refused stranger.
+	if err := ms.admit("gw-revoked", gossipAddr, adverts["gw-revoked"]); err == nil {
+		t.Fatal("a revoked member's advert admitted")
+	}
+	if got := known(); !slices.Equal(got, []string{"gw-alive", "gw-expiring", "gw-lasting"}) {
+		t.Fatalf("an echo of the forgotten revoked member listed it again: %v", got)
 	}
 	clock = clock.Add(2 * time.Hour)
 	ms.refresh()
