@@ -152,6 +152,9 @@ func TestBurstSite(t *testing.T) {
 		return err == nil, out
 	})
 	t.Logf("burst gateway: join-to-routable %s (process start to a TCP echo from Zurich through the mesh)", routable.Round(10*time.Millisecond))
+	// Now, while it is surely a member: what follows has no time budget,
+	// and the burst ends ttl after it opened.
+	amsKey := publicKeyOf(t, zrh.socket, "burst-ams-gw1")
 
 	// The token is spent: a second server presenting it gets a clear no.
 	out, err := l.nsexec(par.ns, "timeout", "30", skybridge, "gateway", "run", "--config", par.cfg, "--join-token-file", ams.tokenFile) // a token wrongly accepted would run on
@@ -201,7 +204,6 @@ func TestBurstSite(t *testing.T) {
 	}
 
 	// The first burst runs out.
-	amsKey := publicKeyOf(t, zrh.socket, "burst-ams-gw1")
 	t.Logf("waiting for the end of burst-ams (%s after it opened)", ttl)
 	l.checkBurstGone(ams, "burst-ams-gw1", amsKey, "10.9.0.0/24", grant.Expires, ttl-time.Since(opened)+40*time.Second, zrh, fra)
 	out, _ = sb(t, 0, "burst", "list", "--socket", zrh.socket)

@@ -172,7 +172,7 @@ func TestDashboardInBrowser(t *testing.T) {
 	// A migration throttled to last several seconds: its progress moves.
 	img := filepath.Join(demo.WorkDir, "ledger.raw")
 	makeNoise(t, img, 48<<20)
-	events, cmd := startMigration(t, "migrate", "run", img, "--to", demo.Sites[1].Site, "--class", "pii-eu", "--bwlimit", "8MB/s", "--socket", zrh.Socket)
+	events, cmd := startMigration(t, "migrate", "run", img, "--to", demo.Sites[1].Site, "--class", "pii-eu", "--bwlimit", "4MB/s", "--socket", zrh.Socket)
 	var id string
 	for ev := range events {
 		if id = ev.ID; id != "" {

@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -25,7 +26,11 @@ func TestNetstackMeshUnprivileged(t *testing.T) {
 	t.Cleanup(func() { os.RemoveAll(dir) })
 	caDir := filepath.Join(dir, "ca")
 	sb(t, 0, "ca", "init", "--dir", caDir)
-	base := 20000 + os.Getpid()%20000
+	// Ports the kernel hands out as free, not a fixed range: the unit
+	// tests of other packages run at the same time and probe ports
+	// from 20000 up.
+	ports := freeLoopbackPorts(t, 6)
+	gossip, wg := ports[:3], ports[3:]
 	var cmds []*exec.Cmd
 	var sockets []string
 	t.Cleanup(func() {
@@ -68,7 +73,7 @@ wireguard {
   behind_nat = true
 }
 operator { listen = "127.0.0.1:0" }
-`, sdir, i, i, i, filepath.Join(sdir, "identity"), base+i, base+1, i, base+100+i)), 0o644)
+`, sdir, i, i, i, filepath.Join(sdir, "identity"), gossip[i-1], gossip[0], i, wg[i-1])), 0o644)
 		args := []string{skybridge, "gateway", "run", "--config", cfg}
 		if asNobody {
 			chownR(t, sdir, 65534)
@@ -200,4 +205,30 @@ type netstackStatus struct {
 		Peer      bool   `json:"peer"`
 		Handshake string `json:"last_handshake"`
 	} `json:"members"`
+}
+
+// freeLoopbackPorts returns n distinct loopback ports that are free for
+// both UDP and TCP, as the kernel picks free ports (outside the ranges
+// the unit tests probe).
+func freeLoopbackPorts(t *testing.T, n int) []int {
+	var out []int
+	for range 100 * n {
+		if len(out) == n {
+			return out
+		}
+		u, err := net.ListenPacket("udp4", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		p := u.LocalAddr().(*net.UDPAddr).Port
+		l, err := net.Listen("tcp4", fmt.Sprintf("127.0.0.1:%d", p))
+		u.Close()
+		if err != nil || slices.Contains(out, p) {
+			continue
+		}
+		l.Close()
+		out = append(out, p)
+	}
+	t.Fatalf("no %d free loopback ports", n)
+	return nil
 }

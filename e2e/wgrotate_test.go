@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"encoding/json"
+	"fmt"
 	"os"
 	"regexp"
 	"strconv"
@@ -23,6 +24,26 @@ func TestWireGuardKeyRotationUnderLoad(t *testing.T) {
 	for _, s := range sites {
 		l.startGateway(s, 1)
 	}
+	// The rotation waits for the peers in zrh's plan when it starts:
+	// every gateway must have both others as peers first.
+	waitFor(t, 30*time.Second, "a full mesh", func() (bool, string) {
+		for _, s := range sites {
+			st, err := status(s.socket)
+			if err != nil {
+				return false, err.Error()
+			}
+			peers := 0
+			for _, m := range st.Members {
+				if m.Peer {
+					peers++
+				}
+			}
+			if peers != 2 {
+				return false, fmt.Sprintf("%s has %d peers", s.short, peers)
+			}
+		}
+		return true, ""
+	})
 	waitFor(t, 30*time.Second, "fra reaches zrh through the tunnel", func() (bool, string) {
 		out, err := l.nsexec(fra.ns, "env", helperEnv+"=dial "+zrh.overlay+":7000", os.Args[0])
 		return err == nil, out

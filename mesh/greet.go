@@ -56,7 +56,7 @@ func (g *Gateway) greet(before []wgtypes.Peer, applied []wgtypes.PeerConfig, pla
 	}
 	cur, _ := g.wgKeys()
 	own := cur.Public()
-	now := time.Now()
+	now := g.now()
 	for _, p := range applied {
 		if k := certs.WGPublicKey(p.PublicKey); !p.UpdateOnly && !p.Remove && greeter(own, k) {
 			g.greetings[k] = greeting{due: now.Add(greetFirst)}
