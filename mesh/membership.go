@@ -42,6 +42,7 @@ type member struct {
 	leavingAt    time.Time       // when its signed leave notice arrived
 	lastVerified *certs.Verified // kept when it dies, to check its leave notice
 	changed      time.Time
+	stranger     bool // listed only because admit refused it: never alive here
 }
 
 // membership is the gateway's verified view of the mesh. The memberlist
@@ -54,9 +55,10 @@ type membership struct {
 	trust   *certs.TrustBundle
 	members map[string]*member
 	certs   map[[32]byte]*x509.Certificate // certificates by SHA-256, chain-verified
-	badCert map[[32]byte]error             // certificates refused, and why
+	badCert map[[32]byte]refusedCert       // certificates refused, and why
 	// maxBadCerts bounds badCert (defaultMaxBadCerts).
 	maxBadCerts int
+	strangers   int                // members with stranger set
 	cache       *certs.VerifyCache // verified adverts: re-judging costs a lookup
 	now         func() time.Time
 	// onChange is called (outside the lock) when the verified set may
@@ -86,7 +88,7 @@ func (ms *membership) generation() uint64 { return ms.gen.Load() }
 func newMembership(self string, tb *certs.TrustBundle, now func() time.Time, onChange func()) *membership {
 	return &membership{
 		self: self, trust: tb, now: now, onChange: onChange, cache: certs.NewVerifyCache(),
-		members: map[string]*member{}, certs: map[[32]byte]*x509.Certificate{}, badCert: map[[32]byte]error{}, maxBadCerts: defaultMaxBadCerts, refusedMsg: map[string][32]byte{},
+		members: map[string]*member{}, certs: map[[32]byte]*x509.Certificate{}, badCert: map[[32]byte]refusedCert{}, maxBadCerts: defaultMaxBadCerts, refusedMsg: map[string][32]byte{},
 	}
 }
 
@@ -101,7 +103,7 @@ func newMembership(self string, tb *certs.TrustBundle, now func() time.Time, onC
 // refused all the same (memberlist never reports it joining): whether an
 // impostor's certificate or its alive message arrives first is a race,
 // and status must say it was refused either way. Not so a former member
-// whose certificate has ended (see formerMember).
+// whose certificate has ended (see formerMemberLocked).
 func (ms *membership) admit(name string, gossip netip.AddrPort, meta []byte) error {
 	if name == ms.self {
 		return nil
@@ -109,35 +111,81 @@ func (ms *membership) admit(name string, gossip netip.AddrPort, meta []byte) err
 	ms.mu.Lock()
 	defer ms.mu.Unlock()
 	err := ms.admitLocked(name, meta)
-	// Gossip repeats a refused message many times; count a refusal once
-	// per member and message.
 	if err == nil {
 		delete(ms.refusedMsg, name)
 		return nil
 	}
-	sum := sha256.Sum256(meta)
-	m := ms.members[name]
-	if ms.onRefuse != nil && (m == nil || m.state != StateRefused) && ms.refusedMsg[name] != sum {
-		ms.refusedMsg[name] = sum
-		ms.onRefuse(name, rejectionReason(err), err)
-	}
-	if m == nil && !formerMember(err) && ms.strangersLocked() < maxStrangers {
+	m, news := ms.members[name], false
+	if m == nil && ms.strangers < maxStrangers && !ms.formerMemberLocked(meta, err) {
 		// Not alive: it is not in memberlist, and is forgotten
 		// refusedKept from now unless it is admitted later.
-		m = &member{name: name, gossip: gossip, meta: append([]byte(nil), meta...), state: StateRefused, reason: err.Error(), changed: ms.now()}
+		m = &member{name: name, gossip: gossip, meta: append([]byte(nil), meta...), state: StateRefused, reason: err.Error(), changed: ms.now(), stranger: true}
 		m.advert, _ = certs.DecodeAdvert(meta)
 		ms.members[name] = m
+		ms.strangers++
+		news = true
+	}
+	// Gossip repeats a refused message many times; count a refusal once
+	// per member and message.
+	sum := sha256.Sum256(meta)
+	if ms.onRefuse != nil && (news || m == nil || m.state != StateRefused) && ms.refusedMsg[name] != sum {
+		// Remembered for listed names only: a name that is not listed
+		// (past maxStrangers, or a former member's echo) is counted
+		// each time, rather than kept in memory.
+		if m != nil {
+			ms.refusedMsg[name] = sum
+		}
+		ms.onRefuse(name, rejectionReason(err), err)
 	}
 	return err
 }
 
-// formerMember reports whether a refusal at the door is of a certificate
-// that has ended (revoked, expired): a gateway forgotten for that reason
-// is still gossiped as alive by members that have not seen it go, and
-// those echoes must not list it again.
-func formerMember(err error) bool {
-	r := certs.ReasonOf(err)
-	return r == certs.ReasonRevoked || r == certs.ReasonExpired
+// formerMemberLocked reports whether a refusal at the door is of one of
+// the mesh's own certificates that has ended: a gateway forgotten for
+// that reason is still gossiped as alive by members that have not seen
+// it go, and those echoes must not list it again. Revocation is checked
+// only on certificates that chain to the mesh CA; expiry is checked
+// before the chain, so an expired certificate counts as the mesh's only
+// if it was verified when it was learned (an impostor's expired one is
+// listed).
+func (ms *membership) formerMemberLocked(meta []byte, err error) bool {
+	switch certs.ReasonOf(err) {
+	case certs.ReasonRevoked:
+		return true
+	case certs.ReasonExpired:
+		sa, derr := certs.DecodeAdvert(meta)
+		return derr == nil && ms.certs[sa.CertHash] != nil
+	}
+	return false
+}
+
+// refusedCert is why a certificate was refused, and how long that holds.
+type refusedCert struct {
+	err error
+	// retryAt is when a certificate refused as not yet valid becomes
+	// valid: the refusal is dropped then, and the members naming it
+	// judged again (clocks differ; an hour's refusal for a few minutes'
+	// skew would lock a new gateway out).
+	retryAt time.Time
+	// keepUntil is the end of a revoked certificate: until then its
+	// refusal is kept even when no member names it, so that a revoked
+	// gateway still running is refused at the door, not let in as
+	// pending to be refused once its certificate is fetched again.
+	keepUntil time.Time
+}
+
+// refusal records why a certificate was refused.
+func refusal(cert *x509.Certificate, err error) refusedCert {
+	rc := refusedCert{err: fmt.Errorf("certificate refused: %w", err)}
+	if cert != nil {
+		switch certs.ReasonOf(err) {
+		case certs.ReasonNotYetValid:
+			rc.retryAt = cert.NotBefore
+		case certs.ReasonRevoked:
+			rc.keepUntil = cert.NotAfter
+		}
+	}
+	return rc
 }
 
 // maxStrangers bounds the refused members that never got into memberlist,
@@ -145,14 +193,13 @@ func formerMember(err error) bool {
 // trying names; past it, refusals are still counted and logged.
 const maxStrangers = 1024
 
-func (ms *membership) strangersLocked() int {
-	n := 0
-	for _, m := range ms.members {
-		if m.state == StateRefused && !m.alive && m.lastVerified == nil {
-			n++
-		}
+// dropLocked forgets a member entirely.
+func (ms *membership) dropLocked(name string) {
+	if m := ms.members[name]; m != nil && m.stranger {
+		ms.strangers--
 	}
-	return n
+	delete(ms.members, name)
+	delete(ms.refusedMsg, name)
 }
 
 func (ms *membership) admitLocked(name string, meta []byte) error {
@@ -166,8 +213,8 @@ func (ms *membership) admitLocked(name string, meta []byte) error {
 	if sa.Node != name {
 		return &certs.VerifyError{Reason: certs.ReasonAttributeMismatch, Detail: fmt.Sprintf("gossip name %q differs from advert node %q", name, sa.Node)}
 	}
-	if err, bad := ms.badCert[sa.CertHash]; bad {
-		return err
+	if rc, bad := ms.badCert[sa.CertHash]; bad {
+		return rc.err
 	}
 	cert := ms.certs[sa.CertHash]
 	if cert == nil {
@@ -274,6 +321,10 @@ func (ms *membership) update(name string, gossip netip.AddrPort, meta []byte) (n
 		m = &member{name: name}
 		ms.members[name] = m
 	}
+	if m.stranger {
+		m.stranger = false
+		ms.strangers--
+	}
 	if !m.alive {
 		// Back (or new): a leave notice or departure from before is over.
 		// Only this clears them, not the re-judging of a member that is
@@ -315,8 +366,8 @@ func (ms *membership) judgeLocked(m *member, prev MemberState) (needCert bool) {
 			return false
 		}
 		if m.advert != nil {
-			if err, bad := ms.badCert[m.advert.CertHash]; bad {
-				ms.refuseLocked(m, prev, err)
+			if rc, bad := ms.badCert[m.advert.CertHash]; bad {
+				ms.refuseLocked(m, prev, rc.err)
 				return false
 			}
 		}
@@ -330,8 +381,8 @@ func (ms *membership) judgeLocked(m *member, prev MemberState) (needCert bool) {
 		return false
 	}
 	m.advert = sa
-	if err, bad := ms.badCert[sa.CertHash]; bad {
-		ms.refuseLocked(m, prev, err)
+	if rc, bad := ms.badCert[sa.CertHash]; bad {
+		ms.refuseLocked(m, prev, rc.err)
 		return false
 	}
 	cert := ms.certs[sa.CertHash]
@@ -436,12 +487,12 @@ func (ms *membership) learnCertLocked(sum [32]byte, der []byte) error {
 	}
 	if err != nil {
 		if len(ms.badCert) >= ms.maxBadCerts {
-			ms.pruneCertsLocked()
+			ms.pruneCertsLocked(true)
 		}
 		// Past the bound (every one still named by a member) it is
 		// not remembered: seen again, it is verified and refused again.
 		if len(ms.badCert) < ms.maxBadCerts {
-			ms.badCert[sum] = fmt.Errorf("certificate refused: %w", err)
+			ms.badCert[sum] = refusal(cert, err)
 		}
 		return err
 	}
@@ -455,11 +506,14 @@ const defaultMaxBadCerts = 4096
 
 // pruneCertsLocked drops the certificates no member's advert names any
 // more: expired ones (a burst's thousands of gateways, every renewed
-// identity's predecessor), which can never verify again, and refused
-// ones, which are refused again if they come back. Kept while named,
-// because a member's state comes from them (and judged again without
-// its certificate it would be pending, then fetch it).
-func (ms *membership) pruneCertsLocked() {
+// identity's predecessor) refusedKept after they ended, as a forgotten
+// member's echoes stop by then, and refused ones, which are refused again
+// if they come back — a revoked one only once it has ended, unless force
+// (the bound is reached). Kept while named, because a member's state
+// comes from them (judged again without its certificate it would be
+// pending, then fetch it). A refusal for a certificate not valid yet is
+// dropped when it becomes valid, and the members naming it judged again.
+func (ms *membership) pruneCertsLocked(force bool) {
 	named := make(map[[32]byte]bool, len(ms.members))
 	for _, m := range ms.members {
 		if m.advert != nil {
@@ -468,14 +522,36 @@ func (ms *membership) pruneCertsLocked() {
 	}
 	now := ms.now()
 	for sum, c := range ms.certs {
-		if !named[sum] && !now.Before(c.NotAfter) {
+		if !named[sum] && now.After(c.NotAfter.Add(refusedKept)) {
 			delete(ms.certs, sum)
 		}
 	}
-	for sum := range ms.badCert {
-		if !named[sum] {
+	var retry map[[32]byte]bool
+	for sum, rc := range ms.badCert {
+		switch {
+		case !rc.retryAt.IsZero() && !now.Before(rc.retryAt):
+			if retry == nil {
+				retry = map[[32]byte]bool{}
+			}
+			retry[sum] = true
+			delete(ms.badCert, sum)
+		case named[sum]:
+		case !force && now.Before(rc.keepUntil):
+		default:
 			delete(ms.badCert, sum)
 		}
+	}
+	for name, m := range ms.members {
+		if m.advert == nil || !retry[m.advert.CertHash] {
+			continue
+		}
+		if m.stranger {
+			// Never in memberlist: its next alive message is
+			// judged afresh.
+			ms.dropLocked(name)
+			continue
+		}
+		ms.judgeLocked(m, m.state) // pending: its certificate is fetched again
 	}
 }
 
@@ -555,7 +631,7 @@ func (ms *membership) setTrust(tb *certs.TrustBundle) {
 	for sum, c := range ms.certs {
 		if _, err := ms.cache.VerifyCertificate(tb, c, ms.now()); err != nil {
 			delete(ms.certs, sum)
-			ms.badCert[sum] = fmt.Errorf("certificate refused: %w", err)
+			ms.badCert[sum] = refusal(c, err)
 		}
 	}
 	ms.rejudgeLocked()
@@ -579,8 +655,7 @@ func (ms *membership) forgetEndedLocked() (forgot bool) {
 		if (m.state == StateRefused || m.lastVerified == nil) && now.Sub(m.changed) >= refusedKept {
 			// Refused, or never a peer: listed a while (status says
 			// why), but not for ever.
-			delete(ms.members, name)
-			delete(ms.refusedMsg, name)
+			ms.dropLocked(name)
 			forgot = true
 			continue
 		}
@@ -589,7 +664,7 @@ func (ms *membership) forgetEndedLocked() (forgot bool) {
 		}
 		c := m.lastVerified.Cert
 		if !now.Before(c.NotAfter) || ms.trust.IsRevoked(c.SerialNumber) {
-			delete(ms.members, name)
+			ms.dropLocked(name)
 			forgot = true
 		}
 	}
@@ -638,11 +713,10 @@ func (ms *membership) refresh() {
 	ms.mu.Lock()
 	changed := ms.rejudgeLocked()
 	changed = ms.forgetEndedLocked() || changed
-	ms.pruneCertsLocked()
+	ms.pruneCertsLocked(false)
 	for name := range ms.refusedMsg {
 		if ms.members[name] == nil {
-			// A stranger past maxStrangers: its next refusal is
-			// counted again, once per refresh at most.
+			// Forgotten by a path that does not clear it.
 			delete(ms.refusedMsg, name)
 		}
 	}

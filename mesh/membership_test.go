@@ -205,16 +205,33 @@ func TestMembershipListsRefusedStranger(t *testing.T) {
 	if refusals != 1 || len(ms.gateways()) != 0 {
 		t.Fatalf("refusals counted %d (want 1), gateways %d", refusals, len(ms.gateways()))
 	}
+	// Expiry is checked before the chain: an impostor's expired
+	// certificate is no former member's.
+	old := rogueCA.identity("gw-old-rogue", "site-a", 11, f.now.Add(-50*time.Hour))
+	ms.addCert(old.Certificate().Raw)
+	if err := ms.admit("gw-old-rogue", gossipAddr, rogueCA.advert(old, 1)); certs.ReasonOf(err) != certs.ReasonExpired || states(ms)["gw-old-rogue"] != StateRefused {
+		t.Fatalf("an impostor with an expired certificate: %v, listed %v", err, states(ms))
+	}
+	ms.mu.Lock()
+	ms.dropLocked("gw-old-rogue")
+	ms.mu.Unlock()
 	for i := range maxStrangers + 10 {
 		ms.admit(fmt.Sprintf("junk-%d", i), gossipAddr, []byte("not an advert"))
 	}
-	if n := len(states(ms)); n != maxStrangers {
-		t.Fatalf("%d members listed after %d strangers tried, want the bound %d", n, maxStrangers+11, maxStrangers)
+	if n := len(states(ms)); n != maxStrangers || len(ms.refusedMsg) > n {
+		t.Fatalf("%d members listed after %d strangers tried, want the bound %d; %d refusals remembered", n, maxStrangers+11, maxStrangers, len(ms.refusedMsg))
 	}
+	// One in gossip after all is no stranger any more: it leaves room.
+	ms.update("junk-0", gossipAddr, []byte("not an advert"))
+	ms.admit("one-more", gossipAddr, []byte("not an advert"))
+	if _, listed := states(ms)["one-more"]; !listed || ms.strangers != maxStrangers {
+		t.Fatalf("after one stranger came alive: one more listed %v, strangers counted %d", listed, ms.strangers)
+	}
+	ms.leave("junk-0")
 	f.now = f.now.Add(refusedKept)
 	ms.refresh()
-	if n := len(states(ms)); n != 0 || len(ms.refusedMsg) != 0 {
-		t.Fatalf("strangers still listed %s later: %d (refusals remembered: %d)", refusedKept, n, len(ms.refusedMsg))
+	if n := len(states(ms)); n != 0 || len(ms.refusedMsg) != 0 || ms.strangers != 0 {
+		t.Fatalf("strangers still listed %s later: %d (refusals remembered: %d, counted %d)", refusedKept, n, len(ms.refusedMsg), ms.strangers)
 	}
 }
 
@@ -286,6 +303,48 @@ func TestMembershipPrunesCertificates(t *testing.T) {
 	ms.refresh()
 	if len(states(ms)) != 0 || len(ms.certs) != 0 || len(ms.badCert) != 0 {
 		t.Fatalf("all gone: listed %v, %d known and %d refused certificates remembered", states(ms), len(ms.certs), len(ms.badCert))
+	}
+}
+
+// TestMembershipRetriesNotYetValid: a certificate refused because it is not
+// valid yet (clocks differ) is judged again once it is, both for a member
+// in gossip (pending again, so the certificate is fetched) and for one
+// refused at the door (dropped, so its next alive message gets in).
+func TestMembershipRetriesNotYetValid(t *testing.T) {
+	f := newFixture(t)
+	clock := f.now
+	ms := newMembership("self", f.trust(), func() time.Time { return clock }, func() {})
+	early := f.identity("gw-early", "site-e", 1, f.now.Add(5*time.Minute))
+	door := f.identity("gw-door", "site-d", 2, f.now.Add(5*time.Minute))
+	earlyMeta, doorMeta := f.advert(early, 1), f.advert(door, 1)
+	ms.update("gw-early", gossipAddr, earlyMeta)
+	ms.addCert(early.Certificate().Raw)
+	ms.addCert(door.Certificate().Raw)
+	if err := ms.admit("gw-door", gossipAddr, doorMeta); certs.ReasonOf(err) != certs.ReasonNotYetValid {
+		t.Fatalf("a certificate valid in 5 minutes at the door: %v", err)
+	}
+	want := map[string]MemberState{"gw-early": StateRefused, "gw-door": StateRefused}
+	if got := states(ms); !maps.Equal(got, want) {
+		t.Fatalf("before their certificates are valid: %v, want %v", got, want)
+	}
+	ms.refresh()
+	if got := states(ms); !maps.Equal(got, want) {
+		t.Fatalf("refreshed before their certificates are valid: %v, want %v", got, want)
+	}
+	clock = clock.Add(6 * time.Minute)
+	ms.refresh()
+	if got := states(ms); !maps.Equal(got, map[string]MemberState{"gw-early": StatePending}) || ms.strangers != 0 {
+		t.Fatalf("once valid: %v (strangers %d), want gw-early pending and gw-door forgotten", got, ms.strangers)
+	}
+	if err := ms.admit("gw-door", gossipAddr, doorMeta); err != nil {
+		t.Fatalf("gw-door's next alive message: %v", err)
+	}
+	ms.update("gw-door", gossipAddr, doorMeta)
+	for _, id := range []*certs.NodeIdentity{early, door} {
+		ms.addCert(id.Certificate().Raw) // fetched again
+	}
+	if got := states(ms); !maps.Equal(got, map[string]MemberState{"gw-early": StateVerified, "gw-door": StateVerified}) {
+		t.Fatalf("after fetching their certificates again: %v", got)
 	}
 }
 
@@ -536,10 +595,12 @@ func TestMembershipForgetsEnded(t *testing.T) {
 	if states(ms)["gw-alive"] != StateRefused {
 		t.Fatal("a revoked member still alive must stay known, and refused")
 	}
-	// Members that have not seen it go still gossip it as alive: refused,
-	// and not listed again as a refused stranger.
-	if err := ms.admit("gw-revoked", gossipAddr, adverts["gw-revoked"]); err == nil {
-		t.Fatal("a revoked member's advert admitted")
+	// Members that have not seen it go still gossip it as alive: refused
+	// at the door (after the periodic pruning too), and not listed again
+	// as a refused stranger.
+	ms.refresh()
+	if err := ms.admit("gw-revoked", gossipAddr, adverts["gw-revoked"]); certs.ReasonOf(err) != certs.ReasonRevoked {
+		t.Fatalf("a revoked member's advert at the door: %v, want refused as revoked", err)
 	}
 	if got := known(); !slices.Equal(got, []string{"gw-alive", "gw-expiring", "gw-lasting"}) {
 		t.Fatalf("an echo of the forgotten revoked member listed it again: %v", got)
@@ -548,6 +609,13 @@ func TestMembershipForgetsEnded(t *testing.T) {
 	ms.refresh()
 	if got := known(); !slices.Equal(got, []string{"gw-alive", "gw-lasting"}) {
 		t.Fatalf("after gw-expiring's certificate expired: %v", got)
+	}
+	ms.refresh()
+	if err := ms.admit("gw-expiring", gossipAddr, adverts["gw-expiring"]); certs.ReasonOf(err) != certs.ReasonExpired {
+		t.Fatalf("an expired member's advert at the door: %v, want refused as expired", err)
+	}
+	if got := known(); !slices.Equal(got, []string{"gw-alive", "gw-lasting"}) {
+		t.Fatalf("an echo of the forgotten expired member listed it again: %v", got)
 	}
 }
 
