@@ -95,13 +95,8 @@ func burstLab(t *testing.T) (l *lab, zrh, fra *meshSite) {
 		if err != nil {
 			return false, err.Error()
 		}
-		n := 0
-		for _, m := range st.Members {
-			if m.Peer {
-				n++
-			}
-		}
-		return n == 1, fmt.Sprintf("%d peers", n)
+		p := st.peers()
+		return len(p) == 1, fmt.Sprintf("peers %v", p)
 	})
 	return l, zrh, fra
 }

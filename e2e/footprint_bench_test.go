@@ -98,13 +98,7 @@ operator { listen = "127.0.0.1:0" }
 		if err != nil {
 			return -1
 		}
-		k := 0
-		for _, m := range st.Members {
-			if m.Peer {
-				k++
-			}
-		}
-		return k
+		return len(st.peers())
 	}
 	conv := waitFor(t, 3*time.Minute, fmt.Sprintf("%d gateways peered", n), func() (bool, string) {
 		a, b := peers(gws[0]), peers(gws[1])

@@ -155,12 +155,7 @@ func TestMigrationEndToEnd(t *testing.T) {
 			if err != nil {
 				return false, err.Error()
 			}
-			var got []string
-			for _, m := range st.Members {
-				if m.Peer {
-					got = append(got, m.Node)
-				}
-			}
+			got := st.peers()
 			for _, w := range want {
 				if !slices.Contains(got, w) {
 					return false, fmt.Sprint(got)

@@ -382,4 +382,15 @@ type gwStatus struct {
 	} `json:"members"`
 }
 
+// peers names the members configured as WireGuard peers.
+func (st *gwStatus) peers() []string {
+	var out []string
+	for _, m := range st.Members {
+		if m.Peer {
+			out = append(out, m.Node)
+		}
+	}
+	return out
+}
+
 func jsonUnmarshal(b []byte, v any) error { return json.Unmarshal(b, v) }

@@ -32,14 +32,8 @@ func TestWireGuardKeyRotationUnderLoad(t *testing.T) {
 			if err != nil {
 				return false, err.Error()
 			}
-			peers := 0
-			for _, m := range st.Members {
-				if m.Peer {
-					peers++
-				}
-			}
-			if peers != 2 {
-				return false, fmt.Sprintf("%s has %d peers", s.short, peers)
+			if p := st.peers(); len(p) != 2 {
+				return false, fmt.Sprintf("%s has peers %v", s.short, p)
 			}
 		}
 		return true, ""

@@ -122,16 +122,21 @@ func TestMembershipVerifiesBeforeAdmitting(t *testing.T) {
 	}
 }
 
+// rogueCase is a membership trusting the mesh CA of f, counting its
+// refusals, and gw-r, an identity from another CA.
+func rogueCase(t *testing.T) (f, rogueCA *fixture, ms *membership, r *certs.NodeIdentity, refusals *int) {
+	f, rogueCA = newFixture(t), newFixture(t)
+	ms = newMembership("self", f.trust(), func() time.Time { return f.now }, func() {})
+	refusals = new(int)
+	ms.onRefuse = func(string, string, error) { *refusals++ }
+	return f, rogueCA, ms, rogueCA.identity("gw-r", "site-a", 9, f.now.Add(-time.Hour)), refusals
+}
+
 // TestMembershipRefusesForeignIdentity: the rogue of the e2e test, in
 // miniature — a certificate from another CA is refused, and from then on
 // its alive messages too.
 func TestMembershipRefusesForeignIdentity(t *testing.T) {
-	f := newFixture(t)
-	rogueCA := newFixture(t)
-	ms := newMembership("self", f.trust(), func() time.Time { return f.now }, func() {})
-	refusals := 0
-	ms.onRefuse = func(string, string, error) { refusals++ }
-	r := rogueCA.identity("gw-r", "site-a", 9, f.now.Add(-time.Hour))
+	f, rogueCA, ms, r, refusals := rogueCase(t)
 	meta := rogueCA.advert(r, 1)
 	ms.update("gw-r", gossipAddr, meta)
 	if err := ms.addCert(r.Certificate().Raw); err == nil {
@@ -146,7 +151,7 @@ func TestMembershipRefusesForeignIdentity(t *testing.T) {
 	// Gone, it stays refused with its reason: not a dead member to knock
 	// on or save (nor after the periodic re-judging, which does not count
 	// or log the same refusal again).
-	counted := refusals
+	counted := *refusals
 	ms.leave("gw-r")
 	for range 3 {
 		ms.refresh()
@@ -160,8 +165,8 @@ func TestMembershipRefusesForeignIdentity(t *testing.T) {
 			}
 		}
 	}
-	if !found || refusals != counted {
-		t.Fatalf("rogue after leaving and 3 re-judgements: listed %v, refusals counted %d → %d", found, counted, refusals)
+	if !found || *refusals != counted {
+		t.Fatalf("rogue after leaving and 3 re-judgements: listed %v, refusals counted %d → %d", found, counted, *refusals)
 	}
 	// An hour after its refusal it is forgotten.
 	f.now = f.now.Add(refusedKept)
@@ -177,12 +182,7 @@ func TestMembershipRefusesForeignIdentity(t *testing.T) {
 // same, counted once, never a peer; and strangers are listed up to a
 // bound, so trying names cannot fill memory.
 func TestMembershipListsRefusedStranger(t *testing.T) {
-	f := newFixture(t)
-	rogueCA := newFixture(t)
-	ms := newMembership("self", f.trust(), func() time.Time { return f.now }, func() {})
-	refusals := 0
-	ms.onRefuse = func(string, string, error) { refusals++ }
-	r := rogueCA.identity("gw-r", "site-a", 9, f.now.Add(-time.Hour))
+	f, rogueCA, ms, r, refusals := rogueCase(t)
 	if err := ms.addCert(r.Certificate().Raw); err == nil {
 		t.Fatal("foreign certificate accepted")
 	}
@@ -202,8 +202,8 @@ func TestMembershipListsRefusedStranger(t *testing.T) {
 	if len(got) != 1 || got[0].State != StateRefused || !strings.Contains(got[0].Reason, "not signed by the mesh CA") || got[0].Gossip != gossipAddr {
 		t.Fatalf("rogue refused before it was ever alive: listed %+v", got)
 	}
-	if refusals != 1 || len(ms.gateways()) != 0 {
-		t.Fatalf("refusals counted %d (want 1), gateways %d", refusals, len(ms.gateways()))
+	if *refusals != 1 || len(ms.gateways()) != 0 {
+		t.Fatalf("refusals counted %d (want 1), gateways %d", *refusals, len(ms.gateways()))
 	}
 	// Expiry is checked before the chain: an impostor's expired
 	// certificate is no former member's.
