@@ -213,8 +213,8 @@ func (ms *membership) admitLocked(name string, meta []byte) error {
 	if sa.Node != name {
 		return &certs.VerifyError{Reason: certs.ReasonAttributeMismatch, Detail: fmt.Sprintf("gossip name %q differs from advert node %q", name, sa.Node)}
 	}
-	if rc, bad := ms.badCert[sa.CertHash]; bad {
-		return rc.err
+	if err := ms.refusedLocked(sa.CertHash); err != nil {
+		return err
 	}
 	cert := ms.certs[sa.CertHash]
 	if cert == nil {
@@ -366,8 +366,8 @@ func (ms *membership) judgeLocked(m *member, prev MemberState) (needCert bool) {
 			return false
 		}
 		if m.advert != nil {
-			if rc, bad := ms.badCert[m.advert.CertHash]; bad {
-				ms.refuseLocked(m, prev, rc.err)
+			if err := ms.refusedLocked(m.advert.CertHash); err != nil {
+				ms.refuseLocked(m, prev, err)
 				return false
 			}
 		}
@@ -381,8 +381,8 @@ func (ms *membership) judgeLocked(m *member, prev MemberState) (needCert bool) {
 		return false
 	}
 	m.advert = sa
-	if rc, bad := ms.badCert[sa.CertHash]; bad {
-		ms.refuseLocked(m, prev, rc.err)
+	if err := ms.refusedLocked(sa.CertHash); err != nil {
+		ms.refuseLocked(m, prev, err)
 		return false
 	}
 	cert := ms.certs[sa.CertHash]
@@ -496,8 +496,19 @@ func (ms *membership) learnCertLocked(sum [32]byte, der []byte) error {
 		}
 		return err
 	}
+	delete(ms.badCert, sum) // refused as not valid yet, and now it is
 	ms.certs[sum] = cert
 	return nil
+}
+
+// refusedLocked is why a certificate is refused, or nil if it is not (or
+// its refusal as not valid yet has run out: it is verified again).
+func (ms *membership) refusedLocked(sum [32]byte) error {
+	rc, bad := ms.badCert[sum]
+	if !bad || !rc.retryAt.IsZero() && !ms.now().Before(rc.retryAt) {
+		return nil
+	}
+	return rc.err
 }
 
 // defaultMaxBadCerts bounds the refused certificates remembered: anyone
@@ -565,7 +576,7 @@ func (ms *membership) addCerts(ders [][]byte) {
 		if _, ok := ms.certs[sum]; ok {
 			continue
 		}
-		if _, bad := ms.badCert[sum]; bad {
+		if ms.refusedLocked(sum) != nil {
 			continue
 		}
 		ms.learnCertLocked(sum, der)
@@ -629,7 +640,10 @@ func (ms *membership) setTrust(tb *certs.TrustBundle) {
 	ms.mu.Lock()
 	ms.trust = tb
 	for sum, c := range ms.certs {
-		if _, err := ms.cache.VerifyCertificate(tb, c, ms.now()); err != nil {
+		// An expired certificate stays known (its adverts are refused
+		// as expired all the same) until pruneCertsLocked drops it:
+		// that is how a forgotten member's echoes are told apart.
+		if _, err := ms.cache.VerifyCertificate(tb, c, ms.now()); err != nil && certs.ReasonOf(err) != certs.ReasonExpired {
 			delete(ms.certs, sum)
 			ms.badCert[sum] = refusal(c, err)
 		}

@@ -308,43 +308,52 @@ func TestMembershipPrunesCertificates(t *testing.T) {
 
 // TestMembershipRetriesNotYetValid: a certificate refused because it is not
 // valid yet (clocks differ) is judged again once it is, both for a member
-// in gossip (pending again, so the certificate is fetched) and for one
-// refused at the door (dropped, so its next alive message gets in).
+// in gossip and for one refused at the door — whether the certificate
+// comes again before the periodic refresh or after it (which makes the
+// member in gossip pending, so its certificate is fetched, and forgets
+// the one refused at the door, so its next alive message gets in).
 func TestMembershipRetriesNotYetValid(t *testing.T) {
-	f := newFixture(t)
-	clock := f.now
-	ms := newMembership("self", f.trust(), func() time.Time { return clock }, func() {})
-	early := f.identity("gw-early", "site-e", 1, f.now.Add(5*time.Minute))
-	door := f.identity("gw-door", "site-d", 2, f.now.Add(5*time.Minute))
-	earlyMeta, doorMeta := f.advert(early, 1), f.advert(door, 1)
-	ms.update("gw-early", gossipAddr, earlyMeta)
-	ms.addCert(early.Certificate().Raw)
-	ms.addCert(door.Certificate().Raw)
-	if err := ms.admit("gw-door", gossipAddr, doorMeta); certs.ReasonOf(err) != certs.ReasonNotYetValid {
-		t.Fatalf("a certificate valid in 5 minutes at the door: %v", err)
-	}
-	want := map[string]MemberState{"gw-early": StateRefused, "gw-door": StateRefused}
-	if got := states(ms); !maps.Equal(got, want) {
-		t.Fatalf("before their certificates are valid: %v, want %v", got, want)
-	}
-	ms.refresh()
-	if got := states(ms); !maps.Equal(got, want) {
-		t.Fatalf("refreshed before their certificates are valid: %v, want %v", got, want)
-	}
-	clock = clock.Add(6 * time.Minute)
-	ms.refresh()
-	if got := states(ms); !maps.Equal(got, map[string]MemberState{"gw-early": StatePending}) || ms.strangers != 0 {
-		t.Fatalf("once valid: %v (strangers %d), want gw-early pending and gw-door forgotten", got, ms.strangers)
-	}
-	if err := ms.admit("gw-door", gossipAddr, doorMeta); err != nil {
-		t.Fatalf("gw-door's next alive message: %v", err)
-	}
-	ms.update("gw-door", gossipAddr, doorMeta)
-	for _, id := range []*certs.NodeIdentity{early, door} {
-		ms.addCert(id.Certificate().Raw) // fetched again
-	}
-	if got := states(ms); !maps.Equal(got, map[string]MemberState{"gw-early": StateVerified, "gw-door": StateVerified}) {
-		t.Fatalf("after fetching their certificates again: %v", got)
+	for _, fetchFirst := range []bool{false, true} {
+		f := newFixture(t)
+		clock := f.now
+		changes := 0
+		ms := newMembership("self", f.trust(), func() time.Time { return clock }, func() { changes++ })
+		early := f.identity("gw-early", "site-e", 1, f.now.Add(5*time.Minute))
+		door := f.identity("gw-door", "site-d", 2, f.now.Add(5*time.Minute))
+		earlyMeta, doorMeta := f.advert(early, 1), f.advert(door, 1)
+		ms.update("gw-early", gossipAddr, earlyMeta)
+		ms.addCert(early.Certificate().Raw)
+		ms.addCert(door.Certificate().Raw)
+		if err := ms.admit("gw-door", gossipAddr, doorMeta); certs.ReasonOf(err) != certs.ReasonNotYetValid {
+			t.Fatalf("a certificate valid in 5 minutes at the door: %v", err)
+		}
+		want := map[string]MemberState{"gw-early": StateRefused, "gw-door": StateRefused}
+		ms.refresh()
+		if got := states(ms); !maps.Equal(got, want) {
+			t.Fatalf("before their certificates are valid: %v, want %v", got, want)
+		}
+		clock = clock.Add(6 * time.Minute)
+		if !fetchFirst {
+			ms.refresh()
+			if got := states(ms); !maps.Equal(got, map[string]MemberState{"gw-early": StatePending}) || ms.strangers != 0 {
+				t.Fatalf("refreshed once valid: %v (strangers %d), want gw-early pending and gw-door forgotten", got, ms.strangers)
+			}
+		}
+		if err := ms.admit("gw-door", gossipAddr, doorMeta); err != nil {
+			t.Fatalf("fetch first %v: gw-door's next alive message: %v", fetchFirst, err)
+		}
+		ms.update("gw-door", gossipAddr, doorMeta)
+		before := changes
+		for _, id := range []*certs.NodeIdentity{early, door} {
+			ms.addCert(id.Certificate().Raw) // fetched again
+		}
+		if len(ms.badCert) != 0 {
+			t.Fatalf("fetch first %v: refusals kept for certificates now known: %d", fetchFirst, len(ms.badCert))
+		}
+		ms.refresh()
+		if got := states(ms); !maps.Equal(got, map[string]MemberState{"gw-early": StateVerified, "gw-door": StateVerified}) || len(ms.gateways()) != 2 || changes == before {
+			t.Fatalf("fetch first %v: after fetching their certificates again: %v, %d gateways, %d changes", fetchFirst, got, len(ms.gateways()), changes-before)
+		}
 	}
 }
 
@@ -610,6 +619,7 @@ func TestMembershipForgetsEnded(t *testing.T) {
 	if got := known(); !slices.Equal(got, []string{"gw-alive", "gw-lasting"}) {
 		t.Fatalf("after gw-expiring's certificate expired: %v", got)
 	}
+	ms.setTrust(f.trust()) // a new CRL does not make it an impostor's
 	ms.refresh()
 	if err := ms.admit("gw-expiring", gossipAddr, adverts["gw-expiring"]); certs.ReasonOf(err) != certs.ReasonExpired {
 		t.Fatalf("an expired member's advert at the door: %v, want refused as expired", err)
