@@ -97,13 +97,27 @@ func (v *Vault) deleteBurstObjects(ctx context.Context, c *vault.Client, name st
 	return del(path.Join(v.cfg.PKIMount, "roles", name))
 }
 
+// burstClaimPath is the KV v2 secret that claims a burst site from the
+// moment it is opened until it is closed.
+func (v *Vault) burstClaimPath(site string) string { return path.Join(v.cfg.KVPrefix, "bursts", site) }
+
+// releaseBurst deletes a burst site's claim, every version of it, so the
+// site can be opened again.
+func (v *Vault) releaseBurst(ctx context.Context, c *vault.Client, site string) error {
+	if err := c.KVv2(v.cfg.KVMount).DeleteMetadata(ctx, v.burstClaimPath(site)); err != nil {
+		return fmt.Errorf("vault delete the claim %s/%s: %w", v.cfg.KVMount, v.burstClaimPath(site), err)
+	}
+	return nil
+}
+
 // OpenBurst creates the site's PKI role, policy and AppRole and returns a
-// wrapped SecretID per gateway. It refuses a site whose role exists
-// already (a burst of it open elsewhere, or the remains of one), and if
-// it fails half-way, it deletes what it created — never what it found.
-// The check is not a lock: two gateways opening the same site at the
-// same instant can both pass it, and the second's role then replaces the
-// first's.
+// wrapped SecretID per gateway. It first claims the site with a KV secret
+// created only if none exists (check-and-set 0), so that of two gateways
+// opening one site at the same instant one is refused, rather than the
+// second's role replacing the first's. It refuses too a site whose role
+// exists already (the remains of a burst opened before claims were
+// made), and if it fails half-way, it deletes what it created — never
+// what it found.
 func (v *Vault) OpenBurst(ctx context.Context, adminToken string, spec VaultBurstSpec) (vb *VaultBurst, err error) {
 	c, err := v.admin(adminToken)
 	if err != nil {
@@ -115,6 +129,21 @@ func (v *Vault) OpenBurst(ctx context.Context, adminToken string, spec VaultBurs
 	if ttl <= 0 {
 		return nil, errors.New("the burst has already ended")
 	}
+	claim := v.burstClaimPath(spec.Site)
+	if _, err := c.KVv2(v.cfg.KVMount).Put(ctx, claim, map[string]any{"expires": spec.Expires.UTC().Format(time.RFC3339)}, vault.WithCheckAndSet(0)); err != nil {
+		if isCASMismatch(err) {
+			return nil, fmt.Errorf("burst site %s is open, or being opened, from a gateway (Vault holds its claim %s/%s); run `skybridge burst down --site %s` on the gateway that opened it, or delete that secret if nothing else of the burst remains", spec.Site, v.cfg.KVMount, claim, spec.Site)
+		}
+		return nil, fmt.Errorf("vault claim burst site %s at %s/%s (the operator's token must be able to create and delete it): %w", spec.Site, v.cfg.KVMount, claim, err)
+	}
+	// From here on, a failure releases the claim (after the objects).
+	defer func() {
+		if err != nil {
+			if rerr := v.afterFailure(ctx, func(ctx context.Context) error { return v.releaseBurst(ctx, c, spec.Site) }); rerr != nil {
+				err = fmt.Errorf("%w (and releasing the claim: %v)", err, rerr)
+			}
+		}
+	}()
 	rolePath := path.Join(v.cfg.PKIMount, "roles", name)
 	if s, err := c.Logical().ReadWithContext(ctx, rolePath); err != nil {
 		return nil, fmt.Errorf("vault read %s: %w", rolePath, err)
@@ -197,30 +226,41 @@ func (v *Vault) OpenBurst(ctx context.Context, adminToken string, spec VaultBurs
 }
 
 // AbortBurst removes the Vault objects of a burst whose grant never
-// reached anyone (burst up failed after OpenBurst): no gateway can have
-// been certified under it, so there is nothing to revoke.
+// reached anyone (burst up failed after OpenBurst), and its claim: no
+// gateway can have been certified under it, so there is nothing to
+// revoke.
 func (v *Vault) AbortBurst(ctx context.Context, adminToken, site string) error {
 	c, err := v.admin(adminToken)
 	if err != nil {
 		return err
 	}
-	return v.abortBurst(ctx, c, v.BurstName(site))
+	if err := v.abortBurst(ctx, c, v.BurstName(site)); err != nil {
+		return err
+	}
+	return v.afterFailure(ctx, func(ctx context.Context) error { return v.releaseBurst(ctx, c, site) })
 }
 
 // abortBurst deletes a burst's role, policy and AppRole on behalf of a
-// request that failed: even if the caller has given up (cancelled), but
-// not for ever.
+// request that failed.
 func (v *Vault) abortBurst(ctx context.Context, c *vault.Client, name string) error {
+	return v.afterFailure(ctx, func(ctx context.Context) error { return v.deleteBurstObjects(ctx, c, name) })
+}
+
+// afterFailure runs a clean-up on behalf of a request that failed: even
+// if the caller has given up (cancelled), but not for ever.
+func (v *Vault) afterFailure(ctx context.Context, f func(context.Context) error) error {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
 	defer cancel()
-	return v.deleteBurstObjects(ctx, c, name)
+	return f(ctx)
 }
 
 // CloseBurst ends a burst site in Vault: it deletes the AppRole (its
 // SecretIDs with it), the policy and the PKI role first, so that nothing
 // can be issued for the site any more, then revokes every unexpired
-// certificate of the site (the CRL then reaches the mesh) and deletes its
-// gateways' WireGuard keys.
+// certificate of the site (the CRL then reaches the mesh), deletes its
+// gateways' WireGuard keys, and last releases the site's claim — not
+// before, or a burst of the same site opened meanwhile would have its
+// certificates revoked by this one.
 func (v *Vault) CloseBurst(ctx context.Context, adminToken, site string, nodes []string) (revoked []string, err error) {
 	c, err := v.admin(adminToken)
 	if err != nil {
@@ -280,7 +320,7 @@ func (v *Vault) CloseBurst(ctx context.Context, adminToken, site string, nodes [
 	if len(unread) > 0 {
 		return revoked, fmt.Errorf("%d certificates could not be read to see whether they are of site %s (run burst down again); the first: %w", len(unread), site, unread[0])
 	}
-	return revoked, nil
+	return revoked, v.releaseBurst(ctx, c, site)
 }
 
 // VaultJoin is the Vault half of a join token: where Vault is, how to log

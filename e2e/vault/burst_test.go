@@ -267,6 +267,9 @@ operator { listen = "off" }
 	if _, err := e.root.KVv2(e.kv).Get(ctx, "skybridge/nodes/burst-ams-gw1/wireguard"); !errors.Is(err, api.ErrSecretNotFound) {
 		t.Errorf("the burst gateway's WireGuard key is still in Vault: %v", err)
 	}
+	if _, err := e.root.KVv2(e.kv).Get(ctx, "skybridge/bursts/burst-ams"); !errors.Is(err, api.ErrSecretNotFound) {
+		t.Errorf("the site's claim is still in Vault after burst down: %v", err)
+	}
 	for _, p := range []string{e.pki + "/roles/" + name, "auth/" + e.approleMount + "/role/" + name, "sys/policy/" + name} {
 		if s, _ := e.root.Logical().Read(p); s != nil {
 			t.Errorf("%s still exists after burst down", p)
@@ -286,10 +289,12 @@ operator { listen = "off" }
 	})
 }
 
-// TestVaultBurstOpenAndAbort: opening a burst of a site whose Vault role
-// exists already is refused and leaves that role alone (it may be a live
-// burst opened from another gateway); aborting a burst whose grant never
-// went out removes its role, policy and AppRole.
+// TestVaultBurstOpenAndAbort: a burst site is claimed in Vault before
+// anything is created — a second opening of it is refused and leaves the
+// open burst alone, and of two gateways opening it at the same instant
+// exactly one succeeds; the remains of a burst without a claim are
+// refused too; aborting a burst whose grant never went out removes its
+// role, policy, AppRole and claim, so the site can be opened again.
 func TestVaultBurstOpenAndAbort(t *testing.T) {
 	e := startVault(t)
 	ctx := context.Background()
@@ -300,33 +305,94 @@ func TestVaultBurstOpenAndAbort(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	spec := certs.VaultBurstSpec{Site: "burst-x", Nodes: []certs.Attributes{attrs("burst-x-gw1", "burst-x", "100.96.9.1")},
-		Expires: time.Now().Add(time.Hour), TokenTTL: 10 * time.Minute}
-	spec.Nodes[0].Provider, spec.Nodes[0].Jurisdiction = "aws", "NL"
+	specOf := func(gw string) certs.VaultBurstSpec {
+		spec := certs.VaultBurstSpec{Site: "burst-x", Nodes: []certs.Attributes{attrs(gw, "burst-x", "100.96.9.1")},
+			Expires: time.Now().Add(time.Hour), TokenTTL: 10 * time.Minute}
+		spec.Nodes[0].Provider, spec.Nodes[0].Jurisdiction = "aws", "NL"
+		return spec
+	}
+	spec := specOf("burst-x-gw1")
 	if _, err := v.OpenBurst(ctx, e.root.Token(), spec); err != nil {
 		t.Fatal(err)
 	}
 	name := v.BurstName("burst-x")
-	exists := func() (role, policy, approle bool) {
+	exists := func() (role, policy, approle, claim bool) {
 		s, err := e.root.Logical().Read(e.pki + "/roles/" + name)
 		must(t, err)
 		p, err := e.root.Sys().GetPolicy(name)
 		must(t, err)
 		a, err := e.root.Logical().Read("auth/" + e.approleMount + "/role/" + name)
 		must(t, err)
-		return s != nil, p != "", a != nil
+		_, err = e.root.KVv2(e.kv).Get(ctx, "skybridge/bursts/burst-x")
+		if err != nil && !errors.Is(err, api.ErrSecretNotFound) {
+			t.Fatal(err)
+		}
+		return s != nil, p != "", a != nil, err == nil
 	}
-	if r, p, a := exists(); !r || !p || !a {
-		t.Fatalf("after OpenBurst: role %v, policy %v, AppRole %v", r, p, a)
+	if r, p, a, c := exists(); !r || !p || !a || !c {
+		t.Fatalf("after OpenBurst: role %v, policy %v, AppRole %v, claim %v", r, p, a, c)
 	}
-	if _, err := v.OpenBurst(ctx, e.root.Token(), spec); err == nil || !strings.Contains(err.Error(), "already has") {
+	if _, err := v.OpenBurst(ctx, e.root.Token(), spec); err == nil || !strings.Contains(err.Error(), "is open, or being opened") {
 		t.Fatalf("a second OpenBurst of the site: %v", err)
 	}
-	if r, p, a := exists(); !r || !p || !a {
-		t.Fatalf("the refused OpenBurst removed the open burst's objects: role %v, policy %v, AppRole %v", r, p, a)
+	if r, p, a, c := exists(); !r || !p || !a || !c {
+		t.Fatalf("the refused OpenBurst removed the open burst's objects: role %v, policy %v, AppRole %v, claim %v", r, p, a, c)
 	}
 	must(t, v.AbortBurst(ctx, e.root.Token(), "burst-x"))
-	if r, p, a := exists(); r || p || a {
-		t.Fatalf("after AbortBurst: role %v, policy %v, AppRole %v", r, p, a)
+	if r, p, a, c := exists(); r || p || a || c {
+		t.Fatalf("after AbortBurst: role %v, policy %v, AppRole %v, claim %v", r, p, a, c)
 	}
+
+	// Two gateways open the site at the same instant, three times over.
+	for round := range 3 {
+		specs := []certs.VaultBurstSpec{specOf("burst-x-gw1"), specOf("burst-x-gw2")}
+		errs := make([]error, len(specs))
+		start := make(chan struct{})
+		done := make(chan int)
+		for i := range specs {
+			go func() {
+				<-start
+				_, errs[i] = v.OpenBurst(ctx, e.root.Token(), specs[i])
+				done <- i
+			}()
+		}
+		close(start)
+		<-done
+		<-done
+		won := -1
+		for i, err := range errs {
+			switch {
+			case err == nil && won < 0:
+				won = i
+			case err == nil:
+				t.Fatalf("round %d: both openings of one site succeeded", round)
+			case !strings.Contains(err.Error(), "is open, or being opened"):
+				t.Fatalf("round %d: the losing opening: %v", round, err)
+			}
+		}
+		if won < 0 {
+			t.Fatalf("round %d: neither opening succeeded: %v", round, errs)
+		}
+		// The role is the winner's, not a mix.
+		s, err := e.root.Logical().Read(e.pki + "/roles/" + name)
+		must(t, err)
+		if got := fmt.Sprint(s.Data["allowed_uri_sans"]); !strings.Contains(got, specs[won].Nodes[0].Node+"?") || strings.Contains(got, specs[1-won].Nodes[0].Node+"?") {
+			t.Fatalf("round %d: %s won, but the role certifies %s", round, specs[won].Nodes[0].Node, got)
+		}
+		must(t, v.AbortBurst(ctx, e.root.Token(), "burst-x"))
+	}
+
+	// The remains of a burst opened before claims were made: refused, and
+	// the claim taken for the attempt is released.
+	if _, err := v.OpenBurst(ctx, e.root.Token(), spec); err != nil {
+		t.Fatal(err)
+	}
+	must(t, e.root.KVv2(e.kv).DeleteMetadata(ctx, "skybridge/bursts/burst-x"))
+	if _, err := v.OpenBurst(ctx, e.root.Token(), spec); err == nil || !strings.Contains(err.Error(), "already has") {
+		t.Fatalf("OpenBurst over an unclaimed burst's role: %v", err)
+	}
+	if r, p, a, c := exists(); !r || !p || !a || c {
+		t.Fatalf("after the refused OpenBurst over remains: role %v, policy %v, AppRole %v, claim %v (want the remains, no claim)", r, p, a, c)
+	}
+	must(t, v.AbortBurst(ctx, e.root.Token(), "burst-x"))
 }
