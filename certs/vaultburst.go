@@ -2,6 +2,8 @@ package certs
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"net/http"
@@ -33,6 +35,7 @@ type VaultBurstSpec struct {
 	Nodes    []Attributes // each gateway's attributes, as the enrolling gateway assigned them
 	Expires  time.Time    // when every identity of the site ends
 	TokenTTL time.Duration
+	OpenedBy string // the gateway opening it, named in the claim
 }
 
 // VaultBurst is what OpenBurst made: the AppRole's role ID and one wrapped
@@ -43,6 +46,10 @@ type VaultBurst struct {
 	RoleID           string
 	WrappedSecretIDs []string
 	AppRoleMount     string
+	// Claim identifies this opening's claim on the site: closing or
+	// aborting the burst touches the site only while the claim is
+	// still this one.
+	Claim string
 }
 
 // BurstName is the name of a burst site's PKI role, policy and AppRole.
@@ -110,6 +117,77 @@ func (v *Vault) releaseBurst(ctx context.Context, c *vault.Client, site string) 
 	return nil
 }
 
+// claimBurst claims a site for nonce: created only if no claim exists.
+func (v *Vault) claimBurst(ctx context.Context, c *vault.Client, site, nonce, by string, expires time.Time) error {
+	_, err := c.KVv2(v.cfg.KVMount).Put(ctx, v.burstClaimPath(site), map[string]any{
+		"nonce": nonce, "opened_by": by, "expires": expires.UTC().Format(time.RFC3339),
+	}, vault.WithCheckAndSet(0))
+	return err
+}
+
+// claimOf reads a site's claim: ok is false if there is none.
+func (v *Vault) claimOf(ctx context.Context, c *vault.Client, site string) (nonce, by string, ok bool, err error) {
+	s, err := c.KVv2(v.cfg.KVMount).Get(ctx, v.burstClaimPath(site))
+	if errors.Is(err, vault.ErrSecretNotFound) {
+		return "", "", false, nil
+	}
+	if err != nil {
+		return "", "", false, fmt.Errorf("vault read the claim %s/%s: %w", v.cfg.KVMount, v.burstClaimPath(site), err)
+	}
+	nonce, _ = s.Data["nonce"].(string)
+	by, _ = s.Data["opened_by"].(string)
+	return nonce, by, true, nil
+}
+
+// claimRefusal says who holds a site, and how to free it.
+func (v *Vault) claimRefusal(site, by string) error {
+	if by == "" {
+		by = "unknown"
+	}
+	return fmt.Errorf("burst site %s is open, or being opened, from gateway %s (Vault holds its claim %s/%s): run `skybridge burst down --site %s` there; if no gateway knows the burst any more, remove what is left of it by hand: `vault kv metadata delete %s/%s`, and the PKI role, policy and AppRole %s",
+		site, by, v.cfg.KVMount, v.burstClaimPath(site), site, v.cfg.KVMount, v.burstClaimPath(site), v.BurstName(site))
+}
+
+// holdBurst makes sure a site's Vault objects are this burst's (claim)
+// before any of them is deleted: after a burst ended and its site was
+// opened again from elsewhere, ending the old one must not tear down the
+// new. A site without a claim (a burst opened before claims were made,
+// or a close that stopped half-way) is claimed now, so nobody opens it
+// while it is torn down, with a claim a re-run recognises. Either way
+// the caller releases the claim when done.
+func (v *Vault) holdBurst(ctx context.Context, c *vault.Client, site, claim string) error {
+	if claim == "" {
+		claim = unclaimedClose
+	}
+	nonce, by, ok, err := v.claimOf(ctx, c, site)
+	if err != nil {
+		return err
+	}
+	if ok && nonce != claim {
+		return fmt.Errorf("%w; nothing of it was deleted", v.claimRefusal(site, by))
+	}
+	if ok {
+		return nil
+	}
+	if err := v.claimBurst(ctx, c, site, claim, "closing", time.Now()); err != nil {
+		if isCASMismatch(err) {
+			return fmt.Errorf("burst site %s was claimed while being closed; nothing of it was deleted", site)
+		}
+		return fmt.Errorf("vault claim burst site %s to close it: %w", site, err)
+	}
+	return nil
+}
+
+// unclaimedClose is the claim taken to close a burst opened before
+// claims were made.
+const unclaimedClose = "closing-unclaimed"
+
+func newClaimNonce() string {
+	b := make([]byte, 16)
+	rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
 // OpenBurst creates the site's PKI role, policy and AppRole and returns a
 // wrapped SecretID per gateway. It first claims the site with a KV secret
 // created only if none exists (check-and-set 0), so that of two gateways
@@ -129,12 +207,22 @@ func (v *Vault) OpenBurst(ctx context.Context, adminToken string, spec VaultBurs
 	if ttl <= 0 {
 		return nil, errors.New("the burst has already ended")
 	}
-	claim := v.burstClaimPath(spec.Site)
-	if _, err := c.KVv2(v.cfg.KVMount).Put(ctx, claim, map[string]any{"expires": spec.Expires.UTC().Format(time.RFC3339)}, vault.WithCheckAndSet(0)); err != nil {
+	nonce := newClaimNonce()
+	if err := v.claimBurst(ctx, c, spec.Site, nonce, spec.OpenedBy, spec.Expires); err != nil {
 		if isCASMismatch(err) {
-			return nil, fmt.Errorf("burst site %s is open, or being opened, from a gateway (Vault holds its claim %s/%s); run `skybridge burst down --site %s` on the gateway that opened it, or delete that secret if nothing else of the burst remains", spec.Site, v.cfg.KVMount, claim, spec.Site)
+			_, by, _, _ := v.claimOf(ctx, c, spec.Site)
+			return nil, v.claimRefusal(spec.Site, by)
 		}
-		return nil, fmt.Errorf("vault claim burst site %s at %s/%s (the operator's token must be able to create and delete it): %w", spec.Site, v.cfg.KVMount, claim, err)
+		// The claim may have been made and the answer lost (a
+		// cancelled call): if it is ours, it goes.
+		v.afterFailure(ctx, func(ctx context.Context) error {
+			if n, _, ok, err := v.claimOf(ctx, c, spec.Site); err == nil && ok && n == nonce {
+				return v.releaseBurst(ctx, c, spec.Site)
+			}
+			return nil
+		})
+		return nil, fmt.Errorf("vault claim burst site %s at %s/%s (the operator's token needs create and update on %s/data/%s and delete on %s/metadata/%s): %w",
+			spec.Site, v.cfg.KVMount, v.burstClaimPath(spec.Site), v.cfg.KVMount, v.burstClaimPath(spec.Site), v.cfg.KVMount, v.burstClaimPath(spec.Site), err)
 	}
 	// From here on, a failure releases the claim (after the objects).
 	defer func() {
@@ -203,7 +291,7 @@ func (v *Vault) OpenBurst(ctx context.Context, adminToken string, spec VaultBurs
 	if err != nil {
 		return nil, fmt.Errorf("vault read %s/role-id: %w", roleBase, err)
 	}
-	vb = &VaultBurst{Name: name, AppRoleMount: mount}
+	vb = &VaultBurst{Name: name, AppRoleMount: mount, Claim: nonce}
 	if s != nil {
 		vb.RoleID, _ = s.Data["role_id"].(string)
 	}
@@ -228,16 +316,21 @@ func (v *Vault) OpenBurst(ctx context.Context, adminToken string, spec VaultBurs
 // AbortBurst removes the Vault objects of a burst whose grant never
 // reached anyone (burst up failed after OpenBurst), and its claim: no
 // gateway can have been certified under it, so there is nothing to
-// revoke.
-func (v *Vault) AbortBurst(ctx context.Context, adminToken, site string) error {
+// revoke. claim is the opening's (VaultBurst.Claim).
+func (v *Vault) AbortBurst(ctx context.Context, adminToken, site, claim string) error {
 	c, err := v.admin(adminToken)
 	if err != nil {
 		return err
 	}
-	if err := v.abortBurst(ctx, c, v.BurstName(site)); err != nil {
-		return err
-	}
-	return v.afterFailure(ctx, func(ctx context.Context) error { return v.releaseBurst(ctx, c, site) })
+	return v.afterFailure(ctx, func(ctx context.Context) error {
+		if err := v.holdBurst(ctx, c, site, claim); err != nil {
+			return err
+		}
+		if err := v.deleteBurstObjects(ctx, c, v.BurstName(site)); err != nil {
+			return err
+		}
+		return v.releaseBurst(ctx, c, site)
+	})
 }
 
 // abortBurst deletes a burst's role, policy and AppRole on behalf of a
@@ -260,10 +353,15 @@ func (v *Vault) afterFailure(ctx context.Context, f func(context.Context) error)
 // certificate of the site (the CRL then reaches the mesh), deletes its
 // gateways' WireGuard keys, and last releases the site's claim — not
 // before, or a burst of the same site opened meanwhile would have its
-// certificates revoked by this one.
-func (v *Vault) CloseBurst(ctx context.Context, adminToken, site string, nodes []string) (revoked []string, err error) {
+// certificates revoked by this one. claim is the opening's
+// (VaultBurst.Claim; "" for a burst opened before claims were made): a
+// site claimed by another opening is left alone.
+func (v *Vault) CloseBurst(ctx context.Context, adminToken, site string, nodes []string, claim string) (revoked []string, err error) {
 	c, err := v.admin(adminToken)
 	if err != nil {
+		return nil, err
+	}
+	if err := v.holdBurst(ctx, c, site, claim); err != nil {
 		return nil, err
 	}
 	if err := v.deleteBurstObjects(ctx, c, v.BurstName(site)); err != nil {

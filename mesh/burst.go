@@ -114,6 +114,9 @@ type burstRecord struct {
 	// VaultCleaned once burst down removed the burst's Vault objects.
 	Vault        bool `json:"vault,omitempty"`
 	VaultCleaned bool `json:"vault_cleaned,omitempty"`
+	// VaultClaim is the burst's claim on its site in Vault: burst down
+	// touches the site only while Vault still holds this claim.
+	VaultClaim string `json:"vault_claim,omitempty"`
 	// CertsRevoked once the embedded CA revoked the certificates of an
 	// ended burst; until then `burst down` may try again.
 	CertsRevoked bool `json:"certs_revoked,omitempty"`
@@ -264,8 +267,21 @@ func (b *burstBook) due(now time.Time) []*burstRecord {
 // prune drops bursts that ended long ago.
 func (b *burstBook) prune(now time.Time) bool {
 	n := len(b.Bursts)
-	b.Bursts = slices.DeleteFunc(b.Bursts, func(r *burstRecord) bool { return r.Ended != nil && now.Sub(*r.Ended) > endedKept })
+	b.Bursts = slices.DeleteFunc(b.Bursts, func(r *burstRecord) bool {
+		// A Vault burst whose Vault objects were not removed is kept
+		// until `burst down` removes them (that takes an operator's
+		// token): until then its site cannot be opened again, and
+		// only this record lets burst down find it.
+		return r.Ended != nil && now.Sub(*r.Ended) > endedKept && (!r.Vault || r.VaultCleaned)
+	})
 	return len(b.Bursts) != n
+}
+
+// workLeft reports whether an ended burst still needs `burst down`: a
+// Vault burst whose Vault objects were not removed, or a burst whose
+// certificates could not be revoked.
+func (r *burstRecord) workLeft() bool {
+	return r.Vault && !r.VaultCleaned || !r.Vault && !r.CertsRevoked
 }
 
 // nodeName names the i-th gateway of a burst.

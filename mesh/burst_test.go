@@ -177,6 +177,18 @@ func TestBurstBook(t *testing.T) {
 	if !bk.prune(t0.Add(10*time.Minute+endedKept+time.Second)) || len(bk.Bursts) != 1 {
 		t.Fatalf("prune kept %d bursts", len(bk.Bursts))
 	}
+	// An ended Vault burst stays until burst down has removed its Vault
+	// objects, however long ago it ended.
+	vr := &burstRecord{BurstSite: BurstSite{Site: "burst-v"}, Vault: true}
+	vr.end("expired", t0)
+	bk.Bursts = append(bk.Bursts, vr)
+	if bk.prune(t0.Add(10*endedKept)) || len(bk.Bursts) != 2 {
+		t.Fatalf("an ended Vault burst with its Vault objects left was pruned: %d bursts", len(bk.Bursts))
+	}
+	vr.VaultCleaned = true
+	if !bk.prune(t0.Add(10*endedKept)) || len(bk.Bursts) != 1 {
+		t.Fatalf("an ended and cleaned Vault burst was kept: %d bursts", len(bk.Bursts))
+	}
 }
 
 // TestBurstLifecycle runs a CA-holding gateway and a static one, opens a

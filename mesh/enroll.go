@@ -324,12 +324,13 @@ func (g *Gateway) BurstUp(ctx context.Context, req BurstRequest) (_ *BurstGrant,
 		return nil, err
 	}
 	var toks []*certs.JoinToken
+	var claim string
 	if e.vault != nil {
 		grant.Endpoint = "vault"
-		if toks, err = g.vaultTokens(ctx, e, req, attrs, expires, tokExp); err != nil {
+		if toks, claim, err = g.vaultTokens(ctx, e, req, attrs, expires, tokExp); err != nil {
 			return nil, err
 		}
-		defer e.abortVaultBurst(ctx, req.VaultToken, attrs.Site, &err)
+		defer e.abortVaultBurst(ctx, req.VaultToken, attrs.Site, claim, &err)
 	} else {
 		grant.Endpoint = g.s.EnrollAdvertise.String()
 		for range req.Gateways {
@@ -343,9 +344,11 @@ func (g *Gateway) BurstUp(ctx context.Context, req BurstRequest) (_ *BurstGrant,
 	for _, t := range toks {
 		grant.Tokens = append(grant.Tokens, t.Encode())
 	}
-	if _, err := e.book.open(req, attrs, toks, now); err != nil {
+	r, err := e.book.open(req, attrs, toks, now)
+	if err != nil {
 		return nil, err
 	}
+	r.VaultClaim = claim
 	if err := g.state.saveBursts(e.book); err != nil {
 		e.book.Bursts = e.book.Bursts[:len(e.book.Bursts)-1]
 		return nil, fmt.Errorf("record burst: %w", err)
@@ -466,7 +469,7 @@ func (g *Gateway) BurstDown(ctx context.Context, site, vaultToken string) (*Burs
 		// objects were not removed (that takes an operator's token), or a
 		// burst whose certificates could not be revoked when it ended.
 		for _, b := range slices.Backward(e.book.Bursts) {
-			if b.Site == site && (b.Vault && e.vault != nil && !b.VaultCleaned || !b.Vault && !b.CertsRevoked) {
+			if b.Site == site && b.workLeft() && (!b.Vault || e.vault != nil) {
 				r = b
 				break
 			}
@@ -606,27 +609,27 @@ const trustRefresh = time.Minute
 
 // vaultTokens sets the burst up in Vault and makes a Vault join token per
 // gateway, each with its node name and overlay address decided here.
-func (g *Gateway) vaultTokens(ctx context.Context, e *enrollment, req BurstRequest, attrs certs.Attributes, expires, tokExp time.Time) (_ []*certs.JoinToken, err error) {
+func (g *Gateway) vaultTokens(ctx context.Context, e *enrollment, req BurstRequest, attrs certs.Attributes, expires, tokExp time.Time) (_ []*certs.JoinToken, claim string, err error) {
 	used := g.overlayIPsInUse(e)
 	nodes := make([]certs.Attributes, req.Gateways)
 	for i := range nodes {
 		ip, err := pickOverlayIP(g.trust.Load().MeshPrefix(), used)
 		if err != nil {
-			return nil, err
+			return nil, "", err
 		}
 		used[ip] = true
 		n := attrs
 		n.Node, n.OverlayIP = burstNodeName(attrs.Site, i), ip
 		nodes[i] = n
 	}
-	vb, err := e.vault.OpenBurst(ctx, req.VaultToken, certs.VaultBurstSpec{Site: attrs.Site, Nodes: nodes, Expires: expires, TokenTTL: tokExp.Sub(g.now())})
+	vb, err := e.vault.OpenBurst(ctx, req.VaultToken, certs.VaultBurstSpec{Site: attrs.Site, Nodes: nodes, Expires: expires, TokenTTL: tokExp.Sub(g.now()), OpenedBy: g.self.Load().node()})
 	if err != nil {
-		return nil, err
+		return nil, "", err
 	}
-	defer e.abortVaultBurst(ctx, req.VaultToken, attrs.Site, &err)
+	defer e.abortVaultBurst(ctx, req.VaultToken, attrs.Site, vb.Claim, &err)
 	common, err := e.vault.VaultJoinFor(vb)
 	if err != nil {
-		return nil, err
+		return nil, "", err
 	}
 	common.Seeds = g.seedsForNewcomer()
 	var toks []*certs.JoinToken
@@ -635,22 +638,22 @@ func (g *Gateway) vaultTokens(ctx context.Context, e *enrollment, req BurstReque
 		vj.WrappedSecretID, vj.Node = wrapped, nodes[i]
 		t, err := certs.NewVaultJoinToken(attrs.Site, &vj, tokExp)
 		if err != nil {
-			return nil, err
+			return nil, "", err
 		}
 		toks = append(toks, t)
 	}
-	return toks, nil
+	return toks, vb.Claim, nil
 }
 
 // abortVaultBurst removes, if *err is set, what Vault holds for a burst
 // that failed after OpenBurst and before it was recorded: nothing else
 // would remember to, and its grant has reached no one, so there is
 // nothing to revoke.
-func (e *enrollment) abortVaultBurst(ctx context.Context, vaultToken, site string, err *error) {
+func (e *enrollment) abortVaultBurst(ctx context.Context, vaultToken, site, claim string, err *error) {
 	if *err == nil {
 		return
 	}
-	if aerr := e.vault.AbortBurst(ctx, vaultToken, site); aerr != nil {
+	if aerr := e.vault.AbortBurst(ctx, vaultToken, site, claim); aerr != nil {
 		*err = fmt.Errorf("%w (and removing the burst from Vault: %v)", *err, aerr)
 	}
 }
@@ -664,7 +667,7 @@ func (g *Gateway) endVaultBurstLocked(ctx context.Context, r *burstRecord, vault
 	for _, t := range r.Tokens {
 		nodes = append(nodes, t.Node)
 	}
-	revoked, err := e.vault.CloseBurst(ctx, vaultToken, r.Site, nodes)
+	revoked, err := e.vault.CloseBurst(ctx, vaultToken, r.Site, nodes, r.VaultClaim)
 	if err != nil {
 		return revoked, err
 	}

@@ -290,11 +290,13 @@ operator { listen = "off" }
 }
 
 // TestVaultBurstOpenAndAbort: a burst site is claimed in Vault before
-// anything is created — a second opening of it is refused and leaves the
-// open burst alone, and of two gateways opening it at the same instant
-// exactly one succeeds; the remains of a burst without a claim are
-// refused too; aborting a burst whose grant never went out removes its
-// role, policy, AppRole and claim, so the site can be opened again.
+// anything is created — a second opening of it is refused, names the
+// gateway holding it and leaves the open burst alone, and of two gateways
+// opening it at the same instant exactly one succeeds; ending a burst
+// with another opening's claim deletes nothing; the remains of a burst
+// without a claim are refused, and can be ended; aborting a burst whose
+// grant never went out removes its role, policy, AppRole and claim, so
+// the site can be opened again.
 func TestVaultBurstOpenAndAbort(t *testing.T) {
 	e := startVault(t)
 	ctx := context.Background()
@@ -305,14 +307,15 @@ func TestVaultBurstOpenAndAbort(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	specOf := func(gw string) certs.VaultBurstSpec {
+	specOf := func(gw, by string) certs.VaultBurstSpec {
 		spec := certs.VaultBurstSpec{Site: "burst-x", Nodes: []certs.Attributes{attrs(gw, "burst-x", "100.96.9.1")},
-			Expires: time.Now().Add(time.Hour), TokenTTL: 10 * time.Minute}
+			Expires: time.Now().Add(time.Hour), TokenTTL: 10 * time.Minute, OpenedBy: by}
 		spec.Nodes[0].Provider, spec.Nodes[0].Jurisdiction = "aws", "NL"
 		return spec
 	}
-	spec := specOf("burst-x-gw1")
-	if _, err := v.OpenBurst(ctx, e.root.Token(), spec); err != nil {
+	spec := specOf("burst-x-gw1", "gw-zrh")
+	vb, err := v.OpenBurst(ctx, e.root.Token(), spec)
+	if err != nil {
 		t.Fatal(err)
 	}
 	name := v.BurstName("burst-x")
@@ -332,27 +335,35 @@ func TestVaultBurstOpenAndAbort(t *testing.T) {
 	if r, p, a, c := exists(); !r || !p || !a || !c {
 		t.Fatalf("after OpenBurst: role %v, policy %v, AppRole %v, claim %v", r, p, a, c)
 	}
-	if _, err := v.OpenBurst(ctx, e.root.Token(), spec); err == nil || !strings.Contains(err.Error(), "is open, or being opened") {
+	if _, err := v.OpenBurst(ctx, e.root.Token(), specOf("burst-x-gw1", "gw-fra")); err == nil || !strings.Contains(err.Error(), "is open, or being opened, from gateway gw-zrh") {
 		t.Fatalf("a second OpenBurst of the site: %v", err)
 	}
-	if r, p, a, c := exists(); !r || !p || !a || !c {
-		t.Fatalf("the refused OpenBurst removed the open burst's objects: role %v, policy %v, AppRole %v, claim %v", r, p, a, c)
+	// An ended burst of the site whose claim is not this one's.
+	if _, err := v.CloseBurst(ctx, e.root.Token(), "burst-x", []string{"burst-x-gw1"}, "another-opening"); err == nil || !strings.Contains(err.Error(), "nothing of it was deleted") {
+		t.Fatalf("CloseBurst with another opening's claim: %v", err)
 	}
-	must(t, v.AbortBurst(ctx, e.root.Token(), "burst-x"))
+	if err := v.AbortBurst(ctx, e.root.Token(), "burst-x", ""); err == nil || !strings.Contains(err.Error(), "nothing of it was deleted") {
+		t.Fatalf("AbortBurst without the claim: %v", err)
+	}
+	if r, p, a, c := exists(); !r || !p || !a || !c {
+		t.Fatalf("the refused OpenBurst, CloseBurst or AbortBurst removed the open burst's objects: role %v, policy %v, AppRole %v, claim %v", r, p, a, c)
+	}
+	must(t, v.AbortBurst(ctx, e.root.Token(), "burst-x", vb.Claim))
 	if r, p, a, c := exists(); r || p || a || c {
 		t.Fatalf("after AbortBurst: role %v, policy %v, AppRole %v, claim %v", r, p, a, c)
 	}
 
 	// Two gateways open the site at the same instant, three times over.
 	for round := range 3 {
-		specs := []certs.VaultBurstSpec{specOf("burst-x-gw1"), specOf("burst-x-gw2")}
+		specs := []certs.VaultBurstSpec{specOf("burst-x-gw1", "gw-a"), specOf("burst-x-gw2", "gw-b")}
 		errs := make([]error, len(specs))
+		vbs := make([]*certs.VaultBurst, len(specs))
 		start := make(chan struct{})
 		done := make(chan int)
 		for i := range specs {
 			go func() {
 				<-start
-				_, errs[i] = v.OpenBurst(ctx, e.root.Token(), specs[i])
+				vbs[i], errs[i] = v.OpenBurst(ctx, e.root.Token(), specs[i])
 				done <- i
 			}()
 		}
@@ -366,7 +377,7 @@ func TestVaultBurstOpenAndAbort(t *testing.T) {
 				won = i
 			case err == nil:
 				t.Fatalf("round %d: both openings of one site succeeded", round)
-			case !strings.Contains(err.Error(), "is open, or being opened"):
+			case !strings.Contains(err.Error(), "is open, or being opened, from gateway "+specs[1-i].OpenedBy):
 				t.Fatalf("round %d: the losing opening: %v", round, err)
 			}
 		}
@@ -379,11 +390,12 @@ func TestVaultBurstOpenAndAbort(t *testing.T) {
 		if got := fmt.Sprint(s.Data["allowed_uri_sans"]); !strings.Contains(got, specs[won].Nodes[0].Node+"?") || strings.Contains(got, specs[1-won].Nodes[0].Node+"?") {
 			t.Fatalf("round %d: %s won, but the role certifies %s", round, specs[won].Nodes[0].Node, got)
 		}
-		must(t, v.AbortBurst(ctx, e.root.Token(), "burst-x"))
+		must(t, v.AbortBurst(ctx, e.root.Token(), "burst-x", vbs[won].Claim))
 	}
 
 	// The remains of a burst opened before claims were made: refused, and
-	// the claim taken for the attempt is released.
+	// the claim taken for the attempt is released; ending them (a record
+	// without a claim) claims the site while it is torn down.
 	if _, err := v.OpenBurst(ctx, e.root.Token(), spec); err != nil {
 		t.Fatal(err)
 	}
@@ -394,5 +406,10 @@ func TestVaultBurstOpenAndAbort(t *testing.T) {
 	if r, p, a, c := exists(); !r || !p || !a || c {
 		t.Fatalf("after the refused OpenBurst over remains: role %v, policy %v, AppRole %v, claim %v (want the remains, no claim)", r, p, a, c)
 	}
-	must(t, v.AbortBurst(ctx, e.root.Token(), "burst-x"))
+	if _, err := v.CloseBurst(ctx, e.root.Token(), "burst-x", []string{"burst-x-gw1"}, ""); err != nil {
+		t.Fatalf("CloseBurst of an unclaimed burst: %v", err)
+	}
+	if r, p, a, c := exists(); r || p || a || c {
+		t.Fatalf("after CloseBurst of an unclaimed burst: role %v, policy %v, AppRole %v, claim %v", r, p, a, c)
+	}
 }
