@@ -35,7 +35,7 @@ type VaultBurstSpec struct {
 	Nodes    []Attributes // each gateway's attributes, as the enrolling gateway assigned them
 	Expires  time.Time    // when every identity of the site ends
 	TokenTTL time.Duration
-	OpenedBy string // the gateway opening it, named in the claim
+	OpenedBy string // the gateway opening it, named in its claim
 }
 
 // VaultBurst is what OpenBurst made: the AppRole's role ID and one wrapped
@@ -117,63 +117,127 @@ func (v *Vault) releaseBurst(ctx context.Context, c *vault.Client, site string) 
 	return nil
 }
 
-// claimBurst claims a site for nonce: created only if no claim exists.
-func (v *Vault) claimBurst(ctx context.Context, c *vault.Client, site, nonce, by string, expires time.Time) error {
-	_, err := c.KVv2(v.cfg.KVMount).Put(ctx, v.burstClaimPath(site), map[string]any{
-		"nonce": nonce, "opened_by": by, "expires": expires.UTC().Format(time.RFC3339),
-	}, vault.WithCheckAndSet(0))
-	return err
+// siteClaim is what a burst site's claim in Vault holds.
+type siteClaim struct {
+	Nonce   string // the opening's (VaultBurst.Claim), or unclaimedClose
+	Gateway string // the gateway that opened the burst, or is closing it
+	Closing bool   // taken to close a burst (one whose own claim is gone)
 }
 
-// claimOf reads a site's claim: ok is false if there is none.
-func (v *Vault) claimOf(ctx context.Context, c *vault.Client, site string) (nonce, by string, ok bool, err error) {
+// takeClaim claims a site: the claim is created only if none exists
+// (check-and-set 0). If another opening holds the site, other is its
+// claim. A claim found to be this one already counts as taken: the Vault
+// client retries a write whose answer was lost, and the retry finds the
+// first attempt's claim.
+func (v *Vault) takeClaim(ctx context.Context, c *vault.Client, site string, cl siteClaim, expires time.Time) (other *siteClaim, err error) {
+	_, err = c.KVv2(v.cfg.KVMount).Put(ctx, v.burstClaimPath(site), map[string]any{
+		"nonce": cl.Nonce, "gateway": cl.Gateway, "closing": cl.Closing, "expires": expires.UTC().Format(time.RFC3339),
+	}, vault.WithCheckAndSet(0))
+	if err == nil {
+		return nil, nil
+	}
+	if !isCASMismatch(err) {
+		return nil, v.claimError(site, err)
+	}
+	held, ok, err := v.claimOf(ctx, c, site)
+	if err != nil {
+		return nil, err
+	}
+	if ok && held.Nonce == cl.Nonce {
+		return nil, nil
+	}
+	return &held, nil
+}
+
+// claimOf reads a site's claim: ok is false if there is none. (A claim
+// deleted softly, with `vault kv delete`, reads as one with no fields:
+// it still blocks the site.)
+func (v *Vault) claimOf(ctx context.Context, c *vault.Client, site string) (cl siteClaim, ok bool, err error) {
 	s, err := c.KVv2(v.cfg.KVMount).Get(ctx, v.burstClaimPath(site))
 	if errors.Is(err, vault.ErrSecretNotFound) {
-		return "", "", false, nil
+		return siteClaim{}, false, nil
 	}
 	if err != nil {
-		return "", "", false, fmt.Errorf("vault read the claim %s/%s: %w", v.cfg.KVMount, v.burstClaimPath(site), err)
+		return siteClaim{}, false, v.claimError(site, err)
 	}
-	nonce, _ = s.Data["nonce"].(string)
-	by, _ = s.Data["opened_by"].(string)
-	return nonce, by, true, nil
+	cl.Nonce, _ = s.Data["nonce"].(string)
+	cl.Gateway, _ = s.Data["gateway"].(string)
+	cl.Closing, _ = s.Data["closing"].(bool)
+	return cl, true, nil
+}
+
+// releaseIfOurs releases a claim that a failed request may have made
+// after all (Vault can commit a write whose caller has gone): looked for
+// a few times, as the write may land after the failure was seen.
+func (v *Vault) releaseIfOurs(ctx context.Context, c *vault.Client, site, nonce string) error {
+	for try := range 3 {
+		cl, ok, err := v.claimOf(ctx, c, site)
+		switch {
+		case err != nil:
+			return err
+		case ok && cl.Nonce == nonce:
+			return v.releaseBurst(ctx, c, site)
+		case ok:
+			return nil // another's
+		}
+		if try < 2 {
+			select {
+			case <-ctx.Done():
+				return ctx.Err()
+			case <-time.After(500 * time.Millisecond):
+			}
+		}
+	}
+	return nil
+}
+
+// claimError explains a failure to read or write a site's claim.
+func (v *Vault) claimError(site string, err error) error {
+	return fmt.Errorf("vault claim of burst site %s at %s/%s (the operator's token needs create, read and update on %s/data/%s/* and delete on %s/metadata/%s/*): %w",
+		site, v.cfg.KVMount, v.burstClaimPath(site), v.cfg.KVMount, path.Dir(v.burstClaimPath(site)), v.cfg.KVMount, path.Dir(v.burstClaimPath(site)), err)
 }
 
 // claimRefusal says who holds a site, and how to free it.
-func (v *Vault) claimRefusal(site, by string) error {
+func (v *Vault) claimRefusal(site string, held siteClaim) error {
+	by := held.Gateway
 	if by == "" {
 		by = "unknown"
 	}
-	return fmt.Errorf("burst site %s is open, or being opened, from gateway %s (Vault holds its claim %s/%s): run `skybridge burst down --site %s` there; if no gateway knows the burst any more, remove what is left of it by hand: `vault kv metadata delete %s/%s`, and the PKI role, policy and AppRole %s",
-		site, by, v.cfg.KVMount, v.burstClaimPath(site), site, v.cfg.KVMount, v.burstClaimPath(site), v.BurstName(site))
+	what := "is open, or being opened, from gateway " + by
+	if held.Closing {
+		what = "is being closed by gateway " + by
+	}
+	return fmt.Errorf("burst site %s %s (Vault holds its claim %s/%s): run `skybridge burst down --site %s` there; if no gateway knows the burst any more, remove what is left of it by hand: `vault kv metadata delete %s/%s`, and the PKI role, policy and AppRole %s",
+		site, what, v.cfg.KVMount, v.burstClaimPath(site), site, v.cfg.KVMount, v.burstClaimPath(site), v.BurstName(site))
 }
 
 // holdBurst makes sure a site's Vault objects are this burst's (claim)
 // before any of them is deleted: after a burst ended and its site was
 // opened again from elsewhere, ending the old one must not tear down the
 // new. A site without a claim (a burst opened before claims were made,
-// or a close that stopped half-way) is claimed now, so nobody opens it
-// while it is torn down, with a claim a re-run recognises. Either way
-// the caller releases the claim when done.
-func (v *Vault) holdBurst(ctx context.Context, c *vault.Client, site, claim string) error {
+// or a close that stopped half-way) is claimed now by gateway by, so
+// nobody opens it while it is torn down, with a claim a re-run
+// recognises. Either way the caller releases the claim when done.
+func (v *Vault) holdBurst(ctx context.Context, c *vault.Client, site, claim, by string) error {
 	if claim == "" {
 		claim = unclaimedClose
 	}
-	nonce, by, ok, err := v.claimOf(ctx, c, site)
+	held, ok, err := v.claimOf(ctx, c, site)
 	if err != nil {
 		return err
 	}
-	if ok && nonce != claim {
-		return fmt.Errorf("%w; nothing of it was deleted", v.claimRefusal(site, by))
-	}
-	if ok {
-		return nil
-	}
-	if err := v.claimBurst(ctx, c, site, claim, "closing", time.Now()); err != nil {
-		if isCASMismatch(err) {
-			return fmt.Errorf("burst site %s was claimed while being closed; nothing of it was deleted", site)
+	if !ok {
+		other, err := v.takeClaim(ctx, c, site, siteClaim{Nonce: claim, Gateway: by, Closing: true}, time.Now())
+		if err != nil {
+			return err
 		}
-		return fmt.Errorf("vault claim burst site %s to close it: %w", site, err)
+		if other == nil {
+			return nil
+		}
+		held = *other
+	}
+	if held.Nonce != claim {
+		return fmt.Errorf("%w; nothing of it was deleted", v.claimRefusal(site, held))
 	}
 	return nil
 }
@@ -208,21 +272,17 @@ func (v *Vault) OpenBurst(ctx context.Context, adminToken string, spec VaultBurs
 		return nil, errors.New("the burst has already ended")
 	}
 	nonce := newClaimNonce()
-	if err := v.claimBurst(ctx, c, spec.Site, nonce, spec.OpenedBy, spec.Expires); err != nil {
-		if isCASMismatch(err) {
-			_, by, _, _ := v.claimOf(ctx, c, spec.Site)
-			return nil, v.claimRefusal(spec.Site, by)
+	other, err := v.takeClaim(ctx, c, spec.Site, siteClaim{Nonce: nonce, Gateway: spec.OpenedBy}, spec.Expires)
+	if err != nil {
+		// The claim may have been made all the same (a cancelled
+		// call): if it is ours, it goes.
+		if rerr := v.afterFailure(ctx, func(ctx context.Context) error { return v.releaseIfOurs(ctx, c, spec.Site, nonce) }); rerr != nil {
+			err = fmt.Errorf("%w (and looking for a claim left behind: %v)", err, rerr)
 		}
-		// The claim may have been made and the answer lost (a
-		// cancelled call): if it is ours, it goes.
-		v.afterFailure(ctx, func(ctx context.Context) error {
-			if n, _, ok, err := v.claimOf(ctx, c, spec.Site); err == nil && ok && n == nonce {
-				return v.releaseBurst(ctx, c, spec.Site)
-			}
-			return nil
-		})
-		return nil, fmt.Errorf("vault claim burst site %s at %s/%s (the operator's token needs create and update on %s/data/%s and delete on %s/metadata/%s): %w",
-			spec.Site, v.cfg.KVMount, v.burstClaimPath(spec.Site), v.cfg.KVMount, v.burstClaimPath(spec.Site), v.cfg.KVMount, v.burstClaimPath(spec.Site), err)
+		return nil, err
+	}
+	if other != nil {
+		return nil, v.claimRefusal(spec.Site, *other)
 	}
 	// From here on, a failure releases the claim (after the objects).
 	defer func() {
@@ -316,14 +376,15 @@ func (v *Vault) OpenBurst(ctx context.Context, adminToken string, spec VaultBurs
 // AbortBurst removes the Vault objects of a burst whose grant never
 // reached anyone (burst up failed after OpenBurst), and its claim: no
 // gateway can have been certified under it, so there is nothing to
-// revoke. claim is the opening's (VaultBurst.Claim).
-func (v *Vault) AbortBurst(ctx context.Context, adminToken, site, claim string) error {
+// revoke. claim is the opening's (VaultBurst.Claim); by is the gateway
+// aborting it.
+func (v *Vault) AbortBurst(ctx context.Context, adminToken, site, claim, by string) error {
 	c, err := v.admin(adminToken)
 	if err != nil {
 		return err
 	}
 	return v.afterFailure(ctx, func(ctx context.Context) error {
-		if err := v.holdBurst(ctx, c, site, claim); err != nil {
+		if err := v.holdBurst(ctx, c, site, claim, by); err != nil {
 			return err
 		}
 		if err := v.deleteBurstObjects(ctx, c, v.BurstName(site)); err != nil {
@@ -355,13 +416,14 @@ func (v *Vault) afterFailure(ctx context.Context, f func(context.Context) error)
 // before, or a burst of the same site opened meanwhile would have its
 // certificates revoked by this one. claim is the opening's
 // (VaultBurst.Claim; "" for a burst opened before claims were made): a
-// site claimed by another opening is left alone.
-func (v *Vault) CloseBurst(ctx context.Context, adminToken, site string, nodes []string, claim string) (revoked []string, err error) {
+// site claimed by another opening is left alone. by is the gateway
+// closing it.
+func (v *Vault) CloseBurst(ctx context.Context, adminToken, site string, nodes []string, claim, by string) (revoked []string, err error) {
 	c, err := v.admin(adminToken)
 	if err != nil {
 		return nil, err
 	}
-	if err := v.holdBurst(ctx, c, site, claim); err != nil {
+	if err := v.holdBurst(ctx, c, site, claim, by); err != nil {
 		return nil, err
 	}
 	if err := v.deleteBurstObjects(ctx, c, v.BurstName(site)); err != nil {

@@ -330,7 +330,7 @@ func (g *Gateway) BurstUp(ctx context.Context, req BurstRequest) (_ *BurstGrant,
 		if toks, claim, err = g.vaultTokens(ctx, e, req, attrs, expires, tokExp); err != nil {
 			return nil, err
 		}
-		defer e.abortVaultBurst(ctx, req.VaultToken, attrs.Site, claim, &err)
+		defer e.abortVaultBurst(ctx, req.VaultToken, attrs.Site, claim, g.self.Load().node(), &err)
 	} else {
 		grant.Endpoint = g.s.EnrollAdvertise.String()
 		for range req.Gateways {
@@ -476,6 +476,11 @@ func (g *Gateway) BurstDown(ctx context.Context, site, vaultToken string) (*Burs
 		}
 	}
 	if r == nil {
+		for _, b := range e.book.Bursts {
+			if b.Site == site && b.Vault && !b.VaultCleaned && e.vault == nil {
+				return nil, fmt.Errorf("burst site %s was opened with Vault, and its Vault objects remain, but this gateway is not Vault-backed now: run burst down here with its Vault identity back, or remove them by hand (the KV claim %s, the PKI role, policy and AppRole of the burst)", site, "<prefix>/bursts/"+site)
+			}
+		}
 		var open []string
 		for _, r := range e.book.Bursts {
 			if r.Ended == nil {
@@ -626,7 +631,7 @@ func (g *Gateway) vaultTokens(ctx context.Context, e *enrollment, req BurstReque
 	if err != nil {
 		return nil, "", err
 	}
-	defer e.abortVaultBurst(ctx, req.VaultToken, attrs.Site, vb.Claim, &err)
+	defer e.abortVaultBurst(ctx, req.VaultToken, attrs.Site, vb.Claim, g.self.Load().node(), &err)
 	common, err := e.vault.VaultJoinFor(vb)
 	if err != nil {
 		return nil, "", err
@@ -649,11 +654,11 @@ func (g *Gateway) vaultTokens(ctx context.Context, e *enrollment, req BurstReque
 // that failed after OpenBurst and before it was recorded: nothing else
 // would remember to, and its grant has reached no one, so there is
 // nothing to revoke.
-func (e *enrollment) abortVaultBurst(ctx context.Context, vaultToken, site, claim string, err *error) {
+func (e *enrollment) abortVaultBurst(ctx context.Context, vaultToken, site, claim, by string, err *error) {
 	if *err == nil {
 		return
 	}
-	if aerr := e.vault.AbortBurst(ctx, vaultToken, site, claim); aerr != nil {
+	if aerr := e.vault.AbortBurst(ctx, vaultToken, site, claim, by); aerr != nil {
 		*err = fmt.Errorf("%w (and removing the burst from Vault: %v)", *err, aerr)
 	}
 }
@@ -667,7 +672,7 @@ func (g *Gateway) endVaultBurstLocked(ctx context.Context, r *burstRecord, vault
 	for _, t := range r.Tokens {
 		nodes = append(nodes, t.Node)
 	}
-	revoked, err := e.vault.CloseBurst(ctx, vaultToken, r.Site, nodes, r.VaultClaim)
+	revoked, err := e.vault.CloseBurst(ctx, vaultToken, r.Site, nodes, r.VaultClaim, g.self.Load().node())
 	if err != nil {
 		return revoked, err
 	}

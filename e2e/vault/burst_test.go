@@ -339,16 +339,16 @@ func TestVaultBurstOpenAndAbort(t *testing.T) {
 		t.Fatalf("a second OpenBurst of the site: %v", err)
 	}
 	// An ended burst of the site whose claim is not this one's.
-	if _, err := v.CloseBurst(ctx, e.root.Token(), "burst-x", []string{"burst-x-gw1"}, "another-opening"); err == nil || !strings.Contains(err.Error(), "nothing of it was deleted") {
+	if _, err := v.CloseBurst(ctx, e.root.Token(), "burst-x", []string{"burst-x-gw1"}, "another-opening", "gw-old"); err == nil || !strings.Contains(err.Error(), "nothing of it was deleted") {
 		t.Fatalf("CloseBurst with another opening's claim: %v", err)
 	}
-	if err := v.AbortBurst(ctx, e.root.Token(), "burst-x", ""); err == nil || !strings.Contains(err.Error(), "nothing of it was deleted") {
+	if err := v.AbortBurst(ctx, e.root.Token(), "burst-x", "", "gw-zrh"); err == nil || !strings.Contains(err.Error(), "nothing of it was deleted") {
 		t.Fatalf("AbortBurst without the claim: %v", err)
 	}
 	if r, p, a, c := exists(); !r || !p || !a || !c {
 		t.Fatalf("the refused OpenBurst, CloseBurst or AbortBurst removed the open burst's objects: role %v, policy %v, AppRole %v, claim %v", r, p, a, c)
 	}
-	must(t, v.AbortBurst(ctx, e.root.Token(), "burst-x", vb.Claim))
+	must(t, v.AbortBurst(ctx, e.root.Token(), "burst-x", vb.Claim, "gw-zrh"))
 	if r, p, a, c := exists(); r || p || a || c {
 		t.Fatalf("after AbortBurst: role %v, policy %v, AppRole %v, claim %v", r, p, a, c)
 	}
@@ -390,7 +390,7 @@ func TestVaultBurstOpenAndAbort(t *testing.T) {
 		if got := fmt.Sprint(s.Data["allowed_uri_sans"]); !strings.Contains(got, specs[won].Nodes[0].Node+"?") || strings.Contains(got, specs[1-won].Nodes[0].Node+"?") {
 			t.Fatalf("round %d: %s won, but the role certifies %s", round, specs[won].Nodes[0].Node, got)
 		}
-		must(t, v.AbortBurst(ctx, e.root.Token(), "burst-x", vbs[won].Claim))
+		must(t, v.AbortBurst(ctx, e.root.Token(), "burst-x", vbs[won].Claim, specs[won].OpenedBy))
 	}
 
 	// The remains of a burst opened before claims were made: refused, and
@@ -406,8 +406,16 @@ func TestVaultBurstOpenAndAbort(t *testing.T) {
 	if r, p, a, c := exists(); !r || !p || !a || c {
 		t.Fatalf("after the refused OpenBurst over remains: role %v, policy %v, AppRole %v, claim %v (want the remains, no claim)", r, p, a, c)
 	}
-	if _, err := v.CloseBurst(ctx, e.root.Token(), "burst-x", []string{"burst-x-gw1"}, ""); err != nil {
-		t.Fatalf("CloseBurst of an unclaimed burst: %v", err)
+	// Claimed while it is closed, by the closing gateway: an opening
+	// meanwhile is told so.
+	if _, err := e.root.KVv2(e.kv).Put(ctx, "skybridge/bursts/burst-x", map[string]any{"nonce": "closing-unclaimed", "gateway": "gw-closer", "closing": true}, api.WithCheckAndSet(0)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := v.OpenBurst(ctx, e.root.Token(), spec); err == nil || !strings.Contains(err.Error(), "is being closed by gateway gw-closer") {
+		t.Fatalf("OpenBurst of a site being closed: %v", err)
+	}
+	if _, err := v.CloseBurst(ctx, e.root.Token(), "burst-x", []string{"burst-x-gw1"}, "", "gw-closer"); err != nil {
+		t.Fatalf("CloseBurst of an unclaimed burst (a re-run, after one that stopped half-way): %v", err)
 	}
 	if r, p, a, c := exists(); r || p || a || c {
 		t.Fatalf("after CloseBurst of an unclaimed burst: role %v, policy %v, AppRole %v, claim %v", r, p, a, c)
