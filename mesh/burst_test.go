@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/skybridge-mesh/skybridge/certs"
+	"github.com/skybridge-mesh/skybridge/internal/syncbuf"
 )
 
 // amsSite is the burst site the tests open.
@@ -200,7 +201,7 @@ func TestBurstBook(t *testing.T) {
 // voids the unused token.
 func TestBurstLifecycle(t *testing.T) {
 	dir := t.TempDir()
-	logs := &lockedWriter{}
+	logs := &syncbuf.Buffer{}
 	port := 24000 + os.Getpid()%6000
 	ca, err := certs.InitCA(filepath.Join(dir, "ca"), certs.InitOptions{MeshPrefix: netip.MustParsePrefix("100.64.0.0/10")})
 	if err != nil {

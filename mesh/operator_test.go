@@ -15,12 +15,12 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/skybridge-mesh/skybridge/certs"
 	"github.com/skybridge-mesh/skybridge/internal/scrape"
+	"github.com/skybridge-mesh/skybridge/internal/syncbuf"
 )
 
 // liveGateway is an in-process gateway with real gossip on loopback, a
@@ -124,13 +124,13 @@ type liveMesh struct {
 	ca   *certs.CA
 	dir  string
 	port int // next loopback port to try
-	logs *lockedWriter
+	logs *syncbuf.Buffer
 	gws  [3]*liveGateway
 }
 
 func startLiveMesh(t *testing.T) *liveMesh {
 	t.Helper()
-	m := &liveMesh{dir: t.TempDir(), logs: &lockedWriter{}, port: 22000 + os.Getpid()%8000}
+	m := &liveMesh{dir: t.TempDir(), logs: &syncbuf.Buffer{}, port: 22000 + os.Getpid()%8000}
 	var err error
 	m.ca, err = certs.InitCA(filepath.Join(m.dir, "ca"), certs.InitOptions{MeshPrefix: netip.MustParsePrefix("100.64.0.0/10")})
 	if err != nil {
@@ -368,21 +368,4 @@ func TestOperatorEndpoint(t *testing.T) {
 	if !refusalLogged {
 		t.Error("op0 did not log the impostor's refusal with peer and reason")
 	}
-}
-
-type lockedWriter struct {
-	mu sync.Mutex
-	w  strings.Builder
-}
-
-func (l *lockedWriter) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.w.Write(p)
-}
-
-func (l *lockedWriter) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.w.String()
 }

@@ -13,13 +13,13 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/skybridge-mesh/skybridge/certs"
 	"github.com/skybridge-mesh/skybridge/internal/audit"
+	"github.com/skybridge-mesh/skybridge/internal/syncbuf"
 	"github.com/skybridge-mesh/skybridge/policy"
 )
 
@@ -61,25 +61,7 @@ type pair struct {
 	store      string
 	sendAudit  *audit.Log
 	recvAudit  *audit.Log
-	recvLog    logBuffer // what the receiving gateway logged
-}
-
-// logBuffer collects log output from concurrent goroutines.
-type logBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *logBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *logBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
+	recvLog    syncbuf.Buffer // what the receiving gateway logged
 }
 
 func newPair(t testing.TB, toJur string) *pair {
