@@ -2,7 +2,6 @@ package e2e
 
 import (
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -11,6 +10,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/skybridge-mesh/skybridge/internal/freeport"
 )
 
 // TestNetstackMeshUnprivileged runs three gateways in netstack mode on
@@ -29,7 +30,10 @@ func TestNetstackMeshUnprivileged(t *testing.T) {
 	// Ports the kernel hands out as free, not a fixed range: the unit
 	// tests of other packages run at the same time and probe ports
 	// from 20000 up.
-	ports := freeLoopbackPorts(t, 6)
+	ports, err := freeport.Loopback(6)
+	if err != nil {
+		t.Fatal(err)
+	}
 	gossip, wg := ports[:3], ports[3:]
 	var cmds []*exec.Cmd
 	var sockets []string
@@ -205,30 +209,4 @@ type netstackStatus struct {
 		Peer      bool   `json:"peer"`
 		Handshake string `json:"last_handshake"`
 	} `json:"members"`
-}
-
-// freeLoopbackPorts returns n distinct loopback ports that are free for
-// both UDP and TCP, as the kernel picks free ports (outside the ranges
-// the unit tests probe).
-func freeLoopbackPorts(t *testing.T, n int) []int {
-	var out []int
-	for range 100 * n {
-		if len(out) == n {
-			return out
-		}
-		u, err := net.ListenPacket("udp4", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		p := u.LocalAddr().(*net.UDPAddr).Port
-		l, err := net.Listen("tcp4", fmt.Sprintf("127.0.0.1:%d", p))
-		u.Close()
-		if err != nil || slices.Contains(out, p) {
-			continue
-		}
-		l.Close()
-		out = append(out, p)
-	}
-	t.Fatalf("no %d free loopback ports", n)
-	return nil
 }

@@ -15,7 +15,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -30,6 +29,7 @@ import (
 	"github.com/skybridge-mesh/skybridge/docs/examples"
 	"github.com/skybridge-mesh/skybridge/internal/atomicfile"
 	"github.com/skybridge-mesh/skybridge/internal/audit"
+	"github.com/skybridge-mesh/skybridge/internal/freeport"
 	"github.com/skybridge-mesh/skybridge/internal/progress"
 	"github.com/skybridge-mesh/skybridge/mesh"
 	"github.com/skybridge-mesh/skybridge/migrate"
@@ -307,16 +307,16 @@ func (r *run) startSites(ctx context.Context) error {
 			gossip[s.Short] = netip.AddrPortFrom(netip.AddrFrom4([4]byte{192, 0, 2, s.Host}), 7946)
 			wgPort[s.Short] = 51820
 		}
-	} else {
-		for _, s := range r.sites {
-			p, err := freePort()
-			if err != nil {
-				return err
-			}
-			gossip[s.Short] = netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(p))
-			if wgPort[s.Short], err = freePort(); err != nil {
-				return err
-			}
+	}
+	var ports []int // gossip and WireGuard per site, then the enrolment listener
+	if r.mode != ModeNetns {
+		var err error
+		if ports, err = freeport.Loopback(2*len(r.sites) + 1); err != nil {
+			return err
+		}
+		for i, s := range r.sites {
+			gossip[s.Short] = netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(ports[2*i]))
+			wgPort[s.Short] = ports[2*i+1]
 		}
 	}
 	seeds := fmt.Sprintf("[%q, %q]", gossip["zrh"].String(), gossip["fra"].String())
@@ -337,11 +337,7 @@ func (r *run) startSites(ctx context.Context) error {
 		if s == r.sites[0] {
 			enroll := ""
 			if r.mode == ModeNetstack {
-				p, err := freePort()
-				if err != nil {
-					return err
-				}
-				enroll = fmt.Sprintf("enroll {\n  listen = \"127.0.0.1:%d\"\n}\n", p)
+				enroll = fmt.Sprintf("enroll {\n  listen = \"127.0.0.1:%d\"\n}\n", ports[2*len(r.sites)])
 			}
 			identity = fmt.Sprintf("identity {\n  dir    = %q\n  ca_dir = %q\n}\n%s", filepath.Join(s.Dir, "identity"), r.ca.Dir(), enroll)
 		}
@@ -449,22 +445,6 @@ func (r *run) netns() error {
 		}
 	}
 	return nil
-}
-
-func freePort() (int, error) {
-	for range 50 {
-		l, err := net.ListenPacket("udp4", "127.0.0.1:0")
-		if err != nil {
-			return 0, err
-		}
-		p := l.LocalAddr().(*net.UDPAddr).Port
-		l.Close()
-		if t, err := net.Listen("tcp4", fmt.Sprintf("127.0.0.1:%d", p)); err == nil {
-			t.Close()
-			return p, nil
-		}
-	}
-	return 0, errors.New("no free loopback port")
 }
 
 // converge waits until every gateway has a verified tunnel with a
