@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -42,12 +43,8 @@ func TestBenchMigrateVsRsync(t *testing.T) {
 			if err != nil {
 				return false, err.Error()
 			}
-			for _, m := range st.Members {
-				if m.Node == "gw-2" && m.Peer {
-					return true, ""
-				}
-			}
-			return false, "no peer"
+			p := st.peers()
+			return slices.Contains(p, "gw-2"), fmt.Sprintf("peers %v", p)
 		})
 	}
 	waitTunnel()

@@ -80,7 +80,10 @@ func TestScaleConvergence(t *testing.T) {
 const (
 	joinBudget = time.Minute
 	waitBudget = 90 * time.Second
-	settle     = 10 * time.Second
+	// settle is how long the joins' gossip is left to die down after
+	// convergence; steadyWindow is how long steady state is then measured.
+	settle       = 10 * time.Second
+	steadyWindow = 10 * time.Second
 )
 
 type scaleResult struct {
@@ -362,11 +365,11 @@ func runScale(t *testing.T, n int) scaleResult {
 	// debug runs describes one that is not.
 	done := func(exclude wgtypes.Key, skip int) func(bool) int {
 		return func(describe bool) int {
-			n := 0
+			count := 0
 			var inc *simGateway
 			for i, s := range sims {
 				if i == skip || complete(s, exclude) {
-					n++
+					count++
 				} else {
 					inc = s
 				}
@@ -388,7 +391,7 @@ func runScale(t *testing.T, n int) scaleResult {
 				}
 				t.Logf("%s sees %v, memberlist %d (missing %v), peers %d", inc.g.s.Node.Name, states, inc.g.ml.NumMembers(), missing, len(inc.dev.Peers()))
 			}
-			return n
+			return count
 		}
 	}
 	r.joins = lastJoin.Sub(joinStart)
@@ -548,7 +551,7 @@ func (r *scaleResult) measureSteady(n int, gossipBytes *atomic.Int64) {
 	runtime.ReadMemStats(&ms)
 	r.heap = ms.HeapInuse / uint64(n)
 	cpu0, bytes0, t0 := processCPU(), gossipBytes.Load(), time.Now()
-	time.Sleep(10 * time.Second)
+	time.Sleep(steadyWindow)
 	el := time.Since(t0).Seconds()
 	r.cpuPct = 100 * (processCPU() - cpu0) / el / float64(n)
 	r.gossipBps = float64(gossipBytes.Load()-bytes0) / el / float64(n)

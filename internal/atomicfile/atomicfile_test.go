@@ -73,8 +73,10 @@ func TestJSON(t *testing.T) {
 	if err := WriteJSON(path, map[string]int{"a": 1}, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if st, err := os.Stat(path); err != nil || st.Mode().Perm() != 0o600 {
-		t.Fatalf("mode %v, %v", st.Mode(), err)
+	if st, err := os.Stat(path); err != nil {
+		t.Fatal(err)
+	} else if st.Mode().Perm() != 0o600 {
+		t.Fatalf("mode %v, want 0600", st.Mode())
 	}
 	if found, err := ReadJSON(path, &got); !found || err != nil || got["a"] != 1 {
 		t.Fatalf("round trip: %v %v %v", found, err, got)
