@@ -110,17 +110,16 @@ func (ms *membership) admit(name string, gossip netip.AddrPort, meta []byte) err
 	}
 	ms.mu.Lock()
 	defer ms.mu.Unlock()
-	err := ms.admitLocked(name, meta)
+	sa, err := ms.admitLocked(name, meta)
 	if err == nil {
 		delete(ms.refusedMsg, name)
 		return nil
 	}
 	m, news := ms.members[name], false
-	if m == nil && ms.strangers < maxStrangers && !ms.formerMemberLocked(meta, err) {
+	if m == nil && ms.strangers < maxStrangers && !ms.formerMemberLocked(sa, err) {
 		// Not alive: it is not in memberlist, and is forgotten
 		// refusedKept from now unless it is admitted later.
-		m = &member{name: name, gossip: gossip, meta: append([]byte(nil), meta...), state: StateRefused, reason: err.Error(), changed: ms.now(), stranger: true}
-		m.advert, _ = certs.DecodeAdvert(meta)
+		m = &member{name: name, gossip: gossip, meta: append([]byte(nil), meta...), advert: sa, state: StateRefused, reason: err.Error(), changed: ms.now(), stranger: true}
 		ms.members[name] = m
 		ms.strangers++
 		news = true
@@ -148,13 +147,12 @@ func (ms *membership) admit(name string, gossip netip.AddrPort, meta []byte) err
 // before the chain, so an expired certificate counts as the mesh's only
 // if it was verified when it was learned (an impostor's expired one is
 // listed).
-func (ms *membership) formerMemberLocked(meta []byte, err error) bool {
+func (ms *membership) formerMemberLocked(sa *certs.SignedAdvert, err error) bool {
 	switch certs.ReasonOf(err) {
 	case certs.ReasonRevoked:
 		return true
 	case certs.ReasonExpired:
-		sa, derr := certs.DecodeAdvert(meta)
-		return derr == nil && ms.certs[sa.CertHash] != nil
+		return sa != nil && ms.certs[sa.CertHash] != nil
 	}
 	return false
 }
@@ -202,23 +200,26 @@ func (ms *membership) dropLocked(name string) {
 	delete(ms.refusedMsg, name)
 }
 
-func (ms *membership) admitLocked(name string, meta []byte) error {
+// admitLocked is admit's judgement. It returns the advert it decoded, if
+// it got that far (nil for one already verified), so that a refusal need
+// not decode it again.
+func (ms *membership) admitLocked(name string, meta []byte) (*certs.SignedAdvert, error) {
 	if m := ms.members[name]; m != nil && m.state == StateVerified && bytes.Equal(m.meta, meta) {
-		return nil // the advert we verified, gossiped again
+		return nil, nil // the advert we verified, gossiped again
 	}
 	sa, err := certs.DecodeAdvert(meta)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	if sa.Node != name {
-		return &certs.VerifyError{Reason: certs.ReasonAttributeMismatch, Detail: fmt.Sprintf("gossip name %q differs from advert node %q", name, sa.Node)}
+		return sa, &certs.VerifyError{Reason: certs.ReasonAttributeMismatch, Detail: fmt.Sprintf("gossip name %q differs from advert node %q", name, sa.Node)}
 	}
 	if err := ms.refusedLocked(sa.CertHash); err != nil {
-		return err
+		return sa, err
 	}
 	cert := ms.certs[sa.CertHash]
 	if cert == nil {
-		return nil // pending
+		return sa, nil // pending
 	}
 	var last *certs.Seen
 	if m := ms.members[name]; m != nil {
@@ -226,19 +227,19 @@ func (ms *membership) admitLocked(name string, meta []byte) error {
 	}
 	v, err := ms.cache.VerifyAdvert(meta, cert, ms.trust, ms.now(), last)
 	if err != nil {
-		return err
+		return sa, err
 	}
 	if m := ms.members[name]; m != nil && m.state == StateVerified && sameClaims(m.verified, v) {
-		return nil // holds these claims already; nothing new to contest
+		return sa, nil // holds these claims already; nothing new to contest
 	}
 	for _, o := range ms.members {
 		if o.name != name && o.state == StateVerified {
 			if why := conflict(o.verified, v); why != "" && wins(o.verified, o.name, v, name) {
-				return &conflictError{fmt.Sprintf("%s already held by %s", why, o.name)}
+				return sa, &conflictError{fmt.Sprintf("%s already held by %s", why, o.name)}
 			}
 		}
 	}
-	return nil
+	return sa, nil
 }
 
 // conflictLocked refuses a verified advert that claims an overlay IP, or a
@@ -334,7 +335,7 @@ func (ms *membership) update(name string, gossip netip.AddrPort, meta []byte) (n
 	}
 	prev, prevGossip, prevMeta := m.state, m.gossip, m.meta
 	m.gossip, m.meta, m.alive, m.remembered = gossip, append([]byte(nil), meta...), true, false
-	needCert = ms.judgeLocked(m, m.state)
+	needCert = ms.judgeLocked(m)
 	// Only what a plan is made of counts as a change — a verified member
 	// coming, going or changing: every newcomer is announced (pending)
 	// before its certificate arrives, and each change makes every gateway
@@ -349,9 +350,10 @@ func (ms *membership) update(name string, gossip netip.AddrPort, meta []byte) (n
 }
 
 // judgeLocked (re)derives a member's state from its meta, the known
-// certificates and the trust bundle; prev is its state before (news is a
-// state that differs from it).
-func (ms *membership) judgeLocked(m *member, prev MemberState) (needCert bool) {
+// certificates and the trust bundle; news is a state that differs from
+// the one it had.
+func (ms *membership) judgeLocked(m *member) (needCert bool) {
+	prev := m.state
 	defer func() {
 		if m.state != prev {
 			m.changed = ms.now()
@@ -422,7 +424,7 @@ func (ms *membership) leave(name string) {
 	ms.mu.Lock()
 	if m := ms.members[name]; m != nil {
 		m.alive, m.remembered = false, false
-		ms.judgeLocked(m, m.state)
+		ms.judgeLocked(m)
 		m.left = !m.leavingAt.IsZero() && ms.now().Sub(m.leavingAt) < leavingMatches
 		if m.state == StateDead {
 			m.reason = "declared dead"
@@ -470,7 +472,7 @@ func (ms *membership) addCert(der []byte) error {
 	err := ms.learnCertLocked(sum, der)
 	for _, m := range ms.members {
 		if m.advert != nil && m.advert.CertHash == sum {
-			ms.judgeLocked(m, m.state)
+			ms.judgeLocked(m)
 		}
 	}
 	ms.mu.Unlock()
@@ -562,7 +564,7 @@ func (ms *membership) pruneCertsLocked(force bool) {
 			ms.dropLocked(name)
 			continue
 		}
-		ms.judgeLocked(m, m.state) // pending: its certificate is fetched again
+		ms.judgeLocked(m) // pending: its certificate is fetched again
 	}
 }
 
@@ -585,7 +587,7 @@ func (ms *membership) addCerts(ders [][]byte) {
 	if len(added) > 0 {
 		for _, m := range ms.members {
 			if m.advert != nil && added[m.advert.CertHash] {
-				ms.judgeLocked(m, m.state)
+				ms.judgeLocked(m)
 			}
 		}
 	}
@@ -710,9 +712,11 @@ func (ms *membership) rejudgeLocked() (changed bool) {
 	slices.SortFunc(all, func(a, b *member) int { return cmp.Compare(a.name, b.name) })
 	for _, m := range all {
 		p := prev[m]
-		// Judged against its state before clearing: the same state again
-		// is not news (a refusal counted and logged every pass).
-		ms.judgeLocked(m, p.state)
+		// Judged against its state before clearing (restored for its
+		// own judgement only): the same state again is not news (a
+		// refusal counted and logged every pass).
+		m.state = p.state
+		ms.judgeLocked(m)
 		// The advert is the same bytes as before, so two verifications
 		// of it hold the same claims.
 		if p.state != m.state || (p.v == nil) != (m.verified == nil) || p.reason != m.reason {
@@ -728,12 +732,6 @@ func (ms *membership) refresh() {
 	changed := ms.rejudgeLocked()
 	changed = ms.forgetEndedLocked() || changed
 	ms.pruneCertsLocked(false)
-	for name := range ms.refusedMsg {
-		if ms.members[name] == nil {
-			// Forgotten by a path that does not clear it.
-			delete(ms.refusedMsg, name)
-		}
-	}
 	ms.mu.Unlock()
 	// Re-judging finds nothing new almost always; a change (an expiry)
 	// is what makes the topology worth recomputing.
@@ -760,7 +758,7 @@ func (ms *membership) remember(name string, gossip netip.AddrPort, meta, certDER
 	m := &member{name: name, gossip: gossip, meta: meta, remembered: true}
 	ms.members[name] = m
 	ms.gen.Add(1)
-	ms.judgeLocked(m, m.state)
+	ms.judgeLocked(m)
 	if m.state != StateVerified {
 		delete(ms.members, name)
 		return errors.New(m.reason)
