@@ -104,24 +104,33 @@ func (v *Vault) deleteBurstObjects(ctx context.Context, c *vault.Client, name st
 	return del(path.Join(v.cfg.PKIMount, "roles", name))
 }
 
-// burstClaimPath is the KV v2 secret that claims a burst site from the
-// moment it is opened until it is closed.
+// burstClaimPath is the KV v2 secret (in the KV mount) that claims a
+// burst site from the moment it is opened until it is closed.
 func (v *Vault) burstClaimPath(site string) string { return path.Join(v.cfg.KVPrefix, "bursts", site) }
+
+// claimRef names a site's claim for people: mount and path.
+func (v *Vault) claimRef(site string) string { return v.cfg.KVMount + "/" + v.burstClaimPath(site) }
+
+// ErrBurstSiteReopened is why a burst cannot be closed or aborted: its
+// site is claimed by a newer opening, which it could only be once this
+// burst's Vault objects were gone.
+var ErrBurstSiteReopened = errors.New("burst site opened again")
 
 // releaseBurst deletes a burst site's claim, every version of it, so the
 // site can be opened again.
 func (v *Vault) releaseBurst(ctx context.Context, c *vault.Client, site string) error {
 	if err := c.KVv2(v.cfg.KVMount).DeleteMetadata(ctx, v.burstClaimPath(site)); err != nil {
-		return fmt.Errorf("vault delete the claim %s/%s: %w", v.cfg.KVMount, v.burstClaimPath(site), err)
+		return v.claimError(site, err)
 	}
 	return nil
 }
 
 // siteClaim is what a burst site's claim in Vault holds.
 type siteClaim struct {
-	Nonce   string // the opening's (VaultBurst.Claim), or unclaimedClose
-	Gateway string // the gateway that opened the burst, or is closing it
-	Closing bool   // taken to close a burst (one whose own claim is gone)
+	Nonce   string    // the opening's (VaultBurst.Claim), or unclaimedClose
+	Gateway string    // the gateway that opened the burst, or is closing it
+	Closing bool      // taken to close a burst (one whose own claim is gone)
+	Expires time.Time // the burst's end, for people reading Vault; zero when closing
 }
 
 // takeClaim claims a site: the claim is created only if none exists
@@ -129,10 +138,12 @@ type siteClaim struct {
 // claim. A claim found to be this one already counts as taken: the Vault
 // client retries a write whose answer was lost, and the retry finds the
 // first attempt's claim.
-func (v *Vault) takeClaim(ctx context.Context, c *vault.Client, site string, cl siteClaim, expires time.Time) (other *siteClaim, err error) {
-	_, err = c.KVv2(v.cfg.KVMount).Put(ctx, v.burstClaimPath(site), map[string]any{
-		"nonce": cl.Nonce, "gateway": cl.Gateway, "closing": cl.Closing, "expires": expires.UTC().Format(time.RFC3339),
-	}, vault.WithCheckAndSet(0))
+func (v *Vault) takeClaim(ctx context.Context, c *vault.Client, site string, cl siteClaim) (other *siteClaim, err error) {
+	data := map[string]any{"nonce": cl.Nonce, "gateway": cl.Gateway, "closing": cl.Closing}
+	if !cl.Expires.IsZero() {
+		data["expires"] = cl.Expires.UTC().Format(time.RFC3339)
+	}
+	_, err = c.KVv2(v.cfg.KVMount).Put(ctx, v.burstClaimPath(site), data, vault.WithCheckAndSet(0))
 	if err == nil {
 		return nil, nil
 	}
@@ -191,24 +202,30 @@ func (v *Vault) releaseIfOurs(ctx context.Context, c *vault.Client, site, nonce 
 	return nil
 }
 
-// claimError explains a failure to read or write a site's claim.
+// claimError explains a failure to read, write or delete a site's claim.
 func (v *Vault) claimError(site string, err error) error {
-	return fmt.Errorf("vault claim of burst site %s at %s/%s (the operator's token needs create, read and update on %s/data/%s/* and delete on %s/metadata/%s/*): %w",
-		site, v.cfg.KVMount, v.burstClaimPath(site), v.cfg.KVMount, path.Dir(v.burstClaimPath(site)), v.cfg.KVMount, path.Dir(v.burstClaimPath(site)), err)
+	dir := path.Dir(v.burstClaimPath(site))
+	return fmt.Errorf("vault claim %s of burst site %s (the operator's token needs create, read and update on %s/data/%s/* and delete on %s/metadata/%s/*): %w",
+		v.claimRef(site), site, v.cfg.KVMount, dir, v.cfg.KVMount, dir, err)
 }
 
-// claimRefusal says who holds a site, and how to free it.
-func (v *Vault) claimRefusal(site string, held siteClaim) error {
-	by := held.Gateway
+// holder names the gateway a claim says holds a site, and what it does.
+func (cl siteClaim) holder() string {
+	by := cl.Gateway
 	if by == "" {
 		by = "unknown"
 	}
-	what := "is open, or being opened, from gateway " + by
-	if held.Closing {
-		what = "is being closed by gateway " + by
+	if cl.Closing {
+		return "is being closed by gateway " + by
 	}
-	return fmt.Errorf("burst site %s %s (Vault holds its claim %s/%s): run `skybridge burst down --site %s` there; if no gateway knows the burst any more, remove what is left of it by hand: `vault kv metadata delete %s/%s`, and the PKI role, policy and AppRole %s",
-		site, what, v.cfg.KVMount, v.burstClaimPath(site), site, v.cfg.KVMount, v.burstClaimPath(site), v.BurstName(site))
+	return "is open, or being opened, from gateway " + by
+}
+
+// claimRefusal refuses to open a site another holds, and says how to
+// free it.
+func (v *Vault) claimRefusal(site string, held siteClaim) error {
+	return fmt.Errorf("burst site %s %s (Vault holds its claim %s): run `skybridge burst down --site %s` there; if no gateway knows the burst any more, remove what is left of it by hand: `vault kv metadata delete %s`, and the PKI role, policy and AppRole %s",
+		site, held.holder(), v.claimRef(site), site, v.claimRef(site), v.BurstName(site))
 }
 
 // holdBurst makes sure a site's Vault objects are this burst's (claim)
@@ -227,7 +244,7 @@ func (v *Vault) holdBurst(ctx context.Context, c *vault.Client, site, claim, by 
 		return err
 	}
 	if !ok {
-		other, err := v.takeClaim(ctx, c, site, siteClaim{Nonce: claim, Gateway: by, Closing: true}, time.Now())
+		other, err := v.takeClaim(ctx, c, site, siteClaim{Nonce: claim, Gateway: by, Closing: true})
 		if err != nil {
 			return err
 		}
@@ -236,10 +253,14 @@ func (v *Vault) holdBurst(ctx context.Context, c *vault.Client, site, claim, by 
 		}
 		held = *other
 	}
-	if held.Nonce != claim {
-		return fmt.Errorf("%w; nothing of it was deleted", v.claimRefusal(site, held))
+	switch {
+	case held.Nonce == claim:
+		return nil
+	case held.Closing:
+		return fmt.Errorf("burst site %s %s (Vault's claim %s); nothing of it was deleted: try again once that is done", site, held.holder(), v.claimRef(site))
+	default:
+		return fmt.Errorf("%w: site %s %s (Vault's claim %s is not this burst's), so this burst's Vault objects were removed already; nothing was deleted", ErrBurstSiteReopened, site, held.holder(), v.claimRef(site))
 	}
-	return nil
 }
 
 // unclaimedClose is the claim taken to close a burst opened before
@@ -272,7 +293,7 @@ func (v *Vault) OpenBurst(ctx context.Context, adminToken string, spec VaultBurs
 		return nil, errors.New("the burst has already ended")
 	}
 	nonce := newClaimNonce()
-	other, err := v.takeClaim(ctx, c, spec.Site, siteClaim{Nonce: nonce, Gateway: spec.OpenedBy}, spec.Expires)
+	other, err := v.takeClaim(ctx, c, spec.Site, siteClaim{Nonce: nonce, Gateway: spec.OpenedBy, Expires: spec.Expires})
 	if err != nil {
 		// The claim may have been made all the same (a cancelled
 		// call): if it is ours, it goes.
@@ -284,12 +305,23 @@ func (v *Vault) OpenBurst(ctx context.Context, adminToken string, spec VaultBurs
 	if other != nil {
 		return nil, v.claimRefusal(spec.Site, *other)
 	}
-	// From here on, a failure releases the claim (after the objects).
+	// From here on, a failure releases the claim, and from the first
+	// write on removes what was written first.
+	wrote := false
 	defer func() {
-		if err != nil {
-			if rerr := v.afterFailure(ctx, func(ctx context.Context) error { return v.releaseBurst(ctx, c, spec.Site) }); rerr != nil {
-				err = fmt.Errorf("%w (and releasing the claim: %v)", err, rerr)
+		if err == nil {
+			return
+		}
+		cerr := v.afterFailure(ctx, func(ctx context.Context) error {
+			if wrote {
+				if err := v.deleteBurstObjects(ctx, c, name); err != nil {
+					return err // the claim stays with what is left
+				}
 			}
+			return v.releaseBurst(ctx, c, spec.Site)
+		})
+		if cerr != nil {
+			err = fmt.Errorf("%w (and cleaning up: %v)", err, cerr)
 		}
 	}()
 	rolePath := path.Join(v.cfg.PKIMount, "roles", name)
@@ -322,14 +354,7 @@ func (v *Vault) OpenBurst(ctx context.Context, adminToken string, spec VaultBurs
 		}
 		return nil
 	}
-	// From the first write on, a failure removes what was written.
-	defer func() {
-		if err != nil {
-			if derr := v.abortBurst(ctx, c, name); derr != nil {
-				err = fmt.Errorf("%w (and cleaning up: %v)", err, derr)
-			}
-		}
-	}()
+	wrote = true
 	if err := w(rolePath, map[string]any{
 		"allow_any_name": true, "enforce_hostnames": false, "allow_ip_sans": true, "allowed_uri_sans": uris,
 		"key_type": "ec", "key_bits": 256, "server_flag": true, "client_flag": true,
@@ -392,12 +417,6 @@ func (v *Vault) AbortBurst(ctx context.Context, adminToken, site, claim, by stri
 		}
 		return v.releaseBurst(ctx, c, site)
 	})
-}
-
-// abortBurst deletes a burst's role, policy and AppRole on behalf of a
-// request that failed.
-func (v *Vault) abortBurst(ctx context.Context, c *vault.Client, name string) error {
-	return v.afterFailure(ctx, func(ctx context.Context) error { return v.deleteBurstObjects(ctx, c, name) })
 }
 
 // afterFailure runs a clean-up on behalf of a request that failed: even

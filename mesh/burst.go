@@ -272,7 +272,7 @@ func (b *burstBook) prune(now time.Time) bool {
 		// until `burst down` removes them (that takes an operator's
 		// token): until then its site cannot be opened again, and
 		// only this record lets burst down find it.
-		return r.Ended != nil && now.Sub(*r.Ended) > endedKept && (!r.Vault || r.VaultCleaned)
+		return r.Ended != nil && now.Sub(*r.Ended) > endedKept && !r.vaultLeft()
 	})
 	return len(b.Bursts) != n
 }
@@ -281,8 +281,11 @@ func (b *burstBook) prune(now time.Time) bool {
 // Vault burst whose Vault objects were not removed, or a burst whose
 // certificates could not be revoked.
 func (r *burstRecord) workLeft() bool {
-	return r.Vault && !r.VaultCleaned || !r.Vault && !r.CertsRevoked
+	return r.vaultLeft() || !r.Vault && !r.CertsRevoked
 }
+
+// vaultLeft reports whether a Vault burst's Vault objects are still there.
+func (r *burstRecord) vaultLeft() bool { return r.Vault && !r.VaultCleaned }
 
 // nodeName names the i-th gateway of a burst.
 func (r *burstRecord) nodeName(i int) string { return burstNodeName(r.Site, i) }

@@ -327,10 +327,15 @@ func (g *Gateway) BurstUp(ctx context.Context, req BurstRequest) (_ *BurstGrant,
 	var claim string
 	if e.vault != nil {
 		grant.Endpoint = "vault"
-		if toks, claim, err = g.vaultTokens(ctx, e, req, attrs, expires, tokExp); err != nil {
+		toks, claim, err = g.vaultTokens(ctx, e, req, attrs, expires, tokExp)
+		if claim != "" {
+			// Opened in Vault: whatever fails from here on (making the
+			// tokens included) removes it again.
+			defer e.abortVaultBurst(ctx, req.VaultToken, attrs.Site, claim, g.self.Load().node(), &err)
+		}
+		if err != nil {
 			return nil, err
 		}
-		defer e.abortVaultBurst(ctx, req.VaultToken, attrs.Site, claim, g.self.Load().node(), &err)
 	} else {
 		grant.Endpoint = g.s.EnrollAdvertise.String()
 		for range req.Gateways {
@@ -469,18 +474,16 @@ func (g *Gateway) BurstDown(ctx context.Context, site, vaultToken string) (*Burs
 		// objects were not removed (that takes an operator's token), or a
 		// burst whose certificates could not be revoked when it ended.
 		for _, b := range slices.Backward(e.book.Bursts) {
-			if b.Site == site && b.workLeft() && (!b.Vault || e.vault != nil) {
+			if b.Site == site && b.workLeft() {
 				r = b
 				break
 			}
 		}
 	}
+	if r != nil && r.vaultLeft() && e.vault == nil {
+		return nil, fmt.Errorf("burst site %s was opened with Vault, and its Vault objects remain, but this gateway is not Vault-backed now: run burst down here once it is again, or remove them by hand (the KV secret bursts/%s under the mesh's KV prefix, and the PKI role, policy and AppRole <prefix>-burst-%s)", site, site, site)
+	}
 	if r == nil {
-		for _, b := range e.book.Bursts {
-			if b.Site == site && b.Vault && !b.VaultCleaned && e.vault == nil {
-				return nil, fmt.Errorf("burst site %s was opened with Vault, and its Vault objects remain, but this gateway is not Vault-backed now: run burst down here with its Vault identity back, or remove them by hand (the KV claim %s, the PKI role, policy and AppRole of the burst)", site, "<prefix>/bursts/"+site)
-			}
-		}
 		var open []string
 		for _, r := range e.book.Bursts {
 			if r.Ended == nil {
@@ -613,7 +616,9 @@ func (g *Gateway) refreshTrust(ctx context.Context) {
 const trustRefresh = time.Minute
 
 // vaultTokens sets the burst up in Vault and makes a Vault join token per
-// gateway, each with its node name and overlay address decided here.
+// gateway, each with its node name and overlay address decided here. The
+// claim is returned, with an error too, once the burst is open in Vault:
+// the caller removes it if anything fails.
 func (g *Gateway) vaultTokens(ctx context.Context, e *enrollment, req BurstRequest, attrs certs.Attributes, expires, tokExp time.Time) (_ []*certs.JoinToken, claim string, err error) {
 	used := g.overlayIPsInUse(e)
 	nodes := make([]certs.Attributes, req.Gateways)
@@ -631,10 +636,9 @@ func (g *Gateway) vaultTokens(ctx context.Context, e *enrollment, req BurstReque
 	if err != nil {
 		return nil, "", err
 	}
-	defer e.abortVaultBurst(ctx, req.VaultToken, attrs.Site, vb.Claim, g.self.Load().node(), &err)
 	common, err := e.vault.VaultJoinFor(vb)
 	if err != nil {
-		return nil, "", err
+		return nil, vb.Claim, err
 	}
 	common.Seeds = g.seedsForNewcomer()
 	var toks []*certs.JoinToken
@@ -643,7 +647,7 @@ func (g *Gateway) vaultTokens(ctx context.Context, e *enrollment, req BurstReque
 		vj.WrappedSecretID, vj.Node = wrapped, nodes[i]
 		t, err := certs.NewVaultJoinToken(attrs.Site, &vj, tokExp)
 		if err != nil {
-			return nil, "", err
+			return nil, vb.Claim, err
 		}
 		toks = append(toks, t)
 	}
@@ -673,11 +677,18 @@ func (g *Gateway) endVaultBurstLocked(ctx context.Context, r *burstRecord, vault
 		nodes = append(nodes, t.Node)
 	}
 	revoked, err := e.vault.CloseBurst(ctx, vaultToken, r.Site, nodes, r.VaultClaim, g.self.Load().node())
-	if err != nil {
+	reason := "ended by burst down"
+	switch {
+	case errors.Is(err, certs.ErrBurstSiteReopened):
+		// Nothing of it is left in Vault to remove: done, or this
+		// record would wait for a burst down that can never succeed.
+		g.log.Warn("burst site opened again elsewhere after its Vault objects were removed by hand; recording this burst as ended", "burst_site", r.Site, "err", err)
+		reason = "ended: its Vault objects were removed by hand and the site opened again"
+	case err != nil:
 		return revoked, err
 	}
 	now := g.now()
-	r.end("ended by burst down", now)
+	r.end(reason, now)
 	r.VaultCleaned = true
 	if err := g.state.saveBursts(e.book); err != nil {
 		return revoked, fmt.Errorf("record the end of burst %s: %w", r.Site, err)
