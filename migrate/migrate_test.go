@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/rand"
 	"crypto/tls"
+	"encoding/binary"
 	"errors"
 	"log/slog"
 	"net"
@@ -397,7 +398,9 @@ func TestMigrateCancelIsCancelled(t *testing.T) {
 	makeRaw(t, raw, 32*mib, map[int64]int{0: 32 * mib})
 	for _, phase := range []string{"commit", "transfer", "transfer", "transfer"} {
 		cfg := p.config(raw, "pii-eu")
-		cfg.BWLimit = 8 * mib // still transferring at the first progress tick
+		if phase == "transfer" {
+			cfg.BWLimit = 8 * mib // still transferring at the first progress tick
+		}
 		ctx, cancel := context.WithCancel(context.Background())
 		cfg.Progress = func(pr Progress) {
 			if pr.Phase == phase && (phase == "commit" || pr.Stats.ChunksDone > 0) && ctx.Err() == nil {
@@ -627,6 +630,12 @@ func TestReceiverRefusesBadFrames(t *testing.T) {
 			}
 			acked[i] = true
 		}
+	}
+	// A frame longer than any may be ends the stream, and says why.
+	dw.w.Write(binary.AppendUvarint([]byte{frameChunk}, maxFrame+1))
+	dw.flush()
+	if typ, b, err := dr.next(nil); err != nil || typ != frameError || !strings.Contains(string(b), "exceeds the limit") {
+		t.Fatalf("an oversized frame: answer type %d %q, %v; want an error frame", typ, b, err)
 	}
 }
 

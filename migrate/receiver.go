@@ -197,7 +197,7 @@ type pendingChunk struct {
 }
 
 func (r *Receiver) control(ctx context.Context, c *tls.Conn, fr *frameReader, fw *frameWriter, from *certs.Attributes, o *Offer) {
-	log := r.sessionLog(o, from)
+	log := r.cfg.Log.With("migration_id", o.ID, "peer", from.Node, "peer_site", from.Site, "class", o.Class)
 	if err := checkName(o.Name); err != nil || o.ChunkSize <= 0 || o.ChunkSize > maxFrame/2 || o.Size < 0 || (o.Format != FormatRaw && o.Format != FormatQcow2) {
 		fw.json(frameError, fmt.Sprintf("bad offer: %v", err))
 		return
@@ -211,7 +211,7 @@ func (r *Receiver) control(ctx context.Context, c *tls.Conn, fr *frameReader, fw
 		fw.json(frameDeny, Deny{Rule: d.Rule.String(), Reasons: d.Reasons})
 		return
 	}
-	s, acc, err := r.open(o, from, d)
+	s, acc, err := r.open(o, from, d, log)
 	if err != nil {
 		log.Error("cannot receive migration", "err", err)
 		fw.json(frameError, err.Error())
@@ -240,11 +240,6 @@ func (r *Receiver) control(ctx context.Context, c *tls.Conn, fr *frameReader, fw
 	r.audit(o, from, d, "done", done.Root, done.Received, s.start, r.cfg.Now(), "")
 	r.cfg.Observer.Ended(RoleReceive, StateDone, r.cfg.Now().Sub(s.start))
 	fw.json(frameDone, done)
-}
-
-// sessionLog is the log of one migration, from the offer on.
-func (r *Receiver) sessionLog(o *Offer, from *certs.Attributes) *slog.Logger {
-	return r.cfg.Log.With("migration_id", o.ID, "peer", from.Node, "peer_site", from.Site, "class", o.Class)
 }
 
 func (r *Receiver) decide(o *Offer, from *certs.Attributes) (policy.Decision, bool) {
@@ -281,7 +276,7 @@ func (r *Receiver) audit(o *Offer, from *certs.Attributes, d policy.Decision, ou
 }
 
 // open creates or resumes the session's temporary image.
-func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision) (*session, *Accept, error) {
+func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision, log *slog.Logger) (*session, *Accept, error) {
 	r.mu.Lock()
 	old := r.sessions[o.ID]
 	r.mu.Unlock()
@@ -331,7 +326,7 @@ func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision) (*s
 		f.Close()
 		return nil, nil, err
 	}
-	s := &session{r: r, log: r.sessionLog(o, from), offer: *o, from: from, temp: f, at: rec.DataAt, record: &rec, start: r.cfg.Now(), policy: d,
+	s := &session{r: r, log: log, offer: *o, from: from, temp: f, at: rec.DataAt, record: &rec, start: r.cfg.Now(), policy: d,
 		durable: durable, pending: map[int64]pendingChunk{}, kick: make(chan struct{}, 1), stop: make(chan struct{}), synced: make(chan struct{}), closed: make(chan struct{})}
 	acc := &Accept{Have: durable}
 	if img, err := j.Image(o.Name); err == nil && img.Manifest.ChunkSize == o.ChunkSize {
@@ -412,6 +407,13 @@ func (s *session) data(fr *frameReader, w *lockedWriter) {
 		s.log.Warn("migration stream refused", "reason", why)
 		w.send(frameError, []byte(why))
 	}
+	// A read error that is a bad frame is refused; a broken connection
+	// just ends the stream.
+	refuseBad := func(err error) {
+		if _, bad := err.(badFrame); bad {
+			refuse(err.Error())
+		}
+	}
 	inImage := func(i int64) bool { return i >= 0 && i < chunkCount(o.Size, o.ChunkSize) }
 	// Chunks are assembled in buffers aligned for direct I/O (raw ones
 	// read straight into one, compressed ones decompressed into one),
@@ -457,15 +459,14 @@ func (s *session) data(fr *frameReader, w *lockedWriter) {
 	for !failed.Load() {
 		typ, n, err := fr.head()
 		if err != nil {
+			refuseBad(err)
 			return
 		}
 		switch typ {
 		case frameChunk:
 			c, err := fr.chunkHead(n)
 			if err != nil {
-				if _, bad := err.(badFrame); bad {
-					refuse(err.Error())
-				}
+				refuseBad(err)
 				return
 			}
 			i, h := c.index, c.hash

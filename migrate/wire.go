@@ -147,7 +147,7 @@ func (fr *frameReader) head() (byte, int, error) {
 		return 0, 0, err
 	}
 	if n > maxFrame {
-		return 0, 0, fmt.Errorf("frame of %d bytes exceeds the limit", n)
+		return 0, 0, badFrame(fmt.Sprintf("frame of %d bytes exceeds the limit", n))
 	}
 	return typ, int(n), nil
 }
