@@ -425,7 +425,8 @@ func TestMigrateCancelIsCancelled(t *testing.T) {
 // TestMigrateResyncDamagedStore: a re-sync copies unchanged chunks from
 // the receiver's stored version only where that copy is intact; a chunk
 // damaged on its disk, or cut off, is fetched from the sender instead,
-// and the receiver says so in its log.
+// and the receiver says so in its log — for a raw file cut short once,
+// up front, for a qcow2 chunk by chunk.
 func TestMigrateResyncDamagedStore(t *testing.T) {
 	p := newPair(t, "DE")
 	raw := filepath.Join(p.dir, "vm.raw")
@@ -450,16 +451,39 @@ func TestMigrateResyncDamagedStore(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if st := rec.Stats; st.Retries != 3 || st.ChunksSame != 8 {
-		t.Errorf("re-sync: %d chunks offered from the stored version, %d sent again, want 8 and 3", st.ChunksSame, st.Retries)
+	if st := rec.Stats; st.Retries != 1 || st.ChunksSame != 6 {
+		t.Errorf("re-sync: %d chunks offered from the stored version, %d sent again, want 6 and 1 (the two cut off not offered)", st.ChunksSame, st.Retries)
 	}
 	if img, err = p.recvJ.Image("vm"); err != nil {
 		t.Fatal(err)
 	}
 	compare(t, raw, img.Path)
 	log := p.recvLog.String()
-	if strings.Count(log, "stored version of the image damaged") != 1 || strings.Count(log, "stored version of the image unreadable") != 2 {
-		t.Errorf("the receiver's log does not name the damaged chunk and the two unreadable ones:\n%s", log)
+	if strings.Count(log, "stored version of the image damaged") != 1 || strings.Count(log, "stored version of the image is shorter") != 1 || strings.Contains(log, "unreadable") {
+		t.Errorf("the receiver's log does not name the damaged chunk and the cut once:\n%s", log)
+	}
+
+	// Stored as qcow2, whose size is the virtual one: a cut file is found
+	// chunk by chunk, each unreadable chunk fetched again and logged.
+	cfg := p.config(raw, "pii-eu")
+	cfg.Format, cfg.Name = FormatQcow2, "vmq"
+	if _, err := Send(context.Background(), cfg); err != nil {
+		t.Fatal(err)
+	}
+	if img, err = p.recvJ.Image("vmq"); err != nil {
+		t.Fatal(err)
+	}
+	os.Truncate(img.Path, qcowDataStart(16*mib)+6*mib+mib/2) // chunks 6 and 7, as above
+	rec, err = Send(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if img, err = p.recvJ.Image("vmq"); err != nil {
+		t.Fatal(err)
+	}
+	compare(t, raw, img.Path)
+	if n := strings.Count(p.recvLog.String(), "stored version of the image unreadable"); n != 2 || rec.Stats.Retries != 2 {
+		t.Errorf("qcow2 cut short: %d chunks logged unreadable, %d sent again, want 2 and 2", n, rec.Stats.Retries)
 	}
 }
 

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net"
 	"os"
 	"path/filepath"
@@ -331,8 +332,18 @@ func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision, log
 	acc := &Accept{Have: durable}
 	if img, err := j.Image(o.Name); err == nil && img.Manifest.ChunkSize == o.ChunkSize {
 		if base, err := OpenSource(img.Path); err == nil {
-			s.base, s.baseM = base, img.Manifest.Chunks
-			acc.Base = img.Manifest.Chunks
+			chunks := img.Manifest.Chunks
+			if have := base.Size(); have < img.Manifest.Size {
+				// Cut short: what is past its end is not offered at
+				// all, rather than found unreadable chunk by chunk.
+				log.Warn("stored version of the image is shorter than it was stored: only the chunks it holds whole are reused", "name", o.Name, "path", img.Path, "bytes", have, "stored_bytes", img.Manifest.Size)
+				chunks = maps.Clone(chunks)
+				maps.DeleteFunc(chunks, func(i int64, _ Hash) bool {
+					return i*img.Manifest.ChunkSize+chunkLen(i, img.Manifest.Size, img.Manifest.ChunkSize) > have
+				})
+			}
+			s.base, s.baseM = base, chunks
+			acc.Base = chunks
 		}
 	}
 	r.mu.Lock()
