@@ -84,7 +84,7 @@ func TestBenchDataPlane(t *testing.T) {
 			for _, p := range v.pids() {
 				cpu0 += cpuOf(p)
 			}
-			stopProfile := l.perfRecord(v.name, round, v.pids(), secs)
+			stopProfile, _ := l.perfRecord(v.name, round, v.pids(), secs)
 			bits, bytes, err := l.iperfTCP(a.ns, v.addr, secs)
 			stopProfile()
 			if err != nil {
@@ -194,17 +194,20 @@ func (l *lab) plainWireGuard(bin, short string, n int, a, b *meshSite) (*exec.Cm
 }
 
 // perfRecord samples, when SKYBRIDGE_BENCH_PERF names a directory, the
-// WireGuard processes of a variant with perf(1) during its first round,
-// and prints the hottest functions: where the data plane's cycles go.
-func (l *lab) perfRecord(name string, round int, pids []int, secs int) (stop func()) {
+// processes pids (a variant's WireGuard ends, two gateways) with perf(1)
+// for secs, in round 0 only, and prints the hottest functions when
+// stopped: where the cycles go. sampling is false when it does not (no
+// directory named, no perf), so that work done only to be sampled can
+// be skipped.
+func (l *lab) perfRecord(name string, round int, pids []int, secs int) (stop func(), sampling bool) {
 	dir := os.Getenv("SKYBRIDGE_BENCH_PERF")
 	if dir == "" || round > 0 || len(pids) == 0 {
-		return func() {}
+		return func() {}, false
 	}
 	perf, err := exec.LookPath("perf")
 	if err != nil {
 		l.t.Logf("SKYBRIDGE_BENCH_PERF: %v (Debian package linux-perf)", err)
-		return func() {}
+		return func() {}, false
 	}
 	var ps []string
 	for _, p := range pids {
@@ -214,7 +217,7 @@ func (l *lab) perfRecord(name string, round int, pids []int, secs int) (stop fun
 	cmd := exec.Command(perf, "record", "-e", "cpu-clock", "-F", "999", "-g", "-o", file, "-p", strings.Join(ps, ","), "--", "sleep", strconv.Itoa(secs))
 	if err := cmd.Start(); err != nil {
 		l.t.Logf("perf record: %v", err)
-		return func() {}
+		return func() {}, false
 	}
 	return func() {
 		cmd.Wait()
@@ -223,7 +226,7 @@ func (l *lab) perfRecord(name string, round int, pids []int, secs int) (stop fun
 			l.t.Logf("perf report: %v", err)
 		}
 		fmt.Printf("\n== where the cycles go: %s (perf, both ends)\n%s\n", name, out)
-	}
+	}, true
 }
 
 func debianWGVersion() string {

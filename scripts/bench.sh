@@ -15,7 +15,7 @@
 # Knobs: SKYBRIDGE_BENCH_SIZES=10,100,300,1000 (scale), SKYBRIDGE_BENCH_ROUNDS=3
 # and SKYBRIDGE_BENCH_SECONDS=5 (dataplane), SKYBRIDGE_BENCH_GIB=8 (migrate),
 # SKYBRIDGE_BENCH_JOINS=10 (burst), SKYBRIDGE_BENCH_PERF=DIR (dataplane: perf profile of each WireGuard
-# implementation), SKYBRIDGE_BENCH_PPROF=FILE (scale: CPU profile of the
+# implementation; migrate: of both gateways during a migration of its own), SKYBRIDGE_BENCH_PPROF=FILE (scale: CPU profile of the
 # largest size), SKYBRIDGE_BENCH_REFERENCE=0 (scale: skip the memberlist reference).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -46,7 +46,7 @@ failed=()
 table() {
   if [ "$1" = micro ]; then grep -E '^Benchmark' "$out/$1" || true; return; fi
   grep -vE '^\s' "$out/$1" | grep -E '^\||^(image|TCP|[0-9]+ (gateway|burst))' || true
-  if [ "$1" = dataplane ] && [ -n "${SKYBRIDGE_BENCH_PERF:-}" ]; then
+  if { [ "$1" = dataplane ] || [ "$1" = migrate ]; } && [ -n "${SKYBRIDGE_BENCH_PERF:-}" ]; then
     sed -n '/^== where the cycles go/,/^$/p' "$out/$1"
   fi
 }
