@@ -174,6 +174,9 @@ func (v *Vault) claimOf(ctx context.Context, c *vault.Client, site string) (cl s
 	cl.Nonce, _ = s.Data["nonce"].(string)
 	cl.Gateway, _ = s.Data["gateway"].(string)
 	cl.Closing, _ = s.Data["closing"].(bool)
+	if e, ok := s.Data["expires"].(string); ok {
+		cl.Expires, _ = time.Parse(time.RFC3339, e)
+	}
 	return cl, true, nil
 }
 
@@ -239,28 +242,81 @@ func (v *Vault) holdBurst(ctx context.Context, c *vault.Client, site, claim, by 
 	if claim == "" {
 		claim = unclaimedClose
 	}
-	held, ok, err := v.claimOf(ctx, c, site)
-	if err != nil {
-		return err
-	}
-	if !ok {
-		other, err := v.takeClaim(ctx, c, site, siteClaim{Nonce: claim, Gateway: by, Closing: true})
+	for try := 1; ; try++ {
+		held, ok, err := v.claimOf(ctx, c, site)
 		if err != nil {
 			return err
 		}
-		if other == nil {
-			return nil
+		if !ok {
+			other, err := v.takeClaim(ctx, c, site, siteClaim{Nonce: claim, Gateway: by, Closing: true})
+			if err != nil {
+				return err
+			}
+			if other == nil {
+				return nil
+			}
+			held = *other
 		}
-		held = *other
+		switch {
+		case held.Nonce == claim:
+			return nil
+		case held.Closing:
+			return fmt.Errorf("burst site %s %s (Vault's claim %s); nothing of it was deleted: try again once that is done", site, held.holder(), v.claimRef(site))
+		}
+		// Another opening holds the site, which it could take only once
+		// this burst's claim was gone: usually because this burst was
+		// closed, but a burst opened before claims were made has no
+		// claim, nor has one whose claim was deleted by hand. Then the
+		// site's role is still this burst's, and the opening, which
+		// refuses a site whose role exists, is about to give its claim
+		// back: taken for a reopening, this burst would be recorded as
+		// ended with its role, policy and AppRole left in Vault.
+		stale, err := v.roleOutlivesClaim(ctx, c, site, held)
+		if err != nil {
+			return err
+		}
+		if !stale {
+			return fmt.Errorf("%w: site %s %s (Vault's claim %s is not this burst's), so this burst's Vault objects were removed already; nothing was deleted", ErrBurstSiteReopened, site, held.holder(), v.claimRef(site))
+		}
+		if try == holdTries {
+			return fmt.Errorf("burst site %s %s (Vault's claim %s), but its PKI role %s is an earlier burst's, so that opening will be refused; nothing was deleted: try again once it has been", site, held.holder(), v.claimRef(site), v.BurstName(site))
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(holdWait):
+		}
 	}
-	switch {
-	case held.Nonce == claim:
-		return nil
-	case held.Closing:
-		return fmt.Errorf("burst site %s %s (Vault's claim %s); nothing of it was deleted: try again once that is done", site, held.holder(), v.claimRef(site))
-	default:
-		return fmt.Errorf("%w: site %s %s (Vault's claim %s is not this burst's), so this burst's Vault objects were removed already; nothing was deleted", ErrBurstSiteReopened, site, held.holder(), v.claimRef(site))
+}
+
+// holdTries and holdWait bound how long holdBurst waits for an opening
+// that is bound to fail (it reads the role right after taking the claim,
+// and releases the claim at once when it exists).
+const (
+	holdTries = 4
+	holdWait  = 500 * time.Millisecond
+)
+
+// roleOutlivesClaim reports whether the site's PKI role is not the one
+// of the opening holding its claim (held), but an earlier burst's. An
+// opening writes the burst's end both into its claim and as the role's
+// not_after. Without both to compare (a Vault that does not keep
+// not_after), the role counts as the opening's.
+func (v *Vault) roleOutlivesClaim(ctx context.Context, c *vault.Client, site string, held siteClaim) (bool, error) {
+	p := path.Join(v.cfg.PKIMount, "roles", v.BurstName(site))
+	s, err := c.Logical().ReadWithContext(ctx, p)
+	if err != nil {
+		return false, fmt.Errorf("vault read %s: %w", p, err)
 	}
+	if s == nil || held.Expires.IsZero() {
+		return false, nil
+	}
+	na, _ := s.Data["not_after"].(string)
+	end, err := time.Parse(time.RFC3339, na)
+	if err != nil {
+		return false, nil
+	}
+	return !end.Equal(held.Expires), nil
 }
 
 // unclaimedClose is the claim taken to close a burst opened before

@@ -399,20 +399,44 @@ func TestVaultBurstOpenAndAbort(t *testing.T) {
 	if r, p, a, c := exists(); !r || !p || !a || c {
 		t.Fatalf("after the refused OpenBurst over remains: role %v, policy %v, AppRole %v, claim %v (want the remains, no claim)", r, p, a, c)
 	}
-	// Closing them claims the site for the closing gateway. A token that
-	// may delete the burst's objects but not list certificates stops the
-	// close half-way, with the claim held: an opening meanwhile is told
-	// so, and the close can be run again.
+	// An opening over those remains holds the site's claim from its
+	// check-and-set until it has read the role and given up. A close
+	// meanwhile must not take the site for opened again (the burst would
+	// be recorded as ended, its objects left in Vault): it waits, and
+	// says to try again if the claim stays.
+	inFlight := map[string]any{"nonce": "in-flight", "gateway": "gw-opening", "closing": false,
+		"expires": time.Now().Add(2 * time.Hour).UTC().Format(time.RFC3339)}
+	_, err = e.root.KVv2(e.kv).Put(ctx, "skybridge/bursts/burst-x", inFlight, api.WithCheckAndSet(0))
+	must(t, err)
+	if _, err := v.CloseBurst(ctx, e.root.Token(), "burst-x", []string{"burst-x-gw1"}, "", "gw-closer"); err == nil || errors.Is(err, certs.ErrBurstSiteReopened) ||
+		!strings.Contains(err.Error(), "is an earlier burst's, so that opening will be refused") {
+		t.Fatalf("CloseBurst of remains while an opening holds the claim: %v", err)
+	}
+	if r, p, a, c := exists(); !r || !p || !a || !c {
+		t.Fatalf("the close that waited for an opening deleted: role %v, policy %v, AppRole %v, claim %v (want all)", r, p, a, c)
+	}
+
+	// Closing them claims the site for the closing gateway — here as the
+	// opening above gives its claim back, whichever comes first. A token
+	// that may delete the burst's objects but not list certificates stops
+	// the close half-way, with the claim held: an opening meanwhile is
+	// told so, and the close can be run again.
 	must(t, e.root.Sys().PutPolicy("closer-"+e.kv, fmt.Sprintf(`
 path "%[1]s/data/skybridge/bursts/*" { capabilities = ["create", "read", "update"] }
 path "%[1]s/metadata/skybridge/bursts/*" { capabilities = ["delete"] }
 path "auth/%[2]s/role/*" { capabilities = ["delete"] }
 path "sys/policies/acl/*" { capabilities = ["delete"] }
-path "%[3]s/roles/*" { capabilities = ["delete"] }
+path "%[3]s/roles/*" { capabilities = ["read", "delete"] }
 `, e.kv, e.approleMount, e.pki)))
 	closer, err := e.root.Auth().Token().Create(&api.TokenCreateRequest{Policies: []string{"closer-" + e.kv}, TTL: "10m"})
 	must(t, err)
-	if _, err := v.CloseBurst(ctx, closer.Auth.ClientToken, "burst-x", []string{"burst-x-gw1"}, "", "gw-closer"); err == nil || !strings.Contains(err.Error(), "certs") {
+	closed := make(chan error, 1)
+	go func() {
+		_, err := v.CloseBurst(ctx, closer.Auth.ClientToken, "burst-x", []string{"burst-x-gw1"}, "", "gw-closer")
+		closed <- err
+	}()
+	must(t, e.root.KVv2(e.kv).DeleteMetadata(ctx, "skybridge/bursts/burst-x"))
+	if err := <-closed; err == nil || !strings.Contains(err.Error(), "certs") {
 		t.Fatalf("CloseBurst with a token that cannot list certificates: %v", err)
 	}
 	if r, p, a, c := exists(); r || p || a || !c {
