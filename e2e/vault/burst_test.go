@@ -33,15 +33,6 @@ func buildSkybridge(t *testing.T) string {
 	return bin
 }
 
-func freeLoopbackPort(t *testing.T) int {
-	t.Helper()
-	p, err := freeport.Loopback(1)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return p[0]
-}
-
 type gwProc struct {
 	cmd    *exec.Cmd
 	log    *bytes.Buffer
@@ -124,7 +115,10 @@ func TestVaultBurstSite(t *testing.T) {
 	roleFile, secretFile := e.appRole(t, dir, false)
 	aDir := filepath.Join(dir, "a")
 	aSock := filepath.Join(aDir, "control.sock")
-	gossipA := freeLoopbackPort(t)
+	// Every gateway's gossip and WireGuard ports, taken in one call so
+	// that no two are the same: the static one's, then two burst ones'.
+	ports, err := freeport.Loopback(6)
+	must(t, err)
 	cfgA := fmt.Sprintf(`state_dir = %q
 node {
   name         = "gw-zrh"
@@ -163,7 +157,7 @@ wireguard {
   mode      = "netstack"
 }
 operator { listen = "off" }
-`, aDir, meshPrefix, e.addr, e.caFile, e.pki, e.role, e.kv, e.approleMount, roleFile, secretFile, gossipA, freeLoopbackPort(t))
+`, aDir, meshPrefix, e.addr, e.caFile, e.pki, e.role, e.kv, e.approleMount, roleFile, secretFile, ports[0], ports[1])
 	must(t, os.WriteFile(filepath.Join(dir, "a.hcl"), []byte(cfgA), 0o644))
 	a := startGW(t, bin, nil, "gateway", "run", "--config", filepath.Join(dir, "a.hcl"))
 	waitCond(t, 60*time.Second, "the static gateway runs", func() (bool, string) {
@@ -195,7 +189,7 @@ operator { listen = "off" }
 	must(t, os.WriteFile(tokenFile, []byte(grant.Tokens[0]), 0o600))
 
 	// The burst gateway: its configuration has no node and no identity.
-	burstCfg := func(name string) string {
+	burstCfg := func(name string, gossipPort, wgPort int) string {
 		p := filepath.Join(dir, name+".hcl")
 		must(t, os.WriteFile(p, []byte(fmt.Sprintf(`state_dir = %q
 gossip {
@@ -208,10 +202,10 @@ wireguard {
   mode      = "netstack"
 }
 operator { listen = "off" }
-`, filepath.Join(dir, name), freeLoopbackPort(t), name, freeLoopbackPort(t))), 0o644))
+`, filepath.Join(dir, name), gossipPort, name, wgPort)), 0o644))
 		return p
 	}
-	b := startGW(t, bin, nil, "gateway", "run", "--config", burstCfg("b"), "--join-token-file", tokenFile)
+	b := startGW(t, bin, nil, "gateway", "run", "--config", burstCfg("b", ports[2], ports[3]), "--join-token-file", tokenFile)
 	waitCond(t, 60*time.Second, "the burst gateway is a verified peer of the static one", func() (bool, string) {
 		st, err := gwStatus(bin, aSock)
 		if err != nil {
@@ -228,7 +222,7 @@ operator { listen = "off" }
 	// The wrapped SecretID is gone: the token cannot enrol another.
 	rctx, cancel := context.WithTimeout(ctx, 30*time.Second) // a token wrongly accepted would run on
 	defer cancel()
-	reuse := exec.CommandContext(rctx, bin, "gateway", "run", "--config", burstCfg("c"), "--join-token-file", tokenFile)
+	reuse := exec.CommandContext(rctx, bin, "gateway", "run", "--config", burstCfg("c", ports[4], ports[5]), "--join-token-file", tokenFile)
 	if out, err := reuse.CombinedOutput(); err == nil || !strings.Contains(string(out), "already used or expired") {
 		t.Fatalf("token reuse: %v\n%s", err, out)
 	}
