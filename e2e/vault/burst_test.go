@@ -103,7 +103,9 @@ func waitCond(t *testing.T, d time.Duration, what string, cond func() (bool, str
 // peers; the token does not work twice; burst down revokes the site's
 // certificate in Vault and deletes what burst up created; the burst
 // gateway sees the revocation, leaves, and deletes its WireGuard key
-// from Vault and its identity from disk.
+// from Vault and its identity from disk. A burst whose site was opened
+// again after its Vault objects were removed by hand is recorded as ended
+// by burst down, which leaves the new opening alone.
 func TestVaultBurstSite(t *testing.T) {
 	e := startVault(t)
 	bin := buildSkybridge(t)
@@ -272,6 +274,50 @@ operator { listen = "off" }
 		}
 		return true, ""
 	})
+
+	// A burst whose Vault objects and claim were removed by hand, its
+	// site then opened again from another gateway: burst down cannot
+	// clean up after it, records it as ended (or the record would wait
+	// for ever), and leaves the new opening alone.
+	up := exec.Command(bin, "burst", "up", "--socket", aSock, "--site", "burst-rot", "--provider", "aws", "--region", "eu-west-1",
+		"--jurisdiction", "NL", "--ttl", "1h", "--label", "classes=risk-batch", "--routes", "10.8.0.0/24", "--json")
+	up.Env = append(os.Environ(), root...)
+	if out, err := up.CombinedOutput(); err != nil {
+		t.Fatalf("burst up burst-rot: %v\n%s", err, out)
+	}
+	rot := "skybridge-burst-burst-rot"
+	must(t, e.root.KVv2(e.kv).DeleteMetadata(ctx, "skybridge/bursts/burst-rot"))
+	for _, p := range []string{"auth/" + e.approleMount + "/role/" + rot, "sys/policy/" + rot, e.pki + "/roles/" + rot} {
+		_, err := e.root.Logical().Delete(p)
+		must(t, err)
+	}
+	otherDir := filepath.Join(dir, "other")
+	must(t, os.MkdirAll(otherDir, 0o700))
+	oRole, oSecret := e.appRole(t, otherDir, false)
+	ocfg := e.config(filepath.Join(otherDir, "id"), certs.VaultAuth{Method: "approle", RoleIDFile: oRole, SecretIDFile: oSecret})
+	ov, err := certs.OpenVault(ctx, ocfg.Vault, meshPrefix, slog.New(slog.DiscardHandler))
+	must(t, err)
+	spec := certs.VaultBurstSpec{Site: "burst-rot", Nodes: []certs.Attributes{attrs("burst-rot-gw1", "burst-rot", "100.96.9.7")},
+		Expires: time.Now().Add(time.Hour), TokenTTL: 10 * time.Minute, OpenedBy: "gw-other"}
+	spec.Nodes[0].Provider, spec.Nodes[0].Jurisdiction = "aws", "NL"
+	if _, err := ov.OpenBurst(ctx, e.root.Token(), spec); err != nil {
+		t.Fatalf("open the site again from another gateway: %v", err)
+	}
+	down = exec.Command(bin, "burst", "down", "--socket", aSock, "--site", "burst-rot")
+	down.Env = append(os.Environ(), root...)
+	if out, err := down.CombinedOutput(); err != nil || !strings.Contains(string(out), "burst site burst-rot ended; 0 identities revoked") {
+		t.Fatalf("burst down of a burst whose site was opened again: %v\n%s", err, out)
+	}
+	list := exec.Command(bin, "burst", "list", "--socket", aSock)
+	if out, err := list.CombinedOutput(); err != nil || !strings.Contains(string(out), "its Vault objects were removed by hand and the site opened again") {
+		t.Fatalf("burst list after that burst down: %v\n%s", err, out)
+	}
+	if cl, err := e.root.KVv2(e.kv).Get(ctx, "skybridge/bursts/burst-rot"); err != nil || cl.Data["gateway"] != "gw-other" {
+		t.Fatalf("the new opening's claim after the old burst's burst down: %v %v", cl, err)
+	}
+	if s, err := e.root.Logical().Read(e.pki + "/roles/" + rot); err != nil || s == nil {
+		t.Fatalf("burst down of the old burst removed the new opening's role: %v", err)
+	}
 }
 
 // TestVaultBurstOpenAndAbort: a burst site is claimed in Vault before
