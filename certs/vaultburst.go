@@ -130,7 +130,7 @@ type siteClaim struct {
 	Nonce   string    // the opening's (VaultBurst.Claim), or unclaimedClose
 	Gateway string    // the gateway that opened the burst, or is closing it
 	Closing bool      // taken to close a burst (one whose own claim is gone)
-	Expires time.Time // the burst's end, for people reading Vault; zero when closing
+	Expires time.Time // the burst's end, as its role's not_after (roleOutlivesClaim compares them); zero when closing
 }
 
 // takeClaim claims a site: the claim is created only if none exists
@@ -279,7 +279,7 @@ func (v *Vault) holdBurst(ctx context.Context, c *vault.Client, site, claim, by 
 			return fmt.Errorf("%w: site %s %s (Vault's claim %s is not this burst's), so this burst's Vault objects were removed already; nothing was deleted", ErrBurstSiteReopened, site, held.holder(), v.claimRef(site))
 		}
 		if try == holdTries {
-			return fmt.Errorf("burst site %s %s (Vault's claim %s), but its PKI role %s is an earlier burst's, so that opening will be refused; nothing was deleted: try again once it has been", site, held.holder(), v.claimRef(site), v.BurstName(site))
+			return fmt.Errorf("burst site %s %s (Vault's claim %s), but its PKI role %s is an earlier burst's, so that opening will be refused and give the claim back; nothing was deleted: try again in a moment, and if no gateway is opening the site, delete the claim by hand (`vault kv metadata delete %s`) first", site, held.holder(), v.claimRef(site), v.BurstName(site), v.claimRef(site))
 		}
 		select {
 		case <-ctx.Done():
@@ -293,7 +293,7 @@ func (v *Vault) holdBurst(ctx context.Context, c *vault.Client, site, claim, by 
 // that is bound to fail (it reads the role right after taking the claim,
 // and releases the claim at once when it exists).
 const (
-	holdTries = 4
+	holdTries = 5 // 2 s in all
 	holdWait  = 500 * time.Millisecond
 )
 
