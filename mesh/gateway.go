@@ -43,6 +43,7 @@ type Gateway struct {
 	dev     Device
 
 	ml      *memberlist.Memberlist
+	traffic gossipTraffic // counted by the gossip transport
 	queue   *memberlist.TransmitLimitedQueue
 	members *membership
 	policy  atomic.Pointer[adoptedPolicy]
@@ -130,7 +131,6 @@ type options struct {
 	noMigrations bool                     // no migration journal, receiver or sender
 	cache        *certs.VerifyCache       // share verified adverts across gateways
 	tune         func(*memberlist.Config) // adjust memberlist after the profile
-	transport    func(*memberlist.Config) (memberlist.Transport, error)
 }
 
 func newGateway(ctx context.Context, s *Settings, logger *slog.Logger, opt options) (*Gateway, error) {
@@ -462,19 +462,11 @@ func (g *Gateway) startGossip() error {
 	if g.opt.tune != nil {
 		g.opt.tune(cfg)
 	}
-	if g.opt.transport != nil {
-		t, err := g.opt.transport(cfg)
-		if err != nil {
-			return err
-		}
-		cfg.Transport = t
-	} else {
-		t, err := newGossipTransport(g.s.GossipBind, g.log)
-		if err != nil {
-			return fmt.Errorf("start gossip: %w", err)
-		}
-		cfg.Transport = t
+	t, err := newGossipTransport(g.s.GossipBind, g.log, &g.traffic)
+	if err != nil {
+		return fmt.Errorf("start gossip: %w", err)
 	}
+	cfg.Transport = t
 	ml, err := memberlist.Create(cfg)
 	if err != nil {
 		cfg.Transport.Shutdown()

@@ -243,6 +243,10 @@ var (
 		"Migrations in progress, by role.", []string{"role"}, nil)
 	descIdentityExpiry = prometheus.NewDesc("skybridge_identity_expiry_timestamp_seconds",
 		"Unix time when this gateway's mesh certificate expires.", nil, nil)
+	descGossipPackets = prometheus.NewDesc("skybridge_gossip_packets_total",
+		"Gossip datagrams (probes, gossip, small requests), by direction (sent, received).", []string{"direction"}, nil)
+	descGossipBytes = prometheus.NewDesc("skybridge_gossip_bytes_total",
+		"Gossip bytes as they cross the network (encrypted, without IP/UDP/TCP headers), by transport (udp: datagrams; tcp: push/pull exchanges and large messages) and direction.", []string{"transport", "direction"}, nil)
 	descInfo = prometheus.NewDesc("skybridge_gateway_info",
 		"The gateway's identity and configuration (value 1).", []string{"node", "site", "region", "jurisdiction", "mode", "policy"}, nil)
 )
@@ -256,6 +260,21 @@ type gatewayCollector struct{ g *Gateway }
 func (c *gatewayCollector) Describe(chan<- *prometheus.Desc) {}
 
 func (c *gatewayCollector) Collect(ch chan<- prometheus.Metric) {
+	tr := &c.g.traffic
+	for _, v := range []struct {
+		desc   *prometheus.Desc
+		n      *atomic.Int64
+		labels []string
+	}{
+		{descGossipPackets, &tr.packetsSent, []string{"sent"}},
+		{descGossipPackets, &tr.packetsReceived, []string{"received"}},
+		{descGossipBytes, &tr.packetBytesSent, []string{"udp", "sent"}},
+		{descGossipBytes, &tr.packetBytesReceived, []string{"udp", "received"}},
+		{descGossipBytes, &tr.streamBytesSent, []string{"tcp", "sent"}},
+		{descGossipBytes, &tr.streamBytesReceived, []string{"tcp", "received"}},
+	} {
+		ch <- prometheus.MustNewConstMetric(v.desc, prometheus.CounterValue, float64(v.n.Load()), v.labels...)
+	}
 	st, err := c.g.Status()
 	if err != nil {
 		ch <- prometheus.NewInvalidMetric(descMembers, err)

@@ -112,8 +112,9 @@ type simGateway struct {
 	}
 }
 
-// countingTransport counts the gossip bytes a member sends: UDP packets,
-// and both directions of the streams it dials (push/pull, user messages).
+// countingTransport counts the gossip bytes a reference member sends: UDP
+// packets, and both directions of the streams it dials (push/pull). The
+// gateways' own transport counts its traffic (gossipTraffic).
 type countingTransport struct {
 	memberlist.NodeAwareTransport
 	n *atomic.Int64
@@ -133,28 +134,11 @@ func (t countingTransport) DialAddressTimeout(a memberlist.Address, timeout time
 	if err != nil {
 		return nil, err
 	}
-	return countingConn{Conn: c, n: t.n}, nil
+	return countingConn{Conn: c, sent: t.n, received: t.n}, nil
 }
 
 func (t countingTransport) DialTimeout(addr string, timeout time.Duration) (net.Conn, error) {
 	return t.DialAddressTimeout(memberlist.Address{Addr: addr}, timeout)
-}
-
-type countingConn struct {
-	net.Conn
-	n *atomic.Int64
-}
-
-func (c countingConn) Read(b []byte) (int, error) {
-	n, err := c.Conn.Read(b)
-	c.n.Add(int64(n))
-	return n, err
-}
-
-func (c countingConn) Write(b []byte) (int, error) {
-	n, err := c.Conn.Write(b)
-	c.n.Add(int64(n))
-	return n, err
 }
 
 // provisionGateway issues attrs an identity valid for ttl, stores it in
@@ -215,7 +199,6 @@ func runScale(t *testing.T, n int) scaleResult {
 	}
 	tb, _ := ca.TrustBundle()
 	cache := certs.NewVerifyCache()
-	var gossipBytes atomic.Int64
 	log := slog.New(slog.DiscardHandler)
 	if f := os.Getenv("SKYBRIDGE_BENCH_LOG"); f != "" {
 		lf, err := os.Create(f)
@@ -252,13 +235,6 @@ func runScale(t *testing.T, n int) scaleResult {
 		dev := NewRecordingDevice(node)
 		g, err := newGateway(context.Background(), s, log, options{
 			device: dev, noControl: true, noMigrations: true, cache: cache, tune: scaleTuning,
-			transport: func(cfg *memberlist.Config) (memberlist.Transport, error) {
-				gt, err := newGossipTransport(ap, log)
-				if err != nil {
-					return nil, err
-				}
-				return countingTransport{NodeAwareTransport: gt, n: &gossipBytes}, nil
-			},
 		})
 		if err != nil {
 			t.Fatal(err)
@@ -400,7 +376,14 @@ func runScale(t *testing.T, n int) scaleResult {
 	}
 	r.converge = time.Since(lastJoin)
 	r.joinCPU = (processCPU() - cpuStart) / float64(n)
-	r.measureSteady(n, &gossipBytes)
+	// What the gateways send, streams counted at both ends: every byte of
+	// gossip once, as the reference's count below has it.
+	r.measureSteady(n, func() (sent int64) {
+		for _, s := range sims {
+			sent += s.g.traffic.packetBytesSent.Load() + s.g.traffic.streamBytesSent.Load()
+		}
+		return sent
+	})
 
 	// Crash one gateway (not a seed): no leave, it just stops.
 	victim := n / 2
@@ -502,7 +485,7 @@ func runPlainScale(t *testing.T, n int) scaleResult {
 	}
 	r.converge = time.Since(lastJoin)
 	r.joinCPU = (processCPU() - cpuStart) / float64(n)
-	r.measureSteady(n, &gossipBytes)
+	r.measureSteady(n, gossipBytes.Load)
 	victim := n / 2
 	counted := counting(n-1, victim)
 	mls[victim].Shutdown() // no leave: it just stops
@@ -544,17 +527,17 @@ func awaitAll(t *testing.T, what string, n int, done func(describe bool) int) (t
 // that the last joins set off (retransmissions, newcomers' follow-up
 // exchanges, the member list written once more) goes on for seconds after
 // convergence, and measured at once it tripled the figure at N = 100.
-func (r *scaleResult) measureSteady(n int, gossipBytes *atomic.Int64) {
+func (r *scaleResult) measureSteady(n int, gossipBytes func() int64) {
 	time.Sleep(settle)
 	runtime.GC()
 	var ms runtime.MemStats
 	runtime.ReadMemStats(&ms)
 	r.heap = ms.HeapInuse / uint64(n)
-	cpu0, bytes0, t0 := processCPU(), gossipBytes.Load(), time.Now()
+	cpu0, bytes0, t0 := processCPU(), gossipBytes(), time.Now()
 	time.Sleep(steadyWindow)
 	el := time.Since(t0).Seconds()
 	r.cpuPct = 100 * (processCPU() - cpu0) / el / float64(n)
-	r.gossipBps = float64(gossipBytes.Load()-bytes0) / el / float64(n)
+	r.gossipBps = float64(gossipBytes()-bytes0) / el / float64(n)
 }
 
 func maxSize() int {

@@ -22,6 +22,7 @@ import (
 // buffer per socket is reused and each packet gets an exact-size copy.
 type gossipTransport struct {
 	log      *slog.Logger
+	traffic  *gossipTraffic
 	udp      *net.UDPConn
 	tcp      *net.TCPListener
 	packets  chan *memberlist.Packet
@@ -33,6 +34,38 @@ type gossipTransport struct {
 
 var _ memberlist.NodeAwareTransport = (*gossipTransport)(nil)
 
+// gossipTraffic counts a gateway's gossip as it crosses the network,
+// encrypted: datagrams (probes, gossip, small requests) and the bytes of
+// TCP streams (push/pull exchanges, large messages), each way. The
+// gateway exports it as metrics; the scale benchmark reads it.
+type gossipTraffic struct {
+	packetsSent, packetsReceived         atomic.Int64
+	packetBytesSent, packetBytesReceived atomic.Int64
+	streamBytesSent, streamBytesReceived atomic.Int64
+}
+
+// countingConn counts a stream's bytes each way.
+type countingConn struct {
+	net.Conn
+	sent, received *atomic.Int64
+}
+
+func (c countingConn) Read(b []byte) (int, error) {
+	n, err := c.Conn.Read(b)
+	c.received.Add(int64(n))
+	return n, err
+}
+
+func (c countingConn) Write(b []byte) (int, error) {
+	n, err := c.Conn.Write(b)
+	c.sent.Add(int64(n))
+	return n, err
+}
+
+func (t *gossipTransport) counted(c net.Conn) net.Conn {
+	return countingConn{Conn: c, sent: &t.traffic.streamBytesSent, received: &t.traffic.streamBytesReceived}
+}
+
 // maxDatagram is the largest UDP payload there is; the read buffer must
 // hold any datagram whole, or the kernel truncates it.
 const maxDatagram = 65535
@@ -41,7 +74,8 @@ const maxDatagram = 65535
 // does), so that a burst of gossip is queued rather than dropped.
 const gossipRecvBuffer = 2 << 20
 
-func newGossipTransport(bind netip.AddrPort, log *slog.Logger) (*gossipTransport, error) {
+// newGossipTransport binds bind for UDP and TCP, counting into traffic.
+func newGossipTransport(bind netip.AddrPort, log *slog.Logger, traffic *gossipTraffic) (*gossipTransport, error) {
 	tcp, err := net.ListenTCP("tcp", net.TCPAddrFromAddrPort(bind))
 	if err != nil {
 		return nil, fmt.Errorf("gossip TCP listener on %s: %w", bind, err)
@@ -58,7 +92,7 @@ func newGossipTransport(bind netip.AddrPort, log *slog.Logger) (*gossipTransport
 			break
 		}
 	}
-	t := &gossipTransport{log: log, udp: udp, tcp: tcp, packets: make(chan *memberlist.Packet), streams: make(chan net.Conn), done: make(chan struct{})}
+	t := &gossipTransport{log: log, traffic: traffic, udp: udp, tcp: tcp, packets: make(chan *memberlist.Packet), streams: make(chan net.Conn), done: make(chan struct{})}
 	t.wg.Add(2)
 	go t.readPackets()
 	go t.acceptStreams()
@@ -101,7 +135,11 @@ func (t *gossipTransport) WriteToAddress(b []byte, a memberlist.Address) (time.T
 		}
 		ap = ua.AddrPort()
 	}
-	_, err = t.udp.WriteToUDPAddrPort(b, ap)
+	n, err := t.udp.WriteToUDPAddrPort(b, ap)
+	if err == nil {
+		t.traffic.packetsSent.Add(1)
+		t.traffic.packetBytesSent.Add(int64(n))
+	}
 	return time.Now(), err
 }
 
@@ -113,7 +151,11 @@ func (t *gossipTransport) DialTimeout(addr string, timeout time.Duration) (net.C
 
 func (t *gossipTransport) DialAddressTimeout(a memberlist.Address, timeout time.Duration) (net.Conn, error) {
 	d := net.Dialer{Timeout: timeout}
-	return d.Dial("tcp", a.Addr)
+	c, err := d.Dial("tcp", a.Addr)
+	if err != nil {
+		return nil, err
+	}
+	return t.counted(c), nil
 }
 
 func (t *gossipTransport) StreamCh() <-chan net.Conn { return t.streams }
@@ -145,6 +187,8 @@ func (t *gossipTransport) readPackets() {
 		if n == 0 {
 			continue
 		}
+		t.traffic.packetsReceived.Add(1)
+		t.traffic.packetBytesReceived.Add(int64(n))
 		// A dual-stack socket reports IPv4 senders as ::ffff:a.b.c.d.
 		from = netip.AddrPortFrom(from.Addr().Unmap(), from.Port())
 		select {
@@ -176,7 +220,7 @@ func (t *gossipTransport) acceptStreams() {
 		}
 		delay = 0
 		select {
-		case t.streams <- c:
+		case t.streams <- t.counted(c):
 		case <-t.done:
 			c.Close()
 			return

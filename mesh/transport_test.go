@@ -18,11 +18,12 @@ import (
 // port if none), and shutdown returns.
 func TestGossipTransport(t *testing.T) {
 	lo := netip.MustParseAddr("127.0.0.1")
-	a, err := newGossipTransport(netip.AddrPortFrom(lo, 0), slog.New(slog.DiscardHandler))
+	var aTraffic, bTraffic gossipTraffic
+	a, err := newGossipTransport(netip.AddrPortFrom(lo, 0), slog.New(slog.DiscardHandler), &aTraffic)
 	if err != nil {
 		t.Fatal(err)
 	}
-	b, err := newGossipTransport(netip.AddrPortFrom(lo, 0), slog.New(slog.DiscardHandler))
+	b, err := newGossipTransport(netip.AddrPortFrom(lo, 0), slog.New(slog.DiscardHandler), &bTraffic)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -69,16 +70,47 @@ func TestGossipTransport(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	go func() { c.Write([]byte("push/pull")); c.Close() }()
+	answered := make(chan []byte, 1)
+	go func() {
+		c.Write([]byte("push/pull"))
+		got, _ := io.ReadAll(c)
+		c.Close()
+		answered <- got
+	}()
 	select {
 	case s := <-b.StreamCh():
-		got, _ := io.ReadAll(s)
+		got := make([]byte, len("push/pull"))
+		io.ReadFull(s, got)
+		s.Write([]byte("state"))
 		s.Close()
 		if string(got) != "push/pull" {
 			t.Fatalf("stream carried %q", got)
 		}
 	case <-time.After(5 * time.Second):
 		t.Fatal("no stream within 5 s")
+	}
+	if got := <-answered; string(got) != "state" {
+		t.Fatalf("the stream's answer was %q", got)
+	}
+
+	// Both ends counted all of it, each way.
+	for _, c := range []struct {
+		what      string
+		got, want int64
+	}{
+		{"a: datagrams sent", aTraffic.packetsSent.Load(), 2},
+		{"a: datagram bytes sent", aTraffic.packetBytesSent.Load(), 1404},
+		{"b: datagrams received", bTraffic.packetsReceived.Load(), 2},
+		{"b: datagram bytes received", bTraffic.packetBytesReceived.Load(), 1404},
+		{"a: stream bytes sent", aTraffic.streamBytesSent.Load(), 9},
+		{"a: stream bytes received", aTraffic.streamBytesReceived.Load(), 5},
+		{"b: stream bytes received", bTraffic.streamBytesReceived.Load(), 9},
+		{"b: stream bytes sent", bTraffic.streamBytesSent.Load(), 5},
+		{"b: datagrams sent", bTraffic.packetsSent.Load(), 0},
+	} {
+		if c.got != c.want {
+			t.Errorf("%s: %d, want %d", c.what, c.got, c.want)
+		}
 	}
 
 	// Shut down with a datagram and a stream that nobody takes (memberlist
