@@ -131,33 +131,13 @@ operator { listen = "127.0.0.1:0" }
 	qcow := filepath.Join(dir, "vm.qcow2")
 	size := int64(envInt("SKYBRIDGE_BENCH_FOOTPRINT_GIB", 4)) << 30
 	makeImage(t, raw, qcow, size, 40<<20, 10<<20)
-	var mu sync.Mutex
-	peak := map[int]int64{}
-	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	wg.Go(func() {
-		tick := time.NewTicker(50 * time.Millisecond)
-		defer tick.Stop()
-		for {
-			select {
-			case <-stop:
-				return
-			case <-tick.C:
-				mu.Lock()
-				for _, p := range []int{one, two} {
-					peak[p] = max(peak[p], procKiB(p, "VmRSS"))
-				}
-				mu.Unlock()
-			}
-		}
-	})
+	stopRSS := peakRSS(one, two)
 	s1, s2 := cpuOf(one), cpuOf(two)
 	start := time.Now()
 	ch, cmd := startMigration(t, "migrate", "run", raw, "--to", "site-002", "--class", "risk-batch", "--socket", gws[0].socket)
 	ev := lastEvent(t, ch, cmd)
 	wall := time.Since(start)
-	close(stop)
-	wg.Wait()
+	peak := stopRSS()
 	if ev.Record == nil || ev.Record.State != "done" {
 		t.Fatalf("migration: %+v", ev)
 	}
@@ -170,11 +150,39 @@ operator { listen = "127.0.0.1:0" }
 	fmt.Fprintf(&b, "| idle, %s window | %.1f MiB (all %d gateways: median %.1f MiB, max %.1f MiB) | %.2f %% of a core (mean of all gateways %.2f %%) |\n",
 		idle, float64(rssOne)/1024, n, float64(rss[len(rss)/2])/1024, float64(rss[len(rss)-1])/1024, 100*idleCPU, 100*idleAll)
 	fmt.Fprintf(&b, "| sending a %d MiB-allocated image (%.1f s, %.0f MiB/s) | peak %.1f MiB | %.2f cores (%.2f s per allocated GiB) |\n",
-		int64(alloc)>>20, wall.Seconds(), alloc/(1<<20)/wall.Seconds(), float64(peak[one])/1024, sendCPU/wall.Seconds(), sendCPU/(alloc/(1<<30)))
+		int64(alloc)>>20, wall.Seconds(), alloc/(1<<20)/wall.Seconds(), float64(peak[0])/1024, sendCPU/wall.Seconds(), sendCPU/(alloc/(1<<30)))
 	fmt.Fprintf(&b, "| receiving it | peak %.1f MiB | %.2f cores (%.2f s per allocated GiB) |\n",
-		float64(peak[two])/1024, recvCPU/wall.Seconds(), recvCPU/(alloc/(1<<30)))
+		float64(peak[1])/1024, recvCPU/wall.Seconds(), recvCPU/(alloc/(1<<30)))
 	t.Log(b.String())
 	fmt.Println(b.String())
+}
+
+// peakRSS samples the resident set of each of pids every 50 ms until
+// the returned stop is called, which returns each one's peak in KiB (in
+// the order of pids).
+func peakRSS(pids ...int) (stop func() []int64) {
+	peaks := make([]int64, len(pids))
+	done := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		tick := time.NewTicker(50 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			for i, p := range pids {
+				peaks[i] = max(peaks[i], procKiB(p, "VmRSS"))
+			}
+			select {
+			case <-done:
+				return
+			case <-tick.C:
+			}
+		}
+	})
+	return func() []int64 {
+		close(done)
+		wg.Wait()
+		return peaks
+	}
 }
 
 // procKiB reads a "kB" field of /proc/PID/status (VmRSS, VmHWM).
