@@ -85,7 +85,11 @@ func TestBenchMigrateVsRsync(t *testing.T) {
 		wire, cpuSend float64
 		cpuRecv       float64
 		allocated     int64
-		rss           []int64 // peak KiB of the sending and receiving gateways
+		// The sending and receiving gateways' RSS in KiB as the row
+		// starts (Go returns freed memory to the system slowly, so a row
+		// starts from what the one before left) and at its peak. Not
+		// printed for the resume row, whose sender is a new process.
+		rssStart, rss []int64
 	}
 	var rows []row
 	// CPU is counted on both sites for every tool alike: the gateway
@@ -106,13 +110,14 @@ func TestBenchMigrateVsRsync(t *testing.T) {
 		syscall.Sync()
 		w0 := wire()
 		s0, r0 := sendCPU(), recvCPU()
+		rssStart := []int64{procKiB(gwPID(zrh), "VmRSS"), procKiB(gwPID(fra), "VmRSS")}
 		stopRSS := peakRSS(gwPID(zrh), gwPID(fra))
 		start := time.Now()
 		run()
 		wall := time.Since(start)
 		rss := stopRSS()
 		waitReaped(daemon.Process.Pid)
-		r := row{name: name, wall: wall, wire: (wire() - w0) / mib, cpuSend: sendCPU() - s0, cpuRecv: recvCPU() - r0, allocated: allocated, rss: rss}
+		r := row{name: name, wall: wall, wire: (wire() - w0) / mib, cpuSend: sendCPU() - s0, cpuRecv: recvCPU() - r0, allocated: allocated, rssStart: rssStart, rss: rss}
 		t.Logf("%s: %.2f s, %.0f MiB through the tunnel", name, wall.Seconds(), r.wire)
 		return r
 	}
@@ -141,7 +146,6 @@ func TestBenchMigrateVsRsync(t *testing.T) {
 	// SKYBRIDGE_BENCH_PERF samples both gateways through 10 s of a
 	// migration of their own: where a migration's cycles go, WireGuard
 	// included. Not a row of the table: perf slows what it watches.
-	idleRSS := []int64{procKiB(gwPID(zrh), "VmRSS"), procKiB(gwPID(fra), "VmRSS")}
 	syscall.Sync()
 	if stop, sampling := l.perfRecord("migrate raw", 0, []int{gwPID(zrh), gwPID(fra)}, 10); sampling {
 		migrate("bench-perf", raw, "raw")()
@@ -241,9 +245,11 @@ func TestBenchMigrateVsRsync(t *testing.T) {
 	fmt.Fprintf(&b, "| overlay TCP throughput (iperf3, same tunnel, 5 s before and after the next row) | %.0f MiB/s (%.0f and %.0f) |\n", overlayMiBs, before, after)
 	fmt.Fprintf(&b, "| migration of %d MiB of random data | %.0f MiB/s = %.0f %% of the overlay; CPU %.2f s per GiB |\n", noiseRow.allocated>>20, noiseMiBs, 100*noiseMiBs/overlayMiBs,
 		(noiseRow.cpuSend+noiseRow.cpuRecv)/(float64(noiseRow.allocated)/(1<<30)))
-	fmt.Fprintf(&b, "| the gateways' peak RSS, sender / receiver (TUN mode, one peer; %.0f / %.0f MiB before the first migration) | raw → raw %.0f / %.0f MiB, qcow2 → qcow2 %.0f / %.0f MiB, random data %.0f / %.0f MiB |\n",
-		float64(idleRSS[0])/1024, float64(idleRSS[1])/1024, float64(rows[0].rss[0])/1024, float64(rows[0].rss[1])/1024,
-		float64(rows[3].rss[0])/1024, float64(rows[3].rss[1])/1024, float64(noiseRow.rss[0])/1024, float64(noiseRow.rss[1])/1024)
+	rssOf := func(r row) string {
+		return fmt.Sprintf("%.0f / %.0f MiB (from %.0f / %.0f)", float64(r.rss[0])/1024, float64(r.rss[1])/1024, float64(r.rssStart[0])/1024, float64(r.rssStart[1])/1024)
+	}
+	fmt.Fprintf(&b, "| the gateways' peak RSS, sender / receiver (TUN mode, one peer; from: as the row started) | raw → raw %s, qcow2 → qcow2 %s, random data %s |\n",
+		rssOf(rows[0]), rssOf(rows[3]), rssOf(noiseRow))
 	fmt.Fprintf(&b, "| sender killed at 50 %%, restarted, resumed | %.2f s in all; %.0f MiB through the tunnel vs %.0f MiB for a clean run (%+.0f MiB); the resume skipped %d of %d chunks unread |\n",
 		resumeRow.wall.Seconds(), resumeRow.wire, rows[0].wire, resumeWire, resumed.ChunksResumed, resumed.Chunks)
 	fmt.Fprintf(&b, "| re-sync after changing 1 %% of the allocated bytes (%d MiB in 16 places) | %d chunks sent, %.0f MiB raw = %.2f %% of the allocated bytes (%.2f %% of the virtual size), %.0f MiB through the tunnel, %.2f s; %d chunks reused |\n",
