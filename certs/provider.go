@@ -202,13 +202,25 @@ func (p *Provider) KeepRenewed(ctx context.Context, id *NodeIdentity, onRenew fu
 				break
 			}
 			left := c.NotAfter.Sub(p.now())
-			p.log.Error("certificate renewal failed", "err", err, "node", attrs.Node, "expires_in", left.Round(time.Second), "retry_in", backoff)
-			if err := sleepUntil(ctx, p.now, p.now().Add(backoff)); err != nil {
+			wait := renewalRetryWait(backoff, left)
+			p.log.Error("certificate renewal failed", "err", err, "node", attrs.Node, "expires_in", left.Round(100*time.Millisecond), "retry_in", wait.Round(10*time.Millisecond))
+			if err := sleepUntil(ctx, p.now, p.now().Add(wait)); err != nil {
 				return err
 			}
 			backoff = min(2*backoff, max(5*time.Second, left/10), 5*time.Minute)
 		}
 	}
+}
+
+// renewalRetryWait is how long a failed renewal waits before trying
+// again: its backoff, but while the certificate is valid at most half the
+// time it has left (and not under 100 ms), so that near the end the next
+// try comes before the end rather than after it.
+func renewalRetryWait(backoff, left time.Duration) time.Duration {
+	if left <= 0 {
+		return backoff
+	}
+	return min(backoff, max(left/2, 100*time.Millisecond))
 }
 
 func sleepUntil(ctx context.Context, now func() time.Time, at time.Time) error {

@@ -68,6 +68,22 @@ func TestProviderFileOffline(t *testing.T) {
 	}
 }
 
+func TestRenewalRetryWait(t *testing.T) {
+	for _, c := range []struct{ backoff, left, want time.Duration }{
+		{time.Second, time.Hour, time.Second},                             // far from the end: the backoff
+		{5 * time.Minute, time.Hour, 5 * time.Minute},                     // the backoff's cap
+		{2 * time.Second, 3 * time.Second, 1500 * time.Millisecond},       // the backoff would reach the end
+		{2 * time.Second, 2 * time.Second, time.Second},                   // it would be the end
+		{4 * time.Second, 500 * time.Millisecond, 250 * time.Millisecond}, // closer still
+		{time.Second, 50 * time.Millisecond, 100 * time.Millisecond},      // not a spin
+		{time.Second, -time.Minute, time.Second},                          // expired: the backoff again
+	} {
+		if got := renewalRetryWait(c.backoff, c.left); got != c.want {
+			t.Errorf("renewalRetryWait(%v, %v) = %v, want %v", c.backoff, c.left, got, c.want)
+		}
+	}
+}
+
 func TestProviderIssuesAndRenews(t *testing.T) {
 	ca := newTestCA(t)
 	attrs := testAttrs("gw1", "onprem-zrh", "100.96.0.1", "10.1.0.0/16")

@@ -42,6 +42,13 @@ type Vault struct {
 	log        *slog.Logger
 	stop       context.CancelFunc
 	wg         sync.WaitGroup
+
+	// loginMu serialises logins; logins counts them, so that requests
+	// refused together log in again once. fresh hands a login made for
+	// a refused request to maintainLogin, which then renews that one.
+	loginMu sync.Mutex
+	logins  uint64
+	fresh   chan *vault.Secret
 }
 
 var (
@@ -75,8 +82,8 @@ func OpenVault(ctx context.Context, cfg *VaultConfig, meshPrefix netip.Prefix, l
 	if cfg.Namespace != "" {
 		client.SetNamespace(cfg.Namespace)
 	}
-	v := &Vault{client: client, cfg: cfg, meshPrefix: meshPrefix, log: log.With("vault", vc.Address)}
-	secret, err := v.login(ctx)
+	v := &Vault{client: client, cfg: cfg, meshPrefix: meshPrefix, log: log.With("vault", vc.Address), fresh: make(chan *vault.Secret, 1)}
+	secret, err := v.loginCounted(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -150,16 +157,79 @@ func (v *Vault) login(ctx context.Context) (*vault.Secret, error) {
 	return nil, fmt.Errorf("vault auth method %q is not supported", a.Method)
 }
 
+// loginCounted logs in, one login at a time, and counts it.
+func (v *Vault) loginCounted(ctx context.Context) (*vault.Secret, error) {
+	v.loginMu.Lock()
+	defer v.loginMu.Unlock()
+	s, err := v.login(ctx)
+	if err == nil {
+		v.logins++
+		select { // a login withLogin made before this one is superseded
+		case <-v.fresh:
+		default:
+		}
+	}
+	return s, err
+}
+
+func (v *Vault) loginCount() uint64 {
+	v.loginMu.Lock()
+	defer v.loginMu.Unlock()
+	return v.logins
+}
+
+// withLogin runs a request with the gateway's token and, if Vault refuses
+// the token as invalid, logs in again at once and runs it once more. The
+// watcher that renews the token can be late — a host that was suspended,
+// a Vault or a host under load — and a certificate must not expire
+// waiting for it. A request refused for want of a permission fails
+// again, and its error is returned.
+func (v *Vault) withLogin(ctx context.Context, req func() error) error {
+	seen := v.loginCount()
+	err := req()
+	if !isInvalidToken(err) {
+		return err
+	}
+	v.loginMu.Lock()
+	if v.logins == seen { // nobody has logged in since the refusal
+		s, lerr := v.login(ctx)
+		if lerr != nil {
+			v.loginMu.Unlock()
+			return fmt.Errorf("%w (and logging in again: %v)", err, lerr)
+		}
+		v.logins++
+		v.log.Info("vault refused the token: logged in again")
+		select { // the newest login replaces one maintainLogin has not taken
+		case <-v.fresh:
+		default:
+		}
+		v.fresh <- s
+	}
+	v.loginMu.Unlock()
+	return req()
+}
+
+// isInvalidToken reports whether Vault refused a request's token itself
+// (expired, revoked), as opposed to its permissions.
+func isInvalidToken(err error) bool {
+	var re *vault.ResponseError
+	return errors.As(err, &re) && re.StatusCode == http.StatusForbidden &&
+		strings.Contains(strings.Join(re.Errors, " "), "invalid token")
+}
+
 // maintainLogin renews the token while Vault allows and logs in again when
 // it does not (maximum TTL reached, token revoked).
 func (v *Vault) maintainLogin(ctx context.Context, secret *vault.Secret) {
 	backoff := time.Second
 	for {
-		v.waitForLoginEnd(ctx, secret)
+		if s := v.waitForLoginEnd(ctx, secret); s != nil {
+			secret = s // a refused request logged in again: renew that login
+			continue
+		}
 		if ctx.Err() != nil {
 			return
 		}
-		s, err := v.login(ctx)
+		s, err := v.loginCounted(ctx)
 		if err != nil {
 			v.log.Error("vault re-login failed", "err", err, "retry_in", backoff)
 			select {
@@ -177,27 +247,29 @@ func (v *Vault) maintainLogin(ctx context.Context, secret *vault.Secret) {
 }
 
 // waitForLoginEnd returns when the login in secret can no longer be used
-// (or ctx ends).
-func (v *Vault) waitForLoginEnd(ctx context.Context, secret *vault.Secret) {
+// (or ctx ends), or with a newer login that withLogin made meanwhile.
+func (v *Vault) waitForLoginEnd(ctx context.Context, secret *vault.Secret) *vault.Secret {
 	auth := secret.Auth
 	switch {
 	case auth.Renewable:
 		w, err := v.client.NewLifetimeWatcher(&vault.LifetimeWatcherInput{Secret: secret})
 		if err != nil {
 			v.log.Error("vault token watcher", "err", err)
-			return
+			return nil
 		}
 		go w.Start()
 		defer w.Stop()
 		for {
 			select {
 			case <-ctx.Done():
-				return
+				return nil
+			case s := <-v.fresh:
+				return s
 			case err := <-w.DoneCh():
 				if err != nil {
 					v.log.Warn("vault token renewal ended", "err", err)
 				}
-				return
+				return nil
 			case r := <-w.RenewCh():
 				v.log.Debug("vault token renewed", "ttl_s", r.Secret.Auth.LeaseDuration)
 			}
@@ -206,10 +278,18 @@ func (v *Vault) waitForLoginEnd(ctx context.Context, secret *vault.Secret) {
 		// Not renewable but expiring: log in again shortly before.
 		select {
 		case <-ctx.Done():
+		case s := <-v.fresh:
+			return s
 		case <-time.After(time.Duration(auth.LeaseDuration) * time.Second * 9 / 10):
 		}
+		return nil
 	default:
-		<-ctx.Done() // a token without TTL (root) never needs renewal
+		select { // a token without TTL (root) never needs renewal
+		case <-ctx.Done():
+		case s := <-v.fresh:
+			return s
+		}
+		return nil
 	}
 }
 
@@ -230,7 +310,11 @@ func (v *Vault) Sign(ctx context.Context, csrPEM []byte, attrs Attributes, ttl t
 	if ttl > 0 { // else the role decides: a burst role's not_after refuses any ttl
 		req["ttl"] = ttl.String()
 	}
-	s, err := v.client.Logical().WriteWithContext(ctx, path.Join(v.cfg.PKIMount, "sign", v.cfg.PKIRole), req)
+	var s *vault.Secret
+	err := v.withLogin(ctx, func() (err error) {
+		s, err = v.client.Logical().WriteWithContext(ctx, path.Join(v.cfg.PKIMount, "sign", v.cfg.PKIRole), req)
+		return err
+	})
 	if err != nil {
 		return nil, fmt.Errorf("vault %s/sign/%s: %w", v.cfg.PKIMount, v.cfg.PKIRole, err)
 	}
@@ -276,7 +360,11 @@ func (v *Vault) Trust(ctx context.Context) (*TrustBundle, error) {
 }
 
 func (v *Vault) readPEM(ctx context.Context, p string) ([]byte, error) {
-	s, err := v.client.Logical().ReadWithContext(ctx, p)
+	var s *vault.Secret
+	err := v.withLogin(ctx, func() (err error) {
+		s, err = v.client.Logical().ReadWithContext(ctx, p)
+		return err
+	})
 	if err != nil {
 		return nil, fmt.Errorf("vault read %s: %w", p, err)
 	}
@@ -292,7 +380,10 @@ func (v *Vault) readPEM(ctx context.Context, p string) ([]byte, error) {
 
 // Revoke implements Issuer with pki/revoke.
 func (v *Vault) Revoke(ctx context.Context, serial *big.Int) error {
-	_, err := v.client.Logical().WriteWithContext(ctx, path.Join(v.cfg.PKIMount, "revoke"), map[string]any{"serial_number": FormatSerial(serial)})
+	err := v.withLogin(ctx, func() error {
+		_, err := v.client.Logical().WriteWithContext(ctx, path.Join(v.cfg.PKIMount, "revoke"), map[string]any{"serial_number": FormatSerial(serial)})
+		return err
+	})
 	if err != nil {
 		return fmt.Errorf("vault revoke %s: %w", FormatSerial(serial), err)
 	}

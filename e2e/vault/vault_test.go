@@ -23,6 +23,7 @@ import (
 	"github.com/hashicorp/vault/vault"
 
 	"github.com/skybridge-mesh/skybridge/certs"
+	"github.com/skybridge-mesh/skybridge/internal/syncbuf"
 )
 
 var meshPrefix = netip.MustParsePrefix("100.96.0.0/16")
@@ -348,6 +349,55 @@ func TestVaultRenewal(t *testing.T) {
 		case <-deadline:
 			t.Fatalf("only %d renewals within 45 s", i)
 		}
+	}
+}
+
+// TestVaultReloginWhenTokenRefused: a token revoked (or expired) before
+// its watcher notices is refused by Vault; the request that met the
+// refusal logs in again at once and succeeds, instead of failing until
+// the watcher catches up — a certificate renewal must not wait for it.
+func TestVaultReloginWhenTokenRefused(t *testing.T) {
+	e := startVault(t)
+	ctx := t.Context()
+	dir := t.TempDir()
+	roleFile, secretFile := e.appRole(t, dir, false)
+	cfg := e.config(filepath.Join(dir, "id"), certs.VaultAuth{Method: "approle", RoleIDFile: roleFile, SecretIDFile: secretFile})
+	var logs syncbuf.Buffer
+	p, err := certs.Open(ctx, cfg, slog.New(slog.NewTextHandler(&logs, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+
+	// Revoke every token but root's: the gateway's hour-long token is
+	// now invalid, and its watcher will not renew it for 40 minutes.
+	self, err := e.root.Auth().Token().LookupSelf()
+	must(t, err)
+	rootAccessor, _ := self.Data["accessor"].(string)
+	list, err := e.root.Logical().List("auth/token/accessors")
+	must(t, err)
+	revoked := 0
+	for _, a := range list.Data["keys"].([]any) {
+		if a.(string) == rootAccessor {
+			continue
+		}
+		write(t, e.root, "auth/token/revoke-accessor", map[string]any{"accessor": a})
+		revoked++
+	}
+	if revoked == 0 {
+		t.Fatal("no gateway token to revoke")
+	}
+
+	// Issuing signs with Vault's PKI, which needs the token.
+	id, _, err := p.Identity(ctx, attrs("gw-fra-3", "aws-eu-central-1", "100.96.1.3"))
+	if err != nil {
+		t.Fatalf("identity with a revoked token: %v", err)
+	}
+	if id.Attributes().Node != "gw-fra-3" {
+		t.Fatalf("certified %+v", id.Attributes())
+	}
+	if n := strings.Count(logs.String(), "vault refused the token: logged in again"); n != 1 {
+		t.Fatalf("logged in again %d times, want once:\n%s", n, logs.String())
 	}
 }
 
