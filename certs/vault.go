@@ -401,7 +401,15 @@ func (v *Vault) gossipPath() string { return path.Join(v.cfg.KVPrefix, "gossip")
 // WireGuardKey implements SecretStore: KV v2 at <prefix>/nodes/<node>/wireguard,
 // created with check-and-set 0 so two starts of one gateway cannot store
 // two different keys.
-func (v *Vault) WireGuardKey(ctx context.Context, node string) (WGPrivateKey, error) {
+func (v *Vault) WireGuardKey(ctx context.Context, node string) (k WGPrivateKey, err error) {
+	err = v.withLogin(ctx, func() (err error) {
+		k, err = v.wireGuardKey(ctx, node)
+		return err
+	})
+	return k, err
+}
+
+func (v *Vault) wireGuardKey(ctx context.Context, node string) (WGPrivateKey, error) {
 	for range 3 {
 		s, err := v.kv().Get(ctx, v.wgPath(node))
 		if err == nil {
@@ -433,7 +441,10 @@ func (v *Vault) WireGuardKey(ctx context.Context, node string) (WGPrivateKey, er
 // SetWireGuardKey implements SecretStore: a new version of the KV secret
 // (the old versions stay in Vault's history, as KV v2 keeps them).
 func (v *Vault) SetWireGuardKey(ctx context.Context, node string, k WGPrivateKey) error {
-	if _, err := v.kv().Put(ctx, v.wgPath(node), map[string]any{"private_key": k.Base64Secret()}); err != nil {
+	if err := v.withLogin(ctx, func() error {
+		_, err := v.kv().Put(ctx, v.wgPath(node), map[string]any{"private_key": k.Base64Secret()})
+		return err
+	}); err != nil {
 		return fmt.Errorf("vault store WireGuard key: %w", err)
 	}
 	return nil
@@ -442,7 +453,7 @@ func (v *Vault) SetWireGuardKey(ctx context.Context, node string, k WGPrivateKey
 // DeleteWireGuardKey destroys every version of node's WireGuard key: a
 // burst gateway does so when its burst ends.
 func (v *Vault) DeleteWireGuardKey(ctx context.Context, node string) error {
-	if err := v.kv().DeleteMetadata(ctx, v.wgPath(node)); err != nil {
+	if err := v.withLogin(ctx, func() error { return v.kv().DeleteMetadata(ctx, v.wgPath(node)) }); err != nil {
 		return fmt.Errorf("vault delete WireGuard key: %w", err)
 	}
 	return nil
@@ -450,8 +461,11 @@ func (v *Vault) DeleteWireGuardKey(ctx context.Context, node string) error {
 
 // GossipKeyring implements SecretStore: KV v2 at <prefix>/gossip. The first
 // gateway to start creates it (check-and-set 0); everyone else reads it.
-func (v *Vault) GossipKeyring(ctx context.Context) (*GossipKeyring, error) {
-	kr, _, err := v.readKeyring(ctx, true)
+func (v *Vault) GossipKeyring(ctx context.Context) (kr *GossipKeyring, err error) {
+	err = v.withLogin(ctx, func() (err error) {
+		kr, _, err = v.readKeyring(ctx, true)
+		return err
+	})
 	return kr, err
 }
 
@@ -487,6 +501,10 @@ func (v *Vault) readKeyring(ctx context.Context, create bool) (*GossipKeyring, i
 
 // UpdateGossipKeyring implements SecretStore with a check-and-set loop.
 func (v *Vault) UpdateGossipKeyring(ctx context.Context, update func(*GossipKeyring) (*GossipKeyring, error)) error {
+	return v.withLogin(ctx, func() error { return v.updateGossipKeyring(ctx, update) })
+}
+
+func (v *Vault) updateGossipKeyring(ctx context.Context, update func(*GossipKeyring) (*GossipKeyring, error)) error {
 	for range 5 {
 		cur, version, err := v.readKeyring(ctx, false)
 		if err != nil {

@@ -370,25 +370,28 @@ func TestVaultReloginWhenTokenRefused(t *testing.T) {
 	defer p.Close()
 
 	// Revoke every token but root's: the gateway's hour-long token is
-	// now invalid, and its watcher will not renew it for 40 minutes.
+	// then invalid, and its watcher would not renew it for 40 minutes.
 	self, err := e.root.Auth().Token().LookupSelf()
 	must(t, err)
 	rootAccessor, _ := self.Data["accessor"].(string)
-	list, err := e.root.Logical().List("auth/token/accessors")
-	must(t, err)
-	revoked := 0
-	for _, a := range list.Data["keys"].([]any) {
-		if a.(string) == rootAccessor {
-			continue
+	revokeGateway := func() {
+		list, err := e.root.Logical().List("auth/token/accessors")
+		must(t, err)
+		revoked := 0
+		for _, a := range list.Data["keys"].([]any) {
+			if a.(string) != rootAccessor {
+				write(t, e.root, "auth/token/revoke-accessor", map[string]any{"accessor": a})
+				revoked++
+			}
 		}
-		write(t, e.root, "auth/token/revoke-accessor", map[string]any{"accessor": a})
-		revoked++
+		if revoked == 0 {
+			t.Fatal("no gateway token to revoke")
+		}
 	}
-	if revoked == 0 {
-		t.Fatal("no gateway token to revoke")
-	}
+	relogins := func() int { return strings.Count(logs.String(), "vault refused the token: logged in again") }
 
 	// Issuing signs with Vault's PKI, which needs the token.
+	revokeGateway()
 	id, _, err := p.Identity(ctx, attrs("gw-fra-3", "aws-eu-central-1", "100.96.1.3"))
 	if err != nil {
 		t.Fatalf("identity with a revoked token: %v", err)
@@ -396,8 +399,16 @@ func TestVaultReloginWhenTokenRefused(t *testing.T) {
 	if id.Attributes().Node != "gw-fra-3" {
 		t.Fatalf("certified %+v", id.Attributes())
 	}
-	if n := strings.Count(logs.String(), "vault refused the token: logged in again"); n != 1 {
+	if n := relogins(); n != 1 {
 		t.Fatalf("logged in again %d times, want once:\n%s", n, logs.String())
+	}
+	// KV too: the WireGuard key, with the login made above revoked.
+	revokeGateway()
+	if _, err := p.Secrets().WireGuardKey(ctx, "gw-fra-3"); err != nil {
+		t.Fatalf("WireGuard key with a revoked token: %v", err)
+	}
+	if n := relogins(); n != 2 {
+		t.Fatalf("logged in again %d times, want twice:\n%s", n, logs.String())
 	}
 }
 
