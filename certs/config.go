@@ -140,15 +140,20 @@ type VaultConfig struct {
 
 // VaultAuth says how a gateway logs in to Vault.
 type VaultAuth struct {
-	Method       string   `hcl:"method"`
-	TokenFile    string   `hcl:"token_file,optional"` // token: default $VAULT_TOKEN
-	Mount        string   `hcl:"mount,optional"`      // approle: default "approle"
-	RoleID       string   `hcl:"role_id,optional"`
-	RoleIDFile   string   `hcl:"role_id_file,optional"`
-	SecretIDFile string   `hcl:"secret_id_file,optional"`
-	SecretIDEnv  string   `hcl:"secret_id_env,optional"`
-	Wrapped      bool     `hcl:"wrapped,optional"`
-	Body         hcl.Body `hcl:",body"`
+	Method       string `hcl:"method"`
+	TokenFile    string `hcl:"token_file,optional"` // token: default $VAULT_TOKEN
+	Mount        string `hcl:"mount,optional"`      // approle: default "approle"
+	RoleID       string `hcl:"role_id,optional"`
+	RoleIDFile   string `hcl:"role_id_file,optional"`
+	SecretIDFile string `hcl:"secret_id_file,optional"`
+	SecretIDEnv  string `hcl:"secret_id_env,optional"`
+	// Wrapped: the SecretID is a response-wrapping token, which Vault
+	// unwraps once. Each later login (the token's maximum TTL, a token
+	// refused) needs a new one in the file, put there by whatever
+	// delivers them; without it the gateway keeps its certificate until
+	// it expires and says why it cannot renew.
+	Wrapped bool     `hcl:"wrapped,optional"`
+	Body    hcl.Body `hcl:",body"`
 }
 
 // settings is Config after validation.

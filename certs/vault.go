@@ -100,8 +100,25 @@ func (v *Vault) Close() {
 }
 
 // login authenticates and returns the login secret (its Auth part says
-// whether and how long the token can be renewed).
+// whether and how long the token can be renewed). It logs in on a copy of
+// the client and gives the client the new token only once it has one:
+// requests sent meanwhile keep the old token (refused as invalid, they
+// log in again), and a failed login leaves it in place rather than none
+// (refused without a word about the token, they would not).
 func (v *Vault) login(ctx context.Context) (*vault.Secret, error) {
+	c, err := v.client.CloneWithHeaders() // the namespace is a header
+	if err != nil {
+		return nil, fmt.Errorf("vault client: %w", err)
+	}
+	s, err := v.loginWith(ctx, c)
+	if err != nil {
+		return nil, err
+	}
+	v.client.SetToken(s.Auth.ClientToken)
+	return s, nil
+}
+
+func (v *Vault) loginWith(ctx context.Context, c *vault.Client) (*vault.Secret, error) {
 	a := &v.cfg.Auth
 	switch a.Method {
 	case "token":
@@ -116,8 +133,8 @@ func (v *Vault) login(ctx context.Context) (*vault.Secret, error) {
 		if tok == "" {
 			return nil, errors.New("vault token auth: set token_file or VAULT_TOKEN")
 		}
-		v.client.SetToken(tok)
-		self, err := v.client.Auth().Token().LookupSelfWithContext(ctx)
+		c.SetToken(tok)
+		self, err := c.Auth().Token().LookupSelfWithContext(ctx)
 		if err != nil {
 			return nil, fmt.Errorf("vault token auth: %w", err)
 		}
@@ -144,8 +161,8 @@ func (v *Vault) login(ctx context.Context) (*vault.Secret, error) {
 		if err != nil {
 			return nil, fmt.Errorf("vault approle: %w", err)
 		}
-		v.client.ClearToken()
-		s, err := v.client.Auth().Login(ctx, auth)
+		c.ClearToken() // NewClient, and so the copy, took VAULT_TOKEN from the environment
+		s, err := c.Auth().Login(ctx, auth)
 		if err != nil {
 			return nil, fmt.Errorf("vault approle login: %w", err)
 		}

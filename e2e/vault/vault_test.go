@@ -355,7 +355,8 @@ func TestVaultRenewal(t *testing.T) {
 // TestVaultReloginWhenTokenRefused: a token revoked (or expired) before
 // its watcher notices is refused by Vault; the request that met the
 // refusal logs in again at once and succeeds, instead of failing until
-// the watcher catches up — a certificate renewal must not wait for it.
+// the watcher catches up — a certificate renewal must not wait for it. A
+// login that fails leaves the old token, and a later request recovers.
 func TestVaultReloginWhenTokenRefused(t *testing.T) {
 	e := startVault(t)
 	ctx := t.Context()
@@ -409,6 +410,21 @@ func TestVaultReloginWhenTokenRefused(t *testing.T) {
 	}
 	if n := relogins(); n != 2 {
 		t.Fatalf("logged in again %d times, want twice:\n%s", n, logs.String())
+	}
+	// A login that fails (the SecretID file is gone) leaves the client
+	// its old token rather than none, so the next refused request logs
+	// in again once the file is back.
+	revokeGateway()
+	must(t, os.Rename(secretFile, secretFile+".away"))
+	if _, err := p.Secrets().WireGuardKey(ctx, "gw-fra-3"); err == nil || !strings.Contains(err.Error(), "and logging in again") {
+		t.Fatalf("WireGuard key with a revoked token and no SecretID: %v", err)
+	}
+	must(t, os.Rename(secretFile+".away", secretFile))
+	if _, err := p.Secrets().WireGuardKey(ctx, "gw-fra-3"); err != nil {
+		t.Fatalf("WireGuard key once the SecretID is back: %v", err)
+	}
+	if n := relogins(); n != 3 {
+		t.Fatalf("logged in again %d times, want three times:\n%s", n, logs.String())
 	}
 }
 
