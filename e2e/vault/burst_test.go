@@ -332,8 +332,7 @@ func TestVaultBurstOpenAndAbort(t *testing.T) {
 	e := startVault(t)
 	ctx := context.Background()
 	dir := t.TempDir()
-	roleFile, secretFile := e.appRole(t, dir, false)
-	cfg := e.config(filepath.Join(dir, "id"), certs.VaultAuth{Method: "approle", RoleIDFile: roleFile, SecretIDFile: secretFile})
+	cfg, _ := e.approleConfig(t, dir)
 	v, err := certs.OpenVault(ctx, cfg.Vault, meshPrefix, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)

@@ -128,6 +128,14 @@ func (e *env) appRole(t *testing.T, dir string, wrapped bool) (roleFile, secretF
 	return roleFile, secretFile
 }
 
+// approleConfig is the identity configuration of a gateway that logs in
+// with an AppRole SecretID of its own, unwrapped, kept in dir (secretFile,
+// for tests that take it away).
+func (e *env) approleConfig(t *testing.T, dir string) (cfg certs.Config, secretFile string) {
+	roleFile, secretFile := e.appRole(t, dir, false)
+	return e.config(filepath.Join(dir, "id"), certs.VaultAuth{Method: "approle", RoleIDFile: roleFile, SecretIDFile: secretFile}), secretFile
+}
+
 func (e *env) config(dir string, auth certs.VaultAuth) certs.Config {
 	auth.Mount = e.approleMount
 	return certs.Config{
@@ -287,8 +295,8 @@ func TestVaultRoleLimitsSites(t *testing.T) {
 	e.setRole(t, "skybridge://onprem-zrh/*")
 	ctx := t.Context()
 	dir := t.TempDir()
-	roleFile, secretFile := e.appRole(t, dir, false)
-	p, err := certs.Open(ctx, e.config(filepath.Join(dir, "id"), certs.VaultAuth{Method: "approle", RoleIDFile: roleFile, SecretIDFile: secretFile}), nil)
+	cfg, _ := e.approleConfig(t, dir)
+	p, err := certs.Open(ctx, cfg, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -310,8 +318,7 @@ func TestVaultRenewal(t *testing.T) {
 	write(t, e.root, "auth/"+e.approleMount+"/role/gateway", map[string]any{"token_ttl": "2s", "token_max_ttl": "4s"})
 	ctx := t.Context()
 	dir := t.TempDir()
-	roleFile, secretFile := e.appRole(t, dir, false)
-	cfg := e.config(filepath.Join(dir, "id"), certs.VaultAuth{Method: "approle", RoleIDFile: roleFile, SecretIDFile: secretFile})
+	cfg, _ := e.approleConfig(t, dir)
 	cfg.TTL = "6s"
 	p, err := certs.Open(ctx, cfg, nil)
 	if err != nil {
@@ -361,8 +368,7 @@ func TestVaultReloginWhenTokenRefused(t *testing.T) {
 	e := startVault(t)
 	ctx := t.Context()
 	dir := t.TempDir()
-	roleFile, secretFile := e.appRole(t, dir, false)
-	cfg := e.config(filepath.Join(dir, "id"), certs.VaultAuth{Method: "approle", RoleIDFile: roleFile, SecretIDFile: secretFile})
+	cfg, secretFile := e.approleConfig(t, dir)
 	var logs syncbuf.Buffer
 	p, err := certs.Open(ctx, cfg, slog.New(slog.NewTextHandler(&logs, nil)))
 	if err != nil {
