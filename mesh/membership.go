@@ -116,7 +116,12 @@ func (ms *membership) admit(name string, gossip netip.AddrPort, meta []byte) err
 		return nil
 	}
 	m, news := ms.members[name], false
-	if m == nil && ms.strangers < maxStrangers && !ms.formerMemberLocked(sa, err) {
+	if m == nil && ms.formerMemberLocked(sa, err) {
+		// An echo of a gateway forgotten when its certificate ended:
+		// its refusal was counted and logged when it was made.
+		return err
+	}
+	if m == nil && ms.strangers < maxStrangers {
 		// Not alive: it is not in memberlist, and is forgotten
 		// refusedKept from now unless it is admitted later.
 		m = &member{name: name, gossip: gossip, meta: append([]byte(nil), meta...), advert: sa, state: StateRefused, reason: err.Error(), changed: ms.now(), stranger: true}
@@ -129,8 +134,8 @@ func (ms *membership) admit(name string, gossip netip.AddrPort, meta []byte) err
 	sum := sha256.Sum256(meta)
 	if ms.onRefuse != nil && (news || m == nil || m.state != StateRefused) && ms.refusedMsg[name] != sum {
 		// Remembered for listed names only: a name that is not listed
-		// (past maxStrangers, or a former member's echo) is counted
-		// each time, rather than kept in memory.
+		// (past maxStrangers) is counted each time, rather than kept in
+		// memory.
 		if m != nil {
 			ms.refusedMsg[name] = sum
 		}
@@ -350,8 +355,8 @@ func (ms *membership) update(name string, gossip netip.AddrPort, meta []byte) (n
 }
 
 // judgeLocked (re)derives a member's state from its meta, the known
-// certificates and the trust bundle; news is a state that differs from
-// the one it had.
+// certificates and the trust bundle; its changed time moves only when the
+// state does.
 func (ms *membership) judgeLocked(m *member) (needCert bool) {
 	prev := m.state
 	defer func() {
@@ -554,17 +559,14 @@ func (ms *membership) pruneCertsLocked(force bool) {
 			delete(ms.badCert, sum)
 		}
 	}
+	// A stranger refused for a certificate that is valid now was never
+	// in memberlist: its next alive message is judged afresh. (Members
+	// are judged again by refresh, which takes a refusal whose time has
+	// come for none.)
 	for name, m := range ms.members {
-		if m.advert == nil || !retry[m.advert.CertHash] {
-			continue
-		}
-		if m.stranger {
-			// Never in memberlist: its next alive message is
-			// judged afresh.
+		if m.stranger && m.advert != nil && retry[m.advert.CertHash] {
 			ms.dropLocked(name)
-			continue
 		}
-		ms.judgeLocked(m) // pending: its certificate is fetched again
 	}
 }
 

@@ -605,11 +605,19 @@ func TestMembershipForgetsEnded(t *testing.T) {
 		t.Fatal("a revoked member still alive must stay known, and refused")
 	}
 	// Members that have not seen it go still gossip it as alive: refused
-	// at the door (after the periodic pruning too), and not listed again
-	// as a refused stranger.
+	// at the door (after the periodic pruning too), again and again, and
+	// neither listed again as a refused stranger nor reported again (a
+	// log line and a metric per echo).
 	ms.refresh()
-	if err := ms.admit("gw-revoked", gossipAddr, adverts["gw-revoked"]); certs.ReasonOf(err) != certs.ReasonRevoked {
-		t.Fatalf("a revoked member's advert at the door: %v, want refused as revoked", err)
+	reported := 0
+	ms.onRefuse = func(string, string, error) { reported++ }
+	for range 3 {
+		if err := ms.admit("gw-revoked", gossipAddr, adverts["gw-revoked"]); certs.ReasonOf(err) != certs.ReasonRevoked {
+			t.Fatalf("a revoked member's advert at the door: %v, want refused as revoked", err)
+		}
+	}
+	if reported != 0 {
+		t.Fatalf("echoes of the forgotten revoked member reported %d times", reported)
 	}
 	if got := known(); !slices.Equal(got, []string{"gw-alive", "gw-expiring", "gw-lasting"}) {
 		t.Fatalf("an echo of the forgotten revoked member listed it again: %v", got)
@@ -623,6 +631,9 @@ func TestMembershipForgetsEnded(t *testing.T) {
 	ms.refresh()
 	if err := ms.admit("gw-expiring", gossipAddr, adverts["gw-expiring"]); certs.ReasonOf(err) != certs.ReasonExpired {
 		t.Fatalf("an expired member's advert at the door: %v, want refused as expired", err)
+	}
+	if reported != 0 {
+		t.Fatalf("an echo of the forgotten expired member reported %d times", reported)
 	}
 	if got := known(); !slices.Equal(got, []string{"gw-alive", "gw-lasting"}) {
 		t.Fatalf("an echo of the forgotten expired member listed it again: %v", got)
