@@ -143,21 +143,26 @@ func (v *Vault) takeClaim(ctx context.Context, c *vault.Client, site string, cl 
 	if !cl.Expires.IsZero() {
 		data["expires"] = cl.Expires.UTC().Format(time.RFC3339)
 	}
-	_, err = c.KVv2(v.cfg.KVMount).Put(ctx, v.burstClaimPath(site), data, vault.WithCheckAndSet(0))
-	if err == nil {
-		return nil, nil
+	for range 3 {
+		_, err = c.KVv2(v.cfg.KVMount).Put(ctx, v.burstClaimPath(site), data, vault.WithCheckAndSet(0))
+		if err == nil {
+			return nil, nil
+		}
+		if !isCASMismatch(err) {
+			return nil, v.claimError(site, err)
+		}
+		held, ok, err := v.claimOf(ctx, c, site)
+		switch {
+		case err != nil:
+			return nil, err
+		case !ok:
+			continue // released between the write and the read: try again
+		case held.Nonce == cl.Nonce:
+			return nil, nil
+		}
+		return &held, nil
 	}
-	if !isCASMismatch(err) {
-		return nil, v.claimError(site, err)
-	}
-	held, ok, err := v.claimOf(ctx, c, site)
-	if err != nil {
-		return nil, err
-	}
-	if ok && held.Nonce == cl.Nonce {
-		return nil, nil
-	}
-	return &held, nil
+	return nil, fmt.Errorf("burst site %s: its claim %s keeps appearing and going; try again", site, v.claimRef(site))
 }
 
 // claimOf reads a site's claim: ok is false if there is none. (A claim
@@ -260,6 +265,10 @@ func (v *Vault) holdBurst(ctx context.Context, c *vault.Client, site, claim, by 
 		switch {
 		case held.Nonce == claim:
 			return nil
+		case held.Nonce == "":
+			// Deleted softly (`vault kv delete`): it still blocks the
+			// site, and says nothing of whose it was.
+			return fmt.Errorf("burst site %s: its claim %s is empty (deleted with `vault kv delete`, which keeps it); nothing was deleted: remove it with `vault kv metadata delete %s` and run this again", site, v.claimRef(site), v.claimRef(site))
 		case held.Closing:
 			return fmt.Errorf("burst site %s %s (Vault's claim %s); nothing of it was deleted: try again once that is done", site, held.holder(), v.claimRef(site))
 		}

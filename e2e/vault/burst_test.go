@@ -425,6 +425,28 @@ func TestVaultBurstOpenAndAbort(t *testing.T) {
 		must(t, v.AbortBurst(ctx, e.root.Token(), "burst-x", vbs[won].Claim, specs[won].OpenedBy))
 	}
 
+	// A claim deleted softly (`vault kv delete`) reads as empty: closing
+	// the burst says so and deletes nothing — an empty claim is nobody's
+	// reopening, and taken for one the burst would be recorded as ended
+	// with its objects left in Vault. Once it is gone for good, the close
+	// goes through.
+	vb, err = v.OpenBurst(ctx, e.root.Token(), spec)
+	must(t, err)
+	must(t, e.root.KVv2(e.kv).Delete(ctx, "skybridge/bursts/burst-x"))
+	if _, err := v.CloseBurst(ctx, e.root.Token(), "burst-x", []string{"burst-x-gw1"}, vb.Claim, "gw-zrh"); err == nil || errors.Is(err, certs.ErrBurstSiteReopened) || !strings.Contains(err.Error(), "vault kv metadata delete") {
+		t.Fatalf("CloseBurst with its claim deleted softly: %v", err)
+	}
+	if r, p, a, _ := exists(); !r || !p || !a {
+		t.Fatalf("the close refused over an empty claim deleted: role %v, policy %v, AppRole %v", r, p, a)
+	}
+	must(t, e.root.KVv2(e.kv).DeleteMetadata(ctx, "skybridge/bursts/burst-x"))
+	if _, err := v.CloseBurst(ctx, e.root.Token(), "burst-x", []string{"burst-x-gw1"}, vb.Claim, "gw-zrh"); err != nil {
+		t.Fatalf("CloseBurst once the empty claim is gone: %v", err)
+	}
+	if r, p, a, c := exists(); r || p || a || c {
+		t.Fatalf("after that close: role %v, policy %v, AppRole %v, claim %v", r, p, a, c)
+	}
+
 	// The remains of a burst opened before claims were made: refused, and
 	// the claim taken for the attempt is released; ending them (a record
 	// without a claim) claims the site while it is torn down.
