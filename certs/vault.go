@@ -43,11 +43,9 @@ type Vault struct {
 	stop       context.CancelFunc
 	wg         sync.WaitGroup
 
-	// loginMu serialises logins; logins counts them, so that requests
-	// refused together log in again once. fresh hands a login made for
-	// a refused request to maintainLogin, which then renews that one.
+	// loginMu serialises logins. fresh hands a login made for a refused
+	// request to maintainLogin, which then renews that one.
 	loginMu sync.Mutex
-	logins  uint64
 	fresh   chan *vault.Secret
 }
 
@@ -83,7 +81,7 @@ func OpenVault(ctx context.Context, cfg *VaultConfig, meshPrefix netip.Prefix, l
 		client.SetNamespace(cfg.Namespace)
 	}
 	v := &Vault{client: client, cfg: cfg, meshPrefix: meshPrefix, log: log.With("vault", vc.Address), fresh: make(chan *vault.Secret, 1)}
-	secret, err := v.loginCounted(ctx)
+	secret, err := v.login(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -174,25 +172,26 @@ func (v *Vault) loginWith(ctx context.Context, c *vault.Client) (*vault.Secret, 
 	return nil, fmt.Errorf("vault auth method %q is not supported", a.Method)
 }
 
-// loginCounted logs in, one login at a time, and counts it.
-func (v *Vault) loginCounted(ctx context.Context) (*vault.Secret, error) {
+// relogin logs in again, one login at a time, unless the client's token
+// is no longer stale: another login replaced it since it was found
+// wanting, and that one is used (nil secret). A login made for a refused
+// request is handed to maintainLogin before loginMu is let go, so that
+// maintainLogin, finding its token replaced, finds the login in fresh.
+func (v *Vault) relogin(ctx context.Context, stale string, handOver bool) (*vault.Secret, error) {
 	v.loginMu.Lock()
 	defer v.loginMu.Unlock()
+	if v.client.Token() != stale {
+		return nil, nil
+	}
 	s, err := v.login(ctx)
-	if err == nil {
-		v.logins++
-		select { // a login withLogin made before this one is superseded
+	if err == nil && handOver {
+		select { // the newest login replaces one maintainLogin has not taken
 		case <-v.fresh:
 		default:
 		}
+		v.fresh <- s
 	}
 	return s, err
-}
-
-func (v *Vault) loginCount() uint64 {
-	v.loginMu.Lock()
-	defer v.loginMu.Unlock()
-	return v.logins
 }
 
 // withLogin runs a request with the gateway's token and, if Vault refuses
@@ -202,27 +201,18 @@ func (v *Vault) loginCount() uint64 {
 // waiting for it. A request refused for want of a permission fails
 // again, and its error is returned.
 func (v *Vault) withLogin(ctx context.Context, req func() error) error {
-	seen := v.loginCount()
+	stale := v.client.Token()
 	err := req()
 	if !isInvalidToken(err) {
 		return err
 	}
-	v.loginMu.Lock()
-	if v.logins == seen { // nobody has logged in since the refusal
-		s, lerr := v.login(ctx)
-		if lerr != nil {
-			v.loginMu.Unlock()
-			return fmt.Errorf("%w (and logging in again: %v)", err, lerr)
-		}
-		v.logins++
-		v.log.Info("vault refused the token: logged in again")
-		select { // the newest login replaces one maintainLogin has not taken
-		case <-v.fresh:
-		default:
-		}
-		v.fresh <- s
+	s, lerr := v.relogin(ctx, stale, true)
+	if lerr != nil {
+		return fmt.Errorf("%w (and logging in again: %v)", err, lerr)
 	}
-	v.loginMu.Unlock()
+	if s != nil {
+		v.log.Info("vault refused the token: logged in again")
+	}
 	return req()
 }
 
@@ -237,7 +227,6 @@ func isInvalidToken(err error) bool {
 // maintainLogin renews the token while Vault allows and logs in again when
 // it does not (maximum TTL reached, token revoked).
 func (v *Vault) maintainLogin(ctx context.Context, secret *vault.Secret) {
-	backoff := time.Second
 	for {
 		if s := v.waitForLoginEnd(ctx, secret); s != nil {
 			secret = s // a refused request logged in again: renew that login
@@ -246,19 +235,29 @@ func (v *Vault) maintainLogin(ctx context.Context, secret *vault.Secret) {
 		if ctx.Err() != nil {
 			return
 		}
-		s, err := v.loginCounted(ctx)
-		if err != nil {
+		s, err := v.relogin(ctx, secret.Auth.ClientToken, false)
+		for backoff := time.Second; err != nil; backoff = min(2*backoff, time.Minute) {
 			v.log.Error("vault re-login failed", "err", err, "retry_in", backoff)
 			select {
 			case <-ctx.Done():
 				return
+			case s = <-v.fresh: // a refused request logged in meanwhile
+				err = nil
 			case <-time.After(backoff):
+				s, err = v.relogin(ctx, secret.Auth.ClientToken, false)
 			}
-			backoff = min(2*backoff, time.Minute)
-			continue
 		}
-		backoff = time.Second
-		v.log.Info("vault login renewed by logging in again")
+		if s == nil {
+			// A refused request logged in first, and handed its
+			// login over before letting go of loginMu.
+			select {
+			case <-ctx.Done():
+				return
+			case s = <-v.fresh:
+			}
+		} else {
+			v.log.Info("vault login renewed by logging in again")
+		}
 		secret = s
 	}
 }

@@ -432,6 +432,23 @@ func TestVaultReloginWhenTokenRefused(t *testing.T) {
 	if n := relogins(); n != 3 {
 		t.Fatalf("logged in again %d times, want three times:\n%s", n, logs.String())
 	}
+	// Requests refused together log in again once.
+	revokeGateway()
+	errs := make(chan error, 5)
+	for range cap(errs) {
+		go func() {
+			_, err := p.Secrets().WireGuardKey(ctx, "gw-fra-3")
+			errs <- err
+		}()
+	}
+	for range cap(errs) {
+		if err := <-errs; err != nil {
+			t.Fatalf("WireGuard key, five at once with a revoked token: %v", err)
+		}
+	}
+	if n := relogins(); n != 4 {
+		t.Fatalf("five requests refused together logged in again %d times, want once:\n%s", n-3, logs.String())
+	}
 }
 
 func randHex(n int) string {
