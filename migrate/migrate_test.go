@@ -661,6 +661,20 @@ func TestReceiverRefusesBadFrames(t *testing.T) {
 	if typ, b, err := dr.next(nil); err != nil || typ != frameError || !strings.Contains(string(b), "exceeds the limit") {
 		t.Fatalf("an oversized frame: answer type %d %q, %v; want an error frame", typ, b, err)
 	}
+	// On the control connection too: a commit that is not one, and an
+	// oversized first frame, are refused with a word, not in silence.
+	if err := cw.json(frameJoin, Join{ID: offer.ID}); err != nil {
+		t.Fatal(err)
+	}
+	if typ, b, err := cr.next(nil); err != nil || typ != frameError || !strings.Contains(string(b), "unexpected frame") {
+		t.Fatalf("a join where the commit belongs: answer type %d %q, %v; want an error frame", typ, b, err)
+	}
+	xw, xr := dial()
+	xw.w.Write(binary.AppendUvarint([]byte{frameOffer}, maxFrame+1))
+	xw.flush()
+	if typ, b, err := xr.next(nil); err != nil || typ != frameError || !strings.Contains(string(b), "exceeds the limit") {
+		t.Fatalf("an oversized first frame: answer type %d %q, %v; want an error frame", typ, b, err)
+	}
 }
 
 // TestReceiverBypassesPageCache: on a filesystem that offers direct I/O,

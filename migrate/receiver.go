@@ -104,6 +104,9 @@ func (r *Receiver) handle(ctx context.Context, c *tls.Conn) {
 	fr, fw := newFrameReader(c), newFrameWriter(c)
 	typ, p, err := fr.next(nil)
 	if err != nil {
+		if refuseFrame(fw, err) {
+			r.cfg.Log.Warn("migration connection refused", "peer", from.Node, "reason", err)
+		}
 		return
 	}
 	switch typ {
@@ -226,7 +229,11 @@ func (r *Receiver) control(ctx context.Context, c *tls.Conn, fr *frameReader, fw
 	}
 	var cm Commit
 	if err := fr.json(frameCommit, &cm); err != nil {
-		log.Info("migration interrupted; its durable chunks wait for a resume", "err", err)
+		if refuseFrame(fw, err) {
+			log.Warn("migration refused: its commit does not parse; its durable chunks wait for a resume", "reason", err)
+		} else {
+			log.Info("migration interrupted; its durable chunks wait for a resume", "err", err)
+		}
 		return
 	}
 	done, err := s.finish(&cm)
@@ -421,8 +428,9 @@ func (s *session) data(fr *frameReader, w *lockedWriter) {
 	// A read error that is a bad frame is refused; a broken connection
 	// just ends the stream.
 	refuseBad := func(err error) {
-		if _, bad := err.(badFrame); bad {
-			refuse(err.Error())
+		var bad badFrame
+		if errors.As(err, &bad) {
+			refuse(string(bad))
 		}
 	}
 	inImage := func(i int64) bool { return i >= 0 && i < chunkCount(o.Size, o.ChunkSize) }

@@ -193,6 +193,18 @@ type badFrame string
 
 func (e badFrame) Error() string { return string(e) }
 
+// refuseFrame tells the peer why its frame is refused, if err is a frame
+// that does not parse, and reports whether it was.
+func refuseFrame(fw *frameWriter, err error) bool {
+	var bad badFrame
+	if !errors.As(err, &bad) {
+		return false
+	}
+	fw.frame(frameError, []byte(bad))
+	fw.flush()
+	return true
+}
+
 // maxChunkHead is the longest fixed part of a chunk frame: index and raw
 // length as varints, hash, flags.
 const maxChunkHead = 2*binary.MaxVarintLen64 + 33
@@ -220,9 +232,12 @@ func (fr *frameReader) json(want byte, v any) error {
 		return fmt.Errorf("peer: %s", b)
 	}
 	if typ != want {
-		return fmt.Errorf("unexpected frame %d, want %d", typ, want)
+		return badFrame(fmt.Sprintf("unexpected frame %d, want %d", typ, want))
 	}
-	return json.Unmarshal(b, v)
+	if err := json.Unmarshal(b, v); err != nil {
+		return badFrame(fmt.Sprintf("frame %d: %v", typ, err))
+	}
+	return nil
 }
 
 // chunkHeader is the fixed part of a chunk frame.

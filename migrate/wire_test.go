@@ -3,6 +3,7 @@ package migrate
 import (
 	"bytes"
 	"crypto/rand"
+	"errors"
 	"testing"
 
 	"github.com/klauspost/compress/zstd"
@@ -76,8 +77,8 @@ func TestChunkFrame(t *testing.T) {
 	if err != nil || typ != frameChunk {
 		t.Fatalf("short frame: type %d, %v", typ, err)
 	}
-	if _, err := fr.chunkHead(n); err == nil {
-		t.Fatal("a 20-byte chunk frame with a 35-byte header was accepted")
+	if _, err := fr.chunkHead(n); !errors.As(err, new(badFrame)) {
+		t.Fatalf("a 20-byte chunk frame with a 35-byte header: %v, want a bad frame (refused with a word to the sender)", err)
 	}
 	// Refusing it read nothing beyond it: past its 20 bytes, the next
 	// frame is whole.
