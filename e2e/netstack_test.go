@@ -27,8 +27,8 @@ func TestNetstackMeshUnprivileged(t *testing.T) {
 	t.Cleanup(func() { os.RemoveAll(dir) })
 	caDir := filepath.Join(dir, "ca")
 	sb(t, 0, "ca", "init", "--dir", caDir)
-	// Ports the kernel hands out as free, not a fixed range: the unit
-	// tests of other packages run at the same time and probe ports
+	// Ports freeport finds free in its own band, not a fixed range: the
+	// unit tests of other packages run at the same time and probe ports
 	// from 20000 up.
 	ports, err := freeport.Loopback(6)
 	if err != nil {

@@ -481,7 +481,7 @@ func (g *Gateway) BurstDown(ctx context.Context, site, vaultToken string) (*Burs
 		}
 	}
 	if r != nil && r.vaultLeft() && e.vault == nil {
-		return nil, fmt.Errorf("burst site %s was opened with Vault, and its Vault objects remain, but this gateway is not Vault-backed now: run burst down here once it is again, or remove them by hand (the KV secret bursts/%s under the mesh's KV prefix, and the PKI role, policy and AppRole <prefix>-burst-%s)", site, site, site)
+		return nil, fmt.Errorf("burst site %s was opened with Vault, and its Vault objects remain, but this gateway is not Vault-backed now: run burst down here once it is again, or remove them by hand: the claim with `vault kv metadata delete <kv mount>/<kv prefix>/bursts/%s` (a plain `vault kv delete` keeps it, and it blocks the site), and the PKI role, policy and AppRole <kv prefix>-burst-%s", site, site, site)
 	}
 	if r == nil {
 		var open []string

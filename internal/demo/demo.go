@@ -299,6 +299,7 @@ func (r *run) siteNames() string {
 func (r *run) startSites(ctx context.Context) error {
 	gossip := map[string]netip.AddrPort{}
 	wgPort := map[string]int{}
+	var ports []int // gossip and WireGuard per site, then the enrolment listener
 	if r.mode == ModeNetns {
 		if err := r.netns(); err != nil {
 			return err
@@ -307,9 +308,7 @@ func (r *run) startSites(ctx context.Context) error {
 			gossip[s.Short] = netip.AddrPortFrom(netip.AddrFrom4([4]byte{192, 0, 2, s.Host}), 7946)
 			wgPort[s.Short] = 51820
 		}
-	}
-	var ports []int // gossip and WireGuard per site, then the enrolment listener
-	if r.mode != ModeNetns {
+	} else {
 		var err error
 		if ports, err = freeport.Loopback(2*len(r.sites) + 1); err != nil {
 			return err
