@@ -71,15 +71,11 @@ func (v *Vault) admin(token string) (*vault.Client, error) {
 	if token == "" {
 		return nil, errors.New("a burst site with Vault needs an operator's Vault token that may manage PKI roles, policies and AppRoles: set VAULT_TOKEN for `skybridge burst`")
 	}
-	c, err := v.client.Clone()
+	c, err := v.client.CloneWithHeaders() // the namespace is a header
 	if err != nil {
 		return nil, err
 	}
 	c.SetToken(token)
-	// Clone does not copy headers, and the namespace is one.
-	if v.cfg.Namespace != "" {
-		c.SetNamespace(v.cfg.Namespace)
-	}
 	return c, nil
 }
 
@@ -361,7 +357,12 @@ func (v *Vault) OpenBurst(ctx context.Context, adminToken string, spec VaultBurs
 	other, err := v.takeClaim(ctx, c, spec.Site, siteClaim{Nonce: nonce, Gateway: spec.OpenedBy, Expires: spec.Expires})
 	if err != nil {
 		// The claim may have been made all the same (a cancelled
-		// call): if it is ours, it goes.
+		// call, an answer lost): if it is ours, it goes. A request
+		// Vault refused (4xx: rights, a bad path) wrote nothing.
+		var re *vault.ResponseError
+		if errors.As(err, &re) && re.StatusCode < http.StatusInternalServerError {
+			return nil, err
+		}
 		if rerr := v.afterFailure(ctx, func(ctx context.Context) error { return v.releaseIfOurs(ctx, c, spec.Site, nonce) }); rerr != nil {
 			err = fmt.Errorf("%w (and looking for a claim left behind: %v)", err, rerr)
 		}
