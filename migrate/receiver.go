@@ -153,17 +153,21 @@ func (w *lockedWriter) send(typ byte, p []byte) error {
 
 // session is one migration being received.
 type session struct {
-	r      *Receiver
-	log    *slog.Logger
-	offer  Offer
-	from   *certs.Attributes
-	temp   *directFile
-	at     int64  // where virtual offset 0 is in temp (RecvRecord.DataAt)
-	base   Source // the stored version of the image, for incremental re-sync
-	baseM  map[int64]Hash
-	record *RecvRecord
-	start  time.Time
-	policy policy.Decision
+	r     *Receiver
+	log   *slog.Logger
+	offer Offer
+	from  *certs.Attributes
+	temp  *directFile
+	at    int64  // where virtual offset 0 is in temp (RecvRecord.DataAt)
+	base  Source // the stored version of the image, for incremental re-sync
+	baseM map[int64]Hash
+	// baseBad counts the stored version's chunks found unreadable or
+	// damaged: the first is logged when found, the count at the end (a
+	// qcow2 cut in half is found chunk by chunk, thousands of them).
+	baseBad atomic.Int64
+	record  *RecvRecord
+	start   time.Time
+	policy  policy.Decision
 
 	mu       sync.Mutex
 	durable  map[int64]Hash
@@ -245,6 +249,9 @@ func (r *Receiver) control(ctx context.Context, c *tls.Conn, fr *frameReader, fw
 		return
 	}
 	log.Info("migration stored and verified", "name", done.Name, "root", done.Root.String(), "received_bytes", done.Received, "reused_chunks", done.Reused)
+	if n := s.baseBad.Load(); n > 0 {
+		log.Warn("the stored version of the image had bad chunks, fetched from the sender instead", "name", done.Name, "bad_chunks", n)
+	}
 	r.audit(o, from, d, "done", done.Root, done.Received, s.start, r.cfg.Now(), "")
 	r.cfg.Observer.Ended(RoleReceive, StateDone, r.cfg.Now().Sub(s.start))
 	fw.json(frameDone, done)
@@ -574,11 +581,15 @@ func (s *session) copyFromBase(i int64, h Hash, buf []byte) (why string, err err
 	// Either way the sender sends the chunk itself, and the new version
 	// is whole; but the stored one is not, and its owner must hear of it.
 	if err := readChunk(s.base, b, i*s.offer.ChunkSize); err != nil {
-		s.log.Warn("stored version of the image unreadable; the chunk is fetched from the sender", "name", s.offer.Name, "chunk", i, "err", err)
+		if s.baseBad.Add(1) == 1 {
+			s.log.Warn("stored version of the image unreadable; the chunk is fetched from the sender (the count of such chunks comes at the end)", "name", s.offer.Name, "chunk", i, "err", err)
+		}
 		return "stored version unreadable: " + err.Error(), nil
 	}
 	if hashChunk(b) != h { // the stored copy must still be what its manifest says
-		s.log.Warn("stored version of the image damaged: a chunk does not match its manifest; it is fetched from the sender", "name", s.offer.Name, "chunk", i)
+		if s.baseBad.Add(1) == 1 {
+			s.log.Warn("stored version of the image damaged: a chunk does not match its manifest; it is fetched from the sender (the count of such chunks comes at the end)", "name", s.offer.Name, "chunk", i)
+		}
 		return "stored version damaged", nil
 	}
 	// Through the page cache: a re-sync copies most of an image this way,
