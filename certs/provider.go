@@ -215,7 +215,8 @@ func (p *Provider) KeepRenewed(ctx context.Context, id *NodeIdentity, onRenew fu
 // renewalRetryWait is how long a failed renewal waits before trying
 // again: its backoff, but while the certificate is valid at most half the
 // time it has left (and not under 100 ms), so that near the end the next
-// try comes before the end rather than after it.
+// try comes before the end rather than after it — all but in its last
+// 200 ms, where the floor may take it past.
 func renewalRetryWait(backoff, left time.Duration) time.Duration {
 	if left <= 0 {
 		return backoff

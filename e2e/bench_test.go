@@ -110,8 +110,7 @@ func TestBenchMigrateVsRsync(t *testing.T) {
 		syscall.Sync()
 		w0 := wire()
 		s0, r0 := sendCPU(), recvCPU()
-		rssStart := []int64{procKiB(gwPID(zrh), "VmRSS"), procKiB(gwPID(fra), "VmRSS")}
-		stopRSS := peakRSS(gwPID(zrh), gwPID(fra))
+		rssStart, stopRSS := peakRSS(t, gwPID(zrh), gwPID(fra))
 		start := time.Now()
 		run()
 		wall := time.Since(start)

@@ -8,7 +8,6 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -131,7 +130,7 @@ operator { listen = "127.0.0.1:0" }
 	qcow := filepath.Join(dir, "vm.qcow2")
 	size := int64(envInt("SKYBRIDGE_BENCH_FOOTPRINT_GIB", 4)) << 30
 	makeImage(t, raw, qcow, size, 40<<20, 10<<20)
-	stopRSS := peakRSS(one, two)
+	_, stopRSS := peakRSS(t, one, two)
 	s1, s2 := cpuOf(one), cpuOf(two)
 	start := time.Now()
 	ch, cmd := startMigration(t, "migrate", "run", raw, "--to", "site-002", "--class", "risk-batch", "--socket", gws[0].socket)
@@ -157,30 +156,23 @@ operator { listen = "127.0.0.1:0" }
 	fmt.Println(b.String())
 }
 
-// peakRSS samples the resident set of each of pids every 50 ms until
-// the returned stop is called, which returns each one's peak in KiB (in
-// the order of pids).
-func peakRSS(pids ...int) (stop func() []int64) {
-	peaks := make([]int64, len(pids))
-	done := make(chan struct{})
-	var wg sync.WaitGroup
-	wg.Go(func() {
-		tick := time.NewTicker(50 * time.Millisecond)
-		defer tick.Stop()
-		for {
-			for i, p := range pids {
-				peaks[i] = max(peaks[i], procKiB(p, "VmRSS"))
-			}
-			select {
-			case <-done:
-				return
-			case <-tick.C:
-			}
+// peakRSS has the kernel start afresh its record of each process's peak
+// resident set (VmHWM, reset through clear_refs) and returns each one's
+// RSS now, in KiB, and a stop that reads the peaks since (in the order
+// of pids; 0 for a process that has gone).
+func peakRSS(t *testing.T, pids ...int) (start []int64, stop func() []int64) {
+	t.Helper()
+	for _, p := range pids {
+		if err := os.WriteFile(fmt.Sprintf("/proc/%d/clear_refs", p), []byte("5"), 0); err != nil {
+			t.Fatalf("reset the peak RSS of process %d: %v", p, err)
 		}
-	})
-	return func() []int64 {
-		close(done)
-		wg.Wait()
+		start = append(start, procKiB(p, "VmRSS"))
+	}
+	return start, func() []int64 {
+		peaks := make([]int64, len(pids))
+		for i, p := range pids {
+			peaks[i] = procKiB(p, "VmHWM")
+		}
 		return peaks
 	}
 }

@@ -259,7 +259,8 @@ func TestOperatorEndpoint(t *testing.T) {
 		t.Errorf("handshake age of a peer that never handshook = %v, want +Inf", v)
 	}
 	// Three gateways joined through push/pull exchanges and gossip: both
-	// transports carried bytes each way, and every datagram has its bytes.
+	// transports carried bytes each way (TestGossipTransport checks the
+	// counts themselves).
 	for _, tr := range []string{"udp", "tcp"} {
 		for _, dir := range []string{"sent", "received"} {
 			if v, _ := fam.Value("skybridge_gossip_bytes_total", map[string]string{"transport": tr, "direction": dir}); v < 1 {
@@ -269,8 +270,6 @@ func TestOperatorEndpoint(t *testing.T) {
 	}
 	if p, _ := fam.Value("skybridge_gossip_packets_total", map[string]string{"direction": "sent"}); p < 1 {
 		t.Errorf("skybridge_gossip_packets_total{direction=sent} = %v", p)
-	} else if b, _ := fam.Value("skybridge_gossip_bytes_total", map[string]string{"transport": "udp", "direction": "sent"}); b < p {
-		t.Errorf("%v gossip datagrams sent in %v bytes", p, b)
 	}
 	if v, _ := fam.Value("skybridge_reconcile_runs_total", nil); v < 1 {
 		t.Errorf("skybridge_reconcile_runs_total = %v", v)
