@@ -408,9 +408,9 @@ func (v *Vault) Revoke(ctx context.Context, serial *big.Int) error {
 
 func (v *Vault) kv() *vault.KVv2 { return v.client.KVv2(v.cfg.KVMount) }
 
-func (v *Vault) wgPath(node string) string {
-	return path.Join(v.cfg.KVPrefix, "nodes", node, "wireguard")
-}
+func (v *Vault) wgPath(node string) string { return wgKeyPath(v.cfg.KVPrefix, node) }
+
+func wgKeyPath(kvPrefix, node string) string { return path.Join(kvPrefix, "nodes", node, "wireguard") }
 
 func (v *Vault) gossipPath() string { return path.Join(v.cfg.KVPrefix, "gossip") }
 

@@ -50,6 +50,68 @@ type VaultBurst struct {
 	// aborting the burst touches the site only while the claim is
 	// still this one.
 	Claim string
+	Place VaultBurstPlace
+}
+
+// VaultBurstPlace is where a burst site's objects live in Vault. The
+// gateway records it when the burst opens: its Vault settings may change
+// before the burst is closed, and closing with the new ones would look
+// for the objects in the wrong place, find none, and leave the old ones —
+// an AppRole that can still have certificates issued for the site until
+// the burst's end — while reporting the burst closed.
+type VaultBurstPlace struct {
+	Namespace    string `json:"namespace,omitempty"`
+	PKIMount     string `json:"pki_mount"`
+	AppRoleMount string `json:"approle_mount"`
+	KVMount      string `json:"kv_mount"`
+	KVPrefix     string `json:"kv_prefix"`
+	Name         string `json:"name"` // of the PKI role, the policy and the AppRole
+}
+
+// BurstPlace is where this gateway's settings put a burst site's objects.
+func (v *Vault) BurstPlace(site string) VaultBurstPlace {
+	return VaultBurstPlace{Namespace: v.cfg.Namespace, PKIMount: v.cfg.PKIMount, AppRoleMount: v.appRoleMount(),
+		KVMount: v.cfg.KVMount, KVPrefix: v.cfg.KVPrefix, Name: v.BurstName(site)}
+}
+
+// Changes lists, for people, the settings in which now differs from p
+// (nil if none does).
+func (p VaultBurstPlace) Changes(now VaultBurstPlace) []string {
+	var out []string
+	for _, f := range []struct{ what, was, is string }{
+		{"namespace", p.Namespace, now.Namespace},
+		{"pki_mount", p.PKIMount, now.PKIMount},
+		{"AppRole mount", p.AppRoleMount, now.AppRoleMount},
+		{"kv_mount", p.KVMount, now.KVMount},
+		{"kv_prefix", p.KVPrefix, now.KVPrefix},
+		{"object name", p.Name, now.Name},
+	} {
+		if f.was != f.is {
+			out = append(out, fmt.Sprintf("%s was %q, is %q", f.what, f.was, f.is))
+		}
+	}
+	return out
+}
+
+// RemovalCommands are the vault(1) commands that do by hand what closing
+// a burst of site does, with nodes its gateways: the AppRole, policy and
+// PKI role go first so nothing more can be issued, then the gateways'
+// WireGuard keys, then the site's claim (every version: a plain `vault kv
+// delete` keeps it, and it blocks the site).
+func (p VaultBurstPlace) RemovalCommands(site string, nodes []string) []string {
+	ns := ""
+	if p.Namespace != "" {
+		ns = "VAULT_NAMESPACE=" + p.Namespace + " "
+	}
+	cmds := []string{
+		ns + "vault delete " + path.Join("auth", p.AppRoleMount, "role", p.Name),
+		ns + "vault policy delete " + p.Name,
+		ns + "vault delete " + path.Join(p.PKIMount, "roles", p.Name),
+	}
+	for _, n := range nodes {
+		cmds = append(cmds, ns+"vault kv metadata delete -mount="+p.KVMount+" "+wgKeyPath(p.KVPrefix, n))
+	}
+	return append(cmds, ns+"vault kv metadata delete -mount="+p.KVMount+" "+claimPath(p.KVPrefix, site))
 }
 
 // BurstName is the name of a burst site's PKI role, policy and AppRole.
@@ -102,7 +164,9 @@ func (v *Vault) deleteBurstObjects(ctx context.Context, c *vault.Client, name st
 
 // burstClaimPath is the KV v2 secret (in the KV mount) that claims a
 // burst site from the moment it is opened until it is closed.
-func (v *Vault) burstClaimPath(site string) string { return path.Join(v.cfg.KVPrefix, "bursts", site) }
+func (v *Vault) burstClaimPath(site string) string { return claimPath(v.cfg.KVPrefix, site) }
+
+func claimPath(kvPrefix, site string) string { return path.Join(kvPrefix, "bursts", site) }
 
 // claimRef names a site's claim for people: mount and path.
 func (v *Vault) claimRef(site string) string { return v.cfg.KVMount + "/" + v.burstClaimPath(site) }
@@ -442,7 +506,7 @@ func (v *Vault) OpenBurst(ctx context.Context, adminToken string, spec VaultBurs
 	if err != nil {
 		return nil, fmt.Errorf("vault read %s/role-id: %w", roleBase, err)
 	}
-	vb = &VaultBurst{Name: name, AppRoleMount: mount, Claim: nonce}
+	vb = &VaultBurst{Name: name, AppRoleMount: mount, Claim: nonce, Place: v.BurstPlace(spec.Site)}
 	if s != nil {
 		vb.RoleID, _ = s.Data["role_id"].(string)
 	}

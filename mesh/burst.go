@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/skybridge-mesh/skybridge/certs"
@@ -117,6 +118,9 @@ type burstRecord struct {
 	// VaultClaim is the burst's claim on its site in Vault: burst down
 	// touches the site only while Vault still holds this claim.
 	VaultClaim string `json:"vault_claim,omitempty"`
+	// VaultPlace is where the burst's Vault objects are (nil in records
+	// made before it was kept: the gateway's settings then say).
+	VaultPlace *certs.VaultBurstPlace `json:"vault_place,omitempty"`
 	// CertsRevoked once the embedded CA revoked the certificates of an
 	// ended burst; until then `burst down` may try again.
 	CertsRevoked bool `json:"certs_revoked,omitempty"`
@@ -286,6 +290,46 @@ func (r *burstRecord) workLeft() bool {
 
 // vaultLeft reports whether a Vault burst's Vault objects are still there.
 func (r *burstRecord) vaultLeft() bool { return r.Vault && !r.VaultCleaned }
+
+// vaultUnreachable says why this gateway cannot remove the Vault objects
+// the burst left, and what the operator can do instead; nil if it can, or
+// none are left. here is where the gateway's settings put a burst's
+// objects now (nil if it is not Vault-backed).
+func (r *burstRecord) vaultUnreachable(here *certs.VaultBurstPlace, now time.Time) error {
+	if !r.vaultLeft() {
+		return nil
+	}
+	var why string
+	switch {
+	case here == nil:
+		why = fmt.Sprintf("burst site %s was opened with Vault, and its Vault objects remain, but this gateway is not Vault-backed now: run burst down here once it is again", r.Site)
+	case r.VaultPlace == nil: // recorded before places were: assume they are the same
+		return nil
+	default:
+		changes := r.VaultPlace.Changes(*here)
+		if len(changes) == 0 {
+			return nil
+		}
+		why = fmt.Sprintf("burst site %s was opened with other Vault settings than this gateway has now (%s), and burst down would look for its objects in the wrong place: restore the settings and run burst down again", r.Site, strings.Join(changes, "; "))
+	}
+	if r.VaultPlace == nil {
+		return fmt.Errorf("%s, or remove its objects by hand: the claim with `vault kv metadata delete <kv mount>/<kv prefix>/bursts/%s` (a plain `vault kv delete` keeps it, and it blocks the site), the PKI role, policy and AppRole <kv prefix>-burst-%s, and its gateways' WireGuard keys under <kv prefix>/nodes", why, r.Site, r.Site)
+	}
+	var nodes []string
+	for _, t := range r.Tokens {
+		nodes = append(nodes, t.Node)
+	}
+	var b strings.Builder
+	fmt.Fprintf(&b, "%s, or remove its objects by hand:", why)
+	for _, c := range r.VaultPlace.RemovalCommands(r.Site, nodes) {
+		b.WriteString("\n  " + c)
+	}
+	if now.Before(r.Expires) {
+		fmt.Fprintf(&b, "\nIts gateways' certificates stay valid until %s unless revoked: `vault write %s/revoke serial_number=<serial>` for each certificate of site %s in `vault list %s/certs`.",
+			r.Expires.Format(time.RFC3339), r.VaultPlace.PKIMount, r.Site, r.VaultPlace.PKIMount)
+	}
+	return errors.New(b.String())
+}
 
 // nodeName names the i-th gateway of a burst.
 func (r *burstRecord) nodeName(i int) string { return burstNodeName(r.Site, i) }

@@ -357,3 +357,64 @@ func TestBurstLifecycle(t *testing.T) {
 		t.Fatalf("restart after the burst ended: %v", err)
 	}
 }
+
+// TestBurstVaultUnreachable: burst down refuses to close a Vault burst
+// whose objects this gateway cannot reach — it is not Vault-backed any
+// more, or its Vault settings now put a burst's objects elsewhere, where
+// closing would find nothing and report success — and says what to run
+// by hand; a gateway whose settings still match, or a record made before
+// places were recorded, closes it.
+func TestBurstVaultUnreachable(t *testing.T) {
+	t0 := time.Date(2026, 11, 26, 9, 0, 0, 0, time.UTC)
+	place := certs.VaultBurstPlace{PKIMount: "pki", AppRoleMount: "approle", KVMount: "kv", KVPrefix: "skybridge", Name: "skybridge-burst-ams"}
+	moved := place
+	moved.KVPrefix, moved.Name = "sb", "sb-burst-ams"
+	rec := func(p *certs.VaultBurstPlace, cleaned bool) *burstRecord {
+		return &burstRecord{
+			BurstSite: BurstSite{Site: "burst-ams"}, BurstLife: BurstLife{Created: t0, Expires: t0.Add(time.Hour)},
+			Tokens: []burstToken{{Node: "burst-ams-gw1"}, {Node: "burst-ams-gw2"}},
+			Vault:  true, VaultCleaned: cleaned, VaultPlace: p,
+		}
+	}
+	byHand := []string{
+		"\n  vault delete auth/approle/role/skybridge-burst-ams\n",
+		"\n  vault kv metadata delete -mount=kv skybridge/nodes/burst-ams-gw2/wireguard\n",
+		"\n  vault kv metadata delete -mount=kv skybridge/bursts/burst-ams",
+	}
+	for _, tc := range []struct {
+		name string
+		r    *burstRecord
+		here *certs.VaultBurstPlace
+		at   time.Time
+		want []string // nil: burst down goes ahead
+	}{
+		{"settings unchanged", rec(&place, false), &place, t0, nil},
+		{"objects already removed", rec(&place, true), nil, t0, nil},
+		{"recorded before places were", rec(nil, false), &moved, t0, nil},
+		{"not Vault-backed, burst running", rec(&place, false), nil, t0, append([]string{"not Vault-backed now", "valid until 2026-11-26T10:00:00Z", "vault write pki/revoke"}, byHand...)},
+		{"not Vault-backed, burst over", rec(&place, false), nil, t0.Add(2 * time.Hour), byHand},
+		{"settings changed", rec(&place, false), &moved, t0, append([]string{`kv_prefix was "skybridge", is "sb"`, "restore the settings"}, byHand...)},
+		{"not Vault-backed, no place recorded", rec(nil, false), nil, t0, []string{"<kv prefix>-burst-burst-ams", "vault kv metadata delete <kv mount>/<kv prefix>/bursts/burst-ams"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			err := tc.r.vaultUnreachable(tc.here, tc.at)
+			if tc.want == nil {
+				if err != nil {
+					t.Fatalf("refused: %v", err)
+				}
+				return
+			}
+			if err == nil {
+				t.Fatal("burst down would go ahead")
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error lacks %q:\n%v", w, err)
+				}
+			}
+			if tc.at.After(tc.r.Expires) && strings.Contains(err.Error(), "revoke") {
+				t.Errorf("advice to revoke certificates that have expired:\n%v", err)
+			}
+		})
+	}
+}

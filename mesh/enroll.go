@@ -324,14 +324,14 @@ func (g *Gateway) BurstUp(ctx context.Context, req BurstRequest) (_ *BurstGrant,
 		return nil, err
 	}
 	var toks []*certs.JoinToken
-	var claim string
+	var vb *certs.VaultBurst
 	if e.vault != nil {
 		grant.Endpoint = "vault"
-		toks, claim, err = g.vaultTokens(ctx, e, req, attrs, expires, tokExp)
-		if claim != "" {
+		toks, vb, err = g.vaultTokens(ctx, e, req, attrs, expires, tokExp)
+		if vb != nil {
 			// Opened in Vault: whatever fails from here on (making the
 			// tokens included) removes it again.
-			defer e.abortVaultBurst(ctx, req.VaultToken, attrs.Site, claim, g.self.Load().node(), &err)
+			defer e.abortVaultBurst(ctx, req.VaultToken, attrs.Site, vb.Claim, g.self.Load().node(), &err)
 		}
 		if err != nil {
 			return nil, err
@@ -353,7 +353,9 @@ func (g *Gateway) BurstUp(ctx context.Context, req BurstRequest) (_ *BurstGrant,
 	if err != nil {
 		return nil, err
 	}
-	r.VaultClaim = claim
+	if vb != nil {
+		r.VaultClaim, r.VaultPlace = vb.Claim, &vb.Place
+	}
 	if err := g.state.saveBursts(e.book); err != nil {
 		e.book.Bursts = e.book.Bursts[:len(e.book.Bursts)-1]
 		return nil, fmt.Errorf("record burst: %w", err)
@@ -480,8 +482,15 @@ func (g *Gateway) BurstDown(ctx context.Context, site, vaultToken string) (*Burs
 			}
 		}
 	}
-	if r != nil && r.vaultLeft() && e.vault == nil {
-		return nil, fmt.Errorf("burst site %s was opened with Vault, and its Vault objects remain, but this gateway is not Vault-backed now: run burst down here once it is again, or remove them by hand: the claim with `vault kv metadata delete <kv mount>/<kv prefix>/bursts/%s` (a plain `vault kv delete` keeps it, and it blocks the site), and the PKI role, policy and AppRole <kv prefix>-burst-%s", site, site, site)
+	if r != nil {
+		var here *certs.VaultBurstPlace
+		if e.vault != nil {
+			p := e.vault.BurstPlace(site)
+			here = &p
+		}
+		if err := r.vaultUnreachable(here, g.now()); err != nil {
+			return nil, err
+		}
 	}
 	if r == nil {
 		var open []string
@@ -616,16 +625,16 @@ func (g *Gateway) refreshTrust(ctx context.Context) {
 const trustRefresh = time.Minute
 
 // vaultTokens sets the burst up in Vault and makes a Vault join token per
-// gateway, each with its node name and overlay address decided here. The
-// claim is returned, with an error too, once the burst is open in Vault:
-// the caller removes it if anything fails.
-func (g *Gateway) vaultTokens(ctx context.Context, e *enrollment, req BurstRequest, attrs certs.Attributes, expires, tokExp time.Time) (_ []*certs.JoinToken, claim string, err error) {
+// gateway, each with its node name and overlay address decided here. What
+// Vault opened is returned, with an error too, once the burst is open
+// there: the caller removes it if anything fails.
+func (g *Gateway) vaultTokens(ctx context.Context, e *enrollment, req BurstRequest, attrs certs.Attributes, expires, tokExp time.Time) (_ []*certs.JoinToken, _ *certs.VaultBurst, err error) {
 	used := g.overlayIPsInUse(e)
 	nodes := make([]certs.Attributes, req.Gateways)
 	for i := range nodes {
 		ip, err := pickOverlayIP(g.trust.Load().MeshPrefix(), used)
 		if err != nil {
-			return nil, "", err
+			return nil, nil, err
 		}
 		used[ip] = true
 		n := attrs
@@ -634,11 +643,11 @@ func (g *Gateway) vaultTokens(ctx context.Context, e *enrollment, req BurstReque
 	}
 	vb, err := e.vault.OpenBurst(ctx, req.VaultToken, certs.VaultBurstSpec{Site: attrs.Site, Nodes: nodes, Expires: expires, TokenTTL: tokExp.Sub(g.now()), OpenedBy: g.self.Load().node()})
 	if err != nil {
-		return nil, "", err
+		return nil, nil, err
 	}
 	common, err := e.vault.VaultJoinFor(vb)
 	if err != nil {
-		return nil, vb.Claim, err
+		return nil, vb, err
 	}
 	common.Seeds = g.seedsForNewcomer()
 	var toks []*certs.JoinToken
@@ -647,11 +656,11 @@ func (g *Gateway) vaultTokens(ctx context.Context, e *enrollment, req BurstReque
 		vj.WrappedSecretID, vj.Node = wrapped, nodes[i]
 		t, err := certs.NewVaultJoinToken(attrs.Site, &vj, tokExp)
 		if err != nil {
-			return nil, vb.Claim, err
+			return nil, vb, err
 		}
 		toks = append(toks, t)
 	}
-	return toks, vb.Claim, nil
+	return toks, vb, nil
 }
 
 // abortVaultBurst removes, if *err is set, what Vault holds for a burst

@@ -189,6 +189,23 @@ operator { listen = "off" }
 	}
 	tokenFile := filepath.Join(dir, "token")
 	must(t, os.WriteFile(tokenFile, []byte(grant.Tokens[0]), 0o600))
+	// The gateway records where the burst's objects are, for a burst
+	// down after its Vault settings have changed.
+	var book struct {
+		Bursts []struct {
+			Site  string `json:"site"`
+			Place struct {
+				Name     string `json:"name"`
+				KVPrefix string `json:"kv_prefix"`
+			} `json:"vault_place"`
+		} `json:"bursts"`
+	}
+	bj, err := os.ReadFile(filepath.Join(aDir, "bursts.json"))
+	must(t, err)
+	must(t, json.Unmarshal(bj, &book))
+	if len(book.Bursts) != 1 || book.Bursts[0].Place.Name != name || book.Bursts[0].Place.KVPrefix != "skybridge" {
+		t.Fatalf("the burst's record: %s", bj)
+	}
 
 	// The burst gateway: its configuration has no node and no identity.
 	burstCfg := func(name string, gossipPort, wgPort int) string {
@@ -514,4 +531,43 @@ path "%[3]s/roles/*" { capabilities = ["read", "delete"] }
 	if r, p, a, c := exists(); r || p || a || c {
 		t.Fatalf("after CloseBurst of an unclaimed burst: role %v, policy %v, AppRole %v, claim %v", r, p, a, c)
 	}
+
+	// What a gateway that can no longer reach a burst's objects tells the
+	// operator to run by hand removes all of them, done as vault(1)
+	// would: the site can then be opened again.
+	vb, err = v.OpenBurst(ctx, e.root.Token(), spec)
+	must(t, err)
+	if vb.Place != v.BurstPlace("burst-x") || vb.Place.Name != name {
+		t.Fatalf("the burst's place %+v, want %+v", vb.Place, v.BurstPlace("burst-x"))
+	}
+	wgKey := "skybridge/nodes/burst-x-gw1/wireguard"
+	_, err = e.root.KVv2(e.kv).Put(ctx, wgKey, map[string]any{"private_key": "k"})
+	must(t, err)
+	for _, cmd := range vb.Place.RemovalCommands("burst-x", []string{"burst-x-gw1"}) {
+		f := strings.Fields(cmd)
+		switch {
+		case len(f) == 3 && f[1] == "delete":
+			_, err = e.root.Logical().Delete(f[2])
+		case len(f) == 4 && f[1] == "policy" && f[2] == "delete":
+			err = e.root.Sys().DeletePolicy(f[3])
+		case len(f) == 6 && f[1] == "kv" && f[2] == "metadata" && f[3] == "delete" && strings.HasPrefix(f[4], "-mount="):
+			err = e.root.KVv2(strings.TrimPrefix(f[4], "-mount=")).DeleteMetadata(ctx, f[5])
+		default:
+			t.Fatalf("a removal command this test does not know: %q", cmd)
+		}
+		if err != nil {
+			t.Fatalf("%s: %v", cmd, err)
+		}
+	}
+	if r, p, a, c := exists(); r || p || a || c {
+		t.Fatalf("after the by-hand removal: role %v, policy %v, AppRole %v, claim %v", r, p, a, c)
+	}
+	if _, err := e.root.KVv2(e.kv).Get(ctx, wgKey); !errors.Is(err, api.ErrSecretNotFound) {
+		t.Fatalf("the gateway's WireGuard key after the by-hand removal: %v", err)
+	}
+	vb, err = v.OpenBurst(ctx, e.root.Token(), spec)
+	if err != nil {
+		t.Fatalf("OpenBurst after the by-hand removal: %v", err)
+	}
+	must(t, v.AbortBurst(ctx, e.root.Token(), "burst-x", vb.Claim, spec.OpenedBy))
 }

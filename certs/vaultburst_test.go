@@ -1,0 +1,49 @@
+package certs
+
+import (
+	"slices"
+	"testing"
+)
+
+// TestVaultBurstPlace: a changed setting is named with both values, and
+// the by-hand removal reaches every object closing a burst would, the
+// claim last, in the burst's namespace. (e2e/vault runs these commands'
+// effect against a real Vault.)
+func TestVaultBurstPlace(t *testing.T) {
+	was := VaultBurstPlace{PKIMount: "pki", AppRoleMount: "approle", KVMount: "kv", KVPrefix: "skybridge", Name: "skybridge-burst-ams"}
+	if c := was.Changes(was); c != nil {
+		t.Fatalf("no change reported as %v", c)
+	}
+	now := was
+	now.KVPrefix, now.Name, now.Namespace = "sb", "sb-burst-ams", "bank"
+	want := []string{`namespace was "", is "bank"`, `kv_prefix was "skybridge", is "sb"`, `object name was "skybridge-burst-ams", is "sb-burst-ams"`}
+	if c := was.Changes(now); !slices.Equal(c, want) {
+		t.Fatalf("changes:\n got %q\nwant %q", c, want)
+	}
+
+	for _, tc := range []struct {
+		place VaultBurstPlace
+		want  []string
+	}{
+		{was, []string{
+			"vault delete auth/approle/role/skybridge-burst-ams",
+			"vault policy delete skybridge-burst-ams",
+			"vault delete pki/roles/skybridge-burst-ams",
+			"vault kv metadata delete -mount=kv skybridge/nodes/ams-gw1/wireguard",
+			"vault kv metadata delete -mount=kv skybridge/nodes/ams-gw2/wireguard",
+			"vault kv metadata delete -mount=kv skybridge/bursts/ams",
+		}},
+		{VaultBurstPlace{Namespace: "bank/eu", PKIMount: "pki-mesh", AppRoleMount: "gw-login", KVMount: "secret", KVPrefix: "mesh/prod", Name: "mesh-prod-burst-ams"}, []string{
+			"VAULT_NAMESPACE=bank/eu vault delete auth/gw-login/role/mesh-prod-burst-ams",
+			"VAULT_NAMESPACE=bank/eu vault policy delete mesh-prod-burst-ams",
+			"VAULT_NAMESPACE=bank/eu vault delete pki-mesh/roles/mesh-prod-burst-ams",
+			"VAULT_NAMESPACE=bank/eu vault kv metadata delete -mount=secret mesh/prod/nodes/ams-gw1/wireguard",
+			"VAULT_NAMESPACE=bank/eu vault kv metadata delete -mount=secret mesh/prod/nodes/ams-gw2/wireguard",
+			"VAULT_NAMESPACE=bank/eu vault kv metadata delete -mount=secret mesh/prod/bursts/ams",
+		}},
+	} {
+		if got := tc.place.RemovalCommands("ams", []string{"ams-gw1", "ams-gw2"}); !slices.Equal(got, tc.want) {
+			t.Errorf("removal of %+v:\n got %q\nwant %q", tc.place, got, tc.want)
+		}
+	}
+}
