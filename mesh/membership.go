@@ -56,8 +56,12 @@ type membership struct {
 	members map[string]*member
 	certs   map[[32]byte]*x509.Certificate // certificates by SHA-256, chain-verified
 	badCert map[[32]byte]refusedCert       // certificates refused, and why
-	// maxBadCerts bounds badCert (defaultMaxBadCerts).
+	// maxBadCerts bounds badCert (defaultMaxBadCerts). badCertFull is
+	// set when a forced prune freed nothing: until the next regular one,
+	// further refusals are not remembered rather than each rescanning
+	// every member under the lock.
 	maxBadCerts int
+	badCertFull bool
 	strangers   int                // members with stranger set
 	cache       *certs.VerifyCache // verified adverts: re-judging costs a lookup
 	now         func() time.Time
@@ -493,8 +497,9 @@ func (ms *membership) learnCertLocked(sum [32]byte, der []byte) error {
 		_, err = ms.cache.VerifyCertificate(ms.trust, cert, ms.now())
 	}
 	if err != nil {
-		if len(ms.badCert) >= ms.maxBadCerts {
+		if len(ms.badCert) >= ms.maxBadCerts && !ms.badCertFull {
 			ms.pruneCertsLocked(true)
+			ms.badCertFull = len(ms.badCert) >= ms.maxBadCerts
 		}
 		// Past the bound (every one still named by a member) it is
 		// not remembered: seen again, it is verified and refused again.
@@ -734,6 +739,7 @@ func (ms *membership) refresh() {
 	changed := ms.rejudgeLocked()
 	changed = ms.forgetEndedLocked() || changed
 	ms.pruneCertsLocked(false)
+	ms.badCertFull = false
 	ms.mu.Unlock()
 	// Re-judging finds nothing new almost always; a change (an expiry)
 	// is what makes the topology worth recomputing.

@@ -279,13 +279,24 @@ func TestMembershipPrunesCertificates(t *testing.T) {
 	if err := ms.addCert([]byte("one more")); err == nil || len(ms.badCert) > ms.maxBadCerts {
 		t.Fatalf("bound full of named certificates: err %v, %d remembered (bound %d)", err, len(ms.badCert), ms.maxBadCerts)
 	}
+	// That forced prune freed nothing: the next junk is refused without
+	// another (each would rescan every member under the lock, a cost for
+	// anyone with the gossip key to multiply), though a member naming
+	// another certificate has made room since; the next regular prune
+	// frees it.
+	o2 := rogueCA.identity("gw-o0", "site-o", 40, f.now.Add(-time.Hour))
+	ms.update("gw-o0", gossipAddr, rogueCA.advert(o2, 2))
+	err := ms.addCert([]byte("two more"))
+	if _, kept := ms.badCert[sha256.Sum256([]byte("two more"))]; err == nil || kept {
+		t.Fatalf("junk with the bound full after a fruitless forced prune: err %v, remembered %v (a forced prune ran again)", err, kept)
+	}
 	for i := range ms.maxBadCerts - 2 {
 		ms.leave(fmt.Sprintf("gw-o%d", i))
 	}
 	clock = clock.Add(refusedKept)
 	ms.refresh()
-	if len(ms.badCert) != 1 || len(ms.certs) != 1 {
-		t.Fatalf("after refresh: %d refused and %d known certificates, want the rogue's and gw-a's", len(ms.badCert), len(ms.certs))
+	if len(ms.badCert) != 1 || len(ms.certs) != 1 || ms.badCertFull {
+		t.Fatalf("after refresh: %d refused and %d known certificates, want the rogue's and gw-a's (bound still taken for full: %v)", len(ms.badCert), len(ms.certs), ms.badCertFull)
 	}
 	if err := ms.admit("gw-r", gossipAddr, rMeta); err == nil {
 		t.Fatal("rogue admitted after pruning")
