@@ -142,15 +142,35 @@ func (fr *frameReader) head() (byte, int, error) {
 	if err != nil {
 		return 0, 0, err
 	}
-	n, err := binary.ReadUvarint(fr.r)
-	if err != nil {
-		return 0, 0, err
+	// The length is a uvarint read byte by byte, not with
+	// binary.ReadUvarint: its error for an overlong varint could not be
+	// told from the connection's, and the peer would not hear why.
+	var n uint64
+	for i := 0; ; i++ {
+		b, err := fr.r.ReadByte()
+		if err == io.EOF {
+			err = io.ErrUnexpectedEOF // a frame's type without its length
+		}
+		if err != nil {
+			return 0, 0, err
+		}
+		n |= uint64(b&0x7f) << (7 * i)
+		if b < 0x80 {
+			break
+		}
+		if i == maxLenBytes-1 {
+			return 0, 0, badFrame(fmt.Sprintf("frame length longer than %d bytes", maxLenBytes))
+		}
 	}
 	if n > maxFrame {
 		return 0, 0, badFrame(fmt.Sprintf("frame of %d bytes exceeds the limit", n))
 	}
 	return typ, int(n), nil
 }
+
+// maxLenBytes is the longest uvarint a frame's length takes: maxFrame
+// needs 4 bytes, 5 allow for a padded one.
+const maxLenBytes = 5
 
 // body reads the n bytes that follow into buf, grown as needed.
 func (fr *frameReader) body(n int, buf []byte) ([]byte, error) {

@@ -3,7 +3,9 @@ package migrate
 import (
 	"bytes"
 	"crypto/rand"
+	"encoding/binary"
 	"errors"
+	"io"
 	"testing"
 
 	"github.com/klauspost/compress/zstd"
@@ -87,6 +89,34 @@ func TestChunkFrame(t *testing.T) {
 	}
 	if typ, p, err := fr.next(nil); err != nil || typ != frameSame || len(p) != 64 {
 		t.Fatalf("the frame after the short one: type %d, %d bytes, %v", typ, len(p), err)
+	}
+}
+
+// TestFrameLength: a length that is too long, as a number or as a
+// varint, is a bad frame (the peer is told), and a stream cut inside a
+// frame's head is not taken for a clean end.
+func TestFrameLength(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		wire []byte
+		want error // nil: a bad frame
+	}{
+		{"overlong varint", []byte{frameSame, 0x80, 0x80, 0x80, 0x80, 0x80, 0x00}, nil},
+		{"over the limit", binary.AppendUvarint([]byte{frameSame}, maxFrame+1), nil},
+		{"varint of 2^64", append([]byte{frameSame}, bytes.Repeat([]byte{0xff}, 10)...), nil},
+		{"cut after the type", []byte{frameSame}, io.ErrUnexpectedEOF},
+		{"cut inside the length", []byte{frameSame, 0x80}, io.ErrUnexpectedEOF},
+		{"nothing", nil, io.EOF},
+	} {
+		_, _, err := newFrameReader(bytes.NewReader(tc.wire)).head()
+		if tc.want == nil && !errors.As(err, new(badFrame)) || tc.want != nil && err != tc.want {
+			t.Errorf("%s: %v, want %v (nil: a bad frame)", tc.name, err, tc.want)
+		}
+	}
+	// The longest length that fits, padded to the five bytes allowed.
+	typ, n, err := newFrameReader(bytes.NewReader([]byte{frameSame, 0x80, 0x80, 0x80, 0xa0, 0x00})).head()
+	if err != nil || typ != frameSame || n != maxFrame {
+		t.Fatalf("a padded length of maxFrame: type %d, %d, %v", typ, n, err)
 	}
 }
 
