@@ -11,6 +11,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/skybridge-mesh/skybridge/internal/freeport"
 )
 
 // TestBenchFootprint measures what one gateway costs its host: RSS and CPU
@@ -31,8 +33,12 @@ func TestBenchFootprint(t *testing.T) {
 	os.WriteFile(pol, []byte(policyV1), 0o644)
 	sb(t, 0, "policy", "sign", "--policy", pol, "--ca", caDir)
 
-	// Ports below the ephemeral range, clear of the scale benchmark's.
-	const gossipBase, wgBase = 23000, 24500
+	// Each gateway's gossip and WireGuard ports, in freeport's band.
+	ports, err := freeport.Loopback(2 * n)
+	if err != nil {
+		t.Fatal(err)
+	}
+	gossipPort := func(i int) int { return ports[2*i] }
 	type gw struct {
 		cmd          *exec.Cmd
 		socket, name string
@@ -80,7 +86,7 @@ wireguard {
   mode      = "netstack"
 }
 operator { listen = "127.0.0.1:0" }
-`, sdir, name, site, overlay, filepath.Join(sdir, "identity"), pol, gossipBase+i, gossipBase, gossipBase+1, i, wgBase+i)), 0o644)
+`, sdir, name, site, overlay, filepath.Join(sdir, "identity"), pol, gossipPort(i), gossipPort(0), gossipPort(1), i, ports[2*i+1])), 0o644)
 		logf, err := os.Create(filepath.Join(dir, name+".log"))
 		if err != nil {
 			t.Fatal(err)
