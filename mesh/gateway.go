@@ -50,7 +50,11 @@ type Gateway struct {
 	advert  atomic.Pointer[[]byte]
 	self    atomic.Pointer[Node]
 
-	inbox chan []byte
+	inbox chan []byte // gossip messages, from the wire
+	// fetch names members whose certificates the worker should ask for:
+	// a channel of its own, so that nothing from the wire can pose as a
+	// job of ours.
+	fetch chan string
 	kick  chan struct{}
 	sends chan struct{} // semaphore of sendAsync
 
@@ -146,7 +150,7 @@ func newGateway(ctx context.Context, s *Settings, logger *slog.Logger, opt optio
 	}
 	g := &Gateway{
 		s: s, now: time.Now, state: stateDir(s.StateDir), opt: opt,
-		inbox: make(chan []byte, inboxSize), kick: make(chan struct{}, 1), sends: make(chan struct{}, maxSends),
+		inbox: make(chan []byte, inboxSize), fetch: make(chan string, inboxSize), kick: make(chan struct{}, 1), sends: make(chan struct{}, maxSends),
 		lastApplied: map[certs.WGPublicKey]PeerConfig{}, greetings: map[certs.WGPublicKey]greeting{}, certAsked: map[string]time.Time{}, nextAcked: map[certs.WGPublicKey]bool{},
 		started: time.Now(), acks: make(chan keyringAck, 64), readvertise: make(chan struct{}, 1),
 		joined: make(chan struct{}), revokedSelf: make(chan struct{}), burst: enr,
@@ -548,16 +552,22 @@ func (g *Gateway) enqueue(msg []byte) {
 	}
 }
 
+// fetchCert has the worker ask a member for its certificate; a job
+// dropped here is asked for again by the pending sweep.
+func (g *Gateway) fetchCert(name string) {
+	select {
+	case g.fetch <- name:
+	default:
+	}
+}
+
 // memberUp records a joined or updated member and fetches its certificate
 // if we lack it.
 func (g *Gateway) memberUp(n *memberlist.Node) {
 	if g.members.update(n.Name, nodeAddr(n), n.Meta) {
-		g.enqueue(encodeMessage(msgFetchCert, []byte(n.Name)))
+		g.fetchCert(n.Name)
 	}
 }
-
-// msgFetchCert is an internal job for the worker, never sent on the wire.
-const msgFetchCert byte = 0xf0
 
 func (g *Gateway) reconcileLoop(ctx context.Context) {
 	t := time.NewTicker(reconcileInterval)
@@ -717,7 +727,7 @@ func (g *Gateway) maintain(ctx context.Context) {
 			return
 		case <-fetch.C:
 			for _, name := range g.members.pending() {
-				g.enqueue(encodeMessage(msgFetchCert, []byte(name)))
+				g.fetchCert(name)
 			}
 			if len(settle) > 0 && time.Since(lastJoin) >= settle[0] && g.ml.NumMembers() > 1 {
 				settle = settle[1:]

@@ -15,8 +15,8 @@ import (
 // certificate again.
 const certRetry = 3 * time.Second
 
-// worker handles user messages and internal jobs one at a time, off
-// memberlist's goroutines.
+// worker handles gossip messages and certificate fetches one at a time,
+// off memberlist's goroutines.
 func (g *Gateway) worker(ctx context.Context) {
 	for {
 		select {
@@ -26,8 +26,21 @@ func (g *Gateway) worker(ctx context.Context) {
 			if err := g.handle(b); err != nil {
 				g.log.Debug("ignoring gossip message", "err", err)
 			}
+		case name := <-g.fetch:
+			g.askCert(name)
 		}
 	}
+}
+
+// askCert asks a member for its certificate, sending ours: at most once
+// per certRetry.
+func (g *Gateway) askCert(name string) {
+	if t, ok := g.certAsked[name]; ok && time.Since(t) < certRetry {
+		return
+	}
+	g.certAsked[name] = time.Now()
+	me := g.id.Load()
+	g.sendAsync(name, netip.AddrPort{}, encodeMessage(msgCertRequest, []byte(me.Attributes().Node), me.Certificate().Raw, g.gossipAddr()))
 }
 
 func (g *Gateway) handle(b []byte) error {
@@ -37,15 +50,6 @@ func (g *Gateway) handle(b []byte) error {
 	}
 	me := g.id.Load()
 	switch m.typ {
-	case msgFetchCert:
-		name := string(m.fields[0])
-		if t, ok := g.certAsked[name]; ok && time.Since(t) < certRetry {
-			return nil
-		}
-		g.certAsked[name] = time.Now()
-		g.sendAsync(name, netip.AddrPort{}, encodeMessage(msgCertRequest, []byte(me.Attributes().Node), me.Certificate().Raw, g.gossipAddr()))
-		return nil
-
 	case msgCertRequest:
 		if err := m.want(3); err != nil {
 			return err
