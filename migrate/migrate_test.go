@@ -621,6 +621,7 @@ func TestReceiverRefusesBadFrames(t *testing.T) {
 		{"wrong length for its place", frameChunk, [][]byte{chunkHeader(2, h, 0, mib), good}, 2, "chunk of the wrong length"},
 		{"fewer bytes than it says", frameChunk, [][]byte{chunkHeader(0, h, 0, mib), good[:1000]}, 0, "chunk of the wrong length"},
 		{"not zstd", frameChunk, [][]byte{chunkHeader(0, h, flagZstd, mib), good[:1000]}, 0, "does not decompress"},
+		{"compressed, no smaller", frameChunk, [][]byte{chunkHeader(0, h, flagZstd, mib), good}, 0, "chunk of the wrong length"},
 		{"damaged", frameChunk, [][]byte{chunkHeader(0, wrong, 0, mib), good}, 0, "hash mismatch"},
 		{"stored chunk past the new end", frameSame, [][]byte{indexFrame(3, acc.Base[3])}, 3, "chunk outside the image"},
 		{"not what is stored", frameSame, [][]byte{indexFrame(1, wrong)}, 1, "not in the stored version"},
@@ -637,6 +638,14 @@ func TestReceiverRefusesBadFrames(t *testing.T) {
 		if typ != frameNack || perr != nil || i != tc.index || reason != tc.reason {
 			t.Fatalf("%s: answer type %d %q, want a nack of %d: %s", tc.name, typ, b, tc.index, tc.reason)
 		}
+	}
+	// A data stream beyond those offered (each holds chunk buffers).
+	jw, jr := dial()
+	if err := jw.json(frameJoin, Join{ID: offer.ID}); err != nil {
+		t.Fatal(err)
+	}
+	if typ, b, err := jr.next(nil); err != nil || typ != frameError || !strings.Contains(string(b), "already has the 1 data streams it offered") {
+		t.Fatalf("a second data stream of a one-stream migration: answer type %d %q, %v; want an error frame", typ, b, err)
 	}
 	dw.frame(frameChunk, chunkHeader(1, h, 0, mib), good)
 	dw.frame(frameSame, indexFrame(0, acc.Base[0]))
@@ -677,6 +686,56 @@ func TestReceiverRefusesBadFrames(t *testing.T) {
 	xw.flush()
 	if typ, b, err := xr.next(nil); err != nil || typ != frameError || !strings.Contains(string(b), "exceeds the limit") {
 		t.Fatalf("an oversized first frame: answer type %d %q, %v; want an error frame", typ, b, err)
+	}
+}
+
+// TestReceiverRefusesBadOffers: an offer's ID names the receiver's
+// temporary files, so one that could be a path is refused before anything
+// is opened, as are sizes and stream counts out of bounds.
+func TestReceiverRefusesBadOffers(t *testing.T) {
+	p := newPair(t, "DE")
+	victim := filepath.Join(p.dir, "victim.raw")
+	if err := os.WriteFile(victim, []byte("precious"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	rel, err := filepath.Rel(filepath.Join(p.store, ".incoming"), strings.TrimSuffix(victim, ".raw"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	good := Offer{ID: "0123456789abcdef", Name: "vm", Class: "pii-eu", Format: FormatRaw, Size: mib, ChunkSize: mib, Streams: 4}
+	for _, tc := range []struct {
+		change func(*Offer)
+		want   string
+	}{
+		{func(o *Offer) { o.ID = rel }, "migration ID"},
+		{func(o *Offer) { o.ID = "" }, "migration ID"},
+		{func(o *Offer) { o.ID = strings.Repeat("a", 65) }, "migration ID"},
+		{func(o *Offer) { o.Streams = 0 }, "data streams"},
+		{func(o *Offer) { o.Streams = MaxStreams + 1 }, "data streams"},
+		{func(o *Offer) { o.ChunkSize = maxFrame }, "chunk size"},
+		{func(o *Offer) { o.Format = "vmdk" }, "format"},
+		{func(o *Offer) { o.Name = "../vm" }, "image name"},
+	} {
+		o := good
+		tc.change(&o)
+		raw, err := net.Dial("tcp", p.addr.String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		c := tls.Client(raw, clientTLS(p.from, p.tb, "gw-dst", time.Now))
+		c.SetDeadline(time.Now().Add(20 * time.Second))
+		fw, fr := newFrameWriter(c), newFrameReader(c)
+		if err := fw.json(frameOffer, o); err != nil {
+			t.Fatal(err)
+		}
+		typ, b, err := fr.next(nil)
+		c.Close()
+		if err != nil || typ != frameError || !strings.Contains(string(b), "bad offer") || !strings.Contains(string(b), tc.want) {
+			t.Errorf("offer %+v: answer type %d %q, %v; want a bad offer naming the %s", o, typ, b, err, tc.want)
+		}
+	}
+	if b, err := os.ReadFile(victim); err != nil || string(b) != "precious" {
+		t.Fatalf("the file a crafted ID pointed at: %d bytes, beginning %q, %v", len(b), b[:min(len(b), 16)], err)
 	}
 }
 

@@ -131,6 +131,11 @@ func (r *Receiver) handle(ctx context.Context, c *tls.Conn) {
 			fw.flush()
 			return
 		}
+		if !s.join() {
+			fw.frame(frameError, []byte(fmt.Sprintf("migration %s already has the %d data streams it offered", j.ID, s.offer.Streams)))
+			fw.flush()
+			return
+		}
 		s.attach(c)
 		s.data(fr, &lockedWriter{fw: fw})
 	}
@@ -179,7 +184,20 @@ type session struct {
 	synced   chan struct{} // closed when the syncer has made its last flush
 	closed   chan struct{}
 	conns    []net.Conn
+	streams  int // data streams joined
 	syncErr  error
+}
+
+// join counts a data stream joining the session, and refuses one beyond
+// the number offered: each holds buffers of up to a few chunks.
+func (s *session) join() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.streams >= s.offer.Streams {
+		return false
+	}
+	s.streams++
+	return true
 }
 
 // attach records a connection of the session, to close it on abort.
@@ -206,8 +224,8 @@ type pendingChunk struct {
 
 func (r *Receiver) control(ctx context.Context, c *tls.Conn, fr *frameReader, fw *frameWriter, from *certs.Attributes, o *Offer) {
 	log := r.cfg.Log.With("migration_id", o.ID, "peer", from.Node, "peer_site", from.Site, "class", o.Class)
-	if err := checkName(o.Name); err != nil || o.ChunkSize <= 0 || o.ChunkSize > maxFrame/2 || o.Size < 0 || (o.Format != FormatRaw && o.Format != FormatQcow2) {
-		fw.json(frameError, fmt.Sprintf("bad offer: %v", err))
+	if err := checkOffer(o); err != nil {
+		fw.json(frameError, "bad offer: "+err.Error())
 		return
 	}
 	// The receiver decides with its own policy copy.
@@ -501,7 +519,10 @@ func (s *session) data(fr *frameReader, w *lockedWriter) {
 			switch {
 			case !inImage(i):
 				why = "chunk outside the image"
-			case int64(c.rawLen) != chunkLen(i, o.Size, o.ChunkSize) || (!compressed && c.dataLen != c.rawLen):
+			case int64(c.rawLen) != chunkLen(i, o.Size, o.ChunkSize) || (!compressed && c.dataLen != c.rawLen) || (compressed && c.dataLen >= c.rawLen):
+				// A compressed chunk is smaller than its data (the
+				// sender sends the data as it is otherwise), which also
+				// bounds the buffer it is read into.
 				why = "chunk of the wrong length"
 			}
 			if why != "" {

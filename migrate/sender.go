@@ -131,6 +131,9 @@ func Send(ctx context.Context, cfg SendConfig) (*SendRecord, error) {
 	if cfg.Streams <= 0 {
 		cfg.Streams = 4
 	}
+	if cfg.Streams > MaxStreams {
+		return nil, fmt.Errorf("%d streams: at most %d", cfg.Streams, MaxStreams)
+	}
 	src, err := OpenSource(cfg.Image)
 	if err != nil {
 		return nil, err

@@ -44,6 +44,41 @@ type Offer struct {
 	Policy    string `json:"policy"` // the sender's policy revision, for the record
 }
 
+// MaxStreams bounds the data streams of one migration.
+const MaxStreams = 32
+
+// checkOffer refuses an offer the receiver cannot take as it is: its ID
+// names files in the store, its sizes size buffers.
+func checkOffer(o *Offer) error {
+	switch {
+	case !validID(o.ID):
+		return fmt.Errorf("migration ID %q: want 1 to 64 letters, digits, '-' or '_'", o.ID)
+	case o.ChunkSize <= 0 || o.ChunkSize > maxFrame/2:
+		return fmt.Errorf("chunk size %d: want 1 to %d bytes", o.ChunkSize, maxFrame/2)
+	case o.Size < 0:
+		return fmt.Errorf("image size %d", o.Size)
+	case o.Format != FormatRaw && o.Format != FormatQcow2:
+		return fmt.Errorf("format %q: want %s or %s", o.Format, FormatRaw, FormatQcow2)
+	case o.Streams < 1 || o.Streams > MaxStreams:
+		return fmt.Errorf("%d data streams: want 1 to %d", o.Streams, MaxStreams)
+	}
+	return checkName(o.Name)
+}
+
+// validID reports whether id can be a migration's ID: NewID makes 16 hex
+// digits, and whatever a peer sends must not be a path.
+func validID(id string) bool {
+	if id == "" || len(id) > 64 {
+		return false
+	}
+	for _, c := range id {
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '_') {
+			return false
+		}
+	}
+	return true
+}
+
 // Join attaches a data stream to a migration.
 type Join struct {
 	ID string `json:"id"`
