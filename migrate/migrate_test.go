@@ -386,6 +386,54 @@ func TestMigrateResumeAndResync(t *testing.T) {
 	t.Logf("re-sync after changing %d KiB of 64 MiB: %d chunks sent (%d bytes on the wire), %d reused at the destination", 2*len(change)/1024, st.ChunksSent, st.BytesSent, st.ChunksSame)
 }
 
+// TestMigrateResumeIncomingLost: resuming a migration whose incoming file
+// the receiver no longer has (a crash as the image was stored, removed by
+// hand) sends every chunk again, rather than storing the image with the
+// chunks the journal remembered as zeros.
+func TestMigrateResumeIncomingLost(t *testing.T) {
+	p := newPair(t, "DE")
+	raw := filepath.Join(p.dir, "vm.raw")
+	makeRaw(t, raw, 32*mib, map[int64]int{0: 32 * mib})
+	cfg := p.config(raw, "pii-eu")
+	cfg.Streams = 1
+	cfg.BWLimit = 20 * mib
+	ctx, cancel := context.WithCancel(context.Background())
+	cfg.Progress = func(pr Progress) {
+		if pr.Stats.ChunksDone >= 8 {
+			cancel()
+		}
+	}
+	rec, err := Send(ctx, cfg)
+	if !errors.Is(err, context.Canceled) {
+		t.Fatalf("interrupted migration: %v", err)
+	}
+	waitIdle(t, p.recv, rec.ID)
+	var rr RecvRecord
+	if err := p.recvJ.get(bucketRecv, rec.ID, &rr); err != nil {
+		t.Fatal(err)
+	}
+	if have, err := p.recvJ.chunks("recv", rec.ID); err != nil || len(have) == 0 {
+		t.Fatalf("the receiver holds no chunks of the interrupted migration (%v): nothing to lose", err)
+	}
+	if err := os.Remove(rr.Temp); err != nil {
+		t.Fatal(err)
+	}
+	cfg = p.config(raw, "pii-eu")
+	cfg.ID = rec.ID
+	rec, err = Send(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rec.Stats.ChunksSent != 32 {
+		t.Errorf("%d of 32 chunks sent after the incoming file was lost, want all", rec.Stats.ChunksSent)
+	}
+	img, err := p.recvJ.Image("vm")
+	if err != nil {
+		t.Fatal(err)
+	}
+	compare(t, raw, img.Path)
+}
+
 // TestMigrateCancelIsCancelled: cancelling a migration ends it as
 // cancelled, never as the failure of the connections that the
 // cancellation itself closes. Cancelled as it commits, the commit's write

@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"maps"
 	"net"
@@ -334,6 +335,17 @@ func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision, log
 	if resumed && (rec.Size != o.Size || rec.ChunkSize != o.ChunkSize || rec.Name != o.Name || rec.From != from.Node || rec.Format != o.Format) {
 		j.dropChunks("recv", o.ID) // a different migration under an old ID: start over
 		os.Remove(temp)
+		resumed = false
+	}
+	if _, err := os.Stat(temp); resumed && errors.Is(err, fs.ErrNotExist) {
+		// The chunks the journal holds were in that file (lost to a
+		// crash as the image was stored, or removed by hand): resumed
+		// into a new, empty one, the sender would skip them and the
+		// image would be stored with holes of zeros.
+		log.Warn("the incoming file of a resumed migration is gone; receiving every chunk again", "file", temp)
+		if err := j.dropChunks("recv", o.ID); err != nil {
+			return nil, nil, err
+		}
 		resumed = false
 	}
 	if !resumed {
