@@ -10,6 +10,7 @@ import (
 	"crypto/x509/pkix"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"math/big"
 	"net"
@@ -440,6 +441,16 @@ func RevocationReasons() []string {
 	return out
 }
 
+// reasonName is the name of a CRL reason code.
+func reasonName(code int) string {
+	for name, c := range revocationReasons {
+		if c == code {
+			return name
+		}
+	}
+	return "unspecified"
+}
+
 // RevokeSerials adds the certificates with the given serials to the CA-signed
 // revocation list and returns the index entries that were revoked. Revoking
 // an already revoked serial is not an error; an unknown serial is.
@@ -466,8 +477,8 @@ func (ca *CA) RevokeSerials(serials []*big.Int, reason string, now time.Time) ([
 			done = append(done, idx.Certs[i])
 		}
 		// The CRL is written before the index: if we crash between the
-		// two, the serial is already revoked for the mesh and a retry is
-		// idempotent.
+		// two, the serial is already revoked for the mesh, and the next
+		// CRL carries it on (writeCRL).
 		return ca.writeCRL(idx, now)
 	})
 	if err != nil {
@@ -510,7 +521,32 @@ func (ca *CA) CRLPEM() ([]byte, error) {
 	return os.ReadFile(filepath.Join(ca.dir, fileCRL))
 }
 
+// writeCRL signs the next revocation list from the index and stores it.
+// The list in force may be ahead of the index: written, and the index not
+// (a crash, a full disk between the two). Its number is not used again —
+// gateways ignore a list whose number they have, so a different list
+// under it would never spread — and its revocations are taken into the
+// index, so no later list drops them.
 func (ca *CA) writeCRL(idx *caIndex, now time.Time) error {
+	if b, err := os.ReadFile(filepath.Join(ca.dir, fileCRL)); err == nil {
+		prev, err := ParseCRL(b)
+		if err != nil {
+			return fmt.Errorf("the CA's revocation list %s: %w; it cannot be carried on: restore it from a backup", filepath.Join(ca.dir, fileCRL), err)
+		}
+		if prev.Number != nil && prev.Number.IsInt64() {
+			idx.CRLNumber = max(idx.CRLNumber, prev.Number.Int64())
+		}
+		for _, e := range prev.RevokedCertificateEntries {
+			want := FormatSerial(e.SerialNumber)
+			i := slices.IndexFunc(idx.Certs, func(c IssuedCert) bool { return c.Serial == want })
+			if i >= 0 && idx.Certs[i].RevokedAt == nil {
+				at := e.RevocationTime.UTC()
+				idx.Certs[i].RevokedAt, idx.Certs[i].Reason = &at, reasonName(e.ReasonCode)
+			}
+		}
+	} else if !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("read the CA's revocation list: %w", err)
+	}
 	idx.CRLNumber++
 	var entries []x509.RevocationListEntry
 	for _, e := range idx.Certs {

@@ -261,6 +261,49 @@ func TestRevoke(t *testing.T) {
 	issue(t, ca, testAttrs("gw9", "s", "100.96.0.1"), t0, time.Hour)
 }
 
+// TestRevokeIndexBehindCRL: a revocation list written without its index
+// (a crash or a full disk between the two) is carried on: the next list
+// has a new number — gateways ignore a list whose number they hold — and
+// keeps the revocation the index lost, which the index takes back.
+func TestRevokeIndexBehindCRL(t *testing.T) {
+	ca := newTestCA(t)
+	id1 := issue(t, ca, testAttrs("gw1", "s", "100.96.0.1"), t0, time.Hour)
+	id2 := issue(t, ca, testAttrs("gw2", "s", "100.96.0.2"), t0, time.Hour)
+	index := filepath.Join(ca.Dir(), fileIndex)
+	before, err := os.ReadFile(index)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ca.RevokeSerials([]*big.Int{id1.Certificate().SerialNumber}, "keyCompromise", t0); err != nil {
+		t.Fatal(err)
+	}
+	lost := trust(t, ca).CRL()
+	if err := os.WriteFile(index, before, 0o600); err != nil { // the index as if its write never happened
+		t.Fatal(err)
+	}
+	if _, err := ca.RevokeSerials([]*big.Int{id2.Certificate().SerialNumber}, "", t0); err != nil {
+		t.Fatal(err)
+	}
+	tb := trust(t, ca)
+	if tb.CRL().Number.Cmp(lost.Number) <= 0 {
+		t.Fatalf("the next list is number %v, the one written without its index %v: reused", tb.CRL().Number, lost.Number)
+	}
+	for _, id := range []*NodeIdentity{id1, id2} {
+		if _, err := tb.VerifyCertificate(id.Certificate(), t0); !errors.Is(err, ErrRevoked) {
+			t.Errorf("%s after the next revocation: %v, want revoked", id.Attributes().Node, err)
+		}
+	}
+	issued, err := ca.Issued()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range issued {
+		if e.Node == "gw1" && (e.RevokedAt == nil || e.Reason != "keyCompromise") {
+			t.Errorf("the index after the next revocation: gw1 %+v, want revoked for keyCompromise", e)
+		}
+	}
+}
+
 // TestConcurrentIssue: parallel operators must not lose index entries.
 func TestConcurrentIssue(t *testing.T) {
 	ca := newTestCA(t)
