@@ -100,30 +100,56 @@ func (l *Log) Append(id *certs.NodeIdentity, event string, fields map[string]any
 	return r, f.Sync()
 }
 
-// lastLine returns the last line of the log and its sequence number.
+// lastLine returns the last record of the log and its sequence number.
+// Bytes after the last newline are an append cut short (a crash, a full
+// disk): that record was never acknowledged, and they are cut off — left,
+// they would make the log's end unreadable, and every later append fail.
 func lastLine(f *os.File) ([]byte, uint64, error) {
 	if _, err := f.Seek(0, io.SeekStart); err != nil {
 		return nil, 0, err
 	}
-	var last []byte
-	sc := bufio.NewScanner(f)
-	sc.Buffer(make([]byte, 64<<10), 16<<20)
-	for sc.Scan() {
-		if len(bytes.TrimSpace(sc.Bytes())) > 0 {
-			last = append(last[:0], sc.Bytes()...)
+	var (
+		last     []byte
+		end, off int64 // of the last whole line, of what was read
+	)
+	r := bufio.NewReaderSize(f, 64<<10)
+	for {
+		line, err := r.ReadSlice('\n')
+		off += int64(len(line))
+		if err == bufio.ErrBufferFull {
+			// A line longer than the buffer: gather it.
+			whole := append([]byte(nil), line...)
+			for err == bufio.ErrBufferFull {
+				line, err = r.ReadSlice('\n')
+				off += int64(len(line))
+				whole = append(whole, line...)
+			}
+			line = whole
 		}
-	}
-	if err := sc.Err(); err != nil {
-		return nil, 0, fmt.Errorf("read audit log: %w", err)
+		if err == io.EOF {
+			if len(line) > 0 {
+				if err := f.Truncate(end); err != nil {
+					return nil, 0, fmt.Errorf("cut off the audit log's unfinished last record: %w", err)
+				}
+			}
+			break
+		}
+		if err != nil {
+			return nil, 0, fmt.Errorf("read audit log: %w", err)
+		}
+		end = off
+		if t := bytes.TrimSpace(line); len(t) > 0 {
+			last = append(last[:0], t...)
+		}
 	}
 	if last == nil {
 		return nil, 0, nil
 	}
-	var r Record
-	if err := json.Unmarshal(last, &r); err != nil {
-		return nil, 0, fmt.Errorf("audit log's last record is damaged: %w", err)
+	var rec Record
+	if err := json.Unmarshal(last, &rec); err != nil {
+		return nil, 0, fmt.Errorf("audit log %s: its last record is damaged (%v); nothing can be chained to it: check the log with `skybridge audit verify`, and move it aside to start a new one", f.Name(), err)
 	}
-	return last, r.Seq, nil
+	return last, rec.Seq, nil
 }
 
 // Report is the outcome of Verify.

@@ -66,3 +66,38 @@ func TestAppendVerify(t *testing.T) {
 		}
 	}
 }
+
+// TestAppendAfterCutShort: an append cut short (a crash, a full disk)
+// leaves part of a record without its newline; the next append cuts it
+// off and chains to the last whole record, so the log stays whole. A
+// whole last line that is not a record stops appends, saying what to do.
+func TestAppendAfterCutShort(t *testing.T) {
+	id, tb := identity(t)
+	path := filepath.Join(t.TempDir(), "audit.log")
+	l := Open(path)
+	for i := range 2 {
+		if _, err := l.Append(id, "migration", map[string]any{"n": i}, t0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	whole, _ := os.ReadFile(path)
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.Write(whole[:len(whole)/3]) // the start of a record, as a cut-short append leaves it
+	f.Close()
+	r, err := l.Append(id, "migration", map[string]any{"n": 2}, t0)
+	if err != nil || r.Seq != 3 {
+		t.Fatalf("append after one cut short: %+v, %v", r, err)
+	}
+	b, _ := os.ReadFile(path)
+	if rep, err := Verify(bytes.NewReader(b), tb); err != nil || rep.Records != 3 {
+		t.Fatalf("the log after that: %+v, %v", rep, err)
+	}
+
+	os.WriteFile(path, append(b, "{not a record}\n"...), 0o600)
+	if _, err := l.Append(id, "migration", nil, t0); err == nil || !strings.Contains(err.Error(), "move it aside") {
+		t.Fatalf("append after a damaged whole line: %v", err)
+	}
+}
