@@ -23,6 +23,7 @@ import (
 // concurrent use.
 type Policy struct {
 	rev           Revision
+	signedAt      time.Time // by its verified signature; zero if not verified
 	file          string
 	mode          Mode
 	description   string

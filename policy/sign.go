@@ -43,6 +43,7 @@ var (
 	ErrUntrustedSigner = errors.New("policy signer is not trusted by the mesh CA")
 	ErrRollback        = errors.New("policy is older than the one in force")
 	ErrEquivocation    = errors.New("policy has the version of the one in force but different content")
+	ErrBackdated       = errors.New("policy is signed earlier than the one in force it would replace")
 )
 
 func signDigest(policySHA256 string, signedAt time.Time) ([]byte, error) {
@@ -137,6 +138,7 @@ func Verify(file string, src []byte, sig *Signature, tb *certs.TrustBundle, now 
 	if p.rev != sig.Policy {
 		return nil, fmt.Errorf("%w: signature is for %s, policy is %s", ErrBadSignature, sig.Policy, p.rev)
 	}
+	p.signedAt = sig.SignedAt
 	return p, nil
 }
 
@@ -174,8 +176,13 @@ func signerKeys(sig *Signature, tb *certs.TrustBundle) ([]*ecdsa.PublicKey, erro
 
 // Adopt decides whether a verified candidate may replace the policy in
 // force (nil if none): only a newer version may, so an attacker replaying
-// an old, laxer policy gets nowhere. It returns false, nil when candidate
-// is the policy already in force.
+// an old, laxer policy gets nowhere, and only one signed no earlier than
+// the policy in force (give or take clock skew). A signer is judged at the
+// signing time its signature states, so that a policy outlives its
+// signer's certificate; without that rule the key of a signer whose
+// certificate has expired (not revoked) could sign a new version dated
+// back into its validity. It returns false, nil when candidate is the
+// policy already in force.
 func Adopt(current, candidate *Policy) (bool, error) {
 	if current == nil {
 		return true, nil
@@ -190,6 +197,9 @@ func Adopt(current, candidate *Policy) (bool, error) {
 		return false, fmt.Errorf("%w: version %d", ErrEquivocation, n.Version)
 	case n.Version == c.Version:
 		return false, nil
+	case !current.signedAt.IsZero() && candidate.signedAt.Before(current.signedAt.Add(-certs.MaxClockSkew)):
+		return false, fmt.Errorf("%w: version %d is signed %s, version %d in force %s; sign version %d again",
+			ErrBackdated, n.Version, candidate.signedAt.Format(time.RFC3339), c.Version, current.signedAt.Format(time.RFC3339), n.Version)
 	}
 	return true, nil
 }

@@ -149,4 +149,37 @@ func TestAdopt(t *testing.T) {
 	if _, err := Adopt(v3, other); err == nil {
 		t.Error("a policy of another name replaced the one in force")
 	}
+
+	// Signed versions: a newer one dated before the policy in force is
+	// refused (an expired signer's key could date one back into its
+	// validity), unless within clock skew.
+	ca := testCA(t)
+	tb := trustOf(t, ca)
+	signed := func(src string, at time.Time) *Policy {
+		sig, err := Sign("test.hcl", []byte(src), ca.Signer(), "mesh CA", nil, at)
+		if err != nil {
+			t.Fatal(err)
+		}
+		p, err := Verify("test.hcl", []byte(src), sig, tb, nov24)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	v4src := strings.Replace(testPolicy, "version = 3", "version = 4", 1)
+	s3 := signed(testPolicy, nov24.Add(-time.Hour))
+	for _, tc := range []struct {
+		name string
+		at   time.Time
+		err  error
+	}{
+		{"signed after", nov24, nil},
+		{"signed a minute before, within clock skew", nov24.Add(-time.Hour - time.Minute), nil},
+		{"signed a day before", nov24.Add(-25 * time.Hour), ErrBackdated},
+	} {
+		adopt, err := Adopt(s3, signed(v4src, tc.at))
+		if adopt != (tc.err == nil) || !errors.Is(err, tc.err) {
+			t.Errorf("version 4 %s version 3: Adopt = %v, %v; want %v", tc.name, adopt, err, tc.err)
+		}
+	}
 }
