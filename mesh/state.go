@@ -17,8 +17,9 @@ import (
 const (
 	fileAdvertVersion = "advert.version"
 	fileMembers       = "members.json"
-	filePolicy        = "policy.hcl"
-	filePolicySig     = "policy.hcl.sig"
+	fileAdoptedPolicy = "policy.adopted.json"
+	filePolicy        = "policy.hcl"     // before policy.adopted.json
+	filePolicySig     = "policy.hcl.sig" // before policy.adopted.json
 )
 
 // stateDir is the gateway's persistent state.
@@ -67,14 +68,33 @@ func (d stateDir) loadMembers() ([]savedMember, error) {
 	return ms, nil
 }
 
+// storedPolicy is the policy in force and its signature, kept in one
+// file: written as two, a crash between them left a signature beside the
+// policy it does not sign, and the gateway started without the policy.
+type storedPolicy struct {
+	Policy    []byte `json:"policy"`
+	Signature []byte `json:"signature"`
+}
+
 func (d stateDir) savePolicy(src, sig []byte) error {
-	if err := atomicfile.WriteFile(d.path(filePolicySig), sig, 0o644); err != nil {
+	if err := atomicfile.WriteJSON(d.path(fileAdoptedPolicy), storedPolicy{Policy: src, Signature: sig}, 0o644); err != nil {
 		return err
 	}
-	return atomicfile.WriteFile(d.path(filePolicy), src, 0o644)
+	// Where releases before it kept them: never read again.
+	os.Remove(d.path(filePolicy))
+	os.Remove(d.path(filePolicySig))
+	return nil
 }
 
 func (d stateDir) loadPolicy() (src, sig []byte, err error) {
+	var sp storedPolicy
+	found, err := atomicfile.ReadJSON(d.path(fileAdoptedPolicy), &sp)
+	if err != nil {
+		return nil, nil, err
+	}
+	if found {
+		return sp.Policy, sp.Signature, nil
+	}
 	src, err = os.ReadFile(d.path(filePolicy))
 	if err != nil {
 		return nil, nil, err

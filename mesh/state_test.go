@@ -1,0 +1,38 @@
+package mesh
+
+import (
+	"bytes"
+	"errors"
+	"io/fs"
+	"os"
+	"testing"
+)
+
+// TestStatePolicy: the adopted policy and its signature are kept in one
+// file, byte for byte; a state directory from before, with the two files,
+// is read, and they go once the policy is saved again.
+func TestStatePolicy(t *testing.T) {
+	d := stateDir(t.TempDir())
+	if _, _, err := d.loadPolicy(); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("no policy stored: %v", err)
+	}
+	os.WriteFile(d.path(filePolicy), []byte("old policy"), 0o644)
+	os.WriteFile(d.path(filePolicySig), []byte(`{"old":"sig"}`), 0o644)
+	if src, sig, err := d.loadPolicy(); err != nil || string(src) != "old policy" || string(sig) != `{"old":"sig"}` {
+		t.Fatalf("the two files of before: %q %q %v", src, sig, err)
+	}
+	src := []byte("policy \"p\" {\n  version = 2 # \xff not UTF-8\n}\n")
+	sig := []byte("{\n  \"format\": \"x\"\n}\n")
+	if err := d.savePolicy(src, sig); err != nil {
+		t.Fatal(err)
+	}
+	gotSrc, gotSig, err := d.loadPolicy()
+	if err != nil || !bytes.Equal(gotSrc, src) || !bytes.Equal(gotSig, sig) {
+		t.Fatalf("stored %q %q, loaded %q %q, %v", src, sig, gotSrc, gotSig, err)
+	}
+	for _, f := range []string{filePolicy, filePolicySig} {
+		if _, err := os.Stat(d.path(f)); !errors.Is(err, fs.ErrNotExist) {
+			t.Errorf("%s left beside %s: %v", f, fileAdoptedPolicy, err)
+		}
+	}
+}
