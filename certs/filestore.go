@@ -38,7 +38,7 @@ var _ SecretStore = DirSecrets{}
 func (d DirSecrets) WireGuardKey(_ context.Context, node string) (WGPrivateKey, error) {
 	path := filepath.Join(d.Dir, FileWireGuardKey)
 	for range 2 {
-		b, err := readPrivateFile(path)
+		b, err := ReadPrivateFile(path)
 		if err == nil {
 			k, err := ParseWGPrivateKey(string(b))
 			if err != nil {
@@ -81,7 +81,7 @@ func (d DirSecrets) SetWireGuardKey(_ context.Context, _ string, k WGPrivateKey)
 // GossipKeyring implements SecretStore.
 func (d DirSecrets) GossipKeyring(context.Context) (*GossipKeyring, error) {
 	path := filepath.Join(d.Dir, FileGossipKeyring)
-	b, err := readPrivateFile(path)
+	b, err := ReadPrivateFile(path)
 	if errors.Is(err, os.ErrNotExist) {
 		return nil, fmt.Errorf("no gossip keyring at %s: every gateway of a mesh needs the same one; `skybridge ca issue --out %s` copies it from the CA directory", path, d.Dir)
 	}

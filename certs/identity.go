@@ -73,7 +73,7 @@ func CreateCSR(key *ecdsa.PrivateKey, attrs Attributes) ([]byte, error) {
 func PrepareCSR(dir string, attrs Attributes) ([]byte, error) {
 	path := filepath.Join(dir, fileNodeKey)
 	var key *ecdsa.PrivateKey
-	b, err := readPrivateFile(path)
+	b, err := ReadPrivateFile(path)
 	switch {
 	case err == nil:
 		if key, err = parseKeyPEM(b); err != nil {
@@ -242,7 +242,7 @@ func loadKeyPair(dir, certFile, keyFile string) (*x509.Certificate, *ecdsa.Priva
 	if err != nil {
 		return nil, nil, fmt.Errorf("%s: %w", certFile, err)
 	}
-	keyPEM, err := readPrivateFile(filepath.Join(dir, keyFile))
+	keyPEM, err := ReadPrivateFile(filepath.Join(dir, keyFile))
 	if err != nil {
 		if errors.Is(err, os.ErrNotExist) {
 			return nil, nil, fmt.Errorf("%s is missing next to %s", keyFile, certFile)

@@ -80,9 +80,9 @@ func parseKeyPEM(b []byte) (*ecdsa.PrivateKey, error) {
 	return ek, nil
 }
 
-// readPrivateFile reads a file holding a secret and refuses it if other users
+// ReadPrivateFile reads a file holding a secret and refuses it if other users
 // could read it, as ssh does: a key that leaked is no identity.
-func readPrivateFile(path string) ([]byte, error) {
+func ReadPrivateFile(path string) ([]byte, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return nil, err

@@ -1,6 +1,7 @@
 package certs
 
 import (
+	"bytes"
 	"context"
 	"crypto/x509"
 	"errors"
@@ -122,7 +123,7 @@ func (v *Vault) loginWith(ctx context.Context, c *vault.Client) (*vault.Secret, 
 	case "token":
 		tok := os.Getenv("VAULT_TOKEN")
 		if a.TokenFile != "" {
-			b, err := readPrivateFile(a.TokenFile)
+			b, err := ReadPrivateFile(a.TokenFile)
 			if err != nil {
 				return nil, fmt.Errorf("vault token: %w", err)
 			}
@@ -155,7 +156,20 @@ func (v *Vault) loginWith(ctx context.Context, c *vault.Client) (*vault.Secret, 
 		if a.Wrapped {
 			opts = append(opts, approle.WithWrappingToken())
 		}
-		auth, err := approle.NewAppRoleAuth(roleID, &approle.SecretID{FromFile: a.SecretIDFile, FromEnv: a.SecretIDEnv}, opts...)
+		sid := &approle.SecretID{FromEnv: a.SecretIDEnv}
+		if a.SecretIDFile != "" {
+			// Read here, not by the AppRole library, which takes a file
+			// anyone may read.
+			b, err := ReadPrivateFile(a.SecretIDFile)
+			if err != nil {
+				return nil, fmt.Errorf("vault approle secret_id_file: %w", err)
+			}
+			if len(bytes.TrimSpace(b)) == 0 {
+				return nil, fmt.Errorf("vault approle secret_id_file %s is empty", a.SecretIDFile)
+			}
+			sid = &approle.SecretID{FromString: strings.TrimSpace(string(b))}
+		}
+		auth, err := approle.NewAppRoleAuth(roleID, sid, opts...)
 		if err != nil {
 			return nil, fmt.Errorf("vault approle: %w", err)
 		}

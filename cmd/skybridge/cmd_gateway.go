@@ -14,6 +14,7 @@ import (
 
 	"github.com/urfave/cli/v2"
 
+	"github.com/skybridge-mesh/skybridge/certs"
 	"github.com/skybridge-mesh/skybridge/internal/atomicfile"
 	"github.com/skybridge-mesh/skybridge/mesh"
 )
@@ -71,7 +72,7 @@ func gatewayRun(c *cli.Context) error {
 		if token != "" {
 			return usageError("give the join token once: --join-token-file or --join-token")
 		}
-		b, err := os.ReadFile(f)
+		b, err := certs.ReadPrivateFile(f) // the token is a secret: single use, but until then anyone's
 		if err != nil {
 			return fmt.Errorf("join token: %w", err)
 		}

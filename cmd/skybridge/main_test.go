@@ -251,4 +251,8 @@ func TestBurstUsage(t *testing.T) {
 	if _, errs, code := runCLI(t, "gateway", "run", "--config", cfg, "--join-token-file", tok); code != 1 || !strings.Contains(errs, "join token is damaged") {
 		t.Errorf("a damaged join token: exit %d, %q", code, errs)
 	}
+	os.Chmod(tok, 0o644)
+	if _, errs, code := runCLI(t, "gateway", "run", "--config", cfg, "--join-token-file", tok); code != 1 || !strings.Contains(errs, "chmod 600") {
+		t.Errorf("a join token file others may read: exit %d, %q", code, errs)
+	}
 }

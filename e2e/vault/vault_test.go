@@ -295,7 +295,13 @@ func TestVaultRoleLimitsSites(t *testing.T) {
 	e.setRole(t, "skybridge://onprem-zrh/*")
 	ctx := t.Context()
 	dir := t.TempDir()
-	cfg, _ := e.approleConfig(t, dir)
+	cfg, secretFile := e.approleConfig(t, dir)
+	// A SecretID others may read is refused, as a key would be.
+	must(t, os.Chmod(secretFile, 0o640))
+	if _, err := certs.Open(ctx, cfg, nil); err == nil || !strings.Contains(err.Error(), "chmod 600") {
+		t.Fatalf("a secret_id_file others may read: %v", err)
+	}
+	must(t, os.Chmod(secretFile, 0o600))
 	p, err := certs.Open(ctx, cfg, nil)
 	if err != nil {
 		t.Fatal(err)
