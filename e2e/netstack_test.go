@@ -48,10 +48,23 @@ func TestNetstackMeshUnprivileged(t *testing.T) {
 		os.Chmod(dir, 0o755)
 		os.Chmod(filepath.Dir(skybridge), 0o755)
 	}
+	// The first gateway holds the CA, as the gateway that opens burst
+	// sites does: the keyring `ca issue` hands out must rotate with it.
+	holdsCA := func(i int) string {
+		if i != 1 {
+			return ""
+		}
+		return fmt.Sprintf("  ca_dir = %q\n", caDir)
+	}
+	for i := 1; i <= 3; i++ {
+		sb(t, 0, "ca", "issue", "--ca", caDir, "--node", fmt.Sprintf("ns-%d", i), "--site", fmt.Sprintf("site-%d", i), "--region", "r",
+			"--provider", "onprem", "--jurisdiction", "CH", "--overlay-ip", fmt.Sprintf("100.96.1.%d", i), "--out", filepath.Join(dir, fmt.Sprintf("gw%d", i), "identity"))
+	}
+	if asNobody {
+		chownR(t, caDir, 65534)
+	}
 	for i := 1; i <= 3; i++ {
 		sdir := filepath.Join(dir, fmt.Sprintf("gw%d", i))
-		sb(t, 0, "ca", "issue", "--ca", caDir, "--node", fmt.Sprintf("ns-%d", i), "--site", fmt.Sprintf("site-%d", i), "--region", "r",
-			"--provider", "onprem", "--jurisdiction", "CH", "--overlay-ip", fmt.Sprintf("100.96.1.%d", i), "--out", filepath.Join(sdir, "identity"))
 		cfg := filepath.Join(dir, fmt.Sprintf("gw%d.hcl", i))
 		os.WriteFile(cfg, []byte(fmt.Sprintf(`state_dir = %q
 node {
@@ -64,7 +77,8 @@ node {
 }
 identity {
   dir = %q
-}
+%s}
+enroll { listen = "off" }
 gossip {
   bind    = "127.0.0.1:%d"
   seeds   = ["127.0.0.1:%d"]
@@ -77,7 +91,7 @@ wireguard {
   behind_nat = true
 }
 operator { listen = "127.0.0.1:0" }
-`, sdir, i, i, i, filepath.Join(sdir, "identity"), gossip[i-1], gossip[0], i, wg[i-1])), 0o644)
+`, sdir, i, i, i, filepath.Join(sdir, "identity"), holdsCA(i), gossip[i-1], gossip[0], i, wg[i-1])), 0o644)
 		args := []string{skybridge, "gateway", "run", "--config", cfg}
 		if asNobody {
 			chownR(t, sdir, 65534)
@@ -154,6 +168,9 @@ operator { listen = "127.0.0.1:0" }
 			t.Fatalf("gateway %d keyring after rotation (%d keys, unchanged=%v):\n%s", i, keys, before[string(b)], b)
 		}
 		after = string(b)
+	}
+	if b, err := os.ReadFile(filepath.Join(caDir, "gossip.keyring")); err != nil || string(b) != after {
+		t.Fatalf("the CA directory's keyring, which ca issue hands out, after rotation: %v\n%s", err, b)
 	}
 	// Gossip still works under the new key: a gateway that leaves and
 	// comes back (reading the new key from its file) is taken back by the

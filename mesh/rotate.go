@@ -148,9 +148,19 @@ func (g *Gateway) applyKeyringOp(op *keyringOp) error {
 		return err
 	}
 	live := g.keyring.GetKeys() // primary first
-	return g.prov.Secrets().UpdateGossipKeyring(context.Background(), func(*certs.GossipKeyring) (*certs.GossipKeyring, error) {
-		return certs.NewGossipKeyring(live)
-	})
+	update := func(*certs.GossipKeyring) (*certs.GossipKeyring, error) { return certs.NewGossipKeyring(live) }
+	if err := g.prov.Secrets().UpdateGossipKeyring(context.Background(), update); err != nil {
+		return err
+	}
+	// The CA directory's copy is the one `skybridge ca issue` hands to new
+	// gateways: left behind, they would get a key the mesh no longer
+	// takes. (A CA kept off every gateway needs it copied by hand.)
+	if ca, ok := g.prov.Issuer().(*certs.CA); ok {
+		if err := ca.Secrets().UpdateGossipKeyring(context.Background(), update); err != nil {
+			return fmt.Errorf("the CA directory's gossip keyring: %w", err)
+		}
+	}
+	return nil
 }
 
 func (g *Gateway) handleKeyringAck(m message) error {
