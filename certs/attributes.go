@@ -155,6 +155,13 @@ func (a *Attributes) URI() *url.URL {
 		"region=" + url.QueryEscape(a.Region),
 		"jurisdiction=" + url.QueryEscape(a.Jurisdiction),
 	}
+	// The overlay IP is in the URI too, not only in the IP SAN: a Vault
+	// role can pin URIs (a burst role pins each gateway's whole URI) but
+	// not IP SANs, and a certificate whose URI names an address must carry
+	// that one (AttributesOf).
+	if a.OverlayIP.IsValid() {
+		q = append(q, "ip="+a.OverlayIP.String())
+	}
 	for _, r := range a.Routes {
 		q = append(q, "route="+r.String())
 	}
@@ -195,6 +202,13 @@ func parseAttributeURI(u *url.URL) (Attributes, error) {
 		errs = append(errs, err)
 		*dst = v
 	}
+	if v, ok := q["ip"]; ok {
+		ip, err := netip.ParseAddr(v[0])
+		if len(v) != 1 || err != nil {
+			errs = append(errs, fmt.Errorf("attribute URI ip %q is not one IP address", v))
+		}
+		a.OverlayIP = ip
+	}
 	for _, r := range q["route"] {
 		p, err := netip.ParsePrefix(r)
 		if err != nil {
@@ -205,7 +219,7 @@ func parseAttributeURI(u *url.URL) (Attributes, error) {
 	}
 	for k, v := range q {
 		switch {
-		case k == "provider" || k == "region" || k == "jurisdiction" || k == "route":
+		case k == "provider" || k == "region" || k == "jurisdiction" || k == "route" || k == "ip":
 		case strings.HasPrefix(k, "label."):
 			if len(v) != 1 {
 				errs = append(errs, fmt.Errorf("attribute URI label %s appears %d times", k, len(v)))

@@ -1,6 +1,13 @@
 package certs
 
 import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"math/big"
+	"net"
 	"net/netip"
 	"net/url"
 	"os"
@@ -16,7 +23,7 @@ func TestAttributeURIRoundTrip(t *testing.T) {
 	a.Labels["certified"] = "pci-dss"
 	a.Labels["owner"] = "team@bank.example"
 	u := a.URI()
-	want := "skybridge://aws-eu-central-1/gw1?provider=aws&region=eu-central-1&jurisdiction=DE&route=10.20.0.0/16&route=fd00:20::/48&label.certified=pci-dss&label.classes=pii-eu%2Crisk-batch&label.owner=team%40bank.example&label.tier=gold"
+	want := "skybridge://aws-eu-central-1/gw1?provider=aws&region=eu-central-1&jurisdiction=DE&ip=100.96.0.10&route=10.20.0.0/16&route=fd00:20::/48&label.certified=pci-dss&label.classes=pii-eu%2Crisk-batch&label.owner=team%40bank.example&label.tier=gold"
 	if u.String() != want {
 		t.Fatalf("URI =\n %s\nwant\n %s", u, want)
 	}
@@ -28,7 +35,6 @@ func TestAttributeURIRoundTrip(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	back.OverlayIP = a.OverlayIP
 	if !back.Equal(&a) {
 		t.Fatalf("round trip:\n got %+v\nwant %+v", back, a)
 	}
@@ -49,11 +55,50 @@ func TestAttributeURIRoundTrip(t *testing.T) {
 		"skybridge://s/gw1?provider=a&region=r&jurisdiction=CH&route=10.0.0.0%2F8#?provider=a&region=r&jurisdiction=NL",
 		"skybridge://x@s/gw1?provider=a&region=r&jurisdiction=DE",
 		"skybridge://s/gw1?region=r&provider=a&jurisdiction=DE", // not the canonical order
+		"skybridge://s/gw1?provider=a&region=r&jurisdiction=DE&ip=100.96.0.300",
+		"skybridge://s/gw1?provider=a&region=r&jurisdiction=DE&ip=100.96.0.1&ip=100.96.0.2",
+		"skybridge://s/gw1?provider=a&region=r&ip=100.96.0.1&jurisdiction=DE", // not the canonical order
 	} {
 		u, _ := url.Parse(bad)
 		if _, err := parseAttributeURI(u); err == nil {
 			t.Errorf("parseAttributeURI(%s) accepted", bad)
 		}
+	}
+}
+
+// TestAttributesOfBindsOverlayIP: a certificate whose attribute URI names
+// an overlay IP must carry that address — a Vault role pins URIs, not IP
+// SANs, so a burst gateway could otherwise have any address certified —
+// while one from before the URI named it takes the IP SAN.
+func TestAttributesOfBindsOverlayIP(t *testing.T) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := testAttrs("gw1", "burst-ams", "100.96.0.10")
+	legacy := a
+	legacy.OverlayIP = netip.Addr{}
+	cert := func(u *url.URL, ip string) *x509.Certificate {
+		tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "gw1"}, URIs: []*url.URL{u},
+			IPAddresses: []net.IP{net.ParseIP(ip)}, NotBefore: time.Now(), NotAfter: time.Now().Add(time.Hour)}
+		der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c, err := x509.ParseCertificate(der)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	if got, err := AttributesOf(cert(a.URI(), "100.96.0.10")); err != nil || got.OverlayIP != a.OverlayIP {
+		t.Fatalf("matching URI and IP SAN: %+v, %v", got, err)
+	}
+	if _, err := AttributesOf(cert(a.URI(), "100.96.0.99")); err == nil || !strings.Contains(err.Error(), "names overlay IP 100.96.0.10") {
+		t.Fatalf("an IP SAN other than the URI's overlay IP: %v", err)
+	}
+	if got, err := AttributesOf(cert(legacy.URI(), "100.96.0.99")); err != nil || got.OverlayIP != netip.MustParseAddr("100.96.0.99") {
+		t.Fatalf("a URI without the overlay IP (issued before it was named): %+v, %v", got, err)
 	}
 }
 

@@ -231,6 +231,12 @@ func AttributesOf(cert *x509.Certificate) (*Attributes, error) {
 		return nil, fmt.Errorf("certificate of %q carries %d IP addresses, want exactly 1 (the overlay IP)", cert.Subject.CommonName, len(cert.IPAddresses))
 	}
 	ip, _ := netip.AddrFromSlice(cert.IPAddresses[0])
+	if a.OverlayIP.IsValid() && a.OverlayIP != ip.Unmap() {
+		// A CA that pins the URI but cannot pin IP SANs (Vault) would
+		// otherwise certify any address the holder asks for.
+		return nil, fmt.Errorf("certificate of %q carries IP address %s, but its attribute URI names overlay IP %s", cert.Subject.CommonName, ip.Unmap(), a.OverlayIP)
+	}
+	// Certificates from before the URI named it carry it only here.
 	a.OverlayIP = ip.Unmap()
 	if cert.Subject.CommonName != a.Node {
 		return nil, fmt.Errorf("certificate common name %q differs from its node attribute %q", cert.Subject.CommonName, a.Node)
