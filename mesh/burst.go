@@ -257,6 +257,30 @@ func (r *burstRecord) end(reason string, now time.Time) []string {
 	return serials
 }
 
+// strays returns the serials of certificates the CA's index shows it
+// issued for the burst's site during the burst that the burst's record
+// does not name: issued, and the record not saved (a crash between the
+// two; the newcomer then retries its token and gets another). Ending the
+// burst revokes them with the rest. Only certificates issued between the
+// burst's opening (less the CA's backdating and clock skew) and its end
+// count, so a later burst of the same name is not touched.
+func (r *burstRecord) strays(issued []certs.IssuedCert, now time.Time) []string {
+	named := map[string]bool{}
+	for _, t := range r.Tokens {
+		named[t.Serial] = true
+	}
+	from := r.Created.Add(-certs.MaxClockSkew)
+	var out []string
+	for _, c := range issued {
+		if c.Site != r.Site || c.Kind != certs.KindGateway && c.Kind != "" || c.RevokedAt != nil || !c.NotAfter.After(now) ||
+			named[c.Serial] || c.NotBefore.Before(from) || r.Ended != nil && !c.NotBefore.Before(*r.Ended) {
+			continue
+		}
+		out = append(out, c.Serial)
+	}
+	return out
+}
+
 // due returns the bursts that have run out and are not ended yet.
 func (b *burstBook) due(now time.Time) []*burstRecord {
 	var out []*burstRecord

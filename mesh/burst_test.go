@@ -418,3 +418,38 @@ func TestBurstVaultUnreachable(t *testing.T) {
 		})
 	}
 }
+
+// TestBurstStrays: ending a burst also revokes what the CA issued for its
+// site during the burst that the record does not name (an enrollment
+// whose record was never saved), and nothing of other sites, other times
+// or already revoked or expired.
+func TestBurstStrays(t *testing.T) {
+	t0 := time.Date(2026, 11, 26, 9, 0, 0, 0, time.UTC)
+	ended := t0.Add(30 * time.Minute)
+	r := &burstRecord{BurstSite: BurstSite{Site: "burst-ams"}, BurstLife: BurstLife{Created: t0, Expires: t0.Add(time.Hour)},
+		Tokens: []burstToken{{Serial: "01"}, {}}}
+	revoked := t0.Add(10 * time.Minute)
+	cert := func(serial, site string, nb time.Time) certs.IssuedCert {
+		return certs.IssuedCert{Kind: certs.KindGateway, Serial: serial, Site: site, NotBefore: nb.Add(-time.Minute), NotAfter: t0.Add(time.Hour)}
+	}
+	issued := []certs.IssuedCert{
+		cert("01", "burst-ams", t0.Add(time.Minute)),   // named by the record
+		cert("02", "burst-ams", t0.Add(2*time.Minute)), // the stray
+		cert("03", "burst-par", t0.Add(2*time.Minute)), // another site
+		cert("04", "burst-ams", t0.Add(-time.Hour)),    // an earlier burst of the name
+		cert("06", "burst-ams", t0.Add(time.Hour+time.Minute)),
+	}
+	old := cert("05", "burst-ams", t0.Add(3*time.Minute))
+	old.RevokedAt = &revoked
+	issued = append(issued, old)
+	if got := r.strays(issued, t0.Add(20*time.Minute)); !slices.Equal(got, []string{"02", "06"}) {
+		t.Fatalf("open burst: strays %v, want 02 and 06 (no later burst of the name while it is open)", got)
+	}
+	r.Ended = &ended
+	if got := r.strays(issued, ended); !slices.Equal(got, []string{"02"}) {
+		t.Fatalf("ended burst: strays %v, want 02 (06 is a later burst's)", got)
+	}
+	if got := r.strays(issued, t0.Add(2*time.Hour)); len(got) != 0 {
+		t.Fatalf("after the certificates expired: strays %v, want none", got)
+	}
+}

@@ -523,8 +523,18 @@ func (g *Gateway) BurstDown(ctx context.Context, site, vaultToken string) (*Burs
 func (g *Gateway) endBurstLocked(r *burstRecord, reason string) ([]string, error) {
 	e := g.enroll
 	now := g.now()
+	var strays []string
+	if e.ca != nil && !r.Vault {
+		issued, err := e.ca.Issued()
+		if err != nil {
+			return nil, fmt.Errorf("read the CA index for the certificates of burst %s: %w", r.Site, err)
+		}
+		if strays = r.strays(issued, now); len(strays) > 0 {
+			g.log.Warn("burst site: the CA issued certificates its record does not name (an enrollment cut short); revoking them too", "burst_site", r.Site, "serials", strays)
+		}
+	}
 	wasOpen := r.Ended == nil
-	serials := r.end(reason, now)
+	serials := append(r.end(reason, now), strays...)
 	if err := g.state.saveBursts(e.book); err != nil {
 		if wasOpen { // still open on disk: keep it open here, so it can be ended again
 			r.Ended, r.EndReason = nil, ""
