@@ -238,6 +238,11 @@ func checkOutDir(dir, node string) error {
 }
 
 func caIssueSigner(c *cli.Context) error {
+	// As for gateways: renewing a signer in place is fine, replacing
+	// another one's key would leave its holder unable to sign.
+	if have, err := certs.LoadPolicySigner(c.String("out")); err == nil && have.Name() != c.String("name") {
+		return fmt.Errorf("%s already holds policy signer %q; use one directory per signer", c.String("out"), have.Name())
+	}
 	ca, err := certs.OpenCA(c.String("ca"))
 	if err != nil {
 		return err

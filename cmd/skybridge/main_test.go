@@ -124,6 +124,19 @@ func TestCAWorkflow(t *testing.T) {
 	if err := json.Unmarshal([]byte(mustRun(t, "ca", "crl", "--ca", ca, "--json")), &crlOut); err != nil || crlOut.Number != "3" || len(crlOut.Revoked) != 1 {
 		t.Fatalf("ca crl after refresh: %+v %v", crlOut, err)
 	}
+
+	// A policy signer renews in place; another signer's directory is
+	// refused, and keeps its key.
+	sdir := filepath.Join(dir, "signer")
+	mustRun(t, "ca", "issue-signer", "--ca", ca, "--name", "compliance", "--out", sdir)
+	mustRun(t, "ca", "issue-signer", "--ca", ca, "--name", "compliance", "--out", sdir)
+	skey, _ := os.ReadFile(filepath.Join(sdir, "signer.key"))
+	if _, errs, code := runCLI(t, "ca", "issue-signer", "--ca", ca, "--name", "treasury", "--out", sdir); code == 0 || !strings.Contains(errs, `already holds policy signer "compliance"`) {
+		t.Fatalf("issue-signer into another signer's directory: exit %d, %s", code, errs)
+	}
+	if skey2, _ := os.ReadFile(filepath.Join(sdir, "signer.key")); !bytes.Equal(skey, skey2) {
+		t.Fatal("another signer's key was replaced")
+	}
 }
 
 // TestCABadInput: every mistake gets an error that says what was wrong,
