@@ -198,6 +198,9 @@ type RecvRecord struct {
 	DataAt  int64     `json:"data_at,omitempty"`
 	State   string    `json:"state"`
 	Started time.Time `json:"started"`
+	// Attempted is when the sender last offered it (zero in records
+	// from before it was kept: Started then).
+	Attempted time.Time `json:"attempted,omitzero"`
 }
 
 // ImageRecord is a stored image in the receiver's catalog.

@@ -7,6 +7,7 @@ import (
 	"crypto/tls"
 	"encoding/binary"
 	"errors"
+	"io/fs"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -426,6 +427,58 @@ func TestMigrateResumeIncomingLost(t *testing.T) {
 	}
 	if rec.Stats.ChunksSent != 32 {
 		t.Errorf("%d of 32 chunks sent after the incoming file was lost, want all", rec.Stats.ChunksSent)
+	}
+	img, err := p.recvJ.Image("vm")
+	if err != nil {
+		t.Fatal(err)
+	}
+	compare(t, raw, img.Path)
+}
+
+// TestReceiverForgetsAbandoned: a receive its sender has not offered again
+// for AbandonedAfter goes, incoming file and all; one offered since stays,
+// and the sender coming back after all sends every chunk again.
+func TestReceiverForgetsAbandoned(t *testing.T) {
+	p := newPair(t, "DE")
+	raw := filepath.Join(p.dir, "vm.raw")
+	makeRaw(t, raw, 16*mib, map[int64]int{0: 16 * mib})
+	cfg := p.config(raw, "pii-eu")
+	cfg.Streams = 1
+	cfg.BWLimit = 10 * mib
+	ctx, cancel := context.WithCancel(context.Background())
+	cfg.Progress = func(pr Progress) {
+		if pr.Stats.ChunksDone >= 4 {
+			cancel()
+		}
+	}
+	rec, err := Send(ctx, cfg)
+	if !errors.Is(err, context.Canceled) {
+		t.Fatalf("interrupted migration: %v", err)
+	}
+	waitIdle(t, p.recv, rec.ID)
+	var rr RecvRecord
+	if err := p.recvJ.get(bucketRecv, rec.ID, &rr); err != nil {
+		t.Fatal(err)
+	}
+	p.recv.forgetAbandoned()
+	if _, err := os.Stat(rr.Temp); err != nil {
+		t.Fatalf("a receive offered just now was forgotten: %v", err)
+	}
+	rr.Attempted = time.Now().Add(-AbandonedAfter - time.Hour)
+	if err := p.recvJ.put(bucketRecv, rec.ID, &rr); err != nil {
+		t.Fatal(err)
+	}
+	p.recv.forgetAbandoned()
+	if _, err := os.Stat(rr.Temp); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("the abandoned receive's incoming file: %v", err)
+	}
+	if recs, err := p.recvJ.Receives(); err != nil || len(recs) != 0 {
+		t.Fatalf("receives after forgetting: %+v %v", recs, err)
+	}
+	cfg = p.config(raw, "pii-eu")
+	cfg.ID = rec.ID
+	if rec, err = Send(context.Background(), cfg); err != nil || rec.Stats.ChunksSent != 16 {
+		t.Fatalf("the sender back after the receive was forgotten: %v, %d of 16 chunks sent", err, rec.Stats.ChunksSent)
 	}
 	img, err := p.recvJ.Image("vm")
 	if err != nil {

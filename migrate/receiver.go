@@ -51,6 +51,10 @@ type Receiver struct {
 
 	mu       sync.Mutex
 	sessions map[string]*session
+	// opening holds the IDs open is setting up, from before it reads
+	// their record until their session is in sessions (or it failed):
+	// forgetAbandoned leaves them alone.
+	opening map[string]bool
 }
 
 // NewReceiver prepares a receiver; Serve accepts connections.
@@ -69,13 +73,28 @@ func NewReceiver(cfg ReceiverConfig) (*Receiver, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Receiver{cfg: cfg, dec: dec, sessions: map[string]*session{}}, nil
+	return &Receiver{cfg: cfg, dec: dec, sessions: map[string]*session{}, opening: map[string]bool{}}, nil
 }
 
+// AbandonedAfter is how long a receive no sender has offered again is
+// kept, for a resume, before its incoming file (as large as the image's
+// allocated part) and its record go.
+const AbandonedAfter = 7 * 24 * time.Hour
+
 // Serve accepts migration connections on ln (the gateway's overlay
-// address) until ctx ends.
+// address) until ctx ends, and forgets abandoned receives.
 func (r *Receiver) Serve(ctx context.Context, ln net.Listener) error {
 	context.AfterFunc(ctx, func() { ln.Close() })
+	go func() {
+		for {
+			r.forgetAbandoned()
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(time.Hour):
+			}
+		}
+	}()
 	tcfg := serverTLS(r.cfg.Identity, r.cfg.Trust, r.cfg.Now)
 	for {
 		c, err := ln.Accept()
@@ -86,6 +105,44 @@ func (r *Receiver) Serve(ctx context.Context, ln net.Listener) error {
 			return err
 		}
 		go r.handle(ctx, tls.Server(c, tcfg))
+	}
+}
+
+// forgetAbandoned removes the receives not offered again for
+// AbandonedAfter: a sender that comes back after that sends every chunk
+// again.
+func (r *Receiver) forgetAbandoned() {
+	j := r.cfg.Journal
+	recs, err := j.Receives()
+	if err != nil {
+		r.cfg.Log.Warn("list unfinished receives", "err", err)
+		return
+	}
+	now := r.cfg.Now()
+	for _, rec := range recs {
+		last := rec.Attempted
+		if last.IsZero() {
+			last = rec.Started
+		}
+		if now.Sub(last) < AbandonedAfter {
+			continue
+		}
+		r.mu.Lock()
+		active := r.sessions[rec.ID] != nil || r.opening[rec.ID]
+		if !active {
+			// Under the lock: an offer of this ID comes after, finds no
+			// record and starts over.
+			err = errors.Join(os.Remove(rec.Temp), j.dropChunks("recv", rec.ID), j.deleteKey(bucketRecv, rec.ID))
+		}
+		r.mu.Unlock()
+		if active {
+			continue
+		}
+		if err != nil && !errors.Is(err, fs.ErrNotExist) {
+			r.cfg.Log.Warn("forget an abandoned receive", "migration_id", rec.ID, "err", err)
+			continue
+		}
+		r.cfg.Log.Info("forgot an abandoned receive: its sender has not offered it again", "migration_id", rec.ID, "name", rec.Name, "from", rec.From, "last_offered", last)
 	}
 }
 
@@ -313,7 +370,13 @@ func (r *Receiver) audit(o *Offer, from *certs.Attributes, d policy.Decision, ou
 func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision, log *slog.Logger) (*session, *Accept, error) {
 	r.mu.Lock()
 	old := r.sessions[o.ID]
+	r.opening[o.ID] = true
 	r.mu.Unlock()
+	defer func() {
+		r.mu.Lock()
+		delete(r.opening, o.ID)
+		r.mu.Unlock()
+	}()
 	if old != nil {
 		// A sender runs one attempt of a migration at a time: a new offer
 		// from the same gateway means the old attempt's connections are
@@ -354,9 +417,10 @@ func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision, log
 		if o.Format == FormatQcow2 {
 			rec.DataAt = qcowDataStart(o.Size)
 		}
-		if err := j.put(bucketRecv, o.ID, &rec); err != nil {
-			return nil, nil, err
-		}
+	}
+	rec.Attempted = r.cfg.Now()
+	if err := j.put(bucketRecv, o.ID, &rec); err != nil {
+		return nil, nil, err
 	}
 	f, err := openDirect(temp)
 	if err != nil {
