@@ -633,6 +633,17 @@ func (ms *membership) pending() []string {
 	return out
 }
 
+// verified returns the verified identity of a member, or nil if it is
+// not verified now.
+func (ms *membership) verified(name string) *certs.Verified {
+	ms.mu.Lock()
+	defer ms.mu.Unlock()
+	if m := ms.members[name]; m != nil && m.state == StateVerified {
+		return m.verified
+	}
+	return nil
+}
+
 // addr is where gossip last saw a member.
 func (ms *membership) addr(name string) netip.AddrPort {
 	ms.mu.Lock()

@@ -88,7 +88,11 @@ func (g *Gateway) handleKeyringOp(m message) error {
 		g.log.Error("gossip keyring operation failed", "op", op.kind, "err", err)
 		return err
 	}
-	return g.send(op.initiator, encodeMessage(msgKeyringAck, []byte(g.id.Load().Attributes().Node), op.id))
+	ack, err := g.signedAck(msgKeyringAck, op.id)
+	if err != nil {
+		return err
+	}
+	return g.send(op.initiator, ack)
 }
 
 func (g *Gateway) verifyKeyringOp(op *keyringOp) error {
@@ -164,11 +168,12 @@ func (g *Gateway) applyKeyringOp(op *keyringOp) error {
 }
 
 func (g *Gateway) handleKeyringAck(m message) error {
-	if err := m.want(2); err != nil {
+	node, id, err := g.checkAck(m)
+	if err != nil {
 		return err
 	}
 	select {
-	case g.acks <- keyringAck{node: string(m.fields[0]), id: m.fields[1]}:
+	case g.acks <- keyringAck{node: node, id: id}:
 	default:
 	}
 	return nil

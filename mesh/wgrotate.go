@@ -181,15 +181,19 @@ func (g *Gateway) advertiseNow() error {
 
 // handleWGKeyAck passes a peer's acknowledgement to the running rotation.
 func (g *Gateway) handleWGKeyAck(m message) error {
-	if len(m.fields) != 2 || len(m.fields[1]) != certs.WGKeyLen {
-		return errors.New("WireGuard key ack: malformed")
-	}
 	w := g.wgAck.Load()
-	if w == nil || certs.WGPublicKey(m.fields[1]) != w.key {
-		return nil // a late ack, or for another rotation
+	if w == nil {
+		return nil // a late ack: no rotation is waiting
+	}
+	node, key, err := g.checkAck(m)
+	if err != nil {
+		return err
+	}
+	if len(key) != certs.WGKeyLen || certs.WGPublicKey(key) != w.key {
+		return nil // for another rotation
 	}
 	select {
-	case w.ch <- string(m.fields[0]):
+	case w.ch <- node:
 	default:
 	}
 	return nil
@@ -202,7 +206,6 @@ func (g *Gateway) ackNextKeys(plan Plan) {
 		return // restoring members before gossip started: the next pass acknowledges
 	}
 	seen := map[certs.WGPublicKey]bool{}
-	self := []byte(g.id.Load().Attributes().Node)
 	for _, pc := range plan.Peers {
 		if !pc.Next {
 			continue
@@ -213,7 +216,11 @@ func (g *Gateway) ackNextKeys(plan Plan) {
 		}
 		// A datagram, sent here and now; marked only once it left, so a
 		// failed send is tried again on the next pass.
-		if err := g.send(pc.Node, encodeMessage(msgWGKeyAck, self, pc.PublicKey[:])); err != nil {
+		ack, err := g.signedAck(msgWGKeyAck, pc.PublicKey[:])
+		if err == nil {
+			err = g.send(pc.Node, ack)
+		}
+		if err != nil {
 			g.log.Debug("acknowledge next WireGuard key", "peer", pc.Node, "err", err)
 			continue
 		}

@@ -58,3 +58,46 @@ func TestWireGuardKeyRotation(t *testing.T) {
 		t.Errorf("rotation time not recorded: %v", err)
 	}
 }
+
+// TestAcksAreSigned: an acknowledgement counts only when the member it
+// names signed it — holding the gossip key is not enough to acknowledge a
+// keyring step or a next WireGuard key for a gateway that missed it.
+func TestAcksAreSigned(t *testing.T) {
+	m := startLiveMesh(t)
+	a, b := m.gws[0].g, m.gws[1].g
+	subject := []byte("operation id")
+	good, err := b.signedAck(msgKeyringAck, subject)
+	if err != nil {
+		t.Fatal(err)
+	}
+	gm, _ := decodeMessage(good)
+	if node, got, err := a.checkAck(gm); err != nil || node != "op1" || string(got) != string(subject) {
+		t.Fatalf("op1's own acknowledgement: %s %q %v", node, got, err)
+	}
+	// op2 signing in op1's name, op1's signature over another subject or
+	// kind, the unsigned form, and a name that is no member.
+	c := m.gws[2].g
+	forged, _ := c.signedAck(msgKeyringAck, subject)
+	fm, _ := decodeMessage(forged)
+	fm.fields[0] = []byte("op1")
+	other := gm
+	other.fields = [][]byte{gm.fields[0], []byte("another operation"), gm.fields[2]}
+	asWG := gm
+	asWG.typ = msgWGKeyAck
+	for name, msg := range map[string]message{
+		"signed by op2 in op1's name": fm,
+		"op1's signature, another id": other,
+		"op1's signature, other kind": asWG,
+		"unsigned":                    {typ: msgKeyringAck, fields: [][]byte{[]byte("op1"), subject}},
+		"from no member":              {typ: msgKeyringAck, fields: [][]byte{[]byte("op9"), subject, gm.fields[2]}},
+	} {
+		if _, _, err := a.checkAck(msg); err == nil {
+			t.Errorf("%s: acknowledgement accepted", name)
+		}
+	}
+	// Through the handler: a forged keyring acknowledgement reaches no
+	// rotation.
+	if err := a.handleKeyringAck(fm); err == nil || len(a.acks) != 0 {
+		t.Fatalf("forged keyring acknowledgement: %v, %d queued", err, len(a.acks))
+	}
+}
