@@ -2,6 +2,7 @@ package mesh
 
 import (
 	"context"
+	"crypto/x509"
 	"fmt"
 	"net/netip"
 	"os"
@@ -54,12 +55,22 @@ func (g *Gateway) handle(b []byte) error {
 		if err := m.want(3); err != nil {
 			return err
 		}
+		name := string(m.fields[0])
 		if err := g.members.addCert(m.fields[1]); err != nil {
-			g.log.Debug("refused a certificate", "peer", string(m.fields[0]), "err", err)
+			g.log.Debug("refused a certificate", "peer", name, "err", err)
+			return nil
 		}
-		// Answer at the address the request gives: a newcomer asks for
-		// our certificate before gossip has told us where it is.
-		g.sendAsync(string(m.fields[0]), addrField(m.fields[2]), encodeMessage(msgCert, me.Certificate().Raw))
+		// Answer at the address the request gives — a newcomer asks for
+		// our certificate before gossip has told us where it is — but
+		// only a request that carries a valid certificate of the gateway
+		// it names: the gossip key alone must not make us send to any
+		// address it likes.
+		if c, err := x509.ParseCertificate(m.fields[1]); err != nil {
+			return err
+		} else if a, err := certs.AttributesOf(c); err != nil || a.Node != name {
+			return fmt.Errorf("certificate request from %q with another gateway's certificate", name)
+		}
+		g.sendAsync(name, addrField(m.fields[2]), encodeMessage(msgCert, me.Certificate().Raw))
 		return nil
 
 	case msgCert:
@@ -93,7 +104,14 @@ func (g *Gateway) handle(b []byte) error {
 		if blob == nil {
 			return nil
 		}
-		g.sendAsync(string(m.fields[1]), addrField(m.fields[2]), blob)
+		// To a verified member, at the address gossip knows for it (the
+		// request's own is ignored): a newcomer gets the blobs with its
+		// join's state exchange anyway.
+		name := string(m.fields[1])
+		if g.members.verified(name) == nil {
+			return fmt.Errorf("blob request from %q, which is not a verified member", name)
+		}
+		g.sendAsync(name, netip.AddrPort{}, blob)
 		return nil
 
 	case msgBlob:

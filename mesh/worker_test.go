@@ -2,6 +2,7 @@ package mesh
 
 import (
 	"crypto/sha256"
+	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -52,4 +53,55 @@ func TestWorkerSurvivesMalformedMessages(t *testing.T) {
 		_, ok := ms.certs[sum]
 		return ok
 	})
+}
+
+// TestCertRequestAnsweredOnlyWithItsCertificate: a certificate request is
+// answered at the address it gives only when it carries a valid
+// certificate of the gateway it names — the gossip key alone must not
+// make a gateway send to any address it likes.
+func TestCertRequestAnsweredOnlyWithItsCertificate(t *testing.T) {
+	dir := t.TempDir()
+	port := 24000 + os.Getpid()%6000
+	ca, err := certs.InitCA(filepath.Join(dir, "ca"), certs.InitOptions{MeshPrefix: netip.MustParsePrefix("100.64.0.0/10")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	lg := startLiveGateway(t, ca, dir, 0, "zrh-dc", nil, &port, &syncbuf.Buffer{})
+	d := delegate{g: lg.g}
+	issue := func(node string, ip string) []byte {
+		id, err := ca.IssueIdentity(certs.Attributes{Node: node, Site: "s", Region: "r", Provider: "onprem", Jurisdiction: "CH",
+			OverlayIP: netip.MustParseAddr(ip)}, time.Hour, time.Now())
+		if err != nil {
+			t.Fatal(err)
+		}
+		return id.Certificate().Raw
+	}
+	listen := func() *net.UDPConn {
+		c, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		return c
+	}
+	refused, answered := listen(), listen()
+	other := issue("other", "100.64.9.8")
+	// In order: requests that must go unanswered, then one that is
+	// answered. The worker takes them one at a time and sends a
+	// certificate as one datagram before it takes the next, so once the
+	// last one's answer is in, any answer to the others would be too.
+	d.NotifyMsg(encodeMessage(msgCertRequest, []byte("probe"), other, []byte(refused.LocalAddr().String())))
+	d.NotifyMsg(encodeMessage(msgCertRequest, []byte("probe"), []byte("not a certificate"), []byte(refused.LocalAddr().String())))
+	d.NotifyMsg(encodeMessage(msgCertRequest, []byte("probe"), issue("probe", "100.64.9.9"), []byte(answered.LocalAddr().String())))
+	answered.SetReadDeadline(time.Now().Add(10 * time.Second))
+	buf := make([]byte, 2048)
+	if _, err := answered.Read(buf); err != nil {
+		t.Fatalf("a request with the requester's own certificate: no answer: %v", err)
+	}
+	// Already queued if it was sent at all; a deadline already past
+	// would not even look.
+	refused.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
+	if n, err := refused.Read(buf); err == nil {
+		t.Fatalf("a request with another gateway's certificate, or none, was answered (%d bytes)", n)
+	}
 }
