@@ -453,3 +453,41 @@ func TestBurstStrays(t *testing.T) {
 		t.Fatalf("after the certificates expired: strays %v, want none", got)
 	}
 }
+
+// TestBurstEndLeftovers: a burst gateway records its burst's end before
+// it forgets its identity; an identity a crash left beside an ended
+// enrollment is removed at the next start, which then ends quietly, or
+// enrols anew with a new join token, instead of refusing the directory as
+// holding an identity no token made.
+func TestBurstEndLeftovers(t *testing.T) {
+	dir := t.TempDir()
+	ended := time.Now().UTC()
+	if err := saveEnrollment(dir, &Enrollment{Site: "burst-ams", Node: "burst-ams-gw1", TokenID: "t1", Ended: &ended, Reason: "expired"}); err != nil {
+		t.Fatal(err)
+	}
+	leftovers := func() {
+		for _, f := range []string{"node.key", "node.crt"} {
+			if err := os.WriteFile(filepath.Join(dir, f), []byte("left by a crash"), 0o600); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	gone := func(when string) {
+		t.Helper()
+		if certs.HasNodeCertificate(dir) {
+			t.Fatalf("%s: the ended burst's identity is still there", when)
+		}
+	}
+	leftovers()
+	var ended1 *BurstEndedError
+	if _, _, err := applyEnrollment(&Settings{Identity: certs.Config{Dir: dir}}); !errors.As(err, &ended1) {
+		t.Fatalf("a start after the end: %v, want the burst's end", err)
+	}
+	gone("after a start")
+	leftovers()
+	s := &Settings{Identity: certs.Config{Dir: dir}}
+	if _, err := Join(context.Background(), s, "sbj1.garbage!", nil); err == nil || !strings.Contains(err.Error(), "damaged") {
+		t.Fatalf("a new token after the end: %v, want the token read (and refused as damaged)", err)
+	}
+	gone("after a new token")
+}

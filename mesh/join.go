@@ -118,8 +118,13 @@ func Join(ctx context.Context, s *Settings, token string, log *slog.Logger) (*En
 		log.Info("already enrolled in a burst site: the join token is not used again", "site", enr.Site, "node", enr.Node, "until", enr.Expires)
 		return enr, nil
 	}
-	// A fresh gateway, or one whose burst ended (its identity is gone):
-	// a new token enrols it anew.
+	// A fresh gateway, or one whose burst ended (its identity is gone, or
+	// goes now if a crash left it): a new token enrols it anew.
+	if enr != nil {
+		if err := certs.ForgetIdentity(dir); err != nil {
+			return nil, fmt.Errorf("burst %s ended, but its identity could not be removed: %w", enr.Site, err)
+		}
+	}
 	if certs.HasNodeCertificate(dir) {
 		return nil, fmt.Errorf("%s already holds a gateway identity that no join token made: a join token is for a fresh gateway; use another identity directory", dir)
 	}
@@ -337,6 +342,10 @@ func applyEnrollment(s *Settings) (*Settings, *Enrollment, error) {
 		return s, nil, err
 	}
 	if enr.Ended != nil {
+		// Whatever of its identity a crash left behind goes too.
+		if err := certs.ForgetIdentity(s.Identity.Dir); err != nil {
+			return s, enr, fmt.Errorf("burst %s ended, but its identity could not be removed: %w", enr.Site, err)
+		}
 		return s, enr, &BurstEndedError{Site: enr.Site, Node: enr.Node, Reason: enr.Reason}
 	}
 	c := *s // the caller's settings are left as they were
@@ -417,17 +426,20 @@ func (g *Gateway) forgetBurst(e *BurstEndedError) {
 		log = slog.Default()
 	}
 	dir := g.s.Identity.Dir
-	if err := certs.ForgetIdentity(dir); err != nil {
-		log.Error("burst ended, but its identity could not be removed", "dir", dir, "err", err)
-	}
-	if err := os.Remove(g.state.path(fileMembers)); err != nil && !errors.Is(err, os.ErrNotExist) {
-		log.Warn("remove remembered members", "err", err)
-	}
+	// The end first: a crash before the identity is gone then leaves an
+	// ended burst whose leftovers the next start removes, rather than a
+	// live enrollment without an identity, which would not start.
 	if enr := g.burst; enr != nil && enr.Ended == nil {
 		t := time.Now().UTC()
 		enr.Ended, enr.Reason = &t, e.Reason
 		if err := saveEnrollment(dir, enr); err != nil {
 			log.Warn("record the end of the burst", "err", err)
 		}
+	}
+	if err := certs.ForgetIdentity(dir); err != nil {
+		log.Error("burst ended, but its identity could not be removed", "dir", dir, "err", err)
+	}
+	if err := os.Remove(g.state.path(fileMembers)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		log.Warn("remove remembered members", "err", err)
 	}
 }
