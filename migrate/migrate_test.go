@@ -287,6 +287,44 @@ func TestMigratePolicy(t *testing.T) {
 	}
 }
 
+// TestMigratePolicyChangedInFlight: the receiver decides again when the
+// image is to be stored; a policy adopted while it came that no longer
+// allows it there refuses it then, and what came is removed.
+func TestMigratePolicyChangedInFlight(t *testing.T) {
+	p := newPair(t, "DE")
+	raw := filepath.Join(p.dir, "vm.raw")
+	makeRaw(t, raw, 16*mib, map[int64]int{0: 16 * mib})
+	v2, err := policy.Parse("v2.hcl", []byte(strings.Replace(strings.Replace(testPolicy, "version = 1", "version = 2", 1),
+		`jurisdiction = ["DE", "CH"]`, `jurisdiction = ["CH"]`, 1)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := p.config(raw, "pii-eu")
+	cfg.Progress = func(pr Progress) {
+		if pr.Stats.ChunksDone >= 2 {
+			p.recvPolicy.Store(v2) // store of pii-eu now only in CH
+		}
+	}
+	rec, err := Send(context.Background(), cfg)
+	var denied *DeniedError
+	if !errors.As(err, &denied) || !denied.AtCommit || denied.By != "receiver" || rec.State != StateDenied || rec.Stats.BytesSent == 0 {
+		t.Fatalf("a migration whose destination the policy forbade in flight: %v, %+v", err, rec)
+	}
+	if _, err := p.recvJ.Image("vm"); err == nil {
+		t.Fatal("the image was stored")
+	}
+	if recs, err := p.recvJ.Receives(); err != nil || len(recs) != 0 {
+		t.Fatalf("receives kept: %+v %v", recs, err)
+	}
+	if left, _ := os.ReadDir(filepath.Join(p.store, ".incoming")); len(left) != 0 {
+		t.Fatalf("received data left at the destination: %v", left)
+	}
+	b, _ := os.ReadFile(p.recvAudit.Path())
+	if !strings.Contains(string(b), `"outcome":"denied"`) || !strings.Contains(string(b), `"policy":"v2-`) {
+		t.Errorf("the receiver's audit record does not show the denial under v2:\n%s", b)
+	}
+}
+
 // TestMigrateDamagedChunk: a chunk damaged after hashing is refused by the
 // receiver, sent again, and never written.
 func TestMigrateDamagedChunk(t *testing.T) {

@@ -127,23 +127,32 @@ func (r *Receiver) forgetAbandoned() {
 		if now.Sub(last) < AbandonedAfter {
 			continue
 		}
-		r.mu.Lock()
-		active := r.sessions[rec.ID] != nil || r.opening[rec.ID]
-		if !active {
-			// Under the lock: an offer of this ID comes after, finds no
-			// record and starts over.
-			err = errors.Join(os.Remove(rec.Temp), j.dropChunks("recv", rec.ID), j.deleteKey(bucketRecv, rec.ID))
-		}
-		r.mu.Unlock()
+		active, err := r.forget(rec.ID, rec.Temp)
 		if active {
 			continue
 		}
-		if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		if err != nil {
 			r.cfg.Log.Warn("forget an abandoned receive", "migration_id", rec.ID, "err", err)
 			continue
 		}
 		r.cfg.Log.Info("forgot an abandoned receive: its sender has not offered it again", "migration_id", rec.ID, "name", rec.Name, "from", rec.From, "last_offered", last)
 	}
+}
+
+// forget removes a receive — incoming file, chunks, record — unless it is
+// being received or opened; then it reports it active. Under the lock, so
+// that an offer of the ID comes after, finds no record and starts over.
+func (r *Receiver) forget(id, temp string) (active bool, err error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.sessions[id] != nil || r.opening[id] {
+		return true, nil
+	}
+	err = os.Remove(temp)
+	if errors.Is(err, fs.ErrNotExist) {
+		err = nil
+	}
+	return false, errors.Join(err, r.cfg.Journal.dropChunks("recv", id), r.cfg.Journal.deleteKey(bucketRecv, id))
 }
 
 func (r *Receiver) handle(ctx context.Context, c *tls.Conn) {
@@ -301,6 +310,15 @@ func (r *Receiver) control(ctx context.Context, c *tls.Conn, fr *frameReader, fw
 		fw.json(frameError, err.Error())
 		return
 	}
+	discard := false
+	defer func() { // after s.close
+		if !discard {
+			return
+		}
+		if _, err := r.forget(o.ID, s.record.Temp); err != nil {
+			log.Error("remove the data of a migration the policy no longer allows here", "file", s.record.Temp, "err", err)
+		}
+	}()
 	defer s.close()
 	s.attach(c)
 	log.Info("receiving migration", "name", o.Name, "size", o.Size, "resumed_chunks", len(acc.Have), "base_chunks", len(acc.Base))
@@ -314,6 +332,17 @@ func (r *Receiver) control(ctx context.Context, c *tls.Conn, fr *frameReader, fw
 		} else {
 			log.Info("migration interrupted; its durable chunks wait for a resume", "err", err)
 		}
+		return
+	}
+	// Decided again with the policy and time of now: a newer policy, or
+	// an exception that ran out, while the image came may forbid storing
+	// it here. Then what came is removed rather than stored.
+	if d, ok = r.decide(o, from); !ok {
+		discard = true
+		log.Warn("migration refused at commit: the residency policy no longer allows it here; the received data is removed", "rule", d.Rule.String(), "policy", d.Policy.RevisionString())
+		r.audit(o, from, d, "denied", cm.Root, s.received, s.start, r.cfg.Now(), "denied at commit")
+		r.cfg.Observer.Ended(RoleReceive, StateDenied, r.cfg.Now().Sub(s.start))
+		fw.json(frameDeny, Deny{Rule: d.Rule.String(), Reasons: d.Reasons})
 		return
 	}
 	done, err := s.finish(&cm)

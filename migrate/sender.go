@@ -94,16 +94,23 @@ type SendConfig struct {
 	mangle func(index int64, payload []byte)
 }
 
-// DeniedError is returned when the policy refuses a migration; nothing was
-// sent.
+// DeniedError is returned when the policy refuses a migration: before
+// anything was sent, or at the commit (AtCommit).
 type DeniedError struct {
 	By      string   `json:"by"` // "sender" or "receiver"
 	Rule    string   `json:"rule"`
 	Reasons []string `json:"reasons"`
+	// AtCommit: the receiver refused to store what it had received (the
+	// policy in force then no longer allowed it) and removed it.
+	AtCommit bool `json:"at_commit,omitempty"`
 }
 
 func (e *DeniedError) Error() string {
-	return fmt.Sprintf("migration refused by the residency policy at the %s (%s): %s", e.By, e.Rule, strings.Join(e.Reasons, "; "))
+	when := ""
+	if e.AtCommit {
+		when = " when the image was to be stored (what was sent is removed)"
+	}
+	return fmt.Sprintf("migration refused by the residency policy at the %s%s (%s): %s", e.By, when, e.Rule, strings.Join(e.Reasons, "; "))
 }
 
 // NewID makes a migration ID.
@@ -393,7 +400,22 @@ func (s *sender) run(ctx context.Context) error {
 	// the receiver; give it time, but not forever.
 	ctrl.SetReadDeadline(time.Now().Add(commitTimeout))
 	var done Done
-	if err := cr.json(frameDone, &done); err != nil {
+	typ, payload, err = cr.next(nil)
+	switch {
+	case err != nil:
+		return fmt.Errorf("commit: %w", err)
+	case typ == frameDeny:
+		// The receiver decides again at the commit: the policy in
+		// force then may no longer allow the image there.
+		var d Deny
+		jsonUnmarshal(payload, &d)
+		return &DeniedError{By: "receiver", Rule: d.Rule, Reasons: d.Reasons, AtCommit: true}
+	case typ == frameError:
+		return fmt.Errorf("commit: receiver: %s", payload)
+	case typ != frameDone:
+		return fmt.Errorf("commit: unexpected answer %d", typ)
+	}
+	if err := jsonUnmarshal(payload, &done); err != nil {
 		return fmt.Errorf("commit: %w", err)
 	}
 	if done.Root != s.rec.Root {

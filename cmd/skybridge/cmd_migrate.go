@@ -158,7 +158,11 @@ func runMigration(c *cli.Context, req mesh.MigrationRequest) error {
 func printMigrationResult(w io.Writer, ev *mesh.MigrationEvent) {
 	r := ev.Record
 	if ev.Denied != nil {
-		fmt.Fprintf(w, "REFUSED by the residency policy at the %s (%s); nothing was sent:\n", ev.Denied.By, ev.Denied.Rule)
+		if ev.Denied.AtCommit {
+			fmt.Fprintf(w, "REFUSED by the residency policy at the %s when the image was to be stored (%s): the policy in force changed while it was sent, and what was sent has been removed there:\n", ev.Denied.By, ev.Denied.Rule)
+		} else {
+			fmt.Fprintf(w, "REFUSED by the residency policy at the %s (%s); nothing was sent:\n", ev.Denied.By, ev.Denied.Rule)
+		}
 		for _, reason := range ev.Denied.Reasons {
 			fmt.Fprintf(w, "  - %s\n", reason)
 		}
