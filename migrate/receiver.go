@@ -310,16 +310,8 @@ func (r *Receiver) control(ctx context.Context, c *tls.Conn, fr *frameReader, fw
 		fw.json(frameError, err.Error())
 		return
 	}
-	discard := false
-	defer func() { // after s.close
-		if !discard {
-			return
-		}
-		if _, err := r.forget(o.ID, s.record.Temp); err != nil {
-			log.Error("remove the data of a migration the policy no longer allows here", "file", s.record.Temp, "err", err)
-		}
-	}()
-	defer s.close()
+	closeSession := sync.OnceFunc(s.close)
+	defer closeSession()
 	s.attach(c)
 	log.Info("receiving migration", "name", o.Name, "size", o.Size, "resumed_chunks", len(acc.Have), "base_chunks", len(acc.Base))
 	if err := fw.json(frameAccept, acc); err != nil {
@@ -338,8 +330,11 @@ func (r *Receiver) control(ctx context.Context, c *tls.Conn, fr *frameReader, fw
 	// an exception that ran out, while the image came may forbid storing
 	// it here. Then what came is removed rather than stored.
 	if d, ok = r.decide(o, from); !ok {
-		discard = true
 		log.Warn("migration refused at commit: the residency policy no longer allows it here; the received data is removed", "rule", d.Rule.String(), "policy", d.Policy.RevisionString())
+		closeSession() // its syncer and file done with, the data can go
+		if _, err := r.forget(o.ID, s.record.Temp); err != nil {
+			log.Error("remove the data of a migration the policy no longer allows here", "file", s.record.Temp, "err", err)
+		}
 		r.audit(o, from, d, "denied", cm.Root, s.received, s.start, r.cfg.Now(), "denied at commit")
 		r.cfg.Observer.Ended(RoleReceive, StateDenied, r.cfg.Now().Sub(s.start))
 		fw.json(frameDeny, Deny{Rule: d.Rule.String(), Reasons: d.Reasons})
