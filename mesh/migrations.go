@@ -51,6 +51,7 @@ type runningMigration struct {
 	subs   []chan migrate.Progress
 	rec    *migrate.SendRecord
 	err    error
+	ended  bool // rec and err are final; subs were closed
 }
 
 func (r *runningMigration) publish(p migrate.Progress) {
@@ -68,9 +69,15 @@ func (r *runningMigration) publish(p migrate.Progress) {
 func (r *runningMigration) subscribe() chan migrate.Progress {
 	c := make(chan migrate.Progress, 16)
 	r.mu.Lock()
-	r.subs = append(r.subs, c)
+	defer r.mu.Unlock()
 	c <- r.last
-	r.mu.Unlock()
+	if r.ended {
+		// It ended before we came (a migration that fails at once):
+		// nothing will close a channel added now.
+		close(c)
+		return c
+	}
+	r.subs = append(r.subs, c)
 	return c
 }
 
@@ -185,7 +192,7 @@ func (g *Gateway) StartMigration(req MigrationRequest) (*runningMigration, strin
 		for _, c := range run.subs {
 			close(c)
 		}
-		run.subs = nil
+		run.subs, run.ended = nil, true
 		run.mu.Unlock()
 		close(run.done)
 		m.mu.Lock()
