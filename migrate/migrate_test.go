@@ -14,6 +14,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -523,6 +524,40 @@ func TestReceiverForgetsAbandoned(t *testing.T) {
 		t.Fatal(err)
 	}
 	compare(t, raw, img.Path)
+}
+
+// TestSenderLeavesNothingRunning: an attempt that ends early (cancelled
+// here) ends every goroutine its transfer started; writers left waiting
+// for the queue held their streams' buffers, a megabyte an attempt.
+func TestSenderLeavesNothingRunning(t *testing.T) {
+	p := newPair(t, "DE")
+	raw := filepath.Join(p.dir, "vm.raw")
+	makeRaw(t, raw, 32*mib, map[int64]int{0: 32 * mib})
+	for range 2 {
+		cfg := p.config(raw, "pii-eu")
+		cfg.BWLimit = 10 * mib
+		ctx, cancel := context.WithCancel(context.Background())
+		cfg.Progress = func(pr Progress) {
+			if pr.Stats.ChunksDone >= 2 {
+				cancel()
+			}
+		}
+		if _, err := Send(ctx, cfg); !errors.Is(err, context.Canceled) {
+			t.Fatalf("cancelled migration: %v", err)
+		}
+	}
+	transfers := func() int {
+		buf := make([]byte, 1<<20)
+		return strings.Count(string(buf[:runtime.Stack(buf, true)]), "migrate.(*sender).transfer")
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for transfers() > 0 {
+		if time.Now().After(deadline) {
+			buf := make([]byte, 1<<20)
+			t.Fatalf("%d goroutines of cancelled transfers still running:\n%s", transfers(), buf[:runtime.Stack(buf, true)])
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }
 
 // TestMigrateCancelIsCancelled: cancelling a migration ends it as

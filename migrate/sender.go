@@ -439,6 +439,11 @@ type job struct {
 // the data streams, and returns when every chunk sent is durable at the
 // receiver.
 func (s *sender) transfer(ctx context.Context, cands []int64, acked map[int64]Hash, acc *Accept) error {
+	// Whatever ends the transfer — done, an error, a stall — ends every
+	// goroutine it started: a writer waiting for the queue holds its
+	// stream's buffers, and an attempt given up must not keep them.
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
 	s.progress("transfer")
 	chunk := s.cfg.ChunkSize
 	producerCount := max(2, s.cfg.Streams)
@@ -467,8 +472,9 @@ func (s *sender) transfer(ctx context.Context, cands []int64, acked map[int64]Ha
 	}
 
 	var (
-		pending  sync.WaitGroup // chunks not yet durable at the receiver
-		inflight sync.Map       // index → *job
+		pending  atomic.Int64             // chunks queued and not yet durable at the receiver
+		settled  = make(chan struct{}, 1) // a chunk became durable
+		inflight sync.Map                 // index → *job
 		queue    = make(chan *job, 4*len(conns))
 		errc     = make(chan error, len(conns)*2+1)
 		newAcks  = map[int64]Hash{}
@@ -502,7 +508,16 @@ func (s *sender) transfer(ctx context.Context, cands []int64, acked map[int64]Ha
 	for _, c := range conns {
 		fw, fr := newFrameWriter(c), newFrameReader(c)
 		streams.Go(func() {
-			for j := range queue {
+			for {
+				var j *job
+				select {
+				case j = <-queue:
+				case <-ctx.Done():
+					return
+				}
+				if j == nil { // closed: every chunk is durable
+					break
+				}
 				inflight.Store(j.index, j)
 				inFlight.Add(1)
 				c.SetWriteDeadline(time.Now().Add(stallTimeout))
@@ -564,7 +579,11 @@ func (s *sender) transfer(ctx context.Context, cands []int64, acked map[int64]Ha
 						s.mu.Lock()
 						s.stats.ChunksDone++
 						s.mu.Unlock()
-						pending.Done()
+						pending.Add(-1)
+						select {
+						case settled <- struct{}{}:
+						default:
+						}
 					}
 				case frameNack:
 					i, reason, err := parseNack(p)
@@ -595,7 +614,10 @@ func (s *sender) transfer(ctx context.Context, cands []int64, acked map[int64]Ha
 							return
 						}
 						nj.tries = j.tries + 1
-						queue <- nj
+						select {
+						case queue <- nj:
+						case <-ctx.Done():
+						}
 					}()
 				case frameError:
 					fail(fmt.Errorf("receiver: %s", p))
@@ -631,7 +653,6 @@ func (s *sender) transfer(ctx context.Context, cands []int64, acked map[int64]Ha
 				select {
 				case queue <- j:
 				case <-ctx.Done():
-					pending.Done()
 					return
 				}
 			}
@@ -652,12 +673,10 @@ func (s *sender) transfer(ctx context.Context, cands []int64, acked map[int64]Ha
 	defer ticker.Stop()
 	producersDone := make(chan struct{})
 	go func() { producers.Wait(); close(producersDone) }()
-	allDurable := make(chan struct{})
-	go func() {
-		<-producersDone
-		pending.Wait()
-		close(allDurable)
-	}()
+	// Every chunk is durable once the producers have queued their last
+	// and the count of those pending is back to zero (a retried chunk
+	// stays pending: it was counted once).
+	finished := false
 	for {
 		select {
 		case err := <-errc:
@@ -670,7 +689,12 @@ func (s *sender) transfer(ctx context.Context, cands []int64, acked map[int64]Ha
 			if inFlight.Load() > 0 && time.Since(time.Unix(0, lastAck.Load())) > stallTimeout {
 				return fmt.Errorf("receiver %s stopped acknowledging chunks for %s; resume the migration when it is back", s.cfg.To.Attributes.Node, stallTimeout)
 			}
-		case <-allDurable:
+			continue
+		case <-producersDone:
+			producersDone, finished = nil, true
+		case <-settled:
+		}
+		if finished && pending.Load() == 0 {
 			done.Store(true)
 			close(queue)
 			flushAcks()
