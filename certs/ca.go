@@ -441,6 +441,15 @@ func RevocationReasons() []string {
 	return out
 }
 
+// bySerial maps serials to their place in the index.
+func (idx *caIndex) bySerial() map[string]int {
+	m := make(map[string]int, len(idx.Certs))
+	for i, c := range idx.Certs {
+		m[c.Serial] = i
+	}
+	return m
+}
+
 // reasonName is the name of a CRL reason code.
 func reasonName(code int) string {
 	for name, c := range revocationReasons {
@@ -463,10 +472,11 @@ func (ca *CA) RevokeSerials(serials []*big.Int, reason string, now time.Time) ([
 	}
 	var done []IssuedCert
 	err := ca.updateIndex(func(idx *caIndex) error {
+		at := idx.bySerial()
 		for _, s := range serials {
 			want := FormatSerial(s)
-			i := slices.IndexFunc(idx.Certs, func(e IssuedCert) bool { return e.Serial == want })
-			if i < 0 {
+			i, ok := at[want]
+			if !ok {
 				return fmt.Errorf("serial %s was not issued by this CA (see skybridge ca list)", want)
 			}
 			if idx.Certs[i].RevokedAt == nil {
@@ -536,10 +546,10 @@ func (ca *CA) writeCRL(idx *caIndex, now time.Time) error {
 		if prev.Number != nil && prev.Number.IsInt64() {
 			idx.CRLNumber = max(idx.CRLNumber, prev.Number.Int64())
 		}
+		at := idx.bySerial()
 		for _, e := range prev.RevokedCertificateEntries {
-			want := FormatSerial(e.SerialNumber)
-			i := slices.IndexFunc(idx.Certs, func(c IssuedCert) bool { return c.Serial == want })
-			if i >= 0 && idx.Certs[i].RevokedAt == nil {
+			i, ok := at[FormatSerial(e.SerialNumber)]
+			if ok && idx.Certs[i].RevokedAt == nil {
 				at := e.RevocationTime.UTC()
 				idx.Certs[i].RevokedAt, idx.Certs[i].Reason = &at, reasonName(e.ReasonCode)
 			}
@@ -550,10 +560,14 @@ func (ca *CA) writeCRL(idx *caIndex, now time.Time) error {
 	idx.CRLNumber++
 	var entries []x509.RevocationListEntry
 	for _, e := range idx.Certs {
-		// Expired certificates could be dropped from the list, but keeping
-		// them costs little and keeps the list monotonic, which is what
-		// makes replaying an older list detectable.
-		if e.RevokedAt == nil {
+		// A gateway certificate that has expired is refused as expired:
+		// its entry goes (RFC 5280 allows it), or a CA that ends a
+		// burst of 2,000 gateways a day would sign, and every state
+		// exchange carry, a list growing by 100 KB a day. Replays are
+		// caught by the list's number, not its entries. A policy
+		// signer's stays: a policy is judged at its signing time, when
+		// the signer was valid, and only the list says it was revoked.
+		if e.RevokedAt == nil || e.Kind != KindPolicySigner && e.NotAfter.Before(now) {
 			continue
 		}
 		s, err := ParseSerial(e.Serial)

@@ -304,6 +304,43 @@ func TestRevokeIndexBehindCRL(t *testing.T) {
 	}
 }
 
+// TestCRLDropsExpiredGateways: a revoked gateway certificate leaves the
+// revocation list once it has expired (refused as expired from then on),
+// so a CA that ends bursts every day does not sign an ever longer list;
+// a revoked policy signer stays on it, since its policies are judged at
+// their signing time.
+func TestCRLDropsExpiredGateways(t *testing.T) {
+	ca := newTestCA(t)
+	short := issue(t, ca, testAttrs("gw1", "s", "100.96.0.1"), t0, time.Hour)
+	long := issue(t, ca, testAttrs("gw2", "s", "100.96.0.2"), t0, 48*time.Hour)
+	signer, err := ca.NewPolicySigner("compliance", time.Hour, t0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	serials := []*big.Int{short.Certificate().SerialNumber, long.Certificate().SerialNumber, signer.Certificate().SerialNumber}
+	if _, err := ca.RevokeSerials(serials, "", t0); err != nil {
+		t.Fatal(err)
+	}
+	if n := len(trust(t, ca).CRL().RevokedCertificateEntries); n != 3 {
+		t.Fatalf("%d entries while all three are valid, want 3", n)
+	}
+	if err := ca.RefreshCRL(t0.Add(2 * time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	tb := trust(t, ca)
+	if n := len(tb.CRL().RevokedCertificateEntries); n != 2 || tb.IsRevoked(short.Certificate().SerialNumber) ||
+		!tb.IsRevoked(long.Certificate().SerialNumber) || !tb.IsRevoked(signer.Certificate().SerialNumber) {
+		t.Fatalf("after gw1 and the signer expired: %d entries (gw1 listed %v, gw2 %v, signer %v); want gw2 and the signer",
+			n, tb.IsRevoked(short.Certificate().SerialNumber), tb.IsRevoked(long.Certificate().SerialNumber), tb.IsRevoked(signer.Certificate().SerialNumber))
+	}
+	if _, err := tb.VerifyCertificate(short.Certificate(), t0.Add(2*time.Hour)); err == nil {
+		t.Fatal("the expired, unlisted certificate is accepted")
+	}
+	if issued, _ := ca.Issued(); issued[0].RevokedAt == nil {
+		t.Fatal("the index forgot gw1's revocation")
+	}
+}
+
 // TestConcurrentIssue: parallel operators must not lose index entries.
 func TestConcurrentIssue(t *testing.T) {
 	ca := newTestCA(t)
