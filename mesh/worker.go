@@ -17,6 +17,10 @@ import (
 // certificate again.
 const certRetry = 3 * time.Second
 
+// certAskedPrune is how many certificate asks the worker remembers before
+// it forgets those past certRetry.
+const certAskedPrune = 4096
+
 // worker handles gossip messages and certificate fetches one at a time,
 // off memberlist's goroutines.
 func (g *Gateway) worker(ctx context.Context) {
@@ -34,11 +38,24 @@ func (g *Gateway) worker(ctx context.Context) {
 	}
 }
 
+// forgetCertAsks forgets the asks whose retry time has passed: names
+// come and go (every burst gateway's is new), and that is all but a few.
+func (g *Gateway) forgetCertAsks() {
+	for n, t := range g.certAsked {
+		if time.Since(t) >= certRetry {
+			delete(g.certAsked, n)
+		}
+	}
+}
+
 // askCert asks a member for its certificate, sending ours: at most once
 // per certRetry.
 func (g *Gateway) askCert(name string) {
 	if t, ok := g.certAsked[name]; ok && time.Since(t) < certRetry {
 		return
+	}
+	if len(g.certAsked) >= certAskedPrune {
+		g.forgetCertAsks()
 	}
 	g.certAsked[name] = time.Now()
 	me := g.id.Load()

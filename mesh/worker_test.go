@@ -2,6 +2,7 @@ package mesh
 
 import (
 	"crypto/sha256"
+	"fmt"
 	"net"
 	"net/netip"
 	"os"
@@ -103,5 +104,21 @@ func TestCertRequestAnsweredOnlyWithItsCertificate(t *testing.T) {
 	refused.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
 	if n, err := refused.Read(buf); err == nil {
 		t.Fatalf("a request with another gateway's certificate, or none, was answered (%d bytes)", n)
+	}
+}
+
+// TestCertAskedForgets: the names the worker asked for certificates are
+// forgotten once their retry time has passed and enough have gathered —
+// every burst gateway brings a new name, for months.
+func TestCertAskedForgets(t *testing.T) {
+	g := &Gateway{certAsked: map[string]time.Time{}}
+	old := time.Now().Add(-certRetry)
+	for i := range certAskedPrune {
+		g.certAsked[fmt.Sprintf("gone-%d", i)] = old
+	}
+	g.certAsked["recent"] = time.Now()
+	g.forgetCertAsks()
+	if len(g.certAsked) != 1 {
+		t.Fatalf("%d names remembered, want only the recent one", len(g.certAsked))
 	}
 }
