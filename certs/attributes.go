@@ -53,6 +53,14 @@ var (
 	labelValRE = regexp.MustCompile(`^[A-Za-z0-9._:/+@,-]{0,255}$`)
 )
 
+// ValidName reports whether s can be a node, site, region or provider
+// name; ValidLabelKey and ValidLabelValue whether it can be a site label's
+// key or value. A policy uses them to refuse values no certified gateway
+// can carry, which would never match.
+func ValidName(s string) bool       { return nameRE.MatchString(s) }
+func ValidLabelKey(s string) bool   { return labelKeyRE.MatchString(s) }
+func ValidLabelValue(s string) bool { return labelValRE.MatchString(s) }
+
 // Validate checks every attribute and says which one is wrong and how to fix
 // it. meshPrefix, if valid, is the overlay range the overlay IP must be in.
 func (a *Attributes) Validate(meshPrefix netip.Prefix) error {

@@ -15,6 +15,7 @@ import (
 	"github.com/hashicorp/hcl/v2"
 	"github.com/hashicorp/hcl/v2/gohcl"
 
+	"github.com/skybridge-mesh/skybridge/certs"
 	"github.com/skybridge-mesh/skybridge/internal/hclconf"
 	"github.com/skybridge-mesh/skybridge/internal/iso3166"
 )
@@ -417,6 +418,23 @@ func (c *compiler) selector(body hcl.Body, def hcl.Range, what string) *selector
 	for _, g := range append(append([]string(nil), ss.Site...), ss.Region...) {
 		if _, err := path.Match(g, ""); err != nil {
 			c.errorf(def, "%s: %q is not a valid glob pattern", what, g)
+		} else if !globCanMatchName(g) {
+			c.errorf(def, "%s: %q can never match: site and region names are lower-case letters, digits and '-'%s", what, g, lowerHint(g))
+		}
+	}
+	for _, v := range ss.Provider {
+		if !certs.ValidName(v) {
+			c.errorf(ss.ProviderRange, "%s: provider %q can never match: provider names are lower-case letters, digits and '-'%s", what, v, lowerHint(v))
+		}
+	}
+	for k, v := range ss.Labels {
+		switch {
+		case !certs.ValidLabelKey(k):
+			c.errorf(ss.LabelsRange, "%s: label key %q can never match: label keys are lower-case letters, digits and . _ / -%s", what, k, lowerHint(k))
+		case v == "":
+			c.errorf(ss.LabelsRange, "%s: label %s = \"\" would match every site without the label; name the value it must have", what, k)
+		case !certs.ValidLabelValue(v):
+			c.errorf(ss.LabelsRange, "%s: label %s value %q can never match: label values are letters, digits and . _ : / + @ , -", what, k, v)
 		}
 	}
 	s.sites, s.regions = ss.Site, ss.Region
@@ -463,4 +481,28 @@ func (c *compiler) selector(body hcl.Body, def hcl.Range, what string) *selector
 		s.never = true
 	}
 	return s
+}
+
+// globCanMatchName reports whether a site or region glob can match a
+// certified name: outside the glob's own syntax, only the characters a
+// name may have. (A value that cannot match is a silent allow in a deny
+// rule's guard, the mistake this catches.)
+func globCanMatchName(g string) bool {
+	for _, r := range g {
+		switch {
+		case r >= 'a' && r <= 'z', r >= '0' && r <= '9', r == '-':
+		case r == '*', r == '?', r == '[', r == ']', r == '!', r == '^', r == '\\':
+		default:
+			return false
+		}
+	}
+	return true
+}
+
+// lowerHint suggests the lower-case spelling of a value that has capitals.
+func lowerHint(v string) string {
+	if l := strings.ToLower(v); l != v {
+		return fmt.Sprintf(" (did you mean %q?)", l)
+	}
+	return ""
 }

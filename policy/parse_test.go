@@ -30,6 +30,15 @@ func TestParseErrors(t *testing.T) {
 		{"empty list never matches", header + "class \"a\" {\n  allow \"store\" {\n    provider = []\n  }\n}\n", `test.hcl:7:5: class "a" allow "store": provider = [] can never match`},
 		{"deny without reason", header + "class \"a\" {\n  deny \"store\" {\n    site = [\"x\"]\n  }\n}\n", `test.hcl:6:3: class "a" deny "store" needs a reason`},
 		{"bad glob", header + "class \"a\" {\n  allow \"store\" {\n    site = [\"[a-\"]\n  }\n}\n", `not a valid glob`},
+		// Values no certified gateway can carry: in a deny rule's guard
+		// they would let everything through without a word.
+		{"capital site", header + "class \"a\" {\n  deny \"store\" {\n    site = [\"CN-*\"]\n    reason = \"r\"\n  }\n}\n", `"CN-*" can never match: site and region names are lower-case letters, digits and '-' (did you mean "cn-*"?)`},
+		{"capital region", header + "class \"a\" {\n  deny \"store\" {\n    region = [\"CN-north-1\"]\n    reason = \"r\"\n  }\n}\n", `"CN-north-1" can never match`},
+		{"capital provider", header + "class \"a\" {\n  deny \"store\" {\n    provider = [\"Alibaba\"]\n    reason = \"r\"\n  }\n}\n", `test.hcl:7:5: class "a" deny "store": provider "Alibaba" can never match`},
+		{"site with a dot", header + "class \"a\" {\n  allow \"store\" {\n    site = [\"zrh.dc1\"]\n  }\n}\n", `"zrh.dc1" can never match`},
+		{"capital label key", header + "class \"a\" {\n  deny \"store\" {\n    labels = { Tenancy = \"shared\" }\n    reason = \"r\"\n  }\n}\n", `label key "Tenancy" can never match`},
+		{"empty label value", header + "class \"a\" {\n  allow \"store\" {\n    labels = { certified = \"\" }\n  }\n}\n", `label certified = "" would match every site without the label`},
+		{"label value with a space", header + "class \"a\" {\n  allow \"store\" {\n    labels = { certified = \"iso 27001\" }\n  }\n}\n", `label certified value "iso 27001" can never match`},
 		{"unknown selector", header + "class \"a\" {\n  allow \"store\" {\n    selector = \"nope\"\n  }\n}\n", `test.hcl:7:5: class "a" allow "store": selector "nope" is not defined`},
 		{"duplicate class", header + "class \"a\" {}\nclass \"a\" {}\n", `test.hcl:6:1: class "a" is defined twice`},
 		{"max_hops on store", header + "class \"a\" {\n  allow \"store\" {\n    site = [\"*\"]\n    require {\n      max_hops = 2\n    }\n  }\n}\n", `test.hcl:9:7: max_hops only makes sense on a transit rule`},
