@@ -288,6 +288,42 @@ func TestMigratePolicy(t *testing.T) {
 	}
 }
 
+// TestMigrateAuditsObligations: what the decision rested on beyond its
+// rule — the reasons and the obligations that come with storage there —
+// is in both ends' audit records, and the receiver says it does not
+// provide the obligations itself.
+func TestMigrateAuditsObligations(t *testing.T) {
+	p := newPair(t, "DE")
+	pol, err := policy.Parse("oblig.hcl", []byte(strings.Replace(testPolicy, `  allow "store" {
+    jurisdiction = ["DE", "CH"]
+  }`, `  allow "store" {
+    jurisdiction = ["DE", "CH"]
+    require {
+      encryption_at_rest = true
+    }
+  }`, 1)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.recvPolicy.Store(pol)
+	raw := filepath.Join(p.dir, "vm.raw")
+	makeRaw(t, raw, 4*mib, map[int64]int{0: mib})
+	cfg := p.config(raw, "pii-eu")
+	cfg.Policy = pol
+	if _, err := Send(context.Background(), cfg); err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range []*audit.Log{p.sendAudit, p.recvAudit} {
+		b, _ := os.ReadFile(l.Path())
+		if !strings.Contains(string(b), `"obligations":"encryption at rest"`) || !strings.Contains(string(b), `"reasons":[`) {
+			t.Errorf("audit %s lacks the obligations or the reasons:\n%s", l.Path(), b)
+		}
+	}
+	if !strings.Contains(p.recvLog.String(), "obliges the storage of this image to provide encryption at rest") {
+		t.Errorf("the receiver did not say it leaves the obligation to the store:\n%s", p.recvLog.String())
+	}
+}
+
 // TestMigratePolicyChangedInFlight: the receiver decides again when the
 // image is to be stored; a policy adopted while it came that no longer
 // allows it there refuses it then, and what came is removed.

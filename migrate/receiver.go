@@ -314,6 +314,11 @@ func (r *Receiver) control(ctx context.Context, c *tls.Conn, fr *frameReader, fw
 	defer closeSession()
 	s.attach(c)
 	log.Info("receiving migration", "name", o.Name, "size", o.Size, "resumed_chunks", len(acc.Have), "base_chunks", len(acc.Base))
+	if !d.Obligations.IsZero() {
+		// Recorded in the audit log with the migration; skybridge
+		// stores the image as it came, so the store must provide them.
+		log.Warn("the residency policy obliges the storage of this image to provide "+d.Obligations.String()+": skybridge does not, the image store's volume must", "name", o.Name)
+	}
 	if err := fw.json(frameAccept, acc); err != nil {
 		return
 	}
@@ -385,6 +390,7 @@ func (r *Receiver) audit(o *Offer, from *certs.Attributes, d policy.Decision, ou
 	if errText != "" {
 		f["error"] = errText
 	}
+	decisionFields(f, &d)
 	if _, err := r.cfg.Audit.Append(r.cfg.Identity(), "migration", f, r.cfg.Now()); err != nil {
 		r.cfg.Log.Error("audit log", "err", err)
 	}

@@ -295,8 +295,28 @@ func (s *sender) audit() {
 	if s.rec.Error != "" {
 		f["error"] = s.rec.Error
 	}
+	decisionFields(f, &s.decision)
 	if _, err := s.cfg.Audit.Append(s.cfg.Identity, "migration", f, s.cfg.Now()); err != nil {
 		s.cfg.Log.Error("audit log", "err", err)
+	}
+}
+
+// decisionFields adds to an audit record what the decision rested on
+// beyond its rule: the reasons, the exception (with its ticket and
+// approver) or audit mode that let it through, and the obligations that
+// come with it.
+func decisionFields(f map[string]any, d *policy.Decision) {
+	if len(d.Reasons) > 0 {
+		f["reasons"] = d.Reasons
+	}
+	if e := d.Exception; e != nil {
+		f["exception"] = map[string]any{"name": e.Name, "category": e.Category, "ticket": e.Ticket, "approver": e.Approver, "expires": e.Expires}
+	}
+	if d.Audit {
+		f["audit_mode"] = true // denied by the policy, let through by its audit mode
+	}
+	if !d.Obligations.IsZero() {
+		f["obligations"] = d.Obligations.String()
 	}
 }
 

@@ -2,6 +2,7 @@ package policy
 
 import (
 	"fmt"
+	"slices"
 	"strings"
 	"time"
 )
@@ -182,10 +183,13 @@ type Check struct {
 // AdmitMove decides whether data of class may move from one site to
 // another and rest there: storage at the destination first, then transit
 // from source to destination, stopping at the first denial. It returns the
-// checks made, in order, and the verdict: the denying decision, or the
-// storage decision (whose rule admitted the data and whose obligations
-// apply) when both allow. The migration planner, the sending and the
-// receiving gateway all decide this way, so they cannot disagree.
+// checks made, in order, and the verdict: the denying decision, or, when
+// both allow, the storage decision (whose rule admitted the data) with
+// what the transit decision adds: its reasons and obligations, its
+// exception if storage needed none, and audit mode if either was let
+// through only by it — what the move's audit record must show. The
+// migration planner, the sending and the receiving gateway all decide
+// this way, so they cannot disagree.
 func (p *Policy) AdmitMove(class string, from, to Site, now time.Time) (checks []Check, verdict Decision) {
 	for _, req := range []Request{
 		{Class: class, Action: Store, Sites: []Site{to}, Time: now},
@@ -197,5 +201,13 @@ func (p *Policy) AdmitMove(class string, from, to Site, now time.Time) (checks [
 			return checks, d
 		}
 	}
-	return checks, checks[0].Decision
+	verdict, transit := checks[0].Decision, checks[1].Decision
+	verdict.Reasons = append(slices.Clone(verdict.Reasons), transit.Reasons...)
+	verdict.Obligations.merge(&transit.Obligations)
+	if verdict.Exception == nil {
+		verdict.Exception = transit.Exception
+	}
+	verdict.Audit = verdict.Audit || transit.Audit
+	verdict.Denied = verdict.Denied || transit.Denied
+	return checks, verdict
 }

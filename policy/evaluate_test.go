@@ -258,6 +258,45 @@ func TestNextChange(t *testing.T) {
 
 func (r Request) at(t time.Time) Request { r.Time = t; return r }
 
+// TestAdmitMoveShowsTransit: a move that transit allows only by an
+// exception, or only in audit mode, has a verdict that says so — its
+// audit record must name the exception (ticket, approver) or the mode,
+// not only the storage rule.
+func TestAdmitMoveShowsTransit(t *testing.T) {
+	const src = `policy {
+  name    = "t"
+  version = 1
+}
+class "c" {
+  allow "store" {
+    site = ["*"]
+  }
+  allow "transit" {
+    jurisdiction = ["CH"]
+  }
+}
+exception "us-transit" {
+  class    = "c"
+  action   = "transit"
+  site     = ["aws-us-east-1"]
+  category = "waiver"
+  reason   = "DR rehearsal"
+  approver = "CDO"
+  ticket   = "GRC-7"
+  expires  = "2026-12-31"
+}
+`
+	p := mustParse(t, src)
+	checks, v := p.AdmitMove("c", iad, zrh, nov24)
+	if !v.Allowed || v.Exception == nil || v.Exception.Ticket != "GRC-7" || v.Rule != checks[0].Decision.Rule {
+		t.Fatalf("a move allowed in transit only by an exception: verdict %+v", v)
+	}
+	audit := mustParse(t, strings.Replace(strings.Replace(src, "version = 1", "version = 1\n  mode    = \"audit\"", 1), `site     = ["aws-us-east-1"]`, `site     = ["nowhere"]`, 1))
+	if _, v := audit.AdmitMove("c", iad, zrh, nov24); !v.Allowed || !v.Audit || !v.Denied {
+		t.Fatalf("a move let through only by audit mode: verdict allowed %v, audit %v, denied %v", v.Allowed, v.Audit, v.Denied)
+	}
+}
+
 // TestAdmitMove: storage at the destination is decided first, then
 // transit; the first denial is the verdict and nothing after it is asked;
 // when both allow, the storage decision is the verdict (its rule admitted
@@ -291,14 +330,13 @@ func TestAdmitMove(t *testing.T) {
 			if !tc.allowed && last.Request.Action != tc.action {
 				t.Errorf("denied by %s; want %s", last.Request.Action, tc.action)
 			}
-			// The verdict is a decision actually made: the denying one, or
-			// storage's (its rule and obligations are what callers show).
-			want := checks[0].Decision
-			if !tc.allowed {
-				want = last.Decision
+			// The verdict is the denying decision, or storage's (its rule
+			// admitted the data) with transit's reasons added.
+			if !tc.allowed && (!reflect.DeepEqual(v, last.Decision) || v.Allowed || len(v.Reasons) == 0) {
+				t.Errorf("verdict %+v; want %+v", v, last.Decision)
 			}
-			if !reflect.DeepEqual(v, want) || !tc.allowed && (v.Allowed || len(v.Reasons) == 0) {
-				t.Errorf("verdict %+v; want %+v", v, want)
+			if tc.allowed && (v.Rule != checks[0].Decision.Rule || len(v.Reasons) != len(checks[0].Decision.Reasons)+len(checks[1].Decision.Reasons)) {
+				t.Errorf("verdict %+v; want storage's rule and both checks' reasons", v)
 			}
 			if tc.allowed && (checks[0].Request.Action != Store || v.Rule.Pos.Line != tc.line) {
 				t.Errorf("verdict from %s, rule line %d; want the storage decision, line %d", checks[0].Request.Action, v.Rule.Pos.Line, tc.line)
