@@ -116,8 +116,8 @@ type SitePlan struct {
 	Site      string  `json:"site"`
 	VMs       int     `json:"vms"`
 	Bytes     int64   `json:"bytes"`
-	CPU       int     `json:"cpu"`
-	CPUCap    float64 `json:"cpu_capacity,omitempty"` // 0 when not advertised (CPUUnbounded)
+	CPU       int     `json:"cpu"`                    // planned through this gateway
+	CPUCap    float64 `json:"cpu_capacity,omitempty"` // of its site, shared with the site's other gateways; 0 when not advertised (CPUUnbounded)
 	MemoryGiB float64 `json:"memory_gib"`
 	MemoryCap float64 `json:"memory_capacity_gib,omitempty"`
 	// A dimension the gateway does not advertise does not limit it.
@@ -163,28 +163,39 @@ func ValidateInventory(vms []VM) error {
 
 type slot struct {
 	dest      Destination
-	cpu, mem  float64 // capacity; +Inf: not advertised
-	usedCPU   int
-	usedMem   float64
+	room      *room   // its site's, shared with the site's other gateways
+	usedCPU   int     // planned through this gateway
+	usedMem   float64 // planned through this gateway
 	assigned  int
 	bytes     int64
 	policyErr map[string]string // class → why not, "" if allowed
 	rule      map[string]string // class → admitting rule
 }
 
-func (s *slot) fits(vm VM) bool {
-	return float64(s.usedCPU+vm.CPU) <= s.cpu && s.usedMem+vm.MemoryGiB <= s.mem+1e-9
+// room is a site's capacity and what the plan has used of it. The
+// capacity labels say what the site behind a gateway can run, and every
+// gateway of a site (a burst site's, an HA pair) carries them: counted per
+// gateway, a site of two would be planned twice full.
+type room struct {
+	cpu, mem float64 // capacity; +Inf: not advertised
+	usedCPU  int
+	usedMem  float64
 }
 
-// fill is how full a slot would be with vm: the larger of its CPU and
-// memory shares (an unadvertised dimension counts as empty).
+func (s *slot) fits(vm VM) bool {
+	r := s.room
+	return float64(r.usedCPU+vm.CPU) <= r.cpu && r.usedMem+vm.MemoryGiB <= r.mem+1e-9
+}
+
+// fill is how full a slot's site would be with vm: the larger of its CPU
+// and memory shares (an unadvertised dimension counts as empty).
 func (s *slot) fill(vm VM) float64 {
-	f := 0.0
-	if s.cpu > 0 && !math.IsInf(s.cpu, 1) {
-		f = float64(s.usedCPU+vm.CPU) / s.cpu
+	r, f := s.room, 0.0
+	if r.cpu > 0 && !math.IsInf(r.cpu, 1) {
+		f = float64(r.usedCPU+vm.CPU) / r.cpu
 	}
-	if s.mem > 0 && !math.IsInf(s.mem, 1) {
-		f = max(f, (s.usedMem+vm.MemoryGiB)/s.mem)
+	if r.mem > 0 && !math.IsInf(r.mem, 1) {
+		f = max(f, (r.usedMem+vm.MemoryGiB)/r.mem)
 	}
 	return f
 }
@@ -206,6 +217,7 @@ func MakePlan(in PlanInput) (*Plan, error) {
 	dests := slices.Clone(in.Destinations)
 	slices.SortFunc(dests, func(a, b Destination) int { return cmp.Compare(a.Attributes.Node, b.Attributes.Node) })
 	var slots []*slot
+	rooms := map[string]*room{}
 	for _, d := range dests {
 		if d.Attributes.Node == in.From.Node {
 			continue
@@ -222,7 +234,16 @@ func MakePlan(in PlanInput) (*Plan, error) {
 			p.Notes = append(p.Notes, fmt.Sprintf("%s (%s) does not advertise all its capacity (labels %s, %s): what it does not advertise does not limit it",
 				d.Attributes.Node, d.Attributes.Site, LabelCapacityCPU, LabelCapacityMemory))
 		}
-		slots = append(slots, &slot{dest: d, cpu: cpu, mem: mem, policyErr: map[string]string{}, rule: map[string]string{}})
+		r := rooms[d.Attributes.Site]
+		switch {
+		case r == nil:
+			r = &room{cpu: cpu, mem: mem}
+			rooms[d.Attributes.Site] = r
+		case r.cpu != cpu || r.mem != mem:
+			p.Notes = append(p.Notes, fmt.Sprintf("the gateways of %s advertise different capacities: planned with the smaller", d.Attributes.Site))
+			r.cpu, r.mem = min(r.cpu, cpu), min(r.mem, mem)
+		}
+		slots = append(slots, &slot{dest: d, room: r, policyErr: map[string]string{}, rule: map[string]string{}})
 	}
 
 	order := make([]int, len(in.VMs))
@@ -245,8 +266,8 @@ func MakePlan(in PlanInput) (*Plan, error) {
 				continue
 			}
 			if !s.fits(vm) {
-				reasons = append(reasons, fmt.Sprintf("%s (%s): needs %d CPU and %g GiB; %g CPU and %g GiB free",
-					s.dest.Attributes.Node, s.dest.Attributes.Site, vm.CPU, vm.MemoryGiB, s.cpu-float64(s.usedCPU), s.mem-s.usedMem))
+				reasons = append(reasons, fmt.Sprintf("%s (%s): needs %d CPU and %g GiB; %g CPU and %g GiB free at the site",
+					s.dest.Attributes.Node, s.dest.Attributes.Site, vm.CPU, vm.MemoryGiB, s.room.cpu-float64(s.room.usedCPU), s.room.mem-s.room.usedMem))
 				continue
 			}
 			if best == nil || better(s, best, vm) {
@@ -262,6 +283,8 @@ func MakePlan(in PlanInput) (*Plan, error) {
 		}
 		best.usedCPU += vm.CPU
 		best.usedMem += vm.MemoryGiB
+		best.room.usedCPU += vm.CPU
+		best.room.usedMem += vm.MemoryGiB
 		best.assigned++
 		best.bytes += vm.Bytes
 		a := best.dest.Attributes
@@ -286,12 +309,12 @@ func MakePlan(in PlanInput) (*Plan, error) {
 	for _, s := range slots {
 		a := s.dest.Attributes
 		sp := SitePlan{Node: a.Node, Site: a.Site, VMs: s.assigned, Bytes: s.bytes, CPU: s.usedCPU, MemoryGiB: s.usedMem, Load: s.dest.Load, Throughput: s.dest.Throughput,
-			CPUUnbounded: math.IsInf(s.cpu, 1), MemoryUnbounded: math.IsInf(s.mem, 1)}
+			CPUUnbounded: math.IsInf(s.room.cpu, 1), MemoryUnbounded: math.IsInf(s.room.mem, 1)}
 		if !sp.CPUUnbounded {
-			sp.CPUCap = s.cpu
+			sp.CPUCap = s.room.cpu
 		}
 		if !sp.MemoryUnbounded {
-			sp.MemoryCap = s.mem
+			sp.MemoryCap = s.room.mem
 		}
 		p.Sites = append(p.Sites, sp)
 	}

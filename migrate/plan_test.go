@@ -51,7 +51,7 @@ func TestMakePlan(t *testing.T) {
 	now := time.Date(2026, 11, 25, 12, 0, 0, 0, time.UTC)
 	from := &certs.Attributes{Node: "gw-zrh", Site: "onprem-zrh", Region: "zrh", Provider: "onprem", Jurisdiction: "CH"}
 	fra := planDest("gw-fra", "aws-eu-central-1", "DE", 16, 64, 0, 100e6)
-	fra2 := planDest("gw-fra2", "aws-eu-central-1", "DE", 16, 64, 1, 100e6) // busy: receiving one already
+	fra2 := planDest("gw-fra2", "aws-eu-central-2", "DE", 16, 64, 1, 100e6) // busy: receiving one already
 	iad := planDest("gw-iad", "aws-us-east-1", "US", 8, 32, 0, 0)
 	self := planDest("gw-zrh", "onprem-zrh", "CH", 64, 256, 0, 0)
 	dests := []Destination{iad, fra2, self, fra}
@@ -93,9 +93,19 @@ func TestMakePlan(t *testing.T) {
 		{
 			name:   "capacity: the big VM goes first and only where it fits; one too big for anyone",
 			vms:    []VM{vm("small", "risk-batch", 8, 16), vm("big", "risk-batch", 16, 64), vm("huge", "risk-batch", 32, 64)},
-			to:     []string{"aws-eu-central-1"},
+			to:     []string{"DE"},
 			want:   map[string]string{"big": "gw-fra", "small": "gw-fra2", "huge": ""},
 			reason: map[string]string{"huge": "gw-fra (aws-eu-central-1): needs 32 CPU and 64 GiB; 16 CPU and 64 GiB free"}, // placed first, before the others took room
+		},
+		{
+			// The capacity labels are the site's, carried by each of its
+			// gateways (a burst site's, an HA pair): counted per gateway,
+			// the site would be planned twice full.
+			name:   "two gateways of one site share its capacity",
+			vms:    []VM{vm("a", "risk-batch", 8, 32), vm("b", "risk-batch", 8, 32)},
+			dests:  []Destination{planDest("gw-b1", "burst", "DE", 8, 32, 0, 0), planDest("gw-b2", "burst", "DE", 8, 32, 0, 0)},
+			want:   map[string]string{"a": "gw-b1", "b": ""},
+			reason: map[string]string{"b": "gw-b2 (burst): needs 8 CPU and 32 GiB; 0 CPU and 0 GiB free at the site"},
 		},
 		{
 			name:   "no gateway matches",
