@@ -69,6 +69,13 @@ type pair struct {
 
 func newPair(t testing.TB, toJur string) *pair {
 	t.Helper()
+	return newPairWith(t, toJur, nil)
+}
+
+// newPairWith is newPair with a last change to the receiver's
+// configuration.
+func newPairWith(t testing.TB, toJur string, tweak func(*ReceiverConfig)) *pair {
+	t.Helper()
 	dir := t.TempDir()
 	ca, err := certs.InitCA(filepath.Join(dir, "ca"), certs.InitOptions{})
 	if err != nil {
@@ -98,11 +105,15 @@ func newPair(t testing.TB, toJur string) *pair {
 	t.Cleanup(func() { p.sendJ.Close(); p.recvJ.Close() })
 	p.store = filepath.Join(dir, "store")
 	p.sendAudit, p.recvAudit = audit.Open(filepath.Join(dir, "send-audit.log")), audit.Open(filepath.Join(dir, "recv-audit.log"))
-	p.recv, err = NewReceiver(ReceiverConfig{
+	rcfg := ReceiverConfig{
 		StoreDir: p.store, Journal: p.recvJ,
 		Identity: func() *certs.NodeIdentity { return p.to }, Trust: func() *certs.TrustBundle { return p.tb },
 		Policy: p.recvPolicy.Load, Audit: p.recvAudit, Log: slog.New(slog.NewTextHandler(&p.recvLog, nil)),
-	})
+	}
+	if tweak != nil {
+		tweak(&rcfg)
+	}
+	p.recv, err = NewReceiver(rcfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -896,6 +907,44 @@ func TestReceiverRefusesBadFrames(t *testing.T) {
 	xw.flush()
 	if typ, b, err := xr.next(nil); err != nil || typ != frameError || !strings.Contains(string(b), "exceeds the limit") {
 		t.Fatalf("an oversized first frame: answer type %d %q, %v; want an error frame", typ, b, err)
+	}
+}
+
+// TestReceiverEndsSilentSession: a sender that goes silent before its
+// commit (vanished where no keepalive notices it) loses its session after
+// the receiver's IdleTimeout; its durable chunks stay for a resume.
+func TestReceiverEndsSilentSession(t *testing.T) {
+	p := newPairWith(t, "DE", func(c *ReceiverConfig) { c.IdleTimeout = 300 * time.Millisecond })
+	raw, err := net.Dial("tcp", p.addr.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := tls.Client(raw, clientTLS(p.from, p.tb, "gw-dst", time.Now))
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(20 * time.Second))
+	fw, fr := newFrameWriter(c), newFrameReader(c)
+	offer := Offer{ID: "0123456789abcdef", Name: "vm", Class: "pii-eu", Format: FormatRaw, Size: mib, ChunkSize: mib, Streams: 1}
+	if err := fw.json(frameOffer, offer); err != nil {
+		t.Fatal(err)
+	}
+	var acc Accept
+	if err := fr.json(frameAccept, &acc); err != nil {
+		t.Fatal(err)
+	}
+	// Silent from here on: the receiver ends the session and closes the
+	// control connection.
+	if _, _, err := fr.next(nil); err == nil {
+		t.Fatal("the control connection of a silent sender was not closed")
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for len(p.recv.Active()) > 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("the silent sender's session is still active: %+v", p.recv.Active())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if recs, err := p.recvJ.Receives(); err != nil || len(recs) != 1 {
+		t.Fatalf("its receive record, kept for a resume: %+v %v", recs, err)
 	}
 }
 

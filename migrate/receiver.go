@@ -42,6 +42,9 @@ type ReceiverConfig struct {
 	// OnLoad, if set, is told the number of migrations being received
 	// whenever it changes (the gateway advertises it for placement).
 	OnLoad func(n int)
+	// IdleTimeout ends a session whose sender has said nothing for that
+	// long before its commit (0: DefaultIdleTimeout).
+	IdleTimeout time.Duration
 }
 
 // Receiver accepts migrations into a gateway's image store.
@@ -65,6 +68,9 @@ func NewReceiver(cfg ReceiverConfig) (*Receiver, error) {
 	}
 	if cfg.Log == nil {
 		cfg.Log = slog.Default()
+	}
+	if cfg.IdleTimeout == 0 {
+		cfg.IdleTimeout = DefaultIdleTimeout
 	}
 	if err := os.MkdirAll(filepath.Join(cfg.StoreDir, ".incoming"), 0o700); err != nil {
 		return nil, fmt.Errorf("image store: %w", err)
@@ -253,7 +259,21 @@ type session struct {
 	conns    []net.Conn
 	streams  int // data streams joined
 	syncErr  error
+	// heard is when the sender was last heard from (unix nanos): a
+	// frame on any stream, the offer, the commit. Until the commit, a
+	// sender silent for idleTimeout is taken for gone.
+	heard     atomic.Int64
+	committed atomic.Bool
 }
+
+// DefaultIdleTimeout is how long a receiver waits for a word from a
+// sender that has not committed before it ends the session, whose chunks
+// then wait for a resume. TCP keepalive on the overlay notices a vanished peer
+// sooner where the kernel carries the connections; netstack's do not
+// probe, and without this a sender that vanished held its session — file,
+// goroutines, advertised load — for good. Longer than the sender's own
+// stall timeout, and than a sender scanning a long stretch of zeros.
+const DefaultIdleTimeout = 5 * time.Minute
 
 // join counts a data stream joining the session, and refuses one beyond
 // the number offered: each holds buffers of up to a few chunks.
@@ -323,7 +343,9 @@ func (r *Receiver) control(ctx context.Context, c *tls.Conn, fr *frameReader, fw
 		return
 	}
 	var cm Commit
-	if err := fr.json(frameCommit, &cm); err != nil {
+	err = fr.json(frameCommit, &cm)
+	s.committed.Store(true) // or gone: either way no longer waited for
+	if err != nil {
 		if refuseFrame(fw, err) {
 			log.Warn("migration refused: its commit does not parse; its durable chunks wait for a resume", "reason", err)
 		} else {
@@ -489,6 +511,7 @@ func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision, log
 	n := len(r.sessions)
 	r.mu.Unlock()
 	r.load(n)
+	s.heard.Store(time.Now().UnixNano())
 	go s.syncer()
 	return s, acc, nil
 }
@@ -612,6 +635,7 @@ func (s *session) data(fr *frameReader, w *lockedWriter) {
 			refuseBad(err)
 			return
 		}
+		s.heard.Store(time.Now().UnixNano())
 		switch typ {
 		case frameChunk:
 			c, err := fr.chunkHead(n)
@@ -758,6 +782,10 @@ func (s *session) syncer() {
 			s.flush()
 			return
 		case <-t.C:
+			if idle := s.r.cfg.IdleTimeout; !s.committed.Load() && time.Since(time.Unix(0, s.heard.Load())) > idle {
+				s.log.Warn("the sender has not been heard from in "+idle.String()+"; ending the session, its durable chunks wait for a resume", "from", s.from.Node)
+				s.abort()
+			}
 		case <-s.kick:
 		}
 		s.flush()
