@@ -683,7 +683,19 @@ func (ms *membership) setTrust(tb *certs.TrustBundle) {
 func (ms *membership) forgetEndedLocked() (forgot bool) {
 	now := ms.now()
 	for name, m := range ms.members {
-		if m.alive || m.remembered {
+		if m.alive {
+			continue
+		}
+		if m.remembered {
+			// Restored at start and not heard from since: gossip may
+			// never report it (a burst gateway gone while we restarted),
+			// so it goes once its certificate ends or is revoked — its
+			// refusal then — or it would be kept, and knocked on, for
+			// good.
+			if m.state == StateRefused {
+				ms.dropLocked(name)
+				forgot = true
+			}
 			continue
 		}
 		if (m.state == StateRefused || m.lastVerified == nil) && now.Sub(m.changed) >= refusedKept {

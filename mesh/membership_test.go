@@ -456,6 +456,15 @@ func TestMembershipRemember(t *testing.T) {
 	if _, ok := states(ms)["gw-e"]; ok {
 		t.Fatal("a dead member whose certificate expired was restored")
 	}
+	// A remembered member gossip never reports again (a burst gateway
+	// terminated while this one restarted) is forgotten once its
+	// certificate ends, like a dead one — not kept, and knocked on, for
+	// the gateway's lifetime.
+	f.now = f.now.Add(48 * time.Hour)
+	ms.refresh()
+	if st := states(ms); len(st) != 0 {
+		t.Fatalf("after every certificate ended: %v, want none (gw-n, saved without one, goes after %s)", st, refusedKept)
+	}
 }
 
 // TestMembershipGeneration: the reconciler reuses its last plan while the
