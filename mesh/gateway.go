@@ -721,6 +721,7 @@ func (g *Gateway) maintain(ctx context.Context) {
 	// large mesh). Two more exchanges with random members shortly after
 	// starting close that gap.
 	settle := []time.Duration{time.Second, 3 * time.Second}
+	var rejoining atomic.Bool // a rejoin round is knocking
 	for {
 		select {
 		case <-ctx.Done():
@@ -733,9 +734,17 @@ func (g *Gateway) maintain(ctx context.Context) {
 				settle = settle[1:]
 				g.syncWithRandomMember()
 			}
-			if g.ml.NumMembers() <= 1 || time.Since(lastJoin) >= rejoinInterval {
+			if (g.ml.NumMembers() <= 1 || time.Since(lastJoin) >= rejoinInterval) && rejoining.CompareAndSwap(false, true) {
 				lastJoin = time.Now()
-				g.join(g.rejoinTargets())
+				// On its own goroutine: memberlist dials the targets one
+				// after the other, each up to its TCP timeout, and members
+				// that are gone for good would hold up the certificate
+				// sweep and the expiry refresh for as long.
+				targets := g.rejoinTargets()
+				go func() {
+					defer rejoining.Store(false)
+					g.join(targets)
+				}()
 			}
 		case <-refresh.C:
 			g.members.refresh()
