@@ -1,6 +1,7 @@
 package certs
 
 import (
+	"bytes"
 	"context"
 	"crypto"
 	"crypto/ecdsa"
@@ -8,6 +9,7 @@ import (
 	"crypto/rand"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -31,6 +33,7 @@ const (
 	fileCAKey    = "ca.key"
 	fileCRL      = "crl.pem"
 	fileIndex    = "issued.json"
+	fileArchive  = "issued-archive.jsonl" // index entries long ended
 	fileLock     = ".lock"
 	fileNodeCert = "node.crt"
 	fileNodeKey  = "node.key"
@@ -353,7 +356,7 @@ func (ca *CA) issue(tmpl *x509.Certificate, pub crypto.PublicKey, ttl time.Durat
 	tmpl.BasicConstraintsValid = true
 
 	var cert *x509.Certificate
-	err := ca.updateIndex(func(idx *caIndex) error {
+	err := ca.updateIndex(now, func(idx *caIndex) error {
 		if check != nil {
 			if err := check(idx); err != nil {
 				return err
@@ -471,13 +474,13 @@ func (ca *CA) RevokeSerials(serials []*big.Int, reason string, now time.Time) ([
 		return nil, fmt.Errorf("revocation reason %q is unknown; use one of %v", reason, RevocationReasons())
 	}
 	var done []IssuedCert
-	err := ca.updateIndex(func(idx *caIndex) error {
+	err := ca.updateIndex(now, func(idx *caIndex) error {
 		at := idx.bySerial()
 		for _, s := range serials {
 			want := FormatSerial(s)
 			i, ok := at[want]
 			if !ok {
-				return fmt.Errorf("serial %s was not issued by this CA (see skybridge ca list)", want)
+				return fmt.Errorf("serial %s was not issued by this CA, or ended over 30 days ago (see skybridge ca list, and issued-archive.jsonl in the CA directory)", want)
 			}
 			if idx.Certs[i].RevokedAt == nil {
 				t := now.UTC()
@@ -523,7 +526,7 @@ func (ca *CA) SerialsOfNode(node string, now time.Time) ([]*big.Int, error) {
 // RefreshCRL re-signs the revocation list with a new number and validity,
 // for operators who publish it to tools that honour nextUpdate.
 func (ca *CA) RefreshCRL(now time.Time) error {
-	return ca.updateIndex(func(idx *caIndex) error { return ca.writeCRL(idx, now) })
+	return ca.updateIndex(now, func(idx *caIndex) error { return ca.writeCRL(idx, now) })
 }
 
 // CRLPEM returns the current revocation list.
@@ -608,7 +611,7 @@ func (ca *CA) writeIndex(idx *caIndex) error {
 // updateIndex runs fn on the index under the CA's lock and writes the
 // index back if fn succeeds, so concurrent `skybridge ca` processes never
 // lose each other's changes.
-func (ca *CA) updateIndex(fn func(*caIndex) error) error {
+func (ca *CA) updateIndex(now time.Time, fn func(*caIndex) error) error {
 	unlock, err := lockFile(filepath.Join(ca.dir, fileLock))
 	if err != nil {
 		return err
@@ -621,7 +624,61 @@ func (ca *CA) updateIndex(fn func(*caIndex) error) error {
 	if err := fn(idx); err != nil {
 		return err
 	}
+	if err := ca.archiveLocked(idx, now); err != nil {
+		return err
+	}
 	return ca.writeIndex(idx)
+}
+
+// archiveAfter is how long after its end a gateway certificate leaves the
+// index for the archive.
+const archiveAfter = 30 * 24 * time.Hour
+
+// archiveLocked moves the gateway certificates that ended more than
+// archiveAfter ago from the index to the archive (fileArchive, JSON lines,
+// appended and synced first: a crash between the two can list one twice,
+// never lose it). The index is read and rewritten whole by every issue
+// and revocation, and a CA enrolling 2,000 burst gateways a day would add
+// half a megabyte a day to it; ended certificates are off the revocation
+// list and cannot conflict with anything. Policy signers stay: the list
+// must name a revoked one for as long as its policies can be checked.
+func (ca *CA) archiveLocked(idx *caIndex, now time.Time) error {
+	cutoff := now.Add(-archiveAfter)
+	var old, keep []IssuedCert
+	for _, c := range idx.Certs {
+		if c.Kind != KindPolicySigner && c.NotAfter.Before(cutoff) {
+			old = append(old, c)
+		} else {
+			keep = append(keep, c)
+		}
+	}
+	if len(old) == 0 {
+		return nil
+	}
+	var b bytes.Buffer
+	enc := json.NewEncoder(&b)
+	for _, c := range old {
+		if err := enc.Encode(c); err != nil {
+			return err
+		}
+	}
+	f, err := os.OpenFile(filepath.Join(ca.dir, fileArchive), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+	if err != nil {
+		return fmt.Errorf("CA archive: %w", err)
+	}
+	if _, err := f.Write(b.Bytes()); err != nil {
+		f.Close()
+		return fmt.Errorf("CA archive: %w", err)
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return fmt.Errorf("CA archive: %w", err)
+	}
+	if err := f.Close(); err != nil {
+		return fmt.Errorf("CA archive: %w", err)
+	}
+	idx.Certs = keep
+	return nil
 }
 
 // randomSerial returns a positive 127-bit serial: unpredictable, as the

@@ -12,6 +12,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -338,6 +339,41 @@ func TestCRLDropsExpiredGateways(t *testing.T) {
 	}
 	if issued, _ := ca.Issued(); issued[0].RevokedAt == nil {
 		t.Fatal("the index forgot gw1's revocation")
+	}
+}
+
+// TestCAArchivesEnded: gateway certificates that ended over 30 days ago
+// leave the index (rewritten whole on every issue) for the archive, where
+// they stay on record; policy signers stay in the index, which the
+// revocation list is made from.
+func TestCAArchivesEnded(t *testing.T) {
+	ca := newTestCA(t)
+	old := issue(t, ca, testAttrs("gw1", "s", "100.96.0.1"), t0, time.Hour)
+	if _, err := ca.NewPolicySigner("compliance", time.Hour, t0); err != nil {
+		t.Fatal(err)
+	}
+	later := t0.Add(archiveAfter + 2*time.Hour)
+	issue(t, ca, testAttrs("gw2", "s", "100.96.0.2"), later, time.Hour)
+	issued, err := ca.Issued()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, c := range issued {
+		names = append(names, c.Node)
+	}
+	if !slices.Equal(names, []string{"compliance", "gw2"}) {
+		t.Fatalf("index after the archive: %v, want the signer and gw2", names)
+	}
+	b, err := os.ReadFile(filepath.Join(ca.Dir(), fileArchive))
+	if err != nil || !strings.Contains(string(b), FormatSerial(old.Certificate().SerialNumber)) || strings.Count(string(b), "\n") != 1 {
+		t.Fatalf("archive: %v\n%s", err, b)
+	}
+	if fi, _ := os.Stat(filepath.Join(ca.Dir(), fileArchive)); fi.Mode().Perm() != 0o600 {
+		t.Errorf("archive mode %04o", fi.Mode().Perm())
+	}
+	if _, err := ca.RevokeSerials([]*big.Int{old.Certificate().SerialNumber}, "", later); err == nil || !strings.Contains(err.Error(), "issued-archive.jsonl") {
+		t.Fatalf("revoking an archived certificate: %v", err)
 	}
 }
 
