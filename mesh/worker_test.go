@@ -14,18 +14,23 @@ import (
 	"github.com/skybridge-mesh/skybridge/internal/syncbuf"
 )
 
-// TestWorkerSurvivesMalformedMessages: whatever arrives by gossip — any
-// type byte, no fields, empty fields — the gateway's worker refuses it
-// and goes on. A panic there would end the gateway, for anyone holding
-// the gossip key to cause (a byte 0xf0, once an internal job's type, did).
-func TestWorkerSurvivesMalformedMessages(t *testing.T) {
+// lonelyGateway runs one live gateway with a CA of its own.
+func lonelyGateway(t *testing.T) (*certs.CA, *liveGateway) {
 	dir := t.TempDir()
 	port := 24000 + os.Getpid()%6000
 	ca, err := certs.InitCA(filepath.Join(dir, "ca"), certs.InitOptions{MeshPrefix: netip.MustParsePrefix("100.64.0.0/10")})
 	if err != nil {
 		t.Fatal(err)
 	}
-	lg := startLiveGateway(t, ca, dir, 0, "zrh-dc", nil, &port, &syncbuf.Buffer{})
+	return ca, startLiveGateway(t, ca, dir, 0, "zrh-dc", nil, &port, &syncbuf.Buffer{})
+}
+
+// TestWorkerSurvivesMalformedMessages: whatever arrives by gossip — any
+// type byte, no fields, empty fields — the gateway's worker refuses it
+// and goes on. A panic there would end the gateway, for anyone holding
+// the gossip key to cause (a byte 0xf0, once an internal job's type, did).
+func TestWorkerSurvivesMalformedMessages(t *testing.T) {
+	ca, lg := lonelyGateway(t)
 	d := delegate{g: lg.g}
 	for typ := range 256 {
 		for fields := range 5 {
@@ -61,13 +66,7 @@ func TestWorkerSurvivesMalformedMessages(t *testing.T) {
 // certificate of the gateway it names — the gossip key alone must not
 // make a gateway send to any address it likes.
 func TestCertRequestAnsweredOnlyWithItsCertificate(t *testing.T) {
-	dir := t.TempDir()
-	port := 24000 + os.Getpid()%6000
-	ca, err := certs.InitCA(filepath.Join(dir, "ca"), certs.InitOptions{MeshPrefix: netip.MustParsePrefix("100.64.0.0/10")})
-	if err != nil {
-		t.Fatal(err)
-	}
-	lg := startLiveGateway(t, ca, dir, 0, "zrh-dc", nil, &port, &syncbuf.Buffer{})
+	ca, lg := lonelyGateway(t)
 	d := delegate{g: lg.g}
 	issue := func(node string, ip string) []byte {
 		id, err := ca.IssueIdentity(certs.Attributes{Node: node, Site: "s", Region: "r", Provider: "onprem", Jurisdiction: "CH",

@@ -473,20 +473,18 @@ func TestMigrateResumeAndResync(t *testing.T) {
 	t.Logf("re-sync after changing %d KiB of 64 MiB: %d chunks sent (%d bytes on the wire), %d reused at the destination", 2*len(change)/1024, st.ChunksSent, st.BytesSent, st.ChunksSame)
 }
 
-// TestMigrateResumeIncomingLost: resuming a migration whose incoming file
-// the receiver no longer has (a crash as the image was stored, removed by
-// hand) sends every chunk again, rather than storing the image with the
-// chunks the journal remembered as zeros.
-func TestMigrateResumeIncomingLost(t *testing.T) {
-	p := newPair(t, "DE")
-	raw := filepath.Join(p.dir, "vm.raw")
-	makeRaw(t, raw, 32*mib, map[int64]int{0: 32 * mib})
+// interrupted sends raw as pii-eu on one slow stream, cancels the send
+// once chunks chunks are acknowledged, and returns its record and the
+// receiver's, once the receiver has let go of it.
+func (p *pair) interrupted(raw string, chunks int) (*SendRecord, RecvRecord) {
+	t := p.t
+	t.Helper()
 	cfg := p.config(raw, "pii-eu")
 	cfg.Streams = 1
-	cfg.BWLimit = 20 * mib
+	cfg.BWLimit = 10 * mib
 	ctx, cancel := context.WithCancel(context.Background())
 	cfg.Progress = func(pr Progress) {
-		if pr.Stats.ChunksDone >= 8 {
+		if pr.Stats.ChunksDone >= chunks {
 			cancel()
 		}
 	}
@@ -499,15 +497,27 @@ func TestMigrateResumeIncomingLost(t *testing.T) {
 	if err := p.recvJ.get(bucketRecv, rec.ID, &rr); err != nil {
 		t.Fatal(err)
 	}
+	return rec, rr
+}
+
+// TestMigrateResumeIncomingLost: resuming a migration whose incoming file
+// the receiver no longer has (a crash as the image was stored, removed by
+// hand) sends every chunk again, rather than storing the image with the
+// chunks the journal remembered as zeros.
+func TestMigrateResumeIncomingLost(t *testing.T) {
+	p := newPair(t, "DE")
+	raw := filepath.Join(p.dir, "vm.raw")
+	makeRaw(t, raw, 32*mib, map[int64]int{0: 32 * mib})
+	rec, rr := p.interrupted(raw, 8)
 	if have, err := p.recvJ.chunks("recv", rec.ID); err != nil || len(have) == 0 {
 		t.Fatalf("the receiver holds no chunks of the interrupted migration (%v): nothing to lose", err)
 	}
 	if err := os.Remove(rr.Temp); err != nil {
 		t.Fatal(err)
 	}
-	cfg = p.config(raw, "pii-eu")
+	cfg := p.config(raw, "pii-eu")
 	cfg.ID = rec.ID
-	rec, err = Send(context.Background(), cfg)
+	rec, err := Send(context.Background(), cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -528,24 +538,7 @@ func TestReceiverForgetsAbandoned(t *testing.T) {
 	p := newPair(t, "DE")
 	raw := filepath.Join(p.dir, "vm.raw")
 	makeRaw(t, raw, 16*mib, map[int64]int{0: 16 * mib})
-	cfg := p.config(raw, "pii-eu")
-	cfg.Streams = 1
-	cfg.BWLimit = 10 * mib
-	ctx, cancel := context.WithCancel(context.Background())
-	cfg.Progress = func(pr Progress) {
-		if pr.Stats.ChunksDone >= 4 {
-			cancel()
-		}
-	}
-	rec, err := Send(ctx, cfg)
-	if !errors.Is(err, context.Canceled) {
-		t.Fatalf("interrupted migration: %v", err)
-	}
-	waitIdle(t, p.recv, rec.ID)
-	var rr RecvRecord
-	if err := p.recvJ.get(bucketRecv, rec.ID, &rr); err != nil {
-		t.Fatal(err)
-	}
+	rec, rr := p.interrupted(raw, 4)
 	p.recv.forgetAbandoned()
 	if _, err := os.Stat(rr.Temp); err != nil {
 		t.Fatalf("a receive offered just now was forgotten: %v", err)
@@ -561,9 +554,9 @@ func TestReceiverForgetsAbandoned(t *testing.T) {
 	if recs, err := p.recvJ.Receives(); err != nil || len(recs) != 0 {
 		t.Fatalf("receives after forgetting: %+v %v", recs, err)
 	}
-	cfg = p.config(raw, "pii-eu")
+	cfg := p.config(raw, "pii-eu")
 	cfg.ID = rec.ID
-	if rec, err = Send(context.Background(), cfg); err != nil || rec.Stats.ChunksSent != 16 {
+	if rec, err := Send(context.Background(), cfg); err != nil || rec.Stats.ChunksSent != 16 {
 		t.Fatalf("the sender back after the receive was forgotten: %v, %d of 16 chunks sent", err, rec.Stats.ChunksSent)
 	}
 	img, err := p.recvJ.Image("vm")
@@ -712,7 +705,7 @@ func TestMigrateResyncDamagedStore(t *testing.T) {
 }
 
 // waitIdle waits until the receiver has let go of an interrupted session.
-func waitIdle(t *testing.T, r *Receiver, id string) {
+func waitIdle(t testing.TB, r *Receiver, id string) {
 	deadline := time.Now().Add(10 * time.Second)
 	for time.Now().Before(deadline) {
 		r.mu.Lock()
