@@ -285,6 +285,9 @@ func (g *Gateway) AdoptPolicy(src, sigJSON []byte) (bool, error) {
 		g.log.Warn("save adopted policy", "err", err)
 	}
 	g.log.Info("adopted residency policy", "policy", p.Revision().String())
+	for _, f := range p.Unmatchable() {
+		g.log.Warn("the residency policy names a value no gateway can carry: it never matches", "line", f.Pos.Line, "problem", f.Message)
+	}
 	g.announce(blobPolicy, uint64(p.Revision().Version), nil)
 	g.triggerReconcile()
 	return true, nil

@@ -8,6 +8,7 @@ import (
 	"os"
 	"path"
 	"regexp"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -33,6 +34,7 @@ type Policy struct {
 	classes       map[string]*class
 	classNames    []string // sorted
 	exceptions    []*exception
+	never         []Finding // values that can never match (compiler.never)
 }
 
 type class struct {
@@ -143,6 +145,20 @@ func (c *compiler) errorf(r hcl.Range, format string, args ...any) {
 		line = 1
 	}
 	c.errs = append(c.errs, compileError{line: line, msg: fmt.Sprintf("%s:%d:%d: %s", c.file, line, r.Start.Column, fmt.Sprintf(format, args...))})
+}
+
+// Unmatchable lists the values in the policy that no certified gateway
+// can carry, which never match (lint reports them; `policy sign` refuses
+// them).
+func (p *Policy) Unmatchable() []Finding { return slices.Clone(p.never) }
+
+// never records a value no certified gateway can carry (capitals in a
+// site name, an empty label value): guarding a deny, it lets everything
+// through. Not a compile error — a policy signed by an earlier release
+// with one must still be taken, or a gateway upgraded under it would run
+// with no policy at all — but `policy sign` refuses it and lint reports it.
+func (c *compiler) never(r hcl.Range, format string, args ...any) {
+	c.p.never = append(c.p.never, Finding{Check: "never-matches", Severity: "error", Pos: c.pos(r), Message: fmt.Sprintf(format, args...)})
 }
 
 func (c *compiler) pos(r hcl.Range) Position { return Position{File: c.file, Line: r.Start.Line} }
@@ -419,22 +435,22 @@ func (c *compiler) selector(body hcl.Body, def hcl.Range, what string) *selector
 		if _, err := path.Match(g, ""); err != nil {
 			c.errorf(def, "%s: %q is not a valid glob pattern", what, g)
 		} else if !globCanMatchName(g) {
-			c.errorf(def, "%s: %q can never match: site and region names are lower-case letters, digits and '-'%s", what, g, lowerHint(g))
+			c.never(def, "%s: %q can never match: site and region names are lower-case letters, digits and '-'%s", what, g, lowerHint(g))
 		}
 	}
 	for _, v := range ss.Provider {
 		if !certs.ValidName(v) {
-			c.errorf(ss.ProviderRange, "%s: provider %q can never match: provider names are lower-case letters, digits and '-'%s", what, v, lowerHint(v))
+			c.never(ss.ProviderRange, "%s: provider %q can never match: provider names are lower-case letters, digits and '-'%s", what, v, lowerHint(v))
 		}
 	}
 	for k, v := range ss.Labels {
 		switch {
 		case !certs.ValidLabelKey(k):
-			c.errorf(ss.LabelsRange, "%s: label key %q can never match: label keys are lower-case letters, digits and . _ / -%s", what, k, lowerHint(k))
+			c.never(ss.LabelsRange, "%s: label key %q can never match: label keys are lower-case letters, digits and . _ / -%s", what, k, lowerHint(k))
 		case v == "":
-			c.errorf(ss.LabelsRange, "%s: label %s = \"\" would match every site without the label; name the value it must have", what, k)
+			c.never(ss.LabelsRange, "%s: label %s = \"\" would match every site without the label; name the value it must have", what, k)
 		case !certs.ValidLabelValue(v):
-			c.errorf(ss.LabelsRange, "%s: label %s value %q can never match: label values are letters, digits and . _ : / + @ , -", what, k, v)
+			c.never(ss.LabelsRange, "%s: label %s value %q can never match: label values are letters, digits and . _ : / + @ , -", what, k, v)
 		}
 	}
 	s.sites, s.regions = ss.Site, ss.Region

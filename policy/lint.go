@@ -20,7 +20,7 @@ type Finding struct {
 // never take effect, audit mode left on. With an inventory (may be nil) it
 // also judges the rules against the real sites. It is pure.
 func Lint(p *Policy, inv Inventory, now time.Time) []Finding {
-	var out []Finding
+	out := slices.Clone(p.never)
 	add := func(check, sev string, pos Position, format string, args ...any) {
 		out = append(out, Finding{Check: check, Severity: sev, Pos: pos, Message: fmt.Sprintf(format, args...)})
 	}

@@ -1,6 +1,9 @@
 package policy
 
 import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
 	"regexp"
 	"strings"
 	"testing"
@@ -30,15 +33,6 @@ func TestParseErrors(t *testing.T) {
 		{"empty list never matches", header + "class \"a\" {\n  allow \"store\" {\n    provider = []\n  }\n}\n", `test.hcl:7:5: class "a" allow "store": provider = [] can never match`},
 		{"deny without reason", header + "class \"a\" {\n  deny \"store\" {\n    site = [\"x\"]\n  }\n}\n", `test.hcl:6:3: class "a" deny "store" needs a reason`},
 		{"bad glob", header + "class \"a\" {\n  allow \"store\" {\n    site = [\"[a-\"]\n  }\n}\n", `not a valid glob`},
-		// Values no certified gateway can carry: in a deny rule's guard
-		// they would let everything through without a word.
-		{"capital site", header + "class \"a\" {\n  deny \"store\" {\n    site = [\"CN-*\"]\n    reason = \"r\"\n  }\n}\n", `"CN-*" can never match: site and region names are lower-case letters, digits and '-' (did you mean "cn-*"?)`},
-		{"capital region", header + "class \"a\" {\n  deny \"store\" {\n    region = [\"CN-north-1\"]\n    reason = \"r\"\n  }\n}\n", `"CN-north-1" can never match`},
-		{"capital provider", header + "class \"a\" {\n  deny \"store\" {\n    provider = [\"Alibaba\"]\n    reason = \"r\"\n  }\n}\n", `test.hcl:7:5: class "a" deny "store": provider "Alibaba" can never match`},
-		{"site with a dot", header + "class \"a\" {\n  allow \"store\" {\n    site = [\"zrh.dc1\"]\n  }\n}\n", `"zrh.dc1" can never match`},
-		{"capital label key", header + "class \"a\" {\n  deny \"store\" {\n    labels = { Tenancy = \"shared\" }\n    reason = \"r\"\n  }\n}\n", `label key "Tenancy" can never match`},
-		{"empty label value", header + "class \"a\" {\n  allow \"store\" {\n    labels = { certified = \"\" }\n  }\n}\n", `label certified = "" would match every site without the label`},
-		{"label value with a space", header + "class \"a\" {\n  allow \"store\" {\n    labels = { certified = \"iso 27001\" }\n  }\n}\n", `label certified value "iso 27001" can never match`},
 		{"unknown selector", header + "class \"a\" {\n  allow \"store\" {\n    selector = \"nope\"\n  }\n}\n", `test.hcl:7:5: class "a" allow "store": selector "nope" is not defined`},
 		{"duplicate class", header + "class \"a\" {}\nclass \"a\" {}\n", `test.hcl:6:1: class "a" is defined twice`},
 		{"max_hops on store", header + "class \"a\" {\n  allow \"store\" {\n    site = [\"*\"]\n    require {\n      max_hops = 2\n    }\n  }\n}\n", `test.hcl:9:7: max_hops only makes sense on a transit rule`},
@@ -114,4 +108,45 @@ func FuzzParse(f *testing.F) {
 			}
 		}
 	})
+}
+
+// TestUnmatchableValues: values no certified gateway can carry — capitals
+// or other characters in a site, region or provider name or a label key,
+// a label value outside the allowed set or empty — never match, which in a
+// deny rule's guard lets everything through. Lint reports them as errors
+// and `policy sign` refuses them; a policy already signed with one still
+// compiles (a gateway upgraded under it must not end up with no policy).
+func TestUnmatchableValues(t *testing.T) {
+	tests := []struct {
+		name, src, want string
+	}{
+		{"capital site", header + "class \"a\" {\n  deny \"store\" {\n    site = [\"CN-*\"]\n    reason = \"r\"\n  }\n}\n", `"CN-*" can never match: site and region names are lower-case letters, digits and '-' (did you mean "cn-*"?)`},
+		{"capital region", header + "class \"a\" {\n  deny \"store\" {\n    region = [\"CN-north-1\"]\n    reason = \"r\"\n  }\n}\n", `"CN-north-1" can never match`},
+		{"capital provider", header + "class \"a\" {\n  deny \"store\" {\n    provider = [\"Alibaba\"]\n    reason = \"r\"\n  }\n}\n", `class "a" deny "store": provider "Alibaba" can never match`},
+		{"site with a dot", header + "class \"a\" {\n  allow \"store\" {\n    site = [\"zrh.dc1\"]\n  }\n}\n", `"zrh.dc1" can never match`},
+		{"capital label key", header + "class \"a\" {\n  deny \"store\" {\n    labels = { Tenancy = \"shared\" }\n    reason = \"r\"\n  }\n}\n", `label key "Tenancy" can never match`},
+		{"empty label value", header + "class \"a\" {\n  allow \"store\" {\n    labels = { certified = \"\" }\n  }\n}\n", `label certified = "" would match every site without the label`},
+		{"label value with a space", header + "class \"a\" {\n  allow \"store\" {\n    labels = { certified = \"iso 27001\" }\n  }\n}\n", `label certified value "iso 27001" can never match`},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			p, err := Parse("test.hcl", []byte(tt.src))
+			if err != nil {
+				t.Fatalf("does not compile: %v", err)
+			}
+			var found []string
+			for _, f := range Lint(p, nil, nov24) {
+				if f.Check == "never-matches" && f.Severity == "error" {
+					found = append(found, f.Message)
+				}
+			}
+			if len(found) != 1 || !strings.Contains(found[0], tt.want) {
+				t.Fatalf("lint: %q, want one error containing %q", found, tt.want)
+			}
+			key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+			if _, err := Sign("test.hcl", []byte(tt.src), key, "k", nil, nov24); err == nil || !strings.Contains(err.Error(), tt.want) {
+				t.Fatalf("sign: %v, want a refusal naming %q", err, tt.want)
+			}
+		})
+	}
 }

@@ -12,6 +12,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/skybridge-mesh/skybridge/certs"
@@ -65,6 +66,13 @@ func Sign(file string, src []byte, signer crypto.Signer, signerName string, sign
 	p, err := Parse(file, src)
 	if err != nil {
 		return nil, fmt.Errorf("refusing to sign a policy that does not compile:\n%w", err)
+	}
+	if len(p.never) > 0 {
+		msgs := make([]string, len(p.never))
+		for i, f := range p.never {
+			msgs[i] = fmt.Sprintf("%s:%d: %s", f.Pos.File, f.Pos.Line, f.Message)
+		}
+		return nil, fmt.Errorf("refusing to sign a policy with values no gateway can carry:\n%s", strings.Join(msgs, "\n"))
 	}
 	sig := &Signature{Format: SignatureFormat, Policy: p.rev, SignedAt: now.UTC().Truncate(time.Second), Signer: signerName}
 	if signerCert != nil {
