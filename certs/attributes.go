@@ -157,17 +157,22 @@ func (a *Attributes) Equal(b *Attributes) bool {
 
 // URI encodes the attributes (all but the overlay IP, which is an IP SAN) as
 // the certificate's attribute URI, in a canonical order.
-func (a *Attributes) URI() *url.URL {
+func (a *Attributes) URI() *url.URL { return a.uri(false) }
+
+// PinnedURI is URI naming the overlay IP too (ip=…), for a CA that pins
+// URIs but cannot pin IP SANs — a Vault burst role pins each gateway's
+// whole URI — since a certificate whose URI names an address must carry
+// that one (AttributesOf). Not the default: gateways of releases before
+// 2026-11-26 refuse an attribute URI with ip=.
+func (a *Attributes) PinnedURI() *url.URL { return a.uri(true) }
+
+func (a *Attributes) uri(pinIP bool) *url.URL {
 	q := []string{
 		"provider=" + url.QueryEscape(a.Provider),
 		"region=" + url.QueryEscape(a.Region),
 		"jurisdiction=" + url.QueryEscape(a.Jurisdiction),
 	}
-	// The overlay IP is in the URI too, not only in the IP SAN: a Vault
-	// role can pin URIs (a burst role pins each gateway's whole URI) but
-	// not IP SANs, and a certificate whose URI names an address must carry
-	// that one (AttributesOf).
-	if a.OverlayIP.IsValid() {
+	if pinIP && a.OverlayIP.IsValid() {
 		q = append(q, "ip="+a.OverlayIP.String())
 	}
 	for _, r := range a.Routes {
@@ -250,8 +255,12 @@ func parseAttributeURI(u *url.URL) (Attributes, error) {
 	}
 	canon := a
 	canon.Normalize()
-	if got := u.String(); got != canon.URI().String() {
-		return a, fmt.Errorf("attribute URI %q is not in canonical form (%q)", got, canon.URI().String())
+	want := canon.URI()
+	if a.OverlayIP.IsValid() {
+		want = canon.PinnedURI()
+	}
+	if got := u.String(); got != want.String() {
+		return a, fmt.Errorf("attribute URI %q is not in canonical form (%q)", got, want)
 	}
 	return a, nil
 }

@@ -23,7 +23,7 @@ func TestAttributeURIRoundTrip(t *testing.T) {
 	a.Labels["certified"] = "pci-dss"
 	a.Labels["owner"] = "team@bank.example"
 	u := a.URI()
-	want := "skybridge://aws-eu-central-1/gw1?provider=aws&region=eu-central-1&jurisdiction=DE&ip=100.96.0.10&route=10.20.0.0/16&route=fd00:20::/48&label.certified=pci-dss&label.classes=pii-eu%2Crisk-batch&label.owner=team%40bank.example&label.tier=gold"
+	want := "skybridge://aws-eu-central-1/gw1?provider=aws&region=eu-central-1&jurisdiction=DE&route=10.20.0.0/16&route=fd00:20::/48&label.certified=pci-dss&label.classes=pii-eu%2Crisk-batch&label.owner=team%40bank.example&label.tier=gold"
 	if u.String() != want {
 		t.Fatalf("URI =\n %s\nwant\n %s", u, want)
 	}
@@ -33,6 +33,21 @@ func TestAttributeURIRoundTrip(t *testing.T) {
 	}
 	back, err := parseAttributeURI(parsed)
 	if err != nil {
+		t.Fatal(err)
+	}
+	if back.OverlayIP.IsValid() {
+		t.Fatalf("an attribute URI without ip= gave overlay IP %s", back.OverlayIP)
+	}
+	back.OverlayIP = a.OverlayIP // from the IP SAN, in a certificate
+	if !back.Equal(&a) {
+		t.Fatalf("round trip:\n got %+v\nwant %+v", back, a)
+	}
+	// Pinned, the overlay IP is in the URI, after the jurisdiction.
+	pinned := a.PinnedURI()
+	if want := strings.Replace(want, "jurisdiction=DE&", "jurisdiction=DE&ip=100.96.0.10&", 1); pinned.String() != want {
+		t.Fatalf("pinned URI =\n %s\nwant\n %s", pinned, want)
+	}
+	if back, err = parseAttributeURI(pinned); err != nil {
 		t.Fatal(err)
 	}
 	if !back.Equal(&a) {
@@ -76,8 +91,6 @@ func TestAttributesOfBindsOverlayIP(t *testing.T) {
 		t.Fatal(err)
 	}
 	a := testAttrs("gw1", "burst-ams", "100.96.0.10")
-	legacy := a
-	legacy.OverlayIP = netip.Addr{}
 	cert := func(u *url.URL, ip string) *x509.Certificate {
 		tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "gw1"}, URIs: []*url.URL{u},
 			IPAddresses: []net.IP{net.ParseIP(ip)}, NotBefore: time.Now(), NotAfter: time.Now().Add(time.Hour)}
@@ -91,13 +104,13 @@ func TestAttributesOfBindsOverlayIP(t *testing.T) {
 		}
 		return c
 	}
-	if got, err := AttributesOf(cert(a.URI(), "100.96.0.10")); err != nil || got.OverlayIP != a.OverlayIP {
+	if got, err := AttributesOf(cert(a.PinnedURI(), "100.96.0.10")); err != nil || got.OverlayIP != a.OverlayIP {
 		t.Fatalf("matching URI and IP SAN: %+v, %v", got, err)
 	}
-	if _, err := AttributesOf(cert(a.URI(), "100.96.0.99")); err == nil || !strings.Contains(err.Error(), "names overlay IP 100.96.0.10") {
+	if _, err := AttributesOf(cert(a.PinnedURI(), "100.96.0.99")); err == nil || !strings.Contains(err.Error(), "names overlay IP 100.96.0.10") {
 		t.Fatalf("an IP SAN other than the URI's overlay IP: %v", err)
 	}
-	if got, err := AttributesOf(cert(legacy.URI(), "100.96.0.99")); err != nil || got.OverlayIP != netip.MustParseAddr("100.96.0.99") {
+	if got, err := AttributesOf(cert(a.URI(), "100.96.0.99")); err != nil || got.OverlayIP != netip.MustParseAddr("100.96.0.99") {
 		t.Fatalf("a URI without the overlay IP (issued before it was named): %+v, %v", got, err)
 	}
 }

@@ -127,15 +127,19 @@ type Config struct {
 //	  }
 //	}
 type VaultConfig struct {
-	Address   string    `hcl:"address,optional"`
-	CACert    string    `hcl:"ca_cert,optional"`
-	Namespace string    `hcl:"namespace,optional"`
-	PKIMount  string    `hcl:"pki_mount,optional"`
-	PKIRole   string    `hcl:"pki_role"`
-	KVMount   string    `hcl:"kv_mount,optional"`
-	KVPrefix  string    `hcl:"kv_prefix,optional"`
-	Auth      VaultAuth `hcl:"auth,block"`
-	Body      hcl.Body  `hcl:",body"`
+	Address   string `hcl:"address,optional"`
+	CACert    string `hcl:"ca_cert,optional"`
+	Namespace string `hcl:"namespace,optional"`
+	PKIMount  string `hcl:"pki_mount,optional"`
+	PKIRole   string `hcl:"pki_role"`
+	KVMount   string `hcl:"kv_mount,optional"`
+	KVPrefix  string `hcl:"kv_prefix,optional"`
+	// PinOverlayIP asks for certificates whose attribute URI names the
+	// overlay IP (Attributes.PinnedURI), as a Vault burst role requires:
+	// set on burst gateways from their join token.
+	PinOverlayIP bool      `hcl:"pin_overlay_ip,optional"`
+	Auth         VaultAuth `hcl:"auth,block"`
+	Body         hcl.Body  `hcl:",body"`
 }
 
 // VaultAuth says how a gateway logs in to Vault.

@@ -55,10 +55,21 @@ func NewNodeIdentity(cert *x509.Certificate, key *ecdsa.PrivateKey) (*NodeIdenti
 // CA that signs CSRs (Vault's pki/sign, or `skybridge ca issue --csr`). The
 // key never leaves the gateway.
 func CreateCSR(key *ecdsa.PrivateKey, attrs Attributes) ([]byte, error) {
+	return createCSR(key, attrs, false)
+}
+
+// createCSR is CreateCSR, with the overlay IP in the attribute URI if
+// pinIP (Attributes.PinnedURI): Vault checks the CSR's URIs against the
+// role too.
+func createCSR(key *ecdsa.PrivateKey, attrs Attributes, pinIP bool) ([]byte, error) {
 	attrs.Normalize()
+	uri := attrs.URI()
+	if pinIP {
+		uri = attrs.PinnedURI()
+	}
 	der, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{
 		Subject:     pkix.Name{CommonName: attrs.Node},
-		URIs:        []*url.URL{attrs.URI()},
+		URIs:        []*url.URL{uri},
 		IPAddresses: []net.IP{attrs.OverlayIP.AsSlice()},
 	}, key)
 	if err != nil {

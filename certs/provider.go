@@ -142,7 +142,7 @@ func (p *Provider) obtain(ctx context.Context, attrs Attributes) (*NodeIdentity,
 	if err != nil {
 		return nil, nil, err
 	}
-	csr, err := CreateCSR(key, attrs)
+	csr, err := createCSR(key, attrs, p.s.vault != nil && p.s.vault.PinOverlayIP)
 	if err != nil {
 		return nil, nil, err
 	}

@@ -329,10 +329,14 @@ func (v *Vault) Sign(ctx context.Context, csrPEM []byte, attrs Attributes, ttl t
 	if err := attrs.Validate(v.meshPrefix); err != nil {
 		return nil, err
 	}
+	uri := attrs.URI()
+	if v.cfg.PinOverlayIP {
+		uri = attrs.PinnedURI()
+	}
 	req := map[string]any{
 		"csr":                  string(csrPEM),
 		"common_name":          attrs.Node,
-		"uri_sans":             attrs.URI().String(),
+		"uri_sans":             uri.String(),
 		"ip_sans":              attrs.OverlayIP.String(),
 		"format":               "pem",
 		"exclude_cn_from_sans": true,

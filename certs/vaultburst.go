@@ -474,7 +474,10 @@ func (v *Vault) OpenBurst(ctx context.Context, adminToken string, spec VaultBurs
 			return nil, fmt.Errorf("gateway %s is not of burst site %s", n.Node, spec.Site)
 		}
 		n.Normalize()
-		uris = append(uris, n.URI().String())
+		// Pinned with its overlay IP: Vault cannot pin the IP SAN, and
+		// AttributesOf refuses a certificate whose IP SAN differs from
+		// the address its URI names.
+		uris = append(uris, n.PinnedURI().String())
 		fmt.Fprintf(&acl, "path %q { capabilities = [\"create\", \"read\", \"update\", \"delete\"] }\n", path.Join(v.cfg.KVMount, "data", v.wgPath(n.Node)))
 		fmt.Fprintf(&acl, "path %q { capabilities = [\"read\", \"delete\"] }\n", path.Join(v.cfg.KVMount, "metadata", v.wgPath(n.Node)))
 	}
@@ -644,6 +647,7 @@ type VaultJoin struct {
 	WrappedSecretID string     `json:"wrapped"`
 	PKIMount        string     `json:"pki"`
 	PKIRole         string     `json:"role"`
+	PinIP           bool       `json:"pin_ip,omitempty"` // the role pins URIs with the overlay IP (PinnedURI)
 	KVMount         string     `json:"kv"`
 	KVPrefix        string     `json:"kv_prefix"`
 	MeshCIDR        string     `json:"mesh_cidr"`
@@ -654,7 +658,7 @@ type VaultJoin struct {
 // VaultJoinFor fills the parts of a VaultJoin this gateway's configuration
 // knows.
 func (v *Vault) VaultJoinFor(b *VaultBurst) (*VaultJoin, error) {
-	vj := &VaultJoin{Address: v.client.Address(), Namespace: v.cfg.Namespace, AppRoleMount: b.AppRoleMount, RoleID: b.RoleID,
+	vj := &VaultJoin{Address: v.client.Address(), Namespace: v.cfg.Namespace, AppRoleMount: b.AppRoleMount, RoleID: b.RoleID, PinIP: true,
 		PKIMount: v.cfg.PKIMount, PKIRole: b.Name, KVMount: v.cfg.KVMount, KVPrefix: v.cfg.KVPrefix, MeshCIDR: v.meshPrefix.String()}
 	if v.cfg.CACert != "" {
 		pemb, err := os.ReadFile(v.cfg.CACert)

@@ -64,6 +64,7 @@ type VaultEnrollment struct {
 	KVPrefix     string           `json:"kv_prefix"`
 	MeshCIDR     string           `json:"mesh_cidr"`
 	Node         certs.Attributes `json:"node"`
+	PinIP        bool             `json:"pin_ip,omitempty"` // the burst's role pins the overlay IP in the URI
 }
 
 // fileVaultCA is the CA of Vault's TLS certificate, as a Vault join token
@@ -320,7 +321,7 @@ func joinVault(ctx context.Context, dir string, tok *certs.JoinToken, log *slog.
 	}
 	enr := &Enrollment{Site: tok.Site, Node: vj.Node.Node, TokenID: tok.ID, Enrolled: time.Now().UTC(), Seeds: vj.Seeds,
 		Vault: &VaultEnrollment{Address: vj.Address, Namespace: vj.Namespace, AppRoleMount: vj.AppRoleMount, PKIMount: vj.PKIMount,
-			PKIRole: vj.PKIRole, KVMount: vj.KVMount, KVPrefix: vj.KVPrefix, MeshCIDR: vj.MeshCIDR, Node: vj.Node}}
+			PKIRole: vj.PKIRole, KVMount: vj.KVMount, KVPrefix: vj.KVPrefix, MeshCIDR: vj.MeshCIDR, Node: vj.Node, PinIP: vj.PinIP}}
 	// The burst ends when the role's not_after does; the token does not
 	// say when that is, the certificate will. Until then: the token's
 	// own horizon is a lower bound only, so record none.
@@ -354,7 +355,7 @@ func applyEnrollment(s *Settings) (*Settings, *Enrollment, error) {
 		dir := s.Identity.Dir
 		c.Identity = certs.Config{Backend: certs.BackendVault, Dir: dir, MeshCIDR: v.MeshCIDR, TTL: "role",
 			Vault: &certs.VaultConfig{Address: v.Address, Namespace: v.Namespace, PKIMount: v.PKIMount, PKIRole: v.PKIRole,
-				KVMount: v.KVMount, KVPrefix: v.KVPrefix, Auth: certs.VaultAuth{Method: "approle", Mount: v.AppRoleMount,
+				KVMount: v.KVMount, KVPrefix: v.KVPrefix, PinOverlayIP: v.PinIP, Auth: certs.VaultAuth{Method: "approle", Mount: v.AppRoleMount,
 					RoleIDFile: filepath.Join(dir, certs.FileVaultRoleID), SecretIDFile: filepath.Join(dir, certs.FileVaultSecretID)}}}
 		if _, err := os.Stat(filepath.Join(dir, fileVaultCA)); err == nil {
 			c.Identity.Vault.CACert = filepath.Join(dir, fileVaultCA)

@@ -184,7 +184,7 @@ operator { listen = "off" }
 	name := "skybridge-burst-burst-ams"
 	if s, err := e.root.Logical().Read(e.pki + "/roles/" + name); err != nil || s == nil {
 		t.Fatalf("burst up made no PKI role: %v", err)
-	} else if got := fmt.Sprint(s.Data["allowed_uri_sans"]); !strings.Contains(got, "skybridge://burst-ams/burst-ams-gw1?") || !strings.Contains(got, "jurisdiction=NL") || strings.Contains(got, "*") {
+	} else if got := fmt.Sprint(s.Data["allowed_uri_sans"]); !strings.Contains(got, "skybridge://burst-ams/burst-ams-gw1?") || !strings.Contains(got, "jurisdiction=NL&ip=100.96.") || strings.Contains(got, "*") {
 		t.Fatalf("the burst role certifies %s", got)
 	}
 	tokenFile := filepath.Join(dir, "token")
