@@ -268,12 +268,15 @@ type session struct {
 
 // DefaultIdleTimeout is how long a receiver waits for a word from a
 // sender that has not committed before it ends the session, whose chunks
-// then wait for a resume. TCP keepalive on the overlay notices a vanished peer
-// sooner where the kernel carries the connections; netstack's do not
+// then wait for a resume. TCP keepalive on the overlay notices a vanished
+// peer sooner where the kernel carries the connections; netstack's do not
 // probe, and without this a sender that vanished held its session — file,
-// goroutines, advertised load — for good. Longer than the sender's own
-// stall timeout, and than a sender scanning a long stretch of zeros.
-const DefaultIdleTimeout = 5 * time.Minute
+// goroutines, advertised load — for good. A sender says nothing while it
+// reads chunks it need not send (zeros, chunks the receiver has): half an
+// hour is about a terabyte of them at disk speed, and a sender silent for
+// longer is cut off — every time, since what it skipped is not recorded.
+// Ending sessions sooner would take a message the protocol does not have.
+const DefaultIdleTimeout = 30 * time.Minute
 
 // join counts a data stream joining the session, and refuses one beyond
 // the number offered: each holds buffers of up to a few chunks.
