@@ -8,17 +8,17 @@ import (
 
 // User messages the gateways exchange beside memberlist's own. Each is
 // authenticated on its own — certificates chain to the CA, the CRL and the
-// policy are CA-signed, keyring operations are signed by a gateway
-// identity — so the gossip key alone (which every member holds) grants
-// nothing. Messages are a type byte followed by length-prefixed fields.
+// policy are CA-signed, keyring operations and acknowledgements are signed
+// by a gateway identity — so the gossip key alone (which every member
+// holds) grants nothing. Messages are a type byte followed by length-prefixed fields.
 const (
 	msgCertRequest  byte = 1 // requester name, requester certificate, requester gossip address: "send me yours"
 	msgCert         byte = 2 // a certificate (answer to msgCertRequest)
 	msgAnnounce     byte = 3 // kind, version, digest: "I have this version of a blob"
-	msgBlobRequest  byte = 4 // kind, requester name, requester gossip address: "send me your blob of this kind"
+	msgBlobRequest  byte = 4 // kind, requester name, requester gossip address (ignored: answered where gossip knows it): "send me your blob of this kind"
 	msgBlob         byte = 5 // kind, payload: a CRL or a signed policy
 	msgKeyringOp    byte = 6 // a signed gossip keyring operation (rotation)
-	msgKeyringAck   byte = 7 // node, operation digest: "done"
+	msgKeyringAck   byte = 7 // node, operation ID, its signature (ack.go): "done"
 	msgCerts        byte = 8 // certificates, one per field (push/pull on join)
 	maxMessageField      = 1 << 20
 )

@@ -28,12 +28,12 @@ import (
 //     cannot route one address to two keys, so this move is the only
 //     interruption, as long as gossip takes to carry the advert.
 //
-// Acknowledgements only tell the gateway when to switch; a forged one
-// can at worst make it switch before a peer was ready, which costs that
-// peer one handshake round trip more.
+// Acknowledgements only tell the gateway when to switch. They are signed
+// by the acknowledging gateway's identity (ack.go), so the gossip key
+// alone cannot make it switch before a peer is ready.
 
 const (
-	msgWGKeyAck     byte = 10 // node, next public key: "I have added it"
+	msgWGKeyAck     byte = 10 // node, next public key, its signature: "I have added it"
 	wgAckWait            = 15 * time.Second
 	wgRotatedFile        = "wireguard.rotated" // when the key last changed (RFC 3339)
 	wgRotationCheck      = time.Minute

@@ -78,17 +78,25 @@ func (g *Gateway) handle(b []byte) error {
 			g.log.Debug("refused a certificate", "peer", name, "err", err)
 			return nil
 		}
-		// Answer at the address the request gives — a newcomer asks for
-		// our certificate before gossip has told us where it is — but
-		// only a request that carries a valid certificate of the gateway
-		// it names: the gossip key alone must not make us send to any
-		// address it likes.
+		// Only a request that carries a valid certificate of the gateway
+		// it names is answered, and at the address gossip knows for it;
+		// at the address the request gives only for a gateway gossip
+		// has not told us of yet (a newcomer asks before that). The
+		// gossip key alone must not make us send to any address it
+		// likes — though certificates are no secret, so someone holding
+		// it and a certificate of a gateway we do not know yet still can,
+		// once; closing that needs the request signed, which the protocol
+		// does not have.
 		if c, err := x509.ParseCertificate(m.fields[1]); err != nil {
 			return err
 		} else if a, err := certs.AttributesOf(c); err != nil || a.Node != name {
 			return fmt.Errorf("certificate request from %q with another gateway's certificate", name)
 		}
-		g.sendAsync(name, addrField(m.fields[2]), encodeMessage(msgCert, me.Certificate().Raw))
+		at := g.members.addr(name)
+		if !at.IsValid() {
+			at = addrField(m.fields[2])
+		}
+		g.sendAsync(name, at, encodeMessage(msgCert, me.Certificate().Raw))
 		return nil
 
 	case msgCert:

@@ -104,6 +104,20 @@ func TestCertRequestAnsweredOnlyWithItsCertificate(t *testing.T) {
 	if n, err := refused.Read(buf); err == nil {
 		t.Fatalf("a request with another gateway's certificate, or none, was answered (%d bytes)", n)
 	}
+	// A gateway gossip knows is answered where gossip knows it, whatever
+	// address the request gives: certificates are no secret, and one
+	// replayed under its own name must not aim our answer elsewhere.
+	known := listen()
+	lg.g.members.update("known", netip.MustParseAddrPort(known.LocalAddr().String()), []byte("its advert"))
+	d.NotifyMsg(encodeMessage(msgCertRequest, []byte("known"), issue("known", "100.64.9.7"), []byte(refused.LocalAddr().String())))
+	known.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := known.Read(buf); err != nil {
+		t.Fatalf("a request from a known gateway: no answer at its gossip address: %v", err)
+	}
+	refused.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
+	if n, err := refused.Read(buf); err == nil {
+		t.Fatalf("a known gateway's request was answered at the address it gave (%d bytes)", n)
+	}
 }
 
 // TestCertAskedForgets: the names the worker asked for certificates are
