@@ -371,6 +371,12 @@ func TestMigratePolicyChangedInFlight(t *testing.T) {
 	if !strings.Contains(string(b), `"outcome":"denied"`) || !strings.Contains(string(b), `"policy":"v2-`) {
 		t.Errorf("the receiver's audit record does not show the denial under v2:\n%s", b)
 	}
+	// The sender's record names the receiver's refusal, not its own
+	// decision to go ahead.
+	b, _ = os.ReadFile(p.sendAudit.Path())
+	if !strings.Contains(string(b), `"denied_by":"receiver"`) || !strings.Contains(string(b), `"denied_at_commit":true`) || !strings.Contains(string(b), `(v2.hcl:`) {
+		t.Errorf("the sender's audit record does not show the receiver's refusal:\n%s", b)
+	}
 }
 
 // TestMigrateDamagedChunk: a chunk damaged after hashing is refused by the

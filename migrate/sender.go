@@ -274,12 +274,15 @@ func (s *sender) finish(err error) {
 	if perr := s.cfg.Journal.put(bucketSend, s.rec.ID, s.rec); perr != nil {
 		s.cfg.Log.Error("journal", "err", perr)
 	}
-	s.audit()
+	s.audit(denied)
 	s.cfg.Observer.Ended(RoleSend, s.rec.State, s.rec.Stats.Duration)
 	s.progress(map[string]string{StateDone: "done", StateDenied: "denied", StateCancelled: "cancelled", StateFailed: "failed"}[s.rec.State])
 }
 
-func (s *sender) audit() {
+// audit records the migration in the sender's audit log; denied, if
+// set, is the policy's refusal, whose rule and reasons the record carries
+// rather than those of the sender's own decision to go ahead.
+func (s *sender) audit(denied *DeniedError) {
 	if s.cfg.Audit == nil {
 		return
 	}
@@ -296,6 +299,13 @@ func (s *sender) audit() {
 		f["error"] = s.rec.Error
 	}
 	decisionFields(f, &s.decision)
+	if denied != nil {
+		f["rule"], f["reasons"], f["denied_by"] = denied.Rule, denied.Reasons, denied.By
+		delete(f, "obligations") // of an allow that did not stand
+		if denied.AtCommit {
+			f["denied_at_commit"] = true
+		}
+	}
 	if _, err := s.cfg.Audit.Append(s.cfg.Identity, "migration", f, s.cfg.Now()); err != nil {
 		s.cfg.Log.Error("audit log", "err", err)
 	}
