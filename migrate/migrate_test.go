@@ -549,8 +549,17 @@ func TestReceiverForgetsAbandoned(t *testing.T) {
 	if _, err := os.Stat(rr.Temp); err != nil {
 		t.Fatalf("a receive offered just now was forgotten: %v", err)
 	}
+	// Offered long ago, but a chunk written lately: still alive.
 	rr.Attempted = time.Now().Add(-AbandonedAfter - time.Hour)
+	rr.Started = rr.Attempted
 	if err := p.recvJ.put(bucketRecv, rec.ID, &rr); err != nil {
+		t.Fatal(err)
+	}
+	p.recv.forgetAbandoned()
+	if _, err := os.Stat(rr.Temp); err != nil {
+		t.Fatalf("a receive written to lately was forgotten: %v", err)
+	}
+	if err := os.Chtimes(rr.Temp, rr.Attempted, rr.Attempted); err != nil {
 		t.Fatal(err)
 	}
 	p.recv.forgetAbandoned()

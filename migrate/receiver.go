@@ -126,9 +126,15 @@ func (r *Receiver) forgetAbandoned() {
 	}
 	now := r.cfg.Now()
 	for _, rec := range recs {
-		last := rec.Attempted
-		if last.IsZero() {
-			last = rec.Started
+		// Its last sign of life: the last offer, or the last chunk
+		// written (a session that ran for days, records of releases that
+		// did not note the offers).
+		last := rec.Started
+		if rec.Attempted.After(last) {
+			last = rec.Attempted
+		}
+		if fi, err := os.Stat(rec.Temp); err == nil && fi.ModTime().After(last) {
+			last = fi.ModTime()
 		}
 		if now.Sub(last) < AbandonedAfter {
 			continue
