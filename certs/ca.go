@@ -444,6 +444,16 @@ func RevocationReasons() []string {
 	return out
 }
 
+// keptRevoked reports whether a revoked certificate stays on the
+// revocation list after it has expired: a policy signer's (its policies
+// are judged at their signing time) and a gateway's whose key was
+// compromised (audit records are judged at their own time too, and a
+// record its key signed after the revocation must still be refused). The
+// rest — ended bursts, decommissioned gateways — go once expired.
+func keptRevoked(c IssuedCert) bool {
+	return c.Kind == KindPolicySigner || c.Reason == "keyCompromise"
+}
+
 // bySerial maps serials to their place in the index.
 func (idx *caIndex) bySerial() map[string]int {
 	m := make(map[string]int, len(idx.Certs))
@@ -570,7 +580,7 @@ func (ca *CA) writeCRL(idx *caIndex, now time.Time) error {
 		// caught by the list's number, not its entries. A policy
 		// signer's stays: a policy is judged at its signing time, when
 		// the signer was valid, and only the list says it was revoked.
-		if e.RevokedAt == nil || e.Kind != KindPolicySigner && e.NotAfter.Before(now) {
+		if e.RevokedAt == nil || !keptRevoked(e) && e.NotAfter.Before(now) {
 			continue
 		}
 		s, err := ParseSerial(e.Serial)
@@ -646,7 +656,7 @@ func (ca *CA) archiveLocked(idx *caIndex, now time.Time) error {
 	cutoff := now.Add(-archiveAfter)
 	var old, keep []IssuedCert
 	for _, c := range idx.Certs {
-		if c.Kind != KindPolicySigner && c.NotAfter.Before(cutoff) {
+		if !(c.RevokedAt != nil && keptRevoked(c)) && c.Kind != KindPolicySigner && c.NotAfter.Before(cutoff) {
 			old = append(old, c)
 		} else {
 			keep = append(keep, c)
