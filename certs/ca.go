@@ -446,12 +446,17 @@ func RevocationReasons() []string {
 
 // keptRevoked reports whether a revoked certificate stays on the
 // revocation list after it has expired: a policy signer's (its policies
-// are judged at their signing time) and a gateway's whose key was
-// compromised (audit records are judged at their own time too, and a
-// record its key signed after the revocation must still be refused). The
-// rest — ended bursts, decommissioned gateways — go once expired.
+// are judged at their signing time), and a gateway's unless its
+// revocation says nothing is wrong with its key (a burst that ended, a
+// gateway retired, renewed or moved) — audit records are judged at their
+// own time, and what a stolen key signed after the revocation must still
+// be refused. Those others, thousands a day with bursts, go once expired.
 func keptRevoked(c IssuedCert) bool {
-	return c.Kind == KindPolicySigner || c.Reason == "keyCompromise"
+	switch c.Reason {
+	case "cessationOfOperation", "superseded", "affiliationChanged":
+		return c.Kind == KindPolicySigner
+	}
+	return true
 }
 
 // bySerial maps serials to their place in the index.
