@@ -66,6 +66,19 @@ func (r *runningMigration) publish(p migrate.Progress) {
 	}
 }
 
+// end records how the run ended and tells every subscriber, those to
+// come included.
+func (r *runningMigration) end(rec *migrate.SendRecord, err error) {
+	r.mu.Lock()
+	r.rec, r.err = rec, err
+	for _, c := range r.subs {
+		close(c)
+	}
+	r.subs, r.ended = nil, true
+	r.mu.Unlock()
+	close(r.done)
+}
+
 func (r *runningMigration) subscribe() chan migrate.Progress {
 	c := make(chan migrate.Progress, 16)
 	r.mu.Lock()
@@ -187,14 +200,7 @@ func (g *Gateway) StartMigration(req MigrationRequest) (*runningMigration, strin
 	go func() {
 		defer cancel()
 		rec, err := migrate.Send(ctx, cfg)
-		run.mu.Lock()
-		run.rec, run.err = rec, err
-		for _, c := range run.subs {
-			close(c)
-		}
-		run.subs, run.ended = nil, true
-		run.mu.Unlock()
-		close(run.done)
+		run.end(rec, err)
 		m.mu.Lock()
 		delete(m.running, id)
 		m.mu.Unlock()

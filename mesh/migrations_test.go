@@ -1,6 +1,7 @@
 package mesh
 
 import (
+	"errors"
 	"testing"
 	"time"
 
@@ -14,13 +15,7 @@ func TestSubscribeAfterEnd(t *testing.T) {
 	run := &runningMigration{done: make(chan struct{})}
 	early := run.subscribe()
 	run.publish(migrate.Progress{Phase: "policy"})
-	// The end, as StartMigration's goroutine makes it.
-	run.mu.Lock()
-	for _, c := range run.subs {
-		close(c)
-	}
-	run.subs, run.ended = nil, true
-	run.mu.Unlock()
+	run.end(nil, errors.New("the image is gone"))
 	for name, c := range map[string]chan migrate.Progress{"before the end": early, "after the end": run.subscribe()} {
 		n := 0
 	read:
