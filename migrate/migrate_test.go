@@ -506,6 +506,45 @@ func (p *pair) interrupted(raw string, chunks int) (*SendRecord, RecvRecord) {
 	return rec, rr
 }
 
+// TestResumeRecordsChunksTheReceiverHas: a resume whose source changed
+// (its acknowledgements dropped) records the chunks it finds the receiver
+// holds as acknowledged, so a further resume skips them unread instead of
+// reading — in silence — every one of them again.
+func TestResumeRecordsChunksTheReceiverHas(t *testing.T) {
+	p := newPair(t, "DE")
+	raw := filepath.Join(p.dir, "vm.raw")
+	makeRaw(t, raw, 32*mib, map[int64]int{0: 32 * mib})
+	rec, _ := p.interrupted(raw, 4)
+	had, err := p.recvJ.chunks("recv", rec.ID)
+	if err != nil || len(had) == 0 {
+		t.Fatalf("the receiver holds %d chunks after the first attempt (%v)", len(had), err)
+	}
+	later := time.Now().Add(time.Minute)
+	if err := os.Chtimes(raw, later, later); err != nil { // the source "changed": its acknowledgements go
+		t.Fatal(err)
+	}
+	cfg := p.config(raw, "pii-eu")
+	cfg.ID, cfg.Streams, cfg.BWLimit = rec.ID, 1, 10*mib
+	ctx, cancel := context.WithCancel(context.Background())
+	cfg.Progress = func(pr Progress) {
+		if pr.Stats.ChunksDone >= len(had)+4 {
+			cancel()
+		}
+	}
+	if _, err := Send(ctx, cfg); !errors.Is(err, context.Canceled) {
+		t.Fatalf("second attempt: %v", err)
+	}
+	acked, err := p.sendJ.chunks("send", rec.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, h := range had {
+		if acked[i] != h {
+			t.Fatalf("chunk %d, which the receiver had, is not recorded as acknowledged after the second attempt (%d recorded)", i, len(acked))
+		}
+	}
+}
+
 // TestMigrateResumeIncomingLost: resuming a migration whose incoming file
 // the receiver no longer has (a crash as the image was stored, removed by
 // hand) sends every chunk again, rather than storing the image with the

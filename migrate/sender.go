@@ -677,6 +677,18 @@ func (s *sender) transfer(ctx context.Context, cands []int64, acked map[int64]Ha
 					return
 				}
 				if j == nil { // zero, or already durable there
+					// One the receiver has is recorded as acknowledged:
+					// the next resume skips it without reading it. A
+					// sender reading such chunks says nothing, and had
+					// to read them all again after every interruption.
+					s.mu.Lock()
+					h, ok := s.manifest.Chunks[i]
+					s.mu.Unlock()
+					if ok && acc.Have[i] == h {
+						ackMu.Lock()
+						newAcks[i] = h
+						ackMu.Unlock()
+					}
 					continue
 				}
 				pending.Add(1)
