@@ -279,9 +279,10 @@ type session struct {
 // probe, and without this a sender that vanished held its session — file,
 // goroutines, advertised load — for good. A sender says nothing while it
 // reads chunks it need not send (zeros, chunks the receiver has): half an
-// hour is about a terabyte of them at disk speed, and a sender silent for
-// longer is cut off — every time, since what it skipped is not recorded.
-// Ending sessions sooner would take a message the protocol does not have.
+// hour is about a terabyte of them at disk speed. A sender cut off there
+// records the chunks it found the receiver has, so its resume gets further;
+// allocated zeros it reads again. Ending sessions sooner would take a
+// message the protocol does not have.
 const DefaultIdleTimeout = 30 * time.Minute
 
 // join counts a data stream joining the session, and refuses one beyond
