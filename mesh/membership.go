@@ -657,6 +657,7 @@ func (ms *membership) addr(name string) netip.AddrPort {
 // setTrust swaps the trust bundle (a newer CRL) and judges everyone again,
 // so a revoked gateway drops out of every configuration.
 func (ms *membership) setTrust(tb *certs.TrustBundle) {
+	ms.warm(tb)
 	ms.mu.Lock()
 	ms.trust = tb
 	for sum, c := range ms.certs {
@@ -672,6 +673,44 @@ func (ms *membership) setTrust(tb *certs.TrustBundle) {
 	ms.forgetEndedLocked()
 	ms.mu.Unlock()
 	ms.changed()
+}
+
+// warm verifies, outside the lock, the certificates and adverts setTrust
+// is about to judge again under tb, so that under the lock they are cache
+// hits. A new revocation list changes every cache key: verified under the
+// lock, a mesh of 2,300 members held it for about 1.6 s, and memberlist's
+// callbacks, which need it, stalled memberlist as long at every burst's
+// end. Whatever changes meanwhile is judged under the lock as before.
+func (ms *membership) warm(tb *certs.TrustBundle) {
+	if ms.cache == nil {
+		return
+	}
+	type item struct {
+		advert []byte // nil: the certificate alone
+		cert   *x509.Certificate
+	}
+	ms.mu.Lock()
+	work := make([]item, 0, len(ms.certs)+len(ms.members))
+	for _, c := range ms.certs {
+		work = append(work, item{cert: c})
+	}
+	for _, m := range ms.members {
+		if m.advert == nil {
+			continue
+		}
+		if c := ms.certs[m.advert.CertHash]; c != nil {
+			work = append(work, item{advert: m.meta, cert: c})
+		}
+	}
+	now := ms.now()
+	ms.mu.Unlock()
+	for _, w := range work {
+		if w.advert == nil {
+			ms.cache.VerifyCertificate(tb, w.cert, now)
+		} else {
+			ms.cache.VerifyAdvert(w.advert, w.cert, tb, now, nil)
+		}
+	}
 }
 
 // forgetEndedLocked drops members that are gone and whose last verified
