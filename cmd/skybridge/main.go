@@ -27,7 +27,17 @@ func main() {
 // writers and check the exit code.
 func run(args []string, stdout, stderr io.Writer) int {
 	app := newApp(stdout, stderr)
+	usageErrors(app.Commands, "skybridge")
+	app.OnUsageError = func(_ *cli.Context, err error, _ bool) error {
+		return usageError("%v (see skybridge --help)", err)
+	}
+	unknown := ""
+	app.CommandNotFound = func(c *cli.Context, name string) { unknown = name }
 	err := app.Run(interspersed(app, args))
+	if unknown != "" {
+		fmt.Fprintf(stderr, "skybridge: unknown command %q (see skybridge --help)\n", unknown)
+		return 2
+	}
 	if err == nil {
 		return 0
 	}
@@ -35,10 +45,29 @@ func run(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "skybridge: %s\n", msg)
 	}
 	var ec cli.ExitCoder
-	if errors.As(err, &ec) && ec.ExitCode() != 0 {
+	switch {
+	case errors.As(err, &ec) && ec.ExitCode() != 0:
 		return ec.ExitCode()
+	case strings.HasPrefix(err.Error(), "Required flag"):
+		// Usage mistakes, which exit 2 like every other: a script must
+		// not read a forgotten flag as policy check's "deny" (1).
+		return 2
 	}
 	return 1
+}
+
+// usageErrors makes every command's flag mistakes (an unknown flag, a
+// value that does not parse) exit 2 with one line on stderr, instead of
+// exit 1 with the command's help on stdout — where a --json reader would
+// take it for output, and policy check's caller for a "deny".
+func usageErrors(cmds []*cli.Command, parent string) {
+	for _, c := range cmds {
+		name := parent + " " + c.Name
+		c.OnUsageError = func(_ *cli.Context, err error, _ bool) error {
+			return usageError("%v (see %s --help)", err, name)
+		}
+		usageErrors(c.Subcommands, name)
+	}
 }
 
 func newApp(stdout, stderr io.Writer) *cli.App {

@@ -46,6 +46,14 @@ func TestVersionAndHelp(t *testing.T) {
 	if _, errs, code := runCLI(t, "--log-format", "xml", "ca", "list", "--ca", t.TempDir()); code == 0 || !strings.Contains(errs, "use text or json") {
 		t.Errorf("bad --log-format: exit %d, %q", code, errs)
 	}
+	// Usage mistakes exit 2 with one line on stderr and nothing on stdout
+	// (a --json reader would take help for output, and policy check's
+	// caller a 1 for "deny").
+	for _, args := range [][]string{{"bogus"}, {"ca", "bogus"}, {"policy", "check", "--policy", "p.hcl", "--class", "c", "--action", "store", "--site", "s", "--at", "2020-01-01", "--json"}, {"ca", "list", "--bogus"}} {
+		if out, errs, code := runCLI(t, args...); code != 2 || out != "" || strings.Count(strings.TrimSpace(errs), "\n") != 0 {
+			t.Errorf("%v: exit %d, stdout %q, stderr %q; want exit 2, one line on stderr", args, code, out, errs)
+		}
+	}
 	// Shell completion lists the sub-commands. (urfave/cli reads os.Args
 	// for completion, so make them look like a real invocation.)
 	saved := os.Args
@@ -154,7 +162,9 @@ func TestCABadInput(t *testing.T) {
 		code int
 		want string
 	}{
-		{"missing flags", []string{"ca", "issue", "--ca", ca, "--node", "gw1", "--out", out}, 1, "Required flags"},
+		{"missing flags", []string{"ca", "issue", "--ca", ca, "--node", "gw1", "--out", out}, 2, "Required flags"},
+		{"unknown flag", append(issueArgs(ca, out, "gw1", "100.96.0.1"), "--colour", "blue"), 2, "flag provided but not defined: -colour (see skybridge ca issue --help)"},
+		{"bad duration", append(issueArgs(ca, out, "gw1", "100.96.0.1"), "--ttl", "5"), 2, `invalid value "5" for flag -ttl`},
 		{"bad CIDR", issueArgs(ca, out, "gw1", "100.96.0.1", "--route", "10.1.0.0/33"), 2, `route "10.1.0.0/33" is not a CIDR prefix`},
 		{"host bits", issueArgs(ca, out, "gw1", "100.96.0.1", "--route", "10.1.2.3/16"), 1, "did you mean 10.1.0.0/16"},
 		{"bad overlay IP", issueArgs(ca, out, "gw1", "100.96.0.300"), 2, `--overlay-ip "100.96.0.300" is not an IP address`},
