@@ -48,10 +48,6 @@ func run(args []string, stdout, stderr io.Writer) int {
 	switch {
 	case errors.As(err, &ec) && ec.ExitCode() != 0:
 		return ec.ExitCode()
-	case strings.HasPrefix(err.Error(), "Required flag"):
-		// Usage mistakes, which exit 2 like every other: a script must
-		// not read a forgotten flag as policy check's "deny" (1).
-		return 2
 	}
 	return 1
 }
@@ -65,6 +61,44 @@ func usageErrors(cmds []*cli.Command, parent string) {
 		name := parent + " " + c.Name
 		c.OnUsageError = func(_ *cli.Context, err error, _ bool) error {
 			return usageError("%v (see %s --help)", err, name)
+		}
+		// urfave/cli answers a missing required flag with the help on
+		// stdout: the check is made here instead, before the command's
+		// own Before.
+		var required []string
+		for _, f := range c.Flags {
+			switch f := f.(type) {
+			case *cli.StringFlag:
+				if f.Required {
+					f.Required, required = false, append(required, f.Name)
+				}
+			case *cli.StringSliceFlag:
+				if f.Required {
+					f.Required, required = false, append(required, f.Name)
+				}
+			case *cli.DurationFlag:
+				if f.Required {
+					f.Required, required = false, append(required, f.Name)
+				}
+			}
+		}
+		if len(required) > 0 {
+			before := c.Before
+			c.Before = func(ctx *cli.Context) error {
+				var missing []string
+				for _, r := range required {
+					if !ctx.IsSet(r) {
+						missing = append(missing, "--"+r)
+					}
+				}
+				if len(missing) > 0 {
+					return usageError("missing %s (see %s --help)", strings.Join(missing, ", "), name)
+				}
+				if before != nil {
+					return before(ctx)
+				}
+				return nil
+			}
 		}
 		usageErrors(c.Subcommands, name)
 	}

@@ -49,7 +49,7 @@ func TestVersionAndHelp(t *testing.T) {
 	// Usage mistakes exit 2 with one line on stderr and nothing on stdout
 	// (a --json reader would take help for output, and policy check's
 	// caller a 1 for "deny").
-	for _, args := range [][]string{{"bogus"}, {"ca", "bogus"}, {"policy", "check", "--policy", "p.hcl", "--class", "c", "--action", "store", "--site", "s", "--at", "2020-01-01", "--json"}, {"ca", "list", "--bogus"}} {
+	for _, args := range [][]string{{"bogus"}, {"ca", "bogus"}, {"policy", "check", "--policy", "p.hcl", "--class", "c", "--action", "store", "--site", "s", "--at", "2020-01-01", "--json"}, {"ca", "list", "--bogus"}, {"policy", "check", "--class", "c", "--json"}} {
 		if out, errs, code := runCLI(t, args...); code != 2 || out != "" || strings.Count(strings.TrimSpace(errs), "\n") != 0 {
 			t.Errorf("%v: exit %d, stdout %q, stderr %q; want exit 2, one line on stderr", args, code, out, errs)
 		}
@@ -162,7 +162,7 @@ func TestCABadInput(t *testing.T) {
 		code int
 		want string
 	}{
-		{"missing flags", []string{"ca", "issue", "--ca", ca, "--node", "gw1", "--out", out}, 2, "Required flags"},
+		{"missing flags", []string{"ca", "issue", "--ca", ca, "--node", "gw1", "--out", out}, 2, "missing --site, --region, --provider, --jurisdiction, --overlay-ip (see skybridge ca issue --help)"},
 		{"unknown flag", append(issueArgs(ca, out, "gw1", "100.96.0.1"), "--colour", "blue"), 2, "flag provided but not defined: -colour (see skybridge ca issue --help)"},
 		{"bad duration", append(issueArgs(ca, out, "gw1", "100.96.0.1"), "--ttl", "5"), 2, `invalid value "5" for flag -ttl`},
 		{"bad CIDR", issueArgs(ca, out, "gw1", "100.96.0.1", "--route", "10.1.0.0/33"), 2, `route "10.1.0.0/33" is not a CIDR prefix`},
