@@ -130,6 +130,18 @@ func caIssue(c *cli.Context) error {
 	if err := checkOutDir(out, attrs.Node); err != nil {
 		return err
 	}
+	// What could fail after signing is checked before: a certificate
+	// issued and not delivered stays valid in the index and holds its
+	// overlay IP.
+	if fi, err := os.Stat(out); err == nil && !fi.IsDir() {
+		return usageError("--out %s is a file: name a directory for the identity", out)
+	}
+	if same, _ := sameDir(out, ca.Dir()); same {
+		return usageError("--out is the CA directory: the gateway's key would sit beside the CA key; name a directory of its own")
+	}
+	if _, err := ca.Secrets().GossipKeyring(c.Context); err != nil {
+		return fmt.Errorf("the CA directory %s has no usable gossip keyring, which every new gateway needs (restore gossip.keyring from a backup, or copy it from a gateway's identity directory): %w", ca.Dir(), err)
+	}
 
 	var (
 		cert     *x509.Certificate
@@ -168,11 +180,16 @@ func caIssue(c *cli.Context) error {
 	} else {
 		err = certs.SaveCertificate(out, cert, tb)
 	}
-	if err != nil {
-		return err
+	if err == nil {
+		err = ca.CopyGossipKeyring(c.Context, out)
 	}
-	if err := ca.CopyGossipKeyring(c.Context, out); err != nil {
-		return err
+	if err != nil {
+		// Not delivered: take it back, so it neither stays valid nor
+		// holds its overlay IP against the retry.
+		if _, rerr := ca.RevokeSerials([]*big.Int{cert.SerialNumber}, "cessationOfOperation", time.Now()); rerr != nil {
+			return fmt.Errorf("%w (and revoking the certificate issued for it, serial %s: %v)", err, certs.FormatSerial(cert.SerialNumber), rerr)
+		}
+		return fmt.Errorf("%w; the certificate issued for it (serial %s) is revoked", err, certs.FormatSerial(cert.SerialNumber))
 	}
 
 	res := issueOutput{
@@ -221,6 +238,19 @@ func attributesFromFlags(c *cli.Context) (certs.Attributes, error) {
 	}
 	a.Normalize()
 	return a, nil
+}
+
+// sameDir reports whether a and b name the same directory.
+func sameDir(a, b string) (bool, error) {
+	fa, err := os.Stat(a)
+	if err != nil {
+		return false, err
+	}
+	fb, err := os.Stat(b)
+	if err != nil {
+		return false, err
+	}
+	return os.SameFile(fa, fb), nil
 }
 
 // checkOutDir refuses to mix two gateways' identities in one directory:

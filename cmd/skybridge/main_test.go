@@ -191,6 +191,34 @@ func TestCABadInput(t *testing.T) {
 		})
 	}
 
+	// What would fail after signing is refused before it: nothing is
+	// issued (the index keeps gw0 alone) and the IP stays free.
+	file := filepath.Join(dir, "afile")
+	os.WriteFile(file, []byte("x"), 0o600)
+	bare := filepath.Join(dir, "bare")
+	mustRun(t, "ca", "init", "--dir", bare, "--mesh-cidr", "100.96.0.0/16")
+	os.Remove(filepath.Join(bare, "gossip.keyring"))
+	for _, tc := range []struct {
+		name string
+		args []string
+		want string
+	}{
+		{"--out is a file", issueArgs(ca, file, "gw1", "100.96.0.1"), "is a file"},
+		{"--out is the CA", issueArgs(ca, ca, "gw1", "100.96.0.1"), "beside the CA key"},
+		{"CA without keyring", issueArgs(bare, filepath.Join(dir, "gwb"), "gw1", "100.96.0.1"), "restore gossip.keyring from a backup"},
+	} {
+		if _, errs, code := runCLI(t, tc.args...); code == 0 || !strings.Contains(errs, tc.want) {
+			t.Errorf("%s: exit %d, %s", tc.name, code, errs)
+		}
+	}
+	for _, c := range []string{ca, bare} {
+		var list []map[string]any
+		json.Unmarshal([]byte(mustRun(t, "ca", "list", "--ca", c, "--json")), &list)
+		if n := len(list); c == ca && n != 1 || c == bare && n != 0 {
+			t.Errorf("%s issued %d certificates after the refusals", c, n)
+		}
+	}
+
 	// An unreadable (world-readable, so refused) CA key.
 	os.Chmod(filepath.Join(ca, "ca.key"), 0o644)
 	_, errs, code := runCLI(t, issueArgs(ca, out, "gw1", "100.96.0.1")...)
