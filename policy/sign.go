@@ -137,6 +137,11 @@ func Verify(file string, src []byte, sig *Signature, tb *certs.TrustBundle, now 
 		}
 	}
 	if !ok {
+		if sig.SignerCertificate == "" {
+			// The same words whether the policy changed or another CA
+			// signed it; the signature names its signer, which tells.
+			return nil, fmt.Errorf("%w, or it was signed by another CA than this mesh's: it names its signer %q", ErrBadSignature, sig.Signer)
+		}
 		return nil, ErrBadSignature
 	}
 	p, err := Parse(file, src)

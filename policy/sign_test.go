@@ -79,6 +79,10 @@ func TestSignVerify(t *testing.T) {
 		})
 	}
 
+	// Another CA's signature says whose it is, not only "changed".
+	if _, err := Verify("test.hcl", src, foreign, tb, nov24); err == nil || !strings.Contains(err.Error(), `names its signer "other CA"`) {
+		t.Fatalf("another mesh's CA: %v", err)
+	}
 	if _, err := Sign("bad.hcl", []byte("policy {"), ca.Signer(), "mesh CA", nil, nov24); err == nil || !strings.Contains(err.Error(), "refusing to sign") {
 		t.Fatalf("signing an invalid policy: %v", err)
 	}

@@ -97,6 +97,11 @@ func caInit(c *cli.Context) error {
 	if err != nil {
 		return usageError("--mesh-cidr %q is not a CIDR prefix such as 100.96.0.0/16", c.String("mesh-cidr"))
 	}
+	// A CA shorter-lived than the certificates it issues by default
+	// could issue none of them.
+	if v := c.Duration("validity"); v < certs.DefaultNodeTTL {
+		return usageError("--validity %s: a CA must outlive the certificates it issues (%s by default); give at least that, e.g. --validity 87600h for ten years", v, certs.DefaultNodeTTL)
+	}
 	ca, err := certs.InitCA(c.String("dir"), certs.InitOptions{Name: c.String("name"), MeshPrefix: prefix, Validity: c.Duration("validity")})
 	if err != nil {
 		return err

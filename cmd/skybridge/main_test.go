@@ -174,6 +174,7 @@ func TestCABadInput(t *testing.T) {
 		{"bad jurisdiction", append(issueArgs(ca, out, "gw1", "100.96.0.1"), "--jurisdiction", "EU"), 1, "not an ISO 3166-1"},
 		{"no CA", issueArgs(filepath.Join(dir, "nope"), out, "gw1", "100.96.0.1"), 1, "skybridge ca init --dir"},
 		{"bad mesh CIDR", []string{"ca", "init", "--dir", filepath.Join(dir, "ca2"), "--mesh-cidr", "banana"}, 2, "--mesh-cidr"},
+		{"CA shorter-lived than what it issues", []string{"ca", "init", "--dir", filepath.Join(dir, "ca3"), "--validity", "-1h"}, 2, "a CA must outlive the certificates it issues"},
 		{"revoke needs a target", []string{"ca", "revoke", "--ca", ca}, 2, "either --serial"},
 		{"revoke bad serial", []string{"ca", "revoke", "--ca", ca, "--serial", "zz"}, 2, "not a certificate serial"},
 		{"revoke unknown serial", []string{"ca", "revoke", "--ca", ca, "--serial", "0x1234"}, 1, "not issued by this CA"},
