@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"time"
@@ -35,6 +36,12 @@ func auditCommand() *cli.Command {
 				}
 				defer f.Close()
 				rep, verr := audit.Verify(f, tb)
+				if verr == nil && rep.Records == 0 {
+					// A gateway creates its log with its first record:
+					// an empty one was emptied, and "intact" would say
+					// nothing was lost.
+					verr = errors.New("it holds no record: a gateway's audit log starts with its first record, so this one was emptied or is not an audit log")
+				}
 				if c.Bool("json") {
 					out := map[string]any{"valid": verr == nil, "report": rep}
 					if verr != nil {

@@ -308,3 +308,16 @@ func TestBurstUsage(t *testing.T) {
 		t.Errorf("a join token file others may read: exit %d, %q", code, errs)
 	}
 }
+
+// TestAuditVerifyEmpty: an emptied audit log is not reported intact — a
+// gateway creates its log with its first record.
+func TestAuditVerifyEmpty(t *testing.T) {
+	dir := t.TempDir()
+	ca := filepath.Join(dir, "ca")
+	mustRun(t, "ca", "init", "--dir", ca)
+	log := filepath.Join(dir, "audit.log")
+	os.WriteFile(log, nil, 0o600)
+	if out, _, code := runCLI(t, "audit", "verify", "--log", log, "--ca-cert", filepath.Join(ca, "ca.crt")); code != 1 || !strings.Contains(out, "holds no record") {
+		t.Fatalf("an empty audit log: exit %d, %q", code, out)
+	}
+}
