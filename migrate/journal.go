@@ -74,7 +74,7 @@ func (j *Journal) deleteKey(bucket []byte, key string) error {
 }
 
 func list[T any](j *Journal, bucket []byte) ([]T, error) {
-	var out []T
+	out := []T{} // empty, not null, in JSON listings
 	err := j.db.View(func(tx *bolt.Tx) error {
 		return tx.Bucket(bucket).ForEach(func(_, v []byte) error {
 			var t T

@@ -66,6 +66,17 @@ func LoadInventory(file string) (Inventory, error) {
 	if diags.HasErrors() {
 		return nil, hclconf.Diagnostics(diags)
 	}
+	// A file of its own holds sites only: anything else is a typo (or
+	// the wrong file) whose sites would silently be missing.
+	var only struct {
+		Sites []siteSyntax `hcl:"site,block"`
+	}
+	if diags := gohcl.DecodeBody(f.Body, nil, &only); diags.HasErrors() {
+		return nil, hclconf.Diagnostics(diags)
+	}
+	if len(only.Sites) == 0 {
+		return nil, fmt.Errorf("%s holds no site block: an inventory lists sites as site \"NAME\" { provider, region, jurisdiction, labels }", file)
+	}
 	return decodeSites(f.Body)
 }
 

@@ -190,3 +190,21 @@ func TestRecordShape(t *testing.T) {
 		t.Errorf("timestamp %v", m["timestamp"])
 	}
 }
+
+// TestInventoryRefusesStrays: a site inventory holds sites only — a
+// typo'd block, or the policy file given by mistake, is an error naming
+// it, not an inventory that silently lacks the sites.
+func TestInventoryRefusesStrays(t *testing.T) {
+	dir := t.TempDir()
+	for name, tc := range map[string]struct{ src, want string }{
+		"typo'd block": {"site \"a\" {\n  provider = \"aws\"\n  region = \"r\"\n  jurisdiction = \"DE\"\n}\nsitee \"b\" {\n  provider = \"aws\"\n}\n", `Unsupported block type`},
+		"empty":        {"", "holds no site block"},
+		"a policy":     {"policy {\n  name = \"p\"\n  version = 1\n}\n", `Unsupported block type`},
+	} {
+		f := filepath.Join(dir, "inv.hcl")
+		os.WriteFile(f, []byte(tc.src), 0o644)
+		if _, err := LoadInventory(f); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: %v, want an error containing %q", name, err, tc.want)
+		}
+	}
+}

@@ -241,7 +241,7 @@ func policyExplain(c *cli.Context) error {
 		return policyErr(err)
 	}
 	class, at := c.String("class"), decisionTime(c)
-	var rows []explainRow
+	rows := []explainRow{} // empty, not null, in JSON
 	for _, n := range inv.Names() {
 		s := inv[n]
 		rows = append(rows, explainRow{
