@@ -140,6 +140,27 @@ func (a *Attributes) Grants(prefix netip.Prefix) bool {
 	return false
 }
 
+// Differences lists, for people, where b differs from a: the attribute's
+// configuration name, a's value → b's.
+func (a *Attributes) Differences(b *Attributes) []string {
+	var out []string
+	for _, f := range []struct{ name, a, b string }{
+		{"name", a.Node, b.Node},
+		{"site", a.Site, b.Site},
+		{"region", a.Region, b.Region},
+		{"provider", a.Provider, b.Provider},
+		{"jurisdiction", a.Jurisdiction, b.Jurisdiction},
+		{"overlay_ip", a.OverlayIP.String(), b.OverlayIP.String()},
+		{"routes", fmt.Sprint(a.Routes), fmt.Sprint(b.Routes)},
+		{"labels", fmt.Sprint(a.Labels), fmt.Sprint(b.Labels)},
+	} {
+		if f.a != f.b {
+			out = append(out, fmt.Sprintf("%s %s → %s", f.name, f.a, f.b))
+		}
+	}
+	return out
+}
+
 // Equal reports whether two attribute sets are the same.
 func (a *Attributes) Equal(b *Attributes) bool {
 	if a.Node != b.Node || a.Site != b.Site || a.Region != b.Region || a.Provider != b.Provider ||

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"net/netip"
+	"strings"
 	"time"
 )
 
@@ -105,7 +106,7 @@ func (p *Provider) Identity(ctx context.Context, attrs Attributes) (*NodeIdentit
 	case loadErr != nil:
 		why = loadErr.Error()
 	case !id.Attributes().Equal(&attrs):
-		why = fmt.Sprintf("stored identity is for %+v, configuration says %+v", *id.Attributes(), attrs)
+		why = fmt.Sprintf("the node block differs from the stored certificate (certificate → node block: %s): correct the node block, or issue an identity for it (skybridge ca issue)", strings.Join(id.Attributes().Differences(&attrs), ", "))
 	default:
 		if _, err := tb.VerifyCertificate(id.Certificate(), now); err != nil {
 			why = err.Error()
