@@ -371,6 +371,9 @@ func ParseInventory(r io.Reader) ([]VM, error) {
 	cr.Comment = '#'
 	cr.TrimLeadingSpace = true
 	header, err := cr.Read()
+	if err == io.EOF {
+		return nil, fmt.Errorf("inventory is empty: its first line names the columns (%s; bytes is optional), then one VM per line", strings.Join(inventoryColumns, ", "))
+	}
 	if err != nil {
 		return nil, fmt.Errorf("inventory header: %w", err)
 	}
@@ -392,6 +395,10 @@ func ParseInventory(r io.Reader) ([]VM, error) {
 		rec, err := cr.Read()
 		if err == io.EOF {
 			break
+		}
+		var pe *csv.ParseError
+		if errors.As(err, &pe) && errors.Is(pe.Err, csv.ErrFieldCount) {
+			return nil, fmt.Errorf("inventory line %d: %d columns, but the header names %d", pe.Line, len(rec), len(header))
 		}
 		if err != nil {
 			return nil, fmt.Errorf("inventory: %w", err)

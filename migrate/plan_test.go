@@ -251,6 +251,8 @@ func TestParseInventory(t *testing.T) {
 		{"name,image,class,cpu,memory_gib\nvm1,/i,,1,4\n", `no data class`},
 		{"name,image,class,cpu,memory_gib\n../etc,/i,risk-batch,1,4\n", `VM "../etc"`},
 		{"name,image,class,cpu,memory_gib\n", "lists no VM"},
+		{"", "inventory is empty: its first line names the columns"},
+		{"name,image,class,cpu,memory_gib\nvm1,/i,risk-batch,1\n", "inventory line 2: 4 columns, but the header names 5"},
 	} {
 		if _, err := ParseInventory(strings.NewReader(tc.src)); err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%q: err %v, want %q", tc.src, err, tc.want)
