@@ -38,6 +38,12 @@ func TestPolicyCheckExitCodes(t *testing.T) {
 		{"no site attributes", []string{"policy", "check", "--policy", examplePolicy, "--class", "a", "--action", "store", "--site", "x"}, 2, "", "give --inventory"},
 		{"site attributes", []string{"policy", "check", "--policy", examplePolicy, "--class", "pii-eu", "--action", "store", "--site", "aws-eu-west-3",
 			"--site-attrs", "provider=aws", "--site-attrs", "region=eu-west-3", "--site-attrs", "jurisdiction=FR", "--site-attrs", "label.tenancy=shared"}, 1, "shared-tenancy", ""},
+		// Attributes no certificate could carry are a mistake, not a
+		// site the policy denies.
+		{"site attributes no gateway could have", []string{"policy", "check", "--policy", examplePolicy, "--class", "pii-eu", "--action", "store", "--site", "x",
+			"--site-attrs", "provider=aws", "--site-attrs", "jurisdiction=Germany"}, 2, "", `jurisdiction "GERMANY" is not an ISO 3166-1`},
+		{"site attributes without a region", []string{"policy", "check", "--policy", examplePolicy, "--class", "pii-eu", "--action", "store", "--site", "x",
+			"--site-attrs", "provider=aws", "--site-attrs", "jurisdiction=DE"}, 2, "", `region "" is not valid`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
