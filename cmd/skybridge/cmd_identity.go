@@ -70,6 +70,10 @@ type identityInfo struct {
 	CRLNumber     string           `json:"crl_number,omitempty"`
 	WireGuardKey  string           `json:"wireguard_public_key,omitempty"`
 	GossipKeys    int              `json:"gossip_keys"`
+	// GossipProblem is why the gossip keyring here cannot be used (a
+	// gateway with this directory would not start); empty if it can, or
+	// if there is none (a Vault-backed gateway reads it from Vault).
+	GossipProblem string `json:"gossip_problem,omitempty"`
 }
 
 func describeIdentity(ctx context.Context, dir string, id *certs.NodeIdentity, tb *certs.TrustBundle) identityInfo {
@@ -96,8 +100,12 @@ func describeIdentity(ctx context.Context, dir string, id *certs.NodeIdentity, t
 			info.WireGuardKey = k.Public().String()
 		}
 	}
-	if kr, err := secrets.GossipKeyring(ctx); err == nil {
-		info.GossipKeys = kr.Len()
+	if _, err := os.Stat(filepath.Join(dir, certs.FileGossipKeyring)); err == nil {
+		if kr, err := secrets.GossipKeyring(ctx); err == nil {
+			info.GossipKeys = kr.Len()
+		} else {
+			info.GossipProblem = err.Error()
+		}
 	}
 	return info
 }
@@ -120,7 +128,7 @@ func identityShow(c *cli.Context) error {
 	} else {
 		printIdentity(c.App.Writer, info)
 	}
-	if !info.Accepted {
+	if !info.Accepted || info.GossipProblem != "" {
 		return cli.Exit("", 1) // scripts can test an identity by exit code
 	}
 	return nil
@@ -151,7 +159,14 @@ func printIdentity(w io.Writer, info identityInfo) {
 	if info.WireGuardKey != "" {
 		rows = append(rows, [2]string{"wireguard key", info.WireGuardKey})
 	}
-	rows = append(rows, [2]string{"gossip keys", fmt.Sprint(info.GossipKeys)})
+	switch {
+	case info.GossipProblem != "":
+		rows = append(rows, [2]string{"gossip keys", "UNUSABLE: " + info.GossipProblem})
+	case info.GossipKeys == 0:
+		rows = append(rows, [2]string{"gossip keys", "none here (a Vault-backed gateway reads them from Vault; a file-backed one needs gossip.keyring: skybridge ca issue --out copies it)"})
+	default:
+		rows = append(rows, [2]string{"gossip keys", fmt.Sprint(info.GossipKeys)})
+	}
 	for _, r := range rows {
 		if r[1] == "" {
 			r[1] = "(none)"

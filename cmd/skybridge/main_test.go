@@ -106,6 +106,14 @@ func TestCAWorkflow(t *testing.T) {
 	if err := json.Unmarshal([]byte(out), &info); err != nil || !info.Accepted || info.Attributes.Node != "gw1" || info.GossipKeys != 1 {
 		t.Fatalf("identity show: %+v %v", info, err)
 	}
+	// A keyring the gateway would refuse (others may read it): not a
+	// usable identity directory, whatever the certificate says.
+	keyring := filepath.Join(gw, "gossip.keyring")
+	os.Chmod(keyring, 0o644)
+	if out, _, code := runCLI(t, "identity", "show", "--dir", gw); code != 1 || !strings.Contains(out, "UNUSABLE") || !strings.Contains(out, "chmod 600") {
+		t.Fatalf("identity show with a keyring others may read: exit %d\n%s", code, out)
+	}
+	os.Chmod(keyring, 0o600)
 
 	var list []map[string]any
 	if err := json.Unmarshal([]byte(mustRun(t, "ca", "list", "--ca", ca, "--json")), &list); err != nil || len(list) != 1 {
