@@ -143,8 +143,7 @@ func (a *Attributes) Grants(prefix netip.Prefix) bool {
 // Differences lists, for people, where b differs from a: the attribute's
 // configuration name, a's value → b's.
 func (a *Attributes) Differences(b *Attributes) []string {
-	var out []string
-	for _, f := range []struct{ name, a, b string }{
+	return changed([]field{
 		{"name", a.Node, b.Node},
 		{"site", a.Site, b.Site},
 		{"region", a.Region, b.Region},
@@ -153,9 +152,19 @@ func (a *Attributes) Differences(b *Attributes) []string {
 		{"overlay_ip", a.OverlayIP.String(), b.OverlayIP.String()},
 		{"routes", fmt.Sprint(a.Routes), fmt.Sprint(b.Routes)},
 		{"labels", fmt.Sprint(a.Labels), fmt.Sprint(b.Labels)},
-	} {
-		if f.a != f.b {
-			out = append(out, fmt.Sprintf("%s %s → %s", f.name, f.a, f.b))
+	})
+}
+
+// field is one named setting in two versions of something.
+type field struct{ name, was, is string }
+
+// changed lists, for people, the fields whose two versions differ, as
+// `name "was" → "is"` (nil if none does).
+func changed(fs []field) []string {
+	var out []string
+	for _, f := range fs {
+		if f.was != f.is {
+			out = append(out, fmt.Sprintf("%s %q → %q", f.name, f.was, f.is))
 		}
 	}
 	return out

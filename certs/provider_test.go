@@ -60,7 +60,7 @@ func TestProviderFileOffline(t *testing.T) {
 	}
 	other := attrs
 	other.Site = "aws-eu-central-1"
-	if _, _, err := p.Identity(ctx, other); err == nil || !strings.Contains(err.Error(), "(certificate → node block: site onprem-zrh → aws-eu-central-1)") {
+	if _, _, err := p.Identity(ctx, other); err == nil || !strings.Contains(err.Error(), `(certificate → node block: site "onprem-zrh" → "aws-eu-central-1")`) {
 		t.Fatalf("mismatched attributes: err = %v", err)
 	}
 	if err := p.KeepRenewed(ctx, id, nil); err == nil || !strings.Contains(err.Error(), "cannot renew") {

@@ -77,20 +77,14 @@ func (v *Vault) BurstPlace(site string) VaultBurstPlace {
 // Changes lists, for people, the settings in which now differs from p
 // (nil if none does).
 func (p VaultBurstPlace) Changes(now VaultBurstPlace) []string {
-	var out []string
-	for _, f := range []struct{ what, was, is string }{
+	return changed([]field{
 		{"namespace", p.Namespace, now.Namespace},
 		{"pki_mount", p.PKIMount, now.PKIMount},
 		{"AppRole mount", p.AppRoleMount, now.AppRoleMount},
 		{"kv_mount", p.KVMount, now.KVMount},
 		{"kv_prefix", p.KVPrefix, now.KVPrefix},
 		{"object name", p.Name, now.Name},
-	} {
-		if f.was != f.is {
-			out = append(out, fmt.Sprintf("%s was %q, is %q", f.what, f.was, f.is))
-		}
-	}
-	return out
+	})
 }
 
 // RemovalCommands are the vault(1) commands that do by hand what closing

@@ -16,7 +16,7 @@ func TestVaultBurstPlace(t *testing.T) {
 	}
 	now := was
 	now.KVPrefix, now.Name, now.Namespace = "sb", "sb-burst-ams", "bank"
-	want := []string{`namespace was "", is "bank"`, `kv_prefix was "skybridge", is "sb"`, `object name was "skybridge-burst-ams", is "sb-burst-ams"`}
+	want := []string{`namespace "" → "bank"`, `kv_prefix "skybridge" → "sb"`, `object name "skybridge-burst-ams" → "sb-burst-ams"`}
 	if c := was.Changes(now); !slices.Equal(c, want) {
 		t.Fatalf("changes:\n got %q\nwant %q", c, want)
 	}

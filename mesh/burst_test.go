@@ -393,7 +393,7 @@ func TestBurstVaultUnreachable(t *testing.T) {
 		{"recorded before places were", rec(nil, false), &moved, t0, nil},
 		{"not Vault-backed, burst running", rec(&place, false), nil, t0, append([]string{"not Vault-backed now", "valid until 2026-11-26T10:00:00Z", "vault write pki/revoke"}, byHand...)},
 		{"not Vault-backed, burst over", rec(&place, false), nil, t0.Add(2 * time.Hour), byHand},
-		{"settings changed", rec(&place, false), &moved, t0, append([]string{`kv_prefix was "skybridge", is "sb"`, "restore the settings"}, byHand...)},
+		{"settings changed", rec(&place, false), &moved, t0, append([]string{`kv_prefix "skybridge" → "sb"`, "restore the settings"}, byHand...)},
 		{"not Vault-backed, no place recorded", rec(nil, false), nil, t0, []string{"<kv prefix>-burst-burst-ams", "vault kv metadata delete <kv mount>/<kv prefix>/bursts/burst-ams"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
