@@ -166,7 +166,7 @@ func makeRaw(t *testing.T, path string, size int64, blocks map[int64]int) {
 	}
 }
 
-func qemuImg(t *testing.T) string {
+func qemuImg(t testing.TB) string {
 	t.Helper()
 	p, err := exec.LookPath("qemu-img")
 	if err != nil {
@@ -178,7 +178,7 @@ func qemuImg(t *testing.T) string {
 	return p
 }
 
-func compare(t *testing.T, a, b string) {
+func compare(t testing.TB, a, b string) {
 	t.Helper()
 	out, err := exec.Command(qemuImg(t), "compare", a, b).CombinedOutput()
 	if err != nil || !strings.Contains(string(out), "Images are identical") {
@@ -545,6 +545,24 @@ func TestResumeRecordsChunksTheReceiverHas(t *testing.T) {
 	}
 }
 
+// resumeWhole resumes migration id of raw, which must send every one of
+// its chunks again, and checks the image stored.
+func (p *pair) resumeWhole(raw, id string, chunks int) {
+	t := p.t
+	t.Helper()
+	cfg := p.config(raw, "pii-eu")
+	cfg.ID = id
+	rec, err := Send(context.Background(), cfg)
+	if err != nil || rec.Stats.ChunksSent != chunks {
+		t.Fatalf("the resume: %v, %d of %d chunks sent, want all", err, rec.Stats.ChunksSent, chunks)
+	}
+	img, err := p.recvJ.Image("vm")
+	if err != nil {
+		t.Fatal(err)
+	}
+	compare(t, raw, img.Path)
+}
+
 // TestMigrateResumeIncomingLost: resuming a migration whose incoming file
 // the receiver no longer has (a crash as the image was stored, removed by
 // hand) sends every chunk again, rather than storing the image with the
@@ -560,20 +578,7 @@ func TestMigrateResumeIncomingLost(t *testing.T) {
 	if err := os.Remove(rr.Temp); err != nil {
 		t.Fatal(err)
 	}
-	cfg := p.config(raw, "pii-eu")
-	cfg.ID = rec.ID
-	rec, err := Send(context.Background(), cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if rec.Stats.ChunksSent != 32 {
-		t.Errorf("%d of 32 chunks sent after the incoming file was lost, want all", rec.Stats.ChunksSent)
-	}
-	img, err := p.recvJ.Image("vm")
-	if err != nil {
-		t.Fatal(err)
-	}
-	compare(t, raw, img.Path)
+	p.resumeWhole(raw, rec.ID, 32)
 }
 
 // TestReceiverForgetsAbandoned: a receive its sender has not offered again
@@ -608,16 +613,7 @@ func TestReceiverForgetsAbandoned(t *testing.T) {
 	if recs, err := p.recvJ.Receives(); err != nil || len(recs) != 0 {
 		t.Fatalf("receives after forgetting: %+v %v", recs, err)
 	}
-	cfg := p.config(raw, "pii-eu")
-	cfg.ID = rec.ID
-	if rec, err := Send(context.Background(), cfg); err != nil || rec.Stats.ChunksSent != 16 {
-		t.Fatalf("the sender back after the receive was forgotten: %v, %d of 16 chunks sent", err, rec.Stats.ChunksSent)
-	}
-	img, err := p.recvJ.Image("vm")
-	if err != nil {
-		t.Fatal(err)
-	}
-	compare(t, raw, img.Path)
+	p.resumeWhole(raw, rec.ID, 16)
 }
 
 // TestSenderLeavesNothingRunning: an attempt that ends early (cancelled
