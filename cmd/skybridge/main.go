@@ -45,48 +45,55 @@ func run(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "skybridge: %s\n", msg)
 	}
 	var ec cli.ExitCoder
-	switch {
-	case errors.As(err, &ec) && ec.ExitCode() != 0:
+	if errors.As(err, &ec) && ec.ExitCode() != 0 {
 		return ec.ExitCode()
 	}
 	return 1
 }
 
 // usageErrors makes every command's flag mistakes (an unknown flag, a
-// value that does not parse) exit 2 with one line on stderr, instead of
-// exit 1 with the command's help on stdout — where a --json reader would
-// take it for output, and policy check's caller for a "deny".
+// value that does not parse, a missing required flag) exit 2 with one
+// line on stderr, instead of exit 1 with the command's help on stdout —
+// where a --json reader would take it for output, and policy check's
+// caller for a "deny". urfave/cli prints the help for a missing required
+// flag itself, so that check moves into each command's Before; the flags
+// are marked not required only once every command has taken note of them,
+// since some (--ca, --policy) are shared.
 func usageErrors(cmds []*cli.Command, parent string) {
+	required := map[cli.Flag]bool{}
+	noteRequired(cmds, parent, required)
+	for f := range required {
+		switch f := f.(type) {
+		case *cli.StringFlag:
+			f.Required = false
+		case *cli.StringSliceFlag:
+			f.Required = false
+		case *cli.DurationFlag:
+			f.Required = false
+		default:
+			panic(fmt.Sprintf("usageErrors: a required %T flag: add its type", f))
+		}
+	}
+}
+
+func noteRequired(cmds []*cli.Command, parent string, required map[cli.Flag]bool) {
 	for _, c := range cmds {
 		name := parent + " " + c.Name
 		c.OnUsageError = func(_ *cli.Context, err error, _ bool) error {
 			return usageError("%v (see %s --help)", err, name)
 		}
-		// urfave/cli answers a missing required flag with the help on
-		// stdout: the check is made here instead, before the command's
-		// own Before.
-		var required []string
+		var names []string
 		for _, f := range c.Flags {
-			switch f := f.(type) {
-			case *cli.StringFlag:
-				if f.Required {
-					f.Required, required = false, append(required, f.Name)
-				}
-			case *cli.StringSliceFlag:
-				if f.Required {
-					f.Required, required = false, append(required, f.Name)
-				}
-			case *cli.DurationFlag:
-				if f.Required {
-					f.Required, required = false, append(required, f.Name)
-				}
+			if r, ok := f.(cli.RequiredFlag); ok && r.IsRequired() || required[f] {
+				required[f] = true
+				names = append(names, f.Names()[0])
 			}
 		}
-		if len(required) > 0 {
+		if len(names) > 0 {
 			before := c.Before
 			c.Before = func(ctx *cli.Context) error {
 				var missing []string
-				for _, r := range required {
+				for _, r := range names {
 					if !ctx.IsSet(r) {
 						missing = append(missing, "--"+r)
 					}
@@ -100,7 +107,7 @@ func usageErrors(cmds []*cli.Command, parent string) {
 				return nil
 			}
 		}
-		usageErrors(c.Subcommands, name)
+		noteRequired(c.Subcommands, name, required)
 	}
 }
 
