@@ -93,8 +93,11 @@ func InitCA(dir string, opt InitOptions) (*CA, error) {
 	if opt.MeshPrefix != opt.MeshPrefix.Masked() {
 		return nil, fmt.Errorf("mesh range %s has host bits set: did you mean %s?", opt.MeshPrefix, opt.MeshPrefix.Masked())
 	}
-	if opt.Validity <= 0 {
+	switch {
+	case opt.Validity == 0:
 		opt.Validity = DefaultCAValidity
+	case opt.Validity < 0:
+		return nil, fmt.Errorf("CA validity %s is negative", opt.Validity)
 	}
 	if opt.Now.IsZero() {
 		opt.Now = time.Now()
@@ -444,19 +447,23 @@ func RevocationReasons() []string {
 	return out
 }
 
-// keptRevoked reports whether a revoked certificate stays on the
-// revocation list after it has expired: a policy signer's (its policies
-// are judged at their signing time), and a gateway's unless its
-// revocation says nothing is wrong with its key (a burst that ended, a
-// gateway retired, renewed or moved) — audit records are judged at their
-// own time, and what a stolen key signed after the revocation must still
-// be refused. Those others, thousands a day with bursts, go once expired.
-func keptRevoked(c IssuedCert) bool {
+// keptForGood reports whether the CA keeps a certificate in its index,
+// and, once revoked, on its revocation list, after it has expired: a
+// policy signer's (its policies are judged at their signing time), and a
+// revoked gateway's unless the revocation says nothing is wrong with its
+// key (a burst that ended, a gateway retired, renewed or moved) — audit
+// records are judged at their own time, and what a stolen key signed after
+// the revocation must still be refused. The others, thousands a day with
+// bursts, leave the list once expired and the index 30 days later.
+func keptForGood(c IssuedCert) bool {
+	if c.Kind == KindPolicySigner {
+		return true
+	}
 	switch c.Reason {
 	case "cessationOfOperation", "superseded", "affiliationChanged":
-		return c.Kind == KindPolicySigner
+		return false
 	}
-	return true
+	return c.RevokedAt != nil
 }
 
 // bySerial maps serials to their place in the index.
@@ -585,7 +592,7 @@ func (ca *CA) writeCRL(idx *caIndex, now time.Time) error {
 		// caught by the list's number, not its entries. A policy
 		// signer's stays: a policy is judged at its signing time, when
 		// the signer was valid, and only the list says it was revoked.
-		if e.RevokedAt == nil || !keptRevoked(e) && e.NotAfter.Before(now) {
+		if e.RevokedAt == nil || !keptForGood(e) && e.NotAfter.Before(now) {
 			continue
 		}
 		s, err := ParseSerial(e.Serial)
@@ -661,7 +668,7 @@ func (ca *CA) archiveLocked(idx *caIndex, now time.Time) error {
 	cutoff := now.Add(-archiveAfter)
 	var old, keep []IssuedCert
 	for _, c := range idx.Certs {
-		if !(c.RevokedAt != nil && keptRevoked(c)) && c.Kind != KindPolicySigner && c.NotAfter.Before(cutoff) {
+		if !keptForGood(c) && c.NotAfter.Before(cutoff) {
 			old = append(old, c)
 		} else {
 			keep = append(keep, c)

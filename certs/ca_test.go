@@ -329,9 +329,10 @@ func TestCRLDropsExpiredGateways(t *testing.T) {
 	if n := len(trust(t, ca).CRL().RevokedCertificateEntries); n != 4 {
 		t.Fatalf("%d entries while all four are valid, want 4", n)
 	}
-	// Checked again past the archive's horizon too: what the list keeps,
-	// the index must keep.
-	for _, at := range []time.Time{t0.Add(2 * time.Hour), t0.Add(archiveAfter + 2*time.Hour)} {
+	// Checked again past the archive's horizon, twice: a refresh signs
+	// the list before it archives, so it is the next one that is made
+	// from the archived index — what the list keeps, the index must keep.
+	for _, at := range []time.Time{t0.Add(2 * time.Hour), t0.Add(archiveAfter + 2*time.Hour), t0.Add(archiveAfter + 3*time.Hour)} {
 		if err := ca.RefreshCRL(at); err != nil {
 			t.Fatal(err)
 		}
@@ -348,6 +349,17 @@ func TestCRLDropsExpiredGateways(t *testing.T) {
 	tb := trust(t, ca)
 	if _, err := tb.VerifyCertificate(short.Certificate(), t0.Add(2*time.Hour)); err == nil {
 		t.Fatal("the expired, unlisted certificate is accepted")
+	}
+	issued, err := ca.Issued()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, c := range issued {
+		names = append(names, c.Node)
+	}
+	if slices.Sort(names); !slices.Equal(names, []string{"compliance", "gw2", "gw3"}) {
+		t.Fatalf("index past the archive's horizon: %v, want gw1 archived, the signer and the compromised gw3 kept (and gw2, not 30 days past its end)", names)
 	}
 }
 
@@ -426,5 +438,13 @@ func TestSerialFormat(t *testing.T) {
 		if _, err := ParseSerial(in); err == nil {
 			t.Errorf("ParseSerial(%q) accepted", in)
 		}
+	}
+}
+
+// TestInitCANegativeValidity: a negative validity is refused, not taken
+// for "the default" (ten years).
+func TestInitCANegativeValidity(t *testing.T) {
+	if _, err := InitCA(filepath.Join(t.TempDir(), "ca"), InitOptions{Validity: -time.Hour}); err == nil || !strings.Contains(err.Error(), "negative") {
+		t.Fatalf("InitCA with validity -1h: %v", err)
 	}
 }
