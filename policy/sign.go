@@ -40,7 +40,7 @@ type Signature struct {
 // Errors of Verify and Adopt, for errors.Is.
 var (
 	ErrUnsigned        = errors.New("policy is not signed")
-	ErrBadSignature    = errors.New("policy signature does not verify: the policy or its signature was changed after signing")
+	ErrBadSignature    = errors.New("policy signature does not verify")
 	ErrUntrustedSigner = errors.New("policy signer is not trusted by the mesh CA")
 	ErrRollback        = errors.New("policy is older than the one in force")
 	ErrEquivocation    = errors.New("policy has the version of the one in force but different content")
@@ -116,7 +116,7 @@ func Verify(file string, src []byte, sig *Signature, tb *certs.TrustBundle, now 
 	}
 	sum := sha256.Sum256(src)
 	if hex.EncodeToString(sum[:]) != sig.Policy.SHA256 {
-		return nil, ErrBadSignature
+		return nil, fmt.Errorf("%w: the policy was changed after signing (it is not the file signed)", ErrBadSignature)
 	}
 	digest, err := signDigest(sig.Policy.SHA256, sig.SignedAt)
 	if err != nil {
@@ -137,12 +137,12 @@ func Verify(file string, src []byte, sig *Signature, tb *certs.TrustBundle, now 
 		}
 	}
 	if !ok {
+		// The policy is the file signed (its hash matched): the
+		// signature itself is not from the key it names.
 		if sig.SignerCertificate == "" {
-			// The same words whether the policy changed or another CA
-			// signed it; the signature names its signer, which tells.
-			return nil, fmt.Errorf("%w, or it was signed by another CA than this mesh's: it names its signer %q", ErrBadSignature, sig.Signer)
+			return nil, fmt.Errorf("%w against this mesh's CA: it names its signer %q — another mesh's CA, or the signature was altered", ErrBadSignature, sig.Signer)
 		}
-		return nil, ErrBadSignature
+		return nil, fmt.Errorf("%w: the signature was altered, or not made with the key of the signer certificate it carries", ErrBadSignature)
 	}
 	p, err := Parse(file, src)
 	if err != nil {
