@@ -5,6 +5,7 @@ import (
 	"crypto/x509"
 	"fmt"
 	"math/big"
+	"strings"
 	"time"
 )
 
@@ -48,7 +49,7 @@ func (ca *CA) Sign(_ context.Context, csrPEM []byte, attrs Attributes, ttl time.
 	}
 	attrs.Normalize()
 	if !asked.Equal(&attrs) {
-		return nil, fmt.Errorf("CSR asks for %+v but the request is for %+v", asked, attrs)
+		return nil, fmt.Errorf("the CSR asks for other attributes than the request (CSR → request: %s)", strings.Join(asked.Differences(&attrs), ", "))
 	}
 	return ca.Issue(IssueRequest{Attributes: attrs, PublicKey: csr.PublicKey, TTL: ttl})
 }

@@ -106,7 +106,7 @@ func (p *Provider) Identity(ctx context.Context, attrs Attributes) (*NodeIdentit
 	case loadErr != nil:
 		why = loadErr.Error()
 	case !id.Attributes().Equal(&attrs):
-		why = fmt.Sprintf("the node block differs from the stored certificate (certificate → node block: %s): correct the node block, or issue an identity for it (skybridge ca issue)", strings.Join(id.Attributes().Differences(&attrs), ", "))
+		why = fmt.Sprintf("the node block differs from the stored certificate (certificate → node block: %s)", strings.Join(id.Attributes().Differences(&attrs), ", "))
 	default:
 		if _, err := tb.VerifyCertificate(id.Certificate(), now); err != nil {
 			why = err.Error()
@@ -121,7 +121,7 @@ func (p *Provider) Identity(ctx context.Context, attrs Attributes) (*NodeIdentit
 		}
 	}
 	if p.issuer == nil {
-		return nil, nil, fmt.Errorf("no usable identity in %s: %s", p.s.dir, why)
+		return nil, nil, fmt.Errorf("no usable identity in %s: %s; correct the node block, or issue an identity for it (skybridge ca issue)", p.s.dir, why)
 	}
 	p.log.Info("obtaining node certificate", "node", attrs.Node, "site", attrs.Site, "reason", why)
 	fresh, tb, err := p.obtain(ctx, attrs)
