@@ -71,6 +71,10 @@ func (c *VerifyCache) VerifyAdvert(raw []byte, cert *x509.Certificate, tb *Trust
 		c.m = map[verifyKey]verifyEntry{}
 	}
 	c.m[k] = verifyEntry{v: v, notAfter: cert.NotAfter}
+	// Verifying the advert verified its certificate: that answer is the
+	// certificate's own entry too.
+	ck := verifyKey{cert: k.cert, crl: k.crl}
+	c.m[ck] = verifyEntry{v: &Verified{Attributes: v.Attributes, Cert: cert}, notAfter: cert.NotAfter}
 	c.mu.Unlock()
 	if err := checkFreshness(&v.Advert, now, last, v.Seen); err != nil {
 		return nil, err

@@ -682,24 +682,26 @@ func (ms *membership) setTrust(tb *certs.TrustBundle) {
 // callbacks, which need it, stalled memberlist as long at every burst's
 // end. Whatever changes meanwhile is judged under the lock as before.
 func (ms *membership) warm(tb *certs.TrustBundle) {
-	if ms.cache == nil {
-		return
-	}
 	type item struct {
 		advert []byte // nil: the certificate alone
 		cert   *x509.Certificate
 	}
 	ms.mu.Lock()
-	work := make([]item, 0, len(ms.certs)+len(ms.members))
-	for _, c := range ms.certs {
-		work = append(work, item{cert: c})
-	}
+	work := make([]item, 0, len(ms.certs))
+	named := map[[32]byte]bool{}
 	for _, m := range ms.members {
 		if m.advert == nil {
 			continue
 		}
 		if c := ms.certs[m.advert.CertHash]; c != nil {
+			// Verifying the advert caches its certificate's verdict too.
 			work = append(work, item{advert: m.meta, cert: c})
+			named[m.advert.CertHash] = true
+		}
+	}
+	for sum, c := range ms.certs {
+		if !named[sum] {
+			work = append(work, item{cert: c})
 		}
 	}
 	now := ms.now()
