@@ -460,6 +460,7 @@ type job struct {
 	index int64
 	hash  Hash
 	same  bool   // send a Same frame
+	had   bool   // the receiver has it durable: nothing to send
 	data  []byte // frame payload parts: header + bytes
 	hdr   []byte
 	tries int
@@ -676,19 +677,17 @@ func (s *sender) transfer(ctx context.Context, cands []int64, acked map[int64]Ha
 					fail(err)
 					return
 				}
-				if j == nil { // zero, or already durable there
-					// One the receiver has is recorded as acknowledged:
-					// the next resume skips it without reading it. A
+				if j == nil { // zero
+					continue
+				}
+				if j.had {
+					// Durable there already: recorded as acknowledged,
+					// so the next resume skips it without reading it. A
 					// sender reading such chunks says nothing, and had
 					// to read them all again after every interruption.
-					s.mu.Lock()
-					h, ok := s.manifest.Chunks[i]
-					s.mu.Unlock()
-					if ok && acc.Have[i] == h {
-						ackMu.Lock()
-						newAcks[i] = h
-						ackMu.Unlock()
-					}
+					ackMu.Lock()
+					newAcks[i] = j.hash
+					ackMu.Unlock()
 					continue
 				}
 				pending.Add(1)
@@ -755,8 +754,8 @@ func (s *sender) transfer(ctx context.Context, cands []int64, acked map[int64]Ha
 	}
 }
 
-// prepare reads chunk i and decides what to send: nil if nothing (zeros,
-// or the receiver already has exactly this chunk durable).
+// prepare reads chunk i and decides what to send: nil for zeros, a job
+// marked had if the receiver already has exactly this chunk durable.
 func (s *sender) prepare(i int64, enc *zstd.Encoder, acc *Accept) (*job, error) {
 	size, chunk := s.src.Size(), s.cfg.ChunkSize
 	n := chunkLen(i, size, chunk)
@@ -788,7 +787,7 @@ func (s *sender) prepare(i int64, enc *zstd.Encoder, acc *Accept) (*job, error) 
 			s.stats.ChunksHad++
 			s.stats.ChunksDone++
 			s.mu.Unlock()
-			return nil, nil
+			return &job{index: i, hash: h, had: true}, nil
 		case acc.Base[i]:
 			putChunkBuf(buf)
 			s.mu.Lock()
