@@ -350,15 +350,8 @@ func TestCRLDropsExpiredGateways(t *testing.T) {
 	if _, err := tb.VerifyCertificate(short.Certificate(), t0.Add(2*time.Hour)); err == nil {
 		t.Fatal("the expired, unlisted certificate is accepted")
 	}
-	issued, err := ca.Issued()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var names []string
-	for _, c := range issued {
-		names = append(names, c.Node)
-	}
-	if slices.Sort(names); !slices.Equal(names, []string{"compliance", "gw2", "gw3"}) {
+	names := indexedNodes(t, ca)
+	if !slices.Equal(names, []string{"compliance", "gw2", "gw3"}) {
 		t.Fatalf("index past the archive's horizon: %v, want gw1 archived, the signer and the compromised gw3 kept (and gw2, not 30 days past its end)", names)
 	}
 }
@@ -375,14 +368,7 @@ func TestCAArchivesEnded(t *testing.T) {
 	}
 	later := t0.Add(archiveAfter + 2*time.Hour)
 	issue(t, ca, testAttrs("gw2", "s", "100.96.0.2"), later, time.Hour)
-	issued, err := ca.Issued()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var names []string
-	for _, c := range issued {
-		names = append(names, c.Node)
-	}
+	names := indexedNodes(t, ca)
 	if !slices.Equal(names, []string{"compliance", "gw2"}) {
 		t.Fatalf("index after the archive: %v, want the signer and gw2", names)
 	}
@@ -447,4 +433,19 @@ func TestInitCANegativeValidity(t *testing.T) {
 	if _, err := InitCA(filepath.Join(t.TempDir(), "ca"), InitOptions{Validity: -time.Hour}); err == nil || !strings.Contains(err.Error(), "negative") {
 		t.Fatalf("InitCA with validity -1h: %v", err)
 	}
+}
+
+// indexedNodes lists, sorted, the nodes the CA's index holds.
+func indexedNodes(t *testing.T, ca *CA) []string {
+	t.Helper()
+	issued, err := ca.Issued()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, c := range issued {
+		names = append(names, c.Node)
+	}
+	slices.Sort(names)
+	return names
 }
