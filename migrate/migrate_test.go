@@ -16,6 +16,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -403,6 +404,53 @@ func TestMigrateDamagedChunk(t *testing.T) {
 	compare(t, raw, img.Path)
 }
 
+// TestMigrateSourceWrittenMeanwhile: a source written while it is sent
+// (a running VM) is not stored as a mix of two versions: the migration
+// fails before its commit, and the resume, once the writer is done, sends
+// only what differs. The write here also turns a chunk the receiver
+// refused into zeros, so its retry finds nothing to send (which used to
+// panic the gateway).
+func TestMigrateSourceWrittenMeanwhile(t *testing.T) {
+	p := newPair(t, "DE")
+	raw := filepath.Join(p.dir, "vm.raw")
+	makeRaw(t, raw, 16*mib, map[int64]int{0: 8 * mib})
+	cfg := p.config(raw, "pii-eu")
+	var damaged atomic.Int32
+	cfg.mangle = func(i int64, b []byte) {
+		if i == 3 && damaged.Add(1) == 1 {
+			b[len(b)/2] ^= 0xff
+			f, err := os.OpenFile(raw, os.O_WRONLY, 0)
+			if err == nil {
+				_, err = f.WriteAt(make([]byte, mib), 3*mib)
+				f.Close()
+			}
+			if err != nil {
+				t.Error(err)
+			}
+		}
+	}
+	rec, err := Send(context.Background(), cfg)
+	if err == nil || !strings.Contains(err.Error(), "changed while it was read") {
+		t.Fatalf("a source written during its migration: %v, want it refused as changed", err)
+	}
+	if rec.Stats.Retries != 1 || damaged.Load() != 1 || rec.Stats.ChunksZero != 1 {
+		t.Fatalf("retries %d, chunk 3 sent %d times, %d chunks of zeros; want 1, 1, 1", rec.Stats.Retries, damaged.Load(), rec.Stats.ChunksZero)
+	}
+	if _, err := p.recvJ.Image("vm"); err == nil {
+		t.Fatal("the mixed image was stored")
+	}
+	cfg = p.config(raw, "pii-eu")
+	cfg.ID = rec.ID
+	if rec, err = Send(context.Background(), cfg); err != nil {
+		t.Fatal(err)
+	}
+	if rec.Stats.ChunksSent != 0 || rec.Stats.ChunksHad != 7 {
+		t.Fatalf("the resume sent %d chunks and found %d at the receiver, want 0 and 7", rec.Stats.ChunksSent, rec.Stats.ChunksHad)
+	}
+	img, _ := p.recvJ.Image("vm")
+	compare(t, raw, img.Path)
+}
+
 // TestMigrateResumeAndResync: an interrupted migration resumes without
 // re-reading acknowledged chunks; a newer version sends only what changed.
 func TestMigrateResumeAndResync(t *testing.T) {
@@ -543,6 +591,111 @@ func TestResumeRecordsChunksTheReceiverHas(t *testing.T) {
 			t.Fatalf("chunk %d, which the receiver had, is not recorded as acknowledged after the second attempt (%d recorded)", i, len(acked))
 		}
 	}
+}
+
+// readSpy is a source that records the offsets read, optionally slowly.
+type readSpy struct {
+	Source
+	delay time.Duration
+	mu    sync.Mutex
+	reads map[int64]int
+}
+
+func (r *readSpy) ReadAt(p []byte, off int64) (int, error) {
+	time.Sleep(r.delay) // a slow disk
+	r.mu.Lock()
+	r.reads[off]++
+	r.mu.Unlock()
+	return r.Source.ReadAt(p, off)
+}
+
+// spyOn makes cfg read its source through a readSpy, returned.
+func spyOn(cfg *SendConfig, delay time.Duration) *readSpy {
+	spy := &readSpy{delay: delay, reads: map[int64]int{}}
+	cfg.open = func(path string) (Source, error) {
+		src, err := OpenSource(path)
+		spy.Source = src
+		return spy, err
+	}
+	return spy
+}
+
+// TestSenderKeepsSessionAlive: a sender reading allocated zeros for
+// longer than the receiver's idle limit sends nothing the while, and
+// would be taken for gone; it keeps the session with Alive frames.
+func TestSenderKeepsSessionAlive(t *testing.T) {
+	const idle = time.Second
+	p := newPairWith(t, "DE", func(c *ReceiverConfig) { c.IdleTimeout = idle })
+	raw := filepath.Join(p.dir, "vm.raw")
+	const chunk, zeros = 64 << 10, 100
+	makeRaw(t, raw, (zeros+1)*chunk, map[int64]int{zeros * chunk: chunk})
+	f, err := os.OpenFile(raw, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt(make([]byte, zeros*chunk), 0); err != nil { // allocated, not a hole
+		t.Fatal(err)
+	}
+	f.Close()
+	cfg := p.config(raw, "pii-eu")
+	cfg.Streams, cfg.ChunkSize = 1, chunk
+	// Two producers reading the zeros 40 ms a chunk: two seconds of
+	// nothing to send, twice the receiver's limit.
+	spyOn(&cfg, 40*time.Millisecond)
+	start := time.Now()
+	rec, err := Send(context.Background(), cfg)
+	if err != nil {
+		t.Fatalf("a sender reading zeros for %s, against the receiver's idle limit of %s: %v", time.Since(start).Round(time.Millisecond), idle, err)
+	}
+	if rec.Stats.ChunksZero != zeros || rec.Stats.ChunksSent != 1 {
+		t.Fatalf("%d chunks of zeros and %d sent, want %d and 1", rec.Stats.ChunksZero, rec.Stats.ChunksSent, zeros)
+	}
+	if took := time.Since(start); took < 2*idle {
+		t.Fatalf("the zeros were read in %s: not slower than the receiver's idle limit, so the test proves nothing", took)
+	}
+	img, err := p.recvJ.Image("vm")
+	if err != nil {
+		t.Fatal(err)
+	}
+	compare(t, raw, img.Path)
+}
+
+// TestResumeSkipsZeros: the chunks of zeros an interrupted attempt read
+// are recorded, and a resume of the unchanged source does not read them
+// again.
+func TestResumeSkipsZeros(t *testing.T) {
+	p := newPair(t, "DE")
+	raw := filepath.Join(p.dir, "vm.raw")
+	makeRaw(t, raw, 32*mib, map[int64]int{16 * mib: 16 * mib})
+	f, err := os.OpenFile(raw, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt(make([]byte, 16*mib), 0); err != nil { // allocated zeros first
+		t.Fatal(err)
+	}
+	f.Close()
+	rec, _ := p.interrupted(raw, 20)
+	cfg := p.config(raw, "pii-eu")
+	cfg.ID = rec.ID
+	spy := spyOn(&cfg, 0)
+	rec, err = Send(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range int64(16) {
+		if n := spy.reads[i*mib]; n > 0 {
+			t.Fatalf("chunk %d, zeros found by the first attempt, was read %d times by the resume", i, n)
+		}
+	}
+	if rec.Stats.ChunksZero != 16 {
+		t.Fatalf("%d chunks of zeros counted, want 16", rec.Stats.ChunksZero)
+	}
+	img, err := p.recvJ.Image("vm")
+	if err != nil {
+		t.Fatal(err)
+	}
+	compare(t, raw, img.Path)
 }
 
 // resumeWhole resumes migration id of raw, which must send every one of

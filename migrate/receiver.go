@@ -277,12 +277,11 @@ type session struct {
 // then wait for a resume. TCP keepalive on the overlay notices a vanished
 // peer sooner where the kernel carries the connections; netstack's do not
 // probe, and without this a sender that vanished held its session — file,
-// goroutines, advertised load — for good. A sender says nothing while it
-// reads chunks it need not send (zeros, chunks the receiver has): half an
-// hour is about a terabyte of them at disk speed. A sender cut off there
-// records the chunks it found the receiver has, so its resume gets further;
-// allocated zeros it reads again. Ending sessions sooner would take a
-// message the protocol does not have.
+// goroutines, advertised load — for good. A sender that reads chunks it
+// need not send (zeros, chunks the receiver has) says so with Alive frames
+// at a quarter of the limit the receiver announced; one of a release
+// before those frames says nothing meanwhile, and half an hour is about a
+// terabyte of such chunks at disk speed.
 const DefaultIdleTimeout = 30 * time.Minute
 
 // join counts a data stream joining the session, and refuses one beyond
@@ -499,7 +498,7 @@ func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision, log
 	}
 	s := &session{r: r, log: log, offer: *o, from: from, temp: f, at: rec.DataAt, record: &rec, start: r.cfg.Now(), policy: d,
 		durable: durable, pending: map[int64]pendingChunk{}, kick: make(chan struct{}, 1), stop: make(chan struct{}), synced: make(chan struct{}), closed: make(chan struct{})}
-	acc := &Accept{Have: durable}
+	acc := &Accept{Have: durable, IdleMS: r.cfg.IdleTimeout.Milliseconds()}
 	if img, err := j.Image(o.Name); err == nil && img.Manifest.ChunkSize == o.ChunkSize {
 		if base, err := OpenSource(img.Path); err == nil {
 			chunks := img.Manifest.Chunks
@@ -724,6 +723,12 @@ func (s *session) data(fr *frameReader, w *lockedWriter) {
 				continue
 			}
 			s.add(i, h, w, 0, true)
+		case frameAlive:
+			// Its arrival is the news (heard, above); a later release
+			// may say more in it.
+			if fr.skip(n) != nil {
+				return
+			}
 		default:
 			refuse(fmt.Sprintf("unexpected frame type %d on a data stream", typ))
 			return

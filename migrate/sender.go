@@ -92,6 +92,8 @@ type SendConfig struct {
 	// mangle, in tests, damages a chunk's payload after it was hashed,
 	// as a broken disk or memory would.
 	mangle func(index int64, payload []byte)
+	// open, in tests, opens the source instead of OpenSource.
+	open func(path string) (Source, error)
 }
 
 // DeniedError is returned when the policy refuses a migration: before
@@ -141,7 +143,11 @@ func Send(ctx context.Context, cfg SendConfig) (*SendRecord, error) {
 	if cfg.Streams > MaxStreams {
 		return nil, fmt.Errorf("%d streams: at most %d", cfg.Streams, MaxStreams)
 	}
-	src, err := OpenSource(cfg.Image)
+	open := cfg.open
+	if open == nil {
+		open = OpenSource
+	}
+	src, err := open(cfg.Image)
 	if err != nil {
 		return nil, err
 	}
@@ -421,6 +427,16 @@ func (s *sender) run(ctx context.Context) error {
 		return err
 	}
 
+	// What was read is one version of the image only if nothing wrote
+	// to it meanwhile (a running VM does): a mix of two would be stored
+	// and verified as if it were an image.
+	now, err := sourceID(s.cfg.Image)
+	if err != nil {
+		return fmt.Errorf("check the source is unchanged: %w", err)
+	}
+	if !now.Same(s.rec.Source) {
+		return fmt.Errorf("%s changed while it was read (is a VM running on it?); nothing was stored: stop the VM or snapshot the image, then `skybridge migrate resume %s` sends only the chunks that differ from those already sent", s.cfg.Image, s.rec.ID)
+	}
 	s.progress("commit")
 	s.rec.Root = s.manifest.Root()
 	if err := cw.json(frameCommit, Commit{Manifest: s.manifest, Root: s.rec.Root}); err != nil {
@@ -455,12 +471,17 @@ func (s *sender) run(ctx context.Context) error {
 	return nil
 }
 
+// zeroMark, in the sender's journal, records a chunk found all zeros:
+// no chunk's BLAKE3 hash is all zeros.
+var zeroMark Hash
+
 // job is one chunk on its way.
 type job struct {
 	index int64
 	hash  Hash
 	same  bool   // send a Same frame
 	had   bool   // the receiver has it durable: nothing to send
+	alive bool   // no chunk: an Alive frame, to keep the session
 	data  []byte // frame payload parts: header + bytes
 	hdr   []byte
 	tries int
@@ -512,9 +533,17 @@ func (s *sender) transfer(ctx context.Context, cands []int64, acked map[int64]Ha
 		ackMu    sync.Mutex
 		done     atomic.Bool
 		lastAck  atomic.Int64 // unix nanos of the last acknowledgement
+		lastSent atomic.Int64 // unix nanos of the last frame written
 		inFlight atomic.Int64
+		// keepAlive: while the producers find nothing to send, a frame
+		// this often keeps the receiver from taking the sender for gone.
+		keepAlive = max(time.Duration(acc.IdleMS)*time.Millisecond/4, 0)
 	)
+	if keepAlive > 0 && keepAlive < 50*time.Millisecond {
+		keepAlive = 50 * time.Millisecond
+	}
 	lastAck.Store(time.Now().UnixNano())
+	lastSent.Store(time.Now().UnixNano())
 	fail := func(err error) {
 		select {
 		case errc <- err:
@@ -549,6 +578,19 @@ func (s *sender) transfer(ctx context.Context, cands []int64, acked map[int64]Ha
 				if j == nil { // closed: every chunk is durable
 					break
 				}
+				if j.alive {
+					c.SetWriteDeadline(time.Now().Add(stallTimeout))
+					err := fw.frame(frameAlive)
+					if err == nil {
+						err = fw.flush()
+					}
+					if err != nil {
+						fail(fmt.Errorf("data stream: %w", err))
+						return
+					}
+					lastSent.Store(time.Now().UnixNano())
+					continue
+				}
 				inflight.Store(j.index, j)
 				inFlight.Add(1)
 				c.SetWriteDeadline(time.Now().Add(stallTimeout))
@@ -576,6 +618,7 @@ func (s *sender) transfer(ctx context.Context, cands []int64, acked map[int64]Ha
 					fail(fmt.Errorf("send chunk %d: %w", j.index, err))
 					return
 				}
+				lastSent.Store(time.Now().UnixNano())
 			}
 			fw.flush()
 		})
@@ -644,6 +687,16 @@ func (s *sender) transfer(ctx context.Context, cands []int64, acked map[int64]Ha
 							fail(err)
 							return
 						}
+						if nj == nil {
+							// Zeros now: the source was written
+							// meanwhile, and the manifest says hole.
+							pending.Add(-1)
+							select {
+							case settled <- struct{}{}:
+							default:
+							}
+							return
+						}
 						nj.tries = j.tries + 1
 						select {
 						case queue <- nj:
@@ -664,20 +717,38 @@ func (s *sender) transfer(ctx context.Context, cands []int64, acked map[int64]Ha
 	for range producerCount {
 		producers.Go(func() {
 			for i := range work {
-				if h, ok := acked[i]; ok && acc.Have[i] == h {
-					s.mu.Lock()
-					s.manifest.Chunks[i] = h
-					s.stats.ChunksResumed++
-					s.stats.ChunksDone++
-					s.mu.Unlock()
-					continue
+				if h, ok := acked[i]; ok {
+					have, held := acc.Have[i]
+					switch {
+					case h == zeroMark:
+						// Found zeros by an earlier attempt of this
+						// unchanged source: a hole, not read again.
+						s.mu.Lock()
+						s.stats.ChunksZero++
+						s.stats.ChunksDone++
+						s.mu.Unlock()
+						continue
+					case held && have == h:
+						s.mu.Lock()
+						s.manifest.Chunks[i] = h
+						s.stats.ChunksResumed++
+						s.stats.ChunksDone++
+						s.mu.Unlock()
+						continue
+					}
 				}
 				j, err := s.prepare(i, enc, acc)
 				if err != nil {
 					fail(err)
 					return
 				}
-				if j == nil { // zero
+				if j == nil { // zeros
+					// Recorded, so that a resume of this source does
+					// not read them again: allocated zeros (a
+					// thick-provisioned disk) may be most of an image.
+					ackMu.Lock()
+					newAcks[i] = zeroMark
+					ackMu.Unlock()
 					continue
 				}
 				if j.had {
@@ -710,7 +781,11 @@ func (s *sender) transfer(ctx context.Context, cands []int64, acked map[int64]Ha
 		}
 	}()
 
-	ticker := time.NewTicker(250 * time.Millisecond)
+	tick := 250 * time.Millisecond
+	if keepAlive > 0 {
+		tick = min(tick, keepAlive)
+	}
+	ticker := time.NewTicker(tick)
 	defer ticker.Stop()
 	producersDone := make(chan struct{})
 	go func() { producers.Wait(); close(producersDone) }()
@@ -727,6 +802,12 @@ func (s *sender) transfer(ctx context.Context, cands []int64, acked map[int64]Ha
 		case <-ticker.C:
 			flushAcks()
 			s.progress("transfer")
+			if keepAlive > 0 && time.Since(time.Unix(0, lastSent.Load())) > keepAlive {
+				select {
+				case queue <- &job{alive: true}:
+				default: // full: frames are on their way anyway
+				}
+			}
 			if inFlight.Load() > 0 && time.Since(time.Unix(0, lastAck.Load())) > stallTimeout {
 				return fmt.Errorf("receiver %s stopped acknowledging chunks for %s; resume the migration when it is back", s.cfg.To.Attributes.Node, stallTimeout)
 			}

@@ -26,6 +26,7 @@ const (
 	frameCommit byte = 9 // sender → receiver, control: Commit (JSON)
 	frameDone   byte = 10
 	frameError  byte = 11
+	frameAlive  byte = 12 // sender → receiver, data stream, empty: still reading chunks it need not send
 
 	flagZstd = 1
 
@@ -90,6 +91,12 @@ type Join struct {
 type Accept struct {
 	Have map[int64]Hash `json:"have,omitempty"`
 	Base map[int64]Hash `json:"base,omitempty"`
+	// IdleMS is how long, in milliseconds, the receiver waits for a word
+	// from a sender that has not committed; a sender that reads chunks
+	// it need not send keeps the session with Alive frames meanwhile.
+	// Receivers of releases before it take no Alive frame and leave it
+	// out (0): the sender then sends none.
+	IdleMS int64 `json:"idle_ms,omitempty"`
 }
 
 // Deny refuses a migration with the policy's reasons.
