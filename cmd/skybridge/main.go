@@ -83,23 +83,33 @@ func noteRequired(cmds []*cli.Command, parent string, required map[cli.Flag]bool
 			return usageError("%v (see %s --help)", err, name)
 		}
 		var names []string
+		texts := map[string]bool{} // string flags, whose empty value is as good as none
 		for _, f := range c.Flags {
 			if r, ok := f.(cli.RequiredFlag); ok && r.IsRequired() || required[f] {
 				required[f] = true
 				names = append(names, f.Names()[0])
+				if _, ok := f.(*cli.StringFlag); ok {
+					texts[f.Names()[0]] = true
+				}
 			}
 		}
 		if len(names) > 0 {
 			before := c.Before
 			c.Before = func(ctx *cli.Context) error {
-				var missing []string
+				var missing, empty []string
 				for _, r := range names {
-					if !ctx.IsSet(r) {
+					switch {
+					case !ctx.IsSet(r):
 						missing = append(missing, "--"+r)
+					case texts[r] && strings.TrimSpace(ctx.String(r)) == "":
+						empty = append(empty, "--"+r)
 					}
 				}
 				if len(missing) > 0 {
 					return usageError("missing %s (see %s --help)", strings.Join(missing, ", "), name)
+				}
+				if len(empty) > 0 {
+					return usageError("%s given empty (see %s --help)", strings.Join(empty, ", "), name)
 				}
 				if before != nil {
 					return before(ctx)

@@ -51,7 +51,9 @@ func TestVersionAndHelp(t *testing.T) {
 	// caller a 1 for "deny").
 	for _, args := range [][]string{{"bogus"}, {"ca", "bogus"}, {"policy", "check", "--policy", "p.hcl", "--class", "c", "--action", "store", "--site", "s", "--at", "2020-01-01", "--json"}, {"ca", "list", "--bogus"}, {"policy", "check", "--class", "c", "--json"},
 		// Flags several commands share (--ca, --policy) are required in each.
-		{"ca", "list"}, {"ca", "revoke", "--serial", "0x1"}, {"policy", "explain", "--class", "x", "--inventory", "y"}} {
+		{"ca", "list"}, {"ca", "revoke", "--serial", "0x1"}, {"policy", "explain", "--class", "x", "--inventory", "y"},
+		// An empty value is no value.
+		{"ca", "init", "--dir", ""}, {"ca", "list", "--ca", " "}} {
 		if out, errs, code := runCLI(t, args...); code != 2 || out != "" || strings.Count(strings.TrimSpace(errs), "\n") != 0 {
 			t.Errorf("%v: exit %d, stdout %q, stderr %q; want exit 2, one line on stderr", args, code, out, errs)
 		}

@@ -48,6 +48,11 @@ func WriteNew(path string, data []byte, perm os.FileMode) error {
 }
 
 func writeTemp(path string, data []byte, perm os.FileMode) (string, error) {
+	// Said before anything is written: the rename would fail with a
+	// message about a temporary file the caller never named.
+	if fi, err := os.Stat(path); err == nil && fi.IsDir() {
+		return "", fmt.Errorf("%s is a directory: name a file", path)
+	}
 	dir, base := filepath.Split(path)
 	if dir == "" {
 		dir = "."

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 )
 
@@ -49,6 +50,17 @@ func TestWriteFileMissingDir(t *testing.T) {
 	if err == nil {
 		t.Fatal("expected error for missing directory")
 	}
+}
+
+// TestWriteFileOntoDirectory: naming a directory is refused before
+// anything is written, in words about the name given.
+func TestWriteFileOntoDirectory(t *testing.T) {
+	dir := t.TempDir()
+	err := WriteFile(dir, []byte("x"), 0o644)
+	if err == nil || !strings.Contains(err.Error(), "is a directory: name a file") {
+		t.Fatalf("WriteFile onto a directory: %v", err)
+	}
+	assertNoTemps(t, filepath.Dir(dir))
 }
 
 func assertNoTemps(t *testing.T, dir string) {
