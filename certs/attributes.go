@@ -64,18 +64,9 @@ func ValidLabelValue(s string) bool { return labelValRE.MatchString(s) }
 // Validate checks every attribute and says which one is wrong and how to fix
 // it. meshPrefix, if valid, is the overlay range the overlay IP must be in.
 func (a *Attributes) Validate(meshPrefix netip.Prefix) error {
-	var errs []error
-	checkName := func(field, v string) {
-		if !nameRE.MatchString(v) {
-			errs = append(errs, fmt.Errorf("%s %q is not valid: use 1-63 lower-case letters, digits and '-', starting and ending with a letter or digit", field, v))
-		}
-	}
-	checkName("node", a.Node)
-	checkName("site", a.Site)
-	checkName("region", a.Region)
-	checkName("provider", a.Provider)
-	if !iso3166.Valid(a.Jurisdiction) {
-		errs = append(errs, fmt.Errorf("jurisdiction %q is not an ISO 3166-1 alpha-2 country code (e.g. CH, DE, US)", a.Jurisdiction))
+	errs := placeErrors(a.Site, a.Region, a.Provider, a.Jurisdiction, a.Labels)
+	if !nameRE.MatchString(a.Node) {
+		errs = append(errs, badName("node", a.Node))
 	}
 	switch {
 	case !a.OverlayIP.IsValid():
@@ -102,10 +93,34 @@ func (a *Attributes) Validate(meshPrefix netip.Prefix) error {
 			errs = append(errs, fmt.Errorf("route %s overlaps the mesh overlay range %s: routes are the site networks behind the gateway, not overlay addresses", r, meshPrefix))
 		}
 	}
-	if len(a.Labels) > maxLabels {
-		errs = append(errs, fmt.Errorf("%d labels given; at most %d are allowed", len(a.Labels), maxLabels))
+	sort.Slice(errs, func(i, j int) bool { return errs[i].Error() < errs[j].Error() })
+	return errors.Join(errs...)
+}
+
+// ValidatePlace checks a site's attributes — its name, region, provider,
+// jurisdiction and labels — as a certificate's are checked: a site in an
+// inventory, or described on the command line, that no certificate could
+// carry would be judged as no gateway ever is.
+func ValidatePlace(site, region, provider, jurisdiction string, labels map[string]string) error {
+	errs := placeErrors(site, region, provider, jurisdiction, labels)
+	sort.Slice(errs, func(i, j int) bool { return errs[i].Error() < errs[j].Error() })
+	return errors.Join(errs...)
+}
+
+func placeErrors(site, region, provider, jurisdiction string, labels map[string]string) []error {
+	var errs []error
+	for _, f := range [...]struct{ field, v string }{{"site", site}, {"region", region}, {"provider", provider}} {
+		if !nameRE.MatchString(f.v) {
+			errs = append(errs, badName(f.field, f.v))
+		}
 	}
-	for k, v := range a.Labels {
+	if !iso3166.Valid(jurisdiction) {
+		errs = append(errs, fmt.Errorf("jurisdiction %q is not an ISO 3166-1 alpha-2 country code (e.g. CH, DE, US)", jurisdiction))
+	}
+	if len(labels) > maxLabels {
+		errs = append(errs, fmt.Errorf("%d labels given; at most %d are allowed", len(labels), maxLabels))
+	}
+	for k, v := range labels {
 		if !labelKeyRE.MatchString(k) {
 			errs = append(errs, fmt.Errorf("label key %q is not valid: use lower-case letters, digits and . _ / -", k))
 		}
@@ -113,8 +128,11 @@ func (a *Attributes) Validate(meshPrefix netip.Prefix) error {
 			errs = append(errs, fmt.Errorf("label %s value %q is not valid: use at most 255 letters, digits and . _ : / + @ , -", k, v))
 		}
 	}
-	sort.Slice(errs, func(i, j int) bool { return errs[i].Error() < errs[j].Error() })
-	return errors.Join(errs...)
+	return errs
+}
+
+func badName(field, v string) error {
+	return fmt.Errorf("%s %q is not valid: use 1-63 lower-case letters, digits and '-', starting and ending with a letter or digit", field, v)
 }
 
 // Normalize puts routes in a canonical order so that equal attribute sets

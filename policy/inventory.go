@@ -9,8 +9,8 @@ import (
 	"github.com/hashicorp/hcl/v2/gohcl"
 	"github.com/hashicorp/hcl/v2/hclsyntax"
 
+	"github.com/skybridge-mesh/skybridge/certs"
 	"github.com/skybridge-mesh/skybridge/internal/hclconf"
-	"github.com/skybridge-mesh/skybridge/internal/iso3166"
 )
 
 // Inventory is a set of sites by name, for judging a policy against the
@@ -77,7 +77,7 @@ func LoadInventory(file string) (Inventory, error) {
 	if len(only.Sites) == 0 {
 		return nil, fmt.Errorf("%s holds no site block: an inventory lists sites as site \"NAME\" { provider, region, jurisdiction, labels }", file)
 	}
-	return decodeSites(f.Body)
+	return inventoryOf(only.Sites)
 }
 
 // decodeSites takes the site blocks of body and leaves other blocks alone
@@ -87,14 +87,18 @@ func decodeSites(body hcl.Body) (Inventory, error) {
 	if diags := gohcl.DecodeBody(body, nil, &syn); diags.HasErrors() {
 		return nil, hclconf.Diagnostics(diags)
 	}
+	return inventoryOf(syn.Sites)
+}
+
+func inventoryOf(sites []siteSyntax) (Inventory, error) {
 	inv := Inventory{}
-	for _, s := range syn.Sites {
+	for _, s := range sites {
 		r := s.DefRange
 		if _, dup := inv[s.Name]; dup {
 			return nil, fmt.Errorf("%s:%d: site %q is defined twice", r.Filename, r.Start.Line, s.Name)
 		}
-		if !iso3166.Valid(s.Jurisdiction) {
-			return nil, fmt.Errorf("%s:%d: site %q: jurisdiction %q is not an ISO 3166-1 alpha-2 country code", r.Filename, r.Start.Line, s.Name, s.Jurisdiction)
+		if err := certs.ValidatePlace(s.Name, s.Region, s.Provider, s.Jurisdiction, s.Labels); err != nil {
+			return nil, fmt.Errorf("%s:%d: site %q is no site a gateway's certificate could describe:\n%w", r.Filename, r.Start.Line, s.Name, err)
 		}
 		inv[s.Name] = Site{Name: s.Name, Provider: s.Provider, Region: s.Region, Jurisdiction: s.Jurisdiction, Labels: s.Labels}
 	}

@@ -148,7 +148,7 @@ func TestLoadTestFileErrors(t *testing.T) {
 		{`policy = "p.hcl"`, "has no test blocks"},
 		{"policy = \"p.hcl\"\ntest \"a\" {\n  class = \"c\"\n  action = \"keep\"\n  sites = []\n  expect = \"deny\"\n}\n", `:2: test "a": action "keep"`},
 		{"policy = \"p.hcl\"\ntest \"a\" {\n  class = \"c\"\n  action = \"store\"\n  sites = []\n  expect = \"maybe\"\n}\n", `expect "maybe"`},
-		{"policy = \"p.hcl\"\nsite \"x\" {\n  provider = \"aws\"\n  region = \"r\"\n  jurisdiction = \"EU\"\n}\n", `site "x": jurisdiction "EU"`},
+		{"policy = \"p.hcl\"\nsite \"x\" {\n  provider = \"aws\"\n  region = \"r\"\n  jurisdiction = \"EU\"\n}\n", "site \"x\" is no site a gateway's certificate could describe:\njurisdiction \"EU\" is not"},
 	} {
 		if _, err := LoadTestFile(write("t.hcl", tc.src), nov24); err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("err = %v, want %q", err, tc.want)
@@ -200,6 +200,10 @@ func TestInventoryRefusesStrays(t *testing.T) {
 		"typo'd block": {"site \"a\" {\n  provider = \"aws\"\n  region = \"r\"\n  jurisdiction = \"DE\"\n}\nsitee \"b\" {\n  provider = \"aws\"\n}\n", `Unsupported block type`},
 		"empty":        {"", "holds no site block"},
 		"a policy":     {"policy {\n  name = \"p\"\n  version = 1\n}\n", `Unsupported block type`},
+		// Checked as a certificate's attributes are: a provider in
+		// capitals would match no rule and no gateway.
+		"a site no certificate could carry": {"site \"a\" {\n  provider = \"AWS\"\n  region = \"r\"\n  jurisdiction = \"DE\"\n  labels = { tier = \"\" }\n}\n",
+			`provider "AWS" is not valid`},
 	} {
 		f := filepath.Join(dir, "inv.hcl")
 		os.WriteFile(f, []byte(tc.src), 0o644)

@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net/netip"
 	"os"
 	"strings"
 	"time"
@@ -201,9 +200,7 @@ func requestSites(c *cli.Context) ([]policy.Site, error) {
 	}
 	// The same attributes a gateway's certificate would certify: a site
 	// no certificate could describe would get a decision no gateway gets.
-	a := certs.Attributes{Node: "n", Site: s.Name, Provider: s.Provider, Region: s.Region, Jurisdiction: s.Jurisdiction, Labels: s.Labels,
-		OverlayIP: netip.MustParseAddr("100.64.0.1")}
-	if err := a.Validate(netip.Prefix{}); err != nil {
+	if err := certs.ValidatePlace(s.Name, s.Region, s.Provider, s.Jurisdiction, s.Labels); err != nil {
 		return nil, fmt.Errorf("--site and --site-attrs describe no site a gateway could have (give provider, region and jurisdiction):\n%w", err)
 	}
 	return []policy.Site{s}, nil
