@@ -243,6 +243,8 @@ var (
 		"Migrations in progress, by role.", []string{"role"}, nil)
 	descIdentityExpiry = prometheus.NewDesc("skybridge_identity_expiry_timestamp_seconds",
 		"Unix time when this gateway's mesh certificate expires.", nil, nil)
+	descIdentityIssued = prometheus.NewDesc("skybridge_identity_issued_timestamp_seconds",
+		"Unix time from which this gateway's mesh certificate is valid (with the expiry, its lifetime: renewal starts at about two thirds of it).", nil, nil)
 	descGossipPackets = prometheus.NewDesc("skybridge_gossip_packets_total",
 		"Gossip datagrams (probes, gossip, small requests), by direction (sent, received).", []string{"direction"}, nil)
 	descGossipBytes = prometheus.NewDesc("skybridge_gossip_bytes_total",
@@ -283,6 +285,7 @@ func (c *gatewayCollector) Collect(ch chan<- prometheus.Metric) {
 	now := c.g.now()
 	ch <- prometheus.MustNewConstMetric(descInfo, prometheus.GaugeValue, 1, st.Node, st.Site, st.Region, st.Jurisdiction, st.Mode, st.Policy)
 	ch <- prometheus.MustNewConstMetric(descIdentityExpiry, prometheus.GaugeValue, float64(st.Identity.NotAfter.Unix()))
+	ch <- prometheus.MustNewConstMetric(descIdentityIssued, prometheus.GaugeValue, float64(st.Identity.NotBefore.Unix()))
 	for _, s := range siteHealth(st, now) {
 		for _, state := range []MemberState{StateVerified, StatePending, StateRefused, StateDead} {
 			ch <- prometheus.MustNewConstMetric(descMembers, prometheus.GaugeValue, float64(s.count[state]), s.name, string(state))

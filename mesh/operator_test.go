@@ -283,6 +283,9 @@ func TestOperatorEndpoint(t *testing.T) {
 	if v, _ := fam.Value("skybridge_identity_expiry_timestamp_seconds", nil); time.Until(time.Unix(int64(v), 0)) < 50*time.Minute {
 		t.Errorf("identity expiry %v is not the certificate's (an hour from now)", v)
 	}
+	if v, _ := fam.Value("skybridge_identity_issued_timestamp_seconds", nil); time.Since(time.Unix(int64(v), 0)) > 10*time.Minute || time.Since(time.Unix(int64(v), 0)) < 0 {
+		t.Errorf("identity issued at %v, not the certificate's (just now)", v)
+	}
 	// Every metric the shipped alerting rules use is one a live gateway
 	// exports (promtool, in scripts/test.sh, checks the rules' syntax and
 	// behaviour). The decision counter exists once a policy names classes.

@@ -42,6 +42,7 @@ type Status struct {
 // IdentityStatus describes our own certificate.
 type IdentityStatus struct {
 	Serial    string    `json:"serial"`
+	NotBefore time.Time `json:"not_before"`
 	NotAfter  time.Time `json:"not_after"`
 	CRLNumber uint64    `json:"crl_number"`
 }
@@ -87,7 +88,7 @@ func (g *Gateway) Status() (*Status, error) {
 		Node: a.Node, Site: a.Site, Region: a.Region, Jurisdiction: a.Jurisdiction, OverlayIP: a.OverlayIP,
 		Interface: g.dev.Name(), Mode: g.dev.Mode(), PublicKey: g.wgPublicKey(), ListenPort: g.s.Port,
 		Gossip: g.s.GossipAdvertise.String(), Policy: g.policyRevision(), Topology: g.s.Topology, Uptime: time.Since(g.started),
-		Identity: IdentityStatus{Serial: certs.FormatSerial(id.Certificate().SerialNumber), NotAfter: id.Certificate().NotAfter, CRLNumber: crlNumber(tb.CRL())},
+		Identity: IdentityStatus{Serial: certs.FormatSerial(id.Certificate().SerialNumber), NotBefore: id.Certificate().NotBefore, NotAfter: id.Certificate().NotAfter, CRLNumber: crlNumber(tb.CRL())},
 	}
 	if a := g.OperatorAddress(); a != nil {
 		st.Operator = a.String()
