@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -302,6 +303,9 @@ func caRevoke(c *cli.Context) error {
 	serialArgs, node := c.StringSlice("serial"), c.String("node")
 	if (len(serialArgs) == 0) == (node == "") {
 		return usageError("give either --serial (one or more) or --node")
+	}
+	if reason := c.String("reason"); !slices.Contains(certs.RevocationReasons(), reason) {
+		return usageError("--reason %q: want one of %s", reason, strings.Join(certs.RevocationReasons(), ", "))
 	}
 	ca, err := certs.OpenCA(c.String("ca"))
 	if err != nil {

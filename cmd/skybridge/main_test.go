@@ -53,7 +53,8 @@ func TestVersionAndHelp(t *testing.T) {
 		// Flags several commands share (--ca, --policy) are required in each.
 		{"ca", "list"}, {"ca", "revoke", "--serial", "0x1"}, {"policy", "explain", "--class", "x", "--inventory", "y"},
 		// An empty value is no value.
-		{"ca", "init", "--dir", ""}, {"ca", "list", "--ca", " "}} {
+		{"ca", "init", "--dir", ""}, {"ca", "list", "--ca", " "},
+		{"ca", "revoke", "--ca", t.TempDir(), "--serial", "0x1", "--reason", "bogus"}} {
 		if out, errs, code := runCLI(t, args...); code != 2 || out != "" || strings.Count(strings.TrimSpace(errs), "\n") != 0 {
 			t.Errorf("%v: exit %d, stdout %q, stderr %q; want exit 2, one line on stderr", args, code, out, errs)
 		}

@@ -1,5 +1,5 @@
 // Package examples embeds the shipped example files — the bank's residency
-// policy, its sites and its policy tests — so that `skybridge demo` runs on
+// policy and its sites — so that `skybridge demo` runs on
 // a machine that has only the binary. The files themselves are the source
 // of truth and the documentation (docs/POLICY.md).
 package examples
