@@ -55,7 +55,9 @@ func (l *lab) writeGatewayConfig(s *meshSite, caDir, policyFile string, seeds []
 	s.ifname = "sb" + l.id + s.short
 	sb(l.t, 0, "ca", "issue", "--ca", caDir, "--node", "gw-"+s.short, "--site", s.site, "--region", s.region,
 		"--provider", s.provider, "--jurisdiction", s.jur, "--overlay-ip", s.overlay, "--route", s.route,
-		"--label", "classes="+s.classes, "--label", "certified=iso27001", "--out", filepath.Join(s.dir, "identity"))
+		// Every lab site attests that its store encrypts at rest, which
+		// the example policy requires to store EU personal data.
+		"--label", "classes="+s.classes, "--label", "certified=iso27001", "--label", "encryption_at_rest=true", "--out", filepath.Join(s.dir, "identity"))
 	q := func(xs []string) string { return `["` + strings.Join(xs, `", "`) + `"]` }
 	pol := ""
 	if policyFile != "" {

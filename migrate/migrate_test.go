@@ -77,20 +77,27 @@ func newPair(t testing.TB, toJur string) *pair {
 // configuration.
 func newPairWith(t testing.TB, toJur string, tweak func(*ReceiverConfig)) *pair {
 	t.Helper()
+	return newPairLabelled(t, toJur, nil, tweak)
+}
+
+// newPairLabelled is newPairWith whose destination's certificate carries
+// labels.
+func newPairLabelled(t testing.TB, toJur string, toLabels map[string]string, tweak func(*ReceiverConfig)) *pair {
+	t.Helper()
 	dir := t.TempDir()
 	ca, err := certs.InitCA(filepath.Join(dir, "ca"), certs.InitOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	issue := func(node, site, cc string, host byte) *certs.NodeIdentity {
+	issue := func(node, site, cc string, host byte, labels map[string]string) *certs.NodeIdentity {
 		id, err := ca.IssueIdentity(certs.Attributes{Node: node, Site: site, Region: "r", Provider: "onprem", Jurisdiction: cc,
-			OverlayIP: netip.AddrFrom4([4]byte{100, 96, 0, host})}, time.Hour, time.Now())
+			OverlayIP: netip.AddrFrom4([4]byte{100, 96, 0, host}), Labels: labels}, time.Hour, time.Now())
 		if err != nil {
 			t.Fatal(err)
 		}
 		return id
 	}
-	p := &pair{t: t, dir: dir, from: issue("gw-zrh", "onprem-zrh", "CH", 1), to: issue("gw-dst", "dst-site", toJur, 2)}
+	p := &pair{t: t, dir: dir, from: issue("gw-zrh", "onprem-zrh", "CH", 1, nil), to: issue("gw-dst", "dst-site", toJur, 2, toLabels)}
 	p.tb, _ = ca.TrustBundle()
 	p.pol, err = policy.Parse("p.hcl", []byte(testPolicy))
 	if err != nil {
@@ -300,12 +307,12 @@ func TestMigratePolicy(t *testing.T) {
 	}
 }
 
-// TestMigrateAuditsObligations: what the decision rested on beyond its
-// rule — the reasons and the obligations that come with storage there —
-// is in both ends' audit records, and the receiver says it does not
-// provide the obligations itself.
+// TestMigrateAuditsObligations: storage that the policy allows only with
+// encryption at rest is refused at a site whose certificate does not
+// attest it, before anything is sent; where it is attested, what the
+// decision rested on beyond its rule — the reasons and the obligations —
+// is in both ends' audit records.
 func TestMigrateAuditsObligations(t *testing.T) {
-	p := newPair(t, "DE")
 	pol, err := policy.Parse("oblig.hcl", []byte(strings.Replace(testPolicy, `  allow "store" {
     jurisdiction = ["DE", "CH"]
   }`, `  allow "store" {
@@ -317,22 +324,34 @@ func TestMigrateAuditsObligations(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	p.recvPolicy.Store(pol)
-	raw := filepath.Join(p.dir, "vm.raw")
-	makeRaw(t, raw, 4*mib, map[int64]int{0: mib})
-	cfg := p.config(raw, "pii-eu")
-	cfg.Policy = pol
-	if _, err := Send(context.Background(), cfg); err != nil {
-		t.Fatal(err)
-	}
-	for _, l := range []*audit.Log{p.sendAudit, p.recvAudit} {
-		b, _ := os.ReadFile(l.Path())
-		if !strings.Contains(string(b), `"obligations":"encryption at rest"`) || !strings.Contains(string(b), `"reasons":[`) {
-			t.Errorf("audit %s lacks the obligations or the reasons:\n%s", l.Path(), b)
+	for _, attested := range []bool{false, true} {
+		var labels map[string]string
+		if attested {
+			labels = map[string]string{policy.LabelEncryptionAtRest: "true"}
 		}
-	}
-	if !strings.Contains(p.recvLog.String(), "obliges the storage of this image to provide encryption at rest") {
-		t.Errorf("the receiver did not say it leaves the obligation to the store:\n%s", p.recvLog.String())
+		p := newPairLabelled(t, "DE", labels, nil)
+		p.recvPolicy.Store(pol)
+		raw := filepath.Join(p.dir, "vm.raw")
+		makeRaw(t, raw, 4*mib, map[int64]int{0: mib})
+		cfg := p.config(raw, "pii-eu")
+		cfg.Policy = pol
+		rec, err := Send(context.Background(), cfg)
+		if !attested {
+			var denied *DeniedError
+			if !errors.As(err, &denied) || denied.By != "sender" || !strings.Contains(err.Error(), "does not attest") || rec.Stats.BytesSent != 0 {
+				t.Fatalf("to a site that does not attest encryption at rest: %v (%d bytes sent); want refused by the sender, nothing sent", err, rec.Stats.BytesSent)
+			}
+			continue
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, l := range []*audit.Log{p.sendAudit, p.recvAudit} {
+			b, _ := os.ReadFile(l.Path())
+			if !strings.Contains(string(b), `"obligations":"encryption at rest"`) || !strings.Contains(string(b), `"reasons":[`) {
+				t.Errorf("audit %s lacks the obligations or the reasons:\n%s", l.Path(), b)
+			}
+		}
 	}
 }
 

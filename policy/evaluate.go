@@ -3,6 +3,7 @@ package policy
 import (
 	"fmt"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 )
@@ -16,6 +17,9 @@ import (
 // unexpired exception admits; otherwise the site is refused by default.
 // The request is allowed only if every site is, and, for transit, the path
 // is no longer than the strictest max_hops of the rules that admitted it.
+// A store is allowed only where the sites' certificates attest what the
+// admitting allows require: encryption at rest at each site, and replicas
+// in enough zones across the request (see LabelEncryptionAtRest).
 func (p *Policy) Evaluate(req Request) Decision {
 	d := Decision{Policy: p.rev, Sites: make([]SiteDecision, 0, len(req.Sites))}
 	mode := p.mode
@@ -53,10 +57,13 @@ func (d *Decision) deny(r RuleRef, reason string) {
 
 func (p *Policy) evaluateSites(cls *class, req *Request, d *Decision) {
 	d.Allowed = true
-	var hopsRule *rule // the admitting rule with the strictest max_hops
+	var hopsRule, zonesRule *rule // the admitting rules with the strictest max_hops and min_replica_zones
 	for i := range req.Sites {
 		site := &req.Sites[i]
 		sd, allows := p.decideSite(cls, req.Action, site, req)
+		if sd.Allowed && req.Action == Store {
+			unattested(cls, site, allows, &sd)
+		}
 		d.Sites = append(d.Sites, sd)
 		if !sd.Allowed {
 			d.deny(sd.Rule, sd.Reason)
@@ -66,6 +73,9 @@ func (p *Policy) evaluateSites(cls *class, req *Request, d *Decision) {
 			d.Obligations.merge(&r.req)
 			if r.req.MaxHops > 0 && (hopsRule == nil || r.req.MaxHops < hopsRule.req.MaxHops) {
 				hopsRule = r
+			}
+			if r.req.MinReplicaZones > 0 && (zonesRule == nil || r.req.MinReplicaZones > zonesRule.req.MinReplicaZones) {
+				zonesRule = r
 			}
 		}
 		if sd.Exception != nil && d.Exception == nil {
@@ -84,6 +94,19 @@ func (p *Policy) evaluateSites(cls *class, req *Request, d *Decision) {
 		ref.Kind = "max-hops"
 		d.deny(ref, fmt.Sprintf("path %s has %d hops; %s allows at most %d", strings.Join(names, " → "), hops, hopsRule.ref(), hopsRule.req.MaxHops))
 		return
+	}
+	if zonesRule != nil {
+		if have, need := replicaZones(req.Sites), zonesRule.req.MinReplicaZones; have < need {
+			names := make([]string, len(req.Sites))
+			for i := range req.Sites {
+				names[i] = req.Sites[i].Name
+			}
+			ref := zonesRule.ref()
+			ref.Kind = "requirement"
+			d.deny(ref, fmt.Sprintf("store of %q at %s: %s requires replicas in at least %d zones, and the certificates attest %d (label %s: the site's store keeps that many itself; or sites with different %s labels)",
+				cls.name, strings.Join(names, ", "), zonesRule.ref(), need, have, LabelReplicaZones, LabelZone))
+			return
+		}
 	}
 	// The destination's verdict is the one people ask about.
 	last := d.Sites[len(d.Sites)-1]
@@ -154,6 +177,42 @@ func (p *Policy) decideSite(cls *class, a Action, site *Site, req *Request) (Sit
 		sd.Reason += fmt.Sprintf(" (exception %q ran until %s and has expired)", expired.name, expired.until)
 	}
 	return sd, allows
+}
+
+// unattested denies a site admitted for storage whose certificate does not
+// attest encryption at rest that an admitting allow requires. (An
+// exception waives a deny, not the requirements of the allows that match.)
+func unattested(cls *class, site *Site, allows []*rule, sd *SiteDecision) {
+	if site.Labels[LabelEncryptionAtRest] == "true" {
+		return
+	}
+	for _, r := range allows {
+		if r.req.EncryptionAtRest {
+			sd.Allowed, sd.Exception = false, nil
+			sd.Rule = r.ref()
+			sd.Rule.Kind = "requirement"
+			sd.Reason = fmt.Sprintf("%s: %s of %q allowed by %s only where data rests encrypted, which the site's certificate does not attest (label %s = \"true\")",
+				describeSite(site), Store, cls.name, r.ref(), LabelEncryptionAtRest)
+			return
+		}
+	}
+}
+
+// replicaZones is how many zones a store at sites keeps replicas in, as
+// their certificates attest: the distinct zone labels, or the most zones a
+// site's store keeps by itself, whichever is more.
+func replicaZones(sites []Site) int {
+	zones := map[string]bool{}
+	most := 0
+	for _, s := range sites {
+		if z := s.Labels[LabelZone]; z != "" {
+			zones[z] = true
+		}
+		if n, err := strconv.Atoi(s.Labels[LabelReplicaZones]); err == nil {
+			most = max(most, n)
+		}
+	}
+	return max(len(zones), most)
 }
 
 func describeSite(s *Site) string {

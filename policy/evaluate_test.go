@@ -95,13 +95,19 @@ exception "pii-shared" {
 `
 
 var (
-	zrh       = Site{Name: "onprem-zrh", Provider: "onprem", Region: "zrh", Jurisdiction: "CH"}
-	gva       = Site{Name: "onprem-gva", Provider: "onprem", Region: "gva", Jurisdiction: "CH"}
-	bsl       = Site{Name: "onprem-bsl", Provider: "onprem", Region: "bsl", Jurisdiction: "CH"}
+	// What a site's store attests: encryption at rest, zone replicas of
+	// its own, or the zone it is in.
+	zrh       = Site{Name: "onprem-zrh", Provider: "onprem", Region: "zrh", Jurisdiction: "CH", Labels: map[string]string{LabelEncryptionAtRest: "true", LabelReplicaZones: "2"}}
+	gva       = Site{Name: "onprem-gva", Provider: "onprem", Region: "gva", Jurisdiction: "CH", Labels: map[string]string{LabelEncryptionAtRest: "true", LabelZone: "gva-a"}}
+	bsl       = Site{Name: "onprem-bsl", Provider: "onprem", Region: "bsl", Jurisdiction: "CH", Labels: map[string]string{LabelEncryptionAtRest: "true", LabelZone: "bsl-a"}}
+	bsl2      = Site{Name: "onprem-bsl2", Provider: "onprem", Region: "bsl", Jurisdiction: "CH", Labels: map[string]string{LabelEncryptionAtRest: "true", LabelZone: "bsl-a"}}
+	plainZrh  = Site{Name: "onprem-zrh-old", Provider: "onprem", Region: "zrh", Jurisdiction: "CH", Labels: map[string]string{LabelReplicaZones: "2"}}
 	gcpZrh    = Site{Name: "gcp-zrh", Provider: "gcp", Region: "europe-west6", Jurisdiction: "CH", Labels: map[string]string{"certified": "iso27001"}}
-	fra       = Site{Name: "aws-eu-central-1", Provider: "aws", Region: "eu-central-1", Jurisdiction: "DE", Labels: map[string]string{"certified": "soc2,iso27001"}}
-	osl       = Site{Name: "onprem-osl", Provider: "onprem", Region: "osl", Jurisdiction: "NO"}
-	shared    = Site{Name: "gcp-shared-eu", Provider: "gcp", Region: "eu-west-1", Jurisdiction: "IE"}
+	fra       = Site{Name: "aws-eu-central-1", Provider: "aws", Region: "eu-central-1", Jurisdiction: "DE", Labels: map[string]string{"certified": "soc2,iso27001", LabelEncryptionAtRest: "true"}}
+	plainFra  = Site{Name: "aws-eu-central-1", Provider: "aws", Region: "eu-central-1", Jurisdiction: "DE", Labels: map[string]string{"certified": "soc2,iso27001", LabelEncryptionAtRest: "yes"}}
+	osl       = Site{Name: "onprem-osl", Provider: "onprem", Region: "osl", Jurisdiction: "NO", Labels: map[string]string{LabelEncryptionAtRest: "true"}}
+	shared    = Site{Name: "gcp-shared-eu", Provider: "gcp", Region: "eu-west-1", Jurisdiction: "IE", Labels: map[string]string{LabelEncryptionAtRest: "true"}}
+	plainShd  = Site{Name: "gcp-shared-eu", Provider: "gcp", Region: "eu-west-1", Jurisdiction: "IE"}
 	iad       = Site{Name: "aws-us-east-1", Provider: "aws", Region: "us-east-1", Jurisdiction: "US", Labels: map[string]string{"certified": "iso27001"}}
 	iad2      = Site{Name: "aws-us-east-2", Provider: "aws", Region: "us-east-2", Jurisdiction: "US"}
 	uncert    = Site{Name: "aws-eu-west-1", Provider: "aws", Region: "eu-west-1", Jurisdiction: "IE"}
@@ -163,6 +169,18 @@ func TestEvaluate(t *testing.T) {
 		{name: "path through a forbidden site", class: "pii", action: Transit, sites: []Site{fra, iad, osl}, outcome: "deny", reason: "aws-us-east-1"},
 		{name: "strictest max_hops wins", class: "pii", action: Transit, sites: []Site{zrh, fra, osl, shared}, outcome: "allow", oblig: Obligations{MaxHops: 3}},
 		{name: "multi-site store: all must allow", class: "secret", action: Store, sites: []Site{zrh, gcpZrh}, outcome: "deny", reason: "gcp-zrh"},
+
+		// requirements, met by what the sites' certificates attest
+		{name: "encryption not attested", class: "pii", action: Store, sites: []Site{plainFra}, outcome: "deny", line: 32, kind: "requirement",
+			reason: `only where data rests encrypted, which the site's certificate does not attest (label encryption_at_rest = "true")`},
+		{name: "encryption not attested, zones are", class: "secret", action: Store, sites: []Site{plainZrh}, outcome: "deny", line: 16, kind: "requirement", reason: "does not attest"},
+		{name: "one zone of two", class: "secret", action: Store, sites: []Site{gva}, outcome: "deny", line: 16, kind: "requirement",
+			reason: "requires replicas in at least 2 zones, and the certificates attest 1"},
+		{name: "two sites of one zone", class: "secret", action: Store, sites: []Site{bsl, bsl2}, outcome: "deny", kind: "requirement", reason: "attest 1"},
+		{name: "replicas in two zones", class: "secret", action: Store, sites: []Site{gva, bsl}, outcome: "allow", line: 16,
+			oblig: Obligations{EncryptionAtRest: true, MinReplicaZones: 2}},
+		{name: "an exception waives the deny, not the allow's requirement", class: "pii", action: Store, sites: []Site{plainShd}, outcome: "deny", kind: "requirement", line: 32},
+		{name: "transit needs no attestation", class: "pii", action: Transit, sites: []Site{plainFra, osl}, outcome: "allow"},
 
 		// modes and defaults
 		{name: "audit mode allows a denial", class: "trial", action: Store, sites: []Site{zrh}, outcome: "audit", kind: "default-deny", reason: "audit mode"},

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"slices"
 	"sort"
+	"strings"
 	"time"
 )
 
@@ -66,6 +67,24 @@ func Lint(p *Policy, inv Inventory, now time.Time) []Finding {
 				if !slices.ContainsFunc(sites, func(s Site) bool { return r.sel.match(&s) }) {
 					add("matches-no-site", "warning", r.pos, "%s matches none of the %d inventory sites", r.ref().Name, len(sites))
 				}
+			}
+		}
+		// A store allow whose requirements a site does not attest denies
+		// there: say so before a migration finds out.
+		for _, r := range cls.allow[Store] {
+			var unmet []string
+			for _, s := range sites {
+				if !r.sel.match(&s) {
+					continue
+				}
+				d := p.Evaluate(Request{Class: name, Action: Store, Sites: []Site{s}, Time: now})
+				if d.Denied && d.Rule.Kind == "requirement" && d.Rule.Pos == r.pos {
+					unmet = append(unmet, s.Name)
+				}
+			}
+			if len(unmet) > 0 {
+				add("unattested-requirement", "warning", r.pos, "%s requires %s, which these sites it matches do not attest (labels %s, %s, %s): %s; stores there are denied",
+					r.ref().Name, r.req.String(), LabelEncryptionAtRest, LabelReplicaZones, LabelZone, strings.Join(unmet, ", "))
 			}
 		}
 		stored := false

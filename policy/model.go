@@ -48,6 +48,21 @@ type Site struct {
 	Labels       map[string]string `json:"labels,omitempty"`
 }
 
+// Labels by which a site's certificate attests what its storage provides,
+// vouched for by the CA as the site's jurisdiction is. The requirements of
+// a store allow are met by them, or the store is denied.
+const (
+	// LabelEncryptionAtRest "true": images rest encrypted at the site
+	// (an encrypted volume, an encrypted cloud disk).
+	LabelEncryptionAtRest = "encryption_at_rest"
+	// LabelReplicaZones "N": the site's storage keeps every image in N
+	// zones itself (a stretched or replicated store).
+	LabelReplicaZones = "replica_zones"
+	// LabelZone names the zone the site is in: a store at sites of N
+	// different zones keeps N zone replicas.
+	LabelZone = "zone"
+)
+
 // SiteOf takes a site's attributes from a verified gateway certificate.
 func SiteOf(a *certs.Attributes) Site {
 	return Site{Name: a.Site, Provider: a.Provider, Region: a.Region, Jurisdiction: a.Jurisdiction, Labels: a.Labels}
@@ -117,7 +132,7 @@ func (p Position) String() string {
 
 // RuleRef names the rule that decided.
 type RuleRef struct {
-	Kind   string   `json:"kind"` // "allow", "deny", "exception", "default-deny", "max-hops"
+	Kind   string   `json:"kind"` // "allow", "deny", "exception", "default-deny", "max-hops", "requirement"
 	Name   string   `json:"name"` // e.g. `class "pii-eu" allow "store"`
 	Pos    Position `json:"position"`
 	Reason string   `json:"reason,omitempty"`

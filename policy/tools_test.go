@@ -50,9 +50,17 @@ exception "forever" {
   ticket = "T-2"
   expires = "2030-01-01"
 }
+class "c" {
+  allow "store" {
+    jurisdiction = ["CH"]
+    require {
+      encryption_at_rest = true
+    }
+  }
+}
 `
 	p := mustParse(t, src)
-	inv := Inventory{"onprem-zrh": zrh, "aws-eu-central-1": fra}
+	inv := Inventory{"onprem-zrh": zrh, "aws-eu-central-1": fra, plainZrh.Name: plainZrh}
 	got := map[string][]int{}
 	for _, f := range Lint(p, inv, nov24) {
 		got[f.Check] = append(got[f.Check], f.Pos.Line)
@@ -64,6 +72,8 @@ exception "forever" {
 		"never-stored":      {18}, // not "a": the exception lets it be stored at onprem-zrh
 		"expired-exception": {23},
 		"long-exception":    {33},
+		// onprem-zrh-old does not attest encryption at rest.
+		"unattested-requirement": {44},
 	}
 	for check, lines := range want {
 		if fmt.Sprint(got[check]) != fmt.Sprint(lines) {

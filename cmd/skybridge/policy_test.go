@@ -84,7 +84,7 @@ func TestPolicyExplainTestLint(t *testing.T) {
 	}
 
 	out = mustRun(t, "policy", "test", exampleTests)
-	if !strings.Contains(out, "16 passed, 0 failed") {
+	if !strings.Contains(out, "17 passed, 0 failed") {
 		t.Fatalf("policy test:\n%s", out)
 	}
 	// A failing case fails the command.

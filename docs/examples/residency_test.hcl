@@ -5,7 +5,8 @@ policy    = "residency.hcl"
 inventory = "sites.hcl"
 at        = "2026-11-24T12:00:00Z"
 
-# A third Swiss rack, to test paths of more than one hop.
+# A third Swiss rack, to test paths of more than one hop. Its storage is
+# neither encrypted nor mirrored (yet).
 site "onprem-bsl" {
   provider     = "onprem"
   region       = "bsl-dc3"
@@ -17,6 +18,14 @@ test "swiss banking secrets are stored in our Swiss racks" {
   action = "store"
   sites  = ["onprem-zrh"]
   expect = "allow"
+}
+
+test "swiss banking secrets are not stored where the storage is not attested as encrypted" {
+  class         = "swiss-banking-secret"
+  action        = "store"
+  sites         = ["onprem-bsl"]
+  expect        = "deny"
+  expect_reason = "does not attest (label encryption_at_rest"
 }
 
 test "swiss banking secrets never go to a cloud, even a Swiss one" {

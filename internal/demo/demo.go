@@ -15,6 +15,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -57,15 +58,22 @@ type Options struct {
 type site struct {
 	Short, Site, Region, Provider, Jurisdiction, Classes, Certified, Route string
 	CPU, MemoryGiB                                                         string // capacity for `skybridge plan`
-	Host                                                                   byte
-	NS, Iface, Dir, Config, Socket                                         string
-	cmd                                                                    *exec.Cmd
+	// Attests is what the site's certificate vouches its storage
+	// provides, which the policy's requirements ask for (a demo's sites
+	// are simulated: in production the CA's operator checks before
+	// certifying).
+	Attests                        map[string]string
+	Host                           byte
+	NS, Iface, Dir, Config, Socket string
+	cmd                            *exec.Cmd
 }
 
 func demoSites() []*site {
 	return []*site{
-		{Short: "zrh", Site: "onprem-zrh", Region: "zrh-dc1", Provider: "onprem", Jurisdiction: "CH", Classes: "swiss-banking-secret,pii-eu,risk-batch", Route: "10.1.0.0/16", Host: 1},
-		{Short: "fra", Site: "aws-eu-central-1", Region: "eu-central-1", Provider: "aws", Jurisdiction: "DE", Classes: "pii-eu,risk-batch", Certified: "iso27001,pci-dss", Route: "10.2.0.0/16", CPU: "96", MemoryGiB: "384", Host: 2},
+		{Short: "zrh", Site: "onprem-zrh", Region: "zrh-dc1", Provider: "onprem", Jurisdiction: "CH", Classes: "swiss-banking-secret,pii-eu,risk-batch", Route: "10.1.0.0/16", Host: 1,
+			Attests: map[string]string{policy.LabelEncryptionAtRest: "true", policy.LabelReplicaZones: "2"}},
+		{Short: "fra", Site: "aws-eu-central-1", Region: "eu-central-1", Provider: "aws", Jurisdiction: "DE", Classes: "pii-eu,risk-batch", Certified: "iso27001,pci-dss", Route: "10.2.0.0/16", CPU: "96", MemoryGiB: "384", Host: 2,
+			Attests: map[string]string{policy.LabelEncryptionAtRest: "true"}},
 		{Short: "iad", Site: "aws-us-east-1", Region: "us-east-1", Provider: "aws", Jurisdiction: "US", Classes: "risk-batch", Certified: "iso27001", Route: "10.3.0.0/16", CPU: "128", MemoryGiB: "512", Host: 3},
 	}
 }
@@ -256,16 +264,9 @@ func (r *run) makeIdentities() error {
 	r.sum.Policy = sig.Policy.String()
 	for _, s := range r.sites {
 		s.Dir = filepath.Join(r.dir, s.Short)
-		labels := map[string]string{"classes": s.Classes}
-		if s.Certified != "" {
-			labels["certified"] = s.Certified
-		}
-		if s.CPU != "" {
-			labels[migrate.LabelCapacityCPU], labels[migrate.LabelCapacityMemory] = s.CPU, s.MemoryGiB
-		}
 		id, err := r.ca.IssueIdentity(certs.Attributes{
 			Node: "gw-" + s.Short, Site: s.Site, Region: s.Region, Provider: s.Provider, Jurisdiction: s.Jurisdiction,
-			OverlayIP: netip.AddrFrom4([4]byte{100, 96, 0, s.Host}), Routes: []netip.Prefix{netip.MustParsePrefix(s.Route)}, Labels: labels,
+			OverlayIP: netip.AddrFrom4([4]byte{100, 96, 0, s.Host}), Routes: []netip.Prefix{netip.MustParsePrefix(s.Route)}, Labels: s.labels(),
 		}, 24*time.Hour, time.Now())
 		if err != nil {
 			return err
@@ -400,15 +401,26 @@ operator {
 	return nil
 }
 
-func labelsHCL(s *site) string {
-	l := fmt.Sprintf("{ classes = %q", s.Classes)
+// labels are the site's certificate labels.
+func (s *site) labels() map[string]string {
+	labels := map[string]string{"classes": s.Classes}
 	if s.Certified != "" {
-		l += fmt.Sprintf(", certified = %q", s.Certified)
+		labels["certified"] = s.Certified
 	}
 	if s.CPU != "" {
-		l += fmt.Sprintf(", %s = %q, %s = %q", migrate.LabelCapacityCPU, s.CPU, migrate.LabelCapacityMemory, s.MemoryGiB)
+		labels[migrate.LabelCapacityCPU], labels[migrate.LabelCapacityMemory] = s.CPU, s.MemoryGiB
 	}
-	return l + " }"
+	maps.Copy(labels, s.Attests)
+	return labels
+}
+
+func labelsHCL(s *site) string {
+	labels := s.labels()
+	var kv []string
+	for _, k := range slices.Sorted(maps.Keys(labels)) {
+		kv = append(kv, fmt.Sprintf("%s = %q", k, labels[k]))
+	}
+	return "{ " + strings.Join(kv, ", ") + " }"
 }
 
 func (r *run) nsNames() string {
