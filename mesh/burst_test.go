@@ -202,7 +202,6 @@ func TestBurstBook(t *testing.T) {
 func TestBurstLifecycle(t *testing.T) {
 	dir := t.TempDir()
 	logs := &syncbuf.Buffer{}
-	port := 24000 + os.Getpid()%6000
 	ca, err := certs.InitCA(filepath.Join(dir, "ca"), certs.InitOptions{MeshPrefix: netip.MustParsePrefix("100.64.0.0/10")})
 	if err != nil {
 		t.Fatal(err)
@@ -212,13 +211,13 @@ func TestBurstLifecycle(t *testing.T) {
 			t.Logf("logs:\n%s", logs.String())
 		}
 	}()
-	hq := startLiveGatewayWith(t, ca, dir, 0, "zrh-dc", nil, &port, logs, func(s *Settings) {
+	hq := startLiveGatewayWith(t, ca, dir, 0, "zrh-dc", nil, logs, func(s *Settings) {
 		s.Identity.CADir = ca.Dir()
-		s.EnrollListen = netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(nextLoopbackPort(t, &port)))
+		s.EnrollListen = netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(loopbackPort(t)))
 		s.EnrollAdvertise = s.EnrollListen
 	})
 	seed := []string{hq.g.s.GossipAdvertise.String()}
-	fra := startLiveGatewayWith(t, ca, dir, 1, "aws-fra", seed, &port, logs, nil)
+	fra := startLiveGatewayWith(t, ca, dir, 1, "aws-fra", seed, logs, nil)
 	waitUntil(t, 20*time.Second, "the two static gateways peer", func() bool { return len(hq.dev.Peers()) == 1 && len(fra.dev.Peers()) == 1 })
 
 	if _, err := fra.g.BurstUp(context.Background(), BurstRequest{BurstSite: BurstSite{Site: "burst-ams"}}); err == nil || !strings.Contains(err.Error(), "does not open burst sites") {
@@ -256,7 +255,7 @@ func TestBurstLifecycle(t *testing.T) {
 		{foreignPin.Encode(), "not the one the join token pins"},
 		{"sbj1.garbage!", "damaged"},
 	} {
-		s := liveSettings(t, t.TempDir(), &port)
+		s := liveSettings(t, t.TempDir())
 		if _, err := Join(context.Background(), s, tc.tok, nil); err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Fatalf("join with a bad token: %v, want an error saying %q", err, tc.want)
 		}
@@ -265,7 +264,7 @@ func TestBurstLifecycle(t *testing.T) {
 		}
 	}
 
-	bs := liveSettings(t, filepath.Join(dir, "burst1"), &port)
+	bs := liveSettings(t, filepath.Join(dir, "burst1"))
 	enr, err := Join(context.Background(), bs, tokA, nil)
 	if err != nil {
 		t.Fatal(err)
@@ -279,7 +278,7 @@ func TestBurstLifecycle(t *testing.T) {
 		}
 	}
 	// The token is spent: a second gateway cannot use it.
-	if _, err := Join(context.Background(), liveSettings(t, t.TempDir(), &port), tokA, nil); err == nil || !strings.Contains(err.Error(), "already used") {
+	if _, err := Join(context.Background(), liveSettings(t, t.TempDir()), tokA, nil); err == nil || !strings.Contains(err.Error(), "already used") {
 		t.Fatalf("token reuse: %v", err)
 	}
 	// A restart with the same token uses the stored identity.
@@ -344,7 +343,7 @@ func TestBurstLifecycle(t *testing.T) {
 			return len(lg.dev.Peers()) == 1 && !carries(lg)
 		})
 	}
-	if _, err := Join(context.Background(), liveSettings(t, t.TempDir(), &port), tokB, nil); err == nil || !strings.Contains(err.Error(), "ended") {
+	if _, err := Join(context.Background(), liveSettings(t, t.TempDir()), tokB, nil); err == nil || !strings.Contains(err.Error(), "ended") {
 		t.Fatalf("the unused token of an ended burst: %v", err)
 	}
 	// A restart of the ended burst gateway does not bring it back, and a

@@ -33,13 +33,13 @@ type liveGateway struct {
 	err  error // Run's, once done is closed
 }
 
-func startLiveGateway(t *testing.T, ca *certs.CA, dir string, i int, site string, seeds []string, port *int, logs io.Writer) *liveGateway {
-	return startLiveGatewayWith(t, ca, dir, i, site, seeds, port, logs, nil)
+func startLiveGateway(t *testing.T, ca *certs.CA, dir string, i int, site string, seeds []string, logs io.Writer) *liveGateway {
+	return startLiveGatewayWith(t, ca, dir, i, site, seeds, logs, nil)
 }
 
 // startLiveGatewayWith is startLiveGateway with a last change to its
 // settings.
-func startLiveGatewayWith(t *testing.T, ca *certs.CA, dir string, i int, site string, seeds []string, port *int, logs io.Writer, tweak func(*Settings)) *liveGateway {
+func startLiveGatewayWith(t *testing.T, ca *certs.CA, dir string, i int, site string, seeds []string, logs io.Writer, tweak func(*Settings)) *liveGateway {
 	t.Helper()
 	tb, err := ca.TrustBundle()
 	if err != nil {
@@ -49,7 +49,7 @@ func startLiveGatewayWith(t *testing.T, ca *certs.CA, dir string, i int, site st
 	gdir := filepath.Join(dir, node)
 	overlay := netip.AddrFrom4([4]byte{100, 64, 7, byte(i + 1)})
 	attrs := certs.Attributes{Node: node, Site: site, Region: "r-" + site, Provider: "onprem", Jurisdiction: "CH", OverlayIP: overlay}
-	s := liveSettings(t, gdir, port)
+	s := liveSettings(t, gdir)
 	s.Node = provisionGateway(t, ca, tb, attrs, time.Hour, s.Identity.Dir)
 	s.Seeds = seeds
 	if tweak != nil {
@@ -60,8 +60,8 @@ func startLiveGatewayWith(t *testing.T, ca *certs.CA, dir string, i int, site st
 
 // liveSettings are the settings of an in-process gateway in dir with its
 // gossip on a free loopback port, and no node block.
-func liveSettings(t *testing.T, dir string, port *int) *Settings {
-	p := nextLoopbackPort(t, port)
+func liveSettings(t *testing.T, dir string) *Settings {
+	p := loopbackPort(t)
 	ap := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(p))
 	return &Settings{
 		StateDir: dir, Identity: certs.Config{Dir: filepath.Join(dir, "identity")},
@@ -123,14 +123,13 @@ func (lg *liveGateway) token(t *testing.T) string {
 type liveMesh struct {
 	ca   *certs.CA
 	dir  string
-	port int // next loopback port to try
 	logs *syncbuf.Buffer
 	gws  [3]*liveGateway
 }
 
 func startLiveMesh(t *testing.T) *liveMesh {
 	t.Helper()
-	m := &liveMesh{dir: t.TempDir(), logs: &syncbuf.Buffer{}, port: 22000 + os.Getpid()%8000}
+	m := &liveMesh{dir: t.TempDir(), logs: &syncbuf.Buffer{}}
 	var err error
 	m.ca, err = certs.InitCA(filepath.Join(m.dir, "ca"), certs.InitOptions{MeshPrefix: netip.MustParsePrefix("100.64.0.0/10")})
 	if err != nil {
@@ -138,7 +137,7 @@ func startLiveMesh(t *testing.T) *liveMesh {
 	}
 	var seed []string
 	for i, site := range []string{"zrh-dc", "aws-fra", "gcp-ams"} {
-		m.gws[i] = startLiveGateway(t, m.ca, m.dir, i, site, seed, &m.port, m.logs)
+		m.gws[i] = startLiveGateway(t, m.ca, m.dir, i, site, seed, m.logs)
 		seed = []string{m.gws[0].g.s.GossipAdvertise.String()}
 	}
 	for _, lg := range m.gws {
@@ -180,7 +179,7 @@ func TestOperatorEndpoint(t *testing.T) {
 	if err := ca.CopyGossipKeyring(context.Background(), filepath.Join(dir, "op3", "identity")); err != nil {
 		t.Fatal(err)
 	}
-	startLiveGateway(t, rogueCA, dir, 3, "evil", seed, &m.port, lw)
+	startLiveGateway(t, rogueCA, dir, 3, "evil", seed, lw)
 
 	tok := a.token(t)
 	if fi, err := os.Stat(a.g.s.OperatorTokenFile); err != nil {

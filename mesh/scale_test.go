@@ -27,6 +27,7 @@ import (
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
 	"github.com/skybridge-mesh/skybridge/certs"
+	"github.com/skybridge-mesh/skybridge/internal/freeport"
 )
 
 // TestScaleConvergence is the mesh-scale benchmark of docs/BENCHMARKS.md:
@@ -159,28 +160,15 @@ func provisionGateway(t testing.TB, ca *certs.CA, tb *certs.TrustBundle, attrs c
 	return attrs.NodeConfig()
 }
 
-// nextLoopbackPort finds a port free for both UDP and TCP on loopback at
-// or after *next, below the kernel's ephemeral range: ports chosen ahead
-// of binding must not collide with each other or with the ephemeral
-// ports of the gateways' own outgoing streams.
-func nextLoopbackPort(t testing.TB, next *int) int {
-	for ; *next < 32000; *next++ {
-		p := *next
-		u, err := net.ListenPacket("udp4", fmt.Sprintf("127.0.0.1:%d", p))
-		if err != nil {
-			continue
-		}
-		l, err := net.Listen("tcp4", fmt.Sprintf("127.0.0.1:%d", p))
-		u.Close()
-		if err != nil {
-			continue
-		}
-		l.Close()
-		*next++
-		return p
+// loopbackPort is a port of 127.0.0.1 free for both UDP and TCP, never
+// handed out before in this process, from below the kernel's ephemeral
+// range (so no outgoing stream takes it before the gateway binds it).
+func loopbackPort(t testing.TB) int {
+	p, err := freeport.Loopback(1)
+	if err != nil {
+		t.Fatal(err)
 	}
-	t.Fatal("no free loopback port below 32000")
-	return 0
+	return p[0]
 }
 
 func runScale(t *testing.T, n int) scaleResult {
@@ -211,7 +199,6 @@ func runScale(t *testing.T, n int) scaleResult {
 
 	sims := make([]*simGateway, n)
 	var seeds []string
-	nextPort := 20000
 	setup := time.Now()
 	for i := range n {
 		node := fmt.Sprintf("gw%04d", i)
@@ -221,7 +208,7 @@ func runScale(t *testing.T, n int) scaleResult {
 		attrs := certs.Attributes{Node: node, Site: "site-" + node, Region: "r", Provider: "aws", Jurisdiction: "DE", OverlayIP: overlay, Routes: []netip.Prefix{route}}
 		idDir := filepath.Join(gdir, "identity")
 		nodeCfg := provisionGateway(t, ca, tb, attrs, 24*time.Hour, idDir)
-		port := nextLoopbackPort(t, &nextPort)
+		port := loopbackPort(t)
 		ap := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(port))
 		if i < 3 {
 			seeds = append(seeds, ap.String())
@@ -417,7 +404,6 @@ func runPlainScale(t *testing.T, n int) scaleResult {
 		t.Logf("N=%d (plain memberlist): stopped in %s", n, time.Since(stopping).Round(time.Millisecond))
 	}()
 	var seeds []string
-	nextPort := 20000
 	joinStart, cpuStart := time.Now(), processCPU()
 	var r scaleResult
 	for i := range n {
@@ -428,7 +414,7 @@ func runPlainScale(t *testing.T, n int) scaleResult {
 		}
 		cfg := memberlist.DefaultLANConfig()
 		cfg.Name = fmt.Sprintf("ml%04d", i)
-		port := nextLoopbackPort(t, &nextPort)
+		port := loopbackPort(t)
 		cfg.BindAddr, cfg.BindPort = "127.0.0.1", port
 		cfg.AdvertiseAddr, cfg.AdvertisePort = cfg.BindAddr, port
 		cfg.Logger = log.New(io.Discard, "", 0)

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"os"
 	"path/filepath"
 	"testing"
 	"time"
@@ -17,12 +16,11 @@ import (
 // lonelyGateway runs one live gateway with a CA of its own.
 func lonelyGateway(t *testing.T) (*certs.CA, *liveGateway) {
 	dir := t.TempDir()
-	port := 24000 + os.Getpid()%6000
 	ca, err := certs.InitCA(filepath.Join(dir, "ca"), certs.InitOptions{MeshPrefix: netip.MustParsePrefix("100.64.0.0/10")})
 	if err != nil {
 		t.Fatal(err)
 	}
-	return ca, startLiveGateway(t, ca, dir, 0, "zrh-dc", nil, &port, &syncbuf.Buffer{})
+	return ca, startLiveGateway(t, ca, dir, 0, "zrh-dc", nil, &syncbuf.Buffer{})
 }
 
 // TestWorkerSurvivesMalformedMessages: whatever arrives by gossip — any

@@ -17,8 +17,7 @@ import (
 
 // The band ports are taken from: below the kernel's ephemeral range, so
 // that no outgoing connection is given one between the probe and the
-// caller's bind, and below 20000, where the mesh tests probe ports of
-// their own.
+// caller's bind.
 const (
 	bandLow  = 10000
 	bandHigh = 20000
