@@ -78,7 +78,7 @@ func TestHAFailover(t *testing.T) {
 		out, err := l.nsexec(zrh.ns, "env", helperEnv+"=reconnect 10.2.0.100:7000 20", os.Args[0])
 		done <- result{out, err}
 	}()
-	time.Sleep(3 * time.Second) // the conversation runs before the failure: load, not a wait for a condition
+	l.waitConnected(zrh.ns, 7000) // the conversation runs before the failure
 	fraA.gwCmd.Process.Kill()
 	fraA.gwCmd.Wait()
 	moved := waitFor(t, 30*time.Second, "routes move to gw-2b", func() (bool, string) {

@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"bufio"
+	"context"
 	"crypto/rand"
 	"encoding/json"
 	"fmt"
@@ -49,7 +50,11 @@ type migrationStats struct {
 // events as they come, and the process.
 func startMigration(t *testing.T, args ...string) (<-chan migrationEvent, *exec.Cmd) {
 	t.Helper()
-	cmd := exec.Command(skybridge, append(args, "--json")...)
+	// A migration that hangs fails its test, not the whole package at
+	// its -timeout.
+	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Minute)
+	t.Cleanup(cancel)
+	cmd := exec.CommandContext(ctx, skybridge, append(args, "--json")...)
 	out, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -229,22 +234,27 @@ func TestMigrationEndToEnd(t *testing.T) {
 		waitPeers(zrh, "gw-2")
 
 		ch, cmd = startMigration(t, "migrate", "resume", id, "--socket", zrh.socket)
-		var first *migrationStats
+		var twoThirds *migrationStats
 		for ev := range ch {
-			if p := ev.Progress; p != nil && p.Stats.Chunks > 0 {
-				if first == nil {
-					s := p.Stats
-					first = &s
-				}
-				if p.Stats.ChunksDone*3 >= p.Stats.Chunks*2 {
-					break
-				}
+			if p := ev.Progress; p != nil && p.Stats.Chunks > 0 && p.Stats.ChunksDone*3 >= p.Stats.Chunks*2 {
+				s := p.Stats
+				twoThirds = &s
+				break
 			}
+		}
+		// The resume skipped, unread, what the killed sender had recorded
+		// as acknowledged (a third at least).
+		if twoThirds == nil || twoThirds.ChunksResumed == 0 {
+			t.Fatalf("the resume after the sender was killed, two thirds through: %+v", twoThirds)
 		}
 		fra.gwCmd.Process.Signal(syscall.SIGKILL) // now the receiving gateway dies
 		fra.gwCmd.Wait()
-		lastEvent(t, ch, cmd)
+		if ev := lastEvent(t, ch, cmd); ev.Record != nil && ev.Record.State == "done" {
+			t.Fatalf("the attempt whose receiver was killed ended done: %+v", ev.Record)
+		}
 		l.startGateway(fra, 2)
+		// The restarted receiver, not the sender's memory of the old one.
+		waitPeers(fra, "gw-1")
 		waitPeers(zrh, "gw-2")
 
 		ch, cmd = startMigration(t, "migrate", "resume", id, "--socket", zrh.socket)

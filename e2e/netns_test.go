@@ -248,6 +248,16 @@ func (l *lab) nsexec(ns string, args ...string) (string, error) {
 	return string(out), err
 }
 
+// waitConnected waits until a TCP connection to port is established from
+// ns: a load must be running before the event it is to live through.
+func (l *lab) waitConnected(ns string, port int) {
+	l.t.Helper()
+	waitFor(l.t, 30*time.Second, fmt.Sprintf("a TCP connection to port %d from %s", port, ns), func() (bool, string) {
+		out, err := l.nsexec(ns, "ss", "-Htn", "state", "established", fmt.Sprintf("( dport = :%d )", port))
+		return err == nil && strings.TrimSpace(out) != "", strings.TrimSpace(out)
+	})
+}
+
 // addHost makes a namespace attached to the underlay with addr/24.
 func (l *lab) addHost(short, addr string) string {
 	ns := "sb" + short + l.id

@@ -67,7 +67,7 @@ func TestWireGuardKeyRotationUnderLoad(t *testing.T) {
 		out, err := l.nsexec(fra.ns, "env", helperEnv+"=stream "+zrh.overlay+":7000 8", os.Args[0])
 		done <- result{out, err}
 	}()
-	time.Sleep(2 * time.Second) // let the stream run before the rotation: this is the load, not a wait for a condition
+	l.waitConnected(fra.ns, 7000) // the load runs before the rotation (8 s of it)
 	out, _ = sb(t, 0, "keys", "rotate-wg", "--socket", zrh.socket, "--json")
 	var rep struct {
 		Old   string   `json:"old_public_key"`

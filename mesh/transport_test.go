@@ -121,7 +121,13 @@ func TestGossipTransport(t *testing.T) {
 	if c, err := a.DialTimeout(to, 5*time.Second); err == nil {
 		defer c.Close()
 	}
-	time.Sleep(50 * time.Millisecond) // let b's readers block on their hand-over
+	// b's reader holds the datagram (it counts it as it reads it) and
+	// blocks on its hand-over.
+	for deadline := time.Now().Add(5 * time.Second); bTraffic.packetsReceived.Load() < 3; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("b never read the datagram nobody takes")
+		}
+	}
 	for _, tr := range []*gossipTransport{a, b, b} {
 		done := make(chan error, 1)
 		go func() { done <- tr.Shutdown() }()

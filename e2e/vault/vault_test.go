@@ -382,20 +382,21 @@ func TestVaultReloginWhenTokenRefused(t *testing.T) {
 	}
 	defer p.Close()
 
-	// Revoke every token but root's: the gateway's hour-long token is
-	// then invalid, and its watcher would not renew it for 40 minutes.
-	self, err := e.root.Auth().Token().LookupSelf()
-	must(t, err)
-	rootAccessor, _ := self.Data["accessor"].(string)
+	// Revoke the tokens logged in through this test's AppRole mount (an
+	// external Vault has others, not ours to touch): the gateway's
+	// hour-long token is then invalid, and its watcher would not renew it
+	// for 40 minutes.
 	revokeGateway := func() {
 		list, err := e.root.Logical().List("auth/token/accessors")
 		must(t, err)
 		revoked := 0
 		for _, a := range list.Data["keys"].([]any) {
-			if a.(string) != rootAccessor {
-				write(t, e.root, "auth/token/revoke-accessor", map[string]any{"accessor": a})
-				revoked++
+			tok, err := e.root.Logical().Write("auth/token/lookup-accessor", map[string]any{"accessor": a})
+			if err != nil || tok == nil || tok.Data["path"] != "auth/"+e.approleMount+"/login" {
+				continue // gone meanwhile, or not ours
 			}
+			write(t, e.root, "auth/token/revoke-accessor", map[string]any{"accessor": a})
+			revoked++
 		}
 		if revoked == 0 {
 			t.Fatal("no gateway token to revoke")
