@@ -1,6 +1,7 @@
 package mesh
 
 import (
+	"fmt"
 	"log/slog"
 	"testing"
 	"time"
@@ -89,17 +90,27 @@ func TestGreet(t *testing.T) {
 		gr.due = clock.Add(-time.Millisecond)
 		g.greetings[k] = gr
 	}
+	// The wait before the next greeting: a short pause after the add,
+	// then greetWait, doubled each try.
+	waits := func(k certs.WGPublicKey, want time.Duration, when string) {
+		t.Helper()
+		if got := g.greetings[k].due.Sub(clock); got != want {
+			t.Fatalf("%s: next greeting in %s, want %s", when, got, want)
+		}
+	}
 	if cs := pass(); len(cs) != 1 || len(g.greetings) != 1 {
 		t.Fatalf("adding two peers: %d configurations, %d greetings; want the add alone and one greeting (not yet due)", len(cs), len(g.greetings))
 	}
 	if _, ok := g.greetings[below]; ok {
 		t.Fatal("the peer with the lower key greets us; we must not greet it too (crossing initiations void each other)")
 	}
+	waits(above, greetFirst, "after the add")
 	dueNow(above)
 	cs := pass()
 	if k, r := kicked(cs, above); k != 1 || r != 0 {
 		t.Fatalf("first greeting: %d kicks, %d re-creations; want 1 and 0: %+v", k, r, cs)
 	}
+	waits(above, greetWait, "after the first greeting")
 	if p := dev.Peers()[wgtypes.Key(above)]; p.PersistentKeepaliveInterval != 0 {
 		t.Fatalf("keepalive left at %s after the greeting", p.PersistentKeepaliveInterval)
 	}
@@ -115,6 +126,7 @@ func TestGreet(t *testing.T) {
 		if _, ok := dev.Peers()[wgtypes.Key(above)]; !ok {
 			t.Fatal("the re-created peer is missing")
 		}
+		waits(above, greetWait<<(try-1), fmt.Sprintf("after greeting %d", try))
 	}
 	dueNow(above)
 	if cs := pass(); len(cs) != 0 || len(g.greetings) != 0 {
