@@ -135,6 +135,9 @@ type burstToken struct {
 	Node      string     `json:"node,omitempty"`
 	OverlayIP string     `json:"overlay_ip,omitempty"`
 	Serial    string     `json:"serial,omitempty"`
+	// Key is the SHA-256 of the public key certified (hex): the gateway
+	// that lost the answer asks again with the same key and token.
+	Key string `json:"key_sha256,omitempty"`
 }
 
 func (r *burstRecord) active(now time.Time) bool { return r.Ended == nil && now.Before(r.Expires) }
@@ -213,8 +216,12 @@ func (b *burstBook) open(req BurstRequest, attrs certs.Attributes, tokens []*cer
 var errToken = errors.New("join token not recognised by this gateway: check that you copied it whole, or ask for a new one with `skybridge burst up`")
 
 // redeem checks a token and returns its burst and index. It does not mark
-// it used: the caller does, once the certificate exists.
-func (b *burstBook) redeem(id string, secret []byte, now time.Time) (*burstRecord, int, error) {
+// it used: the caller does, once the certificate exists. again says the
+// token was used already, by the same key (key: the hex SHA-256 of the
+// public key asked for): the gateway lost the answer — to a crash, to the
+// network — and asks again within the token's life, which is answered
+// rather than held against it.
+func (b *burstBook) redeem(id string, secret []byte, key string, now time.Time) (_ *burstRecord, _ int, again bool, _ error) {
 	for _, r := range b.Bursts {
 		for i, t := range r.Tokens {
 			if t.ID != id {
@@ -222,23 +229,23 @@ func (b *burstBook) redeem(id string, secret []byte, now time.Time) (*burstRecor
 			}
 			h, err := hex.DecodeString(t.Hash)
 			if err != nil || len(h) != 32 || !certs.MatchesSecretHash(secret, [32]byte(h)) {
-				return nil, 0, errToken
+				return nil, 0, false, errToken
 			}
 			switch {
-			case t.Used != nil:
-				return nil, 0, fmt.Errorf("join token %s was already used at %s (by gateway %s): a token enrols one gateway once; ask for a new one with `skybridge burst up`",
-					t.ID, t.Used.UTC().Format(time.RFC3339), t.Node)
 			case r.Ended != nil:
-				return nil, 0, fmt.Errorf("burst site %s ended at %s (%s): its tokens are void", r.Site, r.Ended.UTC().Format(time.RFC3339), r.EndReason)
+				return nil, 0, false, fmt.Errorf("burst site %s ended at %s (%s): its tokens are void", r.Site, r.Ended.UTC().Format(time.RFC3339), r.EndReason)
 			case !now.Before(r.Expires):
-				return nil, 0, fmt.Errorf("burst site %s expired at %s: its tokens are void", r.Site, r.Expires.UTC().Format(time.RFC3339))
+				return nil, 0, false, fmt.Errorf("burst site %s expired at %s: its tokens are void", r.Site, r.Expires.UTC().Format(time.RFC3339))
 			case !now.Before(t.Expires):
-				return nil, 0, fmt.Errorf("join token %s expired at %s: ask for a new one with `skybridge burst up`", t.ID, t.Expires.UTC().Format(time.RFC3339))
+				return nil, 0, false, fmt.Errorf("join token %s expired at %s: ask for a new one with `skybridge burst up`", t.ID, t.Expires.UTC().Format(time.RFC3339))
+			case t.Used != nil && (t.Key == "" || t.Key != key):
+				return nil, 0, false, fmt.Errorf("join token %s was already used at %s (by gateway %s): a token enrols one gateway once; ask for a new one with `skybridge burst up`",
+					t.ID, t.Used.UTC().Format(time.RFC3339), t.Node)
 			}
-			return r, i, nil
+			return r, i, t.Used != nil, nil
 		}
 	}
-	return nil, 0, errToken
+	return nil, 0, false, errToken
 }
 
 // end closes a burst and returns the serials of the certificates it

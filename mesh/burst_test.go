@@ -7,6 +7,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"errors"
+	"log/slog"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -136,7 +137,7 @@ func TestBurstBook(t *testing.T) {
 
 	refused := func(id string, secret []byte, at time.Time, want string) {
 		t.Helper()
-		_, _, err := bk.redeem(id, secret, at)
+		_, _, _, err := bk.redeem(id, secret, "k1", at)
 		if err == nil || !strings.Contains(err.Error(), want) {
 			t.Fatalf("redeem %s at %s: %v, want an error saying %q", id, at.Format(time.Kitchen), err, want)
 		}
@@ -145,13 +146,24 @@ func TestBurstBook(t *testing.T) {
 	refused(a.ID, b.Secret, t0, "not recognised")
 	refused(b.ID, b.Secret, t0.Add(2*time.Minute), "expired")
 
-	r, i, err := bk.redeem(a.ID, a.Secret, t0.Add(time.Minute))
-	if err != nil || r != rec || i != 0 {
-		t.Fatalf("redeem: %v %v %d", r, err, i)
+	r, i, again, err := bk.redeem(a.ID, a.Secret, "k1", t0.Add(time.Minute))
+	if err != nil || r != rec || i != 0 || again {
+		t.Fatalf("redeem: %v %v %d, again %v", r, err, i, again)
 	}
 	used := t0.Add(time.Minute)
-	rec.Tokens[0].Used, rec.Tokens[0].Node, rec.Tokens[0].Serial = &used, rec.nodeName(0), "0a"
-	refused(a.ID, a.Secret, t0.Add(2*time.Minute), "already used")
+	rec.Tokens[0].Used, rec.Tokens[0].Node, rec.Tokens[0].Serial, rec.Tokens[0].Key = &used, rec.nodeName(0), "0a", "k0"
+	refused(a.ID, a.Secret, t0.Add(2*time.Minute), "already used") // another key
+	// The key it was used with asks again (the answer was lost): once
+	// more, but only within the token's life and with its secret.
+	if _, _, again, err := bk.redeem(a.ID, a.Secret, "k0", t0.Add(2*time.Minute)); err != nil || !again {
+		t.Fatalf("the same key asking again: again %v, %v", again, err)
+	}
+	if _, _, _, err := bk.redeem(a.ID, b.Secret, "k0", t0.Add(2*time.Minute)); err == nil {
+		t.Fatal("the same key asking again with the wrong secret was answered")
+	}
+	if _, _, _, err := bk.redeem(a.ID, a.Secret, "k0", t0.Add(31*time.Minute)); err == nil || !strings.Contains(err.Error(), "expired") {
+		t.Fatalf("the same key asking again after the token's life: %v", err)
+	}
 	if got := rec.nodeName(0); got != "burst-ams-gw1" {
 		t.Fatalf("node name %s", got)
 	}
@@ -189,6 +201,91 @@ func TestBurstBook(t *testing.T) {
 	vr.VaultCleaned = true
 	if !bk.prune(t0.Add(10*endedKept)) || len(bk.Bursts) != 1 {
 		t.Fatalf("an ended and cleaned Vault burst was kept: %d bursts", len(bk.Bursts))
+	}
+}
+
+// TestBurstEnrollmentAskedAgain: a burst gateway whose enrollment answer
+// was lost — the network dropped it, or the gateway crashed with part of
+// the identity stored — asks again with the key it kept and gets its name
+// and address on a new certificate, the lost one revoked as superseded;
+// the token stays spent for every other key.
+func TestBurstEnrollmentAskedAgain(t *testing.T) {
+	dir := t.TempDir()
+	ca, err := certs.InitCA(filepath.Join(dir, "ca"), certs.InitOptions{MeshPrefix: netip.MustParsePrefix("100.64.0.0/10")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	hq := startLiveGatewayWith(t, ca, dir, 0, "zrh-dc", nil, &syncbuf.Buffer{}, func(s *Settings) {
+		s.Identity.CADir = ca.Dir()
+		s.EnrollListen = netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(loopbackPort(t)))
+		s.EnrollAdvertise = s.EnrollListen
+	})
+	grant, err := hq.g.BurstUp(context.Background(), BurstRequest{BurstSite: amsSite, TTL: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tok, err := certs.ParseJoinToken(grant.Tokens[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	bs := liveSettings(t, filepath.Join(dir, "burst"))
+	// The first ask, as Join makes it; its answer never arrives, but
+	// the certificate in it was stored before the crash.
+	key, err := pendingKey(bs.Identity.Dir, nil, tok.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, err := enrollBody(tok, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lost, err := postEnroll(context.Background(), tok, body, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(bs.Identity.Dir, "node.crt"), lost.Certificate, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	lostCerts, err := certs.ParseCertificatesPEM(lost.Certificate)
+	if err != nil || len(lostCerts) != 1 {
+		t.Fatal(lostCerts, err)
+	}
+	lostCert := lostCerts[0]
+
+	enr, err := Join(context.Background(), bs, grant.Tokens[0], nil)
+	if err != nil {
+		t.Fatalf("asking again after a lost answer: %v", err)
+	}
+	id, err := certs.LoadNodeIdentity(bs.Identity.Dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := id.Certificate()
+	if enr.Node != "burst-ams-gw1" || got.SerialNumber.Cmp(lostCert.SerialNumber) == 0 || !id.Attributes().OverlayIP.IsValid() {
+		t.Fatalf("enrollment %+v with serial %s (the lost one %s)", enr, got.SerialNumber, lostCert.SerialNumber)
+	}
+	lostAttrs, _ := certs.AttributesOf(lostCert)
+	if lostAttrs == nil || lostAttrs.OverlayIP != id.Attributes().OverlayIP {
+		t.Fatalf("asked again, the gateway got another address: %v, first %v", id.Attributes().OverlayIP, lostAttrs)
+	}
+	issued, err := ca.Issued()
+	if err != nil {
+		t.Fatal(err)
+	}
+	revoked := false
+	for _, c := range issued {
+		if c.Serial == certs.FormatSerial(lostCert.SerialNumber) {
+			revoked = c.RevokedAt != nil && c.Reason == "superseded"
+		}
+	}
+	if !revoked {
+		t.Fatal("the certificate of the lost answer is not revoked as superseded")
+	}
+	if _, err := os.Stat(filepath.Join(bs.Identity.Dir, filePendingEnrollment)); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("the pending enrollment's key stayed after the identity was stored: %v", err)
+	}
+	if _, err := Join(context.Background(), liveSettings(t, t.TempDir()), grant.Tokens[0], nil); err == nil || !strings.Contains(err.Error(), "already used") {
+		t.Fatalf("the spent token with another key: %v", err)
 	}
 }
 

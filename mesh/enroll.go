@@ -2,8 +2,10 @@ package mesh
 
 import (
 	"context"
+	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/hex"
 	"encoding/json"
 	"encoding/pem"
 	"errors"
@@ -146,10 +148,12 @@ func (g *Gateway) enrol(ctx context.Context, req enrollRequest, from string) (*e
 	if err != nil {
 		return nil, &enrollRefusal{err}
 	}
+	keySum := sha256.Sum256(csr.RawSubjectPublicKeyInfo)
+	key := hex.EncodeToString(keySum[:])
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	now := g.now()
-	rec, i, err := e.book.redeem(req.Token, req.Secret, now)
+	rec, i, again, err := e.book.redeem(req.Token, req.Secret, key, now)
 	if err != nil {
 		g.log.Warn("enrollment refused", "token", req.Token, "from", from, "err", err)
 		g.metrics.enrollment("refused")
@@ -162,8 +166,16 @@ func (g *Gateway) enrol(ctx context.Context, req enrollRequest, from string) (*e
 		return nil, fmt.Errorf("gossip keyring: %w", err)
 	}
 	tb := g.trust.Load()
-	ip, err := pickOverlayIP(tb.MeshPrefix(), g.overlayIPsInUse(e))
-	if err != nil {
+	t := &rec.Tokens[i]
+	var ip netip.Addr
+	if again {
+		// The same gateway (it holds the key) lost the answer: it gets
+		// the name and address it was given, on a new certificate that
+		// supersedes the one it never stored.
+		if ip, err = netip.ParseAddr(t.OverlayIP); err != nil {
+			return nil, fmt.Errorf("burst record of %s: token %s: %w", rec.Site, t.ID, err)
+		}
+	} else if ip, err = pickOverlayIP(tb.MeshPrefix(), g.overlayIPsInUse(e)); err != nil {
 		return nil, err
 	}
 	routes, err := certs.ParseRoutes(rec.Routes)
@@ -177,16 +189,28 @@ func (g *Gateway) enrol(ctx context.Context, req enrollRequest, from string) (*e
 	if err != nil {
 		return nil, fmt.Errorf("certify %s: %w", attrs.Node, err)
 	}
-	t := &rec.Tokens[i]
+	before := *t
 	used := now.UTC()
-	t.Used, t.Node, t.OverlayIP, t.Serial = &used, attrs.Node, ip.String(), certs.FormatSerial(cert.SerialNumber)
+	if again {
+		used = *t.Used
+	}
+	t.Used, t.Node, t.OverlayIP, t.Serial, t.Key = &used, attrs.Node, ip.String(), certs.FormatSerial(cert.SerialNumber), key
 	if err := g.state.saveBursts(e.book); err != nil {
 		// Unrecorded, the token would work again: take the certificate back.
-		t.Used, t.Node, t.OverlayIP, t.Serial = nil, "", "", ""
+		*t = before
 		if _, rerr := e.ca.RevokeSerials([]*big.Int{cert.SerialNumber}, "cessationOfOperation", now); rerr != nil {
 			g.log.Error("enrollment: could not record the token nor revoke the certificate issued for it", "serial", certs.FormatSerial(cert.SerialNumber), "err", rerr)
 		}
 		return nil, fmt.Errorf("record enrollment: %w", err)
+	}
+	if again {
+		if old, err := certs.ParseSerial(before.Serial); err == nil {
+			if _, err := e.ca.RevokeSerials([]*big.Int{old}, "superseded", now); err != nil {
+				// The burst's end revokes it with the rest (its strays).
+				g.log.Warn("enrollment asked again: the certificate it supersedes is not revoked yet", "serial", before.Serial, "err", err)
+			}
+		}
+		g.log.Info("burst gateway asked again for its enrollment (its answer was lost): certificate re-issued for the same key", "peer", attrs.Node, "peer_site", rec.Site, "from", from, "superseded", before.Serial)
 	}
 	res := &enrollResponse{
 		Certificate: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: cert.Raw}),

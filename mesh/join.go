@@ -84,6 +84,50 @@ func saveEnrollment(dir string, e *Enrollment) error {
 	return atomicfile.WriteJSON(filepath.Join(dir, fileEnrollment), e, 0o600)
 }
 
+// filePendingEnrollment, in the identity directory (0600), holds the key a
+// burst gateway asks a certificate for, written before it asks and removed
+// once the identity is stored. An answer lost — to a crash, to the network
+// — is asked for again with the same key and token, which the enrolling
+// gateway answers again rather than calling the token used; an identity
+// found half-stored beside it is this enrollment's, to be replaced.
+const filePendingEnrollment = "burst.pending.json"
+
+type pendingEnrollment struct {
+	TokenID string `json:"token_id"`
+	Key     []byte `json:"key"` // PKCS #8
+}
+
+func loadPending(dir string) (*pendingEnrollment, error) {
+	var p pendingEnrollment
+	if found, err := atomicfile.ReadJSON(filepath.Join(dir, filePendingEnrollment), &p); !found || err != nil {
+		return nil, err
+	}
+	return &p, nil
+}
+
+// pendingKey is the key to ask with for token id: the one kept for it, or
+// a new one, kept before anything is asked.
+func pendingKey(dir string, p *pendingEnrollment, id string) (*ecdsa.PrivateKey, error) {
+	if p != nil && p.TokenID == id {
+		k, err := x509.ParsePKCS8PrivateKey(p.Key)
+		if key, ok := k.(*ecdsa.PrivateKey); err == nil && ok {
+			return key, nil
+		}
+	}
+	key, err := certs.GenerateNodeKey()
+	if err != nil {
+		return nil, err
+	}
+	der, err := x509.MarshalPKCS8PrivateKey(key)
+	if err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, err
+	}
+	return key, atomicfile.WriteJSON(filepath.Join(dir, filePendingEnrollment), pendingEnrollment{TokenID: id, Key: der}, 0o600)
+}
+
 // BurstEndedError is how a burst gateway's run ends: its site expired or
 // was taken down, it left the mesh and forgot its identity. It is the
 // expected end of a burst, not a failure.
@@ -126,8 +170,19 @@ func Join(ctx context.Context, s *Settings, token string, log *slog.Logger) (*En
 			return nil, fmt.Errorf("burst %s ended, but its identity could not be removed: %w", enr.Site, err)
 		}
 	}
+	pending, err := loadPending(dir)
+	if err != nil {
+		return nil, err
+	}
 	if certs.HasNodeCertificate(dir) {
-		return nil, fmt.Errorf("%s already holds a gateway identity that no join token made: a join token is for a fresh gateway; use another identity directory", dir)
+		if pending == nil {
+			return nil, fmt.Errorf("%s already holds a gateway identity that no join token made: a join token is for a fresh gateway; use another identity directory", dir)
+		}
+		// Stored in part when the last enrollment was cut short: it
+		// is asked for again.
+		if err := certs.ForgetIdentity(dir); err != nil {
+			return nil, fmt.Errorf("remove the identity an interrupted enrollment left: %w", err)
+		}
 	}
 	tok, err := certs.ParseJoinToken(token)
 	if err != nil {
@@ -144,15 +199,14 @@ func Join(ctx context.Context, s *Settings, token string, log *slog.Logger) (*En
 	if tok.Vault != nil {
 		return joinVault(ctx, dir, tok, log)
 	}
-	key, err := certs.GenerateNodeKey()
+	key, err := pendingKey(dir, pending, tok.ID)
+	if err != nil {
+		return nil, fmt.Errorf("keep the enrollment's key: %w", err)
+	}
+	req, err := enrollBody(tok, key)
 	if err != nil {
 		return nil, err
 	}
-	csrDER, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{Subject: pkix.Name{CommonName: "enroll-" + tok.ID}}, key)
-	if err != nil {
-		return nil, err
-	}
-	req, _ := json.Marshal(enrollRequest{Token: tok.ID, Secret: tok.Secret, CSR: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: csrDER})})
 	log.Info("enrolling", "token", tok)
 	res, err := postEnroll(ctx, tok, req, log)
 	if err != nil {
@@ -162,8 +216,20 @@ func Join(ctx context.Context, s *Settings, token string, log *slog.Logger) (*En
 	if err != nil {
 		return nil, err
 	}
+	if err := os.Remove(filepath.Join(dir, filePendingEnrollment)); err != nil {
+		log.Warn("enrolled, but the pending enrollment's key file could not be removed", "err", err)
+	}
 	log.Info("enrolled in burst site", "site", enr.Site, "node", enr.Node, "until", enr.Expires)
 	return enr, nil
+}
+
+// enrollBody asks for a certificate of key with tok.
+func enrollBody(tok *certs.JoinToken, key *ecdsa.PrivateKey) ([]byte, error) {
+	csrDER, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{Subject: pkix.Name{CommonName: "enroll-" + tok.ID}}, key)
+	if err != nil {
+		return nil, err
+	}
+	return json.Marshal(enrollRequest{Token: tok.ID, Secret: tok.Secret, CSR: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: csrDER})})
 }
 
 // postEnroll tries each endpoint of the token. A refusal is final; an
