@@ -72,7 +72,7 @@ node {
   jurisdiction = %q
   overlay_ip   = %q
   routes       = [%q]
-  labels       = { classes = %q, certified = "iso27001" }
+  labels       = { classes = %q, certified = "iso27001", encryption_at_rest = "true" }
 }
 identity {
   dir = %q

@@ -8,6 +8,7 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"crypto/x509"
+	"errors"
 	"fmt"
 	"slices"
 	"sort"
@@ -24,11 +25,21 @@ import (
 // encrypts with it), remove the old key. Operations are signed by the
 // initiating gateway's identity and carry a fresh ID and time, so a member
 // that merely holds the gossip key can neither forge nor replay one.
+//
+// The new key travels sealed to each member's certificate, and the later
+// steps name keys by their SHA-256: the operations cross gossip, which
+// whoever holds the old key can read — and a leak of it is why keys are
+// rotated. (Gateways of releases before this one sent the keys as they
+// are, with the kinds without a suffix; they are still taken from them.)
 
 const (
-	opInstall = "install"
+	opInstall = "install" // the key as it is (from older initiators)
 	opUse     = "use"
 	opRemove  = "remove"
+
+	opInstallSealed = "install-sealed" // the key sealed to the recipient's certificate
+	opUseHash       = "use-sha256"     // the key named by its SHA-256
+	opRemoveHash    = "remove-sha256"
 
 	keyringOpDomain = "skybridge keyring op v1\x00"
 	keyringOpMaxAge = 2 * time.Minute
@@ -132,19 +143,50 @@ func (g *Gateway) verifyKeyringOp(op *keyringOp) error {
 	return nil
 }
 
+// sealContext binds a sealed gossip key to its operation and recipient.
+func sealContext(opID []byte, node string) []byte {
+	return append(append([]byte("gossip key\x00"), opID...), node...)
+}
+
+// installedKey is the installed key whose SHA-256 is sum.
+func (g *Gateway) installedKey(sum []byte) ([]byte, error) {
+	for _, k := range g.keyring.GetKeys() {
+		if h := sha256.Sum256(k); bytes.Equal(h[:], sum) {
+			return k, nil
+		}
+	}
+	return nil, errors.New("no installed gossip key has that SHA-256: was the install step missed?")
+}
+
 // applyKeyringOp changes the live keyring and the stored one together.
 func (g *Gateway) applyKeyringOp(op *keyringOp) error {
+	kind, key := op.kind, op.key
+	switch kind {
+	case opInstallSealed:
+		id := g.id.Load()
+		k, err := id.Open(key, sealContext(op.id, id.Attributes().Node))
+		if err != nil {
+			return err
+		}
+		kind, key = opInstall, k
+	case opUseHash, opRemoveHash:
+		k, err := g.installedKey(key)
+		if err != nil {
+			return err
+		}
+		kind, key = strings.TrimSuffix(kind, "-sha256"), k
+	}
 	var err error
-	switch op.kind {
+	switch kind {
 	case opInstall:
-		err = g.keyring.AddKey(op.key)
+		err = g.keyring.AddKey(key)
 	case opUse:
-		err = g.keyring.UseKey(op.key)
+		err = g.keyring.UseKey(key)
 	case opRemove:
-		if bytes.Equal(g.keyring.GetPrimaryKey(), op.key) {
+		if bytes.Equal(g.keyring.GetPrimaryKey(), key) {
 			return fmt.Errorf("refusing to remove the primary gossip key")
 		}
-		err = g.keyring.RemoveKey(op.key)
+		err = g.keyring.RemoveKey(key)
 	default:
 		return fmt.Errorf("unknown keyring operation %q", op.kind)
 	}
@@ -165,6 +207,33 @@ func (g *Gateway) applyKeyringOp(op *keyringOp) error {
 		}
 	}
 	return nil
+}
+
+// keyringOpFor is what member m is sent of op: the new key sealed to m's
+// certificate, or a key named by its hash, signed, since it is m's own.
+func (g *Gateway) keyringOpFor(op *keyringOp, m string) ([]byte, error) {
+	mop := *op
+	switch op.kind {
+	case opInstall:
+		v := g.members.verified(m)
+		if v == nil {
+			return nil, errors.New("the member is no longer verified")
+		}
+		sealed, err := certs.SealTo(v.Cert, op.key, sealContext(op.id, m))
+		if err != nil {
+			return nil, fmt.Errorf("seal the new key: %w", err)
+		}
+		mop.kind, mop.key = opInstallSealed, sealed
+	case opUse, opRemove:
+		sum := sha256.Sum256(op.key)
+		mop.kind, mop.key = op.kind+"-sha256", sum[:]
+	}
+	sig, err := g.id.Load().Signer().Sign(rand.Reader, mop.digest(), crypto.SHA256)
+	if err != nil {
+		return nil, err
+	}
+	mop.sig = sig
+	return mop.encode(), nil
 }
 
 func (g *Gateway) handleKeyringAck(m message) error {
@@ -222,11 +291,6 @@ func (g *Gateway) rotationStep(ctx context.Context, kind string, key []byte, mem
 	id := g.id.Load()
 	op := &keyringOp{kind: kind, key: key, id: make([]byte, 16), at: g.now(), initiator: id.Attributes().Node, certDER: id.Certificate().Raw}
 	rand.Read(op.id)
-	sig, err := id.Signer().Sign(rand.Reader, op.digest(), crypto.SHA256)
-	if err != nil {
-		return err
-	}
-	op.sig = sig
 	// Drain acks of earlier, failed steps.
 	for len(g.acks) > 0 {
 		<-g.acks
@@ -234,10 +298,14 @@ func (g *Gateway) rotationStep(ctx context.Context, kind string, key []byte, mem
 	if err := g.applyKeyringOp(op); err != nil {
 		return err
 	}
-	msg := op.encode()
 	waiting := map[string]bool{}
 	for _, m := range members {
 		waiting[m] = true
+		msg, err := g.keyringOpFor(op, m)
+		if err != nil {
+			g.log.Warn("keyring operation", "peer", m, "err", err)
+			continue
+		}
 		if err := g.send(m, msg); err != nil {
 			g.log.Warn("send keyring operation", "peer", m, "err", err)
 		}
