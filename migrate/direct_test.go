@@ -34,9 +34,6 @@ func cached(t *testing.T, f *os.File, off, n int64) (in, pages int) {
 	return in, len(vec)
 }
 
-// TestDirectFile writes aligned and unaligned pieces: on a filesystem
-// that offers direct I/O, aligned chunks bypass the page cache and the
-// rest go through it; either way the file holds what was written.
 // noDirectIO reports a temporary directory without direct I/O (tmpfs):
 // in CI that would leave the direct path untested, so it fails there.
 func noDirectIO(t *testing.T, what string) {
@@ -47,6 +44,9 @@ func noDirectIO(t *testing.T, what string) {
 	t.Log("no direct I/O on this filesystem: " + what)
 }
 
+// TestDirectFile writes aligned and unaligned pieces: on a filesystem
+// that offers direct I/O, aligned chunks bypass the page cache and the
+// rest go through it; either way the file holds what was written.
 func TestDirectFile(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "incoming.raw")
 	f, err := openDirect(path)

@@ -128,6 +128,16 @@ func (j *Journal) chunks(side, id string) (map[int64]Hash, error) {
 	return out, err
 }
 
+// sideSendZeros is the sender's record of the chunks it found all zeros,
+// apart from the acknowledged ones: a release before it would read a zero
+// entry there as a chunk acknowledged with that hash.
+const sideSendZeros = "send-zeros"
+
+// dropSent forgets what the sender recorded of migration id's chunks.
+func (j *Journal) dropSent(id string) error {
+	return errors.Join(j.dropChunks("send", id), j.dropChunks(sideSendZeros, id))
+}
+
 func (j *Journal) dropChunks(side, id string) error {
 	return j.db.Update(func(tx *bolt.Tx) error {
 		if err := tx.DeleteBucket(chunksBucket(side, id)); err != nil && !errors.Is(err, berrors.ErrBucketNotFound) {
@@ -162,23 +172,25 @@ const (
 
 // SendRecord is the sender's record of a migration.
 type SendRecord struct {
-	ID       string    `json:"id"`
-	Image    string    `json:"image"`
-	Source   SourceID  `json:"source"`
-	Name     string    `json:"name"`
-	Class    string    `json:"class"`
-	Format   string    `json:"format"`
-	To       string    `json:"to"` // destination node
-	ToSite   string    `json:"to_site"`
-	Streams  int       `json:"streams"`
-	BWLimit  int64     `json:"bwlimit,omitempty"` // bytes per second
-	State    string    `json:"state"`
-	Error    string    `json:"error,omitempty"`
-	Reasons  []string  `json:"reasons,omitempty"`
-	Started  time.Time `json:"started"`
-	Finished time.Time `json:"finished,omitzero"`
-	Root     Hash      `json:"root,omitzero"`
-	Stats    Stats     `json:"stats"`
+	ID     string   `json:"id"`
+	Image  string   `json:"image"`
+	Source SourceID `json:"source"`
+	// ChunkSize is what the chunk indices of the journal mean.
+	ChunkSize int64     `json:"chunk_size,omitempty"`
+	Name      string    `json:"name"`
+	Class     string    `json:"class"`
+	Format    string    `json:"format"`
+	To        string    `json:"to"` // destination node
+	ToSite    string    `json:"to_site"`
+	Streams   int       `json:"streams"`
+	BWLimit   int64     `json:"bwlimit,omitempty"` // bytes per second
+	State     string    `json:"state"`
+	Error     string    `json:"error,omitempty"`
+	Reasons   []string  `json:"reasons,omitempty"`
+	Started   time.Time `json:"started"`
+	Finished  time.Time `json:"finished,omitzero"`
+	Root      Hash      `json:"root,omitzero"`
+	Stats     Stats     `json:"stats"`
 }
 
 // RecvRecord is the receiver's record of a migration.

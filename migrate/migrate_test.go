@@ -701,6 +701,15 @@ func TestResumeSkipsZeros(t *testing.T) {
 	}
 	f.Close()
 	rec, _ := p.interrupted(raw, 20)
+	// Kept apart from the acknowledged chunks: a release before the
+	// zeros' record reads that bucket, and would take a zero entry for a
+	// chunk acknowledged with that hash.
+	if acked, err := p.sendJ.chunks("send", rec.ID); err != nil || slices.Contains(slices.Collect(maps.Values(acked)), Hash{}) {
+		t.Fatalf("zeros recorded among the acknowledged chunks (%v)", err)
+	}
+	if zeros, err := p.sendJ.chunks(sideSendZeros, rec.ID); err != nil || len(zeros) != 16 {
+		t.Fatalf("%d chunks of zeros recorded, want 16 (%v)", len(zeros), err)
+	}
 	cfg := p.config(raw, "pii-eu")
 	cfg.ID = rec.ID
 	spy := spyOn(&cfg, 0)
@@ -717,6 +726,33 @@ func TestResumeSkipsZeros(t *testing.T) {
 		t.Fatalf("%d chunks of zeros counted, want 16", rec.Stats.ChunksZero)
 	}
 	img, err := p.recvJ.Image("vm")
+	if err != nil {
+		t.Fatal(err)
+	}
+	compare(t, raw, img.Path)
+
+	// A resume with another chunk size reads everything again: chunk i
+	// is other bytes then, and zeros of the old size say nothing.
+	p = newPair(t, "DE")
+	raw = filepath.Join(p.dir, "vm.raw")
+	makeRaw(t, raw, 32*mib, map[int64]int{16 * mib: 16 * mib})
+	f, err = os.OpenFile(raw, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.WriteAt(make([]byte, 16*mib), 0)
+	f.Close()
+	rec, _ = p.interrupted(raw, 20)
+	half := p.config(raw, "pii-eu")
+	half.ID, half.ChunkSize = rec.ID, mib/2
+	spy = spyOn(&half, 0)
+	if rec, err = Send(context.Background(), half); err != nil {
+		t.Fatal(err)
+	}
+	if spy.reads[0] == 0 || rec.Stats.ChunksZero != 32 {
+		t.Fatalf("a resume with half the chunk size: chunk 0 read %d times, %d chunks of zeros; want it read, 32", spy.reads[0], rec.Stats.ChunksZero)
+	}
+	img, err = p.recvJ.Image("vm")
 	if err != nil {
 		t.Fatal(err)
 	}

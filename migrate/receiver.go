@@ -342,9 +342,10 @@ func (r *Receiver) control(ctx context.Context, c *tls.Conn, fr *frameReader, fw
 	closeSession := sync.OnceFunc(s.close)
 	defer closeSession()
 	s.attach(c)
-	// Obligations the policy let through are ones this site's certificate
-	// attests its store meets (encryption at rest, zone replicas): the
-	// image store's volume must live up to them; the audit record says so.
+	// Obligations are what the image store must live up to (encryption
+	// at rest, zone replicas). The policy let them through because this
+	// site's certificate attests them — or, in audit mode, recorded that
+	// it does not; the audit record says which.
 	log.Info("receiving migration", "name", o.Name, "size", o.Size, "resumed_chunks", len(acc.Have), "base_chunks", len(acc.Base), "obligations", d.Obligations.String())
 	if err := fw.json(frameAccept, acc); err != nil {
 		return

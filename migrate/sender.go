@@ -220,11 +220,18 @@ func startRecord(cfg *SendConfig, sid SourceID) (*SendRecord, error) {
 			if old.Image != cfg.Image || old.To != cfg.To.Attributes.Node || old.Name != cfg.Name {
 				return nil, fmt.Errorf("migration %s was %s → %s as %s; it cannot resume as something else", cfg.ID, old.Image, old.To, old.Name)
 			}
-			if !old.Source.Same(sid) {
-				cfg.Journal.dropChunks("send", cfg.ID)
+			switch {
+			case !old.Source.Same(sid):
+				cfg.Journal.dropSent(cfg.ID)
 				cfg.Log.Warn("source image changed since the interrupted attempt; starting its chunks over", "migration_id", cfg.ID)
+			case old.ChunkSize != 0 && old.ChunkSize != cfg.ChunkSize:
+				// Chunk i is other bytes now. (Records of releases
+				// before chunk_size hold no zeros, and the receiver
+				// checks acknowledged chunks by hash.)
+				cfg.Journal.dropSent(cfg.ID)
+				cfg.Log.Warn("chunk size differs from the interrupted attempt's; starting its chunks over", "migration_id", cfg.ID, "chunk_size", cfg.ChunkSize, "was", old.ChunkSize)
 			}
-			old.State, old.Error, old.Reasons, old.Source = StateRunning, "", nil, sid
+			old.State, old.Error, old.Reasons, old.Source, old.ChunkSize = StateRunning, "", nil, sid, cfg.ChunkSize
 			old.Started, old.Finished = cfg.Now(), time.Time{}
 			return old, cfg.Journal.put(bucketSend, old.ID, old)
 		}
@@ -232,7 +239,7 @@ func startRecord(cfg *SendConfig, sid SourceID) (*SendRecord, error) {
 		cfg.ID = NewID()
 	}
 	rec := &SendRecord{
-		ID: cfg.ID, Image: cfg.Image, Source: sid, Name: cfg.Name, Class: cfg.Class, Format: cfg.Format,
+		ID: cfg.ID, Image: cfg.Image, Source: sid, ChunkSize: cfg.ChunkSize, Name: cfg.Name, Class: cfg.Class, Format: cfg.Format,
 		To: cfg.To.Attributes.Node, ToSite: cfg.To.Attributes.Site, Streams: cfg.Streams, BWLimit: cfg.BWLimit,
 		State: StateRunning, Started: cfg.Now(),
 	}
@@ -388,6 +395,10 @@ func (s *sender) run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	zeros, err := s.cfg.Journal.chunks(sideSendZeros, s.rec.ID)
+	if err != nil {
+		return err
+	}
 
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -423,7 +434,7 @@ func (s *sender) run(ctx context.Context) error {
 		return fmt.Errorf("unexpected answer %d to the offer", typ)
 	}
 
-	if err := s.transfer(ctx, cands, acked, &acc); err != nil {
+	if err := s.transfer(ctx, cands, acked, zeros, &acc); err != nil {
 		return err
 	}
 
@@ -435,7 +446,7 @@ func (s *sender) run(ctx context.Context) error {
 		return fmt.Errorf("check the source is unchanged: %w", err)
 	}
 	if !now.Same(s.rec.Source) {
-		return fmt.Errorf("%s changed while it was read (is a VM running on it?); nothing was stored: stop the VM or snapshot the image, then `skybridge migrate resume %s` sends only the chunks that differ from those already sent", s.cfg.Image, s.rec.ID)
+		return fmt.Errorf("%s changed while it was read (is a VM running on it?); nothing was stored: stop the VM (or pause its writes) until the migration is done; `skybridge migrate resume %s` then sends only the chunks that differ from those already sent", s.cfg.Image, s.rec.ID)
 	}
 	s.progress("commit")
 	s.rec.Root = s.manifest.Root()
@@ -467,13 +478,9 @@ func (s *sender) run(ctx context.Context) error {
 	if done.Root != s.rec.Root {
 		return fmt.Errorf("receiver stored root %s, expected %s", done.Root, s.rec.Root)
 	}
-	s.cfg.Journal.dropChunks("send", s.rec.ID)
+	s.cfg.Journal.dropSent(s.rec.ID)
 	return nil
 }
-
-// zeroMark, in the sender's journal, records a chunk found all zeros:
-// no chunk's BLAKE3 hash is all zeros.
-var zeroMark Hash
 
 // job is one chunk on its way.
 type job struct {
@@ -490,7 +497,7 @@ type job struct {
 // transfer reads, hashes, compresses and sends the candidate chunks over
 // the data streams, and returns when every chunk sent is durable at the
 // receiver.
-func (s *sender) transfer(ctx context.Context, cands []int64, acked map[int64]Hash, acc *Accept) error {
+func (s *sender) transfer(ctx context.Context, cands []int64, acked, zeros map[int64]Hash, acc *Accept) error {
 	// Whatever ends the transfer — done, an error, a stall — ends every
 	// goroutine it started: a writer waiting for the queue holds its
 	// stream's buffers, and an attempt given up must not keep them.
@@ -530,6 +537,7 @@ func (s *sender) transfer(ctx context.Context, cands []int64, acked map[int64]Ha
 		queue    = make(chan *job, 4*len(conns))
 		errc     = make(chan error, len(conns)*2+1)
 		newAcks  = map[int64]Hash{}
+		newZeros = map[int64]Hash{} // chunks found all zeros
 		ackMu    sync.Mutex
 		done     atomic.Bool
 		lastAck  atomic.Int64 // unix nanos of the last acknowledgement
@@ -552,10 +560,10 @@ func (s *sender) transfer(ctx context.Context, cands []int64, acked map[int64]Ha
 	}
 	flushAcks := func() {
 		ackMu.Lock()
-		batch := newAcks
-		newAcks = map[int64]Hash{}
+		batch, zs := newAcks, newZeros
+		newAcks, newZeros = map[int64]Hash{}, map[int64]Hash{}
 		ackMu.Unlock()
-		if err := s.cfg.Journal.addChunks("send", s.rec.ID, batch); err != nil {
+		if err := errors.Join(s.cfg.Journal.addChunks("send", s.rec.ID, batch), s.cfg.Journal.addChunks(sideSendZeros, s.rec.ID, zs)); err != nil {
 			fail(err)
 		}
 	}
@@ -717,18 +725,17 @@ func (s *sender) transfer(ctx context.Context, cands []int64, acked map[int64]Ha
 	for range producerCount {
 		producers.Go(func() {
 			for i := range work {
+				if _, ok := zeros[i]; ok {
+					// Found zeros by an earlier attempt of this
+					// unchanged source: a hole, not read again.
+					s.mu.Lock()
+					s.stats.ChunksZero++
+					s.stats.ChunksDone++
+					s.mu.Unlock()
+					continue
+				}
 				if h, ok := acked[i]; ok {
-					have, held := acc.Have[i]
-					switch {
-					case h == zeroMark:
-						// Found zeros by an earlier attempt of this
-						// unchanged source: a hole, not read again.
-						s.mu.Lock()
-						s.stats.ChunksZero++
-						s.stats.ChunksDone++
-						s.mu.Unlock()
-						continue
-					case held && have == h:
+					if have, held := acc.Have[i]; held && have == h {
 						s.mu.Lock()
 						s.manifest.Chunks[i] = h
 						s.stats.ChunksResumed++
@@ -747,15 +754,15 @@ func (s *sender) transfer(ctx context.Context, cands []int64, acked map[int64]Ha
 					// not read them again: allocated zeros (a
 					// thick-provisioned disk) may be most of an image.
 					ackMu.Lock()
-					newAcks[i] = zeroMark
+					newZeros[i] = Hash{}
 					ackMu.Unlock()
 					continue
 				}
 				if j.had {
 					// Durable there already: recorded as acknowledged,
-					// so the next resume skips it without reading it. A
-					// sender reading such chunks says nothing, and had
-					// to read them all again after every interruption.
+					// so the next resume skips it without reading it
+					// (it used to read them all again after every
+					// interruption).
 					ackMu.Lock()
 					newAcks[i] = j.hash
 					ackMu.Unlock()

@@ -147,9 +147,9 @@ func (c *compiler) errorf(r hcl.Range, format string, args ...any) {
 	c.errs = append(c.errs, compileError{line: line, msg: fmt.Sprintf("%s:%d:%d: %s", c.file, line, r.Start.Column, fmt.Sprintf(format, args...))})
 }
 
-// Unmatchable lists the values in the policy that no certified gateway
-// can carry, which never match (lint reports them; `policy sign` refuses
-// them).
+// Unmatchable lists what in the policy can never take effect: values no
+// certified gateway can carry, which never match, and requirements where
+// they mean nothing (lint reports them; `policy sign` refuses them).
 func (p *Policy) Unmatchable() []Finding { return slices.Clone(p.never) }
 
 // never records a value no certified gateway can carry (capitals in a
@@ -158,7 +158,11 @@ func (p *Policy) Unmatchable() []Finding { return slices.Clone(p.never) }
 // with one must still be taken, or a gateway upgraded under it would run
 // with no policy at all — but `policy sign` refuses it and lint reports it.
 func (c *compiler) never(r hcl.Range, format string, args ...any) {
-	c.p.never = append(c.p.never, Finding{Check: "never-matches", Severity: "error", Pos: c.pos(r), Message: fmt.Sprintf(format, args...)})
+	c.neverAs("never-matches", r, format, args...)
+}
+
+func (c *compiler) neverAs(check string, r hcl.Range, format string, args ...any) {
+	c.p.never = append(c.p.never, Finding{Check: check, Severity: "error", Pos: c.pos(r), Message: fmt.Sprintf(format, args...)})
 }
 
 func (c *compiler) pos(r hcl.Range) Position { return Position{File: c.file, Line: r.Start.Line} }
@@ -328,7 +332,12 @@ func (c *compiler) compileClass(cs *classSyntax) {
 func (c *compiler) requirements(rq *requireSyntax, a Action) Obligations {
 	var o Obligations
 	if rq.EncryptionAtRest != nil {
-		o.EncryptionAtRest = *rq.EncryptionAtRest
+		if a != Store {
+			// Taken by earlier releases: refused by sign, not compile.
+			c.neverAs("ignored-requirement", rq.EncryptionAtRestRange, "encryption_at_rest only means something on a store rule (data in transit crosses WireGuard); here it is ignored")
+		} else {
+			o.EncryptionAtRest = *rq.EncryptionAtRest
+		}
 	}
 	if rq.MaxHops != nil {
 		if *rq.MaxHops < 1 {

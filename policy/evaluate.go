@@ -62,6 +62,12 @@ func (p *Policy) evaluateSites(cls *class, req *Request, d *Decision) {
 		site := &req.Sites[i]
 		sd, allows := p.decideSite(cls, req.Action, site, req)
 		if sd.Allowed && req.Action == Store {
+			if len(allows) == 0 {
+				// Admitted by an exception alone: it waives where the
+				// data may rest, not how. The class's store allows say
+				// how.
+				allows = cls.allow[Store]
+			}
 			unattested(cls, site, allows, &sd)
 		}
 		d.Sites = append(d.Sites, sd)
@@ -86,10 +92,7 @@ func (p *Policy) evaluateSites(cls *class, req *Request, d *Decision) {
 		return
 	}
 	if hops := len(req.Sites) - 1; req.Action == Transit && hopsRule != nil && hops > hopsRule.req.MaxHops {
-		names := make([]string, len(req.Sites))
-		for i := range req.Sites {
-			names[i] = req.Sites[i].Name
-		}
+		names := siteNames(req.Sites)
 		ref := hopsRule.ref()
 		ref.Kind = "max-hops"
 		d.deny(ref, fmt.Sprintf("path %s has %d hops; %s allows at most %d", strings.Join(names, " → "), hops, hopsRule.ref(), hopsRule.req.MaxHops))
@@ -97,10 +100,7 @@ func (p *Policy) evaluateSites(cls *class, req *Request, d *Decision) {
 	}
 	if zonesRule != nil {
 		if have, need := replicaZones(req.Sites), zonesRule.req.MinReplicaZones; have < need {
-			names := make([]string, len(req.Sites))
-			for i := range req.Sites {
-				names[i] = req.Sites[i].Name
-			}
+			names := siteNames(req.Sites)
 			ref := zonesRule.ref()
 			ref.Kind = "requirement"
 			d.deny(ref, fmt.Sprintf("store of %q at %s: %s requires replicas in at least %d zones, and the certificates attest %d (label %s: the site's store keeps that many itself; or sites with different %s labels)",
@@ -180,19 +180,23 @@ func (p *Policy) decideSite(cls *class, a Action, site *Site, req *Request) (Sit
 }
 
 // unattested denies a site admitted for storage whose certificate does not
-// attest encryption at rest that an admitting allow requires. (An
-// exception waives a deny, not the requirements of the allows that match.)
-func unattested(cls *class, site *Site, allows []*rule, sd *SiteDecision) {
+// attest encryption at rest that a requiring allow asks for. (An exception
+// waives a deny, or the absence of an allow, not the allows' requirements.)
+func unattested(cls *class, site *Site, requiring []*rule, sd *SiteDecision) {
 	if site.Labels[LabelEncryptionAtRest] == "true" {
 		return
 	}
-	for _, r := range allows {
+	for _, r := range requiring {
 		if r.req.EncryptionAtRest {
+			why := fmt.Sprintf("allowed by %s only where data rests encrypted", r.ref())
+			if sd.Exception != nil {
+				why = fmt.Sprintf("allowed by exception %q, which waives where the data may rest, not how: %s requires it encrypted", sd.Exception.Name, r.ref())
+			}
 			sd.Allowed, sd.Exception = false, nil
 			sd.Rule = r.ref()
 			sd.Rule.Kind = "requirement"
-			sd.Reason = fmt.Sprintf("%s: %s of %q allowed by %s only where data rests encrypted, which the site's certificate does not attest (label %s = \"true\")",
-				describeSite(site), Store, cls.name, r.ref(), LabelEncryptionAtRest)
+			sd.Reason = fmt.Sprintf("%s: %s of %q %s, which the site's certificate does not attest (label %s = \"true\")",
+				describeSite(site), Store, cls.name, why, LabelEncryptionAtRest)
 			return
 		}
 	}
@@ -213,6 +217,14 @@ func replicaZones(sites []Site) int {
 		}
 	}
 	return max(len(zones), most)
+}
+
+func siteNames(sites []Site) []string {
+	names := make([]string, len(sites))
+	for i := range sites {
+		names[i] = sites[i].Name
+	}
+	return names
 }
 
 func describeSite(s *Site) string {

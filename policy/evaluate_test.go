@@ -108,7 +108,8 @@ var (
 	osl       = Site{Name: "onprem-osl", Provider: "onprem", Region: "osl", Jurisdiction: "NO", Labels: map[string]string{LabelEncryptionAtRest: "true"}}
 	shared    = Site{Name: "gcp-shared-eu", Provider: "gcp", Region: "eu-west-1", Jurisdiction: "IE", Labels: map[string]string{LabelEncryptionAtRest: "true"}}
 	plainShd  = Site{Name: "gcp-shared-eu", Provider: "gcp", Region: "eu-west-1", Jurisdiction: "IE"}
-	iad       = Site{Name: "aws-us-east-1", Provider: "aws", Region: "us-east-1", Jurisdiction: "US", Labels: map[string]string{"certified": "iso27001"}}
+	iad       = Site{Name: "aws-us-east-1", Provider: "aws", Region: "us-east-1", Jurisdiction: "US", Labels: map[string]string{"certified": "iso27001", LabelEncryptionAtRest: "true"}}
+	plainIad  = Site{Name: "aws-us-east-1", Provider: "aws", Region: "us-east-1", Jurisdiction: "US", Labels: map[string]string{"certified": "iso27001"}}
 	iad2      = Site{Name: "aws-us-east-2", Provider: "aws", Region: "us-east-2", Jurisdiction: "US"}
 	uncert    = Site{Name: "aws-eu-west-1", Provider: "aws", Region: "eu-west-1", Jurisdiction: "IE"}
 	unknownCC = Site{Name: "mystery", Provider: "aws", Region: "eu-central-1", Jurisdiction: "XX"}
@@ -180,6 +181,8 @@ func TestEvaluate(t *testing.T) {
 		{name: "replicas in two zones", class: "secret", action: Store, sites: []Site{gva, bsl}, outcome: "allow", line: 16,
 			oblig: Obligations{EncryptionAtRest: true, MinReplicaZones: 2}},
 		{name: "an exception waives the deny, not the allow's requirement", class: "pii", action: Store, sites: []Site{plainShd}, outcome: "deny", kind: "requirement", line: 32},
+		{name: "an exception where nothing allows: the class's requirements hold", class: "pii", action: Store, sites: []Site{plainIad}, outcome: "deny", kind: "requirement", line: 32,
+			reason: `allowed by exception "pii-us", which waives where the data may rest, not how: class "pii" allow "store" (test.hcl:32) requires it encrypted`},
 		{name: "transit needs no attestation", class: "pii", action: Transit, sites: []Site{plainFra, osl}, outcome: "allow"},
 
 		// modes and defaults

@@ -77,8 +77,11 @@ func Lint(p *Policy, inv Inventory, now time.Time) []Finding {
 				if !r.sel.match(&s) {
 					continue
 				}
+				// Denied for a requirement, and one of this rule's
+				// (another allow's may have been named first).
 				d := p.Evaluate(Request{Class: name, Action: Store, Sites: []Site{s}, Time: now})
-				if d.Denied && d.Rule.Kind == "requirement" && d.Rule.Pos == r.pos {
+				mine := r.req.EncryptionAtRest && s.Labels[LabelEncryptionAtRest] != "true" || r.req.MinReplicaZones > replicaZones([]Site{s})
+				if d.Denied && d.Rule.Kind == "requirement" && mine {
 					unmet = append(unmet, s.Name)
 				}
 			}

@@ -127,6 +127,8 @@ func TestUnmatchableValues(t *testing.T) {
 		{"capital label key", header + "class \"a\" {\n  deny \"store\" {\n    labels = { Tenancy = \"shared\" }\n    reason = \"r\"\n  }\n}\n", `label key "Tenancy" can never match`},
 		{"empty label value", header + "class \"a\" {\n  allow \"store\" {\n    labels = { certified = \"\" }\n  }\n}\n", `label certified = "" would match every site without the label`},
 		{"label value with a space", header + "class \"a\" {\n  allow \"store\" {\n    labels = { certified = \"iso 27001\" }\n  }\n}\n", `label certified value "iso 27001" can never match`},
+		// Not a value, but as void: a requirement where it means nothing.
+		{"encryption at rest on transit", header + "class \"a\" {\n  allow \"transit\" {\n    site = [\"*\"]\n    require {\n      encryption_at_rest = true\n    }\n  }\n}\n", `encryption_at_rest only means something on a store rule`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -136,7 +138,7 @@ func TestUnmatchableValues(t *testing.T) {
 			}
 			var found []string
 			for _, f := range Lint(p, nil, nov24) {
-				if f.Check == "never-matches" && f.Severity == "error" {
+				if (f.Check == "never-matches" || f.Check == "ignored-requirement") && f.Severity == "error" {
 					found = append(found, f.Message)
 				}
 			}

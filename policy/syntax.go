@@ -78,12 +78,13 @@ type ruleSyntax struct {
 }
 
 type requireSyntax struct {
-	EncryptionAtRest *bool     `hcl:"encryption_at_rest,optional"`
-	MaxHops          *int      `hcl:"max_hops,optional"`
-	MinReplicaZones  *int      `hcl:"min_replica_zones,optional"`
-	DefRange         hcl.Range `hcl:",def_range"`
-	MaxHopsRange     hcl.Range `hcl:"max_hops,attr_range"`
-	ZonesRange       hcl.Range `hcl:"min_replica_zones,attr_range"`
+	EncryptionAtRest      *bool     `hcl:"encryption_at_rest,optional"`
+	MaxHops               *int      `hcl:"max_hops,optional"`
+	MinReplicaZones       *int      `hcl:"min_replica_zones,optional"`
+	DefRange              hcl.Range `hcl:",def_range"`
+	EncryptionAtRestRange hcl.Range `hcl:"encryption_at_rest,attr_range"`
+	MaxHopsRange          hcl.Range `hcl:"max_hops,attr_range"`
+	ZonesRange            hcl.Range `hcl:"min_replica_zones,attr_range"`
 }
 
 type exceptionSyntax struct {

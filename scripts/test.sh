@@ -13,6 +13,11 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n== %s\n' "$*"; }
 
+if [ -n "${SKIP_VAULT:-}" ] && [ "${CI:-}" = "true" ]; then
+  echo "SKIP_VAULT is set under CI: the Vault integration tests must run there" >&2
+  exit 1
+fi
+
 # Debian packages the tests use: wg (checks keys and, later, the mesh),
 # qemu-img (VM images), ip and nft (network namespaces, cut links), openssl
 # (an independent X.509 verifier), chromium (the dashboard's browser test,
@@ -58,10 +63,6 @@ mkdir -p "$artifacts"
 go test -race -count=1 -timeout 20m -artifacts -outputdir "$artifacts" ./...
 echo "test artifacts: $artifacts"
 
-if [ -n "${SKIP_VAULT:-}" ] && [ "${CI:-}" = "true" ]; then
-  echo "SKIP_VAULT is set under CI: the Vault integration tests must run there" >&2
-  exit 1
-fi
 if [ -z "${SKIP_VAULT:-}" ]; then
   step "Vault integration tests (nested module e2e/vault)"
   (

@@ -5,7 +5,8 @@
 # The labels encryption_at_rest, replica_zones and zone attest what a
 # site's storage provides, and meet the policy's `require` blocks: the
 # bank's racks keep every image on encrypted volumes mirrored to a second
-# zone of the same datacenter; Frankfurt stores on encrypted EBS volumes.
+# zone of the same datacenter; the AWS regions store on encrypted EBS
+# volumes.
 
 site "onprem-zrh" {
   provider     = "onprem"
@@ -39,7 +40,7 @@ site "aws-us-east-1" {
   provider     = "aws"
   region       = "us-east-1"
   jurisdiction = "US"
-  labels       = { classes = "risk-batch,public", certified = "iso27001" }
+  labels       = { classes = "risk-batch,public", certified = "iso27001", encryption_at_rest = "true" }
 }
 
 site "azure-eastus-burst" {

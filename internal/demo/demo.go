@@ -74,7 +74,8 @@ func demoSites() []*site {
 			Attests: map[string]string{policy.LabelEncryptionAtRest: "true", policy.LabelReplicaZones: "2"}},
 		{Short: "fra", Site: "aws-eu-central-1", Region: "eu-central-1", Provider: "aws", Jurisdiction: "DE", Classes: "pii-eu,risk-batch", Certified: "iso27001,pci-dss", Route: "10.2.0.0/16", CPU: "96", MemoryGiB: "384", Host: 2,
 			Attests: map[string]string{policy.LabelEncryptionAtRest: "true"}},
-		{Short: "iad", Site: "aws-us-east-1", Region: "us-east-1", Provider: "aws", Jurisdiction: "US", Classes: "risk-batch", Certified: "iso27001", Route: "10.3.0.0/16", CPU: "128", MemoryGiB: "512", Host: 3},
+		{Short: "iad", Site: "aws-us-east-1", Region: "us-east-1", Provider: "aws", Jurisdiction: "US", Classes: "risk-batch", Certified: "iso27001", Route: "10.3.0.0/16", CPU: "128", MemoryGiB: "512", Host: 3,
+			Attests: map[string]string{policy.LabelEncryptionAtRest: "true"}},
 	}
 }
 
