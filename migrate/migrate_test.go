@@ -177,6 +177,30 @@ func makeRaw(t *testing.T, path string, size int64, blocks map[int64]int) {
 	}
 }
 
+// writeZeros writes n zero bytes at off of path: allocated, not a hole,
+// as a thick-provisioned disk's unused blocks are.
+func writeZeros(t *testing.T, path string, off int64, n int) {
+	t.Helper()
+	f, err := os.OpenFile(path, os.O_WRONLY, 0)
+	if err == nil {
+		_, err = f.WriteAt(make([]byte, n), off)
+		err = errors.Join(err, f.Close())
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+// stored checks that the receiver stores image "vm" as raw is.
+func (p *pair) stored(raw string) {
+	p.t.Helper()
+	img, err := p.recvJ.Image("vm")
+	if err != nil {
+		p.t.Fatal(err)
+	}
+	compare(p.t, raw, img.Path)
+}
+
 func qemuImg(t testing.TB) string {
 	t.Helper()
 	p, err := exec.LookPath("qemu-img")
@@ -402,6 +426,22 @@ func TestMigratePolicyChangedInFlight(t *testing.T) {
 	}
 }
 
+// damageChunk3 makes cfg damage chunk 3 after it is hashed, the first time
+// it is sent, as a broken disk or memory would, and then run also (if not
+// nil). It counts the times chunk 3 was sent.
+func damageChunk3(cfg *SendConfig, also func()) *atomic.Int32 {
+	var sent atomic.Int32
+	cfg.mangle = func(i int64, b []byte) {
+		if i == 3 && sent.Add(1) == 1 {
+			b[len(b)/2] ^= 0xff
+			if also != nil {
+				also()
+			}
+		}
+	}
+	return &sent
+}
+
 // TestMigrateDamagedChunk: a chunk damaged after hashing is refused by the
 // receiver, sent again, and never written.
 func TestMigrateDamagedChunk(t *testing.T) {
@@ -409,12 +449,7 @@ func TestMigrateDamagedChunk(t *testing.T) {
 	raw := filepath.Join(p.dir, "vm.raw")
 	makeRaw(t, raw, 16*mib, map[int64]int{0: 8 * mib})
 	cfg := p.config(raw, "pii-eu")
-	var damaged atomic.Int32
-	cfg.mangle = func(i int64, b []byte) {
-		if i == 3 && damaged.Add(1) == 1 {
-			b[len(b)/2] ^= 0xff
-		}
-	}
+	damaged := damageChunk3(&cfg, nil)
 	rec, err := Send(context.Background(), cfg)
 	if err != nil {
 		t.Fatal(err)
@@ -437,20 +472,18 @@ func TestMigrateSourceWrittenMeanwhile(t *testing.T) {
 	raw := filepath.Join(p.dir, "vm.raw")
 	makeRaw(t, raw, 16*mib, map[int64]int{0: 8 * mib})
 	cfg := p.config(raw, "pii-eu")
-	var damaged atomic.Int32
-	cfg.mangle = func(i int64, b []byte) {
-		if i == 3 && damaged.Add(1) == 1 {
-			b[len(b)/2] ^= 0xff
-			f, err := os.OpenFile(raw, os.O_WRONLY, 0)
-			if err == nil {
-				_, err = f.WriteAt(make([]byte, mib), 3*mib)
-				f.Close()
-			}
-			if err != nil {
-				t.Error(err)
-			}
+	damaged := damageChunk3(&cfg, func() {
+		// Not writeZeros: this runs on the sender's producer, where
+		// t.Fatal must not be called.
+		f, err := os.OpenFile(raw, os.O_WRONLY, 0)
+		if err == nil {
+			_, err = f.WriteAt(make([]byte, mib), 3*mib)
+			f.Close()
 		}
-	}
+		if err != nil {
+			t.Error(err)
+		}
+	})
 	rec, err := Send(context.Background(), cfg)
 	if err == nil || !strings.Contains(err.Error(), "changed while it was read") {
 		t.Fatalf("a source written during its migration: %v, want it refused as changed", err)
@@ -469,8 +502,7 @@ func TestMigrateSourceWrittenMeanwhile(t *testing.T) {
 	if rec.Stats.ChunksSent != 0 || rec.Stats.ChunksHad != 7 {
 		t.Fatalf("the resume sent %d chunks and found %d at the receiver, want 0 and 7", rec.Stats.ChunksSent, rec.Stats.ChunksHad)
 	}
-	img, _ := p.recvJ.Image("vm")
-	compare(t, raw, img.Path)
+	p.stored(raw)
 }
 
 // TestMigrateResumeAndResync: an interrupted migration resumes without
@@ -654,14 +686,7 @@ func TestSenderKeepsSessionAlive(t *testing.T) {
 	raw := filepath.Join(p.dir, "vm.raw")
 	const chunk, zeros = 64 << 10, 100
 	makeRaw(t, raw, (zeros+1)*chunk, map[int64]int{zeros * chunk: chunk})
-	f, err := os.OpenFile(raw, os.O_RDWR, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := f.WriteAt(make([]byte, zeros*chunk), 0); err != nil { // allocated, not a hole
-		t.Fatal(err)
-	}
-	f.Close()
+	writeZeros(t, raw, 0, zeros*chunk)
 	cfg := p.config(raw, "pii-eu")
 	cfg.Streams, cfg.ChunkSize = 1, chunk
 	// Two producers reading the zeros 40 ms a chunk: two seconds of
@@ -678,11 +703,7 @@ func TestSenderKeepsSessionAlive(t *testing.T) {
 	if took := time.Since(start); took < 2*idle {
 		t.Fatalf("the zeros were read in %s: not slower than the receiver's idle limit, so the test proves nothing", took)
 	}
-	img, err := p.recvJ.Image("vm")
-	if err != nil {
-		t.Fatal(err)
-	}
-	compare(t, raw, img.Path)
+	p.stored(raw)
 }
 
 // TestResumeSkipsZeros: the chunks of zeros an interrupted attempt read
@@ -692,14 +713,7 @@ func TestResumeSkipsZeros(t *testing.T) {
 	p := newPair(t, "DE")
 	raw := filepath.Join(p.dir, "vm.raw")
 	makeRaw(t, raw, 32*mib, map[int64]int{16 * mib: 16 * mib})
-	f, err := os.OpenFile(raw, os.O_RDWR, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := f.WriteAt(make([]byte, 16*mib), 0); err != nil { // allocated zeros first
-		t.Fatal(err)
-	}
-	f.Close()
+	writeZeros(t, raw, 0, 16*mib)
 	rec, _ := p.interrupted(raw, 20)
 	// Kept apart from the acknowledged chunks: a release before the
 	// zeros' record reads that bucket, and would take a zero entry for a
@@ -713,7 +727,7 @@ func TestResumeSkipsZeros(t *testing.T) {
 	cfg := p.config(raw, "pii-eu")
 	cfg.ID = rec.ID
 	spy := spyOn(&cfg, 0)
-	rec, err = Send(context.Background(), cfg)
+	rec, err := Send(context.Background(), cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -725,23 +739,14 @@ func TestResumeSkipsZeros(t *testing.T) {
 	if rec.Stats.ChunksZero != 16 {
 		t.Fatalf("%d chunks of zeros counted, want 16", rec.Stats.ChunksZero)
 	}
-	img, err := p.recvJ.Image("vm")
-	if err != nil {
-		t.Fatal(err)
-	}
-	compare(t, raw, img.Path)
+	p.stored(raw)
 
 	// A resume with another chunk size reads everything again: chunk i
 	// is other bytes then, and zeros of the old size say nothing.
 	p = newPair(t, "DE")
 	raw = filepath.Join(p.dir, "vm.raw")
 	makeRaw(t, raw, 32*mib, map[int64]int{16 * mib: 16 * mib})
-	f, err = os.OpenFile(raw, os.O_RDWR, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	f.WriteAt(make([]byte, 16*mib), 0)
-	f.Close()
+	writeZeros(t, raw, 0, 16*mib)
 	rec, _ = p.interrupted(raw, 20)
 	half := p.config(raw, "pii-eu")
 	half.ID, half.ChunkSize = rec.ID, mib/2
@@ -752,11 +757,7 @@ func TestResumeSkipsZeros(t *testing.T) {
 	if spy.reads[0] == 0 || rec.Stats.ChunksZero != 32 {
 		t.Fatalf("a resume with half the chunk size: chunk 0 read %d times, %d chunks of zeros; want it read, 32", spy.reads[0], rec.Stats.ChunksZero)
 	}
-	img, err = p.recvJ.Image("vm")
-	if err != nil {
-		t.Fatal(err)
-	}
-	compare(t, raw, img.Path)
+	p.stored(raw)
 }
 
 // resumeWhole resumes migration id of raw, which must send every one of
@@ -770,11 +771,7 @@ func (p *pair) resumeWhole(raw, id string, chunks int) {
 	if err != nil || rec.Stats.ChunksSent != chunks {
 		t.Fatalf("the resume: %v, %d of %d chunks sent, want all", err, rec.Stats.ChunksSent, chunks)
 	}
-	img, err := p.recvJ.Image("vm")
-	if err != nil {
-		t.Fatal(err)
-	}
-	compare(t, raw, img.Path)
+	p.stored(raw)
 }
 
 // TestMigrateResumeIncomingLost: resuming a migration whose incoming file
