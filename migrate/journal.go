@@ -111,6 +111,22 @@ func (j *Journal) addChunks(side, id string, chunks map[int64]Hash) error {
 	})
 }
 
+// removeChunks forgets chunks of a migration.
+func (j *Journal) removeChunks(side, id string, idx []int64) error {
+	return j.db.Update(func(tx *bolt.Tx) error {
+		b := tx.Bucket(chunksBucket(side, id))
+		if b == nil {
+			return nil
+		}
+		for _, i := range idx {
+			if err := b.Delete(binary.BigEndian.AppendUint64(nil, uint64(i))); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
 func (j *Journal) chunks(side, id string) (map[int64]Hash, error) {
 	out := map[int64]Hash{}
 	err := j.db.View(func(tx *bolt.Tx) error {

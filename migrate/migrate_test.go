@@ -774,6 +774,57 @@ func (p *pair) resumeWhole(raw, id string, chunks int) {
 	p.stored(raw)
 }
 
+// TestMigrateResumeIncomingDamaged: the incoming file of an interrupted
+// migration changed between attempts — cut to nothing, or a chunk
+// overwritten: the resume receives again what no longer matches, rather
+// than storing the file's zeros or garbage under the sender's root.
+func TestMigrateResumeIncomingDamaged(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		damage func(t *testing.T, path string, at int64)
+	}{
+		{"cut to nothing", func(t *testing.T, path string, _ int64) {
+			if err := os.Truncate(path, 0); err != nil {
+				t.Fatal(err)
+			}
+		}},
+		{"a chunk overwritten", func(t *testing.T, path string, at int64) {
+			f, err := os.OpenFile(path, os.O_WRONLY, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer f.Close()
+			if _, err := f.WriteAt(bytes.Repeat([]byte{0xa5}, 4096), at+mib+100); err != nil {
+				t.Fatal(err)
+			}
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p := newPair(t, "DE")
+			raw := filepath.Join(p.dir, "vm.raw")
+			makeRaw(t, raw, 32*mib, map[int64]int{0: 32 * mib})
+			rec, rr := p.interrupted(raw, 8)
+			if have, err := p.recvJ.chunks("recv", rec.ID); err != nil || have[1] == (Hash{}) {
+				t.Fatalf("the receiver does not hold chunk 1 of the interrupted migration (%v): nothing to damage", err)
+			}
+			tc.damage(t, rr.Temp, rr.DataAt)
+			cfg := p.config(raw, "pii-eu")
+			cfg.ID = rec.ID
+			rec, err := Send(context.Background(), cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if rec.Stats.ChunksSent == 0 {
+				t.Fatalf("the resume sent nothing: %+v", rec.Stats)
+			}
+			p.stored(raw)
+			if !strings.Contains(p.recvLog.String(), "no longer match what was received") {
+				t.Errorf("the receiver did not say why it receives chunks again:\n%s", p.recvLog.String())
+			}
+		})
+	}
+}
+
 // TestMigrateResumeIncomingLost: resuming a migration whose incoming file
 // the receiver no longer has (a crash as the image was stored, removed by
 // hand) sends every chunk again, rather than storing the image with the

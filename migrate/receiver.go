@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"log/slog"
 	"maps"
@@ -284,6 +285,40 @@ type session struct {
 // terabyte of such chunks at disk speed.
 const DefaultIdleTimeout = 30 * time.Minute
 
+// recheck reads again the chunks a resumed receive holds durable and
+// forgets those that no longer hash as they did: between two attempts the
+// incoming file is outside the receiver's hands (cut short, overwritten,
+// a failing disk), and a chunk it still counted would be skipped by the
+// sender and stored as whatever the file holds now, under a root that
+// says otherwise. It costs a read of what was received, once per resume.
+func recheck(f *os.File, rec *RecvRecord, durable map[int64]Hash, j *Journal, log *slog.Logger) error {
+	if len(durable) == 0 {
+		return nil
+	}
+	start := time.Now()
+	buf := make([]byte, rec.ChunkSize)
+	var bad []int64
+	for i, h := range durable {
+		b := buf[:chunkLen(i, rec.Size, rec.ChunkSize)]
+		if _, err := f.ReadAt(b, rec.DataAt+i*rec.ChunkSize); err != nil && !errors.Is(err, io.EOF) {
+			return fmt.Errorf("read back chunk %d of %s: %w", i, rec.Temp, err)
+		}
+		if hashChunk(b) != h {
+			bad = append(bad, i)
+		}
+	}
+	if len(bad) == 0 {
+		log.Debug("resumed receive: the chunks held still match", "chunks", len(durable), "took", time.Since(start))
+		return nil
+	}
+	log.Warn("resumed receive: chunks of the incoming file no longer match what was received (changed outside the gateway, or a failing disk); receiving them again",
+		"file", rec.Temp, "chunks", len(bad), "of", len(durable))
+	for _, i := range bad {
+		delete(durable, i)
+	}
+	return j.removeChunks("recv", rec.ID, bad)
+}
+
 // join counts a data stream joining the session, and refuses one beyond
 // the number offered: each holds buffers of up to a few chunks.
 func (s *session) join() bool {
@@ -492,6 +527,10 @@ func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision, log
 	}
 	durable, err := j.chunks("recv", o.ID)
 	if err != nil {
+		f.Close()
+		return nil, nil, err
+	}
+	if err := recheck(f.File, &rec, durable, j, log); err != nil {
 		f.Close()
 		return nil, nil, err
 	}
