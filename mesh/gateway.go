@@ -191,7 +191,10 @@ func newGateway(ctx context.Context, s *Settings, logger *slog.Logger, opt optio
 	if opt.cache != nil {
 		g.members.cache = opt.cache
 	}
-	g.loadPolicies()
+	if err := g.loadPolicies(); err != nil {
+		prov.Close()
+		return nil, err
+	}
 	if err := g.openEnrollment(); err != nil {
 		prov.Close()
 		return nil, err

@@ -4,7 +4,9 @@ import (
 	"bytes"
 	"context"
 	"crypto/x509"
+	"errors"
 	"fmt"
+	"io/fs"
 	"net/netip"
 	"os"
 	"time"
@@ -242,29 +244,37 @@ func (g *Gateway) localState(join bool) []byte {
 
 // loadPolicies adopts the newest correctly signed policy among the one
 // adopted in the last run (state directory) and the one the configuration
-// names.
-func (g *Gateway) loadPolicies() {
-	if src, sig, err := g.state.loadPolicy(); err == nil {
+// names. The one adopted last run unreadable is an error: running on would
+// mean an older policy, or none (every verified gateway linked), in
+// silence.
+func (g *Gateway) loadPolicies() error {
+	switch src, sig, err := g.state.loadPolicy(); {
+	case errors.Is(err, fs.ErrNotExist):
+	case err != nil:
+		return fmt.Errorf("the residency policy adopted in the last run: %w; restore %s from a backup, or move it aside to start from the policy the configuration names (newer ones arrive by gossip; until a policy is in force the gateway links to every verified gateway and takes no migration)",
+			err, g.state.path(fileAdoptedPolicy))
+	default:
 		if _, err := g.AdoptPolicy(src, sig); err != nil {
 			g.log.Warn("stored policy refused", "err", err)
 		}
 	}
 	if g.s.PolicyFile == "" {
-		return
+		return nil
 	}
 	src, err := os.ReadFile(g.s.PolicyFile)
 	if err != nil {
 		g.log.Error("read policy", "err", err)
-		return
+		return nil
 	}
 	sig, err := os.ReadFile(g.s.PolicySignature)
 	if err != nil {
 		g.log.Error("policy is not signed: it will not be used", "policy", g.s.PolicyFile, "err", err)
-		return
+		return nil
 	}
 	if _, err := g.AdoptPolicy(src, sig); err != nil {
 		g.log.Error("configured policy refused", "policy", g.s.PolicyFile, "err", err)
 	}
+	return nil
 }
 
 // AdoptPolicy verifies a signed policy and adopts it if it is newer than

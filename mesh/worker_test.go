@@ -1,11 +1,14 @@
 package mesh
 
 import (
+	"context"
 	"crypto/sha256"
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -131,5 +134,20 @@ func TestCertAskedForgets(t *testing.T) {
 	g.forgetCertAsks()
 	if len(g.certAsked) != 1 {
 		t.Fatalf("%d names remembered, want only the recent one", len(g.certAsked))
+	}
+}
+
+// TestDamagedAdoptedPolicy: a gateway whose adopted policy no longer
+// reads does not start — on an older policy, or none (every verified
+// gateway linked) — but says which file and what to do.
+func TestDamagedAdoptedPolicy(t *testing.T) {
+	_, lg := lonelyGateway(t)
+	d := stateDir(lg.g.s.StateDir)
+	if err := os.WriteFile(d.path(fileAdoptedPolicy), []byte(`{"policy":"cG9s`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	_, err := newGateway(context.Background(), lg.g.s, nil, options{device: NewRecordingDevice("again"), noControl: true, noMigrations: true})
+	if err == nil || !strings.Contains(err.Error(), d.path(fileAdoptedPolicy)) || !strings.Contains(err.Error(), "restore") {
+		t.Fatalf("a gateway with a damaged adopted policy: %v", err)
 	}
 }
