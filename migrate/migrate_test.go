@@ -774,6 +774,33 @@ func (p *pair) resumeWhole(raw, id string, chunks int) {
 	p.stored(raw)
 }
 
+// TestMigrateNeedsItsAuditRecord: a migration whose audit record could
+// not be written — the log of either end ends in a damaged record — does
+// not start: nothing is sent, nothing stored.
+func TestMigrateNeedsItsAuditRecord(t *testing.T) {
+	for _, end := range []string{"sender", "receiver"} {
+		t.Run(end, func(t *testing.T) {
+			p := newPair(t, "DE")
+			log := p.sendAudit
+			if end == "receiver" {
+				log = p.recvAudit
+			}
+			if err := os.WriteFile(log.Path(), []byte("not a record\n"), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			raw := filepath.Join(p.dir, "vm.raw")
+			makeRaw(t, raw, 4*mib, map[int64]int{0: mib})
+			rec, err := Send(context.Background(), p.config(raw, "pii-eu"))
+			if err == nil || !strings.Contains(err.Error(), "audit") || rec.Stats.BytesSent != 0 {
+				t.Fatalf("a migration whose %s's audit log is damaged: %v, %d bytes sent", end, err, rec.Stats.BytesSent)
+			}
+			if _, err := p.recvJ.Image("vm"); err == nil {
+				t.Fatal("the image was stored")
+			}
+		})
+	}
+}
+
 // TestMigrateResumeIncomingDamaged: the incoming file of an interrupted
 // migration changed between attempts — cut to nothing, or a chunk
 // overwritten: the resume receives again what no longer matches, rather

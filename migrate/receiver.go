@@ -368,6 +368,13 @@ func (r *Receiver) control(ctx context.Context, c *tls.Conn, fr *frameReader, fw
 		fw.json(frameDeny, Deny{Rule: d.Rule.String(), Reasons: d.Reasons})
 		return
 	}
+	if r.cfg.Audit != nil {
+		if err := r.cfg.Audit.Ready(); err != nil {
+			log.Error("cannot receive migration: its audit record could not be written", "err", err)
+			fw.json(frameError, "the receiving gateway's audit log cannot take the migration's record (its log says why); nothing was received")
+			return
+		}
+	}
 	s, acc, err := r.open(o, from, d, log)
 	if err != nil {
 		log.Error("cannot receive migration", "err", err)

@@ -378,6 +378,13 @@ func (s *sender) run(ctx context.Context) error {
 	if err := s.check(); err != nil {
 		return err
 	}
+	// The record is written when the migration ends: not possible then,
+	// the migration does not start.
+	if s.cfg.Audit != nil {
+		if err := s.cfg.Audit.Ready(); err != nil {
+			return fmt.Errorf("no migration without its audit record: %w", err)
+		}
+	}
 	extents, err := s.src.Extents()
 	if err != nil {
 		return err

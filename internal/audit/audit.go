@@ -100,6 +100,36 @@ func (l *Log) Append(id *certs.NodeIdentity, event string, fields map[string]any
 	return r, f.Sync()
 }
 
+// minFree is the free space below which Ready refuses: a record is a few
+// KiB, and what ends on the same disk (images) may take the rest.
+var minFree uint64 = 16 << 20
+
+// Ready reports whether the log can take a record: its end is a whole
+// record (or it is empty) and its disk has room. What is recorded when it
+// ends — a migration — must not start when its record cannot be written.
+func (l *Log) Ready() error {
+	f, err := os.OpenFile(l.path, os.O_RDWR|os.O_CREATE|os.O_APPEND, 0o600)
+	if err != nil {
+		return fmt.Errorf("open audit log: %w", err)
+	}
+	defer f.Close()
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX); err != nil {
+		return fmt.Errorf("lock audit log: %w", err)
+	}
+	defer syscall.Flock(int(f.Fd()), syscall.LOCK_UN)
+	if _, _, err := lastLine(f); err != nil {
+		return err
+	}
+	var st syscall.Statfs_t
+	if err := syscall.Fstatfs(int(f.Fd()), &st); err != nil {
+		return fmt.Errorf("audit log %s: free space: %w", l.path, err)
+	}
+	if free := st.Bavail * uint64(st.Bsize); free < minFree {
+		return fmt.Errorf("audit log %s: its disk has %d KiB free, too little to be sure of a record: free some space", l.path, free>>10)
+	}
+	return nil
+}
+
 // lastLine returns the last record of the log and its sequence number.
 // Bytes after the last newline are an append cut short (a crash, a full
 // disk): that record was never acknowledged, and they are cut off — left,

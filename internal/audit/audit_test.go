@@ -101,3 +101,39 @@ func TestAppendAfterCutShort(t *testing.T) {
 		t.Fatalf("append after a damaged whole line: %v", err)
 	}
 }
+
+// TestReady: a log takes a record when it is new or ends in a whole one
+// (an unfinished one is cut off) and its disk has room; a damaged last
+// record, or a disk short of room, is refused before anything starts
+// whose record could not be written.
+func TestReady(t *testing.T) {
+	id, _ := identity(t)
+	path := filepath.Join(t.TempDir(), "audit.log")
+	l := Open(path)
+	if err := l.Ready(); err != nil {
+		t.Fatalf("a new log: %v", err)
+	}
+	if _, err := l.Append(id, "migration", map[string]any{"n": 1}, t0); err != nil {
+		t.Fatal(err)
+	}
+	f, _ := os.OpenFile(path, os.O_WRONLY|os.O_APPEND, 0)
+	f.WriteString(`{"seq":2,"ti`) // an append cut short
+	f.Close()
+	if err := l.Ready(); err != nil {
+		t.Fatalf("a log whose last append was cut short: %v", err)
+	}
+	f, _ = os.OpenFile(path, os.O_WRONLY|os.O_APPEND, 0)
+	f.WriteString("not a record\n")
+	f.Close()
+	if err := l.Ready(); err == nil || !strings.Contains(err.Error(), "last record is damaged") {
+		t.Fatalf("a log ending in a damaged record: %v", err)
+	}
+
+	l = Open(filepath.Join(t.TempDir(), "audit.log"))
+	saved := minFree
+	minFree = 1 << 62
+	defer func() { minFree = saved }()
+	if err := l.Ready(); err == nil || !strings.Contains(err.Error(), "free") {
+		t.Fatalf("a disk short of room: %v", err)
+	}
+}
