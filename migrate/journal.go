@@ -5,6 +5,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"os"
+	"runtime/debug"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
@@ -25,11 +27,57 @@ var (
 
 func chunksBucket(side, id string) []byte { return []byte(side + ".chunks." + id) }
 
-// OpenJournal opens (or creates) the journal file.
-func OpenJournal(path string) (*Journal, error) {
-	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: 5 * time.Second})
-	if err != nil {
+// OpenJournal opens (or creates) the journal file. A damaged one is an
+// error naming it, not a panic deep in bbolt nor, for an empty file, a new
+// journal in silence: the image catalog (what re-syncs build on) and the
+// state of unfinished migrations are in it.
+func OpenJournal(path string) (_ *Journal, err error) {
+	damaged := func(why any) error {
+		return fmt.Errorf("migration journal %s is damaged (%v): move it aside to start a new one — the catalog of stored images (a re-sync then sends everything) and unfinished migrations (they start over) go with it", path, why)
+	}
+	if fi, err := os.Stat(path); err == nil && fi.Size() == 0 {
+		return nil, damaged("empty")
+	}
+	var db *bolt.DB
+	// bbolt panics on some damaged pages, and a page past the end of a
+	// file cut short faults (the file is mapped): a panic here, recovered.
+	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
+	defer func() {
+		if r := recover(); r != nil {
+			if db != nil {
+				db.Close()
+			}
+			err = damaged(r)
+		}
+	}()
+	db, err = bolt.Open(path, 0o600, &bolt.Options{Timeout: 5 * time.Second})
+	switch {
+	case errors.Is(err, berrors.ErrTimeout):
 		return nil, fmt.Errorf("open migration journal %s: %w (is another gateway using this state directory?)", path, err)
+	case err != nil:
+		return nil, damaged(err)
+	}
+	if err := db.View(func(tx *bolt.Tx) error {
+		// Pages past the file's end are mapped but not there: the
+		// checker, on a goroutine of its own, would fault on one. Cut
+		// short is told by the size first.
+		fi, err := os.Stat(path)
+		if err != nil {
+			return err
+		}
+		if fi.Size() < tx.Size() {
+			return fmt.Errorf("cut short: %d bytes, its pages reach to %d", fi.Size(), tx.Size())
+		}
+		var first error
+		for err := range tx.Check() { // drained: the checker reads the transaction until it closes the channel
+			if first == nil {
+				first = err
+			}
+		}
+		return first
+	}); err != nil {
+		db.Close()
+		return nil, damaged(err)
 	}
 	err = db.Update(func(tx *bolt.Tx) error {
 		for _, b := range [][]byte{bucketSend, bucketRecv, bucketImages} {
