@@ -561,8 +561,11 @@ func (ca *CA) CRLPEM() ([]byte, error) {
 // (a crash, a full disk between the two). Its number is not used again —
 // gateways ignore a list whose number they have, so a different list
 // under it would never spread — and its revocations are taken into the
-// index, so no later list drops them.
+// index, so no later list drops them. One the index does not know at all
+// (an index restored from an older backup) is carried on as it is: a
+// revocation is never dropped for want of its certificate's record.
 func (ca *CA) writeCRL(idx *caIndex, now time.Time) error {
+	var entries []x509.RevocationListEntry
 	if b, err := os.ReadFile(filepath.Join(ca.dir, fileCRL)); err == nil {
 		prev, err := ParseCRL(b)
 		if err != nil {
@@ -574,7 +577,10 @@ func (ca *CA) writeCRL(idx *caIndex, now time.Time) error {
 		at := idx.bySerial()
 		for _, e := range prev.RevokedCertificateEntries {
 			i, ok := at[FormatSerial(e.SerialNumber)]
-			if ok && idx.Certs[i].RevokedAt == nil {
+			switch {
+			case !ok:
+				entries = append(entries, x509.RevocationListEntry{SerialNumber: e.SerialNumber, RevocationTime: e.RevocationTime, ReasonCode: e.ReasonCode})
+			case idx.Certs[i].RevokedAt == nil:
 				at := e.RevocationTime.UTC()
 				idx.Certs[i].RevokedAt, idx.Certs[i].Reason = &at, reasonName(e.ReasonCode)
 			}
@@ -583,7 +589,6 @@ func (ca *CA) writeCRL(idx *caIndex, now time.Time) error {
 		return fmt.Errorf("read the CA's revocation list: %w", err)
 	}
 	idx.CRLNumber++
-	var entries []x509.RevocationListEntry
 	for _, e := range idx.Certs {
 		// A gateway certificate that has expired is refused as expired:
 		// its entry goes (RFC 5280 allows it), or a CA that ends a

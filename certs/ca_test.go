@@ -305,6 +305,36 @@ func TestRevokeIndexBehindCRL(t *testing.T) {
 	}
 }
 
+// TestRevokeIndexFromOlderBackup: an index restored from a backup older
+// than a certificate and its revocation does not know them; the next list
+// carries the revocation on all the same.
+func TestRevokeIndexFromOlderBackup(t *testing.T) {
+	ca := newTestCA(t)
+	index := filepath.Join(ca.Dir(), fileIndex)
+	backup, err := os.ReadFile(index)
+	if err != nil {
+		t.Fatal(err)
+	}
+	id1 := issue(t, ca, testAttrs("gw1", "s", "100.96.0.1"), t0, time.Hour)
+	id2 := issue(t, ca, testAttrs("gw2", "s", "100.96.0.2"), t0, time.Hour)
+	if _, err := ca.RevokeSerials([]*big.Int{id1.Certificate().SerialNumber}, "keyCompromise", t0); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(index, backup, 0o600); err != nil { // restored: knows neither gateway
+		t.Fatal(err)
+	}
+	if err := ca.RefreshCRL(t0.Add(time.Minute)); err != nil {
+		t.Fatal(err)
+	}
+	tb := trust(t, ca)
+	if _, err := tb.VerifyCertificate(id1.Certificate(), t0.Add(time.Minute)); !errors.Is(err, ErrRevoked) {
+		t.Fatalf("gw1, revoked before the index was restored: %v, want revoked", err)
+	}
+	if _, err := tb.VerifyCertificate(id2.Certificate(), t0.Add(time.Minute)); err != nil {
+		t.Fatalf("gw2, never revoked: %v", err)
+	}
+}
+
 // TestCRLDropsExpiredGateways: a revoked gateway certificate leaves the
 // revocation list once it has expired (refused as expired from then on),
 // so a CA that ends bursts every day does not sign an ever longer list;
