@@ -37,6 +37,9 @@ const (
 	fileLock     = ".lock"
 	fileNodeCert = "node.crt"
 	fileNodeKey  = "node.key"
+	// fileNodeKeyPrev is the node key being replaced, until its new
+	// certificate is written.
+	fileNodeKeyPrev = "node.key.prev"
 )
 
 // Defaults of the embedded CA.

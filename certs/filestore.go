@@ -137,7 +137,7 @@ func lockFile(path string) (unlock func(), err error) {
 // public. Missing files are not an error.
 func ForgetIdentity(dir string) error {
 	var errs []error
-	for _, name := range []string{fileNodeKey, fileNodeCert, FileWireGuardKey, FileGossipKeyring, FileVaultSecretID, FileVaultRoleID} {
+	for _, name := range []string{fileNodeKey, fileNodeKeyPrev, fileNodeCert, FileWireGuardKey, FileGossipKeyring, FileVaultSecretID, FileVaultRoleID} {
 		if err := os.Remove(filepath.Join(dir, name)); err != nil && !errors.Is(err, os.ErrNotExist) {
 			errs = append(errs, err)
 		}

@@ -1,6 +1,7 @@
 package certs
 
 import (
+	"bytes"
 	"crypto"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -12,6 +13,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"net"
 	"net/url"
@@ -179,15 +181,26 @@ func (id *NodeIdentity) Save(dir string, tb *TrustBundle) error {
 	if err != nil {
 		return err
 	}
-	// The key goes first. A crash between the two writes leaves a key
-	// that does not match the certificate, which LoadNodeIdentity reports
-	// and a re-issue repairs; it never leaves a certificate whose key was
-	// lost.
-	if err := atomicfile.WriteFile(filepath.Join(dir, fileNodeKey), keyPEM, 0o600); err != nil {
+	// The key goes first, the one it replaces kept beside it until the
+	// certificate follows: a crash or a full disk between the two writes
+	// leaves the new key beside the old certificate, and LoadNodeIdentity
+	// then takes the old pair, still valid, rather than a gateway that
+	// cannot start without its issuer. It never leaves a certificate
+	// whose key was lost.
+	keyPath, prevPath := filepath.Join(dir, fileNodeKey), filepath.Join(dir, fileNodeKeyPrev)
+	if old, err := os.ReadFile(keyPath); err == nil && !bytes.Equal(old, keyPEM) {
+		if err := atomicfile.WriteFile(prevPath, old, 0o600); err != nil {
+			return fmt.Errorf("keep the key being replaced: %w", err)
+		}
+	}
+	if err := atomicfile.WriteFile(keyPath, keyPEM, 0o600); err != nil {
 		return err
 	}
 	if err := atomicfile.WriteFile(filepath.Join(dir, fileNodeCert), encodePEM(pemCert, id.cert.Raw), 0o644); err != nil {
 		return err
+	}
+	if err := os.Remove(prevPath); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("remove the replaced key: %w", err)
 	}
 	if tb != nil {
 		if err := tb.Save(dir); err != nil {
@@ -229,9 +242,16 @@ func Fingerprint(cert *x509.Certificate) string {
 	return hex.EncodeToString(sum[:])
 }
 
-// LoadNodeIdentity reads node.crt and node.key from dir.
+// LoadNodeIdentity reads node.crt and node.key from dir — or, if a save
+// was cut short between the key and the certificate, node.crt and the key
+// it replaced.
 func LoadNodeIdentity(dir string) (*NodeIdentity, error) {
 	cert, key, err := loadKeyPair(dir, fileNodeCert, fileNodeKey)
+	if errors.Is(err, errKeyMismatch) {
+		if c, k, perr := loadKeyPair(dir, fileNodeCert, fileNodeKeyPrev); perr == nil {
+			cert, key, err = c, k, nil
+		}
+	}
 	if errors.Is(err, os.ErrNotExist) {
 		return nil, fmt.Errorf("no node identity in %s: issue one with `skybridge ca issue ... --out %s`", dir, dir)
 	}
@@ -240,6 +260,8 @@ func LoadNodeIdentity(dir string) (*NodeIdentity, error) {
 	}
 	return NewNodeIdentity(cert, key)
 }
+
+var errKeyMismatch = errors.New("a key that is not the certificate's")
 
 // loadKeyPair reads a PEM certificate and its 0600 private key from dir and
 // checks that they belong together. A missing certificate is reported as
@@ -265,7 +287,7 @@ func loadKeyPair(dir, certFile, keyFile string) (*x509.Certificate, *ecdsa.Priva
 		return nil, nil, fmt.Errorf("%s: %w", keyFile, err)
 	}
 	if !key.PublicKey.Equal(certs[0].PublicKey) {
-		return nil, nil, fmt.Errorf("%s does not belong to %s", keyFile, certFile)
+		return nil, nil, fmt.Errorf("%s does not belong to %s: %w", keyFile, certFile, errKeyMismatch)
 	}
 	return certs[0], key, nil
 }
