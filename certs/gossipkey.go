@@ -66,10 +66,17 @@ func NewGossipKeyring(keys [][]byte) (*GossipKeyring, error) {
 // ignored. Errors never contain key material.
 func ParseGossipKeyring(b []byte) (*GossipKeyring, error) {
 	var keys [][]byte
-	for i, line := range strings.Split(string(b), "\n") {
+	lines := strings.Split(string(b), "\n")
+	for i, line := range lines {
 		line = strings.TrimSpace(line)
 		if line == "" || strings.HasPrefix(line, "#") {
 			continue
+		}
+		if i == len(lines)-1 {
+			// MarshalSecret ends every line: one without its end was
+			// cut short, and a base64 key cut short can still decode —
+			// to another, shorter key, which partitions the gateway.
+			return nil, fmt.Errorf("gossip keyring line %d has no line end: the file was cut short, or its last key lacks a newline (add one if the key is whole)", i+1)
 		}
 		k, err := base64.StdEncoding.DecodeString(line)
 		if err != nil {

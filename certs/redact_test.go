@@ -133,6 +133,13 @@ func TestGossipKeyring(t *testing.T) {
 	if _, err := ParseGossipKeyring([]byte("not base64!\n")); err == nil || strings.Contains(err.Error(), "not base64!") {
 		t.Errorf("bad keyring file: err = %v (must not echo the content)", err)
 	}
+	// A file cut mid-line: 32 of a 32-byte key's 44 characters still
+	// decode, to a 24-byte key another gateway does not have.
+	whole := kr2.MarshalSecret()
+	line := strings.Index(string(whole), "\n") + 1
+	if _, err := ParseGossipKeyring(whole[:line+32]); err == nil || !strings.Contains(err.Error(), "cut short") || strings.Contains(err.Error(), string(whole[line:line+32])) {
+		t.Errorf("a keyring cut mid-line: err = %v", err)
+	}
 }
 
 // rawKey is the private scalar in hex, the way a leak through %x would
