@@ -2,6 +2,7 @@ package certs
 
 import (
 	"context"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -75,6 +76,16 @@ func (p *Provider) Trust(ctx context.Context) (*TrustBundle, error) {
 	if p.issuer != nil {
 		tb, err := p.issuer.Trust(ctx)
 		if err == nil {
+			// The cached list may be newer: gossip brings lists the
+			// issuer's copy may lack (a CA directory restored from a
+			// backup, a CRL write that failed). Revocations are not
+			// forgotten for it.
+			if cached, cerr := LoadTrustBundle(p.s.dir, p.s.meshPrefix); cerr == nil && newerCRL(cached.CRL(), tb.CRL()) {
+				if kept, werr := tb.WithCRL(cached.CRL()); werr == nil {
+					p.log.Warn("the issuer's revocation list is older than the one this gateway holds; keeping the newer", "held", cached.CRL().Number)
+					tb = kept
+				}
+			}
 			if err := tb.Save(p.s.dir); err != nil {
 				return nil, err
 			}
@@ -87,6 +98,17 @@ func (p *Provider) Trust(ctx context.Context) (*TrustBundle, error) {
 		return nil, fmt.Errorf("trust bundle in %s: %w", p.s.dir, err)
 	}
 	return tb, nil
+}
+
+// newerCRL reports whether a is a later list than b.
+func newerCRL(a, b *x509.RevocationList) bool {
+	switch {
+	case a == nil || a.Number == nil:
+		return false
+	case b == nil || b.Number == nil:
+		return true
+	}
+	return a.Number.Cmp(b.Number) > 0
 }
 
 // Identity returns the gateway's identity for attrs. With an issuer it

@@ -2,7 +2,9 @@ package certs
 
 import (
 	"context"
+	"errors"
 	"log/slog"
+	"math/big"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -215,3 +217,40 @@ gossip {
 }
 
 func mustPrefix(s string) netip.Prefix { return netip.MustParsePrefix(s) }
+
+// TestProviderKeepsNewerCRL: a CA directory whose revocation list is
+// older than the one the gateway holds (restored from a backup) does not
+// make the gateway forget a revocation.
+func TestProviderKeepsNewerCRL(t *testing.T) {
+	ca := newTestCA(t)
+	dir := filepath.Join(t.TempDir(), "id")
+	ctx := t.Context()
+	backup, err := ca.CRLPEM()
+	if err != nil {
+		t.Fatal(err)
+	}
+	victim := issue(t, ca, testAttrs("gw9", "s", "100.96.0.9"), time.Now(), time.Hour)
+	if _, err := ca.RevokeSerials([]*big.Int{victim.Certificate().SerialNumber}, "keyCompromise", time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	p, err := Open(ctx, Config{Dir: dir, CADir: ca.Dir(), TTL: "1h"}, quietLog())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.Trust(ctx); err != nil { // caches the list with the revocation
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(ca.Dir(), fileCRL), backup, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	tb, err := p.Trust(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tb.VerifyCertificate(victim.Certificate(), time.Now()); !errors.Is(err, ErrRevoked) {
+		t.Fatalf("the revoked gateway after the CA's list went back: %v, want revoked", err)
+	}
+	if cached, err := LoadTrustBundle(dir, netip.Prefix{}); err != nil || cached.CRL() == nil || cached.CRL().Number.Cmp(tb.CRL().Number) != 0 {
+		t.Fatalf("the cached list was replaced by the older one: %v", err)
+	}
+}
