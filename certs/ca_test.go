@@ -6,6 +6,7 @@ import (
 	"crypto/rand"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/json"
 	"errors"
 	"math/big"
 	"net"
@@ -411,6 +412,24 @@ func TestCAArchivesEnded(t *testing.T) {
 	}
 	if _, err := ca.RevokeSerials([]*big.Int{old.Certificate().SerialNumber}, "", later); err == nil || !strings.Contains(err.Error(), "issued-archive.jsonl") {
 		t.Fatalf("revoking an archived certificate: %v", err)
+	}
+
+	// An append cut short left half a line: the next archive does not
+	// join its entries to it.
+	f, _ := os.OpenFile(filepath.Join(ca.Dir(), fileArchive), os.O_WRONLY|os.O_APPEND, 0)
+	f.WriteString(`{"serial":"0x1","no`)
+	f.Close()
+	issue(t, ca, testAttrs("gw3", "s", "100.96.0.3"), later.Add(archiveAfter+2*time.Hour), time.Hour)
+	b, _ = os.ReadFile(filepath.Join(ca.Dir(), fileArchive))
+	lines := strings.Split(strings.TrimSuffix(string(b), "\n"), "\n")
+	if len(lines) != 2 {
+		t.Fatalf("archive after a cut-short append and another archive: %d lines\n%s", len(lines), b)
+	}
+	for _, l := range lines {
+		var c IssuedCert
+		if err := json.Unmarshal([]byte(l), &c); err != nil || c.Serial == "" {
+			t.Fatalf("archive line %q: %v", l, err)
+		}
 	}
 }
 
