@@ -253,9 +253,9 @@ func (g *Gateway) signAdvert() error {
 	defer g.advertMu.Unlock()
 	id := g.id.Load()
 	a := id.Attributes()
-	v, err := g.state.nextAdvertVersion(uint64(g.now().UnixMilli()))
-	if err != nil {
-		return fmt.Errorf("advert version: %w", err)
+	v, warn := g.state.nextAdvertVersion(uint64(g.now().UnixMilli()))
+	if warn != nil {
+		g.log.Warn("advert version not kept; the clock keeps versions rising", "version", v, "err", warn)
 	}
 	cur, next := g.wgKeys()
 	ad := &certs.Advert{

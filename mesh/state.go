@@ -29,19 +29,27 @@ func (d stateDir) path(name string) string { return filepath.Join(string(d), nam
 
 // nextAdvertVersion returns a version strictly above any used before,
 // even across restarts and lost state files: the larger of the stored
-// version + 1 and the current time in milliseconds.
-func (d stateDir) nextAdvertVersion(nowMillis uint64) (uint64, error) {
+// version + 1 and the current time in milliseconds. Always a version: a
+// stored one that cannot be read or written (a damaged file, a full disk)
+// is reported in warn, and the clock alone keeps versions rising unless it
+// went back — refusing to sign instead would leave the advert, and a
+// renewed certificate in it, unannounced.
+func (d stateDir) nextAdvertVersion(nowMillis uint64) (v uint64, warn error) {
 	var last uint64
-	if b, err := os.ReadFile(d.path(fileAdvertVersion)); err == nil {
-		last, _ = strconv.ParseUint(strings.TrimSpace(string(b)), 10, 64)
-	} else if !errors.Is(err, os.ErrNotExist) {
-		return 0, err
+	b, err := os.ReadFile(d.path(fileAdvertVersion))
+	switch {
+	case err == nil:
+		if last, err = strconv.ParseUint(strings.TrimSpace(string(b)), 10, 64); err != nil {
+			warn = fmt.Errorf("%s is damaged: %w", d.path(fileAdvertVersion), err)
+		}
+	case !errors.Is(err, os.ErrNotExist):
+		warn = err
 	}
-	v := max(last+1, nowMillis)
+	v = max(last+1, nowMillis)
 	if err := atomicfile.WriteFile(d.path(fileAdvertVersion), []byte(strconv.FormatUint(v, 10)+"\n"), 0o644); err != nil {
-		return 0, err
+		warn = errors.Join(warn, err)
 	}
-	return v, nil
+	return v, warn
 }
 
 // savedMember is a member as persisted: enough to re-verify it and to knock

@@ -36,3 +36,27 @@ func TestStatePolicy(t *testing.T) {
 		}
 	}
 }
+
+// TestAdvertVersion: versions rise across calls; a version file that
+// cannot be read or kept (damaged, a directory in its place as a full disk
+// would refuse the write) still gives a version above the last, said as a
+// warning, instead of no advert at all.
+func TestAdvertVersion(t *testing.T) {
+	d := stateDir(t.TempDir())
+	v1, warn := d.nextAdvertVersion(1000)
+	if warn != nil || v1 != 1000 {
+		t.Fatalf("first version %d, %v", v1, warn)
+	}
+	if v2, warn := d.nextAdvertVersion(900); warn != nil || v2 != 1001 {
+		t.Fatalf("with the clock behind: %d, %v; want 1001", v2, warn)
+	}
+	os.WriteFile(d.path(fileAdvertVersion), []byte("12x\n"), 0o644)
+	if v, warn := d.nextAdvertVersion(2000); warn == nil || v != 2000 {
+		t.Fatalf("a damaged version file: %d, %v; want 2000 and a warning", v, warn)
+	}
+	os.Remove(d.path(fileAdvertVersion))
+	os.Mkdir(d.path(fileAdvertVersion), 0o700)
+	if v, warn := d.nextAdvertVersion(3000); warn == nil || v != 3000 {
+		t.Fatalf("a version that cannot be kept: %d, %v; want 3000 and a warning", v, warn)
+	}
+}
