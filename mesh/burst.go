@@ -396,7 +396,7 @@ const fileBursts = "bursts.json"
 func (d stateDir) loadBursts() (*burstBook, error) {
 	var bk burstBook
 	if _, err := atomicfile.ReadJSON(d.path(fileBursts), &bk); errors.Is(err, atomicfile.ErrDamaged) {
-		return nil, fmt.Errorf("%w; it records which burst tokens were used, so it is not rewritten: repair or remove it", err)
+		return nil, fmt.Errorf("%w; it records the burst sites this gateway opened, which tokens were used and the overlay addresses given out, so it is not rewritten: restore it from a backup (or repair it: JSON). Removed, open bursts are forgotten — their gateways stay until their certificates expire, `burst down` cannot end them, and with Vault their addresses may be given out again", err)
 	} else if err != nil {
 		return nil, err
 	}
