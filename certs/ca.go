@@ -554,6 +554,27 @@ func (ca *CA) RefreshCRL(now time.Time) error {
 	return ca.updateIndex(now, func(idx *caIndex) error { return ca.writeCRL(idx, now) })
 }
 
+// TakeNewerCRL writes crl, signed by this CA, as the CA's revocation list
+// if it is later than the one the CA holds — whose directory was restored
+// from a backup, say: its next list would be numbered below what the mesh
+// holds, and ignored by every gateway. It reports whether it did.
+func (ca *CA) TakeNewerCRL(crl *x509.RevocationList) (bool, error) {
+	if crl == nil || crl.Number == nil || crl.CheckSignatureFrom(ca.cert) != nil {
+		return false, nil
+	}
+	unlock, err := lockFile(filepath.Join(ca.dir, fileLock))
+	if err != nil {
+		return false, err
+	}
+	defer unlock()
+	if b, err := os.ReadFile(filepath.Join(ca.dir, fileCRL)); err == nil {
+		if cur, err := ParseCRL(b); err == nil && cur.Number != nil && cur.Number.Cmp(crl.Number) >= 0 {
+			return false, nil
+		}
+	}
+	return true, atomicfile.WriteFile(filepath.Join(ca.dir, fileCRL), encodePEM(pemCRL, crl.Raw), 0o644)
+}
+
 // CRLPEM returns the current revocation list.
 func (ca *CA) CRLPEM() ([]byte, error) {
 	return os.ReadFile(filepath.Join(ca.dir, fileCRL))
@@ -564,16 +585,19 @@ func (ca *CA) CRLPEM() ([]byte, error) {
 // (a crash, a full disk between the two). Its number is not used again —
 // gateways ignore a list whose number they have, so a different list
 // under it would never spread — and its revocations are taken into the
-// index, so no later list drops them. One the index does not know at all
-// (an index restored from an older backup) is carried on as it is: a
-// revocation is never dropped for want of its certificate's record.
+// index, so no later list drops them. When the index is behind the list
+// (restored from an older backup) a revocation it does not know at all is
+// taken in too, as an entry of its own that lasts as long as the CA could
+// have made the certificate last: it is never dropped for want of its
+// certificate's record. (An index in step with the list lacks only entries
+// it archived, which the list had dropped first.)
 func (ca *CA) writeCRL(idx *caIndex, now time.Time) error {
-	var entries []x509.RevocationListEntry
 	if b, err := os.ReadFile(filepath.Join(ca.dir, fileCRL)); err == nil {
 		prev, err := ParseCRL(b)
 		if err != nil {
 			return fmt.Errorf("the CA's revocation list %s: %w; it cannot be carried on: restore it from a backup", filepath.Join(ca.dir, fileCRL), err)
 		}
+		behind := prev.Number != nil && prev.Number.IsInt64() && prev.Number.Int64() > idx.CRLNumber
 		if prev.Number != nil && prev.Number.IsInt64() {
 			idx.CRLNumber = max(idx.CRLNumber, prev.Number.Int64())
 		}
@@ -581,8 +605,11 @@ func (ca *CA) writeCRL(idx *caIndex, now time.Time) error {
 		for _, e := range prev.RevokedCertificateEntries {
 			i, ok := at[FormatSerial(e.SerialNumber)]
 			switch {
+			case !ok && behind:
+				rt := e.RevocationTime.UTC()
+				idx.Certs = append(idx.Certs, IssuedCert{Serial: FormatSerial(e.SerialNumber), Node: "(unknown: the index was behind the revocation list)",
+					NotAfter: ca.cert.NotAfter, RevokedAt: &rt, Reason: reasonName(e.ReasonCode)})
 			case !ok:
-				entries = append(entries, x509.RevocationListEntry{SerialNumber: e.SerialNumber, RevocationTime: e.RevocationTime, ReasonCode: e.ReasonCode})
 			case idx.Certs[i].RevokedAt == nil:
 				at := e.RevocationTime.UTC()
 				idx.Certs[i].RevokedAt, idx.Certs[i].Reason = &at, reasonName(e.ReasonCode)
@@ -592,6 +619,7 @@ func (ca *CA) writeCRL(idx *caIndex, now time.Time) error {
 		return fmt.Errorf("read the CA's revocation list: %w", err)
 	}
 	idx.CRLNumber++
+	var entries []x509.RevocationListEntry
 	for _, e := range idx.Certs {
 		// A gateway certificate that has expired is refused as expired:
 		// its entry goes (RFC 5280 allows it), or a CA that ends a

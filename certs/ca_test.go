@@ -324,8 +324,11 @@ func TestRevokeIndexFromOlderBackup(t *testing.T) {
 	if err := os.WriteFile(index, backup, 0o600); err != nil { // restored: knows neither gateway
 		t.Fatal(err)
 	}
-	if err := ca.RefreshCRL(t0.Add(time.Minute)); err != nil {
-		t.Fatal(err)
+	// Twice: the second list is signed from an index in step again.
+	for range 2 {
+		if err := ca.RefreshCRL(t0.Add(time.Minute)); err != nil {
+			t.Fatal(err)
+		}
 	}
 	tb := trust(t, ca)
 	if _, err := tb.VerifyCertificate(id1.Certificate(), t0.Add(time.Minute)); !errors.Is(err, ErrRevoked) {
@@ -333,6 +336,28 @@ func TestRevokeIndexFromOlderBackup(t *testing.T) {
 	}
 	if _, err := tb.VerifyCertificate(id2.Certificate(), t0.Add(time.Minute)); err != nil {
 		t.Fatalf("gw2, never revoked: %v", err)
+	}
+}
+
+// TestArchivedRevocationLeaves: a revoked burst certificate that expired
+// and was archived before any list was signed without it (an issue
+// archives, only a revocation signs) leaves the next list all the same —
+// only an index behind the list has its unknown entries carried on.
+func TestArchivedRevocationLeaves(t *testing.T) {
+	ca := newTestCA(t)
+	burst := issue(t, ca, testAttrs("burst-gw1", "burst-ams", "100.96.0.1"), t0, time.Hour)
+	if _, err := ca.RevokeSerials([]*big.Int{burst.Certificate().SerialNumber}, "cessationOfOperation", t0.Add(30*time.Minute)); err != nil {
+		t.Fatal(err)
+	}
+	later := t0.Add(archiveAfter + 2*time.Hour)
+	next := issue(t, ca, testAttrs("burst-gw2", "burst-ams", "100.96.0.2"), later, time.Hour) // archives the first
+	if _, err := ca.RevokeSerials([]*big.Int{next.Certificate().SerialNumber}, "cessationOfOperation", later); err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range trust(t, ca).CRL().RevokedCertificateEntries {
+		if e.SerialNumber.Cmp(burst.Certificate().SerialNumber) == 0 {
+			t.Fatal("the archived, expired revocation is carried on the list")
+		}
 	}
 }
 

@@ -72,15 +72,17 @@ func ParseGossipKeyring(b []byte) (*GossipKeyring, error) {
 		if line == "" || strings.HasPrefix(line, "#") {
 			continue
 		}
-		if i == len(lines)-1 {
-			// MarshalSecret ends every line: one without its end was
-			// cut short, and a base64 key cut short can still decode —
-			// to another, shorter key, which partitions the gateway.
-			return nil, fmt.Errorf("gossip keyring line %d has no line end: the file was cut short, or its last key lacks a newline (add one if the key is whole)", i+1)
-		}
 		k, err := base64.StdEncoding.DecodeString(line)
 		if err != nil {
 			return nil, fmt.Errorf("gossip keyring line %d is not base64", i+1)
+		}
+		if i == len(lines)-1 && len(k) == 24 {
+			// A last line without its end may be cut short (copies
+			// through shell variables lose the newline, so that alone is
+			// fine). The one cut of skybridge's 32-byte keys that still
+			// decodes — 32 of its 44 characters — gives a 24-byte key,
+			// which would partition the gateway in silence.
+			return nil, fmt.Errorf("gossip keyring line %d holds a 24-byte key and no line end: the file looks cut short (skybridge's keys are 32 bytes); if the key is whole, end the line with a newline", i+1)
 		}
 		keys = append(keys, k)
 	}

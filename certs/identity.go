@@ -1,7 +1,6 @@
 package certs
 
 import (
-	"bytes"
 	"crypto"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -170,6 +169,9 @@ func (id *NodeIdentity) LogValue() slog.Value {
 	)
 }
 
+// writeNodeCert writes node.crt; tests make it fail, as a full disk would.
+var writeNodeCert = atomicfile.WriteFile
+
 // Save writes the identity into dir: node.crt, node.key (0600) and the CA
 // bundle ca.crt (plus crl.pem if tb has one). Each file is replaced
 // atomically.
@@ -188,15 +190,22 @@ func (id *NodeIdentity) Save(dir string, tb *TrustBundle) error {
 	// cannot start without its issuer. It never leaves a certificate
 	// whose key was lost.
 	keyPath, prevPath := filepath.Join(dir, fileNodeKey), filepath.Join(dir, fileNodeKeyPrev)
-	if old, err := os.ReadFile(keyPath); err == nil && !bytes.Equal(old, keyPEM) {
-		if err := atomicfile.WriteFile(prevPath, old, 0o600); err != nil {
+	// Only a key that fits the certificate beside it is worth keeping: an
+	// orphan of an earlier cut-short save is not, and would push out the
+	// one that is.
+	if _, old, err := loadKeyPair(dir, fileNodeCert, fileNodeKey); err == nil && !old.Equal(id.key) {
+		oldPEM, err := marshalKeyPEM(old)
+		if err != nil {
+			return err
+		}
+		if err := atomicfile.WriteFile(prevPath, oldPEM, 0o600); err != nil {
 			return fmt.Errorf("keep the key being replaced: %w", err)
 		}
 	}
 	if err := atomicfile.WriteFile(keyPath, keyPEM, 0o600); err != nil {
 		return err
 	}
-	if err := atomicfile.WriteFile(filepath.Join(dir, fileNodeCert), encodePEM(pemCert, id.cert.Raw), 0o644); err != nil {
+	if err := writeNodeCert(filepath.Join(dir, fileNodeCert), encodePEM(pemCert, id.cert.Raw), 0o644); err != nil {
 		return err
 	}
 	if err := os.Remove(prevPath); err != nil && !errors.Is(err, fs.ErrNotExist) {
@@ -247,10 +256,16 @@ func Fingerprint(cert *x509.Certificate) string {
 // it replaced.
 func LoadNodeIdentity(dir string) (*NodeIdentity, error) {
 	cert, key, err := loadKeyPair(dir, fileNodeCert, fileNodeKey)
-	if errors.Is(err, errKeyMismatch) {
+	switch {
+	case errors.Is(err, errKeyMismatch):
 		if c, k, perr := loadKeyPair(dir, fileNodeCert, fileNodeKeyPrev); perr == nil {
+			slog.Warn("node.key does not fit node.crt (a save was cut short): using the key it was to replace, which does; a renewal replaces both", "dir", dir)
 			cert, key, err = c, k, nil
 		}
+	case err == nil:
+		// A save cut short after the certificate: the old key's copy
+		// has no use left, and is a private key.
+		os.Remove(filepath.Join(dir, fileNodeKeyPrev))
 	}
 	if errors.Is(err, os.ErrNotExist) {
 		return nil, fmt.Errorf("no node identity in %s: issue one with `skybridge ca issue ... --out %s`", dir, dir)

@@ -7,6 +7,8 @@ import (
 	"path/filepath"
 	"testing"
 	"time"
+
+	"github.com/skybridge-mesh/skybridge/internal/atomicfile"
 )
 
 // TestSaveCutShort: a renewal's save cut short after the new key (a full
@@ -22,21 +24,12 @@ func TestSaveCutShort(t *testing.T) {
 	if err := a.Save(dir, tb); err != nil {
 		t.Fatal(err)
 	}
-	// node.crt cannot be replaced: a directory stands in its place
-	// while b is saved, as a failed write would leave things.
-	crt := filepath.Join(dir, fileNodeCert)
-	if err := os.Rename(crt, crt+".aside"); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Mkdir(crt, 0o700); err != nil {
-		t.Fatal(err)
-	}
-	if err := b.Save(dir, tb); err == nil {
+	// The certificate's write fails, as on a full disk.
+	writeNodeCert = func(string, []byte, os.FileMode) error { return errors.New("no space left on device") }
+	err := b.Save(dir, tb)
+	writeNodeCert = atomicfile.WriteFile
+	if err == nil {
 		t.Fatal("the save with its certificate unwritable succeeded")
-	}
-	os.Remove(crt)
-	if err := os.Rename(crt+".aside", crt); err != nil {
-		t.Fatal(err)
 	}
 	got, err := LoadNodeIdentity(dir)
 	if err != nil {
@@ -44,6 +37,18 @@ func TestSaveCutShort(t *testing.T) {
 	}
 	if got.Certificate().SerialNumber.Cmp(a.Certificate().SerialNumber) != 0 {
 		t.Fatal("loaded something other than the old pair")
+	}
+	// Cut short again, with another new key: the orphan of the first
+	// does not push out the key that fits.
+	c := issue(t, ca, testAttrs("gw1", "s", "100.96.0.1"), t0, 3*time.Hour)
+	writeNodeCert = func(string, []byte, os.FileMode) error { return errors.New("no space left on device") }
+	err = c.Save(dir, tb)
+	writeNodeCert = atomicfile.WriteFile
+	if err == nil {
+		t.Fatal("the second save with its certificate unwritable succeeded")
+	}
+	if got, err := LoadNodeIdentity(dir); err != nil || got.Certificate().SerialNumber.Cmp(a.Certificate().SerialNumber) != 0 {
+		t.Fatalf("the identity after two saves cut short: %v", err)
 	}
 
 	if err := b.Save(dir, tb); err != nil {

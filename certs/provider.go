@@ -82,8 +82,19 @@ func (p *Provider) Trust(ctx context.Context) (*TrustBundle, error) {
 			// forgotten for it.
 			if cached, cerr := LoadTrustBundle(p.s.dir, p.s.meshPrefix); cerr == nil && newerCRL(cached.CRL(), tb.CRL()) {
 				if kept, werr := tb.WithCRL(cached.CRL()); werr == nil {
-					p.log.Warn("the issuer's revocation list is older than the one this gateway holds; keeping the newer", "held", cached.CRL().Number)
 					tb = kept
+					// An embedded CA behind the mesh numbers its next
+					// lists below what gateways hold, which ignore them:
+					// it takes the newer list back.
+					if ca, ok := p.issuer.(*CA); ok {
+						if took, err := ca.TakeNewerCRL(cached.CRL()); err != nil {
+							p.log.Error("the CA directory's revocation list is older than this gateway's (restored from a backup?) and could not be brought up to date: its next lists would be ignored; copy crl.pem from this identity directory into it", "ca", ca.Dir(), "err", err)
+						} else if took {
+							p.log.Warn("the CA directory's revocation list was older than this gateway's (restored from a backup?): the newer one is written back into it, so the CA's next lists carry on from it", "ca", ca.Dir(), "number", cached.CRL().Number)
+						}
+					} else {
+						p.log.Warn("the issuer's revocation list is older than the one this gateway holds; keeping the newer", "held", cached.CRL().Number)
+					}
 				}
 			}
 			if err := tb.Save(p.s.dir); err != nil {

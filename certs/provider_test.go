@@ -218,14 +218,18 @@ gossip {
 
 func mustPrefix(s string) netip.Prefix { return netip.MustParsePrefix(s) }
 
-// TestProviderKeepsNewerCRL: a CA directory whose revocation list is
-// older than the one the gateway holds (restored from a backup) does not
-// make the gateway forget a revocation.
+// TestProviderKeepsNewerCRL: a CA directory restored from a backup older
+// than the gateway's revocation list does not make the gateway forget a
+// revocation, and the CA's next list carries on above it.
 func TestProviderKeepsNewerCRL(t *testing.T) {
 	ca := newTestCA(t)
 	dir := filepath.Join(t.TempDir(), "id")
 	ctx := t.Context()
 	backup, err := ca.CRLPEM()
+	if err != nil {
+		t.Fatal(err)
+	}
+	indexBackup, err := os.ReadFile(filepath.Join(ca.Dir(), fileIndex))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -240,7 +244,11 @@ func TestProviderKeepsNewerCRL(t *testing.T) {
 	if _, err := p.Trust(ctx); err != nil { // caches the list with the revocation
 		t.Fatal(err)
 	}
+	// The CA directory restored from the backup: list and index.
 	if err := os.WriteFile(filepath.Join(ca.Dir(), fileCRL), backup, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(ca.Dir(), fileIndex), indexBackup, 0o600); err != nil {
 		t.Fatal(err)
 	}
 	tb, err := p.Trust(ctx)
@@ -252,5 +260,23 @@ func TestProviderKeepsNewerCRL(t *testing.T) {
 	}
 	if cached, err := LoadTrustBundle(dir, netip.Prefix{}); err != nil || cached.CRL() == nil || cached.CRL().Number.Cmp(tb.CRL().Number) != 0 {
 		t.Fatalf("the cached list was replaced by the older one: %v", err)
+	}
+	// The CA takes the newer list back, so its next carries on from it
+	// (numbered above what the mesh holds) with the revocation.
+	other := issue(t, ca, testAttrs("gw8", "s", "100.96.0.8"), time.Now(), time.Hour)
+	if _, err := ca.RevokeSerials([]*big.Int{other.Certificate().SerialNumber}, "keyCompromise", time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	next, err := ca.TrustBundle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if next.CRL().Number.Cmp(tb.CRL().Number) <= 0 {
+		t.Fatalf("the CA's next list is number %v, not above the mesh's %v: gateways would ignore it", next.CRL().Number, tb.CRL().Number)
+	}
+	for _, v := range []*NodeIdentity{victim, other} {
+		if _, err := next.VerifyCertificate(v.Certificate(), time.Now()); !errors.Is(err, ErrRevoked) {
+			t.Errorf("%s on the CA's next list: %v, want revoked", v.Attributes().Node, err)
+		}
 	}
 }

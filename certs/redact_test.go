@@ -140,6 +140,11 @@ func TestGossipKeyring(t *testing.T) {
 	if _, err := ParseGossipKeyring(whole[:line+32]); err == nil || !strings.Contains(err.Error(), "cut short") || strings.Contains(err.Error(), string(whole[line:line+32])) {
 		t.Errorf("a keyring cut mid-line: err = %v", err)
 	}
+	// A whole key without the final newline (copied through a shell
+	// variable, a secret store) is fine.
+	if back, err := ParseGossipKeyring(bytes.TrimSuffix(whole, []byte("\n"))); err != nil || !bytes.Equal(back.Primary(), kr2.Primary()) {
+		t.Errorf("a keyring without its final newline: %v", err)
+	}
 }
 
 // rawKey is the private scalar in hex, the way a leak through %x would

@@ -251,8 +251,8 @@ func (g *Gateway) loadPolicies() error {
 	switch src, sig, err := g.state.loadPolicy(); {
 	case errors.Is(err, fs.ErrNotExist):
 	case err != nil:
-		return fmt.Errorf("the residency policy adopted in the last run: %w; restore %s from a backup, or move it aside to start from the policy the configuration names (newer ones arrive by gossip; until a policy is in force the gateway links to every verified gateway and takes no migration)",
-			err, g.state.path(fileAdoptedPolicy))
+		return fmt.Errorf("the residency policy adopted in the last run (state directory %s): %w; restore it from a backup, or move it aside to start from the policy the configuration names (newer ones arrive by gossip; until a policy is in force the gateway links to every verified gateway and takes no migration)",
+			g.s.StateDir, err)
 	default:
 		if _, err := g.AdoptPolicy(src, sig); err != nil {
 			g.log.Warn("stored policy refused", "err", err)

@@ -147,7 +147,7 @@ func TestDamagedAdoptedPolicy(t *testing.T) {
 		t.Fatal(err)
 	}
 	_, err := newGateway(context.Background(), lg.g.s, nil, options{device: NewRecordingDevice("again"), noControl: true, noMigrations: true})
-	if err == nil || !strings.Contains(err.Error(), d.path(fileAdoptedPolicy)) || !strings.Contains(err.Error(), "restore") {
+	if err == nil || !strings.Contains(err.Error(), fileAdoptedPolicy) || !strings.Contains(err.Error(), "restore") {
 		t.Fatalf("a gateway with a damaged adopted policy: %v", err)
 	}
 }

@@ -54,13 +54,16 @@ func OpenJournal(path string) (_ *Journal, err error) {
 	switch {
 	case errors.Is(err, berrors.ErrTimeout):
 		return nil, fmt.Errorf("open migration journal %s: %w (is another gateway using this state directory?)", path, err)
-	case err != nil:
+	case errors.Is(err, berrors.ErrInvalid), errors.Is(err, berrors.ErrChecksum), errors.Is(err, berrors.ErrVersionMismatch), errors.Is(err, berrors.ErrInvalidMapping):
 		return nil, damaged(err)
+	case err != nil: // the file system's say (permissions, a read-only disk): not the file's fault
+		return nil, fmt.Errorf("open migration journal %s: %w", path, err)
 	}
 	if err := db.View(func(tx *bolt.Tx) error {
-		// Pages past the file's end are mapped but not there: the
-		// checker, on a goroutine of its own, would fault on one. Cut
-		// short is told by the size first.
+		// Pages past the file's end are mapped but not there. Cut short
+		// is told by the size; then every page is read here, on this
+		// goroutine, where a fault on a damaged one is a panic recovered
+		// (bbolt's own check runs on a goroutine of its own).
 		fi, err := os.Stat(path)
 		if err != nil {
 			return err
@@ -68,13 +71,9 @@ func OpenJournal(path string) (_ *Journal, err error) {
 		if fi.Size() < tx.Size() {
 			return fmt.Errorf("cut short: %d bytes, its pages reach to %d", fi.Size(), tx.Size())
 		}
-		var first error
-		for err := range tx.Check() { // drained: the checker reads the transaction until it closes the channel
-			if first == nil {
-				first = err
-			}
-		}
-		return first
+		return tx.ForEach(func(_ []byte, b *bolt.Bucket) error {
+			return b.ForEach(func(_, _ []byte) error { return nil })
+		})
 	}); err != nil {
 		db.Close()
 		return nil, damaged(err)

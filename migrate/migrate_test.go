@@ -588,10 +588,17 @@ func TestMigrateResumeAndResync(t *testing.T) {
 // once chunks chunks are acknowledged, and returns its record and the
 // receiver's, once the receiver has let go of it.
 func (p *pair) interrupted(raw string, chunks int) (*SendRecord, RecvRecord) {
+	p.t.Helper()
+	return p.interruptedAs(raw, "", chunks)
+}
+
+// interruptedAs is interrupted, stored at the destination in format ("":
+// the source's).
+func (p *pair) interruptedAs(raw, format string, chunks int) (*SendRecord, RecvRecord) {
 	t := p.t
 	t.Helper()
 	cfg := p.config(raw, "pii-eu")
-	cfg.Streams = 1
+	cfg.Streams, cfg.Format = 1, format
 	cfg.BWLimit = 10 * mib
 	ctx, cancel := context.WithCancel(context.Background())
 	cfg.Progress = func(pr Progress) {
@@ -806,43 +813,52 @@ func TestMigrateNeedsItsAuditRecord(t *testing.T) {
 // overwritten: the resume receives again what no longer matches, rather
 // than storing the file's zeros or garbage under the sender's root.
 func TestMigrateResumeIncomingDamaged(t *testing.T) {
+	overwrite := func(t *testing.T, path string, at int64) int {
+		f, err := os.OpenFile(path, os.O_WRONLY, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		if _, err := f.WriteAt(bytes.Repeat([]byte{0xa5}, 4096), at+mib+100); err != nil { // in chunk 1
+			t.Fatal(err)
+		}
+		return 1
+	}
 	for _, tc := range []struct {
 		name   string
-		damage func(t *testing.T, path string, at int64)
+		format string // stored as; qcow2 puts its data DataAt into the file
+		damage func(t *testing.T, path string, at int64) (chunks int)
 	}{
-		{"cut to nothing", func(t *testing.T, path string, _ int64) {
+		{"cut to nothing", FormatRaw, func(t *testing.T, path string, _ int64) int {
 			if err := os.Truncate(path, 0); err != nil {
 				t.Fatal(err)
 			}
+			return -1 // all
 		}},
-		{"a chunk overwritten", func(t *testing.T, path string, at int64) {
-			f, err := os.OpenFile(path, os.O_WRONLY, 0)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer f.Close()
-			if _, err := f.WriteAt(bytes.Repeat([]byte{0xa5}, 4096), at+mib+100); err != nil {
-				t.Fatal(err)
-			}
-		}},
+		{"a chunk overwritten", FormatRaw, overwrite},
+		{"a chunk of a qcow2 overwritten", FormatQcow2, overwrite},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			p := newPair(t, "DE")
 			raw := filepath.Join(p.dir, "vm.raw")
 			makeRaw(t, raw, 32*mib, map[int64]int{0: 32 * mib})
-			rec, rr := p.interrupted(raw, 8)
-			if have, err := p.recvJ.chunks("recv", rec.ID); err != nil || have[1] == (Hash{}) {
+			rec, rr := p.interruptedAs(raw, tc.format, 8)
+			have, err := p.recvJ.chunks("recv", rec.ID)
+			if err != nil || have[1] == (Hash{}) {
 				t.Fatalf("the receiver does not hold chunk 1 of the interrupted migration (%v): nothing to damage", err)
 			}
-			tc.damage(t, rr.Temp, rr.DataAt)
+			damaged := tc.damage(t, rr.Temp, rr.DataAt)
+			if damaged < 0 {
+				damaged = len(have)
+			}
 			cfg := p.config(raw, "pii-eu")
-			cfg.ID = rec.ID
-			rec, err := Send(context.Background(), cfg)
+			cfg.ID, cfg.Format = rec.ID, tc.format
+			rec, err = Send(context.Background(), cfg)
 			if err != nil {
 				t.Fatal(err)
 			}
-			if rec.Stats.ChunksSent == 0 {
-				t.Fatalf("the resume sent nothing: %+v", rec.Stats)
+			if want := 32 - len(have) + damaged; rec.Stats.ChunksSent != want {
+				t.Fatalf("the resume sent %d chunks; the receiver held %d, %d of them damaged: want %d", rec.Stats.ChunksSent, len(have), damaged, want)
 			}
 			p.stored(raw)
 			if !strings.Contains(p.recvLog.String(), "no longer match what was received") {

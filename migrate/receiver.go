@@ -5,13 +5,13 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
-	"io"
 	"io/fs"
 	"log/slog"
 	"maps"
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -290,7 +290,8 @@ const DefaultIdleTimeout = 30 * time.Minute
 // incoming file is outside the receiver's hands (cut short, overwritten,
 // a failing disk), and a chunk it still counted would be skipped by the
 // sender and stored as whatever the file holds now, under a root that
-// says otherwise. It costs a read of what was received, once per resume.
+// says otherwise. It costs a read of what was received, once per resume
+// that follows a session this process no longer held.
 func recheck(f *os.File, rec *RecvRecord, durable map[int64]Hash, j *Journal, log *slog.Logger) error {
 	if len(durable) == 0 {
 		return nil
@@ -298,17 +299,16 @@ func recheck(f *os.File, rec *RecvRecord, durable map[int64]Hash, j *Journal, lo
 	start := time.Now()
 	buf := make([]byte, rec.ChunkSize)
 	var bad []int64
-	for i, h := range durable {
+	for _, i := range slices.Sorted(maps.Keys(durable)) { // in the file's order
 		b := buf[:chunkLen(i, rec.Size, rec.ChunkSize)]
-		if _, err := f.ReadAt(b, rec.DataAt+i*rec.ChunkSize); err != nil && !errors.Is(err, io.EOF) {
-			return fmt.Errorf("read back chunk %d of %s: %w", i, rec.Temp, err)
-		}
-		if hashChunk(b) != h {
+		// A chunk that cannot be read (a failing disk) is received
+		// again like one that changed, not a resume failing for good.
+		if _, err := f.ReadAt(b, rec.DataAt+i*rec.ChunkSize); err != nil || hashChunk(b) != durable[i] {
 			bad = append(bad, i)
 		}
 	}
+	log.Info("resumed receive: read back the chunks held", "chunks", len(durable), "bytes", int64(len(durable))*rec.ChunkSize, "took", time.Since(start).Round(time.Millisecond))
 	if len(bad) == 0 {
-		log.Debug("resumed receive: the chunks held still match", "chunks", len(durable), "took", time.Since(start))
 		return nil
 	}
 	log.Warn("resumed receive: chunks of the incoming file no longer match what was received (changed outside the gateway, or a failing disk); receiving them again",
@@ -472,6 +472,12 @@ func (r *Receiver) audit(o *Offer, from *certs.Attributes, d policy.Decision, ou
 func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision, log *slog.Logger) (*session, *Accept, error) {
 	r.mu.Lock()
 	old := r.sessions[o.ID]
+	if r.opening[o.ID] {
+		// An earlier offer is still being opened (reading back what a
+		// resume holds can take a while): two would both register.
+		r.mu.Unlock()
+		return nil, nil, fmt.Errorf("migration %s is still being opened for an earlier offer; resume again in a moment", o.ID)
+	}
 	r.opening[o.ID] = true
 	r.mu.Unlock()
 	defer func() {
@@ -537,9 +543,12 @@ func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision, log
 		f.Close()
 		return nil, nil, err
 	}
-	if err := recheck(f.File, &rec, durable, j, log); err != nil {
-		f.Close()
-		return nil, nil, err
+	// The file of a session this process had open never left its hands.
+	if old == nil {
+		if err := recheck(f.File, &rec, durable, j, log); err != nil {
+			f.Close()
+			return nil, nil, err
+		}
 	}
 	s := &session{r: r, log: log, offer: *o, from: from, temp: f, at: rec.DataAt, record: &rec, start: r.cfg.Now(), policy: d,
 		durable: durable, pending: map[int64]pendingChunk{}, kick: make(chan struct{}, 1), stop: make(chan struct{}), synced: make(chan struct{}), closed: make(chan struct{})}
@@ -607,7 +616,9 @@ func (s *session) close() {
 	close(s.stop)
 	<-s.synced // the last flush still uses the file
 	s.r.mu.Lock()
-	delete(s.r.sessions, s.offer.ID)
+	if s.r.sessions[s.offer.ID] == s {
+		delete(s.r.sessions, s.offer.ID)
+	}
 	n := len(s.r.sessions)
 	s.r.mu.Unlock()
 	s.r.load(n)
