@@ -42,7 +42,7 @@ func (d DirSecrets) WireGuardKey(_ context.Context, node string) (WGPrivateKey, 
 		if err == nil {
 			k, err := ParseWGPrivateKey(string(b))
 			if err != nil {
-				return WGPrivateKey{}, fmt.Errorf("%s: %w", path, err)
+				return WGPrivateKey{}, fmt.Errorf("%s: %w; restore it from a backup, or move it aside for a new key (peers learn it from the gateway's next advert; `skybridge keys rotate-wg` is the way without a gap)", path, err)
 			}
 			return k, nil
 		}

@@ -271,7 +271,7 @@ func LoadNodeIdentity(dir string) (*NodeIdentity, error) {
 		return nil, fmt.Errorf("no node identity in %s: issue one with `skybridge ca issue ... --out %s`", dir, dir)
 	}
 	if err != nil {
-		return nil, fmt.Errorf("identity in %s: %w", dir, err)
+		return nil, fmt.Errorf("identity in %s: %w; restore the directory from a backup, or issue a new identity into it (`skybridge ca issue ... --out %s`; a gateway with an issuer configured obtains one itself once node.crt and node.key are moved aside)", dir, err, dir)
 	}
 	return NewNodeIdentity(cert, key)
 }
