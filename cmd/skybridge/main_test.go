@@ -3,10 +3,15 @@ package main
 import (
 	"bytes"
 	"encoding/json"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
+
+	"github.com/skybridge-mesh/skybridge/certs"
+	"github.com/skybridge-mesh/skybridge/internal/audit"
 )
 
 // runCLI runs the command line in-process and returns stdout, stderr and the
@@ -323,7 +328,7 @@ func TestBurstUsage(t *testing.T) {
 }
 
 // TestAuditVerifyEmpty: an emptied audit log is not reported intact — a
-// gateway creates its log with its first record.
+// gateway creates its log with its first record — nor one cut back.
 func TestAuditVerifyEmpty(t *testing.T) {
 	dir := t.TempDir()
 	ca := filepath.Join(dir, "ca")
@@ -332,5 +337,28 @@ func TestAuditVerifyEmpty(t *testing.T) {
 	os.WriteFile(log, nil, 0o600)
 	if out, _, code := runCLI(t, "audit", "verify", "--log", log, "--ca-cert", filepath.Join(ca, "ca.crt")); code != 1 || !strings.Contains(out, "holds no record") {
 		t.Fatalf("an empty audit log: exit %d, %q", code, out)
+	}
+
+	// Cut back by a record: a shorter chain, intact; the head beside it
+	// says a record is missing.
+	c, err := certs.OpenCA(ca)
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, err := c.IssueIdentity(certs.Attributes{Node: "gw1", Site: "s", Region: "r", Provider: "aws", Jurisdiction: "DE", OverlayIP: netip.MustParseAddr("100.96.0.1")}, time.Hour, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	log = filepath.Join(dir, "audit2.log")
+	l := audit.Open(log)
+	l.Append(id, "migration", nil, time.Now())
+	one, _ := os.ReadFile(log)
+	l.Append(id, "migration", nil, time.Now())
+	if out, _, code := runCLI(t, "audit", "verify", "--log", log, "--ca-cert", filepath.Join(ca, "ca.crt")); code != 0 {
+		t.Fatalf("an intact log: exit %d, %q", code, out)
+	}
+	os.WriteFile(log, one, 0o600)
+	if out, _, code := runCLI(t, "audit", "verify", "--log", log, "--ca-cert", filepath.Join(ca, "ca.crt")); code != 1 || !strings.Contains(out, "record 2 was written") {
+		t.Fatalf("a log cut back by a record: exit %d, %q", code, out)
 	}
 }

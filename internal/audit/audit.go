@@ -22,6 +22,7 @@ import (
 	"time"
 
 	"github.com/skybridge-mesh/skybridge/certs"
+	"github.com/skybridge-mesh/skybridge/internal/atomicfile"
 )
 
 // Record is one audit entry. Fields carries the event's details (for a
@@ -78,6 +79,9 @@ func (l *Log) Append(id *certs.NodeIdentity, event string, fields map[string]any
 	if err != nil {
 		return nil, err
 	}
+	if err := l.checkHead(last, seq); err != nil {
+		return nil, err
+	}
 	r := &Record{Seq: seq + 1, Time: now.UTC(), Node: id.Attributes().Node, Event: event, Fields: fields, Cert: id.Certificate().Raw}
 	if last != nil {
 		sum := sha256.Sum256(last)
@@ -97,7 +101,77 @@ func (l *Log) Append(id *certs.NodeIdentity, event string, fields map[string]any
 	if _, err := f.Write(append(line, '\n')); err != nil {
 		return nil, fmt.Errorf("append audit record: %w", err)
 	}
-	return r, f.Sync()
+	if err := f.Sync(); err != nil {
+		return nil, err
+	}
+	// The record is kept; a head left behind (its write failed) is one
+	// the log is ahead of, which checkHead allows, and the next append
+	// writes it again.
+	sum := sha256.Sum256(line)
+	atomicfile.WriteJSON(l.path+headSuffix, head{Seq: r.Seq, SHA256: hex.EncodeToString(sum[:])}, 0o600)
+	return r, nil
+}
+
+// headSuffix names the file beside the log that holds its last record's
+// sequence number and hash: the log emptied, cut back or replaced by an
+// older copy still verifies as a chain — a shorter one — and only the head
+// says records are missing.
+const headSuffix = ".head"
+
+type head struct {
+	Seq    uint64 `json:"seq"`
+	SHA256 string `json:"sha256"` // of the record's line
+}
+
+// checkHead compares the log's last record (last, numbered seq; nil and 0
+// for an empty log) with the head beside it. A log ahead of its head is
+// fine (the head's write after an append failed); one behind is not.
+func (l *Log) checkHead(last []byte, seq uint64) error {
+	var h head
+	found, err := atomicfile.ReadJSON(l.path+headSuffix, &h)
+	switch {
+	case err != nil:
+		return fmt.Errorf("audit log head: %w", err)
+	case !found || seq > h.Seq:
+		return nil
+	case seq < h.Seq:
+		return fmt.Errorf("audit log %s ends at record %d, but record %d was written: records were removed, or the log was replaced by an older copy; restore it from a backup (`skybridge audit verify` checks it), or move it and %s aside to start a new log", l.path, seq, h.Seq, l.path+headSuffix)
+	}
+	if sum := sha256.Sum256(last); hex.EncodeToString(sum[:]) != h.SHA256 {
+		return fmt.Errorf("audit log %s: its last record (%d) is not the one written: the log was replaced; restore it from a backup, or move it and %s aside to start a new log", l.path, seq, l.path+headSuffix)
+	}
+	return nil
+}
+
+// CheckHead says whether the log holds every record its head says was
+// written (see headSuffix), without changing either.
+func (l *Log) CheckHead() error {
+	b, err := os.ReadFile(l.path)
+	if err != nil {
+		return err
+	}
+	if i := bytes.LastIndexByte(b, '\n'); i >= 0 {
+		b = b[:i] // an unfinished last record was never acknowledged
+	} else {
+		b = nil
+	}
+	var last []byte
+	if i := bytes.LastIndexByte(b, '\n'); i >= 0 {
+		last = bytes.TrimSpace(b[i+1:])
+	} else {
+		last = bytes.TrimSpace(b)
+	}
+	var seq uint64
+	if len(last) > 0 {
+		var rec Record
+		if err := json.Unmarshal(last, &rec); err != nil {
+			return fmt.Errorf("audit log %s: its last record is damaged: %w", l.path, err)
+		}
+		seq = rec.Seq
+	} else {
+		last = nil
+	}
+	return l.checkHead(last, seq)
 }
 
 // minFree is the free space below which Ready refuses: a record is a few
@@ -117,7 +191,11 @@ func (l *Log) Ready() error {
 		return fmt.Errorf("lock audit log: %w", err)
 	}
 	defer syscall.Flock(int(f.Fd()), syscall.LOCK_UN)
-	if _, _, err := lastLine(f); err != nil {
+	last, seq, err := lastLine(f)
+	if err != nil {
+		return err
+	}
+	if err := l.checkHead(last, seq); err != nil {
 		return err
 	}
 	var st syscall.Statfs_t

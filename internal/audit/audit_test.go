@@ -137,3 +137,57 @@ func TestReady(t *testing.T) {
 		t.Fatalf("a disk short of room: %v", err)
 	}
 }
+
+// TestHead: a log cut back, emptied or replaced by an older copy still
+// verifies as a chain; its head says records are missing, and no record
+// is chained to what is left.
+func TestHead(t *testing.T) {
+	id, tb := identity(t)
+	dir := t.TempDir()
+	path := filepath.Join(dir, "audit.log")
+	l := Open(path)
+	var lines [][]byte
+	for i := range 3 {
+		if _, err := l.Append(id, "migration", map[string]any{"n": i}, t0); err != nil {
+			t.Fatal(err)
+		}
+		b, _ := os.ReadFile(path)
+		lines = append(lines, bytes.Clone(b))
+	}
+	if err := l.CheckHead(); err != nil {
+		t.Fatalf("an intact log: %v", err)
+	}
+	for name, content := range map[string][]byte{
+		"cut back to two records": lines[1],
+		"emptied":                 nil,
+	} {
+		os.WriteFile(path, content, 0o600)
+		if rep, err := Verify(bytes.NewReader(content), tb); err != nil {
+			t.Fatalf("%s: the chain itself (%d records): %v", name, rep.Records, err)
+		}
+		if err := l.CheckHead(); err == nil || !strings.Contains(err.Error(), "record 3 was written") {
+			t.Errorf("%s: CheckHead: %v", name, err)
+		}
+		if _, err := l.Append(id, "migration", nil, t0); err == nil {
+			t.Errorf("%s: a record was chained to what is left", name)
+		}
+		if err := l.Ready(); err == nil {
+			t.Errorf("%s: Ready", name)
+		}
+	}
+	// Another log of the same length in its place.
+	other := Open(filepath.Join(t.TempDir(), "audit.log"))
+	for i := range 3 {
+		other.Append(id, "other", map[string]any{"n": i}, t0)
+	}
+	b, _ := os.ReadFile(other.Path())
+	os.WriteFile(path, b, 0o600)
+	if err := l.CheckHead(); err == nil || !strings.Contains(err.Error(), "not the one written") {
+		t.Errorf("a log replaced by another as long: %v", err)
+	}
+	// Put back whole, it goes on.
+	os.WriteFile(path, lines[2], 0o600)
+	if _, err := l.Append(id, "migration", nil, t0); err != nil {
+		t.Fatalf("the log put back: %v", err)
+	}
+}
