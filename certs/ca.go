@@ -727,7 +727,7 @@ func (ca *CA) archiveLocked(idx *caIndex, now time.Time) error {
 	// An append cut short (a full disk, a crash) left part of a line:
 	// the entries after it would be joined to it. Its entries are still
 	// in the index, which was not written, and come again now.
-	if err := cutPartialLine(f); err != nil {
+	if _, err := atomicfile.CutPartialLine(f); err != nil {
 		f.Close()
 		return fmt.Errorf("CA archive: %w", err)
 	}
@@ -744,31 +744,6 @@ func (ca *CA) archiveLocked(idx *caIndex, now time.Time) error {
 	}
 	idx.Certs = keep
 	return nil
-}
-
-// cutPartialLine truncates f after its last newline.
-func cutPartialLine(f *os.File) error {
-	fi, err := f.Stat()
-	if err != nil {
-		return err
-	}
-	end := fi.Size()
-	buf := make([]byte, 4096)
-	for end > 0 {
-		n := min(int64(len(buf)), end)
-		if _, err := f.ReadAt(buf[:n], end-n); err != nil {
-			return err
-		}
-		if i := bytes.LastIndexByte(buf[:n], '\n'); i >= 0 {
-			end = end - n + int64(i) + 1
-			break
-		}
-		end -= n
-	}
-	if end == fi.Size() {
-		return nil
-	}
-	return f.Truncate(end)
 }
 
 // randomSerial returns a positive 127-bit serial: unpredictable, as the

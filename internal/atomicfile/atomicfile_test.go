@@ -104,3 +104,39 @@ func TestJSON(t *testing.T) {
 		t.Fatalf("a directory in the file's place: %v", err)
 	}
 }
+
+// TestLines: the last line is found from the end — past blank lines, a
+// line longer than a read, an unfinished tail — and the tail is cut off.
+func TestLines(t *testing.T) {
+	long := strings.Repeat("x", 200<<10)
+	for name, tc := range map[string]struct{ content, last, after string }{
+		"empty":             {"", "", ""},
+		"only a tail":       {"unfinished", "", ""},
+		"one line":          {"a\n", "a", "a\n"},
+		"tail cut off":      {"a\nb\nunfini", "b", "a\nb\n"},
+		"blank lines after": {"a\nb\n\n  \n", "b", "a\nb\n\n  \n"},
+		"a long last line":  {"a\n" + long + "\n", long, "a\n" + long + "\n"},
+		"a long first line": {long + "\n\n", long, long + "\n\n"},
+	} {
+		path := filepath.Join(t.TempDir(), "log")
+		if err := os.WriteFile(path, []byte(tc.content), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		f, err := os.OpenFile(path, os.O_RDWR, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		end, err := CutPartialLine(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		last, err := LastLine(f, end)
+		f.Close()
+		if err != nil || string(last) != tc.last {
+			t.Errorf("%s: last line %.20q, %v; want %.20q", name, last, err, tc.last)
+		}
+		if b, _ := os.ReadFile(path); string(b) != tc.after || end != int64(len(tc.after)) {
+			t.Errorf("%s: file after %.20q (end %d), want %.20q", name, b, end, tc.after)
+		}
+	}
+}

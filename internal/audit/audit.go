@@ -146,30 +146,18 @@ func (l *Log) checkHead(last []byte, seq uint64) error {
 // CheckHead says whether the log holds every record its head says was
 // written (see headSuffix), without changing either.
 func (l *Log) CheckHead() error {
-	b, err := os.ReadFile(l.path)
+	f, err := os.Open(l.path)
 	if err != nil {
 		return err
 	}
-	if i := bytes.LastIndexByte(b, '\n'); i >= 0 {
-		b = b[:i] // an unfinished last record was never acknowledged
-	} else {
-		b = nil
+	defer f.Close()
+	end, err := atomicfile.WholeEnd(f) // an unfinished last record was never acknowledged
+	if err != nil {
+		return err
 	}
-	var last []byte
-	if i := bytes.LastIndexByte(b, '\n'); i >= 0 {
-		last = bytes.TrimSpace(b[i+1:])
-	} else {
-		last = bytes.TrimSpace(b)
-	}
-	var seq uint64
-	if len(last) > 0 {
-		var rec Record
-		if err := json.Unmarshal(last, &rec); err != nil {
-			return fmt.Errorf("audit log %s: its last record is damaged: %w", l.path, err)
-		}
-		seq = rec.Seq
-	} else {
-		last = nil
+	last, seq, err := lastRecord(f, end)
+	if err != nil {
+		return err
 	}
 	return l.checkHead(last, seq)
 }
@@ -208,50 +196,24 @@ func (l *Log) Ready() error {
 	return nil
 }
 
-// lastLine returns the last record of the log and its sequence number.
-// Bytes after the last newline are an append cut short (a crash, a full
-// disk): that record was never acknowledged, and they are cut off — left,
-// they would make the log's end unreadable, and every later append fail.
+// lastLine returns the last record of the log and its sequence number,
+// read from the log's end. Bytes after the last newline are an append cut
+// short (a crash, a full disk): that record was never acknowledged, and
+// they are cut off — left, they would make the log's end unreadable, and
+// every later append fail.
 func lastLine(f *os.File) ([]byte, uint64, error) {
-	if _, err := f.Seek(0, io.SeekStart); err != nil {
+	end, err := atomicfile.CutPartialLine(f)
+	if err != nil {
+		return nil, 0, fmt.Errorf("cut off the audit log's unfinished last record: %w", err)
+	}
+	return lastRecord(f, end)
+}
+
+// lastRecord is the last record of f before end, and its number.
+func lastRecord(f *os.File, end int64) ([]byte, uint64, error) {
+	last, err := atomicfile.LastLine(f, end)
+	if err != nil || last == nil {
 		return nil, 0, err
-	}
-	var (
-		last     []byte
-		end, off int64 // of the last whole line, of what was read
-	)
-	r := bufio.NewReaderSize(f, 64<<10)
-	for {
-		line, err := r.ReadSlice('\n')
-		off += int64(len(line))
-		if err == bufio.ErrBufferFull {
-			// A line longer than the buffer: gather it.
-			whole := append([]byte(nil), line...)
-			for err == bufio.ErrBufferFull {
-				line, err = r.ReadSlice('\n')
-				off += int64(len(line))
-				whole = append(whole, line...)
-			}
-			line = whole
-		}
-		if err == io.EOF {
-			if len(line) > 0 {
-				if err := f.Truncate(end); err != nil {
-					return nil, 0, fmt.Errorf("cut off the audit log's unfinished last record: %w", err)
-				}
-			}
-			break
-		}
-		if err != nil {
-			return nil, 0, fmt.Errorf("read audit log: %w", err)
-		}
-		end = off
-		if t := bytes.TrimSpace(line); len(t) > 0 {
-			last = append(last[:0], t...)
-		}
-	}
-	if last == nil {
-		return nil, 0, nil
 	}
 	var rec Record
 	if err := json.Unmarshal(last, &rec); err != nil {
