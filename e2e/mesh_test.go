@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"fmt"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -53,11 +54,18 @@ func (l *lab) writeGatewayConfig(s *meshSite, caDir, policyFile string, seeds []
 	s.cfg = filepath.Join(l.dir, s.short+".hcl")
 	s.socket = filepath.Join(s.dir, "control.sock")
 	s.ifname = "sb" + l.id + s.short
-	sb(l.t, 0, "ca", "issue", "--ca", caDir, "--node", "gw-"+s.short, "--site", s.site, "--region", s.region,
-		"--provider", s.provider, "--jurisdiction", s.jur, "--overlay-ip", s.overlay, "--route", s.route,
-		// Every lab site attests that its store encrypts at rest, which
-		// the example policy requires to store EU personal data.
-		"--label", "classes="+s.classes, "--label", "certified=iso27001", "--label", "encryption_at_rest=true", "--out", filepath.Join(s.dir, "identity"))
+	// The certificate's labels and the node block's must be the same.
+	// Every lab site attests that its store encrypts at rest, which the
+	// example policy requires to store EU personal data.
+	labels := map[string]string{"classes": s.classes, "certified": "iso27001", "encryption_at_rest": "true"}
+	issue := []string{"ca", "issue", "--ca", caDir, "--node", "gw-" + s.short, "--site", s.site, "--region", s.region,
+		"--provider", s.provider, "--jurisdiction", s.jur, "--overlay-ip", s.overlay, "--route", s.route, "--out", filepath.Join(s.dir, "identity")}
+	var hclLabels []string
+	for _, k := range slices.Sorted(maps.Keys(labels)) {
+		issue = append(issue, "--label", k+"="+labels[k])
+		hclLabels = append(hclLabels, fmt.Sprintf("%s = %q", k, labels[k]))
+	}
+	sb(l.t, 0, issue...)
 	q := func(xs []string) string { return `["` + strings.Join(xs, `", "`) + `"]` }
 	pol := ""
 	if policyFile != "" {
@@ -72,7 +80,7 @@ node {
   jurisdiction = %q
   overlay_ip   = %q
   routes       = [%q]
-  labels       = { classes = %q, certified = "iso27001", encryption_at_rest = "true" }
+  labels       = { %s }
 }
 identity {
   dir = %q
@@ -86,7 +94,7 @@ wireguard {
   port      = 51820
   mode      = "tun"
 }
-%s`, s.dir, s.short, s.site, s.region, s.provider, s.jur, s.overlay, s.route, s.classes, filepath.Join(s.dir, "identity"), s.underlay, q(seeds), s.ifname, pol)
+%s`, s.dir, s.short, s.site, s.region, s.provider, s.jur, s.overlay, s.route, strings.Join(hclLabels, ", "), filepath.Join(s.dir, "identity"), s.underlay, q(seeds), s.ifname, pol)
 	if err := os.WriteFile(s.cfg, []byte(cfg), 0o644); err != nil {
 		l.t.Fatal(err)
 	}
