@@ -44,6 +44,10 @@ type migrations struct {
 }
 
 type runningMigration struct {
+	// first is the migration as requested, shown until the sender's own
+	// record reaches the journal: the ID goes to the client at once, and
+	// a client that asks about it (or lists migrations) must find it.
+	first  migrate.SendRecord
 	cancel context.CancelFunc
 	done   chan struct{}
 	mu     sync.Mutex
@@ -92,6 +96,99 @@ func (r *runningMigration) subscribe() chan migrate.Progress {
 	}
 	r.subs = append(r.subs, c)
 	return c
+}
+
+// resolve fills in a resume request (one that gives only an ID) from the
+// interrupted migration's record.
+func (m *migrations) resolve(req MigrationRequest) (MigrationRequest, error) {
+	if req.ID == "" {
+		return req, nil
+	}
+	if m.busy(req.ID) {
+		// Asked before the journal: a migration started a moment ago
+		// has no record yet.
+		return req, fmt.Errorf("migration %s is already running", req.ID)
+	}
+	old, err := m.journal.Send(req.ID)
+	if err != nil {
+		return req, err
+	}
+	if old.State == migrate.StateDone {
+		return req, fmt.Errorf("migration %s is already done", req.ID)
+	}
+	req.Image, req.To, req.Class, req.Name, req.Format = old.Image, old.To, old.Class, old.Name, old.Format
+	if req.Streams == 0 {
+		req.Streams = old.Streams
+	}
+	if req.BWLimit == 0 {
+		req.BWLimit = old.BWLimit
+	}
+	return req, nil
+}
+
+// begin registers a migration as running under its ID, refusing an ID
+// already running.
+func (m *migrations) begin(first migrate.SendRecord, cancel context.CancelFunc) (*runningMigration, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if _, busy := m.running[first.ID]; busy {
+		return nil, fmt.Errorf("migration %s is already running", first.ID)
+	}
+	run := &runningMigration{first: first, cancel: cancel, done: make(chan struct{}), last: migrate.Progress{ID: first.ID, Phase: "starting"}}
+	m.running[first.ID] = run
+	return run, nil
+}
+
+func (m *migrations) busy(id string) bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.running[id] != nil
+}
+
+// lookup returns a migration's record, and its live progress if it runs.
+func (m *migrations) lookup(id string) (*migrate.SendRecord, *migrate.Progress, error) {
+	m.mu.Lock()
+	run := m.running[id]
+	m.mu.Unlock()
+	rec, err := m.journal.Send(id)
+	if err != nil && run == nil {
+		return nil, nil, err
+	}
+	if run == nil {
+		return rec, nil, nil
+	}
+	run.mu.Lock()
+	p := run.last
+	run.mu.Unlock()
+	if err != nil {
+		first := run.first // running, its record not written yet
+		rec = &first
+	}
+	return rec, &p, nil
+}
+
+// sends lists the migrations sent, oldest first: the journal's records and
+// those just started whose record is not written yet.
+func (m *migrations) sends() ([]migrate.SendRecord, error) {
+	m.mu.Lock()
+	firsts := make([]migrate.SendRecord, 0, len(m.running))
+	for _, run := range m.running {
+		firsts = append(firsts, run.first)
+	}
+	m.mu.Unlock()
+	// The journal is read after the running set: a migration that
+	// writes its record in between is then found in the journal.
+	sends, err := m.journal.Sends()
+	if err != nil {
+		return nil, err
+	}
+	for _, f := range firsts {
+		if !slices.ContainsFunc(sends, func(r migrate.SendRecord) bool { return r.ID == f.ID }) {
+			sends = append(sends, f)
+		}
+	}
+	slices.SortFunc(sends, func(a, b migrate.SendRecord) int { return a.Started.Compare(b.Started) })
+	return sends, nil
 }
 
 // openMigrations opens the journal, the audit log and the receiver.
@@ -149,21 +246,9 @@ func (g *Gateway) setLoad(n int) {
 // background; progress goes to the returned run.
 func (g *Gateway) StartMigration(req MigrationRequest) (*runningMigration, string, error) {
 	m := g.mig
-	if req.ID != "" {
-		old, err := m.journal.Send(req.ID)
-		if err != nil {
-			return nil, "", err
-		}
-		if old.State == migrate.StateDone {
-			return nil, "", fmt.Errorf("migration %s is already done", req.ID)
-		}
-		req.Image, req.To, req.Class, req.Name, req.Format = old.Image, old.To, old.Class, old.Name, old.Format
-		if req.Streams == 0 {
-			req.Streams = old.Streams
-		}
-		if req.BWLimit == 0 {
-			req.BWLimit = old.BWLimit
-		}
+	req, err := m.resolve(req)
+	if err != nil {
+		return nil, "", err
 	}
 	if req.Image == "" || req.To == "" || req.Class == "" {
 		return nil, "", errors.New("a migration needs an image, a destination and a data class")
@@ -176,15 +261,20 @@ func (g *Gateway) StartMigration(req MigrationRequest) (*runningMigration, strin
 	if id == "" {
 		id = migrate.NewID()
 	}
-	m.mu.Lock()
-	if _, busy := m.running[id]; busy {
-		m.mu.Unlock()
-		return nil, "", fmt.Errorf("migration %s is already running", id)
+	name := req.Name
+	if name == "" {
+		name = migrate.DefaultName(req.Image)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	run := &runningMigration{cancel: cancel, done: make(chan struct{}), last: migrate.Progress{ID: id, Phase: "starting"}}
-	m.running[id] = run
-	m.mu.Unlock()
+	run, err := m.begin(migrate.SendRecord{
+		ID: id, Image: req.Image, Name: name, Class: req.Class, Format: req.Format,
+		To: dest.Attributes.Node, ToSite: dest.Attributes.Site, Streams: req.Streams, BWLimit: req.BWLimit,
+		State: migrate.StateRunning, Started: g.now(),
+	}, cancel)
+	if err != nil {
+		cancel()
+		return nil, "", err
+	}
 
 	var pol *policy.Policy
 	if p := g.policy.Load(); p != nil {
@@ -255,20 +345,7 @@ func (g *Gateway) pickDestination(to, class string) (*Node, error) {
 
 // Migration returns a migration's record (and live progress if running).
 func (g *Gateway) Migration(id string) (*migrate.SendRecord, *migrate.Progress, error) {
-	g.mig.mu.Lock()
-	run := g.mig.running[id]
-	g.mig.mu.Unlock()
-	rec, err := g.mig.journal.Send(id)
-	if err != nil {
-		return nil, nil, err
-	}
-	if run != nil {
-		run.mu.Lock()
-		p := run.last
-		run.mu.Unlock()
-		return rec, &p, nil
-	}
-	return rec, nil, nil
+	return g.mig.lookup(id)
 }
 
 // CancelMigration stops a running migration; it can be resumed later.
@@ -305,7 +382,7 @@ type MigrationList struct {
 // Migrations lists sent migrations, migrations being received and stored
 // images.
 func (g *Gateway) Migrations() (*MigrationList, error) {
-	sends, err := g.mig.journal.Sends()
+	sends, err := g.mig.sends()
 	if err != nil {
 		return nil, err
 	}
@@ -316,7 +393,6 @@ func (g *Gateway) Migrations() (*MigrationList, error) {
 	for i := range imgs {
 		imgs[i].Manifest.Chunks = nil // the listing does not need every hash
 	}
-	slices.SortFunc(sends, func(a, b migrate.SendRecord) int { return a.Started.Compare(b.Started) })
 	return &MigrationList{Sending: sends, Receiving: g.mig.recv.Active(), Images: imgs}, nil
 }
 

@@ -1,10 +1,15 @@
 package mesh
 
 import (
+	"context"
 	"errors"
+	"os"
+	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
+	"github.com/skybridge-mesh/skybridge/certs"
 	"github.com/skybridge-mesh/skybridge/migrate"
 )
 
@@ -33,5 +38,63 @@ func TestSubscribeAfterEnd(t *testing.T) {
 		if n == 0 {
 			t.Errorf("subscribed %s: no progress at all", name)
 		}
+	}
+}
+
+// TestMigrationSeenBeforeItsRecord: the control socket hands out a
+// migration's ID before the sender has written its journal record. A
+// client that asks about that ID, lists migrations or resumes it in that
+// moment (an apply killed and run again) must find it running; otherwise
+// it starts the migration a second time or fails it as unknown.
+func TestMigrationSeenBeforeItsRecord(t *testing.T) {
+	j, err := migrate.OpenJournal(filepath.Join(t.TempDir(), "migrate.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer j.Close()
+	m := &migrations{journal: j, running: map[string]*runningMigration{}}
+	img := filepath.Join(t.TempDir(), "vm07.raw")
+	if err := os.WriteFile(img, make([]byte, 1<<20), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	first := migrate.SendRecord{ID: "0123456789abcdef", Image: img, Name: "vm07", Class: "risk-batch", To: "gw-fra",
+		State: migrate.StateRunning, Started: time.Now()}
+	_, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	if _, err := m.begin(first, cancel); err != nil {
+		t.Fatal(err)
+	}
+
+	rec, p, err := m.lookup(first.ID)
+	if err != nil || p == nil || rec.State != migrate.StateRunning || rec.Name != "vm07" || rec.To != "gw-fra" {
+		t.Fatalf("lookup before the record: %+v, progress %v, %v; want it running", rec, p, err)
+	}
+	sends, err := m.sends()
+	if err != nil || len(sends) != 1 || sends[0].ID != first.ID {
+		t.Fatalf("list before the record: %+v, %v; want the running migration", sends, err)
+	}
+	if _, err := m.resolve(MigrationRequest{ID: first.ID}); err == nil || !strings.Contains(err.Error(), "already running") {
+		t.Errorf("resume before the record: %v; want already running", err)
+	}
+	if _, err := m.begin(first, cancel); err == nil {
+		t.Error("the same ID began twice")
+	}
+	if _, _, err := m.lookup("fedcba9876543210"); err == nil {
+		t.Error("an unknown migration was found")
+	}
+
+	// Once the sender writes its record, that is what is shown, once.
+	// (No policy here: the sender records the refusal and stops.)
+	rec, err = migrate.Send(context.Background(), migrate.SendConfig{ID: first.ID, Image: img, Name: "vm07", Class: "risk-batch",
+		To: migrate.Peer{Attributes: &certs.Attributes{Node: "gw-fra"}}, Journal: j})
+	if rec == nil || rec.State != migrate.StateDenied {
+		t.Fatalf("send without a policy: %+v, %v", rec, err)
+	}
+	got, p, err := m.lookup(first.ID)
+	if err != nil || p == nil || got.State != migrate.StateDenied {
+		t.Errorf("lookup after the record: %+v, progress %v, %v; want the journal's denied record and live progress", got, p, err)
+	}
+	if sends, err := m.sends(); err != nil || len(sends) != 1 || sends[0].State != migrate.StateDenied {
+		t.Errorf("list after the record: %+v, %v; want the journal's record alone", sends, err)
 	}
 }

@@ -159,7 +159,7 @@ func Send(ctx context.Context, cfg SendConfig) (*SendRecord, error) {
 		return nil, fmt.Errorf("format %q: use raw or qcow2", cfg.Format)
 	}
 	if cfg.Name == "" {
-		cfg.Name = strings.TrimSuffix(filepath.Base(cfg.Image), filepath.Ext(cfg.Image))
+		cfg.Name = DefaultName(cfg.Image)
 	}
 	if err := checkName(cfg.Name); err != nil {
 		return nil, err
@@ -186,6 +186,12 @@ func Send(ctx context.Context, cfg SendConfig) (*SendRecord, error) {
 		return s.rec, err
 	}
 	return s.rec, nil
+}
+
+// DefaultName is the name an image is stored under when none is given:
+// its file name without the extension.
+func DefaultName(image string) string {
+	return strings.TrimSuffix(filepath.Base(image), filepath.Ext(image))
 }
 
 func checkName(n string) error {
