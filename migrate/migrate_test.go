@@ -1296,6 +1296,55 @@ func TestReceiverEndsSilentSession(t *testing.T) {
 	}
 }
 
+// TestReceiverSaysWhenItCannotSync: chunks the receiver cannot make
+// durable (its journal or disk failing) are never acknowledged. The sender
+// is told why at once, instead of waiting out its stall timeout for
+// acknowledgements that will not come and blaming a vanished receiver.
+func TestReceiverSaysWhenItCannotSync(t *testing.T) {
+	p := newPair(t, "DE")
+	raw := filepath.Join(p.dir, "vm.raw")
+	const chunk, n = 64 << 10, 60
+	blocks := map[int64]int{}
+	for i := range int64(n) {
+		blocks[i*chunk] = chunk
+	}
+	makeRaw(t, raw, n*chunk, blocks)
+	cfg := p.config(raw, "pii-eu")
+	cfg.ChunkSize = chunk
+	spyOn(&cfg, 20*time.Millisecond) // a transfer of a second or two
+	type result struct {
+		rec *SendRecord
+		err error
+	}
+	res := make(chan result, 1)
+	start := time.Now()
+	go func() {
+		rec, err := Send(context.Background(), cfg)
+		res <- result{rec, err}
+	}()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		if a := p.recv.Active(); len(a) == 1 && a[0].Durable > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("no chunk became durable at the receiver")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	p.recvJ.Close() // every later batch fails to be recorded
+	r := <-res
+	if r.err == nil || !strings.Contains(r.err.Error(), "could not make chunks durable") {
+		t.Fatalf("send to a receiver that cannot record chunks: %v; want the receiver's reason", r.err)
+	}
+	if took := time.Since(start); took >= stallTimeout {
+		t.Errorf("the sender learnt of it after %s, as late as its stall timeout", took.Round(time.Millisecond))
+	}
+	if !strings.Contains(p.recvLog.String(), "could not make received chunks durable") {
+		t.Errorf("the receiver did not log it:\n%s", p.recvLog.String())
+	}
+}
+
 // TestReceiverRefusesBadOffers: an offer's ID names the receiver's
 // temporary files, so one that could be a path is refused before anything
 // is opened, as are sizes and stream counts out of bounds.

@@ -265,7 +265,6 @@ type session struct {
 	closed   chan struct{}
 	conns    []net.Conn
 	streams  int // data streams joined
-	syncErr  error
 	// heard is when the sender was last heard from (unix nanos): a
 	// frame on any stream, the offer, the commit. Until the commit, a
 	// sender silent for idleTimeout is taken for gone.
@@ -880,9 +879,20 @@ func (s *session) flush() error {
 		err = s.r.cfg.Journal.addChunks("recv", s.offer.ID, hashes)
 	}
 	if err != nil {
-		s.mu.Lock()
-		s.syncErr = err
-		s.mu.Unlock()
+		// The batch is neither durable nor acknowledged, and will not
+		// be: the sender is told why and the session ends, rather than
+		// the sender waiting for acknowledgements until it gives up on
+		// a receiver it takes for gone. A resume re-reads what is held.
+		s.log.Error("could not make received chunks durable; ending the session", "err", err, "chunks", len(batch))
+		why := []byte("the receiver could not make chunks durable: " + err.Error())
+		sent := map[*lockedWriter]bool{}
+		for _, p := range batch {
+			if !sent[p.to] {
+				sent[p.to] = true
+				p.to.send(frameError, why)
+			}
+		}
+		s.abort()
 		return err
 	}
 	s.mu.Lock()
