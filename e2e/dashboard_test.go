@@ -296,6 +296,9 @@ func keepDemo(t *testing.T) *keptDemo {
 	if err := json.Unmarshal([]byte(out), &d); err != nil || len(d.Sites) != 3 {
 		t.Fatalf("demo --keep --json: %v\n%s", err, out)
 	}
-	t.Cleanup(func() { sb(t, 0, "demo", "--down", d.WorkDir) })
+	t.Cleanup(func() {
+		logTails(t, filepath.Join(d.WorkDir, "*", "gateway.log"))
+		sb(t, 0, "demo", "--down", d.WorkDir)
+	})
 	return &d
 }

@@ -293,17 +293,21 @@ func (l *lab) start(ns, logName string, env []string, args ...string) *exec.Cmd 
 }
 
 // dumpLogs prints the gateways' logs when the test failed.
-func (l *lab) dumpLogs() {
-	if !l.t.Failed() {
+func (l *lab) dumpLogs() { logTails(l.t, filepath.Join(l.dir, "*.log")) }
+
+// logTails prints the end of the logs that match pattern when the test
+// failed: what a gateway saw is what explains a failure seen only in CI.
+func logTails(t *testing.T, pattern string) {
+	if !t.Failed() {
 		return
 	}
-	files, _ := filepath.Glob(filepath.Join(l.dir, "*.log"))
+	files, _ := filepath.Glob(pattern)
 	for _, f := range files {
 		b, _ := os.ReadFile(f)
 		if len(b) > 20000 {
 			b = b[len(b)-20000:]
 		}
-		l.t.Logf("==== %s (tail)\n%s", filepath.Base(f), b)
+		t.Logf("==== %s (tail)\n%s", f, b)
 	}
 }
 

@@ -106,15 +106,7 @@ operator { listen = "127.0.0.1:0" }
 		cmds = append(cmds, c)
 		sockets = append(sockets, filepath.Join(sdir, "control.sock"))
 	}
-	defer func() {
-		if t.Failed() {
-			logs, _ := filepath.Glob(filepath.Join(dir, "*.log"))
-			for _, f := range logs {
-				b, _ := os.ReadFile(f)
-				t.Logf("==== %s\n%s", f, b)
-			}
-		}
-	}()
+	defer logTails(t, filepath.Join(dir, "*.log"))
 	waitFor(t, 60*time.Second, "netstack gateways handshake with each other", func() (bool, string) {
 		var state []string
 		ok := true

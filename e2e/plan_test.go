@@ -129,8 +129,8 @@ func TestPlanAndApply(t *testing.T) {
 	}
 	type state struct {
 		VMs map[string]struct {
-			ID, State, Root string
-			Attempts        int
+			ID, State, Root, Error string
+			Attempts               int
 		} `json:"vms"`
 	}
 	readState := func() state {
@@ -159,10 +159,23 @@ func TestPlanAndApply(t *testing.T) {
 	if len(doneBefore) >= 45 {
 		t.Fatal("the apply finished before it could be interrupted")
 	}
-	out, _ = sb(t, 0, "migrate", "apply", planPath, "--parallel", "4", "--socket", zrh, "--json")
+	// Run again; on a failure, name the VMs that failed and why (the
+	// whole report of 45 is too long for a CI log's excerpt).
+	again := exec.Command(skybridge, "migrate", "apply", planPath, "--parallel", "4", "--socket", zrh, "--json")
+	var stderr strings.Builder
+	again.Stderr = &stderr
+	outb, err := again.Output()
 	var final state
-	if err := json.Unmarshal([]byte(out), &final); err != nil {
-		t.Fatalf("apply --json: %v\n%s", err, out)
+	if jerr := json.Unmarshal(outb, &final); jerr != nil {
+		t.Fatalf("apply --json: %v, %v\n%s\n%s", err, jerr, outb, stderr.String())
+	}
+	if err != nil {
+		for name, v := range final.VMs {
+			if v.State != "done" {
+				t.Errorf("%s: %s after the second apply (attempts %d, was done before the interruption: %v): %s", name, v.State, v.Attempts, doneBefore[name] != "", v.Error)
+			}
+		}
+		t.Fatalf("the second apply: %v\n%s", err, stderr.String())
 	}
 	for name, id := range doneBefore {
 		if v := final.VMs[name]; v.ID != id || v.Attempts != 1 {
