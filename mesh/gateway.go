@@ -36,11 +36,15 @@ type Gateway struct {
 	id      atomic.Pointer[certs.NodeIdentity]
 	trust   atomic.Pointer[certs.TrustBundle]
 	trustMu sync.Mutex // serialises adoptTrust
-	wgMu    sync.Mutex // guards wgKey and wgNext, which a rotation changes
-	wgKey   certs.WGPrivateKey
-	wgNext  certs.WGPrivateKey // zero unless a rotation has advertised it
-	keyring *memberlist.Keyring
-	dev     Device
+	// policyMu serialises AdoptPolicy: gossip and the control socket
+	// adopt concurrently, and an older policy stored after a newer one
+	// would replace it in memory, on disk and in the gossip queue.
+	policyMu sync.Mutex
+	wgMu     sync.Mutex // guards wgKey and wgNext, which a rotation changes
+	wgKey    certs.WGPrivateKey
+	wgNext   certs.WGPrivateKey // zero unless a rotation has advertised it
+	keyring  *memberlist.Keyring
+	dev      Device
 
 	ml      *memberlist.Memberlist
 	traffic gossipTraffic // counted by the gossip transport

@@ -289,6 +289,8 @@ func (g *Gateway) AdoptPolicy(src, sigJSON []byte) (bool, error) {
 	if err != nil {
 		return false, err
 	}
+	g.policyMu.Lock()
+	defer g.policyMu.Unlock()
 	var cur *policy.Policy
 	if c := g.policy.Load(); c != nil {
 		cur = c.p

@@ -1,0 +1,66 @@
+package mesh
+
+import (
+	"fmt"
+	"math/rand/v2"
+	"net/netip"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/skybridge-mesh/skybridge/certs"
+	"github.com/skybridge-mesh/skybridge/internal/syncbuf"
+	"github.com/skybridge-mesh/skybridge/policy"
+)
+
+// TestAdoptPolicyConcurrently: gossip and the control socket adopt
+// policies at the same time. Whatever the order they arrive in, the newest
+// is the one in force, on disk and announced; an older one checked against
+// the same current policy must not be stored after it.
+func TestAdoptPolicyConcurrently(t *testing.T) {
+	dir := t.TempDir()
+	ca, err := certs.InitCA(filepath.Join(dir, "ca"), certs.InitOptions{MeshPrefix: netip.MustParsePrefix("100.64.0.0/10")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	lg := startLiveGateway(t, ca, dir, 0, "zrh-dc", nil, &syncbuf.Buffer{})
+	const newest = 40
+	type signed struct{ src, sig []byte }
+	versions := make([]signed, newest)
+	for v := 1; v <= newest; v++ {
+		src := fmt.Appendf(nil, "policy {\n  name    = \"concurrent\"\n  version = %d\n}\nclass \"risk-batch\" {\n  allow \"store\" {\n    jurisdiction = [\"CH\"]\n  }\n}\n", v)
+		sig, err := policy.Sign("policy.hcl", src, ca.Signer(), "mesh CA", nil, time.Now())
+		if err != nil {
+			t.Fatal(err)
+		}
+		versions[v-1] = signed{src, sig.Marshal()}
+	}
+	for round := range 5 {
+		rand.Shuffle(len(versions), func(i, j int) { versions[i], versions[j] = versions[j], versions[i] })
+		var wg sync.WaitGroup
+		start := make(chan struct{})
+		for _, v := range versions {
+			wg.Go(func() {
+				<-start
+				lg.g.AdoptPolicy(v.src, v.sig) // older ones are refused
+			})
+		}
+		close(start)
+		wg.Wait()
+		if got := lg.g.policy.Load().p.Revision().Version; got != newest {
+			t.Fatalf("round %d: version %d in force after adopting 1 to %d concurrently", round, got, newest)
+		}
+		src, _, err := lg.g.state.loadPolicy()
+		if err != nil {
+			t.Fatal(err)
+		}
+		p, err := policy.Parse("policy.hcl", src)
+		if err != nil || p.Revision().Version != newest {
+			t.Fatalf("round %d: version %v stored, %v; want %d", round, p.Revision().Version, err, newest)
+		}
+		// The next round starts from nothing adopted in memory, so that
+		// every round races afresh.
+		lg.g.policy.Store(nil)
+	}
+}
