@@ -197,6 +197,16 @@ func (g *Gateway) openMigrations() error {
 	if err != nil {
 		return err
 	}
+	// Sends a stopped gateway left running: said once, and no client
+	// waits on them for ever.
+	ended, err := j.EndInterrupted(g.now())
+	if err != nil {
+		j.Close()
+		return fmt.Errorf("journal %s: %w", filepath.Join(g.s.StateDir, "migrate.db"), err)
+	}
+	for _, r := range ended {
+		g.log.Warn("a migration was interrupted when the gateway stopped: resume it", "migration_id", r.ID, "name", r.Name, "to", r.To)
+	}
 	m := &migrations{journal: j, audit: audit.Open(filepath.Join(g.s.StateDir, "audit.log")),
 		store: filepath.Join(g.s.StateDir, "images"), running: map[string]*runningMigration{}}
 	m.recv, err = migrate.NewReceiver(migrate.ReceiverConfig{

@@ -295,6 +295,50 @@ type ImageRecord struct {
 // Sends lists the sender's migrations.
 func (j *Journal) Sends() ([]SendRecord, error) { return list[SendRecord](j, bucketSend) }
 
+// Interrupted is the error of a send its gateway stopped running without
+// recording how it ended (a crash, a kill, a full disk at its end).
+const Interrupted = "interrupted: the gateway stopped during the migration; resume it"
+
+// EndInterrupted marks the sends still recorded as running as failed, and
+// returns them. It is for a gateway starting, before it runs any: nothing
+// runs those any more, and a client waiting for one to end would wait for
+// ever.
+func (j *Journal) EndInterrupted(now time.Time) ([]SendRecord, error) {
+	var ended []SendRecord
+	err := j.db.Update(func(tx *bolt.Tx) error {
+		ended = nil
+		b := tx.Bucket(bucketSend)
+		err := b.ForEach(func(k, v []byte) error {
+			var r SendRecord
+			if err := json.Unmarshal(v, &r); err != nil {
+				return fmt.Errorf("migration %s: %w", k, err)
+			}
+			if r.State == StateRunning {
+				r.State, r.Error, r.Finished = StateFailed, Interrupted, now
+				ended = append(ended, r)
+			}
+			return nil
+		})
+		if err != nil {
+			return err
+		}
+		for _, r := range ended { // a ForEach must not modify its bucket
+			v, err := json.Marshal(&r)
+			if err != nil {
+				return err
+			}
+			if err := b.Put([]byte(r.ID), v); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return ended, nil
+}
+
 // Send returns one sender record.
 func (j *Journal) Send(id string) (*SendRecord, error) {
 	var r SendRecord

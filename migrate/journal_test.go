@@ -5,6 +5,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 )
 
 // TestOpenDamagedJournal: a journal emptied, cut short or overwritten is
@@ -53,5 +54,41 @@ func TestOpenDamagedJournal(t *testing.T) {
 		if !strings.Contains(err.Error(), path) || !strings.Contains(err.Error(), "move it aside") {
 			t.Errorf("%s: %v", name, err)
 		}
+	}
+}
+
+// TestEndInterrupted: sends a stopped gateway left recorded as running end
+// as failed when it starts again, saying so; the others are untouched.
+func TestEndInterrupted(t *testing.T) {
+	j, err := OpenJournal(filepath.Join(t.TempDir(), "migrate.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer j.Close()
+	started := time.Date(2026, 11, 26, 9, 0, 0, 0, time.UTC)
+	for id, state := range map[string]string{"aaaaaaaaaaaaaaaa": StateRunning, "bbbbbbbbbbbbbbbb": StateDone, "cccccccccccccccc": StateRunning, "dddddddddddddddd": StateCancelled} {
+		if err := j.put(bucketSend, id, SendRecord{ID: id, Name: "vm-" + id[:1], State: state, Started: started}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	now := started.Add(time.Hour)
+	ended, err := j.EndInterrupted(now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(ended) != 2 || ended[0].ID != "aaaaaaaaaaaaaaaa" || ended[1].ID != "cccccccccccccccc" {
+		t.Fatalf("ended %+v; want the two running", ended)
+	}
+	for id, want := range map[string]string{"aaaaaaaaaaaaaaaa": StateFailed, "bbbbbbbbbbbbbbbb": StateDone, "cccccccccccccccc": StateFailed, "dddddddddddddddd": StateCancelled} {
+		r, err := j.Send(id)
+		if err != nil || r.State != want {
+			t.Fatalf("%s: %+v %v; want %s", id, r, err, want)
+		}
+		if want == StateFailed && (r.Error != Interrupted || !r.Finished.Equal(now) || r.Name != "vm-"+id[:1]) {
+			t.Errorf("%s: %+v; want it ended at %s as interrupted, the rest kept", id, r, now)
+		}
+	}
+	if again, err := j.EndInterrupted(now); err != nil || len(again) != 0 {
+		t.Errorf("a second start ended %+v, %v", again, err)
 	}
 }

@@ -357,8 +357,14 @@ func waitMigration(ctx context.Context, cl *mesh.Client, id string) (*mesh.Migra
 		if err != nil {
 			return nil, err
 		}
-		if s.Progress == nil && s.Record != nil && s.Record.State != migrate.StateRunning {
-			return &mesh.MigrationEvent{ID: id, Record: s.Record, Error: s.Record.Error}, nil
+		if s.Progress == nil && s.Record != nil {
+			// Not running: its record says how it ended, or it ended
+			// without saying (its last journal write failed).
+			ev := &mesh.MigrationEvent{ID: id, Record: s.Record, Error: s.Record.Error}
+			if s.Record.State == migrate.StateRunning {
+				ev.Record.State, ev.Record.Error, ev.Error = migrate.StateFailed, migrate.Interrupted, migrate.Interrupted
+			}
+			return ev, nil
 		}
 		select {
 		case <-ctx.Done():
