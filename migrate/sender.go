@@ -226,16 +226,29 @@ func startRecord(cfg *SendConfig, sid SourceID) (*SendRecord, error) {
 			if old.Image != cfg.Image || old.To != cfg.To.Attributes.Node || old.Name != cfg.Name {
 				return nil, fmt.Errorf("migration %s was %s → %s as %s; it cannot resume as something else", cfg.ID, old.Image, old.To, old.Name)
 			}
+			// What the journal holds of the attempt must go when it no
+			// longer describes the source: kept, its zeros would be
+			// skipped unread and its acknowledgements taken as sent, and
+			// the image stored as a mix under a root that verifies.
+			drop := func(why string, attrs ...any) error {
+				if err := cfg.Journal.dropSent(cfg.ID); err != nil {
+					return fmt.Errorf("migration %s: %s, and what its interrupted attempt sent cannot be forgotten: %w", cfg.ID, why, err)
+				}
+				cfg.Log.Warn(why+" since the interrupted attempt; starting its chunks over", append([]any{"migration_id", cfg.ID}, attrs...)...)
+				return nil
+			}
 			switch {
 			case !old.Source.Same(sid):
-				cfg.Journal.dropSent(cfg.ID)
-				cfg.Log.Warn("source image changed since the interrupted attempt; starting its chunks over", "migration_id", cfg.ID)
+				if err := drop("source image changed"); err != nil {
+					return nil, err
+				}
 			case old.ChunkSize != 0 && old.ChunkSize != cfg.ChunkSize:
 				// Chunk i is other bytes now. (Records of releases
 				// before chunk_size hold no zeros, and the receiver
 				// checks acknowledged chunks by hash.)
-				cfg.Journal.dropSent(cfg.ID)
-				cfg.Log.Warn("chunk size differs from the interrupted attempt's; starting its chunks over", "migration_id", cfg.ID, "chunk_size", cfg.ChunkSize, "was", old.ChunkSize)
+				if err := drop("chunk size changed", "chunk_size", cfg.ChunkSize, "was", old.ChunkSize); err != nil {
+					return nil, err
+				}
 			}
 			old.State, old.Error, old.Reasons, old.Source, old.ChunkSize = StateRunning, "", nil, sid, cfg.ChunkSize
 			old.Started, old.Finished = cfg.Now(), time.Time{}
