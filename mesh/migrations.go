@@ -151,7 +151,7 @@ func (m *migrations) lookup(id string) (*migrate.SendRecord, *migrate.Progress, 
 	run := m.running[id]
 	m.mu.Unlock()
 	rec, err := m.journal.Send(id)
-	if err != nil && run == nil {
+	if err != nil && (run == nil || !errors.Is(err, migrate.ErrNotFound)) {
 		return nil, nil, err
 	}
 	if run == nil {
@@ -409,8 +409,10 @@ func (g *Gateway) Migrations() (*MigrationList, error) {
 // VerifyImage re-proves a stored image against its recorded root.
 func (g *Gateway) VerifyImage(name string) (*migrate.VerifyReport, error) {
 	rec, err := g.mig.journal.Image(name)
-	if err != nil {
+	if errors.Is(err, migrate.ErrNotFound) {
 		return nil, fmt.Errorf("no stored image %q on this gateway", name)
+	} else if err != nil {
+		return nil, fmt.Errorf("image %q: %w", name, err)
 	}
 	return migrate.VerifyImage(rec)
 }

@@ -104,13 +104,14 @@ func (j *Journal) put(bucket []byte, key string, v any) error {
 	return j.db.Update(func(tx *bolt.Tx) error { return tx.Bucket(bucket).Put([]byte(key), b) })
 }
 
-var errNotFound = errors.New("not found")
+// ErrNotFound is the error of a journal record that does not exist.
+var ErrNotFound = errors.New("not found")
 
 func (j *Journal) get(bucket []byte, key string, v any) error {
 	return j.db.View(func(tx *bolt.Tx) error {
 		b := tx.Bucket(bucket).Get([]byte(key))
 		if b == nil {
-			return errNotFound
+			return ErrNotFound
 		}
 		return json.Unmarshal(b, v)
 	})
