@@ -20,6 +20,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -1342,6 +1343,51 @@ func TestReceiverSaysWhenItCannotSync(t *testing.T) {
 	}
 	if !strings.Contains(p.recvLog.String(), "could not make received chunks durable") {
 		t.Errorf("the receiver did not log it:\n%s", p.recvLog.String())
+	}
+}
+
+// failingListener fails its first Accepts as a process out of file
+// descriptors does.
+type failingListener struct {
+	net.Listener
+	fails atomic.Int32
+}
+
+func (l *failingListener) Accept() (net.Conn, error) {
+	if l.fails.Add(-1) >= 0 {
+		return nil, &net.OpError{Op: "accept", Net: "tcp", Err: os.NewSyscallError("accept4", syscall.EMFILE)}
+	}
+	return l.Listener.Accept()
+}
+
+// TestReceiverOutlastsAcceptErrors: a receiver that once cannot accept (out
+// of file descriptors) receives again once it can, instead of stopping for
+// good while its gateway goes on advertising itself as a destination.
+func TestReceiverOutlastsAcceptErrors(t *testing.T) {
+	p := newPair(t, "DE")
+	inner, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln := &failingListener{Listener: inner}
+	ln.fails.Store(4)
+	ctx, cancel := context.WithCancel(context.Background())
+	served := make(chan error, 1)
+	go func() { served <- p.recv.Serve(ctx, ln) }()
+	raw := filepath.Join(p.dir, "vm.raw")
+	makeRaw(t, raw, 4*mib, map[int64]int{mib: 4096})
+	cfg := p.config(raw, "pii-eu")
+	cfg.To.Addr = inner.Addr().(*net.TCPAddr).AddrPort()
+	if _, err := Send(context.Background(), cfg); err != nil {
+		t.Fatalf("send after the receiver's accept failed %d times: %v", 4, err)
+	}
+	p.stored(raw)
+	if !strings.Contains(p.recvLog.String(), "too many open files") {
+		t.Errorf("the accept errors were not logged:\n%s", p.recvLog.String())
+	}
+	cancel()
+	if err := <-served; err != nil {
+		t.Errorf("Serve ended with %v when its context ended", err)
 	}
 }
 

@@ -103,14 +103,29 @@ func (r *Receiver) Serve(ctx context.Context, ln net.Listener) error {
 		}
 	}()
 	tcfg := serverTLS(r.cfg.Identity, r.cfg.Trust, r.cfg.Now)
+	var delay time.Duration
 	for {
 		c, err := ln.Accept()
 		if err != nil {
 			if ctx.Err() != nil {
 				return nil
 			}
-			return err
+			if errors.Is(err, net.ErrClosed) {
+				return err
+			}
+			// Out of file descriptors, say: a gateway that stopped
+			// receiving would still advertise itself as the least
+			// loaded destination. Back off and carry on.
+			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
+			r.cfg.Log.Warn("accept migration connection", "err", err, "retry_in", delay)
+			select {
+			case <-time.After(delay):
+			case <-ctx.Done():
+				return nil
+			}
+			continue
 		}
+		delay = 0
 		go r.handle(ctx, tls.Server(c, tcfg))
 	}
 }
