@@ -1391,6 +1391,34 @@ func TestReceiverOutlastsAcceptErrors(t *testing.T) {
 	}
 }
 
+// TestSenderGivesUpOnSilentReceiver: a receiver whose kernel completes
+// the connection but which never answers (its gateway hung, or no longer
+// accepting) fails the migration with a reason, not a wait for ever.
+func TestSenderGivesUpOnSilentReceiver(t *testing.T) {
+	p := newPair(t, "DE")
+	silent, err := net.Listen("tcp", "127.0.0.1:0") // never accepted from
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer silent.Close()
+	was := dialTimeout
+	dialTimeout = 300 * time.Millisecond
+	t.Cleanup(func() { dialTimeout = was })
+	raw := filepath.Join(p.dir, "vm.raw")
+	makeRaw(t, raw, mib, map[int64]int{0: 4096})
+	cfg := p.config(raw, "pii-eu")
+	cfg.To.Addr = silent.Addr().(*net.TCPAddr).AddrPort()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	rec, err := Send(ctx, cfg)
+	if err == nil || !strings.Contains(err.Error(), "no answer within") || ctx.Err() != nil {
+		t.Fatalf("send to a receiver that never answers: %v (test deadline passed: %v)", err, ctx.Err() != nil)
+	}
+	if rec == nil || rec.State != StateFailed {
+		t.Errorf("record %+v; want it failed, to resume", rec)
+	}
+}
+
 // TestReceiverRefusesBadOffers: an offer's ID names the receiver's
 // temporary files, so one that could be a path is refused before anything
 // is opened, as are sizes and stream counts out of bounds.

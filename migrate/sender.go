@@ -379,14 +379,24 @@ func (s *sender) check() error {
 	return nil
 }
 
+// dialTimeout bounds reaching and authenticating the receiver: a gateway
+// whose kernel completes the connection but whose receiver never answers
+// (hung, stopped accepting) would otherwise hold the migration for good.
+var dialTimeout = stallTimeout
+
 func (s *sender) dial(ctx context.Context) (*tls.Conn, error) {
-	raw, err := s.cfg.Dial(ctx, s.cfg.To.Addr.String())
+	dctx, cancel := context.WithTimeout(ctx, dialTimeout)
+	defer cancel()
+	raw, err := s.cfg.Dial(dctx, s.cfg.To.Addr.String())
 	if err != nil {
 		return nil, fmt.Errorf("reach %s at %s: %w", s.cfg.To.Attributes.Node, s.cfg.To.Addr, err)
 	}
 	c := tls.Client(raw, clientTLS(s.cfg.Identity, s.cfg.Trust, s.cfg.To.Attributes.Node, s.cfg.Now))
-	if err := c.HandshakeContext(ctx); err != nil {
+	if err := c.HandshakeContext(dctx); err != nil {
 		raw.Close()
+		if ctx.Err() == nil && dctx.Err() != nil {
+			return nil, fmt.Errorf("authenticate %s at %s: no answer within %s (is its gateway running?)", s.cfg.To.Attributes.Node, s.cfg.To.Addr, dialTimeout)
+		}
 		return nil, fmt.Errorf("authenticate %s: %w", s.cfg.To.Attributes.Node, err)
 	}
 	return c, nil
