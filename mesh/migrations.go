@@ -127,12 +127,20 @@ func (m *migrations) resolve(req MigrationRequest) (MigrationRequest, error) {
 }
 
 // begin registers a migration as running under its ID, refusing an ID
-// already running.
+// already running or an image already being sent to the destination.
 func (m *migrations) begin(first migrate.SendRecord, cancel context.CancelFunc) (*runningMigration, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if _, busy := m.running[first.ID]; busy {
 		return nil, fmt.Errorf("migration %s is already running", first.ID)
+	}
+	// One image name to one destination at a time: two would race to
+	// store it, and the receiver takes a second from the same gateway for
+	// a first this gateway no longer runs.
+	for id, run := range m.running {
+		if run.first.Name == first.Name && run.first.To == first.To {
+			return nil, fmt.Errorf("image %q is already being sent to %s by migration %s: wait for it, or cancel it", first.Name, first.To, id)
+		}
 	}
 	run := &runningMigration{first: first, cancel: cancel, done: make(chan struct{}), last: migrate.Progress{ID: first.ID, Phase: "starting"}}
 	m.running[first.ID] = run

@@ -79,6 +79,17 @@ func TestMigrationSeenBeforeItsRecord(t *testing.T) {
 	if _, err := m.begin(first, cancel); err == nil {
 		t.Error("the same ID began twice")
 	}
+	// One image to one destination at a time; to another, it may go.
+	again := first
+	again.ID = "00000000000000aa"
+	if _, err := m.begin(again, cancel); err == nil || !strings.Contains(err.Error(), first.ID) {
+		t.Errorf("vm07 to gw-fra began twice: %v; want it refused, naming the running migration", err)
+	}
+	again.To = "gw-iad"
+	if _, err := m.begin(again, cancel); err != nil {
+		t.Errorf("vm07 to gw-iad while it goes to gw-fra: %v", err)
+	}
+	delete(m.running, again.ID)
 	if _, _, err := m.lookup("fedcba9876543210"); err == nil {
 		t.Error("an unknown migration was found")
 	}

@@ -57,6 +57,7 @@ class "swiss-banking-secret" {
 type pair struct {
 	t          testing.TB
 	dir        string
+	ca         *certs.CA
 	from, to   *certs.NodeIdentity
 	tb         *certs.TrustBundle
 	pol        *policy.Policy
@@ -100,7 +101,7 @@ func newPairLabelled(t testing.TB, toJur string, toLabels map[string]string, twe
 		}
 		return id
 	}
-	p := &pair{t: t, dir: dir, from: issue("gw-zrh", "onprem-zrh", "CH", 1, nil), to: issue("gw-dst", "dst-site", toJur, 2, toLabels)}
+	p := &pair{t: t, dir: dir, ca: ca, from: issue("gw-zrh", "onprem-zrh", "CH", 1, nil), to: issue("gw-dst", "dst-site", toJur, 2, toLabels)}
 	p.tb, _ = ca.TrustBundle()
 	p.pol, err = policy.Parse("p.hcl", []byte(testPolicy))
 	if err != nil {
@@ -1416,6 +1417,55 @@ func TestSenderGivesUpOnSilentReceiver(t *testing.T) {
 	}
 	if rec == nil || rec.State != StateFailed {
 		t.Errorf("record %+v; want it failed, to resume", rec)
+	}
+}
+
+// TestReceiverOneMigrationPerName: two migrations storing one image name
+// at once would race to store it. Another gateway's is refused while one
+// runs; the same gateway's new one supersedes the old (that gateway sends
+// a name to a destination once at a time: the old is one it no longer runs).
+func TestReceiverOneMigrationPerName(t *testing.T) {
+	p := newPair(t, "DE")
+	other, err := p.ca.IssueIdentity(certs.Attributes{Node: "gw-gva", Site: "onprem-gva", Region: "r", Provider: "onprem", Jurisdiction: "CH",
+		OverlayIP: netip.AddrFrom4([4]byte{100, 96, 0, 3})}, time.Hour, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	offer := func(from *certs.NodeIdentity, id string) (*tls.Conn, byte, []byte) {
+		t.Helper()
+		raw, err := net.Dial("tcp", p.addr.String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		c := tls.Client(raw, clientTLS(from, p.tb, "gw-dst", time.Now))
+		t.Cleanup(func() { c.Close() })
+		c.SetDeadline(time.Now().Add(20 * time.Second))
+		o := Offer{ID: id, Name: "vm", Class: "pii-eu", Format: FormatRaw, Size: mib, ChunkSize: mib, Streams: 1}
+		if err := newFrameWriter(c).json(frameOffer, o); err != nil {
+			t.Fatal(err)
+		}
+		typ, payload, err := newFrameReader(c).next(nil)
+		if err != nil {
+			t.Fatalf("offer %s: %v", id, err)
+		}
+		return c, typ, payload
+	}
+	first, typ, _ := offer(p.from, "aaaaaaaaaaaaaaaa")
+	if typ != frameAccept {
+		t.Fatalf("the first offer of vm: answer %d", typ)
+	}
+	if _, typ, why := offer(other, "bbbbbbbbbbbbbbbb"); typ != frameError || !strings.Contains(string(why), "aaaaaaaaaaaaaaaa") {
+		t.Fatalf("another gateway's offer of vm while it is received: answer %d %q; want refused, naming the migration", typ, why)
+	}
+	if _, typ, why := offer(p.from, "cccccccccccccccc"); typ != frameAccept {
+		t.Fatalf("the same gateway's new offer of vm: answer %d %q; want it to supersede the old", typ, why)
+	}
+	first.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, _, err := newFrameReader(first).next(nil); err == nil {
+		t.Error("the superseded migration's control connection is still open")
+	}
+	if a := p.recv.Active(); len(a) != 1 || a[0].ID != "cccccccccccccccc" {
+		t.Errorf("receiving %+v; want the superseding migration alone", a)
 	}
 }
 

@@ -58,7 +58,7 @@ type Receiver struct {
 	// opening holds the IDs open is setting up, from before it reads
 	// their record until their session is in sessions (or it failed):
 	// forgetAbandoned leaves them alone.
-	opening map[string]bool
+	opening map[string]string // ID → image name
 }
 
 // NewReceiver prepares a receiver; Serve accepts connections.
@@ -80,7 +80,7 @@ func NewReceiver(cfg ReceiverConfig) (*Receiver, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Receiver{cfg: cfg, dec: dec, sessions: map[string]*session{}, opening: map[string]bool{}}, nil
+	return &Receiver{cfg: cfg, dec: dec, sessions: map[string]*session{}, opening: map[string]string{}}, nil
 }
 
 // AbandonedAfter is how long a receive no sender has offered again is
@@ -173,7 +173,7 @@ func (r *Receiver) forgetAbandoned() {
 func (r *Receiver) forget(id, temp string) (active bool, err error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if r.sessions[id] != nil || r.opening[id] {
+	if _, opening := r.opening[id]; r.sessions[id] != nil || opening {
 		return true, nil
 	}
 	err = os.Remove(temp)
@@ -486,19 +486,39 @@ func (r *Receiver) audit(o *Offer, from *certs.Attributes, d policy.Decision, ou
 func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision, log *slog.Logger) (*session, *Accept, error) {
 	r.mu.Lock()
 	old := r.sessions[o.ID]
-	if r.opening[o.ID] {
+	if _, busy := r.opening[o.ID]; busy {
 		// An earlier offer is still being opened (reading back what a
 		// resume holds can take a while): two would both register.
 		r.mu.Unlock()
 		return nil, nil, fmt.Errorf("migration %s is still being opened for an earlier offer; resume again in a moment", o.ID)
 	}
-	r.opening[o.ID] = true
+	// Two migrations storing one name would race at the end: the
+	// catalog could record one's root beside the other's file, or, in
+	// two formats, each remove the other's. A gateway sends an image to
+	// a destination once at a time, so another migration of the name from
+	// the same gateway is one it no longer runs (it crashed, and the
+	// image is sent anew): superseded, like an old attempt below.
+	id, sess := r.receivingName(o)
+	if id != "" && (sess == nil || sess.from.Node != from.Node) {
+		r.mu.Unlock()
+		return nil, nil, fmt.Errorf("image %q is being received by migration %s; send it again when that one has ended", o.Name, id)
+	}
+	r.opening[o.ID] = o.Name
 	r.mu.Unlock()
 	defer func() {
 		r.mu.Lock()
 		delete(r.opening, o.ID)
 		r.mu.Unlock()
 	}()
+	if sess != nil {
+		log.Warn("another migration of the image from the same gateway is superseded", "name", o.Name, "superseded", id)
+		sess.abort()
+		select {
+		case <-sess.closed:
+		case <-time.After(10 * time.Second):
+			return nil, nil, fmt.Errorf("image %q: migration %s, which this one supersedes, does not let go", o.Name, id)
+		}
+	}
 	if old != nil {
 		// A sender runs one attempt of a migration at a time: a new offer
 		// from the same gateway means the old attempt's connections are
@@ -591,6 +611,22 @@ func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision, log
 	s.heard.Store(time.Now().UnixNano())
 	go s.syncer()
 	return s, acc, nil
+}
+
+// receivingName finds another migration receiving o's image name: its ID
+// and, unless it is still being opened, its session. r.mu is held.
+func (r *Receiver) receivingName(o *Offer) (string, *session) {
+	for id, name := range r.opening {
+		if name == o.Name && id != o.ID {
+			return id, nil
+		}
+	}
+	for id, s := range r.sessions {
+		if s.offer.Name == o.Name && id != o.ID {
+			return id, s
+		}
+	}
+	return "", nil
 }
 
 func (r *Receiver) load(n int) {
