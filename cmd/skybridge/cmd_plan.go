@@ -227,7 +227,8 @@ func migrateApply(c *cli.Context) error {
 	}
 	// A migration this plan started whose ID never reached the state file
 	// (the apply was killed at that moment) is found on the gateway by
-	// image, name and destination, so that it is not started twice.
+	// image, name and destination, so that it is not started twice: the
+	// newest, listed last.
 	started := map[string]string{} // VM name → migration ID
 	if l, err := cl.Migrations(ctx); err == nil {
 		for _, r := range l.Sending {
@@ -258,8 +259,10 @@ dispatch:
 		vs := get(pl.Name, pl.To)
 		mu.Lock()
 		done := vs.State == migrate.StateDone
-		if vs.ID == "" && started[pl.Name] != "" {
-			vs.ID, vs.State = started[pl.Name], migrate.StateRunning
+		// A denied VM is started anew (not resumed), under a new ID that
+		// may not have reached the state file either.
+		if id := started[pl.Name]; id != "" && (vs.ID == "" || vs.State == migrate.StateDenied && id != vs.ID) {
+			vs.ID, vs.State = id, migrate.StateRunning
 		}
 		mu.Unlock()
 		if done {
