@@ -1,6 +1,7 @@
 package certs
 
 import (
+	"bytes"
 	"crypto"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -10,6 +11,7 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/hex"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -238,10 +240,23 @@ func (tb *TrustBundle) Save(dir string) error {
 // SaveCertificate writes a certificate signed for a CSR (whose key stays
 // where the CSR was made) into dir, with the trust bundle.
 func SaveCertificate(dir string, cert *x509.Certificate, tb *TrustBundle) error {
-	if err := tb.Save(dir); err != nil {
-		return err
+	if tb != nil {
+		if err := tb.Save(dir); err != nil {
+			return err
+		}
 	}
 	return atomicfile.WriteFile(filepath.Join(dir, fileNodeCert), encodePEM(pemCert, cert.Raw), 0o644)
+}
+
+// Holds reports whether cert is the certificate in dir: whether a save
+// that failed had delivered it anyway.
+func Holds(dir string, cert *x509.Certificate) bool {
+	b, err := os.ReadFile(filepath.Join(dir, fileNodeCert))
+	if err != nil {
+		return false
+	}
+	blk, _ := pem.Decode(b)
+	return blk != nil && bytes.Equal(blk.Bytes, cert.Raw)
 }
 
 // Fingerprint is the SHA-256 of a certificate in hex, as `openssl x509

@@ -181,13 +181,24 @@ func caIssue(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	if identity != nil {
-		err = identity.Save(out, tb)
-	} else {
-		err = certs.SaveCertificate(out, cert, tb)
-	}
+	// What the gateway needs beside its certificate goes first: the
+	// certificate is then the last thing written, and one that failed to
+	// be written is one nobody holds.
+	err = tb.Save(out)
 	if err == nil {
 		err = ca.CopyGossipKeyring(c.Context, out)
+	}
+	if err == nil {
+		if identity != nil {
+			err = identity.Save(out, nil)
+		} else {
+			err = certs.SaveCertificate(out, cert, nil)
+		}
+	}
+	if err != nil && certs.Holds(out, cert) {
+		// Written, though something after it failed: revoking it would
+		// leave the directory with a revoked identity.
+		return fmt.Errorf("%w; the certificate (serial %s) is in %s and valid", err, certs.FormatSerial(cert.SerialNumber), out)
 	}
 	if err != nil {
 		// Not delivered: take it back, so it neither stays valid nor

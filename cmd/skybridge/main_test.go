@@ -287,6 +287,40 @@ func TestIssueWithCSR(t *testing.T) {
 	}
 }
 
+// TestIssueNotDelivered: a re-issue into a gateway's directory that fails
+// (here, the gossip keyring cannot be written) takes its certificate back
+// and leaves the directory's own certificate in place, not a revoked one.
+func TestIssueNotDelivered(t *testing.T) {
+	dir := t.TempDir()
+	ca := filepath.Join(dir, "ca")
+	gw := filepath.Join(dir, "gw1")
+	mustRun(t, "ca", "init", "--dir", ca)
+	mustRun(t, issueArgs(ca, gw, "gw1", "100.96.0.1")...)
+	before, _ := os.ReadFile(filepath.Join(gw, "node.crt"))
+	keyBefore, _ := os.ReadFile(filepath.Join(gw, "node.key"))
+	os.Remove(filepath.Join(gw, "gossip.keyring"))
+	os.Mkdir(filepath.Join(gw, "gossip.keyring"), 0o700) // not writable as a file
+	_, errs, code := runCLI(t, issueArgs(ca, gw, "gw1", "100.96.0.1", "--json")...)
+	if code == 0 || !strings.Contains(errs, "is revoked") {
+		t.Fatalf("issue whose keyring cannot be written: exit %d, %s; want the certificate taken back", code, errs)
+	}
+	after, _ := os.ReadFile(filepath.Join(gw, "node.crt"))
+	keyAfter, _ := os.ReadFile(filepath.Join(gw, "node.key"))
+	if !bytes.Equal(before, after) || !bytes.Equal(keyBefore, keyAfter) {
+		t.Fatal("the directory's identity was replaced by the certificate that was then revoked")
+	}
+	var list []struct {
+		Node      string     `json:"node"`
+		RevokedAt *time.Time `json:"revoked_at"`
+	}
+	if err := json.Unmarshal([]byte(mustRun(t, "ca", "list", "--ca", ca, "--json")), &list); err != nil || len(list) != 2 {
+		t.Fatalf("ca list: %+v %v", list, err)
+	}
+	if revoked := (list[0].RevokedAt != nil) != (list[1].RevokedAt != nil); !revoked {
+		t.Errorf("ca list %+v: want the first certificate valid and the second revoked", list)
+	}
+}
+
 func TestGraphAndDashboardUsage(t *testing.T) {
 	if _, errs, code := runCLI(t, "graph", "--socket", "/nonexistent.sock", "--format", "png"); code != 2 || !strings.Contains(errs, `--format "png": want one of dot, svg, json`) {
 		t.Errorf("graph --format png: exit %d, %q; want a usage error naming the formats", code, errs)
