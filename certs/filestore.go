@@ -110,6 +110,9 @@ func (d DirSecrets) UpdateGossipKeyring(ctx context.Context, update func(*Gossip
 	if err != nil {
 		return err
 	}
+	if next.Same(cur) {
+		return nil
+	}
 	return atomicfile.WriteFile(filepath.Join(d.Dir, FileGossipKeyring), next.MarshalSecret(), 0o600)
 }
 

@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"encoding/base64"
 	"fmt"
+	"slices"
 	"strings"
 )
 
@@ -59,6 +60,11 @@ func NewGossipKeyring(keys [][]byte) (*GossipKeyring, error) {
 		kr.keys = append(kr.keys, bytes.Clone(k))
 	}
 	return kr, nil
+}
+
+// Same reports whether k and o hold the same keys with the same primary.
+func (k *GossipKeyring) Same(o *GossipKeyring) bool {
+	return k != nil && o != nil && slices.EqualFunc(k.keys, o.keys, bytes.Equal)
 }
 
 // ParseGossipKeyring reads the text form written by MarshalSecret: one

@@ -548,6 +548,12 @@ func (v *Vault) updateGossipKeyring(ctx context.Context, update func(*GossipKeyr
 		if err != nil {
 			return err
 		}
+		if next.Same(cur) {
+			// Already so: every gateway of the mesh applies a rotation
+			// step to the one keyring its initiator has already written,
+			// and a burst gateway may only read it.
+			return nil
+		}
 		_, err = v.kv().Put(ctx, v.gossipPath(), map[string]any{"keyring": string(next.MarshalSecret())}, vault.WithCheckAndSet(version))
 		if err == nil {
 			return nil

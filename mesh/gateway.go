@@ -958,13 +958,25 @@ func (g *Gateway) sendTo(to string, at netip.AddrPort, msg []byte) error {
 	return g.ml.SendReliable(n, msg)
 }
 
+// sendStream sends msg on a stream whatever its size: for the messages
+// whose loss fails an operation outright, rather than costing a retry (a
+// gossip key rotation's steps and their answers).
+func (g *Gateway) sendStream(to string, msg []byte) error {
+	n := g.nodeFor(to, netip.AddrPort{})
+	if n == nil {
+		return fmt.Errorf("no address for %s", to)
+	}
+	return g.ml.SendReliable(n, msg)
+}
+
 // maxPacketMsg is the largest user message sent as one gossip datagram
 // rather than over a stream: it leaves room for memberlist's encryption
 // and framing in its 1,400-byte packets. Certificate requests and answers
 // fit, and they are what a join multiplies by the mesh's size: a stream
 // each (a TCP handshake, a goroutine on both ends) made a newcomer to a
 // mesh of hundreds spend seconds answering. A lost datagram costs one
-// retry (certRetry); everything else travels on streams.
+// retry (certRetry); larger messages travel on streams, and so do those
+// of a gossip key rotation (sendStream), which has no retry.
 const maxPacketMsg = 1200
 
 // sendAsync sends without holding up the worker: datagrams at once,
@@ -978,10 +990,15 @@ func (g *Gateway) sendAsync(to string, at netip.AddrPort, msg []byte) {
 		}
 		return
 	}
+	g.goSend(func() error { return g.sendTo(to, at, msg) }, to)
+}
+
+// goSend runs send from a goroutine of its own, at most maxSends at a time.
+func (g *Gateway) goSend(send func() error, to string) {
 	g.sends <- struct{}{}
 	go func() {
 		defer func() { <-g.sends }()
-		if err := g.sendTo(to, at, msg); err != nil {
+		if err := send(); err != nil {
 			g.log.Debug("gossip send", "peer", to, "err", err)
 		}
 	}()

@@ -12,15 +12,19 @@ import (
 // by a gateway identity — so the gossip key alone (which every member
 // holds) grants nothing. Messages are a type byte followed by length-prefixed fields.
 const (
-	msgCertRequest  byte = 1 // requester name, requester certificate, requester gossip address: "send me yours"
-	msgCert         byte = 2 // a certificate (answer to msgCertRequest)
-	msgAnnounce     byte = 3 // kind, version, digest: "I have this version of a blob"
-	msgBlobRequest  byte = 4 // kind, requester name, requester gossip address (ignored: answered where gossip knows it): "send me your blob of this kind"
-	msgBlob         byte = 5 // kind, payload: a CRL or a signed policy
-	msgKeyringOp    byte = 6 // a signed gossip keyring operation (rotation)
-	msgKeyringAck   byte = 7 // node, operation ID, its signature (ack.go): "done"
-	msgCerts        byte = 8 // certificates, one per field (push/pull on join)
-	maxMessageField      = 1 << 20
+	msgCertRequest byte = 1 // requester name, requester certificate, requester gossip address: "send me yours"
+	msgCert        byte = 2 // a certificate (answer to msgCertRequest)
+	msgAnnounce    byte = 3 // kind, version, digest: "I have this version of a blob"
+	msgBlobRequest byte = 4 // kind, requester name, requester gossip address (ignored: answered where gossip knows it): "send me your blob of this kind"
+	msgBlob        byte = 5 // kind, payload: a CRL or a signed policy
+	msgKeyringOp   byte = 6 // a signed gossip keyring operation (rotation)
+	msgKeyringAck  byte = 7 // node, operation ID, its signature (ack.go): "done"
+	msgCerts       byte = 8 // certificates, one per field (push/pull on join)
+	// msgKeyringRefused is node, operation ID and why, its signature
+	// (ack.go): "I could not apply it". (9 and 10 are in leave.go and
+	// wgrotate.go.)
+	msgKeyringRefused byte = 11
+	maxMessageField        = 1 << 20
 )
 
 // Blob kinds travelling by announce/request.

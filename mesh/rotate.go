@@ -47,8 +47,9 @@ const (
 )
 
 type keyringAck struct {
-	node string
-	id   []byte
+	node    string
+	id      []byte
+	refused string // why the member could not apply the operation; "" for done
 }
 
 type keyringOp struct {
@@ -95,16 +96,33 @@ func (g *Gateway) handleKeyringOp(m message) error {
 		g.log.Warn("refused gossip keyring operation", "peer", op.initiator, "err", err)
 		return err
 	}
+	// The answer goes on a stream, from a goroutine: a lost one would
+	// fail the step, and the worker is not held up meanwhile.
 	if err := g.applyKeyringOp(op); err != nil {
-		g.log.Error("gossip keyring operation failed", "op", op.kind, "err", err)
+		g.log.Error("gossip keyring operation failed", "op", op.kind, "peer", op.initiator, "err", err)
+		// The initiator is told why: otherwise it waits out its limit
+		// and can only say that no acknowledgement came.
+		why := err.Error()
+		if len(why) > maxRefusal {
+			why = why[:maxRefusal]
+		}
+		refusal, serr := g.signedAck(msgKeyringRefused, append(bytes.Clone(op.id), why...))
+		if serr == nil {
+			g.goSend(func() error { return g.sendStream(op.initiator, refusal) }, op.initiator)
+		}
 		return err
 	}
 	ack, err := g.signedAck(msgKeyringAck, op.id)
 	if err != nil {
 		return err
 	}
-	return g.send(op.initiator, ack)
+	g.goSend(func() error { return g.sendStream(op.initiator, ack) }, op.initiator)
+	return nil
 }
+
+// maxRefusal bounds the reason a member gives for refusing a keyring
+// operation.
+const maxRefusal = 400
 
 func (g *Gateway) verifyKeyringOp(op *keyringOp) error {
 	now := g.now()
@@ -236,17 +254,32 @@ func (g *Gateway) keyringOpFor(op *keyringOp, m string) ([]byte, error) {
 	return mop.encode(), nil
 }
 
+// handleKeyringAck takes a member's answer to a keyring operation: done
+// (msgKeyringAck), or could not, and why (msgKeyringRefused).
 func (g *Gateway) handleKeyringAck(m message) error {
-	node, id, err := g.checkAck(m)
+	node, subject, err := g.checkAck(m)
 	if err != nil {
 		return err
 	}
+	a := keyringAck{node: node, id: subject}
+	if m.typ == msgKeyringRefused {
+		if len(subject) < opIDLen {
+			return fmt.Errorf("keyring refusal from %s: too short", node)
+		}
+		a.id, a.refused = subject[:opIDLen], string(subject[opIDLen:])
+		if a.refused == "" {
+			a.refused = "no reason given"
+		}
+	}
 	select {
-	case g.acks <- keyringAck{node: node, id: id}:
+	case g.acks <- a:
 	default:
 	}
 	return nil
 }
+
+// opIDLen is the length of a keyring operation's ID.
+const opIDLen = 16
 
 // RotationReport says how a rotation went.
 type RotationReport struct {
@@ -289,7 +322,7 @@ func (g *Gateway) RotateGossipKey(ctx context.Context) (*RotationReport, error) 
 
 func (g *Gateway) rotationStep(ctx context.Context, kind string, key []byte, members []string) error {
 	id := g.id.Load()
-	op := &keyringOp{kind: kind, key: key, id: make([]byte, 16), at: g.now(), initiator: id.Attributes().Node, certDER: id.Certificate().Raw}
+	op := &keyringOp{kind: kind, key: key, id: make([]byte, opIDLen), at: g.now(), initiator: id.Attributes().Node, certDER: id.Certificate().Raw}
 	rand.Read(op.id)
 	// Drain acks of earlier, failed steps.
 	for len(g.acks) > 0 {
@@ -299,16 +332,22 @@ func (g *Gateway) rotationStep(ctx context.Context, kind string, key []byte, mem
 		return err
 	}
 	waiting := map[string]bool{}
+	var failed []string
 	for _, m := range members {
-		waiting[m] = true
 		msg, err := g.keyringOpFor(op, m)
+		if err == nil {
+			err = g.sendStream(m, msg)
+		}
 		if err != nil {
-			g.log.Warn("keyring operation", "peer", m, "err", err)
+			failed = append(failed, fmt.Sprintf("%s: %v", m, err))
 			continue
 		}
-		if err := g.send(m, msg); err != nil {
-			g.log.Warn("send keyring operation", "peer", m, "err", err)
-		}
+		waiting[m] = true
+	}
+	if len(failed) > 0 {
+		// Said now, with the reason, rather than as acknowledgements
+		// missing in a quarter of a minute.
+		return fmt.Errorf("not sent to %s", strings.Join(failed, "; "))
 	}
 	deadline := time.NewTimer(keyringAckWait)
 	defer deadline.Stop()
@@ -317,9 +356,13 @@ func (g *Gateway) rotationStep(ctx context.Context, kind string, key []byte, mem
 		case <-ctx.Done():
 			return ctx.Err()
 		case a := <-g.acks:
-			if bytes.Equal(a.id, op.id) {
-				delete(waiting, a.node)
+			if !bytes.Equal(a.id, op.id) {
+				continue
 			}
+			if a.refused != "" {
+				return fmt.Errorf("%s could not apply it: %s", a.node, a.refused)
+			}
+			delete(waiting, a.node)
 		case <-deadline.C:
 			var missing []string
 			for m := range waiting {

@@ -3,9 +3,14 @@ package mesh
 import (
 	"bytes"
 	"context"
+	"os"
+	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 	"time"
+
+	"github.com/skybridge-mesh/skybridge/certs"
 )
 
 // TestGossipKeyRotation rotates the gossip key among three live gateways
@@ -33,6 +38,25 @@ func TestGossipKeyRotation(t *testing.T) {
 		if len(keys) != 1 || !bytes.Equal(keys[0], nk) {
 			t.Errorf("%s holds %d keys after the rotation, the new one primary: %v", lg.g.s.Node.Name, len(keys), len(keys) > 0 && bytes.Equal(keys[0], nk))
 		}
+	}
+
+	// A member that cannot apply a step says why, and the rotation fails
+	// at once naming it, not after waiting out its acknowledgements.
+	op2 := m.gws[2].g
+	keyring := filepath.Join(op2.s.Identity.Dir, certs.FileGossipKeyring)
+	if err := os.Remove(keyring); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Mkdir(keyring, 0o700); err != nil { // its keyring can no longer be kept
+		t.Fatal(err)
+	}
+	start := time.Now()
+	_, err = a.g.RotateGossipKey(context.Background())
+	if err == nil || !strings.Contains(err.Error(), "op2 could not apply it") || !strings.Contains(err.Error(), certs.FileGossipKeyring) {
+		t.Fatalf("rotation with a member that cannot keep its keyring: %v; want op2's refusal, with its reason", err)
+	}
+	if took := time.Since(start); took >= keyringAckWait {
+		t.Errorf("the refusal took %s, as long as waiting for an acknowledgement", took.Round(time.Millisecond))
 	}
 
 	// What each step sends a member: the key sealed to it, or its hash.

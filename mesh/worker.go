@@ -179,7 +179,7 @@ func (g *Gateway) handle(b []byte) error {
 		return g.handleWGKeyAck(m)
 	case msgKeyringOp:
 		return g.handleKeyringOp(m)
-	case msgKeyringAck:
+	case msgKeyringAck, msgKeyringRefused:
 		return g.handleKeyringAck(m)
 	}
 	return fmt.Errorf("unknown message type %d", m.typ)

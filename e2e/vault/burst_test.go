@@ -238,6 +238,26 @@ operator { listen = "off" }
 		return false, "not a member yet"
 	})
 
+	// The gossip key can be rotated with a burst site in the mesh: its
+	// gateways may only read the mesh's keyring in Vault, which the
+	// rotating gateway has already updated when they are asked.
+	rotate := exec.Command(bin, "keys", "rotate-gossip", "--socket", aSock)
+	if out, err := rotate.CombinedOutput(); err != nil || !strings.Contains(string(out), "burst-ams-gw1") {
+		t.Fatalf("rotate the gossip key with a burst site in the mesh: %v\n%s\nstatic gateway:\n%s\nburst gateway:\n%s", err, out, a.log.String(), b.log.String())
+	}
+	waitCond(t, 30*time.Second, "the burst gateway still a verified peer after the rotation", func() (bool, string) {
+		st, err := gwStatus(bin, aSock)
+		if err != nil {
+			return false, err.Error()
+		}
+		for _, m := range st.Members {
+			if m.Node == "burst-ams-gw1" {
+				return m.State == "verified" && m.Peer, m.State
+			}
+		}
+		return false, "not a member"
+	})
+
 	// The wrapped SecretID is gone: the token cannot enrol another.
 	rctx, cancel := context.WithTimeout(ctx, 30*time.Second) // a token wrongly accepted would run on
 	defer cancel()
