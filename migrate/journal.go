@@ -23,6 +23,9 @@ var (
 	bucketSend   = []byte("send")
 	bucketRecv   = []byte("recv")
 	bucketImages = []byte("images")
+	// bucketStoring holds the image a receiver is moving into place, from
+	// before the rename until its catalog record is written (stagedImage).
+	bucketStoring = []byte("storing")
 )
 
 func chunksBucket(side, id string) []byte { return []byte(side + ".chunks." + id) }
@@ -79,7 +82,7 @@ func OpenJournal(path string) (_ *Journal, err error) {
 		return nil, damaged(err)
 	}
 	err = db.Update(func(tx *bolt.Tx) error {
-		for _, b := range [][]byte{bucketSend, bucketRecv, bucketImages} {
+		for _, b := range [][]byte{bucketSend, bucketRecv, bucketImages, bucketStoring} {
 			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
 				return err
 			}
@@ -208,6 +211,54 @@ func (j *Journal) dropChunks(side, id string) error {
 			return err
 		}
 		return nil
+	})
+}
+
+// stagedImage is an image being moved into place: its catalog record to
+// be, and the file renamed onto its path (with its inode, which the path
+// has once the rename is done).
+type stagedImage struct {
+	Image    ImageRecord `json:"image"`
+	Source   string      `json:"source"`
+	Inode    uint64      `json:"inode"`
+	Incoming string      `json:"incoming"` // the receive's file, removed once stored
+}
+
+// stagedImages lists the images being moved into place.
+func (j *Journal) stagedImages() (map[string]stagedImage, error) {
+	out := map[string]stagedImage{}
+	err := j.db.View(func(tx *bolt.Tx) error {
+		return tx.Bucket(bucketStoring).ForEach(func(k, v []byte) error {
+			var st stagedImage
+			if err := json.Unmarshal(v, &st); err != nil {
+				return fmt.Errorf("image being stored by migration %s: %w", k, err)
+			}
+			out[string(k)] = st
+			return nil
+		})
+	})
+	return out, err
+}
+
+// storedImage records migration id's image in the catalog and forgets its
+// receive — record, chunks, staging — in one transaction: a stop between
+// them left the catalog describing the file the image replaced.
+func (j *Journal) storedImage(id string, img *ImageRecord) error {
+	v, err := json.Marshal(img)
+	if err != nil {
+		return err
+	}
+	return j.db.Update(func(tx *bolt.Tx) error {
+		if err := tx.Bucket(bucketImages).Put([]byte(img.Name), v); err != nil {
+			return err
+		}
+		if err := tx.DeleteBucket(chunksBucket("recv", id)); err != nil && !errors.Is(err, berrors.ErrBucketNotFound) {
+			return err
+		}
+		if err := tx.Bucket(bucketRecv).Delete([]byte(id)); err != nil {
+			return err
+		}
+		return tx.Bucket(bucketStoring).Delete([]byte(id))
 	})
 }
 

@@ -1469,6 +1469,85 @@ func TestReceiverOneMigrationPerName(t *testing.T) {
 	}
 }
 
+// TestReceiverStoppedWhileStoring: a receiving gateway stopped after a new
+// version of an image replaced the stored one, before the catalog recorded
+// it, records it when it starts again: the catalog never describes the
+// file the image replaced (verify would call a good image damaged), nor
+// does a qcow2 version lose its file to a raw one's clean-up.
+func TestReceiverStoppedWhileStoring(t *testing.T) {
+	for _, format := range []string{FormatRaw, FormatQcow2} {
+		t.Run(format, func(t *testing.T) {
+			if format == FormatQcow2 {
+				qemuImg(t)
+			}
+			var rcfg ReceiverConfig
+			var stop atomic.Bool
+			p := newPairWith(t, "DE", func(c *ReceiverConfig) {
+				c.afterRename = func() error {
+					if stop.Load() {
+						return errors.New("stopped")
+					}
+					return nil
+				}
+				rcfg = *c
+			})
+			raw := filepath.Join(p.dir, "vm.raw")
+			makeRaw(t, raw, 8*mib, map[int64]int{0: 4096, 3 * mib: 64 << 10})
+			if _, err := Send(context.Background(), p.config(raw, "pii-eu")); err != nil {
+				t.Fatal(err)
+			}
+			// A new version, stored as format; the gateway stops after
+			// the rename.
+			makeRaw(t, raw, 8*mib, map[int64]int{0: 4096, 5 * mib: 64 << 10})
+			stop.Store(true)
+			cfg := p.config(raw, "pii-eu")
+			cfg.Format = format
+			if _, err := Send(context.Background(), cfg); err == nil {
+				t.Fatal("the receiver stopped while storing, yet the send succeeded")
+			}
+			if format == FormatQcow2 {
+				if _, err := os.Stat(filepath.Join(p.store, "vm.raw")); err != nil {
+					t.Fatalf("the raw version was removed before the qcow2 one was recorded: %v", err)
+				}
+			}
+			// A gateway starting on the same journal and store.
+			rcfg.afterRename = nil
+			r, err := NewReceiver(rcfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			_ = r
+			img, err := p.recvJ.Image("vm")
+			if err != nil {
+				t.Fatalf("the image moved into place before the stop is not in the catalog: %v", err)
+			}
+			if rep, err := VerifyImage(img); err != nil || !rep.OK {
+				t.Fatalf("verify after the restart: %+v %v", rep, err)
+			}
+			if img.Format != format {
+				t.Errorf("catalog says %s, want %s", img.Format, format)
+			}
+			if format == FormatRaw {
+				compare(t, raw, img.Path)
+			} else if _, err := os.Stat(filepath.Join(p.store, "vm.raw")); err == nil {
+				t.Error("the raw version stays beside the qcow2 one that replaced it")
+			}
+			if recs, _ := p.recvJ.Receives(); len(recs) != 0 {
+				t.Errorf("its receive is still recorded: %+v", recs)
+			}
+			if staged, _ := p.recvJ.stagedImages(); len(staged) != 0 {
+				t.Errorf("still staged: %+v", staged)
+			}
+			if left, _ := os.ReadDir(filepath.Join(p.store, ".incoming")); len(left) != 0 {
+				t.Errorf("left in .incoming: %v", left)
+			}
+			if !strings.Contains(p.recvLog.String(), "recorded an image stored just before the gateway stopped") {
+				t.Errorf("not logged:\n%s", p.recvLog.String())
+			}
+		})
+	}
+}
+
 // TestReceiverRefusesBadOffers: an offer's ID names the receiver's
 // temporary files, so one that could be a path is refused before anything
 // is opened, as are sizes and stream counts out of bounds.

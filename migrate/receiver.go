@@ -46,6 +46,10 @@ type ReceiverConfig struct {
 	// IdleTimeout ends a session whose sender has said nothing for that
 	// long before its commit (0: DefaultIdleTimeout).
 	IdleTimeout time.Duration
+
+	// afterRename, in tests, runs once a received image has replaced the
+	// stored version; an error stops the store there, as a crash would.
+	afterRename func() error
 }
 
 // Receiver accepts migrations into a gateway's image store.
@@ -80,7 +84,11 @@ func NewReceiver(cfg ReceiverConfig) (*Receiver, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Receiver{cfg: cfg, dec: dec, sessions: map[string]*session{}, opening: map[string]string{}}, nil
+	r := &Receiver{cfg: cfg, dec: dec, sessions: map[string]*session{}, opening: map[string]string{}}
+	if err := r.recoverStores(); err != nil {
+		return nil, fmt.Errorf("image store: %w", err)
+	}
+	return r, nil
 }
 
 // AbandonedAfter is how long a receive no sender has offered again is
@@ -413,7 +421,12 @@ func (r *Receiver) control(ctx context.Context, c *tls.Conn, fr *frameReader, fw
 		if refuseFrame(fw, err) {
 			log.Warn("migration refused: its commit does not parse; its durable chunks wait for a resume", "reason", err)
 		} else {
-			log.Info("migration interrupted; its durable chunks wait for a resume", "err", err)
+			s.mu.Lock()
+			streams, durable, pending, received := s.streams, len(s.durable), len(s.pending), s.received
+			s.mu.Unlock()
+			log.Info("migration interrupted; its durable chunks wait for a resume", "err", err,
+				"streams_joined", streams, "of", o.Streams, "durable_chunks", durable, "pending_chunks", pending, "received_bytes", received,
+				"last_heard", time.Since(time.Unix(0, s.heard.Load())).Round(time.Millisecond))
 		}
 		return
 	}
@@ -1007,44 +1020,90 @@ func (s *session) finish(cm *Commit) (*Done, error) {
 	}
 	dir := s.r.cfg.StoreDir
 	final := filepath.Join(dir, o.Name+"."+o.Format)
+	source := s.temp.Name() // what is renamed onto final
 	switch {
 	case o.Format == FormatQcow2 && s.at > 0:
 		if err := finishQcow2InPlace(s.temp.File, o.Size, s.at); err != nil {
 			return nil, fmt.Errorf("write qcow2: %w", err)
 		}
-		if err := os.Rename(s.temp.Name(), final); err != nil {
-			return nil, err
-		}
 	case o.Format == FormatQcow2:
-		tmp := filepath.Join(dir, ".incoming", o.ID+".qcow2")
-		if err := convertToQcow2(s.temp.File, o.Size, tmp); err != nil {
-			os.Remove(tmp)
+		source = filepath.Join(dir, ".incoming", o.ID+".qcow2")
+		if err := convertToQcow2(s.temp.File, o.Size, source); err != nil {
+			os.Remove(source)
 			return nil, fmt.Errorf("write qcow2: %w", err)
 		}
-		if err := os.Rename(tmp, final); err != nil {
-			return nil, err
-		}
-		os.Remove(s.temp.Name())
-	default:
-		if err := os.Rename(s.temp.Name(), final); err != nil {
-			return nil, err
-		}
+	}
+	// The image is staged in the journal before it replaces the stored
+	// version, and recorded in the catalog with its receive forgotten in
+	// one transaction after: a gateway stopped in between finishes the
+	// store when it starts (recoverStores), rather than keep a catalog
+	// whose root describes the file the image replaced.
+	st := stagedImage{Image: ImageRecord{Name: o.Name, Path: final, Format: o.Format, Class: o.Class, From: s.from.Node, FromSite: s.from.Site,
+		Migration: o.ID, Received: s.r.cfg.Now(), Root: cm.Root, Manifest: ours}, Source: source, Incoming: s.temp.Name()}
+	sid, err := sourceID(source)
+	if err != nil {
+		return nil, err
+	}
+	st.Inode = sid.Inode
+	j := s.r.cfg.Journal
+	if err := j.put(bucketStoring, o.ID, &st); err != nil {
+		return nil, err
+	}
+	if err := os.Rename(source, final); err != nil {
+		j.deleteKey(bucketStoring, o.ID)
+		return nil, err
 	}
 	if err := atomicfile.SyncDir(dir); err != nil {
 		return nil, err
 	}
-	other := FormatRaw
-	if o.Format == FormatRaw {
-		other = FormatQcow2
+	if s.r.cfg.afterRename != nil {
+		if err := s.r.cfg.afterRename(); err != nil {
+			return nil, err
+		}
 	}
-	os.Remove(filepath.Join(dir, o.Name+"."+other)) // an older version in the other format
-	img := ImageRecord{Name: o.Name, Path: final, Format: o.Format, Class: o.Class, From: s.from.Node, FromSite: s.from.Site,
-		Migration: o.ID, Received: s.r.cfg.Now(), Root: cm.Root, Manifest: ours}
-	j := s.r.cfg.Journal
-	if err := j.put(bucketImages, o.Name, &img); err != nil {
+	if err := s.r.stored(o.ID, &st); err != nil {
 		return nil, err
 	}
-	j.dropChunks("recv", o.ID)
-	j.deleteKey(bucketRecv, o.ID)
 	return &Done{Name: o.Name, Path: final, Format: o.Format, Root: cm.Root, Received: s.received, Reused: s.reused}, nil
+}
+
+// stored records a staged image, moved into place, in the catalog, and
+// removes what is left of its receive and an older version in the other
+// format.
+func (r *Receiver) stored(id string, st *stagedImage) error {
+	if err := r.cfg.Journal.storedImage(id, &st.Image); err != nil {
+		return err
+	}
+	if st.Incoming != st.Source {
+		os.Remove(st.Incoming) // converted to qcow2 beside it
+	}
+	other := FormatRaw
+	if st.Image.Format == FormatRaw {
+		other = FormatQcow2
+	}
+	os.Remove(filepath.Join(r.cfg.StoreDir, st.Image.Name+"."+other))
+	return nil
+}
+
+// recoverStores finishes the stores a stop interrupted: an image moved
+// into place is recorded; one that was not is left to its receive, which
+// the sender's resume completes.
+func (r *Receiver) recoverStores() error {
+	staged, err := r.cfg.Journal.stagedImages()
+	if err != nil {
+		return err
+	}
+	for id, st := range staged {
+		if at, err := sourceID(st.Image.Path); err == nil && st.Inode != 0 && at.Inode == st.Inode {
+			if err := r.stored(id, &st); err != nil {
+				return fmt.Errorf("record image %q, stored by migration %s before a stop: %w", st.Image.Name, id, err)
+			}
+			r.cfg.Log.Warn("recorded an image stored just before the gateway stopped", "migration_id", id, "name", st.Image.Name, "root", st.Image.Root.String())
+			continue
+		}
+		if err := r.cfg.Journal.deleteKey(bucketStoring, id); err != nil {
+			return err
+		}
+	}
+	return nil
 }

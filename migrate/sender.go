@@ -852,7 +852,11 @@ func (s *sender) transfer(ctx context.Context, cands []int64, acked, zeros map[i
 				}
 			}
 			if inFlight.Load() > 0 && time.Since(time.Unix(0, lastAck.Load())) > stallTimeout {
-				return fmt.Errorf("receiver %s stopped acknowledging chunks for %s; resume the migration when it is back", s.cfg.To.Attributes.Node, stallTimeout)
+				s.mu.Lock()
+				acked := s.stats.ChunksDone
+				s.mu.Unlock()
+				return fmt.Errorf("receiver %s stopped acknowledging chunks for %s (%d unacknowledged, %d done before); resume the migration when it is back",
+					s.cfg.To.Attributes.Node, stallTimeout, inFlight.Load(), acked)
 			}
 			continue
 		case <-producersDone:
