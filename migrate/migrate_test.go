@@ -1548,6 +1548,47 @@ func TestReceiverStoppedWhileStoring(t *testing.T) {
 	}
 }
 
+// TestCancelAfterCommit: a migration cancelled once its commit is sent
+// (migrate cancel, the sending gateway stopping) lets the receiver answer:
+// it stores the image whatever the sender does, and the sender recording
+// "cancelled" beside the receiver's "done" would disagree in the audit
+// logs and send the whole image again on a resume.
+func TestCancelAfterCommit(t *testing.T) {
+	storing, release := make(chan struct{}), make(chan struct{})
+	p := newPairWith(t, "DE", func(c *ReceiverConfig) {
+		c.afterRename = func() error {
+			close(storing)
+			<-release
+			return nil
+		}
+	})
+	raw := filepath.Join(p.dir, "vm.raw")
+	makeRaw(t, raw, 4*mib, map[int64]int{mib: 4096})
+	ctx, cancel := context.WithCancel(context.Background())
+	type result struct {
+		rec *SendRecord
+		err error
+	}
+	res := make(chan result, 1)
+	go func() {
+		rec, err := Send(ctx, p.config(raw, "pii-eu"))
+		res <- result{rec, err}
+	}()
+	select {
+	case <-storing:
+	case r := <-res:
+		t.Fatalf("the send ended before the receiver stored: %+v %v", r.rec, r.err)
+	}
+	cancel()
+	time.Sleep(100 * time.Millisecond) // the cancel has every chance to cut the commit short
+	close(release)
+	r := <-res
+	if r.err != nil || r.rec.State != StateDone {
+		t.Fatalf("cancelled while the receiver stored the image: %v, record %+v; want done, as at the receiver", r.err, r.rec)
+	}
+	p.stored(raw)
+}
+
 // TestReceiverRefusesBadOffers: an offer's ID names the receiver's
 // temporary files, so one that could be a path is refused before anything
 // is opened, as are sizes and stream counts out of bounds.

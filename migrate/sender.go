@@ -34,6 +34,10 @@ const (
 	commitTimeout = 10 * time.Minute
 )
 
+// commitGrace is how long a migration cancelled after its commit waits
+// for the receiver's answer.
+const commitGrace = 30 * time.Second
+
 // Stats count what a migration did.
 type Stats struct {
 	VirtualBytes   int64         `json:"virtual_bytes"`   // image size
@@ -443,7 +447,7 @@ func (s *sender) run(ctx context.Context) error {
 		return err
 	}
 	defer ctrl.Close()
-	context.AfterFunc(ctx, func() { ctrl.Close() })
+	stopClose := context.AfterFunc(ctx, func() { ctrl.Close() })
 	cw, cr := newFrameWriter(ctrl), newFrameReader(ctrl)
 	offer := Offer{ID: s.rec.ID, Name: s.rec.Name, Class: s.rec.Class, Format: s.rec.Format, Size: size, ChunkSize: chunk,
 		Streams: s.cfg.Streams, Policy: s.decision.Policy.RevisionString()}
@@ -486,6 +490,13 @@ func (s *sender) run(ctx context.Context) error {
 	}
 	s.progress("commit")
 	s.rec.Root = s.manifest.Root()
+	// Once the commit is sent the receiver stores the image whatever we
+	// do: a cancel (migrate cancel, the gateway stopping) from here on
+	// waits commitGrace for its answer rather than record as cancelled a
+	// migration the destination records as done.
+	if stopClose() {
+		context.AfterFunc(ctx, func() { time.AfterFunc(commitGrace, func() { ctrl.Close() }) })
+	}
 	if err := cw.json(frameCommit, Commit{Manifest: s.manifest, Root: s.rec.Root}); err != nil {
 		return err
 	}
