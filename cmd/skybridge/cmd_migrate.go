@@ -70,10 +70,17 @@ func migrateCommand() *cli.Command {
 					if c.Args().First() == "" {
 						return usageError("which migration? skybridge migrate cancel ID")
 					}
-					if err := cl.CancelMigration(c.Context, c.Args().First()); err != nil {
+					id := c.Args().First()
+					if err := cl.CancelMigration(c.Context, id); err != nil {
 						return err
 					}
-					fmt.Fprintf(c.App.Writer, "migration %s cancelled; `skybridge migrate resume %s` continues it\n", c.Args().First(), c.Args().First())
+					// A migration already committed finishes: the
+					// destination stores it whatever the sender does.
+					if s, err := cl.Migration(c.Context, id); err == nil && s.Record != nil && s.Record.State == migrate.StateDone {
+						fmt.Fprintf(c.App.Writer, "migration %s was already committed: it completed, stored and verified at %s\n", id, s.Record.To)
+						return nil
+					}
+					fmt.Fprintf(c.App.Writer, "migration %s cancelled; `skybridge migrate resume %s` continues it\n", id, id)
 					return nil
 				},
 			},
