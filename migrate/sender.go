@@ -529,6 +529,29 @@ func (s *sender) run(ctx context.Context) error {
 	return nil
 }
 
+// nextJob takes a data stream's next job: nil once the queue is closed.
+// When none is waiting, what the stream has buffered is flushed first.
+// (It used to flush when the queue looked empty just after a write: a
+// frame was left in the buffer whenever another stream took the job it
+// had seen waiting, and if no job came to this stream again that chunk
+// was never sent, never acknowledged, and the receiver taken for gone.)
+func nextJob(ctx context.Context, queue <-chan *job, fw *frameWriter) (*job, error) {
+	select {
+	case j := <-queue:
+		return j, nil
+	default:
+	}
+	if err := fw.flush(); err != nil {
+		return nil, err
+	}
+	select {
+	case j := <-queue:
+		return j, nil
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
 // job is one chunk on its way.
 type job struct {
 	index int64
@@ -624,10 +647,12 @@ func (s *sender) transfer(ctx context.Context, cands []int64, acked, zeros map[i
 		fw, fr := newFrameWriter(c), newFrameReader(c)
 		streams.Go(func() {
 			for {
-				var j *job
-				select {
-				case j = <-queue:
-				case <-ctx.Done():
+				j, err := nextJob(ctx, queue, fw)
+				if ctx.Err() != nil {
+					return
+				}
+				if err != nil {
+					fail(fmt.Errorf("data stream: %w", err))
 					return
 				}
 				if j == nil { // closed: every chunk is durable
@@ -649,11 +674,16 @@ func (s *sender) transfer(ctx context.Context, cands []int64, acked, zeros map[i
 				inflight.Store(j.index, j)
 				inFlight.Add(1)
 				c.SetWriteDeadline(time.Now().Add(stallTimeout))
-				var err error
 				if j.same {
 					err = fw.frame(frameSame, indexFrame(j.index, j.hash))
 				} else {
 					if limiter != nil {
+						// What is buffered goes out before the wait
+						// that paces it.
+						if err := fw.flush(); err != nil {
+							fail(fmt.Errorf("data stream: %w", err))
+							return
+						}
 						if err := limiter.WaitN(ctx, len(j.data)); err != nil {
 							fail(err)
 							return
@@ -665,9 +695,6 @@ func (s *sender) transfer(ctx context.Context, cands []int64, acked, zeros map[i
 					// chunk anew.
 					putChunkBuf(j.data)
 					j.data = nil
-				}
-				if err == nil && len(queue) == 0 {
-					err = fw.flush()
 				}
 				if err != nil {
 					fail(fmt.Errorf("send chunk %d: %w", j.index, err))
