@@ -366,12 +366,9 @@ func storeEnrollment(dir, meshCIDR string, tok *certs.JoinToken, key *ecdsa.Priv
 func joinVault(ctx context.Context, dir string, tok *certs.JoinToken, log *slog.Logger) (*Enrollment, error) {
 	vj := tok.Vault
 	log.Info("enrolling through Vault", "token", tok, "vault", vj.Address)
-	// Unwrapping spends the token: be ready to keep what it gives first.
+	// Unwrapping spends the token: everything else is written before
+	// it, so that what it gives is the one write left to fail.
 	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return nil, err
-	}
-	secretID, err := vj.UnwrapSecretID(ctx)
-	if err != nil {
 		return nil, err
 	}
 	if vj.CACert != "" {
@@ -382,8 +379,12 @@ func joinVault(ctx context.Context, dir string, tok *certs.JoinToken, log *slog.
 	if err := atomicfile.WriteFile(filepath.Join(dir, certs.FileVaultRoleID), []byte(vj.RoleID+"\n"), 0o600); err != nil {
 		return nil, err
 	}
-	if err := atomicfile.WriteFile(filepath.Join(dir, certs.FileVaultSecretID), []byte(secretID+"\n"), 0o600); err != nil {
+	secretID, err := vj.UnwrapSecretID(ctx)
+	if err != nil {
 		return nil, err
+	}
+	if err := atomicfile.WriteFile(filepath.Join(dir, certs.FileVaultSecretID), []byte(secretID+"\n"), 0o600); err != nil {
+		return nil, fmt.Errorf("%w: the join token is spent; open the burst again for a new one", err)
 	}
 	enr := &Enrollment{Site: tok.Site, Node: vj.Node.Node, TokenID: tok.ID, Enrolled: time.Now().UTC(), Seeds: vj.Seeds,
 		Vault: &VaultEnrollment{Address: vj.Address, Namespace: vj.Namespace, AppRoleMount: vj.AppRoleMount, PKIMount: vj.PKIMount,
