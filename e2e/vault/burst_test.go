@@ -225,27 +225,9 @@ operator { listen = "off" }
 		return p
 	}
 	b := startGW(t, bin, nil, "gateway", "run", "--config", burstCfg("b", ports[2], ports[3]), "--join-token-file", tokenFile)
-	waitCond(t, 60*time.Second, "the burst gateway is a verified peer of the static one", func() (bool, string) {
-		st, err := gwStatus(bin, aSock)
-		if err != nil {
-			return false, err.Error()
-		}
-		for _, m := range st.Members {
-			if m.Node == "burst-ams-gw1" {
-				return m.State == "verified" && m.Peer, m.State
-			}
-		}
-		return false, "not a member yet"
-	})
-
-	// The gossip key can be rotated with a burst site in the mesh: its
-	// gateways may only read the mesh's keyring in Vault, which the
-	// rotating gateway has already updated when they are asked.
-	rotate := exec.Command(bin, "keys", "rotate-gossip", "--socket", aSock)
-	if out, err := rotate.CombinedOutput(); err != nil || !strings.Contains(string(out), "burst-ams-gw1") {
-		t.Fatalf("rotate the gossip key with a burst site in the mesh: %v\n%s\nstatic gateway:\n%s\nburst gateway:\n%s", err, out, a.log.String(), b.log.String())
-	}
-	waitCond(t, 30*time.Second, "the burst gateway still a verified peer after the rotation", func() (bool, string) {
+	// burstPeer says whether the burst gateway is a verified peer of the
+	// static one.
+	burstPeer := func() (bool, string) {
 		st, err := gwStatus(bin, aSock)
 		if err != nil {
 			return false, err.Error()
@@ -256,7 +238,17 @@ operator { listen = "off" }
 			}
 		}
 		return false, "not a member"
-	})
+	}
+	waitCond(t, 60*time.Second, "the burst gateway is a verified peer of the static one", burstPeer)
+
+	// The gossip key can be rotated with a burst site in the mesh: its
+	// gateways may only read the mesh's keyring in Vault, which the
+	// rotating gateway has already updated when they are asked.
+	rotate := exec.Command(bin, "keys", "rotate-gossip", "--socket", aSock)
+	if out, err := rotate.CombinedOutput(); err != nil || !strings.Contains(string(out), "burst-ams-gw1") {
+		t.Fatalf("rotate the gossip key with a burst site in the mesh: %v\n%s\nstatic gateway:\n%s\nburst gateway:\n%s", err, out, a.log.String(), b.log.String())
+	}
+	waitCond(t, 30*time.Second, "the burst gateway still a verified peer after the rotation", burstPeer)
 
 	// The wrapped SecretID is gone: the token cannot enrol another.
 	rctx, cancel := context.WithTimeout(ctx, 30*time.Second) // a token wrongly accepted would run on
