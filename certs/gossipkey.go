@@ -62,9 +62,18 @@ func NewGossipKeyring(keys [][]byte) (*GossipKeyring, error) {
 	return kr, nil
 }
 
-// Same reports whether k and o hold the same keys with the same primary.
+// Same reports whether k and o hold the same keys with the same primary
+// (the others in any order).
 func (k *GossipKeyring) Same(o *GossipKeyring) bool {
-	return k != nil && o != nil && slices.EqualFunc(k.keys, o.keys, bytes.Equal)
+	if k == nil || o == nil || len(k.keys) != len(o.keys) || !bytes.Equal(k.keys[0], o.keys[0]) {
+		return false
+	}
+	for _, key := range k.keys[1:] {
+		if !slices.ContainsFunc(o.keys, func(ok []byte) bool { return bytes.Equal(ok, key) }) {
+			return false
+		}
+	}
+	return true
 }
 
 // ParseGossipKeyring reads the text form written by MarshalSecret: one

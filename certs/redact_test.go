@@ -156,3 +156,34 @@ func rawKey(t *testing.T, k *ecdsa.PrivateKey) string {
 	}
 	return fmt.Sprintf("%x", b)
 }
+
+// TestGossipKeyringSame: the same keys with the same primary are the same
+// keyring whatever the order of the others (a store is then not written);
+// another primary, or a key more or less, is not.
+func TestGossipKeyringSame(t *testing.T) {
+	a, b, c := make([]byte, 32), make([]byte, 32), make([]byte, 32)
+	a[0], b[0], c[0] = 1, 2, 3
+	ring := func(keys ...[]byte) *GossipKeyring {
+		kr, err := NewGossipKeyring(keys)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return kr
+	}
+	for _, tc := range []struct {
+		name string
+		x, y *GossipKeyring
+		same bool
+	}{
+		{"identical", ring(a, b, c), ring(a, b, c), true},
+		{"others reordered", ring(a, b, c), ring(a, c, b), true},
+		{"another primary", ring(a, b), ring(b, a), false},
+		{"a key more", ring(a, b), ring(a, b, c), false},
+		{"another key", ring(a, b), ring(a, c), false},
+		{"nothing stored", ring(a), nil, false},
+	} {
+		if got := tc.x.Same(tc.y); got != tc.same {
+			t.Errorf("%s: Same = %v, want %v", tc.name, got, tc.same)
+		}
+	}
+}

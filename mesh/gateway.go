@@ -156,7 +156,7 @@ func newGateway(ctx context.Context, s *Settings, logger *slog.Logger, opt optio
 		s: s, now: time.Now, state: stateDir(s.StateDir), opt: opt,
 		inbox: make(chan []byte, inboxSize), fetch: make(chan string, inboxSize), kick: make(chan struct{}, 1), sends: make(chan struct{}, maxSends),
 		lastApplied: map[certs.WGPublicKey]PeerConfig{}, greetings: map[certs.WGPublicKey]greeting{}, certAsked: map[string]time.Time{}, nextAcked: map[certs.WGPublicKey]bool{},
-		started: time.Now(), acks: make(chan keyringAck, 64), readvertise: make(chan struct{}, 1),
+		started: time.Now(), acks: make(chan keyringAck, 1024), readvertise: make(chan struct{}, 1),
 		joined: make(chan struct{}), revokedSelf: make(chan struct{}), burst: enr,
 	}
 	prov, err := certs.Open(ctx, s.Identity, logger)
@@ -402,8 +402,12 @@ func (g *Gateway) stopMigrations() {
 		runs = append(runs, r)
 	}
 	g.mig.mu.Unlock()
+	// All cancelled, then all waited for: one that has committed waits
+	// for its receiver's answer (commitGrace), and those would add up.
 	for _, r := range runs {
 		r.cancel()
+	}
+	for _, r := range runs {
 		<-r.done
 	}
 	g.mig.journal.Close()
@@ -948,25 +952,25 @@ func (g *Gateway) send(to string, msg []byte) error {
 }
 
 func (g *Gateway) sendTo(to string, at netip.AddrPort, msg []byte) error {
-	n := g.nodeFor(to, at)
-	if n == nil {
-		return fmt.Errorf("no address for %s", to)
-	}
-	if len(msg) <= maxPacketMsg {
-		return g.ml.SendBestEffort(n, msg)
-	}
-	return g.ml.SendReliable(n, msg)
+	return g.sendVia(to, at, msg, len(msg) > maxPacketMsg)
 }
 
 // sendStream sends msg on a stream whatever its size: for the messages
 // whose loss fails an operation outright, rather than costing a retry (a
 // gossip key rotation's steps and their answers).
 func (g *Gateway) sendStream(to string, msg []byte) error {
-	n := g.nodeFor(to, netip.AddrPort{})
+	return g.sendVia(to, netip.AddrPort{}, msg, true)
+}
+
+func (g *Gateway) sendVia(to string, at netip.AddrPort, msg []byte, stream bool) error {
+	n := g.nodeFor(to, at)
 	if n == nil {
 		return fmt.Errorf("no address for %s", to)
 	}
-	return g.ml.SendReliable(n, msg)
+	if stream {
+		return g.ml.SendReliable(n, msg)
+	}
+	return g.ml.SendBestEffort(n, msg)
 }
 
 // maxPacketMsg is the largest user message sent as one gossip datagram

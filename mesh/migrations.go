@@ -212,11 +212,14 @@ func (g *Gateway) openMigrations() error {
 		j.Close()
 		return fmt.Errorf("journal %s: %w", filepath.Join(g.s.StateDir, "migrate.db"), err)
 	}
-	for _, r := range ended {
-		g.log.Warn("a migration was interrupted when the gateway stopped: resume it", "migration_id", r.ID, "name", r.Name, "to", r.To)
-	}
 	m := &migrations{journal: j, audit: audit.Open(filepath.Join(g.s.StateDir, "audit.log")),
 		store: filepath.Join(g.s.StateDir, "images"), running: map[string]*runningMigration{}}
+	for _, r := range ended {
+		g.log.Warn("a migration was interrupted when the gateway stopped: resume it", "migration_id", r.ID, "name", r.Name, "to", r.To)
+		if err := migrate.AuditInterrupted(m.audit, g.id.Load(), &r, g.now()); err != nil {
+			g.log.Error("audit log: the interrupted migration's record", "migration_id", r.ID, "err", err)
+		}
+	}
 	m.recv, err = migrate.NewReceiver(migrate.ReceiverConfig{
 		StoreDir: m.store, Journal: j, Identity: g.id.Load, Trust: g.trust.Load, Audit: m.audit, Log: g.log, Observer: g.metrics,
 		Policy: func() *policy.Policy {

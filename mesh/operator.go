@@ -304,11 +304,11 @@ func (g *Gateway) Dashboard() (*Dashboard, error) {
 	if g.mig == nil {
 		return d, nil
 	}
-	sends, err := g.mig.journal.Sends()
+	sends, err := g.mig.sends() // those just started too
 	if err != nil {
 		return nil, err
 	}
-	slices.SortFunc(sends, func(a, b migrate.SendRecord) int { return b.Started.Compare(a.Started) })
+	slices.Reverse(sends) // newest first
 	g.mig.mu.Lock()
 	running := map[string]*runningMigration{}
 	for id, r := range g.mig.running {

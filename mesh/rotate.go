@@ -104,7 +104,7 @@ func (g *Gateway) handleKeyringOp(m message) error {
 		// and can only say that no acknowledgement came.
 		why := err.Error()
 		if len(why) > maxRefusal {
-			why = why[:maxRefusal]
+			why = strings.ToValidUTF8(why[:maxRefusal], "")
 		}
 		refusal, serr := g.signedAck(msgKeyringRefused, append(bytes.Clone(op.id), why...))
 		if serr == nil {
@@ -119,6 +119,10 @@ func (g *Gateway) handleKeyringOp(m message) error {
 	g.goSend(func() error { return g.sendStream(op.initiator, ack) }, op.initiator)
 	return nil
 }
+
+// rotationSends bounds the keyring operations a rotation step sends at
+// once.
+const rotationSends = 16
 
 // maxRefusal bounds the reason a member gives for refusing a keyring
 // operation.
@@ -331,23 +335,30 @@ func (g *Gateway) rotationStep(ctx context.Context, kind string, key []byte, mem
 	if err := g.applyKeyringOp(op); err != nil {
 		return err
 	}
-	waiting := map[string]bool{}
-	var failed []string
-	for _, m := range members {
-		msg, err := g.keyringOpFor(op, m)
-		if err == nil {
-			err = g.sendStream(m, msg)
-		}
-		if err != nil {
-			failed = append(failed, fmt.Sprintf("%s: %v", m, err))
-			continue
-		}
-		waiting[m] = true
+	// Sent from goroutines, a few at a time (a stream each: dial, write,
+	// close), while the answers are read: one member after another took
+	// members × a round trip, and answers arriving meanwhile could
+	// overflow the queue they wait in.
+	type sent struct {
+		member string
+		err    error
 	}
-	if len(failed) > 0 {
-		// Said now, with the reason, rather than as acknowledgements
-		// missing in a quarter of a minute.
-		return fmt.Errorf("not sent to %s", strings.Join(failed, "; "))
+	sends := make(chan sent, len(members))
+	sem := make(chan struct{}, rotationSends)
+	for _, m := range members {
+		go func() {
+			sem <- struct{}{}
+			defer func() { <-sem }()
+			msg, err := g.keyringOpFor(op, m)
+			if err == nil {
+				err = g.sendStream(m, msg)
+			}
+			sends <- sent{m, err}
+		}()
+	}
+	waiting := map[string]bool{}
+	for _, m := range members {
+		waiting[m] = true
 	}
 	deadline := time.NewTimer(keyringAckWait)
 	defer deadline.Stop()
@@ -355,6 +366,12 @@ func (g *Gateway) rotationStep(ctx context.Context, kind string, key []byte, mem
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
+		case s := <-sends:
+			if s.err != nil {
+				// Said now, with the reason, rather than as an
+				// acknowledgement missing in a quarter of a minute.
+				return fmt.Errorf("not sent to %s: %w", s.member, s.err)
+			}
 		case a := <-g.acks:
 			if !bytes.Equal(a.id, op.id) {
 				continue

@@ -1,11 +1,15 @@
 package migrate
 
 import (
+	"bytes"
+	"encoding/json"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/skybridge-mesh/skybridge/internal/audit"
 )
 
 // TestOpenDamagedJournal: a journal emptied, cut short or overwritten is
@@ -90,5 +94,31 @@ func TestEndInterrupted(t *testing.T) {
 	}
 	if again, err := j.EndInterrupted(now); err != nil || len(again) != 0 {
 		t.Errorf("a second start ended %+v, %v", again, err)
+	}
+}
+
+// TestAuditInterrupted: the send a stop interrupted gets the audit record
+// it did not write, signed and chained like the others.
+func TestAuditInterrupted(t *testing.T) {
+	p := newPair(t, "DE")
+	r := SendRecord{ID: "aaaaaaaaaaaaaaaa", Image: "/img/vm.raw", Name: "vm", Class: "pii-eu", To: "gw-dst", ToSite: "dst-site",
+		State: StateFailed, Error: Interrupted, Started: time.Now().Add(-time.Hour), Finished: time.Now()}
+	if err := AuditInterrupted(p.sendAudit, p.from, &r, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(p.sendAudit.Path())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := audit.Verify(bytes.NewReader(b), p.tb); err != nil {
+		t.Fatalf("the record does not verify: %v", err)
+	}
+	var rec audit.Record
+	if err := json.Unmarshal(bytes.TrimSpace(b), &rec); err != nil {
+		t.Fatal(err)
+	}
+	f := rec.Fields
+	if rec.Event != "migration" || f["migration_id"] != r.ID || f["outcome"] != StateFailed || f["error"] != Interrupted || f["role"] != "sender" || f["source_node"] != "gw-zrh" || f["destination_node"] != "gw-dst" {
+		t.Errorf("record %+v", rec)
 	}
 }

@@ -360,6 +360,18 @@ func (s *session) attach(c net.Conn) {
 	s.mu.Unlock()
 }
 
+// takeOver ends a session another offer replaces, and reports whether it
+// ended within 10 s.
+func (s *session) takeOver() bool {
+	s.abort()
+	select {
+	case <-s.closed:
+		return true
+	case <-time.After(10 * time.Second):
+		return false
+	}
+}
+
 // abort closes the session's connections; its goroutines then end and
 // close it.
 func (s *session) abort() {
@@ -525,10 +537,7 @@ func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision, log
 	}()
 	if sess != nil {
 		log.Warn("another migration of the image from the same gateway is superseded", "name", o.Name, "superseded", id)
-		sess.abort()
-		select {
-		case <-sess.closed:
-		case <-time.After(10 * time.Second):
+		if !sess.takeOver() {
 			return nil, nil, fmt.Errorf("image %q: migration %s, which this one supersedes, does not let go", o.Name, id)
 		}
 	}
@@ -539,10 +548,7 @@ func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision, log
 		if old.from.Node != from.Node {
 			return nil, nil, fmt.Errorf("migration %s is being received from another gateway", o.ID)
 		}
-		old.abort()
-		select {
-		case <-old.closed:
-		case <-time.After(10 * time.Second):
+		if !old.takeOver() {
 			return nil, nil, fmt.Errorf("migration %s: the previous attempt does not let go", o.ID)
 		}
 	}
@@ -551,7 +557,10 @@ func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision, log
 	var rec RecvRecord
 	resumed := j.get(bucketRecv, o.ID, &rec) == nil
 	if resumed && (rec.Size != o.Size || rec.ChunkSize != o.ChunkSize || rec.Name != o.Name || rec.From != from.Node || rec.Format != o.Format) {
-		j.dropChunks("recv", o.ID) // a different migration under an old ID: start over
+		// A different migration under an old ID: start over.
+		if err := j.dropChunks("recv", o.ID); err != nil {
+			return nil, nil, err
+		}
 		os.Remove(temp)
 		resumed = false
 	}
@@ -1100,6 +1109,11 @@ func (r *Receiver) recoverStores() error {
 			}
 			r.cfg.Log.Warn("recorded an image stored just before the gateway stopped", "migration_id", id, "name", st.Image.Name, "root", st.Image.Root.String())
 			continue
+		}
+		// Not moved into place: the receive resumes from its file. A
+		// qcow2 converted beside it is made again at the next commit.
+		if st.Source != st.Incoming {
+			os.Remove(st.Source)
 		}
 		if err := r.cfg.Journal.deleteKey(bucketStoring, id); err != nil {
 			return err

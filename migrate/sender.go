@@ -347,6 +347,22 @@ func (s *sender) audit(denied *DeniedError) {
 	}
 }
 
+// AuditInterrupted appends the audit record a send interrupted by a stop
+// did not write (EndInterrupted found it): its start, its end as found,
+// and what its journal holds. Who decided what is in the records of the
+// attempt's receiver, and of the resume.
+func AuditInterrupted(log *audit.Log, id *certs.NodeIdentity, r *SendRecord, now time.Time) error {
+	from := id.Attributes()
+	f := map[string]any{
+		"migration_id": r.ID, "role": "sender", "image": r.Image, "name": r.Name, "class": r.Class,
+		"source_node": from.Node, "source_site": from.Site, "source_jurisdiction": from.Jurisdiction,
+		"destination_node": r.To, "destination_site": r.ToSite, "outcome": r.State, "error": r.Error,
+		"bytes_sent": r.Stats.BytesSent, "start": r.Started, "end": r.Finished,
+	}
+	_, err := log.Append(id, "migration", f, now)
+	return err
+}
+
 // decisionFields adds to an audit record what the decision rested on
 // beyond its rule: the reasons, the exception (with its ticket and
 // approver) or audit mode that let it through, and the obligations that
