@@ -22,7 +22,9 @@ import (
 // proves every placed image arrived intact at the planned gateway.
 func TestPlanAndApply(t *testing.T) {
 	qemuImg := tool(t, "qemu-img")
+	began := time.Now()
 	demo := keepDemo(t)
+	demoUp := time.Since(began)
 	zrh := demo.Sites[0].Socket
 
 	// 50 small sparse images: 30 risk batches, 15 EU personal data, 5
@@ -131,6 +133,7 @@ func TestPlanAndApply(t *testing.T) {
 		VMs map[string]struct {
 			ID, State, Root, Error string
 			Attempts               int
+			Seconds                float64
 		} `json:"vms"`
 	}
 	readState := func() state {
@@ -140,7 +143,7 @@ func TestPlanAndApply(t *testing.T) {
 		return st
 	}
 	doneBefore := map[string]string{}
-	waitFor(t, 2*time.Minute, "a few VMs done before the interruption", func() (bool, string) {
+	firstApply := waitFor(t, 2*time.Minute, "a few VMs done before the interruption", func() (bool, string) {
 		n := 0
 		for _, v := range readState().VMs {
 			if v.State == "done" {
@@ -164,7 +167,9 @@ func TestPlanAndApply(t *testing.T) {
 	again := exec.Command(skybridge, "migrate", "apply", planPath, "--parallel", "4", "--socket", zrh, "--json")
 	var stderr strings.Builder
 	again.Stderr = &stderr
+	began = time.Now()
 	outb, err := again.Output()
+	secondApply := time.Since(began)
 	var final state
 	if jerr := json.Unmarshal(outb, &final); jerr != nil {
 		t.Fatalf("apply --json: %v, %v\n%s\n%s", err, jerr, outb, stderr.String())
@@ -212,4 +217,13 @@ func TestPlanAndApply(t *testing.T) {
 	}
 	t.Logf("50 VMs: %d placed (%v), %d refused by policy; %d done before the apply was killed, all done after a second apply",
 		len(plan.Placements), perSite, len(plan.Unplaced), len(doneBefore))
+	// Where the time went, for a run that is slow in CI.
+	slowest, secs := "", 0.0
+	for name, v := range final.VMs {
+		if v.Seconds > secs {
+			slowest, secs = name, v.Seconds
+		}
+	}
+	t.Logf("demo up in %s, first apply killed after %s, second apply %s; slowest VM %s, %.1f s",
+		demoUp.Round(time.Millisecond), firstApply.Round(time.Millisecond), secondApply.Round(time.Millisecond), slowest, secs)
 }
