@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.zx2c4.com/wireguard/conn"
@@ -274,7 +275,33 @@ func (d *NetstackDevice) DialContext(ctx context.Context, network, addr string) 
 }
 
 func (d *NetstackDevice) Listen(addr netip.AddrPort) (net.Listener, error) {
-	return d.net.ListenTCPAddrPort(addr)
+	ln, err := d.net.ListenTCPAddrPort(addr)
+	if err != nil {
+		return nil, err
+	}
+	return &netstackListener{Listener: ln}, nil
+}
+
+// netstackListener says net.ErrClosed from Accept once closed, as the
+// kernel's listeners do: gVisor's says "endpoint is in invalid state", and
+// a server that backs off and retries on accept errors (out of file
+// descriptors, say) would retry a closed listener for ever.
+type netstackListener struct {
+	net.Listener
+	closed atomic.Bool
+}
+
+func (l *netstackListener) Close() error {
+	l.closed.Store(true)
+	return l.Listener.Close()
+}
+
+func (l *netstackListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil && l.closed.Load() {
+		return nil, fmt.Errorf("%w (%v)", net.ErrClosed, err)
+	}
+	return c, err
 }
 
 func (d *NetstackDevice) Dial(ctx context.Context, addr string) (net.Conn, error) {

@@ -3,6 +3,7 @@ package mesh
 import (
 	"context"
 	"encoding/hex"
+	"errors"
 	"io"
 	"log/slog"
 	"net"
@@ -148,3 +149,38 @@ func TestUAPIRoundTrip(t *testing.T) {
 }
 
 func wgKeySlice(k certs.WGPublicKey) []byte { return k[:] }
+
+// TestNetstackListenerSaysClosed: a netstack listener closed says
+// net.ErrClosed, as the kernel's does, so that a server retrying accept
+// errors stops instead of retrying a closed listener for ever.
+func TestNetstackListenerSaysClosed(t *testing.T) {
+	k, _ := certs.GenerateWGKey()
+	overlay := netip.AddrFrom4([4]byte{100, 96, 0, 9})
+	d, err := OpenDevice(DeviceOptions{Name: "nsclosed", Mode: ModeNetstack, Port: freeUDPPort(t), MTU: 1420,
+		PrivateKey: k, Overlay: overlay, MeshPrefix: mesh16, Log: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	ln, err := d.Listen(netip.AddrPortFrom(overlay, 9000))
+	if err != nil {
+		t.Fatal(err)
+	}
+	accepted := make(chan error, 1)
+	go func() {
+		_, err := ln.Accept()
+		accepted <- err
+	}()
+	ln.Close()
+	select {
+	case err := <-accepted:
+		if !errors.Is(err, net.ErrClosed) {
+			t.Errorf("accept on a closed netstack listener: %v; want net.ErrClosed", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("accept did not return once the listener was closed")
+	}
+	if _, err := ln.Accept(); !errors.Is(err, net.ErrClosed) {
+		t.Errorf("accept after the close: %v; want net.ErrClosed", err)
+	}
+}
