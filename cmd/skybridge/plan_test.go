@@ -1,0 +1,51 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"net"
+	"net/http"
+	"path/filepath"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/skybridge-mesh/skybridge/mesh"
+	"github.com/skybridge-mesh/skybridge/migrate"
+)
+
+// TestWaitMigrationEndsWhenNothingRuns: a migration the gateway no longer
+// runs ends the wait whatever its record says. One whose last journal
+// write failed stays "running" in the journal, and apply polled it for
+// ever. (The gateway's control socket stands in for the gateway: only the
+// client's logic is under test.)
+func TestWaitMigrationEndsWhenNothingRuns(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "control.sock")
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var polls atomic.Int32
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		n := polls.Add(1)
+		st := mesh.MigrationStatus{Record: &migrate.SendRecord{ID: "aaaaaaaaaaaaaaaa", State: migrate.StateRunning}}
+		if n < 3 {
+			st.Progress = &migrate.Progress{ID: "aaaaaaaaaaaaaaaa", Phase: "transfer"} // still running
+		}
+		json.NewEncoder(w).Encode(st)
+	})}
+	go srv.Serve(ln)
+	defer srv.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	ev, err := waitMigration(ctx, mesh.NewClient(sock), "aaaaaaaaaaaaaaaa")
+	if err != nil {
+		t.Fatalf("wait for a migration that stopped running with its record saying running: %v", err)
+	}
+	if ev.Record.State != migrate.StateFailed || ev.Error != migrate.Interrupted {
+		t.Errorf("ended as %+v, %q; want failed, interrupted", ev.Record, ev.Error)
+	}
+	if n := polls.Load(); n < 3 {
+		t.Errorf("ended after %d polls, while the gateway still ran it", n)
+	}
+}
