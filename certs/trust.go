@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 )
 
@@ -175,10 +176,10 @@ func (tb *TrustBundle) VerifyCertificate(cert *x509.Certificate, now time.Time) 
 	// Check the validity window first: x509.Verify folds expiry and
 	// not-yet-valid into one error and we want to tell them apart.
 	if now.After(cert.NotAfter) {
-		return nil, refuse(ReasonExpired, "certificate of %q expired at %s", cert.Subject.CommonName, cert.NotAfter.UTC().Format(time.RFC3339))
+		return nil, refuse(ReasonExpired, "certificate of %q expired at %s", nameOf(cert), cert.NotAfter.UTC().Format(time.RFC3339))
 	}
 	if now.Before(cert.NotBefore) {
-		return nil, refuse(ReasonNotYetValid, "certificate of %q is valid only from %s", cert.Subject.CommonName, cert.NotBefore.UTC().Format(time.RFC3339))
+		return nil, refuse(ReasonNotYetValid, "certificate of %q is valid only from %s", nameOf(cert), cert.NotBefore.UTC().Format(time.RFC3339))
 	}
 	_, err := cert.Verify(x509.VerifyOptions{
 		Roots:       tb.roots,
@@ -192,19 +193,19 @@ func (tb *TrustBundle) VerifyCertificate(cert *x509.Certificate, now time.Time) 
 		}
 		var ua x509.UnknownAuthorityError
 		if errors.As(err, &ua) {
-			return nil, refuse(ReasonUnknownCA, "certificate of %q is not signed by the mesh CA", cert.Subject.CommonName)
+			return nil, refuse(ReasonUnknownCA, "certificate of %q is not signed by the mesh CA", nameOf(cert))
 		}
-		return nil, refuse(ReasonBadCertificate, "certificate of %q: %v", cert.Subject.CommonName, err)
+		return nil, refuse(ReasonBadCertificate, "certificate of %q: %v", nameOf(cert), err)
 	}
 	if tb.IsRevoked(cert.SerialNumber) {
-		return nil, refuse(ReasonRevoked, "certificate %s of %q is revoked", FormatSerial(cert.SerialNumber), cert.Subject.CommonName)
+		return nil, refuse(ReasonRevoked, "certificate %s of %q is revoked", FormatSerial(cert.SerialNumber), nameOf(cert))
 	}
 	a, err := AttributesOf(cert)
 	if err != nil {
 		return nil, refuse(ReasonBadCertificate, "%v", err)
 	}
 	if err := a.Validate(tb.meshPrefix); err != nil {
-		return nil, refuse(ReasonBadCertificate, "certificate of %q: %v", cert.Subject.CommonName, err)
+		return nil, refuse(ReasonBadCertificate, "certificate of %q: %v", nameOf(cert), err)
 	}
 	return a, nil
 }
@@ -219,27 +220,27 @@ func AttributesOf(cert *x509.Certificate) (*Attributes, error) {
 		}
 		a, err := parseAttributeURI(u)
 		if err != nil {
-			return nil, fmt.Errorf("certificate of %q: %w", cert.Subject.CommonName, err)
+			return nil, fmt.Errorf("certificate of %q: %w", nameOf(cert), err)
 		}
 		found = append(found, a)
 	}
 	if len(found) != 1 {
-		return nil, fmt.Errorf("certificate of %q carries %d skybridge attribute URIs, want exactly 1", cert.Subject.CommonName, len(found))
+		return nil, fmt.Errorf("certificate of %q carries %d skybridge attribute URIs, want exactly 1", nameOf(cert), len(found))
 	}
 	a := found[0]
 	if len(cert.IPAddresses) != 1 {
-		return nil, fmt.Errorf("certificate of %q carries %d IP addresses, want exactly 1 (the overlay IP)", cert.Subject.CommonName, len(cert.IPAddresses))
+		return nil, fmt.Errorf("certificate of %q carries %d IP addresses, want exactly 1 (the overlay IP)", nameOf(cert), len(cert.IPAddresses))
 	}
 	ip, _ := netip.AddrFromSlice(cert.IPAddresses[0])
 	if a.OverlayIP.IsValid() && a.OverlayIP != ip.Unmap() {
 		// A CA that pins the URI but cannot pin IP SANs (Vault) would
 		// otherwise certify any address the holder asks for.
-		return nil, fmt.Errorf("certificate of %q carries IP address %s, but its attribute URI names overlay IP %s", cert.Subject.CommonName, ip.Unmap(), a.OverlayIP)
+		return nil, fmt.Errorf("certificate of %q carries IP address %s, but its attribute URI names overlay IP %s", nameOf(cert), ip.Unmap(), a.OverlayIP)
 	}
 	// Certificates from before the URI named it carry it only here.
 	a.OverlayIP = ip.Unmap()
-	if cert.Subject.CommonName != a.Node {
-		return nil, fmt.Errorf("certificate common name %q differs from its node attribute %q", cert.Subject.CommonName, a.Node)
+	if nameOf(cert) != a.Node {
+		return nil, fmt.Errorf("certificate common name %q differs from its node attribute %q", nameOf(cert), a.Node)
 	}
 	return &a, nil
 }
@@ -276,4 +277,16 @@ func ParseSerial(s string) (*big.Int, error) {
 		return nil, fmt.Errorf("serial %q is not a certificate serial number (colon-separated hex as `skybridge ca list` prints it, 0x-hex, or decimal)", s)
 	}
 	return n, nil
+}
+
+// nameOf is a certificate's common name for an error message, cut short:
+// certificates arrive from the network, and one with a name of a megabyte
+// would otherwise be copied into every refusal kept of it.
+func nameOf(cert *x509.Certificate) string {
+	const max = 64
+	cn := cert.Subject.CommonName
+	if len(cn) <= max {
+		return cn
+	}
+	return strings.ToValidUTF8(cn[:max], "") + "…"
 }

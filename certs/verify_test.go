@@ -1,11 +1,16 @@
 package certs
 
 import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/sha256"
 	"crypto/x509"
+	"crypto/x509/pkix"
+	"fmt"
 	"math/big"
 	"net/netip"
+	"strings"
 	"testing"
 	"time"
 )
@@ -155,4 +160,25 @@ func resign(t *testing.T, raw []byte, by *NodeIdentity) []byte {
 		t.Fatal(err)
 	}
 	return appendField(append([]byte(nil), sa.body...), tagSignature, sig)
+}
+
+// TestRefusalNamesAreShort: a refused certificate's name is cut short in
+// the error: certificates arrive from the network, and refusals are kept.
+func TestRefusalNamesAreShort(t *testing.T) {
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: strings.Repeat("x", 10000)},
+		NotBefore: t0.Add(-time.Hour), NotAfter: t0.Add(time.Hour), ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, _ := x509.ParseCertificate(der)
+	tb, err := newTestCA(t).TrustBundle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = tb.VerifyCertificate(cert, t0)
+	if err == nil || len(err.Error()) > 200 {
+		t.Fatalf("a certificate from another CA with a name of 10,000 characters: error of %d bytes", len(fmt.Sprint(err)))
+	}
 }

@@ -492,9 +492,12 @@ func (ms *membership) addCert(der []byte) error {
 // learnCertLocked verifies a certificate against the trust bundle and
 // files it as known or refused.
 func (ms *membership) learnCertLocked(sum [32]byte, der []byte) error {
-	cert, err := x509.ParseCertificate(der)
-	if err == nil {
-		_, err = ms.cache.VerifyCertificate(ms.trust, cert, ms.now())
+	var cert *x509.Certificate
+	err := fmt.Errorf("a certificate of %d bytes: larger than any gateway certificate (%d at most)", len(der), maxCertSize)
+	if len(der) <= maxCertSize {
+		if cert, err = x509.ParseCertificate(der); err == nil {
+			_, err = ms.cache.VerifyCertificate(ms.trust, cert, ms.now())
+		}
 	}
 	if err != nil {
 		if len(ms.badCert) >= ms.maxBadCerts && !ms.badCertFull {
@@ -512,6 +515,12 @@ func (ms *membership) learnCertLocked(sum [32]byte, der []byte) error {
 	ms.certs[sum] = cert
 	return nil
 }
+
+// maxCertSize bounds a gossiped certificate before it is parsed: a
+// gateway's is under 1 KiB, and what is refused is remembered (up to
+// maxBadCerts of them), so one of a megabyte would be kept by the
+// thousand.
+const maxCertSize = 16 << 10
 
 // refusedLocked is why a certificate is refused, or nil if it is not (or
 // its refusal as not valid yet has run out: it is verified again).

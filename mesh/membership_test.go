@@ -727,3 +727,26 @@ func TestRejoinTargets(t *testing.T) {
 		t.Fatalf("one dead member, no seeds: %v", got)
 	}
 }
+
+// TestMembershipRefusesHugeCertificates: a gossiped certificate far larger
+// than any gateway's is refused before it is parsed, and what is kept of
+// the refusal is small: refusals are remembered by the thousand, and one
+// holding the gossip key could otherwise send certificates of a megabyte.
+func TestMembershipRefusesHugeCertificates(t *testing.T) {
+	_, _, ms, _, _ := rogueCase(t)
+	huge := make([]byte, 1<<20)
+	err := ms.addCert(huge)
+	if err == nil || !strings.Contains(err.Error(), "larger than any gateway certificate") {
+		t.Fatalf("a certificate of 1 MiB: %v", err)
+	}
+	ms.mu.Lock()
+	defer ms.mu.Unlock()
+	if len(ms.badCert) != 1 {
+		t.Fatalf("%d refusals kept, want 1", len(ms.badCert))
+	}
+	for _, rc := range ms.badCert {
+		if n := len(rc.err.Error()); n > 200 {
+			t.Errorf("the refusal kept is %d bytes", n)
+		}
+	}
+}
