@@ -1589,6 +1589,87 @@ func TestCancelAfterCommit(t *testing.T) {
 	p.stored(raw)
 }
 
+// TestReceiverBoundsTheFirstFrame: a connection's first frame (an offer
+// or a join) comes at once and small. One that sends nothing is closed,
+// one that announces megabytes is refused, instead of each holding a
+// goroutine, its buffers and a descriptor for good.
+func TestReceiverBoundsTheFirstFrame(t *testing.T) {
+	was := firstFrameTimeout
+	firstFrameTimeout = 300 * time.Millisecond
+	t.Cleanup(func() { firstFrameTimeout = was })
+	p := newPair(t, "DE")
+	dial := func() (*tls.Conn, *frameWriter, *frameReader) {
+		raw, err := net.Dial("tcp", p.addr.String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		c := tls.Client(raw, clientTLS(p.from, p.tb, "gw-dst", time.Now))
+		t.Cleanup(func() { c.Close() })
+		c.SetDeadline(time.Now().Add(20 * time.Second))
+		if err := c.Handshake(); err != nil {
+			t.Fatal(err)
+		}
+		return c, newFrameWriter(c), newFrameReader(c)
+	}
+	_, _, fr := dial() // silent
+	if _, _, err := fr.next(nil); err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Errorf("a connection silent after its handshake: %v; want it closed by the receiver", err)
+	}
+	c, fw, fr := dial()
+	head := binary.AppendUvarint([]byte{frameOffer}, 8<<20)
+	if _, err := c.Write(head); err != nil {
+		t.Fatal(err)
+	}
+	fw.flush()
+	if typ, why, err := fr.next(nil); err != nil || typ != frameError || !strings.Contains(string(why), "at most") {
+		t.Errorf("an offer of 8 MiB announced: %d %q %v; want it refused", typ, why, err)
+	}
+}
+
+// TestReceiverEndsStreamsWithTheSession: a data stream stalled in the
+// middle of a frame ends with its session, instead of holding its
+// goroutines and chunk buffers after the session is gone.
+func TestReceiverEndsStreamsWithTheSession(t *testing.T) {
+	p := newPair(t, "DE")
+	dial := func() (*tls.Conn, *frameWriter, *frameReader) {
+		raw, err := net.Dial("tcp", p.addr.String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		c := tls.Client(raw, clientTLS(p.from, p.tb, "gw-dst", time.Now))
+		t.Cleanup(func() { c.Close() })
+		c.SetDeadline(time.Now().Add(20 * time.Second))
+		return c, newFrameWriter(c), newFrameReader(c)
+	}
+	ctrl, cw, cr := dial()
+	offer := Offer{ID: "0123456789abcdef", Name: "vm", Class: "pii-eu", Format: FormatRaw, Size: 4 * mib, ChunkSize: mib, Streams: 1}
+	if err := cw.json(frameOffer, offer); err != nil {
+		t.Fatal(err)
+	}
+	var acc Accept
+	if err := cr.json(frameAccept, &acc); err != nil {
+		t.Fatal(err)
+	}
+	data, dw, dr := dial()
+	if err := dw.json(frameJoin, Join{ID: offer.ID}); err != nil {
+		t.Fatal(err)
+	}
+	// Half a chunk: the receiver is now reading the rest of the frame.
+	chunk := make([]byte, mib)
+	rand.Read(chunk)
+	dw.frame(frameChunk, chunkHeader(0, hashChunk(chunk), 0, mib), chunk[:mib/2])
+	dw.flush()
+	if a := p.recv.Active(); len(a) != 1 {
+		t.Fatalf("receiving %+v", a)
+	}
+	ctrl.Close() // the sender goes; the session ends
+	waitIdle(t, p.recv, offer.ID)
+	data.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, _, err := dr.next(nil); err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Errorf("the stalled data stream after its session ended: %v; want it closed by the receiver", err)
+	}
+}
+
 // TestReceiverRefusesBadOffers: an offer's ID names the receiver's
 // temporary files, so one that could be a path is refused before anything
 // is opened, as are sizes and stream counts out of bounds.

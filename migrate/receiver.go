@@ -191,6 +191,11 @@ func (r *Receiver) forget(id, temp string) (active bool, err error) {
 	return false, errors.Join(err, r.cfg.Journal.dropChunks("recv", id), r.cfg.Journal.deleteKey(bucketRecv, id))
 }
 
+// The first frame of a migration connection: an offer or a join.
+const maxFirstFrame = 64 << 10
+
+var firstFrameTimeout = 30 * time.Second // var for tests
+
 func (r *Receiver) handle(ctx context.Context, c *tls.Conn) {
 	defer c.Close()
 	hctx, cancel := context.WithTimeout(ctx, 20*time.Second)
@@ -205,7 +210,13 @@ func (r *Receiver) handle(ctx context.Context, c *tls.Conn) {
 		return
 	}
 	fr, fw := newFrameReader(c), newFrameWriter(c)
-	typ, p, err := fr.next(nil)
+	// The first frame — an offer or a join, a few hundred bytes — comes
+	// at once and small: a connection that sends nothing, or announces
+	// megabytes and trickles them, would otherwise hold its goroutine,
+	// buffers and descriptor for good.
+	c.SetReadDeadline(time.Now().Add(firstFrameTimeout))
+	typ, p, err := fr.nextMax(nil, maxFirstFrame)
+	c.SetReadDeadline(time.Time{})
 	if err != nil {
 		if refuseFrame(fw, err) {
 			r.cfg.Log.Warn("migration connection refused", "peer", from.Node, "reason", err)
@@ -287,7 +298,8 @@ type session struct {
 	synced   chan struct{} // closed when the syncer has made its last flush
 	closed   chan struct{}
 	conns    []net.Conn
-	streams  int // data streams joined
+	ctrl     net.Conn // the control stream's, among conns
+	streams  int      // data streams joined
 	// heard is when the sender was last heard from (unix nanos): a
 	// frame on any stream, the offer, the commit. Until the commit, a
 	// sender silent for idleTimeout is taken for gone.
@@ -418,6 +430,9 @@ func (r *Receiver) control(ctx context.Context, c *tls.Conn, fr *frameReader, fw
 	closeSession := sync.OnceFunc(s.close)
 	defer closeSession()
 	s.attach(c)
+	s.mu.Lock()
+	s.ctrl = c
+	s.mu.Unlock()
 	// Obligations are what the image store must live up to (encryption
 	// at rest, zone replicas). The policy let them through because this
 	// site's certificate attests them — or, in audit mode, recorded that
@@ -685,6 +700,16 @@ type Incoming struct {
 }
 
 func (s *session) close() {
+	// Its data streams end with it: one stalled in the middle of a frame
+	// would otherwise hold its goroutines and chunk buffers for good,
+	// with no syncer left to time it out.
+	s.mu.Lock()
+	for _, c := range s.conns {
+		if c != s.ctrl { // the control stream may still have a last word
+			c.Close()
+		}
+	}
+	s.mu.Unlock()
 	close(s.stop)
 	<-s.synced // the last flush still uses the file
 	s.r.mu.Lock()

@@ -178,6 +178,19 @@ func (fr *frameReader) next(buf []byte) (byte, []byte, error) {
 	return typ, p, err
 }
 
+// nextMax is next for a frame that may not exceed max bytes.
+func (fr *frameReader) nextMax(buf []byte, max int) (byte, []byte, error) {
+	typ, n, err := fr.head()
+	if err != nil {
+		return 0, nil, err
+	}
+	if n > max {
+		return 0, nil, badFrame(fmt.Sprintf("frame of %d bytes where at most %d are expected", n, max))
+	}
+	p, err := fr.body(n, buf)
+	return typ, p, err
+}
+
 // head reads a frame's type and length.
 func (fr *frameReader) head() (byte, int, error) {
 	typ, err := fr.r.ReadByte()
