@@ -416,5 +416,8 @@ const (
 	saveInterval = 5 * time.Second // at most this often is the membership written to disk
 	inboxSize    = 8192            // gossip messages waiting for the worker
 	maxSends     = 16              // streams a gateway opens at once for its own messages
-	maxJoinCerts = 8192            // certificates a join's push/pull carries (about 5 MB)
+	// maxQueuedSends bounds those waiting for one of them: a policy
+	// announced to a mesh of thousands has each member ask for it.
+	maxQueuedSends = 4096
+	maxJoinCerts   = 8192 // certificates a join's push/pull carries (about 5 MB)
 )

@@ -36,6 +36,8 @@ type Gateway struct {
 	id      atomic.Pointer[certs.NodeIdentity]
 	trust   atomic.Pointer[certs.TrustBundle]
 	trustMu sync.Mutex // serialises adoptTrust
+	// sendsQueued counts goSend's sends waiting or under way.
+	sendsQueued atomic.Int64
 	// policyMu serialises AdoptPolicy: gossip and the control socket
 	// adopt concurrently, and an older policy stored after a newer one
 	// would replace it in memory, on disk and in the gossip queue.
@@ -997,10 +999,20 @@ func (g *Gateway) sendAsync(to string, at netip.AddrPort, msg []byte) {
 	g.goSend(func() error { return g.sendTo(to, at, msg) }, to)
 }
 
-// goSend runs send from a goroutine of its own, at most maxSends at a time.
+// goSend runs send from a goroutine of its own, at most maxSends at a
+// time. It never holds up the worker that calls it: a flood of requests
+// naming a member that does not read would otherwise stop certificate
+// checks and CRL adoption. Past maxQueuedSends waiting it drops the send
+// (the requester asks again).
 func (g *Gateway) goSend(send func() error, to string) {
-	g.sends <- struct{}{}
+	if g.sendsQueued.Add(1) > maxQueuedSends {
+		g.sendsQueued.Add(-1)
+		g.log.Debug("gossip send dropped: too many waiting", "peer", to)
+		return
+	}
 	go func() {
+		defer g.sendsQueued.Add(-1)
+		g.sends <- struct{}{}
 		defer func() { <-g.sends }()
 		if err := send(); err != nil {
 			g.log.Debug("gossip send", "peer", to, "err", err)

@@ -155,6 +155,11 @@ func (t *gossipTransport) DialAddressTimeout(a memberlist.Address, timeout time.
 	if err != nil {
 		return nil, err
 	}
+	// memberlist sets a deadline for its own exchanges (push/pull) but
+	// none for a user message sent on a stream: a peer that stops reading
+	// would hold the sender for good. The whole exchange gets what the
+	// dial got.
+	c.SetDeadline(time.Now().Add(timeout))
 	return t.counted(c), nil
 }
 
