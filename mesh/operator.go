@@ -132,7 +132,12 @@ func (g *Gateway) serveOperator(ctx context.Context) (io.Closer, error) {
 	op := &operator{g: g, token: []byte(tok), cookie: sessionCookie + port, session: hex.EncodeToString(session), addr: ln.Addr()}
 	g.operatorTok.Store(&tok)
 	g.operatorAddr.Store(&op.addr)
-	srv := &http.Server{Handler: op.routes(), ReadHeaderTimeout: 5 * time.Second, BaseContext: func(net.Listener) context.Context { return ctx }}
+	// Bounded reads and idle waits: a connection that sends one request
+	// (refused without the token) and then nothing held its descriptor
+	// and goroutine for good. No write timeout: the event stream is long;
+	// each of its writes has a deadline of its own.
+	srv := &http.Server{Handler: op.routes(), ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 10 * time.Second, IdleTimeout: 60 * time.Second,
+		BaseContext: func(net.Listener) context.Context { return ctx }}
 	go srv.Serve(ln)
 	g.log.Info("operator endpoint: metrics and dashboard (token required)", "address", ln.Addr().String())
 	return closerFunc(func() error {
@@ -250,22 +255,22 @@ func (o *operator) refuse(w http.ResponseWriter, r *http.Request, why string) {
 // events streams the dashboard as server-sent events, one snapshot per
 // second, until the browser goes away.
 func (o *operator) events(w http.ResponseWriter, r *http.Request) {
-	fl, ok := w.(http.Flusher)
-	if !ok {
-		http.Error(w, "streaming unsupported", http.StatusInternalServerError)
-		return
-	}
 	w.Header().Set("Content-Type", "text/event-stream")
 	w.Header().Set("X-Accel-Buffering", "no")
 	t := time.NewTicker(dashboardEvery)
 	defer t.Stop()
+	rc := http.NewResponseController(w)
 	for {
+		// A browser that stops reading is let go, not written to for good.
+		rc.SetWriteDeadline(time.Now().Add(10 * time.Second))
 		if b, err := o.snapshot(); err != nil {
 			fmt.Fprintf(w, "event: error\ndata: %s\n\n", strings.ReplaceAll(err.Error(), "\n", " "))
 		} else {
 			fmt.Fprintf(w, "event: snapshot\ndata: %s\n\n", b)
 		}
-		fl.Flush()
+		if rc.Flush() != nil {
+			return
+		}
 		select {
 		case <-r.Context().Done():
 			return
