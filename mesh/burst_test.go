@@ -3,9 +3,13 @@ package mesh
 import (
 	"bytes"
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
 	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
+	"encoding/pem"
 	"errors"
 	"log/slog"
 	"net/netip"
@@ -586,4 +590,47 @@ func TestBurstEndLeftovers(t *testing.T) {
 		t.Fatalf("a new token after the end: %v, want the token read (and refused as damaged)", err)
 	}
 	gone("after a new token")
+}
+
+// TestEnrollmentTrustsThePinnedCAOnly: the newcomer keeps, of the CAs an
+// enrollment answer carries, the one its token pins (and CAs it signed).
+// Whoever answered could otherwise plant a CA of its own, whose
+// certificates, policies and revocation lists the newcomer would take.
+func TestEnrollmentTrustsThePinnedCAOnly(t *testing.T) {
+	dir := t.TempDir()
+	prefix := netip.MustParsePrefix("100.96.0.0/16")
+	ca, err := certs.InitCA(filepath.Join(dir, "ca"), certs.InitOptions{MeshPrefix: prefix})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rogue, err := certs.InitCA(filepath.Join(dir, "rogue"), certs.InitOptions{MeshPrefix: prefix})
+	if err != nil {
+		t.Fatal(err)
+	}
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	cert, err := ca.Issue(certs.IssueRequest{Attributes: certs.Attributes{Node: "burst-ams-gw1", Site: "burst-ams", Region: "eu-west-1", Provider: "aws",
+		Jurisdiction: "NL", OverlayIP: netip.MustParseAddr("100.96.255.254")}, PublicKey: &key.PublicKey, TTL: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tb, _ := ca.TrustBundle()
+	rtb, _ := rogue.TrustBundle()
+	kr, _ := certs.GenerateGossipKeyring()
+	res := &enrollResponse{
+		Certificate: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: cert.Raw}),
+		CAs:         append(tb.CAPEM(), rtb.CAPEM()...), // the mesh's, and one planted
+		Keyring:     kr.MarshalSecret(),
+	}
+	tok := &certs.JoinToken{ID: "tok1", Site: "burst-ams", CAPin: certs.CAPin(ca.Certificate())}
+	idDir := filepath.Join(dir, "identity")
+	if _, err := storeEnrollment(idDir, "", tok, key, res); err != nil {
+		t.Fatal(err)
+	}
+	stored, err := certs.LoadTrustBundle(idDir, prefix)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cas := stored.CAs(); len(cas) != 1 || !cas[0].Equal(ca.Certificate()) {
+		t.Fatalf("the newcomer trusts %d CAs; want the pinned one alone", len(cas))
+	}
 }

@@ -310,15 +310,27 @@ func storeEnrollment(dir, meshCIDR string, tok *certs.JoinToken, key *ecdsa.Priv
 	if err != nil {
 		return nil, fmt.Errorf("enrollment answer: CA certificates: %w", err)
 	}
-	pinned := false
+	// Only the pinned CA is trusted, and CAs it signed (a Vault
+	// intermediate): whoever answered could otherwise add a CA of its own
+	// to the bundle, and the newcomer would take its certificates,
+	// policies and revocation lists.
+	var pin *x509.Certificate
 	for _, c := range cas {
-		pinned = pinned || certs.CAPin(c) == tok.CAPin
+		if certs.CAPin(c) == tok.CAPin {
+			pin = c
+		}
 	}
-	if !pinned {
+	if pin == nil {
 		return nil, errors.New("enrollment answer: its CA is not the one the join token pins")
 	}
+	trusted := []*x509.Certificate{pin}
+	for _, c := range cas {
+		if c != pin && c.CheckSignatureFrom(pin) == nil {
+			trusted = append(trusted, c)
+		}
+	}
 	prefix, _ := netip.ParsePrefix(meshCIDR) // zero when not configured: taken from the CA
-	tb, err := certs.NewTrustBundle(cas, prefix)
+	tb, err := certs.NewTrustBundle(trusted, prefix)
 	if err != nil {
 		return nil, err
 	}
