@@ -1654,19 +1654,48 @@ func TestReceiverEndsStreamsWithTheSession(t *testing.T) {
 	if err := dw.json(frameJoin, Join{ID: offer.ID}); err != nil {
 		t.Fatal(err)
 	}
-	// Half a chunk: the receiver is now reading the rest of the frame.
+	// Half a chunk's frame: the receiver is now reading the rest of it.
 	chunk := make([]byte, mib)
 	rand.Read(chunk)
-	dw.frame(frameChunk, chunkHeader(0, hashChunk(chunk), 0, mib), chunk[:mib/2])
+	hdr := chunkHeader(0, hashChunk(chunk), 0, mib)
 	dw.flush()
+	data.Write(binary.AppendUvarint([]byte{frameChunk}, uint64(len(hdr)+mib)))
+	data.Write(hdr)
+	data.Write(chunk[:mib/2])
 	if a := p.recv.Active(); len(a) != 1 {
 		t.Fatalf("receiving %+v", a)
 	}
 	ctrl.Close() // the sender goes; the session ends
 	waitIdle(t, p.recv, offer.ID)
 	data.SetDeadline(time.Now().Add(10 * time.Second))
-	if _, _, err := dr.next(nil); err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
-		t.Errorf("the stalled data stream after its session ended: %v; want it closed by the receiver", err)
+	if typ, p, err := dr.next(nil); err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Errorf("the stalled data stream after its session ended: %v (frame %d %q); want it closed by the receiver", err, typ, p)
+	}
+}
+
+// TestStoredImageKeepsItsClass: a stored image is replaced only by a
+// migration of its own class. A sender the policy lets store a laxer class
+// here could otherwise overwrite it, or copy its data (from the chunk
+// hashes a re-sync is given) into an image recorded under the laxer class.
+func TestStoredImageKeepsItsClass(t *testing.T) {
+	p := newPair(t, "CH")
+	raw := filepath.Join(p.dir, "vm.raw")
+	makeRaw(t, raw, 4*mib, map[int64]int{0: 4096})
+	if _, err := Send(context.Background(), p.config(raw, "swiss-banking-secret")); err != nil {
+		t.Fatal(err)
+	}
+	before, _ := p.recvJ.Image("vm")
+	_, err := Send(context.Background(), p.config(raw, "pii-eu"))
+	if err == nil || !strings.Contains(err.Error(), "stored here as class") || !strings.Contains(err.Error(), "swiss-banking-secret") {
+		t.Fatalf("the image sent again as pii-eu: %v; want it refused", err)
+	}
+	after, _ := p.recvJ.Image("vm")
+	if after.Class != "swiss-banking-secret" || after.Migration != before.Migration {
+		t.Errorf("stored image %+v after the refusal; want it unchanged", after)
+	}
+	// Its own class replaces it.
+	if _, err := Send(context.Background(), p.config(raw, "swiss-banking-secret")); err != nil {
+		t.Errorf("sent again as its own class: %v", err)
 	}
 }
 

@@ -524,6 +524,13 @@ func (r *Receiver) audit(o *Offer, from *certs.Attributes, d policy.Decision, ou
 
 // open creates or resumes the session's temporary image.
 func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision, log *slog.Logger) (*session, *Accept, error) {
+	// A stored image is replaced only by one of its own class: a sender
+	// the policy lets store some class here could otherwise overwrite
+	// another class's image, or (given its chunk hashes for the re-sync)
+	// copy its data into an image recorded under its own, laxer class.
+	if img, err := r.cfg.Journal.Image(o.Name); err == nil && img.Class != o.Class {
+		return nil, nil, fmt.Errorf("image %q is stored here as class %q: a migration of class %q may not replace it; send it under another name", o.Name, img.Class, o.Class)
+	}
 	r.mu.Lock()
 	old := r.sessions[o.ID]
 	if _, busy := r.opening[o.ID]; busy {

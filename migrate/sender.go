@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"crypto/tls"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -485,7 +486,7 @@ func (s *sender) run(ctx context.Context) error {
 		jsonUnmarshal(payload, &d)
 		return &DeniedError{By: "receiver", Rule: d.Rule, Reasons: d.Reasons}
 	case frameError:
-		return fmt.Errorf("receiver: %s", payload)
+		return fmt.Errorf("receiver: %s", errorText(payload))
 	default:
 		return fmt.Errorf("unexpected answer %d to the offer", typ)
 	}
@@ -531,7 +532,7 @@ func (s *sender) run(ctx context.Context) error {
 		jsonUnmarshal(payload, &d)
 		return &DeniedError{By: "receiver", Rule: d.Rule, Reasons: d.Reasons, AtCommit: true}
 	case typ == frameError:
-		return fmt.Errorf("commit: receiver: %s", payload)
+		return fmt.Errorf("commit: receiver: %s", errorText(payload))
 	case typ != frameDone:
 		return fmt.Errorf("commit: unexpected answer %d", typ)
 	}
@@ -543,6 +544,16 @@ func (s *sender) run(ctx context.Context) error {
 	}
 	s.cfg.Journal.dropSent(s.rec.ID)
 	return nil
+}
+
+// errorText is the text of an Error frame: the receiver sends some as a
+// JSON string, some as they are.
+func errorText(p []byte) string {
+	var s string
+	if json.Unmarshal(p, &s) == nil {
+		return s
+	}
+	return string(p)
 }
 
 // nextJob takes a data stream's next job: nil once the queue is closed.
@@ -802,7 +813,7 @@ func (s *sender) transfer(ctx context.Context, cands []int64, acked, zeros map[i
 						}
 					}()
 				case frameError:
-					fail(fmt.Errorf("receiver: %s", p))
+					fail(fmt.Errorf("receiver: %s", errorText(p)))
 					return
 				}
 			}
