@@ -10,6 +10,7 @@ import (
 	"math/big"
 	"net/http"
 	"net/netip"
+	"net/url"
 	"os"
 	"path"
 	"strings"
@@ -55,6 +56,51 @@ var (
 	_ SecretStore = (*Vault)(nil)
 )
 
+// vaultClientConfig is the Vault client's configuration: the address
+// given (or VAULT_ADDR), over https unless on loopback, and the server's
+// certificate always verified. Tokens, SecretIDs, WireGuard keys and the
+// gossip keyring cross this connection, and a join token carries the
+// address to newcomers across the internet: VAULT_SKIP_VERIFY, which the
+// Vault client would otherwise honour, is not.
+func vaultClientConfig(addr string, tlsc *vault.TLSConfig) (*vault.Config, error) {
+	vc := vault.DefaultConfig()
+	if vc.Error != nil {
+		return nil, fmt.Errorf("vault client configuration: %w", vc.Error)
+	}
+	if addr != "" {
+		vc.Address = addr
+	}
+	if err := checkVaultAddress(vc.Address); err != nil {
+		return nil, err
+	}
+	if err := vc.ConfigureTLS(tlsc); err != nil {
+		return nil, fmt.Errorf("vault TLS: %w", err)
+	}
+	// ConfigureTLS only ever turns verification off.
+	if tr, ok := vc.HttpClient.Transport.(*http.Transport); ok && tr.TLSClientConfig != nil {
+		tr.TLSClientConfig.InsecureSkipVerify = false
+	}
+	return vc, nil
+}
+
+// checkVaultAddress refuses a Vault address that would carry secrets in
+// the clear.
+func checkVaultAddress(addr string) error {
+	u, err := url.Parse(addr)
+	if err != nil || u.Host == "" {
+		return fmt.Errorf("vault address %q: want https://HOST:PORT", addr)
+	}
+	switch u.Scheme {
+	case "https":
+		return nil
+	case "http":
+		if ip, err := netip.ParseAddr(u.Hostname()); err == nil && ip.IsLoopback() || u.Hostname() == "localhost" {
+			return nil
+		}
+	}
+	return fmt.Errorf("vault address %s: tokens, SecretIDs and keys would cross the network in the clear; use https (plain http only on loopback)", addr)
+}
+
 // OpenVault logs in to Vault and keeps the login alive (token renewal with
 // the api's LifetimeWatcher, re-login when the token reaches its maximum
 // TTL) until Close.
@@ -62,17 +108,9 @@ func OpenVault(ctx context.Context, cfg *VaultConfig, meshPrefix netip.Prefix, l
 	if !meshPrefix.IsValid() {
 		return nil, errors.New("vault back end needs mesh_cidr in the identity block: Vault's CA does not carry the overlay range")
 	}
-	vc := vault.DefaultConfig()
-	if vc.Error != nil {
-		return nil, fmt.Errorf("vault client configuration: %w", vc.Error)
-	}
-	if cfg.Address != "" {
-		vc.Address = cfg.Address
-	}
-	if cfg.CACert != "" {
-		if err := vc.ConfigureTLS(&vault.TLSConfig{CACert: cfg.CACert}); err != nil {
-			return nil, fmt.Errorf("vault TLS: %w", err)
-		}
+	vc, err := vaultClientConfig(cfg.Address, &vault.TLSConfig{CACert: cfg.CACert})
+	if err != nil {
+		return nil, err
 	}
 	client, err := vault.NewClient(vc)
 	if err != nil {

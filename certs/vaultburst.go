@@ -668,15 +668,16 @@ func (v *Vault) VaultJoinFor(b *VaultBurst) (*VaultJoin, error) {
 // answers only once per wrapping token: a second use, or one after the
 // token's wrap TTL, is refused.
 func (vj *VaultJoin) UnwrapSecretID(ctx context.Context) (string, error) {
-	vc := vault.DefaultConfig()
-	if vc.Error != nil {
-		return "", vc.Error
+	if vj.Address == "" {
+		return "", errors.New("the join token names no Vault address")
 	}
-	vc.Address = vj.Address
+	var ca []byte
 	if vj.CACert != "" {
-		if err := vc.ConfigureTLS(&vault.TLSConfig{CACertBytes: []byte(vj.CACert)}); err != nil {
-			return "", fmt.Errorf("vault TLS: %w", err)
-		}
+		ca = []byte(vj.CACert)
+	}
+	vc, err := vaultClientConfig(vj.Address, &vault.TLSConfig{CACertBytes: ca})
+	if err != nil {
+		return "", err
 	}
 	c, err := vault.NewClient(vc)
 	if err != nil {

@@ -1,8 +1,11 @@
 package certs
 
 import (
+	"net/http"
 	"slices"
 	"testing"
+
+	vault "github.com/hashicorp/vault/api"
 )
 
 // TestVaultBurstPlace: a changed setting is named with both values, and
@@ -45,5 +48,36 @@ func TestVaultBurstPlace(t *testing.T) {
 		if got := tc.place.RemovalCommands("ams", []string{"ams-gw1", "ams-gw2"}); !slices.Equal(got, tc.want) {
 			t.Errorf("removal of %+v:\n got %q\nwant %q", tc.place, got, tc.want)
 		}
+	}
+}
+
+// TestVaultClientConfig: secrets cross the Vault connection, so plain http
+// is refused off loopback, and VAULT_SKIP_VERIFY does not turn off the
+// check of Vault's certificate.
+func TestVaultClientConfig(t *testing.T) {
+	for addr, ok := range map[string]bool{
+		"https://vault.example.com:8200": true,
+		"http://127.0.0.1:8200":          true,
+		"http://[::1]:8200":              true,
+		"http://localhost:8200":          true,
+		"http://vault.example.com:8200":  false,
+		"http://192.0.2.10:8200":         false,
+		"vault.example.com:8200":         false,
+		"":                               false,
+	} {
+		if err := checkVaultAddress(addr); (err == nil) != ok {
+			t.Errorf("%q: %v, want accepted %v", addr, err, ok)
+		}
+	}
+	t.Setenv("VAULT_SKIP_VERIFY", "true")
+	vc, err := vaultClientConfig("https://vault.example.com:8200", &vault.TLSConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if vc.HttpClient.Transport.(*http.Transport).TLSClientConfig.InsecureSkipVerify {
+		t.Error("VAULT_SKIP_VERIFY turned off the check of Vault's certificate")
+	}
+	if _, err := vaultClientConfig("http://vault.example.com:8200", &vault.TLSConfig{}); err == nil {
+		t.Error("plain http to a remote Vault accepted")
 	}
 }
