@@ -195,6 +195,21 @@ func refusal(cert *x509.Certificate, err error) refusedCert {
 	return rc
 }
 
+// maxPending bounds the members let in before their certificate is
+// known: far above the gateways of a mesh joining at once.
+const maxPending = 4096
+
+// pendingLocked counts the members waiting for their certificate.
+func (ms *membership) pendingLocked() int {
+	n := 0
+	for _, m := range ms.members {
+		if m.state == StatePending {
+			n++
+		}
+	}
+	return n
+}
+
 // maxStrangers bounds the refused members that never got into memberlist,
 // so that one holding the gossip key cannot fill a gateway's memory by
 // trying names; past it, refusals are still counted and logged.
@@ -228,7 +243,14 @@ func (ms *membership) admitLocked(name string, meta []byte) (*certs.SignedAdvert
 	}
 	cert := ms.certs[sa.CertHash]
 	if cert == nil {
-		return sa, nil // pending
+		// Pending: nothing of it is verified yet, so there is a bound
+		// on how many are let in (each is spread to every gateway, kept
+		// and asked for its certificate): one holding the gossip key
+		// could otherwise make up names without end.
+		if ms.members[name] == nil && len(ms.members) >= maxPending && ms.pendingLocked() >= maxPending {
+			return sa, fmt.Errorf("%d gateways already wait for their certificate: no more are let in until some are verified or gone", maxPending)
+		}
+		return sa, nil
 	}
 	var last *certs.Seen
 	if m := ms.members[name]; m != nil {

@@ -750,3 +750,26 @@ func TestMembershipRefusesHugeCertificates(t *testing.T) {
 		}
 	}
 }
+
+// TestMembershipBoundsPending: members whose certificate is not known yet
+// are let in up to maxPending; past that a new one is refused (one
+// holding the gossip key could otherwise make up names without end, each
+// spread to every gateway, kept and asked for its certificate). One
+// already listed is still admitted.
+func TestMembershipBoundsPending(t *testing.T) {
+	f := newFixture(t)
+	ms := newMembership("self", f.trust(), func() time.Time { return f.now }, func() {})
+	for i := range maxPending {
+		name := fmt.Sprintf("made-up-%d", i)
+		ms.members[name] = &member{name: name, state: StatePending}
+	}
+	id := f.identity("gw-new", "site-a", 7, f.now.Add(-time.Hour))
+	meta := f.advert(id, 1) // its certificate never sent: pending
+	if err := ms.admit("gw-new", gossipAddr, meta); err == nil || !strings.Contains(err.Error(), "wait for their certificate") {
+		t.Fatalf("a new member past %d pending: %v; want it refused", maxPending, err)
+	}
+	delete(ms.members, "made-up-0")
+	if err := ms.admit("gw-new", gossipAddr, meta); err != nil {
+		t.Fatalf("below the bound: %v", err)
+	}
+}
