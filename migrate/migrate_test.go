@@ -1155,7 +1155,7 @@ func TestReceiverRefusesBadFrames(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		c := tls.Client(raw, clientTLS(p.from, p.tb, "gw-dst", time.Now))
+		c := tls.Client(raw, clientTLS(p.from, p.tb, p.to.Attributes(), time.Now))
 		t.Cleanup(func() { c.Close() })
 		c.SetDeadline(time.Now().Add(20 * time.Second))
 		return newFrameWriter(c), newFrameReader(c)
@@ -1269,7 +1269,7 @@ func TestReceiverEndsSilentSession(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	c := tls.Client(raw, clientTLS(p.from, p.tb, "gw-dst", time.Now))
+	c := tls.Client(raw, clientTLS(p.from, p.tb, p.to.Attributes(), time.Now))
 	defer c.Close()
 	c.SetDeadline(time.Now().Add(20 * time.Second))
 	fw, fr := newFrameWriter(c), newFrameReader(c)
@@ -1437,7 +1437,7 @@ func TestReceiverOneMigrationPerName(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		c := tls.Client(raw, clientTLS(from, p.tb, "gw-dst", time.Now))
+		c := tls.Client(raw, clientTLS(from, p.tb, p.to.Attributes(), time.Now))
 		t.Cleanup(func() { c.Close() })
 		c.SetDeadline(time.Now().Add(20 * time.Second))
 		o := Offer{ID: id, Name: "vm", Class: "pii-eu", Format: FormatRaw, Size: mib, ChunkSize: mib, Streams: 1}
@@ -1603,7 +1603,7 @@ func TestReceiverBoundsTheFirstFrame(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		c := tls.Client(raw, clientTLS(p.from, p.tb, "gw-dst", time.Now))
+		c := tls.Client(raw, clientTLS(p.from, p.tb, p.to.Attributes(), time.Now))
 		t.Cleanup(func() { c.Close() })
 		c.SetDeadline(time.Now().Add(20 * time.Second))
 		if err := c.Handshake(); err != nil {
@@ -1636,7 +1636,7 @@ func TestReceiverEndsStreamsWithTheSession(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		c := tls.Client(raw, clientTLS(p.from, p.tb, "gw-dst", time.Now))
+		c := tls.Client(raw, clientTLS(p.from, p.tb, p.to.Attributes(), time.Now))
 		t.Cleanup(func() { c.Close() })
 		c.SetDeadline(time.Now().Add(20 * time.Second))
 		return c, newFrameWriter(c), newFrameReader(c)
@@ -1699,6 +1699,27 @@ func TestStoredImageKeepsItsClass(t *testing.T) {
 	}
 }
 
+// TestSenderChecksThePlaceItReaches: the policy decides on the
+// destination's attributes as gossip certified them; the gateway reached
+// must hold a certificate for that same place, not merely that name (one
+// from before the gateway moved, never revoked, would do otherwise).
+func TestSenderChecksThePlaceItReaches(t *testing.T) {
+	p := newPair(t, "DE")
+	raw := filepath.Join(p.dir, "vm.raw")
+	makeRaw(t, raw, mib, map[int64]int{0: 4096})
+	cfg := p.config(raw, "pii-eu")
+	judged := *cfg.To.Attributes
+	judged.Region = "elsewhere" // the place the policy judged; the receiver's certificate says r
+	cfg.To.Attributes = &judged
+	_, err := Send(context.Background(), cfg)
+	if err == nil || !strings.Contains(err.Error(), "another place than the one the policy judged") {
+		t.Fatalf("a receiver certified for another place: %v; want it refused", err)
+	}
+	if _, err := p.recvJ.Image("vm"); err == nil {
+		t.Error("the image was stored")
+	}
+}
+
 // TestReceiverRefusesBadOffers: an offer's ID names the receiver's
 // temporary files, so one that could be a path is refused before anything
 // is opened, as are sizes and stream counts out of bounds.
@@ -1732,7 +1753,7 @@ func TestReceiverRefusesBadOffers(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		c := tls.Client(raw, clientTLS(p.from, p.tb, "gw-dst", time.Now))
+		c := tls.Client(raw, clientTLS(p.from, p.tb, p.to.Attributes(), time.Now))
 		c.SetDeadline(time.Now().Add(20 * time.Second))
 		fw, fr := newFrameWriter(c), newFrameReader(c)
 		if err := fw.json(frameOffer, o); err != nil {

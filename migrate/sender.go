@@ -412,7 +412,7 @@ func (s *sender) dial(ctx context.Context) (*tls.Conn, error) {
 	if err != nil {
 		return nil, fmt.Errorf("reach %s at %s: %w", s.cfg.To.Attributes.Node, s.cfg.To.Addr, err)
 	}
-	c := tls.Client(raw, clientTLS(s.cfg.Identity, s.cfg.Trust, s.cfg.To.Attributes.Node, s.cfg.Now))
+	c := tls.Client(raw, clientTLS(s.cfg.Identity, s.cfg.Trust, s.cfg.To.Attributes, s.cfg.Now))
 	if err := c.HandshakeContext(dctx); err != nil {
 		raw.Close()
 		if ctx.Err() == nil && dctx.Err() != nil {

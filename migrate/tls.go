@@ -5,6 +5,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/skybridge-mesh/skybridge/certs"
@@ -16,7 +17,7 @@ import (
 // receiver learns the sending site from the certificate, never from
 // anything the sender claims.
 
-func verifyPeer(tb func() *certs.TrustBundle, now func() time.Time, want string, got **certs.Attributes) func([][]byte, [][]*x509.Certificate) error {
+func verifyPeer(tb func() *certs.TrustBundle, now func() time.Time, want *certs.Attributes, got **certs.Attributes) func([][]byte, [][]*x509.Certificate) error {
 	return func(raw [][]byte, _ [][]*x509.Certificate) error {
 		if len(raw) == 0 {
 			return errors.New("peer presented no certificate")
@@ -29,8 +30,15 @@ func verifyPeer(tb func() *certs.TrustBundle, now func() time.Time, want string,
 		if err != nil {
 			return err
 		}
-		if want != "" && attrs.Node != want {
-			return fmt.Errorf("reached %s, expected %s", attrs.Node, want)
+		if want != nil && attrs.Node != want.Node {
+			return fmt.Errorf("reached %s, expected %s", attrs.Node, want.Node)
+		}
+		// The policy decided on the destination's certified attributes as
+		// gossip had them: another certificate with the node's name (one
+		// from before the gateway moved, never revoked) must not receive
+		// the image somewhere the policy did not judge.
+		if want != nil && !attrs.Equal(want) {
+			return fmt.Errorf("%s presented a certificate for another place than the one the policy judged (%s); resume to decide again", attrs.Node, strings.Join(want.Differences(attrs), ", "))
 		}
 		if got != nil {
 			*got = attrs
@@ -49,12 +57,13 @@ func serverTLS(id func() *certs.NodeIdentity, tb func() *certs.TrustBundle, now 
 			return &c, nil
 		},
 		ClientAuth:            tls.RequireAnyClientCert,
-		VerifyPeerCertificate: verifyPeer(tb, now, "", nil),
+		VerifyPeerCertificate: verifyPeer(tb, now, nil, nil),
 	}
 }
 
-// clientTLS is the sender's TLS configuration for reaching node.
-func clientTLS(id *certs.NodeIdentity, tb *certs.TrustBundle, node string, now func() time.Time) *tls.Config {
+// clientTLS is the sender's TLS configuration for reaching the gateway
+// whose certified attributes are want.
+func clientTLS(id *certs.NodeIdentity, tb *certs.TrustBundle, want *certs.Attributes, now func() time.Time) *tls.Config {
 	c := id.TLSCertificate()
 	return &tls.Config{
 		MinVersion:   tls.VersionTLS13,
@@ -63,7 +72,7 @@ func clientTLS(id *certs.NodeIdentity, tb *certs.TrustBundle, node string, now f
 		// VerifyPeerCertificate against the mesh CA (gateway certificates
 		// have no DNS names for the standard hostname check).
 		InsecureSkipVerify:    true,
-		VerifyPeerCertificate: verifyPeer(func() *certs.TrustBundle { return tb }, now, node, nil),
+		VerifyPeerCertificate: verifyPeer(func() *certs.TrustBundle { return tb }, now, want, nil),
 	}
 }
 
