@@ -546,6 +546,34 @@ func (s *sender) run(ctx context.Context) error {
 	return nil
 }
 
+// receiverError is what the receiver said when it ended a transfer.
+type receiverError string
+
+func (e receiverError) Error() string { return "receiver: " + string(e) }
+
+// preferReceiver returns the receiver's reason for ending a transfer when
+// one follows err shortly. A receiver says why, then hangs up: a write
+// can fail on the closed connection before another stream has read the
+// reason, and "broken pipe" would be reported instead of it.
+func preferReceiver(err error, errc <-chan error) error {
+	var re receiverError
+	if errors.As(err, &re) {
+		return err
+	}
+	t := time.NewTimer(time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case e := <-errc:
+			if errors.As(e, &re) {
+				return e
+			}
+		case <-t.C:
+			return err
+		}
+	}
+}
+
 // errorText is the text of an Error frame: the receiver sends some as a
 // JSON string, some as they are.
 func errorText(p []byte) string {
@@ -813,7 +841,7 @@ func (s *sender) transfer(ctx context.Context, cands []int64, acked, zeros map[i
 						}
 					}()
 				case frameError:
-					fail(fmt.Errorf("receiver: %s", errorText(p)))
+					fail(receiverError(errorText(p)))
 					return
 				}
 			}
@@ -904,7 +932,7 @@ func (s *sender) transfer(ctx context.Context, cands []int64, acked, zeros map[i
 	for {
 		select {
 		case err := <-errc:
-			return err
+			return preferReceiver(err, errc)
 		case <-ctx.Done():
 			return ctx.Err()
 		case <-ticker.C:
