@@ -151,6 +151,23 @@ func (p *pair) config(image, class string) SendConfig {
 	}
 }
 
+// dial connects to the receiver as from (the pair's sender if nil), with
+// 20 s for what the test does there; the connection closes with the test.
+func (p *pair) dial(t *testing.T, from *certs.NodeIdentity) *tls.Conn {
+	t.Helper()
+	if from == nil {
+		from = p.from
+	}
+	raw, err := net.Dial("tcp", p.addr.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := tls.Client(raw, clientTLS(from, p.tb, p.to.Attributes(), time.Now))
+	t.Cleanup(func() { c.Close() })
+	c.SetDeadline(time.Now().Add(20 * time.Second))
+	return c
+}
+
 // makeRaw writes a sparse raw image: size bytes with data blocks at the
 // given offsets (alternating random and compressible), holes elsewhere.
 func makeRaw(t *testing.T, path string, size int64, blocks map[int64]int) {
@@ -1151,13 +1168,7 @@ func TestReceiverRefusesBadFrames(t *testing.T) {
 		t.Fatal(err)
 	}
 	dial := func() (*frameWriter, *frameReader) {
-		raw, err := net.Dial("tcp", p.addr.String())
-		if err != nil {
-			t.Fatal(err)
-		}
-		c := tls.Client(raw, clientTLS(p.from, p.tb, p.to.Attributes(), time.Now))
-		t.Cleanup(func() { c.Close() })
-		c.SetDeadline(time.Now().Add(20 * time.Second))
+		c := p.dial(t, nil)
 		return newFrameWriter(c), newFrameReader(c)
 	}
 	cw, cr := dial()
@@ -1265,13 +1276,7 @@ func TestReceiverRefusesBadFrames(t *testing.T) {
 // the receiver's IdleTimeout; its durable chunks stay for a resume.
 func TestReceiverEndsSilentSession(t *testing.T) {
 	p := newPairWith(t, "DE", func(c *ReceiverConfig) { c.IdleTimeout = 300 * time.Millisecond })
-	raw, err := net.Dial("tcp", p.addr.String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	c := tls.Client(raw, clientTLS(p.from, p.tb, p.to.Attributes(), time.Now))
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(20 * time.Second))
+	c := p.dial(t, nil)
 	fw, fr := newFrameWriter(c), newFrameReader(c)
 	offer := Offer{ID: "0123456789abcdef", Name: "vm", Class: "pii-eu", Format: FormatRaw, Size: mib, ChunkSize: mib, Streams: 1}
 	if err := fw.json(frameOffer, offer); err != nil {
@@ -1433,13 +1438,7 @@ func TestReceiverOneMigrationPerName(t *testing.T) {
 	}
 	offer := func(from *certs.NodeIdentity, id string) (*tls.Conn, byte, []byte) {
 		t.Helper()
-		raw, err := net.Dial("tcp", p.addr.String())
-		if err != nil {
-			t.Fatal(err)
-		}
-		c := tls.Client(raw, clientTLS(from, p.tb, p.to.Attributes(), time.Now))
-		t.Cleanup(func() { c.Close() })
-		c.SetDeadline(time.Now().Add(20 * time.Second))
+		c := p.dial(t, from)
 		o := Offer{ID: id, Name: "vm", Class: "pii-eu", Format: FormatRaw, Size: mib, ChunkSize: mib, Streams: 1}
 		if err := newFrameWriter(c).json(frameOffer, o); err != nil {
 			t.Fatal(err)
@@ -1599,13 +1598,7 @@ func TestReceiverBoundsTheFirstFrame(t *testing.T) {
 	t.Cleanup(func() { firstFrameTimeout = was })
 	p := newPair(t, "DE")
 	dial := func() (*tls.Conn, *frameWriter, *frameReader) {
-		raw, err := net.Dial("tcp", p.addr.String())
-		if err != nil {
-			t.Fatal(err)
-		}
-		c := tls.Client(raw, clientTLS(p.from, p.tb, p.to.Attributes(), time.Now))
-		t.Cleanup(func() { c.Close() })
-		c.SetDeadline(time.Now().Add(20 * time.Second))
+		c := p.dial(t, nil)
 		if err := c.Handshake(); err != nil {
 			t.Fatal(err)
 		}
@@ -1632,13 +1625,7 @@ func TestReceiverBoundsTheFirstFrame(t *testing.T) {
 func TestReceiverEndsStreamsWithTheSession(t *testing.T) {
 	p := newPair(t, "DE")
 	dial := func() (*tls.Conn, *frameWriter, *frameReader) {
-		raw, err := net.Dial("tcp", p.addr.String())
-		if err != nil {
-			t.Fatal(err)
-		}
-		c := tls.Client(raw, clientTLS(p.from, p.tb, p.to.Attributes(), time.Now))
-		t.Cleanup(func() { c.Close() })
-		c.SetDeadline(time.Now().Add(20 * time.Second))
+		c := p.dial(t, nil)
 		return c, newFrameWriter(c), newFrameReader(c)
 	}
 	ctrl, cw, cr := dial()
@@ -1749,12 +1736,7 @@ func TestReceiverRefusesBadOffers(t *testing.T) {
 	} {
 		o := good
 		tc.change(&o)
-		raw, err := net.Dial("tcp", p.addr.String())
-		if err != nil {
-			t.Fatal(err)
-		}
-		c := tls.Client(raw, clientTLS(p.from, p.tb, p.to.Attributes(), time.Now))
-		c.SetDeadline(time.Now().Add(20 * time.Second))
+		c := p.dial(t, nil)
 		fw, fr := newFrameWriter(c), newFrameReader(c)
 		if err := fw.json(frameOffer, o); err != nil {
 			t.Fatal(err)
