@@ -1649,8 +1649,21 @@ func TestReceiverEndsStreamsWithTheSession(t *testing.T) {
 	data.Write(binary.AppendUvarint([]byte{frameChunk}, uint64(len(hdr)+mib)))
 	data.Write(hdr)
 	data.Write(chunk[:mib/2])
-	if a := p.recv.Active(); len(a) != 1 {
-		t.Fatalf("receiving %+v", a)
+	// The stream joined (its join is handled on a goroutine of its own):
+	// closed before, the session would end first and the join be refused.
+	deadline := time.Now().Add(10 * time.Second)
+	for joined := 0; joined == 0; {
+		if time.Now().After(deadline) {
+			t.Fatal("the data stream never joined its session")
+		}
+		time.Sleep(5 * time.Millisecond)
+		p.recv.mu.Lock()
+		if s := p.recv.sessions[offer.ID]; s != nil {
+			s.mu.Lock()
+			joined = s.streams
+			s.mu.Unlock()
+		}
+		p.recv.mu.Unlock()
 	}
 	ctrl.Close() // the sender goes; the session ends
 	waitIdle(t, p.recv, offer.ID)
