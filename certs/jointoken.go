@@ -39,6 +39,10 @@ type JoinToken struct {
 	// to Vault with the AppRole it names instead of asking a gateway, and
 	// Secret, CAPin and Endpoints are unused.
 	Vault *VaultJoin
+	// Enroller is the node name of the gateway that enrols: any gateway
+	// of the mesh has a certificate of the pinned CA, and only this one
+	// may answer (tokens of releases before it name none).
+	Enroller string
 }
 
 type joinTokenJSON struct {
@@ -49,6 +53,7 @@ type joinTokenJSON struct {
 	Site      string     `json:"site"`
 	Expires   int64      `json:"exp"`
 	Vault     *VaultJoin `json:"vault,omitempty"`
+	Enroller  string     `json:"enroller,omitempty"`
 }
 
 // NewJoinToken makes a token for site, pinned to ca, valid until expires.
@@ -81,7 +86,7 @@ func NewVaultJoinToken(site string, vj *VaultJoin, expires time.Time) (*JoinToke
 
 // Encode returns the token as one line of text. It is a secret.
 func (t *JoinToken) Encode() string {
-	j := joinTokenJSON{ID: t.ID, Site: t.Site, Expires: t.Expires.Unix(), Vault: t.Vault}
+	j := joinTokenJSON{ID: t.ID, Site: t.Site, Expires: t.Expires.Unix(), Vault: t.Vault, Enroller: t.Enroller}
 	if t.Vault == nil {
 		j.Secret, j.CAPin = base64.RawURLEncoding.EncodeToString(t.Secret), hex.EncodeToString(t.CAPin[:])
 	}
@@ -108,7 +113,7 @@ func ParseJoinToken(s string) (*JoinToken, error) {
 	if err := json.Unmarshal(raw, &j); err != nil {
 		return nil, errors.New("join token is damaged: copy the whole line `skybridge burst up` printed")
 	}
-	t := &JoinToken{ID: j.ID, Site: j.Site, Expires: time.Unix(j.Expires, 0), Vault: j.Vault}
+	t := &JoinToken{ID: j.ID, Site: j.Site, Expires: time.Unix(j.Expires, 0), Vault: j.Vault, Enroller: j.Enroller}
 	var errs []error
 	if len(j.ID) != 16 {
 		errs = append(errs, errors.New("its id is malformed"))
@@ -173,7 +178,8 @@ var ErrEnrollerNotTrusted = errors.New("enrolling gateway not trusted")
 
 // VerifyEnroller checks the certificate chain an enrolling gateway
 // presented (leaf first, then its CA): the CA must be the one the token
-// pins, the leaf a gateway certificate it signed, valid at now.
+// pins, the leaf a gateway certificate it signed, valid at now, of the
+// gateway the token names.
 func (t *JoinToken) VerifyEnroller(chain [][]byte, now time.Time) error {
 	if len(chain) < 2 {
 		return fmt.Errorf("%w: it presented no CA certificate", ErrEnrollerNotTrusted)
@@ -199,6 +205,15 @@ func (t *JoinToken) VerifyEnroller(chain [][]byte, now time.Time) error {
 	}
 	if _, err := leaf.Verify(x509.VerifyOptions{Roots: roots, CurrentTime: now, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}}); err != nil {
 		return fmt.Errorf("%w: its certificate does not chain to the pinned CA: %v", ErrEnrollerNotTrusted, err)
+	}
+	if t.Enroller != "" {
+		attrs, err := AttributesOf(leaf)
+		if err != nil {
+			return fmt.Errorf("%w: its certificate: %v", ErrEnrollerNotTrusted, err)
+		}
+		if attrs.Node != t.Enroller {
+			return fmt.Errorf("%w: it is %s, and the join token names %s (someone in between, holding another gateway's key?)", ErrEnrollerNotTrusted, attrs.Node, t.Enroller)
+		}
 	}
 	return nil
 }

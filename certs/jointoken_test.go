@@ -24,13 +24,14 @@ func TestJoinTokenRoundTrip(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	tok.Enroller = "gw-zrh"
 	text := tok.Encode()
 	got, err := ParseJoinToken("  " + text + "\n")
 	if err != nil {
 		t.Fatal(err)
 	}
 	if got.ID != tok.ID || !bytes.Equal(got.Secret, tok.Secret) || got.CAPin != tok.CAPin || got.Site != "burst-ams" ||
-		!got.Expires.Equal(exp) || len(got.Endpoints) != 2 || got.Endpoints[1] != eps[1] {
+		!got.Expires.Equal(exp) || len(got.Endpoints) != 2 || got.Endpoints[1] != eps[1] || got.Enroller != "gw-zrh" {
 		t.Fatalf("round trip: %+v", got)
 	}
 	if got.CAPin != CAPin(ca.Certificate()) {
@@ -117,10 +118,15 @@ func TestVerifyEnroller(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	other, err := ca.IssueIdentity(Attributes{Node: "gw2", Site: "zrh", Region: "zrh-dc1", Provider: "onprem", Jurisdiction: "CH", OverlayIP: netip.MustParseAddr("100.96.0.2")}, time.Hour, now)
+	if err != nil {
+		t.Fatal(err)
+	}
 	tok, err := NewJoinToken("burst", ca.Certificate(), []netip.AddrPort{netip.MustParseAddrPort("192.0.2.1:7947")}, now.Add(time.Hour))
 	if err != nil {
 		t.Fatal(err)
 	}
+	tok.Enroller = "gw1"
 	for _, tc := range []struct {
 		name  string
 		chain [][]byte
@@ -132,6 +138,7 @@ func TestVerifyEnroller(t *testing.T) {
 		{"another CA", [][]byte{fake.Certificate().Raw, rogue.Certificate().Raw}, now, "not the one the join token pins"},
 		{"another CA's gateway with the pinned CA", [][]byte{fake.Certificate().Raw, ca.Certificate().Raw}, now, "does not chain"},
 		{"expired certificate", [][]byte{id.Certificate().Raw, ca.Certificate().Raw}, now.Add(2 * time.Hour), "does not chain"},
+		{"another gateway of the mesh", [][]byte{other.Certificate().Raw, ca.Certificate().Raw}, now, "the join token names gw1"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			err := tok.VerifyEnroller(tc.chain, tc.at)

@@ -367,6 +367,7 @@ func (g *Gateway) BurstUp(ctx context.Context, req BurstRequest) (_ *BurstGrant,
 			if err != nil {
 				return nil, err
 			}
+			t.Enroller = g.id.Load().Attributes().Node
 			toks = append(toks, t)
 		}
 	}
