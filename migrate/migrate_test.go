@@ -10,6 +10,7 @@ import (
 	"io/fs"
 	"log/slog"
 	"maps"
+	"math/big"
 	"net"
 	"net/netip"
 	"os"
@@ -1717,6 +1718,51 @@ func TestSenderChecksThePlaceItReaches(t *testing.T) {
 	}
 	if _, err := p.recvJ.Image("vm"); err == nil {
 		t.Error("the image was stored")
+	}
+}
+
+// TestSenderRevokedMeanwhile: a sender whose certificate is revoked while
+// its image comes (a gateway decommissioned, a key compromised) does not
+// get it stored: the receiver judges it again at the commit.
+func TestSenderRevokedMeanwhile(t *testing.T) {
+	var trust atomic.Pointer[certs.TrustBundle]
+	p := newPairWith(t, "DE", func(c *ReceiverConfig) { c.Trust = trust.Load })
+	trust.Store(p.tb)
+	raw := filepath.Join(p.dir, "vm.raw")
+	const chunk, n = 64 << 10, 60
+	blocks := map[int64]int{}
+	for i := range int64(n) {
+		blocks[i*chunk] = chunk
+	}
+	makeRaw(t, raw, n*chunk, blocks)
+	cfg := p.config(raw, "pii-eu")
+	cfg.ChunkSize = chunk
+	spyOn(&cfg, 50*time.Millisecond) // a transfer of a second and a half
+	res := make(chan error, 1)
+	go func() {
+		_, err := Send(context.Background(), cfg)
+		res <- err
+	}()
+	deadline := time.Now().Add(20 * time.Second)
+	for a := p.recv.Active(); len(a) != 1 || a[0].Durable == 0; a = p.recv.Active() {
+		if time.Now().After(deadline) {
+			t.Fatal("no chunk became durable at the receiver")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	if _, err := p.ca.RevokeSerials([]*big.Int{p.from.Certificate().SerialNumber}, "keyCompromise", time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	tb, err := p.ca.TrustBundle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	trust.Store(tb) // the receiver's gateway adopts the new list
+	if err := <-res; err == nil || !strings.Contains(err.Error(), "was revoked while the image came") {
+		t.Fatalf("send by a sender revoked meanwhile: %v; want it refused at the commit", err)
+	}
+	if _, err := p.recvJ.Image("vm"); err == nil {
+		t.Error("its image was stored")
 	}
 }
 

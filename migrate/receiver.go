@@ -457,6 +457,22 @@ func (r *Receiver) control(ctx context.Context, c *tls.Conn, fr *frameReader, fw
 		}
 		return
 	}
+	// The sender is judged again too: revoked while the image came (a
+	// gateway decommissioned, a key compromised), what it sent is not
+	// stored. (Expiry is not judged again: a long migration outlives the
+	// certificate its connection began with, renewed meanwhile.)
+	if peer := c.ConnectionState().PeerCertificates; len(peer) > 0 && r.cfg.Trust().IsRevoked(peer[0].SerialNumber) {
+		why := fmt.Sprintf("the sending gateway's certificate %s was revoked while the image came", certs.FormatSerial(peer[0].SerialNumber))
+		log.Warn("migration refused at commit: " + why + "; the received data is removed")
+		closeSession()
+		if _, err := r.forget(o.ID, s.record.Temp); err != nil {
+			log.Error("remove the data of a migration from a revoked sender", "file", s.record.Temp, "err", err)
+		}
+		r.audit(o, from, d, "denied", cm.Root, s.received, s.start, r.cfg.Now(), why)
+		r.cfg.Observer.Ended(RoleReceive, StateDenied, r.cfg.Now().Sub(s.start))
+		fw.json(frameError, why)
+		return
+	}
 	// Decided again with the policy and time of now: a newer policy, or
 	// an exception that ran out, while the image came may forbid storing
 	// it here. Then what came is removed rather than stored.
