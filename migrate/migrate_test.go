@@ -169,6 +169,36 @@ func (p *pair) dial(t *testing.T, from *certs.NodeIdentity) *tls.Conn {
 	return c
 }
 
+// slowSend sends image "vm" of 60 chunks of data, each read taking delay,
+// and returns once the receiver holds one durable: the transfer is then
+// under way for a second or more. Send's error comes on the channel.
+func (p *pair) slowSend(t *testing.T, delay time.Duration) <-chan error {
+	t.Helper()
+	raw := filepath.Join(p.dir, "vm.raw")
+	const chunk, n = 64 << 10, 60
+	blocks := map[int64]int{}
+	for i := range int64(n) {
+		blocks[i*chunk] = chunk
+	}
+	makeRaw(t, raw, n*chunk, blocks)
+	cfg := p.config(raw, "pii-eu")
+	cfg.ChunkSize = chunk
+	spyOn(&cfg, delay)
+	res := make(chan error, 1)
+	go func() {
+		_, err := Send(context.Background(), cfg)
+		res <- err
+	}()
+	deadline := time.Now().Add(20 * time.Second)
+	for a := p.recv.Active(); len(a) != 1 || a[0].Durable == 0; a = p.recv.Active() {
+		if time.Now().After(deadline) {
+			t.Fatal("no chunk became durable at the receiver")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	return res
+}
+
 // makeRaw writes a sparse raw image: size bytes with data blocks at the
 // given offsets (alternating random and compressible), holes elsewhere.
 func makeRaw(t *testing.T, path string, size int64, blocks map[int64]int) {
@@ -1310,40 +1340,11 @@ func TestReceiverEndsSilentSession(t *testing.T) {
 // acknowledgements that will not come and blaming a vanished receiver.
 func TestReceiverSaysWhenItCannotSync(t *testing.T) {
 	p := newPair(t, "DE")
-	raw := filepath.Join(p.dir, "vm.raw")
-	const chunk, n = 64 << 10, 60
-	blocks := map[int64]int{}
-	for i := range int64(n) {
-		blocks[i*chunk] = chunk
-	}
-	makeRaw(t, raw, n*chunk, blocks)
-	cfg := p.config(raw, "pii-eu")
-	cfg.ChunkSize = chunk
-	spyOn(&cfg, 20*time.Millisecond) // a transfer of a second or two
-	type result struct {
-		rec *SendRecord
-		err error
-	}
-	res := make(chan result, 1)
 	start := time.Now()
-	go func() {
-		rec, err := Send(context.Background(), cfg)
-		res <- result{rec, err}
-	}()
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		if a := p.recv.Active(); len(a) == 1 && a[0].Durable > 0 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("no chunk became durable at the receiver")
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	res := p.slowSend(t, 20*time.Millisecond)
 	p.recvJ.Close() // every later batch fails to be recorded
-	r := <-res
-	if r.err == nil || !strings.Contains(r.err.Error(), "could not make chunks durable") {
-		t.Fatalf("send to a receiver that cannot record chunks: %v; want the receiver's reason", r.err)
+	if err := <-res; err == nil || !strings.Contains(err.Error(), "could not make chunks durable") {
+		t.Fatalf("send to a receiver that cannot record chunks: %v; want the receiver's reason", err)
 	}
 	if took := time.Since(start); took >= stallTimeout {
 		t.Errorf("the sender learnt of it after %s, as late as its stall timeout", took.Round(time.Millisecond))
@@ -1728,28 +1729,7 @@ func TestSenderRevokedMeanwhile(t *testing.T) {
 	var trust atomic.Pointer[certs.TrustBundle]
 	p := newPairWith(t, "DE", func(c *ReceiverConfig) { c.Trust = trust.Load })
 	trust.Store(p.tb)
-	raw := filepath.Join(p.dir, "vm.raw")
-	const chunk, n = 64 << 10, 60
-	blocks := map[int64]int{}
-	for i := range int64(n) {
-		blocks[i*chunk] = chunk
-	}
-	makeRaw(t, raw, n*chunk, blocks)
-	cfg := p.config(raw, "pii-eu")
-	cfg.ChunkSize = chunk
-	spyOn(&cfg, 50*time.Millisecond) // a transfer of a second and a half
-	res := make(chan error, 1)
-	go func() {
-		_, err := Send(context.Background(), cfg)
-		res <- err
-	}()
-	deadline := time.Now().Add(20 * time.Second)
-	for a := p.recv.Active(); len(a) != 1 || a[0].Durable == 0; a = p.recv.Active() {
-		if time.Now().After(deadline) {
-			t.Fatal("no chunk became durable at the receiver")
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	res := p.slowSend(t, 50*time.Millisecond)
 	if _, err := p.ca.RevokeSerials([]*big.Int{p.from.Certificate().SerialNumber}, "keyCompromise", time.Now()); err != nil {
 		t.Fatal(err)
 	}
