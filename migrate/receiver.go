@@ -544,8 +544,16 @@ func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision, log
 	// the policy lets store some class here could otherwise overwrite
 	// another class's image, or (given its chunk hashes for the re-sync)
 	// copy its data into an image recorded under its own, laxer class.
-	if img, err := r.cfg.Journal.Image(o.Name); err == nil && img.Class != o.Class {
-		return nil, nil, fmt.Errorf("image %q is stored here as class %q: a migration of class %q may not replace it; send it under another name", o.Name, img.Class, o.Class)
+	// (Read once: the record holds every chunk's hash, megabytes for a
+	// large image; it is the re-sync's base below.)
+	stored, err := r.cfg.Journal.Image(o.Name)
+	if errors.Is(err, ErrNotFound) {
+		stored = nil
+	} else if err != nil {
+		return nil, nil, fmt.Errorf("the stored image %q: %w", o.Name, err)
+	}
+	if stored != nil && stored.Class != o.Class {
+		return nil, nil, fmt.Errorf("image %q is stored here as class %q: a migration of class %q may not replace it; send it under another name", o.Name, stored.Class, o.Class)
 	}
 	r.mu.Lock()
 	old := r.sessions[o.ID]
@@ -647,7 +655,7 @@ func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision, log
 	s := &session{r: r, log: log, offer: *o, from: from, temp: f, at: rec.DataAt, record: &rec, start: r.cfg.Now(), policy: d,
 		durable: durable, pending: map[int64]pendingChunk{}, kick: make(chan struct{}, 1), stop: make(chan struct{}), synced: make(chan struct{}), closed: make(chan struct{})}
 	acc := &Accept{Have: durable, IdleMS: r.cfg.IdleTimeout.Milliseconds()}
-	if img, err := j.Image(o.Name); err == nil && img.Manifest.ChunkSize == o.ChunkSize {
+	if img := stored; img != nil && img.Manifest.ChunkSize == o.ChunkSize {
 		if base, err := OpenSource(img.Path); err == nil {
 			chunks := img.Manifest.Chunks
 			if have := base.Size(); have < img.Manifest.Size {
