@@ -323,18 +323,10 @@ func (s *sender) audit(denied *DeniedError) {
 	if s.cfg.Audit == nil {
 		return
 	}
-	to := s.cfg.To.Attributes
-	f := map[string]any{
-		"migration_id": s.rec.ID, "role": "sender", "image": s.rec.Image, "name": s.rec.Name, "class": s.rec.Class,
-		"source_node": s.cfg.From.Node, "source_site": s.cfg.From.Site, "source_jurisdiction": s.cfg.From.Jurisdiction,
-		"destination_node": to.Node, "destination_site": to.Site, "destination_jurisdiction": to.Jurisdiction,
-		"policy": s.decision.Policy.RevisionString(), "rule": s.decision.Rule.String(), "outcome": s.rec.State,
-		"root": s.rec.Root.String(), "bytes_sent": s.rec.Stats.BytesSent, "bytes_read": s.rec.Stats.BytesRead,
-		"start": s.rec.Started, "end": s.rec.Finished,
-	}
-	if s.rec.Error != "" {
-		f["error"] = s.rec.Error
-	}
+	f := sendAuditFields(s.rec, s.cfg.From)
+	to := s.cfg.To.Attributes // as judged now (the record's may be of an earlier attempt)
+	f["destination_node"], f["destination_site"], f["destination_jurisdiction"] = to.Node, to.Site, to.Jurisdiction
+	f["policy"], f["rule"] = s.decision.Policy.RevisionString(), s.decision.Rule.String()
 	decisionFields(f, &s.decision)
 	if denied != nil {
 		f["rule"], f["reasons"], f["denied_by"] = denied.Rule, denied.Reasons, denied.By
@@ -353,15 +345,24 @@ func (s *sender) audit(denied *DeniedError) {
 // and what its journal holds. Who decided what is in the records of the
 // attempt's receiver, and of the resume.
 func AuditInterrupted(log *audit.Log, id *certs.NodeIdentity, r *SendRecord, now time.Time) error {
-	from := id.Attributes()
+	_, err := log.Append(id, "migration", sendAuditFields(r, id.Attributes()), now)
+	return err
+}
+
+// sendAuditFields are the fields of a sender's audit record that its
+// journal record and its own identity give.
+func sendAuditFields(r *SendRecord, from *certs.Attributes) map[string]any {
 	f := map[string]any{
 		"migration_id": r.ID, "role": "sender", "image": r.Image, "name": r.Name, "class": r.Class,
 		"source_node": from.Node, "source_site": from.Site, "source_jurisdiction": from.Jurisdiction,
-		"destination_node": r.To, "destination_site": r.ToSite, "outcome": r.State, "error": r.Error,
-		"bytes_sent": r.Stats.BytesSent, "start": r.Started, "end": r.Finished,
+		"destination_node": r.To, "destination_site": r.ToSite, "outcome": r.State,
+		"root": r.Root.String(), "bytes_sent": r.Stats.BytesSent, "bytes_read": r.Stats.BytesRead,
+		"start": r.Started, "end": r.Finished,
 	}
-	_, err := log.Append(id, "migration", f, now)
-	return err
+	if r.Error != "" {
+		f["error"] = r.Error
+	}
+	return f
 }
 
 // decisionFields adds to an audit record what the decision rested on
