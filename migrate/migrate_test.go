@@ -1772,6 +1772,8 @@ func TestReceiverRefusesBadOffers(t *testing.T) {
 		{func(o *Offer) { o.ChunkSize = maxFrame }, "chunk size"},
 		{func(o *Offer) { o.Format = "vmdk" }, "format"},
 		{func(o *Offer) { o.Name = "../vm" }, "image name"},
+		{func(o *Offer) { o.Chunks = new(int64(-1)) }, "chunks holding data"},
+		{func(o *Offer) { o.Chunks = new(int64(2)) }, "chunks holding data"},
 	} {
 		o := good
 		tc.change(&o)

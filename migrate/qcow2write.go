@@ -214,6 +214,18 @@ func qcowInPlaceLayout(size int64) qcowInPlace {
 // size bytes that it will store as qcow2.
 func qcowDataStart(size int64) int64 { return qcowInPlaceLayout(size).base }
 
+// qcowMetaBytes bounds what finishQcow2InPlace writes for an image of
+// size bytes whose data is in at most chunks chunks of chunkSize bytes:
+// the header, L1 and refcount tables whole, and the L2 tables and
+// refcount blocks those chunks (and the metadata) can reach.
+func qcowMetaBytes(size, chunks, chunkSize int64) int64 {
+	l := qcowInPlaceLayout(size)
+	reach := func(span int64) int64 { return chunkSize/span + 2 } // tables or blocks one chunk can fall in
+	tables := min(l.l1Size, chunks*reach(qcowL2Entries*qcowCluster))
+	blocks := min(l.rbN, 2+tables+chunks*reach(qcowRefPerBlock*qcowCluster))
+	return (1 + (l.l2 - l.l1) + l.rtN + tables + blocks) * qcowCluster
+}
+
 // finishQcow2InPlace writes the metadata of f, whose data (size bytes of
 // image) starts at base, so that f is a qcow2 image. Clusters that hold no
 // data in f (holes) are left unallocated.

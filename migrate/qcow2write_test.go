@@ -151,6 +151,10 @@ func TestQcow2InPlaceLargeSparse(t *testing.T) {
 	if used := st.Blocks * 512; used > 8*mib {
 		t.Errorf("the image occupies %d MiB on disk for 3 blocks of data", used/mib)
 	}
+	// What a receiver makes room for covers it: 3 chunks and their metadata.
+	if used, room := st.Blocks*512, 3*mib+qcowMetaBytes(size, 3, mib); used > room {
+		t.Errorf("the image occupies %d bytes on disk; a receiver makes room for %d", used, room)
+	}
 	if out, err := exec.Command(q, "check", img).CombinedOutput(); err != nil || !strings.Contains(string(out), "No errors were found") {
 		t.Fatalf("qemu-img check: %v\n%s", err, out)
 	}

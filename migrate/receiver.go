@@ -63,6 +63,8 @@ type Receiver struct {
 	// their record until their session is in sessions (or it failed):
 	// forgetAbandoned leaves them alone.
 	opening map[string]string // ID → image name
+	// held is each receive's share of the image store's free space.
+	held map[string]*reservation
 }
 
 // NewReceiver prepares a receiver; Serve accepts connections.
@@ -84,7 +86,7 @@ func NewReceiver(cfg ReceiverConfig) (*Receiver, error) {
 	if err != nil {
 		return nil, err
 	}
-	r := &Receiver{cfg: cfg, dec: dec, sessions: map[string]*session{}, opening: map[string]string{}}
+	r := &Receiver{cfg: cfg, dec: dec, sessions: map[string]*session{}, opening: map[string]string{}, held: map[string]*reservation{}}
 	if err := r.recoverStores(); err != nil {
 		return nil, fmt.Errorf("image store: %w", err)
 	}
@@ -287,8 +289,14 @@ type session struct {
 	record  *RecvRecord
 	start   time.Time
 	policy  policy.Decision
+	// hold is the session's share of the store's free space; allow is
+	// how many chunks it may write that it did not hold at its offer
+	// (the offer's Chunks), fresh those it has written.
+	hold  *reservation
+	allow int64
 
 	mu       sync.Mutex
+	fresh    map[int64]struct{}
 	durable  map[int64]Hash
 	pending  map[int64]pendingChunk
 	received int64
@@ -628,6 +636,30 @@ func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision, log
 			rec.DataAt = qcowDataStart(o.Size)
 		}
 	}
+	durable, err := j.chunks("recv", o.ID)
+	if err != nil {
+		return nil, nil, err
+	}
+	// Room for what may still come (what an earlier attempt left is on
+	// the disk already), before anything is written.
+	allow, need := chunkCount(o.Size, o.ChunkSize), int64(0)
+	if o.Chunks != nil {
+		allow = *o.Chunks
+		need = max(0, allow-int64(len(durable))) * o.ChunkSize
+		if o.Format == FormatQcow2 {
+			need += qcowMetaBytes(o.Size, allow, o.ChunkSize)
+		}
+	}
+	hold, err := r.reserve(o.ID, need)
+	if err != nil {
+		return nil, nil, err
+	}
+	opened := false
+	defer func() {
+		if !opened {
+			r.release(o.ID, hold)
+		}
+	}()
 	rec.Attempted = r.cfg.Now()
 	if err := j.put(bucketRecv, o.ID, &rec); err != nil {
 		return nil, nil, err
@@ -640,11 +672,6 @@ func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision, log
 		f.Close()
 		return nil, nil, fmt.Errorf("size the incoming image: %w", err)
 	}
-	durable, err := j.chunks("recv", o.ID)
-	if err != nil {
-		f.Close()
-		return nil, nil, err
-	}
 	// The file of a session this process had open never left its hands.
 	if old == nil {
 		if err := recheck(f.File, &rec, durable, j, log); err != nil {
@@ -653,7 +680,7 @@ func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision, log
 		}
 	}
 	s := &session{r: r, log: log, offer: *o, from: from, temp: f, at: rec.DataAt, record: &rec, start: r.cfg.Now(), policy: d,
-		durable: durable, pending: map[int64]pendingChunk{}, kick: make(chan struct{}, 1), stop: make(chan struct{}), synced: make(chan struct{}), closed: make(chan struct{})}
+		hold: hold, allow: allow, fresh: map[int64]struct{}{}, durable: durable, pending: map[int64]pendingChunk{}, kick: make(chan struct{}, 1), stop: make(chan struct{}), synced: make(chan struct{}), closed: make(chan struct{})}
 	acc := &Accept{Have: durable, IdleMS: r.cfg.IdleTimeout.Milliseconds()}
 	if img := stored; img != nil && img.Manifest.ChunkSize == o.ChunkSize {
 		if base, err := OpenSource(img.Path); err == nil {
@@ -675,6 +702,7 @@ func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision, log
 	r.sessions[o.ID] = s
 	n := len(r.sessions)
 	r.mu.Unlock()
+	opened = true
 	r.load(n)
 	s.heard.Store(time.Now().UnixNano())
 	go s.syncer()
@@ -749,6 +777,7 @@ func (s *session) close() {
 	}
 	n := len(s.r.sessions)
 	s.r.mu.Unlock()
+	s.r.release(s.offer.ID, s.hold)
 	s.r.load(n)
 	s.temp.Close()
 	if s.base != nil {
@@ -855,6 +884,10 @@ func (s *session) data(fr *frameReader, w *lockedWriter) {
 				nack(i, h, why)
 				continue
 			}
+			if !s.claim(i) {
+				refuse(s.overClaimed())
+				return
+			}
 			chunk := takeSpare()
 			var data []byte
 			if compressed {
@@ -894,6 +927,10 @@ func (s *session) data(fr *frameReader, w *lockedWriter) {
 				nack(i, h, "chunk outside the image")
 				continue
 			}
+			if !s.claim(i) {
+				refuse(s.overClaimed())
+				return
+			}
 			chunk := takeSpare()
 			why, err := s.copyFromBase(i, h, chunk)
 			spare <- chunk
@@ -918,6 +955,31 @@ func (s *session) data(fr *frameReader, w *lockedWriter) {
 			return
 		}
 	}
+}
+
+// claim admits a write of chunk i: one the session holds already (from an
+// earlier attempt, or written by this one), or a new one while fewer than
+// the offer's chunks have come. Past them a sender would write more than
+// the store made room for.
+func (s *session) claim(i int64) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, ok := s.durable[i]; ok {
+		return true
+	}
+	if _, ok := s.fresh[i]; ok {
+		return true
+	}
+	if int64(len(s.fresh)) >= s.allow {
+		return false
+	}
+	s.fresh[i] = struct{}{}
+	s.hold.wrote.Add(s.offer.ChunkSize)
+	return true
+}
+
+func (s *session) overClaimed() string {
+	return fmt.Sprintf("more chunks hold data than the %d the offer said: the store made room for those only", s.allow)
 }
 
 // copyFromBase copies chunk i from the stored version, through buf (of

@@ -43,6 +43,11 @@ type Offer struct {
 	ChunkSize int64  `json:"chunk_size"`
 	Streams   int    `json:"streams"`
 	Policy    string `json:"policy"` // the sender's policy revision, for the record
+	// Chunks is how many chunks may hold data (those that overlap the
+	// source's allocated extents): the most the receiver writes, which
+	// it makes room for and holds the sender to. Senders of releases
+	// before it leave it out; their receives are bounded by the size.
+	Chunks *int64 `json:"chunks,omitempty"`
 }
 
 // MaxStreams bounds the data streams of one migration.
@@ -62,6 +67,8 @@ func checkOffer(o *Offer) error {
 		return fmt.Errorf("format %q: want %s or %s", o.Format, FormatRaw, FormatQcow2)
 	case o.Streams < 1 || o.Streams > MaxStreams:
 		return fmt.Errorf("%d data streams: want 1 to %d", o.Streams, MaxStreams)
+	case o.Chunks != nil && (*o.Chunks < 0 || *o.Chunks > chunkCount(o.Size, o.ChunkSize)):
+		return fmt.Errorf("%d chunks holding data, in an image of %d", *o.Chunks, chunkCount(o.Size, o.ChunkSize))
 	}
 	return checkName(o.Name)
 }

@@ -11,6 +11,7 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/skybridge-mesh/skybridge/internal/progress"
+	"github.com/skybridge-mesh/skybridge/internal/units"
 	"github.com/skybridge-mesh/skybridge/mesh"
 	"github.com/skybridge-mesh/skybridge/migrate"
 )
@@ -315,4 +316,4 @@ func parseRate(s string) (int64, error) {
 	return int64(r), nil
 }
 
-func humanBytes(n int64) string { return progress.Bytes(n) }
+func humanBytes(n int64) string { return units.Bytes(n) }

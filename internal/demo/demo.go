@@ -32,6 +32,7 @@ import (
 	"github.com/skybridge-mesh/skybridge/internal/audit"
 	"github.com/skybridge-mesh/skybridge/internal/freeport"
 	"github.com/skybridge-mesh/skybridge/internal/progress"
+	"github.com/skybridge-mesh/skybridge/internal/units"
 	"github.com/skybridge-mesh/skybridge/mesh"
 	"github.com/skybridge-mesh/skybridge/migrate"
 	"github.com/skybridge-mesh/skybridge/policy"
@@ -577,13 +578,13 @@ func (r *run) makeImage() (string, string, error) {
 		img := filepath.Join(r.dir, "vm.qcow2")
 		if out, err := exec.Command(q, "convert", "-O", "qcow2", raw, img).CombinedOutput(); err == nil {
 			os.Remove(raw)
-			r.sayf("▸ VM image vm.qcow2 made with qemu-img: 2.0 GiB virtual, %s on disk\n", progress.Bytes(onDisk(img)))
+			r.sayf("▸ VM image vm.qcow2 made with qemu-img: 2.0 GiB virtual, %s on disk\n", units.Bytes(onDisk(img)))
 			return img, migrate.FormatQcow2, nil
 		} else {
 			r.sayf("  (qemu-img failed: %s; using a raw image)\n", bytes.TrimSpace(out))
 		}
 	}
-	r.sayf("▸ VM image vm.raw (sparse raw; install qemu-utils for qcow2): 2.0 GiB virtual, %s on disk\n", progress.Bytes(onDisk(raw)))
+	r.sayf("▸ VM image vm.raw (sparse raw; install qemu-utils for qcow2): 2.0 GiB virtual, %s on disk\n", units.Bytes(onDisk(raw)))
 	return raw, migrate.FormatRaw, nil
 }
 
@@ -639,7 +640,7 @@ func (r *run) migrate(ctx context.Context, img, format string) error {
 		}
 	}
 	r.sayf("▸ %s in %.2f s: %s on disk, %s sent through the tunnel; the destination re-read it: root %s… %s, qemu-img compare: %s\n",
-		map[bool]string{true: "verified", false: "NOT VERIFIED"}[m.Verified], m.Seconds, progress.Bytes(m.OnDisk), progress.Bytes(m.Sent),
+		map[bool]string{true: "verified", false: "NOT VERIFIED"}[m.Verified], m.Seconds, units.Bytes(m.OnDisk), units.Bytes(m.Sent),
 		m.Root[:16], map[bool]string{true: "matches", false: "differs"}[m.Verified], m.QemuCompare)
 	if !m.Verified {
 		return errors.New("the migrated image did not verify")
@@ -694,7 +695,7 @@ func (r *run) audit() {
 func (r *run) summary() {
 	m := r.sum.Migration
 	r.sayf("\nsummary: %s image, %s on disk → %s sent (%.1f%% of its virtual size), %.2f s, %s; swiss-banking-secret to the US refused with %d bytes sent; demo took %.1f s\n",
-		progress.Bytes(m.Virtual), progress.Bytes(m.OnDisk), progress.Bytes(m.Sent), 100*float64(m.Sent)/float64(max(m.Virtual, 1)), m.Seconds,
+		units.Bytes(m.Virtual), units.Bytes(m.OnDisk), units.Bytes(m.Sent), 100*float64(m.Sent)/float64(max(m.Virtual, 1)), m.Seconds,
 		map[bool]string{true: "verified end to end", false: "NOT verified"}[m.Verified], r.sum.Denial.Sent, time.Since(r.started).Seconds())
 }
 

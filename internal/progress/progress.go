@@ -10,6 +10,7 @@ import (
 	"github.com/vbauerster/mpb/v8"
 	"github.com/vbauerster/mpb/v8/decor"
 
+	"github.com/skybridge-mesh/skybridge/internal/units"
 	"github.com/skybridge-mesh/skybridge/migrate"
 )
 
@@ -30,7 +31,7 @@ func New(w io.Writer, name string) *Bar {
 			decor.EwmaSpeed(decor.SizeB1024(0), " % .1f", 30),
 			decor.Name(" ETA "), decor.EwmaETA(decor.ET_STYLE_GO, 30),
 			decor.Any(func(decor.Statistics) string {
-				return fmt.Sprintf("  sent %s, holes skipped %s", Bytes(b.st.BytesSent), Bytes(b.st.VirtualBytes-b.st.AllocatedBytes))
+				return fmt.Sprintf("  sent %s, holes skipped %s", units.Bytes(b.st.BytesSent), units.Bytes(b.st.VirtualBytes-b.st.AllocatedBytes))
 			}),
 		),
 	)
@@ -57,18 +58,4 @@ func (b *Bar) Finish(ok bool) {
 		b.bar.Abort(false)
 	}
 	b.p.Wait()
-}
-
-// Bytes prints a byte count in binary units.
-func Bytes(n int64) string {
-	const unit = 1024
-	if n < unit {
-		return fmt.Sprintf("%d B", n)
-	}
-	div, exp := int64(unit), 0
-	for m := n / unit; m >= unit; m /= unit {
-		div *= unit
-		exp++
-	}
-	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
 }

@@ -1,0 +1,89 @@
+package migrate
+
+import (
+	"fmt"
+	"sync/atomic"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/skybridge-mesh/skybridge/internal/units"
+)
+
+// A receive is taken only if the image store has room for what it may
+// write: the sender states how many chunks may hold data, and refused at
+// the offer, it learns at once what it would have learnt from a full disk
+// half-way, with its data and everyone else's migrations spared.
+
+// storeHeadroom is the free space a receive must leave in the image store:
+// the journal, the audit log and the gateway's state may share its disk.
+const storeHeadroom = 64 << 20
+
+// reservation is the share of the store's free space a receive may still
+// use: what it may write, reckoned at its offer, less what it has written
+// since (which the free space already shows).
+type reservation struct {
+	bytes int64
+	wrote atomic.Int64
+}
+
+func (v *reservation) remaining() int64 { return max(0, v.bytes-v.wrote.Load()) }
+
+// roomFor says why a store with free bytes free cannot take a receive that
+// writes up to need bytes while others may still write held bytes; nil if
+// it can and keeps storeHeadroom spare.
+func roomFor(need, free, held int64, others int) error {
+	if need+held+storeHeadroom <= free {
+		return nil
+	}
+	of := ""
+	if held > 0 {
+		of = fmt.Sprintf(", %s of it held for %d other migrations under way,", units.Bytes(held), others)
+	}
+	return fmt.Errorf("the image needs up to %s in the destination's image store, which has %s free%s and keeps %s spare: free space there, or send the image to another destination",
+		units.Bytes(need), units.Bytes(free), of, units.Bytes(storeHeadroom))
+}
+
+// freeBytes is the space unprivileged writers may still use on dir's
+// filesystem (the gateway need not run as root).
+func freeBytes(dir string) (int64, error) {
+	var st unix.Statfs_t
+	if err := unix.Statfs(dir, &st); err != nil {
+		return 0, fmt.Errorf("free space of the image store: %w", err)
+	}
+	return int64(st.Bavail) * st.Bsize, nil
+}
+
+// reserve takes a share of the store's free space for receive id, which
+// may write up to need bytes; its earlier share, if any, is replaced.
+func (r *Receiver) reserve(id string, need int64) (*reservation, error) {
+	free, err := freeBytes(r.cfg.StoreDir)
+	if err != nil {
+		return nil, err
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var held int64
+	others := 0
+	for other, v := range r.held {
+		if rem := v.remaining(); other != id && rem > 0 {
+			held += rem
+			others++
+		}
+	}
+	if err := roomFor(need, free, held, others); err != nil {
+		return nil, err
+	}
+	v := &reservation{bytes: need}
+	r.held[id] = v
+	return v, nil
+}
+
+// release gives back receive id's share v (unless a new attempt has taken
+// the ID's since).
+func (r *Receiver) release(id string, v *reservation) {
+	r.mu.Lock()
+	if r.held[id] == v {
+		delete(r.held, id)
+	}
+	r.mu.Unlock()
+}

@@ -1,0 +1,186 @@
+package migrate
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+func TestRoomFor(t *testing.T) {
+	const M = 1 << 20
+	for _, tc := range []struct {
+		name             string
+		need, free, held int64
+		others           int
+		want             string // "" if it fits
+	}{
+		{"fits", 100 * M, 200 * M, 0, 0, ""},
+		{"fits exactly with the headroom", 100 * M, 100*M + storeHeadroom, 0, 0, ""},
+		{"nothing to write, headroom there", 0, storeHeadroom, 0, 0, ""},
+		{"short of the headroom", 100 * M, 100*M + storeHeadroom - 1, 0, 0, "needs up to 100.0 MiB in the destination's image store, which has 164.0 MiB free and keeps 64.0 MiB spare"},
+		{"too big", 1 << 40, 10 << 30, 0, 0, "needs up to 1.0 TiB"},
+		{"fits alone, not beside others", 100 * M, 200 * M, 50 * M, 2, "200.0 MiB free, 50.0 MiB of it held for 2 other migrations under way,"},
+		{"beside others, still fits", 100 * M, 300 * M, 50 * M, 2, ""},
+		{"disk nearly full, nothing to write", 0, storeHeadroom - 1, 0, 0, "needs up to 0 B"},
+	} {
+		err := roomFor(tc.need, tc.free, tc.held, tc.others)
+		switch {
+		case tc.want == "" && err != nil:
+			t.Errorf("%s: %v", tc.name, err)
+		case tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)):
+			t.Errorf("%s: %v; want an error saying %q", tc.name, err, tc.want)
+		case err != nil && !strings.Contains(err.Error(), "free space there, or send the image to another destination"):
+			t.Errorf("%s: %v; the error does not say what to do", tc.name, err)
+		}
+	}
+}
+
+// tmpfsStore mounts a tmpfs of the given size (mount(8)'s "72m") where the
+// receiver keeps its images.
+func tmpfsStore(t *testing.T, size string) func(*ReceiverConfig) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		if os.Getenv("CI") == "true" {
+			t.Fatal("mounting a small filesystem for the image store needs root, which CI has")
+		}
+		t.Skip("needs root to mount a small filesystem")
+	}
+	return func(c *ReceiverConfig) {
+		if err := os.MkdirAll(c.StoreDir, 0o700); err != nil {
+			t.Fatal(err)
+		}
+		if err := syscall.Mount("tmpfs", c.StoreDir, "tmpfs", 0, "size="+size+",mode=0700"); err != nil {
+			t.Fatalf("mount a tmpfs for the image store: %v", err)
+		}
+		t.Cleanup(func() { syscall.Unmount(c.StoreDir, syscall.MNT_DETACH) })
+	}
+}
+
+// TestReceiverMakesRoom: a receiver takes a migration only if its image
+// store has room for the chunks that may hold data (and its 64 MiB spare),
+// counting what the migrations already under way may still write; a
+// refused one writes nothing and says what it needs. On a 72 MiB store
+// with 64 KiB chunks, 8 MiB are to be had.
+func TestReceiverMakesRoom(t *testing.T) {
+	p := newPairWith(t, "DE", tmpfsStore(t, "72m"))
+	const chunk = 64 << 10
+	image := func(name string, mibs int) SendConfig {
+		raw := filepath.Join(p.dir, name+".raw")
+		makeRaw(t, raw, int64(mibs)*mib, map[int64]int{0: mibs * mib})
+		cfg := p.config(raw, "pii-eu")
+		cfg.ChunkSize = chunk
+		return cfg
+	}
+	incoming := func() []string {
+		entries, err := os.ReadDir(filepath.Join(p.store, ".incoming"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		var names []string
+		for _, e := range entries {
+			names = append(names, e.Name())
+		}
+		return names
+	}
+
+	// Too big for the store: refused before anything is written.
+	if _, err := Send(context.Background(), image("huge", 10)); err == nil || !strings.Contains(err.Error(), "needs up to 10.0 MiB in the destination's image store") {
+		t.Fatalf("a 10 MiB image into 8 MiB of room: %v; want a refusal saying what it needs", err)
+	}
+	if names := incoming(); len(names) != 0 {
+		t.Fatalf("a refused migration left %v in the store", names)
+	}
+
+	// Each fits alone; not together.
+	first := image("first", 6)
+	first.BWLimit = mib // under way for seconds
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	firstDone := make(chan error, 1)
+	go func() {
+		_, err := Send(ctx, first)
+		firstDone <- err
+	}()
+	waitFor(t, "the first migration to be under way", func() bool {
+		a := p.recv.Active()
+		return len(a) == 1 && a[0].Durable > 0
+	})
+	second := image("second", 4)
+	if _, err := Send(context.Background(), second); err == nil || !strings.Contains(err.Error(), "held for 1 other migrations under way") {
+		t.Fatalf("a 4 MiB image beside a 6 MiB one under way, with 8 MiB of room: %v; want a refusal counting the other", err)
+	}
+	cancel()
+	if err := <-firstDone; !errors.Is(err, context.Canceled) {
+		t.Fatalf("the first migration, cancelled: %v", err)
+	}
+	waitFor(t, "the first migration's session to end", func() bool { return len(p.recv.Active()) == 0 })
+	if _, err := Send(context.Background(), second); err != nil {
+		t.Fatalf("the 4 MiB image once the other was cancelled: %v", err)
+	}
+	img, err := p.recvJ.Image("second")
+	if err != nil {
+		t.Fatal(err)
+	}
+	compare(t, second.Image, img.Path)
+}
+
+// waitFor polls cond for up to 20 s.
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("waited 20 s for %s", what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// TestReceiverHoldsSenderToItsChunks: a sender writes no more chunks than
+// its offer said may hold data; a chunk it writes again does not count
+// twice.
+func TestReceiverHoldsSenderToItsChunks(t *testing.T) {
+	p := newPair(t, "DE")
+	c := p.dial(t, nil)
+	cw, cr := newFrameWriter(c), newFrameReader(c)
+	offer := Offer{ID: "0123456789abcdef", Name: "vm", Class: "pii-eu", Format: FormatRaw, Size: 4 * mib, ChunkSize: mib, Streams: 1, Chunks: new(int64(2))}
+	if err := cw.json(frameOffer, offer); err != nil {
+		t.Fatal(err)
+	}
+	var acc Accept
+	if err := cr.json(frameAccept, &acc); err != nil {
+		t.Fatalf("offer: %v", err)
+	}
+	d := p.dial(t, nil)
+	dw, dr := newFrameWriter(d), newFrameReader(d)
+	if err := dw.json(frameJoin, Join{ID: offer.ID}); err != nil {
+		t.Fatal(err)
+	}
+	chunk := make([]byte, mib)
+	send := func(i int64) (byte, []byte) {
+		t.Helper()
+		chunk[0] = byte(i)
+		if err := dw.frame(frameChunk, chunkHeader(i, hashChunk(chunk), 0, mib), chunk); err != nil {
+			t.Fatal(err)
+		}
+		dw.flush()
+		typ, b, err := dr.next(nil)
+		if err != nil {
+			t.Fatalf("chunk %d: %v", i, err)
+		}
+		return typ, b
+	}
+	for _, i := range []int64{0, 2, 2} {
+		if typ, b := send(i); typ != frameAck {
+			t.Fatalf("chunk %d of the 2 offered: answer type %d %q, want an ack", i, typ, b)
+		}
+	}
+	if typ, b := send(3); typ != frameError || !strings.Contains(string(b), "more chunks hold data than the 2 the offer said") {
+		t.Fatalf("a third chunk of 2 offered: answer type %d %q, want an error frame", typ, b)
+	}
+}
