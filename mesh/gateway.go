@@ -293,6 +293,7 @@ func (g *Gateway) Run(parent context.Context) error {
 	// What start-up has set up, undone in reverse if a later step fails.
 	undo := []func(){g.closeDevice, g.stopMigrations}
 	fail := func(err error) error {
+		stop(err) // what has started ends with the context
 		for _, u := range slices.Backward(undo) {
 			u()
 		}
@@ -392,8 +393,8 @@ func (g *Gateway) Run(parent context.Context) error {
 	return nil
 }
 
-// stopMigrations cancels the migrations we send (they resume later) and
-// closes the journal.
+// stopMigrations cancels the migrations we send (they resume later),
+// waits for the receiver to have stopped, and closes the journal.
 func (g *Gateway) stopMigrations() {
 	if g.mig == nil {
 		return
@@ -411,6 +412,9 @@ func (g *Gateway) stopMigrations() {
 	}
 	for _, r := range runs {
 		<-r.done
+	}
+	if g.mig.served != nil { // it ends with Run's context
+		<-g.mig.served
 	}
 	g.mig.journal.Close()
 }

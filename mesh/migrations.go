@@ -38,6 +38,9 @@ type migrations struct {
 	recv    *migrate.Receiver
 	audit   *audit.Log
 	store   string
+	// served is closed when the receiver has stopped (nil if it never
+	// started): its sessions use the journal until then.
+	served chan struct{}
 
 	mu      sync.Mutex
 	running map[string]*runningMigration
@@ -245,7 +248,10 @@ func (g *Gateway) serveMigrations(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("listen for migrations on %s: %w", addr, err)
 	}
+	served := make(chan struct{})
+	g.mig.served = served
 	go func() {
+		defer close(served)
 		if err := g.mig.recv.Serve(ctx, ln); err != nil {
 			g.log.Error("migration receiver stopped", "err", err)
 		}

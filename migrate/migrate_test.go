@@ -71,6 +71,9 @@ type pair struct {
 	sendAudit  *audit.Log
 	recvAudit  *audit.Log
 	recvLog    syncbuf.Buffer // what the receiving gateway logged
+	// stopRecv stops the receiver and returns what Serve returned, once
+	// it has (at the test's end if not before).
+	stopRecv func() error
 }
 
 func newPair(t testing.TB, toJur string) *pair {
@@ -136,8 +139,13 @@ func newPairLabelled(t testing.TB, toJur string, toLabels map[string]string, twe
 	}
 	p.addr = ln.Addr().(*net.TCPAddr).AddrPort()
 	ctx, cancel := context.WithCancel(context.Background())
-	t.Cleanup(cancel)
-	go p.recv.Serve(ctx, ln)
+	served := make(chan error, 1)
+	go func() { served <- p.recv.Serve(ctx, ln) }()
+	p.stopRecv = sync.OnceValue(func() error {
+		cancel()
+		return <-served
+	})
+	t.Cleanup(func() { p.stopRecv() })
 	return p
 }
 
@@ -1822,5 +1830,87 @@ func TestReceiverBypassesPageCache(t *testing.T) {
 	}
 	if in, pages := cached(t, f, 8*mib, 1000); in != pages {
 		t.Errorf("the short last chunk: %d of %d pages in the page cache, want all (written through it)", in, pages)
+	}
+}
+
+// TestReceiverStopsCleanly: when a stopping gateway's receiver has
+// stopped, nothing of it uses the journal any more, which the gateway
+// then closes. A migration under way ends and waits for a resume; one
+// already committed is stored and its sender told so; a connection that
+// has not said what it is does not hold the stop up for its 30 s.
+func TestReceiverStopsCleanly(t *testing.T) {
+	committing := make(chan struct{})
+	release := make(chan struct{})
+	p := newPairWith(t, "DE", func(c *ReceiverConfig) {
+		commit := sync.OnceFunc(func() { close(committing); <-release })
+		c.afterRename = func() error { commit(); return nil }
+	})
+	releaseOnce := sync.OnceFunc(func() { close(release) })
+	t.Cleanup(releaseOnce)                      // before the receiver's stop, which waits for it
+	slow := p.slowSend(t, 250*time.Millisecond) // 5 s: it cannot reach its commit first
+	raw := filepath.Join(p.dir, "stored.raw")
+	makeRaw(t, raw, 8*mib, map[int64]int{0: 4096, 3 * mib: 64 << 10})
+	cfg := p.config(raw, "pii-eu")
+	storedRes := make(chan error, 1)
+	go func() {
+		_, err := Send(context.Background(), cfg)
+		storedRes <- err
+	}()
+	select {
+	case <-committing:
+	case <-time.After(20 * time.Second):
+		t.Fatal("the second migration did not reach its commit")
+	}
+	silent := p.dial(t, nil)
+	if err := silent.Handshake(); err != nil {
+		t.Fatal(err)
+	}
+
+	stopped := make(chan error, 1)
+	go func() { stopped <- p.stopRecv() }()
+	waitFor(t, "the receiver to begin stopping", func() bool {
+		p.recv.mu.Lock()
+		defer p.recv.mu.Unlock()
+		return p.recv.stopping
+	})
+	releaseOnce()
+	select {
+	case err := <-stopped:
+		if err != nil {
+			t.Fatalf("Serve: %v", err)
+		}
+	case <-time.After(15 * time.Second):
+		t.Fatal("the receiver took more than 15 s to stop")
+	}
+	p.recvJ.Close() // as the gateway does next
+
+	if err := <-storedRes; err != nil {
+		t.Fatalf("the migration committed as the receiver stopped: %v", err)
+	}
+	img, err := p.recvJ.Image("stored")
+	if err == nil { // closed: read it from a fresh handle below
+		t.Fatalf("journal still open after Close: %+v", img)
+	}
+	err = <-slow
+	if err == nil || strings.Contains(err.Error(), "database not open") {
+		t.Fatalf("the migration under way as the receiver stopped: %v; want it interrupted by the receiver going away", err)
+	}
+	if log := p.recvLog.String(); strings.Contains(log, "database not open") {
+		t.Fatalf("the receiver used its journal after it stopped:\n%s", log)
+	}
+	if _, err := silent.Read(make([]byte, 1)); err == nil {
+		t.Fatal("the connection that never said what it is is still open")
+	}
+	j, err := OpenJournal(filepath.Join(p.dir, "recv.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer j.Close()
+	if img, err := j.Image("stored"); err != nil || img.Migration == "" {
+		t.Fatalf("the committed image's record: %+v, %v", img, err)
+	}
+	recvs, err := j.Receives()
+	if err != nil || len(recvs) != 1 || recvs[0].Name != "vm" {
+		t.Fatalf("receives kept for a resume: %+v, %v; want the one under way", recvs, err)
 	}
 }

@@ -65,6 +65,12 @@ type Receiver struct {
 	opening map[string]string // ID → image name
 	// held is each receive's share of the image store's free space.
 	held map[string]*reservation
+	// serving counts the Serve calls running; when the last ends,
+	// stopping is set, and no session opens after.
+	serving  int
+	stopping bool
+	// handlers are the goroutines Serve started, which use the journal.
+	handlers sync.WaitGroup
 }
 
 // NewReceiver prepares a receiver; Serve accepts connections.
@@ -99,10 +105,17 @@ func NewReceiver(cfg ReceiverConfig) (*Receiver, error) {
 const AbandonedAfter = 7 * 24 * time.Hour
 
 // Serve accepts migration connections on ln (the gateway's overlay
-// address) until ctx ends, and forgets abandoned receives.
+// address) until ctx ends, and forgets abandoned receives. The last Serve
+// to return does so once nothing the receiver started is running: the
+// journal may close then.
 func (r *Receiver) Serve(ctx context.Context, ln net.Listener) error {
 	context.AfterFunc(ctx, func() { ln.Close() })
-	go func() {
+	r.mu.Lock()
+	r.serving++
+	r.stopping = false
+	r.mu.Unlock()
+	defer r.shutdown()
+	r.handlers.Go(func() {
 		for {
 			r.forgetAbandoned()
 			select {
@@ -111,7 +124,7 @@ func (r *Receiver) Serve(ctx context.Context, ln net.Listener) error {
 			case <-time.After(time.Hour):
 			}
 		}
-	}()
+	})
 	tcfg := serverTLS(r.cfg.Identity, r.cfg.Trust, r.cfg.Now)
 	var delay time.Duration
 	for {
@@ -136,8 +149,29 @@ func (r *Receiver) Serve(ctx context.Context, ln net.Listener) error {
 			continue
 		}
 		delay = 0
-		go r.handle(ctx, tls.Server(c, tcfg))
+		r.handlers.Go(func() { r.handle(ctx, tls.Server(c, tcfg)) })
 	}
+}
+
+// shutdown ends what the last Serve started. A session whose sender has not
+// committed ends (its durable chunks wait for a resume); one that has is
+// stored, as its sender waits for the answer; none opens after. A gateway
+// that closed its journal under them recorded stored images as failed.
+func (r *Receiver) shutdown() {
+	r.mu.Lock()
+	if r.serving--; r.serving > 0 {
+		r.mu.Unlock()
+		return
+	}
+	r.stopping = true
+	sessions := slices.Collect(maps.Values(r.sessions))
+	r.mu.Unlock()
+	for _, s := range sessions {
+		if !s.committed.Load() {
+			s.abort()
+		}
+	}
+	r.handlers.Wait()
 }
 
 // forgetAbandoned removes the receives not offered again for
@@ -217,7 +251,9 @@ func (r *Receiver) handle(ctx context.Context, c *tls.Conn) {
 	// megabytes and trickles them, would otherwise hold its goroutine,
 	// buffers and descriptor for good.
 	c.SetReadDeadline(time.Now().Add(firstFrameTimeout))
+	unwatch := context.AfterFunc(ctx, func() { c.Close() }) // a stopping receiver waits for no one
 	typ, p, err := fr.nextMax(nil, maxFirstFrame)
+	unwatch()
 	c.SetReadDeadline(time.Time{})
 	if err != nil {
 		if refuseFrame(fw, err) {
@@ -252,7 +288,11 @@ func (r *Receiver) handle(ctx context.Context, c *tls.Conn) {
 			fw.flush()
 			return
 		}
-		s.attach(c)
+		if !s.attach(c) {
+			fw.frame(frameError, []byte(fmt.Sprintf("migration %s has ended", j.ID)))
+			fw.flush()
+			return
+		}
 		s.data(fr, &lockedWriter{fw: fw})
 	}
 }
@@ -306,6 +346,7 @@ type session struct {
 	synced   chan struct{} // closed when the syncer has made its last flush
 	closed   chan struct{}
 	conns    []net.Conn
+	aborted  bool
 	ctrl     net.Conn // the control stream's, among conns
 	streams  int      // data streams joined
 	// heard is when the sender was last heard from (unix nanos): a
@@ -373,11 +414,17 @@ func (s *session) join() bool {
 	return true
 }
 
-// attach records a connection of the session, to close it on abort.
-func (s *session) attach(c net.Conn) {
+// attach records a connection of the session, to close it on abort, and
+// reports false if the session was aborted already: nothing would close
+// the connection then.
+func (s *session) attach(c net.Conn) bool {
 	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.aborted {
+		return false
+	}
 	s.conns = append(s.conns, c)
-	s.mu.Unlock()
+	return true
 }
 
 // takeOver ends a session another offer replaces, and reports whether it
@@ -396,6 +443,7 @@ func (s *session) takeOver() bool {
 // close it.
 func (s *session) abort() {
 	s.mu.Lock()
+	s.aborted = true
 	for _, c := range s.conns {
 		c.Close()
 	}
@@ -437,7 +485,10 @@ func (r *Receiver) control(ctx context.Context, c *tls.Conn, fr *frameReader, fw
 	}
 	closeSession := sync.OnceFunc(s.close)
 	defer closeSession()
-	s.attach(c)
+	if !s.attach(c) { // ended by a stopping receiver as it opened
+		fw.json(frameError, errStopping.Error())
+		return
+	}
 	s.mu.Lock()
 	s.ctrl = c
 	s.mu.Unlock()
@@ -546,6 +597,8 @@ func (r *Receiver) audit(o *Offer, from *certs.Attributes, d policy.Decision, ou
 	}
 }
 
+var errStopping = errors.New("the receiving gateway is stopping: resume the migration when it is back")
+
 // open creates or resumes the session's temporary image.
 func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision, log *slog.Logger) (*session, *Accept, error) {
 	// A stored image is replaced only by one of its own class: a sender
@@ -564,6 +617,10 @@ func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision, log
 		return nil, nil, fmt.Errorf("image %q is stored here as class %q: a migration of class %q may not replace it; send it under another name", o.Name, stored.Class, o.Class)
 	}
 	r.mu.Lock()
+	if r.stopping {
+		r.mu.Unlock()
+		return nil, nil, errStopping
+	}
 	old := r.sessions[o.ID]
 	if _, busy := r.opening[o.ID]; busy {
 		// An earlier offer is still being opened (reading back what a
@@ -699,6 +756,14 @@ func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision, log
 		}
 	}
 	r.mu.Lock()
+	if r.stopping { // after shutdown looked for sessions to end
+		r.mu.Unlock()
+		f.Close()
+		if base := s.base; base != nil {
+			base.Close()
+		}
+		return nil, nil, errStopping
+	}
 	r.sessions[o.ID] = s
 	n := len(r.sessions)
 	r.mu.Unlock()
@@ -885,7 +950,9 @@ func (s *session) data(fr *frameReader, w *lockedWriter) {
 				continue
 			}
 			if !s.claim(i) {
-				refuse(s.overClaimed())
+				if fr.skip(c.dataLen) == nil { // read, so that the refusal is not lost to a reset
+					refuse(s.overClaimed())
+				}
 				return
 			}
 			chunk := takeSpare()
