@@ -55,7 +55,7 @@ func (c *VerifyCache) VerifyAdvert(raw []byte, cert *x509.Certificate, tb *Trust
 	c.mu.Lock()
 	e, ok := c.m[k]
 	c.mu.Unlock()
-	if ok && now.Before(e.notAfter) && !now.Before(e.v.Cert.NotBefore) {
+	if ok && now.Before(e.notAfter) && !now.Before(ValidFrom(e.v.Cert)) {
 		if err := checkFreshness(&e.v.Advert, now, last, e.v.Seen); err != nil {
 			return nil, err
 		}
@@ -95,7 +95,7 @@ func (c *VerifyCache) VerifyCertificate(tb *TrustBundle, cert *x509.Certificate,
 	c.mu.Lock()
 	e, ok := c.m[k]
 	c.mu.Unlock()
-	if ok && now.Before(e.notAfter) && !now.Before(cert.NotBefore) {
+	if ok && now.Before(e.notAfter) && !now.Before(ValidFrom(cert)) {
 		return e.v.Attributes, nil
 	}
 	attrs, err := tb.VerifyCertificate(cert, now)

@@ -280,3 +280,24 @@ func TestProviderKeepsNewerCRL(t *testing.T) {
 		}
 	}
 }
+
+// TestProviderClockBehindIssuer: a gateway whose clock runs 3 minutes
+// behind its CA's takes the certificate the CA issues it (valid from a
+// minute before the CA's now): it used to refuse every one as not yet
+// valid, at every renewal, until its certificate ran out.
+func TestProviderClockBehindIssuer(t *testing.T) {
+	ca := newTestCA(t)
+	ctx := t.Context()
+	p, err := Open(ctx, Config{Dir: filepath.Join(t.TempDir(), "id"), CADir: ca.Dir(), TTL: "1h"}, quietLog())
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.now = func() time.Time { return time.Now().Add(-3 * time.Minute) }
+	id, _, err := p.Identity(ctx, testAttrs("gw1", "onprem-zrh", "100.96.0.1"))
+	if err != nil {
+		t.Fatalf("identity with the clock 3 minutes behind the CA's: %v", err)
+	}
+	if again, _, err := p.Identity(ctx, testAttrs("gw1", "onprem-zrh", "100.96.0.1")); err != nil || again.Fingerprint() != id.Fingerprint() {
+		t.Fatalf("the stored identity, read back on the same clock: %v (reused: %v)", err, err == nil && again.Fingerprint() == id.Fingerprint())
+	}
+}

@@ -167,8 +167,9 @@ func (tb *TrustBundle) IsRevoked(serial *big.Int) bool {
 }
 
 // VerifyCertificate checks that cert is a gateway certificate the mesh
-// accepts at time now and returns the attributes it certifies. The refusal
-// reasons are those of VerifyError.
+// accepts at time now and returns the attributes it certifies. A clock up
+// to MaxClockSkew behind the issuer's is allowed for (ValidFrom). The
+// refusal reasons are those of VerifyError.
 func (tb *TrustBundle) VerifyCertificate(cert *x509.Certificate, now time.Time) (*Attributes, error) {
 	if cert == nil {
 		return nil, refuse(ReasonMalformed, "no certificate")
@@ -178,12 +179,17 @@ func (tb *TrustBundle) VerifyCertificate(cert *x509.Certificate, now time.Time) 
 	if now.After(cert.NotAfter) {
 		return nil, refuse(ReasonExpired, "certificate of %q expired at %s", nameOf(cert), cert.NotAfter.UTC().Format(time.RFC3339))
 	}
-	if now.Before(cert.NotBefore) {
-		return nil, refuse(ReasonNotYetValid, "certificate of %q is valid only from %s", nameOf(cert), cert.NotBefore.UTC().Format(time.RFC3339))
+	if now.Before(ValidFrom(cert)) {
+		return nil, refuse(ReasonNotYetValid, "certificate of %q is valid only from %s (this clock says %s; %s of difference are allowed)",
+			nameOf(cert), cert.NotBefore.UTC().Format(time.RFC3339), now.UTC().Format(time.RFC3339), MaxClockSkew)
+	}
+	at := now
+	if at.Before(cert.NotBefore) { // within the skew allowed
+		at = cert.NotBefore
 	}
 	_, err := cert.Verify(x509.VerifyOptions{
 		Roots:       tb.roots,
-		CurrentTime: now,
+		CurrentTime: at,
 		KeyUsages:   []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
 	})
 	if err != nil {

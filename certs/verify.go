@@ -7,10 +7,17 @@ import (
 	"time"
 )
 
-// MaxClockSkew is how far in the future an advert's timestamp may lie
-// before it is refused. Gateways in different clouds disagree about the
-// time by seconds, not minutes.
+// MaxClockSkew is how far in the future an advert's timestamp, or a
+// certificate's start of validity, may lie before it is refused. Gateways
+// in different clouds disagree about the time by seconds, not minutes.
 const MaxClockSkew = 5 * time.Minute
+
+// ValidFrom is the earliest time at which cert is taken as valid: its
+// NotBefore less MaxClockSkew. Issuers backdate NotBefore by a minute
+// (Vault by 30 s); a gateway whose clock runs further behind its issuer's
+// would otherwise refuse its own new certificate, and its peers every
+// certificate renewed meanwhile, until the clocks caught up.
+func ValidFrom(cert *x509.Certificate) time.Time { return cert.NotBefore.Add(-MaxClockSkew) }
 
 // Seen is what a verifier remembers of the last advert it accepted from a
 // node, to refuse replays of older ones.

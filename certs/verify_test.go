@@ -182,3 +182,40 @@ func TestRefusalNamesAreShort(t *testing.T) {
 		t.Fatalf("a certificate from another CA with a name of 10,000 characters: error of %d bytes", len(fmt.Sprint(err)))
 	}
 }
+
+// TestVerifyCertificateClockSkew: a clock up to MaxClockSkew behind the
+// issuer's takes a certificate issued moments ago as valid, with and
+// without the cache; further behind, it is refused as not yet valid and
+// the refusal says what this clock reads.
+func TestVerifyCertificateClockSkew(t *testing.T) {
+	ca := newTestCA(t)
+	tb := trust(t, ca)
+	id := issue(t, ca, testAttrs("gw1", "aws-eu-central-1", "100.96.0.10"), t0, time.Hour)
+	from := id.Certificate().NotBefore // t0 less the CA's backdate
+	for _, tc := range []struct {
+		name string
+		at   time.Time
+		ok   bool
+	}{
+		{"the issuer's time", t0, true},
+		{"3 minutes behind", t0.Add(-3 * time.Minute), true},
+		{"behind by the skew allowed", from.Add(-MaxClockSkew), true},
+		{"a second more", from.Add(-MaxClockSkew - time.Second), false},
+		{"an hour behind", t0.Add(-time.Hour), false},
+	} {
+		for _, cache := range []*VerifyCache{nil, NewVerifyCache()} {
+			if cache != nil { // filled while valid, then asked again
+				if _, err := cache.VerifyCertificate(tb, id.Certificate(), t0); err != nil {
+					t.Fatal(err)
+				}
+			}
+			_, err := cache.VerifyCertificate(tb, id.Certificate(), tc.at)
+			switch {
+			case tc.ok && err != nil:
+				t.Errorf("%s (cache %v): %v", tc.name, cache != nil, err)
+			case !tc.ok && (ReasonOf(err) != ReasonNotYetValid || !strings.Contains(err.Error(), "this clock says "+tc.at.Format(time.RFC3339))):
+				t.Errorf("%s (cache %v): %v; want not yet valid, saying what this clock reads", tc.name, cache != nil, err)
+			}
+		}
+	}
+}

@@ -187,7 +187,7 @@ func refusal(cert *x509.Certificate, err error) refusedCert {
 	if cert != nil {
 		switch certs.ReasonOf(err) {
 		case certs.ReasonNotYetValid:
-			rc.retryAt = cert.NotBefore
+			rc.retryAt = certs.ValidFrom(cert)
 		case certs.ReasonRevoked:
 			rc.keepUntil = cert.NotAfter
 		}

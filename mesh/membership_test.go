@@ -329,14 +329,16 @@ func TestMembershipRetriesNotYetValid(t *testing.T) {
 		clock := f.now
 		changes := 0
 		ms := newMembership("self", f.trust(), func() time.Time { return clock }, func() { changes++ })
-		early := f.identity("gw-early", "site-e", 1, f.now.Add(5*time.Minute))
-		door := f.identity("gw-door", "site-d", 2, f.now.Add(5*time.Minute))
+		// Issued 10 minutes ahead: valid from 9 minutes ahead (the CA's
+		// backdate), taken as valid from 4 (the skew allowed).
+		early := f.identity("gw-early", "site-e", 1, f.now.Add(10*time.Minute))
+		door := f.identity("gw-door", "site-d", 2, f.now.Add(10*time.Minute))
 		earlyMeta, doorMeta := f.advert(early, 1), f.advert(door, 1)
 		ms.update("gw-early", gossipAddr, earlyMeta)
 		ms.addCert(early.Certificate().Raw)
 		ms.addCert(door.Certificate().Raw)
 		if err := ms.admit("gw-door", gossipAddr, doorMeta); certs.ReasonOf(err) != certs.ReasonNotYetValid {
-			t.Fatalf("a certificate valid in 5 minutes at the door: %v", err)
+			t.Fatalf("a certificate valid in 9 minutes at the door: %v", err)
 		}
 		want := map[string]MemberState{"gw-early": StateRefused, "gw-door": StateRefused}
 		ms.refresh()

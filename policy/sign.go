@@ -76,6 +76,12 @@ func Sign(file string, src []byte, signer crypto.Signer, signerName string, sign
 	}
 	sig := &Signature{Format: SignatureFormat, Policy: p.rev, SignedAt: now.UTC().Truncate(time.Second), Signer: signerName}
 	if signerCert != nil {
+		// Gateways judge the signer as of the signing time: a signature
+		// made outside its certificate's validity is refused everywhere.
+		if c := signerCert; sig.SignedAt.Before(certs.ValidFrom(c)) || sig.SignedAt.After(c.NotAfter) {
+			return nil, fmt.Errorf("the signer certificate is valid from %s to %s, and this machine's clock says %s: every gateway would refuse the signature; check the clock, or use a current signer certificate",
+				c.NotBefore.UTC().Format(time.RFC3339), c.NotAfter.UTC().Format(time.RFC3339), sig.SignedAt.Format(time.RFC3339))
+		}
 		sig.SignerCertificate = string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: signerCert.Raw}))
 	}
 	digest, err := signDigest(sig.Policy.SHA256, sig.SignedAt)
@@ -173,8 +179,14 @@ func signerKeys(sig *Signature, tb *certs.TrustBundle) ([]*ecdsa.PublicKey, erro
 	}
 	c := cs[0]
 	// Judge the signer as of the signing time, so a policy stays valid
-	// after its signer's certificate expires; revocation still counts.
-	if _, err := c.Verify(x509.VerifyOptions{Roots: tb.Roots(), CurrentTime: sig.SignedAt, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageCodeSigning}}); err != nil {
+	// after its signer's certificate expires; revocation still counts. A
+	// signer whose clock ran behind the CA's signed before its
+	// certificate's start, by as much as gateways allow for.
+	at := sig.SignedAt
+	if at.Before(c.NotBefore) && !at.Before(certs.ValidFrom(c)) {
+		at = c.NotBefore
+	}
+	if _, err := c.Verify(x509.VerifyOptions{Roots: tb.Roots(), CurrentTime: at, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageCodeSigning}}); err != nil {
 		return nil, fmt.Errorf("%w: %v", ErrUntrustedSigner, err)
 	}
 	if tb.IsRevoked(c.SerialNumber) {

@@ -110,6 +110,23 @@ func TestDelegatedSigner(t *testing.T) {
 		t.Fatalf("signature refused after signer expiry: %v", err)
 	}
 
+	// Signed on a machine whose clock runs 3 minutes behind the CA's,
+	// right after the signer was made: within the skew gateways allow.
+	behind, err := Sign("test.hcl", src, signer.Signer(), signer.Name(), signer.Certificate(), nov24.Add(-3*time.Minute))
+	if err != nil {
+		t.Fatalf("signing 3 minutes behind the CA's clock: %v", err)
+	}
+	if _, err := Verify("test.hcl", src, behind, trustOf(t, ca), nov24); err != nil {
+		t.Fatalf("a signature made 3 minutes behind the CA's clock refused: %v", err)
+	}
+	// Further off, or after the certificate ran out: every gateway would
+	// refuse the signature, so it is not made.
+	for _, at := range []time.Time{nov24.Add(-10 * time.Minute), nov24.Add(25 * time.Hour)} {
+		if _, err := Sign("test.hcl", src, signer.Signer(), signer.Name(), signer.Certificate(), at); err == nil || !strings.Contains(err.Error(), "this machine's clock says "+at.Format(time.RFC3339)) {
+			t.Errorf("signing at %s with a signer valid %s to %s: %v; want a refusal naming the clock", at, signer.Certificate().NotBefore, signer.Certificate().NotAfter, err)
+		}
+	}
+
 	gw, err := ca.IssueIdentity(certs.Attributes{Node: "gw1", Site: "s", Region: "r", Provider: "aws", Jurisdiction: "DE",
 		OverlayIP: certs.DefaultMeshPrefix.Addr().Next()}, time.Hour, nov24)
 	if err != nil {
