@@ -3,6 +3,7 @@ package migrate
 import (
 	"slices"
 	"testing"
+	"time"
 )
 
 func TestCandidates(t *testing.T) {
@@ -95,5 +96,17 @@ func TestHashChunkIsBLAKE3(t *testing.T) {
 		if got := hashChunk(b).String(); got != tt.want {
 			t.Errorf("%d bytes: %s, want %s", tt.n, got, tt.want)
 		}
+	}
+}
+
+// TestStamp: a stamp ages from its last touch, or from when it was made.
+func TestStamp(t *testing.T) {
+	s := &stamp{base: time.Now().Add(-time.Hour)} // Add keeps the monotonic reading
+	if a := s.age(); a < time.Hour || a > time.Hour+time.Minute {
+		t.Fatalf("untouched stamp made an hour ago: age %s", a)
+	}
+	s.touch()
+	if a := s.age(); a < 0 || a > time.Minute {
+		t.Fatalf("just touched: age %s", a)
 	}
 }

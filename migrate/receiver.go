@@ -349,10 +349,10 @@ type session struct {
 	aborted  bool
 	ctrl     net.Conn // the control stream's, among conns
 	streams  int      // data streams joined
-	// heard is when the sender was last heard from (unix nanos): a
-	// frame on any stream, the offer, the commit. Until the commit, a
-	// sender silent for idleTimeout is taken for gone.
-	heard     atomic.Int64
+	// heard is when the sender was last heard from: a frame on any
+	// stream, the offer, the commit. Until the commit, a sender silent
+	// for idleTimeout is taken for gone.
+	heard     *stamp
 	committed atomic.Bool
 }
 
@@ -512,7 +512,7 @@ func (r *Receiver) control(ctx context.Context, c *tls.Conn, fr *frameReader, fw
 			s.mu.Unlock()
 			log.Info("migration interrupted; its durable chunks wait for a resume", "err", err,
 				"streams_joined", streams, "of", o.Streams, "durable_chunks", durable, "pending_chunks", pending, "received_bytes", received,
-				"last_heard", time.Since(time.Unix(0, s.heard.Load())).Round(time.Millisecond))
+				"last_heard", s.heard.age().Round(time.Millisecond))
 		}
 		return
 	}
@@ -737,7 +737,7 @@ func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision, log
 		}
 	}
 	s := &session{r: r, log: log, offer: *o, from: from, temp: f, at: rec.DataAt, record: &rec, start: r.cfg.Now(), policy: d,
-		hold: hold, allow: allow, fresh: map[int64]struct{}{}, durable: durable, pending: map[int64]pendingChunk{}, kick: make(chan struct{}, 1), stop: make(chan struct{}), synced: make(chan struct{}), closed: make(chan struct{})}
+		hold: hold, allow: allow, fresh: map[int64]struct{}{}, durable: durable, pending: map[int64]pendingChunk{}, kick: make(chan struct{}, 1), heard: newStamp(), stop: make(chan struct{}), synced: make(chan struct{}), closed: make(chan struct{})}
 	acc := &Accept{Have: durable, IdleMS: r.cfg.IdleTimeout.Milliseconds()}
 	if img := stored; img != nil && img.Manifest.ChunkSize == o.ChunkSize {
 		if base, err := OpenSource(img.Path); err == nil {
@@ -769,7 +769,7 @@ func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision, log
 	r.mu.Unlock()
 	opened = true
 	r.load(n)
-	s.heard.Store(time.Now().UnixNano())
+	s.heard.touch()
 	go s.syncer()
 	return s, acc, nil
 }
@@ -922,7 +922,7 @@ func (s *session) data(fr *frameReader, w *lockedWriter) {
 			refuseBad(err)
 			return
 		}
-		s.heard.Store(time.Now().UnixNano())
+		s.heard.touch()
 		switch typ {
 		case frameChunk:
 			c, err := fr.chunkHead(n)
@@ -1110,7 +1110,7 @@ func (s *session) syncer() {
 			s.flush()
 			return
 		case <-t.C:
-			if idle := s.r.cfg.IdleTimeout; !s.committed.Load() && time.Since(time.Unix(0, s.heard.Load())) > idle {
+			if idle := s.r.cfg.IdleTimeout; !s.committed.Load() && s.heard.age() > idle {
 				s.log.Warn("the sender has not been heard from in "+idle.String()+"; ending the session, its durable chunks wait for a resume", "from", s.from.Node)
 				s.abort()
 			}

@@ -666,8 +666,8 @@ func (s *sender) transfer(ctx context.Context, cands []int64, acked, zeros map[i
 		newZeros = map[int64]Hash{} // chunks found all zeros
 		ackMu    sync.Mutex
 		done     atomic.Bool
-		lastAck  atomic.Int64 // unix nanos of the last acknowledgement
-		lastSent atomic.Int64 // unix nanos of the last frame written
+		lastAck  = newStamp() // of the last acknowledgement
+		lastSent = newStamp() // of the last frame written
 		inFlight atomic.Int64
 		// keepAlive: while the producers find nothing to send, a frame
 		// this often keeps the receiver from taking the sender for gone.
@@ -676,8 +676,6 @@ func (s *sender) transfer(ctx context.Context, cands []int64, acked, zeros map[i
 	if keepAlive > 0 && keepAlive < 50*time.Millisecond {
 		keepAlive = 50 * time.Millisecond
 	}
-	lastAck.Store(time.Now().UnixNano())
-	lastSent.Store(time.Now().UnixNano())
 	fail := func(err error) {
 		select {
 		case errc <- err:
@@ -724,7 +722,7 @@ func (s *sender) transfer(ctx context.Context, cands []int64, acked, zeros map[i
 						fail(fmt.Errorf("data stream: %w", err))
 						return
 					}
-					lastSent.Store(time.Now().UnixNano())
+					lastSent.touch()
 					continue
 				}
 				inflight.Store(j.index, j)
@@ -756,7 +754,7 @@ func (s *sender) transfer(ctx context.Context, cands []int64, acked, zeros map[i
 					fail(fmt.Errorf("send chunk %d: %w", j.index, err))
 					return
 				}
-				lastSent.Store(time.Now().UnixNano())
+				lastSent.touch()
 			}
 			fw.flush()
 		})
@@ -783,7 +781,7 @@ func (s *sender) transfer(ctx context.Context, cands []int64, acked, zeros map[i
 							continue
 						}
 						inFlight.Add(-1)
-						lastAck.Store(time.Now().UnixNano())
+						lastAck.touch()
 						j := v.(*job)
 						ackMu.Lock()
 						newAcks[i] = j.hash
@@ -808,7 +806,7 @@ func (s *sender) transfer(ctx context.Context, cands []int64, acked, zeros map[i
 						continue
 					}
 					inFlight.Add(-1)
-					lastAck.Store(time.Now().UnixNano())
+					lastAck.touch()
 					j := v.(*job)
 					if j.tries >= 3 {
 						fail(fmt.Errorf("chunk %d refused by the receiver %d times, last: %s", i, j.tries, reason))
@@ -939,13 +937,13 @@ func (s *sender) transfer(ctx context.Context, cands []int64, acked, zeros map[i
 		case <-ticker.C:
 			flushAcks()
 			s.progress("transfer")
-			if keepAlive > 0 && time.Since(time.Unix(0, lastSent.Load())) > keepAlive {
+			if keepAlive > 0 && lastSent.age() > keepAlive {
 				select {
 				case queue <- &job{alive: true}:
 				default: // full: frames are on their way anyway
 				}
 			}
-			if inFlight.Load() > 0 && time.Since(time.Unix(0, lastAck.Load())) > stallTimeout {
+			if inFlight.Load() > 0 && lastAck.age() > stallTimeout {
 				s.mu.Lock()
 				acked := s.stats.ChunksDone
 				s.mu.Unlock()

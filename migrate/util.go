@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"io"
 	"path/filepath"
+	"sync/atomic"
+	"time"
 )
 
 func jsonUnmarshal(b []byte, v any) error { return json.Unmarshal(b, v) }
@@ -28,3 +30,20 @@ func readChunk(r io.ReaderAt, b []byte, off int64) error {
 }
 
 func dirOf(p string) string { return filepath.Dir(p) }
+
+// stamp is when something last happened, set and read by several
+// goroutines, on the monotonic clock: unix nanos on the wall clock would
+// make an NTP step or a resumed VM time a live peer out, or keep a dead
+// one, for as long as the step.
+type stamp struct {
+	base  time.Time    // with its monotonic reading
+	since atomic.Int64 // of the last event, from base
+}
+
+func newStamp() *stamp { return &stamp{base: time.Now()} }
+
+func (s *stamp) touch() { s.since.Store(int64(time.Since(s.base))) }
+
+// age is how long ago the last event was (since the stamp was made, if
+// none was).
+func (s *stamp) age() time.Duration { return time.Since(s.base) - time.Duration(s.since.Load()) }
