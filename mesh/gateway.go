@@ -49,6 +49,7 @@ type Gateway struct {
 	dev      Device
 
 	ml      *memberlist.Memberlist
+	gossip  *gossipTransport
 	traffic gossipTraffic // counted by the gossip transport
 	queue   *memberlist.TransmitLimitedQueue
 	members *membership
@@ -353,8 +354,12 @@ func (g *Gateway) Run(parent context.Context) error {
 			}
 		})
 	}
-	g.joinSeeds(g.s.Seeds)
-	close(g.joined)
+	// Beside the rest: memberlist's join cannot be cancelled, and a stop
+	// must not wait for seeds that do not answer.
+	wg.Go(func() {
+		g.joinSeeds(g.s.Seeds)
+		close(g.joined)
+	})
 	<-ctx.Done()
 
 	if !g.crashed.Load() {
@@ -364,6 +369,7 @@ func (g *Gateway) Run(parent context.Context) error {
 			g.log.Warn("leave", "err", err)
 		}
 	}
+	g.gossip.abortStreams() // left: joins and exchanges under way end now
 	enrollEndpoint.Close()
 	opEndpoint.Close()
 	ctl.Close()
@@ -488,6 +494,7 @@ func (g *Gateway) startGossip() error {
 		return fmt.Errorf("start gossip: %w", err)
 	}
 	cfg.Transport = t
+	g.gossip = t
 	ml, err := memberlist.Create(cfg)
 	if err != nil {
 		cfg.Transport.Shutdown()
@@ -739,6 +746,8 @@ func (g *Gateway) maintain(ctx context.Context) {
 	// starting close that gap.
 	settle := []time.Duration{time.Second, 3 * time.Second}
 	var rejoining atomic.Bool // a rejoin round is knocking
+	var rejoins sync.WaitGroup
+	defer rejoins.Wait()
 	for {
 		select {
 		case <-ctx.Done():
@@ -758,10 +767,10 @@ func (g *Gateway) maintain(ctx context.Context) {
 				// that are gone for good would hold up the certificate
 				// sweep and the expiry refresh for as long.
 				targets := g.rejoinTargets()
-				go func() {
+				rejoins.Go(func() {
 					defer rejoining.Store(false)
 					g.join(targets)
-				}()
+				})
 			}
 		case <-refresh.C:
 			g.members.refresh()

@@ -1,6 +1,7 @@
 package mesh
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -30,6 +31,10 @@ type gossipTransport struct {
 	wg       sync.WaitGroup
 	shutdown atomic.Bool
 	done     chan struct{} // closed by Shutdown: hand-overs nobody takes are dropped
+	// dials ends with stopDials: the streams we open, and those being
+	// opened, end with it.
+	dials     context.Context
+	stopDials context.CancelFunc
 }
 
 var _ memberlist.NodeAwareTransport = (*gossipTransport)(nil)
@@ -93,6 +98,7 @@ func newGossipTransport(bind netip.AddrPort, log *slog.Logger, traffic *gossipTr
 		}
 	}
 	t := &gossipTransport{log: log, traffic: traffic, udp: udp, tcp: tcp, packets: make(chan *memberlist.Packet), streams: make(chan net.Conn), done: make(chan struct{})}
+	t.dials, t.stopDials = context.WithCancel(context.Background())
 	t.wg.Add(2)
 	go t.readPackets()
 	go t.acceptStreams()
@@ -151,7 +157,7 @@ func (t *gossipTransport) DialTimeout(addr string, timeout time.Duration) (net.C
 
 func (t *gossipTransport) DialAddressTimeout(a memberlist.Address, timeout time.Duration) (net.Conn, error) {
 	d := net.Dialer{Timeout: timeout}
-	c, err := d.Dial("tcp", a.Addr)
+	c, err := d.DialContext(t.dials, "tcp", a.Addr)
 	if err != nil {
 		return nil, err
 	}
@@ -160,7 +166,24 @@ func (t *gossipTransport) DialAddressTimeout(a memberlist.Address, timeout time.
 	// would hold the sender for good. The whole exchange gets what the
 	// dial got.
 	c.SetDeadline(time.Now().Add(timeout))
-	return t.counted(c), nil
+	return &outgoingConn{Conn: t.counted(c), stop: context.AfterFunc(t.dials, func() { c.Close() })}, nil
+}
+
+// abortStreams ends the streams we have opened or are opening, and fails
+// those we would open: a stopping gateway does not wait out a join or a
+// state exchange with a peer that does not answer (memberlist's joins
+// cannot be cancelled, and each seed could take twice its TCP timeout).
+func (t *gossipTransport) abortStreams() { t.stopDials() }
+
+// outgoingConn is a stream we opened, closed by abortStreams.
+type outgoingConn struct {
+	net.Conn
+	stop func() bool
+}
+
+func (c *outgoingConn) Close() error {
+	c.stop()
+	return c.Conn.Close()
 }
 
 func (t *gossipTransport) StreamCh() <-chan net.Conn { return t.streams }
@@ -170,6 +193,7 @@ func (t *gossipTransport) Shutdown() error {
 		return nil
 	}
 	close(t.done)
+	t.stopDials()
 	t.tcp.Close()
 	t.udp.Close()
 	t.wg.Wait()

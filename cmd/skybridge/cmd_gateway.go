@@ -67,6 +67,9 @@ func gatewayRun(c *cli.Context) error {
 	}
 	ctx, stop := signal.NotifyContext(c.Context, syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
+	// Stopping takes a few seconds (leaving the mesh, ending migrations);
+	// a second signal ends the process at once, as without the handler.
+	context.AfterFunc(ctx, stop)
 	token := c.String("join-token")
 	if f := c.String("join-token-file"); f != "" {
 		if token != "" {

@@ -1,0 +1,98 @@
+package mesh
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/skybridge-mesh/skybridge/certs"
+)
+
+// silentSeed accepts gossip connections and never answers them, like a
+// seed behind a firewall that lets the handshake through, or a hung
+// gateway; it reports each connection it accepts.
+func silentSeed(t *testing.T) (string, <-chan struct{}) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	accepted := make(chan struct{}, 16)
+	var held []net.Conn
+	var mu sync.Mutex
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			held = append(held, c)
+			mu.Unlock()
+			select {
+			case accepted <- struct{}{}:
+			default:
+			}
+		}
+	}()
+	t.Cleanup(func() {
+		ln.Close()
+		mu.Lock()
+		for _, c := range held {
+			c.Close()
+		}
+		mu.Unlock()
+	})
+	return ln.Addr().String(), accepted
+}
+
+// TestGatewayStopsDespiteSilentSeeds: a gateway asked to stop while it is
+// joining through seeds that never answer stops within seconds. With the
+// WAN profile each seed could hold the join for 30 s, twice, and a stop
+// used to wait for the join to give up on every one of them.
+func TestGatewayStopsDespiteSilentSeeds(t *testing.T) {
+	ca, err := certs.InitCA(filepath.Join(t.TempDir(), "ca"), certs.InitOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tb, err := ca.TrustBundle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	s := liveSettings(t, dir)
+	s.GossipProfile = "wan"
+	s.Node = provisionGateway(t, ca, tb, certs.Attributes{Node: "gw-stop", Site: "s", Region: "r", Provider: "onprem", Jurisdiction: "CH",
+		OverlayIP: netip.MustParseAddr("100.96.9.1")}, time.Hour, s.Identity.Dir)
+	seed1, accepted1 := silentSeed(t)
+	seed2, _ := silentSeed(t)
+	s.Seeds = []string{seed1, seed2}
+	g, err := newGateway(context.Background(), s, slog.New(slog.NewTextHandler(io.Discard, nil)), options{device: NewRecordingDevice("stop"), noControl: true, noMigrations: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { done <- g.Run(ctx) }()
+	select {
+	case <-accepted1:
+	case <-time.After(40 * time.Second): // the other seed first, up to its 30 s
+		t.Fatal("the gateway never knocked on its first seed")
+	}
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("Run: %v", err)
+		}
+	case <-time.After(15 * time.Second):
+		t.Fatal("the gateway was still stopping 15 s after it was asked to, held by seeds that do not answer")
+	}
+}
