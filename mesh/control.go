@@ -148,9 +148,13 @@ func (g *Gateway) serveControl() (io.Closer, error) {
 		rep, err := g.VerifyImage(r.PathValue("name"))
 		reply(w, rep, err)
 	})
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	// Requests end with the socket: a rotation or burst under way must
+	// not go on working on a gateway that has stopped.
+	base, stop := context.WithCancel(context.Background())
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second, BaseContext: func(net.Listener) context.Context { return base }}
 	go srv.Serve(ln)
 	return closerFunc(func() error {
+		stop()
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 		defer cancel()
 		err := srv.Shutdown(ctx)

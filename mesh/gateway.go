@@ -68,6 +68,7 @@ type Gateway struct {
 	opt     options
 	joined  chan struct{} // closed once the first join (to the seeds) returned
 	crashed atomic.Bool   // stopped without leaving (tests and benchmarks)
+	leaving atomic.Bool   // Run is stopping: no more news to gossip
 
 	// Owned by the reconcile loop.
 	lastApplied map[certs.WGPublicKey]PeerConfig
@@ -362,6 +363,7 @@ func (g *Gateway) Run(parent context.Context) error {
 	})
 	<-ctx.Done()
 
+	g.leaving.Store(true)
 	if !g.crashed.Load() {
 		g.log.Info("gateway stopping: leaving the cluster")
 		g.announceLeaving()
@@ -372,6 +374,7 @@ func (g *Gateway) Run(parent context.Context) error {
 	g.gossip.abortStreams() // left: joins and exchanges under way end now
 	enrollEndpoint.Close()
 	opEndpoint.Close()
+	g.cancelSends() // before the control socket closes: their clients get the final record
 	ctl.Close()
 	wg.Wait()
 	g.ml.Shutdown()
@@ -405,6 +408,18 @@ func (g *Gateway) stopMigrations() {
 	if g.mig == nil {
 		return
 	}
+	g.cancelSends()
+	if g.mig.served != nil { // it ends with Run's context
+		<-g.mig.served
+	}
+	g.mig.journal.Close()
+}
+
+// cancelSends cancels the migrations we send, and waits for them to end.
+func (g *Gateway) cancelSends() {
+	if g.mig == nil {
+		return
+	}
 	g.mig.mu.Lock()
 	runs := make([]*runningMigration, 0, len(g.mig.running))
 	for _, r := range g.mig.running {
@@ -419,10 +434,6 @@ func (g *Gateway) stopMigrations() {
 	for _, r := range runs {
 		<-r.done
 	}
-	if g.mig.served != nil { // it ends with Run's context
-		<-g.mig.served
-	}
-	g.mig.journal.Close()
 }
 
 // advertiseLoad re-signs and re-gossips the advert when the load changes,

@@ -173,6 +173,9 @@ func (g *Gateway) advertiseNow() error {
 	if err := g.signAdvert(); err != nil {
 		return err
 	}
+	if g.leaving.Load() {
+		return nil // memberlist takes no news from a member that left: it would wait its 5 s
+	}
 	if err := g.ml.UpdateNode(5 * time.Second); err != nil {
 		g.log.Debug("advert broadcast", "err", err)
 	}
