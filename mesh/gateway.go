@@ -69,6 +69,9 @@ type Gateway struct {
 	joined  chan struct{} // closed once the first join (to the seeds) returned
 	crashed atomic.Bool   // stopped without leaving (tests and benchmarks)
 	leaving atomic.Bool   // Run is stopping: no more news to gossip
+	// runCtx is Run's context, for work the worker does on its behalf
+	// (a keyring write to Vault) that must not hold up a stop.
+	runCtx context.Context
 
 	// Owned by the reconcile loop.
 	lastApplied map[certs.WGPublicKey]PeerConfig
@@ -292,8 +295,9 @@ func (g *Gateway) Run(parent context.Context) error {
 	// *BurstEndedError).
 	ctx, stop := context.WithCancelCause(parent)
 	defer stop(nil)
+	g.runCtx = ctx
 	// What start-up has set up, undone in reverse if a later step fails.
-	undo := []func(){g.closeDevice, g.stopMigrations}
+	undo := []func(){g.prov.Close, g.closeDevice, g.stopMigrations}
 	fail := func(err error) error {
 		stop(err) // what has started ends with the context
 		for _, u := range slices.Backward(undo) {

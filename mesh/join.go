@@ -193,8 +193,11 @@ func Join(ctx context.Context, s *Settings, token string, log *slog.Logger) (*En
 	if enr != nil && tok.ID == enr.TokenID {
 		return nil, &BurstEndedError{Site: enr.Site, Node: enr.Node, Reason: enr.Reason}
 	}
-	if tok.Expired(time.Now()) {
-		return nil, fmt.Errorf("join token %s expired at %s: ask for a new one with `skybridge burst up`", tok.ID, tok.Expires.UTC().Format(time.RFC3339))
+	// The enroller judges the token by its own clock; ours may run ahead
+	// of it by as much as the mesh allows for.
+	if now := time.Now(); tok.Expired(now.Add(-certs.MaxClockSkew)) {
+		return nil, fmt.Errorf("join token %s expired at %s (this machine's clock says %s): ask for a new one with `skybridge burst up`",
+			tok.ID, tok.Expires.UTC().Format(time.RFC3339), now.UTC().Format(time.RFC3339))
 	}
 	if tok.Vault != nil {
 		return joinVault(ctx, dir, tok, log)

@@ -24,8 +24,8 @@ import (
 const (
 	msgLeaving     byte = 9 // node, unix time, signature: "I am leaving on purpose"
 	leavingDomain       = "skybridge leaving v1\x00"
-	leavingSkew         = 2 * time.Minute // how far the stated time may be from ours
-	leavingMatches      = time.Minute     // a leave notice and the departure belong together within this
+	leavingSkew         = certs.MaxClockSkew // how far the stated time may be from ours
+	leavingMatches      = time.Minute        // a leave notice and the departure belong together within this
 )
 
 func leavingDigest(node string, at int64) []byte {

@@ -42,7 +42,7 @@ const (
 	opRemoveHash    = "remove-sha256"
 
 	keyringOpDomain = "skybridge keyring op v1\x00"
-	keyringOpMaxAge = 2 * time.Minute
+	keyringOpMaxAge = certs.MaxClockSkew
 	keyringAckWait  = 15 * time.Second
 )
 
@@ -82,26 +82,28 @@ type opLog struct {
 	ids map[string]time.Time
 }
 
-func (g *Gateway) handleKeyringOp(m message) error {
+func parseKeyringOp(m message) (*keyringOp, error) {
 	if err := m.want(7); err != nil {
-		return err
+		return nil, err
 	}
 	at, err := readU64(m.fields[3])
 	if err != nil {
+		return nil, err
+	}
+	return &keyringOp{kind: string(m.fields[0]), key: m.fields[1], id: m.fields[2], at: time.Unix(0, int64(at)),
+		initiator: string(m.fields[4]), certDER: m.fields[5], sig: m.fields[6]}, nil
+}
+
+func (g *Gateway) handleKeyringOp(m message) error {
+	op, err := parseKeyringOp(m)
+	if err != nil {
 		return err
 	}
-	op := &keyringOp{kind: string(m.fields[0]), key: m.fields[1], id: m.fields[2], at: time.Unix(0, int64(at)),
-		initiator: string(m.fields[4]), certDER: m.fields[5], sig: m.fields[6]}
-	if err := g.verifyKeyringOp(op); err != nil {
-		g.log.Warn("refused gossip keyring operation", "peer", op.initiator, "err", err)
-		return err
-	}
-	// The answer goes on a stream, from a goroutine: a lost one would
-	// fail the step, and the worker is not held up meanwhile.
-	if err := g.applyKeyringOp(op); err != nil {
-		g.log.Error("gossip keyring operation failed", "op", op.kind, "peer", op.initiator, "err", err)
-		// The initiator is told why: otherwise it waits out its limit
-		// and can only say that no acknowledgement came.
+	// The initiator is told why a step it signed is not taken: otherwise
+	// it waits out its limit and can only say that no acknowledgement
+	// came. (An operation that does not verify gets no answer: its
+	// initiator may be made up.)
+	refuse := func(err error) {
 		why := err.Error()
 		if len(why) > maxRefusal {
 			why = strings.ToValidUTF8(why[:maxRefusal], "")
@@ -110,6 +112,19 @@ func (g *Gateway) handleKeyringOp(m message) error {
 		if serr == nil {
 			g.goSend(func() error { return g.sendStream(op.initiator, refusal) }, op.initiator)
 		}
+	}
+	if err := g.verifyKeyringOp(op); err != nil {
+		g.log.Warn("refused gossip keyring operation", "peer", op.initiator, "err", err)
+		if errors.Is(err, errOpTime) {
+			refuse(err)
+		}
+		return err
+	}
+	// The answer goes on a stream, from a goroutine: a lost one would
+	// fail the step, and the worker is not held up meanwhile.
+	if err := g.applyKeyringOp(g.runCtx, op); err != nil {
+		g.log.Error("gossip keyring operation failed", "op", op.kind, "peer", op.initiator, "err", err)
+		refuse(err)
 		return err
 	}
 	ack, err := g.signedAck(msgKeyringAck, op.id)
@@ -128,11 +143,11 @@ const rotationSends = 16
 // operation.
 const maxRefusal = 400
 
+// errOpTime refuses a keyring operation dated too far from our clock.
+var errOpTime = errors.New("dated too far from this gateway's clock")
+
 func (g *Gateway) verifyKeyringOp(op *keyringOp) error {
 	now := g.now()
-	if d := now.Sub(op.at); d > keyringOpMaxAge || d < -keyringOpMaxAge {
-		return fmt.Errorf("operation dated %s is stale or from the future", op.at.Format(time.RFC3339))
-	}
 	cert, err := x509.ParseCertificate(op.certDER)
 	if err != nil {
 		return err
@@ -147,6 +162,11 @@ func (g *Gateway) verifyKeyringOp(op *keyringOp) error {
 	pub, ok := cert.PublicKey.(*ecdsa.PublicKey)
 	if !ok || !ecdsa.VerifyASN1(pub, op.digest(), op.sig) {
 		return fmt.Errorf("bad signature")
+	}
+	// Checked once the signature is: the initiator is then who it says,
+	// and may be told.
+	if d := now.Sub(op.at); d > keyringOpMaxAge || d < -keyringOpMaxAge {
+		return fmt.Errorf("operation %w: it says %s, this clock %s (%s allowed)", errOpTime, op.at.UTC().Format(time.RFC3339), now.UTC().Format(time.RFC3339), keyringOpMaxAge)
 	}
 	g.ops.Lock()
 	defer g.ops.Unlock()
@@ -181,7 +201,7 @@ func (g *Gateway) installedKey(sum []byte) ([]byte, error) {
 }
 
 // applyKeyringOp changes the live keyring and the stored one together.
-func (g *Gateway) applyKeyringOp(op *keyringOp) error {
+func (g *Gateway) applyKeyringOp(ctx context.Context, op *keyringOp) error {
 	kind, key := op.kind, op.key
 	switch kind {
 	case opInstallSealed:
@@ -217,14 +237,14 @@ func (g *Gateway) applyKeyringOp(op *keyringOp) error {
 	}
 	live := g.keyring.GetKeys() // primary first
 	update := func(*certs.GossipKeyring) (*certs.GossipKeyring, error) { return certs.NewGossipKeyring(live) }
-	if err := g.prov.Secrets().UpdateGossipKeyring(context.Background(), update); err != nil {
+	if err := g.prov.Secrets().UpdateGossipKeyring(ctx, update); err != nil {
 		return err
 	}
 	// The CA directory's copy is the one `skybridge ca issue` hands to new
 	// gateways: left behind, they would get a key the mesh no longer
 	// takes. (A CA kept off every gateway needs it copied by hand.)
 	if ca, ok := g.prov.Issuer().(*certs.CA); ok {
-		if err := ca.Secrets().UpdateGossipKeyring(context.Background(), update); err != nil {
+		if err := ca.Secrets().UpdateGossipKeyring(ctx, update); err != nil {
 			return fmt.Errorf("the CA directory's gossip keyring: %w", err)
 		}
 	}
@@ -332,7 +352,7 @@ func (g *Gateway) rotationStep(ctx context.Context, kind string, key []byte, mem
 	for len(g.acks) > 0 {
 		<-g.acks
 	}
-	if err := g.applyKeyringOp(op); err != nil {
+	if err := g.applyKeyringOp(ctx, op); err != nil {
 		return err
 	}
 	// Sent from goroutines, a few at a time (a stream each: dial, write,

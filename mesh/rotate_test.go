@@ -3,6 +3,8 @@ package mesh
 import (
 	"bytes"
 	"context"
+	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
@@ -57,6 +59,31 @@ func TestGossipKeyRotation(t *testing.T) {
 	}
 	if took := time.Since(start); took >= keyringAckWait {
 		t.Errorf("the refusal took %s, as long as waiting for an acknowledgement", took.Round(time.Millisecond))
+	}
+
+	// A step from a gateway whose clock differs by minutes is taken, as
+	// its certificate and adverts are; by more, it is refused saying so.
+	for i, tc := range []struct {
+		off time.Duration
+		ok  bool
+	}{{-3 * time.Minute, true}, {3 * time.Minute, true}, {-6 * time.Minute, false}, {6 * time.Minute, false}} {
+		op := &keyringOp{kind: opInstall, key: nk, id: []byte(fmt.Sprintf("skew-%011d", i)), at: time.Now().Add(tc.off), initiator: "op0", certDER: a.g.id.Load().Certificate().Raw}
+		msg, err := a.g.keyringOpFor(op, "op1")
+		if err != nil {
+			t.Fatal(err)
+		}
+		dm, err := decodeMessage(msg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, err := parseKeyringOp(dm)
+		if err != nil {
+			t.Fatal(err)
+		}
+		err = m.gws[1].g.verifyKeyringOp(got)
+		if tc.ok && err != nil || !tc.ok && !errors.Is(err, errOpTime) {
+			t.Errorf("a step dated %s from op1's clock: %v", tc.off, err)
+		}
 	}
 
 	// What each step sends a member: the key sealed to it, or its hash.

@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"os"
 	"path/filepath"
 	"sync"
 	"testing"
@@ -95,4 +96,29 @@ func TestGatewayStopsDespiteSilentSeeds(t *testing.T) {
 	case <-time.After(15 * time.Second):
 		t.Fatal("the gateway was still stopping 15 s after it was asked to, held by seeds that do not answer")
 	}
+}
+
+// TestRotationScheduleFromTheFuture: a last WireGuard rotation recorded
+// in the future (the clock was wrong then) is counted from now, not from
+// then: scheduled rotation would otherwise wait for the clock to get there.
+func TestRotationScheduleFromTheFuture(t *testing.T) {
+	ca, err := certs.InitCA(filepath.Join(t.TempDir(), "ca"), certs.InitOptions{MeshPrefix: netip.MustParsePrefix("100.64.0.0/10")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	future := time.Now().Add(365 * 24 * time.Hour).UTC().Truncate(time.Second)
+	lg := startLiveGatewayWith(t, ca, dir, 0, "s", nil, io.Discard, func(s *Settings) {
+		s.WGRotateEvery = 24 * time.Hour
+		if err := os.MkdirAll(s.StateDir, 0o700); err != nil {
+			t.Fatal(err)
+		}
+		if err := stateDir(s.StateDir).markRotated(future); err != nil {
+			t.Fatal(err)
+		}
+	})
+	waitUntil(t, 10*time.Second, "the rotation schedule to count from now", func() bool {
+		at, err := lg.g.state.rotatedAt()
+		return err == nil && time.Since(at).Abs() < time.Minute
+	})
 }

@@ -256,6 +256,14 @@ func (g *Gateway) rotateOnSchedule(ctx context.Context) {
 		if err := g.state.markRotated(last); err != nil {
 			g.log.Warn("record the rotation schedule's start", "err", err)
 		}
+	} else if now := g.now(); last.After(now.Add(certs.MaxClockSkew)) {
+		// Recorded while the clock was wrong: counted from then, the
+		// schedule would wait for the clock to get there.
+		g.log.Warn("the last WireGuard rotation is recorded in the future (was the clock wrong?); counting from now", "recorded", last, "now", now)
+		last = now
+		if err := g.state.markRotated(last); err != nil {
+			g.log.Warn("record the rotation schedule's start", "err", err)
+		}
 	}
 	g.wgRotated.CompareAndSwap(0, last.UnixNano())
 	var retryAt time.Time // after a failure: not before this
