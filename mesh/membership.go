@@ -41,8 +41,11 @@ type member struct {
 	left         bool            // left on purpose (it said so, signed), rather than declared dead
 	leavingAt    time.Time       // when its signed leave notice arrived
 	lastVerified *certs.Verified // kept when it dies, to check its leave notice
-	changed      time.Time
-	stranger     bool // listed only because admit refused it: never alive here
+	// renewing: verified, its new advert names a certificate not fetched
+	// yet; the advert verified last stands meanwhile.
+	renewing bool
+	changed  time.Time
+	stranger bool // listed only because admit refused it: never alive here
 }
 
 // membership is the gateway's verified view of the mesh. The memberlist
@@ -404,7 +407,7 @@ func (ms *membership) judgeLocked(m *member) (needCert bool) {
 				return false
 			}
 		}
-		m.state, m.verified = StateDead, nil
+		m.state, m.verified, m.renewing = StateDead, nil, false
 		return false
 	}
 	sa, err := certs.DecodeAdvert(m.meta)
@@ -420,9 +423,20 @@ func (ms *membership) judgeLocked(m *member) (needCert bool) {
 	}
 	cert := ms.certs[sa.CertHash]
 	if cert == nil {
-		m.verified, m.state, m.reason = nil, StatePending, "waiting for its certificate"
+		// Renewed: until its new certificate is fetched, the advert
+		// verified last stands while its certificate does. Pending, the
+		// member would drop out of every peer's plan, its tunnels down
+		// for as long as the fetch takes, at every renewal.
+		if prev == StateVerified && m.verified != nil {
+			if _, err := ms.cache.VerifyCertificate(ms.trust, m.verified.Cert, ms.now()); err == nil {
+				m.renewing = true
+				return true
+			}
+		}
+		m.verified, m.state, m.reason, m.renewing = nil, StatePending, "waiting for its certificate", false
 		return true
 	}
+	m.renewing = false
 	v, err := ms.cache.VerifyAdvert(m.meta, cert, ms.trust, ms.now(), m.seen)
 	if err == nil {
 		err = ms.conflictLocked(m.name, v)
@@ -438,7 +452,7 @@ func (ms *membership) judgeLocked(m *member) (needCert bool) {
 // refuseLocked refuses a member; a refusal that is new (not the same
 // member judged again) is counted.
 func (ms *membership) refuseLocked(m *member, prev MemberState, err error) {
-	m.verified, m.state, m.reason = nil, StateRefused, err.Error()
+	m.verified, m.state, m.reason, m.renewing = nil, StateRefused, err.Error(), false
 	if prev != StateRefused && ms.onRefuse != nil {
 		ms.onRefuse(m.name, rejectionReason(err), err)
 	}
@@ -651,13 +665,14 @@ func (ms *membership) certificates(max int) [][]byte {
 	return out
 }
 
-// pending lists the members waiting for their certificate.
+// pending lists the members waiting for their certificate (a renewed one
+// included).
 func (ms *membership) pending() []string {
 	ms.mu.Lock()
 	defer ms.mu.Unlock()
 	var out []string
 	for _, m := range ms.members {
-		if m.state == StatePending {
+		if m.state == StatePending || m.renewing {
 			out = append(out, m.name)
 		}
 	}
@@ -818,6 +833,9 @@ func (ms *membership) rejudgeLocked() (changed bool) {
 		// own judgement only): the same state again is not news (a
 		// refusal counted and logged every pass).
 		m.state = p.state
+		if m.renewing { // the advert it stands on meanwhile
+			m.verified = p.v
+		}
 		ms.judgeLocked(m)
 		// The advert is the same bytes as before, so two verifications
 		// of it hold the same claims.

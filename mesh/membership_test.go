@@ -775,3 +775,52 @@ func TestMembershipBoundsPending(t *testing.T) {
 		t.Fatalf("below the bound: %v", err)
 	}
 }
+
+// TestMembershipRenewal: a member that renews its certificate stays
+// verified, on the advert verified last, until its new certificate is
+// fetched (pending, it dropped out of every peer's plan at each renewal);
+// its certificate is asked for meanwhile. Not if the old certificate is
+// revoked: then it waits as any newcomer does.
+func TestMembershipRenewal(t *testing.T) {
+	f := newFixture(t)
+	changes := 0
+	ms := newMembership("self", f.trust(), func() time.Time { return f.now }, func() { changes++ })
+	old := f.identity("gw-a", "site-a", 1, f.now.Add(-time.Hour))
+	ms.addCert(old.Certificate().Raw)
+	oldAdvert := f.advert(old, 1)
+	ms.update("gw-a", gossipAddr, oldAdvert)
+	if got := states(ms); got["gw-a"] != StateVerified {
+		t.Fatalf("before renewal: %v", got)
+	}
+	renewed := f.identity("gw-a", "site-a", 1, f.now)
+	if !ms.update("gw-a", gossipAddr, f.advert(renewed, 2)) {
+		t.Fatal("the renewed certificate was not asked for")
+	}
+	gws := ms.gateways()
+	if got := states(ms); got["gw-a"] != StateVerified || len(gws) != 1 || gws[0].Advert.Version != 1 {
+		t.Fatalf("renewed, new certificate not fetched yet: %v, gateways %+v; want verified on the advert verified last", got, gws)
+	}
+	if p := ms.pending(); !slices.Equal(p, []string{"gw-a"}) {
+		t.Fatalf("certificates to fetch: %v, want gw-a's", p)
+	}
+	ms.refresh()
+	if got := states(ms); got["gw-a"] != StateVerified {
+		t.Fatalf("renewing, re-judged: %v", got)
+	}
+	ms.addCert(renewed.Certificate().Raw)
+	if gws := ms.gateways(); len(gws) != 1 || gws[0].Advert.Version != 2 || len(ms.pending()) != 0 {
+		t.Fatalf("new certificate fetched: gateways %+v, pending %v; want the new advert", gws, ms.pending())
+	}
+
+	// Renewed again while the certificate it had is revoked: no longer
+	// a certificate to stand on.
+	again := f.identity("gw-a", "site-a", 1, f.now.Add(time.Minute))
+	if _, err := f.ca.RevokeSerials([]*big.Int{renewed.Certificate().SerialNumber}, "keyCompromise", f.now); err != nil {
+		t.Fatal(err)
+	}
+	ms.setTrust(f.trust())
+	ms.update("gw-a", gossipAddr, f.advert(again, 3))
+	if got := states(ms); got["gw-a"] != StatePending || len(ms.gateways()) != 0 {
+		t.Fatalf("renewed with its last certificate revoked: %v, %d gateways; want pending", got, len(ms.gateways()))
+	}
+}

@@ -21,6 +21,7 @@ type RecordingDevice struct {
 	peers   map[wgtypes.Key]wgtypes.Peer
 	routes  []netip.Prefix
 	applies int
+	removed int // peers removed (by name or by replacing them all)
 }
 
 // NewRecordingDevice makes an empty recording device.
@@ -50,12 +51,16 @@ func (d *RecordingDevice) Configure(c wgtypes.Config) error {
 	defer d.mu.Unlock()
 	d.applies++
 	if c.ReplacePeers {
+		d.removed += len(d.peers)
 		d.peers = map[wgtypes.Key]wgtypes.Peer{}
 	}
 	for _, pc := range c.Peers {
 		p, exists := d.peers[pc.PublicKey]
 		switch {
 		case pc.Remove:
+			if exists {
+				d.removed++
+			}
 			delete(d.peers, pc.PublicKey)
 			continue
 		case pc.UpdateOnly && !exists:
@@ -76,6 +81,13 @@ func (d *RecordingDevice) Configure(c wgtypes.Config) error {
 		d.peers[pc.PublicKey] = p
 	}
 	return nil
+}
+
+// Removed counts the peers removed so far: a tunnel that went down.
+func (d *RecordingDevice) Removed() int {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.removed
 }
 
 // Peers returns the recorded peers by public key.

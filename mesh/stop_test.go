@@ -122,3 +122,30 @@ func TestRotationScheduleFromTheFuture(t *testing.T) {
 		return err == nil && time.Since(at).Abs() < time.Minute
 	})
 }
+
+// TestRenewalKeepsTunnels: when a gateway renews its certificate and
+// re-advertises, its peers adopt the new certificate without taking its
+// tunnel down meanwhile.
+func TestRenewalKeepsTunnels(t *testing.T) {
+	m := startLiveMesh(t)
+	a := m.gws[0].g
+	removed := []int{m.gws[1].dev.Removed(), m.gws[2].dev.Removed()}
+	id, err := m.ca.IssueIdentity(*a.id.Load().Attributes(), time.Hour, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	tb, err := m.ca.TrustBundle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.renewed(id, tb)
+	for i, lg := range m.gws[1:] {
+		waitUntil(t, 20*time.Second, lg.g.s.Node.Name+" to adopt op0's new certificate", func() bool {
+			v := lg.g.members.verified("op0")
+			return v != nil && v.Cert.Equal(id.Certificate())
+		})
+		if n := lg.dev.Removed(); n != removed[i] {
+			t.Errorf("%s removed %d peers while op0 renewed", lg.g.s.Node.Name, n-removed[i])
+		}
+	}
+}
