@@ -62,7 +62,7 @@ type Receiver struct {
 	// opening holds the IDs open is setting up, from before it reads
 	// their record until their session is in sessions (or it failed):
 	// forgetAbandoned leaves them alone.
-	opening map[string]string // ID → image name
+	opening map[string]receiveLoad // by ID
 	// held is each receive's share of the image store's free space.
 	held map[string]*reservation
 	// serving counts the Serve calls running; when the last ends,
@@ -92,7 +92,7 @@ func NewReceiver(cfg ReceiverConfig) (*Receiver, error) {
 	if err != nil {
 		return nil, err
 	}
-	r := &Receiver{cfg: cfg, dec: dec, sessions: map[string]*session{}, opening: map[string]string{}, held: map[string]*reservation{}}
+	r := &Receiver{cfg: cfg, dec: dec, sessions: map[string]*session{}, opening: map[string]receiveLoad{}, held: map[string]*reservation{}}
 	if err := r.recoverStores(); err != nil {
 		return nil, fmt.Errorf("image store: %w", err)
 	}
@@ -639,7 +639,12 @@ func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision, log
 		r.mu.Unlock()
 		return nil, nil, fmt.Errorf("image %q is being received by migration %s; send it again when that one has ended", o.Name, id)
 	}
-	r.opening[o.ID] = o.Name
+	load := receiveLoad{id: o.ID, name: o.Name, from: from.Node, buffers: streamBuffers(o)}
+	if err := admitLoad(r.loadsLocked(), load); err != nil {
+		r.mu.Unlock()
+		return nil, nil, err
+	}
+	r.opening[o.ID] = load
 	r.mu.Unlock()
 	defer func() {
 		r.mu.Lock()
@@ -774,11 +779,23 @@ func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision, log
 	return s, acc, nil
 }
 
+// loadsLocked lists the receives under way and being opened. r.mu is held.
+func (r *Receiver) loadsLocked() []receiveLoad {
+	out := make([]receiveLoad, 0, len(r.sessions)+len(r.opening))
+	for _, l := range r.opening {
+		out = append(out, l)
+	}
+	for id, s := range r.sessions {
+		out = append(out, receiveLoad{id: id, name: s.offer.Name, from: s.from.Node, buffers: streamBuffers(&s.offer)})
+	}
+	return out
+}
+
 // receivingName finds another migration receiving o's image name: its ID
 // and, unless it is still being opened, its session. r.mu is held.
 func (r *Receiver) receivingName(o *Offer) (string, *session) {
-	for id, name := range r.opening {
-		if name == o.Name && id != o.ID {
+	for id, l := range r.opening {
+		if l.name == o.Name && id != o.ID {
 			return id, nil
 		}
 	}

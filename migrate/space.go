@@ -87,3 +87,50 @@ func (r *Receiver) release(id string, v *reservation) {
 	}
 	r.mu.Unlock()
 }
+
+// What the receives under way hold of the receiver besides disk space:
+// one gateway sends at most maxSessionsPerPeer migrations here at once,
+// and all of them together hold at most maxReceiveBuffers of stream
+// buffers. An authenticated peer (or a careless `migrate apply
+// --parallel`) could otherwise open receives until memory ran out: a
+// receive of 32 streams of 32 MiB chunks holds 3 GiB.
+const (
+	maxSessionsPerPeer = 32
+	maxReceiveBuffers  = 1 << 30
+)
+
+// receiveLoad is a receive under way, or one being opened.
+type receiveLoad struct {
+	id, name, from string
+	buffers        int64
+}
+
+// streamBuffers is what a receive's streams may hold: two chunk buffers
+// each (one being received while the other is written) and one for a
+// compressed frame.
+func streamBuffers(o *Offer) int64 { return int64(o.Streams) * 3 * o.ChunkSize }
+
+// admitLoad says why a receive cannot start beside those under way. Those
+// it replaces do not count: an earlier attempt of its migration, and
+// another of its image from the same gateway (which supersedes it).
+func admitLoad(under []receiveLoad, l receiveLoad) error {
+	peer, buffers := 0, l.buffers
+	for _, u := range under {
+		if u.id == l.id || u.name == l.name && u.from == l.from {
+			continue
+		}
+		buffers += u.buffers
+		if u.from == l.from {
+			peer++
+		}
+	}
+	switch {
+	case peer >= maxSessionsPerPeer:
+		return fmt.Errorf("%s already sends %d migrations here, as many as one gateway may at once: send fewer at a time (migrate apply --parallel)", l.from, peer)
+	case l.buffers > maxReceiveBuffers:
+		return fmt.Errorf("the migration's streams would hold %s of buffers at the destination, more than all migrations there may (%s): use fewer streams", units.Bytes(l.buffers), units.Bytes(maxReceiveBuffers))
+	case buffers > maxReceiveBuffers:
+		return fmt.Errorf("the destination is receiving as many migrations as its buffers allow (%s): try again when one has ended, or send with fewer streams", units.Bytes(maxReceiveBuffers))
+	}
+	return nil
+}

@@ -3,6 +3,7 @@ package migrate
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -182,5 +183,63 @@ func TestReceiverHoldsSenderToItsChunks(t *testing.T) {
 	}
 	if typ, b := send(3); typ != frameError || !strings.Contains(string(b), "more chunks hold data than the 2 the offer said") {
 		t.Fatalf("a third chunk of 2 offered: answer type %d %q, want an error frame", typ, b)
+	}
+}
+
+func TestAdmitLoad(t *testing.T) {
+	const M = 1 << 20
+	peerFull := make([]receiveLoad, maxSessionsPerPeer)
+	for i := range peerFull {
+		peerFull[i] = receiveLoad{id: fmt.Sprint("m", i), name: fmt.Sprint("vm", i), from: "gw-a", buffers: 12 * M}
+	}
+	for _, tc := range []struct {
+		name  string
+		under []receiveLoad
+		l     receiveLoad
+		want  string // "" if admitted
+	}{
+		{"the first", nil, receiveLoad{id: "x", name: "vm", from: "gw-a", buffers: 12 * M}, ""},
+		{"a gateway's last allowed", peerFull[1:], receiveLoad{id: "x", name: "vm", from: "gw-a", buffers: 12 * M}, ""},
+		{"one too many from a gateway", peerFull, receiveLoad{id: "x", name: "vm", from: "gw-a", buffers: 12 * M}, "gw-a already sends 32 migrations here"},
+		{"another gateway beside them", peerFull, receiveLoad{id: "x", name: "vm", from: "gw-b", buffers: 12 * M}, ""},
+		{"a resume of one of them", peerFull, receiveLoad{id: "m3", name: "vm3", from: "gw-a", buffers: 12 * M}, ""},
+		{"a new send of one of their images", peerFull, receiveLoad{id: "y", name: "vm3", from: "gw-a", buffers: 12 * M}, ""},
+		{"more buffers than all may hold", nil, receiveLoad{id: "x", name: "vm", from: "gw-a", buffers: maxReceiveBuffers + 1}, "would hold 1.0 GiB of buffers"},
+		{"buffers full", []receiveLoad{{id: "m", name: "big", from: "gw-b", buffers: maxReceiveBuffers - 10*M}}, receiveLoad{id: "x", name: "vm", from: "gw-a", buffers: 12 * M}, "as many migrations as its buffers allow"},
+	} {
+		err := admitLoad(tc.under, tc.l)
+		if tc.want == "" && err != nil || tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)) {
+			t.Errorf("%s: %v; want %q", tc.name, err, tc.want)
+		}
+	}
+}
+
+// TestReceiverBoundsReceives: one gateway opens at most 32 receives at
+// once, and no receive may hold more stream buffers than all may.
+func TestReceiverBoundsReceives(t *testing.T) {
+	p := newPair(t, "DE")
+	offer := func(i int, streams int, chunk int64) (byte, []byte) {
+		c := p.dial(t, nil)
+		cw, cr := newFrameWriter(c), newFrameReader(c)
+		o := Offer{ID: fmt.Sprintf("bound%02d", i), Name: fmt.Sprintf("vm%02d", i), Class: "pii-eu", Format: FormatRaw, Size: mib, ChunkSize: chunk, Streams: streams}
+		if err := cw.json(frameOffer, o); err != nil {
+			t.Fatal(err)
+		}
+		typ, b, err := cr.next(nil)
+		if err != nil {
+			t.Fatalf("offer %d: %v", i, err)
+		}
+		return typ, b
+	}
+	if typ, b := offer(99, MaxStreams, 16*mib); typ != frameError || !strings.Contains(string(b), "use fewer streams") {
+		t.Fatalf("32 streams of 16 MiB chunks: answer type %d %q; want a refusal", typ, b)
+	}
+	for i := range maxSessionsPerPeer {
+		if typ, b := offer(i, 1, mib); typ != frameAccept {
+			t.Fatalf("receive %d of %d allowed: answer type %d %q", i+1, maxSessionsPerPeer, typ, b)
+		}
+	}
+	if typ, b := offer(maxSessionsPerPeer, 1, mib); typ != frameError || !strings.Contains(string(b), "gw-zrh already sends 32 migrations here") {
+		t.Fatalf("one receive too many: answer type %d %q; want a refusal", typ, b)
 	}
 }
