@@ -35,6 +35,10 @@ type gossipTransport struct {
 	// opened, end with it.
 	dials     context.Context
 	stopDials context.CancelFunc
+	// inbound counts the incoming streams not yet closed; warnedFull is
+	// when (unix seconds) that was last logged as too many.
+	inbound    atomic.Int64
+	warnedFull atomic.Int64
 }
 
 var _ memberlist.NodeAwareTransport = (*gossipTransport)(nil)
@@ -248,11 +252,41 @@ func (t *gossipTransport) acceptStreams() {
 			continue
 		}
 		delay = 0
-		select {
-		case t.streams <- t.counted(c):
-		case <-t.done:
+		// Before the gossip key is checked, a stream costs its reader a
+		// goroutine and a descriptor for up to the TCP timeout: a flood of
+		// them from anyone who can reach the port would run the gateway
+		// out of descriptors. Past the bound they are closed at once.
+		if t.inbound.Add(1) > maxInboundStreams {
+			t.inbound.Add(-1)
 			c.Close()
+			if now := time.Now().Unix(); t.warnedFull.Swap(now) != now {
+				t.log.Warn("gossip: too many incoming streams at once; closing new ones", "max", maxInboundStreams)
+			}
+			continue
+		}
+		in := &inboundConn{Conn: t.counted(c), n: &t.inbound}
+		select {
+		case t.streams <- in:
+		case <-t.done:
+			in.Close()
 			return
 		}
 	}
+}
+
+// maxInboundStreams bounds the gossip streams being read at once. A
+// gateway's peers open one each for a state exchange every 15 s or so,
+// and for the rare large message: a few at a time even in a large mesh.
+const maxInboundStreams = 256
+
+// inboundConn is an incoming stream, counted until it is closed.
+type inboundConn struct {
+	net.Conn
+	n    *atomic.Int64
+	once sync.Once
+}
+
+func (c *inboundConn) Close() error {
+	c.once.Do(func() { c.n.Add(-1) })
+	return c.Conn.Close()
 }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"io"
 	"log/slog"
+	"net"
 	"net/netip"
 	"testing"
 	"time"
@@ -139,5 +140,51 @@ func TestGossipTransport(t *testing.T) {
 		case <-time.After(5 * time.Second):
 			t.Fatal("Shutdown did not return")
 		}
+	}
+}
+
+// TestGossipTransportBoundsIncomingStreams: past maxInboundStreams streams
+// being read, a new one is closed at once (before the gossip key is
+// checked, anyone who reaches the port can open them); once one closes,
+// the next is taken again.
+func TestGossipTransportBoundsIncomingStreams(t *testing.T) {
+	tr, err := newGossipTransport(netip.MustParseAddrPort("127.0.0.1:0"), slog.New(slog.DiscardHandler), &gossipTraffic{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tr.Shutdown()
+	addr := tr.tcp.Addr().String()
+	dial := func() net.Conn {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		return c
+	}
+	taken := func() net.Conn {
+		select {
+		case c := <-tr.StreamCh():
+			return c
+		case <-time.After(10 * time.Second):
+			t.Fatal("an incoming stream was not handed over")
+			return nil
+		}
+	}
+	held := make([]net.Conn, 0, maxInboundStreams)
+	for range maxInboundStreams {
+		dial()
+		held = append(held, taken())
+	}
+	over := dial()
+	over.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := over.Read(make([]byte, 1)); err != io.EOF {
+		t.Fatalf("a stream past the bound: read %v, want it closed (EOF)", err)
+	}
+	held[0].Close()
+	dial()
+	taken().Close()
+	for _, c := range held[1:] {
+		c.Close()
 	}
 }
