@@ -71,6 +71,10 @@ type Receiver struct {
 	stopping bool
 	// handlers are the goroutines Serve started, which use the journal.
 	handlers sync.WaitGroup
+	// unproven counts the connections not yet past their first frame;
+	// warnedUnproven is when (unix seconds) too many were last logged.
+	unproven       atomic.Int64
+	warnedUnproven atomic.Int64
 }
 
 // NewReceiver prepares a receiver; Serve accepts connections.
@@ -149,9 +153,26 @@ func (r *Receiver) Serve(ctx context.Context, ln net.Listener) error {
 			continue
 		}
 		delay = 0
+		// Until a connection has authenticated and said what it is, it
+		// holds a goroutine and a descriptor for up to 50 s; hosts that
+		// can reach the overlay are not all gateways. Past the bound a
+		// new one is closed at once.
+		if r.unproven.Add(1) > maxUnproven {
+			r.unproven.Add(-1)
+			c.Close()
+			if now := time.Now().Unix(); r.warnedUnproven.Swap(now) != now {
+				r.cfg.Log.Warn("too many migration connections authenticating at once; closing new ones", "max", maxUnproven)
+			}
+			continue
+		}
 		r.handlers.Go(func() { r.handle(ctx, tls.Server(c, tcfg)) })
 	}
 }
+
+// maxUnproven bounds the connections authenticating, or waiting for their
+// first frame, at once: a migration opens one per stream, a few dozen at
+// most even when many start together.
+const maxUnproven = 256
 
 // shutdown ends what the last Serve started. A session whose sender has not
 // committed ends (its durable chunks wait for a resume); one that has is
@@ -234,6 +255,8 @@ var firstFrameTimeout = 30 * time.Second // var for tests
 
 func (r *Receiver) handle(ctx context.Context, c *tls.Conn) {
 	defer c.Close()
+	proven := sync.OnceFunc(func() { r.unproven.Add(-1) })
+	defer proven()
 	hctx, cancel := context.WithTimeout(ctx, 20*time.Second)
 	err := c.HandshakeContext(hctx)
 	cancel()
@@ -254,6 +277,7 @@ func (r *Receiver) handle(ctx context.Context, c *tls.Conn) {
 	unwatch := context.AfterFunc(ctx, func() { c.Close() }) // a stopping receiver waits for no one
 	typ, p, err := fr.nextMax(nil, maxFirstFrame)
 	unwatch()
+	proven()
 	c.SetReadDeadline(time.Time{})
 	if err != nil {
 		if refuseFrame(fw, err) {

@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -242,4 +244,33 @@ func TestReceiverBoundsReceives(t *testing.T) {
 	if typ, b := offer(maxSessionsPerPeer, 1, mib); typ != frameError || !strings.Contains(string(b), "gw-zrh already sends 32 migrations here") {
 		t.Fatalf("one receive too many: answer type %d %q; want a refusal", typ, b)
 	}
+}
+
+// TestReceiverBoundsUnprovenConnections: past 256 connections that have
+// not yet authenticated and said what they are, a new one is closed at
+// once; once one of them goes, the next is taken again.
+func TestReceiverBoundsUnprovenConnections(t *testing.T) {
+	p := newPair(t, "DE")
+	dial := func() net.Conn {
+		c, err := net.Dial("tcp", p.addr.String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		return c
+	}
+	held := make([]net.Conn, 0, maxUnproven)
+	for range maxUnproven {
+		held = append(held, dial())
+	}
+	waitFor(t, "the receiver to take every connection", func() bool { return p.recv.unproven.Load() == maxUnproven })
+	over := dial()
+	over.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := over.Read(make([]byte, 1)); err != io.EOF {
+		t.Fatalf("a connection past the bound: read %v, want it closed (EOF)", err)
+	}
+	held[0].Close()
+	waitFor(t, "the closed connection to be let go", func() bool { return p.recv.unproven.Load() == maxUnproven-1 })
+	dial()
+	waitFor(t, "the next connection to be taken", func() bool { return p.recv.unproven.Load() == maxUnproven })
 }
