@@ -242,6 +242,19 @@ func TestMeshEndToEnd(t *testing.T) {
 		}
 	})
 
+	t.Run("a second gateway on a running one's state directory is refused", func(t *testing.T) {
+		s := sites[0]
+		out, err := l.nsexec(s.ns, "timeout", "30", skybridge, "gateway", "run", "--config", s.cfg)
+		if err == nil || !strings.Contains(out, "is in use by another gateway (pid ") {
+			t.Fatalf("a second gateway with gw-%s's configuration: %v\n%s", s.short, err, out)
+		}
+		for _, b := range sites[1:] {
+			if err := dial(s, b); err != nil {
+				t.Fatalf("gw-%s's tunnel to gw-%s after the second gateway was refused: %v", s.short, b.short, err)
+			}
+		}
+	})
+
 	t.Run("wg show lists exactly the planned peers and allowed IPs", func(t *testing.T) {
 		for _, s := range sites {
 			peers := peersOf(s)

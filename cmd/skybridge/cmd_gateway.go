@@ -70,6 +70,12 @@ func gatewayRun(c *cli.Context) error {
 	// Stopping takes a few seconds (leaving the mesh, ending migrations);
 	// a second signal ends the process at once, as without the handler.
 	context.AfterFunc(ctx, stop)
+	// Before anything touches the state: the enrollment, the interface.
+	release, err := mesh.LockStateDir(s.StateDir)
+	if err != nil {
+		return err
+	}
+	defer release()
 	token := c.String("join-token")
 	if f := c.String("join-token-file"); f != "" {
 		if token != "" {
