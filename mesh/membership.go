@@ -450,10 +450,13 @@ func (ms *membership) judgeLocked(m *member) (needCert bool) {
 }
 
 // refuseLocked refuses a member; a refusal that is new (not the same
-// member judged again) is counted.
+// member judged again) of a member gossip says is here is counted. One
+// that is gone (left, dead, remembered from before a restart) is refused
+// when its certificate is revoked or runs out: a burst taken down or a
+// gateway decommissioned, not the intrusion the count alerts on.
 func (ms *membership) refuseLocked(m *member, prev MemberState, err error) {
 	m.verified, m.state, m.reason, m.renewing = nil, StateRefused, err.Error(), false
-	if prev != StateRefused && ms.onRefuse != nil {
+	if prev != StateRefused && m.alive && ms.onRefuse != nil {
 		ms.onRefuse(m.name, rejectionReason(err), err)
 	}
 }

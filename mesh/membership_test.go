@@ -824,3 +824,28 @@ func TestMembershipRenewal(t *testing.T) {
 		t.Fatalf("renewed with its last certificate revoked: %v, %d gateways; want pending", got, len(ms.gateways()))
 	}
 }
+
+// TestMembershipCountsRefusalsOfMembersHere: revoking a gateway that has
+// gone (a burst taken down, a gateway decommissioned) refuses it without
+// counting a refusal, which alerts as an intrusion; revoking one that is
+// still here counts.
+func TestMembershipCountsRefusalsOfMembersHere(t *testing.T) {
+	f := newFixture(t)
+	var refused []string
+	ms := newMembership("self", f.trust(), func() time.Time { return f.now }, func() {})
+	ms.onRefuse = func(name, reason string, _ error) { refused = append(refused, name+":"+reason) }
+	gone := f.identity("gw-gone", "site-g", 1, f.now.Add(-time.Hour))
+	here := f.identity("gw-here", "site-h", 2, f.now.Add(-time.Hour))
+	for _, id := range []*certs.NodeIdentity{gone, here} {
+		ms.addCert(id.Certificate().Raw)
+		ms.update(id.Attributes().Node, gossipAddr, f.advert(id, 1))
+	}
+	ms.leave("gw-gone")
+	if _, err := f.ca.RevokeSerials([]*big.Int{gone.Certificate().SerialNumber, here.Certificate().SerialNumber}, "cessationOfOperation", f.now); err != nil {
+		t.Fatal(err)
+	}
+	ms.setTrust(f.trust())
+	if !slices.Equal(refused, []string{"gw-here:revoked"}) {
+		t.Fatalf("refusals counted: %v, want gw-here's only", refused)
+	}
+}
