@@ -149,3 +149,34 @@ func TestRenewalKeepsTunnels(t *testing.T) {
 		}
 	}
 }
+
+// TestScheduledRotationAfterManual: a scheduled WireGuard rotation that
+// waited behind a manual one rotates only if still due once it runs: the
+// key just reported to the operator stays.
+func TestScheduledRotationAfterManual(t *testing.T) {
+	ca, err := certs.InitCA(filepath.Join(t.TempDir(), "ca"), certs.InitOptions{MeshPrefix: netip.MustParsePrefix("100.64.0.0/10")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := startLiveGatewayWith(t, ca, t.TempDir(), 0, "s", nil, io.Discard, nil).g
+	due := func() bool { return g.now().Sub(time.Unix(0, g.wgRotated.Load())) >= time.Hour }
+	g.wgRotation.Lock() // a manual rotation under way
+	g.wgRotated.Store(time.Now().Add(-2 * time.Hour).UnixNano())
+	if !due() {
+		t.Fatal("the schedule should find a rotation due")
+	}
+	before, _ := g.wgKeys()
+	res := make(chan error, 1)
+	go func() {
+		_, err := g.rotateWireGuardKey(context.Background(), due)
+		res <- err
+	}()
+	g.wgRotated.Store(time.Now().UnixNano()) // the manual rotation is done
+	g.wgRotation.Unlock()
+	if err := <-res; err != nil {
+		t.Fatal(err)
+	}
+	if after, _ := g.wgKeys(); after != before {
+		t.Fatal("the scheduled rotation replaced the key the manual one had just made")
+	}
+}

@@ -65,8 +65,18 @@ func (g *Gateway) wgKeys() (cur, next certs.WGPrivateKey) {
 // RotateWireGuardKey replaces the gateway's WireGuard key without
 // dropping its tunnels (see above). One rotation runs at a time.
 func (g *Gateway) RotateWireGuardKey(ctx context.Context) (*WGRotationReport, error) {
+	return g.rotateWireGuardKey(ctx, nil)
+}
+
+// rotateWireGuardKey rotates if due (nil: always) says so once this
+// rotation holds the lock: a scheduled one that waited behind a manual
+// one must not replace the key just reported to the operator.
+func (g *Gateway) rotateWireGuardKey(ctx context.Context, due func() bool) (*WGRotationReport, error) {
 	g.wgRotation.Lock()
 	defer g.wgRotation.Unlock()
+	if due != nil && !due() {
+		return nil, nil
+	}
 	start := time.Now()
 	old, _ := g.wgKeys()
 	next, err := certs.GenerateWGKey()
@@ -267,10 +277,10 @@ func (g *Gateway) rotateOnSchedule(ctx context.Context) {
 	}
 	g.wgRotated.CompareAndSwap(0, last.UnixNano())
 	var retryAt time.Time // after a failure: not before this
+	due := func() bool { return g.now().Sub(time.Unix(0, g.wgRotated.Load())) >= g.s.WGRotateEvery }
 	for {
-		last := time.Unix(0, g.wgRotated.Load())
-		if g.now().Sub(last) >= g.s.WGRotateEvery && !g.now().Before(retryAt) {
-			if _, err := g.RotateWireGuardKey(ctx); err != nil && ctx.Err() == nil {
+		if due() && !g.now().Before(retryAt) {
+			if _, err := g.rotateWireGuardKey(ctx, due); err != nil && ctx.Err() == nil {
 				retryAt = g.now().Add(wgRotationRetry)
 				g.log.Error("scheduled WireGuard key rotation", "err", err, "retry_in", wgRotationRetry)
 			}
