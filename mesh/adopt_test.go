@@ -2,8 +2,10 @@ package mesh
 
 import (
 	"fmt"
+	"math/big"
 	"math/rand/v2"
 	"net/netip"
+	"os"
 	"path/filepath"
 	"sync"
 	"testing"
@@ -62,5 +64,67 @@ func TestAdoptPolicyConcurrently(t *testing.T) {
 		// The next round starts from nothing adopted in memory, so that
 		// every round races afresh.
 		lg.g.policy.Store(nil)
+	}
+}
+
+// TestRevokedSignersPolicyLeaves: a policy whose signer is revoked after
+// it was adopted is no longer in force once the revocation list arrives,
+// as it would not be after a restart; the configured policy takes its
+// place.
+func TestRevokedSignersPolicyLeaves(t *testing.T) {
+	dir := t.TempDir()
+	ca, err := certs.InitCA(filepath.Join(dir, "ca"), certs.InitOptions{MeshPrefix: netip.MustParsePrefix("100.64.0.0/10")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	version := func(v int) []byte {
+		return fmt.Appendf(nil, "policy {\n  name    = \"revoked\"\n  version = %d\n}\nclass \"risk-batch\" {\n  allow \"store\" {\n    jurisdiction = [\"CH\"]\n  }\n}\n", v)
+	}
+	cfgPolicy, cfgSig := filepath.Join(dir, "policy.hcl"), filepath.Join(dir, "policy.hcl.sig")
+	sig, err := policy.Sign("policy.hcl", version(1), ca.Signer(), "mesh CA", nil, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(cfgPolicy, version(1), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(cfgSig, sig.Marshal(), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	lg := startLiveGatewayWith(t, ca, dir, 0, "zrh-dc", nil, &syncbuf.Buffer{}, func(s *Settings) {
+		s.PolicyFile, s.PolicySignature = cfgPolicy, cfgSig
+	})
+	inForce := func() int64 {
+		if p := lg.g.policy.Load(); p != nil {
+			return p.p.Revision().Version
+		}
+		return 0
+	}
+	if v := inForce(); v != 1 {
+		t.Fatalf("at start: version %d in force, want the configured 1", v)
+	}
+	signer, err := ca.NewPolicySigner("compliance", time.Hour, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	sig2, err := policy.Sign("policy.hcl", version(2), signer.Signer(), signer.Name(), signer.Certificate(), time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ok, err := lg.g.AdoptPolicy(version(2), sig2.Marshal()); !ok || err != nil {
+		t.Fatalf("version 2 from a delegated signer: %v, %v", ok, err)
+	}
+	if _, err := ca.RevokeSerials([]*big.Int{signer.Certificate().SerialNumber}, "keyCompromise", time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	tb, err := ca.TrustBundle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !lg.g.adoptTrust(tb) {
+		t.Fatal("the new revocation list was not adopted")
+	}
+	if v := inForce(); v != 1 {
+		t.Fatalf("after its signer was revoked: version %d in force, want the configured 1", v)
 	}
 }

@@ -933,6 +933,7 @@ func (g *Gateway) adoptTrust(tb *certs.TrustBundle) bool {
 	if g.burst != nil && tb.IsRevoked(g.id.Load().Certificate().SerialNumber) {
 		g.revokedOnce.Do(func() { close(g.revokedSelf) })
 	}
+	g.recheckPolicy()
 	return true
 }
 

@@ -285,12 +285,15 @@ func (g *Gateway) AdoptPolicy(src, sigJSON []byte) (bool, error) {
 	if err != nil {
 		return false, err
 	}
+	// Verified under the lock: a revocation list adopted meanwhile
+	// re-judges the policy in force under it too (recheckPolicy), so
+	// one of the two sees the other.
+	g.policyMu.Lock()
+	defer g.policyMu.Unlock()
 	p, err := policy.Verify("policy.hcl", src, sig, g.trust.Load(), g.now())
 	if err != nil {
 		return false, err
 	}
-	g.policyMu.Lock()
-	defer g.policyMu.Unlock()
 	var cur *policy.Policy
 	if c := g.policy.Load(); c != nil {
 		cur = c.p
@@ -311,6 +314,44 @@ func (g *Gateway) AdoptPolicy(src, sigJSON []byte) (bool, error) {
 	g.announce(blobPolicy, uint64(p.Revision().Version), nil)
 	g.triggerReconcile()
 	return true, nil
+}
+
+// recheckPolicy judges the policy in force again after a new revocation
+// list: one whose signer it revokes is no longer in force, as it would not
+// be after a restart, and the configured policy takes its place if it
+// still verifies (else none is in force until a trusted one arrives).
+// Otherwise revoking a signer, the way to take its rights away, left what
+// it had signed in force wherever it arrived before the list did.
+func (g *Gateway) recheckPolicy() {
+	g.policyMu.Lock()
+	c := g.policy.Load()
+	if c == nil {
+		g.policyMu.Unlock()
+		return
+	}
+	sig, err := policy.ParseSignature(c.sig)
+	if err == nil {
+		_, err = policy.Verify("policy.hcl", c.src, sig, g.trust.Load(), g.now())
+	}
+	if !errors.Is(err, policy.ErrUntrustedSigner) {
+		g.policyMu.Unlock()
+		return
+	}
+	g.policy.Store(nil)
+	g.policyMu.Unlock()
+	g.log.Error("the residency policy in force is no longer trusted, and no longer in force: its signer was revoked; the configured policy is in force instead if it verifies, else none until a trusted one is published",
+		"policy", c.p.Revision().String(), "err", err)
+	if g.s.PolicyFile != "" {
+		if src, err := os.ReadFile(g.s.PolicyFile); err == nil {
+			if sig, err := os.ReadFile(g.s.PolicySignature); err == nil {
+				if _, err := g.AdoptPolicy(src, sig); err != nil {
+					g.log.Error("configured policy refused", "policy", g.s.PolicyFile, "err", err)
+				}
+			}
+		}
+	}
+	g.log.Warn("residency policy in force after the revocation", "policy", g.policyRevision())
+	g.triggerReconcile()
 }
 
 func (g *Gateway) policyRevision() string {
