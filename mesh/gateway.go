@@ -867,7 +867,7 @@ func (g *Gateway) restoreMembers() {
 	n := 0
 	for _, m := range saved {
 		if !m.Alive {
-			g.members.rememberDead(m.Name, m.Gossip, m.Cert)
+			g.members.rememberDead(m.Name, m.Gossip, m.Cert, m.Left)
 			continue
 		}
 		if err := g.members.remember(m.Name, m.Gossip, m.Advert, m.Cert); err != nil {
@@ -889,7 +889,7 @@ func (g *Gateway) saveMembers() {
 		case StateVerified:
 			sm.Alive, sm.Advert, sm.Cert = true, m.Meta, m.Verified.Cert.Raw
 		case StateDead:
-			sm.Cert = m.LastCert // so that a restart can tell when it has ended
+			sm.Cert, sm.Left = m.LastCert, m.Left // so that a restart can tell when it has ended, and that it is not missed
 		default:
 			continue
 		}

@@ -571,6 +571,11 @@ func (ms *membership) refusedLocked(sum [32]byte) error {
 	return rc.err
 }
 
+// rememberedFor is how long a member restored at start stays a peer
+// without gossip hearing from it: a restart while it is partitioned keeps
+// its tunnel meanwhile; gossip reaches a live one in seconds.
+const rememberedFor = 10 * time.Minute
+
 // defaultMaxBadCerts bounds the refused certificates remembered: anyone
 // holding the gossip key can send any number of them.
 const defaultMaxBadCerts = 4096
@@ -785,6 +790,18 @@ func (ms *membership) forgetEndedLocked() (forgot bool) {
 			if m.state == StateRefused {
 				ms.dropLocked(name)
 				forgot = true
+				continue
+			}
+			// Nor is it a peer for good: memberlist takes no news of the
+			// death of a node it never saw, so one that went down while
+			// we were down would be verified, its site reported
+			// reachable, until its certificate ended.
+			if now.Sub(m.changed) >= rememberedFor {
+				m.remembered, m.reason = false, ""
+				ms.judgeLocked(m)
+				m.reason = "not heard from since the restart"
+				ms.gen.Add(1)
+				forgot = true
 			}
 			continue
 		}
@@ -897,7 +914,7 @@ func (ms *membership) remember(name string, gossip netip.AddrPort, meta, certDER
 // with it), and one restored is forgotten when that happens later. One
 // saved without a certificate is forgotten refusedKept after the restart
 // unless it comes back.
-func (ms *membership) rememberDead(name string, gossip netip.AddrPort, certDER []byte) {
+func (ms *membership) rememberDead(name string, gossip netip.AddrPort, certDER []byte, left bool) {
 	if name == ms.self || !gossip.IsValid() {
 		return
 	}
@@ -906,7 +923,10 @@ func (ms *membership) rememberDead(name string, gossip netip.AddrPort, certDER [
 	if _, known := ms.members[name]; known {
 		return
 	}
-	m := &member{name: name, gossip: gossip, state: StateDead, reason: "dead at the last save", changed: ms.now()}
+	m := &member{name: name, gossip: gossip, state: StateDead, reason: "dead at the last save", changed: ms.now(), left: left}
+	if left {
+		m.reason = "left the mesh"
+	}
 	if c, err := x509.ParseCertificate(certDER); err == nil {
 		if a, err := certs.AttributesOf(c); err == nil {
 			m.lastVerified = &certs.Verified{Cert: c, Attributes: a}

@@ -442,8 +442,8 @@ func TestMembershipRemember(t *testing.T) {
 		t.Fatal("expired member remembered")
 	}
 	d := f.identity("gw-d", "site-d", 6, f.now.Add(-time.Hour))
-	ms.rememberDead("gw-d", gossipAddr, d.Certificate().Raw)
-	ms.rememberDead("gw-n", gossipAddr, nil) // saved by an older version, without its certificate
+	ms.rememberDead("gw-d", gossipAddr, d.Certificate().Raw, false)
+	ms.rememberDead("gw-n", gossipAddr, nil, false) // saved by an older version, without its certificate
 	if st := states(ms); st["gw-d"] != StateDead || st["gw-n"] != StateDead || len(ms.gateways()) != 1 {
 		t.Fatalf("dead members: %v", st)
 	}
@@ -454,7 +454,7 @@ func TestMembershipRemember(t *testing.T) {
 			t.Fatalf("restored dead member keeps site %q and %d certificate bytes", v.CertSite, len(v.LastCert))
 		}
 	}
-	ms.rememberDead("gw-e", gossipAddr, expired.Certificate().Raw)
+	ms.rememberDead("gw-e", gossipAddr, expired.Certificate().Raw, false)
 	if _, ok := states(ms)["gw-e"]; ok {
 		t.Fatal("a dead member whose certificate expired was restored")
 	}
@@ -675,7 +675,7 @@ func TestMembershipForgetsStrangers(t *testing.T) {
 	ms.admit("gw-junk", gossipAddr, []byte("not an advert"))
 	pending := f.identity("gw-pending", "site-p", 7, f.now.Add(-time.Hour))
 	ms.update("gw-pending", gossipAddr, f.advert(pending, 1)) // its certificate never comes
-	ms.rememberDead("gw-old", gossipAddr, nil)
+	ms.rememberDead("gw-old", gossipAddr, nil, false)
 	ms.leave("gw-junk")
 	ms.leave("gw-pending")
 	ms.refresh()
@@ -704,7 +704,7 @@ func TestRejoinTargets(t *testing.T) {
 	dead := map[string]bool{}
 	for i := range 10 {
 		a := netip.AddrPortFrom(netip.AddrFrom4([4]byte{198, 51, 100, byte(10 + i)}), 7946)
-		ms.rememberDead(fmt.Sprintf("gw-%d", i), a, nil)
+		ms.rememberDead(fmt.Sprintf("gw-%d", i), a, nil, false)
 		dead[a.String()] = true
 	}
 	g := &Gateway{s: &Settings{Seeds: seeds, GossipAdvertise: self}, members: ms}
@@ -723,7 +723,7 @@ func TestRejoinTargets(t *testing.T) {
 	}
 	g.s.Seeds = nil
 	ms2 := newMembership("self", f.trust(), func() time.Time { return f.now }, func() {})
-	ms2.rememberDead("gw-x", netip.MustParseAddrPort("198.51.100.99:7946"), nil)
+	ms2.rememberDead("gw-x", netip.MustParseAddrPort("198.51.100.99:7946"), nil, false)
 	g.members = ms2
 	if got := g.rejoinTargets(); len(got) != 1 || got[0] != "198.51.100.99:7946" {
 		t.Fatalf("one dead member, no seeds: %v", got)
@@ -847,5 +847,40 @@ func TestMembershipCountsRefusalsOfMembersHere(t *testing.T) {
 	ms.setTrust(f.trust())
 	if !slices.Equal(refused, []string{"gw-here:revoked"}) {
 		t.Fatalf("refusals counted: %v, want gw-here's only", refused)
+	}
+}
+
+// TestMembershipRememberedInTime: a member restored at start stays a peer
+// while gossip has not heard from it for rememberedFor (a restart during
+// a partition keeps its tunnel), then is dead: memberlist takes no news
+// of the death of a node it never saw, and it would otherwise stay a
+// peer, its site reachable, until its certificate ended.
+func TestMembershipRememberedInTime(t *testing.T) {
+	f := newFixture(t)
+	clock := f.now
+	ms := newMembership("self", f.trust(), func() time.Time { return clock }, func() {})
+	id := f.identity("gw-r", "site-r", 1, f.now.Add(-time.Hour))
+	if err := ms.remember("gw-r", gossipAddr, f.advert(id, 1), id.Certificate().Raw); err != nil {
+		t.Fatal(err)
+	}
+	clock = clock.Add(rememberedFor - time.Minute)
+	ms.refresh()
+	if got := states(ms); got["gw-r"] != StateVerified || len(ms.gateways()) != 1 {
+		t.Fatalf("restored %s ago: %v", rememberedFor-time.Minute, got)
+	}
+	clock = clock.Add(2 * time.Minute)
+	ms.refresh()
+	v := ms.snapshot()[0]
+	if v.State != StateDead || len(ms.gateways()) != 0 || v.CertSite != "site-r" || v.Reason != "not heard from since the restart" {
+		t.Fatalf("restored and not heard from for %s: %s (%q), site %q, %d gateways", rememberedFor+time.Minute, v.State, v.Reason, v.CertSite, len(ms.gateways()))
+	}
+
+	// One saved as having left stays so across the restart: its site is
+	// not missed.
+	ms.rememberDead("gw-left", gossipAddr, id.Certificate().Raw, true)
+	for _, v := range ms.snapshot() {
+		if v.Name == "gw-left" && (!v.Left || v.Reason != "left the mesh") {
+			t.Fatalf("restored after it left: left %v, reason %q", v.Left, v.Reason)
+		}
 	}
 }

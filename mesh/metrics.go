@@ -290,7 +290,9 @@ func (c *gatewayCollector) Collect(ch chan<- prometheus.Metric) {
 		for _, state := range []MemberState{StateVerified, StatePending, StateRefused, StateDead} {
 			ch <- prometheus.MustNewConstMetric(descMembers, prometheus.GaugeValue, float64(s.count[state]), s.name, string(state))
 		}
-		ch <- prometheus.MustNewConstMetric(descSiteReachable, prometheus.GaugeValue, b2f(s.reachable), s.name)
+		if s.name != unknownSite { // not a site: members no certificate places
+			ch <- prometheus.MustNewConstMetric(descSiteReachable, prometheus.GaugeValue, b2f(s.reachable), s.name)
+		}
 	}
 	for _, m := range st.Members {
 		if !m.Peer {
@@ -316,6 +318,12 @@ func b2f(b bool) float64 {
 	}
 	return 0
 }
+
+// unknownSite counts the members no verified certificate places in a site
+// (pending, refused, never verified): it has no reachability, or an
+// impostor knocking once, or a member gone before its certificate came,
+// would page as a site down.
+const unknownSite = "unknown"
 
 type siteState struct {
 	name      string
@@ -350,7 +358,7 @@ func siteHealth(st *Status, now time.Time) []siteState {
 		if !m.SiteVerified {
 			// Only a certificate names a site: a refused or pending
 			// member's claim must not create (or hide) one.
-			site = "unknown"
+			site = unknownSite
 		}
 		s := get(site)
 		s.count[m.State]++

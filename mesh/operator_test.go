@@ -234,6 +234,11 @@ func TestOperatorEndpoint(t *testing.T) {
 		r, _ := fam.Value("skybridge_members", map[string]string{"site": "unknown", "state": "refused"})
 		return v >= 1 && r >= 1
 	})
+	// "unknown" is not a site: an impostor knocking once must not page
+	// as a site that is down.
+	if n := fam.Series("skybridge_site_reachable", map[string]string{"site": "unknown"}); n != 0 {
+		t.Errorf("skybridge_site_reachable has %d series for site \"unknown\"", n)
+	}
 	for _, site := range []string{"zrh-dc", "aws-fra", "gcp-ams"} {
 		if v, ok := fam.Value("skybridge_members", map[string]string{"site": site, "state": "verified"}); !ok || v != 1 {
 			t.Errorf("skybridge_members{site=%q,state=verified} = %v (present %v), want 1", site, v, ok)

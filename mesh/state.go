@@ -57,7 +57,8 @@ func (d stateDir) nextAdvertVersion(nowMillis uint64) (v uint64, warn error) {
 type savedMember struct {
 	Name   string         `json:"name"`
 	Gossip netip.AddrPort `json:"gossip"`
-	Alive  bool           `json:"alive"` // verified and alive when saved: keep its tunnel across a restart
+	Alive  bool           `json:"alive"`          // verified and alive when saved: keep its tunnel across a restart
+	Left   bool           `json:"left,omitempty"` // dead after leaving on purpose: its site is not missed
 	Advert []byte         `json:"advert,omitempty"`
 	Cert   []byte         `json:"cert,omitempty"`
 }

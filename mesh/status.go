@@ -129,6 +129,11 @@ func (g *Gateway) Status() (*Status, error) {
 			ms.Site, ms.Jurisdiction, ms.Region, ms.Provider = m.Advert.Site, m.Advert.Jurisdiction, m.Advert.Region, m.Advert.Provider
 			ms.OverlayIP, ms.PublicKey = m.Advert.OverlayIP.String(), m.Advert.WireGuardKey.String()
 		}
+		if m.Advert == nil && m.CertSite != "" {
+			// Restored dead from the state directory: no advert, but its
+			// certificate says where it belongs, and its site is missed.
+			ms.Site = m.CertSite
+		}
 		ms.SiteVerified = m.CertSite != "" && m.CertSite == ms.Site
 		if m.Verified != nil {
 			ms.IdentityExpiry = m.Verified.Cert.NotAfter

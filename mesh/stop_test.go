@@ -180,3 +180,40 @@ func TestScheduledRotationAfterManual(t *testing.T) {
 		t.Fatal("the scheduled rotation replaced the key the manual one had just made")
 	}
 }
+
+// TestStatusPlacesRestoredDeadMembers: a member restored dead from the
+// state directory has no advert, but its certificate names its site: the
+// site is reported unreachable (a crash survives the observer's
+// restart), unless the member had left on purpose.
+func TestStatusPlacesRestoredDeadMembers(t *testing.T) {
+	ca, err := certs.InitCA(filepath.Join(t.TempDir(), "ca"), certs.InitOptions{MeshPrefix: netip.MustParsePrefix("100.64.0.0/10")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := startLiveGatewayWith(t, ca, t.TempDir(), 0, "home", nil, io.Discard, nil).g
+	for i, site := range []string{"crashed", "retired"} {
+		id, err := ca.IssueIdentity(certs.Attributes{Node: "gw-" + site, Site: site, Region: "r", Provider: "onprem", Jurisdiction: "CH",
+			OverlayIP: netip.AddrFrom4([4]byte{100, 64, 9, byte(i + 1)})}, time.Hour, time.Now())
+		if err != nil {
+			t.Fatal(err)
+		}
+		g.members.rememberDead("gw-"+site, netip.MustParseAddrPort("127.0.0.1:1"), id.Certificate().Raw, site == "retired")
+	}
+	st, err := g.Status()
+	if err != nil {
+		t.Fatal(err)
+	}
+	reachable := map[string]bool{}
+	for _, s := range siteHealth(st, time.Now()) {
+		reachable[s.name] = s.reachable
+	}
+	if r, ok := reachable["crashed"]; !ok || r {
+		t.Errorf("the crashed member's site: listed %v, reachable %v; want listed, unreachable (%v)", ok, r, reachable)
+	}
+	if _, ok := reachable["retired"]; ok {
+		t.Errorf("the site of a member that left is listed: %v", reachable)
+	}
+	if _, ok := reachable["unknown"]; ok {
+		t.Errorf("restored members counted under unknown: %v", reachable)
+	}
+}
