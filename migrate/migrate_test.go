@@ -182,6 +182,12 @@ func (p *pair) dial(t *testing.T, from *certs.NodeIdentity) *tls.Conn {
 // under way for a second or more. Send's error comes on the channel.
 func (p *pair) slowSend(t *testing.T, delay time.Duration) <-chan error {
 	t.Helper()
+	return p.slowSendWith(t, delay, nil)
+}
+
+// slowSendWith is slowSend with a last change to the send's configuration.
+func (p *pair) slowSendWith(t *testing.T, delay time.Duration, tweak func(*SendConfig)) <-chan error {
+	t.Helper()
 	raw := filepath.Join(p.dir, "vm.raw")
 	const chunk, n = 64 << 10, 60
 	blocks := map[int64]int{}
@@ -192,6 +198,9 @@ func (p *pair) slowSend(t *testing.T, delay time.Duration) <-chan error {
 	cfg := p.config(raw, "pii-eu")
 	cfg.ChunkSize = chunk
 	spyOn(&cfg, delay)
+	if tweak != nil {
+		tweak(&cfg)
+	}
 	res := make(chan error, 1)
 	go func() {
 		_, err := Send(context.Background(), cfg)
@@ -1748,6 +1757,30 @@ func TestSenderRevokedMeanwhile(t *testing.T) {
 	trust.Store(tb) // the receiver's gateway adopts the new list
 	if err := <-res; err == nil || !strings.Contains(err.Error(), "was revoked while the image came") {
 		t.Fatalf("send by a sender revoked meanwhile: %v; want it refused at the commit", err)
+	}
+	if _, err := p.recvJ.Image("vm"); err == nil {
+		t.Error("its image was stored")
+	}
+}
+
+// TestDestinationRevokedMeanwhile: a destination whose certificate is
+// revoked while its image comes (its gateway decommissioned, its key
+// stolen) is sent nothing more, nor the commit: nothing is stored there.
+func TestDestinationRevokedMeanwhile(t *testing.T) {
+	p := newPair(t, "DE")
+	var trust atomic.Pointer[certs.TrustBundle]
+	trust.Store(p.tb)
+	res := p.slowSendWith(t, 50*time.Millisecond, func(c *SendConfig) { c.TrustNow = trust.Load })
+	if _, err := p.ca.RevokeSerials([]*big.Int{p.to.Certificate().SerialNumber}, "keyCompromise", time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	tb, err := p.ca.TrustBundle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	trust.Store(tb) // the sending gateway adopts the new list
+	if err := <-res; err == nil || !strings.Contains(err.Error(), "certificate "+certs.FormatSerial(p.to.Certificate().SerialNumber)+" was revoked during the migration") {
+		t.Fatalf("send to a destination revoked meanwhile: %v; want it stopped", err)
 	}
 	if _, err := p.recvJ.Image("vm"); err == nil {
 		t.Error("its image was stored")

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math/big"
 	"net"
 	"net/netip"
 	"os"
@@ -86,6 +87,10 @@ type SendConfig struct {
 	Policy   *policy.Policy // the residency policy in force here
 	Identity *certs.NodeIdentity
 	Trust    *certs.TrustBundle
+	// TrustNow, if set, is the trust bundle as it changes during the
+	// migration (a newer revocation list): a destination revoked
+	// meanwhile is sent nothing more, nor the commit.
+	TrustNow func() *certs.TrustBundle
 	Dial     func(ctx context.Context, addr string) (net.Conn, error)
 	Journal  *Journal
 	Audit    *audit.Log
@@ -275,6 +280,9 @@ type sender struct {
 	src   Source
 	rec   *SendRecord
 	start time.Time
+	// destSerial is the serial of the certificate the destination
+	// authenticated with.
+	destSerial *big.Int
 
 	mu       sync.Mutex
 	manifest Manifest
@@ -492,7 +500,11 @@ func (s *sender) run(ctx context.Context) error {
 		return fmt.Errorf("unexpected answer %d to the offer", typ)
 	}
 
+	s.destSerial = ctrl.ConnectionState().PeerCertificates[0].SerialNumber
 	if err := s.transfer(ctx, cands, acked, zeros, &acc); err != nil {
+		return err
+	}
+	if err := s.destinationRevoked(); err != nil {
 		return err
 	}
 
@@ -545,6 +557,17 @@ func (s *sender) run(ctx context.Context) error {
 	}
 	s.cfg.Journal.dropSent(s.rec.ID)
 	return nil
+}
+
+// destinationRevoked says so if the destination's certificate has been
+// revoked since the migration began: a gateway decommissioned or whose key
+// was stolen is sent nothing more (the receiver judges the sender the same
+// way at the commit).
+func (s *sender) destinationRevoked() error {
+	if s.cfg.TrustNow == nil || s.destSerial == nil || !s.cfg.TrustNow().IsRevoked(s.destSerial) {
+		return nil
+	}
+	return fmt.Errorf("the destination %s's certificate %s was revoked during the migration: nothing more is sent, and nothing is stored there", s.cfg.To.Attributes.Node, certs.FormatSerial(s.destSerial))
 }
 
 // receiverError is what the receiver said when it ended a transfer.
@@ -942,6 +965,9 @@ func (s *sender) transfer(ctx context.Context, cands []int64, acked, zeros map[i
 				case queue <- &job{alive: true}:
 				default: // full: frames are on their way anyway
 				}
+			}
+			if err := s.destinationRevoked(); err != nil {
+				return err
 			}
 			if inFlight.Load() > 0 && lastAck.age() > stallTimeout {
 				s.mu.Lock()
