@@ -625,21 +625,6 @@ var errStopping = errors.New("the receiving gateway is stopping: resume the migr
 
 // open creates or resumes the session's temporary image.
 func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision, log *slog.Logger) (*session, *Accept, error) {
-	// A stored image is replaced only by one of its own class: a sender
-	// the policy lets store some class here could otherwise overwrite
-	// another class's image, or (given its chunk hashes for the re-sync)
-	// copy its data into an image recorded under its own, laxer class.
-	// (Read once: the record holds every chunk's hash, megabytes for a
-	// large image; it is the re-sync's base below.)
-	stored, err := r.cfg.Journal.Image(o.Name)
-	if errors.Is(err, ErrNotFound) {
-		stored = nil
-	} else if err != nil {
-		return nil, nil, fmt.Errorf("the stored image %q: %w", o.Name, err)
-	}
-	if stored != nil && stored.Class != o.Class {
-		return nil, nil, fmt.Errorf("image %q is stored here as class %q: a migration of class %q may not replace it; send it under another name", o.Name, stored.Class, o.Class)
-	}
 	r.mu.Lock()
 	if r.stopping {
 		r.mu.Unlock()
@@ -691,6 +676,23 @@ func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision, log
 		if !old.takeOver() {
 			return nil, nil, fmt.Errorf("migration %s: the previous attempt does not let go", o.ID)
 		}
+	}
+	// A stored image is replaced only by one of its own class: a sender
+	// the policy lets store some class here could otherwise overwrite
+	// another class's image, or (given its chunk hashes for the re-sync)
+	// copy its data into an image recorded under its own, laxer class.
+	// (Read once: the record holds every chunk's hash, megabytes for a
+	// large image; it is the re-sync's base below. Read once the sessions
+	// this offer supersedes have let go: one of them may have stored the
+	// name as it ended.)
+	stored, err := r.cfg.Journal.Image(o.Name)
+	if errors.Is(err, ErrNotFound) {
+		stored = nil
+	} else if err != nil {
+		return nil, nil, fmt.Errorf("the stored image %q: %w", o.Name, err)
+	}
+	if stored != nil && stored.Class != o.Class {
+		return nil, nil, fmt.Errorf("image %q is stored here as class %q: a migration of class %q may not replace it; send it under another name", o.Name, stored.Class, o.Class)
 	}
 	j := r.cfg.Journal
 	temp := filepath.Join(r.cfg.StoreDir, ".incoming", o.ID+".raw")

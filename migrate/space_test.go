@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -273,4 +274,49 @@ func TestReceiverBoundsUnprovenConnections(t *testing.T) {
 	waitFor(t, "the closed connection to be let go", func() bool { return p.recv.unproven.Load() == maxUnproven-1 })
 	dial()
 	waitFor(t, "the next connection to be taken", func() bool { return p.recv.unproven.Load() == maxUnproven })
+}
+
+// TestSupersedingOfferSeesTheStoredClass: an offer that supersedes a
+// migration of the same name from the same gateway judges the stored
+// image's class once that migration has let go: it may have stored the
+// image, under another class, as it ended. (Judged before, the offer saw
+// no stored image and could replace it under its own, laxer class.)
+func TestSupersedingOfferSeesTheStoredClass(t *testing.T) {
+	storing := make(chan struct{})
+	release := make(chan struct{})
+	p := newPairWith(t, "CH", func(c *ReceiverConfig) {
+		hold := sync.OnceFunc(func() { close(storing); <-release })
+		c.afterRename = func() error { hold(); return nil }
+	})
+	releaseOnce := sync.OnceFunc(func() { close(release) })
+	t.Cleanup(releaseOnce)
+	raw := filepath.Join(p.dir, "vm.raw")
+	makeRaw(t, raw, 4*mib, map[int64]int{0: 4096})
+	first := make(chan error, 1)
+	go func() {
+		_, err := Send(context.Background(), p.config(raw, "swiss-banking-secret"))
+		first <- err
+	}()
+	<-storing // renamed into place, not yet in the catalog
+	c := p.dial(t, nil)
+	cw, cr := newFrameWriter(c), newFrameReader(c)
+	offer := Offer{ID: "superseding0001", Name: "vm", Class: "pii-eu", Format: FormatRaw, Size: 4 * mib, ChunkSize: mib, Streams: 1}
+	if err := cw.json(frameOffer, offer); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the superseding offer to wait for the first migration", func() bool {
+		p.recv.mu.Lock()
+		defer p.recv.mu.Unlock()
+		_, ok := p.recv.opening[offer.ID]
+		return ok
+	})
+	releaseOnce()
+	typ, b, err := cr.next(nil)
+	if err != nil || typ != frameError || !strings.Contains(string(b), `stored here as class \"swiss-banking-secret\"`) {
+		t.Fatalf("an offer of another class superseding the migration that stored the image: type %d %q, %v; want it refused", typ, b, err)
+	}
+	<-first
+	if img, err := p.recvJ.Image("vm"); err != nil || img.Class != "swiss-banking-secret" {
+		t.Fatalf("stored image: %+v, %v", img, err)
+	}
 }
