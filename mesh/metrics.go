@@ -245,6 +245,8 @@ var (
 		"Unix time when this gateway's mesh certificate expires.", nil, nil)
 	descIdentityIssued = prometheus.NewDesc("skybridge_identity_issued_timestamp_seconds",
 		"Unix time from which this gateway's mesh certificate is valid (with the expiry, its lifetime: renewal starts at about two thirds of it).", nil, nil)
+	descBurstGateway = prometheus.NewDesc("skybridge_burst_gateway",
+		"1 if this gateway belongs to a burst site: its certificate lasts exactly the burst and is not renewed.", nil, nil)
 	descGossipPackets = prometheus.NewDesc("skybridge_gossip_packets_total",
 		"Gossip datagrams (probes, gossip, small requests), by direction (sent, received).", []string{"direction"}, nil)
 	descGossipBytes = prometheus.NewDesc("skybridge_gossip_bytes_total",
@@ -286,6 +288,7 @@ func (c *gatewayCollector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(descInfo, prometheus.GaugeValue, 1, st.Node, st.Site, st.Region, st.Jurisdiction, st.Mode, st.Policy)
 	ch <- prometheus.MustNewConstMetric(descIdentityExpiry, prometheus.GaugeValue, float64(st.Identity.NotAfter.Unix()))
 	ch <- prometheus.MustNewConstMetric(descIdentityIssued, prometheus.GaugeValue, float64(st.Identity.NotBefore.Unix()))
+	ch <- prometheus.MustNewConstMetric(descBurstGateway, prometheus.GaugeValue, b2f(c.g.burst != nil))
 	for _, s := range siteHealth(st, now) {
 		for _, state := range []MemberState{StateVerified, StatePending, StateRefused, StateDead} {
 			ch <- prometheus.MustNewConstMetric(descMembers, prometheus.GaugeValue, float64(s.count[state]), s.name, string(state))
