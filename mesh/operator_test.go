@@ -234,6 +234,9 @@ func TestOperatorEndpoint(t *testing.T) {
 		r, _ := fam.Value("skybridge_members", map[string]string{"site": "unknown", "state": "refused"})
 		return v >= 1 && r >= 1
 	})
+	if v, ok := fam.Value("skybridge_burst_gateway", nil); !ok || v != 0 {
+		t.Errorf("skybridge_burst_gateway = %v (present %v) on a gateway of no burst, want 0", v, ok)
+	}
 	// "unknown" is not a site: an impostor knocking once must not page
 	// as a site that is down.
 	if n := fam.Series("skybridge_site_reachable", map[string]string{"site": "unknown"}); n != 0 {
