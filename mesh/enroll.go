@@ -640,6 +640,7 @@ func (g *Gateway) refreshTrust(ctx context.Context) {
 	}
 	t := time.NewTicker(trustRefresh)
 	defer t.Stop()
+	failing := 0 // refreshes failed in a row
 	for {
 		select {
 		case <-ctx.Done():
@@ -648,12 +649,26 @@ func (g *Gateway) refreshTrust(ctx context.Context) {
 		}
 		tb, err := iss.Trust(ctx)
 		if err != nil {
-			g.log.Debug("refresh trust bundle", "err", err)
+			// Once is a blip; a few in a row means revocations made at
+			// the issuer no longer reach the mesh through this gateway.
+			if failing++; failing == trustRefreshWarnAfter {
+				g.log.Warn("the issuer's revocation list cannot be read: revocations made there do not reach the mesh from this gateway", "failed_in_a_row", failing, "err", err)
+			} else {
+				g.log.Debug("refresh trust bundle", "err", err)
+			}
 			continue
 		}
+		if failing >= trustRefreshWarnAfter {
+			g.log.Info("the issuer's revocation list can be read again", "failed_in_a_row", failing)
+		}
+		failing = 0
 		g.adoptTrust(tb)
 	}
 }
+
+// trustRefreshWarnAfter is how many refreshes in a row must fail before
+// it is a warning.
+const trustRefreshWarnAfter = 3
 
 // trustRefresh is how often a gateway with an issuer asks it for a newer
 // revocation list.

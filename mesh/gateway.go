@@ -573,7 +573,10 @@ func (g *Gateway) joinSeeds(seeds []string) {
 			return
 		}
 	}
-	g.log.Debug("no seed answered; retrying in the background", "seeds", seeds)
+	if len(seeds) > 0 {
+		// Alone until one answers: wrong seeds or gossip key, a firewall.
+		g.log.Warn("no seed answered; this gateway is alone until one does (retrying in the background)", "seeds", seeds)
+	}
 }
 
 func (g *Gateway) triggerReconcile() {
