@@ -573,7 +573,7 @@ func (g *Gateway) joinSeeds(seeds []string) {
 			return
 		}
 	}
-	if len(seeds) > 0 {
+	if len(seeds) > 0 && !g.leaving.Load() {
 		// Alone until one answers: wrong seeds or gossip key, a firewall.
 		g.log.Warn("no seed answered; this gateway is alone until one does (retrying in the background)", "seeds", seeds)
 	}
