@@ -965,6 +965,12 @@ func (w slogWriter) Write(p []byte) (int, error) {
 	if i := strings.Index(line, "] "); i >= 0 {
 		line = line[i+2:]
 	}
+	if strings.HasPrefix(line, "memberlist: ignoring alive message for") {
+		// Our own admission refused it, and said so once (membership):
+		// memberlist repeats it for every alive message, at a rate anyone
+		// holding the gossip key chooses.
+		lvl = slog.LevelDebug
+	}
 	w.log.Log(context.Background(), lvl, line, "component", "gossip")
 	return len(p), nil
 }
