@@ -279,16 +279,19 @@ func (c *gatewayCollector) Collect(ch chan<- prometheus.Metric) {
 	} {
 		ch <- prometheus.MustNewConstMetric(v.desc, prometheus.CounterValue, float64(v.n.Load()), v.labels...)
 	}
+	// The identity first: a status that cannot be read (the device)
+	// must not also silence the certificate-expiry alert.
+	cert := c.g.id.Load().Certificate()
+	ch <- prometheus.MustNewConstMetric(descIdentityExpiry, prometheus.GaugeValue, float64(cert.NotAfter.Unix()))
+	ch <- prometheus.MustNewConstMetric(descIdentityIssued, prometheus.GaugeValue, float64(cert.NotBefore.Unix()))
+	ch <- prometheus.MustNewConstMetric(descBurstGateway, prometheus.GaugeValue, b2f(c.g.burst != nil))
 	st, err := c.g.Status()
 	if err != nil {
-		ch <- prometheus.NewInvalidMetric(descMembers, err)
+		ch <- prometheus.NewInvalidMetric(descMembers, err) // logged by the handler
 		return
 	}
 	now := c.g.now()
 	ch <- prometheus.MustNewConstMetric(descInfo, prometheus.GaugeValue, 1, st.Node, st.Site, st.Region, st.Jurisdiction, st.Mode, st.Policy)
-	ch <- prometheus.MustNewConstMetric(descIdentityExpiry, prometheus.GaugeValue, float64(st.Identity.NotAfter.Unix()))
-	ch <- prometheus.MustNewConstMetric(descIdentityIssued, prometheus.GaugeValue, float64(st.Identity.NotBefore.Unix()))
-	ch <- prometheus.MustNewConstMetric(descBurstGateway, prometheus.GaugeValue, b2f(c.g.burst != nil))
 	for _, s := range siteHealth(st, now) {
 		for _, state := range []MemberState{StateVerified, StatePending, StateRefused, StateDead} {
 			ch <- prometheus.MustNewConstMetric(descMembers, prometheus.GaugeValue, float64(s.count[state]), s.name, string(state))
