@@ -252,8 +252,10 @@ func (g *Gateway) applyKeyringOp(ctx context.Context, op *keyringOp) error {
 }
 
 // keyringOpFor is what member m is sent of op: the new key sealed to m's
-// certificate, or a key named by its hash, signed, since it is m's own.
-func (g *Gateway) keyringOpFor(op *keyringOp, m string) ([]byte, error) {
+// certificate, or a key named by its hash, signed, since it is m's own —
+// by id, whose certificate op carries (a renewal during the rotation
+// must not sign with the new key what names the old certificate).
+func (g *Gateway) keyringOpFor(id *certs.NodeIdentity, op *keyringOp, m string) ([]byte, error) {
 	mop := *op
 	switch op.kind {
 	case opInstall:
@@ -270,7 +272,7 @@ func (g *Gateway) keyringOpFor(op *keyringOp, m string) ([]byte, error) {
 		sum := sha256.Sum256(op.key)
 		mop.kind, mop.key = op.kind+"-sha256", sum[:]
 	}
-	sig, err := g.id.Load().Signer().Sign(rand.Reader, mop.digest(), crypto.SHA256)
+	sig, err := id.Signer().Sign(rand.Reader, mop.digest(), crypto.SHA256)
 	if err != nil {
 		return nil, err
 	}
@@ -369,7 +371,7 @@ func (g *Gateway) rotationStep(ctx context.Context, kind string, key []byte, mem
 		go func() {
 			sem <- struct{}{}
 			defer func() { <-sem }()
-			msg, err := g.keyringOpFor(op, m)
+			msg, err := g.keyringOpFor(id, op, m)
 			if err == nil {
 				err = g.sendStream(m, msg)
 			}

@@ -68,7 +68,7 @@ func TestGossipKeyRotation(t *testing.T) {
 		ok  bool
 	}{{-3 * time.Minute, true}, {3 * time.Minute, true}, {-6 * time.Minute, false}, {6 * time.Minute, false}} {
 		op := &keyringOp{kind: opInstall, key: nk, id: []byte(fmt.Sprintf("skew-%011d", i)), at: time.Now().Add(tc.off), initiator: "op0", certDER: a.g.id.Load().Certificate().Raw}
-		msg, err := a.g.keyringOpFor(op, "op1")
+		msg, err := a.g.keyringOpFor(a.g.id.Load(), op, "op1")
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -89,7 +89,7 @@ func TestGossipKeyRotation(t *testing.T) {
 	// What each step sends a member: the key sealed to it, or its hash.
 	for _, kind := range []string{opInstall, opUse, opRemove} {
 		op := &keyringOp{kind: kind, key: nk, id: []byte("0123456789abcdef"), at: time.Now(), initiator: "op0", certDER: a.g.id.Load().Certificate().Raw}
-		msg, err := a.g.keyringOpFor(op, "op1")
+		msg, err := a.g.keyringOpFor(a.g.id.Load(), op, "op1")
 		if err != nil {
 			t.Fatal(err)
 		}
