@@ -151,6 +151,13 @@ func (l *Log) CheckHead() error {
 		return err
 	}
 	defer f.Close()
+	// Shared with other readers, not with an append: a record written
+	// between reading the last one and reading the head would look like
+	// records removed from a live log.
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_SH); err != nil {
+		return fmt.Errorf("lock audit log: %w", err)
+	}
+	defer syscall.Flock(int(f.Fd()), syscall.LOCK_UN)
 	end, err := atomicfile.WholeEnd(f) // an unfinished last record was never acknowledged
 	if err != nil {
 		return err
