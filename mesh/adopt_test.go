@@ -127,4 +127,40 @@ func TestRevokedSignersPolicyLeaves(t *testing.T) {
 	if v := inForce(); v != 1 {
 		t.Fatalf("after its signer was revoked: version %d in force, want the configured 1", v)
 	}
+
+	// With no configured policy to take its place it stays in force
+	// (none would lift every residency limit on the tunnels), until a
+	// trusted policy above it is published.
+	bare := startLiveGateway(t, ca, dir, 1, "fra-dc", nil, &syncbuf.Buffer{})
+	if ok, err := bare.g.AdoptPolicy(version(1), sig.Marshal()); !ok || err != nil {
+		t.Fatalf("version 1: %v, %v", ok, err)
+	}
+	signer2, err := ca.NewPolicySigner("compliance-2", time.Hour, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	sig2b, err := policy.Sign("policy.hcl", version(2), signer2.Signer(), signer2.Name(), signer2.Certificate(), time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ok, err := bare.g.AdoptPolicy(version(2), sig2b.Marshal()); !ok || err != nil {
+		t.Fatalf("version 2 from a second delegated signer: %v, %v", ok, err)
+	}
+	if _, err := ca.RevokeSerials([]*big.Int{signer2.Certificate().SerialNumber}, "keyCompromise", time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	if tb, err = ca.TrustBundle(); err != nil {
+		t.Fatal(err)
+	}
+	bare.g.adoptTrust(tb)
+	if p := bare.g.policy.Load(); p == nil || p.p.Revision().Version != 2 || !p.untrusted {
+		t.Fatalf("with nothing to take its place: %+v; want version 2 kept, marked untrusted", p)
+	}
+	sig3, err := policy.Sign("policy.hcl", version(3), ca.Signer(), "mesh CA", nil, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ok, err := bare.g.AdoptPolicy(version(3), sig3.Marshal()); !ok || err != nil || bare.g.policy.Load().untrusted {
+		t.Fatalf("a trusted version 3: %v, %v", ok, err)
+	}
 }

@@ -119,6 +119,9 @@ type adoptedPolicy struct {
 	p   *policy.Policy
 	src []byte
 	sig []byte
+	// untrusted: its signer was revoked since, and nothing trusted could
+	// take its place (recheckPolicy).
+	untrusted bool
 }
 
 type reconcileStats struct {
@@ -890,7 +893,7 @@ func (g *Gateway) saveMembers() {
 		sm := savedMember{Name: m.Name, Gossip: m.Gossip}
 		switch m.State {
 		case StateVerified:
-			sm.Alive, sm.Advert, sm.Cert = true, m.Meta, m.Verified.Cert.Raw
+			sm.Alive, sm.Advert, sm.Cert = true, m.VerifiedMeta, m.Verified.Cert.Raw
 		case StateDead:
 			sm.Cert, sm.Left = m.LastCert, m.Left // so that a restart can tell when it has ended, and that it is not missed
 		default:

@@ -281,21 +281,27 @@ func (g *Gateway) loadPolicies() error {
 // the one in force: it is stored, announced to the mesh, and the topology
 // is re-planned. It returns whether it was adopted.
 func (g *Gateway) AdoptPolicy(src, sigJSON []byte) (bool, error) {
-	sig, err := policy.ParseSignature(sigJSON)
-	if err != nil {
-		return false, err
-	}
 	// Verified under the lock: a revocation list adopted meanwhile
 	// re-judges the policy in force under it too (recheckPolicy), so
 	// one of the two sees the other.
 	g.policyMu.Lock()
 	defer g.policyMu.Unlock()
+	return g.adoptPolicyLocked(src, sigJSON, false)
+}
+
+// adoptPolicyLocked is AdoptPolicy with g.policyMu held. replace adopts
+// the policy whatever the one in force (whose signer was revoked).
+func (g *Gateway) adoptPolicyLocked(src, sigJSON []byte, replace bool) (bool, error) {
+	sig, err := policy.ParseSignature(sigJSON)
+	if err != nil {
+		return false, err
+	}
 	p, err := policy.Verify("policy.hcl", src, sig, g.trust.Load(), g.now())
 	if err != nil {
 		return false, err
 	}
 	var cur *policy.Policy
-	if c := g.policy.Load(); c != nil {
+	if c := g.policy.Load(); c != nil && !replace {
 		cur = c.p
 	}
 	ok, err := policy.Adopt(cur, p)
@@ -317,41 +323,41 @@ func (g *Gateway) AdoptPolicy(src, sigJSON []byte) (bool, error) {
 }
 
 // recheckPolicy judges the policy in force again after a new revocation
-// list: one whose signer it revokes is no longer in force, as it would not
-// be after a restart, and the configured policy takes its place if it
-// still verifies (else none is in force until a trusted one arrives).
-// Otherwise revoking a signer, the way to take its rights away, left what
-// it had signed in force wherever it arrived before the list did.
+// list. One whose signer it revokes gives way to the configured policy if
+// that still verifies, as after a restart: revoking a signer is how its
+// rights are taken away, and what it signed stayed in force wherever it
+// arrived before the list did. With nothing trusted to put in its place
+// it stays in force, loudly: none at all would leave the topology with no
+// residency limit on any tunnel.
 func (g *Gateway) recheckPolicy() {
 	g.policyMu.Lock()
+	defer g.policyMu.Unlock()
 	c := g.policy.Load()
-	if c == nil {
-		g.policyMu.Unlock()
+	if c == nil || c.untrusted {
 		return
 	}
-	sig, err := policy.ParseSignature(c.sig)
-	if err == nil {
-		_, err = policy.Verify("policy.hcl", c.src, sig, g.trust.Load(), g.now())
+	sig, why := policy.ParseSignature(c.sig)
+	if why == nil {
+		_, why = policy.Verify("policy.hcl", c.src, sig, g.trust.Load(), g.now())
 	}
-	if !errors.Is(err, policy.ErrUntrustedSigner) {
-		g.policyMu.Unlock()
+	if !errors.Is(why, policy.ErrUntrustedSigner) {
 		return
 	}
-	g.policy.Store(nil)
-	g.policyMu.Unlock()
-	g.log.Error("the residency policy in force is no longer trusted, and no longer in force: its signer was revoked; the configured policy is in force instead if it verifies, else none until a trusted one is published",
-		"policy", c.p.Revision().String(), "err", err)
 	if g.s.PolicyFile != "" {
-		if src, err := os.ReadFile(g.s.PolicyFile); err == nil {
-			if sig, err := os.ReadFile(g.s.PolicySignature); err == nil {
-				if _, err := g.AdoptPolicy(src, sig); err != nil {
-					g.log.Error("configured policy refused", "policy", g.s.PolicyFile, "err", err)
-				}
+		src, rerr := os.ReadFile(g.s.PolicyFile)
+		sig, serr := os.ReadFile(g.s.PolicySignature)
+		if rerr == nil && serr == nil {
+			if ok, _ := g.adoptPolicyLocked(src, sig, true); ok {
+				g.log.Error("the residency policy in force was signed by a signer since revoked: the configured policy is in force instead",
+					"revoked", c.p.Revision().String(), "policy", g.policyRevision(), "err", why)
+				return
 			}
 		}
 	}
-	g.log.Warn("residency policy in force after the revocation", "policy", g.policyRevision())
-	g.triggerReconcile()
+	// Marked, so that this is said once per policy, not per list.
+	g.policy.Store(&adoptedPolicy{p: c.p, src: c.src, sig: c.sig, untrusted: true})
+	g.log.Error(fmt.Sprintf("the residency policy in force was signed by a signer since revoked, and no trusted policy can take its place: it stays in force until one signed by a trusted signer, above version %d, is published", c.p.Revision().Version),
+		"policy", c.p.Revision().String(), "err", why)
 }
 
 func (g *Gateway) policyRevision() string {
