@@ -119,11 +119,15 @@ func (r *Receiver) Serve(ctx context.Context, ln net.Listener) error {
 	r.stopping = false
 	r.mu.Unlock()
 	defer r.shutdown()
+	// Its own context: Serve also ends when the listener fails, and
+	// shutdown waits for it.
+	fctx, stopForgetting := context.WithCancel(ctx)
+	defer stopForgetting() // before shutdown
 	r.handlers.Go(func() {
 		for {
 			r.forgetAbandoned()
 			select {
-			case <-ctx.Done():
+			case <-fctx.Done():
 				return
 			case <-time.After(time.Hour):
 			}
@@ -188,9 +192,7 @@ func (r *Receiver) shutdown() {
 	sessions := slices.Collect(maps.Values(r.sessions))
 	r.mu.Unlock()
 	for _, s := range sessions {
-		if !s.committed.Load() {
-			s.abort()
-		}
+		s.abortUnlessCommitted()
 	}
 	r.handlers.Wait()
 }
@@ -463,6 +465,21 @@ func (s *session) takeOver() bool {
 	}
 }
 
+// abortUnlessCommitted aborts a session whose sender has not committed;
+// one that has is left to store its image. (Under s.mu, as the commit is
+// taken: the two cannot both happen.)
+func (s *session) abortUnlessCommitted() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.committed.Load() {
+		return
+	}
+	s.aborted = true
+	for _, c := range s.conns {
+		c.Close()
+	}
+}
+
 // abort closes the session's connections; its goroutines then end and
 // close it.
 func (s *session) abort() {
@@ -526,7 +543,15 @@ func (r *Receiver) control(ctx context.Context, c *tls.Conn, fr *frameReader, fw
 	}
 	var cm Commit
 	err = fr.json(frameCommit, &cm)
+	s.mu.Lock()
+	aborted := s.aborted
 	s.committed.Store(true) // or gone: either way no longer waited for
+	s.mu.Unlock()
+	if err == nil && aborted {
+		// Ended (a stopping receiver, a new attempt) as the commit came:
+		// its sender is told nothing was stored, so nothing is.
+		err = errors.New("the session was ended as its commit came")
+	}
 	if err != nil {
 		if refuseFrame(fw, err) {
 			log.Warn("migration refused: its commit does not parse; its durable chunks wait for a resume", "reason", err)
