@@ -44,8 +44,11 @@ type member struct {
 	// renewing: verified, its new advert names a certificate not fetched
 	// yet; the advert verified last stands meanwhile.
 	renewing bool
-	changed  time.Time
-	stranger bool // listed only because admit refused it: never alive here
+	// verifiedMeta is the advert verified holds, as gossiped (meta may be
+	// a newer one, not verified yet): what is saved for a restart.
+	verifiedMeta []byte
+	changed      time.Time
+	stranger     bool // listed only because admit refused it: never alive here
 }
 
 // membership is the gateway's verified view of the mesh. The memberlist
@@ -445,7 +448,7 @@ func (ms *membership) judgeLocked(m *member) (needCert bool) {
 		ms.refuseLocked(m, prev, err)
 		return false
 	}
-	m.verified, m.seen, m.state, m.reason, m.lastVerified = v, &v.Seen, StateVerified, "", v
+	m.verified, m.seen, m.state, m.reason, m.lastVerified, m.verifiedMeta = v, &v.Seen, StateVerified, "", v, m.meta
 	return false
 }
 
@@ -946,12 +949,15 @@ type MemberView struct {
 	Remembered bool
 	Meta       []byte
 	Verified   *certs.Verified
-	Advert     *certs.Advert
-	Since      time.Time
-	Left       bool   // left on purpose, not declared dead
-	Alive      bool   // gossip counts it alive now
-	CertSite   string // the site a verified certificate gave it ("" if never verified)
-	LastCert   []byte // its last verified certificate (DER), kept after it died
+	// VerifiedMeta is Verified's advert as gossiped (Meta may be a newer
+	// one, of a member renewing its certificate).
+	VerifiedMeta []byte
+	Advert       *certs.Advert
+	Since        time.Time
+	Left         bool   // left on purpose, not declared dead
+	Alive        bool   // gossip counts it alive now
+	CertSite     string // the site a verified certificate gave it ("" if never verified)
+	LastCert     []byte // its last verified certificate (DER), kept after it died
 }
 
 // snapshot copies the members, sorted by name.
@@ -961,6 +967,9 @@ func (ms *membership) snapshot() []MemberView {
 	out := make([]MemberView, 0, len(ms.members))
 	for _, m := range ms.members {
 		v := MemberView{Name: m.name, Gossip: m.gossip, State: m.state, Reason: m.reason, Remembered: m.remembered, Meta: m.meta, Verified: m.verified, Since: m.changed, Left: m.left, Alive: m.alive}
+		if m.verified != nil {
+			v.VerifiedMeta = m.verifiedMeta
+		}
 		if m.lastVerified != nil { // only a certificate names a site
 			v.CertSite, v.LastCert = m.lastVerified.Attributes.Site, m.lastVerified.Cert.Raw
 		}

@@ -803,6 +803,11 @@ func TestMembershipRenewal(t *testing.T) {
 	if p := ms.pending(); !slices.Equal(p, []string{"gw-a"}) {
 		t.Fatalf("certificates to fetch: %v, want gw-a's", p)
 	}
+	// What a restart restores is the advert verified, with its
+	// certificate: the newer one names a certificate not known then.
+	if v := ms.snapshot()[0]; !bytes.Equal(v.VerifiedMeta, oldAdvert) || !v.Verified.Cert.Equal(old.Certificate()) {
+		t.Fatal("renewing: the advert kept for a restart is not the one verified")
+	}
 	ms.refresh()
 	if got := states(ms); got["gw-a"] != StateVerified {
 		t.Fatalf("renewing, re-judged: %v", got)

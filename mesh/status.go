@@ -125,9 +125,14 @@ func (g *Gateway) Status() (*Status, error) {
 	}
 	for _, m := range g.members.snapshot() {
 		ms := MemberStatus{Node: m.Name, State: m.State, Reason: m.Reason, Left: m.Left}
-		if m.Advert != nil {
-			ms.Site, ms.Jurisdiction, ms.Region, ms.Provider = m.Advert.Site, m.Advert.Jurisdiction, m.Advert.Region, m.Advert.Provider
-			ms.OverlayIP, ms.PublicKey = m.Advert.OverlayIP.String(), m.Advert.WireGuardKey.String()
+		// What was verified, if anything: a member renewing its
+		// certificate gossips a newer advert not checked yet.
+		if a := m.Advert; m.Verified != nil || a != nil {
+			if m.Verified != nil {
+				a = &m.Verified.Advert
+			}
+			ms.Site, ms.Jurisdiction, ms.Region, ms.Provider = a.Site, a.Jurisdiction, a.Region, a.Provider
+			ms.OverlayIP, ms.PublicKey = a.OverlayIP.String(), a.WireGuardKey.String()
 		}
 		if m.Advert == nil && m.CertSite != "" {
 			// Restored dead from the state directory: no advert, but its
