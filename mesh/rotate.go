@@ -163,11 +163,6 @@ func (g *Gateway) verifyKeyringOp(op *keyringOp) error {
 	if !ok || !ecdsa.VerifyASN1(pub, op.digest(), op.sig) {
 		return fmt.Errorf("bad signature")
 	}
-	// Checked once the signature is: the initiator is then who it says,
-	// and may be told.
-	if d := now.Sub(op.at); d > keyringOpMaxAge || d < -keyringOpMaxAge {
-		return fmt.Errorf("operation %w: it says %s, this clock %s (%s allowed)", errOpTime, op.at.UTC().Format(time.RFC3339), now.UTC().Format(time.RFC3339), keyringOpMaxAge)
-	}
 	g.ops.Lock()
 	defer g.ops.Unlock()
 	if g.ops.ids == nil {
@@ -181,7 +176,14 @@ func (g *Gateway) verifyKeyringOp(op *keyringOp) error {
 	if _, dup := g.ops.ids[string(op.id)]; dup {
 		return fmt.Errorf("operation replayed")
 	}
+	// Remembered whether taken or refused for its time, so that a step
+	// replayed is neither taken nor answered again.
 	g.ops.ids[string(op.id)] = now
+	// Checked once the signature is: the initiator is then who it says,
+	// and may be told (errOpTime).
+	if d := now.Sub(op.at); d > keyringOpMaxAge || d < -keyringOpMaxAge {
+		return fmt.Errorf("operation %w: it says %s, this clock %s (%s allowed)", errOpTime, op.at.UTC().Format(time.RFC3339), now.UTC().Format(time.RFC3339), keyringOpMaxAge)
+	}
 	return nil
 }
 

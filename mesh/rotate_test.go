@@ -84,6 +84,10 @@ func TestGossipKeyRotation(t *testing.T) {
 		if tc.ok && err != nil || !tc.ok && !errors.Is(err, errOpTime) {
 			t.Errorf("a step dated %s from op1's clock: %v", tc.off, err)
 		}
+		// Replayed, it is neither taken nor answered again.
+		if err := m.gws[1].g.verifyKeyringOp(got); err == nil || errors.Is(err, errOpTime) {
+			t.Errorf("the step dated %s from op1's clock, replayed: %v; want it refused as a replay", tc.off, err)
+		}
 	}
 
 	// What each step sends a member: the key sealed to it, or its hash.
