@@ -79,8 +79,8 @@ func Sign(file string, src []byte, signer crypto.Signer, signerName string, sign
 		// Gateways judge the signer as of the signing time: a signature
 		// made outside its certificate's validity is refused everywhere.
 		if c := signerCert; sig.SignedAt.Before(certs.ValidFrom(c)) || sig.SignedAt.After(c.NotAfter) {
-			return nil, fmt.Errorf("the signer certificate is valid from %s to %s, and this machine's clock says %s: every gateway would refuse the signature; check the clock, or use a current signer certificate",
-				c.NotBefore.UTC().Format(time.RFC3339), c.NotAfter.UTC().Format(time.RFC3339), sig.SignedAt.Format(time.RFC3339))
+			return nil, fmt.Errorf("the signer certificate is valid from %s (%s with the %s of clock skew gateways allow) to %s, and this machine's clock says %s: every gateway would refuse the signature; check the clock, or use a current signer certificate",
+				c.NotBefore.UTC().Format(time.RFC3339), certs.ValidFrom(c).UTC().Format(time.RFC3339), certs.MaxClockSkew, c.NotAfter.UTC().Format(time.RFC3339), sig.SignedAt.Format(time.RFC3339))
 		}
 		sig.SignerCertificate = string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: signerCert.Raw}))
 	}
