@@ -767,6 +767,14 @@ func (s *sender) transfer(ctx context.Context, cands []int64, acked, zeros map[i
 						}
 					}
 					err = fw.frame(frameChunk, j.hdr, j.data)
+					if err == nil { // counted as it goes, not as it is prepared
+						n := int64(len(j.data))
+						s.mu.Lock()
+						s.stats.ChunksSent++
+						s.stats.BytesSent += n
+						s.mu.Unlock()
+						s.cfg.Observer.Moved(RoleSend, 1, n)
+					}
 					// Neither bufio nor TLS keeps the slice
 					// once Write returns; a retry reads the
 					// chunk anew.
@@ -1057,11 +1065,8 @@ func (s *sender) prepare(i int64, enc *zstd.Encoder, acc *Accept) (*job, error) 
 		s.cfg.mangle(i, j.data)
 	}
 	s.mu.Lock()
-	s.stats.ChunksSent++
 	s.stats.BytesRaw += n
-	s.stats.BytesSent += int64(len(j.data))
 	s.mu.Unlock()
-	s.cfg.Observer.Moved(RoleSend, 1, int64(len(j.data)))
 	return j, nil
 }
 
