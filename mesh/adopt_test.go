@@ -27,6 +27,7 @@ func TestAdoptPolicyConcurrently(t *testing.T) {
 		t.Fatal(err)
 	}
 	lg := startLiveGateway(t, ca, dir, 0, "zrh-dc", nil, &syncbuf.Buffer{})
+	<-lg.g.joined // gossip up: adopting announces
 	const newest = 40
 	type signed struct{ src, sig []byte }
 	versions := make([]signed, newest)
@@ -94,6 +95,7 @@ func TestRevokedSignersPolicyLeaves(t *testing.T) {
 	lg := startLiveGatewayWith(t, ca, dir, 0, "zrh-dc", nil, &syncbuf.Buffer{}, func(s *Settings) {
 		s.PolicyFile, s.PolicySignature = cfgPolicy, cfgSig
 	})
+	<-lg.g.joined // gossip up: adopting announces
 	inForce := func() int64 {
 		if p := lg.g.policy.Load(); p != nil {
 			return p.p.Revision().Version
@@ -132,6 +134,7 @@ func TestRevokedSignersPolicyLeaves(t *testing.T) {
 	// (none would lift every residency limit on the tunnels), until a
 	// trusted policy above it is published.
 	bare := startLiveGateway(t, ca, dir, 1, "fra-dc", nil, &syncbuf.Buffer{})
+	<-bare.g.joined
 	if ok, err := bare.g.AdoptPolicy(version(1), sig.Marshal()); !ok || err != nil {
 		t.Fatalf("version 1: %v, %v", ok, err)
 	}

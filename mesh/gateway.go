@@ -72,6 +72,9 @@ type Gateway struct {
 	// runCtx is Run's context, for work the worker does on its behalf
 	// (a keyring write to Vault) that must not hold up a stop.
 	runCtx context.Context
+	// afterRotationStep, in tests, runs after each step of a gossip key
+	// rotation this gateway starts.
+	afterRotationStep func(step string)
 
 	// Owned by the reconcile loop.
 	lastApplied map[certs.WGPublicKey]PeerConfig

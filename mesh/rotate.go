@@ -329,23 +329,55 @@ func (g *Gateway) RotateGossipKey(ctx context.Context) (*RotationReport, error) 
 		return nil, err
 	}
 	old := g.keyring.GetPrimaryKey()
-	var members []string
-	for _, m := range g.members.snapshot() {
-		if m.State == StateVerified && !m.Remembered {
-			members = append(members, m.Name)
-		}
-	}
-	sort.Strings(members)
-	for _, step := range []struct {
+	steps := []struct {
 		kind string
 		key  []byte
-	}{{opInstall, newKey}, {opUse, newKey}, {opRemove, old}} {
+	}{{opInstall, newKey}, {opUse, newKey}, {opRemove, old}}
+	var members []string // in the rotation so far
+	in := map[string]bool{}
+	for i, step := range steps {
+		// A member verified since the rotation began (a burst gateway
+		// enrolled with the keyring as it was, one restarted from its
+		// file) goes through the steps before this one first: left out,
+		// it would keep a key the others drop, cut off for good.
+		var newcomers []string
+		for _, m := range g.rotationMembers() {
+			if !in[m] {
+				in[m] = true
+				newcomers = append(newcomers, m)
+			}
+		}
+		if i > 0 && len(newcomers) > 0 {
+			g.log.Info("gossip key rotation: members verified since it began go through the earlier steps", "members", newcomers)
+			for _, earlier := range steps[:i] {
+				if err := g.rotationStep(ctx, earlier.kind, earlier.key, newcomers); err != nil {
+					return nil, fmt.Errorf("gossip key rotation, step %q for members verified since it began: %w", earlier.kind, err)
+				}
+			}
+		}
+		members = append(members, newcomers...)
+		sort.Strings(members)
 		if err := g.rotationStep(ctx, step.kind, step.key, members); err != nil {
 			return nil, fmt.Errorf("gossip key rotation, step %q: %w", step.kind, err)
+		}
+		if g.afterRotationStep != nil {
+			g.afterRotationStep(step.kind)
 		}
 	}
 	g.log.Info("gossip key rotated", "members", len(members))
 	return &RotationReport{Members: members, Elapsed: time.Since(start)}, nil
+}
+
+// rotationMembers are the members a gossip key rotation goes to: those
+// verified and heard from.
+func (g *Gateway) rotationMembers() []string {
+	var out []string
+	for _, m := range g.members.snapshot() {
+		if m.State == StateVerified && !m.Remembered {
+			out = append(out, m.Name)
+		}
+	}
+	return out
 }
 
 func (g *Gateway) rotationStep(ctx context.Context, kind string, key []byte, members []string) error {

@@ -102,3 +102,40 @@ func TestGossipKeyRotation(t *testing.T) {
 		}
 	}
 }
+
+// TestGossipKeyRotationWithNewcomer: a gateway that joins while a
+// rotation runs (after its first step, with the keyring as it was) is
+// brought through the steps it missed: left out, it kept the old key,
+// which the others then dropped, and was cut off for good.
+func TestGossipKeyRotationWithNewcomer(t *testing.T) {
+	m := startLiveMesh(t)
+	a := m.gws[0].g
+	var late *liveGateway
+	a.afterRotationStep = func(step string) {
+		if step != opInstall || late != nil {
+			return
+		}
+		late = startLiveGateway(t, m.ca, m.dir, 3, "late-site", []string{a.s.GossipAdvertise.String()}, m.logs)
+		waitUntil(t, 20*time.Second, "the late gateway to be verified by op0", func() bool { return a.members.verified("op3") != nil })
+	}
+	rep, err := a.RotateGossipKey(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Contains(rep.Members, "op3") {
+		t.Fatalf("acknowledged by %v, want op3 among them", rep.Members)
+	}
+	nk := a.keyring.GetPrimaryKey()
+	if keys := late.g.keyring.GetKeys(); len(keys) != 1 || !bytes.Equal(keys[0], nk) {
+		t.Fatalf("the late gateway holds %d keys, the new one primary: %v", len(keys), len(keys) > 0 && bytes.Equal(keys[0], nk))
+	}
+	// And gossip still carries its news: a new advert reaches op0.
+	before := a.members.verified("op3").Advert.Version
+	if err := late.g.advertiseNow(); err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, 20*time.Second, "op3's new advert to reach op0", func() bool {
+		v := a.members.verified("op3")
+		return v != nil && v.Advert.Version > before
+	})
+}
