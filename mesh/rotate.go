@@ -80,6 +80,38 @@ func (op *keyringOp) encode() []byte {
 type opLog struct {
 	sync.Mutex
 	ids map[string]time.Time
+	// open is the rotation under way here: its initiator, and when it is
+	// taken as abandoned (rotationOpenFor after its last step).
+	open struct {
+		initiator string
+		until     time.Time
+	}
+}
+
+// rotationOpenFor is how long after a step a rotation counts as under
+// way, unless its last step (remove) came: the steps of one rotation
+// follow each other within seconds, and each waits keyringAckWait at
+// most for its answers.
+const rotationOpenFor = 2 * time.Minute
+
+// claimRotation admits a keyring step of initiator's rotation: one
+// rotation at a time. Two initiators interleaving their steps could leave
+// members on different primary keys, each cut off from the rest.
+func (g *Gateway) claimRotation(initiator, kind string) error {
+	now := g.now()
+	g.ops.Lock()
+	defer g.ops.Unlock()
+	o := &g.ops.open
+	if o.initiator != "" && o.initiator != initiator && now.Before(o.until) {
+		return fmt.Errorf("a gossip key rotation by %s is under way (abandoned at %s at the latest): one at a time; rotate again once it is done",
+			o.initiator, o.until.UTC().Format(time.RFC3339))
+	}
+	if kind == opRemove || kind == opRemoveHash {
+		o.initiator = ""
+		return nil
+	}
+	o.initiator, o.until = initiator, now.Add(rotationOpenFor)
+	return nil
 }
 
 func parseKeyringOp(m message) (*keyringOp, error) {
@@ -118,6 +150,11 @@ func (g *Gateway) handleKeyringOp(m message) error {
 		if errors.Is(err, errOpTime) {
 			refuse(err)
 		}
+		return err
+	}
+	if err := g.claimRotation(op.initiator, op.kind); err != nil {
+		g.log.Warn("refused gossip keyring operation", "peer", op.initiator, "err", err)
+		refuse(err)
 		return err
 	}
 	// The answer goes on a stream, from a goroutine: a lost one would
@@ -387,6 +424,9 @@ func (g *Gateway) rotationStep(ctx context.Context, kind string, key []byte, mem
 	// Drain acks of earlier, failed steps.
 	for len(g.acks) > 0 {
 		<-g.acks
+	}
+	if err := g.claimRotation(op.initiator, op.kind); err != nil {
+		return err
 	}
 	if err := g.applyKeyringOp(ctx, op); err != nil {
 		return err

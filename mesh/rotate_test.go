@@ -139,3 +139,33 @@ func TestGossipKeyRotationWithNewcomer(t *testing.T) {
 		return v != nil && v.Advert.Version > before
 	})
 }
+
+// TestGossipKeyRotationsOneAtATime: a gateway cannot start a gossip key
+// rotation while another's is under way (interleaved, their steps could
+// leave members on different primary keys), and can once it is done.
+func TestGossipKeyRotationsOneAtATime(t *testing.T) {
+	m := startLiveMesh(t)
+	a, b := m.gws[0].g, m.gws[1].g
+	var during error
+	a.afterRotationStep = func(step string) {
+		if step == opInstall {
+			_, during = b.RotateGossipKey(context.Background())
+		}
+	}
+	if _, err := a.RotateGossipKey(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if during == nil || !strings.Contains(during.Error(), "a gossip key rotation by op0 is under way") {
+		t.Fatalf("op1 rotating while op0's rotation runs: %v; want it refused", during)
+	}
+	rep, err := b.RotateGossipKey(context.Background())
+	if err != nil || !slices.Equal(rep.Members, []string{"op0", "op2"}) {
+		t.Fatalf("op1 rotating once op0's rotation is done: %+v, %v", rep, err)
+	}
+	nk := b.keyring.GetPrimaryKey()
+	for _, lg := range m.gws {
+		if keys := lg.g.keyring.GetKeys(); len(keys) != 1 || !bytes.Equal(keys[0], nk) {
+			t.Errorf("%s holds %d keys after both rotations, op1's primary: %v", lg.g.s.Node.Name, len(keys), len(keys) > 0 && bytes.Equal(keys[0], nk))
+		}
+	}
+}
