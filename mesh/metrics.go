@@ -31,6 +31,7 @@ type metrics struct {
 	reconcileTime   prometheus.Histogram
 	migBytes        *prometheus.CounterVec
 	migChunks       *prometheus.CounterVec
+	migDone         *prometheus.CounterVec
 	migRetries      *prometheus.CounterVec
 	migDuration     *prometheus.HistogramVec
 	decisions       *prometheus.CounterVec
@@ -68,6 +69,10 @@ func newMetrics(g *Gateway) *metrics {
 			Name: "skybridge_migration_chunks_total",
 			Help: "Chunks sent or received with their data, by role.",
 		}, []string{"role"}),
+		migDone: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "skybridge_migration_chunks_done_total",
+			Help: "Chunks a sender has dealt with, whichever way (sent and acknowledged, found at the receiver or in its stored version, zeros): progress even when nothing crosses the wire.",
+		}, []string{"role"}),
 		migRetries: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "skybridge_migration_retries_total",
 			Help: "Chunks sent again after the receiver refused them or a stream failed.",
@@ -88,7 +93,7 @@ func newMetrics(g *Gateway) *metrics {
 		recent: &decisionLog{max: maxRecentDecisions},
 	}
 	m.reg.MustRegister(m.rejections, m.reconcileRuns, m.reconcileErrors, m.reconcileTime,
-		m.migBytes, m.migChunks, m.migRetries, m.migDuration, m.decisions, m.enrollments,
+		m.migBytes, m.migChunks, m.migDone, m.migRetries, m.migDuration, m.decisions, m.enrollments,
 		&gatewayCollector{g: g},
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	// Every label value a rule or dashboard may select on exists from the
@@ -101,6 +106,7 @@ func newMetrics(g *Gateway) *metrics {
 	for _, role := range []string{migrate.RoleSend, migrate.RoleReceive} {
 		m.migBytes.WithLabelValues(role)
 		m.migChunks.WithLabelValues(role)
+		m.migDone.WithLabelValues(role)
 		m.migRetries.WithLabelValues(role)
 	}
 	for _, o := range []string{"enrolled", "refused"} {
@@ -159,6 +165,8 @@ func (m *metrics) Moved(role string, chunks int, wireBytes int64) {
 	m.migChunks.WithLabelValues(role).Add(float64(chunks))
 	m.migBytes.WithLabelValues(role).Add(float64(wireBytes))
 }
+
+func (m *metrics) Done(role string, chunks int) { m.migDone.WithLabelValues(role).Add(float64(chunks)) }
 
 func (m *metrics) Retried(role string) { m.migRetries.WithLabelValues(role).Inc() }
 

@@ -21,6 +21,10 @@ type Observer interface {
 	Decided(role, id string, req policy.Request, d policy.Decision)
 	// Moved reports chunks that crossed the wire and their bytes there.
 	Moved(role string, chunks int, wireBytes int64)
+	// Done reports chunks a sender has dealt with, whichever way: sent
+	// and acknowledged, found at the receiver or in its stored version,
+	// or zeros.
+	Done(role string, chunks int)
 	// Retried reports a chunk sent again after a stream failed.
 	Retried(role string)
 	// Ended reports a migration's end: done, denied, cancelled or failed.
@@ -31,6 +35,7 @@ type nopObserver struct{}
 
 func (nopObserver) Decided(string, string, policy.Request, policy.Decision) {}
 func (nopObserver) Moved(string, int, int64)                                {}
+func (nopObserver) Done(string, int)                                        {}
 func (nopObserver) Retried(string)                                          {}
 func (nopObserver) Ended(string, string, time.Duration)                     {}
 

@@ -559,6 +559,14 @@ func (s *sender) run(ctx context.Context) error {
 	return nil
 }
 
+// chunkDone counts a chunk dealt with, whichever way (s.mu held): it is
+// progress even when nothing crosses the wire, as in a re-sync of an
+// unchanged image, which reads for as long as the image takes to read.
+func (s *sender) chunkDone() {
+	s.stats.ChunksDone++
+	s.cfg.Observer.Done(RoleSend, 1)
+}
+
 // destinationRevoked says so if the destination's certificate has been
 // revoked since the migration began: a gateway decommissioned or whose key
 // was stolen is sent nothing more (the receiver judges the sender the same
@@ -818,7 +826,7 @@ func (s *sender) transfer(ctx context.Context, cands []int64, acked, zeros map[i
 						newAcks[i] = j.hash
 						ackMu.Unlock()
 						s.mu.Lock()
-						s.stats.ChunksDone++
+						s.chunkDone()
 						s.mu.Unlock()
 						pending.Add(-1)
 						select {
@@ -889,7 +897,7 @@ func (s *sender) transfer(ctx context.Context, cands []int64, acked, zeros map[i
 					// unchanged source: a hole, not read again.
 					s.mu.Lock()
 					s.stats.ChunksZero++
-					s.stats.ChunksDone++
+					s.chunkDone()
 					s.mu.Unlock()
 					continue
 				}
@@ -898,7 +906,7 @@ func (s *sender) transfer(ctx context.Context, cands []int64, acked, zeros map[i
 						s.mu.Lock()
 						s.manifest.Chunks[i] = h
 						s.stats.ChunksResumed++
-						s.stats.ChunksDone++
+						s.chunkDone()
 						s.mu.Unlock()
 						continue
 					}
@@ -1024,7 +1032,7 @@ func (s *sender) prepare(i int64, enc *zstd.Encoder, acc *Accept) (*job, error) 
 		putChunkBuf(buf)
 		s.mu.Lock()
 		s.stats.ChunksZero++
-		s.stats.ChunksDone++
+		s.chunkDone()
 		delete(s.manifest.Chunks, i)
 		s.mu.Unlock()
 		return nil, nil
@@ -1039,7 +1047,7 @@ func (s *sender) prepare(i int64, enc *zstd.Encoder, acc *Accept) (*job, error) 
 			putChunkBuf(buf)
 			s.mu.Lock()
 			s.stats.ChunksHad++
-			s.stats.ChunksDone++
+			s.chunkDone()
 			s.mu.Unlock()
 			return &job{index: i, hash: h, had: true}, nil
 		case acc.Base[i]:
