@@ -258,23 +258,31 @@ func (g *Gateway) loadPolicies() error {
 			g.log.Warn("stored policy refused", "err", err)
 		}
 	}
+	if src, sig, ok := g.configuredPolicy(); ok {
+		if _, err := g.AdoptPolicy(src, sig); err != nil {
+			g.log.Error("configured policy refused", "policy", g.s.PolicyFile, "err", err)
+		}
+	}
+	return nil
+}
+
+// configuredPolicy reads the policy the configuration names, and its
+// signature; ok is false (and the log says why) if there is none to use.
+func (g *Gateway) configuredPolicy() (src, sig []byte, ok bool) {
 	if g.s.PolicyFile == "" {
-		return nil
+		return nil, nil, false
 	}
 	src, err := os.ReadFile(g.s.PolicyFile)
 	if err != nil {
 		g.log.Error("read policy", "err", err)
-		return nil
+		return nil, nil, false
 	}
-	sig, err := os.ReadFile(g.s.PolicySignature)
+	sig, err = os.ReadFile(g.s.PolicySignature)
 	if err != nil {
 		g.log.Error("policy is not signed: it will not be used", "policy", g.s.PolicyFile, "err", err)
-		return nil
+		return nil, nil, false
 	}
-	if _, err := g.AdoptPolicy(src, sig); err != nil {
-		g.log.Error("configured policy refused", "policy", g.s.PolicyFile, "err", err)
-	}
-	return nil
+	return src, sig, true
 }
 
 // AdoptPolicy verifies a signed policy and adopts it if it is newer than
@@ -343,16 +351,14 @@ func (g *Gateway) recheckPolicy() {
 	if !errors.Is(why, policy.ErrUntrustedSigner) {
 		return
 	}
-	if g.s.PolicyFile != "" {
-		src, rerr := os.ReadFile(g.s.PolicyFile)
-		sig, serr := os.ReadFile(g.s.PolicySignature)
-		if rerr == nil && serr == nil {
-			if ok, _ := g.adoptPolicyLocked(src, sig, true); ok {
-				g.log.Error("the residency policy in force was signed by a signer since revoked: the configured policy is in force instead",
-					"revoked", c.p.Revision().String(), "policy", g.policyRevision(), "err", why)
-				return
-			}
+	if src, sig, ok := g.configuredPolicy(); ok {
+		adopted, err := g.adoptPolicyLocked(src, sig, true)
+		if adopted {
+			g.log.Error("the residency policy in force was signed by a signer since revoked: the configured policy is in force instead",
+				"revoked", c.p.Revision().String(), "policy", g.policyRevision(), "err", why)
+			return
 		}
+		g.log.Error("configured policy refused", "policy", g.s.PolicyFile, "err", err)
 	}
 	// Marked, so that this is said once per policy, not per list.
 	g.policy.Store(&adoptedPolicy{p: c.p, src: c.src, sig: c.sig, untrusted: true})
