@@ -127,14 +127,15 @@ func (g *Gateway) Status() (*Status, error) {
 		ms := MemberStatus{Node: m.Name, State: m.State, Reason: m.Reason, Left: m.Left}
 		// What was verified, if anything: a member renewing its
 		// certificate gossips a newer advert not checked yet.
-		if a := m.Advert; m.Verified != nil || a != nil {
-			if m.Verified != nil {
-				a = &m.Verified.Advert
-			}
+		a := m.Advert
+		if m.Verified != nil {
+			a = &m.Verified.Advert
+		}
+		switch {
+		case a != nil:
 			ms.Site, ms.Jurisdiction, ms.Region, ms.Provider = a.Site, a.Jurisdiction, a.Region, a.Provider
 			ms.OverlayIP, ms.PublicKey = a.OverlayIP.String(), a.WireGuardKey.String()
-		}
-		if m.Advert == nil && m.CertSite != "" {
+		case m.CertSite != "":
 			// Restored dead from the state directory: no advert, but its
 			// certificate says where it belongs, and its site is missed.
 			ms.Site = m.CertSite
