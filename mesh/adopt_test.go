@@ -105,27 +105,33 @@ func TestRevokedSignersPolicyLeaves(t *testing.T) {
 	if v := inForce(); v != 1 {
 		t.Fatalf("at start: version %d in force, want the configured 1", v)
 	}
-	signer, err := ca.NewPolicySigner("compliance", time.Hour, time.Now())
-	if err != nil {
-		t.Fatal(err)
+	// adoptThenRevoke has g adopt version 2 from a new delegated signer,
+	// then the revocation list that revokes that signer.
+	adoptThenRevoke := func(g *Gateway, signerName string) {
+		t.Helper()
+		signer, err := ca.NewPolicySigner(signerName, time.Hour, time.Now())
+		if err != nil {
+			t.Fatal(err)
+		}
+		sig2, err := policy.Sign("policy.hcl", version(2), signer.Signer(), signer.Name(), signer.Certificate(), time.Now())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if ok, err := g.AdoptPolicy(version(2), sig2.Marshal()); !ok || err != nil {
+			t.Fatalf("version 2 from delegated signer %s: %v, %v", signerName, ok, err)
+		}
+		if _, err := ca.RevokeSerials([]*big.Int{signer.Certificate().SerialNumber}, "keyCompromise", time.Now()); err != nil {
+			t.Fatal(err)
+		}
+		tb, err := ca.TrustBundle()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !g.adoptTrust(tb) {
+			t.Fatal("the new revocation list was not adopted")
+		}
 	}
-	sig2, err := policy.Sign("policy.hcl", version(2), signer.Signer(), signer.Name(), signer.Certificate(), time.Now())
-	if err != nil {
-		t.Fatal(err)
-	}
-	if ok, err := lg.g.AdoptPolicy(version(2), sig2.Marshal()); !ok || err != nil {
-		t.Fatalf("version 2 from a delegated signer: %v, %v", ok, err)
-	}
-	if _, err := ca.RevokeSerials([]*big.Int{signer.Certificate().SerialNumber}, "keyCompromise", time.Now()); err != nil {
-		t.Fatal(err)
-	}
-	tb, err := ca.TrustBundle()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if !lg.g.adoptTrust(tb) {
-		t.Fatal("the new revocation list was not adopted")
-	}
+	adoptThenRevoke(lg.g, "compliance")
 	if v := inForce(); v != 1 {
 		t.Fatalf("after its signer was revoked: version %d in force, want the configured 1", v)
 	}
@@ -138,24 +144,7 @@ func TestRevokedSignersPolicyLeaves(t *testing.T) {
 	if ok, err := bare.g.AdoptPolicy(version(1), sig.Marshal()); !ok || err != nil {
 		t.Fatalf("version 1: %v, %v", ok, err)
 	}
-	signer2, err := ca.NewPolicySigner("compliance-2", time.Hour, time.Now())
-	if err != nil {
-		t.Fatal(err)
-	}
-	sig2b, err := policy.Sign("policy.hcl", version(2), signer2.Signer(), signer2.Name(), signer2.Certificate(), time.Now())
-	if err != nil {
-		t.Fatal(err)
-	}
-	if ok, err := bare.g.AdoptPolicy(version(2), sig2b.Marshal()); !ok || err != nil {
-		t.Fatalf("version 2 from a second delegated signer: %v, %v", ok, err)
-	}
-	if _, err := ca.RevokeSerials([]*big.Int{signer2.Certificate().SerialNumber}, "keyCompromise", time.Now()); err != nil {
-		t.Fatal(err)
-	}
-	if tb, err = ca.TrustBundle(); err != nil {
-		t.Fatal(err)
-	}
-	bare.g.adoptTrust(tb)
+	adoptThenRevoke(bare.g, "compliance-2")
 	if p := bare.g.policy.Load(); p == nil || p.p.Revision().Version != 2 || !p.untrusted {
 		t.Fatalf("with nothing to take its place: %+v; want version 2 kept, marked untrusted", p)
 	}
