@@ -63,8 +63,6 @@ type Receiver struct {
 	// their record until their session is in sessions (or it failed):
 	// forgetAbandoned leaves them alone.
 	opening map[string]receiveLoad // by ID
-	// held is each receive's share of the image store's free space.
-	held map[string]*reservation
 	// serving counts the Serve calls running; when the last ends,
 	// stopping is set, and no session opens after.
 	serving  int
@@ -96,7 +94,7 @@ func NewReceiver(cfg ReceiverConfig) (*Receiver, error) {
 	if err != nil {
 		return nil, err
 	}
-	r := &Receiver{cfg: cfg, dec: dec, sessions: map[string]*session{}, opening: map[string]receiveLoad{}, held: map[string]*reservation{}}
+	r := &Receiver{cfg: cfg, dec: dec, sessions: map[string]*session{}, opening: map[string]receiveLoad{}}
 	if err := r.recoverStores(); err != nil {
 		return nil, fmt.Errorf("image store: %w", err)
 	}
@@ -767,12 +765,6 @@ func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision, log
 	if err != nil {
 		return nil, nil, err
 	}
-	opened := false
-	defer func() {
-		if !opened {
-			r.release(o.ID, hold)
-		}
-	}()
 	rec.Attempted = r.cfg.Now()
 	if err := j.put(bucketRecv, o.ID, &rec); err != nil {
 		return nil, nil, err
@@ -823,7 +815,6 @@ func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision, log
 	r.sessions[o.ID] = s
 	n := len(r.sessions)
 	r.mu.Unlock()
-	opened = true
 	r.load(n)
 	s.heard.touch()
 	go s.syncer()
@@ -837,7 +828,7 @@ func (r *Receiver) loadsLocked() []receiveLoad {
 		out = append(out, l)
 	}
 	for id, s := range r.sessions {
-		out = append(out, receiveLoad{id: id, name: s.offer.Name, from: s.from.Node, buffers: streamBuffers(&s.offer)})
+		out = append(out, receiveLoad{id: id, name: s.offer.Name, from: s.from.Node, buffers: streamBuffers(&s.offer), hold: s.hold})
 	}
 	return out
 }
@@ -910,7 +901,6 @@ func (s *session) close() {
 	}
 	n := len(s.r.sessions)
 	s.r.mu.Unlock()
-	s.r.release(s.offer.ID, s.hold)
 	s.r.load(n)
 	s.temp.Close()
 	if s.base != nil {

@@ -53,8 +53,10 @@ func freeBytes(dir string) (int64, error) {
 	return int64(st.Bavail) * st.Bsize, nil
 }
 
-// reserve takes a share of the store's free space for receive id, which
-// may write up to need bytes; its earlier share, if any, is replaced.
+// reserve takes a share of the store's free space for receive id, being
+// opened (in r.opening), which may write up to need bytes. The shares are
+// those of the receives under way and being opened: one goes with its
+// receive, an earlier attempt's with the ID.
 func (r *Receiver) reserve(id string, need int64) (*reservation, error) {
 	free, err := freeBytes(r.cfg.StoreDir)
 	if err != nil {
@@ -62,10 +64,16 @@ func (r *Receiver) reserve(id string, need int64) (*reservation, error) {
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	byID := map[string]*reservation{} // a session replacing an attempt is briefly both
+	for _, l := range r.loadsLocked() {
+		if l.hold != nil && l.id != id {
+			byID[l.id] = l.hold
+		}
+	}
 	var held int64
 	others := 0
-	for other, v := range r.held {
-		if rem := v.remaining(); other != id && rem > 0 {
+	for _, v := range byID {
+		if rem := v.remaining(); rem > 0 {
 			held += rem
 			others++
 		}
@@ -74,18 +82,10 @@ func (r *Receiver) reserve(id string, need int64) (*reservation, error) {
 		return nil, err
 	}
 	v := &reservation{bytes: need}
-	r.held[id] = v
+	l := r.opening[id]
+	l.hold = v
+	r.opening[id] = l
 	return v, nil
-}
-
-// release gives back receive id's share v (unless a new attempt has taken
-// the ID's since).
-func (r *Receiver) release(id string, v *reservation) {
-	r.mu.Lock()
-	if r.held[id] == v {
-		delete(r.held, id)
-	}
-	r.mu.Unlock()
 }
 
 // What the receives under way hold of the receiver besides disk space:
@@ -103,6 +103,7 @@ const (
 type receiveLoad struct {
 	id, name, from string
 	buffers        int64
+	hold           *reservation // its share of the store's free space, once taken
 }
 
 // streamBuffers is what a receive's streams may hold: two chunk buffers
