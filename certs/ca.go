@@ -492,6 +492,37 @@ func reasonName(code int) string {
 // revocation list and returns the index entries that were revoked. Revoking
 // an already revoked serial is not an error; an unknown serial is.
 func (ca *CA) RevokeSerials(serials []*big.Int, reason string, now time.Time) ([]IssuedCert, error) {
+	return ca.revoke(reason, now, func(idx *caIndex) ([]int, error) {
+		at := idx.bySerial()
+		out := make([]int, 0, len(serials))
+		for _, s := range serials {
+			want := FormatSerial(s)
+			i, ok := at[want]
+			if !ok {
+				return nil, fmt.Errorf("serial %s was not issued by this CA, or ended over 30 days ago (see skybridge ca list, and issued-archive.jsonl in the CA directory)", want)
+			}
+			out = append(out, i)
+		}
+		return out, nil
+	})
+}
+
+// RevokeNode revokes every certificate of node that is neither expired
+// nor revoked at now. The certificates are looked up under the CA's lock,
+// with the revocation, so one issued to the node meanwhile (a renewal in
+// flight) is revoked too rather than left valid.
+func (ca *CA) RevokeNode(node, reason string, now time.Time) ([]IssuedCert, error) {
+	return ca.revoke(reason, now, func(idx *caIndex) ([]int, error) {
+		out := idx.validOfNode(node, now)
+		if len(out) == 0 {
+			return nil, fmt.Errorf("node %q has no valid certificate issued by this CA (see skybridge ca list)", node)
+		}
+		return out, nil
+	})
+}
+
+// revoke revokes the index entries pick chooses, under the CA's lock.
+func (ca *CA) revoke(reason string, now time.Time, pick func(*caIndex) ([]int, error)) ([]IssuedCert, error) {
 	if reason == "" {
 		reason = "unspecified"
 	}
@@ -500,13 +531,11 @@ func (ca *CA) RevokeSerials(serials []*big.Int, reason string, now time.Time) ([
 	}
 	var done []IssuedCert
 	err := ca.updateIndex(now, func(idx *caIndex) error {
-		at := idx.bySerial()
-		for _, s := range serials {
-			want := FormatSerial(s)
-			i, ok := at[want]
-			if !ok {
-				return fmt.Errorf("serial %s was not issued by this CA, or ended over 30 days ago (see skybridge ca list, and issued-archive.jsonl in the CA directory)", want)
-			}
+		picked, err := pick(idx)
+		if err != nil {
+			return err
+		}
+		for _, i := range picked {
 			if idx.Certs[i].RevokedAt == nil {
 				t := now.UTC()
 				idx.Certs[i].RevokedAt = &t
@@ -525,6 +554,18 @@ func (ca *CA) RevokeSerials(serials []*big.Int, reason string, now time.Time) ([
 	return done, nil
 }
 
+// validOfNode returns the places in the index of the node's certificates
+// that are neither expired nor revoked at now.
+func (idx *caIndex) validOfNode(node string, now time.Time) []int {
+	var out []int
+	for i, e := range idx.Certs {
+		if e.Node == node && e.RevokedAt == nil && e.NotAfter.After(now) {
+			out = append(out, i)
+		}
+	}
+	return out
+}
+
 // SerialsOfNode returns the serials of the node's certificates that are
 // neither expired nor revoked at now.
 func (ca *CA) SerialsOfNode(node string, now time.Time) ([]*big.Int, error) {
@@ -533,14 +574,12 @@ func (ca *CA) SerialsOfNode(node string, now time.Time) ([]*big.Int, error) {
 		return nil, err
 	}
 	var out []*big.Int
-	for _, e := range idx.Certs {
-		if e.Node == node && e.RevokedAt == nil && e.NotAfter.After(now) {
-			s, err := ParseSerial(e.Serial)
-			if err != nil {
-				return nil, fmt.Errorf("CA index: %w", err)
-			}
-			out = append(out, s)
+	for _, i := range idx.validOfNode(node, now) {
+		s, err := ParseSerial(idx.Certs[i].Serial)
+		if err != nil {
+			return nil, fmt.Errorf("CA index: %w", err)
 		}
+		out = append(out, s)
 	}
 	if len(out) == 0 {
 		return nil, fmt.Errorf("node %q has no valid certificate issued by this CA", node)

@@ -213,6 +213,34 @@ func TestNameConstraint(t *testing.T) {
 	}
 }
 
+// RevokeNode takes every valid certificate of the node, a renewal's
+// too, and nothing of another node's.
+func TestRevokeNode(t *testing.T) {
+	ca := newTestCA(t)
+	first := issue(t, ca, testAttrs("gw1", "s", "100.96.0.1"), t0, time.Hour)
+	renewed := issue(t, ca, testAttrs("gw1", "s", "100.96.0.1"), t0.Add(time.Minute), time.Hour)
+	other := issue(t, ca, testAttrs("gw2", "s", "100.96.0.2"), t0, time.Hour)
+	done, err := ca.RevokeNode("gw1", "keyCompromise", t0.Add(2*time.Minute))
+	if err != nil || len(done) != 2 {
+		t.Fatalf("RevokeNode = %+v, %v; want both of gw1's certificates", done, err)
+	}
+	tb := trust(t, ca)
+	for _, id := range []*NodeIdentity{first, renewed} {
+		if _, err := tb.VerifyCertificate(id.Certificate(), t0.Add(3*time.Minute)); !errors.Is(err, ErrRevoked) {
+			t.Fatalf("gw1's certificate %s: err = %v, want revoked", FormatSerial(id.Certificate().SerialNumber), err)
+		}
+	}
+	if _, err := tb.VerifyCertificate(other.Certificate(), t0.Add(3*time.Minute)); err != nil {
+		t.Fatalf("gw2's certificate refused: %v", err)
+	}
+	if _, err := ca.RevokeNode("gw1", "keyCompromise", t0.Add(3*time.Minute)); err == nil || !strings.Contains(err.Error(), "no valid certificate") {
+		t.Fatalf("second RevokeNode: err = %v, want no valid certificate", err)
+	}
+	if _, err := ca.RevokeNode("gw2", "because", t0); err == nil || !strings.Contains(err.Error(), "keyCompromise") {
+		t.Fatalf("unknown reason: err = %v", err)
+	}
+}
+
 func TestRevoke(t *testing.T) {
 	ca := newTestCA(t)
 	id1 := issue(t, ca, testAttrs("gw1", "s", "100.96.0.1"), t0, time.Hour)

@@ -322,21 +322,20 @@ func caRevoke(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	var serials []*big.Int
+	var done []certs.IssuedCert
 	if node != "" {
-		serials, err = ca.SerialsOfNode(node, time.Now())
-		if err != nil {
-			return err
+		done, err = ca.RevokeNode(node, c.String("reason"), time.Now())
+	} else {
+		serials := make([]*big.Int, 0, len(serialArgs))
+		for _, s := range serialArgs {
+			n, err := certs.ParseSerial(s)
+			if err != nil {
+				return usageError("--serial: %v", err)
+			}
+			serials = append(serials, n)
 		}
+		done, err = ca.RevokeSerials(serials, c.String("reason"), time.Now())
 	}
-	for _, s := range serialArgs {
-		n, err := certs.ParseSerial(s)
-		if err != nil {
-			return usageError("--serial: %v", err)
-		}
-		serials = append(serials, n)
-	}
-	done, err := ca.RevokeSerials(serials, c.String("reason"), time.Now())
 	if err != nil {
 		return err
 	}
