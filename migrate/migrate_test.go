@@ -935,6 +935,48 @@ func TestMigrateResumeIncomingDamaged(t *testing.T) {
 	}
 }
 
+// TestMigrateResumeClearsWhatIsNotHeld: the incoming file of an
+// interrupted migration holds data the receiver does not count — a chunk
+// written but not yet journalled when it stopped, or a whole file whose
+// journal record was lost — and the source's chunk there is zeros by the
+// resume: the stored image has zeros there too, not the old bytes under
+// a root that says zeros.
+func TestMigrateResumeClearsWhatIsNotHeld(t *testing.T) {
+	for _, tc := range []struct {
+		name, format string
+		forget       func(p *pair, id string) error
+	}{
+		{"a chunk not journalled", FormatRaw, func(p *pair, id string) error { return p.recvJ.removeChunks("recv", id, []int64{2}) }},
+		{"a chunk of a qcow2 not journalled", FormatQcow2, func(p *pair, id string) error { return p.recvJ.removeChunks("recv", id, []int64{2}) }},
+		{"the record lost", FormatRaw, func(p *pair, id string) error {
+			return errors.Join(p.recvJ.deleteKey(bucketRecv, id), p.recvJ.dropChunks("recv", id))
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p := newPair(t, "DE")
+			raw := filepath.Join(p.dir, "vm.raw")
+			makeRaw(t, raw, 32*mib, map[int64]int{0: 32 * mib})
+			rec, rr := p.interruptedAs(raw, tc.format, 8)
+			if have, err := p.recvJ.chunks("recv", rec.ID); err != nil || have[2] == (Hash{}) {
+				t.Fatalf("the receiver does not hold chunk 2 of the interrupted migration (%v)", err)
+			}
+			if err := tc.forget(p, rec.ID); err != nil {
+				t.Fatal(err)
+			}
+			writeZeros(t, raw, 2*mib, mib)
+			cfg := p.config(raw, "pii-eu")
+			cfg.ID, cfg.Format = rec.ID, tc.format
+			if _, err := Send(context.Background(), cfg); err != nil {
+				t.Fatal(err)
+			}
+			p.stored(raw)
+			if _, err := os.Stat(rr.Temp); !errors.Is(err, fs.ErrNotExist) {
+				t.Errorf("the incoming file is still there: %v", err)
+			}
+		})
+	}
+}
+
 // TestMigrateResumeIncomingLost: resuming a migration whose incoming file
 // the receiver no longer has (a crash as the image was stored, removed by
 // hand) sends every chunk again, rather than storing the image with the

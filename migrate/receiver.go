@@ -741,6 +741,12 @@ func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision, log
 		resumed = false
 	}
 	if !resumed {
+		// Nothing of an earlier file under this ID counts (its record
+		// was lost with a journal moved aside, say): no chunk is held,
+		// and the file is emptied when it is opened below.
+		if err := j.dropChunks("recv", o.ID); err != nil {
+			return nil, nil, err
+		}
 		rec = RecvRecord{ID: o.ID, Name: o.Name, From: from.Node, FromSite: from.Site, Class: o.Class, Format: o.Format,
 			Size: o.Size, ChunkSize: o.ChunkSize, Temp: temp, State: StateRunning, Started: r.cfg.Now()}
 		if o.Format == FormatQcow2 {
@@ -772,6 +778,12 @@ func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision, log
 	f, err := openDirect(temp)
 	if err != nil {
 		return nil, nil, err
+	}
+	if !resumed {
+		if err := f.Truncate(0); err != nil {
+			f.Close()
+			return nil, nil, fmt.Errorf("empty the incoming image: %w", err)
+		}
 	}
 	if err := f.Truncate(rec.DataAt + o.Size); err != nil {
 		f.Close()
@@ -1247,17 +1259,8 @@ func (s *session) finish(cm *Commit) (*Done, error) {
 			return nil, fmt.Errorf("chunk %d was never received intact", i)
 		}
 	}
-	// Chunks that are zeros now (but held data in an earlier attempt)
-	// become holes.
-	for i := range s.durable {
-		if _, ok := m.Chunks[i]; !ok {
-			n := chunkLen(i, o.Size, o.ChunkSize)
-			if err := unix.Fallocate(int(s.temp.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, s.at+i*o.ChunkSize, n); err != nil {
-				if _, werr := s.temp.WriteAt(make([]byte, n), s.at+i*o.ChunkSize); werr != nil {
-					return nil, werr
-				}
-			}
-		}
+	if err := s.zeroAbsent(m); err != nil {
+		return nil, err
 	}
 	if err := s.temp.Sync(); err != nil {
 		return nil, err
@@ -1317,6 +1320,41 @@ func (s *session) finish(cm *Commit) (*Done, error) {
 		return nil, err
 	}
 	return &Done{Name: o.Name, Path: final, Format: o.Format, Root: cm.Root, Received: s.received, Reused: s.reused}, nil
+}
+
+// zeroAbsent makes every chunk the manifest leaves out, zeros in the
+// source, a hole in the incoming file. Not only the chunks held durable
+// from an earlier attempt: a chunk written but not yet journalled when the
+// receiver stopped, or dropped by recheck, still holds what it held then,
+// and the sender, told of no such chunk, never sends it again. The file's
+// data extents are walked, so chunks that are holes already cost nothing.
+func (s *session) zeroAbsent(m *Manifest) error {
+	o := &s.offer
+	end := s.at + o.Size
+	extents, err := (&rawSource{f: s.temp.File, size: end}).Extents()
+	if err != nil {
+		return err
+	}
+	fd := int(s.temp.Fd())
+	for _, e := range extents {
+		if e.Off+e.Len <= s.at {
+			continue
+		}
+		first := (max(e.Off, s.at) - s.at) / o.ChunkSize
+		last := (min(e.Off+e.Len, end) - s.at - 1) / o.ChunkSize
+		for i := first; i <= last; i++ {
+			if _, ok := m.Chunks[i]; ok {
+				continue
+			}
+			at, n := s.at+i*o.ChunkSize, chunkLen(i, o.Size, o.ChunkSize)
+			if err := unix.Fallocate(fd, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, at, n); err != nil {
+				if _, werr := s.temp.WriteAt(make([]byte, n), at); werr != nil {
+					return fmt.Errorf("clear chunk %d of the incoming image: %w", i, werr)
+				}
+			}
+		}
+	}
+	return nil
 }
 
 // stored records a staged image, moved into place, in the catalog, and
