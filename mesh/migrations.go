@@ -218,7 +218,11 @@ func (g *Gateway) openMigrations() error {
 	m := &migrations{journal: j, audit: audit.Open(filepath.Join(g.s.StateDir, "audit.log")),
 		store: filepath.Join(g.s.StateDir, "images"), running: map[string]*runningMigration{}}
 	for _, r := range ended {
-		g.log.Warn("a migration was interrupted when the gateway stopped: resume it", "migration_id", r.ID, "name", r.Name, "to", r.To)
+		if r.Error == migrate.Interrupted {
+			g.log.Warn("a migration was interrupted when the gateway stopped: resume it", "migration_id", r.ID, "name", r.Name, "to", r.To)
+		} else {
+			g.log.Warn("a migration ended as the gateway stopped, before its audit record was written: written now", "migration_id", r.ID, "name", r.Name, "to", r.To, "state", r.State)
+		}
 		if err := migrate.AuditInterrupted(m.audit, g.id.Load(), &r, g.now()); err != nil {
 			g.log.Error("audit log: the interrupted migration's record", "migration_id", r.ID, "err", err)
 		}

@@ -222,6 +222,11 @@ type stagedImage struct {
 	Source   string      `json:"source"`
 	Inode    uint64      `json:"inode"`
 	Incoming string      `json:"incoming"` // the receive's file, removed once stored
+	// Audit is the receiver's audit record of the migration, appended
+	// once the image is in place; Audited says it was. A stop in between
+	// leaves it to recoverStores, so no stored image lacks its record.
+	Audit   map[string]any `json:"audit,omitempty"`
+	Audited bool           `json:"audited,omitempty"`
 }
 
 // stagedImages lists the images being moved into place.
@@ -306,6 +311,9 @@ type SendRecord struct {
 	Finished  time.Time `json:"finished,omitzero"`
 	Root      Hash      `json:"root,omitzero"`
 	Stats     Stats     `json:"stats"`
+	// AuditPending says the end is recorded here but not yet in the
+	// audit log: a stop in between leaves it to EndInterrupted.
+	AuditPending bool `json:"audit_pending,omitempty"`
 }
 
 // RecvRecord is the receiver's record of a migration.
@@ -352,9 +360,11 @@ func (j *Journal) Sends() ([]SendRecord, error) { return list[SendRecord](j, buc
 const Interrupted = "interrupted: the gateway stopped during the migration; resume it"
 
 // EndInterrupted marks the sends still recorded as running as failed, and
-// returns them. It is for a gateway starting, before it runs any: nothing
-// runs those any more, and a client waiting for one to end would wait for
-// ever.
+// returns them, with the ended sends whose audit record a stop left
+// unwritten (AuditPending, cleared here): the caller writes the records
+// (AuditInterrupted). It is for a gateway starting, before it runs any:
+// nothing runs those any more, and a client waiting for one to end would
+// wait for ever.
 func (j *Journal) EndInterrupted(now time.Time) ([]SendRecord, error) {
 	var ended []SendRecord
 	err := j.db.Update(func(tx *bolt.Tx) error {
@@ -365,8 +375,12 @@ func (j *Journal) EndInterrupted(now time.Time) ([]SendRecord, error) {
 			if err := json.Unmarshal(v, &r); err != nil {
 				return fmt.Errorf("migration %s: %w", k, err)
 			}
-			if r.State == StateRunning {
-				r.State, r.Error, r.Finished = StateFailed, Interrupted, now
+			switch {
+			case r.State == StateRunning:
+				r.State, r.Error, r.Finished, r.AuditPending = StateFailed, Interrupted, now, false
+				ended = append(ended, r)
+			case r.AuditPending:
+				r.AuditPending = false
 				ended = append(ended, r)
 			}
 			return nil

@@ -2,7 +2,9 @@ package migrate
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
+	"errors"
 	"os"
 	"path/filepath"
 	"strings"
@@ -94,6 +96,63 @@ func TestEndInterrupted(t *testing.T) {
 	}
 	if again, err := j.EndInterrupted(now); err != nil || len(again) != 0 {
 		t.Errorf("a second start ended %+v, %v", again, err)
+	}
+}
+
+// TestEndInterruptedAuditPending: a send whose end was journalled but not
+// yet audited when its gateway stopped is handed back, as it ended, for
+// its audit record — once.
+func TestEndInterruptedAuditPending(t *testing.T) {
+	j, err := OpenJournal(filepath.Join(t.TempDir(), "migrate.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer j.Close()
+	started := time.Date(2026, 11, 26, 9, 0, 0, 0, time.UTC)
+	for id, pending := range map[string]bool{"aaaaaaaaaaaaaaaa": true, "bbbbbbbbbbbbbbbb": false} {
+		if err := j.put(bucketSend, id, SendRecord{ID: id, State: StateDone, Started: started, AuditPending: pending}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ended, err := j.EndInterrupted(started.Add(time.Hour))
+	if err != nil || len(ended) != 1 || ended[0].ID != "aaaaaaaaaaaaaaaa" || ended[0].State != StateDone || ended[0].Error != "" {
+		t.Fatalf("ended %+v, %v; want the done send whose audit was pending, still done", ended, err)
+	}
+	if again, err := j.EndInterrupted(started.Add(time.Hour)); err != nil || len(again) != 0 {
+		t.Errorf("a second start handed back %+v, %v", again, err)
+	}
+}
+
+// TestSendAuditPendingCleared: a send's journal record is not left
+// pending its audit once the audit record is written, and is when the
+// audit log refuses it.
+func TestSendAuditPendingCleared(t *testing.T) {
+	p := newPair(t, "DE")
+	raw := filepath.Join(p.dir, "vm.raw")
+	makeRaw(t, raw, 4*mib, map[int64]int{0: mib})
+	rec, err := Send(context.Background(), p.config(raw, "pii-eu"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r, err := p.sendJ.Send(rec.ID); err != nil || r.AuditPending || r.State != StateDone {
+		t.Fatalf("journal after a migration: %+v, %v; want done, audited", r, err)
+	}
+	// The audit log damaged after the start: the end cannot be recorded.
+	ctx, cancel := context.WithCancel(context.Background())
+	cfg := p.config(raw, "pii-eu")
+	cfg.Name, cfg.BWLimit = "vm2", mib
+	cfg.Progress = func(pr Progress) {
+		if pr.Stats.ChunksDone >= 1 {
+			os.WriteFile(p.sendAudit.Path(), []byte("not a record\n"), 0o600)
+			cancel()
+		}
+	}
+	rec, err = Send(ctx, cfg)
+	if !errors.Is(err, context.Canceled) {
+		t.Fatalf("send: %v", err)
+	}
+	if r, err := p.sendJ.Send(rec.ID); err != nil || !r.AuditPending || r.State != StateCancelled {
+		t.Fatalf("journal after a migration whose end could not be audited: %+v, %v; want cancelled, audit pending", r, err)
 	}
 }
 

@@ -6,6 +6,7 @@ import (
 	"crypto/rand"
 	"crypto/tls"
 	"encoding/binary"
+	"encoding/json"
 	"errors"
 	"io/fs"
 	"log/slog"
@@ -1603,6 +1604,28 @@ func TestReceiverStoppedWhileStoring(t *testing.T) {
 			}
 			if !strings.Contains(p.recvLog.String(), "recorded an image stored just before the gateway stopped") {
 				t.Errorf("not logged:\n%s", p.recvLog.String())
+			}
+			// The receiver's audit log says the image was stored, once,
+			// and still verifies.
+			b, err := os.ReadFile(p.recvAudit.Path())
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := audit.Verify(bytes.NewReader(b), p.tb); err != nil {
+				t.Fatalf("the receiver's audit log: %v", err)
+			}
+			var done int
+			for line := range bytes.Lines(b) {
+				var rec audit.Record
+				if err := json.Unmarshal(line, &rec); err != nil {
+					t.Fatal(err)
+				}
+				if rec.Fields["outcome"] == "done" && rec.Fields["recovered"] != nil && rec.Fields["root"] == img.Root.String() {
+					done++
+				}
+			}
+			if done != 1 {
+				t.Errorf("%d records of the image stored before the stop (want 1, marked recovered):\n%s", done, b)
 			}
 		})
 	}

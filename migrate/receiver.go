@@ -593,7 +593,7 @@ func (r *Receiver) control(ctx context.Context, c *tls.Conn, fr *frameReader, fw
 		fw.json(frameDeny, Deny{Rule: d.Rule.String(), Reasons: d.Reasons})
 		return
 	}
-	done, err := s.finish(&cm)
+	done, err := s.finish(&cm, d)
 	if err != nil {
 		log.Error("migration failed verification", "err", err)
 		r.audit(o, from, d, "failed", cm.Root, s.received, s.start, r.cfg.Now(), err.Error())
@@ -605,7 +605,6 @@ func (r *Receiver) control(ctx context.Context, c *tls.Conn, fr *frameReader, fw
 	if n := s.baseBad.Load(); n > 0 {
 		log.Warn("the stored version of the image had bad chunks, fetched from the sender instead", "name", done.Name, "bad_chunks", n)
 	}
-	r.audit(o, from, d, "done", done.Root, done.Received, s.start, r.cfg.Now(), "")
 	r.cfg.Observer.Ended(RoleReceive, StateDone, r.cfg.Now().Sub(s.start))
 	fw.json(frameDone, done)
 }
@@ -624,9 +623,23 @@ func (r *Receiver) decide(o *Offer, from *certs.Attributes) (policy.Decision, bo
 }
 
 func (r *Receiver) audit(o *Offer, from *certs.Attributes, d policy.Decision, outcome string, root Hash, bytes int64, start, end time.Time, errText string) {
+	r.appendAudit(r.auditFields(o, from, d, outcome, root, bytes, start, end, errText))
+}
+
+// appendAudit appends a migration record to the receiver's audit log and
+// reports whether it did.
+func (r *Receiver) appendAudit(f map[string]any) bool {
 	if r.cfg.Audit == nil {
-		return
+		return true
 	}
+	if _, err := r.cfg.Audit.Append(r.cfg.Identity(), "migration", f, r.cfg.Now()); err != nil {
+		r.cfg.Log.Error("audit log", "err", err)
+		return false
+	}
+	return true
+}
+
+func (r *Receiver) auditFields(o *Offer, from *certs.Attributes, d policy.Decision, outcome string, root Hash, bytes int64, start, end time.Time, errText string) map[string]any {
 	self := r.cfg.Identity().Attributes()
 	f := map[string]any{
 		"migration_id": o.ID, "role": "receiver", "name": o.Name, "class": o.Class,
@@ -639,9 +652,7 @@ func (r *Receiver) audit(o *Offer, from *certs.Attributes, d policy.Decision, ou
 		f["error"] = errText
 	}
 	decisionFields(f, &d)
-	if _, err := r.cfg.Audit.Append(r.cfg.Identity(), "migration", f, r.cfg.Now()); err != nil {
-		r.cfg.Log.Error("audit log", "err", err)
-	}
+	return f
 }
 
 var errStopping = errors.New("the receiving gateway is stopping: resume the migration when it is back")
@@ -1240,7 +1251,7 @@ func (s *session) flush() error {
 
 // finish verifies the complete image against the sender's manifest and
 // root, and stores it.
-func (s *session) finish(cm *Commit) (*Done, error) {
+func (s *session) finish(cm *Commit, d policy.Decision) (*Done, error) {
 	if err := s.flush(); err != nil {
 		return nil, err
 	}
@@ -1294,7 +1305,8 @@ func (s *session) finish(cm *Commit) (*Done, error) {
 	// store when it starts (recoverStores), rather than keep a catalog
 	// whose root describes the file the image replaced.
 	st := stagedImage{Image: ImageRecord{Name: o.Name, Path: final, Format: o.Format, Class: o.Class, From: s.from.Node, FromSite: s.from.Site,
-		Migration: o.ID, Received: s.r.cfg.Now(), Root: cm.Root, Manifest: ours}, Source: source, Incoming: s.temp.Name()}
+		Migration: o.ID, Received: s.r.cfg.Now(), Root: cm.Root, Manifest: ours}, Source: source, Incoming: s.temp.Name(),
+		Audit: s.r.auditFields(o, s.from, d, "done", cm.Root, s.received, s.start, s.r.cfg.Now(), "")}
 	sid, err := sourceID(source)
 	if err != nil {
 		return nil, err
@@ -1313,6 +1325,14 @@ func (s *session) finish(cm *Commit) (*Done, error) {
 	}
 	if s.r.cfg.afterRename != nil {
 		if err := s.r.cfg.afterRename(); err != nil {
+			return nil, err
+		}
+	}
+	if s.r.appendAudit(st.Audit) {
+		// Said before the catalog takes the image: a stop in between
+		// must not write the record twice.
+		st.Audited = true
+		if err := j.put(bucketStoring, o.ID, &st); err != nil {
 			return nil, err
 		}
 	}
@@ -1385,6 +1405,10 @@ func (r *Receiver) recoverStores() error {
 	}
 	for id, st := range staged {
 		if at, err := sourceID(st.Image.Path); err == nil && st.Inode != 0 && at.Inode == st.Inode {
+			if !st.Audited && st.Audit != nil {
+				st.Audit["recovered"] = "recorded when the gateway started again: it stopped as the image was stored"
+				r.appendAudit(st.Audit) // a failure is logged, as at the end of a receive
+			}
 			if err := r.stored(id, &st); err != nil {
 				return fmt.Errorf("record image %q, stored by migration %s before a stop: %w", st.Image.Name, id, err)
 			}

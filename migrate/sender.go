@@ -316,20 +316,27 @@ func (s *sender) finish(err error) {
 	default:
 		s.rec.State, s.rec.Error = StateFailed, err.Error()
 	}
+	s.rec.AuditPending = s.cfg.Audit != nil
 	if perr := s.cfg.Journal.put(bucketSend, s.rec.ID, s.rec); perr != nil {
 		s.cfg.Log.Error("journal", "err", perr)
 	}
-	s.audit(denied)
+	if s.audit(denied) && s.rec.AuditPending {
+		s.rec.AuditPending = false
+		if perr := s.cfg.Journal.put(bucketSend, s.rec.ID, s.rec); perr != nil {
+			s.cfg.Log.Error("journal", "err", perr)
+		}
+	}
 	s.cfg.Observer.Ended(RoleSend, s.rec.State, s.rec.Stats.Duration)
 	s.progress(map[string]string{StateDone: "done", StateDenied: "denied", StateCancelled: "cancelled", StateFailed: "failed"}[s.rec.State])
 }
 
 // audit records the migration in the sender's audit log; denied, if
 // set, is the policy's refusal, whose rule and reasons the record carries
-// rather than those of the sender's own decision to go ahead.
-func (s *sender) audit(denied *DeniedError) {
+// rather than those of the sender's own decision to go ahead. It reports
+// whether the record was written.
+func (s *sender) audit(denied *DeniedError) bool {
 	if s.cfg.Audit == nil {
-		return
+		return false
 	}
 	f := sendAuditFields(s.rec, s.cfg.From)
 	to := s.cfg.To.Attributes // as judged now (the record's may be of an earlier attempt)
@@ -345,12 +352,14 @@ func (s *sender) audit(denied *DeniedError) {
 	}
 	if _, err := s.cfg.Audit.Append(s.cfg.Identity, "migration", f, s.cfg.Now()); err != nil {
 		s.cfg.Log.Error("audit log", "err", err)
+		return false
 	}
+	return true
 }
 
-// AuditInterrupted appends the audit record a send interrupted by a stop
-// did not write (EndInterrupted found it): its start, its end as found,
-// and what its journal holds. Who decided what is in the records of the
+// AuditInterrupted appends the audit record a send ended by a stop did
+// not write (EndInterrupted found it): its start, its end as found, and
+// what its journal holds. Who decided what is in the records of the
 // attempt's receiver, and of the resume.
 func AuditInterrupted(log *audit.Log, id *certs.NodeIdentity, r *SendRecord, now time.Time) error {
 	_, err := log.Append(id, "migration", sendAuditFields(r, id.Attributes()), now)
