@@ -996,6 +996,38 @@ func TestMigrateResumeIncomingLost(t *testing.T) {
 	p.resumeWhole(raw, rec.ID, 32)
 }
 
+// TestReceiverSweepsIncoming: a receiver starting removes the incoming
+// files no receive is recorded for (a journal moved aside leaves them),
+// and keeps those of receives it may resume and files it did not make.
+func TestReceiverSweepsIncoming(t *testing.T) {
+	var rcfg ReceiverConfig
+	p := newPairWith(t, "DE", func(c *ReceiverConfig) { rcfg = *c })
+	raw := filepath.Join(p.dir, "vm.raw")
+	makeRaw(t, raw, 32*mib, map[int64]int{0: 32 * mib})
+	_, rr := p.interrupted(raw, 4)
+	incoming := filepath.Join(p.store, ".incoming")
+	orphans := []string{"0123456789abcdef.raw", "0123456789abcdef.qcow2"}
+	others := []string{"notes.txt", "not an id.raw"}
+	for _, name := range append(slices.Clone(orphans), others...) {
+		if err := os.WriteFile(filepath.Join(incoming, name), []byte("x"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := NewReceiver(rcfg); err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range orphans {
+		if _, err := os.Stat(filepath.Join(incoming, name)); !errors.Is(err, fs.ErrNotExist) {
+			t.Errorf("orphan %s: %v; want it removed", name, err)
+		}
+	}
+	for _, path := range []string{rr.Temp, filepath.Join(incoming, others[0]), filepath.Join(incoming, others[1])} {
+		if _, err := os.Stat(path); err != nil {
+			t.Errorf("%s: %v; want it kept", path, err)
+		}
+	}
+}
+
 // TestReceiverForgetsAbandoned: a receive its sender has not offered again
 // for AbandonedAfter goes, incoming file and all; one offered since stays,
 // and the sender coming back after all sends every chunk again.

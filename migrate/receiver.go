@@ -12,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -98,7 +99,42 @@ func NewReceiver(cfg ReceiverConfig) (*Receiver, error) {
 	if err := r.recoverStores(); err != nil {
 		return nil, fmt.Errorf("image store: %w", err)
 	}
+	r.sweepIncoming()
 	return r, nil
+}
+
+// sweepIncoming removes the incoming files no receive is recorded for: a
+// journal moved aside when damaged, or a record forgotten while its file
+// could not be removed, leaves files as large as images that nothing
+// else would ever remove. Only names the receiver makes are touched.
+func (r *Receiver) sweepIncoming() {
+	dir := filepath.Join(r.cfg.StoreDir, ".incoming")
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		r.cfg.Log.Warn("list incoming files", "dir", dir, "err", err)
+		return
+	}
+	recs, err := r.cfg.Journal.Receives()
+	if err != nil {
+		r.cfg.Log.Warn("list unfinished receives", "err", err)
+		return
+	}
+	keep := make(map[string]bool, len(recs))
+	for _, rec := range recs {
+		keep[filepath.Base(rec.Temp)] = true
+	}
+	for _, e := range entries {
+		name := e.Name()
+		id, ext, _ := strings.Cut(name, ".")
+		if keep[name] || !e.Type().IsRegular() || !validID(id) || (ext != FormatRaw && ext != FormatQcow2) {
+			continue
+		}
+		if err := os.Remove(filepath.Join(dir, name)); err != nil {
+			r.cfg.Log.Warn("remove an incoming file no receive is recorded for", "file", filepath.Join(dir, name), "err", err)
+			continue
+		}
+		r.cfg.Log.Info("removed an incoming file no receive is recorded for", "file", filepath.Join(dir, name))
+	}
 }
 
 // AbandonedAfter is how long a receive no sender has offered again is
