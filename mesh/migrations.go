@@ -215,6 +215,11 @@ func (g *Gateway) openMigrations() error {
 		j.Close()
 		return fmt.Errorf("journal %s: %w", filepath.Join(g.s.StateDir, "migrate.db"), err)
 	}
+	if n, err := j.ForgetStaleSends(g.now()); err != nil {
+		g.log.Warn("journal: forget the chunks of old unfinished migrations", "err", err)
+	} else if n > 0 {
+		g.log.Info("journal: forgot the chunks of unfinished migrations not resumed for a week; a resume sends them again", "migrations", n)
+	}
 	m := &migrations{journal: j, audit: audit.Open(filepath.Join(g.s.StateDir, "audit.log")),
 		store: filepath.Join(g.s.StateDir, "images"), running: map[string]*runningMigration{}}
 	for _, r := range ended {

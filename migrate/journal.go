@@ -205,6 +205,48 @@ func (j *Journal) dropSent(id string) error {
 	return errors.Join(j.dropChunks("send", id), j.dropChunks(sideSendZeros, id))
 }
 
+// ForgetStaleSends drops what the journal holds of the chunks of sends
+// that ended unfinished (failed, cancelled, denied) over AbandonedAfter
+// before now — about 100 bytes per chunk, so 100 MB for a TiB image that
+// was never resumed — and returns how many. Their records stay, for the
+// history; a resume after that long reads and sends every chunk again,
+// as the receiver, which forgets its side after AbandonedAfter too,
+// would need anyway.
+func (j *Journal) ForgetStaleSends(now time.Time) (int, error) {
+	n := 0
+	err := j.db.Update(func(tx *bolt.Tx) error {
+		var stale []string
+		err := tx.Bucket(bucketSend).ForEach(func(k, v []byte) error {
+			var r SendRecord
+			if err := json.Unmarshal(v, &r); err != nil {
+				return fmt.Errorf("migration %s: %w", k, err)
+			}
+			if r.State != StateRunning && r.State != StateDone && !r.Finished.IsZero() && now.Sub(r.Finished) > AbandonedAfter {
+				stale = append(stale, r.ID)
+			}
+			return nil
+		})
+		if err != nil {
+			return err
+		}
+		for _, id := range stale {
+			found := false
+			for _, side := range []string{"send", sideSendZeros} {
+				err := tx.DeleteBucket(chunksBucket(side, id))
+				if err != nil && !errors.Is(err, berrors.ErrBucketNotFound) {
+					return err
+				}
+				found = found || err == nil
+			}
+			if found {
+				n++
+			}
+		}
+		return nil
+	})
+	return n, err
+}
+
 func (j *Journal) dropChunks(side, id string) error {
 	return j.db.Update(func(tx *bolt.Tx) error {
 		if err := tx.DeleteBucket(chunksBucket(side, id)); err != nil && !errors.Is(err, berrors.ErrBucketNotFound) {

@@ -181,3 +181,47 @@ func TestAuditInterrupted(t *testing.T) {
 		t.Errorf("record %+v", rec)
 	}
 }
+
+// TestForgetStaleSends: the chunk journals of sends that ended unfinished
+// over AbandonedAfter ago go; those of recent or running sends stay, and
+// every record stays.
+func TestForgetStaleSends(t *testing.T) {
+	j, err := OpenJournal(filepath.Join(t.TempDir(), "migrate.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer j.Close()
+	now := time.Date(2026, 11, 26, 9, 0, 0, 0, time.UTC)
+	old, recent := now.Add(-AbandonedAfter-time.Hour), now.Add(-time.Hour)
+	sends := []SendRecord{
+		{ID: "failedold", State: StateFailed, Finished: old},
+		{ID: "cancelledold", State: StateCancelled, Finished: old},
+		{ID: "failedrecent", State: StateFailed, Finished: recent},
+		{ID: "running", State: StateRunning},
+	}
+	for _, r := range sends {
+		if err := errors.Join(j.put(bucketSend, r.ID, r), j.addChunks("send", r.ID, map[int64]Hash{0: {1}}), j.addChunks(sideSendZeros, r.ID, map[int64]Hash{1: {}})); err != nil {
+			t.Fatal(err)
+		}
+	}
+	n, err := j.ForgetStaleSends(now)
+	if err != nil || n != 2 {
+		t.Fatalf("ForgetStaleSends = %d, %v; want the 2 old unfinished sends", n, err)
+	}
+	for _, r := range sends {
+		acked, err := j.chunks("send", r.ID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		zeros, err := j.chunks(sideSendZeros, r.ID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if stale := r.Finished.Equal(old); stale != (len(acked) == 0 && len(zeros) == 0) {
+			t.Errorf("%s: %d acknowledged and %d zero chunks left", r.ID, len(acked), len(zeros))
+		}
+		if _, err := j.Send(r.ID); err != nil {
+			t.Errorf("%s: record gone: %v", r.ID, err)
+		}
+	}
+}
