@@ -262,7 +262,10 @@ func (ca *CA) TrustBundle() (*TrustBundle, error) {
 func (ca *CA) Secrets() DirSecrets { return DirSecrets{Dir: ca.dir} }
 
 // CopyGossipKeyring gives a new gateway directory the mesh's gossip keyring,
-// unless it already has one (which may be newer, after a rotation).
+// unless it already has one (which may be newer, after a rotation) and
+// holds no certificate of another CA's: a directory re-issued after a new
+// `ca init` would otherwise keep the old mesh's keyring, and its gateway
+// could read none of this mesh's gossip.
 func (ca *CA) CopyGossipKeyring(ctx context.Context, dir string) error {
 	kr, err := ca.Secrets().GossipKeyring(ctx)
 	if err != nil {
@@ -271,7 +274,13 @@ func (ca *CA) CopyGossipKeyring(ctx context.Context, dir string) error {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return err
 	}
-	err = atomicfile.WriteNew(filepath.Join(dir, FileGossipKeyring), kr.MarshalSecret(), 0o600)
+	write := atomicfile.WriteNew
+	if b, err := os.ReadFile(filepath.Join(dir, fileNodeCert)); err == nil {
+		if cs, err := ParseCertificatesPEM(b); err == nil && len(cs) > 0 && cs[0].CheckSignatureFrom(ca.cert) != nil {
+			write = atomicfile.WriteFile
+		}
+	}
+	err = write(filepath.Join(dir, FileGossipKeyring), kr.MarshalSecret(), 0o600)
 	if err != nil && !errors.Is(err, os.ErrExist) {
 		return err
 	}

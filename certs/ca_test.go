@@ -1,6 +1,7 @@
 package certs
 
 import (
+	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -550,4 +551,61 @@ func indexedNodes(t *testing.T, ca *CA) []string {
 	}
 	slices.Sort(names)
 	return names
+}
+
+// TestCopyGossipKeyring: a gateway directory keeps the keyring it holds
+// (newer than the CA's after a rotation) unless its certificate is another
+// CA's: re-issued into by a new mesh, it takes that mesh's keyring.
+func TestCopyGossipKeyring(t *testing.T) {
+	ctx := context.Background()
+	read := func(dir string) *GossipKeyring {
+		t.Helper()
+		b, err := os.ReadFile(filepath.Join(dir, FileGossipKeyring))
+		if err != nil {
+			t.Fatal(err)
+		}
+		kr, err := ParseGossipKeyring(b)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return kr
+	}
+	old, next := newTestCA(t), newTestCA(t)
+	dir := filepath.Join(t.TempDir(), "gw1")
+	if err := issue(t, old, testAttrs("gw1", "s", "100.96.0.1"), t0, time.Hour).Save(dir, trust(t, old)); err != nil {
+		t.Fatal(err)
+	}
+	if err := old.CopyGossipKeyring(ctx, dir); err != nil {
+		t.Fatal(err)
+	}
+	oldKR, err := old.Secrets().GossipKeyring(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !read(dir).Same(oldKR) {
+		t.Fatal("a new directory did not get the CA's keyring")
+	}
+	rotated, err := GenerateGossipKeyring()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, FileGossipKeyring), rotated.MarshalSecret(), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := old.CopyGossipKeyring(ctx, dir); err != nil {
+		t.Fatal(err)
+	}
+	if !read(dir).Same(rotated) {
+		t.Fatal("the CA's keyring replaced the gateway's newer one")
+	}
+	if err := next.CopyGossipKeyring(ctx, dir); err != nil {
+		t.Fatal(err)
+	}
+	nextKR, err := next.Secrets().GossipKeyring(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !read(dir).Same(nextKR) {
+		t.Fatal("a directory issued by another CA kept that mesh's keyring")
+	}
 }
