@@ -181,37 +181,8 @@ func (id *NodeIdentity) Save(dir string, tb *TrustBundle) error {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return fmt.Errorf("create identity directory: %w", err)
 	}
-	keyPEM, err := marshalKeyPEM(id.key)
-	if err != nil {
+	if err := replaceKeyPair(dir, fileNodeCert, fileNodeKey, fileNodeKeyPrev, id.key, id.cert, writeNodeCert); err != nil {
 		return err
-	}
-	// The key goes first, the one it replaces kept beside it until the
-	// certificate follows: a crash or a full disk between the two writes
-	// leaves the new key beside the old certificate, and LoadNodeIdentity
-	// then takes the old pair, still valid, rather than a gateway that
-	// cannot start without its issuer. It never leaves a certificate
-	// whose key was lost.
-	keyPath, prevPath := filepath.Join(dir, fileNodeKey), filepath.Join(dir, fileNodeKeyPrev)
-	// Only a key that fits the certificate beside it is worth keeping: an
-	// orphan of an earlier cut-short save is not, and would push out the
-	// one that is.
-	if _, old, err := loadKeyPair(dir, fileNodeCert, fileNodeKey); err == nil && !old.Equal(id.key) {
-		oldPEM, err := marshalKeyPEM(old)
-		if err != nil {
-			return err
-		}
-		if err := atomicfile.WriteFile(prevPath, oldPEM, 0o600); err != nil {
-			return fmt.Errorf("keep the key being replaced: %w", err)
-		}
-	}
-	if err := atomicfile.WriteFile(keyPath, keyPEM, 0o600); err != nil {
-		return err
-	}
-	if err := writeNodeCert(filepath.Join(dir, fileNodeCert), encodePEM(pemCert, id.cert.Raw), 0o644); err != nil {
-		return err
-	}
-	if err := os.Remove(prevPath); err != nil && !errors.Is(err, fs.ErrNotExist) {
-		return fmt.Errorf("remove the replaced key: %w", err)
 	}
 	if tb != nil {
 		if err := tb.Save(dir); err != nil {
@@ -266,22 +237,65 @@ func Fingerprint(cert *x509.Certificate) string {
 	return hex.EncodeToString(sum[:])
 }
 
-// LoadNodeIdentity reads node.crt and node.key from dir — or, if a save
-// was cut short between the key and the certificate, node.crt and the key
-// it replaced.
-func LoadNodeIdentity(dir string) (*NodeIdentity, error) {
-	cert, key, err := loadKeyPair(dir, fileNodeCert, fileNodeKey)
+// replaceKeyPair writes a key and its certificate into dir. The key goes
+// first, the one it replaces kept in prevFile until the certificate
+// follows: a crash or a full disk between the two writes leaves the new
+// key beside the old certificate, and loadSavedKeyPair then takes the old
+// pair, still valid, rather than leave a certificate whose key was lost.
+func replaceKeyPair(dir, certFile, keyFile, prevFile string, key *ecdsa.PrivateKey, cert *x509.Certificate, writeCert func(string, []byte, os.FileMode) error) error {
+	keyPEM, err := marshalKeyPEM(key)
+	if err != nil {
+		return err
+	}
+	keyPath, prevPath := filepath.Join(dir, keyFile), filepath.Join(dir, prevFile)
+	// Only a key that fits the certificate beside it is worth keeping: an
+	// orphan of an earlier cut-short save is not, and would push out the
+	// one that is.
+	if _, old, err := loadKeyPair(dir, certFile, keyFile); err == nil && !old.Equal(key) {
+		oldPEM, err := marshalKeyPEM(old)
+		if err != nil {
+			return err
+		}
+		if err := atomicfile.WriteFile(prevPath, oldPEM, 0o600); err != nil {
+			return fmt.Errorf("keep the key being replaced: %w", err)
+		}
+	}
+	if err := atomicfile.WriteFile(keyPath, keyPEM, 0o600); err != nil {
+		return err
+	}
+	if err := writeCert(filepath.Join(dir, certFile), encodePEM(pemCert, cert.Raw), 0o644); err != nil {
+		return err
+	}
+	if err := os.Remove(prevPath); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("remove the replaced key: %w", err)
+	}
+	return nil
+}
+
+// loadSavedKeyPair reads a pair written by replaceKeyPair: certFile and
+// keyFile — or, if a save was cut short between the key and the
+// certificate, certFile and the key it replaced.
+func loadSavedKeyPair(dir, certFile, keyFile, prevFile string) (*x509.Certificate, *ecdsa.PrivateKey, error) {
+	cert, key, err := loadKeyPair(dir, certFile, keyFile)
 	switch {
 	case errors.Is(err, errKeyMismatch):
-		if c, k, perr := loadKeyPair(dir, fileNodeCert, fileNodeKeyPrev); perr == nil {
-			slog.Warn("node.key does not fit node.crt (a save was cut short): using the key it was to replace, which does; a renewal replaces both", "dir", dir)
-			cert, key, err = c, k, nil
+		if c, k, perr := loadKeyPair(dir, certFile, prevFile); perr == nil {
+			slog.Warn(keyFile+" does not fit "+certFile+" (a save was cut short): using the key it was to replace, which does; a renewal replaces both", "dir", dir)
+			return c, k, nil
 		}
 	case err == nil:
 		// A save cut short after the certificate: the old key's copy
 		// has no use left, and is a private key.
-		os.Remove(filepath.Join(dir, fileNodeKeyPrev))
+		os.Remove(filepath.Join(dir, prevFile))
 	}
+	return cert, key, err
+}
+
+// LoadNodeIdentity reads node.crt and node.key from dir — or, if a save
+// was cut short between the key and the certificate, node.crt and the key
+// it replaced.
+func LoadNodeIdentity(dir string) (*NodeIdentity, error) {
+	cert, key, err := loadSavedKeyPair(dir, fileNodeCert, fileNodeKey, fileNodeKeyPrev)
 	if errors.Is(err, os.ErrNotExist) {
 		return nil, fmt.Errorf("no node identity in %s: issue one with `skybridge ca issue ... --out %s`", dir, dir)
 	}

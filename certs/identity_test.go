@@ -61,3 +61,41 @@ func TestSaveCutShort(t *testing.T) {
 		t.Fatalf("the replaced key stayed after a whole save: %v", err)
 	}
 }
+
+// TestSignerSaveCutShort: a policy signer's renewal cut short between its
+// key and its certificate leaves the signer it replaces usable, as a
+// gateway identity's does.
+func TestSignerSaveCutShort(t *testing.T) {
+	ca := newTestCA(t)
+	dir := filepath.Join(t.TempDir(), "signer")
+	a, err := ca.NewPolicySigner("release", time.Hour, t0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := ca.NewPolicySigner("release", 2*time.Hour, t0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Save(dir); err != nil {
+		t.Fatal(err)
+	}
+	writeSignerCert = func(string, []byte, os.FileMode) error { return errors.New("no space left on device") }
+	err = b.Save(dir)
+	writeSignerCert = atomicfile.WriteFile
+	if err == nil {
+		t.Fatal("the save with its certificate unwritable succeeded")
+	}
+	got, err := LoadPolicySigner(dir)
+	if err != nil || got.Certificate().SerialNumber.Cmp(a.Certificate().SerialNumber) != 0 {
+		t.Fatalf("the signer after a save cut short: %v; want the old pair", err)
+	}
+	if err := b.Save(dir); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := LoadPolicySigner(dir); err != nil || got.Certificate().SerialNumber.Cmp(b.Certificate().SerialNumber) != 0 {
+		t.Fatalf("after a whole save: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, fileSignerKeyPrev)); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("the replaced key stayed after a whole save: %v", err)
+	}
+}

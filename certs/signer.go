@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
 	"time"
 
 	"github.com/skybridge-mesh/skybridge/internal/atomicfile"
@@ -17,6 +16,9 @@ import (
 const (
 	fileSignerCert = "signer.crt"
 	fileSignerKey  = "signer.key"
+	// fileSignerKeyPrev is the signer key being replaced, until its new
+	// certificate is written.
+	fileSignerKeyPrev = "signer.key.prev"
 )
 
 // PolicySigner is a key the CA certified for signing residency policies,
@@ -56,24 +58,22 @@ func (s *PolicySigner) String() string {
 // Format prints the public identity only.
 func (s *PolicySigner) Format(f fmt.State, _ rune) { fmt.Fprint(f, s.String()) }
 
-// Save writes signer.crt and signer.key (0600) into dir.
+// Save writes signer.crt and signer.key (0600) into dir; a signer it
+// replaces stays usable if the save is cut short (replaceKeyPair).
 func (s *PolicySigner) Save(dir string) error {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return err
 	}
-	keyPEM, err := marshalKeyPEM(s.key)
-	if err != nil {
-		return err
-	}
-	if err := atomicfile.WriteFile(filepath.Join(dir, fileSignerKey), keyPEM, 0o600); err != nil {
-		return err
-	}
-	return atomicfile.WriteFile(filepath.Join(dir, fileSignerCert), encodePEM(pemCert, s.cert.Raw), 0o644)
+	return replaceKeyPair(dir, fileSignerCert, fileSignerKey, fileSignerKeyPrev, s.key, s.cert, writeSignerCert)
 }
+
+// writeSignerCert writes signer.crt; tests make it fail, as a full disk
+// would.
+var writeSignerCert = atomicfile.WriteFile
 
 // LoadPolicySigner reads a signer directory written by Save.
 func LoadPolicySigner(dir string) (*PolicySigner, error) {
-	cert, key, err := loadKeyPair(dir, fileSignerCert, fileSignerKey)
+	cert, key, err := loadSavedKeyPair(dir, fileSignerCert, fileSignerKey, fileSignerKeyPrev)
 	if errors.Is(err, os.ErrNotExist) {
 		return nil, fmt.Errorf("no policy signer in %s: create one with `skybridge ca issue-signer --out %s`", dir, dir)
 	}
