@@ -137,12 +137,16 @@ func lockFile(path string) (unlock func(), err error) {
 // key and certificate, WireGuard key, gossip keyring): what a burst
 // gateway does when its site ends, so nothing that could rejoin the mesh
 // is left on a rented server. The CA certificate and CRL stay; they are
-// public. Missing files are not an error.
+// public. Missing files are not an error. Temporary files a crash left
+// while writing one of them go too: they may hold the same secrets.
 func ForgetIdentity(dir string) error {
 	var errs []error
 	for _, name := range []string{fileNodeKey, fileNodeKeyPrev, fileNodeCert, FileWireGuardKey, FileGossipKeyring, FileVaultSecretID, FileVaultRoleID} {
-		if err := os.Remove(filepath.Join(dir, name)); err != nil && !errors.Is(err, os.ErrNotExist) {
-			errs = append(errs, err)
+		temps, _ := filepath.Glob(filepath.Join(dir, atomicfile.TempPattern(name)))
+		for _, path := range append(temps, filepath.Join(dir, name)) {
+			if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+				errs = append(errs, err)
+			}
 		}
 	}
 	if len(errs) == 0 {

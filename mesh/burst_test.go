@@ -11,6 +11,7 @@ import (
 	"encoding/json"
 	"encoding/pem"
 	"errors"
+	"io/fs"
 	"log/slog"
 	"net/netip"
 	"os"
@@ -566,7 +567,7 @@ func TestBurstEndLeftovers(t *testing.T) {
 		t.Fatal(err)
 	}
 	leftovers := func() {
-		for _, f := range []string{"node.key", "node.crt"} {
+		for _, f := range []string{"node.key", "node.crt", filePendingEnrollment, ".node.key.tmp-123", "." + certs.FileGossipKeyring + ".tmp-9", "." + filePendingEnrollment + ".tmp-7"} {
 			if err := os.WriteFile(filepath.Join(dir, f), []byte("left by a crash"), 0o600); err != nil {
 				t.Fatal(err)
 			}
@@ -576,6 +577,11 @@ func TestBurstEndLeftovers(t *testing.T) {
 		t.Helper()
 		if certs.HasNodeCertificate(dir) {
 			t.Fatalf("%s: the ended burst's identity is still there", when)
+		}
+		for _, f := range []string{filePendingEnrollment, ".node.key.tmp-123", "." + certs.FileGossipKeyring + ".tmp-9", "." + filePendingEnrollment + ".tmp-7"} {
+			if _, err := os.Stat(filepath.Join(dir, f)); !errors.Is(err, fs.ErrNotExist) {
+				t.Errorf("%s: %s, which may hold a key, is still there (%v)", when, f, err)
+			}
 		}
 	}
 	leftovers()

@@ -92,6 +92,20 @@ func saveEnrollment(dir string, e *Enrollment) error {
 // found half-stored beside it is this enrollment's, to be replaced.
 const filePendingEnrollment = "burst.pending.json"
 
+// forgetBurstIdentity removes what an ended burst gateway holds that could
+// rejoin the mesh: its identity and secrets, and the key of an enrollment
+// a crash left pending.
+func forgetBurstIdentity(dir string) error {
+	errs := []error{certs.ForgetIdentity(dir)}
+	temps, _ := filepath.Glob(filepath.Join(dir, atomicfile.TempPattern(filePendingEnrollment)))
+	for _, path := range append(temps, filepath.Join(dir, filePendingEnrollment)) {
+		if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
 type pendingEnrollment struct {
 	TokenID string `json:"token_id"`
 	Key     []byte `json:"key"` // PKCS #8
@@ -166,7 +180,7 @@ func Join(ctx context.Context, s *Settings, token string, log *slog.Logger) (*En
 	// A fresh gateway, or one whose burst ended (its identity is gone, or
 	// goes now if a crash left it): a new token enrols it anew.
 	if enr != nil {
-		if err := certs.ForgetIdentity(dir); err != nil {
+		if err := forgetBurstIdentity(dir); err != nil {
 			return nil, fmt.Errorf("burst %s ended, but its identity could not be removed: %w", enr.Site, err)
 		}
 	}
@@ -426,7 +440,7 @@ func applyEnrollment(s *Settings) (*Settings, *Enrollment, error) {
 	}
 	if enr.Ended != nil {
 		// Whatever of its identity a crash left behind goes too.
-		if err := certs.ForgetIdentity(s.Identity.Dir); err != nil {
+		if err := forgetBurstIdentity(s.Identity.Dir); err != nil {
 			return s, enr, fmt.Errorf("burst %s ended, but its identity could not be removed: %w", enr.Site, err)
 		}
 		return s, enr, &BurstEndedError{Site: enr.Site, Node: enr.Node, Reason: enr.Reason}
@@ -519,7 +533,7 @@ func (g *Gateway) forgetBurst(e *BurstEndedError) {
 			log.Warn("record the end of the burst", "err", err)
 		}
 	}
-	if err := certs.ForgetIdentity(dir); err != nil {
+	if err := forgetBurstIdentity(dir); err != nil {
 		log.Error("burst ended, but its identity could not be removed", "dir", dir, "err", err)
 	}
 	if err := os.Remove(g.state.path(fileMembers)); err != nil && !errors.Is(err, os.ErrNotExist) {

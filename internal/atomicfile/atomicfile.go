@@ -47,6 +47,11 @@ func WriteNew(path string, data []byte, perm os.FileMode) error {
 	return SyncDir(filepath.Dir(path))
 }
 
+// TempPattern is the glob of the temporary files written on the way to
+// the file called base: what a crash leaves, for a caller that must not
+// leave a secret behind.
+func TempPattern(base string) string { return "." + base + ".tmp-*" }
+
 func writeTemp(path string, data []byte, perm os.FileMode) (string, error) {
 	// Said before anything is written: the rename would fail with a
 	// message about a temporary file the caller never named.
@@ -57,7 +62,7 @@ func writeTemp(path string, data []byte, perm os.FileMode) (string, error) {
 	if dir == "" {
 		dir = "."
 	}
-	f, err := os.CreateTemp(dir, "."+base+".tmp-*")
+	f, err := os.CreateTemp(dir, TempPattern(base))
 	if err != nil {
 		return "", fmt.Errorf("create temporary file for %s: %w", path, err)
 	}
