@@ -69,6 +69,14 @@ func operatorToken(path string) (string, error) {
 	if len(tok) < 16 {
 		return "", fmt.Errorf("operator token %s is too short to be secret (%d characters, want at least 16): delete it and restart to get a new one", path, len(tok))
 	}
+	// A token is typed, pasted and sent in URLs: printable ASCII only. A
+	// file of zeros or binary garbage (a crash, a bad restore) is not a
+	// secret anyone chose.
+	for _, c := range []byte(tok) {
+		if c <= ' ' || c > '~' {
+			return "", fmt.Errorf("operator token %s holds a character that is not printable ASCII (byte %#02x): it is damaged; delete it and restart to get a new one", path, c)
+		}
+	}
 	return tok, nil
 }
 

@@ -392,3 +392,50 @@ func TestOperatorEndpoint(t *testing.T) {
 		t.Error("op0 did not log the impostor's refusal with peer and reason")
 	}
 }
+
+// TestOperatorToken: the token is made (0600) on first start and read
+// back; one too short, damaged into bytes nobody could type, or open to
+// other users is refused with what to do.
+func TestOperatorToken(t *testing.T) {
+	dir := t.TempDir()
+	made := filepath.Join(dir, "made")
+	tok, err := operatorToken(made)
+	if err != nil || len(tok) < 40 {
+		t.Fatalf("first start: %q, %v", tok, err)
+	}
+	if fi, err := os.Stat(made); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("made token: %v, %v; want mode 0600", fi, err)
+	}
+	if again, err := operatorToken(made); err != nil || again != tok {
+		t.Fatalf("second start read %q, %v; want %q", again, err, tok)
+	}
+	for _, tc := range []struct {
+		name, content string
+		mode          os.FileMode
+		want          string // in the error; "" for accepted
+	}{
+		{"chosen", "correct-horse-battery-staple\n", 0o600, ""},
+		{"short", "secret\n", 0o600, "too short"},
+		{"zeros", strings.Repeat("\x00", 32), 0o600, "not printable"},
+		{"binary", "\xff\xfe" + strings.Repeat("a", 30), 0o600, "not printable"},
+		{"inner space", "correct horse battery staple", 0o600, "not printable"},
+		{"open", "correct-horse-battery-staple\n", 0o644, "chmod 600"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			path := filepath.Join(dir, tc.name)
+			if err := os.WriteFile(path, []byte(tc.content), tc.mode); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Chmod(path, tc.mode); err != nil {
+				t.Fatal(err)
+			}
+			got, err := operatorToken(path)
+			switch {
+			case tc.want == "" && (err != nil || got != strings.TrimSpace(tc.content)):
+				t.Fatalf("got %q, %v; want the file's token", got, err)
+			case tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)):
+				t.Fatalf("got %q, %v; want an error saying %q", got, err, tc.want)
+			}
+		})
+	}
+}
