@@ -218,6 +218,11 @@ func checkEmptyDir(dir string) error {
 func OpenCA(dir string) (*CA, error) {
 	cert, key, err := loadKeyPair(dir, fileCACert, fileCAKey)
 	if errors.Is(err, os.ErrNotExist) {
+		if _, kerr := os.Stat(filepath.Join(dir, fileCAKey)); kerr == nil {
+			// The key without its certificate is a damaged CA, not an
+			// absent one: `ca init` would refuse the directory anyway.
+			return nil, fmt.Errorf("the CA in %s has its key but not its certificate %s: restore %s from a backup (any gateway's identity directory holds a copy)", dir, fileCACert, fileCACert)
+		}
 		return nil, fmt.Errorf("no CA in %s: create one with `skybridge ca init --dir %s`", dir, dir)
 	}
 	if err != nil {

@@ -609,3 +609,20 @@ func TestCopyGossipKeyring(t *testing.T) {
 		t.Fatal("a directory issued by another CA kept that mesh's keyring")
 	}
 }
+
+// TestOpenCAWithoutCertificate: a CA directory that lost its certificate
+// but holds its key is damaged, not absent: the error says to restore the
+// certificate, not to run `ca init`, which would refuse the directory.
+func TestOpenCAWithoutCertificate(t *testing.T) {
+	ca := newTestCA(t)
+	if err := os.Remove(filepath.Join(ca.Dir(), fileCACert)); err != nil {
+		t.Fatal(err)
+	}
+	_, err := OpenCA(ca.Dir())
+	if err == nil || !strings.Contains(err.Error(), "restore ca.crt") || strings.Contains(err.Error(), "ca init") {
+		t.Fatalf("err = %v; want advice to restore ca.crt", err)
+	}
+	if _, err := OpenCA(t.TempDir()); err == nil || !strings.Contains(err.Error(), "ca init") {
+		t.Fatalf("an empty directory: err = %v; want advice to run ca init", err)
+	}
+}

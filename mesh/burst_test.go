@@ -640,3 +640,23 @@ func TestEnrollmentTrustsThePinnedCAOnly(t *testing.T) {
 		t.Fatalf("the newcomer trusts %d CAs; want the pinned one alone", len(cas))
 	}
 }
+
+// TestBurstRecordsDamaged: a damaged enrollment record, or pending
+// enrollment, stops the gateway with what to do, not a bare "damaged".
+func TestBurstRecordsDamaged(t *testing.T) {
+	for file, want := range map[string]string{fileEnrollment: "new join token", filePendingEnrollment: "remove it"} {
+		dir := t.TempDir()
+		if err := os.WriteFile(filepath.Join(dir, file), []byte("{not json"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		var err error
+		if file == fileEnrollment {
+			_, err = loadEnrollment(dir)
+		} else {
+			_, err = loadPending(dir)
+		}
+		if err == nil || !strings.Contains(err.Error(), "damaged") || !strings.Contains(err.Error(), want) {
+			t.Errorf("%s damaged: err = %v; want it called damaged, and %q", file, err, want)
+		}
+	}
+}

@@ -74,7 +74,11 @@ const fileVaultCA = "vault-ca.pem"
 
 func loadEnrollment(dir string) (*Enrollment, error) {
 	var e Enrollment
-	if found, err := atomicfile.ReadJSON(filepath.Join(dir, fileEnrollment), &e); !found || err != nil {
+	found, err := atomicfile.ReadJSON(filepath.Join(dir, fileEnrollment), &e)
+	if errors.Is(err, atomicfile.ErrDamaged) {
+		return nil, fmt.Errorf("%w; this gateway cannot tell which burst it belongs to or whether it has ended: empty %s and enrol it again with a new join token (`skybridge burst up` on an enrolling gateway)", err, dir)
+	}
+	if !found || err != nil {
 		return nil, err
 	}
 	return &e, nil
@@ -113,7 +117,11 @@ type pendingEnrollment struct {
 
 func loadPending(dir string) (*pendingEnrollment, error) {
 	var p pendingEnrollment
-	if found, err := atomicfile.ReadJSON(filepath.Join(dir, filePendingEnrollment), &p); !found || err != nil {
+	found, err := atomicfile.ReadJSON(filepath.Join(dir, filePendingEnrollment), &p)
+	if errors.Is(err, atomicfile.ErrDamaged) {
+		return nil, fmt.Errorf("%w; it is the key of an enrollment that was cut short: remove it, and node.key and node.crt beside it, then start the gateway again with a new join token", err)
+	}
+	if !found || err != nil {
 		return nil, err
 	}
 	return &p, nil
