@@ -3,6 +3,7 @@ package migrate
 import (
 	"encoding/hex"
 	"fmt"
+	"math/bits"
 	"slices"
 	"sync"
 
@@ -104,33 +105,72 @@ type Manifest struct {
 
 // Root is the image's Merkle root: a binary tree over the hashes of all
 // chunks in order (zero chunks included, as the hash of zeros), leaves and
-// inner nodes domain-separated. Two images have the same root exactly when
-// they have the same size, chunking and bytes.
+// inner nodes domain-separated; each level pairs its nodes from the left,
+// an odd one out going up as it is. Two images have the same root exactly
+// when they have the same size, chunking and bytes.
+//
+// A subtree over whole chunks that are all zeros has the same hash
+// wherever it is, so it is computed once per height: the root costs time
+// in the chunks that hold data times the tree's height, and memory in the
+// height — not one hash per chunk, which for a sparse 64 TiB disk would be
+// 2 GiB, and which an offer's size alone would make a receiver allocate.
 func (m *Manifest) Root() Hash {
 	n := chunkCount(m.Size, m.ChunkSize)
-	level := make([]Hash, 0, n)
-	for i := int64(0); i < n; i++ {
-		h, ok := m.Chunks[i]
-		if !ok {
-			h = zeroHash(chunkLen(i, m.Size, m.ChunkSize))
-		}
-		level = append(level, leaf(h))
-	}
-	if len(level) == 0 {
+	if n <= 0 {
 		return blake3.Sum256([]byte(fmt.Sprintf("skybridge empty image %d", m.ChunkSize)))
 	}
-	for len(level) > 1 {
-		next := level[:0:0]
-		for i := 0; i < len(level); i += 2 {
-			if i+1 == len(level) {
-				next = append(next, level[i])
-				continue
-			}
-			next = append(next, node(level[i], level[i+1]))
+	held := make([]int64, 0, len(m.Chunks))
+	for i := range m.Chunks {
+		if i >= 0 && i < n {
+			held = append(held, i)
 		}
-		level = next
 	}
-	return level[0]
+	slices.Sort(held)
+	height := bits.Len64(uint64(n - 1))
+	t := &rootTree{m: m, n: n, held: held, zeros: make([]Hash, 0, height+1)}
+	return t.hash(height, 0)
+}
+
+// rootTree computes a manifest's root.
+type rootTree struct {
+	m     *Manifest
+	n     int64   // chunks
+	held  []int64 // the chunks that hold data, in order
+	zeros []Hash  // zeros[j]: a complete subtree of 2^j whole zero chunks
+}
+
+// hash is the node at height j and position k: over chunks k·2^j up to
+// (k+1)·2^j, or to the end.
+func (t *rootTree) hash(j int, k int64) Hash {
+	if j == 0 {
+		h, ok := t.m.Chunks[k]
+		if !ok {
+			h = zeroHash(chunkLen(k, t.m.Size, t.m.ChunkSize))
+		}
+		return leaf(h)
+	}
+	from, to := k<<j, min((k+1)<<j, t.n)
+	whole := to-from == 1<<j && (to < t.n || t.m.Size%t.m.ChunkSize == 0)
+	if at, _ := slices.BinarySearch(t.held, from); whole && (at == len(t.held) || t.held[at] >= to) {
+		return t.zero(j)
+	}
+	left := t.hash(j-1, 2*k)
+	if below := (t.n + 1<<(j-1) - 1) >> (j - 1); 2*k+1 < below {
+		return node(left, t.hash(j-1, 2*k+1))
+	}
+	return left
+}
+
+func (t *rootTree) zero(j int) Hash {
+	for len(t.zeros) <= j {
+		if len(t.zeros) == 0 {
+			t.zeros = append(t.zeros, leaf(zeroHash(t.m.ChunkSize)))
+			continue
+		}
+		z := t.zeros[len(t.zeros)-1]
+		t.zeros = append(t.zeros, node(z, z))
+	}
+	return t.zeros[j]
 }
 
 func leaf(h Hash) Hash {

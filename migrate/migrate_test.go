@@ -1908,6 +1908,9 @@ func TestReceiverRefusesBadOffers(t *testing.T) {
 		{func(o *Offer) { o.Streams = 0 }, "data streams"},
 		{func(o *Offer) { o.Streams = MaxStreams + 1 }, "data streams"},
 		{func(o *Offer) { o.ChunkSize = maxFrame }, "chunk size"},
+		{func(o *Offer) { o.ChunkSize = 1 }, "chunk size"}, // a hash per byte at the commit
+		{func(o *Offer) { o.Size = 1<<63 - 1 }, "image size"},
+		{func(o *Offer) { o.Size = -1 }, "image size"},
 		{func(o *Offer) { o.Format = "vmdk" }, "format"},
 		{func(o *Offer) { o.Name = "../vm" }, "image name"},
 		{func(o *Offer) { o.Chunks = new(int64(-1)) }, "chunks holding data"},

@@ -147,6 +147,9 @@ func Send(ctx context.Context, cfg SendConfig) (*SendRecord, error) {
 	if cfg.ChunkSize == 0 {
 		cfg.ChunkSize = DefaultChunkSize
 	}
+	if cfg.ChunkSize < MinChunkSize || cfg.ChunkSize > maxFrame/2 {
+		return nil, fmt.Errorf("chunk size %d: want %d to %d bytes", cfg.ChunkSize, MinChunkSize, maxFrame/2)
+	}
 	if cfg.Streams <= 0 {
 		cfg.Streams = 4
 	}

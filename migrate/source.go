@@ -41,7 +41,12 @@ func init() {
 	// go-qcow2reader reads zlib-compressed clusters itself; zstd-compressed
 	// ones with klauspost/compress.
 	qcow2.SetDecompressor(qcow2.CompressionTypeZstd, func(r io.Reader) (io.ReadCloser, error) {
-		d, err := zstd.NewReader(r)
+		// A compressed cluster decompresses to one cluster (2 MiB at
+		// most): a frame that asks for a larger window is not one, and
+		// would have each read allocate what it asks (512 MiB for 25
+		// bytes of a crafted image).
+		d, err := zstd.NewReader(r, zstd.WithDecoderMaxWindow(qcowMaxCluster), zstd.WithDecoderMaxMemory(2*qcowMaxCluster),
+			zstd.WithDecoderConcurrency(1), zstd.WithDecoderLowmem(true))
 		if err != nil {
 			return nil, err
 		}
@@ -68,7 +73,41 @@ func OpenSource(path string) (Source, error) {
 		f.Close()
 		return nil, fmt.Errorf("%s is not a regular file", path)
 	}
+	if st.Size() > MaxImageSize {
+		f.Close()
+		return nil, fmt.Errorf("%s: %d bytes, more than the %d a migration can describe", path, st.Size(), int64(MaxImageSize))
+	}
 	return &rawSource{f: f, size: st.Size()}, nil
+}
+
+// qcowMaxCluster is the largest cluster qemu makes (cluster_bits 21).
+const qcowMaxCluster = 2 << 20
+
+// checkQcow2Header refuses a qcow2 header whose numbers are not an image's
+// before the reader sizes its tables by them: it allocates the whole L1
+// table the header declares, and panics on cluster sizes qemu never makes.
+// The bounds are qemu's own (cluster_bits 9 to 21, an L1 table of at most
+// 32 MiB that fits in the file and covers the virtual size).
+func checkQcow2Header(hdr []byte, fileSize int64) error {
+	be := binary.BigEndian
+	bits, size := be.Uint32(hdr[20:24]), be.Uint64(hdr[24:32])
+	l1Size, l1Off := uint64(be.Uint32(hdr[36:40])), be.Uint64(hdr[40:48])
+	switch {
+	case bits < 9 || bits > 21:
+		return fmt.Errorf("cluster_bits %d: qemu makes 9 to 21", bits)
+	case size > MaxImageSize:
+		return fmt.Errorf("virtual size %d: more than the %d a migration can describe", size, int64(MaxImageSize))
+	}
+	perL1 := uint64(1) << (2*bits - 3) // bytes one L2 table maps
+	switch need := (size + perL1 - 1) / perL1; {
+	case l1Size < need:
+		return fmt.Errorf("L1 table of %d entries for a virtual size that needs %d", l1Size, need)
+	case l1Size > 4<<20:
+		return fmt.Errorf("L1 table of %d entries: qemu makes at most %d", l1Size, 4<<20)
+	case l1Off%8 != 0 || l1Off > uint64(fileSize) || l1Size*8 > uint64(fileSize)-l1Off:
+		return fmt.Errorf("L1 table at %d (%d entries) lies outside the %d-byte file", l1Off, l1Size, fileSize)
+	}
+	return nil
 }
 
 // rawSource is a raw image file read sparse-aware: SEEK_DATA/SEEK_HOLE
@@ -120,7 +159,7 @@ type qcow2Source struct {
 func openQcow2(path string, f *os.File) (Source, error) {
 	// Refuse backing files before the reader tries to open one: a chain
 	// of images is not something to move piecemeal across jurisdictions.
-	hdr := make([]byte, 20)
+	hdr := make([]byte, 72) // version 2's header; version 3 extends it
 	if _, err := f.ReadAt(hdr, 0); err != nil {
 		f.Close()
 		return nil, fmt.Errorf("%s: truncated qcow2 header: %w", path, err)
@@ -130,6 +169,15 @@ func openQcow2(path string, f *os.File) (Source, error) {
 		f.ReadAt(name, int64(off))
 		f.Close()
 		return nil, fmt.Errorf("%s has a backing file (%q): skybridge moves self-contained images; flatten it first with `qemu-img convert -O qcow2 %s flat.qcow2`", path, name, path)
+	}
+	st, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	if err := checkQcow2Header(hdr, st.Size()); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("%s: not a qcow2 image qemu would make: %w", path, err)
 	}
 	img, err := qcow2.Open(f, nil)
 	if err != nil {

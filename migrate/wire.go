@@ -53,16 +53,25 @@ type Offer struct {
 // MaxStreams bounds the data streams of one migration.
 const MaxStreams = 32
 
+// Bounds of what a migration may describe. An offer's sizes are a peer's
+// word, and size what the receiver allocates and writes (its file, the
+// qcow2 tables, the manifest): past a pebibyte (1,000 times the largest
+// disks in use) or under a page per chunk, they are not a disk image.
+const (
+	MaxImageSize = 1 << 50
+	MinChunkSize = 4 << 10
+)
+
 // checkOffer refuses an offer the receiver cannot take as it is: its ID
 // names files in the store, its sizes size buffers.
 func checkOffer(o *Offer) error {
 	switch {
 	case !validID(o.ID):
 		return fmt.Errorf("migration ID %q: want 1 to 64 letters, digits, '-' or '_'", o.ID)
-	case o.ChunkSize <= 0 || o.ChunkSize > maxFrame/2:
-		return fmt.Errorf("chunk size %d: want 1 to %d bytes", o.ChunkSize, maxFrame/2)
-	case o.Size < 0:
-		return fmt.Errorf("image size %d", o.Size)
+	case o.ChunkSize < MinChunkSize || o.ChunkSize > maxFrame/2:
+		return fmt.Errorf("chunk size %d: want %d to %d bytes", o.ChunkSize, MinChunkSize, maxFrame/2)
+	case o.Size < 0 || o.Size > MaxImageSize:
+		return fmt.Errorf("image size %d: want 0 to %d bytes", o.Size, int64(MaxImageSize))
 	case o.Format != FormatRaw && o.Format != FormatQcow2:
 		return fmt.Errorf("format %q: want %s or %s", o.Format, FormatRaw, FormatQcow2)
 	case o.Streams < 1 || o.Streams > MaxStreams:

@@ -1,0 +1,137 @@
+package migrate
+
+import (
+	"bytes"
+	"encoding/binary"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// craftedQcow2 is a version-3 qcow2 header with the given cluster bits, L1
+// table size and offset, and virtual size, followed by tail.
+func craftedQcow2(clusterBits, l1Size uint32, size, l1Off uint64, tail ...byte) []byte {
+	h := make([]byte, 104)
+	copy(h, qcow2Magic)
+	be := binary.BigEndian
+	be.PutUint32(h[4:], 3)
+	be.PutUint32(h[20:], clusterBits)
+	be.PutUint64(h[24:], size)
+	be.PutUint32(h[36:], l1Size)
+	be.PutUint64(h[40:], l1Off)
+	be.PutUint32(h[96:], 4) // refcount order
+	be.PutUint32(h[100:], 104)
+	return append(append(h, make([]byte, 8)...), tail...)
+}
+
+// TestOpenSourceHostileQcow2: a qcow2 header whose numbers are not an
+// image's — crafted to make the reader panic or allocate gigabytes — is
+// refused when the image is opened, saying what is wrong.
+func TestOpenSourceHostileQcow2(t *testing.T) {
+	dir := t.TempDir()
+	l1 := []byte{0, 0, 0, 0, 0, 0, 2, 0} // one L1 entry: an L2 table at 512
+	for _, tc := range []struct {
+		name string
+		img  []byte
+		want string
+	}{
+		{"cluster_bits 63", craftedQcow2(63, 1, mib, 112, l1...), "cluster_bits 63"},
+		{"cluster_bits 40", craftedQcow2(40, 1, mib, 112, l1...), "cluster_bits 40"},
+		{"cluster_bits 8", craftedQcow2(8, 1, mib, 112, l1...), "cluster_bits 8"},
+		{"an L1 table of 32 GB", craftedQcow2(16, 0xedff0001, mib, 112, l1...), "L1 table"},
+		{"an L1 table past the end", craftedQcow2(16, 1, mib, 1<<40, l1...), "outside"},
+		{"an L1 table too small", craftedQcow2(16, 1, 1<<40, 112, l1...), "needs"},
+		{"a virtual size of 2^62", craftedQcow2(16, 1, 1<<62, 112, l1...), "virtual size"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			path := filepath.Join(dir, strings.ReplaceAll(tc.name, " ", "_"))
+			if err := os.WriteFile(path, tc.img, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			src, err := OpenSource(path)
+			if err == nil {
+				src.Close()
+				t.Fatal("opened")
+			}
+			if !strings.Contains(err.Error(), tc.want) || !strings.Contains(err.Error(), "not a qcow2 image qemu would make") {
+				t.Fatalf("err = %v; want it to name %q", err, tc.want)
+			}
+		})
+	}
+	// A well-formed one of the same shape opens and reads.
+	good := filepath.Join(dir, "good")
+	if err := os.WriteFile(good, craftedQcow2(16, 1, mib, 112, make([]byte, 8)...), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	src, err := OpenSource(good)
+	if err != nil {
+		t.Fatalf("a well-formed header: %v", err)
+	}
+	defer src.Close()
+	if ext, err := src.Extents(); err != nil || len(ext) != 0 || src.Size() != mib {
+		t.Fatalf("an empty 1 MiB image: extents %v, %v, size %d", ext, err, src.Size())
+	}
+}
+
+// TestOpenSourceZstdClusters: a qcow2 whose clusters qemu compressed
+// with zstd reads back as its source, through the bounded decoder.
+func TestOpenSourceZstdClusters(t *testing.T) {
+	q := qemuImg(t)
+	dir := t.TempDir()
+	raw, comp := filepath.Join(dir, "c.raw"), filepath.Join(dir, "c.qcow2")
+	makeRaw(t, raw, 8*mib, map[int64]int{mib: mib, 4 * mib: 2 * mib})
+	if out, err := exec.Command(q, "convert", "-c", "-O", "qcow2", "-o", "compression_type=zstd,cluster_size=2M", raw, comp).CombinedOutput(); err != nil {
+		t.Fatalf("%v %s", err, out)
+	}
+	src, err := OpenSource(comp)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer src.Close()
+	want, _ := os.ReadFile(raw)
+	got := make([]byte, len(want))
+	if _, err := src.ReadAt(got, 0); err != nil && !isEOF(err) || !bytes.Equal(got, want) {
+		t.Fatalf("zstd-compressed qcow2 read back differently: %v", err)
+	}
+}
+
+// FuzzOpenSource: whatever bytes an image file holds, opening it, listing
+// its extents and reading them neither panics nor runs out of memory, and
+// the extents lie in order within the image.
+func FuzzOpenSource(f *testing.F) {
+	f.Add(craftedQcow2(16, 1, mib, 112, 0, 0, 0, 0, 0, 0, 2, 0))
+	f.Add(craftedQcow2(16, 1, mib, 112, 0x40, 0, 0, 0, 0, 0, 0, 0x80))
+	f.Add(craftedQcow2(9, 4, 64<<10, 112, make([]byte, 32)...))
+	dir := f.TempDir()
+	f.Fuzz(func(t *testing.T, b []byte) {
+		path := filepath.Join(dir, "img")
+		if err := os.WriteFile(path, b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		src, err := OpenSource(path)
+		if err != nil {
+			return
+		}
+		defer src.Close()
+		if src.Size() > 1<<40 {
+			return // valid, but its extents take a while to list
+		}
+		ext, err := src.Extents()
+		if err != nil {
+			return
+		}
+		var last int64
+		for _, e := range ext {
+			if e.Off < last || e.Len <= 0 || e.Off+e.Len > src.Size() {
+				t.Fatalf("extents %v of a %d-byte image", ext, src.Size())
+			}
+			last = e.Off + e.Len
+		}
+		p := make([]byte, 64<<10)
+		for _, e := range ext[:min(len(ext), 4)] {
+			src.ReadAt(p[:min(int64(len(p)), e.Len)], e.Off) // errors are fine; panics are not
+		}
+	})
+}
