@@ -29,8 +29,15 @@ func (d delegate) NodeMeta(limit int) []byte {
 	return raw
 }
 
-// NotifyMsg hands a user message to the worker.
-func (d delegate) NotifyMsg(b []byte) { d.g.enqueue(append([]byte(nil), b...)) }
+// NotifyMsg hands a user message to the worker; one larger than any
+// message the gateways send is dropped here, uncopied.
+func (d delegate) NotifyMsg(b []byte) {
+	if len(b) == 0 || len(b) > maxUserMessage {
+		d.g.log.Debug("ignoring a gossip message of an impossible size", "bytes", len(b))
+		return
+	}
+	d.g.enqueue(append([]byte(nil), b...))
+}
 
 func (d delegate) GetBroadcasts(overhead, limit int) [][]byte {
 	return d.g.queue.GetBroadcasts(overhead, limit)
@@ -48,11 +55,20 @@ func (d delegate) MergeRemoteState(buf []byte, join bool) {
 		return
 	}
 	for _, m := range msgs {
+		if len(m) == 0 {
+			continue
+		}
 		// A join's certificate bundle is learned here, in one batch:
 		// through the inbox it could be as many messages as members.
-		if len(m) > 0 && m[0] == msgCerts {
-			if dm, err := decodeMessage(m); err == nil {
+		// Only a join's state carries one.
+		if m[0] == msgCerts {
+			if !join {
+				continue
+			}
+			if dm, err := decodeMessage(m, maxJoinCerts); err == nil {
 				d.g.members.addCerts(dm.fields)
+			} else {
+				d.g.log.Debug("ignoring a join's certificates", "err", err)
 			}
 			continue
 		}

@@ -22,6 +22,7 @@ import (
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
 	"github.com/skybridge-mesh/skybridge/certs"
+	"github.com/skybridge-mesh/skybridge/internal/throttle"
 	"github.com/skybridge-mesh/skybridge/policy"
 )
 
@@ -36,6 +37,9 @@ type Gateway struct {
 	id      atomic.Pointer[certs.NodeIdentity]
 	trust   atomic.Pointer[certs.TrustBundle]
 	trustMu sync.Mutex // serialises adoptTrust
+	// warnInbox says when a full inbox is worth logging again: anyone
+	// holding the gossip key can fill it.
+	warnInbox throttle.PerSecond
 	// sendsQueued counts goSend's sends waiting or under way.
 	sendsQueued atomic.Int64
 	// policyMu serialises AdoptPolicy: gossip and the control socket
@@ -596,7 +600,9 @@ func (g *Gateway) enqueue(msg []byte) {
 	select {
 	case g.inbox <- msg:
 	default:
-		g.log.Warn("gossip inbox full; dropping a message (anti-entropy will repair it)")
+		if ok, dropped := g.warnInbox.Allow(); ok {
+			g.log.Warn("gossip inbox full; dropping messages (anti-entropy will repair them)", "dropped_unlogged", dropped)
+		}
 	}
 }
 

@@ -414,6 +414,12 @@ func (ms *membership) judgeLocked(m *member) (needCert bool) {
 		return false
 	}
 	sa, err := certs.DecodeAdvert(m.meta)
+	if err == nil && sa.Node != m.name {
+		// admit refuses this before memberlist takes the member in; said
+		// again here so that no path past admit can verify one gateway
+		// under another's name.
+		err = &certs.VerifyError{Reason: certs.ReasonAttributeMismatch, Detail: fmt.Sprintf("gossip name %q differs from advert node %q", m.name, sa.Node)}
+	}
 	if err != nil {
 		m.advert = nil
 		ms.refuseLocked(m, prev, err)
@@ -534,13 +540,27 @@ func (ms *membership) addCert(der []byte) error {
 // learnCertLocked verifies a certificate against the trust bundle and
 // files it as known or refused.
 func (ms *membership) learnCertLocked(sum [32]byte, der []byte) error {
-	var cert *x509.Certificate
-	err := fmt.Errorf("a certificate of %d bytes: larger than any gateway certificate (%d at most)", len(der), maxCertSize)
-	if len(der) <= maxCertSize {
-		if cert, err = x509.ParseCertificate(der); err == nil {
-			_, err = ms.cache.VerifyCertificate(ms.trust, cert, ms.now())
-		}
+	cert, err := ms.checkCert(ms.trust, der, ms.now())
+	return ms.fileCertLocked(sum, cert, err)
+}
+
+// checkCert parses a certificate and verifies it against trust. It takes
+// no lock: a join's batch of thousands is verified outside ms.mu.
+func (ms *membership) checkCert(trust *certs.TrustBundle, der []byte, now time.Time) (*x509.Certificate, error) {
+	if len(der) > maxCertSize {
+		return nil, fmt.Errorf("a certificate of %d bytes: larger than any gateway certificate (%d at most)", len(der), maxCertSize)
 	}
+	cert, err := x509.ParseCertificate(der)
+	if err != nil {
+		return nil, err
+	}
+	_, err = ms.cache.VerifyCertificate(trust, cert, now)
+	return cert, err
+}
+
+// fileCertLocked files a checked certificate as known, or as refused
+// for err.
+func (ms *membership) fileCertLocked(sum [32]byte, cert *x509.Certificate, err error) error {
 	if err != nil {
 		if len(ms.badCert) >= ms.maxBadCerts && !ms.badCertFull {
 			ms.pruneCertsLocked(true)
@@ -634,18 +654,44 @@ func (ms *membership) pruneCertsLocked(force bool) {
 // addCerts learns a batch of certificates (a join's bundle) under one
 // lock, judging each waiting member once.
 func (ms *membership) addCerts(ders [][]byte) {
+	type checked struct {
+		sum  [32]byte
+		der  []byte
+		cert *x509.Certificate
+		err  error
+	}
+	var todo []checked
 	ms.mu.Lock()
-	added := map[[32]byte]bool{}
+	trust, now := ms.trust, ms.now()
+	seen := make(map[[32]byte]bool, len(ders))
 	for _, der := range ders {
 		sum := sha256.Sum256(der)
-		if _, ok := ms.certs[sum]; ok {
+		if _, ok := ms.certs[sum]; ok || seen[sum] || ms.refusedLocked(sum) != nil {
 			continue
 		}
-		if ms.refusedLocked(sum) != nil {
-			continue
+		seen[sum] = true
+		todo = append(todo, checked{sum: sum, der: der})
+	}
+	ms.mu.Unlock()
+	// Verified without the lock, which memberlist waits on in NotifyAlive
+	// (under its own node lock): a join brings every certificate its seed
+	// holds, a signature check each.
+	for i := range todo {
+		todo[i].cert, todo[i].err = ms.checkCert(trust, todo[i].der, now)
+	}
+	ms.mu.Lock()
+	added := map[[32]byte]bool{}
+	for _, c := range todo {
+		if _, ok := ms.certs[c.sum]; ok {
+			continue // learned meanwhile
 		}
-		ms.learnCertLocked(sum, der)
-		added[sum] = true
+		if ms.trust != trust {
+			// A new CRL or CA meanwhile: judged by what is in force.
+			ms.learnCertLocked(c.sum, c.der)
+		} else {
+			ms.fileCertLocked(c.sum, c.cert, c.err)
+		}
+		added[c.sum] = true
 	}
 	if len(added) > 0 {
 		for _, m := range ms.members {

@@ -7,6 +7,7 @@ import (
 	"crypto/sha256"
 	"encoding/binary"
 	"fmt"
+	"log/slog"
 	"maps"
 	"math/big"
 	"net/netip"
@@ -887,5 +888,77 @@ func TestMembershipRememberedInTime(t *testing.T) {
 		if v.Name == "gw-left" && (!v.Left || v.Reason != "left the mesh") {
 			t.Fatalf("restored after it left: left %v, reason %q", v.Left, v.Reason)
 		}
+	}
+}
+
+// TestGossipLimits: what anyone holding the gossip key can send is bounded
+// before it costs the gateway: a message of more fields than any has, a
+// user message larger than any blob, a bundle of more parts than any
+// state, a join's certificates in state that is not a join's. A join's
+// certificates are verified and make their members peers.
+func TestGossipLimits(t *testing.T) {
+	f := newFixture(t)
+	ms := newMembership("self", f.trust(), func() time.Time { return f.now }, func() {})
+	g := &Gateway{members: ms, inbox: make(chan []byte, 8), log: slog.New(slog.DiscardHandler)}
+	d := delegate{g: g}
+
+	many := make([][]byte, maxFields+1)
+	if _, err := decodeMessage(encodeMessage(msgCert, many...), maxFields); err == nil {
+		t.Error("a message of more fields than any type has was decoded")
+	}
+	if m, err := decodeMessage(encodeMessage(msgCert, many[:maxFields]...), maxFields); err != nil || len(m.fields) != maxFields {
+		t.Errorf("a message of %d fields: %d, %v", maxFields, len(m.fields), err)
+	}
+	d.NotifyMsg(make([]byte, maxUserMessage+1))
+	d.NotifyMsg(nil)
+	if len(g.inbox) != 0 {
+		t.Errorf("%d messages of impossible sizes queued for the worker", len(g.inbox))
+	}
+	d.NotifyMsg(encodeMessage(msgAnnounce, []byte{blobCRL}, u64(1), make([]byte, 32)))
+	if len(g.inbox) != 1 {
+		t.Fatalf("a well-formed message was not queued")
+	}
+	<-g.inbox
+
+	parts := make([][]byte, maxBundleParts+1)
+	for i := range parts {
+		parts[i] = encodeMessage(msgAnnounce, []byte{blobCRL}, u64(uint64(i)), make([]byte, 32))
+	}
+	d.MergeRemoteState(bundle(parts...), false)
+	if len(g.inbox) != 0 {
+		t.Errorf("a bundle of %d parts gave the worker %d messages", len(parts), len(g.inbox))
+	}
+
+	a := f.identity("gw-a", "site-a", 1, f.now.Add(-time.Hour))
+	if err := ms.admit("gw-a", gossipAddr, f.advert(a, 1)); err != nil {
+		t.Fatal(err)
+	}
+	ms.update("gw-a", gossipAddr, f.advert(a, 1))
+	certsMsg := encodeMessage(msgCerts, a.Certificate().Raw, []byte("junk"))
+	d.MergeRemoteState(bundle(certsMsg), false)
+	if states(ms)["gw-a"] != StatePending {
+		t.Fatalf("certificates in state that is not a join's were taken: %v", states(ms))
+	}
+	d.MergeRemoteState(bundle(certsMsg), true)
+	if states(ms)["gw-a"] != StateVerified {
+		t.Fatalf("a join's certificates: %v; want gw-a verified", states(ms))
+	}
+	if ms.refusedLocked(sha256.Sum256([]byte("junk"))) == nil {
+		t.Error("a join's junk certificate was not refused")
+	}
+}
+
+// TestJudgeRefusesAnotherName: a member whose advert names another node
+// is refused however it reached the membership, not only through admit.
+func TestJudgeRefusesAnotherName(t *testing.T) {
+	f := newFixture(t)
+	ms := newMembership("self", f.trust(), func() time.Time { return f.now }, func() {})
+	a := f.identity("gw-a", "site-a", 1, f.now.Add(-time.Hour))
+	if err := ms.addCert(a.Certificate().Raw); err != nil {
+		t.Fatal(err)
+	}
+	ms.update("gw-b", gossipAddr, f.advert(a, 1))
+	if got := states(ms)["gw-b"]; got != StateRefused || len(ms.gateways()) != 0 {
+		t.Fatalf("gw-b with gw-a's advert: %v, %d gateways; want refused, none", got, len(ms.gateways()))
 	}
 }

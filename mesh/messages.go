@@ -25,6 +25,16 @@ const (
 	// wgrotate.go.)
 	msgKeyringRefused byte = 11
 	maxMessageField        = 1 << 20
+	// maxFields bounds the fields of a message of any type but msgCerts:
+	// none has more than 7. A peer's message of a million empty fields
+	// would otherwise cost the worker seconds and gigabytes to split.
+	maxFields = 16
+	// maxBundleParts bounds the messages of a push/pull bundle
+	// (localState sends at most four).
+	maxBundleParts = 8
+	// maxUserMessage bounds a user message as it arrives: a blob (a
+	// policy or a CRL, at most maxMessageField) and its framing.
+	maxUserMessage = maxMessageField + 1<<10
 )
 
 // Blob kinds travelling by announce/request.
@@ -52,13 +62,18 @@ func encodeMessage(typ byte, fields ...[]byte) []byte {
 	return b
 }
 
-func decodeMessage(b []byte) (message, error) {
+// decodeMessage splits a message into its fields, at most maxFields of
+// them.
+func decodeMessage(b []byte, maxFields int) (message, error) {
 	if len(b) == 0 {
 		return message{}, errors.New("empty message")
 	}
 	m := message{typ: b[0]}
 	rest := b[1:]
 	for len(rest) > 0 {
+		if len(m.fields) == maxFields {
+			return message{}, fmt.Errorf("message type %d: more than %d fields", m.typ, maxFields)
+		}
 		n, w := binary.Uvarint(rest)
 		if w <= 0 || n > maxMessageField || n > uint64(len(rest)-w) {
 			return message{}, fmt.Errorf("message type %d: bad field length", m.typ)
@@ -89,7 +104,7 @@ func readU64(b []byte) (uint64, error) {
 func bundle(msgs ...[]byte) []byte { return encodeMessage(0, msgs...) }
 
 func unbundle(b []byte) ([][]byte, error) {
-	m, err := decodeMessage(b)
+	m, err := decodeMessage(b, maxBundleParts)
 	if err != nil {
 		return nil, err
 	}

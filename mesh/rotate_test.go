@@ -72,7 +72,7 @@ func TestGossipKeyRotation(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		dm, err := decodeMessage(msg)
+		dm, err := decodeMessage(msg, maxFields)
 		if err != nil {
 			t.Fatal(err)
 		}

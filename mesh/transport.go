@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"github.com/hashicorp/memberlist"
+
+	"github.com/skybridge-mesh/skybridge/internal/throttle"
 )
 
 // gossipTransport is memberlist's UDP and TCP transport, for one bind
@@ -35,10 +37,10 @@ type gossipTransport struct {
 	// opened, end with it.
 	dials     context.Context
 	stopDials context.CancelFunc
-	// inbound counts the incoming streams not yet closed; warnedFull is
-	// when (unix seconds) that was last logged as too many.
-	inbound    atomic.Int64
-	warnedFull atomic.Int64
+	// inbound counts the incoming streams not yet closed; warnFull says
+	// when too many is worth logging again.
+	inbound  atomic.Int64
+	warnFull throttle.PerSecond
 }
 
 var _ memberlist.NodeAwareTransport = (*gossipTransport)(nil)
@@ -259,8 +261,8 @@ func (t *gossipTransport) acceptStreams() {
 		if t.inbound.Add(1) > maxInboundStreams {
 			t.inbound.Add(-1)
 			c.Close()
-			if now := time.Now().Unix(); t.warnedFull.Swap(now) != now {
-				t.log.Warn("gossip: too many incoming streams at once; closing new ones", "max", maxInboundStreams)
+			if ok, dropped := t.warnFull.Allow(); ok {
+				t.log.Warn("gossip: too many incoming streams at once; closing new ones", "max", maxInboundStreams, "closed_unlogged", dropped)
 			}
 			continue
 		}

@@ -70,7 +70,7 @@ func TestAcksAreSigned(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	gm, _ := decodeMessage(good)
+	gm, _ := decodeMessage(good, maxFields)
 	if node, got, err := a.checkAck(gm); err != nil || node != "op1" || string(got) != string(subject) {
 		t.Fatalf("op1's own acknowledgement: %s %q %v", node, got, err)
 	}
@@ -78,7 +78,7 @@ func TestAcksAreSigned(t *testing.T) {
 	// kind, the unsigned form, and a name that is no member.
 	c := m.gws[2].g
 	forged, _ := c.signedAck(msgKeyringAck, subject)
-	fm, _ := decodeMessage(forged)
+	fm, _ := decodeMessage(forged, maxFields)
 	fm.fields[0] = []byte("op1")
 	other := gm
 	other.fields = [][]byte{gm.fields[0], []byte("another operation"), gm.fields[2]}

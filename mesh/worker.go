@@ -65,7 +65,7 @@ func (g *Gateway) askCert(name string) {
 }
 
 func (g *Gateway) handle(b []byte) error {
-	m, err := decodeMessage(b)
+	m, err := decodeMessage(b, maxFields)
 	if err != nil {
 		return err
 	}

@@ -23,6 +23,7 @@ import (
 	"github.com/skybridge-mesh/skybridge/certs"
 	"github.com/skybridge-mesh/skybridge/internal/atomicfile"
 	"github.com/skybridge-mesh/skybridge/internal/audit"
+	"github.com/skybridge-mesh/skybridge/internal/throttle"
 	"github.com/skybridge-mesh/skybridge/policy"
 )
 
@@ -71,9 +72,9 @@ type Receiver struct {
 	// handlers are the goroutines Serve started, which use the journal.
 	handlers sync.WaitGroup
 	// unproven counts the connections not yet past their first frame;
-	// warnedUnproven is when (unix seconds) too many were last logged.
-	unproven       atomic.Int64
-	warnedUnproven atomic.Int64
+	// warnUnproven says when too many is worth logging again.
+	unproven     atomic.Int64
+	warnUnproven throttle.PerSecond
 }
 
 // NewReceiver prepares a receiver; Serve accepts connections.
@@ -198,8 +199,8 @@ func (r *Receiver) Serve(ctx context.Context, ln net.Listener) error {
 		if r.unproven.Add(1) > maxUnproven {
 			r.unproven.Add(-1)
 			c.Close()
-			if now := time.Now().Unix(); r.warnedUnproven.Swap(now) != now {
-				r.cfg.Log.Warn("too many migration connections authenticating at once; closing new ones", "max", maxUnproven)
+			if ok, dropped := r.warnUnproven.Allow(); ok {
+				r.cfg.Log.Warn("too many migration connections authenticating at once; closing new ones", "max", maxUnproven, "closed_unlogged", dropped)
 			}
 			continue
 		}
