@@ -26,8 +26,12 @@ func demoCommand() *cli.Command {
 		},
 		Action: func(c *cli.Context) error {
 			if d := c.String("down"); d != "" {
-				if err := demo.Down(d); err != nil {
-					return err
+				skipped, err := demo.Down(d)
+				for _, s := range skipped {
+					fmt.Fprintf(c.App.ErrWriter, "skybridge: left alone %s\n", s)
+				}
+				if err != nil {
+					return fmt.Errorf("tear down the demo in %s: %w", d, err)
 				}
 				fmt.Fprintf(c.App.Writer, "demo in %s stopped and removed\n", d)
 				return nil

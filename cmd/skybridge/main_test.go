@@ -5,14 +5,49 @@ import (
 	"encoding/json"
 	"net/netip"
 	"os"
+	"os/exec"
+	"os/signal"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/skybridge-mesh/skybridge/certs"
 	"github.com/skybridge-mesh/skybridge/internal/audit"
 )
+
+// TestMain doubles as a stand-in process for tests that need one with a
+// given command line (a demo's gateway): with SKYBRIDGE_TEST_IDLE set it
+// waits for SIGTERM, or two minutes, and exits.
+func TestMain(m *testing.M) {
+	if os.Getenv("SKYBRIDGE_TEST_IDLE") != "" {
+		sig := make(chan os.Signal, 1)
+		signal.Notify(sig, syscall.SIGTERM)
+		select {
+		case <-sig:
+		case <-time.After(2 * time.Minute):
+		}
+		os.Exit(0)
+	}
+	os.Exit(m.Run())
+}
+
+// idleProcess starts the test binary idling with the given arguments, and
+// returns it and a channel closed when it has exited.
+func idleProcess(t *testing.T, args ...string) (*exec.Cmd, chan struct{}) {
+	t.Helper()
+	cmd := exec.Command(os.Args[0], args...)
+	cmd.Env = append(os.Environ(), "SKYBRIDGE_TEST_IDLE=1")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { cmd.Wait(); close(done) }()
+	t.Cleanup(func() { cmd.Process.Kill(); <-done })
+	return cmd, done
+}
 
 // runCLI runs the command line in-process and returns stdout, stderr and the
 // exit code.
@@ -394,5 +429,55 @@ func TestAuditVerifyEmpty(t *testing.T) {
 	os.WriteFile(log, one, 0o600)
 	if out, _, code := runCLI(t, "audit", "verify", "--log", log, "--ca-cert", filepath.Join(ca, "ca.crt")); code != 1 || !strings.Contains(out, "record 2 was written") {
 		t.Fatalf("a log cut back by a record: exit %d, %q", code, out)
+	}
+}
+
+// TestDemoDown: --down stops the demo's own gateways and nothing else,
+// whatever PIDs its state file lists.
+func TestDemoDown(t *testing.T) {
+	dir := t.TempDir()
+	demoDir := filepath.Join(dir, "demo")
+	other := filepath.Join(dir, "other")
+	for _, d := range []string{filepath.Join(demoDir, "zrh"), other} {
+		os.MkdirAll(d, 0o700)
+		os.WriteFile(filepath.Join(d, "gateway.hcl"), nil, 0o644)
+	}
+	own, ownDone := idleProcess(t, "gateway", "run", "--config", filepath.Join(demoDir, "zrh", "gateway.hcl"))
+	stranger, strangerDone := idleProcess(t, "gateway", "run", "--config", filepath.Join(other, "gateway.hcl"))
+	unrelated, unrelatedDone := idleProcess(t, "serve", "--port", "8080")
+	time.Sleep(200 * time.Millisecond) // let them exec
+	st, _ := json.Marshal(map[string]any{"mode": "netstack", "pids": []int{own.Process.Pid, stranger.Process.Pid, unrelated.Process.Pid},
+		"namespaces": []string{"prod"}, "interfaces": []string{"../../etc/x"}})
+	os.WriteFile(filepath.Join(demoDir, "demo-state.json"), st, 0o600)
+
+	out, errs, code := runCLI(t, "demo", "--down", demoDir)
+	if code != 0 || !strings.Contains(out, "stopped and removed") {
+		t.Fatalf("demo --down: exit %d, %q, %q", code, out, errs)
+	}
+	select {
+	case <-ownDone:
+	case <-time.After(5 * time.Second):
+		t.Error("the demo's gateway still runs")
+	}
+	for _, p := range []struct {
+		cmd  *exec.Cmd
+		done chan struct{}
+	}{{stranger, strangerDone}, {unrelated, unrelatedDone}} {
+		select {
+		case <-p.done:
+			t.Errorf("pid %d (%v) was stopped", p.cmd.Process.Pid, p.cmd.Args[1:])
+		default:
+		}
+		if want := "pid " + strconv.Itoa(p.cmd.Process.Pid) + ": it runs"; !strings.Contains(errs, want) {
+			t.Errorf("stderr does not say it left pid %d alone:\n%s", p.cmd.Process.Pid, errs)
+		}
+	}
+	for _, want := range []string{`network namespace "prod": not a name the demo gives`, `interface "../../etc/x"`} {
+		if !strings.Contains(errs, want) {
+			t.Errorf("stderr lacks %q:\n%s", want, errs)
+		}
+	}
+	if _, err := os.Stat(demoDir); !os.IsNotExist(err) {
+		t.Errorf("the demo directory is still there: %v", err)
 	}
 }

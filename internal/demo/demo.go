@@ -803,14 +803,130 @@ func processAlive(pid int, sites []*site) bool {
 	return syscall.Kill(pid, 0) == nil
 }
 
-// Down tears down a demo left running with --keep.
-func Down(dir string) error {
+// Down tears down a demo left running with --keep, and returns what it
+// left alone and why. The state file is only as trustworthy as the
+// directory, and a PID outlives its process: once a gateway has died its
+// number may be another program's. So only a process that runs `gateway
+// run` on a configuration inside dir is signalled, through a pidfd taken
+// before the check, so that the process checked is the one signalled; and
+// only namespaces and interfaces named the way the demo names them are
+// removed.
+func Down(dir string) (skipped []string, err error) {
 	var st state
 	if found, err := atomicfile.ReadJSON(filepath.Join(dir, stateFile), &st); err != nil {
-		return err
+		return nil, err
 	} else if !found {
-		return fmt.Errorf("%s is not a kept demo (no %s)", dir, stateFile)
+		return nil, fmt.Errorf("%s is not a kept demo (no %s)", dir, stateFile)
 	}
-	teardown(st, nil)
-	return os.RemoveAll(dir)
+	root, err := filepath.Abs(dir)
+	if err == nil {
+		root, err = filepath.EvalSymlinks(root)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("demo directory %s: %w", dir, err)
+	}
+	procs, skipped := ownGateways(st.PIDs, root)
+	stopProcesses(procs)
+	own := state{Mode: st.Mode}
+	for _, ns := range st.Namespaces {
+		if demoName(ns) {
+			own.Namespaces = append(own.Namespaces, ns)
+		} else {
+			skipped = append(skipped, fmt.Sprintf("network namespace %q: not a name the demo gives", ns))
+		}
+	}
+	for _, i := range st.Ifaces {
+		if demoName(i) {
+			own.Ifaces = append(own.Ifaces, i)
+		} else {
+			skipped = append(skipped, fmt.Sprintf("interface %q: not a name the demo gives", i))
+		}
+	}
+	teardown(own, nil)
+	return skipped, os.RemoveAll(dir)
+}
+
+// ownGateways opens the processes among pids that are gateways of the
+// demo in root, and says why it skipped each other one.
+func ownGateways(pids []int, root string) (procs []*os.Process, skipped []string) {
+	for _, pid := range pids {
+		if pid <= 0 {
+			// kill(0) and kill(-1) mean process groups and everything.
+			skipped = append(skipped, fmt.Sprintf("pid %d: not a process ID", pid))
+			continue
+		}
+		p, _ := os.FindProcess(pid) // on Unix it always succeeds
+		if why := notOurGateway(pid, root); why != "" {
+			p.Release()
+			skipped = append(skipped, fmt.Sprintf("pid %d: %s", pid, why))
+			continue
+		}
+		procs = append(procs, p)
+	}
+	return procs, skipped
+}
+
+// demoName reports whether name is one Run gives namespaces and
+// interfaces: "sbd", its id and a site, nothing a path could climb out of.
+func demoName(name string) bool {
+	if !strings.HasPrefix(name, "sbd") || len(name) > 15 { // IFNAMSIZ-1
+		return false
+	}
+	for _, c := range name {
+		if (c < 'a' || c > 'z') && (c < '0' || c > '9') {
+			return false
+		}
+	}
+	return true
+}
+
+// notOurGateway says why pid is not a gateway of the demo in root (an
+// absolute path without symlinks), or "" if it is one: its command line is
+// `<exe> gateway run ... --config <a file inside root>`.
+func notOurGateway(pid int, root string) string {
+	raw, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		return "no longer running"
+	case err != nil:
+		return fmt.Sprintf("cannot tell what it runs (%v); stop it yourself if it is one of the demo's gateways", err)
+	case len(raw) == 0:
+		return "no longer running" // a zombie, or a kernel thread
+	}
+	args := strings.Split(strings.TrimSuffix(string(raw), "\x00"), "\x00")
+	notOurs := fmt.Sprintf("it runs %q, not a gateway of this demo", strings.Join(args, " "))
+	if len(args) < 3 || args[1] != "gateway" || args[2] != "run" {
+		return notOurs
+	}
+	for i, a := range args {
+		cfg, ok := strings.CutPrefix(a, "--config=")
+		if !ok && a == "--config" && i+1 < len(args) {
+			cfg, ok = args[i+1], true
+		}
+		if !ok || !filepath.IsAbs(cfg) {
+			continue // the demo gives gateways absolute paths
+		}
+		if real, err := filepath.EvalSymlinks(cfg); err == nil {
+			if rel, err := filepath.Rel(root, real); err == nil && filepath.IsLocal(rel) {
+				return ""
+			}
+		}
+	}
+	return notOurs
+}
+
+// stopProcesses stops the demo's gateways, which are no longer our
+// children: SIGTERM, up to 10 s to exit, then SIGKILL.
+func stopProcesses(procs []*os.Process) {
+	for _, p := range procs {
+		p.Signal(syscall.SIGTERM)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for _, p := range procs {
+		for time.Now().Before(deadline) && p.Signal(syscall.Signal(0)) == nil {
+			time.Sleep(50 * time.Millisecond)
+		}
+		p.Kill()
+		p.Release()
+	}
 }
