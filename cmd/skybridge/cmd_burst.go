@@ -21,8 +21,9 @@ func burstCommand() *cli.Command {
 		Usage: "open and close ephemeral cloud sites whose gateways enrol with one-time join tokens",
 		Subcommands: []*cli.Command{
 			{
-				Name:  "up",
-				Usage: "open a burst site on a gateway holding the mesh CA and print one join token per gateway it will run",
+				Name:      "up",
+				Usage:     "open a burst site on a gateway holding the mesh CA and print one join token per gateway it will run",
+				ArgsUsage: "[CIDR...]",
 				UsageText: "skybridge burst up (--socket PATH | --config FILE) --site NAME --provider P --region R --jurisdiction CC \\\n" +
 					"    --ttl 2h --routes CIDR [CIDR ...] [--gateways N] [--token-ttl 30m] [--label KEY=VALUE ...] [--json]\n\n" +
 					"Start each burst gateway with `skybridge gateway run --config FILE --join-token-file TOKEN_FILE` (its\n" +

@@ -23,6 +23,7 @@ func completionCommand() *cli.Command {
 	return &cli.Command{
 		Name:      "completion",
 		Usage:     "print a shell completion script",
+		ArgsUsage: "SHELL",
 		UsageText: "source <(skybridge completion bash)",
 		Action: func(c *cli.Context) error {
 			switch sh := c.Args().First(); sh {

@@ -22,8 +22,9 @@ func migrateCommand() *cli.Command {
 		Usage: "move VM images (raw, qcow2) to another site across the mesh: verified, resumable, only where the policy allows",
 		Subcommands: []*cli.Command{
 			{
-				Name:  "run",
-				Usage: "migrate an image to a site (or the least loaded permitted gateway of a region or jurisdiction)",
+				Name:      "run",
+				Usage:     "migrate an image to a site (or the least loaded permitted gateway of a region or jurisdiction)",
+				ArgsUsage: "IMAGE",
 				UsageText: "skybridge migrate run IMAGE --to SITE|REGION|JURISDICTION --class CLASS [--name NAME] [--format raw|qcow2]\n" +
 					"    [--streams N] [--bwlimit 200MB/s] [--json] (--config gateway.hcl | --socket PATH)",
 				Flags: append(append([]cli.Flag(nil), socketFlags...),
@@ -41,6 +42,7 @@ func migrateCommand() *cli.Command {
 			{
 				Name:      "resume",
 				Usage:     "continue an interrupted migration: only chunks not yet durable at the destination are sent",
+				ArgsUsage: "ID",
 				UsageText: "skybridge migrate resume ID [--json] (--config | --socket)",
 				Flags:     append(append([]cli.Flag(nil), socketFlags...), jsonFlag),
 				Action:    migrateResume,
@@ -54,6 +56,7 @@ func migrateCommand() *cli.Command {
 			{
 				Name:      "status",
 				Usage:     "show one migration",
+				ArgsUsage: "ID",
 				UsageText: "skybridge migrate status ID [--json] (--config | --socket)",
 				Flags:     append(append([]cli.Flag(nil), socketFlags...), jsonFlag),
 				Action:    migrateStatus,
@@ -61,6 +64,7 @@ func migrateCommand() *cli.Command {
 			{
 				Name:      "cancel",
 				Usage:     "stop a running migration (resume it later)",
+				ArgsUsage: "ID",
 				UsageText: "skybridge migrate cancel ID (--config | --socket)",
 				Flags:     socketFlags,
 				Action: func(c *cli.Context) error {
@@ -88,6 +92,7 @@ func migrateCommand() *cli.Command {
 			{
 				Name:      "verify",
 				Usage:     "re-read an image this gateway stores and check it against the root hash recorded on arrival",
+				ArgsUsage: "NAME",
 				UsageText: "skybridge migrate verify NAME [--json] (--config | --socket)",
 				Flags:     append(append([]cli.Flag(nil), socketFlags...), jsonFlag),
 				Action:    migrateVerify,

@@ -138,8 +138,9 @@ func roundDuration(d time.Duration) string {
 
 func migrateApplyCommand() *cli.Command {
 	return &cli.Command{
-		Name:  "apply",
-		Usage: "carry out a plan from `skybridge plan --out`: N migrations at a time, resumable as a whole",
+		Name:      "apply",
+		Usage:     "carry out a plan from `skybridge plan --out`: N migrations at a time, resumable as a whole",
+		ArgsUsage: "PLAN",
 		UsageText: "skybridge migrate apply PLAN [--parallel 4] [--streams N] [--bwlimit 200MB/s] [--json] (--config | --socket)\n\n" +
 			"Progress is kept in PLAN.state: run the same command again after an interruption and it skips what is\n" +
 			"done, resumes what was interrupted (only missing chunks are sent) and starts the rest.",

@@ -57,8 +57,9 @@ func policyCommand() *cli.Command {
 			},
 			{
 				Name:      "test",
-				Usage:     "run a policy test file (cases of input and expected decision), like opa test",
-				UsageText: "skybridge policy test FILE [--policy FILE] [--json]",
+				Usage:     "run policy test files (cases of input and expected decision), like opa test; exit 1 if any case fails",
+				ArgsUsage: "FILE...",
+				UsageText: "skybridge policy test FILE [FILE...] [--policy FILE] [--json]",
 				Flags: []cli.Flag{
 					&cli.StringFlag{Name: "policy", Usage: "test this policy instead of the one the test file names"},
 					jsonFlag,
@@ -271,33 +272,46 @@ func policyExplain(c *cli.Context) error {
 }
 
 func policyTest(c *cli.Context) error {
-	file := c.Args().First()
-	if file == "" {
-		return cli.Exit("policy test needs the test file: skybridge policy test FILE", exitError)
+	files := c.Args().Slice()
+	if len(files) == 0 {
+		return cli.Exit("policy test needs the test file: skybridge policy test FILE [FILE...]", exitError)
 	}
-	tf, err := policy.LoadTestFile(file, time.Now())
-	if err != nil {
-		return policyErr(err)
+	// Every file is read, and its policy compiled, before any runs: one
+	// that cannot be is an error (exit 2) whatever the others say.
+	type suite struct {
+		tf *policy.TestFile
+		p  *policy.Policy
 	}
-	if c.String("policy") != "" {
-		tf.Policy = c.String("policy")
-	}
-	p, _, err := policy.Load(tf.Policy)
-	if err != nil {
-		return policyErr(err)
-	}
-	res := policy.RunTests(p, tf.Inventory, tf.Cases)
-	failed := 0
-	for _, r := range res {
-		if !r.Pass {
-			failed++
-		}
-	}
-	if c.Bool("json") {
-		if err := printJSON(c.App.Writer, res); err != nil {
+	suites := make([]suite, 0, len(files))
+	for _, file := range files {
+		tf, err := policy.LoadTestFile(file, time.Now())
+		if err != nil {
 			return policyErr(err)
 		}
-	} else {
+		if c.String("policy") != "" {
+			tf.Policy = c.String("policy")
+		}
+		p, _, err := policy.Load(tf.Policy)
+		if err != nil {
+			return policyErr(fmt.Errorf("%s: %w", file, err))
+		}
+		suites = append(suites, suite{tf, p})
+	}
+	var all []policy.TestResult
+	failed := 0
+	for _, s := range suites {
+		res := policy.RunTests(s.p, s.tf.Inventory, s.tf.Cases)
+		all = append(all, res...)
+		fileFailed := 0
+		for _, r := range res {
+			if !r.Pass {
+				fileFailed++
+			}
+		}
+		failed += fileFailed
+		if c.Bool("json") {
+			continue
+		}
 		for _, r := range res {
 			status := "PASS"
 			if !r.Pass {
@@ -308,7 +322,18 @@ func policyTest(c *cli.Context) error {
 				fmt.Fprintf(c.App.Writer, "        %s\n", pr)
 			}
 		}
-		fmt.Fprintf(c.App.Writer, "\n%d passed, %d failed (%s against %s)\n", len(res)-failed, failed, tf.Path, p.Revision())
+		fmt.Fprintf(c.App.Writer, "\n%d passed, %d failed (%s against %s)\n", len(res)-fileFailed, fileFailed, s.tf.Path, s.p.Revision())
+	}
+	if c.Bool("json") {
+		// One list of every file's cases; each names its file.
+		if all == nil {
+			all = []policy.TestResult{}
+		}
+		if err := printJSON(c.App.Writer, all); err != nil {
+			return policyErr(err)
+		}
+	} else if len(suites) > 1 {
+		fmt.Fprintf(c.App.Writer, "\nin all: %d passed, %d failed in %d files\n", len(all)-failed, failed, len(suites))
 	}
 	if failed > 0 {
 		return cli.Exit("", exitDeny)

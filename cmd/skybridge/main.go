@@ -117,7 +117,44 @@ func noteRequired(cmds []*cli.Command, parent string, required map[cli.Flag]bool
 				return nil
 			}
 		}
+		if c.Action != nil {
+			checkArgs(c, name)
+		}
 		noteRequired(c.Subcommands, name, required)
+	}
+}
+
+// checkArgs refuses more positional arguments than the command declares
+// in its ArgsUsage: a word no command reads, such as a second test file,
+// would otherwise be dropped without a word, and a CI gate pass on the
+// first file alone. ArgsUsage names one word per argument; a word ending
+// in "..." takes any number. Each command checks for missing arguments
+// itself, with its own hint.
+func checkArgs(c *cli.Command, name string) {
+	words := strings.Fields(c.ArgsUsage)
+	most := len(words)
+	for _, w := range words {
+		if strings.Contains(w, "...") {
+			return
+		}
+	}
+	before := c.Before
+	c.Before = func(ctx *cli.Context) error {
+		if args := ctx.Args().Slice(); len(args) > most {
+			extra := fmt.Sprintf("%q", args[most:])
+			extra = "argument " + extra[1:len(extra)-1]
+			if len(args)-most > 1 {
+				extra = "arguments " + extra[len("argument "):]
+			}
+			if most == 0 {
+				return usageError("unexpected %s: %s takes none (see %s --help)", extra, name, name)
+			}
+			return usageError("unexpected %s: %s takes only %s (see %s --help)", extra, name, c.ArgsUsage, name)
+		}
+		if before != nil {
+			return before(ctx)
+		}
+		return nil
 	}
 }
 

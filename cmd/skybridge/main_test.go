@@ -14,6 +14,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/urfave/cli/v2"
+
 	"github.com/skybridge-mesh/skybridge/certs"
 	"github.com/skybridge-mesh/skybridge/internal/audit"
 )
@@ -479,5 +481,37 @@ func TestDemoDown(t *testing.T) {
 	}
 	if _, err := os.Stat(demoDir); !os.IsNotExist(err) {
 		t.Errorf("the demo directory is still there: %v", err)
+	}
+}
+
+// TestUnexpectedArguments: every command refuses more positional
+// arguments than it takes (exit 2, naming them), before anything else.
+func TestUnexpectedArguments(t *testing.T) {
+	var walk func(path []string, cmds []*cli.Command)
+	walk = func(path []string, cmds []*cli.Command) {
+		for _, c := range cmds {
+			p := append(append([]string(nil), path...), c.Name)
+			walk(p, c.Subcommands)
+			if c.Action == nil || strings.Contains(c.ArgsUsage, "...") {
+				continue
+			}
+			args := append(p, strings.Fields(c.ArgsUsage+" one-too-many")...)
+			out, errs, code := runCLI(t, args...)
+			if code != 2 || out != "" || !strings.Contains(errs, `unexpected argument "one-too-many"`) {
+				t.Errorf("%v: exit %d, stdout %q, stderr %q; want exit 2 and the extra argument named", args, code, out, errs)
+			}
+		}
+	}
+	walk(nil, newApp(nil, nil).Commands)
+
+	// As the audit found them.
+	for _, args := range [][]string{
+		{"migrate", "run", "a.raw", "b.raw", "--to", "x", "--class", "y"},
+		{"status", "extra"},
+		{"ca", "list", "--ca", t.TempDir(), "oops"},
+	} {
+		if _, errs, code := runCLI(t, args...); code != 2 || !strings.Contains(errs, "unexpected argument") {
+			t.Errorf("%v: exit %d, %q", args, code, errs)
+		}
 	}
 }

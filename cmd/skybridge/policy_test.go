@@ -108,6 +108,22 @@ test "wishful" {
 	if code != 1 || !strings.Contains(out, "FAIL  wishful") || !strings.Contains(out, "expected allow, got deny") {
 		t.Fatalf("failing test: exit %d\n%s", code, out)
 	}
+	// Every file given is run, and one failing fails the command, first
+	// or last; one that cannot be read is an error, not a pass.
+	for _, files := range [][]string{{exampleTests, bad}, {bad, exampleTests}} {
+		out, _, code := runCLI(t, append([]string{"policy", "test"}, files...)...)
+		if code != 1 || !strings.Contains(out, "17 passed, 0 failed") || !strings.Contains(out, "FAIL  wishful") || !strings.Contains(out, "in all: 17 passed, 1 failed in 2 files") {
+			t.Errorf("policy test %v: exit %d\n%s", files, code, out)
+		}
+		var res []struct{ Pass bool }
+		out, _, code = runCLI(t, append([]string{"policy", "test", "--json"}, files...)...)
+		if err := json.Unmarshal([]byte(out), &res); err != nil || code != 1 || len(res) != 18 {
+			t.Errorf("policy test --json %v: exit %d, %d results, %v", files, code, len(res), err)
+		}
+	}
+	if _, errs, code := runCLI(t, "policy", "test", exampleTests, filepath.Join(dir, "nope.hcl")); code != 2 || !strings.Contains(errs, "nope.hcl") {
+		t.Errorf("policy test with a missing second file: exit %d, %q", code, errs)
+	}
 
 	out = mustRun(t, "policy", "lint", "--policy", examplePolicy, "--inventory", exampleInventory, "--at", beforeExpiry)
 	if !strings.Contains(out, "no findings") {
