@@ -20,18 +20,34 @@ import (
 )
 
 // socketFlags locate a running gateway's control socket: directly, or
-// through its configuration file.
+// through its configuration file. Their variables are read by
+// controlClient, not by the flags, so that a flag on the command line
+// beats a variable left in the environment.
 var socketFlags = []cli.Flag{
-	&cli.StringFlag{Name: "socket", Usage: "control socket of the gateway", EnvVars: []string{"SKYBRIDGE_SOCKET"}},
-	&cli.StringFlag{Name: "config", Usage: "gateway configuration (its control socket is used)", EnvVars: []string{"SKYBRIDGE_CONFIG"}},
+	&cli.StringFlag{Name: "socket", Usage: "control socket of the gateway (default: $SKYBRIDGE_SOCKET)"},
+	&cli.StringFlag{Name: "config", Usage: "gateway configuration, whose control socket is used (default: $SKYBRIDGE_CONFIG)"},
 }
 
+// controlClient connects to the gateway the command line names, else the
+// one the environment names. Two answers to "which gateway?" are a
+// mistake, not a choice to make for the operator: a command sent to the
+// wrong gateway (a burst, a key rotation) is not undone.
 func controlClient(c *cli.Context) (*mesh.Client, error) {
-	if s := c.String("socket"); s != "" {
-		return mesh.NewClient(s), nil
+	socket, config := c.String("socket"), c.String("config")
+	if socket != "" && config != "" {
+		return nil, usageError("give --socket or --config, not both: they may name different gateways")
 	}
-	if f := c.String("config"); f != "" {
-		s, err := mesh.LoadConfig(f)
+	if socket == "" && config == "" {
+		socket, config = os.Getenv("SKYBRIDGE_SOCKET"), os.Getenv("SKYBRIDGE_CONFIG")
+		if socket != "" && config != "" {
+			return nil, usageError("SKYBRIDGE_SOCKET and SKYBRIDGE_CONFIG are both set: unset one, or say which gateway with --socket or --config")
+		}
+	}
+	if socket != "" {
+		return mesh.NewClient(socket), nil
+	}
+	if config != "" {
+		s, err := mesh.LoadConfig(config)
 		if err != nil {
 			return nil, err
 		}

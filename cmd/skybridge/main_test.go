@@ -515,3 +515,39 @@ func TestUnexpectedArguments(t *testing.T) {
 		}
 	}
 }
+
+// TestGatewaySelection: a flag on the command line beats the environment,
+// and two answers to "which gateway?" are a usage error.
+func TestGatewaySelection(t *testing.T) {
+	dir := t.TempDir()
+	cfg := filepath.Join(dir, "gw.hcl")
+	os.WriteFile(cfg, []byte("state_dir = \""+dir+"\"\ngossip { bind = \"127.0.0.1:7946\" }\nwireguard { interface = \"sbx\" }\n"), 0o644)
+	cfgSock := filepath.Join(dir, "control.sock")
+	flagSock := filepath.Join(dir, "flag.sock")
+	envSock := filepath.Join(dir, "env.sock")
+	t.Setenv("SKYBRIDGE_SOCKET", envSock)
+	tests := []struct {
+		name string
+		env  string // SKYBRIDGE_CONFIG
+		args []string
+		code int
+		want string
+	}{
+		{"environment", "", []string{"status"}, 1, "cannot reach the gateway at " + envSock},
+		{"--config beats SKYBRIDGE_SOCKET", "", []string{"status", "--config", cfg}, 1, "cannot reach the gateway at " + cfgSock},
+		{"--socket beats SKYBRIDGE_CONFIG", cfg, []string{"status", "--socket", flagSock}, 1, "cannot reach the gateway at " + flagSock},
+		{"both variables", cfg, []string{"status"}, 2, "SKYBRIDGE_SOCKET and SKYBRIDGE_CONFIG are both set"},
+		{"both flags", "", []string{"status", "--socket", flagSock, "--config", cfg}, 2, "give --socket or --config, not both"},
+		{"both flags, burst down", "", []string{"burst", "down", "--site", "b", "--socket", flagSock, "--config", cfg}, 2, "not both"},
+		{"both flags, keys rotate-gossip", "", []string{"keys", "rotate-gossip", "--socket", flagSock, "--config", cfg}, 2, "not both"},
+		{"both flags, migrate cancel", "", []string{"migrate", "cancel", "x", "--socket", flagSock, "--config", cfg}, 2, "not both"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Setenv("SKYBRIDGE_CONFIG", tt.env)
+			if _, errs, code := runCLI(t, tt.args...); code != tt.code || !strings.Contains(errs, tt.want) {
+				t.Errorf("exit %d (want %d), stderr %q, want %q", code, tt.code, errs, tt.want)
+			}
+		})
+	}
+}
