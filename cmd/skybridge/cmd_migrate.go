@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"io"
+	"math"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -300,23 +301,31 @@ func parseRate(s string) (int64, error) {
 	}
 	t = strings.TrimSuffix(t, "B")
 	mult := 1.0
-	units := []struct {
+	prefixes := []struct {
 		suf string
 		m   float64
 	}{{"Ki", 1 << 10}, {"Mi", 1 << 20}, {"Gi", 1 << 30}, {"K", 1e3}, {"k", 1e3}, {"M", 1e6}, {"G", 1e9}}
-	for _, u := range units {
+	for _, u := range prefixes {
 		if strings.HasSuffix(t, u.suf) {
 			t, mult = strings.TrimSuffix(t, u.suf), u.m
 			break
 		}
 	}
 	v, err := strconv.ParseFloat(strings.TrimSpace(t), 64)
-	if err != nil || v <= 0 {
-		return 0, fmt.Errorf("%q is not a rate such as 200MB/s, 1GiB/s or 800Mbit/s", s)
+	// The gateway takes a limit of 0 (or less) for none: NaN, a rate
+	// under a byte a second, or one past int64, would quietly become that.
+	if err != nil || math.IsNaN(v) || math.IsInf(v, 0) || v <= 0 {
+		return 0, fmt.Errorf("%q is not a positive rate such as 200MB/s, 1GiB/s or 800Mbit/s", s)
 	}
 	r := v * mult
 	if bits {
 		r /= 8
+	}
+	switch {
+	case r < 1:
+		return 0, fmt.Errorf("%q is not a positive rate: it is under 1 byte/s; give at least 1B/s, or no --bwlimit for none", s)
+	case r >= math.MaxInt64:
+		return 0, fmt.Errorf("%q is not a positive rate a limiter can hold (at most %s/s); give none for no limit", s, units.Bytes(math.MaxInt64))
 	}
 	return int64(r), nil
 }

@@ -551,3 +551,33 @@ func TestGatewaySelection(t *testing.T) {
 		})
 	}
 }
+
+// TestBandwidthLimit: a --bwlimit is a positive rate the gateway can pace
+// at; anything it would take for "no limit" is refused (exit 2).
+func TestBandwidthLimit(t *testing.T) {
+	for _, tt := range []struct {
+		in   string
+		want int64 // 0: refused
+	}{
+		{"200MB/s", 200e6}, {"1GiB/s", 1 << 30}, {"800Mbit/s", 100e6}, {"8bit/s", 1}, {"1B/s", 1}, {"1.5KB/s", 1500},
+		{"NaN", 0}, {"Inf", 0}, {"-Inf", 0}, {"infinity", 0}, {"1e30", 0}, {"1e19", 0}, {"0", 0}, {"-5MB/s", 0},
+		{"0.5", 0}, {"7bit/s", 0}, {"fast", 0}, {"", 0},
+	} {
+		got, err := parseRate(tt.in)
+		if got != tt.want || (tt.want == 0) != (err != nil) {
+			t.Errorf("parseRate(%q) = %d, %v; want %d", tt.in, got, err, tt.want)
+		}
+		if err != nil && !strings.Contains(err.Error(), "not a positive rate") {
+			t.Errorf("parseRate(%q): %v; want it to say it is not a positive rate", tt.in, err)
+		}
+	}
+	sock := filepath.Join(t.TempDir(), "none.sock")
+	for _, args := range [][]string{
+		{"migrate", "run", "vm.raw", "--to", "x", "--class", "y", "--socket", sock, "--bwlimit", "NaN"},
+		{"migrate", "apply", "plan.json", "--socket", sock, "--bwlimit", "7bit/s"},
+	} {
+		if _, errs, code := runCLI(t, args...); code != 2 || !strings.Contains(errs, "--bwlimit") || !strings.Contains(errs, "not a positive rate") {
+			t.Errorf("%v: exit %d, %q", args, code, errs)
+		}
+	}
+}
