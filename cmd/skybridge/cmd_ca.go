@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"crypto/x509"
 	"fmt"
 	"math/big"
@@ -145,8 +146,8 @@ func caIssue(c *cli.Context) error {
 	if same, _ := sameDir(out, ca.Dir()); same {
 		return usageError("--out is the CA directory: the gateway's key would sit beside the CA key; name a directory of its own")
 	}
-	if _, err := ca.Secrets().GossipKeyring(c.Context); err != nil {
-		return fmt.Errorf("the CA directory %s has no usable gossip keyring, which every new gateway needs (restore gossip.keyring from a backup, or copy it from a gateway's identity directory): %w", ca.Dir(), err)
+	if err := checkCAKeyring(c.Context, ca); err != nil {
+		return err
 	}
 
 	var (
@@ -430,4 +431,13 @@ func routesString(rs []netip.Prefix) string {
 		s[i] = r.String()
 	}
 	return strings.Join(s, ", ")
+}
+
+// checkCAKeyring makes sure the CA directory holds the gossip keyring it
+// hands to every new gateway.
+func checkCAKeyring(ctx context.Context, ca *certs.CA) error {
+	if _, err := ca.Secrets().GossipKeyring(ctx); err != nil {
+		return fmt.Errorf("the CA directory %s has no usable gossip keyring, which every new gateway needs (restore gossip.keyring from a backup, or copy it from a gateway's identity directory): %w", ca.Dir(), err)
+	}
+	return nil
 }

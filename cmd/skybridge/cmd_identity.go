@@ -14,6 +14,7 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/skybridge-mesh/skybridge/certs"
+	"github.com/skybridge-mesh/skybridge/mesh"
 )
 
 func identityCommand() *cli.Command {
@@ -46,7 +47,7 @@ func identityCommand() *cli.Command {
 				Usage:     "obtain or renew this gateway's identity as its configuration says (Vault PKI, or a local CA with ca_dir)",
 				UsageText: "skybridge identity request --config gateway.hcl [--json]",
 				Flags: []cli.Flag{
-					&cli.StringFlag{Name: "config", Usage: "gateway configuration with node and identity blocks", Required: true},
+					&cli.StringFlag{Name: "config", Usage: "the gateway's configuration (its node block says what to request)", Required: true},
 					jsonFlag,
 				},
 				Action: identityRequest,
@@ -192,21 +193,41 @@ func identityCSR(c *cli.Context) error {
 }
 
 func identityRequest(c *cli.Context) error {
-	f, err := certs.LoadFile(c.String("config"))
+	// Read as `gateway run` reads it, with the same defaults (an identity
+	// in state_dir/identity, the file back end): what it asks for is the
+	// identity that gateway will look for.
+	s, err := mesh.LoadConfig(c.String("config"))
 	if err != nil {
 		return err
 	}
-	if f.Node == nil {
+	if s.Node.Name == "" {
 		return fmt.Errorf("%s has no node block: it says which attributes to request", c.String("config"))
 	}
-	p, err := certs.Open(c.Context, f.Identity, nil)
+	p, err := certs.Open(c.Context, s.Identity, nil)
 	if err != nil {
 		return err
 	}
 	defer p.Close()
-	attrs, err := f.Node.Attributes(p.MeshPrefix())
+	attrs, err := s.Node.Attributes(p.MeshPrefix())
 	if err != nil {
 		return err
+	}
+	// With an issuer, the gossip keyring comes first: a certificate issued
+	// into a directory the gateway then cannot start from is one more in
+	// the CA's index, and the way out (ca issue) would issue another. A
+	// local CA hands over its copy, as `ca issue` does.
+	if ca, ok := p.Issuer().(*certs.CA); ok {
+		if err := checkCAKeyring(c.Context, ca); err != nil {
+			return err
+		}
+		if err := ca.CopyGossipKeyring(c.Context, s.Identity.Dir); err != nil {
+			return fmt.Errorf("copy the mesh's gossip keyring from %s into %s: %w", ca.Dir(), s.Identity.Dir, err)
+		}
+	}
+	if p.Issuer() != nil {
+		if _, err := p.Secrets().GossipKeyring(c.Context); err != nil {
+			return err
+		}
 	}
 	id, tb, err := p.Identity(c.Context, attrs)
 	if err != nil {
@@ -219,7 +240,7 @@ func identityRequest(c *cli.Context) error {
 	if _, err := p.Secrets().GossipKeyring(c.Context); err != nil {
 		return err
 	}
-	info := describeIdentity(c.Context, f.Identity.Dir, id, tb)
+	info := describeIdentity(c.Context, s.Identity.Dir, id, tb)
 	if c.Bool("json") {
 		return printJSON(c.App.Writer, info)
 	}

@@ -581,3 +581,80 @@ func TestBandwidthLimit(t *testing.T) {
 		}
 	}
 }
+
+// gatewayConfig writes a gateway configuration for node gw1 whose state is
+// in dir/state, with the given identity block (none if empty).
+func gatewayConfig(t *testing.T, dir, identity string) string {
+	t.Helper()
+	cfg := filepath.Join(dir, "gw.hcl")
+	src := `state_dir = "` + filepath.Join(dir, "state") + `"
+node {
+  name         = "gw1"
+  site         = "onprem-zrh"
+  region       = "zrh-dc1"
+  provider     = "onprem"
+  jurisdiction = "CH"
+  overlay_ip   = "100.96.0.1"
+}
+gossip { bind = "127.0.0.1:7946" }
+wireguard { interface = "sbx" }
+` + identity
+	if err := os.WriteFile(cfg, []byte(src), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return cfg
+}
+
+// TestIdentityRequest: identity request reads a configuration as gateway
+// run does, and issues nothing it cannot deliver whole.
+func TestIdentityRequest(t *testing.T) {
+	certsIn := func(ca string) int {
+		var list []map[string]any
+		json.Unmarshal([]byte(mustRun(t, "ca", "list", "--ca", ca, "--json")), &list)
+		return len(list)
+	}
+	tests := []struct {
+		name     string
+		identity string // the identity block; CA stands for the CA directory
+		bare     bool   // the CA has lost its gossip keyring
+		issue    bool   // the identity was issued offline into state/identity
+		code     int
+		want     string // in stderr
+		issued   int    // certificates in the CA's index afterwards
+	}{
+		{"no identity block: state_dir/identity", "", false, true, 0, "", 1},
+		{"ca_dir without dir", "identity {\n  ca_dir = \"CA\"\n}\n", false, false, 0, "", 1},
+		{"ca_dir on a fresh dir", "identity {\n  dir = \"ID\"\n  ca_dir = \"CA\"\n}\n", false, false, 0, "", 1},
+		{"a CA without its keyring", "identity {\n  ca_dir = \"CA\"\n}\n", true, false, 1, "no usable gossip keyring", 0},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			dir := t.TempDir()
+			ca := filepath.Join(dir, "ca")
+			mustRun(t, "ca", "init", "--dir", ca)
+			if tt.bare {
+				os.Remove(filepath.Join(ca, "gossip.keyring"))
+			}
+			idDir := filepath.Join(dir, "state", "identity")
+			if tt.issue {
+				mustRun(t, issueArgs(ca, idDir, "gw1", "100.96.0.1")...)
+			}
+			if strings.Contains(tt.identity, "ID") {
+				idDir = filepath.Join(dir, "id")
+			}
+			block := strings.NewReplacer(`"CA"`, `"`+ca+`"`, `"ID"`, `"`+idDir+`"`).Replace(tt.identity)
+			_, errs, code := runCLI(t, "identity", "request", "--config", gatewayConfig(t, dir, block))
+			if code != tt.code || !strings.Contains(errs, tt.want) {
+				t.Fatalf("exit %d (want %d), stderr:\n%s\nwant %q", code, tt.code, errs, tt.want)
+			}
+			if n := certsIn(ca); n != tt.issued {
+				t.Errorf("the CA issued %d certificates, want %d", n, tt.issued)
+			}
+			if code == 0 {
+				if _, err := os.Stat(filepath.Join(idDir, "gossip.keyring")); err != nil {
+					t.Errorf("no gossip keyring beside the identity: %v", err)
+				}
+			}
+		})
+	}
+}
