@@ -4,7 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
+	"net/netip"
 	"os"
 	"os/signal"
 	"slices"
@@ -97,11 +99,9 @@ func gatewayRun(c *cli.Context) error {
 		if token != "" {
 			return usageError("give the join token once: --join-token-file or --join-token")
 		}
-		b, err := certs.ReadPrivateFile(f) // the token is a secret: single use, but until then anyone's
-		if err != nil {
-			return fmt.Errorf("join token: %w", err)
+		if token, err = readJoinToken(f); err != nil {
+			return err
 		}
-		token = strings.TrimSpace(string(b))
 	}
 	if token != "" {
 		if _, err := mesh.Join(ctx, s, token, slog.Default()); err != nil {
@@ -109,6 +109,14 @@ func gatewayRun(c *cli.Context) error {
 		}
 	}
 	g, err := mesh.New(ctx, s, slog.Default())
+	// Only once it failed: an enrollment kept in the state directory (a
+	// burst gateway restarted) decides what the gateway has, or that its
+	// burst is over.
+	if err != nil && token == "" && errors.Is(err, fs.ErrNotExist) {
+		if why := noIdentity(s, ", set identity.ca_dir (or a Vault back end) so the gateway obtains its own, or enrol it into a burst site with --join-token-file TOKEN_FILE (from `skybridge burst up`)"); why != nil {
+			err = why
+		}
+	}
 	if err == nil {
 		err = g.Run(ctx)
 	}
@@ -120,6 +128,42 @@ func gatewayRun(c *cli.Context) error {
 		return nil
 	}
 	return err
+}
+
+// readJoinToken reads the join token in file, a secret: single use, but
+// until then anyone's who can read it.
+func readJoinToken(file string) (string, error) {
+	if fi, err := os.Stat(file); err == nil && fi.IsDir() {
+		return "", usageError("--join-token-file %s is a directory: name the file holding the token `skybridge burst up` printed", file)
+	}
+	b, err := certs.ReadPrivateFile(file)
+	if err != nil {
+		return "", fmt.Errorf("join token: %w", err)
+	}
+	token := strings.TrimSpace(string(b))
+	if token == "" {
+		return "", fmt.Errorf("join token file %s is empty: put in it the token `skybridge burst up` printed", file)
+	}
+	return token, nil
+}
+
+// noIdentity says how to give an identity to a gateway whose identity
+// directory holds none and which has no issuer to obtain one from (a file
+// back end without ca_dir), rather than the missing ca.crt the back end
+// would report; nil if it has one, or an issuer. more is the other ways.
+func noIdentity(s *mesh.Settings, more string) error {
+	if s.Identity.Backend == certs.BackendVault || s.Identity.CADir != "" {
+		return nil
+	}
+	if _, err := certs.LoadTrustBundle(s.Identity.Dir, netip.Prefix{}); !errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	node := s.Node.Name
+	if node == "" {
+		node = "NAME"
+	}
+	dir := s.Identity.Dir
+	return fmt.Errorf("this gateway has no identity yet (nothing in %s): issue one into it with `skybridge ca issue --ca CA_DIR --node %s ... --out %s`%s", dir, node, dir, more)
 }
 
 func statusCommand() *cli.Command {

@@ -208,6 +208,11 @@ func identityRequest(c *cli.Context) error {
 		return err
 	}
 	defer p.Close()
+	if p.Issuer() == nil {
+		if err := noIdentity(s, "; identity request has no issuer to ask here: that takes identity.ca_dir or a Vault back end"); err != nil {
+			return err
+		}
+	}
 	attrs, err := s.Node.Attributes(p.MeshPrefix())
 	if err != nil {
 		return err

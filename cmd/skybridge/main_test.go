@@ -658,3 +658,38 @@ func TestIdentityRequest(t *testing.T) {
 		})
 	}
 }
+
+// TestGatewayWithoutIdentity: a gateway with nothing to start from says
+// how to give it an identity; a join token file must hold a token.
+func TestGatewayWithoutIdentity(t *testing.T) {
+	dir := t.TempDir()
+	cfg := gatewayConfig(t, dir, "")
+	empty := filepath.Join(dir, "empty-token")
+	os.WriteFile(empty, nil, 0o600)
+	tests := []struct {
+		name string
+		args []string
+		code int
+		want []string
+	}{
+		{"gateway run", []string{"gateway", "run", "--config", cfg}, 1,
+			[]string{"no identity yet", "skybridge ca issue --ca CA_DIR --node gw1", "--out " + filepath.Join(dir, "state", "identity"), "identity.ca_dir", "--join-token-file"}},
+		{"identity request", []string{"identity", "request", "--config", cfg}, 1,
+			[]string{"no identity yet", "skybridge ca issue --ca CA_DIR --node gw1", "no issuer to ask"}},
+		{"an empty join token file", []string{"gateway", "run", "--config", cfg, "--join-token-file", empty}, 1, []string{"join token file " + empty + " is empty"}},
+		{"a directory for a join token file", []string{"gateway", "run", "--config", cfg, "--join-token-file", dir}, 2, []string{"--join-token-file " + dir + " is a directory"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, errs, code := runCLI(t, tt.args...)
+			if code != tt.code {
+				t.Errorf("exit %d, want %d: %s", code, tt.code, errs)
+			}
+			for _, w := range tt.want {
+				if !strings.Contains(errs, w) {
+					t.Errorf("stderr lacks %q:\n%s", w, errs)
+				}
+			}
+		})
+	}
+}
