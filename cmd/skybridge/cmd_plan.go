@@ -229,15 +229,19 @@ func migrateApply(c *cli.Context) error {
 	// A migration this plan started whose ID never reached the state file
 	// (the apply was killed at that moment) is found on the gateway by
 	// image, name and destination, so that it is not started twice: the
-	// newest, listed last.
+	// newest, listed last. This is also the first word with the gateway:
+	// one that cannot be reached is one error now, before the state file
+	// is written, not every VM failed in it.
+	l, err := cl.Migrations(ctx)
+	if err != nil {
+		return fmt.Errorf("nothing applied: %w", err)
+	}
 	started := map[string]string{} // VM name → migration ID
-	if l, err := cl.Migrations(ctx); err == nil {
-		for _, r := range l.Sending {
-			if !r.Started.Before(plan.Created) {
-				for _, pl := range plan.Placements {
-					if r.Name == pl.Name && r.To == pl.To && r.Image == pl.Image {
-						started[pl.Name] = r.ID
-					}
+	for _, r := range l.Sending {
+		if !r.Started.Before(plan.Created) {
+			for _, pl := range plan.Placements {
+				if r.Name == pl.Name && r.To == pl.To && r.Image == pl.Image {
+					started[pl.Name] = r.ID
 				}
 			}
 		}

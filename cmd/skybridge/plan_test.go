@@ -5,7 +5,9 @@ import (
 	"encoding/json"
 	"net"
 	"net/http"
+	"os"
 	"path/filepath"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -47,5 +49,25 @@ func TestWaitMigrationEndsWhenNothingRuns(t *testing.T) {
 	}
 	if n := polls.Load(); n < 3 {
 		t.Errorf("ended after %d polls, while the gateway still ran it", n)
+	}
+}
+
+// TestApplyWithoutGateway: a plan applied through a gateway that cannot be
+// reached fails once, saying so, and writes no state that would record
+// every VM as failed.
+func TestApplyWithoutGateway(t *testing.T) {
+	dir := t.TempDir()
+	plan := filepath.Join(dir, "plan.json")
+	b, _ := json.Marshal(migrate.Plan{Created: time.Now(), Placements: []migrate.Placement{
+		{VM: migrate.VM{Name: "vm1", Image: "/img/vm1.raw", Class: "pii-eu"}, To: "gw2", Site: "aws-eu-central-1"},
+		{VM: migrate.VM{Name: "vm2", Image: "/img/vm2.raw", Class: "pii-eu"}, To: "gw2", Site: "aws-eu-central-1"},
+	}})
+	os.WriteFile(plan, b, 0o644)
+	out, errs, code := runCLI(t, "migrate", "apply", plan, "--socket", filepath.Join(dir, "nope.sock"))
+	if code != 1 || !strings.Contains(errs, "cannot reach the gateway") || strings.Contains(errs, "run the same command again") || strings.Count(strings.TrimSpace(errs), "\n") != 0 {
+		t.Errorf("apply without a gateway: exit %d, stdout %q, stderr %q; want exit 1 and one line saying the gateway cannot be reached", code, out, errs)
+	}
+	if _, err := os.Stat(plan + ".state"); !os.IsNotExist(err) {
+		t.Errorf("apply without a gateway wrote %s.state: %v", plan, err)
 	}
 }
