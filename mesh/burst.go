@@ -49,7 +49,9 @@ const (
 	DefaultTokenTTL = 30 * time.Minute
 	MaxBurstTTL     = 7 * 24 * time.Hour
 	MinBurstTTL     = 30 * time.Second
-	maxBurstGWs     = 64
+	// MaxBurstGateways is the most gateways (join tokens) a burst site
+	// may run.
+	MaxBurstGateways = 64
 	// burstNameRoom leaves room in a 63-character node name for the
 	// "-gwNN" suffix of the burst's gateways.
 	burstNameRoom = 58
@@ -58,13 +60,26 @@ const (
 	endedKept = 7 * 24 * time.Hour
 )
 
+// Check validates what the request says by itself, as the gateway will
+// (which checks it again against the mesh's overlay range), so that
+// `skybridge burst up` refuses a mistake as one, before asking a gateway.
+func (r *BurstRequest) Check() error {
+	_, err := r.attributes(netip.Prefix{})
+	return err
+}
+
 // attributes validates the request and returns the attributes its
 // gateways will be certified with (node and overlay IP are placeholders:
-// each gateway gets its own at enrollment).
+// each gateway gets its own at enrollment). Without a mesh prefix
+// nothing is checked against it.
 func (r *BurstRequest) attributes(meshPrefix netip.Prefix) (certs.Attributes, error) {
+	overlay := meshPrefix.Addr().Next()
+	if !meshPrefix.IsValid() {
+		overlay = netip.IPv4Unspecified().Next()
+	}
 	a := certs.Attributes{
 		Node: "placeholder", Site: r.Site, Region: r.Region, Provider: r.Provider, Jurisdiction: r.Jurisdiction,
-		OverlayIP: meshPrefix.Addr().Next(), Labels: r.Labels,
+		OverlayIP: overlay, Labels: r.Labels,
 	}
 	var errs []error
 	routes, err := certs.ParseRoutes(r.Routes)
@@ -91,8 +106,8 @@ func (r *BurstRequest) attributes(meshPrefix netip.Prefix) (certs.Attributes, er
 	if r.TokenTTL < 0 || (r.TokenTTL > 0 && r.TokenTTL < time.Second) {
 		errs = append(errs, fmt.Errorf("--token-ttl %s: use a positive duration of at least 1s", r.TokenTTL))
 	}
-	if r.Gateways < 0 || r.Gateways > maxBurstGWs {
-		errs = append(errs, fmt.Errorf("--gateways %d: use 1 to %d", r.Gateways, maxBurstGWs))
+	if r.Gateways < 0 || r.Gateways > MaxBurstGateways {
+		errs = append(errs, fmt.Errorf("--gateways %d: use 1 to %d", r.Gateways, MaxBurstGateways))
 	}
 	return a, errors.Join(errs...)
 }

@@ -65,9 +65,10 @@ func burstCommand() *cli.Command {
 }
 
 func burstUp(c *cli.Context) error {
-	cl, err := controlClient(c)
-	if err != nil {
-		return err
+	// The gateway takes 0 for 1 (a request that does not say); here it
+	// was said.
+	if n := c.Int("gateways"); n < 1 || n > mesh.MaxBurstGateways {
+		return usageError("--gateways %d: use 1 to %d", n, mesh.MaxBurstGateways)
 	}
 	labels, err := certs.ParseLabels(c.StringSlice("label"))
 	if err != nil {
@@ -95,6 +96,13 @@ func burstUp(c *cli.Context) error {
 		// A Vault-backed gateway sets the burst up in Vault with the
 		// operator's token; the embedded CA ignores it.
 		VaultToken: os.Getenv("VAULT_TOKEN"),
+	}
+	if err := req.Check(); err != nil {
+		return usageError("%s", strings.ReplaceAll(err.Error(), "\n", "; "))
+	}
+	cl, err := controlClient(c)
+	if err != nil {
+		return err
 	}
 	ctx, cancel := context.WithTimeout(c.Context, 30*time.Second)
 	defer cancel()

@@ -379,6 +379,26 @@ func TestBurstUsage(t *testing.T) {
 	if _, errs, code := runCLI(t, append(base, "--label", "classes")...); code != 2 || !strings.Contains(errs, "classes") {
 		t.Errorf("burst up with a bad label: exit %d, %q", code, errs)
 	}
+	// What the gateway would refuse is refused here, as a usage error,
+	// without asking it.
+	for _, tt := range []struct {
+		extra []string
+		want  string
+	}{
+		{[]string{"--gateways", "0"}, "--gateways 0: use 1 to 64"},
+		{[]string{"--gateways", "-2"}, "--gateways -2: use 1 to 64"},
+		{[]string{"--gateways", "65"}, "--gateways 65: use 1 to 64"},
+		{[]string{"--ttl", "5s"}, "--ttl 5s is too short"},
+		{[]string{"--ttl", "1000h"}, "too long for a burst"},
+		{[]string{"--token-ttl", "-1s"}, "--token-ttl -1s"},
+		{[]string{"--jurisdiction", "XX"}, `jurisdiction "XX" is not an ISO 3166-1`},
+		{[]string{"--routes", "10.0.0.1/8"}, "did you mean 10.0.0.0/8"},
+		{[]string{"--site", "Bad_Name"}, `site "Bad_Name" is not valid`},
+	} {
+		if _, errs, code := runCLI(t, append(base, tt.extra...)...); code != 2 || !strings.Contains(errs, tt.want) || strings.Contains(errs, "cannot reach") {
+			t.Errorf("burst up %v: exit %d, %q; want exit 2 and %q", tt.extra, code, errs, tt.want)
+		}
+	}
 	if _, errs, code := runCLI(t, append(base, "10.10.0.0/24")...); code != 1 || !strings.Contains(errs, "cannot reach the gateway") {
 		t.Errorf("burst up without a gateway: exit %d, %q", code, errs)
 	}
