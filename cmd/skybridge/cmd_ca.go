@@ -140,11 +140,8 @@ func caIssue(c *cli.Context) error {
 	// What could fail after signing is checked before: a certificate
 	// issued and not delivered stays valid in the index and holds its
 	// overlay IP.
-	if fi, err := os.Stat(out); err == nil && !fi.IsDir() {
-		return usageError("--out %s is a file: name a directory for the identity", out)
-	}
-	if same, _ := sameDir(out, ca.Dir()); same {
-		return usageError("--out is the CA directory: the gateway's key would sit beside the CA key; name a directory of its own")
+	if err := checkOutKind(out, ca, outGateway); err != nil {
+		return err
 	}
 	if err := checkCAKeyring(c.Context, ca); err != nil {
 		return err
@@ -285,6 +282,42 @@ func checkOutDir(dir, node string) error {
 	return nil
 }
 
+// The kinds of key ca issue and ca issue-signer write.
+const (
+	outGateway = "gateway"
+	outSigner  = "policy signer"
+)
+
+// checkOutKind refuses an --out directory that is a file, or holds a key
+// of another kind than the one to be written there: the CA's (whoever can
+// read the one can then read both), a gateway's or a policy signer's. Each
+// key has a directory of its own, so that it goes to its holder alone.
+func checkOutKind(out string, ca *certs.CA, kind string) error {
+	fi, err := os.Stat(out)
+	if err == nil && !fi.IsDir() {
+		return usageError("--out %s is a file: name a directory for the %s", out, kind)
+	}
+	if err != nil {
+		return nil // a new directory
+	}
+	if same, _ := sameDir(out, ca.Dir()); same {
+		return usageError("--out is the CA directory: the %s's key would sit beside the CA key; name a directory of its own", kind)
+	}
+	holds := func(name string) bool {
+		_, err := os.Lstat(filepath.Join(out, name))
+		return err == nil
+	}
+	switch {
+	case holds("ca.key"):
+		return usageError("--out %s holds a CA key: the %s's key would sit beside it; name a directory of its own", out, kind)
+	case kind != outGateway && (holds("node.key") || holds("node.crt")):
+		return usageError("--out %s is a gateway's identity directory: the %s's key would be handed over with the gateway's; name a directory of its own", out, kind)
+	case kind != outSigner && (holds("signer.key") || holds("signer.crt")):
+		return usageError("--out %s is a policy signer's directory: the %s's key would be handed over with the signer's; name a directory of its own", out, kind)
+	}
+	return nil
+}
+
 func caIssueSigner(c *cli.Context) error {
 	// As for gateways: renewing a signer in place is fine, replacing
 	// another one's key would leave its holder unable to sign.
@@ -293,6 +326,9 @@ func caIssueSigner(c *cli.Context) error {
 	}
 	ca, err := certs.OpenCA(c.String("ca"))
 	if err != nil {
+		return err
+	}
+	if err := checkOutKind(c.String("out"), ca, outSigner); err != nil {
 		return err
 	}
 	s, err := ca.NewPolicySigner(c.String("name"), c.Duration("ttl"), time.Now())

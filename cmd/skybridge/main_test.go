@@ -275,6 +275,32 @@ func TestCABadInput(t *testing.T) {
 		}
 	}
 
+	// Each kind of key in a directory of its own: a policy signer's is
+	// not written beside the CA key or into a gateway's identity, nor a
+	// gateway's into a signer's directory.
+	signer := filepath.Join(dir, "signer")
+	mustRun(t, "ca", "issue-signer", "--ca", ca, "--name", "compliance", "--out", signer)
+	taken := filepath.Join(dir, "taken")
+	for _, tc := range []struct {
+		name string
+		args []string
+		want string
+		key  string // must not appear
+	}{
+		{"signer into the CA", []string{"ca", "issue-signer", "--ca", ca, "--name", "treasury", "--out", ca}, "beside the CA key", filepath.Join(ca, "signer.key")},
+		{"signer into a gateway's identity", []string{"ca", "issue-signer", "--ca", ca, "--name", "treasury", "--out", taken}, "is a gateway's identity directory", filepath.Join(taken, "signer.key")},
+		{"signer into a file", []string{"ca", "issue-signer", "--ca", ca, "--name", "treasury", "--out", file}, "is a file", ""},
+		{"gateway into a signer's directory", issueArgs(ca, signer, "gw1", "100.96.0.1"), "is a policy signer's directory", filepath.Join(signer, "node.key")},
+	} {
+		_, errs, code := runCLI(t, tc.args...)
+		if code != 2 || !strings.Contains(errs, tc.want) {
+			t.Errorf("%s: exit %d, %q; want exit 2 and %q", tc.name, code, errs, tc.want)
+		}
+		if _, err := os.Stat(tc.key); tc.key != "" && err == nil {
+			t.Errorf("%s: %s was written", tc.name, tc.key)
+		}
+	}
+
 	// An unreadable (world-readable, so refused) CA key.
 	os.Chmod(filepath.Join(ca, "ca.key"), 0o644)
 	_, errs, code := runCLI(t, issueArgs(ca, out, "gw1", "100.96.0.1")...)
