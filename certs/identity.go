@@ -300,9 +300,19 @@ func LoadNodeIdentity(dir string) (*NodeIdentity, error) {
 		return nil, fmt.Errorf("no node identity in %s: issue one with `skybridge ca issue ... --out %s`", dir, dir)
 	}
 	if err != nil {
-		return nil, fmt.Errorf("identity in %s: %w; restore the directory from a backup, or issue a new identity into it (`skybridge ca issue ... --out %s`; a gateway with an issuer configured obtains one itself once node.crt and node.key are moved aside)", dir, err, dir)
+		return nil, identityError(dir, err)
 	}
 	return NewNodeIdentity(cert, key)
+}
+
+// identityError says what to do about an identity directory that could
+// not be read. Not being allowed to read it is no sign of damage: the
+// advice for damage (replace what is there) would destroy a good identity.
+func identityError(dir string, err error) error {
+	if errors.Is(err, fs.ErrPermission) {
+		return fmt.Errorf("identity in %s: %w: check the owner and mode of the directory and its files, or run this as the gateway's user", dir, err)
+	}
+	return fmt.Errorf("identity in %s: %w; restore the directory from a backup, or issue a new identity into it (`skybridge ca issue ... --out %s`; a gateway with an issuer configured obtains one itself once node.crt and node.key are moved aside)", dir, err, dir)
 }
 
 var errKeyMismatch = errors.New("a key that is not the certificate's")

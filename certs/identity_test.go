@@ -5,6 +5,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -97,5 +98,23 @@ func TestSignerSaveCutShort(t *testing.T) {
 	}
 	if _, err := os.Stat(filepath.Join(dir, fileSignerKeyPrev)); !errors.Is(err, fs.ErrNotExist) {
 		t.Fatalf("the replaced key stayed after a whole save: %v", err)
+	}
+}
+
+// TestIdentityErrorAdvice: a directory this user may not read is not
+// damaged, and is not to be replaced. (Tests may run as root, which reads
+// anything, so the error is made here.)
+func TestIdentityErrorAdvice(t *testing.T) {
+	for _, tt := range []struct {
+		err       error
+		want, not string
+	}{
+		{&fs.PathError{Op: "open", Path: "id1/node.crt", Err: fs.ErrPermission}, "run this as the gateway's user", "issue a new identity"},
+		{errors.New("node.crt: no certificate"), "restore the directory from a backup", "gateway's user"},
+	} {
+		msg := identityError("id1", tt.err).Error()
+		if !strings.Contains(msg, tt.want) || strings.Contains(msg, tt.not) {
+			t.Errorf("identityError(%v) = %q; want %q, not %q", tt.err, msg, tt.want, tt.not)
+		}
 	}
 }
