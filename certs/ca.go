@@ -203,10 +203,16 @@ func checkEmptyDir(dir string) error {
 	case err != nil:
 		return fmt.Errorf("check CA directory: %w", err)
 	}
+	names := map[string]bool{}
 	for _, e := range ents {
-		if e.Name() == fileCAKey || e.Name() == fileCACert {
-			return fmt.Errorf("a CA already exists in %s; refusing to overwrite it (choose another --dir, or remove it yourself if you really mean to replace the mesh's trust root)", dir)
-		}
+		names[e.Name()] = true
+	}
+	switch {
+	case names[fileCAKey]:
+		return fmt.Errorf("a CA already exists in %s; refusing to overwrite it (choose another --dir, or remove it yourself if you really mean to replace the mesh's trust root)", dir)
+	case names[fileCACert]:
+		// Every gateway's identity directory holds the CA's certificate.
+		return fmt.Errorf("%s holds a CA certificate but no CA key: a gateway's identity directory, or a copy of the CA's certificate, not a CA; give a new or empty directory for the CA", dir)
 	}
 	if len(ents) > 0 {
 		return fmt.Errorf("%s is not empty; give a new or empty directory for the CA", dir)

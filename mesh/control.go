@@ -400,7 +400,7 @@ func (c *Client) Migrate(ctx context.Context, req MigrationRequest, onEvent func
 	for {
 		var ev MigrationEvent
 		if err := dec.Decode(&ev); err != nil {
-			return nil, fmt.Errorf("migration stream ended early (the migration continues in the gateway): %w", err)
+			return nil, fmt.Errorf("the migration's progress stream ended early: %w", err)
 		}
 		if ev.Record != nil || ev.Error != "" {
 			return &ev, nil

@@ -207,6 +207,9 @@ func DefaultName(image string) string {
 	return strings.TrimSuffix(filepath.Base(image), filepath.Ext(image))
 }
 
+// CheckName reports why n cannot name a stored image, or nil if it can.
+func CheckName(n string) error { return checkName(n) }
+
 func checkName(n string) error {
 	if n == "" || len(n) > 128 || strings.ContainsAny(n, "/\\\x00") || strings.HasPrefix(n, ".") {
 		return fmt.Errorf("image name %q: use letters, digits, '.', '-' and '_', not starting with '.'", n)

@@ -3,7 +3,9 @@ package main
 import (
 	"context"
 	"crypto/x509"
+	"errors"
 	"fmt"
+	"io/fs"
 	"math/big"
 	"net/netip"
 	"os"
@@ -471,9 +473,15 @@ func routesString(rs []netip.Prefix) string {
 
 // checkCAKeyring makes sure the CA directory holds the gossip keyring it
 // hands to every new gateway.
+// The secret store's own advice for a missing keyring (`ca issue` copies
+// it from the CA) is no way out when the CA is what lacks it.
 func checkCAKeyring(ctx context.Context, ca *certs.CA) error {
+	path := filepath.Join(ca.Dir(), certs.FileGossipKeyring)
+	if _, err := os.Lstat(path); errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("the CA directory %s has no gossip keyring, which every new gateway needs: restore gossip.keyring from a backup, or copy it (mode 0600) from the identity directory of a gateway of this mesh", ca.Dir())
+	}
 	if _, err := ca.Secrets().GossipKeyring(ctx); err != nil {
-		return fmt.Errorf("the CA directory %s has no usable gossip keyring, which every new gateway needs (restore gossip.keyring from a backup, or copy it from a gateway's identity directory): %w", ca.Dir(), err)
+		return fmt.Errorf("the CA directory %s has no usable gossip keyring, which every new gateway needs: %w", ca.Dir(), err)
 	}
 	return nil
 }

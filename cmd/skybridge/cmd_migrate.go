@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"math"
@@ -142,7 +143,11 @@ func runMigration(c *cli.Context, req mesh.MigrationRequest) error {
 	if !asJSON {
 		bar = progress.New(c.App.ErrWriter, "migrating")
 	}
+	id := req.ID
 	final, err := cl.Migrate(c.Context, req, func(ev mesh.MigrationEvent) {
+		if ev.ID != "" {
+			id = ev.ID
+		}
 		if asJSON {
 			printJSONLine(c.App.Writer, ev)
 		} else if ev.Progress != nil {
@@ -151,6 +156,9 @@ func runMigration(c *cli.Context, req mesh.MigrationRequest) error {
 	})
 	if bar != nil {
 		bar.Finish(final != nil && final.Record != nil && final.Record.State == migrate.StateDone)
+	}
+	if err != nil && id != "" && c.Context.Err() == nil {
+		return streamLost(c.Context, cl, id, err)
 	}
 	if err != nil {
 		return err
@@ -167,6 +175,23 @@ func runMigration(c *cli.Context, req mesh.MigrationRequest) error {
 		return cli.Exit("migration failed: "+final.Error, 1)
 	}
 	return nil
+}
+
+// streamLost says what became of migration id once its progress stream
+// ended before its outcome: the gateway is asked, since a stream ends as
+// much because the gateway stops (and the migration with it) as because
+// the connection broke.
+func streamLost(ctx context.Context, cl *mesh.Client, id string, err error) error {
+	s, serr := cl.Migration(ctx, id)
+	switch {
+	case serr != nil:
+		return fmt.Errorf("%w, and the gateway no longer answers (%v): if it stopped, migration %s stopped with it; once it runs again, `skybridge migrate resume %s` continues it (only chunks not yet at the destination are sent)", err, serr, id, id)
+	case s.Progress != nil:
+		return fmt.Errorf("%w, but migration %s goes on in the gateway: follow it with `skybridge migrate status %s`", err, id, id)
+	case s.Record != nil:
+		return fmt.Errorf("%w; migration %s is now %s: see `skybridge migrate status %s`", err, id, s.Record.State, id)
+	}
+	return fmt.Errorf("%w: see `skybridge migrate status %s`", err, id)
 }
 
 func printMigrationResult(w io.Writer, ev *mesh.MigrationEvent) {
@@ -267,7 +292,11 @@ func migrateVerify(c *cli.Context) error {
 	}
 	name := c.Args().First()
 	if name == "" {
-		return usageError("which image? skybridge migrate verify NAME")
+		return usageError("which image? skybridge migrate verify NAME (see skybridge migrate list)")
+	}
+	// A path is no name: it would reach the gateway as another URL.
+	if err := migrate.CheckName(name); err != nil {
+		return usageError("%v: give the name of an image this gateway stores (see skybridge migrate list)", err)
 	}
 	rep, err := cl.VerifyImage(c.Context, name)
 	if err != nil {

@@ -671,7 +671,7 @@ func TestIdentityRequest(t *testing.T) {
 		{"no identity block: state_dir/identity", "", false, true, 0, "", 1},
 		{"ca_dir without dir", "identity {\n  ca_dir = \"CA\"\n}\n", false, false, 0, "", 1},
 		{"ca_dir on a fresh dir", "identity {\n  dir = \"ID\"\n  ca_dir = \"CA\"\n}\n", false, false, 0, "", 1},
-		{"a CA without its keyring", "identity {\n  ca_dir = \"CA\"\n}\n", true, false, 1, "no usable gossip keyring", 0},
+		{"a CA without its keyring", "identity {\n  ca_dir = \"CA\"\n}\n", true, false, 1, "has no gossip keyring", 0},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -735,6 +735,37 @@ func TestGatewayWithoutIdentity(t *testing.T) {
 				if !strings.Contains(errs, w) {
 					t.Errorf("stderr lacks %q:\n%s", w, errs)
 				}
+			}
+		})
+	}
+}
+
+// TestErrorAdvice: the advice in an error is a way out of that error.
+func TestErrorAdvice(t *testing.T) {
+	dir := t.TempDir()
+	ca := filepath.Join(dir, "ca")
+	mustRun(t, "ca", "init", "--dir", ca)
+	gw := filepath.Join(dir, "gw1")
+	mustRun(t, issueArgs(ca, gw, "gw1", "100.96.0.1")...)
+	bare := filepath.Join(dir, "bare")
+	mustRun(t, "ca", "init", "--dir", bare)
+	os.Remove(filepath.Join(bare, "gossip.keyring"))
+	sock := filepath.Join(dir, "none.sock")
+	tests := []struct {
+		name      string
+		args      []string
+		code      int
+		want, not string
+	}{
+		{"ca init into a gateway's identity", []string{"ca", "init", "--dir", gw}, 1, "a gateway's identity directory", "a CA already exists"},
+		{"ca issue from a CA without its keyring", issueArgs(bare, filepath.Join(dir, "gw2"), "gw2", "100.96.0.2"), 1, "restore gossip.keyring from a backup", "ca issue --out"},
+		{"migrate verify a path", []string{"migrate", "verify", "../../etc/passwd", "--socket", sock}, 2, `image name "../../etc/passwd"`, "404"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, errs, code := runCLI(t, tt.args...)
+			if code != tt.code || !strings.Contains(errs, tt.want) || strings.Contains(errs, tt.not) {
+				t.Errorf("exit %d, stderr %q; want exit %d, %q and not %q", code, errs, tt.code, tt.want, tt.not)
 			}
 		})
 	}

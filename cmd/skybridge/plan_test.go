@@ -71,3 +71,47 @@ func TestApplyWithoutGateway(t *testing.T) {
 		t.Errorf("apply without a gateway wrote %s.state: %v", plan, err)
 	}
 }
+
+// TestMigrationStreamLost: a progress stream that ends before the outcome
+// is not reported as a migration going on in the gateway when the gateway
+// has gone: the gateway is asked.
+func TestMigrationStreamLost(t *testing.T) {
+	const id = "aaaaaaaaaaaaaaaa"
+	for _, tt := range []struct {
+		name     string
+		stops    bool // the gateway stops with the stream
+		want     string
+		mustNot  string
+		wantCode int
+	}{
+		{"gateway stopped", true, "the gateway no longer answers", "goes on in the gateway", 1},
+		{"connection lost", false, "goes on in the gateway: follow it with `skybridge migrate status " + id + "`", "no longer answers", 1},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			sock := filepath.Join(t.TempDir(), "control.sock")
+			ln, err := net.Listen("unix", sock)
+			if err != nil {
+				t.Fatal(err)
+			}
+			srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				if r.Method == http.MethodPost { // the resume: one event, then the stream ends
+					if tt.stops {
+						w.Header().Set("Connection", "close")
+					}
+					json.NewEncoder(w).Encode(mesh.MigrationEvent{ID: id, Progress: &migrate.Progress{ID: id, Phase: "transfer"}})
+					if tt.stops {
+						ln.Close()
+					}
+					return
+				}
+				json.NewEncoder(w).Encode(mesh.MigrationStatus{Record: &migrate.SendRecord{ID: id, State: migrate.StateRunning}, Progress: &migrate.Progress{ID: id, Phase: "transfer"}})
+			})}
+			go srv.Serve(ln)
+			defer srv.Close()
+			_, errs, code := runCLI(t, "migrate", "resume", id, "--socket", sock)
+			if code != tt.wantCode || !strings.Contains(errs, tt.want) || strings.Contains(errs, tt.mustNot) {
+				t.Errorf("exit %d, stderr %q; want exit %d, %q and not %q", code, errs, tt.wantCode, tt.want, tt.mustNot)
+			}
+		})
+	}
+}
