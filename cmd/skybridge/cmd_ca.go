@@ -101,6 +101,9 @@ func caInit(c *cli.Context) error {
 	if err != nil {
 		return usageError("--mesh-cidr %q is not a CIDR prefix such as 100.96.0.0/16", c.String("mesh-cidr"))
 	}
+	if prefix != prefix.Masked() {
+		return usageError("--mesh-cidr %s has host bits set: did you mean %s?", prefix, prefix.Masked())
+	}
 	// A CA shorter-lived than the certificates it issues by default
 	// could issue none of them.
 	if v := c.Duration("validity"); v < certs.DefaultNodeTTL {
@@ -130,6 +133,11 @@ func caIssue(c *cli.Context) error {
 	attrs, err := attributesFromFlags(c)
 	if err != nil {
 		return err
+	}
+	// What the flags say by themselves is checked as a usage mistake; the
+	// CA checks the rest (the overlay range, IPs taken).
+	if err := attrs.Validate(netip.Prefix{}); err != nil {
+		return attributesUsageError(err)
 	}
 	ca, err := certs.OpenCA(c.String("ca"))
 	if err != nil {
@@ -255,6 +263,12 @@ func attributesFromFlags(c *cli.Context) (certs.Attributes, error) {
 	}
 	a.Normalize()
 	return a, nil
+}
+
+// attributesUsageError is a usage error listing what is wrong with the
+// attribute flags, on one line.
+func attributesUsageError(err error) error {
+	return usageError("%s", strings.ReplaceAll(err.Error(), "\n", "; "))
 }
 
 // sameDir reports whether a and b name the same directory.

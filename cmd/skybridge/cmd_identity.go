@@ -182,7 +182,7 @@ func identityCSR(c *cli.Context) error {
 		return err
 	}
 	if err := attrs.Validate(netip.Prefix{}); err != nil {
-		return err
+		return attributesUsageError(err)
 	}
 	csr, err := certs.PrepareCSR(c.String("dir"), attrs)
 	if err != nil {

@@ -172,13 +172,20 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 		ErrWriter:                 stderr,
 		// Errors are printed once, by run, with the exit code they carry.
 		ExitErrHandler: func(*cli.Context, error) {},
+		// Their variables are read in Before, not by the flags, so that an
+		// error names where the bad value came from.
 		Flags: []cli.Flag{
-			&cli.StringFlag{Name: "log-level", Value: "info", Usage: "debug, info, warn or error", EnvVars: []string{"SKYBRIDGE_LOG_LEVEL"}},
-			&cli.StringFlag{Name: "log-format", Value: "text", Usage: "text or json", EnvVars: []string{"SKYBRIDGE_LOG_FORMAT"}},
+			&cli.StringFlag{Name: "log-level", Usage: "debug, info, warn or error (default: $SKYBRIDGE_LOG_LEVEL, else info)"},
+			&cli.StringFlag{Name: "log-format", Usage: "text or json (default: $SKYBRIDGE_LOG_FORMAT, else text)"},
 		},
 		Before: func(c *cli.Context) error {
-			log, err := newLogger(stderr, c.String("log-level"), c.String("log-format"))
+			log, err := newLogger(stderr, setting(c, "log-level", "SKYBRIDGE_LOG_LEVEL", "info"), setting(c, "log-format", "SKYBRIDGE_LOG_FORMAT", "text"))
 			if err != nil {
+				// Help needs no logger: a bad variable in the
+				// environment must not keep anyone from reading it.
+				if helpWanted(c) {
+					return nil
+				}
 				return err
 			}
 			slog.SetDefault(log)
@@ -203,19 +210,75 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 	}
 }
 
-func newLogger(w io.Writer, level, format string) (*slog.Logger, error) {
+// source is a setting's value and where it came from, for errors.
+type source struct{ value, from string }
+
+// setting is the value of a global flag: from the command line, else
+// from its variable, else def.
+func setting(c *cli.Context, flag, env, def string) source {
+	if c.IsSet(flag) {
+		return source{c.String(flag), "--" + flag}
+	}
+	if v := os.Getenv(env); v != "" {
+		return source{v, env}
+	}
+	return source{def, "--" + flag}
+}
+
+// helpWanted reports whether the command line asks for help: -h, --help
+// or the help command, at any level. (interspersed puts a "--" before the
+// words after the flags; a help command may be among them.) A flag's value
+// "help" counts too: then a bad logging setting is let pass, no worse.
+func helpWanted(c *cli.Context) bool {
+	var words []string
+	flags := true
+	for _, a := range c.Args().Slice() {
+		switch {
+		case a == "--":
+			flags = false
+		case flags && (a == "-h" || a == "--help" || a == "-help"):
+			return true
+		case flags && strings.HasPrefix(a, "-"):
+		case (a == "help" || a == "h") && isCommandPath(c.App.Commands, words):
+			return true
+		default:
+			words = append(words, a)
+		}
+	}
+	return false
+}
+
+// isCommandPath reports whether words are command names, each a
+// sub-command of the one before: what may come before a help command.
+func isCommandPath(cmds []*cli.Command, words []string) bool {
+	for _, w := range words {
+		var next *cli.Command
+		for _, c := range cmds {
+			if c.HasName(w) {
+				next = c
+			}
+		}
+		if next == nil {
+			return false
+		}
+		cmds = next.Subcommands
+	}
+	return true
+}
+
+func newLogger(w io.Writer, level, format source) (*slog.Logger, error) {
 	var lvl slog.Level
-	if err := lvl.UnmarshalText([]byte(level)); err != nil {
-		return nil, fmt.Errorf("--log-level %q: use debug, info, warn or error", level)
+	if err := lvl.UnmarshalText([]byte(level.value)); err != nil {
+		return nil, usageError("%s %q: use debug, info, warn or error", level.from, level.value)
 	}
 	opts := &slog.HandlerOptions{Level: lvl}
-	switch strings.ToLower(format) {
+	switch strings.ToLower(format.value) {
 	case "text":
 		return slog.New(slog.NewTextHandler(w, opts)), nil
 	case "json":
 		return slog.New(slog.NewJSONHandler(w, opts)), nil
 	}
-	return nil, fmt.Errorf("--log-format %q: use text or json", format)
+	return nil, usageError("%s %q: use text or json", format.from, format.value)
 }
 
 func buildVersion() string {

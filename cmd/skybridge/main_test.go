@@ -85,9 +85,41 @@ func TestVersionAndHelp(t *testing.T) {
 			t.Errorf("help lacks %q", want)
 		}
 	}
-	if _, errs, code := runCLI(t, "--log-format", "xml", "ca", "list", "--ca", t.TempDir()); code == 0 || !strings.Contains(errs, "use text or json") {
-		t.Errorf("bad --log-format: exit %d, %q", code, errs)
+	// Bad logging settings are usage mistakes, named where they came
+	// from; one in the environment does not keep anyone from help.
+	for _, tt := range []struct {
+		env, args []string
+		want      string
+	}{
+		{nil, []string{"--log-format", "xml", "ca", "list", "--ca", t.TempDir()}, `--log-format "xml": use text or json`},
+		{nil, []string{"--log-level", "bogus", "ca", "list", "--ca", t.TempDir()}, `--log-level "bogus": use debug, info, warn or error`},
+		{[]string{"SKYBRIDGE_LOG_LEVEL", "bogus"}, []string{"ca", "list", "--ca", t.TempDir()}, `SKYBRIDGE_LOG_LEVEL "bogus"`},
+		{[]string{"SKYBRIDGE_LOG_FORMAT", "xml"}, []string{"ca", "list", "--ca", t.TempDir()}, `SKYBRIDGE_LOG_FORMAT "xml"`},
+	} {
+		t.Run(strings.Join(append(tt.env, tt.args[:2]...), " "), func(t *testing.T) {
+			if tt.env != nil {
+				t.Setenv(tt.env[0], tt.env[1])
+			}
+			if _, errs, code := runCLI(t, tt.args...); code != 2 || !strings.Contains(errs, tt.want) {
+				t.Errorf("exit %d, %q; want exit 2 and %q", code, errs, tt.want)
+			}
+		})
 	}
+	t.Run("help with a bad SKYBRIDGE_LOG_LEVEL", func(t *testing.T) {
+		t.Setenv("SKYBRIDGE_LOG_LEVEL", "bogus")
+		for _, args := range [][]string{{"ca", "--help"}, {"ca", "issue", "-h"}, {"help", "ca"}, {"ca", "help", "issue"}} {
+			if out, errs, code := runCLI(t, args...); code != 0 || !strings.Contains(out, "skybridge ca") {
+				t.Errorf("%v: exit %d, %q", args, code, errs)
+			}
+		}
+	})
+	// The flag beats the variable.
+	t.Run("--log-level beats SKYBRIDGE_LOG_LEVEL", func(t *testing.T) {
+		t.Setenv("SKYBRIDGE_LOG_LEVEL", "bogus")
+		if _, errs, code := runCLI(t, "--log-level", "warn", "ca", "list", "--ca", t.TempDir()); code != 1 || strings.Contains(errs, "bogus") {
+			t.Errorf("exit %d, %q", code, errs)
+		}
+	})
 	// Usage mistakes exit 2 with one line on stderr and nothing on stdout
 	// (a --json reader would take help for output, and policy check's
 	// caller a 1 for "deny").
@@ -221,12 +253,16 @@ func TestCABadInput(t *testing.T) {
 		{"unknown flag", append(issueArgs(ca, out, "gw1", "100.96.0.1"), "--colour", "blue"), 2, "flag provided but not defined: -colour (see skybridge ca issue --help)"},
 		{"bad duration", append(issueArgs(ca, out, "gw1", "100.96.0.1"), "--ttl", "5"), 2, `invalid value "5" for flag -ttl`},
 		{"bad CIDR", issueArgs(ca, out, "gw1", "100.96.0.1", "--route", "10.1.0.0/33"), 2, `route "10.1.0.0/33" is not a CIDR prefix`},
-		{"host bits", issueArgs(ca, out, "gw1", "100.96.0.1", "--route", "10.1.2.3/16"), 1, "did you mean 10.1.0.0/16"},
+		{"host bits", issueArgs(ca, out, "gw1", "100.96.0.1", "--route", "10.1.2.3/16"), 2, "did you mean 10.1.0.0/16"},
 		{"bad overlay IP", issueArgs(ca, out, "gw1", "100.96.0.300"), 2, `--overlay-ip "100.96.0.300" is not an IP address`},
 		{"overlay outside mesh", issueArgs(ca, out, "gw1", "10.9.0.1"), 1, "outside the mesh overlay range 100.96.0.0/16"},
+		{"route over the mesh", issueArgs(ca, out, "gw1", "100.96.0.1", "--route", "100.96.0.0/24"), 1, "overlaps the mesh overlay range"},
 		{"overlay taken", issueArgs(ca, out, "gw1", "100.96.0.9"), 1, `already held by node "gw0"`},
 		{"bad label", issueArgs(ca, out, "gw1", "100.96.0.1", "--label", "tier"), 2, `label "tier" is not key=value`},
-		{"bad jurisdiction", append(issueArgs(ca, out, "gw1", "100.96.0.1"), "--jurisdiction", "EU"), 1, "not an ISO 3166-1"},
+		{"bad jurisdiction", append(issueArgs(ca, out, "gw1", "100.96.0.1"), "--jurisdiction", "EU"), 2, "not an ISO 3166-1"},
+		{"unknown jurisdiction", append(issueArgs(ca, out, "gw1", "100.96.0.1"), "--jurisdiction", "XX"), 2, "not an ISO 3166-1"},
+		{"bad node name", issueArgs(ca, out, "GW_1", "100.96.0.1"), 2, `node "GW_1" is not valid`},
+		{"mesh CIDR with host bits", []string{"ca", "init", "--dir", filepath.Join(dir, "ca4"), "--mesh-cidr", "100.96.0.5/16"}, 2, "did you mean 100.96.0.0/16"},
 		{"no CA", issueArgs(filepath.Join(dir, "nope"), out, "gw1", "100.96.0.1"), 1, "skybridge ca init --dir"},
 		{"bad mesh CIDR", []string{"ca", "init", "--dir", filepath.Join(dir, "ca2"), "--mesh-cidr", "banana"}, 2, "--mesh-cidr"},
 		{"CA shorter-lived than what it issues", []string{"ca", "init", "--dir", filepath.Join(dir, "ca3"), "--validity", "-1h"}, 2, "a CA must outlive the certificates it issues"},
