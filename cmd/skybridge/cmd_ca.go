@@ -58,7 +58,7 @@ func caCommand() *cli.Command {
 				Flags: []cli.Flag{
 					caFlag,
 					&cli.StringFlag{Name: "name", Usage: "signer name, e.g. compliance", Required: true},
-					&cli.DurationFlag{Name: "ttl", Value: 365 * 24 * time.Hour, Usage: "certificate lifetime"},
+					&cli.DurationFlag{Name: "ttl", Value: defaultSignerTTL, Usage: "certificate lifetime"},
 					&cli.StringFlag{Name: "out", Usage: "directory to write signer.crt and signer.key (0600) to", Required: true},
 				},
 				Action: caIssueSigner,
@@ -138,6 +138,9 @@ func caIssue(c *cli.Context) error {
 	// CA checks the rest (the overlay range, IPs taken).
 	if err := attrs.Validate(netip.Prefix{}); err != nil {
 		return attributesUsageError(err)
+	}
+	if err := checkTTL(c, certs.DefaultNodeTTL); err != nil {
+		return err
 	}
 	ca, err := certs.OpenCA(c.String("ca"))
 	if err != nil {
@@ -334,7 +337,23 @@ func checkOutKind(out string, ca *certs.CA, kind string) error {
 	return nil
 }
 
+// defaultSignerTTL is how long a policy signer's certificate lasts unless
+// --ttl says.
+const defaultSignerTTL = 365 * 24 * time.Hour
+
+// checkTTL refuses a --ttl that is not positive: the CA would read 0 as
+// its own default, which need not be the flag's (def).
+func checkTTL(c *cli.Context, def time.Duration) error {
+	if ttl := c.Duration("ttl"); ttl <= 0 {
+		return usageError("--ttl %s: give a positive lifetime, such as %s (the default)", ttl, def)
+	}
+	return nil
+}
+
 func caIssueSigner(c *cli.Context) error {
+	if err := checkTTL(c, defaultSignerTTL); err != nil {
+		return err
+	}
 	// As for gateways: renewing a signer in place is fine, replacing
 	// another one's key would leave its holder unable to sign.
 	if have, err := certs.LoadPolicySigner(c.String("out")); err == nil && have.Name() != c.String("name") {
