@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"encoding/json"
+	"fmt"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -268,6 +269,14 @@ func TestCABadInput(t *testing.T) {
 		{"mesh CIDR with host bits", []string{"ca", "init", "--dir", filepath.Join(dir, "ca4"), "--mesh-cidr", "100.96.0.5/16"}, 2, "did you mean 100.96.0.0/16"},
 		{"no CA", issueArgs(filepath.Join(dir, "nope"), out, "gw1", "100.96.0.1"), 1, "skybridge ca init --dir"},
 		{"bad mesh CIDR", []string{"ca", "init", "--dir", filepath.Join(dir, "ca2"), "--mesh-cidr", "banana"}, 2, "--mesh-cidr"},
+		{"mesh CIDR of one address", []string{"ca", "init", "--dir", filepath.Join(dir, "ca2"), "--mesh-cidr", "100.96.0.0/32"}, 2, "holds 0 gateway addresses: give a range of /24 or wider"},
+		{"mesh CIDR too small", []string{"ca", "init", "--dir", filepath.Join(dir, "ca2"), "--mesh-cidr", "10.1.2.0/25"}, 2, "holds 126 gateway addresses"},
+		{"mesh CIDR of IPv6 too small", []string{"ca", "init", "--dir", filepath.Join(dir, "ca2"), "--mesh-cidr", "fd00::/121"}, 2, "give a range of /120 or wider"},
+		{"mesh CIDR of everything", []string{"ca", "init", "--dir", filepath.Join(dir, "ca2"), "--mesh-cidr", "0.0.0.0/0"}, 2, "is not private or shared address space"},
+		{"mesh CIDR of loopback", []string{"ca", "init", "--dir", filepath.Join(dir, "ca2"), "--mesh-cidr", "127.0.0.0/8"}, 2, "is not private or shared address space"},
+		{"mesh CIDR of multicast", []string{"ca", "init", "--dir", filepath.Join(dir, "ca2"), "--mesh-cidr", "224.0.0.0/4"}, 2, "is not private or shared address space"},
+		{"mesh CIDR of link-local", []string{"ca", "init", "--dir", filepath.Join(dir, "ca2"), "--mesh-cidr", "fe80::/64"}, 2, "is not private or shared address space"},
+		{"mesh CIDR of public space", []string{"ca", "init", "--dir", filepath.Join(dir, "ca2"), "--mesh-cidr", "8.8.0.0/16"}, 2, "is not private or shared address space"},
 		{"CA shorter-lived than what it issues", []string{"ca", "init", "--dir", filepath.Join(dir, "ca3"), "--validity", "-1h"}, 2, "a CA must outlive the certificates it issues"},
 		{"revoke needs a target", []string{"ca", "revoke", "--ca", ca}, 2, "either --serial"},
 		{"revoke bad serial", []string{"ca", "revoke", "--ca", ca, "--serial", "zz"}, 2, "not a certificate serial"},
@@ -292,6 +301,10 @@ func TestCABadInput(t *testing.T) {
 	os.WriteFile(file, []byte("x"), 0o600)
 	bare := filepath.Join(dir, "bare")
 	mustRun(t, "ca", "init", "--dir", bare, "--mesh-cidr", "100.96.0.0/16")
+	// What a mesh may use.
+	for i, cidr := range []string{"10.0.0.0/8", "172.16.0.0/24", "192.168.0.0/16", "100.64.0.0/10", "fd00:5b::/64"} {
+		mustRun(t, "ca", "init", "--dir", filepath.Join(dir, fmt.Sprint("mesh", i)), "--mesh-cidr", cidr)
+	}
 	os.Remove(filepath.Join(bare, "gossip.keyring"))
 	for _, tc := range []struct {
 		name string
