@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"slices"
 	"strings"
 	"time"
 
@@ -123,6 +124,16 @@ func policyErr(err error) error {
 	return cli.Exit(err.Error(), exitError)
 }
 
+// knownClass refuses a class the policy does not define. The policy
+// denies it, as it must for a gateway asked about one; asked here, it is a
+// mistake (a typo), and a "deny" would pass for an answer.
+func knownClass(p *policy.Policy, class string) error {
+	if known := p.Classes(); !slices.Contains(known, class) {
+		return cli.Exit(fmt.Sprintf("unknown class %q (known: %s, in %s)", class, strings.Join(known, ", "), p.File()), exitError)
+	}
+	return nil
+}
+
 func decisionTime(c *cli.Context) time.Time {
 	if t := c.Timestamp("at"); t != nil {
 		return *t
@@ -142,6 +153,9 @@ func policyCheck(c *cli.Context) error {
 	sites, err := requestSites(c)
 	if err != nil {
 		return policyErr(err)
+	}
+	if err := knownClass(p, c.String("class")); err != nil {
+		return err
 	}
 	req := policy.Request{Class: c.String("class"), Action: action, Sites: sites, Time: decisionTime(c)}
 	d := p.Evaluate(req)
@@ -241,6 +255,9 @@ func policyExplain(c *cli.Context) error {
 	p, _, err := policy.Load(c.String("policy"))
 	if err != nil {
 		return policyErr(err)
+	}
+	if err := knownClass(p, c.String("class")); err != nil {
+		return err
 	}
 	inv, err := policy.LoadInventory(c.String("inventory"))
 	if err != nil {

@@ -32,6 +32,8 @@ func TestPolicyCheckExitCodes(t *testing.T) {
 		{"transit path", check("--class", "swiss-banking-secret", "--action", "transit", "--site", "onprem-zrh", "--site", "onprem-gva"), 0, "onprem-zrh → onprem-gva", ""},
 		{"exception", check("--class", "pii-eu", "--action", "store", "--site", "aws-us-east-1"), 0, "ticket GRC-2041", ""},
 		{"exception expired", []string{"policy", "check", "--policy", examplePolicy, "--inventory", exampleInventory, "--at", "2027-01-02T00:00:00Z", "--class", "pii-eu", "--action", "store", "--site", "aws-us-east-1"}, 1, "has expired", ""},
+		{"unknown class", check("--class", "pii-ue", "--action", "store", "--site", "aws-eu-central-1"), 2, "", `unknown class "pii-ue" (known: pii-eu, public, risk-batch, swiss-banking-secret`},
+		{"unknown class, explained", []string{"policy", "explain", "--policy", examplePolicy, "--inventory", exampleInventory, "--class", "pii-ue"}, 2, "", `unknown class "pii-ue" (known: pii-eu`},
 		{"unknown site", check("--class", "pii-eu", "--action", "store", "--site", "atlantis"), 2, "", `"atlantis" is not in the inventory`},
 		{"bad action", check("--class", "pii-eu", "--action", "keep", "--site", "onprem-zrh"), 2, "", `action "keep"`},
 		{"missing policy", []string{"policy", "check", "--policy", "nope.hcl", "--class", "a", "--action", "store", "--site", "x", "--site-attrs", "provider=aws"}, 2, "", "read policy"},
