@@ -408,7 +408,16 @@ func caIssueSigner(c *cli.Context) error {
 		return err
 	}
 	if err := s.Save(c.String("out")); err != nil {
-		return err
+		serial := s.Certificate().SerialNumber
+		if got, lerr := certs.LoadPolicySigner(c.String("out")); lerr == nil && got.Certificate().SerialNumber.Cmp(serial) == 0 {
+			return fmt.Errorf("%w; the signer (serial %s) is in %s and valid", err, certs.FormatSerial(serial), c.String("out"))
+		}
+		// Not delivered: a signer whose key nobody holds is taken back,
+		// as ca issue does with a gateway certificate.
+		if _, rerr := ca.RevokeSerials([]*big.Int{serial}, "cessationOfOperation", time.Now()); rerr != nil {
+			return fmt.Errorf("%w (and revoking the signer certificate issued for it, serial %s: %v)", err, certs.FormatSerial(serial), rerr)
+		}
+		return fmt.Errorf("%w; the signer certificate issued for it (serial %s) is revoked", err, certs.FormatSerial(serial))
 	}
 	fmt.Fprintf(c.App.Writer, "issued %s, valid until %s, written to %s\n", s, s.Certificate().NotAfter.UTC().Format(time.RFC3339), c.String("out"))
 	return nil

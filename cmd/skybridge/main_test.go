@@ -822,3 +822,26 @@ func TestErrorAdvice(t *testing.T) {
 		})
 	}
 }
+
+// TestIssueSignerNotDelivered: a policy signer whose certificate cannot be
+// written is taken back, as a gateway certificate is: a signer nobody
+// holds must not stay valid.
+func TestIssueSignerNotDelivered(t *testing.T) {
+	dir := t.TempDir()
+	ca := filepath.Join(dir, "ca")
+	sdir := filepath.Join(dir, "signer")
+	mustRun(t, "ca", "init", "--dir", ca)
+	if err := os.MkdirAll(filepath.Join(sdir, "signer.crt"), 0o700); err != nil { // not writable as a file
+		t.Fatal(err)
+	}
+	_, errs, code := runCLI(t, "ca", "issue-signer", "--ca", ca, "--name", "compliance", "--out", sdir)
+	if code == 0 || !strings.Contains(errs, "is revoked") {
+		t.Fatalf("issue-signer whose certificate cannot be written: exit %d, %s; want the certificate taken back", code, errs)
+	}
+	var list []struct {
+		RevokedAt *time.Time `json:"revoked_at"`
+	}
+	if err := json.Unmarshal([]byte(mustRun(t, "ca", "list", "--ca", ca, "--json")), &list); err != nil || len(list) != 1 || list[0].RevokedAt == nil {
+		t.Fatalf("ca list: %+v %v; want the signer revoked", list, err)
+	}
+}
