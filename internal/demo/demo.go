@@ -178,6 +178,11 @@ func Run(ctx context.Context, opt Options) (sum *Summary, err error) {
 			return nil, err
 		}
 	}
+	// Absolute: the gateways are started with configurations under it,
+	// and Down stops only processes whose configuration lies inside it.
+	if r.dir, err = filepath.Abs(r.dir); err != nil {
+		return nil, err
+	}
 	r.sum.Mode, r.sum.WorkDir = r.mode, r.dir
 	defer func() {
 		if opt.Keep && err == nil {
