@@ -118,6 +118,15 @@ func OpenVault(ctx context.Context, cfg *VaultConfig, meshPrefix netip.Prefix, l
 	}
 	if cfg.Namespace != "" {
 		client.SetNamespace(cfg.Namespace)
+	} else if ns := client.Namespace(); ns != "" {
+		// VAULT_NAMESPACE, which the api client applies by itself: taken
+		// into the settings, so that what the gateway records and hands
+		// out (join tokens, a burst's place, removal commands) names the
+		// namespace it really uses, not the root.
+		c := *cfg
+		c.Namespace = ns
+		cfg = &c
+		log.Info("vault namespace taken from VAULT_NAMESPACE", "namespace", ns)
 	}
 	v := &Vault{client: client, cfg: cfg, meshPrefix: meshPrefix, log: log.With("vault", vc.Address), fresh: make(chan *vault.Secret, 1)}
 	secret, err := v.login(ctx)

@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"os"
 	"path"
+	"slices"
 	"strings"
 	"time"
 
@@ -65,7 +66,11 @@ type VaultBurstPlace struct {
 	AppRoleMount string `json:"approle_mount"`
 	KVMount      string `json:"kv_mount"`
 	KVPrefix     string `json:"kv_prefix"`
-	Name         string `json:"name"` // of the PKI role, the policy and the AppRole
+	Name         string `json:"name"` // of the PKI role and the AppRole (and the policy, in bursts opened before Policy was kept)
+	// Policy is the name of the burst's policy: Name and the opening's
+	// claim, never used again, so that a token of an ended burst finds
+	// no policy of its name when the site is opened anew.
+	Policy string `json:"policy,omitempty"`
 }
 
 // BurstPlace is where this gateway's settings put a burst site's objects.
@@ -97,9 +102,13 @@ func (p VaultBurstPlace) RemovalCommands(site string, nodes []string) []string {
 	if p.Namespace != "" {
 		ns = "VAULT_NAMESPACE=" + p.Namespace + " "
 	}
+	policy := p.Policy
+	if policy == "" {
+		policy = p.Name
+	}
 	cmds := []string{
 		ns + "vault delete " + path.Join("auth", p.AppRoleMount, "role", p.Name),
-		ns + "vault policy delete " + p.Name,
+		ns + "vault policy delete " + policy,
 		ns + "vault delete " + path.Join(p.PKIMount, "roles", p.Name),
 	}
 	for _, n := range nodes {
@@ -135,10 +144,23 @@ func (v *Vault) admin(token string) (*vault.Client, error) {
 	return c, nil
 }
 
+// burstPolicy is the name of the policy of a burst opened with claim:
+// unique to the opening. Vault does not revoke the tokens an AppRole
+// issued when the AppRole is deleted; a token lives on until its TTL (the
+// burst's end) with the names of its policies, and would regain their
+// rights if a burst of the same site made a policy of the same name.
+func burstPolicy(name, claim string) string {
+	if claim == "" {
+		return name // opened before claims were made
+	}
+	return name + "-" + claim[:min(len(claim), 12)]
+}
+
 // deleteBurstObjects deletes what OpenBurst creates, issuing first: the
-// AppRole (its SecretIDs with it), the policy, the PKI role. Objects
-// already gone are not an error.
-func (v *Vault) deleteBurstObjects(ctx context.Context, c *vault.Client, name string) error {
+// AppRole (its SecretIDs with it), the policies its tokens carry, the PKI
+// role — and the policy of the opening with claim, which an AppRole not
+// yet written names nowhere. Objects already gone are not an error.
+func (v *Vault) deleteBurstObjects(ctx context.Context, c *vault.Client, name, claim string) error {
 	del := func(p string) error {
 		_, err := c.Logical().DeleteWithContext(ctx, p)
 		var re *vault.ResponseError
@@ -147,11 +169,32 @@ func (v *Vault) deleteBurstObjects(ctx context.Context, c *vault.Client, name st
 		}
 		return nil
 	}
-	if err := del(path.Join("auth", v.appRoleMount(), "role", name)); err != nil {
+	role := path.Join("auth", v.appRoleMount(), "role", name)
+	// The AppRole names its tokens' policies: read before it goes.
+	policies := []string{name}
+	if p := burstPolicy(name, claim); p != name {
+		policies = append(policies, p)
+	}
+	// A token that may delete but not read the AppRole (an operator's,
+	// least privilege) deletes the policies it can name without it.
+	if s, err := c.Logical().ReadWithContext(ctx, role); err == nil && s != nil {
+		if ps, ok := s.Data["token_policies"].([]any); ok {
+			for _, p := range ps {
+				// Only the burst's own: an AppRole edited by hand to carry
+				// other policies must not make the close delete them.
+				if p, ok := p.(string); ok && strings.HasPrefix(p, name+"-") && !slices.Contains(policies, p) {
+					policies = append(policies, p)
+				}
+			}
+		}
+	}
+	if err := del(role); err != nil {
 		return err
 	}
-	if err := c.Sys().DeletePolicyWithContext(ctx, name); err != nil {
-		return fmt.Errorf("vault delete policy %s: %w", name, err)
+	for _, p := range policies {
+		if err := c.Sys().DeletePolicyWithContext(ctx, p); err != nil {
+			return fmt.Errorf("vault delete policy %s: %w", p, err)
+		}
 	}
 	return del(path.Join(v.cfg.PKIMount, "roles", name))
 }
@@ -438,7 +481,7 @@ func (v *Vault) OpenBurst(ctx context.Context, adminToken string, spec VaultBurs
 		}
 		cerr := v.afterFailure(ctx, func(ctx context.Context) error {
 			if wrote {
-				if err := v.deleteBurstObjects(ctx, c, name); err != nil {
+				if err := v.deleteBurstObjects(ctx, c, name, nonce); err != nil {
 					return err // the claim stays with what is left
 				}
 			}
@@ -482,19 +525,29 @@ func (v *Vault) OpenBurst(ctx context.Context, adminToken string, spec VaultBurs
 		return nil
 	}
 	wrote = true
+	// Names: exactly the gateways' (as common names, no DNS names), not
+	// any name — a certificate of this CA for "vault.bank.example" would
+	// be good wherever the CA is trusted beyond the mesh.
+	names := make([]string, 0, len(spec.Nodes))
+	for _, n := range spec.Nodes {
+		names = append(names, n.Node)
+	}
 	if err := w(rolePath, map[string]any{
-		"allow_any_name": true, "enforce_hostnames": false, "allow_ip_sans": true, "allowed_uri_sans": uris,
+		"allow_any_name": false, "allowed_domains": names, "allow_bare_domains": true, "allow_subdomains": false,
+		"allow_glob_domains": false, "allow_wildcard_certificates": false, "allow_localhost": false, "enforce_hostnames": false,
+		"allow_ip_sans": true, "allowed_uri_sans": uris,
 		"key_type": "ec", "key_bits": 256, "server_flag": true, "client_flag": true,
 		"max_ttl": ttl.String(), "not_after": spec.Expires.UTC().Format(time.RFC3339), "not_before_duration": "30s",
 	}); err != nil {
 		return nil, err
 	}
-	if err := c.Sys().PutPolicyWithContext(ctx, name, acl.String()); err != nil {
-		return nil, fmt.Errorf("vault policy %s: %w", name, err)
+	policy := burstPolicy(name, nonce)
+	if err := c.Sys().PutPolicyWithContext(ctx, policy, acl.String()); err != nil {
+		return nil, fmt.Errorf("vault policy %s: %w", policy, err)
 	}
 	roleBase := path.Join("auth", mount, "role", name)
 	if err := w(roleBase, map[string]any{
-		"token_policies": name, "token_ttl": ttl.String(), "token_max_ttl": ttl.String(),
+		"token_policies": policy, "token_ttl": ttl.String(), "token_max_ttl": ttl.String(),
 		"secret_id_ttl": ttl.String(), "secret_id_num_uses": 0,
 	}); err != nil {
 		return nil, err
@@ -504,6 +557,7 @@ func (v *Vault) OpenBurst(ctx context.Context, adminToken string, spec VaultBurs
 		return nil, fmt.Errorf("vault read %s/role-id: %w", roleBase, err)
 	}
 	vb = &VaultBurst{Name: name, AppRoleMount: mount, Claim: nonce, Place: v.BurstPlace(spec.Site)}
+	vb.Place.Policy = policy
 	if s != nil {
 		vb.RoleID, _ = s.Data["role_id"].(string)
 	}
@@ -539,7 +593,7 @@ func (v *Vault) AbortBurst(ctx context.Context, adminToken, site, claim, by stri
 		if err := v.holdBurst(ctx, c, site, claim, by); err != nil {
 			return err
 		}
-		if err := v.deleteBurstObjects(ctx, c, v.BurstName(site)); err != nil {
+		if err := v.deleteBurstObjects(ctx, c, v.BurstName(site), claim); err != nil {
 			return err
 		}
 		return v.releaseBurst(ctx, c, site)
@@ -572,7 +626,7 @@ func (v *Vault) CloseBurst(ctx context.Context, adminToken, site string, nodes [
 	if err := v.holdBurst(ctx, c, site, claim, by); err != nil {
 		return nil, err
 	}
-	if err := v.deleteBurstObjects(ctx, c, v.BurstName(site)); err != nil {
+	if err := v.deleteBurstObjects(ctx, c, v.BurstName(site), claim); err != nil {
 		return nil, err
 	}
 	s, err := c.Logical().ListWithContext(ctx, path.Join(v.cfg.PKIMount, "certs"))

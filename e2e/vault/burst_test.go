@@ -187,6 +187,14 @@ operator { listen = "off" }
 	} else if got := fmt.Sprint(s.Data["allowed_uri_sans"]); !strings.Contains(got, "skybridge://burst-ams/burst-ams-gw1?") || !strings.Contains(got, "jurisdiction=NL&ip=100.96.") || strings.Contains(got, "*") {
 		t.Fatalf("the burst role certifies %s", got)
 	}
+	// The role certifies the gateways' names alone, not any name: a
+	// certificate of the mesh CA for a bank's host would be good
+	// wherever that CA is trusted.
+	for _, cn := range []string{"vault.bank.example", "*.bank.example", "burst-ams-gw1.bank.example"} {
+		if _, err := e.root.Logical().Write(e.pki+"/issue/"+name, map[string]any{"common_name": cn}); err == nil {
+			t.Errorf("the burst role issued a certificate for %q", cn)
+		}
+	}
 	tokenFile := filepath.Join(dir, "token")
 	must(t, os.WriteFile(tokenFile, []byte(grant.Tokens[0]), 0o600))
 	// The gateway records where the burst's objects are, for a burst
@@ -196,6 +204,7 @@ operator { listen = "off" }
 			Site  string `json:"site"`
 			Place struct {
 				Name     string `json:"name"`
+				Policy   string `json:"policy"`
 				KVPrefix string `json:"kv_prefix"`
 			} `json:"vault_place"`
 		} `json:"bursts"`
@@ -203,8 +212,12 @@ operator { listen = "off" }
 	bj, err := os.ReadFile(filepath.Join(aDir, "bursts.json"))
 	must(t, err)
 	must(t, json.Unmarshal(bj, &book))
-	if len(book.Bursts) != 1 || book.Bursts[0].Place.Name != name || book.Bursts[0].Place.KVPrefix != "skybridge" {
+	if len(book.Bursts) != 1 || book.Bursts[0].Place.Name != name || book.Bursts[0].Place.KVPrefix != "skybridge" || !strings.HasPrefix(book.Bursts[0].Place.Policy, name+"-") {
 		t.Fatalf("the burst's record: %s", bj)
+	}
+	policy := book.Bursts[0].Place.Policy
+	if s, err := e.root.Logical().Read("sys/policy/" + policy); err != nil || s == nil {
+		t.Fatalf("burst up made no policy %s: %v", policy, err)
 	}
 
 	// The burst gateway: its configuration has no node and no identity.
@@ -286,10 +299,27 @@ operator { listen = "off" }
 	if _, err := e.root.KVv2(e.kv).Get(ctx, "skybridge/bursts/burst-ams"); !errors.Is(err, api.ErrSecretNotFound) {
 		t.Errorf("the site's claim is still in Vault after burst down: %v", err)
 	}
-	for _, p := range []string{e.pki + "/roles/" + name, "auth/" + e.approleMount + "/role/" + name, "sys/policy/" + name} {
+	for _, p := range []string{e.pki + "/roles/" + name, "auth/" + e.approleMount + "/role/" + name, "sys/policy/" + policy} {
 		if s, _ := e.root.Logical().Read(p); s != nil {
 			t.Errorf("%s still exists after burst down", p)
 		}
+	}
+	// The site opened again: its policy has a name of its own. The ended
+	// burst's tokens, which Vault keeps until their TTL, name a policy
+	// that never comes back.
+	again := exec.Command(bin, "burst", "up", "--socket", aSock, "--site", "burst-ams", "--provider", "aws", "--region", "eu-west-1",
+		"--jurisdiction", "NL", "--ttl", "1h", "--label", "classes=risk-batch", "--routes", "10.9.0.0/24", "--json")
+	again.Env = append(os.Environ(), root...)
+	if out, err := again.CombinedOutput(); err != nil {
+		t.Fatalf("burst up burst-ams again: %v\n%s", err, out)
+	}
+	if s, err := e.root.Logical().Read("auth/" + e.approleMount + "/role/" + name); err != nil || s == nil {
+		t.Fatalf("the reopened site's AppRole: %v", err)
+	} else if got := fmt.Sprint(s.Data["token_policies"]); strings.Contains(got, policy) || !strings.Contains(got, name+"-") {
+		t.Fatalf("the reopened site's tokens get policies %s; the ended burst's was %s", got, policy)
+	}
+	if s, _ := e.root.Logical().Read("sys/policy/" + policy); s != nil {
+		t.Errorf("the ended burst's policy %s exists again", policy)
 	}
 	waitCond(t, 30*time.Second, "the burst gateway gone from the static gateway's membership", func() (bool, string) {
 		st, err := gwStatus(bin, aSock)
@@ -316,7 +346,15 @@ operator { listen = "off" }
 	}
 	rot := "skybridge-burst-burst-rot"
 	must(t, e.root.KVv2(e.kv).DeleteMetadata(ctx, "skybridge/bursts/burst-rot"))
-	for _, p := range []string{"auth/" + e.approleMount + "/role/" + rot, "sys/policy/" + rot, e.pki + "/roles/" + rot} {
+	rotRole, err := e.root.Logical().Read("auth/" + e.approleMount + "/role/" + rot)
+	if err != nil || rotRole == nil {
+		t.Fatalf("burst-rot's AppRole: %v", err)
+	}
+	rotPolicies, _ := rotRole.Data["token_policies"].([]any)
+	if len(rotPolicies) != 1 {
+		t.Fatalf("burst-rot's AppRole gives policies %v", rotPolicies)
+	}
+	for _, p := range []string{"auth/" + e.approleMount + "/role/" + rot, "sys/policy/" + fmt.Sprint(rotPolicies[0]), e.pki + "/roles/" + rot} {
 		_, err := e.root.Logical().Delete(p)
 		must(t, err)
 	}
@@ -381,8 +419,15 @@ func TestVaultBurstOpenAndAbort(t *testing.T) {
 	exists := func() (role, policy, approle, claim bool) {
 		s, err := e.root.Logical().Read(e.pki + "/roles/" + name)
 		must(t, err)
-		p, err := e.root.Sys().GetPolicy(name)
+		// The policy's name is the opening's: any of the site's.
+		ps, err := e.root.Sys().ListPolicies()
 		must(t, err)
+		p := ""
+		for _, n := range ps {
+			if n == name || strings.HasPrefix(n, name+"-") {
+				p = n
+			}
+		}
 		a, err := e.root.Logical().Read("auth/" + e.approleMount + "/role/" + name)
 		must(t, err)
 		_, err = e.root.KVv2(e.kv).Get(ctx, "skybridge/bursts/burst-x")
@@ -549,8 +594,10 @@ path "%[3]s/roles/*" { capabilities = ["read", "delete"] }
 	// would: the site can then be opened again.
 	vb, err = v.OpenBurst(ctx, e.root.Token(), spec)
 	must(t, err)
-	if vb.Place != v.BurstPlace("burst-x") || vb.Place.Name != name {
-		t.Fatalf("the burst's place %+v, want %+v", vb.Place, v.BurstPlace("burst-x"))
+	want := v.BurstPlace("burst-x")
+	want.Policy = vb.Place.Policy
+	if vb.Place != want || vb.Place.Name != name || !strings.HasPrefix(vb.Place.Policy, name+"-") {
+		t.Fatalf("the burst's place %+v, want %+v with the opening's policy", vb.Place, want)
 	}
 	wgKey := "skybridge/nodes/burst-x-gw1/wireguard"
 	_, err = e.root.KVv2(e.kv).Put(ctx, wgKey, map[string]any{"private_key": "k"})
