@@ -264,7 +264,7 @@ func (v *Vault) relogin(ctx context.Context, stale string, handOver bool) (*vaul
 func (v *Vault) withLogin(ctx context.Context, req func() error) error {
 	stale := v.client.Token()
 	err := req()
-	if !isInvalidToken(err) {
+	if !isInvalidToken(err) && !(isForbidden(err) && v.tokenRefused(ctx, stale)) {
 		return err
 	}
 	s, lerr := v.relogin(ctx, stale, true)
@@ -278,11 +278,31 @@ func (v *Vault) withLogin(ctx context.Context, req func() error) error {
 }
 
 // isInvalidToken reports whether Vault refused a request's token itself
-// (expired, revoked), as opposed to its permissions.
+// (expired, revoked), as opposed to its permissions. Only Vault 1.17 and
+// later say so in the error (hashicorp/vault#25953); before, both are a
+// bare "permission denied", which tokenRefused tells apart.
 func isInvalidToken(err error) bool {
 	var re *vault.ResponseError
 	return errors.As(err, &re) && re.StatusCode == http.StatusForbidden &&
 		strings.Contains(strings.Join(re.Errors, " "), "invalid token")
+}
+
+func isForbidden(err error) bool {
+	var re *vault.ResponseError
+	return errors.As(err, &re) && re.StatusCode == http.StatusForbidden
+}
+
+// tokenRefused reports whether Vault refuses token itself: a token may
+// always look itself up (the default policy), so a lookup refused too
+// means the token is dead, not short of a permission.
+func (v *Vault) tokenRefused(ctx context.Context, token string) bool {
+	c, err := v.client.CloneWithHeaders()
+	if err != nil {
+		return false
+	}
+	c.SetToken(token)
+	_, err = c.Auth().Token().LookupSelfWithContext(ctx)
+	return isForbidden(err)
 }
 
 // maintainLogin renews the token while Vault allows and logs in again when
