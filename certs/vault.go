@@ -186,7 +186,11 @@ func (v *Vault) loginWith(ctx context.Context, c *vault.Client) (*vault.Secret, 
 		}
 		ttl, _ := self.TokenTTL()
 		renewable, _ := self.TokenIsRenewable()
-		return &vault.Secret{Auth: &vault.SecretAuth{ClientToken: tok, Renewable: renewable, LeaseDuration: int(ttl.Seconds())}}, nil
+		// Rounded up: a token with less than a second left is expiring,
+		// not one without a TTL (a root token's is 0), which is never
+		// read again.
+		lease := int((ttl + time.Second - 1) / time.Second)
+		return &vault.Secret{Auth: &vault.SecretAuth{ClientToken: tok, Renewable: renewable, LeaseDuration: lease}}, nil
 	case "approle":
 		roleID := a.RoleID
 		if a.RoleIDFile != "" {
