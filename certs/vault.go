@@ -544,10 +544,22 @@ func (v *Vault) wireGuardKey(ctx context.Context, node string) (WGPrivateKey, er
 }
 
 // SetWireGuardKey implements SecretStore: a new version of the KV secret
-// (the old versions stay in Vault's history, as KV v2 keeps them).
+// (the old versions stay in Vault's history, as KV v2 keeps them), written
+// with check-and-set on the version read just before — which a mount
+// hardened with cas_required demands, and which keeps two writers from
+// replacing each other's key unseen.
 func (v *Vault) SetWireGuardKey(ctx context.Context, node string, k WGPrivateKey) error {
 	if err := v.withLogin(ctx, func() error {
-		_, err := v.kv().Put(ctx, v.wgPath(node), map[string]any{"private_key": k.Base64Secret()})
+		version := 0
+		cur, err := v.kv().Get(ctx, v.wgPath(node))
+		switch {
+		case errors.Is(err, vault.ErrSecretNotFound):
+		case err != nil:
+			return err
+		case cur.VersionMetadata != nil:
+			version = cur.VersionMetadata.Version
+		}
+		_, err = v.kv().Put(ctx, v.wgPath(node), map[string]any{"private_key": k.Base64Secret()}, vault.WithCheckAndSet(version))
 		return err
 	}); err != nil {
 		return fmt.Errorf("vault store WireGuard key: %w", err)
