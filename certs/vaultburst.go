@@ -670,6 +670,15 @@ func (v *Vault) CloseBurst(ctx context.Context, adminToken, site string, nodes [
 		}
 		revoked = append(revoked, FormatSerial(cs[0].SerialNumber))
 	}
+	if len(revoked) > 0 {
+		// A PKI mount with auto_rebuild on does not rebuild its CRL at a
+		// revocation, and the mesh reads the full CRL: the site's
+		// gateways would stay trusted until the next scheduled rebuild
+		// (up to days). Rebuilt now; without the right to, said.
+		if _, err := c.Logical().ReadWithContext(ctx, path.Join(v.cfg.PKIMount, "crl", "rotate")); err != nil {
+			v.log.Warn("burst site ended, but Vault's CRL could not be rebuilt now: if the PKI mount rebuilds it on a schedule (auto_rebuild), the revocations reach the mesh with the next rebuild; run `vault read "+path.Join(v.cfg.PKIMount, "crl", "rotate")+"`", "site", site, "err", err)
+		}
+	}
 	// The site's gateways' WireGuard keys: each deletes its own when its
 	// burst ends, but not one that crashed, nor once its policy is gone.
 	for _, n := range nodes {
