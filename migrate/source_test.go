@@ -75,25 +75,30 @@ func TestOpenSourceHostileQcow2(t *testing.T) {
 	}
 }
 
-// TestOpenSourceZstdClusters: a qcow2 whose clusters qemu compressed
-// with zstd reads back as its source, through the bounded decoder.
-func TestOpenSourceZstdClusters(t *testing.T) {
+// TestOpenSourceCompressedClusters: a qcow2 whose clusters qemu
+// compressed reads back as its source: zlib (go-qcow2reader's own), and
+// zstd through the bounded decoder.
+func TestOpenSourceCompressedClusters(t *testing.T) {
 	q := qemuImg(t)
-	dir := t.TempDir()
-	raw, comp := filepath.Join(dir, "c.raw"), filepath.Join(dir, "c.qcow2")
-	makeRaw(t, raw, 8*mib, map[int64]int{mib: mib, 4 * mib: 2 * mib})
-	if out, err := exec.Command(q, "convert", "-c", "-O", "qcow2", "-o", "compression_type=zstd,cluster_size=2M", raw, comp).CombinedOutput(); err != nil {
-		t.Fatalf("%v %s", err, out)
-	}
-	src, err := OpenSource(comp)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer src.Close()
-	want, _ := os.ReadFile(raw)
-	got := make([]byte, len(want))
-	if _, err := src.ReadAt(got, 0); err != nil && !isEOF(err) || !bytes.Equal(got, want) {
-		t.Fatalf("zstd-compressed qcow2 read back differently: %v", err)
+	for _, opts := range []string{"cluster_size=64k", "compression_type=zstd,cluster_size=2M"} {
+		t.Run(opts, func(t *testing.T) {
+			dir := t.TempDir()
+			raw, comp := filepath.Join(dir, "c.raw"), filepath.Join(dir, "c.qcow2")
+			makeRaw(t, raw, 8*mib, map[int64]int{mib: mib, 4 * mib: 2 * mib})
+			if out, err := exec.Command(q, "convert", "-c", "-O", "qcow2", "-o", opts, raw, comp).CombinedOutput(); err != nil {
+				t.Fatalf("%v %s", err, out)
+			}
+			src, err := OpenSource(comp)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer src.Close()
+			want, _ := os.ReadFile(raw)
+			got := make([]byte, len(want))
+			if _, err := src.ReadAt(got, 0); err != nil && !isEOF(err) || !bytes.Equal(got, want) {
+				t.Fatalf("compressed qcow2 read back differently: %v", err)
+			}
+		})
 	}
 }
 
