@@ -145,6 +145,14 @@ func (v *Vault) Close() {
 	v.wg.Wait()
 }
 
+// RevokeLogin revokes the gateway's own token; the Vault is not to be used
+// after it (Close first). A burst gateway does so when its burst ends:
+// Vault keeps a deleted AppRole's tokens until their TTL, the burst's end,
+// and one copied off a rented server should be worth nothing before then.
+func (v *Vault) RevokeLogin(ctx context.Context) error {
+	return v.client.Auth().Token().RevokeSelfWithContext(ctx, "")
+}
+
 // login authenticates and returns the login secret (its Auth part says
 // whether and how long the token can be renewed). It logs in on a copy of
 // the client and gives the client the new token only once it has one:

@@ -409,6 +409,13 @@ func (g *Gateway) Run(parent context.Context) error {
 			cancel()
 		}
 		g.prov.Close()
+		if r, ok := g.prov.Secrets().(interface{ RevokeLogin(context.Context) error }); ok {
+			rctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			if err := r.RevokeLogin(rctx); err != nil {
+				g.log.Info("could not revoke our vault token (it ends with the burst)", "err", err)
+			}
+			cancel()
+		}
 		g.forgetBurst(ended)
 		return ended
 	}
