@@ -175,9 +175,14 @@ func (v *Vault) deleteBurstObjects(ctx context.Context, c *vault.Client, name, c
 	if p := burstPolicy(name, claim); p != name {
 		policies = append(policies, p)
 	}
-	// A token that may delete but not read the AppRole (an operator's,
-	// least privilege) deletes the policies it can name without it.
-	if s, err := c.Logical().ReadWithContext(ctx, role); err == nil && s != nil {
+	// Read first: a policy left behind would give back to the ended
+	// burst's tokens whatever it still allows, so not knowing its name
+	// stops the close before anything is deleted.
+	s, err := c.Logical().ReadWithContext(ctx, role)
+	if err != nil {
+		return fmt.Errorf("vault read %s, to find the policy its tokens carry (the operator's token needs read on it): %w", role, err)
+	}
+	if s != nil {
 		if ps, ok := s.Data["token_policies"].([]any); ok {
 			for _, p := range ps {
 				// Only the burst's own: an AppRole edited by hand to carry

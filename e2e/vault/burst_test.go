@@ -570,7 +570,7 @@ func TestVaultBurstOpenAndAbort(t *testing.T) {
 	must(t, e.root.Sys().PutPolicy("closer-"+e.kv, fmt.Sprintf(`
 path "%[1]s/data/skybridge/bursts/*" { capabilities = ["create", "read", "update"] }
 path "%[1]s/metadata/skybridge/bursts/*" { capabilities = ["delete"] }
-path "auth/%[2]s/role/*" { capabilities = ["delete"] }
+path "auth/%[2]s/role/*" { capabilities = ["read", "delete"] }
 path "sys/policies/acl/*" { capabilities = ["delete"] }
 path "%[3]s/roles/*" { capabilities = ["read", "delete"] }
 `, e.kv, e.approleMount, e.pki)))
