@@ -387,6 +387,16 @@ func (v *Vault) holdBurst(ctx context.Context, c *vault.Client, site, claim, by 
 			return err
 		}
 		if !stale {
+			// The AppRole names its opening's policy: still this burst's,
+			// the site was not opened again (an opening makes its own
+			// after this one's is gone), and the claim was rewritten by
+			// someone who may write claims — taken for a reopening, the
+			// burst would be recorded as ended and its AppRole left.
+			if ours, err := v.appRoleIsOpenings(ctx, c, v.BurstName(site), claim); err != nil {
+				return err
+			} else if ours {
+				return fmt.Errorf("burst site %s: its claim %s names gateway %s, but its AppRole is still this burst's: the claim was changed outside skybridge; nothing was deleted: remove the claim (`vault kv metadata delete %s`), find out who wrote it, and run burst down again", site, v.claimRef(site), held.Gateway, v.claimRef(site))
+			}
 			return fmt.Errorf("%w: site %s %s (Vault's claim %s is not this burst's), so this burst's Vault objects were removed already; nothing was deleted", ErrBurstSiteReopened, site, held.holder(), v.claimRef(site))
 		}
 		if try == holdTries {
@@ -398,6 +408,24 @@ func (v *Vault) holdBurst(ctx context.Context, c *vault.Client, site, claim, by 
 		case <-time.After(holdWait):
 		}
 	}
+}
+
+// appRoleIsOpenings reports whether the site's AppRole (name) gives its
+// tokens the policy of the opening with claim.
+func (v *Vault) appRoleIsOpenings(ctx context.Context, c *vault.Client, name, claim string) (bool, error) {
+	if claim == unclaimedClose {
+		return false, nil
+	}
+	role := path.Join("auth", v.appRoleMount(), "role", name)
+	s, err := c.Logical().ReadWithContext(ctx, role)
+	if err != nil {
+		return false, fmt.Errorf("vault read %s: %w", role, err)
+	}
+	if s == nil {
+		return false, nil
+	}
+	ps, _ := s.Data["token_policies"].([]any)
+	return slices.Contains(ps, any(burstPolicy(name, claim))), nil
 }
 
 // holdTries and holdWait bound how long holdBurst waits for an opening

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -464,6 +465,23 @@ func TestVaultBurstOpenAndAbort(t *testing.T) {
 	if r, p, a, c := exists(); !r || !p || !a || !c {
 		t.Fatalf("the refused OpenBurst, CloseBurst or AbortBurst removed the open burst's objects: role %v, policy %v, AppRole %v, claim %v", r, p, a, c)
 	}
+	// The claim rewritten by someone who may write claims (a gateway whose
+	// policy reaches the bursts path): the burst's own close is not taken
+	// for a reopening, since the AppRole is still its opening's.
+	claimed, err := e.root.KVv2(e.kv).Get(ctx, "skybridge/bursts/burst-x")
+	must(t, err)
+	forged := maps.Clone(claimed.Data)
+	forged["nonce"], forged["gateway"] = "forged-nonce", "gw-rogue"
+	_, err = e.root.KVv2(e.kv).Put(ctx, "skybridge/bursts/burst-x", forged, api.WithCheckAndSet(claimed.VersionMetadata.Version))
+	must(t, err)
+	if _, err := v.CloseBurst(ctx, e.root.Token(), "burst-x", []string{"burst-x-gw1"}, vb.Claim, "gw-zrh"); err == nil || errors.Is(err, certs.ErrBurstSiteReopened) || !strings.Contains(err.Error(), "changed outside skybridge") {
+		t.Fatalf("CloseBurst over a rewritten claim: %v", err)
+	}
+	if r, p, a, c := exists(); !r || !p || !a || !c {
+		t.Fatalf("the close over a rewritten claim deleted: role %v, policy %v, AppRole %v, claim %v", r, p, a, c)
+	}
+	_, err = e.root.KVv2(e.kv).Put(ctx, "skybridge/bursts/burst-x", claimed.Data)
+	must(t, err)
 	must(t, v.AbortBurst(ctx, e.root.Token(), "burst-x", vb.Claim, "gw-zrh"))
 	if r, p, a, c := exists(); r || p || a || c {
 		t.Fatalf("after AbortBurst: role %v, policy %v, AppRole %v, claim %v", r, p, a, c)
