@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -184,7 +185,22 @@ func migrateApply(c *cli.Context) error {
 			return usageError("--bwlimit: %v", err)
 		}
 	}
-	raw, err := os.ReadFile(path)
+	// One apply of a plan at a time: two would dispatch the same VMs
+	// (the gateway refuses the second of each) and overwrite each other's
+	// PLAN.state, recording as failed what the other runs. The plan file
+	// itself is locked, so nothing is left beside it.
+	pf, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	defer pf.Close()
+	if err := syscall.Flock(int(pf.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		if errors.Is(err, syscall.EWOULDBLOCK) {
+			return fmt.Errorf("another `skybridge migrate apply %s` is running: wait for it, or stop it (Ctrl-C; the migrations under way carry on) and run this again", path)
+		}
+		return fmt.Errorf("lock %s: %w", path, err)
+	}
+	raw, err := io.ReadAll(pf)
 	if err != nil {
 		return err
 	}

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -113,5 +114,32 @@ func TestMigrationStreamLost(t *testing.T) {
 				t.Errorf("exit %d, stderr %q; want exit %d, %q and not %q", code, errs, tt.wantCode, tt.want, tt.mustNot)
 			}
 		})
+	}
+}
+
+// TestApplyOneAtATime: a second apply of a plan while one runs is refused,
+// saying so, before it asks the gateway anything or writes any state.
+func TestApplyOneAtATime(t *testing.T) {
+	dir := t.TempDir()
+	plan := filepath.Join(dir, "plan.json")
+	b, _ := json.Marshal(migrate.Plan{Created: time.Now(), Placements: []migrate.Placement{
+		{VM: migrate.VM{Name: "vm1", Image: "/img/vm1.raw", Class: "pii-eu"}, To: "gw2", Site: "aws-eu-central-1"},
+	}})
+	os.WriteFile(plan, b, 0o644)
+	f, err := os.Open(plan)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX); err != nil { // the apply running
+		t.Fatal(err)
+	}
+	_, errs, code := runCLI(t, "migrate", "apply", plan, "--socket", filepath.Join(dir, "nope.sock"))
+	if code != 1 || !strings.Contains(errs, "is running") || strings.Contains(errs, "cannot reach the gateway") {
+		t.Errorf("a second apply: exit %d, %q; want it refused as another apply runs", code, errs)
+	}
+	syscall.Flock(int(f.Fd()), syscall.LOCK_UN)
+	if _, errs, _ := runCLI(t, "migrate", "apply", plan, "--socket", filepath.Join(dir, "nope.sock")); !strings.Contains(errs, "cannot reach the gateway") {
+		t.Errorf("once the other apply is done: %q; want it to go on (and find no gateway)", errs)
 	}
 }
