@@ -42,6 +42,10 @@ type Gateway struct {
 	warnInbox throttle.PerSecond
 	// sendsQueued counts goSend's sends waiting or under way.
 	sendsQueued atomic.Int64
+	// sent is each peer's transmit counter as status last read it, and
+	// when it last grew (noteSent).
+	sentMu sync.Mutex
+	sent   map[certs.WGPublicKey]sentMark
 	// policyMu serialises AdoptPolicy: gossip and the control socket
 	// adopt concurrently, and an older policy stored after a newer one
 	// would replace it in memory, on disk and in the gossip queue.

@@ -241,10 +241,13 @@ func tunnelHealth(m MemberStatus, now time.Time) string {
 	case age <= staleHandshake:
 		return TunnelAgeing
 	}
-	if m.TxBytes == 0 {
-		return TunnelIdle
+	// No handshake for over 180 s: failing if it sends meanwhile (a
+	// WireGuard peer with traffic to send handshakes every 2 minutes, and
+	// retries every 5 s when unanswered), idle if it has not sent since.
+	if !m.LastSent.IsZero() && now.Sub(m.LastSent) <= staleHandshake && m.LastSent.After(m.LastHandshake) {
+		return TunnelStale
 	}
-	return TunnelStale
+	return TunnelIdle
 }
 
 // healthColour is a tunnel's colour in both renderings.

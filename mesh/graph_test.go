@@ -10,6 +10,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
+
 	"github.com/skybridge-mesh/skybridge/certs"
 	"github.com/skybridge-mesh/skybridge/policy"
 )
@@ -26,7 +28,7 @@ func TestBuildGraphTunnelHealth(t *testing.T) {
 	members := []MemberStatus{
 		{Node: "b", Peer: true, LastHandshake: now.Add(-30 * time.Second), TxBytes: 100},
 		{Node: "c", Peer: true, LastHandshake: now.Add(-160 * time.Second), TxBytes: 100},
-		{Node: "d", Peer: true, LastHandshake: now.Add(-10 * time.Minute), TxBytes: 100},
+		{Node: "d", Peer: true, LastHandshake: now.Add(-10 * time.Minute), TxBytes: 100, LastSent: now.Add(-5 * time.Second)},
 		{Node: "e", Peer: true}, // configured, never used
 		// f: planned, not on the device yet
 	}
@@ -52,6 +54,53 @@ func TestBuildGraphTunnelHealth(t *testing.T) {
 	}
 	if h := tunnelHealth(MemberStatus{TxBytes: 148}, now); h != TunnelStale {
 		t.Errorf("never handshook while sending: %s, want stale", h)
+	}
+	// One that carried traffic, then nothing for longer than a session
+	// lasts, is idle too: what it sent was before its last handshake.
+	used := MemberStatus{LastHandshake: now.Add(-10 * time.Minute), TxBytes: 1 << 30, LastSent: now.Add(-11 * time.Minute)}
+	if h := tunnelHealth(used, now); h != TunnelIdle {
+		t.Errorf("idle since it was used: %s, want idle", h)
+	}
+	// Sending since then without a handshake is failing; having sent
+	// long ago, after the handshake, and nothing since is not.
+	used.LastSent = now.Add(-20 * time.Second)
+	if h := tunnelHealth(used, now); h != TunnelStale {
+		t.Errorf("sending without a handshake: %s, want stale", h)
+	}
+	used.LastSent = now.Add(-5 * time.Minute)
+	if h := tunnelHealth(used, now); h != TunnelIdle {
+		t.Errorf("sent once after the handshake, then nothing for 5 minutes: %s, want idle", h)
+	}
+}
+
+// TestNoteSent: a peer's transmit counter counts as sending when it grows
+// between two looks (or is not zero at the first), not merely when it is
+// not zero.
+func TestNoteSent(t *testing.T) {
+	clock := time.Date(2026, 11, 26, 12, 0, 0, 0, time.UTC)
+	g := &Gateway{now: func() time.Time { return clock }}
+	var k wgtypes.Key
+	k[0] = 1
+	look := func(tx int64) time.Time {
+		return g.noteSent([]wgtypes.Peer{{PublicKey: k, TransmitBytes: tx}})[certs.WGPublicKey(k)]
+	}
+	start := clock
+	if at := look(100); !at.Equal(start) {
+		t.Fatalf("first look at 100 bytes: %v, want now", at)
+	}
+	clock = clock.Add(time.Minute)
+	if at := look(100); !at.Equal(start) {
+		t.Fatalf("unchanged: %v, want the first look", at)
+	}
+	clock = clock.Add(time.Minute)
+	if at := look(148); !at.Equal(clock) {
+		t.Fatalf("grown: %v, want now", at)
+	}
+	if at := look(10); !at.IsZero() {
+		t.Fatalf("counter restarted (peer configured anew): %v, want zero", at)
+	}
+	if g.noteSent(nil); len(g.sent) != 0 {
+		t.Fatalf("peers gone are remembered: %v", g.sent)
 	}
 }
 
@@ -109,7 +158,8 @@ func TestSiteHealth(t *testing.T) {
 	st := &Status{Site: "home", Members: []MemberStatus{
 		{Node: "h2", Site: "home", SiteVerified: true, State: StateVerified},
 		{Node: "ok", Site: "up", SiteVerified: true, State: StateVerified, Peer: true, LastHandshake: now.Add(-time.Minute), TxBytes: 10},
-		{Node: "broken", Site: "cut", SiteVerified: true, State: StateVerified, Peer: true, LastHandshake: now.Add(-time.Hour), TxBytes: 10},
+		{Node: "broken", Site: "cut", SiteVerified: true, State: StateVerified, Peer: true, LastHandshake: now.Add(-time.Hour), TxBytes: 10, LastSent: now.Add(-10 * time.Second)},
+		{Node: "used", Site: "rested", SiteVerified: true, State: StateVerified, Peer: true, LastHandshake: now.Add(-time.Hour), TxBytes: 10, LastSent: now.Add(-time.Hour - time.Minute)},
 		{Node: "idle", Site: "quiet", SiteVerified: true, State: StateVerified, Peer: true},
 		{Node: "gone", Site: "lost", SiteVerified: true, State: StateDead},
 		{Node: "retired", Site: "closed", SiteVerified: true, State: StateDead, Left: true}, // decommissioned: not missed
@@ -117,7 +167,7 @@ func TestSiteHealth(t *testing.T) {
 		{Node: "x", State: StatePending},
 		{Node: "liar", Site: "evil", State: StateRefused}, // a claim, never verified
 	}}
-	want := map[string]bool{"home": true, "up": true, "cut": false, "quiet": true, "lost": false, "spoke": true, "unknown": false}
+	want := map[string]bool{"home": true, "up": true, "cut": false, "rested": true, "quiet": true, "lost": false, "spoke": true, "unknown": false}
 	got := siteHealth(st, now)
 	if len(got) != len(want) {
 		t.Fatalf("%d sites, want %d: %+v", len(got), len(want), got)
@@ -209,7 +259,7 @@ func TestGraphBySite(t *testing.T) {
 	self := nodes[0].node() // gw-0-00
 	members := []MemberStatus{
 		{Node: "gw-1-00", Peer: true, LastHandshake: now.Add(-time.Second), TxBytes: 1},
-		{Node: "gw-1-01", Peer: true, LastHandshake: now.Add(-time.Hour), TxBytes: 1}, // broken
+		{Node: "gw-1-01", Peer: true, LastHandshake: now.Add(-time.Hour), TxBytes: 1, LastSent: now.Add(-time.Second)}, // broken
 		{Node: "gw-2-00", Peer: true, LastHandshake: now.Add(-time.Second), TxBytes: 1},
 	}
 	g := buildGraph(nodes, edges, self, members, now, false)

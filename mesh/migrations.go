@@ -333,7 +333,7 @@ func (g *Gateway) StartMigration(req MigrationRequest) (*runningMigration, strin
 		var denied *migrate.DeniedError
 		switch {
 		case errors.As(err, &denied):
-			log.Warn("migration refused by the residency policy", "by", denied.By, "rule", denied.Rule, "reasons", strings.Join(denied.Reasons, "; "))
+			log.Warn("migration refused by the residency policy", "by", denied.By, "rule", denied.Rule, "reason", strings.Join(denied.Reasons, "; "))
 		case err != nil:
 			log.Warn("migration ended", "err", err)
 		default:

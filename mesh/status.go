@@ -6,6 +6,8 @@ import (
 	"sort"
 	"time"
 
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
+
 	"github.com/skybridge-mesh/skybridge/certs"
 )
 
@@ -50,24 +52,28 @@ type IdentityStatus struct {
 // MemberStatus is one member: its verification state and, for peers, the
 // tunnel as the WireGuard device reports it.
 type MemberStatus struct {
-	Node           string         `json:"node"`
-	Site           string         `json:"site,omitempty"`
-	Region         string         `json:"region,omitempty"`
-	Provider       string         `json:"provider,omitempty"`
-	Jurisdiction   string         `json:"jurisdiction,omitempty"`
-	OverlayIP      string         `json:"overlay_ip,omitempty"`
-	State          MemberState    `json:"state"`
-	SiteVerified   bool           `json:"site_verified"`  // Site comes from a certificate verified now or before, not only from the member's claim
-	Left           bool           `json:"left,omitempty"` // left on purpose (decommissioned), not declared dead
-	Reason         string         `json:"reason,omitempty"`
-	Peer           bool           `json:"peer"` // configured as a WireGuard peer
-	Endpoint       string         `json:"endpoint,omitempty"`
-	AllowedIPs     []netip.Prefix `json:"allowed_ips,omitempty"`
-	LastHandshake  time.Time      `json:"last_handshake,omitzero"`
-	RxBytes        int64          `json:"rx_bytes"`
-	TxBytes        int64          `json:"tx_bytes"`
-	IdentityExpiry time.Time      `json:"identity_expiry,omitzero"`
-	PublicKey      string         `json:"public_key,omitempty"`
+	Node          string         `json:"node"`
+	Site          string         `json:"site,omitempty"`
+	Region        string         `json:"region,omitempty"`
+	Provider      string         `json:"provider,omitempty"`
+	Jurisdiction  string         `json:"jurisdiction,omitempty"`
+	OverlayIP     string         `json:"overlay_ip,omitempty"`
+	State         MemberState    `json:"state"`
+	SiteVerified  bool           `json:"site_verified"`  // Site comes from a certificate verified now or before, not only from the member's claim
+	Left          bool           `json:"left,omitempty"` // left on purpose (decommissioned), not declared dead
+	Reason        string         `json:"reason,omitempty"`
+	Peer          bool           `json:"peer"` // configured as a WireGuard peer
+	Endpoint      string         `json:"endpoint,omitempty"`
+	AllowedIPs    []netip.Prefix `json:"allowed_ips,omitempty"`
+	LastHandshake time.Time      `json:"last_handshake,omitzero"`
+	RxBytes       int64          `json:"rx_bytes"`
+	TxBytes       int64          `json:"tx_bytes"`
+	// LastSent is when this gateway last saw TxBytes grow (zero: not
+	// since it started): a tunnel is failing when it sends without a
+	// handshake, not when it has been idle since it last carried traffic.
+	LastSent       time.Time `json:"last_sent,omitzero"`
+	IdentityExpiry time.Time `json:"identity_expiry,omitzero"`
+	PublicKey      string    `json:"public_key,omitempty"`
 }
 
 // ReconcileStats count reconcile runs.
@@ -123,6 +129,7 @@ func (g *Gateway) Status() (*Status, error) {
 	for i, p := range dev.Peers {
 		peers[certs.WGPublicKey(p.PublicKey)] = i
 	}
+	sent := g.noteSent(dev.Peers)
 	for _, m := range g.members.snapshot() {
 		ms := MemberStatus{Node: m.Name, State: m.State, Reason: m.Reason, Left: m.Left}
 		// What was verified, if anything: a member renewing its
@@ -146,6 +153,7 @@ func (g *Gateway) Status() (*Status, error) {
 			if i, ok := peers[m.Verified.Advert.WireGuardKey]; ok {
 				p := dev.Peers[i]
 				ms.Peer, ms.LastHandshake, ms.RxBytes, ms.TxBytes = true, p.LastHandshakeTime, p.ReceiveBytes, p.TransmitBytes
+				ms.LastSent = sent[m.Verified.Advert.WireGuardKey]
 				if p.Endpoint != nil {
 					ms.Endpoint = p.Endpoint.String()
 				}
@@ -157,4 +165,37 @@ func (g *Gateway) Status() (*Status, error) {
 		st.Members = append(st.Members, ms)
 	}
 	return st, nil
+}
+
+// sentMark is a peer's transmit counter as last seen, and when it was last
+// seen to grow.
+type sentMark struct {
+	bytes int64
+	at    time.Time
+}
+
+// noteSent records the peers' transmit counters and returns, per peer,
+// when each was last seen to grow. A counter seen for the first time
+// counts as grown now if it is not zero: the device counts from its
+// creation, so what it holds was sent since this gateway started.
+func (g *Gateway) noteSent(peers []wgtypes.Peer) map[certs.WGPublicKey]time.Time {
+	now := g.now()
+	g.sentMu.Lock()
+	defer g.sentMu.Unlock()
+	next := make(map[certs.WGPublicKey]sentMark, len(peers)) // peers gone are forgotten
+	out := make(map[certs.WGPublicKey]time.Time, len(peers))
+	for _, p := range peers {
+		k := certs.WGPublicKey(p.PublicKey)
+		m, seen := g.sent[k]
+		switch {
+		case seen && p.TransmitBytes > m.bytes, !seen && p.TransmitBytes > 0:
+			m.at = now
+		case seen && p.TransmitBytes < m.bytes:
+			m.at = time.Time{} // the peer was configured anew: counting restarts
+		}
+		m.bytes = p.TransmitBytes
+		next[k], out[k] = m, m.at
+	}
+	g.sent = next
+	return out
 }

@@ -540,7 +540,7 @@ func (r *Receiver) control(ctx context.Context, c *tls.Conn, fr *frameReader, fw
 	// The receiver decides with its own policy copy.
 	d, ok := r.decide(o, from)
 	if !ok {
-		log.Warn("migration refused by the residency policy", "rule", d.Rule.String())
+		log.Warn("migration refused by the residency policy", "rule", d.Rule.String(), "reason", strings.Join(d.Reasons, "; "))
 		r.audit(o, from, d, "denied", Hash{}, 0, r.cfg.Now(), r.cfg.Now(), "")
 		r.cfg.Observer.Ended(RoleReceive, StateDenied, 0)
 		fw.json(frameDeny, Deny{Rule: d.Rule.String(), Reasons: d.Reasons})
@@ -620,7 +620,7 @@ func (r *Receiver) control(ctx context.Context, c *tls.Conn, fr *frameReader, fw
 	// an exception that ran out, while the image came may forbid storing
 	// it here. Then what came is removed rather than stored.
 	if d, ok = r.decide(o, from); !ok {
-		log.Warn("migration refused at commit: the residency policy no longer allows it here; the received data is removed", "rule", d.Rule.String(), "policy", d.Policy.RevisionString())
+		log.Warn("migration refused at commit: the residency policy no longer allows it here; the received data is removed", "rule", d.Rule.String(), "reason", strings.Join(d.Reasons, "; "), "policy", d.Policy.RevisionString())
 		closeSession() // its syncer and file done with, the data can go
 		if _, err := r.forget(o.ID, s.record.Temp); err != nil {
 			log.Error("remove the data of a migration the policy no longer allows here", "file", s.record.Temp, "err", err)

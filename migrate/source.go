@@ -154,6 +154,9 @@ func (r *rawSource) Extents() ([]Extent, error) {
 type qcow2Source struct {
 	f   *os.File
 	img *qcow2.Qcow2
+	// The L1 table, as the header places it (checkQcow2Header bounded
+	// it), and how many bytes of the image one entry maps.
+	l1Off, l1Size, perL1 int64
 }
 
 func openQcow2(path string, f *os.File) (Source, error) {
@@ -188,7 +191,9 @@ func openQcow2(path string, f *os.File) (Source, error) {
 		f.Close()
 		return nil, fmt.Errorf("%s: qcow2 feature not supported: %w", path, err)
 	}
-	return &qcow2Source{f: f, img: img}, nil
+	be := binary.BigEndian
+	bits := int64(be.Uint32(hdr[20:24]))
+	return &qcow2Source{f: f, img: img, l1Off: int64(be.Uint64(hdr[40:48])), l1Size: int64(be.Uint32(hdr[36:40])), perL1: 1 << (2*bits - 3)}, nil
 }
 
 func (q *qcow2Source) ReadAt(p []byte, off int64) (int, error) { return q.img.ReadAt(p, off) }
@@ -196,16 +201,46 @@ func (q *qcow2Source) Format() string                          { return FormatQc
 func (q *qcow2Source) Size() int64                             { return q.img.Size() }
 func (q *qcow2Source) Close() error                            { return q.f.Close() }
 
+// qcowL1OffsetMask is the host offset of an L2 table in an L1 entry.
+const qcowL1OffsetMask = 0x00fffffffffffe00
+
+// Extents lists the allocated ranges. The reader finds them a cluster at
+// a time, tens of nanoseconds each, holes included: 43 s for a thin 64 TiB
+// disk of 64 KiB clusters whatever it holds. The L1 table says which
+// stretches have no L2 table at all — unallocated, and without a backing
+// file zeros — so only the stretches it maps are asked about.
 func (q *qcow2Source) Extents() ([]Extent, error) {
 	size := q.img.Size()
+	l1 := make([]byte, q.l1Size*8)
+	if _, err := q.f.ReadAt(l1, q.l1Off); err != nil {
+		return nil, fmt.Errorf("qcow2 L1 table: %w", err)
+	}
 	var out []Extent
-	for off := int64(0); off < size; {
-		e, err := q.img.Extent(off, size-off)
+	for i := int64(0); i < q.l1Size && i*q.perL1 < size; i++ {
+		if binary.BigEndian.Uint64(l1[i*8:])&qcowL1OffsetMask == 0 {
+			continue
+		}
+		var err error
+		if out, err = q.extentsIn(out, i*q.perL1, min((i+1)*q.perL1, size)); err != nil {
+			return nil, err
+		}
+	}
+	return out, nil
+}
+
+// extentsIn appends the allocated ranges of [from, to) to out, joining
+// one that continues the last.
+func (q *qcow2Source) extentsIn(out []Extent, from, to int64) ([]Extent, error) {
+	for off := from; off < to; {
+		e, err := q.img.Extent(off, to-off)
 		if err != nil {
 			return nil, fmt.Errorf("qcow2 allocation map at %d: %w", off, err)
 		}
 		if e.Length <= 0 {
 			return nil, fmt.Errorf("qcow2 allocation map stalls at %d", off)
+		}
+		if end := e.Start + e.Length; end > to {
+			e.Length = to - e.Start // the next stretch is asked on its own
 		}
 		if e.Allocated && !e.Zero {
 			if n := len(out); n > 0 && out[n-1].Off+out[n-1].Len == e.Start {

@@ -149,6 +149,7 @@ type run struct {
 	opt     Options
 	id      string
 	mode    string
+	modeWhy string // why mode is netstack, for the first line
 	dir     string
 	sites   []*site
 	wanNS   string
@@ -170,7 +171,7 @@ func Run(ctx context.Context, opt Options) (sum *Summary, err error) {
 	b := make([]byte, 2)
 	rand.Read(b)
 	r.id = hex.EncodeToString(b)
-	r.mode = chooseMode(opt.Mode)
+	r.mode, r.modeWhy = chooseMode(opt.Mode)
 	r.sites = demoSites()
 	r.dir = opt.WorkDir
 	if r.dir == "" {
@@ -203,27 +204,29 @@ func Run(ctx context.Context, opt Options) (sum *Summary, err error) {
 	return &r.sum, nil
 }
 
-func chooseMode(m string) string {
+// chooseMode picks the demo's mode, and says why when it is not the one
+// that shows the most.
+func chooseMode(m string) (mode, why string) {
 	if m != ModeAuto && m != "" {
-		return m
+		return m, "--mode " + m
 	}
 	if os.Geteuid() != 0 {
-		return ModeNetstack
+		return ModeNetstack, "not running as root"
 	}
 	if _, err := exec.LookPath("ip"); err != nil {
-		return ModeNetstack
+		return ModeNetstack, "no ip(8) (iproute2) on this machine"
 	}
 	if _, err := os.Stat("/dev/net/tun"); err != nil {
-		return ModeNetstack
+		return ModeNetstack, "no /dev/net/tun on this machine"
 	}
-	return ModeNetns
+	return ModeNetns, ""
 }
 
 func (r *run) steps(ctx context.Context) error {
 	if r.mode == ModeNetns {
 		r.sayf("skybridge demo: three sites as network namespaces, each with its own gateway on a TUN device\n\n")
 	} else {
-		r.sayf("skybridge demo: not running as root (or no ip/TUN), so the three sites are unprivileged netstack gateways on loopback\n\n")
+		r.sayf("skybridge demo: %s, so the three sites are unprivileged netstack gateways on loopback\n\n", r.modeWhy)
 	}
 	if err := r.makeIdentities(); err != nil {
 		return err
