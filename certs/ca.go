@@ -147,6 +147,15 @@ func InitCA(dir string, opt InitOptions) (*CA, error) {
 	if err := os.MkdirAll(parent, 0o755); err != nil {
 		return nil, fmt.Errorf("create %s: %w", parent, err)
 	}
+	// What an init that crashed left (a CA key that never became a CA)
+	// goes; one younger than an hour may be another init still running.
+	if old, _ := filepath.Glob(filepath.Join(parent, "."+filepath.Base(dir)+".init-*")); len(old) > 0 {
+		for _, o := range old {
+			if fi, err := os.Lstat(o); err == nil && fi.IsDir() && time.Since(fi.ModTime()) > time.Hour {
+				os.RemoveAll(o)
+			}
+		}
+	}
 	tmp, err := os.MkdirTemp(parent, "."+filepath.Base(dir)+".init-*")
 	if err != nil {
 		return nil, fmt.Errorf("create CA directory: %w", err)

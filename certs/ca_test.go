@@ -9,6 +9,7 @@ import (
 	"crypto/x509/pkix"
 	"encoding/json"
 	"errors"
+	"io/fs"
 	"math/big"
 	"net"
 	"net/netip"
@@ -624,5 +625,34 @@ func TestOpenCAWithoutCertificate(t *testing.T) {
 	}
 	if _, err := OpenCA(t.TempDir()); err == nil || !strings.Contains(err.Error(), "ca init") {
 		t.Fatalf("an empty directory: err = %v; want advice to run ca init", err)
+	}
+}
+
+// TestInitCARemovesCrashedInits: a CA key left by an init that crashed
+// (its temporary directory) goes with the next init of the directory; a
+// recent one, perhaps an init still running, stays.
+func TestInitCARemovesCrashedInits(t *testing.T) {
+	parent := t.TempDir()
+	crashed, running := filepath.Join(parent, ".ca.init-111"), filepath.Join(parent, ".ca.init-222")
+	for _, d := range []string{crashed, running} {
+		if err := os.Mkdir(d, 0o700); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(d, fileCAKey), []byte("a key"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	long := time.Now().Add(-2 * time.Hour)
+	if err := os.Chtimes(crashed, long, long); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := InitCA(filepath.Join(parent, "ca"), InitOptions{MeshPrefix: netip.MustParsePrefix("100.96.0.0/16")}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(crashed); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("the crashed init's directory: %v; want it removed", err)
+	}
+	if _, err := os.Stat(running); err != nil {
+		t.Errorf("the recent init's directory: %v; want it kept", err)
 	}
 }
