@@ -10,6 +10,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"path/filepath"
 	"slices"
 	"sort"
 	"strings"
@@ -350,6 +351,14 @@ const opIDLen = 16
 type RotationReport struct {
 	Members []string      `json:"members"` // verified members that acknowledged every step
 	Elapsed time.Duration `json:"elapsed"`
+	// CAKeyring says where the keyring new gateways are given now holds
+	// the new key: "vault" (the mesh's one, in KV), "ca_dir" (this
+	// gateway holds the CA directory and updated its copy), or "" — the
+	// CA directory is elsewhere, updated only if a gateway holding it
+	// took part; a CA kept on no gateway needs it copied by hand.
+	CAKeyring string `json:"ca_keyring,omitempty"`
+	// Keyring is this gateway's keyring file, to copy from ("" with Vault).
+	Keyring string `json:"keyring,omitempty"`
 }
 
 // RotateGossipKey replaces the mesh's gossip key without a restart (see
@@ -402,7 +411,17 @@ func (g *Gateway) RotateGossipKey(ctx context.Context) (*RotationReport, error) 
 		}
 	}
 	g.log.Info("gossip key rotated", "members", len(members))
-	return &RotationReport{Members: members, Elapsed: time.Since(start)}, nil
+	rep := &RotationReport{Members: members, Elapsed: time.Since(start)}
+	switch sec := g.prov.Secrets().(type) {
+	case certs.DirSecrets:
+		rep.Keyring = filepath.Join(sec.Dir, certs.FileGossipKeyring)
+		if _, ok := g.prov.Issuer().(*certs.CA); ok {
+			rep.CAKeyring = "ca_dir"
+		}
+	default:
+		rep.CAKeyring = "vault"
+	}
+	return rep, nil
 }
 
 // rotationMembers are the members a gossip key rotation goes to: those

@@ -35,6 +35,17 @@ func TestGossipKeyRotation(t *testing.T) {
 	if bytes.Equal(nk, old) {
 		t.Fatal("the primary key did not change")
 	}
+	// The report says where new gateways' keyring stands: this gateway
+	// holds no CA directory, so it names its own file to copy from.
+	_, holdsCA := a.g.prov.Issuer().(*certs.CA)
+	if holdsCA != (rep.CAKeyring == "ca_dir") || !holdsCA && rep.CAKeyring != "" || rep.Keyring != filepath.Join(a.g.s.Identity.Dir, certs.FileGossipKeyring) {
+		t.Errorf("report: CA keyring %q, keyring %q; this gateway holds the CA: %v", rep.CAKeyring, rep.Keyring, holdsCA)
+	}
+	if b, err := os.ReadFile(rep.Keyring); err != nil {
+		t.Error(err)
+	} else if kr, err := certs.ParseGossipKeyring(b); err != nil || !bytes.Equal(kr.Primary(), nk) {
+		t.Errorf("the keyring the report names does not hold the new key: %v", err)
+	}
 	for _, lg := range m.gws {
 		keys := lg.g.keyring.GetKeys()
 		if len(keys) != 1 || !bytes.Equal(keys[0], nk) {

@@ -335,6 +335,12 @@ func keysCommand() *cli.Command {
 					return printJSON(c.App.Writer, rep)
 				}
 				fmt.Fprintf(c.App.Writer, "gossip key rotated on %d other gateways in %s: %s\n", len(rep.Members), rep.Elapsed.Round(time.Millisecond), strings.Join(rep.Members, ", "))
+				if rep.CAKeyring == "" {
+					// `ca issue` hands new gateways the CA directory's
+					// copy: unless a gateway holding it took part, it
+					// now holds a key the mesh no longer takes.
+					fmt.Fprintf(c.App.Writer, "this gateway does not hold the CA directory: unless a gateway that does (identity.ca_dir) took part, copy the new keyring into it, or gateways issued from now on cannot read the mesh's gossip: cp %s <CA directory>/%s\n", rep.Keyring, certs.FileGossipKeyring)
+				}
 				return nil
 			},
 		}, {
