@@ -962,3 +962,43 @@ func TestJudgeRefusesAnotherName(t *testing.T) {
 		t.Fatalf("gw-b with gw-a's advert: %v, %d gateways; want refused, none", got, len(ms.gateways()))
 	}
 }
+
+// FuzzDecodeMessage: whatever a gossip-key holder sends, a message splits
+// into at most the fields allowed, each within the message and the field
+// limit, and what splits encodes back to a message that splits the same.
+func FuzzDecodeMessage(f *testing.F) {
+	f.Add(encodeMessage(msgCertRequest, []byte("gw-a"), []byte("cert"), []byte("192.0.2.1:7946")))
+	f.Add(bundle(encodeMessage(msgAnnounce, []byte{blobCRL}, u64(7), make([]byte, 32)), encodeMessage(msgCerts)))
+	f.Add([]byte{msgCert, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x01})
+	f.Fuzz(func(t *testing.T, b []byte) {
+		m, err := decodeMessage(b, maxFields)
+		if err != nil {
+			return
+		}
+		if len(m.fields) > maxFields {
+			t.Fatalf("%d fields, at most %d allowed", len(m.fields), maxFields)
+		}
+		total := 0
+		for _, fl := range m.fields {
+			if len(fl) > maxMessageField {
+				t.Fatalf("field of %d bytes", len(fl))
+			}
+			total += len(fl)
+		}
+		if total > len(b) {
+			t.Fatalf("fields of %d bytes from a message of %d", total, len(b))
+		}
+		again, err := decodeMessage(encodeMessage(m.typ, m.fields...), maxFields)
+		if err != nil || again.typ != m.typ || len(again.fields) != len(m.fields) {
+			t.Fatalf("re-encoded: %v, %d fields; want %d", err, len(again.fields), len(m.fields))
+		}
+		for i := range m.fields {
+			if !bytes.Equal(again.fields[i], m.fields[i]) {
+				t.Fatalf("field %d differs after re-encoding", i)
+			}
+		}
+		if parts, err := unbundle(b); err == nil && len(parts) > maxBundleParts {
+			t.Fatalf("bundle of %d parts", len(parts))
+		}
+	})
+}

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"crypto/rand"
 	"encoding/binary"
+	"encoding/json"
 	"errors"
 	"io"
 	"testing"
@@ -168,4 +169,90 @@ func TestChunkCompression(t *testing.T) {
 			t.Errorf("%s: does not decompress to itself: %v", tt.name, err)
 		}
 	}
+}
+
+// FuzzFrames: whatever a peer's connection carries, reading it frame by
+// frame as the receiver and the sender do — chunk frames' fixed part, the
+// other frames' payloads as acks, nacks and index frames — neither panics
+// nor reads past a frame, and a chunk's data length is what its frame
+// leaves.
+func FuzzFrames(f *testing.F) {
+	var wire bytes.Buffer
+	fw := newFrameWriter(&wire)
+	fw.frame(frameChunk, chunkHeader(3, hashChunk([]byte("abc")), 0, 3), []byte("abc"))
+	fw.frame(frameAck, ackFrame([]int64{1, 2, 300}))
+	fw.frame(frameAck, indexFrame(7, Hash{1}))
+	fw.flush()
+	f.Add(wire.Bytes())
+	f.Add([]byte{frameChunk, 0x80, 0x80, 0x80, 0x80, 0x01})
+	f.Fuzz(func(t *testing.T, b []byte) {
+		fr := newFrameReader(bytes.NewReader(b))
+		for range 64 {
+			typ, n, err := fr.head()
+			if err != nil {
+				return
+			}
+			if n < 0 || n > maxFrame {
+				t.Fatalf("frame length %d", n)
+			}
+			if typ == frameChunk {
+				c, err := fr.chunkHead(n)
+				if err != nil {
+					return
+				}
+				if c.dataLen < 0 || c.dataLen > n {
+					t.Fatalf("chunk frame of %d bytes leaves %d of data", n, c.dataLen)
+				}
+				if err := fr.skip(c.dataLen); err != nil {
+					return
+				}
+				continue
+			}
+			p, err := fr.body(n, nil)
+			if err != nil {
+				return
+			}
+			if len(p) != n {
+				t.Fatalf("body of %d bytes for a frame of %d", len(p), n)
+			}
+			if idx, err := parseAck(p); err == nil {
+				if back, err := parseAck(ackFrame(idx)); err != nil || len(back) != len(idx) {
+					t.Fatalf("ack %v does not round-trip: %v %v", idx, back, err)
+				}
+			}
+			parseNack(p)
+			parseIndexFrame(p)
+		}
+	})
+}
+
+// FuzzCheckOffer: an offer the receiver takes describes an image it can
+// size without overflow, whose root costs what its height does.
+func FuzzCheckOffer(f *testing.F) {
+	f.Add([]byte(`{"id":"0123456789abcdef","name":"vm","class":"pii-eu","format":"raw","size":1048576,"chunk_size":1048576,"streams":4}`))
+	f.Add([]byte(`{"id":"a","name":"vm","format":"raw","size":9223372036854775807,"chunk_size":1,"streams":1,"chunks":0}`))
+	f.Add([]byte(`{"id":"a","name":"vm","format":"qcow2","size":1125899906842624,"chunk_size":4096,"streams":1}`))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		var o Offer
+		if json.Unmarshal(b, &o) != nil || checkOffer(&o) != nil {
+			return
+		}
+		if o.Size < 0 || o.Size > MaxImageSize || o.ChunkSize < MinChunkSize {
+			t.Fatalf("offer taken: size %d, chunk %d", o.Size, o.ChunkSize)
+		}
+		n := chunkCount(o.Size, o.ChunkSize)
+		if n < 0 || n > MaxImageSize/MinChunkSize {
+			t.Fatalf("%d chunks of %d bytes in %d", n, o.ChunkSize, o.Size)
+		}
+		if o.Chunks != nil && (*o.Chunks < 0 || *o.Chunks > n) {
+			t.Fatalf("%d chunks holding data of %d", *o.Chunks, n)
+		}
+		m := Manifest{Size: o.Size, ChunkSize: o.ChunkSize}
+		m.Root() // no chunk holds data: its cost is the tree's height
+		if o.Format == FormatQcow2 {
+			if l := qcowInPlaceLayout(o.Size); l.base < 0 || l.clusters < 0 {
+				t.Fatalf("qcow2 layout of %d bytes: %+v", o.Size, l)
+			}
+		}
+	})
 }
