@@ -219,7 +219,7 @@ func (p *pair) slowSendWith(t *testing.T, delay time.Duration, tweak func(*SendC
 
 // makeRaw writes a sparse raw image: size bytes with data blocks at the
 // given offsets (alternating random and compressible), holes elsewhere.
-func makeRaw(t *testing.T, path string, size int64, blocks map[int64]int) {
+func makeRaw(t testing.TB, path string, size int64, blocks map[int64]int) {
 	t.Helper()
 	f, err := os.Create(path)
 	if err != nil {

@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -137,6 +138,76 @@ func FuzzOpenSource(f *testing.F) {
 		p := make([]byte, 64<<10)
 		for _, e := range ext[:min(len(ext), 4)] {
 			src.ReadAt(p[:min(int64(len(p)), e.Len)], e.Off) // errors are fine; panics are not
+		}
+	})
+}
+
+// TestQcow2ExtentsSkipUnmapped: the extents of a thin 4 TiB qcow2 image
+// holding two blocks are those blocks, found through the L1 table: the
+// stretches it maps no L2 table for are never asked about, cluster by
+// cluster, and the answer equals the reader's own walk of the whole image.
+func TestQcow2ExtentsSkipUnmapped(t *testing.T) {
+	q := qemuImg(t)
+	dir := t.TempDir()
+	raw, img := filepath.Join(dir, "thin.raw"), filepath.Join(dir, "thin.qcow2")
+	const size = 4 << 40
+	makeRaw(t, raw, size, map[int64]int{3 * mib: mib, size - 2*mib: 64 << 10})
+	if out, err := exec.Command(q, "convert", "-O", "qcow2", raw, img).CombinedOutput(); err != nil {
+		t.Fatalf("%v %s", err, out)
+	}
+	src, err := OpenSource(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer src.Close()
+	got, err := src.Extents()
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []Extent{{3 * mib, mib}, {size - 2*mib, 64 << 10}}
+	if !slices.Equal(got, want) {
+		t.Fatalf("extents %v, want %v", got, want)
+	}
+	if testing.Short() {
+		return
+	}
+	q2 := src.(*qcow2Source)
+	whole, err := q2.extentsIn(nil, 0, q2.Size())
+	if err != nil || !slices.Equal(whole, want) {
+		t.Fatalf("the reader's walk of the whole image: %v, %v", whole, err)
+	}
+}
+
+// BenchmarkQcow2Extents: listing the extents of a thin 4 TiB qcow2 (64 KiB
+// clusters) holding two blocks, through the L1 table and by the reader's
+// walk of every cluster.
+func BenchmarkQcow2Extents(b *testing.B) {
+	q := qemuImg(b)
+	dir := b.TempDir()
+	raw, img := filepath.Join(dir, "thin.raw"), filepath.Join(dir, "thin.qcow2")
+	const size = 4 << 40
+	makeRaw(b, raw, size, map[int64]int{3 * mib: mib, size - 2*mib: 64 << 10})
+	if out, err := exec.Command(q, "convert", "-O", "qcow2", raw, img).CombinedOutput(); err != nil {
+		b.Fatalf("%v %s", err, out)
+	}
+	src, err := OpenSource(img)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer src.Close()
+	q2 := src.(*qcow2Source)
+	b.Run("l1", func(b *testing.B) {
+		for b.Loop() {
+			if _, err := q2.Extents(); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run("every-cluster", func(b *testing.B) {
+		for b.Loop() {
+			if _, err := q2.extentsIn(nil, 0, q2.Size()); err != nil {
+				b.Fatal(err)
+			}
 		}
 	})
 }
