@@ -205,7 +205,7 @@ func (q *qcow2Source) Close() error                            { return q.f.Clos
 const qcowL1OffsetMask = 0x00fffffffffffe00
 
 // Extents lists the allocated ranges. The reader finds them a cluster at
-// a time, tens of nanoseconds each, holes included: 43 s for a thin 64 TiB
+// a time, holes included: 15 ns a cluster here, 16 s for a thin 64 TiB
 // disk of 64 KiB clusters whatever it holds. The L1 table says which
 // stretches have no L2 table at all — unallocated, and without a backing
 // file zeros — so only the stretches it maps are asked about.
