@@ -133,10 +133,32 @@ func OpenVault(ctx context.Context, cfg *VaultConfig, meshPrefix netip.Prefix, l
 	if err != nil {
 		return nil, err
 	}
+	if err := v.checkKVMount(ctx); err != nil {
+		return nil, err
+	}
 	bg, stop := context.WithCancel(context.Background())
 	v.stop = stop
 	v.wg.Go(func() { v.maintainLogin(bg, secret) })
 	return v, nil
+}
+
+// checkKVMount refuses a KV mount of version 1: every call skybridge makes
+// to it would fail on paths that version does not have ("data/",
+// "metadata/"), with errors that do not say why. Where Vault will not say
+// what the mount is (no rights to ask, an older Vault), the first call to
+// it says what is wrong instead.
+func (v *Vault) checkKVMount(ctx context.Context) error {
+	s, err := v.client.Logical().ReadWithContext(ctx, path.Join("sys/internal/ui/mounts", v.cfg.KVMount))
+	if err != nil || s == nil {
+		return nil
+	}
+	typ, _ := s.Data["type"].(string)
+	opts, _ := s.Data["options"].(map[string]any)
+	version, _ := opts["version"].(string)
+	if (typ == "kv" || typ == "generic") && version != "2" {
+		return fmt.Errorf("vault kv_mount %q is a KV version 1 mount; skybridge keeps its secrets in KV version 2: upgrade it (`vault kv enable-versioning %s`) or name a version 2 mount", v.cfg.KVMount, v.cfg.KVMount)
+	}
+	return nil
 }
 
 // Close stops token renewal.

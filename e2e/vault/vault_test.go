@@ -486,3 +486,30 @@ func quietHCLog() hclog.Logger {
 	}
 	return hclog.NewNullLogger()
 }
+
+// TestVaultKVVersion1Refused: a kv_mount of KV version 1 is refused when
+// the back end opens, saying what to do, rather than failing later on
+// every secret with errors about paths the mount does not have.
+func TestVaultKVVersion1Refused(t *testing.T) {
+	e := startVault(t)
+	kv1 := e.kv + "-v1"
+	must(t, e.root.Sys().Mount(kv1, &api.MountInput{Type: "kv", Options: map[string]string{"version": "1"}}))
+	t.Cleanup(func() { e.root.Sys().Unmount(kv1) })
+	dir := t.TempDir()
+	tokenFile := filepath.Join(dir, "token")
+	must(t, os.WriteFile(tokenFile, []byte(e.root.Token()), 0o600))
+	cfg := e.config(filepath.Join(dir, "id"), certs.VaultAuth{Method: "token", TokenFile: tokenFile})
+	cfg.Vault.KVMount = kv1
+	if p, err := certs.Open(t.Context(), cfg, slog.New(slog.DiscardHandler)); err == nil || !strings.Contains(err.Error(), "KV version 1") || !strings.Contains(err.Error(), "enable-versioning") {
+		if p != nil {
+			p.Close()
+		}
+		t.Fatalf("a KV version 1 mount: %v; want it refused, with what to do", err)
+	}
+	cfg.Vault.KVMount = e.kv
+	p, err := certs.Open(t.Context(), cfg, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatalf("a KV version 2 mount: %v", err)
+	}
+	p.Close()
+}
