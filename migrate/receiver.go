@@ -770,12 +770,7 @@ func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision, log
 	var rec RecvRecord
 	resumed := j.get(bucketRecv, o.ID, &rec) == nil
 	if resumed && (rec.Size != o.Size || rec.ChunkSize != o.ChunkSize || rec.Name != o.Name || rec.From != from.Node || rec.Format != o.Format) {
-		// A different migration under an old ID: start over.
-		if err := j.dropChunks("recv", o.ID); err != nil {
-			return nil, nil, err
-		}
-		os.Remove(temp)
-		resumed = false
+		resumed = false // a different migration under an old ID: start over
 	}
 	if _, err := os.Stat(temp); resumed && errors.Is(err, fs.ErrNotExist) {
 		// The chunks the journal holds were in that file (lost to a
@@ -783,15 +778,13 @@ func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision, log
 		// into a new, empty one, the sender would skip them and the
 		// image would be stored with holes of zeros.
 		log.Warn("the incoming file of a resumed migration is gone; receiving every chunk again", "file", temp)
-		if err := j.dropChunks("recv", o.ID); err != nil {
-			return nil, nil, err
-		}
 		resumed = false
 	}
 	if !resumed {
-		// Nothing of an earlier file under this ID counts (its record
-		// was lost with a journal moved aside, say): no chunk is held,
-		// and the file is emptied when it is opened below.
+		// Nothing of an earlier attempt under this ID counts — another
+		// migration's, one whose file is gone, or one whose record was
+		// lost with a journal moved aside: no chunk is held, and the
+		// file is emptied when it is opened below.
 		if err := j.dropChunks("recv", o.ID); err != nil {
 			return nil, nil, err
 		}
