@@ -83,31 +83,36 @@ func OpenSource(path string) (Source, error) {
 // qcowMaxCluster is the largest cluster qemu makes (cluster_bits 21).
 const qcowMaxCluster = 2 << 20
 
+// qcow2L1 is where a qcow2 header places the L1 table, and how many bytes
+// of the image one of its entries maps.
+type qcow2L1 struct{ off, size, perEntry int64 }
+
 // checkQcow2Header refuses a qcow2 header whose numbers are not an image's
 // before the reader sizes its tables by them: it allocates the whole L1
 // table the header declares, and panics on cluster sizes qemu never makes.
 // The bounds are qemu's own (cluster_bits 9 to 21, an L1 table of at most
-// 32 MiB that fits in the file and covers the virtual size).
-func checkQcow2Header(hdr []byte, fileSize int64) error {
+// 32 MiB that fits in the file and covers the virtual size). It returns
+// the L1 table it checked.
+func checkQcow2Header(hdr []byte, fileSize int64) (qcow2L1, error) {
 	be := binary.BigEndian
 	bits, size := be.Uint32(hdr[20:24]), be.Uint64(hdr[24:32])
 	l1Size, l1Off := uint64(be.Uint32(hdr[36:40])), be.Uint64(hdr[40:48])
 	switch {
 	case bits < 9 || bits > 21:
-		return fmt.Errorf("cluster_bits %d: qemu makes 9 to 21", bits)
+		return qcow2L1{}, fmt.Errorf("cluster_bits %d: qemu makes 9 to 21", bits)
 	case size > MaxImageSize:
-		return fmt.Errorf("virtual size %d: more than the %d a migration can describe", size, int64(MaxImageSize))
+		return qcow2L1{}, fmt.Errorf("virtual size %d: more than the %d a migration can describe", size, int64(MaxImageSize))
 	}
 	perL1 := uint64(1) << (2*bits - 3) // bytes one L2 table maps
 	switch need := (size + perL1 - 1) / perL1; {
 	case l1Size < need:
-		return fmt.Errorf("L1 table of %d entries for a virtual size that needs %d", l1Size, need)
+		return qcow2L1{}, fmt.Errorf("L1 table of %d entries for a virtual size that needs %d", l1Size, need)
 	case l1Size > 4<<20:
-		return fmt.Errorf("L1 table of %d entries: qemu makes at most %d", l1Size, 4<<20)
+		return qcow2L1{}, fmt.Errorf("L1 table of %d entries: qemu makes at most %d", l1Size, 4<<20)
 	case l1Off%8 != 0 || l1Off > uint64(fileSize) || l1Size*8 > uint64(fileSize)-l1Off:
-		return fmt.Errorf("L1 table at %d (%d entries) lies outside the %d-byte file", l1Off, l1Size, fileSize)
+		return qcow2L1{}, fmt.Errorf("L1 table at %d (%d entries) lies outside the %d-byte file", l1Off, l1Size, fileSize)
 	}
-	return nil
+	return qcow2L1{off: int64(l1Off), size: int64(l1Size), perEntry: int64(perL1)}, nil
 }
 
 // rawSource is a raw image file read sparse-aware: SEEK_DATA/SEEK_HOLE
@@ -154,9 +159,7 @@ func (r *rawSource) Extents() ([]Extent, error) {
 type qcow2Source struct {
 	f   *os.File
 	img *qcow2.Qcow2
-	// The L1 table, as the header places it (checkQcow2Header bounded
-	// it), and how many bytes of the image one entry maps.
-	l1Off, l1Size, perL1 int64
+	l1  qcow2L1 // as checkQcow2Header bounded it
 }
 
 func openQcow2(path string, f *os.File) (Source, error) {
@@ -178,7 +181,8 @@ func openQcow2(path string, f *os.File) (Source, error) {
 		f.Close()
 		return nil, err
 	}
-	if err := checkQcow2Header(hdr, st.Size()); err != nil {
+	l1, err := checkQcow2Header(hdr, st.Size())
+	if err != nil {
 		f.Close()
 		return nil, fmt.Errorf("%s: not a qcow2 image qemu would make: %w", path, err)
 	}
@@ -191,9 +195,7 @@ func openQcow2(path string, f *os.File) (Source, error) {
 		f.Close()
 		return nil, fmt.Errorf("%s: qcow2 feature not supported: %w", path, err)
 	}
-	be := binary.BigEndian
-	bits := int64(be.Uint32(hdr[20:24]))
-	return &qcow2Source{f: f, img: img, l1Off: int64(be.Uint64(hdr[40:48])), l1Size: int64(be.Uint32(hdr[36:40])), perL1: 1 << (2*bits - 3)}, nil
+	return &qcow2Source{f: f, img: img, l1: l1}, nil
 }
 
 func (q *qcow2Source) ReadAt(p []byte, off int64) (int, error) { return q.img.ReadAt(p, off) }
@@ -205,23 +207,24 @@ func (q *qcow2Source) Close() error                            { return q.f.Clos
 const qcowL1OffsetMask = 0x00fffffffffffe00
 
 // Extents lists the allocated ranges. The reader finds them a cluster at
-// a time, holes included: 15 ns a cluster here, 16 s for a thin 64 TiB
-// disk of 64 KiB clusters whatever it holds. The L1 table says which
+// a time, holes included: 1 s for a thin 4 TiB image of 64 KiB clusters
+// here, whatever it holds, and linear in the size. The L1 table says which
 // stretches have no L2 table at all — unallocated, and without a backing
 // file zeros — so only the stretches it maps are asked about.
 func (q *qcow2Source) Extents() ([]Extent, error) {
 	size := q.img.Size()
-	l1 := make([]byte, q.l1Size*8)
-	if _, err := q.f.ReadAt(l1, q.l1Off); err != nil {
+	l1 := make([]byte, q.l1.size*8)
+	if _, err := q.f.ReadAt(l1, q.l1.off); err != nil {
 		return nil, fmt.Errorf("qcow2 L1 table: %w", err)
 	}
+	per := q.l1.perEntry
 	var out []Extent
-	for i := int64(0); i < q.l1Size && i*q.perL1 < size; i++ {
+	for i := int64(0); i < q.l1.size && i*per < size; i++ {
 		if binary.BigEndian.Uint64(l1[i*8:])&qcowL1OffsetMask == 0 {
 			continue
 		}
 		var err error
-		if out, err = q.extentsIn(out, i*q.perL1, min((i+1)*q.perL1, size)); err != nil {
+		if out, err = q.extentsIn(out, i*per, min((i+1)*per, size)); err != nil {
 			return nil, err
 		}
 	}

@@ -142,37 +142,47 @@ func FuzzOpenSource(f *testing.F) {
 	})
 }
 
+// thinSize is the virtual size of thinQcow2's image.
+const thinSize = 4 << 40
+
+// thinQcow2 opens a thin 4 TiB qcow2 image (64 KiB clusters, made by
+// qemu-img from a sparse raw file) holding a 1 MiB block at 3 MiB and a
+// 64 KiB one 2 MiB before its end.
+func thinQcow2(tb testing.TB) *qcow2Source {
+	tb.Helper()
+	q := qemuImg(tb)
+	dir := tb.TempDir()
+	raw, img := filepath.Join(dir, "thin.raw"), filepath.Join(dir, "thin.qcow2")
+	makeRaw(tb, raw, thinSize, map[int64]int{3 * mib: mib, thinSize - 2*mib: 64 << 10})
+	if out, err := exec.Command(q, "convert", "-O", "qcow2", raw, img).CombinedOutput(); err != nil {
+		tb.Fatalf("%v %s", err, out)
+	}
+	src, err := OpenSource(img)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { src.Close() })
+	return src.(*qcow2Source)
+}
+
 // TestQcow2ExtentsSkipUnmapped: the extents of a thin 4 TiB qcow2 image
 // holding two blocks are those blocks, found through the L1 table: the
 // stretches it maps no L2 table for are never asked about, cluster by
 // cluster, and the answer equals the reader's own walk of the whole image.
 func TestQcow2ExtentsSkipUnmapped(t *testing.T) {
-	q := qemuImg(t)
-	dir := t.TempDir()
-	raw, img := filepath.Join(dir, "thin.raw"), filepath.Join(dir, "thin.qcow2")
-	const size = 4 << 40
-	makeRaw(t, raw, size, map[int64]int{3 * mib: mib, size - 2*mib: 64 << 10})
-	if out, err := exec.Command(q, "convert", "-O", "qcow2", raw, img).CombinedOutput(); err != nil {
-		t.Fatalf("%v %s", err, out)
-	}
-	src, err := OpenSource(img)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer src.Close()
+	src := thinQcow2(t)
 	got, err := src.Extents()
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := []Extent{{3 * mib, mib}, {size - 2*mib, 64 << 10}}
+	want := []Extent{{3 * mib, mib}, {thinSize - 2*mib, 64 << 10}}
 	if !slices.Equal(got, want) {
 		t.Fatalf("extents %v, want %v", got, want)
 	}
 	if testing.Short() {
 		return
 	}
-	q2 := src.(*qcow2Source)
-	whole, err := q2.extentsIn(nil, 0, q2.Size())
+	whole, err := src.extentsIn(nil, 0, src.Size())
 	if err != nil || !slices.Equal(whole, want) {
 		t.Fatalf("the reader's walk of the whole image: %v, %v", whole, err)
 	}
@@ -182,20 +192,7 @@ func TestQcow2ExtentsSkipUnmapped(t *testing.T) {
 // clusters) holding two blocks, through the L1 table and by the reader's
 // walk of every cluster.
 func BenchmarkQcow2Extents(b *testing.B) {
-	q := qemuImg(b)
-	dir := b.TempDir()
-	raw, img := filepath.Join(dir, "thin.raw"), filepath.Join(dir, "thin.qcow2")
-	const size = 4 << 40
-	makeRaw(b, raw, size, map[int64]int{3 * mib: mib, size - 2*mib: 64 << 10})
-	if out, err := exec.Command(q, "convert", "-O", "qcow2", raw, img).CombinedOutput(); err != nil {
-		b.Fatalf("%v %s", err, out)
-	}
-	src, err := OpenSource(img)
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer src.Close()
-	q2 := src.(*qcow2Source)
+	q2 := thinQcow2(b)
 	b.Run("l1", func(b *testing.B) {
 		for b.Loop() {
 			if _, err := q2.Extents(); err != nil {
