@@ -169,30 +169,26 @@ func (v *Vault) deleteBurstObjects(ctx context.Context, c *vault.Client, name, c
 		}
 		return nil
 	}
-	role := path.Join("auth", v.appRoleMount(), "role", name)
-	// The AppRole names its tokens' policies: read before it goes.
 	policies := []string{name}
 	if p := burstPolicy(name, claim); p != name {
 		policies = append(policies, p)
 	}
-	// Read first: a policy left behind would give back to the ended
-	// burst's tokens whatever it still allows, so not knowing its name
-	// stops the close before anything is deleted.
-	s, err := c.Logical().ReadWithContext(ctx, role)
+	// The AppRole names its tokens' policies: read before it goes. A
+	// policy left behind would give back to the ended burst's tokens
+	// whatever it still allows, so not knowing its name stops the close
+	// before anything is deleted.
+	carried, err := v.appRolePolicies(ctx, c, name)
 	if err != nil {
-		return fmt.Errorf("vault read %s, to find the policy its tokens carry (the operator's token needs read on it): %w", role, err)
+		return fmt.Errorf("%w (the operator's token needs read on it, to find the policy its tokens carry)", err)
 	}
-	if s != nil {
-		if ps, ok := s.Data["token_policies"].([]any); ok {
-			for _, p := range ps {
-				// Only the burst's own: an AppRole edited by hand to carry
-				// other policies must not make the close delete them.
-				if p, ok := p.(string); ok && strings.HasPrefix(p, name+"-") && !slices.Contains(policies, p) {
-					policies = append(policies, p)
-				}
-			}
+	for _, p := range carried {
+		// Only the burst's own: an AppRole edited by hand to carry
+		// other policies must not make the close delete them.
+		if strings.HasPrefix(p, name+"-") && !slices.Contains(policies, p) {
+			policies = append(policies, p)
 		}
 	}
+	role := path.Join("auth", v.appRoleMount(), "role", name)
 	if err := del(role); err != nil {
 		return err
 	}
@@ -416,16 +412,29 @@ func (v *Vault) appRoleIsOpenings(ctx context.Context, c *vault.Client, name, cl
 	if claim == unclaimedClose {
 		return false, nil
 	}
+	ps, err := v.appRolePolicies(ctx, c, name)
+	return slices.Contains(ps, burstPolicy(name, claim)), err
+}
+
+// appRolePolicies lists the policies the burst AppRole name gives its
+// tokens (none if there is no such AppRole).
+func (v *Vault) appRolePolicies(ctx context.Context, c *vault.Client, name string) ([]string, error) {
 	role := path.Join("auth", v.appRoleMount(), "role", name)
 	s, err := c.Logical().ReadWithContext(ctx, role)
 	if err != nil {
-		return false, fmt.Errorf("vault read %s: %w", role, err)
+		return nil, fmt.Errorf("vault read %s: %w", role, err)
 	}
 	if s == nil {
-		return false, nil
+		return nil, nil
 	}
-	ps, _ := s.Data["token_policies"].([]any)
-	return slices.Contains(ps, any(burstPolicy(name, claim))), nil
+	raw, _ := s.Data["token_policies"].([]any)
+	out := make([]string, 0, len(raw))
+	for _, p := range raw {
+		if p, ok := p.(string); ok {
+			out = append(out, p)
+		}
+	}
+	return out, nil
 }
 
 // holdTries and holdWait bound how long holdBurst waits for an opening

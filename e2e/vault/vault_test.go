@@ -136,6 +136,20 @@ func (e *env) approleConfig(t *testing.T, dir string) (cfg certs.Config, secretF
 	return e.config(filepath.Join(dir, "id"), certs.VaultAuth{Method: "approle", RoleIDFile: roleFile, SecretIDFile: secretFile}), secretFile
 }
 
+// eachToken calls f with the accessor and lookup of every token Vault
+// holds (a token gone meanwhile is skipped).
+func (e *env) eachToken(t *testing.T, f func(accessor any, tok map[string]any)) {
+	t.Helper()
+	list, err := e.root.Logical().List("auth/token/accessors")
+	must(t, err)
+	for _, a := range list.Data["keys"].([]any) {
+		tok, err := e.root.Logical().Write("auth/token/lookup-accessor", map[string]any{"accessor": a})
+		if err == nil && tok != nil {
+			f(a, tok.Data)
+		}
+	}
+}
+
 func (e *env) config(dir string, auth certs.VaultAuth) certs.Config {
 	auth.Mount = e.approleMount
 	return certs.Config{
@@ -387,17 +401,14 @@ func TestVaultReloginWhenTokenRefused(t *testing.T) {
 	// hour-long token is then invalid, and its watcher would not renew it
 	// for 40 minutes.
 	revokeGateway := func() {
-		list, err := e.root.Logical().List("auth/token/accessors")
-		must(t, err)
 		revoked := 0
-		for _, a := range list.Data["keys"].([]any) {
-			tok, err := e.root.Logical().Write("auth/token/lookup-accessor", map[string]any{"accessor": a})
-			if err != nil || tok == nil || tok.Data["path"] != "auth/"+e.approleMount+"/login" {
-				continue // gone meanwhile, or not ours
+		e.eachToken(t, func(accessor any, tok map[string]any) {
+			if tok["path"] != "auth/"+e.approleMount+"/login" {
+				return // not ours
 			}
-			write(t, e.root, "auth/token/revoke-accessor", map[string]any{"accessor": a})
+			write(t, e.root, "auth/token/revoke-accessor", map[string]any{"accessor": accessor})
 			revoked++
-		}
+		})
 		if revoked == 0 {
 			t.Fatal("no gateway token to revoke")
 		}
