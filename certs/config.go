@@ -107,6 +107,13 @@ type Config struct {
 	CADir    string       `hcl:"ca_dir,optional"`
 	Vault    *VaultConfig `hcl:"vault,block"`
 	Body     hcl.Body     `hcl:",body"`
+
+	// RideOutOutage lets Open return while Vault cannot be reached (no
+	// connection, sealed): the gateway then starts from the identity,
+	// trust bundle and secrets it keeps in Dir and logs in once Vault is
+	// back. Set by a gateway that starts, never by the configuration
+	// file: a command run by hand should say at once that Vault is down.
+	RideOutOutage bool
 }
 
 // VaultConfig selects a Vault server, its PKI and KV v2 mounts and how to
@@ -168,10 +175,11 @@ type settings struct {
 	ttl        time.Duration
 	caDir      string
 	vault      *VaultConfig
+	rideOut    bool
 }
 
 func (c *Config) validate() (*settings, error) {
-	s := &settings{backend: c.Backend, dir: c.Dir, caDir: c.CADir, vault: c.Vault, ttl: DefaultNodeTTL}
+	s := &settings{backend: c.Backend, dir: c.Dir, caDir: c.CADir, vault: c.Vault, ttl: DefaultNodeTTL, rideOut: c.RideOutOutage}
 	if s.backend == "" {
 		s.backend = BackendFile
 	}

@@ -47,11 +47,11 @@ func Open(ctx context.Context, cfg Config, log *slog.Logger) (*Provider, error) 
 			p.issuer = ca
 		}
 	case BackendVault:
-		v, err := OpenVault(ctx, s.vault, s.meshPrefix, log)
+		v, err := openVault(ctx, s.vault, s.meshPrefix, log, s.rideOut)
 		if err != nil {
 			return nil, err
 		}
-		p.issuer, p.secrets, p.close = v, v, v.Close
+		p.issuer, p.secrets, p.close = v, &VaultSecrets{Vault: v, dir: s.dir}, v.Close
 	}
 	return p, nil
 }
@@ -102,7 +102,12 @@ func (p *Provider) Trust(ctx context.Context) (*TrustBundle, error) {
 			}
 			return tb, nil
 		}
-		p.log.Warn("issuer unreachable, using cached trust bundle", "err", err)
+		tb, lerr := LoadTrustBundle(p.s.dir, p.s.meshPrefix)
+		if lerr != nil {
+			return nil, fmt.Errorf("%w; and no trust bundle is kept in %s: %v", err, p.s.dir, lerr)
+		}
+		p.log.Warn("issuer unreachable, using the trust bundle kept on disk", "err", err)
+		return tb, nil
 	}
 	tb, err := LoadTrustBundle(p.s.dir, p.s.meshPrefix)
 	if err != nil {

@@ -3,11 +3,13 @@ package certs
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
 	"math/big"
+	"net"
 	"net/http"
 	"net/netip"
 	"net/url"
@@ -15,6 +17,7 @@ import (
 	"path"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	vault "github.com/hashicorp/vault/api"
@@ -49,6 +52,55 @@ type Vault struct {
 	// request to maintainLogin, which then renews that one.
 	loginMu sync.Mutex
 	fresh   chan *vault.Secret
+
+	// awaiting is set from a start while Vault was unreachable until the
+	// first login succeeds: requests fail at once with errVaultAwaited
+	// rather than each waiting out the client's retries and timeout.
+	awaiting atomic.Bool
+}
+
+// errVaultAwaited is what a request gets from a gateway that started
+// while Vault was unreachable and has not logged in since.
+var errVaultAwaited = errors.New("vault was unreachable when this gateway started and it has not logged in since (it keeps trying)")
+
+// startLoginTimeout bounds the login of a gateway that may start without
+// Vault: a Vault that drops packets would otherwise hold the start for the
+// client's three attempts of a minute each.
+const startLoginTimeout = 20 * time.Second
+
+// VaultUnreachable reports whether err means that Vault could not be
+// asked — no connection, a timeout, a sealed, standby or overloaded server
+// (HTTP 5xx, 429) — rather than that it answered and refused. Only an
+// unreachable Vault is ridden out on what a gateway keeps on disk: a
+// refusal (a SecretID or policy removed, a token revoked) is the
+// operator's word and stands, and so does a server whose certificate does
+// not verify, which may not be Vault at all.
+func VaultUnreachable(err error) bool {
+	if err == nil || errors.Is(err, context.Canceled) {
+		return false
+	}
+	if errors.Is(err, errVaultAwaited) {
+		return true
+	}
+	var re *vault.ResponseError
+	if errors.As(err, &re) {
+		return re.StatusCode >= 500 || re.StatusCode == http.StatusTooManyRequests
+	}
+	var (
+		unknownCA x509.UnknownAuthorityError
+		badName   x509.HostnameError
+		invalid   x509.CertificateInvalidError
+		verify    *tls.CertificateVerificationError
+		ue        *url.Error
+		ne        net.Error
+	)
+	switch {
+	case errors.As(err, &unknownCA), errors.As(err, &badName), errors.As(err, &invalid), errors.As(err, &verify):
+		return false
+	case errors.Is(err, context.DeadlineExceeded), errors.As(err, &ue), errors.As(err, &ne):
+		return true
+	}
+	return false
 }
 
 var (
@@ -105,6 +157,14 @@ func checkVaultAddress(addr string) error {
 // the api's LifetimeWatcher, re-login when the token reaches its maximum
 // TTL) until Close.
 func OpenVault(ctx context.Context, cfg *VaultConfig, meshPrefix netip.Prefix, log *slog.Logger) (*Vault, error) {
+	return openVault(ctx, cfg, meshPrefix, log, false)
+}
+
+// openVault is OpenVault; with rideOut, a Vault that cannot be reached
+// (VaultUnreachable) does not fail it: the Vault returned answers every
+// request with an error VaultUnreachable recognises until a login in the
+// background succeeds.
+func openVault(ctx context.Context, cfg *VaultConfig, meshPrefix netip.Prefix, log *slog.Logger, rideOut bool) (*Vault, error) {
 	if !meshPrefix.IsValid() {
 		return nil, errors.New("vault back end needs mesh_cidr in the identity block: Vault's CA does not carry the overlay range")
 	}
@@ -129,11 +189,23 @@ func OpenVault(ctx context.Context, cfg *VaultConfig, meshPrefix netip.Prefix, l
 		log.Info("vault namespace taken from VAULT_NAMESPACE", "namespace", ns)
 	}
 	v := &Vault{client: client, cfg: cfg, meshPrefix: meshPrefix, log: log.With("vault", vc.Address), fresh: make(chan *vault.Secret, 1)}
-	secret, err := v.login(ctx)
-	if err != nil {
-		return nil, err
+	lctx := ctx
+	if rideOut {
+		var cancel context.CancelFunc
+		lctx, cancel = context.WithTimeout(ctx, startLoginTimeout)
+		defer cancel()
 	}
-	if err := v.checkKVMount(ctx); err != nil {
+	secret, err := v.login(lctx)
+	switch {
+	case err == nil:
+		if err := v.checkKVMount(ctx); err != nil {
+			return nil, err
+		}
+	case rideOut && ctx.Err() == nil && VaultUnreachable(err):
+		v.log.Warn("vault unreachable: starting on the identity and secrets kept on disk, logging in once it answers", "err", err)
+		v.awaiting.Store(true)
+		secret = nil
+	default:
 		return nil, err
 	}
 	bg, stop := context.WithCancel(context.Background())
@@ -296,6 +368,9 @@ func (v *Vault) relogin(ctx context.Context, stale string, handOver bool) (*vaul
 // waiting for it. A request refused for want of a permission fails
 // again, and its error is returned.
 func (v *Vault) withLogin(ctx context.Context, req func() error) error {
+	if v.awaiting.Load() {
+		return errVaultAwaited
+	}
 	stale := v.client.Token()
 	err := req()
 	if !isInvalidToken(err) && !(isForbidden(err) && v.tokenRefused(ctx, stale)) {
@@ -340,26 +415,33 @@ func (v *Vault) tokenRefused(ctx context.Context, token string) bool {
 }
 
 // maintainLogin renews the token while Vault allows and logs in again when
-// it does not (maximum TTL reached, token revoked).
+// it does not (maximum TTL reached, token revoked). A nil secret (a start
+// while Vault was unreachable) begins with a login.
 func (v *Vault) maintainLogin(ctx context.Context, secret *vault.Secret) {
 	for {
-		if s := v.waitForLoginEnd(ctx, secret); s != nil {
-			secret = s // a refused request logged in again: renew that login
-			continue
+		// Without a login yet, the client holds no token of ours
+		// (perhaps VAULT_TOKEN's, which NewClient takes): that one is stale.
+		stale := v.client.Token()
+		if secret != nil {
+			if s := v.waitForLoginEnd(ctx, secret); s != nil {
+				secret = s // a refused request logged in again: renew that login
+				continue
+			}
+			if ctx.Err() != nil {
+				return
+			}
+			stale = secret.Auth.ClientToken
 		}
-		if ctx.Err() != nil {
-			return
-		}
-		s, err := v.relogin(ctx, secret.Auth.ClientToken, false)
+		s, err := v.relogin(ctx, stale, false)
 		for backoff := time.Second; err != nil; backoff = min(2*backoff, time.Minute) {
-			v.log.Error("vault re-login failed", "err", err, "retry_in", backoff)
+			v.log.Error("vault login failed", "err", err, "retry_in", backoff)
 			select {
 			case <-ctx.Done():
 				return
 			case s = <-v.fresh: // a refused request logged in meanwhile
 				err = nil
 			case <-time.After(backoff):
-				s, err = v.relogin(ctx, secret.Auth.ClientToken, false)
+				s, err = v.relogin(ctx, stale, false)
 			}
 		}
 		if s == nil {
@@ -370,10 +452,23 @@ func (v *Vault) maintainLogin(ctx context.Context, secret *vault.Secret) {
 				return
 			case s = <-v.fresh:
 			}
-		} else {
+		} else if secret != nil {
 			v.log.Info("vault login renewed by logging in again")
 		}
+		if secret == nil {
+			v.loggedInLate(ctx)
+		}
 		secret = s
+	}
+}
+
+// loggedInLate ends a start without Vault: requests go to Vault again, and
+// what OpenVault would have refused at once is reported now.
+func (v *Vault) loggedInLate(ctx context.Context) {
+	v.awaiting.Store(false)
+	v.log.Info("vault answers again: logged in")
+	if err := v.checkKVMount(ctx); err != nil {
+		v.log.Error("vault kv_mount refused", "err", err)
 	}
 }
 

@@ -2,6 +2,10 @@ package certs
 
 import (
 	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log"
 	"net/http"
 	"net/http/httptest"
 	"testing"
@@ -40,6 +44,66 @@ func TestTokenRefusedBefore117(t *testing.T) {
 		}
 		if got := v.tokenRefused(context.Background(), token); got != want {
 			t.Errorf("tokenRefused(%s) = %v, want %v", token, got, want)
+		}
+	}
+}
+
+// TestVaultUnreachable: what a start on the copies kept on disk is
+// allowed for. The errors are the api client's own, from servers that
+// answer so or from none at all.
+func TestVaultUnreachable(t *testing.T) {
+	status := func(code int) string {
+		srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			w.WriteHeader(code)
+			w.Write([]byte(`{"errors":["as told"]}`))
+		}))
+		t.Cleanup(srv.Close)
+		return srv.URL
+	}
+	closed := httptest.NewServer(http.NotFoundHandler())
+	closed.Close()
+	foreignTLS := httptest.NewUnstartedServer(http.NotFoundHandler()) // its certificate is trusted by nobody here
+	foreignTLS.Config.ErrorLog = log.New(io.Discard, "", 0)
+	foreignTLS.StartTLS()
+	defer foreignTLS.Close()
+	for _, tc := range []struct {
+		name, addr string
+		want       bool
+	}{
+		{"connection refused", closed.URL, true},
+		{"sealed (503)", status(http.StatusServiceUnavailable), true},
+		{"internal error (500)", status(http.StatusInternalServerError), true},
+		{"rate limited (429)", status(http.StatusTooManyRequests), true},
+		{"permission denied (403)", status(http.StatusForbidden), false},
+		{"bad request (400)", status(http.StatusBadRequest), false},
+		{"a server whose certificate does not verify", foreignTLS.URL, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := vault.DefaultConfig()
+			cfg.Address = tc.addr
+			cfg.MaxRetries = 0
+			c, err := vault.NewClient(cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			_, err = c.Logical().Read("pki/cert/ca")
+			if err == nil {
+				t.Fatal("no error")
+			}
+			if got := VaultUnreachable(fmt.Errorf("wrapped: %w", err)); got != tc.want {
+				t.Errorf("VaultUnreachable(%v) = %v, want %v", err, got, tc.want)
+			}
+		})
+	}
+	for err, want := range map[error]bool{
+		nil:                      false,
+		context.Canceled:         false,
+		context.DeadlineExceeded: true,
+		errVaultAwaited:          true,
+		errors.New("vault approle secret_id_file: no such file"): false,
+	} {
+		if got := VaultUnreachable(err); got != want {
+			t.Errorf("VaultUnreachable(%v) = %v, want %v", err, got, want)
 		}
 	}
 }

@@ -180,7 +180,11 @@ func newGateway(ctx context.Context, s *Settings, logger *slog.Logger, opt optio
 		started: time.Now(), acks: make(chan keyringAck, 1024), readvertise: make(chan struct{}, 1),
 		joined: make(chan struct{}), revokedSelf: make(chan struct{}), burst: enr,
 	}
-	prov, err := certs.Open(ctx, s.Identity, logger)
+	// A gateway restarted while Vault is down carries on with what it
+	// kept on disk, as a running one rides out the outage.
+	idCfg := s.Identity
+	idCfg.RideOutOutage = true
+	prov, err := certs.Open(ctx, idCfg, logger)
 	if err != nil {
 		return nil, fmt.Errorf("identity back end: %w", err)
 	}
@@ -359,6 +363,7 @@ func (g *Gateway) Run(parent context.Context) error {
 	loop(g.rotateOnSchedule)
 	loop(g.burstLoop)
 	loop(g.refreshTrust)
+	loop(g.catchUpKeyring)
 	if g.burst != nil {
 		loop(func(ctx context.Context) { g.watchBurst(ctx, stop) })
 	}

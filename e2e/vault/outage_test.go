@@ -1,0 +1,329 @@
+package vault
+
+import (
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/url"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/skybridge-mesh/skybridge/certs"
+	"github.com/skybridge-mesh/skybridge/internal/freeport"
+	"github.com/skybridge-mesh/skybridge/internal/syncbuf"
+)
+
+// cutProxy stands between gateways and Vault on loopback, passing TLS
+// through untouched, so a test can take Vault off the network and bring
+// it back on the same address: what a gateway sees of a Vault outage.
+type cutProxy struct {
+	t        *testing.T
+	addr     string // host:port the gateways use
+	upstream string
+	mu       sync.Mutex
+	ln       net.Listener
+	conns    map[net.Conn]struct{}
+}
+
+func newCutProxy(t *testing.T, vaultAddr string) *cutProxy {
+	u, err := url.Parse(vaultAddr)
+	must(t, err)
+	p := &cutProxy{t: t, addr: "127.0.0.1:0", upstream: u.Host, conns: map[net.Conn]struct{}{}}
+	p.up()
+	p.addr = p.ln.Addr().String()
+	t.Cleanup(p.down)
+	return p
+}
+
+// url is the Vault address through the proxy; the test Vault's
+// certificate names 127.0.0.1, so it verifies here too.
+func (p *cutProxy) url() string { return "https://" + p.addr }
+
+// up listens (again) on the proxy's address.
+func (p *cutProxy) up() {
+	p.t.Helper()
+	ln, err := net.Listen("tcp", p.addr)
+	must(p.t, err)
+	p.mu.Lock()
+	p.ln = ln
+	p.mu.Unlock()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go p.pipe(c)
+		}
+	}()
+}
+
+func (p *cutProxy) pipe(c net.Conn) {
+	v, err := net.Dial("tcp", p.upstream)
+	if err != nil {
+		c.Close()
+		return
+	}
+	p.mu.Lock()
+	p.conns[c], p.conns[v] = struct{}{}, struct{}{}
+	p.mu.Unlock()
+	done := make(chan struct{}, 2)
+	go func() { io.Copy(v, c); done <- struct{}{} }()
+	go func() { io.Copy(c, v); done <- struct{}{} }()
+	<-done
+	c.Close()
+	v.Close()
+	p.mu.Lock()
+	delete(p.conns, c)
+	delete(p.conns, v)
+	p.mu.Unlock()
+}
+
+// down stops listening and cuts every connection: requests fail with
+// "connection refused" or a reset.
+func (p *cutProxy) down() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.ln != nil {
+		p.ln.Close()
+		p.ln = nil
+	}
+	for c := range p.conns {
+		c.Close()
+	}
+}
+
+// TestVaultOutageStart: a gateway whose Vault is unreachable starts on
+// the identity, trust bundle, WireGuard key and gossip keyring it kept on
+// disk when Vault last answered (a rotated WireGuard key included), and
+// logs in once Vault is back. A gateway that never had Vault has nothing
+// to start on and says so; a command run by hand is not made to wait; and
+// a Vault that answers with a refusal is obeyed, copies or not.
+func TestVaultOutageStart(t *testing.T) {
+	e := startVault(t)
+	proxy := newCutProxy(t, e.addr)
+	ctx := t.Context()
+	dir := t.TempDir()
+	cfg, secretFile := e.approleConfig(t, dir)
+	cfg.Vault.Address = proxy.url()
+	a := attrs("gw-fra-7", "aws-eu-central-1", "100.96.1.7")
+
+	p, err := certs.Open(ctx, cfg, slog.New(slog.DiscardHandler))
+	must(t, err)
+	id, _, err := p.Identity(ctx, a)
+	must(t, err)
+	_, err = p.Secrets().WireGuardKey(ctx, a.Node)
+	must(t, err)
+	rotated, err := certs.GenerateWGKey()
+	must(t, err)
+	must(t, p.Secrets().SetWireGuardKey(ctx, a.Node, rotated))
+	kr, err := p.Secrets().GossipKeyring(ctx)
+	must(t, err)
+	p.Close()
+	for _, f := range []string{certs.FileWireGuardKey, certs.FileGossipKeyring} {
+		fi, err := os.Stat(filepath.Join(cfg.Dir, f))
+		if err != nil || fi.Mode().Perm() != 0o600 {
+			t.Fatalf("the copy %s: %v %v; want a 0600 file", f, fi.Mode(), err)
+		}
+	}
+
+	proxy.down()
+	// A command run by hand says at once that Vault is unreachable.
+	if _, err := certs.Open(ctx, cfg, nil); !certs.VaultUnreachable(err) {
+		t.Fatalf("open without riding out an outage: %v; want an unreachable Vault's error", err)
+	}
+	var logs syncbuf.Buffer
+	ride := cfg
+	ride.RideOutOutage = true
+	p, err = certs.Open(ctx, ride, slog.New(slog.NewTextHandler(&logs, nil)))
+	if err != nil {
+		t.Fatalf("a gateway's start while Vault is unreachable: %v", err)
+	}
+	defer p.Close()
+	got, tb, err := p.Identity(ctx, a)
+	if err != nil {
+		t.Fatalf("identity while Vault is unreachable: %v", err)
+	}
+	if got.Fingerprint() != id.Fingerprint() {
+		t.Error("the identity kept on disk was not the one used")
+	}
+	if _, err := tb.VerifyCertificate(got.Certificate(), time.Now()); err != nil {
+		t.Errorf("the trust bundle kept on disk refuses the identity: %v", err)
+	}
+	if k, err := p.Secrets().WireGuardKey(ctx, a.Node); err != nil || k.Public() != rotated.Public() {
+		t.Errorf("WireGuard key while Vault is unreachable: %v, %v; want the rotated key %v", k.Public(), err, rotated.Public())
+	}
+	if got, err := p.Secrets().GossipKeyring(ctx); err != nil || !got.Same(kr) {
+		t.Errorf("gossip keyring while Vault is unreachable: %v", err)
+	}
+	vs, ok := p.Secrets().(*certs.VaultSecrets)
+	if !ok || !vs.ServedFromDisk() {
+		t.Errorf("the secret store (%T) does not say it served the copies on disk", p.Secrets())
+	}
+	// Nothing is written through the copies alone: Vault holds the truth.
+	if err := p.Secrets().SetWireGuardKey(ctx, a.Node, rotated); !certs.VaultUnreachable(err) {
+		t.Errorf("a WireGuard key stored while Vault is unreachable: %v; want an unreachable Vault's error", err)
+	}
+
+	// A gateway that never reached Vault has nothing to start on.
+	fresh := e.config(filepath.Join(dir, "fresh"), cfg.Vault.Auth)
+	fresh.Vault.Address, fresh.RideOutOutage = proxy.url(), true
+	pf, err := certs.Open(ctx, fresh, slog.New(slog.DiscardHandler))
+	must(t, err)
+	_, _, err = pf.Identity(ctx, attrs("gw-fra-8", "aws-eu-central-1", "100.96.1.8"))
+	pf.Close()
+	if err == nil || !strings.Contains(err.Error(), "no trust bundle is kept") {
+		t.Errorf("a first start without Vault: %v; want it to say nothing is kept", err)
+	}
+
+	// Vault back: the gateway logs in by itself.
+	proxy.up()
+	waitCond(t, 60*time.Second, "the gateway logs in once Vault is back", func() (bool, string) {
+		_, err := p.Issuer().Trust(ctx)
+		return err == nil, fmt.Sprint(err)
+	})
+	if !strings.Contains(logs.String(), "vault answers again") {
+		t.Errorf("the gateway did not say it logged in:\n%s", logs.String())
+	}
+
+	// A refusal is not an outage: with its SecretID destroyed, the
+	// gateway does not start on its copies.
+	sid, err := os.ReadFile(secretFile)
+	must(t, err)
+	write(t, e.root, "auth/"+e.approleMount+"/role/gateway/secret-id/destroy", map[string]any{"secret_id": strings.TrimSpace(string(sid))})
+	if _, err := certs.Open(ctx, ride, slog.New(slog.DiscardHandler)); err == nil || certs.VaultUnreachable(err) {
+		t.Errorf("a start with a destroyed SecretID: %v; want Vault's refusal", err)
+	}
+}
+
+// TestVaultOutageGatewayRestart: a gateway killed while the mesh rotates
+// its gossip key and restarted while Vault is down comes up on what it
+// kept on disk; the keyring it kept is the old one, which the mesh no
+// longer reads, so it stays apart — until Vault is back, when it takes
+// the mesh's keyring from there and peers again without a restart.
+func TestVaultOutageGatewayRestart(t *testing.T) {
+	e := startVault(t)
+	proxy := newCutProxy(t, e.addr)
+	bin := buildSkybridge(t)
+	dir := t.TempDir()
+	ports, err := freeport.Loopback(4)
+	must(t, err)
+	gw := func(name, node, ip string, i int, seed string) (cfg, sock string) {
+		roleFile, secretFile := e.appRole(t, dir, false)
+		gdir := filepath.Join(dir, name)
+		must(t, os.MkdirAll(gdir, 0o700))
+		// Each gateway has its own SecretID file.
+		own := filepath.Join(gdir, "secret-id")
+		must(t, os.Rename(secretFile, own))
+		seeds := ""
+		if seed != "" {
+			seeds = fmt.Sprintf("seeds = [%q]", seed)
+		}
+		cfg = filepath.Join(dir, name+".hcl")
+		must(t, os.WriteFile(cfg, []byte(fmt.Sprintf(`state_dir = %q
+node {
+  name         = %q
+  site         = "site-%s"
+  region       = "r-%s"
+  provider     = "onprem"
+  jurisdiction = "CH"
+  overlay_ip   = %q
+  routes       = []
+  labels       = { classes = "risk-batch" }
+}
+identity {
+  backend   = "vault"
+  mesh_cidr = %q
+  vault {
+    address   = %q
+    ca_cert   = %q
+    pki_mount = %q
+    pki_role  = %q
+    kv_mount  = %q
+    auth {
+      method         = "approle"
+      mount          = %q
+      role_id_file   = %q
+      secret_id_file = %q
+    }
+  }
+}
+gossip {
+  bind    = "127.0.0.1:%d"
+  profile = "local"
+  %s
+}
+wireguard {
+  interface = "sbvo%s"
+  port      = %d
+  mode      = "netstack"
+}
+operator { listen = "off" }
+`, gdir, node, name, name, ip, meshPrefix, proxy.url(), e.caFile, e.pki, e.role, e.kv, e.approleMount, roleFile, own, ports[2*i], seeds, name, ports[2*i+1])), 0o644))
+		return cfg, filepath.Join(gdir, "control.sock")
+	}
+	cfgA, sockA := gw("a", "gw-a", "100.96.0.11", 0, "")
+	cfgB, sockB := gw("b", "gw-b", "100.96.0.12", 1, fmt.Sprintf("127.0.0.1:%d", ports[0]))
+	peerOf := func(sock, node string) func() (bool, string) {
+		return func() (bool, string) {
+			st, err := gwStatus(bin, sock)
+			if err != nil {
+				return false, err.Error()
+			}
+			for _, m := range st.Members {
+				if m.Node == node {
+					return m.State == "verified" && m.Peer, m.State
+				}
+			}
+			return false, "not a member"
+		}
+	}
+	a := startGW(t, bin, nil, "gateway", "run", "--config", cfgA)
+	b := startGW(t, bin, nil, "gateway", "run", "--config", cfgB)
+	waitCond(t, 60*time.Second, "gw-b a verified peer of gw-a", peerOf(sockA, "gw-b"))
+	waitCond(t, 30*time.Second, "gw-a a verified peer of gw-b", peerOf(sockB, "gw-a"))
+
+	// gw-b crashes; the mesh rotates its gossip key without it.
+	b.cmd.Process.Kill()
+	<-b.exited
+	b.exited <- nil
+	waitCond(t, 60*time.Second, "gw-a no longer counts gw-b", func() (bool, string) {
+		ok, state := peerOf(sockA, "gw-b")()
+		return !ok, state
+	})
+	if out, err := exec.Command(bin, "keys", "rotate-gossip", "--socket", sockA).CombinedOutput(); err != nil {
+		t.Fatalf("rotate the gossip key: %v\n%s\n%s", err, out, a.log.String())
+	}
+
+	// Vault down, gw-b back: it runs on what it kept.
+	proxy.down()
+	b = startGW(t, bin, nil, "gateway", "run", "--config", cfgB)
+	waitCond(t, 60*time.Second, "gw-b runs while Vault is down", func() (bool, string) {
+		_, err := gwStatus(bin, sockB)
+		return err == nil, fmt.Sprint(err)
+	})
+	if !strings.Contains(b.log.String(), "vault unreachable: starting on the identity and secrets kept on disk") {
+		t.Errorf("gw-b did not say it started without Vault:\n%s", b.log.String())
+	}
+	// Its keyring is the old one, which gw-a no longer reads: its join
+	// fails.
+	waitCond(t, 60*time.Second, "gw-b's join on the old keyring fails", func() (bool, string) {
+		return strings.Contains(b.log.String(), "no seed answered"), "no failed join logged"
+	})
+	if ok, state := peerOf(sockA, "gw-b")(); ok {
+		t.Fatalf("gw-b rejoined on a keyring the mesh rotated away (%s)", state)
+	}
+
+	proxy.up()
+	waitCond(t, 90*time.Second, "gw-b a verified peer of gw-a again once Vault is back", peerOf(sockA, "gw-b"))
+	waitCond(t, 30*time.Second, "gw-a a verified peer of gw-b again", peerOf(sockB, "gw-a"))
+	if !strings.Contains(b.log.String(), "gossip keyring brought up to the mesh's from vault") {
+		t.Errorf("gw-b did not say it took the mesh's keyring:\n%s", b.log.String())
+	}
+}

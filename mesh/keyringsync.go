@@ -1,0 +1,81 @@
+package mesh
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"time"
+
+	"github.com/hashicorp/memberlist"
+
+	"github.com/skybridge-mesh/skybridge/certs"
+)
+
+// catchUpKeyring ends a start on the gossip keyring kept on disk because
+// Vault could not be reached. The mesh may have rotated its key while this
+// gateway was down, and then no member can read its gossip nor it theirs:
+// once Vault answers, the gateway takes the mesh's keyring from there.
+func (g *Gateway) catchUpKeyring(ctx context.Context) {
+	vs, ok := g.prov.Secrets().(*certs.VaultSecrets)
+	if !ok || !vs.ServedFromDisk() {
+		return
+	}
+	const awaitingPoll = 2 * time.Second // only a flag is read until the login succeeds
+	backoff := awaitingPoll
+	for {
+		kr, err := vs.GossipKeyringFromVault(ctx)
+		if err == nil {
+			changed, err := adoptKeyring(g.keyring, kr)
+			if err != nil {
+				g.log.Error("the mesh's gossip keyring read from vault could not be taken", "err", err)
+			} else if changed {
+				g.log.Info("gossip keyring brought up to the mesh's from vault (it changed while this gateway was down)", "keys", kr.Len())
+			}
+			return
+		}
+		if certs.VaultUnreachable(err) {
+			backoff = awaitingPoll
+		} else {
+			backoff = min(2*backoff, time.Minute)
+			g.log.Warn("vault refuses the gossip keyring: this gateway keeps the one kept on disk, which may be behind the mesh's", "err", err, "retry_in", backoff)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(backoff):
+		}
+	}
+}
+
+// adoptKeyring makes live hold exactly kr's keys with kr's primary, and
+// reports whether it changed anything. The new keys go in first and the
+// old ones out last, so that gossip in either keyring is read throughout.
+func adoptKeyring(live *memberlist.Keyring, kr *certs.GossipKeyring) (bool, error) {
+	want, before := kr.Keys(), live.GetKeys() // primary first
+	has := func(keys [][]byte, k []byte) bool {
+		return slices.ContainsFunc(keys, func(x []byte) bool { return bytes.Equal(x, k) })
+	}
+	same := len(want) == len(before) && bytes.Equal(want[0], before[0])
+	for _, k := range want {
+		same = same && has(before, k)
+	}
+	if same {
+		return false, nil
+	}
+	var errs []error
+	for _, k := range want {
+		errs = append(errs, live.AddKey(k))
+	}
+	errs = append(errs, live.UseKey(kr.Primary()))
+	for _, k := range before {
+		if !has(want, k) {
+			errs = append(errs, live.RemoveKey(k))
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		return true, fmt.Errorf("adopt gossip keyring: %w", err)
+	}
+	return true, nil
+}
