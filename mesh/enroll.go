@@ -641,11 +641,15 @@ func (g *Gateway) refreshTrust(ctx context.Context) {
 	t := time.NewTicker(trustRefresh)
 	defer t.Stop()
 	failing := 0 // refreshes failed in a row
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
+	// The first at once: the issuer's last answer is a metric, and a
+	// gateway that started without its issuer should say so from the start.
+	for first := true; ; first = false {
+		if !first {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+			}
 		}
 		tb, err := iss.Trust(ctx)
 		if err != nil {
@@ -662,6 +666,7 @@ func (g *Gateway) refreshTrust(ctx context.Context) {
 			g.log.Info("the issuer's revocation list can be read again", "failed_in_a_row", failing)
 		}
 		failing = 0
+		g.issuerAnswered.Store(g.now().Unix())
 		g.adoptTrust(tb)
 	}
 }

@@ -77,6 +77,9 @@ type Gateway struct {
 	joined  chan struct{} // closed once the first join (to the seeds) returned
 	crashed atomic.Bool   // stopped without leaving (tests and benchmarks)
 	leaving atomic.Bool   // Run is stopping: no more news to gossip
+	// issuerAnswered is the Unix time of the issuer's last answer to
+	// refreshTrust (0: none yet), for the metric.
+	issuerAnswered atomic.Int64
 	// runCtx is Run's context, for work the worker does on its behalf
 	// (a keyring write to Vault) that must not hold up a stop.
 	runCtx context.Context

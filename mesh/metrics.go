@@ -255,6 +255,8 @@ var (
 		"Unix time from which this gateway's mesh certificate is valid (with the expiry, its lifetime: renewal starts at about two thirds of it).", nil, nil)
 	descBurstGateway = prometheus.NewDesc("skybridge_burst_gateway",
 		"1 if this gateway belongs to a burst site: its certificate lasts exactly the burst and is not renewed.", nil, nil)
+	descIssuerAnswered = prometheus.NewDesc("skybridge_issuer_last_answer_timestamp_seconds",
+		"Unix time of the last answer from this gateway's issuer (Vault, or the local CA of ca_dir) to its minutely request for the trust bundle; 0: none since the gateway started. Gateways without an issuer do not export it.", nil, nil)
 	descGossipPackets = prometheus.NewDesc("skybridge_gossip_packets_total",
 		"Gossip datagrams (probes, gossip, small requests), by direction (sent, received).", []string{"direction"}, nil)
 	descGossipBytes = prometheus.NewDesc("skybridge_gossip_bytes_total",
@@ -293,6 +295,9 @@ func (c *gatewayCollector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(descIdentityExpiry, prometheus.GaugeValue, float64(cert.NotAfter.Unix()))
 	ch <- prometheus.MustNewConstMetric(descIdentityIssued, prometheus.GaugeValue, float64(cert.NotBefore.Unix()))
 	ch <- prometheus.MustNewConstMetric(descBurstGateway, prometheus.GaugeValue, b2f(c.g.burst != nil))
+	if c.g.prov.Issuer() != nil {
+		ch <- prometheus.MustNewConstMetric(descIssuerAnswered, prometheus.GaugeValue, float64(c.g.issuerAnswered.Load()))
+	}
 	st, err := c.g.Status()
 	if err != nil {
 		ch <- prometheus.NewInvalidMetric(descMembers, err) // logged by the handler

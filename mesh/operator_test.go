@@ -310,6 +310,10 @@ func TestOperatorEndpoint(t *testing.T) {
 		t.Fatalf("only %d metric names found in alerts.yml", len(names))
 	}
 	for _, name := range names {
+		// Only a gateway with an issuer has it: TestIssuerAnsweredMetric.
+		if name == "skybridge_issuer_last_answer_timestamp_seconds" {
+			continue
+		}
 		if _, ok := fam[name]; !ok {
 			t.Errorf("alerts.yml uses %s, which the gateway does not export", name)
 		}
@@ -437,5 +441,40 @@ func TestOperatorToken(t *testing.T) {
 				t.Fatalf("got %q, %v; want an error saying %q", got, err, tc.want)
 			}
 		})
+	}
+}
+
+// TestIssuerAnsweredMetric: a gateway with an issuer (here a local CA,
+// ca_dir) exports when it last answered, from its first request at the
+// start on; one without an issuer exports nothing of the kind, so the
+// alert cannot fire for it.
+func TestIssuerAnsweredMetric(t *testing.T) {
+	dir := t.TempDir()
+	ca, err := certs.InitCA(filepath.Join(dir, "ca"), certs.InitOptions{MeshPrefix: netip.MustParsePrefix("100.64.0.0/10")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	const name = "skybridge_issuer_last_answer_timestamp_seconds"
+	value := func(g *Gateway) (float64, bool) {
+		fams, err := g.metrics.reg.Gather()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, f := range fams {
+			if f.GetName() == name {
+				return f.GetMetric()[0].GetGauge().GetValue(), true
+			}
+		}
+		return 0, false
+	}
+	start := time.Now()
+	withCA := startLiveGatewayWith(t, ca, dir, 0, "zrh-dc", nil, io.Discard, func(s *Settings) { s.Identity.CADir = ca.Dir() })
+	waitUntil(t, 10*time.Second, "the issuer's first answer", func() bool { v, _ := value(withCA.g); return v > 0 })
+	if v, _ := value(withCA.g); v < float64(start.Unix()) || v > float64(time.Now().Unix()) {
+		t.Errorf("%s = %v, not a time since the start (%d)", name, v, start.Unix())
+	}
+	without := startLiveGatewayWith(t, ca, dir, 1, "fra-dc", nil, io.Discard, nil)
+	if v, ok := value(without.g); ok {
+		t.Errorf("a gateway without an issuer exports %s = %v", name, v)
 	}
 }
