@@ -204,6 +204,10 @@ func openVault(ctx context.Context, cfg *VaultConfig, meshPrefix netip.Prefix, l
 	case rideOut && ctx.Err() == nil && VaultUnreachable(err):
 		v.log.Warn("vault unreachable: starting on the identity and secrets kept on disk, logging in once it answers", "err", err)
 		v.awaiting.Store(true)
+		// Not VAULT_TOKEN, which NewClient took from the environment:
+		// until it logs in, the gateway holds no token of its own, and
+		// RevokeLogin must not revoke someone else's.
+		v.client.ClearToken()
 		secret = nil
 	default:
 		return nil, err
@@ -244,6 +248,9 @@ func (v *Vault) Close() {
 // Vault keeps a deleted AppRole's tokens until their TTL, the burst's end,
 // and one copied off a rented server should be worth nothing before then.
 func (v *Vault) RevokeLogin(ctx context.Context) error {
+	if v.awaiting.Load() {
+		return nil // never logged in: no token of ours
+	}
 	return v.client.Auth().Token().RevokeSelfWithContext(ctx, "")
 }
 
@@ -419,9 +426,7 @@ func (v *Vault) tokenRefused(ctx context.Context, token string) bool {
 // while Vault was unreachable) begins with a login.
 func (v *Vault) maintainLogin(ctx context.Context, secret *vault.Secret) {
 	for {
-		// Without a login yet, the client holds no token of ours
-		// (perhaps VAULT_TOKEN's, which NewClient takes): that one is stale.
-		stale := v.client.Token()
+		stale := "" // without a login yet, the client holds no token
 		if secret != nil {
 			if s := v.waitForLoginEnd(ctx, secret); s != nil {
 				secret = s // a refused request logged in again: renew that login

@@ -14,6 +14,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hashicorp/vault/api"
+
 	"github.com/skybridge-mesh/skybridge/certs"
 	"github.com/skybridge-mesh/skybridge/internal/freeport"
 	"github.com/skybridge-mesh/skybridge/internal/syncbuf"
@@ -141,11 +143,25 @@ func TestVaultOutageStart(t *testing.T) {
 	var logs syncbuf.Buffer
 	ride := cfg
 	ride.RideOutOutage = true
+	// An operator's token in the environment, which the Vault client
+	// takes by itself, is not the gateway's to use, nor to revoke when
+	// its burst ends before it ever logged in.
+	operator, err := e.root.Auth().Token().Create(&api.TokenCreateRequest{Policies: []string{"default"}, TTL: "1h"})
+	must(t, err)
+	t.Setenv("VAULT_TOKEN", operator.Auth.ClientToken)
 	p, err = certs.Open(ctx, ride, slog.New(slog.NewTextHandler(&logs, nil)))
 	if err != nil {
 		t.Fatalf("a gateway's start while Vault is unreachable: %v", err)
 	}
 	defer p.Close()
+	proxy.up()
+	if err := p.Secrets().(*certs.VaultSecrets).RevokeLogin(ctx); err != nil {
+		t.Errorf("revoking the login of a gateway that has none: %v", err)
+	}
+	if _, err := e.root.Auth().Token().Lookup(operator.Auth.ClientToken); err != nil {
+		t.Fatalf("the operator's token from the environment was revoked: %v", err)
+	}
+	proxy.down()
 	got, tb, err := p.Identity(ctx, a)
 	if err != nil {
 		t.Fatalf("identity while Vault is unreachable: %v", err)
