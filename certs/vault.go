@@ -65,8 +65,14 @@ var errVaultAwaited = errors.New("vault was unreachable when this gateway starte
 
 // startLoginTimeout bounds the login of a gateway that may start without
 // Vault: a Vault that drops packets would otherwise hold the start for the
-// client's three attempts of a minute each.
-const startLoginTimeout = 20 * time.Second
+// client's three attempts of a minute each. loginTimeout bounds every
+// later login for the same reason: one stuck on a Vault that has gone
+// silent would hold loginMu, and the next attempt, for minutes after
+// Vault came back.
+const (
+	startLoginTimeout = 20 * time.Second
+	loginTimeout      = 30 * time.Second
+)
 
 // VaultUnreachable reports whether err means that Vault could not be
 // asked — no connection, a timeout, a sealed, standby or overloaded server
@@ -357,7 +363,9 @@ func (v *Vault) relogin(ctx context.Context, stale string, handOver bool) (*vaul
 	if v.client.Token() != stale {
 		return nil, nil
 	}
-	s, err := v.login(ctx)
+	lctx, cancel := context.WithTimeout(ctx, loginTimeout)
+	defer cancel()
+	s, err := v.login(lctx)
 	if err == nil && handOver {
 		select { // the newest login replaces one maintainLogin has not taken
 		case <-v.fresh:

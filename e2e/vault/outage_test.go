@@ -343,3 +343,54 @@ operator { listen = "off" }
 		t.Errorf("gw-b did not say it took the mesh's keyring:\n%s", b.log.String())
 	}
 }
+
+// TestBenchVaultOutageStart prints how long a gateway's start on what it
+// kept takes while Vault refuses connections (the client's retries) and
+// while it drops them (startLoginTimeout): `SKYBRIDGE_BENCH=1 go test -v
+// -run TestBenchVaultOutageStart` in e2e/vault.
+func TestBenchVaultOutageStart(t *testing.T) {
+	if os.Getenv("SKYBRIDGE_BENCH") == "" {
+		t.Skip("a benchmark: set SKYBRIDGE_BENCH=1")
+	}
+	e := startVault(t)
+	proxy := newCutProxy(t, e.addr)
+	ctx := t.Context()
+	cfg, _ := e.approleConfig(t, t.TempDir())
+	cfg.Vault.Address = proxy.url()
+	a := attrs("gw-fra-9", "aws-eu-central-1", "100.96.1.9")
+	start := func(c certs.Config) time.Duration {
+		t0 := time.Now()
+		p, err := certs.Open(ctx, c, slog.New(slog.DiscardHandler))
+		must(t, err)
+		defer p.Close()
+		_, _, err = p.Identity(ctx, a)
+		must(t, err)
+		_, err = p.Secrets().WireGuardKey(ctx, a.Node)
+		must(t, err)
+		_, err = p.Secrets().GossipKeyring(ctx)
+		must(t, err)
+		return time.Since(t0)
+	}
+	up := start(cfg) // the first start, with Vault: obtains and keeps
+	ride := cfg
+	ride.RideOutOutage = true
+	proxy.down()
+	refused := start(ride)
+	// A Vault that drops connections: accepted, never answered.
+	ln, err := net.Listen("tcp", proxy.addr)
+	must(t, err)
+	defer ln.Close()
+	var held []net.Conn
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			held = append(held, c) // kept open, never read
+		}
+	}()
+	dropped := start(ride)
+	t.Logf("\n| Vault | start to identity, WireGuard key and gossip keyring |\n|---|---|\n| answering (first start) | %v |\n| refusing connections | %v |\n| dropping connections | %v |",
+		up.Round(time.Millisecond), refused.Round(time.Millisecond), dropped.Round(time.Millisecond))
+}
