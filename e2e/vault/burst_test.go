@@ -61,6 +61,65 @@ func startGW(t *testing.T, bin string, env []string, args ...string) *gwProc {
 	return g
 }
 
+// staticGateway describes a Vault-backed gateway of the tests, in
+// netstack mode with its gossip on loopback and no operator endpoint.
+type staticGateway struct {
+	stateDir, node, site, region, jurisdiction, overlay string
+	routes                                              string // an HCL list
+	iface                                               string
+	vaultAddr, roleFile, secretFile                     string
+	gossipPort, wgPort                                  int
+	seeds                                               []string
+}
+
+// gatewayHCL is g's configuration file, logging in to e with an AppRole.
+func (e *env) gatewayHCL(g staticGateway) string {
+	seeds := ""
+	for _, s := range g.seeds {
+		seeds += fmt.Sprintf("  seeds = [%q]\n", s)
+	}
+	return fmt.Sprintf(`state_dir = %q
+node {
+  name         = %q
+  site         = %q
+  region       = %q
+  provider     = "onprem"
+  jurisdiction = %q
+  overlay_ip   = %q
+  routes       = %s
+  labels       = { classes = "risk-batch" }
+}
+identity {
+  backend   = "vault"
+  mesh_cidr = %q
+  vault {
+    address   = %q
+    ca_cert   = %q
+    pki_mount = %q
+    pki_role  = %q
+    kv_mount  = %q
+    auth {
+      method         = "approle"
+      mount          = %q
+      role_id_file   = %q
+      secret_id_file = %q
+    }
+  }
+}
+gossip {
+  bind    = "127.0.0.1:%d"
+  profile = "local"
+%s}
+wireguard {
+  interface = %q
+  port      = %d
+  mode      = "netstack"
+}
+operator { listen = "off" }
+`, g.stateDir, g.node, g.site, g.region, g.jurisdiction, g.overlay, g.routes, meshPrefix, g.vaultAddr, e.caFile, e.pki, e.role, e.kv,
+		e.approleMount, g.roleFile, g.secretFile, g.gossipPort, seeds, g.iface, g.wgPort)
+}
+
 type statusView struct {
 	Members []struct {
 		Node  string `json:"node"`
@@ -122,45 +181,11 @@ func TestVaultBurstSite(t *testing.T) {
 	// that no two are the same: the static one's, then two burst ones'.
 	ports, err := freeport.Loopback(6)
 	must(t, err)
-	cfgA := fmt.Sprintf(`state_dir = %q
-node {
-  name         = "gw-zrh"
-  site         = "onprem-zrh"
-  region       = "zrh-dc1"
-  provider     = "onprem"
-  jurisdiction = "CH"
-  overlay_ip   = "100.96.0.1"
-  routes       = ["10.1.0.0/16"]
-  labels       = { classes = "risk-batch" }
-}
-identity {
-  backend   = "vault"
-  mesh_cidr = %q
-  vault {
-    address   = %q
-    ca_cert   = %q
-    pki_mount = %q
-    pki_role  = %q
-    kv_mount  = %q
-    auth {
-      method         = "approle"
-      mount          = %q
-      role_id_file   = %q
-      secret_id_file = %q
-    }
-  }
-}
-gossip {
-  bind    = "127.0.0.1:%d"
-  profile = "local"
-}
-wireguard {
-  interface = "sbvza"
-  port      = %d
-  mode      = "netstack"
-}
-operator { listen = "off" }
-`, aDir, meshPrefix, e.addr, e.caFile, e.pki, e.role, e.kv, e.approleMount, roleFile, secretFile, ports[0], ports[1])
+	cfgA := e.gatewayHCL(staticGateway{
+		stateDir: aDir, node: "gw-zrh", site: "onprem-zrh", region: "zrh-dc1", jurisdiction: "CH",
+		overlay: "100.96.0.1", routes: `["10.1.0.0/16"]`, iface: "sbvza",
+		vaultAddr: e.addr, roleFile: roleFile, secretFile: secretFile, gossipPort: ports[0], wgPort: ports[1],
+	})
 	must(t, os.WriteFile(filepath.Join(dir, "a.hcl"), []byte(cfgA), 0o644))
 	a := startGW(t, bin, nil, "gateway", "run", "--config", filepath.Join(dir, "a.hcl"))
 	waitCond(t, 60*time.Second, "the static gateway runs", func() (bool, string) {

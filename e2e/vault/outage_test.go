@@ -237,51 +237,16 @@ func TestVaultOutageGatewayRestart(t *testing.T) {
 		// Each gateway has its own SecretID file.
 		own := filepath.Join(gdir, "secret-id")
 		must(t, os.Rename(secretFile, own))
-		seeds := ""
+		var seeds []string
 		if seed != "" {
-			seeds = fmt.Sprintf("seeds = [%q]", seed)
+			seeds = []string{seed}
 		}
 		cfg = filepath.Join(dir, name+".hcl")
-		must(t, os.WriteFile(cfg, []byte(fmt.Sprintf(`state_dir = %q
-node {
-  name         = %q
-  site         = "site-%s"
-  region       = "r-%s"
-  provider     = "onprem"
-  jurisdiction = "CH"
-  overlay_ip   = %q
-  routes       = []
-  labels       = { classes = "risk-batch" }
-}
-identity {
-  backend   = "vault"
-  mesh_cidr = %q
-  vault {
-    address   = %q
-    ca_cert   = %q
-    pki_mount = %q
-    pki_role  = %q
-    kv_mount  = %q
-    auth {
-      method         = "approle"
-      mount          = %q
-      role_id_file   = %q
-      secret_id_file = %q
-    }
-  }
-}
-gossip {
-  bind    = "127.0.0.1:%d"
-  profile = "local"
-  %s
-}
-wireguard {
-  interface = "sbvo%s"
-  port      = %d
-  mode      = "netstack"
-}
-operator { listen = "off" }
-`, gdir, node, name, name, ip, meshPrefix, proxy.url(), e.caFile, e.pki, e.role, e.kv, e.approleMount, roleFile, own, ports[2*i], seeds, name, ports[2*i+1])), 0o644))
+		must(t, os.WriteFile(cfg, []byte(e.gatewayHCL(staticGateway{
+			stateDir: gdir, node: node, site: "site-" + name, region: "r-" + name, jurisdiction: "CH",
+			overlay: ip, routes: "[]", iface: "sbvo" + name,
+			vaultAddr: proxy.url(), roleFile: roleFile, secretFile: own, gossipPort: ports[2*i], wgPort: ports[2*i+1], seeds: seeds,
+		})), 0o644))
 		return cfg, filepath.Join(gdir, "control.sock")
 	}
 	cfgA, sockA := gw("a", "gw-a", "100.96.0.11", 0, "")
