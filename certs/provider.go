@@ -162,8 +162,10 @@ func (p *Provider) Identity(ctx context.Context, attrs Attributes) (*NodeIdentit
 		return nil, nil, fmt.Errorf("no usable identity in %s: %s; correct the node block, or issue an identity for it (skybridge ca issue)", p.s.dir, why)
 	}
 	p.log.Info("obtaining node certificate", "node", attrs.Node, "site", attrs.Site, "reason", why)
-	fresh, tb, err := p.obtain(ctx, attrs)
+	fresh, freshTB, err := p.obtain(ctx, attrs)
 	if err != nil {
+		// tb, not obtain's (nil on failure): the bundle the current
+		// certificate was judged by just above.
 		if id != nil && loadErr == nil && id.Attributes().Equal(&attrs) {
 			if _, verr := tb.VerifyCertificate(id.Certificate(), now); verr == nil {
 				p.log.Warn("renewal failed, keeping the current certificate", "err", err, "identity", id)
@@ -172,7 +174,7 @@ func (p *Provider) Identity(ctx context.Context, attrs Attributes) (*NodeIdentit
 		}
 		return nil, nil, err
 	}
-	return fresh, tb, nil
+	return fresh, freshTB, nil
 }
 
 // obtain makes a new key, has it certified and stores the identity.

@@ -2,6 +2,7 @@ package certs
 
 import (
 	"context"
+	"crypto/x509"
 	"errors"
 	"log/slog"
 	"math/big"
@@ -299,5 +300,47 @@ func TestProviderClockBehindIssuer(t *testing.T) {
 	}
 	if again, _, err := p.Identity(ctx, testAttrs("gw1", "onprem-zrh", "100.96.0.1")); err != nil || again.Fingerprint() != id.Fingerprint() {
 		t.Fatalf("the stored identity, read back on the same clock: %v (reused: %v)", err, err == nil && again.Fingerprint() == id.Fingerprint())
+	}
+}
+
+// downIssuer is an issuer that cannot be reached, as Vault during an
+// outage.
+type downIssuer struct{}
+
+func (downIssuer) Sign(context.Context, []byte, Attributes, time.Duration) (*x509.Certificate, error) {
+	return nil, errVaultAwaited
+}
+func (downIssuer) Trust(context.Context) (*TrustBundle, error) { return nil, errVaultAwaited }
+func (downIssuer) Revoke(context.Context, *big.Int) error      { return errVaultAwaited }
+
+// TestProviderKeepsCertificateIssuerDown: a gateway that starts while its
+// issuer cannot be reached, with a certificate past its renewal time but
+// still valid, keeps that certificate (it used to dereference the
+// failed renewal's nil bundle).
+func TestProviderKeepsCertificateIssuerDown(t *testing.T) {
+	ca := newTestCA(t)
+	ctx := t.Context()
+	attrs := testAttrs("gw1", "onprem-zrh", "100.96.0.1")
+	p, err := Open(ctx, Config{Dir: filepath.Join(t.TempDir(), "id"), CADir: ca.Dir(), TTL: "1h"}, quietLog())
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, _, err := p.Identity(ctx, attrs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.issuer = downIssuer{}
+	p.now = func() time.Time { return id.Certificate().NotBefore.Add(50 * time.Minute) } // past 72 %, before the end
+	kept, tb, err := p.Identity(ctx, attrs)
+	if err != nil || kept.Fingerprint() != id.Fingerprint() {
+		t.Fatalf("identity past its renewal time with the issuer down: %v (kept: %v)", err, err == nil && kept.Fingerprint() == id.Fingerprint())
+	}
+	if tb == nil {
+		t.Fatal("no trust bundle with the kept identity")
+	}
+	// Past its end, there is nothing to keep.
+	p.now = func() time.Time { return id.Certificate().NotAfter.Add(time.Minute) }
+	if _, _, err := p.Identity(ctx, attrs); !errors.Is(err, errVaultAwaited) {
+		t.Fatalf("identity past its end with the issuer down: %v; want the issuer's error", err)
 	}
 }
