@@ -7,6 +7,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"math/big"
 	"net"
@@ -57,6 +58,11 @@ type Vault struct {
 	// first login succeeds: requests fail at once with errVaultAwaited
 	// rather than each waiting out the client's retries and timeout.
 	awaiting atomic.Bool
+	// refused is what Vault answered the background login of such a
+	// start, if it answered with a refusal: requests fail with it from
+	// then on instead of errVaultAwaited, so that nothing more is served
+	// from the copies on disk once Vault has said no.
+	refused atomic.Pointer[error]
 }
 
 // errVaultAwaited is what a request gets from a gateway that started
@@ -75,12 +81,14 @@ const (
 )
 
 // VaultUnreachable reports whether err means that Vault could not be
-// asked — no connection, a timeout, a sealed, standby or overloaded server
-// (HTTP 5xx, 429) — rather than that it answered and refused. Only an
-// unreachable Vault is ridden out on what a gateway keeps on disk: a
-// refusal (a SecretID or policy removed, a token revoked) is the
-// operator's word and stands, and so does a server whose certificate does
-// not verify, which may not be Vault at all.
+// asked — no connection, a reset or a timeout, a name that does not
+// resolve, a sealed, standby or overloaded server (HTTP 5xx, 429) —
+// rather than that something answered. Only an unreachable Vault is
+// ridden out on what a gateway keeps on disk: a refusal (a SecretID or
+// policy removed, a token revoked) is the operator's word and stands,
+// and so does a TLS handshake that fails (a certificate that does not
+// verify, a client certificate refused, plain HTTP on the port): that
+// may not be Vault at all, or be Vault saying no.
 func VaultUnreachable(err error) bool {
 	if err == nil || errors.Is(err, context.Canceled) {
 		return false
@@ -97,14 +105,22 @@ func VaultUnreachable(err error) bool {
 		badName   x509.HostnameError
 		invalid   x509.CertificateInvalidError
 		verify    *tls.CertificateVerificationError
-		ue        *url.Error
+		record    tls.RecordHeaderError
+		op        *net.OpError
+		dns       *net.DNSError
 		ne        net.Error
 	)
 	switch {
-	case errors.As(err, &unknownCA), errors.As(err, &badName), errors.As(err, &invalid), errors.As(err, &verify):
+	case errors.As(err, &unknownCA), errors.As(err, &badName), errors.As(err, &invalid), errors.As(err, &verify), errors.As(err, &record):
 		return false
-	case errors.Is(err, context.DeadlineExceeded), errors.As(err, &ue), errors.As(err, &ne):
+	case errors.As(err, &op) && op.Op == "remote error": // a TLS alert from the server
+		return false
+	case errors.Is(err, context.DeadlineExceeded), errors.As(err, &ne) && ne.Timeout(), errors.As(err, &dns):
 		return true
+	case errors.As(err, &op):
+		return true // dial, read or write: refused, reset, unreachable
+	case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF):
+		return true // the connection closed under the request
 	}
 	return false
 }
@@ -384,6 +400,9 @@ func (v *Vault) relogin(ctx context.Context, stale string, handOver bool) (*vaul
 // again, and its error is returned.
 func (v *Vault) withLogin(ctx context.Context, req func() error) error {
 	if v.awaiting.Load() {
+		if r := v.refused.Load(); r != nil {
+			return fmt.Errorf("vault refuses this gateway's login: %w", *r)
+		}
 		return errVaultAwaited
 	}
 	stale := v.client.Token()
@@ -447,6 +466,9 @@ func (v *Vault) maintainLogin(ctx context.Context, secret *vault.Secret) {
 		}
 		s, err := v.relogin(ctx, stale, false)
 		for backoff := time.Second; err != nil; backoff = min(2*backoff, time.Minute) {
+			if refusal := err; secret == nil && ctx.Err() == nil && !VaultUnreachable(refusal) && v.refused.Swap(&refusal) == nil {
+				v.log.Error("vault answers but refuses this gateway's login: it stops using the secrets kept on disk (it keeps its certificate until it ends)", "err", err)
+			}
 			v.log.Error("vault login failed", "err", err, "retry_in", backoff)
 			select {
 			case <-ctx.Done():
@@ -478,6 +500,7 @@ func (v *Vault) maintainLogin(ctx context.Context, secret *vault.Secret) {
 // loggedInLate ends a start without Vault: requests go to Vault again, and
 // what OpenVault would have refused at once is reported now.
 func (v *Vault) loggedInLate(ctx context.Context) {
+	v.refused.Store(nil)
 	v.awaiting.Store(false)
 	v.log.Info("vault answers again: logged in")
 	if err := v.checkKVMount(ctx); err != nil {

@@ -2,10 +2,12 @@ package certs
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
 	"log"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"testing"
@@ -66,22 +68,53 @@ func TestVaultUnreachable(t *testing.T) {
 	foreignTLS.Config.ErrorLog = log.New(io.Discard, "", 0)
 	foreignTLS.StartTLS()
 	defer foreignTLS.Close()
+	// A server this client trusts that wants a client certificate it
+	// does not present: refused in the handshake.
+	wantsCert := httptest.NewUnstartedServer(http.NotFoundHandler())
+	wantsCert.Config.ErrorLog = log.New(io.Discard, "", 0)
+	wantsCert.TLS = &tls.Config{ClientAuth: tls.RequireAnyClientCert}
+	wantsCert.StartTLS()
+	defer wantsCert.Close()
+	plain := httptest.NewServer(http.NotFoundHandler()) // plain HTTP where https is asked for
+	defer plain.Close()
+	// Accepts and hangs up at once: a connection cut under the request.
+	hangUp, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer hangUp.Close()
+	go func() {
+		for {
+			c, err := hangUp.Accept()
+			if err != nil {
+				return
+			}
+			c.Close()
+		}
+	}()
 	for _, tc := range []struct {
 		name, addr string
+		trust      *httptest.Server
 		want       bool
 	}{
-		{"connection refused", closed.URL, true},
-		{"sealed (503)", status(http.StatusServiceUnavailable), true},
-		{"internal error (500)", status(http.StatusInternalServerError), true},
-		{"rate limited (429)", status(http.StatusTooManyRequests), true},
-		{"permission denied (403)", status(http.StatusForbidden), false},
-		{"bad request (400)", status(http.StatusBadRequest), false},
-		{"a server whose certificate does not verify", foreignTLS.URL, false},
+		{"connection refused", closed.URL, nil, true},
+		{"sealed (503)", status(http.StatusServiceUnavailable), nil, true},
+		{"internal error (500)", status(http.StatusInternalServerError), nil, true},
+		{"rate limited (429)", status(http.StatusTooManyRequests), nil, true},
+		{"permission denied (403)", status(http.StatusForbidden), nil, false},
+		{"bad request (400)", status(http.StatusBadRequest), nil, false},
+		{"a server whose certificate does not verify", foreignTLS.URL, nil, false},
+		{"a client certificate asked for", wantsCert.URL, wantsCert, false},
+		{"plain HTTP on the port", "https://" + plain.Listener.Addr().String(), nil, false},
+		{"connection closed under the request", "http://" + hangUp.Addr().String(), nil, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			cfg := vault.DefaultConfig()
 			cfg.Address = tc.addr
 			cfg.MaxRetries = 0
+			if tc.trust != nil {
+				cfg.HttpClient = tc.trust.Client()
+			}
 			c, err := vault.NewClient(cfg)
 			if err != nil {
 				t.Fatal(err)

@@ -67,9 +67,7 @@ func (s *VaultSecrets) SetWireGuardKey(ctx context.Context, node string, k WGPri
 	if err := s.Vault.SetWireGuardKey(ctx, node, k); err != nil {
 		return err
 	}
-	if err := (DirSecrets{Dir: s.dir}).SetWireGuardKey(ctx, node, k); err != nil {
-		return fmt.Errorf("WireGuard key stored in vault, but not its copy in %s: %w", s.dir, err)
-	}
+	s.keep(FileWireGuardKey, []byte(k.Base64Secret()+"\n"))
 	return nil
 }
 
@@ -110,15 +108,15 @@ func (s *VaultSecrets) UpdateGossipKeyring(ctx context.Context, update func(*Gos
 	if err != nil {
 		return err
 	}
-	if err := SaveGossipKeyring(s.dir, last); err != nil {
-		return fmt.Errorf("gossip keyring stored in vault, but not its copy in %s: %w", s.dir, err)
-	}
+	s.keep(FileGossipKeyring, last.MarshalSecret())
 	return nil
 }
 
-// keep writes a value read from Vault into the directory unless it is
-// there already. A failure costs only a start without Vault, so it is
-// logged, not returned.
+// keep writes what Vault holds (read, or just written) into the
+// directory unless it is there already. Vault has it, so a failure here
+// is logged, not returned: it costs only a start without Vault. The old
+// copy is removed then, so that such a start fails and says why rather
+// than bringing back a key Vault no longer holds.
 func (s *VaultSecrets) keep(name string, b []byte) {
 	path := filepath.Join(s.dir, name)
 	if cur, err := ReadPrivateFile(path); err == nil && bytes.Equal(cur, b) {
@@ -128,9 +126,14 @@ func (s *VaultSecrets) keep(name string, b []byte) {
 	if err == nil {
 		err = atomicfile.WriteFile(path, b, 0o600)
 	}
-	if err != nil {
-		s.log.Warn("could not keep a copy of a vault secret on disk: a restart while vault is unreachable would fail", "file", path, "err", err)
+	if err == nil {
+		return
 	}
+	if rerr := os.Remove(path); rerr != nil && !errors.Is(rerr, os.ErrNotExist) {
+		s.log.Error("could not update the copy of a vault secret kept on disk, nor remove it: a start while vault is unreachable would use the old value; remove the file", "file", path, "err", err, "remove_err", rerr)
+		return
+	}
+	s.log.Warn("could not keep a copy of a vault secret on disk: a start while vault is unreachable would fail", "file", path, "err", err)
 }
 
 func (s *VaultSecrets) servedFromDisk(what string, err error) {

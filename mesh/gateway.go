@@ -54,7 +54,11 @@ type Gateway struct {
 	wgKey    certs.WGPrivateKey
 	wgNext   certs.WGPrivateKey // zero unless a rotation has advertised it
 	keyring  *memberlist.Keyring
-	dev      Device
+	// keyringMu is held while the live keyring changes and the change is
+	// stored (applyKeyringOp), and by catchUpKeyring around its check
+	// and adoption.
+	keyringMu sync.Mutex
+	dev       Device
 
 	ml      *memberlist.Memberlist
 	gossip  *gossipTransport

@@ -25,9 +25,22 @@ func (g *Gateway) catchUpKeyring(ctx context.Context) {
 	const awaitingPoll = 2 * time.Second // only a flag is read until the login succeeds
 	backoff := awaitingPoll
 	for {
+		// A rotation step may change the keyring while Vault is read:
+		// what was read is taken only if the live keyring is still the
+		// one it was read against. A step holds keyringMu until its
+		// change is stored, so a read begun after that sees it.
+		g.keyringMu.Lock()
+		before := g.keyring.GetKeys()
+		g.keyringMu.Unlock()
 		kr, err := vs.GossipKeyringFromVault(ctx)
 		if err == nil {
+			g.keyringMu.Lock()
+			if !sameKeys(before, g.keyring.GetKeys()) {
+				g.keyringMu.Unlock()
+				continue // a step landed meanwhile: read again
+			}
 			changed, err := adoptKeyring(g.keyring, kr)
+			g.keyringMu.Unlock()
 			if err != nil {
 				g.log.Error("the mesh's gossip keyring read from vault could not be taken", "err", err)
 			} else if changed {
@@ -54,14 +67,7 @@ func (g *Gateway) catchUpKeyring(ctx context.Context) {
 // old ones out last, so that gossip in either keyring is read throughout.
 func adoptKeyring(live *memberlist.Keyring, kr *certs.GossipKeyring) (bool, error) {
 	want, before := kr.Keys(), live.GetKeys() // primary first
-	has := func(keys [][]byte, k []byte) bool {
-		return slices.ContainsFunc(keys, func(x []byte) bool { return bytes.Equal(x, k) })
-	}
-	same := len(want) == len(before) && bytes.Equal(want[0], before[0])
-	for _, k := range want {
-		same = same && has(before, k)
-	}
-	if same {
+	if sameKeys(want, before) {
 		return false, nil
 	}
 	var errs []error
@@ -70,7 +76,7 @@ func adoptKeyring(live *memberlist.Keyring, kr *certs.GossipKeyring) (bool, erro
 	}
 	errs = append(errs, live.UseKey(kr.Primary()))
 	for _, k := range before {
-		if !has(want, k) {
+		if !hasKey(want, k) {
 			errs = append(errs, live.RemoveKey(k))
 		}
 	}
@@ -78,4 +84,25 @@ func adoptKeyring(live *memberlist.Keyring, kr *certs.GossipKeyring) (bool, erro
 		return true, fmt.Errorf("adopt gossip keyring: %w", err)
 	}
 	return true, nil
+}
+
+// sameKeys reports whether two keyrings (primary first) have the same
+// primary and the same keys, in whatever order.
+func sameKeys(a, b [][]byte) bool {
+	if len(a) == 0 || len(b) == 0 {
+		return len(a) == len(b)
+	}
+	if len(a) != len(b) || !bytes.Equal(a[0], b[0]) {
+		return false
+	}
+	for _, k := range a {
+		if !hasKey(b, k) {
+			return false
+		}
+	}
+	return true
+}
+
+func hasKey(keys [][]byte, k []byte) bool {
+	return slices.ContainsFunc(keys, func(x []byte) bool { return bytes.Equal(x, k) })
 }

@@ -242,6 +242,10 @@ func (g *Gateway) installedKey(sum []byte) ([]byte, error) {
 
 // applyKeyringOp changes the live keyring and the stored one together.
 func (g *Gateway) applyKeyringOp(ctx context.Context, op *keyringOp) error {
+	// With the store's write: catchUpKeyring must not take a keyring it
+	// read before the write for the one the step left.
+	g.keyringMu.Lock()
+	defer g.keyringMu.Unlock()
 	kind, key := op.kind, op.key
 	switch kind {
 	case opInstallSealed:

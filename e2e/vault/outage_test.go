@@ -143,25 +143,11 @@ func TestVaultOutageStart(t *testing.T) {
 	var logs syncbuf.Buffer
 	ride := cfg
 	ride.RideOutOutage = true
-	// An operator's token in the environment, which the Vault client
-	// takes by itself, is not the gateway's to use, nor to revoke when
-	// its burst ends before it ever logged in.
-	operator, err := e.root.Auth().Token().Create(&api.TokenCreateRequest{Policies: []string{"default"}, TTL: "1h"})
-	must(t, err)
-	t.Setenv("VAULT_TOKEN", operator.Auth.ClientToken)
 	p, err = certs.Open(ctx, ride, slog.New(slog.NewTextHandler(&logs, nil)))
 	if err != nil {
 		t.Fatalf("a gateway's start while Vault is unreachable: %v", err)
 	}
 	defer p.Close()
-	proxy.up()
-	if err := p.Secrets().(*certs.VaultSecrets).RevokeLogin(ctx); err != nil {
-		t.Errorf("revoking the login of a gateway that has none: %v", err)
-	}
-	if _, err := e.root.Auth().Token().Lookup(operator.Auth.ClientToken); err != nil {
-		t.Fatalf("the operator's token from the environment was revoked: %v", err)
-	}
-	proxy.down()
 	got, tb, err := p.Identity(ctx, a)
 	if err != nil {
 		t.Fatalf("identity while Vault is unreachable: %v", err)
@@ -208,11 +194,40 @@ func TestVaultOutageStart(t *testing.T) {
 		t.Errorf("the gateway did not say it logged in:\n%s", logs.String())
 	}
 
-	// A refusal is not an outage: with its SecretID destroyed, the
-	// gateway does not start on its copies.
+	// A refusal is not an outage. The gateway's SecretID is destroyed
+	// while it restarts without Vault: once Vault answers, refusing its
+	// login, it serves nothing more from its copies.
+	proxy.down()
+	// An operator's token in the environment, which the Vault client
+	// takes by itself, is not the gateway's to use, nor to revoke when
+	// its burst ends before it ever logged in.
+	operator, err := e.root.Auth().Token().Create(&api.TokenCreateRequest{Policies: []string{"default"}, TTL: "1h"})
+	must(t, err)
+	t.Setenv("VAULT_TOKEN", operator.Auth.ClientToken)
+	var refusedLogs syncbuf.Buffer
+	pr, err := certs.Open(ctx, ride, slog.New(slog.NewTextHandler(&refusedLogs, nil)))
+	must(t, err)
+	defer pr.Close()
 	sid, err := os.ReadFile(secretFile)
 	must(t, err)
 	write(t, e.root, "auth/"+e.approleMount+"/role/gateway/secret-id/destroy", map[string]any{"secret_id": strings.TrimSpace(string(sid))})
+	proxy.up()
+	waitCond(t, 60*time.Second, "the copies are no longer served once Vault refuses the login", func() (bool, string) {
+		_, err := pr.Secrets().WireGuardKey(ctx, a.Node)
+		return err != nil && !certs.VaultUnreachable(err), fmt.Sprint(err)
+	})
+	if _, err := pr.Secrets().GossipKeyring(ctx); err == nil || certs.VaultUnreachable(err) {
+		t.Errorf("gossip keyring after Vault refused the login: %v; want the refusal", err)
+	}
+	// Vault answers and has refused every login: the gateway holds no
+	// token, and revoking its login touches nobody else's.
+	if err := pr.Secrets().(*certs.VaultSecrets).RevokeLogin(ctx); err != nil {
+		t.Errorf("revoking the login of a gateway that has none: %v", err)
+	}
+	if _, err := e.root.Auth().Token().Lookup(operator.Auth.ClientToken); err != nil {
+		t.Fatalf("the operator's token from the environment was revoked: %v", err)
+	}
+	// And a start while Vault refuses does not happen at all.
 	if _, err := certs.Open(ctx, ride, slog.New(slog.DiscardHandler)); err == nil || certs.VaultUnreachable(err) {
 		t.Errorf("a start with a destroyed SecretID: %v; want Vault's refusal", err)
 	}
