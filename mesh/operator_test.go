@@ -473,8 +473,18 @@ func TestIssuerAnsweredMetric(t *testing.T) {
 	if v, _ := value(withCA.g); v < float64(start.Unix()) || v > float64(time.Now().Unix()) {
 		t.Errorf("%s = %v, not a time since the start (%d)", name, v, start.Unix())
 	}
+	st, err := withCA.g.Status()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if id := st.Identity; id.Issuer != "ca_dir" || id.IssuerAnswered == nil || id.IssuerAnswered.Before(start.Truncate(time.Second)) || id.StartedOnDisk {
+		t.Errorf("status of a gateway with a local CA: issuer %q, answered %v, started on disk %v", id.Issuer, id.IssuerAnswered, id.StartedOnDisk)
+	}
 	without := startLiveGatewayWith(t, ca, dir, 1, "fra-dc", nil, io.Discard, nil)
 	if v, ok := value(without.g); ok {
 		t.Errorf("a gateway without an issuer exports %s = %v", name, v)
+	}
+	if st, err := without.g.Status(); err != nil || st.Identity.Issuer != "" || st.Identity.IssuerAnswered != nil {
+		t.Errorf("status of a gateway without an issuer: %+v, %v", st.Identity, err)
 	}
 }

@@ -47,6 +47,15 @@ type IdentityStatus struct {
 	NotBefore time.Time `json:"not_before"`
 	NotAfter  time.Time `json:"not_after"`
 	CRLNumber uint64    `json:"crl_number"`
+	// Issuer is what renews the identity: "vault", "ca_dir", or empty
+	// (identities issued offline).
+	Issuer string `json:"issuer,omitempty"`
+	// IssuerAnswered is when the issuer last answered the gateway's
+	// trust-bundle request; nil if it has not since the start.
+	IssuerAnswered *time.Time `json:"issuer_answered,omitempty"`
+	// StartedOnDisk: Vault could not be reached when the gateway started,
+	// which then took its secrets from the copies kept on disk.
+	StartedOnDisk bool `json:"started_on_disk,omitempty"`
 }
 
 // MemberStatus is one member: its verification state and, for peers, the
@@ -95,6 +104,22 @@ func (g *Gateway) Status() (*Status, error) {
 		Interface: g.dev.Name(), Mode: g.dev.Mode(), PublicKey: g.wgPublicKey(), ListenPort: g.s.Port,
 		Gossip: g.s.GossipAdvertise.String(), Policy: g.policyRevision(), Topology: g.s.Topology, Uptime: time.Since(g.started),
 		Identity: IdentityStatus{Serial: certs.FormatSerial(id.Certificate().SerialNumber), NotBefore: id.Certificate().NotBefore, NotAfter: id.Certificate().NotAfter, CRLNumber: crlNumber(tb.CRL())},
+	}
+	switch iss := g.prov.Issuer().(type) {
+	case *certs.Vault:
+		st.Identity.Issuer = "vault"
+	case *certs.CA:
+		st.Identity.Issuer = "ca_dir"
+	case nil:
+	default:
+		st.Identity.Issuer = fmt.Sprintf("%T", iss)
+	}
+	if at := g.issuerAnswered.Load(); at != 0 {
+		t := time.Unix(at, 0)
+		st.Identity.IssuerAnswered = &t
+	}
+	if vs, ok := g.prov.Secrets().(*certs.VaultSecrets); ok {
+		st.Identity.StartedOnDisk = vs.ServedFromDisk()
 	}
 	if a := g.OperatorAddress(); a != nil {
 		st.Operator = a.String()

@@ -195,6 +195,17 @@ func printStatus(c *cli.Context, st *mesh.Status) {
 	fmt.Fprintf(w, "node %s of site %s (%s, %s), overlay %s\n", st.Node, st.Site, st.Jurisdiction, st.Region, st.OverlayIP)
 	fmt.Fprintf(w, "interface %s (%s), port %d, key %s\n", st.Interface, st.Mode, st.ListenPort, st.PublicKey)
 	fmt.Fprintf(w, "identity serial %s, valid until %s, revocation list #%d\n", st.Identity.Serial, st.Identity.NotAfter.UTC().Format(time.RFC3339), st.Identity.CRLNumber)
+	if iss := st.Identity.Issuer; iss != "" {
+		answered := "no answer since the gateway started"
+		if at := st.Identity.IssuerAnswered; at != nil {
+			answered = "last answer " + time.Since(*at).Round(time.Second).String() + " ago"
+		}
+		disk := ""
+		if st.Identity.StartedOnDisk {
+			disk = "; started on the secrets kept on disk (vault was unreachable)"
+		}
+		fmt.Fprintf(w, "issuer %s: %s%s\n", iss, answered, disk)
+	}
 	if st.BurstUntil != nil {
 		fmt.Fprintf(w, "burst gateway: leaves the mesh at %s, or when the burst is taken down\n", st.BurstUntil.UTC().Format(time.RFC3339))
 	}

@@ -121,6 +121,11 @@ operator { listen = "off" }
 }
 
 type statusView struct {
+	Identity struct {
+		Issuer         string     `json:"issuer"`
+		IssuerAnswered *time.Time `json:"issuer_answered"`
+		StartedOnDisk  bool       `json:"started_on_disk"`
+	} `json:"identity"`
 	Members []struct {
 		Node  string `json:"node"`
 		State string `json:"state"`

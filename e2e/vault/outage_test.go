@@ -307,6 +307,10 @@ func TestVaultOutageGatewayRestart(t *testing.T) {
 	if !strings.Contains(b.log.String(), "vault unreachable: starting on the identity and secrets kept on disk") {
 		t.Errorf("gw-b did not say it started without Vault:\n%s", b.log.String())
 	}
+	// Its status says so too, and that Vault has not answered since.
+	if st, err := gwStatus(bin, sockB); err != nil || st.Identity.Issuer != "vault" || !st.Identity.StartedOnDisk || st.Identity.IssuerAnswered != nil {
+		t.Errorf("gw-b's status during the outage: %+v, %v; want issuer vault, started on disk, no answer", st, err)
+	}
 	// Its keyring is the old one, which gw-a no longer reads: its join
 	// fails.
 	waitCond(t, 60*time.Second, "gw-b's join on the old keyring fails", func() (bool, string) {
