@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -18,6 +19,7 @@ import (
 	"github.com/hashicorp/vault/api"
 	"github.com/skybridge-mesh/skybridge/certs"
 	"github.com/skybridge-mesh/skybridge/internal/freeport"
+	"golang.org/x/sync/errgroup"
 )
 
 // buildSkybridge builds the gateway binary: the gateways of this test run
@@ -684,4 +686,59 @@ path "%[3]s/roles/*" { capabilities = ["read", "delete"] }
 		t.Fatalf("OpenBurst after the by-hand removal: %v", err)
 	}
 	must(t, v.AbortBurst(ctx, e.root.Token(), "burst-x", vb.Claim, spec.OpenedBy))
+}
+
+// TestBenchVaultBurstDown prints how long `burst down` takes to find and
+// revoke a burst site's certificates on a PKI mount that has issued
+// many others (SKYBRIDGE_BENCH_CERTS, default 2000), with Vault a round
+// trip away (SKYBRIDGE_BENCH_VAULT_RTT, default 5ms): `SKYBRIDGE_BENCH=1
+// go test -v -run TestBenchVaultBurstDown` in e2e/vault.
+func TestBenchVaultBurstDown(t *testing.T) {
+	if os.Getenv("SKYBRIDGE_BENCH") == "" {
+		t.Skip("a benchmark: set SKYBRIDGE_BENCH=1")
+	}
+	others := 2000
+	if n, err := strconv.Atoi(os.Getenv("SKYBRIDGE_BENCH_CERTS")); err == nil && n >= 0 {
+		others = n
+	}
+	rtt := 5 * time.Millisecond
+	if d, err := time.ParseDuration(os.Getenv("SKYBRIDGE_BENCH_VAULT_RTT")); err == nil {
+		rtt = d
+	}
+	e := startVault(t)
+	ctx := context.Background()
+	cfg, _ := e.approleConfig(t, t.TempDir())
+	// The gateway reaches Vault across a network; the set-up below does not.
+	proxy := newCutProxy(t, e.addr)
+	proxy.delay = rtt
+	cfg.Vault.Address = proxy.url()
+	v, err := certs.OpenVault(ctx, cfg.Vault, meshPrefix, slog.New(slog.DiscardHandler))
+	must(t, err)
+	defer v.Close()
+	node := attrs("burst-b-gw1", "burst-b", "100.96.9.9")
+	node.Provider, node.Jurisdiction = "aws", "NL"
+	vb, err := v.OpenBurst(ctx, e.root.Token(), certs.VaultBurstSpec{Site: "burst-b", Nodes: []certs.Attributes{node},
+		Expires: time.Now().Add(time.Hour), TokenTTL: 10 * time.Minute, OpenedBy: "gw-zrh"})
+	must(t, err)
+	// The site's gateway's certificate, then the mount's other business.
+	_, err = e.root.Logical().Write(e.pki+"/issue/"+vb.Name, map[string]any{
+		"common_name": node.Node, "uri_sans": node.PinnedURI().String(), "ip_sans": node.OverlayIP.String()})
+	must(t, err)
+	var g errgroup.Group
+	g.SetLimit(4)
+	for i := range others {
+		g.Go(func() error {
+			_, err := e.root.Logical().Write(e.pki+"/issue/"+e.role, map[string]any{"common_name": fmt.Sprintf("host-%d.bank.example", i)})
+			return err
+		})
+	}
+	must(t, g.Wait())
+	start := time.Now()
+	revoked, err := v.CloseBurst(ctx, e.root.Token(), "burst-b", []string{node.Node}, vb.Claim, "gw-zrh")
+	took := time.Since(start)
+	must(t, err)
+	if len(revoked) != 1 {
+		t.Fatalf("burst down revoked %d certificates, want the site's 1", len(revoked))
+	}
+	t.Logf("\n| certificates on the mount | round trip to Vault | burst down |\n|---|---|---|\n| %d | %v | %v |", others+1, rtt, took.Round(time.Millisecond))
 }

@@ -31,6 +31,9 @@ type cutProxy struct {
 	mu       sync.Mutex
 	ln       net.Listener
 	conns    map[net.Conn]struct{}
+	// delay holds back what Vault sends, each read of it: a round trip
+	// to a Vault across a network rather than on loopback.
+	delay time.Duration
 }
 
 func newCutProxy(t *testing.T, vaultAddr string) *cutProxy {
@@ -77,7 +80,7 @@ func (p *cutProxy) pipe(c net.Conn) {
 	p.mu.Unlock()
 	done := make(chan struct{}, 2)
 	go func() { io.Copy(v, c); done <- struct{}{} }()
-	go func() { io.Copy(c, v); done <- struct{}{} }()
+	go func() { io.Copy(c, delayedReader{v, p.delay}); done <- struct{}{} }()
 	<-done
 	c.Close()
 	v.Close()
@@ -85,6 +88,19 @@ func (p *cutProxy) pipe(c net.Conn) {
 	delete(p.conns, c)
 	delete(p.conns, v)
 	p.mu.Unlock()
+}
+
+type delayedReader struct {
+	r io.Reader
+	d time.Duration
+}
+
+func (d delayedReader) Read(b []byte) (int, error) {
+	n, err := d.r.Read(b)
+	if n > 0 && d.d > 0 {
+		time.Sleep(d.d) // a round trip's latency, not a wait for a condition
+	}
+	return n, err
 }
 
 // down stops listening and cuts every connection: requests fail with
