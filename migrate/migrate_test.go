@@ -1629,7 +1629,7 @@ func TestReceiverStoppedWhileStoring(t *testing.T) {
 			if _, err := audit.Verify(bytes.NewReader(b), p.tb); err != nil {
 				t.Fatalf("the receiver's audit log: %v", err)
 			}
-			var done int
+			var done, failed int
 			for line := range bytes.Lines(b) {
 				var rec audit.Record
 				if err := json.Unmarshal(line, &rec); err != nil {
@@ -1638,9 +1638,16 @@ func TestReceiverStoppedWhileStoring(t *testing.T) {
 				if rec.Fields["outcome"] == "done" && rec.Fields["recovered"] != nil && rec.Fields["root"] == img.Root.String() {
 					done++
 				}
+				if rec.Fields["outcome"] == "failed" {
+					failed++
+				}
 			}
 			if done != 1 {
 				t.Errorf("%d records of the image stored before the stop (want 1, marked recovered):\n%s", done, b)
+			}
+			// Nothing says it failed: it was stored, only not yet recorded.
+			if failed != 0 {
+				t.Errorf("%d records say a migration failed; the image was stored:\n%s", failed, b)
 			}
 		})
 	}

@@ -631,6 +631,13 @@ func (r *Receiver) control(ctx context.Context, c *tls.Conn, fr *frameReader, fw
 		return
 	}
 	done, err := s.finish(&cm, d)
+	var stored *storedError
+	if errors.As(err, &stored) {
+		log.Error("migration stored and verified, but not yet recorded in the catalog: the gateway records it when it starts again", "err", err)
+		r.cfg.Observer.Ended(RoleReceive, StateFailed, r.cfg.Now().Sub(s.start))
+		fw.json(frameError, "the image was stored, but the receiving gateway could not record it yet (it does when it starts again): "+err.Error())
+		return
+	}
 	if err != nil {
 		log.Error("migration failed verification", "err", err)
 		r.audit(o, from, d, "failed", cm.Root, s.received, s.start, r.cfg.Now(), err.Error())
@@ -1350,12 +1357,15 @@ func (s *session) finish(cm *Commit, d policy.Decision) (*Done, error) {
 		j.deleteKey(bucketStoring, o.ID)
 		return nil, err
 	}
+	// From here the image is in place and staged: whatever fails, the
+	// gateway's next start completes the store (recoverStores), "done"
+	// record included, so no failure is recorded for it.
 	if err := atomicfile.SyncDir(dir); err != nil {
-		return nil, err
+		return nil, &storedError{err}
 	}
 	if s.r.cfg.afterRename != nil {
 		if err := s.r.cfg.afterRename(); err != nil {
-			return nil, err
+			return nil, &storedError{err}
 		}
 	}
 	if s.r.appendAudit(st.Audit) {
@@ -1363,14 +1373,22 @@ func (s *session) finish(cm *Commit, d policy.Decision) (*Done, error) {
 		// must not write the record twice.
 		st.Audited = true
 		if err := j.put(bucketStoring, o.ID, &st); err != nil {
-			return nil, err
+			return nil, &storedError{err}
 		}
 	}
 	if err := s.r.stored(o.ID, &st); err != nil {
-		return nil, err
+		return nil, &storedError{err}
 	}
 	return &Done{Name: o.Name, Path: final, Format: o.Format, Root: cm.Root, Received: s.received, Reused: s.reused}, nil
 }
+
+// storedError is a failure after a received image replaced the stored
+// version: the image is in place and staged for recoverStores, so the
+// migration is not recorded as failed.
+type storedError struct{ err error }
+
+func (e *storedError) Error() string { return e.err.Error() }
+func (e *storedError) Unwrap() error { return e.err }
 
 // zeroAbsent makes every chunk the manifest leaves out, zeros in the
 // source, a hole in the incoming file. Not only the chunks held durable
