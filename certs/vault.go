@@ -466,6 +466,9 @@ func (v *Vault) maintainLogin(ctx context.Context, secret *vault.Secret) {
 		}
 		s, err := v.relogin(ctx, stale, false)
 		for backoff := time.Second; err != nil; backoff = min(2*backoff, time.Minute) {
+			if ctx.Err() != nil {
+				return // closed while logging in
+			}
 			if refusal := err; secret == nil && ctx.Err() == nil && !VaultUnreachable(refusal) && v.refused.Swap(&refusal) == nil {
 				v.log.Error("vault answers but refuses this gateway's login: it stops using the secrets kept on disk (it keeps its certificate until it ends)", "err", err)
 			}
