@@ -22,6 +22,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+	"unicode"
+	"unicode/utf8"
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
@@ -69,12 +71,18 @@ func operatorToken(path string) (string, error) {
 	if len(tok) < 16 {
 		return "", fmt.Errorf("operator token %s is too short to be secret (%d characters, want at least 16): delete it and restart to get a new one", path, len(tok))
 	}
-	// A token is typed, pasted and sent in URLs: printable ASCII only. A
-	// file of zeros or binary garbage (a crash, a bad restore) is not a
-	// secret anyone chose.
-	for _, c := range []byte(tok) {
-		if c <= ' ' || c > '~' {
-			return "", fmt.Errorf("operator token %s holds a character that is not printable ASCII (byte %#02x): it is damaged; delete it and restart to get a new one", path, c)
+	// A file of zeros or binary garbage (a crash, a bad restore) is not a
+	// secret anyone chose: control characters and bytes that are not
+	// UTF-8 are refused. Spaces and other letters are not: a token an
+	// operator wrote, shared by several gateways, worked before they
+	// were checked for, and is sent escaped in links and as it is in
+	// Authorization headers.
+	if !utf8.ValidString(tok) {
+		return "", fmt.Errorf("operator token %s is not text (bytes that are not UTF-8): it is damaged; if the gateway made it, delete it and restart to get a new one; if you wrote it, write it again", path)
+	}
+	for _, c := range tok {
+		if unicode.IsControl(c) {
+			return "", fmt.Errorf("operator token %s holds a control character (%U): it is damaged; if the gateway made it, delete it and restart to get a new one; if you wrote it, write it again", path, c)
 		}
 	}
 	return tok, nil
