@@ -106,27 +106,3 @@ func sameKeys(a, b [][]byte) bool {
 func hasKey(keys [][]byte, k []byte) bool {
 	return slices.ContainsFunc(keys, func(x []byte) bool { return bytes.Equal(x, k) })
 }
-
-// keyringAfter is cur with one rotation step applied: a key installed, made
-// primary (installed too if cur lacks it), or removed. Removing cur's
-// primary is refused: the step before it, making another key primary,
-// has not reached this keyring.
-func keyringAfter(cur *certs.GossipKeyring, kind string, key []byte) (*certs.GossipKeyring, error) {
-	keys := cur.Keys() // primary first
-	switch kind {
-	case opInstall:
-		if !hasKey(keys, key) {
-			keys = append(keys, key)
-		}
-	case opUse:
-		keys = append([][]byte{key}, slices.DeleteFunc(keys, func(k []byte) bool { return bytes.Equal(k, key) })...)
-	case opRemove:
-		if bytes.Equal(keys[0], key) {
-			return nil, errors.New("refusing to remove the stored keyring's primary gossip key: the step that made another key primary has not reached it")
-		}
-		keys = slices.DeleteFunc(keys, func(k []byte) bool { return bytes.Equal(k, key) })
-	default:
-		return nil, fmt.Errorf("unknown keyring operation %q", kind)
-	}
-	return certs.NewGossipKeyring(keys)
-}

@@ -279,18 +279,8 @@ func (g *Gateway) applyKeyringOp(ctx context.Context, op *keyringOp) error {
 	if err != nil {
 		return err
 	}
-	// The gateway's own keyring file is what it runs with: the live
-	// keyring. A keyring others share (Vault's, the CA directory's) gets
-	// the step applied to what it holds, inside the store's
-	// check-and-set: a gateway whose live keyring is behind or ahead of
-	// the mesh's must not overwrite the mesh's with it.
 	live := g.keyring.GetKeys() // primary first
-	own := func(*certs.GossipKeyring) (*certs.GossipKeyring, error) { return certs.NewGossipKeyring(live) }
-	shared := func(cur *certs.GossipKeyring) (*certs.GossipKeyring, error) { return keyringAfter(cur, kind, key) }
-	update := shared
-	if _, ok := g.prov.Secrets().(certs.DirSecrets); ok {
-		update = own
-	}
+	update := func(*certs.GossipKeyring) (*certs.GossipKeyring, error) { return certs.NewGossipKeyring(live) }
 	if err := g.prov.Secrets().UpdateGossipKeyring(ctx, update); err != nil {
 		return err
 	}
@@ -298,7 +288,7 @@ func (g *Gateway) applyKeyringOp(ctx context.Context, op *keyringOp) error {
 	// gateways: left behind, they would get a key the mesh no longer
 	// takes. (A CA kept off every gateway needs it copied by hand.)
 	if ca, ok := g.prov.Issuer().(*certs.CA); ok {
-		if err := ca.Secrets().UpdateGossipKeyring(ctx, shared); err != nil {
+		if err := ca.Secrets().UpdateGossipKeyring(ctx, update); err != nil {
 			return fmt.Errorf("the CA directory's gossip keyring: %w", err)
 		}
 	}

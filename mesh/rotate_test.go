@@ -5,8 +5,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
-	"net/netip"
 	"os"
 	"path/filepath"
 	"slices"
@@ -180,45 +178,5 @@ func TestGossipKeyRotationsOneAtATime(t *testing.T) {
 		if keys := lg.g.keyring.GetKeys(); len(keys) != 1 || !bytes.Equal(keys[0], nk) {
 			t.Errorf("%s holds %d keys after both rotations, op1's primary: %v", lg.g.s.Node.Name, len(keys), len(keys) > 0 && bytes.Equal(keys[0], nk))
 		}
-	}
-}
-
-// TestRotationStepsOnSharedKeyring: a keyring others share (here the CA
-// directory's, which `ca issue` hands out; Vault's alike) gets each step
-// applied to what it holds, not the rotating gateway's own keyring
-// copied over it: a key it holds that this gateway lacks survives, and
-// the old key goes.
-func TestRotationStepsOnSharedKeyring(t *testing.T) {
-	dir := t.TempDir()
-	ca, err := certs.InitCA(filepath.Join(dir, "ca"), certs.InitOptions{MeshPrefix: netip.MustParsePrefix("100.64.0.0/10")})
-	if err != nil {
-		t.Fatal(err)
-	}
-	a := startLiveGatewayWith(t, ca, dir, 0, "zrh-dc", nil, io.Discard, func(s *Settings) { s.Identity.CADir = ca.Dir() })
-	old := a.g.keyring.GetPrimaryKey()
-	extra, err := certs.NewGossipKey()
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx := context.Background()
-	if err := ca.Secrets().UpdateGossipKeyring(ctx, func(cur *certs.GossipKeyring) (*certs.GossipKeyring, error) {
-		return certs.NewGossipKeyring(append(cur.Keys(), extra))
-	}); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := a.g.RotateGossipKey(ctx); err != nil {
-		t.Fatal(err)
-	}
-	kr, err := ca.Secrets().GossipKeyring(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	keys := kr.Keys()
-	if !bytes.Equal(keys[0], a.g.keyring.GetPrimaryKey()) || hasKey(keys, old) || !hasKey(keys, extra) || len(keys) != 2 {
-		t.Errorf("the CA directory's keyring after the rotation: primary the new key %v, old key kept %v, its own extra key kept %v, %d keys",
-			bytes.Equal(keys[0], a.g.keyring.GetPrimaryKey()), hasKey(keys, old), hasKey(keys, extra), len(keys))
-	}
-	if live := a.g.keyring.GetKeys(); len(live) != 1 {
-		t.Errorf("the gateway holds %d keys after the rotation, want the new one alone", len(live))
 	}
 }
