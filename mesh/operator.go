@@ -68,21 +68,23 @@ func operatorToken(path string) (string, error) {
 		return "", fmt.Errorf("operator token %s is open to other users (mode %04o): run chmod 600 %s", path, fi.Mode().Perm(), path)
 	}
 	tok := strings.TrimSpace(string(b))
-	if len(tok) < 16 {
-		return "", fmt.Errorf("operator token %s is too short to be secret (%d characters, want at least 16): delete it and restart to get a new one", path, len(tok))
+	if n := utf8.RuneCountInString(tok); n < 16 {
+		return "", fmt.Errorf("operator token %s is too short to be secret (%d characters, want at least 16): delete it and restart to get a new one", path, n)
 	}
 	// A file of zeros or binary garbage (a crash, a bad restore) is not a
 	// secret anyone chose: control characters and bytes that are not
-	// UTF-8 are refused. Spaces and other letters are not: a token an
-	// operator wrote, shared by several gateways, worked before they
-	// were checked for, and is sent escaped in links and as it is in
-	// Authorization headers.
+	// UTF-8 are refused, and so are invisible ones (a byte-order mark an
+	// editor saved, a zero-width space), which no one typing or pasting
+	// the token would send. Spaces and letters are not: a token an
+	// operator wrote, shared by several gateways, worked before they were
+	// checked for, and is sent escaped in links and as it is in
+	// Authorization headers (ASCII is what every client sends alike).
 	if !utf8.ValidString(tok) {
 		return "", fmt.Errorf("operator token %s is not text (bytes that are not UTF-8): it is damaged; if the gateway made it, delete it and restart to get a new one; if you wrote it, write it again", path)
 	}
 	for _, c := range tok {
-		if unicode.IsControl(c) {
-			return "", fmt.Errorf("operator token %s holds a control character (%U): it is damaged; if the gateway made it, delete it and restart to get a new one; if you wrote it, write it again", path, c)
+		if unicode.IsControl(c) || unicode.Is(unicode.Cf, c) {
+			return "", fmt.Errorf("operator token %s holds an invisible or control character (%U): if the gateway made it, it is damaged: delete it and restart to get a new one; if you wrote it, write it again without it", path, c)
 		}
 	}
 	return tok, nil

@@ -427,6 +427,9 @@ func TestOperatorToken(t *testing.T) {
 		// operator wrote must not stop the gateway after an upgrade.
 		{"inner space", "correct horse battery staple", 0o600, ""},
 		{"letters", "jeton partagé de l'équipe réseau", 0o600, ""},
+		{"byte-order mark", "\ufeffcorrect-horse-battery-staple", 0o600, "invisible"},
+		{"zero-width space", "correct-horse\u200bbattery-staple", 0o600, "invisible"},
+		{"short in characters, long in bytes", "日本語の秘密です", 0o600, "too short"},
 		{"open", "correct-horse-battery-staple\n", 0o644, "chmod 600"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
