@@ -710,7 +710,7 @@ func TestBenchVaultBurstDown(t *testing.T) {
 	cfg, _ := e.approleConfig(t, t.TempDir())
 	// The gateway reaches Vault across a network; the set-up below does not.
 	proxy := newCutProxy(t, e.addr)
-	proxy.delay = rtt
+	proxy.setDelay(rtt)
 	cfg.Vault.Address = proxy.url()
 	v, err := certs.OpenVault(ctx, cfg.Vault, meshPrefix, slog.New(slog.DiscardHandler))
 	must(t, err)

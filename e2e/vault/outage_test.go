@@ -32,8 +32,16 @@ type cutProxy struct {
 	ln       net.Listener
 	conns    map[net.Conn]struct{}
 	// delay holds back what Vault sends, each read of it: a round trip
-	// to a Vault across a network rather than on loopback.
+	// to a Vault across a network rather than on loopback. Guarded by mu.
 	delay time.Duration
+}
+
+// setDelay makes the connections opened from now on hold back Vault's
+// answers by d.
+func (p *cutProxy) setDelay(d time.Duration) {
+	p.mu.Lock()
+	p.delay = d
+	p.mu.Unlock()
 }
 
 func newCutProxy(t *testing.T, vaultAddr string) *cutProxy {
@@ -77,10 +85,11 @@ func (p *cutProxy) pipe(c net.Conn) {
 	}
 	p.mu.Lock()
 	p.conns[c], p.conns[v] = struct{}{}, struct{}{}
+	delay := p.delay
 	p.mu.Unlock()
 	done := make(chan struct{}, 2)
 	go func() { io.Copy(v, c); done <- struct{}{} }()
-	go func() { io.Copy(c, delayedReader{v, p.delay}); done <- struct{}{} }()
+	go func() { io.Copy(c, delayedReader{v, delay}); done <- struct{}{} }()
 	<-done
 	c.Close()
 	v.Close()
