@@ -1561,7 +1561,7 @@ func TestReceiverStoppedWhileStoring(t *testing.T) {
 			p := newPairWith(t, "DE", func(c *ReceiverConfig) {
 				c.afterRename = func() error {
 					if stop.Load() {
-						return errors.New("stopped")
+						return errStopHere
 					}
 					return nil
 				}
@@ -1650,6 +1650,57 @@ func TestReceiverStoppedWhileStoring(t *testing.T) {
 				t.Errorf("%d records say a migration failed; the image was stored:\n%s", failed, b)
 			}
 		})
+	}
+}
+
+// TestReceiverRecordsAfterAFailure: a failure once the image is in place
+// (a directory sync, a journal write) is not the migration's: the receiver
+// records the image at once when the catalog takes it, answers done, and
+// writes one "done" record and no "failed" one.
+func TestReceiverRecordsAfterAFailure(t *testing.T) {
+	var fail atomic.Bool
+	p := newPairWith(t, "DE", func(c *ReceiverConfig) {
+		c.afterRename = func() error {
+			if fail.CompareAndSwap(true, false) {
+				return errors.New("the directory could not be synced")
+			}
+			return nil
+		}
+	})
+	raw := filepath.Join(p.dir, "vm.raw")
+	makeRaw(t, raw, 4*mib, map[int64]int{mib: 4096})
+	fail.Store(true)
+	rec, err := Send(context.Background(), p.config(raw, "pii-eu"))
+	if err != nil || rec.State != StateDone {
+		t.Fatalf("send with a failure after the image was in place: %v, %+v; want done", err, rec)
+	}
+	img, err := p.recvJ.Image("vm")
+	if err != nil {
+		t.Fatalf("the image is not in the catalog without a restart: %v", err)
+	}
+	if rep, err := VerifyImage(img); err != nil || !rep.OK {
+		t.Fatalf("verify: %+v %v", rep, err)
+	}
+	if staged, _ := p.recvJ.stagedImages(); len(staged) != 0 {
+		t.Errorf("still staged: %+v", staged)
+	}
+	if !strings.Contains(p.recvLog.String(), "recording it failed once, and succeeded when tried again") {
+		t.Errorf("not logged:\n%s", p.recvLog.String())
+	}
+	b, err := os.ReadFile(p.recvAudit.Path())
+	if err != nil {
+		t.Fatal(err)
+	}
+	outcomes := map[any]int{}
+	for line := range bytes.Lines(b) {
+		var r audit.Record
+		if err := json.Unmarshal(line, &r); err != nil {
+			t.Fatal(err)
+		}
+		outcomes[r.Fields["outcome"]]++
+	}
+	if outcomes["done"] != 1 || outcomes["failed"] != 0 {
+		t.Errorf("the receiver's audit records by outcome: %v; want one done, no failed", outcomes)
 	}
 }
 

@@ -50,9 +50,13 @@ type ReceiverConfig struct {
 	IdleTimeout time.Duration
 
 	// afterRename, in tests, runs once a received image has replaced the
-	// stored version; an error stops the store there, as a crash would.
+	// stored version. errStopHere stops the receive there, as a crash
+	// would; another error is a failure there (a full disk, say).
 	afterRename func() error
 }
+
+// errStopHere, from afterRename, stands for the gateway stopping.
+var errStopHere = errors.New("the gateway stopped here (a test)")
 
 // Receiver accepts migrations into a gateway's image store.
 type Receiver struct {
@@ -633,10 +637,19 @@ func (r *Receiver) control(ctx context.Context, c *tls.Conn, fr *frameReader, fw
 	done, err := s.finish(&cm, d)
 	var stored *storedError
 	if errors.As(err, &stored) {
-		log.Error("migration stored and verified, but not yet recorded in the catalog: the gateway records it when it starts again", "err", err)
-		r.cfg.Observer.Ended(RoleReceive, StateFailed, r.cfg.Now().Sub(s.start))
-		fw.json(frameError, "the image was stored, but the receiving gateway could not record it yet (it does when it starts again): "+err.Error())
-		return
+		if errors.Is(err, errStopHere) {
+			return
+		}
+		// The image is in place: recorded now if what failed has
+		// passed, else at the next start; never audited as failed.
+		if rerr := r.completeStore(o.ID, stored.st); rerr != nil {
+			log.Error("migration stored and verified, but not recorded in the catalog: the gateway records it when it starts again", "err", err, "again", rerr)
+			r.cfg.Observer.Ended(RoleReceive, StateFailed, r.cfg.Now().Sub(s.start))
+			fw.json(frameError, "the image was stored, but the receiving gateway could not record it yet (it does when it starts again): "+err.Error())
+			return
+		}
+		log.Warn("migration stored; recording it failed once, and succeeded when tried again", "err", err)
+		done, err = stored.done, nil
 	}
 	if err != nil {
 		log.Error("migration failed verification", "err", err)
@@ -1357,15 +1370,17 @@ func (s *session) finish(cm *Commit, d policy.Decision) (*Done, error) {
 		j.deleteKey(bucketStoring, o.ID)
 		return nil, err
 	}
-	// From here the image is in place and staged: whatever fails, the
-	// gateway's next start completes the store (recoverStores), "done"
-	// record included, so no failure is recorded for it.
+	// From here the image is in place and staged: a failure is not the
+	// migration's (storedError), and the gateway's next start completes
+	// the store (recoverStores), "done" record included.
+	done := &Done{Name: o.Name, Path: final, Format: o.Format, Root: cm.Root, Received: s.received, Reused: s.reused}
+	failed := func(err error) (*Done, error) { return nil, &storedError{err: err, st: &st, done: done} }
 	if err := atomicfile.SyncDir(dir); err != nil {
-		return nil, &storedError{err}
+		return failed(err)
 	}
 	if s.r.cfg.afterRename != nil {
 		if err := s.r.cfg.afterRename(); err != nil {
-			return nil, &storedError{err}
+			return failed(err)
 		}
 	}
 	if s.r.appendAudit(st.Audit) {
@@ -1373,19 +1388,36 @@ func (s *session) finish(cm *Commit, d policy.Decision) (*Done, error) {
 		// must not write the record twice.
 		st.Audited = true
 		if err := j.put(bucketStoring, o.ID, &st); err != nil {
-			return nil, &storedError{err}
+			return failed(err)
 		}
 	}
 	if err := s.r.stored(o.ID, &st); err != nil {
-		return nil, &storedError{err}
+		return failed(err)
 	}
-	return &Done{Name: o.Name, Path: final, Format: o.Format, Root: cm.Root, Received: s.received, Reused: s.reused}, nil
+	return done, nil
+}
+
+// completeStore records an image that is in place and staged, with its
+// audit record unless that was written: what recoverStores does at a
+// start, done at once after a failure that may have passed.
+func (r *Receiver) completeStore(id string, st *stagedImage) error {
+	if !st.Audited && r.appendAudit(st.Audit) {
+		st.Audited = true
+		if err := r.cfg.Journal.put(bucketStoring, id, st); err != nil {
+			r.cfg.Log.Error("journal: the image's audit record is written, but not marked so: the next start may write it again", "migration_id", id, "err", err)
+		}
+	}
+	return r.stored(id, st)
 }
 
 // storedError is a failure after a received image replaced the stored
 // version: the image is in place and staged for recoverStores, so the
 // migration is not recorded as failed.
-type storedError struct{ err error }
+type storedError struct {
+	err  error
+	st   *stagedImage
+	done *Done // the answer, once the image is recorded
+}
 
 func (e *storedError) Error() string { return e.err.Error() }
 func (e *storedError) Unwrap() error { return e.err }
