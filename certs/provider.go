@@ -73,6 +73,7 @@ func (p *Provider) MeshPrefix() netip.Prefix { return p.s.meshPrefix }
 // (and cached in the identity directory for restarts while it is
 // unreachable), else from the identity directory.
 func (p *Provider) Trust(ctx context.Context) (*TrustBundle, error) {
+	var issuerErr error
 	if p.issuer != nil {
 		tb, err := p.issuer.Trust(ctx)
 		if err == nil {
@@ -102,16 +103,16 @@ func (p *Provider) Trust(ctx context.Context) (*TrustBundle, error) {
 			}
 			return tb, nil
 		}
-		tb, lerr := LoadTrustBundle(p.s.dir, p.s.meshPrefix)
-		if lerr != nil {
-			return nil, fmt.Errorf("%w; and no trust bundle is kept in %s: %v", err, p.s.dir, lerr)
-		}
-		p.log.Warn("issuer unreachable, using the trust bundle kept on disk", "err", err)
-		return tb, nil
+		issuerErr = err
 	}
 	tb, err := LoadTrustBundle(p.s.dir, p.s.meshPrefix)
-	if err != nil {
+	switch {
+	case err != nil && issuerErr != nil:
+		return nil, fmt.Errorf("%w; and the trust bundle kept in %s cannot be used: %v", issuerErr, p.s.dir, err)
+	case err != nil:
 		return nil, fmt.Errorf("trust bundle in %s: %w", p.s.dir, err)
+	case issuerErr != nil:
+		p.log.Warn("issuer unreachable, using the trust bundle kept on disk", "err", issuerErr)
 	}
 	return tb, nil
 }
