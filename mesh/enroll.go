@@ -676,8 +676,8 @@ func (g *Gateway) refreshTrust(ctx context.Context) {
 const trustRefreshWarnAfter = 3
 
 // trustRefresh is how often a gateway with an issuer asks it for a newer
-// revocation list.
-const trustRefresh = time.Minute
+// revocation list (a variable for tests).
+var trustRefresh = time.Minute
 
 // vaultTokens sets the burst up in Vault and makes a Vault join token per
 // gateway, each with its node name and overlay address decided here. What

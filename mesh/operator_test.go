@@ -474,12 +474,36 @@ func TestIssuerAnsweredMetric(t *testing.T) {
 		}
 		return 0, false
 	}
+	was := trustRefresh
+	trustRefresh = 50 * time.Millisecond
+	t.Cleanup(func() { trustRefresh = was }) // after the gateway's own clean-up, registered later
 	start := time.Now()
-	withCA := startLiveGatewayWith(t, ca, dir, 0, "zrh-dc", nil, io.Discard, func(s *Settings) { s.Identity.CADir = ca.Dir() })
+	var logs syncbuf.Buffer
+	withCA := startLiveGatewayWith(t, ca, dir, 0, "zrh-dc", nil, &logs, func(s *Settings) { s.Identity.CADir = ca.Dir() })
 	waitUntil(t, 10*time.Second, "the issuer's first answer", func() bool { v, _ := value(withCA.g); return v > 0 })
 	if v, _ := value(withCA.g); v < float64(start.Unix()) || v > float64(time.Now().Unix()) {
 		t.Errorf("%s = %v, not a time since the start (%d)", name, v, start.Unix())
 	}
+	// The issuer gone (its directory moved away): the time stops, which
+	// is what the alert watches, and comes back with it.
+	moved := ca.Dir() + ".away"
+	if err := os.Rename(ca.Dir(), moved); err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, 10*time.Second, "refreshes failing", func() bool {
+		return strings.Contains(logs.String(), "revocation list cannot be read")
+	})
+	stopped, _ := value(withCA.g)
+	waitUntil(t, 10*time.Second, "a second past the last answer, refreshes still failing", func() bool {
+		return time.Now().Unix() > int64(stopped)+1 && strings.Count(logs.String(), "refresh trust bundle") >= 3
+	})
+	if v, _ := value(withCA.g); v != stopped {
+		t.Errorf("%s moved from %v to %v while the issuer could not be read", name, stopped, v)
+	}
+	if err := os.Rename(moved, ca.Dir()); err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, 10*time.Second, "the issuer answering again", func() bool { v, _ := value(withCA.g); return v > stopped })
 	st, err := withCA.g.Status()
 	if err != nil {
 		t.Fatal(err)
