@@ -121,6 +121,10 @@ func VaultUnreachable(err error) bool {
 		return true // dial, read or write: refused, reset, unreachable
 	case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF):
 		return true // the connection closed under the request
+	case strings.Contains(err.Error(), "http: server closed idle connection"):
+		// The same, as net/http words it when the close came before
+		// any answer (its error value is not exported).
+		return true
 	}
 	return false
 }
