@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"syscall"
 	"testing"
 
 	vault "github.com/hashicorp/vault/api"
@@ -62,8 +63,21 @@ func TestVaultUnreachable(t *testing.T) {
 		t.Cleanup(srv.Close)
 		return srv.URL
 	}
-	closed := httptest.NewServer(http.NotFoundHandler())
-	closed.Close()
+	// A port bound but not listening refuses connections, and no server
+	// started meanwhile can take it (a closed listener's port could be).
+	fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_STREAM, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer syscall.Close(fd)
+	if err := syscall.Bind(fd, &syscall.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
+		t.Fatal(err)
+	}
+	sa, err := syscall.Getsockname(fd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	refusing := fmt.Sprintf("http://127.0.0.1:%d", sa.(*syscall.SockaddrInet4).Port)
 	foreignTLS := httptest.NewUnstartedServer(http.NotFoundHandler()) // its certificate is trusted by nobody here
 	foreignTLS.Config.ErrorLog = log.New(io.Discard, "", 0)
 	foreignTLS.StartTLS()
@@ -97,7 +111,7 @@ func TestVaultUnreachable(t *testing.T) {
 		trust      *httptest.Server
 		want       bool
 	}{
-		{"connection refused", closed.URL, nil, true},
+		{"connection refused", refusing, nil, true},
 		{"sealed (503)", status(http.StatusServiceUnavailable), nil, true},
 		{"internal error (500)", status(http.StatusInternalServerError), nil, true},
 		{"rate limited (429)", status(http.StatusTooManyRequests), nil, true},
