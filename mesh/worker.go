@@ -132,11 +132,15 @@ func (g *Gateway) handle(b []byte) error {
 		if blob == nil {
 			return nil
 		}
-		// To a verified member, at the address gossip knows for it (the
-		// request's own is ignored): a newcomer gets the blobs with its
-		// join's state exchange anyway.
+		// At the address gossip knows for the member (the request's own
+		// is ignored, so the gossip key alone cannot aim our streams),
+		// and only to a verified member — but the revocation list to any
+		// member gossip knows: it is public, and a member it revokes (a
+		// burst gateway at burst down) must get it to learn that it has
+		// to leave. A newcomer gets the blobs with its join's state
+		// exchange anyway.
 		name := string(m.fields[1])
-		if g.members.verified(name) == nil {
+		if m.fields[0][0] != blobCRL && g.members.verified(name) == nil {
 			return fmt.Errorf("blob request from %q, which is not a verified member", name)
 		}
 		g.sendAsync(name, netip.AddrPort{}, blob)
