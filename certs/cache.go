@@ -27,7 +27,7 @@ type VerifyCache struct {
 type verifyKey struct {
 	advert [32]byte
 	cert   [32]byte
-	crl    string
+	trust  string // TrustBundle.Key: a new CA or list judges anew
 }
 
 type verifyEntry struct {
@@ -49,9 +49,7 @@ func (c *VerifyCache) VerifyAdvert(raw []byte, cert *x509.Certificate, tb *Trust
 		return VerifyAdvert(raw, cert, tb, now, last)
 	}
 	k := verifyKey{advert: sha256.Sum256(raw), cert: sha256.Sum256(cert.Raw)}
-	if crl := tb.CRL(); crl != nil && crl.Number != nil {
-		k.crl = crl.Number.String()
-	}
+	k.trust = tb.Key()
 	c.mu.Lock()
 	e, ok := c.m[k]
 	c.mu.Unlock()
@@ -73,7 +71,7 @@ func (c *VerifyCache) VerifyAdvert(raw []byte, cert *x509.Certificate, tb *Trust
 	c.m[k] = verifyEntry{v: v, notAfter: cert.NotAfter}
 	// Verifying the advert verified its certificate: that answer is the
 	// certificate's own entry too.
-	ck := verifyKey{cert: k.cert, crl: k.crl}
+	ck := verifyKey{cert: k.cert, trust: k.trust}
 	c.m[ck] = verifyEntry{v: &Verified{Attributes: v.Attributes, Cert: cert}, notAfter: cert.NotAfter}
 	c.mu.Unlock()
 	if err := checkFreshness(&v.Advert, now, last, v.Seen); err != nil {
@@ -89,9 +87,7 @@ func (c *VerifyCache) VerifyCertificate(tb *TrustBundle, cert *x509.Certificate,
 		return tb.VerifyCertificate(cert, now)
 	}
 	k := verifyKey{cert: sha256.Sum256(cert.Raw)}
-	if crl := tb.CRL(); crl != nil && crl.Number != nil {
-		k.crl = crl.Number.String()
-	}
+	k.trust = tb.Key()
 	c.mu.Lock()
 	e, ok := c.m[k]
 	c.mu.Unlock()

@@ -97,6 +97,7 @@ func (n *NodeConfig) Attributes(meshPrefix netip.Prefix) (Attributes, error) {
 //	  mesh_cidr = "100.96.0.0/16"      # needed when the CA has no IP name constraint (Vault)
 //	  ttl       = "24h"                # certificate lifetime asked of an issuer; Vault: "role" lets the PKI role decide
 //	  ca_dir    = "/etc/skybridge/ca"  # file back end: let the gateway renew from a local CA
+//	  refresh   = "1m"                 # how often a gateway with an issuer reads its CAs and revocation lists
 //	  vault { ... }                    # see VaultConfig
 //	}
 type Config struct {
@@ -105,6 +106,7 @@ type Config struct {
 	MeshCIDR string       `hcl:"mesh_cidr,optional"`
 	TTL      string       `hcl:"ttl,optional"`
 	CADir    string       `hcl:"ca_dir,optional"`
+	Refresh  string       `hcl:"refresh,optional"`
 	Vault    *VaultConfig `hcl:"vault,block"`
 	Body     hcl.Body     `hcl:",body"`
 
@@ -174,12 +176,22 @@ type settings struct {
 	meshPrefix netip.Prefix
 	ttl        time.Duration
 	caDir      string
+	refresh    time.Duration
 	vault      *VaultConfig
 	rideOut    bool
 }
 
+// DefaultRefresh is how often a gateway with an issuer asks it for its
+// CAs and revocation lists, unless identity.refresh says otherwise.
+const DefaultRefresh = time.Minute
+
+// maxRefresh bounds identity.refresh: a revocation made at the issuer
+// reaches the mesh within it (gossip spreads it from the first gateway
+// that reads it).
+const maxRefresh = time.Hour
+
 func (c *Config) validate() (*settings, error) {
-	s := &settings{backend: c.Backend, dir: c.Dir, caDir: c.CADir, vault: c.Vault, ttl: DefaultNodeTTL, rideOut: c.RideOutOutage}
+	s := &settings{backend: c.Backend, dir: c.Dir, caDir: c.CADir, vault: c.Vault, ttl: DefaultNodeTTL, rideOut: c.RideOutOutage, refresh: DefaultRefresh}
 	if s.backend == "" {
 		s.backend = BackendFile
 	}
@@ -221,6 +233,13 @@ func (c *Config) validate() (*settings, error) {
 			errs = append(errs, hclconf.Errorf(c.Body, "ttl", "%q is not a positive duration such as 24h", c.TTL))
 		}
 		s.ttl = d
+	}
+	if c.Refresh != "" {
+		d, err := time.ParseDuration(c.Refresh)
+		if err != nil || d <= 0 || d > maxRefresh {
+			errs = append(errs, hclconf.Errorf(c.Body, "refresh", "%q is not a duration between 0 and %s such as 1m", c.Refresh, maxRefresh))
+		}
+		s.refresh = d
 	}
 	if v := c.Vault; v != nil {
 		if v.PKIRole == "" {

@@ -200,8 +200,15 @@ func (tb *TrustBundle) Save(dir string) error {
 	if err := atomicfile.WriteFile(filepath.Join(dir, fileCACert), tb.CAPEM(), 0o644); err != nil {
 		return err
 	}
-	if tb.crl != nil {
-		if err := atomicfile.WriteFile(filepath.Join(dir, fileCRL), encodePEM(pemCRL, tb.crl.Raw), 0o644); err != nil {
+	// After ca.crt: a crash between the two leaves lists of CAs the
+	// bundle no longer holds, which loading skips, rather than a CA
+	// without its list.
+	if crls := tb.CRLs(); len(crls) > 0 {
+		var b []byte
+		for _, c := range crls {
+			b = append(b, encodePEM(pemCRL, c.Raw)...)
+		}
+		if err := atomicfile.WriteFile(filepath.Join(dir, fileCRL), b, 0o644); err != nil {
 			return err
 		}
 	}

@@ -2,7 +2,6 @@ package certs
 
 import (
 	"context"
-	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -66,6 +65,10 @@ func (p *Provider) Secrets() SecretStore { return p.secrets }
 // offline.
 func (p *Provider) Issuer() Issuer { return p.issuer }
 
+// Refresh is how often a gateway asks the issuer for its CAs and
+// revocation lists (identity.refresh).
+func (p *Provider) Refresh() time.Duration { return p.s.refresh }
+
 // MeshPrefix is the configured overlay range (zero if taken from the CA).
 func (p *Provider) MeshPrefix() netip.Prefix { return p.s.meshPrefix }
 
@@ -81,20 +84,20 @@ func (p *Provider) Trust(ctx context.Context) (*TrustBundle, error) {
 			// issuer's copy may lack (a CA directory restored from a
 			// backup, a CRL write that failed). Revocations are not
 			// forgotten for it.
-			if cached, cerr := LoadTrustBundle(p.s.dir, p.s.meshPrefix); cerr == nil && newerCRL(cached.CRL(), tb.CRL()) {
-				if kept, werr := tb.WithCRL(cached.CRL()); werr == nil {
+			if cached, cerr := LoadTrustBundle(p.s.dir, p.s.meshPrefix); cerr == nil {
+				if kept, _ := cached.Adopt(tb); kept.Key() != tb.Key() {
 					tb = kept
 					// An embedded CA behind the mesh numbers its next
 					// lists below what gateways hold, which ignore them:
 					// it takes the newer list back.
 					if ca, ok := p.issuer.(*CA); ok {
-						if took, err := ca.TakeNewerCRL(cached.CRL()); err != nil {
+						if took, err := ca.TakeNewerCRL(kept.CRL()); err != nil {
 							p.log.Error("the CA directory's revocation list is older than this gateway's (restored from a backup?) and could not be brought up to date: its next lists would be ignored; copy crl.pem from this identity directory into it", "ca", ca.Dir(), "err", err)
 						} else if took {
-							p.log.Warn("the CA directory's revocation list was older than this gateway's (restored from a backup?): the newer one is written back into it, so the CA's next lists carry on from it", "ca", ca.Dir(), "number", cached.CRL().Number)
+							p.log.Warn("the CA directory's revocation list was older than this gateway's (restored from a backup?): the newer one is written back into it, so the CA's next lists carry on from it", "ca", ca.Dir(), "number", kept.CRL().Number)
 						}
 					} else {
-						p.log.Warn("the issuer's revocation list is older than the one this gateway holds; keeping the newer", "held", cached.CRL().Number)
+						p.log.Warn("the issuer's revocation list is older than the one this gateway holds; keeping the newer", "held", kept.CRLVersion())
 					}
 				}
 			}
@@ -115,17 +118,6 @@ func (p *Provider) Trust(ctx context.Context) (*TrustBundle, error) {
 		p.log.Warn("issuer unreachable, using the trust bundle kept on disk", "err", issuerErr)
 	}
 	return tb, nil
-}
-
-// newerCRL reports whether a is a later list than b.
-func newerCRL(a, b *x509.RevocationList) bool {
-	switch {
-	case a == nil || a.Number == nil:
-		return false
-	case b == nil || b.Number == nil:
-		return true
-	}
-	return a.Number.Cmp(b.Number) > 0
 }
 
 // Identity returns the gateway's identity for attrs. With an issuer it
@@ -221,10 +213,11 @@ func RenewalTime(notBefore, notAfter time.Time, jitter float64) time.Time {
 
 // KeepRenewed renews id at its renewal time, again and again, until ctx is
 // done, calling onRenew with each new identity (the gateway re-advertises
-// it). Failed renewals are retried with backoff while the current
+// it). A receive from now renews at once (the issuer signs with a new
+// CA). Failed renewals are retried with backoff while the current
 // certificate is still valid, and after that too: a gateway should recover
 // as soon as its issuer does.
-func (p *Provider) KeepRenewed(ctx context.Context, id *NodeIdentity, onRenew func(*NodeIdentity, *TrustBundle)) error {
+func (p *Provider) KeepRenewed(ctx context.Context, id *NodeIdentity, now <-chan struct{}, onRenew func(*NodeIdentity, *TrustBundle)) error {
 	if p.issuer == nil {
 		return errors.New("identity back end cannot renew certificates (no issuer): configure Vault or ca_dir")
 	}
@@ -232,7 +225,16 @@ func (p *Provider) KeepRenewed(ctx context.Context, id *NodeIdentity, onRenew fu
 	for {
 		c := id.Certificate()
 		at := RenewalTime(c.NotBefore, c.NotAfter, rand.Float64())
-		if err := sleepUntil(ctx, p.now, at); err != nil {
+		t := time.NewTimer(max(at.Sub(p.now()), 0))
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return ctx.Err()
+		case <-t.C:
+		case <-now:
+			t.Stop()
+		}
+		if err := ctx.Err(); err != nil { // a timer run out as ctx ended
 			return err
 		}
 		backoff := time.Second

@@ -66,7 +66,7 @@ func TestProviderFileOffline(t *testing.T) {
 	if _, _, err := p.Identity(ctx, other); err == nil || !strings.Contains(err.Error(), `(certificate → node block: site "onprem-zrh" → "aws-eu-central-1")`) {
 		t.Fatalf("mismatched attributes: err = %v", err)
 	}
-	if err := p.KeepRenewed(ctx, id, nil); err == nil || !strings.Contains(err.Error(), "cannot renew") {
+	if err := p.KeepRenewed(ctx, id, nil, nil); err == nil || !strings.Contains(err.Error(), "cannot renew") {
 		t.Fatalf("KeepRenewed without issuer: err = %v", err)
 	}
 }
@@ -132,7 +132,7 @@ func TestProviderIssuesAndRenews(t *testing.T) {
 	var renewals atomic.Int32
 	done := make(chan *NodeIdentity, 4)
 	rctx, cancel := context.WithCancel(ctx)
-	go p.KeepRenewed(rctx, re, func(n *NodeIdentity, _ *TrustBundle) {
+	go p.KeepRenewed(rctx, re, nil, func(n *NodeIdentity, _ *TrustBundle) {
 		if renewals.Add(1) == 2 {
 			cancel()
 		}

@@ -2,6 +2,7 @@ package certs
 
 import (
 	"bytes"
+	"crypto/sha256"
 	"crypto/x509"
 	"encoding/pem"
 	"errors"
@@ -10,23 +11,32 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 )
 
 // TrustBundle is what a gateway needs to judge other gateways: the mesh CA
-// certificate(s), the CA's newest revocation list and the overlay range.
+// certificate(s), each CA's newest revocation list and the overlay range.
 // It holds no secrets. Its methods are pure functions of their arguments
 // and the bundle, so verification can be table-tested.
+//
+// There is one CA but while an issuer is rotated (Vault's root/rotate): the
+// old CA's certificates stay valid beside the new one's until they are
+// renewed, and each CA revokes its own on a list it numbers itself.
 //
 // A TrustBundle is immutable; WithCRL returns an updated copy, so one can be
 // shared between goroutines and swapped atomically.
 type TrustBundle struct {
-	cas        []*x509.Certificate
-	roots      *x509.CertPool
-	crl        *x509.RevocationList
-	revoked    map[string]struct{} // serial (decimal) → revoked
+	cas     []*x509.Certificate
+	roots   *x509.CertPool
+	crls    []*x509.RevocationList // crls[i] is cas[i]'s list in force, or nil
+	revoked map[string]struct{}    // serial (decimal) → revoked, on any list
+	// signing is the CA that signs new certificates, when the issuer says
+	// (Vault's default issuer); a certificate from another is renewed.
+	signing    *x509.Certificate
 	meshPrefix netip.Prefix
+	key        string // changes whenever the CAs or a list do
 }
 
 // NewTrustBundle builds a bundle from the CA certificates. meshPrefix may be
@@ -37,7 +47,7 @@ func NewTrustBundle(cas []*x509.Certificate, meshPrefix netip.Prefix) (*TrustBun
 	if len(cas) == 0 {
 		return nil, errors.New("trust bundle has no CA certificate")
 	}
-	tb := &TrustBundle{cas: cas, roots: x509.NewCertPool(), meshPrefix: meshPrefix}
+	tb := &TrustBundle{cas: cas, roots: x509.NewCertPool(), crls: make([]*x509.RevocationList, len(cas)), meshPrefix: meshPrefix}
 	for _, c := range cas {
 		if !c.IsCA {
 			return nil, fmt.Errorf("certificate %q is not a CA certificate", c.Subject.CommonName)
@@ -50,6 +60,7 @@ func NewTrustBundle(cas []*x509.Certificate, meshPrefix netip.Prefix) (*TrustBun
 	if !tb.meshPrefix.IsValid() {
 		return nil, errors.New("mesh overlay range unknown: the CA certificate has no IP name constraint, so set it in the configuration (mesh_cidr)")
 	}
+	tb.seal()
 	return tb, nil
 }
 
@@ -74,11 +85,52 @@ func LoadTrustBundle(dir string, meshPrefix netip.Prefix) (*TrustBundle, error) 
 	if err != nil {
 		return nil, fmt.Errorf("read revocation list: %w", err)
 	}
-	crl, err := ParseCRL(crlPEM)
+	crls, err := parseCRLs(crlPEM)
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", filepath.Join(dir, fileCRL), err)
 	}
-	return tb.WithCRL(crl)
+	matched := 0
+	for _, crl := range crls {
+		// A list of a CA the bundle no longer holds (an issuer retired,
+		// the files written one after the other) is of no use, not a
+		// threat: it can only revoke.
+		if tb.signerOf(crl) == nil {
+			continue
+		}
+		matched++
+		if tb, err = tb.WithCRL(crl); err != nil {
+			return nil, fmt.Errorf("%s: %w", filepath.Join(dir, fileCRL), err)
+		}
+	}
+	if matched == 0 && len(tb.cas) == 1 {
+		return nil, fmt.Errorf("%s: %w", filepath.Join(dir, fileCRL), refuse(ReasonUnknownCA, "revocation list is not signed by the mesh CA"))
+	}
+	return tb, nil
+}
+
+// parseCRLs parses every revocation list in b: PEM blocks, or one DER list.
+func parseCRLs(b []byte) ([]*x509.RevocationList, error) {
+	if blk, _ := pem.Decode(b); blk == nil {
+		crl, err := ParseCRL(b)
+		if err != nil {
+			return nil, err
+		}
+		return []*x509.RevocationList{crl}, nil
+	}
+	var crls []*x509.RevocationList
+	for {
+		var blk *pem.Block
+		blk, b = pem.Decode(b)
+		if blk == nil {
+			break
+		}
+		crl, err := ParseCRL(pem.EncodeToMemory(blk))
+		if err != nil {
+			return nil, err
+		}
+		crls = append(crls, crl)
+	}
+	return crls, nil
 }
 
 func meshPrefixOf(ca *x509.Certificate) netip.Prefix {
@@ -103,8 +155,104 @@ func (tb *TrustBundle) CAs() []*x509.Certificate { return tb.cas }
 // Roots returns the CA certificates as a pool, for TLS configurations.
 func (tb *TrustBundle) Roots() *x509.CertPool { return tb.roots }
 
-// CRL returns the revocation list in force, or nil.
-func (tb *TrustBundle) CRL() *x509.RevocationList { return tb.crl }
+// CRL returns the revocation list in force of the CA that signs (the
+// only CA, but during an issuer rotation), or nil.
+func (tb *TrustBundle) CRL() *x509.RevocationList {
+	if i := tb.index(tb.signing); i >= 0 {
+		return tb.crls[i]
+	}
+	return tb.crls[0]
+}
+
+// CRLs returns every CA's revocation list in force, in the order of CAs.
+func (tb *TrustBundle) CRLs() []*x509.RevocationList {
+	var out []*x509.RevocationList
+	for _, c := range tb.crls {
+		if c != nil {
+			out = append(out, c)
+		}
+	}
+	return out
+}
+
+// CRLVersion sums the numbers of the lists in force. Each CA numbers its
+// own lists upwards, so the sum grows with every newer list, and with a
+// single CA it is that CA's list number, as gateways before issuer
+// rotation announced it.
+func (tb *TrustBundle) CRLVersion() uint64 {
+	var v uint64
+	for _, c := range tb.crls {
+		if c != nil && c.Number != nil && c.Number.IsUint64() {
+			v += c.Number.Uint64()
+		}
+	}
+	return v
+}
+
+// Key identifies what the bundle judges by: it changes when a CA comes or
+// goes or a list changes, and so keys caches of its verdicts.
+func (tb *TrustBundle) Key() string { return tb.key }
+
+// Signing returns the CA that signs new certificates, if the issuer said
+// which (nil otherwise).
+func (tb *TrustBundle) Signing() *x509.Certificate { return tb.signing }
+
+// WithSigning returns a copy of the bundle that names ca, one of its CAs,
+// as the one that signs new certificates.
+func (tb *TrustBundle) WithSigning(ca *x509.Certificate) (*TrustBundle, error) {
+	if tb.index(ca) < 0 {
+		return nil, fmt.Errorf("CA %q is not in the trust bundle", ca.Subject.CommonName)
+	}
+	n := *tb
+	n.signing = ca
+	n.seal()
+	return &n, nil
+}
+
+// SignedBySigning reports whether cert was signed by the CA that signs
+// new certificates; true when the bundle does not know which that is.
+func (tb *TrustBundle) SignedBySigning(cert *x509.Certificate) bool {
+	return tb.signing == nil || cert.CheckSignatureFrom(tb.signing) == nil
+}
+
+// index is the position of ca among the bundle's CAs, or -1.
+func (tb *TrustBundle) index(ca *x509.Certificate) int {
+	if ca == nil {
+		return -1
+	}
+	for i, c := range tb.cas {
+		if bytes.Equal(c.Raw, ca.Raw) {
+			return i
+		}
+	}
+	return -1
+}
+
+// signerOf is the first of the bundle's CAs that signed crl, or nil.
+func (tb *TrustBundle) signerOf(crl *x509.RevocationList) *x509.Certificate {
+	for _, ca := range tb.cas {
+		if crl.CheckSignatureFrom(ca) == nil {
+			return ca
+		}
+	}
+	return nil
+}
+
+// seal computes the bundle's key once it is complete.
+func (tb *TrustBundle) seal() {
+	h := sha256.New()
+	for i, c := range tb.cas {
+		h.Write(c.Raw)
+		if tb.crls[i] != nil {
+			h.Write(tb.crls[i].Raw)
+		}
+		h.Write([]byte{0})
+	}
+	if tb.signing != nil {
+		h.Write(tb.signing.Raw)
+	}
+	tb.key = string(h.Sum(nil)[:16])
+}
 
 // CAPEM returns the CA certificates in PEM, for writing next to an identity.
 func (tb *TrustBundle) CAPEM() []byte {
@@ -132,32 +280,89 @@ func ParseCRL(b []byte) (*x509.RevocationList, error) {
 
 // WithCRL returns a copy of the bundle that enforces crl. The list must be
 // signed by one of the bundle's CAs and must not be older (lower CRL number)
-// than the one in force: revocations only ever accumulate, so an attacker
-// replaying an old list cannot un-revoke anybody.
+// than the one in force for that CA: revocations only ever accumulate, so
+// an attacker replaying an old list cannot un-revoke anybody.
 func (tb *TrustBundle) WithCRL(crl *x509.RevocationList) (*TrustBundle, error) {
 	if crl == nil {
 		return nil, errors.New("no revocation list given")
 	}
-	var signer *x509.Certificate
-	for _, ca := range tb.cas {
-		if crl.CheckSignatureFrom(ca) == nil {
-			signer = ca
-			break
+	n := *tb
+	n.crls = slices.Clone(tb.crls)
+	signed := false
+	// CAs that share a key (an issuer reissued with its key) share lists.
+	for i, ca := range tb.cas {
+		if crl.CheckSignatureFrom(ca) != nil {
+			continue
 		}
+		signed = true
+		if cur := tb.crls[i]; cur != nil && crl.Number != nil && cur.Number != nil && crl.Number.Cmp(cur.Number) < 0 {
+			return nil, refuse(ReasonReplay, "revocation list number %s is older than the one in force (%s)", crl.Number, cur.Number)
+		}
+		n.crls[i] = crl
 	}
-	if signer == nil {
+	if !signed {
 		return nil, refuse(ReasonUnknownCA, "revocation list is not signed by the mesh CA")
 	}
-	if tb.crl != nil && crl.Number != nil && tb.crl.Number != nil && crl.Number.Cmp(tb.crl.Number) < 0 {
-		return nil, refuse(ReasonReplay, "revocation list number %s is older than the one in force (%s)", crl.Number, tb.crl.Number)
-	}
-	n := *tb
-	n.crl = crl
-	n.revoked = make(map[string]struct{}, len(crl.RevokedCertificateEntries))
-	for _, e := range crl.RevokedCertificateEntries {
-		n.revoked[e.SerialNumber.String()] = struct{}{}
-	}
+	n.indexRevoked()
+	n.seal()
 	return &n, nil
+}
+
+// indexRevoked rebuilds the set of revoked serials from the lists.
+func (tb *TrustBundle) indexRevoked() {
+	tb.revoked = map[string]struct{}{}
+	for _, c := range tb.crls {
+		if c == nil {
+			continue
+		}
+		for _, e := range c.RevokedCertificateEntries {
+			tb.revoked[e.SerialNumber.String()] = struct{}{}
+		}
+	}
+}
+
+// Adopt returns next with, for each CA both hold, the newer of the two
+// lists — an issuer's answer never takes back a revocation the bundle in
+// force knows of — and whether the result differs from tb: a CA came or
+// went, the signing CA changed, or a list is newer.
+func (tb *TrustBundle) Adopt(next *TrustBundle) (*TrustBundle, bool) {
+	n := *next
+	n.crls = slices.Clone(next.crls)
+	changed := len(next.cas) != len(tb.cas) || !sameCert(next.signing, tb.signing)
+	for i, ca := range next.cas {
+		j := tb.index(ca)
+		if j < 0 {
+			changed = true
+			continue
+		}
+		switch cur := tb.crls[j]; {
+		case newerCRL(cur, n.crls[i]):
+			n.crls[i] = cur
+		case newerCRL(n.crls[i], cur):
+			changed = true
+		}
+	}
+	n.indexRevoked()
+	n.seal()
+	return &n, changed
+}
+
+func sameCert(a, b *x509.Certificate) bool {
+	if a == nil || b == nil {
+		return a == b
+	}
+	return bytes.Equal(a.Raw, b.Raw)
+}
+
+// newerCRL reports whether a is a later list than b.
+func newerCRL(a, b *x509.RevocationList) bool {
+	switch {
+	case a == nil || a.Number == nil:
+		return false
+	case b == nil || b.Number == nil:
+		return true
+	}
+	return a.Number.Cmp(b.Number) > 0
 }
 
 // IsRevoked reports whether serial is on the revocation list in force.

@@ -16,6 +16,7 @@ import (
 	"net/url"
 	"os"
 	"path"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -607,8 +608,110 @@ func (v *Vault) Sign(ctx context.Context, csrPEM []byte, attrs Attributes, ttl t
 	return cert, nil
 }
 
-// Trust implements Issuer: the issuing CA certificate and its CRL.
+// Trust implements Issuer: every issuer of the PKI mount that can sign
+// (has a key), each with its CRL, and which of them is the default, the
+// one that signs new certificates. While an issuer is rotated
+// (root/rotate, then the new one made default) both are trusted, so
+// certificates of the old one keep working until they are renewed; once
+// the old issuer is deleted, the mesh no longer trusts it.
 func (v *Vault) Trust(ctx context.Context) (*TrustBundle, error) {
+	issuers, err := v.issuers(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if issuers == nil {
+		return v.defaultIssuerTrust(ctx)
+	}
+	var (
+		cas     []*x509.Certificate
+		signing *x509.Certificate
+		crls    []*x509.RevocationList
+	)
+	for _, is := range issuers {
+		p := path.Join(v.cfg.PKIMount, "issuer", is.id)
+		caPEM, err := v.readField(ctx, path.Join(p, "json"), "certificate")
+		if err != nil {
+			return nil, err
+		}
+		certsOf, err := ParseCertificatesPEM(caPEM)
+		if err != nil || len(certsOf) != 1 {
+			return nil, fmt.Errorf("vault issuer %s: want one CA certificate (%v)", is.id, err)
+		}
+		crlPEM, err := v.readField(ctx, path.Join(p, "crl"), "crl")
+		if err != nil {
+			return nil, err
+		}
+		crl, err := ParseCRL(crlPEM)
+		if err != nil {
+			return nil, fmt.Errorf("vault issuer %s CRL: %w", is.id, err)
+		}
+		cas, crls = append(cas, certsOf[0]), append(crls, crl)
+		if is.isDefault {
+			signing = certsOf[0]
+		}
+	}
+	tb, err := NewTrustBundle(cas, v.meshPrefix)
+	if err != nil {
+		return nil, err
+	}
+	for _, crl := range crls {
+		if tb, err = tb.WithCRL(crl); err != nil {
+			return nil, fmt.Errorf("vault CRL: %w", err)
+		}
+	}
+	if signing != nil {
+		return tb.WithSigning(signing)
+	}
+	return tb, nil
+}
+
+type vaultIssuer struct {
+	id        string
+	isDefault bool
+}
+
+// issuers lists the PKI mount's issuers that have a key: an imported
+// parent without its key (a bank's offline root above the mount's
+// intermediate) signs nothing for the mesh, and trusting it would admit
+// whatever else it signed. Nil (and no error) from a Vault without
+// several issuers per mount (before 1.11).
+func (v *Vault) issuers(ctx context.Context) ([]vaultIssuer, error) {
+	p := path.Join(v.cfg.PKIMount, "issuers")
+	var s *vault.Secret
+	err := v.withLogin(ctx, func() (err error) {
+		s, err = v.client.Logical().ListWithContext(ctx, p)
+		return err
+	})
+	if err != nil {
+		var re *vault.ResponseError
+		if errors.As(err, &re) && (re.StatusCode == http.StatusNotFound || re.StatusCode == http.StatusMethodNotAllowed) {
+			return nil, nil
+		}
+		return nil, fmt.Errorf("vault list %s: %w", p, err)
+	}
+	if s == nil {
+		return nil, nil
+	}
+	info, _ := s.Data["key_info"].(map[string]any)
+	var out []vaultIssuer
+	for id, raw := range info {
+		m, _ := raw.(map[string]any)
+		if key, _ := m["key_id"].(string); key == "" {
+			continue
+		}
+		def, _ := m["is_default"].(bool)
+		out = append(out, vaultIssuer{id: id, isDefault: def})
+	}
+	if len(out) == 0 {
+		return nil, fmt.Errorf("vault %s has no issuer with a key: generate or import the mesh's issuing CA there (pki/root/generate/internal, or pki/intermediate/set-signed with its key)", v.cfg.PKIMount)
+	}
+	// A stable order, so the bundle's key only moves when Vault's does.
+	slices.SortFunc(out, func(a, b vaultIssuer) int { return strings.Compare(a.id, b.id) })
+	return out, nil
+}
+
+// defaultIssuerTrust is the trust of a Vault with one issuer per mount.
+func (v *Vault) defaultIssuerTrust(ctx context.Context) (*TrustBundle, error) {
 	caPEM, err := v.readPEM(ctx, path.Join(v.cfg.PKIMount, "cert", "ca"))
 	if err != nil {
 		return nil, err
@@ -633,6 +736,11 @@ func (v *Vault) Trust(ctx context.Context) (*TrustBundle, error) {
 }
 
 func (v *Vault) readPEM(ctx context.Context, p string) ([]byte, error) {
+	return v.readField(ctx, p, "certificate")
+}
+
+// readField reads a PEM text field at p.
+func (v *Vault) readField(ctx context.Context, p, field string) ([]byte, error) {
 	var s *vault.Secret
 	err := v.withLogin(ctx, func() (err error) {
 		s, err = v.client.Logical().ReadWithContext(ctx, p)
@@ -644,9 +752,9 @@ func (v *Vault) readPEM(ctx context.Context, p string) ([]byte, error) {
 	if s == nil {
 		return nil, fmt.Errorf("vault read %s: nothing there (is the PKI engine mounted at %q and its CA configured?)", p, v.cfg.PKIMount)
 	}
-	pemStr, _ := s.Data["certificate"].(string)
+	pemStr, _ := s.Data[field].(string)
 	if pemStr == "" {
-		return nil, fmt.Errorf("vault read %s: no certificate field", p)
+		return nil, fmt.Errorf("vault read %s: no %s field", p, field)
 	}
 	return []byte(pemStr), nil
 }

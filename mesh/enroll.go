@@ -1,6 +1,7 @@
 package mesh
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"crypto/tls"
@@ -638,7 +639,8 @@ func (g *Gateway) refreshTrust(ctx context.Context) {
 	if iss == nil {
 		return
 	}
-	t := time.NewTicker(trustRefresh)
+	every := g.prov.Refresh()
+	t := time.NewTicker(every)
 	defer t.Stop()
 	failing := 0 // refreshes failed in a row
 	// The first at once: the issuer's last answer is a metric, and a
@@ -668,16 +670,58 @@ func (g *Gateway) refreshTrust(ctx context.Context) {
 		failing = 0
 		g.issuerAnswered.Store(g.now().Unix())
 		g.adoptTrust(tb)
+		g.followRotation(every)
+	}
+}
+
+// rotation is an issuer's new signing CA that this gateway's certificate
+// is not from: since when it is known, and whether a renewal was asked.
+type issuerRotation struct {
+	ca    *x509.Certificate
+	since time.Time
+	asked bool
+}
+
+// rotationSettle, in refresh intervals, is how long a gateway waits after
+// it learns that the issuer signs with a new CA before it renews onto it:
+// every gateway reads the issuer's CAs once per interval, and one that
+// has not yet would refuse the new certificate.
+const rotationSettle = 3
+
+// followRotation renews the certificate onto the issuer's signing CA
+// once every gateway has had time to trust it (an issuer rotated: Vault's
+// root/rotate, then the new issuer made the default). Only refreshTrust
+// calls it.
+func (g *Gateway) followRotation(every time.Duration) {
+	tb := g.trust.Load()
+	s := tb.Signing()
+	if s == nil || g.burst != nil || tb.SignedBySigning(g.id.Load().Certificate()) {
+		g.newCA = issuerRotation{}
+		return
+	}
+	now := g.now()
+	if r := g.newCA; r.ca == nil || !bytes.Equal(r.ca.Raw, s.Raw) {
+		wait := rotationSettle * every
+		g.newCA = issuerRotation{ca: s, since: now}
+		g.log.Info("the issuer signs with a new CA: this gateway renews its certificate onto it once every gateway has had time to trust it",
+			"ca", s.Subject.CommonName, "serial", certs.FormatSerial(s.SerialNumber), "renew_in", wait)
+		return
+	}
+	if g.newCA.asked || now.Sub(g.newCA.since) < rotationSettle*every {
+		return
+	}
+	// Asked once per CA: a PKI role that pins the old issuer would
+	// otherwise have it renewed at every refresh (renewed says so).
+	g.newCA.asked = true
+	select {
+	case g.renewNow <- struct{}{}:
+	default:
 	}
 }
 
 // trustRefreshWarnAfter is how many refreshes in a row must fail before
 // it is a warning.
 const trustRefreshWarnAfter = 3
-
-// trustRefresh is how often a gateway with an issuer asks it for a newer
-// revocation list (a variable for tests).
-var trustRefresh = time.Minute
 
 // vaultTokens sets the burst up in Vault and makes a Vault join token per
 // gateway, each with its node name and overlay address decided here. What

@@ -2,7 +2,6 @@ package mesh
 
 import (
 	"context"
-	"crypto/x509"
 	"errors"
 	"fmt"
 	"io"
@@ -124,6 +123,10 @@ type Gateway struct {
 	enroll      *enrollment   // the burst sites we enrol (CA-holding gateways only)
 	burst       *Enrollment   // how we joined, if we are a burst gateway
 	revokedSelf chan struct{} // closed when a burst gateway sees its own certificate revoked
+	// renewNow asks the renewal loop to renew at once; newCA is what
+	// refreshTrust knows of an issuer that signs with a new CA.
+	renewNow    chan struct{}
+	newCA       issuerRotation
 	revokedOnce sync.Once
 
 	started  time.Time
@@ -185,7 +188,7 @@ func newGateway(ctx context.Context, s *Settings, logger *slog.Logger, opt optio
 		inbox: make(chan []byte, inboxSize), fetch: make(chan string, inboxSize), kick: make(chan struct{}, 1), sends: make(chan struct{}, maxSends),
 		lastApplied: map[certs.WGPublicKey]PeerConfig{}, greetings: map[certs.WGPublicKey]greeting{}, certAsked: map[string]time.Time{}, nextAcked: map[certs.WGPublicKey]bool{},
 		started: time.Now(), acks: make(chan keyringAck, 1024), readvertise: make(chan struct{}, 1),
-		joined: make(chan struct{}), revokedSelf: make(chan struct{}), burst: enr,
+		joined: make(chan struct{}), revokedSelf: make(chan struct{}), renewNow: make(chan struct{}, 1), burst: enr,
 	}
 	// A gateway restarted while Vault is down carries on with what it
 	// kept on disk, as a running one rides out the outage.
@@ -380,7 +383,7 @@ func (g *Gateway) Run(parent context.Context) error {
 	// A burst gateway's certificate lasts exactly as long as its burst.
 	if g.prov.Issuer() != nil && g.burst == nil {
 		loop(func(ctx context.Context) {
-			if err := g.prov.KeepRenewed(ctx, g.id.Load(), g.renewed); ctx.Err() == nil {
+			if err := g.prov.KeepRenewed(ctx, g.id.Load(), g.renewNow, g.renewed); ctx.Err() == nil {
 				g.log.Error("certificate renewal stopped", "err", err)
 			}
 		})
@@ -944,6 +947,10 @@ func (g *Gateway) saveMembers() {
 func (g *Gateway) renewed(id *certs.NodeIdentity, tb *certs.TrustBundle) {
 	g.id.Store(id)
 	g.adoptTrust(tb)
+	if s := tb.Signing(); s != nil && !tb.SignedBySigning(id.Certificate()) {
+		g.log.Warn("the issuer renewed this gateway's certificate with a CA other than its default issuer: the PKI role pins an issuer (set its issuer_ref to \"default\" to follow rotations)",
+			"issued_by", id.Certificate().Issuer.CommonName, "default_issuer", s.Subject.CommonName)
+	}
 	if err := g.advertiseNow(); err != nil {
 		g.log.Error("re-sign advert after renewal", "err", err)
 		return
@@ -951,35 +958,48 @@ func (g *Gateway) renewed(id *certs.NodeIdentity, tb *certs.TrustBundle) {
 	g.log.Info("identity renewed and re-advertised", "identity", id)
 }
 
-// adoptTrust switches to a trust bundle with a newer revocation list.
+// adoptTrust switches to a trust bundle with a newer revocation list, or
+// other CAs (an issuer rotated or retired). For a CA both bundles hold
+// the newer list is kept, so an issuer's stale answer revokes nothing less.
 func (g *Gateway) adoptTrust(tb *certs.TrustBundle) bool {
 	// Gossip, renewal, the issuer poll and burst ends all call this: one
 	// at a time, so an older list never replaces a newer one.
 	g.trustMu.Lock()
 	defer g.trustMu.Unlock()
 	cur := g.trust.Load()
-	if crlNumber(tb.CRL()) <= crlNumber(cur.CRL()) {
+	next, changed := cur.Adopt(tb)
+	if !changed {
 		return false
 	}
-	g.trust.Store(tb)
-	g.members.setTrust(tb)
-	if err := tb.Save(g.s.Identity.Dir); err != nil {
-		g.log.Warn("save revocation list", "err", err)
+	g.trust.Store(next)
+	g.members.setTrust(next)
+	if err := next.Save(g.s.Identity.Dir); err != nil {
+		g.log.Warn("save trust bundle", "err", err)
 	}
-	g.announce(blobCRL, crlNumber(tb.CRL()), tb.CRL().Raw)
-	g.log.Info("adopted revocation list", "number", crlNumber(tb.CRL()), "revoked", len(tb.CRL().RevokedCertificateEntries))
-	if g.burst != nil && tb.IsRevoked(g.id.Load().Certificate().SerialNumber) {
+	g.announce(blobCRL, next.CRLVersion(), nil)
+	if names := caNames(next); !slices.Equal(names, caNames(cur)) {
+		g.log.Info("trusted CAs changed", "cas", names, "was", caNames(cur))
+	}
+	revoked := 0
+	for _, c := range next.CRLs() {
+		revoked += len(c.RevokedCertificateEntries)
+	}
+	g.log.Info("adopted revocation list", "number", next.CRLVersion(), "revoked", revoked)
+	if g.burst != nil && next.IsRevoked(g.id.Load().Certificate().SerialNumber) {
 		g.revokedOnce.Do(func() { close(g.revokedSelf) })
 	}
 	g.recheckPolicy()
 	return true
 }
 
-func crlNumber(c *x509.RevocationList) uint64 {
-	if c == nil || c.Number == nil || !c.Number.IsUint64() {
-		return 0
+// caNames names a bundle's CAs for people: subject and serial, as
+// `vault list pki/issuers` and `openssl x509` show them.
+func caNames(tb *certs.TrustBundle) []string {
+	var out []string
+	for _, c := range tb.CAs() {
+		out = append(out, c.Subject.CommonName+" ("+certs.FormatSerial(c.SerialNumber)+")")
 	}
-	return c.Number.Uint64()
+	return out
 }
 
 // slogWriter turns memberlist's log lines ("[DEBUG] memberlist: ...")

@@ -762,6 +762,16 @@ func (ms *membership) addr(name string) netip.AddrPort {
 func (ms *membership) setTrust(tb *certs.TrustBundle) {
 	ms.warm(tb)
 	ms.mu.Lock()
+	if ms.trust == nil || newCA(ms.trust, tb) {
+		// Certificates of a CA just trusted (an issuer rotated, and a
+		// gateway renewed onto the new CA before this one read it)
+		// are fetched and judged again.
+		for sum, rc := range ms.badCert {
+			if certs.ReasonOf(rc.err) == certs.ReasonUnknownCA {
+				delete(ms.badCert, sum)
+			}
+		}
+	}
 	ms.trust = tb
 	for sum, c := range ms.certs {
 		// An expired certificate stays known (its adverts are refused
@@ -776,6 +786,16 @@ func (ms *membership) setTrust(tb *certs.TrustBundle) {
 	ms.forgetEndedLocked()
 	ms.mu.Unlock()
 	ms.changed()
+}
+
+// newCA reports whether next trusts a CA that cur does not.
+func newCA(cur, next *certs.TrustBundle) bool {
+	for _, c := range next.CAs() {
+		if !slices.ContainsFunc(cur.CAs(), func(o *x509.Certificate) bool { return bytes.Equal(o.Raw, c.Raw) }) {
+			return true
+		}
+	}
+	return false
 }
 
 // warm verifies, outside the lock, the certificates and adverts setTrust

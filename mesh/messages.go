@@ -41,6 +41,7 @@ const (
 const (
 	blobCRL    byte = 1
 	blobPolicy byte = 2
+	blobCRLs   byte = 3 // several CAs' lists, a bundle of DER lists
 )
 
 type message struct {

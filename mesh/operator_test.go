@@ -474,12 +474,9 @@ func TestIssuerAnsweredMetric(t *testing.T) {
 		}
 		return 0, false
 	}
-	was := trustRefresh
-	trustRefresh = 50 * time.Millisecond
-	t.Cleanup(func() { trustRefresh = was }) // after the gateway's own clean-up, registered later
 	start := time.Now()
 	var logs syncbuf.Buffer
-	withCA := startLiveGatewayWith(t, ca, dir, 0, "zrh-dc", nil, &logs, func(s *Settings) { s.Identity.CADir = ca.Dir() })
+	withCA := startLiveGatewayWith(t, ca, dir, 0, "zrh-dc", nil, &logs, func(s *Settings) { s.Identity.CADir, s.Identity.Refresh = ca.Dir(), "50ms" })
 	waitUntil(t, 10*time.Second, "the issuer's first answer", func() bool { v, _ := value(withCA.g); return v > 0 })
 	if v, _ := value(withCA.g); v < float64(start.Unix()) || v > float64(time.Now().Unix()) {
 		t.Errorf("%s = %v, not a time since the start (%d)", name, v, start.Unix())

@@ -46,7 +46,14 @@ type IdentityStatus struct {
 	Serial    string    `json:"serial"`
 	NotBefore time.Time `json:"not_before"`
 	NotAfter  time.Time `json:"not_after"`
-	CRLNumber uint64    `json:"crl_number"`
+	CRLNumber uint64    `json:"crl_number"` // the sum of each CA's list number
+	// IssuedBy is the CA that signed the certificate; CAs, every CA the
+	// gateway trusts (two while an issuer is rotated). SigningCA is the
+	// one the issuer now signs with, when it says (Vault's default
+	// issuer): a certificate from another is renewed.
+	IssuedBy  string   `json:"issued_by"`
+	CAs       []string `json:"cas"`
+	SigningCA string   `json:"signing_ca,omitempty"`
 	// Issuer is what renews the identity: "vault", "ca_dir", or empty
 	// (identities issued offline).
 	Issuer string `json:"issuer,omitempty"`
@@ -103,7 +110,11 @@ func (g *Gateway) Status() (*Status, error) {
 		Node: a.Node, Site: a.Site, Region: a.Region, Jurisdiction: a.Jurisdiction, OverlayIP: a.OverlayIP,
 		Interface: g.dev.Name(), Mode: g.dev.Mode(), PublicKey: g.wgPublicKey(), ListenPort: g.s.Port,
 		Gossip: g.s.GossipAdvertise.String(), Policy: g.policyRevision(), Topology: g.s.Topology, Uptime: time.Since(g.started),
-		Identity: IdentityStatus{Serial: certs.FormatSerial(id.Certificate().SerialNumber), NotBefore: id.Certificate().NotBefore, NotAfter: id.Certificate().NotAfter, CRLNumber: crlNumber(tb.CRL())},
+		Identity: IdentityStatus{Serial: certs.FormatSerial(id.Certificate().SerialNumber), NotBefore: id.Certificate().NotBefore, NotAfter: id.Certificate().NotAfter, CRLNumber: tb.CRLVersion(),
+			IssuedBy: id.Certificate().Issuer.CommonName, CAs: caNames(tb)},
+	}
+	if s := tb.Signing(); s != nil {
+		st.Identity.SigningCA = s.Subject.CommonName + " (" + certs.FormatSerial(s.SerialNumber) + ")"
 	}
 	switch iss := g.prov.Issuer().(type) {
 	case *certs.Vault:

@@ -155,7 +155,7 @@ func (g *Gateway) handle(b []byte) error {
 			// Every state exchange carries the list in force, nearly
 			// always the one held: no parse, signature check and map of
 			// its serials for that.
-			if cur := g.trust.Load().CRL(); cur != nil && bytes.Equal(cur.Raw, m.fields[1]) {
+			if cur := g.trust.Load().CRLs(); len(cur) == 1 && bytes.Equal(cur[0].Raw, m.fields[1]) {
 				return nil
 			}
 			crl, err := certs.ParseCRL(m.fields[1])
@@ -167,6 +167,8 @@ func (g *Gateway) handle(b []byte) error {
 				return err
 			}
 			g.adoptTrust(tb)
+		case blobCRLs:
+			return g.takeCRLs(m.fields[1])
 		case blobPolicy:
 			parts, err := unbundle(m.fields[1])
 			if err != nil || len(parts) != 2 {
@@ -194,7 +196,7 @@ func (g *Gateway) handle(b []byte) error {
 func (g *Gateway) blobVersion(kind byte) uint64 {
 	switch kind {
 	case blobCRL:
-		return crlNumber(g.trust.Load().CRL())
+		return g.trust.Load().CRLVersion()
 	case blobPolicy:
 		if p := g.policy.Load(); p != nil {
 			return uint64(p.p.Revision().Version)
@@ -207,13 +209,54 @@ func (g *Gateway) blobVersion(kind byte) uint64 {
 func (g *Gateway) blob(kind byte) []byte {
 	switch kind {
 	case blobCRL:
-		if crl := g.trust.Load().CRL(); crl != nil {
-			return encodeMessage(msgBlob, []byte{blobCRL}, crl.Raw)
+		// Several lists (an issuer rotated) go as one blob of another
+		// kind, which gateways from before rotation ignore.
+		switch crls := g.trust.Load().CRLs(); len(crls) {
+		case 0:
+		case 1:
+			return encodeMessage(msgBlob, []byte{blobCRL}, crls[0].Raw)
+		default:
+			raws := make([][]byte, len(crls))
+			for i, c := range crls {
+				raws[i] = c.Raw
+			}
+			return encodeMessage(msgBlob, []byte{blobCRLs}, bundle(raws...))
 		}
 	case blobPolicy:
 		if p := g.policy.Load(); p != nil {
 			return encodeMessage(msgBlob, []byte{blobPolicy}, bundle(p.src, p.sig))
 		}
+	}
+	return nil
+}
+
+// takeCRLs adopts the lists of a blobCRLs that are newer than those in
+// force. A list of a CA this gateway does not trust (yet: the issuer's new
+// CA, before its next refresh) is skipped; trust in a CA comes from the
+// issuer, never from gossip.
+func (g *Gateway) takeCRLs(b []byte) error {
+	raws, err := unbundle(b)
+	if err != nil { // at most maxBundleParts lists: a mesh has two while an issuer is rotated
+		return fmt.Errorf("bad revocation lists blob: %w", err)
+	}
+	tb := g.trust.Load()
+	took := false
+	for _, raw := range raws {
+		crl, err := certs.ParseCRL(raw)
+		if err != nil {
+			return err
+		}
+		next, err := tb.WithCRL(crl)
+		switch reason := certs.ReasonOf(err); {
+		case err == nil:
+			tb, took = next, true
+		case reason == certs.ReasonUnknownCA, reason == certs.ReasonReplay:
+		default:
+			return err
+		}
+	}
+	if took {
+		g.adoptTrust(tb)
 	}
 	return nil
 }

@@ -206,6 +206,10 @@ func printStatus(c *cli.Context, st *mesh.Status) {
 		}
 		fmt.Fprintf(w, "issuer %s: %s%s\n", iss, answered, disk)
 	}
+	fmt.Fprintf(w, "issued by %s; trusted CAs: %s\n", st.Identity.IssuedBy, strings.Join(st.Identity.CAs, ", "))
+	if s := st.Identity.SigningCA; s != "" && len(st.Identity.CAs) > 1 {
+		fmt.Fprintf(w, "issuer rotation: new certificates come from %s\n", s)
+	}
 	if st.BurstUntil != nil {
 		fmt.Fprintf(w, "burst gateway: leaves the mesh at %s, or when the burst is taken down\n", st.BurstUntil.UTC().Format(time.RFC3339))
 	}

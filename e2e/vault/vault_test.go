@@ -352,7 +352,7 @@ func TestVaultRenewal(t *testing.T) {
 	renewed := make(chan *certs.NodeIdentity, 8)
 	rctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	go p.KeepRenewed(rctx, id, func(n *certs.NodeIdentity, _ *certs.TrustBundle) { renewed <- n })
+	go p.KeepRenewed(rctx, id, nil, func(n *certs.NodeIdentity, _ *certs.TrustBundle) { renewed <- n })
 
 	// Three renewals of a 7 s certificate take more than twice the token's
 	// 4 s maximum TTL, so they only succeed if re-login works.

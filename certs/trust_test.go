@@ -1,0 +1,189 @@
+package certs
+
+import (
+	"crypto/x509"
+	"errors"
+	"math/big"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+)
+
+// rotationFixture is a mesh in the middle of an issuer rotation: the old
+// CA and the new one, one gateway certified by each.
+type rotationFixture struct {
+	old, new     *CA
+	oldID, newID *NodeIdentity
+	both         *TrustBundle // both CAs, each with its list, the new one signing
+}
+
+func newRotation(t *testing.T) *rotationFixture {
+	t.Helper()
+	f := &rotationFixture{old: newTestCA(t), new: newTestCA(t)}
+	f.oldID = issue(t, f.old, testAttrs("gw-old", "zrh", "100.96.0.1"), t0, 24*time.Hour)
+	f.newID = issue(t, f.new, testAttrs("gw-new", "fra", "100.96.0.2"), t0, 24*time.Hour)
+	tb, err := NewTrustBundle([]*x509.Certificate{f.old.Certificate(), f.new.Certificate()}, f.old.MeshPrefix())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, ca := range []*CA{f.old, f.new} {
+		if tb, err = tb.WithCRL(trust(t, ca).CRL()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if f.both, err = tb.WithSigning(f.new.Certificate()); err != nil {
+		t.Fatal(err)
+	}
+	return f
+}
+
+// revoke revokes id at ca and returns the CA's new list.
+func revoke(t *testing.T, ca *CA, id *NodeIdentity) *x509.RevocationList {
+	t.Helper()
+	if _, err := ca.RevokeSerials([]*big.Int{id.Certificate().SerialNumber}, "keyCompromise", t0); err != nil {
+		t.Fatal(err)
+	}
+	return trust(t, ca).CRL()
+}
+
+// TestTrustBundleTwoCAs: during a rotation both CAs' certificates are
+// accepted, each CA's list revokes its own, a list is judged against the
+// list in force of the CA that signed it, and the bundle knows which CA
+// signs new certificates.
+func TestTrustBundleTwoCAs(t *testing.T) {
+	f := newRotation(t)
+	for _, id := range []*NodeIdentity{f.oldID, f.newID} {
+		if _, err := f.both.VerifyCertificate(id.Certificate(), t0.Add(time.Hour)); err != nil {
+			t.Errorf("%s refused during the rotation: %v", id.Attributes().Node, err)
+		}
+	}
+	if f.both.SignedBySigning(f.oldID.Certificate()) || !f.both.SignedBySigning(f.newID.Certificate()) {
+		t.Error("SignedBySigning does not tell the old CA's certificate from the new one's")
+	}
+	if got := f.both.CRL(); got == nil || got.CheckSignatureFrom(f.new.Certificate()) != nil {
+		t.Error("CRL() is not the signing CA's list")
+	}
+	v0 := f.both.CRLVersion()
+
+	// The old CA revokes its gateway: its list, numbered on its own, is
+	// taken though the new CA's list may carry a higher number.
+	oldList := revoke(t, f.old, f.oldID)
+	tb, err := f.both.WithCRL(oldList)
+	if err != nil {
+		t.Fatalf("the old CA's newer list: %v", err)
+	}
+	if _, err := tb.VerifyCertificate(f.oldID.Certificate(), t0.Add(time.Hour)); !errors.Is(err, ErrRevoked) {
+		t.Errorf("the old CA's gateway after its revocation: %v, want revoked", err)
+	}
+	if _, err := tb.VerifyCertificate(f.newID.Certificate(), t0.Add(time.Hour)); err != nil {
+		t.Errorf("the new CA's gateway after the old CA revoked another: %v", err)
+	}
+	if len(tb.CRLs()) != 2 || tb.CRLVersion() <= v0 || tb.Key() == f.both.Key() {
+		t.Errorf("after a newer list: %d lists, version %d (was %d), key changed %v", len(tb.CRLs()), tb.CRLVersion(), v0, tb.Key() != f.both.Key())
+	}
+	// Replaying the old CA's earlier list is refused, whatever the other
+	// CA's numbers.
+	if _, err := tb.WithCRL(trust(t, f.old).CRL()); err != nil {
+		t.Fatalf("the same list again: %v", err)
+	}
+	if _, err := tb.WithCRL(f.both.CRLs()[0]); !errors.Is(err, ErrReplay) {
+		t.Errorf("the old CA's earlier list replayed: %v, want a replay refusal", err)
+	}
+	// A list of a third CA is not taken.
+	if _, err := tb.WithCRL(trust(t, newTestCA(t)).CRL()); !errors.Is(err, ErrUnknownCA) {
+		t.Errorf("a stranger CA's list: %v, want unknown CA", err)
+	}
+}
+
+// TestTrustBundleAdopt: an issuer's answer adds and retires CAs and names
+// the signing one, but never brings back an older list than the one in
+// force for a CA both bundles hold.
+func TestTrustBundleAdopt(t *testing.T) {
+	f := newRotation(t)
+	oldOnly := trust(t, f.old)
+
+	// The issuer's new CA appears beside the old one.
+	next, changed := oldOnly.Adopt(f.both)
+	if !changed || len(next.CAs()) != 2 || next.Signing() == nil {
+		t.Fatalf("a new CA: changed %v, %d CAs, signing %v", changed, len(next.CAs()), next.Signing())
+	}
+	if _, again := next.Adopt(f.both); again {
+		t.Error("the same answer twice counts as a change")
+	}
+
+	// The gateway holds a newer list of the old CA (gossip) than the
+	// issuer's answer: it is kept.
+	held, err := next.WithCRL(revoke(t, f.old, f.oldID))
+	if err != nil {
+		t.Fatal(err)
+	}
+	kept, changed := held.Adopt(f.both)
+	if changed || !kept.IsRevoked(f.oldID.Certificate().SerialNumber) {
+		t.Errorf("a stale answer: changed %v, revocation kept %v; want no change and the revocation kept", changed, kept.IsRevoked(f.oldID.Certificate().SerialNumber))
+	}
+
+	// The old CA retired: its certificates are refused, and the bundle
+	// changed even though no list is newer.
+	newOnly, err := NewTrustBundle([]*x509.Certificate{f.new.Certificate()}, f.new.MeshPrefix())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if newOnly, err = newOnly.WithCRL(trust(t, f.new).CRL()); err != nil {
+		t.Fatal(err)
+	}
+	retired, changed := held.Adopt(newOnly)
+	if !changed || len(retired.CAs()) != 1 {
+		t.Fatalf("the old CA retired: changed %v, %d CAs", changed, len(retired.CAs()))
+	}
+	if _, err := retired.VerifyCertificate(f.oldID.Certificate(), t0.Add(time.Hour)); !errors.Is(err, ErrUnknownCA) {
+		t.Errorf("the old CA's gateway once it is retired: %v, want unknown CA", err)
+	}
+	if retired.IsRevoked(f.oldID.Certificate().SerialNumber) {
+		t.Error("a retired CA's list still counts")
+	}
+	if retired.Key() == held.Key() {
+		t.Error("the key did not change with the CAs")
+	}
+}
+
+// TestTrustBundleSaveLoadTwoCAs: both CAs and both lists survive a
+// restart; a list of a CA no longer in ca.crt (the two files are written
+// one after the other) is skipped, while a single CA's foreign list is
+// still an error.
+func TestTrustBundleSaveLoadTwoCAs(t *testing.T) {
+	f := newRotation(t)
+	tb, err := f.both.WithCRL(revoke(t, f.old, f.oldID))
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	if err := tb.Save(dir); err != nil {
+		t.Fatal(err)
+	}
+	back, err := LoadTrustBundle(dir, f.old.MeshPrefix())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(back.CAs()) != 2 || len(back.CRLs()) != 2 || back.CRLVersion() != tb.CRLVersion() || !back.IsRevoked(f.oldID.Certificate().SerialNumber) {
+		t.Fatalf("loaded: %d CAs, %d lists, version %d (saved %d)", len(back.CAs()), len(back.CRLs()), back.CRLVersion(), tb.CRLVersion())
+	}
+
+	// ca.crt already without the old CA, crl.pem still with its list.
+	if err := os.WriteFile(filepath.Join(dir, fileCACert), encodePEM(pemCert, f.new.Certificate().Raw), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	back, err = LoadTrustBundle(dir, f.old.MeshPrefix())
+	if err != nil || len(back.CAs()) != 1 || len(back.CRLs()) != 1 {
+		t.Fatalf("a retired CA's list left in crl.pem: %v", err)
+	}
+
+	// One CA, and only another CA's list: the files do not belong
+	// together, which is said rather than passed over.
+	if err := os.WriteFile(filepath.Join(dir, fileCRL), encodePEM(pemCRL, trust(t, f.old).CRL().Raw), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := LoadTrustBundle(dir, f.old.MeshPrefix()); !errors.Is(err, ErrUnknownCA) {
+		t.Errorf("a foreign list beside one CA: %v, want unknown CA", err)
+	}
+}
