@@ -5,6 +5,7 @@ import (
 	"crypto"
 	"crypto/rand"
 	"crypto/sha256"
+	"crypto/x509"
 	"encoding/binary"
 	"fmt"
 	"log/slog"
@@ -1001,4 +1002,27 @@ func FuzzDecodeMessage(f *testing.F) {
 			t.Fatalf("bundle of %d parts", len(parts))
 		}
 	})
+}
+
+// TestMembershipTrustsNewCA: a gateway renewed onto the issuer's new CA
+// before this one read it is refused as signed by an unknown CA; once the
+// bundle trusts the new CA its certificate is asked for and judged anew,
+// not left refused until the refusal is pruned.
+func TestMembershipTrustsNewCA(t *testing.T) {
+	f, next, ms, r, _ := rogueCase(t)
+	ms.update("gw-r", gossipAddr, next.advert(r, 1))
+	if err := ms.addCert(r.Certificate().Raw); err == nil || states(ms)["gw-r"] != StateRefused {
+		t.Fatalf("a certificate of a CA not trusted yet: %v, %v", err, states(ms))
+	}
+	tb, err := certs.NewTrustBundle([]*x509.Certificate{f.ca.Certificate(), next.ca.Certificate()}, netip.Prefix{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ms.setTrust(tb)
+	if got := states(ms)["gw-r"]; got != StatePending {
+		t.Fatalf("once the new CA is trusted: %s, want pending (its certificate fetched again)", got)
+	}
+	if err := ms.addCert(r.Certificate().Raw); err != nil || states(ms)["gw-r"] != StateVerified {
+		t.Fatalf("its certificate again: %v, %v", err, states(ms))
+	}
 }

@@ -3,7 +3,9 @@ package mesh
 import (
 	"context"
 	"crypto/sha256"
+	"crypto/x509"
 	"fmt"
+	"math/big"
 	"net"
 	"net/netip"
 	"os"
@@ -149,5 +151,70 @@ func TestDamagedAdoptedPolicy(t *testing.T) {
 	_, err := newGateway(context.Background(), lg.g.s, nil, options{device: NewRecordingDevice("again"), noControl: true, noMigrations: true})
 	if err == nil || !strings.Contains(err.Error(), fileAdoptedPolicy) || !strings.Contains(err.Error(), "restore") {
 		t.Fatalf("a gateway with a damaged adopted policy: %v", err)
+	}
+}
+
+// TestRevocationListsOfTwoCAs: while an issuer is rotated a gateway
+// trusts two CAs, each with its list. Its blob carries both (as a kind
+// gateways from before rotation ignore), and a blob of lists brings in
+// each list newer than the one in force; a list of a CA it does not
+// trust is passed over, not taken and not an error.
+func TestRevocationListsOfTwoCAs(t *testing.T) {
+	ca, lg := lonelyGateway(t)
+	g := lg.g
+	dir := t.TempDir()
+	next, err := certs.InitCA(filepath.Join(dir, "next"), certs.InitOptions{MeshPrefix: netip.MustParsePrefix("100.64.0.0/10")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	stranger, err := certs.InitCA(filepath.Join(dir, "stranger"), certs.InitOptions{MeshPrefix: netip.MustParsePrefix("100.64.0.0/10")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	list := func(c *certs.CA) *x509.RevocationList {
+		tb, err := c.TrustBundle()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return tb.CRL()
+	}
+	tb, err := certs.NewTrustBundle([]*x509.Certificate{ca.Certificate(), next.Certificate()}, netip.Prefix{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []*certs.CA{ca, next} {
+		if tb, err = tb.WithCRL(list(c)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if !g.adoptTrust(tb) {
+		t.Fatal("a bundle with a second CA was not adopted")
+	}
+	m, err := decodeMessage(g.blob(blobCRL), maxFields)
+	if err != nil || m.typ != msgBlob || m.fields[0][0] != blobCRLs {
+		t.Fatalf("the blob of a gateway with two CAs: %v, %+v", err, m)
+	}
+	if raws, err := unbundle(m.fields[1]); err != nil || len(raws) != 2 {
+		t.Fatalf("the blob holds %d lists (%v), want 2", len(raws), err)
+	}
+
+	// The first CA revokes a gateway; its list arrives with the second
+	// CA's unchanged one and a stranger's.
+	id, err := ca.IssueIdentity(certs.Attributes{Node: "gw-x", Site: "s", Region: "r", Provider: "onprem", Jurisdiction: "CH",
+		OverlayIP: netip.MustParseAddr("100.64.9.10")}, time.Hour, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ca.RevokeSerials([]*big.Int{id.Certificate().SerialNumber}, "keyCompromise", time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	before := g.trust.Load().CRLVersion()
+	blob := encodeMessage(msgBlob, []byte{blobCRLs}, bundle(list(ca).Raw, list(next).Raw, list(stranger).Raw))
+	if err := g.handle(blob); err != nil {
+		t.Fatalf("a blob with a stranger's list: %v", err)
+	}
+	now := g.trust.Load()
+	if !now.IsRevoked(id.Certificate().SerialNumber) || now.CRLVersion() <= before || len(now.CAs()) != 2 {
+		t.Fatalf("after the blob: revoked %v, version %d (was %d), %d CAs", now.IsRevoked(id.Certificate().SerialNumber), now.CRLVersion(), before, len(now.CAs()))
 	}
 }

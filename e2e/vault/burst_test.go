@@ -72,6 +72,7 @@ type staticGateway struct {
 	vaultAddr, roleFile, secretFile                     string
 	gossipPort, wgPort                                  int
 	seeds                                               []string
+	refresh                                             string // identity.refresh, if set
 }
 
 // gatewayHCL is g's configuration file, logging in to e with an AppRole.
@@ -79,6 +80,10 @@ func (e *env) gatewayHCL(g staticGateway) string {
 	seeds := ""
 	for _, s := range g.seeds {
 		seeds += fmt.Sprintf("  seeds = [%q]\n", s)
+	}
+	refresh := ""
+	if g.refresh != "" {
+		refresh = fmt.Sprintf("  refresh   = %q\n", g.refresh)
 	}
 	return fmt.Sprintf(`state_dir = %q
 node {
@@ -94,7 +99,7 @@ node {
 identity {
   backend   = "vault"
   mesh_cidr = %q
-  vault {
+%s  vault {
     address   = %q
     ca_cert   = %q
     pki_mount = %q
@@ -118,7 +123,7 @@ wireguard {
   mode      = "netstack"
 }
 operator { listen = "off" }
-`, g.stateDir, g.node, g.site, g.region, g.jurisdiction, g.overlay, g.routes, meshPrefix, g.vaultAddr, e.caFile, e.pki, e.role, e.kv,
+`, g.stateDir, g.node, g.site, g.region, g.jurisdiction, g.overlay, g.routes, meshPrefix, refresh, g.vaultAddr, e.caFile, e.pki, e.role, e.kv,
 		e.approleMount, g.roleFile, g.secretFile, g.gossipPort, seeds, g.iface, g.wgPort)
 }
 
@@ -127,6 +132,8 @@ type statusView struct {
 		Issuer         string     `json:"issuer"`
 		IssuerAnswered *time.Time `json:"issuer_answered"`
 		StartedOnDisk  bool       `json:"started_on_disk"`
+		IssuedBy       string     `json:"issued_by"`
+		CAs            []string   `json:"cas"`
 	} `json:"identity"`
 	Members []struct {
 		Node  string `json:"node"`
