@@ -85,7 +85,7 @@ func LoadTrustBundle(dir string, meshPrefix netip.Prefix) (*TrustBundle, error) 
 	if err != nil {
 		return nil, fmt.Errorf("read revocation list: %w", err)
 	}
-	crls, err := parseCRLs(crlPEM)
+	crls, err := ParseCRLs(crlPEM)
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", filepath.Join(dir, fileCRL), err)
 	}
@@ -108,8 +108,8 @@ func LoadTrustBundle(dir string, meshPrefix netip.Prefix) (*TrustBundle, error) 
 	return tb, nil
 }
 
-// parseCRLs parses every revocation list in b: PEM blocks, or one DER list.
-func parseCRLs(b []byte) ([]*x509.RevocationList, error) {
+// ParseCRLs parses every revocation list in b: PEM blocks, or one DER list.
+func ParseCRLs(b []byte) ([]*x509.RevocationList, error) {
 	if blk, _ := pem.Decode(b); blk == nil {
 		crl, err := ParseCRL(b)
 		if err != nil {

@@ -504,9 +504,16 @@ func trustFromFiles(caFile, crlFile string) (*certs.TrustBundle, error) {
 	if err != nil {
 		return nil, fmt.Errorf("read CRL: %w", err)
 	}
-	crl, err := certs.ParseCRL(crlPEM)
+	// One list per CA: an issuer rotated, the old and new CAs' lists
+	// side by side.
+	crls, err := certs.ParseCRLs(crlPEM)
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", crlFile, err)
 	}
-	return tb.WithCRL(crl)
+	for _, crl := range crls {
+		if tb, err = tb.WithCRL(crl); err != nil {
+			return nil, fmt.Errorf("%s: %w", crlFile, err)
+		}
+	}
+	return tb, nil
 }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"math/big"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -529,6 +530,61 @@ func TestAuditVerifyEmpty(t *testing.T) {
 	os.WriteFile(log, one, 0o600)
 	if out, _, code := runCLI(t, "audit", "verify", "--log", log, "--ca-cert", filepath.Join(ca, "ca.crt")); code != 1 || !strings.Contains(out, "record 2 was written") {
 		t.Fatalf("a log cut back by a record: exit %d, %q", code, out)
+	}
+}
+
+// TestAuditVerifyAcrossRotation: a log written across an issuer rotation
+// verifies against both CAs and both lists, in one file each, whatever
+// their order — a revocation of the old CA's gateway after its records
+// does not undo them — and not against the new CA alone.
+func TestAuditVerifyAcrossRotation(t *testing.T) {
+	dir := t.TempDir()
+	var cas []*certs.CA
+	var caPEM, crlPEM []byte
+	for _, name := range []string{"old", "new"} {
+		mustRun(t, "ca", "init", "--dir", filepath.Join(dir, name))
+		c, err := certs.OpenCA(filepath.Join(dir, name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		cas = append(cas, c)
+	}
+	ids := make([]*certs.NodeIdentity, 2)
+	for i, c := range cas {
+		id, err := c.IssueIdentity(certs.Attributes{Node: "gw1", Site: "s", Region: "r", Provider: "aws", Jurisdiction: "DE", OverlayIP: netip.MustParseAddr("100.96.0.1")}, time.Hour, time.Now().Add(-time.Minute))
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids[i] = id
+	}
+	log := filepath.Join(dir, "audit.log")
+	l := audit.Open(log)
+	l.Append(ids[0], "migration", nil, time.Now().Add(-30*time.Second))
+	l.Append(ids[1], "migration", nil, time.Now().Add(-20*time.Second))
+	if _, err := cas[0].RevokeSerials([]*big.Int{ids[0].Certificate().SerialNumber}, "superseded", time.Now().Add(-10*time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	for _, i := range []int{1, 0} { // the new CA first
+		b, _ := os.ReadFile(filepath.Join(dir, []string{"old", "new"}[i], "ca.crt"))
+		caPEM = append(caPEM, b...)
+		b, _ = os.ReadFile(filepath.Join(dir, []string{"old", "new"}[i], "crl.pem"))
+		crlPEM = append(crlPEM, b...)
+	}
+	bothCAs, bothCRLs := filepath.Join(dir, "cas.pem"), filepath.Join(dir, "crls.pem")
+	os.WriteFile(bothCAs, caPEM, 0o644)
+	os.WriteFile(bothCRLs, crlPEM, 0o644)
+	if out, _, code := runCLI(t, "audit", "verify", "--log", log, "--ca-cert", bothCAs, "--crl", bothCRLs); code != 0 {
+		t.Fatalf("a log across a rotation, both CAs and lists: exit %d, %q", code, out)
+	}
+	if out, _, code := runCLI(t, "audit", "verify", "--log", log, "--ca-cert", filepath.Join(dir, "new", "ca.crt")); code != 1 || !strings.Contains(out, "line 1") {
+		t.Fatalf("the same log against the new CA alone: exit %d, %q", code, out)
+	}
+	// A record the old CA's gateway signed after its revocation: the old
+	// CA's list, second in the file, counts too.
+	late := filepath.Join(dir, "late.log")
+	audit.Open(late).Append(ids[0], "migration", nil, time.Now())
+	if out, _, code := runCLI(t, "audit", "verify", "--log", late, "--ca-cert", bothCAs, "--crl", bothCRLs); code != 1 || !strings.Contains(out, "revoked") {
+		t.Fatalf("a record signed after the signer's revocation: exit %d, %q", code, out)
 	}
 }
 

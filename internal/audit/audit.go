@@ -304,9 +304,11 @@ func verifyAt(tb *certs.TrustBundle, cert *x509.Certificate, at time.Time) (*cer
 		return attrs, nil
 	}
 	if errors.Is(err, certs.ErrRevoked) {
-		for _, e := range tb.CRL().RevokedCertificateEntries {
-			if e.SerialNumber.Cmp(cert.SerialNumber) == 0 && at.Before(e.RevocationTime) {
-				return certs.AttributesOf(cert)
+		for _, crl := range tb.CRLs() {
+			for _, e := range crl.RevokedCertificateEntries {
+				if e.SerialNumber.Cmp(cert.SerialNumber) == 0 && at.Before(e.RevocationTime) {
+					return certs.AttributesOf(cert)
+				}
 			}
 		}
 	}
