@@ -8,6 +8,7 @@ import (
 	"math/rand/v2"
 	"net/netip"
 	"strings"
+	"sync/atomic"
 	"time"
 )
 
@@ -22,6 +23,17 @@ type Provider struct {
 	log     *slog.Logger
 	close   func()
 	now     func() time.Time
+	// answered is when the issuer last gave Trust a bundle (Unix ns).
+	answered atomic.Int64
+}
+
+// IssuerAnswered is when the issuer last answered Trust; zero if it has
+// not (no issuer, or unreachable since Open).
+func (p *Provider) IssuerAnswered() time.Time {
+	if ns := p.answered.Load(); ns != 0 {
+		return time.Unix(0, ns)
+	}
+	return time.Time{}
 }
 
 // Open connects to the configured back end. For Vault it logs in and keeps
@@ -80,6 +92,7 @@ func (p *Provider) Trust(ctx context.Context) (*TrustBundle, error) {
 	if p.issuer != nil {
 		tb, err := p.issuer.Trust(ctx)
 		if err == nil {
+			p.answered.Store(p.now().UnixNano())
 			// The cached list may be newer: gossip brings lists the
 			// issuer's copy may lack (a CA directory restored from a
 			// backup, a CRL write that failed). Revocations are not

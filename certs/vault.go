@@ -64,6 +64,12 @@ type Vault struct {
 	// then on instead of errVaultAwaited, so that nothing more is served
 	// from the copies on disk once Vault has said no.
 	refused atomic.Pointer[error]
+
+	// issuerCerts keeps each issuer's certificate by ID and serial: it
+	// does not change, so a refresh reads only the list of issuers and
+	// their revocation lists.
+	issuerMu    sync.Mutex
+	issuerCerts map[vaultIssuer]*x509.Certificate
 }
 
 // errVaultAwaited is what a request gets from a gateway that started
@@ -627,16 +633,14 @@ func (v *Vault) Trust(ctx context.Context) (*TrustBundle, error) {
 		signing *x509.Certificate
 		crls    []*x509.RevocationList
 	)
+	known := map[vaultIssuer]*x509.Certificate{}
 	for _, is := range issuers {
 		p := path.Join(v.cfg.PKIMount, "issuer", is.id)
-		caPEM, err := v.readField(ctx, path.Join(p, "json"), "certificate")
+		ca, err := v.issuerCert(ctx, is)
 		if err != nil {
 			return nil, err
 		}
-		certsOf, err := ParseCertificatesPEM(caPEM)
-		if err != nil || len(certsOf) != 1 {
-			return nil, fmt.Errorf("vault issuer %s: want one CA certificate (%v)", is.id, err)
-		}
+		known[is.key()] = ca
 		crlPEM, err := v.readField(ctx, path.Join(p, "crl"), "crl")
 		if err != nil {
 			return nil, err
@@ -645,11 +649,14 @@ func (v *Vault) Trust(ctx context.Context) (*TrustBundle, error) {
 		if err != nil {
 			return nil, fmt.Errorf("vault issuer %s CRL: %w", is.id, err)
 		}
-		cas, crls = append(cas, certsOf[0]), append(crls, crl)
+		cas, crls = append(cas, ca), append(crls, crl)
 		if is.isDefault {
-			signing = certsOf[0]
+			signing = ca
 		}
 	}
+	v.issuerMu.Lock()
+	v.issuerCerts = known // issuers deleted since are forgotten
+	v.issuerMu.Unlock()
 	tb, err := NewTrustBundle(cas, v.meshPrefix)
 	if err != nil {
 		return nil, err
@@ -666,8 +673,30 @@ func (v *Vault) Trust(ctx context.Context) (*TrustBundle, error) {
 }
 
 type vaultIssuer struct {
-	id        string
-	isDefault bool
+	id, serial string
+	isDefault  bool
+}
+
+// key identifies the issuer's certificate.
+func (is vaultIssuer) key() vaultIssuer { return vaultIssuer{id: is.id, serial: is.serial} }
+
+// issuerCert is the issuer's certificate: read once, then kept.
+func (v *Vault) issuerCert(ctx context.Context, is vaultIssuer) (*x509.Certificate, error) {
+	v.issuerMu.Lock()
+	ca := v.issuerCerts[is.key()]
+	v.issuerMu.Unlock()
+	if ca != nil {
+		return ca, nil
+	}
+	caPEM, err := v.readField(ctx, path.Join(v.cfg.PKIMount, "issuer", is.id, "json"), "certificate")
+	if err != nil {
+		return nil, err
+	}
+	cas, err := ParseCertificatesPEM(caPEM)
+	if err != nil || len(cas) != 1 {
+		return nil, fmt.Errorf("vault issuer %s: want one CA certificate (%v)", is.id, err)
+	}
+	return cas[0], nil
 }
 
 // issuers lists the PKI mount's issuers that have a key: an imported
@@ -700,7 +729,8 @@ func (v *Vault) issuers(ctx context.Context) ([]vaultIssuer, error) {
 			continue
 		}
 		def, _ := m["is_default"].(bool)
-		out = append(out, vaultIssuer{id: id, isDefault: def})
+		serial, _ := m["serial_number"].(string)
+		out = append(out, vaultIssuer{id: id, serial: serial, isDefault: def})
 	}
 	if len(out) == 0 {
 		return nil, fmt.Errorf("vault %s has no issuer with a key: generate or import the mesh's issuing CA there (pki/root/generate/internal, or pki/intermediate/set-signed with its key)", v.cfg.PKIMount)

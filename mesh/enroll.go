@@ -643,9 +643,15 @@ func (g *Gateway) refreshTrust(ctx context.Context) {
 	t := time.NewTicker(every)
 	defer t.Stop()
 	failing := 0 // refreshes failed in a row
-	// The first at once: the issuer's last answer is a metric, and a
-	// gateway that started without its issuer should say so from the start.
-	for first := true; ; first = false {
+	// The first at once, unless the start just read the bundle: the
+	// issuer's last answer is a metric, and a gateway that started
+	// without its issuer should say so from the start.
+	first := true
+	if at := g.prov.IssuerAnswered(); !at.IsZero() {
+		g.issuerAnswered.Store(at.Unix())
+		first = false
+	}
+	for ; ; first = false {
 		if !first {
 			select {
 			case <-ctx.Done():
