@@ -201,9 +201,10 @@ func (tb *TrustBundle) Save(dir string) error {
 		return err
 	}
 	// After ca.crt: a crash between the two leaves lists of CAs the
-	// bundle no longer holds, which loading skips, rather than a CA
-	// without its list.
-	if crls := tb.CRLs(); len(crls) > 0 {
+	// bundle no longer holds, which loading keeps aside, rather than a CA
+	// without its list. The lists of retired CAs are kept too, after the
+	// others.
+	if crls := append(tb.CRLs(), tb.RetiredCRLs()...); len(crls) > 0 {
 		var b []byte
 		for _, c := range crls {
 			b = append(b, encodePEM(pemCRL, c.Raw)...)

@@ -8,6 +8,7 @@ import (
 	"math/rand/v2"
 	"net/netip"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 )
@@ -25,6 +26,15 @@ type Provider struct {
 	now     func() time.Time
 	// answered is when the issuer last gave Trust a bundle (Unix ns).
 	answered atomic.Int64
+	saveMu   sync.Mutex // one SaveTrust at a time: ca.crt and crl.pem go together
+}
+
+// SaveTrust keeps tb in the identity directory, for a start while the
+// issuer is unreachable.
+func (p *Provider) SaveTrust(tb *TrustBundle) error {
+	p.saveMu.Lock()
+	defer p.saveMu.Unlock()
+	return tb.Save(p.s.dir)
 }
 
 // IssuerAnswered is when the issuer last answered Trust; zero if it has
@@ -114,7 +124,7 @@ func (p *Provider) Trust(ctx context.Context) (*TrustBundle, error) {
 					}
 				}
 			}
-			if err := tb.Save(p.s.dir); err != nil {
+			if err := p.SaveTrust(tb); err != nil {
 				return nil, err
 			}
 			return tb, nil
@@ -256,6 +266,12 @@ func (p *Provider) KeepRenewed(ctx context.Context, id *NodeIdentity, now <-chan
 			if err == nil {
 				id = fresh
 				onRenew(fresh, tb)
+				// A renewal asked for meanwhile (while this one was
+				// retried) is done.
+				select {
+				case <-now:
+				default:
+				}
 				break
 			}
 			left := c.NotAfter.Sub(p.now())

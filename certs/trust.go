@@ -37,7 +37,15 @@ type TrustBundle struct {
 	signing    *x509.Certificate
 	meshPrefix netip.Prefix
 	key        string // changes whenever the CAs or a list do
+	// retired holds the newest list of each CA the bundle held and the
+	// issuer no longer names (up to maxRetired): an answer that names
+	// such a CA again (a stale one, a Vault restored from a backup)
+	// brings back its revocations with it.
+	retired []*x509.RevocationList
 }
+
+// maxRetired bounds the lists of retired CAs a bundle keeps.
+const maxRetired = 8
 
 // NewTrustBundle builds a bundle from the CA certificates. meshPrefix may be
 // the zero Prefix, in which case it is taken from the CA's IP name
@@ -89,21 +97,17 @@ func LoadTrustBundle(dir string, meshPrefix netip.Prefix) (*TrustBundle, error) 
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", filepath.Join(dir, fileCRL), err)
 	}
-	matched := 0
 	for _, crl := range crls {
-		// A list of a CA the bundle no longer holds (an issuer retired,
-		// the files written one after the other) is of no use, not a
-		// threat: it can only revoke.
+		// A list of a CA the bundle no longer holds (an issuer retired;
+		// or ca.crt written and crl.pem not yet) is kept aside: should
+		// the CA be trusted again, its revocations come back with it.
 		if tb.signerOf(crl) == nil {
+			tb = tb.withRetired(crl)
 			continue
 		}
-		matched++
 		if tb, err = tb.WithCRL(crl); err != nil {
 			return nil, fmt.Errorf("%s: %w", filepath.Join(dir, fileCRL), err)
 		}
-	}
-	if matched == 0 && len(tb.cas) == 1 {
-		return nil, fmt.Errorf("%s: %w", filepath.Join(dir, fileCRL), refuse(ReasonUnknownCA, "revocation list is not signed by the mesh CA"))
 	}
 	return tb, nil
 }
@@ -174,6 +178,9 @@ func (tb *TrustBundle) CRLs() []*x509.RevocationList {
 	}
 	return out
 }
+
+// RetiredCRLs returns the lists kept of CAs the bundle no longer holds.
+func (tb *TrustBundle) RetiredCRLs() []*x509.RevocationList { return tb.retired }
 
 // CRLVersion sums the numbers of the lists in force. Each CA numbers its
 // own lists upwards, so the sum grows with every newer list, and with a
@@ -323,28 +330,86 @@ func (tb *TrustBundle) indexRevoked() {
 
 // Adopt returns next with, for each CA both hold, the newer of the two
 // lists — an issuer's answer never takes back a revocation the bundle in
-// force knows of — and whether the result differs from tb: a CA came or
-// went, the signing CA changed, or a list is newer.
+// force knows of, nor does one that names again a CA it had retired — and
+// whether the result differs from tb: a CA came or went, the signing CA
+// changed, or a list is newer. The CAs are next's: only an issuer's answer
+// may be adopted, never a bundle built from what gossip brought.
 func (tb *TrustBundle) Adopt(next *TrustBundle) (*TrustBundle, bool) {
 	n := *next
 	n.crls = slices.Clone(next.crls)
+	n.retired = nil
 	changed := len(next.cas) != len(tb.cas) || !sameCert(next.signing, tb.signing)
 	for i, ca := range next.cas {
-		j := tb.index(ca)
-		if j < 0 {
-			changed = true
-			continue
-		}
-		switch cur := tb.crls[j]; {
-		case newerCRL(cur, n.crls[i]):
-			n.crls[i] = cur
-		case newerCRL(n.crls[i], cur):
+		held := tb.retiredOf(ca)
+		if j := tb.index(ca); j >= 0 {
+			held = tb.crls[j]
+		} else {
 			changed = true
 		}
+		switch {
+		case newerCRL(held, n.crls[i]):
+			n.crls[i] = held
+		case newerCRL(n.crls[i], held):
+			changed = true
+		}
+	}
+	for j, ca := range tb.cas {
+		if next.index(ca) < 0 && tb.crls[j] != nil {
+			n.retired = append(n.retired, tb.crls[j])
+		}
+	}
+	for _, r := range tb.retired {
+		if n.signerOf(r) == nil && !slices.Contains(n.retired, r) {
+			n.retired = append(n.retired, r)
+		}
+	}
+	if len(n.retired) > maxRetired {
+		n.retired = n.retired[:maxRetired] // the ones retired last come first
 	}
 	n.indexRevoked()
 	n.seal()
 	return &n, changed
+}
+
+// WithNewerCRLs returns a copy of the bundle with each of crls that is
+// signed by one of its CAs and newer than that CA's list in force, and
+// whether it took any: the lists gossip brings, where one of a CA this
+// gateway does not trust (yet), or one it holds already, is nothing to
+// act on.
+func (tb *TrustBundle) WithNewerCRLs(crls []*x509.RevocationList) (*TrustBundle, bool) {
+	took := false
+	for _, crl := range crls {
+		i := tb.index(tb.signerOf(crl))
+		if i < 0 || !newerCRL(crl, tb.crls[i]) && tb.crls[i] != nil {
+			continue
+		}
+		if next, err := tb.WithCRL(crl); err == nil {
+			tb, took = next, true
+		}
+	}
+	return tb, took
+}
+
+// withRetired returns a copy of the bundle that keeps crl, of a CA it
+// does not hold, aside.
+func (tb *TrustBundle) withRetired(crl *x509.RevocationList) *TrustBundle {
+	n := *tb
+	if len(tb.retired) >= maxRetired {
+		return tb // the lists come newest first: this one is older
+	}
+	n.retired = append(slices.Clone(tb.retired), crl)
+	return &n
+}
+
+// retiredOf is the newest retired list ca signed, or nil.
+func (tb *TrustBundle) retiredOf(ca *x509.Certificate) *x509.RevocationList {
+	var out *x509.RevocationList
+	for _, r := range tb.retired {
+		if r.CheckSignatureFrom(ca) == nil && (out == nil || newerCRL(r, out)) {
+			out = r
+		}
+	}
+	return out
 }
 
 func sameCert(a, b *x509.Certificate) bool {

@@ -178,12 +178,69 @@ func TestTrustBundleSaveLoadTwoCAs(t *testing.T) {
 		t.Fatalf("a retired CA's list left in crl.pem: %v", err)
 	}
 
-	// One CA, and only another CA's list: the files do not belong
-	// together, which is said rather than passed over.
+	// One CA, and only another CA's list (ca.crt already written for a
+	// rotation, crl.pem not yet): the list is kept aside, not an error
+	// that would stop a start while the issuer is unreachable.
 	if err := os.WriteFile(filepath.Join(dir, fileCRL), encodePEM(pemCRL, trust(t, f.old).CRL().Raw), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := LoadTrustBundle(dir, f.old.MeshPrefix()); !errors.Is(err, ErrUnknownCA) {
-		t.Errorf("a foreign list beside one CA: %v, want unknown CA", err)
+	back, err = LoadTrustBundle(dir, f.old.MeshPrefix())
+	if err != nil || len(back.CRLs()) != 0 || len(back.RetiredCRLs()) != 1 {
+		t.Fatalf("a list of a CA not in ca.crt: %v", err)
+	}
+}
+
+// TestTrustBundleRetiredCAComesBack: a CA the issuer stops naming keeps
+// its newest list aside — across a save and a load too — so an answer
+// that names it again (a stale one, a Vault restored from a backup) does
+// not bring it back with an older list that lacks a revocation.
+func TestTrustBundleRetiredCAComesBack(t *testing.T) {
+	f := newRotation(t)
+	stale := f.both // the old CA's list before the revocation
+	held, err := f.both.WithCRL(revoke(t, f.old, f.oldID))
+	if err != nil {
+		t.Fatal(err)
+	}
+	newOnly, err := NewTrustBundle([]*x509.Certificate{f.new.Certificate()}, f.new.MeshPrefix())
+	if err != nil {
+		t.Fatal(err)
+	}
+	retired, _ := held.Adopt(newOnly)
+	dir := t.TempDir()
+	if err := retired.Save(dir); err != nil {
+		t.Fatal(err)
+	}
+	loaded, err := LoadTrustBundle(dir, f.new.MeshPrefix())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, tb := range map[string]*TrustBundle{"in memory": retired, "loaded": loaded} {
+		back, changed := tb.Adopt(stale)
+		if !changed || len(back.CAs()) != 2 {
+			t.Fatalf("%s: the stale answer: changed %v, %d CAs", name, changed, len(back.CAs()))
+		}
+		if _, err := back.VerifyCertificate(f.oldID.Certificate(), t0.Add(time.Hour)); !errors.Is(err, ErrRevoked) {
+			t.Errorf("%s: the old CA named again by a stale answer: its revoked gateway %v, want revoked", name, err)
+		}
+	}
+}
+
+// TestTrustBundleWithNewerCRLs: of the lists gossip brings, only those
+// newer than the list in force of a CA the bundle holds are taken.
+func TestTrustBundleWithNewerCRLs(t *testing.T) {
+	f := newRotation(t)
+	if _, took := f.both.WithNewerCRLs(f.both.CRLs()); took {
+		t.Error("the lists in force taken again")
+	}
+	if _, took := f.both.WithNewerCRLs([]*x509.RevocationList{trust(t, newTestCA(t)).CRL()}); took {
+		t.Error("a stranger CA's list taken")
+	}
+	newer := revoke(t, f.old, f.oldID)
+	tb, took := f.both.WithNewerCRLs([]*x509.RevocationList{trust(t, newTestCA(t)).CRL(), newer, f.both.CRLs()[1]})
+	if !took || !tb.IsRevoked(f.oldID.Certificate().SerialNumber) || len(tb.CAs()) != 2 {
+		t.Errorf("a newer list among others: took %v, revoked %v, %d CAs", took, tb.IsRevoked(f.oldID.Certificate().SerialNumber), len(tb.CAs()))
+	}
+	if _, took := tb.WithNewerCRLs(f.both.CRLs()); took {
+		t.Error("an older list taken over a newer one")
 	}
 }

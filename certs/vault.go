@@ -65,11 +65,11 @@ type Vault struct {
 	// from the copies on disk once Vault has said no.
 	refused atomic.Pointer[error]
 
-	// issuerCerts keeps each issuer's certificate by ID and serial: it
-	// does not change, so a refresh reads only the list of issuers and
-	// their revocation lists.
-	issuerMu    sync.Mutex
-	issuerCerts map[vaultIssuer]*x509.Certificate
+	// issuerReadDenied: the policy does not allow reading pki/issuer/<id>
+	// (found once, not asked again). keyUnknown says once that issuers'
+	// keys cannot be told.
+	issuerReadDenied atomic.Bool
+	keyUnknown       sync.Once
 }
 
 // errVaultAwaited is what a request gets from a gateway that started
@@ -615,17 +615,21 @@ func (v *Vault) Sign(ctx context.Context, csrPEM []byte, attrs Attributes, ttl t
 }
 
 // Trust implements Issuer: every issuer of the PKI mount that can sign
-// (has a key), each with its CRL, and which of them is the default, the
-// one that signs new certificates. While an issuer is rotated
-// (root/rotate, then the new one made default) both are trusted, so
-// certificates of the old one keep working until they are renewed; once
-// the old issuer is deleted, the mesh no longer trusts it.
+// (has a key there) and is not revoked, each with its CRL, and which of
+// them is the default, the one that signs new certificates. While an
+// issuer is rotated (root/rotate, then the new one made default) both are
+// trusted, so certificates of the old one keep working until they are
+// renewed; once the old issuer is deleted or revoked, the mesh no longer
+// trusts it. An issuer imported without its key (a bank's offline root
+// above the mount's intermediate) signs nothing for the mesh, and trusting
+// it would admit whatever else it certified. Vault serves all of this to
+// anyone: no policy is needed for it.
 func (v *Vault) Trust(ctx context.Context) (*TrustBundle, error) {
-	issuers, err := v.issuers(ctx)
+	ids, def, err := v.issuers(ctx)
 	if err != nil {
 		return nil, err
 	}
-	if issuers == nil {
+	if ids == nil {
 		return v.defaultIssuerTrust(ctx)
 	}
 	var (
@@ -633,15 +637,23 @@ func (v *Vault) Trust(ctx context.Context) (*TrustBundle, error) {
 		signing *x509.Certificate
 		crls    []*x509.RevocationList
 	)
-	known := map[vaultIssuer]*x509.Certificate{}
-	for _, is := range issuers {
-		p := path.Join(v.cfg.PKIMount, "issuer", is.id)
-		ca, err := v.issuerCert(ctx, is)
+	for _, is := range ids {
+		d, err := v.issuerDetail(ctx, is)
 		if err != nil {
 			return nil, err
 		}
-		known[is.key()] = ca
-		crlPEM, err := v.readField(ctx, path.Join(p, "crl"), "crl")
+		switch {
+		case d.revoked, d.keyKnown && !d.keyed:
+			continue
+		case !d.keyKnown && is.id != def:
+			// Vault 1.11–1.13 without read on issuer/+: whether it has
+			// a key is not known, and only the default surely does.
+			v.keyUnknown.Do(func() {
+				v.log.Warn("this Vault does not say which issuers have a key (before 1.14) and this gateway's policy does not let it read them: only the default issuer is trusted, so an issuer rotation drops the old CA at once; grant read on "+path.Join(v.cfg.PKIMount, "issuer/+"), "issuer", is.id)
+			})
+			continue
+		}
+		crlPEM, err := v.readField(ctx, path.Join(v.cfg.PKIMount, "issuer", is.id, "crl"), "crl")
 		if err != nil {
 			return nil, err
 		}
@@ -649,14 +661,14 @@ func (v *Vault) Trust(ctx context.Context) (*TrustBundle, error) {
 		if err != nil {
 			return nil, fmt.Errorf("vault issuer %s CRL: %w", is.id, err)
 		}
-		cas, crls = append(cas, ca), append(crls, crl)
-		if is.isDefault {
-			signing = ca
+		cas, crls = append(cas, d.cert), append(crls, crl)
+		if is.id == def {
+			signing = d.cert
 		}
 	}
-	v.issuerMu.Lock()
-	v.issuerCerts = known // issuers deleted since are forgotten
-	v.issuerMu.Unlock()
+	if len(cas) == 0 {
+		return nil, fmt.Errorf("vault %s has no issuer with a key that is not revoked: generate or import the mesh's issuing CA there (pki/root/generate/internal, or pki/intermediate/set-signed with its key)", v.cfg.PKIMount)
+	}
 	tb, err := NewTrustBundle(cas, v.meshPrefix)
 	if err != nil {
 		return nil, err
@@ -666,78 +678,133 @@ func (v *Vault) Trust(ctx context.Context) (*TrustBundle, error) {
 			return nil, fmt.Errorf("vault CRL: %w", err)
 		}
 	}
+	if signing == nil && def == "" {
+		// A list without is_default: the default issuer's certificate.
+		caPEM, err := v.readPEM(ctx, path.Join(v.cfg.PKIMount, "cert", "ca"))
+		if err != nil {
+			return nil, err
+		}
+		if dc, err := ParseCertificatesPEM(caPEM); err == nil && len(dc) > 0 && tb.index(dc[0]) >= 0 {
+			signing = dc[0]
+		}
+	}
 	if signing != nil {
 		return tb.WithSigning(signing)
 	}
 	return tb, nil
 }
 
-type vaultIssuer struct {
-	id, serial string
-	isDefault  bool
+// listedIssuer is an issuer as LIST pki/issuers names it; keyID is nil
+// where the list does not say (before Vault 1.14).
+type listedIssuer struct {
+	id    string
+	keyID *string
 }
 
-// key identifies the issuer's certificate.
-func (is vaultIssuer) key() vaultIssuer { return vaultIssuer{id: is.id, serial: is.serial} }
-
-// issuerCert is the issuer's certificate: read once, then kept.
-func (v *Vault) issuerCert(ctx context.Context, is vaultIssuer) (*x509.Certificate, error) {
-	v.issuerMu.Lock()
-	ca := v.issuerCerts[is.key()]
-	v.issuerMu.Unlock()
-	if ca != nil {
-		return ca, nil
-	}
-	caPEM, err := v.readField(ctx, path.Join(v.cfg.PKIMount, "issuer", is.id, "json"), "certificate")
-	if err != nil {
-		return nil, err
-	}
-	cas, err := ParseCertificatesPEM(caPEM)
-	if err != nil || len(cas) != 1 {
-		return nil, fmt.Errorf("vault issuer %s: want one CA certificate (%v)", is.id, err)
-	}
-	return cas[0], nil
-}
-
-// issuers lists the PKI mount's issuers that have a key: an imported
-// parent without its key (a bank's offline root above the mount's
-// intermediate) signs nothing for the mesh, and trusting it would admit
-// whatever else it signed. Nil (and no error) from a Vault without
+// issuers lists the PKI mount's issuers, in a stable order (so the
+// bundle's key moves only when Vault's answer does), and the default
+// one's ID if the list says. Nil (and no error) from a Vault without
 // several issuers per mount (before 1.11).
-func (v *Vault) issuers(ctx context.Context) ([]vaultIssuer, error) {
+func (v *Vault) issuers(ctx context.Context) (ids []listedIssuer, def string, err error) {
 	p := path.Join(v.cfg.PKIMount, "issuers")
 	var s *vault.Secret
-	err := v.withLogin(ctx, func() (err error) {
+	err = v.withLogin(ctx, func() (err error) {
 		s, err = v.client.Logical().ListWithContext(ctx, p)
 		return err
 	})
 	if err != nil {
 		var re *vault.ResponseError
 		if errors.As(err, &re) && (re.StatusCode == http.StatusNotFound || re.StatusCode == http.StatusMethodNotAllowed) {
-			return nil, nil
+			return nil, "", nil
 		}
-		return nil, fmt.Errorf("vault list %s: %w", p, err)
+		return nil, "", fmt.Errorf("vault list %s: %w", p, err)
 	}
 	if s == nil {
-		return nil, nil
+		return nil, "", nil
 	}
 	info, _ := s.Data["key_info"].(map[string]any)
-	var out []vaultIssuer
 	for id, raw := range info {
-		m, _ := raw.(map[string]any)
-		if key, _ := m["key_id"].(string); key == "" {
-			continue
+		is := listedIssuer{id: id}
+		if m, _ := raw.(map[string]any); m != nil {
+			if d, _ := m["is_default"].(bool); d {
+				def = id
+			}
+			if k, ok := m["key_id"].(string); ok {
+				is.keyID = &k
+			}
 		}
-		def, _ := m["is_default"].(bool)
-		serial, _ := m["serial_number"].(string)
-		out = append(out, vaultIssuer{id: id, serial: serial, isDefault: def})
+		ids = append(ids, is)
 	}
-	if len(out) == 0 {
-		return nil, fmt.Errorf("vault %s has no issuer with a key: generate or import the mesh's issuing CA there (pki/root/generate/internal, or pki/intermediate/set-signed with its key)", v.cfg.PKIMount)
+	if len(ids) == 0 {
+		return nil, "", fmt.Errorf("vault %s has no issuer: generate or import the mesh's issuing CA there (pki/root/generate/internal)", v.cfg.PKIMount)
 	}
-	// A stable order, so the bundle's key only moves when Vault's does.
-	slices.SortFunc(out, func(a, b vaultIssuer) int { return strings.Compare(a.id, b.id) })
-	return out, nil
+	slices.SortFunc(ids, func(a, b listedIssuer) int { return strings.Compare(a.id, b.id) })
+	return ids, def, nil
+}
+
+// issuerDetail is what Trust needs of an issuer.
+type issuerDetail struct {
+	cert            *x509.Certificate
+	keyKnown, keyed bool // whether it is known that it has a key; whether it has
+	revoked         bool
+}
+
+// issuerDetail reads an issuer: pki/issuer/<id> says whether it has a key
+// and is revoked, but needs read on it; without, pki/issuer/<id>/json
+// (served to anyone) and the list's key_id, and a revoked issuer is not
+// told apart (said once).
+func (v *Vault) issuerDetail(ctx context.Context, is listedIssuer) (issuerDetail, error) {
+	p := path.Join(v.cfg.PKIMount, "issuer", is.id)
+	var d issuerDetail
+	data, err := map[string]any(nil), errIssuerReadDenied
+	if !v.issuerReadDenied.Load() {
+		data, err = v.read(ctx, p)
+	}
+	switch {
+	case err == nil:
+		k, _ := data["key_id"].(string)
+		d.keyKnown, d.keyed = true, k != ""
+		d.revoked, _ = data["revoked"].(bool)
+	case errors.Is(err, errIssuerReadDenied) || isForbidden(err):
+		if !v.issuerReadDenied.Swap(true) {
+			v.log.Warn("this gateway's Vault policy does not let it read the PKI mount's issuers: one revoked in Vault stays trusted until it is deleted; grant read on "+path.Join(v.cfg.PKIMount, "issuer/+"), "err", err)
+		}
+		if data, err = v.read(ctx, path.Join(p, "json")); err != nil {
+			return d, err
+		}
+		if is.keyID != nil {
+			d.keyKnown, d.keyed = true, *is.keyID != ""
+		}
+	default:
+		return d, err
+	}
+	pemStr, _ := data["certificate"].(string)
+	cas, err := ParseCertificatesPEM([]byte(pemStr))
+	if err != nil || len(cas) != 1 {
+		return d, fmt.Errorf("vault issuer %s: want one CA certificate (%v)", is.id, err)
+	}
+	d.cert = cas[0]
+	return d, nil
+}
+
+// errIssuerReadDenied stands for a read of pki/issuer/<id> this
+// gateway's policy was found not to allow: not tried again.
+var errIssuerReadDenied = errors.New("read on the PKI mount's issuers denied")
+
+// read reads p's data.
+func (v *Vault) read(ctx context.Context, p string) (map[string]any, error) {
+	var s *vault.Secret
+	err := v.withLogin(ctx, func() (err error) {
+		s, err = v.client.Logical().ReadWithContext(ctx, p)
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("vault read %s: %w", p, err)
+	}
+	if s == nil {
+		return nil, fmt.Errorf("vault read %s: nothing there (is the PKI engine mounted at %q and its CA configured?)", p, v.cfg.PKIMount)
+	}
+	return s.Data, nil
 }
 
 // defaultIssuerTrust is the trust of a Vault with one issuer per mount.
@@ -771,18 +838,11 @@ func (v *Vault) readPEM(ctx context.Context, p string) ([]byte, error) {
 
 // readField reads a PEM text field at p.
 func (v *Vault) readField(ctx context.Context, p, field string) ([]byte, error) {
-	var s *vault.Secret
-	err := v.withLogin(ctx, func() (err error) {
-		s, err = v.client.Logical().ReadWithContext(ctx, p)
-		return err
-	})
+	data, err := v.read(ctx, p)
 	if err != nil {
-		return nil, fmt.Errorf("vault read %s: %w", p, err)
+		return nil, err
 	}
-	if s == nil {
-		return nil, fmt.Errorf("vault read %s: nothing there (is the PKI engine mounted at %q and its CA configured?)", p, v.cfg.PKIMount)
-	}
-	pemStr, _ := s.Data[field].(string)
+	pemStr, _ := data[field].(string)
 	if pemStr == "" {
 		return nil, fmt.Errorf("vault read %s: no %s field", p, field)
 	}

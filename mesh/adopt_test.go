@@ -127,7 +127,7 @@ func TestRevokedSignersPolicyLeaves(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if !g.adoptTrust(tb) {
+		if !g.adoptTrust(tb, time.Now()) {
 			t.Fatal("the new revocation list was not adopted")
 		}
 	}

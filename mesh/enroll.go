@@ -587,11 +587,12 @@ func (g *Gateway) endBurstLocked(r *burstRecord, reason string) ([]string, error
 		if _, err := e.ca.RevokeSerials(ss, "cessationOfOperation", now); err != nil {
 			return nil, fmt.Errorf("revoke the certificates of burst %s (`skybridge burst down --site %s` tries again): %w", r.Site, r.Site, err)
 		}
+		asked := time.Now()
 		tb, err := e.ca.TrustBundle()
 		if err != nil {
 			return nil, err
 		}
-		g.adoptTrust(tb)
+		g.adoptTrust(tb, asked)
 	}
 	r.CertsRevoked = true
 	if err := g.state.saveBursts(e.book); err != nil {
@@ -659,6 +660,7 @@ func (g *Gateway) refreshTrust(ctx context.Context) {
 			case <-t.C:
 			}
 		}
+		asked := time.Now()
 		tb, err := iss.Trust(ctx)
 		if err != nil {
 			// Once is a blip; a few in a row means revocations made at
@@ -675,7 +677,7 @@ func (g *Gateway) refreshTrust(ctx context.Context) {
 		}
 		failing = 0
 		g.issuerAnswered.Store(g.now().Unix())
-		g.adoptTrust(tb)
+		g.adoptTrust(tb, asked)
 		g.followRotation(every)
 	}
 }
@@ -808,8 +810,9 @@ func (g *Gateway) endVaultBurstLocked(ctx context.Context, r *burstRecord, vault
 		return revoked, fmt.Errorf("record the end of burst %s: %w", r.Site, err)
 	}
 	g.log.Info("burst site ended", "burst_site", r.Site, "reason", r.EndReason, "revoked", len(revoked))
+	asked := time.Now()
 	if tb, err := e.vault.Trust(ctx); err == nil {
-		g.adoptTrust(tb)
+		g.adoptTrust(tb, asked)
 	} else {
 		g.log.Warn("fetch the revocation list from vault; gateways will pick it up on their next refresh", "err", err)
 	}

@@ -2,6 +2,7 @@ package mesh
 
 import (
 	"context"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"io"
@@ -35,7 +36,9 @@ type Gateway struct {
 	prov    *certs.Provider
 	id      atomic.Pointer[certs.NodeIdentity]
 	trust   atomic.Pointer[certs.TrustBundle]
-	trustMu sync.Mutex // serialises adoptTrust
+	trustMu sync.Mutex // serialises adoptTrust and adoptLists
+	// trustAsked is when the issuer was asked for the answer in force.
+	trustAsked time.Time
 	// warnInbox says when a full inbox is worth logging again: anyone
 	// holding the gossip key can fill it.
 	warnInbox throttle.PerSecond
@@ -946,7 +949,7 @@ func (g *Gateway) saveMembers() {
 // version, same WireGuard key, so tunnels do not drop.
 func (g *Gateway) renewed(id *certs.NodeIdentity, tb *certs.TrustBundle) {
 	g.id.Store(id)
-	g.adoptTrust(tb)
+	g.adoptTrust(tb, time.Time{})
 	if s := tb.Signing(); s != nil && !tb.SignedBySigning(id.Certificate()) {
 		g.log.Warn("the issuer renewed this gateway's certificate with a CA other than its default issuer: the PKI role pins an issuer (set its issuer_ref to \"default\" to follow rotations)",
 			"issued_by", id.Certificate().Issuer.CommonName, "default_issuer", s.Subject.CommonName)
@@ -958,22 +961,56 @@ func (g *Gateway) renewed(id *certs.NodeIdentity, tb *certs.TrustBundle) {
 	g.log.Info("identity renewed and re-advertised", "identity", id)
 }
 
-// adoptTrust switches to a trust bundle with a newer revocation list, or
-// other CAs (an issuer rotated or retired). For a CA both bundles hold
-// the newer list is kept, so an issuer's stale answer revokes nothing less.
-func (g *Gateway) adoptTrust(tb *certs.TrustBundle) bool {
-	// Gossip, renewal, the issuer poll and burst ends all call this: one
-	// at a time, so an older list never replaces a newer one.
+// adoptTrust adopts the issuer's answer to a request made at asked: its
+// CAs (an issuer rotated or retired) and, for each CA, the newer of its
+// list and the one in force, so that a stale answer revokes nothing less.
+// An answer to a request older than the one whose answer is in force
+// gives its lists only: a refresh that overtook it may already have
+// retired a CA it still names. (A renewal's bundle comes with a zero
+// asked: its lists only, the CAs come from refreshTrust.)
+func (g *Gateway) adoptTrust(tb *certs.TrustBundle, asked time.Time) bool {
+	// Gossip, renewal, the issuer poll and burst ends all call this or
+	// adoptLists: one at a time, so an older list never replaces a newer
+	// one, nor an older answer a newer one's CAs.
 	g.trustMu.Lock()
 	defer g.trustMu.Unlock()
+	if asked.Before(g.trustAsked) {
+		return g.adoptListsLocked(tb.CRLs())
+	}
+	g.trustAsked = asked
 	cur := g.trust.Load()
 	next, changed := cur.Adopt(tb)
 	if !changed {
 		return false
 	}
+	g.switchTrustLocked(cur, next)
+	return true
+}
+
+// adoptLists takes, of revocation lists gossip brought, each newer than
+// the one in force for its CA. Gossip carries lists, never CAs: a list of
+// a CA this gateway does not trust is passed over.
+func (g *Gateway) adoptLists(crls []*x509.RevocationList) bool {
+	g.trustMu.Lock()
+	defer g.trustMu.Unlock()
+	return g.adoptListsLocked(crls)
+}
+
+func (g *Gateway) adoptListsLocked(crls []*x509.RevocationList) bool {
+	cur := g.trust.Load()
+	next, took := cur.WithNewerCRLs(crls)
+	if !took {
+		return false
+	}
+	g.switchTrustLocked(cur, next)
+	return true
+}
+
+// switchTrustLocked puts next in force in place of cur, under trustMu.
+func (g *Gateway) switchTrustLocked(cur, next *certs.TrustBundle) {
 	g.trust.Store(next)
 	g.members.setTrust(next)
-	if err := next.Save(g.s.Identity.Dir); err != nil {
+	if err := g.prov.SaveTrust(next); err != nil {
 		g.log.Warn("save trust bundle", "err", err)
 	}
 	g.announce(blobCRL, next.CRLVersion(), nil)
@@ -989,7 +1026,6 @@ func (g *Gateway) adoptTrust(tb *certs.TrustBundle) bool {
 		g.revokedOnce.Do(func() { close(g.revokedSelf) })
 	}
 	g.recheckPolicy()
-	return true
 }
 
 // caNames names a bundle's CAs for people: subject and serial, as

@@ -9,6 +9,7 @@ import (
 	"io/fs"
 	"net/netip"
 	"os"
+	"slices"
 	"time"
 
 	"github.com/skybridge-mesh/skybridge/certs"
@@ -119,7 +120,11 @@ func (g *Gateway) handle(b []byte) error {
 		if err != nil || len(kind) != 1 {
 			return fmt.Errorf("bad announcement")
 		}
-		if v > g.blobVersion(kind[0]) && from != me.Attributes().Node {
+		// A CRL version is a sum over CAs, which falls when one is
+		// retired and can be the same for different lists: any other
+		// version is asked for (taking lists is idempotent). A policy's
+		// only grows.
+		if (v > g.blobVersion(kind[0]) || kind[0] == blobCRL && v != g.blobVersion(kind[0])) && from != me.Attributes().Node {
 			g.sendAsync(from, netip.AddrPort{}, encodeMessage(msgBlobRequest, kind, []byte(me.Attributes().Node), g.gossipAddr()))
 		}
 		return nil
@@ -162,11 +167,12 @@ func (g *Gateway) handle(b []byte) error {
 			if err != nil {
 				return err
 			}
-			tb, err := g.trust.Load().WithCRL(crl)
-			if err != nil {
+			// A list of no CA trusted here is said; an older one than
+			// held is what a gateway behind announced, and asked for.
+			if _, err := g.trust.Load().WithCRL(crl); err != nil && !errors.Is(err, certs.ErrReplay) {
 				return err
 			}
-			g.adoptTrust(tb)
+			g.adoptLists([]*x509.RevocationList{crl})
 		case blobCRLs:
 			return g.takeCRLs(m.fields[1])
 		case blobPolicy:
@@ -232,32 +238,29 @@ func (g *Gateway) blob(kind byte) []byte {
 
 // takeCRLs adopts the lists of a blobCRLs that are newer than those in
 // force. A list of a CA this gateway does not trust (yet: the issuer's new
-// CA, before its next refresh) is skipped; trust in a CA comes from the
-// issuer, never from gossip.
+// CA, before its next refresh) is passed over; trust in a CA comes from
+// the issuer, never from gossip.
 func (g *Gateway) takeCRLs(b []byte) error {
 	raws, err := unbundle(b)
 	if err != nil { // at most maxBundleParts lists: a mesh has two while an issuer is rotated
 		return fmt.Errorf("bad revocation lists blob: %w", err)
 	}
-	tb := g.trust.Load()
-	took := false
+	// Every state exchange carries them, nearly always the lists held.
+	held := g.trust.Load().CRLs()
+	if len(held) == len(raws) && !slices.ContainsFunc(raws, func(raw []byte) bool {
+		return !slices.ContainsFunc(held, func(c *x509.RevocationList) bool { return bytes.Equal(c.Raw, raw) })
+	}) {
+		return nil
+	}
+	crls := make([]*x509.RevocationList, 0, len(raws))
 	for _, raw := range raws {
 		crl, err := certs.ParseCRL(raw)
 		if err != nil {
 			return err
 		}
-		next, err := tb.WithCRL(crl)
-		switch reason := certs.ReasonOf(err); {
-		case err == nil:
-			tb, took = next, true
-		case reason == certs.ReasonUnknownCA, reason == certs.ReasonReplay:
-		default:
-			return err
-		}
+		crls = append(crls, crl)
 	}
-	if took {
-		g.adoptTrust(tb)
-	}
+	g.adoptLists(crls)
 	return nil
 }
 

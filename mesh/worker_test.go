@@ -187,7 +187,7 @@ func TestRevocationListsOfTwoCAs(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if !g.adoptTrust(tb) {
+	if !g.adoptTrust(tb, time.Now()) {
 		t.Fatal("a bundle with a second CA was not adopted")
 	}
 	m, err := decodeMessage(g.blob(blobCRL), maxFields)
@@ -216,5 +216,32 @@ func TestRevocationListsOfTwoCAs(t *testing.T) {
 	now := g.trust.Load()
 	if !now.IsRevoked(id.Certificate().SerialNumber) || now.CRLVersion() <= before || len(now.CAs()) != 2 {
 		t.Fatalf("after the blob: revoked %v, version %d (was %d), %d CAs", now.IsRevoked(id.Certificate().SerialNumber), now.CRLVersion(), before, len(now.CAs()))
+	}
+
+	// The issuer retires the second CA. Neither gossip carrying its list
+	// nor an answer to an earlier request that still names it brings it
+	// back.
+	asked := time.Now()
+	stale := now
+	retired, err := certs.NewTrustBundle([]*x509.Certificate{ca.Certificate()}, netip.Prefix{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !g.adoptTrust(retired, asked) || len(g.trust.Load().CAs()) != 1 {
+		t.Fatal("the issuer's answer without the second CA was not adopted")
+	}
+	if err := g.handle(blob); err != nil {
+		t.Fatal(err)
+	}
+	g.adoptTrust(stale, asked.Add(-time.Second))
+	if n := len(g.trust.Load().CAs()); n != 1 {
+		t.Fatalf("a retired CA came back by gossip or an older answer: %d CAs", n)
+	}
+	if !g.trust.Load().IsRevoked(id.Certificate().SerialNumber) {
+		t.Fatal("the first CA's revocation was lost with the second CA")
+	}
+	// A later answer naming it again does (the issuer's word).
+	if !g.adoptTrust(stale, time.Now()) || len(g.trust.Load().CAs()) != 2 {
+		t.Fatal("a later answer naming the second CA again was not adopted")
 	}
 }

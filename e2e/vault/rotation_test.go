@@ -9,6 +9,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"log/slog"
 	"math/big"
 	"os"
 	"path/filepath"
@@ -16,8 +17,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hashicorp/vault/api"
+
 	"github.com/skybridge-mesh/skybridge/certs"
 	"github.com/skybridge-mesh/skybridge/internal/freeport"
+	"github.com/skybridge-mesh/skybridge/internal/syncbuf"
 )
 
 // defaultIssuer is the ID of the PKI mount's default issuer.
@@ -35,7 +39,7 @@ func (e *env) defaultIssuer(t *testing.T) string {
 func (e *env) rotateIssuer(t *testing.T, cn string, makeDefault bool) string {
 	t.Helper()
 	s, err := e.root.Logical().Write(e.pki+"/root/rotate/internal", map[string]any{
-		"common_name": cn, "key_type": "ec", "key_bits": 256, "ttl": "8760h", "issuer_name": "next",
+		"common_name": cn, "key_type": "ec", "key_bits": 256, "ttl": "8760h",
 	})
 	if err != nil {
 		t.Fatalf("rotate the root: %v", err)
@@ -145,6 +149,47 @@ func TestVaultIssuerRotation(t *testing.T) {
 	if _, err := tb.VerifyCertificate(newID.Certificate(), time.Now()); err != nil {
 		t.Errorf("the new issuer's certificate: %v", err)
 	}
+
+	// An issuer revoked (a compromised key) keeps its key in Vault but is
+	// no longer trusted.
+	spare := e.rotateIssuer(t, "bank mesh root, spare", false)
+	if tb := trustNow(); len(tb.CAs()) != 2 {
+		t.Fatalf("a spare issuer: %d CAs, want 2", len(tb.CAs()))
+	}
+	write(t, e.root, e.pki+"/issuer/"+spare+"/revoke", nil)
+	if tb := trustNow(); len(tb.CAs()) != 1 || tb.Signing() == nil || !tb.SignedBySigning(newID.Certificate()) {
+		t.Fatalf("after the spare issuer's revocation: %d CAs, want the default one only", len(tb.CAs()))
+	}
+
+	// A gateway whose policy does not let it read the issuers (one written
+	// for an earlier release) still tells keyed issuers from the imported
+	// one by the list, and says once that it cannot see revocations.
+	pol, err := e.root.Sys().GetPolicy("gateway-" + strings.TrimPrefix(e.pki, "pki-"))
+	must(t, err)
+	narrow := strings.ReplaceAll(pol, `path "`+e.pki+`/issuer/+"   { capabilities = ["read"] }`, "")
+	if narrow == pol {
+		t.Fatal("the gateway policy has no issuer read to take away")
+	}
+	must(t, e.root.Sys().PutPolicy("narrow-"+e.pki, narrow))
+	tok, err := e.root.Auth().Token().Create(&api.TokenCreateRequest{Policies: []string{"narrow-" + e.pki}, TTL: "1h"})
+	must(t, err)
+	tokFile := filepath.Join(dir, "narrow-token")
+	must(t, os.WriteFile(tokFile, []byte(tok.Auth.ClientToken), 0o600))
+	var logs syncbuf.Buffer
+	cfg := e.config(filepath.Join(dir, "narrow"), certs.VaultAuth{Method: "token", TokenFile: tokFile})
+	pn, err := certs.Open(ctx, cfg, slog.New(slog.NewTextHandler(&logs, nil)))
+	must(t, err)
+	defer pn.Close()
+	for range 2 {
+		tb, err := pn.Issuer().Trust(ctx)
+		must(t, err)
+		if len(tb.CAs()) != 2 || !tb.SignedBySigning(newID.Certificate()) {
+			t.Fatalf("without read on the issuers: %d CAs (want the default and the revoked spare, not the imported one)", len(tb.CAs()))
+		}
+	}
+	if n := strings.Count(logs.String(), "stays trusted until it is deleted"); n != 1 {
+		t.Errorf("the missing permission said %d times, want once:\n%s", n, logs.String())
+	}
 }
 
 // TestVaultIssuerRotationMesh rotates the issuer under two running
@@ -202,10 +247,16 @@ func TestVaultIssuerRotationMesh(t *testing.T) {
 	const next = "bank mesh root, next"
 	oldIssuer := e.defaultIssuer(t)
 	e.rotateIssuer(t, next, true)
+	replaced := time.Now()
 	waitCond(t, 60*time.Second, "both gateways renewed onto the new issuer, peered throughout", func() (bool, string) {
 		ok, stA, stB, why := both()
 		if !ok {
 			t.Fatalf("the gateways stopped being peers during the rotation: %s", why)
+		}
+		// Three refreshes (1 s here) after a gateway first sees the new
+		// default, so that every gateway trusts it first.
+		if (stA.Identity.IssuedBy == next || stB.Identity.IssuedBy == next) && time.Since(replaced) < 2500*time.Millisecond {
+			t.Fatalf("a gateway renewed onto the new issuer %s after it became the default, before every gateway had time to trust it", time.Since(replaced))
 		}
 		return stA.Identity.IssuedBy == next && stB.Identity.IssuedBy == next,
 			fmt.Sprintf("gw-a issued by %q, gw-b by %q", stA.Identity.IssuedBy, stB.Identity.IssuedBy)

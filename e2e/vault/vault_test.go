@@ -76,6 +76,7 @@ func startVault(t *testing.T) *env {
 	policy := fmt.Sprintf(`
 path "%[1]s/sign/%[2]s" { capabilities = ["update"] }
 path "%[1]s/cert/*"     { capabilities = ["read"] }
+path "%[1]s/issuer/+"   { capabilities = ["read"] }
 path "%[1]s/revoke"     { capabilities = ["update"] }
 path "%[3]s/data/skybridge/*"     { capabilities = ["create", "read", "update"] }
 path "%[3]s/metadata/skybridge/*" { capabilities = ["read"] }
