@@ -108,8 +108,12 @@ func (p *Provider) Trust(ctx context.Context) (*TrustBundle, error) {
 			// backup, a CRL write that failed). Revocations are not
 			// forgotten for it.
 			if cached, cerr := LoadTrustBundle(p.s.dir, p.s.meshPrefix); cerr == nil {
-				if kept, _ := cached.Adopt(tb); kept.Key() != tb.Key() {
-					tb = kept
+				// Kept even when no list is newer: it carries the lists of
+				// retired CAs the issuer's answer has not.
+				kept, _ := cached.Adopt(tb)
+				newer := kept.Key() != tb.Key()
+				tb = kept
+				if newer {
 					// An embedded CA behind the mesh numbers its next
 					// lists below what gateways hold, which ignore them:
 					// it takes the newer list back.
@@ -218,7 +222,8 @@ func (p *Provider) obtain(ctx context.Context, attrs Attributes) (*NodeIdentity,
 	if _, err := tb.VerifyCertificate(cert, p.now()); err != nil {
 		return nil, nil, fmt.Errorf("issuer returned a certificate the mesh would refuse: %w", err)
 	}
-	if err := id.Save(p.s.dir, tb); err != nil {
+	// The bundle was saved by Trust just above, under saveMu.
+	if err := id.Save(p.s.dir, nil); err != nil {
 		return nil, nil, err
 	}
 	p.log.Info("node certificate issued", "identity", id)

@@ -105,8 +105,15 @@ func LoadTrustBundle(dir string, meshPrefix netip.Prefix) (*TrustBundle, error) 
 			tb = tb.withRetired(crl)
 			continue
 		}
-		if tb, err = tb.WithCRL(crl); err != nil {
+		next, err := tb.WithCRL(crl)
+		switch {
+		case errors.Is(err, ErrReplay):
+			// Two lists of one key (a CA reissued with it): the newer
+			// counts.
+		case err != nil:
 			return nil, fmt.Errorf("%s: %w", filepath.Join(dir, fileCRL), err)
+		default:
+			tb = next
 		}
 	}
 	return tb, nil
@@ -354,7 +361,9 @@ func (tb *TrustBundle) Adopt(next *TrustBundle) (*TrustBundle, bool) {
 		}
 	}
 	for j, ca := range tb.cas {
-		if next.index(ca) < 0 && tb.crls[j] != nil {
+		// Not a list a CA still held signed (one reissued with the same
+		// key): it is that CA's, and older than its list in force.
+		if next.index(ca) < 0 && tb.crls[j] != nil && n.signerOf(tb.crls[j]) == nil {
 			n.retired = append(n.retired, tb.crls[j])
 		}
 	}

@@ -1,6 +1,7 @@
 package certs
 
 import (
+	"crypto/rand"
 	"crypto/x509"
 	"errors"
 	"math/big"
@@ -242,5 +243,94 @@ func TestTrustBundleWithNewerCRLs(t *testing.T) {
 	}
 	if _, took := tb.WithNewerCRLs(f.both.CRLs()); took {
 		t.Error("an older list taken over a newer one")
+	}
+}
+
+// TestTrustBundleReissuedCA: a CA reissued with its key signs the lists
+// of both certificates. Once the first certificate is retired its older
+// list is not kept aside as a retired CA's — the reissued CA's own list
+// would refuse it as a replay, and a crl.pem holding both would not load.
+func TestTrustBundleReissuedCA(t *testing.T) {
+	ca := newTestCA(t)
+	tmpl := *ca.Certificate()
+	tmpl.SerialNumber = big.NewInt(4242)
+	der, err := x509.CreateCertificate(rand.Reader, &tmpl, &tmpl, ca.key.Public(), ca.key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	reissued, err := x509.ParseCertificate(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	first := trust(t, ca).CRL()
+	if err := ca.RefreshCRL(t0); err != nil {
+		t.Fatal(err)
+	}
+	second := trust(t, ca).CRL()
+	if _, err := trust(t, ca).WithCRL(first); err == nil {
+		t.Fatal("an older list taken") // sanity: first is older
+	}
+	held, err := NewTrustBundle([]*x509.Certificate{ca.Certificate()}, ca.MeshPrefix())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if held, err = held.WithCRL(first); err != nil {
+		t.Fatal(err)
+	}
+	next, err := NewTrustBundle([]*x509.Certificate{reissued}, ca.MeshPrefix())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if next, err = next.WithCRL(second); err != nil {
+		t.Fatal(err)
+	}
+	adopted, changed := held.Adopt(next)
+	if !changed || len(adopted.RetiredCRLs()) != 0 {
+		t.Fatalf("the reissued CA: changed %v, %d lists kept aside, want none", changed, len(adopted.RetiredCRLs()))
+	}
+	dir := t.TempDir()
+	if err := adopted.Save(dir); err != nil {
+		t.Fatal(err)
+	}
+	// And a crl.pem that holds both lists of the key loads, with the newer.
+	if err := os.WriteFile(filepath.Join(dir, fileCRL), append(encodePEM(pemCRL, second.Raw), encodePEM(pemCRL, first.Raw)...), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	back, err := LoadTrustBundle(dir, ca.MeshPrefix())
+	if err != nil || back.CRL().Number.Cmp(second.Number) != 0 {
+		t.Fatalf("both lists of one key in crl.pem: %v", err)
+	}
+}
+
+// TestProviderKeepsRetiredLists: the issuer's answer at a start or a
+// renewal holds no retired CA's list; the one kept in the identity
+// directory survives it, in memory and on disk.
+func TestProviderKeepsRetiredLists(t *testing.T) {
+	f := newRotation(t)
+	held, err := f.both.WithCRL(revoke(t, f.new, f.newID))
+	if err != nil {
+		t.Fatal(err)
+	}
+	oldOnly := trust(t, f.old)
+	retired, _ := held.Adopt(oldOnly) // the new CA retired, its list kept aside
+	dir := t.TempDir()
+	if err := retired.Save(dir); err != nil {
+		t.Fatal(err)
+	}
+	p, err := Open(t.Context(), Config{Dir: dir, CADir: f.old.Dir()}, quietLog())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	tb, err := p.Trust(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	loaded, err := LoadTrustBundle(dir, f.old.MeshPrefix())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(tb.RetiredCRLs()) != 1 || len(loaded.RetiredCRLs()) != 1 {
+		t.Fatalf("after the issuer's answer: %d retired lists in memory, %d on disk, want 1", len(tb.RetiredCRLs()), len(loaded.RetiredCRLs()))
 	}
 }

@@ -65,10 +65,10 @@ type Vault struct {
 	// from the copies on disk once Vault has said no.
 	refused atomic.Pointer[error]
 
-	// issuerReadDenied: the policy does not allow reading pki/issuer/<id>
-	// (found once, not asked again). keyUnknown says once that issuers'
-	// keys cannot be told.
-	issuerReadDenied atomic.Bool
+	// issuerReadDenied is when the policy was found not to allow reading
+	// pki/issuer/<id> (Unix ns; 0: allowed or not known), asked again an
+	// hour later. keyUnknown says once that issuers' keys cannot be told.
+	issuerReadDenied atomic.Int64
 	keyUnknown       sync.Once
 }
 
@@ -666,6 +666,11 @@ func (v *Vault) Trust(ctx context.Context) (*TrustBundle, error) {
 			signing = d.cert
 		}
 	}
+	if len(cas) == 0 && def == "" {
+		// Neither keys nor the default told: the default, as before
+		// several issuers per mount.
+		return v.defaultIssuerTrust(ctx)
+	}
 	if len(cas) == 0 {
 		return nil, fmt.Errorf("vault %s has no issuer with a key that is not revoked: generate or import the mesh's issuing CA there (pki/root/generate/internal, or pki/intermediate/set-signed with its key)", v.cfg.PKIMount)
 	}
@@ -757,16 +762,22 @@ func (v *Vault) issuerDetail(ctx context.Context, is listedIssuer) (issuerDetail
 	p := path.Join(v.cfg.PKIMount, "issuer", is.id)
 	var d issuerDetail
 	data, err := map[string]any(nil), errIssuerReadDenied
-	if !v.issuerReadDenied.Load() {
+	if at := v.issuerReadDenied.Load(); at == 0 || time.Since(time.Unix(0, at)) > issuerReadRetry {
 		data, err = v.read(ctx, p)
+		if isForbidden(err) && !v.tokenAlive(ctx) {
+			// Vault refused the token, not the path (an expired one
+			// that could not be replaced yet): not a policy to note.
+			return d, err
+		}
 	}
 	switch {
 	case err == nil:
 		k, _ := data["key_id"].(string)
 		d.keyKnown, d.keyed = true, k != ""
 		d.revoked, _ = data["revoked"].(bool)
+		v.issuerReadDenied.Store(0)
 	case errors.Is(err, errIssuerReadDenied) || isForbidden(err):
-		if !v.issuerReadDenied.Swap(true) {
+		if !errors.Is(err, errIssuerReadDenied) && v.issuerReadDenied.Swap(time.Now().UnixNano()) == 0 {
 			v.log.Warn("this gateway's Vault policy does not let it read the PKI mount's issuers: one revoked in Vault stays trusted until it is deleted; grant read on "+path.Join(v.cfg.PKIMount, "issuer/+"), "err", err)
 		}
 		if data, err = v.read(ctx, path.Join(p, "json")); err != nil {
@@ -788,8 +799,18 @@ func (v *Vault) issuerDetail(ctx context.Context, is listedIssuer) (issuerDetail
 }
 
 // errIssuerReadDenied stands for a read of pki/issuer/<id> this
-// gateway's policy was found not to allow: not tried again.
+// gateway's policy was found not to allow: tried again after
+// issuerReadRetry (the policy may have been mended).
 var errIssuerReadDenied = errors.New("read on the PKI mount's issuers denied")
+
+const issuerReadRetry = time.Hour
+
+// tokenAlive reports whether Vault takes the client's token: a token may
+// always look itself up (the default policy).
+func (v *Vault) tokenAlive(ctx context.Context) bool {
+	_, err := v.client.Auth().Token().LookupSelfWithContext(ctx)
+	return err == nil
+}
 
 // read reads p's data.
 func (v *Vault) read(ctx context.Context, p string) (map[string]any, error) {
