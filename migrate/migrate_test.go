@@ -2091,3 +2091,53 @@ func TestReceiverStopsCleanly(t *testing.T) {
 		t.Fatalf("receives kept for a resume: %+v, %v; want the one under way", recvs, err)
 	}
 }
+
+// endings is an Observer that records only ends.
+type endings struct {
+	mu   sync.Mutex
+	seen []string // role/outcome
+}
+
+func (e *endings) Decided(string, string, policy.Request, policy.Decision) {}
+func (e *endings) Moved(string, int, int64)                                {}
+func (e *endings) Done(string, int)                                        {}
+func (e *endings) Retried(string)                                          {}
+func (e *endings) Ended(role, outcome string, _ time.Duration) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.seen = append(e.seen, role+"/"+outcome)
+}
+
+// TestSendFailureBeforeStartEnds: a send that fails before it has a
+// journal record — an image that is not there, a name that cannot be
+// stored — still ends as failed for the metrics, once; one that runs ends
+// once too, as what it ended as.
+func TestSendFailureBeforeStartEnds(t *testing.T) {
+	p := newPair(t, "DE")
+	raw := filepath.Join(p.dir, "disk.raw")
+	makeRaw(t, raw, 4<<20, map[int64]int{0: 1 << 20})
+	for name, tweak := range map[string]func(*SendConfig){
+		"missing image": func(c *SendConfig) { c.Image = filepath.Join(p.dir, "nothing.raw") },
+		"bad name":      func(c *SendConfig) { c.Name = ".hidden" },
+		"denied":        func(c *SendConfig) { c.Class = "swiss-banking-secret" },
+		"done":          nil,
+	} {
+		var e endings
+		cfg := p.config(raw, "pii-eu")
+		cfg.Observer = &e
+		if tweak != nil {
+			tweak(&cfg)
+		}
+		_, err := Send(context.Background(), cfg)
+		want := "send/" + StateFailed
+		switch name {
+		case "done":
+			want = "send/" + StateDone
+		case "denied": // ended by the run, not again before it
+			want = "send/" + StateDenied
+		}
+		if (err != nil) == (tweak == nil) || len(e.seen) != 1 || e.seen[0] != want {
+			t.Errorf("%s: err %v, ends %v; want one %s", name, err, e.seen, want)
+		}
+	}
+}

@@ -133,8 +133,17 @@ func NewID() string {
 }
 
 // Send runs (or resumes) a migration and returns its record.
-func Send(ctx context.Context, cfg SendConfig) (*SendRecord, error) {
+func Send(ctx context.Context, cfg SendConfig) (rec *SendRecord, err error) {
 	cfg.Observer = observer(cfg.Observer)
+	// One that fails before it has a journal record (no such image, a
+	// name that cannot be stored, a resume refused) is a failed
+	// migration to the metrics all the same: the CLI alone would say so.
+	begun := false
+	defer func() {
+		if err != nil && !begun {
+			cfg.Observer.Ended(RoleSend, StateFailed, 0)
+		}
+	}()
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
@@ -181,10 +190,11 @@ func Send(ctx context.Context, cfg SendConfig) (*SendRecord, error) {
 	if err != nil {
 		return nil, err
 	}
-	rec, err := startRecord(&cfg, sid)
+	rec, err = startRecord(&cfg, sid)
 	if err != nil {
 		return nil, err
 	}
+	begun = true // finish reports its end from here on
 	s := &sender{cfg: cfg, src: src, rec: rec, start: cfg.Now()}
 	s.stats.VirtualBytes = src.Size()
 	err = s.run(ctx)
