@@ -41,6 +41,13 @@ type gossipTransport struct {
 	// when too many is worth logging again.
 	inbound  atomic.Int64
 	warnFull throttle.PerSecond
+	// inboundBytes counts what the incoming streams not yet closed have
+	// read: memberlist buffers a stream's whole message before the gossip
+	// key is checked, so it bounds the memory anyone who can reach the
+	// port makes the gateway hold. warnBytes says when that is worth
+	// logging again.
+	inboundBytes atomic.Int64
+	warnBytes    throttle.PerSecond
 }
 
 var _ memberlist.NodeAwareTransport = (*gossipTransport)(nil)
@@ -266,7 +273,7 @@ func (t *gossipTransport) acceptStreams() {
 			}
 			continue
 		}
-		in := &inboundConn{Conn: t.counted(c), n: &t.inbound}
+		in := &inboundConn{Conn: t.counted(c), n: &t.inbound, bytes: &t.inboundBytes, over: t.overBudget}
 		select {
 		case t.streams <- in:
 		case <-t.done:
@@ -281,14 +288,52 @@ func (t *gossipTransport) acceptStreams() {
 // and for the rare large message: a few at a time even in a large mesh.
 const maxInboundStreams = 256
 
-// inboundConn is an incoming stream, counted until it is closed.
+// maxInboundBytes bounds what the incoming streams being read hold at
+// once: a join's state exchange in a mesh of thousands carries a few MB
+// (maxJoinCerts certificates), memberlist takes up to 20 MiB per stream,
+// and a stream is read whole into memory, doubling its buffer as it grows,
+// before the gossip key is checked.
+const maxInboundBytes = 64 << 20
+
+// errInboundBudget ends a stream read past maxInboundBytes.
+var errInboundBudget = errors.New("gossip: incoming streams hold too much at once; closing this one")
+
+// inboundConn is an incoming stream, counted until it is closed, with the
+// bytes it read.
 type inboundConn struct {
 	net.Conn
-	n    *atomic.Int64
-	once sync.Once
+	n     *atomic.Int64
+	bytes *atomic.Int64
+	read  atomic.Int64 // Close may come from another goroutine than Read
+	over  func()
+	once  sync.Once
+}
+
+func (c *inboundConn) Read(b []byte) (int, error) {
+	n, err := c.Conn.Read(b)
+	if n > 0 {
+		if c.bytes.Add(int64(n)) > maxInboundBytes {
+			c.bytes.Add(-int64(n)) // dropped, not held
+			c.over()
+			return 0, errInboundBudget
+		}
+		c.read.Add(int64(n))
+	}
+	return n, err
 }
 
 func (c *inboundConn) Close() error {
-	c.once.Do(func() { c.n.Add(-1) })
+	c.once.Do(func() {
+		c.n.Add(-1)
+		c.bytes.Add(-c.read.Load())
+	})
 	return c.Conn.Close()
+}
+
+// overBudget says, now and then, that a stream was closed for
+// maxInboundBytes.
+func (t *gossipTransport) overBudget() {
+	if ok, dropped := t.warnBytes.Allow(); ok {
+		t.log.Warn("gossip: incoming streams hold too much at once; closing the one that went past", "max_bytes", maxInboundBytes, "closed_unlogged", dropped)
+	}
 }

@@ -2,6 +2,8 @@ package mesh
 
 import (
 	"bytes"
+	"encoding/binary"
+	"errors"
 	"io"
 	"log/slog"
 	"net"
@@ -186,5 +188,60 @@ func TestGossipTransportBoundsIncomingStreams(t *testing.T) {
 	taken().Close()
 	for _, c := range held[1:] {
 		c.Close()
+	}
+}
+
+// TestGossipTransportBoundsIncomingBytes: memberlist reads a stream's
+// whole message into memory before the gossip key is checked. Streams
+// from anyone, each claiming memberlist's largest message and sending it,
+// hold no more than maxInboundBytes at once: past it the stream that goes
+// over is ended, and closing streams gives the room back.
+func TestGossipTransportBoundsIncomingBytes(t *testing.T) {
+	tr, err := newGossipTransport(netip.MustParseAddrPort("127.0.0.1:0"), slog.New(slog.DiscardHandler), &gossipTraffic{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tr.Shutdown()
+	const streams, each = 5, 20 << 20 // 100 MiB in all
+	junk := make([]byte, each)
+	junk[0] = 10 // memberlist's encrypted message, its length next
+	binary.BigEndian.PutUint32(junk[1:5], each-5)
+	for range streams {
+		c, err := net.Dial("tcp", tr.tcp.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		go c.Write(junk)
+	}
+	var held []net.Conn
+	ended := 0
+	for range streams {
+		var in net.Conn
+		select {
+		case in = <-tr.StreamCh():
+		case <-time.After(10 * time.Second):
+			t.Fatal("an incoming stream was not handed over")
+		}
+		held = append(held, in)
+		in.SetReadDeadline(time.Now().Add(20 * time.Second))
+		n, err := io.Copy(io.Discard, io.LimitReader(in, each))
+		if errors.Is(err, errInboundBudget) {
+			ended++
+		} else if err != nil || n != each {
+			t.Fatalf("a stream within the bound: %d bytes, %v", n, err)
+		}
+		if got := tr.inboundBytes.Load(); got > maxInboundBytes {
+			t.Fatalf("incoming streams hold %d bytes, more than %d", got, maxInboundBytes)
+		}
+	}
+	if ended == 0 {
+		t.Fatalf("%d streams of %d MiB held open, none ended past %d MiB", streams, each>>20, maxInboundBytes>>20)
+	}
+	for _, c := range held {
+		c.Close()
+	}
+	if got := tr.inboundBytes.Load(); got != 0 {
+		t.Fatalf("closed streams still count %d bytes", got)
 	}
 }
