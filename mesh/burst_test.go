@@ -6,6 +6,7 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/tls"
 	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
@@ -13,6 +14,7 @@ import (
 	"errors"
 	"io/fs"
 	"log/slog"
+	"net/http"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -658,5 +660,63 @@ func TestBurstRecordsDamaged(t *testing.T) {
 		if err == nil || !strings.Contains(err.Error(), "damaged") || !strings.Contains(err.Error(), want) {
 			t.Errorf("%s damaged: err = %v; want it called damaged, and %q", file, err, want)
 		}
+	}
+}
+
+// TestEnrollmentRefusalsAreCheap: anyone who can reach the enrollment
+// endpoint can have requests refused. A token ID that cannot be one is
+// refused before it is looked up or logged, and refusals of well-formed
+// ones are logged at most once a second, so that a client sending them
+// back to back cannot fill the gateway's disk with its log.
+func TestEnrollmentRefusalsAreCheap(t *testing.T) {
+	dir := t.TempDir()
+	logs := &syncbuf.Buffer{}
+	ca, err := certs.InitCA(filepath.Join(dir, "ca"), certs.InitOptions{MeshPrefix: netip.MustParsePrefix("100.64.0.0/10")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	hq := startLiveGatewayWith(t, ca, dir, 0, "zrh-dc", nil, logs, func(s *Settings) {
+		s.Identity.CADir = ca.Dir()
+		s.EnrollListen = netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(loopbackPort(t)))
+		s.EnrollAdvertise = s.EnrollListen
+	})
+	waitUntil(t, 10*time.Second, "the enrollment endpoint", func() bool { return strings.Contains(logs.String(), "enrolling burst gateways") })
+	client := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}}
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	csr, err := certs.CreateCSR(key, certs.Attributes{Node: "x", Site: "s", Region: "r", Provider: "aws", Jurisdiction: "NL", OverlayIP: netip.MustParseAddr("100.64.0.9")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	post := func(token string) int {
+		body, _ := json.Marshal(enrollRequest{Token: token, Secret: make([]byte, 32), CSR: csr})
+		res, err := client.Post("https://"+hq.g.s.EnrollListen.String()+"/v1/enroll", "application/json", bytes.NewReader(body))
+		if err != nil {
+			t.Fatal(err)
+		}
+		res.Body.Close()
+		return res.StatusCode
+	}
+	huge := strings.Repeat("A", 60<<10)
+	for range 20 {
+		if code := post(huge); code != http.StatusForbidden {
+			t.Fatalf("a 60 KiB token ID: HTTP %d, want 403", code)
+		}
+	}
+	if strings.Contains(logs.String(), "AAAAAAAA") {
+		t.Fatal("a malformed token ID was logged")
+	}
+	start := time.Now()
+	const n = 50
+	for range n {
+		if code := post("0123456789abcdef"); code != http.StatusForbidden {
+			t.Fatalf("an unknown token: HTTP %d, want 403", code)
+		}
+	}
+	lines := strings.Count(logs.String(), "enrollment refused")
+	if most := int(time.Since(start)/time.Second) + 2; lines > most || lines == 0 {
+		t.Fatalf("%d refusals in %s logged %d times, want 1 to %d", n, time.Since(start).Round(time.Millisecond), lines, most)
 	}
 }

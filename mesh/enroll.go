@@ -22,7 +22,10 @@ import (
 	"sync"
 	"time"
 
+	"golang.org/x/net/netutil"
+
 	"github.com/skybridge-mesh/skybridge/certs"
+	"github.com/skybridge-mesh/skybridge/internal/throttle"
 	"github.com/skybridge-mesh/skybridge/policy"
 )
 
@@ -42,6 +45,25 @@ type enrollment struct {
 	vault *certs.Vault // Vault: it admits them; we set it up and keep the record
 	mu    sync.Mutex   // guards book and its file
 	book  *burstBook
+	// warnRefused says when a refusal is worth logging again: anyone who
+	// can reach the endpoint can have enrollments refused.
+	warnRefused throttle.PerSecond
+}
+
+// maxEnrollConns bounds the connections the enrollment endpoint serves at
+// once, before any is authenticated: a burst enrols at most
+// MaxBurstGateways gateways, each with one request.
+const maxEnrollConns = 2 * MaxBurstGateways
+
+// validTokenID reports whether id can be a join token's: 16 hex digits
+// (certs.NewJoinToken). Anything else is refused before it is looked up
+// or logged.
+func validTokenID(id string) bool {
+	if len(id) != 16 {
+		return false
+	}
+	_, err := hex.DecodeString(id)
+	return err == nil
 }
 
 // enrollRequest is what a newcomer sends.
@@ -131,7 +153,7 @@ func (g *Gateway) serveEnrollment(ctx context.Context) (io.Closer, error) {
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 15 * time.Second, WriteTimeout: 15 * time.Second,
 		// TLS handshake failures (scanners, wrong pins) are debug noise.
 		ErrorLog: log.New(slogWriter{g.log.With("component", "enroll")}, "", 0)}
-	go srv.Serve(tls.NewListener(ln, cfg))
+	go srv.Serve(tls.NewListener(netutil.LimitListener(ln, maxEnrollConns), cfg))
 	g.log.Info("enrolling burst gateways", "listen", ln.Addr().String(), "advertise", g.s.EnrollAdvertise.String())
 	return closerFunc(func() error {
 		sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
@@ -145,6 +167,10 @@ func (g *Gateway) serveEnrollment(ctx context.Context) (io.Closer, error) {
 // over what a gateway needs to join.
 func (g *Gateway) enrol(ctx context.Context, req enrollRequest, from string) (*enrollResponse, error) {
 	e := g.enroll
+	if !validTokenID(req.Token) {
+		g.metrics.enrollment("refused")
+		return nil, &enrollRefusal{errToken}
+	}
 	csr, err := parseEnrollCSR(req.CSR)
 	if err != nil {
 		return nil, &enrollRefusal{err}
@@ -156,7 +182,9 @@ func (g *Gateway) enrol(ctx context.Context, req enrollRequest, from string) (*e
 	now := g.now()
 	rec, i, again, err := e.book.redeem(req.Token, req.Secret, key, now)
 	if err != nil {
-		g.log.Warn("enrollment refused", "token", req.Token, "from", from, "err", err)
+		if ok, dropped := e.warnRefused.Allow(); ok {
+			g.log.Warn("enrollment refused", "token", req.Token, "from", from, "err", err, "refused_unlogged", dropped)
+		}
 		g.metrics.enrollment("refused")
 		return nil, &enrollRefusal{err}
 	}
