@@ -274,7 +274,17 @@ func (ca *CA) LogValue() slog.Value {
 // TrustBundle returns the CA certificate and current revocation list as a
 // bundle for verifiers.
 func (ca *CA) TrustBundle() (*TrustBundle, error) {
-	return LoadTrustBundle(ca.dir, netip.Prefix{})
+	tb, err := LoadTrustBundle(ca.dir, netip.Prefix{})
+	if err != nil {
+		return nil, err
+	}
+	// Every list a CA hands out is its own: without one (crl.pem
+	// removed, or another CA's copied over it) its revocations would
+	// reach nobody.
+	if tb.CRL() == nil {
+		return nil, fmt.Errorf("the CA directory %s holds no revocation list of this CA (%s is missing or another CA's): restore it from a backup, or sign a new one from the CA's index with `skybridge ca crl --refresh --ca %s`", ca.dir, fileCRL, ca.dir)
+	}
+	return tb, nil
 }
 
 // Secrets returns the CA directory's secret store, which holds the mesh's
@@ -664,6 +674,11 @@ func (ca *CA) writeCRL(idx *caIndex, now time.Time) error {
 		prev, err := ParseCRL(b)
 		if err != nil {
 			return fmt.Errorf("the CA's revocation list %s: %w; it cannot be carried on: restore it from a backup", filepath.Join(ca.dir, fileCRL), err)
+		}
+		if err := prev.CheckSignatureFrom(ca.cert); err != nil {
+			// Another CA's (copied over this one's): neither its number
+			// nor its serials are this CA's to carry on.
+			return fmt.Errorf("the revocation list %s is not signed by this CA (%v): restore this CA's from a backup, or move it away to sign a new one from the CA's index", filepath.Join(ca.dir, fileCRL), err)
 		}
 		behind := prev.Number != nil && prev.Number.IsInt64() && prev.Number.Int64() > idx.CRLNumber
 		if prev.Number != nil && prev.Number.IsInt64() {

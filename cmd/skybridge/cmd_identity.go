@@ -69,8 +69,11 @@ type identityInfo struct {
 	Refusal       string           `json:"refusal,omitempty"`
 	RefusalReason certs.Reason     `json:"refusal_reason,omitempty"`
 	CRLNumber     string           `json:"crl_number,omitempty"`
-	WireGuardKey  string           `json:"wireguard_public_key,omitempty"`
-	GossipKeys    int              `json:"gossip_keys"`
+	// Unchecked: the directory holds no revocation list of its CA
+	// (crl.pem missing, or another CA's), so revocation was not checked.
+	Unchecked    bool   `json:"revocation_unchecked,omitempty"`
+	WireGuardKey string `json:"wireguard_public_key,omitempty"`
+	GossipKeys   int    `json:"gossip_keys"`
 	// GossipProblem is why the gossip keyring here cannot be used (a
 	// gateway with this directory would not start); empty if it can, or
 	// if there is none (a Vault-backed gateway reads it from Vault).
@@ -87,6 +90,7 @@ func describeIdentity(ctx context.Context, dir string, id *certs.NodeIdentity, t
 		if crl := tb.CRL(); crl != nil {
 			info.CRLNumber = crl.Number.String()
 		}
+		info.Unchecked = len(tb.CRLs()) == 0
 		_, err := tb.VerifyCertificate(c, time.Now())
 		info.Accepted = err == nil
 		if err != nil {
@@ -143,6 +147,9 @@ func printIdentity(w io.Writer, info identityInfo) {
 	}
 	sort.Strings(labels)
 	status := "accepted by the mesh CA"
+	if info.Unchecked {
+		status += " (revocation NOT checked: no revocation list of the CA here; copy the CA's crl.pem into " + info.Dir + ")"
+	}
 	if !info.Accepted {
 		status = "REFUSED: " + info.Refusal
 	}

@@ -195,6 +195,16 @@ func TestCAWorkflow(t *testing.T) {
 		t.Fatalf("identity show with a keyring others may read: exit %d\n%s", code, out)
 	}
 	os.Chmod(keyring, 0o600)
+	if info.Unchecked {
+		t.Fatal("identity show says revocation was not checked beside the CA's list")
+	}
+	// Without a list of its CA beside it, it says revocation went
+	// unchecked rather than just "accepted".
+	os.Rename(filepath.Join(gw, "crl.pem"), filepath.Join(gw, "crl.pem.away"))
+	if out := mustRun(t, "identity", "show", "--dir", gw); !strings.Contains(out, "revocation NOT checked") {
+		t.Fatalf("identity show without crl.pem:\n%s", out)
+	}
+	os.Rename(filepath.Join(gw, "crl.pem.away"), filepath.Join(gw, "crl.pem"))
 
 	var list []map[string]any
 	if err := json.Unmarshal([]byte(mustRun(t, "ca", "list", "--ca", ca, "--json")), &list); err != nil || len(list) != 1 {
@@ -899,5 +909,31 @@ func TestIssueSignerNotDelivered(t *testing.T) {
 	}
 	if err := json.Unmarshal([]byte(mustRun(t, "ca", "list", "--ca", ca, "--json")), &list); err != nil || len(list) != 1 || list[0].RevokedAt == nil {
 		t.Fatalf("ca list: %+v %v; want the signer revoked", list, err)
+	}
+}
+
+// TestCACRLWithoutItsList: a CA directory whose crl.pem is missing or
+// another CA's is said to be so, with what to do — not a crash — and
+// --refresh signs a new list from the index unless the file there is
+// another CA's, which it does not carry on.
+func TestCACRLWithoutItsList(t *testing.T) {
+	dir := t.TempDir()
+	ca, other := filepath.Join(dir, "ca"), filepath.Join(dir, "other")
+	mustRun(t, "ca", "init", "--dir", ca)
+	mustRun(t, "ca", "init", "--dir", other)
+	crl := filepath.Join(ca, "crl.pem")
+	os.Remove(crl)
+	if _, errs, code := runCLI(t, "ca", "crl", "--ca", ca); code != 1 || !strings.Contains(errs, "--refresh") {
+		t.Fatalf("ca crl without crl.pem: exit %d, %q", code, errs)
+	}
+	if out, errs, code := runCLI(t, "ca", "crl", "--ca", ca, "--refresh"); code != 0 {
+		t.Fatalf("ca crl --refresh without crl.pem: exit %d, %q %q", code, out, errs)
+	}
+	foreign, _ := os.ReadFile(filepath.Join(other, "crl.pem"))
+	os.WriteFile(crl, foreign, 0o644)
+	for _, args := range [][]string{{"ca", "crl", "--ca", ca}, {"ca", "crl", "--ca", ca, "--refresh"}} {
+		if _, errs, code := runCLI(t, args...); code != 1 || !strings.Contains(errs, "another CA") && !strings.Contains(errs, "not signed by this CA") {
+			t.Errorf("%v with another CA's crl.pem: exit %d, %q", args, code, errs)
+		}
 	}
 }
