@@ -575,10 +575,16 @@ func (ca *CA) revoke(reason string, now time.Time, pick func(*caIndex) ([]int, e
 			return err
 		}
 		for _, i := range picked {
-			if idx.Certs[i].RevokedAt == nil {
+			switch c := &idx.Certs[i]; {
+			case c.RevokedAt == nil:
 				t := now.UTC()
-				idx.Certs[i].RevokedAt = &t
-				idx.Certs[i].Reason = reason
+				c.RevokedAt, c.Reason = &t, reason
+			case reason == "keyCompromise" && c.Reason != reason:
+				// Learnt later that the key was stolen (RFC 5280 lets a
+				// reason change to this one): the entry then stays on
+				// the list after the certificate expires (keptForGood),
+				// so what the key signs later is still refused.
+				c.Reason = reason
 			}
 			done = append(done, idx.Certs[i])
 		}

@@ -656,3 +656,31 @@ func TestInitCARemovesCrashedInits(t *testing.T) {
 		t.Errorf("the recent init's directory: %v; want it kept", err)
 	}
 }
+
+// TestRevokeAgainAsKeyCompromise: a certificate revoked as superseded and
+// then found to have a stolen key is revoked again as keyCompromise: the
+// reason changes (the time stays), and its entry stays on the list after
+// the certificate expires. Any other second reason leaves the first.
+func TestRevokeAgainAsKeyCompromise(t *testing.T) {
+	ca := newTestCA(t)
+	id := issue(t, ca, testAttrs("gw1", "s", "100.96.0.1"), t0, time.Hour)
+	serial := []*big.Int{id.Certificate().SerialNumber}
+	first, err := ca.RevokeSerials(serial, "superseded", t0.Add(time.Minute))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if again, err := ca.RevokeSerials(serial, "affiliationChanged", t0.Add(2*time.Minute)); err != nil || again[0].Reason != "superseded" {
+		t.Fatalf("revoked again for another reason: %+v, %v; want superseded kept", again, err)
+	}
+	again, err := ca.RevokeSerials(serial, "keyCompromise", t0.Add(3*time.Minute))
+	if err != nil || again[0].Reason != "keyCompromise" || !again[0].RevokedAt.Equal(*first[0].RevokedAt) {
+		t.Fatalf("revoked again as keyCompromise: %+v, %v; want the reason changed, the time kept", again, err)
+	}
+	// Long after it expired, the entry is still on the list.
+	if err := ca.RefreshCRL(t0.Add(48 * time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	if !trust(t, ca).IsRevoked(id.Certificate().SerialNumber) {
+		t.Fatal("a compromised key's certificate left the list once expired")
+	}
+}
