@@ -1022,8 +1022,16 @@ func (g *Gateway) switchTrustLocked(cur, next *certs.TrustBundle) {
 		revoked += len(c.RevokedCertificateEntries)
 	}
 	g.log.Info("adopted revocation list", "number", next.CRLVersion(), "revoked", revoked)
-	if g.burst != nil && next.IsRevoked(g.id.Load().Certificate().SerialNumber) {
-		g.revokedOnce.Do(func() { close(g.revokedSelf) })
+	if own := g.id.Load().Certificate(); next.IsRevoked(own.SerialNumber) {
+		if g.burst != nil {
+			g.revokedOnce.Do(func() { close(g.revokedSelf) })
+		} else if !cur.IsRevoked(own.SerialNumber) {
+			// The mesh refuses it from now on; said here too, or its
+			// own operator sees peers that stay "verified" from this
+			// side only.
+			g.log.Error("this gateway's own certificate is revoked: the other gateways refuse it and drop their tunnels to it; give it a new identity (skybridge ca issue, or let its issuer renew it) and restart it",
+				"serial", certs.FormatSerial(own.SerialNumber))
+		}
 	}
 	g.recheckPolicy()
 }

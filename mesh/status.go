@@ -51,6 +51,9 @@ type IdentityStatus struct {
 	// gateway trusts (two while an issuer is rotated). SigningCA is the
 	// one the issuer now signs with, when it says (Vault's default
 	// issuer): a certificate from another is renewed.
+	// Revoked: the revocation list in force names this gateway's own
+	// certificate; the mesh refuses it.
+	Revoked   bool     `json:"revoked,omitempty"`
 	IssuedBy  string   `json:"issued_by"`
 	CAs       []string `json:"cas"`
 	SigningCA string   `json:"signing_ca,omitempty"`
@@ -111,7 +114,7 @@ func (g *Gateway) Status() (*Status, error) {
 		Interface: g.dev.Name(), Mode: g.dev.Mode(), PublicKey: g.wgPublicKey(), ListenPort: g.s.Port,
 		Gossip: g.s.GossipAdvertise.String(), Policy: g.policyRevision(), Topology: g.s.Topology, Uptime: time.Since(g.started),
 		Identity: IdentityStatus{Serial: certs.FormatSerial(id.Certificate().SerialNumber), NotBefore: id.Certificate().NotBefore, NotAfter: id.Certificate().NotAfter, CRLNumber: tb.CRLVersion(),
-			IssuedBy: id.Certificate().Issuer.CommonName, CAs: caNames(tb)},
+			IssuedBy: id.Certificate().Issuer.CommonName, CAs: caNames(tb), Revoked: tb.IsRevoked(id.Certificate().SerialNumber)},
 	}
 	if s := tb.Signing(); s != nil {
 		st.Identity.SigningCA = s.Subject.CommonName + " (" + certs.FormatSerial(s.SerialNumber) + ")"

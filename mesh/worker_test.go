@@ -245,3 +245,43 @@ func TestRevocationListsOfTwoCAs(t *testing.T) {
 		t.Fatal("a later answer naming the second CA again was not adopted")
 	}
 }
+
+// TestOwnCertificateRevoked: a gateway that adopts a list revoking its own
+// certificate says so in its log, once, and in its status — the other
+// gateways refuse it, while its own view of them would not change.
+func TestOwnCertificateRevoked(t *testing.T) {
+	dir := t.TempDir()
+	ca, err := certs.InitCA(filepath.Join(dir, "ca"), certs.InitOptions{MeshPrefix: netip.MustParsePrefix("100.64.0.0/10")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	logs := &syncbuf.Buffer{}
+	g := startLiveGateway(t, ca, dir, 0, "zrh-dc", nil, logs).g
+	if st, err := g.Status(); err != nil || st.Identity.Revoked {
+		t.Fatalf("before any revocation: %+v, %v", st.Identity, err)
+	}
+	if _, err := ca.RevokeSerials([]*big.Int{g.id.Load().Certificate().SerialNumber}, "keyCompromise", time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	for range 2 { // the same list twice, then a newer one
+		tb, err := ca.TrustBundle()
+		if err != nil {
+			t.Fatal(err)
+		}
+		g.adoptTrust(tb, time.Now())
+	}
+	if err := ca.RefreshCRL(time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	tb, err := ca.TrustBundle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	g.adoptTrust(tb, time.Now())
+	if st, err := g.Status(); err != nil || !st.Identity.Revoked {
+		t.Fatalf("after its revocation: %+v, %v", st.Identity, err)
+	}
+	if n := strings.Count(logs.String(), "own certificate is revoked"); n != 1 {
+		t.Fatalf("its revocation said %d times, want once:\n%s", n, logs.String())
+	}
+}

@@ -195,6 +195,9 @@ func printStatus(c *cli.Context, st *mesh.Status) {
 	fmt.Fprintf(w, "node %s of site %s (%s, %s), overlay %s\n", st.Node, st.Site, st.Jurisdiction, st.Region, st.OverlayIP)
 	fmt.Fprintf(w, "interface %s (%s), port %d, key %s\n", st.Interface, st.Mode, st.ListenPort, st.PublicKey)
 	fmt.Fprintf(w, "identity serial %s, valid until %s, revocation list #%d\n", st.Identity.Serial, st.Identity.NotAfter.UTC().Format(time.RFC3339), st.Identity.CRLNumber)
+	if st.Identity.Revoked {
+		fmt.Fprintf(w, "REVOKED: this gateway's certificate is on the revocation list; the other gateways refuse it\n")
+	}
 	if iss := st.Identity.Issuer; iss != "" {
 		answered := "no answer since the gateway started"
 		if at := st.Identity.IssuerAnswered; at != nil {
