@@ -23,6 +23,17 @@ func TestGossipKeyRotation(t *testing.T) {
 	m := startLiveMesh(t)
 	a := m.gws[0]
 	old := a.g.keyring.GetPrimaryKey()
+	// A key op1 and op2 hold beside the primary — left by an interrupted
+	// rotation, or installed by a gateway since revoked — goes too.
+	extra, err := certs.NewGossipKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, lg := range m.gws[1:] {
+		if err := lg.g.keyring.AddKey(extra); err != nil {
+			t.Fatal(err)
+		}
+	}
 
 	rep, err := a.g.RotateGossipKey(context.Background())
 	if err != nil {
@@ -50,6 +61,10 @@ func TestGossipKeyRotation(t *testing.T) {
 		keys := lg.g.keyring.GetKeys()
 		if len(keys) != 1 || !bytes.Equal(keys[0], nk) {
 			t.Errorf("%s holds %d keys after the rotation, the new one primary: %v", lg.g.s.Node.Name, len(keys), len(keys) > 0 && bytes.Equal(keys[0], nk))
+		}
+		b, err := os.ReadFile(filepath.Join(lg.g.s.Identity.Dir, certs.FileGossipKeyring))
+		if kr, perr := certs.ParseGossipKeyring(b); err != nil || perr != nil || len(kr.Keys()) != 1 {
+			t.Errorf("%s stored keyring after the rotation: %v %v", lg.g.s.Node.Name, err, perr)
 		}
 	}
 

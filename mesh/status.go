@@ -13,18 +13,21 @@ import (
 
 // Status is what `skybridge status` shows.
 type Status struct {
-	Node         string         `json:"node"`
-	Site         string         `json:"site"`
-	Region       string         `json:"region"`
-	Jurisdiction string         `json:"jurisdiction"`
-	OverlayIP    netip.Addr     `json:"overlay_ip"`
-	Interface    string         `json:"interface"`
-	Mode         string         `json:"mode"`
-	PublicKey    string         `json:"public_key"`
-	ListenPort   int            `json:"listen_port"`
-	Gossip       string         `json:"gossip"`
-	Operator     string         `json:"operator,omitempty"` // metrics and dashboard address; empty: off
-	Identity     IdentityStatus `json:"identity"`
+	Node         string     `json:"node"`
+	Site         string     `json:"site"`
+	Region       string     `json:"region"`
+	Jurisdiction string     `json:"jurisdiction"`
+	OverlayIP    netip.Addr `json:"overlay_ip"`
+	Interface    string     `json:"interface"`
+	Mode         string     `json:"mode"`
+	PublicKey    string     `json:"public_key"`
+	ListenPort   int        `json:"listen_port"`
+	Gossip       string     `json:"gossip"`
+	// GossipKeys counts the gossip keys the gateway takes: 1 but during a
+	// rotation. More for long means keys a rotation should have dropped.
+	GossipKeys int            `json:"gossip_keys"`
+	Operator   string         `json:"operator,omitempty"` // metrics and dashboard address; empty: off
+	Identity   IdentityStatus `json:"identity"`
 	// BurstUntil is set on a burst gateway: it leaves the mesh then.
 	BurstUntil *time.Time     `json:"burst_until,omitempty"`
 	Policy     string         `json:"policy"`
@@ -112,7 +115,7 @@ func (g *Gateway) Status() (*Status, error) {
 	st := &Status{
 		Node: a.Node, Site: a.Site, Region: a.Region, Jurisdiction: a.Jurisdiction, OverlayIP: a.OverlayIP,
 		Interface: g.dev.Name(), Mode: g.dev.Mode(), PublicKey: g.wgPublicKey(), ListenPort: g.s.Port,
-		Gossip: g.s.GossipAdvertise.String(), Policy: g.policyRevision(), Topology: g.s.Topology, Uptime: time.Since(g.started),
+		Gossip: g.s.GossipAdvertise.String(), GossipKeys: len(g.keyring.GetKeys()), Policy: g.policyRevision(), Topology: g.s.Topology, Uptime: time.Since(g.started),
 		Identity: IdentityStatus{Serial: certs.FormatSerial(id.Certificate().SerialNumber), NotBefore: id.Certificate().NotBefore, NotAfter: id.Certificate().NotAfter, CRLNumber: tb.CRLVersion(),
 			IssuedBy: id.Certificate().Issuer.CommonName, CAs: caNames(tb), Revoked: tb.IsRevoked(id.Certificate().SerialNumber)},
 	}

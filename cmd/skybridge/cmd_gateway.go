@@ -216,7 +216,7 @@ func printStatus(c *cli.Context, st *mesh.Status) {
 	if st.BurstUntil != nil {
 		fmt.Fprintf(w, "burst gateway: leaves the mesh at %s, or when the burst is taken down\n", st.BurstUntil.UTC().Format(time.RFC3339))
 	}
-	fmt.Fprintf(w, "policy %s, topology %s, gossip %s, operator %s, up %s\n\n", st.Policy, st.Topology, st.Gossip, dash(st.Operator), st.Uptime.Round(time.Second))
+	fmt.Fprintf(w, "policy %s, topology %s, gossip %s (%d keys), operator %s, up %s\n\n", st.Policy, st.Topology, st.Gossip, st.GossipKeys, dash(st.Operator), st.Uptime.Round(time.Second))
 	rows := [][]string{}
 	now := time.Now()
 	for _, m := range st.Members {
