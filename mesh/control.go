@@ -394,7 +394,7 @@ func (c *Client) Migrate(ctx context.Context, req MigrationRequest, onEvent func
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
 		msg, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
-		return nil, fmt.Errorf("gateway: %s", trimNL(msg))
+		return nil, &RefusedError{Msg: string(trimNL(msg))}
 	}
 	dec := json.NewDecoder(resp.Body)
 	for {
@@ -408,6 +408,12 @@ func (c *Client) Migrate(ctx context.Context, req MigrationRequest, onEvent func
 		onEvent(ev)
 	}
 }
+
+// RefusedError is the gateway's answer refusing a request (no such
+// migration, a bad image name): it was heard, unlike a stream that broke.
+type RefusedError struct{ Msg string }
+
+func (e *RefusedError) Error() string { return "gateway: " + e.Msg }
 
 // Migrations lists migrations and stored images.
 func (c *Client) Migrations(ctx context.Context) (*MigrationList, error) {

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"math"
@@ -157,7 +158,8 @@ func runMigration(c *cli.Context, req mesh.MigrationRequest) error {
 	if bar != nil {
 		bar.Finish(final != nil && final.Record != nil && final.Record.State == migrate.StateDone)
 	}
-	if err != nil && id != "" && c.Context.Err() == nil {
+	var refused *mesh.RefusedError
+	if err != nil && id != "" && c.Context.Err() == nil && !errors.As(err, &refused) {
 		return streamLost(c.Context, cl, id, err)
 	}
 	if err != nil {

@@ -143,3 +143,27 @@ func TestApplyOneAtATime(t *testing.T) {
 		t.Errorf("once the other apply is done: %q; want it to go on (and find no gateway)", errs)
 	}
 }
+
+// TestResumeRefused: a resume the gateway refuses (no such migration) is
+// its answer, said as it is — not taken for a stream that broke, which
+// would say the gateway stopped.
+func TestResumeRefused(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "control.sock")
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method == http.MethodPost {
+			http.Error(w, "no migration nosuch on this gateway", http.StatusNotFound)
+			return
+		}
+		http.Error(w, "no migration nosuch on this gateway", http.StatusNotFound)
+	})}
+	go srv.Serve(ln)
+	defer srv.Close()
+	_, errs, code := runCLI(t, "migrate", "resume", "nosuch", "--socket", sock)
+	if code != 1 || !strings.Contains(errs, "no migration nosuch") || strings.Contains(errs, "no longer answers") {
+		t.Errorf("exit %d, stderr %q; want exit 1 with the gateway's refusal only", code, errs)
+	}
+}
