@@ -35,6 +35,11 @@ func auditCommand() *cli.Command {
 					return err
 				}
 				defer f.Close()
+				// Said as the mistake it is: read as a log, a directory
+				// would be reported INVALID, which reads as tampering.
+				if st, err := f.Stat(); err == nil && !st.Mode().IsRegular() {
+					return usageError("--log %s is not a file: give the audit log itself (STATE_DIR/audit.log)", c.String("log"))
+				}
 				rep, verr := audit.Verify(f, tb)
 				if verr == nil && rep.Records == 0 {
 					// A gateway creates its log with its first record:
