@@ -26,6 +26,11 @@ func demoCommand() *cli.Command {
 		},
 		Action: func(c *cli.Context) error {
 			if d := c.String("down"); d != "" {
+				for _, f := range []string{"keep", "mode"} {
+					if c.IsSet(f) {
+						return usageError("--down stops a kept demo; --%s is for starting one", f)
+					}
+				}
 				skipped, err := demo.Down(d)
 				for _, s := range skipped {
 					fmt.Fprintf(c.App.ErrWriter, "skybridge: left alone %s\n", s)

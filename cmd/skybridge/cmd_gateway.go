@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"slices"
 	"strings"
 	"syscall"
@@ -278,12 +279,18 @@ func graphCommand() *cli.Command {
 		Name:  "graph",
 		Usage: "render the mesh (sites, gateways, tunnels coloured by handshake age) for reports",
 		UsageText: "skybridge graph (--socket PATH | --config FILE) [--format dot|svg|json] [--out FILE]\n\n" +
+			"Without --format, --out FILE.svg or FILE.json picks the format; otherwise dot.\n" +
 			"svg is drawn by skybridge itself (the dashboard's picture); dot is for Graphviz (`dot -Tpdf`).",
 		Flags: append(append([]cli.Flag(nil), socketFlags...),
 			&cli.StringFlag{Name: "format", Value: "dot", Usage: strings.Join(mesh.GraphFormats, ", ")},
 			&cli.StringFlag{Name: "out", Usage: "write to `FILE` (atomically) instead of standard output"}),
 		Action: func(c *cli.Context) error {
 			f := c.String("format")
+			// --out x.svg without --format draws an SVG, not DOT under
+			// an .svg name.
+			if ext := strings.TrimPrefix(filepath.Ext(c.String("out")), "."); !c.IsSet("format") && slices.Contains(mesh.GraphFormats, ext) {
+				f = ext
+			}
 			if !slices.Contains(mesh.GraphFormats, f) {
 				return usageError("--format %q: want one of %s", f, strings.Join(mesh.GraphFormats, ", "))
 			}

@@ -119,6 +119,9 @@ func migrateRun(c *cli.Context) error {
 			return usageError("--bwlimit: %v", err)
 		}
 	}
+	if n := c.Int("streams"); n < 1 || n > migrate.MaxStreams {
+		return usageError("--streams %d: want 1 to %d", n, migrate.MaxStreams)
+	}
 	req := mesh.MigrationRequest{Image: abs, To: c.String("to"), Class: c.String("class"), Name: c.String("name"),
 		Format: c.String("format"), Streams: c.Int("streams"), BWLimit: bw}
 	return runMigration(c, req)

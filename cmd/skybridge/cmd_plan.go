@@ -175,6 +175,9 @@ func migrateApply(c *cli.Context) error {
 	if path == "" {
 		return usageError("which plan? skybridge migrate apply PLAN (from skybridge plan --out PLAN)")
 	}
+	if n := c.Int("streams"); n < 1 || n > migrate.MaxStreams {
+		return usageError("--streams %d: want 1 to %d", n, migrate.MaxStreams)
+	}
 	if c.Int("parallel") < 1 {
 		return usageError("--parallel %d: at least 1", c.Int("parallel"))
 	}

@@ -915,6 +915,22 @@ func TestIssueSignerNotDelivered(t *testing.T) {
 	}
 }
 
+// TestFlagMistakes: flags that cannot work together or hold values the
+// command cannot use are usage errors (exit 2) before anything runs.
+func TestFlagMistakes(t *testing.T) {
+	dir := t.TempDir()
+	for _, args := range [][]string{
+		{"demo", "--down", dir, "--keep"},
+		{"migrate", "run", "img.raw", "--to", "s", "--class", "c", "--streams", "-1", "--socket", filepath.Join(dir, "none.sock")},
+		{"migrate", "run", "img.raw", "--to", "s", "--class", "c", "--streams", "33", "--socket", filepath.Join(dir, "none.sock")},
+		{"migrate", "apply", filepath.Join(dir, "plan.json"), "--streams", "0", "--socket", filepath.Join(dir, "none.sock")},
+	} {
+		if _, errs, code := runCLI(t, args...); code != 2 || !strings.Contains(errs, "--") {
+			t.Errorf("%v: exit %d, %q; want a usage error", args, code, errs)
+		}
+	}
+}
+
 // TestCACRLWithoutItsList: a CA directory whose crl.pem is missing or
 // another CA's is said to be so, with what to do — not a crash — and
 // --refresh signs a new list from the index unless the file there is
