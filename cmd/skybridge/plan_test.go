@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"net"
 	"net/http"
 	"os"
@@ -165,5 +166,37 @@ func TestResumeRefused(t *testing.T) {
 	_, errs, code := runCLI(t, "migrate", "resume", "nosuch", "--socket", sock)
 	if code != 1 || !strings.Contains(errs, "no migration nosuch") || strings.Contains(errs, "no longer answers") {
 		t.Errorf("exit %d, stderr %q; want exit 1 with the gateway's refusal only", code, errs)
+	}
+}
+
+// TestGraphFormatFromOut: --out FILE.svg without --format asks the gateway
+// for an SVG (DOT under an .svg name opens nowhere); --format wins.
+func TestGraphFormatFromOut(t *testing.T) {
+	dir := t.TempDir()
+	sock := filepath.Join(dir, "control.sock")
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintf(w, "format=%s", r.URL.Query().Get("format"))
+	})}
+	go srv.Serve(ln)
+	defer srv.Close()
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--out", filepath.Join(dir, "mesh.svg")}, "format=svg"},
+		{[]string{"--out", filepath.Join(dir, "mesh.json")}, "format=json"},
+		{[]string{"--out", filepath.Join(dir, "mesh.gv")}, "format=dot"},
+		{[]string{"--out", filepath.Join(dir, "forced.svg"), "--format", "dot"}, "format=dot"},
+	} {
+		if _, errs, code := runCLI(t, append([]string{"graph", "--socket", sock}, tc.args...)...); code != 0 {
+			t.Fatalf("%v: exit %d, %q", tc.args, code, errs)
+		}
+		if b, _ := os.ReadFile(tc.args[1]); string(b) != tc.want {
+			t.Errorf("%v: wrote %q, want %q", tc.args, b, tc.want)
+		}
 	}
 }
