@@ -27,9 +27,15 @@ const AttributeURIScheme = "skybridge"
 
 // Limits that keep a signed advert inside memberlist's 512-byte node meta.
 const (
-	maxNameLen   = 63
-	maxRoutes    = 32
-	maxLabels    = 32
+	maxNameLen = 63
+	maxRoutes  = 32
+	maxLabels  = 32
+	// BurstLabel marks the certificate of a burst gateway (value "true"),
+	// set by the gateway that opens the burst: a burst gateway runs on
+	// rented servers for hours, and some acts are not left to it (the
+	// gossip keyring is changed only by gateways without it). Labels
+	// under "skybridge/" are skybridge's own.
+	BurstLabel   = "skybridge/burst"
 	maxEndpoints = 8
 )
 

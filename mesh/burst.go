@@ -77,11 +77,19 @@ func (r *BurstRequest) attributes(meshPrefix netip.Prefix) (certs.Attributes, er
 	if !meshPrefix.IsValid() {
 		overlay = netip.IPv4Unspecified().Next()
 	}
+	var errs []error
+	labels := map[string]string{certs.BurstLabel: "true"}
+	for k, v := range r.Labels {
+		if strings.HasPrefix(k, "skybridge/") {
+			errs = append(errs, fmt.Errorf("label %q: labels under skybridge/ are set by skybridge, not given", k))
+			continue
+		}
+		labels[k] = v
+	}
 	a := certs.Attributes{
 		Node: "placeholder", Site: r.Site, Region: r.Region, Provider: r.Provider, Jurisdiction: r.Jurisdiction,
-		OverlayIP: overlay, Labels: r.Labels,
+		OverlayIP: overlay, Labels: labels,
 	}
-	var errs []error
 	routes, err := certs.ParseRoutes(r.Routes)
 	if err != nil {
 		errs = append(errs, err)

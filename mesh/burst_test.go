@@ -69,8 +69,13 @@ func TestPickOverlayIP(t *testing.T) {
 func TestBurstRequestValidation(t *testing.T) {
 	mesh := netip.MustParsePrefix("100.96.0.0/16")
 	good := BurstRequest{BurstSite: amsSite, TTL: time.Hour}
-	if _, err := good.attributes(mesh); err != nil {
+	a, err := good.attributes(mesh)
+	if err != nil {
 		t.Fatalf("valid request refused: %v", err)
+	}
+	// Its gateways' certificates say they are a burst's.
+	if a.Labels[certs.BurstLabel] != "true" {
+		t.Fatalf("a burst's attributes lack %s: %v", certs.BurstLabel, a.Labels)
 	}
 	for _, tc := range []struct {
 		name string
@@ -87,6 +92,7 @@ func TestBurstRequestValidation(t *testing.T) {
 		{"long ttl", func(r *BurstRequest) { r.TTL = 30 * 24 * time.Hour }, "too long"},
 		{"token ttl", func(r *BurstRequest) { r.TokenTTL = time.Millisecond }, "--token-ttl"},
 		{"gateways", func(r *BurstRequest) { r.Gateways = 1000 }, "--gateways 1000"},
+		{"skybridge's label", func(r *BurstRequest) { r.Labels = map[string]string{certs.BurstLabel: "false"} }, "set by skybridge"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			r := good

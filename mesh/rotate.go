@@ -148,7 +148,7 @@ func (g *Gateway) handleKeyringOp(m message) error {
 	}
 	if err := g.verifyKeyringOp(op); err != nil {
 		g.log.Warn("refused gossip keyring operation", "peer", op.initiator, "err", err)
-		if errors.Is(err, errOpTime) {
+		if errors.Is(err, errOpTime) || errors.Is(err, errBurstRotates) {
 			refuse(err)
 		}
 		return err
@@ -181,6 +181,9 @@ const rotationSends = 16
 // operation.
 const maxRefusal = 400
 
+// errBurstRotates refuses a keyring operation a burst gateway started.
+var errBurstRotates = errors.New("a burst gateway may not change the gossip keyring: run `skybridge keys rotate-gossip` on a gateway of a lasting site")
+
 // errOpTime refuses a keyring operation dated too far from our clock.
 var errOpTime = errors.New("dated too far from this gateway's clock")
 
@@ -196,6 +199,12 @@ func (g *Gateway) verifyKeyringOp(op *keyringOp) error {
 	}
 	if attrs.Node != op.initiator {
 		return fmt.Errorf("signed by %s, claims to come from %s", attrs.Node, op.initiator)
+	}
+	if attrs.Labels[certs.BurstLabel] != "" {
+		// Were it compromised, it could put a key of its own on every
+		// gateway. (Burst gateways certified before the label: not told
+		// apart.)
+		return errBurstRotates
 	}
 	pub, ok := cert.PublicKey.(*ecdsa.PublicKey)
 	if !ok || !ecdsa.VerifyASN1(pub, op.digest(), op.sig) {
@@ -381,6 +390,9 @@ type RotationReport struct {
 // extra installed key, or the new key already primary) and a new rotation
 // finishes the job.
 func (g *Gateway) RotateGossipKey(ctx context.Context) (*RotationReport, error) {
+	if g.burst != nil || g.id.Load().Attributes().Labels[certs.BurstLabel] != "" {
+		return nil, errBurstRotates
+	}
 	g.rotation.Lock()
 	defer g.rotation.Unlock()
 	start := time.Now()

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"slices"
@@ -193,5 +194,42 @@ func TestGossipKeyRotationsOneAtATime(t *testing.T) {
 		if keys := lg.g.keyring.GetKeys(); len(keys) != 1 || !bytes.Equal(keys[0], nk) {
 			t.Errorf("%s holds %d keys after both rotations, op1's primary: %v", lg.g.s.Node.Name, len(keys), len(keys) > 0 && bytes.Equal(keys[0], nk))
 		}
+	}
+}
+
+// TestBurstGatewayCannotRotate: a burst gateway (its certificate carries
+// certs.BurstLabel, as burst up gives every one) may not change the
+// gossip keyring: its steps are refused, and it does not start a rotation.
+// A stolen burst identity could otherwise put its own key on every gateway.
+func TestBurstGatewayCannotRotate(t *testing.T) {
+	ca, lg := lonelyGateway(t)
+	g := lg.g
+	burst, err := ca.IssueIdentity(certs.Attributes{Node: "burst-ams-gw0", Site: "burst-ams", Region: "r", Provider: "aws", Jurisdiction: "NL",
+		OverlayIP: netip.MustParseAddr("100.64.9.20"), Labels: map[string]string{certs.BurstLabel: "true"}}, time.Hour, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	op := &keyringOp{kind: opUse, key: g.keyring.GetPrimaryKey(), id: []byte("burst-op-0000001"), at: time.Now(), initiator: "burst-ams-gw0", certDER: burst.Certificate().Raw}
+	msg, err := g.keyringOpFor(burst, op, g.s.Node.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dm, err := decodeMessage(msg, maxFields)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := parseKeyringOp(dm)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := g.verifyKeyringOp(got); !errors.Is(err, errBurstRotates) {
+		t.Fatalf("a step a burst gateway signed: %v, want it refused", err)
+	}
+	static := g.id.Load()
+	g.id.Store(burst)
+	_, err = g.RotateGossipKey(context.Background())
+	g.id.Store(static)
+	if !errors.Is(err, errBurstRotates) {
+		t.Fatalf("a rotation started on a burst gateway: %v, want it refused", err)
 	}
 }
