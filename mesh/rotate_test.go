@@ -95,19 +95,8 @@ func TestGossipKeyRotation(t *testing.T) {
 		ok  bool
 	}{{-3 * time.Minute, true}, {3 * time.Minute, true}, {-6 * time.Minute, false}, {6 * time.Minute, false}} {
 		op := &keyringOp{kind: opInstall, key: nk, id: []byte(fmt.Sprintf("skew-%011d", i)), at: time.Now().Add(tc.off), initiator: "op0", certDER: a.g.id.Load().Certificate().Raw}
-		msg, err := a.g.keyringOpFor(a.g.id.Load(), op, "op1")
-		if err != nil {
-			t.Fatal(err)
-		}
-		dm, err := decodeMessage(msg, maxFields)
-		if err != nil {
-			t.Fatal(err)
-		}
-		got, err := parseKeyringOp(dm)
-		if err != nil {
-			t.Fatal(err)
-		}
-		err = m.gws[1].g.verifyKeyringOp(got)
+		got := received(t, a.g, a.g.id.Load(), op, "op1")
+		err := m.gws[1].g.verifyKeyringOp(got)
 		if tc.ok && err != nil || !tc.ok && !errors.Is(err, errOpTime) {
 			t.Errorf("a step dated %s from op1's clock: %v", tc.off, err)
 		}
@@ -210,7 +199,22 @@ func TestBurstGatewayCannotRotate(t *testing.T) {
 		t.Fatal(err)
 	}
 	op := &keyringOp{kind: opUse, key: g.keyring.GetPrimaryKey(), id: []byte("burst-op-0000001"), at: time.Now(), initiator: "burst-ams-gw0", certDER: burst.Certificate().Raw}
-	msg, err := g.keyringOpFor(burst, op, g.s.Node.Name)
+	if err := g.verifyKeyringOp(received(t, g, burst, op, g.s.Node.Name)); !errors.Is(err, errBurstRotates) {
+		t.Fatalf("a step a burst gateway signed: %v, want it refused", err)
+	}
+	static := g.id.Load()
+	g.id.Store(burst)
+	_, err = g.RotateGossipKey(context.Background())
+	g.id.Store(static)
+	if !errors.Is(err, errBurstRotates) {
+		t.Fatalf("a rotation started on a burst gateway: %v, want it refused", err)
+	}
+}
+
+// received is op as member m receives it from g, signed by id.
+func received(t *testing.T, g *Gateway, id *certs.NodeIdentity, op *keyringOp, m string) *keyringOp {
+	t.Helper()
+	msg, err := g.keyringOpFor(id, op, m)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -222,14 +226,5 @@ func TestBurstGatewayCannotRotate(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := g.verifyKeyringOp(got); !errors.Is(err, errBurstRotates) {
-		t.Fatalf("a step a burst gateway signed: %v, want it refused", err)
-	}
-	static := g.id.Load()
-	g.id.Store(burst)
-	_, err = g.RotateGossipKey(context.Background())
-	g.id.Store(static)
-	if !errors.Is(err, errBurstRotates) {
-		t.Fatalf("a rotation started on a burst gateway: %v, want it refused", err)
-	}
+	return got
 }
