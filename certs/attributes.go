@@ -30,6 +30,8 @@ const (
 	maxNameLen = 63
 	maxRoutes  = 32
 	maxLabels  = 32
+	// MaxLabels is how many labels a certificate may carry.
+	MaxLabels = maxLabels
 	// BurstLabel marks the certificate of a burst gateway (value "true"),
 	// set by the gateway that opens the burst: a burst gateway runs on
 	// rented servers for hours, and some acts are not left to it (the

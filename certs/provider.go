@@ -142,7 +142,7 @@ func (p *Provider) Trust(ctx context.Context) (*TrustBundle, error) {
 	case err != nil:
 		return nil, fmt.Errorf("trust bundle in %s: %w", p.s.dir, err)
 	case issuerErr != nil:
-		p.log.Warn("issuer unreachable, using the trust bundle kept on disk", "err", issuerErr)
+		p.log.Warn("the issuer's trust bundle cannot be read (unreachable, or its files damaged); using the one kept on disk", "err", issuerErr)
 	}
 	return tb, nil
 }

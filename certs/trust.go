@@ -186,6 +186,17 @@ func (tb *TrustBundle) CRLs() []*x509.RevocationList {
 	return out
 }
 
+// CRLFor returns the list in force of the bundle's CA that signed cert,
+// or nil: none of its CAs did, or that one has no list here.
+func (tb *TrustBundle) CRLFor(cert *x509.Certificate) *x509.RevocationList {
+	for i, ca := range tb.cas {
+		if cert.CheckSignatureFrom(ca) == nil {
+			return tb.crls[i]
+		}
+	}
+	return nil
+}
+
 // RetiredCRLs returns the lists kept of CAs the bundle no longer holds.
 func (tb *TrustBundle) RetiredCRLs() []*x509.RevocationList { return tb.retired }
 

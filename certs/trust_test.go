@@ -334,3 +334,22 @@ func TestProviderKeepsRetiredLists(t *testing.T) {
 		t.Fatalf("after the issuer's answer: %d retired lists in memory, %d on disk, want 1", len(tb.RetiredCRLs()), len(loaded.RetiredCRLs()))
 	}
 }
+
+// TestTrustBundleCRLFor: the list of the CA that signed a certificate,
+// not any list the bundle holds.
+func TestTrustBundleCRLFor(t *testing.T) {
+	f := newRotation(t)
+	oldOnly, err := NewTrustBundle([]*x509.Certificate{f.old.Certificate(), f.new.Certificate()}, f.old.MeshPrefix())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if oldOnly, err = oldOnly.WithCRL(trust(t, f.old).CRL()); err != nil {
+		t.Fatal(err)
+	}
+	if oldOnly.CRLFor(f.oldID.Certificate()) == nil || oldOnly.CRLFor(f.newID.Certificate()) != nil {
+		t.Error("CRLFor does not tell which CA's list is here")
+	}
+	if f.both.CRLFor(trust(t, newTestCA(t)).CAs()[0]) != nil {
+		t.Error("a list for a certificate of a stranger CA")
+	}
+}

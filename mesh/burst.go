@@ -78,6 +78,9 @@ func (r *BurstRequest) attributes(meshPrefix netip.Prefix) (certs.Attributes, er
 		overlay = netip.IPv4Unspecified().Next()
 	}
 	var errs []error
+	if len(r.Labels) >= certs.MaxLabels {
+		errs = append(errs, fmt.Errorf("%d labels given; at most %d, as skybridge adds %s to a burst's", len(r.Labels), certs.MaxLabels-1, certs.BurstLabel))
+	}
 	labels := map[string]string{certs.BurstLabel: "true"}
 	for k, v := range r.Labels {
 		if strings.HasPrefix(k, "skybridge/") {

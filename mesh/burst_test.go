@@ -12,6 +12,7 @@ import (
 	"encoding/json"
 	"encoding/pem"
 	"errors"
+	"fmt"
 	"io/fs"
 	"log/slog"
 	"net/http"
@@ -93,6 +94,12 @@ func TestBurstRequestValidation(t *testing.T) {
 		{"token ttl", func(r *BurstRequest) { r.TokenTTL = time.Millisecond }, "--token-ttl"},
 		{"gateways", func(r *BurstRequest) { r.Gateways = 1000 }, "--gateways 1000"},
 		{"skybridge's label", func(r *BurstRequest) { r.Labels = map[string]string{certs.BurstLabel: "false"} }, "set by skybridge"},
+		{"labels", func(r *BurstRequest) {
+			r.Labels = map[string]string{}
+			for i := range certs.MaxLabels {
+				r.Labels[fmt.Sprintf("l%d", i)] = "v"
+			}
+		}, "as skybridge adds"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			r := good

@@ -1064,10 +1064,11 @@ func (w slogWriter) Write(p []byte) (int, error) {
 	if i := strings.Index(line, "] "); i >= 0 {
 		line = line[i+2:]
 	}
-	if strings.HasPrefix(line, "memberlist: ignoring alive message for") {
-		// Our own admission refused it, and said so once (membership):
-		// memberlist repeats it for every alive message, at a rate anyone
-		// holding the gossip key chooses.
+	if strings.HasPrefix(line, "memberlist: ignoring alive message for") || strings.Contains(line, errInboundBudget.Error()) {
+		// Our own admission refused it, or our transport ended the
+		// stream, and said so at most once a second: memberlist repeats
+		// it for every alive message or stream, at a rate anyone
+		// holding the gossip key (or reaching the port) chooses.
 		lvl = slog.LevelDebug
 	}
 	w.log.Log(context.Background(), lvl, line, "component", "gossip")

@@ -200,12 +200,6 @@ func (g *Gateway) verifyKeyringOp(op *keyringOp) error {
 	if attrs.Node != op.initiator {
 		return fmt.Errorf("signed by %s, claims to come from %s", attrs.Node, op.initiator)
 	}
-	if attrs.Labels[certs.BurstLabel] != "" {
-		// Were it compromised, it could put a key of its own on every
-		// gateway. (Burst gateways certified before the label: not told
-		// apart.)
-		return errBurstRotates
-	}
 	pub, ok := cert.PublicKey.(*ecdsa.PublicKey)
 	if !ok || !ecdsa.VerifyASN1(pub, op.digest(), op.sig) {
 		return fmt.Errorf("bad signature")
@@ -230,6 +224,13 @@ func (g *Gateway) verifyKeyringOp(op *keyringOp) error {
 	// and may be told (errOpTime).
 	if d := now.Sub(op.at); d > keyringOpMaxAge || d < -keyringOpMaxAge {
 		return fmt.Errorf("operation %w: it says %s, this clock %s (%s allowed)", errOpTime, op.at.UTC().Format(time.RFC3339), now.UTC().Format(time.RFC3339), keyringOpMaxAge)
+	}
+	// Last, like the time: refused with an answer, which only a step its
+	// initiator truly signed, once, may cost. Were a burst gateway
+	// compromised, it could put a key of its own on every gateway.
+	// (Burst gateways certified before the label: not told apart.)
+	if attrs.Labels[certs.BurstLabel] != "" {
+		return errBurstRotates
 	}
 	return nil
 }

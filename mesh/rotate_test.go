@@ -199,6 +199,15 @@ func TestBurstGatewayCannotRotate(t *testing.T) {
 		t.Fatal(err)
 	}
 	op := &keyringOp{kind: opUse, key: g.keyring.GetPrimaryKey(), id: []byte("burst-op-0000001"), at: time.Now(), initiator: "burst-ams-gw0", certDER: burst.Certificate().Raw}
+	// Forged (a burst gateway's certificate is public), it is refused as
+	// forged, which gets no answer: not as a burst's, which does.
+	forged := received(t, g, burst, op, g.s.Node.Name)
+	forged.sig = append([]byte(nil), forged.sig...)
+	forged.sig[len(forged.sig)-1] ^= 1
+	if err := g.verifyKeyringOp(forged); err == nil || errors.Is(err, errBurstRotates) {
+		t.Fatalf("a step forged in a burst gateway's name: %v, want it refused as forged", err)
+	}
+	op.id = []byte("burst-op-0000002")
 	if err := g.verifyKeyringOp(received(t, g, burst, op, g.s.Node.Name)); !errors.Is(err, errBurstRotates) {
 		t.Fatalf("a step a burst gateway signed: %v, want it refused", err)
 	}

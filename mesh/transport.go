@@ -302,22 +302,35 @@ var errInboundBudget = errors.New("gossip: incoming streams hold too much at onc
 // bytes it read.
 type inboundConn struct {
 	net.Conn
-	n     *atomic.Int64
-	bytes *atomic.Int64
-	read  atomic.Int64 // Close may come from another goroutine than Read
-	over  func()
-	once  sync.Once
+	n       *atomic.Int64
+	bytes   *atomic.Int64
+	seen    int64        // read so far (by the one goroutine reading)
+	ended   bool         // past the budget: every later read fails
+	charged atomic.Int64 // to bytes; Close may come from another goroutine
+	over    func()
+	once    sync.Once
 }
 
 func (c *inboundConn) Read(b []byte) (int, error) {
+	if c.ended {
+		return 0, errInboundBudget
+	}
 	n, err := c.Conn.Read(b)
 	if n > 0 {
-		if c.bytes.Add(int64(n)) > maxInboundBytes {
-			c.bytes.Add(-int64(n)) // dropped, not held
+		// The first inboundFree bytes of a stream are not charged: the
+		// small messages (acknowledgements, certificates, blobs) go on
+		// while large state exchanges fill the budget, and
+		// maxInboundStreams bounds them.
+		before := c.seen
+		c.seen += int64(n)
+		charge := max(c.seen-inboundFree, 0) - max(before-inboundFree, 0)
+		if charge > 0 && c.bytes.Add(charge) > maxInboundBytes {
+			c.bytes.Add(-charge) // dropped, not held
+			c.ended = true
 			c.over()
 			return 0, errInboundBudget
 		}
-		c.read.Add(int64(n))
+		c.charged.Add(charge)
 	}
 	return n, err
 }
@@ -325,10 +338,14 @@ func (c *inboundConn) Read(b []byte) (int, error) {
 func (c *inboundConn) Close() error {
 	c.once.Do(func() {
 		c.n.Add(-1)
-		c.bytes.Add(-c.read.Load())
+		c.bytes.Add(-c.charged.Load())
 	})
 	return c.Conn.Close()
 }
+
+// inboundFree is what each stream may read without charge to
+// maxInboundBytes.
+const inboundFree = 64 << 10
 
 // overBudget says, now and then, that a stream was closed for
 // maxInboundBytes.

@@ -238,6 +238,24 @@ func TestGossipTransportBoundsIncomingBytes(t *testing.T) {
 	if ended == 0 {
 		t.Fatalf("%d streams of %d MiB held open, none ended past %d MiB", streams, each>>20, maxInboundBytes>>20)
 	}
+	// With the budget spent, a small stream (an acknowledgement, a
+	// certificate) still goes through.
+	small, err := net.Dial("tcp", tr.tcp.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer small.Close()
+	go small.Write(junk[:inboundFree])
+	select {
+	case in := <-tr.StreamCh():
+		held = append(held, in)
+		in.SetReadDeadline(time.Now().Add(10 * time.Second))
+		if n, err := io.ReadFull(in, make([]byte, inboundFree)); err != nil {
+			t.Fatalf("a small stream with the budget spent: %d bytes, %v", n, err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the small stream was not handed over")
+	}
 	for _, c := range held {
 		c.Close()
 	}

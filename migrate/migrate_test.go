@@ -2128,7 +2128,7 @@ func TestSendFailureBeforeStartEnds(t *testing.T) {
 		if tweak != nil {
 			tweak(&cfg)
 		}
-		_, err := Send(context.Background(), cfg)
+		rec, err := Send(context.Background(), cfg)
 		want := "send/" + StateFailed
 		switch name {
 		case "done":
@@ -2139,5 +2139,16 @@ func TestSendFailureBeforeStartEnds(t *testing.T) {
 		if (err != nil) == (tweak == nil) || len(e.seen) != 1 || e.seen[0] != want {
 			t.Errorf("%s: err %v, ends %v; want one %s", name, err, e.seen, want)
 		}
+		if name != "done" {
+			continue
+		}
+		// Resuming it is nothing to do, not a failure.
+		done := e.seen
+		e.seen = nil
+		cfg.ID = rec.ID
+		if _, err := Send(context.Background(), cfg); !errors.Is(err, ErrAlreadyDone) || len(e.seen) != 0 {
+			t.Errorf("resuming a done migration: %v, ends %v; want ErrAlreadyDone and none", err, e.seen)
+		}
+		e.seen = done
 	}
 }

@@ -140,7 +140,7 @@ func Send(ctx context.Context, cfg SendConfig) (rec *SendRecord, err error) {
 	// migration to the metrics all the same: the CLI alone would say so.
 	begun := false
 	defer func() {
-		if err != nil && !begun {
+		if err != nil && !begun && !errors.Is(err, ErrAlreadyDone) {
 			cfg.Observer.Ended(RoleSend, StateFailed, 0)
 		}
 	}()
@@ -211,6 +211,10 @@ func Send(ctx context.Context, cfg SendConfig) (rec *SendRecord, err error) {
 	return s.rec, nil
 }
 
+// ErrAlreadyDone refuses to resume a migration that is done: not a
+// failed migration, nothing to do.
+var ErrAlreadyDone = errors.New("already done")
+
 // DefaultName is the name an image is stored under when none is given:
 // its file name without the extension.
 func DefaultName(image string) string {
@@ -247,7 +251,7 @@ func startRecord(cfg *SendConfig, sid SourceID) (*SendRecord, error) {
 		old, err := cfg.Journal.Send(cfg.ID)
 		if err == nil {
 			if old.State == StateDone {
-				return nil, fmt.Errorf("migration %s is already done", cfg.ID)
+				return nil, fmt.Errorf("migration %s is %w", cfg.ID, ErrAlreadyDone)
 			}
 			if old.Image != cfg.Image || old.To != cfg.To.Attributes.Node || old.Name != cfg.Name {
 				return nil, fmt.Errorf("migration %s was %s → %s as %s; it cannot resume as something else", cfg.ID, old.Image, old.To, old.Name)

@@ -69,8 +69,9 @@ type identityInfo struct {
 	Refusal       string           `json:"refusal,omitempty"`
 	RefusalReason certs.Reason     `json:"refusal_reason,omitempty"`
 	CRLNumber     string           `json:"crl_number,omitempty"`
-	// Unchecked: the directory holds no revocation list of its CA
-	// (crl.pem missing, or another CA's), so revocation was not checked.
+	// Unchecked: the directory holds no revocation list of the CA that
+	// signed it (crl.pem missing, or another CA's), so revocation was not
+	// checked.
 	Unchecked    bool   `json:"revocation_unchecked,omitempty"`
 	WireGuardKey string `json:"wireguard_public_key,omitempty"`
 	GossipKeys   int    `json:"gossip_keys"`
@@ -90,7 +91,7 @@ func describeIdentity(ctx context.Context, dir string, id *certs.NodeIdentity, t
 		if crl := tb.CRL(); crl != nil {
 			info.CRLNumber = crl.Number.String()
 		}
-		info.Unchecked = len(tb.CRLs()) == 0
+		info.Unchecked = tb.CRLFor(c) == nil
 		_, err := tb.VerifyCertificate(c, time.Now())
 		info.Accepted = err == nil
 		if err != nil {

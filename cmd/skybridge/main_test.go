@@ -518,7 +518,7 @@ func TestAuditVerifyEmpty(t *testing.T) {
 	if out, _, code := runCLI(t, "audit", "verify", "--log", log, "--ca-cert", filepath.Join(ca, "ca.crt")); code != 1 || !strings.Contains(out, "holds no record") {
 		t.Fatalf("an empty audit log: exit %d, %q", code, out)
 	}
-	if out, errs, code := runCLI(t, "audit", "verify", "--log", dir, "--ca-cert", filepath.Join(ca, "ca.crt")); code != 2 || strings.Contains(out, "INVALID") || !strings.Contains(errs, "not a file") {
+	if out, errs, code := runCLI(t, "audit", "verify", "--log", dir, "--ca-cert", filepath.Join(ca, "ca.crt")); code != 2 || strings.Contains(out, "INVALID") || !strings.Contains(errs, "is a directory") {
 		t.Fatalf("a directory for --log: exit %d, %q %q", code, out, errs)
 	}
 
