@@ -481,23 +481,40 @@ func caList(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	if c.Bool("json") {
-		if issued == nil {
-			issued = []certs.IssuedCert{}
-		}
-		return printJSON(c.App.Writer, issued)
-	}
 	now := time.Now()
-	rows := make([][]string, 0, len(issued))
-	for _, e := range issued {
-		state := "valid"
+	stateOf := func(e certs.IssuedCert) string {
 		switch {
 		case e.RevokedAt != nil:
-			state = "revoked (" + e.Reason + ")"
+			return "revoked"
 		case now.After(e.NotAfter):
-			state = "expired"
+			return "expired"
 		}
-		rows = append(rows, []string{e.Serial, e.Node, e.Site, e.OverlayIP, e.NotAfter.UTC().Format(time.RFC3339), state})
+		return "valid"
+	}
+	if c.Bool("json") {
+		// The state the table shows, beside the index entry.
+		type listed struct {
+			certs.IssuedCert
+			State string `json:"state"`
+		}
+		out := make([]listed, 0, len(issued))
+		for _, e := range issued {
+			out = append(out, listed{e, stateOf(e)})
+		}
+		return printJSON(c.App.Writer, out)
+	}
+	rows := make([][]string, 0, len(issued))
+	for _, e := range issued {
+		state := stateOf(e)
+		if e.RevokedAt != nil {
+			state += " (" + e.Reason + ")"
+		}
+		// A policy signer is not a gateway: no site, no address.
+		name, site := e.Node, e.Site
+		if e.Kind == certs.KindPolicySigner {
+			name, site = e.Node+" (policy signer)", "-"
+		}
+		rows = append(rows, []string{e.Serial, name, site, e.OverlayIP, e.NotAfter.UTC().Format(time.RFC3339), state})
 	}
 	return printTable(c.App.Writer, []string{"serial", "node", "site", "overlay ip", "not after", "state"}, rows)
 }

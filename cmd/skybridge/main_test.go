@@ -207,7 +207,7 @@ func TestCAWorkflow(t *testing.T) {
 	os.Rename(filepath.Join(gw, "crl.pem.away"), filepath.Join(gw, "crl.pem"))
 
 	var list []map[string]any
-	if err := json.Unmarshal([]byte(mustRun(t, "ca", "list", "--ca", ca, "--json")), &list); err != nil || len(list) != 1 {
+	if err := json.Unmarshal([]byte(mustRun(t, "ca", "list", "--ca", ca, "--json")), &list); err != nil || len(list) != 1 || list[0]["state"] != "valid" || list[0]["node"] != "gw1" {
 		t.Fatalf("ca list --json: %v %v", list, err)
 	}
 	if out := mustRun(t, "ca", "list", "--ca", ca); !strings.Contains(out, "SERIAL") || !strings.Contains(out, "gw1") {
@@ -243,6 +243,10 @@ func TestCAWorkflow(t *testing.T) {
 	}
 	if skey2, _ := os.ReadFile(filepath.Join(sdir, "signer.key")); !bytes.Equal(skey, skey2) {
 		t.Fatal("another signer's key was replaced")
+	}
+	// ca list tells the signer from a gateway.
+	if out := mustRun(t, "ca", "list", "--ca", ca); !strings.Contains(out, "compliance (policy signer)") {
+		t.Fatalf("ca list with a policy signer:\n%s", out)
 	}
 }
 
