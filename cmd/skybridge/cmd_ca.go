@@ -466,6 +466,10 @@ func caRevoke(c *cli.Context) error {
 		return printJSON(c.App.Writer, out)
 	}
 	for _, e := range done {
+		if e.Kind == certs.KindPolicySigner {
+			fmt.Fprintf(c.App.Writer, "revoked %s (policy signer %s, reason %s)\n", e.Serial, e.Node, e.Reason)
+			continue
+		}
 		fmt.Fprintf(c.App.Writer, "revoked %s (node %s, site %s, reason %s)\n", e.Serial, e.Node, e.Site, e.Reason)
 	}
 	fmt.Fprintf(c.App.Writer, "revocation list #%s written to %s\n", out.CRLNumber, filepath.Join(ca.Dir(), "crl.pem"))

@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -247,6 +248,15 @@ func TestCAWorkflow(t *testing.T) {
 	// ca list tells the signer from a gateway.
 	if out := mustRun(t, "ca", "list", "--ca", ca); !strings.Contains(out, "compliance (policy signer)") {
 		t.Fatalf("ca list with a policy signer:\n%s", out)
+	}
+	var listed []certs.IssuedCert
+	json.Unmarshal([]byte(mustRun(t, "ca", "list", "--ca", ca, "--json")), &listed)
+	i := slices.IndexFunc(listed, func(e certs.IssuedCert) bool { return e.Kind == certs.KindPolicySigner && e.RevokedAt == nil })
+	if i < 0 {
+		t.Fatalf("ca list --json names no valid policy signer: %+v", listed)
+	}
+	if out := mustRun(t, "ca", "revoke", "--ca", ca, "--serial", listed[i].Serial, "--reason", "superseded"); !strings.Contains(out, "(policy signer compliance, reason superseded)") {
+		t.Fatalf("ca revoke of a policy signer:\n%s", out)
 	}
 }
 
