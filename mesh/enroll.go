@@ -710,7 +710,7 @@ func (g *Gateway) refreshTrust(ctx context.Context) {
 	}
 }
 
-// rotation is an issuer's new signing CA that this gateway's certificate
+// issuerRotation is an issuer's new signing CA that this gateway's certificate
 // is not from: since when it is known, and whether a renewal was asked.
 type issuerRotation struct {
 	ca    *x509.Certificate
