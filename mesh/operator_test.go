@@ -278,6 +278,12 @@ func TestOperatorEndpoint(t *testing.T) {
 	if p, _ := fam.Value("skybridge_gossip_packets_total", map[string]string{"direction": "sent"}); p < 1 {
 		t.Errorf("skybridge_gossip_packets_total{direction=sent} = %v", p)
 	}
+	// Exported from the start, at zero: no stream was closed unread.
+	for _, reason := range []string{"too_many", "too_much"} {
+		if v, ok := fam.Value("skybridge_gossip_streams_closed_total", map[string]string{"reason": reason}); !ok || v != 0 {
+			t.Errorf("skybridge_gossip_streams_closed_total{reason=%q} = %v (exported %v), want 0", reason, v, ok)
+		}
+	}
 	if v, _ := fam.Value("skybridge_reconcile_runs_total", nil); v < 1 {
 		t.Errorf("skybridge_reconcile_runs_total = %v", v)
 	}

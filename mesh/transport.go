@@ -60,6 +60,9 @@ type gossipTraffic struct {
 	packetsSent, packetsReceived         atomic.Int64
 	packetBytesSent, packetBytesReceived atomic.Int64
 	streamBytesSent, streamBytesReceived atomic.Int64
+	// Incoming streams the transport closed before memberlist was done
+	// with them: too many at once, or too much read at once.
+	streamsTooMany, streamsTooMuch atomic.Int64
 }
 
 // countingConn counts a stream's bytes each way.
@@ -267,6 +270,7 @@ func (t *gossipTransport) acceptStreams() {
 		// out of descriptors. Past the bound they are closed at once.
 		if t.inbound.Add(1) > maxInboundStreams {
 			t.inbound.Add(-1)
+			t.traffic.streamsTooMany.Add(1)
 			c.Close()
 			if ok, dropped := t.warnFull.Allow(); ok {
 				t.log.Warn("gossip: too many incoming streams at once; closing new ones", "max", maxInboundStreams, "closed_unlogged", dropped)
@@ -350,6 +354,7 @@ const inboundFree = 64 << 10
 // overBudget says, now and then, that a stream was closed for
 // maxInboundBytes.
 func (t *gossipTransport) overBudget() {
+	t.traffic.streamsTooMuch.Add(1)
 	if ok, dropped := t.warnBytes.Allow(); ok {
 		t.log.Warn("gossip: incoming streams hold too much at once; closing the one that went past", "max_bytes", maxInboundBytes, "closed_unlogged", dropped)
 	}

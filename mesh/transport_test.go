@@ -183,6 +183,9 @@ func TestGossipTransportBoundsIncomingStreams(t *testing.T) {
 	if _, err := over.Read(make([]byte, 1)); err != io.EOF {
 		t.Fatalf("a stream past the bound: read %v, want it closed (EOF)", err)
 	}
+	if n := tr.traffic.streamsTooMany.Load(); n != 1 {
+		t.Fatalf("%d streams counted as closed for too many at once, want 1", n)
+	}
 	held[0].Close()
 	dial()
 	taken().Close()
@@ -235,8 +238,8 @@ func TestGossipTransportBoundsIncomingBytes(t *testing.T) {
 			t.Fatalf("incoming streams hold %d bytes, more than %d", got, maxInboundBytes)
 		}
 	}
-	if ended == 0 {
-		t.Fatalf("%d streams of %d MiB held open, none ended past %d MiB", streams, each>>20, maxInboundBytes>>20)
+	if ended == 0 || tr.traffic.streamsTooMuch.Load() != int64(ended) {
+		t.Fatalf("%d streams of %d MiB held open: %d ended past %d MiB, %d counted", streams, each>>20, ended, maxInboundBytes>>20, tr.traffic.streamsTooMuch.Load())
 	}
 	// With the budget spent, a small stream (an acknowledgement, a
 	// certificate) still goes through.
