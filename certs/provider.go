@@ -241,11 +241,11 @@ func RenewalTime(notBefore, notAfter time.Time, jitter float64) time.Time {
 
 // KeepRenewed renews id at its renewal time, again and again, until ctx is
 // done, calling onRenew with each new identity (the gateway re-advertises
-// it). A receive from now renews at once (the issuer signs with a new
-// CA). Failed renewals are retried with backoff while the current
+// it). A receive from renewNow renews at once (the issuer signs with a
+// new CA). Failed renewals are retried with backoff while the current
 // certificate is still valid, and after that too: a gateway should recover
 // as soon as its issuer does.
-func (p *Provider) KeepRenewed(ctx context.Context, id *NodeIdentity, now <-chan struct{}, onRenew func(*NodeIdentity, *TrustBundle)) error {
+func (p *Provider) KeepRenewed(ctx context.Context, id *NodeIdentity, renewNow <-chan struct{}, onRenew func(*NodeIdentity, *TrustBundle)) error {
 	if p.issuer == nil {
 		return errors.New("identity back end cannot renew certificates (no issuer): configure Vault or ca_dir")
 	}
@@ -259,7 +259,7 @@ func (p *Provider) KeepRenewed(ctx context.Context, id *NodeIdentity, now <-chan
 			t.Stop()
 			return ctx.Err()
 		case <-t.C:
-		case <-now:
+		case <-renewNow:
 			t.Stop()
 		}
 		if err := ctx.Err(); err != nil { // a timer run out as ctx ended
@@ -274,7 +274,7 @@ func (p *Provider) KeepRenewed(ctx context.Context, id *NodeIdentity, now <-chan
 				// A renewal asked for meanwhile (while this one was
 				// retried) is done.
 				select {
-				case <-now:
+				case <-renewNow:
 				default:
 				}
 				break

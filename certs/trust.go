@@ -135,9 +135,12 @@ func ParseCRLs(b []byte) ([]*x509.RevocationList, error) {
 		if blk == nil {
 			break
 		}
-		crl, err := ParseCRL(pem.EncodeToMemory(blk))
+		if blk.Type != pemCRL {
+			return nil, fmt.Errorf("PEM block is %q, want %q", blk.Type, pemCRL)
+		}
+		crl, err := x509.ParseRevocationList(blk.Bytes)
 		if err != nil {
-			return nil, err
+			return nil, fmt.Errorf("parse revocation list: %w", err)
 		}
 		crls = append(crls, crl)
 	}
@@ -252,6 +255,9 @@ func (tb *TrustBundle) index(ca *x509.Certificate) int {
 	}
 	return -1
 }
+
+// SignedByCA reports whether one of the bundle's CAs signed crl.
+func (tb *TrustBundle) SignedByCA(crl *x509.RevocationList) bool { return tb.signerOf(crl) != nil }
 
 // signerOf is the first of the bundle's CAs that signed crl, or nil.
 func (tb *TrustBundle) signerOf(crl *x509.RevocationList) *x509.Certificate {

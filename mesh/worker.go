@@ -120,11 +120,7 @@ func (g *Gateway) handle(b []byte) error {
 		if err != nil || len(kind) != 1 {
 			return fmt.Errorf("bad announcement")
 		}
-		// A CRL version is a sum over CAs, which falls when one is
-		// retired and can be the same for different lists: any other
-		// version is asked for (taking lists is idempotent). A policy's
-		// only grows.
-		if (v > g.blobVersion(kind[0]) || kind[0] == blobCRL && v != g.blobVersion(kind[0])) && from != me.Attributes().Node {
+		if wantBlob(kind[0], v, g.blobVersion(kind[0]), len(g.trust.Load().CAs())) && from != me.Attributes().Node {
 			g.sendAsync(from, netip.AddrPort{}, encodeMessage(msgBlobRequest, kind, []byte(me.Attributes().Node), g.gossipAddr()))
 		}
 		return nil
@@ -167,10 +163,10 @@ func (g *Gateway) handle(b []byte) error {
 			if err != nil {
 				return err
 			}
-			// A list of no CA trusted here is said; an older one than
-			// held is what a gateway behind announced, and asked for.
-			if _, err := g.trust.Load().WithCRL(crl); err != nil && !errors.Is(err, certs.ErrReplay) {
-				return err
+			// A list of no CA trusted here is said; one no newer than
+			// held is passed over by adoptLists.
+			if !g.trust.Load().SignedByCA(crl) {
+				return errors.New("revocation list not signed by a CA this gateway trusts")
 			}
 			g.adoptLists([]*x509.RevocationList{crl})
 		case blobCRLs:
@@ -195,6 +191,16 @@ func (g *Gateway) handle(b []byte) error {
 		return g.handleKeyringAck(m)
 	}
 	return fmt.Errorf("unknown message type %d", m.typ)
+}
+
+// wantBlob reports whether a blob announced at version v is worth asking
+// for, holding version have and trusting cas CAs. A CRL version is a sum
+// over CAs, which falls when one is retired and can be the same for
+// different lists: a gateway that trusts several asks for any other
+// version (taking lists is idempotent). With one CA, only a higher one
+// can bring it a newer list. A policy's version only grows.
+func wantBlob(kind byte, v, have uint64, cas int) bool {
+	return v > have || kind == blobCRL && cas > 1 && v != have
 }
 
 // blobVersion is the version of what we hold: the CRL number, the policy

@@ -285,3 +285,26 @@ func TestOwnCertificateRevoked(t *testing.T) {
 		t.Fatalf("its revocation said %d times, want once:\n%s", n, logs.String())
 	}
 }
+
+// TestWantBlob: which announced versions are asked for.
+func TestWantBlob(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		kind    byte
+		v, have uint64
+		cas     int
+		want    bool
+	}{
+		{"a newer list", blobCRL, 8, 7, 1, true},
+		{"the same list", blobCRL, 7, 7, 1, false},
+		{"an older list, one CA", blobCRL, 6, 7, 1, false},
+		{"a lower sum, two CAs (a CA retired there)", blobCRL, 4, 60, 2, true},
+		{"the same sum, two CAs", blobCRL, 60, 60, 2, false},
+		{"an older policy", blobPolicy, 3, 4, 2, false},
+		{"a newer policy", blobPolicy, 5, 4, 1, true},
+	} {
+		if got := wantBlob(tc.kind, tc.v, tc.have, tc.cas); got != tc.want {
+			t.Errorf("%s: wantBlob = %v, want %v", tc.name, got, tc.want)
+		}
+	}
+}
