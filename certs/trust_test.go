@@ -5,6 +5,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"math/big"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"testing"
@@ -24,19 +25,27 @@ func newRotation(t *testing.T) *rotationFixture {
 	f := &rotationFixture{old: newTestCA(t), new: newTestCA(t)}
 	f.oldID = issue(t, f.old, testAttrs("gw-old", "zrh", "100.96.0.1"), t0, 24*time.Hour)
 	f.newID = issue(t, f.new, testAttrs("gw-new", "fra", "100.96.0.2"), t0, 24*time.Hour)
-	tb, err := NewTrustBundle([]*x509.Certificate{f.old.Certificate(), f.new.Certificate()}, f.old.MeshPrefix())
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, ca := range []*CA{f.old, f.new} {
-		if tb, err = tb.WithCRL(trust(t, ca).CRL()); err != nil {
-			t.Fatal(err)
-		}
-	}
+	tb := bundleOf(t, []*x509.Certificate{f.old.Certificate(), f.new.Certificate()}, trust(t, f.old).CRL(), trust(t, f.new).CRL())
+	var err error
 	if f.both, err = tb.WithSigning(f.new.Certificate()); err != nil {
 		t.Fatal(err)
 	}
 	return f
+}
+
+// bundleOf is a bundle of cas with lists in force.
+func bundleOf(t *testing.T, cas []*x509.Certificate, lists ...*x509.RevocationList) *TrustBundle {
+	t.Helper()
+	tb, err := NewTrustBundle(cas, netip.Prefix{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range lists {
+		if tb, err = tb.WithCRL(l); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return tb
 }
 
 // revoke revokes id at ca and returns the CA's new list.
@@ -126,13 +135,7 @@ func TestTrustBundleAdopt(t *testing.T) {
 
 	// The old CA retired: its certificates are refused, and the bundle
 	// changed even though no list is newer.
-	newOnly, err := NewTrustBundle([]*x509.Certificate{f.new.Certificate()}, f.new.MeshPrefix())
-	if err != nil {
-		t.Fatal(err)
-	}
-	if newOnly, err = newOnly.WithCRL(trust(t, f.new).CRL()); err != nil {
-		t.Fatal(err)
-	}
+	newOnly := bundleOf(t, []*x509.Certificate{f.new.Certificate()}, trust(t, f.new).CRL())
 	retired, changed := held.Adopt(newOnly)
 	if !changed || len(retired.CAs()) != 1 {
 		t.Fatalf("the old CA retired: changed %v, %d CAs", changed, len(retired.CAs()))
@@ -202,11 +205,7 @@ func TestTrustBundleRetiredCAComesBack(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	newOnly, err := NewTrustBundle([]*x509.Certificate{f.new.Certificate()}, f.new.MeshPrefix())
-	if err != nil {
-		t.Fatal(err)
-	}
-	retired, _ := held.Adopt(newOnly)
+	retired, _ := held.Adopt(bundleOf(t, []*x509.Certificate{f.new.Certificate()}))
 	dir := t.TempDir()
 	if err := retired.Save(dir); err != nil {
 		t.Fatal(err)
@@ -270,20 +269,8 @@ func TestTrustBundleReissuedCA(t *testing.T) {
 	if _, err := trust(t, ca).WithCRL(first); err == nil {
 		t.Fatal("an older list taken") // sanity: first is older
 	}
-	held, err := NewTrustBundle([]*x509.Certificate{ca.Certificate()}, ca.MeshPrefix())
-	if err != nil {
-		t.Fatal(err)
-	}
-	if held, err = held.WithCRL(first); err != nil {
-		t.Fatal(err)
-	}
-	next, err := NewTrustBundle([]*x509.Certificate{reissued}, ca.MeshPrefix())
-	if err != nil {
-		t.Fatal(err)
-	}
-	if next, err = next.WithCRL(second); err != nil {
-		t.Fatal(err)
-	}
+	held := bundleOf(t, []*x509.Certificate{ca.Certificate()}, first)
+	next := bundleOf(t, []*x509.Certificate{reissued}, second)
 	adopted, changed := held.Adopt(next)
 	if !changed || len(adopted.RetiredCRLs()) != 0 {
 		t.Fatalf("the reissued CA: changed %v, %d lists kept aside, want none", changed, len(adopted.RetiredCRLs()))
@@ -339,13 +326,7 @@ func TestProviderKeepsRetiredLists(t *testing.T) {
 // not any list the bundle holds.
 func TestTrustBundleCRLFor(t *testing.T) {
 	f := newRotation(t)
-	oldOnly, err := NewTrustBundle([]*x509.Certificate{f.old.Certificate(), f.new.Certificate()}, f.old.MeshPrefix())
-	if err != nil {
-		t.Fatal(err)
-	}
-	if oldOnly, err = oldOnly.WithCRL(trust(t, f.old).CRL()); err != nil {
-		t.Fatal(err)
-	}
+	oldOnly := bundleOf(t, []*x509.Certificate{f.old.Certificate(), f.new.Certificate()}, trust(t, f.old).CRL())
 	if oldOnly.CRLFor(f.oldID.Certificate()) == nil || oldOnly.CRLFor(f.newID.Certificate()) != nil {
 		t.Error("CRLFor does not tell which CA's list is here")
 	}
