@@ -293,6 +293,11 @@ func (g *Gateway) signAdvert() error {
 	// older-versioned one that ended up current as a replay.
 	g.advertMu.Lock()
 	defer g.advertMu.Unlock()
+	if g.leaving.Load() && g.self.Load() != nil {
+		// Our leave notice names the last version; a newer one would
+		// void it.
+		return nil
+	}
 	id := g.id.Load()
 	a := id.Attributes()
 	v, warn := g.state.nextAdvertVersion(uint64(g.now().UnixMilli()))

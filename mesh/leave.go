@@ -20,35 +20,55 @@ import (
 // first should disappear from the metrics, the second should alert. The
 // signature matters because the gossip key alone must not let anyone
 // retire a live gateway and so silence the alert about its site.
+//
+// A notice names the version of the leaver's last advert. A signature
+// and a date alone would let a holder of the gossip key replay a genuine
+// notice, within its five minutes, against the same gateway's next run:
+// restarted, then crashed, it would show as gone on purpose. Each run
+// signs adverts of higher versions (they are kept in the state
+// directory), so a notice older than the advert a member was last
+// verified with is from an earlier run and counts for nothing.
 
 const (
-	msgLeaving     byte = 9 // node, unix time, signature: "I am leaving on purpose"
-	leavingDomain       = "skybridge leaving v1\x00"
+	msgLeaving     byte = 9 // node, unix time, advert version, signature: "I am leaving on purpose"
+	leavingDomain       = "skybridge leaving v2\x00"
 	leavingSkew         = certs.MaxClockSkew // how far the stated time may be from ours
 	leavingMatches      = time.Minute        // a leave notice and the departure belong together within this
 )
 
-func leavingDigest(node string, at int64) []byte {
+func leavingDigest(node string, at int64, version uint64) []byte {
 	h := sha256.New()
 	h.Write([]byte(leavingDomain))
 	h.Write([]byte(node))
 	h.Write([]byte{0})
 	h.Write(binary.BigEndian.AppendUint64(nil, uint64(at)))
+	h.Write(binary.BigEndian.AppendUint64(nil, version))
 	return h.Sum(nil)
 }
 
 // announceLeaving tells every member, directly and by gossip, that this
 // gateway is leaving on purpose.
 func (g *Gateway) announceLeaving() {
+	// Under the advert lock: a re-sign under way ends first, and none
+	// follows once leaving is set (signAdvert), so no advert of a higher
+	// version than the notice's can reach members after it.
+	g.advertMu.Lock()
+	self := g.self.Load()
+	g.advertMu.Unlock()
+	if self == nil {
+		return // never advertised: nobody to tell
+	}
+	version := self.Advert.Version
 	id := g.id.Load()
 	node := id.Attributes().Node
 	at := g.now().Unix()
-	sig, err := id.Signer().Sign(rand.Reader, leavingDigest(node, at), crypto.SHA256)
+	sig, err := id.Signer().Sign(rand.Reader, leavingDigest(node, at, version), crypto.SHA256)
 	if err != nil {
 		g.log.Warn("sign leave notice", "err", err)
 		return
 	}
-	msg := encodeMessage(msgLeaving, []byte(node), binary.BigEndian.AppendUint64(nil, uint64(at)), sig)
+	msg := encodeMessage(msgLeaving, []byte(node), binary.BigEndian.AppendUint64(nil, uint64(at)),
+		binary.BigEndian.AppendUint64(nil, version), sig)
 	// Gossip carries it to members a lost datagram would miss; memberlist
 	// goes on sending broadcasts while Leave spreads our departure.
 	if g.queue != nil {
@@ -63,16 +83,20 @@ func (g *Gateway) announceLeaving() {
 
 // handleLeaving checks a leave notice and records it.
 func (g *Gateway) handleLeaving(m message) error {
-	if len(m.fields) != 3 || len(m.fields[1]) != 8 {
+	if len(m.fields) == 3 {
+		// Earlier releases' notices name no version: replayable.
+		return errors.New("leave notice without an advert version (a gateway of an earlier release): ignored")
+	}
+	if len(m.fields) != 4 || len(m.fields[1]) != 8 || len(m.fields[2]) != 8 {
 		return errors.New("leave notice: malformed")
 	}
-	node, at, sig := string(m.fields[0]), int64(binary.BigEndian.Uint64(m.fields[1])), m.fields[2]
+	node, at, version, sig := string(m.fields[0]), int64(binary.BigEndian.Uint64(m.fields[1])), binary.BigEndian.Uint64(m.fields[2]), m.fields[3]
 	now := g.now()
 	if d := now.Sub(time.Unix(at, 0)); d > leavingSkew || d < -leavingSkew {
 		return fmt.Errorf("leave notice of %s: dated %s away from now", node, d.Round(time.Second))
 	}
-	return g.members.leaving(node, func(v *certs.Verified) bool {
+	return g.members.leaving(node, version, func(v *certs.Verified) bool {
 		pub, ok := v.Cert.PublicKey.(*ecdsa.PublicKey)
-		return ok && ecdsa.VerifyASN1(pub, leavingDigest(node, at), sig)
+		return ok && ecdsa.VerifyASN1(pub, leavingDigest(node, at, version), sig)
 	})
 }

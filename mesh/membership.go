@@ -40,6 +40,7 @@ type member struct {
 	remembered   bool            // restored from the state directory, not yet heard from
 	left         bool            // left on purpose (it said so, signed), rather than declared dead
 	leavingAt    time.Time       // when its signed leave notice arrived
+	leavingVer   uint64          // the advert version the notice names
 	lastVerified *certs.Verified // kept when it dies, to check its leave notice
 	// renewing: verified, its new advert names a certificate not fetched
 	// yet; the advert verified last stands meanwhile.
@@ -455,6 +456,11 @@ func (ms *membership) judgeLocked(m *member) (needCert bool) {
 		return false
 	}
 	m.verified, m.seen, m.state, m.reason, m.lastVerified, m.verifiedMeta = v, &v.Seen, StateVerified, "", v, m.meta
+	if !m.leavingAt.IsZero() && v.Seen.Version > m.leavingVer {
+		// A newer advert than its notice's: it came back (a restart
+		// quicker than gossip's failure detection), and its notice is over.
+		m.left, m.leavingAt = false, time.Time{}
+	}
 	return false
 }
 
@@ -495,10 +501,11 @@ func (ms *membership) leave(name string) {
 	ms.changed()
 }
 
-// leaving records a member's signed notice that it is leaving on purpose;
-// valid checks the signature against the member's verified certificate.
-// The notice may arrive before or after gossip reports the departure.
-func (ms *membership) leaving(name string, valid func(*certs.Verified) bool) error {
+// leaving records a member's signed notice that it is leaving on purpose,
+// made when its advert was at version; valid checks the signature against
+// the member's verified certificate. The notice may arrive before or
+// after gossip reports the departure.
+func (ms *membership) leaving(name string, version uint64, valid func(*certs.Verified) bool) error {
 	ms.mu.Lock()
 	defer ms.mu.Unlock()
 	m := ms.members[name]
@@ -509,7 +516,10 @@ func (ms *membership) leaving(name string, valid func(*certs.Verified) bool) err
 	if v == nil || !valid(v) {
 		return fmt.Errorf("leave notice of %s: signature does not verify", name)
 	}
-	m.leavingAt = ms.now()
+	if version < v.Seen.Version {
+		return fmt.Errorf("leave notice of %s names advert version %d, older than the %d verified since: a replay from an earlier run", name, version, v.Seen.Version)
+	}
+	m.leavingAt, m.leavingVer = ms.now(), version
 	if m.state == StateDead && ms.now().Sub(m.changed) < leavingMatches {
 		m.left, m.reason = true, "left the mesh"
 	}

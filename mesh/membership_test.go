@@ -537,30 +537,31 @@ func TestMembershipGeneration(t *testing.T) {
 
 // TestLeaveNotice: a gateway that leaves on purpose is told from one that
 // crashed only by its signed notice, whichever arrives first, the notice
-// or gossip's report; a notice signed by anyone else, or stale, counts
-// for nothing.
+// or gossip's report; a notice signed by anyone else, stale, or from an
+// earlier run of the gateway counts for nothing.
 func TestLeaveNotice(t *testing.T) {
 	f := newFixture(t)
 	ms := newMembership("self", f.trust(), func() time.Time { return f.now }, func() {})
 	g := &Gateway{members: ms, now: func() time.Time { return f.now }}
 	ids := map[string]*certs.NodeIdentity{}
-	for i, name := range []string{"early", "late", "crashed", "forged"} {
+	for i, name := range []string{"early", "late", "crashed", "forged", "replayed", "restarted"} {
 		id := f.identity(name, "site-"+name, byte(i+1), f.now.Add(-time.Hour))
 		ids[name] = id
-		meta := f.advert(id, 1)
+		meta := f.advert(id, 10)
 		ms.update(name, gossipAddr, meta)
 		if err := ms.addCert(id.Certificate().Raw); err != nil {
 			t.Fatal(err)
 		}
 	}
-	notice := func(name string, signer *certs.NodeIdentity, at time.Time) message {
-		sig, err := signer.Signer().Sign(rand.Reader, leavingDigest(name, at.Unix()), crypto.SHA256)
+	notice := func(name string, signer *certs.NodeIdentity, at time.Time, version uint64) message {
+		sig, err := signer.Signer().Sign(rand.Reader, leavingDigest(name, at.Unix(), version), crypto.SHA256)
 		if err != nil {
 			t.Fatal(err)
 		}
-		return message{typ: msgLeaving, fields: [][]byte{[]byte(name), binary.BigEndian.AppendUint64(nil, uint64(at.Unix())), sig}}
+		return message{typ: msgLeaving, fields: [][]byte{[]byte(name), binary.BigEndian.AppendUint64(nil, uint64(at.Unix())),
+			binary.BigEndian.AppendUint64(nil, version), sig}}
 	}
-	if err := g.handleLeaving(notice("early", ids["early"], f.now)); err != nil {
+	if err := g.handleLeaving(notice("early", ids["early"], f.now, 10)); err != nil {
 		t.Fatal(err)
 	}
 	// Members are judged again (a new revocation list, the periodic
@@ -569,18 +570,43 @@ func TestLeaveNotice(t *testing.T) {
 	ms.refresh()
 	ms.leave("early")
 	ms.leave("late")
-	if err := g.handleLeaving(notice("late", ids["late"], f.now)); err != nil {
+	if err := g.handleLeaving(notice("late", ids["late"], f.now, 10)); err != nil {
 		t.Fatal(err)
 	}
-	if err := g.handleLeaving(notice("forged", ids["crashed"], f.now)); err == nil {
+	if err := g.handleLeaving(notice("forged", ids["crashed"], f.now, 10)); err == nil {
 		t.Error("a notice signed by another gateway was accepted")
 	}
-	if err := g.handleLeaving(notice("forged", ids["forged"], f.now.Add(-10*time.Minute))); err == nil {
+	if err := g.handleLeaving(notice("forged", ids["forged"], f.now.Add(-10*time.Minute), 10)); err == nil {
 		t.Error("a stale notice was accepted")
 	}
-	ms.leave("crashed")
-	ms.leave("forged")
-	want := map[string]bool{"early": true, "late": true, "crashed": false, "forged": false}
+	// A genuine notice, replayed against the gateway's next run (a newer
+	// advert), which then crashes: a crash, not a departure.
+	old := notice("replayed", ids["replayed"], f.now, 10)
+	if err := g.handleLeaving(old); err != nil {
+		t.Fatal(err)
+	}
+	ms.leave("replayed")
+	ms.update("replayed", gossipAddr, f.advert(ids["replayed"], 11))
+	if err := g.handleLeaving(old); err == nil || !strings.Contains(err.Error(), "earlier run") {
+		t.Errorf("a notice from an earlier run: %v, want refused as a replay", err)
+	}
+	// Without the version, the notice of the earlier release cannot be
+	// told from a replay.
+	v1 := old
+	v1.fields = [][]byte{old.fields[0], old.fields[1], old.fields[3]}
+	if err := g.handleLeaving(v1); err == nil || !strings.Contains(err.Error(), "earlier release") {
+		t.Errorf("a notice without an advert version: %v, want refused as an earlier release's", err)
+	}
+	// Restarted before gossip noticed it go: its newer advert ends the
+	// notice, so a crash soon after is one.
+	if err := g.handleLeaving(notice("restarted", ids["restarted"], f.now, 10)); err != nil {
+		t.Fatal(err)
+	}
+	ms.update("restarted", gossipAddr, f.advert(ids["restarted"], 12))
+	for _, name := range []string{"crashed", "forged", "replayed", "restarted"} {
+		ms.leave(name)
+	}
+	want := map[string]bool{"early": true, "late": true, "crashed": false, "forged": false, "replayed": false, "restarted": false}
 	for _, v := range ms.snapshot() {
 		if v.State != StateDead || v.Left != want[v.Name] {
 			t.Errorf("%s: %s, left %v; want dead, left %v", v.Name, v.State, v.Left, want[v.Name])

@@ -30,7 +30,8 @@ type liveGateway struct {
 	g    *Gateway
 	dev  *RecordingDevice
 	done chan struct{}
-	err  error // Run's, once done is closed
+	err  error  // Run's, once done is closed
+	stop func() // ends Run as a signal would, and waits for it
 }
 
 func startLiveGateway(t *testing.T, ca *certs.CA, dir string, i int, site string, seeds []string, logs io.Writer) *liveGateway {
@@ -83,6 +84,7 @@ func runLiveGateway(t *testing.T, s *Settings, logs io.Writer) *liveGateway {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	lg := &liveGateway{g: g, dev: dev, done: make(chan struct{})}
+	lg.stop = func() { cancel(); <-lg.done }
 	go func() {
 		defer close(lg.done)
 		lg.err = g.Run(ctx)
@@ -91,7 +93,7 @@ func runLiveGateway(t *testing.T, s *Settings, logs io.Writer) *liveGateway {
 			t.Errorf("%s: %v", g.id.Load().Attributes().Node, lg.err)
 		}
 	}()
-	t.Cleanup(func() { cancel(); <-lg.done })
+	t.Cleanup(lg.stop)
 	return lg
 }
 

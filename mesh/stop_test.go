@@ -218,3 +218,35 @@ func TestStatusPlacesRestoredDeadMembers(t *testing.T) {
 		t.Errorf("restored members counted under unknown: %v", reachable)
 	}
 }
+
+// TestStoppedGatewayShownAsLeft: a gateway stopped on purpose is shown by
+// the others as gone on purpose, not crashed: its leave notice, signed
+// with its last advert's version, is accepted.
+func TestStoppedGatewayShownAsLeft(t *testing.T) {
+	dir := t.TempDir()
+	ca, err := certs.InitCA(filepath.Join(dir, "ca"), certs.InitOptions{MeshPrefix: netip.MustParsePrefix("100.64.0.0/10")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := startLiveGateway(t, ca, dir, 0, "home", nil, io.Discard)
+	b := startLiveGateway(t, ca, dir, 1, "away", []string{a.g.s.GossipAdvertise.String()}, io.Discard)
+	member := func(name string) (MemberView, bool) {
+		for _, m := range a.g.members.snapshot() {
+			if m.Name == name {
+				return m, true
+			}
+		}
+		return MemberView{}, false
+	}
+	waitUntil(t, 20*time.Second, "op0 to verify op1", func() bool {
+		m, ok := member("op1")
+		return ok && m.State == StateVerified
+	})
+	b.stop()
+	// The notice and gossip's report of the departure arrive in either
+	// order.
+	waitUntil(t, 20*time.Second, "op0 to show op1 as left on purpose", func() bool {
+		m, _ := member("op1")
+		return m.State == StateDead && m.Left && m.Reason == "left the mesh"
+	})
+}
