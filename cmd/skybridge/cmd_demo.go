@@ -26,7 +26,7 @@ func demoCommand() *cli.Command {
 		},
 		Action: func(c *cli.Context) error {
 			if d := c.String("down"); d != "" {
-				for _, f := range []string{"keep", "mode"} {
+				for _, f := range []string{"keep", "mode", "json"} {
 					if c.IsSet(f) {
 						return usageError("--down stops a kept demo; --%s is for starting one", f)
 					}

@@ -71,14 +71,14 @@ func migrateCommand() *cli.Command {
 				UsageText: "skybridge migrate cancel ID (--config | --socket)",
 				Flags:     socketFlags,
 				Action: func(c *cli.Context) error {
+					id := c.Args().First()
+					if id == "" {
+						return usageError("which migration? skybridge migrate cancel ID")
+					}
 					cl, err := controlClient(c)
 					if err != nil {
 						return err
 					}
-					if c.Args().First() == "" {
-						return usageError("which migration? skybridge migrate cancel ID")
-					}
-					id := c.Args().First()
 					if err := cl.CancelMigration(c.Context, id); err != nil {
 						return err
 					}
@@ -267,13 +267,13 @@ func migrateList(c *cli.Context) error {
 }
 
 func migrateStatus(c *cli.Context) error {
-	cl, err := controlClient(c)
-	if err != nil {
-		return err
-	}
 	id := c.Args().First()
 	if id == "" {
 		return usageError("which migration? skybridge migrate status ID")
+	}
+	cl, err := controlClient(c)
+	if err != nil {
+		return err
 	}
 	st, err := cl.Migration(c.Context, id)
 	if err != nil {
@@ -291,10 +291,6 @@ func migrateStatus(c *cli.Context) error {
 }
 
 func migrateVerify(c *cli.Context) error {
-	cl, err := controlClient(c)
-	if err != nil {
-		return err
-	}
 	name := c.Args().First()
 	if name == "" {
 		return usageError("which image? skybridge migrate verify NAME (see skybridge migrate list)")
@@ -302,6 +298,10 @@ func migrateVerify(c *cli.Context) error {
 	// A path is no name: it would reach the gateway as another URL.
 	if err := migrate.CheckName(name); err != nil {
 		return usageError("%v: give the name of an image this gateway stores (see skybridge migrate list)", err)
+	}
+	cl, err := controlClient(c)
+	if err != nil {
+		return err
 	}
 	rep, err := cl.VerifyImage(c.Context, name)
 	if err != nil {

@@ -36,6 +36,12 @@ func planCommand() *cli.Command {
 			&cli.StringSliceFlag{Name: "to", Usage: "limit destinations to these nodes, sites, regions or jurisdictions"},
 			&cli.StringFlag{Name: "out", Usage: "write the plan to `FILE` (for migrate apply)"}),
 		Action: func(c *cli.Context) error {
+			// Which gateway first: a usage mistake is said before any
+			// problem of the inventory.
+			cl, err := controlClient(c)
+			if err != nil {
+				return err
+			}
 			inv := c.String("inventory")
 			f, err := os.Open(inv)
 			if err != nil {
@@ -54,10 +60,6 @@ func planCommand() *cli.Command {
 				if !filepath.IsAbs(vms[i].Image) {
 					vms[i].Image = filepath.Join(base, vms[i].Image)
 				}
-			}
-			cl, err := controlClient(c)
-			if err != nil {
-				return err
 			}
 			p, err := cl.Plan(c.Context, mesh.PlanRequest{VMs: vms, To: c.StringSlice("to")})
 			if err != nil {
@@ -188,6 +190,10 @@ func migrateApply(c *cli.Context) error {
 			return usageError("--bwlimit: %v", err)
 		}
 	}
+	cl, err := controlClient(c)
+	if err != nil {
+		return err
+	}
 	// One apply of a plan at a time: two would dispatch the same VMs
 	// (the gateway refuses the second of each) and overwrite each other's
 	// PLAN.state, recording as failed what the other runs. The plan file
@@ -227,10 +233,6 @@ func migrateApply(c *cli.Context) error {
 			return fmt.Errorf("%s belongs to another version of %s: remove it to apply this plan from the start", statePath, path)
 		}
 		st = &old
-	}
-	cl, err := controlClient(c)
-	if err != nil {
-		return err
 	}
 	// Ctrl-C stops dispatching; migrations under way finish their record
 	// (the gateway carries them on) and the next apply resumes the rest.
@@ -409,7 +411,9 @@ func reportApply(c *cli.Context, plan *migrate.Plan, st *applyState) error {
 		}
 	}
 	if c.Bool("json") {
-		printJSON(c.App.Writer, st)
+		if err := printJSON(c.App.Writer, st); err != nil {
+			return err
+		}
 	} else {
 		rows := [][]string{}
 		for _, pl := range plan.Placements {

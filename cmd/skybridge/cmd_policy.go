@@ -361,7 +361,8 @@ func policyTest(c *cli.Context) error {
 func policyLint(c *cli.Context) error {
 	p, _, err := policy.Load(c.String("policy"))
 	if err != nil {
-		// Compile errors are lint errors too, with their positions.
+		// Nothing to lint: the compiler's errors, with their positions,
+		// and exit 2 as for every policy that cannot be read.
 		return policyErr(err)
 	}
 	var inv policy.Inventory
@@ -450,19 +451,28 @@ func policyVerify(c *cli.Context) error {
 	if sigFile == "" {
 		sigFile = file + ".sig"
 	}
+	// A policy without its default .sig is unsigned: a verdict. A
+	// signature file named on the command line and missing is a mistake.
 	var sig *policy.Signature
+	var sigErr error
 	if b, err := os.ReadFile(sigFile); err == nil {
+		// A signature that does not parse may have been tampered with
+		// like one that does not verify: a verdict too.
 		if sig, err = policy.ParseSignature(b); err != nil {
-			return policyErr(fmt.Errorf("%s: %w", sigFile, err))
+			sigErr = fmt.Errorf("%s: %w", sigFile, err)
 		}
-	} else if !errors.Is(err, os.ErrNotExist) {
-		return policyErr(err)
+	} else if !errors.Is(err, os.ErrNotExist) || c.IsSet("sig") {
+		return policyErr(fmt.Errorf("read signature: %w", err))
 	}
 	tb, err := trustFromFiles(c.String("ca-cert"), c.String("crl"))
 	if err != nil {
 		return policyErr(err)
 	}
-	p, verr := policy.Verify(file, src, sig, tb, time.Now())
+	var p *policy.Policy
+	verr := sigErr
+	if verr == nil {
+		p, verr = policy.Verify(file, src, sig, tb, time.Now())
+	}
 	out := verifyOutput{Valid: verr == nil, Signature: sig}
 	if verr != nil {
 		out.Error = verr.Error()

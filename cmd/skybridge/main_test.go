@@ -535,6 +535,18 @@ func TestAuditVerifyEmpty(t *testing.T) {
 	if out, errs, code := runCLI(t, "audit", "verify", "--log", dir, "--ca-cert", filepath.Join(ca, "ca.crt")); code != 2 || strings.Contains(out, "INVALID") || !strings.Contains(errs, "is a directory") {
 		t.Fatalf("a directory for --log: exit %d, %q %q", code, out, errs)
 	}
+	// Inputs that cannot be read say nothing of the log: 2, not the 1 of
+	// a broken log.
+	for _, args := range [][]string{
+		{"--log", filepath.Join(dir, "missing.log"), "--ca-cert", filepath.Join(ca, "ca.crt")},
+		{"--log", log, "--ca-cert", filepath.Join(dir, "missing.crt")},
+		{"--log", log, "--ca-cert", log},
+		{"--log", log, "--ca-cert", filepath.Join(ca, "ca.crt"), "--crl", filepath.Join(dir, "missing.pem")},
+	} {
+		if out, errs, code := runCLI(t, append([]string{"audit", "verify"}, args...)...); code != 2 || strings.Contains(out, "INVALID") || !strings.Contains(errs, "missing") && !strings.Contains(errs, "audit.log") {
+			t.Errorf("audit verify %v: exit %d, %q %q; want 2, naming what could not be read", args, code, out, errs)
+		}
+	}
 
 	// Cut back by a record: a shorter chain, intact; the head beside it
 	// says a record is missing.
@@ -941,6 +953,27 @@ func TestFlagMistakes(t *testing.T) {
 	} {
 		if _, errs, code := runCLI(t, args...); code != 2 || !strings.Contains(errs, "--") {
 			t.Errorf("%v: exit %d, %q; want a usage error", args, code, errs)
+		}
+	}
+	// A mistake on the command line is said first, before a problem of
+	// the gateway's configuration or of an input file hides it.
+	badInventory := filepath.Join(dir, "vms.csv")
+	os.WriteFile(badInventory, []byte("not,an,inventory\n"), 0o644)
+	missingConfig := filepath.Join(dir, "missing.hcl")
+	for _, tt := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"demo", "--down", dir, "--json"}, "--json"},
+		{[]string{"migrate", "status", "--config", missingConfig}, "which migration?"},
+		{[]string{"migrate", "cancel", "--config", missingConfig}, "which migration?"},
+		{[]string{"migrate", "verify", "--config", missingConfig}, "which image?"},
+		{[]string{"migrate", "verify", "../etc", "--config", missingConfig}, "give the name of an image"},
+		{[]string{"plan", "--inventory", badInventory}, "say which gateway"},
+		{[]string{"migrate", "apply", filepath.Join(dir, "missing-plan.json")}, "say which gateway"},
+	} {
+		if _, errs, code := runCLI(t, tt.args...); code != 2 || !strings.Contains(errs, tt.want) {
+			t.Errorf("%v: exit %d, %q; want exit 2 and %q", tt.args, code, errs, tt.want)
 		}
 	}
 }

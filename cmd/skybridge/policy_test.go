@@ -167,6 +167,17 @@ func TestPolicySignVerify(t *testing.T) {
 		t.Fatalf("tampered: exit %d %s", code, out)
 	}
 	os.WriteFile(pol, src, 0o644)
+	// A damaged signature is a verdict (1); a signature file named on
+	// the command line and missing is a mistake (2), said as such.
+	good, _ := os.ReadFile(pol + ".sig")
+	os.WriteFile(pol+".sig", good[:len(good)/2], 0o644)
+	if out, code := verify(); code != 1 || !strings.Contains(out, "INVALID") || !strings.Contains(out, ".sig") {
+		t.Fatalf("a damaged signature: exit %d %s", code, out)
+	}
+	os.WriteFile(pol+".sig", good, 0o644)
+	if out, errs, code := runCLI(t, "policy", "verify", "--policy", pol, "--sig", pol+".nope", "--ca-cert", filepath.Join(ca, "ca.crt")); code != 2 || strings.Contains(out, "INVALID") || !strings.Contains(errs, "nope") {
+		t.Fatalf("a missing --sig file: exit %d %q %q", code, out, errs)
+	}
 
 	signer := filepath.Join(dir, "compliance")
 	mustRun(t, "ca", "issue-signer", "--ca", ca, "--name", "compliance", "--out", signer)
