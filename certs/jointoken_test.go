@@ -163,10 +163,12 @@ func base64url(b []byte) string { return base64.RawURLEncoding.EncodeToString(b)
 func TestVaultJoinRedacted(t *testing.T) {
 	const wrapped = "hvs.WRAPPED-SECRET-ID"
 	vj := &VaultJoin{Address: "https://vault.example:8200", RoleID: "role-1", WrappedSecretID: wrapped}
-	vb := &VaultBurst{Name: "skybridge-burst-ams", RoleID: "role-1", WrappedSecretIDs: []string{wrapped}}
+	gw := VaultBurstGateway{Node: "burst-ams-gw1", Role: "skybridge-burst-ams.burst-ams-gw1", RoleID: "role-1", WrappedSecretID: wrapped}
+	vb := &VaultBurst{Name: "skybridge-burst-ams", Gateways: []VaultBurstGateway{gw}}
 	var logged bytes.Buffer
-	slog.New(slog.NewJSONHandler(&logged, nil)).Info("x", "vault", vj, "burst", vb)
-	for _, out := range []string{fmt.Sprintf("%v %+v %#v %s", vj, vj, vj, vj), fmt.Sprintf("%v %+v %#v", vb, vb, vb), logged.String()} {
+	slog.New(slog.NewJSONHandler(&logged, nil)).Info("x", "vault", vj, "burst", vb, "gateway", gw, "gateways", vb.Gateways)
+	for _, out := range []string{fmt.Sprintf("%v %+v %#v %s", vj, vj, vj, vj), fmt.Sprintf("%v %+v %#v", vb, vb, vb),
+		fmt.Sprintf("%v %+v %#v %v", gw, gw, gw, vb.Gateways), logged.String()} {
 		if strings.Contains(out, wrapped) {
 			t.Fatalf("a wrapped SecretID was printed: %s", out)
 		}

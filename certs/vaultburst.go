@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
@@ -21,16 +22,19 @@ import (
 // Burst sites with Vault. Vault, not a gateway, is then what admits a
 // burst gateway: `skybridge burst up` (with an operator's Vault token that
 // may manage roles, used for that one call and never stored) creates for
-// the site a PKI role that certifies exactly its gateways' attribute URIs
-// (names assigned at burst up; Vault cannot pin an IP SAN, so the overlay
-// address assigned with the name is held by the membership's rule that
-// the older certificate keeps a claimed address) and ends every
-// certificate at the burst's end (not_after), a policy that lets a token
-// sign with that role and keep those gateways' WireGuard keys,
-// and an AppRole bound to that policy whose SecretIDs expire with the
-// burst. Each gateway's join token carries a response-wrapped SecretID:
+// each of the site's gateways a PKI role that certifies exactly that
+// gateway's attribute URI, pinned with its overlay address, and ends every
+// certificate at the burst's end (not_after); a policy that lets a token
+// sign with that role and keep that gateway's WireGuard key; and an
+// AppRole bound to that policy whose SecretIDs expire with the burst.
+// One gateway each, because burst gateways run on rented servers: one
+// that is broken into must not be able to read its siblings' WireGuard
+// keys or have certificates issued in their names. Each gateway's join
+// token carries its AppRole's role ID and a response-wrapped SecretID:
 // Vault lets it be unwrapped once, which is what makes the token
-// single-use.
+// single-use. The site itself has a PKI role that certifies nothing: it
+// marks the site as open in Vault and holds the burst's end, which the
+// claim logic below reads.
 
 // VaultBurstSpec describes a burst site to Vault.
 type VaultBurstSpec struct {
@@ -41,19 +45,41 @@ type VaultBurstSpec struct {
 	OpenedBy string // the gateway opening it, named in its claim
 }
 
-// VaultBurst is what OpenBurst made: the AppRole's role ID and one wrapped
-// SecretID per gateway (secrets: they go into join tokens only).
+// VaultBurst is what OpenBurst made: per gateway, its AppRole's role ID
+// and a wrapped SecretID (secrets: they go into join tokens only).
 type VaultBurst struct {
-	secret                  // the wrapped SecretIDs are never printed or logged
-	Name             string // of the PKI role, the policy and the AppRole
-	RoleID           string
-	WrappedSecretIDs []string
-	AppRoleMount     string
+	secret              // the wrapped SecretIDs are never printed or logged
+	Name         string // of the site's PKI role
+	Gateways     []VaultBurstGateway
+	AppRoleMount string
 	// Claim identifies this opening's claim on the site: closing or
 	// aborting the burst touches the site only while the claim is
 	// still this one.
 	Claim string
 	Place VaultBurstPlace
+}
+
+// VaultBurstGateway is what one gateway of a burst logs in and signs with.
+type VaultBurstGateway struct {
+	secret
+	Node            string
+	Role            string // its PKI role and AppRole
+	RoleID          string
+	WrappedSecretID string
+}
+
+// MarshalJSON keeps the wrapped SecretID out of JSON too: slog's JSON
+// handler encodes a slice's elements without asking them to redact
+// themselves.
+func (VaultBurstGateway) MarshalJSON() ([]byte, error) { return json.Marshal(redacted) }
+
+// Nodes names the burst's gateways.
+func (b *VaultBurst) Nodes() []string {
+	out := make([]string, len(b.Gateways))
+	for i, g := range b.Gateways {
+		out[i] = g.Node
+	}
+	return out
 }
 
 // VaultBurstPlace is where a burst site's objects live in Vault. The
@@ -71,8 +97,13 @@ type VaultBurstPlace struct {
 	Name         string `json:"name"` // of the PKI role and the AppRole (and the policy, in bursts opened before Policy was kept)
 	// Policy is the name of the burst's policy: Name and the opening's
 	// claim, never used again, so that a token of an ended burst finds
-	// no policy of its name when the site is opened anew.
+	// no policy of its name when the site is opened anew. With
+	// PerGateway, each gateway's policy is Policy.<node>.
 	Policy string `json:"policy,omitempty"`
+	// PerGateway: each gateway has a PKI role, a policy and an AppRole
+	// of its own (Name.<node>); bursts opened before 2026-11-27 (third)
+	// share the site's.
+	PerGateway bool `json:"per_gateway,omitempty"`
 }
 
 // BurstPlace is where this gateway's settings put a burst site's objects.
@@ -108,10 +139,21 @@ func (p VaultBurstPlace) RemovalCommands(site string, nodes []string) []string {
 	if policy == "" {
 		policy = p.Name
 	}
-	cmds := []string{
-		ns + "vault delete " + path.Join("auth", p.AppRoleMount, "role", p.Name),
-		ns + "vault policy delete " + policy,
-		ns + "vault delete " + path.Join(p.PKIMount, "roles", p.Name),
+	var cmds []string
+	if p.PerGateway {
+		for _, n := range nodes {
+			own := burstGatewayName(p.Name, n)
+			cmds = append(cmds,
+				ns+"vault delete "+path.Join("auth", p.AppRoleMount, "role", own),
+				ns+"vault policy delete "+policy+"."+n,
+				ns+"vault delete "+path.Join(p.PKIMount, "roles", own))
+		}
+		cmds = append(cmds, ns+"vault delete "+path.Join(p.PKIMount, "roles", p.Name))
+	} else {
+		cmds = append(cmds,
+			ns+"vault delete "+path.Join("auth", p.AppRoleMount, "role", p.Name),
+			ns+"vault policy delete "+policy,
+			ns+"vault delete "+path.Join(p.PKIMount, "roles", p.Name))
 	}
 	for _, n := range nodes {
 		cmds = append(cmds, ns+"vault kv metadata delete -mount="+p.KVMount+" "+wgKeyPath(p.KVPrefix, n))
@@ -158,11 +200,46 @@ func burstPolicy(name, claim string) string {
 	return name + "-" + claim[:min(len(claim), 12)]
 }
 
-// deleteBurstObjects deletes what OpenBurst creates, issuing first: the
-// AppRole (its SecretIDs with it), the policies its tokens carry, the PKI
-// role — and the policy of the opening with claim, which an AppRole not
-// yet written names nowhere. Objects already gone are not an error.
-func (v *Vault) deleteBurstObjects(ctx context.Context, c *vault.Client, name, claim string) error {
+// burstGatewayName is the name of the PKI role and the AppRole of the
+// gateway node of the burst whose site's role is name. Names hold no
+// dot, so no gateway's is another site's or another gateway's.
+func burstGatewayName(name, node string) string { return name + "." + node }
+
+// burstGatewayPolicy is the name of that gateway's policy.
+func burstGatewayPolicy(name, claim, node string) string {
+	return burstPolicy(name, claim) + "." + node
+}
+
+// deleteBurstObjects deletes what OpenBurst creates, issuing first: each
+// of nodes' AppRole (its SecretIDs with it), policies and PKI role, then
+// the site's — and the policies of the opening with claim, which an
+// AppRole not yet written names nowhere. The site's AppRole and policy
+// are those of bursts opened before gateways had their own. Objects
+// already gone are not an error.
+func (v *Vault) deleteBurstObjects(ctx context.Context, c *vault.Client, name, claim string, nodes []string) error {
+	var g errgroup.Group
+	g.SetLimit(burstGrantParallel)
+	for _, n := range nodes {
+		g.Go(func() error {
+			return v.deleteBurstGrant(ctx, c, burstGatewayName(name, n), name, burstGatewayPolicy(name, claim, n))
+		})
+	}
+	// The site's role goes last: while it is there, the site is open
+	// and a close can be run again.
+	if err := g.Wait(); err != nil {
+		return err
+	}
+	expect := []string{name}
+	if p := burstPolicy(name, claim); p != name {
+		expect = append(expect, p)
+	}
+	return v.deleteBurstGrant(ctx, c, name, name, expect...)
+}
+
+// deleteBurstGrant deletes the AppRole role, the policies its tokens
+// carry that are the burst name's own, the expected ones, and the PKI
+// role role.
+func (v *Vault) deleteBurstGrant(ctx context.Context, c *vault.Client, role, name string, expect ...string) error {
 	del := func(p string) error {
 		_, err := c.Logical().DeleteWithContext(ctx, p)
 		var re *vault.ResponseError
@@ -171,15 +248,12 @@ func (v *Vault) deleteBurstObjects(ctx context.Context, c *vault.Client, name, c
 		}
 		return nil
 	}
-	policies := []string{name}
-	if p := burstPolicy(name, claim); p != name {
-		policies = append(policies, p)
-	}
+	policies := slices.Clone(expect)
 	// The AppRole names its tokens' policies: read before it goes. A
 	// policy left behind would give back to the ended burst's tokens
 	// whatever it still allows, so not knowing its name stops the close
 	// before anything is deleted.
-	carried, err := v.appRolePolicies(ctx, c, name)
+	carried, err := v.appRolePolicies(ctx, c, role)
 	if err != nil {
 		return fmt.Errorf("%w (the operator's token needs read on it, to find the policy its tokens carry)", err)
 	}
@@ -190,8 +264,7 @@ func (v *Vault) deleteBurstObjects(ctx context.Context, c *vault.Client, name, c
 			policies = append(policies, p)
 		}
 	}
-	role := path.Join("auth", v.appRoleMount(), "role", name)
-	if err := del(role); err != nil {
+	if err := del(path.Join("auth", v.appRoleMount(), "role", role)); err != nil {
 		return err
 	}
 	for _, p := range policies {
@@ -199,7 +272,7 @@ func (v *Vault) deleteBurstObjects(ctx context.Context, c *vault.Client, name, c
 			return fmt.Errorf("vault delete policy %s: %w", p, err)
 		}
 	}
-	return del(path.Join(v.cfg.PKIMount, "roles", name))
+	return del(path.Join(v.cfg.PKIMount, "roles", role))
 }
 
 // burstClaimPath is the KV v2 secret (in the KV mount) that claims a
@@ -343,7 +416,7 @@ func (v *Vault) claimRefusal(site string, held siteClaim) error {
 // or a close that stopped half-way) is claimed now by gateway by, so
 // nobody opens it while it is torn down, with a claim a re-run
 // recognises. Either way the caller releases the claim when done.
-func (v *Vault) holdBurst(ctx context.Context, c *vault.Client, site, claim, by string) error {
+func (v *Vault) holdBurst(ctx context.Context, c *vault.Client, site, claim, by string, nodes []string) error {
 	if claim == "" {
 		claim = unclaimedClose
 	}
@@ -390,7 +463,7 @@ func (v *Vault) holdBurst(ctx context.Context, c *vault.Client, site, claim, by 
 			// after this one's is gone), and the claim was rewritten by
 			// someone who may write claims — taken for a reopening, the
 			// burst would be recorded as ended and its AppRole left.
-			if ours, err := v.appRoleIsOpenings(ctx, c, v.BurstName(site), claim); err != nil {
+			if ours, err := v.appRoleIsOpenings(ctx, c, v.BurstName(site), claim, nodes); err != nil {
 				return err
 			} else if ours {
 				return fmt.Errorf("burst site %s: its claim %s names gateway %s, but its AppRole is still this burst's: the claim was changed outside skybridge; nothing was deleted: remove the claim (`vault kv metadata delete %s`), find out who wrote it, and run burst down again", site, v.claimRef(site), held.Gateway, v.claimRef(site))
@@ -408,14 +481,20 @@ func (v *Vault) holdBurst(ctx context.Context, c *vault.Client, site, claim, by 
 	}
 }
 
-// appRoleIsOpenings reports whether the site's AppRole (name) gives its
-// tokens the policy of the opening with claim.
-func (v *Vault) appRoleIsOpenings(ctx context.Context, c *vault.Client, name, claim string) (bool, error) {
+// appRoleIsOpenings reports whether the burst's AppRoles give their
+// tokens the policy of the opening with claim: the first gateway's of
+// nodes, or the site's (name) in a burst opened before gateways had
+// their own.
+func (v *Vault) appRoleIsOpenings(ctx context.Context, c *vault.Client, name, claim string, nodes []string) (bool, error) {
 	if claim == unclaimedClose {
 		return false, nil
 	}
 	ps, err := v.appRolePolicies(ctx, c, name)
-	return slices.Contains(ps, burstPolicy(name, claim)), err
+	if err != nil || slices.Contains(ps, burstPolicy(name, claim)) || len(nodes) == 0 {
+		return err == nil && slices.Contains(ps, burstPolicy(name, claim)), err
+	}
+	ps, err = v.appRolePolicies(ctx, c, burstGatewayName(name, nodes[0]))
+	return slices.Contains(ps, burstGatewayPolicy(name, claim, nodes[0])), err
 }
 
 // appRolePolicies lists the policies the burst AppRole name gives its
@@ -525,7 +604,7 @@ func (v *Vault) OpenBurst(ctx context.Context, adminToken string, spec VaultBurs
 		}
 		cerr := v.afterFailure(ctx, func(ctx context.Context) error {
 			if wrote {
-				if err := v.deleteBurstObjects(ctx, c, name, nonce); err != nil {
+				if err := v.deleteBurstObjects(ctx, c, name, nonce, nodeNames(spec.Nodes)); err != nil {
 					return err // the claim stays with what is left
 				}
 			}
@@ -541,26 +620,10 @@ func (v *Vault) OpenBurst(ctx context.Context, adminToken string, spec VaultBurs
 	} else if s != nil {
 		return nil, fmt.Errorf("vault already has %s: a burst of site %s is open, or one ended without its Vault objects removed; run `skybridge burst down --site %s` on the gateway that opened it, or delete the role, policy and AppRole %s", rolePath, spec.Site, spec.Site, name)
 	}
-	// The role certifies exactly the gateways' attribute URIs, each as a
-	// whole (a glob would let anything follow the part it pins), and the
-	// policy reaches exactly their WireGuard keys.
-	var uris []string
-	var acl strings.Builder
-	fmt.Fprintf(&acl, "# skybridge burst site %s, until %s\n", spec.Site, spec.Expires.UTC().Format(time.RFC3339))
-	fmt.Fprintf(&acl, "path %q { capabilities = [\"update\"] }\n", path.Join(v.cfg.PKIMount, "sign", name))
-	fmt.Fprintf(&acl, "path %q { capabilities = [\"read\"] }\n", path.Join(v.cfg.PKIMount, "cert")+"/*")
-	fmt.Fprintf(&acl, "path %q { capabilities = [\"read\"] }\n", path.Join(v.cfg.KVMount, "data", v.gossipPath()))
 	for _, n := range spec.Nodes {
 		if n.Site != spec.Site {
 			return nil, fmt.Errorf("gateway %s is not of burst site %s", n.Node, spec.Site)
 		}
-		n.Normalize()
-		// Pinned with its overlay IP: Vault cannot pin the IP SAN, and
-		// AttributesOf refuses a certificate whose IP SAN differs from
-		// the address its URI names.
-		uris = append(uris, n.PinnedURI().String())
-		fmt.Fprintf(&acl, "path %q { capabilities = [\"create\", \"read\", \"update\", \"delete\"] }\n", path.Join(v.cfg.KVMount, "data", v.wgPath(n.Node)))
-		fmt.Fprintf(&acl, "path %q { capabilities = [\"read\", \"delete\"] }\n", path.Join(v.cfg.KVMount, "metadata", v.wgPath(n.Node)))
 	}
 	w := func(p string, data map[string]any) error {
 		if _, err := c.Logical().WriteWithContext(ctx, p, data); err != nil {
@@ -569,75 +632,133 @@ func (v *Vault) OpenBurst(ctx context.Context, adminToken string, spec VaultBurs
 		return nil
 	}
 	wrote = true
-	// Names: exactly the gateways' (as common names, no DNS names), not
-	// any name — a certificate of this CA for "vault.bank.example" would
-	// be good wherever the CA is trusted beyond the mesh.
-	names := make([]string, 0, len(spec.Nodes))
-	for _, n := range spec.Nodes {
-		names = append(names, n.Node)
-	}
+	// The site's role certifies nothing (no name, no URI): it marks the
+	// site open and holds the burst's end (roleOutlivesClaim).
 	if err := w(rolePath, map[string]any{
-		"allow_any_name": false, "allowed_domains": names, "allow_bare_domains": true, "allow_subdomains": false,
+		"allow_any_name": false, "allowed_domains": []string{}, "allow_bare_domains": false, "allow_subdomains": false,
 		"allow_glob_domains": false, "allow_wildcard_certificates": false, "allow_localhost": false, "enforce_hostnames": false,
-		"allow_ip_sans": true, "allowed_uri_sans": uris,
-		"key_type": "ec", "key_bits": 256, "server_flag": true, "client_flag": true,
-		"max_ttl": ttl.String(), "not_after": spec.Expires.UTC().Format(time.RFC3339), "not_before_duration": "30s",
+		"allow_ip_sans": false, "allowed_uri_sans": []string{},
+		"key_type": "ec", "key_bits": 256, "max_ttl": ttl.String(), "not_after": spec.Expires.UTC().Format(time.RFC3339),
 	}); err != nil {
 		return nil, err
 	}
-	policy := burstPolicy(name, nonce)
-	if err := c.Sys().PutPolicyWithContext(ctx, policy, acl.String()); err != nil {
-		return nil, fmt.Errorf("vault policy %s: %w", policy, err)
+	vb = &VaultBurst{Name: name, AppRoleMount: mount, Claim: nonce, Place: v.BurstPlace(spec.Site)}
+	vb.Place.Policy, vb.Place.PerGateway = burstPolicy(name, nonce), true
+	wrap := min(spec.TokenTTL, ttl)
+	// SecretIDs are answered wrapped, and nothing else: the client is
+	// this call's own.
+	c.SetWrappingLookupFunc(func(_, p string) string {
+		if strings.HasSuffix(p, "/secret-id") {
+			return wrap.String()
+		}
+		return ""
+	})
+	// Five requests a gateway, some at once: a burst of 64 gateways
+	// opens in a fraction of a second with Vault a few milliseconds away
+	// rather than in seconds (docs/BENCHMARKS.md).
+	vb.Gateways = make([]VaultBurstGateway, len(spec.Nodes))
+	var g errgroup.Group
+	g.SetLimit(burstGrantParallel)
+	for i, n := range spec.Nodes {
+		g.Go(func() (err error) {
+			vb.Gateways[i], err = v.openBurstGateway(ctx, c, w, name, nonce, n, spec.Expires, ttl)
+			return err
+		})
 	}
-	roleBase := path.Join("auth", mount, "role", name)
+	if err := g.Wait(); err != nil {
+		return nil, err
+	}
+	return vb, nil
+}
+
+// burstGrantParallel is how many gateways' grants are made or removed
+// at once.
+const burstGrantParallel = 8
+
+// openBurstGateway makes one burst gateway's PKI role, policy and
+// AppRole, and a wrapped SecretID for it.
+func (v *Vault) openBurstGateway(ctx context.Context, c *vault.Client, w func(string, map[string]any) error, name, claim string, n Attributes,
+	expires time.Time, ttl time.Duration) (VaultBurstGateway, error) {
+	n.Normalize()
+	own := burstGatewayName(name, n.Node)
+	// Its name as the common name alone (no DNS names: a certificate of
+	// this CA for "vault.bank.example" would be good wherever the CA is
+	// trusted beyond the mesh), and its attribute URI as a whole, pinned
+	// with its overlay IP: Vault cannot pin the IP SAN, and AttributesOf
+	// refuses a certificate whose IP SAN differs from the address its URI
+	// names.
+	if err := w(path.Join(v.cfg.PKIMount, "roles", own), map[string]any{
+		"allow_any_name": false, "allowed_domains": []string{n.Node}, "allow_bare_domains": true, "allow_subdomains": false,
+		"allow_glob_domains": false, "allow_wildcard_certificates": false, "allow_localhost": false, "enforce_hostnames": false,
+		"allow_ip_sans": true, "allowed_uri_sans": []string{n.PinnedURI().String()},
+		"key_type": "ec", "key_bits": 256, "server_flag": true, "client_flag": true,
+		"max_ttl": ttl.String(), "not_after": expires.UTC().Format(time.RFC3339), "not_before_duration": "30s",
+	}); err != nil {
+		return VaultBurstGateway{}, err
+	}
+	var acl strings.Builder
+	fmt.Fprintf(&acl, "# skybridge burst gateway %s of site %s, until %s\n", n.Node, n.Site, expires.UTC().Format(time.RFC3339))
+	fmt.Fprintf(&acl, "path %q { capabilities = [\"update\"] }\n", path.Join(v.cfg.PKIMount, "sign", own))
+	fmt.Fprintf(&acl, "path %q { capabilities = [\"read\"] }\n", path.Join(v.cfg.PKIMount, "cert")+"/*")
+	fmt.Fprintf(&acl, "path %q { capabilities = [\"read\"] }\n", path.Join(v.cfg.KVMount, "data", v.gossipPath()))
+	fmt.Fprintf(&acl, "path %q { capabilities = [\"create\", \"read\", \"update\", \"delete\"] }\n", path.Join(v.cfg.KVMount, "data", v.wgPath(n.Node)))
+	fmt.Fprintf(&acl, "path %q { capabilities = [\"read\", \"delete\"] }\n", path.Join(v.cfg.KVMount, "metadata", v.wgPath(n.Node)))
+	policy := burstGatewayPolicy(name, claim, n.Node)
+	if err := c.Sys().PutPolicyWithContext(ctx, policy, acl.String()); err != nil {
+		return VaultBurstGateway{}, fmt.Errorf("vault policy %s: %w", policy, err)
+	}
+	roleBase := path.Join("auth", v.appRoleMount(), "role", own)
 	if err := w(roleBase, map[string]any{
 		"token_policies": policy, "token_ttl": ttl.String(), "token_max_ttl": ttl.String(),
 		"secret_id_ttl": ttl.String(), "secret_id_num_uses": 0,
 	}); err != nil {
-		return nil, err
+		return VaultBurstGateway{}, err
 	}
+	g := VaultBurstGateway{Node: n.Node, Role: own}
 	s, err := c.Logical().ReadWithContext(ctx, roleBase+"/role-id")
 	if err != nil {
-		return nil, fmt.Errorf("vault read %s/role-id: %w", roleBase, err)
+		return g, fmt.Errorf("vault read %s/role-id: %w", roleBase, err)
 	}
-	vb = &VaultBurst{Name: name, AppRoleMount: mount, Claim: nonce, Place: v.BurstPlace(spec.Site)}
-	vb.Place.Policy = policy
 	if s != nil {
-		vb.RoleID, _ = s.Data["role_id"].(string)
+		g.RoleID, _ = s.Data["role_id"].(string)
 	}
-	if vb.RoleID == "" {
-		return nil, fmt.Errorf("vault read %s/role-id: no role ID in the answer", roleBase)
+	if g.RoleID == "" {
+		return g, fmt.Errorf("vault read %s/role-id: no role ID in the answer", roleBase)
 	}
-	wrap := min(spec.TokenTTL, ttl)
-	c.SetWrappingLookupFunc(func(string, string) string { return wrap.String() })
-	for range spec.Nodes {
-		s, err := c.Logical().WriteWithContext(ctx, roleBase+"/secret-id", nil)
-		if err != nil {
-			return nil, fmt.Errorf("vault write %s/secret-id: %w", roleBase, err)
-		}
-		if s == nil || s.WrapInfo == nil {
-			return nil, errors.New("vault did not wrap the SecretID")
-		}
-		vb.WrappedSecretIDs = append(vb.WrappedSecretIDs, s.WrapInfo.Token)
+	if s, err = c.Logical().WriteWithContext(ctx, roleBase+"/secret-id", nil); err != nil {
+		return g, fmt.Errorf("vault write %s/secret-id: %w", roleBase, err)
 	}
-	return vb, nil
+	if s == nil || s.WrapInfo == nil {
+		return g, errors.New("vault did not wrap the SecretID")
+	}
+	g.WrappedSecretID = s.WrapInfo.Token
+	return g, nil
+}
+
+// nodeNames names the gateways of nodes.
+func nodeNames(nodes []Attributes) []string {
+	out := make([]string, len(nodes))
+	for i, n := range nodes {
+		out[i] = n.Node
+	}
+	return out
 }
 
 // AbortBurst removes the Vault objects of a burst whose grant never
 // reached anyone (burst up failed after OpenBurst), and its claim: no
 // gateway can have been certified under it, so there is nothing to
 // revoke. claim is the opening's (VaultBurst.Claim); by is the gateway
-// aborting it.
-func (v *Vault) AbortBurst(ctx context.Context, adminToken, site, claim, by string) error {
+// aborting it; nodes are the burst's gateways (VaultBurst.Nodes).
+func (v *Vault) AbortBurst(ctx context.Context, adminToken, site, claim, by string, nodes []string) error {
 	c, err := v.admin(adminToken)
 	if err != nil {
 		return err
 	}
 	return v.afterFailure(ctx, func(ctx context.Context) error {
-		if err := v.holdBurst(ctx, c, site, claim, by); err != nil {
+		if err := v.holdBurst(ctx, c, site, claim, by, nodes); err != nil {
 			return err
 		}
-		if err := v.deleteBurstObjects(ctx, c, v.BurstName(site), claim); err != nil {
+		if err := v.deleteBurstObjects(ctx, c, v.BurstName(site), claim, nodes); err != nil {
 			return err
 		}
 		return v.releaseBurst(ctx, c, site)
@@ -667,10 +788,10 @@ func (v *Vault) CloseBurst(ctx context.Context, adminToken, site string, nodes [
 	if err != nil {
 		return nil, err
 	}
-	if err := v.holdBurst(ctx, c, site, claim, by); err != nil {
+	if err := v.holdBurst(ctx, c, site, claim, by, nodes); err != nil {
 		return nil, err
 	}
-	if err := v.deleteBurstObjects(ctx, c, v.BurstName(site), claim); err != nil {
+	if err := v.deleteBurstObjects(ctx, c, v.BurstName(site), claim, nodes); err != nil {
 		return nil, err
 	}
 	s, err := c.Logical().ListWithContext(ctx, path.Join(v.cfg.PKIMount, "certs"))
@@ -797,10 +918,11 @@ type VaultJoin struct {
 }
 
 // VaultJoinFor fills the parts of a VaultJoin this gateway's configuration
-// knows.
+// knows, common to the burst's gateways; each gateway's own (role ID,
+// PKI role, wrapped SecretID) are in b.Gateways.
 func (v *Vault) VaultJoinFor(b *VaultBurst) (*VaultJoin, error) {
-	vj := &VaultJoin{Address: v.client.Address(), Namespace: v.cfg.Namespace, AppRoleMount: b.AppRoleMount, RoleID: b.RoleID, PinIP: true,
-		PKIMount: v.cfg.PKIMount, PKIRole: b.Name, KVMount: v.cfg.KVMount, KVPrefix: v.cfg.KVPrefix, MeshCIDR: v.meshPrefix.String()}
+	vj := &VaultJoin{Address: v.client.Address(), Namespace: v.cfg.Namespace, AppRoleMount: b.AppRoleMount, PinIP: true,
+		PKIMount: v.cfg.PKIMount, KVMount: v.cfg.KVMount, KVPrefix: v.cfg.KVPrefix, MeshCIDR: v.meshPrefix.String()}
 	if v.cfg.CACert != "" {
 		pemb, err := os.ReadFile(v.cfg.CACert)
 		if err != nil {

@@ -10,7 +10,8 @@ import (
 
 // TestVaultBurstPlace: a changed setting is named with both values, and
 // the by-hand removal reaches every object closing a burst would, the
-// claim last, in the burst's namespace. (e2e/vault runs these commands'
+// claim last, in the burst's namespace, for bursts opened with a grant
+// per gateway and those opened before. (e2e/vault runs these commands'
 // effect against a real Vault.)
 func TestVaultBurstPlace(t *testing.T) {
 	was := VaultBurstPlace{PKIMount: "pki", AppRoleMount: "approle", KVMount: "kv", KVPrefix: "skybridge", Name: "skybridge-burst-ams"}
@@ -43,6 +44,21 @@ func TestVaultBurstPlace(t *testing.T) {
 			"VAULT_NAMESPACE=bank/eu vault kv metadata delete -mount=secret mesh/prod/nodes/ams-gw1/wireguard",
 			"VAULT_NAMESPACE=bank/eu vault kv metadata delete -mount=secret mesh/prod/nodes/ams-gw2/wireguard",
 			"VAULT_NAMESPACE=bank/eu vault kv metadata delete -mount=secret mesh/prod/bursts/ams",
+		}},
+		// Opened with a grant per gateway: each gateway's AppRole,
+		// policy and PKI role, then the site's role.
+		{VaultBurstPlace{PKIMount: "pki", AppRoleMount: "approle", KVMount: "kv", KVPrefix: "skybridge", Name: "skybridge-burst-ams",
+			Policy: "skybridge-burst-ams-0123456789ab", PerGateway: true}, []string{
+			"vault delete auth/approle/role/skybridge-burst-ams.ams-gw1",
+			"vault policy delete skybridge-burst-ams-0123456789ab.ams-gw1",
+			"vault delete pki/roles/skybridge-burst-ams.ams-gw1",
+			"vault delete auth/approle/role/skybridge-burst-ams.ams-gw2",
+			"vault policy delete skybridge-burst-ams-0123456789ab.ams-gw2",
+			"vault delete pki/roles/skybridge-burst-ams.ams-gw2",
+			"vault delete pki/roles/skybridge-burst-ams",
+			"vault kv metadata delete -mount=kv skybridge/nodes/ams-gw1/wireguard",
+			"vault kv metadata delete -mount=kv skybridge/nodes/ams-gw2/wireguard",
+			"vault kv metadata delete -mount=kv skybridge/bursts/ams",
 		}},
 	} {
 		if got := tc.place.RemovalCommands("ams", []string{"ams-gw1", "ams-gw2"}); !slices.Equal(got, tc.want) {

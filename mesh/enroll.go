@@ -384,7 +384,7 @@ func (g *Gateway) BurstUp(ctx context.Context, req BurstRequest) (_ *BurstGrant,
 		if vb != nil {
 			// Opened in Vault: whatever fails from here on (making the
 			// tokens included) removes it again.
-			defer e.abortVaultBurst(ctx, req.VaultToken, attrs.Site, vb.Claim, g.self.Load().node(), &err)
+			defer e.abortVaultBurst(ctx, req.VaultToken, attrs.Site, vb.Claim, g.self.Load().node(), vb.Nodes(), &err)
 		}
 		if err != nil {
 			return nil, err
@@ -786,9 +786,9 @@ func (g *Gateway) vaultTokens(ctx context.Context, e *enrollment, req BurstReque
 	}
 	common.Seeds = g.seedsForNewcomer()
 	var toks []*certs.JoinToken
-	for i, wrapped := range vb.WrappedSecretIDs {
+	for i, gw := range vb.Gateways {
 		vj := *common
-		vj.WrappedSecretID, vj.Node = wrapped, nodes[i]
+		vj.RoleID, vj.PKIRole, vj.WrappedSecretID, vj.Node = gw.RoleID, gw.Role, gw.WrappedSecretID, nodes[i]
 		t, err := certs.NewVaultJoinToken(attrs.Site, &vj, tokExp)
 		if err != nil {
 			return nil, vb, err
@@ -802,11 +802,11 @@ func (g *Gateway) vaultTokens(ctx context.Context, e *enrollment, req BurstReque
 // that failed after OpenBurst and before it was recorded: nothing else
 // would remember to, and its grant has reached no one, so there is
 // nothing to revoke.
-func (e *enrollment) abortVaultBurst(ctx context.Context, vaultToken, site, claim, by string, err *error) {
+func (e *enrollment) abortVaultBurst(ctx context.Context, vaultToken, site, claim, by string, nodes []string, err *error) {
 	if *err == nil {
 		return
 	}
-	if aerr := e.vault.AbortBurst(ctx, vaultToken, site, claim, by); aerr != nil {
+	if aerr := e.vault.AbortBurst(ctx, vaultToken, site, claim, by, nodes); aerr != nil {
 		*err = fmt.Errorf("%w (and removing the burst from Vault: %v)", *err, aerr)
 	}
 }

@@ -3,14 +3,24 @@ package vault
 import (
 	"bytes"
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/json"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"log/slog"
 	"maps"
+	"net"
+	"net/http"
+	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -222,17 +232,23 @@ func TestVaultBurstSite(t *testing.T) {
 		t.Fatalf("burst up: %s", out)
 	}
 	name := "skybridge-burst-burst-ams"
-	if s, err := e.root.Logical().Read(e.pki + "/roles/" + name); err != nil || s == nil {
-		t.Fatalf("burst up made no PKI role: %v", err)
+	own := name + ".burst-ams-gw1" // the gateway's PKI role and AppRole
+	if s, err := e.root.Logical().Read(e.pki + "/roles/" + own); err != nil || s == nil {
+		t.Fatalf("burst up made no PKI role for its gateway: %v", err)
 	} else if got := fmt.Sprint(s.Data["allowed_uri_sans"]); !strings.Contains(got, "skybridge://burst-ams/burst-ams-gw1?") || !strings.Contains(got, "jurisdiction=NL&ip=100.96.") || strings.Contains(got, "*") {
-		t.Fatalf("the burst role certifies %s", got)
+		t.Fatalf("the burst gateway's role certifies %s", got)
 	}
-	// The role certifies the gateways' names alone, not any name: a
+	// The role certifies the gateway's name alone, not any name: a
 	// certificate of the mesh CA for a bank's host would be good
-	// wherever that CA is trusted.
-	for _, cn := range []string{"vault.bank.example", "*.bank.example", "burst-ams-gw1.bank.example"} {
-		if _, err := e.root.Logical().Write(e.pki+"/issue/"+name, map[string]any{"common_name": cn}); err == nil {
-			t.Errorf("the burst role issued a certificate for %q", cn)
+	// wherever that CA is trusted. The site's role certifies nothing.
+	for role, cns := range map[string][]string{
+		own:  {"vault.bank.example", "*.bank.example", "burst-ams-gw1.bank.example"},
+		name: {"burst-ams-gw1", "vault.bank.example"},
+	} {
+		for _, cn := range cns {
+			if _, err := e.root.Logical().Write(e.pki+"/issue/"+role, map[string]any{"common_name": cn}); err == nil {
+				t.Errorf("the burst role %s issued a certificate for %q", role, cn)
+			}
 		}
 	}
 	tokenFile := filepath.Join(dir, "token")
@@ -255,7 +271,7 @@ func TestVaultBurstSite(t *testing.T) {
 	if len(book.Bursts) != 1 || book.Bursts[0].Place.Name != name || book.Bursts[0].Place.KVPrefix != "skybridge" || !strings.HasPrefix(book.Bursts[0].Place.Policy, name+"-") {
 		t.Fatalf("the burst's record: %s", bj)
 	}
-	policy := book.Bursts[0].Place.Policy
+	policy := book.Bursts[0].Place.Policy + ".burst-ams-gw1" // the gateway's
 	if s, err := e.root.Logical().Read("sys/policy/" + policy); err != nil || s == nil {
 		t.Fatalf("burst up made no policy %s: %v", policy, err)
 	}
@@ -346,7 +362,7 @@ operator { listen = "off" }
 	if _, err := e.root.KVv2(e.kv).Get(ctx, "skybridge/bursts/burst-ams"); !errors.Is(err, api.ErrSecretNotFound) {
 		t.Errorf("the site's claim is still in Vault after burst down: %v", err)
 	}
-	for _, p := range []string{e.pki + "/roles/" + name, "auth/" + e.approleMount + "/role/" + name, "sys/policy/" + policy} {
+	for _, p := range []string{e.pki + "/roles/" + name, e.pki + "/roles/" + own, "auth/" + e.approleMount + "/role/" + own, "sys/policy/" + policy} {
 		if s, _ := e.root.Logical().Read(p); s != nil {
 			t.Errorf("%s still exists after burst down", p)
 		}
@@ -360,8 +376,8 @@ operator { listen = "off" }
 	if out, err := again.CombinedOutput(); err != nil {
 		t.Fatalf("burst up burst-ams again: %v\n%s", err, out)
 	}
-	if s, err := e.root.Logical().Read("auth/" + e.approleMount + "/role/" + name); err != nil || s == nil {
-		t.Fatalf("the reopened site's AppRole: %v", err)
+	if s, err := e.root.Logical().Read("auth/" + e.approleMount + "/role/" + own); err != nil || s == nil {
+		t.Fatalf("the reopened site's gateway's AppRole: %v", err)
 	} else if got := fmt.Sprint(s.Data["token_policies"]); strings.Contains(got, policy) || !strings.Contains(got, name+"-") {
 		t.Fatalf("the reopened site's tokens get policies %s; the ended burst's was %s", got, policy)
 	}
@@ -392,16 +408,17 @@ operator { listen = "off" }
 		t.Fatalf("burst up burst-rot: %v\n%s", err, out)
 	}
 	rot := "skybridge-burst-burst-rot"
+	rotOwn := rot + ".burst-rot-gw1"
 	must(t, e.root.KVv2(e.kv).DeleteMetadata(ctx, "skybridge/bursts/burst-rot"))
-	rotRole, err := e.root.Logical().Read("auth/" + e.approleMount + "/role/" + rot)
+	rotRole, err := e.root.Logical().Read("auth/" + e.approleMount + "/role/" + rotOwn)
 	if err != nil || rotRole == nil {
-		t.Fatalf("burst-rot's AppRole: %v", err)
+		t.Fatalf("burst-rot's gateway's AppRole: %v", err)
 	}
 	rotPolicies, _ := rotRole.Data["token_policies"].([]any)
 	if len(rotPolicies) != 1 {
-		t.Fatalf("burst-rot's AppRole gives policies %v", rotPolicies)
+		t.Fatalf("burst-rot's gateway's AppRole gives policies %v", rotPolicies)
 	}
-	for _, p := range []string{"auth/" + e.approleMount + "/role/" + rot, "sys/policy/" + fmt.Sprint(rotPolicies[0]), e.pki + "/roles/" + rot} {
+	for _, p := range []string{"auth/" + e.approleMount + "/role/" + rotOwn, "sys/policy/" + fmt.Sprint(rotPolicies[0]), e.pki + "/roles/" + rotOwn, e.pki + "/roles/" + rot} {
 		_, err := e.root.Logical().Delete(p)
 		must(t, err)
 	}
@@ -463,9 +480,26 @@ func TestVaultBurstOpenAndAbort(t *testing.T) {
 		t.Fatal(err)
 	}
 	name := v.BurstName("burst-x")
-	exists := func() (role, policy, approle, claim bool) {
-		s, err := e.root.Logical().Read(e.pki + "/roles/" + name)
+	// ours lists the names in the list at p that are the site's or one of
+	// its gateways'.
+	ours := func(p string) []string {
+		s, err := e.root.Logical().List(p)
 		must(t, err)
+		var out []string
+		if s != nil {
+			for _, k := range s.Data["keys"].([]any) {
+				if k := k.(string); k == name || strings.HasPrefix(k, name+".") {
+					out = append(out, k)
+				}
+			}
+		}
+		return out
+	}
+	// exists says whether any of the burst's PKI roles, policies and
+	// AppRoles, and its claim, are in Vault; open, the site's role and
+	// each gateway's objects all are.
+	exists := func() (role, policy, approle, claim bool) {
+		roles := ours(e.pki + "/roles")
 		// The policy's name is the opening's: any of the site's.
 		ps, err := e.root.Sys().ListPolicies()
 		must(t, err)
@@ -475,13 +509,12 @@ func TestVaultBurstOpenAndAbort(t *testing.T) {
 				p = n
 			}
 		}
-		a, err := e.root.Logical().Read("auth/" + e.approleMount + "/role/" + name)
-		must(t, err)
+		a := ours("auth/" + e.approleMount + "/role")
 		_, err = e.root.KVv2(e.kv).Get(ctx, "skybridge/bursts/burst-x")
 		if err != nil && !errors.Is(err, api.ErrSecretNotFound) {
 			t.Fatal(err)
 		}
-		return s != nil, p != "", a != nil, err == nil
+		return len(roles) > 0, p != "", len(a) > 0, err == nil
 	}
 	if r, p, a, c := exists(); !r || !p || !a || !c {
 		t.Fatalf("after OpenBurst: role %v, policy %v, AppRole %v, claim %v", r, p, a, c)
@@ -495,7 +528,7 @@ func TestVaultBurstOpenAndAbort(t *testing.T) {
 	if _, err := v.CloseBurst(ctx, e.root.Token(), "burst-x", []string{"burst-x-gw1"}, "another-opening", "gw-old"); !errors.Is(err, certs.ErrBurstSiteReopened) || !strings.Contains(err.Error(), "from gateway gw-zrh") {
 		t.Fatalf("CloseBurst with another opening's claim: %v", err)
 	}
-	if err := v.AbortBurst(ctx, e.root.Token(), "burst-x", "", "gw-old"); !errors.Is(err, certs.ErrBurstSiteReopened) {
+	if err := v.AbortBurst(ctx, e.root.Token(), "burst-x", "", "gw-old", vb.Nodes()); !errors.Is(err, certs.ErrBurstSiteReopened) {
 		t.Fatalf("AbortBurst without the claim: %v", err)
 	}
 	if r, p, a, c := exists(); !r || !p || !a || !c {
@@ -518,7 +551,7 @@ func TestVaultBurstOpenAndAbort(t *testing.T) {
 	}
 	_, err = e.root.KVv2(e.kv).Put(ctx, "skybridge/bursts/burst-x", claimed.Data)
 	must(t, err)
-	must(t, v.AbortBurst(ctx, e.root.Token(), "burst-x", vb.Claim, "gw-zrh"))
+	must(t, v.AbortBurst(ctx, e.root.Token(), "burst-x", vb.Claim, "gw-zrh", vb.Nodes()))
 	if r, p, a, c := exists(); r || p || a || c {
 		t.Fatalf("after AbortBurst: role %v, policy %v, AppRole %v, claim %v", r, p, a, c)
 	}
@@ -554,13 +587,11 @@ func TestVaultBurstOpenAndAbort(t *testing.T) {
 		if won < 0 {
 			t.Fatalf("round %d: neither opening succeeded: %v", round, errs)
 		}
-		// The role is the winner's, not a mix.
-		s, err := e.root.Logical().Read(e.pki + "/roles/" + name)
-		must(t, err)
-		if got := fmt.Sprint(s.Data["allowed_uri_sans"]); !strings.Contains(got, specs[won].Nodes[0].Node+"?") || strings.Contains(got, specs[1-won].Nodes[0].Node+"?") {
-			t.Fatalf("round %d: %s won, but the role certifies %s", round, specs[won].Nodes[0].Node, got)
+		// The roles are the winner's, not a mix.
+		if got, want := ours(e.pki+"/roles"), []string{name, name + "." + specs[won].Nodes[0].Node}; !slices.Equal(got, want) {
+			t.Fatalf("round %d: %s won, but the PKI roles are %v", round, specs[won].Nodes[0].Node, got)
 		}
-		must(t, v.AbortBurst(ctx, e.root.Token(), "burst-x", vbs[won].Claim, specs[won].OpenedBy))
+		must(t, v.AbortBurst(ctx, e.root.Token(), "burst-x", vbs[won].Claim, specs[won].OpenedBy, vbs[won].Nodes()))
 	}
 
 	// A claim deleted softly (`vault kv delete`) reads as empty: closing
@@ -659,7 +690,7 @@ path "%[3]s/roles/*" { capabilities = ["read", "delete"] }
 	vb, err = v.OpenBurst(ctx, e.root.Token(), spec)
 	must(t, err)
 	want := v.BurstPlace("burst-x")
-	want.Policy = vb.Place.Policy
+	want.Policy, want.PerGateway = vb.Place.Policy, true
 	if vb.Place != want || vb.Place.Name != name || !strings.HasPrefix(vb.Place.Policy, name+"-") {
 		t.Fatalf("the burst's place %+v, want %+v with the opening's policy", vb.Place, want)
 	}
@@ -692,7 +723,105 @@ path "%[3]s/roles/*" { capabilities = ["read", "delete"] }
 	if err != nil {
 		t.Fatalf("OpenBurst after the by-hand removal: %v", err)
 	}
-	must(t, v.AbortBurst(ctx, e.root.Token(), "burst-x", vb.Claim, spec.OpenedBy))
+	must(t, v.AbortBurst(ctx, e.root.Token(), "burst-x", vb.Claim, spec.OpenedBy, vb.Nodes()))
+}
+
+// TestVaultBurstGatewaysIsolated: each gateway of a Vault burst logs in
+// with an AppRole of its own, whose token may have certificates issued in
+// that gateway's name only and reach that gateway's WireGuard key only.
+// Burst gateways run on rented servers: one broken into can neither
+// impersonate its siblings nor read the keys that decrypt their tunnels.
+func TestVaultBurstGatewaysIsolated(t *testing.T) {
+	e := startVault(t)
+	ctx := context.Background()
+	cfg, _ := e.approleConfig(t, t.TempDir())
+	v, err := certs.OpenVault(ctx, cfg.Vault, meshPrefix, slog.New(slog.DiscardHandler))
+	must(t, err)
+	spec := certs.VaultBurstSpec{Site: "burst-y", Expires: time.Now().Add(time.Hour), TokenTTL: 10 * time.Minute, OpenedBy: "gw-zrh"}
+	for i, ip := range []string{"100.96.9.1", "100.96.9.2"} {
+		n := attrs(fmt.Sprintf("burst-y-gw%d", i+1), "burst-y", ip)
+		n.Provider, n.Jurisdiction = "aws", "NL"
+		spec.Nodes = append(spec.Nodes, n)
+	}
+	vb, err := v.OpenBurst(ctx, e.root.Token(), spec)
+	must(t, err)
+	if len(vb.Gateways) != 2 || vb.Gateways[0].RoleID == vb.Gateways[1].RoleID || vb.Gateways[0].Role == vb.Gateways[1].Role {
+		t.Fatalf("the burst's two gateways share a role ID or a PKI role: %q %q", vb.Gateways[0].Role, vb.Gateways[1].Role)
+	}
+	one, other := vb.Gateways[0], vb.Gateways[1]
+
+	// The first gateway logs in as its join token lets it.
+	unwrapped, err := e.root.Logical().Unwrap(one.WrappedSecretID)
+	must(t, err)
+	c, err := e.root.Clone()
+	must(t, err)
+	login, err := c.Logical().Write("auth/"+e.approleMount+"/login", map[string]any{"role_id": one.RoleID, "secret_id": unwrapped.Data["secret_id"]})
+	must(t, err)
+	c.SetToken(login.Auth.ClientToken)
+
+	status := func(err error) int {
+		var re *api.ResponseError
+		if errors.As(err, &re) {
+			return re.StatusCode
+		}
+		return 0
+	}
+	sign := func(c *api.Client, role string, n certs.Attributes) error {
+		key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		must(t, err)
+		n.Normalize()
+		der, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{Subject: pkix.Name{CommonName: n.Node},
+			URIs: []*url.URL{n.PinnedURI()}, IPAddresses: []net.IP{n.OverlayIP.AsSlice()}}, key)
+		must(t, err)
+		_, err = c.Logical().Write(e.pki+"/sign/"+role, map[string]any{
+			"csr": string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der})), "common_name": n.Node,
+			"uri_sans": n.PinnedURI().String(), "ip_sans": n.OverlayIP.String(), "exclude_cn_from_sans": true,
+		})
+		return err
+	}
+	if err := sign(c, one.Role, spec.Nodes[0]); err != nil {
+		t.Fatalf("a burst gateway's certificate from its own role: %v", err)
+	}
+	if err := sign(c, one.Role, spec.Nodes[1]); status(err) != http.StatusBadRequest {
+		t.Errorf("a burst gateway's role, asked for its sibling's certificate: %v; want refused by the role", err)
+	}
+	if err := sign(c, other.Role, spec.Nodes[1]); status(err) != http.StatusForbidden {
+		t.Errorf("a burst gateway's token, on its sibling's role: %v; want permission denied", err)
+	}
+	for _, n := range spec.Nodes {
+		if err := sign(e.root, vb.Name, n); status(err) != http.StatusBadRequest {
+			t.Errorf("the site's role, asked for %s's certificate: %v; want refused: it certifies nothing", n.Node, err)
+		}
+	}
+
+	kv := c.KVv2(e.kv)
+	if _, err := kv.Put(ctx, "skybridge/nodes/burst-y-gw1/wireguard", map[string]any{"private_key": "mine"}); err != nil {
+		t.Fatalf("a burst gateway storing its own WireGuard key: %v", err)
+	}
+	if _, err := kv.Get(ctx, "skybridge/nodes/burst-y-gw1/wireguard"); err != nil {
+		t.Fatalf("a burst gateway reading its own WireGuard key: %v", err)
+	}
+	_, err = e.root.KVv2(e.kv).Put(ctx, "skybridge/nodes/burst-y-gw2/wireguard", map[string]any{"private_key": "sibling's"})
+	must(t, err)
+	if s, err := kv.Get(ctx, "skybridge/nodes/burst-y-gw2/wireguard"); status(err) != http.StatusForbidden {
+		t.Errorf("a burst gateway reading its sibling's WireGuard key: %v %v; want permission denied", s, err)
+	}
+	if _, err := kv.Put(ctx, "skybridge/nodes/burst-y-gw2/wireguard", map[string]any{"private_key": "forged"}); status(err) != http.StatusForbidden {
+		t.Errorf("a burst gateway replacing its sibling's WireGuard key: %v; want permission denied", err)
+	}
+	if _, err := kv.Get(ctx, "skybridge/gossip"); err != nil && !errors.Is(err, api.ErrSecretNotFound) {
+		t.Errorf("a burst gateway reading the gossip keyring: %v", err) // the mesh's, shared
+	}
+
+	// Aborted, nothing of it stays: no gateway's role, policy or AppRole.
+	must(t, v.AbortBurst(ctx, e.root.Token(), "burst-y", vb.Claim, "gw-zrh", vb.Nodes()))
+	for _, p := range []string{e.pki + "/roles/" + one.Role, e.pki + "/roles/" + other.Role, e.pki + "/roles/" + vb.Name,
+		"auth/" + e.approleMount + "/role/" + one.Role, "auth/" + e.approleMount + "/role/" + other.Role,
+		"sys/policy/" + vb.Place.Policy + ".burst-y-gw1", "sys/policy/" + vb.Place.Policy + ".burst-y-gw2"} {
+		if s, err := e.root.Logical().Read(p); err != nil || s != nil {
+			t.Errorf("%s after AbortBurst: %v %v", p, s != nil, err)
+		}
+	}
 }
 
 // TestBenchVaultBurstDown prints how long `burst down` takes to find and
@@ -722,15 +851,26 @@ func TestBenchVaultBurstDown(t *testing.T) {
 	v, err := certs.OpenVault(ctx, cfg.Vault, meshPrefix, slog.New(slog.DiscardHandler))
 	must(t, err)
 	defer v.Close()
-	node := attrs("burst-b-gw1", "burst-b", "100.96.9.9")
-	node.Provider, node.Jurisdiction = "aws", "NL"
-	vb, err := v.OpenBurst(ctx, e.root.Token(), certs.VaultBurstSpec{Site: "burst-b", Nodes: []certs.Attributes{node},
-		Expires: time.Now().Add(time.Hour), TokenTTL: 10 * time.Minute, OpenedBy: "gw-zrh"})
+	gateways := 8
+	if n, err := strconv.Atoi(os.Getenv("SKYBRIDGE_BENCH_GATEWAYS")); err == nil && n > 0 {
+		gateways = n
+	}
+	spec := certs.VaultBurstSpec{Site: "burst-b", Expires: time.Now().Add(time.Hour), TokenTTL: 10 * time.Minute, OpenedBy: "gw-zrh"}
+	for i := range gateways {
+		node := attrs(fmt.Sprintf("burst-b-gw%d", i+1), "burst-b", fmt.Sprintf("100.96.9.%d", i+1))
+		node.Provider, node.Jurisdiction = "aws", "NL"
+		spec.Nodes = append(spec.Nodes, node)
+	}
+	start := time.Now()
+	vb, err := v.OpenBurst(ctx, e.root.Token(), spec)
+	up := time.Since(start)
 	must(t, err)
-	// The site's gateway's certificate, then the mount's other business.
-	_, err = e.root.Logical().Write(e.pki+"/issue/"+vb.Name, map[string]any{
-		"common_name": node.Node, "uri_sans": node.PinnedURI().String(), "ip_sans": node.OverlayIP.String()})
-	must(t, err)
+	// The site's gateways' certificates, then the mount's other business.
+	for i, node := range spec.Nodes {
+		_, err = e.root.Logical().Write(e.pki+"/issue/"+vb.Gateways[i].Role, map[string]any{
+			"common_name": node.Node, "uri_sans": node.PinnedURI().String(), "ip_sans": node.OverlayIP.String()})
+		must(t, err)
+	}
 	var g errgroup.Group
 	g.SetLimit(4)
 	for i := range others {
@@ -740,12 +880,13 @@ func TestBenchVaultBurstDown(t *testing.T) {
 		})
 	}
 	must(t, g.Wait())
-	start := time.Now()
-	revoked, err := v.CloseBurst(ctx, e.root.Token(), "burst-b", []string{node.Node}, vb.Claim, "gw-zrh")
+	start = time.Now()
+	revoked, err := v.CloseBurst(ctx, e.root.Token(), "burst-b", vb.Nodes(), vb.Claim, "gw-zrh")
 	took := time.Since(start)
 	must(t, err)
-	if len(revoked) != 1 {
-		t.Fatalf("burst down revoked %d certificates, want the site's 1", len(revoked))
+	if len(revoked) != gateways {
+		t.Fatalf("burst down revoked %d certificates, want the site's %d", len(revoked), gateways)
 	}
-	t.Logf("\n| certificates on the mount | round trip to Vault | burst down |\n|---|---|---|\n| %d | %v | %v |", others+1, rtt, took.Round(time.Millisecond))
+	t.Logf("\n| gateways | certificates on the mount | round trip to Vault | burst up | burst down |\n|---|---|---|---|---|\n| %d | %d | %v | %v | %v |",
+		gateways, others+gateways, rtt, up.Round(time.Millisecond), took.Round(time.Millisecond))
 }
