@@ -117,10 +117,13 @@ func describeIdentity(ctx context.Context, dir string, id *certs.NodeIdentity, t
 }
 
 func identityShow(c *cli.Context) error {
+	// Exit 1 says the mesh would refuse this identity; 2 that it could
+	// not be judged (nothing to judge, or no trust to judge it by), as
+	// for the other commands that give a verdict.
 	dir := c.String("dir")
 	id, err := certs.LoadNodeIdentity(dir)
 	if err != nil {
-		return err
+		return cli.Exit(err.Error(), exitError)
 	}
 	tb, tbErr := certs.LoadTrustBundle(dir, netip.Prefix{})
 	info := describeIdentity(c.Context, dir, id, tb)
@@ -134,8 +137,11 @@ func identityShow(c *cli.Context) error {
 	} else {
 		printIdentity(c.App.Writer, info)
 	}
+	if tbErr != nil {
+		return cli.Exit("", exitError)
+	}
 	if !info.Accepted || info.GossipProblem != "" {
-		return cli.Exit("", 1) // scripts can test an identity by exit code
+		return cli.Exit("", exitDeny) // scripts can test an identity by exit code
 	}
 	return nil
 }

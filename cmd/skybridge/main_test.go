@@ -205,6 +205,15 @@ func TestCAWorkflow(t *testing.T) {
 	if out := mustRun(t, "identity", "show", "--dir", gw); !strings.Contains(out, "revocation NOT checked") {
 		t.Fatalf("identity show without crl.pem:\n%s", out)
 	}
+	// A list that cannot be read: no verdict (2), said, and not taken
+	// for a refusal (1). Nor is a directory without an identity.
+	os.WriteFile(filepath.Join(gw, "crl.pem"), []byte("-----BEGIN X509 CRL-----\ngarbage\n-----END X509 CRL-----\n"), 0o644)
+	if out, _, code := runCLI(t, "identity", "show", "--dir", gw); code != 2 || !strings.Contains(out, "cannot judge") {
+		t.Fatalf("identity show with a damaged crl.pem: exit %d\n%s", code, out)
+	}
+	if _, errs, code := runCLI(t, "identity", "show", "--dir", t.TempDir()); code != 2 || !strings.Contains(errs, "no node identity") {
+		t.Fatalf("identity show of an empty directory: exit %d, %q", code, errs)
+	}
 	os.Rename(filepath.Join(gw, "crl.pem.away"), filepath.Join(gw, "crl.pem"))
 
 	var list []map[string]any
