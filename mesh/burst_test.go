@@ -15,6 +15,7 @@ import (
 	"fmt"
 	"io/fs"
 	"log/slog"
+	"net"
 	"net/http"
 	"net/netip"
 	"os"
@@ -732,4 +733,68 @@ func TestEnrollmentRefusalsAreCheap(t *testing.T) {
 	if most := int(time.Since(start)/time.Second) + 2; lines > most || lines == 0 {
 		t.Fatalf("%d refusals in %s logged %d times, want 1 to %d", n, time.Since(start).Round(time.Millisecond), lines, most)
 	}
+}
+
+// TestEnrollmentPerSourceLimit: one address holding connections open
+// without a word takes at most maxEnrollPerSource of the enrollment
+// endpoint's slots; its next is closed at once, and a newcomer from
+// another address is served meanwhile.
+func TestEnrollmentPerSourceLimit(t *testing.T) {
+	dir := t.TempDir()
+	logs := &syncbuf.Buffer{}
+	ca, err := certs.InitCA(filepath.Join(dir, "ca"), certs.InitOptions{MeshPrefix: netip.MustParsePrefix("100.64.0.0/10")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	hq := startLiveGatewayWith(t, ca, dir, 0, "zrh-dc", nil, logs, func(s *Settings) {
+		s.Identity.CADir = ca.Dir()
+		s.EnrollListen = netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(loopbackPort(t)))
+		s.EnrollAdvertise = s.EnrollListen
+	})
+	waitUntil(t, 10*time.Second, "the enrollment endpoint", func() bool { return strings.Contains(logs.String(), "enrolling burst gateways") })
+	addr := hq.g.s.EnrollListen.String()
+	// post sends an enrollment with an unknown token from source: a 403
+	// is an answer, so the connection was served.
+	post := func(source string) (int, error) {
+		d := &net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(source)}}
+		client := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{DialContext: d.DialContext, TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}}
+		defer client.CloseIdleConnections()
+		body, _ := json.Marshal(enrollRequest{Token: "0123456789abcdef", Secret: make([]byte, 32)})
+		res, err := client.Post("https://"+addr+"/v1/enroll", "application/json", bytes.NewReader(body))
+		if err != nil {
+			return 0, err
+		}
+		res.Body.Close()
+		return res.StatusCode, nil
+	}
+	d := &net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP("127.0.0.2")}}
+	var idle []net.Conn
+	for range maxEnrollPerSource + 1 {
+		c, err := d.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		idle = append(idle, c)
+	}
+	// The one past the limit is closed at once (the others wait for a
+	// ClientHello until the endpoint's 5 s handshake timeout).
+	over := idle[maxEnrollPerSource]
+	over.SetReadDeadline(time.Now().Add(3 * time.Second))
+	if _, err := over.Read(make([]byte, 1)); err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("connection %d from one address: %v; want it closed by the endpoint", maxEnrollPerSource+1, err)
+	}
+	if code, err := post("127.0.0.1"); err != nil || code != http.StatusForbidden {
+		t.Fatalf("an enrollment from another address while one holds its connections: %d %v; want it answered (403)", code, err)
+	}
+	if !strings.Contains(logs.String(), "enrollment connection turned away") || !strings.Contains(logs.String(), "127.0.0.2") {
+		t.Error("the connection turned away was not logged with its address")
+	}
+	// Its connections closed, the address is served again.
+	for _, c := range idle {
+		c.Close()
+	}
+	waitUntil(t, 10*time.Second, "127.0.0.2 served again", func() bool {
+		code, err := post("127.0.0.2")
+		return err == nil && code == http.StatusForbidden
+	})
 }

@@ -52,8 +52,75 @@ type enrollment struct {
 
 // maxEnrollConns bounds the connections the enrollment endpoint serves at
 // once, before any is authenticated: a burst enrols at most
-// MaxBurstGateways gateways, each with one request.
-const maxEnrollConns = 2 * MaxBurstGateways
+// MaxBurstGateways gateways, each with one request. maxEnrollPerSource
+// bounds those of one address, so that a single client holding
+// connections open (each until its TLS handshake times out) cannot take
+// every slot; newcomers behind one NAT address beyond it are turned away
+// and try again (postEnroll), each enrollment taking milliseconds.
+const (
+	maxEnrollConns     = 2 * MaxBurstGateways
+	maxEnrollPerSource = 16
+)
+
+// perSourceListener closes at once a connection from an address that
+// already has max open, before it takes one of the endpoint's slots.
+type perSourceListener struct {
+	net.Listener
+	max     int
+	refused func(from netip.Addr)
+	mu      sync.Mutex
+	open    map[netip.Addr]int
+}
+
+func limitPerSource(ln net.Listener, max int, refused func(netip.Addr)) *perSourceListener {
+	return &perSourceListener{Listener: ln, max: max, refused: refused, open: map[netip.Addr]int{}}
+}
+
+func (l *perSourceListener) Accept() (net.Conn, error) {
+	for {
+		c, err := l.Listener.Accept()
+		if err != nil {
+			return nil, err
+		}
+		ap, _ := netip.ParseAddrPort(c.RemoteAddr().String())
+		from := ap.Addr().Unmap()
+		l.mu.Lock()
+		ok := l.open[from] < l.max
+		if ok {
+			l.open[from]++
+		}
+		l.mu.Unlock()
+		if !ok {
+			c.Close()
+			if l.refused != nil {
+				l.refused(from)
+			}
+			continue
+		}
+		return &sourceConn{Conn: c, release: func() { l.release(from) }}, nil
+	}
+}
+
+func (l *perSourceListener) release(from netip.Addr) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.open[from]--; l.open[from] <= 0 {
+		delete(l.open, from)
+	}
+}
+
+// sourceConn gives its source's place back once, however often closed.
+type sourceConn struct {
+	net.Conn
+	once    sync.Once
+	release func()
+}
+
+func (c *sourceConn) Close() error {
+	err := c.Conn.Close()
+	c.once.Do(c.release)
+	return err
+}
 
 // validTokenID reports whether id can be a join token's: 16 hex digits
 // (certs.NewJoinToken). Anything else is refused before it is looked up
@@ -153,7 +220,13 @@ func (g *Gateway) serveEnrollment(ctx context.Context) (io.Closer, error) {
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 15 * time.Second, WriteTimeout: 15 * time.Second,
 		// TLS handshake failures (scanners, wrong pins) are debug noise.
 		ErrorLog: log.New(slogWriter{g.log.With("component", "enroll")}, "", 0)}
-	go srv.Serve(tls.NewListener(netutil.LimitListener(ln, maxEnrollConns), cfg))
+	var warnCrowded throttle.PerSecond
+	perSource := limitPerSource(ln, maxEnrollPerSource, func(from netip.Addr) {
+		if ok, dropped := warnCrowded.Allow(); ok {
+			g.log.Warn("enrollment connection turned away: its address has as many open as one may", "from", from, "open", maxEnrollPerSource, "turned_away_unlogged", dropped)
+		}
+	})
+	go srv.Serve(tls.NewListener(netutil.LimitListener(perSource, maxEnrollConns), cfg))
 	g.log.Info("enrolling burst gateways", "listen", ln.Addr().String(), "advertise", g.s.EnrollAdvertise.String())
 	return closerFunc(func() error {
 		sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
