@@ -97,11 +97,10 @@ type VaultBurstPlace struct {
 	Name         string `json:"name"` // of the PKI role and the AppRole (and the policy, in bursts opened before Policy was kept)
 	// Policy is the name of the burst's policy: Name and the opening's
 	// claim, never used again, so that a token of an ended burst finds
-	// no policy of its name when the site is opened anew. With
-	// PerGateway, each gateway's policy is Policy.<node>.
+	// no policy of its name when the site is opened anew.
 	Policy string `json:"policy,omitempty"`
 	// PerGateway: each gateway has a PKI role, a policy and an AppRole
-	// of its own (Name.<node>); bursts opened before 2026-11-27 (third)
+	// of its own (Policy.<node>); bursts opened before 2026-11-27 (third)
 	// share the site's.
 	PerGateway bool `json:"per_gateway,omitempty"`
 }
@@ -142,10 +141,10 @@ func (p VaultBurstPlace) RemovalCommands(site string, nodes []string) []string {
 	var cmds []string
 	if p.PerGateway {
 		for _, n := range nodes {
-			own := burstGatewayName(p.Name, n)
+			own := policy + "." + n // burstGatewayName
 			cmds = append(cmds,
 				ns+"vault delete "+path.Join("auth", p.AppRoleMount, "role", own),
-				ns+"vault policy delete "+policy+"."+n,
+				ns+"vault policy delete "+own,
 				ns+"vault delete "+path.Join(p.PKIMount, "roles", own))
 		}
 		cmds = append(cmds, ns+"vault delete "+path.Join(p.PKIMount, "roles", p.Name))
@@ -200,14 +199,23 @@ func burstPolicy(name, claim string) string {
 	return name + "-" + claim[:min(len(claim), 12)]
 }
 
-// burstGatewayName is the name of the PKI role and the AppRole of the
-// gateway node of the burst whose site's role is name. Names hold no
-// dot, so no gateway's is another site's or another gateway's.
-func burstGatewayName(name, node string) string { return name + "." + node }
-
-// burstGatewayPolicy is the name of that gateway's policy.
-func burstGatewayPolicy(name, claim, node string) string {
+// burstGatewayName is the name of the PKI role, the policy and the
+// AppRole of the gateway node of the opening with claim of the burst
+// whose site's role is name. Node and site names hold no dot, so no
+// gateway's is another site's or another gateway's; and the opening's
+// claim is in it, because updating an AppRole keeps its role ID and
+// SecretIDs: an opening that wrote over another's left-over AppRole of
+// the same gateway name (names repeat: SITE-gwN) would let the old
+// burst's servers log in with the new burst's rights.
+func burstGatewayName(name, claim, node string) string {
 	return burstPolicy(name, claim) + "." + node
+}
+
+// removeByHand says what to delete by hand of the burst whose site's role
+// is name.
+func (v *Vault) removeByHand(site, name string) string {
+	return fmt.Sprintf("`vault kv metadata delete %s`, the PKI role %s, and the PKI roles, policies and AppRoles named %s-*.* (one per gateway; in bursts opened before 2026-11-27, the policy and AppRole %s)",
+		v.claimRef(site), name, name, name)
 }
 
 // deleteBurstObjects deletes what OpenBurst creates, issuing first: each
@@ -221,7 +229,8 @@ func (v *Vault) deleteBurstObjects(ctx context.Context, c *vault.Client, name, c
 	g.SetLimit(burstGrantParallel)
 	for _, n := range nodes {
 		g.Go(func() error {
-			return v.deleteBurstGrant(ctx, c, burstGatewayName(name, n), name, burstGatewayPolicy(name, claim, n))
+			own := burstGatewayName(name, claim, n)
+			return v.deleteBurstGrant(ctx, c, own, name, own)
 		})
 	}
 	// The site's role goes last: while it is there, the site is open
@@ -405,8 +414,8 @@ func (cl siteClaim) holder() string {
 // claimRefusal refuses to open a site another holds, and says how to
 // free it.
 func (v *Vault) claimRefusal(site string, held siteClaim) error {
-	return fmt.Errorf("burst site %s %s (Vault holds its claim %s): run `skybridge burst down --site %s` there; if no gateway knows the burst any more, remove what is left of it by hand: `vault kv metadata delete %s`, and the PKI role, policy and AppRole %s",
-		site, held.holder(), v.claimRef(site), site, v.claimRef(site), v.BurstName(site))
+	return fmt.Errorf("burst site %s %s (Vault holds its claim %s): run `skybridge burst down --site %s` there; if no gateway knows the burst any more, remove what is left of it by hand: %s",
+		site, held.holder(), v.claimRef(site), site, v.removeByHand(site, v.BurstName(site)))
 }
 
 // holdBurst makes sure a site's Vault objects are this burst's (claim)
@@ -490,11 +499,17 @@ func (v *Vault) appRoleIsOpenings(ctx context.Context, c *vault.Client, name, cl
 		return false, nil
 	}
 	ps, err := v.appRolePolicies(ctx, c, name)
-	if err != nil || slices.Contains(ps, burstPolicy(name, claim)) || len(nodes) == 0 {
-		return err == nil && slices.Contains(ps, burstPolicy(name, claim)), err
+	if err != nil || slices.Contains(ps, burstPolicy(name, claim)) {
+		return err == nil, err
 	}
-	ps, err = v.appRolePolicies(ctx, c, burstGatewayName(name, nodes[0]))
-	return slices.Contains(ps, burstGatewayPolicy(name, claim, nodes[0])), err
+	// Every gateway's: a close stopped half-way has removed some.
+	for _, n := range nodes {
+		own := burstGatewayName(name, claim, n)
+		if ps, err := v.appRolePolicies(ctx, c, own); err != nil || slices.Contains(ps, own) {
+			return err == nil, err
+		}
+	}
+	return false, nil
 }
 
 // appRolePolicies lists the policies the burst AppRole name gives its
@@ -618,7 +633,7 @@ func (v *Vault) OpenBurst(ctx context.Context, adminToken string, spec VaultBurs
 	if s, err := c.Logical().ReadWithContext(ctx, rolePath); err != nil {
 		return nil, fmt.Errorf("vault read %s: %w", rolePath, err)
 	} else if s != nil {
-		return nil, fmt.Errorf("vault already has %s: a burst of site %s is open, or one ended without its Vault objects removed; run `skybridge burst down --site %s` on the gateway that opened it, or delete the role, policy and AppRole %s", rolePath, spec.Site, spec.Site, name)
+		return nil, fmt.Errorf("vault already has %s: a burst of site %s is open, or one ended without its Vault objects removed; run `skybridge burst down --site %s` on the gateway that opened it, or delete by hand %s", rolePath, spec.Site, spec.Site, v.removeByHand(spec.Site, name))
 	}
 	for _, n := range spec.Nodes {
 		if n.Site != spec.Site {
@@ -657,11 +672,11 @@ func (v *Vault) OpenBurst(ctx context.Context, adminToken string, spec VaultBurs
 	// opens in a fraction of a second with Vault a few milliseconds away
 	// rather than in seconds (docs/BENCHMARKS.md).
 	vb.Gateways = make([]VaultBurstGateway, len(spec.Nodes))
-	var g errgroup.Group
+	g, gctx := errgroup.WithContext(ctx)
 	g.SetLimit(burstGrantParallel)
 	for i, n := range spec.Nodes {
 		g.Go(func() (err error) {
-			vb.Gateways[i], err = v.openBurstGateway(ctx, c, w, name, nonce, n, spec.Expires, ttl)
+			vb.Gateways[i], err = v.openBurstGateway(gctx, c, w, name, nonce, n, spec.Expires, ttl)
 			return err
 		})
 	}
@@ -680,7 +695,7 @@ const burstGrantParallel = 8
 func (v *Vault) openBurstGateway(ctx context.Context, c *vault.Client, w func(string, map[string]any) error, name, claim string, n Attributes,
 	expires time.Time, ttl time.Duration) (VaultBurstGateway, error) {
 	n.Normalize()
-	own := burstGatewayName(name, n.Node)
+	own := burstGatewayName(name, claim, n.Node)
 	// Its name as the common name alone (no DNS names: a certificate of
 	// this CA for "vault.bank.example" would be good wherever the CA is
 	// trusted beyond the mesh), and its attribute URI as a whole, pinned
@@ -700,16 +715,17 @@ func (v *Vault) openBurstGateway(ctx context.Context, c *vault.Client, w func(st
 	fmt.Fprintf(&acl, "# skybridge burst gateway %s of site %s, until %s\n", n.Node, n.Site, expires.UTC().Format(time.RFC3339))
 	fmt.Fprintf(&acl, "path %q { capabilities = [\"update\"] }\n", path.Join(v.cfg.PKIMount, "sign", own))
 	fmt.Fprintf(&acl, "path %q { capabilities = [\"read\"] }\n", path.Join(v.cfg.PKIMount, "cert")+"/*")
+	// The issuers, to tell a revoked or key-less one (Vault.Trust).
+	fmt.Fprintf(&acl, "path %q { capabilities = [\"read\"] }\n", path.Join(v.cfg.PKIMount, "issuer", "+"))
 	fmt.Fprintf(&acl, "path %q { capabilities = [\"read\"] }\n", path.Join(v.cfg.KVMount, "data", v.gossipPath()))
 	fmt.Fprintf(&acl, "path %q { capabilities = [\"create\", \"read\", \"update\", \"delete\"] }\n", path.Join(v.cfg.KVMount, "data", v.wgPath(n.Node)))
 	fmt.Fprintf(&acl, "path %q { capabilities = [\"read\", \"delete\"] }\n", path.Join(v.cfg.KVMount, "metadata", v.wgPath(n.Node)))
-	policy := burstGatewayPolicy(name, claim, n.Node)
-	if err := c.Sys().PutPolicyWithContext(ctx, policy, acl.String()); err != nil {
-		return VaultBurstGateway{}, fmt.Errorf("vault policy %s: %w", policy, err)
+	if err := c.Sys().PutPolicyWithContext(ctx, own, acl.String()); err != nil {
+		return VaultBurstGateway{}, fmt.Errorf("vault policy %s: %w", own, err)
 	}
 	roleBase := path.Join("auth", v.appRoleMount(), "role", own)
 	if err := w(roleBase, map[string]any{
-		"token_policies": policy, "token_ttl": ttl.String(), "token_max_ttl": ttl.String(),
+		"token_policies": own, "token_ttl": ttl.String(), "token_max_ttl": ttl.String(),
 		"secret_id_ttl": ttl.String(), "secret_id_num_uses": 0,
 	}); err != nil {
 		return VaultBurstGateway{}, err

@@ -49,12 +49,12 @@ func TestVaultBurstPlace(t *testing.T) {
 		// policy and PKI role, then the site's role.
 		{VaultBurstPlace{PKIMount: "pki", AppRoleMount: "approle", KVMount: "kv", KVPrefix: "skybridge", Name: "skybridge-burst-ams",
 			Policy: "skybridge-burst-ams-0123456789ab", PerGateway: true}, []string{
-			"vault delete auth/approle/role/skybridge-burst-ams.ams-gw1",
+			"vault delete auth/approle/role/skybridge-burst-ams-0123456789ab.ams-gw1",
 			"vault policy delete skybridge-burst-ams-0123456789ab.ams-gw1",
-			"vault delete pki/roles/skybridge-burst-ams.ams-gw1",
-			"vault delete auth/approle/role/skybridge-burst-ams.ams-gw2",
+			"vault delete pki/roles/skybridge-burst-ams-0123456789ab.ams-gw1",
+			"vault delete auth/approle/role/skybridge-burst-ams-0123456789ab.ams-gw2",
 			"vault policy delete skybridge-burst-ams-0123456789ab.ams-gw2",
-			"vault delete pki/roles/skybridge-burst-ams.ams-gw2",
+			"vault delete pki/roles/skybridge-burst-ams-0123456789ab.ams-gw2",
 			"vault delete pki/roles/skybridge-burst-ams",
 			"vault kv metadata delete -mount=kv skybridge/nodes/ams-gw1/wireguard",
 			"vault kv metadata delete -mount=kv skybridge/nodes/ams-gw2/wireguard",

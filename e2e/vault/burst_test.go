@@ -232,7 +232,7 @@ func TestVaultBurstSite(t *testing.T) {
 		t.Fatalf("burst up: %s", out)
 	}
 	name := "skybridge-burst-burst-ams"
-	own := name + ".burst-ams-gw1" // the gateway's PKI role and AppRole
+	own := burstGrant(t, e, name, "burst-ams-gw1") // the gateway's PKI role, policy and AppRole
 	if s, err := e.root.Logical().Read(e.pki + "/roles/" + own); err != nil || s == nil {
 		t.Fatalf("burst up made no PKI role for its gateway: %v", err)
 	} else if got := fmt.Sprint(s.Data["allowed_uri_sans"]); !strings.Contains(got, "skybridge://burst-ams/burst-ams-gw1?") || !strings.Contains(got, "jurisdiction=NL&ip=100.96.") || strings.Contains(got, "*") {
@@ -272,6 +272,9 @@ func TestVaultBurstSite(t *testing.T) {
 		t.Fatalf("the burst's record: %s", bj)
 	}
 	policy := book.Bursts[0].Place.Policy + ".burst-ams-gw1" // the gateway's
+	if policy != own {
+		t.Fatalf("the gateway's policy %s, its AppRole %s", policy, own)
+	}
 	if s, err := e.root.Logical().Read("sys/policy/" + policy); err != nil || s == nil {
 		t.Fatalf("burst up made no policy %s: %v", policy, err)
 	}
@@ -376,7 +379,9 @@ operator { listen = "off" }
 	if out, err := again.CombinedOutput(); err != nil {
 		t.Fatalf("burst up burst-ams again: %v\n%s", err, out)
 	}
-	if s, err := e.root.Logical().Read("auth/" + e.approleMount + "/role/" + own); err != nil || s == nil {
+	if again := burstGrant(t, e, name, "burst-ams-gw1"); again == own {
+		t.Fatalf("the reopened site's gateway's AppRole has the ended burst's name %s", own)
+	} else if s, err := e.root.Logical().Read("auth/" + e.approleMount + "/role/" + again); err != nil || s == nil {
 		t.Fatalf("the reopened site's gateway's AppRole: %v", err)
 	} else if got := fmt.Sprint(s.Data["token_policies"]); strings.Contains(got, policy) || !strings.Contains(got, name+"-") {
 		t.Fatalf("the reopened site's tokens get policies %s; the ended burst's was %s", got, policy)
@@ -408,7 +413,7 @@ operator { listen = "off" }
 		t.Fatalf("burst up burst-rot: %v\n%s", err, out)
 	}
 	rot := "skybridge-burst-burst-rot"
-	rotOwn := rot + ".burst-rot-gw1"
+	rotOwn := burstGrant(t, e, rot, "burst-rot-gw1")
 	must(t, e.root.KVv2(e.kv).DeleteMetadata(ctx, "skybridge/bursts/burst-rot"))
 	rotRole, err := e.root.Logical().Read("auth/" + e.approleMount + "/role/" + rotOwn)
 	if err != nil || rotRole == nil {
@@ -488,7 +493,7 @@ func TestVaultBurstOpenAndAbort(t *testing.T) {
 		var out []string
 		if s != nil {
 			for _, k := range s.Data["keys"].([]any) {
-				if k := k.(string); k == name || strings.HasPrefix(k, name+".") {
+				if k := k.(string); k == name || strings.HasPrefix(k, name+"-") {
 					out = append(out, k)
 				}
 			}
@@ -588,7 +593,7 @@ func TestVaultBurstOpenAndAbort(t *testing.T) {
 			t.Fatalf("round %d: neither opening succeeded: %v", round, errs)
 		}
 		// The roles are the winner's, not a mix.
-		if got, want := ours(e.pki+"/roles"), []string{name, name + "." + specs[won].Nodes[0].Node}; !slices.Equal(got, want) {
+		if got, want := ours(e.pki+"/roles"), []string{name, vbs[won].Gateways[0].Role}; !slices.Equal(got, want) || !strings.HasSuffix(want[1], "."+specs[won].Nodes[0].Node) {
 			t.Fatalf("round %d: %s won, but the PKI roles are %v", round, specs[won].Nodes[0].Node, got)
 		}
 		must(t, v.AbortBurst(ctx, e.root.Token(), "burst-x", vbs[won].Claim, specs[won].OpenedBy, vbs[won].Nodes()))
@@ -616,13 +621,18 @@ func TestVaultBurstOpenAndAbort(t *testing.T) {
 		t.Fatalf("after that close: role %v, policy %v, AppRole %v, claim %v", r, p, a, c)
 	}
 
-	// The remains of a burst opened before claims were made: refused, and
-	// the claim taken for the attempt is released; ending them (a record
-	// without a claim) claims the site while it is torn down.
-	if _, err := v.OpenBurst(ctx, e.root.Token(), spec); err != nil {
-		t.Fatal(err)
-	}
-	must(t, e.root.KVv2(e.kv).DeleteMetadata(ctx, "skybridge/bursts/burst-x"))
+	// The remains of a burst opened before claims were made (and before
+	// gateways had grants of their own: the site's PKI role, a policy and
+	// an AppRole, all named after the site, made here as that release
+	// did): refused, and the claim taken for the attempt is released;
+	// ending them (a record without a claim) claims the site while it is
+	// torn down.
+	_, err = e.root.Logical().Write(e.pki+"/roles/"+name, map[string]any{"allowed_domains": []string{"burst-x-gw1"}, "allow_bare_domains": true,
+		"key_type": "ec", "key_bits": 256, "max_ttl": "1h", "not_after": time.Now().Add(time.Hour).UTC().Format(time.RFC3339)})
+	must(t, err)
+	must(t, e.root.Sys().PutPolicy(name, fmt.Sprintf(`path "%s/sign/%s" { capabilities = ["update"] }`, e.pki, name)))
+	_, err = e.root.Logical().Write("auth/"+e.approleMount+"/role/"+name, map[string]any{"token_policies": name, "token_ttl": "1h"})
+	must(t, err)
 	if _, err := v.OpenBurst(ctx, e.root.Token(), spec); err == nil || !strings.Contains(err.Error(), "already has") {
 		t.Fatalf("OpenBurst over an unclaimed burst's role: %v", err)
 	}
@@ -726,6 +736,26 @@ path "%[3]s/roles/*" { capabilities = ["read", "delete"] }
 	must(t, v.AbortBurst(ctx, e.root.Token(), "burst-x", vb.Claim, spec.OpenedBy, vb.Nodes()))
 }
 
+// burstGrant is the name of the one PKI role, policy and AppRole of
+// gateway node of the open burst whose site's role is name.
+func burstGrant(t *testing.T, e *env, name, node string) string {
+	t.Helper()
+	s, err := e.root.Logical().List("auth/" + e.approleMount + "/role")
+	must(t, err)
+	var found []string
+	if s != nil {
+		for _, k := range s.Data["keys"].([]any) {
+			if k := k.(string); strings.HasPrefix(k, name+"-") && strings.HasSuffix(k, "."+node) {
+				found = append(found, k)
+			}
+		}
+	}
+	if len(found) != 1 {
+		t.Fatalf("AppRoles of gateway %s of %s: %v, want one", node, name, found)
+	}
+	return found[0]
+}
+
 // TestVaultBurstGatewaysIsolated: each gateway of a Vault burst logs in
 // with an AppRole of its own, whose token may have certificates issued in
 // that gateway's name only and reach that gateway's WireGuard key only.
@@ -813,6 +843,25 @@ func TestVaultBurstGatewaysIsolated(t *testing.T) {
 		t.Errorf("a burst gateway reading the gossip keyring: %v", err) // the mesh's, shared
 	}
 
+	// A close stopped half-way (the first gateway's grant gone), then its
+	// claim rewritten by someone who may write claims: the second
+	// gateway's AppRole still names this opening, so the close is not
+	// taken for a reopening (which would record the burst as ended and
+	// leave that AppRole, SecretIDs and all).
+	_, err = e.root.Logical().Delete("auth/" + e.approleMount + "/role/" + one.Role)
+	must(t, err)
+	claimed, err := e.root.KVv2(e.kv).Get(ctx, "skybridge/bursts/burst-y")
+	must(t, err)
+	forged := maps.Clone(claimed.Data)
+	forged["nonce"], forged["gateway"] = "forged-nonce", "gw-rogue"
+	_, err = e.root.KVv2(e.kv).Put(ctx, "skybridge/bursts/burst-y", forged, api.WithCheckAndSet(claimed.VersionMetadata.Version))
+	must(t, err)
+	if _, err := v.CloseBurst(ctx, e.root.Token(), "burst-y", vb.Nodes(), vb.Claim, "gw-zrh"); err == nil || errors.Is(err, certs.ErrBurstSiteReopened) || !strings.Contains(err.Error(), "changed outside skybridge") {
+		t.Fatalf("CloseBurst, half done, over a rewritten claim: %v", err)
+	}
+	_, err = e.root.KVv2(e.kv).Put(ctx, "skybridge/bursts/burst-y", claimed.Data)
+	must(t, err)
+
 	// Aborted, nothing of it stays: no gateway's role, policy or AppRole.
 	must(t, v.AbortBurst(ctx, e.root.Token(), "burst-y", vb.Claim, "gw-zrh", vb.Nodes()))
 	for _, p := range []string{e.pki + "/roles/" + one.Role, e.pki + "/roles/" + other.Role, e.pki + "/roles/" + vb.Name,
@@ -821,6 +870,30 @@ func TestVaultBurstGatewaysIsolated(t *testing.T) {
 		if s, err := e.root.Logical().Read(p); err != nil || s != nil {
 			t.Errorf("%s after AbortBurst: %v %v", p, s != nil, err)
 		}
+	}
+
+	// Cleaned up by hand only in part (the claim and the site's role,
+	// the gateways' grants left), the site opened again: the new
+	// burst's gateways have grants of their own names, so the old
+	// burst's servers, which keep their role ID and SecretID, cannot log
+	// in with the new burst's rights.
+	old, err := v.OpenBurst(ctx, e.root.Token(), spec)
+	must(t, err)
+	oldSecret, err := e.root.Logical().Unwrap(old.Gateways[0].WrappedSecretID)
+	must(t, err)
+	must(t, e.root.KVv2(e.kv).DeleteMetadata(ctx, "skybridge/bursts/burst-y"))
+	_, err = e.root.Logical().Delete(e.pki + "/roles/" + old.Name)
+	must(t, err)
+	again, err := v.OpenBurst(ctx, e.root.Token(), spec)
+	must(t, err)
+	if again.Gateways[0].Role == old.Gateways[0].Role || again.Gateways[0].RoleID == old.Gateways[0].RoleID {
+		t.Fatalf("the reopened burst's gateway has the left-over grant %s", old.Gateways[0].Role)
+	}
+	c.SetToken("")
+	login, err = c.Logical().Write("auth/"+e.approleMount+"/login", map[string]any{"role_id": old.Gateways[0].RoleID, "secret_id": oldSecret.Data["secret_id"]})
+	must(t, err)
+	if slices.Contains(login.Auth.Policies, again.Gateways[0].Role) {
+		t.Fatalf("the ended burst's SecretID logs in with the new burst's policy: %v", login.Auth.Policies)
 	}
 }
 
