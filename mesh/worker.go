@@ -379,7 +379,7 @@ func (g *Gateway) adoptPolicyLocked(src, sigJSON []byte, replace bool) (bool, er
 	}
 	g.log.Info("adopted residency policy", "policy", p.Revision().String())
 	for _, f := range p.Unmatchable() {
-		g.log.Warn("the residency policy names a value no gateway can carry: it never matches", "line", f.Pos.Line, "problem", f.Message)
+		g.log.Warn("the residency policy has a mistake `policy sign` now refuses (it was signed before that)", "check", f.Check, "line", f.Pos.Line, "problem", f.Message)
 	}
 	g.announce(blobPolicy, uint64(p.Revision().Version), nil)
 	g.triggerReconcile()

@@ -305,6 +305,10 @@ func (c *compiler) compileClass(cs *classSyntax) {
 			r.sel = c.selector(rs.Rest, rs.DefRange, fmt.Sprintf("class %q %s %q", cs.Name, kind, a))
 			if kind == "deny" && rs.Reason == "" {
 				c.errorf(rs.DefRange, "class %q deny %q needs a reason: it is what people are told when they are refused", cs.Name, a)
+			} else if kind == "deny" && strings.TrimSpace(rs.Reason) == "" {
+				// Not a compile error: a policy signed with one must
+				// still load after an upgrade.
+				c.neverAs("empty-reason", rs.DefRange, "class %q deny %q has a reason of blanks only: it is what people are told when they are refused; write one", cs.Name, a)
 			}
 			if rq := rs.Require; rq != nil {
 				if kind == "deny" {
@@ -368,6 +372,15 @@ func (c *compiler) compileException(es *exceptionSyntax) {
 	what := fmt.Sprintf("exception %q", es.Name)
 	if !nameRE.MatchString(es.Name) {
 		c.errorf(es.DefRange, "exception name %q: use lower-case letters, digits, '-' and '_'", es.Name)
+	}
+	for _, o := range c.p.exceptions {
+		if o.name == es.Name {
+			// Decisions, audit records and expect_exception name an
+			// exception by its name. Not a compile error: a policy
+			// signed with two must still load after an upgrade.
+			c.neverAs("duplicate-exception", es.DefRange, "%s is defined twice (also at line %d): decisions and audit records name an exception by its name; rename one", what, o.pos.Line)
+			break
+		}
 	}
 	if _, ok := c.p.classes[es.Class]; !ok {
 		c.errorf(es.ClassRange, "%s: class %q is not defined (exceptions come after the classes they relax)", what, es.Class)
@@ -445,6 +458,8 @@ func (c *compiler) selector(body hcl.Body, def hcl.Range, what string) *selector
 			c.errorf(def, "%s: %q is not a valid glob pattern", what, g)
 		} else if !globCanMatchName(g) {
 			c.never(def, "%s: %q can never match: site and region names are lower-case letters, digits and '-'%s", what, g, lowerHint(g))
+		} else if !globMatchesSomeName(g) {
+			c.never(def, "%s: %q can never match: site and region names are 1 to 63 lower-case letters, digits and '-', starting and ending with a letter or digit", what, g)
 		}
 	}
 	for _, v := range ss.Provider {
@@ -460,6 +475,11 @@ func (c *compiler) selector(body hcl.Body, def hcl.Range, what string) *selector
 			c.never(ss.LabelsRange, "%s: label %s = \"\" would match every site without the label; name the value it must have", what, k)
 		case !certs.ValidLabelValue(v):
 			c.never(ss.LabelsRange, "%s: label %s value %q can never match: label values are letters, digits and . _ : / + @ , -", what, k, v)
+		case strings.Contains(v, ","):
+			// A site's label may list values ("shared,public"), and a
+			// selector value matches one of them: this one would match
+			// only a site whose label is the whole list, not either.
+			c.never(ss.LabelsRange, "%s: label %s value %q holds a comma: it matches one value of a site's comma-separated label, not several; write one rule per value", what, k, v)
 		}
 	}
 	s.sites, s.regions = ss.Site, ss.Region
@@ -522,6 +542,80 @@ func globCanMatchName(g string) bool {
 		}
 	}
 	return true
+}
+
+// globMatchesSomeName reports whether glob g, made of the characters
+// globCanMatchName allows, matches at least one certified name: "-*",
+// "onprem-" or "[z-a]*" pass that check and match none. It tries
+// candidates built from g (each '*' as nothing or "a", each '?' and
+// class as a character it takes); past 256 of them it answers yes,
+// unable to prove the opposite.
+func globMatchesSomeName(g string) bool {
+	const alphabet = "abcdefghijklmnopqrstuvwxyz0123456789-"
+	cands := []string{""}
+	for i := 0; i < len(g); i++ {
+		var opts []string
+		switch ch := g[i]; ch {
+		case '*':
+			opts = []string{"", "a"}
+		case '?':
+			opts = []string{"a"}
+		case '[':
+			end := strings.IndexByte(g[i+1:], ']')
+			if end < 0 {
+				return true // path.Match refused it already
+			}
+			if end == 0 { // "[]...]": ']' is the class's first member
+				if e2 := strings.IndexByte(g[i+2:], ']'); e2 >= 0 {
+					end = e2 + 1
+				}
+			}
+			class := g[i : i+1+end+1]
+			i += end + 1
+			// A letter or digit, and '-', if the class takes them.
+			var letter, dash string
+			for _, r := range alphabet {
+				if ok, _ := path.Match(class, string(r)); ok {
+					if r == '-' {
+						dash = "-"
+					} else if letter == "" {
+						letter = string(r)
+					}
+				}
+			}
+			for _, o := range []string{letter, dash} {
+				if o != "" {
+					opts = append(opts, o)
+				}
+			}
+		case '\\':
+			if i+1 < len(g) {
+				i++
+			}
+			opts = []string{string(g[i])}
+		default:
+			opts = []string{string(ch)}
+		}
+		if len(opts) == 0 {
+			return false // a class that takes no character a name has
+		}
+		next := make([]string, 0, len(cands)*len(opts))
+		for _, c := range cands {
+			for _, o := range opts {
+				next = append(next, c+o)
+			}
+		}
+		if len(next) > 256 {
+			return true
+		}
+		cands = next
+	}
+	for _, c := range cands {
+		if ok, _ := path.Match(g, c); ok && certs.ValidName(c) {
+			return true
+		}
+	}
+	return false
 }
 
 // lowerHint suggests the lower-case spelling of a value that has capitals.

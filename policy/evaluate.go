@@ -61,13 +61,13 @@ func (p *Policy) evaluateSites(cls *class, req *Request, d *Decision) {
 	for i := range req.Sites {
 		site := &req.Sites[i]
 		sd, allows := p.decideSite(cls, req.Action, site, req)
+		if sd.Allowed && len(allows) == 0 {
+			// Admitted by an exception alone: it waives where the data
+			// may rest or pass, not how. The class's allows of the
+			// action say how (attested storage, the length of a path).
+			allows = cls.allow[req.Action]
+		}
 		if sd.Allowed && req.Action == Store {
-			if len(allows) == 0 {
-				// Admitted by an exception alone: it waives where the
-				// data may rest, not how. The class's store allows say
-				// how.
-				allows = cls.allow[Store]
-			}
 			unattested(cls, site, allows, &sd)
 		}
 		d.Sites = append(d.Sites, sd)
@@ -279,6 +279,11 @@ func (p *Policy) AdmitMove(class string, from, to Site, now time.Time) (checks [
 		verdict.Exception = transit.Exception
 	}
 	verdict.Audit = verdict.Audit || transit.Audit
+	if transit.Denied && !verdict.Denied {
+		// In audit mode the denial is what is recorded: the rule that
+		// would have refused the move, not the store rule that allowed it.
+		verdict.Rule = transit.Rule
+	}
 	verdict.Denied = verdict.Denied || transit.Denied
 	return checks, verdict
 }

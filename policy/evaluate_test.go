@@ -313,8 +313,13 @@ exception "us-transit" {
 		t.Fatalf("a move allowed in transit only by an exception: verdict %+v", v)
 	}
 	audit := mustParse(t, strings.Replace(strings.Replace(src, "version = 1", "version = 1\n  mode    = \"audit\"", 1), `site     = ["aws-us-east-1"]`, `site     = ["nowhere"]`, 1))
-	if _, v := audit.AdmitMove("c", iad, zrh, nov24); !v.Allowed || !v.Audit || !v.Denied {
+	checks, v = audit.AdmitMove("c", iad, zrh, nov24)
+	if !v.Allowed || !v.Audit || !v.Denied {
 		t.Fatalf("a move let through only by audit mode: verdict allowed %v, audit %v, denied %v", v.Allowed, v.Audit, v.Denied)
+	}
+	// What is recorded is the rule that would have refused it.
+	if len(checks) != 2 || v.Rule != checks[1].Decision.Rule || v.Rule.Kind == "allow" {
+		t.Fatalf("a move let through only by audit mode names rule %+v; want the transit check's, %+v", v.Rule, checks[len(checks)-1].Decision.Rule)
 	}
 }
 
@@ -366,5 +371,41 @@ func TestAdmitMove(t *testing.T) {
 				t.Errorf("transit path %v; want %s → %s", got, tc.from.Name, tc.to.Name)
 			}
 		})
+	}
+}
+
+// TestExceptionKeepsMaxHops: a path whose sites are admitted in transit
+// by an exception alone is still held to the class's transit max_hops:
+// an exception waives where data may pass, not how.
+func TestExceptionKeepsMaxHops(t *testing.T) {
+	p := mustParse(t, `policy {
+  name    = "t"
+  version = 1
+}
+class "c" {
+  allow "transit" {
+    jurisdiction = ["CH"]
+    require {
+      max_hops = 1
+    }
+  }
+}
+exception "us-transit" {
+  class    = "c"
+  action   = "transit"
+  jurisdiction = ["US"]
+  category = "waiver"
+  reason   = "DR rehearsal"
+  approver = "CDO"
+  ticket   = "GRC-7"
+  expires  = "2026-12-31"
+}
+`)
+	if d := p.Evaluate(Request{Class: "c", Action: Transit, Sites: []Site{iad, iad2}, Time: nov24}); !d.Allowed || d.Exception == nil {
+		t.Fatalf("one hop through excepted sites: %+v", d)
+	}
+	d := p.Evaluate(Request{Class: "c", Action: Transit, Sites: []Site{iad, iad2, iad}, Time: nov24})
+	if d.Allowed || d.Rule.Kind != "max-hops" {
+		t.Fatalf("two hops through excepted sites, with max_hops = 1: allowed %v by %+v (%v)", d.Allowed, d.Rule, d.Reasons)
 	}
 }

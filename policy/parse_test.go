@@ -110,6 +110,20 @@ func FuzzParse(f *testing.F) {
 	})
 }
 
+// TestGlobMatchesSomeName: a site or region glob is refused only when no
+// certified name can match it.
+func TestGlobMatchesSomeName(t *testing.T) {
+	for g, want := range map[string]bool{
+		"*": true, "zrh": true, "z": true, "a-b": true, "onprem-*": true, "*-zrh": true, "aws-??-*": true,
+		"[a-c]*": true, "[!x]*": true, "[^0-9]?": true, "eu-*-1": true, "[ab]": true,
+		"": false, "-": false, "onprem-": false, "-*": false, "*-": false, "[z-a]*": false, "[^a-z0-9]*": false,
+	} {
+		if got := globMatchesSomeName(g); got != want {
+			t.Errorf("%q: %v, want %v", g, got, want)
+		}
+	}
+}
+
 // TestUnmatchableValues: values no certified gateway can carry — capitals
 // or other characters in a site, region or provider name or a label key,
 // a label value outside the allowed set or empty — never match, which in a
@@ -127,6 +141,16 @@ func TestUnmatchableValues(t *testing.T) {
 		{"capital label key", header + "class \"a\" {\n  deny \"store\" {\n    labels = { Tenancy = \"shared\" }\n    reason = \"r\"\n  }\n}\n", `label key "Tenancy" can never match`},
 		{"empty label value", header + "class \"a\" {\n  allow \"store\" {\n    labels = { certified = \"\" }\n  }\n}\n", `label certified = "" would match every site without the label`},
 		{"label value with a space", header + "class \"a\" {\n  allow \"store\" {\n    labels = { certified = \"iso 27001\" }\n  }\n}\n", `label certified value "iso 27001" can never match`},
+		{"label value with a comma", header + "class \"a\" {\n  deny \"store\" {\n    labels = { tenancy = \"shared,public\" }\n    reason = \"r\"\n  }\n}\n", `label tenancy value "shared,public" holds a comma`},
+		{"empty site", header + "class \"a\" {\n  deny \"store\" {\n    site = [\"\"]\n    reason = \"r\"\n  }\n}\n", `"" can never match: site and region names are 1 to 63`},
+		{"site ending in a dash", header + "class \"a\" {\n  deny \"store\" {\n    site = [\"onprem-\"]\n    reason = \"r\"\n  }\n}\n", `"onprem-" can never match`},
+		{"glob starting with a dash", header + "class \"a\" {\n  deny \"store\" {\n    site = [\"-*\"]\n    reason = \"r\"\n  }\n}\n", `"-*" can never match`},
+		{"empty character class", header + "class \"a\" {\n  deny \"store\" {\n    region = [\"[z-a]*\"]\n    reason = \"r\"\n  }\n}\n", `"[z-a]*" can never match`},
+		{"site too long", header + "class \"a\" {\n  deny \"store\" {\n    site = [\"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\"]\n    reason = \"r\"\n  }\n}\n", `can never match: site and region names are 1 to 63`},
+		// Not values, but as void: a deny that tells the refused nothing,
+		// an exception that audit records cannot tell from another.
+		{"blank reason", header + "class \"a\" {\n  deny \"store\" {\n    site = [\"*\"]\n    reason = \"   \"\n  }\n}\n", `has a reason of blanks only`},
+		{"exception defined twice", header + "class \"a\" {}\nexception \"e\" {\n  class = \"a\"\n  action = \"store\"\n  site = [\"x\"]\n  category = \"waiver\"\n  reason = \"r\"\n  approver = \"p\"\n  ticket = \"T-1\"\n  expires = \"2026-12-31\"\n}\nexception \"e\" {\n  class = \"a\"\n  action = \"store\"\n  site = [\"x\"]\n  category = \"waiver\"\n  reason = \"r\"\n  approver = \"p\"\n  ticket = \"T-1\"\n  expires = \"2026-12-31\"\n}\n", `exception "e" is defined twice (also at line 6)`},
 		// Not a value, but as void: a requirement where it means nothing.
 		{"encryption at rest on transit", header + "class \"a\" {\n  allow \"transit\" {\n    site = [\"*\"]\n    require {\n      encryption_at_rest = true\n    }\n  }\n}\n", `encryption_at_rest only means something on a store rule`},
 	}
@@ -138,7 +162,7 @@ func TestUnmatchableValues(t *testing.T) {
 			}
 			var found []string
 			for _, f := range Lint(p, nil, nov24) {
-				if (f.Check == "never-matches" || f.Check == "ignored-requirement") && f.Severity == "error" {
+				if f.Severity == "error" {
 					found = append(found, f.Message)
 				}
 			}

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -150,6 +151,20 @@ func RunTests(p *Policy, inv Inventory, cases []TestCase) []TestResult {
 	out := make([]TestResult, 0, len(cases))
 	for _, tc := range cases {
 		res := TestResult{Name: tc.Name, Pos: tc.Pos}
+		// A case the policy cannot decide on its rules would pass as a
+		// deny whatever the rules say: a class misspelt, say (policy
+		// check refuses one). Checking that undefined classes are
+		// denied is a case of its own, which says so by its reason.
+		if !slices.Contains(p.Classes(), tc.Class) && tc.ExpectReason == "" {
+			res.Problems = append(res.Problems, fmt.Sprintf("class %q is not a class of policy %s: the case would pass as a deny whatever its rules say (to check that undefined classes are denied, say expect_reason = \"not defined\")", tc.Class, p.Revision()))
+		}
+		if len(tc.Sites) == 0 {
+			res.Problems = append(res.Problems, "the case names no site: it would pass as a deny whatever the rules say")
+		}
+		if len(res.Problems) > 0 {
+			out = append(out, res)
+			continue
+		}
 		sites, err := inv.Lookup(tc.Sites)
 		if err != nil {
 			res.Problems = append(res.Problems, err.Error())

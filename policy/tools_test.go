@@ -142,14 +142,23 @@ func TestRunTestsReportsFailures(t *testing.T) {
 		{Name: "wrong rule", Class: "secret", Action: Store, Sites: []string{"onprem-zrh"}, At: nov24, Expect: "allow", ExpectRule: "test.hcl:99"},
 		{Name: "unknown site", Class: "secret", Action: Store, Sites: []string{"atlantis"}, At: nov24, Expect: "deny"},
 		{Name: "right", Class: "secret", Action: Store, Sites: []string{"onprem-zrh"}, At: nov24, Expect: "allow", ExpectRule: "test.hcl:16", ExpectReason: "allowed by"},
+		// Cases the rules do not decide would pass as denials: a class
+		// misspelt, no site. A case that means to check the refusal of
+		// an undefined class says so by its reason.
+		{Name: "misspelt class", Class: "secrets", Action: Store, Sites: []string{"onprem-zrh"}, At: nov24, Expect: "deny"},
+		{Name: "no site", Class: "secret", Action: Store, At: nov24, Expect: "deny"},
+		{Name: "undefined class, on purpose", Class: "secrets", Action: Store, Sites: []string{"onprem-zrh"}, At: nov24, Expect: "deny", ExpectReason: "not defined"},
 	})
-	for i, wantPass := range []bool{false, false, false, true} {
+	for i, wantPass := range []bool{false, false, false, true, false, false, true} {
 		if res[i].Pass != wantPass {
 			t.Errorf("%s: pass = %v (%v)", res[i].Name, res[i].Pass, res[i].Problems)
 		}
 	}
 	if !strings.Contains(res[0].Problems[0], "expected allow, got deny") || !strings.Contains(res[2].Problems[0], `"atlantis" is not in the inventory`) {
 		t.Errorf("problems do not explain: %v / %v", res[0].Problems, res[2].Problems)
+	}
+	if !strings.Contains(fmt.Sprint(res[4].Problems), `class "secrets" is not a class of policy`) || !strings.Contains(fmt.Sprint(res[5].Problems), "names no site") {
+		t.Errorf("problems do not explain: %v / %v", res[4].Problems, res[5].Problems)
 	}
 }
 
