@@ -63,7 +63,7 @@ type VaultBurst struct {
 type VaultBurstGateway struct {
 	secret
 	Node            string
-	Role            string // its PKI role and AppRole
+	Role            string // its PKI role, policy and AppRole
 	RoleID          string
 	WrappedSecretID string
 }
@@ -491,9 +491,8 @@ func (v *Vault) holdBurst(ctx context.Context, c *vault.Client, site, claim, by 
 }
 
 // appRoleIsOpenings reports whether the burst's AppRoles give their
-// tokens the policy of the opening with claim: the first gateway's of
-// nodes, or the site's (name) in a burst opened before gateways had
-// their own.
+// tokens the policy of the opening with claim: any of nodes' gateways',
+// or the site's (name) in a burst opened before gateways had their own.
 func (v *Vault) appRoleIsOpenings(ctx context.Context, c *vault.Client, name, claim string, nodes []string) (bool, error) {
 	if claim == unclaimedClose {
 		return false, nil
@@ -640,16 +639,10 @@ func (v *Vault) OpenBurst(ctx context.Context, adminToken string, spec VaultBurs
 			return nil, fmt.Errorf("gateway %s is not of burst site %s", n.Node, spec.Site)
 		}
 	}
-	w := func(p string, data map[string]any) error {
-		if _, err := c.Logical().WriteWithContext(ctx, p, data); err != nil {
-			return fmt.Errorf("vault write %s: %w", p, err)
-		}
-		return nil
-	}
 	wrote = true
 	// The site's role certifies nothing (no name, no URI): it marks the
 	// site open and holds the burst's end (roleOutlivesClaim).
-	if err := w(rolePath, map[string]any{
+	if err := vaultWrite(ctx, c, rolePath, map[string]any{
 		"allow_any_name": false, "allowed_domains": []string{}, "allow_bare_domains": false, "allow_subdomains": false,
 		"allow_glob_domains": false, "allow_wildcard_certificates": false, "allow_localhost": false, "enforce_hostnames": false,
 		"allow_ip_sans": false, "allowed_uri_sans": []string{},
@@ -676,7 +669,7 @@ func (v *Vault) OpenBurst(ctx context.Context, adminToken string, spec VaultBurs
 	g.SetLimit(burstGrantParallel)
 	for i, n := range spec.Nodes {
 		g.Go(func() (err error) {
-			vb.Gateways[i], err = v.openBurstGateway(gctx, c, w, name, nonce, n, spec.Expires, ttl)
+			vb.Gateways[i], err = v.openBurstGateway(gctx, c, name, nonce, n, spec.Expires, ttl)
 			return err
 		})
 	}
@@ -690,9 +683,17 @@ func (v *Vault) OpenBurst(ctx context.Context, adminToken string, spec VaultBurs
 // at once.
 const burstGrantParallel = 8
 
+// vaultWrite writes data at p, saying where if it fails.
+func vaultWrite(ctx context.Context, c *vault.Client, p string, data map[string]any) error {
+	if _, err := c.Logical().WriteWithContext(ctx, p, data); err != nil {
+		return fmt.Errorf("vault write %s: %w", p, err)
+	}
+	return nil
+}
+
 // openBurstGateway makes one burst gateway's PKI role, policy and
 // AppRole, and a wrapped SecretID for it.
-func (v *Vault) openBurstGateway(ctx context.Context, c *vault.Client, w func(string, map[string]any) error, name, claim string, n Attributes,
+func (v *Vault) openBurstGateway(ctx context.Context, c *vault.Client, name, claim string, n Attributes,
 	expires time.Time, ttl time.Duration) (VaultBurstGateway, error) {
 	n.Normalize()
 	own := burstGatewayName(name, claim, n.Node)
@@ -702,7 +703,7 @@ func (v *Vault) openBurstGateway(ctx context.Context, c *vault.Client, w func(st
 	// with its overlay IP: Vault cannot pin the IP SAN, and AttributesOf
 	// refuses a certificate whose IP SAN differs from the address its URI
 	// names.
-	if err := w(path.Join(v.cfg.PKIMount, "roles", own), map[string]any{
+	if err := vaultWrite(ctx, c, path.Join(v.cfg.PKIMount, "roles", own), map[string]any{
 		"allow_any_name": false, "allowed_domains": []string{n.Node}, "allow_bare_domains": true, "allow_subdomains": false,
 		"allow_glob_domains": false, "allow_wildcard_certificates": false, "allow_localhost": false, "enforce_hostnames": false,
 		"allow_ip_sans": true, "allowed_uri_sans": []string{n.PinnedURI().String()},
@@ -724,7 +725,7 @@ func (v *Vault) openBurstGateway(ctx context.Context, c *vault.Client, w func(st
 		return VaultBurstGateway{}, fmt.Errorf("vault policy %s: %w", own, err)
 	}
 	roleBase := path.Join("auth", v.appRoleMount(), "role", own)
-	if err := w(roleBase, map[string]any{
+	if err := vaultWrite(ctx, c, roleBase, map[string]any{
 		"token_policies": own, "token_ttl": ttl.String(), "token_max_ttl": ttl.String(),
 		"secret_id_ttl": ttl.String(), "secret_id_num_uses": 0,
 	}); err != nil {
