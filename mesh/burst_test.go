@@ -677,12 +677,10 @@ func TestBurstRecordsDamaged(t *testing.T) {
 	}
 }
 
-// TestEnrollmentRefusalsAreCheap: anyone who can reach the enrollment
-// endpoint can have requests refused. A token ID that cannot be one is
-// refused before it is looked up or logged, and refusals of well-formed
-// ones are logged at most once a second, so that a client sending them
-// back to back cannot fill the gateway's disk with its log.
-func TestEnrollmentRefusalsAreCheap(t *testing.T) {
+// startEnrollingGateway runs a gateway that holds the embedded CA and
+// enrols burst gateways on loopback, and waits for its endpoint.
+func startEnrollingGateway(t *testing.T) (*liveGateway, *syncbuf.Buffer) {
+	t.Helper()
 	dir := t.TempDir()
 	logs := &syncbuf.Buffer{}
 	ca, err := certs.InitCA(filepath.Join(dir, "ca"), certs.InitOptions{MeshPrefix: netip.MustParsePrefix("100.64.0.0/10")})
@@ -695,6 +693,16 @@ func TestEnrollmentRefusalsAreCheap(t *testing.T) {
 		s.EnrollAdvertise = s.EnrollListen
 	})
 	waitUntil(t, 10*time.Second, "the enrollment endpoint", func() bool { return strings.Contains(logs.String(), "enrolling burst gateways") })
+	return hq, logs
+}
+
+// TestEnrollmentRefusalsAreCheap: anyone who can reach the enrollment
+// endpoint can have requests refused. A token ID that cannot be one is
+// refused before it is looked up or logged, and refusals of well-formed
+// ones are logged at most once a second, so that a client sending them
+// back to back cannot fill the gateway's disk with its log.
+func TestEnrollmentRefusalsAreCheap(t *testing.T) {
+	hq, logs := startEnrollingGateway(t)
 	client := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}}
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
@@ -740,18 +748,7 @@ func TestEnrollmentRefusalsAreCheap(t *testing.T) {
 // endpoint's slots; its next is closed at once, and a newcomer from
 // another address is served meanwhile.
 func TestEnrollmentPerSourceLimit(t *testing.T) {
-	dir := t.TempDir()
-	logs := &syncbuf.Buffer{}
-	ca, err := certs.InitCA(filepath.Join(dir, "ca"), certs.InitOptions{MeshPrefix: netip.MustParsePrefix("100.64.0.0/10")})
-	if err != nil {
-		t.Fatal(err)
-	}
-	hq := startLiveGatewayWith(t, ca, dir, 0, "zrh-dc", nil, logs, func(s *Settings) {
-		s.Identity.CADir = ca.Dir()
-		s.EnrollListen = netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(loopbackPort(t)))
-		s.EnrollAdvertise = s.EnrollListen
-	})
-	waitUntil(t, 10*time.Second, "the enrollment endpoint", func() bool { return strings.Contains(logs.String(), "enrolling burst gateways") })
+	hq, logs := startEnrollingGateway(t)
 	addr := hq.g.s.EnrollListen.String()
 	// post sends an enrollment with an unknown token from source: a 403
 	// is an answer, so the connection was served.

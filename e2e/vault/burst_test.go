@@ -542,20 +542,14 @@ func TestVaultBurstOpenAndAbort(t *testing.T) {
 	// The claim rewritten by someone who may write claims (a gateway whose
 	// policy reaches the bursts path): the burst's own close is not taken
 	// for a reopening, since the AppRole is still its opening's.
-	claimed, err := e.root.KVv2(e.kv).Get(ctx, "skybridge/bursts/burst-x")
-	must(t, err)
-	forged := maps.Clone(claimed.Data)
-	forged["nonce"], forged["gateway"] = "forged-nonce", "gw-rogue"
-	_, err = e.root.KVv2(e.kv).Put(ctx, "skybridge/bursts/burst-x", forged, api.WithCheckAndSet(claimed.VersionMetadata.Version))
-	must(t, err)
+	restore := forgeClaim(t, e, "burst-x")
 	if _, err := v.CloseBurst(ctx, e.root.Token(), "burst-x", []string{"burst-x-gw1"}, vb.Claim, "gw-zrh"); err == nil || errors.Is(err, certs.ErrBurstSiteReopened) || !strings.Contains(err.Error(), "changed outside skybridge") {
 		t.Fatalf("CloseBurst over a rewritten claim: %v", err)
 	}
 	if r, p, a, c := exists(); !r || !p || !a || !c {
 		t.Fatalf("the close over a rewritten claim deleted: role %v, policy %v, AppRole %v, claim %v", r, p, a, c)
 	}
-	_, err = e.root.KVv2(e.kv).Put(ctx, "skybridge/bursts/burst-x", claimed.Data)
-	must(t, err)
+	restore()
 	must(t, v.AbortBurst(ctx, e.root.Token(), "burst-x", vb.Claim, "gw-zrh", vb.Nodes()))
 	if r, p, a, c := exists(); r || p || a || c {
 		t.Fatalf("after AbortBurst: role %v, policy %v, AppRole %v, claim %v", r, p, a, c)
@@ -736,6 +730,24 @@ path "%[3]s/roles/*" { capabilities = ["read", "delete"] }
 	must(t, v.AbortBurst(ctx, e.root.Token(), "burst-x", vb.Claim, spec.OpenedBy, vb.Nodes()))
 }
 
+// forgeClaim rewrites the claim of site as someone who may write claims
+// could (a gateway whose policy reaches the bursts path); restore puts
+// the original back.
+func forgeClaim(t *testing.T, e *env, site string) (restore func()) {
+	t.Helper()
+	kv, p := e.root.KVv2(e.kv), "skybridge/bursts/"+site
+	claimed, err := kv.Get(context.Background(), p)
+	must(t, err)
+	forged := maps.Clone(claimed.Data)
+	forged["nonce"], forged["gateway"] = "forged-nonce", "gw-rogue"
+	_, err = kv.Put(context.Background(), p, forged, api.WithCheckAndSet(claimed.VersionMetadata.Version))
+	must(t, err)
+	return func() {
+		_, err := kv.Put(context.Background(), p, claimed.Data)
+		must(t, err)
+	}
+}
+
 // burstGrant is the name of the one PKI role, policy and AppRole of
 // gateway node of the open burst whose site's role is name.
 func burstGrant(t *testing.T, e *env, name, node string) string {
@@ -850,17 +862,11 @@ func TestVaultBurstGatewaysIsolated(t *testing.T) {
 	// leave that AppRole, SecretIDs and all).
 	_, err = e.root.Logical().Delete("auth/" + e.approleMount + "/role/" + one.Role)
 	must(t, err)
-	claimed, err := e.root.KVv2(e.kv).Get(ctx, "skybridge/bursts/burst-y")
-	must(t, err)
-	forged := maps.Clone(claimed.Data)
-	forged["nonce"], forged["gateway"] = "forged-nonce", "gw-rogue"
-	_, err = e.root.KVv2(e.kv).Put(ctx, "skybridge/bursts/burst-y", forged, api.WithCheckAndSet(claimed.VersionMetadata.Version))
-	must(t, err)
+	restore := forgeClaim(t, e, "burst-y")
 	if _, err := v.CloseBurst(ctx, e.root.Token(), "burst-y", vb.Nodes(), vb.Claim, "gw-zrh"); err == nil || errors.Is(err, certs.ErrBurstSiteReopened) || !strings.Contains(err.Error(), "changed outside skybridge") {
 		t.Fatalf("CloseBurst, half done, over a rewritten claim: %v", err)
 	}
-	_, err = e.root.KVv2(e.kv).Put(ctx, "skybridge/bursts/burst-y", claimed.Data)
-	must(t, err)
+	restore()
 
 	// Aborted, nothing of it stays: no gateway's role, policy or AppRole.
 	must(t, v.AbortBurst(ctx, e.root.Token(), "burst-y", vb.Claim, "gw-zrh", vb.Nodes()))
