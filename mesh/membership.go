@@ -316,14 +316,26 @@ func (ms *membership) conflictLocked(name string, v *certs.Verified) error {
 // dominated the cost of gossip.
 func sameClaims(a, b *certs.Verified) bool {
 	return a != nil && b != nil && a.Cert.Equal(b.Cert) && a.Attributes.OverlayIP == b.Attributes.OverlayIP &&
-		a.Attributes.Site == b.Attributes.Site && slices.Equal(a.Advert.Routes, b.Advert.Routes)
+		a.Attributes.Site == b.Attributes.Site && slices.Equal(a.Advert.Routes, b.Advert.Routes) &&
+		a.Advert.WireGuardKey == b.Advert.WireGuardKey && a.Advert.NextWireGuardKey == b.Advert.NextWireGuardKey
 }
 
-// conflict says what two verified adverts both claim, or "".
+// conflict says what two verified adverts both claim, or "". A WireGuard
+// key is a claim like an address: WireGuard keeps one peer per public
+// key, so a gateway advertising another's key (its own copy, or a key it
+// cannot use) would take that gateway's allowed IPs and endpoint on
+// every device, its own site's siblings' included.
 func conflict(a, b *certs.Verified) string {
 	aa, ba := a.Attributes, b.Attributes
 	if aa.OverlayIP == ba.OverlayIP {
 		return fmt.Sprintf("overlay IP %s", ba.OverlayIP)
+	}
+	for _, ka := range wgKeys(a) {
+		for _, kb := range wgKeys(b) {
+			if ka == kb {
+				return fmt.Sprintf("WireGuard key %s", kb)
+			}
+		}
 	}
 	if aa.Site == ba.Site {
 		return "" // gateways of one site share its routes
@@ -336,6 +348,15 @@ func conflict(a, b *certs.Verified) string {
 		}
 	}
 	return ""
+}
+
+// wgKeys are the WireGuard keys an advert claims: its current one, and
+// the next one while it rotates.
+func wgKeys(v *certs.Verified) []certs.WGPublicKey {
+	if k := v.Advert.NextWireGuardKey; !k.IsZero() && k != v.Advert.WireGuardKey {
+		return []certs.WGPublicKey{v.Advert.WireGuardKey, k}
+	}
+	return []certs.WGPublicKey{v.Advert.WireGuardKey}
 }
 
 // wins reports whether claimant a (older certificate, then lower name)

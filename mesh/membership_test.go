@@ -57,10 +57,16 @@ func (f *fixture) identity(node, site string, host byte, at time.Time, routes ..
 }
 
 func (f *fixture) advert(id *certs.NodeIdentity, version uint64) []byte {
-	a := id.Attributes()
 	wg, _ := certs.GenerateWGKey()
+	return f.advertWithKeys(id, version, wg.Public(), certs.WGPublicKey{})
+}
+
+// advertWithKeys is an advert with the WireGuard keys given (next: zero
+// unless rotating).
+func (f *fixture) advertWithKeys(id *certs.NodeIdentity, version uint64, key, next certs.WGPublicKey) []byte {
+	a := id.Attributes()
 	raw, err := certs.SignAdvert(&certs.Advert{Version: version, Timestamp: f.now, Node: a.Node, Site: a.Site, Region: a.Region,
-		Provider: a.Provider, Jurisdiction: a.Jurisdiction, OverlayIP: a.OverlayIP, Routes: a.Routes, WireGuardKey: wg.Public()}, id)
+		Provider: a.Provider, Jurisdiction: a.Jurisdiction, OverlayIP: a.OverlayIP, Routes: a.Routes, WireGuardKey: key, NextWireGuardKey: next}, id)
 	if err != nil {
 		f.t.Fatal(err)
 	}
@@ -399,6 +405,44 @@ func TestMembershipConflicts(t *testing.T) {
 		ms.refresh()
 		if states(ms)["gw-young"] != StateVerified {
 			t.Errorf("gw-young still refused after the incumbents left: %v", states(ms))
+		}
+	}
+}
+
+// TestMembershipWireGuardKeyConflicts: a WireGuard key is a claim like an
+// overlay address. WireGuard keeps one peer per public key, so a gateway
+// advertising another's key, as its current or its next one, would take
+// that gateway's tunnel on every device; the older certificate keeps it,
+// whatever the order, the site, or whether the thief was verified before.
+func TestMembershipWireGuardKeyConflicts(t *testing.T) {
+	f := newFixture(t)
+	key := func() certs.WGPublicKey { k, _ := certs.GenerateWGKey(); return k.Public() }
+	stolen := key()
+	owner := f.identity("gw-owner", "site-a", 1, f.now.Add(-3*time.Hour))
+	thief := f.identity("gw-thief", "site-b", 2, f.now.Add(-time.Hour))
+	sibling := f.identity("gw-sibling", "site-a", 3, f.now.Add(-time.Hour))
+	rotating := f.identity("gw-rotating", "site-c", 4, f.now.Add(-time.Hour))
+	honest := f.identity("gw-honest", "site-d", 5, f.now.Add(-time.Hour))
+	metas := map[*certs.NodeIdentity][]byte{
+		owner:    f.advertWithKeys(owner, 1, stolen, certs.WGPublicKey{}),
+		thief:    f.advertWithKeys(thief, 1, stolen, certs.WGPublicKey{}),
+		sibling:  f.advertWithKeys(sibling, 1, stolen, certs.WGPublicKey{}),
+		rotating: f.advertWithKeys(rotating, 1, key(), stolen),
+		honest:   f.advertWithKeys(honest, 1, key(), certs.WGPublicKey{}),
+	}
+	for _, order := range [][]*certs.NodeIdentity{{owner, thief, sibling, rotating, honest}, {honest, rotating, sibling, thief, owner}} {
+		ms := newMembership("self", f.trust(), func() time.Time { return f.now }, func() {})
+		for _, id := range order {
+			ms.addCert(id.Certificate().Raw)
+			ms.update(id.Attributes().Node, gossipAddr, metas[id])
+		}
+		// A verified gateway that takes the key up later.
+		ms.update("gw-honest", gossipAddr, f.advertWithKeys(honest, 2, stolen, certs.WGPublicKey{}))
+		want := map[string]MemberState{"gw-owner": StateVerified, "gw-thief": StateRefused, "gw-sibling": StateRefused, "gw-rotating": StateRefused, "gw-honest": StateRefused}
+		for _, v := range ms.snapshot() {
+			if v.State != want[v.Name] || v.State == StateRefused && !strings.Contains(v.Reason, "WireGuard key") {
+				t.Errorf("order starting %s: %s is %s (%s), want %s over the WireGuard key", order[0].Attributes().Node, v.Name, v.State, v.Reason, want[v.Name])
+			}
 		}
 	}
 }

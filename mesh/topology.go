@@ -2,6 +2,7 @@ package mesh
 
 import (
 	"cmp"
+	"encoding/binary"
 	"fmt"
 	"net/netip"
 	"slices"
@@ -207,9 +208,46 @@ func Compute(in TopologyInput) Plan {
 			plan.Peers = append(plan.Peers, pc)
 		}
 	}
+	dropSharedKeys(&plan, in.Self)
 	dedupe(&plan, in.Self, in.MeshPrefix)
 	addNextKeys(&plan, in.Self, members)
 	return plan
+}
+
+// dropSharedKeys removes each peer whose key is ours or an earlier
+// peer's: WireGuard keeps one peer per public key, and a second entry
+// would take over the first one's allowed IPs and endpoint. Membership
+// refuses the younger claimant of a key (conflict); this keeps the device
+// sane whatever reaches it.
+//
+// It runs at every plan of a thousand peers: keys are indexed by their
+// first 8 bytes (random for a real key), and whole keys are compared
+// only when those match.
+func dropSharedKeys(plan *Plan, self Node) {
+	head := func(k certs.WGPublicKey) uint64 { return binary.LittleEndian.Uint64(k[:8]) }
+	seen := make(map[uint64]struct{}, len(plan.Peers)+1)
+	seen[head(self.Advert.WireGuardKey)] = struct{}{}
+	kept := plan.Peers[:0]
+	for _, pc := range plan.Peers {
+		if _, hit := seen[head(pc.PublicKey)]; hit {
+			holder := ""
+			if pc.PublicKey == self.Advert.WireGuardKey {
+				holder = self.node()
+			}
+			for i := 0; holder == "" && i < len(kept); i++ {
+				if kept[i].PublicKey == pc.PublicKey {
+					holder = kept[i].Node
+				}
+			}
+			if holder != "" {
+				plan.Conflicts = append(plan.Conflicts, fmt.Sprintf("%s advertises the WireGuard key of %s; not a peer", pc.Node, holder))
+				continue
+			}
+		}
+		seen[head(pc.PublicKey)] = struct{}{}
+		kept = append(kept, pc)
+	}
+	plan.Peers = kept
 }
 
 // addNextKeys adds an entry for each peer's next key (a rotation in

@@ -424,3 +424,32 @@ func TestNextKeys(t *testing.T) {
 		}
 	}
 }
+
+// TestSharedKeysDropped: a peer advertising a current WireGuard key that
+// is ours or an earlier peer's is no peer (WireGuard keeps one entry per
+// key, and the second would take over the first's allowed IPs and
+// endpoint); the others' entries stand and the clash is reported.
+func TestSharedKeysDropped(t *testing.T) {
+	decoy, thief, selfThief := fra1, iad1, fra2
+	thief.Advert.WireGuardKey = zrh2.Advert.WireGuardKey
+	selfThief.Advert.WireGuardKey = zrh1.Advert.WireGuardKey
+	// Keys are indexed by their first bytes: one that shares them with
+	// zrh-2's, and comes first, is another key.
+	decoy.Advert.WireGuardKey = zrh2.Advert.WireGuardKey
+	decoy.Advert.WireGuardKey[31] ^= 1
+	fra1 := decoy
+	plan := Compute(TopologyInput{Self: zrh1, Peers: []Node{fra1, thief, zrh2, selfThief}, Now: now, MeshPrefix: mesh16})
+	byKey := map[certs.WGPublicKey][]string{}
+	for _, pc := range plan.Peers {
+		byKey[pc.PublicKey] = append(byKey[pc.PublicKey], pc.Node)
+	}
+	if got := byKey[zrh2.Advert.WireGuardKey]; !slices.Equal(got, []string{"iad-1"}) && !slices.Equal(got, []string{"zrh-2"}) {
+		t.Fatalf("entries for zrh-2's key: %v, want exactly one", got)
+	}
+	if got := byKey[zrh1.Advert.WireGuardKey]; len(got) != 0 {
+		t.Fatalf("a peer holds our own key: %v", got)
+	}
+	if _, ok := byKey[fra1.Advert.WireGuardKey]; !ok || len(plan.Conflicts) != 2 {
+		t.Fatalf("fra-1 kept %v; conflicts %v, want the two shared keys reported", ok, plan.Conflicts)
+	}
+}
