@@ -106,7 +106,9 @@ type Gateway struct {
 	stats       reconcileStats
 
 	// Owned by the worker.
-	certAsked map[string]time.Time
+	certAsked    map[string]time.Time
+	blobAsked    map[byte]time.Time   // by kind: when we last asked for a blob
+	blobAnswered map[string]time.Time // by requester and kind: when we last sent one
 
 	metrics      *metrics
 	graph        graphCache
@@ -189,7 +191,8 @@ func newGateway(ctx context.Context, s *Settings, logger *slog.Logger, opt optio
 	g := &Gateway{
 		s: s, now: time.Now, state: stateDir(s.StateDir), opt: opt,
 		inbox: make(chan []byte, inboxSize), fetch: make(chan string, inboxSize), kick: make(chan struct{}, 1), sends: make(chan struct{}, maxSends),
-		lastApplied: map[certs.WGPublicKey]PeerConfig{}, greetings: map[certs.WGPublicKey]greeting{}, certAsked: map[string]time.Time{}, nextAcked: map[certs.WGPublicKey]bool{},
+		lastApplied: map[certs.WGPublicKey]PeerConfig{}, greetings: map[certs.WGPublicKey]greeting{}, certAsked: map[string]time.Time{},
+		blobAsked: map[byte]time.Time{}, blobAnswered: map[string]time.Time{}, nextAcked: map[certs.WGPublicKey]bool{},
 		started: time.Now(), acks: make(chan keyringAck, 1024), readvertise: make(chan struct{}, 1),
 		joined: make(chan struct{}), revokedSelf: make(chan struct{}), renewNow: make(chan struct{}, 1), burst: enr,
 	}

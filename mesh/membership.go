@@ -1103,3 +1103,14 @@ func (ms *membership) gateways() []Node {
 	ms.gw, ms.gwGen = slices.Clip(out), gen
 	return ms.gw
 }
+
+// everVerified reports whether name is a member that was verified, now
+// or before it was refused (revoked, expired) or died: one that may need
+// the revocation list to learn it must leave. A stranger gossip merely
+// named, with an address of the sender's choosing, never was.
+func (ms *membership) everVerified(name string) bool {
+	ms.mu.Lock()
+	defer ms.mu.Unlock()
+	m := ms.members[name]
+	return m != nil && m.lastVerified != nil
+}

@@ -41,6 +41,29 @@ func (g *Gateway) worker(ctx context.Context) {
 	}
 }
 
+// blobPace is how often the worker asks for a blob of one kind, and
+// answers one member's requests of one kind.
+const blobPace = time.Second
+
+// paced reports whether key's event may happen now (none in the last
+// blobPace), recording it if so. Keys of requesters come and go, so the
+// record is pruned like certAsked.
+func paced[K comparable](seen map[K]time.Time, key K) bool {
+	now := time.Now()
+	if t, ok := seen[key]; ok && now.Sub(t) < blobPace {
+		return false
+	}
+	if len(seen) >= certAskedPrune {
+		for k, t := range seen {
+			if now.Sub(t) >= blobPace {
+				delete(seen, k)
+			}
+		}
+	}
+	seen[key] = now
+	return true
+}
+
 // forgetCertAsks forgets the asks whose retry time has passed: names
 // come and go (every burst gateway's is new), and that is all but a few.
 func (g *Gateway) forgetCertAsks() {
@@ -120,7 +143,7 @@ func (g *Gateway) handle(b []byte) error {
 		if err != nil || len(kind) != 1 {
 			return fmt.Errorf("bad announcement")
 		}
-		if wantBlob(kind[0], v, g.blobVersion(kind[0]), len(g.trust.Load().CAs())) && from != me.Attributes().Node {
+		if wantBlob(kind[0], v, g.blobVersion(kind[0]), len(g.trust.Load().CAs())) && from != me.Attributes().Node && paced(g.blobAsked, kind[0]) {
 			g.sendAsync(from, netip.AddrPort{}, encodeMessage(msgBlobRequest, kind, []byte(me.Attributes().Node), g.gossipAddr()))
 		}
 		return nil
@@ -140,9 +163,17 @@ func (g *Gateway) handle(b []byte) error {
 		// burst gateway at burst down) must get it to learn that it has
 		// to leave. A newcomer gets the blobs with its join's state
 		// exchange anyway.
+		// The requester's name is the request's word only (the gossip
+		// key is all it takes to send one), so answers are paced per
+		// requester and kind: a stream of requests naming a member, or
+		// of announcements that make members ask, draws at most one
+		// blob a second per member and kind, not one each.
 		name := string(m.fields[1])
-		if m.fields[0][0] != blobCRL && g.members.verified(name) == nil {
+		if m.fields[0][0] == blobCRL && !g.members.everVerified(name) || m.fields[0][0] != blobCRL && g.members.verified(name) == nil {
 			return fmt.Errorf("blob request from %q, which is not a verified member", name)
+		}
+		if !paced(g.blobAnswered, name+"\x00"+string(m.fields[0])) {
+			return nil
 		}
 		g.sendAsync(name, netip.AddrPort{}, blob)
 		return nil
@@ -175,6 +206,10 @@ func (g *Gateway) handle(b []byte) error {
 			parts, err := unbundle(m.fields[1])
 			if err != nil || len(parts) != 2 {
 				return fmt.Errorf("bad policy blob")
+			}
+			// The policy in force, byte for byte: nothing to verify.
+			if cur := g.policy.Load(); cur != nil && bytes.Equal(cur.src, parts[0]) && bytes.Equal(cur.sig, parts[1]) {
+				return nil
 			}
 			_, err = g.AdoptPolicy(parts[0], parts[1])
 			return err

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"crypto/x509"
+	"encoding/binary"
 	"fmt"
 	"math/big"
 	"net"
@@ -71,14 +72,7 @@ func TestWorkerSurvivesMalformedMessages(t *testing.T) {
 func TestCertRequestAnsweredOnlyWithItsCertificate(t *testing.T) {
 	ca, lg := lonelyGateway(t)
 	d := delegate{g: lg.g}
-	issue := func(node string, ip string) []byte {
-		id, err := ca.IssueIdentity(certs.Attributes{Node: node, Site: "s", Region: "r", Provider: "onprem", Jurisdiction: "CH",
-			OverlayIP: netip.MustParseAddr(ip)}, time.Hour, time.Now())
-		if err != nil {
-			t.Fatal(err)
-		}
-		return id.Certificate().Raw
-	}
+	issue := func(node string, ip string) []byte { return mustIssue(t, ca, node, ip) }
 	listen := func() *net.UDPConn {
 		c, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
 		if err != nil {
@@ -120,6 +114,89 @@ func TestCertRequestAnsweredOnlyWithItsCertificate(t *testing.T) {
 	refused.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
 	if n, err := refused.Read(buf); err == nil {
 		t.Fatalf("a known gateway's request was answered at the address it gave (%d bytes)", n)
+	}
+}
+
+// TestBlobRequestsBounded: a blob request names its requester in its own
+// words (the gossip key is all it takes to send one). A stranger gossip
+// merely named gets nothing, not even the public revocation list, and a
+// stream of requests naming a member draws one blob a second, not one
+// each: otherwise a few bytes of requests would aim a gateway's policy
+// and lists at any member, or at any address, a thousandfold.
+func TestBlobRequestsBounded(t *testing.T) {
+	ca, lg := lonelyGateway(t)
+	d := delegate{g: lg.g}
+	listen := func() *net.UDPConn {
+		c, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		return c
+	}
+	at := func(c *net.UDPConn) netip.AddrPort { return netip.MustParseAddrPort(c.LocalAddr().String()) }
+	stranger, member, sync := listen(), listen(), listen()
+	lg.g.members.update("stranger", at(stranger), []byte("junk meta"))
+	id, err := ca.IssueIdentity(certs.Attributes{Node: "member", Site: "far", Region: "r", Provider: "onprem", Jurisdiction: "CH",
+		OverlayIP: netip.MustParseAddr("100.64.9.9")}, time.Hour, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	wg, _ := certs.GenerateWGKey()
+	a := id.Attributes()
+	meta, err := certs.SignAdvert(&certs.Advert{Version: 1, Timestamp: time.Now(), Node: a.Node, Site: a.Site, Region: a.Region, Provider: a.Provider,
+		Jurisdiction: a.Jurisdiction, OverlayIP: a.OverlayIP, WireGuardKey: wg.Public()}, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := lg.g.members.addCert(id.Certificate().Raw); err != nil {
+		t.Fatal(err)
+	}
+	lg.g.members.update("member", at(member), meta)
+	if lg.g.members.verified("member") == nil {
+		t.Fatal("the member is not verified")
+	}
+	for range 20 {
+		d.NotifyMsg(encodeMessage(msgBlobRequest, []byte{blobCRL}, []byte("stranger"), nil))
+		d.NotifyMsg(encodeMessage(msgBlobRequest, []byte{blobCRL}, []byte("member"), nil))
+	}
+	// The worker takes messages in order and sends a list this small as
+	// one datagram before the next: once a certificate request sent last
+	// is answered, every blob that was going to be sent is.
+	d.NotifyMsg(encodeMessage(msgCertRequest, []byte("probe"), mustIssue(t, ca, "probe", "100.64.9.8"), []byte(sync.LocalAddr().String())))
+	buf := make([]byte, 64<<10)
+	sync.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := sync.Read(buf); err != nil {
+		t.Fatalf("no answer to the last request: %v", err)
+	}
+	count := func(c *net.UDPConn) int {
+		n := 0
+		for {
+			c.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
+			if _, err := c.Read(buf); err != nil {
+				return n
+			}
+			n++
+		}
+	}
+	if n := count(stranger); n != 0 {
+		t.Errorf("a stranger gossip merely named got %d blobs", n)
+	}
+	if n := count(member); n != 1 {
+		t.Errorf("20 requests naming a member drew %d blobs, want 1", n)
+	}
+	// Announcements of a newer policy (by anyone, naming anyone) make
+	// the gateway ask once a second, not once each.
+	for range 20 {
+		d.NotifyMsg(encodeMessage(msgAnnounce, []byte{blobPolicy}, binary.BigEndian.AppendUint64(nil, 1<<62), []byte("member")))
+	}
+	d.NotifyMsg(encodeMessage(msgCertRequest, []byte("probe"), mustIssue(t, ca, "probe", "100.64.9.8"), []byte(sync.LocalAddr().String())))
+	sync.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := sync.Read(buf); err != nil {
+		t.Fatalf("no answer to the last request: %v", err)
+	}
+	if n := count(member); n != 1 {
+		t.Errorf("20 announcements naming a member made %d requests to it, want 1", n)
 	}
 }
 
@@ -307,4 +384,15 @@ func TestWantBlob(t *testing.T) {
 			t.Errorf("%s: wantBlob = %v, want %v", tc.name, got, tc.want)
 		}
 	}
+}
+
+// mustIssue is the certificate of a gateway node of site "s" at ip.
+func mustIssue(t *testing.T, ca *certs.CA, node, ip string) []byte {
+	t.Helper()
+	id, err := ca.IssueIdentity(certs.Attributes{Node: node, Site: "s", Region: "r", Provider: "onprem", Jurisdiction: "CH",
+		OverlayIP: netip.MustParseAddr(ip)}, time.Hour, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return id.Certificate().Raw
 }
