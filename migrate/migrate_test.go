@@ -1530,8 +1530,10 @@ func TestReceiverOneMigrationPerName(t *testing.T) {
 	if typ != frameAccept {
 		t.Fatalf("the first offer of vm: answer %d", typ)
 	}
-	if _, typ, why := offer(other, "bbbbbbbbbbbbbbbb"); typ != frameError || !strings.Contains(string(why), "aaaaaaaaaaaaaaaa") {
-		t.Fatalf("another gateway's offer of vm while it is received: answer %d %q; want refused, naming the migration", typ, why)
+	// Refused without the migration's ID: that is its sender's, which a
+	// resume names.
+	if _, typ, why := offer(other, "bbbbbbbbbbbbbbbb"); typ != frameError || !strings.Contains(string(why), "being received from another gateway") || strings.Contains(string(why), "aaaaaaaaaaaaaaaa") {
+		t.Fatalf("another gateway's offer of vm while it is received: answer %d %q; want refused, without the migration's ID", typ, why)
 	}
 	if _, typ, why := offer(p.from, "cccccccccccccccc"); typ != frameAccept {
 		t.Fatalf("the same gateway's new offer of vm: answer %d %q; want it to supersede the old", typ, why)
@@ -2150,5 +2152,75 @@ func TestSendFailureBeforeStartEnds(t *testing.T) {
 			t.Errorf("resuming a done migration: %v, ends %v; want ErrAlreadyDone and none", err, e.seen)
 		}
 		e.seen = done
+	}
+}
+
+// TestStoredImageKeepsItsSite: a stored image is replaced only from the
+// site that stored it (its gateways: a failover may send it again), and
+// only that site's offers are given its chunk hashes. Any site the policy
+// lets store the class here could otherwise overwrite the others' images
+// of it. Nor may another site's offer take over a migration's ID: it
+// would empty the chunks the migration's own sender resumes with.
+func TestStoredImageKeepsItsSite(t *testing.T) {
+	p := newPair(t, "CH")
+	raw := filepath.Join(p.dir, "vm.raw")
+	makeRaw(t, raw, 4*mib, map[int64]int{0: 4096, 2 * mib: 4096})
+	if _, err := Send(context.Background(), p.config(raw, "pii-eu")); err != nil {
+		t.Fatal(err)
+	}
+	before, _ := p.recvJ.Image("vm")
+	issue := func(node, site string, host byte) *certs.NodeIdentity {
+		id, err := p.ca.IssueIdentity(certs.Attributes{Node: node, Site: site, Region: "r", Provider: "onprem", Jurisdiction: "CH",
+			OverlayIP: netip.AddrFrom4([4]byte{100, 96, 0, host})}, time.Hour, time.Now())
+		if err != nil {
+			t.Fatal(err)
+		}
+		return id
+	}
+	as := func(id *certs.NodeIdentity) SendConfig {
+		j, err := OpenJournal(filepath.Join(p.dir, id.Attributes().Node+".db"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { j.Close() })
+		cfg := p.config(raw, "pii-eu")
+		cfg.From, cfg.Identity, cfg.Journal = id.Attributes(), id, j
+		return cfg
+	}
+	other := as(issue("gw-gva", "onprem-gva", 3))
+	if _, err := Send(context.Background(), other); err == nil || !strings.Contains(err.Error(), "stored here from site onprem-zrh") {
+		t.Fatalf("the image sent again from another site: %v; want it refused", err)
+	}
+	if after, _ := p.recvJ.Image("vm"); after.Migration != before.Migration || after.From != "gw-zrh" {
+		t.Errorf("stored image %+v after the refusal; want it unchanged", after)
+	}
+	// Another site offering under the ID of a migration under way (its
+	// record and a chunk held, as an interrupted one leaves them).
+	held := RecvRecord{ID: "underway000001", Name: "vm2", From: "gw-zrh", FromSite: "onprem-zrh", Class: "pii-eu", Format: FormatRaw,
+		Size: 4 * mib, ChunkSize: mib, Temp: filepath.Join(p.store, ".incoming", "underway000001.raw"), State: StateRunning}
+	if err := p.recvJ.put(bucketRecv, held.ID, &held); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.recvJ.addChunks("recv", held.ID, map[int64]Hash{0: {1}}); err != nil {
+		t.Fatal(err)
+	}
+	c := p.dial(t, other.Identity)
+	cw, cr := newFrameWriter(c), newFrameReader(c)
+	if err := cw.json(frameOffer, Offer{ID: held.ID, Name: "vm2", Class: "pii-eu", Format: FormatRaw, Size: 4 * mib, ChunkSize: mib, Streams: 1}); err != nil {
+		t.Fatal(err)
+	}
+	if typ, b, err := cr.next(nil); err != nil || typ != frameError || !strings.Contains(string(b), "offered by another site") {
+		t.Fatalf("another site's offer under a migration's ID: type %d %q, %v; want it refused", typ, b, err)
+	}
+	if chunks, err := p.recvJ.chunks("recv", held.ID); err != nil || len(chunks) != 1 {
+		t.Errorf("the migration's chunks after another site's offer of its ID: %d, %v; want the one held", len(chunks), err)
+	}
+	// A gateway of the site that stored it replaces it.
+	sibling := as(issue("gw-zrh2", "onprem-zrh", 4))
+	if _, err := Send(context.Background(), sibling); err != nil {
+		t.Fatalf("the image sent again from its own site's other gateway: %v", err)
+	}
+	if after, _ := p.recvJ.Image("vm"); after.From != "gw-zrh2" {
+		t.Errorf("stored image after its site's other gateway sent it: from %s", after.From)
 	}
 }

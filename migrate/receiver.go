@@ -737,7 +737,8 @@ func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision, log
 	id, sess := r.receivingName(o)
 	if id != "" && (sess == nil || sess.from.Node != from.Node) {
 		r.mu.Unlock()
-		return nil, nil, fmt.Errorf("image %q is being received by migration %s; send it again when that one has ended", o.Name, id)
+		// Not its ID: that is the other sender's, whose resume it names.
+		return nil, nil, fmt.Errorf("image %q is being received from another gateway; send it again when that migration has ended", o.Name)
 	}
 	load := receiveLoad{id: o.ID, name: o.Name, from: from.Node, buffers: streamBuffers(o)}
 	if err := admitLoad(r.loadsLocked(), load); err != nil {
@@ -785,10 +786,23 @@ func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision, log
 	if stored != nil && stored.Class != o.Class {
 		return nil, nil, fmt.Errorf("image %q is stored here as class %q: a migration of class %q may not replace it; send it under another name", o.Name, stored.Class, o.Class)
 	}
+	// Nor by another site's gateway: every site the policy lets store a
+	// class here could otherwise overwrite the others' images of that
+	// class, and be told their chunk hashes for the re-sync. A site's own
+	// gateways (a failover) may.
+	if stored != nil && !sameSender(stored.From, stored.FromSite, from) {
+		return nil, nil, fmt.Errorf("image %q is stored here from %s: a migration from site %s may not replace it; send it under another name", o.Name, storedFrom(stored), from.Site)
+	}
 	j := r.cfg.Journal
 	temp := filepath.Join(r.cfg.StoreDir, ".incoming", o.ID+".raw")
 	var rec RecvRecord
 	resumed := j.get(bucketRecv, o.ID, &rec) == nil
+	if resumed && !sameSender(rec.From, rec.FromSite, from) {
+		// Migration IDs are the senders' to choose: another site's
+		// offer under this one must not empty its chunks or take its
+		// place.
+		return nil, nil, fmt.Errorf("migration %s was offered by another site; choose another ID", o.ID)
+	}
 	if resumed && (rec.Size != o.Size || rec.ChunkSize != o.ChunkSize || rec.Name != o.Name || rec.From != from.Node || rec.Format != o.Format) {
 		resumed = false // a different migration under an old ID: start over
 	}
@@ -892,6 +906,22 @@ func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision, log
 	s.heard.touch()
 	go s.syncer()
 	return s, acc, nil
+}
+
+// sameSender reports whether a migration or image received from node of
+// site (empty in records of earlier releases) is from's to resume or
+// replace: the same gateway, or one of its site.
+func sameSender(node, site string, from *certs.Attributes) bool {
+	return node == from.Node || site != "" && site == from.Site
+}
+
+// storedFrom names where an image came from: its site, or its gateway in
+// records of earlier releases, which left the site out.
+func storedFrom(img *ImageRecord) string {
+	if img.FromSite == "" {
+		return "gateway " + img.From
+	}
+	return "site " + img.FromSite
 }
 
 // loadsLocked lists the receives under way and being opened. r.mu is held.
