@@ -353,12 +353,13 @@ func (r *Receiver) handle(ctx context.Context, c *tls.Conn) {
 			fw.flush()
 			return
 		}
-		if !s.attach(c) {
+		if !s.attachData(c) {
 			fw.frame(frameError, []byte(fmt.Sprintf("migration %s has ended", j.ID)))
 			fw.flush()
 			return
 		}
 		s.data(fr, &lockedWriter{fw: fw})
+		s.running.Done()
 	}
 }
 
@@ -414,6 +415,12 @@ type session struct {
 	aborted  bool
 	ctrl     net.Conn // the control stream's, among conns
 	streams  int      // data streams joined
+	// sealed: the commit came; no chunk is taken any more, and running
+	// counts the data streams still reading or writing, which the commit
+	// waits out before it checks the file (a chunk written after the
+	// check would be stored unchecked).
+	sealed  bool
+	running sync.WaitGroup
 	// heard is when the sender was last heard from: a frame on any
 	// stream, the offer, the commit. Until the commit, a sender silent
 	// for idleTimeout is taken for gone.
@@ -490,6 +497,38 @@ func (s *session) attach(c net.Conn) bool {
 	}
 	s.conns = append(s.conns, c)
 	return true
+}
+
+// attachData is attach for a data stream, which it counts as running
+// (the caller calls s.running.Done when the stream is done); none is
+// taken once the session is sealed.
+func (s *session) attachData(c net.Conn) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.aborted || s.sealed {
+		return false
+	}
+	s.conns = append(s.conns, c)
+	s.running.Add(1)
+	return true
+}
+
+// seal ends the data streams once the commit has come, and waits until
+// none reads or writes any more.
+func (s *session) seal() {
+	s.mu.Lock()
+	s.sealed = true
+	var data []net.Conn
+	for _, c := range s.conns {
+		if c != s.ctrl {
+			data = append(data, c)
+		}
+	}
+	s.mu.Unlock()
+	for _, c := range data {
+		c.Close()
+	}
+	s.running.Wait()
 }
 
 // takeOver ends a session another offer replaces, and reports whether it
@@ -581,7 +620,7 @@ func (r *Receiver) control(ctx context.Context, c *tls.Conn, fr *frameReader, fw
 		return
 	}
 	var cm Commit
-	err = fr.json(frameCommit, &cm)
+	err = fr.jsonMax(frameCommit, &cm, commitMax(o))
 	s.mu.Lock()
 	aborted := s.aborted
 	s.committed.Store(true) // or gone: either way no longer waited for
@@ -604,6 +643,9 @@ func (r *Receiver) control(ctx context.Context, c *tls.Conn, fr *frameReader, fw
 		}
 		return
 	}
+	// No chunk may land once the file is checked: the data streams end
+	// first (the sender needs them no more).
+	s.seal()
 	// The sender is judged again too: revoked while the image came (a
 	// gateway decommissioned, a key compromised), what it sent is not
 	// stored. (Expiry is not judged again: a long migration outlives the
@@ -834,13 +876,15 @@ func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision, log
 	}
 	// Room for what may still come (what an earlier attempt left is on
 	// the disk already), before anything is written.
-	allow, need := chunkCount(o.Size, o.ChunkSize), int64(0)
+	// An offer that does not say how many chunks hold data (a sender of
+	// a release before it did) may fill every one: room for them all.
+	allow := chunkCount(o.Size, o.ChunkSize)
 	if o.Chunks != nil {
 		allow = *o.Chunks
-		need = max(0, allow-int64(len(durable))) * o.ChunkSize
-		if o.Format == FormatQcow2 {
-			need += qcowMetaBytes(o.Size, allow, o.ChunkSize)
-		}
+	}
+	need := max(0, allow-int64(len(durable))) * o.ChunkSize
+	if o.Format == FormatQcow2 {
+		need += qcowMetaBytes(o.Size, allow, o.ChunkSize)
 	}
 	hold, err := r.reserve(o.ID, need)
 	if err != nil {
@@ -873,7 +917,9 @@ func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision, log
 	}
 	s := &session{r: r, log: log, offer: *o, from: from, temp: f, at: rec.DataAt, record: &rec, start: r.cfg.Now(), policy: d,
 		hold: hold, allow: allow, fresh: map[int64]struct{}{}, durable: durable, pending: map[int64]pendingChunk{}, kick: make(chan struct{}, 1), heard: newStamp(), stop: make(chan struct{}), synced: make(chan struct{}), closed: make(chan struct{})}
-	acc := &Accept{Have: durable, IdleMS: r.cfg.IdleTimeout.Milliseconds()}
+	// A copy: the session's own map is written by its syncer while the
+	// answer is encoded, and the session is running by then.
+	acc := &Accept{Have: maps.Clone(durable), IdleMS: r.cfg.IdleTimeout.Milliseconds()}
 	if img := stored; img != nil && img.Manifest.ChunkSize == o.ChunkSize {
 		if base, err := OpenSource(img.Path); err == nil {
 			chunks := img.Manifest.Chunks
@@ -1141,6 +1187,10 @@ func (s *session) data(fr *frameReader, w *lockedWriter) {
 			}
 			writes <- write{chunk: data, index: i, hash: h, wire: int64(c.dataLen)}
 		case frameSame:
+			if n > maxIndexFrame {
+				refuse(fmt.Sprintf("Same frame of %d bytes where at most %d are expected", n, maxIndexFrame))
+				return
+			}
 			p, err := fr.body(n, buf)
 			if err != nil {
 				return
@@ -1192,6 +1242,9 @@ func (s *session) data(fr *frameReader, w *lockedWriter) {
 func (s *session) claim(i int64) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.sealed {
+		return false
+	}
 	if _, ok := s.durable[i]; ok {
 		return true
 	}

@@ -109,7 +109,19 @@ type receiveLoad struct {
 // streamBuffers is what a receive's streams may hold: two chunk buffers
 // each (one being received while the other is written) and one for a
 // compressed frame.
-func streamBuffers(o *Offer) int64 { return int64(o.Streams) * 3 * o.ChunkSize }
+func streamBuffers(o *Offer) int64 {
+	return int64(o.Streams)*3*o.ChunkSize + int64(commitMax(o))
+}
+
+// commitMax bounds the commit frame of a migration: its manifest lists a
+// chunk in well under 128 bytes of JSON, and no more chunks than the
+// image has. It is read whole, so it counts with the buffers.
+func commitMax(o *Offer) int {
+	if n := chunkCount(o.Size, o.ChunkSize); n < (maxFrame-4096)/128 {
+		return 4096 + 128*int(n)
+	}
+	return maxFrame
+}
 
 // admitLoad says why a receive cannot start beside those under way. Those
 // it replaces do not count: an earlier attempt of its migration, and

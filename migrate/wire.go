@@ -314,8 +314,11 @@ type chunkHead struct {
 	dataLen int // bytes in the frame: rawLen, or less if compressed
 }
 
-func (fr *frameReader) json(want byte, v any) error {
-	typ, b, err := fr.next(nil)
+func (fr *frameReader) json(want byte, v any) error { return fr.jsonMax(want, v, maxFrame) }
+
+// jsonMax is json for a frame that may not exceed max bytes.
+func (fr *frameReader) jsonMax(want byte, v any, max int) error {
+	typ, b, err := fr.nextMax(nil, max)
 	if err != nil {
 		return err
 	}
@@ -338,6 +341,10 @@ func chunkHeader(index int64, h Hash, flags byte, rawLen int) []byte {
 	b = append(b, flags)
 	return binary.AppendUvarint(b, uint64(rawLen))
 }
+
+// maxIndexFrame is the most bytes an index frame (Same, and a nack's
+// start) takes: a chunk index and its hash.
+const maxIndexFrame = binary.MaxVarintLen64 + len(Hash{})
 
 func indexFrame(index int64, h Hash) []byte {
 	return append(binary.AppendUvarint(nil, uint64(index)), h[:]...)

@@ -1,0 +1,195 @@
+package migrate
+
+import (
+	"bytes"
+	"crypto/rand"
+	"encoding/binary"
+	"errors"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/skybridge-mesh/skybridge/policy"
+)
+
+// TestNoChunkLandsAfterTheCommit: once the commit comes, the data streams
+// end before the file is checked and stored. A chunk whose frame had begun
+// (claimed, its body still coming) would otherwise be written into the
+// stored file after the check: an image that does not match the root the
+// catalog and the audit record name.
+func TestNoChunkLandsAfterTheCommit(t *testing.T) {
+	dataOpen := make(chan error, 1)
+	var data interface{ Read([]byte) (int, error) }
+	p := newPairWith(t, "DE", func(c *ReceiverConfig) {
+		c.afterRename = func() error {
+			// The image is in place: its data stream must be closed by
+			// now (reads reach its end, not the deadline; acks may come
+			// before it).
+			buf := make([]byte, 4096)
+			for {
+				if _, err := data.Read(buf); err != nil {
+					dataOpen <- err
+					return nil
+				}
+			}
+		}
+	})
+	const cs, n = 64 << 10, 4
+	ctrl := p.dial(t, nil)
+	cw, cr := newFrameWriter(ctrl), newFrameReader(ctrl)
+	all := int64(n)
+	offer := Offer{ID: "sealed0000000001", Name: "vm", Class: "pii-eu", Format: FormatRaw, Size: cs * n, ChunkSize: cs, Streams: 1, Chunks: &all}
+	if err := cw.json(frameOffer, offer); err != nil {
+		t.Fatal(err)
+	}
+	var acc Accept
+	if err := cr.json(frameAccept, &acc); err != nil {
+		t.Fatal(err)
+	}
+	dc := p.dial(t, nil)
+	data = dc
+	dw, dr := newFrameWriter(dc), newFrameReader(dc)
+	if err := dw.json(frameJoin, Join{ID: offer.ID}); err != nil {
+		t.Fatal(err)
+	}
+	m := Manifest{Size: offer.Size, ChunkSize: cs, Chunks: map[int64]Hash{}}
+	for i := range int64(n - 1) { // the last chunk is a hole
+		b := make([]byte, cs)
+		rand.Read(b)
+		m.Chunks[i] = hashChunk(b)
+		dw.frame(frameChunk, chunkHeader(i, m.Chunks[i], 0, cs), b)
+	}
+	dw.flush()
+	for acked := 0; acked < n-1; {
+		typ, b, err := dr.next(nil)
+		if err != nil || typ != frameAck {
+			t.Fatalf("ack: frame %d %v", typ, err)
+		}
+		idx, _ := parseAck(b)
+		acked += len(idx)
+	}
+	// A chunk for the hole begins, and its body stops half-way.
+	evil := bytes.Repeat([]byte("EVIL"), cs/4)
+	dw.frame(frameChunk, chunkHeader(n-1, hashChunk(evil), 0, cs), evil[:cs/2])
+	dw.flush()
+	dc.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if err := cw.json(frameCommit, Commit{Manifest: m, Root: m.Root()}); err != nil {
+		t.Fatal(err)
+	}
+	if typ, b, err := cr.next(nil); err != nil || typ != frameDone {
+		t.Fatalf("the commit: frame %d %q %v", typ, b, err)
+	}
+	if err := <-dataOpen; err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("the data stream as the image was stored: %v; want it ended by the receiver", err)
+	}
+	dc.Write(evil[cs/2:]) // the rest of the chunk, to nobody
+	img, err := p.recvJ.Image("vm")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rep, err := VerifyImage(img); err != nil || !rep.OK {
+		t.Fatalf("the stored image against its root: %+v %v", rep, err)
+	}
+}
+
+// TestReceiverFrameBounds: frames read whole are bounded by what they can
+// hold before they are read. A Same frame is a chunk index and a hash; a
+// commit lists at most the image's chunks. Announcing 64 MiB in either
+// would make the receiver hold that much per stream, past the buffers a
+// migration is admitted with.
+func TestReceiverFrameBounds(t *testing.T) {
+	p := newPair(t, "DE")
+	open := func(id string) (*frameWriter, *frameReader) {
+		c := p.dial(t, nil)
+		cw, cr := newFrameWriter(c), newFrameReader(c)
+		if err := cw.json(frameOffer, Offer{ID: id, Name: "vm-" + id[:4], Class: "pii-eu", Format: FormatRaw, Size: 8 * mib, ChunkSize: mib, Streams: 1}); err != nil {
+			t.Fatal(err)
+		}
+		var acc Accept
+		if err := cr.json(frameAccept, &acc); err != nil {
+			t.Fatal(err)
+		}
+		return cw, cr
+	}
+	announce := func(w *frameWriter, typ byte, n uint64) {
+		w.w.Write(binary.AppendUvarint([]byte{typ}, n))
+		w.w.Write(make([]byte, 16)) // a start of its body, no more
+		w.flush()
+	}
+	open("same000000000001")
+	dc := p.dial(t, nil)
+	dw, dr := newFrameWriter(dc), newFrameReader(dc)
+	if err := dw.json(frameJoin, Join{ID: "same000000000001"}); err != nil {
+		t.Fatal(err)
+	}
+	announce(dw, frameSame, 64<<20)
+	if typ, b, err := dr.next(nil); err != nil || typ != frameError || !strings.Contains(string(b), "Same frame of") {
+		t.Errorf("a Same frame announcing 64 MiB: frame %d %q %v; want it refused before it is read", typ, b, err)
+	}
+	cw, cr := open("cmit000000000001")
+	announce(cw, frameCommit, 64<<20)
+	if typ, b, err := cr.next(nil); err != nil || typ != frameError || !strings.Contains(string(b), "at most") {
+		t.Errorf("a commit announcing 64 MiB for an image of 8 chunks: frame %d %q %v; want it refused before it is read", typ, b, err)
+	}
+}
+
+// TestOfferWithoutChunksReservesAll: an offer that does not say how many
+// chunks hold data may fill every one, so the store must have room for the
+// whole image; a sender leaving the count out must not get past the check
+// a count would have failed.
+func TestOfferWithoutChunksReservesAll(t *testing.T) {
+	p := newPair(t, "DE")
+	free, err := freeBytes(p.store)
+	if err != nil {
+		t.Fatal(err)
+	}
+	size := (free + 20<<30) &^ (mib - 1)
+	c := p.dial(t, nil)
+	cw, cr := newFrameWriter(c), newFrameReader(c)
+	if err := cw.json(frameOffer, Offer{ID: "nocount000000001", Name: "vm", Class: "pii-eu", Format: FormatRaw, Size: size, ChunkSize: mib, Streams: 1}); err != nil {
+		t.Fatal(err)
+	}
+	if typ, b, err := cr.next(nil); err != nil || typ != frameError || !strings.Contains(string(b), "needs up to") {
+		t.Fatalf("an offer of %d GiB without a chunk count, %d GiB free: frame %d %q %v; want it refused for room", size>>30, free>>30, typ, b, err)
+	}
+}
+
+// TestAcceptIsACopy: the answer to an offer lists the chunks held from an
+// earlier attempt; the session's own set of them is written by its syncer
+// while the answer is encoded (it runs once registered), so the answer
+// holds a copy. Encoding the live map as it is written ends the process.
+func TestAcceptIsACopy(t *testing.T) {
+	p := newPair(t, "DE")
+	from := p.from.Attributes()
+	id := "copy000000000001"
+	rec := RecvRecord{ID: id, Name: "vm", From: from.Node, FromSite: from.Site, Class: "pii-eu", Format: FormatRaw, Size: 4 * mib, ChunkSize: mib,
+		Temp: filepath.Join(p.store, ".incoming", id+".raw"), State: StateRunning}
+	if err := p.recvJ.put(bucketRecv, id, &rec); err != nil {
+		t.Fatal(err)
+	}
+	zero := make([]byte, mib)
+	if err := os.WriteFile(rec.Temp, append(zero, zero...), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.recvJ.addChunks("recv", id, map[int64]Hash{0: hashChunk(zero)}); err != nil {
+		t.Fatal(err)
+	}
+	s, acc, err := p.recv.open(&Offer{ID: id, Name: "vm", Class: "pii-eu", Format: FormatRaw, Size: 4 * mib, ChunkSize: mib, Streams: 1},
+		from, policy.Decision{Allowed: true}, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.close()
+	if len(acc.Have) != 1 {
+		t.Fatalf("the answer lists %d chunks held, want 1", len(acc.Have))
+	}
+	s.mu.Lock()
+	s.durable[3] = Hash{3}
+	s.mu.Unlock()
+	if len(acc.Have) != 1 {
+		t.Fatal("the answer's chunks are the session's own map")
+	}
+}
