@@ -795,3 +795,19 @@ func TestEnrollmentPerSourceLimit(t *testing.T) {
 		return err == nil && code == http.StatusForbidden
 	})
 }
+
+// TestEnrollmentSource: connections count under their IPv4 address, or
+// the /64 of an IPv6 one, which one host can spread its connections over.
+func TestEnrollmentSource(t *testing.T) {
+	for in, want := range map[string]string{
+		"192.0.2.7":               "192.0.2.7",
+		"::ffff:192.0.2.7":        "192.0.2.7",
+		"2001:db8:1:2:aaaa::1":    "2001:db8:1:2::",
+		"2001:db8:1:2:ffff::9999": "2001:db8:1:2::",
+		"2001:db8:1:3::1":         "2001:db8:1:3::",
+	} {
+		if got := sourceOf(netip.MustParseAddr(in)); got.String() != want {
+			t.Errorf("%s counts as %s, want %s", in, got, want)
+		}
+	}
+}

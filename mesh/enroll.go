@@ -83,7 +83,7 @@ func (l *perSourceListener) Accept() (net.Conn, error) {
 			return nil, err
 		}
 		ap, _ := netip.ParseAddrPort(c.RemoteAddr().String())
-		from := ap.Addr().Unmap()
+		from := sourceOf(ap.Addr())
 		l.mu.Lock()
 		ok := l.open[from] < l.max
 		if ok {
@@ -99,6 +99,17 @@ func (l *perSourceListener) Accept() (net.Conn, error) {
 		}
 		return &sourceConn{Conn: c, release: func() { l.release(from) }}, nil
 	}
+}
+
+// sourceOf is the address a connection counts under: an IPv4 address, or
+// the /64 of an IPv6 one (a single host is routed a whole /64 and may
+// pick any address in it).
+func sourceOf(a netip.Addr) netip.Addr {
+	if a = a.Unmap(); a.Is6() {
+		p, _ := a.Prefix(64)
+		return p.Addr()
+	}
+	return a
 }
 
 func (l *perSourceListener) release(from netip.Addr) {

@@ -107,8 +107,8 @@ type Gateway struct {
 
 	// Owned by the worker.
 	certAsked    map[string]time.Time
-	blobAsked    map[byte]time.Time   // by kind: when we last asked for a blob
-	blobAnswered map[string]time.Time // by requester and kind: when we last sent one
+	blobAsked    map[string]time.Time // by member and kind: when we last asked, or will
+	blobAnswered map[string]time.Time // by requester and kind: when we last answered, or will
 
 	metrics      *metrics
 	graph        graphCache
@@ -192,7 +192,7 @@ func newGateway(ctx context.Context, s *Settings, logger *slog.Logger, opt optio
 		s: s, now: time.Now, state: stateDir(s.StateDir), opt: opt,
 		inbox: make(chan []byte, inboxSize), fetch: make(chan string, inboxSize), kick: make(chan struct{}, 1), sends: make(chan struct{}, maxSends),
 		lastApplied: map[certs.WGPublicKey]PeerConfig{}, greetings: map[certs.WGPublicKey]greeting{}, certAsked: map[string]time.Time{},
-		blobAsked: map[byte]time.Time{}, blobAnswered: map[string]time.Time{}, nextAcked: map[certs.WGPublicKey]bool{},
+		blobAsked: map[string]time.Time{}, blobAnswered: map[string]time.Time{}, nextAcked: map[certs.WGPublicKey]bool{},
 		started: time.Now(), acks: make(chan keyringAck, 1024), readvertise: make(chan struct{}, 1),
 		joined: make(chan struct{}), revokedSelf: make(chan struct{}), renewNow: make(chan struct{}, 1), burst: enr,
 	}

@@ -41,17 +41,29 @@ func (g *Gateway) worker(ctx context.Context) {
 	}
 }
 
-// blobPace is how often the worker asks for a blob of one kind, and
-// answers one member's requests of one kind.
+// blobPace is how often the worker asks one member for a blob of one
+// kind, and answers one member's requests of one kind.
 const blobPace = time.Second
 
-// paced reports whether key's event may happen now (none in the last
-// blobPace), recording it if so. Keys of requesters come and go, so the
-// record is pruned like certAsked.
-func paced[K comparable](seen map[K]time.Time, key K) bool {
+// paced runs send for key now if it last ran blobPace ago or more, else
+// once when it has: what comes meanwhile is folded into that one, never
+// dropped. An announcement or a request names its member in its own
+// words (the gossip key is all it takes to send one), so dropping would
+// let a stream of forged ones keep a member from being asked, or
+// answered, at all; folding bounds what they draw to one send a second.
+// send runs on a timer's goroutine when it is put off, so it may only
+// send. seen (the worker's) is pruned like certAsked.
+func paced(seen map[string]time.Time, key string, send func()) {
 	now := time.Now()
-	if t, ok := seen[key]; ok && now.Sub(t) < blobPace {
-		return false
+	next, ok := seen[key]
+	switch {
+	case ok && next.After(now):
+		return // a send is put off to then: it covers this one
+	case ok && now.Sub(next) < blobPace:
+		at := next.Add(blobPace)
+		seen[key] = at
+		time.AfterFunc(at.Sub(now), send)
+		return
 	}
 	if len(seen) >= certAskedPrune {
 		for k, t := range seen {
@@ -61,7 +73,7 @@ func paced[K comparable](seen map[K]time.Time, key K) bool {
 		}
 	}
 	seen[key] = now
-	return true
+	send()
 }
 
 // forgetCertAsks forgets the asks whose retry time has passed: names
@@ -143,8 +155,12 @@ func (g *Gateway) handle(b []byte) error {
 		if err != nil || len(kind) != 1 {
 			return fmt.Errorf("bad announcement")
 		}
-		if wantBlob(kind[0], v, g.blobVersion(kind[0]), len(g.trust.Load().CAs())) && from != me.Attributes().Node && paced(g.blobAsked, kind[0]) {
-			g.sendAsync(from, netip.AddrPort{}, encodeMessage(msgBlobRequest, kind, []byte(me.Attributes().Node), g.gossipAddr()))
+		// Only verified members are asked (a newcomer gets the blobs with
+		// its join): a name of the announcement's choosing would
+		// otherwise grow the worker's records without end.
+		if wantBlob(kind[0], v, g.blobVersion(kind[0]), len(g.trust.Load().CAs())) && from != me.Attributes().Node && g.members.verified(from) != nil {
+			ask := encodeMessage(msgBlobRequest, kind, []byte(me.Attributes().Node), g.gossipAddr())
+			paced(g.blobAsked, from+"\x00"+string(kind), func() { g.sendAsync(from, netip.AddrPort{}, ask) })
 		}
 		return nil
 
@@ -152,8 +168,8 @@ func (g *Gateway) handle(b []byte) error {
 		if err := m.want(3); err != nil || len(m.fields[0]) != 1 {
 			return fmt.Errorf("bad blob request")
 		}
-		blob := g.blob(m.fields[0][0])
-		if blob == nil {
+		kind := m.fields[0][0]
+		if g.blob(kind) == nil {
 			return nil
 		}
 		// At the address gossip knows for the member (the request's own
@@ -163,19 +179,20 @@ func (g *Gateway) handle(b []byte) error {
 		// burst gateway at burst down) must get it to learn that it has
 		// to leave. A newcomer gets the blobs with its join's state
 		// exchange anyway.
-		// The requester's name is the request's word only (the gossip
-		// key is all it takes to send one), so answers are paced per
-		// requester and kind: a stream of requests naming a member, or
-		// of announcements that make members ask, draws at most one
-		// blob a second per member and kind, not one each.
+		// The requester's name is the request's word only, so answers
+		// are paced per requester and kind: a stream of requests naming
+		// a member, or of announcements that make members ask, draws at
+		// most one blob a second per member and kind, not one each —
+		// the blob held when it goes.
 		name := string(m.fields[1])
-		if m.fields[0][0] == blobCRL && !g.members.everVerified(name) || m.fields[0][0] != blobCRL && g.members.verified(name) == nil {
+		if kind == blobCRL && !g.members.everVerified(name) || kind != blobCRL && g.members.verified(name) == nil {
 			return fmt.Errorf("blob request from %q, which is not a verified member", name)
 		}
-		if !paced(g.blobAnswered, name+"\x00"+string(m.fields[0])) {
-			return nil
-		}
-		g.sendAsync(name, netip.AddrPort{}, blob)
+		paced(g.blobAnswered, name+"\x00"+string(kind), func() {
+			if blob := g.blob(kind); blob != nil {
+				g.sendAsync(name, netip.AddrPort{}, blob)
+			}
+		})
 		return nil
 
 	case msgBlob:

@@ -156,18 +156,18 @@ func TestBlobRequestsBounded(t *testing.T) {
 	if lg.g.members.verified("member") == nil {
 		t.Fatal("the member is not verified")
 	}
-	for range 20 {
-		d.NotifyMsg(encodeMessage(msgBlobRequest, []byte{blobCRL}, []byte("stranger"), nil))
-		d.NotifyMsg(encodeMessage(msgBlobRequest, []byte{blobCRL}, []byte("member"), nil))
-	}
-	// The worker takes messages in order and sends a list this small as
-	// one datagram before the next: once a certificate request sent last
-	// is answered, every blob that was going to be sent is.
-	d.NotifyMsg(encodeMessage(msgCertRequest, []byte("probe"), mustIssue(t, ca, "probe", "100.64.9.8"), []byte(sync.LocalAddr().String())))
 	buf := make([]byte, 64<<10)
-	sync.SetReadDeadline(time.Now().Add(10 * time.Second))
-	if _, err := sync.Read(buf); err != nil {
-		t.Fatalf("no answer to the last request: %v", err)
+	// synced sends a certificate request last and waits for its answer:
+	// the worker takes messages in order and sends a list this small as
+	// one datagram before the next, so every send that was going to be
+	// made at once has been.
+	synced := func() {
+		t.Helper()
+		d.NotifyMsg(encodeMessage(msgCertRequest, []byte("probe"), mustIssue(t, ca, "probe", "100.64.9.8"), []byte(sync.LocalAddr().String())))
+		sync.SetReadDeadline(time.Now().Add(10 * time.Second))
+		if _, err := sync.Read(buf); err != nil {
+			t.Fatalf("no answer to the last request: %v", err)
+		}
 	}
 	count := func(c *net.UDPConn) int {
 		n := 0
@@ -179,24 +179,53 @@ func TestBlobRequestsBounded(t *testing.T) {
 			n++
 		}
 	}
+	// folded waits for the one send put off for what came within the
+	// pace, and says whether it came.
+	folded := func(c *net.UDPConn) bool {
+		c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		_, err := c.Read(buf)
+		return err == nil
+	}
+	for range 20 {
+		d.NotifyMsg(encodeMessage(msgBlobRequest, []byte{blobCRL}, []byte("stranger"), nil))
+		d.NotifyMsg(encodeMessage(msgBlobRequest, []byte{blobCRL}, []byte("member"), nil))
+	}
+	synced()
 	if n := count(stranger); n != 0 {
 		t.Errorf("a stranger gossip merely named got %d blobs", n)
 	}
 	if n := count(member); n != 1 {
-		t.Errorf("20 requests naming a member drew %d blobs, want 1", n)
+		t.Errorf("20 requests naming a member drew %d blobs at once, want 1", n)
 	}
-	// Announcements of a newer policy (by anyone, naming anyone) make
-	// the gateway ask once a second, not once each.
+	// The others are folded into one more, a pace later: forged requests
+	// naming a member cannot keep it from being answered.
+	if !folded(member) {
+		t.Error("the requests that came within the pace drew no blob after it")
+	}
+	if n := count(member); n != 0 {
+		t.Errorf("20 requests naming a member drew %d more blobs", n)
+	}
+
+	// Announcements of a newer policy make the gateway ask the member
+	// named, if verified: a forged one naming anyone else is ignored, and
+	// takes nothing from the member's.
+	for range 20 {
+		d.NotifyMsg(encodeMessage(msgAnnounce, []byte{blobPolicy}, binary.BigEndian.AppendUint64(nil, 1<<62), []byte("nobody")))
+	}
+	d.NotifyMsg(encodeMessage(msgAnnounce, []byte{blobPolicy}, binary.BigEndian.AppendUint64(nil, 7), []byte("member")))
+	synced()
+	if n := count(member); n != 1 {
+		t.Errorf("an announcement by a member after 20 forged ones made %d requests to it, want 1", n)
+	}
 	for range 20 {
 		d.NotifyMsg(encodeMessage(msgAnnounce, []byte{blobPolicy}, binary.BigEndian.AppendUint64(nil, 1<<62), []byte("member")))
 	}
-	d.NotifyMsg(encodeMessage(msgCertRequest, []byte("probe"), mustIssue(t, ca, "probe", "100.64.9.8"), []byte(sync.LocalAddr().String())))
-	sync.SetReadDeadline(time.Now().Add(10 * time.Second))
-	if _, err := sync.Read(buf); err != nil {
-		t.Fatalf("no answer to the last request: %v", err)
+	synced()
+	if n := count(member); n != 0 {
+		t.Errorf("20 more announcements within the pace made %d requests at once, want none", n)
 	}
-	if n := count(member); n != 1 {
-		t.Errorf("20 announcements naming a member made %d requests to it, want 1", n)
+	if !folded(member) {
+		t.Error("the announcements that came within the pace made no request after it")
 	}
 }
 

@@ -147,9 +147,10 @@ func TestRunTestsReportsFailures(t *testing.T) {
 		// an undefined class says so by its reason.
 		{Name: "misspelt class", Class: "secrets", Action: Store, Sites: []string{"onprem-zrh"}, At: nov24, Expect: "deny"},
 		{Name: "no site", Class: "secret", Action: Store, At: nov24, Expect: "deny"},
+		{Name: "misspelt class, any reason", Class: "secrets", Action: Store, Sites: []string{"onprem-zrh"}, At: nov24, Expect: "deny", ExpectReason: "secret"},
 		{Name: "undefined class, on purpose", Class: "secrets", Action: Store, Sites: []string{"onprem-zrh"}, At: nov24, Expect: "deny", ExpectReason: "not defined"},
 	})
-	for i, wantPass := range []bool{false, false, false, true, false, false, true} {
+	for i, wantPass := range []bool{false, false, false, true, false, false, false, true} {
 		if res[i].Pass != wantPass {
 			t.Errorf("%s: pass = %v (%v)", res[i].Name, res[i].Pass, res[i].Problems)
 		}
