@@ -73,14 +73,7 @@ func TestCertRequestAnsweredOnlyWithItsCertificate(t *testing.T) {
 	ca, lg := lonelyGateway(t)
 	d := delegate{g: lg.g}
 	issue := func(node string, ip string) []byte { return mustIssue(t, ca, node, ip) }
-	listen := func() *net.UDPConn {
-		c, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { c.Close() })
-		return c
-	}
+	listen := func() *net.UDPConn { return listenUDP(t) }
 	refused, answered := listen(), listen()
 	other := issue("other", "100.64.9.8")
 	// In order: requests that must go unanswered, then one that is
@@ -126,14 +119,7 @@ func TestCertRequestAnsweredOnlyWithItsCertificate(t *testing.T) {
 func TestBlobRequestsBounded(t *testing.T) {
 	ca, lg := lonelyGateway(t)
 	d := delegate{g: lg.g}
-	listen := func() *net.UDPConn {
-		c, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { c.Close() })
-		return c
-	}
+	listen := func() *net.UDPConn { return listenUDP(t) }
 	at := func(c *net.UDPConn) netip.AddrPort { return netip.MustParseAddrPort(c.LocalAddr().String()) }
 	stranger, member, sync := listen(), listen(), listen()
 	lg.g.members.update("stranger", at(stranger), []byte("junk meta"))
@@ -424,4 +410,15 @@ func mustIssue(t *testing.T, ca *certs.CA, node, ip string) []byte {
 		t.Fatal(err)
 	}
 	return id.Certificate().Raw
+}
+
+// listenUDP is a UDP socket on loopback, closed with the test.
+func listenUDP(t *testing.T) *net.UDPConn {
+	t.Helper()
+	c, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
 }
