@@ -160,7 +160,11 @@ func (g *Gateway) handle(b []byte) error {
 		// otherwise grow the worker's records without end.
 		if wantBlob(kind[0], v, g.blobVersion(kind[0]), len(g.trust.Load().CAs())) && from != me.Attributes().Node && g.members.verified(from) != nil {
 			ask := encodeMessage(msgBlobRequest, kind, []byte(me.Attributes().Node), g.gossipAddr())
-			paced(g.blobAsked, from+"\x00"+string(kind), func() { g.sendAsync(from, netip.AddrPort{}, ask) })
+			paced(g.blobAsked, from+"\x00"+string(kind), func() {
+				if !g.leaving.Load() { // put off, it may come after the stop
+					g.sendAsync(from, netip.AddrPort{}, ask)
+				}
+			})
 		}
 		return nil
 
@@ -189,7 +193,7 @@ func (g *Gateway) handle(b []byte) error {
 			return fmt.Errorf("blob request from %q, which is not a verified member", name)
 		}
 		paced(g.blobAnswered, name+"\x00"+string(kind), func() {
-			if blob := g.blob(kind); blob != nil {
+			if blob := g.blob(kind); blob != nil && !g.leaving.Load() {
 				g.sendAsync(name, netip.AddrPort{}, blob)
 			}
 		})
