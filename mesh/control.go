@@ -32,15 +32,18 @@ func (g *Gateway) serveControl() (io.Closer, error) {
 		return nil, fmt.Errorf("control socket %s is in use: is another gateway running with this state directory?", path)
 	}
 	os.Remove(path)
+	// Created 0600 (no moment when others may connect), rather than
+	// changed after: a chmod by path follows whatever is at the path by
+	// then.
 	old := umask(0o177)
 	ln, err := net.Listen("unix", path)
 	umask(old)
 	if err != nil {
 		return nil, fmt.Errorf("control socket: %w", err)
 	}
-	if err := os.Chmod(path, 0o600); err != nil {
+	if fi, err := os.Lstat(path); err != nil || fi.Mode().Type() != os.ModeSocket || fi.Mode().Perm()&0o077 != 0 {
 		ln.Close()
-		return nil, err
+		return nil, fmt.Errorf("control socket %s is not a socket only this user may use (%v): is something else changing the directory %s?", path, err, filepath.Dir(path))
 	}
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /v1/status", func(w http.ResponseWriter, r *http.Request) {

@@ -3,6 +3,7 @@ package mesh
 import (
 	"context"
 	"crypto/rand"
+	"crypto/sha256"
 	"crypto/subtle"
 	"embed"
 	"encoding/base64"
@@ -21,11 +22,13 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 	"unicode"
 	"unicode/utf8"
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"golang.org/x/net/netutil"
 
 	"github.com/skybridge-mesh/skybridge/internal/atomicfile"
 	"github.com/skybridge-mesh/skybridge/migrate"
@@ -44,6 +47,8 @@ var uiFiles embed.FS
 const (
 	sessionCookie   = "skybridge_session_" // and the port: browsers share cookies between the ports of a host
 	sessionLifetime = 12 * time.Hour
+	maxSessions     = 256         // logins remembered; past them the oldest is forgotten
+	maxOperatorConn = 64          // connections served at once, before any is authenticated
 	dashboardEvery  = time.Second // how often the live view is refreshed
 	recentSends     = 20          // finished migrations the dashboard lists
 	operatorHeaders = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
@@ -66,6 +71,10 @@ func operatorToken(path string) (string, error) {
 	}
 	if fi, err := os.Stat(path); err == nil && fi.Mode().Perm()&0o077 != 0 {
 		return "", fmt.Errorf("operator token %s is open to other users (mode %04o): run chmod 600 %s", path, fi.Mode().Perm(), path)
+	} else if st, ok := fi.Sys().(*syscall.Stat_t); err == nil && ok && int(st.Uid) != os.Geteuid() {
+		// Another user who could write the directory could have put it
+		// there with a token of their choosing.
+		return "", fmt.Errorf("operator token %s belongs to uid %d, not to this gateway's user (uid %d): delete it and restart to get a new one, or chown it", path, st.Uid, os.Geteuid())
 	}
 	tok := strings.TrimSpace(string(b))
 	if n := utf8.RuneCountInString(tok); n < 16 {
@@ -92,11 +101,19 @@ func operatorToken(path string) (string, error) {
 
 // operator is the running endpoint.
 type operator struct {
-	g       *Gateway
-	token   []byte
-	cookie  string // the session cookie's name
-	session string // its value: random per start, so the cookie jar never holds the token and a restart ends every session
-	addr    net.Addr
+	g      *Gateway
+	token  []byte
+	cookie string // the session cookie's name
+	addr   net.Addr
+
+	// Sessions, by the SHA-256 of their cookie's value, with when each
+	// began: one per login, random, so a cookie jar never holds the token;
+	// each ends after sessionLifetime here, not only in the browser
+	// (browsers send a host's cookies to all its ports: a cookie that
+	// reached another service must not work for ever), and a restart
+	// ends them all.
+	sessMu   sync.Mutex
+	sessions map[[32]byte]time.Time
 
 	// The latest dashboard snapshot, shared by every open page: each
 	// asks once a second, and a snapshot reads the device, the membership
@@ -145,10 +162,8 @@ func (g *Gateway) serveOperator(ctx context.Context) (io.Closer, error) {
 	if err != nil {
 		return nil, fmt.Errorf("operator endpoint on %s: %w (set operator { listen = ... } to another port, or \"off\")", addr, err)
 	}
-	session := make([]byte, 32)
-	rand.Read(session)
 	_, port, _ := net.SplitHostPort(ln.Addr().String())
-	op := &operator{g: g, token: []byte(tok), cookie: sessionCookie + port, session: hex.EncodeToString(session), addr: ln.Addr()}
+	op := &operator{g: g, token: []byte(tok), cookie: sessionCookie + port, addr: ln.Addr(), sessions: map[[32]byte]time.Time{}}
 	g.operatorTok.Store(&tok)
 	g.operatorAddr.Store(&op.addr)
 	// Bounded reads and idle waits: a connection that sends one request
@@ -157,7 +172,7 @@ func (g *Gateway) serveOperator(ctx context.Context) (io.Closer, error) {
 	// each of its writes has a deadline of its own.
 	srv := &http.Server{Handler: op.routes(), ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 10 * time.Second, IdleTimeout: 60 * time.Second,
 		BaseContext: func(net.Listener) context.Context { return ctx }}
-	go srv.Serve(ln)
+	go srv.Serve(netutil.LimitListener(ln, maxOperatorConn))
 	g.log.Info("operator endpoint: metrics and dashboard (token required)", "address", ln.Addr().String())
 	return closerFunc(func() error {
 		c, cancel := context.WithTimeout(context.Background(), 2*time.Second)
@@ -223,6 +238,8 @@ func (o *operator) routes() http.Handler {
 
 // authenticate admits a request with the bearer token or the session
 // cookie; a browser's first visit carries ?token= and is redirected.
+//
+
 func (o *operator) authenticate(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		h := w.Header()
@@ -235,7 +252,7 @@ func (o *operator) authenticate(next http.Handler) http.Handler {
 				o.refuse(w, r, "the token in the link is not this gateway's")
 				return
 			}
-			http.SetCookie(w, &http.Cookie{Name: o.cookie, Value: o.session, Path: "/", MaxAge: int(sessionLifetime.Seconds()), HttpOnly: true, SameSite: http.SameSiteStrictMode})
+			http.SetCookie(w, &http.Cookie{Name: o.cookie, Value: o.login(), Path: "/", MaxAge: int(sessionLifetime.Seconds()), HttpOnly: true, SameSite: http.SameSiteStrictMode})
 			q := r.URL.Query()
 			q.Del("token")
 			u := *r.URL
@@ -251,7 +268,7 @@ func (o *operator) authenticate(next http.Handler) http.Handler {
 			o.refuse(w, r, "wrong bearer token")
 			return
 		}
-		if c, err := r.Cookie(o.cookie); err == nil && subtle.ConstantTimeCompare([]byte(c.Value), []byte(o.session)) == 1 {
+		if c, err := r.Cookie(o.cookie); err == nil && o.inSession(c.Value) {
 			next.ServeHTTP(w, r)
 			return
 		}
@@ -359,4 +376,45 @@ func (g *Gateway) Dashboard() (*Dashboard, error) {
 	}
 	d.Receiving = g.mig.recv.Active()
 	return d, nil
+}
+
+// login begins a session and returns its cookie's value.
+func (o *operator) login() string {
+	raw := make([]byte, 32)
+	rand.Read(raw)
+	v := hex.EncodeToString(raw)
+	now := time.Now()
+	o.sessMu.Lock()
+	defer o.sessMu.Unlock()
+	if len(o.sessions) >= maxSessions {
+		var oldest [32]byte
+		var at time.Time
+		for k, t := range o.sessions {
+			if now.Sub(t) >= sessionLifetime {
+				delete(o.sessions, k)
+			} else if at.IsZero() || t.Before(at) {
+				oldest, at = k, t
+			}
+		}
+		if len(o.sessions) >= maxSessions {
+			delete(o.sessions, oldest)
+		}
+	}
+	o.sessions[sha256.Sum256([]byte(v))] = now
+	return v
+}
+
+// inSession reports whether v is the cookie of a session begun less than
+// sessionLifetime ago. Sessions are found by the hash of the value, so
+// the lookup's timing says nothing of any value held.
+func (o *operator) inSession(v string) bool {
+	k := sha256.Sum256([]byte(v))
+	o.sessMu.Lock()
+	defer o.sessMu.Unlock()
+	began, ok := o.sessions[k]
+	if ok && time.Since(began) >= sessionLifetime {
+		delete(o.sessions, k)
+		return false
+	}
+	return ok
 }

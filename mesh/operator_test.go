@@ -2,6 +2,7 @@ package mesh
 
 import (
 	"context"
+	"crypto/sha256"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -522,5 +523,49 @@ func TestIssuerAnsweredMetric(t *testing.T) {
 	}
 	if st, err := without.g.Status(); err != nil || st.Identity.Issuer != "" || st.Identity.IssuerAnswered != nil {
 		t.Errorf("status of a gateway without an issuer: %+v, %v", st.Identity, err)
+	}
+}
+
+// TestOperatorSessions: each login is a session of its own, found by its
+// cookie's value, that ends sessionLifetime after it began on the
+// gateway's side too (browsers send a host's cookies to all of its
+// ports, so a cookie can reach another service); past maxSessions the
+// oldest is forgotten.
+func TestOperatorSessions(t *testing.T) {
+	o := &operator{sessions: map[[32]byte]time.Time{}}
+	a, b := o.login(), o.login()
+	if a == b || !o.inSession(a) || !o.inSession(b) || o.inSession("") || o.inSession(a+"0") {
+		t.Fatalf("two logins: %q %q, in session %v %v", a, b, o.inSession(a), o.inSession(b))
+	}
+	o.sessions[sha256.Sum256([]byte(a))] = time.Now().Add(-sessionLifetime)
+	if o.inSession(a) || !o.inSession(b) {
+		t.Fatal("a session past its lifetime still counts, or ended another")
+	}
+	first := o.login()
+	o.sessions[sha256.Sum256([]byte(first))] = time.Now().Add(-time.Hour) // the oldest
+	for range maxSessions {
+		o.login()
+	}
+	if o.inSession(first) || len(o.sessions) > maxSessions {
+		t.Fatalf("after %d more logins: the oldest still counts (%v), %d kept", maxSessions, o.inSession(first), len(o.sessions))
+	}
+}
+
+// TestOperatorTokenOwner: a token file of another user is refused (one
+// who may write the directory could have put it there, with a token of
+// their choosing).
+func TestOperatorTokenOwner(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to give the file to another user")
+	}
+	path := filepath.Join(t.TempDir(), "token")
+	if err := os.WriteFile(path, []byte("a-token-someone-else-chose-0123\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chown(path, 65534, 65534); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := operatorToken(path); err == nil || !strings.Contains(err.Error(), "belongs to uid 65534") {
+		t.Fatalf("a token file of uid 65534: %v; want it refused", err)
 	}
 }
