@@ -314,11 +314,15 @@ func (r *burstRecord) strays(issued []certs.IssuedCert, now time.Time) []string 
 	return out
 }
 
-// due returns the bursts that have run out and are not ended yet.
+// due returns the bursts that have run out and are not ended yet, and
+// those ended whose certificates the embedded CA has yet to revoke while
+// they are still valid: the end is recorded before the revocation, and a
+// stop in between (a crash, a kill) would otherwise leave a burst ended
+// early by burst down with its gateways certified until its expiry.
 func (b *burstBook) due(now time.Time) []*burstRecord {
 	var out []*burstRecord
 	for _, r := range b.Bursts {
-		if r.Ended == nil && !now.Before(r.Expires) {
+		if r.Ended == nil && !now.Before(r.Expires) || r.Ended != nil && !r.Vault && !r.CertsRevoked && now.Before(r.Expires) {
 			out = append(out, r)
 		}
 	}

@@ -199,7 +199,16 @@ func TestBurstBook(t *testing.T) {
 		t.Fatalf("serials to revoke: %v", serials)
 	}
 	refused(b.ID, b.Secret, t0.Add(10*time.Minute), "ended")
+	// Ended early, the gateway stopped before the CA revoked its
+	// certificates: due again, until they are revoked or expire.
+	if d := bk.due(t0.Add(20 * time.Minute)); len(d) != 1 || d[0] != rec {
+		t.Fatalf("an ended burst whose certificates are not revoked is not due: %v", d)
+	}
 	if d := bk.due(t0.Add(2 * time.Hour)); len(d) != 0 {
+		t.Fatalf("an ended burst whose certificates expired is due: %v", d)
+	}
+	rec.CertsRevoked = true
+	if d := bk.due(t0.Add(20 * time.Minute)); len(d) != 0 {
 		t.Fatalf("an ended burst is not due again: %v", d)
 	}
 	if bk.find("burst-ams") != nil {
@@ -809,5 +818,52 @@ func TestEnrollmentSource(t *testing.T) {
 		if got := sourceOf(netip.MustParseAddr(in)); got.String() != want {
 			t.Errorf("%s counts as %s, want %s", in, got, want)
 		}
+	}
+}
+
+// TestBurstEndCutShortIsFinished: a burst ended early is recorded as ended
+// before its certificates are revoked. A gateway stopped in between finds
+// it so: it revokes them then, rather than leave the burst's gateways
+// certified until the burst would have expired.
+func TestBurstEndCutShortIsFinished(t *testing.T) {
+	hq, logs := startEnrollingGateway(t)
+	if _, err := hq.g.BurstUp(context.Background(), BurstRequest{BurstSite: amsSite, TTL: time.Hour}); err != nil {
+		t.Fatal(err)
+	}
+	e := hq.g.enroll
+	e.mu.Lock()
+	r := e.book.find("burst-ams")
+	attrs := certs.Attributes{Node: r.nodeName(0), Site: r.Site, Region: r.Region, Provider: r.Provider, Jurisdiction: r.Jurisdiction,
+		OverlayIP: netip.MustParseAddr("100.64.255.250")}
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, err := e.ca.Issue(certs.IssueRequest{Attributes: attrs, PublicKey: key.Public(), TTL: time.Hour, Now: time.Now()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	serial := certs.FormatSerial(cert.SerialNumber)
+	now := time.Now()
+	r.Tokens[0].Used, r.Tokens[0].Node, r.Tokens[0].Serial = &now, attrs.Node, serial
+	r.end("ended by burst down", now) // and then the gateway stopped: not revoked
+	if err := hq.g.state.saveBursts(e.book); err != nil {
+		t.Fatal(err)
+	}
+	e.mu.Unlock()
+	waitUntil(t, 10*time.Second, "the burst's certificate revoked", func() bool {
+		issued, err := e.ca.Issued()
+		if err != nil {
+			return false
+		}
+		for _, c := range issued {
+			if c.Serial == serial {
+				return c.RevokedAt != nil
+			}
+		}
+		return false
+	})
+	if !strings.Contains(logs.String(), "its certificates not yet revoked") {
+		t.Error("finishing the end was not logged")
 	}
 }

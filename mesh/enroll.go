@@ -713,14 +713,18 @@ func (g *Gateway) endBurstLocked(r *burstRecord, reason string) ([]string, error
 	return serials, nil
 }
 
-// burstLoop ends bursts when their time is up, and forgets those that
-// ended long ago.
+// burstRetry is how often burstLoop tries again an end that failed.
+const burstRetry = 30 * time.Second
+
+// burstLoop ends bursts when their time is up, finishes ends cut short,
+// and forgets those that ended long ago.
 func (g *Gateway) burstLoop(ctx context.Context) {
 	if g.enroll == nil {
 		return
 	}
 	t := time.NewTicker(time.Second)
 	defer t.Stop()
+	failed := map[string]time.Time{} // by site: an end that failed is tried again every burstRetry
 	for {
 		select {
 		case <-ctx.Done():
@@ -731,8 +735,19 @@ func (g *Gateway) burstLoop(ctx context.Context) {
 		e.mu.Lock()
 		now := g.now()
 		for _, r := range e.book.due(now) {
-			if _, err := g.endBurstLocked(r, "expired"); err != nil {
-				g.log.Error("end expired burst", "burst_site", r.Site, "err", err)
+			if at, ok := failed[r.Site]; ok && now.Sub(at) < burstRetry {
+				continue
+			}
+			reason := "expired"
+			if r.Ended != nil {
+				reason = r.EndReason // its end, cut short: the revocation is what is left
+				g.log.Warn("burst site ended, its certificates not yet revoked (the gateway stopped in between): revoking them now", "burst_site", r.Site)
+			}
+			if _, err := g.endBurstLocked(r, reason); err != nil {
+				failed[r.Site] = now
+				g.log.Error("end burst", "burst_site", r.Site, "err", err, "retry_in", burstRetry)
+			} else {
+				delete(failed, r.Site)
 			}
 		}
 		if e.book.prune(now) {
