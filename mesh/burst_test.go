@@ -867,3 +867,51 @@ func TestBurstEndCutShortIsFinished(t *testing.T) {
 		t.Error("finishing the end was not logged")
 	}
 }
+
+// TestVaultBurstGatewayEndedWhileOff: a burst gateway Vault admitted,
+// started again after its burst ended (stopped as it ended, or off across
+// it), finds its certificate expired and forgets the burst before it logs
+// in — rather than fail at Vault, again and again, with the mesh's gossip
+// key and its SecretID left on a rented server.
+func TestVaultBurstGatewayEndedWhileOff(t *testing.T) {
+	dir := t.TempDir()
+	ca, err := certs.InitCA(filepath.Join(dir, "ca"), certs.InitOptions{MeshPrefix: netip.MustParsePrefix("100.64.0.0/10")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tb, err := ca.TrustBundle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := liveSettings(t, filepath.Join(dir, "gw"))
+	idDir := s.Identity.Dir
+	attrs := certs.Attributes{Node: "burst-ams-gw1", Site: "burst-ams", Region: "eu-west-1", Provider: "aws", Jurisdiction: "NL",
+		OverlayIP: netip.MustParseAddr("100.64.255.254")}
+	id, err := ca.IssueIdentity(attrs, time.Hour, time.Now().Add(-3*time.Hour)) // ended two hours ago
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := id.Save(idDir, tb); err != nil {
+		t.Fatal(err)
+	}
+	secret := filepath.Join(idDir, certs.FileVaultSecretID)
+	if err := os.WriteFile(secret, []byte("s.secret\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	enr := &Enrollment{Site: attrs.Site, Node: attrs.Node, TokenID: "0123456789abcdef", Enrolled: time.Now().Add(-3 * time.Hour),
+		Vault: &VaultEnrollment{Address: "https://127.0.0.1:9", PKIMount: "pki", PKIRole: "r", KVMount: "kv", KVPrefix: "skybridge",
+			MeshCIDR: "100.64.0.0/10", AppRoleMount: "approle", Node: attrs, PinIP: true}}
+	if err := saveEnrollment(idDir, enr); err != nil {
+		t.Fatal(err)
+	}
+	_, err = newGateway(context.Background(), s, slog.New(slog.DiscardHandler), options{device: NewRecordingDevice("x"), noControl: true, noMigrations: true})
+	var ended *BurstEndedError
+	if !errors.As(err, &ended) || ended.Site != "burst-ams" {
+		t.Fatalf("starting after the burst ended: %v; want it ended", err)
+	}
+	for _, f := range []string{"node.key", "node.crt", certs.FileVaultSecretID} {
+		if _, err := os.Stat(filepath.Join(idDir, f)); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("%s left behind: %v", f, err)
+		}
+	}
+}

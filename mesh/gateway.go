@@ -198,6 +198,9 @@ func newGateway(ctx context.Context, s *Settings, logger *slog.Logger, opt optio
 	}
 	// A gateway restarted while Vault is down carries on with what it
 	// kept on disk, as a running one rides out the outage.
+	if err := g.vaultBurstEnded(); err != nil {
+		return nil, err
+	}
 	idCfg := s.Identity
 	idCfg.RideOutOutage = true
 	prov, err := certs.Open(ctx, idCfg, logger)

@@ -469,6 +469,36 @@ func applyEnrollment(s *Settings) (*Settings, *Enrollment, error) {
 	return &c, enr, nil
 }
 
+// vaultBurstEnded ends, before anything logs in, the burst of a gateway
+// Vault admitted whose certificate kept beside its keys has expired or
+// been revoked (by what it last knew) since it last ran: stopped as its
+// burst ended, or off across it. Vault would refuse its login, or answer
+// with nothing it may use, and it would go on failing with the mesh's
+// gossip key and its SecretID on a rented server. One with no certificate
+// yet, or none that can be judged, goes on as before.
+func (g *Gateway) vaultBurstEnded() error {
+	enr := g.burst
+	if enr == nil || enr.Vault == nil {
+		return nil
+	}
+	dir := g.s.Identity.Dir
+	id, err := certs.LoadNodeIdentity(dir)
+	if err != nil {
+		return nil
+	}
+	tb, err := certs.LoadTrustBundle(dir, netip.Prefix{})
+	if err != nil {
+		return nil
+	}
+	var ve *certs.VerifyError
+	if _, err := tb.VerifyCertificate(id.Certificate(), g.now()); errors.As(err, &ve) && (ve.Reason == certs.ReasonExpired || ve.Reason == certs.ReasonRevoked) {
+		ended := &BurstEndedError{Site: enr.Site, Node: enr.Node, Reason: err.Error()}
+		g.forgetBurst(ended)
+		return ended
+	}
+	return nil
+}
+
 // nodeAttributes are the attributes the gateway runs with: from its node
 // block (which applyEnrollment wrote for a gateway Vault admitted), or,
 // for a burst gateway the embedded CA enrolled, from the certificate its
