@@ -130,6 +130,9 @@ func (l *Log) checkHead(last []byte, seq uint64) error {
 	var h head
 	found, err := atomicfile.ReadJSON(l.path+headSuffix, &h)
 	switch {
+	case errors.Is(err, atomicfile.ErrDamaged):
+		// Written whole or not at all: damaged from outside.
+		return fmt.Errorf("audit log head: %w: check the log with `skybridge audit verify --log %s`; if it is intact, move %s aside (the next record writes a new one)", err, l.path, l.path+headSuffix)
 	case err != nil:
 		return fmt.Errorf("audit log head: %w", err)
 	case !found || seq > h.Seq:

@@ -190,4 +190,14 @@ func TestHead(t *testing.T) {
 	if _, err := l.Append(id, "migration", nil, t0); err != nil {
 		t.Fatalf("the log put back: %v", err)
 	}
+	// A head damaged from outside says what to do; moved aside, the log
+	// goes on and the next record writes a new one.
+	os.WriteFile(path+headSuffix, []byte(`{"seq": 4, "sha`), 0o600)
+	if err := l.Ready(); err == nil || !strings.Contains(err.Error(), "audit verify") || !strings.Contains(err.Error(), "move") {
+		t.Fatalf("a damaged head: %v; want what to do", err)
+	}
+	os.Rename(path+headSuffix, path+headSuffix+".damaged")
+	if _, err := l.Append(id, "migration", nil, t0); err != nil || l.CheckHead() != nil {
+		t.Fatalf("the head moved aside: %v, then %v", err, l.CheckHead())
+	}
 }
