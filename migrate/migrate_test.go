@@ -2197,7 +2197,7 @@ func TestStoredImageKeepsItsSite(t *testing.T) {
 	// Another site offering under the ID of a migration under way (its
 	// record and a chunk held, as an interrupted one leaves them).
 	held := RecvRecord{ID: "underway000001", Name: "vm2", From: "gw-zrh", FromSite: "onprem-zrh", Class: "pii-eu", Format: FormatRaw,
-		Size: 4 * mib, ChunkSize: mib, Temp: filepath.Join(p.store, ".incoming", "underway000001.raw"), State: StateRunning}
+		Size: 4 * mib, ChunkSize: mib, Temp: filepath.Join(p.store, ".incoming", "underway000001.raw"), State: StateRunning, Started: time.Now()}
 	if err := p.recvJ.put(bucketRecv, held.ID, &held); err != nil {
 		t.Fatal(err)
 	}

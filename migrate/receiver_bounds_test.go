@@ -165,8 +165,11 @@ func TestAcceptIsACopy(t *testing.T) {
 	p := newPair(t, "DE")
 	from := p.from.Attributes()
 	id := "copy000000000001"
+	// Started now: the receiver forgets receives abandoned for long (it
+	// looks as it starts serving, maybe just now), and a record without a
+	// start looks abandoned since 1970.
 	rec := RecvRecord{ID: id, Name: "vm", From: from.Node, FromSite: from.Site, Class: "pii-eu", Format: FormatRaw, Size: 4 * mib, ChunkSize: mib,
-		Temp: filepath.Join(p.store, ".incoming", id+".raw"), State: StateRunning}
+		Temp: filepath.Join(p.store, ".incoming", id+".raw"), State: StateRunning, Started: time.Now()}
 	if err := p.recvJ.put(bucketRecv, id, &rec); err != nil {
 		t.Fatal(err)
 	}
