@@ -915,3 +915,44 @@ func TestVaultBurstGatewayEndedWhileOff(t *testing.T) {
 		}
 	}
 }
+
+// TestVaultJoinTakenUpAgain: a Vault enrollment cut short after its
+// SecretID was unwrapped (Vault answers that once) and stored, before the
+// enrollment was recorded, takes the stored SecretID up again with the
+// same token instead of finding the token spent. A SecretID beside
+// another role ID is not this token's, and the token is unwrapped.
+func TestVaultJoinTakenUpAgain(t *testing.T) {
+	dir := t.TempDir()
+	attrs := certs.Attributes{Node: "burst-ams-gw1", Site: "burst-ams", Region: "eu-west-1", Provider: "aws", Jurisdiction: "NL",
+		OverlayIP: netip.MustParseAddr("100.64.255.254")}
+	tok := &certs.JoinToken{ID: "0123456789abcdef", Site: "burst-ams", Expires: time.Now().Add(time.Hour),
+		Vault: &certs.VaultJoin{Address: "https://127.0.0.1:9", AppRoleMount: "approle", RoleID: "role-of-this-gateway", WrappedSecretID: "hvs.spent",
+			PKIMount: "pki", PKIRole: "r", KVMount: "kv", KVPrefix: "skybridge", MeshCIDR: "100.64.0.0/10", Node: attrs, PinIP: true}}
+	write := func(name, v string) {
+		if err := os.WriteFile(filepath.Join(dir, name), []byte(v+"\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write(certs.FileVaultRoleID, "role-of-another-gateway")
+	write(certs.FileVaultSecretID, "s.kept")
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := joinVault(ctx, dir, tok, slog.New(slog.DiscardHandler)); err == nil {
+		t.Fatal("a SecretID beside another role ID was taken for the token's")
+	}
+	if _, err := os.Stat(filepath.Join(dir, certs.FileVaultSecretID)); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("the other gateway's SecretID is still there, beside this token's role ID now: %v", err)
+	}
+	write(certs.FileVaultRoleID, tok.Vault.RoleID)
+	write(certs.FileVaultSecretID, "s.kept")
+	enr, err := joinVault(ctx, dir, tok, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatalf("the enrollment taken up again: %v (it must not ask Vault, which is not there)", err)
+	}
+	if got, _ := os.ReadFile(filepath.Join(dir, certs.FileVaultSecretID)); string(got) != "s.kept\n" || enr.Node != attrs.Node {
+		t.Fatalf("after taking it up again: secret %q, node %s", got, enr.Node)
+	}
+	if saved, err := loadEnrollment(dir); err != nil || saved == nil || saved.TokenID != tok.ID {
+		t.Fatalf("the enrollment recorded: %+v %v", saved, err)
+	}
+}

@@ -413,15 +413,33 @@ func joinVault(ctx context.Context, dir string, tok *certs.JoinToken, log *slog.
 			return nil, err
 		}
 	}
-	if err := atomicfile.WriteFile(filepath.Join(dir, certs.FileVaultRoleID), []byte(vj.RoleID+"\n"), 0o600); err != nil {
-		return nil, err
-	}
-	secretID, err := vj.UnwrapSecretID(ctx)
-	if err != nil {
-		return nil, err
-	}
-	if err := atomicfile.WriteFile(filepath.Join(dir, certs.FileVaultSecretID), []byte(secretID+"\n"), 0o600); err != nil {
-		return nil, fmt.Errorf("%w: the join token is spent; open the burst again for a new one", err)
+	roleFile, secretFile := filepath.Join(dir, certs.FileVaultRoleID), filepath.Join(dir, certs.FileVaultSecretID)
+	// The SecretID of an enrollment cut short after it was unwrapped
+	// (Vault answers the wrapped one once) and stored: this token's, if
+	// the role ID beside it is the token's (each burst gateway's AppRole
+	// has a role ID of its own). Taken up again, rather than the token
+	// being found spent with nothing to show for it.
+	role, rerr := os.ReadFile(roleFile)
+	held, serr := certs.ReadPrivateFile(secretFile)
+	secretID := strings.TrimSpace(string(held))
+	if rerr != nil || serr != nil || strings.TrimSpace(string(role)) != vj.RoleID || secretID == "" {
+		// Whatever is there is not this token's: gone before the role
+		// ID is written, or it would pass for this token's next time.
+		if err := os.Remove(secretFile); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return nil, err
+		}
+		if err := atomicfile.WriteFile(roleFile, []byte(vj.RoleID+"\n"), 0o600); err != nil {
+			return nil, err
+		}
+		var err error
+		if secretID, err = vj.UnwrapSecretID(ctx); err != nil {
+			return nil, err
+		}
+		if err := atomicfile.WriteFile(secretFile, []byte(secretID+"\n"), 0o600); err != nil {
+			return nil, fmt.Errorf("%w: the join token is spent; open the burst again for a new one", err)
+		}
+	} else {
+		log.Warn("enrolling through Vault again after an enrollment cut short: its SecretID was kept", "token", tok)
 	}
 	enr := &Enrollment{Site: tok.Site, Node: vj.Node.Node, TokenID: tok.ID, Enrolled: time.Now().UTC(), Seeds: vj.Seeds,
 		Vault: &VaultEnrollment{Address: vj.Address, Namespace: vj.Namespace, AppRoleMount: vj.AppRoleMount, PKIMount: vj.PKIMount,
