@@ -4,14 +4,12 @@ import (
 	"fmt"
 	"math/big"
 	"math/rand/v2"
-	"net/netip"
 	"os"
 	"path/filepath"
 	"sync"
 	"testing"
 	"time"
 
-	"github.com/skybridge-mesh/skybridge/certs"
 	"github.com/skybridge-mesh/skybridge/internal/syncbuf"
 	"github.com/skybridge-mesh/skybridge/policy"
 )
@@ -22,10 +20,7 @@ import (
 // the same current policy must not be stored after it.
 func TestAdoptPolicyConcurrently(t *testing.T) {
 	dir := t.TempDir()
-	ca, err := certs.InitCA(filepath.Join(dir, "ca"), certs.InitOptions{MeshPrefix: netip.MustParsePrefix("100.64.0.0/10")})
-	if err != nil {
-		t.Fatal(err)
-	}
+	ca := meshCA(t, dir)
 	lg := startLiveGateway(t, ca, dir, 0, "zrh-dc", nil, &syncbuf.Buffer{})
 	<-lg.g.joined // gossip up: adopting announces
 	const newest = 40
@@ -74,10 +69,7 @@ func TestAdoptPolicyConcurrently(t *testing.T) {
 // place.
 func TestRevokedSignersPolicyLeaves(t *testing.T) {
 	dir := t.TempDir()
-	ca, err := certs.InitCA(filepath.Join(dir, "ca"), certs.InitOptions{MeshPrefix: netip.MustParsePrefix("100.64.0.0/10")})
-	if err != nil {
-		t.Fatal(err)
-	}
+	ca := meshCA(t, dir)
 	version := func(v int) []byte {
 		return fmt.Appendf(nil, "policy {\n  name    = \"revoked\"\n  version = %d\n}\nclass \"risk-batch\" {\n  allow \"store\" {\n    jurisdiction = [\"CH\"]\n  }\n}\n", v)
 	}

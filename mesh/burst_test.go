@@ -241,10 +241,7 @@ func TestBurstBook(t *testing.T) {
 // the token stays spent for every other key.
 func TestBurstEnrollmentAskedAgain(t *testing.T) {
 	dir := t.TempDir()
-	ca, err := certs.InitCA(filepath.Join(dir, "ca"), certs.InitOptions{MeshPrefix: netip.MustParsePrefix("100.64.0.0/10")})
-	if err != nil {
-		t.Fatal(err)
-	}
+	ca := meshCA(t, dir)
 	hq := startLiveGatewayWith(t, ca, dir, 0, "zrh-dc", nil, &syncbuf.Buffer{}, func(s *Settings) {
 		s.Identity.CADir = ca.Dir()
 		s.EnrollListen = netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(loopbackPort(t)))
@@ -329,10 +326,7 @@ func TestBurstEnrollmentAskedAgain(t *testing.T) {
 func TestBurstLifecycle(t *testing.T) {
 	dir := t.TempDir()
 	logs := &syncbuf.Buffer{}
-	ca, err := certs.InitCA(filepath.Join(dir, "ca"), certs.InitOptions{MeshPrefix: netip.MustParsePrefix("100.64.0.0/10")})
-	if err != nil {
-		t.Fatal(err)
-	}
+	ca := meshCA(t, dir)
 	defer func() {
 		if t.Failed() {
 			t.Logf("logs:\n%s", logs.String())
@@ -692,10 +686,7 @@ func startEnrollingGateway(t *testing.T) (*liveGateway, *syncbuf.Buffer) {
 	t.Helper()
 	dir := t.TempDir()
 	logs := &syncbuf.Buffer{}
-	ca, err := certs.InitCA(filepath.Join(dir, "ca"), certs.InitOptions{MeshPrefix: netip.MustParsePrefix("100.64.0.0/10")})
-	if err != nil {
-		t.Fatal(err)
-	}
+	ca := meshCA(t, dir)
 	hq := startLiveGatewayWith(t, ca, dir, 0, "zrh-dc", nil, logs, func(s *Settings) {
 		s.Identity.CADir = ca.Dir()
 		s.EnrollListen = netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(loopbackPort(t)))
@@ -875,10 +866,7 @@ func TestBurstEndCutShortIsFinished(t *testing.T) {
 // key and its SecretID left on a rented server.
 func TestVaultBurstGatewayEndedWhileOff(t *testing.T) {
 	dir := t.TempDir()
-	ca, err := certs.InitCA(filepath.Join(dir, "ca"), certs.InitOptions{MeshPrefix: netip.MustParsePrefix("100.64.0.0/10")})
-	if err != nil {
-		t.Fatal(err)
-	}
+	ca := meshCA(t, dir)
 	tb, err := ca.TrustBundle()
 	if err != nil {
 		t.Fatal(err)

@@ -466,10 +466,7 @@ func TestOperatorToken(t *testing.T) {
 // alert cannot fire for it.
 func TestIssuerAnsweredMetric(t *testing.T) {
 	dir := t.TempDir()
-	ca, err := certs.InitCA(filepath.Join(dir, "ca"), certs.InitOptions{MeshPrefix: netip.MustParsePrefix("100.64.0.0/10")})
-	if err != nil {
-		t.Fatal(err)
-	}
+	ca := meshCA(t, dir)
 	const name = "skybridge_issuer_last_answer_timestamp_seconds"
 	value := func(g *Gateway) (float64, bool) {
 		fams, err := g.metrics.reg.Gather()

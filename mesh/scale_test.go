@@ -181,10 +181,7 @@ func runScale(t *testing.T, n int) scaleResult {
 		t.Fatal(err)
 	}
 	defer os.RemoveAll(dir)
-	ca, err := certs.InitCA(filepath.Join(dir, "ca"), certs.InitOptions{MeshPrefix: netip.MustParsePrefix("100.64.0.0/10")})
-	if err != nil {
-		t.Fatal(err)
-	}
+	ca := meshCA(t, dir)
 	tb, _ := ca.TrustBundle()
 	cache := certs.NewVerifyCache()
 	log := slog.New(slog.DiscardHandler)

@@ -224,10 +224,7 @@ func TestStatusPlacesRestoredDeadMembers(t *testing.T) {
 // with its last advert's version, is accepted.
 func TestStoppedGatewayShownAsLeft(t *testing.T) {
 	dir := t.TempDir()
-	ca, err := certs.InitCA(filepath.Join(dir, "ca"), certs.InitOptions{MeshPrefix: netip.MustParsePrefix("100.64.0.0/10")})
-	if err != nil {
-		t.Fatal(err)
-	}
+	ca := meshCA(t, dir)
 	a := startLiveGateway(t, ca, dir, 0, "home", nil, io.Discard)
 	b := startLiveGateway(t, ca, dir, 1, "away", []string{a.g.s.GossipAdvertise.String()}, io.Discard)
 	member := func(name string) (MemberView, bool) {

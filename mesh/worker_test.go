@@ -22,10 +22,7 @@ import (
 // lonelyGateway runs one live gateway with a CA of its own.
 func lonelyGateway(t *testing.T) (*certs.CA, *liveGateway) {
 	dir := t.TempDir()
-	ca, err := certs.InitCA(filepath.Join(dir, "ca"), certs.InitOptions{MeshPrefix: netip.MustParsePrefix("100.64.0.0/10")})
-	if err != nil {
-		t.Fatal(err)
-	}
+	ca := meshCA(t, dir)
 	return ca, startLiveGateway(t, ca, dir, 0, "zrh-dc", nil, &syncbuf.Buffer{})
 }
 
@@ -343,10 +340,7 @@ func TestRevocationListsOfTwoCAs(t *testing.T) {
 // gateways refuse it, while its own view of them would not change.
 func TestOwnCertificateRevoked(t *testing.T) {
 	dir := t.TempDir()
-	ca, err := certs.InitCA(filepath.Join(dir, "ca"), certs.InitOptions{MeshPrefix: netip.MustParsePrefix("100.64.0.0/10")})
-	if err != nil {
-		t.Fatal(err)
-	}
+	ca := meshCA(t, dir)
 	logs := &syncbuf.Buffer{}
 	g := startLiveGateway(t, ca, dir, 0, "zrh-dc", nil, logs).g
 	if st, err := g.Status(); err != nil || st.Identity.Revoked {
@@ -421,4 +415,15 @@ func listenUDP(t *testing.T) *net.UDPConn {
 	}
 	t.Cleanup(func() { c.Close() })
 	return c
+}
+
+// meshCA is an embedded mesh CA in dir/ca for the mesh range the tests
+// use.
+func meshCA(t testing.TB, dir string) *certs.CA {
+	t.Helper()
+	ca, err := certs.InitCA(filepath.Join(dir, "ca"), certs.InitOptions{MeshPrefix: netip.MustParsePrefix("100.64.0.0/10")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ca
 }
