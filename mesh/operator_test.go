@@ -74,7 +74,8 @@ func liveSettings(t *testing.T, dir string) *Settings {
 }
 
 // runLiveGateway runs a gateway with a recording device until the test
-// ends; its run's error is lg.err once lg.done is closed.
+// ends, and returns once it has started or ended; its run's error is
+// lg.err once lg.done is closed.
 func runLiveGateway(t *testing.T, s *Settings, logs io.Writer) *liveGateway {
 	t.Helper()
 	log := slog.New(slog.NewJSONHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
@@ -95,6 +96,17 @@ func runLiveGateway(t *testing.T, s *Settings, logs io.Writer) *liveGateway {
 		}
 	}()
 	t.Cleanup(lg.stop)
+	// Tests call the gateway's methods directly, as its own loops would,
+	// and those loops start only once the gossip is up; the operator
+	// endpoint listens after it.
+	waitUntil(t, 20*time.Second, "the gateway to start", func() bool {
+		select {
+		case <-lg.done:
+			return true
+		default:
+			return lg.g.OperatorAddress() != nil
+		}
+	})
 	return lg
 }
 
