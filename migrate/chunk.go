@@ -7,6 +7,7 @@ import (
 	"slices"
 	"sync"
 
+	"github.com/skybridge-mesh/skybridge/internal/units"
 	"github.com/zeebo/blake3"
 )
 
@@ -15,6 +16,67 @@ import (
 // about 1 % of it, large enough that per-chunk overhead (hash, frame,
 // journal entry) stays negligible.
 const DefaultChunkSize = 1 << 20
+
+// MaxManifestChunks bounds the chunks that may hold data in one
+// migration. The receiver's answer (the chunks it holds, and those of the
+// version it stores) and the sender's commit (the manifest) are each one
+// frame of at most 64 MiB, read whole, and a chunk takes under 80 bytes
+// of their JSON: at 2^18 chunks a list stays under 20 MiB, and the
+// answer's two under 40. Past 256 GiB of data a sender takes larger
+// chunks instead (chunkSizeFor); before the bound, an image of about
+// 860 GiB moved all its data and then failed at the commit.
+const MaxManifestChunks = 1 << 18
+
+// maxManifestChunks is MaxManifestChunks, lowered by tests that move an
+// image too large for it without moving 256 GiB.
+var maxManifestChunks int64 = MaxManifestChunks
+
+// chunkSizeFor is the chunk size for an image of size bytes whose data
+// lies in extents: DefaultChunkSize, doubled until the chunks that can
+// hold data fit in maxManifestChunks. Growing in powers of two, an image
+// keeps its chunk size as its data grows or shrinks a little, and a
+// re-sync can reuse the version stored before (only a stored version of
+// the same chunk size is reused).
+func chunkSizeFor(extents []Extent, size int64) (int64, error) {
+	for chunk := int64(DefaultChunkSize); chunk <= maxChunkSize; chunk *= 2 {
+		if countCandidates(extents, size, chunk) <= maxManifestChunks {
+			return chunk, nil
+		}
+	}
+	var data int64
+	for _, e := range extents {
+		data += e.Len
+	}
+	return 0, fmt.Errorf("the image holds %s of data in %d chunks of %s, and one migration carries at most %d chunks (%s of data): skybridge cannot migrate an image this large as one",
+		units.Bytes(data), countCandidates(extents, size, maxChunkSize), units.Bytes(maxChunkSize), maxManifestChunks, units.Bytes(maxManifestChunks*maxChunkSize))
+}
+
+// checkChunkCount refuses a chunk size the image has too many chunks of.
+func checkChunkCount(extents []Extent, size, chunk int64) error {
+	if n := countCandidates(extents, size, chunk); n > maxManifestChunks {
+		return fmt.Errorf("chunk size %s: the image has %d chunks of it that can hold data, and one migration carries at most %d: use larger chunks, or leave the chunk size to skybridge", units.Bytes(chunk), n, maxManifestChunks)
+	}
+	return nil
+}
+
+// countCandidates is len(candidates(extents, size, chunk)), without
+// listing them.
+func countCandidates(extents []Extent, size, chunk int64) int64 {
+	var n int64
+	next := int64(0) // the first chunk not yet counted
+	for _, e := range extents {
+		end := min(e.Off+e.Len, size)
+		if end <= e.Off {
+			continue
+		}
+		first, last := max(e.Off/chunk, next), (end-1)/chunk
+		if last >= first {
+			n += last - first + 1
+			next = last + 1
+		}
+	}
+	return n
+}
 
 // Hash is a BLAKE3-256 digest.
 type Hash [32]byte

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	mathrand "math/rand/v2"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -188,5 +189,75 @@ func TestStamp(t *testing.T) {
 	s.touch()
 	if a := s.age(); a < 0 || a > time.Minute {
 		t.Fatalf("just touched: age %s", a)
+	}
+}
+
+// TestChunkSizeFor: chunks grow in powers of two until the data fits
+// the manifest bound, counting the chunks data touches, not its bytes.
+func TestChunkSizeFor(t *testing.T) {
+	const gib = 1 << 30
+	bound := int64(MaxManifestChunks)
+	for _, tc := range []struct {
+		name    string
+		extents []Extent
+		size    int64
+		want    int64 // 0: refused
+	}{
+		{"empty", nil, 8 * gib, mib},
+		{"2 GiB of data", []Extent{{0, 2 * gib}}, 8 * gib, mib},
+		{"data in exactly the bound", []Extent{{0, bound * mib}}, 1 << 40, mib},
+		{"one byte past it", []Extent{{0, bound*mib + 1}}, 1 << 40, 2 * mib},
+		{"1 TiB of data in a 4 TiB disk", []Extent{{0, 1 << 40}}, 4 << 40, 4 * mib},
+		{"data only up to the image's end counts", []Extent{{0, 1 << 40}}, bound * mib, mib},
+		// One byte in every MiB: little data, but every chunk of 1 MiB
+		// and of 2 MiB holds some.
+		{"scattered", scattered(2*bound+2, mib), (2*bound + 2) * mib, 4 * mib},
+		{"8 TiB of data", []Extent{{0, 8 << 40}}, 1 << 50, 32 * mib},
+		{"more than 8 TiB of data", []Extent{{0, 8<<40 + 1}}, 1 << 50, 0},
+	} {
+		got, err := chunkSizeFor(tc.extents, tc.size)
+		switch {
+		case tc.want == 0 && (err == nil || !strings.Contains(err.Error(), "cannot migrate an image this large")):
+			t.Errorf("%s: chunk size %d, %v; want it refused as too large", tc.name, got, err)
+		case tc.want != 0 && (err != nil || got != tc.want):
+			t.Errorf("%s: chunk size %d, %v; want %d", tc.name, got, err, tc.want)
+		}
+	}
+	if err := checkChunkCount([]Extent{{0, bound*mib + 1}}, 1<<40, mib); err == nil || !strings.Contains(err.Error(), "use larger chunks") {
+		t.Errorf("1 MiB chunks for data past the bound: %v", err)
+	}
+	if err := checkChunkCount([]Extent{{0, bound*mib + 1}}, 1<<40, 2*mib); err != nil {
+		t.Errorf("2 MiB chunks for data just past the bound of 1 MiB ones: %v", err)
+	}
+}
+
+// scattered is n extents of one byte, every stride bytes.
+func scattered(n, stride int64) []Extent {
+	out := make([]Extent, n)
+	for i := range out {
+		out[i] = Extent{int64(i) * stride, 1}
+	}
+	return out
+}
+
+// TestCountCandidates: the count is the length of the list, for extents
+// that share chunks, straddle them, overlap and run past the end.
+func TestCountCandidates(t *testing.T) {
+	r := mathrand.New(mathrand.NewPCG(1, 2))
+	for range 2000 {
+		size := r.Int64N(64 * mib)
+		var ext []Extent
+		off := int64(0)
+		for range r.IntN(20) {
+			off += r.Int64N(4*mib) - mib/2 // sometimes back into the last one
+			off = max(off, 0)
+			n := r.Int64N(3 * mib)
+			ext = append(ext, Extent{off, n})
+			off += n
+		}
+		chunk := int64(4<<10) << r.IntN(10)
+		if got, want := countCandidates(ext, size, chunk), int64(len(candidates(ext, size, chunk))); got != want {
+			t.Fatalf("extents %v, size %d, chunk %d: counted %d, listed %d", ext, size, chunk, got, want)
+		}
 	}
 }

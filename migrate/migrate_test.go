@@ -1961,6 +1961,9 @@ func TestReceiverRefusesBadOffers(t *testing.T) {
 		{func(o *Offer) { o.Name = "../vm" }, "image name"},
 		{func(o *Offer) { o.Chunks = new(int64(-1)) }, "chunks holding data"},
 		{func(o *Offer) { o.Chunks = new(int64(2)) }, "chunks holding data"},
+		// Its commit would not fit a frame (a sender of an earlier
+		// release, with 1 MiB chunks for any image).
+		{func(o *Offer) { o.Size, o.Chunks = (MaxManifestChunks+1)*mib, new(int64(MaxManifestChunks+1)) }, "carries at most"},
 	} {
 		o := good
 		tc.change(&o)
@@ -2222,5 +2225,83 @@ func TestStoredImageKeepsItsSite(t *testing.T) {
 	}
 	if after, _ := p.recvJ.Image("vm"); after.From != "gw-zrh2" {
 		t.Errorf("stored image after its site's other gateway sent it: from %s", after.From)
+	}
+}
+
+// lowerManifestBound makes n chunks the most one migration carries until
+// the test ends, so that an image of a few MiB stands for one of
+// hundreds of GiB.
+func lowerManifestBound(t *testing.T, n int64) {
+	old := maxManifestChunks
+	maxManifestChunks = n
+	t.Cleanup(func() { maxManifestChunks = old })
+}
+
+// TestLargeImageTakesLargerChunks: an image with more data than the
+// manifest bound holds in 1 MiB chunks moves in larger ones — end to end,
+// resumed and re-synced in them — where it used to move all its data and
+// then fail at the commit; one with more than the largest chunks hold is
+// refused before anything moves.
+func TestLargeImageTakesLargerChunks(t *testing.T) {
+	lowerManifestBound(t, 4)
+	p := newPair(t, "DE")
+	raw := filepath.Join(p.dir, "vm.raw")
+	blocks := map[int64]int{}
+	for i := range int64(8) {
+		blocks[i*mib] = mib
+	}
+	makeRaw(t, raw, 16*mib, blocks) // 8 chunks of 1 MiB hold data, 4 of 2 MiB
+
+	rec, _ := p.interrupted(raw, 1)
+	if rec.ChunkSize != 2*mib {
+		t.Fatalf("chunk size %d for 8 MiB of data with at most 4 chunks; want 2 MiB", rec.ChunkSize)
+	}
+	cfg := p.config(raw, "pii-eu")
+	cfg.ID = rec.ID
+	rec, err := Send(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st := rec.Stats; rec.ChunkSize != 2*mib || st.ChunksResumed+st.ChunksHad == 0 || st.ChunksResumed+st.ChunksHad+st.ChunksSent != 4 {
+		t.Fatalf("resumed in chunks of %d: %+v; want the 2 MiB chunks of the first attempt taken up", rec.ChunkSize, st)
+	}
+	p.stored(raw)
+	img, err := p.recvJ.Image("vm")
+	if err != nil || img.Manifest.ChunkSize != 2*mib || len(img.Manifest.Chunks) != 4 {
+		t.Fatalf("stored image: %+v, %v", img.Manifest, err)
+	}
+
+	// A change in one place re-sends one chunk and reuses the others.
+	writeZeros(t, raw, 5*mib+7, 100)
+	rec, err = Send(context.Background(), p.config(raw, "pii-eu"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st := rec.Stats; st.ChunksSent != 1 || st.ChunksSame != 3 {
+		t.Fatalf("re-sync after a change in one chunk: %+v", st)
+	}
+	p.stored(raw)
+
+	// Chunks chosen by hand that the bound cannot carry are refused,
+	// and so is an image no chunk size can carry; neither reaches the
+	// destination.
+	cfg = p.config(raw, "pii-eu")
+	cfg.ChunkSize, cfg.Name = mib, "by-hand"
+	if _, err := Send(context.Background(), cfg); err == nil || !strings.Contains(err.Error(), "use larger chunks") {
+		t.Fatalf("1 MiB chunks chosen by hand for 8 of them: %v", err)
+	}
+	lowerManifestBound(t, 0)
+	cfg = p.config(raw, "pii-eu")
+	cfg.Name = "too-large"
+	if _, err := Send(context.Background(), cfg); err == nil || !strings.Contains(err.Error(), "cannot migrate an image this large") {
+		t.Fatalf("an image past the bound at every chunk size: %v", err)
+	}
+	for _, name := range []string{"by-hand", "too-large"} {
+		if _, err := p.recvJ.Image(name); err == nil {
+			t.Errorf("image %s reached the destination", name)
+		}
+	}
+	if recs := p.recvRecords(t); len(recs) != 2 {
+		t.Errorf("%d audit records at the destination; want one for each version stored", len(recs))
 	}
 }

@@ -80,7 +80,7 @@ type SendConfig struct {
 	Format    string // raw or qcow2 at the destination; default: the source's format
 	Streams   int
 	BWLimit   int64 // bytes per second, 0: unlimited
-	ChunkSize int64
+	ChunkSize int64 // 0: DefaultChunkSize, or larger for an image with more data than MaxManifestChunks of it hold
 
 	From     *certs.Attributes // this gateway
 	To       Peer
@@ -153,11 +153,8 @@ func Send(ctx context.Context, cfg SendConfig) (rec *SendRecord, err error) {
 	if cfg.Progress == nil {
 		cfg.Progress = func(Progress) {}
 	}
-	if cfg.ChunkSize == 0 {
-		cfg.ChunkSize = DefaultChunkSize
-	}
-	if cfg.ChunkSize < MinChunkSize || cfg.ChunkSize > maxFrame/2 {
-		return nil, fmt.Errorf("chunk size %d: want %d to %d bytes", cfg.ChunkSize, MinChunkSize, maxFrame/2)
+	if cfg.ChunkSize != 0 && (cfg.ChunkSize < MinChunkSize || cfg.ChunkSize > maxChunkSize) {
+		return nil, fmt.Errorf("chunk size %d: want %d to %d bytes", cfg.ChunkSize, MinChunkSize, maxChunkSize)
 	}
 	if cfg.Streams <= 0 {
 		cfg.Streams = 4
@@ -180,6 +177,19 @@ func Send(ctx context.Context, cfg SendConfig) (rec *SendRecord, err error) {
 	if cfg.Format != FormatRaw && cfg.Format != FormatQcow2 {
 		return nil, fmt.Errorf("format %q: use raw or qcow2", cfg.Format)
 	}
+	// The chunk size is settled before the record, which a resume
+	// compares it with: it follows from where the image holds data.
+	extents, err := src.Extents()
+	if err != nil {
+		return nil, fmt.Errorf("find the data in %s: %w", cfg.Image, err)
+	}
+	if cfg.ChunkSize == 0 {
+		if cfg.ChunkSize, err = chunkSizeFor(extents, src.Size()); err != nil {
+			return nil, fmt.Errorf("%s: %w", cfg.Image, err)
+		}
+	} else if err := checkChunkCount(extents, src.Size(), cfg.ChunkSize); err != nil {
+		return nil, fmt.Errorf("%s: %w", cfg.Image, err)
+	}
 	if cfg.Name == "" {
 		cfg.Name = DefaultName(cfg.Image)
 	}
@@ -195,7 +205,7 @@ func Send(ctx context.Context, cfg SendConfig) (rec *SendRecord, err error) {
 		return nil, err
 	}
 	begun = true // finish reports its end from here on
-	s := &sender{cfg: cfg, src: src, rec: rec, start: cfg.Now()}
+	s := &sender{cfg: cfg, src: src, extents: extents, rec: rec, start: cfg.Now()}
 	s.stats.VirtualBytes = src.Size()
 	err = s.run(ctx)
 	if err != nil && ctx.Err() != nil {
@@ -296,10 +306,11 @@ func startRecord(cfg *SendConfig, sid SourceID) (*SendRecord, error) {
 }
 
 type sender struct {
-	cfg   SendConfig
-	src   Source
-	rec   *SendRecord
-	start time.Time
+	cfg     SendConfig
+	src     Source
+	extents []Extent // where src holds data, read once at the start
+	rec     *SendRecord
+	start   time.Time
 	// destSerial is the serial of the certificate the destination
 	// authenticated with.
 	destSerial *big.Int
@@ -473,14 +484,10 @@ func (s *sender) run(ctx context.Context) error {
 			return fmt.Errorf("no migration without its audit record: %w", err)
 		}
 	}
-	extents, err := s.src.Extents()
-	if err != nil {
-		return err
-	}
 	size, chunk := s.src.Size(), s.cfg.ChunkSize
-	cands := candidates(extents, size, chunk)
+	cands := candidates(s.extents, size, chunk)
 	s.mu.Lock()
-	for _, e := range extents {
+	for _, e := range s.extents {
 		s.stats.AllocatedBytes += e.Len
 	}
 	s.stats.Chunks = len(cands)

@@ -115,9 +115,14 @@ func streamBuffers(o *Offer) int64 {
 
 // commitMax bounds the commit frame of a migration: its manifest lists a
 // chunk in well under 128 bytes of JSON, and no more chunks than the
-// image has. It is read whole, so it counts with the buffers.
+// offer said may hold data (or, from senders that do not say, than the
+// image has). It is read whole, so it counts with the buffers.
 func commitMax(o *Offer) int {
-	if n := chunkCount(o.Size, o.ChunkSize); n < (maxFrame-4096)/128 {
+	n := chunkCount(o.Size, o.ChunkSize)
+	if o.Chunks != nil {
+		n = min(n, *o.Chunks)
+	}
+	if n < (maxFrame-4096)/128 {
 		return 4096 + 128*int(n)
 	}
 	return maxFrame

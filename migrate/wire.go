@@ -60,6 +60,7 @@ const MaxStreams = 32
 const (
 	MaxImageSize = 1 << 50
 	MinChunkSize = 4 << 10
+	maxChunkSize = maxFrame / 2 // a compressed chunk that grew still fits a frame
 )
 
 // checkOffer refuses an offer the receiver cannot take as it is: its ID
@@ -68,8 +69,8 @@ func checkOffer(o *Offer) error {
 	switch {
 	case !validID(o.ID):
 		return fmt.Errorf("migration ID %q: want 1 to 64 letters, digits, '-' or '_'", o.ID)
-	case o.ChunkSize < MinChunkSize || o.ChunkSize > maxFrame/2:
-		return fmt.Errorf("chunk size %d: want %d to %d bytes", o.ChunkSize, MinChunkSize, maxFrame/2)
+	case o.ChunkSize < MinChunkSize || o.ChunkSize > maxChunkSize:
+		return fmt.Errorf("chunk size %d: want %d to %d bytes", o.ChunkSize, MinChunkSize, maxChunkSize)
 	case o.Size < 0 || o.Size > MaxImageSize:
 		return fmt.Errorf("image size %d: want 0 to %d bytes", o.Size, int64(MaxImageSize))
 	case o.Format != FormatRaw && o.Format != FormatQcow2:
@@ -78,6 +79,10 @@ func checkOffer(o *Offer) error {
 		return fmt.Errorf("%d data streams: want 1 to %d", o.Streams, MaxStreams)
 	case o.Chunks != nil && (*o.Chunks < 0 || *o.Chunks > chunkCount(o.Size, o.ChunkSize)):
 		return fmt.Errorf("%d chunks holding data, in an image of %d", *o.Chunks, chunkCount(o.Size, o.ChunkSize))
+	case o.Chunks != nil && *o.Chunks > maxManifestChunks:
+		// Its commit would not fit a frame: refused before any of its
+		// data moves, not after all of it has.
+		return fmt.Errorf("%d chunks of %d bytes holding data, and one migration carries at most %d: the sending gateway must send larger chunks (releases before 2026-11-27 do not: upgrade it)", *o.Chunks, o.ChunkSize, maxManifestChunks)
 	}
 	return checkName(o.Name)
 }
