@@ -24,7 +24,8 @@ const DefaultChunkSize = 1 << 20
 // of their JSON: at 2^18 chunks a list stays under 20 MiB, and the
 // answer's two under 40. Past 256 GiB of data a sender takes larger
 // chunks instead (chunkSizeFor); before the bound, an image of about
-// 860 GiB moved all its data and then failed at the commit.
+// 860 GiB moved all its data and then failed at the commit. (Receivers
+// take offers of up to twice as many, as earlier senders made them.)
 const MaxManifestChunks = 1 << 18
 
 // maxManifestChunks is MaxManifestChunks, lowered by tests that move an

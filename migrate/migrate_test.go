@@ -1961,9 +1961,9 @@ func TestReceiverRefusesBadOffers(t *testing.T) {
 		{func(o *Offer) { o.Name = "../vm" }, "image name"},
 		{func(o *Offer) { o.Chunks = new(int64(-1)) }, "chunks holding data"},
 		{func(o *Offer) { o.Chunks = new(int64(2)) }, "chunks holding data"},
-		// Its commit would not fit a frame (a sender of an earlier
+		// Its commit might not fit a frame (a sender of an earlier
 		// release, with 1 MiB chunks for any image).
-		{func(o *Offer) { o.Size, o.Chunks = (MaxManifestChunks+1)*mib, new(int64(MaxManifestChunks+1)) }, "carries at most"},
+		{func(o *Offer) { o.Size, o.Chunks = (maxOfferChunks+1)*mib, new(int64(maxOfferChunks+1)) }, "carries at most"},
 	} {
 		o := good
 		tc.change(&o)

@@ -122,11 +122,17 @@ func commitMax(o *Offer) int {
 	if o.Chunks != nil {
 		n = min(n, *o.Chunks)
 	}
-	if n < (maxFrame-4096)/128 {
+	if n <= maxOfferChunks {
 		return 4096 + 128*int(n)
 	}
 	return maxFrame
 }
+
+// maxOfferChunks is the most chunks an offer may say hold data: a commit
+// listing that many is sure to fit a frame. Senders of this release keep
+// to half of it (MaxManifestChunks), for the answer's two lists; those of
+// earlier ones sent 1 MiB chunks of any image.
+const maxOfferChunks = (maxFrame - 4096) / 128
 
 // admitLoad says why a receive cannot start beside those under way. Those
 // it replaces do not count: an earlier attempt of its migration, and

@@ -355,3 +355,24 @@ func TestSenderReportsChunksDone(t *testing.T) {
 		}
 	}
 }
+
+// TestCommitMax: the commit frame a receive counts with its buffers
+// follows the chunks that may hold data, not the image's virtual size.
+func TestCommitMax(t *testing.T) {
+	n := func(v int64) *int64 { return &v }
+	for _, tc := range []struct {
+		name string
+		o    Offer
+		want int
+	}{
+		{"small image", Offer{Size: 10 * mib, ChunkSize: mib}, 4096 + 10*128},
+		{"sparse 1 PiB, 10 chunks of data", Offer{Size: MaxImageSize, ChunkSize: mib, Chunks: n(10)}, 4096 + 10*128},
+		{"1 PiB, chunks not said (an earlier sender)", Offer{Size: MaxImageSize, ChunkSize: mib}, maxFrame},
+		{"as many chunks as may be offered", Offer{Size: MaxImageSize, ChunkSize: mib, Chunks: n(maxOfferChunks)}, maxFrame},
+		{"more chunks said than the image has", Offer{Size: 2 * mib, ChunkSize: mib, Chunks: n(5)}, 4096 + 2*128},
+	} {
+		if got := commitMax(&tc.o); got != tc.want {
+			t.Errorf("%s: %d bytes; want %d", tc.name, got, tc.want)
+		}
+	}
+}

@@ -79,10 +79,10 @@ func checkOffer(o *Offer) error {
 		return fmt.Errorf("%d data streams: want 1 to %d", o.Streams, MaxStreams)
 	case o.Chunks != nil && (*o.Chunks < 0 || *o.Chunks > chunkCount(o.Size, o.ChunkSize)):
 		return fmt.Errorf("%d chunks holding data, in an image of %d", *o.Chunks, chunkCount(o.Size, o.ChunkSize))
-	case o.Chunks != nil && *o.Chunks > maxManifestChunks:
-		// Its commit would not fit a frame: refused before any of its
+	case o.Chunks != nil && *o.Chunks > maxOfferChunks:
+		// Its commit might not fit a frame: refused before any of its
 		// data moves, not after all of it has.
-		return fmt.Errorf("%d chunks of %d bytes holding data, and one migration carries at most %d: the sending gateway must send larger chunks (releases before 2026-11-27 do not: upgrade it)", *o.Chunks, o.ChunkSize, maxManifestChunks)
+		return fmt.Errorf("%d chunks of %d bytes holding data, and one migration carries at most %d: the sending gateway must send larger chunks (releases before 2026-11-27 do not: upgrade it)", *o.Chunks, o.ChunkSize, maxOfferChunks)
 	}
 	return checkName(o.Name)
 }
