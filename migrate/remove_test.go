@@ -1,0 +1,102 @@
+package migrate
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestRemoveImage: a stored image is removed with its catalog entry and
+// an audit record; not while a new version of it is received, not when
+// the removal could not be recorded, and one whose file a stop already
+// took is forgotten.
+func TestRemoveImage(t *testing.T) {
+	p := newPair(t, "DE")
+	raw := filepath.Join(p.dir, "vm.raw")
+	makeRaw(t, raw, 8*mib, map[int64]int{0: 3 * mib})
+	if _, err := Send(context.Background(), p.config(raw, "pii-eu")); err != nil {
+		t.Fatal(err)
+	}
+	cat, err := p.recvJ.Catalog()
+	if err != nil || len(cat) != 1 || cat[0].Name != "vm" || cat[0].Manifest.Size != 8*mib || cat[0].Manifest.Chunks != nil || cat[0].Root.String() == (Hash{}).String() {
+		t.Fatalf("catalog %+v, %v; want vm's record without its chunk hashes", cat, err)
+	}
+	img, _ := p.recvJ.Image("vm")
+
+	// The audit log cannot take a record: the image stays.
+	good, err := os.ReadFile(p.recvAudit.Path())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(p.recvAudit.Path(), append(good, "not a record\n"...), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.recv.RemoveImage("vm", "test"); err == nil || !strings.Contains(err.Error(), "audit log") {
+		t.Fatalf("removal with a damaged audit log: %v", err)
+	}
+	if _, err := os.Stat(img.Path); err != nil {
+		t.Fatalf("the image's file went with a removal that failed: %v", err)
+	}
+	if err := os.WriteFile(p.recvAudit.Path(), good, 0o600); err != nil {
+		t.Fatal(err)
+	}
+
+	got, err := p.recv.RemoveImage("vm", "operator on zrh")
+	if err != nil || got.Root != img.Root {
+		t.Fatalf("remove: %+v, %v", got, err)
+	}
+	if _, err := os.Stat(img.Path); !os.IsNotExist(err) {
+		t.Errorf("the image's file is still there: %v", err)
+	}
+	if _, err := p.recvJ.Image("vm"); err == nil {
+		t.Error("the catalog still lists the image")
+	}
+	if left, _ := filepath.Glob(filepath.Join(p.store, ".incoming", "removed-*")); len(left) != 0 {
+		t.Errorf("left behind: %v", left)
+	}
+	if !validID("removed-" + NewID()) {
+		t.Error("a file a stop leaves aside is not one the start-up sweep takes")
+	}
+	recs := p.recvRecords(t)
+	last := recs[len(recs)-1]
+	if last.Event != "image" || last.Fields["action"] != "removed" || last.Fields["name"] != "vm" || last.Fields["class"] != "pii-eu" ||
+		last.Fields["root"] != img.Root.String() || last.Fields["by"] != "operator on zrh" {
+		t.Errorf("audit record of the removal: %+v", last)
+	}
+	if _, err := p.recv.RemoveImage("vm", "test"); err == nil || !strings.Contains(err.Error(), "no stored image") {
+		t.Errorf("removing it again: %v", err)
+	}
+	if _, err := p.recv.RemoveImage("../vm", "test"); err == nil || !strings.Contains(err.Error(), "image name") {
+		t.Errorf("a path for a name: %v", err)
+	}
+
+	// Stored again, its file lost (a stop after the rename): forgotten.
+	if _, err := Send(context.Background(), p.config(raw, "pii-eu")); err != nil {
+		t.Fatal(err)
+	}
+	img, _ = p.recvJ.Image("vm")
+	if err := os.Remove(img.Path); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.recv.RemoveImage("vm", "test"); err != nil {
+		t.Fatalf("removing an image whose file is gone: %v", err)
+	}
+	if _, err := p.recvJ.Image("vm"); err == nil {
+		t.Error("the catalog still lists the image whose file was gone")
+	}
+
+	// Not while a new version is being received.
+	res := p.slowSend(t, 30*time.Millisecond)
+	if _, err := p.recv.RemoveImage("vm", "test"); err == nil || !strings.Contains(err.Error(), "being received") {
+		t.Errorf("removal during a receive of the name: %v", err)
+	}
+	if err := <-res; err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.recvJ.Image("vm"); err != nil {
+		t.Errorf("the image received meanwhile: %v", err)
+	}
+}
