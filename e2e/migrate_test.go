@@ -294,4 +294,77 @@ func TestMigrationEndToEnd(t *testing.T) {
 			t.Fatalf("re-sync sent %.2f %% of the image: %+v", pct, st)
 		}
 	})
+
+	t.Run("a policy that takes the class from the site flags its images, and remove deletes them", func(t *testing.T) {
+		v2 := strings.Replace(string(src), "version     = 1", "version     = 2", 1)
+		v2 = strings.Replace(v2, `class "pii-eu" {`, `class "pii-eu" {
+  deny "store" {
+    jurisdiction = ["DE"]
+    reason       = "DPA-2026-07: no personal data at rest in Germany"
+  }
+`, 1)
+		pol2 := filepath.Join(l.dir, "residency-v2.hcl")
+		if err := os.WriteFile(pol2, []byte(v2), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		sb(t, 0, "policy", "sign", "--policy", pol2, "--ca", caDir)
+		sb(t, 0, "policy", "publish", "--policy", pol2, "--socket", zrh.socket)
+		type listing struct {
+			Images []struct {
+				Name   string `json:"name"`
+				Class  string `json:"class"`
+				AtRest *struct {
+					Allowed bool     `json:"allowed"`
+					Reasons []string `json:"reasons"`
+				} `json:"at_rest"`
+			} `json:"images"`
+		}
+		list := func() listing {
+			out, _ := sb(t, 0, "migrate", "list", "--json", "--socket", fra.socket)
+			var l listing
+			if err := json.Unmarshal([]byte(out), &l); err != nil {
+				t.Fatalf("%v: %s", err, out)
+			}
+			return l
+		}
+		audited := func(action, name string) bool {
+			b, _ := os.ReadFile(filepath.Join(fra.dir, "audit.log"))
+			for line := range strings.Lines(string(b)) {
+				if strings.Contains(line, `"event":"image"`) && strings.Contains(line, `"action":"`+action+`"`) && strings.Contains(line, `"name":"`+name+`"`) {
+					return true
+				}
+			}
+			return false
+		}
+		waitFor(t, 30*time.Second, "the Frankfurt gateway flags its pii-eu images", func() (bool, string) {
+			l := list()
+			for _, img := range l.Images {
+				if img.AtRest == nil || img.AtRest.Allowed || !strings.Contains(strings.Join(img.AtRest.Reasons, " "), "DPA-2026-07") {
+					return false, fmt.Sprintf("%+v", l.Images)
+				}
+			}
+			return len(l.Images) == 2 && audited("out-of-policy", "vm") && audited("out-of-policy", "vm-resume"), fmt.Sprintf("%+v", l.Images)
+		})
+		out, _ := sb(t, 0, "migrate", "list", "--socket", fra.socket)
+		if !strings.Contains(out, "OUTSIDE POLICY") || !strings.Contains(out, "2 stored image(s) outside the residency policy") {
+			t.Fatalf("the listing does not say so:\n%s", out)
+		}
+
+		sb(t, 2, "migrate", "remove", "vm", "--socket", fra.socket) // no reason
+		out, _ = sb(t, 0, "migrate", "remove", "vm", "--reason", "DPA-2026-07", "--socket", fra.socket)
+		if !strings.Contains(out, "removed vm") {
+			t.Fatalf("remove said:\n%s", out)
+		}
+		if _, err := os.Stat(filepath.Join(fra.dir, "images", "vm.qcow2")); !os.IsNotExist(err) {
+			t.Fatalf("the image's file is still there: %v", err)
+		}
+		if l := list(); len(l.Images) != 1 || l.Images[0].Name != "vm-resume" {
+			t.Fatalf("after the removal: %+v", l.Images)
+		}
+		if !audited("removed", "vm") {
+			t.Fatal("the removal is not in the audit log")
+		}
+		sb(t, 0, "audit", "verify", "--log", filepath.Join(fra.dir, "audit.log"), "--ca-cert", filepath.Join(caDir, "ca.crt"))
+		sb(t, 1, "migrate", "remove", "vm", "--reason", "again", "--socket", fra.socket)
+	})
 }

@@ -151,6 +151,22 @@ func (g *Gateway) serveControl() (io.Closer, error) {
 		rep, err := g.VerifyImage(r.PathValue("name"))
 		reply(w, rep, err)
 	})
+	mux.HandleFunc("POST /v1/images/{name}/remove", func(w http.ResponseWriter, r *http.Request) {
+		var req struct {
+			Reason string `json:"reason"`
+		}
+		if err := json.NewDecoder(io.LimitReader(r.Body, 64<<10)).Decode(&req); err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		img, err := g.RemoveImage(r.PathValue("name"), req.Reason)
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusUnprocessableEntity)
+			return
+		}
+		img.Manifest.Chunks = nil
+		reply(w, img, nil)
+	})
 	// Requests end with the socket: a rotation or burst under way must
 	// not go on working on a gateway that has stopped.
 	base, stop := context.WithCancel(context.Background())
@@ -440,6 +456,13 @@ func (c *Client) CancelMigration(ctx context.Context, id string) error {
 func (c *Client) VerifyImage(ctx context.Context, name string) (*migrate.VerifyReport, error) {
 	var r migrate.VerifyReport
 	return &r, c.do(ctx, http.MethodPost, "/v1/images/"+name+"/verify", nil, &r)
+}
+
+// RemoveImage deletes a stored image; the reason goes into its audit
+// record.
+func (c *Client) RemoveImage(ctx context.Context, name, reason string) (*migrate.ImageRecord, error) {
+	var r migrate.ImageRecord
+	return &r, c.do(ctx, http.MethodPost, "/v1/images/"+name+"/remove", map[string]string{"reason": reason}, &r)
 }
 
 // RotateWireGuardKey asks the gateway to replace its WireGuard key.

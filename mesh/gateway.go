@@ -394,6 +394,9 @@ func (g *Gateway) Run(parent context.Context) error {
 	if g.s.Topology != TopologyHub {
 		loop(g.healthLoop) // hubs are chosen from the membership alone
 	}
+	if g.mig != nil {
+		loop(g.residencyLoop)
+	}
 	// A burst gateway's certificate lasts exactly as long as its burst.
 	if g.prov.Issuer() != nil && g.burst == nil {
 		loop(func(ctx context.Context) {
@@ -960,6 +963,7 @@ func (g *Gateway) saveMembers() {
 // version, same WireGuard key, so tunnels do not drop.
 func (g *Gateway) renewed(id *certs.NodeIdentity, tb *certs.TrustBundle) {
 	g.id.Store(id)
+	g.storedImagesAffected() // the site's attested labels may have changed
 	g.adoptTrust(tb, time.Time{})
 	if s := tb.Signing(); s != nil && !tb.SignedBySigning(id.Certificate()) {
 		g.log.Warn("the issuer renewed this gateway's certificate with a CA other than its default issuer: the PKI role pins an issuer (set its issuer_ref to \"default\" to follow rotations)",

@@ -10,6 +10,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/skybridge-mesh/skybridge/internal/audit"
@@ -44,6 +45,9 @@ type migrations struct {
 
 	mu      sync.Mutex
 	running map[string]*runningMigration
+
+	atRest         atRestState
+	catalogChanged atomic.Bool // since the residency loop last listed the images
 }
 
 type runningMigration struct {
@@ -221,7 +225,7 @@ func (g *Gateway) openMigrations() error {
 		g.log.Info("journal: forgot the chunks of unfinished migrations not resumed for a week; a resume sends them again", "migrations", n)
 	}
 	m := &migrations{journal: j, audit: audit.Open(filepath.Join(g.s.StateDir, "audit.log")),
-		store: filepath.Join(g.s.StateDir, "images"), running: map[string]*runningMigration{}}
+		store: filepath.Join(g.s.StateDir, "images"), running: map[string]*runningMigration{}, atRest: atRestState{kick: make(chan struct{}, 1)}}
 	for _, r := range ended {
 		if r.Error == migrate.Interrupted {
 			g.log.Warn("a migration was interrupted when the gateway stopped: resume it", "migration_id", r.ID, "name", r.Name, "to", r.To)
@@ -241,6 +245,10 @@ func (g *Gateway) openMigrations() error {
 			return nil
 		},
 		OnLoad: g.setLoad,
+		OnCatalog: func() {
+			m.catalogChanged.Store(true)
+			m.atRest.trigger()
+		},
 	})
 	if err != nil {
 		j.Close()
@@ -410,9 +418,9 @@ func (g *Gateway) migrationsRunning() (send, recv int) {
 
 // MigrationList is what `skybridge migrate list` shows.
 type MigrationList struct {
-	Sending   []migrate.SendRecord  `json:"sending"`
-	Receiving []migrate.Incoming    `json:"receiving"`
-	Images    []migrate.ImageRecord `json:"images"`
+	Sending   []migrate.SendRecord `json:"sending"`
+	Receiving []migrate.Incoming   `json:"receiving"`
+	Images    []StoredImage        `json:"images"`
 }
 
 // Migrations lists sent migrations, migrations being received and stored
@@ -422,12 +430,9 @@ func (g *Gateway) Migrations() (*MigrationList, error) {
 	if err != nil {
 		return nil, err
 	}
-	imgs, err := g.mig.journal.Images()
+	imgs, err := g.storedImages()
 	if err != nil {
 		return nil, err
-	}
-	for i := range imgs {
-		imgs[i].Manifest.Chunks = nil // the listing does not need every hash
 	}
 	return &MigrationList{Sending: sends, Receiving: g.mig.recv.Active(), Images: imgs}, nil
 }

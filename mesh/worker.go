@@ -439,6 +439,7 @@ func (g *Gateway) adoptPolicyLocked(src, sigJSON []byte, replace bool) (bool, er
 	}
 	g.announce(blobPolicy, uint64(p.Revision().Version), nil)
 	g.triggerReconcile()
+	g.storedImagesAffected()
 	return true, nil
 }
 

@@ -45,6 +45,8 @@ type ReceiverConfig struct {
 	// OnLoad, if set, is told the number of migrations being received
 	// whenever it changes (the gateway advertises it for placement).
 	OnLoad func(n int)
+	// OnCatalog, if set, is told whenever an image is stored or removed.
+	OnCatalog func()
 	// IdleTimeout ends a session whose sender has said nothing for that
 	// long before its commit (0: DefaultIdleTimeout).
 	IdleTimeout time.Duration
@@ -1555,7 +1557,14 @@ func (r *Receiver) stored(id string, st *stagedImage) error {
 		other = FormatQcow2
 	}
 	os.Remove(filepath.Join(r.cfg.StoreDir, st.Image.Name+"."+other))
+	r.catalogChanged()
 	return nil
+}
+
+func (r *Receiver) catalogChanged() {
+	if r.cfg.OnCatalog != nil {
+		r.cfg.OnCatalog()
+	}
 }
 
 // recoverStores finishes the stores a stop interrupted: an image moved

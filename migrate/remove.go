@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 
 	"github.com/skybridge-mesh/skybridge/internal/atomicfile"
 )
@@ -32,16 +33,19 @@ func (j *Journal) Catalog() ([]ImageRecord, error) {
 }
 
 // RemoveImage deletes a stored image — its file and its catalog entry —
-// and writes an audit record of it naming by, the operator's word for who
-// asked. It refuses while a migration stores a new version of the image,
+// and writes an audit record of it with the operator's reason (a ticket,
+// a policy change). It refuses while a migration stores a new version of the image,
 // and when the audit log cannot take the record: data of a regulated class
 // does not leave a site without a trace. The file is first renamed into
 // .incoming, where a stop before the catalog forgets it leaves it for the
 // next start's sweep; the catalog entry, left by such a stop, names a
 // missing file, and removing the image again finishes the job.
-func (r *Receiver) RemoveImage(name, by string) (*ImageRecord, error) {
+func (r *Receiver) RemoveImage(name, reason string) (*ImageRecord, error) {
 	if err := checkName(name); err != nil {
 		return nil, err
+	}
+	if strings.TrimSpace(reason) == "" {
+		return nil, fmt.Errorf("image %q is kept: say why it is removed (a ticket, a policy change); the audit record keeps the reason", name)
 	}
 	if r.cfg.Audit != nil {
 		if err := r.cfg.Audit.Ready(); err != nil {
@@ -75,6 +79,7 @@ func (r *Receiver) RemoveImage(name, by string) (*ImageRecord, error) {
 	if err := r.cfg.Journal.deleteKey(bucketImages, name); err != nil {
 		return nil, fmt.Errorf("image %q: its file is removed but the catalog still lists it (remove it again): %w", name, err)
 	}
+	r.catalogChanged()
 	if aside != "" {
 		if err := os.Remove(aside); err != nil {
 			r.cfg.Log.Warn("remove a stored image's file: the next start removes it", "file", aside, "err", err)
@@ -84,13 +89,13 @@ func (r *Receiver) RemoveImage(name, by string) (*ImageRecord, error) {
 	f := map[string]any{
 		"action": "removed", "name": img.Name, "class": img.Class, "format": img.Format, "root": img.Root.String(),
 		"size": img.Manifest.Size, "from_site": img.FromSite, "migration_id": img.Migration, "received": img.Received,
-		"site": self.Site, "jurisdiction": self.Jurisdiction, "by": by,
+		"site": self.Site, "jurisdiction": self.Jurisdiction, "reason": reason,
 	}
 	if r.cfg.Audit != nil {
 		if _, err := r.cfg.Audit.Append(r.cfg.Identity(), "image", f, r.cfg.Now()); err != nil {
 			r.cfg.Log.Error("audit log: the removal of an image is not recorded", "name", name, "err", err)
 		}
 	}
-	r.cfg.Log.Info("removed a stored image", "name", img.Name, "class", img.Class, "root", img.Root.String(), "by", by)
+	r.cfg.Log.Info("removed a stored image", "name", img.Name, "class", img.Class, "root", img.Root.String(), "reason", reason)
 	return img, nil
 }

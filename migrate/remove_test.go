@@ -44,7 +44,7 @@ func TestRemoveImage(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	got, err := p.recv.RemoveImage("vm", "operator on zrh")
+	got, err := p.recv.RemoveImage("vm", "CHG-1234: pii-eu leaves zrh")
 	if err != nil || got.Root != img.Root {
 		t.Fatalf("remove: %+v, %v", got, err)
 	}
@@ -63,7 +63,7 @@ func TestRemoveImage(t *testing.T) {
 	recs := p.recvRecords(t)
 	last := recs[len(recs)-1]
 	if last.Event != "image" || last.Fields["action"] != "removed" || last.Fields["name"] != "vm" || last.Fields["class"] != "pii-eu" ||
-		last.Fields["root"] != img.Root.String() || last.Fields["by"] != "operator on zrh" {
+		last.Fields["root"] != img.Root.String() || last.Fields["reason"] != "CHG-1234: pii-eu leaves zrh" {
 		t.Errorf("audit record of the removal: %+v", last)
 	}
 	if _, err := p.recv.RemoveImage("vm", "test"); err == nil || !strings.Contains(err.Error(), "no stored image") {
@@ -71,6 +71,9 @@ func TestRemoveImage(t *testing.T) {
 	}
 	if _, err := p.recv.RemoveImage("../vm", "test"); err == nil || !strings.Contains(err.Error(), "image name") {
 		t.Errorf("a path for a name: %v", err)
+	}
+	if _, err := p.recv.RemoveImage("vm", " "); err == nil || !strings.Contains(err.Error(), "say why") {
+		t.Errorf("no reason: %v", err)
 	}
 
 	// Stored again, its file lost (a stop after the rename): forgotten.

@@ -100,8 +100,45 @@ func migrateCommand() *cli.Command {
 				Flags:     append(append([]cli.Flag(nil), socketFlags...), jsonFlag),
 				Action:    migrateVerify,
 			},
+			{
+				Name:      "remove",
+				Usage:     "delete an image this gateway stores (one the residency policy no longer lets rest here, once moved elsewhere), with an audit record",
+				ArgsUsage: "NAME",
+				UsageText: "skybridge migrate remove NAME --reason TEXT [--json] (--config | --socket)",
+				Flags: append(append([]cli.Flag(nil), socketFlags...), jsonFlag,
+					&cli.StringFlag{Name: "reason", Usage: "why it is removed (a ticket, a policy change): kept in the audit record"}),
+				Action: migrateRemove,
+			},
 		},
 	}
+}
+
+func migrateRemove(c *cli.Context) error {
+	name := c.Args().First()
+	if name == "" {
+		return usageError("which image? skybridge migrate remove NAME --reason TEXT (see skybridge migrate list)")
+	}
+	if err := migrate.CheckName(name); err != nil {
+		return usageError("%v: give the name of an image this gateway stores (see skybridge migrate list)", err)
+	}
+	reason := strings.TrimSpace(c.String("reason"))
+	if reason == "" {
+		return usageError("say why the image is removed: --reason TEXT (a ticket, a policy change); the audit record keeps it")
+	}
+	cl, err := controlClient(c)
+	if err != nil {
+		return err
+	}
+	img, err := cl.RemoveImage(c.Context, name, reason)
+	if err != nil {
+		return err
+	}
+	if c.Bool("json") {
+		return printJSON(c.App.Writer, img)
+	}
+	fmt.Fprintf(c.App.Writer, "removed %s (%s, class %s, root %s), received from %s on %s\n", img.Name, img.Format, img.Class, img.Root,
+		img.From+" ("+img.FromSite+")", img.Received.Local().Format("2006-01-02 15:04:05"))
+	return nil
 }
 
 func migrateRun(c *cli.Context) error {
@@ -259,11 +296,34 @@ func migrateList(c *cli.Context) error {
 	fmt.Fprintln(w, "\nRECEIVING")
 	printTable(w, []string{"id", "name", "class", "from", "durable chunks", "received"}, rows)
 	rows = rows[:0]
+	outside := 0
 	for _, r := range l.Images {
-		rows = append(rows, []string{r.Name, r.Format, r.Class, r.From + " (" + r.FromSite + ")", humanBytes(r.Manifest.Size), r.Root.String()[:16], r.Received.Local().Format("2006-01-02 15:04:05")})
+		rows = append(rows, []string{r.Name, r.Format, r.Class, r.From + " (" + r.FromSite + ")", humanBytes(r.Manifest.Size), r.Root.String()[:16], r.Received.Local().Format("2006-01-02 15:04:05"), atRestCell(r.AtRest)})
+		if r.AtRest != nil && !r.AtRest.Allowed {
+			outside++
+		}
 	}
 	fmt.Fprintln(w, "\nSTORED IMAGES")
-	return printTable(w, []string{"name", "format", "class", "from", "size", "root", "received"}, rows)
+	if err := printTable(w, []string{"name", "format", "class", "from", "size", "root", "received", "residency"}, rows); err != nil {
+		return err
+	}
+	if outside > 0 {
+		fmt.Fprintf(w, "\n%d stored image(s) outside the residency policy in force: move them to a site it allows (skybridge migrate run), then remove them here (skybridge migrate remove NAME --reason TEXT); --json gives the rules' reasons\n", outside)
+	}
+	return nil
+}
+
+// atRestCell is the residency column of a stored image.
+func atRestCell(a *mesh.AtRest) string {
+	switch {
+	case a == nil:
+		return "no policy"
+	case !a.Allowed:
+		return "OUTSIDE POLICY (" + a.Rule + ")"
+	case a.Exception != "":
+		return "allowed by exception " + a.Exception + " until " + a.Until.Local().Format("2006-01-02 15:04")
+	}
+	return "allowed"
 }
 
 func migrateStatus(c *cli.Context) error {

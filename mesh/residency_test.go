@@ -1,0 +1,164 @@
+package mesh
+
+import (
+	"bytes"
+	"encoding/json"
+	"log/slog"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/skybridge-mesh/skybridge/certs"
+	"github.com/skybridge-mesh/skybridge/internal/audit"
+	"github.com/skybridge-mesh/skybridge/migrate"
+	"github.com/skybridge-mesh/skybridge/policy"
+)
+
+// residencyPolicy lets pii-eu rest in Switzerland, and at a site in
+// Germany by an exception until expires.
+func residencyPolicy(t *testing.T, version int, expires time.Time, mode string) *policy.Policy {
+	t.Helper()
+	src := `policy {
+  name    = "t"
+  version = ` + strconv.Itoa(version) + `
+  mode    = "` + mode + `"
+}
+class "pii-eu" {
+  allow "store" {
+    jurisdiction = ["CH"]
+    reason       = "Swiss racks"
+  }
+}
+class "risk-batch" {
+  allow "store" {
+    jurisdiction = ["CH", "DE"]
+  }
+}
+exception "fra-migration-window" {
+  class    = "pii-eu"
+  action   = "store"
+  site     = ["fra-dc"]
+  category = "mitigated"
+  reason   = "data centre move"
+  approver = "CDO"
+  ticket   = "GRC-7"
+  expires  = "` + expires.UTC().Format(time.RFC3339) + `"
+}
+`
+	p, err := policy.Parse("t.hcl", []byte(src))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// TestJudgeStored: stored images are judged under the policy in force;
+// leaving the policy and coming back into it are logged and audited once
+// each, for the image as stored (a new version is judged anew), and the
+// loop is told when the next verdict can change by itself.
+func TestJudgeStored(t *testing.T) {
+	dir := t.TempDir()
+	ca := meshCA(t, dir)
+	id, err := ca.IssueIdentity(certs.Attributes{Node: "gw-fra", Site: "fra-dc", Region: "eu-central-1", Provider: "onprem", Jurisdiction: "DE",
+		OverlayIP: netip.MustParseAddr("100.64.0.9")}, 7*24*time.Hour, time.Now()) // the test's clock runs two days on
+	if err != nil {
+		t.Fatal(err)
+	}
+	now := time.Now().Truncate(time.Second)
+	expires := now.Add(time.Hour)
+	var logs bytes.Buffer
+	g := &Gateway{now: func() time.Time { return now }, log: slog.New(slog.NewTextHandler(&logs, nil))}
+	g.id.Store(id)
+	g.mig = &migrations{audit: audit.Open(filepath.Join(dir, "audit.log")), atRest: atRestState{kick: make(chan struct{}, 1)}}
+	adopt := func(p *policy.Policy) { g.policy.Store(&adoptedPolicy{p: p}) }
+	img := func(name, class string, root byte) migrate.ImageRecord {
+		return migrate.ImageRecord{Name: name, Class: class, Format: migrate.FormatRaw, Root: migrate.Hash{root}}
+	}
+	imgs := []migrate.ImageRecord{img("crm", "pii-eu", 1), img("risk", "risk-batch", 2)}
+	seen := map[string]atRestSeen{}
+	records := func() []audit.Record {
+		b, err := os.ReadFile(filepath.Join(dir, "audit.log"))
+		if err != nil && !os.IsNotExist(err) {
+			t.Fatal(err)
+		}
+		tb, _ := ca.TrustBundle()
+		if _, err := audit.Verify(bytes.NewReader(b), tb); err != nil {
+			t.Fatal(err)
+		}
+		var out []audit.Record
+		for line := range bytes.Lines(b) {
+			var r audit.Record
+			if err := json.Unmarshal(line, &r); err != nil {
+				t.Fatal(err)
+			}
+			out = append(out, r)
+		}
+		return out
+	}
+	step := func(what string, wantOutside int, wantActions ...string) time.Time {
+		t.Helper()
+		before := len(records())
+		next := g.judgeStored(imgs, seen)
+		var got []string
+		for _, r := range records()[before:] {
+			if r.Event != "image" {
+				t.Fatalf("%s: an audit record of event %q", what, r.Event)
+			}
+			got = append(got, r.Fields["action"].(string)+" "+r.Fields["name"].(string))
+		}
+		if strings.Join(got, ",") != strings.Join(wantActions, ",") {
+			t.Fatalf("%s: audited %q, want %q", what, got, wantActions)
+		}
+		stored, outside := g.mig.atRest.counts()
+		if stored["pii-eu"] != 1 || stored["risk-batch"] != 1 || outside["pii-eu"]+outside["risk-batch"] != wantOutside {
+			t.Fatalf("%s: counts %v, outside %v; want %d outside", what, stored, outside, wantOutside)
+		}
+		return next
+	}
+
+	// No policy: nothing judged.
+	if next := step("no policy", 0); !next.IsZero() {
+		t.Fatalf("no policy: next change %v", next)
+	}
+	// The exception lets crm rest here, and its end is the next change.
+	adopt(residencyPolicy(t, 1, expires, "enforce"))
+	if next := step("under the exception", 0); !next.Equal(expires) {
+		t.Fatalf("next change %v, want the exception's end %v", next, expires)
+	}
+	l := g.judged(imgs)
+	if l[0].AtRest == nil || !l[0].AtRest.Allowed || l[0].AtRest.Exception != "fra-migration-window" || !l[0].AtRest.Until.Equal(expires) {
+		t.Fatalf("listing under the exception: %+v", l[0].AtRest)
+	}
+	// It expires: crm is outside the policy, said once.
+	now = expires.Add(time.Second)
+	step("the exception expired", 1, "out-of-policy crm")
+	step("judged again", 1)
+	if !strings.Contains(logs.String(), "outside the residency policy") {
+		t.Fatalf("not logged:\n%s", logs.String())
+	}
+	// A new version stored under the same name is judged anew.
+	imgs[0].Root = migrate.Hash{3}
+	step("a new version", 1, "out-of-policy crm")
+	// A policy that extends the exception brings it back.
+	adopt(residencyPolicy(t, 2, now.Add(24*time.Hour), "enforce"))
+	step("exception extended", 0, "in-policy crm")
+	// Audit mode lets everything through but the breach is still one.
+	now = now.Add(48 * time.Hour)
+	adopt(residencyPolicy(t, 3, now.Add(-time.Hour), "audit"))
+	step("audit mode", 1, "out-of-policy crm")
+	recs := records()
+	last := recs[len(recs)-1].Fields
+	if last["class"] != "pii-eu" || last["site"] != "fra-dc" || last["jurisdiction"] != "DE" || last["root"] != imgs[0].Root.String() || !strings.HasPrefix(last["policy"].(string), "v3-") {
+		t.Fatalf("audit record: %v", last)
+	}
+	// Removed: forgotten, and nothing said of it.
+	imgs = imgs[1:]
+	g.judgeStored(imgs, seen)
+	if _, ok := seen["crm"]; ok {
+		t.Fatal("a removed image is still remembered")
+	}
+}
