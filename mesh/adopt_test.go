@@ -1,15 +1,20 @@
 package mesh
 
 import (
+	"context"
 	"fmt"
+	"log/slog"
 	"math/big"
 	"math/rand/v2"
+	"net/netip"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/skybridge-mesh/skybridge/certs"
 	"github.com/skybridge-mesh/skybridge/internal/syncbuf"
 	"github.com/skybridge-mesh/skybridge/policy"
 )
@@ -146,5 +151,71 @@ func TestRevokedSignersPolicyLeaves(t *testing.T) {
 	}
 	if ok, err := bare.g.AdoptPolicy(version(3), sig3.Marshal()); !ok || err != nil || bare.g.policy.Load().untrusted {
 		t.Fatalf("a trusted version 3: %v, %v", ok, err)
+	}
+}
+
+// TestConfiguredPolicyMustBeInForce: a gateway whose configuration names
+// a policy does not start without one in force — the file missing,
+// unsigned or refused — since it would link every verified gateway; the
+// policy it adopted in an earlier run is one.
+func TestConfiguredPolicyMustBeInForce(t *testing.T) {
+	dir := t.TempDir()
+	ca := meshCA(t, dir)
+	tb, err := ca.TrustBundle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	src := []byte("policy {\n  name    = \"configured\"\n  version = 1\n}\nclass \"risk-batch\" {\n  allow \"store\" {\n    jurisdiction = [\"CH\"]\n  }\n}\n")
+	pol := filepath.Join(dir, "residency.hcl")
+	s := liveSettings(t, filepath.Join(dir, "gw"))
+	s.Node = provisionGateway(t, ca, tb, certs.Attributes{Node: "gw", Site: "zrh-dc", Region: "r", Provider: "onprem", Jurisdiction: "CH",
+		OverlayIP: netip.MustParseAddr("100.64.7.1")}, time.Hour, s.Identity.Dir)
+	s.PolicyFile, s.PolicySignature = pol, pol+".sig"
+	start := func() error {
+		g, err := newGateway(context.Background(), s, slog.New(slog.DiscardHandler), options{device: NewRecordingDevice("p"), noControl: true, noMigrations: true})
+		if err == nil {
+			g.prov.Close()
+			g.closeDevice()
+		}
+		return err
+	}
+	for _, tc := range []struct {
+		name  string
+		setUp func()
+		want  string
+	}{
+		{"missing", func() {}, "no such file"},
+		{"unsigned", func() { os.WriteFile(pol, src, 0o644) }, "not signed"},
+		{"signed by another CA", func() {
+			other := meshCA(t, t.TempDir())
+			sig, _ := policy.Sign("policy.hcl", src, other.Signer(), "other CA", nil, time.Now())
+			os.WriteFile(pol+".sig", sig.Marshal(), 0o644)
+		}, "does not verify"},
+	} {
+		tc.setUp()
+		if err := start(); err == nil || !strings.Contains(err.Error(), "cannot be put in force") || !strings.Contains(err.Error(), tc.want) || !strings.Contains(err.Error(), "skybridge policy sign") {
+			t.Errorf("%s: %v; want a refusal to start saying %q and how to sign it", tc.name, err, tc.want)
+		}
+	}
+	sig, err := policy.Sign("policy.hcl", src, ca.Signer(), "mesh CA", nil, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(pol+".sig", sig.Marshal(), 0o644)
+	lg := runLiveGateway(t, s, &syncbuf.Buffer{})
+	lg.stop()
+	if lg.err != nil {
+		t.Fatal(lg.err)
+	}
+	// Adopted once, it is in force at the next start whatever the file.
+	os.Remove(pol + ".sig")
+	if err := start(); err != nil {
+		t.Fatalf("with the policy adopted last run in the state directory: %v", err)
+	}
+	// Without a policy file the gateway starts and waits for the mesh's.
+	s.PolicyFile, s.PolicySignature = "", ""
+	s.StateDir = filepath.Join(dir, "fresh")
+	if err := start(); err != nil {
+		t.Fatalf("with no policy configured: %v", err)
 	}
 }

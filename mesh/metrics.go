@@ -94,7 +94,7 @@ func newMetrics(g *Gateway) *metrics {
 	}
 	m.reg.MustRegister(m.rejections, m.reconcileRuns, m.reconcileErrors, m.reconcileTime,
 		m.migBytes, m.migChunks, m.migDone, m.migRetries, m.migDuration, m.decisions, m.enrollments,
-		&gatewayCollector{g: g},
+		&gatewayCollector{g: g}, atRestCollector{g: g},
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	// Every label value a rule or dashboard may select on exists from the
 	// start, so that rate() and absent() see zeros rather than nothing.
@@ -337,14 +337,22 @@ func (c *gatewayCollector) Collect(ch chan<- prometheus.Metric) {
 	send, recv := c.g.migrationsRunning()
 	ch <- prometheus.MustNewConstMetric(descRunning, prometheus.GaugeValue, float64(send), migrate.RoleSend)
 	ch <- prometheus.MustNewConstMetric(descRunning, prometheus.GaugeValue, float64(recv), migrate.RoleReceive)
-	if c.g.mig != nil {
-		// As last judged by the residency loop: the catalog is not read
-		// per scrape.
-		stored, outside := c.g.mig.atRest.counts()
-		for _, class := range sortedKeys(stored) {
-			ch <- prometheus.MustNewConstMetric(descImages, prometheus.GaugeValue, float64(stored[class]), class)
-			ch <- prometheus.MustNewConstMetric(descImagesOutside, prometheus.GaugeValue, float64(outside[class]), class)
-		}
+}
+
+// atRestCollector exports the stored images as the residency loop last
+// judged them: the catalog is not read per scrape.
+type atRestCollector struct{ g *Gateway }
+
+func (c atRestCollector) Describe(chan<- *prometheus.Desc) {}
+
+func (c atRestCollector) Collect(ch chan<- prometheus.Metric) {
+	if c.g.mig == nil {
+		return
+	}
+	stored, outside := c.g.mig.atRest.counts()
+	for _, class := range sortedKeys(stored) {
+		ch <- prometheus.MustNewConstMetric(descImages, prometheus.GaugeValue, float64(stored[class]), class)
+		ch <- prometheus.MustNewConstMetric(descImagesOutside, prometheus.GaugeValue, float64(outside[class]), class)
 	}
 }
 

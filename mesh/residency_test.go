@@ -12,6 +12,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
 	"github.com/skybridge-mesh/skybridge/certs"
 	"github.com/skybridge-mesh/skybridge/internal/audit"
 	"github.com/skybridge-mesh/skybridge/migrate"
@@ -160,5 +163,35 @@ func TestJudgeStored(t *testing.T) {
 	g.judgeStored(imgs, seen)
 	if _, ok := seen["crm"]; ok {
 		t.Fatal("a removed image is still remembered")
+	}
+}
+
+// TestAtRestMetrics: the stored images and those outside the policy, by
+// class, as the residency loop last counted them.
+func TestAtRestMetrics(t *testing.T) {
+	g := &Gateway{mig: &migrations{atRest: atRestState{kick: make(chan struct{}, 1)}}}
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(atRestCollector{g: g})
+	if fams, err := reg.Gather(); err != nil || len(fams) != 0 {
+		t.Fatalf("before the first judgement: %v, %v", fams, err)
+	}
+	g.mig.atRest.publish(map[string]int{"pii-eu": 3, "risk-batch": 1}, map[string]int{"pii-eu": 2})
+	want := `
+# HELP skybridge_images_outside_policy Images this gateway stores that the residency policy in force no longer lets rest at its site (in audit mode too), by data class.
+# TYPE skybridge_images_outside_policy gauge
+skybridge_images_outside_policy{class="pii-eu"} 2
+skybridge_images_outside_policy{class="risk-batch"} 0
+# HELP skybridge_images_stored Images this gateway stores, by data class.
+# TYPE skybridge_images_stored gauge
+skybridge_images_stored{class="pii-eu"} 3
+skybridge_images_stored{class="risk-batch"} 1
+`
+	if err := testutil.GatherAndCompare(reg, strings.NewReader(want)); err != nil {
+		t.Fatal(err)
+	}
+	// Without migrations (no store), nothing.
+	g.mig = nil
+	if fams, err := reg.Gather(); err != nil || len(fams) != 0 {
+		t.Fatalf("without a store: %v, %v", fams, err)
 	}
 }

@@ -370,31 +370,43 @@ func (g *Gateway) loadPolicies() error {
 			g.log.Warn("stored policy refused", "err", err)
 		}
 	}
-	if src, sig, ok := g.configuredPolicy(); ok {
+	src, sig, why := g.configuredPolicy()
+	if why == nil {
 		if _, err := g.AdoptPolicy(src, sig); err != nil {
+			why = err
 			g.log.Error("configured policy refused", "policy", g.s.PolicyFile, "err", err)
 		}
+	}
+	// A policy was asked for and none is in force: running on would link
+	// every verified gateway, whatever the residency rules say.
+	if g.s.PolicyFile != "" && g.policy.Load() == nil {
+		return fmt.Errorf("the configured residency policy %s cannot be put in force: %w; fix it and sign it (skybridge policy sign --policy %s --ca DIR or --signer DIR), or remove policy.file from the configuration to take the mesh's policy by gossip (until one arrives the gateway links to every verified gateway and takes no migration)",
+			g.s.PolicyFile, why, g.s.PolicyFile)
 	}
 	return nil
 }
 
+// errNoConfiguredPolicy: the configuration names no policy file.
+var errNoConfiguredPolicy = errors.New("no policy file configured")
+
 // configuredPolicy reads the policy the configuration names, and its
-// signature; ok is false (and the log says why) if there is none to use.
-func (g *Gateway) configuredPolicy() (src, sig []byte, ok bool) {
+// signature; the error (also logged) says why there is none to use.
+func (g *Gateway) configuredPolicy() (src, sig []byte, err error) {
 	if g.s.PolicyFile == "" {
-		return nil, nil, false
+		return nil, nil, errNoConfiguredPolicy
 	}
-	src, err := os.ReadFile(g.s.PolicyFile)
+	src, err = os.ReadFile(g.s.PolicyFile)
 	if err != nil {
-		g.log.Error("read policy", "err", err)
-		return nil, nil, false
+		g.log.Error("read the configured policy", "err", err)
+		return nil, nil, err
 	}
 	sig, err = os.ReadFile(g.s.PolicySignature)
 	if err != nil {
-		g.log.Error("policy is not signed: it will not be used", "policy", g.s.PolicyFile, "err", err)
-		return nil, nil, false
+		err = fmt.Errorf("%w: its signature %s: %w (sign it with skybridge policy sign)", policy.ErrUnsigned, g.s.PolicySignature, err)
+		g.log.Error("the configured policy is not signed: it will not be used", "policy", g.s.PolicyFile, "err", err)
+		return nil, nil, err
 	}
-	return src, sig, true
+	return src, sig, nil
 }
 
 // AdoptPolicy verifies a signed policy and adopts it if it is newer than
@@ -464,7 +476,7 @@ func (g *Gateway) recheckPolicy() {
 	if !errors.Is(why, policy.ErrUntrustedSigner) {
 		return
 	}
-	if src, sig, ok := g.configuredPolicy(); ok {
+	if src, sig, err := g.configuredPolicy(); err == nil {
 		adopted, err := g.adoptPolicyLocked(src, sig, true)
 		if adopted {
 			g.log.Error("the residency policy in force was signed by a signer since revoked: the configured policy is in force instead",

@@ -725,7 +725,7 @@ func (r *run) pokeCommands() []string {
 		}
 	}
 	out = append(out, fmt.Sprintf("%s migrate list --socket %s", r.opt.Exe, r.sites[1].Socket))
-	out = append(out, fmt.Sprintf("%s burst up --socket %s --site burst-ams --provider aws --region eu-west-1 --jurisdiction NL --ttl 1h --label classes=risk-batch --routes 10.9.0.0/16   # a one-hour cloud site",
+	out = append(out, fmt.Sprintf("%s burst up --socket %s --site burst-dub --provider aws --region eu-west-1 --jurisdiction IE --ttl 1h --label classes=risk-batch --label certified=iso27001 --routes 10.9.0.0/16   # a one-hour cloud site the example policy lets store risk batches",
 		r.opt.Exe, r.sites[0].Socket))
 	out = append(out, fmt.Sprintf("%s demo --down %s", r.opt.Exe, r.dir))
 	return out
