@@ -28,13 +28,53 @@ import (
 	"github.com/skybridge-mesh/skybridge/policy"
 )
 
-// Timeouts of the sender: a receiver that acknowledges nothing for
-// stallTimeout is gone (killed, cut off); the migration fails and can be
-// resumed. commitTimeout bounds the final verification and store.
-const (
-	stallTimeout  = 30 * time.Second
-	commitTimeout = 10 * time.Minute
-)
+// Timeouts of the sender: a receiver that for stallTimeout neither takes
+// a byte nor acknowledges a chunk is gone (killed, cut off); the
+// migration fails and can be resumed. commitTimeout bounds the final
+// verification and store.
+const commitTimeout = 10 * time.Minute
+
+var stallTimeout = 30 * time.Second // var for tests
+
+// streamWriter is what a data stream's frames are written through. It
+// paces the bytes under the bandwidth cap in small pieces, and gives each
+// write stallTimeout to go through. The deadline is the receiver's to
+// meet by reading, not the frame's: a 32 MiB chunk over a thin link or
+// under a cap takes longer than that and is no stall. (Set per frame,
+// before a wait for the cap's tokens for the whole chunk, it failed a
+// migration of 4 streams at --bwlimit 100KB/s after 33 s; and a capped
+// chunk that went out in one burst after its wait left nothing moving,
+// to the stall check, for as long as the wait.)
+type streamWriter struct {
+	ctx     context.Context
+	c       net.Conn
+	wrote   *stamp // of the last bytes the receiver took
+	limiter *rate.Limiter
+	piece   int // bytes paced at once: an eighth of a second's worth at the cap
+}
+
+func (w streamWriter) Write(p []byte) (n int, err error) {
+	for len(p) > 0 {
+		k := len(p)
+		if w.limiter != nil {
+			k = min(k, w.piece)
+			if err := w.limiter.WaitN(w.ctx, k); err != nil {
+				return n, err
+			}
+		}
+		w.c.SetWriteDeadline(time.Now().Add(stallTimeout))
+		m, err := w.c.Write(p[:k])
+		n += m
+		if m > 0 {
+			w.wrote.touch()
+		}
+		if err != nil {
+			return n, err
+		}
+		p = p[k:]
+	}
+	return n, nil
+}
 
 // commitGrace is how long a migration cancelled after its commit waits
 // for the receiver's answer.
@@ -697,15 +737,16 @@ func (s *sender) transfer(ctx context.Context, cands []int64, acked, zeros map[i
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	s.progress("transfer")
-	chunk := s.cfg.ChunkSize
 	producerCount := max(2, s.cfg.Streams)
 	enc, err := newChunkEncoder(producerCount)
 	if err != nil {
 		return err
 	}
 	var limiter *rate.Limiter
-	if s.cfg.BWLimit > 0 {
-		limiter = rate.NewLimiter(rate.Limit(s.cfg.BWLimit), int(max(2*chunk, s.cfg.BWLimit/10)))
+	piece := 0
+	if bw := s.cfg.BWLimit; bw > 0 {
+		piece = int(min(max(bw/8, 1<<10), 64<<10))
+		limiter = rate.NewLimiter(rate.Limit(bw), int(max(int64(piece), bw/10)))
 	}
 
 	conns := make([]*tls.Conn, s.cfg.Streams)
@@ -735,6 +776,7 @@ func (s *sender) transfer(ctx context.Context, cands []int64, acked, zeros map[i
 		done     atomic.Bool
 		lastAck  = newStamp() // of the last acknowledgement
 		lastSent = newStamp() // of the last frame written
+		wrote    = newStamp() // of the last bytes the receiver took
 		inFlight atomic.Int64
 		// keepAlive: while the producers find nothing to send, a frame
 		// this often keeps the receiver from taking the sender for gone.
@@ -765,7 +807,7 @@ func (s *sender) transfer(ctx context.Context, cands []int64, acked, zeros map[i
 	// Data streams: one writer and one reader per connection.
 	var streams sync.WaitGroup
 	for _, c := range conns {
-		fw, fr := newFrameWriter(c), newFrameReader(c)
+		fw, fr := newFrameWriter(streamWriter{ctx: ctx, c: c, wrote: wrote, limiter: limiter, piece: piece}), newFrameReader(c)
 		streams.Go(func() {
 			for {
 				j, err := nextJob(ctx, queue, fw)
@@ -780,7 +822,6 @@ func (s *sender) transfer(ctx context.Context, cands []int64, acked, zeros map[i
 					break
 				}
 				if j.alive {
-					c.SetWriteDeadline(time.Now().Add(stallTimeout))
 					err := fw.frame(frameAlive)
 					if err == nil {
 						err = fw.flush()
@@ -794,22 +835,9 @@ func (s *sender) transfer(ctx context.Context, cands []int64, acked, zeros map[i
 				}
 				inflight.Store(j.index, j)
 				inFlight.Add(1)
-				c.SetWriteDeadline(time.Now().Add(stallTimeout))
 				if j.same {
 					err = fw.frame(frameSame, indexFrame(j.index, j.hash))
 				} else {
-					if limiter != nil {
-						// What is buffered goes out before the wait
-						// that paces it.
-						if err := fw.flush(); err != nil {
-							fail(fmt.Errorf("data stream: %w", err))
-							return
-						}
-						if err := limiter.WaitN(ctx, len(j.data)); err != nil {
-							fail(err)
-							return
-						}
-					}
 					err = fw.frame(frameChunk, j.hdr, j.data)
 					if err == nil { // counted as it goes, not as it is prepared
 						n := int64(len(j.data))
@@ -1021,11 +1049,13 @@ func (s *sender) transfer(ctx context.Context, cands []int64, acked, zeros map[i
 			if err := s.destinationRevoked(); err != nil {
 				return err
 			}
-			if inFlight.Load() > 0 && lastAck.age() > stallTimeout {
+			// Bytes still taken mean chunks still arriving: one may
+			// take longer than the timeout at a cap or on a thin link.
+			if inFlight.Load() > 0 && lastAck.age() > stallTimeout && wrote.age() > stallTimeout {
 				s.mu.Lock()
 				acked := s.stats.ChunksDone
 				s.mu.Unlock()
-				return fmt.Errorf("receiver %s stopped acknowledging chunks for %s (%d unacknowledged, %d done before); resume the migration when it is back",
+				return fmt.Errorf("receiver %s stopped taking data and acknowledging chunks for %s (%d unacknowledged, %d done before); resume the migration when it is back",
 					s.cfg.To.Attributes.Node, stallTimeout, inFlight.Load(), acked)
 			}
 			continue

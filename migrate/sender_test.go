@@ -2,6 +2,11 @@ package migrate
 
 import (
 	"context"
+	"crypto/rand"
+	"net"
+	"os"
+	"path/filepath"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -55,5 +60,118 @@ func TestNextJobFlushesBeforeWaiting(t *testing.T) {
 	cancel()
 	if _, err := nextJob(ctx, make(chan *job), fw); err == nil {
 		t.Error("cancelled: no error")
+	}
+}
+
+// TestSendUnderCapSlowerThanStallTimeout: under a bandwidth cap a stream
+// can wait longer than the stall timeout for its turn, and a chunk take
+// longer than it to arrive: neither is a stall, and the migration ends.
+func TestSendUnderCapSlowerThanStallTimeout(t *testing.T) {
+	was := stallTimeout
+	stallTimeout = time.Second
+	t.Cleanup(func() { stallTimeout = was })
+	p := newPair(t, "DE")
+	raw := filepath.Join(p.dir, "vm.raw")
+	const chunk = 24 << 10
+	data := make([]byte, 4*chunk)
+	rand.Read(data) // incompressible: each chunk costs its size under the cap
+	if err := os.WriteFile(raw, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cfg := p.config(raw, "pii-eu")
+	// A chunk takes 1.2 s to cross, acknowledged as late; the fourth
+	// stream waits three times as long for its turn.
+	cfg.ChunkSize, cfg.Streams, cfg.BWLimit = chunk, 4, 20<<10
+	start := time.Now()
+	rec, err := Send(context.Background(), cfg)
+	if err != nil {
+		t.Fatalf("a capped migration whose chunks take longer than the stall timeout: %v", err)
+	}
+	if rec.Stats.ChunksSent != 4 {
+		t.Fatalf("stats %+v", rec.Stats)
+	}
+	// The cap holds: 96 KiB at 20 KiB/s, less the first tenth of a
+	// second's burst.
+	if took := time.Since(start); took < 4*time.Second {
+		t.Errorf("96 KiB sent in %s under a cap of 20 KiB/s", took)
+	}
+	p.stored(raw)
+}
+
+// TestSenderDetectsStalledReceiver: a receiver that stops reading in the
+// middle of a transfer (its host wedged, the path black-holed) fails the
+// migration once nothing has moved for the stall timeout.
+func TestSenderDetectsStalledReceiver(t *testing.T) {
+	was := stallTimeout
+	stallTimeout = time.Second
+	t.Cleanup(func() { stallTimeout = was })
+	p := newPair(t, "DE")
+	var frozen atomic.Bool
+	release := make(chan struct{})
+	t.Cleanup(func() { close(release) })
+	proxy, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { proxy.Close() })
+	pipe := func(dst, src net.Conn) {
+		buf := make([]byte, 32<<10)
+		for {
+			if frozen.Load() {
+				<-release // nothing more crosses, in either direction
+				return
+			}
+			n, err := src.Read(buf)
+			if n > 0 && !frozen.Load() {
+				dst.Write(buf[:n])
+			}
+			if err != nil {
+				return
+			}
+		}
+	}
+	go func() {
+		for {
+			c, err := proxy.Accept()
+			if err != nil {
+				return
+			}
+			up, err := net.Dial("tcp", p.addr.String())
+			if err != nil {
+				c.Close()
+				continue
+			}
+			t.Cleanup(func() { c.Close(); up.Close() })
+			go pipe(up, c)
+			go pipe(c, up)
+		}
+	}()
+	raw := filepath.Join(p.dir, "vm.raw")
+	data := make([]byte, 64<<20)
+	rand.Read(data)
+	if err := os.WriteFile(raw, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cfg := p.config(raw, "pii-eu")
+	cfg.To.Addr = proxy.Addr().(*net.TCPAddr).AddrPort()
+	cfg.Progress = func(pr Progress) {
+		if pr.Stats.ChunksDone >= 2 {
+			frozen.Store(true)
+		}
+	}
+	start := time.Now()
+	res := make(chan error, 1)
+	go func() {
+		_, err := Send(context.Background(), cfg)
+		res <- err
+	}()
+	select {
+	case err := <-res:
+		if err == nil {
+			t.Fatal("the migration through a frozen path ended well")
+		}
+		t.Logf("after %s: %v", time.Since(start).Round(time.Millisecond), err)
+	case <-time.After(30 * time.Second):
+		t.Fatal("the sender did not give up on a receiver that stopped reading")
 	}
 }
