@@ -46,9 +46,13 @@ func burstCommand() *cli.Command {
 			{
 				Name:      "down",
 				Usage:     "end a burst site now: revoke its gateways' identities, void its unused tokens; its gateways leave",
-				UsageText: "skybridge burst down (--socket PATH | --config FILE) --site NAME [--json]",
+				UsageText: "skybridge burst down (--socket PATH | --config FILE) --site NAME [--timeout 10m] [--json]",
 				Flags: append(append([]cli.Flag(nil), socketFlags...),
 					&cli.StringFlag{Name: "site", Usage: "the burst site", Required: true},
+					// With Vault, ending a burst reads every certificate on
+					// the PKI mount (about 1 ms each): past 30,000 of them
+					// a fixed 30 s cut every attempt short.
+					&cli.DurationFlag{Name: "timeout", Value: 10 * time.Minute, Usage: "give up after this long (a Vault PKI mount never tidied holds every certificate it issued: see README, Bursting)"},
 					jsonFlag,
 				),
 				Action: burstDown,
@@ -148,7 +152,10 @@ func burstDown(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	ctx, cancel := context.WithTimeout(c.Context, 30*time.Second)
+	if c.Duration("timeout") <= 0 {
+		return usageError("--timeout %s: give a positive duration, e.g. 10m", c.Duration("timeout"))
+	}
+	ctx, cancel := context.WithTimeout(c.Context, c.Duration("timeout"))
 	defer cancel()
 	bi, err := cl.BurstDown(ctx, c.String("site"), os.Getenv("VAULT_TOKEN"))
 	if err != nil {
