@@ -59,7 +59,7 @@ func (r *Receiver) RemoveImage(name, reason string) (*ImageRecord, error) {
 	}
 	img, err := r.cfg.Journal.Image(name)
 	if errors.Is(err, ErrNotFound) {
-		return nil, fmt.Errorf("no stored image %q on this gateway (see skybridge migrate list)", name)
+		return nil, fmt.Errorf("no stored image %q on this gateway: an image is stored by the gateway it was migrated to (skybridge migrate list there)", name)
 	} else if err != nil {
 		return nil, fmt.Errorf("image %q: %w", name, err)
 	}

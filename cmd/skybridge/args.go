@@ -10,7 +10,10 @@ import (
 // `skybridge migrate run vm.qcow2 --to aws-eu-central-1 --class pii-eu`:
 // urfave/cli v2 stops parsing flags at the first argument, so the
 // arguments after the command words are reordered, flags (with their
-// values) first, positionals last. "--" ends flag parsing as usual.
+// values) first, positionals last. "--" ends flag parsing as usual. The
+// global flags (--log-level, --log-format) are taken after the command
+// words too, as in `skybridge status --config g.hcl --log-level debug`,
+// and moved before them, where urfave/cli looks for them.
 func interspersed(app *cli.App, args []string) []string {
 	if len(args) < 2 {
 		return args
@@ -47,7 +50,7 @@ func interspersed(app *cli.App, args []string) []string {
 			break
 		}
 	}
-	var fl, pos []string
+	var global, fl, pos []string
 	for len(rest) > 0 {
 		a := rest[0]
 		rest = rest[1:]
@@ -55,6 +58,12 @@ func interspersed(app *cli.App, args []string) []string {
 		case a == "--":
 			pos = append(pos, rest...)
 			rest = nil
+		case strings.HasPrefix(a, "-") && len(a) > 1 && !names(flags, a) && names(app.Flags, a):
+			global = append(global, a)
+			if takesValue(app.Flags, a) && len(rest) > 0 {
+				global = append(global, rest[0])
+				rest = rest[1:]
+			}
 		case strings.HasPrefix(a, "-") && len(a) > 1:
 			fl = append(fl, a)
 			if takesValue(flags, a) && len(rest) > 0 {
@@ -65,12 +74,26 @@ func interspersed(app *cli.App, args []string) []string {
 			pos = append(pos, a)
 		}
 	}
+	out = append(out[:1], append(global, out[1:]...)...)
 	out = append(out, fl...)
 	if len(pos) > 0 {
 		out = append(out, "--")
 		out = append(out, pos...)
 	}
 	return out
+}
+
+// names reports whether the flag token is one of flags.
+func names(flags []cli.Flag, tok string) bool {
+	name, _, _ := strings.Cut(strings.TrimLeft(tok, "-"), "=")
+	for _, f := range flags {
+		for _, n := range f.Names() {
+			if n == name {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 // takesValue reports whether the flag token needs the next argument as its

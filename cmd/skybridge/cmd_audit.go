@@ -17,7 +17,7 @@ func auditCommand() *cli.Command {
 		Usage: "check a gateway's signed, hash-chained audit log",
 		Subcommands: []*cli.Command{{
 			Name:      "verify",
-			Usage:     "verify every record's signature (by a mesh identity) and the hash chain: nothing removed, changed or reordered (exit 1 if not; 2 if it could not be checked)",
+			Usage:     "verify every record's signature (by a mesh identity) and the hash chain: nothing removed, changed or reordered (exit 1 if not; 2 if it could not be checked); records cut from the end are found only with the log's audit.log.head beside it",
 			UsageText: "skybridge audit verify --log STATE_DIR/audit.log --ca-cert ca.crt [--crl crl.pem] [--json]",
 			Flags: []cli.Flag{
 				&cli.StringFlag{Name: "log", Usage: "audit log file", Required: true},

@@ -31,11 +31,18 @@ func run(args []string, stdout, stderr io.Writer) int {
 	app.OnUsageError = func(_ *cli.Context, err error, _ bool) error {
 		return usageError("%v (see skybridge --help)", err)
 	}
-	unknown := ""
-	app.CommandNotFound = func(c *cli.Context, name string) { unknown = name }
+	unknown, under := "", "skybridge"
+	app.CommandNotFound = func(c *cli.Context, name string) {
+		unknown = name
+		if c.Command != nil {
+			if n := c.Command.FullName(); n != "" && n != app.Name {
+				under = "skybridge " + n
+			}
+		}
+	}
 	err := app.Run(interspersed(app, args))
 	if unknown != "" {
-		fmt.Fprintf(stderr, "skybridge: unknown command %q (see skybridge --help)\n", unknown)
+		fmt.Fprintf(stderr, "skybridge: unknown command %q (see %s --help)\n", unknown, under)
 		return 2
 	}
 	if err == nil {

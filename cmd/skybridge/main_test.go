@@ -1012,3 +1012,36 @@ func TestCACRLWithoutItsList(t *testing.T) {
 		}
 	}
 }
+
+// TestInterspersed: flags may follow positional arguments, and the
+// global flags the command words, as operators type them.
+func TestInterspersed(t *testing.T) {
+	app := newApp(&bytes.Buffer{}, &bytes.Buffer{})
+	for _, tc := range []struct{ in, want string }{
+		{"skybridge migrate run vm.qcow2 --to fra --class pii-eu", "skybridge migrate run --to fra --class pii-eu -- vm.qcow2"},
+		{"skybridge status --config g.hcl --log-level debug", "skybridge --log-level debug status --config g.hcl"},
+		{"skybridge --log-format json status --log-level=warn --json", "skybridge --log-level=warn --log-format json status --json"},
+		{"skybridge migrate verify vm --log-format json --socket s", "skybridge --log-format json migrate verify --socket s -- vm"},
+		// After "--" nothing is a flag.
+		{"skybridge migrate verify --socket s -- --log-level", "skybridge migrate verify --socket s -- --log-level"},
+	} {
+		if got := strings.Join(interspersed(app, strings.Fields(tc.in)), " "); got != tc.want {
+			t.Errorf("%s\n got %s\nwant %s", tc.in, got, tc.want)
+		}
+	}
+	// An unknown word names the help that lists the right ones.
+	for _, tc := range []struct{ args, want string }{
+		{"skybridge nosuch", "(see skybridge --help)"},
+		{"skybridge policy nosuch", "(see skybridge policy --help)"},
+	} {
+		var errb bytes.Buffer
+		if code := run(strings.Fields(tc.args), &bytes.Buffer{}, &errb); code != 2 || !strings.Contains(errb.String(), tc.want) {
+			t.Errorf("%s: exit %d, %q; want 2 and %q", tc.args, code, errb.String(), tc.want)
+		}
+	}
+	// And the command runs so.
+	var out, errb bytes.Buffer
+	if code := run([]string{"skybridge", "policy", "lint", "--policy", "../../docs/examples/residency.hcl", "--log-level", "debug"}, &out, &errb); code != 0 {
+		t.Fatalf("policy lint with --log-level after it: exit %d\n%s%s", code, out.String(), errb.String())
+	}
+}
