@@ -97,6 +97,9 @@ func (a *Attributes) Validate(meshPrefix netip.Prefix) error {
 		if r != r.Masked() {
 			errs = append(errs, fmt.Errorf("route %s has host bits set: did you mean %s?", r, r.Masked()))
 		}
+		if r.Bits() == 0 {
+			errs = append(errs, fmt.Errorf("route %s is a default route: a gateway's routes are its site's networks, and a default route into the mesh would take every host's traffic, the tunnels' own included", r))
+		}
 		if meshPrefix.IsValid() && r.Overlaps(meshPrefix) {
 			errs = append(errs, fmt.Errorf("route %s overlaps the mesh overlay range %s: routes are the site networks behind the gateway, not overlay addresses", r, meshPrefix))
 		}

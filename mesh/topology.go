@@ -410,11 +410,12 @@ func sharedClasses(a, b string) []string {
 
 // dedupe sorts each peer's allowed IPs, drops any prefix that overlaps one
 // already given to another peer (WireGuard routes an address to exactly
-// one peer; the first peer by name keeps it) or that covers our own
-// overlay address or routes, and derives the routes: every allowed prefix
-// outside the mesh overlay range.
+// one peer; the first peer by name keeps it), that covers our own overlay
+// address or routes, or that covers a tunnel's own underlay address, and
+// derives the routes: every allowed prefix outside the mesh overlay range.
 func dedupe(plan *Plan, self Node, mesh netip.Prefix) {
 	own := append([]netip.Prefix{overlayPrefix(&self)}, self.Advert.Routes...)
+	under := underlayOf(plan.Peers, self)
 	for i := range plan.Peers {
 		pc := &plan.Peers[i]
 		slices.SortFunc(pc.AllowedIPs, comparePrefix)
@@ -435,6 +436,14 @@ func dedupe(plan *Plan, self Node, mesh netip.Prefix) {
 				plan.Conflicts = append(plan.Conflicts, fmt.Sprintf("%s of %s overlaps our own %s; not routed to it", p, pc.Node, q))
 				continue
 			}
+			if a, node, ok := under.in(p); ok {
+				// Routed into the interface, the tunnel's own packets to
+				// that address would loop inside it: the handshake
+				// fails, the peer is declared gone and comes back, for
+				// ever.
+				plan.Conflicts = append(plan.Conflicts, fmt.Sprintf("%s of %s covers %s, the underlay address of %s's tunnel; not routed to it", p, pc.Node, a, node))
+				continue
+			}
 			if contested {
 				if q, ok := overlapsAny(p, taken); ok {
 					plan.Conflicts = append(plan.Conflicts, fmt.Sprintf("%s of %s overlaps %s of %s; not routed to it", p, pc.Node, q, owner[q]))
@@ -452,6 +461,74 @@ func dedupe(plan *Plan, self Node, mesh netip.Prefix) {
 	}
 	slices.SortFunc(plan.Routes, comparePrefix)
 	plan.Routes = slices.Compact(plan.Routes)
+}
+
+// underlay is the addresses the tunnels themselves use, sorted: the
+// endpoint we send to for each peer, and our own. IPv4 addresses are
+// kept as integers, as in anyOverlap: this runs at every plan.
+type underlay struct {
+	v4    []uint32
+	v6    []netip.Addr
+	peers []PeerConfig
+	self  Node
+}
+
+func underlayOf(peers []PeerConfig, self Node) underlay {
+	u := underlay{v4: make([]uint32, 0, len(peers)+len(self.Advert.Endpoints)), peers: peers, self: self}
+	add := func(a netip.Addr) {
+		if a = a.Unmap(); a.Is4() {
+			b := a.As4()
+			u.v4 = append(u.v4, binary.BigEndian.Uint32(b[:]))
+		} else if a.IsValid() {
+			u.v6 = append(u.v6, a)
+		}
+	}
+	for _, e := range self.Advert.Endpoints {
+		add(e.Addr())
+	}
+	for _, pc := range peers {
+		add(pc.Endpoint.Addr())
+	}
+	slices.Sort(u.v4)
+	slices.SortFunc(u.v6, netip.Addr.Compare)
+	return u
+}
+
+// in returns an address of u inside p, and whose tunnel uses it.
+func (u underlay) in(p netip.Prefix) (netip.Addr, string, bool) {
+	var hit netip.Addr
+	if p.Addr().Is4() {
+		b := p.Masked().Addr().As4()
+		lo := binary.BigEndian.Uint32(b[:])
+		i, _ := slices.BinarySearch(u.v4, lo)
+		if i == len(u.v4) {
+			return netip.Addr{}, "", false
+		}
+		var a [4]byte
+		binary.BigEndian.PutUint32(a[:], u.v4[i])
+		hit = netip.AddrFrom4(a)
+	} else {
+		i, _ := slices.BinarySearchFunc(u.v6, p.Masked().Addr(), netip.Addr.Compare)
+		if i == len(u.v6) {
+			return netip.Addr{}, "", false
+		}
+		hit = u.v6[i]
+	}
+	if !p.Contains(hit) {
+		return netip.Addr{}, "", false
+	}
+	// Whose it is, for the report: rare, so looked for only now.
+	for _, e := range u.self.Advert.Endpoints {
+		if e.Addr().Unmap() == hit {
+			return hit, u.self.node(), true
+		}
+	}
+	for _, pc := range u.peers {
+		if pc.Endpoint.Addr().Unmap() == hit {
+			return hit, pc.Node, true
+		}
+	}
+	return hit, "", true
 }
 
 // anyOverlap reports whether any two allowed prefixes of the peers overlap

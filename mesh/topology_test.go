@@ -453,3 +453,25 @@ func TestSharedKeysDropped(t *testing.T) {
 		t.Fatalf("fra-1 kept %v; conflicts %v, want the two shared keys reported", ok, plan.Conflicts)
 	}
 }
+
+// TestRoutesCoveringTheUnderlay: a site prefix that holds an address a
+// tunnel itself uses (a peer's endpoint, or ours: a private WAN whose
+// cloud gateway sits inside its site's network) is not routed into the
+// interface, where the tunnel's own packets would loop; other prefixes of
+// the peer are.
+func TestRoutesCoveringTheUnderlay(t *testing.T) {
+	fra := gw("fra-1", "aws-eu-central-1", "DE", "aws", 4, "pii-eu", "10.2.0.0/16", "192.0.0.0/8", "2001:db8::/64", "203.0.113.0/24")
+	iad := gw("iad-1", "aws-us-east-1", "US", "aws", 6, "pii-eu", "10.3.0.0/16")
+	plan := Compute(TopologyInput{Self: zrh1, Peers: []Node{fra, iad}, Now: now, MeshPrefix: mesh16})
+	if got, want := summary(plan), "fra-1=10.2.0.0/16,100.96.0.4/32,203.0.113.0/24 iad-1=10.3.0.0/16,100.96.0.6/32"; got != want {
+		t.Fatalf("plan %s\nwant %s", got, want)
+	}
+	if len(plan.Conflicts) != 2 || !strings.Contains(plan.Conflicts[0], "underlay address") || !strings.Contains(plan.Conflicts[1], "underlay address") {
+		t.Fatalf("conflicts %q; want the two prefixes over tunnel addresses reported", plan.Conflicts)
+	}
+	for _, r := range plan.Routes {
+		if r.Contains(netip.MustParseAddr("192.0.2.1")) || r.Contains(netip.MustParseAddr("2001:db8::4")) {
+			t.Fatalf("route %s into the interface covers a tunnel's address", r)
+		}
+	}
+}
