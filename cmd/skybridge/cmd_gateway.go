@@ -262,6 +262,9 @@ func printStatus(c *cli.Context, st *mesh.Status) {
 		}
 		fmt.Fprintln(w)
 	}
+	for _, c := range st.Conflicts {
+		fmt.Fprintf(w, "conflict: %s\n", c)
+	}
 	if len(st.Links) > 0 {
 		fmt.Fprintln(w)
 	}

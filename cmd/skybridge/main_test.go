@@ -19,6 +19,8 @@ import (
 
 	"github.com/urfave/cli/v2"
 
+	"github.com/skybridge-mesh/skybridge/mesh"
+
 	"github.com/skybridge-mesh/skybridge/certs"
 	"github.com/skybridge-mesh/skybridge/internal/audit"
 )
@@ -1043,5 +1045,16 @@ func TestInterspersed(t *testing.T) {
 	var out, errb bytes.Buffer
 	if code := run([]string{"skybridge", "policy", "lint", "--policy", "../../docs/examples/residency.hcl", "--log-level", "debug"}, &out, &errb); code != 0 {
 		t.Fatalf("policy lint with --log-level after it: exit %d\n%s%s", code, out.String(), errb.String())
+	}
+}
+
+// TestStatusShowsConflicts: what the plan had to drop is in the text
+// status, not only in its JSON.
+func TestStatusShowsConflicts(t *testing.T) {
+	var out bytes.Buffer
+	c := cli.NewContext(&cli.App{Writer: &out}, nil, nil)
+	printStatus(c, &mesh.Status{Node: "gw-1", Site: "zrh", Conflicts: []string{"192.0.0.0/8 of fra-1 covers 192.0.2.4, the underlay address of fra-1's tunnel; not routed to it"}})
+	if !strings.Contains(out.String(), "conflict: 192.0.0.0/8 of fra-1 covers") {
+		t.Fatalf("status:\n%s", out.String())
 	}
 }
