@@ -19,10 +19,9 @@ import (
 
 	"github.com/urfave/cli/v2"
 
-	"github.com/skybridge-mesh/skybridge/mesh"
-
 	"github.com/skybridge-mesh/skybridge/certs"
 	"github.com/skybridge-mesh/skybridge/internal/audit"
+	"github.com/skybridge-mesh/skybridge/mesh"
 )
 
 // TestMain doubles as a stand-in process for tests that need one with a
