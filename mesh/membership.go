@@ -946,7 +946,28 @@ func (ms *membership) rejudgeLocked() (changed bool) {
 		m.verified, m.state = nil, ""
 		all = append(all, m)
 	}
-	slices.SortFunc(all, func(a, b *member) int { return cmp.Compare(a.name, b.name) })
+	// By age: each member meets only older claimants, as when adverts
+	// arrive one by one. In name order a member could be refused by a
+	// rival that an older one refuses in turn, and stay refused while
+	// that rival is.
+	start := func(m *member) time.Time {
+		if m.advert != nil {
+			if c := ms.certs[m.advert.CertHash]; c != nil {
+				return c.NotBefore
+			}
+		}
+		return time.Time{}
+	}
+	slices.SortFunc(all, func(a, b *member) int {
+		sa, sb := start(a), start(b)
+		if az, bz := sa.IsZero(), sb.IsZero(); az != bz {
+			return cmp.Compare(b2i(az), b2i(bz)) // certificate unknown: last
+		}
+		if c := sa.Compare(sb); c != 0 {
+			return c
+		}
+		return cmp.Compare(a.name, b.name)
+	})
 	for _, m := range all {
 		p := prev[m]
 		// Judged against its state before clearing (restored for its
@@ -964,6 +985,13 @@ func (ms *membership) rejudgeLocked() (changed bool) {
 		}
 	}
 	return changed
+}
+
+func b2i(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
 }
 
 // refresh re-judges everyone at the current time (expiry).

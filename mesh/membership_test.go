@@ -1096,3 +1096,29 @@ func TestMembershipTrustsNewCA(t *testing.T) {
 		t.Fatalf("its certificate again: %v, %v", err, states(ms))
 	}
 }
+
+// TestMembershipConflictChain: A (oldest) overlaps B, B overlaps C, and A
+// and C do not overlap. B loses to A, so C, B's only rival, keeps its
+// claim — when the adverts arrive and at every later judgement, whatever
+// the names' order.
+func TestMembershipConflictChain(t *testing.T) {
+	f := newFixture(t)
+	a := f.identity("gw-c", "site-a", 1, f.now.Add(-3*time.Hour), "10.7.0.0/24")
+	b := f.identity("gw-b", "site-b", 2, f.now.Add(-2*time.Hour), "10.7.0.0/23")
+	c := f.identity("gw-a", "site-c", 3, f.now.Add(-time.Hour), "10.7.1.0/24")
+	ms := newMembership("self", f.trust(), func() time.Time { return f.now }, func() {})
+	for _, id := range []*certs.NodeIdentity{a, b, c} {
+		ms.addCert(id.Certificate().Raw)
+		ms.update(id.Attributes().Node, gossipAddr, f.advert(id, 1))
+	}
+	want := map[string]MemberState{"gw-c": StateVerified, "gw-b": StateRefused, "gw-a": StateVerified}
+	for pass := range 3 {
+		got := states(ms)
+		for n, s := range want {
+			if got[n] != s {
+				t.Fatalf("pass %d: %s is %s, want %s (%v)", pass, n, got[n], s, got)
+			}
+		}
+		ms.refresh()
+	}
+}
