@@ -146,6 +146,11 @@ func Compute(in TopologyInput) Plan {
 		slices.SortFunc(peers, byName)
 	}
 
+	// A peer with a key already taken goes before anything is chosen
+	// from the peers: kept to be dropped later, it could be chosen to
+	// carry its site's routes, which would then go nowhere.
+	peers = dropSharedKeys(peers, in.Self, &plan)
+
 	// Residency: which remote sites may we link to at all?
 	links := make(map[string]Link, len(peers))
 	for _, p := range peers {
@@ -208,46 +213,56 @@ func Compute(in TopologyInput) Plan {
 			plan.Peers = append(plan.Peers, pc)
 		}
 	}
-	dropSharedKeys(&plan, in.Self)
 	dedupe(&plan, in.Self, in.MeshPrefix)
 	addNextKeys(&plan, in.Self, members)
 	return plan
 }
 
 // dropSharedKeys removes each peer whose key is ours or an earlier
-// peer's: WireGuard keeps one peer per public key, and a second entry
-// would take over the first one's allowed IPs and endpoint. Membership
-// refuses the younger claimant of a key (conflict); this keeps the device
-// sane whatever reaches it.
+// peer's (peers are sorted by name): WireGuard keeps one peer per public
+// key, and a second entry would take over the first one's allowed IPs and
+// endpoint. Membership refuses the younger claimant of a key (conflict);
+// this keeps the device sane whatever reaches it. The peers are copied
+// only if one goes.
 //
 // It runs at every plan of a thousand peers: keys are indexed by their
 // first 8 bytes (random for a real key), and whole keys are compared
 // only when those match.
-func dropSharedKeys(plan *Plan, self Node) {
+func dropSharedKeys(peers []Node, self Node, plan *Plan) []Node {
 	head := func(k certs.WGPublicKey) uint64 { return binary.LittleEndian.Uint64(k[:8]) }
-	seen := make(map[uint64]struct{}, len(plan.Peers)+1)
+	seen := make(map[uint64]struct{}, len(peers)+1)
 	seen[head(self.Advert.WireGuardKey)] = struct{}{}
-	kept := plan.Peers[:0]
-	for _, pc := range plan.Peers {
-		if _, hit := seen[head(pc.PublicKey)]; hit {
+	var kept []Node // nil until a peer goes
+	for i := range peers {
+		p := &peers[i]
+		k := p.Advert.WireGuardKey
+		if _, hit := seen[head(k)]; hit {
 			holder := ""
-			if pc.PublicKey == self.Advert.WireGuardKey {
+			if k == self.Advert.WireGuardKey {
 				holder = self.node()
 			}
-			for i := 0; holder == "" && i < len(kept); i++ {
-				if kept[i].PublicKey == pc.PublicKey {
-					holder = kept[i].Node
+			for j := 0; holder == "" && j < i; j++ {
+				if peers[j].Advert.WireGuardKey == k && (kept == nil || slices.ContainsFunc(kept, func(n Node) bool { return n.node() == peers[j].node() })) {
+					holder = peers[j].node()
 				}
 			}
 			if holder != "" {
-				plan.Conflicts = append(plan.Conflicts, fmt.Sprintf("%s advertises the WireGuard key of %s; not a peer", pc.Node, holder))
+				plan.Conflicts = append(plan.Conflicts, fmt.Sprintf("%s advertises the WireGuard key of %s; not a peer", p.node(), holder))
+				if kept == nil {
+					kept = append(make([]Node, 0, len(peers)-1), peers[:i]...)
+				}
 				continue
 			}
 		}
-		seen[head(pc.PublicKey)] = struct{}{}
-		kept = append(kept, pc)
+		seen[head(k)] = struct{}{}
+		if kept != nil {
+			kept = append(kept, *p)
+		}
 	}
-	plan.Peers = kept
+	if kept == nil {
+		return peers
+	}
+	return kept
 }
 
 // addNextKeys adds an entry for each peer's next key (a rotation in

@@ -475,3 +475,23 @@ func TestRoutesCoveringTheUnderlay(t *testing.T) {
 		}
 	}
 }
+
+// TestSharedKeyNeverCarries: a peer dropped for advertising a key already
+// taken (ours here) is not chosen to carry its site's routes, which would
+// then go nowhere: its sibling carries them.
+func TestSharedKeyNeverCarries(t *testing.T) {
+	for _, mode := range []string{TopologyFullMesh, TopologyHub} {
+		fra0 := gw("fra-0", "aws-eu-central-1", "DE", "aws", 9, "pii-eu", "10.2.0.0/16")
+		fra0.Advert.WireGuardKey = zrh1.Advert.WireGuardKey
+		plan := Compute(TopologyInput{Self: zrh1, Peers: []Node{fra0, fra1}, Now: now, MeshPrefix: mesh16, Mode: mode})
+		if c := plan.Carriers["aws-eu-central-1"]; c != "fra-1" {
+			t.Errorf("%s: the site's routes go through %s, want fra-1 (fra-0 is no peer)", mode, c)
+		}
+		if got, want := summary(plan), "fra-1=10.2.0.0/16,100.96.0.4/32"; got != want {
+			t.Errorf("%s: plan %s, want %s", mode, got, want)
+		}
+		if len(plan.Conflicts) != 1 || !strings.Contains(plan.Conflicts[0], "fra-0 advertises the WireGuard key of zrh-1") {
+			t.Errorf("%s: conflicts %q", mode, plan.Conflicts)
+		}
+	}
+}
