@@ -1,6 +1,7 @@
 package mesh
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"log/slog"
@@ -217,5 +218,21 @@ func TestConfiguredPolicyMustBeInForce(t *testing.T) {
 	s.StateDir = filepath.Join(dir, "fresh")
 	if err := start(); err != nil {
 		t.Fatalf("with no policy configured: %v", err)
+	}
+}
+
+// TestPolicyTooLargeForGossip: a policy gossip could not carry is refused
+// when published, not adopted here and dropped by every other gateway.
+func TestPolicyTooLargeForGossip(t *testing.T) {
+	dir := t.TempDir()
+	ca := meshCA(t, dir)
+	g := startLiveGateway(t, ca, dir, 0, "zrh-dc", nil, &syncbuf.Buffer{}).g
+	src := append([]byte("policy {\n  name    = \"large\"\n  version = 1\n}\nclass \"risk-batch\" {\n  allow \"store\" {\n    jurisdiction = [\"CH\"]\n  }\n}\n"), bytes.Repeat([]byte("# padding\n"), MaxPolicyBytes/10)...)
+	sig, err := policy.Sign("policy.hcl", src, ca.Signer(), "mesh CA", nil, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ok, err := g.AdoptPolicy(src, sig.Marshal()); ok || err == nil || !strings.Contains(err.Error(), "gossip carries at most") {
+		t.Fatalf("a policy of %d bytes: adopted %v, %v", len(src), ok, err)
 	}
 }

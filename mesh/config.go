@@ -419,5 +419,9 @@ const (
 	// maxQueuedSends bounds those waiting for one of them: a policy
 	// announced to a mesh of thousands has each member ask for it.
 	maxQueuedSends = 4096
-	maxJoinCerts   = 8192 // certificates a join's push/pull carries (about 5 MB)
+	maxJoinCerts   = 8192 // certificates a join's push/pull carries, at most
+	// maxJoinCertParts bounds the bundle parts they take (1 MiB each,
+	// about 1,300 certificates): with our certificate, the CRL and the
+	// policy, within a bundle's 8 parts.
+	maxJoinCertParts = maxBundleParts - 4
 )

@@ -51,7 +51,7 @@ func (d delegate) LocalState(join bool) []byte { return d.g.localState(join) }
 func (d delegate) MergeRemoteState(buf []byte, join bool) {
 	msgs, err := unbundle(buf)
 	if err != nil {
-		d.g.log.Debug("ignoring malformed push/pull state", "err", err)
+		d.g.log.Warn("ignoring a malformed push/pull state (a gateway of another release, or one whose state outgrew the bounds)", "err", err)
 		return
 	}
 	for _, m := range msgs {

@@ -37,6 +37,12 @@ const (
 	maxUserMessage = maxMessageField + 1<<10
 )
 
+// MaxPolicyBytes is the largest policy, with its signature, that gossip
+// carries: one message field, less room for the framing. A larger one is
+// refused when it is signed or published, not adopted by one gateway and
+// then dropped by every other.
+const MaxPolicyBytes = maxMessageField - 4<<10
+
 // Blob kinds travelling by announce/request.
 const (
 	blobCRL    byte = 1

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/x509"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -343,7 +344,7 @@ func (g *Gateway) localState(join bool) []byte {
 	me := g.id.Load()
 	parts := [][]byte{encodeMessage(msgCert, me.Certificate().Raw)}
 	if join {
-		parts = append(parts, encodeMessage(msgCerts, g.members.certificates(maxJoinCerts)...))
+		parts = append(parts, certParts(g.members.certificates(maxJoinCerts))...)
 	}
 	if b := g.blob(blobCRL); b != nil {
 		parts = append(parts, b)
@@ -352,6 +353,30 @@ func (g *Gateway) localState(join bool) []byte {
 		parts = append(parts, b)
 	}
 	return bundle(parts...)
+}
+
+// certParts packs certificates into msgCerts messages that each fit a
+// bundle's part, at most maxJoinCertParts of them (beside our
+// certificate, the CRL and the policy). A part over a field's bound made
+// the receiver drop the whole state, ours and the lists included: past
+// about 1,300 members' certificates, at some 800 bytes each. What does not
+// fit the newcomer asks the members for, one by one.
+func certParts(certs [][]byte) [][]byte {
+	var parts [][]byte
+	for len(certs) > 0 && len(parts) < maxJoinCertParts {
+		n, size := 0, 1
+		for n < len(certs) && size+binary.MaxVarintLen32+len(certs[n]) <= maxMessageField {
+			size += binary.MaxVarintLen32 + len(certs[n])
+			n++
+		}
+		if n == 0 {
+			certs = certs[1:] // one that fits no part (a certificate is a few KiB)
+			continue
+		}
+		parts = append(parts, encodeMessage(msgCerts, certs[:n]...))
+		certs = certs[n:]
+	}
+	return parts
 }
 
 // loadPolicies adopts the newest correctly signed policy among the one
@@ -424,6 +449,9 @@ func (g *Gateway) AdoptPolicy(src, sigJSON []byte) (bool, error) {
 // adoptPolicyLocked is AdoptPolicy with g.policyMu held. replace adopts
 // the policy whatever the one in force (whose signer was revoked).
 func (g *Gateway) adoptPolicyLocked(src, sigJSON []byte, replace bool) (bool, error) {
+	if n := len(src) + len(sigJSON); n > MaxPolicyBytes {
+		return false, fmt.Errorf("the policy and its signature are %d bytes, and gossip carries at most %d: shorten the policy (descriptions, selectors shared between classes)", n, MaxPolicyBytes)
+	}
 	sig, err := policy.ParseSignature(sigJSON)
 	if err != nil {
 		return false, err

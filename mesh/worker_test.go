@@ -427,3 +427,43 @@ func meshCA(t testing.TB, dir string) *certs.CA {
 	}
 	return ca
 }
+
+// TestJoinStateCertificatesFit: a join's certificates go in as many
+// parts as they need, each within a part's bound, and the bundle stays
+// within its part count; past that the newcomer fetches the rest. One
+// part of all of them was dropped whole past some 1,300 certificates.
+func TestJoinStateCertificatesFit(t *testing.T) {
+	cert := func(i int) []byte {
+		b := make([]byte, 800)
+		binary.BigEndian.PutUint32(b, uint32(i))
+		return b
+	}
+	for _, n := range []int{0, 1, 1000, 3000, maxJoinCerts} {
+		all := make([][]byte, n)
+		for i := range all {
+			all[i] = cert(i)
+		}
+		parts := certParts(all)
+		b := bundle(append([][]byte{encodeMessage(msgCert, cert(-1)), encodeMessage(msgBlob, []byte{blobCRL}, make([]byte, 100<<10)), encodeMessage(msgBlob, []byte{blobPolicy}, make([]byte, 200<<10))}, parts...)...)
+		got, err := unbundle(b)
+		if err != nil {
+			t.Fatalf("%d certificates: the bundle does not unbundle: %v", n, err)
+		}
+		carried := 0
+		for _, m := range got[3:] {
+			dm, err := decodeMessage(m, maxJoinCerts)
+			if err != nil || dm.typ != msgCerts {
+				t.Fatalf("%d certificates: a part: %v", n, err)
+			}
+			for _, c := range dm.fields {
+				if binary.BigEndian.Uint32(c) != uint32(carried) {
+					t.Fatalf("%d certificates: certificate %d out of order", n, carried)
+				}
+				carried++
+			}
+		}
+		if want := min(n, maxJoinCertParts*(maxMessageField/(800+binary.MaxVarintLen32))); carried < want-maxJoinCertParts || carried > n {
+			t.Fatalf("%d certificates: %d carried in %d parts, want about %d", n, carried, len(parts), want)
+		}
+	}
+}

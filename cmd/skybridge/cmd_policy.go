@@ -13,6 +13,7 @@ import (
 
 	"github.com/skybridge-mesh/skybridge/certs"
 	"github.com/skybridge-mesh/skybridge/internal/atomicfile"
+	"github.com/skybridge-mesh/skybridge/mesh"
 	"github.com/skybridge-mesh/skybridge/policy"
 )
 
@@ -400,6 +401,11 @@ func policySign(c *cli.Context) error {
 	src, err := os.ReadFile(file)
 	if err != nil {
 		return fmt.Errorf("read policy: %w", err)
+	}
+	// Signed, it would be refused by every gateway (room left for the
+	// signature, a few KiB).
+	if limit := mesh.MaxPolicyBytes - 16<<10; len(src) > limit {
+		return fmt.Errorf("policy %s is %d bytes, and gossip carries at most %d with its signature: shorten it (descriptions, selectors shared between classes)", file, len(src), limit)
 	}
 	var sig *policy.Signature
 	switch caDir, signerDir := c.String("ca"), c.String("signer"); {

@@ -1,11 +1,14 @@
 package main
 
 import (
+	"bytes"
 	"encoding/json"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/skybridge-mesh/skybridge/mesh"
 )
 
 const (
@@ -197,5 +200,14 @@ func TestPolicySignVerify(t *testing.T) {
 	os.WriteFile(pol, []byte("policy {"), 0o644)
 	if _, errs, code := runCLI(t, "policy", "sign", "--policy", pol, "--ca", ca); code == 0 || !strings.Contains(errs, "refusing to sign") {
 		t.Fatalf("signing garbage: exit %d %s", code, errs)
+	}
+	// Nor one too large for gossip to carry.
+	before, _ := os.ReadFile(pol + ".sig")
+	os.WriteFile(pol, bytes.Repeat([]byte("# padding\n"), mesh.MaxPolicyBytes/10), 0o644)
+	if _, errs, code := runCLI(t, "policy", "sign", "--policy", pol, "--ca", ca); code != 1 || !strings.Contains(errs, "gossip carries at most") {
+		t.Fatalf("signing a policy of over 1 MiB: exit %d %s", code, errs)
+	}
+	if after, _ := os.ReadFile(pol + ".sig"); !bytes.Equal(before, after) {
+		t.Fatal("a signature was written")
 	}
 }
