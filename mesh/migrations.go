@@ -45,6 +45,14 @@ type migrations struct {
 
 	mu      sync.Mutex
 	running map[string]*runningMigration
+	// gen counts the migrations begun and ended: the send records change
+	// only then, so the dashboard, which asks every second for each open
+	// page, reads the journal (every send ever made) only then.
+	gen    uint64
+	recent struct {
+		gen   uint64
+		sends []migrate.SendRecord // nil: not read yet
+	}
 
 	atRest         atRestState
 	catalogChanged atomic.Bool // since the residency loop last listed the images
@@ -151,7 +159,36 @@ func (m *migrations) begin(first migrate.SendRecord, cancel context.CancelFunc) 
 	}
 	run := &runningMigration{first: first, cancel: cancel, done: make(chan struct{}), last: migrate.Progress{ID: first.ID, Phase: "starting"}}
 	m.running[first.ID] = run
+	m.gen++
 	return run, nil
+}
+
+// recentSends is sends, read again only when a migration has begun or
+// ended since the last read. The caller must not modify what it returns.
+func (m *migrations) recentSends() ([]migrate.SendRecord, error) {
+	m.mu.Lock()
+	gen, cached := m.gen, m.recent.sends
+	if cached != nil && m.recent.gen == gen {
+		m.mu.Unlock()
+		return cached, nil
+	}
+	m.mu.Unlock()
+	sends, err := m.sends()
+	if err != nil {
+		return nil, err
+	}
+	m.mu.Lock()
+	m.recent.gen, m.recent.sends = gen, sends // a change meanwhile bumped gen: read again next time
+	m.mu.Unlock()
+	return sends, nil
+}
+
+// finished forgets a migration that has ended.
+func (m *migrations) finished(id string) {
+	m.mu.Lock()
+	delete(m.running, id)
+	m.gen++
+	m.mu.Unlock()
 }
 
 func (m *migrations) busy(id string) bool {
@@ -335,9 +372,7 @@ func (g *Gateway) StartMigration(req MigrationRequest) (*runningMigration, strin
 		defer cancel()
 		rec, err := migrate.Send(ctx, cfg)
 		run.end(rec, err)
-		m.mu.Lock()
-		delete(m.running, id)
-		m.mu.Unlock()
+		m.finished(id)
 		var denied *migrate.DeniedError
 		switch {
 		case errors.As(err, &denied):

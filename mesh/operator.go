@@ -346,18 +346,17 @@ func (g *Gateway) Dashboard() (*Dashboard, error) {
 	if g.mig == nil {
 		return d, nil
 	}
-	sends, err := g.mig.sends() // those just started too
+	sends, err := g.mig.recentSends() // those just started too
 	if err != nil {
 		return nil, err
 	}
-	slices.Reverse(sends) // newest first
 	g.mig.mu.Lock()
 	running := map[string]*runningMigration{}
 	for id, r := range g.mig.running {
 		running[id] = r
 	}
 	g.mig.mu.Unlock()
-	for _, rec := range sends {
+	for _, rec := range slices.Backward(sends) { // newest first
 		v := MigrationView{SendRecord: rec}
 		if r := running[rec.ID]; r != nil {
 			r.mu.Lock()

@@ -195,3 +195,36 @@ skybridge_images_stored{class="risk-batch"} 1
 		t.Fatalf("without a store: %v, %v", fams, err)
 	}
 }
+
+// TestRecentSendsCached: the dashboard's list of sends is read from the
+// journal again only when a migration has begun or ended since.
+func TestRecentSendsCached(t *testing.T) {
+	j, err := migrate.OpenJournal(filepath.Join(t.TempDir(), "migrate.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer j.Close()
+	m := &migrations{journal: j, running: map[string]*runningMigration{}}
+	if _, err := m.begin(migrate.SendRecord{ID: "a1", Name: "vm", To: "gw-fra"}, func() {}); err != nil {
+		t.Fatal(err)
+	}
+	first, err := m.recentSends()
+	if err != nil || len(first) != 1 || first[0].ID != "a1" {
+		t.Fatalf("after a begin: %+v, %v", first, err)
+	}
+	again, _ := m.recentSends()
+	if &again[0] != &first[0] {
+		t.Fatal("read again with nothing begun or ended")
+	}
+	if _, err := m.begin(migrate.SendRecord{ID: "b2", Name: "vm2", To: "gw-fra"}, func() {}); err != nil {
+		t.Fatal(err)
+	}
+	after, _ := m.recentSends()
+	if len(after) != 2 {
+		t.Fatalf("after a second begin: %+v", after)
+	}
+	m.finished("b2") // ended before it wrote a record
+	if ended, _ := m.recentSends(); len(ended) != 1 {
+		t.Fatalf("after an end: %+v", ended)
+	}
+}
