@@ -148,7 +148,7 @@ func (g *Gateway) serveControl() (io.Closer, error) {
 		reply(w, MigrationStatus{Record: rec, Progress: p}, nil)
 	})
 	mux.HandleFunc("POST /v1/images/{name}/verify", func(w http.ResponseWriter, r *http.Request) {
-		rep, err := g.VerifyImage(r.PathValue("name"))
+		rep, err := g.VerifyImage(r.Context(), r.PathValue("name"))
 		reply(w, rep, err)
 	})
 	mux.HandleFunc("POST /v1/images/{name}/remove", func(w http.ResponseWriter, r *http.Request) {

@@ -473,12 +473,12 @@ func (g *Gateway) Migrations() (*MigrationList, error) {
 }
 
 // VerifyImage re-proves a stored image against its recorded root.
-func (g *Gateway) VerifyImage(name string) (*migrate.VerifyReport, error) {
+func (g *Gateway) VerifyImage(ctx context.Context, name string) (*migrate.VerifyReport, error) {
 	rec, err := g.mig.journal.Image(name)
 	if errors.Is(err, migrate.ErrNotFound) {
 		return nil, fmt.Errorf("no stored image %q on this gateway: an image is stored by the gateway it was migrated to (skybridge migrate list there)", name)
 	} else if err != nil {
 		return nil, fmt.Errorf("image %q: %w", name, err)
 	}
-	return migrate.VerifyImage(rec)
+	return migrate.VerifyImage(ctx, rec)
 }

@@ -636,7 +636,7 @@ func TestMigrateResumeAndResync(t *testing.T) {
 	compare(t, raw, img.Path)
 
 	// The stored image re-proves itself; a flipped byte is found and named.
-	rep, err := VerifyImage(img)
+	rep, err := VerifyImage(context.Background(), img)
 	if err != nil || !rep.OK || rep.Root != rec.Root {
 		t.Fatalf("verify: %+v %v", rep, err)
 	}
@@ -645,7 +645,7 @@ func TestMigrateResumeAndResync(t *testing.T) {
 	f.ReadAt(one, 70*mib+100)
 	f.WriteAt([]byte{one[0] ^ 0xff}, 70*mib+100)
 	f.Close()
-	rep, err = VerifyImage(img)
+	rep, err = VerifyImage(context.Background(), img)
 	if err != nil || rep.OK || len(rep.BadChunks) != 1 || rep.BadChunks[0] != 70 {
 		t.Fatalf("damaged image: %+v %v", rep, err)
 	}
@@ -1599,7 +1599,7 @@ func TestReceiverStoppedWhileStoring(t *testing.T) {
 			if err != nil {
 				t.Fatalf("the image moved into place before the stop is not in the catalog: %v", err)
 			}
-			if rep, err := VerifyImage(img); err != nil || !rep.OK {
+			if rep, err := VerifyImage(context.Background(), img); err != nil || !rep.OK {
 				t.Fatalf("verify after the restart: %+v %v", rep, err)
 			}
 			if img.Format != format {
@@ -1691,7 +1691,7 @@ func TestReceiverRecordsAfterAFailure(t *testing.T) {
 	if err != nil {
 		t.Fatalf("the image is not in the catalog without a restart: %v", err)
 	}
-	if rep, err := VerifyImage(img); err != nil || !rep.OK {
+	if rep, err := VerifyImage(context.Background(), img); err != nil || !rep.OK {
 		t.Fatalf("verify: %+v %v", rep, err)
 	}
 	if staged, _ := p.recvJ.stagedImages(); len(staged) != 0 {

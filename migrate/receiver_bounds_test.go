@@ -2,6 +2,7 @@ package migrate
 
 import (
 	"bytes"
+	"context"
 	"crypto/rand"
 	"encoding/binary"
 	"errors"
@@ -90,7 +91,7 @@ func TestNoChunkLandsAfterTheCommit(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if rep, err := VerifyImage(img); err != nil || !rep.OK {
+	if rep, err := VerifyImage(context.Background(), img); err != nil || !rep.OK {
 		t.Fatalf("the stored image against its root: %+v %v", rep, err)
 	}
 }

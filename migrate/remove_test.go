@@ -2,6 +2,8 @@ package migrate
 
 import (
 	"context"
+	"errors"
+	"maps"
 	"os"
 	"path/filepath"
 	"strings"
@@ -101,5 +103,41 @@ func TestRemoveImage(t *testing.T) {
 	}
 	if _, err := p.recvJ.Image("vm"); err != nil {
 		t.Errorf("the image received meanwhile: %v", err)
+	}
+}
+
+// TestLongReadsEnd: re-reading a stored image (verify) ends with its
+// context, and reading back a resumed receive with the receiver's stop:
+// both read every byte, hours for a large image.
+func TestLongReadsEnd(t *testing.T) {
+	p := newPair(t, "DE")
+	raw := filepath.Join(p.dir, "vm.raw")
+	makeRaw(t, raw, 8*mib, map[int64]int{0: 3 * mib})
+	if _, err := Send(context.Background(), p.config(raw, "pii-eu")); err != nil {
+		t.Fatal(err)
+	}
+	img, _ := p.recvJ.Image("vm")
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if _, err := VerifyImage(ctx, img); !errors.Is(err, context.Canceled) {
+		t.Fatalf("verify with its context ended: %v", err)
+	}
+	if rep, err := VerifyImage(context.Background(), img); err != nil || !rep.OK {
+		t.Fatalf("verify: %+v %v", rep, err)
+	}
+
+	f, err := os.Open(img.Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	rec := &RecvRecord{ID: "r1", Size: img.Manifest.Size, ChunkSize: img.Manifest.ChunkSize}
+	held := func() map[int64]Hash { return maps.Clone(img.Manifest.Chunks) }
+	if err := recheck(f, rec, held(), p.recvJ, p.recv.cfg.Log, func() bool { return true }); !errors.Is(err, errStopping) {
+		t.Fatalf("read-back with the receiver stopping: %v", err)
+	}
+	durable := held()
+	if err := recheck(f, rec, durable, p.recvJ, p.recv.cfg.Log, func() bool { return false }); err != nil || len(durable) != len(img.Manifest.Chunks) {
+		t.Fatalf("read-back: %v, %d of %d chunks kept", err, len(durable), len(img.Manifest.Chunks))
 	}
 }

@@ -1,6 +1,7 @@
 package migrate
 
 import (
+	"context"
 	"fmt"
 )
 
@@ -17,8 +18,9 @@ type VerifyReport struct {
 
 // VerifyImage re-reads a stored image and checks it against the manifest
 // and root recorded when it arrived, naming the damaged chunks if any, as
-// `restic check --read-data` does for a repository.
-func VerifyImage(rec *ImageRecord) (*VerifyReport, error) {
+// `restic check --read-data` does for a repository. It reads every byte of
+// data, hours for a large image: ctx ends it.
+func VerifyImage(ctx context.Context, rec *ImageRecord) (*VerifyReport, error) {
 	src, err := OpenSource(rec.Path)
 	if err != nil {
 		return nil, err
@@ -36,6 +38,9 @@ func VerifyImage(rec *ImageRecord) (*VerifyReport, error) {
 	rep := &VerifyReport{Name: rec.Name, Path: rec.Path, Expected: rec.Root}
 	buf := make([]byte, m.ChunkSize)
 	for _, i := range candidates(extents, m.Size, m.ChunkSize) {
+		if err := ctx.Err(); err != nil {
+			return nil, fmt.Errorf("verify %s: stopped after %d bytes: %w", rec.Path, rep.BytesRead, err)
+		}
 		n := chunkLen(i, m.Size, m.ChunkSize)
 		b := buf[:n]
 		if err := readChunk(src, b, i*m.ChunkSize); err != nil {
