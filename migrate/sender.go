@@ -556,6 +556,9 @@ func (s *sender) run(ctx context.Context) error {
 	if err := cw.json(frameOffer, offer); err != nil {
 		return err
 	}
+	// The answer may take long: a receiver resuming reads back every
+	// chunk it holds first.
+	s.progress("offered")
 	typ, payload, err := cr.next(nil)
 	if err != nil {
 		return fmt.Errorf("offer: %w", err)
