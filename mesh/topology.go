@@ -4,6 +4,7 @@ import (
 	"cmp"
 	"encoding/binary"
 	"fmt"
+	"maps"
 	"net/netip"
 	"slices"
 	"sort"
@@ -107,6 +108,23 @@ func (m *LinkMemo) link(in TopologyInput, peer *certs.Attributes) Link {
 	return l
 }
 
+// reuse is the decision for peer, a gateway with the same place as first,
+// which was judged in this plan: first's, remembered as peer's too.
+func (m *LinkMemo) reuse(in TopologyInput, first, peer *certs.Attributes) Link {
+	if m == nil {
+		return residencyLink(in.Policy, in.Self.Attributes, first, in.Now)
+	}
+	l := m.now[first]
+	m.now[peer] = l
+	return l
+}
+
+// samePlace reports whether two gateways of one site have the place and
+// labels the residency decision reads.
+func samePlace(a, b *certs.Attributes) bool {
+	return a.Jurisdiction == b.Jurisdiction && a.Provider == b.Provider && a.Region == b.Region && maps.Equal(a.Labels, b.Labels)
+}
+
 // holds reports whether the decisions made so far still stand at now (no
 // exception of the policy has expired since).
 func (m *LinkMemo) holds(now time.Time) bool {
@@ -151,20 +169,41 @@ func Compute(in TopologyInput) Plan {
 	// carry its site's routes, which would then go nowhere.
 	peers = dropSharedKeys(peers, in.Self, &plan)
 
-	// Residency: which remote sites may we link to at all?
+	// Residency: which gateways of other sites may we link to at all?
+	// Judged per gateway, on its own certificate's place and labels as on
+	// ours, so that two gateways agree whoever asks: judged per site from
+	// its first gateway, a site whose gateways' labels differ (during a
+	// rollout of re-issued certificates) got one-sided tunnels, a gateway
+	// peering with one that, judging its site by a sibling, did not peer
+	// back. Gateways of a site with the same place share one judgement.
+	// The plan shows a site's link as allowed if any of its gateways is.
 	links := make(map[string]Link, len(peers))
-	for _, p := range peers {
+	firsts := make(map[string]*Node, len(peers))
+	allowed := make([]bool, len(peers))
+	for i := range peers {
+		p := &peers[i]
 		s := p.site()
-		if _, done := links[s]; done || s == in.Self.site() {
+		if s == in.Self.site() {
+			allowed[i] = true
 			continue
 		}
-		links[s] = in.Memo.link(in, p.Attributes)
+		f := firsts[s]
+		if f != nil && samePlace(f.Attributes, p.Attributes) {
+			allowed[i] = in.Memo.reuse(in, f.Attributes, p.Attributes).Allowed
+			continue
+		}
+		l := in.Memo.link(in, p.Attributes)
+		allowed[i] = l.Allowed
+		if f == nil {
+			firsts[s], links[s] = p, l
+		} else if l.Allowed && !links[s].Allowed {
+			links[s] = l
+		}
 	}
 	in.Memo.done()
 	for _, s := range sortedKeys(links) {
 		plan.Links = append(plan.Links, links[s])
 	}
-	linked := func(g *Node) bool { return g.site() == in.Self.site() || links[g.site()].Allowed }
 
 	// Routes of a site are carried by exactly one of its gateways: the
 	// first by name that our data plane reaches (the first by name if it
@@ -194,7 +233,7 @@ func Compute(in TopologyInput) Plan {
 
 	members := make([]*Node, 0, len(peers)) // the linked ones (pointers: a Node is a few hundred bytes)
 	for i := range peers {
-		if linked(&peers[i]) {
+		if allowed[i] {
 			members = append(members, &peers[i])
 		}
 	}

@@ -262,7 +262,11 @@ func TestCompute(t *testing.T) {
 // with A — otherwise a tunnel would be half-configured.
 func TestComputeIsSymmetric(t *testing.T) {
 	pol := mustPolicy(t, meshPolicy)
-	all := []Node{zrh1, zrh2, gva1, fra1, fra2, iad1, sbs1}
+	// zrh-3's certificate was re-issued with risk-batch, its siblings'
+	// not yet (a label rollout): it links to the US site, they do not,
+	// and the US gateway agrees with each.
+	zrh3 := gw("zrh-3", "onprem-zrh", "CH", "onprem", 8, "pii-eu,risk-batch", "10.1.0.0/16")
+	all := []Node{zrh1, zrh2, zrh3, gva1, fra1, fra2, iad1, sbs1}
 	peersOf := map[string]map[string]bool{}
 	for i, self := range all {
 		others := append(slices.Clone(all[:i]), all[i+1:]...)
@@ -281,6 +285,9 @@ func TestComputeIsSymmetric(t *testing.T) {
 	}
 	if peersOf["iad-1"]["sbs-1"] || peersOf["sbs-1"]["iad-1"] {
 		t.Error("US site linked to a swiss-banking-secret-only site")
+	}
+	if !peersOf["iad-1"]["zrh-3"] || peersOf["iad-1"]["zrh-1"] {
+		t.Errorf("the US gateway's peers %v: want zrh-3, which handles risk-batch, and not zrh-1", peersOf["iad-1"])
 	}
 }
 
