@@ -225,6 +225,13 @@ func Compute(in TopologyInput) Plan {
 	carrier[in.Self.site()] = in.Self.node()
 	for i := range peers {
 		g := &peers[i]
+		// In a full mesh, only a gateway we link to can carry its site's
+		// routes here. Hubs are the same for every viewer: a hub we do
+		// not link to leaves its site unreached from here, as it leaves
+		// us unreached from there.
+		if !allowed[i] && in.Mode != TopologyHub {
+			continue
+		}
 		if c, ok := carrier[g.site()]; !ok || better(g.node(), c) {
 			carrier[g.site()] = g.node()
 		}
@@ -465,11 +472,11 @@ func sharedClasses(a, b string) []string {
 // dedupe sorts each peer's allowed IPs, drops any prefix that overlaps one
 // already given to another peer (WireGuard routes an address to exactly
 // one peer; the first peer by name keeps it), that covers our own overlay
-// address or routes, or that covers a tunnel's own underlay address, and
+// address or routes, or that covers a peer's underlay endpoint, and
 // derives the routes: every allowed prefix outside the mesh overlay range.
 func dedupe(plan *Plan, self Node, mesh netip.Prefix) {
 	own := append([]netip.Prefix{overlayPrefix(&self)}, self.Advert.Routes...)
-	under := underlayOf(plan.Peers, self)
+	under := underlayOf(plan.Peers)
 	for i := range plan.Peers {
 		pc := &plan.Peers[i]
 		slices.SortFunc(pc.AllowedIPs, comparePrefix)
@@ -517,18 +524,18 @@ func dedupe(plan *Plan, self Node, mesh netip.Prefix) {
 	plan.Routes = slices.Compact(plan.Routes)
 }
 
-// underlay is the addresses the tunnels themselves use, sorted: the
-// endpoint we send to for each peer, and our own. IPv4 addresses are
-// kept as integers, as in anyOverlap: this runs at every plan.
+// underlay is the addresses the tunnels themselves send to, sorted: the
+// endpoint of each peer. (Ours need no care: the kernel delivers packets
+// to a local address locally, whatever routes cover it.) IPv4 addresses
+// are kept as integers, as in anyOverlap: this runs at every plan.
 type underlay struct {
 	v4    []uint32
 	v6    []netip.Addr
 	peers []PeerConfig
-	self  Node
 }
 
-func underlayOf(peers []PeerConfig, self Node) underlay {
-	u := underlay{v4: make([]uint32, 0, len(peers)+len(self.Advert.Endpoints)), peers: peers, self: self}
+func underlayOf(peers []PeerConfig) underlay {
+	u := underlay{v4: make([]uint32, 0, len(peers)), peers: peers}
 	add := func(a netip.Addr) {
 		if a = a.Unmap(); a.Is4() {
 			b := a.As4()
@@ -536,9 +543,6 @@ func underlayOf(peers []PeerConfig, self Node) underlay {
 		} else if a.IsValid() {
 			u.v6 = append(u.v6, a)
 		}
-	}
-	for _, e := range self.Advert.Endpoints {
-		add(e.Addr())
 	}
 	for _, pc := range peers {
 		add(pc.Endpoint.Addr())
@@ -572,11 +576,6 @@ func (u underlay) in(p netip.Prefix) (netip.Addr, string, bool) {
 		return netip.Addr{}, "", false
 	}
 	// Whose it is, for the report: rare, so looked for only now.
-	for _, e := range u.self.Advert.Endpoints {
-		if e.Addr().Unmap() == hit {
-			return hit, u.self.node(), true
-		}
-	}
 	for _, pc := range u.peers {
 		if pc.Endpoint.Addr().Unmap() == hit {
 			return hit, pc.Node, true

@@ -289,6 +289,11 @@ func TestComputeIsSymmetric(t *testing.T) {
 	if !peersOf["iad-1"]["zrh-3"] || peersOf["iad-1"]["zrh-1"] {
 		t.Errorf("the US gateway's peers %v: want zrh-3, which handles risk-batch, and not zrh-1", peersOf["iad-1"])
 	}
+	// And Zurich's routes go through the one it links to.
+	plan := Compute(TopologyInput{Self: iad1, Peers: []Node{zrh1, zrh2, zrh3}, Policy: pol, Now: now, MeshPrefix: mesh16})
+	if c := plan.Carriers["onprem-zrh"]; c != "zrh-3" || !slices.Contains(plan.Routes, netip.MustParsePrefix("10.1.0.0/16")) {
+		t.Errorf("from the US: Zurich carried by %s, routes %v; want zrh-3 and 10.1.0.0/16", c, plan.Routes)
+	}
 }
 
 func TestAnyOverlap(t *testing.T) {
@@ -461,25 +466,33 @@ func TestSharedKeysDropped(t *testing.T) {
 	}
 }
 
-// TestRoutesCoveringTheUnderlay: a site prefix that holds an address a
-// tunnel itself uses (a peer's endpoint, or ours: a private WAN whose
-// cloud gateway sits inside its site's network) is not routed into the
-// interface, where the tunnel's own packets would loop; other prefixes of
-// the peer are.
+// TestRoutesCoveringTheUnderlay: a site prefix that holds a peer's
+// endpoint (a private WAN whose cloud gateway sits inside its site's
+// network) is not routed into the interface, where the tunnel's own
+// packets would loop; other prefixes of the peer are.
 func TestRoutesCoveringTheUnderlay(t *testing.T) {
 	fra := gw("fra-1", "aws-eu-central-1", "DE", "aws", 4, "pii-eu", "10.2.0.0/16", "192.0.0.0/8", "2001:db8::/64", "203.0.113.0/24")
 	iad := gw("iad-1", "aws-us-east-1", "US", "aws", 6, "pii-eu", "10.3.0.0/16")
 	plan := Compute(TopologyInput{Self: zrh1, Peers: []Node{fra, iad}, Now: now, MeshPrefix: mesh16})
-	if got, want := summary(plan), "fra-1=10.2.0.0/16,100.96.0.4/32,203.0.113.0/24 iad-1=10.3.0.0/16,100.96.0.6/32"; got != want {
+	// fra-1 is reached at its IPv4 endpoint: its IPv6 one, inside its
+	// IPv6 prefix, is not in use.
+	if got, want := summary(plan), "fra-1=10.2.0.0/16,100.96.0.4/32,203.0.113.0/24,2001:db8::/64 iad-1=10.3.0.0/16,100.96.0.6/32"; got != want {
 		t.Fatalf("plan %s\nwant %s", got, want)
 	}
-	if len(plan.Conflicts) != 2 || !strings.Contains(plan.Conflicts[0], "underlay address") || !strings.Contains(plan.Conflicts[1], "underlay address") {
-		t.Fatalf("conflicts %q; want the two prefixes over tunnel addresses reported", plan.Conflicts)
+	if len(plan.Conflicts) != 1 || !strings.Contains(plan.Conflicts[0], "192.0.0.0/8 of fra-1 covers 192.0.2.4, the underlay address of fra-1's tunnel") {
+		t.Fatalf("conflicts %q; want the prefix over fra-1's endpoint reported", plan.Conflicts)
 	}
 	for _, r := range plan.Routes {
-		if r.Contains(netip.MustParseAddr("192.0.2.1")) || r.Contains(netip.MustParseAddr("2001:db8::4")) {
-			t.Fatalf("route %s into the interface covers a tunnel's address", r)
+		if r.Contains(netip.MustParseAddr("192.0.2.4")) || r.Contains(netip.MustParseAddr("192.0.2.6")) {
+			t.Fatalf("route %s into the interface covers a peer's endpoint", r)
 		}
+	}
+	// The same over IPv6: a gateway with only an IPv6 endpoint.
+	self6 := zrh1
+	self6.Advert.Endpoints = self6.Advert.Endpoints[1:]
+	plan = Compute(TopologyInput{Self: self6, Peers: []Node{fra}, Now: now, MeshPrefix: mesh16})
+	if got, want := summary(plan), "fra-1=10.2.0.0/16,100.96.0.4/32,192.0.0.0/8,203.0.113.0/24"; got != want || len(plan.Conflicts) != 1 {
+		t.Fatalf("over IPv6: plan %s, conflicts %q\nwant %s", got, plan.Conflicts, want)
 	}
 }
 
