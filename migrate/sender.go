@@ -48,24 +48,33 @@ var stallTimeout = 30 * time.Second // var for tests
 type streamWriter struct {
 	ctx     context.Context
 	c       net.Conn
-	wrote   *stamp // of the last bytes the receiver took
+	stall   time.Duration
+	wrote   *stamp // of the last bytes of chunks the receiver took
 	limiter *rate.Limiter
-	piece   int // bytes paced at once: an eighth of a second's worth at the cap
+	// piece is the most bytes written at once: an eighth of a second's
+	// worth under a cap, else 256 KiB, which any link that is not
+	// stalled takes within the deadline.
+	piece int
+	// quiet: what is written is a keepalive, which the kernel of a
+	// receiver whose process is wedged still takes: not progress.
+	quiet bool
 }
 
-func (w streamWriter) Write(p []byte) (n int, err error) {
+// streamPiece is what a data stream writes at once without a cap.
+const streamPiece = 256 << 10
+
+func (w *streamWriter) Write(p []byte) (n int, err error) {
 	for len(p) > 0 {
-		k := len(p)
+		k := min(len(p), w.piece)
 		if w.limiter != nil {
-			k = min(k, w.piece)
 			if err := w.limiter.WaitN(w.ctx, k); err != nil {
 				return n, err
 			}
 		}
-		w.c.SetWriteDeadline(time.Now().Add(stallTimeout))
+		w.c.SetWriteDeadline(time.Now().Add(w.stall))
 		m, err := w.c.Write(p[:k])
 		n += m
-		if m > 0 {
+		if m > 0 && !w.quiet {
 			w.wrote.touch()
 		}
 		if err != nil {
@@ -745,8 +754,11 @@ func (s *sender) transfer(ctx context.Context, cands []int64, acked, zeros map[i
 	if err != nil {
 		return err
 	}
+	// Read once: what runs on after an attempt fails (its streams are not
+	// waited for) must not read it as a test restores it.
+	stall := stallTimeout
 	var limiter *rate.Limiter
-	piece := 0
+	piece := streamPiece
 	if bw := s.cfg.BWLimit; bw > 0 {
 		piece = int(min(max(bw/8, 1<<10), 64<<10))
 		limiter = rate.NewLimiter(rate.Limit(bw), int(max(int64(piece), bw/10)))
@@ -810,7 +822,8 @@ func (s *sender) transfer(ctx context.Context, cands []int64, acked, zeros map[i
 	// Data streams: one writer and one reader per connection.
 	var streams sync.WaitGroup
 	for _, c := range conns {
-		fw, fr := newFrameWriter(streamWriter{ctx: ctx, c: c, wrote: wrote, limiter: limiter, piece: piece}), newFrameReader(c)
+		sw := &streamWriter{ctx: ctx, c: c, stall: stall, wrote: wrote, limiter: limiter, piece: piece}
+		fw, fr := newFrameWriter(sw), newFrameReader(c)
 		streams.Go(func() {
 			for {
 				j, err := nextJob(ctx, queue, fw)
@@ -825,10 +838,12 @@ func (s *sender) transfer(ctx context.Context, cands []int64, acked, zeros map[i
 					break
 				}
 				if j.alive {
+					sw.quiet = true
 					err := fw.frame(frameAlive)
 					if err == nil {
 						err = fw.flush()
 					}
+					sw.quiet = false
 					if err != nil {
 						fail(fmt.Errorf("data stream: %w", err))
 						return
@@ -1054,12 +1069,12 @@ func (s *sender) transfer(ctx context.Context, cands []int64, acked, zeros map[i
 			}
 			// Bytes still taken mean chunks still arriving: one may
 			// take longer than the timeout at a cap or on a thin link.
-			if inFlight.Load() > 0 && lastAck.age() > stallTimeout && wrote.age() > stallTimeout {
+			if inFlight.Load() > 0 && lastAck.age() > stall && wrote.age() > stall {
 				s.mu.Lock()
 				acked := s.stats.ChunksDone
 				s.mu.Unlock()
 				return fmt.Errorf("receiver %s stopped taking data and acknowledging chunks for %s (%d unacknowledged, %d done before); resume the migration when it is back",
-					s.cfg.To.Attributes.Node, stallTimeout, inFlight.Load(), acked)
+					s.cfg.To.Attributes.Node, stall, inFlight.Load(), acked)
 			}
 			continue
 		case <-producersDone:

@@ -4,8 +4,11 @@ import (
 	"context"
 	"crypto/rand"
 	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
+	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -98,32 +101,47 @@ func TestSendUnderCapSlowerThanStallTimeout(t *testing.T) {
 	p.stored(raw)
 }
 
-// TestSenderDetectsStalledReceiver: a receiver that stops reading in the
-// middle of a transfer (its host wedged, the path black-holed) fails the
-// migration once nothing has moved for the stall timeout.
-func TestSenderDetectsStalledReceiver(t *testing.T) {
-	was := stallTimeout
-	stallTimeout = time.Second
-	t.Cleanup(func() { stallTimeout = was })
-	p := newPair(t, "DE")
-	var frozen atomic.Bool
-	release := make(chan struct{})
-	t.Cleanup(func() { close(release) })
-	proxy, err := net.Listen("tcp", "127.0.0.1:0")
+// relay is a TCP relay to a pair's receiver. Frozen, nothing more
+// crosses, either way; with a rate, what goes to the receiver is paced.
+type relay struct {
+	frozen  atomic.Bool
+	rate    int // bytes a second, 0: as fast as it comes
+	release chan struct{}
+}
+
+// relay starts one to p's receiver, until the test ends, and returns its
+// address.
+func (p *pair) relay(t *testing.T, r *relay) netip.AddrPort {
+	t.Helper()
+	r.release = make(chan struct{})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { proxy.Close() })
-	pipe := func(dst, src net.Conn) {
-		buf := make([]byte, 32<<10)
+	var mu sync.Mutex
+	var conns []net.Conn
+	t.Cleanup(func() {
+		ln.Close()
+		mu.Lock()
+		for _, c := range conns {
+			c.Close()
+		}
+		mu.Unlock()
+		close(r.release)
+	})
+	pipe := func(dst, src net.Conn, rate int) {
+		buf := make([]byte, 16<<10)
 		for {
-			if frozen.Load() {
-				<-release // nothing more crosses, in either direction
+			if r.frozen.Load() {
+				<-r.release
 				return
 			}
 			n, err := src.Read(buf)
-			if n > 0 && !frozen.Load() {
+			if n > 0 && !r.frozen.Load() {
 				dst.Write(buf[:n])
+				if rate > 0 {
+					time.Sleep(time.Duration(n) * time.Second / time.Duration(rate))
+				}
 			}
 			if err != nil {
 				return
@@ -132,20 +150,66 @@ func TestSenderDetectsStalledReceiver(t *testing.T) {
 	}
 	go func() {
 		for {
-			c, err := proxy.Accept()
+			c, err := ln.Accept()
 			if err != nil {
 				return
 			}
+			c.(*net.TCPConn).SetReadBuffer(32 << 10) // the pace reaches the sender soon
 			up, err := net.Dial("tcp", p.addr.String())
 			if err != nil {
 				c.Close()
 				continue
 			}
-			t.Cleanup(func() { c.Close(); up.Close() })
-			go pipe(up, c)
-			go pipe(c, up)
+			mu.Lock()
+			conns = append(conns, c, up)
+			mu.Unlock()
+			go pipe(up, c, r.rate)
+			go pipe(c, up, 0)
 		}
 	}()
+	return ln.Addr().(*net.TCPAddr).AddrPort()
+}
+
+// TestSendOverThinLink: without a cap, a chunk that takes longer than the
+// stall timeout to cross a thin link is no stall either.
+func TestSendOverThinLink(t *testing.T) {
+	was := stallTimeout
+	stallTimeout = time.Second
+	t.Cleanup(func() { stallTimeout = was })
+	p := newPair(t, "DE")
+	raw := filepath.Join(p.dir, "vm.raw")
+	data := make([]byte, 4<<20)
+	rand.Read(data)
+	if err := os.WriteFile(raw, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cfg := p.config(raw, "pii-eu")
+	cfg.To.Addr = p.relay(t, &relay{rate: 1 << 20}) // a chunk takes 2 s
+	cfg.ChunkSize, cfg.Streams = 2<<20, 1
+	var d net.Dialer
+	cfg.Dial = func(ctx context.Context, addr string) (net.Conn, error) {
+		c, err := d.DialContext(ctx, "tcp", addr)
+		if err == nil {
+			c.(*net.TCPConn).SetWriteBuffer(64 << 10) // writes wait for the link, not the kernel
+		}
+		return c, err
+	}
+	if _, err := Send(context.Background(), cfg); err != nil {
+		t.Fatalf("a migration whose chunks take 2 s to cross, with a stall timeout of 1 s: %v", err)
+	}
+	p.stored(raw)
+}
+
+// TestSenderDetectsStalledReceiver: a receiver that stops reading in the
+// middle of a transfer (its host wedged, the path black-holed) fails the
+// migration once nothing has moved for the stall timeout.
+func TestSenderDetectsStalledReceiver(t *testing.T) {
+	was := stallTimeout
+	stallTimeout = time.Second
+	t.Cleanup(func() { stallTimeout = was })
+	p := newPair(t, "DE")
+	r := &relay{}
+	addr := p.relay(t, r)
 	raw := filepath.Join(p.dir, "vm.raw")
 	data := make([]byte, 64<<20)
 	rand.Read(data)
@@ -153,10 +217,10 @@ func TestSenderDetectsStalledReceiver(t *testing.T) {
 		t.Fatal(err)
 	}
 	cfg := p.config(raw, "pii-eu")
-	cfg.To.Addr = proxy.Addr().(*net.TCPAddr).AddrPort()
+	cfg.To.Addr = addr
 	cfg.Progress = func(pr Progress) {
 		if pr.Stats.ChunksDone >= 2 {
-			frozen.Store(true)
+			r.frozen.Store(true)
 		}
 	}
 	start := time.Now()
@@ -167,8 +231,8 @@ func TestSenderDetectsStalledReceiver(t *testing.T) {
 	}()
 	select {
 	case err := <-res:
-		if err == nil {
-			t.Fatal("the migration through a frozen path ended well")
+		if err == nil || !strings.Contains(err.Error(), "stopped taking data") && !strings.Contains(err.Error(), "i/o timeout") {
+			t.Fatalf("the migration through a frozen path: %v; want it failed for the stall", err)
 		}
 		t.Logf("after %s: %v", time.Since(start).Round(time.Millisecond), err)
 	case <-time.After(30 * time.Second):
