@@ -26,6 +26,10 @@ var (
 	// bucketStoring holds the image a receiver is moving into place, from
 	// before the rename until its catalog record is written (stagedImage).
 	bucketStoring = []byte("storing")
+	// bucketRemoving holds, by name, the images taken out of the catalog
+	// to be removed, until the removal is audited and the file gone: a
+	// stop between the two is finished at the next start.
+	bucketRemoving = []byte("removing")
 )
 
 func chunksBucket(side, id string) []byte { return []byte(side + ".chunks." + id) }
@@ -82,7 +86,7 @@ func OpenJournal(path string) (_ *Journal, err error) {
 		return nil, damaged(err)
 	}
 	err = db.Update(func(tx *bolt.Tx) error {
-		for _, b := range [][]byte{bucketSend, bucketRecv, bucketImages, bucketStoring} {
+		for _, b := range [][]byte{bucketSend, bucketRecv, bucketImages, bucketStoring, bucketRemoving} {
 			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
 				return err
 			}
@@ -466,6 +470,40 @@ func (j *Journal) Image(name string) (*ImageRecord, error) {
 		return nil, err
 	}
 	return &r, nil
+}
+
+// takeForRemoval moves an image's catalog entry to the list of removals
+// under way, in one transaction, and returns it.
+func (j *Journal) takeForRemoval(name string) (*ImageRecord, error) {
+	var img ImageRecord
+	err := j.db.Update(func(tx *bolt.Tx) error {
+		v := tx.Bucket(bucketImages).Get([]byte(name))
+		if v == nil {
+			return ErrNotFound
+		}
+		if err := json.Unmarshal(v, &img); err != nil {
+			return err
+		}
+		if err := tx.Bucket(bucketRemoving).Put([]byte(name), v); err != nil {
+			return err
+		}
+		return tx.Bucket(bucketImages).Delete([]byte(name))
+	})
+	return &img, err
+}
+
+// restoreRemoval puts back a catalog entry takeForRemoval took.
+func (j *Journal) restoreRemoval(img *ImageRecord) error {
+	v, err := json.Marshal(img)
+	if err != nil {
+		return err
+	}
+	return j.db.Update(func(tx *bolt.Tx) error {
+		if err := tx.Bucket(bucketImages).Put([]byte(img.Name), v); err != nil {
+			return err
+		}
+		return tx.Bucket(bucketRemoving).Delete([]byte(img.Name))
+	})
 }
 
 // Receives lists the receiver's migrations in progress.

@@ -71,6 +71,9 @@ type Receiver struct {
 	// their record until their session is in sessions (or it failed):
 	// forgetAbandoned leaves them alone.
 	opening map[string]receiveLoad // by ID
+	// removing holds the names of stored images being removed: no
+	// receive of them opens meanwhile.
+	removing map[string]bool
 	// serving counts the Serve calls running; when the last ends,
 	// stopping is set, and no session opens after.
 	serving  int
@@ -102,8 +105,11 @@ func NewReceiver(cfg ReceiverConfig) (*Receiver, error) {
 	if err != nil {
 		return nil, err
 	}
-	r := &Receiver{cfg: cfg, dec: dec, sessions: map[string]*session{}, opening: map[string]receiveLoad{}}
+	r := &Receiver{cfg: cfg, dec: dec, sessions: map[string]*session{}, opening: map[string]receiveLoad{}, removing: map[string]bool{}}
 	if err := r.recoverStores(); err != nil {
+		return nil, fmt.Errorf("image store: %w", err)
+	}
+	if err := r.finishRemovals(); err != nil {
 		return nil, fmt.Errorf("image store: %w", err)
 	}
 	r.sweepIncoming()
@@ -733,11 +739,15 @@ func (r *Receiver) audit(o *Offer, from *certs.Attributes, d policy.Decision, ou
 
 // appendAudit appends a migration record to the receiver's audit log and
 // reports whether it did.
-func (r *Receiver) appendAudit(f map[string]any) bool {
+func (r *Receiver) appendAudit(f map[string]any) bool { return r.appendEvent("migration", f) }
+
+// appendEvent appends a record of event to the receiver's audit log and
+// reports whether it did.
+func (r *Receiver) appendEvent(event string, f map[string]any) bool {
 	if r.cfg.Audit == nil {
 		return true
 	}
-	if _, err := r.cfg.Audit.Append(r.cfg.Identity(), "migration", f, r.cfg.Now()); err != nil {
+	if _, err := r.cfg.Audit.Append(r.cfg.Identity(), event, f, r.cfg.Now()); err != nil {
 		r.cfg.Log.Error("audit log", "err", err)
 		return false
 	}
@@ -788,6 +798,10 @@ func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision, log
 	// a destination once at a time, so another migration of the name from
 	// the same gateway is one it no longer runs (it crashed, and the
 	// image is sent anew): superseded, like an old attempt below.
+	if r.removing[o.Name] {
+		r.mu.Unlock()
+		return nil, nil, fmt.Errorf("image %q is being removed here; send it again in a moment", o.Name)
+	}
 	id, sess := r.receivingName(o)
 	if id != "" && (sess == nil || sess.from.Node != from.Node) {
 		r.mu.Unlock()

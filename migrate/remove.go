@@ -34,12 +34,15 @@ func (j *Journal) Catalog() ([]ImageRecord, error) {
 
 // RemoveImage deletes a stored image — its file and its catalog entry —
 // and writes an audit record of it with the operator's reason (a ticket,
-// a policy change). It refuses while a migration stores a new version of the image,
-// and when the audit log cannot take the record: data of a regulated class
-// does not leave a site without a trace. The file is first renamed into
-// .incoming, where a stop before the catalog forgets it leaves it for the
-// next start's sweep; the catalog entry, left by such a stop, names a
-// missing file, and removing the image again finishes the job.
+// a policy change). It refuses while a migration stores a new version of
+// the image, and when the audit log cannot take the record: data of a
+// regulated class does not leave a site without a trace.
+//
+// The catalog entry moves, in one transaction, to a list of removals
+// under way; then the record is written, then the file and the list
+// entry go. A record that cannot be written puts the entry back. A stop
+// in between is finished at the next start (finishRemovals), whose record
+// says so: a removal may be recorded twice, never not at all.
 func (r *Receiver) RemoveImage(name, reason string) (*ImageRecord, error) {
 	if err := checkName(name); err != nil {
 		return nil, err
@@ -52,50 +55,90 @@ func (r *Receiver) RemoveImage(name, reason string) (*ImageRecord, error) {
 			return nil, fmt.Errorf("image %q is kept: its removal could not be recorded in the audit log: %w", name, err)
 		}
 	}
+	// The name is reserved, not the receiver locked: unlinking a file of
+	// terabytes takes seconds, which offers, joins and listings of other
+	// migrations need not wait for.
 	r.mu.Lock()
-	defer r.mu.Unlock() // no receive of the name starts meanwhile
 	if id, _ := r.receivingName(&Offer{Name: name}); id != "" {
+		r.mu.Unlock()
 		return nil, fmt.Errorf("image %q is being received (migration %s): cancel that migration at its sender, or remove the image once it has been stored", name, id)
 	}
-	img, err := r.cfg.Journal.Image(name)
+	if r.removing[name] {
+		r.mu.Unlock()
+		return nil, fmt.Errorf("image %q is already being removed", name)
+	}
+	r.removing[name] = true
+	r.mu.Unlock()
+	defer func() {
+		r.mu.Lock()
+		delete(r.removing, name)
+		r.mu.Unlock()
+	}()
+
+	img, err := r.cfg.Journal.takeForRemoval(name)
 	if errors.Is(err, ErrNotFound) {
 		return nil, fmt.Errorf("no stored image %q on this gateway: an image is stored by the gateway it was migrated to (skybridge migrate list there)", name)
 	} else if err != nil {
 		return nil, fmt.Errorf("image %q: %w", name, err)
 	}
-	incoming := filepath.Join(r.cfg.StoreDir, ".incoming")
-	aside := filepath.Join(incoming, "removed-"+NewID()+"."+img.Format)
-	switch err := os.Rename(img.Path, aside); {
-	case errors.Is(err, os.ErrNotExist):
-		r.cfg.Log.Warn("the stored image's file is already gone: forgetting the image", "name", name, "path", img.Path)
-		aside = ""
-	case err != nil:
-		return nil, fmt.Errorf("remove image %q: %w", name, err)
-	default:
-		if err := errors.Join(atomicfile.SyncDir(filepath.Dir(img.Path)), atomicfile.SyncDir(incoming)); err != nil {
-			return nil, fmt.Errorf("remove image %q: %w", name, err)
-		}
-	}
-	if err := r.cfg.Journal.deleteKey(bucketImages, name); err != nil {
-		return nil, fmt.Errorf("image %q: its file is removed but the catalog still lists it (remove it again): %w", name, err)
-	}
 	r.catalogChanged()
-	if aside != "" {
-		if err := os.Remove(aside); err != nil {
-			r.cfg.Log.Warn("remove a stored image's file: the next start removes it", "file", aside, "err", err)
+	if !r.appendEvent("image", r.removalFields(img, reason)) {
+		if err := r.cfg.Journal.restoreRemoval(img); err != nil {
+			return nil, fmt.Errorf("image %q: its removal could not be recorded in the audit log, and its catalog entry could not be put back (the next start removes it, recorded then): %w", name, err)
 		}
+		r.catalogChanged()
+		return nil, fmt.Errorf("image %q is kept: its removal could not be recorded in the audit log (the gateway's log says why)", name)
 	}
+	if err := r.removeFile(img); err != nil {
+		return nil, err
+	}
+	r.cfg.Log.Info("removed a stored image", "name", img.Name, "class", img.Class, "root", img.Root.String(), "reason", reason)
+	return img, nil
+}
+
+// removalFields is the audit record of an image's removal.
+func (r *Receiver) removalFields(img *ImageRecord, reason string) map[string]any {
 	self := r.cfg.Identity().Attributes()
-	f := map[string]any{
+	return map[string]any{
 		"action": "removed", "name": img.Name, "class": img.Class, "format": img.Format, "root": img.Root.String(),
 		"size": img.Manifest.Size, "from_site": img.FromSite, "migration_id": img.Migration, "received": img.Received,
 		"site": self.Site, "jurisdiction": self.Jurisdiction, "reason": reason,
 	}
-	if r.cfg.Audit != nil {
-		if _, err := r.cfg.Audit.Append(r.cfg.Identity(), "image", f, r.cfg.Now()); err != nil {
-			r.cfg.Log.Error("audit log: the removal of an image is not recorded", "name", name, "err", err)
+}
+
+// removeFile removes an image's file, once its removal is recorded, and
+// then its entry in the list of removals under way.
+func (r *Receiver) removeFile(img *ImageRecord) error {
+	err := os.Remove(img.Path)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+	case err != nil:
+		return fmt.Errorf("image %q: its removal is recorded but its file %s stays (the next start removes it): %w", img.Name, img.Path, err)
+	default:
+		if err := atomicfile.SyncDir(filepath.Dir(img.Path)); err != nil {
+			return fmt.Errorf("image %q: %w", img.Name, err)
 		}
 	}
-	r.cfg.Log.Info("removed a stored image", "name", img.Name, "class", img.Class, "root", img.Root.String(), "reason", reason)
-	return img, nil
+	return r.cfg.Journal.deleteKey(bucketRemoving, img.Name)
+}
+
+// finishRemovals finishes, at a start, the removals a stop interrupted:
+// their record is written again (whether it was is not known) and their
+// files go.
+func (r *Receiver) finishRemovals() error {
+	pending, err := list[ImageRecord](r.cfg.Journal, bucketRemoving)
+	if err != nil {
+		return err
+	}
+	for i := range pending {
+		img := &pending[i]
+		f := r.removalFields(img, "a removal cut short by a stop, finished when the gateway started again")
+		f["recovered"] = true
+		r.appendEvent("image", f) // a failure is logged; the removal goes on, asked for before the stop
+		if err := r.removeFile(img); err != nil {
+			return err
+		}
+		r.cfg.Log.Warn("finished the removal of a stored image, cut short by a stop", "name", img.Name, "path", img.Path)
+	}
+	return nil
 }

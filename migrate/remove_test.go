@@ -56,11 +56,8 @@ func TestRemoveImage(t *testing.T) {
 	if _, err := p.recvJ.Image("vm"); err == nil {
 		t.Error("the catalog still lists the image")
 	}
-	if left, _ := filepath.Glob(filepath.Join(p.store, ".incoming", "removed-*")); len(left) != 0 {
-		t.Errorf("left behind: %v", left)
-	}
-	if !validID("removed-" + NewID()) {
-		t.Error("a file a stop leaves aside is not one the start-up sweep takes")
+	if pending, _ := list[ImageRecord](p.recvJ, bucketRemoving); len(pending) != 0 {
+		t.Errorf("removals left under way: %+v", pending)
 	}
 	recs := p.recvRecords(t)
 	last := recs[len(recs)-1]
@@ -78,7 +75,30 @@ func TestRemoveImage(t *testing.T) {
 		t.Errorf("no reason: %v", err)
 	}
 
-	// Stored again, its file lost (a stop after the rename): forgotten.
+	// Stored again, then a stop after its catalog entry was taken out
+	// and before the record: the next start records it and removes it.
+	if _, err := Send(context.Background(), p.config(raw, "pii-eu")); err != nil {
+		t.Fatal(err)
+	}
+	img, _ = p.recvJ.Image("vm")
+	if _, err := p.recvJ.takeForRemoval("vm"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := NewReceiver(p.recv.cfg); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(img.Path); !os.IsNotExist(err) {
+		t.Errorf("the file of a removal cut short is still there after a start: %v", err)
+	}
+	recs = p.recvRecords(t)
+	if last := recs[len(recs)-1]; last.Fields["action"] != "removed" || last.Fields["recovered"] != true || last.Fields["root"] != img.Root.String() {
+		t.Errorf("audit record of the removal finished at a start: %+v", last)
+	}
+	if pending, _ := list[ImageRecord](p.recvJ, bucketRemoving); len(pending) != 0 {
+		t.Errorf("removals left under way after a start: %+v", pending)
+	}
+
+	// Stored again, its file lost by other means: forgotten.
 	if _, err := Send(context.Background(), p.config(raw, "pii-eu")); err != nil {
 		t.Fatal(err)
 	}
@@ -92,6 +112,17 @@ func TestRemoveImage(t *testing.T) {
 	if _, err := p.recvJ.Image("vm"); err == nil {
 		t.Error("the catalog still lists the image whose file was gone")
 	}
+
+	// No receive of a name opens while it is being removed.
+	p.recv.mu.Lock()
+	p.recv.removing["vm"] = true
+	p.recv.mu.Unlock()
+	if _, err := Send(context.Background(), p.config(raw, "pii-eu")); err == nil || !strings.Contains(err.Error(), "being removed") {
+		t.Errorf("a migration of an image being removed: %v", err)
+	}
+	p.recv.mu.Lock()
+	delete(p.recv.removing, "vm")
+	p.recv.mu.Unlock()
 
 	// Not while a new version is being received.
 	res := p.slowSend(t, 30*time.Millisecond)

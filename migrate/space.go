@@ -114,16 +114,18 @@ func streamBuffers(o *Offer) int64 {
 }
 
 // commitMax bounds the commit frame of a migration: its manifest lists a
-// chunk in well under 128 bytes of JSON, and no more chunks than the
-// offer said may hold data (or, from senders that do not say, than the
-// image has). It is read whole, so it counts with the buffers.
+// chunk in at most 82 bytes of JSON (a 12-digit index, the largest a
+// pebibyte of 4 KiB chunks has, and 64 hex digits), bounded at 96, and no
+// more chunks than the offer said may hold data (or, from senders that do
+// not say, than the image has). It is read whole, so it counts with the
+// buffers.
 func commitMax(o *Offer) int {
 	n := chunkCount(o.Size, o.ChunkSize)
 	if o.Chunks != nil {
 		n = min(n, *o.Chunks)
 	}
 	if n <= maxOfferChunks {
-		return 4096 + 128*int(n)
+		return 4096 + manifestEntryMax*int(n)
 	}
 	return maxFrame
 }
@@ -132,7 +134,10 @@ func commitMax(o *Offer) int {
 // listing that many is sure to fit a frame. Senders of this release keep
 // to half of it (MaxManifestChunks), for the answer's two lists; those of
 // earlier ones sent 1 MiB chunks of any image.
-const maxOfferChunks = (maxFrame - 4096) / 128
+const maxOfferChunks = (maxFrame - 4096) / manifestEntryMax
+
+// manifestEntryMax bounds a chunk's entry in a manifest's JSON.
+const manifestEntryMax = 96
 
 // admitLoad says why a receive cannot start beside those under way. Those
 // it replaces do not count: an earlier attempt of its migration, and

@@ -2,6 +2,7 @@ package migrate
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -365,14 +366,33 @@ func TestCommitMax(t *testing.T) {
 		o    Offer
 		want int
 	}{
-		{"small image", Offer{Size: 10 * mib, ChunkSize: mib}, 4096 + 10*128},
-		{"sparse 1 PiB, 10 chunks of data", Offer{Size: MaxImageSize, ChunkSize: mib, Chunks: n(10)}, 4096 + 10*128},
+		{"small image", Offer{Size: 10 * mib, ChunkSize: mib}, 4096 + 10*manifestEntryMax},
+		{"sparse 1 PiB, 10 chunks of data", Offer{Size: MaxImageSize, ChunkSize: mib, Chunks: n(10)}, 4096 + 10*manifestEntryMax},
 		{"1 PiB, chunks not said (an earlier sender)", Offer{Size: MaxImageSize, ChunkSize: mib}, maxFrame},
 		{"as many chunks as may be offered", Offer{Size: MaxImageSize, ChunkSize: mib, Chunks: n(maxOfferChunks)}, maxFrame},
-		{"more chunks said than the image has", Offer{Size: 2 * mib, ChunkSize: mib, Chunks: n(5)}, 4096 + 2*128},
+		{"more chunks said than the image has", Offer{Size: 2 * mib, ChunkSize: mib, Chunks: n(5)}, 4096 + 2*manifestEntryMax},
 	} {
 		if got := commitMax(&tc.o); got != tc.want {
 			t.Errorf("%s: %d bytes; want %d", tc.name, got, tc.want)
 		}
+	}
+}
+
+// TestManifestEntryMax: a commit lists a chunk within the bound the
+// receiver reads it with, for the largest index an offer can have.
+func TestManifestEntryMax(t *testing.T) {
+	last := chunkCount(MaxImageSize, MinChunkSize) - 1
+	h := Hash{0xff}
+	m := Manifest{Size: MaxImageSize, ChunkSize: MinChunkSize, Chunks: map[int64]Hash{}}
+	empty, _ := json.Marshal(Commit{Manifest: m, Root: h})
+	for i := range int64(1000) {
+		m.Chunks[last-i] = h
+	}
+	full, err := json.Marshal(Commit{Manifest: m, Root: h})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if per := (len(full) - len(empty)) / 1000; per > manifestEntryMax || len(empty) > 4096 {
+		t.Fatalf("%d bytes a chunk (bound %d), %d without chunks (bound 4096)", per, manifestEntryMax, len(empty))
 	}
 }
