@@ -363,6 +363,9 @@ func (g *Gateway) Dashboard() (*Dashboard, error) {
 			p := r.last
 			r.mu.Unlock()
 			v.Running, v.Phase, v.Stats = true, p.Phase, p.Stats
+			// The list is read when a migration begins, which may be
+			// before a resume's record is: not its last attempt's end.
+			v.State, v.Error, v.Reasons = migrate.StateRunning, "", nil
 		} else if len(d.Sending) >= recentSends {
 			continue
 		}

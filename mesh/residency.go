@@ -118,17 +118,22 @@ type atRestSeen struct {
 
 // residencyLoop judges the stored images whenever something they depend
 // on may have changed, and says so when one leaves the policy or comes
-// back into it.
+// back into it. What it said is kept in memory only: after a restart the
+// images outside the policy are reported, and audited, once more.
 func (g *Gateway) residencyLoop(ctx context.Context) {
 	seen := map[string]atRestSeen{}
 	var imgs []migrate.ImageRecord
 	g.mig.catalogChanged.Store(true)
 	for {
 		if g.mig.catalogChanged.Swap(false) {
-			var err error
-			if imgs, err = g.mig.journal.Catalog(); err != nil {
+			// On a failure the last list stands: judged empty, the images
+			// outside the policy would look resolved, and be reported
+			// again once read.
+			if l, err := g.mig.journal.Catalog(); err != nil {
 				g.log.Error("list stored images for the residency check", "err", err)
 				g.mig.catalogChanged.Store(true) // again at the next pass
+			} else {
+				imgs = l
 			}
 		}
 		next := g.judgeStored(imgs, seen)
