@@ -4,7 +4,7 @@
 # checks formatting, vet, staticcheck, the unit and e2e tests of the main
 # module and the Vault integration tests of the nested e2e/vault module.
 #
-#   ./scripts/test.sh            everything (about 5 minutes warm, longer cold)
+#   ./scripts/test.sh            everything (about 10 minutes warm on two cores, longer cold)
 #   SKIP_VAULT=1 ./scripts/test.sh   skip the Vault module (its cold build takes minutes)
 #
 # With CI=true, tests that need root or a Debian tool fail instead of skipping.
