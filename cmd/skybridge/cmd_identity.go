@@ -259,6 +259,10 @@ func identityRequest(c *cli.Context) error {
 	if _, err := p.Secrets().GossipKeyring(c.Context); err != nil {
 		return err
 	}
+	if p.Issuer() == nil {
+		// Said on stderr: the identity is still printed, as asked.
+		fmt.Fprintf(c.App.ErrWriter, "skybridge: no issuer configured (identity.ca_dir, or a Vault back end): nothing was requested; this is the identity already in %s\n", s.Identity.Dir)
+	}
 	info := describeIdentity(c.Context, s.Identity.Dir, id, tb)
 	if c.Bool("json") {
 		return printJSON(c.App.Writer, info)

@@ -825,7 +825,7 @@ func TestIdentityRequest(t *testing.T) {
 		want     string // in stderr
 		issued   int    // certificates in the CA's index afterwards
 	}{
-		{"no identity block: state_dir/identity", "", false, true, 0, "", 1},
+		{"no identity block: state_dir/identity", "", false, true, 0, "no issuer configured", 1},
 		{"ca_dir without dir", "identity {\n  ca_dir = \"CA\"\n}\n", false, false, 0, "", 1},
 		{"ca_dir on a fresh dir", "identity {\n  dir = \"ID\"\n  ca_dir = \"CA\"\n}\n", false, false, 0, "", 1},
 		{"a CA without its keyring", "identity {\n  ca_dir = \"CA\"\n}\n", true, false, 1, "has no gossip keyring", 0},
