@@ -334,7 +334,7 @@ func (g *Gateway) StartMigration(req MigrationRequest) (*runningMigration, strin
 	if req.Image == "" || req.To == "" || req.Class == "" {
 		return nil, "", errors.New("a migration needs an image, a destination and a data class")
 	}
-	dest, err := g.pickDestination(req.To, req.Class)
+	dest, alsoRefused, err := g.pickDestination(req.To, req.Class)
 	if err != nil {
 		return nil, "", err
 	}
@@ -371,9 +371,18 @@ func (g *Gateway) StartMigration(req MigrationRequest) (*runningMigration, strin
 	go func() {
 		defer cancel()
 		rec, err := migrate.Send(ctx, cfg)
+		var denied *migrate.DeniedError
+		if errors.As(err, &denied) && denied.By == "sender" && len(alsoRefused) > 0 {
+			// The refusal names the gateway tried; the others that "to"
+			// matched were refused too, and the operator should see why.
+			more := fmt.Sprintf("the other gateways matching %q are refused too: %s", req.To, strings.Join(alsoRefused, "; "))
+			denied.Reasons = append(slices.Clone(denied.Reasons), more)
+			if rec != nil {
+				rec.Reasons = append(slices.Clone(rec.Reasons), more)
+			}
+		}
 		run.end(rec, err)
 		m.finished(id)
-		var denied *migrate.DeniedError
 		switch {
 		case errors.As(err, &denied):
 			log.Warn("migration refused by the residency policy", "by", denied.By, "rule", denied.Rule, "reason", strings.Join(denied.Reasons, "; "))
@@ -391,7 +400,7 @@ func (g *Gateway) StartMigration(req MigrationRequest) (*runningMigration, strin
 // the least loaded one (ties: by name). If the policy permits none, the
 // first match is returned so that the migration is refused (and recorded)
 // with the policy's reasons.
-func (g *Gateway) pickDestination(to, class string) (*Node, error) {
+func (g *Gateway) pickDestination(to, class string) (dest *Node, alsoRefused []string, err error) {
 	self := g.id.Load().Attributes()
 	var matched []Node
 	for _, n := range g.members.gateways() {
@@ -401,7 +410,7 @@ func (g *Gateway) pickDestination(to, class string) (*Node, error) {
 		}
 	}
 	if len(matched) == 0 {
-		return nil, fmt.Errorf("no verified gateway matches %q (a node, site, region or jurisdiction): see skybridge status", to)
+		return nil, nil, fmt.Errorf("no verified gateway matches %q (a node, site, region or jurisdiction): see skybridge status", to)
 	}
 	slices.SortFunc(matched, func(a, b Node) int {
 		if c := cmp.Compare(a.Advert.Load, b.Advert.Load); c != 0 {
@@ -411,15 +420,21 @@ func (g *Gateway) pickDestination(to, class string) (*Node, error) {
 	})
 	p := g.policy.Load()
 	if p == nil {
-		return &matched[0], nil // Send refuses: no policy
+		return &matched[0], nil, nil // Send refuses: no policy
 	}
 	now := g.now()
+	refused := map[string]bool{matched[0].site(): true} // the one tried says its own
 	for i := range matched {
-		if _, verdict := p.p.AdmitMove(class, policy.SiteOf(self), policy.SiteOf(matched[i].Attributes), now); verdict.Allowed {
-			return &matched[i], nil
+		_, verdict := p.p.AdmitMove(class, policy.SiteOf(self), policy.SiteOf(matched[i].Attributes), now)
+		if verdict.Allowed {
+			return &matched[i], nil, nil
+		}
+		if a := matched[i].Attributes; !refused[a.Site] { // one line per site
+			refused[a.Site] = true
+			alsoRefused = append(alsoRefused, fmt.Sprintf("site %s (%s): %s", a.Site, a.Jurisdiction, strings.Join(verdict.Reasons, ", ")))
 		}
 	}
-	return &matched[0], nil
+	return &matched[0], alsoRefused, nil
 }
 
 // Migration returns a migration's record (and live progress if running).

@@ -3,6 +3,7 @@ package mesh
 import (
 	"context"
 	"errors"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -11,6 +12,7 @@ import (
 
 	"github.com/skybridge-mesh/skybridge/certs"
 	"github.com/skybridge-mesh/skybridge/migrate"
+	"github.com/skybridge-mesh/skybridge/policy"
 )
 
 // TestSubscribeAfterEnd: a client that subscribes to a migration that has
@@ -107,5 +109,52 @@ func TestMigrationSeenBeforeItsRecord(t *testing.T) {
 	}
 	if sends, err := m.sends(); err != nil || len(sends) != 1 || sends[0].State != migrate.StateDenied {
 		t.Errorf("list after the record: %+v, %v; want the journal's record alone", sends, err)
+	}
+}
+
+// TestPickDestinationSaysWhyNoneMay: a destination named by jurisdiction
+// goes to a gateway the policy lets the class reach; when none may take
+// it, the refusal tried on one comes with why each other site is refused.
+func TestPickDestinationSaysWhyNoneMay(t *testing.T) {
+	f := newFixture(t)
+	issue := func(node, site string, host byte) *certs.NodeIdentity {
+		id, err := f.ca.IssueIdentity(certs.Attributes{Node: node, Site: site, Region: "r-" + site, Provider: "aws", Jurisdiction: "US",
+			OverlayIP: netip.AddrFrom4([4]byte{100, 96, 0, host})}, 48*time.Hour, f.now.Add(-time.Hour))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return id
+	}
+	self := f.identity("gw-zrh", "zrh", 1, f.now.Add(-time.Hour))
+	ms := newMembership("gw-zrh", f.trust(), func() time.Time { return f.now }, func() {})
+	for _, id := range []*certs.NodeIdentity{issue("gw-a", "us-a", 2), issue("gw-b", "us-b", 3)} {
+		ms.addCert(id.Certificate().Raw)
+		ms.update(id.Attributes().Node, gossipAddr, f.advert(id, 1))
+	}
+	g := &Gateway{members: ms, now: func() time.Time { return f.now }}
+	g.id.Store(self)
+	pol := func(site string) *policy.Policy {
+		return mustPolicy(t, `policy {
+  name    = "t"
+  version = 1
+}
+class "pii-eu" {
+  allow "store" {
+    site = ["`+site+`"]
+  }
+  allow "transit" {
+    site = ["*"]
+  }
+}
+`)
+	}
+	g.policy.Store(&adoptedPolicy{p: pol("nowhere")})
+	dest, also, err := g.pickDestination("US", "pii-eu")
+	if err != nil || dest.node() != "gw-a" || len(also) != 1 || !strings.Contains(also[0], "site us-b (US)") {
+		t.Fatalf("none may: %v, %q, %v; want gw-a tried and us-b's refusal beside it", dest, also, err)
+	}
+	g.policy.Store(&adoptedPolicy{p: pol("us-b")})
+	if dest, also, err := g.pickDestination("US", "pii-eu"); err != nil || dest.node() != "gw-b" || also != nil {
+		t.Fatalf("us-b may: %v, %q, %v; want gw-b", dest, also, err)
 	}
 }
