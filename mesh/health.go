@@ -72,13 +72,14 @@ func (g *Gateway) healthLoop(ctx context.Context) {
 	t := time.NewTicker(probeInterval)
 	defer t.Stop()
 	lastGen := ^uint64(0)
+	var carriers map[string]bool // as the last round found them: nil before the first
 	for {
 		// Without a site of two gateways there is nothing to probe; look
 		// again only when the membership changes (a thousand gateways
 		// each listing a thousand members every second would cost).
 		if gen := g.members.generation(); len(states) > 0 || gen != lastGen {
 			lastGen = gen
-			g.probeRound(ctx, states)
+			carriers = g.probeRound(ctx, states, carriers)
 		}
 		select {
 		case <-ctx.Done():
@@ -88,7 +89,22 @@ func (g *Gateway) healthLoop(ctx context.Context) {
 	}
 }
 
-func (g *Gateway) probeRound(ctx context.Context, states map[string]*probeState) {
+// probeRound probes and judges, a gateway first probed starting out
+// reachable if it carried its site's routes as of the round before
+// (before, the first time): the plan may have moved them since to a
+// newcomer that sorts first and is not judged yet, which must not then
+// start reachable and its proven sibling unproven. It returns the
+// carriers as of now, for the next round.
+func (g *Gateway) probeRound(ctx context.Context, states map[string]*probeState, before map[string]bool) map[string]bool {
+	now := map[string]bool{}
+	if p := g.plan.Load(); p != nil {
+		for _, n := range p.Carriers {
+			now[n] = true
+		}
+	}
+	if before == nil {
+		before = now
+	}
 	self := g.id.Load().Attributes()
 	nodes := g.members.gateways()
 	targets, members := probeTargets(self.Site, nodes, states)
@@ -99,15 +115,9 @@ func (g *Gateway) probeRound(ctx context.Context, states map[string]*probeState)
 	}
 	wg.Wait()
 	if ctx.Err() != nil {
-		return
+		return before
 	}
-	carriers := map[string]bool{}
-	if p := g.plan.Load(); p != nil {
-		for _, n := range p.Carriers {
-			carriers[n] = true
-		}
-	}
-	down, flips := judge(states, targets, members, carriers, answered, time.Now())
+	down, flips := judge(states, targets, members, before, answered, time.Now())
 	for _, n := range flips {
 		if down[n.node()] {
 			g.log.Warn("gateway unreachable through its tunnel: its site's routes go through another gateway", "peer", n.node(), "peer_site", n.site())
@@ -120,6 +130,7 @@ func (g *Gateway) probeRound(ctx context.Context, states map[string]*probeState)
 		g.healthGen.Add(1)
 		g.triggerReconcile()
 	}
+	return now
 }
 
 // probeTargets picks the gateways to probe: those of remote sites with a

@@ -1,8 +1,12 @@
 package mesh
 
 import (
+	"context"
+	"log/slog"
 	"testing"
 	"time"
+
+	"github.com/skybridge-mesh/skybridge/certs"
 )
 
 // TestProbeVerdicts: a gateway is unreachable after two misses in a row
@@ -79,5 +83,31 @@ func TestJudge(t *testing.T) {
 		[]bool{true, true}, t0)
 	if down["z-only"] || !down["a-new"] {
 		t.Fatalf("a newcomer beside the carrier: %v, want only the newcomer down", down)
+	}
+}
+
+// TestNewcomerDoesNotTakeTheRoutes: a site's only gateway gets a sibling
+// that sorts first, and the plan has already moved the routes to it when
+// the next probe round runs. The round judges by the carriers of the
+// round before: the incumbent starts reachable, the newcomer must prove
+// itself, and the routes go back. (Judged by the latest plan, the
+// newcomer started reachable and the incumbent unproven.)
+func TestNewcomerDoesNotTakeTheRoutes(t *testing.T) {
+	f := newFixture(t)
+	ms := newMembership("gw-zrh", f.trust(), func() time.Time { return f.now }, func() {})
+	for _, id := range []*certs.NodeIdentity{f.identity("fra-1", "fra", 2, f.now.Add(-time.Hour)), f.identity("fra-2", "fra", 3, f.now.Add(-time.Hour))} {
+		ms.addCert(id.Certificate().Raw)
+		ms.update(id.Attributes().Node, gossipAddr, f.advert(id, 1))
+	}
+	g := &Gateway{members: ms, dev: NewRecordingDevice("health"), log: slog.New(slog.DiscardHandler), kick: make(chan struct{}, 1)}
+	g.id.Store(f.identity("gw-zrh", "zrh", 1, f.now.Add(-time.Hour)))
+	g.plan.Store(&Plan{Carriers: map[string]string{"zrh": "gw-zrh", "fra": "fra-1"}}) // moved to the newcomer
+	before := map[string]bool{"gw-zrh": true, "fra-2": true}
+	next := g.probeRound(context.Background(), map[string]*probeState{}, before)
+	if d := g.downSet(); !d["fra-1"] || d["fra-2"] {
+		t.Fatalf("down after the round: %v; want the newcomer fra-1 unproven and fra-2 reachable", d)
+	}
+	if !next["fra-1"] || next["fra-2"] {
+		t.Fatalf("carriers handed to the next round: %v; want the plan's as of this round", next)
 	}
 }
