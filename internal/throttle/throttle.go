@@ -19,9 +19,17 @@ type PerSecond struct {
 // many were refused since the last one allowed.
 func (p *PerSecond) Allow() (ok bool, dropped int64) {
 	now := time.Now().Unix()
-	if p.last.Swap(now) == now {
-		p.dropped.Add(1)
-		return false, 0
+	for {
+		// Compared, not swapped: an event that read the clock just
+		// before a second's edge, and stores after one that read it
+		// just after, would put the second back and let a third in.
+		last := p.last.Load()
+		if last >= now {
+			p.dropped.Add(1)
+			return false, 0
+		}
+		if p.last.CompareAndSwap(last, now) {
+			return true, p.dropped.Swap(0)
+		}
 	}
-	return true, p.dropped.Swap(0)
 }
