@@ -80,6 +80,10 @@ func (g *Gateway) healthLoop(ctx context.Context) {
 		if gen := g.members.generation(); len(states) > 0 || gen != lastGen {
 			lastGen = gen
 			carriers = g.probeRound(ctx, states, carriers)
+		} else {
+			// Kept current while nothing is probed: the next round, when
+			// a site gets a second gateway, seeds from it.
+			carriers = g.planCarriers()
 		}
 		select {
 		case <-ctx.Done():
@@ -96,12 +100,7 @@ func (g *Gateway) healthLoop(ctx context.Context) {
 // start reachable and its proven sibling unproven. It returns the
 // carriers as of now, for the next round.
 func (g *Gateway) probeRound(ctx context.Context, states map[string]*probeState, before map[string]bool) map[string]bool {
-	now := map[string]bool{}
-	if p := g.plan.Load(); p != nil {
-		for _, n := range p.Carriers {
-			now[n] = true
-		}
-	}
+	now := g.planCarriers()
 	if before == nil {
 		before = now
 	}
@@ -197,6 +196,18 @@ func (g *Gateway) probe(ctx context.Context, addr netip.Addr) bool {
 		return true
 	}
 	return errors.Is(err, syscall.ECONNREFUSED) || strings.Contains(err.Error(), "connection refused")
+}
+
+// planCarriers is the gateways carrying their sites' routes in the plan
+// applied last.
+func (g *Gateway) planCarriers() map[string]bool {
+	out := map[string]bool{}
+	if p := g.plan.Load(); p != nil {
+		for _, n := range p.Carriers {
+			out[n] = true
+		}
+	}
+	return out
 }
 
 // downSet is the gateways the data plane does not reach now.

@@ -951,6 +951,9 @@ func (ms *membership) rejudgeLocked() (changed bool) {
 	// rival that an older one refuses in turn, and stay refused while
 	// that rival is.
 	start := func(m *member) time.Time {
+		if v := prev[m].v; m.renewing && v != nil {
+			return v.Cert.NotBefore // judged on the certificate it renews meanwhile
+		}
 		if m.advert != nil {
 			if c := ms.certs[m.advert.CertHash]; c != nil {
 				return c.NotBefore

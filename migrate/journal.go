@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"runtime/debug"
 	"time"
@@ -472,24 +473,42 @@ func (j *Journal) Image(name string) (*ImageRecord, error) {
 	return &r, nil
 }
 
+// removal is an image being removed: its catalog entry, and the inode of
+// its file then (0: gone already), so that only that file is removed — a
+// removal cut short must not take a newer version stored at the same path
+// meanwhile.
+type removal struct {
+	Image ImageRecord `json:"image"`
+	Inode uint64      `json:"inode,omitempty"`
+}
+
 // takeForRemoval moves an image's catalog entry to the list of removals
 // under way, in one transaction, and returns it.
-func (j *Journal) takeForRemoval(name string) (*ImageRecord, error) {
-	var img ImageRecord
+func (j *Journal) takeForRemoval(name string) (*removal, error) {
+	var rm removal
 	err := j.db.Update(func(tx *bolt.Tx) error {
 		v := tx.Bucket(bucketImages).Get([]byte(name))
 		if v == nil {
 			return ErrNotFound
 		}
-		if err := json.Unmarshal(v, &img); err != nil {
+		if err := json.Unmarshal(v, &rm.Image); err != nil {
 			return err
 		}
-		if err := tx.Bucket(bucketRemoving).Put([]byte(name), v); err != nil {
+		if id, err := sourceID(rm.Image.Path); err == nil {
+			rm.Inode = id.Inode
+		} else if !errors.Is(err, fs.ErrNotExist) {
+			return err
+		}
+		b, err := json.Marshal(rm)
+		if err != nil {
+			return err
+		}
+		if err := tx.Bucket(bucketRemoving).Put([]byte(name), b); err != nil {
 			return err
 		}
 		return tx.Bucket(bucketImages).Delete([]byte(name))
 	})
-	return &img, err
+	return &rm, err
 }
 
 // restoreRemoval puts back a catalog entry takeForRemoval took.

@@ -3,6 +3,7 @@ package migrate
 import (
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
@@ -75,12 +76,13 @@ func (r *Receiver) RemoveImage(name, reason string) (*ImageRecord, error) {
 		r.mu.Unlock()
 	}()
 
-	img, err := r.cfg.Journal.takeForRemoval(name)
+	rm, err := r.cfg.Journal.takeForRemoval(name)
 	if errors.Is(err, ErrNotFound) {
 		return nil, fmt.Errorf("no stored image %q on this gateway: an image is stored by the gateway it was migrated to (skybridge migrate list there)", name)
 	} else if err != nil {
 		return nil, fmt.Errorf("image %q: %w", name, err)
 	}
+	img := &rm.Image
 	r.catalogChanged()
 	if !r.appendEvent("image", r.removalFields(img, reason)) {
 		if err := r.cfg.Journal.restoreRemoval(img); err != nil {
@@ -89,7 +91,7 @@ func (r *Receiver) RemoveImage(name, reason string) (*ImageRecord, error) {
 		r.catalogChanged()
 		return nil, fmt.Errorf("image %q is kept: its removal could not be recorded in the audit log (the gateway's log says why)", name)
 	}
-	if err := r.removeFile(img); err != nil {
+	if err := r.removeFile(rm); err != nil {
 		return nil, err
 	}
 	r.cfg.Log.Info("removed a stored image", "name", img.Name, "class", img.Class, "root", img.Root.String(), "reason", reason)
@@ -106,15 +108,22 @@ func (r *Receiver) removalFields(img *ImageRecord, reason string) map[string]any
 	}
 }
 
-// removeFile removes an image's file, once its removal is recorded, and
-// then its entry in the list of removals under way.
-func (r *Receiver) removeFile(img *ImageRecord) error {
-	err := os.Remove(img.Path)
+// removeFile removes an image's file — the one it was when its removal
+// began, not a newer version stored at its path since — once its removal
+// is recorded, and then its entry in the list of removals under way.
+func (r *Receiver) removeFile(rm *removal) error {
+	img := &rm.Image
+	id, err := sourceID(img.Path)
 	switch {
-	case errors.Is(err, os.ErrNotExist):
+	case errors.Is(err, fs.ErrNotExist):
 	case err != nil:
 		return fmt.Errorf("image %q: its removal is recorded but its file %s stays (the next start removes it): %w", img.Name, img.Path, err)
+	case rm.Inode == 0 || id.Inode != rm.Inode:
+		r.cfg.Log.Warn("a newer version of the removed image is stored at its path: kept", "name", img.Name, "path", img.Path)
 	default:
+		if err := os.Remove(img.Path); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return fmt.Errorf("image %q: its removal is recorded but its file %s stays (the next start removes it): %w", img.Name, img.Path, err)
+		}
 		if err := atomicfile.SyncDir(filepath.Dir(img.Path)); err != nil {
 			return fmt.Errorf("image %q: %w", img.Name, err)
 		}
@@ -124,21 +133,23 @@ func (r *Receiver) removeFile(img *ImageRecord) error {
 
 // finishRemovals finishes, at a start, the removals a stop interrupted:
 // their record is written again (whether it was is not known) and their
-// files go.
+// files go. One that cannot finish is logged and kept for the next start:
+// it does not keep the gateway from starting.
 func (r *Receiver) finishRemovals() error {
-	pending, err := list[ImageRecord](r.cfg.Journal, bucketRemoving)
+	pending, err := list[removal](r.cfg.Journal, bucketRemoving)
 	if err != nil {
 		return err
 	}
 	for i := range pending {
-		img := &pending[i]
-		f := r.removalFields(img, "a removal cut short by a stop, finished when the gateway started again")
+		rm := &pending[i]
+		f := r.removalFields(&rm.Image, "a removal cut short by a stop, finished when the gateway started again")
 		f["recovered"] = true
 		r.appendEvent("image", f) // a failure is logged; the removal goes on, asked for before the stop
-		if err := r.removeFile(img); err != nil {
-			return err
+		if err := r.removeFile(rm); err != nil {
+			r.cfg.Log.Error("finish the removal of a stored image, cut short by a stop", "name", rm.Image.Name, "err", err)
+			continue
 		}
-		r.cfg.Log.Warn("finished the removal of a stored image, cut short by a stop", "name", img.Name, "path", img.Path)
+		r.cfg.Log.Warn("finished the removal of a stored image, cut short by a stop", "name", rm.Image.Name, "path", rm.Image.Path)
 	}
 	return nil
 }

@@ -56,7 +56,7 @@ func TestRemoveImage(t *testing.T) {
 	if _, err := p.recvJ.Image("vm"); err == nil {
 		t.Error("the catalog still lists the image")
 	}
-	if pending, _ := list[ImageRecord](p.recvJ, bucketRemoving); len(pending) != 0 {
+	if pending, _ := list[removal](p.recvJ, bucketRemoving); len(pending) != 0 {
 		t.Errorf("removals left under way: %+v", pending)
 	}
 	recs := p.recvRecords(t)
@@ -94,8 +94,34 @@ func TestRemoveImage(t *testing.T) {
 	if last := recs[len(recs)-1]; last.Fields["action"] != "removed" || last.Fields["recovered"] != true || last.Fields["root"] != img.Root.String() {
 		t.Errorf("audit record of the removal finished at a start: %+v", last)
 	}
-	if pending, _ := list[ImageRecord](p.recvJ, bucketRemoving); len(pending) != 0 {
+	if pending, _ := list[removal](p.recvJ, bucketRemoving); len(pending) != 0 {
 		t.Errorf("removals left under way after a start: %+v", pending)
+	}
+
+	// A removal cut short (its file could not be removed), then a new
+	// version stored at the same path: the next start finishes the old
+	// removal without taking the new version.
+	if _, err := Send(context.Background(), p.config(raw, "pii-eu")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.recvJ.takeForRemoval("vm"); err != nil {
+		t.Fatal(err)
+	}
+	f2, _ := os.OpenFile(raw, os.O_WRONLY, 0) // another version, stored anew
+	f2.WriteAt([]byte("v2"), 7*mib)
+	f2.Close()
+	if _, err := Send(context.Background(), p.config(raw, "pii-eu")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := NewReceiver(p.recv.cfg); err != nil {
+		t.Fatal(err)
+	}
+	p.stored(raw) // catalog and file: the new version
+	if pending, _ := list[removal](p.recvJ, bucketRemoving); len(pending) != 0 {
+		t.Errorf("removals left under way: %+v", pending)
+	}
+	if _, err := p.recv.RemoveImage("vm", "test"); err != nil {
+		t.Fatal(err)
 	}
 
 	// Stored again, its file lost by other means: forgotten.

@@ -838,8 +838,13 @@ func (s *sender) transfer(ctx context.Context, cands []int64, acked, zeros map[i
 					break
 				}
 				if j.alive {
+					// What a chunk left in the buffer is progress: out
+					// first, counted.
+					err := fw.flush()
 					sw.quiet = true
-					err := fw.frame(frameAlive)
+					if err == nil {
+						err = fw.frame(frameAlive)
+					}
 					if err == nil {
 						err = fw.flush()
 					}

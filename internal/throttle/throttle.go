@@ -8,17 +8,24 @@ import (
 	"time"
 )
 
-// PerSecond allows one event per second of the wall clock. The zero value
-// is ready to use and safe for concurrent use.
+// PerSecond allows one event per second. The zero value is ready to use
+// and safe for concurrent use.
 type PerSecond struct {
-	last    atomic.Int64 // unix second of the last event allowed
+	last    atomic.Int64 // second (of the monotonic clock) of the last event allowed
 	dropped atomic.Int64 // events refused since
 }
+
+// epoch starts the seconds counted: on the monotonic clock, so that a
+// wall clock stepped back does not silence events for as long.
+var epoch = time.Now()
+
+// second is the current second, from 1.
+func second() int64 { return int64(time.Since(epoch)/time.Second) + 1 }
 
 // Allow reports whether this event is the first of its second, and how
 // many were refused since the last one allowed.
 func (p *PerSecond) Allow() (ok bool, dropped int64) {
-	now := time.Now().Unix()
+	now := second()
 	for {
 		// Compared, not swapped: an event that read the clock just
 		// before a second's edge, and stores after one that read it
