@@ -108,33 +108,7 @@ func TestQcow2InPlaceLargeSparse(t *testing.T) {
 	q := qemuImg(t)
 	dir := t.TempDir()
 	const size = 2 << 40
-	blocks := map[int64]int{0: 4096, 1 << 40: mib, size - 1000: 1000}
-	raw := filepath.Join(dir, "large.raw")
-	makeRaw(t, raw, size, blocks)
-	src, err := os.Open(raw)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer src.Close()
-	img := filepath.Join(dir, "large.qcow2")
-	f, err := os.Create(img)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	base := qcowDataStart(size)
-	if err := f.Truncate(base + size); err != nil {
-		t.Fatal(err)
-	}
-	for off, n := range blocks {
-		b := make([]byte, n)
-		if _, err := src.ReadAt(b, off); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := f.WriteAt(b, base+off); err != nil {
-			t.Fatal(err)
-		}
-	}
+	raw, img, f, base := receivedInPlace(t, dir, "large", size, map[int64]int{0: 4096, 1 << 40: mib, size - 1000: 1000})
 	var before, after runtime.MemStats
 	runtime.ReadMemStats(&before)
 	if err := finishQcow2InPlace(f, size, base); err != nil {
@@ -174,32 +148,7 @@ func TestQcow2InPlaceScattered(t *testing.T) {
 	for off := int64(0); off < size; off += every {
 		blocks[off+every/2] = 4096
 	}
-	raw := filepath.Join(dir, "scattered.raw")
-	makeRaw(t, raw, size, blocks)
-	src, err := os.Open(raw)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer src.Close()
-	img := filepath.Join(dir, "scattered.qcow2")
-	f, err := os.Create(img)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	base := qcowDataStart(size)
-	if err := f.Truncate(base + size); err != nil {
-		t.Fatal(err)
-	}
-	b := make([]byte, 4096)
-	for off := range blocks {
-		if _, err := src.ReadAt(b, off); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := f.WriteAt(b, base+off); err != nil {
-			t.Fatal(err)
-		}
-	}
+	raw, img, f, base := receivedInPlace(t, dir, "scattered", size, blocks)
 	var before, after runtime.MemStats
 	runtime.ReadMemStats(&before)
 	if err := finishQcow2InPlace(f, size, base); err != nil {
@@ -213,4 +162,37 @@ func TestQcow2InPlaceScattered(t *testing.T) {
 		t.Fatalf("qemu-img check: %v\n%s", err, out)
 	}
 	compare(t, raw, img)
+}
+
+// receivedInPlace makes a raw image NAME.raw of size bytes with data
+// blocks, and NAME.qcow2 as a receiver leaves it before its commit: the
+// same data at the in-place layout's base, open for finishQcow2InPlace
+// until the test ends.
+func receivedInPlace(t *testing.T, dir, name string, size int64, blocks map[int64]int) (raw, img string, f *os.File, base int64) {
+	t.Helper()
+	raw, img = filepath.Join(dir, name+".raw"), filepath.Join(dir, name+".qcow2")
+	makeRaw(t, raw, size, blocks)
+	src, err := os.Open(raw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer src.Close()
+	if f, err = os.Create(img); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	base = qcowDataStart(size)
+	if err := f.Truncate(base + size); err != nil {
+		t.Fatal(err)
+	}
+	for off, n := range blocks {
+		b := make([]byte, n)
+		if _, err := src.ReadAt(b, off); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := f.WriteAt(b, base+off); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return raw, img, f, base
 }

@@ -70,9 +70,7 @@ func TestNextJobFlushesBeforeWaiting(t *testing.T) {
 // can wait longer than the stall timeout for its turn, and a chunk take
 // longer than it to arrive: neither is a stall, and the migration ends.
 func TestSendUnderCapSlowerThanStallTimeout(t *testing.T) {
-	was := stallTimeout
-	stallTimeout = time.Second
-	t.Cleanup(func() { stallTimeout = was })
+	stallAfter(t, time.Second)
 	p := newPair(t, "DE")
 	raw := filepath.Join(p.dir, "vm.raw")
 	const chunk = 24 << 10
@@ -173,9 +171,7 @@ func (p *pair) relay(t *testing.T, r *relay) netip.AddrPort {
 // TestSendOverThinLink: without a cap, a chunk that takes longer than the
 // stall timeout to cross a thin link is no stall either.
 func TestSendOverThinLink(t *testing.T) {
-	was := stallTimeout
-	stallTimeout = time.Second
-	t.Cleanup(func() { stallTimeout = was })
+	stallAfter(t, time.Second)
 	p := newPair(t, "DE")
 	raw := filepath.Join(p.dir, "vm.raw")
 	data := make([]byte, 4<<20)
@@ -204,9 +200,7 @@ func TestSendOverThinLink(t *testing.T) {
 // middle of a transfer (its host wedged, the path black-holed) fails the
 // migration once nothing has moved for the stall timeout.
 func TestSenderDetectsStalledReceiver(t *testing.T) {
-	was := stallTimeout
-	stallTimeout = time.Second
-	t.Cleanup(func() { stallTimeout = was })
+	stallAfter(t, time.Second)
 	p := newPair(t, "DE")
 	r := &relay{}
 	addr := p.relay(t, r)
@@ -238,4 +232,11 @@ func TestSenderDetectsStalledReceiver(t *testing.T) {
 	case <-time.After(30 * time.Second):
 		t.Fatal("the sender did not give up on a receiver that stopped reading")
 	}
+}
+
+// stallAfter makes d the stall timeout until the test ends.
+func stallAfter(t *testing.T, d time.Duration) {
+	was := stallTimeout
+	stallTimeout = d
+	t.Cleanup(func() { stallTimeout = was })
 }
