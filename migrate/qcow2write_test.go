@@ -109,13 +109,7 @@ func TestQcow2InPlaceLargeSparse(t *testing.T) {
 	dir := t.TempDir()
 	const size = 2 << 40
 	raw, img, f, base := receivedInPlace(t, dir, "large", size, map[int64]int{0: 4096, 1 << 40: mib, size - 1000: 1000})
-	var before, after runtime.MemStats
-	runtime.ReadMemStats(&before)
-	if err := finishQcow2InPlace(f, size, base); err != nil {
-		t.Fatal(err)
-	}
-	runtime.ReadMemStats(&after)
-	if alloc := after.TotalAlloc - before.TotalAlloc; alloc > 8*mib {
+	if alloc := finishAllocating(t, f, size, base); alloc > 8*mib {
 		t.Errorf("writing the metadata of a %d TiB image holding 3 blocks allocated %d MiB", size>>40, alloc/mib)
 	}
 	var st syscall.Stat_t
@@ -149,13 +143,7 @@ func TestQcow2InPlaceScattered(t *testing.T) {
 		blocks[off+every/2] = 4096
 	}
 	raw, img, f, base := receivedInPlace(t, dir, "scattered", size, blocks)
-	var before, after runtime.MemStats
-	runtime.ReadMemStats(&before)
-	if err := finishQcow2InPlace(f, size, base); err != nil {
-		t.Fatal(err)
-	}
-	runtime.ReadMemStats(&after)
-	if alloc := after.TotalAlloc - before.TotalAlloc; alloc > 8*mib {
+	if alloc := finishAllocating(t, f, size, base); alloc > 8*mib {
 		t.Errorf("writing the metadata of an 8 TiB image with data in 1,024 places allocated %d MiB", alloc/mib)
 	}
 	if out, err := exec.Command(q, "check", img).CombinedOutput(); err != nil || !strings.Contains(string(out), "No errors were found") {
@@ -195,4 +183,17 @@ func receivedInPlace(t *testing.T, dir, name string, size int64, blocks map[int6
 		}
 	}
 	return raw, img, f, base
+}
+
+// finishAllocating runs finishQcow2InPlace and returns the bytes it
+// allocated.
+func finishAllocating(t *testing.T, f *os.File, size, base int64) uint64 {
+	t.Helper()
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	if err := finishQcow2InPlace(f, size, base); err != nil {
+		t.Fatal(err)
+	}
+	runtime.ReadMemStats(&after)
+	return after.TotalAlloc - before.TotalAlloc
 }
