@@ -113,13 +113,24 @@ func migrateCommand() *cli.Command {
 	}
 }
 
-func migrateRemove(c *cli.Context) error {
+// imageArg is the stored image a command names, as usage: what a
+// command takes after the name.
+func imageArg(c *cli.Context, usage string) (string, error) {
 	name := c.Args().First()
 	if name == "" {
-		return usageError("which image? skybridge migrate remove NAME --reason TEXT (see skybridge migrate list)")
+		return "", usageError("which image? skybridge %s (see skybridge migrate list)", usage)
 	}
+	// A path is no name: it would reach the gateway as another URL.
 	if err := migrate.CheckName(name); err != nil {
-		return usageError("%v: give the name of an image this gateway stores (see skybridge migrate list)", err)
+		return "", usageError("%v: give the name of an image this gateway stores (see skybridge migrate list)", err)
+	}
+	return name, nil
+}
+
+func migrateRemove(c *cli.Context) error {
+	name, err := imageArg(c, "migrate remove NAME --reason TEXT")
+	if err != nil {
+		return err
 	}
 	reason := strings.TrimSpace(c.String("reason"))
 	if reason == "" {
@@ -351,13 +362,9 @@ func migrateStatus(c *cli.Context) error {
 }
 
 func migrateVerify(c *cli.Context) error {
-	name := c.Args().First()
-	if name == "" {
-		return usageError("which image? skybridge migrate verify NAME (see skybridge migrate list)")
-	}
-	// A path is no name: it would reach the gateway as another URL.
-	if err := migrate.CheckName(name); err != nil {
-		return usageError("%v: give the name of an image this gateway stores (see skybridge migrate list)", err)
+	name, err := imageArg(c, "migrate verify NAME")
+	if err != nil {
+		return err
 	}
 	cl, err := controlClient(c)
 	if err != nil {

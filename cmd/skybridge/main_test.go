@@ -979,6 +979,9 @@ func TestFlagMistakes(t *testing.T) {
 		{[]string{"migrate", "cancel", "--config", missingConfig}, "which migration?"},
 		{[]string{"migrate", "verify", "--config", missingConfig}, "which image?"},
 		{[]string{"migrate", "verify", "../etc", "--config", missingConfig}, "give the name of an image"},
+		{[]string{"migrate", "remove", "--reason", "CHG-1", "--config", missingConfig}, "skybridge migrate remove NAME"},
+		{[]string{"migrate", "remove", "../etc", "--reason", "CHG-1", "--config", missingConfig}, "give the name of an image"},
+		{[]string{"migrate", "remove", "vm", "--config", missingConfig}, "--reason TEXT"},
 		{[]string{"plan", "--inventory", badInventory}, "say which gateway"},
 		{[]string{"migrate", "apply", filepath.Join(dir, "missing-plan.json")}, "say which gateway"},
 	} {
