@@ -18,6 +18,10 @@ import (
 // separately (see docs/ARCHITECTURE.md).
 const MaxAdvertSize = 512
 
+// NextWGKeySize is what a WireGuard key rotation adds to an advert: the
+// next key with its tag and length.
+const NextWGKeySize = 2 + WGKeyLen
+
 // advertDomain separates advert signatures from every other use of a
 // gateway key (TLS handshakes, audit records).
 const advertDomain = "skybridge advert v1\x00"
@@ -45,6 +49,7 @@ const (
 	tagOptional     = 0x40
 	tagLoad         = 0x41 // optional: the gateway's current load, for placement
 	tagNextWGKey    = 0x42 // optional: the WireGuard key the gateway is about to switch to
+	tagWGProof      = 0x43 // optional: the WireGuard key's proof of possession (ProveWGKey)
 	tagSignature    = 0xff
 )
 
@@ -68,6 +73,14 @@ type Advert struct {
 	// will switch to: peers add it beside the current one, so that the
 	// switch needs no new peer, only the move of the allowed IPs.
 	NextWireGuardKey WGPublicKey
+	// WireGuardKeyProof proves that the gateway holds WireGuardKey's
+	// private key, for the certificate named by CertHash (ProveWGKey).
+	// VerifyAdvert refuses one that does not verify and lets in an
+	// advert without one (as an earlier release signs them), which then
+	// wins no contested key from one with a proof. The next
+	// key needs none: it routes nothing, and one that is already
+	// someone's key is left out, not contested (mesh's topology).
+	WireGuardKeyProof WGProof
 }
 
 // SignAdvert fills in the certificate hash and signs a with the identity's
@@ -151,6 +164,9 @@ func (a *Advert) appendBody(b []byte) ([]byte, error) {
 	}
 	if a.NextWireGuardKey != (WGPublicKey{}) {
 		b = appendField(b, tagNextWGKey, a.NextWireGuardKey[:])
+	}
+	if a.WireGuardKeyProof != (WGProof{}) {
+		b = appendField(b, tagWGProof, a.WireGuardKeyProof[:])
 	}
 	return b, nil
 }
@@ -273,6 +289,11 @@ func DecodeAdvert(raw []byte) (*SignedAdvert, error) {
 				err = errors.New("bad next WireGuard key length")
 			}
 			copy(a.NextWireGuardKey[:], v)
+		case tagWGProof:
+			if len(v) != WGProofLen {
+				err = errors.New("bad WireGuard key proof length")
+			}
+			copy(a.WireGuardKeyProof[:], v)
 		case tagSignature:
 			if len(rest) != 0 {
 				err = errors.New("data after signature")

@@ -16,7 +16,7 @@ func TestAdvertRoundTrip(t *testing.T) {
 	id := issue(t, ca, testAttrs("gw1", "aws-eu-central-1", "100.96.0.10", "10.20.0.0/16", "fd00:20::/48", "192.168.7.0/24"), t0, time.Hour)
 	a := advertFor(id, 1<<40, t0.Add(123456789*time.Nanosecond))
 	a.Load = 3
-	a.NextWireGuardKey = WGPublicKey{1, 2, 3}
+	rotating(a)
 	raw := sign(t, a, id)
 	sa, err := DecodeAdvert(raw)
 	if err != nil {
@@ -35,7 +35,9 @@ func TestAdvertRoundTrip(t *testing.T) {
 }
 
 // TestAdvertFitsGossipMeta checks the design limit: a gateway with a
-// realistic claim set fits into memberlist's 512-byte node metadata.
+// large claim set (long names, sixteen routes, four endpoints) fits into
+// memberlist's 512-byte node metadata, also during a WireGuard key
+// rotation, which adds NextWGKeySize (the figure gateways check at start).
 func TestAdvertFitsGossipMeta(t *testing.T) {
 	ca := newTestCA(t)
 	a := testAttrs("gateway-a-very-long-node-name-01", "aws-eu-central-1-burst-site-x", "100.96.255.254")
@@ -46,11 +48,15 @@ func TestAdvertFitsGossipMeta(t *testing.T) {
 	id := issue(t, ca, a, t0, time.Hour)
 	ad := advertFor(id, 1<<62, t0)
 	ad.Endpoints = append(ad.Endpoints, netip.MustParseAddrPort("[2001:db8:1:2:3:4:5:6]:51820"), netip.MustParseAddrPort("203.0.113.7:443"))
-	ad.NextWireGuardKey = WGPublicKey{9} // mid-rotation
-	raw := sign(t, ad, id)
-	t.Logf("advert with 16 routes, 4 endpoints and a next WireGuard key: %d bytes", len(raw))
+	plain := sign(t, ad, id)
+	raw := sign(t, rotating(ad), id)
+	t.Logf("advert with 16 routes and 4 endpoints: %d bytes, %d with a next WireGuard key", len(plain), len(raw))
 	if len(raw) > MaxAdvertSize {
 		t.Fatalf("advert is %d bytes", len(raw))
+	}
+	// ECDSA signatures vary in length by a byte or two.
+	if d := len(raw) - len(plain); d < NextWGKeySize-2 || d > NextWGKeySize+2 {
+		t.Fatalf("a next key added %d bytes, NextWGKeySize says %d", d, NextWGKeySize)
 	}
 
 	// Too many routes must be an error at signing time, never a truncated

@@ -1,6 +1,7 @@
 package certs
 
 import (
+	"crypto/sha256"
 	"testing"
 	"time"
 )
@@ -61,5 +62,36 @@ func BenchmarkVerifyCertificate(b *testing.B) {
 		if _, err := tb.VerifyCertificate(cert, t0); err != nil {
 			b.Fatal(err)
 		}
+	}
+}
+
+// BenchmarkVerifyAdvertNewVersion is a gateway's usual case: a member it
+// has verified before sends a new advert (a load figure changed), under
+// the same certificate and WireGuard key. The cache has the certificate
+// and the key's proof; the advert's own signature is checked anew.
+func BenchmarkVerifyAdvertNewVersion(b *testing.B) {
+	id, tb, _ := benchSetup(b)
+	cert := id.Certificate()
+	a := advertFor(id, 1, t0)
+	cache := NewVerifyCache()
+	adverts := make([][]byte, 64)
+	keys := make([]verifyKey, len(adverts))
+	for i := range adverts {
+		a.Version, a.Load = uint64(i+1), uint32(i+1)
+		adverts[i] = sign(b, a, id)
+		keys[i] = verifyKey{advert: sha256.Sum256(adverts[i]), cert: id.Fingerprint(), trust: tb.Key()}
+	}
+	if _, err := cache.VerifyAdvert(adverts[0], cert, tb, t0, nil); err != nil {
+		b.Fatal(err)
+	}
+	b.ReportAllocs()
+	i := 0
+	for b.Loop() {
+		j := i % len(adverts)
+		delete(cache.m, keys[j]) // the advert itself is new
+		if _, err := cache.VerifyAdvert(adverts[j], cert, tb, t0, nil); err != nil {
+			b.Fatal(err)
+		}
+		i++
 	}
 }

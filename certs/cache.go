@@ -8,20 +8,30 @@ import (
 )
 
 // VerifyCache remembers adverts that passed the expensive part of
-// VerifyAdvert — the certificate chain and the two ECDSA verifications —
-// so that re-judging a member (a newer revocation list, the periodic
-// expiry check, a gossip re-delivery) costs a map lookup. Entries are
-// keyed by the advert's bytes, the certificate and the revocation list in
-// force, and expire with the certificate; the replay and clock checks,
-// which depend on the caller's state, are redone on every call.
+// VerifyAdvert — the certificate chain, the advert's signature and the
+// WireGuard key's proof — so that re-judging a member (a newer revocation
+// list, the periodic expiry check, a gossip re-delivery) costs a map
+// lookup. Entries are keyed by the advert's bytes, the certificate and
+// the revocation list in force, and expire with the certificate; the
+// replay and clock checks, which depend on the caller's state, are redone
+// on every call. The certificate's verdict and the key's proof are kept
+// on their own too, so that a member's new advert (a new load figure)
+// costs one signature check.
 //
 // A VerifyCache is safe for concurrent use. One per gateway is the normal
 // case; the in-process scale benchmark shares one among all its gateways,
 // so that each advert is verified once per process instead of once per
 // simulated gateway.
 type VerifyCache struct {
-	mu sync.Mutex
-	m  map[verifyKey]verifyEntry
+	mu     sync.Mutex
+	m      map[verifyKey]verifyEntry
+	proofs map[proofKey]struct{} // WireGuard key proofs that verified
+}
+
+type proofKey struct {
+	key   WGPublicKey
+	cert  [32]byte
+	proof WGProof
 }
 
 type verifyKey struct {
@@ -36,7 +46,32 @@ type verifyEntry struct {
 }
 
 // NewVerifyCache makes an empty cache.
-func NewVerifyCache() *VerifyCache { return &VerifyCache{m: map[verifyKey]verifyEntry{}} }
+func NewVerifyCache() *VerifyCache {
+	return &VerifyCache{m: map[verifyKey]verifyEntry{}, proofs: map[proofKey]struct{}{}}
+}
+
+// proven is VerifyWGProof with the cache in front: a gateway proves its
+// key once per certificate and key (see mesh's advert signing), while its
+// adverts change with every load figure.
+func (c *VerifyCache) proven(key WGPublicKey, cert [32]byte, p WGProof) error {
+	k := proofKey{key, cert, p}
+	c.mu.Lock()
+	_, ok := c.proofs[k]
+	c.mu.Unlock()
+	if ok {
+		return nil
+	}
+	if err := VerifyWGProof(key, cert, p); err != nil {
+		return err
+	}
+	c.mu.Lock()
+	if len(c.proofs) >= maxCacheEntries {
+		c.proofs = map[proofKey]struct{}{}
+	}
+	c.proofs[k] = struct{}{}
+	c.mu.Unlock()
+	return nil
+}
 
 // maxCacheEntries bounds the cache; when full it is simply cleared (the
 // next round of verifications refills it).
@@ -60,7 +95,7 @@ func (c *VerifyCache) VerifyAdvert(raw []byte, cert *x509.Certificate, tb *Trust
 		v := *e.v
 		return &v, nil
 	}
-	v, err := VerifyAdvert(raw, cert, tb, now, nil)
+	v, err := verifyAdvert(raw, cert, tb, now, nil, c)
 	if err != nil {
 		return nil, err
 	}
@@ -69,10 +104,6 @@ func (c *VerifyCache) VerifyAdvert(raw []byte, cert *x509.Certificate, tb *Trust
 		c.m = map[verifyKey]verifyEntry{}
 	}
 	c.m[k] = verifyEntry{v: v, notAfter: cert.NotAfter}
-	// Verifying the advert verified its certificate: that answer is the
-	// certificate's own entry too.
-	ck := verifyKey{cert: k.cert, trust: k.trust}
-	c.m[ck] = verifyEntry{v: &Verified{Attributes: v.Attributes, Cert: cert}, notAfter: cert.NotAfter}
 	c.mu.Unlock()
 	if err := checkFreshness(&v.Advert, now, last, v.Seen); err != nil {
 		return nil, err

@@ -52,12 +52,20 @@ func trust(t testing.TB, ca *CA) *TrustBundle {
 func advertFor(id *NodeIdentity, version uint64, at time.Time) *Advert {
 	a := id.Attributes()
 	wg, _ := GenerateWGKey()
+	proof, _ := ProveWGKey(wg, id.Fingerprint())
 	return &Advert{
 		Version: version, Timestamp: at,
 		Node: a.Node, Site: a.Site, Region: a.Region, Provider: a.Provider, Jurisdiction: a.Jurisdiction,
-		OverlayIP: a.OverlayIP, Routes: a.Routes, WireGuardKey: wg.Public(),
+		OverlayIP: a.OverlayIP, Routes: a.Routes, WireGuardKey: wg.Public(), WireGuardKeyProof: proof,
 		Endpoints: []netip.AddrPort{netip.MustParseAddrPort("192.0.2.10:51820"), netip.MustParseAddrPort("[2001:db8::10]:51820")},
 	}
+}
+
+// rotating gives a a next WireGuard key, as during a key rotation.
+func rotating(a *Advert) *Advert {
+	next, _ := GenerateWGKey()
+	a.NextWireGuardKey = next.Public()
+	return a
 }
 
 func sign(t testing.TB, a *Advert, id *NodeIdentity) []byte {

@@ -19,6 +19,7 @@ const (
 	ReasonCertMismatch      Reason = "cert_mismatch"      // advert names a different certificate than the one given
 	ReasonBadSignature      Reason = "bad_signature"      // advert signature does not verify with the certificate key
 	ReasonAttributeMismatch Reason = "attribute_mismatch" // advert claims something its certificate does not grant
+	ReasonUnprovenKey       Reason = "unproven_key"       // advert's proof that its gateway holds its WireGuard key does not verify
 	ReasonReplay            Reason = "replay"             // advert is not newer than one already accepted
 	ReasonClockSkew         Reason = "clock_skew"         // advert is signed in the future
 )
@@ -54,6 +55,7 @@ var (
 	ErrCertMismatch      = &VerifyError{Reason: ReasonCertMismatch}
 	ErrBadSignature      = &VerifyError{Reason: ReasonBadSignature}
 	ErrAttributeMismatch = &VerifyError{Reason: ReasonAttributeMismatch}
+	ErrUnprovenKey       = &VerifyError{Reason: ReasonUnprovenKey}
 	ErrReplay            = &VerifyError{Reason: ReasonReplay}
 	ErrClockSkew         = &VerifyError{Reason: ReasonClockSkew}
 )

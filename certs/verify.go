@@ -49,10 +49,35 @@ type Verified struct {
 //     was changed after signing;
 //   - attribute_mismatch: the advert claims a node, site, region, provider,
 //     jurisdiction, overlay IP or route its certificate does not grant;
+//   - unproven_key: the proof that the gateway holds its WireGuard key's
+//     private key (ProveWGKey) does not verify;
 //   - clock_skew: the advert is dated too far in the future;
 //   - replay: the advert is older than last, or has the same version but
 //     different content.
 func VerifyAdvert(raw []byte, cert *x509.Certificate, tb *TrustBundle, now time.Time, last *Seen) (*Verified, error) {
+	return verifyAdvert(raw, cert, tb, now, last, uncached{})
+}
+
+// checker does the two checks of VerifyAdvert whose answers outlive an
+// advert: a gateway's certificate and its WireGuard key's proof change
+// seldom, its advert with every new load figure. VerifyCache remembers
+// them.
+type checker interface {
+	VerifyCertificate(tb *TrustBundle, cert *x509.Certificate, now time.Time) (*Attributes, error)
+	proven(key WGPublicKey, certHash [32]byte, p WGProof) error
+}
+
+type uncached struct{}
+
+func (uncached) VerifyCertificate(tb *TrustBundle, cert *x509.Certificate, now time.Time) (*Attributes, error) {
+	return tb.VerifyCertificate(cert, now)
+}
+
+func (uncached) proven(key WGPublicKey, certHash [32]byte, p WGProof) error {
+	return VerifyWGProof(key, certHash, p)
+}
+
+func verifyAdvert(raw []byte, cert *x509.Certificate, tb *TrustBundle, now time.Time, last *Seen, c checker) (*Verified, error) {
 	sa, err := DecodeAdvert(raw)
 	if err != nil {
 		return nil, err
@@ -63,7 +88,7 @@ func VerifyAdvert(raw []byte, cert *x509.Certificate, tb *TrustBundle, now time.
 	if sha256.Sum256(cert.Raw) != sa.CertHash {
 		return nil, refuse(ReasonCertMismatch, "advert of %q names another certificate", sa.Node)
 	}
-	attrs, err := tb.VerifyCertificate(cert, now)
+	attrs, err := c.VerifyCertificate(tb, cert, now)
 	if err != nil {
 		return nil, err
 	}
@@ -72,6 +97,9 @@ func VerifyAdvert(raw []byte, cert *x509.Certificate, tb *TrustBundle, now time.
 		return nil, refuse(ReasonBadSignature, "advert of %q does not verify with its certificate key", sa.Node)
 	}
 	if err := checkClaims(&sa.Advert, attrs); err != nil {
+		return nil, err
+	}
+	if err := checkKey(&sa.Advert, c); err != nil {
 		return nil, err
 	}
 	seen := Seen{Version: sa.Version, Digest: sha256.Sum256(raw)}
@@ -94,6 +122,20 @@ func checkFreshness(a *Advert, now time.Time, last *Seen, seen Seen) error {
 		case a.Version == last.Version && seen.Digest != last.Digest:
 			return refuse(ReasonReplay, "advert of %q reuses version %d with different content", a.Node, a.Version)
 		}
+	}
+	return nil
+}
+
+// checkKey refuses an advert whose proof of its WireGuard key does not
+// verify. An advert without one is let in (a gateway of a release from
+// before proofs, during an upgrade); the membership lets it win no
+// contested key from a gateway that proves it holds the key.
+func checkKey(a *Advert, c checker) error {
+	if a.WireGuardKeyProof == (WGProof{}) {
+		return nil
+	}
+	if err := c.proven(a.WireGuardKey, a.CertHash, a.WireGuardKeyProof); err != nil {
+		return refuse(ReasonUnprovenKey, "advert of %q claims WireGuard key %s without holding it (%v)", a.Node, a.WireGuardKey, err)
 	}
 	return nil
 }

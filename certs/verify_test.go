@@ -43,9 +43,14 @@ func TestVerifyAdvert(t *testing.T) {
 			// that only the property under test differs
 			ia := id.Attributes()
 			a.Node, a.OverlayIP, a.Routes = ia.Node, ia.OverlayIP, ia.Routes
+			wg, _ := GenerateWGKey()
+			a.WireGuardKey = wg.Public()
+			a.WireGuardKeyProof, _ = ProveWGKey(wg, id.Fingerprint())
 		}
 		return sign(t, a, id)
 	}
+	const proofField = 2 + WGProofLen // tag, one-byte length, proof
+	someKey := func() WGPrivateKey { k, _ := GenerateWGKey(); return k }
 	goodRaw := signed(nil, good)
 	goodSeen := Seen{Version: 7, Digest: sha256.Sum256(goodRaw)}
 
@@ -53,7 +58,7 @@ func TestVerifyAdvert(t *testing.T) {
 	// Flip a bit inside the endpoint port: the advert still decodes, so
 	// only the signature can catch it.
 	sa, _ := DecodeAdvert(goodRaw)
-	idx := len(sa.body) - 35 // last byte of the endpoints field, before the 34-byte certificate hash field
+	idx := len(sa.body) - 35 - proofField // last byte of the endpoints field, before the certificate hash and key proof fields
 	tampered[idx] ^= 0x01
 
 	tests := []struct {
@@ -88,6 +93,15 @@ func TestVerifyAdvert(t *testing.T) {
 		{name: "claims a route not granted", raw: signed(func(a *Advert) { a.Routes = append(a.Routes, netip.MustParsePrefix("10.30.0.0/16")) }, good), cert: good, want: ReasonAttributeMismatch},
 		{name: "claims a super-prefix of a granted route", raw: signed(func(a *Advert) { a.Routes = []netip.Prefix{netip.MustParsePrefix("10.0.0.0/8")} }, good), cert: good, want: ReasonAttributeMismatch},
 		{name: "claims default route", raw: signed(func(a *Advert) { a.Routes = []netip.Prefix{netip.MustParsePrefix("0.0.0.0/0")} }, good), cert: good, want: ReasonAttributeMismatch},
+
+		{name: "valid mid-rotation", raw: signed(func(a *Advert) { rotating(a) }, good), cert: good},
+		{name: "claims a WireGuard key it does not hold", raw: signed(func(a *Advert) { a.WireGuardKey = someKey().Public() }, good), cert: good, want: ReasonUnprovenKey},
+		{name: "proves its WireGuard key for another certificate", raw: signed(func(a *Advert) {
+			k := someKey()
+			a.WireGuardKey = k.Public()
+			a.WireGuardKeyProof, _ = ProveWGKey(k, revoked.Fingerprint())
+		}, good), cert: good, want: ReasonUnprovenKey},
+		{name: "no proof of its WireGuard key (an earlier release)", raw: signed(func(a *Advert) { a.WireGuardKeyProof = WGProof{} }, good), cert: good},
 
 		{name: "replayed older version", raw: goodRaw, cert: good, last: &Seen{Version: 8}, want: ReasonReplay},
 		{name: "same version different content", raw: signed(func(a *Advert) { a.Endpoints = a.Endpoints[:1] }, good), cert: good, last: &goodSeen, want: ReasonReplay},

@@ -117,6 +117,7 @@ type Gateway struct {
 	wgRotation   sync.Mutex                      // one WireGuard key rotation at a time
 	wgRotated    atomic.Int64                    // last WireGuard key rotation, Unix ns (0: not known yet)
 	advertMu     sync.Mutex                      // serialises signAdvert
+	wgProofs     map[wgProofKey]certs.WGProof    // under advertMu: proofs of our WireGuard keys, per certificate
 	down         atomic.Pointer[map[string]bool] // gateways our data plane does not reach (health.go)
 	healthGen    atomic.Uint64                   // counts changes of down
 	wgAck        atomic.Pointer[wgAckWaiter]
@@ -251,6 +252,14 @@ func newGateway(ctx context.Context, s *Settings, logger *slog.Logger, opt optio
 		prov.Close()
 		return nil, err
 	}
+	if _, next := g.wgKeys(); next.IsZero() {
+		// A key rotation adds the next key and its proof to the advert;
+		// found out here rather than at the first scheduled rotation.
+		if n := len(*g.advert.Load()) + certs.NextWGKeySize; n > certs.MaxAdvertSize {
+			prov.Close()
+			return nil, fmt.Errorf("our advert would be %d bytes during a WireGuard key rotation, more than the %d gossip carries: advertise fewer endpoints or routes, or use shorter names", n, certs.MaxAdvertSize)
+		}
+	}
 	if g.dev = opt.device; g.dev == nil {
 		g.dev, err = OpenDevice(DeviceOptions{
 			Name: s.Interface, Mode: s.Mode, Port: s.Port, MTU: s.MTU, PrivateKey: g.wgKey,
@@ -317,6 +326,10 @@ func (g *Gateway) signAdvert() error {
 		OverlayIP: a.OverlayIP, Routes: a.Routes, WireGuardKey: cur.Public(), Endpoints: g.s.Endpoints,
 		Load: g.load.Load(),
 	}
+	var err error
+	if ad.WireGuardKeyProof, err = g.wgProof(cur, id.Fingerprint()); err != nil {
+		return err
+	}
 	if !next.IsZero() {
 		ad.NextWireGuardKey = next.Public()
 	}
@@ -327,6 +340,33 @@ func (g *Gateway) signAdvert() error {
 	g.advert.Store(&raw)
 	g.self.Store(&Node{Attributes: a, Advert: *ad})
 	return nil
+}
+
+type wgProofKey struct {
+	key  certs.WGPublicKey
+	cert [32]byte
+}
+
+// wgProof proves that we hold k, for the certificate certHash. A proof is
+// made once per key and certificate and kept: peers then verify it once,
+// not with every advert (certs.VerifyCache).
+func (g *Gateway) wgProof(k certs.WGPrivateKey, certHash [32]byte) (certs.WGProof, error) {
+	pk := wgProofKey{k.Public(), certHash}
+	if p, ok := g.wgProofs[pk]; ok {
+		return p, nil
+	}
+	p, err := certs.ProveWGKey(k, certHash)
+	if err != nil {
+		return p, err
+	}
+	if len(g.wgProofs) >= 4 { // keys and certificates change seldom
+		clear(g.wgProofs)
+	}
+	if g.wgProofs == nil {
+		g.wgProofs = map[wgProofKey]certs.WGProof{}
+	}
+	g.wgProofs[pk] = p
+	return p, nil
 }
 
 // Run joins the gossip and keeps the WireGuard configuration in line with

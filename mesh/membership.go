@@ -272,7 +272,7 @@ func (ms *membership) admitLocked(name string, meta []byte) (*certs.SignedAdvert
 	}
 	for _, o := range ms.members {
 		if o.name != name && o.state == StateVerified {
-			if why := conflict(o.verified, v); why != "" && wins(o.verified, o.name, v, name) {
+			if why, byKey := conflict(o.verified, v); why != "" && wins(o.verified, o.name, v, name, byKey) {
 				return sa, &conflictError{fmt.Sprintf("%s already held by %s", why, o.name)}
 			}
 		}
@@ -280,10 +280,10 @@ func (ms *membership) admitLocked(name string, meta []byte) (*certs.SignedAdvert
 	return sa, nil
 }
 
-// conflictLocked refuses a verified advert that claims an overlay IP, or a
-// route of another site, that a verified member with an older certificate
-// (ties: lower name) holds, and refuses in turn the verified members that
-// this one beats. The rule is deterministic, so every gateway keeps the
+// conflictLocked refuses a verified advert that claims an overlay IP, a
+// WireGuard key or a route of another site that a verified member with a
+// better standing (wins) holds, and refuses in turn the verified members
+// that this one beats. The rule is deterministic, so every gateway keeps the
 // same claimant whatever order adverts arrive in.
 func (ms *membership) conflictLocked(name string, v *certs.Verified) error {
 	if m := ms.members[name]; m != nil && m.state == StateVerified && sameClaims(m.verified, v) {
@@ -293,14 +293,18 @@ func (ms *membership) conflictLocked(name string, v *certs.Verified) error {
 		if o.name == name || o.state != StateVerified {
 			continue
 		}
-		why := conflict(o.verified, v)
+		why, byKey := conflict(o.verified, v)
 		if why == "" {
 			continue
 		}
-		if wins(o.verified, o.name, v, name) {
+		if wins(o.verified, o.name, v, name, byKey) {
 			return &conflictError{fmt.Sprintf("%s already held by %s", why, o.name)}
 		}
-		err := &conflictError{fmt.Sprintf("%s also claimed by %s, whose certificate is older", why, name)}
+		standing := "whose certificate is older"
+		if byKey && proven(v) && !proven(o.verified) {
+			standing = "which proves it holds the key"
+		}
+		err := &conflictError{fmt.Sprintf("%s also claimed by %s, %s", why, name, standing)}
 		o.verified, o.state, o.reason, o.changed = nil, StateRefused, err.Error(), ms.now()
 		if ms.onRefuse != nil {
 			ms.onRefuse(o.name, "conflict", err)
@@ -320,48 +324,49 @@ func sameClaims(a, b *certs.Verified) bool {
 		a.Advert.WireGuardKey == b.Advert.WireGuardKey && a.Advert.NextWireGuardKey == b.Advert.NextWireGuardKey
 }
 
-// conflict says what two verified adverts both claim, or "". A WireGuard
-// key is a claim like an address: WireGuard keeps one peer per public
-// key, so a gateway advertising another's key (its own copy, or a key it
-// cannot use) would take that gateway's allowed IPs and endpoint on
-// every device, its own site's siblings' included.
-func conflict(a, b *certs.Verified) string {
+// conflict says what two verified adverts both claim, or "", and whether
+// it is a WireGuard key. A key is a claim like an address: WireGuard keeps
+// one peer per public key, so two gateways with one key would share a
+// peer entry on every device. Next keys are not contested: a next key
+// that is someone's key is left out of the plans (addNextKeys), so that
+// a gateway cannot have another refused by naming that one's key.
+func conflict(a, b *certs.Verified) (why string, byKey bool) {
 	aa, ba := a.Attributes, b.Attributes
 	if aa.OverlayIP == ba.OverlayIP {
-		return fmt.Sprintf("overlay IP %s", ba.OverlayIP)
+		return fmt.Sprintf("overlay IP %s", ba.OverlayIP), false
 	}
-	for _, ka := range wgKeys(a) {
-		for _, kb := range wgKeys(b) {
-			if ka == kb {
-				return fmt.Sprintf("WireGuard key %s", kb)
-			}
-		}
+	if a.Advert.WireGuardKey == b.Advert.WireGuardKey {
+		return fmt.Sprintf("WireGuard key %s", b.Advert.WireGuardKey), true
 	}
 	if aa.Site == ba.Site {
-		return "" // gateways of one site share its routes
+		return "", false // gateways of one site share its routes
 	}
 	for _, r := range b.Advert.Routes {
 		for _, ar := range a.Advert.Routes {
 			if r.Overlaps(ar) {
-				return fmt.Sprintf("route %s (overlapping %s of site %s)", r, ar, aa.Site)
+				return fmt.Sprintf("route %s (overlapping %s of site %s)", r, ar, aa.Site), false
 			}
 		}
 	}
-	return ""
+	return "", false
 }
 
-// wgKeys are the WireGuard keys an advert claims: its current one, and
-// the next one while it rotates.
-func wgKeys(v *certs.Verified) []certs.WGPublicKey {
-	if k := v.Advert.NextWireGuardKey; !k.IsZero() && k != v.Advert.WireGuardKey {
-		return []certs.WGPublicKey{v.Advert.WireGuardKey, k}
+// proven reports whether v's advert proves that its gateway holds its
+// WireGuard key. certs.VerifyAdvert refuses a proof that does not verify;
+// an advert without one is a gateway of a release from before proofs.
+func proven(v *certs.Verified) bool { return v.Advert.WireGuardKeyProof != (certs.WGProof{}) }
+
+// wins reports whether claimant a keeps a contested claim against b: the
+// older certificate, then the lower name. For a WireGuard key, a claimant
+// that proves it holds the key first: else any gateway whose certificate
+// predates the holder's last renewal could take the key by naming it
+// (an earlier release's adverts carry no proof, so they are let in but
+// win no key from one that proves it). Two that both prove it hold one
+// key between them: a cloned disk.
+func wins(a *certs.Verified, an string, b *certs.Verified, bn string, byKey bool) bool {
+	if pa, pb := proven(a), proven(b); byKey && pa != pb {
+		return pa
 	}
-	return []certs.WGPublicKey{v.Advert.WireGuardKey}
-}
-
-// wins reports whether claimant a (older certificate, then lower name)
-// keeps a contested claim against b.
-func wins(a *certs.Verified, an string, b *certs.Verified, bn string) bool {
 	if c := a.Cert.NotBefore.Compare(b.Cert.NotBefore); c != 0 {
 		return c < 0
 	}

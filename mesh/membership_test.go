@@ -58,15 +58,26 @@ func (f *fixture) identity(node, site string, host byte, at time.Time, routes ..
 
 func (f *fixture) advert(id *certs.NodeIdentity, version uint64) []byte {
 	wg, _ := certs.GenerateWGKey()
-	return f.advertWithKeys(id, version, wg.Public(), certs.WGPublicKey{})
+	return f.advertWithKeys(id, version, wg, certs.WGPublicKey{})
 }
 
 // advertWithKeys is an advert with the WireGuard keys given (next: zero
-// unless rotating).
-func (f *fixture) advertWithKeys(id *certs.NodeIdentity, version uint64, key, next certs.WGPublicKey) []byte {
+// unless rotating), the current one proven.
+func (f *fixture) advertWithKeys(id *certs.NodeIdentity, version uint64, key certs.WGPrivateKey, next certs.WGPublicKey) []byte {
+	proof, err := certs.ProveWGKey(key, id.Fingerprint())
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	return f.advertClaiming(id, version, key.Public(), proof, next)
+}
+
+// advertClaiming is an advert claiming the WireGuard key given, with the
+// proof given: a gateway's own, or one it copied from another's advert.
+func (f *fixture) advertClaiming(id *certs.NodeIdentity, version uint64, key certs.WGPublicKey, proof certs.WGProof, next certs.WGPublicKey) []byte {
 	a := id.Attributes()
 	raw, err := certs.SignAdvert(&certs.Advert{Version: version, Timestamp: f.now, Node: a.Node, Site: a.Site, Region: a.Region,
-		Provider: a.Provider, Jurisdiction: a.Jurisdiction, OverlayIP: a.OverlayIP, Routes: a.Routes, WireGuardKey: key, NextWireGuardKey: next}, id)
+		Provider: a.Provider, Jurisdiction: a.Jurisdiction, OverlayIP: a.OverlayIP, Routes: a.Routes,
+		WireGuardKey: key, WireGuardKeyProof: proof, NextWireGuardKey: next}, id)
 	if err != nil {
 		f.t.Fatal(err)
 	}
@@ -410,39 +421,78 @@ func TestMembershipConflicts(t *testing.T) {
 }
 
 // TestMembershipWireGuardKeyConflicts: a WireGuard key is a claim like an
-// overlay address. WireGuard keeps one peer per public key, so a gateway
-// advertising another's key, as its current or its next one, would take
-// that gateway's tunnel on every device; the older certificate keeps it,
-// whatever the order, the site, or whether the thief was verified before.
+// overlay address, which only its holder can make. A gateway advertising
+// another's key with a copy of the holder's proof (which names the
+// holder's certificate) is refused; one advertising it with no proof at
+// all, as an earlier release does, loses the key to the holder, however
+// old its certificate: a renewal, which makes the holder's certificate
+// the younger, must not hand the key to whoever is older. Two gateways
+// that both prove one key (a cloned disk), or both prove none, are a
+// conflict that the older certificate wins whatever the order. A next
+// key is never contested (the topology leaves out one that is taken).
 func TestMembershipWireGuardKeyConflicts(t *testing.T) {
 	f := newFixture(t)
-	key := func() certs.WGPublicKey { k, _ := certs.GenerateWGKey(); return k.Public() }
-	stolen := key()
-	owner := f.identity("gw-owner", "site-a", 1, f.now.Add(-3*time.Hour))
-	thief := f.identity("gw-thief", "site-b", 2, f.now.Add(-time.Hour))
-	sibling := f.identity("gw-sibling", "site-a", 3, f.now.Add(-time.Hour))
-	rotating := f.identity("gw-rotating", "site-c", 4, f.now.Add(-time.Hour))
-	honest := f.identity("gw-honest", "site-d", 5, f.now.Add(-time.Hour))
-	metas := map[*certs.NodeIdentity][]byte{
-		owner:    f.advertWithKeys(owner, 1, stolen, certs.WGPublicKey{}),
-		thief:    f.advertWithKeys(thief, 1, stolen, certs.WGPublicKey{}),
-		sibling:  f.advertWithKeys(sibling, 1, stolen, certs.WGPublicKey{}),
-		rotating: f.advertWithKeys(rotating, 1, key(), stolen),
-		honest:   f.advertWithKeys(honest, 1, key(), certs.WGPublicKey{}),
+	key := func() certs.WGPrivateKey { k, _ := certs.GenerateWGKey(); return k }
+	held, cloned, legacyKey := key(), key(), key()
+	owner := f.identity("gw-owner", "site-a", 1, f.now.Add(-time.Hour)) // renewed an hour ago
+	ownerAd := f.advertWithKeys(owner, 1, held, certs.WGPublicKey{})
+	sa, err := certs.DecodeAdvert(ownerAd)
+	if err != nil {
+		t.Fatal(err)
 	}
-	for _, order := range [][]*certs.NodeIdentity{{owner, thief, sibling, rotating, honest}, {honest, rotating, sibling, thief, owner}} {
+	old := f.now.Add(-3 * time.Hour)
+	thief := f.identity("gw-thief", "site-b", 2, old)
+	unproven := f.identity("gw-unproven", "site-b", 3, old)
+	clone := f.identity("gw-clone", "site-b", 4, old)
+	original := f.identity("gw-original", "site-c", 5, f.now.Add(-time.Hour))
+	rotating := f.identity("gw-rotating", "site-c", 6, old)
+	honest := f.identity("gw-honest", "site-d", 7, old)
+	legacyOld := f.identity("gw-legacy-old", "site-e", 8, old)
+	legacyNew := f.identity("gw-legacy-new", "site-e", 9, f.now.Add(-time.Hour))
+	metas := map[*certs.NodeIdentity][]byte{
+		owner:     ownerAd,
+		thief:     f.advertClaiming(thief, 1, held.Public(), sa.WireGuardKeyProof, certs.WGPublicKey{}),
+		unproven:  f.advertClaiming(unproven, 1, held.Public(), certs.WGProof{}, certs.WGPublicKey{}),
+		clone:     f.advertWithKeys(clone, 1, cloned, certs.WGPublicKey{}),
+		original:  f.advertWithKeys(original, 1, cloned, certs.WGPublicKey{}),
+		rotating:  f.advertWithKeys(rotating, 1, key(), held.Public()),
+		honest:    f.advertWithKeys(honest, 1, key(), certs.WGPublicKey{}),
+		legacyOld: f.advertClaiming(legacyOld, 1, legacyKey.Public(), certs.WGProof{}, certs.WGPublicKey{}),
+		legacyNew: f.advertClaiming(legacyNew, 1, legacyKey.Public(), certs.WGProof{}, certs.WGPublicKey{}),
+	}
+	ids := []*certs.NodeIdentity{owner, thief, unproven, clone, original, rotating, honest, legacyOld, legacyNew}
+	backward := slices.Clone(ids)
+	slices.Reverse(backward)
+	for _, order := range [][]*certs.NodeIdentity{ids, backward} {
 		ms := newMembership("self", f.trust(), func() time.Time { return f.now }, func() {})
 		for _, id := range order {
 			ms.addCert(id.Certificate().Raw)
 			ms.update(id.Attributes().Node, gossipAddr, metas[id])
 		}
 		// A verified gateway that takes the key up later.
-		ms.update("gw-honest", gossipAddr, f.advertWithKeys(honest, 2, stolen, certs.WGPublicKey{}))
-		want := map[string]MemberState{"gw-owner": StateVerified, "gw-thief": StateRefused, "gw-sibling": StateRefused, "gw-rotating": StateRefused, "gw-honest": StateRefused}
+		ms.update("gw-honest", gossipAddr, f.advertClaiming(honest, 2, held.Public(), sa.WireGuardKeyProof, certs.WGPublicKey{}))
+		want := map[string]struct {
+			state MemberState
+			why   string
+		}{
+			"gw-owner":      {StateVerified, ""},
+			"gw-thief":      {StateRefused, "without holding it"},
+			"gw-unproven":   {StateRefused, "WireGuard key"},
+			"gw-clone":      {StateVerified, ""},
+			"gw-original":   {StateRefused, "WireGuard key"},
+			"gw-rotating":   {StateVerified, ""},
+			"gw-honest":     {StateRefused, "without holding it"},
+			"gw-legacy-old": {StateVerified, ""},
+			"gw-legacy-new": {StateRefused, "WireGuard key"},
+		}
 		for _, v := range ms.snapshot() {
-			if v.State != want[v.Name] || v.State == StateRefused && !strings.Contains(v.Reason, "WireGuard key") {
-				t.Errorf("order starting %s: %s is %s (%s), want %s over the WireGuard key", order[0].Attributes().Node, v.Name, v.State, v.Reason, want[v.Name])
+			w := want[v.Name]
+			if v.State != w.state || !strings.Contains(v.Reason, w.why) {
+				t.Errorf("order starting %s: %s is %s (%s), want %s (%q)", order[0].Attributes().Node, v.Name, v.State, v.Reason, w.state, w.why)
 			}
+		}
+		if got := ms.verified("gw-owner"); got == nil || got.Advert.WireGuardKey != held.Public() {
+			t.Errorf("order starting %s: gw-owner lost its key", order[0].Attributes().Node)
 		}
 	}
 }

@@ -99,7 +99,7 @@ func newMetrics(g *Gateway) *metrics {
 	// Every label value a rule or dashboard may select on exists from the
 	// start, so that rate() and absent() see zeros rather than nothing.
 	for _, r := range []certs.Reason{certs.ReasonMalformed, certs.ReasonUnknownCA, certs.ReasonExpired, certs.ReasonNotYetValid, certs.ReasonRevoked,
-		certs.ReasonBadCertificate, certs.ReasonCertMismatch, certs.ReasonBadSignature, certs.ReasonAttributeMismatch, certs.ReasonReplay, certs.ReasonClockSkew} {
+		certs.ReasonBadCertificate, certs.ReasonCertMismatch, certs.ReasonBadSignature, certs.ReasonAttributeMismatch, certs.ReasonUnprovenKey, certs.ReasonReplay, certs.ReasonClockSkew} {
 		m.rejections.WithLabelValues(string(r))
 	}
 	m.rejections.WithLabelValues("conflict")

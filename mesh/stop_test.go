@@ -126,7 +126,8 @@ func TestRotationScheduleFromTheFuture(t *testing.T) {
 
 // TestRenewalKeepsTunnels: when a gateway renews its certificate and
 // re-advertises, its peers adopt the new certificate without taking its
-// tunnel down meanwhile.
+// tunnel down meanwhile, and the advert proves its WireGuard key under
+// the new certificate.
 func TestRenewalKeepsTunnels(t *testing.T) {
 	m := startLiveMesh(t)
 	a := m.gws[0].g
@@ -147,6 +148,11 @@ func TestRenewalKeepsTunnels(t *testing.T) {
 		})
 		if n := lg.dev.Removed(); n != removed[i] {
 			t.Errorf("%s removed %d peers while op0 renewed", lg.g.s.Node.Name, n-removed[i])
+		}
+		// Its key is proven anew, for the new certificate (a proof names
+		// the certificate; a verified one is a proof that verified).
+		if v := lg.g.members.verified("op0"); v == nil || !proven(v) || v.Advert.CertHash != id.Fingerprint() {
+			t.Errorf("%s holds op0's renewed advert without a proof of its WireGuard key", lg.g.s.Node.Name)
 		}
 	}
 }

@@ -313,9 +313,11 @@ func dropSharedKeys(peers []Node, self Node, plan *Plan) []Node {
 
 // addNextKeys adds an entry for each peer's next key (a rotation in
 // progress), beside its current one.
-// A next key that is already someone's key (ours, or a peer's current or
-// next one) is refused: WireGuard keys peers by public key, and a second
-// entry with that key would take over the other peer's.
+// A next key that is already someone's key (one of ours, or a peer's
+// current or next one) is left out: WireGuard keys peers by public key,
+// and a second entry with that key would take over the other peer's.
+// Next keys carry no proof of possession (certs.Advert), so this is what
+// keeps a gateway from taking another's entry by naming its key.
 func addNextKeys(plan *Plan, self Node, members []*Node) {
 	next := map[string]*Node{}
 	for _, m := range members {
@@ -326,7 +328,7 @@ func addNextKeys(plan *Plan, self Node, members []*Node) {
 	if len(next) == 0 {
 		return
 	}
-	taken := map[certs.WGPublicKey]bool{self.Advert.WireGuardKey: true}
+	taken := map[certs.WGPublicKey]bool{self.Advert.WireGuardKey: true, self.Advert.NextWireGuardKey: true}
 	for _, pc := range plan.Peers {
 		taken[pc.PublicKey] = true
 	}

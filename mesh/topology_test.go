@@ -409,15 +409,23 @@ exception "iad-dr" {
 }
 
 // TestNextKeys: a peer rotating its key gets a second entry for the next
-// key, with no allowed IPs; a next key that is already someone's key is
-// refused, so that no member can take over another's entry.
+// key, with no allowed IPs; a next key that is already someone's key (a
+// peer's, one of ours, another peer's next one) is left out, so that no
+// member can take over another's entry. Next keys carry no proof of
+// possession: this is what protects them.
 func TestNextKeys(t *testing.T) {
 	rotating, thief := fra1, iad1
 	rotating.Advert.NextWireGuardKey = certs.WGPublicKey{0x42}
 	thief.Advert.NextWireGuardKey = zrh2.Advert.WireGuardKey // another peer's key
 	selfThief := fra2
 	selfThief.Advert.NextWireGuardKey = zrh1.Advert.WireGuardKey // ours
-	plan := Compute(TopologyInput{Self: zrh1, Peers: []Node{rotating, thief, zrh2, selfThief}, Now: now, MeshPrefix: mesh16})
+	nextThief := gva1
+	nextThief.Advert.NextWireGuardKey = certs.WGPublicKey{0x77} // ours, the one we are rotating to
+	copycat := sbs1
+	copycat.Advert.NextWireGuardKey = rotating.Advert.NextWireGuardKey // fra-1's next, which comes first
+	self := zrh1
+	self.Advert.NextWireGuardKey = certs.WGPublicKey{0x77}
+	plan := Compute(TopologyInput{Self: self, Peers: []Node{rotating, thief, zrh2, selfThief, nextThief, copycat}, Now: now, MeshPrefix: mesh16})
 	var next []PeerConfig
 	for _, pc := range plan.Peers {
 		if pc.Next {
@@ -427,8 +435,8 @@ func TestNextKeys(t *testing.T) {
 	if len(next) != 1 || next[0].Node != "fra-1" || next[0].PublicKey != (certs.WGPublicKey{0x42}) || len(next[0].AllowedIPs) != 0 {
 		t.Fatalf("next-key entries %+v, want only fra-1's, routing nothing", next)
 	}
-	if len(plan.Conflicts) != 2 {
-		t.Errorf("conflicts %v, want the two stolen keys reported", plan.Conflicts)
+	if len(plan.Conflicts) != 4 {
+		t.Errorf("conflicts %v, want the four taken keys reported", plan.Conflicts)
 	}
 	for _, pc := range plan.Peers {
 		if pc.Node == "zrh-2" && pc.PublicKey != zrh2.Advert.WireGuardKey {

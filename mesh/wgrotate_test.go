@@ -15,7 +15,8 @@ import (
 // TestWireGuardKeyRotation rotates one gateway's key among three live
 // gateways: the others acknowledge the advertised next key before the
 // switch, then route the gateway's overlay address to the new key only;
-// the new key is stored for restarts and shows in the status.
+// the new key is stored for restarts and shows in the status, and op0's
+// advert proves that it holds the new key.
 func TestWireGuardKeyRotation(t *testing.T) {
 	m := startLiveMesh(t)
 	a, b, c := m.gws[0], m.gws[1], m.gws[2]
@@ -34,6 +35,10 @@ func TestWireGuardKeyRotation(t *testing.T) {
 		t.Fatalf("key not replaced: %s → %s (report %s)", old, newKey, rep.NewKey)
 	}
 	for _, lg := range []*liveGateway{b, c} {
+		waitUntil(t, 10*time.Second, lg.g.s.Node.Name+" holds op0's advert of its new key, proven", func() bool {
+			v := lg.g.members.verified("op0")
+			return v != nil && wgtypes.Key(v.Advert.WireGuardKey) == newKey && proven(v)
+		})
 		waitUntil(t, 10*time.Second, lg.g.s.Node.Name+" routes op0 to its new key only", func() bool {
 			peers := lg.dev.Peers()
 			p, ok := peers[newKey]

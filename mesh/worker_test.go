@@ -126,9 +126,10 @@ func TestBlobRequestsBounded(t *testing.T) {
 		t.Fatal(err)
 	}
 	wg, _ := certs.GenerateWGKey()
+	proof, _ := certs.ProveWGKey(wg, id.Fingerprint())
 	a := id.Attributes()
 	meta, err := certs.SignAdvert(&certs.Advert{Version: 1, Timestamp: time.Now(), Node: a.Node, Site: a.Site, Region: a.Region, Provider: a.Provider,
-		Jurisdiction: a.Jurisdiction, OverlayIP: a.OverlayIP, WireGuardKey: wg.Public()}, id)
+		Jurisdiction: a.Jurisdiction, OverlayIP: a.OverlayIP, WireGuardKey: wg.Public(), WireGuardKeyProof: proof}, id)
 	if err != nil {
 		t.Fatal(err)
 	}

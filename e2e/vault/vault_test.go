@@ -218,9 +218,13 @@ func TestVaultIdentityLifecycle(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	proof, err := certs.ProveWGKey(wg, id.Fingerprint())
+	if err != nil {
+		t.Fatal(err)
+	}
 	raw, err := certs.SignAdvert(&certs.Advert{
 		Version: 1, Timestamp: time.Now(), Node: a.Node, Site: a.Site, Region: a.Region, Provider: a.Provider,
-		Jurisdiction: a.Jurisdiction, OverlayIP: a.OverlayIP, Routes: a.Routes, WireGuardKey: wg.Public(),
+		Jurisdiction: a.Jurisdiction, OverlayIP: a.OverlayIP, Routes: a.Routes, WireGuardKey: wg.Public(), WireGuardKeyProof: proof,
 	}, id)
 	if err != nil {
 		t.Fatal(err)
