@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"io/fs"
 	"log/slog"
+	"maps"
 	"math/big"
 	"net"
 	"net/netip"
@@ -348,6 +349,9 @@ func (ca *CA) Issue(req IssueRequest) (*x509.Certificate, error) {
 		IPAddresses: []net.IP{attrs.OverlayIP.AsSlice()},
 	}
 	entry := IssuedCert{Kind: KindGateway, Node: attrs.Node, Site: attrs.Site, OverlayIP: attrs.OverlayIP.String()}
+	for _, r := range attrs.Routes {
+		entry.Routes = append(entry.Routes, r.String())
+	}
 	return ca.issue(tmpl, req.PublicKey, req.TTL, req.Now, entry, func(idx *caIndex) error {
 		for _, e := range idx.Certs {
 			if e.OverlayIP == entry.OverlayIP && e.Node != attrs.Node && e.RevokedAt == nil && e.NotAfter.After(req.Now) {
@@ -355,8 +359,49 @@ func (ca *CA) Issue(req IssueRequest) (*x509.Certificate, error) {
 					attrs.OverlayIP, e.Node, e.Serial, e.NotAfter.UTC().Format(time.RFC3339))
 			}
 		}
-		return nil
+		return routesFree(idx, attrs, req.Now)
 	})
+}
+
+// routesFree refuses routes that overlap those of another site's gateway.
+// The mesh settles such a conflict by certificate age (mesh's membership),
+// and every renewal makes a certificate the youngest: a CA that certified
+// both would hand a site's prefixes to the other at the first renewal.
+// Only each gateway's latest certificate counts, so that a site's
+// gateways re-issued without a prefix free it for another site at once.
+// Entries written before the index kept routes are not checked.
+func routesFree(idx *caIndex, attrs Attributes, now time.Time) error {
+	if len(attrs.Routes) == 0 {
+		return nil
+	}
+	latest := map[string]IssuedCert{}
+	for _, e := range idx.Certs {
+		if e.Kind != KindGateway && e.Kind != "" || e.Node == attrs.Node || e.RevokedAt != nil || !e.NotAfter.After(now) {
+			continue
+		}
+		if l, ok := latest[e.Node]; !ok || e.NotBefore.After(l.NotBefore) {
+			latest[e.Node] = e
+		}
+	}
+	for _, n := range slices.Sorted(maps.Keys(latest)) {
+		e := latest[n]
+		if e.Site == attrs.Site {
+			continue // a site's gateways share its routes
+		}
+		for _, s := range e.Routes {
+			held, err := netip.ParsePrefix(s)
+			if err != nil {
+				continue
+			}
+			for _, r := range attrs.Routes {
+				if r.Overlaps(held) {
+					return fmt.Errorf("route %s overlaps %s of site %s (node %q, serial %s, valid until %s): routes of two sites must not overlap; re-issue that site's gateways without it, or revoke their certificates, first",
+						r, held, e.Site, e.Node, e.Serial, e.NotAfter.UTC().Format(time.RFC3339))
+				}
+			}
+		}
+	}
+	return nil
 }
 
 // Kinds of certificates the CA issues.
@@ -447,6 +492,7 @@ type IssuedCert struct {
 	Node      string     `json:"node"`
 	Site      string     `json:"site"`
 	OverlayIP string     `json:"overlay_ip,omitempty"`
+	Routes    []string   `json:"routes,omitempty"`
 	NotBefore time.Time  `json:"not_before"`
 	NotAfter  time.Time  `json:"not_after"`
 	RevokedAt *time.Time `json:"revoked_at,omitempty"`

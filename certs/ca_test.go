@@ -138,6 +138,57 @@ func TestIssueBindsAttributes(t *testing.T) {
 	}
 }
 
+// TestIssueRefusesOverlappingRoutes: the CA does not certify a route
+// that overlaps another site's: the mesh would settle the conflict by
+// certificate age, which each renewal resets. A site's own gateways share
+// its routes; a gateway's latest certificate is what counts, so a site
+// re-issued without a prefix frees it; revoked and ended certificates
+// hold nothing; a gateway moving to another site takes its routes along.
+func TestIssueRefusesOverlappingRoutes(t *testing.T) {
+	ca := newTestCA(t)
+	at := t0
+	next := func() time.Time { at = at.Add(time.Minute); return at }
+	try := func(node, site, overlay string, routes ...string) error {
+		_, err := ca.IssueIdentity(testAttrs(node, site, overlay, routes...), time.Hour, next())
+		return err
+	}
+	refused := func(err error, want string) {
+		t.Helper()
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Fatalf("err = %v, want it to contain %q", err, want)
+		}
+	}
+	must := func(err error) {
+		t.Helper()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	must(try("gw-a1", "site-a", "100.96.0.1", "10.7.0.0/16"))
+	must(try("gw-a2", "site-a", "100.96.0.2", "10.7.0.0/16"))    // a sibling
+	must(try("gw-b1", "site-b", "100.96.0.3", "10.8.0.0/16"))    // no overlap
+	must(try("gw-short", "site-s", "100.96.0.4", "10.9.0.0/16")) // expires in an hour
+	refused(try("gw-b1", "site-b", "100.96.0.3", "10.7.1.0/24"), `route 10.7.1.0/24 overlaps 10.7.0.0/16 of site site-a (node "gw-a1"`)
+	refused(try("gw-b2", "site-b", "100.96.0.5", "10.0.0.0/8"), "overlaps 10.7.0.0/16 of site site-a")
+
+	must(try("gw-a1", "site-a", "100.96.0.1")) // re-issued without the prefix
+	refused(try("gw-b1", "site-b", "100.96.0.3", "10.7.1.0/24"), `node "gw-a2"`)
+	must(try("gw-a2", "site-a", "100.96.0.2")) // the whole site re-issued
+	must(try("gw-b1", "site-b", "100.96.0.3", "10.7.1.0/24"))
+
+	id := issue(t, ca, testAttrs("gw-x", "site-x", "100.96.0.7", "10.10.0.0/16"), next(), time.Hour)
+	refused(try("gw-y", "site-y", "100.96.0.8", "10.10.1.0/24"), "site site-x")
+	if _, err := ca.RevokeSerials([]*big.Int{id.Certificate().SerialNumber}, "keyCompromise", next()); err != nil {
+		t.Fatal(err)
+	}
+	must(try("gw-y", "site-y", "100.96.0.8", "10.10.1.0/24"))
+
+	must(try("gw-b1", "site-c", "100.96.0.3", "10.7.1.0/24")) // moved, routes and all
+	refused(try("gw-d1", "site-d", "100.96.0.6", "10.9.1.0/24"), `site site-s`)
+	at = at.Add(2 * time.Hour)
+	must(try("gw-d1", "site-d", "100.96.0.6", "10.9.1.0/24")) // gw-short's certificate has ended
+}
+
 func TestIssueRejectsBadInput(t *testing.T) {
 	ca := newTestCA(t)
 	issue(t, ca, testAttrs("gw1", "onprem-zrh", "100.96.0.10"), t0, time.Hour)

@@ -12,6 +12,7 @@ import (
 	"maps"
 	"math/big"
 	"net/netip"
+	"os"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -22,17 +23,48 @@ import (
 )
 
 type fixture struct {
-	t   *testing.T
-	ca  *certs.CA
-	now time.Time
+	t       *testing.T
+	ca      *certs.CA
+	now     time.Time
+	caFiles map[string][]byte // the CA directory as it began
 }
 
 func newFixture(t *testing.T) *fixture {
-	ca, err := certs.InitCA(filepath.Join(t.TempDir(), "ca"), certs.InitOptions{Now: now.Add(-24 * time.Hour)})
+	dir := filepath.Join(t.TempDir(), "ca")
+	ca, err := certs.InitCA(dir, certs.InitOptions{Now: now.Add(-24 * time.Hour)})
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &fixture{t: t, ca: ca, now: now}
+	files := map[string][]byte{}
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range entries {
+		if files[e.Name()], err = os.ReadFile(filepath.Join(dir, e.Name())); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return &fixture{t: t, ca: ca, now: now, caFiles: files}
+}
+
+// blind is the same CA (key, certificate) with an index of its own, as
+// f.ca's was when the fixture began: it certifies claims that overlap
+// those f.ca issued, as a Vault PKI role that lets gateways choose their
+// routes does, so that the membership's handling of such conflicts can
+// be tested.
+func (f *fixture) blind() *certs.CA {
+	dir := f.t.TempDir()
+	for name, b := range f.caFiles {
+		if err := os.WriteFile(filepath.Join(dir, name), b, 0o600); err != nil {
+			f.t.Fatal(err)
+		}
+	}
+	ca, err := certs.OpenCA(dir)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	return ca
 }
 
 func (f *fixture) trust() *certs.TrustBundle {
@@ -45,11 +77,15 @@ func (f *fixture) trust() *certs.TrustBundle {
 
 // identity issues a gateway identity at time at.
 func (f *fixture) identity(node, site string, host byte, at time.Time, routes ...string) *certs.NodeIdentity {
+	return f.identityBy(f.ca, node, site, host, at, routes...)
+}
+
+func (f *fixture) identityBy(ca *certs.CA, node, site string, host byte, at time.Time, routes ...string) *certs.NodeIdentity {
 	a := certs.Attributes{Node: node, Site: site, Region: "r", Provider: "aws", Jurisdiction: "DE", OverlayIP: netip.AddrFrom4([4]byte{100, 96, 0, host})}
 	for _, r := range routes {
 		a.Routes = append(a.Routes, netip.MustParsePrefix(r))
 	}
-	id, err := f.ca.IssueIdentity(a, 48*time.Hour, at)
+	id, err := ca.IssueIdentity(a, 48*time.Hour, at)
 	if err != nil {
 		f.t.Fatal(err)
 	}
@@ -395,7 +431,7 @@ func TestMembershipRetriesNotYetValid(t *testing.T) {
 func TestMembershipConflicts(t *testing.T) {
 	f := newFixture(t)
 	old := f.identity("gw-old", "site-a", 1, f.now.Add(-3*time.Hour), "10.7.0.0/16")
-	young := f.identity("gw-young", "site-b", 2, f.now.Add(-time.Hour), "10.7.1.0/24")
+	young := f.identityBy(f.blind(), "gw-young", "site-b", 2, f.now.Add(-time.Hour), "10.7.1.0/24")
 	sibling := f.identity("gw-sibling", "site-a", 3, f.now.Add(-time.Hour), "10.7.0.0/16")
 	for _, order := range [][]*certs.NodeIdentity{{old, young, sibling}, {young, sibling, old}, {sibling, young, old}} {
 		ms := newMembership("self", f.trust(), func() time.Time { return f.now }, func() {})
@@ -1154,7 +1190,7 @@ func TestMembershipTrustsNewCA(t *testing.T) {
 func TestMembershipConflictChain(t *testing.T) {
 	f := newFixture(t)
 	a := f.identity("gw-c", "site-a", 1, f.now.Add(-3*time.Hour), "10.7.0.0/24")
-	b := f.identity("gw-b", "site-b", 2, f.now.Add(-2*time.Hour), "10.7.0.0/23")
+	b := f.identityBy(f.blind(), "gw-b", "site-b", 2, f.now.Add(-2*time.Hour), "10.7.0.0/23")
 	c := f.identity("gw-a", "site-c", 3, f.now.Add(-time.Hour), "10.7.1.0/24")
 	ms := newMembership("self", f.trust(), func() time.Time { return f.now }, func() {})
 	for _, id := range []*certs.NodeIdentity{a, b, c} {
