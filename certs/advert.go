@@ -22,6 +22,29 @@ const MaxAdvertSize = 512
 // next key with its tag and length.
 const NextWGKeySize = 2 + WGKeyLen
 
+// LargestSize is the most a gateway's adverts can take with the claims of
+// raw (names, routes, endpoints): with a next WireGuard key (a rotation),
+// the largest load figure, and the longest ECDSA P-256 signature (DER, 72
+// bytes; they vary by a few). A gateway checks it at start, so that its
+// first rotation under load does not find the advert too large to sign.
+func LargestSize(raw []byte) (int, error) {
+	sa, err := DecodeAdvert(raw)
+	if err != nil {
+		return 0, err
+	}
+	n := len(sa.body) + 2 + 72
+	if sa.NextWireGuardKey.IsZero() {
+		n += NextWGKeySize
+	}
+	const maxLoad = 2 + 5 // tag, length, a uint32 as a varint
+	if sa.Load == 0 {
+		n += maxLoad
+	} else {
+		n += maxLoad - 2 - uvarintLen(uint64(sa.Load))
+	}
+	return n, nil
+}
+
 // advertDomain separates advert signatures from every other use of a
 // gateway key (TLS handshakes, audit records).
 const advertDomain = "skybridge advert v1\x00"
@@ -269,6 +292,9 @@ func DecodeAdvert(raw []byte) (*SignedAdvert, error) {
 				err = errors.New("bad WireGuard key length")
 			}
 			copy(a.WireGuardKey[:], v)
+			if err == nil && !canonicalKey(a.WireGuardKey) {
+				err = errWGKeyForm
+			}
 		case tagEndpoints:
 			a.Endpoints, err = decodeAddrPorts(v)
 		case tagCertHash:
@@ -289,11 +315,17 @@ func DecodeAdvert(raw []byte) (*SignedAdvert, error) {
 				err = errors.New("bad next WireGuard key length")
 			}
 			copy(a.NextWireGuardKey[:], v)
+			if err == nil && !canonicalKey(a.NextWireGuardKey) {
+				err = errWGKeyForm
+			}
 		case tagWGProof:
 			if len(v) != WGProofLen {
 				err = errors.New("bad WireGuard key proof length")
 			}
 			copy(a.WireGuardKeyProof[:], v)
+			if a.WireGuardKeyProof == (WGProof{}) {
+				err = errors.New("empty WireGuard key proof (an advert without one leaves the field out)")
+			}
 		case tagSignature:
 			if len(rest) != 0 {
 				err = errors.New("data after signature")

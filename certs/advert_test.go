@@ -49,14 +49,25 @@ func TestAdvertFitsGossipMeta(t *testing.T) {
 	ad := advertFor(id, 1<<62, t0)
 	ad.Endpoints = append(ad.Endpoints, netip.MustParseAddrPort("[2001:db8:1:2:3:4:5:6]:51820"), netip.MustParseAddrPort("203.0.113.7:443"))
 	plain := sign(t, ad, id)
-	raw := sign(t, rotating(ad), id)
-	t.Logf("advert with 16 routes and 4 endpoints: %d bytes, %d with a next WireGuard key", len(plain), len(raw))
-	if len(raw) > MaxAdvertSize {
-		t.Fatalf("advert is %d bytes", len(raw))
+	largest, err := LargestSize(plain)
+	if err != nil {
+		t.Fatal(err)
 	}
-	// ECDSA signatures vary in length by a byte or two.
-	if d := len(raw) - len(plain); d < NextWGKeySize-2 || d > NextWGKeySize+2 {
-		t.Fatalf("a next key added %d bytes, NextWGKeySize says %d", d, NextWGKeySize)
+	ad.Load = 1<<32 - 1
+	raw := sign(t, rotating(ad), id)
+	t.Logf("advert with 16 routes and 4 endpoints: %d bytes, %d with a next WireGuard key and the largest load, at most %d", len(plain), len(raw), largest)
+	if largest > MaxAdvertSize {
+		t.Fatalf("advert can reach %d bytes", largest)
+	}
+	// Signatures vary in length (DER): the bodies say what a next key
+	// and a load add.
+	p, _ := DecodeAdvert(plain)
+	r, _ := DecodeAdvert(raw)
+	if d := len(r.body) - len(p.body); d != NextWGKeySize+7 {
+		t.Fatalf("a next key and the largest load added %d bytes, NextWGKeySize and the load field say %d", d, NextWGKeySize+7)
+	}
+	if len(raw) > largest || largest-len(raw) > 72-len(r.sig) {
+		t.Fatalf("the largest advert is %d bytes with a %d-byte signature, LargestSize says %d", len(raw), len(r.sig), largest)
 	}
 
 	// Too many routes must be an error at signing time, never a truncated
@@ -92,6 +103,26 @@ func TestDecodeAdvertRejectsNonCanonical(t *testing.T) {
 		"duplicate field":           append(append([]byte(nil), raw[:3]...), raw...),
 		"data after signature":      append(append([]byte(nil), raw...), 0),
 		"length beyond end":         append(append([]byte(nil), sa.body...), tagSignature, 200, 1, 2),
+		// The proof is the body's last field: 64 zero bytes are no proof,
+		// which is written by leaving the field out.
+		"empty key proof": append(append(append([]byte(nil), sa.body[:len(sa.body)-WGProofLen]...), make([]byte, WGProofLen)...), raw[len(sa.body):]...),
+	}
+	// A key written another way than X25519 writes it (top bit set, or
+	// u + p): X25519 takes it for the same key, WireGuard and the mesh
+	// for another.
+	for name, mut := range map[string]func(*Advert){
+		"key with top bit":      func(a *Advert) { a.WireGuardKey[31] |= 0x80 },
+		"next key with top bit": func(a *Advert) { a.NextWireGuardKey = a.WireGuardKey; a.NextWireGuardKey[31] |= 0x80 },
+		"next key u+p": func(a *Advert) {
+			for i := range a.NextWireGuardKey {
+				a.NextWireGuardKey[i] = 0xff
+			}
+			a.NextWireGuardKey[0], a.NextWireGuardKey[31] = 0xee, 0x7f // p + 1
+		},
+	} {
+		a := advertFor(id, 3, t0)
+		mut(a)
+		cases[name] = sign(t, a, id)
 	}
 	for name, b := range cases {
 		if _, err := DecodeAdvert(b); ReasonOf(err) != ReasonMalformed {

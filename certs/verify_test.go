@@ -53,6 +53,19 @@ func TestVerifyAdvert(t *testing.T) {
 	someKey := func() WGPrivateKey { k, _ := GenerateWGKey(); return k }
 	goodRaw := signed(nil, good)
 	goodSeen := Seen{Version: 7, Digest: sha256.Sum256(goodRaw)}
+	// Another gateway in good standing naming good's key with good's
+	// proof, which names good's certificate. After good's advert, so
+	// that the shared cache has the proof (for good's certificate).
+	bystander := issue(t, ca, testAttrs("gw5", "aws-eu-central-1", "100.96.0.14"), now.Add(-time.Hour), 24*time.Hour)
+	copied := func() []byte {
+		sa, err := DecodeAdvert(goodRaw)
+		if err != nil {
+			t.Fatal(err)
+		}
+		a := advertFor(bystander, 7, now.Add(-time.Second))
+		a.WireGuardKey, a.WireGuardKeyProof = sa.WireGuardKey, sa.WireGuardKeyProof
+		return sign(t, a, bystander)
+	}()
 
 	tampered := append([]byte(nil), goodRaw...)
 	// Flip a bit inside the endpoint port: the advert still decodes, so
@@ -101,6 +114,7 @@ func TestVerifyAdvert(t *testing.T) {
 			a.WireGuardKey = k.Public()
 			a.WireGuardKeyProof, _ = ProveWGKey(k, revoked.Fingerprint())
 		}, good), cert: good, want: ReasonUnprovenKey},
+		{name: "names another's WireGuard key with that one's proof", raw: copied, cert: bystander, want: ReasonUnprovenKey},
 		{name: "no proof of its WireGuard key (an earlier release)", raw: signed(func(a *Advert) { a.WireGuardKeyProof = WGProof{} }, good), cert: good},
 
 		{name: "replayed older version", raw: goodRaw, cert: good, last: &Seen{Version: 8}, want: ReasonReplay},

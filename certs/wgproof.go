@@ -105,6 +105,16 @@ func xeddsaSign(k WGPrivateKey, msg []byte) (WGProof, error) {
 
 var errWGKeyForm = errors.New("not a usable Curve25519 public key")
 
+// canonicalKey reports whether pub is a u-coordinate below p with the top
+// bit clear, as X25519 makes public keys. X25519 takes other encodings of
+// the same u (top bit set, u + p) for the same key, while WireGuard and
+// the mesh tell peers apart by the 32 bytes: one key written two ways
+// would be two peers.
+func canonicalKey(pub WGPublicKey) bool {
+	u, err := new(fe.Element).SetBytes(pub[:])
+	return err == nil && bytes.Equal(u.Bytes(), pub[:])
+}
+
 // VerifyWGProof reports whether p proves possession of pub's private key
 // for the certificate whose SHA-256 is certHash.
 func VerifyWGProof(pub WGPublicKey, certHash [32]byte, p WGProof) error {
@@ -123,10 +133,10 @@ func VerifyWGProof(pub WGPublicKey, certHash [32]byte, p WGProof) error {
 // the top bit set) and points of small order are refused: a small-order
 // key has no secret to prove, and signatures under it can be forged.
 func edwardsOf(pub WGPublicKey) (ed25519.PublicKey, error) {
-	u, err := new(fe.Element).SetBytes(pub[:])
-	if err != nil || !bytes.Equal(u.Bytes(), pub[:]) {
+	if !canonicalKey(pub) {
 		return nil, errWGKeyForm
 	}
+	u, _ := new(fe.Element).SetBytes(pub[:])
 	// u = -1 has no Edwards image: Invert(0) is 0, y = 0, a point of
 	// order 4, which the cofactor check below refuses.
 	one := new(fe.Element).One()

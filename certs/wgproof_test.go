@@ -88,9 +88,17 @@ func TestWGProofRefusesUnusableKeys(t *testing.T) {
 		var pk WGPublicKey
 		b, _ := hex.DecodeString(key)
 		copy(pk[:], b)
+		// Asked directly: a proof made by another key fails whatever
+		// the key's form, so it would not show the form is refused.
+		if A, err := edwardsOf(pk); err == nil {
+			t.Errorf("%s: mapped to the Edwards key %x", name, A)
+		}
 		if err := VerifyWGProof(pk, certHash, p); err == nil {
 			t.Errorf("%s: accepted", name)
 		}
+	}
+	if _, err := edwardsOf(pub); err != nil {
+		t.Errorf("a key made by X25519 refused: %v", err)
 	}
 }
 

@@ -236,3 +236,38 @@ func TestPolicyTooLargeForGossip(t *testing.T) {
 		t.Fatalf("a policy of %d bytes: adopted %v, %v", len(src), ok, err)
 	}
 }
+
+// TestGatewayRefusesAdvertTooLargeToRotate: a gateway whose advert fits
+// but would not during a WireGuard key rotation under load refuses to
+// start, rather than fail its first scheduled rotation. Endpoints are
+// added one by one (19 bytes each, less than the 41 a rotation and the
+// largest load add): one count lands between the two limits.
+func TestGatewayRefusesAdvertTooLargeToRotate(t *testing.T) {
+	dir := t.TempDir()
+	ca := meshCA(t, dir)
+	tb, err := ca.TrustBundle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	long := strings.Repeat("x", 60)
+	s := liveSettings(t, filepath.Join(dir, "gw"))
+	s.Node = provisionGateway(t, ca, tb, certs.Attributes{Node: "gw", Site: "s-" + long, Region: "r-" + long, Provider: "onprem", Jurisdiction: "CH",
+		OverlayIP: netip.MustParseAddr("100.64.7.1")}, time.Hour, s.Identity.Dir)
+	s.Endpoints = nil
+	started := false
+	for i := range 8 {
+		s.Endpoints = append(s.Endpoints, netip.AddrPortFrom(netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 15: byte(i + 1)}), 51820))
+		g, err := newGateway(context.Background(), s, slog.New(slog.DiscardHandler), options{device: NewRecordingDevice("p"), noControl: true, noMigrations: true})
+		if err == nil {
+			started = true
+			g.prov.Close()
+			g.closeDevice()
+			continue
+		}
+		if !started || !strings.Contains(err.Error(), "during a WireGuard key rotation") {
+			t.Fatalf("with %d endpoints: %v; want a refusal to start naming the rotation, after a start with fewer", len(s.Endpoints), err)
+		}
+		return
+	}
+	t.Fatal("eight IPv6 endpoints and long names started: the test's advert is too small")
+}

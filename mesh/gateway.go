@@ -252,13 +252,14 @@ func newGateway(ctx context.Context, s *Settings, logger *slog.Logger, opt optio
 		prov.Close()
 		return nil, err
 	}
-	if _, next := g.wgKeys(); next.IsZero() {
-		// A key rotation adds the next key and its proof to the advert;
-		// found out here rather than at the first scheduled rotation.
-		if n := len(*g.advert.Load()) + certs.NextWGKeySize; n > certs.MaxAdvertSize {
-			prov.Close()
-			return nil, fmt.Errorf("our advert would be %d bytes during a WireGuard key rotation, more than the %d gossip carries: advertise fewer endpoints or routes, or use shorter names", n, certs.MaxAdvertSize)
+	// A key rotation adds the next key, load a figure: found out here
+	// rather than at the first scheduled rotation under load.
+	if n, err := certs.LargestSize(*g.advert.Load()); err != nil || n > certs.MaxAdvertSize {
+		prov.Close()
+		if err != nil {
+			return nil, err
 		}
+		return nil, fmt.Errorf("our advert can reach %d bytes (during a WireGuard key rotation, under load), more than the %d gossip carries: advertise fewer endpoints or routes, or use shorter names", n, certs.MaxAdvertSize)
 	}
 	if g.dev = opt.device; g.dev == nil {
 		g.dev, err = OpenDevice(DeviceOptions{

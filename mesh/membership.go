@@ -272,7 +272,7 @@ func (ms *membership) admitLocked(name string, meta []byte) (*certs.SignedAdvert
 	}
 	for _, o := range ms.members {
 		if o.name != name && o.state == StateVerified {
-			if why, byKey := conflict(o.verified, v); why != "" && wins(o.verified, o.name, v, name, byKey) {
+			if why := conflict(o.verified, v); why != "" && wins(o.verified, o.name, v, name) {
 				return sa, &conflictError{fmt.Sprintf("%s already held by %s", why, o.name)}
 			}
 		}
@@ -282,27 +282,35 @@ func (ms *membership) admitLocked(name string, meta []byte) (*certs.SignedAdvert
 
 // conflictLocked refuses a verified advert that claims an overlay IP, a
 // WireGuard key or a route of another site that a verified member with a
-// better standing (wins) holds, and refuses in turn the verified members
-// that this one beats. The rule is deterministic, so every gateway keeps the
-// same claimant whatever order adverts arrive in.
+// better standing (wins) holds, and else refuses in turn the verified
+// members that this one beats: only once none beats it, so that it does
+// not refuse some and then lose to another. The standing is one order
+// over all members and claims, so every gateway keeps the same claimants
+// whatever order adverts arrive in (after a re-judgement, which takes
+// members in that order: see rejudgeLocked).
 func (ms *membership) conflictLocked(name string, v *certs.Verified) error {
 	if m := ms.members[name]; m != nil && m.state == StateVerified && sameClaims(m.verified, v) {
 		return nil
 	}
+	var beaten []*member
 	for _, o := range ms.members {
 		if o.name == name || o.state != StateVerified {
 			continue
 		}
-		why, byKey := conflict(o.verified, v)
+		why := conflict(o.verified, v)
 		if why == "" {
 			continue
 		}
-		if wins(o.verified, o.name, v, name, byKey) {
+		if wins(o.verified, o.name, v, name) {
 			return &conflictError{fmt.Sprintf("%s already held by %s", why, o.name)}
 		}
+		beaten = append(beaten, o)
+	}
+	for _, o := range beaten {
+		why := conflict(o.verified, v)
 		standing := "whose certificate is older"
-		if byKey && proven(v) && !proven(o.verified) {
-			standing = "which proves it holds the key"
+		if proven(v) && !proven(o.verified) {
+			standing = "which proves it holds its WireGuard key"
 		}
 		err := &conflictError{fmt.Sprintf("%s also claimed by %s, %s", why, name, standing)}
 		o.verified, o.state, o.reason, o.changed = nil, StateRefused, err.Error(), ms.now()
@@ -321,34 +329,35 @@ func (ms *membership) conflictLocked(name string, v *certs.Verified) error {
 func sameClaims(a, b *certs.Verified) bool {
 	return a != nil && b != nil && a.Cert.Equal(b.Cert) && a.Attributes.OverlayIP == b.Attributes.OverlayIP &&
 		a.Attributes.Site == b.Attributes.Site && slices.Equal(a.Advert.Routes, b.Advert.Routes) &&
-		a.Advert.WireGuardKey == b.Advert.WireGuardKey && a.Advert.NextWireGuardKey == b.Advert.NextWireGuardKey
+		a.Advert.WireGuardKey == b.Advert.WireGuardKey && a.Advert.NextWireGuardKey == b.Advert.NextWireGuardKey &&
+		proven(a) == proven(b)
 }
 
-// conflict says what two verified adverts both claim, or "", and whether
-// it is a WireGuard key. A key is a claim like an address: WireGuard keeps
-// one peer per public key, so two gateways with one key would share a
-// peer entry on every device. Next keys are not contested: a next key
-// that is someone's key is left out of the plans (addNextKeys), so that
-// a gateway cannot have another refused by naming that one's key.
-func conflict(a, b *certs.Verified) (why string, byKey bool) {
+// conflict says what two verified adverts both claim, or "". A WireGuard
+// key is a claim like an address: WireGuard keeps one peer per public
+// key, so two gateways with one key would share a peer entry on every
+// device. Next keys are not contested: a next key that is someone's key
+// is left out of the plans (addNextKeys), so that a gateway cannot have
+// another refused by naming that one's key.
+func conflict(a, b *certs.Verified) string {
 	aa, ba := a.Attributes, b.Attributes
 	if aa.OverlayIP == ba.OverlayIP {
-		return fmt.Sprintf("overlay IP %s", ba.OverlayIP), false
+		return fmt.Sprintf("overlay IP %s", ba.OverlayIP)
 	}
 	if a.Advert.WireGuardKey == b.Advert.WireGuardKey {
-		return fmt.Sprintf("WireGuard key %s", b.Advert.WireGuardKey), true
+		return fmt.Sprintf("WireGuard key %s", b.Advert.WireGuardKey)
 	}
 	if aa.Site == ba.Site {
-		return "", false // gateways of one site share its routes
+		return "" // gateways of one site share its routes
 	}
 	for _, r := range b.Advert.Routes {
 		for _, ar := range a.Advert.Routes {
 			if r.Overlaps(ar) {
-				return fmt.Sprintf("route %s (overlapping %s of site %s)", r, ar, aa.Site), false
+				return fmt.Sprintf("route %s (overlapping %s of site %s)", r, ar, aa.Site)
 			}
 		}
 	}
-	return "", false
+	return ""
 }
 
 // proven reports whether v's advert proves that its gateway holds its
@@ -356,21 +365,32 @@ func conflict(a, b *certs.Verified) (why string, byKey bool) {
 // an advert without one is a gateway of a release from before proofs.
 func proven(v *certs.Verified) bool { return v.Advert.WireGuardKeyProof != (certs.WGProof{}) }
 
-// wins reports whether claimant a keeps a contested claim against b: the
-// older certificate, then the lower name. For a WireGuard key, a claimant
-// that proves it holds the key first: else any gateway whose certificate
-// predates the holder's last renewal could take the key by naming it
-// (an earlier release's adverts carry no proof, so they are let in but
-// win no key from one that proves it). Two that both prove it hold one
-// key between them: a cloned disk.
-func wins(a *certs.Verified, an string, b *certs.Verified, bn string, byKey bool) bool {
-	if pa, pb := proven(a), proven(b); byKey && pa != pb {
-		return pa
+// wins reports whether claimant a keeps a contested claim against b. The
+// standing is one order over all claimants, whatever is contested (a mix
+// of orders, one per kind of claim, would let the order of arrival decide
+// between three claimants): a gateway that proves it holds its WireGuard
+// key first, then the older certificate, then the lower name. Proof
+// first, because any gateway whose certificate predates another's last
+// renewal could otherwise take that one's key by naming it. Adverts of
+// earlier releases carry no proof: they are let in, but rank below every
+// gateway that has upgraded, for any claim. Two that both prove one key
+// hold it between them: a cloned disk, which age settles.
+func wins(a *certs.Verified, an string, b *certs.Verified, bn string) bool {
+	return standing(a, an, b, bn) < 0
+}
+
+// standing compares two claimants: negative if a ranks first.
+func standing(a *certs.Verified, an string, b *certs.Verified, bn string) int {
+	if pa, pb := proven(a), proven(b); pa != pb {
+		if pa {
+			return -1
+		}
+		return 1
 	}
 	if c := a.Cert.NotBefore.Compare(b.Cert.NotBefore); c != 0 {
-		return c < 0
+		return c
 	}
-	return an < bn
+	return cmp.Compare(an, bn)
 }
 
 // update records a member as alive with its current meta (join or update)
@@ -951,25 +971,30 @@ func (ms *membership) rejudgeLocked() (changed bool) {
 		m.verified, m.state = nil, ""
 		all = append(all, m)
 	}
-	// By age: each member meets only older claimants, as when adverts
-	// arrive one by one. In name order a member could be refused by a
-	// rival that an older one refuses in turn, and stay refused while
+	// By standing (wins: proof, then age, then name): each member meets
+	// only claimants that rank above it, as when adverts arrive one by
+	// one in that order. In name order a member could be refused by a
+	// rival that a better one refuses in turn, and stay refused while
 	// that rival is.
-	start := func(m *member) time.Time {
+	start := func(m *member) (proof bool, at time.Time) {
 		if v := prev[m].v; m.renewing && v != nil {
-			return v.Cert.NotBefore // judged on the certificate it renews meanwhile
+			return proven(v), v.Cert.NotBefore // judged on the certificate it renews meanwhile
 		}
 		if m.advert != nil {
 			if c := ms.certs[m.advert.CertHash]; c != nil {
-				return c.NotBefore
+				return m.advert.WireGuardKeyProof != (certs.WGProof{}), c.NotBefore
 			}
 		}
-		return time.Time{}
+		return false, time.Time{}
 	}
 	slices.SortFunc(all, func(a, b *member) int {
-		sa, sb := start(a), start(b)
+		pa, sa := start(a)
+		pb, sb := start(b)
 		if az, bz := sa.IsZero(), sb.IsZero(); az != bz {
 			return cmp.Compare(b2i(az), b2i(bz)) // certificate unknown: last
+		}
+		if pa != pb {
+			return cmp.Compare(b2i(pb), b2i(pa)) // proven first
 		}
 		if c := sa.Compare(sb); c != 0 {
 			return c

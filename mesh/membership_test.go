@@ -1208,3 +1208,101 @@ func TestMembershipConflictChain(t *testing.T) {
 		ms.refresh()
 	}
 }
+
+// TestMembershipStandingIsOneOrder: conflicts of different kinds among
+// claimants with and without a proof of their WireGuard key. One order
+// ranks them all (proof, age, name), so whatever order the adverts arrive
+// in, a re-judgement leaves every gateway with the same members, and
+// further adverts and re-judgements do not make any of them flap. (With a
+// proof ranking first for keys only, and re-judgements by age, the first
+// case ended with gw-c refused by gw-a, itself refused.)
+func TestMembershipStandingIsOneOrder(t *testing.T) {
+	f := newFixture(t)
+	key := func() certs.WGPrivateKey { k, _ := certs.GenerateWGKey(); return k }
+	type claimant struct {
+		id     *certs.NodeIdentity
+		key    certs.WGPrivateKey
+		proven bool
+	}
+	cases := []struct {
+		name  string
+		build func() []claimant
+		want  map[string]MemberState
+	}{{
+		// An unproven elder holds a key a proven youngest holds too, and a
+		// route a proven middle one overlaps.
+		name: "unproven elder",
+		build: func() []claimant {
+			k := key()
+			return []claimant{
+				{f.identity("gw-a", "site-a", 1, f.now.Add(-3*time.Hour), "10.1.0.0/16"), k, false},
+				{f.identity("gw-b", "site-b", 2, f.now.Add(-time.Hour)), k, true},
+				{f.identityBy(f.blind(), "gw-c", "site-c", 3, f.now.Add(-2*time.Hour), "10.1.0.0/24"), key(), true},
+			}
+		},
+		want: map[string]MemberState{"gw-a": StateRefused, "gw-b": StateVerified, "gw-c": StateVerified},
+	}, {
+		// A proven middle one overlaps a proven youngest's route, which
+		// holds an unproven elder's key: the youngest loses the route, and
+		// the elder, rid of its only rival, keeps its key.
+		name: "chain",
+		build: func() []claimant {
+			k := key()
+			return []claimant{
+				{f.identity("gw-o1", "site-a", 4, f.now.Add(-3*time.Hour)), k, false},
+				{f.identity("gw-o2", "site-b", 5, f.now.Add(-2*time.Hour), "10.2.0.0/16"), key(), true},
+				{f.identityBy(f.blind(), "gw-v", "site-c", 6, f.now.Add(-time.Hour), "10.2.0.0/24"), k, true},
+			}
+		},
+		want: map[string]MemberState{"gw-o1": StateVerified, "gw-o2": StateVerified, "gw-v": StateRefused},
+	}, {
+		// Two unproven ones, the elder holding a route the other overlaps
+		// and a key a proven youngest holds: the elder loses the key, and
+		// the other, rid of its only rival, keeps its route. Taken by age,
+		// the other met the elder first and stayed refused by a loser.
+		name: "refused by a loser",
+		build: func() []claimant {
+			k := key()
+			return []claimant{
+				{f.identity("gw-n", "site-a", 7, f.now.Add(-3*time.Hour), "10.3.0.0/16"), k, false},
+				{f.identityBy(f.blind(), "gw-m", "site-b", 8, f.now.Add(-2*time.Hour), "10.3.0.0/24"), key(), false},
+				{f.identity("gw-p", "site-c", 9, f.now.Add(-time.Hour)), k, true},
+			}
+		},
+		want: map[string]MemberState{"gw-n": StateRefused, "gw-m": StateVerified, "gw-p": StateVerified},
+	}}
+	for _, tc := range cases {
+		cl := tc.build()
+		advert := func(c claimant, version uint64) []byte {
+			if c.proven {
+				return f.advertWithKeys(c.id, version, c.key, certs.WGPublicKey{})
+			}
+			return f.advertClaiming(c.id, version, c.key.Public(), certs.WGProof{}, certs.WGPublicKey{})
+		}
+		for _, order := range [][]int{{0, 1, 2}, {0, 2, 1}, {1, 0, 2}, {1, 2, 0}, {2, 0, 1}, {2, 1, 0}} {
+			ms := newMembership("self", f.trust(), func() time.Time { return f.now }, func() {})
+			for _, i := range order {
+				ms.addCert(cl[i].id.Certificate().Raw)
+				ms.update(cl[i].id.Attributes().Node, gossipAddr, advert(cl[i], 1))
+			}
+			check := func(when string) {
+				t.Helper()
+				got := states(ms)
+				for n, s := range tc.want {
+					if got[n] != s {
+						t.Fatalf("%s, arrival %v, %s: %s is %s, want %s (%v)", tc.name, order, when, n, got[n], s, got)
+					}
+				}
+			}
+			for pass := range 3 {
+				ms.refresh()
+				check(fmt.Sprintf("re-judgement %d", pass))
+				// Each sends a new advert of the same claims.
+				for _, i := range order {
+					ms.update(cl[i].id.Attributes().Node, gossipAddr, advert(cl[i], uint64(pass+2)))
+				}
+				check(fmt.Sprintf("new adverts %d", pass))
+			}
+		}
+	}
+}

@@ -267,7 +267,7 @@ func Compute(in TopologyInput) Plan {
 // dropSharedKeys removes each peer whose key is ours or an earlier
 // peer's (peers are sorted by name): WireGuard keeps one peer per public
 // key, and a second entry would take over the first one's allowed IPs and
-// endpoint. Membership refuses the younger claimant of a key (conflict);
+// endpoint. Membership refuses all but one claimant of a key (wins);
 // this keeps the device sane whatever reaches it. The peers are copied
 // only if one goes.
 //
@@ -314,15 +314,18 @@ func dropSharedKeys(peers []Node, self Node, plan *Plan) []Node {
 // addNextKeys adds an entry for each peer's next key (a rotation in
 // progress), beside its current one.
 // A next key that is already someone's key (one of ours, or a peer's
-// current or next one) is left out: WireGuard keys peers by public key,
-// and a second entry with that key would take over the other peer's.
-// Next keys carry no proof of possession (certs.Advert), so this is what
-// keeps a gateway from taking another's entry by naming its key.
+// current one) is left out: WireGuard keys peers by public key, and a
+// second entry with that key would take over the other peer's. So is a
+// next key that two peers name, for both: next keys carry no proof of
+// possession (certs.Advert), and the first by name would otherwise take
+// the entry, and the acknowledgement, of the one rotating to it.
 func addNextKeys(plan *Plan, self Node, members []*Node) {
 	next := map[string]*Node{}
+	claims := map[certs.WGPublicKey]int{}
 	for _, m := range members {
 		if k := m.Advert.NextWireGuardKey; k != (certs.WGPublicKey{}) && k != m.Advert.WireGuardKey {
 			next[m.node()] = m
+			claims[k]++
 		}
 	}
 	if len(next) == 0 {
@@ -338,12 +341,14 @@ func addNextKeys(plan *Plan, self Node, members []*Node) {
 		if !ok {
 			continue
 		}
-		if k := m.Advert.NextWireGuardKey; taken[k] {
+		switch k := m.Advert.NextWireGuardKey; {
+		case taken[k]:
 			plan.Conflicts = append(plan.Conflicts, fmt.Sprintf("%s advertises %s as its next WireGuard key, which is already in use; ignored", pc.Node, k))
-			continue
+		case claims[k] > 1:
+			plan.Conflicts = append(plan.Conflicts, fmt.Sprintf("%s advertises %s as its next WireGuard key, as another gateway does; ignored for both", pc.Node, k))
+		default:
+			plan.Peers = append(plan.Peers, PeerConfig{Node: pc.Node, Site: pc.Site, PublicKey: k, Endpoint: pc.Endpoint, Keepalive: pc.Keepalive, Next: true})
 		}
-		taken[m.Advert.NextWireGuardKey] = true
-		plan.Peers = append(plan.Peers, PeerConfig{Node: pc.Node, Site: pc.Site, PublicKey: m.Advert.NextWireGuardKey, Endpoint: pc.Endpoint, Keepalive: pc.Keepalive, Next: true})
 	}
 }
 

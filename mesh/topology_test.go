@@ -410,22 +410,23 @@ exception "iad-dr" {
 
 // TestNextKeys: a peer rotating its key gets a second entry for the next
 // key, with no allowed IPs; a next key that is already someone's key (a
-// peer's, one of ours, another peer's next one) is left out, so that no
-// member can take over another's entry. Next keys carry no proof of
-// possession: this is what protects them.
+// peer's, one of ours) is left out, and one that two peers name is left
+// out for both, so that no member can take over another's entry. Next
+// keys carry no proof of possession: this is what protects them.
 func TestNextKeys(t *testing.T) {
 	rotating, thief := fra1, iad1
 	rotating.Advert.NextWireGuardKey = certs.WGPublicKey{0x42}
 	thief.Advert.NextWireGuardKey = zrh2.Advert.WireGuardKey // another peer's key
 	selfThief := fra2
 	selfThief.Advert.NextWireGuardKey = zrh1.Advert.WireGuardKey // ours
-	nextThief := gva1
+	nextThief := sbs1
 	nextThief.Advert.NextWireGuardKey = certs.WGPublicKey{0x77} // ours, the one we are rotating to
-	copycat := sbs1
-	copycat.Advert.NextWireGuardKey = rotating.Advert.NextWireGuardKey // fra-1's next, which comes first
+	victim, copycat := zrh2, gva1                               // gva-1 comes first by name
+	victim.Advert.NextWireGuardKey = certs.WGPublicKey{0x55}
+	copycat.Advert.NextWireGuardKey = victim.Advert.NextWireGuardKey
 	self := zrh1
 	self.Advert.NextWireGuardKey = certs.WGPublicKey{0x77}
-	plan := Compute(TopologyInput{Self: self, Peers: []Node{rotating, thief, zrh2, selfThief, nextThief, copycat}, Now: now, MeshPrefix: mesh16})
+	plan := Compute(TopologyInput{Self: self, Peers: []Node{rotating, thief, victim, selfThief, nextThief, copycat}, Now: now, MeshPrefix: mesh16})
 	var next []PeerConfig
 	for _, pc := range plan.Peers {
 		if pc.Next {
@@ -435,8 +436,8 @@ func TestNextKeys(t *testing.T) {
 	if len(next) != 1 || next[0].Node != "fra-1" || next[0].PublicKey != (certs.WGPublicKey{0x42}) || len(next[0].AllowedIPs) != 0 {
 		t.Fatalf("next-key entries %+v, want only fra-1's, routing nothing", next)
 	}
-	if len(plan.Conflicts) != 4 {
-		t.Errorf("conflicts %v, want the four taken keys reported", plan.Conflicts)
+	if len(plan.Conflicts) != 5 {
+		t.Errorf("conflicts %v, want the three taken keys and the twice-named one (twice) reported", plan.Conflicts)
 	}
 	for _, pc := range plan.Peers {
 		if pc.Node == "zrh-2" && pc.PublicKey != zrh2.Advert.WireGuardKey {

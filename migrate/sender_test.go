@@ -103,7 +103,8 @@ func TestSendUnderCapSlowerThanStallTimeout(t *testing.T) {
 // crosses, either way; with a rate, what goes to the receiver is paced.
 type relay struct {
 	frozen  atomic.Bool
-	rate    int // bytes a second, 0: as fast as it comes
+	swallow atomic.Bool // read what comes, either way, and deliver none of it
+	rate    int         // bytes a second, 0: as fast as it comes
 	release chan struct{}
 }
 
@@ -135,7 +136,7 @@ func (p *pair) relay(t *testing.T, r *relay) netip.AddrPort {
 				return
 			}
 			n, err := src.Read(buf)
-			if n > 0 && !r.frozen.Load() {
+			if n > 0 && !r.frozen.Load() && !r.swallow.Load() {
 				dst.Write(buf[:n])
 				if rate > 0 {
 					time.Sleep(time.Duration(n) * time.Second / time.Duration(rate))
@@ -231,6 +232,46 @@ func TestSenderDetectsStalledReceiver(t *testing.T) {
 		t.Logf("after %s: %v", time.Since(start).Round(time.Millisecond), err)
 	case <-time.After(30 * time.Second):
 		t.Fatal("the sender did not give up on a receiver that stopped reading")
+	}
+}
+
+// TestKeepalivesAreNoProgress: a path that takes every byte and delivers
+// none (a receiver whose host still takes bytes while its process is
+// wedged, a middlebox that black-holes) is a stall too. The sender's
+// keepalives go through such a path; they must not count as data taken,
+// or a sender with nothing left to send but unacknowledged chunks would
+// wait for ever.
+func TestKeepalivesAreNoProgress(t *testing.T) {
+	stallAfter(t, time.Second)
+	// Keepalives every 100 ms, a tenth of the stall timeout.
+	p := newPairWith(t, "DE", func(c *ReceiverConfig) { c.IdleTimeout = 400 * time.Millisecond })
+	r := &relay{}
+	addr := p.relay(t, r)
+	raw := filepath.Join(p.dir, "vm.raw")
+	data := make([]byte, 64<<20)
+	rand.Read(data)
+	if err := os.WriteFile(raw, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cfg := p.config(raw, "pii-eu")
+	cfg.To.Addr = addr
+	cfg.Progress = func(pr Progress) {
+		if pr.Stats.ChunksDone >= 2 {
+			r.swallow.Store(true)
+		}
+	}
+	res := make(chan error, 1)
+	go func() {
+		_, err := Send(context.Background(), cfg)
+		res <- err
+	}()
+	select {
+	case err := <-res:
+		if err == nil || !strings.Contains(err.Error(), "stopped taking data") {
+			t.Fatalf("the migration through a path that delivers nothing: %v; want it failed for the stall", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("the sender's keepalives kept a migration that nothing acknowledged waiting")
 	}
 }
 
