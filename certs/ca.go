@@ -368,7 +368,8 @@ func (ca *CA) Issue(req IssueRequest) (*x509.Certificate, error) {
 // and every renewal makes a certificate the youngest: a CA that certified
 // both would hand a site's prefixes to the other at the first renewal.
 // Only each gateway's latest certificate counts, so that a site's
-// gateways re-issued without a prefix free it for another site at once.
+// gateways re-issued without a prefix free it for another site here (the
+// mesh moves it once they run the new certificates).
 // Entries written before the index kept routes are not checked.
 func routesFree(idx *caIndex, attrs Attributes, now time.Time) error {
 	if len(attrs.Routes) == 0 {
@@ -379,7 +380,8 @@ func routesFree(idx *caIndex, attrs Attributes, now time.Time) error {
 		if e.Kind != KindGateway && e.Kind != "" || e.Node == attrs.Node || e.RevokedAt != nil || !e.NotAfter.After(now) {
 			continue
 		}
-		if l, ok := latest[e.Node]; !ok || e.NotBefore.After(l.NotBefore) {
+		// Later in the index is later issued: NotBefore is to the second.
+		if l, ok := latest[e.Node]; !ok || !e.NotBefore.Before(l.NotBefore) {
 			latest[e.Node] = e
 		}
 	}
@@ -395,7 +397,7 @@ func routesFree(idx *caIndex, attrs Attributes, now time.Time) error {
 			}
 			for _, r := range attrs.Routes {
 				if r.Overlaps(held) {
-					return fmt.Errorf("route %s overlaps %s of site %s (node %q, serial %s, valid until %s): routes of two sites must not overlap; re-issue that site's gateways without it, or revoke their certificates, first",
+					return fmt.Errorf("route %s overlaps %s of site %s (node %q, serial %s, valid until %s): routes of two sites must not overlap; re-issue that site's gateways without it first (the mesh moves it once they run the new certificates), or revoke their certificates",
 						r, held, e.Site, e.Node, e.Serial, e.NotAfter.UTC().Format(time.RFC3339))
 				}
 			}

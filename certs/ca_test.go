@@ -183,6 +183,18 @@ func TestIssueRefusesOverlappingRoutes(t *testing.T) {
 	}
 	must(try("gw-y", "site-y", "100.96.0.8", "10.10.1.0/24"))
 
+	// Re-issued within the second (NotBefore's precision): the later
+	// entry is the latest.
+	same := next()
+	for _, routes := range [][]netip.Prefix{{netip.MustParsePrefix("10.11.0.0/16")}, nil} {
+		a := testAttrs("gw-z", "site-z", "100.96.0.9")
+		a.Routes = routes
+		if _, err := ca.IssueIdentity(a, time.Hour, same); err != nil {
+			t.Fatal(err)
+		}
+	}
+	must(try("gw-w", "site-w", "100.96.0.10", "10.11.1.0/24"))
+
 	must(try("gw-b1", "site-c", "100.96.0.3", "10.7.1.0/24")) // moved, routes and all
 	refused(try("gw-d1", "site-d", "100.96.0.6", "10.9.1.0/24"), `site site-s`)
 	at = at.Add(2 * time.Hour)

@@ -239,9 +239,10 @@ func TestPolicyTooLargeForGossip(t *testing.T) {
 
 // TestGatewayRefusesAdvertTooLargeToRotate: a gateway whose advert fits
 // but would not during a WireGuard key rotation under load refuses to
-// start, rather than fail its first scheduled rotation. Endpoints are
-// added one by one (19 bytes each, less than the 41 a rotation and the
-// largest load add): one count lands between the two limits.
+// start, rather than fail its first scheduled rotation. The site's name
+// grows a byte at a time, so the first refusal comes at the first size
+// too large, which also shows the advert and the rotation's key alone
+// would have fitted: the load figure and the longest signature count.
 func TestGatewayRefusesAdvertTooLargeToRotate(t *testing.T) {
 	dir := t.TempDir()
 	ca := meshCA(t, dir)
@@ -249,25 +250,28 @@ func TestGatewayRefusesAdvertTooLargeToRotate(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	long := strings.Repeat("x", 60)
-	s := liveSettings(t, filepath.Join(dir, "gw"))
-	s.Node = provisionGateway(t, ca, tb, certs.Attributes{Node: "gw", Site: "s-" + long, Region: "r-" + long, Provider: "onprem", Jurisdiction: "CH",
-		OverlayIP: netip.MustParseAddr("100.64.7.1")}, time.Hour, s.Identity.Dir)
-	s.Endpoints = nil
-	started := false
-	for i := range 8 {
-		s.Endpoints = append(s.Endpoints, netip.AddrPortFrom(netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 15: byte(i + 1)}), 51820))
+	last := 0 // the advert of the last gateway that started
+	for n := 1; n <= 60; n++ {
+		s := liveSettings(t, filepath.Join(dir, fmt.Sprintf("gw%d", n)))
+		s.Node = provisionGateway(t, ca, tb, certs.Attributes{Node: "gw", Site: "s" + strings.Repeat("x", n), Region: "r-" + strings.Repeat("y", 60),
+			Provider: "onprem", Jurisdiction: "CH", OverlayIP: netip.MustParseAddr("100.64.7.1")}, time.Hour, s.Identity.Dir)
+		for i := range 5 {
+			s.Endpoints = append(s.Endpoints, netip.AddrPortFrom(netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 15: byte(i + 1)}), 51820))
+		}
 		g, err := newGateway(context.Background(), s, slog.New(slog.DiscardHandler), options{device: NewRecordingDevice("p"), noControl: true, noMigrations: true})
 		if err == nil {
-			started = true
+			last = len(*g.advert.Load())
 			g.prov.Close()
 			g.closeDevice()
 			continue
 		}
-		if !started || !strings.Contains(err.Error(), "during a WireGuard key rotation") {
-			t.Fatalf("with %d endpoints: %v; want a refusal to start naming the rotation, after a start with fewer", len(s.Endpoints), err)
+		if last == 0 || !strings.Contains(err.Error(), "during a WireGuard key rotation") {
+			t.Fatalf("site name of %d bytes: %v; want a refusal to start naming the rotation, after a start with a shorter name", n+1, err)
+		}
+		if last+1+certs.NextWGKeySize > certs.MaxAdvertSize {
+			t.Fatalf("the refused advert would not have fitted with the next key alone (%d+1 bytes before): the test does not show the load and signature count", last)
 		}
 		return
 	}
-	t.Fatal("eight IPv6 endpoints and long names started: the test's advert is too small")
+	t.Fatal("a 61-byte site name started: the test's advert is too small")
 }

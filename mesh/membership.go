@@ -106,9 +106,9 @@ func newMembership(self string, tb *certs.TrustBundle, now func() time.Time, onC
 // admit decides whether memberlist may take an alive message with this
 // meta at all (the AliveDelegate). It refuses what can already be known to
 // be bad — undecodable, a name that differs from the advert's, a refused
-// certificate, a failed verification, a replay, a conflict — and lets a
-// member whose certificate has not arrived yet in as pending, to be
-// verified once it has.
+// certificate, a failed verification, a replay — and lets a member whose
+// certificate has not arrived yet in as pending, to be verified once it
+// has. A conflict with another member is judged once it is in.
 //
 // A member unknown until its first alive message is refused is listed as
 // refused all the same (memberlist never reports it joining): whether an
@@ -263,21 +263,12 @@ func (ms *membership) admitLocked(name string, meta []byte) (*certs.SignedAdvert
 	if m := ms.members[name]; m != nil {
 		last = m.seen
 	}
-	v, err := ms.cache.VerifyAdvert(meta, cert, ms.trust, ms.now(), last)
-	if err != nil {
-		return sa, err
-	}
-	if m := ms.members[name]; m != nil && m.state == StateVerified && sameClaims(m.verified, v) {
-		return sa, nil // holds these claims already; nothing new to contest
-	}
-	for _, o := range ms.members {
-		if o.name != name && o.state == StateVerified {
-			if why := conflict(o.verified, v); why != "" && wins(o.verified, o.name, v, name) {
-				return sa, &conflictError{fmt.Sprintf("%s already held by %s", why, o.name)}
-			}
-		}
-	}
-	return sa, nil
+	// A conflict is not refused here but once in (judgeLocked): a member
+	// refused at the door is not re-judged when the one that beat it is
+	// refused in turn, and would stay refused or not by the order the
+	// adverts came in.
+	_, err = ms.cache.VerifyAdvert(meta, cert, ms.trust, ms.now(), last)
+	return sa, err
 }
 
 // conflictLocked refuses a verified advert that claims an overlay IP, a
@@ -292,6 +283,12 @@ func (ms *membership) conflictLocked(name string, v *certs.Verified) error {
 	if m := ms.members[name]; m != nil && m.state == StateVerified && sameClaims(m.verified, v) {
 		return nil
 	}
+	return ms.contestLocked(name, v)
+}
+
+// contestLocked is conflictLocked without its short-cut for claims the
+// member holds already.
+func (ms *membership) contestLocked(name string, v *certs.Verified) error {
 	var beaten []*member
 	for _, o := range ms.members {
 		if o.name == name || o.state != StateVerified {
@@ -313,7 +310,8 @@ func (ms *membership) conflictLocked(name string, v *certs.Verified) error {
 			standing = "which proves it holds its WireGuard key"
 		}
 		err := &conflictError{fmt.Sprintf("%s also claimed by %s, %s", why, name, standing)}
-		o.verified, o.state, o.reason, o.changed = nil, StateRefused, err.Error(), ms.now()
+		// Not renewing any more: refused, it stands on no advert.
+		o.verified, o.state, o.reason, o.changed, o.renewing = nil, StateRefused, err.Error(), ms.now(), false
 		if ms.onRefuse != nil {
 			ms.onRefuse(o.name, "conflict", err)
 		}
@@ -485,6 +483,13 @@ func (ms *membership) judgeLocked(m *member) (needCert bool) {
 		// for as long as the fetch takes, at every renewal.
 		if prev == StateVerified && m.verified != nil {
 			if _, err := ms.cache.VerifyCertificate(ms.trust, m.verified.Cert, ms.now()); err == nil {
+				// Contested as it stands: a re-judgement meets members
+				// afresh, and one that it beats may have been let in.
+				if err := ms.contestLocked(m.name, m.verified); err != nil {
+					m.renewing = false
+					ms.refuseLocked(m, prev, err)
+					return false
+				}
 				m.renewing = true
 				return true
 			}
@@ -522,8 +527,8 @@ func (ms *membership) refuseLocked(m *member, prev MemberState, err error) {
 	}
 }
 
-// conflictError refuses a claim (overlay IP, route) that an older
-// certificate holds.
+// conflictError refuses a claim (overlay IP, WireGuard key, route) that a
+// member of better standing holds (wins).
 type conflictError struct{ msg string }
 
 func (e *conflictError) Error() string { return e.msg }
@@ -954,8 +959,8 @@ func (ms *membership) forgetEndedLocked() (forgot bool) {
 // ever tried would be kept for good.
 const refusedKept = time.Hour
 
-// rejudgeLocked judges every member again, oldest certificate first so the
-// deterministic conflict rule sees incumbents before newcomers.
+// rejudgeLocked judges every member again, in the order of their standing
+// (wins), so that each meets the claimants that rank above it first.
 func (ms *membership) rejudgeLocked() (changed bool) {
 	type was struct {
 		state  MemberState

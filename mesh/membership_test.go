@@ -1306,3 +1306,71 @@ func TestMembershipStandingIsOneOrder(t *testing.T) {
 		}
 	}
 }
+
+// TestMembershipConflictsJudgedOnceIn: a conflict is judged once a member
+// is in, not at memberlist's door, so that a re-judgement meets it again.
+// H beats O, O beats X, H and X do not conflict: whatever order their
+// alive messages come in, X ends verified. Refused at the door when O
+// came first, X stayed refused after O lost to H.
+func TestMembershipConflictsJudgedOnceIn(t *testing.T) {
+	f := newFixture(t)
+	h := f.identity("gw-h", "site-h", 1, f.now.Add(-3*time.Hour), "10.6.0.0/16")
+	o := f.identityBy(f.blind(), "gw-o", "site-o", 2, f.now.Add(-2*time.Hour), "10.6.1.0/24", "10.7.0.0/16")
+	x := f.identityBy(f.blind(), "gw-x", "site-x", 3, f.now.Add(-time.Hour), "10.7.1.0/24")
+	ads := map[string][]byte{"gw-h": f.advert(h, 1), "gw-o": f.advert(o, 1), "gw-x": f.advert(x, 1)}
+	for _, order := range [][]string{{"gw-o", "gw-x", "gw-h"}, {"gw-h", "gw-x", "gw-o"}, {"gw-x", "gw-o", "gw-h"}} {
+		ms := newMembership("self", f.trust(), func() time.Time { return f.now }, func() {})
+		for _, id := range []*certs.NodeIdentity{h, o, x} {
+			ms.addCert(id.Certificate().Raw)
+		}
+		for _, n := range order {
+			if err := ms.admit(n, gossipAddr, ads[n]); err != nil {
+				t.Fatalf("%v: %s refused at the door: %v", order, n, err)
+			}
+			ms.update(n, gossipAddr, ads[n])
+		}
+		ms.refresh()
+		want := map[string]MemberState{"gw-h": StateVerified, "gw-o": StateRefused, "gw-x": StateVerified}
+		if got := states(ms); !maps.Equal(got, want) {
+			t.Errorf("arrival %v, after a re-judgement: %v, want %v", order, got, want)
+		}
+	}
+}
+
+// TestMembershipRenewingContested: a member renewing its certificate
+// stands on the advert verified last until the new certificate arrives;
+// a re-judgement contests that advert like any other. Y beats X on a key,
+// X beats R on a route; Y leaves while R renews: X comes back, and R,
+// not re-contested, kept the overlapping route beside it.
+func TestMembershipRenewingContested(t *testing.T) {
+	f := newFixture(t)
+	k, _ := certs.GenerateWGKey()
+	y := f.identity("gw-y", "site-y", 1, f.now.Add(-3*time.Hour))
+	x := f.identity("gw-x", "site-x", 2, f.now.Add(-2*time.Hour), "10.5.0.0/16")
+	r := f.identityBy(f.blind(), "gw-r", "site-r", 3, f.now.Add(-time.Hour), "10.5.1.0/24")
+	ms := newMembership("self", f.trust(), func() time.Time { return f.now }, func() {})
+	for _, id := range []*certs.NodeIdentity{y, r, x} {
+		ms.addCert(id.Certificate().Raw)
+	}
+	ms.update("gw-y", gossipAddr, f.advertWithKeys(y, 1, k, certs.WGPublicKey{}))
+	ms.update("gw-r", gossipAddr, f.advert(r, 1))
+	ms.update("gw-x", gossipAddr, f.advertWithKeys(x, 1, k, certs.WGPublicKey{}))
+	if got := states(ms); got["gw-x"] != StateRefused || got["gw-r"] != StateVerified {
+		t.Fatalf("set-up: %v", got)
+	}
+	renewed := f.identityBy(f.blind(), "gw-r", "site-r", 3, f.now, "10.5.1.0/24")
+	ms.update("gw-r", gossipAddr, f.advert(renewed, 2)) // its certificate not fetched yet
+	ms.leave("gw-y")
+	ms.refresh()
+	want := map[string]MemberState{"gw-y": StateDead, "gw-x": StateVerified, "gw-r": StateRefused}
+	if got := states(ms); !maps.Equal(got, want) {
+		t.Fatalf("after a re-judgement while gw-r renews: %v, want %v", got, want)
+	}
+	// Refused, it no longer stands on its old advert: its new
+	// certificate is judged as any, and still loses the route.
+	ms.addCert(renewed.Certificate().Raw)
+	ms.refresh()
+	if got := states(ms); !maps.Equal(got, want) {
+		t.Fatalf("with its new certificate: %v, want %v", got, want)
+	}
+}
