@@ -37,7 +37,7 @@ func TestAdvertRoundTrip(t *testing.T) {
 // TestAdvertFitsGossipMeta checks the design limit: a gateway with a
 // large claim set (long names, sixteen routes, four endpoints) fits into
 // memberlist's 512-byte node metadata, also during a WireGuard key
-// rotation, which adds NextWGKeySize (the figure gateways check at start).
+// rotation under load, which LargestSize (what gateways check at start) counts.
 func TestAdvertFitsGossipMeta(t *testing.T) {
 	ca := newTestCA(t)
 	a := testAttrs("gateway-a-very-long-node-name-01", "aws-eu-central-1-burst-site-x", "100.96.255.254")

@@ -113,6 +113,7 @@ type Gateway struct {
 	metrics      *metrics
 	graph        graphCache
 	operatorAddr atomic.Pointer[net.Addr]
+	operator     atomic.Pointer[operator] // the endpoint's, while it runs (tests reach its sessions)
 	operatorTok  atomic.Pointer[string]
 	wgRotation   sync.Mutex                      // one WireGuard key rotation at a time
 	wgRotated    atomic.Int64                    // last WireGuard key rotation, Unix ns (0: not known yet)

@@ -45,13 +45,15 @@ import (
 var uiFiles embed.FS
 
 const (
-	sessionCookie   = "skybridge_session_" // and the port: browsers share cookies between the ports of a host
-	sessionLifetime = 12 * time.Hour
-	maxSessions     = 256         // logins remembered; past them the oldest is forgotten
-	maxOperatorConn = 64          // connections served at once, before any is authenticated
-	dashboardEvery  = time.Second // how often the live view is refreshed
-	recentSends     = 20          // finished migrations the dashboard lists
-	operatorHeaders = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+	sessionCookie            = "skybridge_session_" // and the port: browsers share cookies between the ports of a host
+	sessionLifetime          = 12 * time.Hour
+	maxSessions              = 256              // logins remembered; past them the oldest is forgotten
+	maxOperatorConn          = 64               // connections served at once, before any is authenticated
+	maxOperatorConnPerSource = 8                // of them, from one source, when the endpoint is on the overlay
+	maxEventStream           = 10 * time.Minute // then the browser reconnects, and is authenticated again
+	dashboardEvery           = time.Second      // how often the live view is refreshed
+	recentSends              = 20               // finished migrations the dashboard lists
+	operatorHeaders          = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
 
 // operatorToken loads the token, creating it (0600) on first start.
@@ -165,13 +167,24 @@ func (g *Gateway) serveOperator(ctx context.Context) (io.Closer, error) {
 	_, port, _ := net.SplitHostPort(ln.Addr().String())
 	op := &operator{g: g, token: []byte(tok), cookie: sessionCookie + port, addr: ln.Addr(), sessions: map[[32]byte]time.Time{}}
 	g.operatorTok.Store(&tok)
+	g.operator.Store(op)
 	g.operatorAddr.Store(&op.addr)
 	// Bounded reads and idle waits: a connection that sends one request
 	// (refused without the token) and then nothing held its descriptor
 	// and goroutine for good. No write timeout: the event stream is long;
 	// each of its writes has a deadline of its own.
-	srv := &http.Server{Handler: op.routes(), ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 10 * time.Second, IdleTimeout: 60 * time.Second,
+	// A refused request's connection is closed (refuse), so that the
+	// connection slots, counted before anyone is authenticated, are not
+	// held by anyone without the token.
+	srv := &http.Server{Handler: op.routes(), ReadHeaderTimeout: 2 * time.Second, ReadTimeout: 10 * time.Second, IdleTimeout: 60 * time.Second,
 		BaseContext: func(net.Listener) context.Context { return ctx }}
+	if g.s.OperatorOverlay {
+		// Reachable from the mesh: one source (a peer, a routed host)
+		// takes a few of the slots, not all of them.
+		ln = limitPerSource(ln, maxOperatorConnPerSource, func(from netip.Addr) {
+			g.log.Debug("operator connection refused: too many from one source", "from", from.String())
+		})
+	}
 	go srv.Serve(netutil.LimitListener(ln, maxOperatorConn))
 	g.log.Info("operator endpoint: metrics and dashboard (token required)", "address", ln.Addr().String())
 	return closerFunc(func() error {
@@ -283,6 +296,7 @@ func (o *operator) validToken(t string) bool {
 func (o *operator) refuse(w http.ResponseWriter, r *http.Request, why string) {
 	o.g.log.Debug("operator request refused", "remote", r.RemoteAddr, "path", r.URL.Path, "why", why)
 	w.Header().Set("WWW-Authenticate", `Bearer realm="skybridge"`)
+	w.Header().Set("Connection", "close")
 	msg := "skybridge: this gateway's operator token is required (" + why + ").\n" +
 		"Open the link that `skybridge dashboard --config FILE` prints on the gateway's host, " +
 		"or send Authorization: Bearer <token> (the token is in the gateway's operator.token).\n"
@@ -297,7 +311,19 @@ func (o *operator) events(w http.ResponseWriter, r *http.Request) {
 	t := time.NewTicker(dashboardEvery)
 	defer t.Stop()
 	rc := http.NewResponseController(w)
+	// A stream opened with a session ends with it (a session is checked
+	// when a request begins, and this one does not end), and any stream
+	// after maxEventStream: the browser's EventSource reconnects, with
+	// whatever it holds then.
+	session := ""
+	if c, err := r.Cookie(o.cookie); err == nil && r.Header.Get("Authorization") == "" {
+		session = c.Value
+	}
+	end := time.Now().Add(maxEventStream)
 	for {
+		if session != "" && !o.inSession(session) || time.Now().After(end) {
+			return
+		}
 		// A browser that stops reading is let go, not written to for good.
 		rc.SetWriteDeadline(time.Now().Add(10 * time.Second))
 		if b, err := o.snapshot(); err != nil {

@@ -1,6 +1,7 @@
 package mesh
 
 import (
+	"bufio"
 	"context"
 	"crypto/sha256"
 	"encoding/json"
@@ -580,5 +581,87 @@ func TestOperatorTokenOwner(t *testing.T) {
 	}
 	if _, err := operatorToken(path); err == nil || !strings.Contains(err.Error(), "belongs to uid 65534") {
 		t.Fatalf("a token file of uid 65534: %v; want it refused", err)
+	}
+}
+
+// TestOperatorRefusalsHoldNoSlot: the endpoint serves a bounded number of
+// connections, counted before anyone is authenticated. A refused request
+// closes its connection: kept alive, as many refused requests as there
+// are slots locked the token's holder out (a scrape waited for a slot).
+func TestOperatorRefusalsHoldNoSlot(t *testing.T) {
+	ca := meshCA(t, t.TempDir())
+	lg := startLiveGatewayWith(t, ca, t.TempDir(), 0, "s", nil, io.Discard, nil)
+	addr := lg.operatorAddr(t).String()
+	for range maxOperatorConn {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		fmt.Fprintf(c, "GET /metrics HTTP/1.1\r\nHost: %s\r\n\r\n", addr)
+		c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusUnauthorized || !resp.Close {
+			t.Fatalf("a request without the token: %s, closing the connection: %v; want 401 and closing", resp.Status, resp.Close)
+		}
+	}
+	req, _ := http.NewRequest(http.MethodGet, lg.url(t, "/metrics"), nil)
+	req.Header.Set("Authorization", "Bearer "+lg.token(t))
+	resp, err := (&http.Client{Timeout: 5 * time.Second}).Do(req)
+	if err != nil {
+		t.Fatalf("a scrape with the token after %d refused requests: %v", maxOperatorConn, err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("a scrape with the token: %s", resp.Status)
+	}
+}
+
+// TestOperatorEventStreamEndsWithSession: the dashboard's event stream,
+// opened with a session, ends when the session does (a session is checked
+// when a request begins, and this request does not end by itself).
+func TestOperatorEventStreamEndsWithSession(t *testing.T) {
+	ca := meshCA(t, t.TempDir())
+	lg := startLiveGatewayWith(t, ca, t.TempDir(), 0, "s", nil, io.Discard, nil)
+	noRedirect := &http.Client{Timeout: 10 * time.Second, CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+	resp, err := noRedirect.Get(lg.url(t, "/?token="+lg.token(t)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	var session *http.Cookie
+	for _, c := range resp.Cookies() {
+		if c.Name == lg.cookieName(t) {
+			session = c
+		}
+	}
+	if session == nil {
+		t.Fatalf("no session cookie from the login link (%s)", resp.Status)
+	}
+	req, _ := http.NewRequest(http.MethodGet, lg.url(t, "/api/v1/events"), nil)
+	req.AddCookie(session)
+	stream, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stream.Body.Close()
+	r := bufio.NewReader(stream.Body)
+	if line, err := r.ReadString('\n'); err != nil || line != "event: snapshot\n" {
+		t.Fatalf("first line of the stream %q (%v), want a snapshot (status %s)", line, err, stream.Status)
+	}
+	op := lg.g.operator.Load()
+	op.sessMu.Lock()
+	clear(op.sessions) // the session ends, as at its lifetime's end
+	op.sessMu.Unlock()
+	ended := make(chan error, 1)
+	go func() { _, err := io.Copy(io.Discard, r); ended <- err }()
+	select {
+	case <-ended:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the event stream went on after its session ended")
 	}
 }
