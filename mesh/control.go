@@ -396,7 +396,7 @@ func (c *Client) Migrate(ctx context.Context, req MigrationRequest, onEvent func
 	path := "/v1/migrations"
 	var body any = req
 	if req.ID != "" && req.Image == "" {
-		path, body = "/v1/migrations/"+req.ID+"/resume", nil
+		path, body = "/v1/migrations/"+url.PathEscape(req.ID)+"/resume", nil
 	}
 	b, err := json.Marshal(body)
 	if err != nil {
@@ -443,26 +443,26 @@ func (c *Client) Migrations(ctx context.Context) (*MigrationList, error) {
 // Migration returns one migration's record and progress.
 func (c *Client) Migration(ctx context.Context, id string) (*MigrationStatus, error) {
 	var s MigrationStatus
-	return &s, c.do(ctx, http.MethodGet, "/v1/migrations/"+id, nil, &s)
+	return &s, c.do(ctx, http.MethodGet, "/v1/migrations/"+url.PathEscape(id), nil, &s)
 }
 
 // CancelMigration stops a running migration.
 func (c *Client) CancelMigration(ctx context.Context, id string) error {
 	var out map[string]string
-	return c.do(ctx, http.MethodPost, "/v1/migrations/"+id+"/cancel", nil, &out)
+	return c.do(ctx, http.MethodPost, "/v1/migrations/"+url.PathEscape(id)+"/cancel", nil, &out)
 }
 
 // VerifyImage re-proves a stored image.
 func (c *Client) VerifyImage(ctx context.Context, name string) (*migrate.VerifyReport, error) {
 	var r migrate.VerifyReport
-	return &r, c.do(ctx, http.MethodPost, "/v1/images/"+name+"/verify", nil, &r)
+	return &r, c.do(ctx, http.MethodPost, "/v1/images/"+url.PathEscape(name)+"/verify", nil, &r)
 }
 
 // RemoveImage deletes a stored image; the reason goes into its audit
 // record.
 func (c *Client) RemoveImage(ctx context.Context, name, reason string) (*migrate.ImageRecord, error) {
 	var r migrate.ImageRecord
-	return &r, c.do(ctx, http.MethodPost, "/v1/images/"+name+"/remove", map[string]string{"reason": reason}, &r)
+	return &r, c.do(ctx, http.MethodPost, "/v1/images/"+url.PathEscape(name)+"/remove", map[string]string{"reason": reason}, &r)
 }
 
 // RotateWireGuardKey asks the gateway to replace its WireGuard key.

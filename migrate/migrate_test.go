@@ -1959,6 +1959,8 @@ func TestReceiverRefusesBadOffers(t *testing.T) {
 		{func(o *Offer) { o.Size = -1 }, "image size"},
 		{func(o *Offer) { o.Format = "vmdk" }, "format"},
 		{func(o *Offer) { o.Name = "../vm" }, "image name"},
+		{func(o *Offer) { o.Name = "vm\x1b]0;pwned\a" }, "control or invisible character"}, // reaches operators' terminals
+		{func(o *Offer) { o.Name = "vm\u202egpj" }, "control or invisible character"},
 		{func(o *Offer) { o.Chunks = new(int64(-1)) }, "chunks holding data"},
 		{func(o *Offer) { o.Chunks = new(int64(2)) }, "chunks holding data"},
 		// Its commit might not fit a frame (a sender of an earlier

@@ -45,7 +45,7 @@ func (j *Journal) Catalog() ([]ImageRecord, error) {
 // in between is finished at the next start (finishRemovals), whose record
 // says so: a removal may be recorded twice, never not at all.
 func (r *Receiver) RemoveImage(name, reason string) (*ImageRecord, error) {
-	if err := checkName(name); err != nil {
+	if err := checkStoredName(name); err != nil {
 		return nil, err
 	}
 	if strings.TrimSpace(reason) == "" {

@@ -198,3 +198,26 @@ func TestLongReadsEnd(t *testing.T) {
 		t.Fatalf("read-back: %v, %d of %d chunks kept", err, len(durable), len(img.Manifest.Chunks))
 	}
 }
+
+// TestImageNames: names of new images hold no control or invisible
+// characters (they reach operators' terminals and audit records) and are
+// UTF-8; names stored by earlier releases, which allowed them, can still
+// be removed.
+func TestImageNames(t *testing.T) {
+	for name, ok := range map[string]bool{
+		"vm-01.qcow2": true,
+		"Zürich-db":   true,
+		"vm\x1b[2K":   false,
+		"vm\u202egpj": false,
+		"vm\xff":      false,
+		"../vm":       false,
+		".hidden":     false,
+	} {
+		if err := checkName(name); (err == nil) != ok {
+			t.Errorf("checkName(%q) = %v, want ok %v", name, err, ok)
+		}
+	}
+	if err := checkStoredName("vm\x1b[2K"); err != nil {
+		t.Errorf("a name an earlier release stored cannot be removed: %v", err)
+	}
+}

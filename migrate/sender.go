@@ -19,6 +19,8 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+	"unicode"
+	"unicode/utf8"
 
 	"github.com/klauspost/compress/zstd"
 	"golang.org/x/time/rate"
@@ -284,6 +286,26 @@ func DefaultName(image string) string {
 func CheckName(n string) error { return checkName(n) }
 
 func checkName(n string) error {
+	if err := checkStoredName(n); err != nil {
+		return err
+	}
+	// Names reach operators' terminals (`migrate list`) and audit
+	// records: no escape sequences, no invisible reordering.
+	for _, r := range n {
+		if unicode.IsControl(r) || unicode.Is(unicode.Cf, r) {
+			return fmt.Errorf("image name %q holds a control or invisible character: use letters, digits, '.', '-' and '_'", n)
+		}
+	}
+	if !utf8.ValidString(n) {
+		return fmt.Errorf("image name %q is not UTF-8: use letters, digits, '.', '-' and '_'", n)
+	}
+	return nil
+}
+
+// checkStoredName is what names of images already stored must be: a
+// file name in the store. Earlier releases stored any such name, and
+// they can still be verified and removed.
+func checkStoredName(n string) error {
 	if n == "" || len(n) > 128 || strings.ContainsAny(n, "/\\\x00") || strings.HasPrefix(n, ".") {
 		return fmt.Errorf("image name %q: use letters, digits, '.', '-' and '_', not starting with '.'", n)
 	}

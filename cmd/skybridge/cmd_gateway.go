@@ -241,7 +241,7 @@ func printStatus(c *cli.Context, st *mesh.Status) {
 	printTable(w, []string{"node", "site", "jur", "overlay ip", "state", "endpoint", "handshake", "rx", "tx", "identity until", "reason"}, rows)
 	for _, l := range st.Links {
 		if !l.Allowed {
-			fmt.Fprintf(w, "\nno tunnel to site %s: %s", l.Site, l.Reason)
+			fmt.Fprintf(w, "\nno tunnel to site %s: %s", printable(l.Site), printable(l.Reason))
 		}
 	}
 	sites := make([]string, 0, len(st.Carriers))
@@ -256,14 +256,14 @@ func printStatus(c *cli.Context, st *mesh.Status) {
 		for _, s := range sites {
 			via = append(via, s+" via "+st.Carriers[s])
 		}
-		fmt.Fprintf(w, "\nsite routes: %s", strings.Join(via, ", "))
+		fmt.Fprintf(w, "\nsite routes: %s", printable(strings.Join(via, ", ")))
 		if len(st.Unreachable) > 0 {
-			fmt.Fprintf(w, " (not through %s: unreachable through their tunnels)", strings.Join(st.Unreachable, ", "))
+			fmt.Fprintf(w, " (not through %s: unreachable through their tunnels)", printable(strings.Join(st.Unreachable, ", ")))
 		}
 		fmt.Fprintln(w)
 	}
 	for _, c := range st.Conflicts {
-		fmt.Fprintf(w, "conflict: %s\n", c)
+		fmt.Fprintf(w, "conflict: %s\n", printable(c))
 	}
 	if len(st.Links) > 0 {
 		fmt.Fprintln(w)

@@ -6,6 +6,8 @@ import (
 	"io"
 	"strings"
 	"text/tabwriter"
+	"unicode"
+	"unicode/utf8"
 
 	"github.com/urfave/cli/v2"
 )
@@ -20,13 +22,51 @@ func printJSON(w io.Writer, v any) error {
 }
 
 // printTable prints rows under an upper-case header, aligned in columns.
+// Cells are made printable: they hold names and reasons from other
+// gateways.
 func printTable(w io.Writer, header []string, rows [][]string) error {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, strings.ToUpper(strings.Join(header, "\t")))
+	cells := []string{}
 	for _, r := range rows {
-		fmt.Fprintln(tw, strings.Join(r, "\t"))
+		cells = cells[:0]
+		for _, c := range r {
+			cells = append(cells, printable(c))
+		}
+		fmt.Fprintln(tw, strings.Join(cells, "\t"))
 	}
 	return tw.Flush()
+}
+
+// printable escapes what a terminal would act on rather than show:
+// control characters (escape sequences can move the cursor, rewrite
+// lines, retitle the window or set the clipboard), invisible formatting
+// such as bidirectional overrides, and bytes that are not UTF-8. Text
+// from other gateways (a refused stranger's name, an image name a sender
+// chose, a reason quoting them) goes through it before it is printed.
+func printable(s string) string {
+	clean := true
+	for _, r := range s {
+		if r == utf8.RuneError || !unicode.IsGraphic(r) || unicode.Is(unicode.Cf, r) {
+			clean = false
+			break
+		}
+	}
+	if clean {
+		return s
+	}
+	var b strings.Builder
+	for i, r := range s {
+		switch {
+		case r == utf8.RuneError && !strings.HasPrefix(s[i:], "\uFFFD"):
+			fmt.Fprintf(&b, "\\x%02x", s[i])
+		case r == utf8.RuneError || !unicode.IsGraphic(r) || unicode.Is(unicode.Cf, r):
+			fmt.Fprintf(&b, "\\u%04x", r)
+		default:
+			b.WriteRune(r)
+		}
+	}
+	return b.String()
 }
 
 // usageError is a mistake on the command line: exit code 2, like flag

@@ -1,0 +1,32 @@
+package main
+
+import (
+	"bytes"
+	"strings"
+	"testing"
+)
+
+// TestPrintable: what a terminal would act on is shown escaped, the rest
+// as it is. Tables print names and reasons from other gateways.
+func TestPrintable(t *testing.T) {
+	for in, want := range map[string]string{
+		"gw-zrh-1":                 "gw-zrh-1",
+		"Zürich, 東京":               "Zürich, 東京",
+		"\x1b[1A\x1b[2Kgw-fake":    `\u001b[1A\u001b[2Kgw-fake`,
+		"\x1b]52;c;cHduZWQ=\a":     `\u001b]52;c;cHduZWQ=\u0007`,
+		"img\u202egpj.exe":         `img\u202egpj.exe`,
+		"line\rover":               `line\u000dover`,
+		"two\nlines\tand a tab":    `two\u000alines\u0009and a tab`,
+		"bad \xff byte":            `bad \xff byte`,
+		"\u009b31m (a C1 control)": `\u009b31m (a C1 control)`,
+	} {
+		if got := printable(in); got != want {
+			t.Errorf("printable(%q) = %q, want %q", in, got, want)
+		}
+	}
+	var b bytes.Buffer
+	printTable(&b, []string{"node", "reason"}, [][]string{{"\x1b[2Kop9", "refused \x1b]0;x\a"}})
+	if strings.ContainsAny(b.String(), "\x1b\a") {
+		t.Fatalf("a table printed control characters: %q", b.String())
+	}
+}
