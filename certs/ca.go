@@ -509,6 +509,19 @@ type caIndex struct {
 	Certs      []IssuedCert `json:"certs"`
 }
 
+// RoutesFree reports, before anything is issued, whether a gateway
+// with attributes a would be refused for routes overlapping another
+// site's (see Issue): a burst site checks it when it opens, rather than at
+// each of its gateways' enrollment.
+func (ca *CA) RoutesFree(a Attributes, now time.Time) error {
+	idx, err := ca.readIndex()
+	if err != nil {
+		return err
+	}
+	a.Normalize()
+	return routesFree(idx, a, now)
+}
+
 // Issued lists the certificates this CA has issued, oldest first.
 func (ca *CA) Issued() ([]IssuedCert, error) {
 	idx, err := ca.readIndex()

@@ -349,6 +349,16 @@ func TestBurstLifecycle(t *testing.T) {
 	if _, err := hq.g.BurstUp(context.Background(), sameName); err == nil || !strings.Contains(err.Error(), "already exists") {
 		t.Fatalf("a burst named like an existing site: %v", err)
 	}
+	// A site the CA certified whose gateway is not running: the mesh does
+	// not see its routes, the CA would refuse every enrollment.
+	if _, err := ca.IssueIdentity(certs.Attributes{Node: "gw-gone", Site: "onprem-gone", Region: "r", Provider: "onprem", Jurisdiction: "CH",
+		OverlayIP: netip.MustParseAddr("100.64.9.9"), Routes: []netip.Prefix{netip.MustParsePrefix("10.88.0.0/16")}}, time.Hour, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	offline := BurstRequest{BurstSite: BurstSite{Site: "burst-x", Provider: "aws", Region: "x", Jurisdiction: "NL", Routes: []string{"10.88.1.0/24"}}, TTL: time.Hour}
+	if _, err := hq.g.BurstUp(context.Background(), offline); err == nil || !strings.Contains(err.Error(), "overlaps 10.88.0.0/16 of site onprem-gone") {
+		t.Fatalf("a burst over an offline site's routes: %v", err)
+	}
 	grant, err := hq.g.BurstUp(context.Background(), req)
 	if err != nil {
 		t.Fatal(err)

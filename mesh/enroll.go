@@ -445,6 +445,14 @@ func (g *Gateway) BurstUp(ctx context.Context, req BurstRequest) (_ *BurstGrant,
 	if err := g.checkBurstSite(attrs, req.Gateways); err != nil {
 		return nil, err
 	}
+	if e.vault == nil {
+		// The CA refuses routes any other site's gateway holds, offline
+		// ones too, which the mesh does not see: refused here, not at
+		// every enrollment once the tokens are out.
+		if err := e.ca.RoutesFree(attrs, g.now()); err != nil {
+			return nil, fmt.Errorf("burst site %s: %w", attrs.Site, err)
+		}
+	}
 	if req.TokenTTL == 0 {
 		req.TokenTTL = DefaultTokenTTL
 	}
