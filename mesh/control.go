@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/skybridge-mesh/skybridge/migrate"
@@ -26,6 +27,14 @@ func (g *Gateway) serveControl() (io.Closer, error) {
 	path := g.s.ControlSocket
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return nil, fmt.Errorf("control socket directory: %w", err)
+	}
+	// In a directory others may write, another user could put a socket
+	// of theirs at the path (while the gateway is down), and be sent
+	// what the CLI sends: policies, Vault tokens for bursts.
+	if fi, err := os.Stat(filepath.Dir(path)); err != nil {
+		return nil, fmt.Errorf("control socket directory: %w", err)
+	} else if fi.Mode().Perm()&0o022 != 0 {
+		return nil, fmt.Errorf("control socket directory %s may be written by other users (mode %v): another user could take the socket's place; run chmod go-w on it, or set control_socket in a directory of the gateway's own", filepath.Dir(path), fi.Mode().Perm())
 	}
 	if c, err := net.Dial("unix", path); err == nil {
 		c.Close()
@@ -294,6 +303,14 @@ type Client struct {
 func NewClient(path string) *Client {
 	return &Client{socket: path, http: &http.Client{Transport: &http.Transport{
 		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			// The socket must be the gateway's, run by us or by root: a
+			// socket another user put there would be sent policies and
+			// Vault tokens.
+			if fi, err := os.Lstat(path); err == nil {
+				if st, ok := fi.Sys().(*syscall.Stat_t); ok && int(st.Uid) != os.Geteuid() && st.Uid != 0 {
+					return nil, fmt.Errorf("control socket %s belongs to user %d, neither us nor root: not the gateway's; not connecting", path, st.Uid)
+				}
+			}
 			var d net.Dialer
 			return d.DialContext(ctx, "unix", path)
 		},

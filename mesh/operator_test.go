@@ -665,3 +665,36 @@ func TestOperatorEventStreamEndsWithSession(t *testing.T) {
 		t.Fatal("the event stream went on after its session ended")
 	}
 }
+
+// TestControlSocketPlace: the control socket is not made in a directory
+// other users may write (one could put a socket of theirs at its path),
+// and the CLI does not talk to a socket of another user than itself or
+// root (it sends policies, and Vault tokens for bursts).
+func TestControlSocketPlace(t *testing.T) {
+	open := t.TempDir()
+	if err := os.Chmod(open, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	g := &Gateway{s: &Settings{ControlSocket: filepath.Join(open, "control.socket")}}
+	if c, err := g.serveControl(); err == nil {
+		c.Close()
+		t.Fatal("a control socket made in a directory anyone may write")
+	} else if !strings.Contains(err.Error(), "may be written by other users") {
+		t.Fatalf("refused for another reason: %v", err)
+	}
+
+	path := filepath.Join(t.TempDir(), "control.socket")
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	if err := os.Lchown(path, 12345, 12345); err != nil {
+		t.Skipf("cannot give the socket to another user: %v", err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second) // nothing answers on that socket
+	defer cancel()
+	if _, err := NewClient(path).Status(ctx); err == nil || !strings.Contains(err.Error(), "belongs to user 12345") {
+		t.Fatalf("the CLI's client and another user's socket: %v", err)
+	}
+}
