@@ -28,13 +28,24 @@ func (g *Gateway) serveControl() (io.Closer, error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return nil, fmt.Errorf("control socket directory: %w", err)
 	}
-	// In a directory others may write, another user could put a socket
-	// of theirs at the path (while the gateway is down), and be sent
-	// what the CLI sends: policies, Vault tokens for bursts.
-	if fi, err := os.Stat(filepath.Dir(path)); err != nil {
+	// In a directory another user may write, or owns, that user could put
+	// a socket of theirs at the path while the gateway is down, and be
+	// sent what the CLI sends: policies, Vault tokens for bursts. A group
+	// may write it under umask 002, where each user has a group of their
+	// own: that is only said.
+	dir := filepath.Dir(path)
+	fi, err := os.Stat(dir)
+	if err != nil {
 		return nil, fmt.Errorf("control socket directory: %w", err)
-	} else if fi.Mode().Perm()&0o022 != 0 {
-		return nil, fmt.Errorf("control socket directory %s may be written by other users (mode %v): another user could take the socket's place; run chmod go-w on it, or set control_socket in a directory of the gateway's own", filepath.Dir(path), fi.Mode().Perm())
+	}
+	if st, ok := fi.Sys().(*syscall.Stat_t); ok && int(st.Uid) != os.Geteuid() && st.Uid != 0 {
+		return nil, fmt.Errorf("control socket directory %s belongs to user %d, neither this gateway's nor root: that user could take the socket's place; set control_socket in a directory of the gateway's own", dir, st.Uid)
+	}
+	if fi.Mode().Perm()&0o002 != 0 {
+		return nil, fmt.Errorf("control socket directory %s may be written by any user (mode %v): one could take the socket's place; run chmod o-w on it, or set control_socket in a directory of the gateway's own", dir, fi.Mode().Perm())
+	}
+	if fi.Mode().Perm()&0o020 != 0 {
+		g.log.Warn("control socket directory may be written by its group: members could take the socket's place", "dir", dir, "mode", fi.Mode().Perm().String())
 	}
 	if c, err := net.Dial("unix", path); err == nil {
 		c.Close()
@@ -303,14 +314,6 @@ type Client struct {
 func NewClient(path string) *Client {
 	return &Client{socket: path, http: &http.Client{Transport: &http.Transport{
 		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-			// The socket must be the gateway's, run by us or by root: a
-			// socket another user put there would be sent policies and
-			// Vault tokens.
-			if fi, err := os.Lstat(path); err == nil {
-				if st, ok := fi.Sys().(*syscall.Stat_t); ok && int(st.Uid) != os.Geteuid() && st.Uid != 0 {
-					return nil, fmt.Errorf("control socket %s belongs to user %d, neither us nor root: not the gateway's; not connecting", path, st.Uid)
-				}
-			}
 			var d net.Dialer
 			return d.DialContext(ctx, "unix", path)
 		},

@@ -45,15 +45,14 @@ import (
 var uiFiles embed.FS
 
 const (
-	sessionCookie            = "skybridge_session_" // and the port: browsers share cookies between the ports of a host
-	sessionLifetime          = 12 * time.Hour
-	maxSessions              = 256              // logins remembered; past them the oldest is forgotten
-	maxOperatorConn          = 64               // connections served at once, before any is authenticated
-	maxOperatorConnPerSource = 8                // of them, from one source, when the endpoint is on the overlay
-	maxEventStream           = 10 * time.Minute // then the browser reconnects, and is authenticated again
-	dashboardEvery           = time.Second      // how often the live view is refreshed
-	recentSends              = 20               // finished migrations the dashboard lists
-	operatorHeaders          = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+	sessionCookie   = "skybridge_session_" // and the port: browsers share cookies between the ports of a host
+	sessionLifetime = 12 * time.Hour
+	maxSessions     = 256              // logins remembered; past them the oldest is forgotten
+	maxOperatorConn = 64               // connections served at once, before any is authenticated
+	maxEventStream  = 10 * time.Minute // then the browser reconnects, and is authenticated again
+	dashboardEvery  = time.Second      // how often the live view is refreshed
+	recentSends     = 20               // finished migrations the dashboard lists
+	operatorHeaders = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
 
 // operatorToken loads the token, creating it (0600) on first start.
@@ -178,13 +177,6 @@ func (g *Gateway) serveOperator(ctx context.Context) (io.Closer, error) {
 	// held by anyone without the token.
 	srv := &http.Server{Handler: op.routes(), ReadHeaderTimeout: 2 * time.Second, ReadTimeout: 10 * time.Second, IdleTimeout: 60 * time.Second,
 		BaseContext: func(net.Listener) context.Context { return ctx }}
-	if g.s.OperatorOverlay {
-		// Reachable from the mesh: one source (a peer, a routed host)
-		// takes a few of the slots, not all of them.
-		ln = limitPerSource(ln, maxOperatorConnPerSource, func(from netip.Addr) {
-			g.log.Debug("operator connection refused: too many from one source", "from", from.String())
-		})
-	}
 	go srv.Serve(netutil.LimitListener(ln, maxOperatorConn))
 	g.log.Info("operator endpoint: metrics and dashboard (token required)", "address", ln.Addr().String())
 	return closerFunc(func() error {
@@ -282,12 +274,16 @@ func (o *operator) authenticate(next http.Handler) http.Handler {
 			return
 		}
 		if c, err := r.Cookie(o.cookie); err == nil && o.inSession(c.Value) {
-			next.ServeHTTP(w, r)
+			next.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), sessionKey{}, c.Value)))
 			return
 		}
 		o.refuse(w, r, "no token")
 	})
 }
+
+// sessionKey marks, in a request's context, the session that admitted it
+// (a request with the token has none).
+type sessionKey struct{}
 
 func (o *operator) validToken(t string) bool {
 	return subtle.ConstantTimeCompare([]byte(t), o.token) == 1
@@ -315,10 +311,7 @@ func (o *operator) events(w http.ResponseWriter, r *http.Request) {
 	// when a request begins, and this one does not end), and any stream
 	// after maxEventStream: the browser's EventSource reconnects, with
 	// whatever it holds then.
-	session := ""
-	if c, err := r.Cookie(o.cookie); err == nil && r.Header.Get("Authorization") == "" {
-		session = c.Value
-	}
+	session, _ := r.Context().Value(sessionKey{}).(string) // "": the token
 	end := time.Now().Add(maxEventStream)
 	for {
 		if session != "" && !o.inSession(session) || time.Now().After(end) {

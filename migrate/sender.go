@@ -285,6 +285,10 @@ func DefaultName(image string) string {
 // CheckName reports why n cannot name a stored image, or nil if it can.
 func CheckName(n string) error { return checkName(n) }
 
+// CheckStoredName checks the name of an image already stored, which an
+// earlier release may have taken with characters new names may not hold.
+func CheckStoredName(n string) error { return checkStoredName(n) }
+
 func checkName(n string) error {
 	if err := checkStoredName(n); err != nil {
 		return err

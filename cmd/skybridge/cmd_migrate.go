@@ -120,8 +120,9 @@ func imageArg(c *cli.Context, usage string) (string, error) {
 	if name == "" {
 		return "", usageError("which image? skybridge %s (see skybridge migrate list)", usage)
 	}
-	// A path is no name: it would reach the gateway as another URL.
-	if err := migrate.CheckName(name); err != nil {
+	// A path is no name: it would reach the gateway as another URL. Names
+	// stored by earlier releases may hold characters new ones may not.
+	if err := migrate.CheckStoredName(name); err != nil {
 		return "", usageError("%v: give the name of an image this gateway stores (see skybridge migrate list)", err)
 	}
 	return name, nil

@@ -989,6 +989,13 @@ func TestFlagMistakes(t *testing.T) {
 			t.Errorf("%v: exit %d, %q; want exit 2 and %q", tt.args, code, errs, tt.want)
 		}
 	}
+	// A name an earlier release stored, with characters new names may
+	// not hold, can still be named (to be verified or removed).
+	for _, cmd := range [][]string{{"migrate", "remove", "vm\x1b[2K", "--reason", "CHG-1"}, {"migrate", "verify", "vm\u202egpj"}} {
+		if _, errs, _ := runCLI(t, append(cmd, "--config", missingConfig)...); strings.Contains(errs, "give the name of an image") || !strings.Contains(errs, "missing.hcl") {
+			t.Errorf("%q: %q; want the name taken and the missing configuration reported", cmd, errs)
+		}
+	}
 }
 
 // TestCACRLWithoutItsList: a CA directory whose crl.pem is missing or
