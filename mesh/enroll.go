@@ -208,6 +208,9 @@ func (g *Gateway) serveEnrollment(ctx context.Context) (io.Closer, error) {
 	}
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST /v1/enroll", func(w http.ResponseWriter, r *http.Request) {
+		// One request per newcomer: its connection does not hold one of
+		// the listener's slots for more.
+		w.Header().Set("Connection", "close")
 		var req enrollRequest
 		if err := json.NewDecoder(io.LimitReader(r.Body, 64<<10)).Decode(&req); err != nil {
 			http.Error(w, "malformed enrollment request: "+err.Error(), http.StatusBadRequest)
@@ -228,7 +231,7 @@ func (g *Gateway) serveEnrollment(ctx context.Context) (io.Closer, error) {
 		w.Header().Set("Content-Type", "application/json")
 		json.NewEncoder(w).Encode(res)
 	})
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 15 * time.Second, WriteTimeout: 15 * time.Second,
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 15 * time.Second, WriteTimeout: 15 * time.Second, IdleTimeout: 5 * time.Second,
 		// TLS handshake failures (scanners, wrong pins) are debug noise.
 		ErrorLog: log.New(slogWriter{g.log.With("component", "enroll")}, "", 0)}
 	var warnCrowded throttle.PerSecond

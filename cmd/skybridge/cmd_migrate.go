@@ -148,7 +148,7 @@ func migrateRemove(c *cli.Context) error {
 	if c.Bool("json") {
 		return printJSON(c.App.Writer, img)
 	}
-	fmt.Fprintf(c.App.Writer, "removed %s (%s, class %s, root %s), received from %s on %s\n", img.Name, img.Format, img.Class, img.Root,
+	fmt.Fprintf(c.App.Writer, "removed %s (%s, class %s, root %s), received from %s on %s\n", printable(img.Name), img.Format, img.Class, img.Root,
 		img.From+" ("+img.FromSite+")", img.Received.Local().Format("2006-01-02 15:04:05"))
 	return nil
 }
@@ -252,21 +252,21 @@ func printMigrationResult(w io.Writer, ev *mesh.MigrationEvent) {
 	r := ev.Record
 	if ev.Denied != nil {
 		if ev.Denied.AtCommit {
-			fmt.Fprintf(w, "REFUSED by the residency policy at the %s when the image was to be stored (%s): the policy in force changed while it was sent, and what was sent has been removed there:\n", ev.Denied.By, ev.Denied.Rule)
+			fmt.Fprintf(w, "REFUSED by the residency policy at the %s when the image was to be stored (%s): the policy in force changed while it was sent, and what was sent has been removed there:\n", printable(ev.Denied.By), printable(ev.Denied.Rule))
 		} else {
-			fmt.Fprintf(w, "REFUSED by the residency policy at the %s (%s); nothing was sent:\n", ev.Denied.By, ev.Denied.Rule)
+			fmt.Fprintf(w, "REFUSED by the residency policy at the %s (%s); nothing was sent:\n", printable(ev.Denied.By), printable(ev.Denied.Rule))
 		}
 		for _, reason := range ev.Denied.Reasons {
-			fmt.Fprintf(w, "  - %s\n", reason)
+			fmt.Fprintf(w, "  - %s\n", printable(reason)) // the receiver's words, when it refused
 		}
 		return
 	}
 	if r == nil {
-		fmt.Fprintf(w, "migration %s: %s\n", ev.ID, ev.Error)
+		fmt.Fprintf(w, "migration %s: %s\n", ev.ID, printable(ev.Error))
 		return
 	}
 	st := r.Stats
-	fmt.Fprintf(w, "migration %s: %s %s → %s (%s) as %s.%s\n", r.ID, r.State, r.Image, r.To, r.ToSite, r.Name, r.Format)
+	fmt.Fprintf(w, "migration %s: %s %s → %s (%s) as %s.%s\n", r.ID, r.State, printable(r.Image), r.To, r.ToSite, printable(r.Name), r.Format)
 	if r.State == migrate.StateDone {
 		fmt.Fprintf(w, "  verified: root %s\n", r.Root)
 	}
@@ -278,7 +278,7 @@ func printMigrationResult(w io.Writer, ev *mesh.MigrationEvent) {
 	fmt.Fprintf(w, "\n  chunks: %d sent, %d reused from the stored version, %d resumed, %d already there, %d zero; %d retries\n",
 		st.ChunksSent, st.ChunksSame, st.ChunksResumed, st.ChunksHad, st.ChunksZero, st.Retries)
 	if r.Error != "" {
-		fmt.Fprintf(w, "  error: %s\n", r.Error)
+		fmt.Fprintf(w, "  error: %s\n", printable(r.Error))
 	}
 }
 
@@ -380,9 +380,9 @@ func migrateVerify(c *cli.Context) error {
 			return err
 		}
 	} else if rep.OK {
-		fmt.Fprintf(c.App.Writer, "%s: intact (root %s, %s re-read)\n", rep.Path, rep.Root, humanBytes(rep.BytesRead))
+		fmt.Fprintf(c.App.Writer, "%s: intact (root %s, %s re-read)\n", printable(rep.Path), rep.Root, humanBytes(rep.BytesRead))
 	} else {
-		fmt.Fprintf(c.App.Writer, "%s: DAMAGED: root %s, expected %s; chunks differing from the manifest: %v\n", rep.Path, rep.Root, rep.Expected, rep.BadChunks)
+		fmt.Fprintf(c.App.Writer, "%s: DAMAGED: root %s, expected %s; chunks differing from the manifest: %v\n", printable(rep.Path), rep.Root, rep.Expected, rep.BadChunks)
 	}
 	if !rep.OK {
 		return cli.Exit("", 1)

@@ -49,7 +49,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return 0
 	}
 	if msg := err.Error(); msg != "" {
-		fmt.Fprintf(stderr, "skybridge: %s\n", msg)
+		fmt.Fprintf(stderr, "skybridge: %s\n", printableLines(msg)) // it may quote a gateway's answer
 	}
 	var ec cli.ExitCoder
 	if errors.As(err, &ec) && ec.ExitCode() != 0 {

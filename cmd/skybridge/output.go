@@ -38,6 +38,16 @@ func printTable(w io.Writer, header []string, rows [][]string) error {
 	return tw.Flush()
 }
 
+// printableLines is printable for text of several lines (an error whose
+// message quotes a gateway's answer): its line breaks stay.
+func printableLines(s string) string {
+	lines := strings.Split(s, "\n")
+	for i, l := range lines {
+		lines[i] = printable(l)
+	}
+	return strings.Join(lines, "\n")
+}
+
 // printable escapes what a terminal would act on rather than show:
 // control characters (escape sequences can move the cursor, rewrite
 // lines, retitle the window or set the clipboard), invisible formatting

@@ -30,3 +30,16 @@ func TestPrintable(t *testing.T) {
 		t.Fatalf("a table printed control characters: %q", b.String())
 	}
 }
+
+// TestErrorsPrintable: an error is printed escaped, its lines kept: it
+// may quote a gateway's answer, or a name from another gateway.
+func TestErrorsPrintable(t *testing.T) {
+	missing := t.TempDir() + "/a\x1b]0;x\ab.hcl"
+	_, errs, code := runCLI(t, "status", "--config", missing)
+	if code == 0 || strings.ContainsAny(errs, "\x1b\a") || !strings.Contains(errs, `a\u001b]0;x\u0007b.hcl`) {
+		t.Fatalf("exit %d, %q: want the error with its control characters escaped", code, errs)
+	}
+	if got := printableLines("one\n\x1b[2Ktwo"); got != "one\n\\u001b[2Ktwo" {
+		t.Fatalf("printableLines = %q", got)
+	}
+}
