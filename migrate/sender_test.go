@@ -204,34 +204,9 @@ func TestSenderDetectsStalledReceiver(t *testing.T) {
 	stallAfter(t, time.Second)
 	p := newPair(t, "DE")
 	r := &relay{}
-	addr := p.relay(t, r)
-	raw := filepath.Join(p.dir, "vm.raw")
-	data := make([]byte, 64<<20)
-	rand.Read(data)
-	if err := os.WriteFile(raw, data, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	cfg := p.config(raw, "pii-eu")
-	cfg.To.Addr = addr
-	cfg.Progress = func(pr Progress) {
-		if pr.Stats.ChunksDone >= 2 {
-			r.frozen.Store(true)
-		}
-	}
-	start := time.Now()
-	res := make(chan error, 1)
-	go func() {
-		_, err := Send(context.Background(), cfg)
-		res <- err
-	}()
-	select {
-	case err := <-res:
-		if err == nil || !strings.Contains(err.Error(), "stopped taking data") && !strings.Contains(err.Error(), "i/o timeout") {
-			t.Fatalf("the migration through a frozen path: %v; want it failed for the stall", err)
-		}
-		t.Logf("after %s: %v", time.Since(start).Round(time.Millisecond), err)
-	case <-time.After(30 * time.Second):
-		t.Fatal("the sender did not give up on a receiver that stopped reading")
+	err := sendBreaking(t, p, r, func() { r.frozen.Store(true) }, "the sender did not give up on a receiver that stopped reading")
+	if err == nil || !strings.Contains(err.Error(), "stopped taking data") && !strings.Contains(err.Error(), "i/o timeout") {
+		t.Fatalf("the migration through a frozen path: %v; want it failed for the stall", err)
 	}
 }
 
@@ -246,6 +221,18 @@ func TestKeepalivesAreNoProgress(t *testing.T) {
 	// Keepalives every 100 ms, a tenth of the stall timeout.
 	p := newPairWith(t, "DE", func(c *ReceiverConfig) { c.IdleTimeout = 400 * time.Millisecond })
 	r := &relay{}
+	err := sendBreaking(t, p, r, func() { r.swallow.Store(true) }, "the sender's keepalives kept a migration that nothing acknowledged waiting")
+	if err == nil || !strings.Contains(err.Error(), "stopped taking data") {
+		t.Fatalf("the migration through a path that delivers nothing: %v; want it failed for the stall", err)
+	}
+}
+
+// sendBreaking migrates a 64 MiB image of random data through relay r to
+// p's receiver, calls brk (which spoils r) once two chunks are done, and
+// returns the migration's error. A sender still at it after 30 s fails
+// the test with hung.
+func sendBreaking(t *testing.T, p *pair, r *relay, brk func(), hung string) error {
+	t.Helper()
 	addr := p.relay(t, r)
 	raw := filepath.Join(p.dir, "vm.raw")
 	data := make([]byte, 64<<20)
@@ -257,7 +244,7 @@ func TestKeepalivesAreNoProgress(t *testing.T) {
 	cfg.To.Addr = addr
 	cfg.Progress = func(pr Progress) {
 		if pr.Stats.ChunksDone >= 2 {
-			r.swallow.Store(true)
+			brk()
 		}
 	}
 	res := make(chan error, 1)
@@ -267,11 +254,10 @@ func TestKeepalivesAreNoProgress(t *testing.T) {
 	}()
 	select {
 	case err := <-res:
-		if err == nil || !strings.Contains(err.Error(), "stopped taking data") {
-			t.Fatalf("the migration through a path that delivers nothing: %v; want it failed for the stall", err)
-		}
+		return err
 	case <-time.After(30 * time.Second):
-		t.Fatal("the sender's keepalives kept a migration that nothing acknowledged waiting")
+		t.Fatal(hung)
+		return nil
 	}
 }
 
