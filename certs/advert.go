@@ -100,7 +100,7 @@ type Advert struct {
 	// private key, for the certificate named by CertHash (ProveWGKey).
 	// VerifyAdvert refuses one that does not verify and lets in an
 	// advert without one (as an earlier release signs them), which then
-	// wins no contested key from one with a proof. The next
+	// wins no contested claim from one with a proof. The next
 	// key needs none: it routes nothing, and one that is already
 	// someone's key is left out, not contested (mesh's topology).
 	WireGuardKeyProof WGProof
@@ -188,7 +188,7 @@ func (a *Advert) appendBody(b []byte) ([]byte, error) {
 	if a.NextWireGuardKey != (WGPublicKey{}) {
 		b = appendField(b, tagNextWGKey, a.NextWireGuardKey[:])
 	}
-	if a.WireGuardKeyProof != (WGProof{}) {
+	if !a.WireGuardKeyProof.IsZero() {
 		b = appendField(b, tagWGProof, a.WireGuardKeyProof[:])
 	}
 	return b, nil
@@ -323,7 +323,7 @@ func DecodeAdvert(raw []byte) (*SignedAdvert, error) {
 				err = errors.New("bad WireGuard key proof length")
 			}
 			copy(a.WireGuardKeyProof[:], v)
-			if a.WireGuardKeyProof == (WGProof{}) {
+			if a.WireGuardKeyProof.IsZero() {
 				err = errors.New("empty WireGuard key proof (an advert without one leaves the field out)")
 			}
 		case tagSignature:

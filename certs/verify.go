@@ -129,9 +129,9 @@ func checkFreshness(a *Advert, now time.Time, last *Seen, seen Seen) error {
 // checkKey refuses an advert whose proof of its WireGuard key does not
 // verify. An advert without one is let in (a gateway of a release from
 // before proofs, during an upgrade); the membership lets it win no
-// contested key from a gateway that proves it holds the key.
+// contested claim from a gateway that proves it holds its key.
 func checkKey(a *Advert, c checker) error {
-	if a.WireGuardKeyProof == (WGProof{}) {
+	if a.WireGuardKeyProof.IsZero() {
 		return nil
 	}
 	if err := c.proven(a.WireGuardKey, a.CertHash, a.WireGuardKeyProof); err != nil {

@@ -38,6 +38,9 @@ const wgProofDomain = "skybridge wireguard key v1\x00"
 // the key is claimed under.
 type WGProof [WGProofLen]byte
 
+// IsZero reports whether p is unset: an advert without a proof.
+func (p WGProof) IsZero() bool { return p == WGProof{} }
+
 func wgProofMessage(certHash [32]byte, pub WGPublicKey) []byte {
 	m := make([]byte, 0, len(wgProofDomain)+64)
 	m = append(m, wgProofDomain...)

@@ -20,8 +20,9 @@ import (
 )
 
 // The control endpoint is HTTP over a unix socket that only the gateway's
-// user can open (0600 in a 0700 directory): file permissions are its
-// authentication, as for the Docker and containerd sockets.
+// user can open (0600, in a directory of that user or root that not every
+// user may write): file permissions are its authentication, as for the
+// Docker and containerd sockets.
 
 func (g *Gateway) serveControl() (io.Closer, error) {
 	path := g.s.ControlSocket

@@ -452,7 +452,9 @@ func (g *Gateway) BurstUp(ctx context.Context, req BurstRequest) (_ *BurstGrant,
 		// The CA refuses routes any other site's gateway holds, offline
 		// ones too, which the mesh does not see: refused here, not at
 		// every enrollment once the tokens are out.
-		if err := e.ca.RoutesFree(attrs, g.now()); err != nil {
+		a := attrs
+		a.Node = "" // attrs names a placeholder node, which must not pass for one of ours
+		if err := e.ca.RoutesFree(a, g.now()); err != nil {
 			return nil, fmt.Errorf("burst site %s: %w", attrs.Site, err)
 		}
 	}

@@ -361,7 +361,7 @@ func conflict(a, b *certs.Verified) string {
 // proven reports whether v's advert proves that its gateway holds its
 // WireGuard key. certs.VerifyAdvert refuses a proof that does not verify;
 // an advert without one is a gateway of a release from before proofs.
-func proven(v *certs.Verified) bool { return v.Advert.WireGuardKeyProof != (certs.WGProof{}) }
+func proven(v *certs.Verified) bool { return !v.Advert.WireGuardKeyProof.IsZero() }
 
 // wins reports whether claimant a keeps a contested claim against b. The
 // standing is one order over all claimants, whatever is contested (a mix
@@ -379,16 +379,25 @@ func wins(a *certs.Verified, an string, b *certs.Verified, bn string) bool {
 
 // standing compares two claimants: negative if a ranks first.
 func standing(a *certs.Verified, an string, b *certs.Verified, bn string) int {
-	if pa, pb := proven(a), proven(b); pa != pb {
-		if pa {
-			return -1
-		}
-		return 1
+	return rank{proven(a), a.Cert.NotBefore, an}.compare(rank{proven(b), b.Cert.NotBefore, bn})
+}
+
+// rank is what a claimant's standing is made of; re-judging sorts members
+// by it too, so that both follow one order.
+type rank struct {
+	proven bool
+	since  time.Time // the certificate's NotBefore
+	name   string
+}
+
+func (a rank) compare(b rank) int {
+	if a.proven != b.proven {
+		return cmp.Compare(b2i(b.proven), b2i(a.proven)) // proven first
 	}
-	if c := a.Cert.NotBefore.Compare(b.Cert.NotBefore); c != 0 {
+	if c := a.since.Compare(b.since); c != 0 {
 		return c
 	}
-	return cmp.Compare(an, bn)
+	return cmp.Compare(a.name, b.name)
 }
 
 // update records a member as alive with its current meta (join or update)
@@ -486,9 +495,8 @@ func (ms *membership) judgeLocked(m *member) (needCert bool) {
 				// Contested as it stands: a re-judgement meets members
 				// afresh, and one that it beats may have been let in.
 				if err := ms.contestLocked(m.name, m.verified); err != nil {
-					m.renewing = false
 					ms.refuseLocked(m, prev, err)
-					return false
+					return true // its new certificate, whose claims may differ, is still wanted
 				}
 				m.renewing = true
 				return true
@@ -981,30 +989,24 @@ func (ms *membership) rejudgeLocked() (changed bool) {
 	// one in that order. In name order a member could be refused by a
 	// rival that a better one refuses in turn, and stay refused while
 	// that rival is.
-	start := func(m *member) (proof bool, at time.Time) {
+	rankOf := func(m *member) (rank, bool) {
 		if v := prev[m].v; m.renewing && v != nil {
-			return proven(v), v.Cert.NotBefore // judged on the certificate it renews meanwhile
+			return rank{proven(v), v.Cert.NotBefore, m.name}, true // judged on the certificate it renews meanwhile
 		}
 		if m.advert != nil {
 			if c := ms.certs[m.advert.CertHash]; c != nil {
-				return m.advert.WireGuardKeyProof != (certs.WGProof{}), c.NotBefore
+				return rank{!m.advert.WireGuardKeyProof.IsZero(), c.NotBefore, m.name}, true
 			}
 		}
-		return false, time.Time{}
+		return rank{name: m.name}, false
 	}
 	slices.SortFunc(all, func(a, b *member) int {
-		pa, sa := start(a)
-		pb, sb := start(b)
-		if az, bz := sa.IsZero(), sb.IsZero(); az != bz {
-			return cmp.Compare(b2i(az), b2i(bz)) // certificate unknown: last
+		ra, ka := rankOf(a)
+		rb, kb := rankOf(b)
+		if ka != kb {
+			return cmp.Compare(b2i(kb), b2i(ka)) // certificate unknown: last
 		}
-		if pa != pb {
-			return cmp.Compare(b2i(pb), b2i(pa)) // proven first
-		}
-		if c := sa.Compare(sb); c != 0 {
-			return c
-		}
-		return cmp.Compare(a.name, b.name)
+		return ra.compare(rb)
 	})
 	for _, m := range all {
 		p := prev[m]

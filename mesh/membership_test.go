@@ -1340,8 +1340,9 @@ func TestMembershipConflictsJudgedOnceIn(t *testing.T) {
 // TestMembershipRenewingContested: a member renewing its certificate
 // stands on the advert verified last until the new certificate arrives;
 // a re-judgement contests that advert like any other. Y beats X on a key,
-// X beats R on a route; Y leaves while R renews: X comes back, and R,
-// not re-contested, kept the overlapping route beside it.
+// X beats R on a route; Y leaves while R renews: X comes back and R is
+// refused. (Not re-contested, R used to keep the overlapping route
+// beside X.)
 func TestMembershipRenewingContested(t *testing.T) {
 	f := newFixture(t)
 	k, _ := certs.GenerateWGKey()
