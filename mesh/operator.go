@@ -47,13 +47,16 @@ var uiFiles embed.FS
 const (
 	sessionCookie   = "skybridge_session_" // and the port: browsers share cookies between the ports of a host
 	sessionLifetime = 12 * time.Hour
-	maxSessions     = 256              // logins remembered; past them the oldest is forgotten
-	maxOperatorConn = 64               // connections served at once, before any is authenticated
-	maxEventStream  = 10 * time.Minute // then the browser reconnects, and is authenticated again
-	dashboardEvery  = time.Second      // how often the live view is refreshed
-	recentSends     = 20               // finished migrations the dashboard lists
+	maxSessions     = 256         // logins remembered; past them the oldest is forgotten
+	maxOperatorConn = 64          // connections served at once, before any is authenticated
+	dashboardEvery  = time.Second // how often the live view is refreshed
+	recentSends     = 20          // finished migrations the dashboard lists
 	operatorHeaders = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
+
+// maxEventStream is how long an event stream runs; then the browser
+// reconnects, and is authenticated again. A variable for tests.
+var maxEventStream = 10 * time.Minute
 
 // operatorToken loads the token, creating it (0600) on first start.
 func operatorToken(path string) (string, error) {

@@ -678,6 +678,40 @@ func TestOperatorEventStreamEndsWithSession(t *testing.T) {
 	}
 }
 
+// TestOperatorConnectionsEnd: a connection that sends no request is let
+// go after the header timeout, and an event stream, however authenticated,
+// ends after maxEventStream (the browser's EventSource reconnects).
+func TestOperatorConnectionsEnd(t *testing.T) {
+	was := maxEventStream
+	maxEventStream = 2 * time.Second
+	t.Cleanup(func() { maxEventStream = was })
+	ca := meshCA(t, t.TempDir())
+	lg := startLiveGatewayWith(t, ca, t.TempDir(), 0, "s", nil, io.Discard, nil)
+
+	c, err := net.Dial("tcp", lg.operatorAddr(t).String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	start := time.Now()
+	c.SetReadDeadline(time.Now().Add(15 * time.Second))
+	if n, err := c.Read(make([]byte, 1)); err == nil || time.Since(start) > 8*time.Second {
+		t.Fatalf("a connection that sent nothing: read %d bytes, %v after %s; want it closed within the header timeout", n, err, time.Since(start))
+	}
+
+	req, _ := http.NewRequest(http.MethodGet, lg.url(t, "/api/v1/events"), nil)
+	req.Header.Set("Authorization", "Bearer "+lg.token(t))
+	stream, err := (&http.Client{Timeout: 30 * time.Second}).Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stream.Body.Close()
+	start = time.Now()
+	if _, err := io.Copy(io.Discard, stream.Body); err != nil || time.Since(start) > 20*time.Second {
+		t.Fatalf("an event stream with the token ended after %s (%v); want it ended after %s", time.Since(start), err, maxEventStream)
+	}
+}
+
 // TestControlSocketPlace: the control socket is not made in a directory
 // any user may write, or another user owns (one could put a socket of
 // theirs at its path while the gateway is down, and be sent policies and
