@@ -237,6 +237,9 @@ func Compute(in TopologyInput) Plan {
 		}
 	}
 	plan.Carriers = carrier
+	if in.Mode == TopologyHub {
+		hubLinks(in, peers, carrier, allowed, &plan)
+	}
 
 	members := make([]*Node, 0, len(peers)) // the linked ones (pointers: a Node is a few hundred bytes)
 	for i := range peers {
@@ -348,6 +351,39 @@ func addNextKeys(plan *Plan, self Node, members []*Node) {
 			plan.Conflicts = append(plan.Conflicts, fmt.Sprintf("%s advertises %s as its next WireGuard key, as another gateway does; ignored for both", pc.Node, k))
 		default:
 			plan.Peers = append(plan.Peers, PeerConfig{Node: pc.Node, Site: pc.Site, PublicKey: k, Endpoint: pc.Endpoint, Keepalive: pc.Keepalive, Next: true})
+		}
+	}
+}
+
+// hubLinks narrows, at a gateway that is not its site's hub, the remote
+// gateways it links to to those its hub links to as well: it reaches them
+// only through the hub, which peers only where the policy lets it. Judged
+// on the gateway's own labels alone, a gateway whose labels differ from
+// its hub's (a rollout of re-issued certificates) routed addresses to the
+// hub that the hub does not route on: lost. Nothing to narrow where the
+// two have the same place, as a site's gateways have but for a rollout.
+func hubLinks(in TopologyInput, peers []Node, hub map[string]string, allowed []bool, plan *Plan) {
+	name := hub[in.Self.site()]
+	if name == in.Self.node() {
+		return
+	}
+	var h *Node
+	for i := range peers {
+		if peers[i].node() == name {
+			h = &peers[i]
+		}
+	}
+	if h == nil || samePlace(in.Self.Attributes, h.Attributes) {
+		return
+	}
+	for i := range peers {
+		p := &peers[i]
+		if !allowed[i] || p.site() == in.Self.site() {
+			continue
+		}
+		if l := residencyLink(in.Policy, h.Attributes, p.Attributes, in.Now); !l.Allowed {
+			allowed[i] = false
+			plan.Conflicts = append(plan.Conflicts, fmt.Sprintf("%s is not reached: our hub %s does not link to it (%s), though our own certificate would", p.node(), name, l.Reason))
 		}
 	}
 }
