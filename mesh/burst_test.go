@@ -710,7 +710,8 @@ func startEnrollingGateway(t *testing.T) (*liveGateway, *syncbuf.Buffer) {
 // endpoint can have requests refused. A token ID that cannot be one is
 // refused before it is looked up or logged, and refusals of well-formed
 // ones are logged at most once a second, so that a client sending them
-// back to back cannot fill the gateway's disk with its log.
+// back to back cannot fill the gateway's disk with its log. Their
+// connections are closed, not kept for the endpoint's slots.
 func TestEnrollmentRefusalsAreCheap(t *testing.T) {
 	hq, logs := startEnrollingGateway(t)
 	client := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}}
@@ -729,6 +730,9 @@ func TestEnrollmentRefusalsAreCheap(t *testing.T) {
 			t.Fatal(err)
 		}
 		res.Body.Close()
+		if !res.Close {
+			t.Fatal("an enrollment's answer keeps its connection open: it holds one of the endpoint's slots")
+		}
 		return res.StatusCode
 	}
 	huge := strings.Repeat("A", 60<<10)
