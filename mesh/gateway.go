@@ -253,8 +253,9 @@ func newGateway(ctx context.Context, s *Settings, logger *slog.Logger, opt optio
 		prov.Close()
 		return nil, err
 	}
-	// A key rotation adds the next key, load a figure: found out here
-	// rather than at the first scheduled rotation under load.
+	// A key rotation adds the next key to the advert, and load a figure:
+	// too large for gossip is better found out now than at the first
+	// scheduled rotation under load.
 	if n, err := certs.LargestSize(*g.advert.Load()); err != nil || n > certs.MaxAdvertSize {
 		prov.Close()
 		if err != nil {
