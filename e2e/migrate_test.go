@@ -14,6 +14,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/skybridge-mesh/skybridge/migrate"
 )
 
 // migrationEvent is a line of `skybridge migrate run --json`.
@@ -193,6 +195,21 @@ func TestMigrationEndToEnd(t *testing.T) {
 			t.Errorf("read %d bytes for %d allocated", st.BytesRead, st.AllocatedBytes)
 		}
 		sb(t, 0, "migrate", "verify", "vm", "--socket", fra.socket)
+	})
+
+	t.Run("a host in a site cannot hold the receiver's connections", func(t *testing.T) {
+		// A host behind gw-1 (10.1.0.9, in its site's routes, so the
+		// tunnel lets it through) reaches gw-2's migration port; only
+		// gateways' overlay addresses are taken there, to authenticate.
+		l.nsip(zrh.ns, "addr", "add", "10.1.0.9/32", "dev", "lo")
+		target := fmt.Sprintf("%s:%d", fra.overlay, migrate.DefaultPort)
+		if out, err := l.nsexec(zrh.ns, "env", helperEnv+"=closed 10.1.0.9 "+target, os.Args[0]); err != nil {
+			t.Fatalf("a connection from a site's host: %v %s; want it closed unread", err, out)
+		}
+		out, err := l.nsexec(zrh.ns, "env", helperEnv+"=closed "+zrh.overlay+" "+target, os.Args[0])
+		if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != 3 {
+			t.Fatalf("a connection from gw-1's overlay address: %v %s; want it held for the handshake", err, out)
+		}
 	})
 
 	t.Run("swiss banking secret refused for the US with nothing sent", func(t *testing.T) {

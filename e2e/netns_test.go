@@ -6,6 +6,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -35,7 +36,9 @@ const helperEnv = "SKYBRIDGE_E2E_HELPER"
 // long, expects every line back, and prints the longest wait for one;
 // "reconnect ADDR SECONDS" does the same but, when the connection breaks,
 // connects again (as a client of a failed-over service does) and prints
-// the longest time between two echoed lines and the number of reconnects.
+// the longest time between two echoed lines and the number of reconnects;
+// "closed SRC ADDR" connects from SRC and waits up to 3 s for a byte: exit
+// 0 if the server closes the connection unread, 3 if it holds it.
 func runHelper(h string) int {
 	f := strings.Fields(h)
 	switch f[0] {
@@ -68,6 +71,26 @@ func runHelper(h string) int {
 			return 1
 		}
 		return 0
+	case "closed":
+		d := net.Dialer{Timeout: 3 * time.Second, LocalAddr: &net.TCPAddr{IP: net.ParseIP(f[1])}}
+		c, err := d.Dial("tcp", f[2])
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 1
+		}
+		defer c.Close()
+		c.SetReadDeadline(time.Now().Add(3 * time.Second))
+		_, err = c.Read(make([]byte, 1))
+		switch {
+		case errors.Is(err, os.ErrDeadlineExceeded):
+			fmt.Println("held")
+			return 3
+		case errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET):
+			fmt.Println("closed")
+			return 0
+		}
+		fmt.Fprintln(os.Stderr, "read:", err)
+		return 1
 	case "stream":
 		secs, _ := strconv.Atoi(f[2])
 		c, err := net.DialTimeout("tcp", f[1], 3*time.Second)

@@ -281,7 +281,8 @@ func (g *Gateway) openMigrations() error {
 			}
 			return nil
 		},
-		OnLoad: g.setLoad,
+		OnLoad:  g.setLoad,
+		Sources: g.trust.Load().MeshPrefix(),
 		OnCatalog: func() {
 			m.catalogChanged.Store(true)
 			m.atRest.trigger()

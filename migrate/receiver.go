@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"maps"
 	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"slices"
@@ -50,6 +51,12 @@ type ReceiverConfig struct {
 	// IdleTimeout ends a session whose sender has said nothing for that
 	// long before its commit (0: DefaultIdleTimeout).
 	IdleTimeout time.Duration
+	// Sources, if valid, is where connections may come from: the mesh's
+	// overlay range, which only gateways' addresses are in (WireGuard
+	// lets a peer send from its own addresses only, and no site route
+	// overlaps the range). Others are closed unread; hosts in the sites
+	// reach the overlay too, and senders are gateways.
+	Sources netip.Prefix
 
 	// afterRename, in tests, runs once a received image has replaced the
 	// stored version. errStopHere stops the receive there, as a crash
@@ -80,9 +87,12 @@ type Receiver struct {
 	stopping bool
 	// handlers are the goroutines Serve started, which use the journal.
 	handlers sync.WaitGroup
-	// unproven counts the connections not yet past their first frame;
-	// warnUnproven says when too many is worth logging again.
-	unproven     atomic.Int64
+	// unproven counts the connections not yet past their first frame,
+	// unprovenFrom the same by source address; warnUnproven says when
+	// too many is worth logging again.
+	unprovenMu   sync.Mutex
+	unproven     atomic.Int64 // atomic for tests to read
+	unprovenFrom map[netip.Addr]int
 	warnUnproven throttle.PerSecond
 }
 
@@ -105,7 +115,7 @@ func NewReceiver(cfg ReceiverConfig) (*Receiver, error) {
 	if err != nil {
 		return nil, err
 	}
-	r := &Receiver{cfg: cfg, dec: dec, sessions: map[string]*session{}, opening: map[string]receiveLoad{}, removing: map[string]bool{}}
+	r := &Receiver{cfg: cfg, dec: dec, sessions: map[string]*session{}, opening: map[string]receiveLoad{}, removing: map[string]bool{}, unprovenFrom: map[netip.Addr]int{}}
 	if err := r.recoverStores(); err != nil {
 		return nil, fmt.Errorf("image store: %w", err)
 	}
@@ -205,25 +215,69 @@ func (r *Receiver) Serve(ctx context.Context, ln net.Listener) error {
 		}
 		delay = 0
 		// Until a connection has authenticated and said what it is, it
-		// holds a goroutine and a descriptor for up to 50 s; hosts that
-		// can reach the overlay are not all gateways. Past the bound a
-		// new one is closed at once.
-		if r.unproven.Add(1) > maxUnproven {
-			r.unproven.Add(-1)
+		// holds a goroutine and a descriptor for up to 50 s. Past the
+		// bounds, in all and from one address, a new one is closed at
+		// once: one gateway cannot take every place.
+		src := remoteAddr(c)
+		if why := r.admit(src); why != "" {
 			c.Close()
 			if ok, dropped := r.warnUnproven.Allow(); ok {
-				r.cfg.Log.Warn("too many migration connections authenticating at once; closing new ones", "max", maxUnproven, "closed_unlogged", dropped)
+				r.cfg.Log.Warn("closed a migration connection unread: "+why, "remote", src, "max", maxUnproven, "max_per_source", maxUnprovenFrom, "closed_unlogged", dropped)
 			}
 			continue
 		}
-		r.handlers.Go(func() { r.handle(ctx, tls.Server(c, tcfg)) })
+		r.handlers.Go(func() { r.handle(ctx, tls.Server(c, tcfg), src) })
+	}
+}
+
+// remoteAddr is the address a connection comes from, the zero Addr if it
+// has none (a pipe in tests).
+func remoteAddr(c net.Conn) netip.Addr {
+	if a, ok := c.RemoteAddr().(*net.TCPAddr); ok {
+		return a.AddrPort().Addr().Unmap()
+	}
+	if ap, err := netip.ParseAddrPort(c.RemoteAddr().String()); err == nil {
+		return ap.Addr().Unmap() // gVisor's netstack
+	}
+	return netip.Addr{}
+}
+
+// admit takes an unproven place for a connection from src, or says why
+// not; release gives it back.
+func (r *Receiver) admit(src netip.Addr) string {
+	if p := r.cfg.Sources; p.IsValid() && !p.Contains(src) {
+		return "it does not come from a gateway's overlay address (" + p.String() + ")"
+	}
+	r.unprovenMu.Lock()
+	defer r.unprovenMu.Unlock()
+	if r.unproven.Load() >= maxUnproven {
+		return "too many connections authenticating at once"
+	}
+	if r.unprovenFrom[src] >= maxUnprovenFrom {
+		return "too many connections authenticating at once from one address"
+	}
+	r.unproven.Add(1)
+	r.unprovenFrom[src]++
+	return ""
+}
+
+func (r *Receiver) release(src netip.Addr) {
+	r.unprovenMu.Lock()
+	defer r.unprovenMu.Unlock()
+	r.unproven.Add(-1)
+	if r.unprovenFrom[src]--; r.unprovenFrom[src] <= 0 {
+		delete(r.unprovenFrom, src)
 	}
 }
 
 // maxUnproven bounds the connections authenticating, or waiting for their
-// first frame, at once: a migration opens one per stream, a few dozen at
-// most even when many start together.
-const maxUnproven = 256
+// first frame, at once, and maxUnprovenFrom those from one address: a
+// migration opens one per stream (MaxStreams at most), and a handshake
+// takes a round trip or two.
+const (
+	maxUnproven     = 256
+	maxUnprovenFrom = 2 * MaxStreams
+)
 
 // shutdown ends what the last Serve started. A session whose sender has not
 // committed ends (its durable chunks wait for a resume); one that has is
@@ -302,9 +356,9 @@ const maxFirstFrame = 64 << 10
 
 var firstFrameTimeout = 30 * time.Second // var for tests
 
-func (r *Receiver) handle(ctx context.Context, c *tls.Conn) {
+func (r *Receiver) handle(ctx context.Context, c *tls.Conn, src netip.Addr) {
 	defer c.Close()
-	proven := sync.OnceFunc(func() { r.unproven.Add(-1) })
+	proven := sync.OnceFunc(func() { r.release(src) })
 	defer proven()
 	hctx, cancel := context.WithTimeout(ctx, 20*time.Second)
 	err := c.HandshakeContext(hctx)

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -249,33 +250,89 @@ func TestReceiverBoundsReceives(t *testing.T) {
 	}
 }
 
-// TestReceiverBoundsUnprovenConnections: past 256 connections that have
-// not yet authenticated and said what they are, a new one is closed at
-// once; once one of them goes, the next is taken again.
+// TestReceiverBoundsUnprovenConnections: past 64 connections from one
+// address, or 256 in all, that have not yet authenticated and said what
+// they are, a new one is closed at once; once one of them goes, the next
+// is taken again.
 func TestReceiverBoundsUnprovenConnections(t *testing.T) {
 	p := newPair(t, "DE")
-	dial := func() net.Conn {
-		c, err := net.Dial("tcp", p.addr.String())
+	dial := func(from byte) net.Conn {
+		d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, from)}}
+		c, err := d.Dial("tcp", p.addr.String())
 		if err != nil {
 			t.Fatal(err)
 		}
 		t.Cleanup(func() { c.Close() })
 		return c
 	}
-	held := make([]net.Conn, 0, maxUnproven)
-	for range maxUnproven {
-		held = append(held, dial())
+	closedAtOnce := func(c net.Conn, what string) {
+		t.Helper()
+		c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		if _, err := c.Read(make([]byte, 1)); err != io.EOF {
+			t.Fatalf("%s: read %v, want it closed (EOF)", what, err)
+		}
 	}
-	waitFor(t, "the receiver to take every connection", func() bool { return p.recv.unproven.Load() == maxUnproven })
-	over := dial()
-	over.SetReadDeadline(time.Now().Add(10 * time.Second))
-	if _, err := over.Read(make([]byte, 1)); err != io.EOF {
-		t.Fatalf("a connection past the bound: read %v, want it closed (EOF)", err)
+	taken := func(n int64) {
+		t.Helper()
+		waitFor(t, fmt.Sprintf("the receiver to hold %d connections", n), func() bool { return p.recv.unproven.Load() == n })
 	}
-	held[0].Close()
-	waitFor(t, "the closed connection to be let go", func() bool { return p.recv.unproven.Load() == maxUnproven-1 })
-	dial()
-	waitFor(t, "the next connection to be taken", func() bool { return p.recv.unproven.Load() == maxUnproven })
+	var first []net.Conn
+	for range maxUnprovenFrom {
+		first = append(first, dial(1))
+	}
+	taken(maxUnprovenFrom)
+	closedAtOnce(dial(1), "a connection past the bound for one address")
+	first[0].Close()
+	taken(maxUnprovenFrom - 1)
+	dial(1)
+	taken(maxUnprovenFrom)
+
+	for from := byte(2); p.recv.unproven.Load() < maxUnproven; from++ {
+		for range min(maxUnprovenFrom, maxUnproven-int(p.recv.unproven.Load())) {
+			dial(from)
+		}
+		taken(min(int64(from)*maxUnprovenFrom, maxUnproven))
+	}
+	closedAtOnce(dial(200), "a connection past the bound in all, from a new address")
+	first[1].Close()
+	taken(maxUnproven - 1)
+	dial(200)
+	taken(maxUnproven)
+}
+
+// TestReceiverTakesOnlyItsSources: a receiver told where gateways'
+// connections come from closes any other unread.
+func TestReceiverTakesOnlyItsSources(t *testing.T) {
+	p := newPairWith(t, "DE", func(c *ReceiverConfig) { c.Sources = netip.MustParsePrefix("127.0.0.2/32") })
+	c, err := net.Dial("tcp", p.addr.String()) // from 127.0.0.1
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := c.Read(make([]byte, 1)); err != io.EOF {
+		t.Fatalf("a connection from elsewhere: read %v, want it closed (EOF)", err)
+	}
+	if got := p.recv.unproven.Load(); got != 0 {
+		t.Fatalf("%d connections held, want none", got)
+	}
+	waitFor(t, "the receiver to log why it closed the connection", func() bool {
+		return strings.Contains(p.recvLog.String(), "does not come from a gateway's overlay address (127.0.0.2/32)")
+	})
+	raw := filepath.Join(p.dir, "vm.raw")
+	makeRaw(t, raw, 4*mib, map[int64]int{0: mib, 2 * mib: mib})
+	cfg := p.config(raw, "pii-eu")
+	d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 2)}}
+	cfg.Dial = func(ctx context.Context, addr string) (net.Conn, error) { return d.DialContext(ctx, "tcp", addr) }
+	if _, err := Send(context.Background(), cfg); err != nil {
+		t.Fatalf("a migration from the sources: %v", err)
+	}
+	p.stored(raw)
+	waitFor(t, "the receiver to let go of every place", func() bool {
+		p.recv.unprovenMu.Lock()
+		defer p.recv.unprovenMu.Unlock()
+		return p.recv.unproven.Load() == 0 && len(p.recv.unprovenFrom) == 0
+	})
 }
 
 // TestSupersedingOfferSeesTheStoredClass: an offer that supersedes a
