@@ -116,12 +116,17 @@ func migrateCommand() *cli.Command {
 // imageArg is the stored image a command names, as usage: what a
 // command takes after the name.
 func imageArg(c *cli.Context, usage string) (string, error) {
-	name := c.Args().First()
-	if name == "" {
+	arg := c.Args().First()
+	if arg == "" {
 		return "", usageError("which image? skybridge %s (see skybridge migrate list)", usage)
 	}
-	// A path is no name: it would reach the gateway as another URL. Names
-	// stored by earlier releases may hold characters new ones may not.
+	// Names stored by earlier releases may hold characters new ones may
+	// not, which the list shows escaped: it takes them so too.
+	name, err := unprintable(arg)
+	if err != nil {
+		return "", usageError("image name %s: %v: a backslash in a name starts an escape (see skybridge migrate list)", printable(arg), err)
+	}
+	// A path is no name: it would reach the gateway as another URL.
 	if err := migrate.CheckStoredName(name); err != nil {
 		return "", usageError("%v: give the name of an image this gateway stores (see skybridge migrate list)", err)
 	}

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"unicode"
@@ -70,6 +71,8 @@ func printable(s string) string {
 		switch {
 		case r == utf8.RuneError && !strings.HasPrefix(s[i:], "\uFFFD"):
 			fmt.Fprintf(&b, "\\x%02x", s[i])
+		case r > 0xffff && (!unicode.IsGraphic(r) || unicode.Is(unicode.Cf, r)):
+			fmt.Fprintf(&b, "\\U%08x", r) // as Go writes it: a fifth digit would be read as text
 		case r == utf8.RuneError || !unicode.IsGraphic(r) || unicode.Is(unicode.Cf, r):
 			fmt.Fprintf(&b, "\\u%04x", r)
 		default:
@@ -77,6 +80,39 @@ func printable(s string) string {
 		}
 	}
 	return b.String()
+}
+
+// unprintable undoes printable for a name, which holds no backslash of
+// its own (migrate.CheckStoredName): what `migrate list` showed is what
+// `migrate remove` takes.
+func unprintable(s string) (string, error) {
+	var b strings.Builder
+	for {
+		i := strings.IndexByte(s, '\\')
+		if i < 0 {
+			b.WriteString(s)
+			return b.String(), nil
+		}
+		b.WriteString(s[:i])
+		s = s[i+1:]
+		digits := 0
+		if s != "" {
+			digits = map[byte]int{'x': 2, 'u': 4, 'U': 8}[s[0]]
+		}
+		n, err := uint64(0), strconv.ErrSyntax
+		if digits > 0 && len(s) > digits {
+			n, err = strconv.ParseUint(s[1:1+digits], 16, 32)
+		}
+		if err != nil || digits > 2 && !utf8.ValidRune(rune(n)) {
+			return "", fmt.Errorf("%q is not an escape as `skybridge migrate list` prints them (\\u001b, \\U000e0001, \\xff)", `\`+s[:min(len(s), 1+digits)])
+		}
+		if digits == 2 {
+			b.WriteByte(byte(n))
+		} else {
+			b.WriteRune(rune(n))
+		}
+		s = s[1+digits:]
+	}
 }
 
 // usageError is a mistake on the command line: exit code 2, like flag

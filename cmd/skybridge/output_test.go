@@ -31,6 +31,26 @@ func TestPrintable(t *testing.T) {
 	}
 }
 
+// TestUnprintable: what printable shows of a name is what a command
+// takes back as that name; a backslash that is no such escape is refused.
+func TestUnprintable(t *testing.T) {
+	for _, name := range []string{"vm-1", "vm\x1b[2K", "bad \xff byte", "img\u202egpj", "tag\U000e0001x", "\ufffd literal", "Zürich", "\x9b31m"} {
+		shown := printable(name)
+		got, err := unprintable(shown)
+		if err != nil || got != name {
+			t.Errorf("unprintable(printable(%q) = %q) = %q, %v; want the name back", name, shown, got, err)
+		}
+	}
+	if got := printable("tag\U000e0001x"); got != `tag\U000e0001x` {
+		t.Errorf("a character past U+FFFF shows as %q, want Go's \\U form, whose length is fixed", got)
+	}
+	for _, bad := range []string{`vm\`, `vm\n`, `vm\u00`, `vm\uzzzz`, `vm\ud800`, `vm\U00110000`, `vm\x1`} {
+		if got, err := unprintable(bad); err == nil {
+			t.Errorf("unprintable(%q) = %q, want an error", bad, got)
+		}
+	}
+}
+
 // TestErrorsPrintable: an error is printed escaped, its lines kept: it
 // may quote a gateway's answer, or a name from another gateway.
 func TestErrorsPrintable(t *testing.T) {
