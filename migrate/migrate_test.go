@@ -1231,6 +1231,14 @@ func TestOpenSourceErrors(t *testing.T) {
 	if _, err := OpenSource(filepath.Join(dir, "missing")); err == nil {
 		t.Fatal("missing image opened")
 	}
+	// Subclusters: the reader would report a stretch with data as a hole.
+	ext := filepath.Join(dir, "extended.qcow2")
+	if out, err := exec.Command(q, "create", "-f", "qcow2", "-o", "extended_l2=on,cluster_size=16k", ext, "64M").CombinedOutput(); err != nil {
+		t.Fatalf("%v %s", err, out)
+	}
+	if _, err := OpenSource(ext); err == nil || !strings.Contains(err.Error(), "extended L2") || !strings.Contains(err.Error(), "extended_l2=off") {
+		t.Fatalf("extended L2 entries: %v", err)
+	}
 }
 
 // TestMigrateTruncatedSource: a qcow2 whose host file was cut short reads
