@@ -8,6 +8,7 @@ import (
 	"io"
 	"os"
 
+	"github.com/klauspost/compress/flate"
 	"github.com/klauspost/compress/zstd"
 	"github.com/lima-vm/go-qcow2reader/image"
 	"github.com/lima-vm/go-qcow2reader/image/qcow2"
@@ -38,8 +39,14 @@ type Source interface {
 var qcow2Magic = []byte{'Q', 'F', 'I', 0xfb}
 
 func init() {
-	// go-qcow2reader reads zlib-compressed clusters itself; zstd-compressed
-	// ones with klauspost/compress.
+	// The reader asks a compressed cluster's decompressor for its bytes
+	// with one Read and takes an error, io.EOF included, as the read's
+	// end: flate returns a cluster that fits its 32 KiB window with
+	// io.EOF, and either decompressor may return less than asked. Each is
+	// wrapped to fill what it is asked for.
+	qcow2.SetDecompressor(qcow2.CompressionTypeZlib, func(r io.Reader) (io.ReadCloser, error) {
+		return fullReads{flate.NewReader(r)}, nil // raw deflate, no zlib header
+	})
 	qcow2.SetDecompressor(qcow2.CompressionTypeZstd, func(r io.Reader) (io.ReadCloser, error) {
 		// A compressed cluster decompresses to one cluster (2 MiB at
 		// most): a frame that asks for a larger window is not one, and
@@ -50,8 +57,20 @@ func init() {
 		if err != nil {
 			return nil, err
 		}
-		return d.IOReadCloser(), nil
+		return fullReads{d.IOReadCloser()}, nil
 	})
+}
+
+// fullReads reads until p is full, and says nothing of an end reached
+// with it: only a cluster that decompresses short is an error.
+type fullReads struct{ io.ReadCloser }
+
+func (r fullReads) Read(p []byte) (int, error) {
+	n, err := io.ReadFull(r.ReadCloser, p)
+	if err == io.ErrUnexpectedEOF {
+		err = io.EOF
+	}
+	return n, err
 }
 
 // OpenSource opens a raw or qcow2 image, detecting the format by content.
