@@ -529,6 +529,49 @@ func TestMigrateDamagedChunk(t *testing.T) {
 	compare(t, raw, img.Path)
 }
 
+// writtenAfterExtents writes into a hole of the image once its extents
+// are listed: a running VM's write between the listing and the read.
+type writtenAfterExtents struct {
+	Source
+	path string
+}
+
+func (w writtenAfterExtents) Extents() ([]Extent, error) {
+	e, err := w.Source.Extents()
+	f, ferr := os.OpenFile(w.path, os.O_WRONLY, 0)
+	if ferr == nil {
+		_, ferr = f.WriteAt([]byte("a block the listing did not see"), 4*mib)
+		f.Close()
+	}
+	return e, errors.Join(err, ferr)
+}
+
+// TestMigrateSourceWrittenWhileListed: a write that lands while the
+// source's extents are listed, into a hole (so the transfer never reads
+// it), is seen as a change too.
+func TestMigrateSourceWrittenWhileListed(t *testing.T) {
+	p := newPair(t, "DE")
+	raw := filepath.Join(p.dir, "vm.raw")
+	makeRaw(t, raw, 8*mib, map[int64]int{0: mib})
+	// An hour back: a write in the same tick of the file system's clock
+	// would leave the time as it was.
+	if err := os.Chtimes(raw, time.Now().Add(-time.Hour), time.Now().Add(-time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	cfg := p.config(raw, "pii-eu")
+	cfg.open = func(path string) (Source, error) {
+		src, err := OpenSource(path)
+		return writtenAfterExtents{src, path}, err
+	}
+	_, err := Send(context.Background(), cfg)
+	if err == nil || !strings.Contains(err.Error(), "changed while it was read") {
+		t.Fatalf("a source written while its extents were listed: %v, want it refused as changed", err)
+	}
+	if _, err := p.recvJ.Image("vm"); err == nil {
+		t.Fatal("an image without the write was stored")
+	}
+}
+
 // TestMigrateSourceWrittenMeanwhile: a source written while it is sent
 // (a running VM) is not stored as a mix of two versions: the migration
 // fails before its commit, and the resume, once the writer is done, sends

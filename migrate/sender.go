@@ -217,6 +217,13 @@ func Send(ctx context.Context, cfg SendConfig) (rec *SendRecord, err error) {
 	if open == nil {
 		open = OpenSource
 	}
+	// Its identity first: a write after this point, even one that lands
+	// before the extents are listed (a hole filled, not read), is seen
+	// when the transfer ends.
+	sid, err := sourceID(cfg.Image)
+	if err != nil {
+		return nil, fmt.Errorf("open image: %w", err)
+	}
 	src, err := open(cfg.Image)
 	if err != nil {
 		return nil, err
@@ -245,10 +252,6 @@ func Send(ctx context.Context, cfg SendConfig) (rec *SendRecord, err error) {
 		cfg.Name = DefaultName(cfg.Image)
 	}
 	if err := checkName(cfg.Name); err != nil {
-		return nil, err
-	}
-	sid, err := sourceID(cfg.Image)
-	if err != nil {
 		return nil, err
 	}
 	rec, err = startRecord(&cfg, sid)
