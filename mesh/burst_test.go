@@ -314,6 +314,17 @@ func TestBurstEnrollmentAskedAgain(t *testing.T) {
 	if _, err := Join(context.Background(), liveSettings(t, t.TempDir()), grant.Tokens[0], nil); err == nil || !strings.Contains(err.Error(), "already used") {
 		t.Fatalf("the spent token with another key: %v", err)
 	}
+	// Revoked by the operator (its key stolen with the token), the
+	// gateway's certificate is not replaced by asking again.
+	if _, err := ca.RevokeNode("burst-ams-gw1", "keyCompromise", time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := postEnroll(context.Background(), tok, body, slog.New(slog.DiscardHandler)); err == nil || !strings.Contains(err.Error(), "is revoked") {
+		t.Fatalf("a revoked gateway's key and token asking again: %v, want a refusal", err)
+	}
+	if valid, err := ca.SerialsOfNode("burst-ams-gw1", time.Now()); err == nil {
+		t.Fatalf("the revoked gateway holds a valid certificate again: %v", valid)
+	}
 }
 
 // TestBurstLifecycle runs a CA-holding gateway and a static one, opens a

@@ -291,6 +291,14 @@ func (g *Gateway) enrol(ctx context.Context, req enrollRequest, from string) (*e
 		if ip, err = netip.ParseAddr(t.OverlayIP); err != nil {
 			return nil, fmt.Errorf("burst record of %s: token %s: %w", rec.Site, t.ID, err)
 		}
+		// An answer that was lost leaves its certificate valid. One an
+		// operator revoked (a stolen key, say) must stay revoked: the
+		// token and the key are no way back in.
+		if !e.stillValid(t.Node, t.Serial, now) {
+			g.log.Warn("enrollment refused: the token's certificate was revoked; it does not enrol again", "token", req.Token, "peer", t.Node, "serial", t.Serial, "from", from)
+			g.metrics.enrollment("refused")
+			return nil, &enrollRefusal{fmt.Errorf("the certificate this token was enrolled with (serial %s) is revoked: the token does not enrol again", t.Serial)}
+		}
 	} else if ip, err = pickOverlayIP(tb.MeshPrefix(), g.overlayIPsInUse(e)); err != nil {
 		return nil, err
 	}
@@ -724,6 +732,16 @@ func (g *Gateway) endBurstLocked(r *burstRecord, reason string) ([]string, error
 		g.log.Warn("save bursts", "err", err) // revoking again later is harmless
 	}
 	return serials, nil
+}
+
+// stillValid reports whether the CA holds the node's certificate serial
+// as neither revoked nor expired.
+func (e *enrollment) stillValid(node, serial string, now time.Time) bool {
+	valid, err := e.ca.SerialsOfNode(node, now)
+	if err != nil {
+		return false
+	}
+	return slices.ContainsFunc(valid, func(s *big.Int) bool { return certs.FormatSerial(s) == serial })
 }
 
 // burstRetry is how often burstLoop tries again an end that failed.
