@@ -227,6 +227,30 @@ func SaveCertificate(dir string, cert *x509.Certificate, tb *TrustBundle) error 
 	return atomicfile.WriteFile(filepath.Join(dir, fileNodeCert), encodePEM(pemCert, cert.Raw), 0o644)
 }
 
+// CheckKeyFor refuses a directory whose node key is not the one pub
+// belongs to: a certificate for a CSR made elsewhere, saved there, would
+// sit beside a key that cannot use it, and the identity in it would be
+// lost. A directory without a key is fine: the key stays where the CSR
+// was made.
+func CheckKeyFor(dir string, pub crypto.PublicKey) error {
+	path := filepath.Join(dir, fileNodeKey)
+	b, err := ReadPrivateFile(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("read node key: %w", err)
+	}
+	key, err := parseKeyPEM(b)
+	if err != nil {
+		return fmt.Errorf("%s: %w", path, err)
+	}
+	if !key.PublicKey.Equal(pub) {
+		return fmt.Errorf("%s holds a node key that is not the CSR's: the certificate would not fit it, and the identity there would be lost; name the directory the CSR was made in, or an empty one", dir)
+	}
+	return nil
+}
+
 // Holds reports whether cert is the certificate in dir: whether a save
 // that failed had delivered it anyway.
 func Holds(dir string, cert *x509.Certificate) bool {

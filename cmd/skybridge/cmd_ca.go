@@ -213,6 +213,9 @@ func caIssue(c *cli.Context) error {
 		if asked.Node != attrs.Node || asked.OverlayIP != attrs.OverlayIP {
 			return fmt.Errorf("%s asks for node %s with overlay IP %s, but the flags say %s with %s", csrPath, asked.Node, asked.OverlayIP, attrs.Node, attrs.OverlayIP)
 		}
+		if err := certs.CheckKeyFor(out, csr.PublicKey); err != nil {
+			return usageError("--out %v", err)
+		}
 		cert, err = ca.Issue(certs.IssueRequest{Attributes: attrs, PublicKey: csr.PublicKey, TTL: c.Duration("ttl")})
 		if err != nil {
 			return err

@@ -435,6 +435,19 @@ func TestIssueWithCSR(t *testing.T) {
 	if code == 0 || !strings.Contains(errs, "asks for node gw1") {
 		t.Fatalf("mismatched CSR: exit %d %s", code, errs)
 	}
+	// Into a directory whose identity has another key, it is refused
+	// before anything is issued, and that identity stays usable.
+	other := filepath.Join(dir, "other")
+	mustRun(t, issueArgs(ca, other, "gw1", "100.96.0.1")...)
+	before, _ := os.ReadFile(filepath.Join(other, "node.crt"))
+	_, errs, code = runCLI(t, issueArgs(ca, other, "gw1", "100.96.0.1", "--csr", csr)...)
+	if code != 2 || !strings.Contains(errs, "not the CSR's") {
+		t.Fatalf("a CSR's certificate into a directory with another key: exit %d %s", code, errs)
+	}
+	if after, _ := os.ReadFile(filepath.Join(other, "node.crt")); !bytes.Equal(before, after) {
+		t.Fatal("the refused issue replaced the directory's certificate")
+	}
+	mustRun(t, "identity", "show", "--dir", other)
 }
 
 // TestIssueNotDelivered: a re-issue into a gateway's directory that fails
