@@ -296,22 +296,46 @@ func (r *burstRecord) end(reason string, now time.Time) []string {
 // two; the newcomer then retries its token and gets another). Ending the
 // burst revokes them with the rest. Only certificates issued between the
 // burst's opening (less the CA's backdating and clock skew) and its end
-// count, so a later burst of the same name is not touched.
+// count, so a later burst of the same name is not touched, and only
+// those of the burst's own node names.
 func (r *burstRecord) strays(issued []certs.IssuedCert, now time.Time) []string {
-	named := map[string]bool{}
-	for _, t := range r.Tokens {
-		named[t.Serial] = true
+	named, ours := map[string]bool{}, map[string]bool{}
+	for i, t := range r.Tokens {
+		named[t.Serial], ours[r.nodeName(i)] = true, true
 	}
 	from := r.Created.Add(-certs.MaxClockSkew)
 	var out []string
 	for _, c := range issued {
-		if c.Site != r.Site || c.Kind != certs.KindGateway && c.Kind != "" || c.RevokedAt != nil || !c.NotAfter.After(now) ||
+		if c.Site != r.Site || !ours[c.Node] || c.Kind != certs.KindGateway && c.Kind != "" || c.RevokedAt != nil || !c.NotAfter.After(now) ||
 			named[c.Serial] || c.NotBefore.Before(from) || r.Ended != nil && !c.NotBefore.Before(*r.Ended) {
 			continue
 		}
 		out = append(out, c.Serial)
 	}
 	return out
+}
+
+// burstNamesFree refuses a burst site whose name, or one of whose gateways'
+// names, a valid certificate of the CA holds: a lasting site whose
+// gateways are offline (the mesh does not see them) would be
+// impersonated, and its certificates revoked at the burst's end.
+func burstNamesFree(issued []certs.IssuedCert, site string, gateways int, now time.Time) error {
+	names := map[string]bool{}
+	for i := range gateways {
+		names[burstNodeName(site, i)] = true
+	}
+	for _, c := range issued {
+		if c.Kind != certs.KindGateway && c.Kind != "" || c.RevokedAt != nil || !c.NotAfter.After(now) {
+			continue
+		}
+		switch {
+		case c.Site == site:
+			return fmt.Errorf("site %s has a gateway certified by this CA (%s, serial %s, valid until %s), though it may be offline: a burst site takes a name of its own", site, c.Node, c.Serial, c.NotAfter.Format(time.RFC3339))
+		case names[c.Node]:
+			return fmt.Errorf("node name %s, which the burst's gateways would take, is certified by this CA for site %s (serial %s, valid until %s): a burst site takes a name of its own", c.Node, c.Site, c.Serial, c.NotAfter.Format(time.RFC3339))
+		}
+	}
+	return nil
 }
 
 // due returns the bursts that have run out and are not ended yet, and

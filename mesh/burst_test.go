@@ -370,6 +370,11 @@ func TestBurstLifecycle(t *testing.T) {
 	if _, err := hq.g.BurstUp(context.Background(), offline); err == nil || !strings.Contains(err.Error(), "overlaps 10.88.0.0/16 of site onprem-gone") {
 		t.Fatalf("a burst over an offline site's routes: %v", err)
 	}
+	// Nor its name: the burst would pass for it, and its end revoke it.
+	offlineName := BurstRequest{BurstSite: BurstSite{Site: "onprem-gone", Provider: "aws", Region: "x", Jurisdiction: "US", Routes: []string{"10.89.0.0/24"}}, TTL: time.Hour}
+	if _, err := hq.g.BurstUp(context.Background(), offlineName); err == nil || !strings.Contains(err.Error(), "site onprem-gone has a gateway certified by this CA (gw-gone") {
+		t.Fatalf("a burst named like an offline site: %v", err)
+	}
 	grant, err := hq.g.BurstUp(context.Background(), req)
 	if err != nil {
 		t.Fatal(err)
@@ -563,7 +568,7 @@ func TestBurstVaultUnreachable(t *testing.T) {
 // TestBurstStrays: ending a burst also revokes what the CA issued for its
 // site during the burst that the record does not name (an enrollment
 // whose record was never saved), and nothing of other sites, other times
-// or already revoked or expired.
+// or already revoked or expired, nor a certificate of another node name.
 func TestBurstStrays(t *testing.T) {
 	t0 := time.Date(2026, 11, 26, 9, 0, 0, 0, time.UTC)
 	ended := t0.Add(30 * time.Minute)
@@ -571,14 +576,17 @@ func TestBurstStrays(t *testing.T) {
 		Tokens: []burstToken{{Serial: "01"}, {}}}
 	revoked := t0.Add(10 * time.Minute)
 	cert := func(serial, site string, nb time.Time) certs.IssuedCert {
-		return certs.IssuedCert{Kind: certs.KindGateway, Serial: serial, Site: site, NotBefore: nb.Add(-time.Minute), NotAfter: t0.Add(time.Hour)}
+		return certs.IssuedCert{Kind: certs.KindGateway, Serial: serial, Node: site + "-gw2", Site: site, NotBefore: nb.Add(-time.Minute), NotAfter: t0.Add(time.Hour)}
 	}
+	lasting := cert("07", "burst-ams", t0.Add(2*time.Minute)) // not a name of the burst's gateways
+	lasting.Node = "ams-gw1"
 	issued := []certs.IssuedCert{
 		cert("01", "burst-ams", t0.Add(time.Minute)),   // named by the record
 		cert("02", "burst-ams", t0.Add(2*time.Minute)), // the stray
 		cert("03", "burst-par", t0.Add(2*time.Minute)), // another site
 		cert("04", "burst-ams", t0.Add(-time.Hour)),    // an earlier burst of the name
 		cert("06", "burst-ams", t0.Add(time.Hour+time.Minute)),
+		lasting,
 	}
 	old := cert("05", "burst-ams", t0.Add(3*time.Minute))
 	old.RevokedAt = &revoked
@@ -592,6 +600,60 @@ func TestBurstStrays(t *testing.T) {
 	}
 	if got := r.strays(issued, t0.Add(2*time.Hour)); len(got) != 0 {
 		t.Fatalf("after the certificates expired: strays %v, want none", got)
+	}
+}
+
+// TestBurstOutlivingCARefused: a burst that would run past the CA's end
+// is refused when it is opened, not at every enrollment once its tokens
+// are out.
+func TestBurstOutlivingCARefused(t *testing.T) {
+	dir := t.TempDir()
+	ca, err := certs.InitCA(filepath.Join(dir, "ca"), certs.InitOptions{MeshPrefix: netip.MustParsePrefix("100.64.0.0/10"), Validity: 3 * time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	hq := startLiveGatewayWith(t, ca, dir, 0, "zrh-dc", nil, &syncbuf.Buffer{}, func(s *Settings) {
+		s.Identity.CADir = ca.Dir()
+		s.EnrollListen = netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(loopbackPort(t)))
+		s.EnrollAdvertise = s.EnrollListen
+	})
+	if _, err := hq.g.BurstUp(context.Background(), BurstRequest{BurstSite: amsSite, TTL: 6 * time.Hour}); err == nil || !strings.Contains(err.Error(), "past the end of the mesh CA") {
+		t.Fatalf("a burst of 6 h under a CA with 3 h left: %v, want it refused", err)
+	}
+	if _, err := hq.g.BurstUp(context.Background(), BurstRequest{BurstSite: amsSite, TTL: time.Hour}); err != nil {
+		t.Fatalf("a burst within the CA's life: %v", err)
+	}
+}
+
+// TestBurstNamesFree: a burst may not take the name of a site, or of a
+// node, that the CA has certified and that is still valid, whether its
+// gateways are online or not.
+func TestBurstNamesFree(t *testing.T) {
+	now := time.Date(2026, 11, 27, 9, 0, 0, 0, time.UTC)
+	gw := func(node, site string) certs.IssuedCert {
+		return certs.IssuedCert{Serial: "0a", Node: node, Site: site, NotBefore: now.Add(-time.Hour), NotAfter: now.Add(time.Hour)}
+	}
+	revoked, expired, signer := gw("edge-gw1", "edge"), gw("edge-gw1", "edge"), gw("edge", "")
+	revoked.RevokedAt = &now
+	expired.NotAfter = now
+	signer.Kind = certs.KindPolicySigner
+	for _, tc := range []struct {
+		name   string
+		issued []certs.IssuedCert
+		want   string // "" if free
+	}{
+		{"a lasting site of the name", []certs.IssuedCert{gw("gva-1", "edge")}, "site edge has a gateway certified by this CA (gva-1"},
+		{"a node of another site named as the burst's second gateway", []certs.IssuedCert{gw("edge-gw2", "zrh")}, "node name edge-gw2"},
+		{"a node named as a third gateway, of two", []certs.IssuedCert{gw("edge-gw3", "zrh")}, ""},
+		{"the site's certificates revoked (an ended burst)", []certs.IssuedCert{revoked}, ""},
+		{"the site's certificates expired", []certs.IssuedCert{expired}, ""},
+		{"a policy signer's name", []certs.IssuedCert{signer}, ""},
+		{"other sites only", []certs.IssuedCert{gw("zrh-1", "zrh")}, ""},
+	} {
+		err := burstNamesFree(tc.issued, "edge", 2, now)
+		if tc.want == "" && err != nil || tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)) {
+			t.Errorf("%s: %v, want %q", tc.name, err, tc.want)
+		}
 	}
 }
 

@@ -465,6 +465,18 @@ func (g *Gateway) BurstUp(ctx context.Context, req BurstRequest) (_ *BurstGrant,
 		if err := e.ca.RoutesFree(a, g.now()); err != nil {
 			return nil, fmt.Errorf("burst site %s: %w", attrs.Site, err)
 		}
+		issued, err := e.ca.Issued()
+		if err != nil {
+			return nil, err
+		}
+		if err := burstNamesFree(issued, attrs.Site, req.Gateways, g.now()); err != nil {
+			return nil, fmt.Errorf("burst site %s: %w", attrs.Site, err)
+		}
+		// Its gateways' certificates end with it, and none outlives the CA.
+		if end := e.ca.Certificate().NotAfter; g.now().Add(req.TTL).After(end) {
+			return nil, fmt.Errorf("burst site %s would run until %s, past the end of the mesh CA (%s): choose a shorter --ttl", attrs.Site,
+				g.now().Add(req.TTL).UTC().Format(time.RFC3339), end.UTC().Format(time.RFC3339))
+		}
 	}
 	if req.TokenTTL == 0 {
 		req.TokenTTL = DefaultTokenTTL
