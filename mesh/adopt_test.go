@@ -155,6 +155,58 @@ func TestRevokedSignersPolicyLeaves(t *testing.T) {
 	}
 }
 
+// TestUntrustedPolicyKeptAcrossRestart: a policy kept in force after its
+// signer was revoked, with nothing trusted to take its place, is still in
+// force after a restart: the state directory's copy no longer verifies,
+// and starting with none would lift every residency limit on the tunnels.
+func TestUntrustedPolicyKeptAcrossRestart(t *testing.T) {
+	dir := t.TempDir()
+	ca := meshCA(t, dir)
+	tb, err := ca.TrustBundle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	src := []byte("policy {\n  name    = \"revoked\"\n  version = 2\n}\nclass \"risk-batch\" {\n  allow \"store\" {\n    jurisdiction = [\"CH\"]\n  }\n}\n")
+	s := liveSettings(t, filepath.Join(dir, "gw"))
+	s.Node = provisionGateway(t, ca, tb, certs.Attributes{Node: "gw", Site: "zrh-dc", Region: "r", Provider: "onprem", Jurisdiction: "CH",
+		OverlayIP: netip.MustParseAddr("100.64.7.1")}, time.Hour, s.Identity.Dir)
+	open := func() *Gateway {
+		g, err := newGateway(context.Background(), s, slog.New(slog.DiscardHandler), options{device: NewRecordingDevice("p"), noControl: true, noMigrations: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { g.prov.Close(); g.closeDevice() })
+		return g
+	}
+	g := open()
+	signer, err := ca.NewPolicySigner("compliance", time.Hour, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	sig, err := policy.Sign("policy.hcl", src, signer.Signer(), signer.Name(), signer.Certificate(), time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ok, err := g.AdoptPolicy(src, sig.Marshal()); !ok || err != nil {
+		t.Fatal(ok, err)
+	}
+	if _, err := ca.RevokeSerials([]*big.Int{signer.Certificate().SerialNumber}, "keyCompromise", time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	if tb, err = ca.TrustBundle(); err != nil || !g.adoptTrust(tb, time.Now()) {
+		t.Fatalf("the revocation list was not adopted: %v", err)
+	}
+	if p := g.policy.Load(); p == nil || !p.untrusted {
+		t.Fatalf("running: %+v, want version 2 kept, marked untrusted", p)
+	}
+	g.prov.Close()
+	g.closeDevice()
+	g = open()
+	if p := g.policy.Load(); p == nil || p.p.Revision().Version != 2 || !p.untrusted {
+		t.Fatalf("after a restart: policy %s in force, want version 2 kept, marked untrusted", g.policyRevision())
+	}
+}
+
 // TestConfiguredPolicyMustBeInForce: a gateway whose configuration names
 // a policy does not start without one in force — the file missing,
 // unsigned or refused — since it would link every verified gateway; the

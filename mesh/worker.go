@@ -385,6 +385,8 @@ func certParts(certs [][]byte) [][]byte {
 // mean an older policy, or none (every verified gateway linked), in
 // silence.
 func (g *Gateway) loadPolicies() error {
+	var untrusted *adoptedPolicy // the stored policy, if only its signer is no longer trusted
+	var untrustedWhy error
 	switch src, sig, err := g.state.loadPolicy(); {
 	case errors.Is(err, fs.ErrNotExist):
 	case err != nil:
@@ -393,6 +395,9 @@ func (g *Gateway) loadPolicies() error {
 	default:
 		if _, err := g.AdoptPolicy(src, sig); err != nil {
 			g.log.Warn("stored policy refused", "err", err)
+			if p, perr := policy.Parse("policy.hcl", src); errors.Is(err, policy.ErrUntrustedSigner) && perr == nil {
+				untrusted, untrustedWhy = &adoptedPolicy{p: p, src: src, sig: sig}, err
+			}
 		}
 	}
 	src, sig, why := g.configuredPolicy()
@@ -407,6 +412,13 @@ func (g *Gateway) loadPolicies() error {
 	if g.s.PolicyFile != "" && g.policy.Load() == nil {
 		return fmt.Errorf("the configured residency policy %s cannot be put in force: %w; fix it and sign it (skybridge policy sign --policy %s --ca DIR or --signer DIR), or remove policy.file from the configuration to take the mesh's policy by gossip (until one arrives the gateway links to every verified gateway and takes no migration)",
 			g.s.PolicyFile, why, g.s.PolicyFile)
+	}
+	// As while running (recheckPolicy): the last policy in force, whose
+	// signer was revoked since, rather than none.
+	if g.policy.Load() == nil && untrusted != nil {
+		g.policyMu.Lock()
+		g.keepUntrustedLocked(untrusted, untrustedWhy)
+		g.policyMu.Unlock()
 	}
 	return nil
 }
@@ -513,8 +525,15 @@ func (g *Gateway) recheckPolicy() {
 		}
 		g.log.Error("configured policy refused", "policy", g.s.PolicyFile, "err", err)
 	}
-	// Marked, so that this is said once per policy, not per list.
+	g.keepUntrustedLocked(c, why)
+}
+
+// keepUntrustedLocked keeps in force a policy whose signer the mesh no
+// longer trusts, marked (so that this is said once per policy, not per
+// list), with g.policyMu held.
+func (g *Gateway) keepUntrustedLocked(c *adoptedPolicy, why error) {
 	g.policy.Store(&adoptedPolicy{p: c.p, src: c.src, sig: c.sig, untrusted: true})
+	g.metrics.classes(c.p.Classes())
 	g.log.Error(fmt.Sprintf("the residency policy in force was signed by a signer since revoked, and no trusted policy can take its place: it stays in force until one signed by a trusted signer, above version %d, is published", c.p.Revision().Version),
 		"policy", c.p.Revision().String(), "err", why)
 }
