@@ -40,6 +40,13 @@ func (p *Policy) Evaluate(req Request) Decision {
 		}
 		p.evaluateSites(cls, &req, &d)
 	}
+	if d.Denied {
+		// An exception that admitted one site did not let the request
+		// through: a record naming it (its ticket, its approver) would
+		// read as if it had. Sites says where it applied.
+		d.Exception = nil
+		d.Obligations = Obligations{}
+	}
 	if d.Denied && mode == Audit {
 		d.Allowed, d.Audit = true, true
 		d.Reasons = append(d.Reasons, fmt.Sprintf("allowed anyway: class %q is in audit mode, so this denial is only recorded", req.Class))

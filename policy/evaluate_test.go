@@ -162,6 +162,7 @@ func TestEvaluate(t *testing.T) {
 		{name: "exception expired", class: "pii", action: Store, sites: []Site{iad}, at: time.Date(2027, 1, 1, 0, 0, 0, 0, time.UTC), outcome: "deny", reason: `exception "pii-us" ran until 2026-12-31 and has expired`},
 		{name: "exception for another action", class: "pii", action: Transit, sites: []Site{zrh, iad}, outcome: "deny"},
 		{name: "exception for another site", class: "pii", action: Store, sites: []Site{iad2}, outcome: "deny"},
+		{name: "an exception for one site of a denied store names none", class: "pii", action: Store, sites: []Site{iad, zrh}, outcome: "deny", kind: "default-deny", reason: "onprem-zrh"},
 		{name: "exception expiring at an instant", class: "pii", action: Store, sites: []Site{shared}, at: time.Date(2026, 12, 1, 0, 0, 0, 0, time.UTC), outcome: "deny", kind: "deny"},
 
 		// transit paths and hops
