@@ -26,6 +26,7 @@ import (
 type Policy struct {
 	rev           Revision
 	signedAt      time.Time // by its verified signature; zero if not verified
+	signedBy      string    // the verified signer's certified name; "" if not verified
 	file          string
 	mode          Mode
 	description   string
@@ -81,6 +82,10 @@ func (e *exception) ref() *ExceptionRef {
 
 // Revision identifies the policy.
 func (p *Policy) Revision() Revision { return p.rev }
+
+// SignedBy is the name the verified signer's certificate gives it (a
+// delegated signer's, or the mesh CA's); "" for a policy not verified.
+func (p *Policy) SignedBy() string { return p.signedBy }
 
 // Mode is the policy-wide mode.
 func (p *Policy) Mode() Mode { return p.mode }

@@ -135,14 +135,14 @@ func Verify(file string, src []byte, sig *Signature, tb *certs.TrustBundle, now 
 	if err != nil {
 		return nil, err
 	}
-	ok := false
+	signedBy := ""
 	for _, k := range keys {
-		if ecdsa.VerifyASN1(k, digest, sig.Signature) {
-			ok = true
+		if ecdsa.VerifyASN1(k.key, digest, sig.Signature) {
+			signedBy = k.name
 			break
 		}
 	}
-	if !ok {
+	if signedBy == "" {
 		// The policy is the file signed (its hash matched): the
 		// signature itself is not from the key it names.
 		if sig.SignerCertificate == "" {
@@ -157,18 +157,26 @@ func Verify(file string, src []byte, sig *Signature, tb *certs.TrustBundle, now 
 	if p.rev != sig.Policy {
 		return nil, fmt.Errorf("%w: signature is for %s, policy is %s", ErrBadSignature, sig.Policy, p.rev)
 	}
-	p.signedAt = sig.SignedAt
+	p.signedAt, p.signedBy = sig.SignedAt, signedBy
 	return p, nil
+}
+
+// signerKey is a key a signature may be checked with, and the name its
+// certificate gives its holder: the signature's own "signer" is not
+// signed, so only this one is vouched for.
+type signerKey struct {
+	key  *ecdsa.PublicKey
+	name string
 }
 
 // signerKeys returns the keys a signature may be checked with: the CA's
 // own, or a delegated signer's after checking its certificate.
-func signerKeys(sig *Signature, tb *certs.TrustBundle) ([]*ecdsa.PublicKey, error) {
+func signerKeys(sig *Signature, tb *certs.TrustBundle) ([]signerKey, error) {
 	if sig.SignerCertificate == "" {
-		var keys []*ecdsa.PublicKey
+		var keys []signerKey
 		for _, ca := range tb.CAs() {
 			if k, ok := ca.PublicKey.(*ecdsa.PublicKey); ok {
-				keys = append(keys, k)
+				keys = append(keys, signerKey{k, ca.Subject.CommonName + " (the mesh CA)"})
 			}
 		}
 		return keys, nil
@@ -196,7 +204,7 @@ func signerKeys(sig *Signature, tb *certs.TrustBundle) ([]*ecdsa.PublicKey, erro
 	if !ok {
 		return nil, fmt.Errorf("%w: signer key is not ECDSA", ErrUntrustedSigner)
 	}
-	return []*ecdsa.PublicKey{k}, nil
+	return []signerKey{{k, c.Subject.CommonName}}, nil
 }
 
 // Adopt decides whether a verified candidate may replace the policy in

@@ -442,8 +442,11 @@ func policySign(c *cli.Context) error {
 }
 
 type verifyOutput struct {
-	Valid     bool              `json:"valid"`
-	Error     string            `json:"error,omitempty"`
+	Valid bool   `json:"valid"`
+	Error string `json:"error,omitempty"`
+	// SignedBy is the signer as its certificate names it; the
+	// signature's own "signer" is not covered by it.
+	SignedBy  string            `json:"signed_by,omitempty"`
 	Signature *policy.Signature `json:"signature,omitempty"`
 }
 
@@ -482,13 +485,18 @@ func policyVerify(c *cli.Context) error {
 	out := verifyOutput{Valid: verr == nil, Signature: sig}
 	if verr != nil {
 		out.Error = verr.Error()
+	} else {
+		out.SignedBy = p.SignedBy()
 	}
 	if c.Bool("json") {
 		if err := printJSON(c.App.Writer, out); err != nil {
 			return policyErr(err)
 		}
 	} else if verr == nil {
-		fmt.Fprintf(c.App.Writer, "valid: %s signed by %q at %s\n", p.Revision(), sig.Signer, sig.SignedAt.Format(time.RFC3339))
+		fmt.Fprintf(c.App.Writer, "valid: %s signed by %s at %s\n", p.Revision(), printable(p.SignedBy()), sig.SignedAt.Format(time.RFC3339))
+		if sig.Signer != p.SignedBy() && sig.Signer+" (the mesh CA)" != p.SignedBy() {
+			fmt.Fprintf(c.App.Writer, "note: the signature calls its signer %q, which its certificate does not vouch for\n", printable(sig.Signer))
+		}
 	} else {
 		fmt.Fprintf(c.App.Writer, "INVALID: %v\n", verr)
 	}

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 
@@ -188,9 +189,21 @@ func TestPolicySignVerify(t *testing.T) {
 		t.Fatal("signer key missing or not 0600")
 	}
 	mustRun(t, "policy", "sign", "--policy", pol, "--signer", signer)
-	if out, code := verify(); code != 0 || !strings.Contains(out, `signed by "compliance"`) {
+	if out, code := verify(); code != 0 || !strings.Contains(out, "signed by compliance at") || strings.Contains(out, "note:") {
 		t.Fatalf("signer-signed: exit %d %s", code, out)
 	}
+	// The signature's "signer" is not what it signs: a name written into
+	// it is not shown as the signer.
+	signed, _ := os.ReadFile(pol + ".sig")
+	renamed := regexp.MustCompile(`"signer":\s*"compliance"`).ReplaceAll(signed, []byte(`"signer": "chief-compliance-officer"`))
+	if bytes.Equal(renamed, signed) {
+		t.Fatalf("no signer name in the signature:\n%s", signed)
+	}
+	os.WriteFile(pol+".sig", renamed, 0o644)
+	if out, code := verify(); code != 0 || !strings.Contains(out, "signed by compliance at") || !strings.Contains(out, `calls its signer "chief-compliance-officer", which its certificate does not vouch for`) {
+		t.Fatalf("a renamed signer: exit %d %s", code, out)
+	}
+	os.WriteFile(pol+".sig", signed, 0o644)
 	mustRun(t, "ca", "revoke", "--ca", ca, "--node", "compliance")
 	if out, code := verify(); code != 1 || !strings.Contains(out, "revoked") {
 		t.Fatalf("revoked signer: exit %d %s", code, out)
