@@ -398,14 +398,21 @@ func (g *Gateway) StartMigration(req MigrationRequest) (*runningMigration, strin
 
 // pickDestination resolves "to" — a node, a site, a region or a
 // jurisdiction — to one verified gateway the policy lets this class reach,
-// the least loaded one (ties: by name). If the policy permits none, the
-// first match is returned so that the migration is refused (and recorded)
-// with the policy's reasons.
+// the least loaded one (ties: by name); one the policy allows only in
+// audit mode, where it denies, only if no other is. A gateway's name is
+// that gateway alone, whatever else it could be read as (a node named
+// like a country code): `migrate apply` names the gateway its plan chose.
+// If the policy permits none, the first match is returned so that the
+// migration is refused (and recorded) with the policy's reasons.
 func (g *Gateway) pickDestination(to, class string) (dest *Node, alsoRefused []string, err error) {
 	self := g.id.Load().Attributes()
 	var matched []Node
 	for _, n := range g.members.gateways() {
 		a := n.Attributes
+		if a.Node == to {
+			matched = []Node{n}
+			break
+		}
 		if migrate.Matches(a, to) {
 			matched = append(matched, n)
 		}
@@ -425,15 +432,23 @@ func (g *Gateway) pickDestination(to, class string) (dest *Node, alsoRefused []s
 	}
 	now := g.now()
 	refused := map[string]bool{matched[0].site(): true} // the one tried says its own
+	audited := -1                                       // the first the policy denies but lets through in audit mode
 	for i := range matched {
 		_, verdict := p.p.AdmitMove(class, policy.SiteOf(self), policy.SiteOf(matched[i].Attributes), now)
-		if verdict.Allowed {
+		switch {
+		case verdict.Allowed && !verdict.Denied:
 			return &matched[i], nil, nil
+		case verdict.Allowed && audited < 0:
+			audited = i
+		case !verdict.Allowed:
+			if a := matched[i].Attributes; !refused[a.Site] { // one line per site
+				refused[a.Site] = true
+				alsoRefused = append(alsoRefused, fmt.Sprintf("site %s (%s): %s", a.Site, a.Jurisdiction, strings.Join(verdict.Reasons, ", ")))
+			}
 		}
-		if a := matched[i].Attributes; !refused[a.Site] { // one line per site
-			refused[a.Site] = true
-			alsoRefused = append(alsoRefused, fmt.Sprintf("site %s (%s): %s", a.Site, a.Jurisdiction, strings.Join(verdict.Reasons, ", ")))
-		}
+	}
+	if audited >= 0 {
+		return &matched[audited], nil, nil
 	}
 	return &matched[0], alsoRefused, nil
 }

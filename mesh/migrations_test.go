@@ -157,4 +157,32 @@ class "pii-eu" {
 	if dest, also, err := g.pickDestination("US", "pii-eu"); err != nil || dest.node() != "gw-b" || also != nil {
 		t.Fatalf("us-b may: %v, %q, %v; want gw-b", dest, also, err)
 	}
+	// In audit mode the policy lets a denied one through, but a gateway
+	// it allows comes first, however loaded the other is not.
+	audit := mustPolicy(t, `policy {
+  name    = "t"
+  version = 1
+}
+class "pii-eu" {
+  mode = "audit"
+  allow "store" {
+    site = ["us-b"]
+  }
+  allow "transit" {
+    site = ["*"]
+  }
+}
+`)
+	g.policy.Store(&adoptedPolicy{p: audit})
+	if dest, _, err := g.pickDestination("US", "pii-eu"); err != nil || dest.node() != "gw-b" {
+		t.Fatalf("audit mode, us-b allowed and us-a only let through: %v, %v; want gw-b", dest, err)
+	}
+	g.policy.Store(&adoptedPolicy{p: pol("*")})
+	// A node named like what else it could be read as is itself.
+	us := issue("us", "us-c", 4)
+	ms.addCert(us.Certificate().Raw)
+	ms.update("us", gossipAddr, f.advert(us, 1))
+	if dest, _, err := g.pickDestination("us", "pii-eu"); err != nil || dest.node() != "us" {
+		t.Fatalf("a node named us: %v, %v; want that node, not the least loaded US gateway", dest, err)
+	}
 }
