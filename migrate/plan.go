@@ -98,9 +98,13 @@ type Plan struct {
 // Placement is one VM's destination.
 type Placement struct {
 	VM
-	To       string        `json:"to"` // gateway (node)
-	Site     string        `json:"site"`
-	Rule     string        `json:"rule"` // the policy rule that admits it there
+	To   string `json:"to"` // gateway (node)
+	Site string `json:"site"`
+	Rule string `json:"rule"` // the policy rule that admits it there
+	// Audit: the policy denies it there (Rule is the denying rule), and
+	// lets it through only because the class is in audit mode; chosen
+	// only where no destination the policy allows had room.
+	Audit    bool          `json:"audit,omitempty"`
 	Estimate time.Duration `json:"estimate_ns,omitempty"`
 }
 
@@ -170,6 +174,7 @@ type slot struct {
 	bytes     int64
 	policyErr map[string]string // class → why not, "" if allowed
 	rule      map[string]string // class → admitting rule
+	audit     map[string]bool   // class → denied, let through by audit mode
 }
 
 // room is a site's capacity and what the plan has used of it. The
@@ -243,7 +248,7 @@ func MakePlan(in PlanInput) (*Plan, error) {
 			p.Notes = append(p.Notes, fmt.Sprintf("the gateways of %s advertise different capacities: planned with the smaller", d.Attributes.Site))
 			r.cpu, r.mem = min(r.cpu, cpu), min(r.mem, mem)
 		}
-		slots = append(slots, &slot{dest: d, room: r, policyErr: map[string]string{}, rule: map[string]string{}})
+		slots = append(slots, &slot{dest: d, room: r, policyErr: map[string]string{}, rule: map[string]string{}, audit: map[string]bool{}})
 	}
 
 	order := make([]int, len(in.VMs))
@@ -258,7 +263,7 @@ func MakePlan(in PlanInput) (*Plan, error) {
 	why := make([][]string, len(in.VMs))
 	for _, i := range order {
 		vm := in.VMs[i]
-		var best *slot
+		var best, bestAudit *slot // where the policy allows it; where its audit mode only lets it through
 		var reasons []string
 		for _, s := range slots {
 			if msg := s.admits(in, vm.Class); msg != "" {
@@ -270,9 +275,17 @@ func MakePlan(in PlanInput) (*Plan, error) {
 					s.dest.Attributes.Node, s.dest.Attributes.Site, vm.CPU, vm.MemoryGiB, s.room.cpu-float64(s.room.usedCPU), s.room.mem-s.room.usedMem))
 				continue
 			}
-			if best == nil || better(s, best, vm) {
+			switch {
+			case s.audit[vm.Class]:
+				if bestAudit == nil || better(s, bestAudit, vm) {
+					bestAudit = s
+				}
+			case best == nil || better(s, best, vm):
 				best = s
 			}
+		}
+		if best == nil {
+			best = bestAudit
 		}
 		if best == nil {
 			if len(slots) == 0 {
@@ -288,7 +301,7 @@ func MakePlan(in PlanInput) (*Plan, error) {
 		best.assigned++
 		best.bytes += vm.Bytes
 		a := best.dest.Attributes
-		pl := &Placement{VM: vm, To: a.Node, Site: a.Site, Rule: best.rule[vm.Class]}
+		pl := &Placement{VM: vm, To: a.Node, Site: a.Site, Rule: best.rule[vm.Class], Audit: best.audit[vm.Class]}
 		if t := best.dest.Throughput; t > 0 {
 			pl.Estimate = time.Duration(float64(vm.Bytes) / t * float64(time.Second))
 		}
@@ -344,7 +357,7 @@ func (s *slot) admits(in PlanInput, class string) string {
 	} else {
 		_, verdict := in.Policy.AdmitMove(class, policy.SiteOf(in.From), policy.SiteOf(a), in.Now)
 		if verdict.Allowed {
-			s.rule[class] = verdict.Rule.String()
+			s.rule[class], s.audit[class] = verdict.Rule.String(), verdict.Denied
 		} else {
 			msg = fmt.Sprintf("%s (%s): %s [%s]", a.Node, a.Site, strings.Join(verdict.Reasons, "; "), verdict.Rule)
 		}
@@ -382,6 +395,9 @@ func ParseInventory(r io.Reader) ([]VM, error) {
 		h = strings.ToLower(strings.TrimSpace(h))
 		if !slices.Contains(inventoryColumns, h) {
 			return nil, fmt.Errorf("inventory header: unknown column %q (want %s)", h, strings.Join(inventoryColumns, ", "))
+		}
+		if j, twice := col[h]; twice {
+			return nil, fmt.Errorf("inventory header: column %q is named twice (columns %d and %d): which one holds the figures?", h, j+1, i+1)
 		}
 		col[h] = i
 	}

@@ -225,6 +225,63 @@ func TestMakePlanNotes(t *testing.T) {
 	}
 }
 
+// TestMakePlanAuditModeLast: where a class is in audit mode, a
+// destination the policy denies (and lets through only to record it) is
+// chosen only if no destination it allows has room, and the placement
+// says so.
+func TestMakePlanAuditModeLast(t *testing.T) {
+	pol, err := policy.Parse("plan.hcl", []byte(`policy {
+  name    = "plan"
+  version = 1
+}
+class "pii-eu" {
+  mode = "audit"
+  allow "transit" {
+    site = ["*"]
+  }
+  allow "store" {
+    jurisdiction = ["CH", "DE"]
+  }
+}
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	from := &certs.Attributes{Node: "gw-zrh", Site: "onprem-zrh", Region: "zrh", Provider: "onprem", Jurisdiction: "CH"}
+	// The US gateway is idle, the German one busy: load alone would pick
+	// the US.
+	fra, iad := planDest("gw-fra", "aws-eu-central-1", "DE", 16, 64, 3, 100e6), planDest("gw-iad", "aws-us-east-1", "US", 64, 256, 0, 100e6)
+	vms := []VM{{Name: "crm", Image: "/img/crm.qcow2", Class: "pii-eu", CPU: 8, MemoryGiB: 32}, {Name: "erp", Image: "/img/erp.qcow2", Class: "pii-eu", CPU: 8, MemoryGiB: 32}}
+	p, err := MakePlan(PlanInput{From: from, Policy: pol, Now: time.Now(), VMs: vms, Destinations: []Destination{fra, iad}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, pl := range p.Placements {
+		if pl.To != "gw-fra" || pl.Audit {
+			t.Errorf("%s placed at %s (audit %v), want gw-fra, which the policy allows and has room for both", pl.Name, pl.To, pl.Audit)
+		}
+	}
+	// A third no longer fits in Germany: it goes where only audit mode
+	// lets it, marked, with the rule that denies it.
+	vms = append(vms, VM{Name: "hr", Image: "/img/hr.qcow2", Class: "pii-eu", CPU: 8, MemoryGiB: 32})
+	p, err = MakePlan(PlanInput{From: from, Policy: pol, Now: time.Now(), VMs: vms, Destinations: []Destination{fra, iad}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	audited := 0
+	for _, pl := range p.Placements {
+		if pl.To == "gw-iad" {
+			audited++
+			if !pl.Audit || !strings.Contains(pl.Rule, `has no allow "store" rule`) {
+				t.Errorf("%s placed in the US: audit %v, rule %q; want it marked, with the denying rule", pl.Name, pl.Audit, pl.Rule)
+			}
+		}
+	}
+	if audited != 1 || len(p.Placements) != 3 {
+		t.Errorf("placements %+v: want two in Germany and the third, which does not fit there, in the US", p.Placements)
+	}
+}
+
 func indexOf(vms []VM, name string) int {
 	for i, vm := range vms {
 		if vm.Name == name {
@@ -246,6 +303,7 @@ func TestParseInventory(t *testing.T) {
 	for _, tc := range []struct{ src, want string }{
 		{"name,image,class,cpu\n", `column "memory_gib" is missing`},
 		{"name,image,class,cpu,memory_gib,colour\n", `unknown column "colour"`},
+		{"name,image,class,cpu,memory_gib,CPU\nweb1,/i,risk-batch,32,64,2\n", `column "cpu" is named twice (columns 4 and 6)`},
 		{"name,image,class,cpu,memory_gib\nvm1,/i,risk-batch,eight,4\n", `line 2: cpu "eight" is not a whole number`},
 		{"name,image,class,cpu,memory_gib\nvm1,/i,risk-batch,1,4\nvm1,/j,risk-batch,1,4\n", `VM "vm1": listed twice`},
 		{"name,image,class,cpu,memory_gib\nvm1,/i,,1,4\n", `no data class`},

@@ -88,7 +88,11 @@ func printPlan(c *cli.Context, p *migrate.Plan) {
 		if pl.Estimate > 0 {
 			est = roundDuration(pl.Estimate)
 		}
-		rows = append(rows, []string{pl.Name, pl.Class, fmt.Sprintf("%d / %g GiB", pl.CPU, pl.MemoryGiB), humanBytes(pl.Bytes), pl.To + " (" + pl.Site + ")", est, pl.Rule})
+		rule := pl.Rule
+		if pl.Audit {
+			rule = "AUDIT MODE ONLY, denied by " + rule
+		}
+		rows = append(rows, []string{pl.Name, pl.Class, fmt.Sprintf("%d / %g GiB", pl.CPU, pl.MemoryGiB), humanBytes(pl.Bytes), pl.To + " (" + pl.Site + ")", est, rule})
 	}
 	fmt.Fprintf(w, "PLACED (%d of %d VMs), from %s under policy %s\n", len(p.Placements), len(p.Placements)+len(p.Unplaced), p.From, dash(p.Policy))
 	printTable(w, []string{"vm", "class", "cpu / memory", "to move", "to", "estimate", "admitted by"}, rows)
