@@ -410,7 +410,30 @@ func routesFree(idx *caIndex, attrs Attributes, now time.Time) error {
 const (
 	KindGateway      = "gateway"
 	KindPolicySigner = "policy-signer"
+	KindEnroller     = "enroller"
 )
+
+// IssueEnroller certifies pub for the enrollment endpoint of the gateway
+// called node: what a newcomer checks against its join token (the CA pin,
+// the gateway's name), and nothing more. The endpoint answers strangers,
+// and the gateway's own certificate would tell them its site,
+// jurisdiction, routes and labels. Server authentication only: the mesh,
+// which asks for client authentication, never takes it for a gateway.
+func (ca *CA) IssueEnroller(node string, overlayIP netip.Addr, pub crypto.PublicKey, ttl time.Duration, now time.Time) (*x509.Certificate, error) {
+	if !nameRE.MatchString(node) {
+		return nil, fmt.Errorf("node name %q is not valid", node)
+	}
+	// Its URI needs a host for the CA's name constraints to judge: not
+	// the gateway's site, which it would tell.
+	a := Attributes{Node: node, Site: "enrollment-endpoint"}
+	tmpl := &x509.Certificate{
+		Subject:     pkix.Name{CommonName: node, Organization: []string{"skybridge"}, OrganizationalUnit: []string{"enrollment endpoints"}},
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		URIs:        []*url.URL{a.URI()}, // a newcomer of an earlier release reads the name there
+		IPAddresses: []net.IP{overlayIP.AsSlice()},
+	}
+	return ca.issue(tmpl, pub, ttl, now, IssuedCert{Kind: KindEnroller, Node: node}, nil)
+}
 
 // IssuePolicySigner certifies pub as a policy signer called name: a
 // code-signing certificate without mesh attributes, so the compliance team
@@ -489,7 +512,7 @@ func checkNodeKey(pub crypto.PublicKey) error {
 
 // IssuedCert describes one certificate in the CA's index.
 type IssuedCert struct {
-	Kind      string     `json:"kind,omitempty"` // KindGateway (also when empty) or KindPolicySigner
+	Kind      string     `json:"kind,omitempty"` // KindGateway (also when empty), KindPolicySigner or KindEnroller
 	Serial    string     `json:"serial"`
 	Node      string     `json:"node"`
 	Site      string     `json:"site"`

@@ -7,6 +7,7 @@ import (
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/tls"
+	"crypto/x509"
 	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
@@ -600,6 +601,78 @@ func TestBurstStrays(t *testing.T) {
 	}
 	if got := r.strays(issued, t0.Add(2*time.Hour)); len(got) != 0 {
 		t.Fatalf("after the certificates expired: strays %v, want none", got)
+	}
+}
+
+// TestEnrollmentEndpointTellsStrangersNothing: the enrollment endpoint
+// answers anyone's TLS handshake; the certificate it shows names the
+// gateway (what a newcomer checks against its token) but not its site,
+// jurisdiction, routes or labels, and the mesh does not take it for a
+// gateway's.
+func TestEnrollmentEndpointTellsStrangersNothing(t *testing.T) {
+	dir := t.TempDir()
+	ca := meshCA(t, dir)
+	hq := startLiveGatewayWith(t, ca, dir, 0, "zrh-dc", nil, &syncbuf.Buffer{}, func(s *Settings) {
+		s.Identity.CADir = ca.Dir()
+		s.EnrollListen = netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(loopbackPort(t)))
+		s.EnrollAdvertise = s.EnrollListen
+	})
+	own := hq.g.id.Load().Attributes()
+	if own.Jurisdiction == "" || own.Site == "" {
+		t.Fatalf("the gateway's own certificate has nothing to hide: %+v", own)
+	}
+	var shown *x509.Certificate
+	waitUntil(t, 10*time.Second, "the enrollment endpoint to answer", func() bool {
+		conn, err := tls.Dial("tcp", hq.g.s.EnrollListen.String(), &tls.Config{InsecureSkipVerify: true})
+		if err != nil {
+			return false
+		}
+		defer conn.Close()
+		shown = conn.ConnectionState().PeerCertificates[0]
+		return true
+	})
+	a, err := certs.AttributesOf(shown)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a.Node != own.Node || a.Site == own.Site || a.Jurisdiction != "" || len(a.Routes) != 0 || len(a.Labels) != 0 || slices.Contains(shown.Subject.OrganizationalUnit, own.Site) {
+		t.Fatalf("a stranger is shown %+v (subject %s); want the gateway's name and nothing of %+v", a, shown.Subject, own)
+	}
+	if _, err := hq.g.trust.Load().VerifyCertificate(shown, time.Now()); err == nil {
+		t.Fatal("the mesh takes the enrollment endpoint's certificate for a gateway's")
+	}
+	issued, err := ca.Issued()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if e := issued[len(issued)-1]; e.Kind != certs.KindEnroller || e.Serial != certs.FormatSerial(shown.SerialNumber) {
+		t.Fatalf("the CA's record of it: %+v", e)
+	}
+}
+
+// TestEnrollerCertRenewed: the enrollment endpoint's certificate is issued
+// again once a third of its life is left, never past the CA's end.
+func TestEnrollerCertRenewed(t *testing.T) {
+	dir := t.TempDir()
+	ca, err := certs.InitCA(filepath.Join(dir, "ca"), certs.InitOptions{MeshPrefix: netip.MustParsePrefix("100.64.0.0/10"), Validity: 30 * time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ec := &enrollerCert{ca: ca, log: slog.New(slog.DiscardHandler)}
+	ip, now := netip.MustParseAddr("100.64.0.1"), time.Now()
+	first, err := ec.get("hq-1", ip, now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if again, _ := ec.get("hq-1", ip, now.Add(enrollerCertTTL/2)); again != first {
+		t.Fatal("issued again with half its life left")
+	}
+	later, err := ec.get("hq-1", ip, now.Add(enrollerCertTTL*2/3+time.Minute))
+	if err != nil || later == first {
+		t.Fatalf("not issued again with less than a third of its life left: %v", err)
+	}
+	if end := ca.Certificate().NotAfter; later.Leaf.NotAfter.After(end) {
+		t.Fatalf("the renewed certificate runs until %s, past the CA's end %s", later.Leaf.NotAfter, end)
 	}
 }
 

@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"io"
 	"log"
+	"log/slog"
 	"math/big"
 	"net"
 	"net/http"
@@ -196,14 +197,15 @@ func (g *Gateway) serveEnrollment(ctx context.Context) (io.Closer, error) {
 	if err != nil {
 		return nil, fmt.Errorf("enrollment endpoint: %w", err)
 	}
+	ec := &enrollerCert{ca: g.enroll.ca, log: g.log}
 	cfg := &tls.Config{
 		MinVersion: tls.VersionTLS13,
-		// Our current certificate (renewals replace it) with the CA
-		// behind it, for the newcomer to check against its pin.
+		// A certificate of this endpoint's own, which names this gateway
+		// and nothing else about it, with the CA behind it, for the
+		// newcomer to check against its pin.
 		GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) {
-			c := g.id.Load().TLSCertificate()
-			c.Certificate = append(c.Certificate, g.enroll.ca.Certificate().Raw)
-			return &c, nil
+			a := g.id.Load().Attributes()
+			return ec.get(a.Node, a.OverlayIP, g.now())
 		},
 	}
 	mux := http.NewServeMux()
@@ -754,6 +756,44 @@ func (e *enrollment) stillValid(node, serial string, now time.Time) bool {
 		return false
 	}
 	return slices.ContainsFunc(valid, func(s *big.Int) bool { return certs.FormatSerial(s) == serial })
+}
+
+// enrollerCertTTL is how long an enrollment endpoint's certificate lasts;
+// a new one is issued once a third of that is left.
+const enrollerCertTTL = 24 * time.Hour
+
+// enrollerCert is the enrollment endpoint's certificate (certs.IssueEnroller),
+// issued when first asked for and again before it runs out, for a key kept
+// in memory only.
+type enrollerCert struct {
+	ca  *certs.CA
+	log *slog.Logger
+
+	mu       sync.Mutex
+	cert     *tls.Certificate
+	node     string
+	notAfter time.Time
+}
+
+func (e *enrollerCert) get(node string, ip netip.Addr, now time.Time) (*tls.Certificate, error) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.cert != nil && e.node == node && now.Before(e.notAfter.Add(-enrollerCertTTL/3)) {
+		return e.cert, nil
+	}
+	key, err := certs.GenerateNodeKey()
+	if err != nil {
+		return nil, err
+	}
+	ttl := min(enrollerCertTTL, e.ca.Certificate().NotAfter.Sub(now)) // none outlives the CA
+	c, err := e.ca.IssueEnroller(node, ip, key.Public(), ttl, now)
+	if err != nil {
+		e.log.Error("enrollment endpoint: issue its certificate", "err", err)
+		return nil, err
+	}
+	e.cert = &tls.Certificate{Certificate: [][]byte{c.Raw, e.ca.Certificate().Raw}, PrivateKey: key, Leaf: c}
+	e.node, e.notAfter = node, c.NotAfter
+	return e.cert, nil
 }
 
 // burstRetry is how often burstLoop tries again an end that failed.

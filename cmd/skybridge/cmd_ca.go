@@ -518,8 +518,11 @@ func caList(c *cli.Context) error {
 		}
 		// A policy signer is not a gateway: no site, no address.
 		name, site := e.Node, e.Site
-		if e.Kind == certs.KindPolicySigner {
+		switch e.Kind {
+		case certs.KindPolicySigner:
 			name, site = e.Node+" (policy signer)", "-"
+		case certs.KindEnroller:
+			name, site = e.Node+" (its enrollment endpoint)", "-"
 		}
 		rows = append(rows, []string{e.Serial, name, site, e.OverlayIP, e.NotAfter.UTC().Format(time.RFC3339), state})
 	}
