@@ -13,6 +13,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/skybridge-mesh/skybridge/certs"
 	"github.com/skybridge-mesh/skybridge/internal/audit"
 	"github.com/skybridge-mesh/skybridge/migrate"
 	"github.com/skybridge-mesh/skybridge/policy"
@@ -283,6 +284,7 @@ func (g *Gateway) openMigrations() error {
 		},
 		OnLoad:  g.setLoad,
 		Sources: g.trust.Load().MeshPrefix(),
+		Via:     func(from *certs.Attributes) []*certs.Attributes { return g.via(from, g.id.Load().Attributes()) },
 		OnCatalog: func() {
 			m.catalogChanged.Store(true)
 			m.atRest.trigger()
@@ -365,7 +367,8 @@ func (g *Gateway) StartMigration(req MigrationRequest) (*runningMigration, strin
 	log := g.log.With("migration_id", id, "class", req.Class, "peer", dest.Attributes.Node, "peer_site", dest.Attributes.Site)
 	cfg := migrate.SendConfig{
 		ID: id, Image: req.Image, Name: req.Name, Class: req.Class, Format: req.Format, Streams: req.Streams, BWLimit: req.BWLimit,
-		From: g.id.Load().Attributes(), To: migrate.Peer{Attributes: dest.Attributes, Addr: netip.AddrPortFrom(dest.Attributes.OverlayIP, migrate.DefaultPort)},
+		From: g.id.Load().Attributes(), To: migrate.Peer{Attributes: dest.Attributes, Addr: netip.AddrPortFrom(dest.Attributes.OverlayIP, migrate.DefaultPort),
+			Via: g.via(g.id.Load().Attributes(), dest.Attributes)},
 		Policy: pol, Identity: g.id.Load(), Trust: g.trust.Load(), TrustNow: g.trust.Load, Dial: g.dev.Dial,
 		Journal: m.journal, Audit: m.audit, Log: log, Progress: run.publish, Observer: g.metrics,
 	}
@@ -394,6 +397,34 @@ func (g *Gateway) StartMigration(req MigrationRequest) (*runningMigration, strin
 		}
 	}()
 	return run, id, nil
+}
+
+// via is the gateways data from one gateway to another passes through:
+// in the hub topology the sites' hubs (hubVia), chosen as the topology
+// chooses them, the first gateway of each site by name; none in a full
+// mesh.
+func (g *Gateway) via(from, to *certs.Attributes) []*certs.Attributes {
+	if g.s.Topology != TopologyHub {
+		return nil
+	}
+	self, gws := g.id.Load().Attributes(), g.members.gateways()
+	return hubVia(func(site string) *certs.Attributes {
+		var hub *certs.Attributes
+		for _, a := range append([]*certs.Attributes{self}, attributesOf(gws)...) {
+			if a.Site == site && (hub == nil || a.Node < hub.Node) {
+				hub = a
+			}
+		}
+		return hub
+	}, from, to)
+}
+
+func attributesOf(nodes []Node) []*certs.Attributes {
+	out := make([]*certs.Attributes, len(nodes))
+	for i := range nodes {
+		out[i] = nodes[i].Attributes
+	}
+	return out
 }
 
 // pickDestination resolves "to" — a node, a site, a region or a
@@ -434,7 +465,8 @@ func (g *Gateway) pickDestination(to, class string) (dest *Node, alsoRefused []s
 	refused := map[string]bool{matched[0].site(): true} // the one tried says its own
 	audited := -1                                       // the first the policy denies but lets through in audit mode
 	for i := range matched {
-		_, verdict := p.p.AdmitMove(class, policy.SiteOf(self), policy.SiteOf(matched[i].Attributes), now)
+		to := matched[i].Attributes
+		_, verdict := p.p.AdmitPath(class, policy.PathOf(self, g.via(self, to), to), now)
 		switch {
 		case verdict.Allowed && !verdict.Denied:
 			return &matched[i], nil, nil

@@ -131,7 +131,7 @@ func TestPickDestinationSaysWhyNoneMay(t *testing.T) {
 		ms.addCert(id.Certificate().Raw)
 		ms.update(id.Attributes().Node, gossipAddr, f.advert(id, 1))
 	}
-	g := &Gateway{members: ms, now: func() time.Time { return f.now }}
+	g := &Gateway{members: ms, now: func() time.Time { return f.now }, s: &Settings{Topology: TopologyFullMesh}}
 	g.id.Store(self)
 	pol := func(site string) *policy.Policy {
 		return mustPolicy(t, `policy {
@@ -184,5 +184,99 @@ class "pii-eu" {
 	ms.update("us", gossipAddr, f.advert(us, 1))
 	if dest, _, err := g.pickDestination("us", "pii-eu"); err != nil || dest.node() != "us" {
 		t.Fatalf("a node named us: %v, %v; want that node, not the least loaded US gateway", dest, err)
+	}
+}
+
+// TestHubPathJudged: in the hub topology a migration from a gateway that
+// is not its site's hub to one that is not its site's hub crosses three
+// tunnels, through both hubs; the policy judges that path (max_hops
+// counts its tunnels), where to pick the destination and to plan, not
+// the direct tunnel that does not exist. In a full mesh it is direct.
+func TestHubPathJudged(t *testing.T) {
+	f := newFixture(t)
+	issue := func(node, site, cc string, host byte) *certs.NodeIdentity {
+		id, err := f.ca.IssueIdentity(certs.Attributes{Node: node, Site: site, Region: "r-" + site, Provider: "aws", Jurisdiction: cc,
+			OverlayIP: netip.AddrFrom4([4]byte{100, 96, 0, host})}, 48*time.Hour, f.now.Add(-time.Hour))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return id
+	}
+	self := f.identity("zrh-2", "zrh", 1, f.now.Add(-time.Hour)) // not zrh's hub: zrh-1 is
+	ms := newMembership("zrh-2", f.trust(), func() time.Time { return f.now }, func() {})
+	for _, id := range []*certs.NodeIdentity{issue("zrh-1", "zrh", "CH", 2), issue("fra-1", "fra", "DE", 3), issue("fra-2", "fra", "DE", 4)} {
+		ms.addCert(id.Certificate().Raw)
+		ms.update(id.Attributes().Node, gossipAddr, f.advert(id, 1))
+	}
+	g := &Gateway{members: ms, now: func() time.Time { return f.now }, s: &Settings{Topology: TopologyHub}}
+	g.id.Store(self)
+	g.policy.Store(&adoptedPolicy{p: mustPolicy(t, `policy {
+  name    = "t"
+  version = 1
+}
+class "direct-only" {
+  allow "store" {
+    site = ["*"]
+  }
+  allow "transit" {
+    site = ["*"]
+    require {
+      max_hops = 1
+    }
+  }
+}
+class "via-hubs" {
+  allow "store" {
+    site = ["*"]
+  }
+  allow "transit" {
+    site = ["*"]
+    require {
+      max_hops = 3
+    }
+  }
+}
+`)})
+	names := func(as []*certs.Attributes) (out []string) {
+		for _, a := range as {
+			out = append(out, a.Node)
+		}
+		return out
+	}
+	attrs := map[string]*certs.Attributes{"zrh-2": self.Attributes()}
+	for _, n := range ms.gateways() {
+		attrs[n.node()] = n.Attributes
+	}
+	for _, tc := range []struct{ from, to, want string }{
+		{"zrh-2", "fra-2", "zrh-1 fra-1"},
+		{"zrh-2", "fra-1", "zrh-1"},
+		{"zrh-1", "fra-2", "fra-1"},
+		{"zrh-1", "fra-1", ""},
+		{"zrh-2", "zrh-1", ""},
+		{"fra-2", "zrh-2", "fra-1 zrh-1"},
+	} {
+		if got := strings.Join(names(g.via(attrs[tc.from], attrs[tc.to])), " "); got != tc.want {
+			t.Errorf("%s → %s passes %q, want %q", tc.from, tc.to, got, tc.want)
+		}
+	}
+	// fra-2 is three tunnels away: a class held to one is refused there,
+	// and the refusal says how long the path is.
+	dest, also, err := g.pickDestination("fra-2", "direct-only")
+	if err != nil || dest.node() != "fra-2" || len(also) != 0 {
+		t.Fatalf("pick fra-2: %v, %v, %v", dest, also, err)
+	}
+	_, verdict := g.policy.Load().p.AdmitPath("direct-only", policy.PathOf(self.Attributes(), g.via(self.Attributes(), dest.Attributes), dest.Attributes), f.now)
+	if verdict.Allowed || !strings.Contains(strings.Join(verdict.Reasons, " "), "has 3 hops") {
+		t.Fatalf("direct-only to fra-2 through both hubs: %+v, want refused for its 3 hops", verdict)
+	}
+	plan, err := migrate.MakePlan(migrate.PlanInput{From: self.Attributes(), Policy: g.policy.Load().p, Now: f.now,
+		VMs: []migrate.VM{{Name: "vm1", Image: "/x.raw", Class: "via-hubs", CPU: 1, MemoryGiB: 1, Bytes: 1}, {Name: "vm2", Image: "/y.raw", Class: "direct-only", CPU: 1, MemoryGiB: 1, Bytes: 1}},
+		To:  []string{"fra-2"}, Destinations: []migrate.Destination{{Attributes: attrs["fra-2"], Via: g.via(self.Attributes(), attrs["fra-2"])}}})
+	if err != nil || len(plan.Placements) != 1 || plan.Placements[0].Name != "vm1" || len(plan.Unplaced) != 1 || !strings.Contains(strings.Join(plan.Unplaced[0].Reasons, " "), "has 3 hops") {
+		t.Fatalf("plan: %+v, %v; want vm1 placed and vm2 refused for its 3 hops", plan, err)
+	}
+	g.s.Topology = TopologyFullMesh
+	if via := g.via(self.Attributes(), attrs["fra-2"]); len(via) != 0 {
+		t.Fatalf("full mesh: through %v, want the direct tunnel", names(via))
 	}
 }

@@ -45,10 +45,11 @@ func (g *Gateway) Plan(req PlanRequest) (*migrate.Plan, error) {
 		return nil, err
 	}
 	var dests []migrate.Destination
+	self := g.id.Load().Attributes()
 	for _, n := range g.members.gateways() {
-		dests = append(dests, migrate.Destination{Attributes: n.Attributes, Load: int(n.Advert.Load), Throughput: rates[n.Attributes.Site]})
+		dests = append(dests, migrate.Destination{Attributes: n.Attributes, Load: int(n.Advert.Load), Throughput: rates[n.Attributes.Site], Via: g.via(self, n.Attributes)})
 	}
-	in := migrate.PlanInput{From: g.id.Load().Attributes(), Now: g.now(), VMs: vms, To: req.To, Destinations: dests}
+	in := migrate.PlanInput{From: self, Now: g.now(), VMs: vms, To: req.To, Destinations: dests}
 	if p := g.policy.Load(); p != nil {
 		in.Policy = p.p
 	}

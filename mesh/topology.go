@@ -388,6 +388,21 @@ func hubLinks(in TopologyInput, peers []Node, hub map[string]string, allowed []b
 	}
 }
 
+// hubVia is the gateways data from one gateway to another passes through
+// in the hub topology, in order: the hub of each end's site, where that end
+// is not the hub itself (once, for two gateways of one site). hubOf names
+// a site's hub (nil if it has none in view).
+func hubVia(hubOf func(site string) *certs.Attributes, from, to *certs.Attributes) []*certs.Attributes {
+	var via []*certs.Attributes
+	for _, h := range []*certs.Attributes{hubOf(from.Site), hubOf(to.Site)} {
+		if h == nil || h.Node == from.Node || h.Node == to.Node || len(via) > 0 && via[len(via)-1].Node == h.Node {
+			continue
+		}
+		via = append(via, h)
+	}
+	return via
+}
+
 // hubPeers builds the hub topology: each site's hub (its route carrier)
 // peers with the other sites' hubs and with its own site's gateways; every
 // other gateway peers only with its site's hub, which relays for it.

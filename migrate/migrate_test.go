@@ -365,6 +365,40 @@ func TestMigrateEmptyImage(t *testing.T) {
 	}
 }
 
+// TestMigratePolicyJudgesThePath: data that passes through other
+// gateways on its way (a hub topology's hubs) is judged along that path,
+// at the sender as it sees it and at the receiver as the receiver does: a
+// hub in a jurisdiction the class may not cross refuses the move, though
+// both ends are allowed.
+func TestMigratePolicyJudgesThePath(t *testing.T) {
+	usHub := &certs.Attributes{Node: "hub-iad", Site: "us-hub", Region: "us-east-1", Provider: "aws", Jurisdiction: "US"}
+	var asked atomic.Pointer[certs.Attributes]
+	p := newPairWith(t, "DE", func(c *ReceiverConfig) {
+		c.Via = func(from *certs.Attributes) []*certs.Attributes {
+			asked.Store(from)
+			return []*certs.Attributes{usHub}
+		}
+	})
+	raw := filepath.Join(p.dir, "vm.raw")
+	makeRaw(t, raw, 4*mib, map[int64]int{0: mib})
+	cfg := p.config(raw, "pii-eu")
+	cfg.To.Via = []*certs.Attributes{usHub}
+	rec, err := Send(context.Background(), cfg)
+	var denied *DeniedError
+	if !errors.As(err, &denied) || denied.By != "sender" || rec.Stats.BytesSent != 0 || !strings.Contains(strings.Join(denied.Reasons, " "), "us-hub") {
+		t.Fatalf("through a US hub, as the sender sees it: %v %+v", err, rec)
+	}
+	// A sender that sees the direct tunnel does not get past a receiver
+	// that sees the hub.
+	rec, err = Send(context.Background(), p.config(raw, "pii-eu"))
+	if !errors.As(err, &denied) || denied.By != "receiver" || rec.Stats.BytesSent != 0 || !strings.Contains(strings.Join(denied.Reasons, " "), "us-hub") {
+		t.Fatalf("through a US hub, as the receiver sees it: %v %+v", err, rec)
+	}
+	if a := asked.Load(); a == nil || a.Node != p.from.Attributes().Node {
+		t.Fatalf("the receiver asked for the path from %+v, want the sender's", a)
+	}
+}
+
 // TestMigratePolicy: a denied class sends nothing; the receiver refuses
 // with its own policy even when the sender's would allow.
 func TestMigratePolicy(t *testing.T) {

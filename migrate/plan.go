@@ -46,6 +46,9 @@ type Destination struct {
 	Attributes *certs.Attributes
 	Load       int     // migrations it is receiving now (advertised)
 	Throughput float64 // image bytes per second measured to its site; 0: none yet
+	// Via are the gateways the data passes through on its way there (a
+	// hub topology's hubs), as Peer.Via.
+	Via []*certs.Attributes
 }
 
 // capacity reads the capacity labels: +Inf for a dimension not
@@ -355,7 +358,7 @@ func (s *slot) admits(in PlanInput, class string) string {
 	if in.Policy == nil {
 		msg = "no residency policy is in force on this gateway: nothing may leave it"
 	} else {
-		_, verdict := in.Policy.AdmitMove(class, policy.SiteOf(in.From), policy.SiteOf(a), in.Now)
+		_, verdict := in.Policy.AdmitPath(class, policy.PathOf(in.From, s.dest.Via, a), in.Now)
 		if verdict.Allowed {
 			s.rule[class], s.audit[class] = verdict.Rule.String(), verdict.Denied
 		} else {

@@ -51,6 +51,10 @@ type ReceiverConfig struct {
 	// IdleTimeout ends a session whose sender has said nothing for that
 	// long before its commit (0: DefaultIdleTimeout).
 	IdleTimeout time.Duration
+	// Via, if set, names the gateways between a sender and this one
+	// that its data passes through, in order (a hub topology's hubs), as
+	// this gateway sees the mesh: the policy judges the whole path.
+	Via func(from *certs.Attributes) []*certs.Attributes
 	// Sources, if valid, is where connections may come from: the mesh's
 	// overlay range, which only gateways' addresses are in (WireGuard
 	// lets a peer send from its own addresses only, and no site route
@@ -780,7 +784,11 @@ func (r *Receiver) decide(o *Offer, from *certs.Attributes) (policy.Decision, bo
 	if p == nil {
 		return policy.Decision{Rule: policy.RuleRef{Kind: "default-deny", Name: "no policy"}, Reasons: []string{"no residency policy is in force on the receiving gateway"}}, false
 	}
-	checks, verdict := p.AdmitMove(o.Class, policy.SiteOf(from), policy.SiteOf(self), r.cfg.Now())
+	var via []*certs.Attributes
+	if r.cfg.Via != nil {
+		via = r.cfg.Via(from)
+	}
+	checks, verdict := p.AdmitPath(o.Class, policy.PathOf(from, via, self), r.cfg.Now())
 	for _, c := range checks {
 		r.cfg.Observer.Decided(RoleReceive, o.ID, c.Request, c.Decision)
 	}

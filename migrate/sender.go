@@ -120,6 +120,10 @@ type Progress struct {
 type Peer struct {
 	Attributes *certs.Attributes // verified, from the destination's certificate
 	Addr       netip.AddrPort    // its overlay address and migration port
+	// Via are the gateways between the sender and this one that the
+	// data passes through, in order: in a hub topology, the sites' hubs.
+	// Empty: the direct tunnel.
+	Via []*certs.Attributes
 }
 
 // SendConfig is everything a migration needs on the sending gateway.
@@ -515,7 +519,7 @@ func (s *sender) check() error {
 	if s.cfg.Policy == nil {
 		return &DeniedError{By: "sender", Rule: "no policy", Reasons: []string{"no residency policy is in force on this gateway: nothing may leave it"}}
 	}
-	checks, verdict := s.cfg.Policy.AdmitMove(s.cfg.Class, policy.SiteOf(s.cfg.From), policy.SiteOf(s.cfg.To.Attributes), s.cfg.Now())
+	checks, verdict := s.cfg.Policy.AdmitPath(s.cfg.Class, policy.PathOf(s.cfg.From, s.cfg.To.Via, s.cfg.To.Attributes), s.cfg.Now())
 	for _, c := range checks {
 		s.cfg.Observer.Decided(RoleSend, s.rec.ID, c.Request, c.Decision)
 	}

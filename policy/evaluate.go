@@ -269,9 +269,21 @@ type Check struct {
 // migration planner, the sending and the receiving gateway all decide
 // this way, so they cannot disagree.
 func (p *Policy) AdmitMove(class string, from, to Site, now time.Time) (checks []Check, verdict Decision) {
+	return p.AdmitPath(class, []Site{from, to}, now)
+}
+
+// AdmitPath is AdmitMove along path: the sites of the gateways the data
+// passes, one per end of each tunnel, source first and destination last
+// (a hub topology's path through the sites' hubs). The transit check
+// judges every one of them and counts every tunnel against max_hops.
+func (p *Policy) AdmitPath(class string, path []Site, now time.Time) (checks []Check, verdict Decision) {
+	var to []Site
+	if len(path) > 0 {
+		to = path[len(path)-1:]
+	}
 	for _, req := range []Request{
-		{Class: class, Action: Store, Sites: []Site{to}, Time: now},
-		{Class: class, Action: Transit, Sites: []Site{from, to}, Time: now},
+		{Class: class, Action: Store, Sites: to, Time: now},
+		{Class: class, Action: Transit, Sites: path, Time: now},
 	} {
 		d := p.Evaluate(req)
 		checks = append(checks, Check{Request: req, Decision: d})

@@ -68,6 +68,18 @@ func SiteOf(a *certs.Attributes) Site {
 	return Site{Name: a.Site, Provider: a.Provider, Region: a.Region, Jurisdiction: a.Jurisdiction, Labels: a.Labels}
 }
 
+// PathOf is the sites of the gateways data passes from from to to,
+// through via in order: a transit request's path, one site per end of
+// each tunnel.
+func PathOf(from *certs.Attributes, via []*certs.Attributes, to *certs.Attributes) []Site {
+	path := make([]Site, 0, len(via)+2)
+	path = append(path, SiteOf(from))
+	for _, v := range via {
+		path = append(path, SiteOf(v))
+	}
+	return append(path, SiteOf(to))
+}
+
 // Request asks whether data of Class may undergo Action at Sites.
 //
 // For Store, Sites are the sites where the data will rest (one, or each
