@@ -399,6 +399,28 @@ func TestMigratePolicyJudgesThePath(t *testing.T) {
 	}
 }
 
+// TestMigrateCommitJudgesTheOfferedPath: the decision at the commit
+// judges the path the offer was judged along, which the data took, not a
+// path the mesh has since changed to (a new hub).
+func TestMigrateCommitJudgesTheOfferedPath(t *testing.T) {
+	usHub := &certs.Attributes{Node: "hub-iad", Site: "us-hub", Region: "us-east-1", Provider: "aws", Jurisdiction: "US"}
+	var calls atomic.Int32
+	p := newPairWith(t, "DE", func(c *ReceiverConfig) {
+		c.Via = func(*certs.Attributes) []*certs.Attributes {
+			if calls.Add(1) > 1 {
+				return []*certs.Attributes{usHub} // a hub the data never passed
+			}
+			return nil
+		}
+	})
+	raw := filepath.Join(p.dir, "vm.raw")
+	makeRaw(t, raw, 4*mib, map[int64]int{0: mib})
+	if _, err := Send(context.Background(), p.config(raw, "pii-eu")); err != nil {
+		t.Fatalf("the path changed during the transfer: %v; want the image stored, judged along the path it took", err)
+	}
+	p.stored(raw)
+}
+
 // TestMigratePolicy: a denied class sends nothing; the receiver refuses
 // with its own policy even when the sender's would allow.
 func TestMigratePolicy(t *testing.T) {

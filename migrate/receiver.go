@@ -650,8 +650,14 @@ func (r *Receiver) control(ctx context.Context, c *tls.Conn, fr *frameReader, fw
 		fw.json(frameError, "bad offer: "+err.Error())
 		return
 	}
-	// The receiver decides with its own policy copy.
-	d, ok := r.decide(o, from)
+	// The receiver decides with its own policy copy, along the path it
+	// sees now; the decision at the commit judges the same path, which
+	// the data took, whatever the mesh has become since.
+	var via []*certs.Attributes
+	if r.cfg.Via != nil {
+		via = r.cfg.Via(from)
+	}
+	d, ok := r.decide(o, from, via)
 	if !ok {
 		log.Warn("migration refused by the residency policy", "rule", d.Rule.String(), "reason", strings.Join(d.Reasons, "; "))
 		r.audit(o, from, d, "denied", Hash{}, 0, r.cfg.Now(), r.cfg.Now(), "")
@@ -735,7 +741,7 @@ func (r *Receiver) control(ctx context.Context, c *tls.Conn, fr *frameReader, fw
 	// Decided again with the policy and time of now: a newer policy, or
 	// an exception that ran out, while the image came may forbid storing
 	// it here. Then what came is removed rather than stored.
-	if d, ok = r.decide(o, from); !ok {
+	if d, ok = r.decide(o, from, via); !ok {
 		log.Warn("migration refused at commit: the residency policy no longer allows it here; the received data is removed", "rule", d.Rule.String(), "reason", strings.Join(d.Reasons, "; "), "policy", d.Policy.RevisionString())
 		closeSession() // its syncer and file done with, the data can go
 		if _, err := r.forget(o.ID, s.record.Temp); err != nil {
@@ -778,15 +784,11 @@ func (r *Receiver) control(ctx context.Context, c *tls.Conn, fr *frameReader, fw
 	fw.json(frameDone, done)
 }
 
-func (r *Receiver) decide(o *Offer, from *certs.Attributes) (policy.Decision, bool) {
+func (r *Receiver) decide(o *Offer, from *certs.Attributes, via []*certs.Attributes) (policy.Decision, bool) {
 	p := r.cfg.Policy()
 	self := r.cfg.Identity().Attributes()
 	if p == nil {
 		return policy.Decision{Rule: policy.RuleRef{Kind: "default-deny", Name: "no policy"}, Reasons: []string{"no residency policy is in force on the receiving gateway"}}, false
-	}
-	var via []*certs.Attributes
-	if r.cfg.Via != nil {
-		via = r.cfg.Via(from)
 	}
 	checks, verdict := p.AdmitPath(o.Class, policy.PathOf(from, via, self), r.cfg.Now())
 	for _, c := range checks {

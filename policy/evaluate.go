@@ -304,5 +304,10 @@ func (p *Policy) AdmitPath(class string, path []Site, now time.Time) (checks []C
 		verdict.Rule = transit.Rule
 	}
 	verdict.Denied = verdict.Denied || transit.Denied
+	if verdict.Denied {
+		// Let through by audit mode only: nothing admitted the move (as
+		// in Evaluate).
+		verdict.Exception, verdict.Obligations = nil, Obligations{}
+	}
 	return checks, verdict
 }

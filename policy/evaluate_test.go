@@ -328,6 +328,51 @@ exception "us-transit" {
 // transit; the first denial is the verdict and nothing after it is asked;
 // when both allow, the storage decision is the verdict (its rule admitted
 // the data, its obligations apply at rest).
+// TestAdmitPathAuditNamesNoException: a move the policy denies and its
+// audit mode lets through names no exception and no obligations, though
+// an exception admitted the transit: nothing admitted the move.
+func TestAdmitPathAuditNamesNoException(t *testing.T) {
+	p, err := Parse("a.hcl", []byte(`policy {
+  name    = "a"
+  version = 1
+}
+class "c" {
+  mode = "audit"
+  allow "store" {
+    jurisdiction = ["DE"]
+  }
+  allow "transit" {
+    jurisdiction = ["DE"]
+    require {
+      max_hops = 2
+    }
+  }
+}
+exception "t" {
+  class    = "c"
+  action   = "transit"
+  site     = ["us-1"]
+  category = "waiver"
+  reason   = "test"
+  approver = "CDO"
+  ticket   = "T-1"
+  expires  = "2027-01-01"
+}
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	de := Site{Name: "de-1", Provider: "aws", Region: "eu-central-1", Jurisdiction: "DE"}
+	us := Site{Name: "us-1", Provider: "aws", Region: "us-east-1", Jurisdiction: "US"}
+	checks, v := p.AdmitPath("c", []Site{de, us}, nov24)
+	if !v.Allowed || !v.Denied || !v.Audit || v.Exception != nil || !v.Obligations.IsZero() {
+		t.Fatalf("store denied at us-1, transit there by an exception, audit mode: %+v; want let through, with no exception or obligations", v)
+	}
+	if len(checks) != 2 || checks[1].Decision.Exception == nil {
+		t.Fatalf("the transit check should still show the exception it used: %+v", checks)
+	}
+}
+
 func TestAdmitMove(t *testing.T) {
 	p := mustParse(t, testPolicy)
 	tests := []struct {
