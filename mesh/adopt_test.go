@@ -3,6 +3,7 @@ package mesh
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"math/big"
@@ -183,7 +184,9 @@ func TestUntrustedPolicyKeptAcrossRestart(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	sig, err := policy.Sign("policy.hcl", src, signer.Signer(), signer.Name(), signer.Certificate(), time.Now())
+	// Signed a little ahead (within the clock skew allowed), so that a
+	// version signed before it can be made below.
+	sig, err := policy.Sign("policy.hcl", src, signer.Signer(), signer.Name(), signer.Certificate(), time.Now().Add(4*time.Minute))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -204,6 +207,44 @@ func TestUntrustedPolicyKeptAcrossRestart(t *testing.T) {
 	g = open()
 	if p := g.policy.Load(); p == nil || p.p.Revision().Version != 2 || !p.untrusted {
 		t.Fatalf("after a restart: policy %s in force, want version 2 kept, marked untrusted", g.policyRevision())
+	}
+	// Kept with its signing time: a newer version dated back before it
+	// (a key that has run out, signing into its past) is refused, as
+	// without the restart.
+	v3 := bytes.Replace(src, []byte("version = 2"), []byte("version = 3"), 1)
+	other, err := ca.NewPolicySigner("compliance-2", time.Hour, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	early, err := policy.Sign("policy.hcl", v3, other.Signer(), other.Name(), other.Certificate(), time.Now().Add(-2*time.Minute))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ok, err := g.AdoptPolicy(v3, early.Marshal()); ok || !errors.Is(err, policy.ErrBackdated) {
+		t.Fatalf("a version 3 signed before the kept version 2: adopted %v, %v; want it refused as backdated", ok, err)
+	}
+	// One whose signer the CA never certified is not kept: only a
+	// revocation is overlooked.
+	foreign, err := certs.InitCA(filepath.Join(dir, "other-ca"), certs.InitOptions{MeshPrefix: netip.MustParsePrefix("100.64.0.0/10")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	stranger, err := foreign.NewPolicySigner("stranger", time.Hour, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	forged, err := policy.Sign("policy.hcl", v3, stranger.Signer(), stranger.Name(), stranger.Certificate(), time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := g.state.savePolicy(v3, forged.Marshal()); err != nil {
+		t.Fatal(err)
+	}
+	g.prov.Close()
+	g.closeDevice()
+	g = open()
+	if p := g.policy.Load(); p != nil {
+		t.Fatalf("a stored policy of a signer this mesh's CA never certified: %s in force, want none", g.policyRevision())
 	}
 }
 

@@ -395,8 +395,13 @@ func (g *Gateway) loadPolicies() error {
 	default:
 		if _, err := g.AdoptPolicy(src, sig); err != nil {
 			g.log.Warn("stored policy refused", "err", err)
-			if p, perr := policy.Parse("policy.hcl", src); errors.Is(err, policy.ErrUntrustedSigner) && perr == nil {
-				untrusted, untrustedWhy = &adoptedPolicy{p: p, src: src, sig: sig}, err
+			// Kept only if its signature verifies and only its signer's
+			// revocation stands in the way: then it was in force when
+			// the gateway stopped (recheckPolicy kept it).
+			if ps, perr := policy.ParseSignature(sig); errors.Is(err, policy.ErrUntrustedSigner) && perr == nil {
+				if p, verr := policy.VerifyRevokedSigner("policy.hcl", src, ps, g.trust.Load(), g.now()); verr == nil {
+					untrusted, untrustedWhy = &adoptedPolicy{p: p, src: src, sig: sig}, err
+				}
 			}
 		}
 	}
