@@ -674,6 +674,21 @@ func TestEnrollerCertRenewed(t *testing.T) {
 	if end := ca.Certificate().NotAfter; later.Leaf.NotAfter.After(end) {
 		t.Fatalf("the renewed certificate runs until %s, past the CA's end %s", later.Leaf.NotAfter, end)
 	}
+	// A newcomer whose clock is behind by what the mesh allows takes
+	// even a certificate issued this second.
+	if lag := now.Add(-certs.MaxClockSkew + time.Second); first.Leaf.NotBefore.After(lag) {
+		t.Fatalf("the certificate is valid from %s: a newcomer whose clock says %s refuses it", first.Leaf.NotBefore, lag)
+	}
+	// With less than a third of a day left of the CA, not issued again
+	// at every handshake.
+	near := ca.Certificate().NotAfter.Add(-6 * time.Hour)
+	c1, err := ec.get("hq-1", ip, near)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c2, err := ec.get("hq-1", ip, near.Add(time.Minute)); err != nil || c2 != c1 {
+		t.Fatalf("near the CA's end, issued again a minute later: %v", err)
+	}
 }
 
 // TestBurstOutlivingCARefused: a burst that would run past the CA's end

@@ -296,7 +296,11 @@ func (g *Gateway) enrol(ctx context.Context, req enrollRequest, from string) (*e
 		// An answer that was lost leaves its certificate valid. One an
 		// operator revoked (a stolen key, say) must stay revoked: the
 		// token and the key are no way back in.
-		if !e.stillValid(t.Node, t.Serial, now) {
+		valid, err := e.stillValid(t.Serial, now)
+		if err != nil {
+			return nil, fmt.Errorf("the CA's record of certificate %s: %w", t.Serial, err)
+		}
+		if !valid {
 			g.log.Warn("enrollment refused: the token's certificate was revoked; it does not enrol again", "token", req.Token, "peer", t.Node, "serial", t.Serial, "from", from)
 			g.metrics.enrollment("refused")
 			return nil, &enrollRefusal{fmt.Errorf("the certificate this token was enrolled with (serial %s) is revoked: the token does not enrol again", t.Serial)}
@@ -748,14 +752,19 @@ func (g *Gateway) endBurstLocked(r *burstRecord, reason string) ([]string, error
 	return serials, nil
 }
 
-// stillValid reports whether the CA holds the node's certificate serial
-// as neither revoked nor expired.
-func (e *enrollment) stillValid(node, serial string, now time.Time) bool {
-	valid, err := e.ca.SerialsOfNode(node, now)
+// stillValid reports whether the CA holds the certificate serial as
+// neither revoked nor expired; an error if its record cannot be read.
+func (e *enrollment) stillValid(serial string, now time.Time) (bool, error) {
+	issued, err := e.ca.Issued()
 	if err != nil {
-		return false
+		return false, err
 	}
-	return slices.ContainsFunc(valid, func(s *big.Int) bool { return certs.FormatSerial(s) == serial })
+	for _, c := range issued {
+		if c.Serial == serial {
+			return c.RevokedAt == nil && c.NotAfter.After(now), nil
+		}
+	}
+	return false, nil
 }
 
 // enrollerCertTTL is how long an enrollment endpoint's certificate lasts;
@@ -769,30 +778,36 @@ type enrollerCert struct {
 	ca  *certs.CA
 	log *slog.Logger
 
-	mu       sync.Mutex
-	cert     *tls.Certificate
-	node     string
-	notAfter time.Time
+	mu      sync.Mutex
+	cert    *tls.Certificate
+	node    string
+	renewAt time.Time
 }
 
 func (e *enrollerCert) get(node string, ip netip.Addr, now time.Time) (*tls.Certificate, error) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	if e.cert != nil && e.node == node && now.Before(e.notAfter.Add(-enrollerCertTTL/3)) {
+	if e.cert != nil && e.node == node && now.Before(e.renewAt) {
 		return e.cert, nil
 	}
 	key, err := certs.GenerateNodeKey()
 	if err != nil {
 		return nil, err
 	}
-	ttl := min(enrollerCertTTL, e.ca.Certificate().NotAfter.Sub(now)) // none outlives the CA
-	c, err := e.ca.IssueEnroller(node, ip, key.Public(), ttl, now)
+	// Valid from as far back as a newcomer's clock may lag (the mesh's
+	// allowance): a certificate issued a second ago would otherwise be
+	// refused, for good, by a cloud VM whose clock is a minute behind.
+	from := now.Add(-certs.MaxClockSkew)
+	ttl := min(enrollerCertTTL, e.ca.Certificate().NotAfter.Sub(from)) // none outlives the CA
+	c, err := e.ca.IssueEnroller(node, ip, key.Public(), ttl, from)
 	if err != nil {
 		e.log.Error("enrollment endpoint: issue its certificate", "err", err)
 		return nil, err
 	}
 	e.cert = &tls.Certificate{Certificate: [][]byte{c.Raw, e.ca.Certificate().Raw}, PrivateKey: key, Leaf: c}
-	e.node, e.notAfter = node, c.NotAfter
+	// Again once a third of its life is left, however short the CA's
+	// end made it.
+	e.node, e.renewAt = node, c.NotAfter.Add(-c.NotAfter.Sub(now)/3)
 	return e.cert, nil
 }
 
