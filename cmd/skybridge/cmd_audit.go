@@ -3,6 +3,7 @@ package main
 import (
 	"errors"
 	"fmt"
+	"net/netip"
 	"os"
 	"time"
 
@@ -18,11 +19,13 @@ func auditCommand() *cli.Command {
 		Subcommands: []*cli.Command{{
 			Name:      "verify",
 			Usage:     "verify every record's signature (by a mesh identity) and the hash chain: nothing removed, changed or reordered (exit 1 if not; 2 if it could not be checked); records cut from the end are found only with the log's audit.log.head beside it",
-			UsageText: "skybridge audit verify --log STATE_DIR/audit.log --ca-cert ca.crt [--crl crl.pem] [--json]",
+			UsageText: "skybridge audit verify --log STATE_DIR/audit.log --ca-cert ca.crt [--crl crl.pem] [--node NAME] [--mesh-cidr CIDR] [--json]",
 			Flags: []cli.Flag{
 				&cli.StringFlag{Name: "log", Usage: "audit log file", Required: true},
 				&cli.StringFlag{Name: "ca-cert", Usage: "mesh CA certificate(s), PEM", Required: true},
-				&cli.StringFlag{Name: "crl", Usage: "the CA's revocation list"},
+				&cli.StringFlag{Name: "crl", Usage: "the CA's revocation list (without it, revoked keys are not refused)"},
+				&cli.StringFlag{Name: "node", Usage: "the gateway whose log it must be (the log names it either way)"},
+				&cli.StringFlag{Name: "mesh-cidr", Usage: "the mesh's overlay range, for a CA certificate that does not name it (Vault's): the mesh_cidr of the gateways' configuration"},
 				jsonFlag,
 			},
 			Action: func(c *cli.Context) error {
@@ -30,7 +33,15 @@ func auditCommand() *cli.Command {
 				// not be read say nothing about it, so they exit 2 as
 				// the policy commands do, and a script that pages on 1
 				// is not paged for a wrong path.
-				tb, err := trustFromFiles(c.String("ca-cert"), c.String("crl"))
+				var mesh netip.Prefix
+				if v := c.String("mesh-cidr"); v != "" {
+					p, err := netip.ParsePrefix(v)
+					if err != nil {
+						return usageError("--mesh-cidr %q: %v (e.g. 100.96.0.0/16)", v, err)
+					}
+					mesh = p.Masked()
+				}
+				tb, err := trustFromFiles(c.String("ca-cert"), c.String("crl"), mesh)
 				if err != nil {
 					return cli.Exit(err.Error(), exitError)
 				}
@@ -51,13 +62,17 @@ func auditCommand() *cli.Command {
 					// nothing was lost.
 					verr = errors.New("it holds no record: a gateway's audit log starts with its first record, so this one was emptied or is not an audit log")
 				}
+				if node := c.String("node"); verr == nil && node != "" && rep.Node != node {
+					verr = fmt.Errorf("it is the log of %s, not of %s", rep.Node, node)
+				}
 				if verr == nil {
 					// A log cut back is a shorter chain, intact; the
 					// head beside it knows how long it was.
 					verr = audit.Open(c.String("log")).CheckHead()
 				}
+				revocations := c.String("crl") != ""
 				if c.Bool("json") {
-					out := map[string]any{"valid": verr == nil, "report": rep}
+					out := map[string]any{"valid": verr == nil, "report": rep, "revocations_checked": revocations}
 					if verr != nil {
 						out["error"] = verr.Error()
 					}
@@ -65,11 +80,17 @@ func auditCommand() *cli.Command {
 						return err
 					}
 				} else if verr == nil {
-					fmt.Fprintf(c.App.Writer, "%s: %d records, signatures and chain intact", c.String("log"), rep.Records)
+					fmt.Fprintf(c.App.Writer, "%s: %d records of %s, signatures and chain intact", c.String("log"), rep.Records, printable(rep.Node))
 					if rep.Records > 0 {
 						fmt.Fprintf(c.App.Writer, " (%s .. %s)", rep.First.Format(time.RFC3339), rep.Last.Format(time.RFC3339))
 					}
 					fmt.Fprintln(c.App.Writer)
+					if rep.CutShort {
+						fmt.Fprintln(c.App.Writer, "note: part of a record follows the last one: an append cut short (a crash, a full disk), never acknowledged; the gateway cuts it off at its next record")
+					}
+					if !revocations {
+						fmt.Fprintln(c.App.Writer, "note: revocations were not checked: give the CA's revocation list with --crl")
+					}
 				} else {
 					fmt.Fprintf(c.App.Writer, "%s: INVALID after %d good records: %v\n", c.String("log"), rep.Records, verr)
 				}

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/netip"
 	"os"
 	"slices"
 	"strings"
@@ -473,7 +474,7 @@ func policyVerify(c *cli.Context) error {
 	} else if !errors.Is(err, os.ErrNotExist) || c.IsSet("sig") {
 		return policyErr(fmt.Errorf("read signature: %w", err))
 	}
-	tb, err := trustFromFiles(c.String("ca-cert"), c.String("crl"))
+	tb, err := trustFromFiles(c.String("ca-cert"), c.String("crl"), netip.Prefix{})
 	if err != nil {
 		return policyErr(err)
 	}
@@ -507,8 +508,9 @@ func policyVerify(c *cli.Context) error {
 }
 
 // trustFromFiles builds a trust bundle from a CA certificate file and an
-// optional CRL file.
-func trustFromFiles(caFile, crlFile string) (*certs.TrustBundle, error) {
+// optional CRL file. The mesh's overlay range is mesh if valid, else the
+// CA's own constraint (the embedded CA writes one), else the default.
+func trustFromFiles(caFile, crlFile string, mesh netip.Prefix) (*certs.TrustBundle, error) {
 	b, err := os.ReadFile(caFile)
 	if err != nil {
 		return nil, fmt.Errorf("read CA certificate: %w", err)
@@ -517,7 +519,10 @@ func trustFromFiles(caFile, crlFile string) (*certs.TrustBundle, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", caFile, err)
 	}
-	tb, err := certs.NewTrustBundle(cas, certs.DefaultMeshPrefix)
+	tb, err := certs.NewTrustBundle(cas, mesh)
+	if err != nil && !mesh.IsValid() {
+		tb, err = certs.NewTrustBundle(cas, certs.DefaultMeshPrefix) // a Vault CA has no constraint
+	}
 	if err != nil {
 		return nil, err
 	}

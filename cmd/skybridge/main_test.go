@@ -595,6 +595,41 @@ func TestAuditVerifyEmpty(t *testing.T) {
 	}
 }
 
+// TestAuditVerifyMeshRange: a log of a mesh on another overlay range
+// than the default verifies against its CA, which names the range; the
+// result names whose log it is, says when revocations were not checked,
+// and --node refuses another gateway's log.
+func TestAuditVerifyMeshRange(t *testing.T) {
+	dir := t.TempDir()
+	ca := filepath.Join(dir, "ca")
+	mustRun(t, "ca", "init", "--dir", ca, "--mesh-cidr", "10.200.0.0/16")
+	c, err := certs.OpenCA(ca)
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, err := c.IssueIdentity(certs.Attributes{Node: "gw1", Site: "s", Region: "r", Provider: "aws", Jurisdiction: "DE", OverlayIP: netip.MustParseAddr("10.200.0.1")}, time.Hour, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	log := filepath.Join(dir, "audit.log")
+	if _, err := audit.Open(log).Append(id, "migration", map[string]any{"outcome": "done"}, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	out, errs, code := runCLI(t, "audit", "verify", "--log", log, "--ca-cert", filepath.Join(ca, "ca.crt"))
+	if code != 0 || !strings.Contains(out, "1 records of gw1, signatures and chain intact") || !strings.Contains(out, "revocations were not checked") {
+		t.Fatalf("a log of a mesh on 10.200.0.0/16: exit %d, %q %q", code, out, errs)
+	}
+	if out, _, code := runCLI(t, "audit", "verify", "--log", log, "--ca-cert", filepath.Join(ca, "ca.crt"), "--crl", filepath.Join(ca, "crl.pem"), "--node", "gw2"); code != 1 || !strings.Contains(out, "the log of gw1, not of gw2") {
+		t.Fatalf("another gateway's log: exit %d, %q", code, out)
+	}
+	if out, _, code := runCLI(t, "audit", "verify", "--log", log, "--ca-cert", filepath.Join(ca, "ca.crt"), "--crl", filepath.Join(ca, "crl.pem"), "--node", "gw1"); code != 0 || strings.Contains(out, "not checked") {
+		t.Fatalf("its own gateway's log, revocations checked: exit %d, %q", code, out)
+	}
+	if out, _, code := runCLI(t, "audit", "verify", "--log", log, "--ca-cert", filepath.Join(ca, "ca.crt"), "--mesh-cidr", "100.96.0.0/16"); code != 1 || !strings.Contains(out, "outside the mesh overlay range 100.96.0.0/16") {
+		t.Fatalf("another range given: exit %d, %q", code, out)
+	}
+}
+
 // TestAuditVerifyAcrossRotation: a log written across an issuer rotation
 // verifies against both CAs and both lists, in one file each, whatever
 // their order — a revocation of the old CA's gateway after its records

@@ -17,7 +17,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
+	"path/filepath"
 	"syscall"
 	"time"
 
@@ -82,10 +84,22 @@ func (l *Log) Append(id *certs.NodeIdentity, event string, fields map[string]any
 	if err := l.checkHead(last, seq); err != nil {
 		return nil, err
 	}
+	// The fields as Verify will read them back (numbers as floats, bytes
+	// that are not UTF-8 as U+FFFD): signed as anything else, the record
+	// would not verify.
+	if fields, err = roundTrip(fields); err != nil {
+		return nil, fmt.Errorf("audit record fields: %w", err)
+	}
 	r := &Record{Seq: seq + 1, Time: now.UTC(), Node: id.Attributes().Node, Event: event, Fields: fields, Cert: id.Certificate().Raw}
 	if last != nil {
 		sum := sha256.Sum256(last)
 		r.Prev = hex.EncodeToString(sum[:])
+		// Records are in time order, whatever the clock did (a step
+		// back): Verify holds a revoked key's records to it.
+		var prev Record
+		if json.Unmarshal(last, &prev) == nil && prev.Time.After(r.Time) {
+			r.Time = prev.Time
+		}
 	}
 	d, err := r.digest()
 	if err != nil {
@@ -110,6 +124,19 @@ func (l *Log) Append(id *certs.NodeIdentity, event string, fields map[string]any
 	sum := sha256.Sum256(line)
 	atomicfile.WriteJSON(l.path+headSuffix, head{Seq: r.Seq, SHA256: hex.EncodeToString(sum[:])}, 0o600)
 	return r, nil
+}
+
+// roundTrip is fields encoded and decoded again by encoding/json.
+func roundTrip(fields map[string]any) (map[string]any, error) {
+	if fields == nil {
+		return nil, nil
+	}
+	b, err := json.Marshal(fields)
+	if err != nil {
+		return nil, err
+	}
+	var out map[string]any
+	return out, json.Unmarshal(b, &out)
 }
 
 // headSuffix names the file beside the log that holds its last record's
@@ -169,7 +196,39 @@ func (l *Log) CheckHead() error {
 	if err != nil {
 		return err
 	}
-	return l.checkHead(last, seq)
+	if err := l.checkHead(last, seq); err != nil {
+		return err
+	}
+	return l.checkHeadRecord(f, end, seq)
+}
+
+// checkHeadRecord checks, for a log ahead of its head (the head's write
+// after an append failed), that the record the head names is still the
+// one written: what follows it may have been chained to a log cut back
+// and continued.
+func (l *Log) checkHeadRecord(f *os.File, end int64, seq uint64) error {
+	var h head
+	if found, err := atomicfile.ReadJSON(l.path+headSuffix, &h); err != nil || !found || seq <= h.Seq || h.Seq == 0 {
+		return err
+	}
+	sc := bufio.NewScanner(io.NewSectionReader(f, 0, end))
+	sc.Buffer(make([]byte, 64<<10), 16<<20)
+	for sc.Scan() {
+		var rec struct {
+			Seq uint64 `json:"seq"`
+		}
+		if json.Unmarshal(sc.Bytes(), &rec) != nil || rec.Seq != h.Seq {
+			continue
+		}
+		if sum := sha256.Sum256(sc.Bytes()); hex.EncodeToString(sum[:]) != h.SHA256 {
+			return fmt.Errorf("audit log %s: record %d is not the one written: the log was cut back and written on; restore it from a backup", l.path, h.Seq)
+		}
+		return nil
+	}
+	if err := sc.Err(); err != nil {
+		return err
+	}
+	return fmt.Errorf("audit log %s: record %d, which its head names, is missing", l.path, h.Seq)
 }
 
 // minFree is the free space below which Ready refuses: a record is a few
@@ -180,7 +239,12 @@ var minFree uint64 = 16 << 20
 // record (or it is empty) and its disk has room. What is recorded when it
 // ends — a migration — must not start when its record cannot be written.
 func (l *Log) Ready() error {
-	f, err := os.OpenFile(l.path, os.O_RDWR|os.O_CREATE|os.O_APPEND, 0o600)
+	// Not created here: a gateway's log starts with its first record,
+	// and an empty one reads as emptied.
+	f, err := os.OpenFile(l.path, os.O_RDWR|os.O_APPEND, 0o600)
+	if errors.Is(err, fs.ErrNotExist) {
+		return roomFor(l.path, filepath.Dir(l.path))
+	}
 	if err != nil {
 		return fmt.Errorf("open audit log: %w", err)
 	}
@@ -196,12 +260,18 @@ func (l *Log) Ready() error {
 	if err := l.checkHead(last, seq); err != nil {
 		return err
 	}
+	return roomFor(l.path, l.path)
+}
+
+// roomFor reports whether the disk of at (the log, or its directory
+// before the first record) has room for a record of the log at path.
+func roomFor(path, at string) error {
 	var st syscall.Statfs_t
-	if err := syscall.Fstatfs(int(f.Fd()), &st); err != nil {
-		return fmt.Errorf("audit log %s: free space: %w", l.path, err)
+	if err := syscall.Statfs(at, &st); err != nil {
+		return fmt.Errorf("audit log %s: free space: %w", path, err)
 	}
 	if free := st.Bavail * uint64(st.Bsize); free < minFree {
-		return fmt.Errorf("audit log %s: its disk has %d KiB free, too little to be sure of a record: free some space", l.path, free>>10)
+		return fmt.Errorf("audit log %s: its disk has %d KiB free, too little to be sure of a record: free some space", path, free>>10)
 	}
 	return nil
 }
@@ -235,23 +305,39 @@ func lastRecord(f *os.File, end int64) ([]byte, uint64, error) {
 // Report is the outcome of Verify.
 type Report struct {
 	Records int       `json:"records"`
+	Node    string    `json:"node,omitempty"` // whose log it is: every record's signer
 	First   time.Time `json:"first,omitzero"`
 	Last    time.Time `json:"last,omitzero"`
+	// CutShort: the log ends in part of a record, without its newline:
+	// an append cut short (a crash, a full disk), never acknowledged,
+	// which the gateway cuts off at its next append. Not counted.
+	CutShort bool `json:"cut_short,omitempty"`
 }
 
 // Verify checks every record: its signature by a certificate the mesh CA
 // issued (judged at the record's time; revocation since then does not
-// undo history), its sequence number and its link to the previous record.
-// The error names the first bad line.
+// undo history, for records that come before any dated after it), that
+// every record is the same gateway's, its sequence number and its link to
+// the previous record. The error names the first bad line.
 func Verify(r io.Reader, tb *certs.TrustBundle) (*Report, error) {
-	sc := bufio.NewScanner(r)
-	sc.Buffer(make([]byte, 64<<10), 16<<20)
+	br := bufio.NewReaderSize(r, 64<<10)
 	rep := &Report{}
 	var prev []byte
+	var latest time.Time // of the records so far
 	line := 0
-	for sc.Scan() {
+	for {
+		b, err := readLine(br, 16<<20)
+		if err == io.EOF {
+			if len(bytes.TrimSpace(b)) > 0 {
+				rep.CutShort = true
+			}
+			return rep, nil
+		}
+		if err != nil {
+			return rep, err
+		}
 		line++
-		raw := bytes.TrimSpace(sc.Bytes())
+		raw := bytes.TrimSpace(b)
 		if len(raw) == 0 {
 			continue
 		}
@@ -274,12 +360,17 @@ func Verify(r io.Reader, tb *certs.TrustBundle) (*Report, error) {
 		if err != nil {
 			return rep, fmt.Errorf("line %d: signer certificate: %w", line, err)
 		}
-		attrs, err := verifyAt(tb, cert, rec.Time)
+		attrs, err := verifyAt(tb, cert, rec.Time, latest)
 		if err != nil {
 			return rep, fmt.Errorf("line %d: signer: %w", line, err)
 		}
 		if attrs.Node != rec.Node {
 			return rep, fmt.Errorf("line %d: signed by %s but claims node %s", line, attrs.Node, rec.Node)
+		}
+		if rep.Node == "" {
+			rep.Node = rec.Node
+		} else if rec.Node != rep.Node {
+			return rep, fmt.Errorf("line %d: signed by %s, in the log of %s (its first record's signer): a log is one gateway's, so records were put in from another", line, rec.Node, rep.Node)
 		}
 		d, err := rec.digest()
 		if err != nil {
@@ -294,14 +385,36 @@ func Verify(r io.Reader, tb *certs.TrustBundle) (*Report, error) {
 		}
 		rep.Records++
 		rep.Last = rec.Time
+		if rec.Time.After(latest) {
+			latest = rec.Time
+		}
 		prev = append(prev[:0], raw...)
 	}
-	return rep, sc.Err()
+}
+
+// readLine reads one line, its newline included; io.EOF with what is
+// left when the input ends without one.
+func readLine(br *bufio.Reader, max int) ([]byte, error) {
+	var out []byte
+	for {
+		b, err := br.ReadSlice('\n')
+		out = append(out, b...)
+		switch {
+		case err == bufio.ErrBufferFull && len(out) < max:
+			continue
+		case err == bufio.ErrBufferFull:
+			return nil, fmt.Errorf("a line of more than %d bytes: not an audit log", max)
+		}
+		return out, err
+	}
 }
 
 // verifyAt checks the signer as of the record's time, except that a
-// revocation after the fact still counts for records written after it.
-func verifyAt(tb *certs.TrustBundle, cert *x509.Certificate, at time.Time) (*certs.Attributes, error) {
+// revocation after the fact still counts for records written after it,
+// and for records that come after one dated after it (latest: the latest
+// record before): dated back, they are not the gateway's, whose records
+// are in time order.
+func verifyAt(tb *certs.TrustBundle, cert *x509.Certificate, at, latest time.Time) (*certs.Attributes, error) {
 	attrs, err := tb.VerifyCertificate(cert, at)
 	if err == nil {
 		return attrs, nil
@@ -309,7 +422,7 @@ func verifyAt(tb *certs.TrustBundle, cert *x509.Certificate, at time.Time) (*cer
 	if errors.Is(err, certs.ErrRevoked) {
 		for _, crl := range tb.CRLs() {
 			for _, e := range crl.RevokedCertificateEntries {
-				if e.SerialNumber.Cmp(cert.SerialNumber) == 0 && at.Before(e.RevocationTime) {
+				if e.SerialNumber.Cmp(cert.SerialNumber) == 0 && at.Before(e.RevocationTime) && latest.Before(e.RevocationTime) {
 					return certs.AttributesOf(cert)
 				}
 			}

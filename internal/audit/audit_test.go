@@ -2,6 +2,12 @@ package audit
 
 import (
 	"bytes"
+	"crypto"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"math/big"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -58,12 +64,139 @@ func TestAppendVerify(t *testing.T) {
 		"changed field":     {strings.Replace(string(b), `"class":"pii-eu"`, `"class":"public"`, 1), tb, "line 1: signature does not verify"},
 		"removed record":    {lines[0] + lines[2], tb, "line 2: chain broken"},
 		"reordered":         {lines[1] + lines[0] + lines[2], tb, "line 1: chain broken"},
-		"truncated tail":    {lines[0] + lines[1][:20], tb, "line 2: not a record"},
+		"cut mid-record":    {lines[0] + lines[1][:20] + "\n" + lines[2], tb, "line 2: not a record"},
 		"another mesh's CA": {string(b), foreignTB, "line 1: signer"},
 	} {
 		if _, err := Verify(strings.NewReader(tc.log), tc.tb); err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%s: err = %v, want %q", name, err, tc.want)
 		}
+	}
+	// An append cut short is not a record, and no break either: the
+	// gateway never acknowledged it, and cuts it off at its next append.
+	rep, err = Verify(strings.NewReader(lines[0]+lines[1][:20]), tb)
+	if err != nil || rep.Records != 1 || !rep.CutShort || rep.Node != "gw1" {
+		t.Errorf("a log whose last append was cut short: %+v, %v; want 1 record, cut short after it", rep, err)
+	}
+}
+
+// TestVerifyOneGatewaysLog: a log is one gateway's: records signed by
+// another gateway of the mesh, spliced in, break it.
+func TestVerifyOneGatewaysLog(t *testing.T) {
+	ca, tb := testCA(t)
+	gw1, gw2 := issue(t, ca, "gw1", "100.96.0.1", t0), issue(t, ca, "gw2", "100.96.0.2", t0)
+	path := filepath.Join(t.TempDir(), "audit.log")
+	l := Open(path)
+	l.Append(gw1, "migration", map[string]any{"n": 1}, t0)
+	// Its head moved aside, the log is continued with another's key.
+	os.Rename(path+headSuffix, path+".saved")
+	if _, err := l.Append(gw2, "migration", map[string]any{"n": 2}, t0.Add(time.Minute)); err != nil {
+		t.Fatal(err)
+	}
+	b, _ := os.ReadFile(path)
+	if rep, err := Verify(bytes.NewReader(b), tb); err == nil || !strings.Contains(err.Error(), "line 2: signed by gw2, in the log of gw1") {
+		t.Fatalf("a record of gw2 in gw1's log: %+v, %v", rep, err)
+	}
+}
+
+// TestVerifyRevokedKeyDatedBack: a key revoked for compromise cannot add
+// records dated back before its revocation after the gateway's later
+// records; its own records from before the revocation still verify.
+func TestVerifyRevokedKeyDatedBack(t *testing.T) {
+	ca, _ := testCA(t)
+	stolen := issue(t, ca, "gw1", "100.96.0.1", t0)
+	path := filepath.Join(t.TempDir(), "audit.log")
+	l := Open(path)
+	l.Append(stolen, "migration", map[string]any{"n": 1}, t0.Add(time.Minute))
+	if _, err := ca.RevokeSerials([]*big.Int{stolen.Certificate().SerialNumber}, "keyCompromise", t0.Add(10*time.Minute)); err != nil {
+		t.Fatal(err)
+	}
+	renewed := issue(t, ca, "gw1", "100.96.0.1", t0.Add(11*time.Minute))
+	l.Append(renewed, "migration", map[string]any{"n": 2}, t0.Add(20*time.Minute))
+	tb, err := ca.TrustBundle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := os.ReadFile(path)
+	if rep, err := Verify(bytes.NewReader(b), tb); err != nil || rep.Records != 2 {
+		t.Fatalf("the stolen key's record from before its revocation, then the renewed one's: %+v, %v", rep, err)
+	}
+	// The thief's record, dated back: Append would date it after the
+	// last, so it is written as a thief would.
+	forged := &Record{Seq: 3, Time: t0.Add(5 * time.Minute), Node: "gw1", Event: "image", Fields: map[string]any{"action": "removed"}, Cert: stolen.Certificate().Raw}
+	sum := sha256.Sum256(bytes.TrimSpace(b[bytes.LastIndexByte(b[:len(b)-1], '\n')+1:]))
+	forged.Prev = hex.EncodeToString(sum[:])
+	d, _ := forged.digest()
+	forged.Sig, _ = stolen.Signer().Sign(rand.Reader, d, crypto.SHA256)
+	line, _ := json.Marshal(forged)
+	b = append(b, append(line, '\n')...)
+	if rep, err := Verify(bytes.NewReader(b), tb); err == nil || !strings.Contains(err.Error(), "line 3: signer") {
+		t.Fatalf("a revoked key's record dated back after later records: %+v, %v; want it refused", rep, err)
+	}
+}
+
+// TestAppendInTimeOrder: a clock stepped back does not date a record
+// before the one ahead of it; fields are signed as Verify reads them
+// (bytes that are not UTF-8).
+func TestAppendInTimeOrder(t *testing.T) {
+	id, tb := identity(t)
+	l := Open(filepath.Join(t.TempDir(), "audit.log"))
+	l.Append(id, "migration", nil, t0.Add(time.Hour))
+	r, err := l.Append(id, "migration", map[string]any{"error": "open /img/vm\xff.raw: no such file"}, t0)
+	if err != nil || r.Time.Before(t0.Add(time.Hour)) {
+		t.Fatalf("a record after the clock stepped back: dated %v, %v; want no earlier than the one before", r.Time, err)
+	}
+	b, _ := os.ReadFile(l.Path())
+	if rep, err := Verify(bytes.NewReader(b), tb); err != nil || rep.Records != 2 {
+		t.Fatalf("%+v, %v", rep, err)
+	}
+}
+
+func testCA(t *testing.T) (*certs.CA, *certs.TrustBundle) {
+	ca, err := certs.InitCA(filepath.Join(t.TempDir(), "ca"), certs.InitOptions{Now: t0.Add(-time.Hour)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tb, err := ca.TrustBundle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ca, tb
+}
+
+func issue(t *testing.T, ca *certs.CA, node, ip string, at time.Time) *certs.NodeIdentity {
+	id, err := ca.IssueIdentity(certs.Attributes{Node: node, Site: "s", Region: "r", Provider: "aws", Jurisdiction: "DE", OverlayIP: netip.MustParseAddr(ip)}, 24*time.Hour, at)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return id
+}
+
+// TestHeadRecordChecked: a log ahead of its head (the head's last write
+// failed) still holds the record the head names; one cut back and written
+// on past the head does not.
+func TestHeadRecordChecked(t *testing.T) {
+	id, _ := identity(t)
+	path := filepath.Join(t.TempDir(), "audit.log")
+	l := Open(path)
+	for i := range 3 {
+		l.Append(id, "migration", map[string]any{"n": i}, t0)
+	}
+	headAt3, _ := os.ReadFile(path + headSuffix)
+	l.Append(id, "migration", map[string]any{"n": 3}, t0)
+	os.WriteFile(path+headSuffix, headAt3, 0o600) // the head's write after record 4 failed
+	if err := l.CheckHead(); err != nil {
+		t.Fatalf("a log one record ahead of its head: %v", err)
+	}
+	b, _ := os.ReadFile(path)
+	lines := strings.SplitAfter(string(b), "\n")
+	os.WriteFile(path, []byte(lines[0]+lines[1]), 0o600)
+	os.Remove(path + headSuffix)
+	for i := range 2 {
+		l.Append(id, "migration", map[string]any{"n": 10 + i}, t0)
+	}
+	os.WriteFile(path+headSuffix, headAt3, 0o600)
+	if err := l.CheckHead(); err == nil || !strings.Contains(err.Error(), "record 3 is not the one written") {
+		t.Fatalf("a log cut back to 2 records and written on to 4, its head at 3: %v", err)
 	}
 }
 
@@ -112,6 +245,9 @@ func TestReady(t *testing.T) {
 	l := Open(path)
 	if err := l.Ready(); err != nil {
 		t.Fatalf("a new log: %v", err)
+	}
+	if _, err := os.Stat(path); !os.IsNotExist(err) {
+		t.Fatalf("Ready made the log (%v): an empty one reads as emptied", err)
 	}
 	if _, err := l.Append(id, "migration", map[string]any{"n": 1}, t0); err != nil {
 		t.Fatal(err)
