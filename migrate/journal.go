@@ -480,12 +480,16 @@ func (j *Journal) Image(name string) (*ImageRecord, error) {
 type removal struct {
 	Image ImageRecord `json:"image"`
 	Inode uint64      `json:"inode,omitempty"`
+	// Reason is the operator's, kept for the record written at the next
+	// start if a stop comes first (empty in entries of earlier releases).
+	Reason string `json:"reason,omitempty"`
 }
 
 // takeForRemoval moves an image's catalog entry to the list of removals
-// under way, in one transaction, and returns it.
-func (j *Journal) takeForRemoval(name string) (*removal, error) {
-	var rm removal
+// under way, in one transaction, with the reason it is removed, and
+// returns it.
+func (j *Journal) takeForRemoval(name, reason string) (*removal, error) {
+	rm := removal{Reason: reason}
 	err := j.db.Update(func(tx *bolt.Tx) error {
 		v := tx.Bucket(bucketImages).Get([]byte(name))
 		if v == nil {

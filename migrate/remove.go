@@ -76,7 +76,7 @@ func (r *Receiver) RemoveImage(name, reason string) (*ImageRecord, error) {
 		r.mu.Unlock()
 	}()
 
-	rm, err := r.cfg.Journal.takeForRemoval(name)
+	rm, err := r.cfg.Journal.takeForRemoval(name, reason)
 	if errors.Is(err, ErrNotFound) {
 		return nil, fmt.Errorf("no stored image %q on this gateway: an image is stored by the gateway it was migrated to (skybridge migrate list there)", name)
 	} else if err != nil {
@@ -142,7 +142,13 @@ func (r *Receiver) finishRemovals() error {
 	}
 	for i := range pending {
 		rm := &pending[i]
-		f := r.removalFields(&rm.Image, "a removal cut short by a stop, finished when the gateway started again")
+		// The operator's reason, and that the removal was finished later
+		// (its record may then be there twice).
+		reason := "a removal cut short by a stop, finished when the gateway started again"
+		if rm.Reason != "" {
+			reason = rm.Reason
+		}
+		f := r.removalFields(&rm.Image, reason)
 		f["recovered"] = true
 		r.appendEvent("image", f) // a failure is logged; the removal goes on, asked for before the stop
 		if err := r.removeFile(rm); err != nil {

@@ -81,7 +81,7 @@ func TestRemoveImage(t *testing.T) {
 		t.Fatal(err)
 	}
 	img, _ = p.recvJ.Image("vm")
-	if _, err := p.recvJ.takeForRemoval("vm"); err != nil {
+	if _, err := p.recvJ.takeForRemoval("vm", "CHG-42: decommissioned"); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := NewReceiver(p.recv.cfg); err != nil {
@@ -91,7 +91,7 @@ func TestRemoveImage(t *testing.T) {
 		t.Errorf("the file of a removal cut short is still there after a start: %v", err)
 	}
 	recs = p.recvRecords(t)
-	if last := recs[len(recs)-1]; last.Fields["action"] != "removed" || last.Fields["recovered"] != true || last.Fields["root"] != img.Root.String() {
+	if last := recs[len(recs)-1]; last.Fields["action"] != "removed" || last.Fields["recovered"] != true || last.Fields["root"] != img.Root.String() || last.Fields["reason"] != "CHG-42: decommissioned" {
 		t.Errorf("audit record of the removal finished at a start: %+v", last)
 	}
 	if pending, _ := list[removal](p.recvJ, bucketRemoving); len(pending) != 0 {
@@ -104,7 +104,7 @@ func TestRemoveImage(t *testing.T) {
 	if _, err := Send(context.Background(), p.config(raw, "pii-eu")); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := p.recvJ.takeForRemoval("vm"); err != nil {
+	if _, err := p.recvJ.takeForRemoval("vm", "CHG-42: decommissioned"); err != nil {
 		t.Fatal(err)
 	}
 	f2, _ := os.OpenFile(raw, os.O_WRONLY, 0) // another version, stored anew
