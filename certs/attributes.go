@@ -94,6 +94,13 @@ func (a *Attributes) Validate(meshPrefix netip.Prefix) error {
 			errs = append(errs, errors.New("a route is not a valid CIDR prefix"))
 			continue
 		}
+		if r.Addr().Is4In6() {
+			// One network, two spellings: the kernel and WireGuard
+			// know it only as IPv4, and the mesh would never see its
+			// configuration match the plan.
+			errs = append(errs, fmt.Errorf("route %s is an IPv4 network written as IPv6: write it as IPv4 (%s/%d)", r, r.Addr().Unmap(), max(r.Bits()-96, 0)))
+			continue
+		}
 		if r != r.Masked() {
 			errs = append(errs, fmt.Errorf("route %s has host bits set: did you mean %s?", r, r.Masked()))
 		}

@@ -221,6 +221,7 @@ func TestIssueRejectsBadInput(t *testing.T) {
 		{"route with host bits", bad(func(a *Attributes) { a.Routes = []netip.Prefix{netip.MustParsePrefix("10.1.2.3/16")} }), 0, "did you mean 10.1.0.0/16"},
 		{"route overlapping mesh", bad(func(a *Attributes) { a.Routes = []netip.Prefix{netip.MustParsePrefix("100.96.4.0/24")} }), 0, "overlaps the mesh overlay range"},
 		{"IPv6 default route", bad(func(a *Attributes) { a.Routes = []netip.Prefix{netip.MustParsePrefix("::/0")} }), 0, "is a default route"},
+		{"IPv4 route written as IPv6", bad(func(a *Attributes) { a.Routes = []netip.Prefix{netip.MustParsePrefix("::ffff:10.9.0.0/112")} }), 0, "write it as IPv4 (10.9.0.0/16)"},
 		{"bad node name", bad(func(a *Attributes) { a.Node = "GW_2" }), 0, "node \"GW_2\" is not valid"},
 		{"empty site", bad(func(a *Attributes) { a.Site = "" }), 0, "site \"\" is not valid"},
 		{"unknown jurisdiction", bad(func(a *Attributes) { a.Jurisdiction = "EU" }), 0, "not an ISO 3166-1"},

@@ -135,8 +135,11 @@ func ipNets(ps []netip.Prefix) []net.IPNet {
 
 func prefixOf(n net.IPNet) netip.Prefix {
 	a, _ := netip.AddrFromSlice(n.IP)
-	ones, _ := n.Mask.Size()
-	return netip.PrefixFrom(a.Unmap(), ones)
+	ones, bits := n.Mask.Size()
+	if bits == 32 {
+		a = a.Unmap() // net keeps IPv4 addresses in 16 bytes
+	}
+	return netip.PrefixFrom(a, ones)
 }
 
 func samePrefixes(have []net.IPNet, want []netip.Prefix) bool {

@@ -108,3 +108,19 @@ func TestDiffRoutes(t *testing.T) {
 		t.Fatal("empty diff not empty")
 	}
 }
+
+// TestPrefixOf: what the device and the kernel report reads back as the
+// prefix that was configured: IPv4 networks (which net keeps in 16
+// bytes) as IPv4, IPv6 ones as they are, IPv4-mapped included.
+func TestPrefixOf(t *testing.T) {
+	for _, p := range []string{"10.9.0.0/16", "100.96.0.7/32", "fd00:1::/48", "::ffff:10.9.0.0/112"} {
+		want := netip.MustParsePrefix(p)
+		if got := prefixOf(ipNets([]netip.Prefix{want})[0]); got != want {
+			t.Errorf("%s read back as %s", want, got)
+		}
+	}
+	// net's own IPv4 form: 16-byte address, 4-byte mask.
+	if got := prefixOf(net.IPNet{IP: net.ParseIP("10.9.0.0"), Mask: net.CIDRMask(16, 32)}); got != netip.MustParsePrefix("10.9.0.0/16") {
+		t.Errorf("an IPv4 network in 16 bytes read back as %s", got)
+	}
+}
