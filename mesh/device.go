@@ -10,8 +10,10 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"golang.zx2c4.com/wireguard/conn"
@@ -271,7 +273,18 @@ func (d *NetstackDevice) Close() error {
 // DialContext dials an overlay address through the netstack device, for
 // the gateway's own clients (and tests).
 func (d *NetstackDevice) DialContext(ctx context.Context, network, addr string) (net.Conn, error) {
-	return d.net.DialContext(ctx, network, addr)
+	c, err := d.net.DialContext(ctx, network, addr)
+	return c, refusedAsKernel(err)
+}
+
+// refusedAsKernel makes gVisor's refusal, which it says in words of its
+// own, one that errors.Is finds as syscall.ECONNREFUSED, as the kernel's:
+// a refused probe is an answer.
+func refusedAsKernel(err error) error {
+	if err != nil && strings.Contains(err.Error(), "connection was refused") {
+		return fmt.Errorf("%w (%v)", syscall.ECONNREFUSED, err)
+	}
+	return err
 }
 
 func (d *NetstackDevice) Listen(addr netip.AddrPort) (net.Listener, error) {
@@ -305,7 +318,7 @@ func (l *netstackListener) Accept() (net.Conn, error) {
 }
 
 func (d *NetstackDevice) Dial(ctx context.Context, addr string) (net.Conn, error) {
-	return d.net.DialContext(ctx, "tcp", addr)
+	return d.DialContext(ctx, "tcp", addr)
 }
 
 func wgLogger(log *slog.Logger, name string) *device.Logger {

@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/netip"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -182,5 +183,26 @@ func TestNetstackListenerSaysClosed(t *testing.T) {
 	}
 	if _, err := ln.Accept(); !errors.Is(err, net.ErrClosed) {
 		t.Errorf("accept after the close: %v; want net.ErrClosed", err)
+	}
+}
+
+// TestNetstackRefusedIsAnAnswer: a netstack gateway's probe of a port
+// nothing listens on is refused, and a refusal is an answer (the peer is
+// there), as through the kernel; gVisor says it in words of its own.
+func TestNetstackRefusedIsAnAnswer(t *testing.T) {
+	k, _ := certs.GenerateWGKey()
+	overlay := netip.AddrFrom4([4]byte{100, 96, 0, 9})
+	d, err := OpenDevice(DeviceOptions{Name: "nsrefused", Mode: ModeNetstack, Port: freeUDPPort(t), MTU: 1420,
+		PrivateKey: k, Overlay: overlay, MeshPrefix: mesh16, Log: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	if _, err := d.Dial(context.Background(), netip.AddrPortFrom(overlay, 9001).String()); !errors.Is(err, syscall.ECONNREFUSED) {
+		t.Fatalf("a dial to a port nothing listens on: %v; want ECONNREFUSED", err)
+	}
+	g := &Gateway{dev: d, log: slog.New(slog.DiscardHandler)}
+	if !g.probe(context.Background(), overlay) {
+		t.Fatal("a refused probe judged as no answer")
 	}
 }
