@@ -91,11 +91,40 @@ func (lc *linkConfig) setRoutes(add, del []netip.Prefix) error {
 		}
 	}
 	for _, p := range add {
-		if err := netlink.RouteReplace(lc.route(p)); err != nil {
+		// A route the kernel or the operator has to that network, at any
+		// metric (a LAN of this host that a remote site also claims), is
+		// theirs: replacing it, or outranking it, would take the host's
+		// traffic there into the mesh. One of ours (on a link since
+		// replaced) is taken over.
+		foreign, err := lc.foreignRoute(p)
+		switch {
+		case err != nil:
+		case foreign:
+			err = fmt.Errorf("this host routes %s elsewhere already (not a route of skybridge's): traffic to it is not sent into the mesh; keep that network out of the mesh, or remove the host's route", p)
+		default:
+			err = netlink.RouteReplace(lc.route(p))
+		}
+		if err != nil {
 			errs = append(errs, fmt.Errorf("add route %s via %s: %w", p, lc.name, err))
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// foreignRoute reports whether the main table has a route to exactly p
+// that skybridge did not install.
+func (lc *linkConfig) foreignRoute(p netip.Prefix) (bool, error) {
+	n := ipNets([]netip.Prefix{p})[0]
+	rs, err := netlink.RouteListFiltered(netlink.FAMILY_ALL, &netlink.Route{Dst: &n, Table: syscall.RT_TABLE_MAIN}, netlink.RT_FILTER_DST|netlink.RT_FILTER_TABLE)
+	if err != nil {
+		return false, fmt.Errorf("list routes to %s: %w", p, err)
+	}
+	for _, r := range rs {
+		if r.Protocol != routeProtocol {
+			return true, nil
+		}
+	}
+	return false, nil
 }
 
 func (lc *linkConfig) route(p netip.Prefix) *netlink.Route {
