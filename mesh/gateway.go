@@ -95,15 +95,18 @@ type Gateway struct {
 
 	// Owned by the reconcile loop.
 	lastApplied map[certs.WGPublicKey]PeerConfig
-	greetings   map[certs.WGPublicKey]greeting // new peers we are handshaking with (greet.go)
-	greetTimer  *time.Timer                    // wakes the reconcile loop when a greeting is due
-	savedAt     time.Time                      // members last written to the state directory
-	savedGen    uint64                         // the membership generation then
-	savePending atomic.Bool                    // a pass to save a newer membership is scheduled
-	planKey     planKey                        // the inputs of the last plan applied
-	links       LinkMemo                       // residency decisions of the last plan
-	plan        atomic.Pointer[Plan]
-	stats       reconcileStats
+	// routeConflicts: the routes last left out because the host routes
+	// them elsewhere (RouteConflict), to say so only when they change.
+	routeConflicts string
+	greetings      map[certs.WGPublicKey]greeting // new peers we are handshaking with (greet.go)
+	greetTimer     *time.Timer                    // wakes the reconcile loop when a greeting is due
+	savedAt        time.Time                      // members last written to the state directory
+	savedGen       uint64                         // the membership generation then
+	savePending    atomic.Bool                    // a pass to save a newer membership is scheduled
+	planKey        planKey                        // the inputs of the last plan applied
+	links          LinkMemo                       // residency decisions of the last plan
+	plan           atomic.Pointer[Plan]
+	stats          reconcileStats
 
 	// Owned by the worker.
 	certAsked    map[string]time.Time
@@ -819,7 +822,15 @@ func (g *Gateway) apply(plan Plan) error {
 		return err
 	}
 	ch.RoutesAdded, ch.RoutesRemoved = DiffRoutes(have, plan.Routes)
-	if err := g.dev.SetRoutes(ch.RoutesAdded, ch.RoutesRemoved); err != nil {
+	err = g.dev.SetRoutes(ch.RoutesAdded, ch.RoutesRemoved)
+	err, conflicts := splitRouteConflicts(err)
+	if key := strings.Join(conflicts, "\n"); key != g.routeConflicts {
+		g.routeConflicts = key // said once, not at every pass
+		for _, c := range conflicts {
+			g.log.Warn("route left out", "detail", c)
+		}
+	}
+	if err != nil {
 		return err
 	}
 	// Greeting only hastens a first handshake (WireGuard would start one

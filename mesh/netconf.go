@@ -100,7 +100,8 @@ func (lc *linkConfig) setRoutes(add, del []netip.Prefix) error {
 		switch {
 		case err != nil:
 		case foreign:
-			err = fmt.Errorf("this host routes %s elsewhere already (not a route of skybridge's): traffic to it is not sent into the mesh; keep that network out of the mesh, or remove the host's route", p)
+			errs = append(errs, &RouteConflict{Prefix: p})
+			continue
 		default:
 			err = netlink.RouteReplace(lc.route(p))
 		}
@@ -109,6 +110,34 @@ func (lc *linkConfig) setRoutes(add, del []netip.Prefix) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// RouteConflict is a remote site's route that the host routes elsewhere
+// already: left alone, it is no failure of the reconcile.
+type RouteConflict struct{ Prefix netip.Prefix }
+
+func (e *RouteConflict) Error() string {
+	return fmt.Sprintf("this host routes %s elsewhere already (not a route of skybridge's): traffic to it is not sent into the mesh; keep that network out of the mesh, or remove the host's route", e.Prefix)
+}
+
+// splitRouteConflicts separates the route conflicts SetRoutes reported
+// from its failures.
+func splitRouteConflicts(err error) (rest error, conflicts []string) {
+	var errs []error
+	if j, ok := err.(interface{ Unwrap() []error }); ok {
+		errs = j.Unwrap()
+	} else if err != nil {
+		errs = []error{err}
+	}
+	var others []error
+	for _, e := range errs {
+		if rc := (*RouteConflict)(nil); errors.As(e, &rc) {
+			conflicts = append(conflicts, rc.Error())
+			continue
+		}
+		others = append(others, e)
+	}
+	return errors.Join(others...), conflicts
 }
 
 // foreignRoute reports whether the main table has a route to exactly p

@@ -1,6 +1,8 @@
 package mesh
 
 import (
+	"errors"
+	"fmt"
 	"net"
 	"net/netip"
 	"os"
@@ -99,4 +101,20 @@ func TestRoutesLeaveTheHostsAlone(t *testing.T) {
 			t.Errorf("routes of the new link: %v, %v", got, err)
 		}
 	})
+}
+
+// TestSplitRouteConflicts: routes left alone because the host routes them
+// are told apart from failures, which alone fail a reconcile.
+func TestSplitRouteConflicts(t *testing.T) {
+	boom := errors.New("netlink: boom")
+	rest, conflicts := splitRouteConflicts(errors.Join(&RouteConflict{Prefix: netip.MustParsePrefix("192.0.2.0/24")}, fmt.Errorf("add route: %w", boom)))
+	if !errors.Is(rest, boom) || len(conflicts) != 1 || !strings.Contains(conflicts[0], "192.0.2.0/24") {
+		t.Fatalf("a conflict and a failure: %v, %q", rest, conflicts)
+	}
+	if rest, conflicts := splitRouteConflicts(errors.Join(&RouteConflict{Prefix: netip.MustParsePrefix("192.0.2.0/24")})); rest != nil || len(conflicts) != 1 {
+		t.Fatalf("a conflict alone: %v, %q; want no failure", rest, conflicts)
+	}
+	if rest, conflicts := splitRouteConflicts(nil); rest != nil || conflicts != nil {
+		t.Fatalf("nothing: %v, %q", rest, conflicts)
+	}
 }
