@@ -44,6 +44,10 @@ type Device interface {
 	// (netstack) route by allowed IPs alone and do nothing here.
 	Routes() ([]netip.Prefix, error)
 	SetRoutes(add, del []netip.Prefix) error
+	// HostRoutes is the prefixes the host's main table routes otherwise
+	// (routes skybridge did not install): a remote site's route to one
+	// of them is left out. None for devices without kernel routing.
+	HostRoutes() (map[netip.Prefix]bool, error)
 	// Listen and Dial reach the overlay: the kernel's stack for kernel
 	// and TUN devices, the userspace stack for netstack.
 	Listen(addr netip.AddrPort) (net.Listener, error)
@@ -106,12 +110,13 @@ type wgctrlDevice struct {
 	close      func() error
 }
 
-func (d *wgctrlDevice) Name() string                            { return d.name }
-func (d *wgctrlDevice) Mode() string                            { return d.mode }
-func (d *wgctrlDevice) Device() (*wgtypes.Device, error)        { return d.client.Device(d.name) }
-func (d *wgctrlDevice) Configure(c wgtypes.Config) error        { return d.client.ConfigureDevice(d.name, c) }
-func (d *wgctrlDevice) Routes() ([]netip.Prefix, error)         { return d.link.routes() }
-func (d *wgctrlDevice) SetRoutes(add, del []netip.Prefix) error { return d.link.setRoutes(add, del) }
+func (d *wgctrlDevice) Name() string                               { return d.name }
+func (d *wgctrlDevice) Mode() string                               { return d.mode }
+func (d *wgctrlDevice) Device() (*wgtypes.Device, error)           { return d.client.Device(d.name) }
+func (d *wgctrlDevice) Configure(c wgtypes.Config) error           { return d.client.ConfigureDevice(d.name, c) }
+func (d *wgctrlDevice) Routes() ([]netip.Prefix, error)            { return d.link.routes() }
+func (d *wgctrlDevice) SetRoutes(add, del []netip.Prefix) error    { return d.link.setRoutes(add, del) }
+func (d *wgctrlDevice) HostRoutes() (map[netip.Prefix]bool, error) { return d.link.hostRoutes() }
 
 // overlayKeepAlive notices a peer gateway that vanished (killed, cut off)
 // within about 25 s, instead of the kernel's default of minutes.
@@ -264,6 +269,8 @@ func (d *NetstackDevice) SetRoutes(add, del []netip.Prefix) error {
 	d.routes = append(d.routes, add...)
 	return nil
 }
+
+func (d *NetstackDevice) HostRoutes() (map[netip.Prefix]bool, error) { return nil, nil }
 
 func (d *NetstackDevice) Close() error {
 	d.dev.Close()

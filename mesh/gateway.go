@@ -96,7 +96,7 @@ type Gateway struct {
 	// Owned by the reconcile loop.
 	lastApplied map[certs.WGPublicKey]PeerConfig
 	// routeConflicts: the routes last left out because the host routes
-	// them elsewhere (RouteConflict), to say so only when they change.
+	// them itself (leaveOutHostRoutes), to say so only when they change.
 	routeConflicts string
 	greetings      map[certs.WGPublicKey]greeting // new peers we are handshaking with (greet.go)
 	greetTimer     *time.Timer                    // wakes the reconcile loop when a greeting is due
@@ -811,6 +811,22 @@ func (g *Gateway) apply(plan Plan) error {
 	if err != nil {
 		return fmt.Errorf("read %s: %w", g.dev.Name(), err)
 	}
+	// A remote site's route to a network the host routes itself (one of
+	// its LANs) is left out, of the kernel's table and of the peer's
+	// allowed IPs: routed in, it would take the host's traffic there.
+	// Asked at every pass: a LAN may come up after the gateway.
+	host, err := g.dev.HostRoutes()
+	if err != nil {
+		return err
+	}
+	var left []netip.Prefix
+	plan.Peers, plan.Routes, left = leaveOutHostRoutes(plan.Peers, plan.Routes, host)
+	if key := fmt.Sprint(left); key != g.routeConflicts {
+		g.routeConflicts = key // said once, not at every pass
+		if len(left) > 0 {
+			g.log.Warn("routes left out: this host routes them itself (not through skybridge), so traffic to them does not go into the mesh; keep those networks out of the mesh, or remove the host's routes", "routes", left)
+		}
+	}
 	peers, ch := DiffPeers(dev.Peers, plan.Peers, g.lastApplied)
 	if len(peers) > 0 {
 		if err := g.dev.Configure(wgtypes.Config{Peers: peers}); err != nil {
@@ -822,15 +838,7 @@ func (g *Gateway) apply(plan Plan) error {
 		return err
 	}
 	ch.RoutesAdded, ch.RoutesRemoved = DiffRoutes(have, plan.Routes)
-	err = g.dev.SetRoutes(ch.RoutesAdded, ch.RoutesRemoved)
-	err, conflicts := splitRouteConflicts(err)
-	if key := strings.Join(conflicts, "\n"); key != g.routeConflicts {
-		g.routeConflicts = key // said once, not at every pass
-		for _, c := range conflicts {
-			g.log.Warn("route left out", "detail", c)
-		}
-	}
-	if err != nil {
+	if err := g.dev.SetRoutes(ch.RoutesAdded, ch.RoutesRemoved); err != nil {
 		return err
 	}
 	// Greeting only hastens a first handshake (WireGuard would start one

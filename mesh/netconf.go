@@ -91,69 +91,34 @@ func (lc *linkConfig) setRoutes(add, del []netip.Prefix) error {
 		}
 	}
 	for _, p := range add {
-		// A route the kernel or the operator has to that network, at any
-		// metric (a LAN of this host that a remote site also claims), is
-		// theirs: replacing it, or outranking it, would take the host's
-		// traffic there into the mesh. One of ours (on a link since
-		// replaced) is taken over.
-		foreign, err := lc.foreignRoute(p)
-		switch {
-		case err != nil:
-		case foreign:
-			errs = append(errs, &RouteConflict{Prefix: p})
-			continue
-		default:
-			err = netlink.RouteReplace(lc.route(p))
-		}
-		if err != nil {
+		if err := netlink.RouteReplace(lc.route(p)); err != nil {
 			errs = append(errs, fmt.Errorf("add route %s via %s: %w", p, lc.name, err))
 		}
 	}
 	return errors.Join(errs...)
 }
 
-// RouteConflict is a remote site's route that the host routes elsewhere
-// already: left alone, it is no failure of the reconcile.
-type RouteConflict struct{ Prefix netip.Prefix }
-
-func (e *RouteConflict) Error() string {
-	return fmt.Sprintf("this host routes %s elsewhere already (not a route of skybridge's): traffic to it is not sent into the mesh; keep that network out of the mesh, or remove the host's route", e.Prefix)
-}
-
-// splitRouteConflicts separates the route conflicts SetRoutes reported
-// from its failures.
-func splitRouteConflicts(err error) (rest error, conflicts []string) {
-	var errs []error
-	if j, ok := err.(interface{ Unwrap() []error }); ok {
-		errs = j.Unwrap()
-	} else if err != nil {
-		errs = []error{err}
-	}
-	var others []error
-	for _, e := range errs {
-		if rc := (*RouteConflict)(nil); errors.As(e, &rc) {
-			conflicts = append(conflicts, rc.Error())
-			continue
+// hostRoutes is the prefixes the main table routes by routes skybridge
+// did not install: the host's LANs, its operator's routes.
+func (lc *linkConfig) hostRoutes() (map[netip.Prefix]bool, error) {
+	var rs []netlink.Route
+	var err error
+	for range 3 { // a table that changed during the dump is read again
+		rs, err = netlink.RouteListFiltered(netlink.FAMILY_ALL, &netlink.Route{Table: syscall.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE)
+		if !errors.Is(err, netlink.ErrDumpInterrupted) {
+			break
 		}
-		others = append(others, e)
 	}
-	return errors.Join(others...), conflicts
-}
-
-// foreignRoute reports whether the main table has a route to exactly p
-// that skybridge did not install.
-func (lc *linkConfig) foreignRoute(p netip.Prefix) (bool, error) {
-	n := ipNets([]netip.Prefix{p})[0]
-	rs, err := netlink.RouteListFiltered(netlink.FAMILY_ALL, &netlink.Route{Dst: &n, Table: syscall.RT_TABLE_MAIN}, netlink.RT_FILTER_DST|netlink.RT_FILTER_TABLE)
 	if err != nil {
-		return false, fmt.Errorf("list routes to %s: %w", p, err)
+		return nil, fmt.Errorf("list the host's routes: %w", err)
 	}
+	out := map[netip.Prefix]bool{}
 	for _, r := range rs {
-		if r.Protocol != routeProtocol {
-			return true, nil
+		if r.Protocol != routeProtocol && r.Dst != nil {
+			out[prefixOf(*r.Dst)] = true
 		}
 	}
-	return false, nil
+	return out, nil
 }
 
 func (lc *linkConfig) route(p netip.Prefix) *netlink.Route {

@@ -1,17 +1,21 @@
 package mesh
 
 import (
-	"errors"
-	"fmt"
 	"net"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"runtime"
+	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+
+	"github.com/skybridge-mesh/skybridge/certs"
+	"github.com/skybridge-mesh/skybridge/internal/syncbuf"
 )
 
 // inNewNetns runs f on a thread of its own in a network namespace of its
@@ -41,11 +45,9 @@ func inNewNetns(t *testing.T, f func()) {
 	<-done
 }
 
-// TestRoutesLeaveTheHostsAlone: a remote site's route to a network this
-// host already routes (one of its LANs) is not put in the kernel's table
-// over the host's own, at any metric, and the reconcile says why; routes
-// of skybridge's own are added, and taken over from a link since gone.
-func TestRoutesLeaveTheHostsAlone(t *testing.T) {
+// TestHostRoutes: the host's own routes to a network, at any metric, are
+// told apart from skybridge's.
+func TestHostRoutes(t *testing.T) {
 	inNewNetns(t, func() {
 		veth := func(name string) netlink.Link {
 			if err := netlink.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: name}, PeerName: name + "p"}); err != nil {
@@ -63,8 +65,8 @@ func TestRoutesLeaveTheHostsAlone(t *testing.T) {
 		if lan == nil || wg == nil {
 			return
 		}
-		// The host's LAN (connected route, metric 0), and another
-		// network it routes there at metric 100.
+		// The host's LAN (a connected route), and another network it
+		// routes there at metric 100.
 		if err := netlink.AddrAdd(lan, &netlink.Addr{IPNet: &net.IPNet{IP: net.ParseIP("192.0.2.1"), Mask: net.CIDRMask(24, 32)}}); err != nil {
 			t.Errorf("address: %v", err)
 			return
@@ -75,46 +77,88 @@ func TestRoutesLeaveTheHostsAlone(t *testing.T) {
 			return
 		}
 		lc := &linkConfig{name: "wg0", index: wg.Attrs().Index}
-		lanNet, remote := netip.MustParsePrefix("192.0.2.0/24"), netip.MustParsePrefix("198.51.100.0/24")
-		err := lc.setRoutes([]netip.Prefix{lanNet, netip.MustParsePrefix("203.0.113.0/24"), remote}, nil)
-		if err == nil || !strings.Contains(err.Error(), "routes 192.0.2.0/24 elsewhere already") || !strings.Contains(err.Error(), "routes 203.0.113.0/24 elsewhere already") {
-			t.Errorf("routes over the host's own: %v; want both refused, saying why", err)
-		}
-		got, err := lc.routes()
-		if err != nil || len(got) != 1 || got[0] != remote {
-			t.Errorf("skybridge's routes: %v, %v; want only %s", got, err, remote)
-		}
-		rs, _ := netlink.RouteGet(net.ParseIP("192.0.2.7"))
-		if len(rs) != 1 || rs[0].LinkIndex != lan.Attrs().Index {
-			t.Errorf("the host's LAN is routed %+v, want through lan0", rs)
-		}
-		// A route of ours on a link since replaced is taken over.
-		wg2 := veth("wg1")
-		if wg2 == nil {
+		ours := netip.MustParsePrefix("198.51.100.0/24")
+		if err := lc.setRoutes([]netip.Prefix{ours}, nil); err != nil {
+			t.Errorf("our route: %v", err)
 			return
 		}
-		lc2 := &linkConfig{name: "wg1", index: wg2.Attrs().Index}
-		if err := lc2.setRoutes([]netip.Prefix{remote}, nil); err != nil {
-			t.Errorf("our own route, moved to a new link: %v", err)
-		}
-		if got, err := lc2.routes(); err != nil || len(got) != 1 || got[0] != remote {
-			t.Errorf("routes of the new link: %v, %v", got, err)
+		host, err := lc.hostRoutes()
+		if err != nil || !host[netip.MustParsePrefix("192.0.2.0/24")] || !host[netip.MustParsePrefix("203.0.113.0/24")] || host[ours] {
+			t.Errorf("host routes %v, %v; want the LAN and the metric-100 route, not ours", host, err)
 		}
 	})
 }
 
-// TestSplitRouteConflicts: routes left alone because the host routes them
-// are told apart from failures, which alone fail a reconcile.
-func TestSplitRouteConflicts(t *testing.T) {
-	boom := errors.New("netlink: boom")
-	rest, conflicts := splitRouteConflicts(errors.Join(&RouteConflict{Prefix: netip.MustParsePrefix("192.0.2.0/24")}, fmt.Errorf("add route: %w", boom)))
-	if !errors.Is(rest, boom) || len(conflicts) != 1 || !strings.Contains(conflicts[0], "192.0.2.0/24") {
-		t.Fatalf("a conflict and a failure: %v, %q", rest, conflicts)
+// TestLeaveOutHostRoutes: a route the host has itself goes from the
+// kernel routes and from its peer's allowed IPs, without touching the
+// plan it came from.
+func TestLeaveOutHostRoutes(t *testing.T) {
+	lan, remote, ov := netip.MustParsePrefix("192.0.2.0/24"), netip.MustParsePrefix("198.51.100.0/24"), netip.MustParsePrefix("100.96.0.2/32")
+	peers := []PeerConfig{{Node: "a", AllowedIPs: []netip.Prefix{ov, lan}}, {Node: "b", AllowedIPs: []netip.Prefix{remote}}}
+	routes := []netip.Prefix{lan, remote}
+	p2, r2, left := leaveOutHostRoutes(peers, routes, map[netip.Prefix]bool{lan: true, ov: true})
+	if !slices.Equal(left, []netip.Prefix{lan}) || !slices.Equal(r2, []netip.Prefix{remote}) || !slices.Equal(p2[0].AllowedIPs, []netip.Prefix{ov}) || !slices.Equal(p2[1].AllowedIPs, []netip.Prefix{remote}) {
+		t.Fatalf("left %v, routes %v, peers %+v", left, r2, p2)
 	}
-	if rest, conflicts := splitRouteConflicts(errors.Join(&RouteConflict{Prefix: netip.MustParsePrefix("192.0.2.0/24")})); rest != nil || len(conflicts) != 1 {
-		t.Fatalf("a conflict alone: %v, %q; want no failure", rest, conflicts)
+	if !slices.Equal(peers[0].AllowedIPs, []netip.Prefix{ov, lan}) || !slices.Equal(routes, []netip.Prefix{lan, remote}) {
+		t.Fatalf("the plan was changed: %+v %v", peers, routes)
 	}
-	if rest, conflicts := splitRouteConflicts(nil); rest != nil || conflicts != nil {
-		t.Fatalf("nothing: %v, %q", rest, conflicts)
+	if p3, r3, left := leaveOutHostRoutes(peers, routes, nil); left != nil || &p3[0] != &peers[0] || len(r3) != 2 {
+		t.Fatal("nothing to leave out, yet the plan was copied or changed")
 	}
+}
+
+// TestGatewayLeavesOutHostRoutes: a gateway whose host routes a remote
+// site's network itself (a LAN come up after it) routes it no more into
+// the mesh, nor accepts it from the peer, says so once, and routes it
+// again once the host's route is gone.
+func TestGatewayLeavesOutHostRoutes(t *testing.T) {
+	dir := t.TempDir()
+	ca := meshCA(t, dir)
+	tb, err := ca.TrustBundle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	logs := &syncbuf.Buffer{}
+	hq := startLiveGatewayWith(t, ca, dir, 0, "zrh-dc", nil, logs, nil)
+	lan := netip.MustParsePrefix("10.77.0.0/16")
+	s := liveSettings(t, filepath.Join(dir, "fra"))
+	s.Node = provisionGateway(t, ca, tb, certs.Attributes{Node: "fra-1", Site: "fra-dc", Region: "fra", Provider: "onprem", Jurisdiction: "DE",
+		OverlayIP: netip.MustParseAddr("100.64.7.9"), Routes: []netip.Prefix{lan}}, time.Hour, s.Identity.Dir)
+	s.Seeds = []string{hq.g.s.GossipAdvertise.String()}
+	runLiveGateway(t, s, &syncbuf.Buffer{})
+	routed := func() bool {
+		rs, _ := hq.dev.Routes()
+		return slices.Contains(rs, lan)
+	}
+	allowed := func() bool {
+		for _, p := range hq.dev.Peers() {
+			for _, n := range p.AllowedIPs {
+				if prefixOf(n) == lan {
+					return true
+				}
+			}
+		}
+		return false
+	}
+	waitUntil(t, 20*time.Second, "fra-1's site routed into the mesh", routed)
+	hq.dev.SetHostRoutes(lan)
+	hq.g.triggerReconcile()
+	waitUntil(t, 10*time.Second, "the route the host has itself left out", func() bool { return !routed() && !allowed() && len(hq.dev.Peers()) == 1 })
+	runs := func() int {
+		hq.g.stats.mu.Lock()
+		defer hq.g.stats.mu.Unlock()
+		return hq.g.stats.runs
+	}
+	for range 3 { // passes that find the same: said once
+		n := runs()
+		hq.g.triggerReconcile()
+		waitUntil(t, 10*time.Second, "another reconcile pass", func() bool { return runs() > n })
+	}
+	if n := strings.Count(logs.String(), "routes left out"); n != 1 {
+		t.Fatalf("said %d times that the route is left out, want once", n)
+	}
+	hq.dev.SetHostRoutes()
+	hq.g.triggerReconcile()
+	waitUntil(t, 10*time.Second, "the route back once the host's is gone", func() bool { return routed() && allowed() })
 }

@@ -3,6 +3,7 @@ package mesh
 import (
 	"context"
 	"errors"
+	"maps"
 	"net"
 	"net/netip"
 	"slices"
@@ -22,6 +23,8 @@ type RecordingDevice struct {
 	routes  []netip.Prefix
 	applies int
 	removed int // peers removed (by name or by replacing them all)
+	// hostRoutes stands for the host's own routes (SetHostRoutes).
+	hostRoutes map[netip.Prefix]bool
 }
 
 // NewRecordingDevice makes an empty recording device.
@@ -130,6 +133,23 @@ func (d *RecordingDevice) SetRoutes(add, del []netip.Prefix) error {
 	d.routes = slices.DeleteFunc(d.routes, func(p netip.Prefix) bool { return slices.Contains(del, p) })
 	d.routes = append(d.routes, add...)
 	return nil
+}
+
+// HostRoutes is what SetHostRoutes said the host routes otherwise.
+func (d *RecordingDevice) HostRoutes() (map[netip.Prefix]bool, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return maps.Clone(d.hostRoutes), nil
+}
+
+// SetHostRoutes has the recorder report host routes, as a host's LANs.
+func (d *RecordingDevice) SetHostRoutes(ps ...netip.Prefix) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.hostRoutes = map[netip.Prefix]bool{}
+	for _, p := range ps {
+		d.hostRoutes[p] = true
+	}
 }
 
 var errNoOverlay = errors.New("a recording device carries no traffic")
