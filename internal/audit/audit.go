@@ -68,22 +68,69 @@ func (l *Log) Path() string { return l.path }
 // Append signs and appends a record. Appends from several processes are
 // serialized by a file lock; the record is fsynced before Append returns.
 func (l *Log) Append(id *certs.NodeIdentity, event string, fields map[string]any, now time.Time) (*Record, error) {
+	for {
+		r, again, err := l.append(id, event, fields, now)
+		if !again {
+			return r, err
+		}
+	}
+}
+
+// append is Append; again says that the log was another gateway's and is
+// now put aside, so the record goes to a new one.
+func (l *Log) append(id *certs.NodeIdentity, event string, fields map[string]any, now time.Time) (_ *Record, again bool, _ error) {
 	f, err := os.OpenFile(l.path, os.O_RDWR|os.O_CREATE|os.O_APPEND, 0o600)
 	if err != nil {
-		return nil, fmt.Errorf("open audit log: %w", err)
+		return nil, false, fmt.Errorf("open audit log: %w", err)
 	}
 	defer f.Close()
 	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX); err != nil {
-		return nil, fmt.Errorf("lock audit log: %w", err)
+		return nil, false, fmt.Errorf("lock audit log: %w", err)
 	}
 	defer syscall.Flock(int(f.Fd()), syscall.LOCK_UN)
 	last, seq, err := lastLine(f)
 	if err != nil {
-		return nil, err
+		return nil, false, err
 	}
 	if err := l.checkHead(last, seq); err != nil {
-		return nil, err
+		return nil, false, err
 	}
+	// A log is one gateway's (Verify holds it to that). A state
+	// directory that goes on under another name — a burst server
+	// enrolled into a later burst, a gateway renamed — puts the old
+	// log aside, whole and verifiable, and starts a new one.
+	var prev Record
+	if last != nil {
+		if err := json.Unmarshal(last, &prev); err != nil {
+			return nil, false, err
+		}
+		if node := id.Attributes().Node; prev.Node != node {
+			return nil, true, l.putAside(prev.Node, seq)
+		}
+	}
+	r, err := l.appendTo(f, id, event, fields, now, last, &prev, seq)
+	return r, false, err
+}
+
+// putAside renames the log, and its head, to names that say whose they
+// are and how long: PATH.NODE.SEQ.
+func (l *Log) putAside(node string, seq uint64) error {
+	if !certs.ValidName(node) {
+		node = "unknown"
+	}
+	aside := fmt.Sprintf("%s.%s.%d", l.path, node, seq)
+	if err := os.Rename(l.path, aside); err != nil {
+		return fmt.Errorf("put aside the audit log of %s: %w", node, err)
+	}
+	if err := os.Rename(l.path+headSuffix, aside+headSuffix); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("put aside the audit log head of %s: %w", node, err)
+	}
+	return atomicfile.SyncDir(filepath.Dir(l.path))
+}
+
+// appendTo writes the record after last (numbered seq, prev decoded).
+func (l *Log) appendTo(f *os.File, id *certs.NodeIdentity, event string, fields map[string]any, now time.Time, last []byte, prev *Record, seq uint64) (*Record, error) {
+	var err error
 	// The fields as Verify will read them back (numbers as floats, bytes
 	// that are not UTF-8 as U+FFFD): signed as anything else, the record
 	// would not verify.
@@ -96,8 +143,7 @@ func (l *Log) Append(id *certs.NodeIdentity, event string, fields map[string]any
 		r.Prev = hex.EncodeToString(sum[:])
 		// Records are in time order, whatever the clock did (a step
 		// back): Verify holds a revoked key's records to it.
-		var prev Record
-		if json.Unmarshal(last, &prev) == nil && prev.Time.After(r.Time) {
+		if prev.Time.After(r.Time) {
 			r.Time = prev.Time
 		}
 	}

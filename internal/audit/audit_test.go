@@ -79,22 +79,47 @@ func TestAppendVerify(t *testing.T) {
 	}
 }
 
-// TestVerifyOneGatewaysLog: a log is one gateway's: records signed by
-// another gateway of the mesh, spliced in, break it.
+// TestVerifyOneGatewaysLog: a log is one gateway's: a record signed by
+// another gateway of the mesh, spliced in, breaks it. A state directory
+// that goes on under another name puts its log aside, whole, and starts
+// a new one.
 func TestVerifyOneGatewaysLog(t *testing.T) {
 	ca, tb := testCA(t)
 	gw1, gw2 := issue(t, ca, "gw1", "100.96.0.1", t0), issue(t, ca, "gw2", "100.96.0.2", t0)
 	path := filepath.Join(t.TempDir(), "audit.log")
 	l := Open(path)
 	l.Append(gw1, "migration", map[string]any{"n": 1}, t0)
-	// Its head moved aside, the log is continued with another's key.
-	os.Rename(path+headSuffix, path+".saved")
-	if _, err := l.Append(gw2, "migration", map[string]any{"n": 2}, t0.Add(time.Minute)); err != nil {
-		t.Fatal(err)
+	l.Append(gw1, "migration", map[string]any{"n": 2}, t0)
+	gw1Log, _ := os.ReadFile(path)
+
+	// gw2's record, chained by hand after gw1's.
+	last := bytes.TrimSpace(gw1Log[bytes.LastIndexByte(gw1Log[:len(gw1Log)-1], '\n')+1:])
+	sum := sha256.Sum256(last)
+	spliced := &Record{Seq: 3, Time: t0, Node: "gw2", Event: "image", Cert: gw2.Certificate().Raw, Prev: hex.EncodeToString(sum[:])}
+	d, _ := spliced.digest()
+	spliced.Sig, _ = gw2.Signer().Sign(rand.Reader, d, crypto.SHA256)
+	line, _ := json.Marshal(spliced)
+	if rep, err := Verify(bytes.NewReader(append(bytes.Clone(gw1Log), append(line, '\n')...)), tb); err == nil || !strings.Contains(err.Error(), "line 3: signed by gw2, in the log of gw1") {
+		t.Fatalf("a record of gw2 in gw1's log: %+v, %v", rep, err)
+	}
+
+	// The directory goes on as gw2: gw1's log is put aside.
+	if r, err := l.Append(gw2, "migration", map[string]any{"n": 1}, t0.Add(time.Minute)); err != nil || r.Seq != 1 {
+		t.Fatalf("gw2's first record: %+v, %v; want record 1 of a new log", r, err)
+	}
+	aside, _ := os.ReadFile(path + ".gw1.2")
+	if !bytes.Equal(aside, gw1Log) {
+		t.Fatal("gw1's log is not put aside whole")
+	}
+	if err := Open(path + ".gw1.2").CheckHead(); err != nil {
+		t.Fatalf("gw1's log put aside, with its head: %v", err)
 	}
 	b, _ := os.ReadFile(path)
-	if rep, err := Verify(bytes.NewReader(b), tb); err == nil || !strings.Contains(err.Error(), "line 2: signed by gw2, in the log of gw1") {
-		t.Fatalf("a record of gw2 in gw1's log: %+v, %v", rep, err)
+	if rep, err := Verify(bytes.NewReader(b), tb); err != nil || rep.Node != "gw2" || rep.Records != 1 {
+		t.Fatalf("the new log: %+v, %v", rep, err)
+	}
+	if err := l.CheckHead(); err != nil {
+		t.Fatalf("the new log's head: %v", err)
 	}
 }
 
