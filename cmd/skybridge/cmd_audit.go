@@ -56,10 +56,12 @@ func auditCommand() *cli.Command {
 					return usageError("--log %s is a directory: give the audit log itself (STATE_DIR/audit.log)", c.String("log"))
 				}
 				rep, verr := audit.Verify(f, tb)
-				if verr == nil && rep.Records == 0 {
-					// A gateway creates its log with its first record:
-					// an empty one was emptied, and "intact" would say
-					// nothing was lost.
+				if _, herr := os.Stat(c.String("log") + ".head"); verr == nil && rep.Records == 0 && herr == nil {
+					// A gateway creates its log with its first record, and
+					// the head beside it with that record: an empty log
+					// with a head was emptied, and "intact" would say
+					// nothing was lost. (Without one, an earlier release
+					// may have made it before any record.)
 					verr = errors.New("it holds no record: a gateway's audit log starts with its first record, so this one was emptied or is not an audit log")
 				}
 				if node := c.String("node"); verr == nil && node != "" && rep.Node != node {
@@ -79,6 +81,8 @@ func auditCommand() *cli.Command {
 					if err := printJSON(c.App.Writer, out); err != nil {
 						return err
 					}
+				} else if verr == nil && rep.Records == 0 {
+					fmt.Fprintf(c.App.Writer, "%s: no record, and no head beside it: nothing recorded yet\n", c.String("log"))
 				} else if verr == nil {
 					fmt.Fprintf(c.App.Writer, "%s: %d records of %s, signatures and chain intact", c.String("log"), rep.Records, printable(rep.Node))
 					if rep.Records > 0 {

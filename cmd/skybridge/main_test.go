@@ -552,8 +552,14 @@ func TestAuditVerifyEmpty(t *testing.T) {
 	mustRun(t, "ca", "init", "--dir", ca)
 	log := filepath.Join(dir, "audit.log")
 	os.WriteFile(log, nil, 0o600)
+	// Made empty by an earlier release before its first record: no head.
+	if out, _, code := runCLI(t, "audit", "verify", "--log", log, "--ca-cert", filepath.Join(ca, "ca.crt")); code != 0 || !strings.Contains(out, "nothing recorded yet") {
+		t.Fatalf("an empty audit log without a head: exit %d, %q", code, out)
+	}
+	// Emptied: its head says a record was written.
+	os.WriteFile(log+".head", []byte(`{"seq":1,"sha256":"00"}`), 0o600)
 	if out, _, code := runCLI(t, "audit", "verify", "--log", log, "--ca-cert", filepath.Join(ca, "ca.crt")); code != 1 || !strings.Contains(out, "holds no record") {
-		t.Fatalf("an empty audit log: exit %d, %q", code, out)
+		t.Fatalf("an emptied audit log: exit %d, %q", code, out)
 	}
 	if out, errs, code := runCLI(t, "audit", "verify", "--log", dir, "--ca-cert", filepath.Join(ca, "ca.crt")); code != 2 || strings.Contains(out, "INVALID") || !strings.Contains(errs, "is a directory") {
 		t.Fatalf("a directory for --log: exit %d, %q %q", code, out, errs)
