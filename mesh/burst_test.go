@@ -654,10 +654,7 @@ func TestEnrollmentEndpointTellsStrangersNothing(t *testing.T) {
 // again once a third of its life is left, never past the CA's end.
 func TestEnrollerCertRenewed(t *testing.T) {
 	dir := t.TempDir()
-	ca, err := certs.InitCA(filepath.Join(dir, "ca"), certs.InitOptions{MeshPrefix: netip.MustParsePrefix("100.64.0.0/10"), Validity: 30 * time.Hour})
-	if err != nil {
-		t.Fatal(err)
-	}
+	ca := meshCAFor(t, dir, 30*time.Hour)
 	ec := &enrollerCert{ca: ca, log: slog.New(slog.DiscardHandler)}
 	ip, now := netip.MustParseAddr("100.64.0.1"), time.Now()
 	first, err := ec.get("hq-1", ip, now)
@@ -696,10 +693,7 @@ func TestEnrollerCertRenewed(t *testing.T) {
 // are out.
 func TestBurstOutlivingCARefused(t *testing.T) {
 	dir := t.TempDir()
-	ca, err := certs.InitCA(filepath.Join(dir, "ca"), certs.InitOptions{MeshPrefix: netip.MustParsePrefix("100.64.0.0/10"), Validity: 3 * time.Hour})
-	if err != nil {
-		t.Fatal(err)
-	}
+	ca := meshCAFor(t, dir, 3*time.Hour)
 	hq := startLiveGatewayWith(t, ca, dir, 0, "zrh-dc", nil, &syncbuf.Buffer{}, func(s *Settings) {
 		s.Identity.CADir = ca.Dir()
 		s.EnrollListen = netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(loopbackPort(t)))

@@ -155,14 +155,8 @@ func wgKeySlice(k certs.WGPublicKey) []byte { return k[:] }
 // net.ErrClosed, as the kernel's does, so that a server retrying accept
 // errors stops instead of retrying a closed listener for ever.
 func TestNetstackListenerSaysClosed(t *testing.T) {
-	k, _ := certs.GenerateWGKey()
 	overlay := netip.AddrFrom4([4]byte{100, 96, 0, 9})
-	d, err := OpenDevice(DeviceOptions{Name: "nsclosed", Mode: ModeNetstack, Port: freeUDPPort(t), MTU: 1420,
-		PrivateKey: k, Overlay: overlay, MeshPrefix: mesh16, Log: slog.New(slog.DiscardHandler)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer d.Close()
+	d := testNetstack(t, "nsclosed", overlay)
 	ln, err := d.Listen(netip.AddrPortFrom(overlay, 9000))
 	if err != nil {
 		t.Fatal(err)
@@ -190,14 +184,8 @@ func TestNetstackListenerSaysClosed(t *testing.T) {
 // nothing listens on is refused, and a refusal is an answer (the peer is
 // there), as through the kernel; gVisor says it in words of its own.
 func TestNetstackRefusedIsAnAnswer(t *testing.T) {
-	k, _ := certs.GenerateWGKey()
 	overlay := netip.AddrFrom4([4]byte{100, 96, 0, 9})
-	d, err := OpenDevice(DeviceOptions{Name: "nsrefused", Mode: ModeNetstack, Port: freeUDPPort(t), MTU: 1420,
-		PrivateKey: k, Overlay: overlay, MeshPrefix: mesh16, Log: slog.New(slog.DiscardHandler)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer d.Close()
+	d := testNetstack(t, "nsrefused", overlay)
 	if _, err := d.Dial(context.Background(), netip.AddrPortFrom(overlay, 9001).String()); !errors.Is(err, syscall.ECONNREFUSED) {
 		t.Fatalf("a dial to a port nothing listens on: %v; want ECONNREFUSED", err)
 	}
@@ -205,4 +193,17 @@ func TestNetstackRefusedIsAnAnswer(t *testing.T) {
 	if !g.probe(context.Background(), overlay) {
 		t.Fatal("a refused probe judged as no answer")
 	}
+}
+
+// testNetstack opens a netstack device at overlay, closed with the test.
+func testNetstack(t *testing.T, name string, overlay netip.Addr) Device {
+	t.Helper()
+	k, _ := certs.GenerateWGKey()
+	d, err := OpenDevice(DeviceOptions{Name: name, Mode: ModeNetstack, Port: freeUDPPort(t), MTU: 1420,
+		PrivateKey: k, Overlay: overlay, MeshPrefix: mesh16, Log: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { d.Close() })
+	return d
 }

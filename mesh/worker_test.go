@@ -422,7 +422,13 @@ func listenUDP(t *testing.T) *net.UDPConn {
 // use.
 func meshCA(t testing.TB, dir string) *certs.CA {
 	t.Helper()
-	ca, err := certs.InitCA(filepath.Join(dir, "ca"), certs.InitOptions{MeshPrefix: netip.MustParsePrefix("100.64.0.0/10")})
+	return meshCAFor(t, dir, 0)
+}
+
+// meshCAFor is meshCA whose certificate lasts validity (0: the default).
+func meshCAFor(t testing.TB, dir string, validity time.Duration) *certs.CA {
+	t.Helper()
+	ca, err := certs.InitCA(filepath.Join(dir, "ca"), certs.InitOptions{MeshPrefix: netip.MustParsePrefix("100.64.0.0/10"), Validity: validity})
 	if err != nil {
 		t.Fatal(err)
 	}
