@@ -14,6 +14,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"log/slog"
 	"net"
@@ -243,11 +244,7 @@ func TestBurstBook(t *testing.T) {
 func TestBurstEnrollmentAskedAgain(t *testing.T) {
 	dir := t.TempDir()
 	ca := meshCA(t, dir)
-	hq := startLiveGatewayWith(t, ca, dir, 0, "zrh-dc", nil, &syncbuf.Buffer{}, func(s *Settings) {
-		s.Identity.CADir = ca.Dir()
-		s.EnrollListen = netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(loopbackPort(t)))
-		s.EnrollAdvertise = s.EnrollListen
-	})
+	hq := startEnroller(t, ca, dir, &syncbuf.Buffer{})
 	grant, err := hq.g.BurstUp(context.Background(), BurstRequest{BurstSite: amsSite, TTL: time.Hour})
 	if err != nil {
 		t.Fatal(err)
@@ -344,11 +341,7 @@ func TestBurstLifecycle(t *testing.T) {
 			t.Logf("logs:\n%s", logs.String())
 		}
 	}()
-	hq := startLiveGatewayWith(t, ca, dir, 0, "zrh-dc", nil, logs, func(s *Settings) {
-		s.Identity.CADir = ca.Dir()
-		s.EnrollListen = netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(loopbackPort(t)))
-		s.EnrollAdvertise = s.EnrollListen
-	})
+	hq := startEnroller(t, ca, dir, logs)
 	seed := []string{hq.g.s.GossipAdvertise.String()}
 	fra := startLiveGatewayWith(t, ca, dir, 1, "aws-fra", seed, logs, nil)
 	waitUntil(t, 20*time.Second, "the two static gateways peer", func() bool { return len(hq.dev.Peers()) == 1 && len(fra.dev.Peers()) == 1 })
@@ -612,11 +605,7 @@ func TestBurstStrays(t *testing.T) {
 func TestEnrollmentEndpointTellsStrangersNothing(t *testing.T) {
 	dir := t.TempDir()
 	ca := meshCA(t, dir)
-	hq := startLiveGatewayWith(t, ca, dir, 0, "zrh-dc", nil, &syncbuf.Buffer{}, func(s *Settings) {
-		s.Identity.CADir = ca.Dir()
-		s.EnrollListen = netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(loopbackPort(t)))
-		s.EnrollAdvertise = s.EnrollListen
-	})
+	hq := startEnroller(t, ca, dir, &syncbuf.Buffer{})
 	own := hq.g.id.Load().Attributes()
 	if own.Jurisdiction == "" || own.Site == "" {
 		t.Fatalf("the gateway's own certificate has nothing to hide: %+v", own)
@@ -694,11 +683,7 @@ func TestEnrollerCertRenewed(t *testing.T) {
 func TestBurstOutlivingCARefused(t *testing.T) {
 	dir := t.TempDir()
 	ca := meshCAFor(t, dir, 3*time.Hour)
-	hq := startLiveGatewayWith(t, ca, dir, 0, "zrh-dc", nil, &syncbuf.Buffer{}, func(s *Settings) {
-		s.Identity.CADir = ca.Dir()
-		s.EnrollListen = netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(loopbackPort(t)))
-		s.EnrollAdvertise = s.EnrollListen
-	})
+	hq := startEnroller(t, ca, dir, &syncbuf.Buffer{})
 	if _, err := hq.g.BurstUp(context.Background(), BurstRequest{BurstSite: amsSite, TTL: 6 * time.Hour}); err == nil || !strings.Contains(err.Error(), "past the end of the mesh CA") {
 		t.Fatalf("a burst of 6 h under a CA with 3 h left: %v, want it refused", err)
 	}
@@ -852,11 +837,7 @@ func startEnrollingGateway(t *testing.T) (*liveGateway, *syncbuf.Buffer) {
 	dir := t.TempDir()
 	logs := &syncbuf.Buffer{}
 	ca := meshCA(t, dir)
-	hq := startLiveGatewayWith(t, ca, dir, 0, "zrh-dc", nil, logs, func(s *Settings) {
-		s.Identity.CADir = ca.Dir()
-		s.EnrollListen = netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(loopbackPort(t)))
-		s.EnrollAdvertise = s.EnrollListen
-	})
+	hq := startEnroller(t, ca, dir, logs)
 	waitUntil(t, 10*time.Second, "the enrollment endpoint", func() bool { return strings.Contains(logs.String(), "enrolling burst gateways") })
 	return hq, logs
 }
@@ -1112,4 +1093,15 @@ func TestVaultJoinTakenUpAgain(t *testing.T) {
 	if saved, err := loadEnrollment(dir); err != nil || saved == nil || saved.TokenID != tok.ID {
 		t.Fatalf("the enrollment recorded: %+v %v", saved, err)
 	}
+}
+
+// startEnroller runs a gateway of site zrh-dc that holds the CA and
+// enrols burst gateways on a loopback port.
+func startEnroller(t *testing.T, ca *certs.CA, dir string, logs io.Writer) *liveGateway {
+	t.Helper()
+	return startLiveGatewayWith(t, ca, dir, 0, "zrh-dc", nil, logs, func(s *Settings) {
+		s.Identity.CADir = ca.Dir()
+		s.EnrollListen = netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(loopbackPort(t)))
+		s.EnrollAdvertise = s.EnrollListen
+	})
 }
