@@ -462,33 +462,33 @@ func (g *Gateway) BurstUp(ctx context.Context, req BurstRequest) (_ *BurstGrant,
 	if err := g.checkBurstSite(attrs, req.Gateways); err != nil {
 		return nil, err
 	}
+	now := g.now()
+	expires := now.Add(req.TTL)
 	if e.vault == nil {
 		// The CA refuses routes any other site's gateway holds, offline
 		// ones too, which the mesh does not see: refused here, not at
 		// every enrollment once the tokens are out.
 		a := attrs
 		a.Node = "" // attrs names a placeholder node, which must not pass for one of ours
-		if err := e.ca.RoutesFree(a, g.now()); err != nil {
+		if err := e.ca.RoutesFree(a, now); err != nil {
 			return nil, fmt.Errorf("burst site %s: %w", attrs.Site, err)
 		}
 		issued, err := e.ca.Issued()
 		if err != nil {
 			return nil, err
 		}
-		if err := burstNamesFree(issued, attrs.Site, req.Gateways, g.now()); err != nil {
+		if err := burstNamesFree(issued, attrs.Site, req.Gateways, now); err != nil {
 			return nil, fmt.Errorf("burst site %s: %w", attrs.Site, err)
 		}
 		// Its gateways' certificates end with it, and none outlives the CA.
-		if end := e.ca.Certificate().NotAfter; g.now().Add(req.TTL).After(end) {
+		if end := e.ca.Certificate().NotAfter; expires.After(end) {
 			return nil, fmt.Errorf("burst site %s would run until %s, past the end of the mesh CA (%s): choose a shorter --ttl", attrs.Site,
-				g.now().Add(req.TTL).UTC().Format(time.RFC3339), end.UTC().Format(time.RFC3339))
+				expires.UTC().Format(time.RFC3339), end.UTC().Format(time.RFC3339))
 		}
 	}
 	if req.TokenTTL == 0 {
 		req.TokenTTL = DefaultTokenTTL
 	}
-	now := g.now()
-	expires := now.Add(req.TTL)
 	tokExp := now.Add(req.TokenTTL)
 	if expires.Before(tokExp) {
 		tokExp = expires
