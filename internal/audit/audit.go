@@ -105,7 +105,10 @@ func (l *Log) append(id *certs.NodeIdentity, event string, fields map[string]any
 			return nil, false, err
 		}
 		if node := id.Attributes().Node; prev.Node != node {
-			return nil, true, l.putAside(prev.Node, seq)
+			if err := l.putAside(prev.Node, seq); err != nil {
+				return nil, false, err
+			}
+			return nil, true, nil
 		}
 	}
 	r, err := l.appendTo(f, id, event, fields, now, last, &prev, seq)

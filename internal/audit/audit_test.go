@@ -362,3 +362,29 @@ func TestHead(t *testing.T) {
 		t.Fatalf("the head moved aside: %v, then %v", err, l.CheckHead())
 	}
 }
+
+// TestPutAsideFails: a log that cannot be put aside is an error, said
+// once, not tried for ever.
+func TestPutAsideFails(t *testing.T) {
+	ca, _ := testCA(t)
+	gw1, gw2 := issue(t, ca, "gw1", "100.96.0.1", t0), issue(t, ca, "gw2", "100.96.0.2", t0)
+	path := filepath.Join(t.TempDir(), "audit.log")
+	l := Open(path)
+	l.Append(gw1, "migration", nil, t0)
+	if err := os.Mkdir(path+".gw1.1", 0o700); err != nil { // in the way of the rename
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() {
+		_, err := l.Append(gw2, "migration", nil, t0)
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		if err == nil || !strings.Contains(err.Error(), "put aside the audit log of gw1") {
+			t.Fatalf("a log that cannot be put aside: %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Append kept trying to put the log aside")
+	}
+}
