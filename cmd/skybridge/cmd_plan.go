@@ -61,6 +61,15 @@ func planCommand() *cli.Command {
 					vms[i].Image = filepath.Join(base, vms[i].Image)
 				}
 			}
+			if out := c.String("out"); out != "" {
+				isPlan := func(b []byte) bool {
+					var p migrate.Plan
+					return json.Unmarshal(b, &p) == nil && p.From != ""
+				}
+				if err := replaceableOutput(out, isPlan, "a plan", inv); err != nil {
+					return err
+				}
+			}
 			p, err := cl.Plan(c.Context, mesh.PlanRequest{VMs: vms, To: c.StringSlice("to")})
 			if err != nil {
 				return err

@@ -435,6 +435,11 @@ func policySign(c *cli.Context) error {
 	if out == "" {
 		out = file + ".sig"
 	}
+	// Only a signature is replaced: an --out naming the policy itself, or
+	// any other file (a key), would be lost to it.
+	if err := replaceableOutput(out, func(b []byte) bool { _, err := policy.ParseSignature(b); return err == nil }, "a policy signature", file); err != nil {
+		return err
+	}
 	if err := atomicfile.WriteFile(out, sig.Marshal(), 0o644); err != nil {
 		return err
 	}
@@ -503,6 +508,31 @@ func policyVerify(c *cli.Context) error {
 	}
 	if verr != nil {
 		return cli.Exit("", exitDeny)
+	}
+	return nil
+}
+
+// replaceableOutput refuses an output file that exists and is not what
+// the command writes (is says whether its bytes are), or that is one of
+// the command's inputs: overwritten, it would be lost.
+func replaceableOutput(out string, is func([]byte) bool, what string, inputs ...string) error {
+	st, err := os.Stat(out)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	for _, in := range inputs {
+		if ist, err := os.Stat(in); err == nil && os.SameFile(st, ist) {
+			return usageError("--out %s is the input %s: it would be overwritten; name another file", out, in)
+		}
+	}
+	if !st.Mode().IsRegular() {
+		return usageError("--out %s is not a regular file", out)
+	}
+	if b, err := os.ReadFile(out); err != nil || !is(b) {
+		return usageError("--out %s exists and is not %s: it would be overwritten; name another file, or remove it first", out, what)
 	}
 	return nil
 }

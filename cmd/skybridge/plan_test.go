@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -198,5 +199,24 @@ func TestGraphFormatFromOut(t *testing.T) {
 		if b, _ := os.ReadFile(tc.args[1]); string(b) != tc.want {
 			t.Errorf("%v: wrote %q, want %q", tc.args, b, tc.want)
 		}
+	}
+}
+
+// TestPlanOutNotOverInventory: the plan is not written over its inventory
+// or any file that is not a plan, before the gateway is even asked.
+func TestPlanOutNotOverInventory(t *testing.T) {
+	dir := t.TempDir()
+	inv := filepath.Join(dir, "vms.csv")
+	src := []byte("name,image,class,cpu,memory_gib\nvm1,/img/vm1.raw,pii-eu,2,4\n")
+	os.WriteFile(inv, src, 0o644)
+	notes := filepath.Join(dir, "notes.txt")
+	os.WriteFile(notes, []byte("mine"), 0o644)
+	for _, out := range []string{inv, notes} {
+		if _, errs, code := runCLI(t, "plan", "--inventory", inv, "--out", out, "--socket", filepath.Join(dir, "nope.sock")); code != 2 || !strings.Contains(errs, "it would be overwritten") {
+			t.Errorf("--out %s: exit %d %q; want it refused", out, code, errs)
+		}
+	}
+	if b, _ := os.ReadFile(inv); !bytes.Equal(b, src) {
+		t.Fatal("the inventory was overwritten")
 	}
 }

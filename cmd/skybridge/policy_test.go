@@ -166,6 +166,20 @@ func TestPolicySignVerify(t *testing.T) {
 	if out, code := verify(); code != 0 || !strings.Contains(out, "valid: acme-bank-residency v1") {
 		t.Fatalf("CA-signed: exit %d %s", code, out)
 	}
+	// Signed again over its signature; never over the policy or a key.
+	mustRun(t, "policy", "sign", "--policy", pol, "--ca", ca)
+	key, _ := os.ReadFile(filepath.Join(ca, "ca.key"))
+	for _, out := range []string{pol, filepath.Join(ca, "ca.key")} {
+		if _, errs, code := runCLI(t, "policy", "sign", "--policy", pol, "--ca", ca, "--out", out); code != 2 || !strings.Contains(errs, "it would be overwritten") {
+			t.Errorf("--out %s: exit %d %q; want it refused", out, code, errs)
+		}
+	}
+	if now, _ := os.ReadFile(pol); !bytes.Equal(now, src) {
+		t.Fatal("the policy was overwritten")
+	}
+	if now, _ := os.ReadFile(filepath.Join(ca, "ca.key")); !bytes.Equal(now, key) {
+		t.Fatal("the CA key was overwritten")
+	}
 	os.WriteFile(pol, []byte(strings.Replace(string(src), `jurisdiction = ["CH"]`, `jurisdiction = ["CH", "US"]`, 1)), 0o644)
 	if out, code := verify(); code != 1 || !strings.Contains(out, "changed after signing") {
 		t.Fatalf("tampered: exit %d %s", code, out)
