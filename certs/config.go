@@ -190,6 +190,9 @@ const DefaultRefresh = time.Minute
 // that reads it).
 const maxRefresh = time.Hour
 
+// minTTL is the shortest certificate life a configuration may ask for.
+const minTTL = 10 * time.Second
+
 func (c *Config) validate() (*settings, error) {
 	s := &settings{backend: c.Backend, dir: c.Dir, caDir: c.CADir, vault: c.Vault, ttl: DefaultNodeTTL, rideOut: c.RideOutOutage, refresh: DefaultRefresh}
 	if s.backend == "" {
@@ -217,8 +220,13 @@ func (c *Config) validate() (*settings, error) {
 	}
 	if c.MeshCIDR != "" {
 		p, err := netip.ParsePrefix(c.MeshCIDR)
-		if err != nil || p != p.Masked() {
+		switch {
+		case err != nil || p != p.Masked():
 			errs = append(errs, hclconf.Errorf(c.Body, "mesh_cidr", "%q is not a CIDR prefix such as 100.96.0.0/16", c.MeshCIDR))
+		default:
+			if err := CheckMeshPrefix(p); err != nil {
+				errs = append(errs, hclconf.Errorf(c.Body, "mesh_cidr", "%v", err))
+			}
 		}
 		s.meshPrefix = p
 	}
@@ -231,13 +239,16 @@ func (c *Config) validate() (*settings, error) {
 			errs = append(errs, hclconf.Errorf(c.Body, "ttl", `"role" (the PKI role decides) is for the vault back end only; give a duration such as 24h`))
 		case err != nil || d <= 0:
 			errs = append(errs, hclconf.Errorf(c.Body, "ttl", "%q is not a positive duration such as 24h", c.TTL))
+		case d < minTTL:
+			// A certificate must outlive its own renewal by far.
+			errs = append(errs, hclconf.Errorf(c.Body, "ttl", "%s is too short a certificate life: at least %s (hours or days in production)", d, minTTL))
 		}
 		s.ttl = d
 	}
 	if c.Refresh != "" {
 		d, err := time.ParseDuration(c.Refresh)
-		if err != nil || d <= 0 || d > maxRefresh {
-			errs = append(errs, hclconf.Errorf(c.Body, "refresh", "%q is not a duration between 0 and %s such as 1m", c.Refresh, maxRefresh))
+		if err != nil || d < time.Second || d > maxRefresh {
+			errs = append(errs, hclconf.Errorf(c.Body, "refresh", "%q is not a duration between 1s and %s such as 1m", c.Refresh, maxRefresh))
 		}
 		s.refresh = d
 	}
@@ -304,4 +315,40 @@ func (c *Config) String() string {
 		return fmt.Sprintf("vault %s (pki %s/%s, kv %s/%s)", c.Vault.Address, c.Vault.PKIMount, c.Vault.PKIRole, c.Vault.KVMount, c.Vault.KVPrefix)
 	}
 	return "file " + c.Dir
+}
+
+// meshSpace is where a mesh's overlay range may lie: private and shared
+// (CGNAT) IPv4 space, and IPv6 unique local addresses. Overlay addresses
+// are reached through the mesh alone, and no site network (route) may
+// overlap them: public space, loopback, link-local or multicast would
+// shadow addresses that mean something else.
+var meshSpace = []netip.Prefix{
+	netip.MustParsePrefix("100.64.0.0/10"),
+	netip.MustParsePrefix("10.0.0.0/8"),
+	netip.MustParsePrefix("172.16.0.0/12"),
+	netip.MustParsePrefix("192.168.0.0/16"),
+	netip.MustParsePrefix("fc00::/7"),
+}
+
+// minMeshHosts is the fewest gateway addresses a mesh range must hold:
+// the sites' gateways, and burst sites' (mesh.MaxBurstGateways each),
+// each with an address of the range (neither its first nor its last).
+const minMeshHosts = 254
+
+// CheckMeshPrefix refuses an overlay range outside private and shared
+// address space, or too small for a mesh: it becomes the netmask of
+// every gateway's overlay address, and so a route on every host.
+func CheckMeshPrefix(p netip.Prefix) error {
+	inside := false
+	for _, s := range meshSpace {
+		inside = inside || s.Bits() <= p.Bits() && s.Contains(p.Addr())
+	}
+	if !inside {
+		return fmt.Errorf("%s is not private or shared address space: give a range inside 100.64.0.0/10 (like the default, %s), 10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16 or fc00::/7 that no site network uses", p, DefaultMeshPrefix)
+	}
+	if hostBits := p.Addr().BitLen() - p.Bits(); hostBits < 63 && 1<<hostBits-2 < minMeshHosts {
+		widest := p.Addr().BitLen() - 8 // 256 addresses, 254 of them usable
+		return fmt.Errorf("%s holds %d gateway addresses: give a range of /%d or wider, room for the sites' gateways and for burst sites'", p, max(1<<hostBits-2, 0), widest)
+	}
+	return nil
 }

@@ -250,9 +250,18 @@ func (p *Provider) KeepRenewed(ctx context.Context, id *NodeIdentity, renewNow <
 		return errors.New("identity back end cannot renew certificates (no issuer): configure Vault or ca_dir")
 	}
 	attrs := *id.Attributes()
+	var renewed time.Time // of the last renewal here
 	for {
 		c := id.Certificate()
-		at := RenewalTime(c.NotBefore, c.NotAfter, rand.Float64())
+		// From when it was obtained, not from its start: issuers
+		// backdate certificates (a minute here, Vault's
+		// not_before_duration), and a short life measured from there is
+		// due the moment it arrives, again and again.
+		from := c.NotBefore
+		if renewed.After(from) {
+			from = renewed
+		}
+		at := RenewalTime(from, c.NotAfter, rand.Float64())
 		t := time.NewTimer(max(at.Sub(p.now()), 0))
 		select {
 		case <-ctx.Done():
@@ -269,7 +278,7 @@ func (p *Provider) KeepRenewed(ctx context.Context, id *NodeIdentity, renewNow <
 		for {
 			fresh, tb, err := p.obtain(ctx, attrs)
 			if err == nil {
-				id = fresh
+				id, renewed = fresh, p.now()
 				onRenew(fresh, tb)
 				// A renewal asked for meanwhile (while this one was
 				// retried) is done.

@@ -117,10 +117,10 @@ func TestProviderIssuesAndRenews(t *testing.T) {
 		t.Fatalf("attributes change did not re-issue: %v", err)
 	}
 
-	// With a 3 s TTL the CA's one-minute backdate puts every certificate
+	// With a 10 s TTL the CA's one-minute backdate puts the certificate
 	// past two thirds of its lifetime at once, so KeepRenewed renews
-	// straight away, and again for the renewed one.
-	p, err = Open(ctx, Config{Dir: dir, CADir: ca.Dir(), TTL: "3s"}, quietLog())
+	// straight away, and the renewed one about 7 s after it came.
+	p, err = Open(ctx, Config{Dir: dir, CADir: ca.Dir(), TTL: "10s"}, quietLog())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -154,6 +154,33 @@ func TestProviderIssuesAndRenews(t *testing.T) {
 	}
 	if issued, _ := ca.Issued(); len(issued) < 4 {
 		t.Fatalf("CA issued %d certificates, want at least 4", len(issued))
+	}
+}
+
+// TestShortLivedNotRenewedInALoop: a certificate whose life is shorter
+// than the issuer's backdate is renewed about two thirds into the time it
+// has from its arrival, not at once again and again.
+func TestShortLivedNotRenewedInALoop(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	ca, err := InitCA(filepath.Join(dir, "ca"), InitOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := Open(ctx, Config{Dir: filepath.Join(dir, "id"), CADir: ca.Dir(), TTL: "10s"}, quietLog())
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, _, err := p.Identity(ctx, Attributes{Node: "gw1", Site: "s", Region: "r", Provider: "aws", Jurisdiction: "DE", OverlayIP: netip.MustParseAddr("100.96.0.1")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var renewals atomic.Int32
+	rctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	p.KeepRenewed(rctx, id, nil, func(*NodeIdentity, *TrustBundle) { renewals.Add(1) })
+	if n := renewals.Load(); n == 0 || n > 2 {
+		t.Fatalf("%d renewals of a 10 s certificate in 2 s; want the one its backdate makes due at once, and not another for some 6 s", n)
 	}
 }
 
@@ -342,5 +369,41 @@ func TestProviderKeepsCertificateIssuerDown(t *testing.T) {
 	p.now = func() time.Time { return id.Certificate().NotAfter.Add(time.Minute) }
 	if _, _, err := p.Identity(ctx, attrs); !errors.Is(err, errVaultAwaited) {
 		t.Fatalf("identity past its end with the issuer down: %v; want the issuer's error", err)
+	}
+}
+
+// TestConfigBounds: an identity configuration whose numbers would loop
+// (a certificate shorter-lived than its renewal, a refresh of every
+// nanosecond) or whose overlay range is no mesh's is refused, saying
+// what would do.
+func TestConfigBounds(t *testing.T) {
+	for _, tc := range []struct {
+		c    Config
+		want string // "" if accepted
+	}{
+		{Config{Dir: "/x", TTL: "24h", Refresh: "1m", MeshCIDR: "100.96.0.0/16"}, ""},
+		{Config{Dir: "/x", TTL: "9s"}, "too short a certificate life: at least 10s"},
+		{Config{Dir: "/x", TTL: "1ns"}, "too short"},
+		{Config{Dir: "/x", Refresh: "1ns"}, "between 1s and 1h0m0s"},
+		{Config{Dir: "/x", MeshCIDR: "0.0.0.0/0"}, "is not private or shared address space"},
+		{Config{Dir: "/x", MeshCIDR: "8.8.0.0/16"}, "is not private or shared address space"},
+		{Config{Dir: "/x", MeshCIDR: "127.0.0.0/8"}, "is not private or shared address space"},
+		{Config{Dir: "/x", MeshCIDR: "100.96.0.0/31"}, "holds 0 gateway addresses"},
+	} {
+		_, err := tc.c.validate()
+		if tc.want == "" && err != nil || tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)) {
+			t.Errorf("%+v: %v, want %q", tc.c, err, tc.want)
+		}
+	}
+	// A range other than the one the CA names certifies nothing.
+	ca, err := InitCA(filepath.Join(t.TempDir(), "ca"), InitOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := LoadTrustBundle(ca.Dir(), netip.MustParsePrefix("10.0.0.0/16")); err == nil || !strings.Contains(err.Error(), "differs from the one the mesh CA") {
+		t.Fatalf("a configured range other than the CA's: %v", err)
+	}
+	if _, err := LoadTrustBundle(ca.Dir(), ca.MeshPrefix()); err != nil {
+		t.Fatalf("the CA's own range given: %v", err)
 	}
 }

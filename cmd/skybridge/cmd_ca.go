@@ -17,7 +17,6 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/skybridge-mesh/skybridge/certs"
-	"github.com/skybridge-mesh/skybridge/mesh"
 )
 
 func caCommand() *cli.Command {
@@ -123,35 +122,9 @@ func caInit(c *cli.Context) error {
 	return nil
 }
 
-// meshSpace is where a mesh's overlay range may lie: private and shared
-// (CGNAT) IPv4 space, and IPv6 unique local addresses. Overlay addresses
-// are reached through the mesh alone, and no site network (route) may
-// overlap them: public space, loopback, link-local or multicast would
-// shadow addresses that mean something else.
-var meshSpace = []netip.Prefix{
-	netip.MustParsePrefix("100.64.0.0/10"),
-	netip.MustParsePrefix("10.0.0.0/8"),
-	netip.MustParsePrefix("172.16.0.0/12"),
-	netip.MustParsePrefix("192.168.0.0/16"),
-	netip.MustParsePrefix("fc00::/7"),
-}
-
-// minMeshHosts is the fewest gateway addresses a mesh range must hold:
-// one burst site alone may run mesh.MaxBurstGateways gateways, each with
-// an address of the range (neither its first nor its last).
-const minMeshHosts = 254
-
 func checkMeshPrefix(p netip.Prefix) error {
-	inside := false
-	for _, s := range meshSpace {
-		inside = inside || s.Bits() <= p.Bits() && s.Contains(p.Addr())
-	}
-	if !inside {
-		return usageError("--mesh-cidr %s is not private or shared address space: give a range inside 100.64.0.0/10 (like the default, %s), 10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16 or fc00::/7 that no site network uses", p, certs.DefaultMeshPrefix)
-	}
-	if hostBits := p.Addr().BitLen() - p.Bits(); hostBits < 63 && 1<<hostBits-2 < minMeshHosts {
-		widest := p.Addr().BitLen() - 8 // 256 addresses, 254 of them usable
-		return usageError("--mesh-cidr %s holds %d gateway addresses: give a range of /%d or wider, room for the sites' gateways and for burst sites' (up to %d each)", p, max(1<<hostBits-2, 0), widest, mesh.MaxBurstGateways)
+	if err := certs.CheckMeshPrefix(p); err != nil {
+		return usageError("--mesh-cidr %v", err)
 	}
 	return nil
 }
