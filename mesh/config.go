@@ -1,6 +1,7 @@
 package mesh
 
 import (
+	"errors"
 	"fmt"
 	"net/netip"
 	"path/filepath"
@@ -220,12 +221,16 @@ func (c *Config) validate() (*Settings, error) {
 			errs = append(errs, hclconf.Errorf(g.Body, "advertise", "%v", err))
 		}
 	}
-	if s.GossipAdvertise.Addr().IsUnspecified() {
-		errs = append(errs, hclconf.Errorf(g.Body, "advertise", "gateways cannot reach %s; set advertise to an address they can", s.GossipAdvertise))
+	if err := reachable(s.GossipAdvertise); err != nil && s.GossipAdvertise.IsValid() {
+		errs = append(errs, hclconf.Errorf(g.Body, "advertise", "gateways cannot reach %s (%v); set advertise to an address and port they can", s.GossipAdvertise, err))
 	}
 	for _, seed := range g.Seeds {
-		if _, err := parseAddrPort(seed, DefaultGossipPort); err != nil {
-			errs = append(errs, hclconf.Errorf(g.Body, "seeds", "%v", err))
+		ap, err := parseAddrPort(seed, DefaultGossipPort)
+		if err == nil {
+			err = reachable(ap)
+		}
+		if err != nil {
+			errs = append(errs, hclconf.Errorf(g.Body, "seeds", "%q: %v", seed, err))
 		}
 	}
 	s.Seeds = g.Seeds
@@ -241,8 +246,8 @@ func (c *Config) validate() (*Settings, error) {
 
 	w := c.WireGuard
 	s.Interface, s.Port, s.Mode, s.MTU, s.BehindNAT = w.Interface, w.Port, w.Mode, w.MTU, w.BehindNAT
-	if len(w.Interface) == 0 || len(w.Interface) > 15 {
-		errs = append(errs, hclconf.Errorf(w.Body, "interface", "%q: an interface name has 1 to 15 characters", w.Interface))
+	if !validInterfaceName(w.Interface) {
+		errs = append(errs, hclconf.Errorf(w.Body, "interface", "%q: an interface name has 1 to 15 characters, none of them '/', ':', '%%' or a space, and is not . or ..", w.Interface))
 	}
 	if s.Port == 0 {
 		s.Port = DefaultWireGuardPort
@@ -265,8 +270,11 @@ func (c *Config) validate() (*Settings, error) {
 	}
 	for _, e := range w.Endpoints {
 		ap, err := parseAddrPort(e, s.Port)
+		if err == nil {
+			err = reachable(ap)
+		}
 		if err != nil {
-			errs = append(errs, hclconf.Errorf(w.Body, "endpoints", "%v", err))
+			errs = append(errs, hclconf.Errorf(w.Body, "endpoints", "%q: %v", e, err))
 			continue
 		}
 		s.Endpoints = append(s.Endpoints, ap)
@@ -296,6 +304,11 @@ func (c *Config) validate() (*Settings, error) {
 	}
 	if p := c.Policy; p != nil {
 		s.PolicyFile, s.PolicySignature = p.File, p.Signature
+		if strings.TrimSpace(p.File) == "" {
+			// An empty path (a template that rendered nothing) would
+			// run with no policy at all, every gateway linked.
+			errs = append(errs, hclconf.Errorf(p.Body, "file", "is empty: name the signed residency policy, or remove the policy block to take the mesh's by gossip"))
+		}
 		if s.PolicySignature == "" {
 			s.PolicySignature = p.File + ".sig"
 		}
@@ -303,6 +316,9 @@ func (c *Config) validate() (*Settings, error) {
 	s.ControlSocket = filepath.Join(c.StateDir, "control.sock")
 	if c.Control != nil {
 		s.ControlSocket = c.Control.Socket
+		if strings.TrimSpace(c.Control.Socket) == "" {
+			errs = append(errs, hclconf.Errorf(c.Control.Body, "socket", "is empty: name the control socket's path, or remove the control block for STATE_DIR/control.sock"))
+		}
 	}
 	op := OperatorConfig{Listen: fmt.Sprintf("127.0.0.1:%d", DefaultOperatorPort)}
 	if c.Operator != nil {
@@ -385,10 +401,30 @@ func (s *Settings) enroll(e *EnrollConfig) error {
 			return hclconf.Errorf(body, "advertise", "%v", err)
 		}
 	}
-	if !s.EnrollAdvertise.Addr().IsValid() || s.EnrollAdvertise.Addr().IsUnspecified() {
-		return hclconf.Errorf(body, "advertise", "join tokens must name an address burst gateways can reach; set advertise")
+	if err := reachable(s.EnrollAdvertise); err != nil {
+		return hclconf.Errorf(body, "advertise", "join tokens must name an address and port burst gateways can reach (%v); set advertise", err)
 	}
 	return nil
+}
+
+// reachable refuses an address others cannot be sent to: the unspecified
+// address, a multicast one, port 0.
+func reachable(ap netip.AddrPort) error {
+	switch a := ap.Addr(); {
+	case !a.IsValid() || a.IsUnspecified():
+		return errors.New("no address to reach")
+	case a.IsMulticast():
+		return errors.New("a multicast address")
+	case ap.Port() == 0:
+		return errors.New("port 0 is no port to reach")
+	}
+	return nil
+}
+
+// validInterfaceName applies the kernel's rules for a network interface
+// name (dev_valid_name), and refuses '%', which it reads as a template.
+func validInterfaceName(n string) bool {
+	return n != "" && len(n) <= 15 && n != "." && n != ".." && !strings.ContainsAny(n, "/:% \t\n\r\v\f")
 }
 
 // parseAddrPort accepts "ip:port", "[ip6]:port" or a bare IP (with

@@ -91,6 +91,14 @@ func TestLoadConfigErrors(t *testing.T) {
 		{"operator on a LAN address", `interface = "sb0"`, "interface = \"sb0\"\n}\noperator {\n  listen = \"192.0.2.1:7480\"", "use 127.0.0.1:PORT, overlay:PORT"},
 		{"operator overlay without port", `interface = "sb0"`, "interface = \"sb0\"\n}\noperator {\n  listen = \"overlay:\"", "the port after overlay: must be 1-65535"},
 		{"bad topology", `interface = "sb0"`, "interface = \"sb0\"\n}\ntopology {\n  mode = \"star\"", ":21:3: mode: \"star\""},
+		{"interface name with a slash", `interface = "sb0"`, `interface = "sb 0/x"`, ":18:3: interface: \"sb 0/x\": an interface name has 1 to 15 characters, none of them '/'"},
+		{"interface name template", `interface = "sb0"`, `interface = "sb%d"`, "interface: \"sb%d\""},
+		{"bind on port 0", `bind  = "192.0.2.1:7946"`, `bind  = "192.0.2.1:0"`, "advertise: gateways cannot reach 192.0.2.1:0 (port 0 is no port to reach)"},
+		{"seed on port 0", `"198.51.100.1"`, `"198.51.100.1:0"`, "seeds: \"198.51.100.1:0\": port 0"},
+		{"multicast endpoint", `interface = "sb0"`, "interface = \"sb0\"\n  endpoints = [\"224.0.0.1:51820\"]", "endpoints: \"224.0.0.1:51820\": a multicast address"},
+		{"unspecified endpoint", `interface = "sb0"`, "interface = \"sb0\"\n  endpoints = [\"0.0.0.0\"]", "endpoints: \"0.0.0.0\": no address to reach"},
+		{"empty policy file", `interface = "sb0"`, "interface = \"sb0\"\n}\npolicy {\n  file = \"\"", "file: is empty: name the signed residency policy"},
+		{"empty control socket", `interface = "sb0"`, "interface = \"sb0\"\n}\ncontrol {\n  socket = \" \"", "socket: is empty"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := LoadConfig(writeConfig(t, strings.Replace(goodConfig, tc.old, tc.new, 1)))

@@ -40,10 +40,10 @@ func (g *Gateway) serveControl() (io.Closer, error) {
 		return nil, fmt.Errorf("control socket directory: %w", err)
 	}
 	if st, ok := fi.Sys().(*syscall.Stat_t); ok && int(st.Uid) != os.Geteuid() && st.Uid != 0 {
-		return nil, fmt.Errorf("control socket directory %s belongs to user %d, neither this gateway's nor root: that user could take the socket's place; set control_socket in a directory of the gateway's own", dir, st.Uid)
+		return nil, fmt.Errorf("control socket directory %s belongs to user %d, neither this gateway's nor root: that user could take the socket's place; set control { socket = \"…\" } in a directory of the gateway's own", dir, st.Uid)
 	}
 	if fi.Mode().Perm()&0o002 != 0 {
-		return nil, fmt.Errorf("control socket directory %s may be written by any user (mode %v): one could take the socket's place; run chmod o-w on it, or set control_socket in a directory of the gateway's own", dir, fi.Mode().Perm())
+		return nil, fmt.Errorf("control socket directory %s may be written by any user (mode %v): one could take the socket's place; run chmod o-w on it, or set control { socket = \"…\" } in a directory of the gateway's own", dir, fi.Mode().Perm())
 	}
 	if fi.Mode().Perm()&0o020 != 0 {
 		g.log.Warn("control socket directory may be written by its group: members could take the socket's place", "dir", dir, "mode", fi.Mode().Perm().String())
