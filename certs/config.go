@@ -3,6 +3,7 @@ package certs
 import (
 	"fmt"
 	"net/netip"
+	"path/filepath"
 	"strings"
 	"time"
 
@@ -303,10 +304,39 @@ func LoadFile(path string) (*File, error) {
 	if err := hclconf.DecodeFile(path, &f); err != nil {
 		return nil, err
 	}
+	if err := f.Identity.ResolvePaths(path); err != nil {
+		return nil, err
+	}
 	if _, err := f.Identity.validate(); err != nil {
 		return nil, err
 	}
 	return &f, nil
+}
+
+// ResolvePaths makes the configuration's relative paths relative to the
+// directory of its file, configFile: not to wherever the gateway or a
+// command reading the same file was started (systemd starts in /).
+func (c *Config) ResolvePaths(configFile string) error {
+	base, err := filepath.Abs(filepath.Dir(configFile))
+	if err != nil {
+		return err
+	}
+	ps := []*string{&c.Dir, &c.CADir}
+	if v := c.Vault; v != nil {
+		ps = append(ps, &v.CACert, &v.Auth.TokenFile, &v.Auth.RoleIDFile, &v.Auth.SecretIDFile)
+	}
+	ResolveUnder(base, ps...)
+	return nil
+}
+
+// ResolveUnder makes each relative path relative to base; a blank one is
+// left for validation to refuse.
+func ResolveUnder(base string, paths ...*string) {
+	for _, p := range paths {
+		if strings.TrimSpace(*p) != "" && !filepath.IsAbs(*p) {
+			*p = filepath.Join(base, *p)
+		}
+	}
 }
 
 // String describes the back end choice for logs and status output.

@@ -191,7 +191,35 @@ func LoadConfig(path string) (*Settings, error) {
 		return nil, err
 	}
 	c.file = path
+	if err := c.resolvePaths(); err != nil {
+		return nil, err
+	}
 	return c.validate()
+}
+
+// resolvePaths makes the file's relative paths relative to its directory,
+// so that the gateway (started in / by systemd) and a command reading the
+// same file from a shell (status, identity request) find the same ones.
+func (c *Config) resolvePaths() error {
+	base, err := filepath.Abs(filepath.Dir(c.file))
+	if err != nil {
+		return err
+	}
+	ps := []*string{&c.StateDir}
+	if p := c.Policy; p != nil {
+		ps = append(ps, &p.File, &p.Signature)
+	}
+	if c.Control != nil {
+		ps = append(ps, &c.Control.Socket)
+	}
+	if c.Operator != nil {
+		ps = append(ps, &c.Operator.TokenFile)
+	}
+	certs.ResolveUnder(base, ps...)
+	if c.Identity != nil {
+		return c.Identity.ResolvePaths(c.file)
+	}
+	return nil
 }
 
 func (c *Config) validate() (*Settings, error) {

@@ -108,3 +108,26 @@ func TestLoadConfigErrors(t *testing.T) {
 		})
 	}
 }
+
+// TestLoadConfigRelativePaths: relative paths are the config file's
+// directory's, wherever the gateway or a command reading the file starts.
+func TestLoadConfigRelativePaths(t *testing.T) {
+	src := strings.Replace(goodConfig, `state_dir = "/var/lib/skybridge"`, `state_dir = "st"`, 1)
+	src = strings.Replace(src, `dir = "/var/lib/skybridge/identity"`, `dir = "id"`, 1)
+	src += "policy {\n  file = \"policy/residency.hcl\"\n}\n"
+	path := writeConfig(t, src)
+	dir := filepath.Dir(path)
+	t.Chdir("/")
+	s, err := LoadConfig(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for got, want := range map[string]string{
+		s.StateDir: filepath.Join(dir, "st"), s.Identity.Dir: filepath.Join(dir, "id"), s.ControlSocket: filepath.Join(dir, "st", "control.sock"),
+		s.PolicyFile: filepath.Join(dir, "policy", "residency.hcl"), s.PolicySignature: filepath.Join(dir, "policy", "residency.hcl.sig"),
+	} {
+		if got != want {
+			t.Errorf("%s, want %s", got, want)
+		}
+	}
+}
