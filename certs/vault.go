@@ -155,6 +155,10 @@ func vaultClientConfig(addr string, tlsc *vault.TLSConfig) (*vault.Config, error
 	if addr != "" {
 		vc.Address = addr
 	}
+	// The address checked is the one dialled, and the one join tokens
+	// hand out: VAULT_AGENT_ADDR, which the client would dial instead,
+	// and VAULT_SRV_LOOKUP, which changes the host, are not taken.
+	vc.AgentAddress, vc.SRVLookup = "", false
 	if err := checkVaultAddress(vc.Address); err != nil {
 		return nil, err
 	}

@@ -96,4 +96,19 @@ func TestVaultClientConfig(t *testing.T) {
 	if _, err := vaultClientConfig("http://vault.example.com:8200", &vault.TLSConfig{}); err == nil {
 		t.Error("plain http to a remote Vault accepted")
 	}
+	// An agent's address or an SRV lookup in the environment would have
+	// the client dial another host than the one checked and handed out.
+	t.Setenv("VAULT_AGENT_ADDR", "http://10.1.2.3:8100")
+	t.Setenv("VAULT_SRV_LOOKUP", "true")
+	vc, err = vaultClientConfig("https://vault.example.com:8200", &vault.TLSConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := vault.NewClient(vc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := c.Address(); got != "https://vault.example.com:8200" || vc.SRVLookup {
+		t.Errorf("the client dials %s (SRV lookup %v), want the configured https://vault.example.com:8200", got, vc.SRVLookup)
+	}
 }
