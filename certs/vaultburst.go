@@ -725,8 +725,14 @@ func (v *Vault) openBurstGateway(ctx context.Context, c *vault.Client, name, cla
 		return VaultBurstGateway{}, fmt.Errorf("vault policy %s: %w", own, err)
 	}
 	roleBase := path.Join("auth", v.appRoleMount(), "role", own)
+	// A token's life counts from its login, not from the burst: one as
+	// long as the burst, got late (a restart on its last day), would
+	// read the gossip keyring long after the burst ended. Short tokens,
+	// and the gateway logs in again with its SecretID, which ends with
+	// the burst.
+	tokenTTL := min(ttl, BurstTokenTTL)
 	if err := vaultWrite(ctx, c, roleBase, map[string]any{
-		"token_policies": own, "token_ttl": ttl.String(), "token_max_ttl": ttl.String(),
+		"token_policies": own, "token_ttl": tokenTTL.String(), "token_max_ttl": tokenTTL.String(),
 		"secret_id_ttl": ttl.String(), "secret_id_num_uses": 0,
 	}); err != nil {
 		return VaultBurstGateway{}, err
@@ -751,6 +757,10 @@ func (v *Vault) openBurstGateway(ctx context.Context, c *vault.Client, name, cla
 	g.WrappedSecretID = s.WrapInfo.Token
 	return g, nil
 }
+
+// BurstTokenTTL bounds the life of a burst gateway's Vault token, and so
+// how long one outlives its burst.
+const BurstTokenTTL = 15 * time.Minute
 
 // nodeNames names the gateways of nodes.
 func nodeNames(nodes []Attributes) []string {

@@ -800,6 +800,11 @@ func TestVaultBurstGatewaysIsolated(t *testing.T) {
 	login, err := c.Logical().Write("auth/"+e.approleMount+"/login", map[string]any{"role_id": one.RoleID, "secret_id": unwrapped.Data["secret_id"]})
 	must(t, err)
 	c.SetToken(login.Auth.ClientToken)
+	// Its token is short-lived, whatever the burst's length: counted
+	// from the login, one as long as the burst would outlive it.
+	if d := time.Duration(login.Auth.LeaseDuration) * time.Second; d <= 0 || d > certs.BurstTokenTTL {
+		t.Errorf("a burst gateway's token lasts %s, want at most %s", d, certs.BurstTokenTTL)
+	}
 
 	status := func(err error) int {
 		var re *api.ResponseError
