@@ -96,6 +96,11 @@ const (
 // and so does a TLS handshake that fails (a certificate that does not
 // verify, a client certificate refused, plain HTTP on the port): that
 // may not be Vault at all, or be Vault saying no.
+// ErrVaultLoginRefused: Vault answered an AppRole login, and refused it
+// (an unknown role or SecretID: a burst gateway's, once its burst was
+// taken down).
+var ErrVaultLoginRefused = errors.New("vault refused the login")
+
 func VaultUnreachable(err error) bool {
 	if err == nil || errors.Is(err, context.Canceled) {
 		return false
@@ -372,6 +377,9 @@ func (v *Vault) loginWith(ctx context.Context, c *vault.Client) (*vault.Secret, 
 		}
 		c.ClearToken() // NewClient, and so the copy, took VAULT_TOKEN from the environment
 		s, err := c.Auth().Login(ctx, auth)
+		if re := (*vault.ResponseError)(nil); errors.As(err, &re) && (re.StatusCode == http.StatusBadRequest || re.StatusCode == http.StatusForbidden) {
+			return nil, fmt.Errorf("vault approle login: %w: %w", ErrVaultLoginRefused, err)
+		}
 		if err != nil {
 			return nil, fmt.Errorf("vault approle login: %w", err)
 		}

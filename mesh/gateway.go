@@ -209,6 +209,14 @@ func newGateway(ctx context.Context, s *Settings, logger *slog.Logger, opt optio
 	idCfg := s.Identity
 	idCfg.RideOutOutage = true
 	prov, err := certs.Open(ctx, idCfg, logger)
+	if enr != nil && enr.Vault != nil && errors.Is(err, certs.ErrVaultLoginRefused) {
+		// Vault admitted it and now refuses its SecretID: the burst was
+		// taken down while it was off, and the list that revokes it
+		// never reached it. What it holds goes, as at any burst's end.
+		ended := &BurstEndedError{Site: enr.Site, Node: enr.Node, Reason: "Vault refuses its login: the burst was taken down while this gateway was off (" + err.Error() + ")"}
+		g.forgetBurst(ended)
+		return nil, ended
+	}
 	if err != nil {
 		return nil, fmt.Errorf("identity back end: %w", err)
 	}
