@@ -400,10 +400,15 @@ func TestConfigBounds(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := LoadTrustBundle(ca.Dir(), netip.MustParsePrefix("10.0.0.0/16")); err == nil || !strings.Contains(err.Error(), "differs from the one the mesh CA") {
-		t.Fatalf("a configured range other than the CA's: %v", err)
+	if _, err := LoadTrustBundle(ca.Dir(), netip.MustParsePrefix("10.0.0.0/16")); err == nil || !strings.Contains(err.Error(), "is not inside "+ca.MeshPrefix().String()) {
+		t.Fatalf("a configured range outside the CA's: %v", err)
 	}
-	if _, err := LoadTrustBundle(ca.Dir(), ca.MeshPrefix()); err != nil {
-		t.Fatalf("the CA's own range given: %v", err)
+	if _, err := LoadTrustBundle(ca.Dir(), netip.MustParsePrefix("100.64.0.0/10")); err == nil {
+		t.Fatal("a configured range wider than the CA's accepted")
+	}
+	for _, p := range []netip.Prefix{ca.MeshPrefix(), netip.PrefixFrom(ca.MeshPrefix().Addr(), ca.MeshPrefix().Bits()+4)} {
+		if tb, err := LoadTrustBundle(ca.Dir(), p); err != nil || tb.MeshPrefix() != p {
+			t.Fatalf("a range inside the CA's, %s: %v", p, err)
+		}
 	}
 }

@@ -61,11 +61,12 @@ func NewTrustBundle(cas []*x509.Certificate, meshPrefix netip.Prefix) (*TrustBun
 			return nil, fmt.Errorf("certificate %q is not a CA certificate", c.Subject.CommonName)
 		}
 		tb.roots.AddCert(c)
-		// A CA that names the range certifies addresses in it alone: a
-		// configured range other than that would be every gateway's
-		// netmask, and the route to it, and certify nothing.
-		if own := meshPrefixOf(c); own.IsValid() && meshPrefix.IsValid() && own != meshPrefix {
-			return nil, fmt.Errorf("the mesh overlay range %s differs from the one the mesh CA %q names, %s: remove mesh_cidr from the configuration, or set it to %s", meshPrefix, c.Subject.CommonName, own, own)
+		// A CA that names a range certifies addresses in it alone: a
+		// range outside it would be every gateway's netmask, and the
+		// route to it, and certify nothing. One inside it (a mesh under
+		// an organisation's wider constraint) is the mesh's.
+		if own := meshPrefixOf(c); own.IsValid() && meshPrefix.IsValid() && (own.Bits() > meshPrefix.Bits() || !own.Contains(meshPrefix.Addr())) {
+			return nil, fmt.Errorf("the mesh overlay range %s is not inside %s, the range the mesh CA %q certifies addresses in: give the mesh's range, inside it", meshPrefix, own, c.Subject.CommonName)
 		}
 		if !tb.meshPrefix.IsValid() {
 			tb.meshPrefix = meshPrefixOf(c)

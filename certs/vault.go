@@ -87,6 +87,12 @@ const (
 	loginTimeout      = 30 * time.Second
 )
 
+// ErrVaultLoginRefused: Vault answered an AppRole login, and refused it
+// as an unknown role or SecretID (a burst gateway's, once its burst was
+// taken down). Other refusals (a 403 from a proxy in front of Vault, a
+// role Vault could not look up) are not this.
+var ErrVaultLoginRefused = errors.New("vault refused the login: unknown role or SecretID")
+
 // VaultUnreachable reports whether err means that Vault could not be
 // asked — no connection, a reset or a timeout, a name that does not
 // resolve, a sealed, standby or overloaded server (HTTP 5xx, 429) —
@@ -96,11 +102,6 @@ const (
 // and so does a TLS handshake that fails (a certificate that does not
 // verify, a client certificate refused, plain HTTP on the port): that
 // may not be Vault at all, or be Vault saying no.
-// ErrVaultLoginRefused: Vault answered an AppRole login, and refused it
-// (an unknown role or SecretID: a burst gateway's, once its burst was
-// taken down).
-var ErrVaultLoginRefused = errors.New("vault refused the login")
-
 func VaultUnreachable(err error) bool {
 	if err == nil || errors.Is(err, context.Canceled) {
 		return false
@@ -285,10 +286,27 @@ func (v *Vault) Close() {
 	v.wg.Wait()
 }
 
+// loginRefused reports whether an AppRole login's error is Vault's own
+// answer that the role or SecretID is unknown (HTTP 400, in Vault's words).
+func loginRefused(err error) bool {
+	var re *vault.ResponseError
+	if !errors.As(err, &re) || re.StatusCode != http.StatusBadRequest {
+		return false
+	}
+	for _, e := range re.Errors {
+		switch e = strings.ToLower(e); {
+		case strings.Contains(e, "invalid role or secret id"), strings.Contains(e, "invalid secret id"), strings.Contains(e, "invalid role id"):
+			return true
+		}
+	}
+	return false
+}
+
 // RevokeLogin revokes the gateway's own token; the Vault is not to be used
 // after it (Close first). A burst gateway does so when its burst ends:
-// Vault keeps a deleted AppRole's tokens until their TTL, the burst's end,
-// and one copied off a rented server should be worth nothing before then.
+// Vault keeps a deleted AppRole's tokens until their TTL (BurstTokenTTL at
+// most), and one copied off a rented server should be worth nothing before
+// then.
 func (v *Vault) RevokeLogin(ctx context.Context) error {
 	if v.awaiting.Load() {
 		return nil // never logged in: no token of ours
@@ -377,7 +395,7 @@ func (v *Vault) loginWith(ctx context.Context, c *vault.Client) (*vault.Secret, 
 		}
 		c.ClearToken() // NewClient, and so the copy, took VAULT_TOKEN from the environment
 		s, err := c.Auth().Login(ctx, auth)
-		if re := (*vault.ResponseError)(nil); errors.As(err, &re) && (re.StatusCode == http.StatusBadRequest || re.StatusCode == http.StatusForbidden) {
+		if loginRefused(err) {
 			return nil, fmt.Errorf("vault approle login: %w: %w", ErrVaultLoginRefused, err)
 		}
 		if err != nil {

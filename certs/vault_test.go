@@ -154,3 +154,25 @@ func TestVaultUnreachable(t *testing.T) {
 		}
 	}
 }
+
+// TestLoginRefused: only Vault's own word that a role or SecretID is
+// unknown counts as a refused login (a burst taken down), not any 4xx: a
+// proxy's 403, a role Vault could not look up.
+func TestLoginRefused(t *testing.T) {
+	for _, tc := range []struct {
+		code int
+		msg  string
+		want bool
+	}{
+		{http.StatusBadRequest, "invalid role or secret ID", true},
+		{http.StatusBadRequest, "failed to validate credentials: invalid secret id", true},
+		{http.StatusBadRequest, "failed to find secondary index for role_id", false},
+		{http.StatusForbidden, "permission denied", false},
+		{http.StatusInternalServerError, "invalid role or secret ID", false},
+	} {
+		err := fmt.Errorf("login: %w", &vault.ResponseError{StatusCode: tc.code, Errors: []string{tc.msg}})
+		if got := loginRefused(err); got != tc.want {
+			t.Errorf("%d %q: refused %v, want %v", tc.code, tc.msg, got, tc.want)
+		}
+	}
+}

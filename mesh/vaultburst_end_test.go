@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -21,10 +22,16 @@ import (
 // refuses its SecretID: its burst has ended, and what it holds goes (the
 // revocation list that would have told it never reached it).
 func TestVaultBurstTakenDownWhileOff(t *testing.T) {
+	var refused atomic.Bool // first a proxy's 403, then Vault's own refusal
 	vault := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.URL.Path == "/v1/auth/approle/login" {
-			w.WriteHeader(http.StatusBadRequest)
-			w.Write([]byte(`{"errors":["invalid role or secret ID"]}`))
+			if refused.Load() {
+				w.WriteHeader(http.StatusBadRequest)
+				w.Write([]byte(`{"errors":["invalid role or secret ID"]}`))
+			} else {
+				w.WriteHeader(http.StatusForbidden)
+				w.Write([]byte(`{"errors":["permission denied"]}`))
+			}
 			return
 		}
 		w.WriteHeader(http.StatusNotFound)
@@ -46,8 +53,18 @@ func TestVaultBurstTakenDownWhileOff(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	// A refusal that is not Vault's word on the SecretID is a failure to
+	// start, which leaves everything in place.
 	_, err := newGateway(context.Background(), s, slog.New(slog.DiscardHandler), options{device: NewRecordingDevice("x"), noControl: true, noMigrations: true})
 	var ended *BurstEndedError
+	if err == nil || errors.As(err, &ended) {
+		t.Fatalf("a 403 at the login: %v; want a failure to start, not the burst's end", err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, certs.FileVaultSecretID)); err != nil {
+		t.Fatalf("the SecretID went after a 403: %v", err)
+	}
+	refused.Store(true)
+	_, err = newGateway(context.Background(), s, slog.New(slog.DiscardHandler), options{device: NewRecordingDevice("x"), noControl: true, noMigrations: true})
 	if !errors.As(err, &ended) || ended.Site != "burst-ams" {
 		t.Fatalf("start after the burst was taken down: %v; want its end", err)
 	}

@@ -631,7 +631,7 @@ func TestAuditVerifyMeshRange(t *testing.T) {
 	if out, _, code := runCLI(t, "audit", "verify", "--log", log, "--ca-cert", filepath.Join(ca, "ca.crt"), "--crl", filepath.Join(ca, "crl.pem"), "--node", "gw1"); code != 0 || strings.Contains(out, "not checked") {
 		t.Fatalf("its own gateway's log, revocations checked: exit %d, %q", code, out)
 	}
-	if _, errs, code := runCLI(t, "audit", "verify", "--log", log, "--ca-cert", filepath.Join(ca, "ca.crt"), "--mesh-cidr", "100.96.0.0/16"); code != 2 || !strings.Contains(errs, "differs from the one the mesh CA") {
+	if _, errs, code := runCLI(t, "audit", "verify", "--log", log, "--ca-cert", filepath.Join(ca, "ca.crt"), "--mesh-cidr", "100.96.0.0/16"); code != 2 || !strings.Contains(errs, "is not inside 10.200.0.0/16") {
 		t.Fatalf("a range other than the CA's: exit %d, %q", code, errs)
 	}
 }
