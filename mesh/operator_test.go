@@ -499,7 +499,7 @@ func TestIssuerAnsweredMetric(t *testing.T) {
 	}
 	start := time.Now()
 	var logs syncbuf.Buffer
-	withCA := startLiveGatewayWith(t, ca, dir, 0, "zrh-dc", nil, &logs, func(s *Settings) { s.Identity.CADir, s.Identity.Refresh = ca.Dir(), "50ms" })
+	withCA := startLiveGatewayWith(t, ca, dir, 0, "zrh-dc", nil, &logs, func(s *Settings) { s.Identity.CADir, s.Identity.Refresh = ca.Dir(), "1s" })
 	waitUntil(t, 10*time.Second, "the issuer's first answer", func() bool { v, _ := value(withCA.g); return v > 0 })
 	if v, _ := value(withCA.g); v < float64(start.Unix()) || v > float64(time.Now().Unix()) {
 		t.Errorf("%s = %v, not a time since the start (%d)", name, v, start.Unix())

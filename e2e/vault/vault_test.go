@@ -344,7 +344,7 @@ func TestVaultRenewal(t *testing.T) {
 	ctx := t.Context()
 	dir := t.TempDir()
 	cfg, _ := e.approleConfig(t, dir)
-	cfg.TTL = "6s"
+	cfg.TTL = "10s" // the shortest a configuration may ask for
 	p, err := certs.Open(ctx, cfg, nil)
 	if err != nil {
 		t.Fatal(err)
@@ -359,8 +359,8 @@ func TestVaultRenewal(t *testing.T) {
 	defer cancel()
 	go p.KeepRenewed(rctx, id, nil, func(n *certs.NodeIdentity, _ *certs.TrustBundle) { renewed <- n })
 
-	// Three renewals of a 7 s certificate take more than twice the token's
-	// 4 s maximum TTL, so they only succeed if re-login works.
+	// Three renewals of an 11 s certificate take more than twice the
+	// token's 4 s maximum TTL, so they only succeed if re-login works.
 	prev := id
 	deadline := time.After(45 * time.Second)
 	for i := range 3 {
