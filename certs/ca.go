@@ -335,7 +335,7 @@ func (ca *CA) Issue(req IssueRequest) (*x509.Certificate, error) {
 	attrs := req.Attributes
 	attrs.Normalize()
 	if err := attrs.Validate(ca.MeshPrefix()); err != nil {
-		return nil, err
+		return nil, refusal{err}
 	}
 	tmpl := &x509.Certificate{
 		Subject: pkix.Name{
@@ -450,6 +450,18 @@ func (ca *CA) IssuePolicySigner(name string, pub crypto.PublicKey, ttl time.Dura
 	return ca.issue(tmpl, pub, ttl, now, IssuedCert{Kind: KindPolicySigner, Node: name}, nil)
 }
 
+// ErrIssueRefused is what errors.Is finds in the CA's refusal to issue a
+// certificate as asked (its attributes, key or life, an address or route
+// another holds), as opposed to a failure to (its index unwritable):
+// asking again the same will not do.
+var ErrIssueRefused = errors.New("the CA refuses to issue the certificate as asked")
+
+// refusal is an error ErrIssueRefused finds, its message its own.
+type refusal struct{ error }
+
+func (r refusal) Is(target error) bool { return target == ErrIssueRefused }
+func (r refusal) Unwrap() error        { return r.error }
+
 // issue signs tmpl for pub, valid from now for ttl, and records entry in
 // the index; check, if set, may refuse under the index lock.
 func (ca *CA) issue(tmpl *x509.Certificate, pub crypto.PublicKey, ttl time.Duration, now time.Time, entry IssuedCert, check func(*caIndex) error) (*x509.Certificate, error) {
@@ -457,14 +469,14 @@ func (ca *CA) issue(tmpl *x509.Certificate, pub crypto.PublicKey, ttl time.Durat
 		ttl = DefaultNodeTTL
 	}
 	if ttl < 0 {
-		return nil, fmt.Errorf("TTL %s is negative", ttl)
+		return nil, refusal{fmt.Errorf("TTL %s is negative", ttl)}
 	}
 	if err := checkNodeKey(pub); err != nil {
-		return nil, err
+		return nil, refusal{err}
 	}
 	notAfter := now.Add(ttl)
 	if notAfter.After(ca.cert.NotAfter) {
-		return nil, fmt.Errorf("TTL %s would outlive the CA (valid until %s): choose a shorter --ttl", ttl, ca.cert.NotAfter.UTC().Format(time.RFC3339))
+		return nil, refusal{fmt.Errorf("TTL %s would outlive the CA (valid until %s): choose a shorter --ttl", ttl, ca.cert.NotAfter.UTC().Format(time.RFC3339))}
 	}
 	tmpl.NotBefore, tmpl.NotAfter = now.Add(-backdate), notAfter
 	tmpl.KeyUsage = x509.KeyUsageDigitalSignature
@@ -474,7 +486,7 @@ func (ca *CA) issue(tmpl *x509.Certificate, pub crypto.PublicKey, ttl time.Durat
 	err := ca.updateIndex(now, func(idx *caIndex) error {
 		if check != nil {
 			if err := check(idx); err != nil {
-				return err
+				return refusal{err}
 			}
 		}
 		serial, err := randomSerial()

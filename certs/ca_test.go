@@ -237,6 +237,9 @@ func TestIssueRejectsBadInput(t *testing.T) {
 			if err == nil || !strings.Contains(err.Error(), tt.want) {
 				t.Fatalf("err = %v, want it to contain %q", err, tt.want)
 			}
+			if !errors.Is(err, ErrIssueRefused) {
+				t.Errorf("%v: not a refusal (ErrIssueRefused), which asking again would not change", err)
+			}
 		})
 	}
 	issued, _ := ca.Issued()

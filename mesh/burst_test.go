@@ -677,6 +677,42 @@ func TestEnrollerCertRenewed(t *testing.T) {
 	}
 }
 
+// TestEnrollmentRefusedByTheCA: a certificate the CA refuses at an
+// enrollment (the burst's route taken by another site since it opened) is
+// a refusal the newcomer is told at once, not a failure it retries for a
+// minute and then hears only "try again".
+func TestEnrollmentRefusedByTheCA(t *testing.T) {
+	dir := t.TempDir()
+	ca := meshCA(t, dir)
+	hq := startEnroller(t, ca, dir, &syncbuf.Buffer{})
+	grant, err := hq.g.BurstUp(context.Background(), BurstRequest{BurstSite: amsSite, TTL: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ca.IssueIdentity(certs.Attributes{Node: "gw-lon", Site: "onprem-lon", Region: "lon", Provider: "onprem", Jurisdiction: "GB",
+		OverlayIP: netip.MustParseAddr("100.64.9.9"), Routes: []netip.Prefix{netip.MustParsePrefix("10.77.0.0/16")}}, time.Hour, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	tok, err := certs.ParseJoinToken(grant.Tokens[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	key, err := pendingKey(filepath.Join(dir, "burst"), nil, tok.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, err := enrollBody(tok, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	// Retried, it would run into the context's deadline.
+	if _, err = postEnroll(ctx, tok, body, slog.New(slog.DiscardHandler)); err == nil || !strings.Contains(err.Error(), "overlaps 10.77.0.0/16 of site onprem-lon") {
+		t.Fatalf("an enrollment the CA refuses: %v; want the reason, at once", err)
+	}
+}
+
 // TestBurstOutlivingCARefused: a burst that would run past the CA's end
 // is refused when it is opened, not at every enrollment once its tokens
 // are out.

@@ -316,6 +316,13 @@ func (g *Gateway) enrol(ctx context.Context, req enrollRequest, from string) (*e
 		Jurisdiction: rec.Jurisdiction, OverlayIP: ip, Routes: routes, Labels: rec.Labels}
 	// The identity ends with the burst.
 	cert, err := e.ca.Issue(certs.IssueRequest{Attributes: attrs, PublicKey: csr.PublicKey, TTL: rec.Expires.Sub(now), Now: now})
+	if errors.Is(err, certs.ErrIssueRefused) {
+		// Asking again will not change it (a route another site took
+		// since the burst opened, say): the newcomer is told, at once.
+		g.log.Warn("enrollment refused: the CA refuses the certificate", "token", req.Token, "peer", attrs.Node, "from", from, "err", err)
+		g.metrics.enrollment("refused")
+		return nil, &enrollRefusal{fmt.Errorf("the mesh CA refuses %s's certificate: %w", attrs.Node, err)}
+	}
 	if err != nil {
 		return nil, fmt.Errorf("certify %s: %w", attrs.Node, err)
 	}
