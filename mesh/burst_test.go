@@ -249,21 +249,10 @@ func TestBurstEnrollmentAskedAgain(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	tok, err := certs.ParseJoinToken(grant.Tokens[0])
-	if err != nil {
-		t.Fatal(err)
-	}
 	bs := liveSettings(t, filepath.Join(dir, "burst"))
 	// The first ask, as Join makes it; its answer never arrives, but
 	// the certificate in it was stored before the crash.
-	key, err := pendingKey(bs.Identity.Dir, nil, tok.ID)
-	if err != nil {
-		t.Fatal(err)
-	}
-	body, err := enrollBody(tok, key)
-	if err != nil {
-		t.Fatal(err)
-	}
+	tok, body := burstAsk(t, grant.Tokens[0], bs.Identity.Dir)
 	lost, err := postEnroll(context.Background(), tok, body, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
@@ -693,18 +682,7 @@ func TestEnrollmentRefusedByTheCA(t *testing.T) {
 		OverlayIP: netip.MustParseAddr("100.64.9.9"), Routes: []netip.Prefix{netip.MustParsePrefix("10.77.0.0/16")}}, time.Hour, time.Now()); err != nil {
 		t.Fatal(err)
 	}
-	tok, err := certs.ParseJoinToken(grant.Tokens[0])
-	if err != nil {
-		t.Fatal(err)
-	}
-	key, err := pendingKey(filepath.Join(dir, "burst"), nil, tok.ID)
-	if err != nil {
-		t.Fatal(err)
-	}
-	body, err := enrollBody(tok, key)
-	if err != nil {
-		t.Fatal(err)
-	}
+	tok, body := burstAsk(t, grant.Tokens[0], filepath.Join(dir, "burst"))
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	// Retried, it would run into the context's deadline.
@@ -1140,4 +1118,23 @@ func startEnroller(t *testing.T, ca *certs.CA, dir string, logs io.Writer) *live
 		s.EnrollListen = netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(loopbackPort(t)))
 		s.EnrollAdvertise = s.EnrollListen
 	})
+}
+
+// burstAsk is the enrollment request a newcomer with the encoded join
+// token makes, as Join makes it, with the key it keeps in identityDir.
+func burstAsk(t *testing.T, token, identityDir string) (*certs.JoinToken, []byte) {
+	t.Helper()
+	tok, err := certs.ParseJoinToken(token)
+	if err != nil {
+		t.Fatal(err)
+	}
+	key, err := pendingKey(identityDir, nil, tok.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, err := enrollBody(tok, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tok, body
 }

@@ -407,24 +407,17 @@ func (g *Gateway) via(from, to *certs.Attributes) []*certs.Attributes {
 	if g.s.Topology != TopologyHub {
 		return nil
 	}
-	self, gws := g.id.Load().Attributes(), g.members.gateways()
-	return hubVia(func(site string) *certs.Attributes {
-		var hub *certs.Attributes
-		for _, a := range append([]*certs.Attributes{self}, attributesOf(gws)...) {
-			if a.Site == site && (hub == nil || a.Node < hub.Node) {
-				hub = a
-			}
+	hubs := map[string]*certs.Attributes{}
+	consider := func(a *certs.Attributes) {
+		if h := hubs[a.Site]; h == nil || a.Node < h.Node {
+			hubs[a.Site] = a
 		}
-		return hub
-	}, from, to)
-}
-
-func attributesOf(nodes []Node) []*certs.Attributes {
-	out := make([]*certs.Attributes, len(nodes))
-	for i := range nodes {
-		out[i] = nodes[i].Attributes
 	}
-	return out
+	consider(g.id.Load().Attributes())
+	for _, n := range g.members.gateways() {
+		consider(n.Attributes)
+	}
+	return hubVia(hubs, from, to)
 }
 
 // pickDestination resolves "to" — a node, a site, a region or a

@@ -390,11 +390,11 @@ func hubLinks(in TopologyInput, peers []Node, hub map[string]string, allowed []b
 
 // hubVia is the gateways data from one gateway to another passes through
 // in the hub topology, in order: the hub of each end's site, where that end
-// is not the hub itself (once, for two gateways of one site). hubOf names
-// a site's hub (nil if it has none in view).
-func hubVia(hubOf func(site string) *certs.Attributes, from, to *certs.Attributes) []*certs.Attributes {
+// is not the hub itself (once, for two gateways of one site). hubs names
+// each site's hub (none for a site with no gateway in view).
+func hubVia(hubs map[string]*certs.Attributes, from, to *certs.Attributes) []*certs.Attributes {
 	var via []*certs.Attributes
-	for _, h := range []*certs.Attributes{hubOf(from.Site), hubOf(to.Site)} {
+	for _, h := range []*certs.Attributes{hubs[from.Site], hubs[to.Site]} {
 		if h == nil || h.Node == from.Node || h.Node == to.Node || len(via) > 0 && via[len(via)-1].Node == h.Node {
 			continue
 		}

@@ -56,7 +56,7 @@ func auditCommand() *cli.Command {
 					return usageError("--log %s is a directory: give the audit log itself (STATE_DIR/audit.log)", c.String("log"))
 				}
 				rep, verr := audit.Verify(f, tb)
-				if _, herr := os.Stat(c.String("log") + ".head"); verr == nil && rep.Records == 0 && herr == nil {
+				if verr == nil && rep.Records == 0 && audit.Open(c.String("log")).HasHead() {
 					// A gateway creates its log with its first record, and
 					// the head beside it with that record: an empty log
 					// with a head was emptied, and "intact" would say

@@ -222,6 +222,13 @@ func (l *Log) checkHead(last []byte, seq uint64) error {
 	return nil
 }
 
+// HasHead reports whether a head lies beside the log: one was written
+// with its first record.
+func (l *Log) HasHead() bool {
+	_, err := os.Stat(l.path + headSuffix)
+	return err == nil
+}
+
 // CheckHead says whether the log holds every record its head says was
 // written (see headSuffix), without changing either.
 func (l *Log) CheckHead() error {
