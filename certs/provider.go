@@ -11,6 +11,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/skybridge-mesh/skybridge/internal/jitter"
 )
 
 // Provider gives a gateway its identity, the mesh's trust bundle and its
@@ -289,7 +291,7 @@ func (p *Provider) KeepRenewed(ctx context.Context, id *NodeIdentity, renewNow <
 				break
 			}
 			left := c.NotAfter.Sub(p.now())
-			wait := renewalRetryWait(backoff, left)
+			wait := renewalRetryWait(backoff, left, rand.Float64())
 			p.log.Error("certificate renewal failed", "err", err, "node", attrs.Node, "expires_in", left.Round(100*time.Millisecond), "retry_in", wait.Round(10*time.Millisecond))
 			if err := sleepUntil(ctx, p.now, p.now().Add(wait)); err != nil {
 				return err
@@ -300,11 +302,14 @@ func (p *Provider) KeepRenewed(ctx context.Context, id *NodeIdentity, renewNow <
 }
 
 // renewalRetryWait is how long a failed renewal waits before trying
-// again: its backoff, but while the certificate is valid at most half the
-// time it has left (and not under 100 ms), so that near the end the next
-// try comes before the end rather than after it — all but in its last
-// 200 ms, where the floor may take it past.
-func renewalRetryWait(backoff, left time.Duration) time.Duration {
+// again: its backoff, cut by up to half by r (0..1) so that gateways
+// whose renewals failed together (their issuer down, or all moving to a
+// new CA) do not come back to it together, but while the certificate is
+// valid at most half the time it has left (and not under 100 ms), so that
+// near the end the next try comes before the end rather than after it —
+// all but in its last 200 ms, where the floor may take it past.
+func renewalRetryWait(backoff, left time.Duration, r float64) time.Duration {
+	backoff = jitter.Cut(backoff, r)
 	if left <= 0 {
 		return backoff
 	}

@@ -72,17 +72,27 @@ func TestProviderFileOffline(t *testing.T) {
 }
 
 func TestRenewalRetryWait(t *testing.T) {
-	for _, c := range []struct{ backoff, left, want time.Duration }{
-		{time.Second, time.Hour, time.Second},                             // far from the end: the backoff
-		{5 * time.Minute, time.Hour, 5 * time.Minute},                     // the backoff's cap
-		{2 * time.Second, 3 * time.Second, 1500 * time.Millisecond},       // the backoff would reach the end
-		{2 * time.Second, 2 * time.Second, time.Second},                   // it would be the end
-		{4 * time.Second, 500 * time.Millisecond, 250 * time.Millisecond}, // closer still
-		{time.Second, 50 * time.Millisecond, 100 * time.Millisecond},      // not a spin
-		{time.Second, -time.Minute, time.Second},                          // expired: the backoff again
+	for _, c := range []struct {
+		backoff, left time.Duration
+		jitter        float64
+		want          time.Duration
+	}{
+		{time.Second, time.Hour, 0, time.Second},                             // far from the end: the backoff
+		{5 * time.Minute, time.Hour, 0, 5 * time.Minute},                     // the backoff's cap
+		{2 * time.Second, 3 * time.Second, 0, 1500 * time.Millisecond},       // the backoff would reach the end
+		{2 * time.Second, 2 * time.Second, 0, time.Second},                   // it would be the end
+		{4 * time.Second, 500 * time.Millisecond, 0, 250 * time.Millisecond}, // closer still
+		{time.Second, 50 * time.Millisecond, 0, 100 * time.Millisecond},      // not a spin
+		{time.Second, -time.Minute, 0, time.Second},                          // expired: the backoff again
+		{time.Second, time.Hour, 1, 500 * time.Millisecond},                  // jitter takes up to half off
+		{4 * time.Minute, time.Hour, 0.5, 3 * time.Minute},
+		{time.Second, -time.Minute, 0.5, 750 * time.Millisecond}, // expired too
+		{4 * time.Second, 2 * time.Second, 1, time.Second},       // the end still bounds it
+		{time.Second, time.Hour, 7, 500 * time.Millisecond},      // out of range: clamped
+		{time.Second, time.Hour, -1, time.Second},
 	} {
-		if got := renewalRetryWait(c.backoff, c.left); got != c.want {
-			t.Errorf("renewalRetryWait(%v, %v) = %v, want %v", c.backoff, c.left, got, c.want)
+		if got := renewalRetryWait(c.backoff, c.left, c.jitter); got != c.want {
+			t.Errorf("renewalRetryWait(%v, %v, %v) = %v, want %v", c.backoff, c.left, c.jitter, got, c.want)
 		}
 	}
 }

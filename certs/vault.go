@@ -24,6 +24,8 @@ import (
 
 	vault "github.com/hashicorp/vault/api"
 	"github.com/hashicorp/vault/api/auth/approle"
+
+	"github.com/skybridge-mesh/skybridge/internal/jitter"
 )
 
 // Vault is the production identity back end: gateway certificates from a
@@ -513,13 +515,14 @@ func (v *Vault) maintainLogin(ctx context.Context, secret *vault.Secret) {
 			if refusal := err; secret == nil && ctx.Err() == nil && !VaultUnreachable(refusal) && v.refused.Swap(&refusal) == nil {
 				v.log.Error("vault answers but refuses this gateway's login: it stops using the secrets kept on disk (it keeps its certificate until it ends)", "err", err)
 			}
-			v.log.Error("vault login failed", "err", err, "retry_in", backoff)
+			wait := jitter.Spread(backoff)
+			v.log.Error("vault login failed", "err", err, "retry_in", wait.Round(time.Millisecond))
 			select {
 			case <-ctx.Done():
 				return
 			case s = <-v.fresh: // a refused request logged in meanwhile
 				err = nil
-			case <-time.After(backoff):
+			case <-time.After(wait):
 				s, err = v.relogin(ctx, stale, false)
 			}
 		}

@@ -24,6 +24,7 @@ import (
 
 	"github.com/skybridge-mesh/skybridge/certs"
 	"github.com/skybridge-mesh/skybridge/internal/atomicfile"
+	"github.com/skybridge-mesh/skybridge/internal/jitter"
 )
 
 // The newcomer's side of a burst site: `skybridge gateway run
@@ -310,14 +311,15 @@ func postEnroll(ctx context.Context, tok *certs.JoinToken, body []byte, log *slo
 			return &res, nil
 		}
 		err := errors.Join(errs...)
-		if time.Now().Add(backoff).After(deadline) {
+		wait := jitter.Spread(backoff)
+		if time.Now().Add(wait).After(deadline) {
 			return nil, fmt.Errorf("no enrollment endpoint answered: %w", err)
 		}
-		log.Warn("no enrollment endpoint answered, trying again", "err", err, "retry_in", backoff)
+		log.Warn("no enrollment endpoint answered, trying again", "err", err, "retry_in", wait.Round(time.Millisecond))
 		select {
 		case <-ctx.Done():
 			return nil, ctx.Err()
-		case <-time.After(backoff):
+		case <-time.After(wait):
 		}
 		backoff = min(2*backoff, 10*time.Second)
 	}

@@ -11,6 +11,7 @@ import (
 	"github.com/hashicorp/memberlist"
 
 	"github.com/skybridge-mesh/skybridge/certs"
+	"github.com/skybridge-mesh/skybridge/internal/jitter"
 )
 
 // catchUpKeyring ends a start on the gossip keyring kept on disk because
@@ -48,16 +49,20 @@ func (g *Gateway) catchUpKeyring(ctx context.Context) {
 			}
 			return
 		}
-		if certs.VaultUnreachable(err) {
+		unreachable := certs.VaultUnreachable(err)
+		if unreachable {
 			backoff = awaitingPoll
 		} else {
 			backoff = min(2*backoff, time.Minute)
-			g.log.Warn("vault refuses the gossip keyring: this gateway keeps the one kept on disk, which may be behind the mesh's", "err", err, "retry_in", backoff)
+		}
+		wait := jitter.Spread(backoff)
+		if !unreachable {
+			g.log.Warn("vault refuses the gossip keyring: this gateway keeps the one kept on disk, which may be behind the mesh's", "err", err, "retry_in", wait.Round(time.Millisecond))
 		}
 		select {
 		case <-ctx.Done():
 			return
-		case <-time.After(backoff):
+		case <-time.After(wait):
 		}
 	}
 }
