@@ -39,20 +39,27 @@ type Device interface {
 	Device() (*wgtypes.Device, error)
 	// Configure applies a change; it never replaces peers wholesale.
 	Configure(wgtypes.Config) error
-	// Routes returns the routes skybridge installed towards the device;
-	// SetRoutes adds and removes some. Devices without kernel routing
-	// (netstack) route by allowed IPs alone and do nothing here.
-	Routes() ([]netip.Prefix, error)
+	// Routes reads the routing table (once: it may hold a full BGP
+	// table); SetRoutes adds and removes skybridge's routes. Devices
+	// without kernel routing (netstack) route by allowed IPs alone and
+	// do nothing here.
+	Routes() (RouteTable, error)
 	SetRoutes(add, del []netip.Prefix) error
-	// HostRoutes is the prefixes the host's main table routes otherwise
-	// (routes skybridge did not install): a remote site's route to one
-	// of them is left out. None for devices without kernel routing.
-	HostRoutes() (map[netip.Prefix]bool, error)
 	// Listen and Dial reach the overlay: the kernel's stack for kernel
 	// and TUN devices, the userspace stack for netstack.
 	Listen(addr netip.AddrPort) (net.Listener, error)
 	Dial(ctx context.Context, addr string) (net.Conn, error)
 	Close() error
+}
+
+// RouteTable is what a device's host routes, as the reconciler needs it.
+type RouteTable struct {
+	// Own is the routes skybridge installed towards the device.
+	Own []netip.Prefix
+	// Host is the prefixes the host's main table routes otherwise
+	// (routes skybridge did not install: its LANs, its operator's): a
+	// remote site's route to one of them is left out.
+	Host map[netip.Prefix]bool
 }
 
 // DeviceOptions says how to bring a device up.
@@ -110,13 +117,12 @@ type wgctrlDevice struct {
 	close      func() error
 }
 
-func (d *wgctrlDevice) Name() string                               { return d.name }
-func (d *wgctrlDevice) Mode() string                               { return d.mode }
-func (d *wgctrlDevice) Device() (*wgtypes.Device, error)           { return d.client.Device(d.name) }
-func (d *wgctrlDevice) Configure(c wgtypes.Config) error           { return d.client.ConfigureDevice(d.name, c) }
-func (d *wgctrlDevice) Routes() ([]netip.Prefix, error)            { return d.link.routes() }
-func (d *wgctrlDevice) SetRoutes(add, del []netip.Prefix) error    { return d.link.setRoutes(add, del) }
-func (d *wgctrlDevice) HostRoutes() (map[netip.Prefix]bool, error) { return d.link.hostRoutes() }
+func (d *wgctrlDevice) Name() string                            { return d.name }
+func (d *wgctrlDevice) Mode() string                            { return d.mode }
+func (d *wgctrlDevice) Device() (*wgtypes.Device, error)        { return d.client.Device(d.name) }
+func (d *wgctrlDevice) Configure(c wgtypes.Config) error        { return d.client.ConfigureDevice(d.name, c) }
+func (d *wgctrlDevice) Routes() (RouteTable, error)             { return d.link.routes() }
+func (d *wgctrlDevice) SetRoutes(add, del []netip.Prefix) error { return d.link.setRoutes(add, del) }
 
 // overlayKeepAlive notices a peer gateway that vanished (killed, cut off)
 // within about 25 s, instead of the kernel's default of minutes.
@@ -254,12 +260,12 @@ func (d *NetstackDevice) Device() (*wgtypes.Device, error) {
 
 func (d *NetstackDevice) Configure(c wgtypes.Config) error { return d.dev.IpcSet(encodeUAPI(c)) }
 
-// Routes returns the routes last set: netstack routes by the peers'
-// allowed IPs alone, so the list is only bookkeeping.
-func (d *NetstackDevice) Routes() ([]netip.Prefix, error) {
+// Routes returns the routes last set, and no host routes: netstack
+// routes by the peers' allowed IPs alone, so the list is only bookkeeping.
+func (d *NetstackDevice) Routes() (RouteTable, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	return slices.Clone(d.routes), nil
+	return RouteTable{Own: slices.Clone(d.routes)}, nil
 }
 
 func (d *NetstackDevice) SetRoutes(add, del []netip.Prefix) error {
@@ -269,8 +275,6 @@ func (d *NetstackDevice) SetRoutes(add, del []netip.Prefix) error {
 	d.routes = append(d.routes, add...)
 	return nil
 }
-
-func (d *NetstackDevice) HostRoutes() (map[netip.Prefix]bool, error) { return nil, nil }
 
 func (d *NetstackDevice) Close() error {
 	d.dev.Close()

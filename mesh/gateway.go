@@ -823,12 +823,12 @@ func (g *Gateway) apply(plan Plan) error {
 	// its LANs) is left out, of the kernel's table and of the peer's
 	// allowed IPs: routed in, it would take the host's traffic there.
 	// Asked at every pass: a LAN may come up after the gateway.
-	host, err := g.dev.HostRoutes()
+	table, err := g.dev.Routes()
 	if err != nil {
 		return err
 	}
 	var left []netip.Prefix
-	plan.Peers, plan.Routes, left = leaveOutHostRoutes(plan.Peers, plan.Routes, host)
+	plan.Peers, plan.Routes, left = leaveOutHostRoutes(plan.Peers, plan.Routes, table.Host)
 	if key := fmt.Sprint(left); key != g.routeConflicts {
 		g.routeConflicts = key // said once, not at every pass
 		if len(left) > 0 {
@@ -841,11 +841,7 @@ func (g *Gateway) apply(plan Plan) error {
 			return fmt.Errorf("configure %s: %w", g.dev.Name(), err)
 		}
 	}
-	have, err := g.dev.Routes()
-	if err != nil {
-		return err
-	}
-	ch.RoutesAdded, ch.RoutesRemoved = DiffRoutes(have, plan.Routes)
+	ch.RoutesAdded, ch.RoutesRemoved = DiffRoutes(table.Own, plan.Routes)
 	if err := g.dev.SetRoutes(ch.RoutesAdded, ch.RoutesRemoved); err != nil {
 		return err
 	}

@@ -68,19 +68,33 @@ func setUpLink(opt DeviceOptions) (*linkConfig, error) {
 	return &linkConfig{name: opt.Name, index: l.Attrs().Index}, nil
 }
 
-func (lc *linkConfig) routes() ([]netip.Prefix, error) {
-	rs, err := netlink.RouteListFiltered(netlink.FAMILY_ALL, &netlink.Route{LinkIndex: lc.index, Protocol: routeProtocol},
-		netlink.RT_FILTER_OIF|netlink.RT_FILTER_PROTOCOL)
-	if err != nil {
-		return nil, fmt.Errorf("list routes of %s: %w", lc.name, err)
-	}
-	out := make([]netip.Prefix, 0, len(rs))
-	for _, r := range rs {
-		if r.Dst != nil {
-			out = append(out, prefixOf(*r.Dst))
+// routes reads the main table once (the kernel dumps all of it whatever
+// the filter, and it may be a full BGP table): skybridge's own routes
+// towards the link, and the prefixes routed by routes skybridge did not
+// install (the host's LANs, its operator's routes).
+func (lc *linkConfig) routes() (RouteTable, error) {
+	var rs []netlink.Route
+	var err error
+	for range 3 { // a table that changed during the dump is read again
+		rs, err = netlink.RouteListFiltered(netlink.FAMILY_ALL, &netlink.Route{Table: syscall.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE)
+		if !errors.Is(err, netlink.ErrDumpInterrupted) {
+			break
 		}
 	}
-	return out, nil
+	if err != nil {
+		return RouteTable{}, fmt.Errorf("list the routing table: %w", err)
+	}
+	t := RouteTable{Host: map[netip.Prefix]bool{}}
+	for _, r := range rs {
+		switch {
+		case r.Dst == nil:
+		case r.Protocol != routeProtocol:
+			t.Host[prefixOf(*r.Dst)] = true
+		case r.LinkIndex == lc.index:
+			t.Own = append(t.Own, prefixOf(*r.Dst))
+		}
+	}
+	return t, nil
 }
 
 func (lc *linkConfig) setRoutes(add, del []netip.Prefix) error {
@@ -96,29 +110,6 @@ func (lc *linkConfig) setRoutes(add, del []netip.Prefix) error {
 		}
 	}
 	return errors.Join(errs...)
-}
-
-// hostRoutes is the prefixes the main table routes by routes skybridge
-// did not install: the host's LANs, its operator's routes.
-func (lc *linkConfig) hostRoutes() (map[netip.Prefix]bool, error) {
-	var rs []netlink.Route
-	var err error
-	for range 3 { // a table that changed during the dump is read again
-		rs, err = netlink.RouteListFiltered(netlink.FAMILY_ALL, &netlink.Route{Table: syscall.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE)
-		if !errors.Is(err, netlink.ErrDumpInterrupted) {
-			break
-		}
-	}
-	if err != nil {
-		return nil, fmt.Errorf("list the host's routes: %w", err)
-	}
-	out := map[netip.Prefix]bool{}
-	for _, r := range rs {
-		if r.Protocol != routeProtocol && r.Dst != nil {
-			out[prefixOf(*r.Dst)] = true
-		}
-	}
-	return out, nil
 }
 
 func (lc *linkConfig) route(p netip.Prefix) *netlink.Route {

@@ -46,7 +46,7 @@ func inNewNetns(t *testing.T, f func()) {
 }
 
 // TestHostRoutes: the host's own routes to a network, at any metric, are
-// told apart from skybridge's.
+// told apart from skybridge's, in one read of the table.
 func TestHostRoutes(t *testing.T) {
 	inNewNetns(t, func() {
 		veth := func(name string) netlink.Link {
@@ -82,9 +82,21 @@ func TestHostRoutes(t *testing.T) {
 			t.Errorf("our route: %v", err)
 			return
 		}
-		host, err := lc.hostRoutes()
-		if err != nil || !host[netip.MustParsePrefix("192.0.2.0/24")] || !host[netip.MustParsePrefix("203.0.113.0/24")] || host[ours] {
-			t.Errorf("host routes %v, %v; want the LAN and the metric-100 route, not ours", host, err)
+		// skybridge's route towards another device (an earlier
+		// interface's) is neither this link's nor the host's.
+		elsewhere := &linkConfig{name: "lan0", index: lan.Attrs().Index}
+		stale := netip.MustParsePrefix("198.51.100.128/25")
+		if err := elsewhere.setRoutes([]netip.Prefix{stale}, nil); err != nil {
+			t.Errorf("route elsewhere: %v", err)
+			return
+		}
+		table, err := lc.routes()
+		host := table.Host
+		if err != nil || !host[netip.MustParsePrefix("192.0.2.0/24")] || !host[netip.MustParsePrefix("203.0.113.0/24")] || host[ours] || host[stale] {
+			t.Errorf("host routes %v, %v; want the LAN and the metric-100 route, not skybridge's", host, err)
+		}
+		if !slices.Equal(table.Own, []netip.Prefix{ours}) {
+			t.Errorf("own routes %v; want only %v", table.Own, ours)
 		}
 	})
 }
@@ -129,7 +141,7 @@ func TestGatewayLeavesOutHostRoutes(t *testing.T) {
 	runLiveGateway(t, s, &syncbuf.Buffer{})
 	routed := func() bool {
 		rs, _ := hq.dev.Routes()
-		return slices.Contains(rs, lan)
+		return slices.Contains(rs.Own, lan)
 	}
 	allowed := func() bool {
 		for _, p := range hq.dev.Peers() {

@@ -121,10 +121,11 @@ func (d *RecordingDevice) Applies() int {
 	return d.applies
 }
 
-func (d *RecordingDevice) Routes() ([]netip.Prefix, error) {
+// Routes is the routes set, and the host routes SetHostRoutes gave.
+func (d *RecordingDevice) Routes() (RouteTable, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	return slices.Clone(d.routes), nil
+	return RouteTable{Own: slices.Clone(d.routes), Host: maps.Clone(d.hostRoutes)}, nil
 }
 
 func (d *RecordingDevice) SetRoutes(add, del []netip.Prefix) error {
@@ -133,13 +134,6 @@ func (d *RecordingDevice) SetRoutes(add, del []netip.Prefix) error {
 	d.routes = slices.DeleteFunc(d.routes, func(p netip.Prefix) bool { return slices.Contains(del, p) })
 	d.routes = append(d.routes, add...)
 	return nil
-}
-
-// HostRoutes is what SetHostRoutes said the host routes otherwise.
-func (d *RecordingDevice) HostRoutes() (map[netip.Prefix]bool, error) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	return maps.Clone(d.hostRoutes), nil
 }
 
 // SetHostRoutes has the recorder report host routes, as a host's LANs.
