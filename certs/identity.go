@@ -251,6 +251,42 @@ func CheckKeyFor(dir string, pub crypto.PublicKey) error {
 	return nil
 }
 
+// NodeCertifiedIn names the node whose certificate dir holds (node.crt),
+// or is "" when it holds none that parses. It reads the certificate alone:
+// a key that cannot be read beside it (a mode too loose, a key kept where
+// its CSR was made) says nothing of whose directory it is.
+func NodeCertifiedIn(dir string) string {
+	c := certificateIn(dir, fileNodeCert)
+	if c == nil {
+		return ""
+	}
+	if a, err := AttributesOf(c); err == nil {
+		return a.Node
+	}
+	return c.Subject.CommonName
+}
+
+// SignerCertifiedIn names the policy signer whose certificate dir holds
+// (signer.crt), as NodeCertifiedIn does for a node.
+func SignerCertifiedIn(dir string) string {
+	if c := certificateIn(dir, fileSignerCert); c != nil {
+		return c.Subject.CommonName
+	}
+	return ""
+}
+
+func certificateIn(dir, file string) *x509.Certificate {
+	b, err := os.ReadFile(filepath.Join(dir, file))
+	if err != nil {
+		return nil
+	}
+	cs, err := ParseCertificatesPEM(b)
+	if err != nil || len(cs) == 0 {
+		return nil
+	}
+	return cs[0]
+}
+
 // Holds reports whether cert is the certificate in dir: whether a save
 // that failed had delivered it anyway.
 func Holds(dir string, cert *x509.Certificate) bool {

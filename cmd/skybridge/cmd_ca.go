@@ -302,13 +302,10 @@ func sameDir(a, b string) (bool, error) {
 
 // checkOutDir refuses to mix two gateways' identities in one directory:
 // re-issuing for the same node (renewal) is fine, overwriting another
-// node's key is a mistake that would take that gateway off the mesh.
+// node's key is a mistake that would take that gateway off the mesh. The
+// certificate says whose directory it is, whether or not its key loads.
 func checkOutDir(dir, node string) error {
-	id, err := certs.LoadNodeIdentity(dir)
-	if err != nil {
-		return nil // nothing usable there
-	}
-	if have := id.Attributes().Node; have != node {
+	if have := certs.NodeCertifiedIn(dir); have != "" && have != node {
 		return fmt.Errorf("%s already holds the identity of node %q; use one directory per gateway", dir, have)
 	}
 	return nil
@@ -369,8 +366,8 @@ func caIssueSigner(c *cli.Context) error {
 	}
 	// As for gateways: renewing a signer in place is fine, replacing
 	// another one's key would leave its holder unable to sign.
-	if have, err := certs.LoadPolicySigner(c.String("out")); err == nil && have.Name() != c.String("name") {
-		return fmt.Errorf("%s already holds policy signer %q; use one directory per signer", c.String("out"), have.Name())
+	if have := certs.SignerCertifiedIn(c.String("out")); have != "" && have != c.String("name") {
+		return fmt.Errorf("%s already holds policy signer %q; use one directory per signer", c.String("out"), have)
 	}
 	ca, err := certs.OpenCA(c.String("ca"))
 	if err != nil {

@@ -453,6 +453,56 @@ func TestIssueWithCSR(t *testing.T) {
 // TestIssueNotDelivered: a re-issue into a gateway's directory that fails
 // (here, the gossip keyring cannot be written) takes its certificate back
 // and leaves the directory's own certificate in place, not a revoked one.
+// TestIssueKeepsAnotherHoldersDirectory: ca issue and ca issue-signer
+// tell whose directory it is from its certificate, so another holder's key
+// is kept even where it cannot be loaded: a mode left loose by a restore,
+// or a certificate whose key stayed where its CSR was made.
+func TestIssueKeepsAnotherHoldersDirectory(t *testing.T) {
+	dir := t.TempDir()
+	ca := filepath.Join(dir, "ca")
+	mustRun(t, "ca", "init", "--dir", ca)
+	refused := func(what, out string, args []string, want string) {
+		t.Helper()
+		before := map[string][]byte{}
+		for _, f := range []string{"node.key", "node.crt", "signer.key", "signer.crt"} {
+			before[f], _ = os.ReadFile(filepath.Join(out, f))
+		}
+		if _, errs, code := runCLI(t, args...); code == 0 || !strings.Contains(errs, want) {
+			t.Errorf("%s: exit %d, %q; want refused (%s)", what, code, errs, want)
+		}
+		for f, b := range before {
+			if now, _ := os.ReadFile(filepath.Join(out, f)); !bytes.Equal(b, now) {
+				t.Errorf("%s: %s was replaced", what, f)
+			}
+		}
+	}
+
+	gwA := filepath.Join(dir, "gw-a")
+	mustRun(t, issueArgs(ca, gwA, "gw-a", "100.96.0.10")...)
+	refused("another node's directory", gwA, issueArgs(ca, gwA, "gw-b", "100.96.0.11"), `already holds the identity of node "gw-a"`)
+	os.Chmod(filepath.Join(gwA, "node.key"), 0o640)
+	refused("another node's directory, its key's mode loose", gwA, issueArgs(ca, gwA, "gw-b", "100.96.0.11"), `already holds the identity of node "gw-a"`)
+	// The same node again renews in place, and the new key is 0600.
+	mustRun(t, issueArgs(ca, gwA, "gw-a", "100.96.0.10")...)
+	if fi, err := os.Stat(filepath.Join(gwA, "node.key")); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Errorf("renewed node.key: %v %v; want mode 0600", fi.Mode(), err)
+	}
+
+	// A certificate issued for a CSR, its key kept elsewhere.
+	keys, certOnly := filepath.Join(dir, "keys"), filepath.Join(dir, "gw-c")
+	csrArgs := issueArgs("", keys, "gw-c", "100.96.0.12")[4:]
+	csrArgs = append([]string{"identity", "csr", "--dir", keys}, csrArgs[:len(csrArgs)-2]...)
+	csr := filepath.Join(dir, "c.csr")
+	os.WriteFile(csr, []byte(mustRun(t, csrArgs...)), 0o644)
+	mustRun(t, issueArgs(ca, certOnly, "gw-c", "100.96.0.12", "--csr", csr)...)
+	refused("a CSR's certificate", certOnly, issueArgs(ca, certOnly, "gw-d", "100.96.0.13"), `already holds the identity of node "gw-c"`)
+
+	signer := filepath.Join(dir, "signer")
+	mustRun(t, "ca", "issue-signer", "--ca", ca, "--name", "compliance", "--out", signer)
+	os.Chmod(filepath.Join(signer, "signer.key"), 0o644)
+	refused("another signer's directory, its key's mode loose", signer, []string{"ca", "issue-signer", "--ca", ca, "--name", "treasury", "--out", signer}, `already holds policy signer "compliance"`)
+}
+
 func TestIssueNotDelivered(t *testing.T) {
 	dir := t.TempDir()
 	ca := filepath.Join(dir, "ca")
