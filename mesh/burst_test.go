@@ -844,6 +844,33 @@ func TestBurstRecordsDamaged(t *testing.T) {
 	}
 }
 
+// TestPendingKeyKeptPrivate: the key kept for an enrollment under way is
+// a private key, refused when others may read it (as after a careless
+// restore), like node.key.
+func TestPendingKeyKeptPrivate(t *testing.T) {
+	dir := t.TempDir()
+	const id = "0123456789abcdef"
+	key, err := pendingKey(dir, nil, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(dir, filePendingEnrollment)
+	if fi, err := os.Stat(path); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("kept as %v, %v; want mode 0600", fi.Mode(), err)
+	}
+	p, err := loadPending(dir)
+	if err != nil || p == nil || p.TokenID != id {
+		t.Fatalf("loadPending: %+v, %v", p, err)
+	}
+	if again, err := pendingKey(dir, p, id); err != nil || !again.Equal(key) {
+		t.Fatalf("the kept key was not used again: %v", err)
+	}
+	os.Chmod(path, 0o644)
+	if p, err := loadPending(dir); err == nil || !strings.Contains(err.Error(), "chmod 600") {
+		t.Fatalf("a kept key others may read: %+v, %v; want it refused, with chmod 600", p, err)
+	}
+}
+
 // startEnrollingGateway runs a gateway that holds the embedded CA and
 // enrols burst gateways on loopback, and waits for its endpoint.
 func startEnrollingGateway(t *testing.T) (*liveGateway, *syncbuf.Buffer) {

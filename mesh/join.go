@@ -116,14 +116,20 @@ type pendingEnrollment struct {
 	Key     []byte `json:"key"` // PKCS #8
 }
 
+// loadPending reads the key kept for an enrollment under way — a private
+// key, refused like any other when others may read it.
 func loadPending(dir string) (*pendingEnrollment, error) {
-	var p pendingEnrollment
-	found, err := atomicfile.ReadJSON(filepath.Join(dir, filePendingEnrollment), &p)
-	if errors.Is(err, atomicfile.ErrDamaged) {
-		return nil, fmt.Errorf("%w; it is the key of an enrollment that was cut short: remove it, and node.key and node.crt beside it, then start the gateway again with a new join token", err)
+	path := filepath.Join(dir, filePendingEnrollment)
+	b, err := certs.ReadPrivateFile(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
 	}
-	if !found || err != nil {
+	if err != nil {
 		return nil, err
+	}
+	var p pendingEnrollment
+	if err := json.Unmarshal(b, &p); err != nil {
+		return nil, fmt.Errorf("%s is %w: %w; it is the key of an enrollment that was cut short: remove it, and node.key and node.crt beside it, then start the gateway again with a new join token", path, atomicfile.ErrDamaged, err)
 	}
 	return &p, nil
 }
