@@ -1,7 +1,9 @@
 package main
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -297,6 +299,11 @@ func graphCommand() *cli.Command {
 			if !slices.Contains(mesh.GraphFormats, f) {
 				return usageError("--format %q: want one of %s", f, strings.Join(mesh.GraphFormats, ", "))
 			}
+			if out := c.String("out"); out != "" {
+				if err := replaceableOutput(out, isGraph, "a mesh graph"); err != nil {
+					return err
+				}
+			}
 			cl, err := controlClient(c)
 			if err != nil {
 				return err
@@ -312,6 +319,16 @@ func graphCommand() *cli.Command {
 			return err
 		},
 	}
+}
+
+// isGraph reports whether b is a graph `skybridge graph` wrote, in any of
+// its formats: --out replaces only such a file.
+func isGraph(b []byte) bool {
+	if bytes.HasPrefix(b, []byte("graph skybridge {")) || bytes.HasPrefix(b, []byte("<svg ")) && bytes.Contains(b, []byte(`aria-label="skybridge mesh"`)) {
+		return true
+	}
+	var g mesh.MeshGraph
+	return json.Unmarshal(b, &g) == nil && g.Self != "" && g.Sites != nil
 }
 
 func dashboardCommand() *cli.Command {

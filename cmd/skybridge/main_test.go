@@ -542,6 +542,27 @@ func TestGraphAndDashboardUsage(t *testing.T) {
 	if _, errs, code := runCLI(t, "dashboard", "--socket", sock); code != 1 || !strings.Contains(errs, "cannot reach the gateway at "+sock) {
 		t.Errorf("dashboard without a gateway: exit %d, %q", code, errs)
 	}
+
+	// graph --out replaces only a graph of its own, in any format, and
+	// says so before asking the gateway.
+	dir := t.TempDir()
+	key := filepath.Join(dir, "ca.key")
+	os.WriteFile(key, []byte("-----BEGIN EC PRIVATE KEY-----\n"), 0o600)
+	if _, errs, code := runCLI(t, "graph", "--socket", sock, "--format", "json", "--out", key); code != 2 || !strings.Contains(errs, "is not a mesh graph") {
+		t.Errorf("graph --out over a key: exit %d, %q; want it refused", code, errs)
+	}
+	if b, _ := os.ReadFile(key); string(b) != "-----BEGIN EC PRIVATE KEY-----\n" {
+		t.Errorf("graph --out replaced a key: %q", b)
+	}
+	g := &mesh.MeshGraph{Self: "gw1", Sites: []mesh.GraphSite{{Name: "onprem-zrh", Gateways: []mesh.GraphGateway{{Node: "gw1", OverlayIP: "100.96.0.1", Self: true}}}}}
+	js, _ := json.Marshal(g)
+	for name, b := range map[string][]byte{"mesh.dot": []byte(g.DOT()), "mesh.svg": []byte(g.SVG()), "mesh.json": js} {
+		out := filepath.Join(dir, name)
+		os.WriteFile(out, b, 0o644)
+		if _, errs, code := runCLI(t, "graph", "--socket", sock, "--out", out); code != 1 || !strings.Contains(errs, "cannot reach the gateway") {
+			t.Errorf("graph --out over an earlier %s: exit %d, %q; want it let through (to fail at the gateway)", name, code, errs)
+		}
+	}
 }
 
 // TestBurstUsage: mistakes in burst commands are caught before any
