@@ -611,7 +611,7 @@ func (g *Gateway) startGossip() error {
 	if g.opt.tune != nil {
 		g.opt.tune(cfg)
 	}
-	t, err := newGossipTransport(g.s.GossipBind, g.log, &g.traffic)
+	t, err := newGossipTransport(g.s.GossipBind, g.log, &g.traffic, g.members.gossipsFrom)
 	if err != nil {
 		return fmt.Errorf("start gossip: %w", err)
 	}

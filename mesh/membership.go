@@ -542,6 +542,19 @@ type conflictError struct{ msg string }
 func (e *conflictError) Error() string { return e.msg }
 
 // leave records that gossip declared a member dead or that it left.
+// gossipsFrom reports whether a member that is alive gossips from source,
+// an address as sourceOf counts it.
+func (ms *membership) gossipsFrom(source netip.Addr) bool {
+	ms.mu.Lock()
+	defer ms.mu.Unlock()
+	for _, m := range ms.members {
+		if m.alive && m.gossip.IsValid() && sourceOf(m.gossip.Addr()) == source {
+			return true
+		}
+	}
+	return false
+}
+
 func (ms *membership) leave(name string) {
 	ms.mu.Lock()
 	if m := ms.members[name]; m != nil {

@@ -290,6 +290,30 @@ func TestMembershipListsRefusedStranger(t *testing.T) {
 	}
 }
 
+// TestMembershipGossipsFrom: the transport lets a member's address hold
+// more incoming streams than a stranger's; only an alive member counts,
+// and an IPv6 one by its /64, as sourceOf counts the streams.
+func TestMembershipGossipsFrom(t *testing.T) {
+	f := newFixture(t)
+	ms := newMembership("self", f.trust(), func() time.Time { return f.now }, func() {})
+	v4, v6 := netip.MustParseAddr("192.0.2.1"), netip.MustParseAddr("2001:db8:1:2::7")
+	if ms.gossipsFrom(v4) {
+		t.Fatal("no member yet, but an address counted as a member's")
+	}
+	ms.update("gw-a", gossipAddr, []byte("not an advert"))
+	ms.update("gw-b", netip.AddrPortFrom(v6, 7946), []byte("not an advert"))
+	if !ms.gossipsFrom(v4) || !ms.gossipsFrom(sourceOf(netip.MustParseAddr("2001:db8:1:2::99"))) {
+		t.Fatal("members' addresses not counted as theirs")
+	}
+	if ms.gossipsFrom(netip.MustParseAddr("192.0.2.2")) || ms.gossipsFrom(sourceOf(netip.MustParseAddr("2001:db8:1:3::7"))) {
+		t.Fatal("another address counted as a member's")
+	}
+	ms.leave("gw-a")
+	if ms.gossipsFrom(v4) {
+		t.Fatal("a member gone still counts")
+	}
+}
+
 // TestMembershipPrunesCertificates: certificates are kept while a member's
 // advert names them; expired ones no advert names, and refused ones, are
 // dropped, and refused ones are bounded between prunes — a burst's

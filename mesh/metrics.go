@@ -266,7 +266,7 @@ var (
 	descGossipBytes = prometheus.NewDesc("skybridge_gossip_bytes_total",
 		"Gossip bytes as they cross the network (encrypted, without IP/UDP/TCP headers), by transport (udp: datagrams; tcp: push/pull exchanges and large messages) and direction.", []string{"transport", "direction"}, nil)
 	descGossipStreamsClosed = prometheus.NewDesc("skybridge_gossip_streams_closed_total",
-		"Incoming gossip TCP streams the gateway closed before reading them through, by reason (too_many: more than 256 at once; too_much: over 64 MiB read by all at once). Before the gossip key is checked: anyone who reaches the port can cause them.", []string{"reason"}, nil)
+		"Incoming gossip TCP streams the gateway closed before reading them through, by reason (too_many: more than 256 at once; too_many_from_source: more than 32 at once from one address no member gossips from; too_much: over 64 MiB read by all at once). Before the gossip key is checked: anyone who reaches the port can cause them.", []string{"reason"}, nil)
 	descInfo = prometheus.NewDesc("skybridge_gateway_info",
 		"The gateway's identity and configuration (value 1).", []string{"node", "site", "region", "jurisdiction", "mode", "policy"}, nil)
 )
@@ -293,6 +293,7 @@ func (c *gatewayCollector) Collect(ch chan<- prometheus.Metric) {
 		{descGossipBytes, &tr.streamBytesSent, []string{"tcp", "sent"}},
 		{descGossipBytes, &tr.streamBytesReceived, []string{"tcp", "received"}},
 		{descGossipStreamsClosed, &tr.streamsTooMany, []string{"too_many"}},
+		{descGossipStreamsClosed, &tr.streamsFromOne, []string{"too_many_from_source"}},
 		{descGossipStreamsClosed, &tr.streamsTooMuch, []string{"too_much"}},
 	} {
 		ch <- prometheus.MustNewConstMetric(v.desc, prometheus.CounterValue, float64(v.n.Load()), v.labels...)

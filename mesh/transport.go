@@ -41,6 +41,14 @@ type gossipTransport struct {
 	// when too many is worth logging again.
 	inbound  atomic.Int64
 	warnFull throttle.PerSecond
+	// from counts them by source (sourceOf), so that one address cannot
+	// hold every slot; member says whether a member gossips from a source,
+	// whose streams only the total bounds. warnFrom says when a source
+	// turned away is worth logging again.
+	fromMu   sync.Mutex
+	from     map[netip.Addr]int
+	member   func(source netip.Addr) bool
+	warnFrom throttle.PerSecond
 	// inboundBytes counts what the incoming streams not yet closed have
 	// read: memberlist buffers a stream's whole message before the gossip
 	// key is checked, so it bounds the memory anyone who can reach the
@@ -61,8 +69,9 @@ type gossipTraffic struct {
 	packetBytesSent, packetBytesReceived atomic.Int64
 	streamBytesSent, streamBytesReceived atomic.Int64
 	// Incoming streams the transport closed before memberlist was done
-	// with them: too many at once, or too much read at once.
-	streamsTooMany, streamsTooMuch atomic.Int64
+	// with them: too many at once, too many at once from one address that
+	// no member gossips from, or too much read at once.
+	streamsTooMany, streamsFromOne, streamsTooMuch atomic.Int64
 }
 
 // countingConn counts a stream's bytes each way.
@@ -96,7 +105,8 @@ const maxDatagram = 65535
 const gossipRecvBuffer = 2 << 20
 
 // newGossipTransport binds bind for UDP and TCP, counting into traffic.
-func newGossipTransport(bind netip.AddrPort, log *slog.Logger, traffic *gossipTraffic) (*gossipTransport, error) {
+// member says whether a member gossips from a source address (sourceOf).
+func newGossipTransport(bind netip.AddrPort, log *slog.Logger, traffic *gossipTraffic, member func(source netip.Addr) bool) (*gossipTransport, error) {
 	tcp, err := net.ListenTCP("tcp", net.TCPAddrFromAddrPort(bind))
 	if err != nil {
 		return nil, fmt.Errorf("gossip TCP listener on %s: %w", bind, err)
@@ -113,7 +123,8 @@ func newGossipTransport(bind netip.AddrPort, log *slog.Logger, traffic *gossipTr
 			break
 		}
 	}
-	t := &gossipTransport{log: log, traffic: traffic, udp: udp, tcp: tcp, packets: make(chan *memberlist.Packet), streams: make(chan net.Conn), done: make(chan struct{})}
+	t := &gossipTransport{log: log, traffic: traffic, udp: udp, tcp: tcp, packets: make(chan *memberlist.Packet), streams: make(chan net.Conn), done: make(chan struct{}),
+		from: map[netip.Addr]int{}, member: member}
 	t.dials, t.stopDials = context.WithCancel(context.Background())
 	t.wg.Add(2)
 	go t.readPackets()
@@ -277,7 +288,18 @@ func (t *gossipTransport) acceptStreams() {
 			}
 			continue
 		}
-		in := &inboundConn{Conn: t.counted(c), n: &t.inbound, bytes: &t.inboundBytes, over: t.overBudget}
+		ap, _ := netip.ParseAddrPort(c.RemoteAddr().String())
+		src := sourceOf(ap.Addr())
+		if !t.admitFrom(src) {
+			t.inbound.Add(-1)
+			t.traffic.streamsFromOne.Add(1)
+			c.Close()
+			if ok, dropped := t.warnFrom.Allow(); ok {
+				t.log.Warn("gossip: too many incoming streams at once from one address that no member gossips from; closing new ones", "from", src, "max", maxInboundStreamsFrom, "closed_unlogged", dropped)
+			}
+			continue
+		}
+		in := &inboundConn{Conn: t.counted(c), n: &t.inbound, bytes: &t.inboundBytes, over: t.overBudget, release: func() { t.releaseFrom(src) }}
 		select {
 		case t.streams <- in:
 		case <-t.done:
@@ -290,7 +312,37 @@ func (t *gossipTransport) acceptStreams() {
 // maxInboundStreams bounds the gossip streams being read at once. A
 // gateway's peers open one each for a state exchange every 15 s or so,
 // and for the rare large message: a few at a time even in a large mesh.
-const maxInboundStreams = 256
+// maxInboundStreamsFrom bounds those of one source address that no member
+// gossips from (a newcomer's, or a stranger's: memberlist holds a stream
+// for its TCP timeout before the gossip key is checked), so that one
+// address holding connections open cannot keep new gateways from joining,
+// nor members' large messages from arriving. A gateway opens one or two
+// at a time; a site's gateways behind one NAT address a few each.
+const (
+	maxInboundStreams     = 256
+	maxInboundStreamsFrom = 32
+)
+
+// admitFrom counts a stream from src, unless src already has
+// maxInboundStreamsFrom open and no member gossips from it. Members are
+// looked up only then: the common case costs a map access.
+func (t *gossipTransport) admitFrom(src netip.Addr) bool {
+	t.fromMu.Lock()
+	defer t.fromMu.Unlock()
+	if t.from[src] >= maxInboundStreamsFrom && (t.member == nil || !t.member(src)) {
+		return false
+	}
+	t.from[src]++
+	return true
+}
+
+func (t *gossipTransport) releaseFrom(src netip.Addr) {
+	t.fromMu.Lock()
+	defer t.fromMu.Unlock()
+	if t.from[src]--; t.from[src] <= 0 {
+		delete(t.from, src)
+	}
+}
 
 // maxInboundBytes bounds what the incoming streams being read hold at
 // once: a join's state exchange in a mesh of thousands carries a few MB
@@ -312,6 +364,7 @@ type inboundConn struct {
 	ended   bool         // past the budget: every later read fails
 	charged atomic.Int64 // to bytes; Close may come from another goroutine
 	over    func()
+	release func() // its source's count
 	once    sync.Once
 }
 
@@ -343,6 +396,9 @@ func (c *inboundConn) Close() error {
 	c.once.Do(func() {
 		c.n.Add(-1)
 		c.bytes.Add(-c.charged.Load())
+		if c.release != nil {
+			c.release()
+		}
 	})
 	return c.Conn.Close()
 }

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -22,11 +23,11 @@ import (
 func TestGossipTransport(t *testing.T) {
 	lo := netip.MustParseAddr("127.0.0.1")
 	var aTraffic, bTraffic gossipTraffic
-	a, err := newGossipTransport(netip.AddrPortFrom(lo, 0), slog.New(slog.DiscardHandler), &aTraffic)
+	a, err := newGossipTransport(netip.AddrPortFrom(lo, 0), slog.New(slog.DiscardHandler), &aTraffic, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	b, err := newGossipTransport(netip.AddrPortFrom(lo, 0), slog.New(slog.DiscardHandler), &bTraffic)
+	b, err := newGossipTransport(netip.AddrPortFrom(lo, 0), slog.New(slog.DiscardHandler), &bTraffic, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -148,9 +149,10 @@ func TestGossipTransport(t *testing.T) {
 // TestGossipTransportBoundsIncomingStreams: past maxInboundStreams streams
 // being read, a new one is closed at once (before the gossip key is
 // checked, anyone who reaches the port can open them); once one closes,
-// the next is taken again.
+// the next is taken again. They come from a member's address here, which
+// only the total bounds.
 func TestGossipTransportBoundsIncomingStreams(t *testing.T) {
-	tr, err := newGossipTransport(netip.MustParseAddrPort("127.0.0.1:0"), slog.New(slog.DiscardHandler), &gossipTraffic{})
+	tr, err := newGossipTransport(netip.MustParseAddrPort("127.0.0.1:0"), slog.New(slog.DiscardHandler), &gossipTraffic{}, func(netip.Addr) bool { return true })
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -194,13 +196,103 @@ func TestGossipTransportBoundsIncomingStreams(t *testing.T) {
 	}
 }
 
+// TestGossipTransportBoundsStreamsFromOneSource: an address no member
+// gossips from holds at most maxInboundStreamsFrom streams at once; past
+// them its next is closed at once, while other addresses' are taken, and
+// once a member gossips from it, or one of its streams closes, it is
+// taken again.
+func TestGossipTransportBoundsStreamsFromOneSource(t *testing.T) {
+	stranger := netip.MustParseAddr("127.0.0.2")
+	var isMember atomic.Bool
+	tr, err := newGossipTransport(netip.MustParseAddrPort("127.0.0.1:0"), slog.New(slog.DiscardHandler), &gossipTraffic{},
+		func(src netip.Addr) bool { return src == stranger && isMember.Load() })
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tr.Shutdown()
+	dial := func(from netip.Addr) net.Conn {
+		d := net.Dialer{LocalAddr: net.TCPAddrFromAddrPort(netip.AddrPortFrom(from, 0))}
+		c, err := d.Dial("tcp", tr.tcp.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		return c
+	}
+	taken := func() net.Conn {
+		select {
+		case c := <-tr.StreamCh():
+			t.Cleanup(func() { c.Close() })
+			return c
+		case <-time.After(10 * time.Second):
+			t.Fatal("an incoming stream was not handed over")
+			return nil
+		}
+	}
+	closedAtOnce := func(c net.Conn) bool {
+		c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		_, err := c.Read(make([]byte, 1))
+		return err == io.EOF
+	}
+	held := make([]net.Conn, 0, maxInboundStreamsFrom)
+	for range maxInboundStreamsFrom {
+		dial(stranger)
+		held = append(held, taken())
+	}
+	if over := dial(stranger); !closedAtOnce(over) {
+		t.Fatal("a stream past the bound from one address was not closed")
+	}
+	if n := tr.traffic.streamsFromOne.Load(); n != 1 {
+		t.Fatalf("%d streams counted as closed for too many from one address, want 1", n)
+	}
+	dial(netip.MustParseAddr("127.0.0.3")) // another address is taken
+	taken()
+	held[0].Close()
+	dial(stranger) // its place given back
+	taken()
+	isMember.Store(true)
+	dial(stranger) // past the bound, but a member gossips from there
+	taken()
+	if n := tr.traffic.streamsFromOne.Load() + tr.traffic.streamsTooMany.Load(); n != 1 {
+		t.Fatalf("%d streams closed in all, want the one", n)
+	}
+}
+
+// TestGossipJoinWhileAStrangerHoldsStreams: an address without the
+// gossip key that holds more idle streams than the gateway reads at once
+// (memberlist holds each for its TCP timeout, 10 s on the LAN profile)
+// takes only its share: a newcomer still joins through that seed.
+func TestGossipJoinWhileAStrangerHoldsStreams(t *testing.T) {
+	ca := meshCA(t, t.TempDir())
+	lan := func(s *Settings) { s.GossipProfile = "lan" }
+	seed := startLiveGatewayWith(t, ca, t.TempDir(), 0, "s-a", nil, io.Discard, lan)
+	d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP("127.0.0.2")}}
+	for range maxInboundStreams + 8 {
+		c, err := d.Dial("tcp", seed.g.s.GossipBind.String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+	}
+	tr := &seed.g.traffic
+	waitUntil(t, 5*time.Second, "the stranger's streams to be taken or turned away", func() bool {
+		return seed.g.gossip.inbound.Load()+tr.streamsFromOne.Load()+tr.streamsTooMany.Load() >= maxInboundStreams+8
+	})
+	// Well within the stranger's streams' TCP timeout.
+	newcomer := startLiveGatewayWith(t, ca, t.TempDir(), 1, "s-b", []string{seed.g.s.GossipBind.String()}, io.Discard, lan)
+	waitUntil(t, 5*time.Second, "the newcomer to join through the seed", func() bool { return len(newcomer.dev.Peers()) > 0 })
+	if n := tr.streamsFromOne.Load(); n != maxInboundStreams+8-maxInboundStreamsFrom {
+		t.Errorf("%d of the stranger's streams turned away, want all but %d", n, maxInboundStreamsFrom)
+	}
+}
+
 // TestGossipTransportBoundsIncomingBytes: memberlist reads a stream's
 // whole message into memory before the gossip key is checked. Streams
 // from anyone, each claiming memberlist's largest message and sending it,
 // hold no more than maxInboundBytes at once: past it the stream that goes
 // over is ended, and closing streams gives the room back.
 func TestGossipTransportBoundsIncomingBytes(t *testing.T) {
-	tr, err := newGossipTransport(netip.MustParseAddrPort("127.0.0.1:0"), slog.New(slog.DiscardHandler), &gossipTraffic{})
+	tr, err := newGossipTransport(netip.MustParseAddrPort("127.0.0.1:0"), slog.New(slog.DiscardHandler), &gossipTraffic{}, func(netip.Addr) bool { return true })
 	if err != nil {
 		t.Fatal(err)
 	}
