@@ -1397,6 +1397,21 @@ func TestReceiverRefusesBadFrames(t *testing.T) {
 	if _, ok := acc.Base[3]; !ok {
 		t.Fatalf("the stored version's chunk 3 was not offered: %v", acc.Base)
 	}
+	// Another gateway, certified by the same CA, cannot attach a data
+	// stream to this sender's migration, even knowing its ID.
+	other, err := p.ca.IssueIdentity(certs.Attributes{Node: "gw-other", Site: "other-site", Region: "r", Provider: "onprem", Jurisdiction: "CH",
+		OverlayIP: netip.AddrFrom4([4]byte{100, 96, 0, 3})}, time.Hour, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	oc := p.dial(t, other)
+	ow, or := newFrameWriter(oc), newFrameReader(oc)
+	if err := ow.json(frameJoin, Join{ID: offer.ID}); err != nil {
+		t.Fatal(err)
+	}
+	if typ, b, err := or.next(nil); err != nil || typ != frameError || !strings.Contains(string(b), "no such migration from you") {
+		t.Fatalf("another gateway joining the migration: answer type %d %q, %v; want an error frame", typ, b, err)
+	}
 	dw, dr := dial()
 	if err := dw.json(frameJoin, Join{ID: offer.ID}); err != nil {
 		t.Fatal(err)
