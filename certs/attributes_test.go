@@ -115,6 +115,45 @@ func TestAttributesOfBindsOverlayIP(t *testing.T) {
 	}
 }
 
+// TestAttributesOfRefusesAmbiguity: a certificate names one node, one
+// place: two attribute URIs (a CA that pins URIs loosely would let the
+// holder add its own), or a common name other than the node attribute,
+// are refused rather than one of them picked.
+func TestAttributesOfRefusesAmbiguity(t *testing.T) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := testAttrs("gw1", "onprem-zrh", "100.96.0.10")
+	b := testAttrs("gw1", "aws-us-east-1", "100.96.0.10")
+	b.Jurisdiction = "US"
+	cert := func(cn string, us ...*url.URL) *x509.Certificate {
+		tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: cn}, URIs: us,
+			IPAddresses: []net.IP{net.ParseIP("100.96.0.10")}, NotBefore: time.Now(), NotAfter: time.Now().Add(time.Hour)}
+		der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c, err := x509.ParseCertificate(der)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	if got, err := AttributesOf(cert("gw1", a.PinnedURI())); err != nil || got.Site != "onprem-zrh" {
+		t.Fatalf("one URI, its node the common name: %+v, %v", got, err)
+	}
+	if _, err := AttributesOf(cert("gw1", a.PinnedURI(), b.PinnedURI())); err == nil || !strings.Contains(err.Error(), "2 skybridge attribute URIs") {
+		t.Fatalf("two attribute URIs: %v; want refused", err)
+	}
+	if _, err := AttributesOf(cert("gw1")); err == nil || !strings.Contains(err.Error(), "0 skybridge attribute URIs") {
+		t.Fatalf("no attribute URI: %v; want refused", err)
+	}
+	if _, err := AttributesOf(cert("gw2", a.PinnedURI())); err == nil || !strings.Contains(err.Error(), `common name "gw2" differs from its node attribute "gw1"`) {
+		t.Fatalf("a common name other than the node: %v; want refused", err)
+	}
+}
+
 func TestGrants(t *testing.T) {
 	a := testAttrs("gw1", "s", "100.96.0.1", "10.20.0.0/16", "fd00:20::/48")
 	for p, want := range map[string]bool{

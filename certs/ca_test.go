@@ -13,6 +13,7 @@ import (
 	"math/big"
 	"net"
 	"net/netip"
+	"net/url"
 	"os"
 	"path/filepath"
 	"slices"
@@ -280,6 +281,35 @@ func TestNameConstraint(t *testing.T) {
 	_, err = trust(t, ca).VerifyCertificate(c, t0)
 	if ReasonOf(err) != ReasonBadCertificate {
 		t.Fatalf("err = %v, want bad_certificate", err)
+	}
+}
+
+// TestGatewayCertificateNeedsClientAuth: a certificate the CA signed for
+// serving only (the enrollment endpoint's, say), however complete its
+// attributes, is not a gateway's.
+func TestGatewayCertificateNeedsClientAuth(t *testing.T) {
+	ca := newTestCA(t)
+	a := testAttrs("gw1", "s", "100.96.0.1")
+	key, _ := GenerateNodeKey()
+	certFor := func(eku x509.ExtKeyUsage) *x509.Certificate {
+		tmpl := &x509.Certificate{
+			SerialNumber: big.NewInt(int64(100 + eku)), Subject: pkix.Name{CommonName: "gw1"},
+			NotBefore: t0.Add(-time.Hour), NotAfter: t0.Add(time.Hour),
+			ExtKeyUsage: []x509.ExtKeyUsage{eku},
+			URIs:        []*url.URL{a.PinnedURI()}, IPAddresses: []net.IP{net.ParseIP("100.96.0.1")},
+		}
+		der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, key.Public(), ca.key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c, _ := x509.ParseCertificate(der)
+		return c
+	}
+	if _, err := trust(t, ca).VerifyCertificate(certFor(x509.ExtKeyUsageClientAuth), t0); err != nil {
+		t.Fatalf("client authentication: %v", err)
+	}
+	if _, err := trust(t, ca).VerifyCertificate(certFor(x509.ExtKeyUsageServerAuth), t0); ReasonOf(err) != ReasonBadCertificate {
+		t.Fatalf("server authentication only: err = %v, want bad_certificate", err)
 	}
 }
 
