@@ -7,6 +7,7 @@ import (
 	"crypto/sha256"
 	"crypto/x509"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"log/slog"
 	"maps"
@@ -579,6 +580,11 @@ func TestMembershipRevocation(t *testing.T) {
 	}
 	if !slices.Equal(names, []string{"gw-b"}) {
 		t.Fatalf("peers after revocation: %v", names)
+	}
+	// The revoked certificate is no longer one the gateway knows: offered
+	// again (a join's exchange, a fetch) it is refused, not taken as known.
+	if err := ms.addCert(a.Certificate().Raw); !errors.Is(err, certs.ErrRevoked) {
+		t.Fatalf("the revoked certificate offered again: %v; want it refused as revoked", err)
 	}
 }
 
