@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 
 	"github.com/urfave/cli/v2"
@@ -25,6 +26,9 @@ func demoCommand() *cli.Command {
 			jsonFlag,
 		},
 		Action: func(c *cli.Context) error {
+			if c.IsSet("down") && strings.TrimSpace(c.String("down")) == "" {
+				return usageError("--down is empty: give the directory the kept demo printed (skybridge demo --down DIR)")
+			}
 			if d := c.String("down"); d != "" {
 				for _, f := range []string{"keep", "mode", "json"} {
 					if c.IsSet(f) {
@@ -38,6 +42,10 @@ func demoCommand() *cli.Command {
 				if err != nil {
 					return fmt.Errorf("tear down the demo in %s: %w", d, err)
 				}
+				if len(skipped) > 0 {
+					fmt.Fprintf(c.App.Writer, "demo in %s stopped and removed, but for what was not its own (above)\n", d)
+					return nil
+				}
 				fmt.Fprintf(c.App.Writer, "demo in %s stopped and removed\n", d)
 				return nil
 			}
@@ -50,22 +58,33 @@ func demoCommand() *cli.Command {
 			if err != nil {
 				return err
 			}
-			ctx, stop := signal.NotifyContext(c.Context, syscall.SIGINT, syscall.SIGTERM)
+			// SIGHUP too: a closed terminal or ssh session would otherwise
+			// leave the gateways (process groups of their own) and the
+			// namespaces behind.
+			ctx, stop := signal.NotifyContext(c.Context, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
 			defer stop()
 			opt := demo.Options{Mode: c.String("mode"), Keep: c.Bool("keep"), Exe: exe}
 			if !c.Bool("json") {
 				opt.Out, opt.Bars = c.App.Writer, c.App.ErrWriter
 			}
 			sum, err := demo.Run(ctx, opt)
+			interrupted := ctx.Err() != nil && c.Context.Err() == nil
 			if c.Bool("json") && sum != nil {
 				if perr := printJSON(c.App.Writer, sum); perr != nil {
 					return perr
 				}
 			}
-			if err != nil {
-				return fmt.Errorf("demo failed (everything it created was removed): %w", err)
+			if err == nil {
+				return nil
 			}
-			return nil
+			what, code := "demo failed", 1
+			if interrupted {
+				what, code = "demo interrupted", 130 // as a shell reports SIGINT
+			}
+			if sum != nil && sum.CleanedUp {
+				what += " (everything it created was removed)"
+			}
+			return cli.Exit(fmt.Sprintf("%s: %v", what, err), code)
 		},
 	}
 }

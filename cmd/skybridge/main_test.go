@@ -769,16 +769,26 @@ func TestDemoDown(t *testing.T) {
 	demoDir := filepath.Join(dir, "demo")
 	other := filepath.Join(dir, "other")
 	for _, d := range []string{filepath.Join(demoDir, "zrh"), other} {
-		os.MkdirAll(d, 0o700)
-		os.WriteFile(filepath.Join(d, "gateway.hcl"), nil, 0o644)
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(d, "gateway.hcl"), nil, 0o644); err != nil {
+			t.Fatal(err)
+		}
 	}
+	// exec.Cmd.Start returns once the child has exec'd: its command
+	// line, which --down checks, is final.
 	own, ownDone := idleProcess(t, "gateway", "run", "--config", filepath.Join(demoDir, "zrh", "gateway.hcl"))
 	stranger, strangerDone := idleProcess(t, "gateway", "run", "--config", filepath.Join(other, "gateway.hcl"))
 	unrelated, unrelatedDone := idleProcess(t, "serve", "--port", "8080")
-	time.Sleep(200 * time.Millisecond) // let them exec
-	st, _ := json.Marshal(map[string]any{"mode": "netstack", "pids": []int{own.Process.Pid, stranger.Process.Pid, unrelated.Process.Pid},
+	st, err := json.Marshal(map[string]any{"mode": "netstack", "pids": []int{own.Process.Pid, stranger.Process.Pid, unrelated.Process.Pid},
 		"namespaces": []string{"prod"}, "interfaces": []string{"../../etc/x"}})
-	os.WriteFile(filepath.Join(demoDir, "demo-state.json"), st, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(demoDir, "demo-state.json"), st, 0o600); err != nil {
+		t.Fatal(err)
+	}
 
 	out, errs, code := runCLI(t, "demo", "--down", demoDir)
 	if code != 0 || !strings.Contains(out, "stopped and removed") {
@@ -809,6 +819,32 @@ func TestDemoDown(t *testing.T) {
 	}
 	if _, err := os.Stat(demoDir); !os.IsNotExist(err) {
 		t.Errorf("the demo directory is still there: %v", err)
+	}
+
+	// Given a directory that holds more than a demo, --down removes what
+	// the demo makes and keeps the rest, and says so.
+	mixed := filepath.Join(dir, "mixed")
+	for name, body := range map[string]string{"demo-state.json": `{"mode":"netstack"}`, "residency.hcl": "", "zrh/gateway.hcl": "", "important.txt": "keep me"} {
+		os.MkdirAll(filepath.Dir(filepath.Join(mixed, name)), 0o700)
+		if err := os.WriteFile(filepath.Join(mixed, name), []byte(body), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	out, errs, code = runCLI(t, "demo", "--down", mixed)
+	if code != 0 || !strings.Contains(errs, "it holds important.txt, which the demo did not make") || !strings.Contains(out, "but for what was not its own") {
+		t.Errorf("demo --down of a directory holding a file of the user's: exit %d, %q, %q", code, out, errs)
+	}
+	if b, err := os.ReadFile(filepath.Join(mixed, "important.txt")); err != nil || string(b) != "keep me" {
+		t.Errorf("the user's file: %q, %v; want it kept", b, err)
+	}
+	for _, name := range []string{"demo-state.json", "residency.hcl", "zrh"} {
+		if _, err := os.Stat(filepath.Join(mixed, name)); !os.IsNotExist(err) {
+			t.Errorf("the demo's %s is still there: %v", name, err)
+		}
+	}
+	// An empty --down (an unset shell variable) starts nothing.
+	if _, errs, code := runCLI(t, "demo", "--down", ""); code != 2 || !strings.Contains(errs, "--down is empty") {
+		t.Errorf(`demo --down "": exit %d, %q; want a usage error`, code, errs)
 	}
 }
 

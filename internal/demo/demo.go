@@ -143,6 +143,7 @@ type AuditSummary struct {
 	Site    string `json:"site"`
 	Records int    `json:"records"`
 	Valid   bool   `json:"valid"`
+	Status  string `json:"status"` // as printed: "3 record(s) valid", "nothing recorded", "INVALID: …"
 }
 
 type run struct {
@@ -194,7 +195,10 @@ func Run(ctx context.Context, opt Options) (sum *Summary, err error) {
 			}
 			return
 		}
-		r.cleanup()
+		if cerr := r.cleanup(); cerr != nil {
+			err = errors.Join(err, fmt.Errorf("and could not remove everything it created: %w", cerr))
+			return
+		}
 		r.sum.CleanedUp = true
 	}()
 	if err := r.steps(ctx); err != nil {
@@ -247,7 +251,9 @@ func (r *run) steps(ctx context.Context) error {
 	if err := r.deny(ctx, img); err != nil {
 		return err
 	}
-	r.audit()
+	if err := r.audit(); err != nil {
+		return err
+	}
 	r.summary()
 	return ctx.Err()
 }
@@ -481,7 +487,17 @@ func (r *run) converge(ctx context.Context) error {
 		}
 		if time.Now().After(deadline) {
 			r.sum.Sites = sites
-			return fmt.Errorf("the mesh did not converge in 45 s; gateway logs are in %s/*/gateway.log", r.dir)
+			// The logs go with the work directory: their ends go with
+			// the error.
+			var b strings.Builder
+			for _, s := range sites {
+				fmt.Fprintf(&b, "\n  %s: tunnels to %v, %d with a handshake", s.Site, s.Tunnels, s.Handshakes)
+			}
+			for _, s := range r.sites {
+				log, _ := os.ReadFile(filepath.Join(s.Dir, "gateway.log"))
+				fmt.Fprintf(&b, "\n--- the end of %s's gateway log ---\n%s", s.Site, tail(log, 1200))
+			}
+			return fmt.Errorf("the mesh did not converge in 45 s:%s", b.String())
 		}
 		if err := r.alive(); err != nil {
 			return err
@@ -673,31 +689,51 @@ func (r *run) deny(ctx context.Context, img string) error {
 		return fmt.Errorf("the policy did not refuse swiss-banking-secret for the US: %+v", ev)
 	}
 	d.Refused, d.By, d.Rule, d.Reasons = true, ev.Denied.By, ev.Denied.Rule, ev.Denied.Reasons
-	r.sayf("  REFUSED by the residency policy at the %s, before a single byte left: %d bytes sent\n  rule: %s\n", d.By, d.Sent, d.Rule)
+	when := fmt.Sprintf("%d bytes sent", d.Sent)
+	if d.By == "sender" && d.Sent == 0 && ev.Record != nil {
+		when = "before a single byte left: 0 bytes sent"
+	}
+	r.sayf("  REFUSED by the residency policy at the %s, %s\n  rule: %s\n", d.By, when, d.Rule)
 	for _, reason := range d.Reasons {
 		r.sayf("  reason: %s\n", reason)
 	}
 	return nil
 }
 
-// audit verifies each gateway's signed audit log.
-func (r *run) audit() {
+// audit verifies each gateway's signed audit log. A gateway that decided
+// nothing (the receiver of a move its sender refused) has none yet; a log
+// that does not verify fails the demo.
+func (r *run) audit() error {
 	tb, err := r.ca.TrustBundle()
 	if err != nil {
-		return
+		return fmt.Errorf("audit logs: %w", err)
 	}
 	r.sayf("\n▸ audit logs (signed by each gateway, hash-chained):")
+	var bad []error
 	for _, s := range r.sites {
-		a := AuditSummary{Site: s.Site, Valid: true}
-		if f, err := os.Open(filepath.Join(s.Dir, "audit.log")); err == nil {
-			rep, err := audit.Verify(f, tb)
+		a := AuditSummary{Site: s.Site}
+		f, err := os.Open(filepath.Join(s.Dir, "audit.log"))
+		switch {
+		case errors.Is(err, os.ErrNotExist):
+			a.Valid, a.Status = true, "nothing recorded"
+		case err != nil:
+			a.Status = err.Error()
+		default:
+			rep, verr := audit.Verify(f, tb)
 			f.Close()
-			a.Records, a.Valid = rep.Records, err == nil
+			a.Records, a.Valid, a.Status = rep.Records, verr == nil, fmt.Sprintf("%d record(s) valid", rep.Records)
+			if verr != nil {
+				a.Status = "INVALID: " + verr.Error()
+			}
+		}
+		if !a.Valid {
+			bad = append(bad, fmt.Errorf("the audit log of %s: %s", s.Site, a.Status))
 		}
 		r.sum.Audit = append(r.sum.Audit, a)
-		r.sayf(" %s %d record(s) %s;", s.Site, a.Records, map[bool]string{true: "valid", false: "INVALID"}[a.Valid])
+		r.sayf(" %s %s;", s.Site, a.Status)
 	}
 	r.sayf("\n")
+	return errors.Join(bad...)
 }
 
 func (r *run) summary() {
@@ -771,12 +807,18 @@ func (r *run) saveState() error {
 
 // cleanup stops the gateways (SIGTERM, then SIGKILL) and removes the
 // namespaces, their stale sockets and the work directory.
-func (r *run) cleanup() {
-	teardown(r.state(), r.sites)
-	os.RemoveAll(r.dir)
+func (r *run) cleanup() error {
+	err := teardown(r.state(), r.sites)
+	if rerr := os.RemoveAll(r.dir); rerr != nil {
+		err = errors.Join(err, rerr)
+	}
+	return err
 }
 
-func teardown(st state, sites []*site) {
+// teardown stops the gateways and removes the namespaces and UAPI sockets
+// of st, and says what it could not.
+func teardown(st state, sites []*site) error {
+	var errs []error
 	for _, pid := range st.PIDs {
 		syscall.Kill(pid, syscall.SIGTERM)
 	}
@@ -787,15 +829,26 @@ func teardown(st state, sites []*site) {
 		}
 		if processAlive(pid, sites) {
 			syscall.Kill(pid, syscall.SIGKILL)
-			processAlive(pid, sites)
+			for end := time.Now().Add(2 * time.Second); processAlive(pid, sites) && time.Now().Before(end); {
+				time.Sleep(20 * time.Millisecond)
+			}
+			if processAlive(pid, sites) {
+				errs = append(errs, fmt.Errorf("gateway process %d still runs after SIGKILL", pid))
+			}
 		}
 	}
 	for _, ns := range st.Namespaces {
-		exec.Command("ip", "netns", "del", ns).Run()
+		out, err := exec.Command("ip", "netns", "del", ns).CombinedOutput()
+		if _, serr := os.Stat(filepath.Join("/run/netns", ns)); err != nil && serr == nil {
+			errs = append(errs, fmt.Errorf("network namespace %s: %v: %s (remove it with: ip netns del %s)", ns, err, strings.TrimSpace(string(out)), ns))
+		}
 	}
 	for _, i := range st.Ifaces {
-		os.Remove(filepath.Join("/var/run/wireguard", i+".sock"))
+		if err := os.Remove(filepath.Join("/var/run/wireguard", i+".sock")); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, err)
+		}
 	}
+	return errors.Join(errs...)
 }
 
 // processAlive reaps our own children and reports whether pid still runs.
@@ -850,8 +903,42 @@ func Down(dir string) (skipped []string, err error) {
 			skipped = append(skipped, fmt.Sprintf("interface %q: not a name the demo gives", i))
 		}
 	}
-	teardown(own, nil)
-	return skipped, os.RemoveAll(dir)
+	if err := teardown(own, nil); err != nil {
+		return skipped, err
+	}
+	// What Run made, and the directory only if nothing else is in it:
+	// --down is given a path by hand, and may be given the wrong one.
+	var errs []error
+	for _, name := range append(madeByRun(), stateFile) {
+		if err := os.RemoveAll(filepath.Join(dir, name)); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		return skipped, err
+	}
+	if err := os.Remove(dir); err != nil {
+		var left []string
+		if ents, rerr := os.ReadDir(dir); rerr == nil {
+			for _, e := range ents {
+				left = append(left, e.Name())
+			}
+		}
+		if len(left) == 0 {
+			return skipped, err
+		}
+		skipped = append(skipped, fmt.Sprintf("directory %s: it holds %s, which the demo did not make", dir, strings.Join(left, ", ")))
+	}
+	return skipped, nil
+}
+
+// madeByRun names what Run makes in its directory, besides stateFile.
+func madeByRun() []string {
+	names := []string{"ca", "residency.hcl", "residency.hcl.sig", "vm.raw", "vm.qcow2"}
+	for _, s := range demoSites() {
+		names = append(names, s.Short)
+	}
+	return names
 }
 
 // ownGateways opens the processes among pids that are gateways of the
