@@ -163,7 +163,7 @@ func caIssue(c *cli.Context) error {
 	// What could fail after signing is checked before: a certificate
 	// issued and not delivered stays valid in the index and holds its
 	// overlay IP.
-	if err := checkOutKind(out, ca, outGateway); err != nil {
+	if err := checkOutKind("--out", out, ca, outGateway); err != nil {
 		return err
 	}
 	if err := checkCAKeyring(c.Context, ca); err != nil {
@@ -317,20 +317,24 @@ const (
 	outSigner  = "policy signer"
 )
 
-// checkOutKind refuses an --out directory that is a file, or holds a key
-// of another kind than the one to be written there: the CA's (whoever can
-// read the one can then read both), a gateway's or a policy signer's. Each
-// key has a directory of its own, so that it goes to its holder alone.
-func checkOutKind(out string, ca *certs.CA, kind string) error {
+// checkOutKind refuses a directory (given as flag) that is a file, or
+// holds a key of another kind than the one to be written there: the CA's
+// (whoever can read the one can then read both), a gateway's or a policy
+// signer's. Each key has a directory of its own, so that it goes to its
+// holder alone. ca may be nil (identity csr has none at hand: a CA key in
+// the directory still says whose it is).
+func checkOutKind(flag, out string, ca *certs.CA, kind string) error {
 	fi, err := os.Stat(out)
 	if err == nil && !fi.IsDir() {
-		return usageError("--out %s is a file: name a directory for the %s", out, kind)
+		return usageError("%s %s is a file: name a directory for the %s", flag, out, kind)
 	}
 	if err != nil {
 		return nil // a new directory
 	}
-	if same, _ := sameDir(out, ca.Dir()); same {
-		return usageError("--out is the CA directory: the %s's key would sit beside the CA key; name a directory of its own", kind)
+	if ca != nil {
+		if same, _ := sameDir(out, ca.Dir()); same {
+			return usageError("%s is the CA directory: the %s's key would sit beside the CA key; name a directory of its own", flag, kind)
+		}
 	}
 	holds := func(name string) bool {
 		_, err := os.Lstat(filepath.Join(out, name))
@@ -338,11 +342,11 @@ func checkOutKind(out string, ca *certs.CA, kind string) error {
 	}
 	switch {
 	case holds("ca.key"):
-		return usageError("--out %s holds a CA key: the %s's key would sit beside it; name a directory of its own", out, kind)
+		return usageError("%s %s holds a CA key: the %s's key would sit beside it; name a directory of its own", flag, out, kind)
 	case kind != outGateway && (holds("node.key") || holds("node.crt")):
-		return usageError("--out %s is a gateway's identity directory: the %s's key would be handed over with the gateway's; name a directory of its own", out, kind)
+		return usageError("%s %s is a gateway's identity directory: the %s's key would be handed over with the gateway's; name a directory of its own", flag, out, kind)
 	case kind != outSigner && (holds("signer.key") || holds("signer.crt")):
-		return usageError("--out %s is a policy signer's directory: the %s's key would be handed over with the signer's; name a directory of its own", out, kind)
+		return usageError("%s %s is a policy signer's directory: the %s's key would be handed over with the signer's; name a directory of its own", flag, out, kind)
 	}
 	return nil
 }
@@ -373,7 +377,7 @@ func caIssueSigner(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	if err := checkOutKind(c.String("out"), ca, outSigner); err != nil {
+	if err := checkOutKind("--out", c.String("out"), ca, outSigner); err != nil {
 		return err
 	}
 	s, err := ca.NewPolicySigner(c.String("name"), c.Duration("ttl"), time.Now())

@@ -198,7 +198,16 @@ func identityCSR(c *cli.Context) error {
 	if err := attrs.Validate(netip.Prefix{}); err != nil {
 		return attributesUsageError(err)
 	}
-	csr, err := certs.PrepareCSR(c.String("dir"), attrs)
+	// The key made here (or found here) is the one certified: another
+	// gateway's, or one beside a CA or signer key, would be handed over.
+	dir := c.String("dir")
+	if err := checkOutDir(dir, attrs.Node); err != nil {
+		return usageError("--dir %v", err)
+	}
+	if err := checkOutKind("--dir", dir, nil, outGateway); err != nil {
+		return err
+	}
+	csr, err := certs.PrepareCSR(dir, attrs)
 	if err != nil {
 		return err
 	}

@@ -501,6 +501,20 @@ func TestIssueKeepsAnotherHoldersDirectory(t *testing.T) {
 	mustRun(t, "ca", "issue-signer", "--ca", ca, "--name", "compliance", "--out", signer)
 	os.Chmod(filepath.Join(signer, "signer.key"), 0o644)
 	refused("another signer's directory, its key's mode loose", signer, []string{"ca", "issue-signer", "--ca", ca, "--name", "treasury", "--out", signer}, `already holds policy signer "compliance"`)
+
+	// identity csr certifies the key it finds: never another gateway's,
+	// nor one beside the CA's or a signer's.
+	csrFor := func(dir, node string) []string {
+		a := issueArgs("", dir, node, "100.96.0.20")[4:]
+		return append([]string{"identity", "csr", "--dir", dir}, a[:len(a)-2]...)
+	}
+	refused("identity csr in another node's directory", gwA, csrFor(gwA, "gw-z"), `already holds the identity of node "gw-a"`)
+	refused("identity csr in the CA directory", ca, csrFor(ca, "gw-z"), "holds a CA key")
+	refused("identity csr in a signer's directory", signer, csrFor(signer, "gw-z"), "is a policy signer's directory")
+	if _, err := os.Stat(filepath.Join(ca, "node.key")); err == nil {
+		t.Error("identity csr left a node key in the CA directory")
+	}
+	mustRun(t, csrFor(gwA, "gw-a")...) // its own node: a CSR with its key
 }
 
 func TestIssueNotDelivered(t *testing.T) {
