@@ -1,6 +1,7 @@
 package main
 
 import (
+	"slices"
 	"strings"
 
 	"github.com/urfave/cli/v2"
@@ -14,20 +15,29 @@ import (
 // global flags (--log-level, --log-format) are taken after the command
 // words too, as in `skybridge status --config g.hcl --log-level debug`,
 // and moved before them, where urfave/cli looks for them.
-func interspersed(app *cli.App, args []string) []string {
+//
+// It also names a flag that takes one value but was given more than once
+// ("" if none): urfave/cli would keep the last silently, and a verdict
+// command given two --ca-cert would judge by one of them.
+func interspersed(app *cli.App, args []string) ([]string, string) {
 	if len(args) < 2 {
-		return args
+		return args, ""
 	}
 	out := []string{args[0]}
 	rest := args[1:]
 	cmds := app.Commands
 	flags := app.Flags
+	var before []string // global flags before the command
+	top := true
 	// Walk global flags and command words.
 	for len(rest) > 0 {
 		a := rest[0]
 		if strings.HasPrefix(a, "-") {
 			out = append(out, a)
 			rest = rest[1:]
+			if top {
+				before = append(before, a)
+			}
 			if takesValue(flags, a) && len(rest) > 0 {
 				out = append(out, rest[0])
 				rest = rest[1:]
@@ -45,6 +55,7 @@ func interspersed(app *cli.App, args []string) []string {
 		}
 		out = append(out, a)
 		rest = rest[1:]
+		top = false
 		cmds, flags = next.Subcommands, next.Flags
 		if len(cmds) == 0 {
 			break
@@ -80,7 +91,38 @@ func interspersed(app *cli.App, args []string) []string {
 		out = append(out, "--")
 		out = append(out, pos...)
 	}
-	return out
+	rep := repeated(flags, fl)
+	if rep == "" {
+		rep = repeated(app.Flags, append(before, global...))
+	}
+	return out, rep
+}
+
+// repeated names the first flag among toks that takes a single value and
+// is given more than once. Booleans may repeat (to no effect), lists are
+// made to.
+func repeated(flags []cli.Flag, toks []string) string {
+	seen := map[cli.Flag]bool{}
+	for _, tok := range toks {
+		if !strings.HasPrefix(tok, "-") {
+			continue // a value
+		}
+		name, _, _ := strings.Cut(strings.TrimLeft(tok, "-"), "=")
+		for _, f := range flags {
+			if !slices.Contains(f.Names(), name) {
+				continue
+			}
+			switch f.(type) {
+			case *cli.BoolFlag, *cli.StringSliceFlag, *cli.IntSliceFlag, *cli.Int64SliceFlag, *cli.UintSliceFlag, *cli.Uint64SliceFlag, *cli.Float64SliceFlag:
+				continue
+			}
+			if seen[f] {
+				return f.Names()[0]
+			}
+			seen[f] = true
+		}
+	}
+	return ""
 }
 
 // names reports whether the flag token is one of flags.

@@ -40,7 +40,12 @@ func run(args []string, stdout, stderr io.Writer) int {
 			}
 		}
 	}
-	err := app.Run(interspersed(app, args))
+	args, twice := interspersed(app, args)
+	if twice != "" {
+		fmt.Fprintf(stderr, "skybridge: --%s given more than once: it takes one value (only the last would count); give it once\n", twice)
+		return 2
+	}
+	err := app.Run(args)
 	if unknown != "" {
 		fmt.Fprintf(stderr, "skybridge: unknown command %q (see %s --help)\n", unknown, under)
 		return 2

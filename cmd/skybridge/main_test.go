@@ -78,6 +78,17 @@ func issueArgs(ca, out, node, overlay string, extra ...string) []string {
 		"--provider", "onprem", "--jurisdiction", "CH", "--overlay-ip", overlay, "--out", out}, extra...)
 }
 
+// withFlag is args with flag set to value: in its place if args gives it
+// (a flag of one value may be given once), else added.
+func withFlag(args []string, flag, value string) []string {
+	out := slices.Clone(args)
+	if i := slices.Index(out, flag); i >= 0 && i+1 < len(out) {
+		out[i+1] = value
+		return out
+	}
+	return append(out, flag, value)
+}
+
 func TestVersionAndHelp(t *testing.T) {
 	out := mustRun(t, "--version")
 	if !strings.HasPrefix(out, "skybridge version ") {
@@ -298,8 +309,8 @@ func TestCABadInput(t *testing.T) {
 		{"route over the mesh", issueArgs(ca, out, "gw1", "100.96.0.1", "--route", "100.96.0.0/24"), 1, "overlaps the mesh overlay range"},
 		{"overlay taken", issueArgs(ca, out, "gw1", "100.96.0.9"), 1, `already held by node "gw0"`},
 		{"bad label", issueArgs(ca, out, "gw1", "100.96.0.1", "--label", "tier"), 2, `label "tier" is not key=value`},
-		{"bad jurisdiction", append(issueArgs(ca, out, "gw1", "100.96.0.1"), "--jurisdiction", "EU"), 2, "not an ISO 3166-1"},
-		{"unknown jurisdiction", append(issueArgs(ca, out, "gw1", "100.96.0.1"), "--jurisdiction", "XX"), 2, "not an ISO 3166-1"},
+		{"bad jurisdiction", withFlag(issueArgs(ca, out, "gw1", "100.96.0.1"), "--jurisdiction", "EU"), 2, "not an ISO 3166-1"},
+		{"unknown jurisdiction", withFlag(issueArgs(ca, out, "gw1", "100.96.0.1"), "--jurisdiction", "XX"), 2, "not an ISO 3166-1"},
 		{"bad node name", issueArgs(ca, out, "GW_1", "100.96.0.1"), 2, `node "GW_1" is not valid`},
 		{"mesh CIDR with host bits", []string{"ca", "init", "--dir", filepath.Join(dir, "ca4"), "--mesh-cidr", "100.96.0.5/16"}, 2, "did you mean 100.96.0.0/16"},
 		{"no CA", issueArgs(filepath.Join(dir, "nope"), out, "gw1", "100.96.0.1"), 1, "skybridge ca init --dir"},
@@ -606,7 +617,7 @@ func TestBurstUsage(t *testing.T) {
 		{[]string{"--routes", "10.0.0.1/8"}, "did you mean 10.0.0.0/8"},
 		{[]string{"--site", "Bad_Name"}, `site "Bad_Name" is not valid`},
 	} {
-		if _, errs, code := runCLI(t, append(base, tt.extra...)...); code != 2 || !strings.Contains(errs, tt.want) || strings.Contains(errs, "cannot reach") {
+		if _, errs, code := runCLI(t, withFlag(base, tt.extra[0], tt.extra[1])...); code != 2 || !strings.Contains(errs, tt.want) || strings.Contains(errs, "cannot reach") {
 			t.Errorf("burst up %v: exit %d, %q; want exit 2 and %q", tt.extra, code, errs, tt.want)
 		}
 	}
@@ -1140,6 +1151,25 @@ func TestFlagMistakes(t *testing.T) {
 			t.Errorf("%v: exit %d, %q; want a usage error", args, code, errs)
 		}
 	}
+	// A flag of one value given twice is a mistake, not the last one
+	// winning (two --ca-cert would have a log judged by one CA); lists
+	// and booleans may repeat.
+	for _, tt := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"audit", "verify", "--log", "a.log", "--ca-cert", "old.crt", "--ca-cert", "new.crt"}, "--ca-cert given more than once"},
+		{[]string{"ca", "list", "--ca=ca1", "--ca", "ca6"}, "--ca given more than once"},
+		{[]string{"--log-level", "debug", "status", "--log-level=warn"}, "--log-level given more than once"},
+	} {
+		if out, errs, code := runCLI(t, tt.args...); code != 2 || out != "" || !strings.Contains(errs, tt.want) {
+			t.Errorf("%v: exit %d, %q, %q; want a usage error naming %q", tt.args, code, out, errs, tt.want)
+		}
+	}
+	if _, errs, code := runCLI(t, "burst", "up", "--socket", filepath.Join(dir, "none.sock"), "--site", "burst-ams", "--provider", "aws",
+		"--region", "eu-west-1", "--jurisdiction", "NL", "--ttl", "1h", "--routes", "10.9.0.0/24", "--label", "a=b", "--label", "c=d", "--json", "--json"); code == 2 || strings.Contains(errs, "more than once") {
+		t.Errorf("burst up with two --label and two --json: exit %d, %q; want them taken", code, errs)
+	}
 	// A mistake on the command line is said first, before a problem of
 	// the gateway's configuration or of an input file hides it.
 	badInventory := filepath.Join(dir, "vms.csv")
@@ -1211,7 +1241,7 @@ func TestInterspersed(t *testing.T) {
 		// After "--" nothing is a flag.
 		{"skybridge migrate verify --socket s -- --log-level", "skybridge migrate verify --socket s -- --log-level"},
 	} {
-		if got := strings.Join(interspersed(app, strings.Fields(tc.in)), " "); got != tc.want {
+		if got, _ := interspersed(app, strings.Fields(tc.in)); strings.Join(got, " ") != tc.want {
 			t.Errorf("%s\n got %s\nwant %s", tc.in, got, tc.want)
 		}
 	}
