@@ -2,6 +2,7 @@ package certs
 
 import (
 	"context"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -66,6 +67,13 @@ func Open(ctx context.Context, cfg Config, log *slog.Logger) (*Provider, error) 
 			ca, err := OpenCA(s.caDir)
 			if err != nil {
 				return nil, err
+			}
+			// Its trust bundle is the CA's own, with the CA's range:
+			// a configured range it does not hold would go unchecked.
+			if s.meshPrefix.IsValid() {
+				if _, err := NewTrustBundle([]*x509.Certificate{ca.Certificate()}, s.meshPrefix); err != nil {
+					return nil, fmt.Errorf("identity.mesh_cidr: %w", err)
+				}
 			}
 			p.issuer = ca
 		}

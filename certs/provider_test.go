@@ -319,6 +319,32 @@ func TestProviderKeepsNewerCRL(t *testing.T) {
 	}
 }
 
+// TestProviderMeshRangeOfLocalCA: with ca_dir, the configured overlay
+// range is checked against the CA's, as the trust bundle read from the
+// identity directory checks it: a range the CA does not hold is refused at
+// the start, not left to surface as refused addresses.
+func TestProviderMeshRangeOfLocalCA(t *testing.T) {
+	ca := newTestCA(t) // 100.96.0.0/16
+	for cidr, want := range map[string]string{
+		"100.96.0.0/16": "",
+		"100.64.0.0/10": "is not inside 100.96.0.0/16",
+		"10.0.0.0/16":   "is not inside 100.96.0.0/16",
+	} {
+		p, err := Open(t.Context(), Config{Dir: filepath.Join(t.TempDir(), "id"), CADir: ca.Dir(), TTL: "1h", MeshCIDR: cidr}, quietLog())
+		if want == "" {
+			if err != nil {
+				t.Errorf("mesh_cidr %s, the CA's own: %v", cidr, err)
+			} else {
+				p.Close()
+			}
+			continue
+		}
+		if err == nil || !strings.Contains(err.Error(), want) || !strings.Contains(err.Error(), "mesh_cidr") {
+			t.Errorf("mesh_cidr %s: %v; want it refused (%s)", cidr, err, want)
+		}
+	}
+}
+
 // TestProviderClockBehindIssuer: a gateway whose clock runs 3 minutes
 // behind its CA's takes the certificate the CA issues it (valid from a
 // minute before the CA's now): it used to refuse every one as not yet
