@@ -78,7 +78,8 @@ func (r *BurstRequest) attributes(meshPrefix netip.Prefix) (certs.Attributes, er
 		overlay = netip.IPv4Unspecified().Next()
 	}
 	var errs []error
-	if len(r.Labels) >= certs.MaxLabels {
+	tooMany := len(r.Labels) >= certs.MaxLabels
+	if tooMany {
 		errs = append(errs, fmt.Errorf("%d labels given; at most %d, as skybridge adds %s to a burst's", len(r.Labels), certs.MaxLabels-1, certs.BurstLabel))
 	}
 	labels := map[string]string{certs.BurstLabel: "true"}
@@ -102,7 +103,11 @@ func (r *BurstRequest) attributes(meshPrefix netip.Prefix) (certs.Attributes, er
 	if len(r.Routes) == 0 {
 		errs = append(errs, errors.New("a burst site needs --routes: the prefixes of the servers behind its gateways"))
 	}
-	if err := a.Validate(meshPrefix); err != nil {
+	v := a
+	if tooMany {
+		v.Labels = nil // said above, counting the label skybridge adds
+	}
+	if err := v.Validate(meshPrefix); err != nil {
 		errs = append(errs, err)
 	}
 	if len(r.Site) > burstNameRoom {

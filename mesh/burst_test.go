@@ -111,6 +111,9 @@ func TestBurstRequestValidation(t *testing.T) {
 			if err == nil || !strings.Contains(err.Error(), tc.want) {
 				t.Fatalf("got %v, want an error saying %q", err, tc.want)
 			}
+			if n := strings.Count(err.Error(), "labels given"); n > 1 {
+				t.Fatalf("got %v: the labels counted %d times, with different counts", err, n)
+			}
 		})
 	}
 }

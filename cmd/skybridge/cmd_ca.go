@@ -32,7 +32,7 @@ func caCommand() *cli.Command {
 				Flags: []cli.Flag{
 					&cli.StringFlag{Name: "dir", Usage: "directory to create the CA in (must not hold a CA)", Required: true},
 					&cli.StringFlag{Name: "mesh-cidr", Value: certs.DefaultMeshPrefix.String(), Usage: "overlay range all gateway overlay IPs must lie in: private, shared (100.64.0.0/10) or unique local space, /24 or wider"},
-					&cli.StringFlag{Name: "name", Value: "skybridge mesh", Usage: "name shown in the CA certificate"},
+					&cli.StringFlag{Name: "name", Value: "skybridge mesh", Usage: `the CA certificate is named "NAME CA"`},
 					&cli.DurationFlag{Name: "validity", Value: certs.DefaultCAValidity, Usage: "lifetime of the CA certificate"},
 				},
 				Action: caInit,

@@ -363,7 +363,7 @@ func keysCommand() *cli.Command {
 		Subcommands: []*cli.Command{{
 			Name:      "rotate-gossip",
 			Usage:     "replace the gossip encryption key on every gateway, without a restart",
-			UsageText: "skybridge keys rotate-gossip (--socket PATH | --config FILE)",
+			UsageText: "skybridge keys rotate-gossip (--socket PATH | --config FILE) [--json]",
 			Flags:     append(append([]cli.Flag(nil), socketFlags...), jsonFlag),
 			Action: func(c *cli.Context) error {
 				cl, err := controlClient(c)
