@@ -1499,6 +1499,74 @@ func TestReceiverRefusesBadFrames(t *testing.T) {
 	}
 }
 
+// TestSenderChecksReceiversRoot: a migration is done only when the
+// receiver reports the root the sender computed. A receiver that answers
+// the commit with another root (a bug, a store that lost a chunk) fails
+// the migration rather than have it recorded verified. The receiver here
+// is a stand-in that speaks the protocol, with the destination's identity.
+func TestSenderChecksReceiversRoot(t *testing.T) {
+	p := newPair(t, "DE")
+	raw := filepath.Join(p.dir, "holes.raw")
+	makeRaw(t, raw, 4*mib, nil) // no data: nothing to send but the commit
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	tcfg := serverTLS(func() *certs.NodeIdentity { return p.to }, func() *certs.TrustBundle { return p.tb }, time.Now)
+	go func() {
+		for {
+			raw, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				c := tls.Server(raw, tcfg)
+				defer c.Close()
+				c.SetDeadline(time.Now().Add(20 * time.Second))
+				fw, fr := newFrameWriter(c), newFrameReader(c)
+				typ, _, err := fr.next(nil)
+				if err != nil {
+					return
+				}
+				if typ != frameOffer { // a data stream: held until it closes
+					for err == nil {
+						_, _, err = fr.next(nil)
+					}
+					return
+				}
+				fw.json(frameAccept, Accept{})
+				fw.flush()
+				for {
+					typ, payload, err := fr.next(nil)
+					if err != nil {
+						return
+					}
+					if typ != frameCommit {
+						continue
+					}
+					var cm Commit
+					jsonUnmarshal(payload, &cm)
+					other := cm.Root
+					other[0] ^= 0xff
+					fw.json(frameDone, Done{Name: "holes", Root: other})
+					fw.flush()
+				}
+			}()
+		}
+	}()
+	cfg := p.config(raw, "pii-eu")
+	cfg.Name = "holes"
+	cfg.To.Addr = netip.MustParseAddrPort(ln.Addr().String())
+	rec, err := Send(context.Background(), cfg)
+	if err == nil || !strings.Contains(err.Error(), "receiver stored root") {
+		t.Fatalf("a receiver reporting another root: %v (record %+v); want the migration failed", err, rec)
+	}
+	if rec != nil && rec.State == StateDone {
+		t.Fatalf("recorded done: %+v", rec)
+	}
+}
+
 // TestReceiverEndsSilentSession: a sender that goes silent before its
 // commit (vanished where no keepalive notices it) loses its session after
 // the receiver's IdleTimeout; its durable chunks stay for a resume.
