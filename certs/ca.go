@@ -302,7 +302,7 @@ func (ca *CA) CopyGossipKeyring(ctx context.Context, dir string) error {
 	if err != nil {
 		return err
 	}
-	if err := os.MkdirAll(dir, 0o700); err != nil {
+	if err := MkdirPrivate(dir); err != nil {
 		return err
 	}
 	write := atomicfile.WriteNew

@@ -53,7 +53,7 @@ func (d DirSecrets) WireGuardKey(_ context.Context, node string) (WGPrivateKey, 
 		if err != nil {
 			return WGPrivateKey{}, err
 		}
-		if err := os.MkdirAll(d.Dir, 0o700); err != nil {
+		if err := MkdirPrivate(d.Dir); err != nil {
 			return WGPrivateKey{}, err
 		}
 		// WriteNew: if another process created the key meanwhile, loop
@@ -160,7 +160,7 @@ func ForgetIdentity(dir string) error {
 // SaveGossipKeyring writes the mesh's gossip keyring into dir (0600), as
 // an enrolled gateway receives it.
 func SaveGossipKeyring(dir string, kr *GossipKeyring) error {
-	if err := os.MkdirAll(dir, 0o700); err != nil {
+	if err := MkdirPrivate(dir); err != nil {
 		return err
 	}
 	return atomicfile.WriteFile(filepath.Join(dir, FileGossipKeyring), kr.MarshalSecret(), 0o600)

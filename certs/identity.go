@@ -101,7 +101,7 @@ func PrepareCSR(dir string, attrs Attributes) ([]byte, error) {
 		if err != nil {
 			return nil, err
 		}
-		if err := os.MkdirAll(dir, 0o700); err != nil {
+		if err := MkdirPrivate(dir); err != nil {
 			return nil, err
 		}
 		if err := atomicfile.WriteNew(path, keyPEM, 0o600); err != nil {
@@ -178,7 +178,7 @@ var writeNodeCert = atomicfile.WriteFile
 // bundle ca.crt (plus crl.pem if tb has one). Each file is replaced
 // atomically.
 func (id *NodeIdentity) Save(dir string, tb *TrustBundle) error {
-	if err := os.MkdirAll(dir, 0o700); err != nil {
+	if err := MkdirPrivate(dir); err != nil {
 		return fmt.Errorf("create identity directory: %w", err)
 	}
 	if err := replaceKeyPair(dir, fileNodeCert, fileNodeKey, fileNodeKeyPrev, id.key, id.cert, writeNodeCert); err != nil {
@@ -194,7 +194,7 @@ func (id *NodeIdentity) Save(dir string, tb *TrustBundle) error {
 
 // Save writes ca.crt and, if the bundle has one, crl.pem into dir.
 func (tb *TrustBundle) Save(dir string) error {
-	if err := os.MkdirAll(dir, 0o700); err != nil {
+	if err := MkdirPrivate(dir); err != nil {
 		return fmt.Errorf("create identity directory: %w", err)
 	}
 	if err := atomicfile.WriteFile(filepath.Join(dir, fileCACert), tb.CAPEM(), 0o644); err != nil {

@@ -1,8 +1,10 @@
 package certs
 
 import (
+	"bytes"
 	"errors"
 	"io/fs"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
@@ -116,5 +118,38 @@ func TestIdentityErrorAdvice(t *testing.T) {
 		if !strings.Contains(msg, tt.want) || strings.Contains(msg, tt.not) {
 			t.Errorf("identityError(%v) = %q; want %q, not %q", tt.err, msg, tt.want, tt.not)
 		}
+	}
+}
+
+// TestMkdirPrivate: a directory for keys is made 0700; one that was there,
+// open to other users, keeps its mode (it may be shared) but is said to be
+// open, once.
+func TestMkdirPrivate(t *testing.T) {
+	var logs bytes.Buffer
+	defer slog.SetDefault(slog.Default())
+	slog.SetDefault(slog.New(slog.NewTextHandler(&logs, nil)))
+	dir := t.TempDir()
+	fresh := filepath.Join(dir, "fresh", "id")
+	if err := MkdirPrivate(fresh); err != nil {
+		t.Fatal(err)
+	}
+	if st, err := os.Stat(fresh); err != nil || st.Mode().Perm() != 0o700 {
+		t.Fatalf("a new directory for keys: %v %v; want mode 0700", st.Mode(), err)
+	}
+	open := filepath.Join(dir, "open")
+	if err := os.Mkdir(open, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	os.Chmod(open, 0o755)
+	for range 2 {
+		if err := MkdirPrivate(open); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if st, _ := os.Stat(open); st.Mode().Perm() != 0o755 {
+		t.Errorf("an operator's directory changed mode: %v", st.Mode())
+	}
+	if n := strings.Count(logs.String(), "open to other users"); n != 1 || !strings.Contains(logs.String(), open) || strings.Contains(logs.String(), fresh) {
+		t.Errorf("said %d times (want once, of %s alone):\n%s", n, open, logs.String())
 	}
 }

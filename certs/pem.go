@@ -7,7 +7,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
+	"sync"
 )
 
 const (
@@ -79,6 +81,28 @@ func parseKeyPEM(b []byte) (*ecdsa.PrivateKey, error) {
 	}
 	return ek, nil
 }
+
+// MkdirPrivate makes dir, for keys, 0700. A directory that was there
+// already keeps its mode (it may be the operator's, and shared), but one
+// other users may list or enter is said once a process: the keys in it are
+// 0600, their names and number are not.
+func MkdirPrivate(dir string) error {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return err
+	}
+	st, err := os.Stat(dir)
+	if err != nil {
+		return err
+	}
+	if perm := st.Mode().Perm(); perm&0o077 != 0 {
+		if _, said := looseDirs.LoadOrStore(dir, true); !said {
+			slog.Warn("a directory holding keys is open to other users (the keys in it are not): run chmod 700 on it", "dir", dir, "mode", fmt.Sprintf("%04o", perm))
+		}
+	}
+	return nil
+}
+
+var looseDirs sync.Map // of directories said to be open by MkdirPrivate
 
 // ReadPrivateFile reads a file holding a secret and refuses it if other users
 // could read it, as ssh does: a key that leaked is no identity.

@@ -61,7 +61,7 @@ func (s *PolicySigner) Format(f fmt.State, _ rune) { fmt.Fprint(f, s.String()) }
 // Save writes signer.crt and signer.key (0600) into dir; a signer it
 // replaces stays usable if the save is cut short (replaceKeyPair).
 func (s *PolicySigner) Save(dir string) error {
-	if err := os.MkdirAll(dir, 0o700); err != nil {
+	if err := MkdirPrivate(dir); err != nil {
 		return err
 	}
 	return replaceKeyPair(dir, fileSignerCert, fileSignerKey, fileSignerKeyPrev, s.key, s.cert, writeSignerCert)

@@ -122,7 +122,7 @@ func (s *VaultSecrets) keep(name string, b []byte) {
 	if cur, err := ReadPrivateFile(path); err == nil && bytes.Equal(cur, b) {
 		return
 	}
-	err := os.MkdirAll(s.dir, 0o700)
+	err := MkdirPrivate(s.dir)
 	if err == nil {
 		err = atomicfile.WriteFile(path, b, 0o600)
 	}

@@ -151,7 +151,7 @@ func pendingKey(dir string, p *pendingEnrollment, id string) (*ecdsa.PrivateKey,
 	if err != nil {
 		return nil, err
 	}
-	if err := os.MkdirAll(dir, 0o700); err != nil {
+	if err := certs.MkdirPrivate(dir); err != nil {
 		return nil, err
 	}
 	return key, atomicfile.WriteJSON(filepath.Join(dir, filePendingEnrollment), pendingEnrollment{TokenID: id, Key: der}, 0o600)
@@ -413,7 +413,7 @@ func joinVault(ctx context.Context, dir string, tok *certs.JoinToken, log *slog.
 	log.Info("enrolling through Vault", "token", tok, "vault", vj.Address)
 	// Unwrapping spends the token: everything else is written before
 	// it, so that what it gives is the one write left to fail.
-	if err := os.MkdirAll(dir, 0o700); err != nil {
+	if err := certs.MkdirPrivate(dir); err != nil {
 		return nil, err
 	}
 	if vj.CACert != "" {
