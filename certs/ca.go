@@ -232,6 +232,9 @@ func checkEmptyDir(dir string) error {
 
 // OpenCA loads the CA in dir.
 func OpenCA(dir string) (*CA, error) {
+	if st, err := os.Stat(dir); err == nil && !st.IsDir() {
+		return nil, fmt.Errorf("%s is a file: give the CA's directory, the one `skybridge ca init --dir` made (it holds %s and %s)", dir, fileCACert, fileCAKey)
+	}
 	cert, key, err := loadKeyPair(dir, fileCACert, fileCAKey)
 	if errors.Is(err, os.ErrNotExist) {
 		if _, kerr := os.Stat(filepath.Join(dir, fileCAKey)); kerr == nil {

@@ -314,6 +314,7 @@ func TestCABadInput(t *testing.T) {
 		{"bad node name", issueArgs(ca, out, "GW_1", "100.96.0.1"), 2, `node "GW_1" is not valid`},
 		{"mesh CIDR with host bits", []string{"ca", "init", "--dir", filepath.Join(dir, "ca4"), "--mesh-cidr", "100.96.0.5/16"}, 2, "did you mean 100.96.0.0/16"},
 		{"no CA", issueArgs(filepath.Join(dir, "nope"), out, "gw1", "100.96.0.1"), 1, "skybridge ca init --dir"},
+		{"CA certificate for its directory", []string{"ca", "list", "--ca", filepath.Join(ca, "ca.crt")}, 1, "is a file: give the CA's directory"},
 		{"bad mesh CIDR", []string{"ca", "init", "--dir", filepath.Join(dir, "ca2"), "--mesh-cidr", "banana"}, 2, "--mesh-cidr"},
 		{"mesh CIDR of one address", []string{"ca", "init", "--dir", filepath.Join(dir, "ca2"), "--mesh-cidr", "100.96.0.0/32"}, 2, "holds 0 gateway addresses: give a range of /24 or wider"},
 		{"mesh CIDR too small", []string{"ca", "init", "--dir", filepath.Join(dir, "ca2"), "--mesh-cidr", "10.1.2.0/25"}, 2, "holds 126 gateway addresses"},
