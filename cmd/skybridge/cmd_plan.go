@@ -45,7 +45,7 @@ func planCommand() *cli.Command {
 			inv := c.String("inventory")
 			f, err := os.Open(inv)
 			if err != nil {
-				return err
+				return fmt.Errorf("read the inventory: %w", err)
 			}
 			vms, err := migrate.ParseInventory(f)
 			f.Close()
@@ -213,7 +213,7 @@ func migrateApply(c *cli.Context) error {
 	// itself is locked, so nothing is left beside it.
 	pf, err := os.Open(path)
 	if err != nil {
-		return err
+		return fmt.Errorf("read the plan: %w", err)
 	}
 	defer pf.Close()
 	if err := syscall.Flock(int(pf.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
@@ -224,7 +224,7 @@ func migrateApply(c *cli.Context) error {
 	}
 	raw, err := io.ReadAll(pf)
 	if err != nil {
-		return err
+		return fmt.Errorf("read the plan %s: %w", path, err)
 	}
 	var plan migrate.Plan
 	if err := json.Unmarshal(raw, &plan); err != nil {
