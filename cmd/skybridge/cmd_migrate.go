@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"math"
+	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -175,6 +176,19 @@ func migrateRun(c *cli.Context) error {
 	}
 	if n := c.Int("streams"); n < 1 || n > migrate.MaxStreams {
 		return usageError("--streams %d: want 1 to %d", n, migrate.MaxStreams)
+	}
+	switch f := c.String("format"); f {
+	case "", migrate.FormatRaw, migrate.FormatQcow2:
+	default:
+		return usageError("--format %q: the destination's format is raw or qcow2 (default: the source's)", f)
+	}
+	// The gateway on this host reads the image; what is plainly not one
+	// is said here, as the mistake it is, before a migration is opened
+	// (and recorded failed). One this user may not read the gateway may.
+	if st, err := os.Stat(abs); errors.Is(err, os.ErrNotExist) {
+		return usageError("%s: no such file: give the path of the VM image (raw or qcow2)", img)
+	} else if err == nil && !st.Mode().IsRegular() {
+		return usageError("%s is not a regular file: give the path of the VM image (raw or qcow2)", img)
 	}
 	req := mesh.MigrationRequest{Image: abs, To: c.String("to"), Class: c.String("class"), Name: c.String("name"),
 		Format: c.String("format"), Streams: c.Int("streams"), BWLimit: bw}

@@ -1152,6 +1152,25 @@ func TestFlagMistakes(t *testing.T) {
 			t.Errorf("%v: exit %d, %q; want a usage error", args, code, errs)
 		}
 	}
+	// migrate run says what is plainly not an image, or not a format,
+	// before a migration is opened at the gateway (and recorded failed).
+	imgDir := filepath.Join(dir, "images")
+	os.Mkdir(imgDir, 0o700)
+	for _, tt := range []struct {
+		image, format, want string
+	}{
+		{filepath.Join(dir, "missing.raw"), "", "missing.raw: no such file"},
+		{imgDir, "", "is not a regular file"},
+		{filepath.Join(dir, "missing.raw"), "vmdk", `--format "vmdk"`},
+	} {
+		args := []string{"migrate", "run", tt.image, "--to", "s", "--class", "c", "--socket", filepath.Join(dir, "none.sock")}
+		if tt.format != "" {
+			args = append(args, "--format", tt.format)
+		}
+		if _, errs, code := runCLI(t, args...); code != 2 || !strings.Contains(errs, tt.want) {
+			t.Errorf("%v: exit %d, %q; want a usage error saying %q", args, code, errs, tt.want)
+		}
+	}
 	// A flag of one value given twice is a mistake, not the last one
 	// winning (two --ca-cert would have a log judged by one CA); lists
 	// and booleans may repeat.
