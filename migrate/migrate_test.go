@@ -1499,20 +1499,16 @@ func TestReceiverRefusesBadFrames(t *testing.T) {
 	}
 }
 
-// TestSenderChecksReceiversRoot: a migration is done only when the
-// receiver reports the root the sender computed. A receiver that answers
-// the commit with another root (a bug, a store that lost a chunk) fails
-// the migration rather than have it recorded verified. The receiver here
-// is a stand-in that speaks the protocol, with the destination's identity.
-func TestSenderChecksReceiversRoot(t *testing.T) {
-	p := newPair(t, "DE")
-	raw := filepath.Join(p.dir, "holes.raw")
-	makeRaw(t, raw, 4*mib, nil) // no data: nothing to send but the commit
+// standIn serves the migration protocol in a Receiver's place, with the
+// destination's identity: control hears each control connection once its
+// offer was read; data streams are held open until they close.
+func (p *pair) standIn(t *testing.T, control func(fw *frameWriter, fr *frameReader)) netip.AddrPort {
+	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer ln.Close()
+	t.Cleanup(func() { ln.Close() })
 	tcfg := serverTLS(func() *certs.NodeIdentity { return p.to }, func() *certs.TrustBundle { return p.tb }, time.Now)
 	go func() {
 		for {
@@ -1529,41 +1525,88 @@ func TestSenderChecksReceiversRoot(t *testing.T) {
 				if err != nil {
 					return
 				}
-				if typ != frameOffer { // a data stream: held until it closes
+				if typ != frameOffer { // a data stream
 					for err == nil {
 						_, _, err = fr.next(nil)
 					}
 					return
 				}
-				fw.json(frameAccept, Accept{})
-				fw.flush()
-				for {
-					typ, payload, err := fr.next(nil)
-					if err != nil {
-						return
-					}
-					if typ != frameCommit {
-						continue
-					}
-					var cm Commit
-					jsonUnmarshal(payload, &cm)
-					other := cm.Root
-					other[0] ^= 0xff
-					fw.json(frameDone, Done{Name: "holes", Root: other})
-					fw.flush()
-				}
+				control(fw, fr)
 			}()
 		}
 	}()
+	return netip.MustParseAddrPort(ln.Addr().String())
+}
+
+// TestSenderChecksReceiversRoot: a migration is done only when the
+// receiver reports the root the sender computed. A receiver that answers
+// the commit with another root (a bug, a store that lost a chunk) fails
+// the migration rather than have it recorded verified.
+func TestSenderChecksReceiversRoot(t *testing.T) {
+	p := newPair(t, "DE")
+	raw := filepath.Join(p.dir, "holes.raw")
+	makeRaw(t, raw, 4*mib, nil) // no data: nothing to send but the commit
 	cfg := p.config(raw, "pii-eu")
 	cfg.Name = "holes"
-	cfg.To.Addr = netip.MustParseAddrPort(ln.Addr().String())
+	cfg.To.Addr = p.standIn(t, func(fw *frameWriter, fr *frameReader) {
+		fw.json(frameAccept, Accept{})
+		fw.flush()
+		for {
+			typ, payload, err := fr.next(nil)
+			if err != nil {
+				return
+			}
+			if typ != frameCommit {
+				continue
+			}
+			var cm Commit
+			jsonUnmarshal(payload, &cm)
+			other := cm.Root
+			other[0] ^= 0xff
+			fw.json(frameDone, Done{Name: "holes", Root: other})
+			fw.flush()
+		}
+	})
 	rec, err := Send(context.Background(), cfg)
 	if err == nil || !strings.Contains(err.Error(), "receiver stored root") {
 		t.Fatalf("a receiver reporting another root: %v (record %+v); want the migration failed", err, rec)
 	}
 	if rec != nil && rec.State == StateDone {
 		t.Fatalf("recorded done: %+v", rec)
+	}
+}
+
+// TestSenderBoundsTheOffersAnswer: a receiver that takes the offer and
+// never answers (hung, its host gone where no keepalive tells) fails the
+// migration in time, rather than hold it, its files and the image's slot
+// until someone cancels it.
+func TestSenderBoundsTheOffersAnswer(t *testing.T) {
+	was := answerTimeout
+	answerTimeout = 300 * time.Millisecond
+	t.Cleanup(func() { answerTimeout = was })
+	p := newPair(t, "DE")
+	raw := filepath.Join(p.dir, "vm.raw")
+	makeRaw(t, raw, 4*mib, map[int64]int{0: mib})
+	cfg := p.config(raw, "pii-eu")
+	cfg.To.Addr = p.standIn(t, func(_ *frameWriter, fr *frameReader) {
+		for { // heard, never answered
+			if _, _, err := fr.next(nil); err != nil {
+				return
+			}
+		}
+	})
+	done := make(chan error, 1)
+	go func() {
+		_, err := Send(context.Background(), cfg)
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		if err == nil || !strings.Contains(err.Error(), "offer") {
+			t.Fatalf("an offer never answered: %v; want the migration failed at the offer", err)
+		}
+	case <-time.After(15 * time.Second):
+		t.Fatal("an offer never answered holds the migration")
 	}
 }
 

@@ -38,6 +38,9 @@ const commitTimeout = 10 * time.Minute
 
 var stallTimeout = 30 * time.Second // var for tests
 
+// answerTimeout bounds the wait for the answer to an offer (var for tests).
+var answerTimeout = commitTimeout
+
 // streamWriter is what a data stream's frames are written through. It
 // paces the bytes under the bandwidth cap in small pieces, and gives each
 // write stallTimeout to go through. The deadline is the receiver's to
@@ -598,12 +601,16 @@ func (s *sender) run(ctx context.Context) error {
 		return err
 	}
 	// The answer may take long: a receiver resuming reads back every
-	// chunk it holds first.
+	// chunk it holds first — no longer than it takes to store them all at
+	// the commit. A receiver hung, or whose host vanished where no
+	// keepalive tells (netstack), must not hold the migration for good.
 	s.progress("offered")
+	ctrl.SetReadDeadline(time.Now().Add(answerTimeout))
 	typ, payload, err := cr.next(nil)
 	if err != nil {
 		return fmt.Errorf("offer: %w", err)
 	}
+	ctrl.SetReadDeadline(time.Time{})
 	var acc Accept
 	switch typ {
 	case frameAccept:
