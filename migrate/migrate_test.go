@@ -8,6 +8,7 @@ import (
 	"encoding/binary"
 	"encoding/json"
 	"errors"
+	"io"
 	"io/fs"
 	"log/slog"
 	"maps"
@@ -1607,6 +1608,31 @@ func TestSenderBoundsTheOffersAnswer(t *testing.T) {
 		}
 	case <-time.After(15 * time.Second):
 		t.Fatal("an offer never answered holds the migration")
+	}
+}
+
+// TestReceiverQuietOnProbes: a connection closed before a word (another
+// gateway's reachability probe, every second) is not logged at the
+// default level; a failed handshake is.
+func TestReceiverQuietOnProbes(t *testing.T) {
+	p := newPair(t, "DE")
+	for range 3 {
+		c, err := net.Dial("tcp", p.addr.String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.Close()
+	}
+	c, err := net.Dial("tcp", p.addr.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Write([]byte("GET / HTTP/1.0\r\n\r\n")) // not TLS
+	io.Copy(io.Discard, c)
+	c.Close()
+	waitFor(t, "the failed handshake logged", func() bool { return strings.Contains(p.recvLog.String(), "refused migration connection") })
+	if n := strings.Count(p.recvLog.String(), "refused migration connection"); n != 1 {
+		t.Fatalf("%d refusals logged, want the failed handshake's alone:\n%s", n, p.recvLog.String())
 	}
 }
 

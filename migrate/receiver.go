@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"log/slog"
 	"maps"
@@ -368,7 +369,13 @@ func (r *Receiver) handle(ctx context.Context, c *tls.Conn, src netip.Addr) {
 	err := c.HandshakeContext(hctx)
 	cancel()
 	if err != nil {
-		r.cfg.Log.Info("refused migration connection", "remote", c.RemoteAddr().String(), "err", err)
+		// Closed before a word: another gateway's reachability probe,
+		// every second from each (mesh/health.go), not news.
+		level := slog.LevelInfo
+		if errors.Is(err, io.EOF) {
+			level = slog.LevelDebug
+		}
+		r.cfg.Log.Log(ctx, level, "refused migration connection", "remote", c.RemoteAddr().String(), "err", err)
 		return
 	}
 	from, err := peerAttributes(c.ConnectionState(), r.cfg.Trust(), r.cfg.Now())
