@@ -450,6 +450,7 @@ func (g *Gateway) Run(parent context.Context) error {
 	}
 	if g.mig != nil {
 		loop(g.residencyLoop)
+		loop(g.journalLoop)
 	}
 	// A burst gateway's certificate lasts exactly as long as its burst.
 	if g.prov.Issuer() != nil && g.burst == nil {

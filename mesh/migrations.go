@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net/netip"
 	"path/filepath"
 	"slices"
@@ -244,6 +245,40 @@ func (m *migrations) sends() ([]migrate.SendRecord, error) {
 	return sends, nil
 }
 
+// forgetStaleSends drops from j the chunks of unfinished sends not resumed
+// for AbandonedAfter and the records of sends ended over SendsKept ago.
+func forgetStaleSends(j *migrate.Journal, now time.Time, log *slog.Logger) {
+	chunks, records, err := j.ForgetStaleSends(now)
+	if err != nil {
+		log.Warn("journal: forget old migrations", "err", err)
+		return
+	}
+	if chunks > 0 {
+		log.Info("journal: forgot the chunks of unfinished migrations not resumed for a week; a resume sends them again", "migrations", chunks)
+	}
+	if records > 0 {
+		log.Info("journal: forgot the records of migrations that ended over 90 days ago (the audit log keeps them)", "migrations", records)
+	}
+}
+
+// journalLoop forgets old sends once a day, as the start does: a gateway
+// may run for months.
+func (g *Gateway) journalLoop(ctx context.Context) {
+	t := time.NewTicker(24 * time.Hour)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			forgetStaleSends(g.mig.journal, g.now(), g.log)
+			g.mig.mu.Lock()
+			g.mig.gen++ // the records read again
+			g.mig.mu.Unlock()
+		}
+	}
+}
+
 // openMigrations opens the journal, the audit log and the receiver.
 func (g *Gateway) openMigrations() error {
 	j, err := migrate.OpenJournal(filepath.Join(g.s.StateDir, "migrate.db"))
@@ -257,11 +292,7 @@ func (g *Gateway) openMigrations() error {
 		j.Close()
 		return fmt.Errorf("journal %s: %w", filepath.Join(g.s.StateDir, "migrate.db"), err)
 	}
-	if n, err := j.ForgetStaleSends(g.now()); err != nil {
-		g.log.Warn("journal: forget the chunks of old unfinished migrations", "err", err)
-	} else if n > 0 {
-		g.log.Info("journal: forgot the chunks of unfinished migrations not resumed for a week; a resume sends them again", "migrations", n)
-	}
+	forgetStaleSends(j, g.now(), g.log)
 	m := &migrations{journal: j, audit: audit.Open(filepath.Join(g.s.StateDir, "audit.log")),
 		store: filepath.Join(g.s.StateDir, "images"), running: map[string]*runningMigration{}, atRest: atRestState{kick: make(chan struct{}, 1)}}
 	for _, r := range ended {

@@ -210,23 +210,35 @@ func (j *Journal) dropSent(id string) error {
 	return errors.Join(j.dropChunks("send", id), j.dropChunks(sideSendZeros, id))
 }
 
+// SendsKept is how long the record of a send that ended stays in the
+// journal (migrate list, the dashboard, a plan's view of what ran): the
+// audit log keeps the lasting history. Every begin and end of a migration
+// reads the records again, so without a bound a gateway that has moved
+// thousands of images would read them all, each time, for ever.
+const SendsKept = 90 * 24 * time.Hour
+
 // ForgetStaleSends drops what the journal holds of the chunks of sends
 // that ended unfinished (failed, cancelled, denied) over AbandonedAfter
 // before now — about 100 bytes per chunk, so 100 MB for a TiB image that
-// was never resumed — and returns how many. Their records stay, for the
-// history; a resume after that long reads and sends every chunk again,
-// as the receiver, which forgets its side after AbandonedAfter too,
-// would need anyway.
-func (j *Journal) ForgetStaleSends(now time.Time) (int, error) {
-	n := 0
-	err := j.db.Update(func(tx *bolt.Tx) error {
-		var stale []string
+// was never resumed — and the records of sends that ended over SendsKept
+// before now, and returns how many of each. A resume after AbandonedAfter
+// reads and sends every chunk again, as the receiver, which forgets its
+// side after AbandonedAfter too, would need anyway; one after SendsKept
+// finds no record, and is a new migration.
+func (j *Journal) ForgetStaleSends(now time.Time) (chunks, records int, err error) {
+	err = j.db.Update(func(tx *bolt.Tx) error {
+		chunks, records = 0, 0
+		var stale, gone []string
 		err := tx.Bucket(bucketSend).ForEach(func(k, v []byte) error {
 			var r SendRecord
 			if err := json.Unmarshal(v, &r); err != nil {
 				return fmt.Errorf("migration %s: %w", k, err)
 			}
-			if r.State != StateRunning && r.State != StateDone && !r.Finished.IsZero() && now.Sub(r.Finished) > AbandonedAfter {
+			ended := r.State != StateRunning && !r.Finished.IsZero()
+			if ended && now.Sub(r.Finished) > SendsKept {
+				gone = append(gone, r.ID)
+			}
+			if ended && r.State != StateDone && now.Sub(r.Finished) > AbandonedAfter {
 				stale = append(stale, r.ID)
 			}
 			return nil
@@ -244,12 +256,23 @@ func (j *Journal) ForgetStaleSends(now time.Time) (int, error) {
 				found = found || err == nil
 			}
 			if found {
-				n++
+				chunks++
 			}
+		}
+		for _, id := range gone {
+			for _, side := range []string{"send", sideSendZeros} { // a done one's, should a stop have left them
+				if err := tx.DeleteBucket(chunksBucket(side, id)); err != nil && !errors.Is(err, berrors.ErrBucketNotFound) {
+					return err
+				}
+			}
+			if err := tx.Bucket(bucketSend).Delete([]byte(id)); err != nil {
+				return err
+			}
+			records++
 		}
 		return nil
 	})
-	return n, err
+	return chunks, records, err
 }
 
 func (j *Journal) dropChunks(side, id string) error {

@@ -183,8 +183,9 @@ func TestAuditInterrupted(t *testing.T) {
 }
 
 // TestForgetStaleSends: the chunk journals of sends that ended unfinished
-// over AbandonedAfter ago go; those of recent or running sends stay, and
-// every record stays.
+// over AbandonedAfter ago go; those of recent or running sends stay. The
+// records of sends that ended over SendsKept ago go too; the others, and
+// running ones however old, stay.
 func TestForgetStaleSends(t *testing.T) {
 	j, err := OpenJournal(filepath.Join(t.TempDir(), "migrate.db"))
 	if err != nil {
@@ -192,21 +193,24 @@ func TestForgetStaleSends(t *testing.T) {
 	}
 	defer j.Close()
 	now := time.Date(2026, 11, 26, 9, 0, 0, 0, time.UTC)
-	old, recent := now.Add(-AbandonedAfter-time.Hour), now.Add(-time.Hour)
+	old, recent, ancient := now.Add(-AbandonedAfter-time.Hour), now.Add(-time.Hour), now.Add(-SendsKept-time.Hour)
 	sends := []SendRecord{
 		{ID: "failedold", State: StateFailed, Finished: old},
 		{ID: "cancelledold", State: StateCancelled, Finished: old},
 		{ID: "failedrecent", State: StateFailed, Finished: recent},
-		{ID: "running", State: StateRunning},
+		{ID: "running", State: StateRunning, Started: ancient},
+		{ID: "doneancient", State: StateDone, Finished: ancient},
+		{ID: "deniedancient", State: StateDenied, Finished: ancient},
+		{ID: "donerecent", State: StateDone, Finished: recent},
 	}
 	for _, r := range sends {
 		if err := errors.Join(j.put(bucketSend, r.ID, r), j.addChunks("send", r.ID, map[int64]Hash{0: {1}}), j.addChunks(sideSendZeros, r.ID, map[int64]Hash{1: {}})); err != nil {
 			t.Fatal(err)
 		}
 	}
-	n, err := j.ForgetStaleSends(now)
-	if err != nil || n != 2 {
-		t.Fatalf("ForgetStaleSends = %d, %v; want the 2 old unfinished sends", n, err)
+	chunks, records, err := j.ForgetStaleSends(now)
+	if err != nil || chunks != 3 || records != 2 {
+		t.Fatalf("ForgetStaleSends = %d, %d, %v; want the chunks of the 3 old unfinished sends and the records of the 2 ended long ago", chunks, records, err)
 	}
 	for _, r := range sends {
 		acked, err := j.chunks("send", r.ID)
@@ -217,11 +221,13 @@ func TestForgetStaleSends(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if stale := r.Finished.Equal(old); stale != (len(acked) == 0 && len(zeros) == 0) {
+		gone := r.Finished.Equal(ancient)
+		unfinishedOld := r.State != StateDone && r.State != StateRunning && !r.Finished.After(old)
+		if forgot := len(acked) == 0 && len(zeros) == 0; forgot != (gone || unfinishedOld) {
 			t.Errorf("%s: %d acknowledged and %d zero chunks left", r.ID, len(acked), len(zeros))
 		}
-		if _, err := j.Send(r.ID); err != nil {
-			t.Errorf("%s: record gone: %v", r.ID, err)
+		if _, err := j.Send(r.ID); (err != nil) != gone {
+			t.Errorf("%s: record: %v; want it gone: %v", r.ID, err, gone)
 		}
 	}
 }
