@@ -541,7 +541,6 @@ type conflictError struct{ msg string }
 
 func (e *conflictError) Error() string { return e.msg }
 
-// leave records that gossip declared a member dead or that it left.
 // gossipsFrom reports whether a member that is alive gossips from source,
 // an address as sourceOf counts it.
 func (ms *membership) gossipsFrom(source netip.Addr) bool {
@@ -555,6 +554,7 @@ func (ms *membership) gossipsFrom(source netip.Addr) bool {
 	return false
 }
 
+// leave records that gossip declared a member dead or that it left.
 func (ms *membership) leave(name string) {
 	ms.mu.Lock()
 	if m := ms.members[name]; m != nil {
