@@ -38,8 +38,19 @@ const commitTimeout = 10 * time.Minute
 
 var stallTimeout = 30 * time.Second // var for tests
 
-// answerTimeout bounds the wait for the answer to an offer (var for tests).
-var answerTimeout = commitTimeout
+// answerTimeout and answerReadRate bound the wait for the answer to an
+// offer: answerTimeout, and the time to read back held bytes at
+// answerReadRate, a slow disk's pace (a resume's read-back ran at
+// 600 MB/s on this project's test machine).
+var answerTimeout = commitTimeout // var for tests
+
+const answerReadRate = 10 << 20 // bytes per second
+
+// answerWait is how long a receiver that may hold held bytes of the image
+// is given to answer an offer.
+func answerWait(held int64) time.Duration {
+	return answerTimeout + time.Duration(held/answerReadRate)*time.Second
+}
 
 // streamWriter is what a data stream's frames are written through. It
 // paces the bytes under the bandwidth cap in small pieces, and gives each
@@ -600,12 +611,13 @@ func (s *sender) run(ctx context.Context) error {
 	if err := cw.json(frameOffer, offer); err != nil {
 		return err
 	}
-	// The answer may take long: a receiver resuming reads back every
-	// chunk it holds first — no longer than it takes to store them all at
-	// the commit. A receiver hung, or whose host vanished where no
-	// keepalive tells (netstack), must not hold the migration for good.
+	// The answer may take long: a receiver resuming reads back and
+	// hashes every chunk it holds first, saying nothing meanwhile — at
+	// most the chunks this image may hold data in. A receiver hung, or
+	// whose host vanished where no keepalive tells (netstack), must not
+	// hold the migration for good.
 	s.progress("offered")
-	ctrl.SetReadDeadline(time.Now().Add(answerTimeout))
+	ctrl.SetReadDeadline(time.Now().Add(answerWait(int64(len(cands)) * chunk)))
 	typ, payload, err := cr.next(nil)
 	if err != nil {
 		return fmt.Errorf("offer: %w", err)

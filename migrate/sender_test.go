@@ -267,3 +267,19 @@ func stallAfter(t *testing.T, d time.Duration) {
 	stallTimeout = d
 	t.Cleanup(func() { stallTimeout = was })
 }
+
+// TestAnswerWait: the wait for the answer to an offer grows with what the
+// receiver may read back first (a resume), at a slow disk's pace: a resume
+// of a large image is not cut off for good, a hung receiver is, in time.
+func TestAnswerWait(t *testing.T) {
+	for held, want := range map[int64]time.Duration{
+		0:         answerTimeout,
+		5 << 20:   answerTimeout, // under a second's read
+		100 << 30: answerTimeout + 10240*time.Second,
+		1 << 40:   answerTimeout + 104857*time.Second, // 1 TiB: 29 h
+	} {
+		if got := answerWait(held); got != want {
+			t.Errorf("answerWait(%d) = %v, want %v", held, got, want)
+		}
+	}
+}
