@@ -163,7 +163,11 @@ func (g *Gateway) serveControl() (io.Closer, error) {
 	mux.HandleFunc("GET /v1/migrations/{id}", func(w http.ResponseWriter, r *http.Request) {
 		rec, p, err := g.Migration(r.PathValue("id"))
 		if err != nil {
-			http.Error(w, err.Error(), http.StatusNotFound)
+			code := http.StatusInternalServerError
+			if errors.Is(err, migrate.ErrNotFound) {
+				code = http.StatusNotFound
+			}
+			http.Error(w, err.Error(), code)
 			return
 		}
 		reply(w, MigrationStatus{Record: rec, Progress: p}, nil)
@@ -345,7 +349,7 @@ func (c *Client) do(ctx context.Context, method, path string, body any, out any)
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
 		msg, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
-		return fmt.Errorf("gateway: %s", string(trimNL(msg)))
+		return &GatewayError{Code: resp.StatusCode, Msg: string(trimNL(msg))}
 	}
 	if s, ok := out.(*string); ok {
 		b, err := io.ReadAll(resp.Body)
@@ -464,8 +468,24 @@ func (c *Client) Migrations(ctx context.Context) (*MigrationList, error) {
 // Migration returns one migration's record and progress.
 func (c *Client) Migration(ctx context.Context, id string) (*MigrationStatus, error) {
 	var s MigrationStatus
-	return &s, c.do(ctx, http.MethodGet, "/v1/migrations/"+url.PathEscape(id), nil, &s)
+	err := c.do(ctx, http.MethodGet, "/v1/migrations/"+url.PathEscape(id), nil, &s)
+	if ge, ok := errors.AsType[*GatewayError](err); ok && ge.Code == http.StatusNotFound {
+		return nil, fmt.Errorf("%w: %w", ErrNoSuchMigration, err)
+	}
+	return &s, err
 }
+
+// ErrNoSuchMigration is Client.Migration's error for an ID the gateway has
+// no record of (never, or it ended over migrate.SendsKept ago).
+var ErrNoSuchMigration = errors.New("no such migration")
+
+// GatewayError is a gateway's answer other than success.
+type GatewayError struct {
+	Code int    // the HTTP status
+	Msg  string // the gateway's words
+}
+
+func (e *GatewayError) Error() string { return "gateway: " + e.Msg }
 
 // CancelMigration stops a running migration.
 func (c *Client) CancelMigration(ctx context.Context, id string) error {

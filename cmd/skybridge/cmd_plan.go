@@ -342,15 +342,20 @@ func applyOne(ctx context.Context, cl *mesh.Client, pl migrate.Placement, vs *vm
 		// migration: it may have finished it, or still be running it,
 		// or it stopped and can resume (sending only the chunks not yet
 		// durable at the destination).
-		if s, serr := cl.Migration(ctx, id); serr == nil && s.Record != nil {
-			switch {
-			case s.Progress != nil:
-				final, err = waitMigration(ctx, cl, id)
-			case s.Record.State == migrate.StateDone:
-				final = &mesh.MigrationEvent{ID: id, Record: s.Record}
-			}
+		s, serr := cl.Migration(ctx, id)
+		switch {
+		case errors.Is(serr, mesh.ErrNoSuchMigration):
+			// Forgotten (its record ended over migrate.SendsKept
+			// ago): nothing to resume, so it runs anew.
+			id = ""
+		case serr == nil && s.Record != nil && s.Progress != nil:
+			final, err = waitMigration(ctx, cl, id)
+		case serr == nil && s.Record != nil && s.Record.State == migrate.StateDone:
+			final = &mesh.MigrationEvent{ID: id, Record: s.Record}
 		}
-		req = mesh.MigrationRequest{ID: id}
+		if id != "" {
+			req = mesh.MigrationRequest{ID: id}
+		}
 	}
 	if final == nil && err == nil {
 		mu.Lock()

@@ -9,7 +9,9 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -167,6 +169,43 @@ func TestResumeRefused(t *testing.T) {
 	_, errs, code := runCLI(t, "migrate", "resume", "nosuch", "--socket", sock)
 	if code != 1 || !strings.Contains(errs, "no migration nosuch") || strings.Contains(errs, "no longer answers") {
 		t.Errorf("exit %d, stderr %q; want exit 1 with the gateway's refusal only", code, errs)
+	}
+}
+
+// TestApplyRunsForgottenMigrationAnew: a plan's VM whose migration the
+// gateway no longer knows (it ended over migrate.SendsKept ago) is run
+// anew, not "resumed" by an ID that every re-run would be refused.
+func TestApplyRunsForgottenMigrationAnew(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "control.sock")
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	var asked []string
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		asked = append(asked, r.Method+" "+r.URL.Path)
+		mu.Unlock()
+		switch {
+		case r.Method == http.MethodGet:
+			http.Error(w, "no migration cccccccccccccccc on this gateway", http.StatusNotFound)
+		default:
+			http.Error(w, "busy", http.StatusServiceUnavailable) // the outcome is not under test
+		}
+	})}
+	go srv.Serve(ln)
+	defer srv.Close()
+	vs := &vmState{ID: "cccccccccccccccc", State: migrate.StateFailed}
+	pl := migrate.Placement{VM: migrate.VM{Name: "vm1", Image: "/images/vm1.qcow2", Class: "pii-eu"}, To: "aws-eu-central-1"}
+	applyOne(t.Context(), mesh.NewClient(sock), pl, vs, &sync.Mutex{}, func() {}, 4, 0)
+	mu.Lock()
+	defer mu.Unlock()
+	if want := []string{"GET /v1/migrations/cccccccccccccccc", "POST /v1/migrations"}; !slices.Equal(asked, want) {
+		t.Fatalf("asked the gateway %q; want %q (a look, then a new migration)", asked, want)
+	}
+	if vs.Attempts != 1 || vs.State != migrate.StateFailed || !strings.Contains(vs.Error, "busy") {
+		t.Errorf("state %+v; want one attempt, failed with the gateway's answer", vs)
 	}
 }
 
