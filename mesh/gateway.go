@@ -821,9 +821,8 @@ func (g *Gateway) apply(plan Plan) error {
 		return fmt.Errorf("read %s: %w", g.dev.Name(), err)
 	}
 	// A remote site's route to a network the host routes itself (one of
-	// its LANs, or a part of one) is left out, of the kernel's table and
-	// of the peer's allowed IPs: routed in, it would take the host's
-	// traffic there.
+	// its LANs) is left out, of the kernel's table and of the peer's
+	// allowed IPs: routed in, it would take the host's traffic there.
 	// Asked at every pass: a LAN may come up after the gateway.
 	table, err := g.dev.Routes()
 	if err != nil {
