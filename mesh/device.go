@@ -60,26 +60,6 @@ type RouteTable struct {
 	// (routes skybridge did not install: its LANs, its operator's): a
 	// remote site's route to one of them is left out.
 	Host map[netip.Prefix]bool
-	// Connected is the subnets of the host's own addresses on other
-	// links (the routes the kernel makes for them): a remote site's route
-	// inside one is left out too, since by the longest match it would take
-	// part of that LAN into the mesh. A route inside one that an operator
-	// made (through a router) is a choice, and stays.
-	Connected []netip.Prefix
-}
-
-// hostHas reports whether the host routes p itself: the very prefix, or
-// a part of one of its connected subnets.
-func (t RouteTable) hostHas(p netip.Prefix) bool {
-	if t.Host[p] {
-		return true
-	}
-	for _, c := range t.Connected {
-		if c.Bits() > 0 && c.Bits() < p.Bits() && c.Addr().Is4() == p.Addr().Is4() && c.Contains(p.Addr()) {
-			return true
-		}
-	}
-	return false
 }
 
 // DeviceOptions says how to bring a device up.

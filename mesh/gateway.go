@@ -829,7 +829,7 @@ func (g *Gateway) apply(plan Plan) error {
 		return err
 	}
 	var left []netip.Prefix
-	plan.Peers, plan.Routes, left = leaveOutHostRoutes(plan.Peers, plan.Routes, table)
+	plan.Peers, plan.Routes, left = leaveOutHostRoutes(plan.Peers, plan.Routes, table.Host)
 	if key := fmt.Sprint(left); key != g.routeConflicts {
 		g.routeConflicts = key // said once, not at every pass
 		if len(left) > 0 {

@@ -8,7 +8,6 @@ import (
 	"syscall"
 
 	"github.com/vishvananda/netlink"
-	"golang.org/x/sys/unix"
 )
 
 // routeProtocol marks the routes skybridge installs (rtnetlink's protocol
@@ -90,13 +89,7 @@ func (lc *linkConfig) routes() (RouteTable, error) {
 		switch {
 		case r.Dst == nil:
 		case r.Protocol != routeProtocol:
-			p := prefixOf(*r.Dst)
-			t.Host[p] = true
-			// The kernel's own routes in the main table are the
-			// subnets of the host's addresses (IPv4 and IPv6 alike).
-			if r.Protocol == unix.RTPROT_KERNEL && r.LinkIndex != lc.index {
-				t.Connected = append(t.Connected, p)
-			}
+			t.Host[prefixOf(*r.Dst)] = true
 		case r.LinkIndex == lc.index:
 			t.Own = append(t.Own, prefixOf(*r.Dst))
 		}

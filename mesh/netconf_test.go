@@ -98,13 +98,6 @@ func TestHostRoutes(t *testing.T) {
 		if !slices.Equal(table.Own, []netip.Prefix{ours}) {
 			t.Errorf("own routes %v; want only %v", table.Own, ours)
 		}
-		// The LAN's subnet is connected; the metric-100 route, made by
-		// hand, is not. (IPv6 link-local subnets may come and go with
-		// the links' addresses.)
-		v4 := slices.DeleteFunc(slices.Clone(table.Connected), func(p netip.Prefix) bool { return !p.Addr().Is4() })
-		if !slices.Equal(v4, []netip.Prefix{netip.MustParsePrefix("192.0.2.0/24")}) {
-			t.Errorf("connected subnets %v; want the LAN's alone", table.Connected)
-		}
 	})
 }
 
@@ -115,44 +108,15 @@ func TestLeaveOutHostRoutes(t *testing.T) {
 	lan, remote, ov := netip.MustParsePrefix("192.0.2.0/24"), netip.MustParsePrefix("198.51.100.0/24"), netip.MustParsePrefix("100.96.0.2/32")
 	peers := []PeerConfig{{Node: "a", AllowedIPs: []netip.Prefix{ov, lan}}, {Node: "b", AllowedIPs: []netip.Prefix{remote}}}
 	routes := []netip.Prefix{lan, remote}
-	p2, r2, left := leaveOutHostRoutes(peers, routes, RouteTable{Host: map[netip.Prefix]bool{lan: true, ov: true}})
+	p2, r2, left := leaveOutHostRoutes(peers, routes, map[netip.Prefix]bool{lan: true, ov: true})
 	if !slices.Equal(left, []netip.Prefix{lan}) || !slices.Equal(r2, []netip.Prefix{remote}) || !slices.Equal(p2[0].AllowedIPs, []netip.Prefix{ov}) || !slices.Equal(p2[1].AllowedIPs, []netip.Prefix{remote}) {
 		t.Fatalf("left %v, routes %v, peers %+v", left, r2, p2)
 	}
 	if !slices.Equal(peers[0].AllowedIPs, []netip.Prefix{ov, lan}) || !slices.Equal(routes, []netip.Prefix{lan, remote}) {
 		t.Fatalf("the plan was changed: %+v %v", peers, routes)
 	}
-	if p3, r3, left := leaveOutHostRoutes(peers, routes, RouteTable{}); left != nil || &p3[0] != &peers[0] || len(r3) != 2 {
+	if p3, r3, left := leaveOutHostRoutes(peers, routes, nil); left != nil || &p3[0] != &peers[0] || len(r3) != 2 {
 		t.Fatal("nothing to leave out, yet the plan was copied or changed")
-	}
-}
-
-// TestLeaveOutInsideConnected: a remote route inside a subnet the host is
-// on (a connected route, not the default) is left out too: by the longest
-// match it would take part of that LAN into the mesh. One wider than it,
-// or inside a route the operator made through a router, stays.
-func TestLeaveOutInsideConnected(t *testing.T) {
-	pfx := netip.MustParsePrefix
-	table := RouteTable{
-		Host:      map[netip.Prefix]bool{pfx("192.0.2.0/24"): true, pfx("203.0.113.0/24"): true, pfx("0.0.0.0/0"): true, pfx("2001:db8::/64"): true},
-		Connected: []netip.Prefix{pfx("192.0.2.0/24"), pfx("0.0.0.0/0"), pfx("2001:db8::/64")},
-	}
-	for r, want := range map[string]bool{
-		"192.0.2.128/25":      true,  // half the LAN
-		"192.0.2.7/32":        true,  // one host on it
-		"192.0.2.0/24":        true,  // the LAN itself
-		"192.0.0.0/16":        false, // wider: the LAN still wins
-		"203.0.113.0/25":      false, // inside a route through a router: a choice
-		"198.51.100.0/24":     false, // inside nothing but the default
-		"2001:db8::/96":       true,
-		"2001:db8:1::/64":     false,
-		"::ffff:c000:200/120": false, // never compared across families
-	} {
-		p := pfx(r)
-		_, kept, left := leaveOutHostRoutes([]PeerConfig{{Node: "b", AllowedIPs: []netip.Prefix{p}}}, []netip.Prefix{p}, table)
-		if got := len(left) == 1; got != want || len(kept) == len(left) {
-			t.Errorf("%s: left out %v, kept %v; want left out: %v", r, left, kept, want)
-		}
 	}
 }
 

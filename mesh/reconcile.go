@@ -155,13 +155,13 @@ func samePrefixes(have []net.IPNet, want []netip.Prefix) bool {
 }
 
 // leaveOutHostRoutes takes out of a plan the routes the host routes
-// itself (see RouteTable), from the kernel routes and from the allowed IPs
-// of the peer that carries each, and returns them too. The plan's slices
-// are not changed: new ones are made where needed.
-func leaveOutHostRoutes(peers []PeerConfig, routes []netip.Prefix, host RouteTable) ([]PeerConfig, []netip.Prefix, []netip.Prefix) {
+// itself (host: see Device.HostRoutes), from the kernel routes and from
+// the allowed IPs of the peer that carries each, and returns them too.
+// The plan's slices are not changed: new ones are made where needed.
+func leaveOutHostRoutes(peers []PeerConfig, routes []netip.Prefix, host map[netip.Prefix]bool) ([]PeerConfig, []netip.Prefix, []netip.Prefix) {
 	var left []netip.Prefix
 	for _, r := range routes {
-		if host.hostHas(r) {
+		if host[r] {
 			left = append(left, r)
 		}
 	}
@@ -174,5 +174,5 @@ func leaveOutHostRoutes(peers []PeerConfig, routes []netip.Prefix, host RouteTab
 			out[i].AllowedIPs = slices.DeleteFunc(slices.Clone(out[i].AllowedIPs), func(p netip.Prefix) bool { return slices.Contains(left, p) })
 		}
 	}
-	return out, slices.DeleteFunc(slices.Clone(routes), func(p netip.Prefix) bool { return slices.Contains(left, p) }), left
+	return out, slices.DeleteFunc(slices.Clone(routes), func(p netip.Prefix) bool { return host[p] }), left
 }
