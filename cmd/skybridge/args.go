@@ -27,20 +27,21 @@ func interspersed(app *cli.App, args []string) ([]string, string) {
 	rest := args[1:]
 	cmds := app.Commands
 	flags := app.Flags
-	var before []string // global flags before the command
+	var before []string // global flags, and their values, before the command
 	top := true
 	// Walk global flags and command words.
 	for len(rest) > 0 {
 		a := rest[0]
 		if strings.HasPrefix(a, "-") {
+			n := len(out)
 			out = append(out, a)
 			rest = rest[1:]
-			if top {
-				before = append(before, a)
-			}
 			if takesValue(flags, a) && len(rest) > 0 {
 				out = append(out, rest[0])
 				rest = rest[1:]
+			}
+			if top {
+				before = append(before, out[n:]...)
 			}
 			continue
 		}
@@ -98,14 +99,21 @@ func interspersed(app *cli.App, args []string) ([]string, string) {
 	return out, rep
 }
 
-// repeated names the first flag among toks that takes a single value and
-// is given more than once. Booleans may repeat (to no effect), lists are
-// made to.
+// repeated names the first flag among toks (flags and their values) that
+// takes a single value and is given more than once. Booleans may repeat
+// (to no effect), lists are made to; a call for help is never refused.
 func repeated(flags []cli.Flag, toks []string) string {
+	if slices.ContainsFunc(toks, func(t string) bool { return t == "-h" || t == "--help" }) {
+		return ""
+	}
 	seen := map[cli.Flag]bool{}
-	for _, tok := range toks {
+	for i := 0; i < len(toks); i++ {
+		tok := toks[i]
 		if !strings.HasPrefix(tok, "-") {
 			continue // a value
+		}
+		if takesValue(flags, tok) {
+			i++ // its value, whatever it looks like
 		}
 		name, _, _ := strings.Cut(strings.TrimLeft(tok, "-"), "=")
 		for _, f := range flags {

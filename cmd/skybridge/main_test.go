@@ -1186,6 +1186,13 @@ func TestFlagMistakes(t *testing.T) {
 			t.Errorf("%v: exit %d, %q, %q; want a usage error naming %q", tt.args, code, out, errs, tt.want)
 		}
 	}
+	// A value that looks like a flag is a value; help is help.
+	if _, errs, code := runCLI(t, "ca", "init", "--dir", filepath.Join(dir, "ca-dashes"), "--name", "--dir"); code != 0 {
+		t.Errorf("ca init --name --dir: exit %d, %q; want the name taken", code, errs)
+	}
+	if out, errs, code := runCLI(t, "ca", "issue", "--help", "--node", "a", "--node", "b"); code != 0 || !strings.Contains(out, "--node") {
+		t.Errorf("ca issue --help with --node twice: exit %d, %q; want the help", code, errs)
+	}
 	if _, errs, code := runCLI(t, "burst", "up", "--socket", filepath.Join(dir, "none.sock"), "--site", "burst-ams", "--provider", "aws",
 		"--region", "eu-west-1", "--jurisdiction", "NL", "--ttl", "1h", "--routes", "10.9.0.0/24", "--label", "a=b", "--label", "c=d", "--json", "--json"); code == 2 || strings.Contains(errs, "more than once") {
 		t.Errorf("burst up with two --label and two --json: exit %d, %q; want them taken", code, errs)
