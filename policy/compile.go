@@ -122,6 +122,13 @@ func Parse(file string, src []byte) (*Policy, error) {
 	}}
 	c.p.rev.SHA256 = hex.EncodeToString(sum[:])
 	c.compile(&syn)
+	// Read as HCL reads it (the last value), so that a policy an earlier
+	// release signed still parses; lint says it, and sign refuses it.
+	for _, d := range hclconf.DuplicateKeyDiagnostics(file, src) {
+		if d.Subject != nil {
+			c.neverAs("duplicate-key", *d.Subject, "%s: %s", d.Summary, d.Detail)
+		}
+	}
 	if len(c.errs) > 0 {
 		sort.SliceStable(c.errs, func(i, j int) bool { return c.errs[i].line < c.errs[j].line })
 		msgs := make([]string, len(c.errs))

@@ -72,7 +72,7 @@ func Sign(file string, src []byte, signer crypto.Signer, signerName string, sign
 		for i, f := range p.never {
 			msgs[i] = fmt.Sprintf("%s:%d: %s", f.Pos.File, f.Pos.Line, f.Message)
 		}
-		return nil, fmt.Errorf("refusing to sign a policy with values no gateway can carry:\n%s", strings.Join(msgs, "\n"))
+		return nil, fmt.Errorf("refusing to sign a policy with what cannot take effect as written:\n%s", strings.Join(msgs, "\n"))
 	}
 	sig := &Signature{Format: SignatureFormat, Policy: p.rev, SignedAt: now.UTC().Truncate(time.Second), Signer: signerName}
 	if signerCert != nil {

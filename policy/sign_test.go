@@ -1,8 +1,10 @@
 package policy
 
 import (
+	"bytes"
 	"errors"
 	"math/big"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -202,5 +204,34 @@ func TestAdopt(t *testing.T) {
 		if adopt != (tc.err == nil) || !errors.Is(err, tc.err) {
 			t.Errorf("version 4 %s version 3: Adopt = %v, %v; want %v", tc.name, adopt, err, tc.err)
 		}
+	}
+}
+
+// TestDuplicateKeyNotSigned: a key given twice in one object of a policy
+// (two values for one label of a selector) is read as HCL reads it, the
+// last, so that a policy an earlier release signed still parses; lint says
+// it and sign refuses it, where it is.
+func TestDuplicateKeyNotSigned(t *testing.T) {
+	src, err := os.ReadFile("../docs/examples/residency.hcl")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dup := []byte(strings.Replace(string(src), `labels      = { certified = "iso27001" }`, `labels      = { certified = "iso27001", certified = "none" }`, 1))
+	if bytes.Equal(dup, src) {
+		t.Fatal("the example's selector labels moved: update this test")
+	}
+	p, err := Parse("residency.hcl", dup)
+	if err != nil {
+		t.Fatalf("a policy with a key given twice no longer parses: %v", err)
+	}
+	found := false
+	for _, f := range Lint(p, nil, nov24) {
+		found = found || f.Check == "duplicate-key" && f.Severity == "error" && f.Pos.Line == 36 && strings.Contains(f.Message, `key "certified" given twice`)
+	}
+	if !found {
+		t.Errorf("lint does not report the key given twice at line 36: %+v", Lint(p, nil, nov24))
+	}
+	if _, err := Sign("residency.hcl", dup, testCA(t).Signer(), "mesh CA", nil, nov24); err == nil || !strings.Contains(err.Error(), `residency.hcl:36: key "certified" given twice`) {
+		t.Errorf("Sign of a policy with a key given twice: %v; want it refused, with its place", err)
 	}
 }

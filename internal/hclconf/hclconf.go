@@ -11,14 +11,19 @@ import (
 	"github.com/hashicorp/hcl/v2"
 	"github.com/hashicorp/hcl/v2/gohcl"
 	"github.com/hashicorp/hcl/v2/hclsyntax"
+	"github.com/zclconf/go-cty/cty"
 )
 
-// DecodeFile parses the HCL file at path into v (a pointer to a struct with
-// hcl tags).
+// DecodeFile parses the configuration file at path into v (a pointer to a
+// struct with hcl tags), refusing a key given twice in one object (see
+// DuplicateKeys).
 func DecodeFile(path string, v any) error {
 	src, err := os.ReadFile(path)
 	if err != nil {
 		return fmt.Errorf("read configuration: %w", err)
+	}
+	if err := DuplicateKeys(path, src); err != nil {
+		return err
 	}
 	return Decode(path, src, v)
 }
@@ -33,6 +38,46 @@ func Decode(filename string, src []byte, v any) error {
 		return Diagnostics(diags)
 	}
 	return nil
+}
+
+// DuplicateKeys refuses a key given twice in one object of src ({ classes
+// = "a", classes = "b" }): HCL keeps the last without a word, and a label
+// that decides what data a site may hold must not be decided by the order
+// of two lines. Decode does not ask it: a policy signed by an earlier
+// release is read as it was.
+func DuplicateKeys(filename string, src []byte) error {
+	return Diagnostics(DuplicateKeyDiagnostics(filename, src))
+}
+
+// DuplicateKeyDiagnostics is DuplicateKeys' finding, one diagnostic per key
+// given again, with its place.
+func DuplicateKeyDiagnostics(filename string, src []byte) hcl.Diagnostics {
+	f, diags := hclsyntax.ParseConfig(src, filename, hcl.InitialPos)
+	if diags.HasErrors() {
+		return diags
+	}
+	hclsyntax.VisitAll(f.Body.(*hclsyntax.Body), func(n hclsyntax.Node) hcl.Diagnostics {
+		obj, ok := n.(*hclsyntax.ObjectConsExpr)
+		if !ok {
+			return nil
+		}
+		seen := map[string]bool{}
+		for _, item := range obj.Items {
+			k, kd := item.KeyExpr.Value(nil)
+			if kd.HasErrors() || !k.IsKnown() || k.IsNull() || !k.Type().Equals(cty.String) {
+				continue // not a literal key: decoding says what is wrong
+			}
+			key := k.AsString()
+			if seen[key] {
+				r := item.KeyExpr.Range()
+				diags = append(diags, &hcl.Diagnostic{Severity: hcl.DiagError, Summary: fmt.Sprintf("key %q given twice in this object", key),
+					Detail: "give it once: only one of the values would count", Subject: &r})
+			}
+			seen[key] = true
+		}
+		return nil
+	})
+	return diags
 }
 
 // Diagnostics turns HCL diagnostics into one error, one line per problem,

@@ -1,6 +1,8 @@
 package hclconf
 
 import (
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -43,5 +45,38 @@ func TestErrorsCarryPositions(t *testing.T) {
 	}
 	if Join(nil, nil) != nil {
 		t.Error("Join of no errors is not nil")
+	}
+}
+
+// TestDuplicateKeys: a key given twice in one object is refused with its
+// position, however it is written; keys given once, in any object, pass.
+func TestDuplicateKeys(t *testing.T) {
+	type labelled struct {
+		Labels map[string]string `hcl:"labels,optional"`
+	}
+	for src, want := range map[string]string{
+		"labels = { classes = \"pii-eu\", classes = \"swiss-banking-secret\" }\n": `gw.hcl:1:32: key "classes" given twice in this object`,
+		"labels = {\n  tier = \"a\"\n  \"tier\" = \"b\"\n}\n":                     `gw.hcl:3:3: key "tier" given twice`,
+		"labels = { a = \"x\", b = \"x\" }\n":                                     "",
+	} {
+		path := filepath.Join(t.TempDir(), "gw.hcl")
+		if err := os.WriteFile(path, []byte(src), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		var v labelled
+		err := DecodeFile(path, &v)
+		if want == "" {
+			if err != nil || v.Labels["a"] != "x" || v.Labels["b"] != "x" {
+				t.Errorf("Decode(%q) = %v, %v", src, v.Labels, err)
+			}
+			continue
+		}
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("Decode(%q) = %v, want %q", src, err, want)
+		}
+		// Decode (a policy's) reads it as HCL does.
+		if err := Decode("gw.hcl", []byte(src), &v); err != nil {
+			t.Errorf("Decode(%q) = %v; want it read", src, err)
+		}
 	}
 }
