@@ -169,7 +169,7 @@ func (r *run) sayf(format string, args ...any) {
 // everything it created unless opt.Keep is set and it succeeded.
 func Run(ctx context.Context, opt Options) (sum *Summary, err error) {
 	r := &run{opt: opt, started: time.Now()}
-	b := make([]byte, 2)
+	b := make([]byte, 3) // names stay within the kernel's 15 characters
 	rand.Read(b)
 	r.id = hex.EncodeToString(b)
 	r.mode, r.modeWhy = chooseMode(opt.Mode)
@@ -450,14 +450,28 @@ func (r *run) nsNames() string {
 // netns builds the underlay: a bridge in a "wan" namespace and a veth from
 // each site namespace to it. Nothing touches the host's own interfaces.
 func (r *run) netns() error {
+	ip := func(c ...string) error {
+		if out, err := exec.Command("ip", c...).CombinedOutput(); err != nil {
+			return fmt.Errorf("ip %s: %v: %s", strings.Join(c, " "), err, bytes.TrimSpace(out))
+		}
+		return nil
+	}
+	// Each name is the run's once its namespace was made here: one that
+	// was there already (a kept demo's) is not removed at the cleanup.
+	if err := ip("netns", "add", "sbd"+r.id+"wan"); err != nil {
+		return err
+	}
 	r.wanNS = "sbd" + r.id + "wan"
-	cmds := [][]string{{"netns", "add", r.wanNS}, {"-n", r.wanNS, "link", "set", "lo", "up"},
+	cmds := [][]string{{"-n", r.wanNS, "link", "set", "lo", "up"},
 		{"-n", r.wanNS, "link", "add", "br0", "type", "bridge"}, {"-n", r.wanNS, "link", "set", "br0", "up"}}
 	for _, s := range r.sites {
-		s.NS = "sbd" + r.id + s.Short
+		ns := "sbd" + r.id + s.Short
+		if err := ip("netns", "add", ns); err != nil {
+			return err
+		}
+		s.NS = ns
 		in, out := "u"+r.id+s.Short, "w"+r.id+s.Short
 		cmds = append(cmds,
-			[]string{"netns", "add", s.NS},
 			[]string{"link", "add", in, "netns", s.NS, "type", "veth", "peer", "name", out, "netns", r.wanNS},
 			[]string{"-n", r.wanNS, "link", "set", out, "master", "br0"},
 			[]string{"-n", r.wanNS, "link", "set", out, "up"},
@@ -467,8 +481,8 @@ func (r *run) netns() error {
 		)
 	}
 	for _, c := range cmds {
-		if out, err := exec.Command("ip", c...).CombinedOutput(); err != nil {
-			return fmt.Errorf("ip %s: %v: %s", strings.Join(c, " "), err, bytes.TrimSpace(out))
+		if err := ip(c...); err != nil {
+			return err
 		}
 	}
 	return nil
