@@ -20,6 +20,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"time"
 
@@ -140,6 +141,7 @@ func (l *Log) appendTo(f *os.File, id *certs.NodeIdentity, event string, fields 
 	if fields, err = roundTrip(fields); err != nil {
 		return nil, fmt.Errorf("audit record fields: %w", err)
 	}
+	event = strings.ToValidUTF8(event, "\uFFFD") // the event's name likewise
 	r := &Record{Seq: seq + 1, Time: now.UTC(), Node: id.Attributes().Node, Event: event, Fields: fields, Cert: id.Certificate().Raw}
 	if last != nil {
 		sum := sha256.Sum256(last)
