@@ -140,6 +140,21 @@ func Matches(a *certs.Attributes, to string) bool {
 	return a.Node == to || a.Site == to || a.Region == to || (iso3166.Valid(strings.ToUpper(to)) && a.Jurisdiction == strings.ToUpper(to))
 }
 
+// The most a VM of an inventory may have.
+const (
+	maxVMCPU       = 1 << 16
+	maxVMMemoryGiB = 1 << 20
+)
+
+// addCapped adds without wrapping around: a total past int64 is none a
+// person reads anyway.
+func addCapped[T ~int64](a, b T) T {
+	if b > 0 && a > math.MaxInt64-b {
+		return math.MaxInt64
+	}
+	return a + b
+}
+
 // ValidateInventory checks VMs for what no plan can fix.
 func ValidateInventory(vms []VM) error {
 	var errs []error
@@ -163,6 +178,12 @@ func ValidateInventory(vms []VM) error {
 		}
 		if vm.CPU < 0 || vm.MemoryGiB < 0 || vm.Bytes < 0 || math.IsNaN(vm.MemoryGiB) || math.IsInf(vm.MemoryGiB, 0) {
 			errs = append(errs, fmt.Errorf("VM %q: CPU, memory and bytes must be finite and not negative", vm.Name))
+		}
+		// Bounds no VM comes near, so that no total of a plan wraps
+		// around (a typo, a damaged export) into a figure that misleads.
+		if vm.CPU > maxVMCPU || vm.MemoryGiB > maxVMMemoryGiB || vm.Bytes > MaxImageSize {
+			errs = append(errs, fmt.Errorf("VM %q: %d CPUs, %g GiB of memory, %d bytes: more than any VM has (at most %d CPUs, %d GiB, %d bytes, the largest image a migration takes)",
+				vm.Name, vm.CPU, vm.MemoryGiB, vm.Bytes, maxVMCPU, maxVMMemoryGiB, int64(MaxImageSize)))
 		}
 	}
 	return errors.Join(errs...)
@@ -302,19 +323,19 @@ func MakePlan(in PlanInput) (*Plan, error) {
 		best.room.usedCPU += vm.CPU
 		best.room.usedMem += vm.MemoryGiB
 		best.assigned++
-		best.bytes += vm.Bytes
+		best.bytes = addCapped(best.bytes, vm.Bytes)
 		a := best.dest.Attributes
 		pl := &Placement{VM: vm, To: a.Node, Site: a.Site, Rule: best.rule[vm.Class], Audit: best.audit[vm.Class]}
 		if t := best.dest.Throughput; t > 0 {
-			pl.Estimate = time.Duration(float64(vm.Bytes) / t * float64(time.Second))
+			pl.Estimate = time.Duration(min(float64(vm.Bytes)/t*float64(time.Second), math.MaxInt64/2))
 		}
 		placed[i] = pl
 	}
 	for i, vm := range in.VMs {
 		if pl := placed[i]; pl != nil {
 			p.Placements = append(p.Placements, *pl)
-			p.Bytes += vm.Bytes
-			p.Estimate += pl.Estimate
+			p.Bytes = addCapped(p.Bytes, vm.Bytes)
+			p.Estimate = addCapped(p.Estimate, pl.Estimate)
 			if pl.Estimate == 0 && vm.Bytes > 0 {
 				p.Unmeasured++
 			}

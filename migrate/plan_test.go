@@ -3,6 +3,7 @@ package migrate
 import (
 	"encoding/json"
 	"fmt"
+	"math"
 	"net/netip"
 	"slices"
 	"strings"
@@ -314,6 +315,34 @@ func TestParseInventory(t *testing.T) {
 	} {
 		if _, err := ParseInventory(strings.NewReader(tc.src)); err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%q: err %v, want %q", tc.src, err, tc.want)
+		}
+	}
+}
+
+// TestInventoryBounds: a VM with more than any VM has (a typo, a damaged
+// export) is refused, and no plan total wraps around.
+func TestInventoryBounds(t *testing.T) {
+	for _, vm := range []VM{
+		{Name: "a", Image: "i", Class: "c", CPU: 1 << 17},
+		{Name: "a", Image: "i", Class: "c", MemoryGiB: 1 << 21},
+		{Name: "a", Image: "i", Class: "c", Bytes: MaxImageSize + 1},
+	} {
+		if err := ValidateInventory([]VM{vm}); err == nil || !strings.Contains(err.Error(), "more than any VM has") {
+			t.Errorf("%+v: %v; want it refused", vm, err)
+		}
+	}
+	if err := ValidateInventory([]VM{{Name: "a", Image: "i", Class: "c", CPU: 1 << 16, MemoryGiB: 1 << 20, Bytes: MaxImageSize}}); err != nil {
+		t.Errorf("the largest VM allowed: %v", err)
+	}
+	for _, c := range []struct{ a, b, want int64 }{
+		{1, 2, 3},
+		{math.MaxInt64 - 1, 1, math.MaxInt64},
+		{math.MaxInt64 - 1, 5, math.MaxInt64},
+		{math.MaxInt64, math.MaxInt64, math.MaxInt64},
+		{5, 0, 5},
+	} {
+		if got := addCapped(c.a, c.b); got != c.want {
+			t.Errorf("addCapped(%d, %d) = %d, want %d", c.a, c.b, got, c.want)
 		}
 	}
 }
