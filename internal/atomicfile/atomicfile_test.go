@@ -1,7 +1,9 @@
 package atomicfile
 
 import (
+	"bytes"
 	"errors"
+	"io"
 	"os"
 	"path/filepath"
 	"strings"
@@ -138,5 +140,35 @@ func TestLines(t *testing.T) {
 		if b, _ := os.ReadFile(path); string(b) != tc.after || end != int64(len(tc.after)) {
 			t.Errorf("%s: file after %.20q (end %d), want %.20q", name, b, end, tc.after)
 		}
+	}
+}
+
+// TestLastLine: the last line that is not blank, whole, however far back;
+// a damaged file whose end holds no whole line within 2×MaxLine (40 MiB
+// of zeros, say) is said to be damaged, not read into memory whole.
+func TestLastLine(t *testing.T) {
+	f, err := os.Create(filepath.Join(t.TempDir(), "log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	long := bytes.Repeat([]byte("y"), 100<<10) // longer than the first read
+	f.Write([]byte("first\n"))
+	f.Write(append(long, '\n'))
+	f.Write([]byte("\n  \n"))
+	end, _ := f.Seek(0, io.SeekEnd)
+	if got, err := LastLine(f, end); err != nil || !bytes.Equal(got, long) {
+		t.Fatalf("LastLine = %d bytes, %v; want the %d-byte line", len(got), err, len(long))
+	}
+	if err := f.Truncate(end + 40<<20); err != nil { // zeros, no newline
+		t.Fatal(err)
+	}
+	if _, err := f.Seek(0, io.SeekEnd); err != nil {
+		t.Fatal(err)
+	}
+	f.Write([]byte("\n"))
+	end, _ = f.Seek(0, io.SeekEnd)
+	if got, err := LastLine(f, end); err == nil || !strings.Contains(err.Error(), "no whole line in the last 32 MiB") {
+		t.Fatalf("LastLine of a damaged end = %d bytes, %v; want it said damaged", len(got), err)
 	}
 }

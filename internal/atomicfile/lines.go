@@ -2,6 +2,7 @@ package atomicfile
 
 import (
 	"bytes"
+	"fmt"
 	"os"
 )
 
@@ -50,10 +51,18 @@ func CutPartialLine(f *os.File) (int64, error) {
 	return end, nil
 }
 
+// MaxLine bounds what LastLine reads back: no record of these files comes
+// near it, and a damaged file (a long run of bytes without a newline, or
+// of blank lines) is said so rather than read whole into memory.
+const MaxLine = 16 << 20
+
 // LastLine returns the last line of f before end that is not blank,
 // trimmed, or nil if there is none.
 func LastLine(f *os.File, end int64) ([]byte, error) {
 	for n := int64(64 << 10); ; n *= 2 {
+		if n > 2*MaxLine {
+			return nil, fmt.Errorf("%s: no whole line in the last %d MiB before offset %d (a line that long, or that much blank, is damage): restore the file from a backup, or move it aside", f.Name(), 2*MaxLine>>20, end)
+		}
 		start := max(0, end-n)
 		buf := make([]byte, end-start)
 		if _, err := f.ReadAt(buf, start); err != nil {
