@@ -91,19 +91,7 @@ func TestAttributesOfBindsOverlayIP(t *testing.T) {
 		t.Fatal(err)
 	}
 	a := testAttrs("gw1", "burst-ams", "100.96.0.10")
-	cert := func(u *url.URL, ip string) *x509.Certificate {
-		tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "gw1"}, URIs: []*url.URL{u},
-			IPAddresses: []net.IP{net.ParseIP(ip)}, NotBefore: time.Now(), NotAfter: time.Now().Add(time.Hour)}
-		der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-		if err != nil {
-			t.Fatal(err)
-		}
-		c, err := x509.ParseCertificate(der)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return c
-	}
+	cert := func(u *url.URL, ip string) *x509.Certificate { return selfSigned(t, key, "gw1", ip, u) }
 	if got, err := AttributesOf(cert(a.PinnedURI(), "100.96.0.10")); err != nil || got.OverlayIP != a.OverlayIP {
 		t.Fatalf("matching URI and IP SAN: %+v, %v", got, err)
 	}
@@ -113,6 +101,23 @@ func TestAttributesOfBindsOverlayIP(t *testing.T) {
 	if got, err := AttributesOf(cert(a.URI(), "100.96.0.99")); err != nil || got.OverlayIP != netip.MustParseAddr("100.96.0.99") {
 		t.Fatalf("a URI without the overlay IP (issued before it was named): %+v, %v", got, err)
 	}
+}
+
+// selfSigned is a certificate for cn, ip and uris, signed by its own key:
+// what AttributesOf reads, trust aside.
+func selfSigned(t *testing.T, key *ecdsa.PrivateKey, cn, ip string, uris ...*url.URL) *x509.Certificate {
+	t.Helper()
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: cn}, URIs: uris,
+		IPAddresses: []net.IP{net.ParseIP(ip)}, NotBefore: time.Now(), NotAfter: time.Now().Add(time.Hour)}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := x509.ParseCertificate(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
 }
 
 // TestAttributesOfRefusesAmbiguity: a certificate names one node, one
@@ -127,19 +132,7 @@ func TestAttributesOfRefusesAmbiguity(t *testing.T) {
 	a := testAttrs("gw1", "onprem-zrh", "100.96.0.10")
 	b := testAttrs("gw1", "aws-us-east-1", "100.96.0.10")
 	b.Jurisdiction = "US"
-	cert := func(cn string, us ...*url.URL) *x509.Certificate {
-		tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: cn}, URIs: us,
-			IPAddresses: []net.IP{net.ParseIP("100.96.0.10")}, NotBefore: time.Now(), NotAfter: time.Now().Add(time.Hour)}
-		der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-		if err != nil {
-			t.Fatal(err)
-		}
-		c, err := x509.ParseCertificate(der)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return c
-	}
+	cert := func(cn string, us ...*url.URL) *x509.Certificate { return selfSigned(t, key, cn, "100.96.0.10", us...) }
 	if got, err := AttributesOf(cert("gw1", a.PinnedURI())); err != nil || got.Site != "onprem-zrh" {
 		t.Fatalf("one URI, its node the common name: %+v, %v", got, err)
 	}

@@ -69,12 +69,41 @@ type perSourceListener struct {
 	net.Listener
 	max     int
 	refused func(from netip.Addr)
-	mu      sync.Mutex
-	open    map[netip.Addr]int
+	open    sourceCounts
 }
 
 func limitPerSource(ln net.Listener, max int, refused func(netip.Addr)) *perSourceListener {
-	return &perSourceListener{Listener: ln, max: max, refused: refused, open: map[netip.Addr]int{}}
+	return &perSourceListener{Listener: ln, max: max, refused: refused}
+}
+
+// sourceCounts counts what each source address (sourceOf) holds open.
+type sourceCounts struct {
+	mu   sync.Mutex
+	open map[netip.Addr]int
+}
+
+// take counts one more for from, unless it already holds max and exempt
+// (if any; asked only then, so that the common case costs a map access)
+// does not let it past. It reports whether it counted.
+func (s *sourceCounts) take(from netip.Addr, max int, exempt func(netip.Addr) bool) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.open[from] >= max && (exempt == nil || !exempt(from)) {
+		return false
+	}
+	if s.open == nil {
+		s.open = map[netip.Addr]int{}
+	}
+	s.open[from]++
+	return true
+}
+
+func (s *sourceCounts) release(from netip.Addr) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.open[from]--; s.open[from] <= 0 {
+		delete(s.open, from)
+	}
 }
 
 func (l *perSourceListener) Accept() (net.Conn, error) {
@@ -85,20 +114,14 @@ func (l *perSourceListener) Accept() (net.Conn, error) {
 		}
 		ap, _ := netip.ParseAddrPort(c.RemoteAddr().String())
 		from := sourceOf(ap.Addr())
-		l.mu.Lock()
-		ok := l.open[from] < l.max
-		if ok {
-			l.open[from]++
-		}
-		l.mu.Unlock()
-		if !ok {
+		if !l.open.take(from, l.max, nil) {
 			c.Close()
 			if l.refused != nil {
 				l.refused(from)
 			}
 			continue
 		}
-		return &sourceConn{Conn: c, release: func() { l.release(from) }}, nil
+		return &sourceConn{Conn: c, release: func() { l.open.release(from) }}, nil
 	}
 }
 
@@ -111,14 +134,6 @@ func sourceOf(a netip.Addr) netip.Addr {
 		return p.Addr()
 	}
 	return a
-}
-
-func (l *perSourceListener) release(from netip.Addr) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if l.open[from]--; l.open[from] <= 0 {
-		delete(l.open, from)
-	}
 }
 
 // sourceConn gives its source's place back once, however often closed.

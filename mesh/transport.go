@@ -45,8 +45,7 @@ type gossipTransport struct {
 	// hold every slot; member says whether a member gossips from a source,
 	// whose streams only the total bounds. warnFrom says when a source
 	// turned away is worth logging again.
-	fromMu   sync.Mutex
-	from     map[netip.Addr]int
+	from     sourceCounts
 	member   func(source netip.Addr) bool
 	warnFrom throttle.PerSecond
 	// inboundBytes counts what the incoming streams not yet closed have
@@ -124,7 +123,7 @@ func newGossipTransport(bind netip.AddrPort, log *slog.Logger, traffic *gossipTr
 		}
 	}
 	t := &gossipTransport{log: log, traffic: traffic, udp: udp, tcp: tcp, packets: make(chan *memberlist.Packet), streams: make(chan net.Conn), done: make(chan struct{}),
-		from: map[netip.Addr]int{}, member: member}
+		member: member}
 	t.dials, t.stopDials = context.WithCancel(context.Background())
 	t.wg.Add(2)
 	go t.readPackets()
@@ -290,7 +289,7 @@ func (t *gossipTransport) acceptStreams() {
 		}
 		ap, _ := netip.ParseAddrPort(c.RemoteAddr().String())
 		src := sourceOf(ap.Addr())
-		if !t.admitFrom(src) {
+		if !t.from.take(src, maxInboundStreamsFrom, t.member) {
 			t.inbound.Add(-1)
 			t.traffic.streamsFromOne.Add(1)
 			c.Close()
@@ -299,7 +298,7 @@ func (t *gossipTransport) acceptStreams() {
 			}
 			continue
 		}
-		in := &inboundConn{Conn: t.counted(c), n: &t.inbound, bytes: &t.inboundBytes, over: t.overBudget, release: func() { t.releaseFrom(src) }}
+		in := &inboundConn{Conn: t.counted(c), n: &t.inbound, bytes: &t.inboundBytes, over: t.overBudget, release: func() { t.from.release(src) }}
 		select {
 		case t.streams <- in:
 		case <-t.done:
@@ -322,27 +321,6 @@ const (
 	maxInboundStreams     = 256
 	maxInboundStreamsFrom = 32
 )
-
-// admitFrom counts a stream from src, unless src already has
-// maxInboundStreamsFrom open and no member gossips from it. Members are
-// looked up only then: the common case costs a map access.
-func (t *gossipTransport) admitFrom(src netip.Addr) bool {
-	t.fromMu.Lock()
-	defer t.fromMu.Unlock()
-	if t.from[src] >= maxInboundStreamsFrom && (t.member == nil || !t.member(src)) {
-		return false
-	}
-	t.from[src]++
-	return true
-}
-
-func (t *gossipTransport) releaseFrom(src netip.Addr) {
-	t.fromMu.Lock()
-	defer t.fromMu.Unlock()
-	if t.from[src]--; t.from[src] <= 0 {
-		delete(t.from, src)
-	}
-}
 
 // maxInboundBytes bounds what the incoming streams being read hold at
 // once: a join's state exchange in a mesh of thousands carries a few MB

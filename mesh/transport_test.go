@@ -157,24 +157,9 @@ func TestGossipTransportBoundsIncomingStreams(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer tr.Shutdown()
-	addr := tr.tcp.Addr().String()
-	dial := func() net.Conn {
-		c, err := net.Dial("tcp", addr)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { c.Close() })
-		return c
-	}
-	taken := func() net.Conn {
-		select {
-		case c := <-tr.StreamCh():
-			return c
-		case <-time.After(10 * time.Second):
-			t.Fatal("an incoming stream was not handed over")
-			return nil
-		}
-	}
+	lo := netip.MustParseAddr("127.0.0.1")
+	dial := func() net.Conn { return dialStream(t, tr, lo) }
+	taken := func() net.Conn { return takenStream(t, tr) }
 	held := make([]net.Conn, 0, maxInboundStreams)
 	for range maxInboundStreams {
 		dial()
@@ -196,6 +181,33 @@ func TestGossipTransportBoundsIncomingStreams(t *testing.T) {
 	}
 }
 
+// dialStream opens a stream to tr from the loopback address from; it
+// closes with the test.
+func dialStream(t *testing.T, tr *gossipTransport, from netip.Addr) net.Conn {
+	t.Helper()
+	d := net.Dialer{LocalAddr: net.TCPAddrFromAddrPort(netip.AddrPortFrom(from, 0))}
+	c, err := d.Dial("tcp", tr.tcp.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+// takenStream is the next stream tr hands memberlist; it closes with the
+// test.
+func takenStream(t *testing.T, tr *gossipTransport) net.Conn {
+	t.Helper()
+	select {
+	case c := <-tr.StreamCh():
+		t.Cleanup(func() { c.Close() })
+		return c
+	case <-time.After(10 * time.Second):
+		t.Fatal("an incoming stream was not handed over")
+		return nil
+	}
+}
+
 // TestGossipTransportBoundsStreamsFromOneSource: an address no member
 // gossips from holds at most maxInboundStreamsFrom streams at once; past
 // them its next is closed at once, while other addresses' are taken, and
@@ -210,25 +222,8 @@ func TestGossipTransportBoundsStreamsFromOneSource(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer tr.Shutdown()
-	dial := func(from netip.Addr) net.Conn {
-		d := net.Dialer{LocalAddr: net.TCPAddrFromAddrPort(netip.AddrPortFrom(from, 0))}
-		c, err := d.Dial("tcp", tr.tcp.Addr().String())
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { c.Close() })
-		return c
-	}
-	taken := func() net.Conn {
-		select {
-		case c := <-tr.StreamCh():
-			t.Cleanup(func() { c.Close() })
-			return c
-		case <-time.After(10 * time.Second):
-			t.Fatal("an incoming stream was not handed over")
-			return nil
-		}
-	}
+	dial := func(from netip.Addr) net.Conn { return dialStream(t, tr, from) }
+	taken := func() net.Conn { return takenStream(t, tr) }
 	closedAtOnce := func(c net.Conn) bool {
 		c.SetReadDeadline(time.Now().Add(10 * time.Second))
 		_, err := c.Read(make([]byte, 1))
