@@ -2,14 +2,12 @@ package mesh
 
 import (
 	"bytes"
-	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/x509"
 	"encoding/json"
 	"io"
-	"log/slog"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -91,30 +89,10 @@ func FuzzHandle(f *testing.F) {
 	if err != nil {
 		f.Fatal(err)
 	}
-	p := loopbackPort(f)
-	ap := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(p))
-	gdir := filepath.Join(dir, "op0")
-	s := &Settings{
-		StateDir: gdir, Identity: certs.Config{Dir: filepath.Join(gdir, "identity")},
-		GossipBind: ap, GossipAdvertise: ap, GossipProfile: "local",
-		Interface: "sim", Port: p, MTU: DefaultMTU, Endpoints: []netip.AddrPort{ap}, Topology: TopologyFullMesh,
-		OperatorAddr: netip.MustParseAddrPort("127.0.0.1:0"), OperatorTokenFile: filepath.Join(gdir, "operator.token"),
-	}
+	s := liveSettings(f, filepath.Join(dir, "op0"))
 	s.Node = provisionGateway(f, ca, tb, certs.Attributes{Node: "op0", Site: "zrh", Region: "r", Provider: "onprem", Jurisdiction: "CH",
 		OverlayIP: netip.MustParseAddr("100.64.7.1")}, time.Hour, s.Identity.Dir)
-	g, err := newGateway(context.Background(), s, slog.New(slog.NewTextHandler(io.Discard, nil)), options{device: NewRecordingDevice("op0"), noControl: true, noMigrations: true})
-	if err != nil {
-		f.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { defer close(done); g.Run(ctx) }()
-	f.Cleanup(func() { cancel(); <-done })
-	for start := time.Now(); g.OperatorAddress() == nil; time.Sleep(10 * time.Millisecond) {
-		if time.Since(start) > 20*time.Second {
-			f.Fatal("gateway did not start")
-		}
-	}
+	g := runLiveGateway(f, s, io.Discard).g
 
 	// Seeds: every message type, from what the gateway itself sends.
 	probe, err := ca.IssueIdentity(certs.Attributes{Node: "probe", Site: "s", Region: "r", Provider: "onprem", Jurisdiction: "CH",

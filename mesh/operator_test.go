@@ -63,7 +63,7 @@ func startLiveGatewayWith(t *testing.T, ca *certs.CA, dir string, i int, site st
 
 // liveSettings are the settings of an in-process gateway in dir with its
 // gossip on a free loopback port, and no node block.
-func liveSettings(t *testing.T, dir string) *Settings {
+func liveSettings(t testing.TB, dir string) *Settings {
 	p := loopbackPort(t)
 	ap := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(p))
 	return &Settings{
@@ -77,7 +77,7 @@ func liveSettings(t *testing.T, dir string) *Settings {
 // runLiveGateway runs a gateway with a recording device until the test
 // ends, and returns once it has started or ended; its run's error is
 // lg.err once lg.done is closed.
-func runLiveGateway(t *testing.T, s *Settings, logs io.Writer) *liveGateway {
+func runLiveGateway(t testing.TB, s *Settings, logs io.Writer) *liveGateway {
 	t.Helper()
 	log := slog.New(slog.NewJSONHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	dev := NewRecordingDevice(filepath.Base(s.StateDir))
@@ -163,7 +163,7 @@ func startLiveMesh(t *testing.T) *liveMesh {
 }
 
 // waitUntil polls cond until it holds or the deadline passes.
-func waitUntil(t *testing.T, d time.Duration, what string, cond func() bool) {
+func waitUntil(t testing.TB, d time.Duration, what string, cond func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(d)
 	for !cond() {
