@@ -66,7 +66,7 @@ func FuzzVerify(f *testing.F) {
 func FuzzAppendVerify(f *testing.F) {
 	id, tb := fuzzIdentity(f)
 	f.Add("class", "pii-eu", 3.0, int64(1<<62), "migration")
-	f.Add("\xff", "a\u2028b\x00\xfe", -0.0, int64(-1), "migration")
+	f.Add("\xff", "a\u2028b\x00\xfe", math.Copysign(0, -1), int64(-1), "migration")
 	f.Add("k", "v", 1.0, int64(1), "\xc0")
 	f.Fuzz(func(t *testing.T, key, value string, x float64, n int64, event string) {
 		if math.IsNaN(x) || math.IsInf(x, 0) {
