@@ -252,6 +252,7 @@ func Compute(in TopologyInput) Plan {
 	case TopologyHub:
 		plan.Peers = hubPeers(in, members, carrier, &plan)
 	default:
+		orphans := orphanRoutes(members, carrier, in.Self.site(), better)
 		plan.Peers = make([]PeerConfig, 0, len(members))
 		for _, p := range members {
 			pc := peerConfig(&in, p)
@@ -259,12 +260,65 @@ func Compute(in TopologyInput) Plan {
 			if carrier[p.site()] == p.node() && p.site() != in.Self.site() {
 				pc.AllowedIPs = append(pc.AllowedIPs, p.Advert.Routes...)
 			}
+			pc.AllowedIPs = append(pc.AllowedIPs, orphans[p.node()]...)
 			plan.Peers = append(plan.Peers, pc)
 		}
 	}
 	dedupe(&plan, in.Self, in.MeshPrefix)
 	addNextKeys(&plan, in.Self, members)
 	return plan
+}
+
+// orphanRoutes gives each prefix a remote site's carrier does not route
+// (apart from all of its routes), but another of its gateways advertises,
+// to the best of those (better):
+// during a rollout of re-issued certificates a site's gateways advertise
+// different routes, and the carrier's alone would leave the new prefix
+// unrouted until it was re-issued too. Usually there is none: a site's
+// gateways advertise the same routes.
+func orphanRoutes(members []*Node, carrier map[string]string, self string, better func(a, b string) bool) map[string][]netip.Prefix {
+	carried := map[string][]netip.Prefix{} // site → its carrier's routes
+	for _, m := range members {
+		if carrier[m.site()] == m.node() {
+			carried[m.site()] = m.Advert.Routes
+		}
+	}
+	var candidates []*Node
+	for _, m := range members {
+		if m.site() != self && carrier[m.site()] != m.node() && len(m.Advert.Routes) > 0 {
+			candidates = append(candidates, m)
+		}
+	}
+	if len(candidates) == 0 {
+		return nil
+	}
+	slices.SortStableFunc(candidates, func(a, b *Node) int {
+		switch {
+		case better(a.node(), b.node()):
+			return -1
+		case better(b.node(), a.node()):
+			return 1
+		}
+		return 0
+	})
+	out := map[string][]netip.Prefix{}
+	given := map[string][]netip.Prefix{} // site → orphans given out
+	for _, m := range candidates {
+		s := m.site()
+		for _, r := range m.Advert.Routes {
+			// Apart from what the site's carrier, or a better sibling,
+			// routes already: an overlap would be a contest (dedupe).
+			if _, ok := overlapsAny(r, carried[s]); ok {
+				continue
+			}
+			if _, ok := overlapsAny(r, given[s]); ok {
+				continue
+			}
+			out[m.node()] = append(out[m.node()], r)
+			given[s] = append(given[s], r)
+		}
+	}
+	return out
 }
 
 // dropSharedKeys removes each peer whose key is ours or an earlier

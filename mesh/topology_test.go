@@ -533,3 +533,32 @@ func TestSharedKeyNeverCarries(t *testing.T) {
 		}
 	}
 }
+
+// TestSiblingsRouteWhatTheCarrierDoesNot: a site whose gateways advertise
+// different routes (a rollout of re-issued certificates, one at a time)
+// has every prefix routed: the carrier's through it, one only a sibling
+// advertises through the best such sibling — the one up before one down.
+// A sibling's prefix that overlaps the carrier's stays with the carrier.
+func TestSiblingsRouteWhatTheCarrierDoesNot(t *testing.T) {
+	b1 := gw("fra-1", "aws-eu-central-1", "DE", "aws", 4, "pii-eu", "10.2.0.0/16")
+	b2 := gw("fra-2", "aws-eu-central-1", "DE", "aws", 5, "pii-eu", "10.2.0.0/16", "10.6.0.0/16", "10.2.7.0/24")
+	b3 := gw("fra-3", "aws-eu-central-1", "DE", "aws", 6, "pii-eu", "10.6.0.0/16")
+	bare := gw("fra-0", "aws-eu-central-1", "DE", "aws", 3, "pii-eu")
+	for _, tc := range []struct {
+		name  string
+		peers []Node
+		down  map[string]bool
+		want  string
+	}{
+		{"the carrier lacks a prefix", []Node{b1, b2}, nil, "fra-1=10.2.0.0/16,100.96.0.4/32 fra-2=10.6.0.0/16,100.96.0.5/32"},
+		{"the best sibling takes it", []Node{b1, b2, b3}, nil, "fra-1=10.2.0.0/16,100.96.0.4/32 fra-2=10.6.0.0/16,100.96.0.5/32 fra-3=100.96.0.6/32"},
+		{"one up before one down", []Node{b1, b2, b3}, map[string]bool{"fra-2": true}, "fra-1=10.2.0.0/16,100.96.0.4/32 fra-2=100.96.0.5/32 fra-3=10.6.0.0/16,100.96.0.6/32"},
+		{"a carrier with no routes", []Node{bare, b1}, nil, "fra-0=100.96.0.3/32 fra-1=10.2.0.0/16,100.96.0.4/32"},
+		{"the same routes everywhere", []Node{b1, gw("fra-2", "aws-eu-central-1", "DE", "aws", 5, "pii-eu", "10.2.0.0/16")}, nil, "fra-1=10.2.0.0/16,100.96.0.4/32 fra-2=100.96.0.5/32"},
+	} {
+		plan := Compute(TopologyInput{Self: zrh1, Peers: tc.peers, Now: now, MeshPrefix: mesh16, Down: tc.down})
+		if got := summary(plan); got != tc.want || len(plan.Conflicts) != 0 {
+			t.Errorf("%s: plan %s, conflicts %q\nwant %s", tc.name, got, plan.Conflicts, tc.want)
+		}
+	}
+}
