@@ -169,6 +169,20 @@ func judge(states map[string]*probeState, targets []Node, members, carriers map[
 			flips = append(flips, n)
 		}
 	}
+	// In a site where no gateway is judged reachable, one that answers
+	// now, proven or not yet, counts as reachable: better unproven than
+	// missing. (This gateway restarted while the site's first by name is
+	// dead in the data plane, or the carrier failed while its sibling was
+	// still proving itself: judged alike, all down, the routes went to the
+	// dead one by its name until the sibling had answered for
+	// probeRecovery.)
+	proven, siteOf := map[string]bool{}, make(map[string]string, len(targets))
+	for _, n := range targets {
+		siteOf[n.node()] = n.site()
+		if !states[n.node()].down {
+			proven[n.site()] = true
+		}
+	}
 	down = map[string]bool{}
 	for name, st := range states {
 		if !members[name] {
@@ -178,7 +192,8 @@ func judge(states map[string]*probeState, targets []Node, members, carriers map[
 				continue
 			}
 		}
-		if st.down {
+		answering := st.fails == 0 && !st.upSince.IsZero()
+		if st.down && !(answering && !proven[siteOf[name]]) {
 			down[name] = true
 		}
 	}

@@ -3,6 +3,7 @@ package mesh
 import (
 	"context"
 	"log/slog"
+	"slices"
 	"testing"
 	"time"
 
@@ -49,8 +50,10 @@ func TestJudge(t *testing.T) {
 		down, _ := judge(states, targets, members, nil, answered, t0.Add(time.Duration(i)*time.Second))
 		return down
 	}
-	if d := round(0, []Node{a, b}, both, true, true); !d["a"] || !d["b"] {
-		t.Fatalf("new gateways published as reachable before proving themselves: %v", d)
+	// Nothing proven in the site yet: those that answer count (the first
+	// by name of them carries), rather than all down alike.
+	if d := round(0, []Node{a, b}, both, true, true); len(d) != 0 {
+		t.Fatalf("new gateways of a site with none proven, both answering: %v, want none down", d)
 	}
 	for i := 1; i <= 10; i++ {
 		round(i, []Node{a, b}, both, true, true)
@@ -83,6 +86,37 @@ func TestJudge(t *testing.T) {
 		[]bool{true, true}, t0)
 	if down["z-only"] || !down["a-new"] {
 		t.Fatalf("a newcomer beside the carrier: %v, want only the newcomer down", down)
+	}
+}
+
+// TestAnsweringBeatsDead: in a site where no gateway is judged reachable,
+// one that answers carries its routes at once, proven or not yet — not
+// the first by name, dead in the data plane, for probeRecovery. Both ways
+// there: this gateway starting while the site's first is dead (A), and
+// the carrier failing while its sibling proves itself (B).
+func TestAnsweringBeatsDead(t *testing.T) {
+	t0 := time.Date(2026, 11, 25, 12, 0, 0, 0, time.UTC)
+	b1, b2 := gw("b1", "s", "DE", "aws", 4, "pii-eu", "10.2.0.0/16"), gw("b2", "s", "DE", "aws", 5, "pii-eu", "10.2.0.0/16")
+	members := map[string]bool{"b1": true, "b2": true}
+	carrierOf := func(down map[string]bool) string {
+		return Compute(TopologyInput{Self: zrh1, Peers: []Node{b1, b2}, Now: now, MeshPrefix: mesh16, Down: down}).Carriers["s"]
+	}
+	for name, states := range map[string]map[string]*probeState{
+		"A: started while b1 is dead": {},
+		"B: b1 fails while b2 proves": {"b1": {}, "b2": {down: true}},
+	} {
+		carriers := map[string]bool{"b1": true}
+		var got []string
+		for i := range 6 {
+			down, _ := judge(states, []Node{b1, b2}, members, carriers, []bool{false, true}, t0.Add(time.Duration(i)*time.Second))
+			c := carrierOf(down)
+			got = append(got, c)
+			carriers = map[string]bool{c: true}
+		}
+		// Two misses make b1 unreachable; from then on b2 carries.
+		if want := []string{"b1", "b2", "b2", "b2", "b2", "b2"}; !slices.Equal(got, want) {
+			t.Errorf("%s: carriers %v, want %v", name, got, want)
+		}
 	}
 }
 
