@@ -94,7 +94,7 @@ func (g *Gateway) serveControl() (io.Closer, error) {
 		reply(w, rep, err)
 	})
 	mux.HandleFunc("POST /v1/keys/rotate-gossip", func(w http.ResponseWriter, r *http.Request) {
-		rep, err := g.RotateGossipKey(r.Context())
+		rep, err := g.RotateGossipKey(r.Context(), r.URL.Query().Get("force") == "1")
 		reply(w, rep, err)
 	})
 	mux.HandleFunc("POST /v1/migrations", func(w http.ResponseWriter, r *http.Request) {
@@ -512,8 +512,13 @@ func (c *Client) RotateWireGuardKey(ctx context.Context) (*WGRotationReport, err
 	return &r, c.do(ctx, http.MethodPost, "/v1/keys/rotate-wg", nil, &r)
 }
 
-// RotateGossipKey rotates the mesh's gossip key from this gateway.
-func (c *Client) RotateGossipKey(ctx context.Context) (*RotationReport, error) {
+// RotateGossipKey rotates the mesh's gossip key from this gateway; force
+// rotates without the gateways that are away (see Gateway.RotateGossipKey).
+func (c *Client) RotateGossipKey(ctx context.Context, force bool) (*RotationReport, error) {
 	var r RotationReport
-	return &r, c.do(ctx, http.MethodPost, "/v1/keys/rotate-gossip", nil, &r)
+	path := "/v1/keys/rotate-gossip"
+	if force {
+		path += "?force=1"
+	}
+	return &r, c.do(ctx, http.MethodPost, path, nil, &r)
 }

@@ -373,7 +373,11 @@ const opIDLen = 16
 
 // RotationReport says how a rotation went.
 type RotationReport struct {
-	Members []string      `json:"members"` // verified members that acknowledged every step
+	Members []string `json:"members"` // verified members that acknowledged every step
+	// LeftOut names the gateways that were away (stopped or declared
+	// dead) and rotated without, by force: each needs the new keyring
+	// before it can gossip with the mesh again.
+	LeftOut []string      `json:"left_out,omitempty"`
 	Elapsed time.Duration `json:"elapsed"`
 	// CAKeyring says where the keyring new gateways are given now holds
 	// the new key: "vault" (the mesh's one, in KV), "ca_dir" (this
@@ -390,12 +394,26 @@ type RotationReport struct {
 // not acknowledge a step; the steps already done are safe to leave (an
 // extra installed key, or the new key already primary) and a new rotation
 // finishes the job.
-func (g *Gateway) RotateGossipKey(ctx context.Context) (*RotationReport, error) {
+//
+// It refuses, naming them, while gateways of the mesh are away (stopped
+// or declared dead, their certificates not revoked): one that comes back
+// holding only the old
+// key could not read the mesh's gossip, nor the mesh its, for good — and
+// a gateway cut off from the rest would rotate alone, on a key nobody
+// else holds (with Vault, then handed to every gateway started after).
+// force rotates without them; the report names them. (A gateway cut off
+// from the rest sees them all away.)
+func (g *Gateway) RotateGossipKey(ctx context.Context, force bool) (*RotationReport, error) {
 	if g.burst != nil || g.id.Load().Attributes().Labels[certs.BurstLabel] != "" {
 		return nil, errBurstRotates
 	}
 	g.rotation.Lock()
 	defer g.rotation.Unlock()
+	away := g.awayMembers()
+	if len(away) > 0 && !force {
+		return nil, fmt.Errorf("%d gateways of the mesh are away (stopped or declared dead): %s; rotated without them, each would come back unable to read the mesh's gossip until given the new keyring. Rotate when they are back, revoke those gone for good (skybridge ca revoke), or rotate with --force and copy the new keyring to each",
+			len(away), strings.Join(away, ", "))
+	}
 	start := time.Now()
 	newKey, err := certs.NewGossipKey()
 	if err != nil {
@@ -437,8 +455,8 @@ func (g *Gateway) RotateGossipKey(ctx context.Context) (*RotationReport, error) 
 			g.afterRotationStep(step.kind)
 		}
 	}
-	g.log.Info("gossip key rotated", "members", len(members))
-	rep := &RotationReport{Members: members, Elapsed: time.Since(start)}
+	g.log.Info("gossip key rotated", "members", len(members), "left_out", away)
+	rep := &RotationReport{Members: members, Elapsed: time.Since(start), LeftOut: away}
 	switch sec := g.prov.Secrets().(type) {
 	case certs.DirSecrets:
 		rep.Keyring = filepath.Join(sec.Dir, certs.FileGossipKeyring)
@@ -449,6 +467,23 @@ func (g *Gateway) RotateGossipKey(ctx context.Context) (*RotationReport, error) 
 		rep.CAKeyring = "vault"
 	}
 	return rep, nil
+}
+
+// awayMembers are the gateways a gossip key rotation would leave behind:
+// verified once, now stopped (a leave notice says nothing of coming back),
+// declared dead, or remembered from before a restart and not heard from.
+// A gateway gone for good is revoked, and then no member any more.
+func (g *Gateway) awayMembers() []string {
+	var out []string
+	for _, m := range g.members.snapshot() {
+		if m.LastCert == nil {
+			continue
+		}
+		if m.State == StateDead || m.State == StateVerified && m.Remembered {
+			out = append(out, m.Name)
+		}
+	}
+	return out
 }
 
 // rotationMembers are the members a gossip key rotation goes to: those

@@ -36,7 +36,7 @@ func TestGossipKeyRotation(t *testing.T) {
 		}
 	}
 
-	rep, err := a.g.RotateGossipKey(context.Background())
+	rep, err := a.g.RotateGossipKey(context.Background(), false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -80,7 +80,7 @@ func TestGossipKeyRotation(t *testing.T) {
 		t.Fatal(err)
 	}
 	start := time.Now()
-	_, err = a.g.RotateGossipKey(context.Background())
+	_, err = a.g.RotateGossipKey(context.Background(), false)
 	if err == nil || !strings.Contains(err.Error(), "op2 could not apply it") || !strings.Contains(err.Error(), certs.FileGossipKeyring) {
 		t.Fatalf("rotation with a member that cannot keep its keyring: %v; want op2's refusal, with its reason", err)
 	}
@@ -134,7 +134,7 @@ func TestGossipKeyRotationWithNewcomer(t *testing.T) {
 		late = startLiveGateway(t, m.ca, m.dir, 3, "late-site", []string{a.s.GossipAdvertise.String()}, m.logs)
 		waitUntil(t, 20*time.Second, "the late gateway to be verified by op0", func() bool { return a.members.verified("op3") != nil })
 	}
-	rep, err := a.RotateGossipKey(context.Background())
+	rep, err := a.RotateGossipKey(context.Background(), false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -165,16 +165,16 @@ func TestGossipKeyRotationsOneAtATime(t *testing.T) {
 	var during error
 	a.afterRotationStep = func(step string) {
 		if step == opInstall {
-			_, during = b.RotateGossipKey(context.Background())
+			_, during = b.RotateGossipKey(context.Background(), false)
 		}
 	}
-	if _, err := a.RotateGossipKey(context.Background()); err != nil {
+	if _, err := a.RotateGossipKey(context.Background(), false); err != nil {
 		t.Fatal(err)
 	}
 	if during == nil || !strings.Contains(during.Error(), "a gossip key rotation by op0 is under way") {
 		t.Fatalf("op1 rotating while op0's rotation runs: %v; want it refused", during)
 	}
-	rep, err := b.RotateGossipKey(context.Background())
+	rep, err := b.RotateGossipKey(context.Background(), false)
 	if err != nil || !slices.Equal(rep.Members, []string{"op0", "op2"}) {
 		t.Fatalf("op1 rotating once op0's rotation is done: %+v, %v", rep, err)
 	}
@@ -213,7 +213,7 @@ func TestBurstGatewayCannotRotate(t *testing.T) {
 	}
 	static := g.id.Load()
 	g.id.Store(burst)
-	_, err = g.RotateGossipKey(context.Background())
+	_, err = g.RotateGossipKey(context.Background(), false)
 	g.id.Store(static)
 	if !errors.Is(err, errBurstRotates) {
 		t.Fatalf("a rotation started on a burst gateway: %v, want it refused", err)
@@ -236,4 +236,33 @@ func received(t *testing.T, g *Gateway, id *certs.NodeIdentity, op *keyringOp, m
 		t.Fatal(err)
 	}
 	return got
+}
+
+// TestGossipRotationRefusedWhileAGatewayIsAway: a gateway stopped (or
+// declared dead) would come back holding only the old key, unable to read
+// the mesh's gossip for good: the rotation is refused, naming it, and with
+// force goes on without it, saying so.
+func TestGossipRotationRefusedWhileAGatewayIsAway(t *testing.T) {
+	m := startLiveMesh(t)
+	a := m.gws[0].g
+	m.gws[2].stop() // for maintenance, say: it comes back
+	waitUntil(t, 30*time.Second, "op0 to see op2 gone", func() bool {
+		for _, v := range a.members.snapshot() {
+			if v.Name == "op2" {
+				return v.State == StateDead
+			}
+		}
+		return false
+	})
+	before := a.keyring.GetPrimaryKey()
+	if _, err := a.RotateGossipKey(context.Background(), false); err == nil || !strings.Contains(err.Error(), "away") || !strings.Contains(err.Error(), "op2") {
+		t.Fatalf("rotation with op2 away: %v; want it refused, naming op2", err)
+	}
+	if !bytes.Equal(a.keyring.GetPrimaryKey(), before) {
+		t.Fatal("a refused rotation changed the key")
+	}
+	rep, err := a.RotateGossipKey(context.Background(), true)
+	if err != nil || !slices.Equal(rep.LeftOut, []string{"op2"}) || !slices.Equal(rep.Members, []string{"op1"}) {
+		t.Fatalf("forced rotation: %+v, %v; want op1 rotated and op2 left out", rep, err)
+	}
 }

@@ -363,8 +363,9 @@ func keysCommand() *cli.Command {
 		Subcommands: []*cli.Command{{
 			Name:      "rotate-gossip",
 			Usage:     "replace the gossip encryption key on every gateway, without a restart",
-			UsageText: "skybridge keys rotate-gossip (--socket PATH | --config FILE) [--json]",
-			Flags:     append(append([]cli.Flag(nil), socketFlags...), jsonFlag),
+			UsageText: "skybridge keys rotate-gossip (--socket PATH | --config FILE) [--force] [--json]",
+			Flags: append(append([]cli.Flag(nil), socketFlags...), jsonFlag,
+				&cli.BoolFlag{Name: "force", Usage: "rotate without the gateways that are away (stopped or declared dead): each then needs the new keyring copied to it"}),
 			Action: func(c *cli.Context) error {
 				cl, err := controlClient(c)
 				if err != nil {
@@ -372,7 +373,7 @@ func keysCommand() *cli.Command {
 				}
 				ctx, cancel := context.WithTimeout(c.Context, 2*time.Minute)
 				defer cancel()
-				rep, err := cl.RotateGossipKey(ctx)
+				rep, err := cl.RotateGossipKey(ctx, c.Bool("force"))
 				if err != nil {
 					return err
 				}
@@ -380,6 +381,9 @@ func keysCommand() *cli.Command {
 					return printJSON(c.App.Writer, rep)
 				}
 				fmt.Fprintf(c.App.Writer, "gossip key rotated on %d other gateways in %s: %s\n", len(rep.Members), rep.Elapsed.Round(time.Millisecond), strings.Join(rep.Members, ", "))
+				if len(rep.LeftOut) > 0 {
+					fmt.Fprintf(c.App.Writer, "left out, away: %s — copy the new keyring (%s) into each one's identity directory before it starts again (with Vault, a restart takes it)\n", strings.Join(rep.LeftOut, ", "), rep.Keyring)
+				}
 				if rep.CAKeyring == "" {
 					// `ca issue` hands new gateways the CA directory's
 					// copy: unless a gateway holding it took part, it

@@ -318,7 +318,7 @@ func TestVaultOutageGatewayRestart(t *testing.T) {
 		ok, state := peerOf(sockA, "gw-b")()
 		return !ok, state
 	})
-	if out, err := exec.Command(bin, "keys", "rotate-gossip", "--socket", sockA).CombinedOutput(); err != nil {
+	if out, err := exec.Command(bin, "keys", "rotate-gossip", "--force", "--socket", sockA).CombinedOutput(); err != nil || !strings.Contains(string(out), "left out, away: gw-b") {
 		t.Fatalf("rotate the gossip key: %v\n%s\n%s", err, out, a.log.String())
 	}
 
