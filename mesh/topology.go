@@ -277,12 +277,6 @@ func Compute(in TopologyInput) Plan {
 // unrouted until it was re-issued too. Usually there is none: a site's
 // gateways advertise the same routes.
 func orphanRoutes(members []*Node, carrier map[string]string, self string, better func(a, b string) bool) map[string][]netip.Prefix {
-	carried := map[string][]netip.Prefix{} // site → its carrier's routes
-	for _, m := range members {
-		if carrier[m.site()] == m.node() {
-			carried[m.site()] = m.Advert.Routes
-		}
-	}
 	var candidates []*Node
 	for _, m := range members {
 		if m.site() != self && carrier[m.site()] != m.node() && len(m.Advert.Routes) > 0 {
@@ -290,7 +284,13 @@ func orphanRoutes(members []*Node, carrier map[string]string, self string, bette
 		}
 	}
 	if len(candidates) == 0 {
-		return nil
+		return nil // a gateway per site: a plan of a thousand pays nothing more
+	}
+	carried := map[string][]netip.Prefix{} // site → its carrier's routes
+	for _, m := range members {
+		if carrier[m.site()] == m.node() {
+			carried[m.site()] = m.Advert.Routes
+		}
 	}
 	slices.SortStableFunc(candidates, func(a, b *Node) int {
 		switch {
