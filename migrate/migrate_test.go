@@ -1582,12 +1582,14 @@ func TestSenderChecksReceiversRoot(t *testing.T) {
 // migration in time, rather than hold it, its files and the image's slot
 // until someone cancels it.
 func TestSenderBoundsTheOffersAnswer(t *testing.T) {
-	was := answerTimeout
-	answerTimeout = 300 * time.Millisecond
-	t.Cleanup(func() { answerTimeout = was })
+	was, wasInFlight := answerTimeout, answerInFlight
+	answerTimeout, answerInFlight = 300*time.Millisecond, 0
+	t.Cleanup(func() { answerTimeout, answerInFlight = was, wasInFlight })
 	p := newPair(t, "DE")
 	raw := filepath.Join(p.dir, "vm.raw")
-	makeRaw(t, raw, 4*mib, map[int64]int{0: mib})
+	// 200 MiB of data: 20 s at the read-back pace, which a first attempt
+	// (the receiver holds nothing to read back) does not wait for.
+	makeRaw(t, raw, 256*mib, map[int64]int{0: 200 * mib})
 	cfg := p.config(raw, "pii-eu")
 	cfg.To.Addr = p.standIn(t, func(_ *frameWriter, fr *frameReader) {
 		for { // heard, never answered

@@ -46,6 +46,10 @@ var answerTimeout = commitTimeout // var for tests
 
 const answerReadRate = 10 << 20 // bytes per second
 
+// answerInFlight is what a receiver may hold beyond what it acknowledged:
+// chunks written when the last attempt ended, their acknowledgements lost.
+var answerInFlight int64 = 1 << 30 // var for tests
+
 // answerWait is how long a receiver that may hold held bytes of the image
 // is given to answer an offer.
 func answerWait(held int64) time.Duration {
@@ -612,12 +616,13 @@ func (s *sender) run(ctx context.Context) error {
 		return err
 	}
 	// The answer may take long: a receiver resuming reads back and
-	// hashes every chunk it holds first, saying nothing meanwhile — at
-	// most the chunks this image may hold data in. A receiver hung, or
+	// hashes every chunk it holds first, saying nothing meanwhile — the
+	// chunks it acknowledged before, and those that were on their way
+	// when the last attempt ended (answerInFlight). A receiver hung, or
 	// whose host vanished where no keepalive tells (netstack), must not
 	// hold the migration for good.
 	s.progress("offered")
-	ctrl.SetReadDeadline(time.Now().Add(answerWait(int64(len(cands)) * chunk)))
+	ctrl.SetReadDeadline(time.Now().Add(answerWait(int64(len(acked)+len(zeros))*chunk + answerInFlight)))
 	typ, payload, err := cr.next(nil)
 	if err != nil {
 		return fmt.Errorf("offer: %w", err)
