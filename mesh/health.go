@@ -25,8 +25,9 @@ import (
 // unreachable after probeFailures misses in a row, and reachable again only
 // after answering for probeRecovery without a miss, so a gateway that
 // comes and goes does not drag traffic back and forth. A gateway not yet
-// probed long enough (just joined) counts as unreachable: the routes stay
-// where they are until it has proved itself.
+// probed long enough (just joined) counts as unreachable, so the routes
+// stay where they are until it has proved itself — unless no gateway of
+// its site is reachable: then one that answers counts.
 
 const (
 	probeInterval = time.Second
@@ -39,6 +40,7 @@ const (
 type probeState struct {
 	fails    int
 	down     bool
+	answered bool      // ever, since first probed
 	upSince  time.Time // first answer of the current run of answers
 	lastSeen time.Time // last time it was a member
 }
@@ -55,7 +57,7 @@ func (st *probeState) observe(answered bool, now time.Time) bool {
 		}
 		return false
 	}
-	st.fails = 0
+	st.fails, st.answered = 0, true
 	if st.upSince.IsZero() {
 		st.upSince = now
 	}
@@ -169,9 +171,10 @@ func judge(states map[string]*probeState, targets []Node, members, carriers map[
 			flips = append(flips, n)
 		}
 	}
-	// In a site where no gateway is judged reachable, one that answers
-	// now, proven or not yet, counts as reachable: better unproven than
-	// missing. (This gateway restarted while the site's first by name is
+	// In a site where no gateway is judged reachable, one that answers,
+	// proven or not yet, counts as reachable: better unproven than
+	// missing. Answering is judged as reachability is, by probeFailures
+	// misses in a row, so that one lost probe does not move the routes. (This gateway restarted while the site's first by name is
 	// dead in the data plane, or the carrier failed while its sibling was
 	// still proving itself: judged alike, all down, the routes went to the
 	// dead one by its name until the sibling had answered for
@@ -192,7 +195,7 @@ func judge(states map[string]*probeState, targets []Node, members, carriers map[
 				continue
 			}
 		}
-		answering := st.fails == 0 && !st.upSince.IsZero()
+		answering := st.answered && st.fails < probeFailures && members[name]
 		if st.down && !(answering && !proven[siteOf[name]]) {
 			down[name] = true
 		}

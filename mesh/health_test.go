@@ -145,3 +145,28 @@ func TestNewcomerDoesNotTakeTheRoutes(t *testing.T) {
 		t.Fatalf("carriers handed to the next round: %v; want the plan's as of this round", next)
 	}
 }
+
+// TestNoFlapOnSingleMisses: two gateways of a site, neither proven, each
+// losing one probe in four but never two in a row: the routes stay with
+// the first, rather than follow every lost probe.
+func TestNoFlapOnSingleMisses(t *testing.T) {
+	t0 := time.Date(2026, 11, 25, 12, 0, 0, 0, time.UTC)
+	b1, b2 := gw("b1", "s", "DE", "aws", 4, "pii-eu", "10.2.0.0/16"), gw("b2", "s", "DE", "aws", 5, "pii-eu", "10.2.0.0/16")
+	members := map[string]bool{"b1": true, "b2": true}
+	states := map[string]*probeState{"b1": {down: true}, "b2": {down: true}}
+	carriers := map[string]bool{"b1": true}
+	moves, last := 0, "b1"
+	for i := range 40 {
+		answered := []bool{i%4 != 1, i%4 != 3} // b1 misses at 1, 5, 9…; b2 at 3, 7, 11…
+		down, _ := judge(states, []Node{b1, b2}, members, carriers, answered, t0.Add(time.Duration(i)*time.Second))
+		c := Compute(TopologyInput{Self: zrh1, Peers: []Node{b1, b2}, Now: now, MeshPrefix: mesh16, Down: down}).Carriers["s"]
+		if c != last {
+			moves++
+			last = c
+		}
+		carriers = map[string]bool{c: true}
+	}
+	if moves != 0 {
+		t.Errorf("the routes moved %d times in 40 rounds of single misses; want them kept with b1", moves)
+	}
+}
