@@ -345,17 +345,19 @@ func applyOne(ctx context.Context, cl *mesh.Client, pl migrate.Placement, vs *vm
 		s, serr := cl.Migration(ctx, id)
 		switch {
 		case errors.Is(serr, mesh.ErrNoSuchMigration):
-			// Forgotten (its record ended over migrate.SendsKept
-			// ago): nothing to resume, so it runs anew.
-			id = ""
+			// Forgotten (it ended over migrate.SendsKept ago): it may
+			// have been stored, and in use since, so it is not sent
+			// again unasked — a resume would be refused at every run.
+			mu.Lock()
+			vs.State, vs.Error = migrate.StateFailed, fmt.Sprintf("the gateway no longer knows migration %s (it ended over %d days ago; the audit logs say how): to send %s again, remove its entry from the plan's .state file and apply again", id, int(migrate.SendsKept.Hours()/24), pl.Name)
+			mu.Unlock()
+			return
 		case serr == nil && s.Record != nil && s.Progress != nil:
 			final, err = waitMigration(ctx, cl, id)
 		case serr == nil && s.Record != nil && s.Record.State == migrate.StateDone:
 			final = &mesh.MigrationEvent{ID: id, Record: s.Record}
 		}
-		if id != "" {
-			req = mesh.MigrationRequest{ID: id}
-		}
+		req = mesh.MigrationRequest{ID: id}
 	}
 	if final == nil && err == nil {
 		mu.Lock()

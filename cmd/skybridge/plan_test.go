@@ -172,10 +172,11 @@ func TestResumeRefused(t *testing.T) {
 	}
 }
 
-// TestApplyRunsForgottenMigrationAnew: a plan's VM whose migration the
-// gateway no longer knows (it ended over migrate.SendsKept ago) is run
-// anew, not "resumed" by an ID that every re-run would be refused.
-func TestApplyRunsForgottenMigrationAnew(t *testing.T) {
+// TestApplyForgottenMigration: a plan's VM whose migration the gateway no
+// longer knows (it ended over migrate.SendsKept ago) is neither resumed
+// (refused at every run) nor sent again unasked (it may be stored and in
+// use): apply says so, and how to send it again.
+func TestApplyForgottenMigration(t *testing.T) {
 	sock := filepath.Join(t.TempDir(), "control.sock")
 	ln, err := net.Listen("unix", sock)
 	if err != nil {
@@ -201,11 +202,11 @@ func TestApplyRunsForgottenMigrationAnew(t *testing.T) {
 	applyOne(t.Context(), mesh.NewClient(sock), pl, vs, &sync.Mutex{}, func() {}, 4, 0)
 	mu.Lock()
 	defer mu.Unlock()
-	if want := []string{"GET /v1/migrations/cccccccccccccccc", "POST /v1/migrations"}; !slices.Equal(asked, want) {
-		t.Fatalf("asked the gateway %q; want %q (a look, then a new migration)", asked, want)
+	if want := []string{"GET /v1/migrations/cccccccccccccccc"}; !slices.Equal(asked, want) {
+		t.Fatalf("asked the gateway %q; want %q (a look, nothing sent)", asked, want)
 	}
-	if vs.Attempts != 1 || vs.State != migrate.StateFailed || !strings.Contains(vs.Error, "busy") {
-		t.Errorf("state %+v; want one attempt, failed with the gateway's answer", vs)
+	if vs.Attempts != 0 || vs.State != migrate.StateFailed || !strings.Contains(vs.Error, "no longer knows migration cccccccccccccccc") || !strings.Contains(vs.Error, "remove its entry") {
+		t.Errorf("state %+v; want no attempt, failed saying the migration is forgotten and what to do", vs)
 	}
 }
 
