@@ -92,6 +92,11 @@ func interspersed(app *cli.App, args []string) ([]string, string) {
 		out = append(out, "--")
 		out = append(out, pos...)
 	}
+	// A call for help, wherever its flag stands, is never refused.
+	help := func(t string) bool { return t == "-h" || t == "--help" }
+	if slices.ContainsFunc(fl, help) || slices.ContainsFunc(global, help) || slices.ContainsFunc(before, help) {
+		return out, ""
+	}
 	rep := repeated(flags, fl)
 	if rep == "" {
 		rep = repeated(app.Flags, append(before, global...))
@@ -101,11 +106,8 @@ func interspersed(app *cli.App, args []string) ([]string, string) {
 
 // repeated names the first flag among toks (flags and their values) that
 // takes a single value and is given more than once. Booleans may repeat
-// (to no effect), lists are made to; a call for help is never refused.
+// (to no effect), lists are made to.
 func repeated(flags []cli.Flag, toks []string) string {
-	if slices.ContainsFunc(toks, func(t string) bool { return t == "-h" || t == "--help" }) {
-		return ""
-	}
 	seen := map[cli.Flag]bool{}
 	for i := 0; i < len(toks); i++ {
 		tok := toks[i]

@@ -1190,8 +1190,13 @@ func TestFlagMistakes(t *testing.T) {
 	if _, errs, code := runCLI(t, "ca", "init", "--dir", filepath.Join(dir, "ca-dashes"), "--name", "--dir"); code != 0 {
 		t.Errorf("ca init --name --dir: exit %d, %q; want the name taken", code, errs)
 	}
-	if out, errs, code := runCLI(t, "ca", "issue", "--help", "--node", "a", "--node", "b"); code != 0 || !strings.Contains(out, "--node") {
-		t.Errorf("ca issue --help with --node twice: exit %d, %q; want the help", code, errs)
+	for _, args := range [][]string{
+		{"ca", "issue", "--help", "--node", "a", "--node", "b"},
+		{"--log-level", "debug", "--log-level", "info", "ca", "issue", "--help"},
+	} {
+		if out, errs, code := runCLI(t, args...); code != 0 || !strings.Contains(out, "--node") {
+			t.Errorf("%v: exit %d, %q; want the help", args, code, errs)
+		}
 	}
 	if _, errs, code := runCLI(t, "burst", "up", "--socket", filepath.Join(dir, "none.sock"), "--site", "burst-ams", "--provider", "aws",
 		"--region", "eu-west-1", "--jurisdiction", "NL", "--ttl", "1h", "--routes", "10.9.0.0/24", "--label", "a=b", "--label", "c=d", "--json", "--json"); code == 2 || strings.Contains(errs, "more than once") {
