@@ -411,7 +411,7 @@ func (g *Gateway) RotateGossipKey(ctx context.Context, force bool) (*RotationRep
 	defer g.rotation.Unlock()
 	away := g.awayMembers()
 	if len(away) > 0 && !force {
-		return nil, fmt.Errorf("%d gateways of the mesh are away (stopped or declared dead): %s; rotated without them, each would come back unable to read the mesh's gossip until given the new keyring. Rotate when they are back, revoke those gone for good (skybridge ca revoke), or rotate with --force and copy the new keyring to each",
+		return nil, fmt.Errorf("%d gateways of the mesh are away (stopped, declared dead, or not heard from since this gateway started): %s; rotated without them, each would come back unable to read the mesh's gossip until given the new keyring. Rotate when they are back, revoke those gone for good (skybridge ca revoke --node NAME with the embedded CA; with Vault, revoke their certificates there), or rotate with --force and copy the new keyring to each",
 			len(away), strings.Join(away, ", "))
 	}
 	start := time.Now()
@@ -478,6 +478,15 @@ func (g *Gateway) awayMembers() []string {
 	for _, m := range g.members.snapshot() {
 		if m.LastCert == nil {
 			continue
+		}
+		// A burst's gateways are rented servers, enrolled anew rather
+		// than brought back (a Vault mesh's take the keyring from Vault
+		// when they start), and a Vault burst's are not revoked at its
+		// end: "rotate after a burst" must not wait for them.
+		if c, err := x509.ParseCertificate(m.LastCert); err == nil {
+			if a, err := certs.AttributesOf(c); err == nil && a.Labels[certs.BurstLabel] != "" {
+				continue
+			}
 		}
 		if m.State == StateDead || m.State == StateVerified && m.Remembered {
 			out = append(out, m.Name)

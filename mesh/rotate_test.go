@@ -266,3 +266,29 @@ func TestGossipRotationRefusedWhileAGatewayIsAway(t *testing.T) {
 		t.Fatalf("forced rotation: %+v, %v; want op1 rotated and op2 left out", rep, err)
 	}
 }
+
+// TestAwayMembers: what a gossip rotation would leave behind: gateways
+// verified once and now declared dead, or stopped; not a burst's (rented
+// servers, enrolled anew), nor one never verified, nor one alive.
+func TestAwayMembers(t *testing.T) {
+	f := newFixture(t)
+	ms := newMembership("self", f.trust(), func() time.Time { return f.now }, func() {})
+	at := f.now.Add(-time.Hour)
+	burst, err := f.ca.IssueIdentity(certs.Attributes{Node: "burst-ams-gw1", Site: "burst-ams", Region: "r", Provider: "aws", Jurisdiction: "NL",
+		OverlayIP: netip.MustParseAddr("100.96.0.9"), Labels: map[string]string{certs.BurstLabel: "true"}}, 48*time.Hour, at)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range []*certs.NodeIdentity{f.identity("gw-dead", "a", 2, at), f.identity("gw-alive", "b", 3, at), burst} {
+		ms.addCert(id.Certificate().Raw)
+		ms.update(id.Attributes().Node, gossipAddr, f.advert(id, 1))
+	}
+	ms.update("stranger", gossipAddr, []byte("not an advert")) // never verified
+	ms.leave("gw-dead")
+	ms.leave("burst-ams-gw1")
+	ms.leave("stranger")
+	g := &Gateway{members: ms}
+	if got := g.awayMembers(); !slices.Equal(got, []string{"gw-dead"}) {
+		t.Fatalf("away: %v; want gw-dead alone", got)
+	}
+}
