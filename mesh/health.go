@@ -173,12 +173,13 @@ func judge(states map[string]*probeState, targets []Node, members, carriers map[
 	}
 	// In a site where no gateway is judged reachable, one that answers,
 	// proven or not yet, counts as reachable: better unproven than
-	// missing. Answering is judged as reachability is, by probeFailures
-	// misses in a row, so that one lost probe does not move the routes. (This gateway restarted while the site's first by name is
+	// missing. (This gateway restarted while the site's first by name is
 	// dead in the data plane, or the carrier failed while its sibling was
 	// still proving itself: judged alike, all down, the routes went to the
 	// dead one by its name until the sibling had answered for
-	// probeRecovery.)
+	// probeRecovery.) Answering is judged as reachability is, by
+	// probeFailures misses in a row, so that one lost probe does not move
+	// the routes.
 	proven, siteOf := map[string]bool{}, make(map[string]string, len(targets))
 	for _, n := range targets {
 		siteOf[n.node()] = n.site()

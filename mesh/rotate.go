@@ -395,14 +395,12 @@ type RotationReport struct {
 // extra installed key, or the new key already primary) and a new rotation
 // finishes the job.
 //
-// It refuses, naming them, while gateways of the mesh are away (stopped
-// or declared dead, their certificates not revoked): one that comes back
-// holding only the old
-// key could not read the mesh's gossip, nor the mesh its, for good — and
-// a gateway cut off from the rest would rotate alone, on a key nobody
-// else holds (with Vault, then handed to every gateway started after).
-// force rotates without them; the report names them. (A gateway cut off
-// from the rest sees them all away.)
+// It refuses, naming them, while gateways of the mesh are away
+// (awayMembers): one that comes back holding only the old key could not
+// read the mesh's gossip, nor the mesh its, for good; and a gateway cut
+// off from the rest, which sees them all away, would rotate alone, on a
+// key nobody else holds (with Vault, then handed to every gateway started
+// after). force rotates without them; the report names them.
 func (g *Gateway) RotateGossipKey(ctx context.Context, force bool) (*RotationReport, error) {
 	if g.burst != nil || g.id.Load().Attributes().Labels[certs.BurstLabel] != "" {
 		return nil, errBurstRotates

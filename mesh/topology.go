@@ -269,13 +269,13 @@ func Compute(in TopologyInput) Plan {
 	return plan
 }
 
-// orphanRoutes gives each prefix a remote site's carrier does not route
-// (apart from all of its routes), but another of its gateways advertises,
-// to the best of those (better):
-// during a rollout of re-issued certificates a site's gateways advertise
-// different routes, and the carrier's alone would leave the new prefix
-// unrouted until it was re-issued too. Usually there is none: a site's
-// gateways advertise the same routes.
+// orphanRoutes gives each prefix that another gateway of a remote site
+// advertises, apart from all of its carrier's routes, to the best of
+// those that advertise it (better). During a rollout of re-issued
+// certificates a site's gateways advertise different routes, and the
+// carrier's alone would leave a new prefix unrouted until the carrier was
+// re-issued too. Usually there is none: a site's gateways advertise the
+// same routes.
 func orphanRoutes(members []*Node, carrier map[string]string, self string, better func(a, b string) bool) map[string][]netip.Prefix {
 	var candidates []*Node
 	for _, m := range members {
