@@ -38,6 +38,7 @@ const (
 )
 
 type probeState struct {
+	site     string
 	fails    int
 	down     bool
 	answered bool      // ever, since first probed
@@ -163,7 +164,7 @@ func judge(states map[string]*probeState, targets []Node, members, carriers map[
 	for i, n := range targets {
 		st := states[n.node()]
 		if st == nil {
-			st = &probeState{down: !carriers[n.node()]} // unproven, unless it carries the routes now
+			st = &probeState{site: n.site(), down: !carriers[n.node()]} // unproven, unless it carries the routes now
 			states[n.node()] = st
 		}
 		st.lastSeen = now
@@ -199,6 +200,19 @@ func judge(states map[string]*probeState, targets []Node, members, carriers map[
 		answering := st.answered && st.fails < probeFailures && members[name]
 		if st.down && !(answering && !proven[siteOf[name]]) {
 			down[name] = true
+		}
+	}
+	// A site down to one gateway, its siblings forgotten, leaves nothing
+	// to choose: its state goes too, and it is probed no more (a sibling
+	// that comes later finds it carrying the routes, and reachable).
+	judged := map[string]int{}
+	for _, st := range states {
+		judged[st.site]++
+	}
+	for name, st := range states {
+		if judged[st.site] == 1 && members[name] {
+			delete(states, name)
+			delete(down, name)
 		}
 	}
 	return down, flips

@@ -76,6 +76,14 @@ func TestJudge(t *testing.T) {
 	if d := round(14+int(probeForget/time.Second)+1, targets, members, true); d["a"] || states["a"] != nil {
 		t.Fatalf("a gone for longer than probeForget: still judged %v", d)
 	}
+	// b, its site's only gateway now, leaves nothing to choose: it is
+	// judged no more, nor probed.
+	if states["b"] != nil {
+		t.Fatal("a site's only gateway, its sibling forgotten, is still judged")
+	}
+	if targets, _ := probeTargets("home", []Node{b}, states); len(targets) != 0 {
+		t.Fatalf("a site's only gateway is still probed: %v", targets)
+	}
 
 	// A site's only gateway (never probed: no choice) gets a sibling
 	// that sorts first: the one carrying the routes starts reachable, the
