@@ -239,19 +239,28 @@ func TestBurstBook(t *testing.T) {
 	}
 }
 
+// openBurst runs a gateway that holds the embedded CA in dir and opens
+// an hour's burst of amsSite on it, whose tokens name its enrollment
+// endpoint.
+func openBurst(t *testing.T) (dir string, ca *certs.CA, grant *BurstGrant) {
+	t.Helper()
+	dir = t.TempDir()
+	ca = meshCA(t, dir)
+	hq := startEnroller(t, ca, dir, &syncbuf.Buffer{})
+	grant, err := hq.g.BurstUp(context.Background(), BurstRequest{BurstSite: amsSite, TTL: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return dir, ca, grant
+}
+
 // TestBurstEnrollmentAskedAgain: a burst gateway whose enrollment answer
 // was lost — the network dropped it, or the gateway crashed with part of
 // the identity stored — asks again with the key it kept and gets its name
 // and address on a new certificate, the lost one revoked as superseded;
 // the token stays spent for every other key.
 func TestBurstEnrollmentAskedAgain(t *testing.T) {
-	dir := t.TempDir()
-	ca := meshCA(t, dir)
-	hq := startEnroller(t, ca, dir, &syncbuf.Buffer{})
-	grant, err := hq.g.BurstUp(context.Background(), BurstRequest{BurstSite: amsSite, TTL: time.Hour})
-	if err != nil {
-		t.Fatal(err)
-	}
+	dir, ca, grant := openBurst(t)
 	bs := liveSettings(t, filepath.Join(dir, "burst"))
 	// The first ask, as Join makes it; its answer never arrives, but
 	// the certificate in it was stored before the crash.
@@ -674,13 +683,7 @@ func TestEnrollerCertRenewed(t *testing.T) {
 // a refusal the newcomer is told at once, not a failure it retries for a
 // minute and then hears only "try again".
 func TestEnrollmentRefusedByTheCA(t *testing.T) {
-	dir := t.TempDir()
-	ca := meshCA(t, dir)
-	hq := startEnroller(t, ca, dir, &syncbuf.Buffer{})
-	grant, err := hq.g.BurstUp(context.Background(), BurstRequest{BurstSite: amsSite, TTL: time.Hour})
-	if err != nil {
-		t.Fatal(err)
-	}
+	dir, ca, grant := openBurst(t)
 	if _, err := ca.IssueIdentity(certs.Attributes{Node: "gw-lon", Site: "onprem-lon", Region: "lon", Provider: "onprem", Jurisdiction: "GB",
 		OverlayIP: netip.MustParseAddr("100.64.9.9"), Routes: []netip.Prefix{netip.MustParsePrefix("10.77.0.0/16")}}, time.Hour, time.Now()); err != nil {
 		t.Fatal(err)
@@ -689,7 +692,7 @@ func TestEnrollmentRefusedByTheCA(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	// Retried, it would run into the context's deadline.
-	if _, err = postEnroll(ctx, tok, body, slog.New(slog.DiscardHandler)); err == nil || !strings.Contains(err.Error(), "overlaps 10.77.0.0/16 of site onprem-lon") {
+	if _, err := postEnroll(ctx, tok, body, slog.New(slog.DiscardHandler)); err == nil || !strings.Contains(err.Error(), "overlaps 10.77.0.0/16 of site onprem-lon") {
 		t.Fatalf("an enrollment the CA refuses: %v; want the reason, at once", err)
 	}
 }
