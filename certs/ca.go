@@ -309,10 +309,8 @@ func (ca *CA) CopyGossipKeyring(ctx context.Context, dir string) error {
 		return err
 	}
 	write := atomicfile.WriteNew
-	if b, err := os.ReadFile(filepath.Join(dir, fileNodeCert)); err == nil {
-		if cs, err := ParseCertificatesPEM(b); err == nil && len(cs) > 0 && cs[0].CheckSignatureFrom(ca.cert) != nil {
-			write = atomicfile.WriteFile
-		}
+	if c := certificateIn(dir, fileNodeCert); c != nil && c.CheckSignatureFrom(ca.cert) != nil {
+		write = atomicfile.WriteFile
 	}
 	err = write(filepath.Join(dir, FileGossipKeyring), kr.MarshalSecret(), 0o600)
 	if err != nil && !errors.Is(err, os.ErrExist) {

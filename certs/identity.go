@@ -1,7 +1,6 @@
 package certs
 
 import (
-	"bytes"
 	"crypto"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -11,7 +10,6 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/hex"
-	"encoding/pem"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -290,12 +288,8 @@ func certificateIn(dir, file string) *x509.Certificate {
 // Holds reports whether cert is the certificate in dir: whether a save
 // that failed had delivered it anyway.
 func Holds(dir string, cert *x509.Certificate) bool {
-	b, err := os.ReadFile(filepath.Join(dir, fileNodeCert))
-	if err != nil {
-		return false
-	}
-	blk, _ := pem.Decode(b)
-	return blk != nil && bytes.Equal(blk.Bytes, cert.Raw)
+	c := certificateIn(dir, fileNodeCert)
+	return c != nil && c.Equal(cert)
 }
 
 // Fingerprint is the SHA-256 of a certificate in hex, as `openssl x509
