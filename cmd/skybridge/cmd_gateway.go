@@ -382,7 +382,11 @@ func keysCommand() *cli.Command {
 				}
 				fmt.Fprintf(c.App.Writer, "gossip key rotated on %d other gateways in %s: %s\n", len(rep.Members), rep.Elapsed.Round(time.Millisecond), strings.Join(rep.Members, ", "))
 				if len(rep.LeftOut) > 0 {
-					fmt.Fprintf(c.App.Writer, "left out, away: %s — copy the new keyring (%s) into each one's identity directory before it starts again (with Vault, a restart takes it)\n", strings.Join(rep.LeftOut, ", "), rep.Keyring)
+					if rep.Keyring != "" {
+						fmt.Fprintf(c.App.Writer, "left out, away: %s — copy the new keyring (%s) into each one's identity directory before it starts again\n", strings.Join(rep.LeftOut, ", "), rep.Keyring)
+					} else { // Vault holds the mesh's keyring
+						fmt.Fprintf(c.App.Writer, "left out, away: %s — each takes the new keyring from Vault when it starts again (restart one that ran on through a partition)\n", strings.Join(rep.LeftOut, ", "))
+					}
 				}
 				if rep.CAKeyring == "" {
 					// `ca issue` hands new gateways the CA directory's

@@ -260,3 +260,31 @@ func TestPlanOutNotOverInventory(t *testing.T) {
 		t.Fatal("the inventory was overwritten")
 	}
 }
+
+// TestRotateGossipLeftOut: a forced rotation names the gateways it left
+// out and how each gets the new keyring — a file to copy, or Vault's.
+func TestRotateGossipLeftOut(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "control.sock")
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var keyring atomic.Value // the server's, set between requests
+	keyring.Store("")        // as a Vault mesh's gateway answers
+	var forced atomic.Bool
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		forced.Store(r.URL.Query().Get("force") == "1")
+		json.NewEncoder(w).Encode(mesh.RotationReport{Members: []string{"op1"}, LeftOut: []string{"op2"}, Keyring: keyring.Load().(string), CAKeyring: "vault"})
+	})}
+	go srv.Serve(ln)
+	defer srv.Close()
+	out, errs, code := runCLI(t, "keys", "rotate-gossip", "--force", "--socket", sock)
+	if code != 0 || !forced.Load() || !strings.Contains(out, "left out, away: op2 — each takes the new keyring from Vault") {
+		t.Errorf("forced rotation of a Vault mesh: exit %d, %q, %q (forced %v)", code, out, errs, forced.Load())
+	}
+	keyring.Store("/var/lib/skybridge/identity/gossip.keyring")
+	out, _, _ = runCLI(t, "keys", "rotate-gossip", "--force", "--socket", sock)
+	if !strings.Contains(out, "copy the new keyring (/var/lib/skybridge/identity/gossip.keyring)") {
+		t.Errorf("forced rotation with the keyring in files: %q", out)
+	}
+}
