@@ -458,10 +458,11 @@ func (r *run) netns() error {
 	}
 	// Each name is the run's once its namespace was made here: one that
 	// was there already (a kept demo's) is not removed at the cleanup.
-	if err := ip("netns", "add", "sbd"+r.id+"wan"); err != nil {
+	wan := "sbd" + r.id + "wan"
+	if err := ip("netns", "add", wan); err != nil {
 		return err
 	}
-	r.wanNS = "sbd" + r.id + "wan"
+	r.wanNS = wan
 	cmds := [][]string{{"-n", r.wanNS, "link", "set", "lo", "up"},
 		{"-n", r.wanNS, "link", "add", "br0", "type", "bridge"}, {"-n", r.wanNS, "link", "set", "br0", "up"}}
 	for _, s := range r.sites {
@@ -508,8 +509,7 @@ func (r *run) converge(ctx context.Context) error {
 				fmt.Fprintf(&b, "\n  %s: tunnels to %v, %d with a handshake", s.Site, s.Tunnels, s.Handshakes)
 			}
 			for _, s := range r.sites {
-				log, _ := os.ReadFile(filepath.Join(s.Dir, "gateway.log"))
-				fmt.Fprintf(&b, "\n--- the end of %s's gateway log ---\n%s", s.Site, tail(log, 1200))
+				fmt.Fprintf(&b, "\n--- the end of %s's gateway log ---\n%s", s.Site, s.logTail(1200))
 			}
 			return fmt.Errorf("the mesh did not converge in 45 s:%s", b.String())
 		}
@@ -541,15 +541,17 @@ func (r *run) alive() error {
 		if s.cmd != nil && s.cmd.ProcessState == nil {
 			var ws syscall.WaitStatus
 			if pid, _ := syscall.Wait4(s.cmd.Process.Pid, &ws, syscall.WNOHANG, nil); pid == s.cmd.Process.Pid {
-				log, _ := os.ReadFile(filepath.Join(s.Dir, "gateway.log"))
-				return fmt.Errorf("the gateway of %s exited (%v):\n%s", s.Site, ws, tail(log, 2000))
+				return fmt.Errorf("the gateway of %s exited (%v):\n%s", s.Site, ws, s.logTail(2000))
 			}
 		}
 	}
 	return nil
 }
 
-func tail(b []byte, n int) []byte {
+// logTail is the last n bytes of the site's gateway log: the log goes
+// with the work directory, its end with an error.
+func (s *site) logTail(n int) []byte {
+	b, _ := os.ReadFile(filepath.Join(s.Dir, "gateway.log"))
 	if len(b) > n {
 		return b[len(b)-n:]
 	}
