@@ -110,7 +110,8 @@ func Load(file string) (*Policy, []byte, error) {
 // a policy that does not compile is never half-applied.
 func Parse(file string, src []byte) (*Policy, error) {
 	var syn fileSyntax
-	if err := hclconf.Decode(file, src, &syn); err != nil {
+	dups, err := hclconf.DecodeNotingDuplicates(file, src, &syn)
+	if err != nil {
 		return nil, err
 	}
 	sum := sha256.Sum256(src)
@@ -124,7 +125,7 @@ func Parse(file string, src []byte) (*Policy, error) {
 	c.compile(&syn)
 	// Read as HCL reads it (the last value), so that a policy an earlier
 	// release signed still parses; lint says it, and sign refuses it.
-	for _, d := range hclconf.DuplicateKeyDiagnostics(file, src) {
+	for _, d := range dups {
 		if d.Subject != nil {
 			c.neverAs("duplicate-key", *d.Subject, "%s: %s", d.Summary, d.Detail)
 		}

@@ -16,47 +16,45 @@ import (
 
 // DecodeFile parses the configuration file at path into v (a pointer to a
 // struct with hcl tags), refusing a key given twice in one object (see
-// DuplicateKeys).
+// DecodeNotingDuplicates).
 func DecodeFile(path string, v any) error {
 	src, err := os.ReadFile(path)
 	if err != nil {
 		return fmt.Errorf("read configuration: %w", err)
 	}
-	if err := DuplicateKeys(path, src); err != nil {
+	dups, err := DecodeNotingDuplicates(path, src, v)
+	if err != nil {
 		return err
 	}
-	return Decode(path, src, v)
+	return Diagnostics(dups)
 }
 
 // Decode parses src, named filename in errors, into v.
 func Decode(filename string, src []byte, v any) error {
+	_, err := DecodeNotingDuplicates(filename, src, v)
+	return err
+}
+
+// DecodeNotingDuplicates is Decode, which also returns, without failing,
+// each key given twice in one object of src ({ classes = "a", classes =
+// "b" }): HCL keeps the last without a word, and a label that decides
+// what data a site may hold must not be decided by the order of two
+// lines. A configuration refuses them (DecodeFile); a policy is read as it
+// was signed, and lint names them.
+func DecodeNotingDuplicates(filename string, src []byte, v any) (hcl.Diagnostics, error) {
 	f, diags := hclsyntax.ParseConfig(src, filename, hcl.InitialPos)
 	if diags.HasErrors() {
-		return Diagnostics(diags)
+		return nil, Diagnostics(diags)
 	}
 	if diags := gohcl.DecodeBody(f.Body, nil, v); diags.HasErrors() {
-		return Diagnostics(diags)
+		return nil, Diagnostics(diags)
 	}
-	return nil
+	return duplicateKeys(f.Body.(*hclsyntax.Body)), nil
 }
 
-// DuplicateKeys refuses a key given twice in one object of src ({ classes
-// = "a", classes = "b" }): HCL keeps the last without a word, and a label
-// that decides what data a site may hold must not be decided by the order
-// of two lines. Decode does not ask it: a policy signed by an earlier
-// release is read as it was.
-func DuplicateKeys(filename string, src []byte) error {
-	return Diagnostics(DuplicateKeyDiagnostics(filename, src))
-}
-
-// DuplicateKeyDiagnostics is DuplicateKeys' finding, one diagnostic per key
-// given again, with its place.
-func DuplicateKeyDiagnostics(filename string, src []byte) hcl.Diagnostics {
-	f, diags := hclsyntax.ParseConfig(src, filename, hcl.InitialPos)
-	if diags.HasErrors() {
-		return diags
-	}
-	hclsyntax.VisitAll(f.Body.(*hclsyntax.Body), func(n hclsyntax.Node) hcl.Diagnostics {
+func duplicateKeys(body *hclsyntax.Body) hcl.Diagnostics {
+	var diags hcl.Diagnostics
+	hclsyntax.VisitAll(body, func(n hclsyntax.Node) hcl.Diagnostics {
 		obj, ok := n.(*hclsyntax.ObjectConsExpr)
 		if !ok {
 			return nil
