@@ -181,11 +181,10 @@ func judge(states map[string]*probeState, targets []Node, members, carriers map[
 	// probeRecovery.) Answering is judged as reachability is, by
 	// probeFailures misses in a row, so that one lost probe does not move
 	// the routes.
-	proven, siteOf := map[string]bool{}, make(map[string]string, len(targets))
-	for _, n := range targets {
-		siteOf[n.node()] = n.site()
-		if !states[n.node()].down {
-			proven[n.site()] = true
+	proven := map[string]bool{} // sites with a gateway judged reachable
+	for name, st := range states {
+		if !st.down && members[name] {
+			proven[st.site] = true
 		}
 	}
 	down = map[string]bool{}
@@ -198,7 +197,7 @@ func judge(states map[string]*probeState, targets []Node, members, carriers map[
 			}
 		}
 		answering := st.answered && st.fails < probeFailures && members[name]
-		if st.down && !(answering && !proven[siteOf[name]]) {
+		if st.down && !(answering && !proven[st.site]) {
 			down[name] = true
 		}
 	}
