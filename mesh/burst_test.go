@@ -1171,3 +1171,45 @@ func burstAsk(t *testing.T, token, identityDir string) (*certs.JoinToken, []byte
 	}
 	return tok, body
 }
+
+// TestBurstClassVerdictsSayAudit: what burst up tells the operator a burst
+// site may store says "audit" for a class its rules deny and audit mode
+// lets through; before, it said allowed, with no reason.
+func TestBurstClassVerdictsSayAudit(t *testing.T) {
+	g := &Gateway{}
+	g.policy.Store(&adoptedPolicy{p: mustPolicy(t, `policy {
+  name    = "t"
+  version = 1
+}
+class "pii-eu" {
+  mode = "audit"
+  allow "store" {
+    jurisdiction = ["DE"]
+  }
+}
+class "risk-batch" {
+  allow "store" {
+    jurisdiction = ["NL"]
+  }
+}
+class "secret" {
+  allow "store" {
+    jurisdiction = ["CH"]
+  }
+}
+`)})
+	a := certs.Attributes{Node: "burst-ams-gw1", Site: "burst-ams", Region: "eu-west-1", Provider: "aws", Jurisdiction: "NL"}
+	got := map[string]ClassVerdict{}
+	for _, v := range g.classVerdicts(a, time.Now()) {
+		got[v.Class] = v
+	}
+	if v := got["pii-eu"]; !v.Allowed || !v.Audit || len(v.Reasons) == 0 {
+		t.Errorf("pii-eu, denied by its rules, in audit mode: %+v; want allowed, audit, with the reasons", v)
+	}
+	if v := got["risk-batch"]; !v.Allowed || v.Audit {
+		t.Errorf("risk-batch, allowed: %+v", v)
+	}
+	if v := got["secret"]; v.Allowed || v.Audit {
+		t.Errorf("secret, denied: %+v", v)
+	}
+}

@@ -460,6 +460,7 @@ type BurstGrant struct {
 type ClassVerdict struct {
 	Class   string   `json:"class"`
 	Allowed bool     `json:"allowed"`
+	Audit   bool     `json:"audit,omitempty"` // allowed only because audit mode records the rules' denial
 	Rule    string   `json:"rule"`
 	Reasons []string `json:"reasons,omitempty"`
 }
@@ -610,7 +611,7 @@ func (g *Gateway) classVerdicts(a certs.Attributes, now time.Time) []ClassVerdic
 	var out []ClassVerdict
 	for _, c := range ap.p.Classes() {
 		d := ap.p.Evaluate(policy.Request{Class: c, Action: policy.Store, Sites: []policy.Site{site}, Time: now})
-		out = append(out, ClassVerdict{Class: c, Allowed: d.Allowed, Rule: d.Rule.String(), Reasons: d.Reasons})
+		out = append(out, ClassVerdict{Class: c, Allowed: d.Allowed, Audit: d.Audit, Rule: d.Rule.String(), Reasons: d.Reasons})
 	}
 	return out
 }

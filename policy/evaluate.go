@@ -22,7 +22,10 @@ import (
 // in enough zones across the request (see LabelEncryptionAtRest).
 func (p *Policy) Evaluate(req Request) Decision {
 	d := Decision{Policy: p.rev, Sites: make([]SiteDecision, 0, len(req.Sites))}
-	mode := p.mode
+	// Audit mode lets through what the class's rules would refuse; a
+	// request it cannot judge at all (a class the policy does not define,
+	// a misspelt one included) is refused in every mode.
+	audit := ""
 	cls := p.classes[req.Class]
 	switch {
 	case cls == nil:
@@ -35,8 +38,11 @@ func (p *Policy) Evaluate(req Request) Decision {
 	case req.Time.IsZero():
 		d.deny(RuleRef{Kind: "default-deny", Name: "no time"}, "the request has no time, so exceptions cannot be judged")
 	default:
-		if cls.mode != "" {
-			mode = cls.mode
+		switch {
+		case cls.mode == Audit:
+			audit = fmt.Sprintf("class %q is", req.Class)
+		case cls.mode == "" && p.mode == Audit:
+			audit = fmt.Sprintf("policy %s is", p.rev.Name)
 		}
 		p.evaluateSites(cls, &req, &d)
 	}
@@ -47,9 +53,9 @@ func (p *Policy) Evaluate(req Request) Decision {
 		d.Exception = nil
 		d.Obligations = Obligations{}
 	}
-	if d.Denied && mode == Audit {
+	if d.Denied && audit != "" {
 		d.Allowed, d.Audit = true, true
-		d.Reasons = append(d.Reasons, fmt.Sprintf("allowed anyway: class %q is in audit mode, so this denial is only recorded", req.Class))
+		d.Reasons = append(d.Reasons, fmt.Sprintf("allowed anyway: %s in audit mode, so this denial is only recorded", audit))
 	}
 	return d
 }

@@ -104,6 +104,7 @@ var (
 	plainZrh  = Site{Name: "onprem-zrh-old", Provider: "onprem", Region: "zrh", Jurisdiction: "CH", Labels: map[string]string{LabelReplicaZones: "2"}}
 	gcpZrh    = Site{Name: "gcp-zrh", Provider: "gcp", Region: "europe-west6", Jurisdiction: "CH", Labels: map[string]string{"certified": "iso27001"}}
 	fra       = Site{Name: "aws-eu-central-1", Provider: "aws", Region: "eu-central-1", Jurisdiction: "DE", Labels: map[string]string{"certified": "soc2,iso27001", LabelEncryptionAtRest: "true"}}
+	upperFra  = Site{Name: "aws-eu-central-1", Provider: "aws", Region: "eu-central-1", Jurisdiction: "DE", Labels: map[string]string{"certified": "SOC2, ISO27001"}}
 	plainFra  = Site{Name: "aws-eu-central-1", Provider: "aws", Region: "eu-central-1", Jurisdiction: "DE", Labels: map[string]string{"certified": "soc2,iso27001", LabelEncryptionAtRest: "yes"}}
 	osl       = Site{Name: "onprem-osl", Provider: "onprem", Region: "osl", Jurisdiction: "NO", Labels: map[string]string{LabelEncryptionAtRest: "true"}}
 	shared    = Site{Name: "gcp-shared-eu", Provider: "gcp", Region: "eu-west-1", Jurisdiction: "IE", Labels: map[string]string{LabelEncryptionAtRest: "true"}}
@@ -149,6 +150,7 @@ func TestEvaluate(t *testing.T) {
 		{name: "outside the group", class: "pii", action: Store, sites: []Site{zrh}, outcome: "deny", kind: "default-deny"},
 		{name: "named selector with label list", class: "batch", action: Store, sites: []Site{fra}, outcome: "allow", line: 50},
 		{name: "named selector label missing", class: "batch", action: Store, sites: []Site{uncert}, outcome: "deny"},
+		{name: "label values compare without case", class: "batch", action: Store, sites: []Site{upperFra}, outcome: "allow", line: 50},
 		{name: "region glob ?", class: "batch", action: Store, sites: []Site{iad}, outcome: "allow"},
 		{name: "region glob no match", class: "batch", action: Store, sites: []Site{gcpZrh}, outcome: "deny"},
 		{name: "site glob *", class: "batch", action: Transit, sites: []Site{iad, fra, zrh}, outcome: "allow", line: 54},
@@ -453,5 +455,35 @@ exception "us-transit" {
 	d := p.Evaluate(Request{Class: "c", Action: Transit, Sites: []Site{iad, iad2, iad}, Time: nov24})
 	if d.Allowed || d.Rule.Kind != "max-hops" {
 		t.Fatalf("two hops through excepted sites, with max_hops = 1: allowed %v by %+v (%v)", d.Allowed, d.Rule, d.Reasons)
+	}
+}
+
+// TestAuditModeJudgesOnlyRules: audit mode, of the policy or of a class,
+// lets through what the class's rules would refuse, and says which is in
+// audit mode. A request it cannot judge (a class the policy does not
+// define, a misspelt one; no site; no time) is refused in every mode: a
+// policy rolled out in audit mode must not let any class through.
+func TestAuditModeJudgesOnlyRules(t *testing.T) {
+	p := mustParse(t, strings.Replace(testPolicy, "version = 3", "version = 3\n  mode    = \"audit\"", 1))
+	for _, tc := range []struct {
+		name    string
+		req     Request
+		outcome string
+		reason  string
+	}{
+		{"a class's denial", Request{Class: "pii", Action: Store, Sites: []Site{zrh}, Time: nov24}, "audit", `allowed anyway: policy test is in audit mode`},
+		{"a class in audit mode of its own", Request{Class: "trial", Action: Store, Sites: []Site{zrh}, Time: nov24}, "audit", `allowed anyway: class "trial" is in audit mode`},
+		{"an undefined class", Request{Class: "piii", Action: Store, Sites: []Site{fra}, Time: nov24}, "deny", `class "piii" is not defined`},
+		{"an unknown action", Request{Class: "pii", Action: "delete", Sites: []Site{fra}, Time: nov24}, "deny", "not store or transit"},
+		{"no site", Request{Class: "pii", Action: Store, Time: nov24}, "deny", "names no site"},
+		{"no time", Request{Class: "pii", Action: Store, Sites: []Site{fra}}, "deny", "no time"},
+	} {
+		d := p.Evaluate(tc.req)
+		if got, reasons := d.Outcome(), strings.Join(d.Reasons, "\n"); got != tc.outcome || !strings.Contains(reasons, tc.reason) {
+			t.Errorf("%s: %s, want %s with %q\n%s", tc.name, got, tc.outcome, tc.reason, reasons)
+		}
+	}
+	if _, v := p.AdmitMove("piii", fra, fra, nov24); v.Allowed {
+		t.Errorf("a move of an undefined class under an audit-mode policy: %+v", v)
 	}
 }

@@ -60,14 +60,16 @@ func anyGlob(globs []string, v string) bool {
 // labelHas reports whether a site label value carries want. A site label
 // may list several values separated by commas (classes = "pii-eu,risk-batch",
 // certified = "iso27001,pci-dss"); a selector value matches any one of them.
+// Case does not count: certificates may carry upper-case values, and a
+// site labelled tenancy = "Shared" must not escape a deny of "shared".
 func labelHas(have, want string) bool {
-	if have == want {
+	if strings.EqualFold(have, want) {
 		return true
 	}
 	for have != "" {
 		var v string
 		v, have, _ = strings.Cut(have, ",")
-		if strings.TrimSpace(v) == want {
+		if strings.EqualFold(strings.TrimSpace(v), want) {
 			return true
 		}
 	}

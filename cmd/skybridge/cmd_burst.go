@@ -128,11 +128,14 @@ func burstUp(c *cli.Context) error {
 		tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 		for _, v := range g.Classes {
 			verdict := "allowed"
-			if !v.Allowed {
+			switch {
+			case !v.Allowed:
 				verdict = "denied"
+			case v.Audit:
+				verdict = "audit" // denied by the rules, let through by audit mode
 			}
 			why := v.Rule
-			if !v.Allowed && len(v.Reasons) > 0 {
+			if (!v.Allowed || v.Audit) && len(v.Reasons) > 0 {
 				why += ": " + strings.Join(v.Reasons, "; ")
 			}
 			fmt.Fprintf(tw, "  %s\t%s\t%s\n", v.Class, verdict, why)
