@@ -584,11 +584,28 @@ func sharedClasses(a, b string) []string {
 // dedupe sorts each peer's allowed IPs, drops any prefix that overlaps one
 // already given to another peer (WireGuard routes an address to exactly
 // one peer; the first peer by name keeps it), that covers our own overlay
-// address or routes, or that covers a peer's underlay endpoint, and
-// derives the routes: every allowed prefix outside the mesh overlay range.
+// address or routes, or that covers the underlay endpoint of a gateway of
+// the same site, and derives the routes: every allowed prefix outside the
+// mesh overlay range.
+//
+// An endpoint is only advertised, where a site's routes and overlay
+// addresses are certified: an endpoint inside another site's prefix (or
+// inside the overlay range) is not dialled, rather than the prefix
+// unrouted. Otherwise any gateway could take another site's network out
+// of every tunnel by advertising an endpoint inside it. A gateway whose
+// endpoint is not dialled can still reach us first: WireGuard then
+// learns where it is.
 func dedupe(plan *Plan, self Node, mesh netip.Prefix) {
 	own := append([]netip.Prefix{overlayPrefix(&self)}, self.Advert.Routes...)
+	for i := range plan.Peers {
+		pc := &plan.Peers[i]
+		if a := pc.Endpoint.Addr().Unmap(); a.IsValid() && mesh.Contains(a) {
+			plan.Conflicts = append(plan.Conflicts, fmt.Sprintf("endpoint %s of %s is inside the mesh overlay range %s; not dialled", pc.Endpoint, pc.Node, mesh))
+			pc.Endpoint = netip.AddrPort{}
+		}
+	}
 	under := underlayOf(plan.Peers)
+	var foreign map[string]string // node → the other site's prefix its endpoint is inside
 	for i := range plan.Peers {
 		pc := &plan.Peers[i]
 		slices.SortFunc(pc.AllowedIPs, comparePrefix)
@@ -609,13 +626,25 @@ func dedupe(plan *Plan, self Node, mesh netip.Prefix) {
 				plan.Conflicts = append(plan.Conflicts, fmt.Sprintf("%s of %s overlaps our own %s; not routed to it", p, pc.Node, q))
 				continue
 			}
-			if a, node, ok := under.in(p); ok {
+			if under.in(p) {
 				// Routed into the interface, the tunnel's own packets to
 				// that address would loop inside it: the handshake
 				// fails, the peer is declared gone and comes back, for
-				// ever.
-				plan.Conflicts = append(plan.Conflicts, fmt.Sprintf("%s of %s covers %s, the underlay address of %s's tunnel; not routed to it", p, pc.Node, a, node))
-				continue
+				// ever. Rare: whose endpoints they are is looked at only
+				// now.
+				a, node, others := endpointsIn(plan.Peers, p, pc.Site)
+				if node != "" {
+					plan.Conflicts = append(plan.Conflicts, fmt.Sprintf("%s of %s covers %s, the underlay address of %s's tunnel; not routed to it", p, pc.Node, a, node))
+					continue
+				}
+				for _, o := range others {
+					if _, ok := foreign[o]; !ok {
+						if foreign == nil {
+							foreign = map[string]string{}
+						}
+						foreign[o] = fmt.Sprintf("%s of %s", p, pc.Node)
+					}
+				}
 			}
 			if contested {
 				if q, ok := overlapsAny(p, taken); ok {
@@ -632,8 +661,34 @@ func dedupe(plan *Plan, self Node, mesh netip.Prefix) {
 		}
 		pc.AllowedIPs = kept
 	}
+	for i := range plan.Peers {
+		pc := &plan.Peers[i]
+		if in := foreign[pc.Node]; in != "" {
+			plan.Conflicts = append(plan.Conflicts, fmt.Sprintf("endpoint %s of %s is inside %s, another site's; not dialled", pc.Endpoint, pc.Node, in))
+			pc.Endpoint = netip.AddrPort{}
+		}
+	}
 	slices.SortFunc(plan.Routes, comparePrefix)
 	plan.Routes = slices.Compact(plan.Routes)
+}
+
+// endpointsIn looks at the peers whose endpoint p covers. If one is of
+// site (p's own), it returns its address and name: a site's routes may
+// cover its own gateways' underlay (a private WAN), and then the prefix
+// gives way. Otherwise it returns the others.
+func endpointsIn(peers []PeerConfig, p netip.Prefix, site string) (netip.Addr, string, []string) {
+	var others []string
+	for _, x := range peers {
+		a := x.Endpoint.Addr().Unmap()
+		if !a.IsValid() || !p.Contains(a) {
+			continue
+		}
+		if x.Site == site {
+			return a, x.Node, nil
+		}
+		others = append(others, x.Node)
+	}
+	return netip.Addr{}, "", others
 }
 
 // underlay is the addresses the tunnels themselves send to, sorted: the
@@ -641,13 +696,12 @@ func dedupe(plan *Plan, self Node, mesh netip.Prefix) {
 // to a local address locally, whatever routes cover it.) IPv4 addresses
 // are kept as integers, as in anyOverlap: this runs at every plan.
 type underlay struct {
-	v4    []uint32
-	v6    []netip.Addr
-	peers []PeerConfig
+	v4 []uint32
+	v6 []netip.Addr
 }
 
 func underlayOf(peers []PeerConfig) underlay {
-	u := underlay{v4: make([]uint32, 0, len(peers)), peers: peers}
+	u := underlay{v4: make([]uint32, 0, len(peers))}
 	add := func(a netip.Addr) {
 		if a = a.Unmap(); a.Is4() {
 			b := a.As4()
@@ -664,15 +718,15 @@ func underlayOf(peers []PeerConfig) underlay {
 	return u
 }
 
-// in returns an address of u inside p, and whose tunnel uses it.
-func (u underlay) in(p netip.Prefix) (netip.Addr, string, bool) {
+// in reports whether p covers an address of u.
+func (u underlay) in(p netip.Prefix) bool {
 	var hit netip.Addr
 	if p.Addr().Is4() {
 		b := p.Masked().Addr().As4()
 		lo := binary.BigEndian.Uint32(b[:])
 		i, _ := slices.BinarySearch(u.v4, lo)
 		if i == len(u.v4) {
-			return netip.Addr{}, "", false
+			return false
 		}
 		var a [4]byte
 		binary.BigEndian.PutUint32(a[:], u.v4[i])
@@ -680,20 +734,11 @@ func (u underlay) in(p netip.Prefix) (netip.Addr, string, bool) {
 	} else {
 		i, _ := slices.BinarySearchFunc(u.v6, p.Masked().Addr(), netip.Addr.Compare)
 		if i == len(u.v6) {
-			return netip.Addr{}, "", false
+			return false
 		}
 		hit = u.v6[i]
 	}
-	if !p.Contains(hit) {
-		return netip.Addr{}, "", false
-	}
-	// Whose it is, for the report: rare, so looked for only now.
-	for _, pc := range u.peers {
-		if pc.Endpoint.Addr().Unmap() == hit {
-			return hit, pc.Node, true
-		}
-	}
-	return hit, "", true
+	return p.Contains(hit)
 }
 
 // anyOverlap reports whether any two allowed prefixes of the peers overlap

@@ -514,6 +514,57 @@ func TestRoutesCoveringTheUnderlay(t *testing.T) {
 	}
 }
 
+// TestForeignEndpointIsNotDialled: an endpoint is only advertised, a
+// site's routes and overlay addresses are certified. A gateway that
+// advertises an endpoint inside another site's network, or at another
+// gateway's overlay address, is not dialled there; the other site's
+// prefix stays routed (before, it was unrouted for every gateway: one
+// insider could take any site out of the mesh). A site's routes that
+// cover its own gateways' underlay (a private WAN) still give way.
+func TestForeignEndpointIsNotDialled(t *testing.T) {
+	at := func(n Node, endpoint string) Node {
+		n.Advert.Endpoints = []netip.AddrPort{netip.MustParseAddrPort(endpoint)}
+		return n
+	}
+	for _, tc := range []struct {
+		name      string
+		peers     []Node
+		mode      string
+		want      string // summary
+		undialled string // the peer whose endpoint is not used
+		conflict  string
+	}{
+		{"inside another site's routes", []Node{fra1, at(iad1, "10.2.0.1:51820")}, TopologyFullMesh,
+			"fra-1=10.2.0.0/16,100.96.0.4/32 iad-1=10.3.0.0/16,100.96.0.6/32", "iad-1",
+			"endpoint 10.2.0.1:51820 of iad-1 is inside 10.2.0.0/16 of fra-1, another site's; not dialled"},
+		{"at another gateway's overlay address", []Node{fra1, at(iad1, "100.96.0.4:51820")}, TopologyFullMesh,
+			"fra-1=10.2.0.0/16,100.96.0.4/32 iad-1=10.3.0.0/16,100.96.0.6/32", "iad-1",
+			"endpoint 100.96.0.4:51820 of iad-1 is inside the mesh overlay range 100.96.0.0/16; not dialled"},
+		{"at a sibling's overlay address", []Node{fra1, at(fra2, "100.96.0.4:51820")}, TopologyFullMesh,
+			"fra-1=10.2.0.0/16,100.96.0.4/32 fra-2=100.96.0.5/32", "fra-2",
+			"endpoint 100.96.0.4:51820 of fra-2 is inside the mesh overlay range 100.96.0.0/16; not dialled"},
+		{"inside its own site's routes (a private WAN)", []Node{fra1, at(fra2, "10.2.0.9:51820")}, TopologyFullMesh,
+			"fra-1=100.96.0.4/32 fra-2=100.96.0.5/32", "",
+			"10.2.0.0/16 of fra-1 covers 10.2.0.9, the underlay address of fra-2's tunnel; not routed to it"},
+		{"inside another site's routes, through hubs", []Node{at(fra1, "10.3.0.1:51820"), iad1}, TopologyHub,
+			"fra-1=10.2.0.0/16,100.96.0.4/32 iad-1=10.3.0.0/16,100.96.0.6/32", "fra-1",
+			"endpoint 10.3.0.1:51820 of fra-1 is inside 10.3.0.0/16 of iad-1, another site's; not dialled"},
+	} {
+		plan := Compute(TopologyInput{Self: zrh1, Peers: tc.peers, Now: now, MeshPrefix: mesh16, Mode: tc.mode})
+		if got := summary(plan); got != tc.want {
+			t.Errorf("%s: plan %s\nwant %s", tc.name, got, tc.want)
+		}
+		if len(plan.Conflicts) != 1 || plan.Conflicts[0] != tc.conflict {
+			t.Errorf("%s: conflicts %q\nwant %q", tc.name, plan.Conflicts, tc.conflict)
+		}
+		for _, pc := range plan.Peers {
+			if dialled := pc.Endpoint.IsValid(); dialled == (pc.Node == tc.undialled) {
+				t.Errorf("%s: %s's endpoint %v", tc.name, pc.Node, pc.Endpoint)
+			}
+		}
+	}
+}
+
 // TestSharedKeyNeverCarries: a peer dropped for advertising a key already
 // taken (ours here) is not chosen to carry its site's routes, which would
 // then go nowhere: its sibling carries them.
