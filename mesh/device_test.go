@@ -190,7 +190,7 @@ func TestNetstackRefusedIsAnAnswer(t *testing.T) {
 		t.Fatalf("a dial to a port nothing listens on: %v; want ECONNREFUSED", err)
 	}
 	g := &Gateway{dev: d, log: slog.New(slog.DiscardHandler)}
-	if !g.probe(context.Background(), overlay) {
+	if ok, _ := g.probe(context.Background(), overlay); !ok {
 		t.Fatal("a refused probe judged as no answer")
 	}
 }

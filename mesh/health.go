@@ -18,9 +18,9 @@ import (
 // Gossip says whether a gateway is alive; it does not say whether our
 // tunnel to it carries packets. Where a remote site has two or more
 // gateways, this gateway probes each of them through its tunnel every
-// second (a TCP connection to its overlay address: the answer, even a
-// refusal, has crossed the tunnel both ways, and the probe keeps the
-// WireGuard handshake fresh), and the topology routes the site's prefixes
+// second (a TCP connection to its overlay address, tried again within the
+// probe if it goes unanswered: the answer, even a refusal, has crossed the
+// tunnel both ways, and the probe keeps the WireGuard handshake fresh), and the topology routes the site's prefixes
 // through the first gateway by name that answers. A gateway is judged
 // unreachable after probeFailures misses in a row, and reachable again only
 // after answering for probeRecovery without a miss, so a gateway that
@@ -32,6 +32,8 @@ import (
 const (
 	probeInterval = time.Second
 	probeTimeout  = 800 * time.Millisecond
+	probeAttempts = 3 // connection attempts per probe, probeStagger apart
+	probeStagger  = 250 * time.Millisecond
 	probeFailures = 2
 	probeRecovery = 10 * time.Second
 	probeForget   = 10 * time.Minute // a gateway gone this long is forgotten
@@ -111,16 +113,21 @@ func (g *Gateway) probeRound(ctx context.Context, states map[string]*probeState,
 	nodes := g.members.gateways()
 	targets, members := probeTargets(self.Site, nodes, states)
 	answered := make([]bool, len(targets))
+	attempts := make([]int, len(targets))
 	var wg sync.WaitGroup
 	for i, n := range targets {
-		wg.Go(func() { answered[i] = g.probe(ctx, n.Attributes.OverlayIP) })
+		wg.Go(func() { answered[i], attempts[i] = g.probe(ctx, n.Attributes.OverlayIP) })
 	}
 	wg.Wait()
 	if ctx.Err() != nil {
 		return before
 	}
+	for i := range targets {
+		g.metrics.probed(answered[i], attempts[i])
+	}
 	down, flips := judge(states, targets, members, before, answered, time.Now())
 	for _, n := range flips {
+		g.metrics.judged(down[n.node()])
 		if down[n.node()] {
 			g.log.Warn("gateway unreachable through its tunnel: its site's routes go through another gateway", "peer", n.node(), "peer_site", n.site())
 		} else {
@@ -218,16 +225,49 @@ func judge(states map[string]*probeState, targets []Node, members, carriers map[
 }
 
 // probe reports whether a TCP connection attempt to addr through the
-// tunnel got an answer (accepted or refused) within probeTimeout.
-func (g *Gateway) probe(ctx context.Context, addr netip.Addr) bool {
+// tunnel got an answer (accepted or refused) within probeTimeout, and how
+// many attempts it took. While none has answered it starts another every
+// probeStagger, probeAttempts in all: the kernel sends a lost SYN again
+// only after a second, past the timeout, so with one attempt every lost
+// packet would be a miss, and on an underlay losing a few per cent two
+// misses in a row, which move a site's routes, came several times an
+// hour. A gateway that is gone fails all of them within the same
+// probeTimeout, so failover is no slower.
+func (g *Gateway) probe(ctx context.Context, addr netip.Addr) (answered bool, attempts int) {
 	ctx, cancel := context.WithTimeout(ctx, probeTimeout)
-	defer cancel()
-	c, err := g.dev.Dial(ctx, netip.AddrPortFrom(addr, migrate.DefaultPort).String())
-	if err == nil {
-		c.Close()
-		return true
+	defer cancel() // ends the attempts still waiting
+	target := netip.AddrPortFrom(addr, migrate.DefaultPort).String()
+	results := make(chan bool, probeAttempts) // never blocks an attempt left behind
+	attempt := func() {
+		c, err := g.dev.Dial(ctx, target)
+		if err == nil {
+			c.Close()
+		}
+		results <- err == nil || errors.Is(err, syscall.ECONNREFUSED) || strings.Contains(err.Error(), "connection refused")
 	}
-	return errors.Is(err, syscall.ECONNREFUSED) || strings.Contains(err.Error(), "connection refused")
+	stagger := time.NewTicker(probeStagger)
+	defer stagger.Stop()
+	go attempt()
+	attempts, waiting := 1, 1
+	for {
+		select {
+		case ok := <-results:
+			waiting--
+			// An attempt that failed at once (no route yet) is not
+			// followed at once: the next would fail alike.
+			if ok || (waiting == 0 && attempts == probeAttempts) {
+				return ok, attempts
+			}
+		case <-stagger.C:
+			if attempts < probeAttempts {
+				attempts++
+				waiting++
+				go attempt()
+			}
+		case <-ctx.Done():
+			return false, attempts
+		}
+	}
 }
 
 // planCarriers is the gateways carrying their sites' routes in the plan

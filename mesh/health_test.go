@@ -2,8 +2,13 @@ package mesh
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
+	"net"
+	"net/netip"
 	"slices"
+	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -142,6 +147,7 @@ func TestNewcomerDoesNotTakeTheRoutes(t *testing.T) {
 		ms.update(id.Attributes().Node, gossipAddr, f.advert(id, 1))
 	}
 	g := &Gateway{members: ms, dev: NewRecordingDevice("health"), log: slog.New(slog.DiscardHandler), kick: make(chan struct{}, 1)}
+	g.metrics = newMetrics(g)
 	g.id.Store(f.identity("gw-zrh", "zrh", 1, f.now.Add(-time.Hour)))
 	g.plan.Store(&Plan{Carriers: map[string]string{"zrh": "gw-zrh", "fra": "fra-1"}}) // moved to the newcomer
 	before := map[string]bool{"gw-zrh": true, "fra-2": true}
@@ -176,5 +182,69 @@ func TestNoFlapOnSingleMisses(t *testing.T) {
 	}
 	if moves != 0 {
 		t.Errorf("the routes moved %d times in 40 rounds of single misses; want them kept with b1", moves)
+	}
+}
+
+// scriptedDials answers the probe's connection attempts in turn: "lost"
+// (no answer: the SYN or its reply dropped), "refused" (an answer), or
+// "unreachable" (failed at once, no route).
+type scriptedDials struct {
+	*RecordingDevice
+	mu     sync.Mutex
+	script []string
+	n      int
+}
+
+func (d *scriptedDials) Dial(ctx context.Context, addr string) (net.Conn, error) {
+	d.mu.Lock()
+	what := d.script[min(d.n, len(d.script)-1)]
+	d.n++
+	d.mu.Unlock()
+	switch what {
+	case "refused":
+		return nil, fmt.Errorf("dial tcp %s: %w", addr, syscall.ECONNREFUSED)
+	case "unreachable":
+		return nil, fmt.Errorf("dial tcp %s: %w", addr, syscall.ENETUNREACH)
+	}
+	<-ctx.Done()
+	return nil, ctx.Err()
+}
+
+// TestProbeTriesAgain: a probe whose connection attempt goes unanswered
+// (a lost packet, which the kernel would send again only after a second)
+// tries again within the probe, three attempts in all; only when none is
+// answered within the timeout is the probe missed.
+func TestProbeTriesAgain(t *testing.T) {
+	for _, tc := range []struct {
+		script   []string
+		answered bool
+		attempts int
+	}{
+		{[]string{"refused"}, true, 1},
+		{[]string{"lost", "refused"}, true, 2},
+		{[]string{"lost", "lost", "refused"}, true, 3},
+		{[]string{"lost", "lost", "lost", "refused"}, false, 3},
+		{[]string{"unreachable", "refused"}, true, 2},
+		{[]string{"unreachable", "unreachable", "unreachable", "refused"}, false, 3},
+		{[]string{"lost", "unreachable", "unreachable", "refused"}, false, 3},
+	} {
+		t.Run(fmt.Sprint(tc.script), func(t *testing.T) {
+			t.Parallel()
+			d := &scriptedDials{RecordingDevice: NewRecordingDevice("probe"), script: tc.script}
+			g := &Gateway{dev: d, log: slog.New(slog.DiscardHandler)}
+			start := time.Now()
+			answered, attempts := g.probe(context.Background(), netip.MustParseAddr("100.96.0.2"))
+			if answered != tc.answered || attempts != tc.attempts {
+				t.Errorf("answered %v after %d attempts, want %v after %d", answered, attempts, tc.answered, tc.attempts)
+			}
+			if took := time.Since(start); took > probeTimeout+time.Second {
+				t.Errorf("the probe took %s, past its %s", took, probeTimeout)
+			}
+			d.mu.Lock()
+			defer d.mu.Unlock()
+			if d.n != tc.attempts {
+				t.Errorf("%d dials, want %d", d.n, tc.attempts)
+			}
+		})
 	}
 }

@@ -36,6 +36,9 @@ type metrics struct {
 	migDuration     *prometheus.HistogramVec
 	decisions       *prometheus.CounterVec
 	enrollments     *prometheus.CounterVec
+	probes          *prometheus.CounterVec
+	probeAttempts   prometheus.Counter
+	verdicts        *prometheus.CounterVec
 
 	recent *decisionLog
 	known  atomic.Pointer[map[string]bool] // the adopted policy's classes
@@ -90,11 +93,23 @@ func newMetrics(g *Gateway) *metrics {
 			Name: "skybridge_burst_enrollments_total",
 			Help: "Burst gateways that presented a join token here, by outcome (enrolled, refused).",
 		}, []string{"outcome"}),
+		probes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "skybridge_tunnel_probes_total",
+			Help: "Probes through the tunnel, one a second to each gateway of a remote site with a choice of gateways, by outcome (answered, missed: none of its up to 3 connection attempts, 250 ms apart, answered within 0.8 s).",
+		}, []string{"outcome"}),
+		probeAttempts: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "skybridge_tunnel_probe_attempts_total",
+			Help: "Connection attempts made by the tunnel probes. More than one per probe means an attempt went unanswered for 250 ms: loss or delay on the tunnel, even where no probe was missed.",
+		}),
+		verdicts: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "skybridge_gateway_verdicts_total",
+			Help: "Times a gateway of a remote site with a choice of gateways was judged unreachable through its tunnel (two probes missed in a row) or reachable again (answering for 10 s), by verdict. Both rising: a gateway that comes and goes.",
+		}, []string{"verdict"}),
 		recent: &decisionLog{max: maxRecentDecisions},
 	}
 	m.reg.MustRegister(m.rejections, m.reconcileRuns, m.reconcileErrors, m.reconcileTime,
 		m.migBytes, m.migChunks, m.migDone, m.migRetries, m.migDuration, m.decisions, m.enrollments,
-		&gatewayCollector{g: g}, atRestCollector{g: g},
+		m.probes, m.probeAttempts, m.verdicts, &gatewayCollector{g: g}, atRestCollector{g: g},
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	// Every label value a rule or dashboard may select on exists from the
 	// start, so that rate() and absent() see zeros rather than nothing.
@@ -112,7 +127,30 @@ func newMetrics(g *Gateway) *metrics {
 	for _, o := range []string{"enrolled", "refused"} {
 		m.enrollments.WithLabelValues(o)
 	}
+	for _, o := range []string{"answered", "missed"} {
+		m.probes.WithLabelValues(o)
+	}
+	for _, v := range []string{"unreachable", "reachable"} {
+		m.verdicts.WithLabelValues(v)
+	}
 	return m
+}
+
+func (m *metrics) probed(answered bool, attempts int) {
+	outcome := "missed"
+	if answered {
+		outcome = "answered"
+	}
+	m.probes.WithLabelValues(outcome).Inc()
+	m.probeAttempts.Add(float64(attempts))
+}
+
+func (m *metrics) judged(unreachable bool) {
+	verdict := "reachable"
+	if unreachable {
+		verdict = "unreachable"
+	}
+	m.verdicts.WithLabelValues(verdict).Inc()
 }
 
 func (m *metrics) enrollment(outcome string) { m.enrollments.WithLabelValues(outcome).Inc() }

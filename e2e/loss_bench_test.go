@@ -1,0 +1,144 @@
+package e2e
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestBenchRoutesUnderLoss measures how often packet loss on the underlay
+// moves a site's routes between its gateways when none of them failed.
+// An on-prem gateway probes the two gateways of a cloud site through its
+// tunnels, as in TestHAFailover; nft drops a share of the UDP packets
+// (WireGuard and gossip) in and out of the on-prem host at random. For
+// each loss rate it counts, over a window, the verdicts "unreachable
+// through its tunnel" in the on-prem gateway's log and the changes of the
+// site's carrier seen by polling its status; every one is a false alarm,
+// and every move breaks the site's connections twice (away and back).
+//
+// SKYBRIDGE_BENCH_LOSS=5,10 (per cent, each way), SKYBRIDGE_BENCH_LOSS_FOR=240
+// (seconds per rate). SKYBRIDGE_E2E_BINARY runs another build (an older
+// one, to compare).
+func TestBenchRoutesUnderLoss(t *testing.T) {
+	benchmarkOnly(t)
+	var losses []float64
+	for _, f := range strings.Split(envString("SKYBRIDGE_BENCH_LOSS", "5,10"), ",") {
+		v, err := strconv.ParseFloat(strings.TrimSpace(f), 64)
+		if err != nil || v <= 0 || v >= 100 {
+			t.Fatalf("SKYBRIDGE_BENCH_LOSS: %q is not a percentage", f)
+		}
+		losses = append(losses, v)
+	}
+	window := time.Duration(envInt("SKYBRIDGE_BENCH_LOSS_FOR", 240)) * time.Second
+
+	l := newLab(t)
+	defer l.dumpLogs()
+	caDir, pol := l.signedPolicy([]byte(policyV1))
+	sites := []*meshSite{
+		{short: "1", site: "onprem-zrh", region: "zrh-dc1", provider: "onprem", jur: "CH", underlay: "192.0.2.1", overlay: "100.96.0.1", route: "10.1.0.0/16", classes: "risk-batch"},
+		{short: "2a", site: "aws-eu-central-1", region: "eu-central-1", provider: "aws", jur: "DE", underlay: "192.0.2.2", overlay: "100.96.0.2", route: "10.2.0.0/24", classes: "risk-batch"},
+		{short: "2b", site: "aws-eu-central-1", region: "eu-central-1", provider: "aws", jur: "DE", underlay: "192.0.2.3", overlay: "100.96.0.3", route: "10.2.0.0/24", classes: "risk-batch"},
+	}
+	for _, s := range sites {
+		s.ns = l.addHost(s.short, s.underlay)
+		l.writeGatewayConfig(s, caDir, pol, []string{"192.0.2.1:7946", "192.0.2.2:7946"})
+		l.startQuiet(s, 1)
+	}
+	zrh := sites[0]
+	waitFor(t, 90*time.Second, "both cloud gateways proven reachable, routes through gw-2a", func() (bool, string) {
+		st, err := status(zrh.socket)
+		if err != nil {
+			return false, err.Error()
+		}
+		return st.Carriers["aws-eu-central-1"] == "gw-2a" && len(st.Unreachable) == 0,
+			fmt.Sprintf("carrier %s, unreachable %v", st.Carriers["aws-eu-central-1"], st.Unreachable)
+	})
+	underlayIf := "u" + zrh.short + l.id
+	logFile := filepath.Join(l.dir, "gw-"+zrh.short+"-1.log")
+	verdicts := func() int {
+		b, _ := os.ReadFile(logFile)
+		return strings.Count(string(b), "unreachable through its tunnel")
+	}
+
+	type row struct {
+		loss            float64
+		verdicts, moves int
+		longestAway     time.Duration
+	}
+	var rows []row
+	for _, loss := range losses {
+		perMille := int(loss * 10)
+		rules := []string{
+			"add table inet sbloss",
+			"add chain inet sbloss in { type filter hook input priority 0 ; }",
+			"add chain inet sbloss out { type filter hook output priority 0 ; }",
+			fmt.Sprintf("add rule inet sbloss in iifname %q meta l4proto udp numgen random mod 1000 < %d drop", underlayIf, perMille),
+			fmt.Sprintf("add rule inet sbloss out oifname %q meta l4proto udp numgen random mod 1000 < %d drop", underlayIf, perMille),
+		}
+		for _, r := range rules {
+			if out, err := l.nsexec(zrh.ns, append([]string{"nft"}, strings.Fields(r)...)...); err != nil {
+				t.Fatalf("nft %s: %v %s", r, err, out)
+			}
+		}
+		before := verdicts()
+		r := row{loss: loss}
+		carrier, awaySince := "gw-2a", time.Time{}
+		for end := time.Now().Add(window); time.Now().Before(end); time.Sleep(250 * time.Millisecond) { // sampling, not waiting for a condition
+			st, err := status(zrh.socket)
+			if err != nil {
+				continue // a status call is local: not subject to the loss, but may time out under load
+			}
+			c := st.Carriers["aws-eu-central-1"]
+			if c == "" || c == carrier {
+				continue
+			}
+			r.moves++
+			if c != "gw-2a" {
+				awaySince = time.Now()
+			} else if !awaySince.IsZero() {
+				r.longestAway = max(r.longestAway, time.Since(awaySince))
+			}
+			carrier = c
+		}
+		r.verdicts = verdicts() - before
+		if out, err := l.nsexec(zrh.ns, "nft", "delete", "table", "inet", "sbloss"); err != nil {
+			t.Fatalf("nft delete table: %v %s", err, out)
+		}
+		rows = append(rows, r)
+		// The next rate starts from the same place: routes back on gw-2a.
+		waitFor(t, 60*time.Second, "routes back on gw-2a, none unreachable", func() (bool, string) {
+			st, err := status(zrh.socket)
+			if err != nil {
+				return false, err.Error()
+			}
+			return st.Carriers["aws-eu-central-1"] == "gw-2a" && len(st.Unreachable) == 0,
+				fmt.Sprintf("carrier %s, unreachable %v", st.Carriers["aws-eu-central-1"], st.Unreachable)
+		})
+	}
+
+	bin := "this build"
+	if b := os.Getenv("SKYBRIDGE_E2E_BINARY"); b != "" {
+		bin = b
+	}
+	var b strings.Builder
+	fmt.Fprintf(&b, "routes under loss (%s, %s per rate, UDP dropped at random both ways at the on-prem host)\n", bin, window)
+	fmt.Fprintln(&b, "| UDP loss each way | gateways judged unreachable | carrier moves | per hour | longest away |")
+	fmt.Fprintln(&b, "|---|---|---|---|---|")
+	for _, r := range rows {
+		fmt.Fprintf(&b, "| %g %% | %d | %d | %.0f | %s |\n", r.loss, r.verdicts, r.moves,
+			float64(r.moves)*float64(time.Hour)/float64(window), r.longestAway.Round(100*time.Millisecond))
+	}
+	fmt.Print(b.String())
+	t.Log("\n" + b.String())
+}
+
+func envString(name, def string) string {
+	if v := os.Getenv(name); v != "" {
+		return v
+	}
+	return def
+}
