@@ -20,8 +20,8 @@ import (
 // WireGuard tunnel, with the token. The endpoint is not on the underlay,
 // the metrics show the real tunnels' handshakes and traffic, and a wrong
 // token is refused. Then a site whose gateway crashed is reported
-// unreachable, and one whose gateway was shut down (decommissioned) drops
-// out of the metrics instead of alerting forever.
+// unreachable, and so is one whose only gateway was shut down, its
+// gateway counted as left.
 func TestOperatorOverOverlay(t *testing.T) {
 	l := newLab(t)
 	defer l.dumpLogs()
@@ -93,8 +93,7 @@ func TestOperatorOverOverlay(t *testing.T) {
 	if out, err := l.nsexec(fra.ns, "env", helperEnv+"=get "+overlayURL+" "+wrong, os.Args[0]); exit(err) != 3 || !strings.Contains(out, "token is required") {
 		t.Errorf("a wrong token: err %v, %s; want 401", err, out)
 	}
-	// Crash Frankfurt: zrh reports it unreachable. Shut N. Virginia down
-	// (SIGTERM: it leaves): zrh stops reporting it at all.
+	// Crash Frankfurt: zrh reports it unreachable.
 	reachable := func() (map[string]float64, string) {
 		out, err := l.nsexec(zrh.ns, "env", helperEnv+"=get "+overlayURL+" "+token, os.Args[0])
 		if err != nil {
@@ -117,14 +116,29 @@ func TestOperatorOverOverlay(t *testing.T) {
 		v, ok := got[fra.site]
 		return ok && v == 0, state
 	})
+	// Stopped on purpose (SIGTERM, as systemctl stop sends), its site's
+	// only gateway leaves the site cut off as a crash does: it stays in
+	// the metrics, unreachable, its gateway counted as left. (Before, it
+	// disappeared, and no alert on it could fire.)
 	iad := sites[2]
 	iad.gwCmd.Process.Signal(syscall.SIGTERM)
 	iad.gwCmd.Wait()
-	waitFor(t, 30*time.Second, "zrh drops the decommissioned site", func() (bool, string) {
-		got, state := reachable()
-		_, there := got[iad.site]
-		fraV, fraThere := got[fra.site] // crashed, not decommissioned: still counted, unreachable
-		return got != nil && !there && fraThere && fraV == 0 && got[zrh.site] == 1, state
+	waitFor(t, 30*time.Second, "zrh reports the stopped site unreachable, its gateway left", func() (bool, string) {
+		out, err := l.nsexec(zrh.ns, "env", helperEnv+"=get "+overlayURL+" "+token, os.Args[0])
+		if err != nil {
+			return false, out
+		}
+		fam, err := scrape.Parse(strings.NewReader(out))
+		if err != nil {
+			return false, err.Error()
+		}
+		iadV, iadThere := fam.Value("skybridge_site_reachable", map[string]string{"site": iad.site})
+		left, _ := fam.Value("skybridge_members", map[string]string{"site": iad.site, "state": "left"})
+		dead, _ := fam.Value("skybridge_members", map[string]string{"site": iad.site, "state": "dead"})
+		fraV, fraThere := fam.Value("skybridge_site_reachable", map[string]string{"site": fra.site})
+		zrhV, _ := fam.Value("skybridge_site_reachable", map[string]string{"site": zrh.site})
+		return iadThere && iadV == 0 && left == 1 && dead == 0 && fraThere && fraV == 0 && zrhV == 1,
+			fmt.Sprintf("%s reachable %v (listed %v), left %v, dead %v; %s %v; %s %v", iad.site, iadV, iadThere, left, dead, fra.site, fraV, zrh.site, zrhV)
 	})
 
 	// skybridge status names the endpoint.

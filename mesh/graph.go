@@ -244,7 +244,10 @@ func tunnelHealth(m MemberStatus, now time.Time) string {
 	// No handshake for over 180 s: failing if it sends meanwhile (a
 	// WireGuard peer with traffic to send handshakes every 2 minutes, and
 	// retries every 5 s when unanswered), idle if it has not sent since.
-	if !m.LastSent.IsZero() && now.Sub(m.LastSent) <= staleHandshake && m.LastSent.After(m.LastHandshake) {
+	// A tunnel with a persistent keepalive always has something to send;
+	// its transmit counter is no witness, for WireGuard counts only what
+	// the host let out (a firewall dropping our packets freezes it).
+	if m.Keepalive > 0 || !m.LastSent.IsZero() && now.Sub(m.LastSent) <= staleHandshake && m.LastSent.After(m.LastHandshake) {
 		return TunnelStale
 	}
 	return TunnelIdle

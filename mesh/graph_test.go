@@ -162,12 +162,14 @@ func TestSiteHealth(t *testing.T) {
 		{Node: "used", Site: "rested", SiteVerified: true, State: StateVerified, Peer: true, LastHandshake: now.Add(-time.Hour), TxBytes: 10, LastSent: now.Add(-time.Hour - time.Minute)},
 		{Node: "idle", Site: "quiet", SiteVerified: true, State: StateVerified, Peer: true},
 		{Node: "gone", Site: "lost", SiteVerified: true, State: StateDead},
-		{Node: "retired", Site: "closed", SiteVerified: true, State: StateDead, Left: true}, // decommissioned: not missed
+		{Node: "stopped", Site: "closed", SiteVerified: true, State: StateDead, Left: true}, // stopped on purpose: missed all the same
+		{Node: "muted", Site: "egress-cut", SiteVerified: true, State: StateVerified, Peer: true, Keepalive: 25 * time.Second,
+			LastHandshake: now.Add(-4 * time.Minute), TxBytes: 10, LastSent: now.Add(-5 * time.Minute)}, // keepalives the host let not out
 		{Node: "hub-only", Site: "spoke", SiteVerified: true, State: StateVerified},
 		{Node: "x", State: StatePending},
 		{Node: "liar", Site: "evil", State: StateRefused}, // a claim, never verified
 	}}
-	want := map[string]bool{"home": true, "up": true, "cut": false, "rested": true, "quiet": true, "lost": false, "spoke": true, "unknown": false}
+	want := map[string]bool{"home": true, "up": true, "cut": false, "rested": true, "quiet": true, "lost": false, "closed": false, "egress-cut": false, "spoke": true, "unknown": false}
 	got := siteHealth(st, now)
 	if len(got) != len(want) {
 		t.Fatalf("%d sites, want %d: %+v", len(got), len(want), got)
@@ -177,8 +179,8 @@ func TestSiteHealth(t *testing.T) {
 			t.Errorf("site %s reachable %v, want %v", s.name, s.reachable, want[s.name])
 		}
 	}
-	if got[0].name != "cut" || got[1].count[StateVerified] != 2 { // sorted; home has us and h2
-		t.Errorf("order or counts: %+v", got[:2])
+	if got[0].name != "closed" || got[0].count[stateLeft] != 1 || got[0].count[StateDead] != 0 || got[3].name != "home" || got[3].count[StateVerified] != 2 { // sorted; home has us and h2
+		t.Errorf("order or counts: %+v", got[:4])
 	}
 	if u := got[len(got)-2]; u.name != "unknown" || u.count[StatePending] != 1 || u.count[StateRefused] != 1 {
 		t.Errorf("unverified members: %+v, want the pending one and the liar under unknown", u)

@@ -274,7 +274,7 @@ const staleHandshake = 180 * time.Second
 
 var (
 	descMembers = prometheus.NewDesc("skybridge_members",
-		"Members this gateway knows, by site and state (verified, pending, refused, dead); itself included.", []string{"site", "state"}, nil)
+		"Members this gateway knows, by site and state (verified, pending, refused, dead: declared dead, left: stopped on purpose); itself included. A gateway revoked or expired is forgotten.", []string{"site", "state"}, nil)
 	descSiteReachable = prometheus.NewDesc("skybridge_site_reachable",
 		"1 if the site has a verified live gateway and, where this gateway has tunnels into the site that carry traffic, one of them handshook within 3 minutes; 0 otherwise.", []string{"site"}, nil)
 	descHandshakeAge = prometheus.NewDesc("skybridge_peer_handshake_age_seconds",
@@ -353,7 +353,7 @@ func (c *gatewayCollector) Collect(ch chan<- prometheus.Metric) {
 	now := c.g.now()
 	ch <- prometheus.MustNewConstMetric(descInfo, prometheus.GaugeValue, 1, st.Node, st.Site, st.Region, st.Jurisdiction, st.Mode, st.Policy)
 	for _, s := range siteHealth(st, now) {
-		for _, state := range []MemberState{StateVerified, StatePending, StateRefused, StateDead} {
+		for _, state := range []MemberState{StateVerified, StatePending, StateRefused, StateDead, stateLeft} {
 			ch <- prometheus.MustNewConstMetric(descMembers, prometheus.GaugeValue, float64(s.count[state]), s.name, string(state))
 		}
 		if s.name != unknownSite { // not a site: members no certificate places
@@ -414,13 +414,20 @@ type siteState struct {
 	reachable bool
 }
 
+// stateLeft counts, in skybridge_members, the gateways stopped on purpose
+// (a member's state is dead; its notice says it left).
+const stateLeft MemberState = "left"
+
 // siteHealth groups the members by site. A site is reachable when a
 // gateway of it is verified and alive (ours always is) and no tunnel into
 // it is failing: one that has sent traffic with no handshake for longer
 // than WireGuard allows. An idle tunnel never handshakes, so idleness
-// alone says nothing. Members that left on purpose are not counted, so a
-// decommissioned site disappears instead of alerting forever; members
-// never verified count under "unknown".
+// alone says nothing. A gateway that left on purpose counts as left, and
+// its site, with no other gateway alive, as unreachable: stopping a
+// site's only gateway (systemctl stop, an upgrade) cuts the site off as a
+// crash does. A retired gateway goes from the membership, and so from
+// here, once its certificate is revoked or expires. Members never
+// verified count under "unknown".
 func siteHealth(st *Status, now time.Time) []siteState {
 	by := map[string]*siteState{}
 	get := func(name string) *siteState {
@@ -434,9 +441,6 @@ func siteHealth(st *Status, now time.Time) []siteState {
 	self.reachable = true
 	healthy := map[string]bool{}
 	for _, m := range st.Members {
-		if m.Left {
-			continue // decommissioned: its site is not missed
-		}
 		site := m.Site
 		if !m.SiteVerified {
 			// Only a certificate names a site: a refused or pending
@@ -444,7 +448,11 @@ func siteHealth(st *Status, now time.Time) []siteState {
 			site = unknownSite
 		}
 		s := get(site)
-		s.count[m.State]++
+		if m.Left {
+			s.count[stateLeft]++
+		} else {
+			s.count[m.State]++
+		}
 		if m.State != StateVerified || site == st.Site {
 			continue
 		}

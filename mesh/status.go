@@ -41,7 +41,10 @@ type Status struct {
 	// do not reach (or that have not proved themselves yet).
 	Carriers    map[string]string `json:"carriers"`
 	Unreachable []string          `json:"unreachable,omitempty"`
-	Reconcile   ReconcileStats    `json:"reconcile"`
+	// Reachable says, per site, what skybridge_site_reachable says: a
+	// gateway of it verified and alive, its tunnel from here not failing.
+	Reachable map[string]bool `json:"reachable"`
+	Reconcile ReconcileStats  `json:"reconcile"`
 }
 
 // IdentityStatus describes our own certificate.
@@ -93,7 +96,14 @@ type MemberStatus struct {
 	// LastSent is when this gateway last saw TxBytes grow (zero: not
 	// since it started): a tunnel is failing when it sends without a
 	// handshake, not when it has been idle since it last carried traffic.
-	LastSent       time.Time `json:"last_sent,omitzero"`
+	LastSent time.Time `json:"last_sent,omitzero"`
+	// Keepalive is the tunnel's persistent keepalive (zero: none). Such a
+	// tunnel sends every interval, so it handshakes every 2 minutes: it is
+	// never idle.
+	Keepalive time.Duration `json:"keepalive_ns,omitempty"`
+	// Health is the tunnel's, as the metrics and the graph judge it
+	// (fresh, ageing, stale, idle); only for peers.
+	Health         string    `json:"health,omitempty"`
 	IdentityExpiry time.Time `json:"identity_expiry,omitzero"`
 	PublicKey      string    `json:"public_key,omitempty"`
 }
@@ -195,7 +205,8 @@ func (g *Gateway) Status() (*Status, error) {
 			if i, ok := peers[m.Verified.Advert.WireGuardKey]; ok {
 				p := dev.Peers[i]
 				ms.Peer, ms.LastHandshake, ms.RxBytes, ms.TxBytes = true, p.LastHandshakeTime, p.ReceiveBytes, p.TransmitBytes
-				ms.LastSent = sent[m.Verified.Advert.WireGuardKey]
+				ms.LastSent, ms.Keepalive = sent[m.Verified.Advert.WireGuardKey], p.PersistentKeepaliveInterval
+				ms.Health = tunnelHealth(ms, g.now())
 				if p.Endpoint != nil {
 					ms.Endpoint = p.Endpoint.String()
 				}
@@ -205,6 +216,12 @@ func (g *Gateway) Status() (*Status, error) {
 			}
 		}
 		st.Members = append(st.Members, ms)
+	}
+	st.Reachable = map[string]bool{}
+	for _, s := range siteHealth(st, g.now()) {
+		if s.name != unknownSite {
+			st.Reachable[s.name] = s.reachable
+		}
 	}
 	return st, nil
 }

@@ -191,7 +191,8 @@ func TestScheduledRotationAfterManual(t *testing.T) {
 // TestStatusPlacesRestoredDeadMembers: a member restored dead from the
 // state directory has no advert, but its certificate names its site: the
 // site is reported unreachable (a crash survives the observer's
-// restart), unless the member had left on purpose.
+// restart), and so is one whose gateway had left on purpose, counted as
+// left: a site whose only gateway was stopped is cut off all the same.
 func TestStatusPlacesRestoredDeadMembers(t *testing.T) {
 	ca, err := certs.InitCA(filepath.Join(t.TempDir(), "ca"), certs.InitOptions{MeshPrefix: netip.MustParsePrefix("100.64.0.0/10")})
 	if err != nil {
@@ -210,18 +211,22 @@ func TestStatusPlacesRestoredDeadMembers(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	reachable := map[string]bool{}
+	reachable, left := map[string]bool{}, map[string]int{}
 	for _, s := range siteHealth(st, time.Now()) {
-		reachable[s.name] = s.reachable
+		reachable[s.name], left[s.name] = s.reachable, s.count[stateLeft]
 	}
-	if r, ok := reachable["crashed"]; !ok || r {
-		t.Errorf("the crashed member's site: listed %v, reachable %v; want listed, unreachable (%v)", ok, r, reachable)
+	if r, ok := reachable["crashed"]; !ok || r || left["crashed"] != 0 {
+		t.Errorf("the crashed member's site: listed %v, reachable %v, left %d; want listed, unreachable, none left (%v)", ok, r, left["crashed"], reachable)
 	}
-	if _, ok := reachable["retired"]; ok {
-		t.Errorf("the site of a member that left is listed: %v", reachable)
+	if r, ok := reachable["retired"]; !ok || r || left["retired"] != 1 {
+		t.Errorf("the site of a member that left: listed %v, reachable %v, left %d; want listed, unreachable, one left (%v)", ok, r, left["retired"], reachable)
 	}
 	if _, ok := reachable["unknown"]; ok {
 		t.Errorf("restored members counted under unknown: %v", reachable)
+	}
+	// The status says the same as the metrics.
+	if r, ok := st.Reachable["retired"]; !ok || r || !st.Reachable["home"] || len(st.Reachable) != 3 {
+		t.Errorf("status reachable %v; want home, and crashed and retired unreachable", st.Reachable)
 	}
 }
 

@@ -236,6 +236,9 @@ func printStatus(c *cli.Context, st *mesh.Status) {
 		state := string(m.State)
 		if m.Peer {
 			state += ", peer"
+			if m.Health == mesh.TunnelStale {
+				state += ", STALE" // sends without a handshake: the tunnel fails
+			}
 		}
 		rows = append(rows, []string{m.Node, dash(m.Site), dash(m.Jurisdiction), dash(m.OverlayIP), state, dash(m.Endpoint), hs,
 			fmt.Sprint(m.RxBytes), fmt.Sprint(m.TxBytes), exp, dash(m.Reason)})
@@ -263,6 +266,16 @@ func printStatus(c *cli.Context, st *mesh.Status) {
 			fmt.Fprintf(w, " (not through %s: unreachable through their tunnels)", printable(strings.Join(st.Unreachable, ", ")))
 		}
 		fmt.Fprintln(w)
+	}
+	var cut []string
+	for s, ok := range st.Reachable {
+		if !ok {
+			cut = append(cut, s)
+		}
+	}
+	if len(cut) > 0 {
+		slices.Sort(cut)
+		fmt.Fprintf(w, "UNREACHABLE from here: %s (no gateway alive there, or its tunnel sends without a handshake)\n", printable(strings.Join(cut, ", ")))
 	}
 	for _, c := range st.Conflicts {
 		fmt.Fprintf(w, "conflict: %s\n", printable(c))

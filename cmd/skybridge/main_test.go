@@ -1305,3 +1305,23 @@ func TestStatusShowsConflicts(t *testing.T) {
 		t.Fatalf("status:\n%s", out.String())
 	}
 }
+
+// TestStatusShowsFailingTunnels: the text status says which tunnels are
+// stale and which sites are unreachable from here, as the metrics do.
+func TestStatusShowsFailingTunnels(t *testing.T) {
+	var out bytes.Buffer
+	c := cli.NewContext(&cli.App{Writer: &out}, nil, nil)
+	printStatus(c, &mesh.Status{Node: "gw-1", Site: "zrh", Reachable: map[string]bool{"zrh": true, "iad": false, "fra": true, "sin": false},
+		Members: []mesh.MemberStatus{
+			{Node: "gw-iad", Site: "iad", State: mesh.StateVerified, Peer: true, Health: mesh.TunnelStale},
+			{Node: "gw-fra", Site: "fra", State: mesh.StateVerified, Peer: true, Health: mesh.TunnelFresh},
+		}})
+	for _, want := range []string{"verified, peer, STALE", "UNREACHABLE from here: iad, sin "} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("status lacks %q:\n%s", want, out.String())
+		}
+	}
+	if strings.Count(out.String(), "STALE") != 1 {
+		t.Errorf("a fresh tunnel shown stale:\n%s", out.String())
+	}
+}
