@@ -243,6 +243,25 @@ func TestMigrationEndToEnd(t *testing.T) {
 		if id == "" {
 			t.Fatal("no migration ID")
 		}
+		// migrate list shows the running migration's progress (it showed
+		// what its record held: nothing until the end).
+		type send struct {
+			ID    string `json:"id"`
+			State string `json:"state"`
+			Stats struct {
+				ChunksDone int `json:"chunks_done"`
+			} `json:"stats"`
+		}
+		var listed struct {
+			Sending []send `json:"sending"`
+		}
+		out, _ := sb(t, 0, "migrate", "list", "--json", "--socket", zrh.socket)
+		if err := json.Unmarshal([]byte(out), &listed); err != nil {
+			t.Fatalf("%v: %s", err, out)
+		}
+		if i := slices.IndexFunc(listed.Sending, func(r send) bool { return r.ID == id }); i < 0 || listed.Sending[i].State != "running" || listed.Sending[i].Stats.ChunksDone == 0 {
+			t.Fatalf("migrate list while %s runs, a third done: %s", id, out)
+		}
 		zrh.gwCmd.Process.Signal(syscall.SIGKILL) // the sending gateway dies
 		zrh.gwCmd.Wait()
 		cmd.Process.Kill()

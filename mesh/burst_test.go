@@ -458,8 +458,12 @@ func TestBurstLifecycle(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(down.Revoked) != 1 || down.Ended == nil {
-		t.Fatalf("burst down: %+v", down)
+	if len(down.Revoked) != 1 || down.Ended == nil || down.TokensUnused != 1 {
+		t.Fatalf("burst down: %+v; want one identity revoked, one unused token made void", down)
+	}
+	// Listed after: the token no gateway used is void, not unused.
+	if list, err := hq.g.Bursts(); err != nil || len(list) != 1 || list[0].TokensUnused != 0 || list[0].TokensVoid != 1 {
+		t.Fatalf("bursts after burst down: %+v %v; want its unused token void", list, err)
 	}
 	select {
 	case <-burst.done:

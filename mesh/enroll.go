@@ -620,9 +620,12 @@ func (g *Gateway) classVerdicts(a certs.Attributes, now time.Time) []ClassVerdic
 type BurstInfo struct {
 	BurstSite
 	BurstLife
-	Gateways     []BurstGateway `json:"gateways"`
-	TokensUnused int            `json:"tokens_unused"`
-	Revoked      []string       `json:"revoked,omitempty"` // serials revoked by this call (burst down)
+	Gateways []BurstGateway `json:"gateways"`
+	// TokensUnused can still enrol a gateway; TokensVoid were never used
+	// and no longer can (expired, or the burst ended).
+	TokensUnused int      `json:"tokens_unused"`
+	TokensVoid   int      `json:"tokens_void"`
+	Revoked      []string `json:"revoked,omitempty"` // serials revoked by this call (burst down)
 }
 
 // BurstGateway is a gateway enrolled into a burst site.
@@ -633,11 +636,15 @@ type BurstGateway struct {
 	Enrolled  *time.Time `json:"enrolled,omitempty"` // unknown for Vault bursts: Vault admits them
 }
 
-func (r *burstRecord) info() BurstInfo {
+func (r *burstRecord) info(now time.Time) BurstInfo {
 	bi := BurstInfo{BurstSite: r.BurstSite, BurstLife: r.BurstLife, Gateways: []BurstGateway{}}
 	for _, t := range r.Tokens {
 		if t.Used == nil && !r.Vault {
-			bi.TokensUnused++
+			if r.active(now) && now.Before(t.Expires) {
+				bi.TokensUnused++
+			} else {
+				bi.TokensVoid++
+			}
 			continue
 		}
 		bi.Gateways = append(bi.Gateways, BurstGateway{Node: t.Node, OverlayIP: t.OverlayIP, Serial: t.Serial, Enrolled: t.Used})
@@ -654,8 +661,9 @@ func (g *Gateway) Bursts() ([]BurstInfo, error) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	out := []BurstInfo{}
+	now := g.now()
 	for _, r := range slices.Backward(e.book.Bursts) {
-		out = append(out, r.info())
+		out = append(out, r.info(now))
 	}
 	return out, nil
 }
@@ -702,6 +710,7 @@ func (g *Gateway) BurstDown(ctx context.Context, site, vaultToken string) (*Burs
 		sort.Strings(open)
 		return nil, fmt.Errorf("no open burst site %q here (open: %v)", site, open)
 	}
+	before := r.info(g.now()) // the tokens this down makes void
 	var revoked []string
 	var err error
 	if r.Vault {
@@ -712,8 +721,8 @@ func (g *Gateway) BurstDown(ctx context.Context, site, vaultToken string) (*Burs
 	if err != nil {
 		return nil, err
 	}
-	bi := r.info()
-	bi.Revoked = revoked
+	bi := r.info(g.now())
+	bi.Revoked, bi.TokensUnused = revoked, before.TokensUnused
 	return &bi, nil
 }
 

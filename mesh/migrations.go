@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net/netip"
 	"path/filepath"
 	"slices"
@@ -556,7 +557,33 @@ func (g *Gateway) Migrations() (*MigrationList, error) {
 	if err != nil {
 		return nil, err
 	}
+	g.mig.live(sends)
 	return &MigrationList{Sending: sends, Receiving: g.mig.recv.Active(), Images: imgs}, nil
+}
+
+// live puts in each record of a migration running now its progress so
+// far, in place of what its record holds (nothing yet, or a resumed one's
+// last attempt), and returns the running ones' phases by index.
+func (m *migrations) live(sends []migrate.SendRecord) map[int]string {
+	m.mu.Lock()
+	running := make(map[string]*runningMigration, len(m.running))
+	maps.Copy(running, m.running)
+	m.mu.Unlock()
+	phases := map[int]string{}
+	for i := range sends {
+		r := running[sends[i].ID]
+		if r == nil {
+			continue
+		}
+		r.mu.Lock()
+		p := r.last
+		r.mu.Unlock()
+		// The list is read when a migration begins, which may be before
+		// a resume's record is: not its last attempt's end.
+		sends[i].State, sends[i].Error, sends[i].Reasons, sends[i].Stats = migrate.StateRunning, "", nil, p.Stats
+		phases[i] = p.Phase
+	}
+	return phases
 }
 
 // VerifyImage re-proves a stored image against its recorded root.

@@ -372,22 +372,11 @@ func (g *Gateway) Dashboard() (*Dashboard, error) {
 	if err != nil {
 		return nil, err
 	}
-	g.mig.mu.Lock()
-	running := map[string]*runningMigration{}
-	for id, r := range g.mig.running {
-		running[id] = r
-	}
-	g.mig.mu.Unlock()
-	for _, rec := range slices.Backward(sends) { // newest first
+	phases := g.mig.live(sends)
+	for i, rec := range slices.Backward(sends) { // newest first
 		v := MigrationView{SendRecord: rec}
-		if r := running[rec.ID]; r != nil {
-			r.mu.Lock()
-			p := r.last
-			r.mu.Unlock()
-			v.Running, v.Phase, v.Stats = true, p.Phase, p.Stats
-			// The list is read when a migration begins, which may be
-			// before a resume's record is: not its last attempt's end.
-			v.State, v.Error, v.Reasons = migrate.StateRunning, "", nil
+		if p, ok := phases[i]; ok {
+			v.Running, v.Phase = true, p
 		} else if len(d.Sending) >= recentSends {
 			continue
 		}

@@ -198,7 +198,7 @@ func burstList(c *cli.Context) error {
 			gws = append(gws, g.Node)
 		}
 		rows = append(rows, []string{b.Site, b.Provider + "/" + b.Region, b.Jurisdiction, strings.Join(b.Routes, ","), state,
-			dash(strings.Join(gws, ",")), fmt.Sprint(b.TokensUnused)})
+			dash(strings.Join(gws, ",")), fmt.Sprint(b.TokensUnused), fmt.Sprint(b.TokensVoid)})
 	}
-	return printTable(c.App.Writer, []string{"SITE", "PROVIDER/REGION", "JUR", "ROUTES", "STATE", "GATEWAYS", "UNUSED TOKENS"}, rows)
+	return printTable(c.App.Writer, []string{"SITE", "PROVIDER/REGION", "JUR", "ROUTES", "STATE", "GATEWAYS", "UNUSED TOKENS", "VOID"}, rows)
 }

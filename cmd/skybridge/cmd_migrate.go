@@ -289,10 +289,21 @@ func printMigrationResult(w io.Writer, ev *mesh.MigrationEvent) {
 	if r.State == migrate.StateDone {
 		fmt.Fprintf(w, "  verified: root %s\n", r.Root)
 	}
-	fmt.Fprintf(w, "  image %s virtual, %s allocated; read %s, sent %s (%s before compression) in %s",
-		humanBytes(st.VirtualBytes), humanBytes(st.AllocatedBytes), humanBytes(st.BytesRead), humanBytes(st.BytesSent), humanBytes(st.BytesRaw), st.Duration.Round(time.Millisecond))
+	allocated := humanBytes(st.AllocatedBytes) + " allocated"
+	if st.AllocatedBytes == 0 && r.State != migrate.StateDone {
+		allocated = "allocation not read" // refused or failed before the scan
+	}
+	fmt.Fprintf(w, "  image %s virtual, %s; read %s, sent %s (%s before compression) in %s",
+		humanBytes(st.VirtualBytes), allocated, humanBytes(st.BytesRead), humanBytes(st.BytesSent), humanBytes(st.BytesRaw), st.Duration.Round(time.Millisecond))
 	if secs := st.Duration.Seconds(); secs > 0 {
-		fmt.Fprintf(w, " (%s/s of allocated data)", humanBytes(int64(float64(st.AllocatedBytes)/secs)))
+		// The allocated data per second is the migration's speed only
+		// for one done in one go: one still running, stopped, or resumed
+		// (its earlier attempts' chunks not read again) read what it read.
+		if r.State == migrate.StateDone && st.ChunksResumed == 0 {
+			fmt.Fprintf(w, " (%s/s of allocated data)", humanBytes(int64(float64(st.AllocatedBytes)/secs)))
+		} else if st.BytesRead > 0 {
+			fmt.Fprintf(w, " (%s/s read)", humanBytes(int64(float64(st.BytesRead)/secs)))
+		}
 	}
 	fmt.Fprintf(w, "\n  chunks: %d sent, %d reused from the stored version, %d resumed, %d already there, %d zero; %d retries\n",
 		st.ChunksSent, st.ChunksSame, st.ChunksResumed, st.ChunksHad, st.ChunksZero, st.Retries)

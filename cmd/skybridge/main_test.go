@@ -22,6 +22,7 @@ import (
 	"github.com/skybridge-mesh/skybridge/certs"
 	"github.com/skybridge-mesh/skybridge/internal/audit"
 	"github.com/skybridge-mesh/skybridge/mesh"
+	"github.com/skybridge-mesh/skybridge/migrate"
 )
 
 // TestMain doubles as a stand-in process for tests that need one with a
@@ -1323,5 +1324,29 @@ func TestStatusShowsFailingTunnels(t *testing.T) {
 	}
 	if strings.Count(out.String(), "STALE") != 1 {
 		t.Errorf("a fresh tunnel shown stale:\n%s", out.String())
+	}
+}
+
+// TestMigrationResultRate: the rate a migration's result shows is the
+// allocated data per second only for one done in one go; one running,
+// stopped or resumed shows what it read per second; one refused before
+// its scan does not claim an empty image.
+func TestMigrationResultRate(t *testing.T) {
+	for _, tc := range []struct {
+		state   string
+		stats   migrate.Stats
+		want    string
+		notWant string
+	}{
+		{migrate.StateDone, migrate.Stats{VirtualBytes: 8 << 20, AllocatedBytes: 4 << 20, BytesRead: 4 << 20, Duration: 2 * time.Second}, "(2.0 MiB/s of allocated data)", "read)"},
+		{migrate.StateRunning, migrate.Stats{VirtualBytes: 8 << 20, AllocatedBytes: 4 << 20, BytesRead: 1 << 20, Duration: 2 * time.Second}, "(512.0 KiB/s read)", "allocated data)"},
+		{migrate.StateDone, migrate.Stats{VirtualBytes: 8 << 20, AllocatedBytes: 4 << 20, BytesRead: 2 << 20, ChunksResumed: 2, Duration: 2 * time.Second}, "(1.0 MiB/s read)", "allocated data)"},
+		{migrate.StateDenied, migrate.Stats{VirtualBytes: 8 << 20}, "allocation not read", "0 B allocated"},
+	} {
+		var out bytes.Buffer
+		printMigrationResult(&out, &mesh.MigrationEvent{ID: "m1", Record: &migrate.SendRecord{ID: "m1", State: tc.state, Stats: tc.stats}})
+		if !strings.Contains(out.String(), tc.want) || strings.Contains(out.String(), tc.notWant) {
+			t.Errorf("%s %+v: want %q and not %q:\n%s", tc.state, tc.stats, tc.want, tc.notWant, out.String())
+		}
 	}
 }
