@@ -134,6 +134,20 @@ func TestRevokedSignersPolicyLeaves(t *testing.T) {
 	if v := inForce(); v != 1 {
 		t.Fatalf("after its signer was revoked: version %d in force, want the configured 1", v)
 	}
+	// Nor may a version up to the withdrawn one come back by gossip or
+	// publish: a replay of one the mesh had moved past (here a version 2
+	// the CA signed, laxer for all we know) would take its place. The
+	// withdrawn version is kept for later runs; above it, one comes in.
+	sig2, err := policy.Sign("policy.hcl", version(2), ca.Signer(), "mesh CA", nil, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ok, err := lg.g.AdoptPolicy(version(2), sig2.Marshal()); ok || err == nil || !strings.Contains(err.Error(), "not above version 2, which was in force until its signer was revoked") {
+		t.Fatalf("a version 2 after the version 2 in force was withdrawn: adopted %v, %v; want it refused", ok, err)
+	}
+	if w, err := lg.g.state.loadWithdrawn(); err != nil || w != (withdrawnPolicy{Name: "revoked", Version: 2}) {
+		t.Fatalf("the withdrawn version kept for later runs: %+v, %v", w, err)
+	}
 
 	// With no configured policy to take its place it stays in force
 	// (none would lift every residency limit on the tunnels), until a
@@ -208,6 +222,9 @@ func TestUntrustedPolicyKeptAcrossRestart(t *testing.T) {
 	if p := g.policy.Load(); p == nil || p.p.Revision().Version != 2 || !p.untrusted {
 		t.Fatalf("after a restart: policy %s in force, want version 2 kept, marked untrusted", g.policyRevision())
 	}
+	if g.withdrawn != (withdrawnPolicy{Name: "revoked", Version: 2}) {
+		t.Fatalf("after a restart: withdrawn %+v, want version 2", g.withdrawn)
+	}
 	// Kept with its signing time: a newer version dated back before it
 	// (a key that has run out, signing into its past) is refused, as
 	// without the restart.
@@ -245,6 +262,9 @@ func TestUntrustedPolicyKeptAcrossRestart(t *testing.T) {
 	g = open()
 	if p := g.policy.Load(); p != nil {
 		t.Fatalf("a stored policy of a signer this mesh's CA never certified: %s in force, want none", g.policyRevision())
+	}
+	if g.withdrawn != (withdrawnPolicy{Name: "revoked", Version: 2}) {
+		t.Fatalf("read back from the state directory: withdrawn %+v, want version 2", g.withdrawn)
 	}
 }
 

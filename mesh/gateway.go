@@ -52,10 +52,17 @@ type Gateway struct {
 	// adopt concurrently, and an older policy stored after a newer one
 	// would replace it in memory, on disk and in the gossip queue.
 	policyMu sync.Mutex
-	wgMu     sync.Mutex // guards wgKey and wgNext, which a rotation changes
-	wgKey    certs.WGPrivateKey
-	wgNext   certs.WGPrivateKey // zero unless a rotation has advertised it
-	keyring  *memberlist.Keyring
+	// withdrawn is the newest policy that was in force and gave way
+	// because its signer was revoked (guarded by policyMu, kept in the
+	// state directory): no version up to it may come back by gossip or
+	// publish, or a replay of an older, laxer one the mesh had moved past
+	// would take its place.
+	withdrawn withdrawnPolicy
+
+	wgMu    sync.Mutex // guards wgKey and wgNext, which a rotation changes
+	wgKey   certs.WGPrivateKey
+	wgNext  certs.WGPrivateKey // zero unless a rotation has advertised it
+	keyring *memberlist.Keyring
 	// keyringMu is held while the live keyring changes and the change is
 	// stored (applyKeyringOp), and by catchUpKeyring around its check
 	// and adoption.

@@ -18,6 +18,7 @@ const (
 	fileAdvertVersion = "advert.version"
 	fileMembers       = "members.json"
 	fileAdoptedPolicy = "policy.adopted.json"
+	fileWithdrawn     = "policy.withdrawn.json"
 	filePolicy        = "policy.hcl"     // before policy.adopted.json
 	filePolicySig     = "policy.hcl.sig" // before policy.adopted.json
 )
@@ -93,6 +94,22 @@ func (d stateDir) savePolicy(src, sig []byte) error {
 	os.Remove(d.path(filePolicy))
 	os.Remove(d.path(filePolicySig))
 	return nil
+}
+
+// withdrawnPolicy names the newest policy withdrawn by its signer's
+// revocation (Gateway.withdrawn).
+type withdrawnPolicy struct {
+	Name    string `json:"name"`
+	Version int64  `json:"version"`
+}
+
+func (d stateDir) saveWithdrawn(w withdrawnPolicy) error {
+	return atomicfile.WriteJSON(d.path(fileWithdrawn), w, 0o644)
+}
+
+func (d stateDir) loadWithdrawn() (w withdrawnPolicy, err error) {
+	_, err = atomicfile.ReadJSON(d.path(fileWithdrawn), &w)
+	return w, err
 }
 
 func (d stateDir) loadPolicy() (src, sig []byte, err error) {

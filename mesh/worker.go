@@ -385,6 +385,11 @@ func certParts(certs [][]byte) [][]byte {
 // mean an older policy, or none (every verified gateway linked), in
 // silence.
 func (g *Gateway) loadPolicies() error {
+	w, err := g.state.loadWithdrawn()
+	if err != nil {
+		return fmt.Errorf("the residency policy withdrawn in an earlier run (state directory %s): %w; restore it from a backup (moved aside, an older policy withdrawn then may be adopted again)", g.s.StateDir, err)
+	}
+	g.withdrawn = w
 	var untrusted *adoptedPolicy // the stored policy, if only its signer is no longer trusted
 	var untrustedWhy error
 	switch src, sig, err := g.state.loadPolicy(); {
@@ -393,7 +398,7 @@ func (g *Gateway) loadPolicies() error {
 		return fmt.Errorf("the residency policy adopted in the last run (state directory %s): %w; restore it from a backup, or move it aside to start from the policy the configuration names (newer ones arrive by gossip; until a policy is in force the gateway links to every verified gateway and takes no migration)",
 			g.s.StateDir, err)
 	default:
-		if _, err := g.AdoptPolicy(src, sig); err != nil {
+		if _, err := g.adoptPolicy(src, sig, true); err != nil {
 			g.log.Warn("stored policy refused", "err", err)
 			// Kept only if its signature verifies and only its signer's
 			// revocation stands in the way: then it was in force when
@@ -401,13 +406,16 @@ func (g *Gateway) loadPolicies() error {
 			if ps, perr := policy.ParseSignature(sig); errors.Is(err, policy.ErrUntrustedSigner) && perr == nil {
 				if p, verr := policy.VerifyRevokedSigner("policy.hcl", src, ps, g.trust.Load(), g.now()); verr == nil {
 					untrusted, untrustedWhy = &adoptedPolicy{p: p, src: src, sig: sig}, err
+					g.policyMu.Lock()
+					g.withdrawLocked(p.Revision()) // revoked while this gateway was down
+					g.policyMu.Unlock()
 				}
 			}
 		}
 	}
 	src, sig, why := g.configuredPolicy()
 	if why == nil {
-		if _, err := g.AdoptPolicy(src, sig); err != nil {
+		if _, err := g.adoptPolicy(src, sig, true); err != nil {
 			why = err
 			g.log.Error("configured policy refused", "policy", g.s.PolicyFile, "err", err)
 		}
@@ -455,17 +463,24 @@ func (g *Gateway) configuredPolicy() (src, sig []byte, err error) {
 // the one in force: it is stored, announced to the mesh, and the topology
 // is re-planned. It returns whether it was adopted.
 func (g *Gateway) AdoptPolicy(src, sigJSON []byte) (bool, error) {
+	return g.adoptPolicy(src, sigJSON, false)
+}
+
+// adoptPolicy is AdoptPolicy; local (the configured policy, or the one
+// stored by the last run) may be a version a revocation withdrew, as the
+// policy to fall back on.
+func (g *Gateway) adoptPolicy(src, sigJSON []byte, local bool) (bool, error) {
 	// Verified under the lock: a revocation list adopted meanwhile
 	// re-judges the policy in force under it too (recheckPolicy), so
 	// one of the two sees the other.
 	g.policyMu.Lock()
 	defer g.policyMu.Unlock()
-	return g.adoptPolicyLocked(src, sigJSON, false)
+	return g.adoptPolicyLocked(src, sigJSON, false, local)
 }
 
-// adoptPolicyLocked is AdoptPolicy with g.policyMu held. replace adopts
+// adoptPolicyLocked is adoptPolicy with g.policyMu held. replace adopts
 // the policy whatever the one in force (whose signer was revoked).
-func (g *Gateway) adoptPolicyLocked(src, sigJSON []byte, replace bool) (bool, error) {
+func (g *Gateway) adoptPolicyLocked(src, sigJSON []byte, replace, local bool) (bool, error) {
 	if n := len(src) + len(sigJSON); n > MaxPolicyBytes {
 		return false, fmt.Errorf("the policy and its signature are %d bytes, and gossip carries at most %d: shorten the policy (descriptions, selectors shared between classes)", n, MaxPolicyBytes)
 	}
@@ -480,6 +495,10 @@ func (g *Gateway) adoptPolicyLocked(src, sigJSON []byte, replace bool) (bool, er
 	var cur *policy.Policy
 	if c := g.policy.Load(); c != nil && !replace {
 		cur = c.p
+	}
+	if w, r := g.withdrawn, p.Revision(); !local && w.Name == r.Name && r.Version <= w.Version && (cur == nil || cur.Revision().Version < w.Version) {
+		return false, fmt.Errorf("policy %s version %d is not above version %d, which was in force until its signer was revoked: an older version does not come back (a replay of one the mesh had moved past); sign the policy wanted as version %d or above",
+			r.Name, r.Version, w.Version, w.Version+1)
 	}
 	ok, err := policy.Adopt(cur, p)
 	if err != nil || !ok {
@@ -521,8 +540,9 @@ func (g *Gateway) recheckPolicy() {
 	if !errors.Is(why, policy.ErrUntrustedSigner) {
 		return
 	}
+	g.withdrawLocked(c.p.Revision())
 	if src, sig, err := g.configuredPolicy(); err == nil {
-		adopted, err := g.adoptPolicyLocked(src, sig, true)
+		adopted, err := g.adoptPolicyLocked(src, sig, true, true)
 		if adopted {
 			g.log.Error("the residency policy in force was signed by a signer since revoked: the configured policy is in force instead",
 				"revoked", c.p.Revision().String(), "policy", g.policyRevision(), "err", why)
@@ -531,6 +551,18 @@ func (g *Gateway) recheckPolicy() {
 		g.log.Error("configured policy refused", "policy", g.s.PolicyFile, "err", err)
 	}
 	g.keepUntrustedLocked(c, why)
+}
+
+// withdrawLocked records r as withdrawn (Gateway.withdrawn), with
+// g.policyMu held.
+func (g *Gateway) withdrawLocked(r policy.Revision) {
+	if r.Name == g.withdrawn.Name && r.Version <= g.withdrawn.Version {
+		return
+	}
+	g.withdrawn = withdrawnPolicy{Name: r.Name, Version: r.Version}
+	if err := g.state.saveWithdrawn(g.withdrawn); err != nil {
+		g.log.Warn("save the withdrawn policy's version", "err", err)
+	}
 }
 
 // keepUntrustedLocked keeps in force a policy whose signer the mesh no
