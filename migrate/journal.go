@@ -365,6 +365,9 @@ type SendRecord struct {
 	ID     string   `json:"id"`
 	Image  string   `json:"image"`
 	Source SourceID `json:"source"`
+	// SourceFormat is what the image was read as (raw or qcow2), which
+	// a resume reads it as again; empty in records of earlier releases.
+	SourceFormat string `json:"source_format,omitempty"`
 	// ChunkSize is what the chunk indices of the journal mean.
 	ChunkSize int64     `json:"chunk_size,omitempty"`
 	Name      string    `json:"name"`

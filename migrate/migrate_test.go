@@ -1341,6 +1341,69 @@ func TestOpenSourceErrors(t *testing.T) {
 	}
 }
 
+// TestRawDiskWithQcow2Header: a raw disk whose guest wrote a qcow2 header
+// into its first sector, sent as raw, arrives as the raw disk it is — also
+// when its send is resumed without the format named again — and the
+// receiver verifies it, and re-syncs from it, as raw: read by content it
+// is the empty image the header describes.
+func TestRawDiskWithQcow2Header(t *testing.T) {
+	p := newPair(t, "DE")
+	raw := rawWithQcow2Header(t, p.dir)
+	const chunks = 29 // the header's, and 28 MiB of data
+
+	cfg := p.config(raw, "pii-eu")
+	cfg.SourceFormat = FormatRaw
+	cfg.Streams, cfg.BWLimit = 1, 10*mib
+	ctx, cancel := context.WithCancel(context.Background())
+	cfg.Progress = func(pr Progress) {
+		if pr.Stats.ChunksDone >= 2 {
+			cancel()
+		}
+	}
+	rec, err := Send(ctx, cfg)
+	if !errors.Is(err, context.Canceled) {
+		t.Fatalf("interrupted migration: %v", err)
+	}
+	if rec.SourceFormat != FormatRaw {
+		t.Fatalf("the send's record says source format %q, want raw", rec.SourceFormat)
+	}
+	waitIdle(t, p.recv, rec.ID)
+	cfg = p.config(raw, "pii-eu")
+	cfg.ID = rec.ID // as the gateway resumes: from the record, no source format
+	if _, err := Send(context.Background(), cfg); err != nil {
+		t.Fatalf("resume: %v", err)
+	}
+	img, err := p.recvJ.Image("vm")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if img.Format != FormatRaw {
+		t.Fatalf("stored as %s, want raw", img.Format)
+	}
+	if out, err := exec.Command(qemuImg(t), "compare", "-f", "raw", "-F", "raw", raw, img.Path).CombinedOutput(); err != nil || !strings.Contains(string(out), "Images are identical") {
+		t.Fatalf("qemu-img compare -f raw -F raw: %v\n%s", err, out)
+	}
+	if rep, err := VerifyImage(context.Background(), img); err != nil || !rep.OK {
+		t.Fatalf("verify the stored raw image: %+v %v", rep, err)
+	}
+
+	cfg = p.config(raw, "pii-eu")
+	cfg.SourceFormat = FormatRaw
+	rec, err = Send(context.Background(), cfg)
+	if err != nil {
+		t.Fatalf("re-sync: %v", err)
+	}
+	if st := rec.Stats; st.ChunksSame != chunks || st.ChunksSent != 0 {
+		t.Fatalf("re-sync of an unchanged image: %d chunks reused, %d sent, want %d and 0", st.ChunksSame, st.ChunksSent, chunks)
+	}
+
+	cfg = p.config(raw, "pii-eu")
+	cfg.SourceFormat = "vmdk"
+	if _, err := Send(context.Background(), cfg); err == nil || !strings.Contains(err.Error(), "use raw or qcow2") {
+		t.Fatalf("source format vmdk: %v", err)
+	}
+}
+
 // TestMigrateTruncatedSource: a qcow2 whose host file was cut short reads
 // short at its end; the migration must fail saying so, not send zeros in
 // place of the lost data (the manifest would then vouch for them).

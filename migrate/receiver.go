@@ -1018,7 +1018,7 @@ func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision, log
 	// answer is encoded, and the session is running by then.
 	acc := &Accept{Have: maps.Clone(durable), IdleMS: r.cfg.IdleTimeout.Milliseconds()}
 	if img := stored; img != nil && img.Manifest.ChunkSize == o.ChunkSize {
-		if base, err := OpenSource(img.Path); err == nil {
+		if base, err := openStored(img); err == nil {
 			chunks := img.Manifest.Chunks
 			if have := base.Size(); have < img.Manifest.Size {
 				// Cut short: what is past its end is not offered at

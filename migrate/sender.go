@@ -154,6 +154,12 @@ type SendConfig struct {
 	Streams   int
 	BWLimit   int64 // bytes per second, 0: unlimited
 	ChunkSize int64 // 0: DefaultChunkSize, or larger for an image with more data than MaxManifestChunks of it hold
+	// SourceFormat is what the image is read as: raw or qcow2, or "" to
+	// detect it by content, as qemu-img does. Detection takes a raw disk
+	// whose guest wrote a qcow2 header into its first sector for the
+	// image that header describes: name the format where it is known. A
+	// resume reads the image as its first attempt did.
+	SourceFormat string
 
 	From     *certs.Attributes // this gateway
 	To       Peer
@@ -235,9 +241,15 @@ func Send(ctx context.Context, cfg SendConfig) (rec *SendRecord, err error) {
 	if cfg.Streams > MaxStreams {
 		return nil, fmt.Errorf("%d streams: at most %d", cfg.Streams, MaxStreams)
 	}
+	if err := checkSourceFormat(cfg.SourceFormat); err != nil {
+		return nil, err
+	}
+	if err := resumedSourceFormat(&cfg); err != nil {
+		return nil, err
+	}
 	open := cfg.open
 	if open == nil {
-		open = OpenSource
+		open = func(path string) (Source, error) { return OpenSourceAs(path, cfg.SourceFormat) }
 	}
 	// Its identity first: a write after this point, even one that lands
 	// before the extents are listed (a hole filled, not read), is seen
@@ -251,6 +263,8 @@ func Send(ctx context.Context, cfg SendConfig) (rec *SendRecord, err error) {
 		return nil, err
 	}
 	defer src.Close()
+	// What it was read as, for a resume to read it so again.
+	cfg.SourceFormat = src.Format()
 	if cfg.Format == "" {
 		cfg.Format = src.Format()
 	}
@@ -352,6 +366,28 @@ func sourceID(path string) (SourceID, error) {
 	return id, nil
 }
 
+// resumedSourceFormat has a resume read the image as its first attempt
+// did: the chunks it acknowledged are of the image read so, and whoever
+// resumes (the gateway, from the record) need not say how. One that says
+// otherwise is refused.
+func resumedSourceFormat(cfg *SendConfig) error {
+	if cfg.ID == "" {
+		return nil
+	}
+	old, err := cfg.Journal.Send(cfg.ID)
+	if err != nil || old.SourceFormat == "" { // a new migration, or a record of a release that detected it every time
+		return nil
+	}
+	switch cfg.SourceFormat {
+	case "":
+		cfg.SourceFormat = old.SourceFormat
+	case old.SourceFormat:
+	default:
+		return fmt.Errorf("migration %s read %s as %s; it cannot resume reading it as %s: resume it without a source format, or start a new migration", cfg.ID, old.Image, old.SourceFormat, cfg.SourceFormat)
+	}
+	return nil
+}
+
 // startRecord creates the journal record, or picks up the one of the
 // migration being resumed — refusing if the source changed meanwhile,
 // since chunks acknowledged then would not belong to the image now.
@@ -390,6 +426,7 @@ func startRecord(cfg *SendConfig, sid SourceID) (*SendRecord, error) {
 				}
 			}
 			old.State, old.Error, old.Reasons, old.Source, old.ChunkSize = StateRunning, "", nil, sid, cfg.ChunkSize
+			old.SourceFormat = cfg.SourceFormat // as resumedSourceFormat kept it
 			old.Started, old.Finished = cfg.Now(), time.Time{}
 			return old, cfg.Journal.put(bucketSend, old.ID, old)
 		}
@@ -397,7 +434,7 @@ func startRecord(cfg *SendConfig, sid SourceID) (*SendRecord, error) {
 		cfg.ID = NewID()
 	}
 	rec := &SendRecord{
-		ID: cfg.ID, Image: cfg.Image, Source: sid, ChunkSize: cfg.ChunkSize, Name: cfg.Name, Class: cfg.Class, Format: cfg.Format,
+		ID: cfg.ID, Image: cfg.Image, Source: sid, SourceFormat: cfg.SourceFormat, ChunkSize: cfg.ChunkSize, Name: cfg.Name, Class: cfg.Class, Format: cfg.Format,
 		To: cfg.To.Attributes.Node, ToSite: cfg.To.Attributes.Site, Streams: cfg.Streams, BWLimit: cfg.BWLimit,
 		State: StateRunning, Started: cfg.Now(),
 	}

@@ -73,14 +73,32 @@ func (r fullReads) Read(p []byte) (int, error) {
 	return n, err
 }
 
-// OpenSource opens a raw or qcow2 image, detecting the format by content.
-func OpenSource(path string) (Source, error) {
+// OpenSource opens a raw or qcow2 image, detecting the format by content,
+// as qemu-img does. Only for an image whose format nobody recorded: a
+// guest writes what it likes into sector 0 of a raw disk, a qcow2 header
+// included, and its disk would then be read as the image that header
+// describes. OpenSourceAs opens an image as a format known otherwise.
+func OpenSource(path string) (Source, error) { return OpenSourceAs(path, "") }
+
+// OpenSourceAs opens an image as format: raw is read as raw whatever its
+// first bytes hold; qcow2 must start with the qcow2 magic; "" detects the
+// format by content (OpenSource).
+func OpenSourceAs(path, format string) (Source, error) {
+	if err := checkSourceFormat(format); err != nil {
+		return nil, err
+	}
 	f, err := os.Open(path)
 	if err != nil {
 		return nil, fmt.Errorf("open image: %w", err)
 	}
 	magic := make([]byte, 4)
-	if n, _ := f.ReadAt(magic, 0); n == 4 && bytes.Equal(magic, qcow2Magic) {
+	n, _ := f.ReadAt(magic, 0)
+	isQcow2 := n == 4 && bytes.Equal(magic, qcow2Magic)
+	switch {
+	case format == FormatQcow2 && !isQcow2:
+		f.Close()
+		return nil, fmt.Errorf("%s does not start with the qcow2 magic: it is not a qcow2 image; open it as raw if it is a raw disk", path)
+	case format == FormatQcow2, format == "" && isQcow2:
 		return openQcow2(path, f)
 	}
 	st, err := f.Stat()
@@ -97,6 +115,26 @@ func OpenSource(path string) (Source, error) {
 		return nil, fmt.Errorf("%s: %d bytes, more than the %d a migration can describe", path, st.Size(), int64(MaxImageSize))
 	}
 	return &rawSource{f: f, size: st.Size()}, nil
+}
+
+// openStored opens a stored image as the format its catalog record says,
+// never by content: a raw image whose guest wrote a qcow2 header into its
+// first sector is still raw.
+func openStored(rec *ImageRecord) (Source, error) {
+	if rec.Format != FormatRaw && rec.Format != FormatQcow2 {
+		return nil, fmt.Errorf("stored image %q: its catalog record says format %q, neither raw nor qcow2; remove it and migrate it again", rec.Name, rec.Format)
+	}
+	return OpenSourceAs(rec.Path, rec.Format)
+}
+
+// checkSourceFormat refuses a format to open an image as that is neither
+// raw nor qcow2 nor "" (detect by content).
+func checkSourceFormat(format string) error {
+	switch format {
+	case "", FormatRaw, FormatQcow2:
+		return nil
+	}
+	return fmt.Errorf("source format %q: use raw or qcow2, or leave it empty to detect the format by content", format)
 }
 
 // qcowMaxCluster is the largest cluster qemu makes (cluster_bits 21).

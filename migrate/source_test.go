@@ -3,6 +3,7 @@ package migrate
 import (
 	"bytes"
 	"encoding/binary"
+	"errors"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -211,4 +212,73 @@ func BenchmarkQcow2Extents(b *testing.B) {
 			}
 		}
 	})
+}
+
+// rawWithQcow2Header writes a 32 MiB raw disk whose first 4 KiB are the
+// header of an empty qcow2 image, as a guest may write into its sector 0,
+// and whose data lies from 4 MiB on.
+func rawWithQcow2Header(t *testing.T, dir string) string {
+	t.Helper()
+	hdr := filepath.Join(dir, "header.qcow2")
+	if out, err := exec.Command(qemuImg(t), "create", "-f", "qcow2", hdr, "32M").CombinedOutput(); err != nil {
+		t.Fatalf("%v %s", err, out)
+	}
+	b, err := os.ReadFile(hdr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	raw := filepath.Join(dir, "vm.raw")
+	makeRaw(t, raw, 32*mib, map[int64]int{4 * mib: 28 * mib})
+	f, err := os.OpenFile(raw, os.O_WRONLY, 0)
+	if err == nil {
+		_, err = f.WriteAt(b[:4096], 0)
+		err = errors.Join(err, f.Close())
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	return raw
+}
+
+// TestOpenSourceAs: a format named is the format read, whatever the
+// image's first bytes say; content decides only when none is named.
+func TestOpenSourceAs(t *testing.T) {
+	dir := t.TempDir()
+	disguised := rawWithQcow2Header(t, dir)
+	plain := filepath.Join(dir, "plain.raw")
+	makeRaw(t, plain, mib, map[int64]int{0: 4096})
+	qcow := filepath.Join(dir, "real.qcow2")
+	if out, err := exec.Command(qemuImg(t), "create", "-f", "qcow2", qcow, "1M").CombinedOutput(); err != nil {
+		t.Fatalf("%v %s", err, out)
+	}
+	for _, tc := range []struct {
+		path, as, want, err string
+	}{
+		{disguised, "", FormatQcow2, ""}, // what detection makes of it
+		{disguised, FormatRaw, FormatRaw, ""},
+		{qcow, FormatQcow2, FormatQcow2, ""},
+		{qcow, FormatRaw, FormatRaw, ""},
+		{plain, "", FormatRaw, ""},
+		{plain, FormatQcow2, "", "not a qcow2 image"},
+		{plain, "vmdk", "", "use raw or qcow2"},
+	} {
+		src, err := OpenSourceAs(tc.path, tc.as)
+		if tc.err != "" {
+			if err == nil || !strings.Contains(err.Error(), tc.err) {
+				t.Errorf("%s as %q: %v, want an error saying %q", filepath.Base(tc.path), tc.as, err, tc.err)
+			}
+			if err == nil {
+				src.Close()
+			}
+			continue
+		}
+		if err != nil {
+			t.Errorf("%s as %q: %v", filepath.Base(tc.path), tc.as, err)
+			continue
+		}
+		if got := src.Format(); got != tc.want {
+			t.Errorf("%s as %q: read as %s, want %s", filepath.Base(tc.path), tc.as, got, tc.want)
+		}
+		src.Close()
+	}
 }

@@ -21,7 +21,7 @@ type VerifyReport struct {
 // `restic check --read-data` does for a repository. It reads every byte of
 // data, hours for a large image: ctx ends it.
 func VerifyImage(ctx context.Context, rec *ImageRecord) (*VerifyReport, error) {
-	src, err := OpenSource(rec.Path)
+	src, err := openStored(rec)
 	if err != nil {
 		return nil, err
 	}
