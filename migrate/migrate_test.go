@@ -2631,3 +2631,72 @@ func TestLargeImageTakesLargerChunks(t *testing.T) {
 		t.Errorf("%d audit records at the destination; want one for each version stored", len(recs))
 	}
 }
+
+// TestActiveDuringCommit: while one migration's commit stores its image,
+// Active answers and another migration runs to its end: neither waits for
+// the commit (Active runs on every metrics scrape).
+func TestActiveDuringCommit(t *testing.T) {
+	storing := make(chan struct{})
+	release := make(chan struct{})
+	var held atomic.Bool
+	p := newPairWith(t, "DE", func(c *ReceiverConfig) {
+		c.afterRename = func() error {
+			if held.CompareAndSwap(false, true) { // the first commit only
+				close(storing)
+				<-release
+			}
+			return nil
+		}
+	})
+	releaseOnce := sync.OnceFunc(func() { close(release) })
+	t.Cleanup(releaseOnce)
+	vm, other := filepath.Join(p.dir, "vm.raw"), filepath.Join(p.dir, "other.raw")
+	makeRaw(t, vm, 4*mib, map[int64]int{0: 2 * mib})
+	makeRaw(t, other, 4*mib, map[int64]int{mib: 2 * mib})
+	first := make(chan error, 1)
+	go func() {
+		_, err := Send(context.Background(), p.config(vm, "pii-eu"))
+		first <- err
+	}()
+	select {
+	case <-storing:
+	case err := <-first:
+		t.Fatalf("the first migration ended before its commit stored the image: %v", err)
+	case <-time.After(60 * time.Second):
+		t.Fatal("the first migration's commit never reached the store")
+	}
+
+	active := make(chan []Incoming, 1)
+	go func() { active <- p.recv.Active() }()
+	select {
+	case a := <-active:
+		if len(a) != 1 || a[0].Name != "vm" || a[0].Durable != 2 || a[0].Received == 0 {
+			t.Errorf("Active during the commit: %+v, want vm with its 2 chunks", a)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("Active waited for a commit in progress")
+	}
+
+	second := make(chan error, 1)
+	go func() {
+		_, err := Send(context.Background(), p.config(other, "pii-eu"))
+		second <- err
+	}()
+	select {
+	case err := <-second:
+		if err != nil {
+			t.Fatalf("another migration during the commit: %v", err)
+		}
+	case <-time.After(60 * time.Second):
+		t.Fatal("another migration waited for a commit in progress")
+	}
+	select {
+	case err := <-first:
+		t.Fatalf("the first migration ended with its commit held: %v", err)
+	default:
+	}
+	releaseOnce()
+	if err := <-first; err != nil {
+		t.Fatalf("the first migration: %v", err)
+	}
+}

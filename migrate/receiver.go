@@ -473,21 +473,26 @@ type session struct {
 	// (the offer's Chunks), fresh those it has written.
 	hold  *reservation
 	allow int64
+	// received (payload bytes) and nDurable (len(durable)) are what
+	// Active reports, kept apart from mu: a commit holds mu for as long
+	// as storing the image takes, and Active, on every metrics scrape,
+	// must not wait for it.
+	received atomic.Int64
+	nDurable atomic.Int64
 
-	mu       sync.Mutex
-	fresh    map[int64]struct{}
-	durable  map[int64]Hash
-	pending  map[int64]pendingChunk
-	received int64
-	reused   int
-	kick     chan struct{}
-	stop     chan struct{}
-	synced   chan struct{} // closed when the syncer has made its last flush
-	closed   chan struct{}
-	conns    []net.Conn
-	aborted  bool
-	ctrl     net.Conn // the control stream's, among conns
-	streams  int      // data streams joined
+	mu      sync.Mutex
+	fresh   map[int64]struct{}
+	durable map[int64]Hash
+	pending map[int64]pendingChunk
+	reused  int
+	kick    chan struct{}
+	stop    chan struct{}
+	synced  chan struct{} // closed when the syncer has made its last flush
+	closed  chan struct{}
+	conns   []net.Conn
+	aborted bool
+	ctrl    net.Conn // the control stream's, among conns
+	streams int      // data streams joined
 	// sealed: the commit came; no chunk is taken any more, and running
 	// counts the data streams still reading or writing, which the commit
 	// waits out before it checks the file (a chunk written after the
@@ -718,7 +723,7 @@ func (r *Receiver) control(ctx context.Context, c *tls.Conn, fr *frameReader, fw
 			log.Warn("migration refused: its commit does not parse; its durable chunks wait for a resume", "reason", err)
 		} else {
 			s.mu.Lock()
-			streams, durable, pending, received := s.streams, len(s.durable), len(s.pending), s.received
+			streams, durable, pending, received := s.streams, len(s.durable), len(s.pending), s.received.Load()
 			s.mu.Unlock()
 			log.Info("migration interrupted; its durable chunks wait for a resume", "err", err,
 				"streams_joined", streams, "of", o.Streams, "durable_chunks", durable, "pending_chunks", pending, "received_bytes", received,
@@ -740,7 +745,7 @@ func (r *Receiver) control(ctx context.Context, c *tls.Conn, fr *frameReader, fw
 		if _, err := r.forget(o.ID, s.record.Temp); err != nil {
 			log.Error("remove the data of a migration from a revoked sender", "file", s.record.Temp, "err", err)
 		}
-		r.audit(o, from, d, "denied", cm.Root, s.received, s.start, r.cfg.Now(), why)
+		r.audit(o, from, d, "denied", cm.Root, s.received.Load(), s.start, r.cfg.Now(), why)
 		r.cfg.Observer.Ended(RoleReceive, StateDenied, r.cfg.Now().Sub(s.start))
 		fw.json(frameError, why)
 		return
@@ -754,7 +759,7 @@ func (r *Receiver) control(ctx context.Context, c *tls.Conn, fr *frameReader, fw
 		if _, err := r.forget(o.ID, s.record.Temp); err != nil {
 			log.Error("remove the data of a migration the policy no longer allows here", "file", s.record.Temp, "err", err)
 		}
-		r.audit(o, from, d, "denied", cm.Root, s.received, s.start, r.cfg.Now(), "denied at commit")
+		r.audit(o, from, d, "denied", cm.Root, s.received.Load(), s.start, r.cfg.Now(), "denied at commit")
 		r.cfg.Observer.Ended(RoleReceive, StateDenied, r.cfg.Now().Sub(s.start))
 		fw.json(frameDeny, Deny{Rule: d.Rule.String(), Reasons: d.Reasons})
 		return
@@ -778,7 +783,7 @@ func (r *Receiver) control(ctx context.Context, c *tls.Conn, fr *frameReader, fw
 	}
 	if err != nil {
 		log.Error("migration failed verification", "err", err)
-		r.audit(o, from, d, "failed", cm.Root, s.received, s.start, r.cfg.Now(), err.Error())
+		r.audit(o, from, d, "failed", cm.Root, s.received.Load(), s.start, r.cfg.Now(), err.Error())
 		r.cfg.Observer.Ended(RoleReceive, StateFailed, r.cfg.Now().Sub(s.start))
 		fw.json(frameError, err.Error())
 		return
@@ -1014,6 +1019,7 @@ func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision, log
 	}
 	s := &session{r: r, log: log, offer: *o, from: from, temp: f, at: rec.DataAt, record: &rec, start: r.cfg.Now(), policy: d,
 		hold: hold, allow: allow, fresh: map[int64]struct{}{}, durable: durable, pending: map[int64]pendingChunk{}, kick: make(chan struct{}, 1), heard: newStamp(), stop: make(chan struct{}), synced: make(chan struct{}), closed: make(chan struct{})}
+	s.nDurable.Store(int64(len(durable)))
 	// A copy: the session's own map is written by its syncer while the
 	// answer is encoded, and the session is running by then.
 	acc := &Accept{Have: maps.Clone(durable), IdleMS: r.cfg.IdleTimeout.Milliseconds()}
@@ -1101,16 +1107,18 @@ func (r *Receiver) load(n int) {
 	}
 }
 
-// Active lists the migrations being received: ID, sender, name, bytes so far.
+// Active lists the migrations being received: ID, sender, name, bytes so
+// far. It takes no session's lock, which a commit holds while it stores
+// its image: called on every metrics scrape, it would wait for the commit
+// with r.mu held, and every offer, stream join and stop with it.
 func (r *Receiver) Active() []Incoming {
 	r.mu.Lock()
-	defer r.mu.Unlock()
-	out := make([]Incoming, 0, len(r.sessions))
-	for id, s := range r.sessions {
-		s.mu.Lock()
+	sessions := maps.Clone(r.sessions)
+	r.mu.Unlock()
+	out := make([]Incoming, 0, len(sessions))
+	for id, s := range sessions {
 		out = append(out, Incoming{ID: id, Name: s.offer.Name, Class: s.offer.Class, From: s.from.Node, FromSite: s.from.Site,
-			Size: s.offer.Size, Durable: len(s.durable), Received: s.received, Started: s.start})
-		s.mu.Unlock()
+			Size: s.offer.Size, Durable: int(s.nDurable.Load()), Received: s.received.Load(), Started: s.start})
 	}
 	return out
 }
@@ -1392,7 +1400,7 @@ func (s *session) copyFromBase(i int64, h Hash, buf []byte) (why string, err err
 func (s *session) add(i int64, h Hash, w *lockedWriter, wire int64, reused bool) {
 	s.mu.Lock()
 	s.pending[i] = pendingChunk{hash: h, to: w}
-	s.received += wire
+	s.received.Add(wire)
 	if reused {
 		s.reused++
 	} else {
@@ -1468,6 +1476,7 @@ func (s *session) flush() error {
 	for i, h := range hashes {
 		s.durable[i] = h
 	}
+	s.nDurable.Store(int64(len(s.durable)))
 	s.mu.Unlock()
 	byConn := map[*lockedWriter][]int64{}
 	for i, p := range batch {
@@ -1536,7 +1545,7 @@ func (s *session) finish(cm *Commit, d policy.Decision) (*Done, error) {
 	// whose root describes the file the image replaced.
 	st := stagedImage{Image: ImageRecord{Name: o.Name, Path: final, Format: o.Format, Class: o.Class, From: s.from.Node, FromSite: s.from.Site,
 		Migration: o.ID, Received: s.r.cfg.Now(), Root: cm.Root, Manifest: ours}, Source: source, Incoming: s.temp.Name(),
-		Audit: s.r.auditFields(o, s.from, d, "done", cm.Root, s.received, s.start, s.r.cfg.Now(), "")}
+		Audit: s.r.auditFields(o, s.from, d, "done", cm.Root, s.received.Load(), s.start, s.r.cfg.Now(), "")}
 	sid, err := sourceID(source)
 	if err != nil {
 		return nil, err
@@ -1553,7 +1562,7 @@ func (s *session) finish(cm *Commit, d policy.Decision) (*Done, error) {
 	// From here the image is in place and staged: a failure is not the
 	// migration's (storedError), and the gateway's next start completes
 	// the store (recoverStores), "done" record included.
-	done := &Done{Name: o.Name, Path: final, Format: o.Format, Root: cm.Root, Received: s.received, Reused: s.reused}
+	done := &Done{Name: o.Name, Path: final, Format: o.Format, Root: cm.Root, Received: s.received.Load(), Reused: s.reused}
 	failed := func(err error) (*Done, error) { return nil, &storedError{err: err, st: &st, done: done} }
 	if err := atomicfile.SyncDir(dir); err != nil {
 		return failed(err)
