@@ -976,15 +976,21 @@ func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision, log
 	if err != nil {
 		return nil, nil, err
 	}
-	// Room for what may still come (what an earlier attempt left is on
-	// the disk already), before anything is written.
+	// Room for what may still come, before anything is written: as many
+	// chunks as claim lets through beside those the file holds, which is
+	// allow of them. Not allow less what an earlier attempt left, though
+	// that is on the disk already: a source changed since may hold its
+	// data in other chunks, and its new ones are written beside the old,
+	// which stay until the commit clears them. (A resume of an unchanged
+	// source writes fewer, and leaves the rest of its share unused until
+	// it ends.)
 	// An offer that does not say how many chunks hold data (a sender of
 	// a release before it did) may fill every one: room for them all.
 	allow := chunkCount(o.Size, o.ChunkSize)
 	if o.Chunks != nil {
 		allow = *o.Chunks
 	}
-	need := max(0, allow-int64(len(durable))) * o.ChunkSize
+	need := allow * o.ChunkSize
 	if o.Format == FormatQcow2 {
 		need += qcowMetaBytes(o.Size, allow, o.ChunkSize)
 	}

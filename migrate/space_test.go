@@ -192,6 +192,54 @@ func TestReceiverHoldsSenderToItsChunks(t *testing.T) {
 	}
 }
 
+// TestResumedReceiveReservesWhatItAdmits: a resume whose source changed
+// since its first attempt may write as many new chunks as its offer says
+// hold data, beside those the first attempt left; the share of the store
+// it reserved covers every byte it is let write.
+func TestResumedReceiveReservesWhatItAdmits(t *testing.T) {
+	p := newPair(t, "DE")
+	offer := Offer{ID: "0123456789abcdef", Name: "vm", Class: "pii-eu", Format: FormatRaw, Size: 4 * mib, ChunkSize: mib, Streams: 1, Chunks: new(int64(2))}
+	chunk := make([]byte, mib)
+	attempt := func(chunks ...int64) {
+		t.Helper()
+		c := p.dial(t, nil)
+		cw, cr := newFrameWriter(c), newFrameReader(c)
+		if err := cw.json(frameOffer, offer); err != nil {
+			t.Fatal(err)
+		}
+		var acc Accept
+		if err := cr.json(frameAccept, &acc); err != nil {
+			t.Fatalf("offer: %v", err)
+		}
+		p.recv.mu.Lock()
+		hold := p.recv.sessions[offer.ID].hold
+		p.recv.mu.Unlock()
+		d := p.dial(t, nil)
+		dw, dr := newFrameWriter(d), newFrameReader(d)
+		if err := dw.json(frameJoin, Join{ID: offer.ID}); err != nil {
+			t.Fatal(err)
+		}
+		for _, i := range chunks {
+			chunk[0] = byte(i)
+			if err := dw.frame(frameChunk, chunkHeader(i, hashChunk(chunk), 0, mib), chunk); err != nil {
+				t.Fatal(err)
+			}
+			dw.flush()
+			if typ, b, err := dr.next(nil); err != nil || typ != frameAck {
+				t.Fatalf("chunk %d: answer type %d %q, %v; want an ack", i, typ, b, err)
+			}
+			if wrote := hold.wrote.Load(); wrote > hold.bytes {
+				t.Fatalf("%d chunks held, the sender was let write %d bytes against a reservation of %d", len(acc.Have), wrote, hold.bytes)
+			}
+		}
+		c.Close()
+		d.Close()
+		waitIdle(t, p.recv, offer.ID)
+	}
+	attempt(0, 1)
+	attempt(2, 3) // the source changed: its data is in other chunks now
+}
+
 func TestAdmitLoad(t *testing.T) {
 	const M = 1 << 20
 	peerFull := make([]receiveLoad, maxSessionsPerPeer)
