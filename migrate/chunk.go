@@ -3,6 +3,7 @@ package migrate
 import (
 	"encoding/hex"
 	"fmt"
+	"maps"
 	"math/bits"
 	"slices"
 	"sync"
@@ -156,6 +157,27 @@ func zeroHash(n int64) Hash {
 	h := hashChunk(make([]byte, n))
 	zeroHashes.Store(n, h)
 	return h
+}
+
+// withoutZeroChunks is m without the chunks it lists as all zeros — holes,
+// which a manifest leaves out — or m itself if it lists none. The root is
+// the same: a hole's leaf is the hash of its zeros.
+func (m *Manifest) withoutZeroChunks() *Manifest {
+	n := chunkCount(m.Size, m.ChunkSize)
+	var zero []int64
+	for i, h := range m.Chunks {
+		if i >= 0 && i < n && h == zeroHash(chunkLen(i, m.Size, m.ChunkSize)) {
+			zero = append(zero, i)
+		}
+	}
+	if len(zero) == 0 {
+		return m
+	}
+	c := &Manifest{Size: m.Size, ChunkSize: m.ChunkSize, Chunks: maps.Clone(m.Chunks)}
+	for _, i := range zero {
+		delete(c.Chunks, i)
+	}
+	return c
 }
 
 // Manifest describes an image as chunks: the hashes of the chunks that hold

@@ -7,6 +7,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"log/slog"
+	"maps"
 	"os"
 	"path/filepath"
 	"strings"
@@ -93,6 +94,78 @@ func TestNoChunkLandsAfterTheCommit(t *testing.T) {
 	}
 	if rep, err := VerifyImage(context.Background(), img); err != nil || !rep.OK {
 		t.Fatalf("the stored image against its root: %+v %v", rep, err)
+	}
+}
+
+// TestListedZeroChunkIsAHole: a sender that sends a chunk of zeros as
+// data and lists it in its manifest (ours leave such chunks out) has the
+// image stored with the chunk as a hole, left out of the stored manifest
+// under the same root: kept there, VerifyImage, which reads zeros as a
+// hole, would report the intact image damaged. A catalog record that does
+// list one, from before, verifies too.
+func TestListedZeroChunkIsAHole(t *testing.T) {
+	p := newPair(t, "DE")
+	const cs, n = 64 << 10, 4
+	ctrl := p.dial(t, nil)
+	cw, cr := newFrameWriter(ctrl), newFrameReader(ctrl)
+	held := int64(3)
+	offer := Offer{ID: "zerochunk0000001", Name: "vm", Class: "pii-eu", Format: FormatRaw, Size: cs * n, ChunkSize: cs, Streams: 1, Chunks: &held}
+	if err := cw.json(frameOffer, offer); err != nil {
+		t.Fatal(err)
+	}
+	var acc Accept
+	if err := cr.json(frameAccept, &acc); err != nil {
+		t.Fatal(err)
+	}
+	dc := p.dial(t, nil)
+	dw, dr := newFrameWriter(dc), newFrameReader(dc)
+	if err := dw.json(frameJoin, Join{ID: offer.ID}); err != nil {
+		t.Fatal(err)
+	}
+	m := Manifest{Size: offer.Size, ChunkSize: cs, Chunks: map[int64]Hash{}}
+	for _, i := range []int64{0, 1, 3} { // 1 all zeros, 2 a hole
+		b := make([]byte, cs)
+		if i != 1 {
+			rand.Read(b)
+		}
+		m.Chunks[i] = hashChunk(b)
+		dw.frame(frameChunk, chunkHeader(i, m.Chunks[i], 0, cs), b)
+	}
+	dw.flush()
+	for acked := 0; acked < 3; {
+		typ, b, err := dr.next(nil)
+		if err != nil || typ != frameAck {
+			t.Fatalf("ack: frame %d %q %v", typ, b, err)
+		}
+		idx, _ := parseAck(b)
+		acked += len(idx)
+	}
+	if err := cw.json(frameCommit, Commit{Manifest: m, Root: m.Root()}); err != nil {
+		t.Fatal(err)
+	}
+	if typ, b, err := cr.next(nil); err != nil || typ != frameDone {
+		t.Fatalf("the commit: frame %d %q %v", typ, b, err)
+	}
+	img, err := p.recvJ.Image("vm")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, listed := img.Manifest.Chunks[1]; listed || len(img.Manifest.Chunks) != 2 || img.Root != m.Root() || img.Manifest.Root() != m.Root() {
+		t.Errorf("stored manifest lists %d chunks (the zero one: %v), root %s; want chunks 0 and 3 under the sender's root %s", len(img.Manifest.Chunks), listed, img.Manifest.Root(), m.Root())
+	}
+	legacy := *img
+	legacy.Manifest.Chunks = maps.Clone(img.Manifest.Chunks)
+	legacy.Manifest.Chunks[1] = m.Chunks[1]
+	for _, tc := range []struct {
+		name string
+		rec  *ImageRecord
+	}{
+		{"as stored", img},
+		{"listing the zero chunk", &legacy},
+	} {
+		if rep, err := VerifyImage(context.Background(), tc.rec); err != nil || !rep.OK {
+			t.Errorf("verify the intact image, its record %s: %+v %v", tc.name, rep, err)
+		}
 	}
 }
 
