@@ -181,7 +181,7 @@ func TestMigrationEndToEnd(t *testing.T) {
 	makeImage(t, raw, qcow, 2*gib, 100<<20, 10<<20)
 
 	t.Run("qcow2 to the EU region, identical", func(t *testing.T) {
-		ch, cmd := startMigration(t, "migrate", "run", qcow, "--to", "aws-eu-central-1", "--class", "pii-eu", "--format", "qcow2", "--socket", zrh.socket)
+		ch, cmd := startMigration(t, "migrate", "run", qcow, "--to", "aws-eu-central-1", "--class", "pii-eu", "--format", "qcow2", "--source-format", "qcow2", "--socket", zrh.socket)
 		ev := lastEvent(t, ch, cmd)
 		if ev.Record == nil || ev.Record.State != "done" {
 			t.Fatalf("migration: %+v", ev)
@@ -317,7 +317,7 @@ func TestMigrationEndToEnd(t *testing.T) {
 		if out, err := exec.Command("qemu-img", "convert", "-O", "qcow2", raw, qcow).CombinedOutput(); err != nil {
 			t.Fatalf("%v %s", err, out)
 		}
-		ch, cmd := startMigration(t, "migrate", "run", qcow, "--to", "aws-eu-central-1", "--class", "pii-eu", "--format", "qcow2", "--socket", zrh.socket)
+		ch, cmd := startMigration(t, "migrate", "run", qcow, "--to", "aws-eu-central-1", "--class", "pii-eu", "--format", "qcow2", "--source-format", "qcow2", "--socket", zrh.socket)
 		ev := lastEvent(t, ch, cmd)
 		if ev.Record == nil || ev.Record.State != "done" {
 			t.Fatalf("re-sync: %+v", ev)

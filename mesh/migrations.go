@@ -27,14 +27,17 @@ import (
 
 // MigrationRequest starts (or, with ID, resumes) a migration.
 type MigrationRequest struct {
-	ID      string `json:"id,omitempty"`
-	Image   string `json:"image"`
-	To      string `json:"to"` // a node, a site, a region or a jurisdiction
-	Class   string `json:"class"`
-	Name    string `json:"name,omitempty"`
-	Format  string `json:"format,omitempty"`
-	Streams int    `json:"streams,omitempty"`
-	BWLimit int64  `json:"bwlimit,omitempty"`
+	ID     string `json:"id,omitempty"`
+	Image  string `json:"image"`
+	To     string `json:"to"` // a node, a site, a region or a jurisdiction
+	Class  string `json:"class"`
+	Name   string `json:"name,omitempty"`
+	Format string `json:"format,omitempty"`
+	// SourceFormat is what the image is read as (raw, qcow2; "": by
+	// content, migrate.SendConfig.SourceFormat).
+	SourceFormat string `json:"source_format,omitempty"`
+	Streams      int    `json:"streams,omitempty"`
+	BWLimit      int64  `json:"bwlimit,omitempty"`
 }
 
 type migrations struct {
@@ -398,7 +401,7 @@ func (g *Gateway) StartMigration(req MigrationRequest) (*runningMigration, strin
 	}
 	log := g.log.With("migration_id", id, "class", req.Class, "peer", dest.Attributes.Node, "peer_site", dest.Attributes.Site)
 	cfg := migrate.SendConfig{
-		ID: id, Image: req.Image, Name: req.Name, Class: req.Class, Format: req.Format, Streams: req.Streams, BWLimit: req.BWLimit,
+		ID: id, Image: req.Image, Name: req.Name, Class: req.Class, Format: req.Format, SourceFormat: req.SourceFormat, Streams: req.Streams, BWLimit: req.BWLimit,
 		From: g.id.Load().Attributes(), To: migrate.Peer{Attributes: dest.Attributes, Addr: netip.AddrPortFrom(dest.Attributes.OverlayIP, migrate.DefaultPort),
 			Via: g.via(g.id.Load().Attributes(), dest.Attributes)},
 		Policy: pol, Identity: g.id.Load(), Trust: g.trust.Load(), TrustNow: g.trust.Load, Dial: g.dev.Dial,

@@ -30,12 +30,15 @@ func migrateCommand() *cli.Command {
 				Usage:     "migrate an image to a site (or the least loaded permitted gateway of a region or jurisdiction)",
 				ArgsUsage: "IMAGE",
 				UsageText: "skybridge migrate run IMAGE --to SITE|REGION|JURISDICTION --class CLASS [--name NAME] [--format raw|qcow2]\n" +
-					"    [--streams N] [--bwlimit 200MB/s] [--json] (--config gateway.hcl | --socket PATH)",
+					"    [--source-format raw|qcow2] [--streams N] [--bwlimit 200MB/s] [--json] (--config gateway.hcl | --socket PATH)\n\n" +
+					"Without --source-format the image's format is told from its first bytes, as qemu-img does: name it for\n" +
+					"a raw disk, whose guest may have written a qcow2 header at its start. A resume reads it as the first attempt did.",
 				Flags: append(append([]cli.Flag(nil), socketFlags...),
 					&cli.StringFlag{Name: "to", Usage: "destination: a node, site, region or jurisdiction", Required: true},
 					&cli.StringFlag{Name: "class", Usage: "data class of the image (the residency policy decides with it)", Required: true},
 					&cli.StringFlag{Name: "name", Usage: "name at the destination (default: the file name without extension)"},
 					&cli.StringFlag{Name: "format", Usage: "raw or qcow2 at the destination (default: the source's)"},
+					&cli.StringFlag{Name: "source-format", Usage: "raw or qcow2: what IMAGE is (default: told from its first bytes)"},
 					&cli.IntFlag{Name: "streams", Value: 4, Usage: "parallel TLS streams"},
 					&cli.StringFlag{Name: "bwlimit", Usage: "bandwidth cap, e.g. 200MB/s, 1Gbit/s (default: none)"},
 					jsonFlag,
@@ -182,6 +185,11 @@ func migrateRun(c *cli.Context) error {
 	default:
 		return usageError("--format %q: the destination's format is raw or qcow2 (default: the source's)", f)
 	}
+	switch f := c.String("source-format"); f {
+	case "", migrate.FormatRaw, migrate.FormatQcow2:
+	default:
+		return usageError("--source-format %q: the image is raw or qcow2 (default: told from its first bytes)", f)
+	}
 	// The gateway on this host reads the image; what is plainly not one
 	// is said here, as the mistake it is, before a migration is opened
 	// (and recorded failed). One this user may not read the gateway may.
@@ -191,7 +199,7 @@ func migrateRun(c *cli.Context) error {
 		return usageError("%s is not a regular file: give the path of the VM image (raw or qcow2)", img)
 	}
 	req := mesh.MigrationRequest{Image: abs, To: c.String("to"), Class: c.String("class"), Name: c.String("name"),
-		Format: c.String("format"), Streams: c.Int("streams"), BWLimit: bw}
+		Format: c.String("format"), SourceFormat: c.String("source-format"), Streams: c.Int("streams"), BWLimit: bw}
 	return runMigration(c, req)
 }
 

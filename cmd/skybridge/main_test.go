@@ -1158,15 +1158,16 @@ func TestFlagMistakes(t *testing.T) {
 	imgDir := filepath.Join(dir, "images")
 	os.Mkdir(imgDir, 0o700)
 	for _, tt := range []struct {
-		image, format, want string
+		image, flag, format, want string
 	}{
-		{filepath.Join(dir, "missing.raw"), "", "missing.raw: no such file"},
-		{imgDir, "", "is not a regular file"},
-		{filepath.Join(dir, "missing.raw"), "vmdk", `--format "vmdk"`},
+		{filepath.Join(dir, "missing.raw"), "", "", "missing.raw: no such file"},
+		{imgDir, "", "", "is not a regular file"},
+		{filepath.Join(dir, "missing.raw"), "--format", "vmdk", `--format "vmdk"`},
+		{filepath.Join(dir, "missing.raw"), "--source-format", "vmdk", `--source-format "vmdk"`},
 	} {
 		args := []string{"migrate", "run", tt.image, "--to", "s", "--class", "c", "--socket", filepath.Join(dir, "none.sock")}
-		if tt.format != "" {
-			args = append(args, "--format", tt.format)
+		if tt.flag != "" {
+			args = append(args, tt.flag, tt.format)
 		}
 		if _, errs, code := runCLI(t, args...); code != 2 || !strings.Contains(errs, tt.want) {
 			t.Errorf("%v: exit %d, %q; want a usage error saying %q", args, code, errs, tt.want)
