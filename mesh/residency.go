@@ -184,7 +184,7 @@ func (g *Gateway) judgeStored(imgs []migrate.ImageRecord, seen map[string]atRest
 		switch {
 		case !a.Allowed && !(same && prev.outside):
 			action = "out-of-policy"
-			g.log.Warn("a stored image is outside the residency policy in force: move it to a site the policy allows and remove it here (skybridge migrate remove)",
+			g.log.Warn("a stored image is outside the residency policy in force: move it to a site the policy allows and remove it here (skybridge migrate remove); the move is a transit from this site, which the policy must allow too (an exception for the move where it does not)",
 				"name", img.Name, "class", img.Class, "rule", a.Rule, "reason", strings.Join(a.Reasons, "; "), "policy", a.Policy)
 		case a.Allowed && same && prev.outside:
 			action = "in-policy"
