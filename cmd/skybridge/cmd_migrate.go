@@ -253,6 +253,10 @@ func runMigration(c *cli.Context, req mesh.MigrationRequest) error {
 		if final.Denied != nil {
 			return cli.Exit("", 1)
 		}
+		if r := final.Record; r != nil && r.State == migrate.StateCancelled {
+			// Asked for (migrate cancel), not a failure.
+			return cli.Exit(fmt.Sprintf("migration %s cancelled: skybridge migrate resume %s carries on where it stopped", r.ID, r.ID), 1)
+		}
 		return cli.Exit("migration failed: "+final.Error, 1)
 	}
 	return nil

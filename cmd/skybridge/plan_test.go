@@ -288,3 +288,26 @@ func TestRotateGossipLeftOut(t *testing.T) {
 		t.Errorf("forced rotation with the keyring in files: %q", out)
 	}
 }
+
+// TestCancelledMigrationNotFailed: a migration cancelled (migrate cancel
+// from another terminal) ends the command that runs it saying it was
+// cancelled and how to resume it, not that it failed with "context
+// canceled".
+func TestCancelledMigrationNotFailed(t *testing.T) {
+	const id = "aaaaaaaaaaaaaaaa"
+	sock := filepath.Join(t.TempDir(), "control.sock")
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		json.NewEncoder(w).Encode(mesh.MigrationEvent{ID: id, Error: "context canceled",
+			Record: &migrate.SendRecord{ID: id, State: migrate.StateCancelled, Error: "context canceled"}})
+	})}
+	go srv.Serve(ln)
+	defer srv.Close()
+	_, errs, code := runCLI(t, "migrate", "resume", id, "--socket", sock)
+	if code != 1 || !strings.Contains(errs, "migration "+id+" cancelled: skybridge migrate resume "+id) || strings.Contains(errs, "failed") {
+		t.Errorf("exit %d, stderr %q; want exit 1 saying it was cancelled and how to resume it", code, errs)
+	}
+}
