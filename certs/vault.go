@@ -37,13 +37,14 @@ import (
 //
 //	vault write pki/roles/skybridge-gateway \
 //	    allow_any_name=true enforce_hostnames=false allow_ip_sans=true \
-//	    allowed_uri_sans='skybridge://onprem-zrh/*' \
+//	    allowed_uri_sans='skybridge://onprem-zrh/*?provider=onprem&region=zrh-dc1&jurisdiction=CH*' \
 //	    key_type=ec key_bits=256 server_flag=true client_flag=true \
 //	    max_ttl=72h not_before_duration=30s
 //
-// A role per site (allowed_uri_sans naming the site) and an AppRole per
-// site bound to it is what keeps a compromised gateway of one site from
-// obtaining a certificate for another.
+// A role per site (allowed_uri_sans naming the site and its place: the
+// canonical attribute URI puts them first) and an AppRole per site bound
+// to it is what keeps a compromised gateway of one site from obtaining a
+// certificate for another, or for its own site in another jurisdiction.
 type Vault struct {
 	client     *vault.Client
 	cfg        *VaultConfig

@@ -308,7 +308,8 @@ func TestVaultIdentityLifecycle(t *testing.T) {
 
 // TestVaultRoleLimitsSites: a role that only certifies one site refuses a
 // gateway asking for another, so a compromised AppRole of one site cannot
-// impersonate another.
+// impersonate another; one that pins the site's place refuses a gateway
+// of the site claiming another jurisdiction.
 func TestVaultRoleLimitsSites(t *testing.T) {
 	e := startVault(t)
 	e.setRole(t, "skybridge://onprem-zrh/*")
@@ -332,6 +333,18 @@ func TestVaultRoleLimitsSites(t *testing.T) {
 	_, _, err = p.Identity(ctx, attrs("gw-zrh-1", "aws-us-east-1", "100.96.0.1"))
 	if err == nil || !strings.Contains(err.Error(), "URI") {
 		t.Fatalf("other site: err = %v, want Vault to refuse the URI SAN", err)
+	}
+	// A pattern that pins the site's place too (the canonical URI puts
+	// provider, region and jurisdiction first, and nothing else can hold
+	// a '?'): a gateway of the site cannot claim another jurisdiction.
+	e.setRole(t, "skybridge://onprem-zrh/*?provider=aws&region=eu-central-1&jurisdiction=DE*")
+	if _, _, err := p.Identity(ctx, attrs("gw-zrh-2", "onprem-zrh", "100.96.0.2")); err != nil {
+		t.Fatalf("own site and place refused: %v", err)
+	}
+	elsewhere := attrs("gw-zrh-2", "onprem-zrh", "100.96.0.2")
+	elsewhere.Jurisdiction = "CH"
+	if _, _, err := p.Identity(ctx, elsewhere); err == nil || !strings.Contains(err.Error(), "URI") {
+		t.Fatalf("own site in another jurisdiction: err = %v, want Vault to refuse the URI SAN", err)
 	}
 }
 
