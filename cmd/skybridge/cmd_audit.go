@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"time"
 
 	"github.com/urfave/cli/v2"
@@ -73,8 +74,9 @@ func auditCommand() *cli.Command {
 					verr = audit.Open(c.String("log")).CheckHead()
 				}
 				revocations := c.String("crl") != ""
+				headChecked := audit.Open(c.String("log")).HasHead()
 				if c.Bool("json") {
-					out := map[string]any{"valid": verr == nil, "report": rep, "revocations_checked": revocations}
+					out := map[string]any{"valid": verr == nil, "report": rep, "revocations_checked": revocations, "end_checked": headChecked}
 					if verr != nil {
 						out["error"] = verr.Error()
 					}
@@ -94,6 +96,9 @@ func auditCommand() *cli.Command {
 					}
 					if !revocations {
 						fmt.Fprintln(c.App.Writer, "note: revocations were not checked: give the CA's revocation list with --crl")
+					}
+					if !headChecked {
+						fmt.Fprintf(c.App.Writer, "note: no %s.head beside the log: records cut from its end would not show; verify it where the gateway keeps both\n", filepath.Base(c.String("log")))
 					}
 				} else {
 					fmt.Fprintf(c.App.Writer, "%s: INVALID after %d good records: %v\n", c.String("log"), rep.Records, verr)

@@ -732,6 +732,21 @@ func TestAuditVerifyMeshRange(t *testing.T) {
 	if _, errs, code := runCLI(t, "audit", "verify", "--log", log, "--ca-cert", filepath.Join(ca, "ca.crt"), "--mesh-cidr", "100.96.0.0/16"); code != 2 || !strings.Contains(errs, "is not inside 10.200.0.0/16") {
 		t.Fatalf("a range other than the CA's: exit %d, %q", code, errs)
 	}
+	if strings.Contains(out, "no audit.log.head") {
+		t.Fatalf("the head beside the log is said missing: %q", out)
+	}
+	// A copy without its head verifies, saying that its end was not
+	// checked: records cut from it would not show.
+	copied := filepath.Join(dir, "copy", "audit.log")
+	os.Mkdir(filepath.Dir(copied), 0o700)
+	b, _ := os.ReadFile(log)
+	os.WriteFile(copied, b, 0o600)
+	if out, _, code := runCLI(t, "audit", "verify", "--log", copied, "--ca-cert", filepath.Join(ca, "ca.crt")); code != 0 || !strings.Contains(out, "note: no audit.log.head beside the log: records cut from its end would not show") {
+		t.Fatalf("a log without its head: exit %d, %q", code, out)
+	}
+	if out, _, _ := runCLI(t, "audit", "verify", "--json", "--log", copied, "--ca-cert", filepath.Join(ca, "ca.crt")); !strings.Contains(out, `"end_checked": false`) {
+		t.Fatalf("a log without its head, --json: %q", out)
+	}
 }
 
 // TestAuditVerifyAcrossRotation: a log written across an issuer rotation
