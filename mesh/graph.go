@@ -43,6 +43,9 @@ type GraphSite struct {
 	Provider     string         `json:"provider"`
 	Region       string         `json:"region"`
 	Gateways     []GraphGateway `json:"gateways"`
+	// Down: no gateway of the site is alive (crashed, stopped, cut off);
+	// its gateways as last verified are drawn so, with no tunnels.
+	Down bool `json:"down,omitempty"`
 }
 
 // GraphGateway is one gateway.
@@ -50,6 +53,7 @@ type GraphGateway struct {
 	Node      string `json:"node"`
 	OverlayIP string `json:"overlay_ip"`
 	Self      bool   `json:"self,omitempty"`
+	Down      bool   `json:"down,omitempty"` // of a site that is down
 }
 
 // Tunnel health, as edges are coloured.
@@ -156,6 +160,25 @@ func buildGraph(nodes []Node, edges map[[2]string]bool, self string, members []M
 		}
 		g.Sites = append(g.Sites, s)
 	}
+	// A site with no gateway alive stays in the picture, down, as the
+	// metrics keep it, unreachable: gone from it, it could be missed.
+	down := map[string]*GraphSite{}
+	for _, m := range members {
+		if m.State != StateDead || !m.SiteVerified || bySite[m.Site] != nil {
+			continue
+		}
+		d := down[m.Site]
+		if d == nil {
+			d = &GraphSite{Name: m.Site, Jurisdiction: m.Jurisdiction, Provider: m.Provider, Region: m.Region, Down: true}
+			down[m.Site] = d
+		}
+		d.Gateways = append(d.Gateways, GraphGateway{Node: m.Node, OverlayIP: m.OverlayIP, Down: true})
+	}
+	for _, d := range down {
+		slices.SortFunc(d.Gateways, func(a, b GraphGateway) int { return cmp.Compare(a.Node, b.Node) })
+		g.Sites = append(g.Sites, *d)
+	}
+	slices.SortFunc(g.Sites, func(a, b GraphSite) int { return cmp.Compare(a.Name, b.Name) })
 	peer := map[string]MemberStatus{}
 	for _, m := range members {
 		if m.Peer {
@@ -274,7 +297,11 @@ func (t GraphTunnel) label() string {
 }
 
 func (s GraphSite) label() string {
-	return fmt.Sprintf("%s (%s, %s %s)", s.Name, s.Jurisdiction, s.Provider, s.Region)
+	l := fmt.Sprintf("%s (%s, %s %s)", s.Name, s.Jurisdiction, s.Provider, s.Region)
+	if s.Down {
+		l += " DOWN"
+	}
+	return l
 }
 
 // DOT renders the graph in Graphviz dot.
@@ -287,6 +314,9 @@ func (g *MeshGraph) DOT() string {
 			attrs := ""
 			if gw.Self {
 				attrs = ", penwidth=2"
+			}
+			if gw.Down {
+				attrs = `, style="rounded,dashed", color="#8c959f", fontcolor="#8c959f"`
 			}
 			fmt.Fprintf(&b, "    %q [label=%q%s];\n", gw.Node, gw.Node+"\n"+gw.OverlayIP, attrs)
 		}
@@ -364,13 +394,16 @@ func (g *MeshGraph) SVG() string {
 		siteHeader(&b, s, bx)
 		for j, gw := range s.Gateways {
 			y := bx.y + svgSiteHead + float64(j)*(svgGatewayH+svgGap)
-			stroke, sw := "#57606a", 1.0
+			stroke, sw, fill, dash, note := "#57606a", 1.0, "#ffffff", "", ""
 			if gw.Self {
 				stroke, sw = "#0969da", 2.5
 			}
-			fmt.Fprintf(&b, `<g class="gateway" data-node="%s"><rect x="%.1f" y="%.1f" width="%.1f" height="%.1f" rx="6" fill="#ffffff" stroke="%s" stroke-width="%.1f"/>`, esc(gw.Node), bx.x+svgSitePad, y, svgGatewayW, svgGatewayH, stroke, sw)
+			if gw.Down {
+				stroke, fill, dash, note = healthColour[TunnelStale], "#f6f8fa", ` stroke-dasharray="6 4"`, " · down"
+			}
+			fmt.Fprintf(&b, `<g class="gateway" data-node="%s" data-down="%t"><rect x="%.1f" y="%.1f" width="%.1f" height="%.1f" rx="6" fill="%s" stroke="%s" stroke-width="%.1f"%s/>`, esc(gw.Node), gw.Down, bx.x+svgSitePad, y, svgGatewayW, svgGatewayH, fill, stroke, sw, dash)
 			fmt.Fprintf(&b, `<text x="%.1f" y="%.1f" fill="#24292f">%s</text><text x="%.1f" y="%.1f" font-size="11" fill="#57606a">%s</text></g>`+"\n",
-				bx.x+svgSitePad+10, y+17, esc(gw.Node), bx.x+svgSitePad+10, y+32, esc(gw.OverlayIP))
+				bx.x+svgSitePad+10, y+17, esc(gw.Node), bx.x+svgSitePad+10, y+32, esc(gw.OverlayIP+note))
 		}
 		b.WriteString("</g>\n")
 	}
@@ -470,9 +503,13 @@ func svgOpen(b *strings.Builder, width, height float64) {
 // siteHeader opens a site's group and draws its box and title.
 func siteHeader(b *strings.Builder, s GraphSite, bx svgBox) {
 	fmt.Fprintf(b, `<g class="site" data-site="%s">`+"\n", esc(s.Name))
-	fmt.Fprintf(b, `<rect x="%.1f" y="%.1f" width="%.1f" height="%.1f" rx="10" fill="#f6f8fa" stroke="#57606a" stroke-width="1.2"/>`+"\n", bx.x, bx.y, bx.w, bx.h)
+	stroke, sub := "#57606a", fmt.Sprintf("%s · %s %s", s.Jurisdiction, s.Provider, s.Region)
+	if s.Down {
+		stroke, sub = healthColour[TunnelStale], sub+" · DOWN"
+	}
+	fmt.Fprintf(b, `<rect x="%.1f" y="%.1f" width="%.1f" height="%.1f" rx="10" fill="#f6f8fa" stroke="%s" stroke-width="1.2"/>`+"\n", bx.x, bx.y, bx.w, bx.h, stroke)
 	fmt.Fprintf(b, `<text x="%.1f" y="%.1f" font-weight="bold" font-size="13" fill="#24292f">%s</text>`+"\n", bx.x+svgSitePad, bx.y+18, esc(s.Name))
-	fmt.Fprintf(b, `<text x="%.1f" y="%.1f" font-size="11" fill="#57606a">%s</text>`+"\n", bx.x+svgSitePad, bx.y+32, esc(fmt.Sprintf("%s · %s %s", s.Jurisdiction, s.Provider, s.Region)))
+	fmt.Fprintf(b, `<text x="%.1f" y="%.1f" font-size="11" fill="#57606a">%s</text>`+"\n", bx.x+svgSitePad, bx.y+32, esc(sub))
 }
 
 func svgLegend(b *strings.Builder, height float64) {

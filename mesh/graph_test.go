@@ -73,6 +73,42 @@ func TestBuildGraphTunnelHealth(t *testing.T) {
 	}
 }
 
+// TestGraphKeepsDownSites: a site none of whose gateways is alive stays in
+// the picture, down, with its gateways as last verified and no tunnel;
+// before, it vanished from the graph and the dashboard while the metrics
+// reported it unreachable. A dead gateway of a site with one alive is not
+// drawn, nor is a member no certificate placed.
+func TestGraphKeepsDownSites(t *testing.T) {
+	now := time.Date(2026, 11, 25, 12, 0, 0, 0, time.UTC)
+	nodes := []Node{graphNode("a", "s1", 1), graphNode("b", "s2", 2)}
+	members := []MemberStatus{
+		{Node: "b", Site: "s2", SiteVerified: true, State: StateVerified, Peer: true, LastHandshake: now.Add(-time.Second)},
+		{Node: "b2", Site: "s2", SiteVerified: true, State: StateDead},
+		{Node: "z2", Site: "s0", Jurisdiction: "US", Provider: "aws", Region: "us-east-1", OverlayIP: "100.96.0.9", SiteVerified: true, State: StateDead, Left: true},
+		{Node: "z1", Site: "s0", Jurisdiction: "US", Provider: "aws", Region: "us-east-1", OverlayIP: "100.96.0.8", SiteVerified: true, State: StateDead},
+		{Node: "liar", Site: "s9", State: StateDead},
+	}
+	g := buildGraph(nodes, map[[2]string]bool{{"a", "b"}: true}, "a", members, now, false)
+	if len(g.Sites) != 3 || g.Sites[0].Name != "s0" || !g.Sites[0].Down || g.Sites[1].Down || g.Sites[2].Down {
+		t.Fatalf("sites: %+v; want s0 down first, then s1 and s2", g.Sites)
+	}
+	if gws := g.Sites[0].Gateways; len(gws) != 2 || gws[0].Node != "z1" || !gws[0].Down || gws[1].OverlayIP != "100.96.0.9" || g.Sites[0].Jurisdiction != "US" {
+		t.Fatalf("the down site's gateways: %+v", g.Sites[0])
+	}
+	if len(g.Sites[2].Gateways) != 1 || len(g.Tunnels) != 1 {
+		t.Fatalf("a dead gateway of a live site, or a tunnel to a down one, drawn: %+v %+v", g.Sites[2], g.Tunnels)
+	}
+	svg, dot := g.SVG(), g.DOT()
+	for _, want := range []string{`data-node="z1" data-down="true"`, "US · aws us-east-1 · DOWN", `data-node="b" data-down="false"`} {
+		if !strings.Contains(svg, want) {
+			t.Errorf("svg lacks %s", want)
+		}
+	}
+	if !strings.Contains(dot, `s0 (US, aws us-east-1) DOWN`) || !strings.Contains(dot, `"z1" [label="z1\n100.96.0.8", style="rounded,dashed"`) {
+		t.Errorf("dot:\n%s", dot)
+	}
+}
+
 // TestNoteSent: a peer's transmit counter counts as sending when it grows
 // between two looks (or is not zero at the first), not merely when it is
 // not zero.

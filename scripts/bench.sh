@@ -11,10 +11,12 @@
 #   ./scripts/bench.sh migrate    skybridge migrate vs rsync -S / -Sz, resume, re-sync (root)
 #   ./scripts/bench.sh footprint  RSS and CPU of a gateway with 100 peers, idle and migrating (root)
 #   ./scripts/bench.sh burst      burst gateways: join to routable, burst down to gone (root)
+#   ./scripts/bench.sh loss       a site's routes under packet loss on the underlay (root; not in the
+#                                 default run: 8 minutes at the default 5 and 10 % for 4 minutes each)
 #
 # Knobs: SKYBRIDGE_BENCH_SIZES=10,100,300,1000 (scale), SKYBRIDGE_BENCH_ROUNDS=3
 # and SKYBRIDGE_BENCH_SECONDS=5 (dataplane), SKYBRIDGE_BENCH_GIB=8 (migrate),
-# SKYBRIDGE_BENCH_JOINS=10 (burst), SKYBRIDGE_BENCH_PERF=DIR (dataplane: perf profile of each WireGuard
+# SKYBRIDGE_BENCH_JOINS=10 (burst), SKYBRIDGE_BENCH_LOSS=5,10 and SKYBRIDGE_BENCH_LOSS_FOR=240 (loss), SKYBRIDGE_BENCH_PERF=DIR (dataplane: perf profile of each WireGuard
 # implementation; migrate: of both gateways during a migration of its own), SKYBRIDGE_BENCH_PPROF=FILE (scale: CPU profile of the
 # largest size), SKYBRIDGE_BENCH_REFERENCE=0 (scale: skip the memberlist reference).
 set -euo pipefail
@@ -45,7 +47,7 @@ failed=()
 # indented, to their logs.
 table() {
   if [ "$1" = micro ]; then grep -E '^Benchmark' "$out/$1" || true; return; fi
-  grep -vE '^\s' "$out/$1" | grep -E '^\||^(image|TCP|[0-9]+ (gateway|burst))' || true
+  grep -vE '^\s' "$out/$1" | grep -E '^\||^(image|TCP|routes|[0-9]+ (gateway|burst))' || true
   if { [ "$1" = dataplane ] || [ "$1" = migrate ]; } && [ -n "${SKYBRIDGE_BENCH_PERF:-}" ]; then
     sed -n '/^== where the cycles go/,/^$/p' "$out/$1"
   fi
@@ -66,7 +68,7 @@ for part in "${parts[@]}"; do
   scale)
     echo "== mesh convergence at scale (one process, real memberlist on loopback, recorded WireGuard)"
     run scale env SKYBRIDGE_BENCH_SCALE=1 go test -count=1 -v -timeout 40m -run TestScaleConvergence ./mesh/ ;;
-  dataplane|migrate|footprint|burst)
+  dataplane|migrate|footprint|burst|loss)
     if ! $root; then echo "== $part: needs root (network namespaces, TUN); skipped"; continue; fi
     case "$part" in
     dataplane)
@@ -85,8 +87,11 @@ for part in "${parts[@]}"; do
     burst)
       echo "== burst gateways"
       run burst env SKYBRIDGE_BENCH=1 go test -count=1 -v -timeout 10m -run TestBenchBurstJoin ./e2e/ ;;
+    loss)
+      echo "== routes under packet loss"
+      run loss env SKYBRIDGE_BENCH=1 go test -count=1 -v -timeout 60m -run TestBenchRoutesUnderLoss ./e2e/ ;;
     esac ;;
-  *) echo "unknown part $part (micro, scale, dataplane, migrate, footprint, burst)" >&2; exit 2 ;;
+  *) echo "unknown part $part (micro, scale, dataplane, migrate, footprint, burst, loss)" >&2; exit 2 ;;
   esac
 done
 

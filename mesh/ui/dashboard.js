@@ -75,11 +75,19 @@ function render(d) {
   const peers = members.filter((m) => m.peer);
   const running = (d.sending || []).filter((m) => m.running).length + (d.receiving || []).length;
   const denied = (d.decisions || []).filter((x) => x.outcome === "denied").length;
+  // What the metrics say (skybridge_site_reachable): a site whose
+  // gateways crashed or were stopped is counted, and unreachable.
+  const reach = Object.values(st.reachable || {});
+  const cut = reach.filter((r) => !r).length;
+  // Pending newcomers are on their way in, and a gateway stopped on
+  // purpose is counted with its site: neither is refused or lost.
+  const lost = members.filter((m) => m.state === "refused" || (m.state === "dead" && !m.left)).length;
   $("#overview").replaceChildren(
-    card("sites", (d.graph.sites || []).length),
+    card("sites", reach.length || (d.graph.sites || []).length),
+    card("sites unreachable", cut, cut ? "state-refused" : ""),
     card("gateways verified", verified + 1),
     card("tunnels from here", peers.length),
-    card("refused or dead", members.length - verified, members.length > verified ? "state-refused" : ""),
+    card("refused or dead", lost, lost ? "state-refused" : ""),
     card("migrations running", running, running ? "state-running" : ""),
     card("recent denials", denied, denied ? "outcome-denied" : ""),
   );
