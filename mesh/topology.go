@@ -589,12 +589,14 @@ func sharedClasses(a, b string) []string {
 // mesh overlay range.
 //
 // An endpoint is only advertised, where a site's routes and overlay
-// addresses are certified: an endpoint inside another site's prefix (or
-// inside the overlay range) is not dialled, rather than the prefix
-// unrouted. Otherwise any gateway could take another site's network out
-// of every tunnel by advertising an endpoint inside it. A gateway whose
-// endpoint is not dialled can still reach us first: WireGuard then
-// learns where it is.
+// addresses are certified: an endpoint inside another site's routed
+// prefix (or inside the overlay range) is not dialled, rather than the
+// prefix unrouted. Otherwise any gateway could take another site's
+// network out of every tunnel by advertising an endpoint inside it. A
+// gateway whose real address lies elsewhere can still reach us first
+// (WireGuard then learns where it is); one really numbered inside another
+// site's network has no tunnel from here, as packets to it would loop
+// into that site's: it needs an address outside other sites' prefixes.
 func dedupe(plan *Plan, self Node, mesh netip.Prefix) {
 	own := append([]netip.Prefix{overlayPrefix(&self)}, self.Advert.Routes...)
 	for i := range plan.Peers {
@@ -622,6 +624,7 @@ func dedupe(plan *Plan, self Node, mesh netip.Prefix) {
 		pc := &plan.Peers[i]
 		kept := pc.AllowedIPs[:0]
 		for _, p := range pc.AllowedIPs {
+			var others []string // gateways of other sites whose endpoint p covers
 			if q, ok := overlapsAny(p, own); ok {
 				plan.Conflicts = append(plan.Conflicts, fmt.Sprintf("%s of %s overlaps our own %s; not routed to it", p, pc.Node, q))
 				continue
@@ -632,18 +635,11 @@ func dedupe(plan *Plan, self Node, mesh netip.Prefix) {
 				// fails, the peer is declared gone and comes back, for
 				// ever. Rare: whose endpoints they are is looked at only
 				// now.
-				a, node, others := endpointsIn(plan.Peers, p, pc.Site)
-				if node != "" {
+				var a netip.Addr
+				var node string
+				if a, node, others = endpointsIn(plan.Peers, p, pc.Site); node != "" {
 					plan.Conflicts = append(plan.Conflicts, fmt.Sprintf("%s of %s covers %s, the underlay address of %s's tunnel; not routed to it", p, pc.Node, a, node))
 					continue
-				}
-				for _, o := range others {
-					if _, ok := foreign[o]; !ok {
-						if foreign == nil {
-							foreign = map[string]string{}
-						}
-						foreign[o] = fmt.Sprintf("%s of %s", p, pc.Node)
-					}
 				}
 			}
 			if contested {
@@ -653,6 +649,15 @@ func dedupe(plan *Plan, self Node, mesh netip.Prefix) {
 				}
 				taken = append(taken, p)
 				owner[p] = pc.Node
+			}
+			// Routed: the endpoints inside it are the ones that give way.
+			for _, o := range others {
+				if _, ok := foreign[o]; !ok {
+					if foreign == nil {
+						foreign = map[string]string{}
+					}
+					foreign[o] = fmt.Sprintf("%s of %s", p, pc.Node)
+				}
 			}
 			kept = append(kept, p)
 			if !(mesh.Contains(p.Addr()) && p.Bits() >= mesh.Bits()) {
