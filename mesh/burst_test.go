@@ -458,7 +458,7 @@ func TestBurstLifecycle(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(down.Revoked) != 1 || down.Ended == nil || down.TokensUnused != 1 {
+	if len(down.Revoked) != 1 || down.Ended == nil || down.TokensVoided != 1 || down.TokensUnused != 0 || down.TokensVoid != 1 {
 		t.Fatalf("burst down: %+v; want one identity revoked, one unused token made void", down)
 	}
 	// Listed after: the token no gateway used is void, not unused.

@@ -623,9 +623,12 @@ type BurstInfo struct {
 	Gateways []BurstGateway `json:"gateways"`
 	// TokensUnused can still enrol a gateway; TokensVoid were never used
 	// and no longer can (expired, or the burst ended).
-	TokensUnused int      `json:"tokens_unused"`
-	TokensVoid   int      `json:"tokens_void"`
-	Revoked      []string `json:"revoked,omitempty"` // serials revoked by this call (burst down)
+	TokensUnused int `json:"tokens_unused"`
+	TokensVoid   int `json:"tokens_void"`
+	// Of burst down: the serials it revoked, and the unused tokens it
+	// made void (counted in TokensVoid too).
+	Revoked      []string `json:"revoked,omitempty"`
+	TokensVoided int      `json:"tokens_voided,omitempty"`
 }
 
 // BurstGateway is a gateway enrolled into a burst site.
@@ -722,7 +725,7 @@ func (g *Gateway) BurstDown(ctx context.Context, site, vaultToken string) (*Burs
 		return nil, err
 	}
 	bi := r.info(g.now())
-	bi.Revoked, bi.TokensUnused = revoked, before.TokensUnused
+	bi.Revoked, bi.TokensVoided = revoked, before.TokensUnused
 	return &bi, nil
 }
 

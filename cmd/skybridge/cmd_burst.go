@@ -167,7 +167,7 @@ func burstDown(c *cli.Context) error {
 	if c.Bool("json") {
 		return printJSON(c.App.Writer, bi)
 	}
-	fmt.Fprintf(c.App.Writer, "burst site %s ended; %d identities revoked, %d unused tokens void\n", bi.Site, len(bi.Revoked), bi.TokensUnused)
+	fmt.Fprintf(c.App.Writer, "burst site %s ended; %d identities revoked, %d unused tokens void\n", bi.Site, len(bi.Revoked), bi.TokensVoided)
 	for _, gw := range bi.Gateways {
 		fmt.Fprintf(c.App.Writer, "  %s (%s) leaves the mesh as the revocation spreads\n", gw.Node, gw.OverlayIP)
 	}
