@@ -786,6 +786,27 @@ func (p *pair) interruptedAs(raw, format string, chunks int) (*SendRecord, RecvR
 	return rec, rr
 }
 
+// TestResumeOfChangedSourceSaysSo: a resume whose source changed since the
+// interrupted attempt, its data now in other chunks, says so in its offer,
+// so that the receiver makes room for every new chunk beside the ones it
+// holds (which stay until the commit clears them); it completes, the
+// image intact. (Without it, the receiver holds it to the chunks that may
+// hold data less those held, and refuses the rest.)
+func TestResumeOfChangedSourceSaysSo(t *testing.T) {
+	p := newPair(t, "DE")
+	raw := filepath.Join(p.dir, "vm.raw")
+	makeRaw(t, raw, 32*mib, map[int64]int{0: 16 * mib})
+	rec, _ := p.interruptedAs(raw, FormatRaw, 8)
+	os.Remove(raw)
+	makeRaw(t, raw, 32*mib, map[int64]int{16 * mib: 16 * mib})
+	cfg := p.config(raw, "pii-eu")
+	cfg.ID = rec.ID
+	if _, err := Send(context.Background(), cfg); err != nil {
+		t.Fatalf("the resume of a changed source: %v", err)
+	}
+	p.stored(raw)
+}
+
 // TestResumeRecordsChunksTheReceiverHas: a resume whose source changed
 // (its acknowledgements dropped) records the chunks it finds the receiver
 // holds as acknowledged, so a further resume skips them unread instead of

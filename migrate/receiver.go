@@ -469,10 +469,16 @@ type session struct {
 	start   time.Time
 	policy  policy.Decision
 	// hold is the session's share of the store's free space; allow is
-	// how many chunks it may write that it did not hold at its offer
-	// (the offer's Chunks), fresh those it has written.
-	hold  *reservation
-	allow int64
+	// how many chunks may hold data (the offer's Chunks), and newMax how
+	// many of them it may write where the file held none at its offer
+	// (what hold made room for: all of them after a restart); fresh are
+	// those it has written, nNew of them new, the others rewrite chunks,
+	// held at the offer and found changed, written again in their room.
+	hold    *reservation
+	allow   int64
+	newMax  int64
+	nNew    int64
+	rewrite map[int64]struct{}
 	// received (payload bytes) and nDurable (len(durable)) are what
 	// Active reports, kept apart from mu: a commit holds mu for as long
 	// as storing the image takes, and Active, on every metrics scrape,
@@ -526,8 +532,14 @@ const DefaultIdleTimeout = 30 * time.Minute
 // says otherwise. It costs a read of what was received, once per resume
 // that follows a session this process no longer held.
 func recheck(f *os.File, rec *RecvRecord, durable map[int64]Hash, j *Journal, log *slog.Logger, stopping func() bool) error {
+	_, err := recheckChunks(f, rec, durable, j, log, stopping)
+	return err
+}
+
+// recheckChunks is recheck, returning the chunks it found changed.
+func recheckChunks(f *os.File, rec *RecvRecord, durable map[int64]Hash, j *Journal, log *slog.Logger, stopping func() bool) ([]int64, error) {
 	if len(durable) == 0 {
-		return nil
+		return nil, nil
 	}
 	start := time.Now()
 	buf := make([]byte, rec.ChunkSize)
@@ -535,7 +547,7 @@ func recheck(f *os.File, rec *RecvRecord, durable map[int64]Hash, j *Journal, lo
 	for k, i := range slices.Sorted(maps.Keys(durable)) { // in the file's order
 		// Hours for a large image: a stopping gateway does not wait.
 		if k%64 == 0 && stopping() {
-			return errStopping
+			return nil, errStopping
 		}
 		b := buf[:chunkLen(i, rec.Size, rec.ChunkSize)]
 		// A chunk that cannot be read (a failing disk) is received
@@ -546,14 +558,14 @@ func recheck(f *os.File, rec *RecvRecord, durable map[int64]Hash, j *Journal, lo
 	}
 	log.Info("resumed receive: read back the chunks held", "chunks", len(durable), "bytes", int64(len(durable))*rec.ChunkSize, "took", time.Since(start).Round(time.Millisecond))
 	if len(bad) == 0 {
-		return nil
+		return nil, nil
 	}
 	log.Warn("resumed receive: chunks of the incoming file no longer match what was received (changed outside the gateway, or a failing disk); receiving them again",
 		"file", rec.Temp, "chunks", len(bad), "of", len(durable))
 	for _, i := range bad {
 		delete(durable, i)
 	}
-	return j.removeChunks("recv", rec.ID, bad)
+	return bad, j.removeChunks("recv", rec.ID, bad)
 }
 
 // join counts a data stream joining the session, and refuses one beyond
@@ -976,21 +988,27 @@ func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision, log
 	if err != nil {
 		return nil, nil, err
 	}
-	// Room for what may still come, before anything is written: as many
-	// chunks as claim lets through beside those the file holds, which is
-	// allow of them. Not allow less what an earlier attempt left, though
-	// that is on the disk already: a source changed since may hold its
-	// data in other chunks, and its new ones are written beside the old,
-	// which stay until the commit clears them. (A resume of an unchanged
-	// source writes fewer, and leaves the rest of its share unused until
-	// it ends.)
+	// Room for what may still come, before anything is written: the
+	// chunks that may hold data, less those the file holds from an
+	// earlier attempt (written again, a chunk that no longer matches
+	// takes no new room). A sender that started its chunks over (its
+	// source changed) may write all of them beside the old ones, which
+	// stay until the commit clears them: room for them all. Past what
+	// was made room for, claim refuses, saying so (a sender of a release
+	// before 2026-11-27 says nothing of a restart: its resume of a changed
+	// source is refused, where it used to overrun its room by the chunks
+	// held).
 	// An offer that does not say how many chunks hold data (a sender of
 	// a release before it did) may fill every one: room for them all.
 	allow := chunkCount(o.Size, o.ChunkSize)
 	if o.Chunks != nil {
 		allow = *o.Chunks
 	}
-	need := allow * o.ChunkSize
+	fresh := allow
+	if !o.Restarted {
+		fresh = max(0, allow-int64(len(durable)))
+	}
+	need := fresh * o.ChunkSize
 	if o.Format == FormatQcow2 {
 		need += qcowMetaBytes(o.Size, allow, o.ChunkSize)
 	}
@@ -1017,14 +1035,19 @@ func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision, log
 		return nil, nil, fmt.Errorf("size the incoming image: %w", err)
 	}
 	// The file of a session this process had open never left its hands.
+	rewrite := map[int64]struct{}{} // held, found changed: written again where they are
 	if old == nil {
-		if err := recheck(f.File, &rec, durable, j, log, r.isStopping); err != nil {
+		bad, err := recheckChunks(f.File, &rec, durable, j, log, r.isStopping)
+		if err != nil {
 			f.Close()
 			return nil, nil, err
 		}
+		for _, i := range bad {
+			rewrite[i] = struct{}{}
+		}
 	}
 	s := &session{r: r, log: log, offer: *o, from: from, temp: f, at: rec.DataAt, record: &rec, start: r.cfg.Now(), policy: d,
-		hold: hold, allow: allow, fresh: map[int64]struct{}{}, durable: durable, pending: map[int64]pendingChunk{}, kick: make(chan struct{}, 1), heard: newStamp(), stop: make(chan struct{}), synced: make(chan struct{}), closed: make(chan struct{})}
+		hold: hold, allow: allow, newMax: fresh, rewrite: rewrite, fresh: map[int64]struct{}{}, durable: durable, pending: map[int64]pendingChunk{}, kick: make(chan struct{}, 1), heard: newStamp(), stop: make(chan struct{}), synced: make(chan struct{}), closed: make(chan struct{})}
 	s.nDurable.Store(int64(len(durable)))
 	// A copy: the session's own map is written by its syncer while the
 	// answer is encoded, and the session is running by then.
@@ -1362,15 +1385,23 @@ func (s *session) claim(i int64) bool {
 	if _, ok := s.fresh[i]; ok {
 		return true
 	}
-	if int64(len(s.fresh)) >= s.allow {
+	if _, ok := s.rewrite[i]; ok {
+		s.fresh[i] = struct{}{}
+		return true
+	}
+	if s.nNew >= s.newMax {
 		return false
 	}
 	s.fresh[i] = struct{}{}
+	s.nNew++
 	s.hold.wrote.Add(s.offer.ChunkSize)
 	return true
 }
 
 func (s *session) overClaimed() string {
+	if s.newMax < s.allow {
+		return fmt.Sprintf("more chunks hold data than the %d the offer said, less the %d held from the earlier attempt: the store made room for those only; a sender whose source changed since says so in its offer (a release before 2026-11-27 does not: start a new migration)", s.allow, s.allow-s.newMax)
+	}
 	return fmt.Sprintf("more chunks hold data than the %d the offer said: the store made room for those only", s.allow)
 }
 

@@ -183,6 +183,9 @@ type SendConfig struct {
 	mangle func(index int64, payload []byte)
 	// open, in tests, opens the source instead of OpenSource.
 	open func(path string) (Source, error)
+	// restarted: the resume started its chunks over (the source
+	// changed since the interrupted attempt), which the offer says.
+	restarted bool
 }
 
 // DeniedError is returned when the policy refuses a migration: before
@@ -410,6 +413,7 @@ func startRecord(cfg *SendConfig, sid SourceID) (*SendRecord, error) {
 					return fmt.Errorf("migration %s: %s, and what its interrupted attempt sent cannot be forgotten: %w", cfg.ID, why, err)
 				}
 				cfg.Log.Warn(why+" since the interrupted attempt; starting its chunks over", append([]any{"migration_id", cfg.ID}, attrs...)...)
+				cfg.restarted = true
 				return nil
 			}
 			switch {
@@ -648,7 +652,7 @@ func (s *sender) run(ctx context.Context) error {
 	stopClose := context.AfterFunc(ctx, func() { ctrl.Close() })
 	cw, cr := newFrameWriter(ctrl), newFrameReader(ctrl)
 	offer := Offer{ID: s.rec.ID, Name: s.rec.Name, Class: s.rec.Class, Format: s.rec.Format, Size: size, ChunkSize: chunk,
-		Streams: s.cfg.Streams, Policy: s.decision.Policy.RevisionString(), Chunks: new(int64(len(cands)))}
+		Streams: s.cfg.Streams, Policy: s.decision.Policy.RevisionString(), Chunks: new(int64(len(cands))), Restarted: s.cfg.restarted}
 	if err := cw.json(frameOffer, offer); err != nil {
 		return err
 	}

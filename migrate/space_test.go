@@ -192,16 +192,19 @@ func TestReceiverHoldsSenderToItsChunks(t *testing.T) {
 	}
 }
 
-// TestResumedReceiveReservesWhatItAdmits: a resume whose source changed
-// since its first attempt may write as many new chunks as its offer says
-// hold data, beside those the first attempt left; the share of the store
-// it reserved covers every byte it is let write.
+// TestResumedReceiveReservesWhatItAdmits: a resume reserves room for the
+// chunks that may hold data less those the first attempt left, and is
+// held to it: a sender whose source changed since says so in its offer,
+// and may then write as many new chunks as hold data beside the old ones,
+// with room reserved for all of them. The share of the store a receive
+// reserved covers every byte it is let write.
 func TestResumedReceiveReservesWhatItAdmits(t *testing.T) {
 	p := newPair(t, "DE")
 	offer := Offer{ID: "0123456789abcdef", Name: "vm", Class: "pii-eu", Format: FormatRaw, Size: 4 * mib, ChunkSize: mib, Streams: 1, Chunks: new(int64(2))}
 	chunk := make([]byte, mib)
-	attempt := func(chunks ...int64) {
+	attempt := func(restarted bool, wantHold int64, chunks ...int64) (refused string) {
 		t.Helper()
+		offer.Restarted = restarted
 		c := p.dial(t, nil)
 		cw, cr := newFrameWriter(c), newFrameReader(c)
 		if err := cw.json(frameOffer, offer); err != nil {
@@ -214,30 +217,51 @@ func TestResumedReceiveReservesWhatItAdmits(t *testing.T) {
 		p.recv.mu.Lock()
 		hold := p.recv.sessions[offer.ID].hold
 		p.recv.mu.Unlock()
+		if hold.bytes != wantHold {
+			t.Fatalf("%d chunks held, restarted %v: reserved %d bytes, want %d", len(acc.Have), restarted, hold.bytes, wantHold)
+		}
 		d := p.dial(t, nil)
 		dw, dr := newFrameWriter(d), newFrameReader(d)
 		if err := dw.json(frameJoin, Join{ID: offer.ID}); err != nil {
 			t.Fatal(err)
 		}
+		defer func() {
+			c.Close()
+			d.Close()
+			waitIdle(t, p.recv, offer.ID)
+		}()
 		for _, i := range chunks {
 			chunk[0] = byte(i)
 			if err := dw.frame(frameChunk, chunkHeader(i, hashChunk(chunk), 0, mib), chunk); err != nil {
 				t.Fatal(err)
 			}
 			dw.flush()
-			if typ, b, err := dr.next(nil); err != nil || typ != frameAck {
+			typ, b, err := dr.next(nil)
+			if err == nil && typ == frameError {
+				return string(b)
+			}
+			if err != nil || typ != frameAck {
 				t.Fatalf("chunk %d: answer type %d %q, %v; want an ack", i, typ, b, err)
 			}
 			if wrote := hold.wrote.Load(); wrote > hold.bytes {
 				t.Fatalf("%d chunks held, the sender was let write %d bytes against a reservation of %d", len(acc.Have), wrote, hold.bytes)
 			}
 		}
-		c.Close()
-		d.Close()
-		waitIdle(t, p.recv, offer.ID)
+		return ""
 	}
-	attempt(0, 1)
-	attempt(2, 3) // the source changed: its data is in other chunks now
+	if why := attempt(false, 2*mib, 0, 1); why != "" {
+		t.Fatalf("the first attempt: %s", why)
+	}
+	// The source changed, the sender not saying so (a release before it
+	// did): its data is in other chunks now, and nothing was reserved for
+	// them beside the two held.
+	if why := attempt(false, 0, 2, 3); !strings.Contains(why, "less the 2 held from the earlier attempt") {
+		t.Fatalf("new chunks beside those held, no restart said: %q; want them refused", why)
+	}
+	// Said: room for both beside the two held.
+	if why := attempt(true, 2*mib, 2, 3); why != "" {
+		t.Fatalf("new chunks beside those held, the restart said: %s", why)
+	}
 }
 
 func TestAdmitLoad(t *testing.T) {

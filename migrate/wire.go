@@ -48,6 +48,10 @@ type Offer struct {
 	// it makes room for and holds the sender to. Senders of releases
 	// before it leave it out; their receives are bounded by the size.
 	Chunks *int64 `json:"chunks,omitempty"`
+	// Restarted: the sender started the migration's chunks over (its
+	// source changed since an earlier attempt), so the chunks the receiver
+	// holds from it may all be replaced by others, written beside them.
+	Restarted bool `json:"restarted,omitempty"`
 }
 
 // MaxStreams bounds the data streams of one migration.
