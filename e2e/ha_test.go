@@ -18,9 +18,9 @@ import (
 // from another address) carries on; the outage is measured. When the
 // killed gateway returns, the routes move back only once it has answered
 // for the recovery period, and stay.
-func TestHAFailover(t *testing.T) {
-	l := newLab(t)
-	defer l.dumpLogs()
+// haSites lays out, configured, an on-prem site of one gateway (1) and a
+// cloud site of two (2a, 2b) advertising the same LAN.
+func (l *lab) haSites() []*meshSite {
 	caDir, pol := l.signedPolicy([]byte(policyV1))
 	sites := []*meshSite{
 		{short: "1", site: "onprem-zrh", region: "zrh-dc1", provider: "onprem", jur: "CH", underlay: "192.0.2.1", overlay: "100.96.0.1", route: "10.1.0.0/16", classes: "risk-batch"},
@@ -31,6 +31,13 @@ func TestHAFailover(t *testing.T) {
 		s.ns = l.addHost(s.short, s.underlay)
 		l.writeGatewayConfig(s, caDir, pol, []string{"192.0.2.1:7946", "192.0.2.2:7946"})
 	}
+	return sites
+}
+
+func TestHAFailover(t *testing.T) {
+	l := newLab(t)
+	defer l.dumpLogs()
+	sites := l.haSites()
 	zrh, fraA, fraB := sites[0], sites[1], sites[2]
 
 	// The cloud LAN: a host at 10.2.0.100 behind both gateways (10.2.0.1,

@@ -37,26 +37,20 @@ func TestBenchRoutesUnderLoss(t *testing.T) {
 
 	l := newLab(t)
 	defer l.dumpLogs()
-	caDir, pol := l.signedPolicy([]byte(policyV1))
-	sites := []*meshSite{
-		{short: "1", site: "onprem-zrh", region: "zrh-dc1", provider: "onprem", jur: "CH", underlay: "192.0.2.1", overlay: "100.96.0.1", route: "10.1.0.0/16", classes: "risk-batch"},
-		{short: "2a", site: "aws-eu-central-1", region: "eu-central-1", provider: "aws", jur: "DE", underlay: "192.0.2.2", overlay: "100.96.0.2", route: "10.2.0.0/24", classes: "risk-batch"},
-		{short: "2b", site: "aws-eu-central-1", region: "eu-central-1", provider: "aws", jur: "DE", underlay: "192.0.2.3", overlay: "100.96.0.3", route: "10.2.0.0/24", classes: "risk-batch"},
-	}
+	sites := l.haSites()
 	for _, s := range sites {
-		s.ns = l.addHost(s.short, s.underlay)
-		l.writeGatewayConfig(s, caDir, pol, []string{"192.0.2.1:7946", "192.0.2.2:7946"})
 		l.startQuiet(s, 1)
 	}
 	zrh := sites[0]
-	waitFor(t, 90*time.Second, "both cloud gateways proven reachable, routes through gw-2a", func() (bool, string) {
+	settled := func() (bool, string) {
 		st, err := status(zrh.socket)
 		if err != nil {
 			return false, err.Error()
 		}
 		return st.Carriers["aws-eu-central-1"] == "gw-2a" && len(st.Unreachable) == 0,
 			fmt.Sprintf("carrier %s, unreachable %v", st.Carriers["aws-eu-central-1"], st.Unreachable)
-	})
+	}
+	waitFor(t, 90*time.Second, "both cloud gateways proven reachable, routes through gw-2a", settled)
 	underlayIf := "u" + zrh.short + l.id
 	logFile := filepath.Join(l.dir, "gw-"+zrh.short+"-1.log")
 	verdicts := func() int {
@@ -110,14 +104,7 @@ func TestBenchRoutesUnderLoss(t *testing.T) {
 		}
 		rows = append(rows, r)
 		// The next rate starts from the same place: routes back on gw-2a.
-		waitFor(t, 60*time.Second, "routes back on gw-2a, none unreachable", func() (bool, string) {
-			st, err := status(zrh.socket)
-			if err != nil {
-				return false, err.Error()
-			}
-			return st.Carriers["aws-eu-central-1"] == "gw-2a" && len(st.Unreachable) == 0,
-				fmt.Sprintf("carrier %s, unreachable %v", st.Carriers["aws-eu-central-1"], st.Unreachable)
-		})
+		waitFor(t, 60*time.Second, "routes back on gw-2a, none unreachable", settled)
 	}
 
 	bin := "this build"
