@@ -21,7 +21,8 @@ import (
 // and every move breaks the site's connections twice (away and back).
 //
 // SKYBRIDGE_BENCH_LOSS=5,10 (per cent, each way), SKYBRIDGE_BENCH_LOSS_FOR=240
-// (seconds per rate). SKYBRIDGE_E2E_BINARY runs another build (an older
+// (seconds per rate), SKYBRIDGE_BENCH_LOSS_LOGS=DIR (keep the on-prem
+// gateway's log there). SKYBRIDGE_E2E_BINARY runs another build (an older
 // one, to compare).
 func TestBenchRoutesUnderLoss(t *testing.T) {
 	benchmarkOnly(t)
@@ -107,6 +108,12 @@ func TestBenchRoutesUnderLoss(t *testing.T) {
 		waitFor(t, 60*time.Second, "routes back on gw-2a, none unreachable", settled)
 	}
 
+	if dir := os.Getenv("SKYBRIDGE_BENCH_LOSS_LOGS"); dir != "" {
+		// To see what moved the routes: the on-prem gateway's log.
+		if b, err := os.ReadFile(logFile); err == nil {
+			os.WriteFile(filepath.Join(dir, "onprem-gateway.log"), b, 0o600)
+		}
+	}
 	bin := "this build"
 	if b := os.Getenv("SKYBRIDGE_E2E_BINARY"); b != "" {
 		bin = b
