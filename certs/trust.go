@@ -200,7 +200,7 @@ func (tb *TrustBundle) CRLs() []*x509.RevocationList {
 // or nil: none of its CAs did, or that one has no list here.
 func (tb *TrustBundle) CRLFor(cert *x509.Certificate) *x509.RevocationList {
 	for i, ca := range tb.cas {
-		if cert.CheckSignatureFrom(ca) == nil {
+		if bytes.Equal(cert.RawIssuer, ca.RawSubject) && cert.CheckSignatureFrom(ca) == nil {
 			return tb.crls[i]
 		}
 	}
@@ -269,11 +269,20 @@ func (tb *TrustBundle) SignedByCA(crl *x509.RevocationList) bool { return tb.sig
 // signerOf is the first of the bundle's CAs that signed crl, or nil.
 func (tb *TrustBundle) signerOf(crl *x509.RevocationList) *x509.Certificate {
 	for _, ca := range tb.cas {
-		if crl.CheckSignatureFrom(ca) == nil {
+		if listOf(crl, ca) {
 			return ca
 		}
 	}
 	return nil
+}
+
+// listOf reports whether crl is ca's: signed by its key and naming it as
+// the issuer. Two issuers may share a key under different names (Vault
+// makes one with pki/root/rotate/existing), and each numbers its own
+// lists: the key alone would put one's list in the other's place, refused
+// there as a replay of an older one, or taking the place of a newer one.
+func listOf(crl *x509.RevocationList, ca *x509.Certificate) bool {
+	return bytes.Equal(crl.RawIssuer, ca.RawSubject) && crl.CheckSignatureFrom(ca) == nil
 }
 
 // seal computes the bundle's key once it is complete.
@@ -327,9 +336,10 @@ func (tb *TrustBundle) WithCRL(crl *x509.RevocationList) (*TrustBundle, error) {
 	n := *tb
 	n.crls = slices.Clone(tb.crls)
 	signed := false
-	// CAs that share a key (an issuer reissued with its key) share lists.
+	// CAs that share a key and a name (an issuer reissued as it was)
+	// share lists.
 	for i, ca := range tb.cas {
-		if crl.CheckSignatureFrom(ca) != nil {
+		if !listOf(crl, ca) {
 			continue
 		}
 		signed = true
@@ -438,7 +448,7 @@ func (tb *TrustBundle) withRetired(crl *x509.RevocationList) *TrustBundle {
 func (tb *TrustBundle) retiredOf(ca *x509.Certificate) *x509.RevocationList {
 	var out *x509.RevocationList
 	for _, r := range tb.retired {
-		if r.CheckSignatureFrom(ca) == nil && (out == nil || newerCRL(r, out)) {
+		if listOf(r, ca) && (out == nil || newerCRL(r, out)) {
 			out = r
 		}
 	}

@@ -3,6 +3,7 @@ package certs
 import (
 	"crypto/rand"
 	"crypto/x509"
+	"crypto/x509/pkix"
 	"errors"
 	"math/big"
 	"net/netip"
@@ -332,5 +333,63 @@ func TestTrustBundleCRLFor(t *testing.T) {
 	}
 	if f.both.CRLFor(trust(t, newTestCA(t)).CAs()[0]) != nil {
 		t.Error("a list for a certificate of a stranger CA")
+	}
+}
+
+// TestIssuersSharingAKeyKeepTheirLists: two issuers on one key under
+// different names (Vault's pki/root/rotate/existing) number their lists
+// apart; each list applies to its own issuer only. Matched by the key
+// alone, the second's list number 1 was refused as a replay of the
+// first's 5, and every refresh from Vault failed from then on.
+func TestIssuersSharingAKeyKeepTheirLists(t *testing.T) {
+	key, err := GenerateNodeKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ca := func(cn string) *x509.Certificate {
+		tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: cn}, IsCA: true, BasicConstraintsValid: true,
+			KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageCRLSign, NotBefore: t0.Add(-time.Hour), NotAfter: t0.Add(time.Hour)}
+		der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c, err := x509.ParseCertificate(der)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	a, b := ca("mesh CA"), ca("mesh CA rotated")
+	list := func(issuer *x509.Certificate, n int64, revoked ...int64) *x509.RevocationList {
+		var entries []x509.RevocationListEntry
+		for _, s := range revoked {
+			entries = append(entries, x509.RevocationListEntry{SerialNumber: big.NewInt(s), RevocationTime: t0})
+		}
+		der, err := x509.CreateRevocationList(rand.Reader, &x509.RevocationList{Number: big.NewInt(n), ThisUpdate: t0, NextUpdate: t0.Add(time.Hour), RevokedCertificateEntries: entries}, issuer, key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		crl, err := x509.ParseRevocationList(der)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return crl
+	}
+	tb, err := NewTrustBundle([]*x509.Certificate{a, b}, netip.MustParsePrefix("100.96.0.0/16"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if tb, err = tb.WithCRL(list(a, 5, 7)); err != nil {
+		t.Fatal(err)
+	}
+	if tb, err = tb.WithCRL(list(b, 1, 9)); err != nil {
+		t.Fatalf("the second issuer's list after the first's: %v", err)
+	}
+	crls := tb.CRLs()
+	if len(crls) != 2 || crls[0].Number.Int64() != 5 || crls[1].Number.Int64() != 1 {
+		t.Fatalf("lists in force: %d, want each issuer's own", len(crls))
+	}
+	if !tb.IsRevoked(big.NewInt(7)) || !tb.IsRevoked(big.NewInt(9)) {
+		t.Fatal("a revocation of either issuer's list is not in force")
 	}
 }
