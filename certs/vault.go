@@ -1000,14 +1000,23 @@ func (v *Vault) DeleteWireGuardKey(ctx context.Context, node string) error {
 // GossipKeyring implements SecretStore: KV v2 at <prefix>/gossip. The first
 // gateway to start creates it (check-and-set 0); everyone else reads it.
 func (v *Vault) GossipKeyring(ctx context.Context) (kr *GossipKeyring, err error) {
+	return v.gossipKeyring(ctx, nil)
+}
+
+// gossipKeyring is GossipKeyring; kept, if not nil, is the mesh's keyring
+// as this gateway kept it, which goes back into Vault if Vault holds
+// none: a keyring deleted there, a Vault restored from an older backup,
+// must not become a new one that cuts this gateway off from the mesh's
+// gossip (and the gateways started after it).
+func (v *Vault) gossipKeyring(ctx context.Context, kept *GossipKeyring) (kr *GossipKeyring, err error) {
 	err = v.withLogin(ctx, func() (err error) {
-		kr, _, err = v.readKeyring(ctx, true)
+		kr, _, err = v.readKeyring(ctx, true, kept)
 		return err
 	})
 	return kr, err
 }
 
-func (v *Vault) readKeyring(ctx context.Context, create bool) (*GossipKeyring, int, error) {
+func (v *Vault) readKeyring(ctx context.Context, create bool, kept *GossipKeyring) (*GossipKeyring, int, error) {
 	for range 3 {
 		s, err := v.kv().Get(ctx, v.gossipPath())
 		if err == nil {
@@ -1021,13 +1030,19 @@ func (v *Vault) readKeyring(ctx context.Context, create bool) (*GossipKeyring, i
 		if !errors.Is(err, vault.ErrSecretNotFound) || !create {
 			return nil, 0, fmt.Errorf("vault read gossip keyring: %w", err)
 		}
-		kr, err := GenerateGossipKeyring()
-		if err != nil {
-			return nil, 0, err
+		kr := kept
+		if kr == nil {
+			if kr, err = GenerateGossipKeyring(); err != nil {
+				return nil, 0, err
+			}
 		}
 		s, err = v.kv().Put(ctx, v.gossipPath(), map[string]any{"keyring": string(kr.MarshalSecret())}, vault.WithCheckAndSet(0))
 		if err == nil {
-			v.log.Info("created the mesh gossip keyring in vault", "path", v.gossipPath())
+			if kept != nil {
+				v.log.Warn("vault held no gossip keyring: put back the one this gateway kept (was it deleted, or Vault restored from an older backup?)", "path", v.gossipPath())
+			} else {
+				v.log.Info("created the mesh gossip keyring in vault", "path", v.gossipPath())
+			}
 			return kr, s.VersionMetadata.Version, nil
 		}
 		if !isCASMismatch(err) {
@@ -1044,7 +1059,7 @@ func (v *Vault) UpdateGossipKeyring(ctx context.Context, update func(*GossipKeyr
 
 func (v *Vault) updateGossipKeyring(ctx context.Context, update func(*GossipKeyring) (*GossipKeyring, error)) error {
 	for range 5 {
-		cur, version, err := v.readKeyring(ctx, false)
+		cur, version, err := v.readKeyring(ctx, false, nil)
 		if err != nil {
 			return err
 		}

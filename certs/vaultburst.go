@@ -803,7 +803,8 @@ func (v *Vault) afterFailure(ctx context.Context, f func(context.Context) error)
 // CloseBurst ends a burst site in Vault: it deletes the AppRole (its
 // SecretIDs with it), the policy and the PKI role first, so that nothing
 // can be issued for the site any more, then revokes every unexpired
-// certificate of the site (the CRL then reaches the mesh), deletes its
+// certificate of the burst's gateways, nodes (the CRL then reaches the
+// mesh; a lasting site's gateways of the same name are left alone), deletes its
 // gateways' WireGuard keys, and last releases the site's claim — not
 // before, or a burst of the same site opened meanwhile would have its
 // certificates revoked by this one. claim is the opening's
@@ -829,7 +830,7 @@ func (v *Vault) CloseBurst(ctx context.Context, adminToken, site string, nodes [
 	if s != nil {
 		keys, _ = s.Data["keys"].([]any)
 	}
-	ours, unread, err := v.siteCertificates(ctx, c, keys, site)
+	ours, unread, err := v.siteCertificates(ctx, c, keys, site, nodes)
 	if err != nil {
 		return nil, err
 	}
@@ -871,11 +872,12 @@ const certReadParallel = 16
 type listedCert struct{ key, serial string }
 
 // siteCertificates reads the certificates of the PKI mount listed in
-// keys and returns the unexpired ones of site, in the order listed. A certificate gone or unparsable is not one of ours to
+// keys and returns the unexpired ones of burst site site: of its nodes,
+// or where they are not known, labelled a burst's; in the order listed. A certificate gone or unparsable is not one of ours to
 // judge; one that could not be read (Vault unreachable, denied) may be,
 // so it is returned in unread — after the others were tried — and the
 // close fails and can be run again.
-func (v *Vault) siteCertificates(ctx context.Context, c *vault.Client, keys []any, site string) (ours []listedCert, unread []error, err error) {
+func (v *Vault) siteCertificates(ctx context.Context, c *vault.Client, keys []any, site string, nodes []string) (ours []listedCert, unread []error, err error) {
 	now := time.Now()
 	found := make([]listedCert, len(keys))
 	var mu sync.Mutex
@@ -905,7 +907,11 @@ func (v *Vault) siteCertificates(ctx context.Context, c *vault.Client, keys []an
 			if err != nil || len(cs) == 0 || !cs[0].NotAfter.After(now) || cs[0].IsCA {
 				return nil
 			}
-			if a, err := AttributesOf(cs[0]); err != nil || a.Site != site {
+			// Only the burst's: a gateway of a lasting site of the same
+			// name (one opened over it while that site's gateways were
+			// away) is none of its nodes, nor labelled a burst's.
+			if a, err := AttributesOf(cs[0]); err != nil || a.Site != site ||
+				(len(nodes) > 0 && !slices.Contains(nodes, a.Node)) || (len(nodes) == 0 && a.Labels[BurstLabel] != "true") {
 				return nil
 			}
 			found[i] = listedCert{key: serial, serial: FormatSerial(cs[0].SerialNumber)}

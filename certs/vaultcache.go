@@ -88,7 +88,8 @@ func (s *VaultSecrets) GossipKeyring(ctx context.Context) (*GossipKeyring, error
 // GossipKeyringFromVault is GossipKeyring without the copy on disk: an
 // error when Vault cannot be reached.
 func (s *VaultSecrets) GossipKeyringFromVault(ctx context.Context) (*GossipKeyring, error) {
-	kr, err := s.Vault.GossipKeyring(ctx)
+	kept, _ := (DirSecrets{Dir: s.dir}).GossipKeyring(ctx) // none on a first start
+	kr, err := s.Vault.gossipKeyring(ctx, kept)
 	if err != nil {
 		return nil, err
 	}
