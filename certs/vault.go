@@ -939,6 +939,9 @@ func (v *Vault) wireGuardKey(ctx context.Context, node string) (WGPrivateKey, er
 	for range 3 {
 		s, err := v.kv().Get(ctx, v.wgPath(node))
 		if err == nil {
+			if s == nil || s.Data == nil {
+				return WGPrivateKey{}, v.deletedVersion(v.wgPath(node), s)
+			}
 			str, _ := s.Data["private_key"].(string)
 			k, err := ParseWGPrivateKey(str)
 			if err != nil {
@@ -962,6 +965,20 @@ func (v *Vault) wireGuardKey(ctx context.Context, node string) (WGPrivateKey, er
 		}
 	}
 	return WGPrivateKey{}, errors.New("vault WireGuard key keeps changing under us")
+}
+
+// deletedVersion says that the latest version of the KV secret at p is
+// deleted (Vault answers a read of it with no data), and how to bring it
+// back: read as a secret of nothing, it made a key "not 32 bytes" and a
+// keyring "empty", which pointed nowhere.
+func (v *Vault) deletedVersion(p string, s *vault.KVSecret) error {
+	version := "its latest version"
+	undelete := fmt.Sprintf("vault kv undelete -mount=%s -versions=N %s", v.cfg.KVMount, p)
+	if s != nil && s.VersionMetadata != nil {
+		version = fmt.Sprintf("its latest version, %d,", s.VersionMetadata.Version)
+		undelete = fmt.Sprintf("vault kv undelete -mount=%s -versions=%d %s", v.cfg.KVMount, s.VersionMetadata.Version, p)
+	}
+	return fmt.Errorf("vault %s/%s: %s is deleted: `%s` brings it back (a mount with delete_version_after deletes versions by itself: unset it for skybridge's secrets)", v.cfg.KVMount, p, version, undelete)
 }
 
 // SetWireGuardKey implements SecretStore: a new version of the KV secret
@@ -1020,6 +1037,9 @@ func (v *Vault) readKeyring(ctx context.Context, create bool, kept *GossipKeyrin
 	for range 3 {
 		s, err := v.kv().Get(ctx, v.gossipPath())
 		if err == nil {
+			if s == nil || s.Data == nil {
+				return nil, 0, v.deletedVersion(v.gossipPath(), s)
+			}
 			str, _ := s.Data["keyring"].(string)
 			kr, err := ParseGossipKeyring([]byte(str))
 			if err != nil {

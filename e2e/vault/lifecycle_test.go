@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -99,5 +100,30 @@ func TestVaultBurstDownSparesSameNamedSite(t *testing.T) {
 	must(t, err)
 	if tb.IsRevoked(serial) {
 		t.Fatal("the lasting site's gateway is revoked after the same-named burst's down")
+	}
+}
+
+// TestVaultDeletedVersionSaid: the latest version of a gateway's secret
+// deleted in Vault (vault kv delete, or a mount's delete_version_after) is
+// said as such, with the command that brings it back; read as a secret of
+// nothing, it was "not 32 bytes" and "empty", which pointed nowhere.
+func TestVaultDeletedVersionSaid(t *testing.T) {
+	e := startVault(t)
+	ctx := t.Context()
+	cfg, _ := e.approleConfig(t, t.TempDir())
+	p, err := certs.Open(ctx, cfg, slog.New(slog.DiscardHandler))
+	must(t, err)
+	defer p.Close()
+	_, err = p.Secrets().GossipKeyring(ctx)
+	must(t, err)
+	_, err = p.Secrets().WireGuardKey(ctx, "gw-a")
+	must(t, err)
+	must(t, e.root.KVv2(e.kv).Delete(ctx, "skybridge/gossip"))
+	must(t, e.root.KVv2(e.kv).Delete(ctx, "skybridge/nodes/gw-a/wireguard"))
+	if _, err := p.Secrets().GossipKeyring(ctx); err == nil || !strings.Contains(err.Error(), "its latest version, 1, is deleted: `vault kv undelete -mount="+e.kv+" -versions=1 skybridge/gossip`") {
+		t.Errorf("the keyring's latest version deleted: %v", err)
+	}
+	if _, err := p.Secrets().WireGuardKey(ctx, "gw-a"); err == nil || !strings.Contains(err.Error(), "is deleted: `vault kv undelete") {
+		t.Errorf("the WireGuard key's latest version deleted: %v", err)
 	}
 }
