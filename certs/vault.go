@@ -632,7 +632,10 @@ func (v *Vault) Sign(ctx context.Context, csrPEM []byte, attrs Attributes, ttl t
 	if err != nil {
 		return nil, fmt.Errorf("vault %s/sign/%s: %w", v.cfg.PKIMount, v.cfg.PKIRole, err)
 	}
-	certPEM, _ := s.Data["certificate"].(string)
+	var certPEM string
+	if s != nil { // an empty answer (a proxy in the way) is no certificate, not a crash
+		certPEM, _ = s.Data["certificate"].(string)
+	}
 	certs, err := ParseCertificatesPEM([]byte(certPEM))
 	if err != nil {
 		return nil, fmt.Errorf("vault returned no certificate: %w", err)
@@ -967,6 +970,15 @@ func (v *Vault) wireGuardKey(ctx context.Context, node string) (WGPrivateKey, er
 	return WGPrivateKey{}, errors.New("vault WireGuard key keeps changing under us")
 }
 
+// kvVersion is the version of a KV v2 read or write, 0 where Vault (or a
+// proxy in the way) did not say.
+func kvVersion(s *vault.KVSecret) int {
+	if s == nil || s.VersionMetadata == nil {
+		return 0
+	}
+	return s.VersionMetadata.Version
+}
+
 // deletedVersion says that the latest version of the KV secret at p is
 // deleted (Vault answers a read of it with no data), and how to bring it
 // back: read as a secret of nothing, it made a key "not 32 bytes" and a
@@ -1045,7 +1057,7 @@ func (v *Vault) readKeyring(ctx context.Context, create bool, kept *GossipKeyrin
 			if err != nil {
 				return nil, 0, fmt.Errorf("vault %s/%s: %w", v.cfg.KVMount, v.gossipPath(), err)
 			}
-			return kr, s.VersionMetadata.Version, nil
+			return kr, kvVersion(s), nil
 		}
 		if !errors.Is(err, vault.ErrSecretNotFound) || !create {
 			return nil, 0, fmt.Errorf("vault read gossip keyring: %w", err)
@@ -1063,7 +1075,7 @@ func (v *Vault) readKeyring(ctx context.Context, create bool, kept *GossipKeyrin
 			} else {
 				v.log.Info("created the mesh gossip keyring in vault", "path", v.gossipPath())
 			}
-			return kr, s.VersionMetadata.Version, nil
+			return kr, kvVersion(s), nil
 		}
 		if !isCASMismatch(err) {
 			return nil, 0, fmt.Errorf("vault store gossip keyring: %w", err)
