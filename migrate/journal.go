@@ -384,6 +384,11 @@ type SendRecord struct {
 	Finished  time.Time `json:"finished,omitzero"`
 	Root      Hash      `json:"root,omitzero"`
 	Stats     Stats     `json:"stats"`
+	// Restarted: an attempt started the chunks over (the source changed
+	// since the one before); every attempt after says so in its offer
+	// until the migration is done, as the receiver may hold stale chunks
+	// of the first source beside the new ones until its commit.
+	Restarted bool `json:"restarted,omitempty"`
 	// AuditPending says the end is recorded here but not yet in the
 	// audit log: a stop in between leaves it to EndInterrupted.
 	AuditPending bool `json:"audit_pending,omitempty"`
@@ -409,6 +414,10 @@ type RecvRecord struct {
 	// Attempted is when the sender last offered it (zero in records
 	// from before it was kept: Started then).
 	Attempted time.Time `json:"attempted,omitzero"`
+	// Restarted: an offer said its sender started the chunks over (its
+	// source changed); the chunks held before may be stale until the
+	// commit, so every later attempt gets room for all (Offer.Restarted).
+	Restarted bool `json:"restarted,omitempty"`
 }
 
 // ImageRecord is a stored image in the receiver's catalog.

@@ -789,9 +789,10 @@ func (p *pair) interruptedAs(raw, format string, chunks int) (*SendRecord, RecvR
 // TestResumeOfChangedSourceSaysSo: a resume whose source changed since the
 // interrupted attempt, its data now in other chunks, says so in its offer,
 // so that the receiver makes room for every new chunk beside the ones it
-// holds (which stay until the commit clears them); it completes, the
-// image intact. (Without it, the receiver holds it to the chunks that may
-// hold data less those held, and refuses the rest.)
+// holds (which stay until the commit clears them), and so does every
+// attempt after it; it completes, the image intact. (Without it, the
+// receiver holds it to the chunks that may hold data less those held, and
+// refuses the rest.)
 func TestResumeOfChangedSourceSaysSo(t *testing.T) {
 	p := newPair(t, "DE")
 	raw := filepath.Join(p.dir, "vm.raw")
@@ -799,10 +800,25 @@ func TestResumeOfChangedSourceSaysSo(t *testing.T) {
 	rec, _ := p.interruptedAs(raw, FormatRaw, 8)
 	os.Remove(raw)
 	makeRaw(t, raw, 32*mib, map[int64]int{16 * mib: 16 * mib})
+	// The resume is interrupted too, and resumed again: its source has
+	// not changed since, but the first source's chunks are still held
+	// beside the new ones, and room is still needed for all.
 	cfg := p.config(raw, "pii-eu")
+	cfg.ID, cfg.Streams, cfg.BWLimit = rec.ID, 1, 10*mib
+	ctx, cancel := context.WithCancel(context.Background())
+	cfg.Progress = func(pr Progress) {
+		if pr.Stats.ChunksDone >= 4 {
+			cancel()
+		}
+	}
+	if _, err := Send(ctx, cfg); !errors.Is(err, context.Canceled) {
+		t.Fatalf("the interrupted resume of a changed source: %v", err)
+	}
+	waitIdle(t, p.recv, rec.ID)
+	cfg = p.config(raw, "pii-eu")
 	cfg.ID = rec.ID
 	if _, err := Send(context.Background(), cfg); err != nil {
-		t.Fatalf("the resume of a changed source: %v", err)
+		t.Fatalf("the resume after the resume of a changed source: %v", err)
 	}
 	p.stored(raw)
 }

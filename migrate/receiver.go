@@ -1004,8 +1004,11 @@ func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision, log
 	if o.Chunks != nil {
 		allow = *o.Chunks
 	}
+	// Once restarted, for good: the next attempt's source is unchanged
+	// since that one, but the stale chunks are still held.
+	rec.Restarted = rec.Restarted || o.Restarted
 	fresh := allow
-	if !o.Restarted {
+	if !rec.Restarted {
 		fresh = max(0, allow-int64(len(durable)))
 	}
 	need := fresh * o.ChunkSize

@@ -183,9 +183,6 @@ type SendConfig struct {
 	mangle func(index int64, payload []byte)
 	// open, in tests, opens the source instead of OpenSource.
 	open func(path string) (Source, error)
-	// restarted: the resume started its chunks over (the source
-	// changed since the interrupted attempt), which the offer says.
-	restarted bool
 }
 
 // DeniedError is returned when the policy refuses a migration: before
@@ -408,12 +405,13 @@ func startRecord(cfg *SendConfig, sid SourceID) (*SendRecord, error) {
 			// longer describes the source: kept, its zeros would be
 			// skipped unread and its acknowledgements taken as sent, and
 			// the image stored as a mix under a root that verifies.
+			restarted := false
 			drop := func(why string, attrs ...any) error {
 				if err := cfg.Journal.dropSent(cfg.ID); err != nil {
 					return fmt.Errorf("migration %s: %s, and what its interrupted attempt sent cannot be forgotten: %w", cfg.ID, why, err)
 				}
 				cfg.Log.Warn(why+" since the interrupted attempt; starting its chunks over", append([]any{"migration_id", cfg.ID}, attrs...)...)
-				cfg.restarted = true
+				restarted = true
 				return nil
 			}
 			switch {
@@ -430,6 +428,7 @@ func startRecord(cfg *SendConfig, sid SourceID) (*SendRecord, error) {
 				}
 			}
 			old.State, old.Error, old.Reasons, old.Source, old.ChunkSize = StateRunning, "", nil, sid, cfg.ChunkSize
+			old.Restarted = old.Restarted || restarted
 			old.SourceFormat = cfg.SourceFormat // as resumedSourceFormat kept it
 			old.Started, old.Finished = cfg.Now(), time.Time{}
 			return old, cfg.Journal.put(bucketSend, old.ID, old)
@@ -652,7 +651,7 @@ func (s *sender) run(ctx context.Context) error {
 	stopClose := context.AfterFunc(ctx, func() { ctrl.Close() })
 	cw, cr := newFrameWriter(ctrl), newFrameReader(ctrl)
 	offer := Offer{ID: s.rec.ID, Name: s.rec.Name, Class: s.rec.Class, Format: s.rec.Format, Size: size, ChunkSize: chunk,
-		Streams: s.cfg.Streams, Policy: s.decision.Policy.RevisionString(), Chunks: new(int64(len(cands))), Restarted: s.cfg.restarted}
+		Streams: s.cfg.Streams, Policy: s.decision.Policy.RevisionString(), Chunks: new(int64(len(cands))), Restarted: s.rec.Restarted}
 	if err := cw.json(frameOffer, offer); err != nil {
 		return err
 	}
