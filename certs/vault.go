@@ -984,11 +984,19 @@ func kvVersion(s *vault.KVSecret) int {
 // back: read as a secret of nothing, it made a key "not 32 bytes" and a
 // keyring "empty", which pointed nowhere.
 func (v *Vault) deletedVersion(p string, s *vault.KVSecret) error {
+	ns := ""
+	if v.cfg.Namespace != "" {
+		ns = "VAULT_NAMESPACE=" + v.cfg.Namespace + " "
+	}
+	if s != nil && s.VersionMetadata != nil && s.VersionMetadata.Destroyed {
+		return fmt.Errorf("vault %s/%s: its latest version, %d, is destroyed and cannot come back: `%svault kv metadata delete -mount=%s %s` removes the secret, and the gateway then puts back the gossip keyring it kept, or makes a new WireGuard key",
+			v.cfg.KVMount, p, s.VersionMetadata.Version, ns, v.cfg.KVMount, p)
+	}
 	version := "its latest version"
-	undelete := fmt.Sprintf("vault kv undelete -mount=%s -versions=N %s", v.cfg.KVMount, p)
+	undelete := fmt.Sprintf("%svault kv undelete -mount=%s -versions=N %s", ns, v.cfg.KVMount, p)
 	if s != nil && s.VersionMetadata != nil {
 		version = fmt.Sprintf("its latest version, %d,", s.VersionMetadata.Version)
-		undelete = fmt.Sprintf("vault kv undelete -mount=%s -versions=%d %s", v.cfg.KVMount, s.VersionMetadata.Version, p)
+		undelete = fmt.Sprintf("%svault kv undelete -mount=%s -versions=%d %s", ns, v.cfg.KVMount, s.VersionMetadata.Version, p)
 	}
 	return fmt.Errorf("vault %s/%s: %s is deleted: `%s` brings it back (a mount with delete_version_after deletes versions by itself: unset it for skybridge's secrets)", v.cfg.KVMount, p, version, undelete)
 }

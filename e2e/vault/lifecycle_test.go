@@ -105,8 +105,9 @@ func TestVaultBurstDownSparesSameNamedSite(t *testing.T) {
 
 // TestVaultDeletedVersionSaid: the latest version of a gateway's secret
 // deleted in Vault (vault kv delete, or a mount's delete_version_after) is
-// said as such, with the command that brings it back; read as a secret of
-// nothing, it was "not 32 bytes" and "empty", which pointed nowhere.
+// said as such, with the command that brings it back, and one destroyed
+// as gone for good; read as a secret of nothing, it was "not 32 bytes" and
+// "empty", which pointed nowhere.
 func TestVaultDeletedVersionSaid(t *testing.T) {
 	e := startVault(t)
 	ctx := t.Context()
@@ -119,11 +120,12 @@ func TestVaultDeletedVersionSaid(t *testing.T) {
 	_, err = p.Secrets().WireGuardKey(ctx, "gw-a")
 	must(t, err)
 	must(t, e.root.KVv2(e.kv).Delete(ctx, "skybridge/gossip"))
-	must(t, e.root.KVv2(e.kv).Delete(ctx, "skybridge/nodes/gw-a/wireguard"))
+	must(t, e.root.KVv2(e.kv).Destroy(ctx, "skybridge/nodes/gw-a/wireguard", []int{1}))
 	if _, err := p.Secrets().GossipKeyring(ctx); err == nil || !strings.Contains(err.Error(), "its latest version, 1, is deleted: `vault kv undelete -mount="+e.kv+" -versions=1 skybridge/gossip`") {
 		t.Errorf("the keyring's latest version deleted: %v", err)
 	}
-	if _, err := p.Secrets().WireGuardKey(ctx, "gw-a"); err == nil || !strings.Contains(err.Error(), "is deleted: `vault kv undelete") {
-		t.Errorf("the WireGuard key's latest version deleted: %v", err)
+	// Destroyed, it cannot come back: the secret goes, and a new one comes.
+	if _, err := p.Secrets().WireGuardKey(ctx, "gw-a"); err == nil || !strings.Contains(err.Error(), "is destroyed and cannot come back: `vault kv metadata delete -mount="+e.kv+" skybridge/nodes/gw-a/wireguard`") {
+		t.Errorf("the WireGuard key's latest version destroyed: %v", err)
 	}
 }
