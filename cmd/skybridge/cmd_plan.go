@@ -381,6 +381,10 @@ func applyOne(ctx context.Context, cl *mesh.Client, pl migrate.Placement, vs *vm
 	mu.Lock()
 	defer mu.Unlock()
 	switch {
+	case err != nil && ctx.Err() != nil && vs.ID != "":
+		// Interrupted (Ctrl-C): the gateway carries the migration on,
+		// and the next apply follows it.
+		vs.State, vs.Error = migrate.StateRunning, "still running in the gateway when the apply was interrupted: apply again to follow it"
 	case err != nil:
 		vs.State, vs.Error = migrate.StateFailed, err.Error()
 	case final.Record != nil:
@@ -390,7 +394,10 @@ func applyOne(ctx context.Context, cl *mesh.Client, pl migrate.Placement, vs *vm
 			vs.Root = r.Root.String()
 		}
 	default:
-		vs.State, vs.Error = migrate.StateFailed, final.Error
+		// Failed before the gateway recorded it (the image missing,
+		// unreadable, not an image): there is nothing to resume, and
+		// its ID, kept, would be looked up in vain at every apply after.
+		vs.State, vs.Error, vs.ID = migrate.StateFailed, final.Error, ""
 	}
 	if final != nil && final.Denied != nil {
 		vs.State, vs.Error = migrate.StateDenied, strings.Join(final.Denied.Reasons, "; ")

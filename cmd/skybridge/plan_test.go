@@ -311,3 +311,49 @@ func TestCancelledMigrationNotFailed(t *testing.T) {
 		t.Errorf("exit %d, stderr %q; want exit 1 saying it was cancelled and how to resume it", code, errs)
 	}
 }
+
+// TestApplyRetriesAnEarlyFailure: a VM whose migration failed before the
+// gateway recorded it (its image missing at apply time) is sent anew by
+// the next apply, once the image is back. Its ID, kept, was looked up in
+// vain at every apply after, and the VM reported forgotten for good.
+func TestApplyRetriesAnEarlyFailure(t *testing.T) {
+	dir := t.TempDir()
+	plan := filepath.Join(dir, "plan.json")
+	b, _ := json.Marshal(migrate.Plan{Created: time.Now(), From: "gw-zrh", Placements: []migrate.Placement{
+		{VM: migrate.VM{Name: "vm1", Image: "/img/vm1.raw", Class: "pii-eu"}, To: "gw-fra", Site: "aws-eu-central-1"},
+	}})
+	os.WriteFile(plan, b, 0o644)
+	sock := filepath.Join(dir, "control.sock")
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var posts atomic.Int32
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch {
+		case r.Method == http.MethodGet && r.URL.Path == "/v1/migrations":
+			json.NewEncoder(w).Encode(mesh.MigrationList{})
+		case r.Method == http.MethodGet:
+			http.Error(w, "no such migration", http.StatusNotFound) // none was recorded
+		case r.Method == http.MethodPost && r.URL.Path == "/v1/migrations":
+			id := fmt.Sprintf("%016x", posts.Add(1))
+			json.NewEncoder(w).Encode(mesh.MigrationEvent{ID: id})
+			if posts.Load() == 1 {
+				json.NewEncoder(w).Encode(mesh.MigrationEvent{ID: id, Error: "open image: stat /img/vm1.raw: no such file or directory"})
+				return
+			}
+			json.NewEncoder(w).Encode(mesh.MigrationEvent{ID: id, Record: &migrate.SendRecord{ID: id, Name: "vm1", State: migrate.StateDone}})
+		default:
+			http.Error(w, "unexpected "+r.Method+" "+r.URL.Path, http.StatusBadRequest)
+		}
+	})}
+	go srv.Serve(ln)
+	defer srv.Close()
+	if _, errs, code := runCLI(t, "migrate", "apply", plan, "--socket", sock); code != 1 || !strings.Contains(errs, "did not complete") {
+		t.Fatalf("the first apply, the image missing: exit %d, %q", code, errs)
+	}
+	out, errs, code := runCLI(t, "migrate", "apply", plan, "--socket", sock)
+	if code != 0 || posts.Load() != 2 || strings.Contains(out+errs, "no longer knows") {
+		t.Fatalf("the apply after, the image back: exit %d, %d sends, %q %q; want it sent anew and done", code, posts.Load(), out, errs)
+	}
+}
