@@ -794,6 +794,15 @@ func (p *pair) interruptedAs(raw, format string, chunks int) (*SendRecord, RecvR
 // receiver holds it to the chunks that may hold data less those held, and
 // refuses the rest.)
 func TestResumeOfChangedSourceSaysSo(t *testing.T) {
+	for _, legacy := range []bool{false, true} {
+		t.Run(map[bool]string{false: "records of this release", true: "records of an earlier release"}[legacy], func(t *testing.T) { resumeOfChangedSource(t, legacy) })
+	}
+}
+
+// resumeOfChangedSource is TestResumeOfChangedSourceSaysSo; legacy, its
+// records are rewritten as an earlier release wrote them before the last
+// resume (which then asks for room for every chunk: it cannot know).
+func resumeOfChangedSource(t *testing.T, legacy bool) {
 	p := newPair(t, "DE")
 	raw := filepath.Join(p.dir, "vm.raw")
 	makeRaw(t, raw, 32*mib, map[int64]int{0: 16 * mib})
@@ -815,6 +824,23 @@ func TestResumeOfChangedSourceSaysSo(t *testing.T) {
 		t.Fatalf("the interrupted resume of a changed source: %v", err)
 	}
 	waitIdle(t, p.recv, rec.ID)
+	if legacy {
+		// Both records as a release before the eighth of 2026-11-27
+		// wrote them: they do not say the attempt restarted.
+		sr, err := p.sendJ.Send(rec.ID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		sr.Restarted, sr.SourceFormat = false, ""
+		var rr RecvRecord
+		if err := errors.Join(p.sendJ.put(bucketSend, rec.ID, sr), p.recvJ.get(bucketRecv, rec.ID, &rr)); err != nil {
+			t.Fatal(err)
+		}
+		rr.Restarted = false
+		if err := p.recvJ.put(bucketRecv, rec.ID, &rr); err != nil {
+			t.Fatal(err)
+		}
+	}
 	cfg = p.config(raw, "pii-eu")
 	cfg.ID = rec.ID
 	if _, err := Send(context.Background(), cfg); err != nil {

@@ -995,7 +995,7 @@ func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision, log
 	// source changed) may write all of them beside the old ones, which
 	// stay until the commit clears them: room for them all. Past what
 	// was made room for, claim refuses, saying so (a sender of a release
-	// before 2026-11-27 says nothing of a restart: its resume of a changed
+	// before the eighth of 2026-11-27 says nothing of a restart: its resume of a changed
 	// source is refused, where it used to overrun its room by the chunks
 	// held).
 	// An offer that does not say how many chunks hold data (a sender of
@@ -1403,7 +1403,7 @@ func (s *session) claim(i int64) bool {
 
 func (s *session) overClaimed() string {
 	if s.newMax < s.allow {
-		return fmt.Sprintf("more chunks hold data than the %d the offer said, less the %d held from the earlier attempt: the store made room for those only; a sender whose source changed since says so in its offer (a release before 2026-11-27 does not: start a new migration)", s.allow, s.allow-s.newMax)
+		return fmt.Sprintf("more new chunks than the %d the store made room for (the %d the offer said hold data, less those held from the earlier attempt); a sender whose source changed since says so in its offer (one of a release before the eighth of 2026-11-27 does not: start a new migration)", s.newMax, s.allow)
 	}
 	return fmt.Sprintf("more chunks hold data than the %d the offer said: the store made room for those only", s.allow)
 }

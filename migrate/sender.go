@@ -428,7 +428,10 @@ func startRecord(cfg *SendConfig, sid SourceID) (*SendRecord, error) {
 				}
 			}
 			old.State, old.Error, old.Reasons, old.Source, old.ChunkSize = StateRunning, "", nil, sid, cfg.ChunkSize
-			old.Restarted = old.Restarted || restarted
+			// A record of a release before the eighth of 2026-11-27 does not
+			// say whether an attempt restarted: one may have, so room for
+			// every chunk is asked for.
+			old.Restarted = old.Restarted || restarted || old.SourceFormat == ""
 			old.SourceFormat = cfg.SourceFormat // as resumedSourceFormat kept it
 			old.Started, old.Finished = cfg.Now(), time.Time{}
 			return old, cfg.Journal.put(bucketSend, old.ID, old)

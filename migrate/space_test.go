@@ -255,7 +255,7 @@ func TestResumedReceiveReservesWhatItAdmits(t *testing.T) {
 	// The source changed, the sender not saying so (a release before it
 	// did): its data is in other chunks now, and nothing was reserved for
 	// them beside the two held.
-	if why := attempt(false, 0, 2, 3); !strings.Contains(why, "less the 2 held from the earlier attempt") {
+	if why := attempt(false, 0, 2, 3); !strings.Contains(why, "more new chunks than the 0 the store made room for (the 2 the offer said hold data, less those held") {
 		t.Fatalf("new chunks beside those held, no restart said: %q; want them refused", why)
 	}
 	// Said: room for both beside the two held.

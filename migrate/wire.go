@@ -86,7 +86,7 @@ func checkOffer(o *Offer) error {
 	case o.Chunks != nil && *o.Chunks > maxOfferChunks:
 		// Its commit might not fit a frame: refused before any of its
 		// data moves, not after all of it has.
-		return fmt.Errorf("%d chunks of %d bytes holding data, and one migration carries at most %d: the sending gateway must send larger chunks (releases before 2026-11-27 do not: upgrade it)", *o.Chunks, o.ChunkSize, maxOfferChunks)
+		return fmt.Errorf("%d chunks of %d bytes holding data, and one migration carries at most %d: the sending gateway must send larger chunks (releases before the fourth of 2026-11-27 do not: upgrade it)", *o.Chunks, o.ChunkSize, maxOfferChunks)
 	}
 	return checkName(o.Name)
 }
