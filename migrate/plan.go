@@ -199,6 +199,7 @@ type slot struct {
 	policyErr map[string]string // class → why not, "" if allowed
 	rule      map[string]string // class → admitting rule
 	audit     map[string]bool   // class → denied, let through by audit mode
+	waived    map[string]bool   // class → admitted by an exception, for a time
 }
 
 // room is a site's capacity and what the plan has used of it. The
@@ -254,6 +255,13 @@ func MakePlan(in PlanInput) (*Plan, error) {
 		if len(in.To) > 0 && !slices.ContainsFunc(in.To, func(to string) bool { return Matches(d.Attributes, to) }) {
 			continue
 		}
+		// A gateway of the source's own site moves nothing out of it
+		// (and, idle beside the source, would be picked first): only
+		// when asked for by its name or its site's.
+		if d.Attributes.Site == in.From.Site && !slices.ContainsFunc(in.To, func(to string) bool { return to == d.Attributes.Node || to == d.Attributes.Site }) {
+			p.Notes = append(p.Notes, fmt.Sprintf("%s is of the source's own site %s: left out (name it, or its site, in --to to move VMs within the site)", d.Attributes.Node, d.Attributes.Site))
+			continue
+		}
 		cpu, mem, err := capacity(d.Attributes)
 		if err != nil {
 			p.Notes = append(p.Notes, err.Error()+": left out of the plan")
@@ -272,7 +280,7 @@ func MakePlan(in PlanInput) (*Plan, error) {
 			p.Notes = append(p.Notes, fmt.Sprintf("the gateways of %s advertise different capacities: planned with the smaller", d.Attributes.Site))
 			r.cpu, r.mem = min(r.cpu, cpu), min(r.mem, mem)
 		}
-		slots = append(slots, &slot{dest: d, room: r, policyErr: map[string]string{}, rule: map[string]string{}, audit: map[string]bool{}})
+		slots = append(slots, &slot{dest: d, room: r, policyErr: map[string]string{}, rule: map[string]string{}, audit: map[string]bool{}, waived: map[string]bool{}})
 	}
 
 	order := make([]int, len(in.VMs))
@@ -287,7 +295,10 @@ func MakePlan(in PlanInput) (*Plan, error) {
 	why := make([][]string, len(in.VMs))
 	for _, i := range order {
 		vm := in.VMs[i]
-		var best, bestAudit *slot // where the policy allows it; where its audit mode only lets it through
+		// Where the policy's rules allow it; where only an exception
+		// does, until it expires (the data is then stored outside the
+		// policy); where only its audit mode lets it through.
+		var best, bestWaived, bestAudit *slot
 		var reasons []string
 		for _, s := range slots {
 			if msg := s.admits(in, vm.Class); msg != "" {
@@ -304,13 +315,15 @@ func MakePlan(in PlanInput) (*Plan, error) {
 				if bestAudit == nil || better(s, bestAudit, vm) {
 					bestAudit = s
 				}
+			case s.waived[vm.Class]:
+				if bestWaived == nil || better(s, bestWaived, vm) {
+					bestWaived = s
+				}
 			case best == nil || better(s, best, vm):
 				best = s
 			}
 		}
-		if best == nil {
-			best = bestAudit
-		}
+		best = cmp.Or(best, bestWaived, bestAudit)
 		if best == nil {
 			if len(slots) == 0 {
 				reasons = []string{noDestination(in.To)}
@@ -381,7 +394,7 @@ func (s *slot) admits(in PlanInput, class string) string {
 	} else {
 		_, verdict := in.Policy.AdmitPath(class, policy.PathOf(in.From, s.dest.Via, a), in.Now)
 		if verdict.Allowed {
-			s.rule[class], s.audit[class] = verdict.Rule.String(), verdict.Denied
+			s.rule[class], s.audit[class], s.waived[class] = verdict.Rule.String(), verdict.Denied, verdict.Exception != nil
 		} else {
 			msg = fmt.Sprintf("%s (%s): %s [%s]", a.Node, a.Site, strings.Join(verdict.Reasons, "; "), verdict.Rule)
 		}
