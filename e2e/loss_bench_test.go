@@ -51,7 +51,21 @@ func TestBenchRoutesUnderLoss(t *testing.T) {
 		return st.Carriers["aws-eu-central-1"] == "gw-2a" && len(st.Unreachable) == 0,
 			fmt.Sprintf("carrier %s, unreachable %v", st.Carriers["aws-eu-central-1"], st.Unreachable)
 	}
-	waitFor(t, 90*time.Second, "both cloud gateways proven reachable, routes through gw-2a", settled)
+	// Proven, not merely answering: a gateway answering for 10 s without
+	// a miss (probeRecovery). Before that, while neither is, one that
+	// answers counts, and the routes follow each second miss.
+	steadySince := time.Time{}
+	waitFor(t, 120*time.Second, "both cloud gateways proven reachable (none unreachable for 12 s), routes through gw-2a", func() (bool, string) {
+		ok, state := settled()
+		if !ok {
+			steadySince = time.Time{}
+			return false, state
+		}
+		if steadySince.IsZero() {
+			steadySince = time.Now()
+		}
+		return time.Since(steadySince) >= 12*time.Second, state
+	})
 	underlayIf := "u" + zrh.short + l.id
 	logFile := filepath.Join(l.dir, "gw-"+zrh.short+"-1.log")
 	verdicts := func() int {

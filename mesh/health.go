@@ -125,8 +125,15 @@ func (g *Gateway) probeRound(ctx context.Context, states map[string]*probeState,
 	for i := range targets {
 		g.metrics.probed(answered[i], attempts[i])
 	}
+	judged := make(map[string]bool, len(states)) // before this round
+	for name := range states {
+		judged[name] = true
+	}
 	down, flips := judge(states, targets, members, before, answered, time.Now())
+	old := g.downSet()
+	flipped := make(map[string]bool, len(flips))
 	for _, n := range flips {
+		flipped[n.node()] = true
 		g.metrics.judged(down[n.node()])
 		if down[n.node()] {
 			g.log.Warn("gateway unreachable through its tunnel: its site's routes go through another gateway", "peer", n.node(), "peer_site", n.site())
@@ -134,7 +141,20 @@ func (g *Gateway) probeRound(ctx context.Context, states map[string]*probeState,
 			g.log.Info("gateway reachable through its tunnel again", "peer", n.node(), "peer_site", n.site())
 		}
 	}
-	if old := g.downSet(); !maps.Equal(old, down) {
+	// While no gateway of a site is proven, one that answers counts
+	// (judge): it goes in and out of the unreachable set, and the routes
+	// with it, without a verdict of its own. Said and counted all the
+	// same: a site whose gateways never stay answering long enough to be
+	// proven moves its routes at every second miss, and that was silent.
+	for _, n := range targets {
+		name := n.node()
+		if flipped[name] || !judged[name] || old[name] == down[name] {
+			continue
+		}
+		g.metrics.judged(down[name])
+		g.log.Info("no gateway of the site proven reachable yet: its routes follow those answering", "peer", name, "peer_site", n.site(), "answering", !down[name])
+	}
+	if !maps.Equal(old, down) {
 		g.down.Store(&down)
 		g.healthGen.Add(1)
 		g.triggerReconcile()

@@ -1,18 +1,23 @@
 package mesh
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"log/slog"
 	"net"
 	"net/netip"
 	"slices"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
 	"github.com/skybridge-mesh/skybridge/certs"
+	"github.com/skybridge-mesh/skybridge/migrate"
 )
 
 // TestProbeVerdicts: a gateway is unreachable after two misses in a row
@@ -246,5 +251,58 @@ func TestProbeTriesAgain(t *testing.T) {
 				t.Errorf("%d dials, want %d", d.n, tc.attempts)
 			}
 		})
+	}
+}
+
+// unanswered answers the probe's connection attempts at once (refused),
+// but never those to the addresses in lost.
+type unanswered struct {
+	*RecordingDevice
+	lost map[string]bool
+}
+
+func (d *unanswered) Dial(ctx context.Context, addr string) (net.Conn, error) {
+	if d.lost[addr] {
+		<-ctx.Done()
+		return nil, ctx.Err()
+	}
+	return nil, fmt.Errorf("dial tcp %s: %w", addr, syscall.ECONNREFUSED)
+}
+
+// TestUnprovenMovesAreCounted: while no gateway of a site is proven, one
+// that answers counts, and its second miss moves the site's routes
+// without a verdict of its own (it was unproven, down, all along). The
+// move is logged and counted as the verdicts are; it was silent, and a
+// site whose gateways never stayed answering long enough to be proven
+// (a lossy path) moved its routes every few seconds unseen.
+func TestUnprovenMovesAreCounted(t *testing.T) {
+	f := newFixture(t)
+	ms := newMembership("gw-zrh", f.trust(), func() time.Time { return f.now }, func() {})
+	fra1, fra2 := f.identity("fra-1", "fra", 2, f.now.Add(-time.Hour)), f.identity("fra-2", "fra", 3, f.now.Add(-time.Hour))
+	for _, id := range []*certs.NodeIdentity{fra1, fra2} {
+		ms.addCert(id.Certificate().Raw)
+		ms.update(id.Attributes().Node, gossipAddr, f.advert(id, 1))
+	}
+	lost := netip.AddrPortFrom(fra1.Attributes().OverlayIP, migrate.DefaultPort).String()
+	var logs bytes.Buffer
+	g := &Gateway{members: ms, dev: &unanswered{RecordingDevice: NewRecordingDevice("health"), lost: map[string]bool{lost: true}},
+		log: slog.New(slog.NewTextHandler(&logs, nil)), kick: make(chan struct{}, 1)}
+	g.metrics = newMetrics(g)
+	g.id.Store(f.identity("gw-zrh", "zrh", 1, f.now.Add(-time.Hour)))
+	g.plan.Store(&Plan{Carriers: map[string]string{"zrh": "gw-zrh", "fra": "fra-1"}})
+	g.down.Store(&map[string]bool{}) // both answering, neither proven
+	states := map[string]*probeState{
+		"fra-1": {site: "fra", down: true, answered: true, fails: 1, lastSeen: f.now},
+		"fra-2": {site: "fra", down: true, answered: true, lastSeen: f.now},
+	}
+	g.probeRound(context.Background(), states, map[string]bool{"gw-zrh": true, "fra-1": true})
+	if d := g.downSet(); !d["fra-1"] || d["fra-2"] {
+		t.Fatalf("down after fra-1's second miss: %v; want fra-1, whose answering no longer counts", d)
+	}
+	if n := testutil.ToFloat64(g.metrics.verdicts.WithLabelValues("unreachable")); n != 1 {
+		t.Errorf("unreachable verdicts counted: %v, want 1", n)
+	}
+	if !strings.Contains(logs.String(), "no gateway of the site proven reachable yet: its routes follow those answering") || !strings.Contains(logs.String(), "peer=fra-1") {
+		t.Errorf("the move is not logged:\n%s", logs.String())
 	}
 }

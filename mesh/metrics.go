@@ -103,7 +103,7 @@ func newMetrics(g *Gateway) *metrics {
 		}),
 		verdicts: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "skybridge_gateway_verdicts_total",
-			Help: "Times a gateway of a remote site with a choice of gateways was judged unreachable through its tunnel (two probes missed in a row) or reachable again (answering for 10 s), by verdict. Both rising: a gateway that comes and goes.",
+			Help: "Times a gateway of a remote site with a choice of gateways was judged unreachable through its tunnel (two probes missed in a row) or reachable again (answering for 10 s; at once while no gateway of its site is proven), by verdict. Both rising: a gateway that comes and goes, and its site's routes with it.",
 		}, []string{"verdict"}),
 		recent: &decisionLog{max: maxRecentDecisions},
 	}
