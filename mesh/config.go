@@ -458,11 +458,13 @@ func validInterfaceName(n string) bool {
 // parseAddrPort accepts "ip:port", "[ip6]:port" or a bare IP (with
 // defaultPort).
 func parseAddrPort(s string, defaultPort int) (netip.AddrPort, error) {
+	// Unmapped: [::ffff:192.0.2.1] is the IPv4 address, and is judged so
+	// (which family of a peer's endpoints to dial follows ours).
 	if ap, err := netip.ParseAddrPort(s); err == nil {
-		return ap, nil
+		return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()), nil
 	}
 	if a, err := netip.ParseAddr(s); err == nil {
-		return netip.AddrPortFrom(a, uint16(defaultPort)), nil
+		return netip.AddrPortFrom(a.Unmap(), uint16(defaultPort)), nil
 	}
 	return netip.AddrPort{}, fmt.Errorf("%q is not an address such as 192.0.2.1:%s", s, strconv.Itoa(defaultPort))
 }

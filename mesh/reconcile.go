@@ -94,14 +94,23 @@ func newPeer(pc PeerConfig) wgtypes.PeerConfig {
 
 // DiffRoutes returns the routes to add and to remove so that the routes
 // skybridge installed become want.
+// It runs at every pass, the plan reused or not: sets, not a scan of one
+// list per entry of the other (a thousand gateways of 32 routes each
+// took most of a second).
 func DiffRoutes(have, want []netip.Prefix) (add, del []netip.Prefix) {
+	haveSet := make(map[netip.Prefix]struct{}, len(have))
+	for _, h := range have {
+		haveSet[h] = struct{}{}
+	}
+	wantSet := make(map[netip.Prefix]struct{}, len(want))
 	for _, w := range want {
-		if !slices.Contains(have, w) {
+		wantSet[w] = struct{}{}
+		if _, ok := haveSet[w]; !ok {
 			add = append(add, w)
 		}
 	}
 	for _, h := range have {
-		if !slices.Contains(want, h) {
+		if _, ok := wantSet[h]; !ok {
 			del = append(del, h)
 		}
 	}

@@ -526,7 +526,9 @@ func pickEndpoint(self, peer []netip.AddrPort) netip.AddrPort {
 	}
 	if len(self) > 0 {
 		for _, e := range peer {
-			if e.Addr().Is4() == self[0].Addr().Is4() {
+			// Unmapped: an IPv4 address written as ::ffff:a.b.c.d is an
+			// IPv4 underlay, not an IPv6 one.
+			if e.Addr().Unmap().Is4() == self[0].Addr().Unmap().Is4() {
 				return e
 			}
 		}
@@ -613,11 +615,12 @@ func dedupe(plan *Plan, self Node, mesh netip.Prefix) {
 		slices.SortFunc(pc.AllowedIPs, comparePrefix)
 		pc.AllowedIPs = slices.Compact(pc.AllowedIPs)
 	}
-	// Claims of different peers almost never overlap; finding out whether
-	// any do costs a sort, while settling who keeps what costs a
-	// comparison of every pair (a thousand-gateway mesh spent most of its
-	// reconcile time there), so settle only when needed.
-	contested := anyOverlap(plan.Peers)
+	// Claims of different peers almost never overlap; finding which do
+	// costs a sort, while settling who keeps what costs a comparison with
+	// every prefix kept (a thousand-gateway mesh spent most of its
+	// reconcile time there, and with one overlap anywhere, 32 routes per
+	// gateway took seconds), so only those that overlap are settled.
+	contested := overlapping(plan.Peers)
 	var taken []netip.Prefix
 	owner := map[netip.Prefix]string{}
 	for i := range plan.Peers {
@@ -642,7 +645,7 @@ func dedupe(plan *Plan, self Node, mesh netip.Prefix) {
 					continue
 				}
 			}
-			if contested {
+			if contested[p] {
 				if q, ok := overlapsAny(p, taken); ok {
 					plan.Conflicts = append(plan.Conflicts, fmt.Sprintf("%s of %s overlaps %s of %s; not routed to it", p, pc.Node, q, owner[q]))
 					continue
@@ -747,12 +750,17 @@ func (u underlay) in(p netip.Prefix) bool {
 }
 
 // anyOverlap reports whether any two allowed prefixes of the peers overlap
-// (each peer's own list is already free of duplicates). Sorted by address
-// then length, a prefix overlaps an earlier one only if that one contains
-// it, and the innermost such one is on a stack of the prefixes still open.
-// IPv4 prefixes, the usual case, are sorted as integers: sorting netip
-// values was most of the cost of a thousand-peer plan.
-func anyOverlap(peers []PeerConfig) bool {
+// (each peer's own list is already free of duplicates).
+func anyOverlap(peers []PeerConfig) bool { return len(overlapping(peers)) > 0 }
+
+// overlapping returns the allowed prefixes of the peers that overlap
+// another (nil if none): only they need settling, against each other.
+// Sorted by address then length, a prefix overlaps an earlier one only if
+// that one contains it, and those containing it are on a stack of the
+// prefixes still open. IPv4 prefixes, the usual case, are sorted as
+// integers: sorting netip values was most of the cost of a thousand-peer
+// plan.
+func overlapping(peers []PeerConfig) map[netip.Prefix]bool {
 	v4 := make([]uint64, 0, 2*len(peers)) // address << 8 | length
 	var v6 []netip.Prefix
 	for _, pc := range peers {
@@ -765,6 +773,17 @@ func anyOverlap(peers []PeerConfig) bool {
 			}
 		}
 	}
+	var out map[netip.Prefix]bool
+	mark := func(p netip.Prefix) {
+		if out == nil {
+			out = map[netip.Prefix]bool{}
+		}
+		out[p] = true
+	}
+	prefix4 := func(k uint64) netip.Prefix {
+		a := uint32(k >> 8)
+		return netip.PrefixFrom(netip.AddrFrom4([4]byte{byte(a >> 24), byte(a >> 16), byte(a >> 8), byte(a)}), int(k&0xff))
+	}
 	slices.Sort(v4)
 	var open4 []uint64
 	contains := func(q, k uint64) bool { // prefix q contains the address of k
@@ -776,7 +795,10 @@ func anyOverlap(peers []PeerConfig) bool {
 			open4 = open4[:len(open4)-1]
 		}
 		if len(open4) > 0 {
-			return true
+			mark(prefix4(k))
+			for _, q := range open4 {
+				mark(prefix4(q))
+			}
 		}
 		open4 = append(open4, k)
 	}
@@ -787,11 +809,14 @@ func anyOverlap(peers []PeerConfig) bool {
 			open = open[:len(open)-1]
 		}
 		if len(open) > 0 {
-			return true
+			mark(p)
+			for _, q := range open {
+				mark(q)
+			}
 		}
 		open = append(open, p)
 	}
-	return false
+	return out
 }
 
 func overlapsAny(p netip.Prefix, set []netip.Prefix) (netip.Prefix, bool) {

@@ -336,6 +336,16 @@ func TestAnyOverlap(t *testing.T) {
 			t.Errorf("%s: anyOverlap = %v, want %v", tt.name, got, tt.want)
 		}
 	}
+	// Which overlap: only they are settled against each other.
+	got := overlapping([]PeerConfig{pc("10.0.0.0/8", "100.96.0.1/32"), pc("10.200.0.0/16", "192.0.2.0/24"), pc("10.9.0.0/16", "fd00::/48"), pc("fd00:0:0:1::/64", "fd01::/48")})
+	var names []string
+	for p := range got {
+		names = append(names, p.String())
+	}
+	slices.Sort(names)
+	if want := []string{"10.0.0.0/8", "10.200.0.0/16", "10.9.0.0/16", "fd00:0:0:1::/64", "fd00::/48"}; !slices.Equal(names, want) {
+		t.Errorf("overlapping = %v, want %v", names, want)
+	}
 }
 
 // BenchmarkCompute1000 is one reconcile's planning in a 1,000-gateway
@@ -363,6 +373,35 @@ func BenchmarkCompute1000(b *testing.B) {
 				}
 			}
 		})
+	}
+}
+
+// BenchmarkComputeContested: a thousand peers of 32 routes each, two of
+// which claim overlapping prefixes: only the overlapping claims are
+// settled against each other (every prefix was checked against every one
+// kept before it, once any overlap was found: seconds per plan).
+func BenchmarkComputeContested(b *testing.B) {
+	var peers []Node
+	for i := range 1000 {
+		var routes []string
+		for r := range 32 {
+			routes = append(routes, fmt.Sprintf("10.%d.%d.0/24", 100+i/8, (i%8)*32+r))
+		}
+		if i == 999 {
+			routes[31] = "10.100.0.0/23" // overlaps gw0000's first two
+		}
+		n := gw(fmt.Sprintf("gw%04d", i), fmt.Sprintf("site-%d", i), "CH", "onprem", 0, "swiss-banking-secret", routes...)
+		n.Attributes.OverlayIP = netip.AddrFrom4([4]byte{100, 97, byte(i / 256), byte(i%256 + 1)})
+		n.Advert.OverlayIP = n.Attributes.OverlayIP
+		n.Advert.WireGuardKey[0], n.Advert.WireGuardKey[1] = byte(i), byte(i>>8)
+		peers = append(peers, n)
+	}
+	in := TopologyInput{Self: sbs1, Peers: peers, Now: now, MeshPrefix: netip.MustParsePrefix("100.96.0.0/12")}
+	b.ReportAllocs()
+	for b.Loop() {
+		if p := Compute(in); len(p.Conflicts) != 1 {
+			b.Fatalf("conflicts %q", p.Conflicts)
+		}
 	}
 }
 
@@ -566,6 +605,19 @@ func TestForeignEndpointIsNotDialled(t *testing.T) {
 				t.Errorf("%s: %s's endpoint %v", tc.name, pc.Node, pc.Endpoint)
 			}
 		}
+	}
+}
+
+// TestMappedSelfEndpointIsIPv4: our own endpoint written as an
+// IPv4-mapped IPv6 address is an IPv4 underlay: peers are dialled at
+// their IPv4 endpoints, not over IPv6 (which an IPv4-only underlay
+// cannot carry).
+func TestMappedSelfEndpointIsIPv4(t *testing.T) {
+	self := zrh1
+	self.Advert.Endpoints = []netip.AddrPort{netip.MustParseAddrPort("[::ffff:192.0.2.1]:51820")}
+	plan := Compute(TopologyInput{Self: self, Peers: []Node{fra1}, Now: now, MeshPrefix: mesh16})
+	if len(plan.Peers) != 1 || plan.Peers[0].Endpoint != netip.MustParseAddrPort("192.0.2.4:51820") {
+		t.Fatalf("peers %+v; want fra-1 dialled at its IPv4 endpoint", plan.Peers)
 	}
 }
 
