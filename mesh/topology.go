@@ -585,7 +585,7 @@ func sharedClasses(a, b string) []string {
 
 // dedupe sorts each peer's allowed IPs, drops any prefix that overlaps one
 // already given to another peer (WireGuard routes an address to exactly
-// one peer; the first peer by name keeps it), that covers our own overlay
+// one peer; the peer of the first site by name keeps it), that covers our own overlay
 // address or routes, or that covers the underlay endpoint of a gateway of
 // the same site, and derives the routes: every allowed prefix outside the
 // mesh overlay range.
@@ -623,7 +623,19 @@ func dedupe(plan *Plan, self Node, mesh netip.Prefix) {
 	contested := overlapping(plan.Peers)
 	var taken []netip.Prefix
 	owner := map[netip.Prefix]string{}
-	for i := range plan.Peers {
+	// Claims are settled site by site (the first by name keeps a prefix
+	// claimed twice), then gateway by gateway: which gateway of a site
+	// carries its routes is each gateway's own view (its probes), and by
+	// gateway name alone one gateway could give a prefix to one site and
+	// its sibling, seeing another carrier, to the other.
+	order := make([]int, len(plan.Peers))
+	for i := range order {
+		order[i] = i
+	}
+	if contested != nil {
+		slices.SortStableFunc(order, func(a, b int) int { return cmp.Compare(plan.Peers[a].Site, plan.Peers[b].Site) })
+	}
+	for _, i := range order {
 		pc := &plan.Peers[i]
 		kept := pc.AllowedIPs[:0]
 		for _, p := range pc.AllowedIPs {

@@ -608,6 +608,29 @@ func TestForeignEndpointIsNotDialled(t *testing.T) {
 	}
 }
 
+// TestContestedPrefixSameSiteWhateverTheView: a prefix two sites claim
+// goes to the same site from every gateway, whichever of that site's
+// gateways each sees carrying it. (Settled by gateway name, a viewer that
+// judged site-a's first gateway down gave the prefix to site-b, while its
+// sibling, seeing all up, gave it to site-a: asymmetric routes.)
+func TestContestedPrefixSameSiteWhateverTheView(t *testing.T) {
+	a1, x1 := gw("a-1", "site-a", "DE", "aws", 10, "pii-eu", "10.7.0.0/16"), gw("x-1", "site-a", "DE", "aws", 11, "pii-eu", "10.7.0.0/16")
+	m1 := gw("m-1", "site-b", "DE", "aws", 12, "pii-eu", "10.7.0.0/16")
+	c1, c2 := gw("c-1", "site-c", "DE", "aws", 20, "pii-eu"), gw("c-2", "site-c", "DE", "aws", 21, "pii-eu")
+	owner := func(self Node, down map[string]bool) string {
+		plan := Compute(TopologyInput{Self: self, Peers: []Node{a1, c1, c2, m1, x1}, Now: now, MeshPrefix: mesh16, Down: down})
+		for _, pc := range plan.Peers {
+			if slices.Contains(pc.AllowedIPs, netip.MustParsePrefix("10.7.0.0/16")) {
+				return pc.Site
+			}
+		}
+		return ""
+	}
+	if o1, o2 := owner(c1, nil), owner(c2, map[string]bool{"a-1": true}); o1 != "site-a" || o2 != "site-a" {
+		t.Errorf("10.7.0.0/16 goes to %q from c-1 (all up) and to %q from c-2 (a-1 down); want site-a from both", o1, o2)
+	}
+}
+
 // TestMappedSelfEndpointIsIPv4: our own endpoint written as an
 // IPv4-mapped IPv6 address is an IPv4 underlay: peers are dialled at
 // their IPv4 endpoints, not over IPv6 (which an IPv4-only underlay
