@@ -270,6 +270,17 @@ func migrateApply(c *cli.Context) error {
 	if err != nil {
 		return fmt.Errorf("nothing applied: %w", err)
 	}
+	// The plan judged paths, hubs and throughput from the gateway it was
+	// made at; through another, the data would leave from elsewhere.
+	if plan.From != "" {
+		gs, err := cl.Status(ctx)
+		if err != nil {
+			return fmt.Errorf("nothing applied: %w", err)
+		}
+		if gs.Node != plan.From {
+			return fmt.Errorf("nothing applied: %s was made at gateway %s, and this is %s (the VMs would leave from its site, %s): apply it through %s's control socket, or plan again here", path, plan.From, gs.Node, gs.Site, plan.From)
+		}
+	}
 	started := map[string]string{} // VM name → migration ID
 	for _, r := range l.Sending {
 		if !r.Started.Before(plan.Created) {

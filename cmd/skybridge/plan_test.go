@@ -315,7 +315,8 @@ func TestCancelledMigrationNotFailed(t *testing.T) {
 // TestApplyRetriesAnEarlyFailure: a VM whose migration failed before the
 // gateway recorded it (its image missing at apply time) is sent anew by
 // the next apply, once the image is back. Its ID, kept, was looked up in
-// vain at every apply after, and the VM reported forgotten for good.
+// vain at every apply after, and the VM reported forgotten for good. And
+// a plan is applied only through the gateway it was made at.
 func TestApplyRetriesAnEarlyFailure(t *testing.T) {
 	dir := t.TempDir()
 	plan := filepath.Join(dir, "plan.json")
@@ -329,10 +330,14 @@ func TestApplyRetriesAnEarlyFailure(t *testing.T) {
 		t.Fatal(err)
 	}
 	var posts atomic.Int32
+	var gateway atomic.Value // read by the server's goroutines
+	gateway.Store("gw-zrh")
 	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch {
 		case r.Method == http.MethodGet && r.URL.Path == "/v1/migrations":
 			json.NewEncoder(w).Encode(mesh.MigrationList{})
+		case r.Method == http.MethodGet && r.URL.Path == "/v1/status":
+			json.NewEncoder(w).Encode(mesh.Status{Node: gateway.Load().(string), Site: "onprem-zrh"})
 		case r.Method == http.MethodGet:
 			http.Error(w, "no such migration", http.StatusNotFound) // none was recorded
 		case r.Method == http.MethodPost && r.URL.Path == "/v1/migrations":
@@ -355,5 +360,12 @@ func TestApplyRetriesAnEarlyFailure(t *testing.T) {
 	out, errs, code := runCLI(t, "migrate", "apply", plan, "--socket", sock)
 	if code != 0 || posts.Load() != 2 || strings.Contains(out+errs, "no longer knows") {
 		t.Fatalf("the apply after, the image back: exit %d, %d sends, %q %q; want it sent anew and done", code, posts.Load(), out, errs)
+	}
+	// Through another gateway than the plan's, nothing is applied: the
+	// VMs would leave from another site than the one planned.
+	os.Remove(plan + ".state")
+	gateway.Store("gw-iad")
+	if _, errs, code := runCLI(t, "migrate", "apply", plan, "--socket", sock); code != 1 || posts.Load() != 2 || !strings.Contains(errs, "was made at gateway gw-zrh, and this is gw-iad") {
+		t.Fatalf("apply through another gateway: exit %d, %d sends, %q; want it refused, nothing sent", code, posts.Load(), errs)
 	}
 }
