@@ -994,12 +994,11 @@ func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision, log
 	// takes no new room). A sender that started its chunks over (its
 	// source changed) may write all of them beside the old ones, which
 	// stay until the commit clears them: room for them all. Past what
-	// was made room for, claim refuses, saying so (a sender of a release
-	// before the eighth of 2026-11-27 says nothing of a restart: its resume of a changed
-	// source is refused, where it used to overrun its room by the chunks
-	// held).
-	// An offer that does not say how many chunks hold data (a sender of
-	// a release before it did) may fill every one: room for them all.
+	// was made room for, claim refuses, saying so. (A sender of a
+	// release before the eighth of 2026-11-27 says nothing of a restart:
+	// its resume of a changed source is refused, where it used to overrun
+	// its room by the chunks held. One that does not say how many chunks
+	// hold data may fill every one: room for them all.)
 	allow := chunkCount(o.Size, o.ChunkSize)
 	if o.Chunks != nil {
 		allow = *o.Chunks
