@@ -48,6 +48,11 @@ type probeState struct {
 	lastSeen time.Time // last time it was a member
 }
 
+// answering: it has answered, and not missed probeFailures probes in a
+// row since (judge counts it reachable while no gateway of its site is
+// proven).
+func (st *probeState) answering() bool { return st.answered && st.fails < probeFailures }
+
 // observe takes one probe's outcome and reports whether the verdict
 // changed.
 func (st *probeState) observe(answered bool, now time.Time) bool {
@@ -125,9 +130,9 @@ func (g *Gateway) probeRound(ctx context.Context, states map[string]*probeState,
 	for i := range targets {
 		g.metrics.probed(answered[i], attempts[i])
 	}
-	judged := make(map[string]bool, len(states)) // before this round
-	for name := range states {
-		judged[name] = true
+	answering := make(map[string]bool, len(states)) // as of before this round
+	for name, st := range states {
+		answering[name] = st.answering()
 	}
 	down, flips := judge(states, targets, members, before, answered, time.Now())
 	old := g.downSet()
@@ -148,7 +153,12 @@ func (g *Gateway) probeRound(ctx context.Context, states map[string]*probeState,
 	// proven moves its routes at every second miss, and that was silent.
 	for _, n := range targets {
 		name := n.node()
-		if flipped[name] || !judged[name] || old[name] == down[name] {
+		st := states[name]
+		was, judged := answering[name]
+		// Its own answering changed, and with it whether it counts: not
+		// a move a sibling's verdict made, nor one judged the first
+		// time, nor a state forgotten.
+		if flipped[name] || !judged || st == nil || old[name] == down[name] || was == st.answering() {
 			continue
 		}
 		g.metrics.judged(down[name])
@@ -223,8 +233,7 @@ func judge(states map[string]*probeState, targets []Node, members, carriers map[
 				continue
 			}
 		}
-		answering := st.answered && st.fails < probeFailures && members[name]
-		if st.down && !(answering && !proven[st.site]) {
+		if st.down && !(st.answering() && members[name] && !proven[st.site]) {
 			down[name] = true
 		}
 	}

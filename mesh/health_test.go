@@ -305,4 +305,26 @@ func TestUnprovenMovesAreCounted(t *testing.T) {
 	if !strings.Contains(logs.String(), "no gateway of the site proven reachable yet: its routes follow those answering") || !strings.Contains(logs.String(), "peer=fra-1") {
 		t.Errorf("the move is not logged:\n%s", logs.String())
 	}
+
+	// A move its sibling's verdict makes is not one: fra-2, answering
+	// for a minute, is proven this round, and fra-1, answering too but
+	// unproven, gives way to it without having missed anything.
+	logs.Reset()
+	g.metrics = newMetrics(g)
+	g.dev = &unanswered{RecordingDevice: NewRecordingDevice("health")}
+	g.down.Store(&map[string]bool{})
+	states = map[string]*probeState{
+		"fra-1": {site: "fra", down: true, answered: true, upSince: time.Now(), lastSeen: f.now},
+		"fra-2": {site: "fra", down: true, answered: true, upSince: time.Now().Add(-time.Minute), lastSeen: f.now},
+	}
+	g.probeRound(context.Background(), states, map[string]bool{"gw-zrh": true, "fra-1": true})
+	if d := g.downSet(); !d["fra-1"] || d["fra-2"] {
+		t.Fatalf("down after fra-2 is proven: %v; want fra-1, unproven, giving way", d)
+	}
+	if n := testutil.ToFloat64(g.metrics.verdicts.WithLabelValues("unreachable")); n != 0 {
+		t.Errorf("unreachable verdicts counted for a gateway that answered: %v, want 0\n%s", n, logs.String())
+	}
+	if n := testutil.ToFloat64(g.metrics.verdicts.WithLabelValues("reachable")); n != 1 {
+		t.Errorf("reachable verdicts: %v, want fra-2's one", n)
+	}
 }
