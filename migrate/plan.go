@@ -87,6 +87,7 @@ type PlanInput struct {
 type Plan struct {
 	Created    time.Time     `json:"created"`
 	From       string        `json:"from"`
+	FromSite   string        `json:"from_site,omitempty"` // where the VMs leave from: any gateway of it may apply the plan
 	Policy     string        `json:"policy"`
 	To         []string      `json:"to,omitempty"`
 	Placements []Placement   `json:"placements"` // in inventory order
@@ -231,22 +232,26 @@ func (s *slot) fill(vm VM) float64 {
 }
 
 // MakePlan places the VMs: for each, the destinations the selectors name
-// and the policy admits (store at the destination, transit on the way)
-// with room left, the least loaded first — migrations it is receiving
-// plus those planned for it, as a dispatcher hands work to the least busy
-// worker — then the one left least full, then by name. The largest VMs
-// are placed first, so that they are not the ones left without room.
+// (not the source's own site unless they name it or its gateway) and the
+// policy admits (store at the destination, transit on the way) with room
+// left; those the class's rules allow before those only an exception
+// admits, and those only audit mode lets through last; within each, the
+// least loaded first — migrations it is receiving plus those planned for
+// it, as a dispatcher hands work to the least busy worker — then the one
+// left least full, then by name. The largest VMs are placed first, so
+// that they are not the ones left without room.
 func MakePlan(in PlanInput) (*Plan, error) {
 	if err := ValidateInventory(in.VMs); err != nil {
 		return nil, err
 	}
-	p := &Plan{Created: in.Now, From: in.From.Node, To: in.To, Placements: []Placement{}, Unplaced: []Unplaced{}, Sites: []SitePlan{}}
+	p := &Plan{Created: in.Now, From: in.From.Node, FromSite: in.From.Site, To: in.To, Placements: []Placement{}, Unplaced: []Unplaced{}, Sites: []SitePlan{}}
 	if in.Policy != nil {
 		p.Policy = in.Policy.Revision().String()
 	}
 	dests := slices.Clone(in.Destinations)
 	slices.SortFunc(dests, func(a, b Destination) int { return cmp.Compare(a.Attributes.Node, b.Attributes.Node) })
 	var slots []*slot
+	ownSite := 0 // gateways of the source's own site left out
 	rooms := map[string]*room{}
 	for _, d := range dests {
 		if d.Attributes.Node == in.From.Node {
@@ -260,6 +265,7 @@ func MakePlan(in PlanInput) (*Plan, error) {
 		// when asked for by its name or its site's.
 		if d.Attributes.Site == in.From.Site && !slices.ContainsFunc(in.To, func(to string) bool { return to == d.Attributes.Node || to == d.Attributes.Site }) {
 			p.Notes = append(p.Notes, fmt.Sprintf("%s is of the source's own site %s: left out (name it, or its site, in --to to move VMs within the site)", d.Attributes.Node, d.Attributes.Site))
+			ownSite++
 			continue
 		}
 		cpu, mem, err := capacity(d.Attributes)
@@ -327,6 +333,9 @@ func MakePlan(in PlanInput) (*Plan, error) {
 		if best == nil {
 			if len(slots) == 0 {
 				reasons = []string{noDestination(in.To)}
+				if ownSite > 0 {
+					reasons = []string{fmt.Sprintf("only gateways of the source's own site %s match, and they are no destination unless named: name one, or the site, in --to to move VMs within the site", in.From.Site)}
+				}
 			}
 			why[i] = reasons
 			continue

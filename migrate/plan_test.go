@@ -364,6 +364,9 @@ func TestMakePlanLeavesTheSourceSite(t *testing.T) {
 		if got != tc.want {
 			t.Errorf("--to %v: placed at %q, want %q (notes %q)", tc.to, got, tc.want, p.Notes)
 		}
+		if tc.want == "" && (len(p.Unplaced) != 1 || !strings.Contains(strings.Join(p.Unplaced[0].Reasons, " "), "only gateways of the source's own site onprem-zrh match")) {
+			t.Errorf("--to %v: unplaced %+v; want the reason to name the source's own site", tc.to, p.Unplaced)
+		}
 	}
 }
 

@@ -272,13 +272,18 @@ func migrateApply(c *cli.Context) error {
 	}
 	// The plan judged paths, hubs and throughput from the gateway it was
 	// made at; through another, the data would leave from elsewhere.
+	// Any gateway of the plan's site will do (a sibling, after a
+	// failover); plans from before they named their site, only the one.
 	if plan.From != "" {
 		gs, err := cl.Status(ctx)
 		if err != nil {
 			return fmt.Errorf("nothing applied: %w", err)
 		}
-		if gs.Node != plan.From {
-			return fmt.Errorf("nothing applied: %s was made at gateway %s, and this is %s (the VMs would leave from its site, %s): apply it through %s's control socket, or plan again here", path, plan.From, gs.Node, gs.Site, plan.From)
+		if plan.FromSite != "" && gs.Site != plan.FromSite {
+			return fmt.Errorf("nothing applied: %s was made at gateway %s of site %s, and this is %s of site %s, from which the VMs would leave: apply it through a gateway of %s, or plan again here", path, plan.From, plan.FromSite, gs.Node, gs.Site, plan.FromSite)
+		}
+		if plan.FromSite == "" && gs.Node != plan.From {
+			return fmt.Errorf("nothing applied: %s was made at gateway %s, and this is %s: apply it through %s's control socket, or plan again here", path, plan.From, gs.Node, plan.From)
 		}
 	}
 	started := map[string]string{} // VM name → migration ID
@@ -345,7 +350,9 @@ func applyOne(ctx context.Context, cl *mesh.Client, pl migrate.Placement, vs *vm
 	if vs.ID != "" && vs.State != migrate.StateDenied {
 		id = vs.ID
 	}
+	prev := *vs // what stands if an interruption leaves nothing to say
 	mu.Unlock()
+	seen := false // running in the gateway, as this apply saw
 	var final *mesh.MigrationEvent
 	var err error
 	if id != "" {
@@ -364,6 +371,7 @@ func applyOne(ctx context.Context, cl *mesh.Client, pl migrate.Placement, vs *vm
 			mu.Unlock()
 			return
 		case serr == nil && s.Record != nil && s.Progress != nil:
+			seen = true
 			final, err = waitMigration(ctx, cl, id)
 		case serr == nil && s.Record != nil && s.Record.State == migrate.StateDone:
 			final = &mesh.MigrationEvent{ID: id, Record: s.Record}
@@ -377,6 +385,7 @@ func applyOne(ctx context.Context, cl *mesh.Client, pl migrate.Placement, vs *vm
 		final, err = cl.Migrate(ctx, req, func(ev mesh.MigrationEvent) {
 			mu.Lock()
 			first := vs.ID != ev.ID && ev.ID != ""
+			seen = seen || first || ev.Progress != nil // the gateway took it
 			if first {
 				vs.ID, vs.State = ev.ID, migrate.StateRunning
 			}
@@ -392,10 +401,13 @@ func applyOne(ctx context.Context, cl *mesh.Client, pl migrate.Placement, vs *vm
 	mu.Lock()
 	defer mu.Unlock()
 	switch {
-	case err != nil && ctx.Err() != nil && vs.ID != "":
+	case err != nil && ctx.Err() != nil && seen:
 		// Interrupted (Ctrl-C): the gateway carries the migration on,
 		// and the next apply follows it.
 		vs.State, vs.Error = migrate.StateRunning, "still running in the gateway when the apply was interrupted: apply again to follow it"
+	case err != nil && ctx.Err() != nil:
+		// Interrupted before anything ran: nothing new to say.
+		*vs = prev
 	case err != nil:
 		vs.State, vs.Error = migrate.StateFailed, err.Error()
 	case final.Record != nil:

@@ -320,7 +320,7 @@ func TestCancelledMigrationNotFailed(t *testing.T) {
 func TestApplyRetriesAnEarlyFailure(t *testing.T) {
 	dir := t.TempDir()
 	plan := filepath.Join(dir, "plan.json")
-	b, _ := json.Marshal(migrate.Plan{Created: time.Now(), From: "gw-zrh", Placements: []migrate.Placement{
+	b, _ := json.Marshal(migrate.Plan{Created: time.Now(), From: "gw-zrh", FromSite: "onprem-zrh", Placements: []migrate.Placement{
 		{VM: migrate.VM{Name: "vm1", Image: "/img/vm1.raw", Class: "pii-eu"}, To: "gw-fra", Site: "aws-eu-central-1"},
 	}})
 	os.WriteFile(plan, b, 0o644)
@@ -330,14 +330,14 @@ func TestApplyRetriesAnEarlyFailure(t *testing.T) {
 		t.Fatal(err)
 	}
 	var posts atomic.Int32
-	var gateway atomic.Value // read by the server's goroutines
-	gateway.Store("gw-zrh")
+	var gateway atomic.Value // node and site, read by the server's goroutines
+	gateway.Store([2]string{"gw-zrh", "onprem-zrh"})
 	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch {
 		case r.Method == http.MethodGet && r.URL.Path == "/v1/migrations":
 			json.NewEncoder(w).Encode(mesh.MigrationList{})
 		case r.Method == http.MethodGet && r.URL.Path == "/v1/status":
-			json.NewEncoder(w).Encode(mesh.Status{Node: gateway.Load().(string), Site: "onprem-zrh"})
+			json.NewEncoder(w).Encode(mesh.Status{Node: gateway.Load().([2]string)[0], Site: gateway.Load().([2]string)[1]})
 		case r.Method == http.MethodGet:
 			http.Error(w, "no such migration", http.StatusNotFound) // none was recorded
 		case r.Method == http.MethodPost && r.URL.Path == "/v1/migrations":
@@ -361,11 +361,16 @@ func TestApplyRetriesAnEarlyFailure(t *testing.T) {
 	if code != 0 || posts.Load() != 2 || strings.Contains(out+errs, "no longer knows") {
 		t.Fatalf("the apply after, the image back: exit %d, %d sends, %q %q; want it sent anew and done", code, posts.Load(), out, errs)
 	}
-	// Through another gateway than the plan's, nothing is applied: the
-	// VMs would leave from another site than the one planned.
+	// Through a gateway of another site, nothing is applied: the VMs
+	// would leave from another site than the one planned. Through the
+	// planning gateway's sibling, the plan is applied.
 	os.Remove(plan + ".state")
-	gateway.Store("gw-iad")
-	if _, errs, code := runCLI(t, "migrate", "apply", plan, "--socket", sock); code != 1 || posts.Load() != 2 || !strings.Contains(errs, "was made at gateway gw-zrh, and this is gw-iad") {
-		t.Fatalf("apply through another gateway: exit %d, %d sends, %q; want it refused, nothing sent", code, posts.Load(), errs)
+	gateway.Store([2]string{"gw-iad", "aws-us-east-1"})
+	if _, errs, code := runCLI(t, "migrate", "apply", plan, "--socket", sock); code != 1 || posts.Load() != 2 || !strings.Contains(errs, "was made at gateway gw-zrh of site onprem-zrh, and this is gw-iad of site aws-us-east-1") {
+		t.Fatalf("apply through another site's gateway: exit %d, %d sends, %q; want it refused, nothing sent", code, posts.Load(), errs)
+	}
+	gateway.Store([2]string{"gw-zrh-2", "onprem-zrh"})
+	if _, errs, code := runCLI(t, "migrate", "apply", plan, "--socket", sock); code != 0 || posts.Load() != 3 {
+		t.Fatalf("apply through the planning gateway's sibling: exit %d, %d sends, %q; want it applied", code, posts.Load(), errs)
 	}
 }
