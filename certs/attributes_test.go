@@ -109,7 +109,14 @@ func selfSigned(t *testing.T, key *ecdsa.PrivateKey, cn, ip string, uris ...*url
 	t.Helper()
 	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: cn}, URIs: uris,
 		IPAddresses: []net.IP{net.ParseIP(ip)}, NotBefore: time.Now(), NotAfter: time.Now().Add(time.Hour)}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	return createCert(t, tmpl, tmpl, key)
+}
+
+// createCert makes tmpl's certificate, signed by parent's key (key's own
+// when tmpl is parent), for a key pair it holds.
+func createCert(t *testing.T, tmpl, parent *x509.Certificate, key *ecdsa.PrivateKey) *x509.Certificate {
+	t.Helper()
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, parent, &key.PublicKey, key)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -349,15 +349,7 @@ func TestIssuersSharingAKeyKeepTheirLists(t *testing.T) {
 	ca := func(cn string) *x509.Certificate {
 		tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: cn}, IsCA: true, BasicConstraintsValid: true,
 			KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageCRLSign, NotBefore: t0.Add(-time.Hour), NotAfter: t0.Add(time.Hour)}
-		der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
-		if err != nil {
-			t.Fatal(err)
-		}
-		c, err := x509.ParseCertificate(der)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return c
+		return createCert(t, tmpl, tmpl, key)
 	}
 	a, b := ca("mesh CA"), ca("mesh CA rotated")
 	list := func(issuer *x509.Certificate, n int64, revoked ...int64) *x509.RevocationList {

@@ -22,10 +22,7 @@ import (
 func TestVaultIssuerOnTheSameKey(t *testing.T) {
 	e := startVault(t)
 	ctx := t.Context()
-	cfg, _ := e.approleConfig(t, t.TempDir())
-	p, err := certs.Open(ctx, cfg, slog.New(slog.DiscardHandler))
-	must(t, err)
-	defer p.Close()
+	p := e.gatewayProvider(t)
 	id, _, err := p.Identity(ctx, attrs("gw-a", "site-a", "100.96.1.5"))
 	must(t, err)
 	serial := id.Certificate().SerialNumber
@@ -53,10 +50,7 @@ func TestVaultIssuerOnTheSameKey(t *testing.T) {
 func TestVaultGossipKeyringPutBack(t *testing.T) {
 	e := startVault(t)
 	ctx := t.Context()
-	cfg, _ := e.approleConfig(t, t.TempDir())
-	p, err := certs.Open(ctx, cfg, slog.New(slog.DiscardHandler))
-	must(t, err)
-	defer p.Close()
+	p := e.gatewayProvider(t)
 	first, err := p.Secrets().GossipKeyring(ctx)
 	must(t, err)
 	must(t, e.root.KVv2(e.kv).DeleteMetadata(ctx, "skybridge/gossip"))
@@ -79,10 +73,7 @@ func TestVaultGossipKeyringPutBack(t *testing.T) {
 func TestVaultBurstDownSparesSameNamedSite(t *testing.T) {
 	e := startVault(t)
 	ctx := t.Context()
-	cfg, _ := e.approleConfig(t, t.TempDir())
-	p, err := certs.Open(ctx, cfg, slog.New(slog.DiscardHandler))
-	must(t, err)
-	defer p.Close()
+	p := e.gatewayProvider(t)
 	lasting, _, err := p.Identity(ctx, attrs("gw-x-1", "site-x", "100.96.1.5"))
 	must(t, err)
 	v := p.Issuer().(*certs.Vault)
@@ -111,11 +102,8 @@ func TestVaultBurstDownSparesSameNamedSite(t *testing.T) {
 func TestVaultDeletedVersionSaid(t *testing.T) {
 	e := startVault(t)
 	ctx := t.Context()
-	cfg, _ := e.approleConfig(t, t.TempDir())
-	p, err := certs.Open(ctx, cfg, slog.New(slog.DiscardHandler))
-	must(t, err)
-	defer p.Close()
-	_, err = p.Secrets().GossipKeyring(ctx)
+	p := e.gatewayProvider(t)
+	_, err := p.Secrets().GossipKeyring(ctx)
 	must(t, err)
 	_, err = p.Secrets().WireGuardKey(ctx, "gw-a")
 	must(t, err)
@@ -128,4 +116,15 @@ func TestVaultDeletedVersionSaid(t *testing.T) {
 	if _, err := p.Secrets().WireGuardKey(ctx, "gw-a"); err == nil || !strings.Contains(err.Error(), "is destroyed and cannot come back: `vault kv metadata delete -mount="+e.kv+" skybridge/nodes/gw-a/wireguard`") {
 		t.Errorf("the WireGuard key's latest version destroyed: %v", err)
 	}
+}
+
+// gatewayProvider opens, for a gateway logging in with an AppRole, the
+// Vault back end, closed with the test.
+func (e *env) gatewayProvider(t *testing.T) *certs.Provider {
+	t.Helper()
+	cfg, _ := e.approleConfig(t, t.TempDir())
+	p, err := certs.Open(t.Context(), cfg, slog.New(slog.DiscardHandler))
+	must(t, err)
+	t.Cleanup(func() { p.Close() })
+	return p
 }
