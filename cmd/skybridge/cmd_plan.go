@@ -362,11 +362,6 @@ func applyOne(ctx context.Context, cl *mesh.Client, pl migrate.Placement, vs *vm
 		// durable at the destination).
 		s, serr := cl.Migration(ctx, id)
 		switch {
-		case errors.Is(serr, mesh.ErrNoSuchMigration) && prev.State == migrate.StateFailed && prev.Sent == 0:
-			// Failed having sent nothing (before the gateway recorded
-			// it, as an earlier apply kept such IDs): nothing can have
-			// been stored, so it is sent anew.
-			id = ""
 		case errors.Is(serr, mesh.ErrNoSuchMigration):
 			// Forgotten (it ended over migrate.SendsKept ago): it may
 			// have been stored, and in use since, so it is not sent
@@ -381,9 +376,7 @@ func applyOne(ctx context.Context, cl *mesh.Client, pl migrate.Placement, vs *vm
 		case serr == nil && s.Record != nil && s.Record.State == migrate.StateDone:
 			final = &mesh.MigrationEvent{ID: id, Record: s.Record}
 		}
-		if id != "" {
-			req = mesh.MigrationRequest{ID: id}
-		}
+		req = mesh.MigrationRequest{ID: id}
 	}
 	if final == nil && err == nil {
 		mu.Lock()

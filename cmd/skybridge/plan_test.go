@@ -3,8 +3,6 @@ package main
 import (
 	"bytes"
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"net"
@@ -374,24 +372,5 @@ func TestApplyRetriesAnEarlyFailure(t *testing.T) {
 	gateway.Store([2]string{"gw-zrh-2", "onprem-zrh"})
 	if _, errs, code := runCLI(t, "migrate", "apply", plan, "--socket", sock); code != 0 || posts.Load() != 3 {
 		t.Fatalf("apply through the planning gateway's sibling: exit %d, %d sends, %q; want it applied", code, posts.Load(), errs)
-	}
-	// A state file of an earlier release kept the ID of a migration that
-	// failed before the gateway recorded it: having sent nothing, it is
-	// sent anew, not called forgotten.
-	raw, err := os.ReadFile(plan)
-	if err != nil {
-		t.Fatal(err)
-	}
-	sum := sha256.Sum256(raw)
-	legacy, _ := json.Marshal(map[string]any{"plan": hex.EncodeToString(sum[:]), "vms": map[string]any{
-		"vm1": map[string]any{"id": "00000000000000ff", "to": "gw-fra", "state": "failed", "error": "open image: no such file", "attempts": 1}}})
-	if err := os.WriteFile(plan+".state", legacy, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	gateway.Store([2]string{"gw-zrh", "onprem-zrh"})
-	posts.Store(1) // the next send succeeds
-	out, errs, code = runCLI(t, "migrate", "apply", plan, "--socket", sock)
-	if code != 0 || posts.Load() != 2 || strings.Contains(out+errs, "no longer knows") {
-		t.Fatalf("apply of a state file keeping a never-recorded migration's ID: exit %d, %d sends, %q %q; want it sent anew", code, posts.Load(), out, errs)
 	}
 }
