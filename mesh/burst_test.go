@@ -1217,3 +1217,38 @@ class "secret" {
 		t.Errorf("secret, denied: %+v", v)
 	}
 }
+
+// TestBurstSiteNotOverAnAwaySite: a burst site may not take the name,
+// gateway names or prefixes of a site whose gateways are away (crashed, or
+// stopped for maintenance): the mesh still knows them by their last
+// certificate. (Only gateways alive were checked, and Vault keeps no index
+// to ask: a burst opened under the name of a site that was down was taken
+// for it when its gateways returned.)
+func TestBurstSiteNotOverAnAwaySite(t *testing.T) {
+	f := newFixture(t)
+	ms := newMembership("gw-zrh", f.trust(), func() time.Time { return f.now }, func() {})
+	away := f.identity("gw-dub-1", "dub", 7, f.now.Add(-time.Hour), "10.9.0.0/16")
+	ms.rememberDead("gw-dub-1", gossipAddr, away.Certificate().Raw, true)
+	g := &Gateway{members: ms, now: func() time.Time { return f.now }}
+	g.trust.Store(f.trust())
+	g.id.Store(f.identity("gw-zrh", "zrh", 1, f.now.Add(-time.Hour)))
+	for _, tc := range []struct {
+		site, route string
+		want        string
+	}{
+		{"dub", "10.77.0.0/16", "site dub already exists (gateway gw-dub-1, away now)"},
+		{"burst-dub", "10.9.4.0/24", "overlaps 10.9.0.0/16 of site dub (gateway gw-dub-1, away now)"},
+		{"burst-dub", "10.77.0.0/16", ""},
+	} {
+		err := g.checkBurstSite(certs.Attributes{Site: tc.site, Routes: []netip.Prefix{netip.MustParsePrefix(tc.route)}}, 1)
+		if tc.want == "" && err != nil || tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)) {
+			t.Errorf("burst site %s with %s: %v; want %q", tc.site, tc.route, err, tc.want)
+		}
+	}
+	// One whose certificate has ended (an ended burst's gateway) will not
+	// be back: its site's name is free again.
+	g.now = func() time.Time { return f.now.Add(48 * time.Hour) }
+	if err := g.checkBurstSite(certs.Attributes{Site: "dub", Routes: []netip.Prefix{netip.MustParsePrefix("10.9.0.0/16")}}, 1); err != nil {
+		t.Errorf("the site of a gateway whose certificate ended: %v", err)
+	}
+}

@@ -578,21 +578,46 @@ func tokenIDs(ts []*certs.JoinToken) []string {
 func (g *Gateway) checkBurstSite(a certs.Attributes, gateways int) error {
 	self := g.id.Load().Attributes()
 	nodes := append(g.members.gateways(), Node{Attributes: self})
+	// And the gateways away, by their last certificate: a site whose
+	// gateways are down is still a site (Vault, unlike the embedded CA,
+	// keeps no index to ask), and a burst of its name would be taken for
+	// it when they return.
+	away := map[string]bool{}
+	tb, now := g.trust.Load(), g.now()
+	for _, m := range g.members.snapshot() {
+		if m.Alive || m.LastCert == nil {
+			continue
+		}
+		c, err := x509.ParseCertificate(m.LastCert)
+		// One whose certificate ended (an ended burst's gateway, revoked
+		// at its down) will not be back.
+		if err != nil || !now.Before(c.NotAfter) || tb.IsRevoked(c.SerialNumber) {
+			continue
+		}
+		if at, err := certs.AttributesOf(c); err == nil {
+			nodes = append(nodes, Node{Attributes: at})
+			away[at.Node] = true
+		}
+	}
 	names := map[string]bool{}
 	for i := range gateways {
 		names[burstNodeName(a.Site, i)] = true
 	}
 	for _, n := range nodes {
+		which := "gateway " + n.Attributes.Node
+		if away[n.Attributes.Node] {
+			which += ", away now"
+		}
 		if names[n.Attributes.Node] {
-			return fmt.Errorf("gateway %s of site %s already has the name a gateway of burst site %s would get: choose another site name", n.Attributes.Node, n.Attributes.Site, a.Site)
+			return fmt.Errorf("%s of site %s already has the name a gateway of burst site %s would get: choose another site name", which, n.Attributes.Site, a.Site)
 		}
 		if n.Attributes.Site == a.Site {
-			return fmt.Errorf("site %s already exists (gateway %s): a burst site needs a name of its own", a.Site, n.Attributes.Node)
+			return fmt.Errorf("site %s already exists (%s): a burst site needs a name of its own", a.Site, which)
 		}
 		for _, r := range a.Routes {
 			for _, o := range n.Attributes.Routes {
 				if r.Overlaps(o) {
-					return fmt.Errorf("route %s overlaps %s of site %s (gateway %s): a burst site needs prefixes of its own", r, o, n.Attributes.Site, n.Attributes.Node)
+					return fmt.Errorf("route %s overlaps %s of site %s (%s): a burst site needs prefixes of its own", r, o, n.Attributes.Site, which)
 				}
 			}
 		}
