@@ -164,6 +164,35 @@ func (p *pair) config(image, class string) SendConfig {
 
 // dial connects to the receiver as from (the pair's sender if nil), with
 // 20 s for what the test does there; the connection closes with the test.
+// rawSession is a migration offered and joined frame by frame, as a
+// sender would speak the protocol: for tests of what a receiver does with
+// frames no conforming sender sends.
+type rawSession struct {
+	ctrl, data *tls.Conn
+	cw, dw     *frameWriter
+	cr, dr     *frameReader
+	acc        Accept
+}
+
+// offerRaw offers o on a control stream and joins one data stream to it.
+func (p *pair) offerRaw(t *testing.T, o Offer) *rawSession {
+	t.Helper()
+	rs := &rawSession{ctrl: p.dial(t, nil)}
+	rs.cw, rs.cr = newFrameWriter(rs.ctrl), newFrameReader(rs.ctrl)
+	if err := rs.cw.json(frameOffer, o); err != nil {
+		t.Fatal(err)
+	}
+	if err := rs.cr.json(frameAccept, &rs.acc); err != nil {
+		t.Fatalf("offer: %v", err)
+	}
+	rs.data = p.dial(t, nil)
+	rs.dw, rs.dr = newFrameWriter(rs.data), newFrameReader(rs.data)
+	if err := rs.dw.json(frameJoin, Join{ID: o.ID}); err != nil {
+		t.Fatal(err)
+	}
+	return rs
+}
+
 func (p *pair) dial(t *testing.T, from *certs.NodeIdentity) *tls.Conn {
 	t.Helper()
 	if from == nil {

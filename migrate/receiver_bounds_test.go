@@ -106,22 +106,10 @@ func TestNoChunkLandsAfterTheCommit(t *testing.T) {
 func TestListedZeroChunkIsAHole(t *testing.T) {
 	p := newPair(t, "DE")
 	const cs, n = 64 << 10, 4
-	ctrl := p.dial(t, nil)
-	cw, cr := newFrameWriter(ctrl), newFrameReader(ctrl)
 	held := int64(3)
 	offer := Offer{ID: "zerochunk0000001", Name: "vm", Class: "pii-eu", Format: FormatRaw, Size: cs * n, ChunkSize: cs, Streams: 1, Chunks: &held}
-	if err := cw.json(frameOffer, offer); err != nil {
-		t.Fatal(err)
-	}
-	var acc Accept
-	if err := cr.json(frameAccept, &acc); err != nil {
-		t.Fatal(err)
-	}
-	dc := p.dial(t, nil)
-	dw, dr := newFrameWriter(dc), newFrameReader(dc)
-	if err := dw.json(frameJoin, Join{ID: offer.ID}); err != nil {
-		t.Fatal(err)
-	}
+	rs := p.offerRaw(t, offer)
+	cw, cr, dw, dr := rs.cw, rs.cr, rs.dw, rs.dr
 	m := Manifest{Size: offer.Size, ChunkSize: cs, Chunks: map[int64]Hash{}}
 	for _, i := range []int64{0, 1, 3} { // 1 all zeros, 2 a hole
 		b := make([]byte, cs)

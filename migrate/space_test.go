@@ -205,31 +205,19 @@ func TestResumedReceiveReservesWhatItAdmits(t *testing.T) {
 	attempt := func(restarted bool, wantHold int64, chunks ...int64) (refused string) {
 		t.Helper()
 		offer.Restarted = restarted
-		c := p.dial(t, nil)
-		cw, cr := newFrameWriter(c), newFrameReader(c)
-		if err := cw.json(frameOffer, offer); err != nil {
-			t.Fatal(err)
-		}
-		var acc Accept
-		if err := cr.json(frameAccept, &acc); err != nil {
-			t.Fatalf("offer: %v", err)
-		}
+		rs := p.offerRaw(t, offer)
+		acc, dw, dr := rs.acc, rs.dw, rs.dr
+		defer func() {
+			rs.ctrl.Close()
+			rs.data.Close()
+			waitIdle(t, p.recv, offer.ID)
+		}()
 		p.recv.mu.Lock()
 		hold := p.recv.sessions[offer.ID].hold
 		p.recv.mu.Unlock()
 		if hold.bytes != wantHold {
 			t.Fatalf("%d chunks held, restarted %v: reserved %d bytes, want %d", len(acc.Have), restarted, hold.bytes, wantHold)
 		}
-		d := p.dial(t, nil)
-		dw, dr := newFrameWriter(d), newFrameReader(d)
-		if err := dw.json(frameJoin, Join{ID: offer.ID}); err != nil {
-			t.Fatal(err)
-		}
-		defer func() {
-			c.Close()
-			d.Close()
-			waitIdle(t, p.recv, offer.ID)
-		}()
 		for _, i := range chunks {
 			chunk[0] = byte(i)
 			if err := dw.frame(frameChunk, chunkHeader(i, hashChunk(chunk), 0, mib), chunk); err != nil {
