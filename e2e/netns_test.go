@@ -404,12 +404,13 @@ func status(socket string) (*gwStatus, error) {
 }
 
 type gwStatus struct {
-	Node        string            `json:"node"`
-	PublicKey   string            `json:"public_key"`
-	Policy      string            `json:"policy"`
-	Operator    string            `json:"operator"`
-	Carriers    map[string]string `json:"carriers"`
-	Unreachable []string          `json:"unreachable"`
+	Node        string              `json:"node"`
+	PublicKey   string              `json:"public_key"`
+	Policy      string              `json:"policy"`
+	Operator    string              `json:"operator"`
+	Carriers    map[string]string   `json:"carriers"`
+	Unreachable []string            `json:"unreachable"`
+	Held        map[string][]string `json:"held"`
 	Members     []struct {
 		Node      string `json:"node"`
 		State     string `json:"state"`

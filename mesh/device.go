@@ -77,6 +77,10 @@ type DeviceOptions struct {
 // errNoKernelWireGuard says the kernel has no WireGuard module.
 var errNoKernelWireGuard = errors.New("kernel has no WireGuard support")
 
+// errExistingTUN says the interface exists and is a TUN device, which
+// kernel mode cannot use and TUN mode can.
+var errExistingTUN = errors.New("use mode \"tun\" (or \"auto\") for a TUN device")
+
 // OpenDevice creates (or, for kernel WireGuard, adopts) the interface,
 // gives it the private key, port, overlay address and MTU, and brings it up.
 // In auto mode it uses kernel WireGuard where the module exists and
@@ -94,8 +98,15 @@ func OpenDevice(opt DeviceOptions) (Device, error) {
 		return openKernel(opt)
 	case ModeAuto, "":
 		d, err := openKernel(opt)
-		if errors.Is(err, errNoKernelWireGuard) {
+		switch {
+		case errors.Is(err, errNoKernelWireGuard):
 			opt.Log.Info("no kernel WireGuard here; using embedded wireguard-go on a TUN device", "interface", opt.Name)
+			return openTUN(opt)
+		case errors.Is(err, errExistingTUN):
+			// Made persistent beforehand (ip tuntap add), so that its
+			// routes outlive a restart: TUN mode takes it over, as
+			// kernel mode takes over a WireGuard interface.
+			opt.Log.Info("the interface is an existing TUN device; using embedded wireguard-go on it", "interface", opt.Name)
 			return openTUN(opt)
 		}
 		return d, err

@@ -105,6 +105,7 @@ type Gateway struct {
 	// routeConflicts: the routes last left out because the host routes
 	// them itself (leaveOutHostRoutes), to say so only when they change.
 	routeConflicts string
+	heldRoutes     string                         // Plan.Held as last logged
 	greetings      map[certs.WGPublicKey]greeting // new peers we are handshaking with (greet.go)
 	greetTimer     *time.Timer                    // wakes the reconcile loop when a greeting is due
 	savedAt        time.Time                      // members last written to the state directory
@@ -776,6 +777,7 @@ func (g *Gateway) reconcile() {
 		plan = *last
 	} else {
 		in := TopologyInput{Self: *self, Peers: g.members.gateways(), Mode: g.s.Topology, BehindNAT: g.s.BehindNAT, Now: now, MeshPrefix: trust.MeshPrefix(), Memo: &g.links, Down: g.downSet()}
+		in.Away, in.Underlay = g.members.away()
 		if pol != nil {
 			in.Policy = pol.p
 		}
@@ -835,8 +837,8 @@ func (g *Gateway) apply(plan Plan) error {
 	if err != nil {
 		return err
 	}
-	var left []netip.Prefix
-	plan.Peers, plan.Routes, left = leaveOutHostRoutes(plan.Peers, plan.Routes, table.Host)
+	var left, routes []netip.Prefix
+	plan.Peers, routes, left = leaveOutHostRoutes(plan.Peers, plan.kernelRoutes(), table.Host)
 	if key := fmt.Sprint(left); key != g.routeConflicts {
 		g.routeConflicts = key // said once, not at every pass
 		if len(left) > 0 {
@@ -849,7 +851,7 @@ func (g *Gateway) apply(plan Plan) error {
 			return fmt.Errorf("configure %s: %w", g.dev.Name(), err)
 		}
 	}
-	ch.RoutesAdded, ch.RoutesRemoved = DiffRoutes(table.Own, plan.Routes)
+	ch.RoutesAdded, ch.RoutesRemoved = DiffRoutes(table.Own, routes)
 	if err := g.dev.SetRoutes(ch.RoutesAdded, ch.RoutesRemoved); err != nil {
 		return err
 	}
@@ -869,6 +871,12 @@ func (g *Gateway) apply(plan Plan) error {
 	}
 	for _, c := range plan.Conflicts {
 		g.log.Warn("topology conflict", "detail", c)
+	}
+	if key := fmt.Sprint(plan.Held); key != g.heldRoutes {
+		g.heldRoutes = key // said at each change, not at every pass
+		for _, s := range sortedKeys(plan.Held) {
+			g.log.Warn("routes held: no gateway of the site is up; traffic to them is dropped here, not sent outside the mesh, until one is back or their certificates are revoked", "site", s, "routes", plan.Held[s])
+		}
 	}
 	return nil
 }

@@ -1185,6 +1185,34 @@ func (ms *membership) gateways() []Node {
 	return ms.gw
 }
 
+// away returns the gateways that are gone (declared dead, or left) but
+// not retired: their last certificate neither expired nor revoked. Their
+// sites' routes are held (holdRoutes), so that traffic to a site whose
+// gateways are all down is dropped rather than sent by the host's other
+// routes, outside the mesh, in clear. One restored from the state
+// directory has no advert, only its certificate.
+// It also returns the gossip address of every member: a held route must
+// never take the way to one (a site's gateway numbered inside its own
+// routes could otherwise never be heard from again).
+func (ms *membership) away() (gone []Node, gossip []netip.Addr) {
+	ms.mu.Lock()
+	defer ms.mu.Unlock()
+	now := ms.now()
+	gossip = make([]netip.Addr, 0, len(ms.members))
+	for _, m := range ms.members {
+		if m.gossip.IsValid() {
+			gossip = append(gossip, m.gossip.Addr())
+		}
+		v := m.lastVerified
+		if m.alive || m.state != StateDead || v == nil || !now.Before(v.Cert.NotAfter) || ms.trust.IsRevoked(v.Cert.SerialNumber) {
+			continue
+		}
+		gone = append(gone, Node{Attributes: v.Attributes, Advert: v.Advert})
+	}
+	slices.SortFunc(gone, func(a, b Node) int { return cmp.Compare(a.node(), b.node()) })
+	return gone, gossip
+}
+
 // everVerified reports whether name is a member that was verified, now
 // or before it was refused (revoked, expired) or died: one that may need
 // the revocation list to learn it must leave. A stranger gossip merely

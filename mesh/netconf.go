@@ -25,7 +25,11 @@ type linkConfig struct {
 // kernel has no WireGuard module.
 func createKernelLink(name string, mtu int) (created bool, err error) {
 	if l, err := netlink.LinkByName(name); err == nil {
-		if l.Type() != "wireguard" {
+		switch l.Type() {
+		case "wireguard":
+		case "tuntap":
+			return false, fmt.Errorf("interface %s exists and is a TUN device, not kernel WireGuard: %w", name, errExistingTUN)
+		default:
 			return false, fmt.Errorf("interface %s exists and is a %s, not WireGuard", name, l.Type())
 		}
 		return false, nil
@@ -54,6 +58,22 @@ func setUpLink(opt DeviceOptions) (*linkConfig, error) {
 	l, err := netlink.LinkByName(opt.Name)
 	if err != nil {
 		return nil, fmt.Errorf("find interface %s: %w", opt.Name, err)
+	}
+	// An interface taken over (kernel WireGuard, a persistent TUN) may
+	// hold the overlay address of an earlier identity: kept, it would
+	// stay the primary address, the source of every connection into the
+	// mesh, which peers' allowed IPs refuse. Removed first: removing a
+	// primary address removes the secondaries of its subnet with it.
+	old, err := netlink.AddrList(l, netlink.FAMILY_ALL)
+	if err != nil {
+		return nil, fmt.Errorf("list the addresses of %s: %w", opt.Name, err)
+	}
+	for _, a := range old {
+		if ip, ok := netip.AddrFromSlice(a.IP); ok && ip.Unmap() != opt.Overlay && opt.MeshPrefix.Contains(ip.Unmap()) {
+			if err := netlink.AddrDel(l, &a); err != nil {
+				return nil, fmt.Errorf("remove the earlier overlay address %s from %s: %w", ip, opt.Name, err)
+			}
+		}
 	}
 	addr := &netlink.Addr{IPNet: &net.IPNet{IP: opt.Overlay.AsSlice(), Mask: net.CIDRMask(opt.MeshPrefix.Bits(), opt.Overlay.BitLen())}}
 	if err := netlink.AddrReplace(l, addr); err != nil {

@@ -1,6 +1,8 @@
 package mesh
 
 import (
+	"fmt"
+	"log/slog"
 	"net"
 	"net/netip"
 	"os"
@@ -173,4 +175,62 @@ func TestGatewayLeavesOutHostRoutes(t *testing.T) {
 	hq.dev.SetHostRoutes()
 	hq.g.triggerReconcile()
 	waitUntil(t, 10*time.Second, "the route back once the host's is gone", func() bool { return routed() && allowed() })
+}
+
+// TestTakeOverPersistentTUN: a TUN device made beforehand (ip tuntap add,
+// so that its routes outlive a restart) is taken over in auto mode as in
+// TUN mode, and an overlay address an earlier identity left on it goes:
+// kept, it stayed the primary address, the source of every connection
+// into the mesh.
+func TestTakeOverPersistentTUN(t *testing.T) {
+	inNewNetns(t, func() {
+		// The UAPI socket is named after the interface, in a directory
+		// every namespace shares: one name per run.
+		name := fmt.Sprintf("sbt%d", os.Getpid()%100000)
+		tt := &netlink.Tuntap{LinkAttrs: netlink.LinkAttrs{Name: name}, Mode: netlink.TUNTAP_MODE_TUN}
+		if err := netlink.LinkAdd(tt); err != nil {
+			t.Errorf("add a persistent TUN: %v", err)
+			return
+		}
+		for _, f := range tt.Fds {
+			f.Close()
+		}
+		l, err := netlink.LinkByName(name)
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		stale := &netlink.Addr{IPNet: &net.IPNet{IP: net.ParseIP("100.64.9.9").To4(), Mask: net.CIDRMask(10, 32)}}
+		if err := netlink.AddrAdd(l, stale); err != nil {
+			t.Errorf("the earlier address: %v", err)
+			return
+		}
+		key, _ := certs.GenerateWGKey()
+		overlay := netip.MustParseAddr("100.64.7.1")
+		d, err := OpenDevice(DeviceOptions{Name: name, Mode: ModeAuto, Port: 51820, MTU: 1420, PrivateKey: key,
+			Overlay: overlay, MeshPrefix: netip.MustParsePrefix("100.64.0.0/10"), Log: slog.New(slog.DiscardHandler)})
+		if err != nil {
+			t.Errorf("auto mode on a persistent TUN: %v", err)
+			return
+		}
+		defer d.Close()
+		if d.Mode() != ModeTUN {
+			t.Errorf("mode %s, want %s", d.Mode(), ModeTUN)
+		}
+		addrs, err := netlink.AddrList(l, netlink.FAMILY_V4)
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		var got []string
+		for _, a := range addrs {
+			got = append(got, a.IPNet.String())
+		}
+		if !slices.Equal(got, []string{"100.64.7.1/10"}) {
+			t.Errorf("addresses %v, want only the overlay address 100.64.7.1/10", got)
+		}
+		if _, err := d.Device(); err != nil {
+			t.Errorf("wgctrl over the UAPI socket: %v", err)
+		}
+	})
 }

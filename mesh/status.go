@@ -44,7 +44,10 @@ type Status struct {
 	// Reachable says, per site, what skybridge_site_reachable says: a
 	// gateway of it verified and alive, its tunnel from here not failing.
 	Reachable map[string]bool `json:"reachable"`
-	Reconcile ReconcileStats  `json:"reconcile"`
+	// Held lists, per site, the routes held for gateways that are away:
+	// their traffic is dropped here until one is back (Plan.Held).
+	Held      map[string][]netip.Prefix `json:"held,omitempty"`
+	Reconcile ReconcileStats            `json:"reconcile"`
 }
 
 // IdentityStatus describes our own certificate.
@@ -159,7 +162,7 @@ func (g *Gateway) Status() (*Status, error) {
 	st.Reconcile = ReconcileStats{Runs: g.stats.runs, Errors: g.stats.errors, LastError: g.stats.lastError, Last: g.stats.last, Duration: g.stats.duration}
 	g.stats.mu.Unlock()
 	if p := g.plan.Load(); p != nil {
-		st.Links, st.Conflicts, st.Carriers = p.Links, p.Conflicts, p.Carriers
+		st.Links, st.Conflicts, st.Carriers, st.Held = p.Links, p.Conflicts, p.Carriers, p.Held
 	}
 	// Probe verdicts outlive a gateway's departure (so that a return must
 	// prove itself); status names only those still verified members.

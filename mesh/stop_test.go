@@ -4,15 +4,19 @@ import (
 	"context"
 	"io"
 	"log/slog"
+	"math/big"
 	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/skybridge-mesh/skybridge/certs"
+	"github.com/skybridge-mesh/skybridge/internal/syncbuf"
 )
 
 // silentSeed accepts gossip connections and never answers them, like a
@@ -257,4 +261,63 @@ func TestStoppedGatewayShownAsLeft(t *testing.T) {
 		m, _ := member("op1")
 		return m.State == StateDead && m.Left && m.Reason == "left the mesh"
 	})
+}
+
+// TestStoppedSiteRoutesHeld: when a site's only gateway stops, its routes
+// stay in the interface with no peer to carry them (traffic to the site
+// is dropped here, not sent by the host's other routes in clear), status
+// and the log say so, and revoking the gateway's certificate frees them.
+func TestStoppedSiteRoutesHeld(t *testing.T) {
+	dir := t.TempDir()
+	ca := meshCA(t, dir)
+	tb, err := ca.TrustBundle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	logs := &syncbuf.Buffer{}
+	hq := startLiveGatewayWith(t, ca, dir, 0, "zrh-dc", nil, logs, nil)
+	lan := netip.MustParsePrefix("10.77.0.0/16")
+	s := liveSettings(t, filepath.Join(dir, "fra"))
+	s.Node = provisionGateway(t, ca, tb, certs.Attributes{Node: "fra-1", Site: "fra-dc", Region: "fra", Provider: "onprem", Jurisdiction: "DE",
+		OverlayIP: netip.MustParseAddr("100.64.7.9"), Routes: []netip.Prefix{lan}}, time.Hour, s.Identity.Dir)
+	s.Seeds = []string{hq.g.s.GossipAdvertise.String()}
+	fra := runLiveGateway(t, s, &syncbuf.Buffer{})
+	routed := func() bool {
+		rs, _ := hq.dev.Routes()
+		return slices.Contains(rs.Own, lan)
+	}
+	held := func() []netip.Prefix {
+		st, err := hq.g.Status()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return st.Held["fra-dc"]
+	}
+	waitUntil(t, 20*time.Second, "fra-1's site routed into the mesh", func() bool { return routed() && len(hq.dev.Peers()) == 1 })
+	if h := held(); h != nil {
+		t.Fatalf("held %v while fra-1 is up", h)
+	}
+	serial := fra.g.id.Load().Certificate().SerialNumber
+	fra.stop()
+	waitUntil(t, 20*time.Second, "fra-1 gone as a peer, its site's route held", func() bool {
+		return len(hq.dev.Peers()) == 0 && slices.Equal(held(), []netip.Prefix{lan})
+	})
+	if !routed() {
+		t.Fatal("the route of a site whose gateway stopped was taken out of the interface: its traffic follows the host's other routes")
+	}
+	if !strings.Contains(logs.String(), "routes held") {
+		t.Fatal("the held routes were not logged")
+	}
+	if _, err := ca.RevokeSerials([]*big.Int{serial}, "cessationOfOperation", time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	tb, err = ca.TrustBundle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !hq.g.adoptTrust(tb, time.Now()) {
+		t.Fatal("the new revocation list was not adopted")
+	}
+	hq.g.triggerReconcile()
+	waitUntil(t, 20*time.Second, "the route freed once fra-1 is revoked", func() bool { return !routed() && held() == nil })
 }

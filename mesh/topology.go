@@ -50,6 +50,11 @@ type TopologyInput struct {
 	// through their tunnels fail): a site's routes go through another of
 	// its gateways if it has one.
 	Down map[string]bool
+	// Away are gateways gone (dead, or left) but not retired (their
+	// certificates neither expired nor revoked), and Underlay the gossip
+	// addresses of every member: see holdRoutes.
+	Away     []Node
+	Underlay []netip.Addr
 }
 
 // PeerConfig is the WireGuard configuration of one peer.
@@ -145,6 +150,12 @@ type Plan struct {
 	Links  []Link         `json:"links"`  // one per remote site, sorted by site
 	// Carriers names, per site, the gateway its routes go through.
 	Carriers map[string]string `json:"carriers"`
+	// Held lists, per site, the routes of gateways that are away (no
+	// gateway of the site up) and that no peer carries: routed into the
+	// interface all the same, where WireGuard finds no peer for them, so
+	// their traffic is dropped rather than sent in clear by the host's
+	// other routes (holdRoutes).
+	Held map[string][]netip.Prefix `json:"held,omitempty"`
 	// Conflicts lists claims the plan had to drop: a prefix claimed by
 	// gateways of two sites, or a gateway's routes shadowed by another
 	// gateway of its own site (only one gateway per site carries them).
@@ -266,7 +277,114 @@ func Compute(in TopologyInput) Plan {
 	}
 	dedupe(&plan, in.Self, in.MeshPrefix)
 	addNextKeys(&plan, in.Self, members)
+	holdRoutes(in, &plan)
 	return plan
+}
+
+// holdRoutes fills plan.Held: the routes of gateways of other sites that
+// are away, where no peer carries them. Withdrawn from the kernel, they
+// would follow the host's other routes (its default route: the internet,
+// in clear) the moment a site's last gateway stopped or crashed; kept in
+// the interface with no peer's allowed IPs, WireGuard drops their packets
+// (the kernel's answers "no route to host"; wireguard-go drops them
+// silently). Only revoking a gateway's certificate, or its expiry, frees
+// its routes; a route it withdrew while up is free at once.
+//
+// A held prefix never covers an endpoint or a gossip address of a
+// member, its own gateways' included (a site numbered inside its own
+// routes, or on another site's prefix): the tunnel, or the gossip, that
+// would bring the site back would be dropped with it. Nor one of ours,
+// nor one inside the overlay range (the interface address routes it
+// already), nor one a routed prefix covers (a peer carries it).
+func holdRoutes(in TopologyInput, plan *Plan) {
+	if len(in.Away) == 0 {
+		return
+	}
+	own := append([]netip.Prefix{overlayPrefix(&in.Self)}, in.Self.Advert.Routes...)
+	// plan.Routes is sorted (dedupe): a prefix covering p is looked up
+	// at each length the routes have, not put in a map first (a
+	// thousand gateways of 32 routes made that most of the cost).
+	var lengths [129]bool
+	for _, r := range plan.Routes {
+		lengths[r.Bits()] = true
+	}
+	covered := func(p netip.Prefix) bool {
+		for b := p.Bits(); b >= 0; b-- {
+			if !lengths[b] {
+				continue
+			}
+			if _, ok := slices.BinarySearchFunc(plan.Routes, netip.PrefixFrom(p.Addr(), b).Masked(), comparePrefix); ok {
+				return true
+			}
+		}
+		return false
+	}
+	var under underlay
+	built := false
+	for i := range in.Away {
+		a := &in.Away[i]
+		if a.site() == in.Self.site() {
+			continue // our own site's networks are the host's to route
+		}
+		routes := a.Advert.Routes
+		if a.Advert.Node == "" {
+			// Known by its certificate alone (restored from the state
+			// directory after a restart): what it may route stands for
+			// what it routed.
+			routes = a.Attributes.Routes
+		}
+		for _, p := range routes {
+			p = p.Masked()
+			if _, ok := overlapsAny(p, own); ok || (in.MeshPrefix.Contains(p.Addr()) && p.Bits() >= in.MeshPrefix.Bits()) || covered(p) {
+				continue
+			}
+			if !built { // rare: only now are the addresses gathered
+				under, built = underlayOfNodes(in), true
+			}
+			if under.in(p) || slices.Contains(plan.Held[a.site()], p) {
+				continue
+			}
+			if plan.Held == nil {
+				plan.Held = map[string][]netip.Prefix{}
+			}
+			plan.Held[a.site()] = append(plan.Held[a.site()], p)
+		}
+	}
+	for _, ps := range plan.Held {
+		slices.SortFunc(ps, comparePrefix)
+	}
+}
+
+// kernelRoutes is every prefix to route into the interface: the carried
+// routes and the held ones.
+func (p *Plan) kernelRoutes() []netip.Prefix {
+	if len(p.Held) == 0 {
+		return p.Routes
+	}
+	out := slices.Clone(p.Routes)
+	for _, ps := range p.Held {
+		out = append(out, ps...)
+	}
+	slices.SortFunc(out, comparePrefix)
+	return slices.Compact(out)
+}
+
+// underlayOfNodes gathers every underlay address the input knows: the
+// endpoints of the peers and of the gateways away, and the gossip
+// addresses.
+func underlayOfNodes(in TopologyInput) underlay {
+	var pcs []PeerConfig
+	for _, set := range [][]Node{in.Peers, in.Away} {
+		for i := range set {
+			for _, e := range set[i].Advert.Endpoints {
+				pcs = append(pcs, PeerConfig{Endpoint: e})
+			}
+		}
+	}
+	for _, a := range in.Underlay {
+		pcs = append(pcs, PeerConfig{Endpoint: netip.AddrPortFrom(a, 0)})
+	}
+	return underlayOf(pcs)
 }
 
 // orphanRoutes gives each prefix that another gateway of a remote site

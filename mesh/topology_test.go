@@ -405,6 +405,39 @@ func BenchmarkComputeContested(b *testing.B) {
 	}
 }
 
+// BenchmarkComputeAway: a thousand gateways of 32 routes, of which a
+// hundred are away (a cloud region down): what holding their routes adds
+// to a plan of the other nine hundred.
+func BenchmarkComputeAway(b *testing.B) {
+	var nodes []Node
+	var gossip []netip.Addr
+	for i := range 1000 {
+		var routes []string
+		for r := range 32 {
+			routes = append(routes, fmt.Sprintf("10.%d.%d.0/24", 100+i/8, (i%8)*32+r))
+		}
+		n := gw(fmt.Sprintf("gw%04d", i), fmt.Sprintf("site-%d", i), "CH", "onprem", 0, "swiss-banking-secret", routes...)
+		n.Attributes.OverlayIP = netip.AddrFrom4([4]byte{100, 97, byte(i / 256), byte(i%256 + 1)})
+		n.Advert.OverlayIP = n.Attributes.OverlayIP
+		n.Advert.WireGuardKey[0], n.Advert.WireGuardKey[1] = byte(i), byte(i>>8)
+		a := netip.AddrFrom4([4]byte{198, 18, byte(i / 256), byte(i % 256)})
+		n.Advert.Endpoints = []netip.AddrPort{netip.AddrPortFrom(a, 51820)}
+		gossip = append(gossip, a)
+		nodes = append(nodes, n)
+	}
+	for _, away := range []int{0, 100} {
+		b.Run(fmt.Sprintf("away=%d", away), func(b *testing.B) {
+			in := TopologyInput{Self: sbs1, Peers: nodes[away:], Away: nodes[:away], Underlay: gossip, Now: now, MeshPrefix: netip.MustParsePrefix("100.96.0.0/12")}
+			b.ReportAllocs()
+			for b.Loop() {
+				if p := Compute(in); len(p.Held) != away {
+					b.Fatalf("%d sites held, want %d", len(p.Held), away)
+				}
+			}
+		})
+	}
+}
+
 // TestLinkMemo: plans computed with a memo equal plans computed afresh,
 // across membership changes, a new policy, and an exception expiring.
 func TestLinkMemo(t *testing.T) {
@@ -690,5 +723,97 @@ func TestSiblingsRouteWhatTheCarrierDoesNot(t *testing.T) {
 		if got := summary(plan); got != tc.want || len(plan.Conflicts) != 0 {
 			t.Errorf("%s: plan %s, conflicts %q\nwant %s", tc.name, got, plan.Conflicts, tc.want)
 		}
+	}
+}
+
+// TestHeldRoutes: the routes of a site whose gateways are all away stay
+// in the interface, carried by no peer, so that their traffic is dropped
+// rather than sent by the host's other routes; but never where holding
+// them would cut a way back to a member, or take what is ours or carried.
+func TestHeldRoutes(t *testing.T) {
+	withGossip := func(n Node, endpoint string) Node {
+		n.Advert.Endpoints = []netip.AddrPort{netip.MustParseAddrPort(endpoint)}
+		return n
+	}
+	restored := gw("par-1", "onprem-par", "FR", "onprem", 20, "", "10.20.0.0/16")
+	restored.Advert = certs.Advert{} // known by its certificate alone (after a restart)
+	tests := []struct {
+		name     string
+		peers    []Node
+		away     []Node
+		underlay []string
+		want     string // site=prefixes;…
+		routes   string
+	}{
+		{name: "nobody away", peers: []Node{fra1, iad1}, routes: "10.2.0.0/16,10.3.0.0/16"},
+		{name: "a site's only gateway away", peers: []Node{fra1}, away: []Node{iad1},
+			want: "aws-us-east-1=10.3.0.0/16", routes: "10.2.0.0/16"},
+		{name: "a site with a gateway left carries its routes", peers: []Node{fra2}, away: []Node{fra1},
+			routes: "10.2.0.0/16"},
+		{name: "a sibling's route the carrier lacks (a rollout) is held", peers: []Node{fra2},
+			away: []Node{gw("fra-1", "aws-eu-central-1", "DE", "aws", 4, "", "10.2.0.0/16", "10.12.0.0/16")},
+			want: "aws-eu-central-1=10.12.0.0/16", routes: "10.2.0.0/16"},
+		{name: "our own site's gateways are the host's to route",
+			away: []Node{gw("zrh-2", "onprem-zrh", "CH", "onprem", 2, "", "10.1.0.0/16", "10.11.0.0/16")}},
+		{name: "overlapping our own routes", away: []Node{gw("b-1", "site-b", "DE", "aws", 10, "", "10.1.2.0/24", "10.9.0.0/16")},
+			want: "site-b=10.9.0.0/16"},
+		{name: "inside the overlay range", away: []Node{gw("b-1", "site-b", "DE", "aws", 10, "", "100.96.9.0/24")}},
+		{name: "covered by a route a peer carries", peers: []Node{fra1},
+			away: []Node{gw("b-1", "site-b", "DE", "aws", 10, "", "10.2.7.0/24", "10.2.0.0/15")},
+			want: "site-b=10.2.0.0/15", routes: "10.2.0.0/16"},
+		{name: "a live peer's endpoint inside", peers: []Node{withGossip(fra1, "10.3.0.9:51820")}, away: []Node{iad1},
+			routes: "10.2.0.0/16"},
+		{name: "its own endpoint inside (numbered in its own network)", away: []Node{withGossip(iad1, "10.3.0.1:51820")}},
+		{name: "a member's gossip address inside", away: []Node{iad1}, underlay: []string{"10.3.200.1"}},
+		{name: "an IPv6 gossip address inside", away: []Node{gw("b-1", "site-b", "DE", "aws", 10, "", "2001:db8:b::/48")},
+			underlay: []string{"2001:db8:b::1"}},
+		{name: "restored from the state directory: its certified routes", away: []Node{restored},
+			want: "onprem-par=10.20.0.0/16"},
+		{name: "two gateways away, one site, one hold", away: []Node{fra1, fra2, iad1},
+			want: "aws-eu-central-1=10.2.0.0/16;aws-us-east-1=10.3.0.0/16"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			in := TopologyInput{Self: zrh1, Peers: tt.peers, Away: tt.away, Now: now, MeshPrefix: mesh16}
+			for _, a := range tt.underlay {
+				in.Underlay = append(in.Underlay, netip.MustParseAddr(a))
+			}
+			plan := Compute(in)
+			var held []string
+			for _, s := range sortedKeys(plan.Held) {
+				var ps []string
+				for _, p := range plan.Held[s] {
+					ps = append(ps, p.String())
+				}
+				held = append(held, s+"="+strings.Join(ps, ","))
+			}
+			if got := strings.Join(held, ";"); got != tt.want {
+				t.Errorf("held %q, want %q", got, tt.want)
+			}
+			var routes []string
+			for _, r := range plan.Routes {
+				routes = append(routes, r.String())
+			}
+			if got := strings.Join(routes, ","); got != tt.routes {
+				t.Errorf("routes %q, want %q", got, tt.routes)
+			}
+			kernel := slices.Clone(plan.Routes)
+			for _, ps := range plan.Held {
+				kernel = append(kernel, ps...)
+			}
+			slices.SortFunc(kernel, comparePrefix)
+			if got := plan.kernelRoutes(); !slices.Equal(got, kernel) {
+				t.Errorf("kernel routes %v, want the carried and the held %v", got, kernel)
+			}
+			for _, pc := range plan.Peers {
+				for _, ps := range plan.Held {
+					for _, p := range ps {
+						if slices.Contains(pc.AllowedIPs, p) {
+							t.Errorf("held %s is carried by %s", p, pc.Node)
+						}
+					}
+				}
+			}
+		})
 	}
 }

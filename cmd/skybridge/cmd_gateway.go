@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io/fs"
 	"log/slog"
+	"maps"
 	"net/netip"
 	"os"
 	"os/signal"
@@ -276,6 +277,9 @@ func printStatus(c *cli.Context, st *mesh.Status) {
 	if len(cut) > 0 {
 		slices.Sort(cut)
 		fmt.Fprintf(w, "UNREACHABLE from here: %s (no gateway alive there, or its tunnel sends without a handshake)\n", printable(strings.Join(cut, ", ")))
+	}
+	for _, s := range slices.Sorted(maps.Keys(st.Held)) {
+		fmt.Fprintf(w, "routes HELD for %s: %s (no gateway of it up: their traffic is dropped here, not sent outside the mesh)\n", printable(s), printable(routesString(st.Held[s])))
 	}
 	for _, c := range st.Conflicts {
 		fmt.Fprintf(w, "conflict: %s\n", printable(c))

@@ -1324,16 +1324,18 @@ func TestStatusShowsConflicts(t *testing.T) {
 }
 
 // TestStatusShowsFailingTunnels: the text status says which tunnels are
-// stale and which sites are unreachable from here, as the metrics do.
+// stale and which sites are unreachable from here, as the metrics do,
+// and whose routes are held.
 func TestStatusShowsFailingTunnels(t *testing.T) {
 	var out bytes.Buffer
 	c := cli.NewContext(&cli.App{Writer: &out}, nil, nil)
 	printStatus(c, &mesh.Status{Node: "gw-1", Site: "zrh", Reachable: map[string]bool{"zrh": true, "iad": false, "fra": true, "sin": false},
+		Held: map[string][]netip.Prefix{"sin": {netip.MustParsePrefix("10.9.0.0/16"), netip.MustParsePrefix("10.19.0.0/16")}},
 		Members: []mesh.MemberStatus{
 			{Node: "gw-iad", Site: "iad", State: mesh.StateVerified, Peer: true, Health: mesh.TunnelStale},
 			{Node: "gw-fra", Site: "fra", State: mesh.StateVerified, Peer: true, Health: mesh.TunnelFresh},
 		}})
-	for _, want := range []string{"verified, peer, STALE", "UNREACHABLE from here: iad, sin "} {
+	for _, want := range []string{"verified, peer, STALE", "UNREACHABLE from here: iad, sin ", "routes HELD for sin: 10.9.0.0/16, 10.19.0.0/16 (no gateway"} {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("status lacks %q:\n%s", want, out.String())
 		}
