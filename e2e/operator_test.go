@@ -149,11 +149,10 @@ func TestOperatorOverOverlay(t *testing.T) {
 	if st.Operator != zrh.overlay+":7480" {
 		t.Errorf("status operator = %q, want %s:7480", st.Operator, zrh.overlay)
 	}
-	// Crashed or stopped, a site's routes stay in zrh's interface with
-	// no peer to carry them: the kernel still sends their traffic into
-	// the mesh, where it is dropped, rather than by the host's other
-	// routes in clear (the namespace has none here: without the hold,
-	// the kernel finds no route at all).
+	// Crashed or stopped, a site's routes are held unreachable at zrh:
+	// the kernel refuses their traffic ("no route to host") rather than
+	// send it by the host's other routes in clear (the namespace has
+	// none here: without the hold, the network reads unreachable).
 	waitFor(t, 10*time.Second, "zrh holds the routes of both sites cut off", func() (bool, string) {
 		st, err := status(zrh.socket)
 		if err != nil {
@@ -164,9 +163,12 @@ func TestOperatorOverOverlay(t *testing.T) {
 				return false, fmt.Sprintf("status holds %v for %s, want its route %s", got, s.site, s.route)
 			}
 			addr := strings.TrimSuffix(s.route, "0.0/16") + "7.7"
-			out, err := l.nsexec(zrh.ns, "ip", "route", "get", addr)
-			if err != nil || !strings.Contains(out, "dev "+zrh.ifname+" ") {
-				return false, fmt.Sprintf("zrh's route to %s (in %s): %s%v; want it into %s", addr, s.site, out, err, zrh.ifname)
+			out, _ := l.nsexec(zrh.ns, "ip", "route", "get", addr)
+			if !strings.Contains(out, "No route to host") {
+				return false, fmt.Sprintf("zrh's route to %s (in %s): %s; want no route to host", addr, s.site, out)
+			}
+			if out, _ := l.nsexec(zrh.ns, "ip", "route", "show", s.route); !strings.Contains(out, "unreachable "+s.route+" proto 91") {
+				return false, fmt.Sprintf("zrh's routes to %s: %q; want it held unreachable", s.route, out)
 			}
 		}
 		return true, ""

@@ -44,7 +44,7 @@ type Device interface {
 	// without kernel routing (netstack) route by allowed IPs alone and
 	// do nothing here.
 	Routes() (RouteTable, error)
-	SetRoutes(add, del []netip.Prefix) error
+	SetRoutes(RouteChange) error
 	// Listen and Dial reach the overlay: the kernel's stack for kernel
 	// and TUN devices, the userspace stack for netstack.
 	Listen(addr netip.AddrPort) (net.Listener, error)
@@ -56,10 +56,23 @@ type Device interface {
 type RouteTable struct {
 	// Own is the routes skybridge installed towards the device.
 	Own []netip.Prefix
+	// Held is the unreachable routes skybridge installed: the prefixes
+	// of sites with no gateway up (Plan.Held). They name no device: one
+	// gateway per network namespace holds routes.
+	Held []netip.Prefix
 	// Host is the prefixes the host's main table routes otherwise
 	// (routes skybridge did not install: its LANs, its operator's): a
 	// remote site's route to one of them is left out.
 	Host map[netip.Prefix]bool
+}
+
+// RouteChange is what SetRoutes does: routes into the device added and
+// removed, and unreachable routes held and freed. A prefix moving from
+// one kind to the other is replaced in one step, never left without a
+// route for the host's others (its default route) to take.
+type RouteChange struct {
+	Add, Del     []netip.Prefix
+	Hold, Unhold []netip.Prefix
 }
 
 // DeviceOptions says how to bring a device up.
@@ -128,12 +141,12 @@ type wgctrlDevice struct {
 	close      func() error
 }
 
-func (d *wgctrlDevice) Name() string                            { return d.name }
-func (d *wgctrlDevice) Mode() string                            { return d.mode }
-func (d *wgctrlDevice) Device() (*wgtypes.Device, error)        { return d.client.Device(d.name) }
-func (d *wgctrlDevice) Configure(c wgtypes.Config) error        { return d.client.ConfigureDevice(d.name, c) }
-func (d *wgctrlDevice) Routes() (RouteTable, error)             { return d.link.routes() }
-func (d *wgctrlDevice) SetRoutes(add, del []netip.Prefix) error { return d.link.setRoutes(add, del) }
+func (d *wgctrlDevice) Name() string                     { return d.name }
+func (d *wgctrlDevice) Mode() string                     { return d.mode }
+func (d *wgctrlDevice) Device() (*wgtypes.Device, error) { return d.client.Device(d.name) }
+func (d *wgctrlDevice) Configure(c wgtypes.Config) error { return d.client.ConfigureDevice(d.name, c) }
+func (d *wgctrlDevice) Routes() (RouteTable, error)      { return d.link.routes() }
+func (d *wgctrlDevice) SetRoutes(c RouteChange) error    { return d.link.setRoutes(c) }
 
 // overlayKeepAlive notices a peer gateway that vanished (killed, cut off)
 // within about 25 s, instead of the kernel's default of minutes.
@@ -234,7 +247,7 @@ type NetstackDevice struct {
 	dev    *device.Device
 	net    *netstack.Net
 	mu     sync.Mutex
-	routes []netip.Prefix // the netstack routes by allowed IPs; kept for symmetry with the kernel
+	routes routeBook // the netstack routes by allowed IPs; kept for symmetry with the kernel
 }
 
 func openNetstack(opt DeviceOptions) (Device, error) {
@@ -276,14 +289,13 @@ func (d *NetstackDevice) Configure(c wgtypes.Config) error { return d.dev.IpcSet
 func (d *NetstackDevice) Routes() (RouteTable, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	return RouteTable{Own: slices.Clone(d.routes)}, nil
+	return RouteTable{Own: slices.Clone(d.routes.own), Held: slices.Clone(d.routes.held)}, nil
 }
 
-func (d *NetstackDevice) SetRoutes(add, del []netip.Prefix) error {
+func (d *NetstackDevice) SetRoutes(c RouteChange) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	d.routes = slices.DeleteFunc(d.routes, func(p netip.Prefix) bool { return slices.Contains(del, p) })
-	d.routes = append(d.routes, add...)
+	d.routes.apply(c)
 	return nil
 }
 
@@ -353,4 +365,12 @@ func wgLogger(log *slog.Logger, name string) *device.Logger {
 		},
 		Errorf: func(format string, args ...any) { l.Warn(fmt.Sprintf(format, args...)) },
 	}
+}
+
+// routeBook keeps the routes of a device without kernel routing.
+type routeBook struct{ own, held []netip.Prefix }
+
+func (b *routeBook) apply(c RouteChange) {
+	b.own = append(slices.DeleteFunc(b.own, func(p netip.Prefix) bool { return slices.Contains(c.Del, p) || slices.Contains(c.Hold, p) }), c.Add...)
+	b.held = append(slices.DeleteFunc(b.held, func(p netip.Prefix) bool { return slices.Contains(c.Unhold, p) || slices.Contains(c.Add, p) }), c.Hold...)
 }

@@ -493,9 +493,11 @@ func (g *Gateway) Run(parent context.Context) error {
 	g.ml.Shutdown()
 	g.stopMigrations()
 	g.saveMembers()
-	g.closeDevice()
 	var ended *BurstEndedError
-	if errors.As(context.Cause(ctx), &ended) {
+	retired := errors.As(context.Cause(ctx), &ended)
+	g.routesAtStop(retired)
+	g.closeDevice()
+	if retired {
 		// With Vault, our WireGuard key lives there: delete it while our
 		// login still works.
 		if d, ok := g.prov.Secrets().(interface {
@@ -580,6 +582,35 @@ func (g *Gateway) advertiseLoad(ctx context.Context) {
 func (g *Gateway) crash() {
 	g.crashed.Store(true)
 	g.ml.Shutdown()
+}
+
+// routesAtStop holds every route into the device, unreachable, while the
+// gateway is down (a restart, maintenance, a crash of the gateway
+// excepted): the device's own routes go with it, and the host would send
+// the mesh's traffic by its other routes, its default route, in clear.
+// The next start takes them over (RouteTable.Held). A gateway that
+// leaves the mesh for good (a burst's end) frees them all instead.
+func (g *Gateway) routesAtStop(retired bool) {
+	table, err := g.dev.Routes()
+	if err != nil {
+		g.log.Warn("read the routes at stop", "err", err)
+		return
+	}
+	c := RouteChange{Hold: table.Own}
+	if retired {
+		c = RouteChange{Del: table.Own, Unhold: table.Held}
+	}
+	if len(c.Hold)+len(c.Del)+len(c.Unhold) == 0 {
+		return
+	}
+	if err := g.dev.SetRoutes(c); err != nil {
+		g.log.Warn("routes at stop", "err", err)
+		return
+	}
+	if !retired {
+		g.log.Info("the mesh's routes are held while this gateway is down: traffic to its sites is refused, not sent by the host's other routes; the next start takes them over (ip route flush proto 91 removes them)",
+			"routes", len(table.Own)+len(table.Held))
+	}
 }
 
 func (g *Gateway) closeDevice() {
@@ -837,8 +868,15 @@ func (g *Gateway) apply(plan Plan) error {
 	if err != nil {
 		return err
 	}
-	var left, routes []netip.Prefix
-	plan.Peers, routes, left = leaveOutHostRoutes(plan.Peers, plan.kernelRoutes(), table.Host)
+	var left []netip.Prefix
+	plan.Peers, plan.Routes, left = leaveOutHostRoutes(plan.Peers, plan.Routes, table.Host)
+	held := slices.DeleteFunc(plan.heldRoutes(), func(p netip.Prefix) bool {
+		if table.Host[p] {
+			left = append(left, p)
+			return true
+		}
+		return false
+	})
 	if key := fmt.Sprint(left); key != g.routeConflicts {
 		g.routeConflicts = key // said once, not at every pass
 		if len(left) > 0 {
@@ -851,8 +889,9 @@ func (g *Gateway) apply(plan Plan) error {
 			return fmt.Errorf("configure %s: %w", g.dev.Name(), err)
 		}
 	}
-	ch.RoutesAdded, ch.RoutesRemoved = DiffRoutes(table.Own, routes)
-	if err := g.dev.SetRoutes(ch.RoutesAdded, ch.RoutesRemoved); err != nil {
+	ch.RoutesAdded, ch.RoutesRemoved = DiffRoutes(table.Own, plan.Routes)
+	ch.RoutesHeld, ch.RoutesFreed = DiffRoutes(table.Held, held)
+	if err := g.dev.SetRoutes(RouteChange{Add: ch.RoutesAdded, Del: ch.RoutesRemoved, Hold: ch.RoutesHeld, Unhold: ch.RoutesFreed}); err != nil {
 		return err
 	}
 	// Greeting only hastens a first handshake (WireGuard would start one
@@ -867,7 +906,7 @@ func (g *Gateway) apply(plan Plan) error {
 	g.lastApplied = applied
 	if !ch.Empty() {
 		g.log.Info("WireGuard configuration changed", "added", ch.Added, "removed", ch.Removed, "updated", ch.Updated,
-			"routes_added", ch.RoutesAdded, "routes_removed", ch.RoutesRemoved, "peers", len(plan.Peers))
+			"routes_added", ch.RoutesAdded, "routes_removed", ch.RoutesRemoved, "routes_held", ch.RoutesHeld, "routes_freed", ch.RoutesFreed, "peers", len(plan.Peers))
 	}
 	for _, c := range plan.Conflicts {
 		g.log.Warn("topology conflict", "detail", c)

@@ -110,6 +110,10 @@ func (lc *linkConfig) routes() (RouteTable, error) {
 		case r.Dst == nil:
 		case r.Protocol != routeProtocol:
 			t.Host[prefixOf(*r.Dst)] = true
+		case r.Type == syscall.RTN_UNREACHABLE:
+			// Ours whatever run installed it: an unreachable route
+			// names no device, and one left by a crash is adopted.
+			t.Held = append(t.Held, prefixOf(*r.Dst))
 		case r.LinkIndex == lc.index:
 			t.Own = append(t.Own, prefixOf(*r.Dst))
 		}
@@ -117,16 +121,31 @@ func (lc *linkConfig) routes() (RouteTable, error) {
 	return t, nil
 }
 
-func (lc *linkConfig) setRoutes(add, del []netip.Prefix) error {
+// setRoutes installs routes first and removes them after: a route into
+// the device and an unreachable one for the same prefix share the kernel's
+// key (table, prefix, metric), so installing one replaces the other in one
+// step, and the removal that follows finds nothing (a removal names the
+// route's type, device and protocol, and takes only that route).
+func (lc *linkConfig) setRoutes(c RouteChange) error {
 	var errs []error
-	for _, p := range del {
+	for _, p := range c.Add {
+		if err := netlink.RouteReplace(lc.route(p)); err != nil {
+			errs = append(errs, fmt.Errorf("add route %s via %s: %w", p, lc.name, err))
+		}
+	}
+	for _, p := range c.Hold {
+		if err := netlink.RouteReplace(heldRoute(p)); err != nil {
+			errs = append(errs, fmt.Errorf("hold route %s (unreachable): %w", p, err))
+		}
+	}
+	for _, p := range c.Del {
 		if err := netlink.RouteDel(lc.route(p)); err != nil && !errors.Is(err, syscall.ESRCH) {
 			errs = append(errs, fmt.Errorf("remove route %s: %w", p, err))
 		}
 	}
-	for _, p := range add {
-		if err := netlink.RouteReplace(lc.route(p)); err != nil {
-			errs = append(errs, fmt.Errorf("add route %s via %s: %w", p, lc.name, err))
+	for _, p := range c.Unhold {
+		if err := netlink.RouteDel(heldRoute(p)); err != nil && !errors.Is(err, syscall.ESRCH) {
+			errs = append(errs, fmt.Errorf("remove held route %s: %w", p, err))
 		}
 	}
 	return errors.Join(errs...)
@@ -134,5 +153,15 @@ func (lc *linkConfig) setRoutes(add, del []netip.Prefix) error {
 
 func (lc *linkConfig) route(p netip.Prefix) *netlink.Route {
 	n := ipNets([]netip.Prefix{p})[0]
-	return &netlink.Route{LinkIndex: lc.index, Dst: &n, Protocol: routeProtocol, Scope: netlink.SCOPE_LINK}
+	return &netlink.Route{LinkIndex: lc.index, Dst: &n, Protocol: routeProtocol, Scope: netlink.SCOPE_LINK, Type: syscall.RTN_UNICAST}
+}
+
+// heldRoute is an unreachable route: the kernel answers "no route to
+// host" at once, to a local connection as to a forwarded packet (an
+// ICMP error), where a route into a wireguard-go device with no peer for
+// the address would drop the packets in silence and leave connections
+// hanging.
+func heldRoute(p netip.Prefix) *netlink.Route {
+	n := ipNets([]netip.Prefix{p})[0]
+	return &netlink.Route{Dst: &n, Protocol: routeProtocol, Type: syscall.RTN_UNREACHABLE, Table: syscall.RT_TABLE_MAIN}
 }

@@ -1,6 +1,7 @@
 package mesh
 
 import (
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -10,6 +11,7 @@ import (
 	"runtime"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -80,7 +82,7 @@ func TestHostRoutes(t *testing.T) {
 		}
 		lc := &linkConfig{name: "wg0", index: wg.Attrs().Index}
 		ours := netip.MustParsePrefix("198.51.100.0/24")
-		if err := lc.setRoutes([]netip.Prefix{ours}, nil); err != nil {
+		if err := lc.setRoutes(RouteChange{Add: []netip.Prefix{ours}}); err != nil {
 			t.Errorf("our route: %v", err)
 			return
 		}
@@ -88,7 +90,7 @@ func TestHostRoutes(t *testing.T) {
 		// interface's) is neither this link's nor the host's.
 		elsewhere := &linkConfig{name: "lan0", index: lan.Attrs().Index}
 		stale := netip.MustParsePrefix("198.51.100.128/25")
-		if err := elsewhere.setRoutes([]netip.Prefix{stale}, nil); err != nil {
+		if err := elsewhere.setRoutes(RouteChange{Add: []netip.Prefix{stale}}); err != nil {
 			t.Errorf("route elsewhere: %v", err)
 			return
 		}
@@ -100,6 +102,75 @@ func TestHostRoutes(t *testing.T) {
 		if !slices.Equal(table.Own, []netip.Prefix{ours}) {
 			t.Errorf("own routes %v; want only %v", table.Own, ours)
 		}
+	})
+}
+
+// TestHeldRoutesInKernel: a prefix moves between a route into the device
+// and an unreachable route each way without losing either to the removal
+// that follows (a removal takes only a route of its own type and device),
+// a held prefix is refused at once ("no route to host", not a silent
+// drop), and an unreachable route someone else installed is the host's.
+func TestHeldRoutesInKernel(t *testing.T) {
+	inNewNetns(t, func() {
+		if err := netlink.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "wg0"}, PeerName: "wg0p"}); err != nil {
+			t.Errorf("add wg0: %v", err)
+			return
+		}
+		wg, _ := netlink.LinkByName("wg0")
+		netlink.LinkSetUp(wg)
+		if p, err := netlink.LinkByName("wg0p"); err == nil {
+			netlink.LinkSetUp(p)
+		}
+		lc := &linkConfig{name: "wg0", index: wg.Attrs().Index}
+		site := netip.MustParsePrefix("198.51.100.0/24")
+		_, theirs, _ := net.ParseCIDR("203.0.113.0/24")
+		if err := netlink.RouteAdd(&netlink.Route{Dst: theirs, Type: syscall.RTN_UNREACHABLE, Protocol: netlink.RouteProtocol(4)}); err != nil {
+			t.Errorf("the host's own unreachable route: %v", err)
+			return
+		}
+		check := func(step string, own, held []netip.Prefix) {
+			t.Helper()
+			table, err := lc.routes()
+			if err != nil {
+				t.Errorf("%s: %v", step, err)
+				return
+			}
+			if !slices.Equal(table.Own, own) || !slices.Equal(table.Held, held) {
+				t.Errorf("%s: own %v held %v; want own %v held %v", step, table.Own, table.Held, own, held)
+			}
+			if !table.Host[netip.MustParsePrefix("203.0.113.0/24")] {
+				t.Errorf("%s: the host's unreachable route is not the host's: %v", step, table.Host)
+			}
+		}
+		one := []netip.Prefix{site}
+		if err := lc.setRoutes(RouteChange{Add: one}); err != nil {
+			t.Error(err)
+		}
+		check("carried", one, nil)
+		if err := lc.setRoutes(RouteChange{Hold: one, Del: one}); err != nil {
+			t.Error(err)
+		}
+		check("held", nil, one)
+		start := time.Now()
+		c, err := net.DialTimeout("tcp", "198.51.100.7:443", 5*time.Second)
+		if err == nil {
+			c.Close()
+		}
+		if !errors.Is(err, syscall.EHOSTUNREACH) {
+			t.Errorf("a connection into the held prefix: %v after %s; want no route to host", err, time.Since(start))
+		}
+		if err := lc.setRoutes(RouteChange{Add: one, Unhold: one}); err != nil {
+			t.Error(err)
+		}
+		check("carried again", one, nil)
+		if err := lc.setRoutes(RouteChange{Unhold: one}); err != nil {
+			t.Error(err)
+		}
+		check("nothing to free", one, nil)
+		if err := lc.setRoutes(RouteChange{Del: one}); err != nil {
+			t.Error(err)
+		}
+		check("gone", nil, nil)
 	})
 }
 

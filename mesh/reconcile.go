@@ -15,11 +15,12 @@ type Changes struct {
 	Added, Removed, Updated []string // peer nodes (or public keys of unknown peers)
 	RoutesAdded             []netip.Prefix
 	RoutesRemoved           []netip.Prefix
+	RoutesHeld, RoutesFreed []netip.Prefix // unreachable routes (Plan.Held)
 }
 
 // Empty reports whether nothing changed.
 func (c Changes) Empty() bool {
-	return len(c.Added)+len(c.Removed)+len(c.Updated)+len(c.RoutesAdded)+len(c.RoutesRemoved) == 0
+	return len(c.Added)+len(c.Removed)+len(c.Updated)+len(c.RoutesAdded)+len(c.RoutesRemoved)+len(c.RoutesHeld)+len(c.RoutesFreed) == 0
 }
 
 // DiffPeers computes the device change that turns the peers the device has

@@ -20,7 +20,7 @@ type RecordingDevice struct {
 	mu      sync.Mutex
 	name    string
 	peers   map[wgtypes.Key]wgtypes.Peer
-	routes  []netip.Prefix
+	routes  routeBook
 	applies int
 	removed int // peers removed (by name or by replacing them all)
 	// hostRoutes stands for the host's own routes (SetHostRoutes).
@@ -125,14 +125,13 @@ func (d *RecordingDevice) Applies() int {
 func (d *RecordingDevice) Routes() (RouteTable, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	return RouteTable{Own: slices.Clone(d.routes), Host: maps.Clone(d.hostRoutes)}, nil
+	return RouteTable{Own: slices.Clone(d.routes.own), Held: slices.Clone(d.routes.held), Host: maps.Clone(d.hostRoutes)}, nil
 }
 
-func (d *RecordingDevice) SetRoutes(add, del []netip.Prefix) error {
+func (d *RecordingDevice) SetRoutes(c RouteChange) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	d.routes = slices.DeleteFunc(d.routes, func(p netip.Prefix) bool { return slices.Contains(del, p) })
-	d.routes = append(d.routes, add...)
+	d.routes.apply(c)
 	return nil
 }
 

@@ -264,9 +264,9 @@ func TestStoppedGatewayShownAsLeft(t *testing.T) {
 }
 
 // TestStoppedSiteRoutesHeld: when a site's only gateway stops, its routes
-// stay in the interface with no peer to carry them (traffic to the site
-// is dropped here, not sent by the host's other routes in clear), status
-// and the log say so, and revoking the gateway's certificate frees them.
+// are held, unreachable (traffic to the site is refused here, not sent by
+// the host's other routes in clear), status and the log say so, and
+// revoking the gateway's certificate frees them.
 func TestStoppedSiteRoutesHeld(t *testing.T) {
 	dir := t.TempDir()
 	ca := meshCA(t, dir)
@@ -286,6 +286,10 @@ func TestStoppedSiteRoutesHeld(t *testing.T) {
 		rs, _ := hq.dev.Routes()
 		return slices.Contains(rs.Own, lan)
 	}
+	unreachable := func() bool {
+		rs, _ := hq.dev.Routes()
+		return slices.Contains(rs.Held, lan)
+	}
 	held := func() []netip.Prefix {
 		st, err := hq.g.Status()
 		if err != nil {
@@ -302,12 +306,19 @@ func TestStoppedSiteRoutesHeld(t *testing.T) {
 	waitUntil(t, 20*time.Second, "fra-1 gone as a peer, its site's route held", func() bool {
 		return len(hq.dev.Peers()) == 0 && slices.Equal(held(), []netip.Prefix{lan})
 	})
-	if !routed() {
-		t.Fatal("the route of a site whose gateway stopped was taken out of the interface: its traffic follows the host's other routes")
+	if !unreachable() || routed() {
+		t.Fatal("the route of a site whose gateway stopped is not held unreachable: its traffic follows the host's other routes")
 	}
 	if !strings.Contains(logs.String(), "routes held") {
 		t.Fatal("the held routes were not logged")
 	}
+	// A network the host routes itself is the host's, held or not.
+	hq.dev.SetHostRoutes(lan)
+	hq.g.triggerReconcile()
+	waitUntil(t, 10*time.Second, "the held route given way to the host's own", func() bool { return !unreachable() })
+	hq.dev.SetHostRoutes()
+	hq.g.triggerReconcile()
+	waitUntil(t, 10*time.Second, "the route held again once the host's is gone", unreachable)
 	if _, err := ca.RevokeSerials([]*big.Int{serial}, "cessationOfOperation", time.Now()); err != nil {
 		t.Fatal(err)
 	}
@@ -319,5 +330,56 @@ func TestStoppedSiteRoutesHeld(t *testing.T) {
 		t.Fatal("the new revocation list was not adopted")
 	}
 	hq.g.triggerReconcile()
-	waitUntil(t, 20*time.Second, "the route freed once fra-1 is revoked", func() bool { return !routed() && held() == nil })
+	waitUntil(t, 20*time.Second, "the route freed once fra-1 is revoked", func() bool { return !routed() && !unreachable() && held() == nil })
+}
+
+// TestStoppedGatewayHoldsItsRoutes: the routes a gateway carried are
+// held, unreachable, once it has stopped.
+func TestStoppedGatewayHoldsItsRoutes(t *testing.T) {
+	dir := t.TempDir()
+	ca := meshCA(t, dir)
+	tb, err := ca.TrustBundle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	hq := startLiveGatewayWith(t, ca, dir, 0, "zrh-dc", nil, io.Discard, nil)
+	lan := netip.MustParsePrefix("10.77.0.0/16")
+	s := liveSettings(t, filepath.Join(dir, "fra"))
+	s.Node = provisionGateway(t, ca, tb, certs.Attributes{Node: "fra-1", Site: "fra-dc", Region: "fra", Provider: "onprem", Jurisdiction: "DE",
+		OverlayIP: netip.MustParseAddr("100.64.7.9"), Routes: []netip.Prefix{lan}}, time.Hour, s.Identity.Dir)
+	s.Seeds = []string{hq.g.s.GossipAdvertise.String()}
+	runLiveGateway(t, s, io.Discard)
+	waitUntil(t, 20*time.Second, "fra-1's site routed into the mesh", func() bool {
+		rs, _ := hq.dev.Routes()
+		return slices.Contains(rs.Own, lan)
+	})
+	hq.stop()
+	if rs, _ := hq.dev.Routes(); len(rs.Own) != 0 || !slices.Equal(rs.Held, []netip.Prefix{lan}) {
+		t.Fatalf("after the stop: own %v, held %v; want %s held", rs.Own, rs.Held, lan)
+	}
+}
+
+// TestRoutesAtStop: a gateway that stops holds every route it had into
+// its device, unreachable, for the host not to send the mesh's traffic by
+// its other routes while it is down; one that leaves the mesh for good (a
+// burst's end) frees them all.
+func TestRoutesAtStop(t *testing.T) {
+	a, b, c := netip.MustParsePrefix("10.1.0.0/16"), netip.MustParsePrefix("10.2.0.0/16"), netip.MustParsePrefix("10.3.0.0/16")
+	for _, retired := range []bool{false, true} {
+		dev := NewRecordingDevice("sb0")
+		dev.SetRoutes(RouteChange{Add: []netip.Prefix{a, b}, Hold: []netip.Prefix{c}})
+		logs := &syncbuf.Buffer{}
+		g := &Gateway{dev: dev, log: slog.New(slog.NewTextHandler(logs, nil))}
+		g.routesAtStop(retired)
+		table, _ := dev.Routes()
+		slices.SortFunc(table.Held, comparePrefix)
+		switch {
+		case retired && (len(table.Own) != 0 || len(table.Held) != 0):
+			t.Errorf("retired: own %v, held %v; want every route freed", table.Own, table.Held)
+		case !retired && (len(table.Own) != 0 || !slices.Equal(table.Held, []netip.Prefix{a, b, c})):
+			t.Errorf("stopped: own %v, held %v; want all three held", table.Own, table.Held)
+		case !retired && !strings.Contains(logs.String(), "held while this gateway is down"):
+			t.Errorf("the hold at stop is not said: %s", logs.String())
+		}
+	}
 }

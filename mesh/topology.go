@@ -151,10 +151,9 @@ type Plan struct {
 	// Carriers names, per site, the gateway its routes go through.
 	Carriers map[string]string `json:"carriers"`
 	// Held lists, per site, the routes of gateways that are away (no
-	// gateway of the site up) and that no peer carries: routed into the
-	// interface all the same, where WireGuard finds no peer for them, so
-	// their traffic is dropped rather than sent in clear by the host's
-	// other routes (holdRoutes).
+	// gateway of the site up) and that no peer carries: installed as
+	// unreachable routes, so that their traffic is refused rather than
+	// sent in clear by the host's other routes (holdRoutes).
 	Held map[string][]netip.Prefix `json:"held,omitempty"`
 	// Conflicts lists claims the plan had to drop: a prefix claimed by
 	// gateways of two sites, or a gateway's routes shadowed by another
@@ -284,11 +283,10 @@ func Compute(in TopologyInput) Plan {
 // holdRoutes fills plan.Held: the routes of gateways of other sites that
 // are away, where no peer carries them. Withdrawn from the kernel, they
 // would follow the host's other routes (its default route: the internet,
-// in clear) the moment a site's last gateway stopped or crashed; kept in
-// the interface with no peer's allowed IPs, WireGuard drops their packets
-// (the kernel's answers "no route to host"; wireguard-go drops them
-// silently). Only revoking a gateway's certificate, or its expiry, frees
-// its routes; a route it withdrew while up is free at once.
+// in clear) the moment a site's last gateway stopped or crashed; held,
+// they are unreachable routes, and the kernel answers "no route to host".
+// Only revoking a gateway's certificate, or its expiry, frees its routes;
+// a route it withdrew while up is free at once.
 //
 // A held prefix never covers an endpoint or a gossip address of a
 // member, its own gateways' included (a site numbered inside its own
@@ -355,13 +353,9 @@ func holdRoutes(in TopologyInput, plan *Plan) {
 	}
 }
 
-// kernelRoutes is every prefix to route into the interface: the carried
-// routes and the held ones.
-func (p *Plan) kernelRoutes() []netip.Prefix {
-	if len(p.Held) == 0 {
-		return p.Routes
-	}
-	out := slices.Clone(p.Routes)
+// heldRoutes is the held prefixes of every site, in a new slice.
+func (p *Plan) heldRoutes() []netip.Prefix {
+	var out []netip.Prefix
 	for _, ps := range p.Held {
 		out = append(out, ps...)
 	}

@@ -797,13 +797,13 @@ func TestHeldRoutes(t *testing.T) {
 			if got := strings.Join(routes, ","); got != tt.routes {
 				t.Errorf("routes %q, want %q", got, tt.routes)
 			}
-			kernel := slices.Clone(plan.Routes)
+			var flat []netip.Prefix
 			for _, ps := range plan.Held {
-				kernel = append(kernel, ps...)
+				flat = append(flat, ps...)
 			}
-			slices.SortFunc(kernel, comparePrefix)
-			if got := plan.kernelRoutes(); !slices.Equal(got, kernel) {
-				t.Errorf("kernel routes %v, want the carried and the held %v", got, kernel)
+			slices.SortFunc(flat, comparePrefix)
+			if got := plan.heldRoutes(); !slices.Equal(got, flat) {
+				t.Errorf("held routes %v, want every site's %v", got, flat)
 			}
 			for _, pc := range plan.Peers {
 				for _, ps := range plan.Held {
