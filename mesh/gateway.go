@@ -114,7 +114,10 @@ type Gateway struct {
 	planKey        planKey                        // the inputs of the last plan applied
 	links          LinkMemo                       // residency decisions of the last plan
 	plan           atomic.Pointer[Plan]
-	stats          reconcileStats
+	// held is the plan's held routes as applied: less those the host
+	// routes itself (status shows these).
+	held  atomic.Pointer[map[string][]netip.Prefix]
+	stats reconcileStats
 
 	// Owned by the worker.
 	certAsked    map[string]time.Time
@@ -808,7 +811,7 @@ func (g *Gateway) reconcile() {
 		plan = *last
 	} else {
 		in := TopologyInput{Self: *self, Peers: g.members.gateways(), Mode: g.s.Topology, BehindNAT: g.s.BehindNAT, Now: now, MeshPrefix: trust.MeshPrefix(), Memo: &g.links, Down: g.downSet()}
-		in.Away, in.Underlay = g.members.away()
+		in.Away = g.members.away()
 		if pol != nil {
 			in.Policy = pol.p
 		}
@@ -911,10 +914,20 @@ func (g *Gateway) apply(plan Plan) error {
 	for _, c := range plan.Conflicts {
 		g.log.Warn("topology conflict", "detail", c)
 	}
-	if key := fmt.Sprint(plan.Held); key != g.heldRoutes {
+	shown := plan.Held
+	if len(left) > 0 && len(shown) > 0 {
+		shown = map[string][]netip.Prefix{}
+		for s, ps := range plan.Held {
+			if ps = slices.DeleteFunc(slices.Clone(ps), func(p netip.Prefix) bool { return table.Host[p] }); len(ps) > 0 {
+				shown[s] = ps
+			}
+		}
+	}
+	g.held.Store(&shown)
+	if key := fmt.Sprint(shown); key != g.heldRoutes {
 		g.heldRoutes = key // said at each change, not at every pass
-		for _, s := range sortedKeys(plan.Held) {
-			g.log.Warn("routes held: no gateway of the site is up; traffic to them is dropped here, not sent outside the mesh, until one is back or their certificates are revoked", "site", s, "routes", plan.Held[s])
+		for _, s := range sortedKeys(shown) {
+			g.log.Warn("routes held: no gateway of the site is up; traffic to them is refused here, not sent outside the mesh, until one is back or their certificates are revoked", "site", s, "routes", shown[s])
 		}
 	}
 	return nil

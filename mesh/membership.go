@@ -1185,32 +1185,31 @@ func (ms *membership) gateways() []Node {
 	return ms.gw
 }
 
-// away returns the gateways that are gone (declared dead, or left) but
-// not retired: their last certificate neither expired nor revoked. Their
-// sites' routes are held (holdRoutes), so that traffic to a site whose
-// gateways are all down is dropped rather than sent by the host's other
-// routes, outside the mesh, in clear. One restored from the state
-// directory has no advert, only its certificate.
-// It also returns the gossip address of every member: a held route must
-// never take the way to one (a site's gateway numbered inside its own
-// routes could otherwise never be heard from again).
-func (ms *membership) away() (gone []Node, gossip []netip.Addr) {
+// away returns the gateways that are not up (dead, left, or alive but not
+// verified again yet: a certificate being fetched, a claim refused) whose
+// last verified certificate still stands: it verifies against the trust
+// in force, neither expired nor revoked. Their sites' routes are held
+// (holdRoutes), so that traffic to a site with no gateway up is refused
+// rather than sent by the host's other routes, outside the mesh, in clear.
+// One restored from the state directory has no advert, only its
+// certificate, which was not checked against any trust when it was read.
+func (ms *membership) away() []AwayGateway {
 	ms.mu.Lock()
 	defer ms.mu.Unlock()
 	now := ms.now()
-	gossip = make([]netip.Addr, 0, len(ms.members))
+	var out []AwayGateway
 	for _, m := range ms.members {
-		if m.gossip.IsValid() {
-			gossip = append(gossip, m.gossip.Addr())
-		}
 		v := m.lastVerified
-		if m.alive || m.state != StateDead || v == nil || !now.Before(v.Cert.NotAfter) || ms.trust.IsRevoked(v.Cert.SerialNumber) {
+		if m.state == StateVerified || v == nil {
 			continue
 		}
-		gone = append(gone, Node{Attributes: v.Attributes, Advert: v.Advert})
+		if _, err := ms.cache.VerifyCertificate(ms.trust, v.Cert, now); err != nil {
+			continue
+		}
+		out = append(out, AwayGateway{Node: Node{Attributes: v.Attributes, Advert: v.Advert}, Gossip: m.gossip.Addr()})
 	}
-	slices.SortFunc(gone, func(a, b Node) int { return cmp.Compare(a.node(), b.node()) })
-	return gone, gossip
+	slices.SortFunc(out, func(a, b AwayGateway) int { return cmp.Compare(a.node(), b.node()) })
+	return out
 }
 
 // everVerified reports whether name is a member that was verified, now

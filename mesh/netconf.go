@@ -70,7 +70,9 @@ func setUpLink(opt DeviceOptions) (*linkConfig, error) {
 	}
 	for _, a := range old {
 		if ip, ok := netip.AddrFromSlice(a.IP); ok && ip.Unmap() != opt.Overlay && opt.MeshPrefix.Contains(ip.Unmap()) {
-			if err := netlink.AddrDel(l, &a); err != nil {
+			// Gone already if it was a secondary address of an earlier
+			// one removed before it (promote_secondaries off).
+			if err := netlink.AddrDel(l, &a); err != nil && !errors.Is(err, syscall.EADDRNOTAVAIL) {
 				return nil, fmt.Errorf("remove the earlier overlay address %s from %s: %w", ip, opt.Name, err)
 			}
 		}

@@ -271,10 +271,19 @@ func TestTakeOverPersistentTUN(t *testing.T) {
 			t.Error(err)
 			return
 		}
-		stale := &netlink.Addr{IPNet: &net.IPNet{IP: net.ParseIP("100.64.9.9").To4(), Mask: net.CIDRMask(10, 32)}}
-		if err := netlink.AddrAdd(l, stale); err != nil {
-			t.Errorf("the earlier address: %v", err)
+		// Two earlier addresses, the second a secondary of the first,
+		// which the kernel removes with the first unless
+		// promote_secondaries is on.
+		if err := os.WriteFile("/proc/sys/net/ipv4/conf/"+name+"/promote_secondaries", []byte("0"), 0o644); err != nil {
+			t.Errorf("promote_secondaries: %v", err)
 			return
+		}
+		for _, a := range []string{"100.64.9.9", "100.64.9.10"} {
+			stale := &netlink.Addr{IPNet: &net.IPNet{IP: net.ParseIP(a).To4(), Mask: net.CIDRMask(10, 32)}}
+			if err := netlink.AddrAdd(l, stale); err != nil {
+				t.Errorf("the earlier address %s: %v", a, err)
+				return
+			}
 		}
 		key, _ := certs.GenerateWGKey()
 		overlay := netip.MustParseAddr("100.64.7.1")

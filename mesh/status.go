@@ -162,7 +162,10 @@ func (g *Gateway) Status() (*Status, error) {
 	st.Reconcile = ReconcileStats{Runs: g.stats.runs, Errors: g.stats.errors, LastError: g.stats.lastError, Last: g.stats.last, Duration: g.stats.duration}
 	g.stats.mu.Unlock()
 	if p := g.plan.Load(); p != nil {
-		st.Links, st.Conflicts, st.Carriers, st.Held = p.Links, p.Conflicts, p.Carriers, p.Held
+		st.Links, st.Conflicts, st.Carriers = p.Links, p.Conflicts, p.Carriers
+	}
+	if h := g.held.Load(); h != nil && len(*h) > 0 {
+		st.Held = *h
 	}
 	// Probe verdicts outlive a gateway's departure (so that a return must
 	// prove itself); status names only those still verified members.

@@ -315,10 +315,10 @@ func TestStoppedSiteRoutesHeld(t *testing.T) {
 	// A network the host routes itself is the host's, held or not.
 	hq.dev.SetHostRoutes(lan)
 	hq.g.triggerReconcile()
-	waitUntil(t, 10*time.Second, "the held route given way to the host's own", func() bool { return !unreachable() })
+	waitUntil(t, 10*time.Second, "the held route given way to the host's own", func() bool { return !unreachable() && held() == nil })
 	hq.dev.SetHostRoutes()
 	hq.g.triggerReconcile()
-	waitUntil(t, 10*time.Second, "the route held again once the host's is gone", unreachable)
+	waitUntil(t, 10*time.Second, "the route held again once the host's is gone", func() bool { return unreachable() && held() != nil })
 	if _, err := ca.RevokeSerials([]*big.Int{serial}, "cessationOfOperation", time.Now()); err != nil {
 		t.Fatal(err)
 	}

@@ -50,11 +50,17 @@ type TopologyInput struct {
 	// through their tunnels fail): a site's routes go through another of
 	// its gateways if it has one.
 	Down map[string]bool
-	// Away are gateways gone (dead, or left) but not retired (their
-	// certificates neither expired nor revoked), and Underlay the gossip
-	// addresses of every member: see holdRoutes.
-	Away     []Node
-	Underlay []netip.Addr
+	// Away are gateways not up (dead, left, or not verified again yet)
+	// but not retired: their certificates still stand (holdRoutes).
+	Away []AwayGateway
+}
+
+// AwayGateway is a gateway of TopologyInput.Away: its last verified
+// certificate and advert (no advert if restored from the state directory
+// after a restart), and where it gossiped.
+type AwayGateway struct {
+	Node
+	Gossip netip.Addr
 }
 
 // PeerConfig is the WireGuard configuration of one peer.
@@ -275,28 +281,43 @@ func Compute(in TopologyInput) Plan {
 		}
 	}
 	dedupe(&plan, in.Self, in.MeshPrefix)
-	addNextKeys(&plan, in.Self, members)
 	holdRoutes(in, &plan)
+	addNextKeys(&plan, in.Self, members)
 	return plan
 }
 
-// holdRoutes fills plan.Held: the routes of gateways of other sites that
-// are away, where no peer carries them. Withdrawn from the kernel, they
-// would follow the host's other routes (its default route: the internet,
-// in clear) the moment a site's last gateway stopped or crashed; held,
-// they are unreachable routes, and the kernel answers "no route to host".
-// Only revoking a gateway's certificate, or its expiry, frees its routes;
-// a route it withdrew while up is free at once.
+// holdRoutes fills plan.Held: the routes of sites none of whose gateways
+// is up here (verified), gone but not retired (in.Away), that we would
+// link to. Withdrawn from the kernel, they would follow the host's other
+// routes (its default route: the internet, in clear) the moment a site's
+// last gateway stopped or crashed; held, they are unreachable routes, and
+// the kernel answers "no route to host". Only revoking a gateway's
+// certificate, or its expiry, frees its routes; a route it withdrew while
+// up is free at once. A site we would not link to (residency, or our hub
+// does not) was never routed here, and is not held either: its traffic
+// goes wherever the host sends it, as while it was up.
 //
-// A held prefix never covers an endpoint or a gossip address of a
-// member, its own gateways' included (a site numbered inside its own
-// routes, or on another site's prefix): the tunnel, or the gossip, that
-// would bring the site back would be dropped with it. Nor one of ours,
-// nor one inside the overlay range (the interface address routes it
-// already), nor one a routed prefix covers (a peer carries it).
+// A held prefix gives way to the away site's own gateways' addresses
+// (their endpoints and gossip addresses): holding them would drop the
+// gossip and the handshakes that bring the site back. Anyone else's
+// endpoint inside it gives way to the prefix, as inside a routed one
+// (dedupe): endpoints are only advertised, routes are certified, and an
+// endpoint inside another site's network must not free that network.
+// Nor is a prefix held that overlaps ours, lies inside the overlay range,
+// or is covered by a route a peer carries.
 func holdRoutes(in TopologyInput, plan *Plan) {
 	if len(in.Away) == 0 {
 		return
+	}
+	up := make(map[string]bool, len(plan.Carriers)+1) // sites with a gateway verified here
+	up[in.Self.site()] = true
+	var hub *certs.Attributes // ours, where we reach other sites through it
+	for i := range in.Peers {
+		p := &in.Peers[i]
+		up[p.site()] = true
+		if in.Mode == TopologyHub && p.site() == in.Self.site() && plan.Carriers[p.site()] == p.node() {
+			hub = p.Attributes
+		}
 	}
 	own := append([]netip.Prefix{overlayPrefix(&in.Self)}, in.Self.Advert.Routes...)
 	// plan.Routes is sorted (dedupe): a prefix covering p is looked up
@@ -317,12 +338,30 @@ func holdRoutes(in TopologyInput, plan *Plan) {
 		}
 		return false
 	}
-	var under underlay
-	built := false
+	ways := map[string][]netip.Addr{} // site → its away gateways' addresses
 	for i := range in.Away {
 		a := &in.Away[i]
-		if a.site() == in.Self.site() {
-			continue // our own site's networks are the host's to route
+		for _, e := range a.Advert.Endpoints {
+			ways[a.site()] = append(ways[a.site()], e.Addr().Unmap())
+		}
+		if a.Gossip.IsValid() {
+			ways[a.site()] = append(ways[a.site()], a.Gossip.Unmap())
+		}
+	}
+	linked := map[*certs.Attributes]bool{}
+	for i := range in.Away {
+		a := &in.Away[i]
+		if up[a.site()] {
+			continue // routed here, or never: as its live gateways are
+		}
+		ok, judged := linked[a.Attributes]
+		if !judged {
+			ok = residencyLink(in.Policy, in.Self.Attributes, a.Attributes, in.Now).Allowed &&
+				(hub == nil || residencyLink(in.Policy, hub, a.Attributes, in.Now).Allowed)
+			linked[a.Attributes] = ok
+		}
+		if !ok {
+			continue
 		}
 		routes := a.Advert.Routes
 		if a.Advert.Node == "" {
@@ -336,10 +375,7 @@ func holdRoutes(in TopologyInput, plan *Plan) {
 			if _, ok := overlapsAny(p, own); ok || (in.MeshPrefix.Contains(p.Addr()) && p.Bits() >= in.MeshPrefix.Bits()) || covered(p) {
 				continue
 			}
-			if !built { // rare: only now are the addresses gathered
-				under, built = underlayOfNodes(in), true
-			}
-			if under.in(p) || slices.Contains(plan.Held[a.site()], p) {
+			if slices.ContainsFunc(ways[a.site()], p.Contains) || slices.Contains(plan.Held[a.site()], p) {
 				continue
 			}
 			if plan.Held == nil {
@@ -348,8 +384,25 @@ func holdRoutes(in TopologyInput, plan *Plan) {
 			plan.Held[a.site()] = append(plan.Held[a.site()], p)
 		}
 	}
-	for _, ps := range plan.Held {
-		slices.SortFunc(ps, comparePrefix)
+	if len(plan.Held) == 0 {
+		return
+	}
+	// Rare: whose endpoints lie inside is looked at only when one does.
+	under := underlayOf(plan.Peers)
+	for _, s := range sortedKeys(plan.Held) {
+		slices.SortFunc(plan.Held[s], comparePrefix)
+		for _, p := range plan.Held[s] {
+			if !under.in(p) {
+				continue
+			}
+			for i := range plan.Peers {
+				pc := &plan.Peers[i]
+				if a := pc.Endpoint.Addr().Unmap(); a.IsValid() && p.Contains(a) {
+					plan.Conflicts = append(plan.Conflicts, fmt.Sprintf("endpoint %s of %s is inside %s, held for site %s (no gateway of it up); not dialled", pc.Endpoint, pc.Node, p, s))
+					pc.Endpoint = netip.AddrPort{}
+				}
+			}
+		}
 	}
 }
 
@@ -361,24 +414,6 @@ func (p *Plan) heldRoutes() []netip.Prefix {
 	}
 	slices.SortFunc(out, comparePrefix)
 	return slices.Compact(out)
-}
-
-// underlayOfNodes gathers every underlay address the input knows: the
-// endpoints of the peers and of the gateways away, and the gossip
-// addresses.
-func underlayOfNodes(in TopologyInput) underlay {
-	var pcs []PeerConfig
-	for _, set := range [][]Node{in.Peers, in.Away} {
-		for i := range set {
-			for _, e := range set[i].Advert.Endpoints {
-				pcs = append(pcs, PeerConfig{Endpoint: e})
-			}
-		}
-	}
-	for _, a := range in.Underlay {
-		pcs = append(pcs, PeerConfig{Endpoint: netip.AddrPortFrom(a, 0)})
-	}
-	return underlayOf(pcs)
 }
 
 // orphanRoutes gives each prefix that another gateway of a remote site

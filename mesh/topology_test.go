@@ -427,7 +427,11 @@ func BenchmarkComputeAway(b *testing.B) {
 	}
 	for _, away := range []int{0, 100} {
 		b.Run(fmt.Sprintf("away=%d", away), func(b *testing.B) {
-			in := TopologyInput{Self: sbs1, Peers: nodes[away:], Away: nodes[:away], Underlay: gossip, Now: now, MeshPrefix: netip.MustParsePrefix("100.96.0.0/12")}
+			var gone []AwayGateway
+			for i, n := range nodes[:away] {
+				gone = append(gone, AwayGateway{Node: n, Gossip: gossip[i]})
+			}
+			in := TopologyInput{Self: sbs1, Peers: nodes[away:], Away: gone, Now: now, MeshPrefix: netip.MustParsePrefix("100.96.0.0/12")}
 			b.ReportAllocs()
 			for b.Loop() {
 				if p := Compute(in); len(p.Held) != away {
@@ -726,58 +730,81 @@ func TestSiblingsRouteWhatTheCarrierDoesNot(t *testing.T) {
 	}
 }
 
-// TestHeldRoutes: the routes of a site whose gateways are all away stay
-// in the interface, carried by no peer, so that their traffic is dropped
-// rather than sent by the host's other routes; but never where holding
-// them would cut a way back to a member, or take what is ours or carried.
+// TestHeldRoutes: the routes of a site whose gateways are all away are
+// held (unreachable), so that their traffic is refused rather than sent
+// by the host's other routes; but never where holding them would cut the
+// site's own way back, take what is ours or carried, or refuse what was
+// never routed here (residency, our hub's links, a site still up).
 func TestHeldRoutes(t *testing.T) {
-	withGossip := func(n Node, endpoint string) Node {
+	away := func(n Node, gossip string) AwayGateway {
+		a := AwayGateway{Node: n}
+		if gossip != "" {
+			a.Gossip = netip.MustParseAddr(gossip)
+		}
+		return a
+	}
+	at := func(n Node, endpoint string) Node {
 		n.Advert.Endpoints = []netip.AddrPort{netip.MustParseAddrPort(endpoint)}
 		return n
 	}
 	restored := gw("par-1", "onprem-par", "FR", "onprem", 20, "", "10.20.0.0/16")
 	restored.Advert = certs.Advert{} // known by its certificate alone (after a restart)
+	pol := mustPolicy(t, meshPolicy)
+	zrhBank := gw("zrh-1", "onprem-zrh", "CH", "onprem", 1, "swiss-banking-secret", "10.1.0.0/16")
 	tests := []struct {
-		name     string
-		peers    []Node
-		away     []Node
-		underlay []string
-		want     string // site=prefixes;…
-		routes   string
+		name      string
+		self      Node
+		mode      string
+		policy    *policy.Policy
+		peers     []Node
+		away      []AwayGateway
+		want      string // site=prefixes;…
+		routes    string
+		conflicts []string
 	}{
 		{name: "nobody away", peers: []Node{fra1, iad1}, routes: "10.2.0.0/16,10.3.0.0/16"},
-		{name: "a site's only gateway away", peers: []Node{fra1}, away: []Node{iad1},
+		{name: "a site's only gateway away", peers: []Node{fra1}, away: []AwayGateway{away(iad1, "192.0.2.6")},
 			want: "aws-us-east-1=10.3.0.0/16", routes: "10.2.0.0/16"},
-		{name: "a site with a gateway left carries its routes", peers: []Node{fra2}, away: []Node{fra1},
+		{name: "a site with a gateway up is not held", peers: []Node{fra2},
+			away:   []AwayGateway{away(gw("fra-1", "aws-eu-central-1", "DE", "aws", 4, "", "10.2.0.0/16", "10.12.0.0/16"), "")},
 			routes: "10.2.0.0/16"},
-		{name: "a sibling's route the carrier lacks (a rollout) is held", peers: []Node{fra2},
-			away: []Node{gw("fra-1", "aws-eu-central-1", "DE", "aws", 4, "", "10.2.0.0/16", "10.12.0.0/16")},
-			want: "aws-eu-central-1=10.12.0.0/16", routes: "10.2.0.0/16"},
 		{name: "our own site's gateways are the host's to route",
-			away: []Node{gw("zrh-2", "onprem-zrh", "CH", "onprem", 2, "", "10.1.0.0/16", "10.11.0.0/16")}},
-		{name: "overlapping our own routes", away: []Node{gw("b-1", "site-b", "DE", "aws", 10, "", "10.1.2.0/24", "10.9.0.0/16")},
+			away: []AwayGateway{away(gw("zrh-2", "onprem-zrh", "CH", "onprem", 2, "", "10.1.0.0/16", "10.11.0.0/16"), "")}},
+		{name: "overlapping our own routes", away: []AwayGateway{away(gw("b-1", "site-b", "DE", "aws", 10, "", "10.1.2.0/24", "10.9.0.0/16"), "")},
 			want: "site-b=10.9.0.0/16"},
-		{name: "inside the overlay range", away: []Node{gw("b-1", "site-b", "DE", "aws", 10, "", "100.96.9.0/24")}},
+		{name: "inside the overlay range", away: []AwayGateway{away(gw("b-1", "site-b", "DE", "aws", 10, "", "100.96.9.0/24"), "")}},
 		{name: "covered by a route a peer carries", peers: []Node{fra1},
-			away: []Node{gw("b-1", "site-b", "DE", "aws", 10, "", "10.2.7.0/24", "10.2.0.0/15")},
+			away: []AwayGateway{away(gw("b-1", "site-b", "DE", "aws", 10, "", "10.2.7.0/24", "10.2.0.0/15"), "")},
 			want: "site-b=10.2.0.0/15", routes: "10.2.0.0/16"},
-		{name: "a live peer's endpoint inside", peers: []Node{withGossip(fra1, "10.3.0.9:51820")}, away: []Node{iad1},
-			routes: "10.2.0.0/16"},
-		{name: "its own endpoint inside (numbered in its own network)", away: []Node{withGossip(iad1, "10.3.0.1:51820")}},
-		{name: "a member's gossip address inside", away: []Node{iad1}, underlay: []string{"10.3.200.1"}},
-		{name: "an IPv6 gossip address inside", away: []Node{gw("b-1", "site-b", "DE", "aws", 10, "", "2001:db8:b::/48")},
-			underlay: []string{"2001:db8:b::1"}},
-		{name: "restored from the state directory: its certified routes", away: []Node{restored},
+		{name: "its own endpoint inside (numbered in its own network)", away: []AwayGateway{away(at(iad1, "10.3.0.1:51820"), "")}},
+		{name: "its own gossip address inside", away: []AwayGateway{away(iad1, "10.3.200.1")}},
+		{name: "a sibling's address inside", away: []AwayGateway{away(iad1, ""), away(gw("iad-2", "aws-us-east-1", "US", "aws", 16, "", "10.3.0.0/16"), "10.3.0.2")}},
+		{name: "its own IPv6 gossip address inside", away: []AwayGateway{away(gw("b-1", "site-b", "DE", "aws", 10, "", "2001:db8:b::/48"), "2001:db8:b::1")}},
+		{name: "another gateway's endpoint inside gives way (it cannot free the site)",
+			peers: []Node{at(fra1, "10.3.255.254:51820")}, away: []AwayGateway{away(iad1, "")},
+			want: "aws-us-east-1=10.3.0.0/16", routes: "10.2.0.0/16",
+			conflicts: []string{"endpoint 10.3.255.254:51820 of fra-1 is inside 10.3.0.0/16, held for site aws-us-east-1 (no gateway of it up); not dialled"}},
+		{name: "restored from the state directory: its certified routes", away: []AwayGateway{away(restored, "")},
 			want: "onprem-par=10.20.0.0/16"},
-		{name: "two gateways away, one site, one hold", away: []Node{fra1, fra2, iad1},
+		{name: "two gateways away, one site, one hold", away: []AwayGateway{away(fra1, ""), away(fra2, ""), away(iad1, "")},
 			want: "aws-eu-central-1=10.2.0.0/16;aws-us-east-1=10.3.0.0/16"},
+		{name: "a site residency keeps us from is not held", self: zrhBank, policy: pol,
+			away: []AwayGateway{away(iad1, ""), away(gw("gva-1", "onprem-gva", "CH", "onprem", 3, "swiss-banking-secret", "10.4.0.0/16"), "")},
+			want: "onprem-gva=10.4.0.0/16"},
+		{name: "a site residency keeps us from, with a gateway up and one away", self: zrhBank, policy: pol,
+			peers: []Node{iad1}, away: []AwayGateway{away(gw("iad-2", "aws-us-east-1", "US", "aws", 16, "risk-batch", "10.3.0.0/16"), "")}},
+		{name: "hub mode: a site our hub does not link to is not held", mode: TopologyHub, policy: pol,
+			self:  gw("zrh-2", "onprem-zrh", "CH", "onprem", 2, "swiss-banking-secret,pii-eu,risk-batch", "10.1.0.0/16"),
+			peers: []Node{zrh1}, away: []AwayGateway{away(iad1, ""), away(fra1, "")},
+			want: "aws-eu-central-1=10.2.0.0/16"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			in := TopologyInput{Self: zrh1, Peers: tt.peers, Away: tt.away, Now: now, MeshPrefix: mesh16}
-			for _, a := range tt.underlay {
-				in.Underlay = append(in.Underlay, netip.MustParseAddr(a))
+			self := tt.self
+			if self.Attributes == nil {
+				self = zrh1
 			}
+			in := TopologyInput{Self: self, Peers: tt.peers, Away: tt.away, Policy: tt.policy, Mode: tt.mode, Now: now, MeshPrefix: mesh16}
 			plan := Compute(in)
 			var held []string
 			for _, s := range sortedKeys(plan.Held) {
@@ -794,8 +821,11 @@ func TestHeldRoutes(t *testing.T) {
 			for _, r := range plan.Routes {
 				routes = append(routes, r.String())
 			}
-			if got := strings.Join(routes, ","); got != tt.routes {
+			if got := strings.Join(routes, ","); got != tt.routes && tt.mode == "" {
 				t.Errorf("routes %q, want %q", got, tt.routes)
+			}
+			if tt.conflicts != nil && !slices.Equal(plan.Conflicts, tt.conflicts) {
+				t.Errorf("conflicts %q, want %q", plan.Conflicts, tt.conflicts)
 			}
 			var flat []netip.Prefix
 			for _, ps := range plan.Held {
@@ -806,11 +836,12 @@ func TestHeldRoutes(t *testing.T) {
 				t.Errorf("held routes %v, want every site's %v", got, flat)
 			}
 			for _, pc := range plan.Peers {
-				for _, ps := range plan.Held {
-					for _, p := range ps {
-						if slices.Contains(pc.AllowedIPs, p) {
-							t.Errorf("held %s is carried by %s", p, pc.Node)
-						}
+				for _, p := range flat {
+					if slices.Contains(pc.AllowedIPs, p) {
+						t.Errorf("held %s is carried by %s", p, pc.Node)
+					}
+					if a := pc.Endpoint.Addr(); a.IsValid() && p.Contains(a) {
+						t.Errorf("held %s covers %s's endpoint %s, still dialled", p, pc.Node, pc.Endpoint)
 					}
 				}
 			}
