@@ -171,6 +171,9 @@ func (m *metrics) classes(names []string) {
 	known := map[string]bool{}
 	for _, c := range names {
 		known[c] = true
+	}
+	// "unknown" counts the classes the policy does not define (Decided).
+	for _, c := range append(sortedKeys(known), "unknown") {
 		for _, a := range []policy.Action{policy.Store, policy.Transit} {
 			for _, o := range []string{"allowed", "denied", "audit"} {
 				m.decisions.WithLabelValues(c, string(a), o)
@@ -281,6 +284,10 @@ var (
 		"Seconds since the last WireGuard handshake with the peer (+Inf: none yet).", []string{"peer", "peer_site"}, nil)
 	descHandshakeTime = prometheus.NewDesc("skybridge_peer_last_handshake_timestamp_seconds",
 		"Unix time of the last WireGuard handshake with the peer (0: none yet).", []string{"peer", "peer_site"}, nil)
+	descTunnelFailing = prometheus.NewDesc("skybridge_peer_tunnel_failing",
+		"1 if the tunnel to the peer fails: it sends without a handshake for over 3 minutes, or keeps alive (persistent keepalive) with none for that long, even when the host lets none of its packets out (the transmit counter then stands still); 0 otherwise. What status calls STALE.", []string{"peer", "peer_site"}, nil)
+	descRoutesHeld = prometheus.NewDesc("skybridge_site_routes_held",
+		"Prefixes of the site held unreachable here: no gateway of it is up, and its traffic is refused rather than sent by the host's other routes.", []string{"site"}, nil)
 	descRx = prometheus.NewDesc("skybridge_peer_receive_bytes_total",
 		"Bytes received from the peer through its tunnel.", []string{"peer", "peer_site"}, nil)
 	descTx = prometheus.NewDesc("skybridge_peer_transmit_bytes_total",
@@ -298,7 +305,9 @@ var (
 	descBurstGateway = prometheus.NewDesc("skybridge_burst_gateway",
 		"1 if this gateway belongs to a burst site: its certificate lasts exactly the burst and is not renewed.", nil, nil)
 	descIssuerAnswered = prometheus.NewDesc("skybridge_issuer_last_answer_timestamp_seconds",
-		"Unix time of the last answer from this gateway's issuer (Vault, or the local CA of ca_dir) to its minutely request for the trust bundle; 0: none since the gateway started. Gateways without an issuer do not export it.", nil, nil)
+		"Unix time of the last answer from this gateway's issuer (Vault, or the local CA of ca_dir) to its request for the trust bundle (every skybridge_issuer_refresh_interval_seconds); 0: none since the gateway started. Gateways without an issuer do not export it.", nil, nil)
+	descIssuerRefresh = prometheus.NewDesc("skybridge_issuer_refresh_interval_seconds",
+		"How often this gateway asks its issuer for the trust bundle (identity.refresh). Gateways without an issuer do not export it.", nil, nil)
 	descGossipPackets = prometheus.NewDesc("skybridge_gossip_packets_total",
 		"Gossip datagrams (probes, gossip, small requests), by direction (sent, received).", []string{"direction"}, nil)
 	descGossipBytes = prometheus.NewDesc("skybridge_gossip_bytes_total",
@@ -344,6 +353,7 @@ func (c *gatewayCollector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(descBurstGateway, prometheus.GaugeValue, b2f(c.g.burst != nil))
 	if c.g.prov.Issuer() != nil {
 		ch <- prometheus.MustNewConstMetric(descIssuerAnswered, prometheus.GaugeValue, float64(c.g.issuerAnswered.Load()))
+		ch <- prometheus.MustNewConstMetric(descIssuerRefresh, prometheus.GaugeValue, c.g.prov.Refresh().Seconds())
 	}
 	st, err := c.g.Status()
 	if err != nil {
@@ -370,8 +380,12 @@ func (c *gatewayCollector) Collect(ch chan<- prometheus.Metric) {
 		}
 		ch <- prometheus.MustNewConstMetric(descHandshakeAge, prometheus.GaugeValue, age, m.Node, m.Site)
 		ch <- prometheus.MustNewConstMetric(descHandshakeTime, prometheus.GaugeValue, at, m.Node, m.Site)
+		ch <- prometheus.MustNewConstMetric(descTunnelFailing, prometheus.GaugeValue, b2f(m.Health == TunnelStale), m.Node, m.Site)
 		ch <- prometheus.MustNewConstMetric(descRx, prometheus.CounterValue, float64(m.RxBytes), m.Node, m.Site)
 		ch <- prometheus.MustNewConstMetric(descTx, prometheus.CounterValue, float64(m.TxBytes), m.Node, m.Site)
+	}
+	for _, site := range sortedKeys(st.Held) {
+		ch <- prometheus.MustNewConstMetric(descRoutesHeld, prometheus.GaugeValue, float64(len(st.Held[site])), site)
 	}
 	send, recv := c.g.migrationsRunning()
 	ch <- prometheus.MustNewConstMetric(descRunning, prometheus.GaugeValue, float64(send), migrate.RoleSend)

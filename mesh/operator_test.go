@@ -306,6 +306,10 @@ func TestOperatorEndpoint(t *testing.T) {
 	if v, _ := fam.Value("skybridge_reconcile_duration_seconds", nil); v < 1 {
 		t.Errorf("reconcile duration histogram has %v observations", v)
 	}
+	// A tunnel with no traffic yet does not fail.
+	if v, ok := fam.Value("skybridge_peer_tunnel_failing", map[string]string{"peer": "op1"}); !ok || v != 0 {
+		t.Errorf("skybridge_peer_tunnel_failing{peer=op1} = %v (exported %v), want 0", v, ok)
+	}
 	if v, _ := fam.Value("skybridge_gateway_info", map[string]string{"node": "op0", "site": "zrh-dc", "mode": "record"}); v != 1 {
 		t.Errorf("skybridge_gateway_info for op0 = %v", v)
 	}
@@ -323,6 +327,13 @@ func TestOperatorEndpoint(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// At zero from the start, so that the alert's increase() sees the
+	// first denial: the policy's classes, and the undefined ones.
+	for _, class := range []string{"pii-eu", "unknown"} {
+		if v, ok := fam.Value("skybridge_policy_decisions_total", map[string]string{"class": class, "action": "store", "outcome": "denied"}); !ok || v != 0 {
+			t.Errorf("skybridge_policy_decisions_total{class=%q,action=store,outcome=denied} = %v (exported %v), want 0", class, v, ok)
+		}
+	}
 	rules, err := os.ReadFile("../docs/examples/prometheus/alerts.yml")
 	if err != nil {
 		t.Fatal(err)
@@ -332,8 +343,8 @@ func TestOperatorEndpoint(t *testing.T) {
 		t.Fatalf("only %d metric names found in alerts.yml", len(names))
 	}
 	for _, name := range names {
-		// Only a gateway with an issuer has it: TestIssuerAnsweredMetric.
-		if name == "skybridge_issuer_last_answer_timestamp_seconds" {
+		// Only a gateway with an issuer has them: TestIssuerAnsweredMetric.
+		if name == "skybridge_issuer_last_answer_timestamp_seconds" || name == "skybridge_issuer_refresh_interval_seconds" {
 			continue
 		}
 		// Only a gateway that stores images has it: TestAtRestMetrics.
@@ -477,6 +488,21 @@ func TestOperatorToken(t *testing.T) {
 	}
 }
 
+// gauge is the value of the first series of a gauge g exports.
+func gauge(t *testing.T, g *Gateway, name string) (float64, bool) {
+	t.Helper()
+	fams, err := g.metrics.reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range fams {
+		if f.GetName() == name {
+			return f.GetMetric()[0].GetGauge().GetValue(), true
+		}
+	}
+	return 0, false
+}
+
 // TestIssuerAnsweredMetric: a gateway with an issuer (here a local CA,
 // ca_dir) exports when it last answered, from its first request at the
 // start on; one without an issuer exports nothing of the kind, so the
@@ -485,21 +511,14 @@ func TestIssuerAnsweredMetric(t *testing.T) {
 	dir := t.TempDir()
 	ca := meshCA(t, dir)
 	const name = "skybridge_issuer_last_answer_timestamp_seconds"
-	value := func(g *Gateway) (float64, bool) {
-		fams, err := g.metrics.reg.Gather()
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, f := range fams {
-			if f.GetName() == name {
-				return f.GetMetric()[0].GetGauge().GetValue(), true
-			}
-		}
-		return 0, false
-	}
+	value := func(g *Gateway) (float64, bool) { return gauge(t, g, name) }
 	start := time.Now()
 	var logs syncbuf.Buffer
 	withCA := startLiveGatewayWith(t, ca, dir, 0, "zrh-dc", nil, &logs, func(s *Settings) { s.Identity.CADir, s.Identity.Refresh = ca.Dir(), "1s" })
+	// The alert waits three refresh intervals (ten minutes at least).
+	if v, ok := gauge(t, withCA.g, "skybridge_issuer_refresh_interval_seconds"); !ok || v != 1 {
+		t.Errorf("skybridge_issuer_refresh_interval_seconds = %v (exported %v), want 1 (refresh = \"1s\")", v, ok)
+	}
 	waitUntil(t, 10*time.Second, "the issuer's first answer", func() bool { v, _ := value(withCA.g); return v > 0 })
 	if v, _ := value(withCA.g); v < float64(start.Unix()) || v > float64(time.Now().Unix()) {
 		t.Errorf("%s = %v, not a time since the start (%d)", name, v, start.Unix())
@@ -532,8 +551,10 @@ func TestIssuerAnsweredMetric(t *testing.T) {
 		t.Errorf("status of a gateway with a local CA: issuer %q, answered %v, started on disk %v", id.Issuer, id.IssuerAnswered, id.StartedOnDisk)
 	}
 	without := startLiveGatewayWith(t, ca, dir, 1, "fra-dc", nil, io.Discard, nil)
-	if v, ok := value(without.g); ok {
-		t.Errorf("a gateway without an issuer exports %s = %v", name, v)
+	for _, n := range []string{name, "skybridge_issuer_refresh_interval_seconds"} {
+		if v, ok := gauge(t, without.g, n); ok {
+			t.Errorf("a gateway without an issuer exports %s = %v", n, v)
+		}
 	}
 	if st, err := without.g.Status(); err != nil || st.Identity.Issuer != "" || st.Identity.IssuerAnswered != nil {
 		t.Errorf("status of a gateway without an issuer: %+v, %v", st.Identity, err)

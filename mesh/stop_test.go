@@ -312,6 +312,9 @@ func TestStoppedSiteRoutesHeld(t *testing.T) {
 	if !strings.Contains(logs.String(), "routes held") {
 		t.Fatal("the held routes were not logged")
 	}
+	if v, ok := gauge(t, hq.g, "skybridge_site_routes_held"); !ok || v != 1 {
+		t.Fatalf("skybridge_site_routes_held = %v (exported %v), want 1", v, ok)
+	}
 	// A network the host routes itself is the host's, held or not.
 	hq.dev.SetHostRoutes(lan)
 	hq.g.triggerReconcile()
@@ -331,6 +334,9 @@ func TestStoppedSiteRoutesHeld(t *testing.T) {
 	}
 	hq.g.triggerReconcile()
 	waitUntil(t, 20*time.Second, "the route freed once fra-1 is revoked", func() bool { return !routed() && !unreachable() && held() == nil })
+	if v, ok := gauge(t, hq.g, "skybridge_site_routes_held"); ok {
+		t.Fatalf("skybridge_site_routes_held = %v once the routes are freed, want no series", v)
+	}
 }
 
 // TestStoppedGatewayHoldsItsRoutes: the routes a gateway carried are
