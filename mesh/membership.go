@@ -921,9 +921,10 @@ func (ms *membership) warm(tb *certs.TrustBundle) {
 }
 
 // forgetEndedLocked drops members that are gone and whose last verified
-// certificate has expired or been revoked: a burst gateway after its
-// burst, a decommissioned gateway after revocation. They cannot come back
-// with that identity, so nothing of them is kept, saved or knocked on.
+// certificate has been revoked, or expired a while ago (retiredAt): a
+// burst gateway after its burst, a decommissioned gateway after
+// revocation. They cannot come back with that identity, so nothing of
+// them is kept, saved or knocked on.
 // Gone members that were refused, or never verified at all, are dropped
 // refusedKept after their last change of state.
 func (ms *membership) forgetEndedLocked() (forgot bool) {
@@ -966,13 +967,30 @@ func (ms *membership) forgetEndedLocked() (forgot bool) {
 		if m.lastVerified == nil {
 			continue
 		}
-		c := m.lastVerified.Cert
-		if !now.Before(c.NotAfter) || ms.trust.IsRevoked(c.SerialNumber) {
+		if !now.Before(retiredAt(m.lastVerified)) || ms.trust.IsRevoked(m.lastVerified.Cert.SerialNumber) {
 			ms.dropLocked(name)
 			forgot = true
 		}
 	}
 	return forgot
+}
+
+// expiredKept is how long a gone gateway is remembered once its
+// certificate has expired. Certificates of Vault's are a day long and
+// renewed by the gateway itself: a site down for longer (a data centre
+// lost) would otherwise be forgotten within a day, its alert cleared and
+// its held routes freed, its traffic sent by the host's other routes.
+// Retire a gateway sooner by revoking its certificate.
+const expiredKept = 7 * 24 * time.Hour
+
+// retiredAt is when a gone gateway is forgotten, its certificate revoked
+// or not: a week after its certificate expired, or then for a burst
+// gateway's, which lasts exactly its burst.
+func retiredAt(v *certs.Verified) time.Time {
+	if v.Attributes != nil && v.Attributes.Labels[certs.BurstLabel] != "" {
+		return v.Cert.NotAfter
+	}
+	return v.Cert.NotAfter.Add(expiredKept)
 }
 
 // refusedKept is how long a gone member that was refused (or never got
@@ -1090,9 +1108,9 @@ func (ms *membership) remember(name string, gossip netip.AddrPort, meta, certDER
 
 // rememberDead restores a member that was dead at the last save: it is
 // not a peer, but the gateway keeps knocking on its address. certDER is
-// its last verified certificate, if saved: a member whose certificate has
-// expired or been revoked since is not restored (it cannot come back
-// with it), and one restored is forgotten when that happens later. One
+// its last verified certificate, if saved: a member retired since (its
+// certificate revoked, or expired a while ago: retiredAt) is not
+// restored, and one restored is forgotten when that happens later. One
 // saved without a certificate is forgotten refusedKept after the restart
 // unless it comes back.
 func (ms *membership) rememberDead(name string, gossip netip.AddrPort, certDER []byte, left bool) {
@@ -1188,7 +1206,8 @@ func (ms *membership) gateways() []Node {
 // away returns the gateways that are not up (dead, left, or alive but not
 // verified again yet: a certificate being fetched, a claim refused) whose
 // last verified certificate still stands: it verifies against the trust
-// in force, neither expired nor revoked. Their sites' routes are held
+// in force, is not revoked, and expired less than expiredKept ago (a
+// burst gateway's: not expired). Their sites' routes are held
 // (holdRoutes), so that traffic to a site with no gateway up is refused
 // rather than sent by the host's other routes, outside the mesh, in clear.
 // One restored from the state directory has no advert, only its
@@ -1200,10 +1219,15 @@ func (ms *membership) away() []AwayGateway {
 	var out []AwayGateway
 	for _, m := range ms.members {
 		v := m.lastVerified
-		if m.state == StateVerified || v == nil {
+		if m.state == StateVerified || v == nil || !now.Before(retiredAt(v)) {
 			continue
 		}
-		if _, err := ms.cache.VerifyCertificate(ms.trust, v.Cert, now); err != nil {
+		// Expired, but not for long: checked as it stood at its end.
+		at := now
+		if !now.Before(v.Cert.NotAfter) {
+			at = v.Cert.NotAfter.Add(-time.Second)
+		}
+		if _, err := ms.cache.VerifyCertificate(ms.trust, v.Cert, at); err != nil {
 			continue
 		}
 		out = append(out, AwayGateway{Node: Node{Attributes: v.Attributes, Advert: v.Advert}, Gossip: m.gossip.Addr()})

@@ -617,17 +617,22 @@ func TestMembershipRemember(t *testing.T) {
 		}
 	}
 	ms.rememberDead("gw-e", gossipAddr, expired.Certificate().Raw, false)
-	if _, ok := states(ms)["gw-e"]; ok {
-		t.Fatal("a dead member whose certificate expired was restored")
+	if _, ok := states(ms)["gw-e"]; !ok {
+		t.Fatal("a dead member whose certificate expired a day ago was not restored: its site would be forgotten")
+	}
+	long := f.identity("gw-long", "site-long", 7, f.now.Add(-48*time.Hour-expiredKept))
+	ms.rememberDead("gw-long", gossipAddr, long.Certificate().Raw, false)
+	if _, ok := states(ms)["gw-long"]; ok {
+		t.Fatalf("a dead member whose certificate expired over %s ago was restored", expiredKept)
 	}
 	// A remembered member gossip never reports again (a burst gateway
 	// terminated while this one restarted) is forgotten once its
 	// certificate ends, like a dead one — not kept, and knocked on, for
 	// the gateway's lifetime.
-	f.now = f.now.Add(48 * time.Hour)
+	f.now = f.now.Add(48*time.Hour + expiredKept)
 	ms.refresh()
 	if st := states(ms); len(st) != 0 {
-		t.Fatalf("after every certificate ended: %v, want none (gw-n, saved without one, goes after %s)", st, refusedKept)
+		t.Fatalf("%s after every certificate ended: %v, want none (gw-n, saved without one, goes after %s)", expiredKept, st, refusedKept)
 	}
 }
 
@@ -775,8 +780,9 @@ func TestLeaveNotice(t *testing.T) {
 }
 
 // TestMembershipForgetsEnded: a member that is gone is forgotten once its
-// last certificate has expired or been revoked, and not before; one that
-// is still alive is kept (and refused) whatever its certificate.
+// last certificate has been revoked, or expired expiredKept ago (a burst
+// gateway's: expired), and not before; one that is still alive is kept
+// (and refused) whatever its certificate.
 func TestMembershipForgetsEnded(t *testing.T) {
 	f := newFixture(t)
 	clock := f.now
@@ -784,14 +790,21 @@ func TestMembershipForgetsEnded(t *testing.T) {
 	revoked := f.identity("gw-revoked", "site-b", 2, f.now.Add(-time.Hour))
 	lasting := f.identity("gw-lasting", "site-c", 3, f.now.Add(-time.Hour))
 	alive := f.identity("gw-alive", "site-d", 4, f.now.Add(-time.Hour))
+	// A burst gateway's certificate lasts exactly its burst: forgotten
+	// when it ends.
+	burst, err := f.ca.IssueIdentity(certs.Attributes{Node: "gw-burst", Site: "site-e", Region: "r", Provider: "aws", Jurisdiction: "DE",
+		OverlayIP: netip.MustParseAddr("100.96.0.5"), Labels: map[string]string{certs.BurstLabel: "true"}}, 48*time.Hour, f.now.Add(-47*time.Hour))
+	if err != nil {
+		t.Fatal(err)
+	}
 	ms := newMembership("self", f.trust(), func() time.Time { return clock }, func() {})
 	adverts := map[string][]byte{}
-	for _, id := range []*certs.NodeIdentity{expiring, revoked, lasting, alive} {
+	for _, id := range []*certs.NodeIdentity{expiring, revoked, lasting, alive, burst} {
 		ms.addCert(id.Certificate().Raw)
 		adverts[id.Attributes().Node] = f.advert(id, 1)
 		ms.update(id.Attributes().Node, gossipAddr, adverts[id.Attributes().Node])
 	}
-	for _, n := range []string{"gw-expiring", "gw-revoked", "gw-lasting"} {
+	for _, n := range []string{"gw-expiring", "gw-revoked", "gw-lasting", "gw-burst"} {
 		ms.leave(n)
 	}
 	known := func() []string {
@@ -801,14 +814,14 @@ func TestMembershipForgetsEnded(t *testing.T) {
 		}
 		return out
 	}
-	if got := known(); len(got) != 4 {
+	if got := known(); len(got) != 5 {
 		t.Fatalf("members forgotten while their certificates are valid: %v", got)
 	}
 	if _, err := f.ca.RevokeSerials([]*big.Int{revoked.Certificate().SerialNumber, alive.Certificate().SerialNumber}, "cessationOfOperation", f.now); err != nil {
 		t.Fatal(err)
 	}
 	ms.setTrust(f.trust())
-	if got := known(); !slices.Equal(got, []string{"gw-alive", "gw-expiring", "gw-lasting"}) {
+	if got := known(); !slices.Equal(got, []string{"gw-alive", "gw-burst", "gw-expiring", "gw-lasting"}) {
 		t.Fatalf("after revoking gw-revoked (gone) and gw-alive (still there): %v", got)
 	}
 	if states(ms)["gw-alive"] != StateRefused {
@@ -829,24 +842,32 @@ func TestMembershipForgetsEnded(t *testing.T) {
 	if reported != 0 {
 		t.Fatalf("echoes of the forgotten revoked member reported %d times", reported)
 	}
-	if got := known(); !slices.Equal(got, []string{"gw-alive", "gw-expiring", "gw-lasting"}) {
+	if got := known(); !slices.Equal(got, []string{"gw-alive", "gw-burst", "gw-expiring", "gw-lasting"}) {
 		t.Fatalf("an echo of the forgotten revoked member listed it again: %v", got)
 	}
+	// Expired while gone, not revoked: remembered a while yet (a site
+	// down for longer than its gateways' certificates last is still
+	// missed), but for a burst's gateway.
 	clock = clock.Add(2 * time.Hour)
 	ms.refresh()
-	if got := known(); !slices.Equal(got, []string{"gw-alive", "gw-lasting"}) {
-		t.Fatalf("after gw-expiring's certificate expired: %v", got)
+	if got := known(); !slices.Equal(got, []string{"gw-alive", "gw-expiring", "gw-lasting"}) || states(ms)["gw-expiring"] != StateDead {
+		t.Fatalf("just after the certificates of gw-expiring and gw-burst expired: %v, %v; want gw-expiring still known, dead, and gw-burst forgotten", got, states(ms))
 	}
 	ms.setTrust(f.trust()) // a new CRL does not make it an impostor's
 	ms.refresh()
-	if err := ms.admit("gw-expiring", gossipAddr, adverts["gw-expiring"]); certs.ReasonOf(err) != certs.ReasonExpired {
+	if err := ms.admit("gw-burst", gossipAddr, adverts["gw-burst"]); certs.ReasonOf(err) != certs.ReasonExpired {
 		t.Fatalf("an expired member's advert at the door: %v, want refused as expired", err)
 	}
 	if reported != 0 {
 		t.Fatalf("an echo of the forgotten expired member reported %d times", reported)
 	}
-	if got := known(); !slices.Equal(got, []string{"gw-alive", "gw-lasting"}) {
+	if got := known(); !slices.Equal(got, []string{"gw-alive", "gw-expiring", "gw-lasting"}) {
 		t.Fatalf("an echo of the forgotten expired member listed it again: %v", got)
+	}
+	clock = clock.Add(expiredKept)
+	ms.refresh()
+	if got := known(); !slices.Equal(got, []string{"gw-alive", "gw-lasting"}) {
+		t.Fatalf("%s after gw-expiring's certificate expired: %v", expiredKept, got)
 	}
 }
 
@@ -1473,8 +1494,12 @@ func TestMembershipAway(t *testing.T) {
 	if gone[2].Attributes.Routes[0] != netip.MustParsePrefix("10.4.0.0/16") {
 		t.Fatalf("a restored gateway's certificate: %+v", gone[2].Attributes)
 	}
-	f.now = f.now.Add(2 * time.Hour) // gw-soon's certificate ends: retired
+	f.now = f.now.Add(2 * time.Hour) // gw-soon's certificate ends: held a while yet
+	if got := names(ms.away()); !slices.Equal(got, want) {
+		t.Fatalf("just after a certificate ended: away %v, want %v", got, want)
+	}
+	f.now = f.now.Add(expiredKept) // retired
 	if got, want := names(ms.away()), slices.Delete(slices.Clone(want), 3, 4); !slices.Equal(got, want) {
-		t.Fatalf("once a certificate ended: away %v, want %v", got, want)
+		t.Fatalf("%s after a certificate ended: away %v, want %v", expiredKept, got, want)
 	}
 }

@@ -277,7 +277,7 @@ const staleHandshake = 180 * time.Second
 
 var (
 	descMembers = prometheus.NewDesc("skybridge_members",
-		"Members this gateway knows, by site and state (verified, pending, refused, dead: declared dead, left: stopped on purpose); itself included. A gateway revoked or expired is forgotten.", []string{"site", "state"}, nil)
+		"Members this gateway knows, by site and state (verified, pending, refused, dead: declared dead, left: stopped on purpose); itself included. A gone gateway is forgotten once revoked, or a week after its certificate expired (a burst gateway's: at once).", []string{"site", "state"}, nil)
 	descSiteReachable = prometheus.NewDesc("skybridge_site_reachable",
 		"1 if the site has a verified live gateway and, where this gateway has tunnels into the site that carry traffic, one of them handshook within 3 minutes; 0 otherwise.", []string{"site"}, nil)
 	descHandshakeAge = prometheus.NewDesc("skybridge_peer_handshake_age_seconds",

@@ -291,9 +291,9 @@ func Compute(in TopologyInput) Plan {
 // link to. Withdrawn from the kernel, they would follow the host's other
 // routes (its default route: the internet, in clear) the moment a site's
 // last gateway stopped or crashed; held, they are unreachable routes, and
-// the kernel answers "no route to host". Only revoking a gateway's
-// certificate, or its expiry, frees its routes; a route it withdrew while
-// up is free at once. A site we would not link to (residency, or our hub
+// the kernel answers "no route to host". Only a gateway's retirement frees
+// its routes (its certificate revoked, or expired a while ago: retiredAt);
+// a route it withdrew while up is free at once. A site we would not link to (residency, or our hub
 // does not) was never routed here, and is not held either: its traffic
 // goes wherever the host sends it, as while it was up.
 //
