@@ -294,6 +294,8 @@ var (
 		"Bytes sent to the peer through its tunnel.", []string{"peer", "peer_site"}, nil)
 	descRunning = prometheus.NewDesc("skybridge_migrations_running",
 		"Migrations in progress, by role.", []string{"role"}, nil)
+	descAwaiting = prometheus.NewDesc("skybridge_migrations_awaiting_answer",
+		"Migrations this gateway sends that wait for the receiver's answer to their offer: a resume's receiver first reads back what it holds, at a slow disk's pace hours for terabytes, and the sender waits that long, moving nothing.", nil, nil)
 	descImages = prometheus.NewDesc("skybridge_images_stored",
 		"Images this gateway stores, by data class.", []string{"class"}, nil)
 	descImagesOutside = prometheus.NewDesc("skybridge_images_outside_policy",
@@ -387,8 +389,9 @@ func (c *gatewayCollector) Collect(ch chan<- prometheus.Metric) {
 	for _, site := range sortedKeys(st.Held) {
 		ch <- prometheus.MustNewConstMetric(descRoutesHeld, prometheus.GaugeValue, float64(len(st.Held[site])), site)
 	}
-	send, recv := c.g.migrationsRunning()
+	send, awaiting, recv := c.g.migrationsRunning()
 	ch <- prometheus.MustNewConstMetric(descRunning, prometheus.GaugeValue, float64(send), migrate.RoleSend)
+	ch <- prometheus.MustNewConstMetric(descAwaiting, prometheus.GaugeValue, float64(awaiting))
 	ch <- prometheus.MustNewConstMetric(descRunning, prometheus.GaugeValue, float64(recv), migrate.RoleReceive)
 }
 

@@ -532,14 +532,23 @@ func (g *Gateway) CancelMigration(id string) error {
 }
 
 // migrationsRunning counts the migrations this gateway sends and receives.
-func (g *Gateway) migrationsRunning() (send, recv int) {
+// migrationsRunning counts the migrations sent and received, and of
+// those sent the ones waiting for the receiver's answer to their offer.
+func (g *Gateway) migrationsRunning() (send, awaiting, recv int) {
 	if g.mig == nil {
-		return 0, 0
+		return 0, 0, 0
 	}
 	g.mig.mu.Lock()
-	send = len(g.mig.running)
+	running := slices.Collect(maps.Values(g.mig.running))
 	g.mig.mu.Unlock()
-	return send, len(g.mig.recv.Active())
+	for _, r := range running {
+		r.mu.Lock()
+		if r.last.Phase == "offered" && !r.ended {
+			awaiting++
+		}
+		r.mu.Unlock()
+	}
+	return len(running), awaiting, len(g.mig.recv.Active())
 }
 
 // MigrationList is what `skybridge migrate list` shows.

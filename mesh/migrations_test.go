@@ -280,3 +280,17 @@ class "via-hubs" {
 		t.Fatalf("full mesh: through %v, want the direct tunnel", names(via))
 	}
 }
+
+// TestMigrationsAwaitingAnswer: sends waiting for the answer to their
+// offer (a resume's receiver reading back what it holds) are counted
+// apart, for the stall alert to leave them out.
+func TestMigrationsAwaitingAnswer(t *testing.T) {
+	g := &Gateway{mig: &migrations{recv: &migrate.Receiver{}, running: map[string]*runningMigration{
+		"a": {last: migrate.Progress{Phase: "offered"}},
+		"b": {last: migrate.Progress{Phase: "transfer"}},
+		"c": {last: migrate.Progress{Phase: "offered"}, ended: true},
+	}}}
+	if send, awaiting, recv := g.migrationsRunning(); send != 3 || awaiting != 1 || recv != 0 {
+		t.Fatalf("running %d, awaiting %d, receiving %d; want 3, 1, 0", send, awaiting, recv)
+	}
+}
