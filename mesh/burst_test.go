@@ -1245,10 +1245,28 @@ func TestBurstSiteNotOverAnAwaySite(t *testing.T) {
 			t.Errorf("burst site %s with %s: %v; want %q", tc.site, tc.route, err, tc.want)
 		}
 	}
-	// One whose certificate has ended (an ended burst's gateway) will not
-	// be back: its site's name is free again.
+	// One whose certificate ended lately is still missed (a Vault site
+	// down longer than its day-long certificates): its routes are held,
+	// and its name and prefixes are not free.
 	g.now = func() time.Time { return f.now.Add(48 * time.Hour) }
+	if err := g.checkBurstSite(certs.Attributes{Site: "dub", Routes: []netip.Prefix{netip.MustParsePrefix("10.9.0.0/16")}}, 1); err == nil {
+		t.Error("a burst took the site of a gateway whose certificate ended a day ago")
+	}
+	// Retired (expiredKept after its certificate ended), it will not be
+	// back: its site's name is free again. So is at once a burst
+	// gateway's, whose certificate lasts exactly its burst.
+	g.now = func() time.Time { return f.now.Add(48*time.Hour + expiredKept) }
 	if err := g.checkBurstSite(certs.Attributes{Site: "dub", Routes: []netip.Prefix{netip.MustParsePrefix("10.9.0.0/16")}}, 1); err != nil {
-		t.Errorf("the site of a gateway whose certificate ended: %v", err)
+		t.Errorf("the site of a gateway retired by its certificate's end: %v", err)
+	}
+	ended, err := f.ca.IssueIdentity(certs.Attributes{Node: "burst-ams-gw1", Site: "burst-ams", Region: "r", Provider: "aws", Jurisdiction: "DE",
+		OverlayIP: netip.MustParseAddr("100.96.0.8"), Routes: []netip.Prefix{netip.MustParsePrefix("10.8.0.0/16")}, Labels: map[string]string{certs.BurstLabel: "true"}}, time.Hour, f.now.Add(-time.Hour/2))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ms.rememberDead("burst-ams-gw1", gossipAddr, ended.Certificate().Raw, true)
+	g.now = func() time.Time { return f.now.Add(time.Hour) }
+	if err := g.checkBurstSite(certs.Attributes{Site: "burst-ams", Routes: []netip.Prefix{netip.MustParsePrefix("10.8.0.0/16")}}, 1); err != nil {
+		t.Errorf("the site of an ended burst: %v", err)
 	}
 }

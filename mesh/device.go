@@ -57,8 +57,8 @@ type RouteTable struct {
 	// Own is the routes skybridge installed towards the device.
 	Own []netip.Prefix
 	// Held is the unreachable routes skybridge installed: the prefixes
-	// of sites with no gateway up (Plan.Held). They name no device: one
-	// gateway per network namespace holds routes.
+	// of sites with no gateway up (Plan.Held). They name no device: a
+	// metric derived from the interface's name tells this gateway's.
 	Held []netip.Prefix
 	// Host is the prefixes the host's main table routes otherwise
 	// (routes skybridge did not install: its LANs, its operator's): a
@@ -68,8 +68,8 @@ type RouteTable struct {
 
 // RouteChange is what SetRoutes does: routes into the device added and
 // removed, and unreachable routes held and freed. A prefix moving from
-// one kind to the other is replaced in one step, never left without a
-// route for the host's others (its default route) to take.
+// one kind to the other is never left without one of them for the host's
+// other routes (its default route) to take.
 type RouteChange struct {
 	Add, Del     []netip.Prefix
 	Hold, Unhold []netip.Prefix

@@ -589,15 +589,18 @@ func (g *Gateway) checkBurstSite(a certs.Attributes, gateways int) error {
 			continue
 		}
 		c, err := x509.ParseCertificate(m.LastCert)
-		// One whose certificate ended (an ended burst's gateway, revoked
-		// at its down) will not be back.
-		if err != nil || !now.Before(c.NotAfter) || tb.IsRevoked(c.SerialNumber) {
+		if err != nil {
 			continue
 		}
-		if at, err := certs.AttributesOf(c); err == nil {
-			nodes = append(nodes, Node{Attributes: at})
-			away[at.Node] = true
+		at, err := certs.AttributesOf(c)
+		// One retired (an ended burst's gateway, revoked at its down, or
+		// expired a while ago) will not be back; until then its site is
+		// missed, its routes held, and no burst takes its place.
+		if err != nil || !now.Before(retiredAt(&certs.Verified{Cert: c, Attributes: at})) || tb.IsRevoked(c.SerialNumber) {
+			continue
 		}
+		nodes = append(nodes, Node{Attributes: at})
+		away[at.Node] = true
 	}
 	names := map[string]bool{}
 	for i := range gateways {

@@ -202,7 +202,7 @@ func newGateway(ctx context.Context, s *Settings, logger *slog.Logger, opt optio
 	}
 	s, enr, err := applyEnrollment(s)
 	if err != nil {
-		return nil, err
+		return nil, endedWhileOff(s, opt, logger, err)
 	}
 	g := &Gateway{
 		s: s, now: time.Now, state: stateDir(s.StateDir), opt: opt,
@@ -215,7 +215,7 @@ func newGateway(ctx context.Context, s *Settings, logger *slog.Logger, opt optio
 	// A gateway restarted while Vault is down carries on with what it
 	// kept on disk, as a running one rides out the outage.
 	if err := g.vaultBurstEnded(); err != nil {
-		return nil, err
+		return nil, endedWhileOff(s, opt, logger, err)
 	}
 	idCfg := s.Identity
 	idCfg.RideOutOutage = true
@@ -226,7 +226,7 @@ func newGateway(ctx context.Context, s *Settings, logger *slog.Logger, opt optio
 		// never reached it. What it holds goes, as at any burst's end.
 		ended := &BurstEndedError{Site: enr.Site, Node: enr.Node, Reason: "Vault refuses its login: the burst was taken down while this gateway was off (" + err.Error() + ")"}
 		g.forgetBurst(ended)
-		return nil, ended
+		return nil, endedWhileOff(s, opt, logger, ended)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("identity back end: %w", err)
@@ -404,7 +404,9 @@ func (g *Gateway) Run(parent context.Context) error {
 	defer stop(nil)
 	g.runCtx = ctx
 	// What start-up has set up, undone in reverse if a later step fails.
-	undo := []func(){g.prov.Close, g.closeDevice, g.stopMigrations}
+	// The routes the first reconcile put into the device are held, as
+	// at a stop, rather than dropped with it.
+	undo := []func(){g.prov.Close, g.closeDevice, func() { g.routesAtStop(false) }, g.stopMigrations}
 	fail := func(err error) error {
 		stop(err) // what has started ends with the context
 		for _, u := range slices.Backward(undo) {
@@ -614,6 +616,25 @@ func (g *Gateway) routesAtStop(retired bool) {
 		g.log.Info("the mesh's routes are held while this gateway is down: traffic to its sites is refused, not sent by the host's other routes; the next start takes them over (ip route flush proto 91 removes them)",
 			"routes", len(table.Own)+len(table.Held))
 	}
+}
+
+// endedWhileOff frees the routes a burst gateway held at its last stop
+// when its burst turns out to have ended meanwhile: it will not start
+// again to free them. It returns err.
+func endedWhileOff(s *Settings, opt options, log *slog.Logger, err error) error {
+	var ended *BurstEndedError
+	if !errors.As(err, &ended) || opt.device != nil || s.Mode == ModeNetstack {
+		return err
+	}
+	lc := &linkConfig{name: s.Interface}
+	table, rerr := lc.routes()
+	if rerr == nil && len(table.Held) > 0 {
+		rerr = lc.setRoutes(RouteChange{Unhold: table.Held})
+	}
+	if rerr != nil {
+		log.Warn("could not free the routes this gateway held at its last stop (ip route flush proto 91 removes them)", "err", rerr)
+	}
+	return err
 }
 
 func (g *Gateway) closeDevice() {
@@ -1049,7 +1070,8 @@ func (g *Gateway) rejoinTargets() []string {
 }
 
 // restoreMembers brings back the members verified and alive at the last
-// save, so their tunnels are configured before gossip has even started.
+// save, so their tunnels are configured before gossip has even started,
+// and those gone then as gone.
 func (g *Gateway) restoreMembers() {
 	saved, err := g.state.loadMembers()
 	if err != nil {
@@ -1063,7 +1085,11 @@ func (g *Gateway) restoreMembers() {
 			continue
 		}
 		if err := g.members.remember(m.Name, m.Gossip, m.Advert, m.Cert); err != nil {
-			g.log.Info("not restoring member", "peer", m.Name, "err", err)
+			// Not a peer again (its certificate expired while we were
+			// down, say): still a gateway its site misses, whose routes
+			// stay held, until it is retired (rememberDead decides).
+			g.log.Info("not restoring member as a peer; remembered as gone", "peer", m.Name, "err", err)
+			g.members.rememberDead(m.Name, m.Gossip, m.Cert, false)
 			continue
 		}
 		n++

@@ -957,7 +957,12 @@ func (ms *membership) forgetEndedLocked() (forgot bool) {
 			}
 			continue
 		}
-		if (m.state == StateRefused || m.lastVerified == nil) && now.Sub(m.changed) >= refusedKept {
+		// One refused only because its certificate ran out while it was
+		// still here (its site cut off from its issuer, say) is a gone
+		// gateway like one that died first: retired as below.
+		expired := m.state == StateRefused && m.lastVerified != nil && m.advert != nil &&
+			!now.Before(m.lastVerified.Cert.NotAfter) && m.advert.CertHash == sha256.Sum256(m.lastVerified.Cert.Raw)
+		if (m.state == StateRefused && !expired || m.lastVerified == nil) && now.Sub(m.changed) >= refusedKept {
 			// Refused, or never a peer: listed a while (status says
 			// why), but not for ever.
 			ms.dropLocked(name)

@@ -390,7 +390,14 @@ func TestMembershipPrunesCertificates(t *testing.T) {
 	}
 	ms.leave("gw-a")
 	ms.leave("gw-r")
+	// Its site misses it a while yet (TestMembershipExpiredWhileHere),
+	// its certificate with it; then nothing is left.
 	clock = clock.Add(refusedKept)
+	ms.refresh()
+	if st := states(ms); len(st) != 1 || st["gw-a"] != StateRefused || len(ms.certs) != 1 {
+		t.Fatalf("gone: listed %v, %d known certificates; want gw-a still, named", st, len(ms.certs))
+	}
+	clock = clock.Add(expiredKept)
 	ms.refresh()
 	if len(states(ms)) != 0 || len(ms.certs) != 0 || len(ms.badCert) != 0 {
 		t.Fatalf("all gone: listed %v, %d known and %d refused certificates remembered", states(ms), len(ms.certs), len(ms.badCert))
@@ -1501,5 +1508,34 @@ func TestMembershipAway(t *testing.T) {
 	f.now = f.now.Add(expiredKept) // retired
 	if got, want := names(ms.away()), slices.Delete(slices.Clone(want), 3, 4); !slices.Equal(got, want) {
 		t.Fatalf("%s after a certificate ended: away %v, want %v", expiredKept, got, want)
+	}
+}
+
+// TestMembershipExpiredWhileHere: a gateway whose certificate runs out
+// while it is still here is refused, and once gone it is remembered, its
+// routes held, as one that died first would be, until expiredKept after
+// the expiry — not forgotten refusedKept after it went.
+func TestMembershipExpiredWhileHere(t *testing.T) {
+	f := newFixture(t)
+	clock := f.now
+	late := f.identity("gw-late", "site-late", 3, f.now.Add(-47*time.Hour), "10.3.0.0/16") // 48 h: an hour left
+	ms := newMembership("self", f.trust(), func() time.Time { return clock }, func() {})
+	ms.addCert(late.Certificate().Raw)
+	ms.update("gw-late", gossipAddr, f.advert(late, 1))
+	clock = clock.Add(2 * time.Hour)
+	ms.refresh()
+	if st := states(ms)["gw-late"]; st != StateRefused {
+		t.Fatalf("gw-late is %s once its certificate ran out, want refused", st)
+	}
+	ms.leave("gw-late")
+	clock = clock.Add(2 * refusedKept)
+	ms.refresh()
+	if away := ms.away(); len(away) != 1 || away[0].Attributes.Node != "gw-late" {
+		t.Fatalf("%s after it went: away %+v; want gw-late still missed, its routes held", 2*refusedKept, away)
+	}
+	clock = clock.Add(expiredKept)
+	ms.refresh()
+	if _, ok := states(ms)["gw-late"]; ok {
+		t.Fatalf("gw-late still known %s after its certificate ended", expiredKept)
 	}
 }

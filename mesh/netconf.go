@@ -3,6 +3,7 @@ package mesh
 import (
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"net"
 	"net/netip"
 	"syscall"
@@ -113,9 +114,13 @@ func (lc *linkConfig) routes() (RouteTable, error) {
 		case r.Protocol != routeProtocol:
 			t.Host[prefixOf(*r.Dst)] = true
 		case r.Type == syscall.RTN_UNREACHABLE:
-			// Ours whatever run installed it: an unreachable route
-			// names no device, and one left by a crash is adopted.
-			t.Held = append(t.Held, prefixOf(*r.Dst))
+			// An unreachable route names no device: its metric says
+			// whose it is (another gateway's in this namespace is
+			// neither ours nor the host's), and one an earlier run of
+			// ours left is ours.
+			if uint32(r.Priority) == lc.heldMetric() {
+				t.Held = append(t.Held, prefixOf(*r.Dst))
+			}
 		case r.LinkIndex == lc.index:
 			t.Own = append(t.Own, prefixOf(*r.Dst))
 		}
@@ -123,11 +128,11 @@ func (lc *linkConfig) routes() (RouteTable, error) {
 	return t, nil
 }
 
-// setRoutes installs routes first and removes them after: a route into
-// the device and an unreachable one for the same prefix share the kernel's
-// key (table, prefix, metric), so installing one replaces the other in one
-// step, and the removal that follows finds nothing (a removal names the
-// route's type, device and protocol, and takes only that route).
+// setRoutes installs routes first and removes them after, so that a
+// prefix moving between a route into the device (metric 0) and an
+// unreachable one (our held metric, behind it) always has one of them:
+// the host's other routes never take its traffic meanwhile. Removals name
+// the route's metric, which IPv6 matches on where it ignores the type.
 func (lc *linkConfig) setRoutes(c RouteChange) error {
 	var errs []error
 	for _, p := range c.Add {
@@ -136,7 +141,7 @@ func (lc *linkConfig) setRoutes(c RouteChange) error {
 		}
 	}
 	for _, p := range c.Hold {
-		if err := netlink.RouteReplace(heldRoute(p)); err != nil {
+		if err := netlink.RouteReplace(lc.heldRoute(p)); err != nil {
 			errs = append(errs, fmt.Errorf("hold route %s (unreachable): %w", p, err))
 		}
 	}
@@ -146,7 +151,7 @@ func (lc *linkConfig) setRoutes(c RouteChange) error {
 		}
 	}
 	for _, p := range c.Unhold {
-		if err := netlink.RouteDel(heldRoute(p)); err != nil && !errors.Is(err, syscall.ESRCH) {
+		if err := netlink.RouteDel(lc.heldRoute(p)); err != nil && !errors.Is(err, syscall.ESRCH) {
 			errs = append(errs, fmt.Errorf("remove held route %s: %w", p, err))
 		}
 	}
@@ -163,7 +168,20 @@ func (lc *linkConfig) route(p netip.Prefix) *netlink.Route {
 // ICMP error), where a route into a wireguard-go device with no peer for
 // the address would drop the packets in silence and leave connections
 // hanging.
-func heldRoute(p netip.Prefix) *netlink.Route {
+func (lc *linkConfig) heldRoute(p netip.Prefix) *netlink.Route {
 	n := ipNets([]netip.Prefix{p})[0]
-	return &netlink.Route{Dst: &n, Protocol: routeProtocol, Type: syscall.RTN_UNREACHABLE, Table: syscall.RT_TABLE_MAIN}
+	return &netlink.Route{Dst: &n, Protocol: routeProtocol, Type: syscall.RTN_UNREACHABLE, Table: syscall.RT_TABLE_MAIN, Priority: int(lc.heldMetric())}
 }
+
+// heldMetric is the metric of the gateway's unreachable routes: derived
+// from its interface's name, the same at every run (a TUN device's index
+// is not) and another for another gateway of this namespace, each of
+// which holds and frees its own. Behind a route into the device (metric
+// 0) for the same prefix, and far from the small metrics hosts use.
+func (lc *linkConfig) heldMetric() uint32 {
+	h := fnv.New32a()
+	h.Write([]byte(lc.name))
+	return heldMetricBase | h.Sum32()&0xffffff
+}
+
+const heldMetricBase = 0x5b000000 // 0x5b: skybridge's protocol number, 91

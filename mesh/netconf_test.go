@@ -106,27 +106,48 @@ func TestHostRoutes(t *testing.T) {
 }
 
 // TestHeldRoutesInKernel: a prefix moves between a route into the device
-// and an unreachable route each way without losing either to the removal
-// that follows (a removal takes only a route of its own type and device),
-// a held prefix is refused at once ("no route to host", not a silent
-// drop), and an unreachable route someone else installed is the host's.
+// and an unreachable route each way, IPv4 and IPv6, without losing either
+// to the removal that follows (IPv6 ignores a removal's type); a held
+// prefix is refused at once ("no route to host", not a silent drop); an
+// unreachable route someone else installed is the host's, and another
+// gateway's in the namespace is neither ours nor freed by us.
 func TestHeldRoutesInKernel(t *testing.T) {
 	inNewNetns(t, func() {
-		if err := netlink.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "wg0"}, PeerName: "wg0p"}); err != nil {
-			t.Errorf("add wg0: %v", err)
+		link := func(name string) *linkConfig {
+			if err := netlink.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: name}, PeerName: name + "p"}); err != nil {
+				t.Errorf("add %s: %v", name, err)
+				return nil
+			}
+			l, _ := netlink.LinkByName(name)
+			netlink.LinkSetUp(l)
+			if p, err := netlink.LinkByName(name + "p"); err == nil {
+				netlink.LinkSetUp(p)
+			}
+			return &linkConfig{name: name, index: l.Attrs().Index}
+		}
+		lc, other := link("wg0"), link("wg1")
+		if lc == nil || other == nil {
 			return
 		}
-		wg, _ := netlink.LinkByName("wg0")
-		netlink.LinkSetUp(wg)
-		if p, err := netlink.LinkByName("wg0p"); err == nil {
-			netlink.LinkSetUp(p)
+		// An IPv6 address to connect from (no duplicate detection: it is
+		// usable at once).
+		wg0, _ := netlink.LinkByName("wg0")
+		if err := netlink.AddrAdd(wg0, &netlink.Addr{IPNet: &net.IPNet{IP: net.ParseIP("2001:db8:1::1"), Mask: net.CIDRMask(64, 128)}, Flags: syscall.IFA_F_NODAD}); err != nil {
+			t.Errorf("IPv6 address: %v", err)
+			return
 		}
-		lc := &linkConfig{name: "wg0", index: wg.Attrs().Index}
-		site := netip.MustParsePrefix("198.51.100.0/24")
+		if lc.heldMetric() == other.heldMetric() {
+			t.Errorf("two interfaces' held routes share metric %#x", lc.heldMetric())
+		}
 		_, theirs, _ := net.ParseCIDR("203.0.113.0/24")
 		if err := netlink.RouteAdd(&netlink.Route{Dst: theirs, Type: syscall.RTN_UNREACHABLE, Protocol: netlink.RouteProtocol(4)}); err != nil {
 			t.Errorf("the host's own unreachable route: %v", err)
 			return
+		}
+		// Another gateway of this namespace holds a prefix of its own.
+		others := netip.MustParsePrefix("198.51.100.128/25")
+		if err := other.setRoutes(RouteChange{Hold: []netip.Prefix{others}}); err != nil {
+			t.Error(err)
 		}
 		check := func(step string, own, held []netip.Prefix) {
 			t.Helper()
@@ -138,39 +159,44 @@ func TestHeldRoutesInKernel(t *testing.T) {
 			if !slices.Equal(table.Own, own) || !slices.Equal(table.Held, held) {
 				t.Errorf("%s: own %v held %v; want own %v held %v", step, table.Own, table.Held, own, held)
 			}
-			if !table.Host[netip.MustParsePrefix("203.0.113.0/24")] {
-				t.Errorf("%s: the host's unreachable route is not the host's: %v", step, table.Host)
+			if !table.Host[netip.MustParsePrefix("203.0.113.0/24")] || table.Host[others] {
+				t.Errorf("%s: host routes %v; want the host's unreachable route, not another gateway's", step, table.Host)
+			}
+			if theirs, _ := other.routes(); !slices.Equal(theirs.Held, []netip.Prefix{others}) {
+				t.Errorf("%s: the other gateway's held routes %v; want %v", step, theirs.Held, others)
 			}
 		}
-		one := []netip.Prefix{site}
-		if err := lc.setRoutes(RouteChange{Add: one}); err != nil {
-			t.Error(err)
+		for _, tc := range []struct{ site, addr string }{{"198.51.100.0/25", "198.51.100.7:443"}, {"2001:db8:9::/48", "[2001:db8:9::7]:443"}} {
+			one := []netip.Prefix{netip.MustParsePrefix(tc.site)}
+			if err := lc.setRoutes(RouteChange{Add: one}); err != nil {
+				t.Error(err)
+			}
+			check(tc.site+" carried", one, nil)
+			if err := lc.setRoutes(RouteChange{Hold: one, Del: one}); err != nil {
+				t.Error(err)
+			}
+			check(tc.site+" held", nil, one)
+			start := time.Now()
+			c, err := net.DialTimeout("tcp", tc.addr, 5*time.Second)
+			if err == nil {
+				c.Close()
+			}
+			if !errors.Is(err, syscall.EHOSTUNREACH) && !errors.Is(err, syscall.ENETUNREACH) || time.Since(start) > time.Second {
+				t.Errorf("a connection into held %s: %v after %s; want refused at once", tc.site, err, time.Since(start))
+			}
+			if err := lc.setRoutes(RouteChange{Add: one, Unhold: one}); err != nil {
+				t.Error(err)
+			}
+			check(tc.site+" carried again", one, nil)
+			if err := lc.setRoutes(RouteChange{Unhold: one}); err != nil {
+				t.Error(err)
+			}
+			check(tc.site+" nothing to free", one, nil)
+			if err := lc.setRoutes(RouteChange{Del: one}); err != nil {
+				t.Error(err)
+			}
+			check(tc.site+" gone", nil, nil)
 		}
-		check("carried", one, nil)
-		if err := lc.setRoutes(RouteChange{Hold: one, Del: one}); err != nil {
-			t.Error(err)
-		}
-		check("held", nil, one)
-		start := time.Now()
-		c, err := net.DialTimeout("tcp", "198.51.100.7:443", 5*time.Second)
-		if err == nil {
-			c.Close()
-		}
-		if !errors.Is(err, syscall.EHOSTUNREACH) {
-			t.Errorf("a connection into the held prefix: %v after %s; want no route to host", err, time.Since(start))
-		}
-		if err := lc.setRoutes(RouteChange{Add: one, Unhold: one}); err != nil {
-			t.Error(err)
-		}
-		check("carried again", one, nil)
-		if err := lc.setRoutes(RouteChange{Unhold: one}); err != nil {
-			t.Error(err)
-		}
-		check("nothing to free", one, nil)
-		if err := lc.setRoutes(RouteChange{Del: one}); err != nil {
-			t.Error(err)
-		}
-		check("gone", nil, nil)
 	})
 }
 
@@ -311,6 +337,37 @@ func TestTakeOverPersistentTUN(t *testing.T) {
 		}
 		if _, err := d.Device(); err != nil {
 			t.Errorf("wgctrl over the UAPI socket: %v", err)
+		}
+	})
+}
+
+// TestHeldRoutesFreedWhenBurstEndedWhileOff: a burst gateway that held its
+// routes at its last stop, and finds at its next start that its burst
+// ended meanwhile, frees them: it will not run again to do so. Another
+// failure to start leaves them held.
+func TestHeldRoutesFreedWhenBurstEndedWhileOff(t *testing.T) {
+	inNewNetns(t, func() {
+		lc := &linkConfig{name: "sb-burst"}
+		held := []netip.Prefix{netip.MustParsePrefix("198.51.100.0/24")}
+		if err := lc.setRoutes(RouteChange{Hold: held}); err != nil {
+			t.Error(err)
+			return
+		}
+		s := &Settings{Interface: "sb-burst", Mode: ModeTUN}
+		log := slog.New(slog.DiscardHandler)
+		other := errors.New("identity back end: unreachable")
+		if err := endedWhileOff(s, options{}, log, other); err != other {
+			t.Errorf("endedWhileOff returned %v, want the error it was given", err)
+		}
+		if table, _ := lc.routes(); !slices.Equal(table.Held, held) {
+			t.Errorf("after a failed start: held %v, want %v kept", table.Held, held)
+		}
+		ended := &BurstEndedError{Site: "burst-ams", Node: "burst-ams-gw1", Reason: "taken down"}
+		if err := endedWhileOff(s, options{}, log, fmt.Errorf("start: %w", ended)); !errors.Is(err, ended) {
+			t.Errorf("endedWhileOff returned %v, want the burst's end", err)
+		}
+		if table, _ := lc.routes(); len(table.Held) != 0 {
+			t.Errorf("after the burst ended while off: held %v, want none", table.Held)
 		}
 	})
 }

@@ -389,3 +389,26 @@ func TestRoutesAtStop(t *testing.T) {
 		}
 	}
 }
+
+// TestRestoreExpiredPeerAsGone: a gateway alive at the last save whose
+// certificate expired while this one was down is not a peer again, but
+// still a gateway its site misses: its routes stay held after the
+// restart, rather than freed by the first reconcile.
+func TestRestoreExpiredPeerAsGone(t *testing.T) {
+	f := newFixture(t)
+	expired := f.identity("gw-x", "site-x", 9, f.now.Add(-49*time.Hour), "10.9.0.0/16") // 48 h certificate: ended an hour ago
+	d := stateDir(t.TempDir())
+	addr := netip.MustParseAddrPort("192.0.2.9:7946")
+	if err := d.saveMembers([]savedMember{{Name: "gw-x", Gossip: addr, Alive: true, Advert: f.advert(expired, 1), Cert: expired.Certificate().Raw}}); err != nil {
+		t.Fatal(err)
+	}
+	g := &Gateway{state: d, members: newMembership("self", f.trust(), func() time.Time { return f.now }, func() {}), log: slog.New(slog.DiscardHandler)}
+	g.restoreMembers()
+	if len(g.members.gateways()) != 0 {
+		t.Fatal("a member whose certificate expired was restored as a peer")
+	}
+	away := g.members.away()
+	if len(away) != 1 || away[0].Attributes.Node != "gw-x" || away[0].Gossip != addr.Addr() {
+		t.Fatalf("away after the restart: %+v; want gw-x, its routes held", away)
+	}
+}
