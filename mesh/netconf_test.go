@@ -3,6 +3,7 @@ package mesh
 import (
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -49,23 +50,26 @@ func inNewNetns(t *testing.T, f func()) {
 	<-done
 }
 
+// addVeth adds a veth pair, name and name+"p", both up, in the calling
+// thread's namespace (inNewNetns); nil, the test failed, if it cannot.
+func addVeth(t *testing.T, name string) netlink.Link {
+	if err := netlink.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: name}, PeerName: name + "p"}); err != nil {
+		t.Errorf("add %s: %v", name, err)
+		return nil
+	}
+	l, _ := netlink.LinkByName(name)
+	netlink.LinkSetUp(l)
+	if p, err := netlink.LinkByName(name + "p"); err == nil {
+		netlink.LinkSetUp(p)
+	}
+	return l
+}
+
 // TestHostRoutes: the host's own routes to a network, at any metric, are
 // told apart from skybridge's, in one read of the table.
 func TestHostRoutes(t *testing.T) {
 	inNewNetns(t, func() {
-		veth := func(name string) netlink.Link {
-			if err := netlink.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: name}, PeerName: name + "p"}); err != nil {
-				t.Errorf("add %s: %v", name, err)
-				return nil
-			}
-			l, _ := netlink.LinkByName(name)
-			netlink.LinkSetUp(l)
-			if p, err := netlink.LinkByName(name + "p"); err == nil {
-				netlink.LinkSetUp(p)
-			}
-			return l
-		}
-		lan, wg := veth("lan0"), veth("wg0")
+		lan, wg := addVeth(t, "lan0"), addVeth(t, "wg0")
 		if lan == nil || wg == nil {
 			return
 		}
@@ -114,16 +118,10 @@ func TestHostRoutes(t *testing.T) {
 func TestHeldRoutesInKernel(t *testing.T) {
 	inNewNetns(t, func() {
 		link := func(name string) *linkConfig {
-			if err := netlink.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: name}, PeerName: name + "p"}); err != nil {
-				t.Errorf("add %s: %v", name, err)
-				return nil
+			if l := addVeth(t, name); l != nil {
+				return &linkConfig{name: name, index: l.Attrs().Index}
 			}
-			l, _ := netlink.LinkByName(name)
-			netlink.LinkSetUp(l)
-			if p, err := netlink.LinkByName(name + "p"); err == nil {
-				netlink.LinkSetUp(p)
-			}
-			return &linkConfig{name: name, index: l.Attrs().Index}
+			return nil
 		}
 		lc, other := link("wg0"), link("wg1")
 		if lc == nil || other == nil {
@@ -219,25 +217,33 @@ func TestLeaveOutHostRoutes(t *testing.T) {
 	}
 }
 
+// liveSitePair starts hq, of site zrh-dc (logging to logs), and fra-1, of
+// site fra-dc, which routes lan (10.77.0.0/16) and knows hq as its seed.
+func liveSitePair(t *testing.T, logs io.Writer) (ca *certs.CA, hq, fra *liveGateway, lan netip.Prefix) {
+	t.Helper()
+	dir := t.TempDir()
+	ca = meshCA(t, dir)
+	tb, err := ca.TrustBundle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	hq = startLiveGatewayWith(t, ca, dir, 0, "zrh-dc", nil, logs, nil)
+	lan = netip.MustParsePrefix("10.77.0.0/16")
+	s := liveSettings(t, filepath.Join(dir, "fra"))
+	s.Node = provisionGateway(t, ca, tb, certs.Attributes{Node: "fra-1", Site: "fra-dc", Region: "fra", Provider: "onprem", Jurisdiction: "DE",
+		OverlayIP: netip.MustParseAddr("100.64.7.9"), Routes: []netip.Prefix{lan}}, time.Hour, s.Identity.Dir)
+	s.Seeds = []string{hq.g.s.GossipAdvertise.String()}
+	fra = runLiveGateway(t, s, &syncbuf.Buffer{})
+	return ca, hq, fra, lan
+}
+
 // TestGatewayLeavesOutHostRoutes: a gateway whose host routes a remote
 // site's network itself (a LAN come up after it) routes it no more into
 // the mesh, nor accepts it from the peer, says so once, and routes it
 // again once the host's route is gone.
 func TestGatewayLeavesOutHostRoutes(t *testing.T) {
-	dir := t.TempDir()
-	ca := meshCA(t, dir)
-	tb, err := ca.TrustBundle()
-	if err != nil {
-		t.Fatal(err)
-	}
 	logs := &syncbuf.Buffer{}
-	hq := startLiveGatewayWith(t, ca, dir, 0, "zrh-dc", nil, logs, nil)
-	lan := netip.MustParsePrefix("10.77.0.0/16")
-	s := liveSettings(t, filepath.Join(dir, "fra"))
-	s.Node = provisionGateway(t, ca, tb, certs.Attributes{Node: "fra-1", Site: "fra-dc", Region: "fra", Provider: "onprem", Jurisdiction: "DE",
-		OverlayIP: netip.MustParseAddr("100.64.7.9"), Routes: []netip.Prefix{lan}}, time.Hour, s.Identity.Dir)
-	s.Seeds = []string{hq.g.s.GossipAdvertise.String()}
-	runLiveGateway(t, s, &syncbuf.Buffer{})
+	_, hq, _, lan := liveSitePair(t, logs)
 	routed := func() bool {
 		rs, _ := hq.dev.Routes()
 		return slices.Contains(rs.Own, lan)

@@ -268,20 +268,8 @@ func TestStoppedGatewayShownAsLeft(t *testing.T) {
 // the host's other routes in clear), status and the log say so, and
 // revoking the gateway's certificate frees them.
 func TestStoppedSiteRoutesHeld(t *testing.T) {
-	dir := t.TempDir()
-	ca := meshCA(t, dir)
-	tb, err := ca.TrustBundle()
-	if err != nil {
-		t.Fatal(err)
-	}
 	logs := &syncbuf.Buffer{}
-	hq := startLiveGatewayWith(t, ca, dir, 0, "zrh-dc", nil, logs, nil)
-	lan := netip.MustParsePrefix("10.77.0.0/16")
-	s := liveSettings(t, filepath.Join(dir, "fra"))
-	s.Node = provisionGateway(t, ca, tb, certs.Attributes{Node: "fra-1", Site: "fra-dc", Region: "fra", Provider: "onprem", Jurisdiction: "DE",
-		OverlayIP: netip.MustParseAddr("100.64.7.9"), Routes: []netip.Prefix{lan}}, time.Hour, s.Identity.Dir)
-	s.Seeds = []string{hq.g.s.GossipAdvertise.String()}
-	fra := runLiveGateway(t, s, &syncbuf.Buffer{})
+	ca, hq, fra, lan := liveSitePair(t, logs)
 	routed := func() bool {
 		rs, _ := hq.dev.Routes()
 		return slices.Contains(rs.Own, lan)
@@ -325,7 +313,7 @@ func TestStoppedSiteRoutesHeld(t *testing.T) {
 	if _, err := ca.RevokeSerials([]*big.Int{serial}, "cessationOfOperation", time.Now()); err != nil {
 		t.Fatal(err)
 	}
-	tb, err = ca.TrustBundle()
+	tb, err := ca.TrustBundle()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -342,19 +330,7 @@ func TestStoppedSiteRoutesHeld(t *testing.T) {
 // TestStoppedGatewayHoldsItsRoutes: the routes a gateway carried are
 // held, unreachable, once it has stopped.
 func TestStoppedGatewayHoldsItsRoutes(t *testing.T) {
-	dir := t.TempDir()
-	ca := meshCA(t, dir)
-	tb, err := ca.TrustBundle()
-	if err != nil {
-		t.Fatal(err)
-	}
-	hq := startLiveGatewayWith(t, ca, dir, 0, "zrh-dc", nil, io.Discard, nil)
-	lan := netip.MustParsePrefix("10.77.0.0/16")
-	s := liveSettings(t, filepath.Join(dir, "fra"))
-	s.Node = provisionGateway(t, ca, tb, certs.Attributes{Node: "fra-1", Site: "fra-dc", Region: "fra", Provider: "onprem", Jurisdiction: "DE",
-		OverlayIP: netip.MustParseAddr("100.64.7.9"), Routes: []netip.Prefix{lan}}, time.Hour, s.Identity.Dir)
-	s.Seeds = []string{hq.g.s.GossipAdvertise.String()}
-	runLiveGateway(t, s, io.Discard)
+	_, hq, _, lan := liveSitePair(t, io.Discard)
 	waitUntil(t, 20*time.Second, "fra-1's site routed into the mesh", func() bool {
 		rs, _ := hq.dev.Routes()
 		return slices.Contains(rs.Own, lan)
