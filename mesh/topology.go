@@ -293,9 +293,10 @@ func Compute(in TopologyInput) Plan {
 // last gateway stopped or crashed; held, they are unreachable routes, and
 // the kernel answers "no route to host". Only a gateway's retirement frees
 // its routes (its certificate revoked, or expired a while ago: retiredAt);
-// a route it withdrew while up is free at once. A site we would not link to (residency, or our hub
-// does not) was never routed here, and is not held either: its traffic
-// goes wherever the host sends it, as while it was up.
+// a route it withdrew while up is free at once. A site we would not link
+// to (residency, or our hub does not) was never routed here, and is not
+// held either: its traffic goes wherever the host sends it, as while it
+// was up.
 //
 // A held prefix gives way to the away site's own gateways' addresses
 // (their endpoints and gossip addresses): holding them would drop the
