@@ -370,7 +370,18 @@ func wgLogger(log *slog.Logger, name string) *device.Logger {
 // routeBook keeps the routes of a device without kernel routing.
 type routeBook struct{ own, held []netip.Prefix }
 
+// apply changes the book as the kernel changes its table: a route into
+// the device and a held one for the same prefix are two routes (at two
+// metrics), each added and removed on its own.
 func (b *routeBook) apply(c RouteChange) {
-	b.own = append(slices.DeleteFunc(b.own, func(p netip.Prefix) bool { return slices.Contains(c.Del, p) || slices.Contains(c.Hold, p) }), c.Add...)
-	b.held = append(slices.DeleteFunc(b.held, func(p netip.Prefix) bool { return slices.Contains(c.Unhold, p) || slices.Contains(c.Add, p) }), c.Hold...)
+	add := func(set, ps []netip.Prefix) []netip.Prefix {
+		for _, p := range ps {
+			if !slices.Contains(set, p) {
+				set = append(set, p)
+			}
+		}
+		return set
+	}
+	b.own = slices.DeleteFunc(add(b.own, c.Add), func(p netip.Prefix) bool { return slices.Contains(c.Del, p) })
+	b.held = slices.DeleteFunc(add(b.held, c.Hold), func(p netip.Prefix) bool { return slices.Contains(c.Unhold, p) })
 }

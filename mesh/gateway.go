@@ -197,12 +197,22 @@ func newGateway(ctx context.Context, s *Settings, logger *slog.Logger, opt optio
 	if logger == nil {
 		logger = slog.Default()
 	}
+	g, err := openGateway(ctx, s, logger, opt)
+	if err != nil {
+		return nil, endedWhileOff(s, opt, logger, err)
+	}
+	return g, nil
+}
+
+// openGateway is newGateway but for what a burst's end found at the start
+// leaves to clean up.
+func openGateway(ctx context.Context, s *Settings, logger *slog.Logger, opt options) (*Gateway, error) {
 	if err := os.MkdirAll(s.StateDir, 0o700); err != nil {
 		return nil, fmt.Errorf("create state directory: %w", err)
 	}
 	s, enr, err := applyEnrollment(s)
 	if err != nil {
-		return nil, endedWhileOff(s, opt, logger, err)
+		return nil, err
 	}
 	g := &Gateway{
 		s: s, now: time.Now, state: stateDir(s.StateDir), opt: opt,
@@ -215,7 +225,7 @@ func newGateway(ctx context.Context, s *Settings, logger *slog.Logger, opt optio
 	// A gateway restarted while Vault is down carries on with what it
 	// kept on disk, as a running one rides out the outage.
 	if err := g.vaultBurstEnded(); err != nil {
-		return nil, endedWhileOff(s, opt, logger, err)
+		return nil, err
 	}
 	idCfg := s.Identity
 	idCfg.RideOutOutage = true
@@ -226,7 +236,7 @@ func newGateway(ctx context.Context, s *Settings, logger *slog.Logger, opt optio
 		// never reached it. What it holds goes, as at any burst's end.
 		ended := &BurstEndedError{Site: enr.Site, Node: enr.Node, Reason: "Vault refuses its login: the burst was taken down while this gateway was off (" + err.Error() + ")"}
 		g.forgetBurst(ended)
-		return nil, endedWhileOff(s, opt, logger, ended)
+		return nil, ended
 	}
 	if err != nil {
 		return nil, fmt.Errorf("identity back end: %w", err)
@@ -601,7 +611,9 @@ func (g *Gateway) routesAtStop(retired bool) {
 		g.log.Warn("read the routes at stop", "err", err)
 		return
 	}
-	c := RouteChange{Hold: table.Own}
+	// Removed too, not left ahead of the held ones: a persistent TUN's
+	// outlive the gateway, and would swallow the traffic in silence.
+	c := RouteChange{Hold: table.Own, Del: table.Own}
 	if retired {
 		c = RouteChange{Del: table.Own, Unhold: table.Held}
 	}
@@ -1108,6 +1120,14 @@ func (g *Gateway) saveMembers() {
 			sm.Alive, sm.Advert, sm.Cert = true, m.VerifiedMeta, m.Verified.Cert.Raw
 		case StateDead:
 			sm.Cert, sm.Left = m.LastCert, m.Left // so that a restart can tell when it has ended, and that it is not missed
+		case StateRefused:
+			// Refused once verified (its certificate ran out while it
+			// was here, say): restored as gone, its site missed and its
+			// routes held until it is retired, as before the restart.
+			if m.LastCert == nil {
+				continue
+			}
+			sm.Cert = m.LastCert
 		default:
 			continue
 		}

@@ -933,12 +933,22 @@ func (ms *membership) forgetEndedLocked() (forgot bool) {
 		if m.alive {
 			continue
 		}
+		// One refused only because its certificate ran out while it was
+		// still here (its site cut off from its issuer, say), or while
+		// restored and not heard from yet, is a gone gateway like one
+		// that died first: retired as below.
+		expired := m.state == StateRefused && m.lastVerified != nil && m.advert != nil &&
+			!now.Before(m.lastVerified.Cert.NotAfter) && m.advert.CertHash == sha256.Sum256(m.lastVerified.Cert.Raw)
+		if m.remembered && expired {
+			m.remembered = false
+			ms.gen.Add(1)
+			forgot = true
+		}
 		if m.remembered {
 			// Restored at start and not heard from since: gossip may
 			// never report it (a burst gateway gone while we restarted),
-			// so it goes once its certificate ends or is revoked — its
-			// refusal then — or it would be kept, and knocked on, for
-			// good.
+			// so it goes once its certificate is revoked — its refusal
+			// then — or it would be kept, and knocked on, for good.
 			if m.state == StateRefused {
 				ms.dropLocked(name)
 				forgot = true
@@ -957,11 +967,6 @@ func (ms *membership) forgetEndedLocked() (forgot bool) {
 			}
 			continue
 		}
-		// One refused only because its certificate ran out while it was
-		// still here (its site cut off from its issuer, say) is a gone
-		// gateway like one that died first: retired as below.
-		expired := m.state == StateRefused && m.lastVerified != nil && m.advert != nil &&
-			!now.Before(m.lastVerified.Cert.NotAfter) && m.advert.CertHash == sha256.Sum256(m.lastVerified.Cert.Raw)
 		if (m.state == StateRefused && !expired || m.lastVerified == nil) && now.Sub(m.changed) >= refusedKept {
 			// Refused, or never a peer: listed a while (status says
 			// why), but not for ever.

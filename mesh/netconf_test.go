@@ -1,6 +1,7 @@
 package mesh
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -368,9 +369,21 @@ func TestHeldRoutesFreedWhenBurstEndedWhileOff(t *testing.T) {
 		if table, _ := lc.routes(); !slices.Equal(table.Held, held) {
 			t.Errorf("after a failed start: held %v, want %v kept", table.Held, held)
 		}
-		ended := &BurstEndedError{Site: "burst-ams", Node: "burst-ams-gw1", Reason: "taken down"}
-		if err := endedWhileOff(s, options{}, log, fmt.Errorf("start: %w", ended)); !errors.Is(err, ended) {
-			t.Errorf("endedWhileOff returned %v, want the burst's end", err)
+		// The burst's end recorded at its last run: the start finds it.
+		dir := t.TempDir()
+		s.StateDir, s.Identity.Dir = filepath.Join(dir, "state"), filepath.Join(dir, "identity")
+		if err := os.MkdirAll(s.Identity.Dir, 0o700); err != nil {
+			t.Error(err)
+			return
+		}
+		at := time.Now()
+		if err := saveEnrollment(s.Identity.Dir, &Enrollment{Site: "burst-ams", Node: "burst-ams-gw1", Ended: &at, Reason: "taken down"}); err != nil {
+			t.Error(err)
+			return
+		}
+		var ended *BurstEndedError
+		if _, err := newGateway(context.Background(), s, log, options{}); !errors.As(err, &ended) {
+			t.Errorf("a start after the burst ended: %v, want the burst's end", err)
 		}
 		if table, _ := lc.routes(); len(table.Held) != 0 {
 			t.Errorf("after the burst ended while off: held %v, want none", table.Held)

@@ -388,3 +388,66 @@ func TestRestoreExpiredPeerAsGone(t *testing.T) {
 		t.Fatalf("away after the restart: %+v; want gw-x, its routes held", away)
 	}
 }
+
+// TestRestartKeepsExpiredMissed: a gateway refused because its
+// certificate ran out while it was here, and one restored at a restart
+// whose certificate runs out before gossip hears from it, are missed
+// (their routes held) across a restart as a dead one is.
+func TestRestartKeepsExpiredMissed(t *testing.T) {
+	f := newFixture(t)
+	clock := f.now
+	d := stateDir(t.TempDir())
+	open := func() *Gateway {
+		return &Gateway{state: d, members: newMembership("self", f.trust(), func() time.Time { return clock }, func() {}), log: slog.New(slog.DiscardHandler)}
+	}
+	names := func(g *Gateway) (out []string) {
+		for _, a := range g.members.away() {
+			out = append(out, a.Attributes.Node)
+		}
+		return out
+	}
+	g := open()
+	late := f.identity("gw-late", "site-late", 3, f.now.Add(-47*time.Hour), "10.3.0.0/16") // 48 h: an hour left
+	g.members.addCert(late.Certificate().Raw)
+	g.members.update("gw-late", netip.MustParseAddrPort("192.0.2.3:7946"), f.advert(late, 1))
+	soon := f.identity("gw-soon", "site-soon", 4, f.now.Add(-47*time.Hour-30*time.Minute), "10.4.0.0/16") // half an hour left
+	g.members.addCert(soon.Certificate().Raw)
+	g.members.update("gw-soon", netip.MustParseAddrPort("192.0.2.4:7946"), f.advert(soon, 1))
+	// gw-soon is saved alive; gw-late is refused once its certificate
+	// ran out, then saved.
+	g.saveMembers()
+	clock = clock.Add(45 * time.Minute)
+	g.members.refresh()
+	if got := names(g); !slices.Equal(got, []string{"gw-soon"}) {
+		t.Fatalf("before the restart: away %v, want gw-soon (refused for its expiry)", got)
+	}
+	clock = clock.Add(30 * time.Minute)
+	g.members.refresh()
+	if got := names(g); !slices.Equal(got, []string{"gw-late", "gw-soon"}) {
+		t.Fatalf("before the restart: away %v, want both", got)
+	}
+	g.saveMembers()
+	g = open()
+	g.restoreMembers()
+	if got := names(g); !slices.Equal(got, []string{"gw-late", "gw-soon"}) {
+		t.Fatalf("after the restart: away %v, want both still missed", got)
+	}
+	// Restored alive, its certificate running out before gossip hears
+	// from it: still missed, not dropped.
+	clock = clock.Add(-75 * time.Minute)
+	g = open()
+	d2 := stateDir(t.TempDir())
+	g.state = d2
+	if err := d2.saveMembers([]savedMember{{Name: "gw-soon", Gossip: netip.MustParseAddrPort("192.0.2.4:7946"), Alive: true, Advert: f.advert(soon, 2), Cert: soon.Certificate().Raw}}); err != nil {
+		t.Fatal(err)
+	}
+	g.restoreMembers()
+	if len(g.members.gateways()) != 1 {
+		t.Fatal("gw-soon, valid at the restart, was not restored as a peer")
+	}
+	clock = clock.Add(45 * time.Minute)
+	g.members.refresh()
+	if got := names(g); !slices.Equal(got, []string{"gw-soon"}) {
+		t.Fatalf("restored, then expired before gossip heard from it: away %v, want gw-soon", got)
+	}
+}
