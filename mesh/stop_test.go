@@ -451,3 +451,36 @@ func TestRestartKeepsExpiredMissed(t *testing.T) {
 		t.Fatalf("restored, then expired before gossip heard from it: away %v, want gw-soon", got)
 	}
 }
+
+// TestFailedStartHoldsItsRoutes: a start that fails after its first
+// reconcile (here its gossip port is taken) holds the routes that
+// reconcile carried, as a stop does, rather than drop them with the
+// device.
+func TestFailedStartHoldsItsRoutes(t *testing.T) {
+	_, hq, _, lan := liveSitePair(t, io.Discard)
+	waitUntil(t, 20*time.Second, "fra-1's site routed into the mesh", func() bool {
+		rs, _ := hq.dev.Routes()
+		return slices.Contains(rs.Own, lan)
+	})
+	hq.stop() // fra-1 saved alive: the next start carries its routes at once
+	s := *hq.g.s
+	taken, err := net.Listen("tcp", s.GossipBind.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer taken.Close()
+	dev := NewRecordingDevice("again")
+	g, err := newGateway(context.Background(), &s, slog.New(slog.DiscardHandler), options{device: dev, noControl: true, noMigrations: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rs, _ := dev.Routes(); !slices.Equal(rs.Own, []netip.Prefix{lan}) {
+		t.Fatalf("the first reconcile's routes: own %v, want %s carried", rs.Own, lan)
+	}
+	if err := g.Run(context.Background()); err == nil {
+		t.Fatal("a gateway whose gossip port is taken started")
+	}
+	if rs, _ := dev.Routes(); len(rs.Own) != 0 || !slices.Equal(rs.Held, []netip.Prefix{lan}) {
+		t.Fatalf("after the failed start: own %v, held %v; want %s held", rs.Own, rs.Held, lan)
+	}
+}
