@@ -219,7 +219,8 @@ func TestLeaveOutHostRoutes(t *testing.T) {
 }
 
 // liveSitePair starts hq, of site zrh-dc (logging to logs), and fra-1, of
-// site fra-dc, which routes lan (10.77.0.0/16) and knows hq as its seed.
+// site fra-dc, which routes lan (10.77.0.0/16) and knows hq as its seed,
+// and waits until hq routes lan into the mesh.
 func liveSitePair(t *testing.T, logs io.Writer) (ca *certs.CA, hq, fra *liveGateway, lan netip.Prefix) {
 	t.Helper()
 	dir := t.TempDir()
@@ -235,6 +236,10 @@ func liveSitePair(t *testing.T, logs io.Writer) (ca *certs.CA, hq, fra *liveGate
 		OverlayIP: netip.MustParseAddr("100.64.7.9"), Routes: []netip.Prefix{lan}}, time.Hour, s.Identity.Dir)
 	s.Seeds = []string{hq.g.s.GossipAdvertise.String()}
 	fra = runLiveGateway(t, s, &syncbuf.Buffer{})
+	waitUntil(t, 20*time.Second, "fra-1's site routed into the mesh", func() bool {
+		rs, _ := hq.dev.Routes()
+		return slices.Contains(rs.Own, lan)
+	})
 	return ca, hq, fra, lan
 }
 
@@ -259,7 +264,6 @@ func TestGatewayLeavesOutHostRoutes(t *testing.T) {
 		}
 		return false
 	}
-	waitUntil(t, 20*time.Second, "fra-1's site routed into the mesh", routed)
 	hq.dev.SetHostRoutes(lan)
 	hq.g.triggerReconcile()
 	waitUntil(t, 10*time.Second, "the route the host has itself left out", func() bool { return !routed() && !allowed() && len(hq.dev.Peers()) == 1 })
