@@ -236,11 +236,20 @@ func liveSitePair(t *testing.T, logs io.Writer) (ca *certs.CA, hq, fra *liveGate
 		OverlayIP: netip.MustParseAddr("100.64.7.9"), Routes: []netip.Prefix{lan}}, time.Hour, s.Identity.Dir)
 	s.Seeds = []string{hq.g.s.GossipAdvertise.String()}
 	fra = runLiveGateway(t, s, &syncbuf.Buffer{})
-	waitUntil(t, 20*time.Second, "fra-1's site routed into the mesh", func() bool {
-		rs, _ := hq.dev.Routes()
-		return slices.Contains(rs.Own, lan)
-	})
+	waitUntil(t, 20*time.Second, "fra-1's site routed into the mesh", func() bool { return hq.routed(lan) })
 	return ca, hq, fra, lan
+}
+
+// routed reports whether the gateway routes p into its device; held,
+// whether it holds p unreachable.
+func (lg *liveGateway) routed(p netip.Prefix) bool {
+	rs, _ := lg.dev.Routes()
+	return slices.Contains(rs.Own, p)
+}
+
+func (lg *liveGateway) held(p netip.Prefix) bool {
+	rs, _ := lg.dev.Routes()
+	return slices.Contains(rs.Held, p)
 }
 
 // TestGatewayLeavesOutHostRoutes: a gateway whose host routes a remote
@@ -250,10 +259,7 @@ func liveSitePair(t *testing.T, logs io.Writer) (ca *certs.CA, hq, fra *liveGate
 func TestGatewayLeavesOutHostRoutes(t *testing.T) {
 	logs := &syncbuf.Buffer{}
 	_, hq, _, lan := liveSitePair(t, logs)
-	routed := func() bool {
-		rs, _ := hq.dev.Routes()
-		return slices.Contains(rs.Own, lan)
-	}
+	routed := func() bool { return hq.routed(lan) }
 	allowed := func() bool {
 		for _, p := range hq.dev.Peers() {
 			for _, n := range p.AllowedIPs {

@@ -270,14 +270,8 @@ func TestStoppedGatewayShownAsLeft(t *testing.T) {
 func TestStoppedSiteRoutesHeld(t *testing.T) {
 	logs := &syncbuf.Buffer{}
 	ca, hq, fra, lan := liveSitePair(t, logs)
-	routed := func() bool {
-		rs, _ := hq.dev.Routes()
-		return slices.Contains(rs.Own, lan)
-	}
-	unreachable := func() bool {
-		rs, _ := hq.dev.Routes()
-		return slices.Contains(rs.Held, lan)
-	}
+	routed := func() bool { return hq.routed(lan) }
+	unreachable := func() bool { return hq.held(lan) }
 	held := func() []netip.Prefix {
 		st, err := hq.g.Status()
 		if err != nil {
