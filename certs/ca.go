@@ -330,6 +330,12 @@ type IssueRequest struct {
 // Issue signs a gateway certificate binding req.Attributes to req.PublicKey
 // and records it in the CA's index.
 func (ca *CA) Issue(req IssueRequest) (*x509.Certificate, error) {
+	return ca.issueGateway(req, nil)
+}
+
+// issueGateway is Issue with a further check of the index, if any, under
+// its lock.
+func (ca *CA) issueGateway(req IssueRequest, check func(*caIndex) error) (*x509.Certificate, error) {
 	if req.Now.IsZero() {
 		req.Now = time.Now()
 	}
@@ -354,6 +360,11 @@ func (ca *CA) Issue(req IssueRequest) (*x509.Certificate, error) {
 		entry.Routes = append(entry.Routes, r.String())
 	}
 	return ca.issue(tmpl, req.PublicKey, req.TTL, req.Now, entry, func(idx *caIndex) error {
+		if check != nil {
+			if err := check(idx); err != nil {
+				return err
+			}
+		}
 		for _, e := range idx.Certs {
 			if e.OverlayIP == entry.OverlayIP && e.Node != attrs.Node && e.RevokedAt == nil && e.NotAfter.After(req.Now) {
 				return fmt.Errorf("overlay IP %s is already held by node %q (serial %s, valid until %s): pick another address or revoke that certificate first",

@@ -98,18 +98,23 @@ func (n *NodeConfig) Attributes(meshPrefix netip.Prefix) (Attributes, error) {
 //	  mesh_cidr = "100.96.0.0/16"      # needed when the CA has no IP name constraint (Vault)
 //	  ttl       = "24h"                # certificate lifetime asked of an issuer; Vault: "role" lets the PKI role decide
 //	  ca_dir    = "/etc/skybridge/ca"  # file back end: let the gateway renew from a local CA
+//	  renew_from = ["198.51.100.1:7947"] # file back end without ca_dir: renew through the CA-holding gateway
 //	  refresh   = "1m"                 # how often a gateway with an issuer reads its CAs and revocation lists
 //	  vault { ... }                    # see VaultConfig
 //	}
 type Config struct {
-	Backend  string       `hcl:"backend,optional"`
-	Dir      string       `hcl:"dir,optional"` // a gateway defaults it to state_dir/identity
-	MeshCIDR string       `hcl:"mesh_cidr,optional"`
-	TTL      string       `hcl:"ttl,optional"`
-	CADir    string       `hcl:"ca_dir,optional"`
-	Refresh  string       `hcl:"refresh,optional"`
-	Vault    *VaultConfig `hcl:"vault,block"`
-	Body     hcl.Body     `hcl:",body"`
+	Backend  string `hcl:"backend,optional"`
+	Dir      string `hcl:"dir,optional"` // a gateway defaults it to state_dir/identity
+	MeshCIDR string `hcl:"mesh_cidr,optional"`
+	TTL      string `hcl:"ttl,optional"`
+	CADir    string `hcl:"ca_dir,optional"`
+	// RenewFrom names the enrollment endpoints (host:port) of gateways
+	// holding the mesh CA, through which a gateway whose identity was
+	// issued offline renews it (certs.RenewPath).
+	RenewFrom []string     `hcl:"renew_from,optional"`
+	Refresh   string       `hcl:"refresh,optional"`
+	Vault     *VaultConfig `hcl:"vault,block"`
+	Body      hcl.Body     `hcl:",body"`
 
 	// RideOutOutage lets Open return while Vault cannot be reached (no
 	// connection, sealed): the gateway then starts from the identity,
@@ -177,6 +182,7 @@ type settings struct {
 	meshPrefix netip.Prefix
 	ttl        time.Duration
 	caDir      string
+	renewFrom  []string
 	refresh    time.Duration
 	vault      *VaultConfig
 	rideOut    bool
@@ -195,7 +201,7 @@ const maxRefresh = time.Hour
 const minTTL = 10 * time.Second
 
 func (c *Config) validate() (*settings, error) {
-	s := &settings{backend: c.Backend, dir: c.Dir, caDir: c.CADir, vault: c.Vault, ttl: DefaultNodeTTL, rideOut: c.RideOutOutage, refresh: DefaultRefresh}
+	s := &settings{backend: c.Backend, dir: c.Dir, caDir: c.CADir, renewFrom: c.RenewFrom, vault: c.Vault, ttl: DefaultNodeTTL, rideOut: c.RideOutOutage, refresh: DefaultRefresh}
 	if s.backend == "" {
 		s.backend = BackendFile
 	}
@@ -215,6 +221,18 @@ func (c *Config) validate() (*settings, error) {
 		s.ttl = 24 * time.Hour
 	default:
 		errs = append(errs, hclconf.Errorf(c.Body, "backend", "%q is not a back end; use %q or %q", c.Backend, BackendFile, BackendVault))
+	}
+	if len(c.RenewFrom) > 0 {
+		switch {
+		case s.backend != BackendFile:
+			errs = append(errs, hclconf.Errorf(c.Body, "renew_from", "a gateway of the vault back end renews from Vault; remove renew_from"))
+		case c.CADir != "":
+			errs = append(errs, hclconf.Errorf(c.Body, "renew_from", "a gateway with ca_dir renews from its CA; remove renew_from"))
+		default:
+			if err := checkRenewFrom(c.RenewFrom); err != nil {
+				errs = append(errs, hclconf.Errorf(c.Body, "renew_from", "%v", err))
+			}
+		}
 	}
 	if c.Dir == "" {
 		errs = append(errs, hclconf.Errorf(c.Body, "dir", "must name the directory that holds the node identity"))

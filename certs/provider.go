@@ -21,8 +21,11 @@ import (
 // embedded CA via ca_dir) it obtains and renews the identity itself;
 // without one it uses the identity issued offline by `skybridge ca issue`.
 type Provider struct {
-	s       *settings
-	issuer  Issuer
+	s      *settings
+	issuer Issuer
+	// renewer renews an identity issued offline through a CA-holding
+	// gateway (identity.renew_from); nil with an issuer.
+	renewer *renewer
 	secrets SecretStore
 	log     *slog.Logger
 	close   func()
@@ -77,6 +80,9 @@ func Open(ctx context.Context, cfg Config, log *slog.Logger) (*Provider, error) 
 			}
 			p.issuer = ca
 		}
+		if len(s.renewFrom) > 0 {
+			p.renewer = &renewer{endpoints: s.renewFrom, dir: s.dir, log: log}
+		}
 	case BackendVault:
 		v, err := openVault(ctx, s.vault, s.meshPrefix, log, s.rideOut)
 		if err != nil {
@@ -96,6 +102,10 @@ func (p *Provider) Secrets() SecretStore { return p.secrets }
 // Issuer returns the back end's issuer, or nil if identities are issued
 // offline.
 func (p *Provider) Issuer() Issuer { return p.issuer }
+
+// CanRenew reports whether the gateway renews its certificate itself:
+// from its issuer, or through a CA-holding gateway (identity.renew_from).
+func (p *Provider) CanRenew() bool { return p.issuer != nil || p.renewer != nil }
 
 // Refresh is how often a gateway asks the issuer for its CAs and
 // revocation lists (identity.refresh).
@@ -170,6 +180,7 @@ func (p *Provider) Identity(ctx context.Context, attrs Attributes) (*NodeIdentit
 	now := p.now()
 	id, loadErr := LoadNodeIdentity(p.s.dir)
 	var why string
+	renewable := false // by possession of the current certificate
 	switch {
 	case loadErr != nil:
 		why = loadErr.Error()
@@ -180,15 +191,21 @@ func (p *Provider) Identity(ctx context.Context, attrs Attributes) (*NodeIdentit
 			why = err.Error()
 		} else if now.After(RenewalTime(id.Certificate().NotBefore, id.Certificate().NotAfter, 0.5)) {
 			why = "certificate is past its renewal time"
-			if p.issuer == nil {
-				p.log.Warn("node certificate should be renewed; issue a new one with `skybridge ca issue`", "identity", id)
+			if !p.CanRenew() {
+				p.log.Warn("node certificate should be renewed; issue a new one with `skybridge ca issue`, or let the gateway renew it (identity.renew_from)", "identity", id)
 				return id, tb, nil
 			}
+			renewable = true
 		} else {
 			return id, tb, nil
 		}
 	}
-	if p.issuer == nil {
+	if p.issuer == nil && !renewable {
+		if p.renewer != nil {
+			// Renewal by possession needs a valid certificate of the
+			// same attributes.
+			return nil, nil, fmt.Errorf("no usable identity in %s: %s; a renewal (identity.renew_from) needs a valid certificate for this node block: correct the node block, or issue an identity for it (skybridge ca issue)", p.s.dir, why)
+		}
 		return nil, nil, fmt.Errorf("no usable identity in %s: %s; correct the node block, or issue an identity for it (skybridge ca issue)", p.s.dir, why)
 	}
 	p.log.Info("obtaining node certificate", "node", attrs.Node, "site", attrs.Site, "reason", why)
@@ -217,7 +234,12 @@ func (p *Provider) obtain(ctx context.Context, attrs Attributes) (*NodeIdentity,
 	if err != nil {
 		return nil, nil, err
 	}
-	cert, err := p.issuer.Sign(ctx, csr, attrs, p.s.ttl)
+	var cert *x509.Certificate
+	if p.issuer != nil {
+		cert, err = p.issuer.Sign(ctx, csr, attrs, p.s.ttl)
+	} else {
+		cert, err = p.renewer.Sign(ctx, csr, attrs, p.s.ttl)
+	}
 	if err != nil {
 		return nil, nil, fmt.Errorf("obtain certificate for %s: %w", attrs.Node, err)
 	}
@@ -256,8 +278,8 @@ func RenewalTime(notBefore, notAfter time.Time, jitter float64) time.Time {
 // certificate is still valid, and after that too: a gateway should recover
 // as soon as its issuer does.
 func (p *Provider) KeepRenewed(ctx context.Context, id *NodeIdentity, renewNow <-chan struct{}, onRenew func(*NodeIdentity, *TrustBundle)) error {
-	if p.issuer == nil {
-		return errors.New("identity back end cannot renew certificates (no issuer): configure Vault or ca_dir")
+	if !p.CanRenew() {
+		return errors.New("identity back end cannot renew certificates (no issuer): configure Vault, ca_dir or renew_from")
 	}
 	attrs := *id.Attributes()
 	var renewed time.Time // of the last renewal here

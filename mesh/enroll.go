@@ -215,6 +215,9 @@ func (g *Gateway) serveEnrollment(ctx context.Context) (io.Closer, error) {
 	ec := &enrollerCert{ca: g.enroll.ca, log: g.log}
 	cfg := &tls.Config{
 		MinVersion: tls.VersionTLS13,
+		// A renewal authenticates with the gateway's current
+		// certificate, checked by renewPeer; a newcomer has none.
+		ClientAuth: tls.RequestClientCert,
 		// A certificate of this endpoint's own, which names this gateway
 		// and nothing else about it, with the CA behind it, for the
 		// newcomer to check against its pin.
@@ -248,6 +251,26 @@ func (g *Gateway) serveEnrollment(ctx context.Context) (io.Closer, error) {
 		w.Header().Set("Content-Type", "application/json")
 		json.NewEncoder(w).Encode(res)
 	})
+	mux.HandleFunc("POST "+certs.RenewPath, func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Connection", "close")
+		var req certs.RenewRequest
+		if err := json.NewDecoder(io.LimitReader(r.Body, 64<<10)).Decode(&req); err != nil {
+			http.Error(w, "malformed renewal request: "+err.Error(), http.StatusBadRequest)
+			return
+		}
+		cert, err := g.renewPeer(r.TLS.PeerCertificates, req.CSR, r.RemoteAddr)
+		switch {
+		case errors.Is(err, certs.ErrIssueRefused):
+			http.Error(w, err.Error(), http.StatusForbidden)
+			return
+		case err != nil:
+			g.log.Error("certificate renewal failed", "from", r.RemoteAddr, "err", err)
+			http.Error(w, "renewal failed on the CA-holding gateway (see its log); try again", http.StatusServiceUnavailable)
+			return
+		}
+		w.Header().Set("Content-Type", "application/json")
+		json.NewEncoder(w).Encode(certs.RenewResponse{Certificate: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: cert.Raw})})
+	})
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 15 * time.Second, WriteTimeout: 15 * time.Second, IdleTimeout: 5 * time.Second,
 		// TLS handshake failures (scanners, wrong pins) are debug noise.
 		ErrorLog: log.New(slogWriter{g.log.With("component", "enroll")}, "", 0)}
@@ -264,6 +287,38 @@ func (g *Gateway) serveEnrollment(ctx context.Context) (io.Closer, error) {
 		defer cancel()
 		return srv.Shutdown(sctx)
 	}), nil
+}
+
+// renewPeer renews the certificate of a gateway issued offline, which
+// proved in the TLS handshake that it holds chain[0]'s key: the mesh must
+// accept that certificate now, and the CA must stand behind it
+// (certs.CA.Renew).
+func (g *Gateway) renewPeer(chain []*x509.Certificate, csr []byte, from string) (*x509.Certificate, error) {
+	refused := func(err error) error {
+		if ok, dropped := g.enroll.warnRefused.Allow(); ok {
+			g.log.Warn("certificate renewal refused", "from", from, "err", err, "refused_unlogged", dropped)
+		}
+		g.metrics.renewal("refused")
+		return err
+	}
+	if len(chain) == 0 {
+		return nil, refused(fmt.Errorf("%w: a renewal authenticates with the gateway's current certificate (TLS client certificate), and none was presented", certs.ErrIssueRefused))
+	}
+	now := g.now()
+	if _, err := g.trust.Load().VerifyCertificate(chain[0], now); err != nil {
+		return nil, refused(fmt.Errorf("%w: %v", certs.ErrIssueRefused, err))
+	}
+	cert, err := g.enroll.ca.Renew(chain[0], csr, now)
+	if errors.Is(err, certs.ErrIssueRefused) {
+		return nil, refused(err)
+	}
+	if err != nil {
+		return nil, err
+	}
+	g.metrics.renewal("renewed")
+	g.log.Info("renewed the certificate of a gateway issued offline", "peer", cert.Subject.CommonName, "from", from,
+		"serial", certs.FormatSerial(chain[0].SerialNumber), "new_serial", certs.FormatSerial(cert.SerialNumber), "valid_until", cert.NotAfter.UTC().Format(time.RFC3339))
+	return cert, nil
 }
 
 // enrol redeems a token: it certifies the newcomer's key for the burst

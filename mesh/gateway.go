@@ -476,7 +476,7 @@ func (g *Gateway) Run(parent context.Context) error {
 		loop(g.journalLoop)
 	}
 	// A burst gateway's certificate lasts exactly as long as its burst.
-	if g.prov.Issuer() != nil && g.burst == nil {
+	if g.prov.CanRenew() && g.burst == nil {
 		loop(func(ctx context.Context) {
 			if err := g.prov.KeepRenewed(ctx, g.id.Load(), g.renewNow, g.renewed); ctx.Err() == nil {
 				g.log.Error("certificate renewal stopped", "err", err)

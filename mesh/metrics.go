@@ -36,6 +36,7 @@ type metrics struct {
 	migDuration     *prometheus.HistogramVec
 	decisions       *prometheus.CounterVec
 	enrollments     *prometheus.CounterVec
+	renewals        *prometheus.CounterVec
 	probes          *prometheus.CounterVec
 	probeAttempts   prometheus.Counter
 	verdicts        *prometheus.CounterVec
@@ -93,6 +94,10 @@ func newMetrics(g *Gateway) *metrics {
 			Name: "skybridge_burst_enrollments_total",
 			Help: "Burst gateways that presented a join token here, by outcome (enrolled, refused).",
 		}, []string{"outcome"}),
+		renewals: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "skybridge_certificate_renewals_served_total",
+			Help: "Certificates of gateways issued offline renewed here, by possession of the current one (identity.renew_from), by outcome (renewed, refused).",
+		}, []string{"outcome"}),
 		probes: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "skybridge_tunnel_probes_total",
 			Help: "Probes through the tunnel, one a second to each gateway of a remote site with a choice of gateways, by outcome (answered, missed: none of its up to 3 connection attempts, 250 ms apart, answered within 0.8 s).",
@@ -108,7 +113,7 @@ func newMetrics(g *Gateway) *metrics {
 		recent: &decisionLog{max: maxRecentDecisions},
 	}
 	m.reg.MustRegister(m.rejections, m.reconcileRuns, m.reconcileErrors, m.reconcileTime,
-		m.migBytes, m.migChunks, m.migDone, m.migRetries, m.migDuration, m.decisions, m.enrollments,
+		m.migBytes, m.migChunks, m.migDone, m.migRetries, m.migDuration, m.decisions, m.enrollments, m.renewals,
 		m.probes, m.probeAttempts, m.verdicts, &gatewayCollector{g: g}, atRestCollector{g: g},
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	// Every label value a rule or dashboard may select on exists from the
@@ -126,6 +131,9 @@ func newMetrics(g *Gateway) *metrics {
 	}
 	for _, o := range []string{"enrolled", "refused"} {
 		m.enrollments.WithLabelValues(o)
+	}
+	for _, o := range []string{"renewed", "refused"} {
+		m.renewals.WithLabelValues(o)
 	}
 	for _, o := range []string{"answered", "missed"} {
 		m.probes.WithLabelValues(o)
@@ -154,6 +162,8 @@ func (m *metrics) judged(unreachable bool) {
 }
 
 func (m *metrics) enrollment(outcome string) { m.enrollments.WithLabelValues(outcome).Inc() }
+
+func (m *metrics) renewal(outcome string) { m.renewals.WithLabelValues(outcome).Inc() }
 
 func (m *metrics) reconciled(took time.Duration, err error) {
 	m.reconcileRuns.Inc()

@@ -66,8 +66,9 @@ type IdentityStatus struct {
 	IssuedBy  string   `json:"issued_by"`
 	CAs       []string `json:"cas"`
 	SigningCA string   `json:"signing_ca,omitempty"`
-	// Issuer is what renews the identity: "vault", "ca_dir", or empty
-	// (identities issued offline).
+	// Issuer is what renews the identity: "vault", "ca_dir",
+	// "renew_from" (a gateway holding the CA), or empty (identities
+	// issued offline, renewed by hand).
 	Issuer string `json:"issuer,omitempty"`
 	// IssuerAnswered is when the issuer last answered the gateway's
 	// trust-bundle request; nil if it has not since the start.
@@ -141,6 +142,9 @@ func (g *Gateway) Status() (*Status, error) {
 	case *certs.CA:
 		st.Identity.Issuer = "ca_dir"
 	case nil:
+		if g.prov.CanRenew() && g.burst == nil {
+			st.Identity.Issuer = "renew_from"
+		}
 	default:
 		st.Identity.Issuer = fmt.Sprintf("%T", iss)
 	}

@@ -202,7 +202,12 @@ func printStatus(c *cli.Context, st *mesh.Status) {
 	if st.Identity.Revoked {
 		fmt.Fprintf(w, "REVOKED: this gateway's certificate is on the revocation list; the other gateways refuse it\n")
 	}
-	if iss := st.Identity.Issuer; iss != "" {
+	switch iss := st.Identity.Issuer; iss {
+	case "":
+	case "renew_from":
+		// No issuer of its own to poll: the CA-holding gateway renews it.
+		fmt.Fprintf(w, "renewed through identity.renew_from (a gateway holding the mesh CA) at about two thirds of its life\n")
+	default:
 		answered := "no answer since the gateway started"
 		if at := st.Identity.IssuerAnswered; at != nil {
 			answered = "last answer " + time.Since(*at).Round(time.Second).String() + " ago"

@@ -268,8 +268,11 @@ func identityRequest(c *cli.Context) error {
 	if _, err := p.Secrets().GossipKeyring(c.Context); err != nil {
 		return err
 	}
-	if p.Issuer() == nil {
+	switch {
+	case p.Issuer() == nil && p.CanRenew():
 		// Said on stderr: the identity is still printed, as asked.
+		fmt.Fprintf(c.App.ErrWriter, "skybridge: the identity in %s is renewed through identity.renew_from once past its renewal time (about two thirds of its life), by this command or the running gateway; this is the identity it holds now\n", s.Identity.Dir)
+	case p.Issuer() == nil:
 		fmt.Fprintf(c.App.ErrWriter, "skybridge: no issuer configured (identity.ca_dir, or a Vault back end): nothing was requested; this is the identity already in %s\n", s.Identity.Dir)
 	}
 	info := describeIdentity(c.Context, s.Identity.Dir, id, tb)

@@ -1,0 +1,270 @@
+package certs
+
+import (
+	"bytes"
+	"context"
+	"crypto/ecdsa"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// Renewal by possession. A gateway whose identity was issued offline
+// (`skybridge ca issue`) has no issuer of its own, and its certificate
+// would end after 30 days unless someone issued it again by hand. With
+// identity.renew_from it renews through a gateway that holds the mesh CA:
+// it proves it holds its current certificate's key (mutual TLS) and sends
+// a request for a new key; the CA certifies the new key with exactly the
+// current certificate's attributes, never with what the request asks.
+// Renewal extends what was issued and nothing more: changing attributes
+// is still `skybridge ca issue`.
+
+// RenewPath is where a CA-holding gateway's enrollment endpoint renews
+// certificates.
+const RenewPath = "/v1/renew"
+
+// RenewRequest is what a gateway sends to renew: a request for its new
+// key. The attributes come from the certificate it authenticates with.
+type RenewRequest struct {
+	CSR []byte `json:"csr"` // PEM
+}
+
+// RenewResponse is the answer: the new certificate.
+type RenewResponse struct {
+	Certificate []byte `json:"certificate"` // PEM
+}
+
+// Renew certifies the key of csrPEM with the attributes of cert, the
+// certificate the requester proved it holds, for as long as cert was
+// valid. It refuses (ErrIssueRefused) a certificate this CA did not issue
+// or no longer stands behind (expired, revoked, or replaced by a later
+// one of the same gateway), a burst gateway's (its certificate lasts
+// exactly its burst), one in the first half of its life (a renewal is due
+// later: this bounds what a holder can have issued), and a request for
+// the same key or for other attributes.
+func (ca *CA) Renew(cert *x509.Certificate, csrPEM []byte, now time.Time) (*x509.Certificate, error) {
+	if err := cert.CheckSignatureFrom(ca.cert); err != nil {
+		return nil, refusal{fmt.Errorf("certificate %s is not one of this CA's: %v", FormatSerial(cert.SerialNumber), err)}
+	}
+	if !slices.Contains(cert.ExtKeyUsage, x509.ExtKeyUsageClientAuth) {
+		return nil, refusal{fmt.Errorf("certificate %s of %q is not a gateway certificate", FormatSerial(cert.SerialNumber), nameOf(cert))}
+	}
+	if now.After(cert.NotAfter) {
+		return nil, refusal{fmt.Errorf("certificate %s of %q expired at %s: an expired certificate cannot be renewed; issue a new one with `skybridge ca issue`",
+			FormatSerial(cert.SerialNumber), nameOf(cert), cert.NotAfter.UTC().Format(time.RFC3339))}
+	}
+	attrs, err := AttributesOf(cert)
+	if err != nil {
+		return nil, refusal{err}
+	}
+	if err := attrs.Validate(ca.MeshPrefix()); err != nil {
+		return nil, refusal{err}
+	}
+	if attrs.Labels[BurstLabel] == "true" {
+		return nil, refusal{fmt.Errorf("%q is a burst gateway: its certificate lasts exactly its burst and is not renewed", attrs.Node)}
+	}
+	life := cert.NotAfter.Sub(cert.NotBefore)
+	if due := cert.NotBefore.Add(life / 2); now.Before(due) {
+		return nil, refusal{fmt.Errorf("certificate %s of %q is renewed from %s on, half way through its life", FormatSerial(cert.SerialNumber), attrs.Node, due.UTC().Format(time.RFC3339))}
+	}
+	csr, asked, err := ParseCSR(csrPEM)
+	if err != nil {
+		return nil, refusal{err}
+	}
+	if !asked.Equal(attrs) {
+		return nil, refusal{fmt.Errorf("a renewal certifies the attributes of the current certificate, and the request asks for others (certificate → request: %s); issue a new certificate with `skybridge ca issue` to change them",
+			strings.Join(attrs.Differences(asked), ", "))}
+	}
+	if k, ok := csr.PublicKey.(*ecdsa.PublicKey); ok && k.Equal(cert.PublicKey) {
+		return nil, refusal{errors.New("a renewal certifies a new key, and the request is for the current one")}
+	}
+	// As long as the certificate renewed lasted (issuers backdate by
+	// a minute), but not past the CA's own end.
+	ttl := min(life-backdate, ca.cert.NotAfter.Sub(now))
+	if ttl < minTTL {
+		return nil, refusal{fmt.Errorf("the mesh CA ends at %s: no certificate can be renewed under it; bring up a new mesh CA", ca.cert.NotAfter.UTC().Format(time.RFC3339))}
+	}
+	serial := FormatSerial(cert.SerialNumber)
+	return ca.issueGateway(IssueRequest{Attributes: *attrs, PublicKey: csr.PublicKey, TTL: ttl, Now: now}, func(idx *caIndex) error {
+		// The CA's own record decides, not a revocation list that may
+		// not have been written: the certificate must be the latest of
+		// its gateway, so an older one (replaced by `ca issue` with other
+		// routes, or copied before the holder renewed) brings back
+		// nothing it certified.
+		latest := -1
+		for i, e := range idx.Certs {
+			if e.Node == attrs.Node && (e.Kind == KindGateway || e.Kind == "") {
+				latest = i
+			}
+		}
+		switch i := slices.IndexFunc(idx.Certs, func(e IssuedCert) bool { return e.Serial == serial }); {
+		case i < 0:
+			return fmt.Errorf("certificate %s of %q is not in the CA's index", serial, attrs.Node)
+		case idx.Certs[i].RevokedAt != nil:
+			return fmt.Errorf("certificate %s of %q is revoked (%s)", serial, attrs.Node, idx.Certs[i].Reason)
+		case i != latest:
+			return fmt.Errorf("certificate %s of %q is not its latest: certificate %s replaced it (if that renewal was not this gateway's, its key was copied: revoke the gateway's certificates and issue it a new identity)",
+				serial, attrs.Node, idx.Certs[latest].Serial)
+		}
+		return nil
+	})
+}
+
+// renewer renews a gateway's certificate through the enrollment endpoints
+// of gateways that hold the mesh CA (identity.renew_from).
+type renewer struct {
+	endpoints []string // host:port
+	dir       string
+	log       *slog.Logger
+}
+
+// Sign implements the part of Issuer a renewal needs. attrs are those of
+// the current certificate, which the CA keeps; its life is the current
+// one's, whatever ttl asks.
+func (r *renewer) Sign(ctx context.Context, csrPEM []byte, attrs Attributes, _ time.Duration) (*x509.Certificate, error) {
+	id, err := LoadNodeIdentity(r.dir)
+	if err != nil {
+		return nil, err
+	}
+	if !id.Attributes().Equal(&attrs) {
+		return nil, fmt.Errorf("the certificate in %s certifies other attributes than the node block (certificate → node block: %s): a renewal keeps them; issue a new certificate with `skybridge ca issue`",
+			r.dir, strings.Join(id.Attributes().Differences(&attrs), ", "))
+	}
+	tb, err := LoadTrustBundle(r.dir, netip.Prefix{})
+	if err != nil {
+		return nil, err
+	}
+	body, err := json.Marshal(RenewRequest{CSR: csrPEM})
+	if err != nil {
+		return nil, err
+	}
+	// A renewal at the start waits for this when the endpoint does not
+	// answer, before the gateway starts on its current certificate.
+	client := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{
+		MinVersion:   tls.VersionTLS13,
+		Certificates: []tls.Certificate{id.TLSCertificate()},
+		// The endpoint's certificate names its gateway, not the address
+		// dialled: its chain to the mesh CA is what is checked.
+		InsecureSkipVerify:    true,
+		VerifyPeerCertificate: func(raw [][]byte, _ [][]*x509.Certificate) error { return verifyRenewer(raw, tb, time.Now()) },
+	}}}
+	defer client.CloseIdleConnections()
+	var errs []error
+	for _, ep := range r.endpoints {
+		cert, err := r.post(ctx, client, ep, body)
+		if err == nil {
+			return r.check(cert, csrPEM, id)
+		}
+		if errors.Is(err, ErrIssueRefused) || ctx.Err() != nil {
+			return nil, err
+		}
+		errs = append(errs, err)
+	}
+	return nil, fmt.Errorf("no renewal endpoint answered (identity.renew_from): %w", errors.Join(errs...))
+}
+
+func (r *renewer) post(ctx context.Context, client *http.Client, ep string, body []byte) (*x509.Certificate, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "https://"+ep+RenewPath, bytes.NewReader(body))
+	if err != nil {
+		return nil, err
+	}
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := client.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", ep, err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", ep, err)
+	}
+	switch {
+	case resp.StatusCode == http.StatusForbidden:
+		return nil, refusal{fmt.Errorf("renewal refused by %s: %s", ep, strings.TrimSpace(string(b)))}
+	case resp.StatusCode != http.StatusOK:
+		// 404 from a CA-holding gateway of an earlier release, 5xx: the
+		// next endpoint may do.
+		return nil, fmt.Errorf("%s: %s: %s", ep, resp.Status, strings.TrimSpace(string(b)))
+	}
+	var res RenewResponse
+	if err := json.Unmarshal(b, &res); err != nil {
+		return nil, fmt.Errorf("%s: renewal answer: %w", ep, err)
+	}
+	certs, err := ParseCertificatesPEM(res.Certificate)
+	if err != nil || len(certs) != 1 {
+		return nil, fmt.Errorf("%s: renewal answer: expected one certificate (%v)", ep, err)
+	}
+	return certs[0], nil
+}
+
+// check makes sure the endpoint certified what was asked: the new key,
+// and the attributes of the current certificate. The caller checks the
+// chain and revocation (Provider.obtain).
+func (r *renewer) check(cert *x509.Certificate, csrPEM []byte, cur *NodeIdentity) (*x509.Certificate, error) {
+	csr, _, err := ParseCSR(csrPEM)
+	if err != nil {
+		return nil, err
+	}
+	k, ok := cert.PublicKey.(*ecdsa.PublicKey)
+	if !ok || !k.Equal(csr.PublicKey) {
+		return nil, errors.New("the renewal endpoint certified another key than the one asked for")
+	}
+	got, err := AttributesOf(cert)
+	if err != nil {
+		return nil, fmt.Errorf("renewed certificate: %w", err)
+	}
+	if !got.Equal(cur.Attributes()) {
+		return nil, fmt.Errorf("the renewal endpoint certified other attributes (current → renewed: %s)", strings.Join(cur.Attributes().Differences(got), ", "))
+	}
+	return cert, nil
+}
+
+// verifyRenewer checks the renewal endpoint's certificate chain against
+// the mesh CA: only a holder of the CA key has an enrollment endpoint
+// certificate, and only it could issue one. A gateway posing as the
+// endpoint with its own certificate learns a request for a public key,
+// and the certificate it would send back fails the checks above.
+func verifyRenewer(raw [][]byte, tb *TrustBundle, now time.Time) error {
+	if len(raw) == 0 {
+		return errors.New("the renewal endpoint presented no certificate")
+	}
+	leaf, err := x509.ParseCertificate(raw[0])
+	if err != nil {
+		return fmt.Errorf("the renewal endpoint's certificate: %w", err)
+	}
+	inter := x509.NewCertPool()
+	for _, b := range raw[1:] {
+		if c, err := x509.ParseCertificate(b); err == nil {
+			inter.AddCert(c)
+		}
+	}
+	if _, err := leaf.Verify(x509.VerifyOptions{Roots: tb.Roots(), Intermediates: inter, CurrentTime: now, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}}); err != nil {
+		return fmt.Errorf("the renewal endpoint is not certified by the mesh CA: %w", err)
+	}
+	if tb.IsRevoked(leaf.SerialNumber) {
+		return fmt.Errorf("the renewal endpoint's certificate %s is revoked", FormatSerial(leaf.SerialNumber))
+	}
+	return nil
+}
+
+// checkRenewFrom validates identity.renew_from entries: host:port.
+func checkRenewFrom(eps []string) error {
+	for _, ep := range eps {
+		host, port, err := net.SplitHostPort(ep)
+		if _, perr := strconv.ParseUint(port, 10, 16); err != nil || host == "" || perr != nil || port == "0" {
+			return fmt.Errorf("%q is not host:port, such as 198.51.100.1:7947 (the enrollment endpoint of the gateway holding the mesh CA)", ep)
+		}
+	}
+	return nil
+}
