@@ -330,12 +330,12 @@ type IssueRequest struct {
 // Issue signs a gateway certificate binding req.Attributes to req.PublicKey
 // and records it in the CA's index.
 func (ca *CA) Issue(req IssueRequest) (*x509.Certificate, error) {
-	return ca.issueGateway(req, nil)
+	return ca.issueGateway(req, "", nil)
 }
 
-// issueGateway is Issue with a further check of the index, if any, under
-// its lock.
-func (ca *CA) issueGateway(req IssueRequest, check func(*caIndex) error) (*x509.Certificate, error) {
+// issueGateway is Issue of a renewal of the certificate renewedFrom (if
+// set), with a further check of the index, if any, under its lock.
+func (ca *CA) issueGateway(req IssueRequest, renewedFrom string, check func(*caIndex) error) (*x509.Certificate, error) {
 	if req.Now.IsZero() {
 		req.Now = time.Now()
 	}
@@ -355,7 +355,7 @@ func (ca *CA) issueGateway(req IssueRequest, check func(*caIndex) error) (*x509.
 		URIs:        []*url.URL{attrs.URI()},
 		IPAddresses: []net.IP{attrs.OverlayIP.AsSlice()},
 	}
-	entry := IssuedCert{Kind: KindGateway, Node: attrs.Node, Site: attrs.Site, OverlayIP: attrs.OverlayIP.String()}
+	entry := IssuedCert{Kind: KindGateway, Node: attrs.Node, Site: attrs.Site, OverlayIP: attrs.OverlayIP.String(), RenewedFrom: renewedFrom}
 	for _, r := range attrs.Routes {
 		entry.Routes = append(entry.Routes, r.String())
 	}
@@ -425,6 +425,10 @@ const (
 	KindEnroller     = "enroller"
 )
 
+// enrollerUnit is the organizational unit of enrollment endpoints'
+// certificates.
+const enrollerUnit = "enrollment endpoints"
+
 // IssueEnroller certifies pub for the enrollment endpoint of the gateway
 // called node: what a newcomer checks against its join token (the CA pin,
 // the gateway's name), and nothing more. The endpoint answers strangers,
@@ -439,7 +443,7 @@ func (ca *CA) IssueEnroller(node string, overlayIP netip.Addr, pub crypto.Public
 	// the gateway's site, which it would tell.
 	a := Attributes{Node: node, Site: "enrollment-endpoint"}
 	tmpl := &x509.Certificate{
-		Subject:     pkix.Name{CommonName: node, Organization: []string{"skybridge"}, OrganizationalUnit: []string{"enrollment endpoints"}},
+		Subject:     pkix.Name{CommonName: node, Organization: []string{"skybridge"}, OrganizationalUnit: []string{enrollerUnit}},
 		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
 		URIs:        []*url.URL{a.URI()}, // a newcomer of an earlier release reads the name there
 		IPAddresses: []net.IP{overlayIP.AsSlice()},
@@ -513,7 +517,7 @@ func (ca *CA) issue(tmpl *x509.Certificate, pub crypto.PublicKey, ttl time.Durat
 		if cert, err = x509.ParseCertificate(der); err != nil {
 			return err
 		}
-		entry.Serial, entry.NotBefore, entry.NotAfter = FormatSerial(serial), cert.NotBefore, cert.NotAfter
+		entry.Serial, entry.NotBefore, entry.NotAfter, entry.Key = FormatSerial(serial), cert.NotBefore, cert.NotAfter, keyID(cert.RawSubjectPublicKeyInfo)
 		idx.Certs = append(idx.Certs, entry)
 		return nil
 	})
@@ -546,6 +550,13 @@ type IssuedCert struct {
 	NotAfter  time.Time  `json:"not_after"`
 	RevokedAt *time.Time `json:"revoked_at,omitempty"`
 	Reason    string     `json:"revocation_reason,omitempty"`
+	// Key is the SHA-256 of the certified key's SubjectPublicKeyInfo, hex.
+	Key string `json:"key,omitempty"`
+	// RenewedFrom is the serial of the certificate whose holder had this
+	// one issued by renewal (CA.Renew): revoking that one revokes this.
+	RenewedFrom string `json:"renewed_from,omitempty"`
+	// TakenBack: issued, but never delivered (CA.TakeBack).
+	TakenBack bool `json:"taken_back,omitempty"`
 }
 
 // caIndex is the CA's record of what it issued and revoked. The CRL is
@@ -638,6 +649,9 @@ func reasonName(code int) string {
 // RevokeSerials adds the certificates with the given serials to the CA-signed
 // revocation list and returns the index entries that were revoked. Revoking
 // an already revoked serial is not an error; an unknown serial is.
+// The renewals of a revoked certificate are revoked with it: its holder
+// may have had them issued (CA.Renew), and a thief of its key would keep
+// renewing one the operator does not know of.
 func (ca *CA) RevokeSerials(serials []*big.Int, reason string, now time.Time) ([]IssuedCert, error) {
 	return ca.revoke(reason, now, func(idx *caIndex) ([]int, error) {
 		at := idx.bySerial()
@@ -650,8 +664,42 @@ func (ca *CA) RevokeSerials(serials []*big.Int, reason string, now time.Time) ([
 			}
 			out = append(out, i)
 		}
-		return out, nil
+		return idx.withRenewals(out), nil
 	})
+}
+
+// TakeBack revokes a certificate that was issued but never delivered (its
+// output could not be written): it holds nothing against a retry, and is
+// not its gateway's latest for a renewal (CA.Renew).
+func (ca *CA) TakeBack(serial *big.Int, now time.Time) error {
+	_, err := ca.revoke("cessationOfOperation", now, func(idx *caIndex) ([]int, error) {
+		i, ok := idx.bySerial()[FormatSerial(serial)]
+		if !ok {
+			return nil, fmt.Errorf("serial %s was not issued by this CA", FormatSerial(serial))
+		}
+		idx.Certs[i].TakenBack = true
+		return []int{i}, nil
+	})
+	return err
+}
+
+// withRenewals adds to picked (places in the index) the renewals of
+// what it holds, and theirs, in turn.
+func (idx *caIndex) withRenewals(picked []int) []int {
+	in := map[string]bool{}
+	for _, i := range picked {
+		in[idx.Certs[i].Serial] = true
+	}
+	for grew := true; grew; {
+		grew = false
+		for i, e := range idx.Certs {
+			if e.RenewedFrom != "" && in[e.RenewedFrom] && !in[e.Serial] {
+				in[e.Serial], grew = true, true
+				picked = append(picked, i)
+			}
+		}
+	}
+	return picked
 }
 
 // RevokeNode revokes every certificate of node that is neither expired

@@ -141,7 +141,7 @@ func lockFile(path string) (unlock func(), err error) {
 // while writing one of them go too: they may hold the same secrets.
 func ForgetIdentity(dir string) error {
 	var errs []error
-	for _, name := range []string{fileNodeKey, fileNodeKeyPrev, fileNodeCert, FileWireGuardKey, FileGossipKeyring, FileVaultSecretID, FileVaultRoleID} {
+	for _, name := range []string{fileNodeKey, fileNodeKeyPrev, fileNodeKeyNext, fileNodeCert, FileWireGuardKey, FileGossipKeyring, FileVaultSecretID, FileVaultRoleID} {
 		temps, _ := filepath.Glob(filepath.Join(dir, atomicfile.TempPattern(name)))
 		for _, path := range append(temps, filepath.Join(dir, name)) {
 			if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {

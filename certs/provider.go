@@ -2,12 +2,16 @@ package certs
 
 import (
 	"context"
+	"crypto/ecdsa"
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"math/rand/v2"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -226,7 +230,20 @@ func (p *Provider) Identity(ctx context.Context, attrs Attributes) (*NodeIdentit
 
 // obtain makes a new key, has it certified and stores the identity.
 func (p *Provider) obtain(ctx context.Context, attrs Attributes) (*NodeIdentity, *TrustBundle, error) {
-	key, err := GenerateNodeKey()
+	var key *ecdsa.PrivateKey
+	var err error
+	if p.issuer == nil {
+		// Renewal by possession, of the certificate in the directory.
+		if tb, err := p.Trust(ctx); err == nil {
+			if id := renewedElsewhere(p.s.dir, &attrs, tb, p.now()); id != nil {
+				p.log.Info("the identity directory holds a certificate renewed by another process: taken up", "identity", id)
+				return id, tb, nil
+			}
+		}
+		key, err = pendingRenewalKey(p.s.dir)
+	} else {
+		key, err = GenerateNodeKey()
+	}
 	if err != nil {
 		return nil, nil, err
 	}
@@ -257,6 +274,12 @@ func (p *Provider) obtain(ctx context.Context, attrs Attributes) (*NodeIdentity,
 	// The bundle was saved by Trust just above, under saveMu.
 	if err := id.Save(p.s.dir, nil); err != nil {
 		return nil, nil, err
+	}
+	if p.issuer == nil {
+		// Certified and saved: the next renewal asks for a new key.
+		if err := os.Remove(filepath.Join(p.s.dir, fileNodeKeyNext)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			p.log.Warn("remove the key of the renewal just saved (the next renewal makes another)", "err", err)
+		}
 	}
 	p.log.Info("node certificate issued", "identity", id)
 	return id, tb, nil

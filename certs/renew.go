@@ -4,20 +4,26 @@ import (
 	"bytes"
 	"context"
 	"crypto/ecdsa"
+	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
 	"net"
 	"net/http"
 	"net/netip"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/skybridge-mesh/skybridge/internal/atomicfile"
 )
 
 // Renewal by possession. A gateway whose identity was issued offline
@@ -95,30 +101,97 @@ func (ca *CA) Renew(cert *x509.Certificate, csrPEM []byte, now time.Time) (*x509
 	if ttl < minTTL {
 		return nil, refusal{fmt.Errorf("the mesh CA ends at %s: no certificate can be renewed under it; bring up a new mesh CA", ca.cert.NotAfter.UTC().Format(time.RFC3339))}
 	}
-	serial := FormatSerial(cert.SerialNumber)
-	return ca.issueGateway(IssueRequest{Attributes: *attrs, PublicKey: csr.PublicKey, TTL: ttl, Now: now}, func(idx *caIndex) error {
+	serial, key := FormatSerial(cert.SerialNumber), keyID(csr.RawSubjectPublicKeyInfo)
+	return ca.issueGateway(IssueRequest{Attributes: *attrs, PublicKey: csr.PublicKey, TTL: ttl, Now: now}, serial, func(idx *caIndex) error {
 		// The CA's own record decides, not a revocation list that may
 		// not have been written: the certificate must be the latest of
 		// its gateway, so an older one (replaced by `ca issue` with other
 		// routes, or copied before the holder renewed) brings back
-		// nothing it certified.
+		// nothing it certified. One issued but never delivered does not
+		// count (TakeBack), nor does this certificate's own renewal for
+		// the same key: its answer was lost, and it is asked again.
 		latest := -1
 		for i, e := range idx.Certs {
-			if e.Node == attrs.Node && (e.Kind == KindGateway || e.Kind == "") {
+			if e.Node == attrs.Node && (e.Kind == KindGateway || e.Kind == "") && !e.TakenBack {
 				latest = i
 			}
 		}
-		switch i := slices.IndexFunc(idx.Certs, func(e IssuedCert) bool { return e.Serial == serial }); {
+		i := slices.IndexFunc(idx.Certs, func(e IssuedCert) bool { return e.Serial == serial })
+		switch {
 		case i < 0:
 			return fmt.Errorf("certificate %s of %q is not in the CA's index", serial, attrs.Node)
 		case idx.Certs[i].RevokedAt != nil:
 			return fmt.Errorf("certificate %s of %q is revoked (%s)", serial, attrs.Node, idx.Certs[i].Reason)
-		case i != latest:
-			return fmt.Errorf("certificate %s of %q is not its latest: certificate %s replaced it (if that renewal was not this gateway's, its key was copied: revoke the gateway's certificates and issue it a new identity)",
-				serial, attrs.Node, idx.Certs[latest].Serial)
+		case i == latest:
+		case idx.Certs[latest].RenewedFrom == serial && idx.Certs[latest].Key == key && idx.Certs[latest].RevokedAt == nil:
+		default:
+			return fmt.Errorf("certificate %s of %q is not its latest: certificate %s replaced it (if that renewal was not this gateway's, its key was copied: revoke them all with `skybridge ca revoke --node %s --reason keyCompromise` and issue it a new identity)",
+				serial, attrs.Node, idx.Certs[latest].Serial, attrs.Node)
 		}
 		return nil
 	})
+}
+
+// keyID names a key in the CA's index: the SHA-256 of its
+// SubjectPublicKeyInfo.
+func keyID(spki []byte) string {
+	sum := sha256.Sum256(spki)
+	return hex.EncodeToString(sum[:])
+}
+
+// fileNodeKeyNext is the key a renewal through a CA-holding gateway asks
+// to be certified, kept until its certificate is saved: a renewal whose
+// answer was lost is asked again for the same key, which the CA then
+// certifies again (CA.Renew), rather than refused as a second renewal.
+const fileNodeKeyNext = "node.key.next"
+
+// pendingRenewalKey returns the key of a renewal under way in dir, or
+// makes and keeps a new one.
+func pendingRenewalKey(dir string) (*ecdsa.PrivateKey, error) {
+	path := filepath.Join(dir, fileNodeKeyNext)
+	b, err := ReadPrivateFile(path)
+	if err == nil {
+		// Not the key now certified: left by a renewal saved whose
+		// key could not be removed after.
+		cur, cerr := LoadNodeIdentity(dir)
+		if k, err := parseKeyPEM(b); err == nil && (cerr != nil || !k.PublicKey.Equal(cur.Certificate().PublicKey)) {
+			return k, nil
+		}
+	} else if !errors.Is(err, fs.ErrNotExist) {
+		return nil, err
+	}
+	// None, damaged (a write cut short before it was ever asked for), or
+	// certified already: a new one.
+	k, err := GenerateNodeKey()
+	if err != nil {
+		return nil, err
+	}
+	pemKey, err := marshalKeyPEM(k)
+	if err != nil {
+		return nil, err
+	}
+	if err := atomicfile.WriteFile(path, pemKey, 0o600); err != nil {
+		return nil, fmt.Errorf("keep the renewal's key: %w", err)
+	}
+	return k, nil
+}
+
+// renewedElsewhere returns the identity in dir if it is one for attrs
+// that is valid and not due for renewal: renewed by another process
+// (`skybridge identity request`) while the gateway ran on the certificate
+// before it, which the CA no longer renews.
+func renewedElsewhere(dir string, attrs *Attributes, tb *TrustBundle, now time.Time) *NodeIdentity {
+	id, err := LoadNodeIdentity(dir)
+	if err != nil || !id.Attributes().Equal(attrs) {
+		return nil
+	}
+	if _, err := tb.VerifyCertificate(id.Certificate(), now); err != nil {
+		return nil
+	}
+	if c := id.Certificate(); !now.Before(RenewalTime(c.NotBefore, c.NotAfter, 0)) {
+		return nil
+	}
+	return id
 }
 
 // renewer renews a gateway's certificate through the enrollment endpoints
@@ -230,11 +303,11 @@ func (r *renewer) check(cert *x509.Certificate, csrPEM []byte, cur *NodeIdentity
 	return cert, nil
 }
 
-// verifyRenewer checks the renewal endpoint's certificate chain against
-// the mesh CA: only a holder of the CA key has an enrollment endpoint
-// certificate, and only it could issue one. A gateway posing as the
-// endpoint with its own certificate learns a request for a public key,
-// and the certificate it would send back fails the checks above.
+// verifyRenewer checks that the renewal endpoint's certificate is an
+// enrollment endpoint's (CA.IssueEnroller: server authentication only),
+// chained to the mesh CA: only a holder of the CA key has one. Any
+// gateway's certificate would do for server authentication, and one
+// posing as the endpoint could refuse every renewal.
 func verifyRenewer(raw [][]byte, tb *TrustBundle, now time.Time) error {
 	if len(raw) == 0 {
 		return errors.New("the renewal endpoint presented no certificate")
@@ -242,6 +315,9 @@ func verifyRenewer(raw [][]byte, tb *TrustBundle, now time.Time) error {
 	leaf, err := x509.ParseCertificate(raw[0])
 	if err != nil {
 		return fmt.Errorf("the renewal endpoint's certificate: %w", err)
+	}
+	if !slices.Contains(leaf.Subject.OrganizationalUnit, enrollerUnit) || slices.Contains(leaf.ExtKeyUsage, x509.ExtKeyUsageClientAuth) {
+		return fmt.Errorf("the renewal endpoint presented the certificate of %q, which is not an enrollment endpoint's: is renew_from the address of the gateway holding the mesh CA?", nameOf(leaf))
 	}
 	inter := x509.NewCertPool()
 	for _, b := range raw[1:] {

@@ -1,10 +1,15 @@
 package certs
 
 import (
+	"bytes"
+	"context"
 	"crypto/ecdsa"
 	"crypto/x509"
 	"errors"
 	"math/big"
+	"net/netip"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -171,5 +176,153 @@ func TestRenewFromConfig(t *testing.T) {
 		if tc.want == "" && err != nil || tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)) {
 			t.Errorf("%v: %v; want %q", tc.cfg.RenewFrom, err, tc.want)
 		}
+	}
+}
+
+// TestCARenewAgainAfterALostAnswer: a renewal whose answer was lost is
+// asked again for the same key (the gateway keeps it until its
+// certificate is saved) and certified again; asked for another key it is
+// a second renewal of a replaced certificate, refused.
+func TestCARenewAgainAfterALostAnswer(t *testing.T) {
+	ca := newTestCA(t)
+	life := 30 * 24 * time.Hour
+	x := issue(t, ca, testAttrs("gw1", "fra", "100.96.0.1"), t0, life)
+	now := t0.Add(life * 2 / 3)
+	k, _ := GenerateNodeKey()
+	csr, _ := CreateCSR(k, *x.Attributes())
+	if _, err := ca.Renew(x.Certificate(), csr, now); err != nil { // its answer lost
+		t.Fatal(err)
+	}
+	again, err := ca.Renew(x.Certificate(), csr, now.Add(time.Minute))
+	if err != nil {
+		t.Fatalf("the same renewal asked again: %v", err)
+	}
+	if !again.PublicKey.(*ecdsa.PublicKey).Equal(&k.PublicKey) {
+		t.Fatal("certified another key")
+	}
+	other, _ := GenerateNodeKey()
+	csr2, _ := CreateCSR(other, *x.Attributes())
+	if _, err := ca.Renew(x.Certificate(), csr2, now.Add(2*time.Minute)); err == nil || !strings.Contains(err.Error(), "is not its latest") {
+		t.Fatalf("a second renewal for another key: %v; want a refusal", err)
+	}
+}
+
+// TestCARenewPastATakeBack: a certificate `ca issue` took back (its
+// output could not be written) is not its gateway's latest: the one the
+// gateway runs on still renews.
+func TestCARenewPastATakeBack(t *testing.T) {
+	ca := newTestCA(t)
+	life := 30 * 24 * time.Hour
+	x := issue(t, ca, testAttrs("gw1", "fra", "100.96.0.1"), t0, life)
+	y := issue(t, ca, testAttrs("gw1", "fra", "100.96.0.1", "10.1.0.0/16"), t0.Add(time.Hour), life)
+	if err := ca.TakeBack(y.Certificate().SerialNumber, t0.Add(time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	k, _ := GenerateNodeKey()
+	csr, _ := CreateCSR(k, *x.Attributes())
+	if _, err := ca.Renew(x.Certificate(), csr, t0.Add(life*2/3)); err != nil {
+		t.Fatalf("renewal past a certificate taken back: %v", err)
+	}
+	if trust(t, ca).IsRevoked(y.Certificate().SerialNumber) == false {
+		t.Fatal("the certificate taken back is not revoked")
+	}
+}
+
+// TestRevokeSerialRevokesRenewals: revoking a certificate revokes the
+// renewals its key had issued, and theirs: a thief who renewed first
+// keeps nothing the operator does not know of.
+func TestRevokeSerialRevokesRenewals(t *testing.T) {
+	ca := newTestCA(t)
+	life := 30 * 24 * time.Hour
+	x := issue(t, ca, testAttrs("gw1", "fra", "100.96.0.1"), t0, life)
+	other := issue(t, ca, testAttrs("gw2", "fra", "100.96.0.2"), t0, life)
+	renew := func(c *x509.Certificate, at time.Time) *x509.Certificate {
+		k, _ := GenerateNodeKey()
+		csr, _ := CreateCSR(k, *x.Attributes())
+		got, err := ca.Renew(c, csr, at)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return got
+	}
+	y := renew(x.Certificate(), t0.Add(life*2/3))
+	z := renew(y, t0.Add(life*2/3+life*2/3))
+	if _, err := ca.RevokeSerials([]*big.Int{x.Certificate().SerialNumber}, "keyCompromise", t0.Add(2*life)); err != nil {
+		t.Fatal(err)
+	}
+	tb := trust(t, ca)
+	for name, c := range map[string]*x509.Certificate{"the certificate": x.Certificate(), "its renewal": y, "the renewal's renewal": z} {
+		if !tb.IsRevoked(c.SerialNumber) {
+			t.Errorf("%s is not revoked", name)
+		}
+	}
+	if tb.IsRevoked(other.Certificate().SerialNumber) {
+		t.Error("another gateway's certificate was revoked with it")
+	}
+}
+
+// TestVerifyRenewer: only an enrollment endpoint's certificate is taken
+// for the renewal endpoint; any gateway's would do for server
+// authentication, and one posing as it could refuse every renewal.
+func TestVerifyRenewer(t *testing.T) {
+	ca := newTestCA(t)
+	tb := trust(t, ca)
+	now := t0.Add(time.Hour)
+	k, _ := GenerateNodeKey()
+	enroller, err := ca.IssueEnroller("gw-ca", netip.MustParseAddr("100.96.0.9"), k.Public(), time.Hour, t0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := verifyRenewer([][]byte{enroller.Raw, ca.Certificate().Raw}, tb, now); err != nil {
+		t.Fatalf("the enrollment endpoint's certificate: %v", err)
+	}
+	gw := issue(t, ca, testAttrs("gw1", "fra", "100.96.0.1"), t0, time.Hour)
+	if err := verifyRenewer([][]byte{gw.Certificate().Raw}, tb, now); err == nil || !strings.Contains(err.Error(), "not an enrollment endpoint's") {
+		t.Fatalf("a gateway's certificate: %v; want it refused", err)
+	}
+	rogue, _ := newTestCA(t).IssueEnroller("gw-ca", netip.MustParseAddr("100.96.0.9"), k.Public(), time.Hour, t0)
+	if err := verifyRenewer([][]byte{rogue.Raw}, tb, now); err == nil {
+		t.Fatal("another CA's enrollment endpoint taken")
+	}
+}
+
+// TestRenewerKeepsItsKeyAndTakesUpRenewals: a renewal through a CA holder
+// that does not answer keeps the key it asks for, for the next try; and
+// an identity renewed meanwhile by another process (`identity request`)
+// is taken up instead of asked again, which the CA would refuse.
+func TestRenewerKeepsItsKeyAndTakesUpRenewals(t *testing.T) {
+	ca := newTestCA(t)
+	dir := filepath.Join(t.TempDir(), "id")
+	now := time.Now()
+	attrs := testAttrs("gw1", "fra", "100.96.0.1")
+	x := issue(t, ca, attrs, now.Add(-20*time.Hour), 30*time.Hour) // past its renewal time
+	if err := x.Save(dir, trust(t, ca)); err != nil {
+		t.Fatal(err)
+	}
+	p, err := Open(context.Background(), Config{Dir: dir, RenewFrom: []string{"127.0.0.1:1"}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	pending := func() []byte { b, _ := os.ReadFile(filepath.Join(dir, fileNodeKeyNext)); return b }
+	if _, _, err := p.obtain(context.Background(), attrs); err == nil {
+		t.Fatal("renewed through an endpoint that is not there")
+	}
+	first := pending()
+	if first == nil {
+		t.Fatal("the renewal's key is not kept")
+	}
+	p.obtain(context.Background(), attrs)
+	if !bytes.Equal(pending(), first) {
+		t.Fatal("the next try asked for another key")
+	}
+	// Renewed by another process into the directory.
+	y := issue(t, ca, attrs, now, 30*time.Hour)
+	if err := y.Save(dir, nil); err != nil {
+		t.Fatal(err)
+	}
+	got, _, err := p.obtain(context.Background(), attrs)
+	if err != nil || !got.Certificate().Equal(y.Certificate()) {
+		t.Fatalf("obtain with a fresh identity in the directory: %v; want it taken up", err)
 	}
 }

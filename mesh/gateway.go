@@ -1144,7 +1144,13 @@ func (g *Gateway) saveMembers() {
 func (g *Gateway) renewed(id *certs.NodeIdentity, tb *certs.TrustBundle) {
 	g.id.Store(id)
 	g.storedImagesAffected() // the site's attested labels may have changed
-	g.adoptTrust(tb, time.Time{})
+	if g.prov.Issuer() == nil {
+		// Renewed through a CA-holding gateway: the bundle is the one kept
+		// in the identity directory, whose CAs are not an issuer's answer.
+		g.adoptLists(tb.CRLs())
+	} else {
+		g.adoptTrust(tb, time.Time{})
+	}
 	if s := tb.Signing(); s != nil && !tb.SignedBySigning(id.Certificate()) {
 		g.log.Warn("the issuer renewed this gateway's certificate with a CA other than its default issuer: the PKI role pins an issuer (set its issuer_ref to \"default\" to follow rotations)",
 			"issued_by", id.Certificate().Issuer.CommonName, "default_issuer", s.Subject.CommonName)

@@ -50,9 +50,10 @@ func TestRenewThroughCAHolder(t *testing.T) {
 	if atStart == first {
 		t.Fatalf("the gateway started on its certificate past its renewal time (%s) instead of renewing it", first)
 	}
-	// Its identity directory holds the new one, for a restart.
-	if onDisk, err := certs.LoadNodeIdentity(fra.g.s.Identity.Dir); err != nil || certs.FormatSerial(onDisk.Certificate().SerialNumber) != atStart {
-		t.Fatalf("identity directory after the renewal at start: %v", err)
+	// Its identity directory holds a renewed one, for a restart (this
+	// one, or the next: a life this short is due again at once).
+	if onDisk, err := certs.LoadNodeIdentity(fra.g.s.Identity.Dir); err != nil || certs.FormatSerial(onDisk.Certificate().SerialNumber) == first {
+		t.Fatalf("identity directory after the renewal at start: %v; still the certificate issued offline", err)
 	}
 	// Renewed again by the running gateway, and the CA-holding gateway
 	// verifies that certificate: the tunnel stays.

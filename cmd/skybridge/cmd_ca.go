@@ -227,7 +227,7 @@ func caIssue(c *cli.Context) error {
 	if err != nil {
 		// Not delivered: take it back, so it neither stays valid nor
 		// holds its overlay IP against the retry.
-		if _, rerr := ca.RevokeSerials([]*big.Int{cert.SerialNumber}, "cessationOfOperation", time.Now()); rerr != nil {
+		if rerr := ca.TakeBack(cert.SerialNumber, time.Now()); rerr != nil {
 			return fmt.Errorf("%w (and revoking the certificate issued for it, serial %s: %v)", err, certs.FormatSerial(cert.SerialNumber), rerr)
 		}
 		return fmt.Errorf("%w; the certificate issued for it (serial %s) is revoked", err, certs.FormatSerial(cert.SerialNumber))
