@@ -563,8 +563,20 @@ func decisionFields(f map[string]any, d *policy.Decision) {
 	if len(d.Reasons) > 0 {
 		f["reasons"] = d.Reasons
 	}
+	exc := func(e *policy.ExceptionRef) map[string]any {
+		return map[string]any{"name": e.Name, "category": e.Category, "ticket": e.Ticket, "approver": e.Approver, "expires": e.Expires}
+	}
 	if e := d.Exception; e != nil {
-		f["exception"] = map[string]any{"name": e.Name, "category": e.Category, "ticket": e.Ticket, "approver": e.Approver, "expires": e.Expires}
+		f["exception"] = exc(e)
+	}
+	if len(d.Exceptions) > 1 {
+		// A move that rests on two waivers (where it is stored, where it
+		// passes) names both, for a search by either's ticket.
+		all := make([]map[string]any, len(d.Exceptions))
+		for i, e := range d.Exceptions {
+			all[i] = exc(e)
+		}
+		f["exceptions"] = all
 	}
 	if d.Audit {
 		f["audit_mode"] = true // denied by the policy, let through by its audit mode

@@ -50,7 +50,7 @@ func (p *Policy) Evaluate(req Request) Decision {
 		// An exception that admitted one site did not let the request
 		// through: a record naming it (its ticket, its approver) would
 		// read as if it had. Sites says where it applied.
-		d.Exception = nil
+		d.Exception, d.Exceptions = nil, nil
 		d.Obligations = Obligations{}
 	}
 	if d.Denied && audit != "" {
@@ -97,9 +97,7 @@ func (p *Policy) evaluateSites(cls *class, req *Request, d *Decision) {
 				zonesRule = r
 			}
 		}
-		if sd.Exception != nil && d.Exception == nil {
-			d.Exception = sd.Exception
-		}
+		d.reliedOn(sd.Exception)
 	}
 	if d.Denied {
 		return
@@ -222,7 +220,9 @@ func replicaZones(sites []Site) int {
 	zones := map[string]bool{}
 	most := 0
 	for _, s := range sites {
-		if z := s.Labels[LabelZone]; z != "" {
+		// Labels match without regard to case everywhere: "ZRH-A" and
+		// "zrh-a" are one zone, not two.
+		if z := strings.ToLower(s.Labels[LabelZone]); z != "" {
 			zones[z] = true
 		}
 		if n, err := strconv.Atoi(s.Labels[LabelReplicaZones]); err == nil {
@@ -300,8 +300,9 @@ func (p *Policy) AdmitPath(class string, path []Site, now time.Time) (checks []C
 	verdict, transit := checks[0].Decision, checks[1].Decision
 	verdict.Reasons = append(slices.Clone(verdict.Reasons), transit.Reasons...)
 	verdict.Obligations.merge(&transit.Obligations)
-	if verdict.Exception == nil {
-		verdict.Exception = transit.Exception
+	verdict.Exceptions = slices.Clone(verdict.Exceptions)
+	for _, e := range transit.Exceptions {
+		verdict.reliedOn(e)
 	}
 	verdict.Audit = verdict.Audit || transit.Audit
 	if transit.Denied && !verdict.Denied {
@@ -313,7 +314,17 @@ func (p *Policy) AdmitPath(class string, path []Site, now time.Time) (checks []C
 	if verdict.Denied {
 		// Let through by audit mode only: nothing admitted the move (as
 		// in Evaluate).
-		verdict.Exception, verdict.Obligations = nil, Obligations{}
+		verdict.Exception, verdict.Exceptions, verdict.Obligations = nil, nil, Obligations{}
 	}
 	return checks, verdict
+}
+
+// reliedOn adds e (if any) to the exceptions the decision relied on,
+// once; the first is Exception.
+func (d *Decision) reliedOn(e *ExceptionRef) {
+	if e == nil || slices.ContainsFunc(d.Exceptions, func(x *ExceptionRef) bool { return x.Name == e.Name }) {
+		return
+	}
+	d.Exceptions = append(d.Exceptions, e)
+	d.Exception = d.Exceptions[0]
 }

@@ -2,6 +2,7 @@ package policy
 
 import (
 	"reflect"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -101,6 +102,7 @@ var (
 	gva       = Site{Name: "onprem-gva", Provider: "onprem", Region: "gva", Jurisdiction: "CH", Labels: map[string]string{LabelEncryptionAtRest: "true", LabelZone: "gva-a"}}
 	bsl       = Site{Name: "onprem-bsl", Provider: "onprem", Region: "bsl", Jurisdiction: "CH", Labels: map[string]string{LabelEncryptionAtRest: "true", LabelZone: "bsl-a"}}
 	bsl2      = Site{Name: "onprem-bsl2", Provider: "onprem", Region: "bsl", Jurisdiction: "CH", Labels: map[string]string{LabelEncryptionAtRest: "true", LabelZone: "bsl-a"}}
+	bsl2Upper = Site{Name: "onprem-bsl2", Provider: "onprem", Region: "bsl", Jurisdiction: "CH", Labels: map[string]string{LabelEncryptionAtRest: "true", LabelZone: "BSL-A"}}
 	plainZrh  = Site{Name: "onprem-zrh-old", Provider: "onprem", Region: "zrh", Jurisdiction: "CH", Labels: map[string]string{LabelReplicaZones: "2"}}
 	gcpZrh    = Site{Name: "gcp-zrh", Provider: "gcp", Region: "europe-west6", Jurisdiction: "CH", Labels: map[string]string{"certified": "iso27001"}}
 	fra       = Site{Name: "aws-eu-central-1", Provider: "aws", Region: "eu-central-1", Jurisdiction: "DE", Labels: map[string]string{"certified": "soc2,iso27001", LabelEncryptionAtRest: "true"}}
@@ -181,6 +183,7 @@ func TestEvaluate(t *testing.T) {
 		{name: "one zone of two", class: "secret", action: Store, sites: []Site{gva}, outcome: "deny", line: 16, kind: "requirement",
 			reason: "requires replicas in at least 2 zones, and the certificates attest 1"},
 		{name: "two sites of one zone", class: "secret", action: Store, sites: []Site{bsl, bsl2}, outcome: "deny", kind: "requirement", reason: "attest 1"},
+		{name: "two sites of one zone, written in two cases", class: "secret", action: Store, sites: []Site{bsl, bsl2Upper}, outcome: "deny", kind: "requirement", reason: "attest 1"},
 		{name: "replicas in two zones", class: "secret", action: Store, sites: []Site{gva, bsl}, outcome: "allow", line: 16,
 			oblig: Obligations{EncryptionAtRest: true, MinReplicaZones: 2}},
 		{name: "an exception waives the deny, not the allow's requirement", class: "pii", action: Store, sites: []Site{plainShd}, outcome: "deny", kind: "requirement", line: 32},
@@ -372,6 +375,58 @@ exception "t" {
 	}
 	if len(checks) != 2 || checks[1].Decision.Exception == nil {
 		t.Fatalf("the transit check should still show the exception it used: %+v", checks)
+	}
+}
+
+// TestAdmitPathNamesEveryException: a move admitted by one exception for
+// where it is stored and another for where it passes names both, so a
+// search of the audit records by either ticket finds it.
+func TestAdmitPathNamesEveryException(t *testing.T) {
+	p, err := Parse("a.hcl", []byte(`policy {
+  name    = "a"
+  version = 1
+}
+class "c" {
+  allow "store" {
+    jurisdiction = ["CH"]
+  }
+  allow "transit" {
+    jurisdiction = ["CH"]
+  }
+}
+exception "us-store" {
+  class    = "c"
+  action   = "store"
+  site     = ["us-1"]
+  category = "waiver"
+  reason   = "test"
+  approver = "CDO"
+  ticket   = "GRC-1"
+  expires  = "2027-01-01"
+}
+exception "us-transit" {
+  class    = "c"
+  action   = "transit"
+  site     = ["us-1"]
+  category = "waiver"
+  reason   = "test"
+  approver = "CISO"
+  ticket   = "GRC-2"
+  expires  = "2027-01-01"
+}
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ch := Site{Name: "ch-1", Provider: "onprem", Region: "zrh", Jurisdiction: "CH"}
+	us := Site{Name: "us-1", Provider: "aws", Region: "us-east-1", Jurisdiction: "US"}
+	_, v := p.AdmitMove("c", ch, us, nov24)
+	var tickets []string
+	for _, e := range v.Exceptions {
+		tickets = append(tickets, e.Ticket)
+	}
+	if !v.Allowed || !slices.Equal(tickets, []string{"GRC-1", "GRC-2"}) || v.Exception == nil || v.Exception.Ticket != "GRC-1" {
+		t.Fatalf("move by two exceptions: allowed %v, exceptions %v, first %+v; want both, the store's first", v.Allowed, tickets, v.Exception)
 	}
 }
 

@@ -2,12 +2,9 @@ package policy
 
 import (
 	"fmt"
-	"os"
 	"sort"
 
 	"github.com/hashicorp/hcl/v2"
-	"github.com/hashicorp/hcl/v2/gohcl"
-	"github.com/hashicorp/hcl/v2/hclsyntax"
 
 	"github.com/skybridge-mesh/skybridge/certs"
 	"github.com/skybridge-mesh/skybridge/internal/hclconf"
@@ -50,44 +47,22 @@ type siteSyntax struct {
 	DefRange     hcl.Range         `hcl:",def_range"`
 }
 
-type inventorySyntax struct {
-	Sites []siteSyntax `hcl:"site,block"`
-	Rest  hcl.Body     `hcl:",remain"`
-}
-
 // LoadInventory reads `site "NAME" { provider region jurisdiction labels }`
 // blocks from an HCL file.
 func LoadInventory(file string) (Inventory, error) {
-	src, err := os.ReadFile(file)
-	if err != nil {
-		return nil, fmt.Errorf("read inventory: %w", err)
-	}
-	f, diags := hclsyntax.ParseConfig(src, file, hcl.InitialPos)
-	if diags.HasErrors() {
-		return nil, hclconf.Diagnostics(diags)
-	}
 	// A file of its own holds sites only: anything else is a typo (or
-	// the wrong file) whose sites would silently be missing.
+	// the wrong file) whose sites would silently be missing. A label
+	// given twice is refused, not decided by the order of two lines.
 	var only struct {
 		Sites []siteSyntax `hcl:"site,block"`
 	}
-	if diags := gohcl.DecodeBody(f.Body, nil, &only); diags.HasErrors() {
-		return nil, hclconf.Diagnostics(diags)
+	if err := hclconf.DecodeFile(file, &only); err != nil {
+		return nil, err
 	}
 	if len(only.Sites) == 0 {
 		return nil, fmt.Errorf("%s holds no site block: an inventory lists sites as site \"NAME\" { provider, region, jurisdiction, labels }", file)
 	}
 	return inventoryOf(only.Sites)
-}
-
-// decodeSites takes the site blocks of body and leaves other blocks alone
-// (a policy test file has both).
-func decodeSites(body hcl.Body) (Inventory, error) {
-	var syn inventorySyntax
-	if diags := gohcl.DecodeBody(body, nil, &syn); diags.HasErrors() {
-		return nil, hclconf.Diagnostics(diags)
-	}
-	return inventoryOf(syn.Sites)
 }
 
 func inventoryOf(sites []siteSyntax) (Inventory, error) {

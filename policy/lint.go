@@ -2,6 +2,7 @@ package policy
 
 import (
 	"fmt"
+	"maps"
 	"slices"
 	"sort"
 	"strings"
@@ -51,7 +52,7 @@ func Lint(p *Policy, inv Inventory, now time.Time) []Finding {
 		for _, a := range []Action{Store, Transit} {
 			for _, al := range cls.allow[a] {
 				for _, dn := range cls.deny[a] {
-					if covers(dn.sel, al.sel) {
+					if covers(dn.sel, withRefs(al.sel)) {
 						add("shadowed-allow", "warning", al.pos, "%s never takes effect: %s (line %d) denies every site it could allow", al.ref().Name, dn.ref().Name, dn.pos.Line)
 					}
 				}
@@ -135,6 +136,53 @@ func covers(a, b *selector) bool {
 		}
 	}
 	return a.ref == nil || a.ref == b.ref
+}
+
+// withRefs is s with the criteria of its named selectors folded in, for
+// covers' b: a site s matches matches them too. Where both constrain one
+// criterion by globs, s's own stay (they are no stricter than what s
+// matches), so covers stays sound. The named selector itself stays, for
+// a deny that names the same.
+func withRefs(s *selector) *selector {
+	f := *s
+	for r := s.ref; r != nil; r = r.ref {
+		f.never = f.never || r.never
+		if f.sites == nil {
+			f.sites = r.sites
+		}
+		if f.regions == nil {
+			f.regions = r.regions
+		}
+		f.providers = intersect(f.providers, r.providers)
+		f.countries = intersect(f.countries, r.countries)
+		for k, v := range r.labels {
+			if _, ok := f.labels[k]; !ok {
+				f.labels = maps.Clone(f.labels)
+				if f.labels == nil {
+					f.labels = map[string]string{}
+				}
+				f.labels[k] = v
+			}
+		}
+	}
+	return &f
+}
+
+// intersect is what both sets allow; nil is no constraint.
+func intersect(a, b map[string]struct{}) map[string]struct{} {
+	switch {
+	case a == nil:
+		return b
+	case b == nil:
+		return a
+	}
+	out := map[string]struct{}{}
+	for k := range a {
+		if _, ok := b[k]; ok {
+			out[k] = struct{}{}
+		}
+	}
+	return out
 }
 
 func subset(xs, of []string) bool {

@@ -182,14 +182,18 @@ type Decision struct {
 	// set and the denial is what should be recorded).
 	Allowed bool `json:"allowed"`
 	// Denied is the policy's verdict regardless of mode.
-	Denied      bool           `json:"denied"`
-	Audit       bool           `json:"audit,omitempty"`
-	Rule        RuleRef        `json:"rule"`
-	Reasons     []string       `json:"reasons"`
-	Obligations Obligations    `json:"obligations"`
-	Exception   *ExceptionRef  `json:"exception,omitempty"`
-	Sites       []SiteDecision `json:"sites"`
-	Policy      Revision       `json:"policy"`
+	Denied      bool        `json:"denied"`
+	Audit       bool        `json:"audit,omitempty"`
+	Rule        RuleRef     `json:"rule"`
+	Reasons     []string    `json:"reasons"`
+	Obligations Obligations `json:"obligations"`
+	// Exception is the first exception the decision relied on;
+	// Exceptions, every one (a move may rest on one for where the data
+	// is stored and another for where it passes), each once.
+	Exception  *ExceptionRef   `json:"exception,omitempty"`
+	Exceptions []*ExceptionRef `json:"exceptions,omitempty"`
+	Sites      []SiteDecision  `json:"sites"`
+	Policy     Revision        `json:"policy"`
 }
 
 // Outcome is "allow", "deny", or "audit" (allowed only because of audit

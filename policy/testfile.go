@@ -2,7 +2,6 @@ package policy
 
 import (
 	"fmt"
-	"os"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -55,7 +54,7 @@ type testFileSyntax struct {
 	Inventory string           `hcl:"inventory,optional"`
 	At        string           `hcl:"at,optional"`
 	Tests     []testCaseSyntax `hcl:"test,block"`
-	Rest      hcl.Body         `hcl:",remain"` // site blocks
+	Sites     []siteSyntax     `hcl:"site,block"`
 }
 
 type testCaseSyntax struct {
@@ -74,13 +73,13 @@ type testCaseSyntax struct {
 // LoadTestFile reads a test suite. Times default to now when neither the
 // case nor the file says.
 func LoadTestFile(path string, now time.Time) (*TestFile, error) {
-	src, err := os.ReadFile(path)
-	if err != nil {
-		return nil, fmt.Errorf("read policy tests: %w", err)
-	}
+	// Anything but what a test file holds is refused, as a key given
+	// twice is: a misspelt test block or time would otherwise leave a
+	// suite passing with fewer cases, or at another time, than written.
 	var syn testFileSyntax
-	if err := hclconf.Decode(path, src, &syn); err != nil {
-		return nil, err
+	err := hclconf.DecodeFile(path, &syn)
+	if err != nil {
+		return nil, fmt.Errorf("policy tests: %w", err)
 	}
 	dir := filepath.Dir(path)
 	rel := func(p string) string {
@@ -100,11 +99,16 @@ func LoadTestFile(path string, now time.Time) (*TestFile, error) {
 			return nil, err
 		}
 	}
-	inline, err := decodeSites(syn.Rest)
+	inline, err := inventoryOf(syn.Sites)
 	if err != nil {
 		return nil, err
 	}
 	for n, s := range inline {
+		// A case would judge attributes no gateway of that name has,
+		// under its name.
+		if _, ok := tf.Inventory[n]; ok {
+			return nil, fmt.Errorf("%s: site %q is defined here and in the inventory %s: name the site of the test file otherwise", path, n, syn.Inventory)
+		}
 		tf.Inventory[n] = s
 	}
 	for _, ts := range syn.Tests {
@@ -182,7 +186,7 @@ func RunTests(p *Policy, inv Inventory, cases []TestCase) []TestResult {
 		if tc.ExpectReason != "" && !strings.Contains(strings.Join(d.Reasons, "\n"), tc.ExpectReason) {
 			res.Problems = append(res.Problems, fmt.Sprintf("no reason mentions %q: %s", tc.ExpectReason, strings.Join(d.Reasons, "; ")))
 		}
-		if tc.ExpectException != "" && (d.Exception == nil || d.Exception.Name != tc.ExpectException) {
+		if tc.ExpectException != "" && !slices.ContainsFunc(d.Exceptions, func(e *ExceptionRef) bool { return e.Name == tc.ExpectException }) {
 			res.Problems = append(res.Problems, fmt.Sprintf("expected exception %q to apply", tc.ExpectException))
 		}
 		res.Pass = len(res.Problems) == 0

@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -163,6 +164,47 @@ func TestRunTestsReportsFailures(t *testing.T) {
 	}
 }
 
+// TestLintShadowedThroughNamedSelector: an allow written with a named
+// selector (as the example policy writes them) that a deny always
+// overrides is reported, as one written with its criteria is; one the
+// deny leaves a site to is not.
+func TestLintShadowedThroughNamedSelector(t *testing.T) {
+	src := header + `selector "cloud" {
+  provider = ["aws"]
+}
+selector "eu-cloud" {
+  selector     = "cloud"
+  jurisdiction = ["DE", "FR"]
+}
+class "a" {
+  allow "store" {
+    selector = "cloud"
+  }
+  allow "store" {
+    selector = "eu-cloud"
+  }
+  allow "store" {
+    selector     = "cloud"
+    jurisdiction = ["CH", "DE"]
+  }
+  deny "store" {
+    provider = ["aws"]
+    jurisdiction = ["DE", "FR"]
+    reason   = "x"
+  }
+}
+`
+	var lines []int
+	for _, f := range Lint(mustParse(t, src), nil, nov24) {
+		if f.Check == "shadowed-allow" {
+			lines = append(lines, f.Pos.Line)
+		}
+	}
+	if !slices.Equal(lines, []int{16}) {
+		t.Errorf("shadowed allows at lines %v; want [16] (eu-cloud: aws in DE or FR, which the deny takes whole)", lines)
+	}
+}
+
 func TestLoadTestFileErrors(t *testing.T) {
 	dir := t.TempDir()
 	write := func(name, s string) string {
@@ -175,7 +217,16 @@ func TestLoadTestFileErrors(t *testing.T) {
 		{"policy = \"p.hcl\"\ntest \"a\" {\n  class = \"c\"\n  action = \"keep\"\n  sites = []\n  expect = \"deny\"\n}\n", `:2: test "a": action "keep"`},
 		{"policy = \"p.hcl\"\ntest \"a\" {\n  class = \"c\"\n  action = \"store\"\n  sites = []\n  expect = \"maybe\"\n}\n", `expect "maybe"`},
 		{"policy = \"p.hcl\"\nsite \"x\" {\n  provider = \"aws\"\n  region = \"r\"\n  jurisdiction = \"EU\"\n}\n", "site \"x\" is no site a gateway's certificate could describe:\njurisdiction \"EU\" is not"},
+		// A misspelt block or attribute ran fewer cases, or at another
+		// time, than written, and the suite passed.
+		{"policy = \"p.hcl\"\ntest \"a\" {\n  class = \"c\"\n  action = \"store\"\n  sites = []\n  expect = \"deny\"\n}\ntests \"b\" {\n  class = \"c\"\n}\n", "Unsupported block type"},
+		{"policy = \"p.hcl\"\natx = \"2026-11-24T12:00:00Z\"\ntest \"a\" {\n  class = \"c\"\n  action = \"store\"\n  sites = []\n  expect = \"deny\"\n}\n", "Unsupported argument"},
+		{"policy = \"p.hcl\"\nsite \"x\" {\n  provider = \"aws\"\n  region = \"r\"\n  jurisdiction = \"DE\"\n  labels = { tier = \"a\", tier = \"b\" }\n}\n", `key "tier" given twice`},
+		// A site of the test file named as one of the inventory judged
+		// attributes no gateway of that name has.
+		{"policy = \"p.hcl\"\ninventory = \"inv.hcl\"\nsite \"a\" {\n  provider = \"aws\"\n  region = \"r\"\n  jurisdiction = \"CH\"\n}\ntest \"t\" {\n  class = \"c\"\n  action = \"store\"\n  sites = [\"a\"]\n  expect = \"deny\"\n}\n", `site "a" is defined here and in the inventory`},
 	} {
+		write("inv.hcl", "site \"a\" {\n  provider = \"aws\"\n  region = \"r\"\n  jurisdiction = \"US\"\n}\n")
 		if _, err := LoadTestFile(write("t.hcl", tc.src), nov24); err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("err = %v, want %q", err, tc.want)
 		}
@@ -226,6 +277,9 @@ func TestInventoryRefusesStrays(t *testing.T) {
 		"typo'd block": {"site \"a\" {\n  provider = \"aws\"\n  region = \"r\"\n  jurisdiction = \"DE\"\n}\nsitee \"b\" {\n  provider = \"aws\"\n}\n", `Unsupported block type`},
 		"empty":        {"", "holds no site block"},
 		"a policy":     {"policy {\n  name = \"p\"\n  version = 1\n}\n", `Unsupported block type`},
+		// HCL keeps the last of two; which one decides what the site
+		// may hold must not be the order of two lines.
+		"a label given twice": {"site \"a\" {\n  provider = \"aws\"\n  region = \"r\"\n  jurisdiction = \"DE\"\n  labels = { tenancy = \"shared\", tenancy = \"dedicated\" }\n}\n", `key "tenancy" given twice`},
 		// Checked as a certificate's attributes are: a provider in
 		// capitals would match no rule and no gateway.
 		"a site no certificate could carry": {"site \"a\" {\n  provider = \"AWS\"\n  region = \"r\"\n  jurisdiction = \"DE\"\n  labels = { tier = \"\" }\n}\n",

@@ -238,8 +238,8 @@ func printDecision(w io.Writer, req policy.Request, d policy.Decision) {
 	for _, r := range d.Reasons {
 		fmt.Fprintf(w, "  - %s\n", r)
 	}
-	if d.Exception != nil {
-		fmt.Fprintf(w, "exception:   %s (%s, ticket %s, approved by %s, until %s)\n", d.Exception.Name, d.Exception.Category, d.Exception.Ticket, d.Exception.Approver, d.Exception.Expires.UTC().Format(time.RFC3339))
+	for _, e := range d.Exceptions {
+		fmt.Fprintf(w, "exception:   %s (%s, ticket %s, approved by %s, until %s)\n", e.Name, e.Category, e.Ticket, e.Approver, e.Expires.UTC().Format(time.RFC3339))
 	}
 	if d.Allowed {
 		fmt.Fprintf(w, "obligations: %s\n", d.Obligations)
