@@ -305,8 +305,8 @@ func (g *Gateway) openMigrations() error {
 		} else {
 			g.log.Warn("a migration ended as the gateway stopped, before its audit record was written: written now", "migration_id", r.ID, "name", r.Name, "to", r.To, "state", r.State)
 		}
-		if err := migrate.AuditInterrupted(m.audit, g.id.Load(), &r, g.now()); err != nil {
-			g.log.Error("audit log: the interrupted migration's record", "migration_id", r.ID, "err", err)
+		if err := migrate.AuditInterrupted(j, m.audit, g.id.Load(), &r, g.now()); err != nil {
+			g.log.Error("audit log: the interrupted migration's record is not written; the next start tries again", "migration_id", r.ID, "err", err)
 		}
 	}
 	m.recv, err = migrate.NewReceiver(migrate.ReceiverConfig{

@@ -8,6 +8,7 @@ import (
 	"io/fs"
 	"os"
 	"runtime/debug"
+	"strings"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
@@ -31,6 +32,11 @@ var (
 	// to be removed, until the removal is audited and the file gone: a
 	// stop between the two is finished at the next start.
 	bucketRemoving = []byte("removing")
+	// bucketAuditOwed holds, by migration ID, the audit records of images
+	// stored while the audit log could not take them (a full disk, a
+	// damaged log): written before the receiver's next record, or at its
+	// next start (Receiver.payOwed).
+	bucketAuditOwed = []byte("audit-owed")
 )
 
 func chunksBucket(side, id string) []byte { return []byte(side + ".chunks." + id) }
@@ -87,7 +93,7 @@ func OpenJournal(path string) (_ *Journal, err error) {
 		return nil, damaged(err)
 	}
 	err = db.Update(func(tx *bolt.Tx) error {
-		for _, b := range [][]byte{bucketSend, bucketRecv, bucketImages, bucketStoring, bucketRemoving} {
+		for _, b := range [][]byte{bucketSend, bucketRecv, bucketImages, bucketStoring, bucketRemoving, bucketAuditOwed} {
 			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
 				return err
 			}
@@ -315,17 +321,58 @@ func (j *Journal) stagedImages() (map[string]stagedImage, error) {
 	return out, err
 }
 
+// owedRecord is an audit record a receiver owes (bucketAuditOwed).
+type owedRecord struct {
+	key, ID string
+	Fields  map[string]any
+}
+
+// auditOwed lists the audit records owed, oldest first.
+func (j *Journal) auditOwed() ([]owedRecord, error) {
+	var out []owedRecord
+	err := j.db.View(func(tx *bolt.Tx) error {
+		return tx.Bucket(bucketAuditOwed).ForEach(func(k, v []byte) error {
+			o := owedRecord{key: string(k)}
+			_, o.ID, _ = strings.Cut(o.key, ".")
+			if err := json.Unmarshal(v, &o.Fields); err != nil {
+				return fmt.Errorf("audit record owed for migration %s: %w", o.ID, err)
+			}
+			out = append(out, o)
+			return nil
+		})
+	})
+	return out, err
+}
+
 // storedImage records migration id's image in the catalog and forgets its
 // receive — record, chunks, staging — in one transaction: a stop between
 // them left the catalog describing the file the image replaced.
-func (j *Journal) storedImage(id string, img *ImageRecord) error {
+func (j *Journal) storedImage(id string, img *ImageRecord, owed map[string]any) error {
 	v, err := json.Marshal(img)
 	if err != nil {
 		return err
 	}
+	var o []byte
+	if owed != nil {
+		if o, err = json.Marshal(owed); err != nil {
+			return err
+		}
+	}
 	return j.db.Update(func(tx *bolt.Tx) error {
 		if err := tx.Bucket(bucketImages).Put([]byte(img.Name), v); err != nil {
 			return err
+		}
+		// With the staged entry goes the only other copy of its record.
+		// Keyed in the order owed, which is the order they are written.
+		if o != nil {
+			b := tx.Bucket(bucketAuditOwed)
+			seq, err := b.NextSequence()
+			if err != nil {
+				return err
+			}
+			if err := b.Put(fmt.Appendf(nil, "%016x.%s", seq, id), o); err != nil {
+				return err
+			}
 		}
 		if err := tx.DeleteBucket(chunksBucket("recv", id)); err != nil && !errors.Is(err, berrors.ErrBucketNotFound) {
 			return err
@@ -443,10 +490,11 @@ const Interrupted = "interrupted: the gateway stopped during the migration; resu
 
 // EndInterrupted marks the sends still recorded as running as failed, and
 // returns them, with the ended sends whose audit record a stop left
-// unwritten (AuditPending, cleared here): the caller writes the records
-// (AuditInterrupted). It is for a gateway starting, before it runs any:
-// nothing runs those any more, and a client waiting for one to end would
-// wait for ever.
+// unwritten (AuditPending): the caller writes the records
+// (AuditInterrupted, which clears it), and those it could not write come
+// back at the next start. It is for a gateway starting, before it runs
+// any: nothing runs those any more, and a client waiting for one to end
+// would wait for ever.
 func (j *Journal) EndInterrupted(now time.Time) ([]SendRecord, error) {
 	var ended []SendRecord
 	err := j.db.Update(func(tx *bolt.Tx) error {
@@ -459,10 +507,9 @@ func (j *Journal) EndInterrupted(now time.Time) ([]SendRecord, error) {
 			}
 			switch {
 			case r.State == StateRunning:
-				r.State, r.Error, r.Finished, r.AuditPending = StateFailed, Interrupted, now, false
+				r.State, r.Error, r.Finished, r.AuditPending = StateFailed, Interrupted, now, true
 				ended = append(ended, r)
 			case r.AuditPending:
-				r.AuditPending = false
 				ended = append(ended, r)
 			}
 			return nil

@@ -5,12 +5,14 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/skybridge-mesh/skybridge/certs"
 	"github.com/skybridge-mesh/skybridge/internal/audit"
 )
 
@@ -94,8 +96,21 @@ func TestEndInterrupted(t *testing.T) {
 			t.Errorf("%s: %+v; want it ended at %s as interrupted, the rest kept", id, r, now)
 		}
 	}
+	// Until their audit records are written, a start hands them back as
+	// they ended.
+	again, err := j.EndInterrupted(now.Add(time.Hour))
+	if err != nil || len(again) != 2 || !again[0].Finished.Equal(now) || !again[0].AuditPending {
+		t.Fatalf("a second start before the records were written: %+v, %v; want both again, ended at %s", again, err, now)
+	}
+	log := audit.Open(filepath.Join(t.TempDir(), "audit.log"))
+	id := testIdentity(t)
+	for i := range again {
+		if err := AuditInterrupted(j, log, id, &again[i], now); err != nil {
+			t.Fatal(err)
+		}
+	}
 	if again, err := j.EndInterrupted(now); err != nil || len(again) != 0 {
-		t.Errorf("a second start ended %+v, %v", again, err)
+		t.Errorf("a start after the records were written ended %+v, %v", again, err)
 	}
 }
 
@@ -118,8 +133,26 @@ func TestEndInterruptedAuditPending(t *testing.T) {
 	if err != nil || len(ended) != 1 || ended[0].ID != "aaaaaaaaaaaaaaaa" || ended[0].State != StateDone || ended[0].Error != "" {
 		t.Fatalf("ended %+v, %v; want the done send whose audit was pending, still done", ended, err)
 	}
+	// Its record not written (the audit log damaged): handed back again
+	// at the next start, not dropped.
+	log := audit.Open(filepath.Join(t.TempDir(), "audit.log"))
+	if err := os.WriteFile(log.Path(), []byte("not a record\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	id := testIdentity(t)
+	if err := AuditInterrupted(j, log, id, &ended[0], started.Add(time.Hour)); err == nil {
+		t.Fatal("a record appended to a damaged log")
+	}
+	again, err := j.EndInterrupted(started.Add(time.Hour))
+	if err != nil || len(again) != 1 || again[0].ID != "aaaaaaaaaaaaaaaa" {
+		t.Fatalf("the next start handed back %+v, %v; want the send whose record is still owed", again, err)
+	}
+	os.Remove(log.Path())
+	if err := AuditInterrupted(j, log, id, &again[0], started.Add(time.Hour)); err != nil {
+		t.Fatal(err)
+	}
 	if again, err := j.EndInterrupted(started.Add(time.Hour)); err != nil || len(again) != 0 {
-		t.Errorf("a second start handed back %+v, %v", again, err)
+		t.Errorf("a start after its record was written handed back %+v, %v", again, err)
 	}
 }
 
@@ -162,7 +195,7 @@ func TestAuditInterrupted(t *testing.T) {
 	p := newPair(t, "DE")
 	r := SendRecord{ID: "aaaaaaaaaaaaaaaa", Image: "/img/vm.raw", Name: "vm", Class: "pii-eu", To: "gw-dst", ToSite: "dst-site",
 		State: StateFailed, Error: Interrupted, Started: time.Now().Add(-time.Hour), Finished: time.Now()}
-	if err := AuditInterrupted(p.sendAudit, p.from, &r, time.Now()); err != nil {
+	if err := AuditInterrupted(p.sendJ, p.sendAudit, p.from, &r, time.Now()); err != nil {
 		t.Fatal(err)
 	}
 	b, err := os.ReadFile(p.sendAudit.Path())
@@ -230,4 +263,19 @@ func TestForgetStaleSends(t *testing.T) {
 			t.Errorf("%s: record: %v; want it gone: %v", r.ID, err, gone)
 		}
 	}
+}
+
+// testIdentity is a gateway identity of a CA of its own, for records.
+func testIdentity(t *testing.T) *certs.NodeIdentity {
+	t.Helper()
+	ca, err := certs.InitCA(filepath.Join(t.TempDir(), "ca"), certs.InitOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, err := ca.IssueIdentity(certs.Attributes{Node: "gw-zrh", Site: "zrh", Region: "zrh-dc1", Provider: "onprem", Jurisdiction: "CH",
+		OverlayIP: netip.MustParseAddr("100.96.0.1")}, time.Hour, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return id
 }

@@ -2125,6 +2125,51 @@ func TestReceiverRecordsAfterAFailure(t *testing.T) {
 	}
 }
 
+// TestReceiverOwesRecord: an image stored while the audit log cannot take
+// its "done" record keeps the record, which is written before the
+// receiver's next one, or at its next start; before, it went with the
+// staged entry and no record was ever written.
+func TestReceiverOwesRecord(t *testing.T) {
+	var p *pair
+	var good []byte
+	p = newPairWith(t, "DE", func(c *ReceiverConfig) {
+		c.afterRename = func() error {
+			// The log damaged as the image is stored (a disk filling up
+			// makes appends fail the same way).
+			good, _ = os.ReadFile(p.recvAudit.Path())
+			return os.WriteFile(p.recvAudit.Path(), append(slices.Clone(good), "not a record\n"...), 0o600)
+		}
+	})
+	raw := filepath.Join(p.dir, "vm.raw")
+	makeRaw(t, raw, 4*mib, map[int64]int{0: mib})
+	if rec, err := Send(context.Background(), p.config(raw, "pii-eu")); err != nil || rec.State != StateDone {
+		t.Fatalf("send: %v %+v", err, rec)
+	}
+	p.stored(raw)
+	owed, err := p.recvJ.auditOwed()
+	if err != nil || len(owed) != 1 || owed[0].Fields["outcome"] != "done" {
+		t.Fatalf("records owed: %+v, %v; want the stored image's", owed, err)
+	}
+	// Repaired, the next start writes it.
+	p.recv.cfg.afterRename = nil
+	if err := os.WriteFile(p.recvAudit.Path(), good, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := NewReceiver(p.recv.cfg); err != nil {
+		t.Fatal(err)
+	}
+	recs := p.recvRecords(t)
+	if len(recs) == 0 {
+		t.Fatal("no record after the start; want the owed one")
+	}
+	if last := recs[len(recs)-1]; last.Fields["outcome"] != "done" || last.Fields["migration_id"] != owed[0].ID || last.Fields["recovered"] == nil {
+		t.Fatalf("last record after the start: %+v; want the owed one", last)
+	}
+	if owed, _ := p.recvJ.auditOwed(); len(owed) != 0 {
+		t.Fatalf("still owed after it was written: %+v", owed)
+	}
+}
+
 // TestCancelAfterCommit: a migration cancelled once its commit is sent
 // (migrate cancel, the sending gateway stopping) lets the receiver answer:
 // it stores the image whatever the sender does, and the sender recording

@@ -127,6 +127,7 @@ func NewReceiver(cfg ReceiverConfig) (*Receiver, error) {
 	if err := r.finishRemovals(); err != nil {
 		return nil, fmt.Errorf("image store: %w", err)
 	}
+	r.payOwed() // a failure is logged; the next record tries again
 	r.sweepIncoming()
 	return r, nil
 }
@@ -835,9 +836,39 @@ func (r *Receiver) appendEvent(event string, f map[string]any) bool {
 	if r.cfg.Audit == nil {
 		return true
 	}
+	if !r.payOwed() {
+		return false
+	}
 	if _, err := r.cfg.Audit.Append(r.cfg.Identity(), event, f, r.cfg.Now()); err != nil {
 		r.cfg.Log.Error("audit log", "err", err)
 		return false
+	}
+	return true
+}
+
+// payOwed writes the audit records of images stored while the audit log
+// could not take them, oldest first, and reports whether none is owed
+// any more: a later record does not go before them.
+func (r *Receiver) payOwed() bool {
+	if r.cfg.Audit == nil {
+		return true
+	}
+	owed, err := r.cfg.Journal.auditOwed()
+	if err != nil {
+		r.cfg.Log.Error("journal: audit records owed", "err", err)
+		return false
+	}
+	for _, o := range owed {
+		o.Fields["recovered"] = "recorded late: the audit log did not take it when the image was stored"
+		if _, err := r.cfg.Audit.Append(r.cfg.Identity(), "migration", o.Fields, r.cfg.Now()); err != nil {
+			r.cfg.Log.Error("audit log: a stored image's record is still owed", "migration_id", o.ID, "err", err)
+			return false
+		}
+		if err := r.cfg.Journal.deleteKey(bucketAuditOwed, o.key); err != nil {
+			r.cfg.Log.Error("journal: an owed audit record is written but not marked so: it may be written again", "migration_id", o.ID, "err", err)
+			return false
+		}
+		r.cfg.Log.Warn("wrote the audit record of an image stored while the audit log could not take it", "migration_id", o.ID)
 	}
 	return true
 }
@@ -1695,8 +1726,15 @@ func (s *session) zeroAbsent(m *Manifest) error {
 // removes what is left of its receive and an older version in the other
 // format.
 func (r *Receiver) stored(id string, st *stagedImage) error {
-	if err := r.cfg.Journal.storedImage(id, &st.Image); err != nil {
+	var owed map[string]any
+	if !st.Audited && st.Audit != nil && r.cfg.Audit != nil {
+		owed = st.Audit
+	}
+	if err := r.cfg.Journal.storedImage(id, &st.Image, owed); err != nil {
 		return err
+	}
+	if owed != nil {
+		r.cfg.Log.Error("an image is stored without its audit record, which the audit log did not take: it is written before the next record, or at the next start", "migration_id", id, "name", st.Image.Name)
 	}
 	if st.Incoming != st.Source {
 		os.Remove(st.Incoming) // converted to qcow2 beside it
@@ -1728,7 +1766,8 @@ func (r *Receiver) recoverStores() error {
 		if at, err := sourceID(st.Image.Path); err == nil && st.Inode != 0 && at.Inode == st.Inode {
 			if !st.Audited && st.Audit != nil {
 				st.Audit["recovered"] = "recorded when the gateway started again: it stopped as the image was stored"
-				r.appendAudit(st.Audit) // a failure is logged, as at the end of a receive
+				// A failure is logged; stored keeps the record owed.
+				st.Audited = r.appendAudit(st.Audit)
 			}
 			if err := r.stored(id, &st); err != nil {
 				return fmt.Errorf("record image %q, stored by migration %s before a stop: %w", st.Image.Name, id, err)

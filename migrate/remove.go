@@ -150,7 +150,13 @@ func (r *Receiver) finishRemovals() error {
 		}
 		f := r.removalFields(&rm.Image, reason)
 		f["recovered"] = true
-		r.appendEvent("image", f) // a failure is logged; the removal goes on, asked for before the stop
+		if !r.appendEvent("image", f) {
+			// As RemoveImage: no removal without its record. The file
+			// stays, its entry among the removals, until a start whose
+			// audit log takes it.
+			r.cfg.Log.Error("a removal cut short by a stop is not finished: its record cannot be written to the audit log (see the error above); the image's file stays until a start that can record it", "name", rm.Image.Name, "path", rm.Image.Path)
+			continue
+		}
 		if err := r.removeFile(rm); err != nil {
 			r.cfg.Log.Error("finish the removal of a stored image, cut short by a stop", "name", rm.Image.Name, "err", err)
 			continue

@@ -6,6 +6,7 @@ import (
 	"maps"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -96,6 +97,41 @@ func TestRemoveImage(t *testing.T) {
 	}
 	if pending, _ := list[removal](p.recvJ, bucketRemoving); len(pending) != 0 {
 		t.Errorf("removals left under way after a start: %+v", pending)
+	}
+
+	// The same, with an audit log that cannot take the record at that
+	// start: the file stays until a start that records its removal.
+	if _, err := Send(context.Background(), p.config(raw, "pii-eu")); err != nil {
+		t.Fatal(err)
+	}
+	img, _ = p.recvJ.Image("vm")
+	if _, err := p.recvJ.takeForRemoval("vm", "CHG-43"); err != nil {
+		t.Fatal(err)
+	}
+	good, err = os.ReadFile(p.recvAudit.Path())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(p.recvAudit.Path(), append(slices.Clone(good), "not a record\n"...), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := NewReceiver(p.recv.cfg); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(img.Path); err != nil {
+		t.Fatalf("a removal finished at a start without its record: %v", err)
+	}
+	if err := os.WriteFile(p.recvAudit.Path(), good, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := NewReceiver(p.recv.cfg); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(img.Path); !os.IsNotExist(err) {
+		t.Errorf("the file of a removal is still there after a start that could record it: %v", err)
+	}
+	if recs = p.recvRecords(t); recs[len(recs)-1].Fields["reason"] != "CHG-43" {
+		t.Errorf("the removal's record: %+v", recs[len(recs)-1])
 	}
 
 	// A removal cut short (its file could not be removed), then a new

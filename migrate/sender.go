@@ -532,11 +532,15 @@ func (s *sender) audit(denied *DeniedError) bool {
 
 // AuditInterrupted appends the audit record a send ended by a stop did
 // not write (EndInterrupted found it): its start, its end as found, and
-// what its journal holds. Who decided what is in the records of the
-// attempt's receiver, and of the resume.
-func AuditInterrupted(log *audit.Log, id *certs.NodeIdentity, r *SendRecord, now time.Time) error {
-	_, err := log.Append(id, "migration", sendAuditFields(r, id.Attributes()), now)
-	return err
+// what its journal holds; then its journal record is no longer pending
+// it. Who decided what is in the records of the attempt's receiver, and
+// of the resume.
+func AuditInterrupted(j *Journal, log *audit.Log, id *certs.NodeIdentity, r *SendRecord, now time.Time) error {
+	if _, err := log.Append(id, "migration", sendAuditFields(r, id.Attributes()), now); err != nil {
+		return err
+	}
+	r.AuditPending = false
+	return j.put(bucketSend, r.ID, r)
 }
 
 // sendAuditFields are the fields of a sender's audit record that its

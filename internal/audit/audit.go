@@ -89,6 +89,15 @@ func (l *Log) append(id *certs.NodeIdentity, event string, fields map[string]any
 		return nil, false, fmt.Errorf("lock audit log: %w", err)
 	}
 	defer syscall.Flock(int(f.Fd()), syscall.LOCK_UN)
+	// The file locked must still be the log: another writer may have
+	// put it aside while this one waited for the lock, and a record
+	// appended to it would land in the other gateway's log (and a
+	// second put-aside would move the new log over it).
+	if held, err := f.Stat(); err != nil {
+		return nil, false, fmt.Errorf("audit log: %w", err)
+	} else if cur, err := os.Stat(l.path); err != nil || !os.SameFile(held, cur) {
+		return nil, true, nil
+	}
 	last, seq, err := lastLine(f)
 	if err != nil {
 		return nil, false, err
@@ -122,12 +131,23 @@ func (l *Log) putAside(node string, seq uint64) error {
 	if !certs.ValidName(node) {
 		node = "unknown"
 	}
+	// Never over another log put aside: the same gateway name may come
+	// back to the directory and leave as long a log again. (A head
+	// without its log there is this one's, from a put-aside cut short.)
 	aside := fmt.Sprintf("%s.%s.%d", l.path, node, seq)
-	if err := os.Rename(l.path, aside); err != nil {
-		return fmt.Errorf("put aside the audit log of %s: %w", node, err)
+	for i := 1; ; i++ {
+		if _, err := os.Lstat(aside); errors.Is(err, fs.ErrNotExist) {
+			break
+		}
+		aside = fmt.Sprintf("%s.%s.%d.%d", l.path, node, seq, i)
 	}
+	// The head first: a writer that opens the path after the log moved
+	// starts a new log, and must not find the old head beside it.
 	if err := os.Rename(l.path+headSuffix, aside+headSuffix); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("put aside the audit log head of %s: %w", node, err)
+	}
+	if err := os.Rename(l.path, aside); err != nil {
+		return fmt.Errorf("put aside the audit log of %s: %w", node, err)
 	}
 	return atomicfile.SyncDir(filepath.Dir(l.path))
 }

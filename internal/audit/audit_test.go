@@ -12,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -371,7 +372,8 @@ func TestPutAsideFails(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "audit.log")
 	l := Open(path)
 	l.Append(gw1, "migration", nil, t0)
-	if err := os.Mkdir(path+".gw1.1", 0o700); err != nil { // in the way of the rename
+	// In the way of the head's rename: a directory with something in it.
+	if err := os.MkdirAll(filepath.Join(path+".gw1.1"+headSuffix, "x"), 0o700); err != nil {
 		t.Fatal(err)
 	}
 	done := make(chan error, 1)
@@ -381,10 +383,80 @@ func TestPutAsideFails(t *testing.T) {
 	}()
 	select {
 	case err := <-done:
-		if err == nil || !strings.Contains(err.Error(), "put aside the audit log of gw1") {
+		if err == nil || !strings.Contains(err.Error(), "put aside the audit log head of gw1") {
 			t.Fatalf("a log that cannot be put aside: %v", err)
 		}
 	case <-time.After(10 * time.Second):
 		t.Fatal("Append kept trying to put the log aside")
+	}
+}
+
+// TestPutAsideRaces: records of the directory's new gateway written at
+// once each go to its new log, and the old gateway's log is put aside
+// whole, once. A writer that had opened the old log before it was put
+// aside appended to it, and a second put-aside moved the new log over it.
+func TestPutAsideRaces(t *testing.T) {
+	ca, tb := testCA(t)
+	gw1, gw2 := issue(t, ca, "gw1", "100.96.0.1", t0), issue(t, ca, "gw2", "100.96.0.2", t0)
+	for round := range 50 {
+		path := filepath.Join(t.TempDir(), "audit.log")
+		l := Open(path)
+		for i := range 2 {
+			if _, err := l.Append(gw1, "migration", map[string]any{"n": i}, t0); err != nil {
+				t.Fatal(err)
+			}
+		}
+		old, _ := os.ReadFile(path)
+		var wg sync.WaitGroup
+		errs := make(chan error, 4)
+		for i := range 4 {
+			wg.Go(func() {
+				if _, err := l.Append(gw2, "image", map[string]any{"i": i}, t0.Add(time.Minute)); err != nil {
+					errs <- err
+				}
+			})
+		}
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			t.Fatalf("round %d: %v", round, err)
+		}
+		if aside, _ := os.ReadFile(path + ".gw1.2"); !bytes.Equal(aside, old) {
+			t.Fatalf("round %d: gw1's log put aside is not what gw1 wrote:\n%s", round, aside)
+		}
+		b, _ := os.ReadFile(path)
+		if rep, err := Verify(bytes.NewReader(b), tb); err != nil || rep.Records != 4 {
+			t.Fatalf("round %d: gw2's log: %+v %v; want its 4 records", round, rep, err)
+		}
+	}
+}
+
+// TestPutAsideKeepsEarlierLogs: a gateway name that comes back to the
+// directory and leaves a log as long again does not put it over the
+// first.
+func TestPutAsideKeepsEarlierLogs(t *testing.T) {
+	ca, _ := testCA(t)
+	gw1, gw2 := issue(t, ca, "gw1", "100.96.0.1", t0), issue(t, ca, "gw2", "100.96.0.2", t0)
+	path := filepath.Join(t.TempDir(), "audit.log")
+	l := Open(path)
+	var logs [][]byte
+	for round := range 2 {
+		for i := range 2 {
+			if _, err := l.Append(gw1, "migration", map[string]any{"round": round, "n": i}, t0); err != nil {
+				t.Fatal(err)
+			}
+		}
+		b, _ := os.ReadFile(path)
+		logs = append(logs, b)
+		if _, err := l.Append(gw2, "image", nil, t0); err != nil {
+			t.Fatal(err)
+		}
+		os.Remove(path) // gw2's: the name gw1 comes back to is empty again
+		os.Remove(path + headSuffix)
+	}
+	for i, name := range []string{path + ".gw1.2", path + ".gw1.2.1"} {
+		if b, _ := os.ReadFile(name); !bytes.Equal(b, logs[i]) {
+			t.Errorf("%s: not gw1's log of round %d", name, i)
+		}
 	}
 }
