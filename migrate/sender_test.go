@@ -106,6 +106,13 @@ type relay struct {
 	swallow atomic.Bool // read what comes, either way, and deliver none of it
 	rate    int         // bytes a second, 0: as fast as it comes
 	release chan struct{}
+	// brk, if set, is called once breakAfter bytes have gone to the
+	// receiver: in the middle of a transfer whatever the machine's pace,
+	// which a sender's progress, reported every 250 ms, is not.
+	brk        func()
+	breakAfter int64
+	toRecv     atomic.Int64
+	brkOnce    sync.Once
 }
 
 // relay starts one to p's receiver, until the test ends, and returns its
@@ -128,7 +135,7 @@ func (p *pair) relay(t *testing.T, r *relay) netip.AddrPort {
 		mu.Unlock()
 		close(r.release)
 	})
-	pipe := func(dst, src net.Conn, rate int) {
+	pipe := func(dst, src net.Conn, rate int, toRecv bool) {
 		buf := make([]byte, 16<<10)
 		for {
 			if r.frozen.Load() {
@@ -140,6 +147,9 @@ func (p *pair) relay(t *testing.T, r *relay) netip.AddrPort {
 				dst.Write(buf[:n])
 				if rate > 0 {
 					time.Sleep(time.Duration(n) * time.Second / time.Duration(rate))
+				}
+				if toRecv && r.brk != nil && r.toRecv.Add(int64(n)) >= r.breakAfter {
+					r.brkOnce.Do(r.brk)
 				}
 			}
 			if err != nil {
@@ -162,8 +172,8 @@ func (p *pair) relay(t *testing.T, r *relay) netip.AddrPort {
 			mu.Lock()
 			conns = append(conns, c, up)
 			mu.Unlock()
-			go pipe(up, c, r.rate)
-			go pipe(c, up, 0)
+			go pipe(up, c, r.rate, true)
+			go pipe(c, up, 0, false)
 		}
 	}()
 	return ln.Addr().(*net.TCPAddr).AddrPort()
@@ -233,6 +243,7 @@ func TestKeepalivesAreNoProgress(t *testing.T) {
 // the test with hung.
 func sendBreaking(t *testing.T, p *pair, r *relay, brk func(), hung string) error {
 	t.Helper()
+	r.brk, r.breakAfter = brk, 8<<20 // of 64 MiB
 	addr := p.relay(t, r)
 	raw := filepath.Join(p.dir, "vm.raw")
 	data := make([]byte, 64<<20)
@@ -242,11 +253,6 @@ func sendBreaking(t *testing.T, p *pair, r *relay, brk func(), hung string) erro
 	}
 	cfg := p.config(raw, "pii-eu")
 	cfg.To.Addr = addr
-	cfg.Progress = func(pr Progress) {
-		if pr.Stats.ChunksDone >= 2 {
-			brk()
-		}
-	}
 	res := make(chan error, 1)
 	go func() {
 		_, err := Send(context.Background(), cfg)
