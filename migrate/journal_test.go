@@ -14,6 +14,7 @@ import (
 
 	"github.com/skybridge-mesh/skybridge/certs"
 	"github.com/skybridge-mesh/skybridge/internal/audit"
+	"github.com/skybridge-mesh/skybridge/policy"
 )
 
 // TestOpenDamagedJournal: a journal emptied, cut short or overwritten is
@@ -278,4 +279,22 @@ func testIdentity(t *testing.T) *certs.NodeIdentity {
 		t.Fatal(err)
 	}
 	return id
+}
+
+// TestDecisionFieldsNameEveryException: a record of a move that rested on
+// two exceptions (where it is stored, where it passes) names both, so a
+// search by either ticket finds it; one exception is named as before.
+func TestDecisionFieldsNameEveryException(t *testing.T) {
+	store, transit := &policy.ExceptionRef{Name: "us-store", Ticket: "GRC-1"}, &policy.ExceptionRef{Name: "us-transit", Ticket: "GRC-2"}
+	f := map[string]any{}
+	decisionFields(f, &policy.Decision{Exception: store, Exceptions: []*policy.ExceptionRef{store, transit}})
+	all, _ := f["exceptions"].([]map[string]any)
+	if len(all) != 2 || all[0]["ticket"] != "GRC-1" || all[1]["ticket"] != "GRC-2" || f["exception"].(map[string]any)["ticket"] != "GRC-1" {
+		t.Fatalf("fields %v; want both exceptions, the first also as exception", f)
+	}
+	f = map[string]any{}
+	decisionFields(f, &policy.Decision{Exception: store, Exceptions: []*policy.ExceptionRef{store}})
+	if _, ok := f["exceptions"]; ok || f["exception"] == nil {
+		t.Fatalf("fields %v; want the one exception as before", f)
+	}
 }
