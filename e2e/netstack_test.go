@@ -30,11 +30,11 @@ func TestNetstackMeshUnprivileged(t *testing.T) {
 	// Ports freeport finds free in its own band, not a fixed range: the
 	// unit tests of other packages run at the same time and probe ports
 	// from 20000 up.
-	ports, err := freeport.Loopback(6)
+	ports, err := freeport.Loopback(7)
 	if err != nil {
 		t.Fatal(err)
 	}
-	gossip, wg := ports[:3], ports[3:]
+	gossip, wg, enroll := ports[:3], ports[3:6], ports[6]
 	var cmds []*exec.Cmd
 	var sockets []string
 	t.Cleanup(func() {
@@ -50,15 +50,23 @@ func TestNetstackMeshUnprivileged(t *testing.T) {
 	}
 	// The first gateway holds the CA, as the gateway that opens burst
 	// sites does: the keyring `ca issue` hands out must rotate with it.
-	holdsCA := func(i int) string {
-		if i != 1 {
-			return ""
+	// The third, issued offline for a minute, renews through it.
+	identity := func(i int) (string, string) {
+		switch i {
+		case 1:
+			return fmt.Sprintf("  ca_dir = %q\n", caDir), fmt.Sprintf("127.0.0.1:%d", enroll)
+		case 3:
+			return fmt.Sprintf("  renew_from = [\"127.0.0.1:%d\"]\n", enroll), "off"
 		}
-		return fmt.Sprintf("  ca_dir = %q\n", caDir)
+		return "", "off"
 	}
 	for i := 1; i <= 3; i++ {
+		ttl := "720h"
+		if i == 3 {
+			ttl = "60s"
+		}
 		sb(t, 0, "ca", "issue", "--ca", caDir, "--node", fmt.Sprintf("ns-%d", i), "--site", fmt.Sprintf("site-%d", i), "--region", "r",
-			"--provider", "onprem", "--jurisdiction", "CH", "--overlay-ip", fmt.Sprintf("100.96.1.%d", i), "--out", filepath.Join(dir, fmt.Sprintf("gw%d", i), "identity"))
+			"--provider", "onprem", "--jurisdiction", "CH", "--overlay-ip", fmt.Sprintf("100.96.1.%d", i), "--ttl", ttl, "--out", filepath.Join(dir, fmt.Sprintf("gw%d", i), "identity"))
 	}
 	if asNobody {
 		chownR(t, caDir, 65534)
@@ -66,6 +74,7 @@ func TestNetstackMeshUnprivileged(t *testing.T) {
 	for i := 1; i <= 3; i++ {
 		sdir := filepath.Join(dir, fmt.Sprintf("gw%d", i))
 		cfg := filepath.Join(dir, fmt.Sprintf("gw%d.hcl", i))
+		idExtra, enrollListen := identity(i)
 		os.WriteFile(cfg, []byte(fmt.Sprintf(`state_dir = %q
 node {
   name         = "ns-%d"
@@ -78,7 +87,7 @@ node {
 identity {
   dir = %q
 %s}
-enroll { listen = "off" }
+enroll { listen = %q }
 gossip {
   bind    = "127.0.0.1:%d"
   seeds   = ["127.0.0.1:%d"]
@@ -91,7 +100,7 @@ wireguard {
   behind_nat = true
 }
 operator { listen = "127.0.0.1:0" }
-`, sdir, i, i, i, filepath.Join(sdir, "identity"), holdsCA(i), gossip[i-1], gossip[0], i, wg[i-1])), 0o644)
+`, sdir, i, i, i, filepath.Join(sdir, "identity"), idExtra, enrollListen, gossip[i-1], gossip[0], i, wg[i-1])), 0o644)
 		args := []string{skybridge, "gateway", "run", "--config", cfg}
 		if asNobody {
 			chownR(t, sdir, 65534)
@@ -128,6 +137,34 @@ operator { listen = "127.0.0.1:0" }
 			}
 		}
 		return ok, strings.Join(state, " ")
+	})
+
+	peerOf := func(sock, node string) bool {
+		st, err := statusAs(sock, asNobody)
+		if err != nil {
+			return false
+		}
+		for _, m := range st.Members {
+			if m.Node == node && m.Peer {
+				return true
+			}
+		}
+		return false
+	}
+	// The gateway issued offline for a minute has renewed its certificate
+	// through the one holding the CA by about 40 s in (two thirds of its
+	// life, counted from a minute back), and its tunnels stayed.
+	first, err := statusAs(sockets[2], asNobody)
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 60*time.Second, "ns-3 renews its certificate through ns-1 (identity.renew_from)", func() (bool, string) {
+		st, err := statusAs(sockets[2], asNobody)
+		if err != nil {
+			return false, err.Error()
+		}
+		return st.Identity.Serial != first.Identity.Serial && st.Identity.Issuer == "renew_from" && peerOf(sockets[0], "ns-3"),
+			fmt.Sprintf("serial %s (issuer %q)", st.Identity.Serial, st.Identity.Issuer)
 	})
 
 	// The gossip key rotates on every gateway, from one of them, without a
@@ -167,18 +204,9 @@ operator { listen = "127.0.0.1:0" }
 	// Gossip still works under the new key: a gateway that leaves and
 	// comes back (reading the new key from its file) is taken back by the
 	// others, which only gossip with the new key now.
-	peerOf := func(sock, node string) bool {
-		st, err := statusAs(sock, asNobody)
-		if err != nil {
-			return false
-		}
-		for _, m := range st.Members {
-			if m.Node == node && m.Peer {
-				return true
-			}
-		}
-		return false
-	}
+	// Gossip still works under the new key: a gateway that leaves and
+	// comes back (reading the new key from its file) is taken back by the
+	// others, which only gossip with the new key now.
 	cmds[2].Process.Signal(syscall.SIGTERM)
 	cmds[2].Wait()
 	waitFor(t, 30*time.Second, "ns-1 drops the departed ns-3", func() (bool, string) { return !peerOf(sockets[0], "ns-3"), "" })
@@ -212,7 +240,11 @@ func statusAs(socket string, asNobody bool) (*netstackStatus, error) {
 }
 
 type netstackStatus struct {
-	Mode    string `json:"mode"`
+	Mode     string `json:"mode"`
+	Identity struct {
+		Serial string `json:"serial"`
+		Issuer string `json:"issuer"`
+	} `json:"identity"`
 	Members []struct {
 		Node      string `json:"node"`
 		Peer      bool   `json:"peer"`
