@@ -511,6 +511,17 @@ type session struct {
 	// for idleTimeout is taken for gone.
 	heard     *stamp
 	committed atomic.Bool
+	// chunkMu serializes, per chunk (striped by index), a chunk's write
+	// and its entry in pending: the hash recorded for a chunk is that of
+	// the write that landed last, whichever streams carried it.
+	chunkMu [64]sync.Mutex
+	// flushMu keeps flushes in order: a later batch's hashes must not
+	// be overwritten by an earlier one that finished after it.
+	flushMu sync.Mutex
+	// syncErr is the first failure to make chunks durable: Linux reports
+	// a failed writeback to one fdatasync only, and a later one that
+	// succeeds says nothing of the pages lost. (Guarded by flushMu.)
+	syncErr error
 }
 
 // DefaultIdleTimeout is how long a receiver waits for a word from a
@@ -1201,14 +1212,19 @@ type Incoming struct {
 func (s *session) close() {
 	// Its data streams end with it: one stalled in the middle of a frame
 	// would otherwise hold its goroutines and chunk buffers for good,
-	// with no syncer left to time it out.
+	// with no syncer left to time it out. None joins any more, and the
+	// file is closed only once none writes: a write still under way
+	// would otherwise land after a later session's write of the same
+	// chunk (a takeover, a resume that rereads what is held).
 	s.mu.Lock()
+	s.sealed = true
 	for _, c := range s.conns {
 		if c != s.ctrl { // the control stream may still have a last word
 			c.Close()
 		}
 	}
 	s.mu.Unlock()
+	s.running.Wait()
 	close(s.stop)
 	<-s.synced // the last flush still uses the file
 	s.r.mu.Lock()
@@ -1276,12 +1292,15 @@ func (s *session) data(fr *frameReader, w *lockedWriter) {
 		defer close(written)
 		for wr := range writes {
 			if !failed.Load() {
+				cm := &s.chunkMu[uint64(wr.index)%uint64(len(s.chunkMu))]
+				cm.Lock()
 				if err := s.temp.writeChunk(wr.chunk, s.at+wr.index*o.ChunkSize); err != nil {
 					failed.Store(true)
 					refuse("write: " + err.Error())
 				} else {
 					s.add(wr.index, wr.hash, w, wr.wire, false)
 				}
+				cm.Unlock()
 			}
 			spare <- wr.chunk[:cap(wr.chunk)]
 		}
@@ -1377,7 +1396,13 @@ func (s *session) data(fr *frameReader, w *lockedWriter) {
 				return
 			}
 			chunk := takeSpare()
+			cm := &s.chunkMu[uint64(i)%uint64(len(s.chunkMu))]
+			cm.Lock()
 			why, err := s.copyFromBase(i, h, chunk)
+			if err == nil && why == "" {
+				s.add(i, h, w, 0, true)
+			}
+			cm.Unlock()
 			spare <- chunk
 			switch {
 			case err != nil:
@@ -1388,7 +1413,6 @@ func (s *session) data(fr *frameReader, w *lockedWriter) {
 				nack(i, h, why)
 				continue
 			}
-			s.add(i, h, w, 0, true)
 		case frameAlive:
 			// Its arrival is the news (heard, above); a later release
 			// may say more in it.
@@ -1510,14 +1534,21 @@ func (s *session) syncer() {
 }
 
 func (s *session) flush() error {
+	s.flushMu.Lock()
+	defer s.flushMu.Unlock()
 	s.mu.Lock()
 	batch := s.pending
 	s.pending = map[int64]pendingChunk{}
 	s.mu.Unlock()
 	if len(batch) == 0 {
-		return nil
+		return s.syncErr
 	}
-	err := unix.Fdatasync(int(s.temp.Fd()))
+	err := s.syncErr
+	if err == nil {
+		if err = unix.Fdatasync(int(s.temp.Fd())); err != nil {
+			s.syncErr = err
+		}
+	}
 	hashes := make(map[int64]Hash, len(batch))
 	for i, p := range batch {
 		hashes[i] = p.hash
