@@ -649,9 +649,11 @@ func reasonName(code int) string {
 // RevokeSerials adds the certificates with the given serials to the CA-signed
 // revocation list and returns the index entries that were revoked. Revoking
 // an already revoked serial is not an error; an unknown serial is.
-// The renewals of a revoked certificate are revoked with it: its holder
-// may have had them issued (CA.Renew), and a thief of its key would keep
-// renewing one the operator does not know of.
+// Revoked for keyCompromise, its renewals are revoked with it: whoever
+// holds its key may have had them issued (CA.Renew), and a thief would
+// keep renewing one the operator does not know of. For any other reason
+// (a certificate a renewal superseded, retired) they stand: its gateway
+// runs on them.
 func (ca *CA) RevokeSerials(serials []*big.Int, reason string, now time.Time) ([]IssuedCert, error) {
 	return ca.revoke(reason, now, func(idx *caIndex) ([]int, error) {
 		at := idx.bySerial()
@@ -664,7 +666,10 @@ func (ca *CA) RevokeSerials(serials []*big.Int, reason string, now time.Time) ([
 			}
 			out = append(out, i)
 		}
-		return idx.withRenewals(out), nil
+		if reason == "keyCompromise" {
+			return idx.withRenewals(out), nil
+		}
+		return out, nil
 	})
 }
 

@@ -9,6 +9,7 @@ import (
 	"crypto/x509"
 	"encoding/hex"
 	"encoding/json"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"io"
@@ -145,36 +146,47 @@ func keyID(spki []byte) string {
 // certifies again (CA.Renew), rather than refused as a second renewal.
 const fileNodeKeyNext = "node.key.next"
 
-// pendingRenewalKey returns the key of a renewal under way in dir, or
-// makes and keeps a new one.
+// pendingRenewalKey returns the key of a renewal under way of the
+// certificate in dir, or makes and keeps a new one. The key file names
+// the serial it renews: one kept from before the directory was issued
+// a new identity (`ca issue --out`, after a compromise, say) is not
+// asked for again.
 func pendingRenewalKey(dir string) (*ecdsa.PrivateKey, error) {
+	cur, err := LoadNodeIdentity(dir)
+	if err != nil {
+		return nil, err
+	}
+	serial := FormatSerial(cur.Certificate().SerialNumber)
 	path := filepath.Join(dir, fileNodeKeyNext)
 	b, err := ReadPrivateFile(path)
 	if err == nil {
-		// Not the key now certified: left by a renewal saved whose
-		// key could not be removed after.
-		cur, cerr := LoadNodeIdentity(dir)
-		if k, err := parseKeyPEM(b); err == nil && (cerr != nil || !k.PublicKey.Equal(cur.Certificate().PublicKey)) {
-			return k, nil
+		if blk, _ := pem.Decode(b); blk != nil && blk.Headers[pemRenewsHeader] == serial {
+			if k, err := parseKeyPEM(pem.EncodeToMemory(&pem.Block{Type: blk.Type, Bytes: blk.Bytes})); err == nil {
+				return k, nil
+			}
 		}
 	} else if !errors.Is(err, fs.ErrNotExist) {
 		return nil, err
 	}
 	// None, damaged (a write cut short before it was ever asked for), or
-	// certified already: a new one.
+	// of another certificate: a new one.
 	k, err := GenerateNodeKey()
 	if err != nil {
 		return nil, err
 	}
-	pemKey, err := marshalKeyPEM(k)
+	der, err := x509.MarshalPKCS8PrivateKey(k)
 	if err != nil {
 		return nil, err
 	}
-	if err := atomicfile.WriteFile(path, pemKey, 0o600); err != nil {
+	out := pem.EncodeToMemory(&pem.Block{Type: pemKey, Headers: map[string]string{pemRenewsHeader: serial}, Bytes: der})
+	if err := atomicfile.WriteFile(path, out, 0o600); err != nil {
 		return nil, fmt.Errorf("keep the renewal's key: %w", err)
 	}
 	return k, nil
 }
+
+// pemRenewsHeader names, in a kept renewal key, the serial it renews.
+const pemRenewsHeader = "Renews"
 
 // renewedElsewhere returns the identity in dir if it is one for attrs
 // that is valid and not due for renewal: renewed by another process

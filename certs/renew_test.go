@@ -326,3 +326,49 @@ func TestRenewerKeepsItsKeyAndTakesUpRenewals(t *testing.T) {
 		t.Fatalf("obtain with a fresh identity in the directory: %v; want it taken up", err)
 	}
 }
+
+// TestRevokeSupersededKeepsRenewals: revoking, for any reason but
+// keyCompromise, the certificate a renewal replaced (an operator
+// retiring it) leaves the renewal its gateway runs on.
+func TestRevokeSupersededKeepsRenewals(t *testing.T) {
+	ca := newTestCA(t)
+	life := 30 * 24 * time.Hour
+	x := issue(t, ca, testAttrs("gw1", "fra", "100.96.0.1"), t0, life)
+	k, _ := GenerateNodeKey()
+	csr, _ := CreateCSR(k, *x.Attributes())
+	y, err := ca.Renew(x.Certificate(), csr, t0.Add(life*2/3))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ca.RevokeSerials([]*big.Int{x.Certificate().SerialNumber}, "superseded", t0.Add(life*2/3+time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	if trust(t, ca).IsRevoked(y.SerialNumber) {
+		t.Fatal("revoking the superseded certificate revoked the renewal its gateway runs on")
+	}
+}
+
+// TestPendingKeyNotReusedAfterReissue: a renewal key kept from before the
+// directory got a new identity (`ca issue --out`, after a compromise) is
+// not asked for the new one.
+func TestPendingKeyNotReusedAfterReissue(t *testing.T) {
+	ca := newTestCA(t)
+	dir := filepath.Join(t.TempDir(), "id")
+	attrs := testAttrs("gw1", "fra", "100.96.0.1")
+	if err := issue(t, ca, attrs, t0, time.Hour).Save(dir, nil); err != nil {
+		t.Fatal(err)
+	}
+	k1, err := pendingRenewalKey(dir) // a renewal that failed
+	if err != nil {
+		t.Fatal(err)
+	}
+	if again, _ := pendingRenewalKey(dir); !again.PublicKey.Equal(&k1.PublicKey) {
+		t.Fatal("the same certificate's renewal asks for another key")
+	}
+	if err := issue(t, ca, attrs, t0.Add(time.Minute), time.Hour).Save(dir, nil); err != nil {
+		t.Fatal(err)
+	}
+	if k, err := pendingRenewalKey(dir); err != nil || k.PublicKey.Equal(&k1.PublicKey) {
+		t.Fatalf("the renewal of the re-issued identity asks for the key kept before: %v", err)
+	}
+}

@@ -64,9 +64,11 @@ func caCommand() *cli.Command {
 				Action: caIssueSigner,
 			},
 			{
-				Name:      "revoke",
-				Usage:     "revoke gateway certificates: they are refused mesh-wide once the new revocation list spreads",
-				UsageText: "skybridge ca revoke --ca DIR (--serial SERIAL ... | --node NAME) [--reason keyCompromise|superseded|...]",
+				Name:  "revoke",
+				Usage: "revoke gateway certificates: they are refused mesh-wide once the new revocation list spreads",
+				UsageText: "skybridge ca revoke --ca DIR (--serial SERIAL ... | --node NAME) [--reason keyCompromise|superseded|...]\n\n" +
+					"A serial revoked for keyCompromise takes with it the certificates renewed from it (identity.renew_from):\n" +
+					"whoever holds its key may have had them issued.",
 				Flags: []cli.Flag{
 					caFlag,
 					&cli.StringSliceFlag{Name: "serial", Usage: "serial to revoke, as ca list prints it (repeatable)"},
