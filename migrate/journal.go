@@ -240,7 +240,8 @@ func (j *Journal) ForgetStaleSends(now time.Time) (chunks, records int, err erro
 			if err := json.Unmarshal(v, &r); err != nil {
 				return fmt.Errorf("migration %s: %w", k, err)
 			}
-			ended := r.State != StateRunning && !r.Finished.IsZero()
+			// One whose audit record is still owed stays until written.
+			ended := r.State != StateRunning && !r.Finished.IsZero() && !r.AuditPending
 			if ended && now.Sub(r.Finished) > SendsKept {
 				gone = append(gone, r.ID)
 			}

@@ -76,6 +76,9 @@ var errStopHere = errors.New("the gateway stopped here (a test)")
 type Receiver struct {
 	cfg ReceiverConfig
 	dec *zstd.Decoder
+	// auditMu makes writing the records owed and the next record one
+	// step (appendEvent, payOwed).
+	auditMu sync.Mutex
 
 	mu       sync.Mutex
 	sessions map[string]*session
@@ -847,7 +850,10 @@ func (r *Receiver) appendEvent(event string, f map[string]any) bool {
 	if r.cfg.Audit == nil {
 		return true
 	}
-	if !r.payOwed() {
+	// One writer at a time: two would each write the records owed.
+	r.auditMu.Lock()
+	defer r.auditMu.Unlock()
+	if !r.payOwedLocked() {
 		return false
 	}
 	if _, err := r.cfg.Audit.Append(r.cfg.Identity(), event, f, r.cfg.Now()); err != nil {
@@ -861,6 +867,12 @@ func (r *Receiver) appendEvent(event string, f map[string]any) bool {
 // could not take them, oldest first, and reports whether none is owed
 // any more: a later record does not go before them.
 func (r *Receiver) payOwed() bool {
+	r.auditMu.Lock()
+	defer r.auditMu.Unlock()
+	return r.payOwedLocked()
+}
+
+func (r *Receiver) payOwedLocked() bool {
 	if r.cfg.Audit == nil {
 		return true
 	}
@@ -870,7 +882,9 @@ func (r *Receiver) payOwed() bool {
 		return false
 	}
 	for _, o := range owed {
-		o.Fields["recovered"] = "recorded late: the audit log did not take it when the image was stored"
+		if o.Fields["recovered"] == nil {
+			o.Fields["recovered"] = "recorded late: the audit log did not take it when the image was stored"
+		}
 		if _, err := r.cfg.Audit.Append(r.cfg.Identity(), "migration", o.Fields, r.cfg.Now()); err != nil {
 			r.cfg.Log.Error("audit log: a stored image's record is still owed", "migration_id", o.ID, "err", err)
 			return false

@@ -401,6 +401,14 @@ func startRecord(cfg *SendConfig, sid SourceID) (*SendRecord, error) {
 			if old.Image != cfg.Image || old.To != cfg.To.Attributes.Node || old.Name != cfg.Name {
 				return nil, fmt.Errorf("migration %s was %s → %s as %s; it cannot resume as something else", cfg.ID, old.Image, old.To, old.Name)
 			}
+			// How the earlier attempt ended is recorded before this one
+			// overwrites it: its record is owed when a stop, or an audit
+			// log that could not take it then, left it unwritten.
+			if old.AuditPending && cfg.Audit != nil {
+				if err := AuditInterrupted(cfg.Journal, cfg.Audit, cfg.Identity, old, cfg.Now()); err != nil {
+					return nil, fmt.Errorf("migration %s: the audit record of its earlier attempt cannot be written (%v); it resumes once the audit log takes it", cfg.ID, err)
+				}
+			}
 			// What the journal holds of the attempt must go when it no
 			// longer describes the source: kept, its zeros would be
 			// skipped unread and its acknowledgements taken as sent, and

@@ -69,12 +69,15 @@ func (l *Log) Path() string { return l.path }
 // Append signs and appends a record. Appends from several processes are
 // serialized by a file lock; the record is fsynced before Append returns.
 func (l *Log) Append(id *certs.NodeIdentity, event string, fields map[string]any, now time.Time) (*Record, error) {
-	for {
+	// Again after the log was put aside, by this writer or another: a
+	// few times at most, unless something keeps replacing the file.
+	for range 8 {
 		r, again, err := l.append(id, event, fields, now)
 		if !again {
 			return r, err
 		}
 	}
+	return nil, fmt.Errorf("audit log %s: replaced again and again while a record was written (is another program moving it?)", l.path)
 }
 
 // append is Append; again says that the log was another gateway's and is
@@ -93,9 +96,16 @@ func (l *Log) append(id *certs.NodeIdentity, event string, fields map[string]any
 	// put it aside while this one waited for the lock, and a record
 	// appended to it would land in the other gateway's log (and a
 	// second put-aside would move the new log over it).
-	if held, err := f.Stat(); err != nil {
+	held, err := f.Stat()
+	if err != nil {
 		return nil, false, fmt.Errorf("audit log: %w", err)
-	} else if cur, err := os.Stat(l.path); err != nil || !os.SameFile(held, cur) {
+	}
+	switch cur, err := os.Stat(l.path); {
+	case errors.Is(err, fs.ErrNotExist):
+		return nil, true, nil
+	case err != nil:
+		return nil, false, fmt.Errorf("audit log: %w", err)
+	case !os.SameFile(held, cur):
 		return nil, true, nil
 	}
 	last, seq, err := lastLine(f)

@@ -1,0 +1,112 @@
+package migrate
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/skybridge-mesh/skybridge/internal/audit"
+)
+
+// TestResumeWritesTheEarlierAttemptsRecord: a send interrupted by a stop
+// whose record the start could not write, resumed before the next start,
+// still gets that record, written before the resume overwrites how the
+// attempt ended.
+func TestResumeWritesTheEarlierAttemptsRecord(t *testing.T) {
+	p := newPair(t, "DE")
+	raw := filepath.Join(p.dir, "vm.raw")
+	makeRaw(t, raw, 32*mib, map[int64]int{0: 16 * mib})
+	rec, _ := p.interrupted(raw, 8)
+	// As a stop mid-send leaves it.
+	rec.State, rec.Error, rec.Finished, rec.AuditPending = StateRunning, "", time.Time{}, false
+	if err := p.sendJ.put(bucketSend, rec.ID, rec); err != nil {
+		t.Fatal(err)
+	}
+	ended, err := p.sendJ.EndInterrupted(time.Now())
+	if err != nil || len(ended) != 1 {
+		t.Fatal(ended, err)
+	}
+	good, _ := os.ReadFile(p.sendAudit.Path())
+	os.WriteFile(p.sendAudit.Path(), append(slices.Clone(good), "not a record\n"...), 0o600)
+	if err := AuditInterrupted(p.sendJ, p.sendAudit, p.from, &ended[0], time.Now()); err == nil {
+		t.Fatal("written to a damaged log")
+	}
+	os.WriteFile(p.sendAudit.Path(), good, 0o600) // repaired; the send is resumed
+	cfg := p.config(raw, "pii-eu")
+	cfg.ID = rec.ID
+	if r, err := Send(context.Background(), cfg); err != nil || r.State != StateDone {
+		t.Fatal(r, err)
+	}
+	if again, _ := p.sendJ.EndInterrupted(time.Now()); len(again) != 0 {
+		t.Errorf("handed back at the next start: %+v", again)
+	}
+	recs := readAudit(t, p.sendAudit.Path())
+	n := 0
+	for _, r := range recs {
+		if r.Fields["migration_id"] == rec.ID && r.Fields["error"] == Interrupted {
+			n++
+		}
+	}
+	if n != 1 {
+		t.Fatalf("records of the interrupted attempt: %d; want 1", n)
+	}
+}
+
+// TestOwedRecordWrittenOnce: records written at once (sessions, a
+// removal) write an owed record once, not once each.
+func TestOwedRecordWrittenOnce(t *testing.T) {
+	var p *pair
+	var good []byte
+	p = newPairWith(t, "DE", func(c *ReceiverConfig) {
+		c.afterRename = func() error {
+			good, _ = os.ReadFile(p.recvAudit.Path())
+			return os.WriteFile(p.recvAudit.Path(), append(slices.Clone(good), "not a record\n"...), 0o600)
+		}
+	})
+	raw := filepath.Join(p.dir, "vm.raw")
+	makeRaw(t, raw, 4*mib, map[int64]int{0: mib})
+	if _, err := Send(context.Background(), p.config(raw, "pii-eu")); err != nil {
+		t.Fatal(err)
+	}
+	owed, _ := p.recvJ.auditOwed()
+	if len(owed) != 1 {
+		t.Fatal(owed)
+	}
+	os.WriteFile(p.recvAudit.Path(), good, 0o600)
+	var wg sync.WaitGroup
+	for range 4 {
+		wg.Go(func() { p.recv.appendEvent("image", map[string]any{"action": "x"}) })
+	}
+	wg.Wait()
+	n := 0
+	for _, r := range p.recvRecords(t) {
+		if r.Fields["migration_id"] == owed[0].ID && r.Fields["outcome"] == "done" {
+			n++
+		}
+	}
+	if n != 1 {
+		t.Fatalf("the owed record written %d times; want once", n)
+	}
+}
+
+func readAudit(t *testing.T, path string) []audit.Record {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []audit.Record
+	for line := range bytes.Lines(b) {
+		var r audit.Record
+		if err := json.Unmarshal(line, &r); err != nil {
+			t.Fatal(err)
+		}
+		out = append(out, r)
+	}
+	return out
+}
