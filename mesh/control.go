@@ -106,7 +106,15 @@ func (g *Gateway) serveControl() (io.Closer, error) {
 		g.streamMigration(w, r, req)
 	})
 	mux.HandleFunc("POST /v1/migrations/{id}/resume", func(w http.ResponseWriter, r *http.Request) {
-		g.streamMigration(w, r, MigrationRequest{ID: r.PathValue("id")})
+		// A resume may set the pace anew (an apply run again with
+		// another --bwlimit); the rest is the migration's own. A client
+		// of an earlier release sends no body, or null.
+		var pace MigrationRequest
+		if err := json.NewDecoder(io.LimitReader(r.Body, 1<<20)).Decode(&pace); err != nil && !errors.Is(err, io.EOF) {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		g.streamMigration(w, r, MigrationRequest{ID: r.PathValue("id"), Streams: pace.Streams, BWLimit: pace.BWLimit})
 	})
 	mux.HandleFunc("POST /v1/migrations/{id}/cancel", func(w http.ResponseWriter, r *http.Request) {
 		reply(w, map[string]string{"cancelled": r.PathValue("id")}, g.CancelMigration(r.PathValue("id")))
@@ -421,7 +429,7 @@ func (c *Client) Migrate(ctx context.Context, req MigrationRequest, onEvent func
 	path := "/v1/migrations"
 	var body any = req
 	if req.ID != "" && req.Image == "" {
-		path, body = "/v1/migrations/"+url.PathEscape(req.ID)+"/resume", nil
+		path, body = "/v1/migrations/"+url.PathEscape(req.ID)+"/resume", MigrationRequest{Streams: req.Streams, BWLimit: req.BWLimit}
 	}
 	b, err := json.Marshal(body)
 	if err != nil {

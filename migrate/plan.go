@@ -108,8 +108,11 @@ type Placement struct {
 	// Audit: the policy denies it there (Rule is the denying rule), and
 	// lets it through only because the class is in audit mode; chosen
 	// only where no destination the policy allows had room.
-	Audit    bool          `json:"audit,omitempty"`
-	Estimate time.Duration `json:"estimate_ns,omitempty"`
+	Audit bool `json:"audit,omitempty"`
+	// Exceptions names the policy exceptions the placement rests on
+	// (where it is stored, where it passes): it lasts as long as they do.
+	Exceptions []string      `json:"exceptions,omitempty"`
+	Estimate   time.Duration `json:"estimate_ns,omitempty"`
 }
 
 // Unplaced is a VM no destination can take, and why.
@@ -197,10 +200,10 @@ type slot struct {
 	usedMem   float64 // planned through this gateway
 	assigned  int
 	bytes     int64
-	policyErr map[string]string // class → why not, "" if allowed
-	rule      map[string]string // class → admitting rule
-	audit     map[string]bool   // class → denied, let through by audit mode
-	waived    map[string]bool   // class → admitted by an exception, for a time
+	policyErr map[string]string   // class → why not, "" if allowed
+	rule      map[string]string   // class → admitting rule
+	audit     map[string]bool     // class → denied, let through by audit mode
+	waived    map[string][]string // class → the exceptions that admit it, for a time
 }
 
 // room is a site's capacity and what the plan has used of it. The
@@ -286,7 +289,7 @@ func MakePlan(in PlanInput) (*Plan, error) {
 			p.Notes = append(p.Notes, fmt.Sprintf("the gateways of %s advertise different capacities: planned with the smaller", d.Attributes.Site))
 			r.cpu, r.mem = min(r.cpu, cpu), min(r.mem, mem)
 		}
-		slots = append(slots, &slot{dest: d, room: r, policyErr: map[string]string{}, rule: map[string]string{}, audit: map[string]bool{}, waived: map[string]bool{}})
+		slots = append(slots, &slot{dest: d, room: r, policyErr: map[string]string{}, rule: map[string]string{}, audit: map[string]bool{}, waived: map[string][]string{}})
 	}
 
 	order := make([]int, len(in.VMs))
@@ -321,7 +324,7 @@ func MakePlan(in PlanInput) (*Plan, error) {
 				if bestAudit == nil || better(s, bestAudit, vm) {
 					bestAudit = s
 				}
-			case s.waived[vm.Class]:
+			case len(s.waived[vm.Class]) > 0:
 				if bestWaived == nil || better(s, bestWaived, vm) {
 					bestWaived = s
 				}
@@ -347,7 +350,7 @@ func MakePlan(in PlanInput) (*Plan, error) {
 		best.assigned++
 		best.bytes = addCapped(best.bytes, vm.Bytes)
 		a := best.dest.Attributes
-		pl := &Placement{VM: vm, To: a.Node, Site: a.Site, Rule: best.rule[vm.Class], Audit: best.audit[vm.Class]}
+		pl := &Placement{VM: vm, To: a.Node, Site: a.Site, Rule: best.rule[vm.Class], Audit: best.audit[vm.Class], Exceptions: best.waived[vm.Class]}
 		if t := best.dest.Throughput; t > 0 {
 			pl.Estimate = time.Duration(min(float64(vm.Bytes)/t*float64(time.Second), math.MaxInt64/2))
 		}
@@ -403,7 +406,10 @@ func (s *slot) admits(in PlanInput, class string) string {
 	} else {
 		_, verdict := in.Policy.AdmitPath(class, policy.PathOf(in.From, s.dest.Via, a), in.Now)
 		if verdict.Allowed {
-			s.rule[class], s.audit[class], s.waived[class] = verdict.Rule.String(), verdict.Denied, verdict.Exception != nil
+			s.rule[class], s.audit[class] = verdict.Rule.String(), verdict.Denied
+			for _, e := range verdict.Exceptions {
+				s.waived[class] = append(s.waived[class], e.Name)
+			}
 		} else {
 			msg = fmt.Sprintf("%s (%s): %s [%s]", a.Node, a.Site, strings.Join(verdict.Reasons, "; "), verdict.Rule)
 		}
@@ -436,6 +442,10 @@ func ParseInventory(r io.Reader) ([]VM, error) {
 	if err != nil {
 		return nil, fmt.Errorf("inventory header: %w", err)
 	}
+	if len(header) > 0 {
+		// Spreadsheets' "CSV UTF-8" starts with a byte-order mark.
+		header[0] = strings.TrimPrefix(header[0], "\ufeff")
+	}
 	col := map[string]int{}
 	for i, h := range header {
 		h = strings.ToLower(strings.TrimSpace(h))
@@ -466,6 +476,11 @@ func ParseInventory(r io.Reader) ([]VM, error) {
 			return nil, fmt.Errorf("inventory: %w", err)
 		}
 		line, _ := cr.FieldPos(0)
+		// "web1 " and "web1" are one VM: spaces around a field are the
+		// spreadsheet's, not the name's.
+		for i := range rec {
+			rec[i] = strings.TrimSpace(rec[i])
+		}
 		vm := VM{Name: rec[col["name"]], Image: rec[col["image"]], Class: rec[col["class"]]}
 		if vm.CPU, err = strconv.Atoi(rec[col["cpu"]]); err != nil {
 			return nil, fmt.Errorf("inventory line %d: cpu %q is not a whole number", line, rec[col["cpu"]])

@@ -385,8 +385,12 @@ func TestParseInventory(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(vms) != 2 || vms[0].Bytes != 1<<20 || vms[1].Bytes != 0 || vms[1].CPU != 4 || vms[1].MemoryGiB != 16 {
+	if len(vms) != 2 || vms[0].Bytes != 1<<20 || vms[1].Bytes != 0 || vms[1].CPU != 4 || vms[1].MemoryGiB != 16 || vms[1].Image != "/img/r2.raw" {
 		t.Errorf("parsed %+v", vms)
+	}
+	// A spreadsheet's "CSV UTF-8" export: a byte-order mark, CRLF.
+	if vms, err := ParseInventory(strings.NewReader("\ufeffname,image,class,cpu,memory_gib\r\nweb1,/i,risk-batch,1,4\r\n")); err != nil || len(vms) != 1 || vms[0].Name != "web1" {
+		t.Errorf("an export with a byte-order mark: %+v %v", vms, err)
 	}
 	for _, tc := range []struct{ src, want string }{
 		{"name,image,class,cpu\n", `column "memory_gib" is missing`},
@@ -399,6 +403,9 @@ func TestParseInventory(t *testing.T) {
 		{"name,image,class,cpu,memory_gib\n", "lists no VM"},
 		{"", "inventory is empty: its first line names the columns"},
 		{"name,image,class,cpu,memory_gib\nvm1,/i,risk-batch,1\n", "inventory line 2: 4 columns, but the header names 5"},
+		// A space after a name made another VM, stored under a name
+		// that reads the same.
+		{"name,image,class,cpu,memory_gib\nweb1 ,/a,risk-batch,1,4\nweb1,/b,risk-batch,1,4\n", `VM "web1": listed twice`},
 	} {
 		if _, err := ParseInventory(strings.NewReader(tc.src)); err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%q: err %v, want %q", tc.src, err, tc.want)
@@ -431,5 +438,46 @@ func TestInventoryBounds(t *testing.T) {
 		if got := addCapped(c.a, c.b); got != c.want {
 			t.Errorf("addCapped(%d, %d) = %d, want %d", c.a, c.b, got, c.want)
 		}
+	}
+}
+
+// TestPlanNamesTheExceptions: a destination reached only through a
+// transit exception names it, though the rule that admits the store is
+// an allow: the placement lasts as long as the exception.
+func TestPlanNamesTheExceptions(t *testing.T) {
+	pol, err := policy.Parse("plan.hcl", []byte(`policy {
+  name    = "plan"
+  version = 1
+}
+class "pii-eu" {
+  allow "transit" {
+    jurisdiction = ["CH"]
+  }
+  allow "store" {
+    jurisdiction = ["CH", "DE"]
+  }
+}
+exception "fra-link" {
+  class    = "pii-eu"
+  action   = "transit"
+  site     = ["aws-eu-central-1"]
+  category = "mitigated"
+  reason   = "temporary"
+  approver = "CDO"
+  ticket   = "GRC-2"
+  expires  = "2099-12-31"
+}
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	from := &certs.Attributes{Node: "gw-zrh", Site: "onprem-zrh", Region: "zrh", Provider: "onprem", Jurisdiction: "CH"}
+	p, err := MakePlan(PlanInput{From: from, Policy: pol, Now: time.Now(), VMs: []VM{{Name: "crm", Image: "/i", Class: "pii-eu", CPU: 1, MemoryGiB: 1}},
+		Destinations: []Destination{planDest("gw-fra", "aws-eu-central-1", "DE", 16, 64, 0, 0)}})
+	if err != nil || len(p.Placements) != 1 {
+		t.Fatalf("%v %+v", err, p)
+	}
+	if e := p.Placements[0].Exceptions; !slices.Equal(e, []string{"fra-link"}) {
+		t.Errorf("placed only by exception fra-link (transit); the placement names %v", e)
 	}
 }

@@ -101,6 +101,9 @@ func printPlan(c *cli.Context, p *migrate.Plan) {
 		if pl.Audit {
 			rule = "AUDIT MODE ONLY, denied by " + rule
 		}
+		if len(pl.Exceptions) > 0 {
+			rule += ", by exception " + strings.Join(pl.Exceptions, ", ")
+		}
 		rows = append(rows, []string{pl.Name, pl.Class, fmt.Sprintf("%d / %g GiB", pl.CPU, pl.MemoryGiB), humanBytes(pl.Bytes), pl.To + " (" + pl.Site + ")", est, rule})
 	}
 	fmt.Fprintf(w, "PLACED (%d of %d VMs), from %s under policy %s\n", len(p.Placements), len(p.Placements)+len(p.Unplaced), p.From, dash(p.Policy))
@@ -163,7 +166,8 @@ func migrateApplyCommand() *cli.Command {
 		Flags: append(append([]cli.Flag(nil), socketFlags...), jsonFlag,
 			&cli.IntFlag{Name: "parallel", Value: 4, Usage: "migrations at a time"},
 			&cli.IntFlag{Name: "streams", Value: 2, Usage: "TLS streams per migration"},
-			&cli.StringFlag{Name: "bwlimit", Usage: "bandwidth cap per migration, e.g. 200MB/s"}),
+			&cli.StringFlag{Name: "bwlimit", Usage: "bandwidth cap per migration, e.g. 200MB/s (on resumed migrations too)"},
+			&cli.BoolFlag{Name: "policy-changed-ok", Usage: "apply a plan made under another policy than the gateway enforces now (each migration is still judged under the policy in force)"}),
 		Action: migrateApply,
 	}
 }
@@ -175,7 +179,10 @@ type applyState struct {
 }
 
 type vmState struct {
-	ID       string  `json:"id,omitempty"`
+	ID string `json:"id,omitempty"`
+	// From is the gateway that ran the migration ID names: after a
+	// failover to a sibling, which does not know it, it is sent anew.
+	From     string  `json:"from,omitempty"`
 	To       string  `json:"to"`
 	State    string  `json:"state"` // running, done, failed, denied, cancelled
 	Error    string  `json:"error,omitempty"`
@@ -233,6 +240,15 @@ func migrateApply(c *cli.Context) error {
 	if len(plan.Placements) == 0 {
 		return fmt.Errorf("%s places no VM: nothing to apply", path)
 	}
+	// Progress is kept by VM name: two placements of one (plans merged
+	// by hand) would share it, and one's failure read as done.
+	seenName := map[string]bool{}
+	for _, pl := range plan.Placements {
+		if seenName[pl.Name] {
+			return fmt.Errorf("%s places VM %q twice: keep one placement of it (plans merged by hand?)", path, pl.Name)
+		}
+		seenName[pl.Name] = true
+	}
 	sum := sha256.Sum256(raw)
 	st := &applyState{Plan: hex.EncodeToString(sum[:]), VMs: map[string]*vmState{}}
 	statePath := path + ".state"
@@ -270,15 +286,21 @@ func migrateApply(c *cli.Context) error {
 	if err != nil {
 		return fmt.Errorf("nothing applied: %w", err)
 	}
+	gs, err := cl.Status(ctx)
+	if err != nil {
+		return fmt.Errorf("nothing applied: %w", err)
+	}
+	// The plan ranked destinations by what the policy said then (those a
+	// rule allows first, exceptions and audit mode last): under another
+	// policy its choices may no longer be the ones it would make.
+	if plan.Policy != "" && gs.Policy != plan.Policy && !c.Bool("policy-changed-ok") {
+		return fmt.Errorf("nothing applied: %s was made under policy %s, and the gateway enforces %s now: plan again (each VM already migrated is sent again as the chunks it lacks, nothing), or apply it as it is with --policy-changed-ok", path, plan.Policy, dash(gs.Policy))
+	}
 	// The plan judged paths, hubs and throughput from the gateway it was
 	// made at; through another, the data would leave from elsewhere.
 	// Any gateway of the plan's site will do (a sibling, after a
 	// failover); plans from before they named their site, only the one.
 	if plan.From != "" {
-		gs, err := cl.Status(ctx)
-		if err != nil {
-			return fmt.Errorf("nothing applied: %w", err)
-		}
 		if plan.FromSite != "" && gs.Site != plan.FromSite {
 			return fmt.Errorf("nothing applied: %s was made at gateway %s of site %s, and this is %s of site %s, from which the VMs would leave: apply it through a gateway of %s, or plan again here", path, plan.From, plan.FromSite, gs.Node, gs.Site, plan.FromSite)
 		}
@@ -317,7 +339,7 @@ dispatch:
 		// A denied VM is started anew (not resumed), under a new ID that
 		// may not have reached the state file either.
 		if id := started[pl.Name]; id != "" && (vs.ID == "" || vs.State == migrate.StateDenied && id != vs.ID) {
-			vs.ID, vs.State = id, migrate.StateRunning
+			vs.ID, vs.From, vs.State = id, gs.Node, migrate.StateRunning
 		}
 		mu.Unlock()
 		if done {
@@ -330,7 +352,7 @@ dispatch:
 		}
 		wg.Go(func() {
 			defer func() { <-sem }()
-			applyOne(ctx, cl, pl, vs, &mu, save, c.Int("streams"), bw)
+			applyOne(ctx, cl, gs.Node, pl, vs, &mu, save, c.Int("streams"), bw)
 			save()
 		})
 	}
@@ -343,12 +365,18 @@ dispatch:
 
 // applyOne runs (or resumes, or waits for) one VM's migration and records
 // its outcome in vs.
-func applyOne(ctx context.Context, cl *mesh.Client, pl migrate.Placement, vs *vmState, mu *sync.Mutex, save func(), streams int, bw int64) {
+func applyOne(ctx context.Context, cl *mesh.Client, node string, pl migrate.Placement, vs *vmState, mu *sync.Mutex, save func(), streams int, bw int64) {
 	mu.Lock()
 	req := mesh.MigrationRequest{Image: pl.Image, To: pl.To, Class: pl.Class, Name: pl.Name, Streams: streams, BWLimit: bw}
 	id := ""
 	if vs.ID != "" && vs.State != migrate.StateDenied {
 		id = vs.ID
+	}
+	if id != "" && vs.From != "" && vs.From != node {
+		// Run by another gateway of the site (this one took over after a
+		// failover), which this one does not know: sent anew from here,
+		// the destination takes what it holds already as its own.
+		id = ""
 	}
 	prev := *vs // what stands if an interruption leaves nothing to say
 	mu.Unlock()
@@ -376,7 +404,7 @@ func applyOne(ctx context.Context, cl *mesh.Client, pl migrate.Placement, vs *vm
 		case serr == nil && s.Record != nil && s.Record.State == migrate.StateDone:
 			final = &mesh.MigrationEvent{ID: id, Record: s.Record}
 		}
-		req = mesh.MigrationRequest{ID: id}
+		req = mesh.MigrationRequest{ID: id, Streams: streams, BWLimit: bw}
 	}
 	if final == nil && err == nil {
 		mu.Lock()
@@ -387,7 +415,7 @@ func applyOne(ctx context.Context, cl *mesh.Client, pl migrate.Placement, vs *vm
 			first := vs.ID != ev.ID && ev.ID != ""
 			seen = seen || first || ev.Progress != nil // the gateway took it
 			if first {
-				vs.ID, vs.State = ev.ID, migrate.StateRunning
+				vs.ID, vs.From, vs.State = ev.ID, node, migrate.StateRunning
 			}
 			mu.Unlock()
 			if first {
@@ -396,6 +424,15 @@ func applyOne(ctx context.Context, cl *mesh.Client, pl migrate.Placement, vs *vm
 		})
 		if err != nil && id != "" && strings.Contains(err.Error(), "already running") {
 			final, err = waitMigration(ctx, cl, id) // started again between our look and our resume
+		}
+		mu.Lock()
+		running := vs.ID
+		mu.Unlock()
+		if err != nil && ctx.Err() == nil && seen && running != "" {
+			// The progress stream broke, not the migration: the gateway
+			// runs it still. Followed to its end, it holds its place in
+			// --parallel, rather than the next VM starting beside it.
+			final, err = waitMigration(ctx, cl, running)
 		}
 	}
 	mu.Lock()

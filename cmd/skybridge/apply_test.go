@@ -1,0 +1,187 @@
+package main
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/skybridge-mesh/skybridge/mesh"
+	"github.com/skybridge-mesh/skybridge/migrate"
+)
+
+// fakeGateway: a control socket answering as gateway node/site with policy pol;
+// GET /v1/migrations/ID answers with known[ID] (404 if absent); POSTs are
+// recorded and answered "done".
+func fakeGateway(t *testing.T, node, site, pol string, known map[string]*migrate.SendRecord) (string, func() []string) {
+	sock := filepath.Join(t.TempDir(), "control.sock")
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	var posts []string
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch {
+		case r.Method == http.MethodGet && r.URL.Path == "/v1/migrations":
+			json.NewEncoder(w).Encode(mesh.MigrationList{})
+		case r.Method == http.MethodGet && r.URL.Path == "/v1/status":
+			json.NewEncoder(w).Encode(mesh.Status{Node: node, Site: site, Policy: pol})
+		case r.Method == http.MethodGet:
+			id := strings.TrimPrefix(r.URL.Path, "/v1/migrations/")
+			if rec := known[id]; rec != nil {
+				json.NewEncoder(w).Encode(mesh.MigrationStatus{Record: rec})
+				return
+			}
+			http.Error(w, "no migration "+id+" on this gateway", http.StatusNotFound)
+		case r.Method == http.MethodPost:
+			b, _ := io.ReadAll(r.Body)
+			mu.Lock()
+			posts = append(posts, string(b))
+			mu.Unlock()
+			var req mesh.MigrationRequest
+			json.Unmarshal(b, &req)
+			id := req.ID
+			if id == "" {
+				id = "bbbbbbbbbbbbbbbb"
+			}
+			if req.Image == "/img/other.raw" { // refused at once
+				json.NewEncoder(w).Encode(mesh.MigrationEvent{ID: "cccccccccccccccc", Error: "open image: no such file"})
+				return
+			}
+			json.NewEncoder(w).Encode(mesh.MigrationEvent{ID: id, Record: &migrate.SendRecord{ID: id, State: migrate.StateDone}})
+		}
+	})}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+	return sock, func() []string {
+		mu.Lock()
+		defer mu.Unlock()
+		return append([]string(nil), posts...)
+	}
+}
+
+func writePlan(t *testing.T, p migrate.Plan, state map[string]*vmState) string {
+	plan := filepath.Join(t.TempDir(), "plan.json")
+	b, _ := json.Marshal(p)
+	os.WriteFile(plan, b, 0o644)
+	if state != nil {
+		sum := sha256.Sum256(b)
+		sb, _ := json.Marshal(applyState{Plan: hex.EncodeToString(sum[:]), VMs: state})
+		os.WriteFile(plan+".state", sb, 0o644)
+	}
+	return plan
+}
+
+var auditPlan = migrate.Plan{Created: time.Now().Add(-time.Hour), From: "gw-zrh", FromSite: "onprem-zrh", Policy: "bank v1 (sha256:aaaaaaaaaaaa)",
+	Placements: []migrate.Placement{{VM: migrate.VM{Name: "vm1", Image: "/img/vm1.raw", Class: "pii-eu"}, To: "gw-fra", Site: "aws-eu-central-1"}}}
+
+// TestApplyResumesAtTheNewPace: a re-run with a lower --bwlimit (the
+// first saturated the link) resumes the interrupted VM at it; the flag
+// was dropped for resumes.
+func TestApplyResumesAtTheNewPace(t *testing.T) {
+	const id = "aaaaaaaaaaaaaaaa"
+	sock, posts := fakeGateway(t, "gw-zrh", "onprem-zrh", auditPlan.Policy,
+		map[string]*migrate.SendRecord{id: {ID: id, State: migrate.StateFailed, BWLimit: 200e6}})
+	plan := writePlan(t, auditPlan, map[string]*vmState{"vm1": {ID: id, To: "gw-fra", State: migrate.StateFailed, Attempts: 1}})
+	if _, errs, code := runCLI(t, "migrate", "apply", plan, "--bwlimit", "50MB/s", "--streams", "1", "--socket", sock); code != 0 {
+		t.Fatalf("exit %d %s", code, errs)
+	}
+	p := posts()
+	if len(p) != 1 || !strings.Contains(p[0], `"bwlimit":50000000`) || !strings.Contains(p[0], `"streams":1`) {
+		t.Errorf("resume (POST .../resume) sent body %q; want --bwlimit 50MB/s and --streams 1 in it", p)
+	}
+}
+
+// TestApplyOnSiblingAfterFailover: through the planning gateway's sibling
+// (which apply allows after a failover), a VM interrupted on the first
+// gateway is sent anew; it was reported forgotten and never sent.
+func TestApplyOnSiblingAfterFailover(t *testing.T) {
+	const id = "aaaaaaaaaaaaaaaa"
+	sock, posts := fakeGateway(t, "gw-zrh-2", "onprem-zrh", auditPlan.Policy, nil)
+	plan := writePlan(t, auditPlan, map[string]*vmState{"vm1": {ID: id, From: "gw-zrh", To: "gw-fra", State: migrate.StateRunning, Attempts: 1}})
+	out, errs, code := runCLI(t, "migrate", "apply", plan, "--socket", sock)
+	if code != 0 || len(posts()) != 1 {
+		t.Errorf("exit %d, %d sends; out %s err %s; want vm1 sent from gw-zrh-2", code, len(posts()), out, errs)
+	}
+}
+
+// TestApplyUnderAnotherPolicy: a plan made under policy v1 is not applied
+// under v2 unless asked to: its ranking of destinations was v1's.
+func TestApplyUnderAnotherPolicy(t *testing.T) {
+	sock, posts := fakeGateway(t, "gw-zrh", "onprem-zrh", "bank v2 (sha256:bbbbbbbbbbbb)", nil)
+	plan := writePlan(t, auditPlan, nil)
+	out, errs, code := runCLI(t, "migrate", "apply", plan, "--socket", sock)
+	if len(posts()) != 0 || code == 0 || !strings.Contains(errs, "plan again") {
+		t.Errorf("exit %d, %d sends, %s %s; want it refused (plan made under v1, gateway enforces v2)", code, len(posts()), out, errs)
+	}
+	if _, errs, code := runCLI(t, "migrate", "apply", plan, "--policy-changed-ok", "--socket", sock); code != 0 || len(posts()) != 1 {
+		t.Errorf("with --policy-changed-ok: exit %d, %d sends, %s", code, len(posts()), errs)
+	}
+}
+
+// TestApplyRefusesANameTwice: two placements of one name (plans merged
+// by hand) shared one state entry, and one's failure read as done.
+func TestApplyRefusesANameTwice(t *testing.T) {
+	sock, posts := fakeGateway(t, "gw-zrh", "onprem-zrh", auditPlan.Policy, nil)
+	p := auditPlan
+	p.Placements = append([]migrate.Placement{}, p.Placements[0], p.Placements[0])
+	p.Placements[1].Image = "/img/other.raw"
+	plan := writePlan(t, p, nil)
+	out, errs, code := runCLI(t, "migrate", "apply", plan, "--socket", sock)
+	if code == 0 || len(posts()) != 0 || !strings.Contains(errs, `places VM "vm1" twice`) {
+		t.Errorf("a plan listing vm1 twice: exit %d, %d sends\n%s%s", code, len(posts()), out, errs)
+	}
+}
+
+// TestApplyFollowsAMigrationWhoseStreamBroke: the progress stream of a
+// migration breaking (the control socket's connection cut) is not the
+// migration failing: apply follows it on the gateway to its end, holding
+// its place in --parallel, rather than record it failed and start the
+// next VM beside it.
+func TestApplyFollowsAMigrationWhoseStreamBroke(t *testing.T) {
+	const id = "dddddddddddddddd"
+	sock := filepath.Join(t.TempDir(), "control.sock")
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var polls atomic.Int32
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch {
+		case r.Method == http.MethodGet && r.URL.Path == "/v1/migrations":
+			json.NewEncoder(w).Encode(mesh.MigrationList{})
+		case r.Method == http.MethodGet && r.URL.Path == "/v1/status":
+			json.NewEncoder(w).Encode(mesh.Status{Node: "gw-zrh", Site: "onprem-zrh", Policy: auditPlan.Policy})
+		case r.Method == http.MethodGet:
+			// Running for two looks, then done.
+			if polls.Add(1) <= 2 {
+				json.NewEncoder(w).Encode(mesh.MigrationStatus{Record: &migrate.SendRecord{ID: id, State: migrate.StateRunning}, Progress: &migrate.Progress{ID: id}})
+				return
+			}
+			json.NewEncoder(w).Encode(mesh.MigrationStatus{Record: &migrate.SendRecord{ID: id, State: migrate.StateDone}})
+		case r.Method == http.MethodPost:
+			// The first event, then the connection cut mid-stream.
+			json.NewEncoder(w).Encode(mesh.MigrationEvent{ID: id, Progress: &migrate.Progress{ID: id}})
+			w.(http.Flusher).Flush()
+			conn, _, _ := w.(http.Hijacker).Hijack()
+			conn.Close()
+		}
+	})}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+	plan := writePlan(t, auditPlan, nil)
+	out, errs, code := runCLI(t, "migrate", "apply", plan, "--socket", sock)
+	if code != 0 || polls.Load() < 3 || !strings.Contains(out, "1 of 1 VMs migrated") {
+		t.Fatalf("exit %d after %d looks; out %s err %s; want the migration followed to its end", code, polls.Load(), out, errs)
+	}
+}
