@@ -233,7 +233,16 @@ func (p *Provider) obtain(ctx context.Context, attrs Attributes) (*NodeIdentity,
 	var key *ecdsa.PrivateKey
 	var err error
 	if p.issuer == nil {
-		// Renewal by possession, of the certificate in the directory.
+		// Renewal by possession, of the certificate in the directory: one
+		// process at a time (the gateway, `identity request` run by hand).
+		// Two would each ask with a key of their own, and the CA would
+		// take the second for a copy of the key renewing again; after
+		// the lock, the second takes up what the first renewed.
+		unlock, lerr := lockFile(filepath.Join(p.s.dir, fileRenewLock))
+		if lerr != nil {
+			return nil, nil, lerr
+		}
+		defer unlock()
 		if tb, err := p.Trust(ctx); err == nil {
 			if id := renewedElsewhere(p.s.dir, &attrs, tb, p.now()); id != nil {
 				p.log.Info("the identity directory holds a certificate renewed by another process: taken up", "identity", id)

@@ -146,6 +146,9 @@ func keyID(spki []byte) string {
 // certifies again (CA.Renew), rather than refused as a second renewal.
 const fileNodeKeyNext = "node.key.next"
 
+// fileRenewLock serializes renewals of one identity directory.
+const fileRenewLock = ".renew.lock"
+
 // pendingRenewalKey returns the key of a renewal under way of the
 // certificate in dir, or makes and keeps a new one. The key file names
 // the serial it renews: one kept from before the directory was issued

@@ -4,13 +4,19 @@ import (
 	"bytes"
 	"context"
 	"crypto/ecdsa"
+	"crypto/tls"
 	"crypto/x509"
+	"encoding/json"
 	"errors"
+	"io/fs"
 	"math/big"
+	"net/http"
+	"net/http/httptest"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -370,5 +376,86 @@ func TestPendingKeyNotReusedAfterReissue(t *testing.T) {
 	}
 	if k, err := pendingRenewalKey(dir); err != nil || k.PublicKey.Equal(&k1.PublicKey) {
 		t.Fatalf("the renewal of the re-issued identity asks for the key kept before: %v", err)
+	}
+}
+
+// startRenewEndpoint serves CA.Renew as a CA-holding gateway does (its
+// enrollment endpoint's certificate, the client's certificate asked for),
+// and returns its address.
+func startRenewEndpoint(t *testing.T, ca *CA) string {
+	t.Helper()
+	k, _ := GenerateNodeKey()
+	ec, err := ca.IssueEnroller("gw-ca", netip.MustParseAddr("100.96.0.9"), k.Public(), time.Hour, time.Now().Add(-time.Minute))
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		var req RenewRequest
+		if err := json.NewDecoder(r.Body).Decode(&req); err != nil || len(r.TLS.PeerCertificates) == 0 {
+			http.Error(w, "bad request", http.StatusBadRequest)
+			return
+		}
+		c, err := ca.Renew(r.TLS.PeerCertificates[0], req.CSR, time.Now())
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusForbidden)
+			return
+		}
+		json.NewEncoder(w).Encode(RenewResponse{Certificate: encodePEM(pemCert, c.Raw)})
+	}))
+	srv.TLS = &tls.Config{MinVersion: tls.VersionTLS13, ClientAuth: tls.RequestClientCert,
+		Certificates: []tls.Certificate{{Certificate: [][]byte{ec.Raw, ca.Certificate().Raw}, PrivateKey: k}}}
+	srv.StartTLS()
+	t.Cleanup(srv.Close)
+	return srv.Listener.Addr().String()
+}
+
+// TestRenewalsOfOneDirectoryAtOnce: the gateway and `identity request`
+// renewing one directory at once get one renewal between them: the
+// second takes up what the first wrote. Each asking with its own key, the
+// CA refused the second as a copy of the key renewing again.
+func TestRenewalsOfOneDirectoryAtOnce(t *testing.T) {
+	ca := newTestCA(t)
+	ep := startRenewEndpoint(t, ca)
+	dir := filepath.Join(t.TempDir(), "id")
+	attrs := testAttrs("gw1", "fra", "100.96.0.1")
+	x := issue(t, ca, attrs, time.Now().Add(-20*time.Hour), 30*time.Hour) // past its renewal time
+	if err := x.Save(dir, trust(t, ca)); err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	got := make([]*NodeIdentity, 2)
+	errs := make([]error, 2)
+	for i := range 2 {
+		wg.Go(func() {
+			p, err := Open(context.Background(), Config{Dir: dir, RenewFrom: []string{ep}}, nil)
+			if err != nil {
+				errs[i] = err
+				return
+			}
+			defer p.Close()
+			got[i], _, errs[i] = p.obtain(context.Background(), attrs)
+		})
+	}
+	wg.Wait()
+	for i, err := range errs {
+		if err != nil {
+			t.Fatalf("renewal %d: %v", i, err)
+		}
+	}
+	if !got[0].Certificate().Equal(got[1].Certificate()) || got[0].Certificate().Equal(x.Certificate()) {
+		t.Fatal("two renewals at once did not end on one new certificate")
+	}
+	issued, _ := ca.Issued()
+	var ofGW1 int
+	for _, e := range issued {
+		if e.Node == "gw1" {
+			ofGW1++
+		}
+	}
+	if ofGW1 != 2 {
+		t.Fatalf("the CA issued gw1 %d certificates; want the first and one renewal", ofGW1)
+	}
+	if _, err := os.Stat(filepath.Join(dir, fileNodeKeyNext)); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("the renewal's key is left beside the certificate it got: %v", err)
 	}
 }
