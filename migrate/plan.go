@@ -1,6 +1,7 @@
 package migrate
 
 import (
+	"bufio"
 	"cmp"
 	"encoding/csv"
 	"errors"
@@ -432,7 +433,13 @@ var inventoryColumns = []string{"name", "image", "class", "cpu", "memory_gib", "
 // name, image, class, cpu, memory_gib and, optionally, bytes (allocated
 // bytes to move; measured from the image when absent or empty).
 func ParseInventory(r io.Reader) ([]VM, error) {
-	cr := csv.NewReader(r)
+	// Spreadsheets' "CSV UTF-8" starts with a byte-order mark, before a
+	// quoted header or a comment as well.
+	br := bufio.NewReader(r)
+	if b, err := br.Peek(3); err == nil && string(b) == "\ufeff" {
+		br.Discard(3)
+	}
+	cr := csv.NewReader(br)
 	cr.Comment = '#'
 	cr.TrimLeadingSpace = true
 	header, err := cr.Read()
@@ -441,10 +448,6 @@ func ParseInventory(r io.Reader) ([]VM, error) {
 	}
 	if err != nil {
 		return nil, fmt.Errorf("inventory header: %w", err)
-	}
-	if len(header) > 0 {
-		// Spreadsheets' "CSV UTF-8" starts with a byte-order mark.
-		header[0] = strings.TrimPrefix(header[0], "\ufeff")
 	}
 	col := map[string]int{}
 	for i, h := range header {

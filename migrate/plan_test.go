@@ -388,9 +388,16 @@ func TestParseInventory(t *testing.T) {
 	if len(vms) != 2 || vms[0].Bytes != 1<<20 || vms[1].Bytes != 0 || vms[1].CPU != 4 || vms[1].MemoryGiB != 16 || vms[1].Image != "/img/r2.raw" {
 		t.Errorf("parsed %+v", vms)
 	}
-	// A spreadsheet's "CSV UTF-8" export: a byte-order mark, CRLF.
-	if vms, err := ParseInventory(strings.NewReader("\ufeffname,image,class,cpu,memory_gib\r\nweb1,/i,risk-batch,1,4\r\n")); err != nil || len(vms) != 1 || vms[0].Name != "web1" {
-		t.Errorf("an export with a byte-order mark: %+v %v", vms, err)
+	// A spreadsheet's "CSV UTF-8" export: a byte-order mark (before a
+	// quoted header or a comment too), CRLF.
+	for _, src := range []string{
+		"\ufeffname,image,class,cpu,memory_gib\r\nweb1,/i,risk-batch,1,4\r\n",
+		"\ufeff\"name\",\"image\",\"class\",\"cpu\",\"memory_gib\"\n\"web1\",\"/i\",\"risk-batch\",\"1\",\"4\"\n",
+		"\ufeff# exported\nname,image,class,cpu,memory_gib\nweb1,/i,risk-batch,1,4\n",
+	} {
+		if vms, err := ParseInventory(strings.NewReader(src)); err != nil || len(vms) != 1 || vms[0].Name != "web1" {
+			t.Errorf("%q: %+v %v", src, vms, err)
+		}
 	}
 	for _, tc := range []struct{ src, want string }{
 		{"name,image,class,cpu\n", `column "memory_gib" is missing`},

@@ -121,7 +121,7 @@ func TestApplyUnderAnotherPolicy(t *testing.T) {
 	sock, posts := fakeGateway(t, "gw-zrh", "onprem-zrh", "bank v2 (sha256:bbbbbbbbbbbb)", nil)
 	plan := writePlan(t, auditPlan, nil)
 	out, errs, code := runCLI(t, "migrate", "apply", plan, "--socket", sock)
-	if len(posts()) != 0 || code == 0 || !strings.Contains(errs, "plan again") {
+	if len(posts()) != 0 || code == 0 || !strings.Contains(errs, "not started yet (vm1)") {
 		t.Errorf("exit %d, %d sends, %s %s; want it refused (plan made under v1, gateway enforces v2)", code, len(posts()), out, errs)
 	}
 	if _, errs, code := runCLI(t, "migrate", "apply", plan, "--policy-changed-ok", "--socket", sock); code != 0 || len(posts()) != 1 {
@@ -183,5 +183,53 @@ func TestApplyFollowsAMigrationWhoseStreamBroke(t *testing.T) {
 	out, errs, code := runCLI(t, "migrate", "apply", plan, "--socket", sock)
 	if code != 0 || polls.Load() < 3 || !strings.Contains(out, "1 of 1 VMs migrated") {
 		t.Fatalf("exit %d after %d looks; out %s err %s; want the migration followed to its end", code, polls.Load(), out, errs)
+	}
+}
+
+// TestApplyResumeKeepsItsPaceUnlessTold: a run again without --streams
+// or --bwlimit resumes a migration at its own pace; the default of
+// --streams was sent as if asked.
+func TestApplyResumeKeepsItsPaceUnlessTold(t *testing.T) {
+	const id = "aaaaaaaaaaaaaaaa"
+	sock, posts := fakeGateway(t, "gw-zrh", "onprem-zrh", auditPlan.Policy,
+		map[string]*migrate.SendRecord{id: {ID: id, State: migrate.StateFailed, Streams: 8, BWLimit: 200e6}})
+	plan := writePlan(t, auditPlan, map[string]*vmState{"vm1": {ID: id, From: "gw-zrh", To: "gw-fra", State: migrate.StateFailed, Attempts: 1}})
+	if _, errs, code := runCLI(t, "migrate", "apply", plan, "--socket", sock); code != 0 {
+		t.Fatalf("exit %d %s", code, errs)
+	}
+	if p := posts(); len(p) != 1 || strings.Contains(p[0], `"streams"`) || strings.Contains(p[0], `"bwlimit"`) {
+		t.Errorf("resume body %q; want no pace asked", p)
+	}
+	// --bwlimit none lifts the cap it had.
+	os.Remove(plan + ".state")
+	plan = writePlan(t, auditPlan, map[string]*vmState{"vm1": {ID: id, From: "gw-zrh", To: "gw-fra", State: migrate.StateFailed, Attempts: 1}})
+	runCLI(t, "migrate", "apply", plan, "--bwlimit", "none", "--socket", sock)
+	if p := posts(); len(p) != 2 || !strings.Contains(p[1], `"bwlimit":-1`) {
+		t.Errorf("resume body with --bwlimit none: %q; want the cap lifted (-1)", p)
+	}
+}
+
+// TestApplyLegacyStateOnSibling: a state file of an earlier release does
+// not say which gateway ran a migration; through a sibling of the
+// plan's gateway, which does not know it, the VM is sent anew rather
+// than reported forgotten at every run.
+func TestApplyLegacyStateOnSibling(t *testing.T) {
+	sock, posts := fakeGateway(t, "gw-zrh-2", "onprem-zrh", auditPlan.Policy, nil)
+	plan := writePlan(t, auditPlan, map[string]*vmState{"vm1": {ID: "aaaaaaaaaaaaaaaa", To: "gw-fra", State: migrate.StateRunning, Attempts: 1}})
+	if _, errs, code := runCLI(t, "migrate", "apply", plan, "--socket", sock); code != 0 || len(posts()) != 1 {
+		t.Errorf("exit %d, %d sends, %s; want vm1 sent from the sibling", code, len(posts()), errs)
+	}
+}
+
+// TestApplyUnderAnotherPolicyFollowsWhatRuns: a plan whose VMs have all
+// started goes on under a new policy (the gateway judges each resume);
+// only VMs not started yet are held to the plan's policy.
+func TestApplyUnderAnotherPolicyFollowsWhatRuns(t *testing.T) {
+	const id = "aaaaaaaaaaaaaaaa"
+	sock, posts := fakeGateway(t, "gw-zrh", "onprem-zrh", "bank v2 (sha256:bbbbbbbbbbbb)",
+		map[string]*migrate.SendRecord{id: {ID: id, State: migrate.StateFailed}})
+	plan := writePlan(t, auditPlan, map[string]*vmState{"vm1": {ID: id, From: "gw-zrh", To: "gw-fra", State: migrate.StateFailed, Attempts: 1}})
+	if _, errs, code := runCLI(t, "migrate", "apply", plan, "--socket", sock); code != 0 || len(posts()) != 1 {
+		t.Errorf("exit %d, %d sends, %s; want the started VM resumed", code, len(posts()), errs)
 	}
 }

@@ -166,7 +166,7 @@ func migrateApplyCommand() *cli.Command {
 		Flags: append(append([]cli.Flag(nil), socketFlags...), jsonFlag,
 			&cli.IntFlag{Name: "parallel", Value: 4, Usage: "migrations at a time"},
 			&cli.IntFlag{Name: "streams", Value: 2, Usage: "TLS streams per migration"},
-			&cli.StringFlag{Name: "bwlimit", Usage: "bandwidth cap per migration, e.g. 200MB/s (on resumed migrations too)"},
+			&cli.StringFlag{Name: "bwlimit", Usage: "bandwidth cap per migration, e.g. 200MB/s; given, it applies to resumed migrations too (none: lift their cap)"},
 			&cli.BoolFlag{Name: "policy-changed-ok", Usage: "apply a plan made under another policy than the gateway enforces now (each migration is still judged under the policy in force)"}),
 		Action: migrateApply,
 	}
@@ -203,11 +203,15 @@ func migrateApply(c *cli.Context) error {
 	if c.Int("parallel") < 1 {
 		return usageError("--parallel %d: at least 1", c.Int("parallel"))
 	}
-	var bw int64
-	if s := c.String("bwlimit"); s != "" {
+	var bw int64 // 0: none for a new migration, a resumed one's own
+	switch s := c.String("bwlimit"); s {
+	case "":
+	case "none":
+		bw = -1 // a resumed migration's cap lifted too
+	default:
 		var err error
 		if bw, err = parseRate(s); err != nil {
-			return usageError("--bwlimit: %v", err)
+			return usageError("--bwlimit: %v, or none", err)
 		}
 	}
 	cl, err := controlClient(c)
@@ -290,12 +294,6 @@ func migrateApply(c *cli.Context) error {
 	if err != nil {
 		return fmt.Errorf("nothing applied: %w", err)
 	}
-	// The plan ranked destinations by what the policy said then (those a
-	// rule allows first, exceptions and audit mode last): under another
-	// policy its choices may no longer be the ones it would make.
-	if plan.Policy != "" && gs.Policy != plan.Policy && !c.Bool("policy-changed-ok") {
-		return fmt.Errorf("nothing applied: %s was made under policy %s, and the gateway enforces %s now: plan again (each VM already migrated is sent again as the chunks it lacks, nothing), or apply it as it is with --policy-changed-ok", path, plan.Policy, dash(gs.Policy))
-	}
 	// The plan judged paths, hubs and throughput from the gateway it was
 	// made at; through another, the data would leave from elsewhere.
 	// Any gateway of the plan's site will do (a sibling, after a
@@ -316,6 +314,23 @@ func migrateApply(c *cli.Context) error {
 					started[pl.Name] = r.ID
 				}
 			}
+		}
+	}
+	// The plan ranked destinations by what the policy said then (those a
+	// rule allows first, exceptions and audit mode last): under another
+	// policy its choices may no longer be the ones it would make. VMs
+	// under way are followed and resumed (the gateway judges each under
+	// the policy in force); new ones are not started on the old ranking.
+	if plan.Policy != "" && gs.Policy != plan.Policy && !c.Bool("policy-changed-ok") {
+		var fresh []string
+		for _, pl := range plan.Placements {
+			if vs := st.VMs[pl.Name]; (vs == nil || vs.ID == "" && vs.State != migrate.StateDone) && started[pl.Name] == "" {
+				fresh = append(fresh, pl.Name)
+			}
+		}
+		if len(fresh) > 0 {
+			return fmt.Errorf("nothing applied: %s was made under policy %s, and the gateway enforces %s now; %d VM(s) of it not started yet (%s) would be placed by the old policy's ranking: plan those again (a plan of its own), or apply it as it is with --policy-changed-ok (each migration is still judged under the policy in force)",
+				path, plan.Policy, dash(gs.Policy), len(fresh), strings.Join(fresh[:min(len(fresh), 5)], ", "))
 		}
 	}
 	get := func(name, to string) *vmState {
@@ -352,7 +367,7 @@ dispatch:
 		}
 		wg.Go(func() {
 			defer func() { <-sem }()
-			applyOne(ctx, cl, gs.Node, pl, vs, &mu, save, c.Int("streams"), bw)
+			applyOne(ctx, cl, gs.Node, plan.From, pl, vs, &mu, save, c.Int("streams"), c.IsSet("streams"), bw)
 			save()
 		})
 	}
@@ -365,7 +380,10 @@ dispatch:
 
 // applyOne runs (or resumes, or waits for) one VM's migration and records
 // its outcome in vs.
-func applyOne(ctx context.Context, cl *mesh.Client, node string, pl migrate.Placement, vs *vmState, mu *sync.Mutex, save func(), streams int, bw int64) {
+//
+// A resumed migration keeps its pace unless this apply was told one:
+// streamsSet, bw other than 0.
+func applyOne(ctx context.Context, cl *mesh.Client, node, planFrom string, pl migrate.Placement, vs *vmState, mu *sync.Mutex, save func(), streams int, streamsSet bool, bw int64) {
 	mu.Lock()
 	req := mesh.MigrationRequest{Image: pl.Image, To: pl.To, Class: pl.Class, Name: pl.Name, Streams: streams, BWLimit: bw}
 	id := ""
@@ -374,8 +392,11 @@ func applyOne(ctx context.Context, cl *mesh.Client, node string, pl migrate.Plac
 	}
 	if id != "" && vs.From != "" && vs.From != node {
 		// Run by another gateway of the site (this one took over after a
-		// failover), which this one does not know: sent anew from here,
-		// the destination takes what it holds already as its own.
+		// failover), which this one does not know: sent anew from here.
+		// The destination resumes only a migration of the gateway that
+		// began it, so this one sends the image whole (less an earlier
+		// version stored there); while the other's transfer is still
+		// open there, it is refused, and a later apply sends it.
 		id = ""
 	}
 	prev := *vs // what stands if an interruption leaves nothing to say
@@ -390,6 +411,11 @@ func applyOne(ctx context.Context, cl *mesh.Client, node string, pl migrate.Plac
 		// durable at the destination).
 		s, serr := cl.Migration(ctx, id)
 		switch {
+		case errors.Is(serr, mesh.ErrNoSuchMigration) && vs.From == "" && planFrom != "" && node != planFrom:
+			// A state file of an earlier release does not say which
+			// gateway ran it; unknown here, on a sibling of the gateway
+			// the plan was made at, it was that one's: sent anew.
+			id = ""
 		case errors.Is(serr, mesh.ErrNoSuchMigration):
 			// Forgotten (it ended over migrate.SendsKept ago): it may
 			// have been stored, and in use since, so it is not sent
@@ -404,7 +430,12 @@ func applyOne(ctx context.Context, cl *mesh.Client, node string, pl migrate.Plac
 		case serr == nil && s.Record != nil && s.Record.State == migrate.StateDone:
 			final = &mesh.MigrationEvent{ID: id, Record: s.Record}
 		}
-		req = mesh.MigrationRequest{ID: id, Streams: streams, BWLimit: bw}
+		if id != "" {
+			req = mesh.MigrationRequest{ID: id, BWLimit: bw}
+			if streamsSet {
+				req.Streams = streams
+			}
+		}
 	}
 	if final == nil && err == nil {
 		mu.Lock()

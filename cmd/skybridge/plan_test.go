@@ -199,7 +199,7 @@ func TestApplyForgottenMigration(t *testing.T) {
 	defer srv.Close()
 	vs := &vmState{ID: "cccccccccccccccc", State: migrate.StateFailed}
 	pl := migrate.Placement{VM: migrate.VM{Name: "vm1", Image: "/images/vm1.qcow2", Class: "pii-eu"}, To: "aws-eu-central-1"}
-	applyOne(t.Context(), mesh.NewClient(sock), "gw-zrh", pl, vs, &sync.Mutex{}, func() {}, 4, 0)
+	applyOne(t.Context(), mesh.NewClient(sock), "gw-zrh", "gw-zrh", pl, vs, &sync.Mutex{}, func() {}, 4, false, 0)
 	mu.Lock()
 	defer mu.Unlock()
 	if want := []string{"GET /v1/migrations/cccccccccccccccc"}; !slices.Equal(asked, want) {
