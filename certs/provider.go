@@ -238,7 +238,7 @@ func (p *Provider) obtain(ctx context.Context, attrs Attributes) (*NodeIdentity,
 		// Two would each ask with a key of their own, and the CA would
 		// take the second for a copy of the key renewing again; after
 		// the lock, the second takes up what the first renewed.
-		unlock, lerr := lockFile(filepath.Join(p.s.dir, fileRenewLock))
+		unlock, lerr := lockFileContext(ctx, filepath.Join(p.s.dir, fileRenewLock))
 		if lerr != nil {
 			return nil, nil, lerr
 		}

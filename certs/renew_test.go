@@ -459,3 +459,37 @@ func TestRenewalsOfOneDirectoryAtOnce(t *testing.T) {
 		t.Fatalf("the renewal's key is left beside the certificate it got: %v", err)
 	}
 }
+
+// TestRenewLockGivesUpWithItsContext: a renewal waiting for another
+// process's (stopped with Ctrl-Z, say) gives up when its context ends: a
+// gateway stopping does not wait for it.
+func TestRenewLockGivesUpWithItsContext(t *testing.T) {
+	ca := newTestCA(t)
+	dir := filepath.Join(t.TempDir(), "id")
+	attrs := testAttrs("gw1", "fra", "100.96.0.1")
+	if err := issue(t, ca, attrs, time.Now().Add(-20*time.Hour), 30*time.Hour).Save(dir, trust(t, ca)); err != nil {
+		t.Fatal(err)
+	}
+	unlock, err := lockFile(filepath.Join(dir, fileRenewLock)) // the other process's
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unlock()
+	p, err := Open(context.Background(), Config{Dir: dir, RenewFrom: []string{startRenewEndpoint(t, ca)}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { _, _, err := p.obtain(ctx, attrs); done <- err }()
+	select {
+	case err := <-done:
+		if !errors.Is(err, context.DeadlineExceeded) {
+			t.Fatalf("obtain while another renewal holds the lock: %v; want it given up with its context", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("obtain waited for the lock after its context ended")
+	}
+}
