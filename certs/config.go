@@ -287,7 +287,20 @@ func (c *Config) validate() (*settings, error) {
 		a := &v.Auth
 		switch a.Method {
 		case "token":
+			// AppRole settings beside token would be ignored, and the
+			// gateway log in with whatever token $VAULT_TOKEN holds.
+			for _, f := range []struct{ name, v string }{{"role_id", a.RoleID}, {"role_id_file", a.RoleIDFile}, {"secret_id_file", a.SecretIDFile}, {"secret_id_env", a.SecretIDEnv}, {"mount", a.Mount}} {
+				if f.v != "" {
+					errs = append(errs, hclconf.Errorf(a.Body, f.name, "%s is for method = \"approle\"; with method = \"token\" it would be ignored: remove it, or set method = \"approle\"", f.name))
+				}
+			}
+			if a.Wrapped {
+				errs = append(errs, hclconf.Errorf(a.Body, "wrapped", "wrapped is for method = \"approle\" (a wrapped SecretID); with method = \"token\" it would be ignored"))
+			}
 		case "approle":
+			if a.TokenFile != "" {
+				errs = append(errs, hclconf.Errorf(a.Body, "token_file", "token_file is for method = \"token\"; with method = \"approle\" it would be ignored: remove it"))
+			}
 			if (a.RoleID == "") == (a.RoleIDFile == "") {
 				errs = append(errs, hclconf.Errorf(a.Body, "role_id", "approle needs exactly one of role_id and role_id_file"))
 			}

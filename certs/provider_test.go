@@ -448,3 +448,24 @@ func TestConfigBounds(t *testing.T) {
 		}
 	}
 }
+
+// TestVaultAuthRefusesWhatItsMethodIgnores: AppRole settings beside
+// method = "token" were ignored, and the gateway logged in with whatever
+// token $VAULT_TOKEN held; token_file beside approle likewise.
+func TestVaultAuthRefusesWhatItsMethodIgnores(t *testing.T) {
+	for _, tc := range []struct {
+		auth VaultAuth
+		want string
+	}{
+		{VaultAuth{Method: "token", RoleID: "r", SecretIDFile: "/run/sid"}, "role_id is for method = \"approle\""},
+		{VaultAuth{Method: "token", Wrapped: true}, "wrapped is for method = \"approle\""},
+		{VaultAuth{Method: "approle", RoleID: "r", SecretIDFile: "/run/sid", TokenFile: "/t"}, "token_file is for method = \"token\""},
+		{VaultAuth{Method: "token", TokenFile: "/t"}, ""},
+	} {
+		c := Config{Dir: "/x", Backend: BackendVault, Vault: &VaultConfig{PKIRole: "r", Auth: tc.auth}}
+		_, err := c.validate()
+		if tc.want == "" && err != nil || tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)) {
+			t.Errorf("%+v: %v; want %q", tc.auth, err, tc.want)
+		}
+	}
+}

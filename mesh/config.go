@@ -353,6 +353,10 @@ func (c *Config) validate() (*Settings, error) {
 		op.Body, op.TokenFile = c.Operator.Body, c.Operator.TokenFile
 		if c.Operator.Listen != "" {
 			op.Listen = c.Operator.Listen
+		} else if setBlank(c.Operator.Body, "listen") {
+			// A template that rendered nothing where "off" was meant
+			// would otherwise turn the endpoint on at its default.
+			errs = append(errs, hclconf.Errorf(c.Operator.Body, "listen", "is empty: give an address, or \"off\", or remove it for 127.0.0.1:%d", DefaultOperatorPort))
 		}
 	}
 	if err := s.operator(op); err != nil {
@@ -410,6 +414,11 @@ func (s *Settings) enroll(e *EnrollConfig) error {
 	if listen == "off" {
 		return nil
 	}
+	for _, a := range []struct{ name, v string }{{"listen", listen}, {"advertise", advertise}} {
+		if a.v == "" && setBlank(body, a.name) {
+			return hclconf.Errorf(body, a.name, "is empty: give an address (listen may be \"off\"), or remove it for the default")
+		}
+	}
 	if s.Identity.CADir == "" {
 		if listen != "" || advertise != "" {
 			return hclconf.Errorf(body, "listen", "only a gateway holding the mesh CA (identity.ca_dir) enrols burst gateways; remove the enroll block")
@@ -433,6 +442,17 @@ func (s *Settings) enroll(e *EnrollConfig) error {
 		return hclconf.Errorf(body, "advertise", "join tokens must name an address and port burst gateways can reach (%v); set advertise", err)
 	}
 	return nil
+}
+
+// setBlank reports whether body sets attribute name at all: a blank
+// value given, as opposed to none (the default).
+func setBlank(body hcl.Body, name string) bool {
+	if body == nil {
+		return false
+	}
+	attrs, _ := body.JustAttributes()
+	_, ok := attrs[name]
+	return ok
 }
 
 // reachable refuses an address others cannot be sent to: the unspecified

@@ -99,6 +99,11 @@ func TestLoadConfigErrors(t *testing.T) {
 		{"unspecified endpoint", `interface = "sb0"`, "interface = \"sb0\"\n  endpoints = [\"0.0.0.0\"]", "endpoints: \"0.0.0.0\": no address to reach"},
 		{"empty policy file", `interface = "sb0"`, "interface = \"sb0\"\n}\npolicy {\n  file = \"\"", "file: is empty: name the signed residency policy"},
 		{"empty control socket", `interface = "sb0"`, "interface = \"sb0\"\n}\ncontrol {\n  socket = \" \"", "socket: is empty"},
+		// A template that rendered nothing where "off" was meant turned
+		// the endpoint on at its default.
+		{"empty operator listen", `interface = "sb0"`, "interface = \"sb0\"\n}\noperator {\n  listen = \"\"", "listen: is empty"},
+		{"empty enroll listen", `interface = "sb0"`, "interface = \"sb0\"\n}\nenroll {\n  listen = \"\"", "listen: is empty"},
+		{"empty enroll advertise", `interface = "sb0"`, "interface = \"sb0\"\n}\nenroll {\n  advertise = \"\"", "advertise: is empty"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := LoadConfig(writeConfig(t, strings.Replace(goodConfig, tc.old, tc.new, 1)))

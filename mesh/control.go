@@ -78,7 +78,7 @@ func (g *Gateway) serveControl() (io.Closer, error) {
 	})
 	mux.HandleFunc("POST /v1/policy", func(w http.ResponseWriter, r *http.Request) {
 		var req struct{ Policy, Signature []byte }
-		if err := json.NewDecoder(io.LimitReader(r.Body, 4<<20)).Decode(&req); err != nil {
+		if err := decodeRequest(r.Body, 4<<20).Decode(&req); err != nil {
 			http.Error(w, err.Error(), http.StatusBadRequest)
 			return
 		}
@@ -99,7 +99,7 @@ func (g *Gateway) serveControl() (io.Closer, error) {
 	})
 	mux.HandleFunc("POST /v1/migrations", func(w http.ResponseWriter, r *http.Request) {
 		var req MigrationRequest
-		if err := json.NewDecoder(io.LimitReader(r.Body, 1<<20)).Decode(&req); err != nil {
+		if err := decodeRequest(r.Body, 1<<20).Decode(&req); err != nil {
 			http.Error(w, err.Error(), http.StatusBadRequest)
 			return
 		}
@@ -110,7 +110,7 @@ func (g *Gateway) serveControl() (io.Closer, error) {
 		// another --bwlimit); the rest is the migration's own. A client
 		// of an earlier release sends no body, or null.
 		var pace MigrationRequest
-		if err := json.NewDecoder(io.LimitReader(r.Body, 1<<20)).Decode(&pace); err != nil && !errors.Is(err, io.EOF) {
+		if err := decodeRequest(r.Body, 1<<20).Decode(&pace); err != nil && !errors.Is(err, io.EOF) {
 			http.Error(w, err.Error(), http.StatusBadRequest)
 			return
 		}
@@ -121,7 +121,7 @@ func (g *Gateway) serveControl() (io.Closer, error) {
 	})
 	mux.HandleFunc("POST /v1/plan", func(w http.ResponseWriter, r *http.Request) {
 		var req PlanRequest
-		if err := json.NewDecoder(io.LimitReader(r.Body, 16<<20)).Decode(&req); err != nil {
+		if err := decodeRequest(r.Body, 16<<20).Decode(&req); err != nil {
 			http.Error(w, err.Error(), http.StatusBadRequest)
 			return
 		}
@@ -134,7 +134,7 @@ func (g *Gateway) serveControl() (io.Closer, error) {
 	})
 	mux.HandleFunc("POST /v1/bursts", func(w http.ResponseWriter, r *http.Request) {
 		var req BurstRequest
-		if err := json.NewDecoder(io.LimitReader(r.Body, 1<<20)).Decode(&req); err != nil {
+		if err := decodeRequest(r.Body, 1<<20).Decode(&req); err != nil {
 			http.Error(w, err.Error(), http.StatusBadRequest)
 			return
 		}
@@ -153,7 +153,7 @@ func (g *Gateway) serveControl() (io.Closer, error) {
 		var req struct {
 			VaultToken string `json:"vault_token"`
 		}
-		if err := json.NewDecoder(io.LimitReader(r.Body, 64<<10)).Decode(&req); err != nil && !errors.Is(err, io.EOF) {
+		if err := decodeRequest(r.Body, 64<<10).Decode(&req); err != nil && !errors.Is(err, io.EOF) {
 			http.Error(w, err.Error(), http.StatusBadRequest)
 			return
 		}
@@ -188,7 +188,7 @@ func (g *Gateway) serveControl() (io.Closer, error) {
 		var req struct {
 			Reason string `json:"reason"`
 		}
-		if err := json.NewDecoder(io.LimitReader(r.Body, 64<<10)).Decode(&req); err != nil {
+		if err := decodeRequest(r.Body, 64<<10).Decode(&req); err != nil {
 			http.Error(w, err.Error(), http.StatusBadRequest)
 			return
 		}
@@ -244,6 +244,16 @@ func (g *Gateway) serveGraph(w http.ResponseWriter, r *http.Request) {
 	default:
 		reply(w, mg, nil)
 	}
+}
+
+// decodeRequest reads a request of the CLI, up to limit bytes, refusing
+// a field this gateway does not know: asked of a gateway of an earlier
+// release than the CLI's, a setting it would drop (a pace, a format) is
+// an error saying so, not ignored.
+func decodeRequest(body io.Reader, limit int64) *json.Decoder {
+	d := json.NewDecoder(io.LimitReader(body, limit))
+	d.DisallowUnknownFields()
+	return d
 }
 
 // MigrationStatus is a migration's record and, while it runs, its progress.

@@ -185,8 +185,12 @@ func caIssue(c *cli.Context) error {
 		if err != nil {
 			return fmt.Errorf("%s: %w", csrPath, err)
 		}
-		if asked.Node != attrs.Node || asked.OverlayIP != attrs.OverlayIP {
-			return fmt.Errorf("%s asks for node %s with overlay IP %s, but the flags say %s with %s", csrPath, asked.Node, asked.OverlayIP, attrs.Node, attrs.OverlayIP)
+		// What the gateway asked for is what its node block says: a
+		// certificate of other attributes would be refused by it at its
+		// start (and a site, jurisdiction or label decided here by a
+		// flag the CSR contradicts is a mistake either side).
+		if !asked.Equal(&attrs) {
+			return fmt.Errorf("%s asks for other attributes than the flags (CSR → flags: %s): issue what the gateway asked for, or have it make a new CSR (skybridge identity csr)", csrPath, strings.Join(asked.Differences(&attrs), ", "))
 		}
 		if err := certs.CheckKeyFor(out, csr.PublicKey); err != nil {
 			return usageError("--out %v", err)

@@ -194,11 +194,18 @@ func requestSites(c *cli.Context) ([]policy.Site, error) {
 		return nil, errors.New("--site-attrs describes one site; use --inventory for a path of several")
 	}
 	s := policy.Site{Name: names[0]}
+	given := map[string]bool{}
 	for _, kv := range attrs {
 		k, v, ok := strings.Cut(kv, "=")
 		if !ok {
 			return nil, fmt.Errorf("--site-attrs %q is not KEY=VALUE", kv)
 		}
+		// The last of two would decide, in silence: CH then US is a US
+		// site's decision.
+		if given[k] {
+			return nil, fmt.Errorf("--site-attrs %s is given twice: give each attribute once", k)
+		}
+		given[k] = true
 		switch {
 		case k == "provider":
 			s.Provider = v

@@ -443,10 +443,16 @@ func TestIssueWithCSR(t *testing.T) {
 	if key2, _ := os.ReadFile(filepath.Join(gwKeyDir, "node.key")); !bytes.Equal(key, key2) {
 		t.Fatal("ca issue --csr touched the gateway's key")
 	}
-	// A CSR for another node is refused.
+	// A CSR for another node is refused, and one whose site or
+	// jurisdiction the flags contradict: the certificate was issued as
+	// the flags said, and the gateway refused it at its start.
 	_, errs, code := runCLI(t, issueArgs(ca, filepath.Join(dir, "gw2"), "gw2", "100.96.0.2", "--csr", csr)...)
-	if code == 0 || !strings.Contains(errs, "asks for node gw1") {
+	if code == 0 || !strings.Contains(errs, "asks for other attributes") || !strings.Contains(errs, "gw1") {
 		t.Fatalf("mismatched CSR: exit %d %s", code, errs)
+	}
+	_, errs, code = runCLI(t, withFlag(withFlag(issueArgs(ca, filepath.Join(dir, "gw3"), "gw1", "100.96.0.1", "--csr", csr), "--jurisdiction", "DE"), "--site", "aws-fra")...)
+	if code == 0 || !strings.Contains(errs, "asks for other attributes") || !strings.Contains(errs, "jurisdiction") {
+		t.Fatalf("a CSR the flags' site and jurisdiction contradict: exit %d %s", code, errs)
 	}
 	// Into a directory whose identity has another key, it is refused
 	// before anything is issued, and that identity stays usable.

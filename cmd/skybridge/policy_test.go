@@ -50,6 +50,9 @@ func TestPolicyCheckExitCodes(t *testing.T) {
 			"--site-attrs", "provider=aws", "--site-attrs", "jurisdiction=Germany"}, 2, "", `jurisdiction "GERMANY" is not an ISO 3166-1`},
 		{"site attributes without a region", []string{"policy", "check", "--policy", examplePolicy, "--class", "pii-eu", "--action", "store", "--site", "x",
 			"--site-attrs", "provider=aws", "--site-attrs", "jurisdiction=DE"}, 2, "", `region "" is not valid`},
+		// The last of two decided, in silence.
+		{"a site attribute given twice", []string{"policy", "check", "--policy", examplePolicy, "--class", "pii-eu", "--action", "store", "--site", "x",
+			"--site-attrs", "provider=aws", "--site-attrs", "region=eu-west-3", "--site-attrs", "jurisdiction=CH", "--site-attrs", "jurisdiction=US"}, 2, "", `--site-attrs jurisdiction is given twice`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -468,6 +468,14 @@ func Verify(r io.Reader, tb *certs.TrustBundle) (*Report, error) {
 		if !ok || !ecdsa.VerifyASN1(pub, d, rec.Sig) {
 			return rep, fmt.Errorf("line %d: signature does not verify: the record was changed", line)
 		}
+		// The signature covers the record as decoded, and decoding drops
+		// a key the record does not have, the first of two copies of one,
+		// one in other case: the last line, which no next record's link
+		// covers, could carry them unseen. Lines are written as the
+		// record's own encoding (appendTo), and must read back as it.
+		if canon, err := json.Marshal(&rec); err != nil || !bytes.Equal(canon, raw) {
+			return rep, fmt.Errorf("line %d: not as the gateway wrote it (a key added, repeated or in other case): the record was changed", line)
+		}
 		if rep.Records == 0 {
 			rep.First = rec.Time
 		}

@@ -67,6 +67,12 @@ func TestAppendVerify(t *testing.T) {
 		"reordered":         {lines[1] + lines[0] + lines[2], tb, "line 1: chain broken"},
 		"cut mid-record":    {lines[0] + lines[1][:20] + "\n" + lines[2], tb, "line 2: not a record"},
 		"another mesh's CA": {string(b), foreignTB, "line 1: signer"},
+		// The last line has no next record's link over it: keys the
+		// decoder drops (unknown, a first copy, other case) would pass
+		// its signature.
+		"a key added to the last record":  {lines[0] + lines[1] + strings.Replace(lines[2], `{"seq":3,`, `{"seq":3,"approved_by":"ciso",`, 1), tb, "line 3: not as the gateway wrote it"},
+		"a key given twice in the last":   {lines[0] + lines[1] + strings.Replace(lines[2], `"event":"migration"`, `"event":"migration.approved","event":"migration"`, 1), tb, "line 3: not as the gateway wrote it"},
+		"a key in other case in the last": {lines[0] + lines[1] + strings.Replace(lines[2], `"event":"migration"`, `"EVENT":"approved","event":"migration"`, 1), tb, "line 3: not as the gateway wrote it"},
 	} {
 		if _, err := Verify(strings.NewReader(tc.log), tc.tb); err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%s: err = %v, want %q", name, err, tc.want)
