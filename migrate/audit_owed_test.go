@@ -61,23 +61,7 @@ func TestResumeWritesTheEarlierAttemptsRecord(t *testing.T) {
 // TestOwedRecordWrittenOnce: records written at once (sessions, a
 // removal) write an owed record once, not once each.
 func TestOwedRecordWrittenOnce(t *testing.T) {
-	var p *pair
-	var good []byte
-	p = newPairWith(t, "DE", func(c *ReceiverConfig) {
-		c.afterRename = func() error {
-			good, _ = os.ReadFile(p.recvAudit.Path())
-			return os.WriteFile(p.recvAudit.Path(), append(slices.Clone(good), "not a record\n"...), 0o600)
-		}
-	})
-	raw := filepath.Join(p.dir, "vm.raw")
-	makeRaw(t, raw, 4*mib, map[int64]int{0: mib})
-	if _, err := Send(context.Background(), p.config(raw, "pii-eu")); err != nil {
-		t.Fatal(err)
-	}
-	owed, _ := p.recvJ.auditOwed()
-	if len(owed) != 1 {
-		t.Fatal(owed)
-	}
+	p, owed, good := pairOwingARecord(t)
 	os.WriteFile(p.recvAudit.Path(), good, 0o600)
 	var wg sync.WaitGroup
 	for range 4 {
@@ -86,7 +70,7 @@ func TestOwedRecordWrittenOnce(t *testing.T) {
 	wg.Wait()
 	n := 0
 	for _, r := range p.recvRecords(t) {
-		if r.Fields["migration_id"] == owed[0].ID && r.Fields["outcome"] == "done" {
+		if r.Fields["migration_id"] == owed.ID && r.Fields["outcome"] == "done" {
 			n++
 		}
 	}

@@ -2130,25 +2130,9 @@ func TestReceiverRecordsAfterAFailure(t *testing.T) {
 // receiver's next one, or at its next start; before, it went with the
 // staged entry and no record was ever written.
 func TestReceiverOwesRecord(t *testing.T) {
-	var p *pair
-	var good []byte
-	p = newPairWith(t, "DE", func(c *ReceiverConfig) {
-		c.afterRename = func() error {
-			// The log damaged as the image is stored (a disk filling up
-			// makes appends fail the same way).
-			good, _ = os.ReadFile(p.recvAudit.Path())
-			return os.WriteFile(p.recvAudit.Path(), append(slices.Clone(good), "not a record\n"...), 0o600)
-		}
-	})
-	raw := filepath.Join(p.dir, "vm.raw")
-	makeRaw(t, raw, 4*mib, map[int64]int{0: mib})
-	if rec, err := Send(context.Background(), p.config(raw, "pii-eu")); err != nil || rec.State != StateDone {
-		t.Fatalf("send: %v %+v", err, rec)
-	}
-	p.stored(raw)
-	owed, err := p.recvJ.auditOwed()
-	if err != nil || len(owed) != 1 || owed[0].Fields["outcome"] != "done" {
-		t.Fatalf("records owed: %+v, %v; want the stored image's", owed, err)
+	p, owed, good := pairOwingARecord(t)
+	if owed.Fields["outcome"] != "done" {
+		t.Fatalf("record owed: %+v; want the stored image's", owed)
 	}
 	// Repaired, the next start writes it.
 	p.recv.cfg.afterRename = nil
@@ -2162,12 +2146,37 @@ func TestReceiverOwesRecord(t *testing.T) {
 	if len(recs) == 0 {
 		t.Fatal("no record after the start; want the owed one")
 	}
-	if last := recs[len(recs)-1]; last.Fields["outcome"] != "done" || last.Fields["migration_id"] != owed[0].ID || last.Fields["recovered"] == nil {
+	if last := recs[len(recs)-1]; last.Fields["outcome"] != "done" || last.Fields["migration_id"] != owed.ID || last.Fields["recovered"] == nil {
 		t.Fatalf("last record after the start: %+v; want the owed one", last)
 	}
 	if owed, _ := p.recvJ.auditOwed(); len(owed) != 0 {
 		t.Fatalf("still owed after it was written: %+v", owed)
 	}
+}
+
+// pairOwingARecord is a pair whose receiver stored an image while its
+// audit log could not take the record (damaged as the image was stored;
+// a disk filling up makes appends fail the same way): the record owed,
+// and the log as it was before, to repair it with.
+func pairOwingARecord(t *testing.T) (p *pair, owed owedRecord, good []byte) {
+	t.Helper()
+	p = newPairWith(t, "DE", func(c *ReceiverConfig) {
+		c.afterRename = func() error {
+			good, _ = os.ReadFile(p.recvAudit.Path())
+			return os.WriteFile(p.recvAudit.Path(), append(slices.Clone(good), "not a record\n"...), 0o600)
+		}
+	})
+	raw := filepath.Join(p.dir, "vm.raw")
+	makeRaw(t, raw, 4*mib, map[int64]int{0: mib})
+	if rec, err := Send(context.Background(), p.config(raw, "pii-eu")); err != nil || rec.State != StateDone {
+		t.Fatalf("send: %v %+v", err, rec)
+	}
+	p.stored(raw)
+	all, err := p.recvJ.auditOwed()
+	if err != nil || len(all) != 1 {
+		t.Fatalf("records owed: %+v, %v; want the stored image's", all, err)
+	}
+	return p, all[0], good
 }
 
 // TestCancelAfterCommit: a migration cancelled once its commit is sent

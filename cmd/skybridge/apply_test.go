@@ -23,14 +23,9 @@ import (
 // GET /v1/migrations/ID answers with known[ID] (404 if absent); POSTs are
 // recorded and answered "done".
 func fakeGateway(t *testing.T, node, site, pol string, known map[string]*migrate.SendRecord) (string, func() []string) {
-	sock := filepath.Join(t.TempDir(), "control.sock")
-	ln, err := net.Listen("unix", sock)
-	if err != nil {
-		t.Fatal(err)
-	}
 	var mu sync.Mutex
 	var posts []string
-	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	sock := controlSocket(t, func(w http.ResponseWriter, r *http.Request) {
 		switch {
 		case r.Method == http.MethodGet && r.URL.Path == "/v1/migrations":
 			json.NewEncoder(w).Encode(mesh.MigrationList{})
@@ -60,9 +55,7 @@ func fakeGateway(t *testing.T, node, site, pol string, known map[string]*migrate
 			}
 			json.NewEncoder(w).Encode(mesh.MigrationEvent{ID: id, Record: &migrate.SendRecord{ID: id, State: migrate.StateDone}})
 		}
-	})}
-	go srv.Serve(ln)
-	t.Cleanup(func() { srv.Close() })
+	})
 	return sock, func() []string {
 		mu.Lock()
 		defer mu.Unlock()
@@ -150,13 +143,8 @@ func TestApplyRefusesANameTwice(t *testing.T) {
 // next VM beside it.
 func TestApplyFollowsAMigrationWhoseStreamBroke(t *testing.T) {
 	const id = "dddddddddddddddd"
-	sock := filepath.Join(t.TempDir(), "control.sock")
-	ln, err := net.Listen("unix", sock)
-	if err != nil {
-		t.Fatal(err)
-	}
 	var polls atomic.Int32
-	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	sock := controlSocket(t, func(w http.ResponseWriter, r *http.Request) {
 		switch {
 		case r.Method == http.MethodGet && r.URL.Path == "/v1/migrations":
 			json.NewEncoder(w).Encode(mesh.MigrationList{})
@@ -176,9 +164,7 @@ func TestApplyFollowsAMigrationWhoseStreamBroke(t *testing.T) {
 			conn, _, _ := w.(http.Hijacker).Hijack()
 			conn.Close()
 		}
-	})}
-	go srv.Serve(ln)
-	t.Cleanup(func() { srv.Close() })
+	})
 	plan := writePlan(t, auditPlan, nil)
 	out, errs, code := runCLI(t, "migrate", "apply", plan, "--socket", sock)
 	if code != 0 || polls.Load() < 3 || !strings.Contains(out, "1 of 1 VMs migrated") {
@@ -232,4 +218,20 @@ func TestApplyUnderAnotherPolicyFollowsWhatRuns(t *testing.T) {
 	if _, errs, code := runCLI(t, "migrate", "apply", plan, "--socket", sock); code != 0 || len(posts()) != 1 {
 		t.Errorf("exit %d, %d sends, %s; want the started VM resumed", code, len(posts()), errs)
 	}
+}
+
+// controlSocket serves h as a gateway's control socket until the test
+// ends, and returns its path: a stand-in for the gateway when only the
+// CLI's logic is under test.
+func controlSocket(t *testing.T, h http.HandlerFunc) string {
+	t.Helper()
+	sock := filepath.Join(t.TempDir(), "control.sock")
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: h}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+	return sock
 }

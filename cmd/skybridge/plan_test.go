@@ -27,22 +27,15 @@ import (
 // ever. (The gateway's control socket stands in for the gateway: only the
 // client's logic is under test.)
 func TestWaitMigrationEndsWhenNothingRuns(t *testing.T) {
-	sock := filepath.Join(t.TempDir(), "control.sock")
-	ln, err := net.Listen("unix", sock)
-	if err != nil {
-		t.Fatal(err)
-	}
 	var polls atomic.Int32
-	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	sock := controlSocket(t, func(w http.ResponseWriter, r *http.Request) {
 		n := polls.Add(1)
 		st := mesh.MigrationStatus{Record: &migrate.SendRecord{ID: "aaaaaaaaaaaaaaaa", State: migrate.StateRunning}}
 		if n < 3 {
 			st.Progress = &migrate.Progress{ID: "aaaaaaaaaaaaaaaa", Phase: "transfer"} // still running
 		}
 		json.NewEncoder(w).Encode(st)
-	})}
-	go srv.Serve(ln)
-	defer srv.Close()
+	})
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	ev, err := waitMigration(ctx, mesh.NewClient(sock), "aaaaaaaaaaaaaaaa")
@@ -152,20 +145,13 @@ func TestApplyOneAtATime(t *testing.T) {
 // its answer, said as it is — not taken for a stream that broke, which
 // would say the gateway stopped.
 func TestResumeRefused(t *testing.T) {
-	sock := filepath.Join(t.TempDir(), "control.sock")
-	ln, err := net.Listen("unix", sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	sock := controlSocket(t, func(w http.ResponseWriter, r *http.Request) {
 		if r.Method == http.MethodPost {
 			http.Error(w, "no migration nosuch on this gateway", http.StatusNotFound)
 			return
 		}
 		http.Error(w, "no migration nosuch on this gateway", http.StatusNotFound)
-	})}
-	go srv.Serve(ln)
-	defer srv.Close()
+	})
 	_, errs, code := runCLI(t, "migrate", "resume", "nosuch", "--socket", sock)
 	if code != 1 || !strings.Contains(errs, "no migration nosuch") || strings.Contains(errs, "no longer answers") {
 		t.Errorf("exit %d, stderr %q; want exit 1 with the gateway's refusal only", code, errs)
@@ -177,14 +163,9 @@ func TestResumeRefused(t *testing.T) {
 // (refused at every run) nor sent again unasked (it may be stored and in
 // use): apply says so, and how to send it again.
 func TestApplyForgottenMigration(t *testing.T) {
-	sock := filepath.Join(t.TempDir(), "control.sock")
-	ln, err := net.Listen("unix", sock)
-	if err != nil {
-		t.Fatal(err)
-	}
 	var mu sync.Mutex
 	var asked []string
-	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	sock := controlSocket(t, func(w http.ResponseWriter, r *http.Request) {
 		mu.Lock()
 		asked = append(asked, r.Method+" "+r.URL.Path)
 		mu.Unlock()
@@ -194,9 +175,7 @@ func TestApplyForgottenMigration(t *testing.T) {
 		default:
 			http.Error(w, "busy", http.StatusServiceUnavailable) // the outcome is not under test
 		}
-	})}
-	go srv.Serve(ln)
-	defer srv.Close()
+	})
 	vs := &vmState{ID: "cccccccccccccccc", State: migrate.StateFailed}
 	pl := migrate.Placement{VM: migrate.VM{Name: "vm1", Image: "/images/vm1.qcow2", Class: "pii-eu"}, To: "aws-eu-central-1"}
 	applyOne(t.Context(), mesh.NewClient(sock), "gw-zrh", "gw-zrh", pl, vs, &sync.Mutex{}, func() {}, 4, false, 0)
@@ -264,20 +243,13 @@ func TestPlanOutNotOverInventory(t *testing.T) {
 // TestRotateGossipLeftOut: a forced rotation names the gateways it left
 // out and how each gets the new keyring — a file to copy, or Vault's.
 func TestRotateGossipLeftOut(t *testing.T) {
-	sock := filepath.Join(t.TempDir(), "control.sock")
-	ln, err := net.Listen("unix", sock)
-	if err != nil {
-		t.Fatal(err)
-	}
 	var keyring atomic.Value // the server's, set between requests
 	keyring.Store("")        // as a Vault mesh's gateway answers
 	var forced atomic.Bool
-	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	sock := controlSocket(t, func(w http.ResponseWriter, r *http.Request) {
 		forced.Store(r.URL.Query().Get("force") == "1")
 		json.NewEncoder(w).Encode(mesh.RotationReport{Members: []string{"op1"}, LeftOut: []string{"op2"}, Keyring: keyring.Load().(string), CAKeyring: "vault"})
-	})}
-	go srv.Serve(ln)
-	defer srv.Close()
+	})
 	out, errs, code := runCLI(t, "keys", "rotate-gossip", "--force", "--socket", sock)
 	if code != 0 || !forced.Load() || !strings.Contains(out, "left out, away: op2 — each takes the new keyring from Vault") {
 		t.Errorf("forced rotation of a Vault mesh: exit %d, %q, %q (forced %v)", code, out, errs, forced.Load())
@@ -295,17 +267,10 @@ func TestRotateGossipLeftOut(t *testing.T) {
 // canceled".
 func TestCancelledMigrationNotFailed(t *testing.T) {
 	const id = "aaaaaaaaaaaaaaaa"
-	sock := filepath.Join(t.TempDir(), "control.sock")
-	ln, err := net.Listen("unix", sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	sock := controlSocket(t, func(w http.ResponseWriter, r *http.Request) {
 		json.NewEncoder(w).Encode(mesh.MigrationEvent{ID: id, Error: "context canceled",
 			Record: &migrate.SendRecord{ID: id, State: migrate.StateCancelled, Error: "context canceled"}})
-	})}
-	go srv.Serve(ln)
-	defer srv.Close()
+	})
 	_, errs, code := runCLI(t, "migrate", "resume", id, "--socket", sock)
 	if code != 1 || !strings.Contains(errs, "migration "+id+" cancelled: skybridge migrate resume "+id) || strings.Contains(errs, "failed") {
 		t.Errorf("exit %d, stderr %q; want exit 1 saying it was cancelled and how to resume it", code, errs)
