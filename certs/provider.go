@@ -85,7 +85,7 @@ func Open(ctx context.Context, cfg Config, log *slog.Logger) (*Provider, error) 
 			p.issuer = ca
 		}
 		if len(s.renewFrom) > 0 {
-			p.renewer = &renewer{endpoints: s.renewFrom, dir: s.dir, log: log}
+			p.renewer = &renewer{endpoints: s.renewFrom, dir: s.dir}
 		}
 	case BackendVault:
 		v, err := openVault(ctx, s.vault, s.meshPrefix, log, s.rideOut)

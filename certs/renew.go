@@ -14,7 +14,6 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
-	"log/slog"
 	"net"
 	"net/http"
 	"net/netip"
@@ -123,6 +122,8 @@ func (ca *CA) Renew(cert *x509.Certificate, csrPEM []byte, now time.Time) (*x509
 			return fmt.Errorf("certificate %s of %q is not in the CA's index", serial, attrs.Node)
 		case idx.Certs[i].RevokedAt != nil:
 			return fmt.Errorf("certificate %s of %q is revoked (%s)", serial, attrs.Node, idx.Certs[i].Reason)
+		case latest < 0:
+			return fmt.Errorf("certificate %s of %q is not a gateway's in the CA's index", serial, attrs.Node)
 		case i == latest:
 		case idx.Certs[latest].RenewedFrom == serial && idx.Certs[latest].Key == key && idx.Certs[latest].RevokedAt == nil:
 		default:
@@ -214,7 +215,6 @@ func renewedElsewhere(dir string, attrs *Attributes, tb *TrustBundle, now time.T
 type renewer struct {
 	endpoints []string // host:port
 	dir       string
-	log       *slog.Logger
 }
 
 // Sign implements the part of Issuer a renewal needs. attrs are those of
