@@ -469,11 +469,23 @@ func (g *Gateway) RotateGossipKey(ctx context.Context, force bool) (*RotationRep
 
 // awayMembers are the gateways a gossip key rotation would leave behind:
 // verified once, now stopped (a leave notice says nothing of coming back),
-// declared dead, or remembered from before a restart and not heard from.
-// A gateway gone for good is revoked, and then no member any more.
+// declared dead, or remembered from before a restart and not heard from;
+// or alive and not verified now, with a certificate that still stands
+// (one run out while it runs, not valid yet by this clock, a renewal not
+// fetched yet): it holds the old key, and would keep only that. A
+// gateway gone for good is revoked, and then no member any more.
 func (g *Gateway) awayMembers() []string {
 	var out []string
+	burst := func(a *certs.Attributes) bool { return a.Labels[certs.BurstLabel] != "" }
+	for _, a := range g.members.away() {
+		if !burst(a.Attributes) {
+			out = append(out, a.node())
+		}
+	}
 	for _, m := range g.members.snapshot() {
+		if slices.Contains(out, m.Name) {
+			continue
+		}
 		if m.LastCert == nil {
 			continue
 		}
@@ -482,7 +494,7 @@ func (g *Gateway) awayMembers() []string {
 		// when they start), and a Vault burst's are not revoked at its
 		// end: "rotate after a burst" must not wait for them.
 		if c, err := x509.ParseCertificate(m.LastCert); err == nil {
-			if a, err := certs.AttributesOf(c); err == nil && a.Labels[certs.BurstLabel] != "" {
+			if a, err := certs.AttributesOf(c); err == nil && burst(a) {
 				continue
 			}
 		}
@@ -490,6 +502,7 @@ func (g *Gateway) awayMembers() []string {
 			out = append(out, m.Name)
 		}
 	}
+	slices.Sort(out)
 	return out
 }
 

@@ -292,3 +292,21 @@ func TestAwayMembers(t *testing.T) {
 		t.Fatalf("away: %v; want gw-dead alone", got)
 	}
 }
+
+// TestAwayMembersAliveUnverified: a gateway alive in gossip whose
+// certificate ran out while it runs is refused, not dead, and a rotation
+// went without it and left it no key to read the mesh with, for good.
+func TestAwayMembersAliveUnverified(t *testing.T) {
+	f := newFixture(t)
+	clock := f.now
+	ms := newMembership("self", f.trust(), func() time.Time { return clock }, func() {})
+	late := f.identity("gw-late", "site-late", 3, f.now.Add(-47*time.Hour)) // ends an hour from now
+	ms.addCert(late.Certificate().Raw)
+	ms.update("gw-late", gossipAddr, f.advert(late, 1))
+	clock = clock.Add(2 * time.Hour)
+	ms.refresh()
+	g := &Gateway{members: ms}
+	if got := g.awayMembers(); !slices.Equal(got, []string{"gw-late"}) || slices.Contains(g.rotationMembers(), "gw-late") {
+		t.Fatalf("state %s: away %v, rotation members %v; want gw-late away", states(ms)["gw-late"], got, g.rotationMembers())
+	}
+}
