@@ -299,6 +299,10 @@ func keepDemo(t *testing.T) *keptDemo {
 	t.Cleanup(func() {
 		logTails(t, filepath.Join(d.WorkDir, "*", "gateway.log"))
 		sb(t, 0, "demo", "--down", d.WorkDir)
+		// --down leaves the directory to what it did not make: the
+		// test's own images, which would stay in the temporary directory
+		// run after run.
+		os.RemoveAll(d.WorkDir)
 	})
 	return &d
 }

@@ -1,10 +1,16 @@
 package e2e
 
 import (
+	"bufio"
+	"bytes"
 	"encoding/json"
+	"errors"
+	"io"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 )
 
@@ -133,4 +139,75 @@ func TestDemoUnprivileged(t *testing.T) {
 	}
 	tool(t, "setpriv")
 	runDemo(t, "netstack", true)
+}
+
+// TestDemoFailsCleanly: the demo's failures and interruptions leave
+// nothing and say so. Piped into a reader that goes (`| head`), it was
+// killed by SIGPIPE at its next line and left its gateways, their
+// namespaces and its directory behind; with no room under TMPDIR it failed
+// only once the mesh had converged; with --json a failure printed nothing
+// or figures with no error.
+func TestDemoFailsCleanly(t *testing.T) {
+	tmp := t.TempDir()
+	demoDirs := func() []string { m, _ := filepath.Glob(filepath.Join(tmp, "skybridge-demo-*")); return m }
+	run := func(stdout io.Writer, env ...string) (int, string) {
+		cmd := exec.Command(skybridge, "demo", "--mode", "netstack")
+		cmd.Env = append(append(os.Environ(), "TMPDIR="+tmp), env...)
+		var errb bytes.Buffer
+		cmd.Stdout, cmd.Stderr = stdout, &errb
+		err := cmd.Run()
+		var ee *exec.ExitError
+		if errors.As(err, &ee) {
+			return ee.ExitCode(), errb.String()
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		return 0, errb.String()
+	}
+
+	// Its output into a pipe whose reader has gone after the first line.
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		bufio.NewReader(r).ReadString('\n')
+		r.Close()
+	}()
+	code, errs := run(w)
+	w.Close()
+	if code != 128+int(syscall.SIGPIPE) || !strings.Contains(errs, "everything it created was removed") {
+		t.Errorf("output piped to a reader that went: exit %d, %s; want %d, cleaned up", code, errs, 128+int(syscall.SIGPIPE))
+	}
+	if left := demoDirs(); len(left) != 0 {
+		t.Errorf("left behind: %v", left)
+	}
+
+	// No room: said before anything starts, nothing left.
+	small := filepath.Join(tmp, "small")
+	os.Mkdir(small, 0o700)
+	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", small).CombinedOutput(); err != nil {
+		t.Fatalf("mount a small tmpfs: %v: %s", err, out)
+	}
+	defer exec.Command("umount", small).Run()
+	cmd := exec.Command(skybridge, "demo", "--mode", "netstack", "--json")
+	cmd.Env = append(os.Environ(), "TMPDIR="+small)
+	out, err := cmd.Output()
+	var sum struct {
+		OK      bool   `json:"ok"`
+		Error   string `json:"error"`
+		Cleaned bool   `json:"cleaned_up"`
+	}
+	if jerr := json.Unmarshal(out, &sum); jerr != nil || err == nil || sum.OK || !strings.Contains(sum.Error, "the demo needs") || !sum.Cleaned {
+		t.Errorf("no room, --json: %v, %+v (%v)\n%s; want a failure saying so, cleaned up", err, sum, jerr, out)
+	}
+	// No directory to work in at all: still JSON, with the error.
+	cmd = exec.Command(skybridge, "demo", "--mode", "netstack", "--json")
+	cmd.Env = append(os.Environ(), "TMPDIR="+filepath.Join(tmp, "missing"))
+	out, _ = cmd.Output()
+	sum.OK, sum.Error = true, ""
+	if jerr := json.Unmarshal(out, &sum); jerr != nil || sum.OK || sum.Error == "" {
+		t.Errorf("no temporary directory, --json: %+v (%v)\n%s; want JSON with the error", sum, jerr, out)
+	}
 }

@@ -1,10 +1,12 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"os/signal"
 	"strings"
+	"sync/atomic"
 	"syscall"
 
 	"github.com/urfave/cli/v2"
@@ -60,17 +62,34 @@ func demoCommand() *cli.Command {
 			}
 			// SIGHUP too: a closed terminal or ssh session would otherwise
 			// leave the gateways (process groups of their own) and the
-			// namespaces behind.
-			ctx, stop := signal.NotifyContext(c.Context, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
-			defer stop()
+			// namespaces behind; and SIGPIPE, which would kill the demo
+			// outright at its next line when its output is piped into a
+			// reader that has gone (`| head`). The signal is kept for the
+			// exit status, 128 + its number, as a shell reports it.
+			ctx, cancel := context.WithCancel(c.Context)
+			defer cancel()
+			sigs := make(chan os.Signal, 1)
+			signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP, syscall.SIGPIPE)
+			defer signal.Stop(sigs)
+			var caught atomic.Value // syscall.Signal
+			go func() {
+				select {
+				case s := <-sigs:
+					caught.Store(s)
+					cancel()
+				case <-ctx.Done():
+				}
+			}()
 			opt := demo.Options{Mode: c.String("mode"), Keep: c.Bool("keep"), Exe: exe}
 			if !c.Bool("json") {
 				opt.Out, opt.Bars = c.App.Writer, c.App.ErrWriter
 			}
 			sum, err := demo.Run(ctx, opt)
-			interrupted := ctx.Err() != nil && c.Context.Err() == nil
-			if c.Bool("json") && sum != nil {
-				if perr := printJSON(c.App.Writer, sum); perr != nil {
+			if c.Bool("json") {
+				if sum == nil { // it failed before it had a directory
+					sum = &demo.Summary{Mode: c.String("mode"), Error: err.Error()}
+				}
+				if perr := printJSON(c.App.Writer, sum); perr != nil && err == nil {
 					return perr
 				}
 			}
@@ -78,8 +97,8 @@ func demoCommand() *cli.Command {
 				return nil
 			}
 			what, code := "demo failed", 1
-			if interrupted {
-				what, code = "demo interrupted", 130 // as a shell reports SIGINT
+			if s, ok := caught.Load().(syscall.Signal); ok {
+				what, code = "demo interrupted ("+s.String()+")", 128+int(s)
 			}
 			if sum != nil && sum.CleanedUp {
 				what += " (everything it created was removed)"

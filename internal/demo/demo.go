@@ -15,6 +15,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"maps"
 	"net/netip"
 	"os"
@@ -94,7 +95,12 @@ type Summary struct {
 	Seconds   float64          `json:"seconds"`
 	Kept      bool             `json:"kept"`
 	CleanedUp bool             `json:"cleaned_up"`
-	Poke      []string         `json:"poke,omitempty"` // with --keep: commands to try
+	// OK: every step ran and checked out; Error says why not (also
+	// when the run was interrupted), so a failed run's JSON is not read
+	// as figures of a run that merely refused nothing.
+	OK    bool     `json:"ok"`
+	Error string   `json:"error,omitempty"`
+	Poke  []string `json:"poke,omitempty"` // with --keep: commands to try
 }
 
 // SiteSummary is one site as its gateway sees the mesh.
@@ -157,6 +163,9 @@ type run struct {
 	ca      *certs.CA
 	started time.Time
 	sum     Summary
+	// img is the VM image made, in format, for the migration and the
+	// refusal after it.
+	img, format string
 }
 
 func (r *run) sayf(format string, args ...any) {
@@ -192,19 +201,23 @@ func Run(ctx context.Context, opt Options) (sum *Summary, err error) {
 			r.sum.Poke = r.pokeCommands()
 			if serr := r.saveState(); serr != nil {
 				err = serr
+				r.sum.OK, r.sum.Error = false, err.Error()
 			}
 			return
 		}
 		if cerr := r.cleanup(); cerr != nil {
 			err = errors.Join(err, fmt.Errorf("and could not remove everything it created: %w", cerr))
+			r.sum.OK, r.sum.Error = false, err.Error()
 			return
 		}
 		r.sum.CleanedUp = true
 	}()
 	if err := r.steps(ctx); err != nil {
+		r.sum.Error = err.Error()
 		return &r.sum, err
 	}
 	r.sum.Seconds = time.Since(r.started).Seconds()
+	r.sum.OK = true
 	return &r.sum, nil
 }
 
@@ -232,27 +245,32 @@ func (r *run) steps(ctx context.Context) error {
 	} else {
 		r.sayf("skybridge demo: %s, so the three sites are unprivileged netstack gateways on loopback\n\n", r.modeWhy)
 	}
-	if err := r.makeIdentities(); err != nil {
+	if err := r.roomFor(); err != nil {
 		return err
 	}
-	if err := r.startSites(ctx); err != nil {
-		return err
-	}
-	if err := r.converge(ctx); err != nil {
-		return err
-	}
-	img, format, err := r.makeImage()
-	if err != nil {
-		return err
-	}
-	if err := r.migrate(ctx, img, format); err != nil {
-		return err
-	}
-	if err := r.deny(ctx, img); err != nil {
-		return err
-	}
-	if err := r.audit(); err != nil {
-		return err
+	// An interruption stops it between steps, not only inside them: a
+	// step begun after it would fail for it, and blame something else.
+	for _, step := range []func() error{
+		r.makeIdentities,
+		func() error { return r.startSites(ctx) },
+		func() error { return r.converge(ctx) },
+		func() error {
+			img, format, err := r.makeImage()
+			if err == nil {
+				r.img, r.format = img, format
+			}
+			return err
+		},
+		func() error { return r.migrate(ctx, r.img, r.format) },
+		func() error { return r.deny(ctx, r.img) },
+		r.audit,
+	} {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		if err := step(); err != nil {
+			return err
+		}
 	}
 	r.summary()
 	return ctx.Err()
@@ -408,6 +426,7 @@ operator {
 			return fmt.Errorf("start gateway of %s: %w", s.Site, err)
 		}
 		logf.Close()
+		r.recordState()
 	}
 	if r.mode == ModeNetns {
 		r.sayf("▸ sites are network namespaces on 192.0.2.0/24 (a bridge stands in for the WAN); a gateway runs in each: %s\n", r.nsNames())
@@ -463,6 +482,7 @@ func (r *run) netns() error {
 		return err
 	}
 	r.wanNS = wan
+	r.recordState()
 	cmds := [][]string{{"-n", r.wanNS, "link", "set", "lo", "up"},
 		{"-n", r.wanNS, "link", "add", "br0", "type", "bridge"}, {"-n", r.wanNS, "link", "set", "br0", "up"}}
 	for _, s := range r.sites {
@@ -471,6 +491,7 @@ func (r *run) netns() error {
 			return err
 		}
 		s.NS = ns
+		r.recordState()
 		in, out := "u"+r.id+s.Short, "w"+r.id+s.Short
 		cmds = append(cmds,
 			[]string{"link", "add", in, "netns", s.NS, "type", "veth", "peer", "name", out, "netns", r.wanNS},
@@ -590,6 +611,25 @@ func (r *run) meshState(ctx context.Context) (bool, []SiteSummary) {
 
 // makeImage makes the VM image to move: a qcow2 by qemu-img when it is
 // installed, else a sparse raw image. 2 GiB virtual, about 10 % allocated.
+// needSpace is what the demo writes under its directory at most: the
+// image (210 MiB allocated), a qcow2 copy of it while converting, the
+// destination's copy and its receiver's spare, the audit logs.
+const needSpace = 600 << 20
+
+// roomFor refuses, before anything starts, a directory without room for
+// the demo: short of it, the demo failed after the mesh had converged,
+// with the receiver's refusal.
+func (r *run) roomFor() error {
+	var st syscall.Statfs_t
+	if err := syscall.Statfs(r.dir, &st); err != nil {
+		return nil // not known: the steps say when they run out
+	}
+	if free := int64(st.Bavail) * int64(st.Bsize); free < needSpace {
+		return fmt.Errorf("%s has %s free; the demo needs %s (an image, its copy at the destination): free some, or point TMPDIR elsewhere", r.dir, units.Bytes(free), units.Bytes(needSpace))
+	}
+	return nil
+}
+
 func (r *run) makeImage() (string, string, error) {
 	raw := filepath.Join(r.dir, "vm.raw")
 	f, err := os.Create(raw)
@@ -616,13 +656,16 @@ func (r *run) makeImage() (string, string, error) {
 	f.Close()
 	if q, err := exec.LookPath("qemu-img"); err == nil {
 		img := filepath.Join(r.dir, "vm.qcow2")
-		if out, err := exec.Command(q, "convert", "-O", "qcow2", raw, img).CombinedOutput(); err == nil {
+		out, err := exec.Command(q, "convert", "-O", "qcow2", raw, img).CombinedOutput()
+		if err == nil {
 			os.Remove(raw)
 			r.sayf("▸ VM image vm.qcow2 made with qemu-img: 2.0 GiB virtual, %s on disk\n", units.Bytes(onDisk(img)))
 			return img, migrate.FormatQcow2, nil
-		} else {
-			r.sayf("  (qemu-img failed: %s; using a raw image)\n", bytes.TrimSpace(out))
 		}
+		os.Remove(img) // what a convert cut short (a full disk) wrote
+		r.sayf("  (qemu-img convert failed: %s; the demo goes on with the raw image)\n", bytes.TrimSpace(out))
+		r.sayf("▸ VM image vm.raw (sparse raw): 2.0 GiB virtual, %s on disk\n", units.Bytes(onDisk(raw)))
+		return raw, migrate.FormatRaw, nil
 	}
 	r.sayf("▸ VM image vm.raw (sparse raw; install qemu-utils for qcow2): 2.0 GiB virtual, %s on disk\n", units.Bytes(onDisk(raw)))
 	return raw, migrate.FormatRaw, nil
@@ -810,6 +853,14 @@ func (r *run) state() state {
 	return st
 }
 
+// recordState keeps what the run has started in its directory as it goes
+// (namespaces, gateway processes): a run killed outright (SIGKILL, a
+// crash) cannot clean up, and `skybridge demo --down DIR` then finds in
+// it what to stop and remove.
+func (r *run) recordState() {
+	atomicfile.WriteJSON(filepath.Join(r.dir, stateFile), r.state(), 0o600)
+}
+
 func (r *run) saveState() error {
 	if err := atomicfile.WriteJSON(filepath.Join(r.dir, stateFile), r.state(), 0o600); err != nil {
 		return err
@@ -890,6 +941,9 @@ func processAlive(pid int, sites []*site) bool {
 // removed.
 func Down(dir string) (skipped []string, err error) {
 	var st state
+	if _, err := os.Stat(dir); errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("%s does not exist: nothing to stop (removed already?)", dir)
+	}
 	if found, err := atomicfile.ReadJSON(filepath.Join(dir, stateFile), &st); err != nil {
 		return nil, err
 	} else if !found {
@@ -969,13 +1023,20 @@ func ownGateways(pids []int, root string) (procs []*os.Process, skipped []string
 		p, _ := os.FindProcess(pid) // on Unix it always succeeds
 		if why := notOurGateway(pid, root); why != "" {
 			p.Release()
-			skipped = append(skipped, fmt.Sprintf("pid %d: %s", pid, why))
+			// One that has ended is nothing left alone: a gateway of the
+			// demo that died (or was stopped) before.
+			if why != notRunning {
+				skipped = append(skipped, fmt.Sprintf("pid %d: %s", pid, why))
+			}
 			continue
 		}
 		procs = append(procs, p)
 	}
 	return procs, skipped
 }
+
+// notRunning is notOurGateway's word for a process that has ended.
+const notRunning = "no longer running"
 
 // demoName reports whether name is one Run gives namespaces and
 // interfaces: "sbd", its id and a site, nothing a path could climb out of.
@@ -998,7 +1059,7 @@ func notOurGateway(pid int, root string) string {
 	raw, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
 	switch {
 	case errors.Is(err, os.ErrNotExist):
-		return "no longer running"
+		return notRunning
 	case err != nil:
 		return fmt.Sprintf("cannot tell what it runs (%v); stop it yourself if it is one of the demo's gateways", err)
 	case len(raw) == 0:
