@@ -414,16 +414,16 @@ func (s *Settings) enroll(e *EnrollConfig) error {
 	if listen == "off" {
 		return nil
 	}
-	for _, a := range []struct{ name, v string }{{"listen", listen}, {"advertise", advertise}} {
-		if a.v == "" && setBlank(body, a.name) {
-			return hclconf.Errorf(body, a.name, "is empty: give an address (listen may be \"off\"), or remove it for the default")
-		}
-	}
 	if s.Identity.CADir == "" {
 		if listen != "" || advertise != "" {
 			return hclconf.Errorf(body, "listen", "only a gateway holding the mesh CA (identity.ca_dir) enrols burst gateways; remove the enroll block")
 		}
-		return nil
+		return nil // a blank one turns nothing on here (a template shared by every gateway)
+	}
+	for _, a := range []struct{ name, v string }{{"listen", listen}, {"advertise", advertise}} {
+		if a.v == "" && setBlank(body, a.name) {
+			return hclconf.Errorf(body, a.name, "is empty: give an address (listen may be \"off\"), or remove it for the default")
+		}
 	}
 	var err error
 	s.EnrollListen = netip.AddrPortFrom(s.GossipBind.Addr(), DefaultEnrollPort)

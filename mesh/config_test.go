@@ -102,8 +102,8 @@ func TestLoadConfigErrors(t *testing.T) {
 		// A template that rendered nothing where "off" was meant turned
 		// the endpoint on at its default.
 		{"empty operator listen", `interface = "sb0"`, "interface = \"sb0\"\n}\noperator {\n  listen = \"\"", "listen: is empty"},
-		{"empty enroll listen", `interface = "sb0"`, "interface = \"sb0\"\n}\nenroll {\n  listen = \"\"", "listen: is empty"},
-		{"empty enroll advertise", `interface = "sb0"`, "interface = \"sb0\"\n}\nenroll {\n  advertise = \"\"", "advertise: is empty"},
+		{"empty enroll listen", `dir = "/var/lib/skybridge/identity"`, "dir = \"/var/lib/skybridge/identity\"\n  ca_dir = \"/etc/skybridge/ca\"\n}\nenroll {\n  listen = \"\"", "listen: is empty"},
+		{"empty enroll advertise", `dir = "/var/lib/skybridge/identity"`, "dir = \"/var/lib/skybridge/identity\"\n  ca_dir = \"/etc/skybridge/ca\"\n}\nenroll {\n  advertise = \"\"", "advertise: is empty"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := LoadConfig(writeConfig(t, strings.Replace(goodConfig, tc.old, tc.new, 1)))
@@ -111,6 +111,15 @@ func TestLoadConfigErrors(t *testing.T) {
 				t.Fatalf("err = %v, want it to contain %q and the file name", err, tc.want)
 			}
 		})
+	}
+}
+
+// TestBlankEnrollWithoutCA: a blank enroll listen turns nothing on in a
+// gateway without the CA (a template shared by every gateway): no error.
+func TestBlankEnrollWithoutCA(t *testing.T) {
+	cfg := strings.Replace(goodConfig, `interface = "sb0"`, "interface = \"sb0\"\n}\nenroll {\n  listen = \"\"", 1)
+	if _, err := LoadConfig(writeConfig(t, cfg)); err != nil {
+		t.Fatalf("a blank enroll listen without ca_dir: %v", err)
 	}
 }
 

@@ -409,8 +409,13 @@ func (g *Gateway) RotateGossipKey(ctx context.Context, force bool) (*RotationRep
 	defer g.rotation.Unlock()
 	away := g.awayMembers()
 	if len(away) > 0 && !force {
-		return nil, fmt.Errorf("%d gateways of the mesh are away (stopped, declared dead, or not heard from since this gateway started): %s; rotated without them, each would come back unable to read the mesh's gossip until given the new keyring. Rotate when they are back, revoke those gone for good (skybridge ca revoke --node NAME with the embedded CA; with Vault, revoke their certificates there), or rotate with --force and copy the new keyring to each",
-			len(away), strings.Join(away, ", "))
+		why := g.awayWhy()
+		named := make([]string, len(away))
+		for i, n := range away {
+			named[i] = n + " (" + why[n] + ")"
+		}
+		return nil, fmt.Errorf("%d gateways of the mesh are away: %s; rotated without them, each would come back unable to read the mesh's gossip until given the new keyring. Rotate when they are back, revoke those gone for good (skybridge ca revoke --node NAME with the embedded CA; with Vault, revoke their certificates there; one whose certificate has ended is forgotten a week after its end), or rotate with --force and copy the new keyring to each",
+			len(away), strings.Join(named, ", "))
 	}
 	start := time.Now()
 	newKey, err := certs.NewGossipKey()
@@ -504,6 +509,26 @@ func (g *Gateway) awayMembers() []string {
 	}
 	slices.Sort(out)
 	return out
+}
+
+// awayWhy says, by member, why awayMembers counts it away.
+func (g *Gateway) awayWhy() map[string]string {
+	why := map[string]string{}
+	for _, m := range g.members.snapshot() {
+		switch {
+		case m.State == StateDead && m.Left:
+			why[m.Name] = "stopped"
+		case m.State == StateDead:
+			why[m.Name] = "declared dead"
+		case m.State == StateVerified && m.Remembered:
+			why[m.Name] = "not heard from since this gateway started"
+		case m.Reason != "":
+			why[m.Name] = "alive, not verified: " + m.Reason
+		default:
+			why[m.Name] = "alive, not verified"
+		}
+	}
+	return why
 }
 
 // rotationMembers are the members a gossip key rotation goes to: those

@@ -255,7 +255,7 @@ func TestGossipRotationRefusedWhileAGatewayIsAway(t *testing.T) {
 		return false
 	})
 	before := a.keyring.GetPrimaryKey()
-	if _, err := a.RotateGossipKey(context.Background(), false); err == nil || !strings.Contains(err.Error(), "away") || !strings.Contains(err.Error(), "op2") {
+	if _, err := a.RotateGossipKey(context.Background(), false); err == nil || !strings.Contains(err.Error(), "away") || !strings.Contains(err.Error(), "op2 (stopped)") {
 		t.Fatalf("rotation with op2 away: %v; want it refused, naming op2", err)
 	}
 	if !bytes.Equal(a.keyring.GetPrimaryKey(), before) {
@@ -308,5 +308,9 @@ func TestAwayMembersAliveUnverified(t *testing.T) {
 	g := &Gateway{members: ms}
 	if got := g.awayMembers(); !slices.Equal(got, []string{"gw-late"}) || slices.Contains(g.rotationMembers(), "gw-late") {
 		t.Fatalf("state %s: away %v, rotation members %v; want gw-late away", states(ms)["gw-late"], got, g.rotationMembers())
+	}
+	// The refusal says why: not "stopped or dead" of a gateway alive.
+	if why := g.awayWhy()["gw-late"]; !strings.Contains(why, "alive, not verified") || !strings.Contains(why, "expired") {
+		t.Errorf("why gw-late is away: %q", why)
 	}
 }

@@ -2,11 +2,12 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/signal"
 	"strings"
-	"sync/atomic"
 	"syscall"
 
 	"github.com/urfave/cli/v2"
@@ -62,43 +63,49 @@ func demoCommand() *cli.Command {
 			}
 			// SIGHUP too: a closed terminal or ssh session would otherwise
 			// leave the gateways (process groups of their own) and the
-			// namespaces behind; and SIGPIPE, which would kill the demo
-			// outright at its next line when its output is piped into a
-			// reader that has gone (`| head`). The signal is kept for the
-			// exit status, 128 + its number, as a shell reports it.
-			ctx, cancel := context.WithCancel(c.Context)
-			defer cancel()
+			// namespaces behind. The signal is kept for the exit status,
+			// 128 + its number, as a shell reports it.
+			ctx, cancel := context.WithCancelCause(c.Context)
+			defer cancel(nil)
 			sigs := make(chan os.Signal, 1)
-			signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP, syscall.SIGPIPE)
+			signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
 			defer signal.Stop(sigs)
-			var caught atomic.Value // syscall.Signal
 			go func() {
 				select {
 				case s := <-sigs:
-					caught.Store(s)
-					cancel()
+					cancel(interrupted{s.(syscall.Signal)})
 				case <-ctx.Done():
 				}
 			}()
+			// Output piped into a reader that has gone (`| head`) killed
+			// the demo with SIGPIPE at its next line, leaving everything
+			// behind: ignored, the write fails instead, and a failed write
+			// of its own output stops it as SIGPIPE would have, cleanly.
+			signal.Ignore(syscall.SIGPIPE)
+			defer signal.Reset(syscall.SIGPIPE)
+			gone := func() { cancel(interrupted{syscall.SIGPIPE}) }
 			opt := demo.Options{Mode: c.String("mode"), Keep: c.Bool("keep"), Exe: exe}
 			if !c.Bool("json") {
-				opt.Out, opt.Bars = c.App.Writer, c.App.ErrWriter
+				// The bar's writer stays the file: the bar draws itself
+				// in place only on a terminal, which it tells by that.
+				opt.Out, opt.Bars = pipeWatch{c.App.Writer, gone}, c.App.ErrWriter
 			}
 			sum, err := demo.Run(ctx, opt)
 			if c.Bool("json") {
 				if sum == nil { // it failed before it had a directory
 					sum = &demo.Summary{Mode: c.String("mode"), Error: err.Error()}
 				}
-				if perr := printJSON(c.App.Writer, sum); perr != nil && err == nil {
-					return perr
+				if perr := printJSON(pipeWatch{c.App.Writer, gone}, sum); perr != nil && err == nil {
+					err = perr
 				}
 			}
 			if err == nil {
 				return nil
 			}
 			what, code := "demo failed", 1
-			if s, ok := caught.Load().(syscall.Signal); ok {
-				what, code = "demo interrupted ("+s.String()+")", 128+int(s)
+			var sig interrupted
+			if errors.As(context.Cause(ctx), &sig) {
+				what, code = "demo interrupted ("+sig.String()+")", 128+int(sig.Signal)
 			}
 			if sum != nil && sum.CleanedUp {
 				what += " (everything it created was removed)"
@@ -106,4 +113,24 @@ func demoCommand() *cli.Command {
 			return cli.Exit(fmt.Sprintf("%s: %v", what, err), code)
 		},
 	}
+}
+
+// interrupted is the cause of a demo stopped by a signal, or by its
+// output's reader going (as SIGPIPE).
+type interrupted struct{ syscall.Signal }
+
+func (i interrupted) Error() string { return "interrupted: " + i.String() }
+
+// pipeWatch is w, calling gone when a write finds its reader gone.
+type pipeWatch struct {
+	w    io.Writer
+	gone func()
+}
+
+func (p pipeWatch) Write(b []byte) (int, error) {
+	n, err := p.w.Write(b)
+	if errors.Is(err, syscall.EPIPE) {
+		p.gone()
+	}
+	return n, err
 }

@@ -621,10 +621,11 @@ const needSpace = 600 << 20
 // with the receiver's refusal.
 func (r *run) roomFor() error {
 	var st syscall.Statfs_t
-	if err := syscall.Statfs(r.dir, &st); err != nil {
-		return nil // not known: the steps say when they run out
+	if err := syscall.Statfs(r.dir, &st); err != nil || st.Blocks == 0 || st.Bsize <= 0 {
+		return nil // not known (a file system that does not say): the steps say when they run out
 	}
-	if free := int64(st.Bavail) * int64(st.Bsize); free < needSpace {
+	if st.Bavail < needSpace/uint64(st.Bsize) {
+		free := int64(st.Bavail) * st.Bsize
 		return fmt.Errorf("%s has %s free; the demo needs %s (an image, its copy at the destination): free some, or point TMPDIR elsewhere", r.dir, units.Bytes(free), units.Bytes(needSpace))
 	}
 	return nil
@@ -875,11 +876,13 @@ func (r *run) saveState() error {
 // cleanup stops the gateways (SIGTERM, then SIGKILL) and removes the
 // namespaces, their stale sockets and the work directory.
 func (r *run) cleanup() error {
-	err := teardown(r.state(), r.sites)
-	if rerr := os.RemoveAll(r.dir); rerr != nil {
-		err = errors.Join(err, rerr)
+	if err := teardown(r.state(), r.sites); err != nil {
+		// The directory stays, with what is left listed in its state
+		// file, for --down to finish.
+		r.recordState()
+		return fmt.Errorf("%w; skybridge demo --down %s removes what is left", err, r.dir)
 	}
-	return err
+	return os.RemoveAll(r.dir)
 }
 
 // teardown stops the gateways and removes the namespaces and UAPI sockets
