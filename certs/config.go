@@ -289,7 +289,7 @@ func (c *Config) validate() (*settings, error) {
 		case "token":
 			// AppRole settings beside token would be ignored, and the
 			// gateway log in with whatever token $VAULT_TOKEN holds.
-			for _, f := range []struct{ name, v string }{{"role_id", a.RoleID}, {"role_id_file", a.RoleIDFile}, {"secret_id_file", a.SecretIDFile}, {"secret_id_env", a.SecretIDEnv}, {"mount", a.Mount}} {
+			for _, f := range []struct{ name, v string }{{"role_id", a.RoleID}, {"role_id_file", a.RoleIDFile}, {"secret_id_file", a.SecretIDFile}, {"secret_id_env", a.SecretIDEnv}} {
 				if f.v != "" {
 					errs = append(errs, hclconf.Errorf(a.Body, f.name, "%s is for method = \"approle\"; with method = \"token\" it would be ignored: remove it, or set method = \"approle\"", f.name))
 				}
