@@ -55,6 +55,11 @@ type Attributes struct {
 	Labels       map[string]string `json:"labels,omitempty"` // free-form site labels, e.g. tier=gold, classes=pii-eu
 }
 
+// IsBurst reports whether a certifies a burst gateway: one whose
+// certificate carries the burst label, whatever its value (a label set by
+// hand counts as the mesh counts it).
+func (a *Attributes) IsBurst() bool { return a.Labels[BurstLabel] != "" }
+
 var (
 	nameRE     = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$`)
 	labelKeyRE = regexp.MustCompile(`^[a-z0-9]([a-z0-9._/-]{0,61}[a-z0-9])?$`)

@@ -553,7 +553,8 @@ type IssuedCert struct {
 	// Key is the SHA-256 of the certified key's SubjectPublicKeyInfo, hex.
 	Key string `json:"key,omitempty"`
 	// RenewedFrom is the serial of the certificate whose holder had this
-	// one issued by renewal (CA.Renew): revoking that one revokes this.
+	// one issued by renewal (CA.Renew): revoking that one for
+	// keyCompromise revokes this too.
 	RenewedFrom string `json:"renewed_from,omitempty"`
 	// TakenBack: issued, but never delivered (CA.TakeBack).
 	TakenBack bool `json:"taken_back,omitempty"`

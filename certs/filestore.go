@@ -118,7 +118,10 @@ func (d DirSecrets) UpdateGossipKeyring(ctx context.Context, update func(*Gossip
 }
 
 // lockFile takes an exclusive advisory lock, for read-modify-write cycles
-// shared with other processes (two `skybridge` commands at once).
+// shared with other processes (two `skybridge` commands at once). It
+// blocks in the kernel, so that the CA's index, locked for every
+// certificate a burst's enrolments issue, passes from one to the next at
+// once; lockFileContext polls, to give up.
 func lockFile(path string) (unlock func(), err error) {
 	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR, 0o600)
 	if err != nil {
@@ -157,7 +160,7 @@ func lockFileContext(ctx context.Context, path string) (unlock func(), err error
 		select {
 		case <-ctx.Done():
 			f.Close()
-			return nil, fmt.Errorf("lock %s (held by another renewal of this identity): %w", path, ctx.Err())
+			return nil, fmt.Errorf("another renewal of this identity holds %s: %w", path, ctx.Err())
 		case <-time.After(100 * time.Millisecond):
 		}
 	}

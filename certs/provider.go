@@ -174,7 +174,9 @@ func (p *Provider) Trust(ctx context.Context) (*TrustBundle, error) {
 // Identity returns the gateway's identity for attrs. With an issuer it
 // obtains a new one when there is none, when the stored one was issued for
 // other attributes, is no longer valid, or is past its renewal time;
-// without one it insists that the stored identity matches and is valid.
+// without one it insists that the stored identity matches and is valid,
+// and renews it through a CA-holding gateway (identity.renew_from) once
+// past its renewal time.
 func (p *Provider) Identity(ctx context.Context, attrs Attributes) (*NodeIdentity, *TrustBundle, error) {
 	attrs.Normalize()
 	tb, err := p.Trust(ctx)
@@ -238,9 +240,13 @@ func (p *Provider) obtain(ctx context.Context, attrs Attributes) (*NodeIdentity,
 		// Two would each ask with a key of their own, and the CA would
 		// take the second for a copy of the key renewing again; after
 		// the lock, the second takes up what the first renewed.
-		unlock, lerr := lockFileContext(ctx, filepath.Join(p.s.dir, fileRenewLock))
+		// Not for ever: the other may be stopped (Ctrl-Z), and a start
+		// then goes on with the certificate it has.
+		lctx, cancel := context.WithTimeout(ctx, renewLockWait)
+		unlock, lerr := lockFileContext(lctx, filepath.Join(p.s.dir, fileRenewLock))
+		cancel()
 		if lerr != nil {
-			return nil, nil, lerr
+			return nil, nil, fmt.Errorf("%w: is a `skybridge identity request` of this directory stopped or hung? end it, or wait for it", lerr)
 		}
 		defer unlock()
 		if tb, err := p.Trust(ctx); err == nil {
@@ -293,6 +299,14 @@ func (p *Provider) obtain(ctx context.Context, attrs Attributes) (*NodeIdentity,
 	p.log.Info("node certificate issued", "identity", id)
 	return id, tb, nil
 }
+
+// refusedRenewalWait is how long a renewal the CA holder refused waits
+// before asking again (less, near the certificate's end).
+const refusedRenewalWait = time.Hour
+
+// renewLockWait bounds the wait for another renewal of the same identity
+// directory (the gateway's, `identity request`'s) to end.
+const renewLockWait = 30 * time.Second
 
 // RenewalTime is when a certificate valid from notBefore to notAfter should
 // be renewed: at about two thirds of its lifetime, spread by jitter (0..1)
@@ -353,6 +367,13 @@ func (p *Provider) KeepRenewed(ctx context.Context, id *NodeIdentity, renewNow <
 				break
 			}
 			left := c.NotAfter.Sub(p.now())
+			if p.issuer == nil && errors.Is(err, ErrIssueRefused) {
+				// The CA holder refuses this certificate (revoked,
+				// replaced, ended): asking again changes nothing until an
+				// operator acts, and each refusal is counted and logged
+				// there too.
+				backoff = max(backoff, refusedRenewalWait)
+			}
 			wait := renewalRetryWait(backoff, left, rand.Float64())
 			p.log.Error("certificate renewal failed", "err", err, "node", attrs.Node, "expires_in", left.Round(100*time.Millisecond), "retry_in", wait.Round(10*time.Millisecond))
 			if err := sleepUntil(ctx, p.now, p.now().Add(wait)); err != nil {

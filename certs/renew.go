@@ -77,7 +77,7 @@ func (ca *CA) Renew(cert *x509.Certificate, csrPEM []byte, now time.Time) (*x509
 	if err := attrs.Validate(ca.MeshPrefix()); err != nil {
 		return nil, refusal{err}
 	}
-	if attrs.Labels[BurstLabel] == "true" {
+	if attrs.IsBurst() {
 		return nil, refusal{fmt.Errorf("%q is a burst gateway: its certificate lasts exactly its burst and is not renewed", attrs.Node)}
 	}
 	life := cert.NotAfter.Sub(cert.NotBefore)
@@ -119,11 +119,11 @@ func (ca *CA) Renew(cert *x509.Certificate, csrPEM []byte, now time.Time) (*x509
 		i := slices.IndexFunc(idx.Certs, func(e IssuedCert) bool { return e.Serial == serial })
 		switch {
 		case i < 0:
-			return fmt.Errorf("certificate %s of %q is not in the CA's index", serial, attrs.Node)
+			return fmt.Errorf("certificate %s of %q is not in the CA's index (issued from another copy of the CA directory?): issue it a new identity from this one with `skybridge ca issue`", serial, attrs.Node)
 		case idx.Certs[i].RevokedAt != nil:
-			return fmt.Errorf("certificate %s of %q is revoked (%s)", serial, attrs.Node, idx.Certs[i].Reason)
+			return fmt.Errorf("certificate %s of %q is revoked (%s): a revoked certificate is not renewed; issue the gateway a new identity with `skybridge ca issue`", serial, attrs.Node, idx.Certs[i].Reason)
 		case latest < 0:
-			return fmt.Errorf("certificate %s of %q is not a gateway's in the CA's index", serial, attrs.Node)
+			return fmt.Errorf("certificate %s of %q is not a gateway's in the CA's index: issue the gateway a new identity with `skybridge ca issue`", serial, attrs.Node)
 		case i == latest:
 		case idx.Certs[latest].RenewedFrom == serial && idx.Certs[latest].Key == key && idx.Certs[latest].RevokedAt == nil:
 		default:

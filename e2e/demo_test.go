@@ -184,30 +184,35 @@ func TestDemoFailsCleanly(t *testing.T) {
 		t.Errorf("left behind: %v", left)
 	}
 
+	// No directory to work in at all: still JSON, with the error.
+	cmd := exec.Command(skybridge, "demo", "--mode", "netstack", "--json")
+	cmd.Env = append(os.Environ(), "TMPDIR="+filepath.Join(tmp, "missing"))
+	out, _ := cmd.Output()
+	var sum struct {
+		OK    bool   `json:"ok"`
+		Error string `json:"error"`
+	}
+	if jerr := json.Unmarshal(out, &sum); jerr != nil || sum.OK || sum.Error == "" {
+		t.Errorf("no temporary directory, --json: %+v (%v)\n%s; want JSON with the error", sum, jerr, out)
+	}
+
 	// No room: said before anything starts, nothing left.
+	requireRoot(t) // to mount a small file system
 	small := filepath.Join(tmp, "small")
 	os.Mkdir(small, 0o700)
 	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", small).CombinedOutput(); err != nil {
 		t.Fatalf("mount a small tmpfs: %v: %s", err, out)
 	}
 	defer exec.Command("umount", small).Run()
-	cmd := exec.Command(skybridge, "demo", "--mode", "netstack", "--json")
+	cmd = exec.Command(skybridge, "demo", "--mode", "netstack", "--json")
 	cmd.Env = append(os.Environ(), "TMPDIR="+small)
-	out, err := cmd.Output()
-	var sum struct {
+	out, err = cmd.Output()
+	var full struct {
 		OK      bool   `json:"ok"`
 		Error   string `json:"error"`
 		Cleaned bool   `json:"cleaned_up"`
 	}
-	if jerr := json.Unmarshal(out, &sum); jerr != nil || err == nil || sum.OK || !strings.Contains(sum.Error, "the demo needs") || !sum.Cleaned {
-		t.Errorf("no room, --json: %v, %+v (%v)\n%s; want a failure saying so, cleaned up", err, sum, jerr, out)
-	}
-	// No directory to work in at all: still JSON, with the error.
-	cmd = exec.Command(skybridge, "demo", "--mode", "netstack", "--json")
-	cmd.Env = append(os.Environ(), "TMPDIR="+filepath.Join(tmp, "missing"))
-	out, _ = cmd.Output()
-	sum.OK, sum.Error = true, ""
-	if jerr := json.Unmarshal(out, &sum); jerr != nil || sum.OK || sum.Error == "" {
-		t.Errorf("no temporary directory, --json: %+v (%v)\n%s; want JSON with the error", sum, jerr, out)
+	if jerr := json.Unmarshal(out, &full); jerr != nil || err == nil || full.OK || !strings.Contains(full.Error, "the demo needs") || !full.Cleaned {
+		t.Errorf("no room, --json: %v, %+v (%v)\n%s; want a failure saying so, cleaned up", err, full, jerr, out)
 	}
 }

@@ -204,9 +204,6 @@ operator { listen = "127.0.0.1:0" }
 	// Gossip still works under the new key: a gateway that leaves and
 	// comes back (reading the new key from its file) is taken back by the
 	// others, which only gossip with the new key now.
-	// Gossip still works under the new key: a gateway that leaves and
-	// comes back (reading the new key from its file) is taken back by the
-	// others, which only gossip with the new key now.
 	cmds[2].Process.Signal(syscall.SIGTERM)
 	cmds[2].Wait()
 	waitFor(t, 30*time.Second, "ns-1 drops the departed ns-3", func() (bool, string) { return !peerOf(sockets[0], "ns-3"), "" })

@@ -130,7 +130,9 @@ type OperatorConfig struct {
 }
 
 // EnrollConfig is the enroll block: where a CA-holding gateway serves
-// the enrollment of burst gateways (TLS, join token required).
+// the enrollment of burst gateways (TLS, join token required) and the
+// renewal of gateways issued offline (identity.renew_from on theirs):
+// "off" turns both off.
 type EnrollConfig struct {
 	Listen    string   `hcl:"listen,optional"`
 	Advertise string   `hcl:"advertise,optional"`

@@ -281,7 +281,7 @@ func (g *Gateway) serveEnrollment(ctx context.Context) (io.Closer, error) {
 		}
 	})
 	go srv.Serve(tls.NewListener(netutil.LimitListener(perSource, maxEnrollConns), cfg))
-	g.log.Info("enrolling burst gateways", "listen", ln.Addr().String(), "advertise", g.s.EnrollAdvertise.String())
+	g.log.Info("enrolling burst gateways and renewing gateways issued offline", "listen", ln.Addr().String(), "advertise", g.s.EnrollAdvertise.String())
 	return closerFunc(func() error {
 		sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 		defer cancel()

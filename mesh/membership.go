@@ -997,7 +997,7 @@ const expiredKept = 7 * 24 * time.Hour
 // or not: a week after its certificate expired, or then for a burst
 // gateway's, which lasts exactly its burst.
 func retiredAt(v *certs.Verified) time.Time {
-	if v.Attributes != nil && v.Attributes.Labels[certs.BurstLabel] != "" {
+	if v.Attributes != nil && v.Attributes.IsBurst() {
 		return v.Cert.NotAfter
 	}
 	return v.Cert.NotAfter.Add(expiredKept)

@@ -300,14 +300,14 @@ func (g *Gateway) openMigrations() error {
 	m := &migrations{journal: j, audit: audit.Open(filepath.Join(g.s.StateDir, "audit.log")),
 		store: filepath.Join(g.s.StateDir, "images"), running: map[string]*runningMigration{}, atRest: atRestState{kick: make(chan struct{}, 1)}}
 	for _, r := range ended {
-		if r.Error == migrate.Interrupted {
+		if r.Error == migrate.Interrupted && r.AuditOwed == nil {
 			g.log.Warn("a migration was interrupted when the gateway stopped: resume it", "migration_id", r.ID, "name", r.Name, "to", r.To)
-		} else {
-			g.log.Warn("a migration ended as the gateway stopped, before its audit record was written: written now", "migration_id", r.ID, "name", r.Name, "to", r.To, "state", r.State)
 		}
 		if err := migrate.AuditInterrupted(j, m.audit, g.id.Load(), &r, g.now()); err != nil {
-			g.log.Error("audit log: the interrupted migration's record is not written; the next start tries again", "migration_id", r.ID, "err", err)
+			g.log.Error("audit log: a migration's record is still not written; the next start or its resume tries again: check the log (skybridge audit verify) and the disk's free space", "migration_id", r.ID, "err", err)
+			continue
 		}
+		g.log.Warn("wrote the audit record of a migration that ended without it (the gateway stopped, or its audit log refused it then)", "migration_id", r.ID, "name", r.Name, "to", r.To, "state", r.State)
 	}
 	m.recv, err = migrate.NewReceiver(migrate.ReceiverConfig{
 		StoreDir: m.store, Journal: j, Identity: g.id.Load, Trust: g.trust.Load, Audit: m.audit, Log: g.log, Observer: g.metrics,

@@ -229,7 +229,7 @@ func (g *Gateway) verifyKeyringOp(op *keyringOp) error {
 	// initiator truly signed, once, may cost. Were a burst gateway
 	// compromised, it could put a key of its own on every gateway.
 	// (Burst gateways certified before the label: not told apart.)
-	if attrs.Labels[certs.BurstLabel] != "" {
+	if attrs.IsBurst() {
 		return errBurstRotates
 	}
 	return nil
@@ -402,7 +402,7 @@ type RotationReport struct {
 // key nobody else holds (with Vault, then handed to every gateway started
 // after). force rotates without them; the report names them.
 func (g *Gateway) RotateGossipKey(ctx context.Context, force bool) (*RotationReport, error) {
-	if g.burst != nil || g.id.Load().Attributes().Labels[certs.BurstLabel] != "" {
+	if g.burst != nil || g.id.Load().Attributes().IsBurst() {
 		return nil, errBurstRotates
 	}
 	g.rotation.Lock()
@@ -476,14 +476,13 @@ func (g *Gateway) RotateGossipKey(ctx context.Context, force bool) (*RotationRep
 // verified once, now stopped (a leave notice says nothing of coming back),
 // declared dead, or remembered from before a restart and not heard from;
 // or alive and not verified now, with a certificate that still stands
-// (one run out while it runs, not valid yet by this clock, a renewal not
+// (one run out while it runs, refused by this clock, a renewal not
 // fetched yet): it holds the old key, and would keep only that. A
 // gateway gone for good is revoked, and then no member any more.
 func (g *Gateway) awayMembers() []string {
 	var out []string
-	burst := func(a *certs.Attributes) bool { return a.Labels[certs.BurstLabel] != "" }
 	for _, a := range g.members.away() {
-		if !burst(a.Attributes) {
+		if !a.Attributes.IsBurst() {
 			out = append(out, a.node())
 		}
 	}
@@ -499,7 +498,7 @@ func (g *Gateway) awayMembers() []string {
 		// when they start), and a Vault burst's are not revoked at its
 		// end: "rotate after a burst" must not wait for them.
 		if c, err := x509.ParseCertificate(m.LastCert); err == nil {
-			if a, err := certs.AttributesOf(c); err == nil && burst(a) {
+			if a, err := certs.AttributesOf(c); err == nil && a.IsBurst() {
 				continue
 			}
 		}

@@ -438,8 +438,12 @@ type SendRecord struct {
 	// of the first source beside the new ones until its commit.
 	Restarted bool `json:"restarted,omitempty"`
 	// AuditPending says the end is recorded here but not yet in the
-	// audit log: a stop in between leaves it to EndInterrupted.
-	AuditPending bool `json:"audit_pending,omitempty"`
+	// audit log: a stop in between, or an audit log that refused the
+	// record, leaves it to EndInterrupted (and AuditInterrupted) at the
+	// next start or resume. AuditOwed is that record as the sender made
+	// it (its decision, rule, reasons and exceptions), written then.
+	AuditPending bool           `json:"audit_pending,omitempty"`
+	AuditOwed    map[string]any `json:"audit_owed,omitempty"`
 }
 
 // RecvRecord is the receiver's record of a migration.

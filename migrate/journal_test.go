@@ -185,8 +185,26 @@ func TestSendAuditPendingCleared(t *testing.T) {
 	if !errors.Is(err, context.Canceled) {
 		t.Fatalf("send: %v", err)
 	}
-	if r, err := p.sendJ.Send(rec.ID); err != nil || !r.AuditPending || r.State != StateCancelled {
+	r, err := p.sendJ.Send(rec.ID)
+	if err != nil || !r.AuditPending || r.State != StateCancelled {
 		t.Fatalf("journal after a migration whose end could not be audited: %+v, %v; want cancelled, audit pending", r, err)
+	}
+	// Written at the next start, it is the record the sender made: its
+	// decision with it, not only the outcome the journal holds.
+	os.Remove(p.sendAudit.Path())
+	os.Remove(p.sendAudit.Path() + ".head")
+	if err := AuditInterrupted(p.sendJ, p.sendAudit, p.from, r, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	recs := readAudit(t, p.sendAudit.Path())
+	if len(recs) != 1 {
+		t.Fatalf("records: %d", len(recs))
+	}
+	if f := recs[0].Fields; f["migration_id"] != rec.ID || f["outcome"] != StateCancelled || f["rule"] == nil || f["policy"] == nil || f["recovered"] == nil {
+		t.Errorf("the late record: %v; want the sender's, decision and all, marked recovered", f)
+	}
+	if r, _ := p.sendJ.Send(rec.ID); r.AuditPending || r.AuditOwed != nil {
+		t.Errorf("journal after the late record: %+v; want nothing owed", r)
 	}
 }
 

@@ -1229,16 +1229,9 @@ func (s *session) close() {
 	// with no syncer left to time it out. None joins any more, and the
 	// file is closed only once none writes: a write still under way
 	// would otherwise land after a later session's write of the same
-	// chunk (a takeover, a resume that rereads what is held).
-	s.mu.Lock()
-	s.sealed = true
-	for _, c := range s.conns {
-		if c != s.ctrl { // the control stream may still have a last word
-			c.Close()
-		}
-	}
-	s.mu.Unlock()
-	s.running.Wait()
+	// chunk (a takeover, a resume that rereads what is held). The
+	// control stream may still have a last word.
+	s.seal()
 	close(s.stop)
 	<-s.synced // the last flush still uses the file
 	s.r.mu.Lock()

@@ -152,7 +152,7 @@ type SendConfig struct {
 	Class     string
 	Format    string // raw or qcow2 at the destination; default: the source's format
 	Streams   int
-	BWLimit   int64 // bytes per second, 0: unlimited
+	BWLimit   int64 // bytes per second, 0 or less: unlimited
 	ChunkSize int64 // 0: DefaultChunkSize, or larger for an image with more data than MaxManifestChunks of it hold
 	// SourceFormat is what the image is read as: raw or qcow2, or "" to
 	// detect it by content, as qemu-img does. Detection takes a raw disk
@@ -406,7 +406,7 @@ func startRecord(cfg *SendConfig, sid SourceID) (*SendRecord, error) {
 			// log that could not take it then, left it unwritten.
 			if old.AuditPending && cfg.Audit != nil {
 				if err := AuditInterrupted(cfg.Journal, cfg.Audit, cfg.Identity, old, cfg.Now()); err != nil {
-					return nil, fmt.Errorf("migration %s: the audit record of its earlier attempt cannot be written (%v); it resumes once the audit log takes it", cfg.ID, err)
+					return nil, fmt.Errorf("migration %s: the audit record of its earlier attempt cannot be written (%v); it resumes once the audit log takes it: check the log (skybridge audit verify) and the disk's free space", cfg.ID, err)
 				}
 			}
 			// What the journal holds of the attempt must go when it no
@@ -497,28 +497,36 @@ func (s *sender) finish(err error) {
 	default:
 		s.rec.State, s.rec.Error = StateFailed, err.Error()
 	}
-	s.rec.AuditPending = s.cfg.Audit != nil
+	// The record is kept with the end until the audit log has it: a
+	// stop, or a log that refuses it now, leaves it to be written whole
+	// (its decision too) at the next start or resume.
+	var f map[string]any
+	if s.cfg.Audit != nil {
+		f = s.auditFields(denied)
+		s.rec.AuditPending, s.rec.AuditOwed = true, f
+	}
 	if perr := s.cfg.Journal.put(bucketSend, s.rec.ID, s.rec); perr != nil {
 		s.cfg.Log.Error("journal", "err", perr)
 	}
-	if s.audit(denied) && s.rec.AuditPending {
-		s.rec.AuditPending = false
-		if perr := s.cfg.Journal.put(bucketSend, s.rec.ID, s.rec); perr != nil {
-			s.cfg.Log.Error("journal", "err", perr)
+	if f != nil {
+		if _, err := s.cfg.Audit.Append(s.cfg.Identity, "migration", f, s.cfg.Now()); err != nil {
+			s.cfg.Log.Error("audit log: the migration's record is kept in the journal and written at the next start or resume; check the log (skybridge audit verify) and the disk's free space", "err", err)
+		} else {
+			s.rec.AuditPending, s.rec.AuditOwed = false, nil
+			if perr := s.cfg.Journal.put(bucketSend, s.rec.ID, s.rec); perr != nil {
+				s.cfg.Log.Error("journal", "err", perr)
+			}
 		}
 	}
 	s.cfg.Observer.Ended(RoleSend, s.rec.State, s.rec.Stats.Duration)
 	s.progress(map[string]string{StateDone: "done", StateDenied: "denied", StateCancelled: "cancelled", StateFailed: "failed"}[s.rec.State])
 }
 
-// audit records the migration in the sender's audit log; denied, if
-// set, is the policy's refusal, whose rule and reasons the record carries
-// rather than those of the sender's own decision to go ahead. It reports
-// whether the record was written.
-func (s *sender) audit(denied *DeniedError) bool {
-	if s.cfg.Audit == nil {
-		return false
-	}
+// auditFields is the migration's record for the sender's audit log;
+// denied, if set, is the policy's refusal, whose rule and reasons the
+// record carries rather than those of the sender's own decision to go
+// ahead.
+func (s *sender) auditFields(denied *DeniedError) map[string]any {
 	f := sendAuditFields(s.rec, s.cfg.From)
 	to := s.cfg.To.Attributes // as judged now (the record's may be of an earlier attempt)
 	f["destination_node"], f["destination_site"], f["destination_jurisdiction"] = to.Node, to.Site, to.Jurisdiction
@@ -531,11 +539,7 @@ func (s *sender) audit(denied *DeniedError) bool {
 			f["denied_at_commit"] = true
 		}
 	}
-	if _, err := s.cfg.Audit.Append(s.cfg.Identity, "migration", f, s.cfg.Now()); err != nil {
-		s.cfg.Log.Error("audit log", "err", err)
-		return false
-	}
-	return true
+	return f
 }
 
 // AuditInterrupted appends the audit record a send ended by a stop did
@@ -544,10 +548,15 @@ func (s *sender) audit(denied *DeniedError) bool {
 // it. Who decided what is in the records of the attempt's receiver, and
 // of the resume.
 func AuditInterrupted(j *Journal, log *audit.Log, id *certs.NodeIdentity, r *SendRecord, now time.Time) error {
-	if _, err := log.Append(id, "migration", sendAuditFields(r, id.Attributes()), now); err != nil {
+	f := r.AuditOwed // as the sender made it, decision and all
+	if f == nil {    // a stop before it was made: what the journal holds
+		f = sendAuditFields(r, id.Attributes())
+	}
+	f["recovered"] = "recorded late: the gateway stopped, or its audit log refused the record, as the migration ended"
+	if _, err := log.Append(id, "migration", f, now); err != nil {
 		return err
 	}
-	r.AuditPending = false
+	r.AuditPending, r.AuditOwed = false, nil
 	return j.put(bucketSend, r.ID, r)
 }
 

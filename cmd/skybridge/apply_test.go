@@ -189,7 +189,9 @@ func TestApplyResumeKeepsItsPaceUnlessTold(t *testing.T) {
 	// --bwlimit none lifts the cap it had.
 	os.Remove(plan + ".state")
 	plan = writePlan(t, auditPlan, map[string]*vmState{"vm1": {ID: id, From: "gw-zrh", To: "gw-fra", State: migrate.StateFailed, Attempts: 1}})
-	runCLI(t, "migrate", "apply", plan, "--bwlimit", "none", "--socket", sock)
+	if _, errs, code := runCLI(t, "migrate", "apply", plan, "--bwlimit", "none", "--socket", sock); code != 0 {
+		t.Fatalf("apply --bwlimit none: exit %d %s", code, errs)
+	}
 	if p := posts(); len(p) != 2 || !strings.Contains(p[1], `"bwlimit":-1`) {
 		t.Errorf("resume body with --bwlimit none: %q; want the cap lifted (-1)", p)
 	}

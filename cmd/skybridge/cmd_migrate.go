@@ -434,6 +434,9 @@ func migrateVerify(c *cli.Context) error {
 
 // parseRate reads a bandwidth such as 200MB/s, 1.5GiB/s, 800Mbit/s or 10M.
 func parseRate(s string) (int64, error) {
+	if strings.TrimSpace(s) == "none" {
+		return -1, nil // no cap, a resumed migration's lifted too
+	}
 	t := strings.TrimSuffix(strings.TrimSpace(s), "/s")
 	t = strings.TrimSuffix(t, "ps")
 	bits := false
@@ -467,7 +470,7 @@ func parseRate(s string) (int64, error) {
 	}
 	switch {
 	case r < 1:
-		return 0, fmt.Errorf("%q is not a positive rate: it is under 1 byte/s; give at least 1B/s, or no --bwlimit for none", s)
+		return 0, fmt.Errorf("%q is not a positive rate: it is under 1 byte/s; give at least 1B/s, or none for no limit", s)
 	case r >= math.MaxInt64:
 		return 0, fmt.Errorf("%q is not a positive rate a limiter can hold (at most %s/s); give none for no limit", s, units.Bytes(math.MaxInt64))
 	}

@@ -204,14 +204,10 @@ func migrateApply(c *cli.Context) error {
 		return usageError("--parallel %d: at least 1", c.Int("parallel"))
 	}
 	var bw int64 // 0: none for a new migration, a resumed one's own
-	switch s := c.String("bwlimit"); s {
-	case "":
-	case "none":
-		bw = -1 // a resumed migration's cap lifted too
-	default:
+	if s := c.String("bwlimit"); s != "" {
 		var err error
 		if bw, err = parseRate(s); err != nil {
-			return usageError("--bwlimit: %v, or none", err)
+			return usageError("--bwlimit: %v", err)
 		}
 	}
 	cl, err := controlClient(c)
@@ -322,9 +318,13 @@ func migrateApply(c *cli.Context) error {
 	// under way are followed and resumed (the gateway judges each under
 	// the policy in force); new ones are not started on the old ranking.
 	if plan.Policy != "" && gs.Policy != plan.Policy && !c.Bool("policy-changed-ok") {
+		// New sends: a VM not started, one denied (started anew), one a
+		// sibling sends anew after a failover.
 		var fresh []string
 		for _, pl := range plan.Placements {
-			if vs := st.VMs[pl.Name]; (vs == nil || vs.ID == "" && vs.State != migrate.StateDone) && started[pl.Name] == "" {
+			vs := st.VMs[pl.Name]
+			anew := vs == nil || vs.State != migrate.StateDone && (vs.ID == "" || vs.State == migrate.StateDenied || vs.From != "" && vs.From != gs.Node)
+			if anew && started[pl.Name] == "" {
 				fresh = append(fresh, pl.Name)
 			}
 		}

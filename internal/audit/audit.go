@@ -146,8 +146,12 @@ func (l *Log) putAside(node string, seq uint64) error {
 	// without its log there is this one's, from a put-aside cut short.)
 	aside := fmt.Sprintf("%s.%s.%d", l.path, node, seq)
 	for i := 1; ; i++ {
-		if _, err := os.Lstat(aside); errors.Is(err, fs.ErrNotExist) {
+		_, err := os.Lstat(aside)
+		if errors.Is(err, fs.ErrNotExist) {
 			break
+		}
+		if err != nil {
+			return fmt.Errorf("put aside the audit log of %s: %w", node, err)
 		}
 		aside = fmt.Sprintf("%s.%s.%d.%d", l.path, node, seq, i)
 	}

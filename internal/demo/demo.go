@@ -609,8 +609,6 @@ func (r *run) meshState(ctx context.Context) (bool, []SiteSummary) {
 	return ok, out
 }
 
-// makeImage makes the VM image to move: a qcow2 by qemu-img when it is
-// installed, else a sparse raw image. 2 GiB virtual, about 10 % allocated.
 // needSpace is what the demo writes under its directory at most: the
 // image (210 MiB allocated), a qcow2 copy of it while converting, the
 // destination's copy and its receiver's spare, the audit logs.
@@ -631,6 +629,8 @@ func (r *run) roomFor() error {
 	return nil
 }
 
+// makeImage makes the VM image to move: a qcow2 by qemu-img when it is
+// installed, else a sparse raw image. 2 GiB virtual, about 10 % allocated.
 func (r *run) makeImage() (string, string, error) {
 	raw := filepath.Join(r.dir, "vm.raw")
 	f, err := os.Create(raw)
@@ -858,12 +858,12 @@ func (r *run) state() state {
 // (namespaces, gateway processes): a run killed outright (SIGKILL, a
 // crash) cannot clean up, and `skybridge demo --down DIR` then finds in
 // it what to stop and remove.
-func (r *run) recordState() {
-	atomicfile.WriteJSON(filepath.Join(r.dir, stateFile), r.state(), 0o600)
+func (r *run) recordState() error {
+	return atomicfile.WriteJSON(filepath.Join(r.dir, stateFile), r.state(), 0o600)
 }
 
 func (r *run) saveState() error {
-	if err := atomicfile.WriteJSON(filepath.Join(r.dir, stateFile), r.state(), 0o600); err != nil {
+	if err := r.recordState(); err != nil {
 		return err
 	}
 	r.sayf("\nthe mesh keeps running (--keep). Try:\n")
