@@ -1,17 +1,13 @@
 package migrate
 
 import (
-	"bytes"
 	"context"
-	"encoding/json"
 	"os"
 	"path/filepath"
 	"slices"
 	"sync"
 	"testing"
 	"time"
-
-	"github.com/skybridge-mesh/skybridge/internal/audit"
 )
 
 // TestResumeWritesTheEarlierAttemptsRecord: a send interrupted by a stop
@@ -46,7 +42,7 @@ func TestResumeWritesTheEarlierAttemptsRecord(t *testing.T) {
 	if again, _ := p.sendJ.EndInterrupted(time.Now()); len(again) != 0 {
 		t.Errorf("handed back at the next start: %+v", again)
 	}
-	recs := readAudit(t, p.sendAudit.Path())
+	recs := p.records(t, p.sendAudit)
 	n := 0
 	for _, r := range recs {
 		if r.Fields["migration_id"] == rec.ID && r.Fields["error"] == Interrupted {
@@ -77,20 +73,4 @@ func TestOwedRecordWrittenOnce(t *testing.T) {
 	if n != 1 {
 		t.Fatalf("the owed record written %d times; want once", n)
 	}
-}
-
-func readAudit(t *testing.T, path string) []audit.Record {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var out []audit.Record
-	for line := range bytes.Lines(b) {
-		var r audit.Record
-		if err := json.Unmarshal(line, &r); err != nil {
-			t.Fatal(err)
-		}
-		out = append(out, r)
-	}
-	return out
 }

@@ -196,7 +196,7 @@ func TestSendAuditPendingCleared(t *testing.T) {
 	if err := AuditInterrupted(p.sendJ, p.sendAudit, p.from, r, time.Now()); err != nil {
 		t.Fatal(err)
 	}
-	recs := readAudit(t, p.sendAudit.Path())
+	recs := p.records(t, p.sendAudit)
 	if len(recs) != 1 {
 		t.Fatalf("records: %d", len(recs))
 	}

@@ -2062,14 +2062,17 @@ func TestReceiverStoppedWhileStoring(t *testing.T) {
 
 // recvRecords reads the receiving gateway's audit log, checks that it
 // verifies, and returns its records.
-func (p *pair) recvRecords(t *testing.T) []audit.Record {
+func (p *pair) recvRecords(t *testing.T) []audit.Record { return p.records(t, p.recvAudit) }
+
+// records reads an audit log of the pair, which must verify.
+func (p *pair) records(t *testing.T, log *audit.Log) []audit.Record {
 	t.Helper()
-	b, err := os.ReadFile(p.recvAudit.Path())
+	b, err := os.ReadFile(log.Path())
 	if err != nil {
 		t.Fatal(err)
 	}
 	if _, err := audit.Verify(bytes.NewReader(b), p.tb); err != nil {
-		t.Fatalf("the receiver's audit log: %v", err)
+		t.Fatalf("the audit log %s: %v", log.Path(), err)
 	}
 	var recs []audit.Record
 	for line := range bytes.Lines(b) {
