@@ -470,7 +470,7 @@ func (r *run) nsNames() string {
 // each site namespace to it. Nothing touches the host's own interfaces.
 func (r *run) netns() error {
 	ip := func(c ...string) error {
-		if out, err := exec.Command("ip", c...).CombinedOutput(); err != nil {
+		if out, err := tool("ip", c...).CombinedOutput(); err != nil {
 			return fmt.Errorf("ip %s: %v: %s", strings.Join(c, " "), err, bytes.TrimSpace(out))
 		}
 		return nil
@@ -657,7 +657,7 @@ func (r *run) makeImage() (string, string, error) {
 	f.Close()
 	if q, err := exec.LookPath("qemu-img"); err == nil {
 		img := filepath.Join(r.dir, "vm.qcow2")
-		out, err := exec.Command(q, "convert", "-O", "qcow2", raw, img).CombinedOutput()
+		out, err := tool(q, "convert", "-O", "qcow2", raw, img).CombinedOutput()
 		if err == nil {
 			os.Remove(raw)
 			r.sayf("▸ VM image vm.qcow2 made with qemu-img: 2.0 GiB virtual, %s on disk\n", units.Bytes(onDisk(img)))
@@ -715,7 +715,7 @@ func (r *run) migrate(ctx context.Context, img, format string) error {
 	m.Verified, m.ReceivedRoot, m.StoredAt = rep.OK && rep.Root == rec.Root, rep.Root.String(), rep.Path
 	m.QemuCompare = "skipped: qemu-img not installed"
 	if q, err := exec.LookPath("qemu-img"); err == nil {
-		out, err := exec.Command(q, "compare", img, rep.Path).CombinedOutput()
+		out, err := tool(q, "compare", img, rep.Path).CombinedOutput()
 		if err == nil && bytes.Contains(out, []byte("Images are identical")) {
 			m.QemuCompare = "identical"
 		} else {
@@ -916,7 +916,7 @@ func teardown(st state, sites []*site) error {
 		}
 	}
 	for _, ns := range st.Namespaces {
-		out, err := exec.Command("ip", "netns", "del", ns).CombinedOutput()
+		out, err := tool("ip", "netns", "del", ns).CombinedOutput()
 		if _, serr := os.Stat(filepath.Join("/run/netns", ns)); err != nil && serr == nil {
 			errs = append(errs, fmt.Errorf("network namespace %s: %v: %s (remove it with: ip netns del %s)", ns, err, strings.TrimSpace(string(out)), ns))
 		}
@@ -927,6 +927,17 @@ func teardown(st state, sites []*site) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// tool runs a program of the demo's (ip, qemu-img) in a process group of
+// its own: Ctrl-C in the terminal reaches the demo, which stops between
+// steps and cleans up, and not the program, which killed half-way would
+// leave what it made (a namespace made and not yet recorded) or say only
+// "signal: interrupt".
+func tool(name string, args ...string) *exec.Cmd {
+	c := exec.Command(name, args...)
+	c.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	return c
 }
 
 // processAlive reaps our own children and reports whether pid still runs.
