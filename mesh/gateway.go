@@ -136,10 +136,13 @@ type Gateway struct {
 	down         atomic.Pointer[map[string]bool] // gateways our data plane does not reach (health.go)
 	healthGen    atomic.Uint64                   // counts changes of down
 	wgAck        atomic.Pointer[wgAckWaiter]
-	nextAcked    map[certs.WGPublicKey]bool // owned by the reconcile loop: peers' next keys acknowledged
-	mig          *migrations
-	load         atomic.Uint32 // migrations being received, advertised
-	readvertise  chan struct{}
+	nextAcked    map[certs.WGPublicKey]time.Time // owned by the reconcile loop: when each peer's next key was last acknowledged
+	// dropWGAcks: tests lose this many next-key acknowledgements on
+	// arrival, as the network may.
+	dropWGAcks  atomic.Int32
+	mig         *migrations
+	load        atomic.Uint32 // migrations being received, advertised
+	readvertise chan struct{}
 
 	enroll      *enrollment   // the burst sites we enrol (CA-holding gateways only)
 	burst       *Enrollment   // how we joined, if we are a burst gateway
@@ -218,7 +221,7 @@ func openGateway(ctx context.Context, s *Settings, logger *slog.Logger, opt opti
 		s: s, now: time.Now, state: stateDir(s.StateDir), opt: opt,
 		inbox: make(chan []byte, inboxSize), fetch: make(chan string, inboxSize), kick: make(chan struct{}, 1), sends: make(chan struct{}, maxSends),
 		lastApplied: map[certs.WGPublicKey]PeerConfig{}, greetings: map[certs.WGPublicKey]greeting{}, certAsked: map[string]time.Time{},
-		blobAsked: map[string]time.Time{}, blobAnswered: map[string]time.Time{}, nextAcked: map[certs.WGPublicKey]bool{},
+		blobAsked: map[string]time.Time{}, blobAnswered: map[string]time.Time{}, nextAcked: map[certs.WGPublicKey]time.Time{},
 		started: time.Now(), acks: make(chan keyringAck, 1024), readvertise: make(chan struct{}, 1),
 		joined: make(chan struct{}), revokedSelf: make(chan struct{}), renewNow: make(chan struct{}, 1), burst: enr,
 	}

@@ -198,6 +198,9 @@ func (g *Gateway) handleWGKeyAck(m message) error {
 	if w == nil {
 		return nil // a late ack: no rotation is waiting
 	}
+	if g.dropWGAcks.Load() > 0 && g.dropWGAcks.Add(-1) >= 0 {
+		return nil
+	}
 	node, key, err := g.checkAck(m)
 	if err != nil {
 		return err
@@ -213,7 +216,10 @@ func (g *Gateway) handleWGKeyAck(m message) error {
 }
 
 // ackNextKeys tells the peers whose next key the device now holds that
-// they may switch; once per key. It runs in the reconcile loop.
+// they may switch, again at a pass wgAckResend after the last while the
+// peer still advertises it: the acknowledgement is one datagram, and a
+// lost one left the peer waiting out its rotation and reporting this
+// gateway late. It runs in the reconcile loop.
 func (g *Gateway) ackNextKeys(plan Plan) {
 	if g.ml == nil {
 		return // restoring members before gossip started: the next pass acknowledges
@@ -224,7 +230,7 @@ func (g *Gateway) ackNextKeys(plan Plan) {
 			continue
 		}
 		seen[pc.PublicKey] = true
-		if g.nextAcked[pc.PublicKey] {
+		if at, ok := g.nextAcked[pc.PublicKey]; ok && g.now().Sub(at) < wgAckResend {
 			continue
 		}
 		// A datagram, sent here and now; marked only once it left, so a
@@ -237,7 +243,7 @@ func (g *Gateway) ackNextKeys(plan Plan) {
 			g.log.Debug("acknowledge next WireGuard key", "peer", pc.Node, "err", err)
 			continue
 		}
-		g.nextAcked[pc.PublicKey] = true
+		g.nextAcked[pc.PublicKey] = g.now()
 	}
 	for k := range g.nextAcked {
 		if !seen[k] {
@@ -245,6 +251,10 @@ func (g *Gateway) ackNextKeys(plan Plan) {
 		}
 	}
 }
+
+// wgAckResend is how long after acknowledging a peer's next key a
+// reconcile pass acknowledges it again, while the peer still advertises it.
+const wgAckResend = 2 * time.Second
 
 // rotateOnSchedule rotates the key when the configured period has passed
 // since the last change (the first start counts as one).

@@ -64,6 +64,23 @@ func TestWireGuardKeyRotation(t *testing.T) {
 	}
 }
 
+// TestWireGuardRotationAckLost: a peer's acknowledgement of the next key
+// is one datagram; lost, the peer sends it again at a later pass while
+// the next key is advertised, and the rotation counts it ready rather
+// than late.
+func TestWireGuardRotationAckLost(t *testing.T) {
+	m := startLiveMesh(t)
+	a := m.gws[0]
+	a.g.dropWGAcks.Store(2) // both peers' first
+	rep, err := a.g.RotateWireGuardKey(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(rep.Ready, []string{"op1", "op2"}) || len(rep.Late) != 0 || a.g.dropWGAcks.Load() > 0 {
+		t.Errorf("ready %v, late %v (acknowledgements still to lose: %d): a lost acknowledgement is sent again", rep.Ready, rep.Late, a.g.dropWGAcks.Load())
+	}
+}
+
 // TestAcksAreSigned: an acknowledgement counts only when the member it
 // names signed it — holding the gossip key is not enough to acknowledge a
 // keyring step or a next WireGuard key for a gateway that missed it.
