@@ -527,6 +527,11 @@ type session struct {
 	syncErr error
 }
 
+// chunkLock is the lock of chunk i's write and record (chunkMu).
+func (s *session) chunkLock(i int64) *sync.Mutex {
+	return &s.chunkMu[uint64(i)%uint64(len(s.chunkMu))]
+}
+
 // DefaultIdleTimeout is how long a receiver waits for a word from a
 // sender that has not committed before it ends the session, whose chunks
 // then wait for a resume. TCP keepalive on the overlay notices a vanished
@@ -1299,7 +1304,7 @@ func (s *session) data(fr *frameReader, w *lockedWriter) {
 		defer close(written)
 		for wr := range writes {
 			if !failed.Load() {
-				cm := &s.chunkMu[uint64(wr.index)%uint64(len(s.chunkMu))]
+				cm := s.chunkLock(wr.index)
 				cm.Lock()
 				if err := s.temp.writeChunk(wr.chunk, s.at+wr.index*o.ChunkSize); err != nil {
 					failed.Store(true)
@@ -1403,7 +1408,7 @@ func (s *session) data(fr *frameReader, w *lockedWriter) {
 				return
 			}
 			chunk := takeSpare()
-			cm := &s.chunkMu[uint64(i)%uint64(len(s.chunkMu))]
+			cm := s.chunkLock(i)
 			cm.Lock()
 			why, err := s.copyFromBase(i, h, chunk)
 			if err == nil && why == "" {
