@@ -1270,3 +1270,80 @@ func TestBurstSiteNotOverAnAwaySite(t *testing.T) {
 		t.Errorf("the site of an ended burst: %v", err)
 	}
 }
+
+// TestEmbeddedBurstOnceTheGatewayUsesVault: a gateway that opened a burst
+// with the embedded CA and then moved its identity to Vault (the same
+// state directory) holds the burst's record but not the CA. Ending the
+// burst must say where its certificates can be revoked rather than
+// dereference the CA it no longer has — in burstLoop, a panic that
+// stopped the gateway at every start until the burst's expiry.
+func TestEmbeddedBurstOnceTheGatewayUsesVault(t *testing.T) {
+	now := time.Now()
+	used, ended := now.Add(-time.Hour), now.Add(-time.Minute)
+	record := func(expires time.Time) *burstRecord {
+		return &burstRecord{BurstSite: amsSite, BurstLife: BurstLife{Created: now.Add(-2 * time.Hour), Expires: expires, Ended: &ended, EndReason: "ended by burst down"},
+			Tokens: []burstToken{{ID: "0123456789abcdef", Serial: "01:02", Node: "burst-ams-gw1", OverlayIP: "100.127.255.254", Used: &used}}}
+	}
+	gateway := func(r *burstRecord) *Gateway {
+		return &Gateway{now: time.Now, state: stateDir(t.TempDir()), log: slog.New(slog.DiscardHandler),
+			enroll: &enrollment{vault: &certs.Vault{}, book: &burstBook{Bursts: []*burstRecord{r}}}} // as openEnrollment makes it on Vault
+	}
+
+	// Ended by burst down, still valid: burstLoop finishes it.
+	r := record(now.Add(time.Hour))
+	g := gateway(r)
+	if due := g.enroll.book.due(now); len(due) != 1 {
+		t.Fatalf("due: %v", due)
+	}
+	revoked, err := g.endBurstLocked(r, r.EndReason)
+	if err == nil || !strings.Contains(err.Error(), "skybridge ca revoke --ca DIR --reason cessationOfOperation --serial 01:02") || len(revoked) != 0 {
+		t.Fatalf("ending an embedded burst on a Vault-backed gateway: %v, revoked %v; want the command that revokes it where the CA is", err, revoked)
+	}
+	if r.CertsRevoked || !r.info(now).WorkLeft {
+		t.Error("the burst whose certificates could not be revoked is not listed as work left")
+	}
+
+	// Expired: its certificates ended with it, nothing is left to do.
+	r = record(now.Add(-time.Second))
+	g = gateway(r)
+	if revoked, err := g.endBurstLocked(r, "expired"); err != nil || len(revoked) != 0 {
+		t.Fatalf("ending an expired embedded burst on a Vault-backed gateway: %v, revoked %v", err, revoked)
+	}
+	if !r.CertsRevoked || r.info(now).WorkLeft {
+		t.Error("an expired burst whose certificates ended with it is still work left")
+	}
+}
+
+// TestBurstListSaysWorkLeft: an expired Vault burst whose objects are
+// still in Vault holds the site's claim until burst down removes them;
+// the list must tell it from one cleaned up.
+func TestBurstListSaysWorkLeft(t *testing.T) {
+	t0 := time.Now().Add(-2 * time.Hour)
+	end := t0.Add(time.Hour)
+	rec := func(vault, cleaned, revoked bool) *burstRecord {
+		return &burstRecord{BurstSite: amsSite, BurstLife: BurstLife{Created: t0, Expires: end, Ended: &end, EndReason: "expired"},
+			Tokens: []burstToken{{ID: "0123456789abcdef", Node: "burst-ams-gw1", OverlayIP: "100.127.255.254"}}, Vault: vault, VaultCleaned: cleaned, CertsRevoked: revoked}
+	}
+	for _, c := range []struct {
+		name string
+		r    *burstRecord
+		want bool
+	}{
+		{"Vault, objects left", rec(true, false, false), true},
+		{"Vault, cleaned", rec(true, true, false), false},
+		{"embedded, not revoked", rec(false, false, false), true},
+		{"embedded, revoked", rec(false, false, true), false},
+	} {
+		b, err := json.Marshal(c.r.info(time.Now()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := strings.Contains(string(b), `"work_left":true`); got != c.want {
+			t.Errorf("%s: %s, want work_left %v", c.name, b, c.want)
+		}
+	}
+	open := &burstRecord{BurstSite: amsSite, BurstLife: BurstLife{Created: t0, Expires: time.Now().Add(time.Hour)}}
+	if open.info(time.Now()).WorkLeft {
+		t.Error("an open burst is listed as work left")
+	}
+}

@@ -20,6 +20,7 @@ import (
 	"net/netip"
 	"slices"
 	"sort"
+	"strings"
 	"sync"
 	"time"
 
@@ -712,6 +713,10 @@ type BurstInfo struct {
 	// made void (counted in TokensVoid too).
 	Revoked      []string `json:"revoked,omitempty"`
 	TokensVoided int      `json:"tokens_voided,omitempty"`
+	// WorkLeft: the burst has ended, but `burst down` still has work to
+	// do — a Vault burst's objects (and its claim on the site) are still
+	// in Vault, or its certificates were not revoked.
+	WorkLeft bool `json:"work_left,omitempty"`
 }
 
 // BurstGateway is a gateway enrolled into a burst site.
@@ -723,7 +728,7 @@ type BurstGateway struct {
 }
 
 func (r *burstRecord) info(now time.Time) BurstInfo {
-	bi := BurstInfo{BurstSite: r.BurstSite, BurstLife: r.BurstLife, Gateways: []BurstGateway{}}
+	bi := BurstInfo{BurstSite: r.BurstSite, BurstLife: r.BurstLife, Gateways: []BurstGateway{}, WorkLeft: r.Ended != nil && r.workLeft()}
 	for _, t := range r.Tokens {
 		if t.Used == nil && !r.Vault {
 			if r.active(now) && now.Before(t.Expires) {
@@ -851,6 +856,18 @@ func (g *Gateway) endBurstLocked(r *burstRecord, reason string) ([]string, error
 		// Vault grants nothing; `skybridge burst down` removes it.
 		g.log.Info("the burst's role, policy and AppRole stay in Vault until `skybridge burst down --site " + r.Site + "` removes them")
 		return nil, nil
+	}
+	if e.ca == nil {
+		// Opened with the embedded CA, and this gateway's identity has
+		// since moved to Vault: the CA that can revoke them is elsewhere.
+		if !now.Before(r.Expires) {
+			r.CertsRevoked = true // they ended with the burst: nothing is left to revoke
+			return nil, g.state.saveBursts(e.book)
+		}
+		if len(ss) > 0 {
+			return nil, fmt.Errorf("burst %s was opened with the embedded CA, which this gateway no longer uses: its %d certificates stay valid until %s unless revoked where the CA directory is: `skybridge ca revoke --ca DIR --reason cessationOfOperation --serial %s`",
+				r.Site, len(ss), r.Expires.Format(time.RFC3339), strings.Join(serials, " --serial "))
+		}
 	}
 	if len(ss) > 0 {
 		if _, err := e.ca.RevokeSerials(ss, "cessationOfOperation", now); err != nil {

@@ -192,6 +192,9 @@ func burstList(c *cli.Context) error {
 		state := "open until " + b.Expires.Format(time.RFC3339)
 		if b.Ended != nil {
 			state = "ended " + b.Ended.Format(time.RFC3339) + " (" + b.EndReason + ")"
+			if b.WorkLeft {
+				state += "; not cleaned up: run burst down --site " + b.Site
+			}
 		}
 		var gws []string
 		for _, g := range b.Gateways {
