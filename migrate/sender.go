@@ -298,7 +298,7 @@ func Send(ctx context.Context, cfg SendConfig) (rec *SendRecord, err error) {
 	s := &sender{cfg: cfg, src: src, extents: extents, rec: rec, start: cfg.Now()}
 	s.stats.VirtualBytes = src.Size()
 	err = s.run(ctx)
-	if err != nil && ctx.Err() != nil {
+	if err != nil && ctx.Err() != nil && !s.answered {
 		// Cancelling closes the connections under the transfer: what
 		// surfaces first may be a stream failing on its closed socket,
 		// which is the cancellation, not a fault to report.
@@ -362,6 +362,7 @@ func sourceID(path string) (SourceID, error) {
 	id := SourceID{Size: st.Size(), MTime: st.ModTime()}
 	if sys, ok := st.Sys().(*syscall.Stat_t); ok {
 		id.Inode, id.Dev = sys.Ino, uint64(sys.Dev)
+		id.CTime = time.Unix(sys.Ctim.Sec, sys.Ctim.Nsec)
 	}
 	return id, nil
 }
@@ -464,6 +465,10 @@ type sender struct {
 	// destSerial is the serial of the certificate the destination
 	// authenticated with.
 	destSerial *big.Int
+	// answered: the receiver's answer to the commit was read. Whatever
+	// it said is the outcome, even if the migration was cancelled while
+	// the receiver judged the commit: both ends must record the same.
+	answered bool
 
 	mu       sync.Mutex
 	manifest Manifest
@@ -696,9 +701,10 @@ func (s *sender) run(ctx context.Context) error {
 	// chunks it acknowledged before, and those that were on their way
 	// when the last attempt ended (answerInFlight). A receiver hung, or
 	// whose host vanished where no keepalive tells (netstack), must not
-	// hold the migration for good.
+	// hold the migration for good. (Chunks of zeros were never sent:
+	// the receiver holds none of them to read back.)
 	s.progress("offered")
-	ctrl.SetReadDeadline(time.Now().Add(answerWait(int64(len(acked)+len(zeros))*chunk + answerInFlight)))
+	ctrl.SetReadDeadline(time.Now().Add(answerWait(int64(len(acked))*chunk + answerInFlight)))
 	typ, payload, err := cr.next(nil)
 	if err != nil {
 		return fmt.Errorf("offer: %w", err)
@@ -755,6 +761,7 @@ func (s *sender) run(ctx context.Context) error {
 	ctrl.SetReadDeadline(time.Now().Add(commitTimeout))
 	var done Done
 	typ, payload, err = cr.next(nil)
+	s.answered = err == nil
 	switch {
 	case err != nil:
 		return fmt.Errorf("commit: %w", err)
@@ -1019,7 +1026,7 @@ func (s *sender) transfer(ctx context.Context, cands []int64, acked, zeros map[i
 		streams.Go(func() {
 			buf := make([]byte, 0, 4096)
 			for {
-				typ, p, err := fr.next(buf)
+				typ, p, err := fr.nextMax(buf, maxAckFrame)
 				if err != nil {
 					if !done.Load() {
 						fail(fmt.Errorf("data stream: %w", err))
@@ -1224,6 +1231,10 @@ func (s *sender) transfer(ctx context.Context, cands []int64, acked, zeros map[i
 			flushAcks()
 			for _, c := range conns {
 				c.CloseWrite()
+				// Every chunk is durable: nothing more is needed from
+				// the streams but their end, and a receiver that never
+				// closes them must not hold the migration for ever.
+				c.SetReadDeadline(time.Now().Add(stall))
 			}
 			streams.Wait()
 			s.progress("transfer")

@@ -29,8 +29,13 @@ func VerifyImage(ctx context.Context, rec *ImageRecord) (*VerifyReport, error) {
 	// An image stored before receivers left listed chunks of zeros out
 	// of its manifest may still list one: a hole all the same.
 	m := rec.Manifest.withoutZeroChunks()
-	if src.Size() < m.Size {
+	switch {
+	case src.Size() < m.Size:
 		return nil, fmt.Errorf("%s is %d bytes, the manifest says %d: truncated", rec.Path, src.Size(), m.Size)
+	case src.Size() > m.Size:
+		// What lies past the manifest's end was never sent nor checked:
+		// the image is not the one stored.
+		return nil, fmt.Errorf("%s is %d bytes, the manifest says %d: it has grown since it was stored", rec.Path, src.Size(), m.Size)
 	}
 	extents, err := src.Extents()
 	if err != nil {

@@ -395,13 +395,20 @@ func ackFrame(indices []int64) []byte {
 	return b
 }
 
+// maxAckFrame bounds what a sender reads on a data stream: the receiver's
+// acknowledgements (at most every chunk of a migration in one), refusals
+// and reasons are all smaller.
+const maxAckFrame = binary.MaxVarintLen64 * (MaxManifestChunks + 1)
+
 func parseAck(p []byte) ([]int64, error) {
 	n, w := binary.Uvarint(p)
-	if w <= 0 || n > uint64(len(p)) {
+	if w <= 0 || n > uint64(len(p)-w) { // each index takes a byte at least
 		return nil, errors.New("bad ack")
 	}
 	p = p[w:]
-	out := make([]int64, 0, n)
+	// Grown as indices are read, not sized by what the frame claims: an
+	// index takes one byte on the wire and eight here.
+	out := make([]int64, 0, min(n, 1024))
 	for range n {
 		i, w := binary.Uvarint(p)
 		if w <= 0 {
