@@ -865,7 +865,9 @@ func (g *Gateway) reconcile() {
 	g.metrics.reconciled(time.Since(start), err)
 	if err != nil {
 		g.log.Error("reconcile", "err", err)
-		return
+		if _, partial := errors.AsType[*routesError](err); !partial {
+			return
+		}
 	}
 	g.plan.Store(&plan)
 	g.planKey = key
@@ -930,8 +932,14 @@ func (g *Gateway) apply(plan Plan) error {
 	}
 	ch.RoutesAdded, ch.RoutesRemoved = DiffRoutes(table.Own, plan.Routes)
 	ch.RoutesHeld, ch.RoutesFreed = DiffRoutes(table.Held, held)
+	// A route that would not go in (IPv6 off on the link, a netlink
+	// error) leaves the peers configured and every other route in place:
+	// the pass is recorded as applied, and the next one tries the route
+	// again, rather than every pass from then on stopping short of
+	// recording the plan, acknowledging next keys and saving members.
+	var routesErr error
 	if err := g.dev.SetRoutes(RouteChange{Add: ch.RoutesAdded, Del: ch.RoutesRemoved, Hold: ch.RoutesHeld, Unhold: ch.RoutesFreed}); err != nil {
-		return err
+		routesErr = &routesError{err}
 	}
 	// Greeting only hastens a first handshake (WireGuard would start one
 	// itself): its failure must not hold the configuration back.
@@ -966,8 +974,15 @@ func (g *Gateway) apply(plan Plan) error {
 			g.log.Warn("routes held: no gateway of the site is up; traffic to them is refused here, not sent outside the mesh, until one is back or their certificates are revoked", "site", s, "routes", shown[s])
 		}
 	}
-	return nil
+	return routesErr
 }
+
+// routesError is apply's error when only routes failed: the plan's peers
+// are configured, and it stands as applied.
+type routesError struct{ err error }
+
+func (e *routesError) Error() string { return e.err.Error() }
+func (e *routesError) Unwrap() error { return e.err }
 
 // maintain heals partitions (knocks on seeds and known members that are
 // not alive), fetches missing certificates, and re-judges members as time

@@ -133,24 +133,39 @@ func (lc *linkConfig) routes() (RouteTable, error) {
 // unreachable one (our held metric, behind it) always has one of them:
 // the host's other routes never take its traffic meanwhile. Removals name
 // the route's metric, which IPv6 matches on where it ignores the type.
+//
+// A prefix whose new route could not be installed keeps its old one: a
+// held prefix freed without the route into the device beside it (IPv6
+// off on the link, say) would go out by the host's default route,
+// unencrypted; a device route removed without the unreachable one would
+// leave it to the host's routes likewise. The next pass tries again.
 func (lc *linkConfig) setRoutes(c RouteChange) error {
 	var errs []error
+	failed := map[netip.Prefix]bool{}
 	for _, p := range c.Add {
 		if err := netlink.RouteReplace(lc.route(p)); err != nil {
+			failed[p] = true
 			errs = append(errs, fmt.Errorf("add route %s via %s: %w", p, lc.name, err))
 		}
 	}
 	for _, p := range c.Hold {
 		if err := netlink.RouteReplace(lc.heldRoute(p)); err != nil {
+			failed[p] = true
 			errs = append(errs, fmt.Errorf("hold route %s (unreachable): %w", p, err))
 		}
 	}
 	for _, p := range c.Del {
+		if failed[p] {
+			continue
+		}
 		if err := netlink.RouteDel(lc.route(p)); err != nil && !errors.Is(err, syscall.ESRCH) {
 			errs = append(errs, fmt.Errorf("remove route %s: %w", p, err))
 		}
 	}
 	for _, p := range c.Unhold {
+		if failed[p] {
+			continue
+		}
 		if err := netlink.RouteDel(lc.heldRoute(p)); err != nil && !errors.Is(err, syscall.ESRCH) {
 			errs = append(errs, fmt.Errorf("remove held route %s: %w", p, err))
 		}

@@ -400,3 +400,53 @@ func TestHeldRoutesFreedWhenBurstEndedWhileOff(t *testing.T) {
 		}
 	})
 }
+
+// TestFailedRouteKeepsItsPredecessor: a prefix moving from held to
+// carried keeps its unreachable route when the route into the device is
+// refused (here IPv6 is off on the tunnel link, as hardened hosts have
+// it): freed anyway, it would follow the host's default route, in clear.
+// Real kernel, in a namespace of the test's own.
+func TestFailedRouteKeepsItsPredecessor(t *testing.T) {
+	inNewNetns(t, func() {
+		wg, up := addVeth(t, "wgx0"), addVeth(t, "upx0")
+		if wg == nil || up == nil {
+			return
+		}
+		if err := os.WriteFile("/proc/sys/net/ipv6/conf/wgx0/disable_ipv6", []byte("1"), 0o644); err != nil {
+			t.Error(err)
+			return
+		}
+		// The host's uplink, with an IPv6 default route.
+		if err := netlink.AddrAdd(up, &netlink.Addr{IPNet: &net.IPNet{IP: net.ParseIP("2001:db8:ffff::1"), Mask: net.CIDRMask(64, 128)}, Flags: syscall.IFA_F_NODAD}); err != nil {
+			t.Error(err)
+			return
+		}
+		if err := netlink.RouteAdd(&netlink.Route{LinkIndex: up.Attrs().Index, Gw: net.ParseIP("2001:db8:ffff::2")}); err != nil {
+			t.Error(err)
+			return
+		}
+		lc := &linkConfig{name: "wgx0", index: wg.Attrs().Index}
+		site := []netip.Prefix{netip.MustParsePrefix("2001:db8:77::/48")}
+		if err := lc.setRoutes(RouteChange{Hold: site}); err != nil {
+			t.Error(err)
+			return
+		}
+		// The site's gateway is back: carried again, as apply asks.
+		if err := lc.setRoutes(RouteChange{Add: site, Unhold: site}); err == nil {
+			t.Error("an IPv6 route into a link with IPv6 off went in")
+			return
+		}
+		table, err := lc.routes()
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		if !slices.Equal(table.Held, site) {
+			t.Errorf("the route into the device was refused, and the held route is gone too (held %v, own %v)", table.Held, table.Own)
+		}
+		rs, err := netlink.RouteGet(net.ParseIP("2001:db8:77::1"))
+		if err == nil && len(rs) > 0 && rs[0].LinkIndex == up.Attrs().Index {
+			t.Error("traffic to the site goes out by the host's default route")
+		}
+	})
+}
