@@ -213,13 +213,22 @@ func newWgctrlDevice(opt DeviceOptions, mode string, closeFn func() error) (*wgc
 		return nil, fmt.Errorf("wgctrl: %w", err)
 	}
 	d := &wgctrlDevice{name: opt.Name, mode: mode, client: client, close: closeFn}
-	if err := d.Configure(baseConfig(opt)); err != nil {
-		d.Close()
-		return nil, fmt.Errorf("configure %s: %w", opt.Name, err)
-	}
-	if d.link, err = setUpLink(opt); err != nil {
+	// An interface adopted from a run that crashed still carries the
+	// mesh's routes: deleted with them on a failed start, it would leave
+	// the mesh's traffic to the host's other routes, in clear. Held
+	// first, as at a stop; the next start takes them over.
+	fail := func(err error) (*wgctrlDevice, error) {
+		if herr := holdLinkRoutes(opt.Name); herr != nil {
+			opt.Log.Warn("could not hold the routes of the interface before removing it (ip route show proto 91 lists them)", "interface", opt.Name, "err", herr)
+		}
 		d.Close()
 		return nil, err
+	}
+	if err := d.Configure(baseConfig(opt)); err != nil {
+		return fail(fmt.Errorf("configure %s: %w", opt.Name, err))
+	}
+	if d.link, err = setUpLink(opt); err != nil {
+		return fail(err)
 	}
 	return d, nil
 }

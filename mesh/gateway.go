@@ -310,6 +310,7 @@ func openGateway(ctx context.Context, s *Settings, logger *slog.Logger, opt opti
 	}
 	if !opt.noMigrations {
 		if err := g.openMigrations(); err != nil {
+			g.routesAtStop(false) // an adopted interface's, as at a stop
 			g.closeDevice()
 			prov.Close()
 			return nil, err

@@ -45,6 +45,21 @@ func createKernelLink(name string, mtu int) (created bool, err error) {
 	return true, nil
 }
 
+// holdLinkRoutes holds, unreachable, every route of ours into the
+// interface name (none if it does not exist), as routesAtStop does.
+func holdLinkRoutes(name string) error {
+	l, err := netlink.LinkByName(name)
+	if err != nil {
+		return nil
+	}
+	lc := &linkConfig{name: name, index: l.Attrs().Index}
+	table, err := lc.routes()
+	if err != nil || len(table.Own) == 0 {
+		return err
+	}
+	return lc.setRoutes(RouteChange{Hold: table.Own, Del: table.Own})
+}
+
 func deleteLink(name string) error {
 	l, err := netlink.LinkByName(name)
 	if err != nil {

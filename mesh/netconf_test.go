@@ -450,3 +450,41 @@ func TestFailedRouteKeepsItsPredecessor(t *testing.T) {
 		}
 	})
 }
+
+// TestHoldLinkRoutes: the routes of an interface a failed start removes
+// (one adopted from a run that crashed, which still carries the mesh's
+// traffic) are held first, and stay held once it is gone.
+func TestHoldLinkRoutes(t *testing.T) {
+	inNewNetns(t, func() {
+		wg := addVeth(t, "wgy0")
+		if wg == nil {
+			return
+		}
+		lc := &linkConfig{name: "wgy0", index: wg.Attrs().Index}
+		carried := []netip.Prefix{netip.MustParsePrefix("10.77.0.0/16"), netip.MustParsePrefix("2001:db8:77::/48")}
+		if err := lc.setRoutes(RouteChange{Add: carried}); err != nil {
+			t.Error(err)
+			return
+		}
+		if err := holdLinkRoutes("wgy0"); err != nil {
+			t.Error(err)
+			return
+		}
+		if err := deleteLink("wgy0"); err != nil {
+			t.Error(err)
+			return
+		}
+		table, err := lc.routes()
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		slices.SortFunc(table.Held, netip.Prefix.Compare)
+		if !slices.Equal(table.Held, carried) {
+			t.Errorf("held after the interface went: %v, want %v", table.Held, carried)
+		}
+		if err := holdLinkRoutes("wgy0"); err != nil {
+			t.Errorf("no interface: %v", err)
+		}
+	})
+}
