@@ -736,7 +736,7 @@ func (g *Gateway) join(addrs []string) {
 	if len(addrs) == 0 {
 		return
 	}
-	n, err := g.ml.Join(addrs)
+	n, err := g.joinUnderAnyKey(addrs)
 	if err != nil && n == 0 {
 		g.log.Debug("join found nobody", "addrs", addrs, "err", err)
 		return
@@ -755,7 +755,7 @@ func (g *Gateway) joinSeeds(seeds []string) {
 		return err == nil && (ap == g.s.GossipAdvertise || ap == g.s.GossipBind)
 	})
 	for _, i := range rand.Perm(len(seeds)) {
-		if n, err := g.ml.Join(seeds[i : i+1]); err == nil && n > 0 {
+		if n, err := g.joinUnderAnyKey(seeds[i : i+1]); err == nil && n > 0 {
 			g.log.Debug("joined", "seed", seeds[i])
 			return
 		}

@@ -300,7 +300,19 @@ func (g *Gateway) applyKeyringOp(ctx context.Context, op *keyringOp) error {
 		return err
 	}
 	live := g.keyring.GetKeys() // primary first
-	update := func(*certs.GossipKeyring) (*certs.GossipKeyring, error) { return certs.NewGossipKeyring(live) }
+	// This gateway's own file holds its live keyring. A keyring others
+	// take theirs from — Vault's, the CA directory's copy — gets the step
+	// instead: a member whose live keyring differs from it (one that
+	// missed a step of a rotation cut short) then finds it already so,
+	// rather than write its own over the initiator's, and a burst
+	// gateway, which may only read Vault's, is not refused at every
+	// later rotation.
+	own := func(*certs.GossipKeyring) (*certs.GossipKeyring, error) { return certs.NewGossipKeyring(live) }
+	shared := func(cur *certs.GossipKeyring) (*certs.GossipKeyring, error) { return keyringStep(cur, kind, key, live) }
+	update := shared
+	if _, ok := g.prov.Secrets().(certs.DirSecrets); ok {
+		update = own
+	}
 	if err := g.prov.Secrets().UpdateGossipKeyring(ctx, update); err != nil {
 		return err
 	}
@@ -308,11 +320,77 @@ func (g *Gateway) applyKeyringOp(ctx context.Context, op *keyringOp) error {
 	// gateways: left behind, they would get a key the mesh no longer
 	// takes. (A CA kept off every gateway needs it copied by hand.)
 	if ca, ok := g.prov.Issuer().(*certs.CA); ok {
-		if err := ca.Secrets().UpdateGossipKeyring(ctx, update); err != nil {
+		if err := ca.Secrets().UpdateGossipKeyring(ctx, shared); err != nil {
 			return fmt.Errorf("the CA directory's gossip keyring: %w", err)
 		}
 	}
 	return nil
+}
+
+// joinUnderAnyKey is memberlist's Join, tried again under each other key
+// of the keyring as its primary when nobody answers under the primary.
+// A gateway that took the keyring in the middle of a rotation (both
+// keys, the old one primary) and came in after its last step began, or
+// that was off across its remove step, speaks a key no member reads any
+// more: no rotation step reaches it, and it would stay cut off for good.
+// Taking up the key the mesh answers under is what the use step it
+// missed would have done. The old key stays installed — members still on
+// it, in a rotation cut short, must still be read — until the next
+// rotation's last step removes it.
+func (g *Gateway) joinUnderAnyKey(addrs []string) (int, error) {
+	n, err := g.ml.Join(addrs)
+	if n > 0 || len(g.keyring.GetKeys()) < 2 || g.leaving.Load() {
+		return n, err
+	}
+	g.keyringMu.Lock()
+	defer g.keyringMu.Unlock()
+	primary := g.keyring.GetPrimaryKey()
+	for _, k := range g.keyring.GetKeys() {
+		if bytes.Equal(k, primary) {
+			continue
+		}
+		if uerr := g.keyring.UseKey(k); uerr != nil {
+			continue
+		}
+		if n, _ := g.ml.Join(addrs); n > 0 {
+			g.log.Warn("nobody answered under this gateway's primary gossip key, and the mesh answered under another key of its keyring: a rotation finished without this gateway; it uses the mesh's key now (the old one stays installed until the next rotation removes it)",
+				"keys", len(g.keyring.GetKeys()))
+			if _, own := g.prov.Secrets().(certs.DirSecrets); own {
+				live := g.keyring.GetKeys()
+				if serr := g.prov.Secrets().UpdateGossipKeyring(context.Background(), func(*certs.GossipKeyring) (*certs.GossipKeyring, error) {
+					return certs.NewGossipKeyring(live)
+				}); serr != nil {
+					g.log.Warn("store the gossip keyring", "err", serr)
+				}
+			}
+			return n, nil
+		}
+	}
+	if uerr := g.keyring.UseKey(primary); uerr != nil { // nobody answered under any: as it was
+		g.log.Warn("restore the primary gossip key", "err", uerr)
+	}
+	return n, err
+}
+
+// keyringStep is a shared keyring cur after a rotation step (kind, key)
+// that left this gateway's keyring live (primary first): the key added,
+// made primary, or — the last step — the live primary alone.
+func keyringStep(cur *certs.GossipKeyring, kind string, key []byte, live [][]byte) (*certs.GossipKeyring, error) {
+	if cur == nil {
+		return certs.NewGossipKeyring(live)
+	}
+	keys := cur.Keys()
+	switch kind {
+	case opInstall:
+		if !slices.ContainsFunc(keys, func(k []byte) bool { return bytes.Equal(k, key) }) {
+			keys = append(keys, key)
+		}
+	case opUse:
+		keys = append([][]byte{key}, slices.DeleteFunc(keys, func(k []byte) bool { return bytes.Equal(k, key) })...)
+	default: // opRemove
+		keys = live[:1]
+	}
+	return certs.NewGossipKeyring(keys)
 }
 
 // keyringOpFor is what member m is sent of op: the new key sealed to m's
@@ -433,7 +511,12 @@ func (g *Gateway) RotateGossipKey(ctx context.Context, force bool) (*RotationRep
 		// A member verified since the rotation began (a burst gateway
 		// enrolled with the keyring as it was, one restarted from its
 		// file) goes through the steps before this one first: left out,
-		// it would keep a key the others drop, cut off for good.
+		// it would keep a key the others drop, cut off for good. One
+		// heard from but not verified yet (its certificate on its way)
+		// is waited for, a while.
+		if i > 0 {
+			g.awaitPending(ctx)
+		}
 		var newcomers []string
 		for _, m := range g.rotationMembers() {
 			if !in[m] {
@@ -458,6 +541,41 @@ func (g *Gateway) RotateGossipKey(ctx context.Context, force bool) (*RotationRep
 			g.afterRotationStep(step.kind)
 		}
 	}
+	// A member verified after the last step began took the keyring
+	// mid-rotation (from Vault, the CA directory's copy, an enrolling
+	// gateway) and holds the old key as its primary, which no member
+	// reads any more. It is brought through the use and remove steps
+	// (the install step's acknowledgement would come under the old key);
+	// one that cannot be, or is still not verified, is left out, and
+	// named so.
+	g.awaitPending(ctx)
+	var late []string
+	for _, m := range g.rotationMembers() {
+		if !in[m] {
+			in[m] = true
+			late = append(late, m)
+		}
+	}
+	if len(late) > 0 {
+		g.log.Info("gossip key rotation: members verified after its last step began go through it", "members", late)
+		for _, step := range steps[1:] {
+			if err := g.rotationStep(ctx, step.kind, step.key, late); err != nil {
+				g.log.Warn("gossip key rotation: members verified after its last step began could not be brought through it: give them the new keyring", "members", late, "err", err)
+				away, late = append(away, late...), nil
+				break
+			}
+		}
+		members = append(members, late...)
+		sort.Strings(members)
+	}
+	for _, m := range g.pendingMembers() {
+		if !in[m] {
+			g.log.Warn("gossip key rotation: a member heard from during it was not verified in time and may hold the old key only: give it the new keyring", "member", m)
+			away = append(away, m)
+		}
+	}
+	slices.Sort(away)
+	away = slices.Compact(away)
 	g.log.Info("gossip key rotated", "members", len(members), "left_out", away)
 	rep := &RotationReport{Members: members, Elapsed: time.Since(start), LeftOut: away}
 	switch sec := g.prov.Secrets().(type) {
@@ -528,6 +646,39 @@ func (g *Gateway) awayWhy() map[string]string {
 		}
 	}
 	return why
+}
+
+// pendingGrace is how long after a member is first heard from a gossip
+// key rotation waits for its certificate to arrive (var for tests): one
+// pending longer never answered, and is no member.
+var pendingGrace = 10 * time.Second
+
+// pendingMembers are the members alive and heard from within
+// pendingGrace whose certificate has not arrived yet.
+func (g *Gateway) pendingMembers() []string {
+	var out []string
+	now := g.now()
+	for _, m := range g.members.snapshot() {
+		if m.State == StatePending && m.Alive && now.Sub(m.Since) < pendingGrace {
+			out = append(out, m.Name)
+		}
+	}
+	return out
+}
+
+// awaitPending waits, up to pendingGrace, for pendingMembers to be
+// verified (or to give up on them).
+func (g *Gateway) awaitPending(ctx context.Context) {
+	t := time.NewTicker(100 * time.Millisecond)
+	defer t.Stop()
+	deadline := time.Now().Add(pendingGrace)
+	for len(g.pendingMembers()) > 0 && time.Now().Before(deadline) {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
 }
 
 // rotationMembers are the members a gossip key rotation goes to: those

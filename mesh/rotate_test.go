@@ -13,6 +13,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hashicorp/memberlist"
+
 	"github.com/skybridge-mesh/skybridge/certs"
 )
 
@@ -154,6 +156,131 @@ func TestGossipKeyRotationWithNewcomer(t *testing.T) {
 		v := a.members.verified("op3")
 		return v != nil && v.Advert.Version > before
 	})
+}
+
+// TestGossipKeyRotationWithLateNewcomer: a gateway that takes the keyring
+// between the install and use steps (both keys, the old one primary)
+// and is verified only after the last step began is brought through
+// use and remove, or named left out — never left holding a key no
+// member reads while the rotation reports everyone in.
+func TestGossipKeyRotationWithLateNewcomer(t *testing.T) {
+	m := startLiveMesh(t)
+	a := m.gws[0].g
+	var midRotation []byte // the stored keyring between install and use
+	var late *liveGateway
+	a.afterRotationStep = func(step string) {
+		switch step {
+		case opInstall:
+			b, err := os.ReadFile(filepath.Join(a.s.Identity.Dir, certs.FileGossipKeyring))
+			if err != nil {
+				t.Error(err)
+			}
+			midRotation = b
+		case opUse:
+			// It starts now, joins through op1 and is verified by op0
+			// only after the remove step's look for newcomers.
+			late = startLiveGatewayWith(t, m.ca, m.dir, 3, "late-site", []string{m.gws[1].g.s.GossipAdvertise.String()}, m.logs, func(s *Settings) {
+				if err := os.WriteFile(filepath.Join(s.Identity.Dir, certs.FileGossipKeyring), midRotation, 0o600); err != nil {
+					t.Error(err)
+				}
+			})
+			waitUntil(t, 10*time.Second, "op3 to join through op1", func() bool {
+				return slices.ContainsFunc(m.gws[1].g.ml.Members(), func(n *memberlist.Node) bool { return n.Name == "op3" })
+			})
+		}
+	}
+	rep, err := a.RotateGossipKey(context.Background(), false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("rotation: members %v, left out %v", rep.Members, rep.LeftOut)
+	// Whether the rotation brought it through or not, it ends on the
+	// mesh's key, and gossip carries its news again.
+	nk := a.keyring.GetPrimaryKey()
+	waitUntil(t, 30*time.Second, "op3 on the new key and verified by op0", func() bool {
+		return bytes.Equal(late.g.keyring.GetPrimaryKey(), nk) && a.members.verified("op3") != nil
+	})
+	before := a.members.verified("op3").Advert.Version
+	if err := late.g.advertiseNow(); err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, 20*time.Second, "op3's new advert to reach op0", func() bool {
+		v := a.members.verified("op3")
+		return v != nil && v.Advert.Version > before
+	})
+}
+
+// TestJoinUnderTheMeshKey: a gateway started with a keyring taken in the
+// middle of a rotation that has since finished (the old key primary, the
+// new one beside it) is answered by nobody under its primary, and takes
+// up the key the mesh answers under.
+func TestJoinUnderTheMeshKey(t *testing.T) {
+	m := startLiveMesh(t)
+	a := m.gws[0].g
+	var midRotation []byte
+	a.afterRotationStep = func(step string) {
+		if step == opInstall {
+			b, err := os.ReadFile(filepath.Join(a.s.Identity.Dir, certs.FileGossipKeyring))
+			if err != nil {
+				t.Error(err)
+			}
+			midRotation = b
+		}
+	}
+	if _, err := a.RotateGossipKey(context.Background(), false); err != nil {
+		t.Fatal(err)
+	}
+	late := startLiveGatewayWith(t, m.ca, m.dir, 3, "late-site", []string{m.gws[1].g.s.GossipAdvertise.String()}, m.logs, func(s *Settings) {
+		if err := os.WriteFile(filepath.Join(s.Identity.Dir, certs.FileGossipKeyring), midRotation, 0o600); err != nil {
+			t.Error(err)
+		}
+	})
+	nk := a.keyring.GetPrimaryKey()
+	waitUntil(t, 20*time.Second, "op3 on the new key and verified by op0", func() bool {
+		return bytes.Equal(late.g.keyring.GetPrimaryKey(), nk) && a.members.verified("op3") != nil
+	})
+	stored, err := os.ReadFile(filepath.Join(late.g.s.Identity.Dir, certs.FileGossipKeyring))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if kr, err := certs.ParseGossipKeyring(stored); err != nil || !bytes.Equal(kr.Primary(), nk) {
+		t.Errorf("op3's keyring file does not have the mesh's key primary (%v): a restart would cut it off again", err)
+	}
+}
+
+// TestKeyringStep: a keyring others take theirs from gets the step, not
+// the keyring of the member applying it, which may differ (a step of a
+// rotation cut short missed).
+func TestKeyringStep(t *testing.T) {
+	k := func(b byte) []byte { return bytes.Repeat([]byte{b}, 32) }
+	ring := func(keys ...[]byte) *certs.GossipKeyring {
+		kr, err := certs.NewGossipKeyring(keys)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return kr
+	}
+	for _, c := range []struct {
+		name string
+		cur  *certs.GossipKeyring
+		kind string
+		key  []byte
+		live [][]byte
+		want *certs.GossipKeyring
+	}{
+		{"install on the stored keyring", ring(k(1), k(9)), opInstall, k(2), [][]byte{k(1), k(2)}, ring(k(1), k(9), k(2))},
+		{"install already there", ring(k(1), k(2)), opInstall, k(2), [][]byte{k(1), k(2)}, ring(k(1), k(2))},
+		{"use", ring(k(1), k(2)), opUse, k(2), [][]byte{k(2), k(1)}, ring(k(2), k(1))},
+		{"use, stored already so", ring(k(2), k(1)), opUse, k(2), [][]byte{k(2)}, ring(k(2), k(1))},
+		{"use of a key the store lacks", ring(k(1)), opUse, k(2), [][]byte{k(2), k(1)}, ring(k(2), k(1))},
+		{"remove leaves the live primary alone", ring(k(1), k(2), k(9)), opRemove, k(1), [][]byte{k(2)}, ring(k(2))},
+		{"nothing stored", nil, opInstall, k(2), [][]byte{k(1), k(2)}, ring(k(1), k(2))},
+	} {
+		got, err := keyringStep(c.cur, c.kind, c.key, c.live)
+		if err != nil || !got.Same(c.want) {
+			t.Errorf("%s: %v, %v; want %v", c.name, got.Keys(), err, c.want.Keys())
+		}
+	}
 }
 
 // TestGossipKeyRotationsOneAtATime: a gateway cannot start a gossip key
