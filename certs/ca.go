@@ -334,8 +334,10 @@ func (ca *CA) Issue(req IssueRequest) (*x509.Certificate, error) {
 }
 
 // issueGateway is Issue of a renewal of the certificate renewedFrom (if
-// set), with a further check of the index, if any, under its lock.
-func (ca *CA) issueGateway(req IssueRequest, renewedFrom string, check func(*caIndex) error) (*x509.Certificate, error) {
+// set), with a further check of the index, if any, under its lock, which
+// may refuse, or answer with a certificate issued already for the same
+// request (see issue).
+func (ca *CA) issueGateway(req IssueRequest, renewedFrom string, check func(*caIndex) (*x509.Certificate, error)) (*x509.Certificate, error) {
 	if req.Now.IsZero() {
 		req.Now = time.Now()
 	}
@@ -359,19 +361,19 @@ func (ca *CA) issueGateway(req IssueRequest, renewedFrom string, check func(*caI
 	for _, r := range attrs.Routes {
 		entry.Routes = append(entry.Routes, r.String())
 	}
-	return ca.issue(tmpl, req.PublicKey, req.TTL, req.Now, entry, func(idx *caIndex) error {
+	return ca.issue(tmpl, req.PublicKey, req.TTL, req.Now, entry, func(idx *caIndex) (*x509.Certificate, error) {
 		if check != nil {
-			if err := check(idx); err != nil {
-				return err
+			if c, err := check(idx); c != nil || err != nil {
+				return c, err
 			}
 		}
 		for _, e := range idx.Certs {
 			if e.OverlayIP == entry.OverlayIP && e.Node != attrs.Node && e.RevokedAt == nil && e.NotAfter.After(req.Now) {
-				return fmt.Errorf("overlay IP %s is already held by node %q (serial %s, valid until %s): pick another address or revoke that certificate first",
+				return nil, fmt.Errorf("overlay IP %s is already held by node %q (serial %s, valid until %s): pick another address or revoke that certificate first",
 					attrs.OverlayIP, e.Node, e.Serial, e.NotAfter.UTC().Format(time.RFC3339))
 			}
 		}
-		return routesFree(idx, attrs, req.Now)
+		return nil, routesFree(idx, attrs, req.Now)
 	})
 }
 
@@ -479,8 +481,10 @@ func (r refusal) Is(target error) bool { return target == ErrIssueRefused }
 func (r refusal) Unwrap() error        { return r.error }
 
 // issue signs tmpl for pub, valid from now for ttl, and records entry in
-// the index; check, if set, may refuse under the index lock.
-func (ca *CA) issue(tmpl *x509.Certificate, pub crypto.PublicKey, ttl time.Duration, now time.Time, entry IssuedCert, check func(*caIndex) error) (*x509.Certificate, error) {
+// the index; check, if set, may refuse under the index lock, or return a
+// certificate issued already for the same request (a renewal asked again),
+// which is then the answer: nothing is issued, nor the index written.
+func (ca *CA) issue(tmpl *x509.Certificate, pub crypto.PublicKey, ttl time.Duration, now time.Time, entry IssuedCert, check func(*caIndex) (*x509.Certificate, error)) (*x509.Certificate, error) {
 	if ttl == 0 {
 		ttl = DefaultNodeTTL
 	}
@@ -501,8 +505,13 @@ func (ca *CA) issue(tmpl *x509.Certificate, pub crypto.PublicKey, ttl time.Durat
 	var cert *x509.Certificate
 	err := ca.updateIndex(now, func(idx *caIndex) error {
 		if check != nil {
-			if err := check(idx); err != nil {
+			c, err := check(idx)
+			if err != nil {
 				return refusal{err}
+			}
+			if c != nil {
+				cert = c
+				return errUnchanged
 			}
 		}
 		serial, err := randomSerial()
@@ -519,12 +528,49 @@ func (ca *CA) issue(tmpl *x509.Certificate, pub crypto.PublicKey, ttl time.Durat
 		}
 		entry.Serial, entry.NotBefore, entry.NotAfter, entry.Key = FormatSerial(serial), cert.NotBefore, cert.NotAfter, keyID(cert.RawSubjectPublicKeyInfo)
 		idx.Certs = append(idx.Certs, entry)
+		if entry.Kind == KindGateway {
+			idx.keepRenewal(entry, der)
+		}
 		return nil
 	})
 	if err != nil {
 		return nil, err
 	}
 	return cert, nil
+}
+
+// keepRenewal keeps the certificate of a renewal (CA.Renew) while it is
+// its gateway's latest: a renewal whose answer was lost is asked again,
+// and answered with it rather than with one more certificate. Any later
+// certificate of the gateway makes the earlier one's answer of no use (a
+// renewal asked again is refused then), so one is kept per gateway.
+func (idx *caIndex) keepRenewal(e IssuedCert, der []byte) {
+	for _, c := range idx.Certs {
+		if c.Node == e.Node {
+			delete(idx.Renewals, c.Serial)
+		}
+	}
+	if e.RenewedFrom == "" {
+		return
+	}
+	if idx.Renewals == nil {
+		idx.Renewals = map[string][]byte{}
+	}
+	idx.Renewals[e.Serial] = der
+}
+
+// renewal returns the kept certificate of the renewal e, nil if none is
+// kept (issued by a release that did not keep them) or it is not e's.
+func (idx *caIndex) renewal(e IssuedCert) *x509.Certificate {
+	der, ok := idx.Renewals[e.Serial]
+	if !ok {
+		return nil
+	}
+	c, err := x509.ParseCertificate(der)
+	if err != nil || FormatSerial(c.SerialNumber) != e.Serial || keyID(c.RawSubjectPublicKeyInfo) != e.Key {
+		return nil
+	}
+	return c
 }
 
 func checkNodeKey(pub crypto.PublicKey) error {
@@ -566,6 +612,9 @@ type caIndex struct {
 	MeshPrefix string       `json:"mesh_prefix"`
 	CRLNumber  int64        `json:"crl_number"`
 	Certs      []IssuedCert `json:"certs"`
+	// Renewals holds, by serial, the certificate (DER) of each gateway's
+	// latest renewal, if that is its latest certificate (keepRenewal).
+	Renewals map[string][]byte `json:"renewals,omitempty"`
 }
 
 // RoutesFree reports, before anything is issued, whether a gateway
@@ -919,7 +968,8 @@ func (ca *CA) writeIndex(idx *caIndex) error {
 
 // updateIndex runs fn on the index under the CA's lock and writes the
 // index back if fn succeeds, so concurrent `skybridge ca` processes never
-// lose each other's changes.
+// lose each other's changes. fn returns errUnchanged for success that
+// changed nothing: the index, which can be large, is not rewritten.
 func (ca *CA) updateIndex(now time.Time, fn func(*caIndex) error) error {
 	unlock, err := lockFile(filepath.Join(ca.dir, fileLock))
 	if err != nil {
@@ -930,7 +980,9 @@ func (ca *CA) updateIndex(now time.Time, fn func(*caIndex) error) error {
 	if err != nil {
 		return err
 	}
-	if err := fn(idx); err != nil {
+	if err := fn(idx); errors.Is(err, errUnchanged) {
+		return nil
+	} else if err != nil {
 		return err
 	}
 	if err := ca.archiveLocked(idx, now); err != nil {
@@ -938,6 +990,10 @@ func (ca *CA) updateIndex(now time.Time, fn func(*caIndex) error) error {
 	}
 	return ca.writeIndex(idx)
 }
+
+// errUnchanged is what an updateIndex function returns for success that
+// changed nothing.
+var errUnchanged = errors.New("index unchanged")
 
 // archiveAfter is how long after its end a gateway certificate leaves the
 // index for the archive.
@@ -957,6 +1013,7 @@ func (ca *CA) archiveLocked(idx *caIndex, now time.Time) error {
 	for _, c := range idx.Certs {
 		if !keptForGood(c) && c.NotAfter.Before(cutoff) {
 			old = append(old, c)
+			delete(idx.Renewals, c.Serial)
 		} else {
 			keep = append(keep, c)
 		}

@@ -58,7 +58,8 @@ type RenewResponse struct {
 // one of the same gateway), a burst gateway's (its certificate lasts
 // exactly its burst), one in the first half of its life (a renewal is due
 // later: this bounds what a holder can have issued), and a request for
-// the same key or for other attributes.
+// the same key or for other attributes. The same renewal asked again (its
+// answer lost) is answered with the certificate it was issued.
 func (ca *CA) Renew(cert *x509.Certificate, csrPEM []byte, now time.Time) (*x509.Certificate, error) {
 	if err := cert.CheckSignatureFrom(ca.cert); err != nil {
 		return nil, refusal{fmt.Errorf("certificate %s is not one of this CA's: %v", FormatSerial(cert.SerialNumber), err)}
@@ -102,14 +103,16 @@ func (ca *CA) Renew(cert *x509.Certificate, csrPEM []byte, now time.Time) (*x509
 		return nil, refusal{fmt.Errorf("the mesh CA ends at %s: no certificate can be renewed under it; bring up a new mesh CA", ca.cert.NotAfter.UTC().Format(time.RFC3339))}
 	}
 	serial, key := FormatSerial(cert.SerialNumber), keyID(csr.RawSubjectPublicKeyInfo)
-	return ca.issueGateway(IssueRequest{Attributes: *attrs, PublicKey: csr.PublicKey, TTL: ttl, Now: now}, serial, func(idx *caIndex) error {
+	return ca.issueGateway(IssueRequest{Attributes: *attrs, PublicKey: csr.PublicKey, TTL: ttl, Now: now}, serial, func(idx *caIndex) (*x509.Certificate, error) {
 		// The CA's own record decides, not a revocation list that may
 		// not have been written: the certificate must be the latest of
 		// its gateway, so an older one (replaced by `ca issue` with other
 		// routes, or copied before the holder renewed) brings back
 		// nothing it certified. One issued but never delivered does not
 		// count (TakeBack), nor does this certificate's own renewal for
-		// the same key: its answer was lost, and it is asked again.
+		// the same key: its answer was lost, and it is asked again —
+		// answered with the certificate issued then, however often it is
+		// asked, or each ask would add one to the index.
 		latest := -1
 		for i, e := range idx.Certs {
 			if e.Node == attrs.Node && (e.Kind == KindGateway || e.Kind == "") && !e.TakenBack {
@@ -119,18 +122,21 @@ func (ca *CA) Renew(cert *x509.Certificate, csrPEM []byte, now time.Time) (*x509
 		i := slices.IndexFunc(idx.Certs, func(e IssuedCert) bool { return e.Serial == serial })
 		switch {
 		case i < 0:
-			return fmt.Errorf("certificate %s of %q is not in the CA's index (issued from another copy of the CA directory?): issue it a new identity from this one with `skybridge ca issue`", serial, attrs.Node)
+			return nil, fmt.Errorf("certificate %s of %q is not in the CA's index (issued from another copy of the CA directory?): issue it a new identity from this one with `skybridge ca issue`", serial, attrs.Node)
 		case idx.Certs[i].RevokedAt != nil:
-			return fmt.Errorf("certificate %s of %q is revoked (%s): a revoked certificate is not renewed; issue the gateway a new identity with `skybridge ca issue`", serial, attrs.Node, idx.Certs[i].Reason)
+			return nil, fmt.Errorf("certificate %s of %q is revoked (%s): a revoked certificate is not renewed; issue the gateway a new identity with `skybridge ca issue`", serial, attrs.Node, idx.Certs[i].Reason)
 		case latest < 0:
-			return fmt.Errorf("certificate %s of %q is not a gateway's in the CA's index: issue the gateway a new identity with `skybridge ca issue`", serial, attrs.Node)
+			return nil, fmt.Errorf("certificate %s of %q is not a gateway's in the CA's index: issue the gateway a new identity with `skybridge ca issue`", serial, attrs.Node)
 		case i == latest:
 		case idx.Certs[latest].RenewedFrom == serial && idx.Certs[latest].Key == key && idx.Certs[latest].RevokedAt == nil:
+			// Issued by a release that did not keep it, or the index
+			// damaged: certified once more, and kept from then on.
+			return idx.renewal(idx.Certs[latest]), nil
 		default:
-			return fmt.Errorf("certificate %s of %q is not its latest: certificate %s replaced it (if that renewal was not this gateway's, its key was copied: revoke them all with `skybridge ca revoke --node %s --reason keyCompromise` and issue it a new identity)",
+			return nil, fmt.Errorf("certificate %s of %q is not its latest: certificate %s replaced it (if that renewal was not this gateway's, its key was copied: revoke them all with `skybridge ca revoke --node %s --reason keyCompromise` and issue it a new identity)",
 				serial, attrs.Node, idx.Certs[latest].Serial, attrs.Node)
 		}
-		return nil
+		return nil, nil
 	})
 }
 
@@ -144,7 +150,7 @@ func keyID(spki []byte) string {
 // fileNodeKeyNext is the key a renewal through a CA-holding gateway asks
 // to be certified, kept until its certificate is saved: a renewal whose
 // answer was lost is asked again for the same key, which the CA then
-// certifies again (CA.Renew), rather than refused as a second renewal.
+// answers again (CA.Renew), rather than refused as a second renewal.
 const fileNodeKeyNext = "node.key.next"
 
 // fileRenewLock serializes renewals of one identity directory.

@@ -187,8 +187,9 @@ func TestRenewFromConfig(t *testing.T) {
 
 // TestCARenewAgainAfterALostAnswer: a renewal whose answer was lost is
 // asked again for the same key (the gateway keeps it until its
-// certificate is saved) and certified again; asked for another key it is
-// a second renewal of a replaced certificate, refused.
+// certificate is saved) and answered with the certificate it was issued;
+// asked for another key it is a second renewal of a replaced certificate,
+// refused.
 func TestCARenewAgainAfterALostAnswer(t *testing.T) {
 	ca := newTestCA(t)
 	life := 30 * 24 * time.Hour
@@ -196,20 +197,99 @@ func TestCARenewAgainAfterALostAnswer(t *testing.T) {
 	now := t0.Add(life * 2 / 3)
 	k, _ := GenerateNodeKey()
 	csr, _ := CreateCSR(k, *x.Attributes())
-	if _, err := ca.Renew(x.Certificate(), csr, now); err != nil { // its answer lost
+	lost, err := ca.Renew(x.Certificate(), csr, now)
+	if err != nil {
 		t.Fatal(err)
 	}
 	again, err := ca.Renew(x.Certificate(), csr, now.Add(time.Minute))
 	if err != nil {
 		t.Fatalf("the same renewal asked again: %v", err)
 	}
-	if !again.PublicKey.(*ecdsa.PublicKey).Equal(&k.PublicKey) {
-		t.Fatal("certified another key")
+	if !again.Equal(lost) {
+		t.Fatalf("asked again, certificate %s was issued; want the lost one, %s", FormatSerial(again.SerialNumber), FormatSerial(lost.SerialNumber))
 	}
 	other, _ := GenerateNodeKey()
 	csr2, _ := CreateCSR(other, *x.Attributes())
 	if _, err := ca.Renew(x.Certificate(), csr2, now.Add(2*time.Minute)); err == nil || !strings.Contains(err.Error(), "is not its latest") {
 		t.Fatalf("a second renewal for another key: %v; want a refusal", err)
+	}
+}
+
+// TestCARenewAskedAgainIssuesNothing: the holder of a certificate past
+// half its life may send the same renewal (same new key) as often as it
+// likes; each was certified anew, and every certificate added to the
+// index, which every issue and revocation reads and rewrites whole. The
+// answer now is the one certificate, and the index does not grow.
+func TestCARenewAskedAgainIssuesNothing(t *testing.T) {
+	ca := newTestCA(t)
+	life := 30 * 24 * time.Hour
+	x := issue(t, ca, testAttrs("gw1", "fra", "100.96.0.1"), t0, life)
+	k, _ := GenerateNodeKey()
+	csr, _ := CreateCSR(k, *x.Attributes())
+	now := t0.Add(life/2 + time.Hour)
+	first, err := ca.Renew(x.Certificate(), csr, now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	before, _ := ca.Issued()
+	for i := range 20 {
+		c, err := ca.Renew(x.Certificate(), csr, now.Add(time.Duration(i+1)*time.Minute))
+		if err != nil {
+			t.Fatalf("ask %d: %v", i+2, err)
+		}
+		if !c.Equal(first) {
+			t.Fatalf("ask %d was certified anew (serial %s, first %s)", i+2, FormatSerial(c.SerialNumber), FormatSerial(first.SerialNumber))
+		}
+	}
+	if after, _ := ca.Issued(); len(after) != len(before) {
+		t.Fatalf("20 asks again grew the index from %d to %d entries", len(before), len(after))
+	}
+	// Once the renewal is revoked, asking again brings back nothing.
+	if _, err := ca.RevokeSerials([]*big.Int{first.SerialNumber}, "keyCompromise", now.Add(time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	if c, err := ca.Renew(x.Certificate(), csr, now.Add(2*time.Hour)); err == nil {
+		t.Fatalf("a revoked renewal asked again was answered with %s", FormatSerial(c.SerialNumber))
+	}
+}
+
+// TestCARenewAskedAgainKeepsOnePerGateway: the certificate a renewal
+// asked again is answered with is kept while it is its gateway's latest;
+// an index written by a release that kept none has the renewal certified
+// once more, and that one kept.
+func TestCARenewAskedAgainKeepsOnePerGateway(t *testing.T) {
+	ca := newTestCA(t)
+	life := 30 * 24 * time.Hour
+	x := issue(t, ca, testAttrs("gw1", "fra", "100.96.0.1"), t0, life)
+	k, _ := GenerateNodeKey()
+	csr, _ := CreateCSR(k, *x.Attributes())
+	now := t0.Add(life * 2 / 3)
+	if _, err := ca.Renew(x.Certificate(), csr, now); err != nil {
+		t.Fatal(err)
+	}
+	if err := ca.updateIndex(now, func(idx *caIndex) error { idx.Renewals = nil; return nil }); err != nil {
+		t.Fatal(err)
+	}
+	reissued, err := ca.Renew(x.Certificate(), csr, now.Add(time.Minute))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c, err := ca.Renew(x.Certificate(), csr, now.Add(2*time.Minute)); err != nil || !c.Equal(reissued) {
+		t.Fatalf("after one certified once more, asked again: %v; want that one", err)
+	}
+	// The gateway renews its renewal: the earlier one's is not kept.
+	k2, _ := GenerateNodeKey()
+	csr2, _ := CreateCSR(k2, *x.Attributes())
+	y, err := ca.Renew(reissued, csr2, now.Add(life*2/3))
+	if err != nil {
+		t.Fatal(err)
+	}
+	idx, err := ca.readIndex()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := idx.Renewals[FormatSerial(y.SerialNumber)]; len(idx.Renewals) != 1 || !ok {
+		t.Fatalf("the CA keeps %d renewals' certificates; want the latest's alone", len(idx.Renewals))
 	}
 }
 
