@@ -1,6 +1,8 @@
 package mesh
 
 import (
+	"crypto/sha256"
+	"crypto/x509"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -169,6 +171,27 @@ type burstToken struct {
 	// Key is the SHA-256 of the public key certified (hex): the gateway
 	// that lost the answer asks again with the same key and token.
 	Key string `json:"key_sha256,omitempty"`
+	// Cert is the certificate issued (DER), sent again to the key that
+	// asks again: a new one would supersede it, each on the mesh's
+	// revocation list until the burst ends, as often as the holder of
+	// the token and key liked. Records of earlier releases have none.
+	Cert []byte `json:"cert,omitempty"`
+}
+
+// issued returns the certificate kept for the token if it is the one
+// recorded for key, nil if none is kept.
+func (t *burstToken) issued(key string) *x509.Certificate {
+	if len(t.Cert) == 0 {
+		return nil
+	}
+	c, err := x509.ParseCertificate(t.Cert)
+	if err != nil || certs.FormatSerial(c.SerialNumber) != t.Serial {
+		return nil
+	}
+	if sum := sha256.Sum256(c.RawSubjectPublicKeyInfo); hex.EncodeToString(sum[:]) != key {
+		return nil
+	}
+	return c
 }
 
 func (r *burstRecord) active(now time.Time) bool { return r.Ended == nil && now.Before(r.Expires) }
@@ -250,8 +273,8 @@ var errToken = errors.New("join token not recognised by this gateway: check that
 // it used: the caller does, once the certificate exists. again says the
 // token was used already, by the same key (key: the hex SHA-256 of the
 // public key asked for): the gateway lost the answer — to a crash, to the
-// network — and asks again within the token's life, which is answered
-// rather than held against it.
+// network — and asks again within the token's life, which is answered,
+// with the same certificate, rather than held against it.
 func (b *burstBook) redeem(id string, secret []byte, key string, now time.Time) (_ *burstRecord, _ int, again bool, _ error) {
 	for _, r := range b.Bursts {
 		for i, t := range r.Tokens {

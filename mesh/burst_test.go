@@ -256,9 +256,9 @@ func openBurst(t *testing.T) (dir string, ca *certs.CA, grant *BurstGrant) {
 
 // TestBurstEnrollmentAskedAgain: a burst gateway whose enrollment answer
 // was lost — the network dropped it, or the gateway crashed with part of
-// the identity stored — asks again with the key it kept and gets its name
-// and address on a new certificate, the lost one revoked as superseded;
-// the token stays spent for every other key.
+// the identity stored — asks again with the key it kept and gets the
+// certificate it was issued, with its name and address; the token stays
+// spent for every other key.
 func TestBurstEnrollmentAskedAgain(t *testing.T) {
 	dir, ca, grant := openBurst(t)
 	bs := liveSettings(t, filepath.Join(dir, "burst"))
@@ -287,25 +287,11 @@ func TestBurstEnrollmentAskedAgain(t *testing.T) {
 		t.Fatal(err)
 	}
 	got := id.Certificate()
-	if enr.Node != "burst-ams-gw1" || got.SerialNumber.Cmp(lostCert.SerialNumber) == 0 || !id.Attributes().OverlayIP.IsValid() {
-		t.Fatalf("enrollment %+v with serial %s (the lost one %s)", enr, got.SerialNumber, lostCert.SerialNumber)
+	if enr.Node != "burst-ams-gw1" || !got.Equal(lostCert) || !id.Attributes().OverlayIP.IsValid() {
+		t.Fatalf("enrollment %+v with serial %s; want the lost one, %s", enr, got.SerialNumber, lostCert.SerialNumber)
 	}
-	lostAttrs, _ := certs.AttributesOf(lostCert)
-	if lostAttrs == nil || lostAttrs.OverlayIP != id.Attributes().OverlayIP {
-		t.Fatalf("asked again, the gateway got another address: %v, first %v", id.Attributes().OverlayIP, lostAttrs)
-	}
-	issued, err := ca.Issued()
-	if err != nil {
-		t.Fatal(err)
-	}
-	revoked := false
-	for _, c := range issued {
-		if c.Serial == certs.FormatSerial(lostCert.SerialNumber) {
-			revoked = c.RevokedAt != nil && c.Reason == "superseded"
-		}
-	}
-	if !revoked {
-		t.Fatal("the certificate of the lost answer is not revoked as superseded")
+	if valid, err := ca.SerialsOfNode("burst-ams-gw1", time.Now()); err != nil || len(valid) != 1 || valid[0].Cmp(lostCert.SerialNumber) != 0 {
+		t.Fatalf("the gateway's valid certificates: %v, %v; want the lost one alone", valid, err)
 	}
 	if _, err := os.Stat(filepath.Join(bs.Identity.Dir, filePendingEnrollment)); !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("the pending enrollment's key stayed after the identity was stored: %v", err)
@@ -324,6 +310,104 @@ func TestBurstEnrollmentAskedAgain(t *testing.T) {
 	if valid, err := ca.SerialsOfNode("burst-ams-gw1", time.Now()); err == nil {
 		t.Fatalf("the revoked gateway holds a valid certificate again: %v", valid)
 	}
+}
+
+// TestBurstEnrollmentAskedAgainIssuesNothing: the holder of a spent token
+// and of the key it enrolled (an enrolled burst gateway) may ask again as
+// often as it likes until the token expires. Each ask was answered with a
+// new certificate and the previous one revoked as superseded, on the
+// mesh's revocation list until the burst's end: one burst server could
+// grow the list every gateway gossips past what gossip carries. Asked
+// again, the enrolling gateway now sends the certificate it issued.
+func TestBurstEnrollmentAskedAgainIssuesNothing(t *testing.T) {
+	dir, ca, grant := openBurst(t)
+	bs := liveSettings(t, filepath.Join(dir, "burst"))
+	tok, body := burstAsk(t, grant.Tokens[0], bs.Identity.Dir)
+	log := slog.New(slog.DiscardHandler)
+	first, err := postEnroll(context.Background(), tok, body, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	crlBefore := crlEntries(t, ca)
+	issuedBefore, _ := ca.Issued()
+	for i := range 20 {
+		res, err := postEnroll(context.Background(), tok, body, log)
+		if err != nil {
+			t.Fatalf("ask %d: %v", i+2, err)
+		}
+		if !bytes.Equal(res.Certificate, first.Certificate) {
+			t.Fatalf("ask %d was answered with another certificate", i+2)
+		}
+	}
+	if n := crlEntries(t, ca); n != crlBefore {
+		t.Errorf("20 asks again put %d certificates on the revocation list", n-crlBefore)
+	}
+	if issued, _ := ca.Issued(); len(issued) != len(issuedBefore) {
+		t.Errorf("20 asks again had the CA issue %d certificates", len(issued)-len(issuedBefore))
+	}
+}
+
+// TestBurstEnrollmentAskedAgainOfAnEarlierRelease: a token used before
+// the enrolling gateway kept the certificates it issued has its
+// certificate issued once more when asked again (the lost one revoked as
+// superseded), and that one kept: a second ask issues nothing.
+func TestBurstEnrollmentAskedAgainOfAnEarlierRelease(t *testing.T) {
+	dir := t.TempDir()
+	ca := meshCA(t, dir)
+	hq := startEnroller(t, ca, dir, &syncbuf.Buffer{})
+	grant, err := hq.g.BurstUp(context.Background(), BurstRequest{BurstSite: amsSite, TTL: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	bs := liveSettings(t, filepath.Join(dir, "burst"))
+	tok, body := burstAsk(t, grant.Tokens[0], bs.Identity.Dir)
+	log := slog.New(slog.DiscardHandler)
+	lost, err := postEnroll(context.Background(), tok, body, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := hq.g.enroll
+	e.mu.Lock()
+	e.book.find(amsSite.Site).Tokens[0].Cert = nil // as an earlier release recorded it
+	e.mu.Unlock()
+	reissued, err := postEnroll(context.Background(), tok, body, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if bytes.Equal(reissued.Certificate, lost.Certificate) {
+		t.Fatal("no certificate kept, yet the lost one was sent")
+	}
+	lostCerts, err := certs.ParseCertificatesPEM(lost.Certificate)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if tb, err := ca.TrustBundle(); err != nil || !tb.IsRevoked(lostCerts[0].SerialNumber) {
+		t.Fatalf("the certificate superseded is not revoked: %v", err)
+	}
+	crlBefore := crlEntries(t, ca)
+	for range 3 {
+		res, err := postEnroll(context.Background(), tok, body, log)
+		if err != nil || !bytes.Equal(res.Certificate, reissued.Certificate) {
+			t.Fatalf("asked again after the certificate issued once more: %v; want that one", err)
+		}
+	}
+	if n := crlEntries(t, ca); n != crlBefore {
+		t.Errorf("asked again after the certificate issued once more, %d certificates were revoked", n-crlBefore)
+	}
+}
+
+// crlEntries counts the certificates on the CA's revocation list.
+func crlEntries(t *testing.T, ca *certs.CA) int {
+	t.Helper()
+	b, err := ca.CRLPEM()
+	if err != nil {
+		t.Fatal(err)
+	}
+	crl, err := certs.ParseCRL(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(crl.RevokedCertificateEntries)
 }
 
 // TestBurstLifecycle runs a CA-holding gateway and a static one, opens a

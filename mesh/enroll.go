@@ -357,10 +357,10 @@ func (g *Gateway) enrol(ctx context.Context, req enrollRequest, from string) (*e
 	tb := g.trust.Load()
 	t := &rec.Tokens[i]
 	var ip netip.Addr
+	var cert *x509.Certificate // sent again, if asked again
 	if again {
 		// The same gateway (it holds the key) lost the answer: it gets
-		// the name and address it was given, on a new certificate that
-		// supersedes the one it never stored.
+		// the certificate it was sent, with its name and address.
 		if ip, err = netip.ParseAddr(t.OverlayIP); err != nil {
 			return nil, fmt.Errorf("burst record of %s: token %s: %w", rec.Site, t.ID, err)
 		}
@@ -376,6 +376,7 @@ func (g *Gateway) enrol(ctx context.Context, req enrollRequest, from string) (*e
 			g.metrics.enrollment("refused")
 			return nil, &enrollRefusal{fmt.Errorf("the certificate this token was enrolled with (serial %s) is revoked: the token does not enrol again", t.Serial)}
 		}
+		cert = t.issued(key)
 	} else if ip, err = pickOverlayIP(tb.MeshPrefix(), g.overlayIPsInUse(e)); err != nil {
 		return nil, err
 	}
@@ -385,40 +386,49 @@ func (g *Gateway) enrol(ctx context.Context, req enrollRequest, from string) (*e
 	}
 	attrs := certs.Attributes{Node: rec.nodeName(i), Site: rec.Site, Region: rec.Region, Provider: rec.Provider,
 		Jurisdiction: rec.Jurisdiction, OverlayIP: ip, Routes: routes, Labels: rec.Labels}
-	// The identity ends with the burst.
-	cert, err := e.ca.Issue(certs.IssueRequest{Attributes: attrs, PublicKey: csr.PublicKey, TTL: rec.Expires.Sub(now), Now: now})
-	if errors.Is(err, certs.ErrIssueRefused) {
-		// Asking again will not change it (a route another site took
-		// since the burst opened, say): the newcomer is told, at once.
-		g.log.Warn("enrollment refused: the CA refuses the certificate", "token", req.Token, "peer", attrs.Node, "from", from, "err", err)
-		g.metrics.enrollment("refused")
-		return nil, &enrollRefusal{fmt.Errorf("the mesh CA refuses %s's certificate: %w", attrs.Node, err)}
-	}
-	if err != nil {
-		return nil, fmt.Errorf("certify %s: %w", attrs.Node, err)
-	}
-	before := *t
-	used := now.UTC()
-	if again {
-		used = *t.Used
-	}
-	t.Used, t.Node, t.OverlayIP, t.Serial, t.Key = &used, attrs.Node, ip.String(), certs.FormatSerial(cert.SerialNumber), key
-	if err := g.state.saveBursts(e.book); err != nil {
-		// Unrecorded, the token would work again: take the certificate back.
-		*t = before
-		if _, rerr := e.ca.RevokeSerials([]*big.Int{cert.SerialNumber}, "cessationOfOperation", now); rerr != nil {
-			g.log.Error("enrollment: could not record the token nor revoke the certificate issued for it", "serial", certs.FormatSerial(cert.SerialNumber), "err", rerr)
+	if cert != nil {
+		// Nothing is issued, nothing revoked: a holder of the token and
+		// the key that asks again and again costs the CA's index and the
+		// mesh's revocation list nothing.
+		g.log.Info("burst gateway asked again for its enrollment (its answer was lost): the certificate it was issued is sent again", "peer", attrs.Node, "peer_site", rec.Site, "from", from, "serial", t.Serial)
+	} else {
+		// The identity ends with the burst.
+		cert, err = e.ca.Issue(certs.IssueRequest{Attributes: attrs, PublicKey: csr.PublicKey, TTL: rec.Expires.Sub(now), Now: now})
+		if errors.Is(err, certs.ErrIssueRefused) {
+			// Asking again will not change it (a route another site took
+			// since the burst opened, say): the newcomer is told, at once.
+			g.log.Warn("enrollment refused: the CA refuses the certificate", "token", req.Token, "peer", attrs.Node, "from", from, "err", err)
+			g.metrics.enrollment("refused")
+			return nil, &enrollRefusal{fmt.Errorf("the mesh CA refuses %s's certificate: %w", attrs.Node, err)}
 		}
-		return nil, fmt.Errorf("record enrollment: %w", err)
-	}
-	if again {
-		if old, err := certs.ParseSerial(before.Serial); err == nil {
-			if _, err := e.ca.RevokeSerials([]*big.Int{old}, "superseded", now); err != nil {
-				// The burst's end revokes it with the rest (its strays).
-				g.log.Warn("enrollment asked again: the certificate it supersedes is not revoked yet", "serial", before.Serial, "err", err)
+		if err != nil {
+			return nil, fmt.Errorf("certify %s: %w", attrs.Node, err)
+		}
+		before := *t
+		used := now.UTC()
+		if again {
+			used = *t.Used
+		}
+		t.Used, t.Node, t.OverlayIP, t.Serial, t.Key, t.Cert = &used, attrs.Node, ip.String(), certs.FormatSerial(cert.SerialNumber), key, cert.Raw
+		if err := g.state.saveBursts(e.book); err != nil {
+			// Unrecorded, the token would work again: take the certificate back.
+			*t = before
+			if _, rerr := e.ca.RevokeSerials([]*big.Int{cert.SerialNumber}, "cessationOfOperation", now); rerr != nil {
+				g.log.Error("enrollment: could not record the token nor revoke the certificate issued for it", "serial", certs.FormatSerial(cert.SerialNumber), "err", rerr)
 			}
+			return nil, fmt.Errorf("record enrollment: %w", err)
 		}
-		g.log.Info("burst gateway asked again for its enrollment (its answer was lost): certificate re-issued for the same key", "peer", attrs.Node, "peer_site", rec.Site, "from", from, "superseded", before.Serial)
+		if again {
+			// Enrolled by a release that kept no certificate: it is
+			// issued once more, and kept from now on.
+			if old, err := certs.ParseSerial(before.Serial); err == nil {
+				if _, err := e.ca.RevokeSerials([]*big.Int{old}, "superseded", now); err != nil {
+					// The burst's end revokes it with the rest (its strays).
+					g.log.Warn("enrollment asked again: the certificate it supersedes is not revoked yet", "serial", before.Serial, "err", err)
+				}
+			}
+			g.log.Info("burst gateway asked again for its enrollment (its answer was lost), enrolled before its certificate was kept: certificate re-issued for the same key", "peer", attrs.Node, "peer_site", rec.Site, "from", from, "superseded", before.Serial)
+		}
 	}
 	res := &enrollResponse{
 		Certificate: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: cert.Raw}),
