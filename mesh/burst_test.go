@@ -17,6 +17,7 @@ import (
 	"io"
 	"io/fs"
 	"log/slog"
+	"math/big"
 	"net"
 	"net/http"
 	"net/netip"
@@ -24,6 +25,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -763,6 +765,78 @@ func TestEnrollerCertRenewed(t *testing.T) {
 	}
 	if c2, err := ec.get("hq-1", ip, near.Add(time.Minute)); err != nil || c2 != c1 {
 		t.Fatalf("near the CA's end, issued again a minute later: %v", err)
+	}
+}
+
+// TestEnrollerCertReissuedOnceRevoked: `skybridge ca revoke --node` of
+// the CA-holding gateway revokes its enrollment endpoint's certificate
+// too; the endpoint kept presenting it until its renewal time (up to 16
+// hours), and renewing gateways, which check the revocation list, refused
+// it all that while. Once the gateway holds the list that revokes it, the
+// endpoint presents a new one.
+func TestEnrollerCertReissuedOnceRevoked(t *testing.T) {
+	dir := t.TempDir()
+	ca := meshCA(t, dir)
+	var tb atomic.Pointer[certs.TrustBundle] // the list the gateway holds
+	ec := &enrollerCert{ca: ca, log: slog.New(slog.DiscardHandler), revoked: func(s *big.Int) bool { return tb.Load().IsRevoked(s) }}
+	adopt := func() {
+		b, err := ca.TrustBundle()
+		if err != nil {
+			t.Fatal(err)
+		}
+		tb.Store(b)
+	}
+	adopt()
+	ip, now := netip.MustParseAddr("100.64.0.1"), time.Now()
+	first, err := ec.get("hq-1", ip, now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ca.RevokeNode("hq-1", "keyCompromise", now); err != nil {
+		t.Fatal(err)
+	}
+	if c, err := ec.get("hq-1", ip, now.Add(time.Minute)); err != nil || c != first {
+		t.Fatalf("issued again before the gateway holds the list that revokes it: %v", err)
+	}
+	adopt()
+	later, err := ec.get("hq-1", ip, now.Add(time.Hour))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if tb.Load().IsRevoked(later.Leaf.SerialNumber) {
+		t.Fatalf("an hour after its revocation the endpoint presents certificate %s, which the list revokes", certs.FormatSerial(later.Leaf.SerialNumber))
+	}
+	if again, _ := ec.get("hq-1", ip, now.Add(2*time.Hour)); again != later {
+		t.Fatal("the new certificate was issued again at the next handshake")
+	}
+
+	// The running endpoint: once the gateway adopts the list, a
+	// handshake is shown a certificate it does not revoke.
+	hq := startEnroller(t, ca, dir, &syncbuf.Buffer{})
+	shown := func() *x509.Certificate {
+		var c *x509.Certificate
+		waitUntil(t, 10*time.Second, "the enrollment endpoint to answer", func() bool {
+			conn, err := tls.Dial("tcp", hq.g.s.EnrollListen.String(), &tls.Config{InsecureSkipVerify: true})
+			if err != nil {
+				return false
+			}
+			defer conn.Close()
+			c = conn.ConnectionState().PeerCertificates[0]
+			return true
+		})
+		return c
+	}
+	served := shown()
+	if _, err := ca.RevokeSerials([]*big.Int{served.SerialNumber}, "keyCompromise", time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	b, err := ca.TrustBundle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	hq.g.adoptTrust(b, time.Now())
+	if c := shown(); c.SerialNumber.Cmp(served.SerialNumber) == 0 || b.IsRevoked(c.SerialNumber) {
+		t.Fatalf("after the gateway adopted the list revoking it, the endpoint still presents certificate %s", certs.FormatSerial(c.SerialNumber))
 	}
 }
 

@@ -213,7 +213,10 @@ func (g *Gateway) serveEnrollment(ctx context.Context) (io.Closer, error) {
 	if err != nil {
 		return nil, fmt.Errorf("enrollment endpoint: %w", err)
 	}
-	ec := &enrollerCert{ca: g.enroll.ca, log: g.log}
+	ec := &enrollerCert{ca: g.enroll.ca, log: g.log, revoked: func(serial *big.Int) bool {
+		tb := g.trust.Load()
+		return tb != nil && tb.IsRevoked(serial)
+	}}
 	cfg := &tls.Config{
 		MinVersion: tls.VersionTLS13,
 		// A renewal authenticates with the gateway's current
@@ -917,11 +920,18 @@ func (e *enrollment) stillValid(serial string, now time.Time) (bool, error) {
 const enrollerCertTTL = 24 * time.Hour
 
 // enrollerCert is the enrollment endpoint's certificate (certs.IssueEnroller),
-// issued when first asked for and again before it runs out, for a key kept
-// in memory only.
+// issued when first asked for, again before it runs out, and again once
+// revoked, for a key kept in memory only.
 type enrollerCert struct {
 	ca  *certs.CA
 	log *slog.Logger
+	// revoked reports whether the revocation list this gateway holds
+	// revokes a serial: `ca revoke --node` of this gateway revokes the
+	// endpoint's certificate too, and renewing gateways, which check the
+	// list, would refuse it until its renewal time, up to 16 hours on.
+	// The list held in memory, not the CA's index: it is asked at every
+	// handshake, and the renewing gateways see no revocation before it.
+	revoked func(serial *big.Int) bool
 
 	mu      sync.Mutex
 	cert    *tls.Certificate
@@ -933,7 +943,10 @@ func (e *enrollerCert) get(node string, ip netip.Addr, now time.Time) (*tls.Cert
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if e.cert != nil && e.node == node && now.Before(e.renewAt) {
-		return e.cert, nil
+		if e.revoked == nil || !e.revoked(e.cert.Leaf.SerialNumber) {
+			return e.cert, nil
+		}
+		e.log.Warn("enrollment endpoint: its certificate was revoked; issuing another", "serial", certs.FormatSerial(e.cert.Leaf.SerialNumber))
 	}
 	key, err := certs.GenerateNodeKey()
 	if err != nil {
