@@ -110,8 +110,8 @@ func TestGraphKeepsDownSites(t *testing.T) {
 }
 
 // TestNoteSent: a peer's transmit counter counts as sending when it grows
-// between two looks (or is not zero at the first), not merely when it is
-// not zero.
+// between two looks, dated to the earlier look; what it holds when first
+// seen is no sending of any known time.
 func TestNoteSent(t *testing.T) {
 	clock := time.Date(2026, 11, 26, 12, 0, 0, 0, time.UTC)
 	g := &Gateway{now: func() time.Time { return clock }}
@@ -120,23 +120,79 @@ func TestNoteSent(t *testing.T) {
 	look := func(tx int64) time.Time {
 		return g.noteSent([]wgtypes.Peer{{PublicKey: k, TransmitBytes: tx}})[certs.WGPublicKey(k)]
 	}
-	start := clock
-	if at := look(100); !at.Equal(start) {
-		t.Fatalf("first look at 100 bytes: %v, want now", at)
+	if at := look(100); !at.IsZero() {
+		t.Fatalf("first look at 100 bytes: %v, want zero (not known when it was sent)", at)
 	}
 	clock = clock.Add(time.Minute)
-	if at := look(100); !at.Equal(start) {
-		t.Fatalf("unchanged: %v, want the first look", at)
+	if at := look(100); !at.IsZero() {
+		t.Fatalf("unchanged: %v, want zero", at)
+	}
+	before := clock
+	clock = clock.Add(time.Minute)
+	if at := look(148); !at.Equal(before) {
+		t.Fatalf("grown: %v, want the look before (%v)", at, before)
 	}
 	clock = clock.Add(time.Minute)
-	if at := look(148); !at.Equal(clock) {
-		t.Fatalf("grown: %v, want now", at)
+	if at := look(10); !at.Equal(before) {
+		t.Fatalf("counter lower (peer configured anew, or an older read): %v, want the last growth kept (%v)", at, before)
 	}
-	if at := look(10); !at.IsZero() {
-		t.Fatalf("counter restarted (peer configured anew): %v, want zero", at)
+	// An older read noted late, then the current count again: no sending.
+	clock = clock.Add(time.Minute)
+	if at := look(148); !at.Equal(before) {
+		t.Fatalf("back to the count already seen after a lower one: %v, want no new sending (%v)", at, before)
+	}
+	grew := clock
+	clock = clock.Add(time.Minute)
+	if at := look(149); !at.Equal(grew) {
+		t.Fatalf("grown again: %v, want the look before (%v)", at, grew)
 	}
 	if g.noteSent(nil); len(g.sent) != 0 {
 		t.Fatalf("peers gone are remembered: %v", g.sent)
+	}
+}
+
+// TestIdleTunnelNotStaleAfterQuietLooks: a tunnel that carried traffic an
+// hour ago and has been idle since is idle, whether the first look at its
+// counter comes after that hour or the look before came hours before it;
+// one sending now, with its handshake as old, is still found failing by
+// the next look.
+func TestIdleTunnelNotStaleAfterQuietLooks(t *testing.T) {
+	now := time.Date(2026, 12, 1, 12, 0, 0, 0, time.UTC)
+	clock := now
+	var k wgtypes.Key
+	k[0] = 7
+	used := now.Add(-time.Hour) // last traffic and handshake
+	health := func(g *Gateway, tx int64) MemberStatus {
+		sent := g.noteSent([]wgtypes.Peer{{PublicKey: k, TransmitBytes: tx, LastHandshakeTime: used}})
+		ms := MemberStatus{Node: "b1", Site: "b", SiteVerified: true, State: StateVerified, Peer: true, LastHandshake: used, TxBytes: tx, LastSent: sent[certs.WGPublicKey(k)]}
+		ms.Health = tunnelHealth(ms, clock)
+		return ms
+	}
+	unreachable := func(ms MemberStatus) bool {
+		for _, s := range siteHealth(&Status{Site: "a", Members: []MemberStatus{ms}}, clock) {
+			if s.name == "b" {
+				return !s.reachable
+			}
+		}
+		return true
+	}
+
+	g := &Gateway{now: func() time.Time { return clock }}
+	if ms := health(g, 1<<20); ms.Health != TunnelIdle || unreachable(ms) {
+		t.Errorf("first look, after an idle hour: %q (LastSent %v, site unreachable %v), want idle", ms.Health, ms.LastSent, unreachable(ms))
+	}
+
+	g = &Gateway{now: func() time.Time { return clock }}
+	clock = now.Add(-3 * time.Hour)
+	health(g, 1024)
+	clock = now // the traffic came an hour ago, between the two looks
+	if ms := health(g, 1<<20); ms.Health != TunnelIdle || unreachable(ms) {
+		t.Errorf("looks 3 h apart, traffic an hour ago: %q (LastSent %v, site unreachable %v), want idle", ms.Health, ms.LastSent, unreachable(ms))
+	}
+
+	clock = clock.Add(10 * time.Second) // the reconciler's next look
+	if ms := health(g, 1<<20+148); ms.Health != TunnelStale || !unreachable(ms) {
+		t.Errorf("sending an hour after the last handshake: %q (LastSent %v), want stale, the site unreachable", ms.Health, ms.LastSent)
 	}
 }
 

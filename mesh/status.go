@@ -97,9 +97,11 @@ type MemberStatus struct {
 	LastHandshake time.Time      `json:"last_handshake,omitzero"`
 	RxBytes       int64          `json:"rx_bytes"`
 	TxBytes       int64          `json:"tx_bytes"`
-	// LastSent is when this gateway last saw TxBytes grow (zero: not
-	// since it started): a tunnel is failing when it sends without a
-	// handshake, not when it has been idle since it last carried traffic.
+	// LastSent is when TxBytes last grew, at the earliest: the gateway's
+	// read of the counter before the one that saw it grow (zero: not seen
+	// to grow since it started). A tunnel is failing when it sends
+	// without a handshake, not when it has been idle since it last
+	// carried traffic.
 	LastSent time.Time `json:"last_sent,omitzero"`
 	// Keepalive is the tunnel's persistent keepalive (zero: none). Such a
 	// tunnel sends every interval, so it handshakes every 2 minutes: it is
@@ -236,17 +238,24 @@ func (g *Gateway) Status() (*Status, error) {
 	return st, nil
 }
 
-// sentMark is a peer's transmit counter as last seen, and when it was last
-// seen to grow.
+// sentMark is a peer's transmit counter as last seen, when it was seen,
+// and when it was last seen to grow.
 type sentMark struct {
-	bytes int64
-	at    time.Time
+	bytes  int64
+	looked time.Time // zero: bytes is no baseline to date growth from
+	at     time.Time
 }
 
 // noteSent records the peers' transmit counters and returns, per peer,
-// when each was last seen to grow. A counter seen for the first time
-// counts as grown now if it is not zero: the device counts from its
-// creation, so what it holds was sent since this gateway started.
+// when each was last seen to grow. The reconciler calls it every time it
+// reads the device, and Status too; it may be called from both at once.
+//
+// Growth is dated to the look before the one that saw it: the earliest
+// it can have been sent. Dated to the look that saw it, traffic an hour
+// old, first seen by a status after a quiet hour, read as sent now, and
+// a tunnel idle since its last handshake as failing (STALE, its site
+// unreachable). A counter seen for the first time, whatever it holds,
+// says nothing of when it was sent: the next growth will.
 func (g *Gateway) noteSent(peers []wgtypes.Peer) map[certs.WGPublicKey]time.Time {
 	now := g.now()
 	g.sentMu.Lock()
@@ -257,12 +266,21 @@ func (g *Gateway) noteSent(peers []wgtypes.Peer) map[certs.WGPublicKey]time.Time
 		k := certs.WGPublicKey(p.PublicKey)
 		m, seen := g.sent[k]
 		switch {
-		case seen && p.TransmitBytes > m.bytes, !seen && p.TransmitBytes > 0:
-			m.at = now
-		case seen && p.TransmitBytes < m.bytes:
-			m.at = time.Time{} // the peer was configured anew: counting restarts
+		case !seen:
+			m = sentMark{bytes: p.TransmitBytes, looked: now}
+		case p.TransmitBytes < m.bytes:
+			// The peer was configured anew (counting restarts), or these
+			// peers were read before the last ones noted (the reconciler
+			// and a status read the device at once): either way the next
+			// look's growth, back to the count already seen, is no
+			// sending. When it last grew is still when it last grew.
+			m.bytes, m.looked = p.TransmitBytes, time.Time{}
+		default:
+			if p.TransmitBytes > m.bytes && !m.looked.IsZero() {
+				m.at = m.looked
+			}
+			m.bytes, m.looked = p.TransmitBytes, now
 		}
-		m.bytes = p.TransmitBytes
 		next[k], out[k] = m, m.at
 	}
 	g.sent = next
