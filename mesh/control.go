@@ -1,11 +1,13 @@
 package mesh
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/url"
@@ -16,6 +18,8 @@ import (
 	"syscall"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/skybridge-mesh/skybridge/migrate"
 )
 
@@ -25,34 +29,49 @@ import (
 // Docker and containerd sockets.
 
 func (g *Gateway) serveControl() (io.Closer, error) {
-	path := g.s.ControlSocket
+	path, err := filepath.Abs(g.s.ControlSocket)
+	if err != nil {
+		return nil, fmt.Errorf("control socket %s: %w", g.s.ControlSocket, err)
+	}
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return nil, fmt.Errorf("control socket directory: %w", err)
 	}
 	// In a directory another user may write, or owns, that user could put
 	// a socket of theirs at the path while the gateway is down, and be
-	// sent what the CLI sends: policies, Vault tokens for bursts. A group
-	// may write it under umask 002, where each user has a group of their
-	// own: that is only said.
-	dir := filepath.Dir(path)
+	// sent what the CLI sends: policies, Vault tokens for bursts. So could
+	// one who may replace any directory on the way to it, or a symbolic
+	// link on the way. A group may write it under umask 002, where each
+	// user has a group of their own: that is only said.
+	dir, err := controlDir(filepath.Dir(path), g.log)
+	if err != nil {
+		return nil, err
+	}
+	// Sticky is not enough for the socket's own directory: while the
+	// gateway is down there is no socket, and anyone may make one.
 	fi, err := os.Stat(dir)
 	if err != nil {
 		return nil, fmt.Errorf("control socket directory: %w", err)
 	}
-	if st, ok := fi.Sys().(*syscall.Stat_t); ok && int(st.Uid) != os.Geteuid() && st.Uid != 0 {
-		return nil, fmt.Errorf("control socket directory %s belongs to user %d, neither this gateway's nor root: that user could take the socket's place; set control { socket = \"…\" } in a directory of the gateway's own", dir, st.Uid)
-	}
 	if fi.Mode().Perm()&0o002 != 0 {
 		return nil, fmt.Errorf("control socket directory %s may be written by any user (mode %v): one could take the socket's place; run chmod o-w on it, or set control { socket = \"…\" } in a directory of the gateway's own", dir, fi.Mode().Perm())
-	}
-	if fi.Mode().Perm()&0o020 != 0 {
-		g.log.Warn("control socket directory may be written by its group: members could take the socket's place", "dir", dir, "mode", fi.Mode().Perm().String())
 	}
 	if c, err := net.Dial("unix", path); err == nil {
 		c.Close()
 		return nil, fmt.Errorf("control socket %s is in use: is another gateway running with this state directory?", path)
 	}
-	os.Remove(path)
+	// What nothing answers at is a socket a gateway left behind, or not
+	// a socket at all: a control { socket = … } naming a file of the
+	// state directory would delete it.
+	if fi, err := os.Lstat(path); err == nil {
+		if fi.Mode().Type() != os.ModeSocket {
+			return nil, fmt.Errorf("control socket %s: a %s is there, not a socket; set control { socket = \"…\" } to a path of its own, or move it away", path, fileKind(fi.Mode()))
+		}
+		if err := os.Remove(path); err != nil {
+			return nil, fmt.Errorf("control socket %s: remove the one a gateway left: %w", path, err)
+		}
+	} else if !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("control socket: %w", err)
+	}
 	// Created 0600 (no moment when others may connect), rather than
 	// changed after: a chmod by path follows whatever is at the path by
 	// then.
@@ -327,6 +346,108 @@ type closerFunc func() error
 
 func (f closerFunc) Close() error { return f() }
 
+// controlDir checks the way to the control socket's directory, every
+// directory and symbolic link on it from /, and returns the directory as
+// the links lead to it. Each must be root's or this user's (their owner
+// may replace what they hold), and no directory may be written by others
+// unless sticky (/tmp), where only the owner of an entry may replace it:
+// a link in /tmp is then as good as its owner. One its group may write is
+// only said, as for the socket's own directory.
+func controlDir(dir string, log *slog.Logger) (string, error) {
+	links := 0
+	var walk func(at, rel string) (string, error)
+	walk = func(at, rel string) (string, error) {
+		for c := range strings.SplitSeq(rel, "/") {
+			switch c {
+			case "", ".":
+				continue
+			case "..":
+				at = filepath.Dir(at) // at holds no link: its parent is the real one
+				continue
+			}
+			next := filepath.Join(at, c)
+			fi, err := os.Lstat(next)
+			if err != nil {
+				return "", fmt.Errorf("control socket directory: %w", err)
+			}
+			if err := trustedStep(next, fi, log); err != nil {
+				return "", err
+			}
+			switch {
+			case fi.Mode().Type() == os.ModeSymlink:
+				if links++; links > 40 {
+					return "", fmt.Errorf("control socket directory %s: too many symbolic links", dir)
+				}
+				to, err := os.Readlink(next)
+				if err != nil {
+					return "", fmt.Errorf("control socket directory: %w", err)
+				}
+				from := at
+				if filepath.IsAbs(to) {
+					from = "/"
+				}
+				if at, err = walk(from, to); err != nil {
+					return "", err
+				}
+			case fi.IsDir():
+				at = next
+			default:
+				return "", fmt.Errorf("control socket directory %s: %s is a %s, not a directory", dir, next, fileKind(fi.Mode()))
+			}
+		}
+		return at, nil
+	}
+	fi, err := os.Lstat("/")
+	if err != nil {
+		return "", fmt.Errorf("control socket directory: %w", err)
+	}
+	if err := trustedStep("/", fi, log); err != nil {
+		return "", err
+	}
+	return walk("/", dir)
+}
+
+// trustedStep checks one directory or link on the way to the control
+// socket; fi is its Lstat.
+func trustedStep(path string, fi os.FileInfo, log *slog.Logger) error {
+	what := "directory"
+	if fi.Mode().Type() == os.ModeSymlink {
+		what = "symbolic link"
+	}
+	if st, ok := fi.Sys().(*syscall.Stat_t); ok && int(st.Uid) != os.Geteuid() && st.Uid != 0 {
+		return fmt.Errorf("control socket directory: %s %s belongs to user %d, neither this gateway's nor root: that user could take the socket's place; set control { socket = \"…\" } in a directory of the gateway's own, in directories of root's", what, path, st.Uid)
+	}
+	if !fi.IsDir() || fi.Mode()&os.ModeSticky != 0 {
+		return nil
+	}
+	if fi.Mode().Perm()&0o002 != 0 {
+		return fmt.Errorf("control socket directory: %s %s may be written by any user (mode %v): one could take the socket's place; run chmod o-w on it, or set control { socket = \"…\" } in a directory of the gateway's own", what, path, fi.Mode().Perm())
+	}
+	if fi.Mode().Perm()&0o020 != 0 {
+		log.Warn("control socket: its directory, or one on the way to it, may be written by its group: members could take the socket's place", "dir", path, "mode", fi.Mode().Perm().String())
+	}
+	return nil
+}
+
+// fileKind names what a file is, for errors.
+func fileKind(m os.FileMode) string {
+	switch m.Type() {
+	case 0:
+		return "regular file"
+	case os.ModeDir:
+		return "directory"
+	case os.ModeSymlink:
+		return "symbolic link"
+	case os.ModeSocket:
+		return "socket"
+	case os.ModeNamedPipe:
+		return "named pipe"
+	case os.ModeDevice, os.ModeDevice | os.ModeCharDevice:
+		return "device"
+	}
+	return "file of mode " + m.Type().String()
+}
+
 // Client talks to a gateway's control socket.
 type Client struct {
 	socket string
@@ -338,9 +459,55 @@ func NewClient(path string) *Client {
 	return &Client{socket: path, http: &http.Client{Transport: &http.Transport{
 		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 			var d net.Dialer
-			return d.DialContext(ctx, "unix", path)
+			c, err := d.DialContext(ctx, "unix", path)
+			if err != nil {
+				return nil, err
+			}
+			if err := checkServer(c, path); err != nil {
+				c.Close()
+				return nil, err
+			}
+			return c, nil
 		},
 	}}}
+}
+
+// checkServer refuses a control socket that another user serves: put
+// where the gateway's socket should be (a directory they could write, a
+// gateway down), it would be sent what the CLI sends, policies and Vault
+// tokens for bursts. The gateway runs as root or as the operator's user.
+func checkServer(c net.Conn, path string) error {
+	uc, ok := c.(*net.UnixConn)
+	if !ok {
+		return nil
+	}
+	raw, err := uc.SyscallConn()
+	if err != nil {
+		return fmt.Errorf("control socket %s: %w", path, err)
+	}
+	var cred *unix.Ucred
+	cerr := raw.Control(func(fd uintptr) {
+		cred, err = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+	})
+	if err = cmp.Or(cerr, err); err != nil {
+		return fmt.Errorf("control socket %s: who serves it: %w", path, err)
+	}
+	if me := os.Geteuid(); int(cred.Uid) != me && cred.Uid != 0 {
+		return &serverUserError{Socket: path, Uid: int(cred.Uid), Pid: int(cred.Pid)}
+	}
+	return nil
+}
+
+// serverUserError is the client's refusal of a control socket served by
+// a user other than its own or root.
+type serverUserError struct {
+	Socket string
+	Uid    int
+	Pid    int
+}
+
+func (e *serverUserError) Error() string {
+	return fmt.Sprintf("control socket %s is served by user %d (process %d), neither yours (%d) nor root: nothing was sent to it. If that is the gateway's user, run the command as that user (sudo -u '#%d' …); if not, someone else put a socket there: check control { socket = … } and who may write its directory", e.Socket, e.Uid, e.Pid, os.Geteuid(), e.Uid)
 }
 
 func (c *Client) do(ctx context.Context, method, path string, body any, out any) error {
@@ -357,6 +524,9 @@ func (c *Client) do(ctx context.Context, method, path string, body any, out any)
 		return err
 	}
 	resp, err := c.http.Do(req)
+	if se, ok := errors.AsType[*serverUserError](err); ok {
+		return se
+	}
 	if err != nil {
 		var ne *net.OpError
 		if errors.As(err, &ne) {
@@ -450,6 +620,9 @@ func (c *Client) Migrate(ctx context.Context, req MigrationRequest, onEvent func
 		return nil, err
 	}
 	resp, err := c.http.Do(hr)
+	if se, ok := errors.AsType[*serverUserError](err); ok {
+		return nil, se
+	}
 	if err != nil {
 		return nil, fmt.Errorf("cannot reach the gateway at %s: %w", c.socket, err)
 	}
