@@ -323,7 +323,9 @@ func (o *operator) events(w http.ResponseWriter, r *http.Request) {
 		// A browser that stops reading is let go, not written to for good.
 		rc.SetWriteDeadline(time.Now().Add(10 * time.Second))
 		if b, err := o.snapshot(); err != nil {
-			fmt.Fprintf(w, "event: error\ndata: %s\n\n", strings.ReplaceAll(err.Error(), "\n", " "))
+			// Not "error": EventSource takes that name for a broken
+			// stream, and the page would say it reconnects.
+			fmt.Fprintf(w, "event: failure\ndata: %s\n\n", strings.NewReplacer("\r", " ", "\n", " ").Replace(err.Error()))
 		} else {
 			fmt.Fprintf(w, "event: snapshot\ndata: %s\n\n", b)
 		}

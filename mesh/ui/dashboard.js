@@ -99,13 +99,13 @@ function render(d) {
     lastSVG = d.svg;
   }
 
-  const health = {};
-  for (const t of d.graph.tunnels || []) health[t.a === st.node ? t.b : t.a] = t.health;
+  // Each peer's own tunnel, as status judges it: the graph's tunnels
+  // include those between two other gateways, of no health here.
   fill($("#peers"), members.map((m) => row([
     m.node, m.site || "", m.jurisdiction || "",
     el("td", m.state, "state-" + m.state),
     m.overlay_ip || "", m.endpoint || "",
-    m.peer ? el("td", ago(m.last_handshake, now), "health-" + (health[m.node] || "idle")) : el("td", "no tunnel"),
+    m.peer ? el("td", ago(m.last_handshake, now), "health-" + (m.health || "idle")) : el("td", "no tunnel"),
     el("td", bytes(m.rx_bytes), "num"), el("td", bytes(m.tx_bytes), "num"),
     el("td", m.reason || "", "reasons"),
   ], { node: m.node, state: m.state })), "no other gateway yet");
@@ -154,6 +154,12 @@ function connect() {
     live.className = "live up";
     live.textContent = "live";
     render(JSON.parse(ev.data));
+  });
+  // The gateway could not take a snapshot: its words, not the
+  // browser's "error" event, which says only that the stream broke.
+  es.addEventListener("failure", (ev) => {
+    live.className = "live down";
+    live.textContent = "gateway error: " + ev.data;
   });
   es.addEventListener("error", () => {
     live.className = "live down";
