@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
 	"github.com/skybridge-mesh/skybridge/certs"
@@ -261,7 +262,7 @@ func TestSiteHealth(t *testing.T) {
 		{Node: "x", State: StatePending},
 		{Node: "liar", Site: "evil", State: StateRefused}, // a claim, never verified
 	}}
-	want := map[string]bool{"home": true, "up": true, "cut": false, "rested": true, "quiet": true, "lost": false, "closed": false, "egress-cut": false, "spoke": true, "unknown": false}
+	want := map[string]bool{"home": true, "up": true, "cut": false, "rested": true, "quiet": true, "lost": false, "closed": false, "egress-cut": false, "spoke": true, unknownSite: false}
 	got := siteHealth(st, now)
 	if len(got) != len(want) {
 		t.Fatalf("%d sites, want %d: %+v", len(got), len(want), got)
@@ -271,11 +272,84 @@ func TestSiteHealth(t *testing.T) {
 			t.Errorf("site %s reachable %v, want %v", s.name, s.reachable, want[s.name])
 		}
 	}
-	if got[0].name != "closed" || got[0].count[stateLeft] != 1 || got[0].count[StateDead] != 0 || got[3].name != "home" || got[3].count[StateVerified] != 2 { // sorted; home has us and h2
-		t.Errorf("order or counts: %+v", got[:4])
+	if got[1].name != "closed" || got[1].count[stateLeft] != 1 || got[1].count[StateDead] != 0 || got[4].name != "home" || got[4].count[StateVerified] != 2 { // sorted; home has us and h2
+		t.Errorf("order or counts: %+v", got[:5])
 	}
-	if u := got[len(got)-2]; u.name != "unknown" || u.count[StatePending] != 1 || u.count[StateRefused] != 1 {
-		t.Errorf("unverified members: %+v, want the pending one and the liar under unknown", u)
+	if u := got[0]; u.name != unknownSite || u.count[StatePending] != 1 || u.count[StateRefused] != 1 {
+		t.Errorf("unverified members: %+v, want the pending one and the liar under %s", u, unknownSite)
+	}
+}
+
+// TestSiteNamedUnknown: a site may be named "unknown" (and a class too);
+// the bucket of members no certificate places has a name neither may
+// carry, so such a site is not merged with strangers, and gets a
+// reachability (an alert when its gateways die).
+func TestSiteNamedUnknown(t *testing.T) {
+	if !certs.ValidName("unknown") {
+		t.Fatal(`"unknown" is no longer a valid site name: the test stands for nothing`)
+	}
+	if certs.ValidName(unknownSite) {
+		t.Errorf("%q is a valid site name: a site of that name would be merged with the unverified members", unknownSite)
+	}
+	now := time.Now()
+	st := &Status{Site: "zrh", Members: []MemberStatus{
+		{Node: "u1", Site: "unknown", SiteVerified: true, State: StateDead}, // the only gateway of site "unknown"
+		{Node: "evil", Site: "unknown", State: StateRefused},                // a stranger claiming it
+	}}
+	found := false
+	for _, s := range siteHealth(st, now) {
+		if s.name == "unknown" {
+			found = true
+			if s.count[StateRefused] != 0 || s.count[StateDead] != 1 || s.reachable {
+				t.Errorf("site \"unknown\": counts %v, reachable %v; want its dead gateway alone, unreachable", s.count, s.reachable)
+			}
+		}
+	}
+	if !found {
+		t.Error(`site "unknown" is not among the sites`)
+	}
+	// What Status and the metrics export: every site's reachability.
+	reachable := map[string]bool{}
+	for _, s := range siteHealth(st, now) {
+		if s.name != unknownSite {
+			reachable[s.name] = s.reachable
+		}
+	}
+	if r, ok := reachable["unknown"]; !ok || r {
+		t.Errorf("site \"unknown\", its only gateway dead: reachable %v (listed %v), want listed unreachable (skybridge_site_reachable 0)", r, ok)
+	}
+}
+
+// TestClassNamedUnknown: a class the policy defines named "unknown"
+// counts its own decisions; those on classes it does not define go to a
+// label value no class may be named.
+func TestClassNamedUnknown(t *testing.T) {
+	src := `policy {
+  name    = "t"
+  version = 1
+}
+class "unknown" {
+  allow "store" {
+    jurisdiction = ["CH"]
+  }
+}
+`
+	if _, err := policy.Parse("t.hcl", []byte(src)); err != nil {
+		t.Fatalf("a class named unknown: %v", err)
+	}
+	if _, err := policy.Parse("t.hcl", []byte(strings.ReplaceAll(src, `"unknown"`, `"`+undefinedClass+`"`))); err == nil {
+		t.Errorf("a policy may define a class %q: its decisions would be counted with the undefined classes'", undefinedClass)
+	}
+	m := newMetrics(&Gateway{})
+	m.classes([]string{"unknown"})
+	m.Decided("send", "m1", policy.Request{Class: "unknown", Action: policy.Store}, policy.Decision{Denied: true})
+	m.Decided("send", "m2", policy.Request{Class: "whatever", Action: policy.Store}, policy.Decision{Denied: true})
+	m.Decided("send", "m3", policy.Request{Class: "whatever-else", Action: policy.Store}, policy.Decision{Denied: true})
+	if n := testutil.ToFloat64(m.decisions.WithLabelValues("unknown", "store", "denied")); n != 1 {
+		t.Errorf("class \"unknown\": %v denials counted, want its own one", n)
+	}
+	if n := testutil.ToFloat64(m.decisions.WithLabelValues(undefinedClass, "store", "denied")); n != 2 {
+		t.Errorf("classes not defined: %v denials counted, want 2", n)
 	}
 }
 

@@ -88,7 +88,7 @@ func newMetrics(g *Gateway) *metrics {
 		}, []string{"role", "outcome"}),
 		decisions: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "skybridge_policy_decisions_total",
-			Help: "Residency decisions taken for migrations, by data class, action (store, transit) and outcome (allowed, denied, audit).",
+			Help: "Residency decisions taken for migrations, by data class (_undefined: one the policy does not define), action (store, transit) and outcome (allowed, denied, audit).",
 		}, []string{"class", "action", "outcome"}),
 		enrollments: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "skybridge_burst_enrollments_total",
@@ -182,8 +182,8 @@ func (m *metrics) classes(names []string) {
 	for _, c := range names {
 		known[c] = true
 	}
-	// "unknown" counts the classes the policy does not define (Decided).
-	for _, c := range append(sortedKeys(known), "unknown") {
+	// undefinedClass counts the classes the policy does not define (Decided).
+	for _, c := range append(sortedKeys(known), undefinedClass) {
 		for _, a := range []policy.Action{policy.Store, policy.Transit} {
 			for _, o := range []string{"allowed", "denied", "audit"} {
 				m.decisions.WithLabelValues(c, string(a), o)
@@ -199,7 +199,7 @@ func (m *metrics) Decided(role, id string, req policy.Request, d policy.Decision
 	outcome := decisionOutcome(d)
 	class := req.Class
 	if k := m.known.Load(); k == nil || !(*k)[class] {
-		class = "unknown" // a sender names the class: it must not mint label values
+		class = undefinedClass // a sender names the class: it must not mint label values
 	}
 	m.decisions.WithLabelValues(class, string(req.Action), outcome).Inc()
 	sites := make([]string, len(req.Sites))
@@ -287,7 +287,7 @@ const staleHandshake = 180 * time.Second
 
 var (
 	descMembers = prometheus.NewDesc("skybridge_members",
-		"Members this gateway knows, by site and state (verified, pending, refused, dead: declared dead, left: stopped on purpose); itself included. A gone gateway is forgotten once revoked, or a week after its certificate expired (a burst gateway's: at once).", []string{"site", "state"}, nil)
+		"Members this gateway knows, by site and state (verified, pending, refused, dead: declared dead, left: stopped on purpose); itself included. A gone gateway is forgotten once revoked, or a week after its certificate expired (a burst gateway's: at once). Site _unverified: members no verified certificate places.", []string{"site", "state"}, nil)
 	descSiteReachable = prometheus.NewDesc("skybridge_site_reachable",
 		"1 if the site has a verified live gateway and, where this gateway has tunnels into the site that carry traffic, one of them handshook within 3 minutes; 0 otherwise.", []string{"site"}, nil)
 	descHandshakeAge = prometheus.NewDesc("skybridge_peer_handshake_age_seconds",
@@ -432,8 +432,15 @@ func b2f(b bool) float64 {
 // unknownSite counts the members no verified certificate places in a site
 // (pending, refused, never verified): it has no reachability, or an
 // impostor knocking once, or a member gone before its certificate came,
-// would page as a site down.
-const unknownSite = "unknown"
+// would page as a site down. undefinedClass counts the decisions on
+// classes the policy does not define. Both begin with '_', which no site
+// (certs.ValidName) nor class (the policy's names) may: "unknown" is a
+// name either may carry, and a site of that name was merged with the
+// strangers, with no reachability of its own.
+const (
+	unknownSite    = "_unverified"
+	undefinedClass = "_undefined"
+)
 
 type siteState struct {
 	name      string
@@ -454,7 +461,7 @@ const stateLeft MemberState = "left"
 // site's only gateway (systemctl stop, an upgrade) cuts the site off as a
 // crash does. A retired gateway goes from the membership, and so from
 // here, once its certificate is revoked or expires. Members never
-// verified count under "unknown".
+// verified count under unknownSite.
 func siteHealth(st *Status, now time.Time) []siteState {
 	by := map[string]*siteState{}
 	get := func(name string) *siteState {

@@ -247,16 +247,16 @@ func TestOperatorEndpoint(t *testing.T) {
 		// One scrape gathers the counter and the member list side by side,
 		// so the refusal may land between the two: wait for both.
 		v, _ := fam.Value("skybridge_verification_rejections_total", map[string]string{"reason": "unknown_ca"})
-		r, _ := fam.Value("skybridge_members", map[string]string{"site": "unknown", "state": "refused"})
+		r, _ := fam.Value("skybridge_members", map[string]string{"site": unknownSite, "state": "refused"})
 		return v >= 1 && r >= 1
 	})
 	if v, ok := fam.Value("skybridge_burst_gateway", nil); !ok || v != 0 {
 		t.Errorf("skybridge_burst_gateway = %v (present %v) on a gateway of no burst, want 0", v, ok)
 	}
-	// "unknown" is not a site: an impostor knocking once must not page
+	// unknownSite is not a site: an impostor knocking once must not page
 	// as a site that is down.
-	if n := fam.Series("skybridge_site_reachable", map[string]string{"site": "unknown"}); n != 0 {
-		t.Errorf("skybridge_site_reachable has %d series for site \"unknown\"", n)
+	if n := fam.Series("skybridge_site_reachable", map[string]string{"site": unknownSite}); n != 0 {
+		t.Errorf("skybridge_site_reachable has %d series for %q", n, unknownSite)
 	}
 	for _, site := range []string{"zrh-dc", "aws-fra", "gcp-ams"} {
 		if v, ok := fam.Value("skybridge_members", map[string]string{"site": site, "state": "verified"}); !ok || v != 1 {
@@ -267,12 +267,12 @@ func TestOperatorEndpoint(t *testing.T) {
 		}
 	}
 	// The impostor's claimed site is not a site: only certificates name
-	// sites, so it counts as refused under "unknown" and mints no label.
+	// sites, so it counts as refused under unknownSite and mints no label.
 	if n := fam.Series("skybridge_members", map[string]string{"site": "evil"}) + fam.Series("skybridge_site_reachable", map[string]string{"site": "evil"}); n != 0 {
 		t.Errorf("the impostor's claimed site appears in %d series", n)
 	}
-	if v, _ := fam.Value("skybridge_members", map[string]string{"site": "unknown", "state": "refused"}); v != 1 {
-		t.Errorf("skybridge_members{site=unknown,state=refused} = %v, want the impostor", v)
+	if v, _ := fam.Value("skybridge_members", map[string]string{"site": unknownSite, "state": "refused"}); v != 1 {
+		t.Errorf("skybridge_members{site=%s,state=refused} = %v, want the impostor", unknownSite, v)
 	}
 	if n := fam.Series("skybridge_peer_handshake_age_seconds", nil); n != 2 {
 		t.Errorf("%d handshake-age series, want one per peer (2)", n)
@@ -329,7 +329,7 @@ func TestOperatorEndpoint(t *testing.T) {
 	}
 	// At zero from the start, so that the alert's increase() sees the
 	// first denial: the policy's classes, and the undefined ones.
-	for _, class := range []string{"pii-eu", "unknown"} {
+	for _, class := range []string{"pii-eu", undefinedClass} {
 		if v, ok := fam.Value("skybridge_policy_decisions_total", map[string]string{"class": class, "action": "store", "outcome": "denied"}); !ok || v != 0 {
 			t.Errorf("skybridge_policy_decisions_total{class=%q,action=store,outcome=denied} = %v (exported %v), want 0", class, v, ok)
 		}

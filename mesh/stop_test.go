@@ -225,8 +225,8 @@ func TestStatusPlacesRestoredDeadMembers(t *testing.T) {
 	if r, ok := reachable["retired"]; !ok || r || left["retired"] != 1 {
 		t.Errorf("the site of a member that left: listed %v, reachable %v, left %d; want listed, unreachable, one left (%v)", ok, r, left["retired"], reachable)
 	}
-	if _, ok := reachable["unknown"]; ok {
-		t.Errorf("restored members counted under unknown: %v", reachable)
+	if _, ok := reachable[unknownSite]; ok {
+		t.Errorf("restored members counted under %s: %v", unknownSite, reachable)
 	}
 	// The status says the same as the metrics.
 	if r, ok := st.Reachable["retired"]; !ok || r || !st.Reachable["home"] || len(st.Reachable) != 3 {
