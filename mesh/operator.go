@@ -237,7 +237,10 @@ func (o *operator) routes() http.Handler {
 			return
 		}
 		w.Header().Set("Content-Type", "application/json")
-		w.Write(append(b, '\n'))
+		// b is every page's: appended to, it would be written by
+		// requests at once wherever it has room.
+		w.Write(b)
+		w.Write([]byte{'\n'})
 	})
 	mux.HandleFunc("GET /api/v1/events", o.events)
 	mux.HandleFunc("GET /api/v1/graph", o.g.serveGraph)

@@ -2,6 +2,7 @@ package mesh
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/json"
@@ -12,11 +13,13 @@ import (
 	"math"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"regexp"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -773,4 +776,41 @@ func TestControlSocketPlace(t *testing.T) {
 			t.Errorf("a directory of another user: %v", err)
 		}
 	})
+}
+
+// TestDashboardSnapshotShared: the dashboard snapshot is shared by every
+// request; answering one must not write into it (append wrote the
+// newline into the snapshot's spare room, from every request at once).
+// Run with -race too.
+func TestDashboardSnapshotShared(t *testing.T) {
+	g := &Gateway{log: slog.New(slog.DiscardHandler)}
+	g.metrics = newMetrics(g)
+	j, err := json.Marshal(Dashboard{Time: time.Now(), Status: &Status{Node: "n", Site: "s"}, SVG: "<svg/>"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	room := bytes.Repeat([]byte{'x'}, 64)
+	snap := append(append(make([]byte, 0, len(j)+len(room)), j...), room...)[:len(j)] // spare room, as json.Marshal leaves
+	const tok = "0123456789abcdef0123"
+	op := &operator{g: g, token: []byte(tok), sessions: map[[32]byte]time.Time{}, snap: snap, snapAt: time.Now().Add(time.Hour)}
+	h := op.routes()
+	var wg sync.WaitGroup
+	for range 8 {
+		wg.Go(func() {
+			for range 20 {
+				req := httptest.NewRequest(http.MethodGet, "/api/v1/dashboard", nil)
+				req.Header.Set("Authorization", "Bearer "+tok)
+				w := httptest.NewRecorder()
+				h.ServeHTTP(w, req)
+				if w.Code != http.StatusOK || w.Body.String() != string(j)+"\n" {
+					t.Errorf("GET /api/v1/dashboard: %d %q", w.Code, w.Body.String())
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	if got := snap[len(snap):cap(snap)]; !bytes.Equal(got, room) {
+		t.Errorf("the shared snapshot's spare room was written: %q", got)
+	}
 }
