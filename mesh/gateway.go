@@ -44,8 +44,8 @@ type Gateway struct {
 	warnInbox throttle.PerSecond
 	// sendsQueued counts goSend's sends waiting or under way.
 	sendsQueued atomic.Int64
-	// sent is each peer's transmit counter as status last read it, and
-	// when it last grew (noteSent).
+	// sent is each peer's transmit counter as last read (by a reconcile
+	// or a status), and when it last grew (noteSent).
 	sentMu sync.Mutex
 	sent   map[certs.WGPublicKey]sentMark
 	// policyMu serialises AdoptPolicy: gossip and the control socket
@@ -902,6 +902,9 @@ func (g *Gateway) apply(plan Plan) error {
 	if err != nil {
 		return fmt.Errorf("read %s: %w", g.dev.Name(), err)
 	}
+	// Read at every pass, so that when a tunnel last sent is known to
+	// within a pass, not from whenever a status last looked.
+	g.noteSent(dev.Peers)
 	// A remote site's route to a network the host routes itself (one of
 	// its LANs) is left out, of the kernel's table and of the peer's
 	// allowed IPs: routed in, it would take the host's traffic there.

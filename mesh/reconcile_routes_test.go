@@ -92,6 +92,14 @@ func TestReconcileAppliedDespiteOneRoute(t *testing.T) {
 	}
 	pass()
 	pass()
+	// Read by the reconciler, not only when a status looks: when a
+	// tunnel last sent is then known to within a pass.
+	g.sentMu.Lock()
+	_, noted := g.sent[certs.WGPublicKey(key)]
+	g.sentMu.Unlock()
+	if !noted {
+		t.Error("the reconciler did not read the peer's transmit counter")
+	}
 	st, err := g.Status()
 	if err != nil {
 		t.Fatal(err)
