@@ -352,8 +352,15 @@ func holdRoutes(in TopologyInput, plan *Plan) {
 	linked := map[*certs.Attributes]bool{}
 	for i := range in.Away {
 		a := &in.Away[i]
-		if up[a.site()] {
-			continue // routed here, or never: as its live gateways are
+		// A live gateway of its site does not stand for it: it may not
+		// route what this one did (a certificate re-issued with other
+		// routes, a label residency judges otherwise), and a prefix
+		// routed here until now must not fall to the host's other
+		// routes. What a live peer carries is left (covered). Our own
+		// site's are the host's to route; behind a hub, a site with a
+		// gateway up is as the hub routes it.
+		if a.site() == in.Self.site() || in.Mode == TopologyHub && up[a.site()] {
+			continue
 		}
 		ok, judged := linked[a.Attributes]
 		if !judged {

@@ -765,9 +765,9 @@ func TestHeldRoutes(t *testing.T) {
 		{name: "nobody away", peers: []Node{fra1, iad1}, routes: "10.2.0.0/16,10.3.0.0/16"},
 		{name: "a site's only gateway away", peers: []Node{fra1}, away: []AwayGateway{away(iad1, "192.0.2.6")},
 			want: "aws-us-east-1=10.3.0.0/16", routes: "10.2.0.0/16"},
-		{name: "a site with a gateway up is not held", peers: []Node{fra2},
-			away:   []AwayGateway{away(gw("fra-1", "aws-eu-central-1", "DE", "aws", 4, "", "10.2.0.0/16", "10.12.0.0/16"), "")},
-			routes: "10.2.0.0/16"},
+		{name: "a site with a gateway up: what it carries is routed, the rest held", peers: []Node{fra2},
+			away: []AwayGateway{away(gw("fra-1", "aws-eu-central-1", "DE", "aws", 4, "", "10.2.0.0/16", "10.12.0.0/16"), "")},
+			want: "aws-eu-central-1=10.12.0.0/16", routes: "10.2.0.0/16"},
 		{name: "our own site's gateways are the host's to route",
 			away: []AwayGateway{away(gw("zrh-2", "onprem-zrh", "CH", "onprem", 2, "", "10.1.0.0/16", "10.11.0.0/16"), "")}},
 		{name: "overlapping our own routes", away: []AwayGateway{away(gw("b-1", "site-b", "DE", "aws", 10, "", "10.1.2.0/24", "10.9.0.0/16"), "")},
@@ -847,4 +847,55 @@ func TestHeldRoutes(t *testing.T) {
 			}
 		})
 	}
+}
+
+// planState says whether plan routes p into the tunnel, holds it
+// unreachable, or neither (the host's other routes: its default route).
+func planState(plan Plan, p string) string {
+	pp := netip.MustParsePrefix(p)
+	switch {
+	case slices.Contains(plan.Routes, pp):
+		return "routed"
+	case slices.Contains(plan.heldRoutes(), pp):
+		return "held"
+	}
+	return "neither"
+}
+
+// TestHeldRoutesFailClosedWithASiblingUp: a prefix routed here through one
+// gateway of a site is held when that gateway goes away, though another
+// gateway of the site is up, where that one does not carry it — it
+// advertises other routes (certificates re-issued one at a time), or
+// residency does not link us to it (labels rolled out one at a time).
+// Left to the host's routes, the site's traffic would leave in clear.
+func TestHeldRoutesFailClosedWithASiblingUp(t *testing.T) {
+	t.Run("routes re-issued on one gateway", func(t *testing.T) {
+		fraOld := gw("fra-1", "aws-eu-central-1", "DE", "aws", 4, "pii-eu", "10.2.0.0/16", "10.12.0.0/16")
+		fraNew := gw("fra-2", "aws-eu-central-1", "DE", "aws", 5, "pii-eu", "10.2.0.0/16")
+		up := Compute(TopologyInput{Self: zrh1, Peers: []Node{fraOld, fraNew}, Now: now, MeshPrefix: mesh16})
+		gone := Compute(TopologyInput{Self: zrh1, Peers: []Node{fraNew}, Away: []AwayGateway{{Node: fraOld}}, Now: now, MeshPrefix: mesh16})
+		if planState(up, "10.12.0.0/16") != "routed" {
+			t.Fatalf("setup: 10.12.0.0/16 is %s while fra-1 is up", planState(up, "10.12.0.0/16"))
+		}
+		if got := planState(gone, "10.12.0.0/16"); got != "held" {
+			t.Errorf("fra-1, the only gateway advertising 10.12.0.0/16, is away: it is %s, want held", got)
+		}
+		if got := planState(gone, "10.2.0.0/16"); got != "routed" {
+			t.Errorf("10.2.0.0/16, which fra-2 carries, is %s", got)
+		}
+	})
+	t.Run("residency links one gateway of the site", func(t *testing.T) {
+		pol := mustPolicy(t, meshPolicy)
+		self := gw("zrh-1", "onprem-zrh", "CH", "onprem", 1, "pii-eu", "10.1.0.0/16")
+		linked := gw("fra-1", "aws-eu-central-1", "DE", "aws", 4, "pii-eu", "10.2.0.0/16")
+		unlinked := gw("fra-2", "aws-eu-central-1", "DE", "aws", 5, "risk-batch", "10.2.0.0/16")
+		up := Compute(TopologyInput{Self: self, Policy: pol, Peers: []Node{linked, unlinked}, Now: now, MeshPrefix: mesh16})
+		gone := Compute(TopologyInput{Self: self, Policy: pol, Peers: []Node{unlinked}, Away: []AwayGateway{{Node: linked}}, Now: now, MeshPrefix: mesh16})
+		if planState(up, "10.2.0.0/16") != "routed" {
+			t.Fatalf("setup: 10.2.0.0/16 is %s while fra-1 is up", planState(up, "10.2.0.0/16"))
+		}
+		if got := planState(gone, "10.2.0.0/16"); got != "held" {
+			t.Errorf("the only gateway of the site we link to is away: 10.2.0.0/16 is %s, want held", got)
+		}
+	})
 }
