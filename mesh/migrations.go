@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"maps"
 	"net/netip"
+	"os"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -51,6 +52,9 @@ type migrations struct {
 
 	mu      sync.Mutex
 	running map[string]*runningMigration
+	// removing holds the files of stored images being removed: no send
+	// of one begins meanwhile (RemoveImage).
+	removing map[string]bool
 	// gen counts the migrations begun and ended: the send records change
 	// only then, so the dashboard, which asks every second for each open
 	// page, reads the journal (every send ever made) only then.
@@ -163,10 +167,52 @@ func (m *migrations) begin(first migrate.SendRecord, cancel context.CancelFunc) 
 			return nil, fmt.Errorf("image %q is already being sent to %s by migration %s: wait for it, or cancel it", first.Name, first.To, id)
 		}
 	}
+	for path := range m.removing {
+		if sameFile(path, first.Image) {
+			return nil, fmt.Errorf("%s is a stored image being removed: nothing is sent from it", first.Image)
+		}
+	}
 	run := &runningMigration{first: first, cancel: cancel, done: make(chan struct{}), last: migrate.Progress{ID: first.ID, Phase: "starting"}}
 	m.running[first.ID] = run
 	m.gen++
 	return run, nil
+}
+
+// holdForRemoval reserves the file of a stored image for its removal,
+// unless a send reads it: removed under a send (an image moved on to a
+// site the policy allows, then removed here), it would be stored nowhere
+// — the send fails at its check that the source is unchanged, and a
+// resume finds no file. release ends the reservation.
+func (m *migrations) holdForRemoval(name, path string) (release func(), err error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for id, run := range m.running {
+		if sameFile(path, run.first.Image) {
+			return nil, fmt.Errorf("image %q is being sent to %s by migration %s: remove it once that migration is done (or cancelled)", name, run.first.To, id)
+		}
+	}
+	if m.removing == nil {
+		m.removing = map[string]bool{}
+	}
+	m.removing[path] = true
+	return func() {
+		m.mu.Lock()
+		delete(m.removing, path)
+		m.mu.Unlock()
+	}, nil
+}
+
+// sameFile reports whether paths a and b name one file.
+func sameFile(a, b string) bool {
+	if filepath.Clean(a) == filepath.Clean(b) {
+		return true
+	}
+	fa, err := os.Stat(a)
+	if err != nil {
+		return false
+	}
+	fb, err := os.Stat(b)
+	return err == nil && os.SameFile(fa, fb)
 }
 
 // recentSends is sends, read again only when a migration has begun or

@@ -294,3 +294,41 @@ func TestMigrationsAwaitingAnswer(t *testing.T) {
 		t.Fatalf("running %d, awaiting %d, receiving %d; want 3, 1, 0", send, awaiting, recv)
 	}
 }
+
+// TestStoredImageNotRemovedUnderASend: a stored image being sent on (to a
+// site the policy lets it rest at, before it is removed here) is not
+// removed under the send, which would leave it stored nowhere; nor does a
+// send of one being removed begin.
+func TestStoredImageNotRemovedUnderASend(t *testing.T) {
+	m := &migrations{running: map[string]*runningMigration{}}
+	dir := t.TempDir()
+	img := filepath.Join(dir, "vm07.raw")
+	if err := os.WriteFile(img, make([]byte, 4096), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	link := filepath.Join(dir, "link.raw") // the same file under another name
+	if err := os.Symlink(img, link); err != nil {
+		t.Fatal(err)
+	}
+	send := migrate.SendRecord{ID: "0123456789abcdef", Image: link, Name: "vm07", To: "gw-fra"}
+	if _, err := m.begin(send, func() {}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.holdForRemoval("vm07", img); err == nil || !strings.Contains(err.Error(), send.ID) {
+		t.Fatalf("removal under a send: %v, want it refused, naming the migration", err)
+	}
+	delete(m.running, send.ID) // it ended
+	release, err := m.holdForRemoval("vm07", img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	again := send
+	again.ID = "00000000000000aa"
+	if _, err := m.begin(again, func() {}); err == nil || !strings.Contains(err.Error(), "being removed") {
+		t.Errorf("a send of an image being removed: %v, want it refused", err)
+	}
+	release()
+	if _, err := m.begin(again, func() {}); err != nil {
+		t.Errorf("a send once the removal let go: %v", err)
+	}
+}

@@ -224,5 +224,12 @@ func (s *atRestState) publish(stored, outside map[string]int) {
 // RemoveImage removes a stored image, for the reason given (kept in its
 // audit record).
 func (g *Gateway) RemoveImage(name, reason string) (*migrate.ImageRecord, error) {
+	if img, err := g.mig.journal.Image(name); err == nil {
+		release, err := g.mig.holdForRemoval(name, img.Path)
+		if err != nil {
+			return nil, err
+		}
+		defer release()
+	}
 	return g.mig.recv.RemoveImage(name, reason)
 }
