@@ -442,6 +442,11 @@ func startRecord(cfg *SendConfig, sid SourceID) (*SendRecord, error) {
 			// every chunk is asked for.
 			old.Restarted = old.Restarted || restarted || old.SourceFormat == ""
 			old.SourceFormat = cfg.SourceFormat // as resumedSourceFormat kept it
+			// As this attempt runs: the destination's site as its
+			// certificate says now (re-issued, it is judged anew), and the
+			// pace asked for. Listings, plans, the audit record of an
+			// attempt cut short and the next resume read them here.
+			old.ToSite, old.Streams, old.BWLimit = cfg.To.Attributes.Site, cfg.Streams, cfg.BWLimit
 			old.Started, old.Finished = cfg.Now(), time.Time{}
 			return old, cfg.Journal.put(bucketSend, old.ID, old)
 		}
