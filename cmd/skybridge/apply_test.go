@@ -237,3 +237,50 @@ func controlSocket(t *testing.T, h http.HandlerFunc) string {
 	t.Cleanup(func() { srv.Close() })
 	return sock
 }
+
+// TestMigrateCancelSaysHowItEnded: `migrate cancel` reports the state the
+// migration ended in, not "cancelled" whatever it was: one refused at its
+// commit while the cancel waited was removed at the destination, and is
+// no migration to resume.
+func TestMigrateCancelSaysHowItEnded(t *testing.T) {
+	const id = "aaaaaaaaaaaaaaaa"
+	for _, c := range []struct {
+		state, want, not string
+	}{
+		{migrate.StateCancelled, "cancelled; `skybridge migrate resume " + id + "` continues it", "ended"},
+		{migrate.StateDone, "already committed", "resume"},
+		{migrate.StateDenied, "ended denied before the cancel took: refused at the commit", "resume"},
+	} {
+		sock := controlSocket(t, func(w http.ResponseWriter, r *http.Request) {
+			if r.Method == http.MethodPost {
+				json.NewEncoder(w).Encode(map[string]string{})
+				return
+			}
+			json.NewEncoder(w).Encode(mesh.MigrationStatus{Record: &migrate.SendRecord{ID: id, To: "gw-fra", State: c.state, Error: "refused at the commit"}})
+		})
+		out, errs, code := runCLI(t, "migrate", "cancel", id, "--socket", sock)
+		if code != 0 || !strings.Contains(out, c.want) || strings.Contains(out, c.not) {
+			t.Errorf("%s: exit %d, %q %s; want %q", c.state, code, out, errs, c.want)
+		}
+	}
+}
+
+// TestMigrateRunSaysItsID: the migration runs in the gateway, and goes on
+// if the command is stopped: its ID is said at once, so that it can be
+// found and cancelled.
+func TestMigrateRunSaysItsID(t *testing.T) {
+	const id = "bbbbbbbbbbbbbbbb"
+	sock := controlSocket(t, func(w http.ResponseWriter, r *http.Request) {
+		enc := json.NewEncoder(w)
+		enc.Encode(mesh.MigrationEvent{ID: id, Progress: &migrate.Progress{ID: id, Phase: "transfer"}})
+		enc.Encode(mesh.MigrationEvent{ID: id, Record: &migrate.SendRecord{ID: id, To: "gw-fra", State: migrate.StateDone}})
+	})
+	img := filepath.Join(t.TempDir(), "vm.raw")
+	if err := os.WriteFile(img, make([]byte, 4096), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	_, errs, code := runCLI(t, "migrate", "run", img, "--to", "aws-eu-central-1", "--class", "pii-eu", "--socket", sock)
+	if code != 0 || !strings.Contains(errs, "migration "+id+" (it runs in the gateway") || strings.Count(errs, id+" (it runs") != 1 {
+		t.Errorf("exit %d, stderr %q: want the ID said once", code, errs)
+	}
+}

@@ -86,13 +86,23 @@ func migrateCommand() *cli.Command {
 					if err := cl.CancelMigration(c.Context, id); err != nil {
 						return err
 					}
-					// A migration already committed finishes: the
-					// destination stores it whatever the sender does.
-					if s, err := cl.Migration(c.Context, id); err == nil && s.Record != nil && s.Record.State == migrate.StateDone {
-						fmt.Fprintf(c.App.Writer, "migration %s was already committed: it completed, stored and verified at %s\n", id, s.Record.To)
+					// What it ended as is said, not assumed: one already
+					// committed finishes (the destination stores it
+					// whatever the sender does), and one may have been
+					// refused or have failed before the cancel took.
+					s, err := cl.Migration(c.Context, id)
+					if err != nil || s.Record == nil {
+						fmt.Fprintf(c.App.Writer, "migration %s stopped; `skybridge migrate status %s` says how it ended\n", id, id)
 						return nil
 					}
-					fmt.Fprintf(c.App.Writer, "migration %s cancelled; `skybridge migrate resume %s` continues it\n", id, id)
+					switch r := s.Record; r.State {
+					case migrate.StateDone:
+						fmt.Fprintf(c.App.Writer, "migration %s was already committed: it completed, stored and verified at %s\n", id, r.To)
+					case migrate.StateCancelled:
+						fmt.Fprintf(c.App.Writer, "migration %s cancelled; `skybridge migrate resume %s` continues it\n", id, id)
+					default:
+						fmt.Fprintf(c.App.Writer, "migration %s ended %s before the cancel took: %s\n", id, r.State, printable(r.Error))
+					}
 					return nil
 				},
 			},
@@ -226,6 +236,11 @@ func runMigration(c *cli.Context, req mesh.MigrationRequest) error {
 	id := req.ID
 	final, err := cl.Migrate(c.Context, req, func(ev mesh.MigrationEvent) {
 		if ev.ID != "" {
+			if id == "" && !asJSON {
+				// The migration runs in the gateway: said once, so that
+				// one left by Ctrl-C or a closed terminal can be found.
+				fmt.Fprintf(c.App.ErrWriter, "migration %s (it runs in the gateway: Ctrl-C here leaves it running; skybridge migrate cancel %s stops it)\n", ev.ID, ev.ID)
+			}
 			id = ev.ID
 		}
 		if asJSON {
