@@ -616,7 +616,11 @@ func (g *Gateway) Migrations() (*MigrationList, error) {
 		return nil, err
 	}
 	g.mig.live(sends)
-	return &MigrationList{Sending: sends, Receiving: g.mig.recv.Active(), Images: imgs}, nil
+	recv, err := g.mig.recv.Unfinished()
+	if err != nil {
+		return nil, err
+	}
+	return &MigrationList{Sending: sends, Receiving: recv, Images: imgs}, nil
 }
 
 // live puts in each record of a migration running now its progress so

@@ -17,6 +17,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/klauspost/compress/zstd"
@@ -1215,6 +1216,31 @@ func (r *Receiver) Active() []Incoming {
 	return out
 }
 
+// Unfinished is Active and the receives interrupted since (their sender
+// stopped, cancelled or lost the link): each keeps what it received, part
+// of an image of its class at rest here, until its sender resumes it or
+// it is forgotten AbandonedAfter after its last sign of life.
+func (r *Receiver) Unfinished() ([]Incoming, error) {
+	out := r.Active()
+	recs, err := r.cfg.Journal.Receives()
+	if err != nil {
+		return out, fmt.Errorf("list unfinished receives: %w", err)
+	}
+	for _, rec := range recs {
+		if slices.ContainsFunc(out, func(in Incoming) bool { return in.ID == rec.ID }) {
+			continue
+		}
+		in := Incoming{ID: rec.ID, Name: rec.Name, Class: rec.Class, From: rec.From, FromSite: rec.FromSite, Size: rec.Size, Started: rec.Started, Interrupted: true}
+		if fi, err := os.Stat(rec.Temp); err == nil {
+			if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+				in.Received = st.Blocks * 512 // what the disk holds of it
+			}
+		}
+		out = append(out, in)
+	}
+	return out, nil
+}
+
 // Incoming is a migration being received.
 type Incoming struct {
 	ID       string    `json:"id"`
@@ -1226,6 +1252,9 @@ type Incoming struct {
 	Durable  int       `json:"durable_chunks"`
 	Received int64     `json:"received_bytes"`
 	Started  time.Time `json:"started"`
+	// Interrupted: no session receives it now; Received is what its
+	// incoming file holds on disk (Unfinished).
+	Interrupted bool `json:"interrupted,omitempty"`
 }
 
 func (s *session) close() {

@@ -279,3 +279,31 @@ func TestParseAckDoesNotTrustItsCount(t *testing.T) {
 		t.Errorf("a valid acknowledgement: %v, %v", got, err)
 	}
 }
+
+// TestUnfinishedListsInterruptedReceives: a receive whose sender stopped
+// keeps part of an image of its class here until it is resumed or
+// forgotten; the destination lists it, not only the sessions running.
+func TestUnfinishedListsInterruptedReceives(t *testing.T) {
+	p := newPair(t, "DE")
+	raw := filepath.Join(p.dir, "vm.raw")
+	makeRaw(t, raw, 32*mib, map[int64]int{0: 32 * mib})
+	rec, _ := p.interrupted(raw, 4)
+	if len(p.recv.Active()) != 0 {
+		t.Fatalf("sessions still running: %+v", p.recv.Active())
+	}
+	got, err := p.recv.Unfinished()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != 1 || got[0].ID != rec.ID || !got[0].Interrupted || got[0].Class != "pii-eu" || got[0].Received < 4*mib {
+		t.Fatalf("unfinished receives: %+v; want migration %s, interrupted, with at least 4 MiB held", got, rec.ID)
+	}
+	cfg := p.config(raw, "pii-eu")
+	cfg.ID = rec.ID
+	if _, err := Send(context.Background(), cfg); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := p.recv.Unfinished(); err != nil || len(got) != 0 {
+		t.Errorf("once stored: %+v, %v", got, err)
+	}
+}

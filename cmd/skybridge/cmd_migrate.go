@@ -360,10 +360,14 @@ func migrateList(c *cli.Context) error {
 	printTable(w, []string{"id", "state", "name", "class", "to", "sent", "started"}, rows)
 	rows = rows[:0]
 	for _, r := range l.Receiving {
-		rows = append(rows, []string{r.ID, r.Name, r.Class, r.From + " (" + r.FromSite + ")", strconv.Itoa(r.Durable), humanBytes(r.Received)})
+		state, durable := "receiving", strconv.Itoa(r.Durable)
+		if r.Interrupted {
+			state, durable = "interrupted", "-"
+		}
+		rows = append(rows, []string{r.ID, state, r.Name, r.Class, r.From + " (" + r.FromSite + ")", durable, humanBytes(r.Received)})
 	}
 	fmt.Fprintln(w, "\nRECEIVING")
-	printTable(w, []string{"id", "name", "class", "from", "durable chunks", "received"}, rows)
+	printTable(w, []string{"id", "state", "name", "class", "from", "durable chunks", "received"}, rows)
 	rows = rows[:0]
 	outside := 0
 	for _, r := range l.Images {
