@@ -267,6 +267,11 @@ func (m *migrations) lookup(id string) (*migrate.SendRecord, *migrate.Progress, 
 	if err != nil {
 		first := run.first // running, its record not written yet
 		rec = &first
+	} else if rec.Started.Before(run.first.Started) {
+		// A resume whose record is still its last attempt's (the source
+		// is opened and read first): shown running, not as that attempt
+		// ended.
+		rec.State, rec.Error, rec.Reasons, rec.Stats = migrate.StateRunning, "", nil, p.Stats
 	}
 	return rec, &p, nil
 }

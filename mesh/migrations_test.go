@@ -110,6 +110,18 @@ func TestMigrationSeenBeforeItsRecord(t *testing.T) {
 	if sends, err := m.sends(); err != nil || len(sends) != 1 || sends[0].State != migrate.StateDenied {
 		t.Errorf("list after the record: %+v, %v; want the journal's record alone", sends, err)
 	}
+
+	// Resumed: until the resume writes its record, the one in the
+	// journal is the last attempt's, which is not how it stands.
+	m.finished(first.ID)
+	resumed := first
+	resumed.Started = rec.Started.Add(time.Second)
+	if _, err := m.begin(resumed, cancel); err != nil {
+		t.Fatal(err)
+	}
+	if got, _, err := m.lookup(first.ID); err != nil || got.State != migrate.StateRunning || got.Error != "" {
+		t.Errorf("lookup of a resume before its record: %+v, %v; want it running", got, err)
+	}
 }
 
 // TestPickDestinationSaysWhyNoneMay: a destination named by jurisdiction
