@@ -7,7 +7,9 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"net/http"
+	"net/netip"
 	"os"
 	"path"
 	"slices"
@@ -35,6 +37,16 @@ import (
 // single-use. The site itself has a PKI role that certifies nothing: it
 // marks the site as open in Vault and holds the burst's end, which the
 // claim logic below reads.
+//
+// Each gateway's overlay address is claimed in Vault too, as the site
+// is, and for the same reason: any Vault-backed gateway opens bursts, and
+// picks addresses from what it sees — its members, its own bursts — which
+// leaves out a burst another gateway opened whose servers have not joined
+// yet. Both would pin the same addresses in their gateways' roles, and
+// the mesh refuses one of each pair. A claim is a KV secret per address
+// under the sites' claims (so a token that may claim sites may claim
+// addresses), created only if none exists; an address claimed elsewhere
+// is skipped for another, unless its claim is stale.
 
 // VaultBurstSpec describes a burst site to Vault.
 type VaultBurstSpec struct {
@@ -43,6 +55,10 @@ type VaultBurstSpec struct {
 	Expires  time.Time    // when every identity of the site ends
 	TokenTTL time.Duration
 	OpenedBy string // the gateway opening it, named in its claim
+	// Readdress gives another overlay address for a gateway of Nodes
+	// whose address (taken) a burst opened elsewhere holds in Vault;
+	// called one call at a time. Nil: such an address fails the opening.
+	Readdress func(taken netip.Addr) (netip.Addr, error)
 }
 
 // VaultBurst is what OpenBurst made: per gateway, its AppRole's role ID
@@ -63,7 +79,8 @@ type VaultBurst struct {
 type VaultBurstGateway struct {
 	secret
 	Node            string
-	Role            string // its PKI role, policy and AppRole
+	OverlayIP       netip.Addr // claimed in Vault: its node's, or one Readdress gave
+	Role            string     // its PKI role, policy and AppRole
 	RoleID          string
 	WrappedSecretID string
 }
@@ -211,11 +228,16 @@ func burstGatewayName(name, claim, node string) string {
 	return burstPolicy(name, claim) + "." + node
 }
 
-// removeByHand says what to delete by hand of the burst whose site's role
-// is name.
+// removeByHand says what to do by hand to end the burst whose site's
+// role is name, in the order burst down does it: nothing more issued,
+// then what was issued revoked (removing the roles leaves the gateways'
+// certificates valid until the burst's end), and the claim last.
 func (v *Vault) removeByHand(site, name string) string {
-	return fmt.Sprintf("`vault kv metadata delete %s`, the PKI role %s, and the PKI roles, policies and AppRoles named %s-*.* (one per gateway; in bursts opened before 2026-11-27, the policy and AppRole %s)",
-		v.claimRef(site), name, name, name)
+	pki := v.cfg.PKIMount
+	return fmt.Sprintf("delete the PKI role %s and the PKI roles, policies and AppRoles named %s-*.* (one per gateway; in bursts opened before 2026-11-27, the policy and AppRole %s); "+
+		"revoke its gateways' certificates, which stay valid until the burst's end unless revoked: `vault write %s/revoke serial_number=<serial>` for each certificate of site %s in `vault list %s/certs`, then `vault read %s/crl/rotate`; "+
+		"last, `vault kv metadata delete %s`",
+		name, name, name, pki, site, pki, pki, v.claimRef(site))
 }
 
 // deleteBurstObjects deletes what OpenBurst creates, issuing first: each
@@ -313,6 +335,10 @@ type siteClaim struct {
 	Gateway string    // the gateway that opened the burst, or is closing it
 	Closing bool      // taken to close a burst (one whose own claim is gone)
 	Expires time.Time // the burst's end, as its role's not_after (roleOutlivesClaim compares them); zero when closing
+	// Addresses are the overlay addresses the opening claimed for its
+	// gateways (none in claims made before addresses were claimed, or
+	// taken to close), released when the burst is closed.
+	Addresses []netip.Addr
 }
 
 // takeClaim claims a site: the claim is created only if none exists
@@ -363,6 +389,13 @@ func (v *Vault) claimOf(ctx context.Context, c *vault.Client, site string) (cl s
 	cl.Closing, _ = s.Data["closing"].(bool)
 	if e, ok := s.Data["expires"].(string); ok {
 		cl.Expires, _ = time.Parse(time.RFC3339, e)
+	}
+	as, _ := s.Data["addresses"].([]any)
+	for _, a := range as {
+		str, _ := a.(string)
+		if a, err := netip.ParseAddr(str); err == nil {
+			cl.Addresses = append(cl.Addresses, a)
+		}
 	}
 	return cl, true, nil
 }
@@ -572,6 +605,249 @@ func newClaimNonce() string {
 	return hex.EncodeToString(b)
 }
 
+// addressDir is where, under the sites' claims, the claims of burst
+// gateways' overlay addresses are: no site is named so (site names hold
+// no underscore).
+const addressDir = "_addresses"
+
+func (v *Vault) addressClaimPath(a netip.Addr) string {
+	return path.Join(v.cfg.KVPrefix, "bursts", addressDir, a.String())
+}
+
+// addressRef names an address's claim for people: mount and path.
+func (v *Vault) addressRef(a netip.Addr) string { return v.cfg.KVMount + "/" + v.addressClaimPath(a) }
+
+// addressClaim is what the claim of a burst gateway's overlay address
+// holds: whose it is, and until when.
+type addressClaim struct {
+	Site    string
+	Nonce   string // the opening's (VaultBurst.Claim)
+	Node    string
+	Gateway string    // the gateway that opened the burst
+	Expires time.Time // the burst's end: its gateways' certificates end then
+}
+
+func (cl addressClaim) data() map[string]any {
+	return map[string]any{"site": cl.Site, "nonce": cl.Nonce, "node": cl.Node, "gateway": cl.Gateway,
+		"expires": cl.Expires.UTC().Format(time.RFC3339)}
+}
+
+func addressClaimOf(data map[string]any) addressClaim {
+	var cl addressClaim
+	cl.Site, _ = data["site"].(string)
+	cl.Nonce, _ = data["nonce"].(string)
+	cl.Node, _ = data["node"].(string)
+	cl.Gateway, _ = data["gateway"].(string)
+	if e, ok := data["expires"].(string); ok {
+		cl.Expires, _ = time.Parse(time.RFC3339, e)
+	}
+	return cl
+}
+
+// addressError explains a failure to read, write or delete an address's
+// claim: it is one of the sites' claims as far as Vault's rights go.
+func (v *Vault) addressError(a netip.Addr, err error) error {
+	dir := path.Join(v.cfg.KVPrefix, "bursts")
+	return fmt.Errorf("vault claim %s of overlay address %s (the operator's token needs create, read and update on %s/data/%s/* and delete on %s/metadata/%s/*): %w",
+		v.addressRef(a), a, v.cfg.KVMount, dir, v.cfg.KVMount, dir, err)
+}
+
+// takeAddress claims overlay address a as cl says: the claim is created
+// only if none exists (check-and-set 0), or written over a stale one
+// (check-and-set its version), so that of two openings wanting a at
+// once one gets it. held is the claim that keeps a, if another does. A
+// claim found to be this opening's already counts as taken (the Vault
+// client retries a write whose answer was lost).
+func (v *Vault) takeAddress(ctx context.Context, c *vault.Client, a netip.Addr, cl addressClaim) (held *addressClaim, err error) {
+	kv, p := c.KVv2(v.cfg.KVMount), v.addressClaimPath(a)
+	cas := 0
+	for range 3 {
+		_, err := kv.Put(ctx, p, cl.data(), vault.WithCheckAndSet(cas))
+		if err == nil {
+			return nil, nil
+		}
+		if !isCASMismatch(err) {
+			return nil, v.addressError(a, err)
+		}
+		s, err := kv.Get(ctx, p)
+		switch {
+		case errors.Is(err, vault.ErrSecretNotFound):
+			cas = 0 // released between the write and the read: try again
+			continue
+		case err != nil:
+			return nil, v.addressError(a, err)
+		}
+		other := addressClaimOf(s.Data)
+		if other.Nonce == cl.Nonce {
+			return nil, nil
+		}
+		stale, err := v.addressStale(ctx, c, other)
+		if err != nil {
+			return nil, err
+		}
+		if !stale || s.VersionMetadata == nil {
+			return &other, nil
+		}
+		cas = s.VersionMetadata.Version
+	}
+	return nil, fmt.Errorf("overlay address %s: its claim %s keeps changing; try again", a, v.addressRef(a))
+}
+
+// addressStale reports whether an address's claim no longer keeps the
+// address: its burst has ended (and its gateways' certificates with it,
+// allowing for clocks), or its site's claim, which an opening takes
+// before its addresses' and a close releases after them, is gone or
+// another opening's — the burst was closed, or removed by hand. A claim
+// deleted softly (`vault kv delete`) reads as one with no fields, which
+// says nothing of whose it was: it keeps the address, as it would a site.
+func (v *Vault) addressStale(ctx context.Context, c *vault.Client, held addressClaim) (bool, error) {
+	switch {
+	case held.Nonce == "":
+		return false, nil
+	case !held.Expires.IsZero() && time.Now().After(held.Expires.Add(MaxClockSkew)):
+		return true, nil
+	case !nameRE.MatchString(held.Site):
+		return false, nil
+	}
+	site, ok, err := v.claimOf(ctx, c, held.Site)
+	if err != nil {
+		return false, err
+	}
+	return !ok || site.Nonce != "" && site.Nonce != held.Nonce, nil
+}
+
+// releaseAddress deletes the claim of a if it is still the opening's
+// with nonce: one taken over is another burst's. Nor is an ended burst's
+// deleted: it is stale, and from then on may be taken over between the
+// read and the delete here, which would delete the new burst's.
+func (v *Vault) releaseAddress(ctx context.Context, c *vault.Client, a netip.Addr, nonce string) error {
+	kv, p := c.KVv2(v.cfg.KVMount), v.addressClaimPath(a)
+	s, err := kv.Get(ctx, p)
+	if errors.Is(err, vault.ErrSecretNotFound) {
+		return nil
+	}
+	if err != nil {
+		return v.addressError(a, err)
+	}
+	if cl := addressClaimOf(s.Data); cl.Nonce != nonce || !time.Now().Before(cl.Expires) {
+		return nil
+	}
+	if err := kv.DeleteMetadata(ctx, p); err != nil {
+		return v.addressError(a, err)
+	}
+	return nil
+}
+
+// releaseAddresses releases the addresses in list claimed by the opening
+// with nonce.
+func (v *Vault) releaseAddresses(ctx context.Context, c *vault.Client, list []netip.Addr, nonce string) error {
+	var g errgroup.Group
+	g.SetLimit(burstGrantParallel)
+	for _, a := range list {
+		g.Go(func() error { return v.releaseAddress(ctx, c, a, nonce) })
+	}
+	return g.Wait()
+}
+
+// releaseClaimedAddresses releases the addresses the site's claim, while
+// it is the opening's with nonce, says the opening claimed.
+func (v *Vault) releaseClaimedAddresses(ctx context.Context, c *vault.Client, site, nonce string) error {
+	cl, ok, err := v.claimOf(ctx, c, site)
+	if err != nil || !ok || cl.Nonce != nonce {
+		return err
+	}
+	return v.releaseAddresses(ctx, c, cl.Addresses, nonce)
+}
+
+// recordAddresses writes into the site's claim, still the opening's with
+// nonce, the addresses its gateways hold, for the close to release.
+func (v *Vault) recordAddresses(ctx context.Context, c *vault.Client, site, nonce string, list []netip.Addr) error {
+	kv, p := c.KVv2(v.cfg.KVMount), v.burstClaimPath(site)
+	strs := make([]any, len(list))
+	for i, a := range list {
+		strs[i] = a.String()
+	}
+	for range 3 {
+		s, err := kv.Get(ctx, p)
+		if err != nil {
+			return v.claimError(site, err)
+		}
+		if n, _ := s.Data["nonce"].(string); n != nonce || s.VersionMetadata == nil {
+			return fmt.Errorf("burst site %s: its claim %s changed while the burst was being opened (now: gateway %v); nothing is left of this opening: open it again once the claim is gone",
+				site, v.claimRef(site), s.Data["gateway"])
+		}
+		if got, _ := s.Data["addresses"].([]any); slices.Equal(got, strs) { // a retried write that landed
+			return nil
+		}
+		data := maps.Clone(s.Data)
+		data["addresses"] = strs
+		_, err = kv.Put(ctx, p, data, vault.WithCheckAndSet(s.VersionMetadata.Version))
+		if err == nil {
+			return nil
+		}
+		if !isCASMismatch(err) {
+			return v.claimError(site, err)
+		}
+	}
+	return fmt.Errorf("burst site %s: its claim %s keeps changing; try again", site, v.claimRef(site))
+}
+
+// burstAddresses claims the overlay addresses of one opening's gateways.
+type burstAddresses struct {
+	v         *Vault
+	c         *vault.Client
+	claim     addressClaim // Node is each gateway's
+	readdress func(taken netip.Addr) (netip.Addr, error)
+
+	mu    sync.Mutex
+	tried []netip.Addr // every address a claim was asked for: an opening that fails releases those that are its own
+}
+
+// take claims an address for gateway n: its own, or if a burst opened
+// elsewhere holds that, the next Readdress gives.
+func (b *burstAddresses) take(ctx context.Context, n Attributes) (netip.Addr, error) {
+	cl := b.claim
+	cl.Node = n.Node
+	a := n.OverlayIP
+	for {
+		b.mu.Lock()
+		b.tried = append(b.tried, a)
+		b.mu.Unlock()
+		held, err := b.v.takeAddress(ctx, b.c, a, cl)
+		if err != nil {
+			return netip.Addr{}, err
+		}
+		if held == nil {
+			return a, nil
+		}
+		whose := fmt.Sprintf("overlay address %s of gateway %s is held by gateway %s of burst site %s, opened from gateway %s until %s (Vault's claim %s)",
+			a, n.Node, held.Node, held.Site, held.Gateway, held.Expires.UTC().Format(time.RFC3339), b.v.addressRef(a))
+		if held.Nonce == "" {
+			whose = fmt.Sprintf("overlay address %s of gateway %s is held by an empty claim (deleted with `vault kv delete`, which keeps it; `vault kv metadata delete %s` removes it)",
+				a, n.Node, b.v.addressRef(a))
+		}
+		if b.readdress == nil {
+			return netip.Addr{}, errors.New(whose)
+		}
+		b.mu.Lock()
+		next, err := b.readdress(a)
+		b.mu.Unlock()
+		if err != nil {
+			return netip.Addr{}, fmt.Errorf("%s, and no other is free: %w", whose, err)
+		}
+		b.v.log.Debug("burst gateway's overlay address taken by another burst: trying the next", "node", n.Node, "taken", a, "next", next, "held_by_site", held.Site)
+		a = next
+	}
+}
+
+// release releases the addresses tried that are still the opening's.
+func (b *burstAddresses) release(ctx context.Context) error {
+	b.mu.Lock()
+	tried := slices.Clone(b.tried)
+	b.mu.Unlock()
+	return b.v.releaseAddresses(ctx, b.c, tried, b.claim.Nonce)
+}
+
 // OpenBurst creates the site's PKI role, policy and AppRole and returns a
 // wrapped SecretID per gateway. It first claims the site with a KV secret
 // created only if none exists (check-and-set 0), so that of two gateways
@@ -579,7 +855,10 @@ func newClaimNonce() string {
 // second's role replacing the first's. It refuses too a site whose role
 // exists already (the remains of a burst opened before claims were
 // made), and if it fails half-way, it deletes what it created — never
-// what it found.
+// what it found. Each gateway's overlay address is claimed too (the
+// package's comment): one held by a burst opened elsewhere is replaced
+// with spec.Readdress's, and the gateway's in the result is the one it
+// holds.
 func (v *Vault) OpenBurst(ctx context.Context, adminToken string, spec VaultBurstSpec) (vb *VaultBurst, err error) {
 	c, err := v.admin(adminToken)
 	if err != nil {
@@ -610,8 +889,12 @@ func (v *Vault) OpenBurst(ctx context.Context, adminToken string, spec VaultBurs
 		return nil, v.claimRefusal(spec.Site, *other)
 	}
 	// From here on, a failure releases the claim, and from the first
-	// write on removes what was written first.
+	// write on removes what was written first, and the addresses claimed
+	// (before the site's claim: while it is the opening's, they are not
+	// stale).
 	wrote := false
+	addrs := &burstAddresses{v: v, c: c, readdress: spec.Readdress,
+		claim: addressClaim{Site: spec.Site, Nonce: nonce, Gateway: spec.OpenedBy, Expires: spec.Expires}}
 	defer func() {
 		if err == nil {
 			return
@@ -621,6 +904,9 @@ func (v *Vault) OpenBurst(ctx context.Context, adminToken string, spec VaultBurs
 				if err := v.deleteBurstObjects(ctx, c, name, nonce, nodeNames(spec.Nodes)); err != nil {
 					return err // the claim stays with what is left
 				}
+			}
+			if err := addrs.release(ctx); err != nil {
+				return err
 			}
 			return v.releaseBurst(ctx, c, spec.Site)
 		})
@@ -632,7 +918,7 @@ func (v *Vault) OpenBurst(ctx context.Context, adminToken string, spec VaultBurs
 	if s, err := c.Logical().ReadWithContext(ctx, rolePath); err != nil {
 		return nil, fmt.Errorf("vault read %s: %w", rolePath, err)
 	} else if s != nil {
-		return nil, fmt.Errorf("vault already has %s: a burst of site %s is open, or one ended without its Vault objects removed; run `skybridge burst down --site %s` on the gateway that opened it, or delete by hand %s", rolePath, spec.Site, spec.Site, v.removeByHand(spec.Site, name))
+		return nil, fmt.Errorf("vault already has %s: a burst of site %s is open, or one ended without its Vault objects removed; run `skybridge burst down --site %s` on the gateway that opened it, or end it by hand: %s", rolePath, spec.Site, spec.Site, v.removeByHand(spec.Site, name))
 	}
 	for _, n := range spec.Nodes {
 		if n.Site != spec.Site {
@@ -669,11 +955,22 @@ func (v *Vault) OpenBurst(ctx context.Context, adminToken string, spec VaultBurs
 	g.SetLimit(burstGrantParallel)
 	for i, n := range spec.Nodes {
 		g.Go(func() (err error) {
+			// Claimed before its role pins it.
+			if n.OverlayIP, err = addrs.take(gctx, n); err != nil {
+				return err
+			}
 			vb.Gateways[i], err = v.openBurstGateway(gctx, c, name, nonce, n, spec.Expires, ttl)
 			return err
 		})
 	}
 	if err := g.Wait(); err != nil {
+		return nil, err
+	}
+	held := make([]netip.Addr, len(vb.Gateways))
+	for i, gw := range vb.Gateways {
+		held[i] = gw.OverlayIP
+	}
+	if err := v.recordAddresses(ctx, c, spec.Site, nonce, held); err != nil {
 		return nil, err
 	}
 	return vb, nil
@@ -737,7 +1034,7 @@ func (v *Vault) openBurstGateway(ctx context.Context, c *vault.Client, name, cla
 	}); err != nil {
 		return VaultBurstGateway{}, err
 	}
-	g := VaultBurstGateway{Node: n.Node, Role: own}
+	g := VaultBurstGateway{Node: n.Node, OverlayIP: n.OverlayIP, Role: own}
 	s, err := c.Logical().ReadWithContext(ctx, roleBase+"/role-id")
 	if err != nil {
 		return g, fmt.Errorf("vault read %s/role-id: %w", roleBase, err)
@@ -772,9 +1069,9 @@ func nodeNames(nodes []Attributes) []string {
 }
 
 // AbortBurst removes the Vault objects of a burst whose grant never
-// reached anyone (burst up failed after OpenBurst), and its claim: no
-// gateway can have been certified under it, so there is nothing to
-// revoke. claim is the opening's (VaultBurst.Claim); by is the gateway
+// reached anyone (burst up failed after OpenBurst), and its claims, the
+// site's and its addresses': no gateway can have been certified under
+// it, so there is nothing to revoke. claim is the opening's (VaultBurst.Claim); by is the gateway
 // aborting it; nodes are the burst's gateways (VaultBurst.Nodes).
 func (v *Vault) AbortBurst(ctx context.Context, adminToken, site, claim, by string, nodes []string) error {
 	c, err := v.admin(adminToken)
@@ -786,6 +1083,9 @@ func (v *Vault) AbortBurst(ctx context.Context, adminToken, site, claim, by stri
 			return err
 		}
 		if err := v.deleteBurstObjects(ctx, c, v.BurstName(site), claim, nodes); err != nil {
+			return err
+		}
+		if err := v.releaseClaimedAddresses(ctx, c, site, claim); err != nil {
 			return err
 		}
 		return v.releaseBurst(ctx, c, site)
@@ -800,31 +1100,39 @@ func (v *Vault) afterFailure(ctx context.Context, f func(context.Context) error)
 	return f(ctx)
 }
 
+// BurstClosed is what CloseBurst did.
+type BurstClosed struct {
+	Revoked []string // the serials of the certificates it revoked
+	// Warnings are for the operator: the burst is closed, but something
+	// that should have followed is left to do by hand.
+	Warnings []string
+}
+
 // CloseBurst ends a burst site in Vault: it deletes the AppRole (its
 // SecretIDs with it), the policy and the PKI role first, so that nothing
 // can be issued for the site any more, then revokes every unexpired
 // certificate of the burst's gateways, nodes (the CRL then reaches the
 // mesh; a lasting site's gateways of the same name are left alone), deletes its
-// gateways' WireGuard keys, and last releases the site's claim — not
-// before, or a burst of the same site opened meanwhile would have its
-// certificates revoked by this one. claim is the opening's
-// (VaultBurst.Claim; "" for a burst opened before claims were made): a
-// site claimed by another opening is left alone. by is the gateway
-// closing it.
-func (v *Vault) CloseBurst(ctx context.Context, adminToken, site string, nodes []string, claim, by string) (revoked []string, err error) {
+// gateways' WireGuard keys, releases their addresses' claims, and last
+// the site's claim — not before, or a burst of the same site opened
+// meanwhile would have its certificates revoked by this one. claim is
+// the opening's (VaultBurst.Claim; "" for a burst opened before claims
+// were made): a site claimed by another opening is left alone. by is the
+// gateway closing it.
+func (v *Vault) CloseBurst(ctx context.Context, adminToken, site string, nodes []string, claim, by string) (closed BurstClosed, err error) {
 	c, err := v.admin(adminToken)
 	if err != nil {
-		return nil, err
+		return closed, err
 	}
 	if err := v.holdBurst(ctx, c, site, claim, by, nodes); err != nil {
-		return nil, err
+		return closed, err
 	}
 	if err := v.deleteBurstObjects(ctx, c, v.BurstName(site), claim, nodes); err != nil {
-		return nil, err
+		return closed, err
 	}
 	s, err := c.Logical().ListWithContext(ctx, path.Join(v.cfg.PKIMount, "certs"))
 	if err != nil {
-		return nil, fmt.Errorf("vault list %s/certs: %w", v.cfg.PKIMount, err)
+		return closed, fmt.Errorf("vault list %s/certs: %w", v.cfg.PKIMount, err)
 	}
 	var keys []any
 	if s != nil {
@@ -832,34 +1140,43 @@ func (v *Vault) CloseBurst(ctx context.Context, adminToken, site string, nodes [
 	}
 	ours, unread, err := v.siteCertificates(ctx, c, keys, site, nodes)
 	if err != nil {
-		return nil, err
+		return closed, err
 	}
 	for _, cert := range ours {
 		if _, err := c.Logical().WriteWithContext(ctx, path.Join(v.cfg.PKIMount, "revoke"), map[string]any{"serial_number": cert.key}); err != nil {
-			return revoked, fmt.Errorf("vault revoke %s: %w", cert.key, err)
+			return closed, fmt.Errorf("vault revoke %s: %w", cert.key, err)
 		}
-		revoked = append(revoked, cert.serial)
+		closed.Revoked = append(closed.Revoked, cert.serial)
 	}
-	if len(revoked) > 0 {
+	if len(closed.Revoked) > 0 {
 		// A PKI mount with auto_rebuild on does not rebuild its CRL at a
 		// revocation, and the mesh reads the full CRL: the site's
 		// gateways would stay trusted until the next scheduled rebuild
-		// (up to days). Rebuilt now; without the right to, said.
-		if _, err := c.Logical().ReadWithContext(ctx, path.Join(v.cfg.PKIMount, "crl", "rotate")); err != nil {
-			v.log.Warn("burst site ended, but Vault's CRL could not be rebuilt now: if the PKI mount rebuilds it on a schedule (auto_rebuild), the revocations reach the mesh with the next rebuild; run `vault read "+path.Join(v.cfg.PKIMount, "crl", "rotate")+"`", "site", site, "err", err)
+		// (up to days). Rebuilt now; without the right to, the operator
+		// is told, not only this gateway's log: the burst is closed all
+		// the same, and its gateways stay in the mesh until then.
+		rotate := path.Join(v.cfg.PKIMount, "crl", "rotate")
+		if _, err := c.Logical().ReadWithContext(ctx, rotate); err != nil {
+			w := fmt.Sprintf("Vault's CRL could not be rebuilt (%v): if the PKI mount rebuilds it on a schedule (auto_rebuild), the %d revocations reach the mesh, and the burst's gateways leave it, only with the next rebuild; run `vault read %s` now (the operator's token needs read on it)",
+				err, len(closed.Revoked), rotate)
+			v.log.Warn("burst site ended, but "+w, "site", site)
+			closed.Warnings = append(closed.Warnings, w)
 		}
 	}
 	// The site's gateways' WireGuard keys: each deletes its own when its
 	// burst ends, but not one that crashed, nor once its policy is gone.
 	for _, n := range nodes {
 		if err := c.KVv2(v.cfg.KVMount).DeleteMetadata(ctx, v.wgPath(n)); err != nil {
-			return revoked, fmt.Errorf("vault delete the WireGuard key of %s: %w", n, err)
+			return closed, fmt.Errorf("vault delete the WireGuard key of %s: %w", n, err)
 		}
 	}
 	if len(unread) > 0 {
-		return revoked, fmt.Errorf("%d certificates could not be read to see whether they are of site %s (run burst down again); the first: %w", len(unread), site, unread[0])
+		return closed, fmt.Errorf("%d certificates could not be read to see whether they are of site %s (run burst down again); the first: %w", len(unread), site, unread[0])
 	}
-	return revoked, v.releaseBurst(ctx, c, site)
+	if err := v.releaseClaimedAddresses(ctx, c, site, claim); err != nil {
+		return closed, err
+	}
+	return closed, v.releaseBurst(ctx, c, site)
 }
 
 // certReadParallel is how many certificates burst down reads from Vault

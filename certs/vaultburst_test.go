@@ -3,6 +3,7 @@ package certs
 import (
 	"net/http"
 	"slices"
+	"strings"
 	"testing"
 
 	vault "github.com/hashicorp/vault/api"
@@ -64,6 +65,20 @@ func TestVaultBurstPlace(t *testing.T) {
 		if got := tc.place.RemovalCommands("ams", []string{"ams-gw1", "ams-gw2"}); !slices.Equal(got, tc.want) {
 			t.Errorf("removal of %+v:\n got %q\nwant %q", tc.place, got, tc.want)
 		}
+	}
+}
+
+// TestVaultBurstRemoveByHand: what a refused burst up tells the operator
+// to do by hand about a burst left in Vault ends it as burst down would:
+// its certificates revoked (deleting its roles leaves them valid until
+// the burst's end) and the CRL rebuilt, the claim last.
+func TestVaultBurstRemoveByHand(t *testing.T) {
+	v := &Vault{cfg: &VaultConfig{PKIMount: "pki-mesh", KVMount: "kv", KVPrefix: "skybridge"}}
+	msg := v.claimRefusal("ams", siteClaim{Nonce: "n", Gateway: "gw-zrh"}).Error()
+	revoke := "`vault write pki-mesh/revoke serial_number=<serial>` for each certificate of site ams in `vault list pki-mesh/certs`, then `vault read pki-mesh/crl/rotate`"
+	roles, rev, claim := strings.Index(msg, "the PKI role skybridge-burst-ams"), strings.Index(msg, revoke), strings.Index(msg, "`vault kv metadata delete kv/skybridge/bursts/ams`")
+	if roles < 0 || rev < 0 || claim < 0 || !(roles < rev && rev < claim) {
+		t.Fatalf("by-hand removal, want the roles deleted, then %s, then the claim:\n%s", revoke, msg)
 	}
 }
 

@@ -438,8 +438,8 @@ func (r *burstRecord) vaultUnreachable(here *certs.VaultBurstPlace, now time.Tim
 		b.WriteString("\n  " + c)
 	}
 	if now.Before(r.Expires) {
-		fmt.Fprintf(&b, "\nIts gateways' certificates stay valid until %s unless revoked: `vault write %s/revoke serial_number=<serial>` for each certificate of site %s in `vault list %s/certs`.",
-			r.Expires.Format(time.RFC3339), r.VaultPlace.PKIMount, r.Site, r.VaultPlace.PKIMount)
+		fmt.Fprintf(&b, "\nIts gateways' certificates stay valid until %s unless revoked: `vault write %s/revoke serial_number=<serial>` for each certificate of site %s in `vault list %s/certs`, then `vault read %s/crl/rotate`.",
+			r.Expires.Format(time.RFC3339), r.VaultPlace.PKIMount, r.Site, r.VaultPlace.PKIMount, r.VaultPlace.PKIMount)
 	}
 	return errors.New(b.String())
 }

@@ -730,6 +730,12 @@ type BurstInfo struct {
 	// do — a Vault burst's objects (and its claim on the site) are still
 	// in Vault, or its certificates were not revoked.
 	WorkLeft bool `json:"work_left,omitempty"`
+	// Of burst down: what it could not do, left to the operator (Vault's
+	// CRL not rebuilt, say).
+	Warnings []string `json:"warnings,omitempty"`
+	// AlreadyEnded: burst down found the burst ended and cleaned up
+	// already (its TTL, or an earlier burst down): nothing was done.
+	AlreadyEnded bool `json:"already_ended,omitempty"`
 }
 
 // BurstGateway is a gateway enrolled into a burst site.
@@ -805,6 +811,15 @@ func (g *Gateway) BurstDown(ctx context.Context, site, vaultToken string) (*Burs
 		}
 	}
 	if r == nil {
+		// Ended and cleaned up already: done, as asked — a burst down
+		// retried (its answer lost, a script run again) must not fail.
+		for _, b := range slices.Backward(e.book.Bursts) {
+			if b.Site == site {
+				bi := b.info(g.now())
+				bi.AlreadyEnded = true
+				return &bi, nil
+			}
+		}
 		var open []string
 		for _, r := range e.book.Bursts {
 			if r.Ended == nil {
@@ -815,10 +830,10 @@ func (g *Gateway) BurstDown(ctx context.Context, site, vaultToken string) (*Burs
 		return nil, fmt.Errorf("no open burst site %q here (open: %v)", site, open)
 	}
 	before := r.info(g.now()) // the tokens this down makes void
-	var revoked []string
+	var revoked, warnings []string
 	var err error
 	if r.Vault {
-		revoked, err = g.endVaultBurstLocked(ctx, r, vaultToken)
+		revoked, warnings, err = g.endVaultBurstLocked(ctx, r, vaultToken)
 	} else {
 		revoked, err = g.endBurstLocked(r, "ended by burst down")
 	}
@@ -826,7 +841,7 @@ func (g *Gateway) BurstDown(ctx context.Context, site, vaultToken string) (*Burs
 		return nil, err
 	}
 	bi := r.info(g.now())
-	bi.Revoked, bi.TokensVoided = revoked, before.TokensUnused
+	bi.Revoked, bi.TokensVoided, bi.Warnings = revoked, before.TokensUnused, warnings
 	return &bi, nil
 }
 
@@ -1115,14 +1130,16 @@ func (g *Gateway) followRotation(every time.Duration) {
 const trustRefreshWarnAfter = 3
 
 // vaultTokens sets the burst up in Vault and makes a Vault join token per
-// gateway, each with its node name and overlay address decided here. What
+// gateway, each with its node name and overlay address decided here (the
+// address claimed in Vault, which passes over one another burst holds). What
 // Vault opened is returned, with an error too, once the burst is open
 // there: the caller removes it if anything fails.
 func (g *Gateway) vaultTokens(ctx context.Context, e *enrollment, req BurstRequest, attrs certs.Attributes, expires, tokExp time.Time) (_ []*certs.JoinToken, _ *certs.VaultBurst, err error) {
 	used := g.overlayIPsInUse(e)
+	prefix := g.trust.Load().MeshPrefix()
 	nodes := make([]certs.Attributes, req.Gateways)
 	for i := range nodes {
-		ip, err := pickOverlayIP(g.trust.Load().MeshPrefix(), used)
+		ip, err := pickOverlayIP(prefix, used)
 		if err != nil {
 			return nil, nil, err
 		}
@@ -1131,7 +1148,20 @@ func (g *Gateway) vaultTokens(ctx context.Context, e *enrollment, req BurstReque
 		n.Node, n.OverlayIP = burstNodeName(attrs.Site, i), ip
 		nodes[i] = n
 	}
-	vb, err := e.vault.OpenBurst(ctx, req.VaultToken, certs.VaultBurstSpec{Site: attrs.Site, Nodes: nodes, Expires: expires, TokenTTL: tokExp.Sub(g.now()), OpenedBy: g.self.Load().node()})
+	// What this gateway sees leaves out the bursts other gateways opened
+	// whose servers have not joined yet, and every gateway picks from the
+	// top: Vault's claims on the addresses decide, and one another burst
+	// holds there is passed over for the next free one.
+	readdress := func(taken netip.Addr) (netip.Addr, error) {
+		used[taken] = true
+		ip, err := pickOverlayIP(prefix, used)
+		if err == nil {
+			used[ip] = true
+		}
+		return ip, err
+	}
+	vb, err := e.vault.OpenBurst(ctx, req.VaultToken, certs.VaultBurstSpec{Site: attrs.Site, Nodes: nodes, Expires: expires, TokenTTL: tokExp.Sub(g.now()),
+		OpenedBy: g.self.Load().node(), Readdress: readdress})
 	if err != nil {
 		return nil, nil, err
 	}
@@ -1144,6 +1174,7 @@ func (g *Gateway) vaultTokens(ctx context.Context, e *enrollment, req BurstReque
 	for i, gw := range vb.Gateways {
 		vj := *common
 		vj.RoleID, vj.PKIRole, vj.WrappedSecretID, vj.Node = gw.RoleID, gw.Role, gw.WrappedSecretID, nodes[i]
+		vj.Node.OverlayIP = gw.OverlayIP // the one it holds in Vault
 		t, err := certs.NewVaultJoinToken(attrs.Site, &vj, tokExp)
 		if err != nil {
 			return nil, vb, err
@@ -1169,13 +1200,14 @@ func (e *enrollment) abortVaultBurst(ctx context.Context, vaultToken, site, clai
 // endVaultBurstLocked ends a Vault burst: Vault revokes the site's
 // certificates and forgets its role, policy and AppRole; we adopt the new
 // revocation list at once, and gossip spreads it.
-func (g *Gateway) endVaultBurstLocked(ctx context.Context, r *burstRecord, vaultToken string) ([]string, error) {
+func (g *Gateway) endVaultBurstLocked(ctx context.Context, r *burstRecord, vaultToken string) (revoked, warnings []string, _ error) {
 	e := g.enroll
 	var nodes []string
 	for _, t := range r.Tokens {
 		nodes = append(nodes, t.Node)
 	}
-	revoked, err := e.vault.CloseBurst(ctx, vaultToken, r.Site, nodes, r.VaultClaim, g.self.Load().node())
+	closed, err := e.vault.CloseBurst(ctx, vaultToken, r.Site, nodes, r.VaultClaim, g.self.Load().node())
+	revoked, warnings = closed.Revoked, closed.Warnings
 	reason := "ended by burst down"
 	switch {
 	case errors.Is(err, certs.ErrBurstSiteReopened):
@@ -1184,13 +1216,13 @@ func (g *Gateway) endVaultBurstLocked(ctx context.Context, r *burstRecord, vault
 		g.log.Warn("burst site opened again elsewhere after its Vault objects were removed by hand; recording this burst as ended", "burst_site", r.Site, "err", err)
 		reason = "ended: its Vault objects were removed by hand and the site opened again"
 	case err != nil:
-		return revoked, err
+		return revoked, warnings, err
 	}
 	now := g.now()
 	r.end(reason, now)
 	r.VaultCleaned = true
 	if err := g.state.saveBursts(e.book); err != nil {
-		return revoked, fmt.Errorf("record the end of burst %s: %w", r.Site, err)
+		return revoked, warnings, fmt.Errorf("record the end of burst %s: %w", r.Site, err)
 	}
 	g.log.Info("burst site ended", "burst_site", r.Site, "reason", r.EndReason, "revoked", len(revoked))
 	asked := time.Now()
@@ -1199,5 +1231,5 @@ func (g *Gateway) endVaultBurstLocked(ctx context.Context, r *burstRecord, vault
 	} else {
 		g.log.Warn("fetch the revocation list from vault; gateways will pick it up on their next refresh", "err", err)
 	}
-	return revoked, nil
+	return revoked, warnings, nil
 }

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"io"
 	"net/netip"
 	"os"
 	"strings"
@@ -167,12 +168,37 @@ func burstDown(c *cli.Context) error {
 	if c.Bool("json") {
 		return printJSON(c.App.Writer, bi)
 	}
-	fmt.Fprintf(c.App.Writer, "burst site %s ended; %d identities revoked, %d unused tokens void\n", bi.Site, len(bi.Revoked), bi.TokensVoided)
-	for _, gw := range bi.Gateways {
-		fmt.Fprintf(c.App.Writer, "  %s (%s) leaves the mesh as the revocation spreads\n", gw.Node, gw.OverlayIP)
-	}
-	fmt.Fprintln(c.App.Writer, "its gateways knew the gossip key, which alone admits nobody; `skybridge keys rotate-gossip` replaces it if your rules say so")
+	printBurstDown(c.App.Writer, bi)
 	return nil
+}
+
+// printBurstDown says what burst down did.
+func printBurstDown(w io.Writer, bi *mesh.BurstInfo) {
+	if bi.AlreadyEnded {
+		// A retry, or a script run again: nothing to do, which is success.
+		when := ""
+		if bi.Ended != nil {
+			when = " at " + bi.Ended.Format(time.RFC3339)
+		}
+		fmt.Fprintf(w, "burst site %s had already ended%s (%s); nothing left to do\n", bi.Site, when, bi.EndReason)
+		return
+	}
+	fmt.Fprintf(w, "burst site %s ended; %d identities revoked, %d unused tokens void\n", bi.Site, len(bi.Revoked), bi.TokensVoided)
+	if len(bi.Revoked) > 0 {
+		for _, gw := range bi.Gateways {
+			fmt.Fprintf(w, "  %s (%s) leaves the mesh as the revocation spreads\n", gw.Node, gw.OverlayIP)
+		}
+	} else if len(bi.Gateways) > 0 {
+		// None found valid (servers never started, certificates revoked
+		// by an earlier attempt), or none looked for (the site opened
+		// again after its Vault objects were removed by hand): no
+		// revocation is on its way to make anyone leave.
+		fmt.Fprintf(w, "  no certificate of its gateways was revoked (%s); any still valid ends with the burst, at %s\n", bi.EndReason, bi.Expires.Format(time.RFC3339))
+	}
+	for _, warn := range bi.Warnings {
+		fmt.Fprintf(w, "WARNING: %s\n", warn)
+	}
+	fmt.Fprintln(w, "its gateways knew the gossip key, which alone admits nobody; `skybridge keys rotate-gossip` replaces it if your rules say so")
 }
 
 func burstList(c *cli.Context) error {

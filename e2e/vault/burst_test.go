@@ -965,11 +965,11 @@ func TestBenchVaultBurstDown(t *testing.T) {
 	}
 	must(t, g.Wait())
 	start = time.Now()
-	revoked, err := v.CloseBurst(ctx, e.root.Token(), "burst-b", vb.Nodes(), vb.Claim, "gw-zrh")
+	closed, err := v.CloseBurst(ctx, e.root.Token(), "burst-b", vb.Nodes(), vb.Claim, "gw-zrh")
 	took := time.Since(start)
 	must(t, err)
-	if len(revoked) != gateways {
-		t.Fatalf("burst down revoked %d certificates, want the site's %d", len(revoked), gateways)
+	if len(closed.Revoked) != gateways {
+		t.Fatalf("burst down revoked %d certificates, want the site's %d", len(closed.Revoked), gateways)
 	}
 	t.Logf("\n| gateways | certificates on the mount | round trip to Vault | burst up | burst down |\n|---|---|---|---|---|\n| %d | %d | %v | %v | %v |",
 		gateways, others+gateways, rtt, up.Round(time.Millisecond), took.Round(time.Millisecond))

@@ -81,11 +81,11 @@ func TestVaultBurstDownSparesSameNamedSite(t *testing.T) {
 		Expires: time.Now().Add(time.Hour), TokenTTL: 10 * time.Minute, OpenedBy: "gw-zrh"}
 	vb, err := v.OpenBurst(ctx, e.root.Token(), spec)
 	must(t, err)
-	revoked, err := v.CloseBurst(ctx, e.root.Token(), "site-x", vb.Nodes(), vb.Claim, "gw-zrh")
+	closed, err := v.CloseBurst(ctx, e.root.Token(), "site-x", vb.Nodes(), vb.Claim, "gw-zrh")
 	must(t, err)
 	serial := lasting.Certificate().SerialNumber
-	if slices.Contains(revoked, certs.FormatSerial(serial)) {
-		t.Fatalf("burst down revoked %v, the lasting site's gateway's certificate among them", revoked)
+	if slices.Contains(closed.Revoked, certs.FormatSerial(serial)) {
+		t.Fatalf("burst down revoked %v, the lasting site's gateway's certificate among them", closed.Revoked)
 	}
 	tb, err := p.Trust(ctx)
 	must(t, err)
