@@ -64,8 +64,9 @@ type Gateway struct {
 	wgNext  certs.WGPrivateKey // zero unless a rotation has advertised it
 	keyring *memberlist.Keyring
 	// keyringMu is held while the live keyring changes and the change is
-	// stored (applyKeyringOp), and by catchUpKeyring around its check
-	// and adoption.
+	// stored (applyKeyringOp), by catchUpKeyring around its check and
+	// adoption, and by a gateway alone while it tries its other keys
+	// (joinUnderAnyKey).
 	keyringMu sync.Mutex
 	dev       Device
 

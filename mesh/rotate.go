@@ -337,9 +337,15 @@ func (g *Gateway) applyKeyringOp(ctx context.Context, op *keyringOp) error {
 // missed would have done. The old key stays installed — members still on
 // it, in a rotation cut short, must still be read — until the next
 // rotation's last step removes it.
+//
+// Only a gateway alone tries: knocks on members gone for good fail all the
+// time in a live mesh, and each would otherwise put this gateway's
+// traffic under another key for the length of a join — unread by the
+// mesh, which would declare it dead — and hold up rotation steps, which
+// wait for the keyring meanwhile.
 func (g *Gateway) joinUnderAnyKey(addrs []string) (int, error) {
 	n, err := g.ml.Join(addrs)
-	if n > 0 || len(g.keyring.GetKeys()) < 2 || g.leaving.Load() {
+	if n > 0 || len(g.keyring.GetKeys()) < 2 || g.leaving.Load() || g.ml.NumMembers() > 1 {
 		return n, err
 	}
 	g.keyringMu.Lock()
