@@ -394,15 +394,17 @@ type SourceID struct {
 	Dev   uint64    `json:"dev"`
 	// CTime, which no program can set back as it can the mtime (`touch
 	// -r`, `rsync -t --inplace`): an image rewritten in place and given
-	// its old mtime again is still seen as changed. Records of releases
-	// before it have none, and their source counts as changed: a resume
-	// sends it whole rather than trust it.
+	// its old mtime again is still seen as changed. (So is one whose
+	// mode, owner or links changed.) Records of releases before it have
+	// none: their resume is judged without it, as they were, rather than
+	// read the image again and ask the receiver for room for all of it.
 	CTime time.Time `json:"ctime,omitzero"`
 }
 
 // Same reports whether two identities name the same unchanged file.
 func (a SourceID) Same(b SourceID) bool {
-	return a.Size == b.Size && a.MTime.Equal(b.MTime) && a.CTime.Equal(b.CTime) && a.Inode == b.Inode && a.Dev == b.Dev
+	ctime := a.CTime.IsZero() || b.CTime.IsZero() || a.CTime.Equal(b.CTime)
+	return a.Size == b.Size && a.MTime.Equal(b.MTime) && ctime && a.Inode == b.Inode && a.Dev == b.Dev
 }
 
 // Migration states.

@@ -307,3 +307,39 @@ func TestUnfinishedListsInterruptedReceives(t *testing.T) {
 		t.Errorf("once stored: %+v, %v", got, err)
 	}
 }
+
+// TestResumeOfARecordWithoutCTime: a migration interrupted under a release
+// before SourceID.CTime, its source untouched, resumes as it would have:
+// its acknowledged chunks skipped, not the image read again and the
+// receiver asked for room for all of it (Restarted).
+func TestResumeOfARecordWithoutCTime(t *testing.T) {
+	p := newPair(t, "DE")
+	raw := filepath.Join(p.dir, "vm.raw")
+	makeRaw(t, raw, 32*mib, map[int64]int{0: 32 * mib})
+	rec, _ := p.interrupted(raw, 8)
+	// The record as the release before wrote it.
+	sr, err := p.sendJ.Send(rec.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sr.Source.CTime = time.Time{}
+	if err := p.sendJ.put(bucketSend, rec.ID, sr); err != nil {
+		t.Fatal(err)
+	}
+	cfg := p.config(raw, "pii-eu")
+	cfg.ID = rec.ID
+	rec2, err := Send(context.Background(), cfg)
+	if err != nil {
+		t.Fatalf("resume: %v", err)
+	}
+	if rec2.Stats.ChunksResumed == 0 {
+		t.Errorf("the resume after the upgrade skipped no acknowledged chunk of an unchanged source (it read all %d again)", rec2.Stats.ChunksDone)
+	}
+	if rec2.Restarted {
+		t.Errorf("an unchanged source's migration is marked Restarted after the upgrade: the receiver reserves room for every chunk from now on")
+	}
+	var rr RecvRecord
+	if err := p.recvJ.get(bucketRecv, rec.ID, &rr); err == nil && rr.Restarted {
+		t.Errorf("the receiver's record says Restarted")
+	}
+}
