@@ -42,7 +42,7 @@ func (g *Gateway) serveControl() (io.Closer, error) {
 	// one who may replace any directory on the way to it, or a symbolic
 	// link on the way. A group may write it under umask 002, where each
 	// user has a group of their own: that is only said.
-	dir, err := controlDir(filepath.Dir(path), g.log)
+	dir, err := controlDir(filepath.Dir(path), os.Geteuid(), g.log)
 	if err != nil {
 		return nil, err
 	}
@@ -353,7 +353,10 @@ func (f closerFunc) Close() error { return f() }
 // unless sticky (/tmp), where only the owner of an entry may replace it:
 // a link in /tmp is then as good as its owner. One its group may write is
 // only said, as for the socket's own directory.
-func controlDir(dir string, log *slog.Logger) (string, error) {
+//
+// owner is the user besides root whose directories are trusted: the
+// gateway's own, or, for a client, the user who serves the socket.
+func controlDir(dir string, owner int, log *slog.Logger) (string, error) {
 	links := 0
 	var walk func(at, rel string) (string, error)
 	walk = func(at, rel string) (string, error) {
@@ -370,7 +373,7 @@ func controlDir(dir string, log *slog.Logger) (string, error) {
 			if err != nil {
 				return "", fmt.Errorf("control socket directory: %w", err)
 			}
-			if err := trustedStep(next, fi, log); err != nil {
+			if err := trustedStep(next, fi, owner, log); err != nil {
 				return "", err
 			}
 			switch {
@@ -401,7 +404,7 @@ func controlDir(dir string, log *slog.Logger) (string, error) {
 	if err != nil {
 		return "", fmt.Errorf("control socket directory: %w", err)
 	}
-	if err := trustedStep("/", fi, log); err != nil {
+	if err := trustedStep("/", fi, owner, log); err != nil {
 		return "", err
 	}
 	return walk("/", dir)
@@ -409,12 +412,12 @@ func controlDir(dir string, log *slog.Logger) (string, error) {
 
 // trustedStep checks one directory or link on the way to the control
 // socket; fi is its Lstat.
-func trustedStep(path string, fi os.FileInfo, log *slog.Logger) error {
+func trustedStep(path string, fi os.FileInfo, owner int, log *slog.Logger) error {
 	what := "directory"
 	if fi.Mode().Type() == os.ModeSymlink {
 		what = "symbolic link"
 	}
-	if st, ok := fi.Sys().(*syscall.Stat_t); ok && int(st.Uid) != os.Geteuid() && st.Uid != 0 {
+	if st, ok := fi.Sys().(*syscall.Stat_t); ok && int(st.Uid) != owner && st.Uid != 0 {
 		return fmt.Errorf("control socket directory: %s %s belongs to user %d, neither this gateway's nor root: that user could take the socket's place; set control { socket = \"…\" } in a directory of the gateway's own, in directories of root's", what, path, st.Uid)
 	}
 	if !fi.IsDir() || fi.Mode()&os.ModeSticky != 0 {
@@ -492,22 +495,54 @@ func checkServer(c net.Conn, path string) error {
 	if err = cmp.Or(cerr, err); err != nil {
 		return fmt.Errorf("control socket %s: who serves it: %w", path, err)
 	}
-	if me := os.Geteuid(); int(cred.Uid) != me && cred.Uid != 0 {
-		return &serverUserError{Socket: path, Uid: int(cred.Uid), Pid: int(cred.Pid)}
+	if me := os.Geteuid(); int(cred.Uid) == me || cred.Uid == 0 {
+		return nil
+	}
+	// A gateway run as a service user, reached with sudo: its socket is
+	// its own, on a way to it only root and that user may change, as the
+	// gateway checked when it made it. Another user's socket where the
+	// gateway's should be could only be on a way that user may change.
+	if err := servedOnItsOwnWay(path, int(cred.Uid)); err != nil {
+		return &serverUserError{Socket: path, Uid: int(cred.Uid), Pid: int(cred.Pid), Why: err.Error()}
+	}
+	return nil
+}
+
+// servedOnItsOwnWay checks that the socket at path is uid's and that
+// every directory and link on the way to it is root's or uid's.
+func servedOnItsOwnWay(path string, uid int) error {
+	abs, err := filepath.Abs(path)
+	if err != nil {
+		return err
+	}
+	dir, err := controlDir(filepath.Dir(abs), uid, slog.New(slog.DiscardHandler))
+	if err != nil {
+		return err
+	}
+	fi, err := os.Lstat(filepath.Join(dir, filepath.Base(abs)))
+	if err != nil {
+		return err
+	}
+	if st, ok := fi.Sys().(*syscall.Stat_t); !ok || int(st.Uid) != uid || fi.Mode().Type() != os.ModeSocket {
+		return fmt.Errorf("%s is not a socket of user %d's", path, uid)
+	}
+	if fi, err := os.Stat(dir); err != nil || fi.Mode().Perm()&0o002 != 0 {
+		return fmt.Errorf("its directory %s may be written by any user", dir)
 	}
 	return nil
 }
 
 // serverUserError is the client's refusal of a control socket served by
-// a user other than its own or root.
+// a user other than its own or root, on a way to it others may change.
 type serverUserError struct {
 	Socket string
 	Uid    int
 	Pid    int
+	Why    string // why its way is not that user's own
 }
 
 func (e *serverUserError) Error() string {
-	return fmt.Sprintf("control socket %s is served by user %d (process %d), neither yours (%d) nor root: nothing was sent to it. If that is the gateway's user, run the command as that user (sudo -u '#%d' …); if not, someone else put a socket there: check control { socket = … } and who may write its directory", e.Socket, e.Uid, e.Pid, os.Geteuid(), e.Uid)
+	return fmt.Sprintf("control socket %s is served by user %d (process %d), neither yours (%d) nor root, and %s: nothing was sent to it. If that is the gateway's user, run the command as that user (sudo -u '#%d' …); if not, someone else put a socket there: check control { socket = … } and who may write its directory", e.Socket, e.Uid, e.Pid, os.Geteuid(), e.Why, e.Uid)
 }
 
 func (c *Client) do(ctx context.Context, method, path string, body any, out any) error {

@@ -183,10 +183,13 @@ func TestControlSocketLeavesOtherFiles(t *testing.T) {
 // put where the gateway's should be).
 func TestClientRefusesOtherUsersSocket(t *testing.T) {
 	asRoot(t)
-	serve := func(t *testing.T, uid int) (string, *atomic.Int32) {
+	serve := func(t *testing.T, uid int, at ...string) (string, *atomic.Int32) {
 		t.Helper()
 		// An abstract socket: no directory the other user must reach.
 		name := "@skybridge-test-" + hex.EncodeToString(randBytes(8))
+		if len(at) > 0 {
+			name = at[0]
+		}
 		if uid != 0 {
 			// The listener's credentials are its maker's effective uid
 			// at listen(): taken for the moment of the call.
@@ -230,6 +233,33 @@ func TestClientRefusesOtherUsersSocket(t *testing.T) {
 	sock, asked = serve(t, os.Geteuid())
 	if st, err := NewClient(sock).Status(ctx); err != nil || st.Node != "n" || asked.Load() != 1 {
 		t.Errorf("a socket our own user serves: %v, %v", st, err)
+	}
+
+	// A gateway run as a service user, reached with sudo: its own socket
+	// on a way only root and that user may change is its own.
+	base := t.TempDir()
+	for _, d := range []string{filepath.Dir(base), base} { // for the other user to reach its directory
+		if err := os.Chmod(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	own := filepath.Join(base, "run")
+	if err := os.Mkdir(own, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chown(own, otherUser, otherUser); err != nil {
+		t.Fatal(err)
+	}
+	sock, asked = serve(t, otherUser, filepath.Join(own, "control.sock"))
+	if st, err := NewClient(sock).Status(ctx); err != nil || st.Node != "n" || asked.Load() != 1 {
+		t.Errorf("a socket of the user who serves it, on its own way: %v, %v", st, err)
+	}
+	// The same, in a directory a third user could replace: refused.
+	if err := os.Chown(base, otherUser+1, otherUser+1); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := NewClient(sock).Status(ctx); !strings.Contains(err.Error(), "user 12345") {
+		t.Errorf("a socket of user %d's in a directory of user %d's: %v, want refused", otherUser, otherUser+1, err)
 	}
 }
 
