@@ -22,8 +22,9 @@ fi
 # qemu-img (VM images), ip and nft (network namespaces, cut links), openssl
 # (an independent X.509 verifier), chromium (the dashboard's browser test,
 # with a font to render it), prometheus (promtool checks the alerting
-# rules).
-packages=(wireguard-tools qemu-utils iproute2 nftables openssl ca-certificates chromium fonts-dejavu-core prometheus)
+# rules), nodejs (runs the dashboard's script against a status in a unit
+# test).
+packages=(wireguard-tools qemu-utils iproute2 nftables openssl ca-certificates chromium fonts-dejavu-core prometheus nodejs)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
