@@ -456,3 +456,25 @@ func TestGraphBySite(t *testing.T) {
 		t.Error("dropping the remote tunnels changed the picture")
 	}
 }
+
+// TestSiteReachableThroughItsTunnels: a site with a tunnel from here is
+// reachable through it, not through a sibling that is no peer of ours
+// (on a hub, a remote site's other gateways are reached through its hub
+// alone); a site with no tunnel from here goes by gossip.
+func TestSiteReachableThroughItsTunnels(t *testing.T) {
+	clock := time.Now()
+	failing := MemberStatus{Node: "s-1", Site: "s", SiteVerified: true, State: StateVerified, Peer: true, LastHandshake: clock.Add(-time.Hour), TxBytes: 10, LastSent: clock.Add(-10 * time.Second)}
+	sibling := MemberStatus{Node: "s-2", Site: "s", SiteVerified: true, State: StateVerified}
+	behind := MemberStatus{Node: "u-1", Site: "u", SiteVerified: true, State: StateVerified}
+	st := &Status{Site: "home", Members: []MemberStatus{failing, sibling, behind}}
+	got := map[string]bool{}
+	for _, s := range siteHealth(st, clock) {
+		got[s.name] = s.reachable
+	}
+	if got["s"] {
+		t.Errorf("site s, whose only tunnel from here is failing (%s), is reachable", tunnelHealth(failing, clock))
+	}
+	if !got["u"] {
+		t.Error("site u, with no tunnel from here and a verified live gateway, is not reachable")
+	}
+}

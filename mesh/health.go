@@ -115,7 +115,7 @@ func (g *Gateway) probeRound(ctx context.Context, states map[string]*probeState,
 		before = now
 	}
 	self := g.id.Load().Attributes()
-	nodes := g.members.gateways()
+	nodes := linked(g.members.gateways(), g.plan.Load())
 	targets, members := probeTargets(self.Site, nodes, states)
 	answered := make([]bool, len(targets))
 	attempts := make([]int, len(targets))
@@ -170,6 +170,26 @@ func (g *Gateway) probeRound(ctx context.Context, states map[string]*probeState,
 		g.triggerReconcile()
 	}
 	return now
+}
+
+// linked is the gateways of nodes the plan has a tunnel to (none before
+// the first plan): one the residency policy keeps us from has no peer
+// here, and a probe of it could only fail, every round, as missed.
+func linked(nodes []Node, plan *Plan) []Node {
+	if plan == nil {
+		return nil
+	}
+	peers := make(map[string]bool, len(plan.Peers))
+	for _, p := range plan.Peers {
+		peers[p.Node] = true
+	}
+	out := make([]Node, 0, len(nodes))
+	for _, n := range nodes {
+		if peers[n.node()] {
+			out = append(out, n)
+		}
+	}
+	return out
 }
 
 // probeTargets picks the gateways to probe: those of remote sites with a

@@ -332,3 +332,27 @@ func TestUnprovenMovesAreCounted(t *testing.T) {
 		t.Errorf("reachable verdicts: %v, want fra-2's one", n)
 	}
 }
+
+// TestProbesOnlyLinkedGateways: a site the residency policy keeps this
+// gateway from has no tunnel here; its gateways are not probed (every
+// probe would fail, counted as missed, every second, for ever).
+func TestProbesOnlyLinkedGateways(t *testing.T) {
+	pol := mustPolicy(t, meshPolicy)
+	self := gw("zrh-1", "onprem-zrh", "CH", "onprem", 1, "swiss-banking-secret", "10.1.0.0/16")
+	iad2 := gw("iad-2", "aws-us-east-1", "US", "aws", 16, "risk-batch", "10.3.0.0/16")
+	gva1 := gw("gva-1", "onprem-gva", "CH", "onprem", 3, "swiss-banking-secret", "10.4.0.0/16")
+	gva2 := gw("gva-2", "onprem-gva", "CH", "onprem", 5, "swiss-banking-secret", "10.4.0.0/16")
+	peers := []Node{iad1, iad2, gva1, gva2}
+	plan := Compute(TopologyInput{Self: self, Peers: peers, Policy: pol, Now: now, MeshPrefix: mesh16})
+	targets, _ := probeTargets(self.site(), linked(peers, &plan), map[string]*probeState{})
+	var names []string
+	for _, n := range targets {
+		names = append(names, n.node())
+	}
+	if !slices.Equal(names, []string{"gva-1", "gva-2"}) {
+		t.Errorf("probed %v, want the two gateways of the site linked here (%s)", names, summary(plan))
+	}
+	if linked(peers, nil) != nil {
+		t.Error("gateways probed before the first plan")
+	}
+}

@@ -289,7 +289,7 @@ var (
 	descMembers = prometheus.NewDesc("skybridge_members",
 		"Members this gateway knows, by site and state (verified, pending, refused, dead: declared dead, left: stopped on purpose); itself included. A gone gateway is forgotten once revoked, or a week after its certificate expired (a burst gateway's: at once). Site _unverified: members no verified certificate places.", []string{"site", "state"}, nil)
 	descSiteReachable = prometheus.NewDesc("skybridge_site_reachable",
-		"1 if the site has a verified live gateway and, where this gateway has tunnels into the site that carry traffic, one of them handshook within 3 minutes; 0 otherwise.", []string{"site"}, nil)
+		"1 if the site has a verified live gateway and, where this gateway has tunnels into the site, one of them is not failing (sending with no handshake for 3 minutes); where it has none, a verified live gateway is enough. 0 otherwise.", []string{"site"}, nil)
 	descHandshakeAge = prometheus.NewDesc("skybridge_peer_handshake_age_seconds",
 		"Seconds since the last WireGuard handshake with the peer (+Inf: none yet).", []string{"peer", "peer_site"}, nil)
 	descHandshakeTime = prometheus.NewDesc("skybridge_peer_last_handshake_timestamp_seconds",
@@ -474,6 +474,8 @@ func siteHealth(st *Status, now time.Time) []siteState {
 	self.count[StateVerified]++
 	self.reachable = true
 	healthy := map[string]bool{}
+	gossipOnly := map[string]bool{} // a verified gateway of the site, no tunnel to it from here
+	tunnels := map[string]bool{}    // the site has a tunnel from here
 	for _, m := range st.Members {
 		site := m.Site
 		if !m.SiteVerified {
@@ -491,9 +493,10 @@ func siteHealth(st *Status, now time.Time) []siteState {
 			continue
 		}
 		if !m.Peer {
-			healthy[site] = true // verified, no tunnel from here (hub topology, policy): gossip is the signal
+			gossipOnly[site] = true
 			continue
 		}
+		tunnels[site] = true
 		if tunnelHealth(m, now) != TunnelStale {
 			healthy[site] = true
 		}
@@ -502,7 +505,11 @@ func siteHealth(st *Status, now time.Time) []siteState {
 	for _, name := range sortedKeys(by) {
 		s := by[name]
 		if name != st.Site {
-			s.reachable = healthy[name]
+			// Through its tunnels from here where it has any (a hub's
+			// sibling, no peer of ours, is reached through the hub, not
+			// otherwise); without any (behind our hub, or kept from us
+			// by the policy), gossip is the signal.
+			s.reachable = healthy[name] || !tunnels[name] && gossipOnly[name]
 		}
 		out = append(out, *s)
 	}
