@@ -57,7 +57,7 @@ type RouteTable struct {
 	// Own is the routes skybridge installed towards the device.
 	Own []netip.Prefix
 	// Held is the unreachable routes skybridge installed: the prefixes
-	// of sites with no gateway up (Plan.Held). They name no device: a
+	// of gateways away that no gateway up carries (Plan.Held). They name no device: a
 	// metric derived from the interface's name tells this gateway's.
 	Held []netip.Prefix
 	// Host is the prefixes the host's main table routes otherwise

@@ -976,7 +976,7 @@ func (g *Gateway) apply(plan Plan) error {
 	if key := fmt.Sprint(shown); key != g.heldRoutes {
 		g.heldRoutes = key // said at each change, not at every pass
 		for _, s := range sortedKeys(shown) {
-			g.log.Warn("routes held: no gateway of the site is up; traffic to them is refused here, not sent outside the mesh, until one is back or their certificates are revoked", "site", s, "routes", shown[s])
+			g.log.Warn("routes held: the site's gateways that routed them are away; traffic to them is refused here, not sent outside the mesh, until one is back or their certificates are revoked", "site", s, "routes", shown[s])
 		}
 	}
 	return routesErr

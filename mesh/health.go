@@ -82,13 +82,16 @@ func (g *Gateway) healthLoop(ctx context.Context) {
 	t := time.NewTicker(probeInterval)
 	defer t.Stop()
 	lastGen := ^uint64(0)
+	var lastPlan *Plan
 	var carriers map[string]bool // as the last round found them: nil before the first
 	for {
 		// Without a site of two gateways there is nothing to probe; look
-		// again only when the membership changes (a thousand gateways
-		// each listing a thousand members every second would cost).
-		if gen := g.members.generation(); len(states) > 0 || gen != lastGen {
-			lastGen = gen
+		// again only when the membership or the plan changes (a thousand
+		// gateways each listing a thousand members every second would
+		// cost). The plan says which gateways have a tunnel from here,
+		// and follows the membership by a reconcile, or a policy.
+		if gen, plan := g.members.generation(), g.plan.Load(); len(states) > 0 || gen != lastGen || plan != lastPlan {
+			lastGen, lastPlan = gen, plan
 			carriers = g.probeRound(ctx, states, carriers)
 		} else {
 			// Kept current while nothing is probed: the next round, when

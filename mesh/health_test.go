@@ -10,6 +10,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -154,7 +155,7 @@ func TestNewcomerDoesNotTakeTheRoutes(t *testing.T) {
 	g := &Gateway{members: ms, dev: NewRecordingDevice("health"), log: slog.New(slog.DiscardHandler), kick: make(chan struct{}, 1)}
 	g.metrics = newMetrics(g)
 	g.id.Store(f.identity("gw-zrh", "zrh", 1, f.now.Add(-time.Hour)))
-	g.plan.Store(&Plan{Carriers: map[string]string{"zrh": "gw-zrh", "fra": "fra-1"}}) // moved to the newcomer
+	g.plan.Store(&Plan{Carriers: map[string]string{"zrh": "gw-zrh", "fra": "fra-1"}, Peers: []PeerConfig{{Node: "fra-1"}, {Node: "fra-2"}}}) // moved to the newcomer
 	before := map[string]bool{"gw-zrh": true, "fra-2": true}
 	next := g.probeRound(context.Background(), map[string]*probeState{}, before)
 	if d := g.downSet(); !d["fra-1"] || d["fra-2"] {
@@ -289,7 +290,7 @@ func TestUnprovenMovesAreCounted(t *testing.T) {
 		log: slog.New(slog.NewTextHandler(&logs, nil)), kick: make(chan struct{}, 1)}
 	g.metrics = newMetrics(g)
 	g.id.Store(f.identity("gw-zrh", "zrh", 1, f.now.Add(-time.Hour)))
-	g.plan.Store(&Plan{Carriers: map[string]string{"zrh": "gw-zrh", "fra": "fra-1"}})
+	g.plan.Store(&Plan{Carriers: map[string]string{"zrh": "gw-zrh", "fra": "fra-1"}, Peers: []PeerConfig{{Node: "fra-1"}, {Node: "fra-2"}}})
 	g.down.Store(&map[string]bool{}) // both answering, neither proven
 	states := map[string]*probeState{
 		"fra-1": {site: "fra", down: true, answered: true, fails: 1, lastSeen: f.now},
@@ -315,7 +316,7 @@ func TestUnprovenMovesAreCounted(t *testing.T) {
 	g = &Gateway{members: ms, dev: &unanswered{RecordingDevice: NewRecordingDevice("health")}, log: slog.New(slog.NewTextHandler(&logs, nil)), kick: make(chan struct{}, 1)}
 	g.metrics = newMetrics(g)
 	g.id.Store(f.identity("gw-zrh", "zrh", 1, f.now.Add(-time.Hour)))
-	g.plan.Store(&Plan{Carriers: map[string]string{"zrh": "gw-zrh", "fra": "fra-1"}})
+	g.plan.Store(&Plan{Carriers: map[string]string{"zrh": "gw-zrh", "fra": "fra-1"}, Peers: []PeerConfig{{Node: "fra-1"}, {Node: "fra-2"}}})
 	g.down.Store(&map[string]bool{})
 	states = map[string]*probeState{
 		"fra-1": {site: "fra", down: true, answered: true, upSince: time.Now(), lastSeen: f.now},
@@ -355,4 +356,44 @@ func TestProbesOnlyLinkedGateways(t *testing.T) {
 	if linked(peers, nil) != nil {
 		t.Error("gateways probed before the first plan")
 	}
+}
+
+// countingDevice counts the probes dialled, none answered.
+type countingDevice struct {
+	*RecordingDevice
+	dials atomic.Int32
+}
+
+func (d *countingDevice) Dial(ctx context.Context, addr string) (net.Conn, error) {
+	d.dials.Add(1)
+	return nil, fmt.Errorf("dial tcp %s: %w", addr, syscall.ECONNREFUSED)
+}
+
+// TestProbesStartWhenThePlanCatchesUp: a round probes only the gateways
+// the plan has a tunnel to, and the plan follows the membership by a
+// reconcile. A round that fell in between saw one gateway of a
+// two-gateway site and probed nothing; the next must come when the plan
+// links both, not only when the membership changes again.
+func TestProbesStartWhenThePlanCatchesUp(t *testing.T) {
+	f := newFixture(t)
+	ms := newMembership("gw-zrh", f.trust(), func() time.Time { return f.now }, func() {})
+	for _, id := range []*certs.NodeIdentity{f.identity("fra-1", "fra", 2, f.now.Add(-time.Hour)), f.identity("fra-2", "fra", 3, f.now.Add(-time.Hour))} {
+		ms.addCert(id.Certificate().Raw)
+		ms.update(id.Attributes().Node, gossipAddr, f.advert(id, 1))
+	}
+	dev := &countingDevice{RecordingDevice: NewRecordingDevice("health")}
+	g := &Gateway{members: ms, dev: dev, log: slog.New(slog.DiscardHandler), kick: make(chan struct{}, 1)}
+	g.metrics = newMetrics(g)
+	g.id.Store(f.identity("gw-zrh", "zrh", 1, f.now.Add(-time.Hour)))
+	// The plan as of before fra-2 was verified: the reconcile is pending.
+	g.plan.Store(&Plan{Carriers: map[string]string{"zrh": "gw-zrh", "fra": "fra-1"}, Peers: []PeerConfig{{Node: "fra-1", Site: "fra"}}})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); g.healthLoop(ctx) }()
+	time.Sleep(200 * time.Millisecond) // the first round has run (if not, it sees the plan below: the test passes without telling)
+	// The reconcile lands: both gateways of fra have tunnels now.
+	g.plan.Store(&Plan{Carriers: map[string]string{"zrh": "gw-zrh", "fra": "fra-1"}, Peers: []PeerConfig{{Node: "fra-1", Site: "fra"}, {Node: "fra-2", Site: "fra"}}})
+	waitUntil(t, 5*time.Second, "a probe once the plan links both gateways of site fra", func() bool { return dev.dials.Load() > 0 })
+	cancel()
+	<-done
 }

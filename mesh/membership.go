@@ -1218,7 +1218,7 @@ func (ms *membership) gateways() []Node {
 // last verified certificate still stands: it verifies against the trust
 // in force, is not revoked, and expired less than expiredKept ago (a
 // burst gateway's: not expired). Their sites' routes are held
-// (holdRoutes), so that traffic to a site with no gateway up is refused
+// (holdRoutes), so that traffic to a site whose gateways are away is refused
 // rather than sent by the host's other routes, outside the mesh, in clear.
 // One restored from the state directory has no advert, only its
 // certificate, which was not checked against any trust when it was read.

@@ -297,7 +297,7 @@ var (
 	descTunnelFailing = prometheus.NewDesc("skybridge_peer_tunnel_failing",
 		"1 if the tunnel to the peer fails: it sends without a handshake for over 3 minutes, or keeps alive (persistent keepalive) with none for that long, even when the host lets none of its packets out (the transmit counter then stands still); 0 otherwise. What status calls STALE.", []string{"peer", "peer_site"}, nil)
 	descRoutesHeld = prometheus.NewDesc("skybridge_site_routes_held",
-		"Prefixes of the site held unreachable here: no gateway of it is up, and its traffic is refused rather than sent by the host's other routes.", []string{"site"}, nil)
+		"Prefixes of the site held unreachable here: the site's gateways that routed them are away, and their traffic is refused rather than sent by the host's other routes.", []string{"site"}, nil)
 	descRx = prometheus.NewDesc("skybridge_peer_receive_bytes_total",
 		"Bytes received from the peer through its tunnel.", []string{"peer", "peer_site"}, nil)
 	descTx = prometheus.NewDesc("skybridge_peer_transmit_bytes_total",

@@ -121,7 +121,7 @@ func TestResumeRecordsTheDestinationAndPaceItRunsWith(t *testing.T) {
 	case <-dev.dialing: // the first attempt's
 	default:
 	}
-	run, _, err = g.StartMigration(MigrationRequest{ID: id, Streams: 8, BWLimit: -1})
+	_, _, err = g.StartMigration(MigrationRequest{ID: id, Streams: 8, BWLimit: -1})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -157,8 +157,8 @@ func TestResumeRecordsTheDestinationAndPaceItRunsWith(t *testing.T) {
 	if err := g.CancelMigration(id); err != nil {
 		t.Fatal(err)
 	}
-	// And the next plain resume (migrate resume ID) goes back to the
-	// first attempt's pace, not the one the operator set last.
+	// And the next plain resume (migrate resume ID) keeps the pace the
+	// operator set last, not the first attempt's.
 	next, err := g.mig.resolve(MigrationRequest{ID: id})
 	if err != nil {
 		t.Fatal(err)

@@ -286,9 +286,9 @@ func Compute(in TopologyInput) Plan {
 	return plan
 }
 
-// holdRoutes fills plan.Held: the routes of sites none of whose gateways
-// is up here (verified), gone but not retired (in.Away), that we would
-// link to. Withdrawn from the kernel, they would follow the host's other
+// holdRoutes fills plan.Held: the routes of gateways gone but not
+// retired (in.Away) that we would link to and that no gateway up here
+// carries — all of a site's when none of its gateways is up. Withdrawn from the kernel, they would follow the host's other
 // routes (its default route: the internet, in clear) the moment a site's
 // last gateway stopped or crashed; held, they are unreachable routes, and
 // the kernel answers "no route to host". Only a gateway's retirement frees
@@ -339,7 +339,15 @@ func holdRoutes(in TopologyInput, plan *Plan) {
 		}
 		return false
 	}
-	ways := map[string][]netip.Addr{} // site → its away gateways' addresses
+	ways := map[string][]netip.Addr{} // site → its gateways' addresses, away or up
+	for i := range in.Peers {
+		// A live sibling's way in: held, its tunnel's own packets would
+		// be refused (a gateway numbered inside its site's network).
+		p := &in.Peers[i]
+		for _, e := range p.Advert.Endpoints {
+			ways[p.site()] = append(ways[p.site()], e.Addr().Unmap())
+		}
+	}
 	for i := range in.Away {
 		a := &in.Away[i]
 		for _, e := range a.Advert.Endpoints {
@@ -406,7 +414,7 @@ func holdRoutes(in TopologyInput, plan *Plan) {
 			for i := range plan.Peers {
 				pc := &plan.Peers[i]
 				if a := pc.Endpoint.Addr().Unmap(); a.IsValid() && p.Contains(a) {
-					plan.Conflicts = append(plan.Conflicts, fmt.Sprintf("endpoint %s of %s is inside %s, held for site %s (no gateway of it up); not dialled", pc.Endpoint, pc.Node, p, s))
+					plan.Conflicts = append(plan.Conflicts, fmt.Sprintf("endpoint %s of %s is inside %s, held for site %s (its gateway that routed it away); not dialled", pc.Endpoint, pc.Node, p, s))
 					pc.Endpoint = netip.AddrPort{}
 				}
 			}

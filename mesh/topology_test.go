@@ -783,7 +783,7 @@ func TestHeldRoutes(t *testing.T) {
 		{name: "another gateway's endpoint inside gives way (it cannot free the site)",
 			peers: []Node{at(fra1, "10.3.255.254:51820")}, away: []AwayGateway{away(iad1, "")},
 			want: "aws-us-east-1=10.3.0.0/16", routes: "10.2.0.0/16",
-			conflicts: []string{"endpoint 10.3.255.254:51820 of fra-1 is inside 10.3.0.0/16, held for site aws-us-east-1 (no gateway of it up); not dialled"}},
+			conflicts: []string{"endpoint 10.3.255.254:51820 of fra-1 is inside 10.3.0.0/16, held for site aws-us-east-1 (its gateway that routed it away); not dialled"}},
 		{name: "restored from the state directory: its certified routes", away: []AwayGateway{away(restored, "")},
 			want: "onprem-par=10.20.0.0/16"},
 		{name: "two gateways away, one site, one hold", away: []AwayGateway{away(fra1, ""), away(fra2, ""), away(iad1, "")},
@@ -896,6 +896,55 @@ func TestHeldRoutesFailClosedWithASiblingUp(t *testing.T) {
 		}
 		if got := planState(gone, "10.2.0.0/16"); got != "held" {
 			t.Errorf("the only gateway of the site we link to is away: 10.2.0.0/16 is %s, want held", got)
+		}
+	})
+}
+
+// TestHeldGivesWayToALiveSibling: a site with a gateway up may have
+// prefixes held (those of a sibling away that it does not carry); a held
+// prefix gives way to the live gateway's own address, or its tunnel's
+// packets would be refused and the site's live gateway cut off.
+func TestHeldGivesWayToALiveSibling(t *testing.T) {
+	live := gw("fra-2", "aws-eu-central-1", "DE", "aws", 5, "", "10.2.0.0/16")
+	live.Advert.Endpoints = []netip.AddrPort{netip.MustParseAddrPort("10.12.0.5:51820")}
+	t.Run("away gateway last seen advertising", func(t *testing.T) {
+		old := gw("fra-1", "aws-eu-central-1", "DE", "aws", 4, "", "10.2.0.0/16", "10.12.0.0/16")
+		old.Advert.Endpoints = []netip.AddrPort{netip.MustParseAddrPort("198.51.100.4:51820")}
+		// While both are up, 10.12.0.0/16 is not routed (it covers the
+		// sibling's endpoint: dedupe), and fra-2 is dialled.
+		up := Compute(TopologyInput{Self: zrh1, Peers: []Node{old, live}, Now: now, MeshPrefix: mesh16})
+		for _, pc := range up.Peers {
+			if pc.Node == "fra-2" && !pc.Endpoint.IsValid() {
+				t.Fatalf("setup: fra-2 not dialled while both up: %q", up.Conflicts)
+			}
+		}
+		gone := Compute(TopologyInput{Self: zrh1, Peers: []Node{live}, Away: []AwayGateway{{Node: old}}, Now: now, MeshPrefix: mesh16})
+		for _, pc := range gone.Peers {
+			if pc.Node == "fra-2" && !pc.Endpoint.IsValid() {
+				t.Errorf("fra-1 away: the site's live gateway fra-2 is no longer dialled; held %v, conflicts %q", gone.Held, gone.Conflicts)
+			}
+		}
+	})
+	t.Run("away gateway known by its certificate alone", func(t *testing.T) {
+		old := gw("fra-1", "aws-eu-central-1", "DE", "aws", 4, "", "10.2.0.0/16", "10.8.0.0/13")
+		old.Advert = certs.Advert{}
+		gone := Compute(TopologyInput{Self: zrh1, Peers: []Node{live}, Away: []AwayGateway{{Node: old}}, Now: now, MeshPrefix: mesh16})
+		for _, pc := range gone.Peers {
+			if pc.Node == "fra-2" && !pc.Endpoint.IsValid() {
+				t.Errorf("fra-1 away: the site's live gateway fra-2 is no longer dialled; held %v, conflicts %q", gone.Held, gone.Conflicts)
+			}
+		}
+	})
+	t.Run("same routes, the live one numbered inside its own network", func(t *testing.T) {
+		live := gw("fra-2", "aws-eu-central-1", "DE", "aws", 5, "", "10.2.0.0/16")
+		live.Advert.Endpoints = []netip.AddrPort{netip.MustParseAddrPort("10.2.0.10:51820")}
+		old := gw("fra-1", "aws-eu-central-1", "DE", "aws", 4, "", "10.2.0.0/16")
+		old.Advert.Endpoints = []netip.AddrPort{netip.MustParseAddrPort("198.51.100.4:51820")}
+		gone := Compute(TopologyInput{Self: zrh1, Peers: []Node{live}, Away: []AwayGateway{{Node: old}}, Now: now, MeshPrefix: mesh16})
+		for _, pc := range gone.Peers {
+			if pc.Node == "fra-2" && !pc.Endpoint.IsValid() {
+				t.Errorf("fra-1 away: the site's live gateway fra-2 is no longer dialled; held %v, conflicts %q", gone.Held, gone.Conflicts)
+			}
 		}
 	})
 }

@@ -284,7 +284,7 @@ func printStatus(c *cli.Context, st *mesh.Status) {
 		fmt.Fprintf(w, "UNREACHABLE from here: %s (no gateway alive there, or its tunnel sends without a handshake)\n", printable(strings.Join(cut, ", ")))
 	}
 	for _, s := range slices.Sorted(maps.Keys(st.Held)) {
-		fmt.Fprintf(w, "routes HELD for %s: %s (no gateway of it up: their traffic is refused here, not sent by the host's other routes)\n", printable(s), printable(routesString(st.Held[s])))
+		fmt.Fprintf(w, "routes HELD for %s: %s (the site's gateways that routed them are away: their traffic is refused here, not sent by the host's other routes)\n", printable(s), printable(routesString(st.Held[s])))
 	}
 	for _, c := range st.Conflicts {
 		fmt.Fprintf(w, "conflict: %s\n", printable(c))

@@ -1341,7 +1341,7 @@ func TestStatusShowsFailingTunnels(t *testing.T) {
 			{Node: "gw-iad", Site: "iad", State: mesh.StateVerified, Peer: true, Health: mesh.TunnelStale},
 			{Node: "gw-fra", Site: "fra", State: mesh.StateVerified, Peer: true, Health: mesh.TunnelFresh},
 		}})
-	for _, want := range []string{"verified, peer, STALE", "UNREACHABLE from here: iad, sin ", "routes HELD for sin: 10.9.0.0/16, 10.19.0.0/16 (no gateway"} {
+	for _, want := range []string{"verified, peer, STALE", "UNREACHABLE from here: iad, sin ", "routes HELD for sin: 10.9.0.0/16, 10.19.0.0/16 (the site's gateways that routed them are away"} {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("status lacks %q:\n%s", want, out.String())
 		}
