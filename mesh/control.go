@@ -42,7 +42,7 @@ func (g *Gateway) serveControl() (io.Closer, error) {
 	// one who may replace any directory on the way to it, or a symbolic
 	// link on the way. A group may write it under umask 002, where each
 	// user has a group of their own: that is only said.
-	dir, err := controlDir(filepath.Dir(path), os.Geteuid(), g.log)
+	dir, err := controlDir(filepath.Dir(path), os.Geteuid(), false, g.log)
 	if err != nil {
 		return nil, err
 	}
@@ -355,8 +355,10 @@ func (f closerFunc) Close() error { return f() }
 // only said, as for the socket's own directory.
 //
 // owner is the user besides root whose directories are trusted: the
-// gateway's own, or, for a client, the user who serves the socket.
-func controlDir(dir string, owner int, log *slog.Logger) (string, error) {
+// gateway's own, or, for a client, the user who serves the socket. strict
+// (the client's) also refuses a directory its group or, sticky, others
+// may write: there another user could have made the way, and the socket.
+func controlDir(dir string, owner int, strict bool, log *slog.Logger) (string, error) {
 	links := 0
 	var walk func(at, rel string) (string, error)
 	walk = func(at, rel string) (string, error) {
@@ -373,7 +375,7 @@ func controlDir(dir string, owner int, log *slog.Logger) (string, error) {
 			if err != nil {
 				return "", fmt.Errorf("control socket directory: %w", err)
 			}
-			if err := trustedStep(next, fi, owner, log); err != nil {
+			if err := trustedStep(next, fi, owner, strict, log); err != nil {
 				return "", err
 			}
 			switch {
@@ -404,7 +406,7 @@ func controlDir(dir string, owner int, log *slog.Logger) (string, error) {
 	if err != nil {
 		return "", fmt.Errorf("control socket directory: %w", err)
 	}
-	if err := trustedStep("/", fi, owner, log); err != nil {
+	if err := trustedStep("/", fi, owner, strict, log); err != nil {
 		return "", err
 	}
 	return walk("/", dir)
@@ -412,13 +414,16 @@ func controlDir(dir string, owner int, log *slog.Logger) (string, error) {
 
 // trustedStep checks one directory or link on the way to the control
 // socket; fi is its Lstat.
-func trustedStep(path string, fi os.FileInfo, owner int, log *slog.Logger) error {
+func trustedStep(path string, fi os.FileInfo, owner int, strict bool, log *slog.Logger) error {
 	what := "directory"
 	if fi.Mode().Type() == os.ModeSymlink {
 		what = "symbolic link"
 	}
 	if st, ok := fi.Sys().(*syscall.Stat_t); ok && int(st.Uid) != owner && st.Uid != 0 {
 		return fmt.Errorf("control socket directory: %s %s belongs to user %d, neither this gateway's nor root: that user could take the socket's place; set control { socket = \"…\" } in a directory of the gateway's own, in directories of root's", what, path, st.Uid)
+	}
+	if strict && fi.IsDir() && fi.Mode().Perm()&0o022 != 0 {
+		return fmt.Errorf("directory %s may be written by users other than its owner (mode %v)", path, fi.Mode().Perm())
 	}
 	if !fi.IsDir() || fi.Mode()&os.ModeSticky != 0 {
 		return nil
@@ -515,7 +520,7 @@ func servedOnItsOwnWay(path string, uid int) error {
 	if err != nil {
 		return err
 	}
-	dir, err := controlDir(filepath.Dir(abs), uid, slog.New(slog.DiscardHandler))
+	dir, err := controlDir(filepath.Dir(abs), uid, true, slog.New(slog.DiscardHandler))
 	if err != nil {
 		return err
 	}

@@ -237,12 +237,7 @@ func TestClientRefusesOtherUsersSocket(t *testing.T) {
 
 	// A gateway run as a service user, reached with sudo: its own socket
 	// on a way only root and that user may change is its own.
-	base := t.TempDir()
-	for _, d := range []string{filepath.Dir(base), base} { // for the other user to reach its directory
-		if err := os.Chmod(d, 0o755); err != nil {
-			t.Fatal(err)
-		}
-	}
+	base := rootOnlyDir(t)
 	own := filepath.Join(base, "run")
 	if err := os.Mkdir(own, 0o700); err != nil {
 		t.Fatal(err)
@@ -267,4 +262,110 @@ func randBytes(n int) []byte {
 	b := make([]byte, n)
 	rand.Read(b)
 	return b
+}
+
+// serveAs listens on the unix socket path as uid (its effective uid at
+// listen), answering every request.
+func serveAs(t *testing.T, uid int, path string) *atomic.Int32 {
+	t.Helper()
+	if err := syscall.Setresgid(-1, uid, -1); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Setresuid(-1, uid, -1); err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("unix", path)
+	if err := syscall.Setresuid(-1, 0, -1); err != nil {
+		panic(err)
+	}
+	if err := syscall.Setresgid(-1, 0, -1); err != nil {
+		panic(err)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	var asked atomic.Int32
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		asked.Add(1)
+		reply(w, &Status{Node: "impostor"}, nil)
+	})}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+	return &asked
+}
+
+// TestClientRefusesAWayInTmp: a gateway's socket configured as
+// /tmp/skybridge/control.sock: while the gateway is not running, any
+// local user can make /tmp/skybridge and serve a socket there, on a way
+// that is then root's and theirs. Root's CLI (sudo skybridge burst up,
+// with VAULT_TOKEN) must not talk to it.
+func TestClientRefusesAWayInTmp(t *testing.T) {
+	asRoot(t)
+	base := rootOnlyDir(t)
+	tmp := filepath.Join(base, "tmp") // stands for /tmp: root's, 1777
+	if err := os.Mkdir(tmp, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(tmp, 0o777|os.ModeSticky); err != nil {
+		t.Fatal(err)
+	}
+	// What the other user does, unprivileged: mkdir in a sticky dir.
+	evil := filepath.Join(tmp, "skybridge")
+	if err := os.Mkdir(evil, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chown(evil, otherUser, otherUser); err != nil {
+		t.Fatal(err)
+	}
+	sock := filepath.Join(evil, "control.sock")
+	asked := serveAs(t, otherUser, sock)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	st, err := NewClient(sock).Status(ctx)
+	if err == nil || asked.Load() != 0 {
+		t.Errorf("root's client talked to user %d's socket in a directory that user created in a sticky world-writable directory: status %+v, %d requests", otherUser, st, asked.Load())
+	}
+}
+
+// TestClientRefusesAGroupWriter: a root gateway's socket in a directory of
+// root's its group may write (the gateway only warns): a member of the
+// group can put a socket of its own there, which root's CLI must not
+// take for the gateway's.
+func TestClientRefusesAGroupWriter(t *testing.T) {
+	asRoot(t)
+	base := rootOnlyDir(t)
+	run := filepath.Join(base, "run")
+	if err := os.Mkdir(run, 0o775); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chown(run, 0, otherUser); err != nil { // root:ops 0775, the other user in ops
+		t.Fatal(err)
+	}
+	if err := os.Chmod(run, 0o775); err != nil {
+		t.Fatal(err)
+	}
+	sock := filepath.Join(run, "control.sock")
+	asked := serveAs(t, otherUser, sock)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	st, err := NewClient(sock).Status(ctx)
+	if err == nil || asked.Load() != 0 {
+		t.Errorf("root's client talked to user %d's socket in root's group-writable directory: status %+v, %d requests", otherUser, st, asked.Load())
+	}
+}
+
+// rootOnlyDir is a directory of root's, mode 0755, on a way only root may
+// write (under /run, not the sticky /tmp, which a client refuses on the
+// way to another user's socket), removed when the test ends.
+func rootOnlyDir(t *testing.T) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("/run", "skybridge-test-")
+	if err != nil {
+		t.Skipf("no directory of root's to test in: %v", err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	if err := os.Chmod(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return dir
 }
