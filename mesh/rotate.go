@@ -338,14 +338,14 @@ func (g *Gateway) applyKeyringOp(ctx context.Context, op *keyringOp) error {
 // it, in a rotation cut short, must still be read — until the next
 // rotation's last step removes it.
 //
-// Only a gateway alone tries: knocks on members gone for good fail all the
-// time in a live mesh, and each would otherwise put this gateway's
-// traffic under another key for the length of a join — unread by the
-// mesh, which would declare it dead — and hold up rotation steps, which
-// wait for the keyring meanwhile.
+// Only a gateway cut off tries (cutOff): knocks on members gone for good
+// fail all the time in a live mesh, and each would otherwise put this
+// gateway's traffic under another key for the length of a join — unread
+// by the mesh, which would declare it dead — and hold up rotation steps,
+// which wait for the keyring meanwhile.
 func (g *Gateway) joinUnderAnyKey(addrs []string) (int, error) {
 	n, err := g.ml.Join(addrs)
-	if n > 0 || len(g.keyring.GetKeys()) < 2 || g.leaving.Load() || g.ml.NumMembers() > 1 {
+	if n > 0 || len(g.keyring.GetKeys()) < 2 || g.leaving.Load() || !g.cutOff() {
 		return n, err
 	}
 	g.keyringMu.Lock()
@@ -376,6 +376,27 @@ func (g *Gateway) joinUnderAnyKey(addrs []string) (int, error) {
 		g.log.Warn("restore the primary gossip key", "err", uerr)
 	}
 	return n, err
+}
+
+// cutOff reports whether this gateway hears from no other site: alone,
+// or with gateways of its own site only while it knows of others (the
+// gateways of a site off together across a rotation find each other
+// first, on the key they share, and must still take up the mesh's).
+func (g *Gateway) cutOff() bool {
+	if g.ml.NumMembers() <= 1 {
+		return true
+	}
+	site, others := g.id.Load().Attributes().Site, false
+	for _, m := range g.members.snapshot() {
+		if m.CertSite == "" || m.CertSite == site {
+			continue
+		}
+		if m.Alive {
+			return false
+		}
+		others = true
+	}
+	return others
 }
 
 // keyringStep is a shared keyring cur after a rotation step (kind, key)
