@@ -908,7 +908,9 @@ func (v *Vault) OpenBurst(ctx context.Context, adminToken string, spec VaultBurs
 			if err := addrs.release(ctx); err != nil {
 				return err
 			}
-			return v.releaseBurst(ctx, c, spec.Site)
+			// Only this opening's: a claim changed meanwhile (by hand)
+			// is not ours to delete.
+			return v.releaseIfOurs(ctx, c, spec.Site, nonce)
 		})
 		if cerr != nil {
 			err = fmt.Errorf("%w (and cleaning up: %v)", err, cerr)

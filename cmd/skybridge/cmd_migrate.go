@@ -101,7 +101,11 @@ func migrateCommand() *cli.Command {
 					case migrate.StateCancelled:
 						fmt.Fprintf(c.App.Writer, "migration %s cancelled; `skybridge migrate resume %s` continues it\n", id, id)
 					default:
-						fmt.Fprintf(c.App.Writer, "migration %s ended %s before the cancel took: %s\n", id, r.State, printable(r.Error))
+						why := ""
+						if r.Error != "" {
+							why = ": " + printable(r.Error)
+						}
+						fmt.Fprintf(c.App.Writer, "migration %s ended %s before the cancel took%s\n", id, r.State, why)
 					}
 					return nil
 				},
