@@ -42,9 +42,21 @@ type Provider struct {
 // SaveTrust keeps tb in the identity directory, for a start while the
 // issuer is unreachable.
 func (p *Provider) SaveTrust(tb *TrustBundle) error {
+	_, err := p.saveTrust(tb)
+	return err
+}
+
+// saveTrust is SaveTrust, and returns the bundle saved: tb, with any list
+// newer than its own that the directory holds. Trust loads, merges and
+// saves outside the gateway's lock, and the gateway may have saved a
+// newer list (from gossip) meanwhile: that one stays.
+func (p *Provider) saveTrust(tb *TrustBundle) (*TrustBundle, error) {
 	p.saveMu.Lock()
 	defer p.saveMu.Unlock()
-	return tb.Save(p.s.dir)
+	if saved, err := LoadTrustBundle(p.s.dir, p.s.meshPrefix); err == nil {
+		tb, _ = tb.WithNewerCRLs(saved.CRLs())
+	}
+	return tb, tb.Save(p.s.dir)
 }
 
 // IssuerAnswered is when the issuer last answered Trust; zero if it has
@@ -92,6 +104,7 @@ func Open(ctx context.Context, cfg Config, log *slog.Logger) (*Provider, error) 
 		if err != nil {
 			return nil, err
 		}
+		v.held = func() (*TrustBundle, error) { return LoadTrustBundle(s.dir, s.meshPrefix) }
 		p.issuer, p.secrets, p.close = v, &VaultSecrets{Vault: v, dir: s.dir}, v.Close
 	}
 	return p, nil
@@ -147,15 +160,12 @@ func (p *Provider) Trust(ctx context.Context) (*TrustBundle, error) {
 						} else if took {
 							p.log.Warn("the CA directory's revocation list was older than this gateway's (restored from a backup?): the newer one is written back into it, so the CA's next lists carry on from it", "ca", ca.Dir(), "number", kept.CRL().Number)
 						}
-					} else {
-						p.log.Warn("the issuer's revocation list is older than the one this gateway holds; keeping the newer", "held", kept.CRLVersion())
+					} else if _, ok := p.issuer.(*Vault); !ok { // Vault.Trust says so itself
+						p.log.Warn("the issuer's revocation list is older than the one this gateway holds; keeping the newer, and enforcing the issuer's beside it", "held", kept.CRLVersion())
 					}
 				}
 			}
-			if err := p.SaveTrust(tb); err != nil {
-				return nil, err
-			}
-			return tb, nil
+			return p.saveTrust(tb)
 		}
 		issuerErr = err
 	}

@@ -469,3 +469,66 @@ func TestVaultAuthRefusesWhatItsMethodIgnores(t *testing.T) {
 		}
 	}
 }
+
+// answerIssuer is an issuer that answers Trust with a fixed bundle.
+type answerIssuer struct{ tb *TrustBundle }
+
+func (answerIssuer) Sign(context.Context, []byte, Attributes, time.Duration) (*x509.Certificate, error) {
+	return nil, errors.New("not here")
+}
+func (a answerIssuer) Trust(context.Context) (*TrustBundle, error) { return a.tb, nil }
+func (answerIssuer) Revoke(context.Context, *big.Int) error        { return errors.New("not here") }
+
+// TestProviderIssuerListBehind: the issuer answers with a list numbered
+// below the one kept (restored from a snapshot) that revokes a gateway:
+// Trust revokes it too, keeps the list held in force, and keeps both on
+// disk.
+func TestProviderIssuerListBehind(t *testing.T) {
+	ca := newTestCA(t)
+	a := issue(t, ca, testAttrs("gw-a", "zrh", "100.96.0.1"), t0, 24*time.Hour)
+	b := issue(t, ca, testAttrs("gw-b", "zrh", "100.96.0.2"), t0, 24*time.Hour)
+	cas := []*x509.Certificate{ca.Certificate()}
+	dir := t.TempDir()
+	if err := bundleOf(t, cas, listOfCA(t, ca, 10, a)).Save(dir); err != nil {
+		t.Fatal(err)
+	}
+	p := &Provider{s: &settings{dir: dir}, issuer: answerIssuer{bundleOf(t, cas, listOfCA(t, ca, 2, b))}, log: quietLog(), now: time.Now}
+	tb, err := p.Trust(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	loaded, err := LoadTrustBundle(dir, netip.Prefix{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, tb := range map[string]*TrustBundle{"answered": tb, "kept on disk": loaded} {
+		if !tb.IsRevoked(a.Certificate().SerialNumber) || !tb.IsRevoked(b.Certificate().SerialNumber) || tb.CRL().Number.Int64() != 10 {
+			t.Errorf("%s: a revoked %v, b (by the issuer) revoked %v, list in force %v; want both revoked, 10 in force", name,
+				tb.IsRevoked(a.Certificate().SerialNumber), tb.IsRevoked(b.Certificate().SerialNumber), tb.CRL().Number)
+		}
+	}
+}
+
+// TestSaveTrustKeepsNewerList: a bundle saved over one with a newer list
+// of its CA (Trust's load, merge and save run outside the gateway's lock,
+// which may save a list from gossip meanwhile) keeps the newer list.
+func TestSaveTrustKeepsNewerList(t *testing.T) {
+	ca := newTestCA(t)
+	a := issue(t, ca, testAttrs("gw-a", "zrh", "100.96.0.1"), t0, 24*time.Hour)
+	cas := []*x509.Certificate{ca.Certificate()}
+	dir := t.TempDir()
+	p := &Provider{s: &settings{dir: dir}, log: quietLog(), now: time.Now}
+	if err := p.SaveTrust(bundleOf(t, cas, listOfCA(t, ca, 5, a))); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.SaveTrust(bundleOf(t, cas, listOfCA(t, ca, 4))); err != nil {
+		t.Fatal(err)
+	}
+	loaded, err := LoadTrustBundle(dir, netip.Prefix{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if loaded.CRL().Number.Int64() != 5 || !loaded.IsRevoked(a.Certificate().SerialNumber) {
+		t.Errorf("after an older bundle was saved: list %v in force, a revoked %v; want 5, revoked", loaded.CRL().Number, loaded.IsRevoked(a.Certificate().SerialNumber))
+	}
+}

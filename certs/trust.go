@@ -28,10 +28,16 @@ import (
 // A TrustBundle is immutable; WithCRL returns an updated copy, so one can be
 // shared between goroutines and swapped atomically.
 type TrustBundle struct {
-	cas     []*x509.Certificate
-	roots   *x509.CertPool
-	crls    []*x509.RevocationList // crls[i] is cas[i]'s list in force, or nil
-	revoked map[string]struct{}    // serial (decimal) → revoked, on any list
+	cas   []*x509.Certificate
+	roots *x509.CertPool
+	crls  []*x509.RevocationList // crls[i] is cas[i]'s list in force, or nil
+	// behind[i] is the issuer's last list of cas[i] when it is numbered
+	// below crls[i] (a Vault restored from a snapshot, the CA imported
+	// into another mount or cluster), or nil. Its revocations count as
+	// well: the issuer made them, and its numbers may take days to catch
+	// up. It is never gossiped, and gossip never brings one.
+	behind  []*x509.RevocationList
+	revoked map[string]struct{} // serial (decimal) → revoked, on any list
 	// signing is the CA that signs new certificates, when the issuer says
 	// (Vault's default issuer); a certificate from another is renewed.
 	signing    *x509.Certificate
@@ -55,7 +61,7 @@ func NewTrustBundle(cas []*x509.Certificate, meshPrefix netip.Prefix) (*TrustBun
 	if len(cas) == 0 {
 		return nil, errors.New("trust bundle has no CA certificate")
 	}
-	tb := &TrustBundle{cas: cas, roots: x509.NewCertPool(), crls: make([]*x509.RevocationList, len(cas)), meshPrefix: meshPrefix}
+	tb := &TrustBundle{cas: cas, roots: x509.NewCertPool(), crls: make([]*x509.RevocationList, len(cas)), behind: make([]*x509.RevocationList, len(cas)), meshPrefix: meshPrefix}
 	for _, c := range cas {
 		if !c.IsCA {
 			return nil, fmt.Errorf("certificate %q is not a CA certificate", c.Subject.CommonName)
@@ -115,8 +121,11 @@ func LoadTrustBundle(dir string, meshPrefix netip.Prefix) (*TrustBundle, error) 
 		next, err := tb.WithCRL(crl)
 		switch {
 		case errors.Is(err, ErrReplay):
-			// Two lists of one key (a CA reissued with it): the newer
-			// counts.
+			// An older list of a CA after its list in force: the
+			// issuer's, numbered behind it, which Save writes there
+			// (or, from earlier releases, a CA reissued with its key).
+			// Its revocations count too.
+			tb = tb.withBehind(crl)
 		case err != nil:
 			return nil, fmt.Errorf("%s: %w", filepath.Join(dir, fileCRL), err)
 		default:
@@ -207,8 +216,27 @@ func (tb *TrustBundle) CRLFor(cert *x509.Certificate) *x509.RevocationList {
 	return nil
 }
 
-// RetiredCRLs returns the lists kept of CAs the bundle no longer holds.
-func (tb *TrustBundle) RetiredCRLs() []*x509.RevocationList { return tb.retired }
+// RetiredCRLs returns the lists the bundle keeps beside those in force,
+// which Save writes after them: the issuer's lists numbered below those
+// (BehindCRLs), then those of CAs the bundle no longer holds.
+func (tb *TrustBundle) RetiredCRLs() []*x509.RevocationList {
+	if b := tb.BehindCRLs(); len(b) > 0 {
+		return append(b, tb.retired...)
+	}
+	return tb.retired
+}
+
+// BehindCRLs returns the issuer's lists numbered below the lists in force
+// of their CAs, whose revocations the bundle enforces as well.
+func (tb *TrustBundle) BehindCRLs() []*x509.RevocationList {
+	var out []*x509.RevocationList
+	for _, c := range tb.behind {
+		if c != nil {
+			out = append(out, c)
+		}
+	}
+	return out
+}
 
 // CRLVersion sums the numbers of the lists in force. Each CA numbers its
 // own lists upwards, so the sum grows with every newer list, and with a
@@ -294,6 +322,10 @@ func (tb *TrustBundle) seal() {
 			h.Write(tb.crls[i].Raw)
 		}
 		h.Write([]byte{0})
+		if tb.behind[i] != nil {
+			h.Write(tb.behind[i].Raw)
+		}
+		h.Write([]byte{0})
 	}
 	if tb.signing != nil {
 		h.Write(tb.signing.Raw)
@@ -359,7 +391,7 @@ func (tb *TrustBundle) WithCRL(crl *x509.RevocationList) (*TrustBundle, error) {
 // indexRevoked rebuilds the set of revoked serials from the lists.
 func (tb *TrustBundle) indexRevoked() {
 	tb.revoked = map[string]struct{}{}
-	for _, c := range tb.crls {
+	for _, c := range slices.Concat(tb.crls, tb.behind) {
 		if c == nil {
 			continue
 		}
@@ -375,22 +407,46 @@ func (tb *TrustBundle) indexRevoked() {
 // whether the result differs from tb: a CA came or went, the signing CA
 // changed, or a list is newer. The CAs are next's: only an issuer's answer
 // may be adopted, never a bundle built from what gossip brought.
+//
+// The answer's list, where the one kept is newer (or as new) and the
+// answer's revokes what it does not, is enforced beside it (BehindCRLs)
+// rather than dropped: the issuer numbers its lists afresh (a Vault
+// restored from a snapshot, the CA imported into another mount or
+// cluster), and what it revokes must not wait days for its numbers to
+// overtake the mesh's. The list kept stays in force — the one the mesh
+// gossips — until they do. (An answer that only lags, its list a part of
+// the one kept, adds nothing.)
 func (tb *TrustBundle) Adopt(next *TrustBundle) (*TrustBundle, bool) {
 	n := *next
 	n.crls = slices.Clone(next.crls)
+	n.behind = make([]*x509.RevocationList, len(next.cas))
 	n.retired = nil
 	changed := len(next.cas) != len(tb.cas) || !sameCert(next.signing, tb.signing)
 	for i, ca := range next.cas {
-		held := tb.retiredOf(ca)
+		held, heldBehind := tb.retiredOf(ca), (*x509.RevocationList)(nil)
 		if j := tb.index(ca); j >= 0 {
-			held = tb.crls[j]
+			held, heldBehind = tb.crls[j], tb.behind[j]
 		} else {
 			changed = true
 		}
-		switch {
-		case newerCRL(held, n.crls[i]):
+		// The issuer's own list: next's in force, unless next kept a
+		// newer one itself (a bundle Provider.Trust merged).
+		issued := next.crls[i]
+		if next.behind[i] != nil {
+			issued = next.behind[i]
+		}
+		if held != nil && (n.crls[i] == nil || !newerCRL(n.crls[i], held)) {
+			// A tie keeps the list held too: it is the one gossip
+			// spread, and gossip takes none of the same number.
 			n.crls[i] = held
-		case newerCRL(n.crls[i], held):
+		}
+		switch {
+		case issued == nil:
+			n.behind[i] = heldBehind // the answer said nothing of the list
+		case revokesBeyond(issued, n.crls[i]):
+			n.behind[i] = issued
+		}
+		if !sameCRL(n.crls[i], held) || !sameCRL(n.behind[i], heldBehind) {
 			changed = true
 		}
 	}
@@ -418,7 +474,8 @@ func (tb *TrustBundle) Adopt(next *TrustBundle) (*TrustBundle, bool) {
 // signed by one of its CAs and newer than that CA's list in force, and
 // whether it took any: the lists gossip brings, where one of a CA this
 // gateway does not trust (yet), or one it holds already, is nothing to
-// act on.
+// act on, and an older one is refused (it could un-revoke). The issuer's
+// lists kept behind those in force stay.
 func (tb *TrustBundle) WithNewerCRLs(crls []*x509.RevocationList) (*TrustBundle, bool) {
 	took := false
 	for _, crl := range crls {
@@ -444,6 +501,73 @@ func (tb *TrustBundle) withRetired(crl *x509.RevocationList) *TrustBundle {
 	return &n
 }
 
+// withBehind returns a copy of the bundle that enforces crl, numbered
+// below its CA's list in force, beside that list.
+func (tb *TrustBundle) withBehind(crl *x509.RevocationList) *TrustBundle {
+	n := *tb
+	n.behind = slices.Clone(tb.behind)
+	for i, ca := range tb.cas {
+		if listOf(crl, ca) && !newerCRL(n.behind[i], crl) {
+			n.behind[i] = crl
+		}
+	}
+	n.indexRevoked()
+	n.seal()
+	return &n
+}
+
+// crlBehind is a CA whose list in an issuer's answer is numbered below
+// (or as) the list held and is not the same, and the serials each of the
+// two revokes that the other does not.
+type crlBehind struct {
+	ca                            *x509.Certificate
+	issued, held                  *x509.RevocationList
+	onlyAtIssuer, missingAtIssuer []*big.Int
+}
+
+// listsBehind lists the CAs whose list in answer, an issuer's, is
+// numbered below (or as) the one tb holds in force, and not the same.
+func (tb *TrustBundle) listsBehind(answer *TrustBundle) []crlBehind {
+	var out []crlBehind
+	for i, ca := range answer.cas {
+		j := tb.index(ca)
+		if j < 0 {
+			continue
+		}
+		issued, held := answer.crls[i], tb.crls[j]
+		if issued == nil || held == nil || sameCRL(issued, held) || newerCRL(issued, held) {
+			continue
+		}
+		out = append(out, crlBehind{ca: ca, issued: issued, held: held,
+			onlyAtIssuer: serialsBeyond(issued, held), missingAtIssuer: serialsBeyond(held, issued)})
+	}
+	return out
+}
+
+// serialsBeyond returns the serials a revokes that b does not.
+func serialsBeyond(a, b *x509.RevocationList) []*big.Int {
+	in := map[string]bool{}
+	for _, e := range b.RevokedCertificateEntries {
+		in[e.SerialNumber.String()] = true
+	}
+	var out []*big.Int
+	for _, e := range a.RevokedCertificateEntries {
+		if !in[e.SerialNumber.String()] {
+			out = append(out, e.SerialNumber)
+		}
+	}
+	return out
+}
+
+// revokesBeyond reports whether a revokes a serial b does not (b nil:
+// any).
+func revokesBeyond(a, b *x509.RevocationList) bool {
+	if b == nil {
+		return len(a.RevokedCertificateEntries) > 0
+	}
+	return len(serialsBeyond(a, b)) > 0
+}
+
 // retiredOf is the newest retired list ca signed, or nil.
 func (tb *TrustBundle) retiredOf(ca *x509.Certificate) *x509.RevocationList {
 	var out *x509.RevocationList
@@ -453,6 +577,13 @@ func (tb *TrustBundle) retiredOf(ca *x509.Certificate) *x509.RevocationList {
 		}
 	}
 	return out
+}
+
+func sameCRL(a, b *x509.RevocationList) bool {
+	if a == nil || b == nil {
+		return a == b
+	}
+	return bytes.Equal(a.Raw, b.Raw)
 }
 
 func sameCert(a, b *x509.Certificate) bool {

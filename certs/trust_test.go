@@ -385,3 +385,110 @@ func TestIssuersSharingAKeyKeepTheirLists(t *testing.T) {
 		t.Fatal("a revocation of either issuer's list is not in force")
 	}
 }
+
+// listOfCA is a revocation list ca signs, numbered number, that revokes
+// the certificates of ids: what an issuer that numbers its lists afresh
+// (a Vault restored from a snapshot, the CA imported into another mount)
+// makes.
+func listOfCA(t *testing.T, ca *CA, number int64, ids ...*NodeIdentity) *x509.RevocationList {
+	t.Helper()
+	tmpl := &x509.RevocationList{Number: big.NewInt(number), ThisUpdate: t0, NextUpdate: t0.Add(24 * time.Hour)}
+	for _, id := range ids {
+		tmpl.RevokedCertificateEntries = append(tmpl.RevokedCertificateEntries, x509.RevocationListEntry{SerialNumber: id.Certificate().SerialNumber, RevocationTime: t0})
+	}
+	der, err := x509.CreateRevocationList(rand.Reader, tmpl, ca.Certificate(), ca.key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	crl, err := x509.ParseRevocationList(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return crl
+}
+
+// TestTrustBundleIssuerListBehind: an issuer's list numbered below the
+// one held (its numbering went back) is not dropped: its revocations are
+// enforced beside the list held, which stays in force (gossip spreads it),
+// across a save and a load, and until the issuer's numbers overtake it.
+// Gossip cannot bring a lower-numbered list, nor take the issuer's away.
+func TestTrustBundleIssuerListBehind(t *testing.T) {
+	ca := newTestCA(t)
+	a := issue(t, ca, testAttrs("gw-a", "zrh", "100.96.0.1"), t0, 24*time.Hour)
+	b := issue(t, ca, testAttrs("gw-b", "zrh", "100.96.0.2"), t0, 24*time.Hour)
+	cas := []*x509.Certificate{ca.Certificate()}
+	held := bundleOf(t, cas, listOfCA(t, ca, 10, a))
+	issued := listOfCA(t, ca, 3, b) // the issuer revokes b, numbering from 3
+	revokes := func(tb *TrustBundle, ids ...*NodeIdentity) bool {
+		for _, id := range ids {
+			if !tb.IsRevoked(id.Certificate().SerialNumber) {
+				return false
+			}
+		}
+		return true
+	}
+
+	got, changed := held.Adopt(bundleOf(t, cas, issued))
+	if !changed || !revokes(got, a, b) {
+		t.Fatalf("the issuer's lower-numbered list: changed %v, a and b revoked %v; want a change revoking both", changed, revokes(got, a, b))
+	}
+	if got.CRL().Number.Int64() != 10 || len(got.BehindCRLs()) != 1 || got.Key() == held.Key() {
+		t.Errorf("in force %v, %d lists behind, key changed %v; want 10 in force and the issuer's behind it", got.CRL().Number, len(got.BehindCRLs()), got.Key() != held.Key())
+	}
+	if gaps := held.listsBehind(bundleOf(t, cas, issued)); len(gaps) != 1 || len(gaps[0].missingAtIssuer) != 1 || gaps[0].missingAtIssuer[0].Cmp(a.Certificate().SerialNumber) != 0 || len(gaps[0].onlyAtIssuer) != 1 {
+		t.Errorf("what the issuer lacks: %+v; want a, and b only there", gaps)
+	}
+	if _, again := got.Adopt(bundleOf(t, cas, issued)); again {
+		t.Error("the same answer twice counts as a change")
+	}
+	// The issuer revokes more, still numbered below: its newer list
+	// takes the place of its last one.
+	c := issue(t, ca, testAttrs("gw-c", "zrh", "100.96.0.3"), t0, 24*time.Hour)
+	got, changed = got.Adopt(bundleOf(t, cas, listOfCA(t, ca, 4, b, c)))
+	if !changed || !revokes(got, a, b, c) || len(got.BehindCRLs()) != 1 {
+		t.Fatalf("the issuer's next list: changed %v, revoked %v, %d behind", changed, revokes(got, a, b, c), len(got.BehindCRLs()))
+	}
+
+	// Saved and loaded: both lists, the held one in force.
+	dir := t.TempDir()
+	if err := got.Save(dir); err != nil {
+		t.Fatal(err)
+	}
+	loaded, err := LoadTrustBundle(dir, netip.Prefix{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !revokes(loaded, a, b, c) || loaded.CRL().Number.Int64() != 10 || loaded.Key() != got.Key() {
+		t.Errorf("loaded: revoked %v, in force %v, same key %v", revokes(loaded, a, b, c), loaded.CRL().Number, loaded.Key() == got.Key())
+	}
+
+	// Gossip: the issuer's list is not taken over the held one, and a
+	// newer list from gossip leaves the issuer's enforced.
+	if tb, took := held.WithNewerCRLs([]*x509.RevocationList{issued}); took || revokes(tb, b) {
+		t.Errorf("a lower-numbered list from gossip: took %v, b revoked %v; want it refused", took, revokes(tb, b))
+	}
+	d := issue(t, ca, testAttrs("gw-d", "zrh", "100.96.0.4"), t0, 24*time.Hour)
+	gossiped, took := loaded.WithNewerCRLs([]*x509.RevocationList{listOfCA(t, ca, 11, a, d)})
+	if !took || !revokes(gossiped, a, b, c, d) {
+		t.Errorf("a newer list from gossip: took %v, all revoked %v", took, revokes(gossiped, a, b, c, d))
+	}
+
+	// As many but not the same: the list held stays in force (gossip
+	// spread it), the issuer's is enforced beside it.
+	tie, _ := held.Adopt(bundleOf(t, cas, listOfCA(t, ca, 10, b)))
+	if !revokes(tie, a, b) || !sameCRL(tie.CRL(), held.CRL()) {
+		t.Errorf("a different list of the same number: a and b revoked %v, held list in force %v", revokes(tie, a, b), sameCRL(tie.CRL(), held.CRL()))
+	}
+
+	// An answer that only lags (its list part of the one held) adds
+	// nothing, and changes nothing.
+	if lag, changed := held.Adopt(bundleOf(t, cas, listOfCA(t, ca, 9, a))); changed || len(lag.BehindCRLs()) != 0 {
+		t.Errorf("a lagging answer: changed %v, %d behind", changed, len(lag.BehindCRLs()))
+	}
+
+	// The issuer's numbers overtake: its list is in force alone.
+	over, changed := gossiped.Adopt(bundleOf(t, cas, listOfCA(t, ca, 12, a, b, c)))
+	if !changed || over.CRL().Number.Int64() != 12 || len(over.BehindCRLs()) != 0 || !revokes(over, a, b, c) || revokes(over, d) {
+		t.Errorf("the issuer's list numbered above: changed %v, in force %v, %d behind, d revoked %v", changed, over.CRL().Number, len(over.BehindCRLs()), revokes(over, d))
+	}
+}

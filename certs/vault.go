@@ -73,6 +73,14 @@ type Vault struct {
 	// hour later. keyUnknown says once that issuers' keys cannot be told.
 	issuerReadDenied atomic.Int64
 	keyUnknown       sync.Once
+
+	// anonTrust is set while Trust reads without a login (Vault refuses
+	// it), so that the change is said once each way.
+	anonTrust atomic.Bool
+	// held, if set (Provider sets it), reads the trust bundle this
+	// gateway holds, so that Trust can say at every refresh that Vault's
+	// lists are numbered below it.
+	held func() (*TrustBundle, error)
 }
 
 // errVaultAwaited is what a request gets from a gateway that started
@@ -660,14 +668,80 @@ func (v *Vault) Sign(ctx context.Context, csrPEM []byte, attrs Attributes, ttl t
 // trusts it. An issuer imported without its key (a bank's offline root
 // above the mount's intermediate) signs nothing for the mesh, and trusting
 // it would admit whatever else it certified. Vault serves all of this to
-// anyone: no policy is needed for it.
+// anyone: no policy is needed for it, nor a login — while Vault refuses
+// the gateway's (its SecretID expired or destroyed, its token past its
+// maximum TTL) Trust reads without a token, and the mesh goes on learning
+// the revocations made in Vault.
 func (v *Vault) Trust(ctx context.Context) (*TrustBundle, error) {
-	ids, def, err := v.issuers(ctx)
+	var anon *vault.Client
+	if v.awaiting.Load() && v.refused.Load() != nil {
+		// A start without Vault, whose login Vault has refused since.
+		// (Before Vault answered at all, Trust fails at once like every
+		// request: the start must not wait out the client's retries.)
+		anon = v.anonClient()
+	}
+	tb, err := v.trust(ctx, anon)
+	if err != nil && anon == nil && isForbidden(err) && !v.tokenAlive(ctx) {
+		// Vault refused the token, and a new login too (withLogin
+		// tried): the same reads without one.
+		anon = v.anonClient()
+		tb, err = v.trust(ctx, anon)
+	}
+	if err != nil {
+		return nil, err
+	}
+	if was := v.anonTrust.Swap(anon != nil); anon != nil && !was {
+		v.log.Warn("vault refuses this gateway's login: its CAs and revocation lists are read without it, as Vault serves them to anyone (an issuer revoked in Vault is not told then); give the gateway a login again")
+	} else if anon == nil && was {
+		v.log.Info("vault takes this gateway's login again: its CAs and revocation lists are read with it")
+	}
+	v.sayListsBehind(tb)
+	return tb, nil
+}
+
+// anonClient is a copy of the client without a token, for what Vault
+// serves to anyone; its TLS is the client's, verified as ever.
+func (v *Vault) anonClient() *vault.Client {
+	c, err := v.client.CloneWithHeaders() // the namespace is a header
+	if err != nil {
+		return v.client // not made from a client that was
+	}
+	c.ClearToken()
+	return c
+}
+
+// sayListsBehind logs, at every answer, each CA whose list in Vault is
+// numbered below the one this gateway holds, and what to do about it.
+func (v *Vault) sayListsBehind(tb *TrustBundle) {
+	if v.held == nil {
+		return
+	}
+	held, err := v.held()
+	if err != nil {
+		return // nothing held yet: nothing to be behind
+	}
+	const most = 20 // serials named in the log
+	for _, b := range held.listsBehind(tb) {
+		missing := make([]string, 0, min(len(b.missingAtIssuer), most))
+		for _, s := range b.missingAtIssuer[:min(len(b.missingAtIssuer), most)] {
+			missing = append(missing, FormatSerial(s))
+		}
+		v.log.Error("Vault's revocation list of the mesh CA is numbered below (or as) the mesh's, and differs (Vault restored from a snapshot, or the CA imported into another mount or cluster): this gateway enforces both, but gossip spreads only the mesh's, so gateways that do not read Vault miss what is revoked there, and once Vault's number passes the mesh's its list replaces the mesh's. "+
+			"Revoke again in Vault the certificates of missing_in_vault that are still valid, then run `vault read "+path.Join(v.cfg.PKIMount, "crl/rotate")+"` until vault_number passes mesh_number (this is said at every refresh until then)",
+			"ca", b.ca.Subject.CommonName, "vault_number", b.issued.Number, "mesh_number", b.held.Number,
+			"revoked_in_vault_only", len(b.onlyAtIssuer), "missing_in_vault", missing, "missing_count", len(b.missingAtIssuer))
+	}
+}
+
+// trust is Trust, read with the gateway's login, or without any with
+// anon (a client without a token).
+func (v *Vault) trust(ctx context.Context, anon *vault.Client) (*TrustBundle, error) {
+	ids, def, err := v.issuers(ctx, anon)
 	if err != nil {
 		return nil, err
 	}
 	if ids == nil {
-		return v.defaultIssuerTrust(ctx)
+		return v.defaultIssuerTrust(ctx, anon)
 	}
 	var (
 		cas     []*x509.Certificate
@@ -675,7 +749,7 @@ func (v *Vault) Trust(ctx context.Context) (*TrustBundle, error) {
 		crls    []*x509.RevocationList
 	)
 	for _, is := range ids {
-		d, err := v.issuerDetail(ctx, is)
+		d, err := v.issuerDetail(ctx, anon, is)
 		if err != nil {
 			return nil, err
 		}
@@ -690,7 +764,7 @@ func (v *Vault) Trust(ctx context.Context) (*TrustBundle, error) {
 			})
 			continue
 		}
-		crlPEM, err := v.readField(ctx, path.Join(v.cfg.PKIMount, "issuer", is.id, "crl"), "crl")
+		crlPEM, err := v.readField(ctx, anon, path.Join(v.cfg.PKIMount, "issuer", is.id, "crl"), "crl")
 		if err != nil {
 			return nil, err
 		}
@@ -706,7 +780,7 @@ func (v *Vault) Trust(ctx context.Context) (*TrustBundle, error) {
 	if len(cas) == 0 && def == "" {
 		// Neither keys nor the default told: the default, as before
 		// several issuers per mount.
-		return v.defaultIssuerTrust(ctx)
+		return v.defaultIssuerTrust(ctx, anon)
 	}
 	if len(cas) == 0 {
 		return nil, fmt.Errorf("vault %s has no issuer with a key that is not revoked: generate or import the mesh's issuing CA there (pki/root/generate/internal, or pki/intermediate/set-signed with its key)", v.cfg.PKIMount)
@@ -722,7 +796,7 @@ func (v *Vault) Trust(ctx context.Context) (*TrustBundle, error) {
 	}
 	if signing == nil && def == "" {
 		// A list without is_default: the default issuer's certificate.
-		caPEM, err := v.readPEM(ctx, path.Join(v.cfg.PKIMount, "cert", "ca"))
+		caPEM, err := v.readPEM(ctx, anon, path.Join(v.cfg.PKIMount, "cert", "ca"))
 		if err != nil {
 			return nil, err
 		}
@@ -747,11 +821,11 @@ type listedIssuer struct {
 // bundle's key moves only when Vault's answer does), and the default
 // one's ID if the list says. Nil (and no error) from a Vault without
 // several issuers per mount (before 1.11).
-func (v *Vault) issuers(ctx context.Context) (ids []listedIssuer, def string, err error) {
+func (v *Vault) issuers(ctx context.Context, anon *vault.Client) (ids []listedIssuer, def string, err error) {
 	p := path.Join(v.cfg.PKIMount, "issuers")
 	var s *vault.Secret
-	err = v.withLogin(ctx, func() (err error) {
-		s, err = v.client.Logical().ListWithContext(ctx, p)
+	err = v.ask(ctx, anon, func(c *vault.Client) (err error) {
+		s, err = c.Logical().ListWithContext(ctx, p)
 		return err
 	})
 	if err != nil {
@@ -792,18 +866,20 @@ type issuerDetail struct {
 }
 
 // issuerDetail reads an issuer: pki/issuer/<id> says whether it has a key
-// and is revoked, but needs read on it; without, pki/issuer/<id>/json
-// (served to anyone) and the list's key_id, and a revoked issuer is not
-// told apart (said once).
-func (v *Vault) issuerDetail(ctx context.Context, is listedIssuer) (issuerDetail, error) {
+// and is revoked, but needs read on it; without (or without a login:
+// anon), pki/issuer/<id>/json (served to anyone) and the list's key_id,
+// and a revoked issuer is not told apart (said once, when for want of
+// the policy).
+func (v *Vault) issuerDetail(ctx context.Context, anon *vault.Client, is listedIssuer) (issuerDetail, error) {
 	p := path.Join(v.cfg.PKIMount, "issuer", is.id)
 	var d issuerDetail
 	data, err := map[string]any(nil), errIssuerReadDenied
-	if at := v.issuerReadDenied.Load(); at == 0 || time.Since(time.Unix(0, at)) > issuerReadRetry {
-		data, err = v.read(ctx, p)
+	if at := v.issuerReadDenied.Load(); anon == nil && (at == 0 || time.Since(time.Unix(0, at)) > issuerReadRetry) {
+		data, err = v.read(ctx, nil, p)
 		if isForbidden(err) && !v.tokenAlive(ctx) {
 			// Vault refused the token, not the path (an expired one
-			// that could not be replaced yet): not a policy to note.
+			// that could not be replaced): not a policy to note. Trust
+			// reads again without it.
 			return d, err
 		}
 	}
@@ -817,7 +893,7 @@ func (v *Vault) issuerDetail(ctx context.Context, is listedIssuer) (issuerDetail
 		if !errors.Is(err, errIssuerReadDenied) && v.issuerReadDenied.Swap(time.Now().UnixNano()) == 0 {
 			v.log.Warn("this gateway's Vault policy does not let it read the PKI mount's issuers: one revoked in Vault stays trusted until it is deleted; grant read on "+path.Join(v.cfg.PKIMount, "issuer/+"), "err", err)
 		}
-		if data, err = v.read(ctx, path.Join(p, "json")); err != nil {
+		if data, err = v.read(ctx, anon, path.Join(p, "json")); err != nil {
 			return d, err
 		}
 		if is.keyID != nil {
@@ -849,11 +925,20 @@ func (v *Vault) tokenAlive(ctx context.Context) bool {
 	return err == nil
 }
 
-// read reads p's data.
-func (v *Vault) read(ctx context.Context, p string) (map[string]any, error) {
+// ask runs a request with the gateway's login (withLogin), or with anon
+// if not nil: a client without a token, for what Vault serves to anyone.
+func (v *Vault) ask(ctx context.Context, anon *vault.Client, req func(*vault.Client) error) error {
+	if anon != nil {
+		return req(anon)
+	}
+	return v.withLogin(ctx, func() error { return req(v.client) })
+}
+
+// read reads p's data, with the gateway's login or with anon (ask).
+func (v *Vault) read(ctx context.Context, anon *vault.Client, p string) (map[string]any, error) {
 	var s *vault.Secret
-	err := v.withLogin(ctx, func() (err error) {
-		s, err = v.client.Logical().ReadWithContext(ctx, p)
+	err := v.ask(ctx, anon, func(c *vault.Client) (err error) {
+		s, err = c.Logical().ReadWithContext(ctx, p)
 		return err
 	})
 	if err != nil {
@@ -866,8 +951,8 @@ func (v *Vault) read(ctx context.Context, p string) (map[string]any, error) {
 }
 
 // defaultIssuerTrust is the trust of a Vault with one issuer per mount.
-func (v *Vault) defaultIssuerTrust(ctx context.Context) (*TrustBundle, error) {
-	caPEM, err := v.readPEM(ctx, path.Join(v.cfg.PKIMount, "cert", "ca"))
+func (v *Vault) defaultIssuerTrust(ctx context.Context, anon *vault.Client) (*TrustBundle, error) {
+	caPEM, err := v.readPEM(ctx, anon, path.Join(v.cfg.PKIMount, "cert", "ca"))
 	if err != nil {
 		return nil, err
 	}
@@ -879,7 +964,7 @@ func (v *Vault) defaultIssuerTrust(ctx context.Context) (*TrustBundle, error) {
 	if err != nil {
 		return nil, err
 	}
-	crlPEM, err := v.readPEM(ctx, path.Join(v.cfg.PKIMount, "cert", "crl"))
+	crlPEM, err := v.readPEM(ctx, anon, path.Join(v.cfg.PKIMount, "cert", "crl"))
 	if err != nil {
 		return nil, err
 	}
@@ -890,13 +975,13 @@ func (v *Vault) defaultIssuerTrust(ctx context.Context) (*TrustBundle, error) {
 	return tb.WithCRL(crl)
 }
 
-func (v *Vault) readPEM(ctx context.Context, p string) ([]byte, error) {
-	return v.readField(ctx, p, "certificate")
+func (v *Vault) readPEM(ctx context.Context, anon *vault.Client, p string) ([]byte, error) {
+	return v.readField(ctx, anon, p, "certificate")
 }
 
 // readField reads a PEM text field at p.
-func (v *Vault) readField(ctx context.Context, p, field string) ([]byte, error) {
-	data, err := v.read(ctx, p)
+func (v *Vault) readField(ctx context.Context, anon *vault.Client, p, field string) ([]byte, error) {
+	data, err := v.read(ctx, anon, p)
 	if err != nil {
 		return nil, err
 	}

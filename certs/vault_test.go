@@ -3,6 +3,8 @@ package certs
 import (
 	"context"
 	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -10,8 +12,12 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"sync/atomic"
 	"syscall"
 	"testing"
+	"time"
 
 	vault "github.com/hashicorp/vault/api"
 )
@@ -174,5 +180,89 @@ func TestLoginRefused(t *testing.T) {
 		if got := loginRefused(err); got != tc.want {
 			t.Errorf("%d %q: refused %v, want %v", tc.code, tc.msg, got, tc.want)
 		}
+	}
+}
+
+// publicPKIStub plays a Vault whose PKI mount "pki" has one issuer with
+// list, and which refuses every token: what it serves to anyone (the
+// issuers' list, an issuer's certificate and list) it serves with a
+// token or without, the rest it refuses, as a dead token is refused by
+// Vault before 1.17. It counts the requests that carried a token.
+func publicPKIStub(t *testing.T, ca *CA, list *x509.RevocationList) (addr string, withToken *atomic.Int32) {
+	withToken = new(atomic.Int32)
+	answer := func(w http.ResponseWriter, data map[string]any) {
+		json.NewEncoder(w).Encode(map[string]any{"data": data})
+	}
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Header.Get("X-Vault-Token") != "" {
+			withToken.Add(1)
+		}
+		switch {
+		case r.URL.Path == "/v1/pki/issuers" && r.URL.Query().Get("list") == "true" || r.Method == "LIST" && r.URL.Path == "/v1/pki/issuers":
+			answer(w, map[string]any{"keys": []string{"i1"}, "key_info": map[string]any{"i1": map[string]any{"is_default": true, "key_id": "k1"}}})
+		case r.URL.Path == "/v1/pki/issuer/i1/json":
+			answer(w, map[string]any{"certificate": string(encodePEM(pemCert, ca.Certificate().Raw))})
+		case r.URL.Path == "/v1/pki/issuer/i1/crl":
+			answer(w, map[string]any{"crl": string(encodePEM(pemCRL, list.Raw))})
+		default:
+			w.WriteHeader(http.StatusForbidden)
+			w.Write([]byte(`{"errors":["1 error occurred:\n\t* permission denied\n\n"]}`))
+		}
+	}))
+	t.Cleanup(srv.Close)
+	return srv.URL, withToken
+}
+
+// TestVaultTrustWithoutLogin: while Vault refuses the gateway's login
+// Trust reads what Vault serves to anyone, without a token — the CAs and
+// the revocation lists — rather than failing, and takes the refusal for
+// no policy's. So it does after a start without Vault whose login Vault
+// refused once it answered.
+func TestVaultTrustWithoutLogin(t *testing.T) {
+	ca := newTestCA(t)
+	victim := issue(t, ca, testAttrs("gw9", "s", "100.96.0.9"), t0, time.Hour)
+	addr, withToken := publicPKIStub(t, ca, listOfCA(t, ca, 7, victim))
+	vaultFor := func(token string) *Vault {
+		cfg := vault.DefaultConfig()
+		cfg.Address, cfg.MaxRetries = addr, 0
+		c, err := vault.NewClient(cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.SetToken(token)
+		tokenFile := filepath.Join(t.TempDir(), "token")
+		if err := os.WriteFile(tokenFile, []byte(token), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return &Vault{client: c, cfg: &VaultConfig{PKIMount: "pki", Auth: VaultAuth{Method: "token", TokenFile: tokenFile}},
+			meshPrefix: ca.MeshPrefix(), log: quietLog(), fresh: make(chan *vault.Secret, 1)}
+	}
+
+	// A token past its max TTL, which no login replaces.
+	dead := vaultFor("dead")
+	tb, err := dead.Trust(t.Context())
+	if err != nil || !tb.IsRevoked(victim.Certificate().SerialNumber) {
+		t.Fatalf("Trust with a dead token: %v; want the bundle, revoking gw9", err)
+	}
+	if dead.issuerReadDenied.Load() != 0 {
+		t.Error("the dead token taken for a policy that denies reading issuers")
+	}
+
+	// A start without Vault, whose login Vault refused since.
+	refused := vaultFor("")
+	refused.awaiting.Store(true)
+	refusal := fmt.Errorf("vault approle login: %w", ErrVaultLoginRefused)
+	refused.refused.Store(&refusal)
+	withToken.Store(0)
+	if tb, err := refused.Trust(t.Context()); err != nil || !tb.IsRevoked(victim.Certificate().SerialNumber) {
+		t.Fatalf("Trust after a start whose login Vault refused: %v; want the bundle, revoking gw9", err)
+	}
+	if n := withToken.Load(); n != 0 {
+		t.Errorf("%d requests sent a token the gateway does not hold", n)
+	}
+	// Before Vault answered at all, it fails at once as every request.
+	refused.refused.Store(nil)
+	if _, err := refused.Trust(t.Context()); !errors.Is(err, errVaultAwaited) {
+		t.Errorf("Trust while Vault has not answered since the start: %v; want errVaultAwaited", err)
 	}
 }
