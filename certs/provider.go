@@ -377,11 +377,7 @@ func (p *Provider) KeepRenewed(ctx context.Context, id *NodeIdentity, renewNow <
 				break
 			}
 			left := c.NotAfter.Sub(p.now())
-			if p.issuer == nil && errors.Is(err, ErrIssueRefused) {
-				// The CA holder refuses this certificate (revoked,
-				// replaced, ended): asking again changes nothing until an
-				// operator acts, and each refusal is counted and logged
-				// there too.
+			if renewalRefused(err, p.issuer != nil) {
 				backoff = max(backoff, refusedRenewalWait)
 			}
 			wait := renewalRetryWait(backoff, left, rand.Float64())
@@ -389,9 +385,34 @@ func (p *Provider) KeepRenewed(ctx context.Context, id *NodeIdentity, renewNow <
 			if err := sleepUntil(ctx, p.now, p.now().Add(wait)); err != nil {
 				return err
 			}
-			backoff = min(2*backoff, max(5*time.Second, left/10), 5*time.Minute)
+			backoff = nextRenewalBackoff(backoff, left)
 		}
 	}
+}
+
+// renewalRefused reports whether a renewal failed for a refusal that
+// asking again does not change until an operator acts: the CA holder's
+// (the certificate revoked, replaced, ended; renewal without an issuer),
+// or Vault's of the gateway's login (its SecretID expired or destroyed).
+// Each is counted and logged there too.
+func renewalRefused(err error, withIssuer bool) bool {
+	if withIssuer {
+		return errors.Is(err, ErrVaultLoginRefused)
+	}
+	return errors.Is(err, ErrIssueRefused)
+}
+
+// nextRenewalBackoff is the backoff after a failed renewal that waited
+// backoff, with left until the certificate ends: doubled, up to 5
+// minutes, and while the certificate is valid up to a tenth of the time
+// it has left (not under 5 s), so that tries come closer near its end.
+// Once it has ended there is no end to come close to: the 5 minutes.
+func nextRenewalBackoff(backoff, left time.Duration) time.Duration {
+	ceiling := 5 * time.Minute
+	if left > 0 {
+		ceiling = min(ceiling, max(5*time.Second, left/10))
+	}
+	return min(2*backoff, ceiling)
 }
 
 // renewalRetryWait is how long a failed renewal waits before trying

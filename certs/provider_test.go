@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/x509"
 	"errors"
+	"fmt"
 	"log/slog"
 	"math/big"
 	"net/netip"
@@ -530,5 +531,54 @@ func TestSaveTrustKeepsNewerList(t *testing.T) {
 	}
 	if loaded.CRL().Number.Int64() != 5 || !loaded.IsRevoked(a.Certificate().SerialNumber) {
 		t.Errorf("after an older bundle was saved: list %v in force, a revoked %v; want 5, revoked", loaded.CRL().Number, loaded.IsRevoked(a.Certificate().SerialNumber))
+	}
+}
+
+func TestNextRenewalBackoff(t *testing.T) {
+	for _, c := range []struct{ backoff, left, want time.Duration }{
+		{time.Second, time.Hour, 2 * time.Second},             // doubled
+		{4 * time.Minute, 24 * time.Hour, 5 * time.Minute},    // up to 5 minutes
+		{time.Minute, 10 * time.Minute, time.Minute},          // a tenth of what is left
+		{4 * time.Second, 10 * time.Second, 5 * time.Second},  // not under 5 s
+		{4 * time.Second, -time.Second, 8 * time.Second},      // ended: still doubled
+		{4 * time.Minute, -time.Hour, 5 * time.Minute},        // ended: up to 5 minutes
+		{refusedRenewalWait, -time.Hour, 5 * time.Minute},     // after a refusal's wait
+		{refusedRenewalWait, 24 * time.Hour, 5 * time.Minute}, // likewise while valid
+	} {
+		if got := nextRenewalBackoff(c.backoff, c.left); got != c.want {
+			t.Errorf("nextRenewalBackoff(%v, %v) = %v, want %v", c.backoff, c.left, got, c.want)
+		}
+	}
+	// Once ended, the retries come ever less often, not every few
+	// seconds for ever.
+	backoff := time.Second
+	for range 20 {
+		backoff = nextRenewalBackoff(backoff, -time.Minute)
+	}
+	if backoff != 5*time.Minute {
+		t.Errorf("backoff after 20 failures past the end: %v, want 5m", backoff)
+	}
+}
+
+// TestRenewalRefused: a renewal refused for good waits the hour: the CA
+// holder's refusal without an issuer, Vault's refusal of the login with
+// one, as withLogin words it (the request's error first).
+func TestRenewalRefused(t *testing.T) {
+	loginRefused := fmt.Errorf("vault pki/sign/r: %w", fmt.Errorf("%w (and logging in again: %w)", errors.New("permission denied"), fmt.Errorf("vault approle login: %w: invalid secret id", ErrVaultLoginRefused)))
+	for _, c := range []struct {
+		err        error
+		withIssuer bool
+		want       bool
+	}{
+		{refusal{errors.New("revoked")}, false, true},
+		{errors.New("connection refused"), false, false},
+		{loginRefused, true, true},
+		{fmt.Errorf("vault refuses this gateway's login: %w", loginRefused), true, true},
+		{errVaultAwaited, true, false},
+		{refusal{errors.New("revoked")}, true, false}, // an issuer's own refusal is not the CA holder's
+	} {
+		if got := renewalRefused(c.err, c.withIssuer); got != c.want {
+			t.Errorf("renewalRefused(%v, issuer %v) = %v, want %v", c.err, c.withIssuer, got, c.want)
+		}
 	}
 }

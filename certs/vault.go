@@ -464,7 +464,10 @@ func (v *Vault) withLogin(ctx context.Context, req func() error) error {
 	}
 	s, lerr := v.relogin(ctx, stale, true)
 	if lerr != nil {
-		return fmt.Errorf("%w (and logging in again: %v)", err, lerr)
+		// Both in the chain: the request's refusal first (what is
+		// checked of it stays the same), and ErrVaultLoginRefused for
+		// those who wait longer on a login Vault refuses.
+		return fmt.Errorf("%w (and logging in again: %w)", err, lerr)
 	}
 	if s != nil {
 		v.log.Info("vault refused the token: logged in again")

@@ -3,6 +3,7 @@ package vault
 import (
 	"crypto/x509"
 	"encoding/pem"
+	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -242,6 +243,10 @@ func TestVaultTrustWithoutLogin(t *testing.T) {
 	}
 	if n := strings.Count(logs.String(), "are read without it"); n != 1 {
 		t.Errorf("reading without the login said %d times, want once:\n%s", n, logs.String())
+	}
+	// A renewal meets the refused login, which it waits out longer.
+	if _, err := p.Issuer().Sign(ctx, nil, a, time.Hour); !errors.Is(err, certs.ErrVaultLoginRefused) {
+		t.Errorf("a renewal with the login refused: %v; want ErrVaultLoginRefused in it", err)
 	}
 
 	// A start without Vault, whose login Vault refuses once it answers:
