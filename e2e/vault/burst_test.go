@@ -49,7 +49,6 @@ func buildSkybridge(t *testing.T) string {
 type gwProc struct {
 	cmd    *exec.Cmd
 	log    *bytes.Buffer
-	socket string
 	exited chan error
 }
 
