@@ -59,8 +59,18 @@ func (p *Provider) saveTrust(tb *TrustBundle) (*TrustBundle, error) {
 	return tb, tb.Save(p.s.dir)
 }
 
-// IssuerAnswered is when the issuer last answered Trust; zero if it has
-// not (no issuer, or unreachable since Open).
+// ReadWithoutLogin reports whether iss's last Trust was read without a
+// login, Vault refusing the gateway's: revocations are still read, but
+// nothing is issued or renewed, which is no answer to count (the issuer
+// unreachable alert must still fire).
+func ReadWithoutLogin(iss Issuer) bool {
+	v, ok := iss.(*Vault)
+	return ok && v.anonTrust.Load()
+}
+
+// IssuerAnswered is when the issuer last answered Trust with its login;
+// zero if it has not (no issuer, unreachable since Open, or Vault refuses
+// the login).
 func (p *Provider) IssuerAnswered() time.Time {
 	if ns := p.answered.Load(); ns != 0 {
 		return time.Unix(0, ns)
@@ -139,7 +149,9 @@ func (p *Provider) Trust(ctx context.Context) (*TrustBundle, error) {
 	if p.issuer != nil {
 		tb, err := p.issuer.Trust(ctx)
 		if err == nil {
-			p.answered.Store(p.now().UnixNano())
+			if !ReadWithoutLogin(p.issuer) {
+				p.answered.Store(p.now().UnixNano())
+			}
 			// The cached list may be newer: gossip brings lists the
 			// issuer's copy may lack (a CA directory restored from a
 			// backup, a CRL write that failed). Revocations are not

@@ -110,12 +110,33 @@ func LoadTrustBundle(dir string, meshPrefix netip.Prefix) (*TrustBundle, error) 
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", filepath.Join(dir, fileCRL), err)
 	}
+	if tb, err = tb.WithSavedCRLs(crls); err != nil {
+		return nil, fmt.Errorf("%s: %w", filepath.Join(dir, fileCRL), err)
+	}
+	return tb, nil
+}
+
+// WithSavedCRLs is tb with the lists of a crl.pem that Save wrote (or a
+// copy of it): each CA's list in force first, then the issuer's lists
+// numbered behind them, then the lists of CAs no longer held. Each goes
+// where it was: read one by one as lists in force, the later of a CA
+// would be refused as older, or, numbered as the first, replace it.
+func (tb *TrustBundle) WithSavedCRLs(crls []*x509.RevocationList) (*TrustBundle, error) {
 	for _, crl := range crls {
 		// A list of a CA the bundle no longer holds (an issuer retired;
 		// or ca.crt written and crl.pem not yet) is kept aside: should
 		// the CA be trusted again, its revocations come back with it.
 		if tb.signerOf(crl) == nil {
 			tb = tb.withRetired(crl)
+			continue
+		}
+		// A list of a CA whose list in force this file gave already,
+		// and not newer: the issuer's, kept behind it (Save writes the
+		// lists in force first), even when numbered as it.
+		if i := tb.index(tb.signerOf(crl)); i >= 0 && tb.crls[i] != nil && !newerCRL(crl, tb.crls[i]) {
+			if !sameCRL(crl, tb.crls[i]) {
+				tb = tb.withBehind(crl)
+			}
 			continue
 		}
 		next, err := tb.WithCRL(crl)
@@ -127,7 +148,7 @@ func LoadTrustBundle(dir string, meshPrefix netip.Prefix) (*TrustBundle, error) 
 			// Its revocations count too.
 			tb = tb.withBehind(crl)
 		case err != nil:
-			return nil, fmt.Errorf("%s: %w", filepath.Join(dir, fileCRL), err)
+			return nil, err
 		default:
 			tb = next
 		}

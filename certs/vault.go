@@ -690,6 +690,9 @@ func (v *Vault) Trust(ctx context.Context) (*TrustBundle, error) {
 		anon = v.anonClient()
 		tb, err = v.trust(ctx, anon)
 	}
+	if err == nil && anon != nil {
+		tb, err = v.onlyHeldCAs(tb)
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -700,6 +703,45 @@ func (v *Vault) Trust(ctx context.Context) (*TrustBundle, error) {
 	}
 	v.sayListsBehind(tb)
 	return tb, nil
+}
+
+// onlyHeldCAs keeps, of an answer read without a login, the CAs this
+// gateway trusts already and their lists: without a login Vault does not
+// say which issuers it revoked, and one revoked there, still listed with
+// its key, must not come back. (With nothing held, nothing is taken.)
+func (v *Vault) onlyHeldCAs(tb *TrustBundle) (*TrustBundle, error) {
+	refused := errors.New("vault refuses this gateway's login, and without it which of its issuers are revoked is not told: only CAs the gateway trusts already are taken from it, and it trusts none yet")
+	if v.held == nil {
+		return nil, refused
+	}
+	held, err := v.held()
+	if err != nil {
+		return nil, fmt.Errorf("%w (%v)", refused, err)
+	}
+	var cas []*x509.Certificate
+	for _, c := range tb.CAs() {
+		if held.index(c) >= 0 {
+			cas = append(cas, c)
+		}
+	}
+	if len(cas) == 0 {
+		return nil, refused
+	}
+	out, err := NewTrustBundle(cas, v.meshPrefix)
+	if err != nil {
+		return nil, err
+	}
+	for _, crl := range tb.CRLs() {
+		if out.SignedByCA(crl) {
+			if out, err = out.WithCRL(crl); err != nil {
+				return nil, err
+			}
+		}
+	}
+	if sg := tb.Signing(); sg != nil && out.index(sg) >= 0 {
+		return out.WithSigning(sg)
+	}
+	return out, nil
 }
 
 // anonClient is a copy of the client without a token, for what Vault

@@ -234,8 +234,13 @@ func TestVaultTrustWithoutLogin(t *testing.T) {
 		if err := os.WriteFile(tokenFile, []byte(token), 0o600); err != nil {
 			t.Fatal(err)
 		}
+		// What the gateway trusts already: an answer read without a
+		// login brings no CA beside it.
+		held := func() (*TrustBundle, error) {
+			return NewTrustBundle([]*x509.Certificate{ca.Certificate()}, ca.MeshPrefix())
+		}
 		return &Vault{client: c, cfg: &VaultConfig{PKIMount: "pki", Auth: VaultAuth{Method: "token", TokenFile: tokenFile}},
-			meshPrefix: ca.MeshPrefix(), log: quietLog(), fresh: make(chan *vault.Secret, 1)}
+			meshPrefix: ca.MeshPrefix(), log: quietLog(), fresh: make(chan *vault.Secret, 1), held: held}
 	}
 
 	// A token past its max TTL, which no login replaces.
@@ -246,6 +251,9 @@ func TestVaultTrustWithoutLogin(t *testing.T) {
 	}
 	if dead.issuerReadDenied.Load() != 0 {
 		t.Error("the dead token taken for a policy that denies reading issuers")
+	}
+	if !ReadWithoutLogin(dead) {
+		t.Error("a read without a login is not said so: it would count as the issuer answering")
 	}
 
 	// A start without Vault, whose login Vault refused since.

@@ -63,6 +63,9 @@ type Gateway struct {
 	wgKey   certs.WGPrivateKey
 	wgNext  certs.WGPrivateKey // zero unless a rotation has advertised it
 	keyring *memberlist.Keyring
+	// planGen counts the plans computed (not those reused by a pass whose
+	// inputs did not change): the health loop looks again when it moves.
+	planGen atomic.Uint64
 	// keyringMu is held while the live keyring changes and the change is
 	// stored (applyKeyringOp), by catchUpKeyring around its check and
 	// adoption, and by a gateway alone while it tries its other keys
@@ -854,6 +857,7 @@ func (g *Gateway) reconcile() {
 			in.Policy = pol.p
 		}
 		plan = Compute(in)
+		g.planGen.Add(1)
 	}
 	err := g.apply(plan)
 	g.stats.mu.Lock()

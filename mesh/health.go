@@ -81,8 +81,7 @@ func (g *Gateway) healthLoop(ctx context.Context) {
 	states := map[string]*probeState{}
 	t := time.NewTicker(probeInterval)
 	defer t.Stop()
-	lastGen := ^uint64(0)
-	var lastPlan *Plan
+	lastGen, lastPlan := ^uint64(0), ^uint64(0)
 	var carriers map[string]bool // as the last round found them: nil before the first
 	for {
 		// Without a site of two gateways there is nothing to probe; look
@@ -90,7 +89,7 @@ func (g *Gateway) healthLoop(ctx context.Context) {
 		// gateways each listing a thousand members every second would
 		// cost). The plan says which gateways have a tunnel from here,
 		// and follows the membership by a reconcile, or a policy.
-		if gen, plan := g.members.generation(), g.plan.Load(); len(states) > 0 || gen != lastGen || plan != lastPlan {
+		if gen, plan := g.members.generation(), g.planGen.Load(); len(states) > 0 || gen != lastGen || plan != lastPlan {
 			lastGen, lastPlan = gen, plan
 			carriers = g.probeRound(ctx, states, carriers)
 		} else {

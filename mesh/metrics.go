@@ -317,7 +317,7 @@ var (
 	descBurstGateway = prometheus.NewDesc("skybridge_burst_gateway",
 		"1 if this gateway belongs to a burst site: its certificate lasts exactly the burst and is not renewed.", nil, nil)
 	descIssuerAnswered = prometheus.NewDesc("skybridge_issuer_last_answer_timestamp_seconds",
-		"Unix time of the last answer from this gateway's issuer (Vault, or the local CA of ca_dir) to its request for the trust bundle (every skybridge_issuer_refresh_interval_seconds); 0: none since the gateway started. Gateways without an issuer do not export it.", nil, nil)
+		"Unix time of the last answer from this gateway's issuer (Vault, or the local CA of ca_dir) to its request for the trust bundle (every skybridge_issuer_refresh_interval_seconds), with the gateway's login (lists Vault serves to anyone while it refuses the login are read, but are no answer); 0: none since the gateway started. Gateways without an issuer do not export it.", nil, nil)
 	descIssuerRefresh = prometheus.NewDesc("skybridge_issuer_refresh_interval_seconds",
 		"How often this gateway asks its issuer for the trust bundle (identity.refresh). Gateways without an issuer do not export it.", nil, nil)
 	descGossipPackets = prometheus.NewDesc("skybridge_gossip_packets_total",

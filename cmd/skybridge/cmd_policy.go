@@ -577,9 +577,14 @@ func trustFromFiles(caFile, crlFile string, mesh netip.Prefix) (*certs.TrustBund
 		return nil, fmt.Errorf("%s: %w", crlFile, err)
 	}
 	for _, crl := range crls {
-		if tb, err = tb.WithCRL(crl); err != nil {
-			return nil, fmt.Errorf("%s: %w", crlFile, err)
+		if !tb.SignedByCA(crl) {
+			return nil, fmt.Errorf("%s: a revocation list signed by none of the CAs of %s (%s)", crlFile, caFile, crl.Issuer)
 		}
+	}
+	// A gateway's crl.pem as it saved it: the issuer's lists numbered
+	// behind the mesh's come after them, and count too.
+	if tb, err = tb.WithSavedCRLs(crls); err != nil {
+		return nil, fmt.Errorf("%s: %w", crlFile, err)
 	}
 	return tb, nil
 }

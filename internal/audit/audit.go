@@ -520,12 +520,19 @@ func verifyAt(tb *certs.TrustBundle, cert *x509.Certificate, at, latest time.Tim
 		return attrs, nil
 	}
 	if errors.Is(err, certs.ErrRevoked) {
-		for _, crl := range tb.CRLs() {
+		// Every list that revokes it (the issuer's too, numbered behind
+		// the mesh's) must date the revocation after the records.
+		found, after := false, true
+		for _, crl := range append(tb.CRLs(), tb.BehindCRLs()...) {
 			for _, e := range crl.RevokedCertificateEntries {
-				if e.SerialNumber.Cmp(cert.SerialNumber) == 0 && at.Before(e.RevocationTime) && latest.Before(e.RevocationTime) {
-					return certs.AttributesOf(cert)
+				if e.SerialNumber.Cmp(cert.SerialNumber) == 0 {
+					found = true
+					after = after && at.Before(e.RevocationTime) && latest.Before(e.RevocationTime)
 				}
 			}
+		}
+		if found && after {
+			return certs.AttributesOf(cert)
 		}
 	}
 	return nil, err
