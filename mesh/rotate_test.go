@@ -147,13 +147,20 @@ func TestGossipKeyRotationWithNewcomer(t *testing.T) {
 	if keys := late.g.keyring.GetKeys(); len(keys) != 1 || !bytes.Equal(keys[0], nk) {
 		t.Fatalf("the late gateway holds %d keys, the new one primary: %v", len(keys), len(keys) > 0 && bytes.Equal(keys[0], nk))
 	}
-	// And gossip still carries its news: a new advert reaches op0.
-	before := a.members.verified("op3").Advert.Version
-	if err := late.g.advertiseNow(); err != nil {
+	// And gossip still carries its news.
+	advertReaches(t, late.g, a)
+}
+
+// advertReaches checks that a new advert of from reaches to by gossip.
+func advertReaches(t *testing.T, from, to *Gateway) {
+	t.Helper()
+	name := from.id.Load().Attributes().Node
+	before := to.members.verified(name).Advert.Version
+	if err := from.advertiseNow(); err != nil {
 		t.Fatal(err)
 	}
-	waitUntil(t, 20*time.Second, "op3's new advert to reach op0", func() bool {
-		v := a.members.verified("op3")
+	waitUntil(t, 20*time.Second, name+"'s new advert to reach "+to.id.Load().Attributes().Node, func() bool {
+		v := to.members.verified(name)
 		return v != nil && v.Advert.Version > before
 	})
 }
@@ -200,14 +207,7 @@ func TestGossipKeyRotationWithLateNewcomer(t *testing.T) {
 	waitUntil(t, 30*time.Second, "op3 on the new key and verified by op0", func() bool {
 		return bytes.Equal(late.g.keyring.GetPrimaryKey(), nk) && a.members.verified("op3") != nil
 	})
-	before := a.members.verified("op3").Advert.Version
-	if err := late.g.advertiseNow(); err != nil {
-		t.Fatal(err)
-	}
-	waitUntil(t, 20*time.Second, "op3's new advert to reach op0", func() bool {
-		v := a.members.verified("op3")
-		return v != nil && v.Advert.Version > before
-	})
+	advertReaches(t, late.g, a)
 }
 
 // TestJoinUnderTheMeshKey: a gateway started with a keyring taken in the

@@ -1660,6 +1660,13 @@ func TestReceiverRefusesBadFrames(t *testing.T) {
 // offer was read; data streams are held open until they close.
 func (p *pair) standIn(t *testing.T, control func(fw *frameWriter, fr *frameReader)) netip.AddrPort {
 	t.Helper()
+	return p.standInWith(t, control, nil)
+}
+
+// standInWith is standIn whose data streams data serves (nil: held open
+// until they close).
+func (p *pair) standInWith(t *testing.T, control, data func(fw *frameWriter, fr *frameReader)) netip.AddrPort {
+	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -1682,6 +1689,10 @@ func (p *pair) standIn(t *testing.T, control func(fw *frameWriter, fr *frameRead
 					return
 				}
 				if typ != frameOffer { // a data stream
+					if data != nil {
+						data(fw, fr)
+						return
+					}
 					for err == nil {
 						_, _, err = fr.next(nil)
 					}

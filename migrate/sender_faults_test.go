@@ -4,10 +4,8 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
-	"crypto/tls"
 	"encoding/binary"
 	"errors"
-	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -17,7 +15,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/skybridge-mesh/skybridge/certs"
 	"github.com/skybridge-mesh/skybridge/policy"
 )
 
@@ -114,56 +111,35 @@ func TestVerifyImageGrown(t *testing.T) {
 // calls onEOF, which may block, as a wedged receiver does.
 func (p *pair) ackingReceiver(t *testing.T, onEOF func()) netip.AddrPort {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	tcfg := serverTLS(func() *certs.NodeIdentity { return p.to }, func() *certs.TrustBundle { return p.tb }, time.Now)
-	go func() {
+	return p.standInWith(t, func(fw *frameWriter, fr *frameReader) {
+		fw.json(frameAccept, Accept{})
+		fw.flush()
 		for {
-			raw, err := ln.Accept()
+			typ, payload, err := fr.next(nil)
 			if err != nil {
 				return
 			}
-			go func() {
-				c := tls.Server(raw, tcfg)
-				defer c.Close()
-				fw, fr := newFrameWriter(c), newFrameReader(c)
-				typ, _, err := fr.next(nil)
-				if err != nil {
-					return
-				}
-				if typ == frameOffer {
-					fw.json(frameAccept, Accept{})
-					for {
-						typ, payload, err := fr.next(nil)
-						if err != nil {
-							return
-						}
-						if typ == frameCommit {
-							var cm Commit
-							jsonUnmarshal(payload, &cm)
-							fw.json(frameDone, Done{Name: "vm", Root: cm.Root})
-						}
-					}
-				}
-				for {
-					typ, payload, err := fr.next(nil)
-					if err != nil {
-						onEOF()
-						return
-					}
-					if typ == frameChunk || typ == frameSame {
-						i, _, _, _ := splitIndex(payload)
-						fw.frame(frameAck, ackFrame([]int64{i}))
-						fw.flush()
-					}
-				}
-			}()
+			if typ == frameCommit {
+				var cm Commit
+				jsonUnmarshal(payload, &cm)
+				fw.json(frameDone, Done{Name: "vm", Root: cm.Root})
+				fw.flush()
+			}
 		}
-	}()
-	return netip.MustParseAddrPort(ln.Addr().String())
+	}, func(fw *frameWriter, fr *frameReader) {
+		for {
+			typ, payload, err := fr.next(nil)
+			if err != nil {
+				onEOF()
+				return
+			}
+			if typ == frameChunk || typ == frameSame {
+				i, _, _, _ := splitIndex(payload)
+				fw.frame(frameAck, ackFrame([]int64{i}))
+				fw.flush()
+			}
+		}
+	})
 }
 
 // TestSenderDoesNotWaitForStreamsForEver: once every chunk is durable the
