@@ -2209,6 +2209,20 @@ func TestCancelAfterCommit(t *testing.T) {
 	})
 	raw := filepath.Join(p.dir, "vm.raw")
 	makeRaw(t, raw, 4*mib, map[int64]int{mib: 4096})
+	rec, err := p.cancelAfterCommit(raw, storing, release)
+	if err != nil || rec.State != StateDone {
+		t.Fatalf("cancelled while the receiver stored the image: %v, record %+v; want done, as at the receiver", err, rec)
+	}
+	p.stored(raw)
+}
+
+// cancelAfterCommit sends raw as pii-eu, cancels the send once the
+// receiver, past the commit, is held (held closed), lets it go on
+// (release) once the cancel has reached the sender, and returns how the
+// send ended.
+func (p *pair) cancelAfterCommit(raw string, held <-chan struct{}, release chan struct{}) (*SendRecord, error) {
+	t := p.t
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	type result struct {
 		rec *SendRecord
@@ -2220,18 +2234,15 @@ func TestCancelAfterCommit(t *testing.T) {
 		res <- result{rec, err}
 	}()
 	select {
-	case <-storing:
+	case <-held:
 	case r := <-res:
-		t.Fatalf("the send ended before the receiver stored: %+v %v", r.rec, r.err)
+		t.Fatalf("the send ended before the receiver was held past its commit: %+v %v", r.rec, r.err)
 	}
 	cancel()
 	time.Sleep(100 * time.Millisecond) // the cancel has every chance to cut the commit short
 	close(release)
 	r := <-res
-	if r.err != nil || r.rec.State != StateDone {
-		t.Fatalf("cancelled while the receiver stored the image: %v, record %+v; want done, as at the receiver", r.err, r.rec)
-	}
-	p.stored(raw)
+	return r.rec, r.err
 }
 
 // TestReceiverBoundsTheFirstFrame: a connection's first frame (an offer

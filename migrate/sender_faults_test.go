@@ -199,30 +199,10 @@ func TestCancelAfterCommitKeepsReceiversAnswer(t *testing.T) {
 	})
 	raw := filepath.Join(p.dir, "vm.raw")
 	makeRaw(t, raw, 4*mib, map[int64]int{mib: 4096})
-	ctx, cancel := context.WithCancel(context.Background())
-	type result struct {
-		rec *SendRecord
-		err error
-	}
-	res := make(chan result, 1)
-	go func() {
-		rec, err := Send(ctx, p.config(raw, "pii-eu"))
-		res <- result{rec, err}
-	}()
-	select {
-	case <-committing:
-	case r := <-res:
-		t.Fatalf("ended before the commit was judged: %v", r.err)
-	}
-	cancel()
-	// The cancel reaches the sender, waiting for the answer, before the
-	// receiver gives it.
-	time.Sleep(100 * time.Millisecond)
-	close(release)
-	r := <-res
+	rec, err := p.cancelAfterCommit(raw, committing, release)
 	var denied *DeniedError
-	if !errors.As(r.err, &denied) || !denied.AtCommit || r.rec.State != StateDenied {
-		t.Errorf("the receiver denied the migration at the commit; the sender records %q: %v", r.rec.State, r.err)
+	if !errors.As(err, &denied) || !denied.AtCommit || rec.State != StateDenied {
+		t.Errorf("the receiver denied the migration at the commit; the sender records %q: %v", rec.State, err)
 	}
 }
 
