@@ -78,8 +78,9 @@ type Vault struct {
 	// it), so that the change is said once each way.
 	anonTrust atomic.Bool
 	// held, if set (Provider sets it), reads the trust bundle this
-	// gateway holds, so that Trust can say at every refresh that Vault's
-	// lists are numbered below it.
+	// gateway holds: Trust says at every refresh that Vault's lists are
+	// numbered below it, and takes from an answer read without a login
+	// only the CAs it holds (onlyHeldCAs).
 	held func() (*TrustBundle, error)
 }
 
@@ -676,6 +677,12 @@ func (v *Vault) Sign(ctx context.Context, csrPEM []byte, attrs Attributes, ttl t
 // maximum TTL) Trust reads without a token, and the mesh goes on learning
 // the revocations made in Vault.
 func (v *Vault) Trust(ctx context.Context) (*TrustBundle, error) {
+	// What the gateway holds, read before Vault is asked: a list gossip
+	// brings meanwhile is not Vault's behind it.
+	var held *TrustBundle
+	if v.held != nil {
+		held, _ = v.held()
+	}
 	var anon *vault.Client
 	if v.awaiting.Load() && v.refused.Load() != nil {
 		// A start without Vault, whose login Vault has refused since.
@@ -687,11 +694,16 @@ func (v *Vault) Trust(ctx context.Context) (*TrustBundle, error) {
 	if err != nil && anon == nil && isForbidden(err) && !v.tokenAlive(ctx) {
 		// Vault refused the token, and a new login too (withLogin
 		// tried): the same reads without one.
+		first := err
 		anon = v.anonClient()
-		tb, err = v.trust(ctx, anon)
-	}
-	if err == nil && anon != nil {
-		tb, err = v.onlyHeldCAs(tb)
+		if tb, err = v.trust(ctx, anon); err == nil {
+			tb, err = onlyHeldCAs(tb, held, v.meshPrefix)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("%w; and read without a login: %v", first, err)
+		}
+	} else if err == nil && anon != nil {
+		tb, err = onlyHeldCAs(tb, held, v.meshPrefix)
 	}
 	if err != nil {
 		return nil, err
@@ -701,22 +713,17 @@ func (v *Vault) Trust(ctx context.Context) (*TrustBundle, error) {
 	} else if anon == nil && was {
 		v.log.Info("vault takes this gateway's login again: its CAs and revocation lists are read with it")
 	}
-	v.sayListsBehind(tb)
+	v.sayListsBehind(held, tb)
 	return tb, nil
 }
 
-// onlyHeldCAs keeps, of an answer read without a login, the CAs this
-// gateway trusts already and their lists: without a login Vault does not
+// onlyHeldCAs keeps, of an answer tb read without a login, the CAs this
+// gateway trusts already (held) and their lists: without a login Vault does not
 // say which issuers it revoked, and one revoked there, still listed with
 // its key, must not come back. (With nothing held, nothing is taken.)
-func (v *Vault) onlyHeldCAs(tb *TrustBundle) (*TrustBundle, error) {
-	refused := errors.New("vault refuses this gateway's login, and without it which of its issuers are revoked is not told: only CAs the gateway trusts already are taken from it, and it trusts none yet")
-	if v.held == nil {
-		return nil, refused
-	}
-	held, err := v.held()
-	if err != nil {
-		return nil, fmt.Errorf("%w (%v)", refused, err)
+func onlyHeldCAs(tb, held *TrustBundle, meshPrefix netip.Prefix) (*TrustBundle, error) {
+	if held == nil {
+		return nil, errors.New("without a login Vault does not say which of its issuers are revoked: only CAs the gateway trusts already are taken from it, and it holds none (no trust bundle saved)")
 	}
 	var cas []*x509.Certificate
 	for _, c := range tb.CAs() {
@@ -725,9 +732,9 @@ func (v *Vault) onlyHeldCAs(tb *TrustBundle) (*TrustBundle, error) {
 		}
 	}
 	if len(cas) == 0 {
-		return nil, refused
+		return nil, errors.New("without a login Vault does not say which of its issuers are revoked, and none of them is a CA the gateway trusts already")
 	}
-	out, err := NewTrustBundle(cas, v.meshPrefix)
+	out, err := NewTrustBundle(cas, meshPrefix)
 	if err != nil {
 		return nil, err
 	}
@@ -757,12 +764,8 @@ func (v *Vault) anonClient() *vault.Client {
 
 // sayListsBehind logs, at every answer, each CA whose list in Vault is
 // numbered below the one this gateway holds, and what to do about it.
-func (v *Vault) sayListsBehind(tb *TrustBundle) {
-	if v.held == nil {
-		return
-	}
-	held, err := v.held()
-	if err != nil {
+func (v *Vault) sayListsBehind(held, tb *TrustBundle) {
+	if held == nil {
 		return // nothing held yet: nothing to be behind
 	}
 	const most = 20 // serials named in the log

@@ -95,7 +95,8 @@ type Gateway struct {
 	crashed atomic.Bool   // stopped without leaving (tests and benchmarks)
 	leaving atomic.Bool   // Run is stopping: no more news to gossip
 	// issuerAnswered is the Unix time of the issuer's last answer to
-	// refreshTrust (0: none yet), for the metric.
+	// refreshTrust (0: none yet), for the metric; lists Vault serves
+	// without a login, while it refuses the gateway's, are no answer.
 	issuerAnswered atomic.Int64
 	// runCtx is Run's context, for work the worker does on its behalf
 	// (a keyring write to Vault) that must not hold up a stop.
@@ -848,6 +849,7 @@ func (g *Gateway) reconcile() {
 	// mesh that is most passes, and Compute is the costly part.
 	key := planKey{gen: g.members.generation(), health: g.healthGen.Load(), self: self, policy: pol, trust: trust}
 	var plan Plan
+	computed := false
 	if last := g.plan.Load(); last != nil && g.planKey == key && g.links.holds(now) {
 		plan = *last
 	} else {
@@ -856,8 +858,7 @@ func (g *Gateway) reconcile() {
 		if pol != nil {
 			in.Policy = pol.p
 		}
-		plan = Compute(in)
-		g.planGen.Add(1)
+		plan, computed = Compute(in), true
 	}
 	err := g.apply(plan)
 	g.stats.mu.Lock()
@@ -876,6 +877,9 @@ func (g *Gateway) reconcile() {
 		}
 	}
 	g.plan.Store(&plan)
+	if computed {
+		g.planGen.Add(1) // after the store: who sees it moved reads this plan
+	}
 	g.planKey = key
 	g.ackNextKeys(plan)
 	if g.savedGen != key.gen {

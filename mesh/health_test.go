@@ -393,7 +393,7 @@ func TestProbesStartWhenThePlanCatchesUp(t *testing.T) {
 	time.Sleep(200 * time.Millisecond) // the first round has run (if not, it sees the plan below: the test passes without telling)
 	// The reconcile lands: both gateways of fra have tunnels now.
 	g.plan.Store(&Plan{Carriers: map[string]string{"zrh": "gw-zrh", "fra": "fra-1"}, Peers: []PeerConfig{{Node: "fra-1", Site: "fra"}, {Node: "fra-2", Site: "fra"}}})
-	g.planGen.Add(1) // as reconcile counts a plan it computed
+	g.planGen.Add(1) // as reconcile counts a plan it computed, once stored
 	waitUntil(t, 5*time.Second, "a probe once the plan links both gateways of site fra", func() bool { return dev.dials.Load() > 0 })
 	cancel()
 	<-done
