@@ -63,9 +63,6 @@ type Gateway struct {
 	wgKey   certs.WGPrivateKey
 	wgNext  certs.WGPrivateKey // zero unless a rotation has advertised it
 	keyring *memberlist.Keyring
-	// planGen counts the plans computed (not those reused by a pass whose
-	// inputs did not change): the health loop looks again when it moves.
-	planGen atomic.Uint64
 	// keyringMu is held while the live keyring changes and the change is
 	// stored (applyKeyringOp), by catchUpKeyring around its check and
 	// adoption, and by a gateway alone while it tries its other keys
@@ -849,7 +846,6 @@ func (g *Gateway) reconcile() {
 	// mesh that is most passes, and Compute is the costly part.
 	key := planKey{gen: g.members.generation(), health: g.healthGen.Load(), self: self, policy: pol, trust: trust}
 	var plan Plan
-	computed := false
 	if last := g.plan.Load(); last != nil && g.planKey == key && g.links.holds(now) {
 		plan = *last
 	} else {
@@ -858,7 +854,7 @@ func (g *Gateway) reconcile() {
 		if pol != nil {
 			in.Policy = pol.p
 		}
-		plan, computed = Compute(in), true
+		plan = Compute(in)
 	}
 	err := g.apply(plan)
 	g.stats.mu.Lock()
@@ -877,9 +873,6 @@ func (g *Gateway) reconcile() {
 		}
 	}
 	g.plan.Store(&plan)
-	if computed {
-		g.planGen.Add(1) // after the store: who sees it moved reads this plan
-	}
 	g.planKey = key
 	g.ackNextKeys(plan)
 	if g.savedGen != key.gen {

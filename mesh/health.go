@@ -81,16 +81,14 @@ func (g *Gateway) healthLoop(ctx context.Context) {
 	states := map[string]*probeState{}
 	t := time.NewTicker(probeInterval)
 	defer t.Stop()
-	lastGen, lastPlan := ^uint64(0), ^uint64(0)
+	lastGen := ^uint64(0)
 	var carriers map[string]bool // as the last round found them: nil before the first
 	for {
 		// Without a site of two gateways there is nothing to probe; look
-		// again only when the membership or the plan changes (a thousand
-		// gateways each listing a thousand members every second would
-		// cost). The plan says which gateways have a tunnel from here,
-		// and follows the membership by a reconcile, or a policy.
-		if gen, plan := g.members.generation(), g.planGen.Load(); len(states) > 0 || gen != lastGen || plan != lastPlan {
-			lastGen, lastPlan = gen, plan
+		// again only when the membership changes (a thousand gateways
+		// each listing a thousand members every second would cost).
+		if gen := g.members.generation(); len(states) > 0 || gen != lastGen {
+			lastGen = gen
 			carriers = g.probeRound(ctx, states, carriers)
 		} else {
 			// Kept current while nothing is probed: the next round, when
@@ -117,7 +115,7 @@ func (g *Gateway) probeRound(ctx context.Context, states map[string]*probeState,
 		before = now
 	}
 	self := g.id.Load().Attributes()
-	nodes := linked(g.members.gateways(), g.plan.Load())
+	nodes := g.members.gateways()
 	targets, members := probeTargets(self.Site, nodes, states)
 	answered := make([]bool, len(targets))
 	attempts := make([]int, len(targets))
@@ -172,26 +170,6 @@ func (g *Gateway) probeRound(ctx context.Context, states map[string]*probeState,
 		g.triggerReconcile()
 	}
 	return now
-}
-
-// linked is the gateways of nodes the plan has a tunnel to (none before
-// the first plan): one the residency policy keeps us from has no peer
-// here, and a probe of it could only fail, every round, as missed.
-func linked(nodes []Node, plan *Plan) []Node {
-	if plan == nil {
-		return nil
-	}
-	peers := make(map[string]bool, len(plan.Peers))
-	for _, p := range plan.Peers {
-		peers[p.Node] = true
-	}
-	out := make([]Node, 0, len(nodes))
-	for _, n := range nodes {
-		if peers[n.node()] {
-			out = append(out, n)
-		}
-	}
-	return out
 }
 
 // probeTargets picks the gateways to probe: those of remote sites with a

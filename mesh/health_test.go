@@ -10,7 +10,6 @@ import (
 	"slices"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -332,69 +331,4 @@ func TestUnprovenMovesAreCounted(t *testing.T) {
 	if n := testutil.ToFloat64(g.metrics.verdicts.WithLabelValues("reachable")); n != 1 {
 		t.Errorf("reachable verdicts: %v, want fra-2's one", n)
 	}
-}
-
-// TestProbesOnlyLinkedGateways: a site the residency policy keeps this
-// gateway from has no tunnel here; its gateways are not probed (every
-// probe would fail, counted as missed, every second, for ever).
-func TestProbesOnlyLinkedGateways(t *testing.T) {
-	pol := mustPolicy(t, meshPolicy)
-	self := gw("zrh-1", "onprem-zrh", "CH", "onprem", 1, "swiss-banking-secret", "10.1.0.0/16")
-	iad2 := gw("iad-2", "aws-us-east-1", "US", "aws", 16, "risk-batch", "10.3.0.0/16")
-	gva1 := gw("gva-1", "onprem-gva", "CH", "onprem", 3, "swiss-banking-secret", "10.4.0.0/16")
-	gva2 := gw("gva-2", "onprem-gva", "CH", "onprem", 5, "swiss-banking-secret", "10.4.0.0/16")
-	peers := []Node{iad1, iad2, gva1, gva2}
-	plan := Compute(TopologyInput{Self: self, Peers: peers, Policy: pol, Now: now, MeshPrefix: mesh16})
-	targets, _ := probeTargets(self.site(), linked(peers, &plan), map[string]*probeState{})
-	var names []string
-	for _, n := range targets {
-		names = append(names, n.node())
-	}
-	if !slices.Equal(names, []string{"gva-1", "gva-2"}) {
-		t.Errorf("probed %v, want the two gateways of the site linked here (%s)", names, summary(plan))
-	}
-	if linked(peers, nil) != nil {
-		t.Error("gateways probed before the first plan")
-	}
-}
-
-// countingDevice counts the probes dialled, none answered.
-type countingDevice struct {
-	*RecordingDevice
-	dials atomic.Int32
-}
-
-func (d *countingDevice) Dial(ctx context.Context, addr string) (net.Conn, error) {
-	d.dials.Add(1)
-	return nil, fmt.Errorf("dial tcp %s: %w", addr, syscall.ECONNREFUSED)
-}
-
-// TestProbesStartWhenThePlanCatchesUp: a round probes only the gateways
-// the plan has a tunnel to, and the plan follows the membership by a
-// reconcile. A round that fell in between saw one gateway of a
-// two-gateway site and probed nothing; the next must come when the plan
-// links both, not only when the membership changes again.
-func TestProbesStartWhenThePlanCatchesUp(t *testing.T) {
-	f := newFixture(t)
-	ms := newMembership("gw-zrh", f.trust(), func() time.Time { return f.now }, func() {})
-	for _, id := range []*certs.NodeIdentity{f.identity("fra-1", "fra", 2, f.now.Add(-time.Hour)), f.identity("fra-2", "fra", 3, f.now.Add(-time.Hour))} {
-		ms.addCert(id.Certificate().Raw)
-		ms.update(id.Attributes().Node, gossipAddr, f.advert(id, 1))
-	}
-	dev := &countingDevice{RecordingDevice: NewRecordingDevice("health")}
-	g := &Gateway{members: ms, dev: dev, log: slog.New(slog.DiscardHandler), kick: make(chan struct{}, 1)}
-	g.metrics = newMetrics(g)
-	g.id.Store(f.identity("gw-zrh", "zrh", 1, f.now.Add(-time.Hour)))
-	// The plan as of before fra-2 was verified: the reconcile is pending.
-	g.plan.Store(&Plan{Carriers: map[string]string{"zrh": "gw-zrh", "fra": "fra-1"}, Peers: []PeerConfig{{Node: "fra-1", Site: "fra"}}})
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { defer close(done); g.healthLoop(ctx) }()
-	time.Sleep(200 * time.Millisecond) // the first round has run (if not, it sees the plan below: the test passes without telling)
-	// The reconcile lands: both gateways of fra have tunnels now.
-	g.plan.Store(&Plan{Carriers: map[string]string{"zrh": "gw-zrh", "fra": "fra-1"}, Peers: []PeerConfig{{Node: "fra-1", Site: "fra"}, {Node: "fra-2", Site: "fra"}}})
-	g.planGen.Add(1) // as reconcile counts a plan it computed, once stored
-	waitUntil(t, 5*time.Second, "a probe once the plan links both gateways of site fra", func() bool { return dev.dials.Load() > 0 })
-	cancel()
-	<-done
 }
