@@ -154,7 +154,7 @@ func TestNewcomerDoesNotTakeTheRoutes(t *testing.T) {
 	g := &Gateway{members: ms, dev: NewRecordingDevice("health"), log: slog.New(slog.DiscardHandler), kick: make(chan struct{}, 1)}
 	g.metrics = newMetrics(g)
 	g.id.Store(f.identity("gw-zrh", "zrh", 1, f.now.Add(-time.Hour)))
-	g.plan.Store(&Plan{Carriers: map[string]string{"zrh": "gw-zrh", "fra": "fra-1"}, Peers: []PeerConfig{{Node: "fra-1"}, {Node: "fra-2"}}}) // moved to the newcomer
+	g.plan.Store(&Plan{Carriers: map[string]string{"zrh": "gw-zrh", "fra": "fra-1"}}) // moved to the newcomer
 	before := map[string]bool{"gw-zrh": true, "fra-2": true}
 	next := g.probeRound(context.Background(), map[string]*probeState{}, before)
 	if d := g.downSet(); !d["fra-1"] || d["fra-2"] {
@@ -289,7 +289,7 @@ func TestUnprovenMovesAreCounted(t *testing.T) {
 		log: slog.New(slog.NewTextHandler(&logs, nil)), kick: make(chan struct{}, 1)}
 	g.metrics = newMetrics(g)
 	g.id.Store(f.identity("gw-zrh", "zrh", 1, f.now.Add(-time.Hour)))
-	g.plan.Store(&Plan{Carriers: map[string]string{"zrh": "gw-zrh", "fra": "fra-1"}, Peers: []PeerConfig{{Node: "fra-1"}, {Node: "fra-2"}}})
+	g.plan.Store(&Plan{Carriers: map[string]string{"zrh": "gw-zrh", "fra": "fra-1"}})
 	g.down.Store(&map[string]bool{}) // both answering, neither proven
 	states := map[string]*probeState{
 		"fra-1": {site: "fra", down: true, answered: true, fails: 1, lastSeen: f.now},
@@ -315,7 +315,7 @@ func TestUnprovenMovesAreCounted(t *testing.T) {
 	g = &Gateway{members: ms, dev: &unanswered{RecordingDevice: NewRecordingDevice("health")}, log: slog.New(slog.NewTextHandler(&logs, nil)), kick: make(chan struct{}, 1)}
 	g.metrics = newMetrics(g)
 	g.id.Store(f.identity("gw-zrh", "zrh", 1, f.now.Add(-time.Hour)))
-	g.plan.Store(&Plan{Carriers: map[string]string{"zrh": "gw-zrh", "fra": "fra-1"}, Peers: []PeerConfig{{Node: "fra-1"}, {Node: "fra-2"}}})
+	g.plan.Store(&Plan{Carriers: map[string]string{"zrh": "gw-zrh", "fra": "fra-1"}})
 	g.down.Store(&map[string]bool{})
 	states = map[string]*probeState{
 		"fra-1": {site: "fra", down: true, answered: true, upSince: time.Now(), lastSeen: f.now},
