@@ -471,8 +471,11 @@ func (g *Gateway) StartMigration(req MigrationRequest) (*runningMigration, strin
 				rec.Reasons = append(slices.Clone(rec.Reasons), more)
 			}
 		}
-		run.end(rec, err)
+		// Out of the running set before anyone waiting is told it ended:
+		// a `migrate resume` right after `migrate cancel` returned was
+		// refused as still running.
 		m.finished(id)
+		run.end(rec, err)
 		switch {
 		case errors.As(err, &denied):
 			log.Warn("migration refused by the residency policy", "by", denied.By, "rule", denied.Rule, "reason", strings.Join(denied.Reasons, "; "))
