@@ -469,6 +469,11 @@ func (c *compiler) selector(body hcl.Body, def hcl.Range, what string) *selector
 	for _, g := range append(append([]string(nil), ss.Site...), ss.Region...) {
 		if _, err := path.Match(g, ""); err != nil {
 			c.errorf(def, "%s: %q is not a valid glob pattern", what, g)
+		} else if strings.Contains(g, "[!") {
+			// The shell's "[!x]" is not Go's: path.Match negates only with
+			// '^' and reads '!' as a member, so "[!o]*" matches the names
+			// that start with "o", the very ones it was meant to spare.
+			c.neverAs("glob-negation", def, "%s: %q: a class negates with '^' here, not '!' ('!' is a character of the class, and no name has one): write %q", what, g, strings.ReplaceAll(g, "[!", "[^"))
 		} else if !globCanMatchName(g) {
 			c.never(def, "%s: %q can never match: site and region names are lower-case letters, digits and '-'%s", what, g, lowerHint(g))
 		} else if !globMatchesSomeName(g) {

@@ -147,6 +147,10 @@ func TestUnmatchableValues(t *testing.T) {
 		{"glob starting with a dash", header + "class \"a\" {\n  deny \"store\" {\n    site = [\"-*\"]\n    reason = \"r\"\n  }\n}\n", `"-*" can never match`},
 		{"empty character class", header + "class \"a\" {\n  deny \"store\" {\n    region = [\"[z-a]*\"]\n    reason = \"r\"\n  }\n}\n", `"[z-a]*" can never match`},
 		{"site too long", header + "class \"a\" {\n  deny \"store\" {\n    site = [\"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\"]\n    reason = \"r\"\n  }\n}\n", `can never match: site and region names are 1 to 63`},
+		// Not void but inverted: the shell's negation is a member here, so
+		// this deny would hit the sites starting with "o" and spare the rest.
+		{"class negated with '!'", header + "class \"a\" {\n  deny \"store\" {\n    site = [\"[!o]*\"]\n    reason = \"r\"\n  }\n}\n", `a class negates with '^' here, not '!' ('!' is a character of the class, and no name has one): write "[^o]*"`},
+		{"region class negated with '!'", header + "class \"a\" {\n  allow \"store\" {\n    region = [\"eu-[!c]*\"]\n  }\n}\n", `write "eu-[^c]*"`},
 		// Not values, but as void: a deny that tells the refused nothing,
 		// an exception that audit records cannot tell from another.
 		{"blank reason", header + "class \"a\" {\n  deny \"store\" {\n    site = [\"*\"]\n    reason = \"   \"\n  }\n}\n", `has a reason of blanks only`},
