@@ -12,6 +12,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"time"
 
@@ -117,18 +118,21 @@ func ParseSignature(b []byte) (*Signature, error) {
 // and returns the compiled policy. now bounds how far in the future the
 // signing time may lie.
 func Verify(file string, src []byte, sig *Signature, tb *certs.TrustBundle, now time.Time) (*Policy, error) {
-	return verify(file, src, sig, tb, now, false)
+	return verify(file, src, sig, tb, now, false, nil)
 }
 
-// VerifyRevokedSigner is Verify for a policy whose signer the mesh has
-// revoked since: its signature must still verify, by a signer the CA
-// certified, and only the revocation is overlooked. It is what a gateway
-// keeps in force, marked, when nothing trusted can take its place.
-func VerifyRevokedSigner(file string, src []byte, sig *Signature, tb *certs.TrustBundle, now time.Time) (*Policy, error) {
-	return verify(file, src, sig, tb, now, true)
+// VerifyRevokedSigner is Verify for a policy a gateway adopted earlier
+// whose signer the mesh no longer trusts: revoked since, or certified by
+// a CA the mesh has retired since (a Vault issuer deleted). Its signature
+// must still verify, by a signer a CA of tb or of formerCAs (those the
+// gateway trusted when it adopted the policy) certified; only the
+// revocation, and the CA's retirement, are overlooked. It is what a
+// gateway keeps in force, marked, when nothing trusted can take its place.
+func VerifyRevokedSigner(file string, src []byte, sig *Signature, tb *certs.TrustBundle, formerCAs []*x509.Certificate, now time.Time) (*Policy, error) {
+	return verify(file, src, sig, tb, now, true, formerCAs)
 }
 
-func verify(file string, src []byte, sig *Signature, tb *certs.TrustBundle, now time.Time, revokedToo bool) (*Policy, error) {
+func verify(file string, src []byte, sig *Signature, tb *certs.TrustBundle, now time.Time, revokedToo bool, formerCAs []*x509.Certificate) (*Policy, error) {
 	if sig == nil {
 		return nil, ErrUnsigned
 	}
@@ -143,7 +147,7 @@ func verify(file string, src []byte, sig *Signature, tb *certs.TrustBundle, now 
 	if sig.SignedAt.After(now.Add(certs.MaxClockSkew)) {
 		return nil, fmt.Errorf("%w: signed in the future (%s)", ErrBadSignature, sig.SignedAt.Format(time.RFC3339))
 	}
-	keys, err := signerKeys(sig, tb, revokedToo)
+	keys, err := signerKeys(sig, tb, revokedToo, formerCAs)
 	if err != nil {
 		return nil, err
 	}
@@ -182,11 +186,19 @@ type signerKey struct {
 }
 
 // signerKeys returns the keys a signature may be checked with: the CA's
-// own, or a delegated signer's after checking its certificate.
-func signerKeys(sig *Signature, tb *certs.TrustBundle, revokedToo bool) ([]signerKey, error) {
+// own, or a delegated signer's after checking its certificate. formerCAs
+// count as the mesh's CAs too.
+func signerKeys(sig *Signature, tb *certs.TrustBundle, revokedToo bool, formerCAs []*x509.Certificate) ([]signerKey, error) {
+	cas, roots := tb.CAs(), tb.Roots()
+	if len(formerCAs) > 0 {
+		cas, roots = append(slices.Clone(cas), formerCAs...), roots.Clone()
+		for _, c := range formerCAs {
+			roots.AddCert(c)
+		}
+	}
 	if sig.SignerCertificate == "" {
 		var keys []signerKey
-		for _, ca := range tb.CAs() {
+		for _, ca := range cas {
 			if k, ok := ca.PublicKey.(*ecdsa.PublicKey); ok {
 				keys = append(keys, signerKey{k, ca.Subject.CommonName + " (the mesh CA)"})
 			}
@@ -206,7 +218,7 @@ func signerKeys(sig *Signature, tb *certs.TrustBundle, revokedToo bool) ([]signe
 	if at.Before(c.NotBefore) && !at.Before(certs.ValidFrom(c)) {
 		at = c.NotBefore
 	}
-	if _, err := c.Verify(x509.VerifyOptions{Roots: tb.Roots(), CurrentTime: at, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageCodeSigning}}); err != nil {
+	if _, err := c.Verify(x509.VerifyOptions{Roots: roots, CurrentTime: at, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageCodeSigning}}); err != nil {
 		return nil, fmt.Errorf("%w: %v", ErrUntrustedSigner, err)
 	}
 	if tb.IsRevoked(c.SerialNumber) && !revokedToo {
