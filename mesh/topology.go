@@ -82,7 +82,10 @@ type Link struct {
 	Site    string `json:"site"`
 	Allowed bool   `json:"allowed"`
 	Class   string `json:"class,omitempty"` // a class the policy lets travel between the sites
-	Reason  string `json:"reason"`
+	// Audit: the policy denies every shared class, and audit mode lets
+	// Class through all the same; the tunnel goes once it is enforced.
+	Audit  bool   `json:"audit,omitempty"`
+	Reason string `json:"reason"`
 }
 
 // LinkMemo carries residency decisions from one plan to the next, so that
@@ -714,14 +717,25 @@ func residencyLink(p *policy.Policy, self, peer *certs.Attributes, now time.Time
 	}
 	path := []policy.Site{policy.SiteOf(self), policy.SiteOf(peer)}
 	var denials []string
+	var audit *Link // the first class audit mode alone lets through
 	for _, c := range shared {
 		d := p.Evaluate(policy.Request{Class: c, Action: policy.Transit, Sites: path, Time: now})
-		if d.Allowed {
+		switch {
+		case d.Allowed && !d.Denied:
 			l.Allowed, l.Class = true, c
 			l.Reason = fmt.Sprintf("%s may travel between %s and %s (%s)", c, self.Site, peer.Site, d.Rule)
 			return l
+		case d.Allowed && audit == nil:
+			// Not the reason yet: a class further on may be allowed
+			// outright, and the link must not read as resting on the
+			// rule that denies this one.
+			audit = &Link{Site: peer.Site, Allowed: true, Class: c, Audit: true,
+				Reason: fmt.Sprintf("audit mode lets %s travel between %s and %s, which the policy denies (%s): the tunnel goes when the class is enforced", c, self.Site, peer.Site, d.Rule)}
 		}
 		denials = append(denials, fmt.Sprintf("%s: %s", c, d.Rule))
+	}
+	if audit != nil {
+		return *audit
 	}
 	l.Reason = fmt.Sprintf("policy %s lets none of the shared classes travel between %s and %s (%s)",
 		p.Revision(), self.Site, peer.Site, strings.Join(denials, "; "))

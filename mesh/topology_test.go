@@ -948,3 +948,55 @@ func TestHeldGivesWayToALiveSibling(t *testing.T) {
 		}
 	})
 }
+
+// TestResidencyLinkAudit: a link rests on a class the policy lets travel
+// outright when there is one, even if a class audit mode lets through
+// sorts before it; one that only audit mode allows says so, and does not
+// read as resting on the rule that denies it.
+func TestResidencyLinkAudit(t *testing.T) {
+	p, err := policy.Parse("p.hcl", []byte(`policy {
+  name    = "p"
+  version = 1
+}
+class "alpha" {
+  mode = "audit"
+  allow "store" {
+    jurisdiction = ["CH"]
+  }
+}
+class "beta" {
+  allow "store" {
+    site = ["*"]
+  }
+  allow "transit" {
+    site = ["*"]
+  }
+}
+class "gamma" {
+  allow "store" {
+    site = ["*"]
+  }
+}
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	now := time.Date(2026, 11, 24, 0, 0, 0, 0, time.UTC)
+	for _, tt := range []struct {
+		classes       string
+		allowed, aud  bool
+		class, reason string
+	}{
+		{"alpha,beta", true, false, "beta", "beta may travel between site-a and site-b"},
+		{"alpha", true, true, "alpha", "audit mode lets alpha travel between site-a and site-b, which the policy denies"},
+		{"alpha,gamma", true, true, "alpha", "audit mode lets alpha"},
+		{"gamma", false, false, "", "lets none of the shared classes travel"},
+	} {
+		a := &certs.Attributes{Node: "a1", Site: "site-a", Region: "r", Provider: "aws", Jurisdiction: "US", Labels: map[string]string{ClassesLabel: tt.classes}}
+		b := &certs.Attributes{Node: "b1", Site: "site-b", Region: "r", Provider: "aws", Jurisdiction: "US", Labels: map[string]string{ClassesLabel: tt.classes}}
+		l := residencyLink(p, a, b, now)
+		if l.Allowed != tt.allowed || l.Audit != tt.aud || l.Class != tt.class || !strings.Contains(l.Reason, tt.reason) {
+			t.Errorf("classes %s: %+v; want allowed %v, audit %v, class %q, a reason with %q", tt.classes, l, tt.allowed, tt.aud, tt.class, tt.reason)
+		}
+	}
+}
