@@ -29,20 +29,39 @@ func VerifyImage(ctx context.Context, rec *ImageRecord) (*VerifyReport, error) {
 	// An image stored before receivers left listed chunks of zeros out
 	// of its manifest may still list one: a hole all the same.
 	m := rec.Manifest.withoutZeroChunks()
+	// qcow2 sizes are whole 512-byte sectors: the receiver stores an
+	// image of any other size rounded up, as qemu-img convert does, with
+	// the tail reading as zeros, and the manifest keeps the size sent.
+	padded := m.Size
+	if rec.Format == FormatQcow2 {
+		padded = (m.Size + 511) &^ 511
+	}
 	switch {
 	case src.Size() < m.Size:
 		return nil, fmt.Errorf("%s is %d bytes, the manifest says %d: truncated", rec.Path, src.Size(), m.Size)
-	case src.Size() > m.Size:
+	case src.Size() > padded:
 		// What lies past the manifest's end was never sent nor checked:
 		// the image is not the one stored.
 		return nil, fmt.Errorf("%s is %d bytes, the manifest says %d: it has grown since it was stored", rec.Path, src.Size(), m.Size)
+	}
+	rep := &VerifyReport{Name: rec.Name, Path: rec.Path, Expected: rec.Root}
+	if tail := src.Size() - m.Size; tail > 0 {
+		// The padding is no chunk of the manifest: zeros are all it may
+		// hold, or the image is not the one stored.
+		b := make([]byte, tail)
+		if err := readChunk(src, b, m.Size); err != nil {
+			return nil, fmt.Errorf("read the qcow2 sector padding past the manifest's %d bytes: %w", m.Size, err)
+		}
+		rep.BytesRead += tail
+		if !isZero(b) {
+			return nil, fmt.Errorf("%s holds data past the manifest's %d bytes, in the padding to a whole 512-byte sector: it was written since it was stored; migrate it again", rec.Path, m.Size)
+		}
 	}
 	extents, err := src.Extents()
 	if err != nil {
 		return nil, err
 	}
 	got := Manifest{Size: m.Size, ChunkSize: m.ChunkSize, Chunks: map[int64]Hash{}}
-	rep := &VerifyReport{Name: rec.Name, Path: rec.Path, Expected: rec.Root}
 	buf := make([]byte, m.ChunkSize)
 	for _, i := range candidates(extents, m.Size, m.ChunkSize) {
 		if err := ctx.Err(); err != nil {
