@@ -227,12 +227,31 @@ func openQcow2(path string, f *os.File) (Source, error) {
 		f.Close()
 		return nil, fmt.Errorf("%s: truncated qcow2 header: %w", path, err)
 	}
+	var incompat uint64 // version 2 has no feature bits
+	if binary.BigEndian.Uint32(hdr[4:8]) >= 3 {
+		incompat = binary.BigEndian.Uint64(hdr[72:80])
+	}
+	// qemu sets the corrupt bit when it finds the image's metadata
+	// inconsistent, and refuses to write it until repaired. The reader
+	// only logs it: read anyway, the image would be stored clean and
+	// verified at the destination, whatever the inconsistency lost.
+	if incompat&(1<<qcow2.IncompatibleFeaturesCorruptBit) != 0 {
+		f.Close()
+		return nil, fmt.Errorf("%s is marked corrupt by qemu, its metadata found inconsistent: repair it first with `qemu-img check -r all %s` (on a copy if in doubt), then migrate it", path, path)
+	}
 	// Extended L2 entries (subclusters) halve what an L2 table maps, and
 	// the reader's support for them is experimental: such an image was
 	// sent with data missing. qemu makes them only when asked to.
-	if v := binary.BigEndian.Uint32(hdr[4:8]); v >= 3 && binary.BigEndian.Uint64(hdr[72:80])&(1<<qcow2.IncompatibleFeaturesExtendedL2EntriesBit) != 0 {
+	if incompat&(1<<qcow2.IncompatibleFeaturesExtendedL2EntriesBit) != 0 {
 		f.Close()
 		return nil, fmt.Errorf("%s has extended L2 entries (subclusters), which skybridge does not read: convert it first with `qemu-img convert -O qcow2 -o extended_l2=off %s plain.qcow2`", path, path)
+	}
+	// A migration carries the active layer only: internal snapshots would
+	// be gone at the destination without a word, and one may be the state
+	// someone means to go back to.
+	if n := binary.BigEndian.Uint32(hdr[60:64]); n != 0 {
+		f.Close()
+		return nil, fmt.Errorf("%s holds internal snapshots (%d), which a migration does not carry: delete them (`qemu-img snapshot -l` lists them, `qemu-img snapshot -d NAME %s` deletes one), or migrate a copy of the current state alone, `qemu-img convert -O qcow2 %s flat.qcow2`", path, n, path, path)
 	}
 	if off, n := binary.BigEndian.Uint64(hdr[8:16]), binary.BigEndian.Uint32(hdr[16:20]); off != 0 {
 		name := make([]byte, min(n, 1023))

@@ -2,6 +2,7 @@ package migrate
 
 import (
 	"bytes"
+	"context"
 	"encoding/binary"
 	"errors"
 	"os"
@@ -281,4 +282,76 @@ func TestOpenSourceAs(t *testing.T) {
 		}
 		src.Close()
 	}
+}
+
+// TestOpenSourceRefusesSnapshotsAndCorrupt: a qcow2 source with internal
+// snapshots, which a migration would drop without a word, or one qemu
+// marked corrupt, which it would store clean and verified, is refused
+// before the reader opens it, saying how to make it one that migrates;
+// and a migration of it stores nothing.
+func TestOpenSourceRefusesSnapshotsAndCorrupt(t *testing.T) {
+	q := qemuImg(t)
+	p := newPair(t, "DE")
+	run := func(args ...string) {
+		t.Helper()
+		if out, err := exec.Command(q, args...).CombinedOutput(); err != nil {
+			t.Fatalf("qemu-img %v: %v %s", args, err, out)
+		}
+	}
+	raw := filepath.Join(p.dir, "vm.raw")
+	makeRaw(t, raw, 4*mib, map[int64]int{0: 64 << 10, 3 * mib: 4096})
+	image := func(name string, opts ...string) string {
+		t.Helper()
+		path := filepath.Join(p.dir, name+".qcow2")
+		run(append(append([]string{"convert", "-O", "qcow2"}, opts...), raw, path)...)
+		return path
+	}
+
+	snap := image("snap")
+	run("snapshot", "-c", "before-upgrade", snap)
+	snapV2 := image("snap-v2", "-o", "compat=0.10")
+	run("snapshot", "-c", "before-upgrade", snapV2)
+	corrupt := image("corrupt")
+	b, err := os.ReadFile(corrupt)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b[79] |= 1 << 1 // incompatible_features: corrupt
+	if err := os.WriteFile(corrupt, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+
+	for _, tc := range []struct{ path, want string }{
+		{snap, "qemu-img snapshot -d"},
+		{snapV2, "qemu-img convert -O qcow2"},
+		{corrupt, "qemu-img check -r all"},
+	} {
+		name := strings.TrimSuffix(filepath.Base(tc.path), ".qcow2")
+		if src, err := OpenSource(tc.path); err == nil || !strings.Contains(err.Error(), tc.want) {
+			if err == nil {
+				src.Close()
+			}
+			t.Errorf("%s: opened with %v; want a refusal saying %q", name, err, tc.want)
+		}
+		cfg := p.config(tc.path, "pii-eu")
+		cfg.Format = FormatQcow2
+		if _, err := Send(context.Background(), cfg); err == nil {
+			t.Errorf("%s: migrated", name)
+		}
+		if img, err := p.recvJ.Image(name); !errors.Is(err, ErrNotFound) {
+			t.Errorf("%s: stored as %+v (%v)", name, img, err)
+		}
+	}
+	// The same image without its snapshot migrates.
+	run("snapshot", "-d", "before-upgrade", snap)
+	cfg := p.config(snap, "pii-eu")
+	cfg.Format = FormatQcow2
+	if _, err := Send(context.Background(), cfg); err != nil {
+		t.Fatalf("with its snapshot deleted: %v", err)
+	}
+	img, err := p.recvJ.Image("snap")
+	if err != nil {
+		t.Fatal(err)
+	}
+	compare(t, raw, img.Path)
 }
