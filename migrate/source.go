@@ -269,6 +269,11 @@ func openQcow2(path string, f *os.File) (Source, error) {
 		f.Close()
 		return nil, fmt.Errorf("%s: not a qcow2 image qemu would make: %w", path, err)
 	}
+	if binary.BigEndian.Uint64(hdr[24:32]) == 0 {
+		// qemu-img makes an empty image without an L1 table (offset 0),
+		// which the reader refuses; there is nothing in it to read.
+		return &emptyQcow2{f: f}, nil
+	}
 	img, err := qcow2.Open(f, nil)
 	if err != nil {
 		f.Close()
@@ -285,6 +290,20 @@ func (q *qcow2Source) ReadAt(p []byte, off int64) (int, error) { return q.img.Re
 func (q *qcow2Source) Format() string                          { return FormatQcow2 }
 func (q *qcow2Source) Size() int64                             { return q.img.Size() }
 func (q *qcow2Source) Close() error                            { return q.f.Close() }
+
+// emptyQcow2 is a qcow2 image of virtual size 0.
+type emptyQcow2 struct{ f *os.File }
+
+func (e *emptyQcow2) ReadAt(p []byte, off int64) (int, error) {
+	if len(p) == 0 {
+		return 0, nil
+	}
+	return 0, io.EOF
+}
+func (e *emptyQcow2) Format() string             { return FormatQcow2 }
+func (e *emptyQcow2) Size() int64                { return 0 }
+func (e *emptyQcow2) Extents() ([]Extent, error) { return nil, nil }
+func (e *emptyQcow2) Close() error               { return e.f.Close() }
 
 // qcowL1OffsetMask is the host offset of an L2 table in an L1 entry.
 const qcowL1OffsetMask = 0x00fffffffffffe00

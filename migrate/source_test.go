@@ -355,3 +355,39 @@ func TestOpenSourceRefusesSnapshotsAndCorrupt(t *testing.T) {
 	}
 	compare(t, raw, img.Path)
 }
+
+// TestZeroLengthQcow2: qemu-img makes an empty qcow2 image without an L1
+// table (offset 0), which the reader refuses; it opens as an empty image,
+// and migrates, to raw and to qcow2, as one that verify takes.
+func TestZeroLengthQcow2(t *testing.T) {
+	q := qemuImg(t)
+	p := newPair(t, "DE")
+	src := filepath.Join(p.dir, "zero.qcow2")
+	if out, err := exec.Command(q, "create", "-f", "qcow2", src, "0").CombinedOutput(); err != nil {
+		t.Fatalf("%v %s", err, out)
+	}
+	s, err := OpenSource(src)
+	if err != nil {
+		t.Fatalf("a 0-byte qcow2 image made by qemu-img: %v", err)
+	}
+	ext, err := s.Extents()
+	if err != nil || len(ext) != 0 || s.Size() != 0 || s.Format() != FormatQcow2 {
+		t.Errorf("opened as a %s image of %d bytes, extents %v, %v", s.Format(), s.Size(), ext, err)
+	}
+	s.Close()
+	for _, f := range []string{FormatRaw, FormatQcow2} {
+		cfg := p.config(src, "pii-eu")
+		cfg.Format, cfg.Name = f, "zero-"+f
+		if _, err := Send(context.Background(), cfg); err != nil {
+			t.Fatalf("as %s: %v", f, err)
+		}
+		img, err := p.recvJ.Image(cfg.Name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		compare(t, src, img.Path)
+		if rep, err := VerifyImage(context.Background(), img); err != nil || !rep.OK {
+			t.Errorf("as %s: verify: %+v, %v", f, rep, err)
+		}
+	}
+}
