@@ -256,6 +256,10 @@ func MakePlan(in PlanInput) (*Plan, error) {
 	slices.SortFunc(dests, func(a, b Destination) int { return cmp.Compare(a.Attributes.Node, b.Attributes.Node) })
 	var slots []*slot
 	ownSite := 0 // gateways of the source's own site left out
+	// Gateways left out for a capacity label that is no number: among the
+	// reasons of a VM left unplaced, which would otherwise not name them
+	// (or, with no other destination, blame an empty mesh).
+	var badLabel []string
 	rooms := map[string]*room{}
 	for _, d := range dests {
 		if d.Attributes.Node == in.From.Node {
@@ -275,6 +279,7 @@ func MakePlan(in PlanInput) (*Plan, error) {
 		cpu, mem, err := capacity(d.Attributes)
 		if err != nil {
 			p.Notes = append(p.Notes, err.Error()+": left out of the plan")
+			badLabel = append(badLabel, err.Error()+": left out of the plan; its certificate's capacity labels must be plain numbers (--label capacity_cpu=64): issue it again with them")
 			continue
 		}
 		if math.IsInf(cpu, 1) || math.IsInf(mem, 1) {
@@ -336,12 +341,9 @@ func MakePlan(in PlanInput) (*Plan, error) {
 		best = cmp.Or(best, bestWaived, bestAudit)
 		if best == nil {
 			if len(slots) == 0 {
-				reasons = []string{noDestination(in.To)}
-				if ownSite > 0 {
-					reasons = []string{fmt.Sprintf("only gateways of the source's own site %s match, and they are no destination unless named: name one, or the site, in --to to move VMs within the site", in.From.Site)}
-				}
+				reasons = noSlotReasons(in, ownSite, len(badLabel) > 0)
 			}
-			why[i] = reasons
+			why[i] = append(slices.Clone(badLabel), reasons...)
 			continue
 		}
 		best.usedCPU += vm.CPU
@@ -417,6 +419,22 @@ func (s *slot) admits(in PlanInput, class string) string {
 	}
 	s.policyErr[class] = msg
 	return msg
+}
+
+// noSlotReasons says why a VM has no destination when none was left to
+// weigh, besides the gateways left out for their labels (badLabel), which
+// the VM's reasons name: the others that matched were of the source's own
+// site, or there were none.
+func noSlotReasons(in PlanInput, ownSite int, badLabel bool) []string {
+	switch {
+	case ownSite > 0 && badLabel:
+		return []string{fmt.Sprintf("the other gateways that match are of the source's own site %s, and they are no destination unless named: name one, or the site, in --to to move VMs within the site", in.From.Site)}
+	case ownSite > 0:
+		return []string{fmt.Sprintf("only gateways of the source's own site %s match, and they are no destination unless named: name one, or the site, in --to to move VMs within the site", in.From.Site)}
+	case badLabel:
+		return nil
+	}
+	return []string{noDestination(in.To)}
 }
 
 func noDestination(to []string) string {

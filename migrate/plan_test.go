@@ -370,6 +370,50 @@ func TestMakePlanLeavesTheSourceSite(t *testing.T) {
 	}
 }
 
+// TestPlanReasonWhenLabelBad: a VM left unplaced names the gateways left
+// out for a capacity label that is no number, rather than blaming an empty
+// mesh, the source's own site alone, or only the gateways weighed.
+func TestPlanReasonWhenLabelBad(t *testing.T) {
+	pol, err := policy.Parse("plan.hcl", []byte(planPolicy))
+	if err != nil {
+		t.Fatal(err)
+	}
+	from := &certs.Attributes{Node: "gw-zrh-1", Site: "onprem-zrh", Region: "zrh", Provider: "onprem", Jurisdiction: "CH"}
+	sib := planDest("gw-zrh-2", "onprem-zrh", "CH", 64, 256, 0, 100e6)
+	iad := planDest("gw-iad", "aws-us-east-1", "US", 64, 256, 0, 100e6) // the policy keeps pii-eu out
+	fra := planDest("gw-fra", "aws-eu-central-1", "DE", 64, 256, 0, 100e6)
+	fra.Attributes.Labels[LabelCapacityCPU] = "64 cores"
+	vms := []VM{{Name: "crm", Image: "/img/crm.qcow2", Class: "pii-eu", CPU: 2, MemoryGiB: 4}}
+	for _, tc := range []struct {
+		name  string
+		dests []Destination
+		want  []string
+		not   string
+	}{
+		{"alone", []Destination{fra}, nil, "no other verified gateway"},
+		{"beside the own site's", []Destination{sib, fra}, []string{"the other gateways that match are of the source's own site onprem-zrh"}, "only gateways of the source's own site"},
+		{"beside one the policy refuses", []Destination{iad, fra}, []string{"gw-iad (aws-us-east-1)"}, ""},
+	} {
+		p, err := MakePlan(PlanInput{From: from, Policy: pol, Now: time.Now(), VMs: vms, Destinations: tc.dests})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(p.Unplaced) != 1 {
+			t.Errorf("%s: placed %+v", tc.name, p.Placements)
+			continue
+		}
+		reasons := strings.Join(p.Unplaced[0].Reasons, "\n")
+		for _, w := range append(tc.want, `gw-fra (aws-eu-central-1): label capacity_cpu="64 cores" is not a number of CPUs: left out of the plan`) {
+			if !strings.Contains(reasons, w) {
+				t.Errorf("%s: the VM's reasons do not say %q:\n%s", tc.name, w, reasons)
+			}
+		}
+		if tc.not != "" && strings.Contains(reasons, tc.not) {
+			t.Errorf("%s: the VM's reasons say %q, which is not so:\n%s", tc.name, tc.not, reasons)
+		}
+	}
+}
+
 func indexOf(vms []VM, name string) int {
 	for i, vm := range vms {
 		if vm.Name == name {
