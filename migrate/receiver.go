@@ -478,12 +478,14 @@ type session struct {
 	// many of them it may write where the file held none at its offer
 	// (what hold made room for: all of them after a restart); fresh are
 	// those it has written, nNew of them new, the others rewrite chunks,
-	// held at the offer and found changed, written again in their room.
+	// held at the offer and found changed, written again in their room;
+	// a rewrite chunk whose room the file lost (true: the file was cut
+	// short, or a hole punched there) counts as new.
 	hold    *reservation
 	allow   int64
 	newMax  int64
 	nNew    int64
-	rewrite map[int64]struct{}
+	rewrite map[int64]bool
 	// received (payload bytes) and nDurable (len(durable)) are what
 	// Active reports, kept apart from mu: a commit holds mu for as long
 	// as storing the image takes, and Active, on every metrics scrape,
@@ -587,6 +589,39 @@ func recheckChunks(f *os.File, rec *RecvRecord, durable map[int64]Hash, j *Journ
 		delete(durable, i)
 	}
 	return bad, j.removeChunks("recv", rec.ID, bad)
+}
+
+// lostChunks lists the held chunks that do not lie whole in data of the
+// incoming file at path: past its end, or in a hole. Written again, they
+// take new room. When the file's allocation cannot be read, every held
+// chunk is listed: room for too many refuses a resume that might fit, room
+// for too few lets it fill the disk.
+func lostChunks(path string, rec *RecvRecord, durable map[int64]Hash) map[int64]struct{} {
+	lost := map[int64]struct{}{}
+	if len(durable) == 0 {
+		return lost
+	}
+	var extents []Extent
+	f, err := os.Open(path)
+	if err == nil {
+		var st os.FileInfo
+		if st, err = f.Stat(); err == nil {
+			extents, err = (&rawSource{f: f, size: st.Size()}).Extents()
+		}
+		f.Close()
+	}
+	k := 0
+	for _, i := range slices.Sorted(maps.Keys(durable)) { // in the file's order, as the extents are
+		from := rec.DataAt + i*rec.ChunkSize
+		to := from + chunkLen(i, rec.Size, rec.ChunkSize)
+		for k < len(extents) && extents[k].Off+extents[k].Len <= from {
+			k++
+		}
+		if err != nil || k == len(extents) || extents[k].Off > from || extents[k].Off+extents[k].Len < to {
+			lost[i] = struct{}{}
+		}
+	}
+	return lost
 }
 
 // join counts a data stream joining the session, and refuses one beyond
@@ -1050,17 +1085,27 @@ func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision, log
 	if err != nil {
 		return nil, nil, err
 	}
+	// Held chunks whose room the file no longer has: cut short, or a hole
+	// punched. Read back below, they are found changed and written again
+	// in new room. Found here, from the file's allocation and before the
+	// read back, so that a resume short of room is refused at once, not
+	// after reading what it held.
+	var lost map[int64]struct{}
+	if resumed && old == nil {
+		lost = lostChunks(temp, &rec, durable)
+	}
 	// Room for what may still come, before anything is written: the
 	// chunks that may hold data, less those the file holds from an
 	// earlier attempt (written again, a chunk that no longer matches
-	// takes no new room). A sender that started its chunks over (its
-	// source changed) may write all of them beside the old ones, which
-	// stay until the commit clears them: room for them all. Past what
-	// was made room for, claim refuses, saying so. (A sender of a
-	// release before the eighth of 2026-11-27 says nothing of a restart:
-	// its resume of a changed source is refused, where it used to overrun
-	// its room by the chunks held. One that does not say how many chunks
-	// hold data may fill every one: room for them all.)
+	// takes no new room, unless the file lost its room). A sender that
+	// started its chunks over (its source changed) may write all of them
+	// beside the old ones, which stay until the commit clears them: room
+	// for them all. Past what was made room for, claim refuses, saying
+	// so. (A sender of a release before the eighth of 2026-11-27 says
+	// nothing of a restart: its resume of a changed source is refused,
+	// where it used to overrun its room by the chunks held. One that does
+	// not say how many chunks hold data may fill every one: room for them
+	// all.)
 	allow := chunkCount(o.Size, o.ChunkSize)
 	if o.Chunks != nil {
 		allow = *o.Chunks
@@ -1070,7 +1115,7 @@ func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision, log
 	rec.Restarted = rec.Restarted || o.Restarted
 	fresh := allow
 	if !rec.Restarted {
-		fresh = max(0, allow-int64(len(durable)))
+		fresh = max(0, allow-int64(len(durable)-len(lost)))
 	}
 	need := fresh * o.ChunkSize
 	if o.Format == FormatQcow2 {
@@ -1099,7 +1144,7 @@ func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision, log
 		return nil, nil, fmt.Errorf("size the incoming image: %w", err)
 	}
 	// The file of a session this process had open never left its hands.
-	rewrite := map[int64]struct{}{} // held, found changed: written again where they are
+	rewrite := map[int64]bool{} // held, found changed: written again where they are
 	if old == nil {
 		bad, err := recheckChunks(f.File, &rec, durable, j, log, r.isStopping)
 		if err != nil {
@@ -1107,7 +1152,7 @@ func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision, log
 			return nil, nil, err
 		}
 		for _, i := range bad {
-			rewrite[i] = struct{}{}
+			_, rewrite[i] = lost[i]
 		}
 	}
 	s := &session{r: r, log: log, offer: *o, from: from, temp: f, at: rec.DataAt, record: &rec, start: r.cfg.Now(), policy: d,
@@ -1483,7 +1528,14 @@ func (s *session) claim(i int64) bool {
 	if _, ok := s.fresh[i]; ok {
 		return true
 	}
-	if _, ok := s.rewrite[i]; ok {
+	if lostRoom, ok := s.rewrite[i]; ok {
+		if lostRoom {
+			if s.nNew >= s.newMax {
+				return false
+			}
+			s.nNew++
+			s.hold.wrote.Add(s.offer.ChunkSize)
+		}
 		s.fresh[i] = struct{}{}
 		return true
 	}

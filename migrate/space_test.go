@@ -201,55 +201,83 @@ func TestReceiverHoldsSenderToItsChunks(t *testing.T) {
 func TestResumedReceiveReservesWhatItAdmits(t *testing.T) {
 	p := newPair(t, "DE")
 	offer := Offer{ID: "0123456789abcdef", Name: "vm", Class: "pii-eu", Format: FormatRaw, Size: 4 * mib, ChunkSize: mib, Streams: 1, Chunks: new(int64(2))}
-	chunk := make([]byte, mib)
-	attempt := func(restarted bool, wantHold int64, chunks ...int64) (refused string) {
-		t.Helper()
-		offer.Restarted = restarted
-		rs := p.offerRaw(t, offer)
-		acc, dw, dr := rs.acc, rs.dw, rs.dr
-		defer func() {
-			rs.ctrl.Close()
-			rs.data.Close()
-			waitIdle(t, p.recv, offer.ID)
-		}()
-		p.recv.mu.Lock()
-		hold := p.recv.sessions[offer.ID].hold
-		p.recv.mu.Unlock()
-		if hold.bytes != wantHold {
-			t.Fatalf("%d chunks held, restarted %v: reserved %d bytes, want %d", len(acc.Have), restarted, hold.bytes, wantHold)
-		}
-		for _, i := range chunks {
-			chunk[0] = byte(i)
-			if err := dw.frame(frameChunk, chunkHeader(i, hashChunk(chunk), 0, mib), chunk); err != nil {
-				t.Fatal(err)
-			}
-			dw.flush()
-			typ, b, err := dr.next(nil)
-			if err == nil && typ == frameError {
-				return string(b)
-			}
-			if err != nil || typ != frameAck {
-				t.Fatalf("chunk %d: answer type %d %q, %v; want an ack", i, typ, b, err)
-			}
-			if wrote := hold.wrote.Load(); wrote > hold.bytes {
-				t.Fatalf("%d chunks held, the sender was let write %d bytes against a reservation of %d", len(acc.Have), wrote, hold.bytes)
-			}
-		}
-		return ""
-	}
-	if why := attempt(false, 2*mib, 0, 1); why != "" {
+	if why := p.attemptReserving(t, offer, 2*mib, 0, 1); why != "" {
 		t.Fatalf("the first attempt: %s", why)
 	}
 	// The source changed, the sender not saying so (a release before it
 	// did): its data is in other chunks now, and nothing was reserved for
 	// them beside the two held.
-	if why := attempt(false, 0, 2, 3); !strings.Contains(why, "more new chunks than the 0 the store made room for (the 2 the offer said hold data, less those held") {
+	if why := p.attemptReserving(t, offer, 0, 2, 3); !strings.Contains(why, "more new chunks than the 0 the store made room for (the 2 the offer said hold data, less those held") {
 		t.Fatalf("new chunks beside those held, no restart said: %q; want them refused", why)
 	}
 	// Said: room for both beside the two held.
-	if why := attempt(true, 2*mib, 2, 3); why != "" {
+	offer.Restarted = true
+	if why := p.attemptReserving(t, offer, 2*mib, 2, 3); why != "" {
 		t.Fatalf("new chunks beside those held, the restart said: %s", why)
 	}
+}
+
+// TestResumeReservesRoomTheFileLost: a held chunk the incoming file lost
+// between two attempts (cut short) is written again in new room, which the
+// resume reserves and holds the sender to; one changed where it lies is
+// written again in its own.
+func TestResumeReservesRoomTheFileLost(t *testing.T) {
+	p := newPair(t, "DE")
+	offer := Offer{ID: "0123456789abcdef", Name: "vm", Class: "pii-eu", Format: FormatRaw, Size: 4 * mib, ChunkSize: mib, Streams: 1, Chunks: new(int64(2))}
+	if why := p.attemptReserving(t, offer, 2*mib, 0, 1); why != "" {
+		t.Fatalf("the first attempt: %s", why)
+	}
+	incoming := filepath.Join(p.store, ".incoming", offer.ID+".raw")
+	if err := os.Truncate(incoming, mib); err != nil { // chunk 1 is gone
+		t.Fatal(err)
+	}
+	if why := p.attemptReserving(t, offer, mib, 1, 2); !strings.Contains(why, "more new chunks than the 1 the store made room for") {
+		t.Fatalf("chunk 1 again, in the room the cut file lost, then a new one: %q; want the new one refused", why)
+	}
+	writeZeros(t, incoming, mib, 4096) // chunk 1 changed, still where it was
+	if why := p.attemptReserving(t, offer, 0, 1); why != "" {
+		t.Fatalf("chunk 1 again, changed in its own room: %s", why)
+	}
+}
+
+// attemptReserving offers o, checks the room its receive reserved, and
+// sends the chunks (chunk i's first byte is i) until the receiver refuses
+// one, whose reason it returns; it fails the test if the receiver lets the
+// sender write past the room it reserved.
+func (p *pair) attemptReserving(t *testing.T, o Offer, wantHold int64, chunks ...int64) (refused string) {
+	t.Helper()
+	rs := p.offerRaw(t, o)
+	acc, dw, dr := rs.acc, rs.dw, rs.dr
+	defer func() {
+		rs.ctrl.Close()
+		rs.data.Close()
+		waitIdle(t, p.recv, o.ID)
+	}()
+	p.recv.mu.Lock()
+	hold := p.recv.sessions[o.ID].hold
+	p.recv.mu.Unlock()
+	if hold.bytes != wantHold {
+		t.Fatalf("%d chunks held, restarted %v: reserved %d bytes, want %d", len(acc.Have), o.Restarted, hold.bytes, wantHold)
+	}
+	chunk := make([]byte, o.ChunkSize)
+	for _, i := range chunks {
+		chunk[0] = byte(i)
+		if err := dw.frame(frameChunk, chunkHeader(i, hashChunk(chunk), 0, int(o.ChunkSize)), chunk); err != nil {
+			t.Fatal(err)
+		}
+		dw.flush()
+		typ, b, err := dr.next(nil)
+		if err == nil && typ == frameError {
+			return string(b)
+		}
+		if err != nil || typ != frameAck {
+			t.Fatalf("chunk %d: answer type %d %q, %v; want an ack", i, typ, b, err)
+		}
+		if wrote := hold.wrote.Load(); wrote > hold.bytes {
+			t.Fatalf("%d chunks held, the sender was let write %d bytes against a reservation of %d", len(acc.Have), wrote, hold.bytes)
+		}
+	}
+	return ""
 }
 
 func TestAdmitLoad(t *testing.T) {
