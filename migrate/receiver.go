@@ -1817,8 +1817,26 @@ func (e *storedError) Unwrap() error { return e.err }
 // receiver stopped, or dropped by recheck, still holds what it held then,
 // and the sender, told of no such chunk, never sends it again. The file's
 // data extents are walked, so chunks that are holes already cost nothing.
+// Those held durable are forgotten first: should the image not be stored
+// after all, a resume would otherwise offer them as held, and read them
+// back as changed by someone else. (Under s.mu.)
 func (s *session) zeroAbsent(m *Manifest) error {
 	o := &s.offer
+	var stale []int64
+	for i := range s.durable {
+		if _, ok := m.Chunks[i]; !ok {
+			stale = append(stale, i)
+		}
+	}
+	if len(stale) > 0 {
+		if err := s.r.cfg.Journal.removeChunks("recv", o.ID, stale); err != nil {
+			return fmt.Errorf("forget the chunks the manifest leaves out: %w", err)
+		}
+		for _, i := range stale {
+			delete(s.durable, i)
+		}
+		s.nDurable.Store(int64(len(s.durable)))
+	}
 	end := s.at + o.Size
 	extents, err := (&rawSource{f: s.temp.File, size: end}).Extents()
 	if err != nil {

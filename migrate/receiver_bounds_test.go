@@ -258,3 +258,62 @@ func TestAcceptIsACopy(t *testing.T) {
 		t.Fatal("the answer's chunks are the session's own map")
 	}
 }
+
+// TestClearedChunksAreNoLongerHeld: a chunk held from an earlier attempt
+// that the commit's manifest leaves out (the source has zeros there now)
+// is cleared from the incoming file and forgotten with it. When the image
+// then cannot be stored, the resume neither offers it as held nor reads it
+// back as changed by someone else.
+func TestClearedChunksAreNoLongerHeld(t *testing.T) {
+	p := newPair(t, "DE")
+	const cs = 64 << 10
+	held := int64(2)
+	offer := Offer{ID: "clearedchunk0001", Name: "vm", Class: "pii-eu", Format: FormatRaw, Size: 4 * cs, ChunkSize: cs, Streams: 1, Chunks: &held}
+	rs := p.offerRaw(t, offer)
+	m := Manifest{Size: offer.Size, ChunkSize: cs, Chunks: map[int64]Hash{}}
+	for _, i := range []int64{0, 1} {
+		b := make([]byte, cs)
+		rand.Read(b)
+		m.Chunks[i] = hashChunk(b)
+		rs.dw.frame(frameChunk, chunkHeader(i, m.Chunks[i], 0, cs), b)
+	}
+	rs.dw.flush()
+	for acked := 0; acked < 2; {
+		typ, b, err := rs.dr.next(nil)
+		if err != nil || typ != frameAck {
+			t.Fatalf("ack: frame %d %q %v", typ, b, err)
+		}
+		idx, _ := parseAck(b)
+		acked += len(idx)
+	}
+	// Chunk 1 is zeros by the commit; the image cannot go into place (a
+	// directory holds its name).
+	delete(m.Chunks, 1)
+	if err := os.MkdirAll(filepath.Join(p.store, "vm.raw", "in-the-way"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := rs.cw.json(frameCommit, Commit{Manifest: m, Root: m.Root()}); err != nil {
+		t.Fatal(err)
+	}
+	if typ, b, err := rs.cr.next(nil); err != nil || typ != frameError {
+		t.Fatalf("the commit of an image that cannot go into place: frame %d %q %v; want an error", typ, b, err)
+	}
+	rs.ctrl.Close()
+	rs.data.Close()
+	waitIdle(t, p.recv, offer.ID)
+	if have, err := p.recvJ.chunks("recv", offer.ID); err != nil || len(have) != 1 || have[0] != m.Chunks[0] {
+		t.Fatalf("held after the failed store: %v, %v; want chunk 0 alone (chunk 1 was cleared)", have, err)
+	}
+	rs = p.offerRaw(t, offer)
+	defer func() {
+		rs.ctrl.Close()
+		rs.data.Close()
+		waitIdle(t, p.recv, offer.ID)
+	}()
+	if _, ok := rs.acc.Have[1]; ok || len(rs.acc.Have) != 1 {
+		t.Errorf("the resume is told the receiver holds %v; want chunk 0 alone", rs.acc.Have)
+	}
+	if log := p.recvLog.String(); strings.Contains(log, "no longer match what was received") {
+		t.Errorf("the receiver took the chunk it cleared for one changed outside the gateway:\n%s", log)
+	}
+}
