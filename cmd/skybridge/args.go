@@ -23,6 +23,19 @@ func interspersed(app *cli.App, args []string) ([]string, string) {
 	if len(args) < 2 {
 		return args, ""
 	}
+	if app.EnableBashCompletion && args[len(args)-1] == completionFlag {
+		// TAB runs the words typed so far with the completion flag last,
+		// and urfave/cli completes rather than runs only if it finds
+		// the flag last with no "--" before it. Reordered, the flag
+		// would not be last, or a flag wanting a value would take it,
+		// and the command would run: TAB after `migrate remove vm1
+		// --reason` removed vm1. So the words go as typed, up to a "--"
+		// if one was typed.
+		if i := slices.Index(args, "--"); i >= 0 {
+			args = append(args[:i:i], completionFlag)
+		}
+		return args, ""
+	}
 	out := []string{args[0]}
 	rest := args[1:]
 	cmds := app.Commands
@@ -103,6 +116,10 @@ func interspersed(app *cli.App, args []string) ([]string, string) {
 	}
 	return out, rep
 }
+
+// completionFlag is what the completion script puts after the words typed
+// (cmd_completion.go).
+var completionFlag = "--" + cli.BashCompletionFlag.Names()[0]
 
 // repeated names the first flag among toks (flags and their values) that
 // takes a single value and is given more than once. Booleans may repeat
