@@ -85,13 +85,28 @@ func interspersed(app *cli.App, args []string) ([]string, string) {
 			rest = nil
 		case strings.HasPrefix(a, "-") && len(a) > 1 && !names(flags, a) && names(app.Flags, a):
 			global = append(global, a)
-			if takesValue(app.Flags, a) && len(rest) > 0 {
+			if takesValue(app.Flags, a) {
+				if len(rest) == 0 {
+					// Moved before the command words, it would take
+					// the first for its value. Alone after the
+					// program's name, urfave/cli refuses it.
+					return []string{args[0], a}, ""
+				}
 				global = append(global, rest[0])
 				rest = rest[1:]
 			}
 		case strings.HasPrefix(a, "-") && len(a) > 1:
 			fl = append(fl, a)
-			if takesValue(flags, a) && len(rest) > 0 {
+			if takesValue(flags, a) {
+				if len(rest) == 0 {
+					// Given last without its value, it would take the
+					// "--" put before the arguments, and the command
+					// run with it (migrate remove vm1 --reason removed
+					// vm1 for the reason "--"). Last with nothing after
+					// it, urfave/cli refuses it, a usage error; the
+					// arguments are left out, the command not running.
+					return append(append(append(out[:1:1], global...), out[1:]...), fl...), ""
+				}
 				fl = append(fl, rest[0])
 				rest = rest[1:]
 			}

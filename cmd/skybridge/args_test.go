@@ -3,6 +3,8 @@ package main
 import (
 	"io"
 	"net/http"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
@@ -59,6 +61,34 @@ func TestCompletionNeverRuns(t *testing.T) {
 		}
 		if reqs := sent(); len(reqs) > ran {
 			t.Errorf("%s <TAB> ran the command: %q", words, reqs[ran:])
+			ran = len(reqs)
+		}
+	}
+}
+
+// TestFlagWithoutValueRefused: a flag that takes a value, given last
+// without one, is a usage error, whatever stands before it. It took the
+// "--" put before the arguments for its value: `migrate remove vm1
+// --reason` (the reason forgotten) removed vm1 for the reason "--".
+func TestFlagWithoutValueRefused(t *testing.T) {
+	sock, sent := recordingSocket(t)
+	img := filepath.Join(t.TempDir(), "vm.raw")
+	if err := os.WriteFile(img, make([]byte, 4096), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	ran := 0
+	for _, tt := range []struct{ words, flag string }{
+		{"migrate remove vm1 --socket SOCK --reason", "reason"},
+		{"migrate remove --socket SOCK vm1 --reason", "reason"},
+		{"migrate run IMG --to fra --socket SOCK --class", "class"},
+		{"migrate remove vm1 --socket SOCK --reason CHG-1 --log-level", "log-level"},
+	} {
+		args := strings.Fields(strings.NewReplacer("SOCK", sock, "IMG", img).Replace(tt.words))
+		if _, errs, code := runCLI(t, args...); code != 2 || !strings.Contains(errs, tt.flag) {
+			t.Errorf("%s: exit %d, %q; want a usage error naming --%s", tt.words, code, errs, tt.flag)
+		}
+		if reqs := sent(); len(reqs) > ran {
+			t.Errorf("%s ran the command: %q", tt.words, reqs[ran:])
 			ran = len(reqs)
 		}
 	}
