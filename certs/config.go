@@ -234,8 +234,23 @@ func (c *Config) validate() (*settings, error) {
 			}
 		}
 	}
-	if c.Dir == "" {
+	// Blank paths are not made absolute (ResolvePaths): taken, they
+	// would name files under whatever directory the gateway was started in.
+	if strings.TrimSpace(c.Dir) == "" {
 		errs = append(errs, hclconf.Errorf(c.Body, "dir", "must name the directory that holds the node identity"))
+	}
+	if c.CADir != "" && strings.TrimSpace(c.CADir) == "" {
+		errs = append(errs, hclconf.Errorf(c.Body, "ca_dir", "is empty: name the mesh CA's directory, or remove ca_dir"))
+	}
+	if v := c.Vault; v != nil {
+		for _, f := range []struct {
+			body       hcl.Body
+			name, path string
+		}{{v.Body, "ca_cert", v.CACert}, {v.Auth.Body, "token_file", v.Auth.TokenFile}, {v.Auth.Body, "role_id_file", v.Auth.RoleIDFile}, {v.Auth.Body, "secret_id_file", v.Auth.SecretIDFile}} {
+			if f.path != "" && strings.TrimSpace(f.path) == "" {
+				errs = append(errs, hclconf.Errorf(f.body, f.name, "is empty: name the file, or remove %s", f.name))
+			}
+		}
 	}
 	if c.MeshCIDR != "" {
 		p, err := netip.ParsePrefix(c.MeshCIDR)

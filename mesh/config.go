@@ -233,10 +233,15 @@ func (c *Config) validate() (*Settings, error) {
 		s.Node = *c.Node
 	}
 	var errs []error
-	if c.StateDir == "" {
+	// Blank paths are not made absolute (resolvePaths): taken, they would
+	// name files under whatever directory the gateway was started in.
+	if strings.TrimSpace(c.StateDir) == "" {
 		errs = append(errs, hclconf.Errorf(c.Body, "state_dir", "must name the directory where the gateway keeps its state"))
 	}
-	if s.Identity.Dir == "" && c.StateDir != "" {
+	if c.Identity != nil && c.Identity.Dir != "" && strings.TrimSpace(c.Identity.Dir) == "" {
+		errs = append(errs, hclconf.Errorf(c.Identity.Body, "dir", "is empty: name the directory that holds the node identity, or remove dir for STATE_DIR/identity"))
+	}
+	if s.Identity.Dir == "" && strings.TrimSpace(c.StateDir) != "" {
 		s.Identity.Dir = filepath.Join(c.StateDir, "identity")
 	}
 
@@ -339,6 +344,9 @@ func (c *Config) validate() (*Settings, error) {
 			// run with no policy at all, every gateway linked.
 			errs = append(errs, hclconf.Errorf(p.Body, "file", "is empty: name the signed residency policy, or remove the policy block to take the mesh's by gossip"))
 		}
+		if p.Signature != "" && strings.TrimSpace(p.Signature) == "" {
+			errs = append(errs, hclconf.Errorf(p.Body, "signature", "is empty: name the policy's signature file, or remove signature for FILE.sig"))
+		}
 		if s.PolicySignature == "" {
 			s.PolicySignature = p.File + ".sig"
 		}
@@ -353,6 +361,9 @@ func (c *Config) validate() (*Settings, error) {
 	op := OperatorConfig{Listen: fmt.Sprintf("127.0.0.1:%d", DefaultOperatorPort)}
 	if c.Operator != nil {
 		op.Body, op.TokenFile = c.Operator.Body, c.Operator.TokenFile
+		if op.TokenFile != "" && strings.TrimSpace(op.TokenFile) == "" {
+			errs = append(errs, hclconf.Errorf(op.Body, "token_file", "is empty: name the token's file, or remove token_file for STATE_DIR/operator.token"))
+		}
 		if c.Operator.Listen != "" {
 			op.Listen = c.Operator.Listen
 		} else if setBlank(c.Operator.Body, "listen") {

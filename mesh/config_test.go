@@ -99,6 +99,12 @@ func TestLoadConfigErrors(t *testing.T) {
 		{"unspecified endpoint", `interface = "sb0"`, "interface = \"sb0\"\n  endpoints = [\"0.0.0.0\"]", "endpoints: \"0.0.0.0\": no address to reach"},
 		{"empty policy file", `interface = "sb0"`, "interface = \"sb0\"\n}\npolicy {\n  file = \"\"", "file: is empty: name the signed residency policy"},
 		{"empty control socket", `interface = "sb0"`, "interface = \"sb0\"\n}\ncontrol {\n  socket = \" \"", "socket: is empty"},
+		// Blank paths stay relative: the state would live wherever the
+		// gateway was started.
+		{"blank state_dir", `state_dir = "/var/lib/skybridge"`, `state_dir = " "`, ":1:1: state_dir: must name the directory"},
+		{"blank identity dir", `dir = "/var/lib/skybridge/identity"`, `dir = " "`, ":11:3: dir: is empty"},
+		{"blank policy signature", `interface = "sb0"`, "interface = \"sb0\"\n}\npolicy {\n  file = \"p.hcl\"\n  signature = \" \"", ":22:3: signature: is empty"},
+		{"blank operator token file", `interface = "sb0"`, "interface = \"sb0\"\n}\noperator {\n  token_file = \"\t\"", ":21:3: token_file: is empty"},
 		// A template that rendered nothing where "off" was meant turned
 		// the endpoint on at its default.
 		{"empty operator listen", `interface = "sb0"`, "interface = \"sb0\"\n}\noperator {\n  listen = \"\"", "listen: is empty"},
