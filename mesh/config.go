@@ -266,9 +266,12 @@ func (c *Config) validate() (*Settings, error) {
 		}
 		if err != nil {
 			errs = append(errs, hclconf.Errorf(g.Body, "seeds", "%q: %v", seed, err))
+			continue
 		}
+		// With its port: memberlist dials a seed without one at the
+		// gateway's own bind port, not the default it is checked with.
+		s.Seeds = append(s.Seeds, ap.String())
 	}
-	s.Seeds = g.Seeds
 	switch g.Profile {
 	case "", "lan", "wan", "local":
 		s.GossipProfile = g.Profile

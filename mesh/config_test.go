@@ -3,6 +3,7 @@ package mesh
 import (
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -51,6 +52,19 @@ func TestLoadConfigDefaults(t *testing.T) {
 	}
 	if s.OperatorAddr.String() != "127.0.0.1:7480" || s.OperatorOverlay || s.OperatorTokenFile != "/var/lib/skybridge/operator.token" {
 		t.Errorf("operator endpoint %s (overlay %v), token %s; want loopback 7480 and a token in the state directory", s.OperatorAddr, s.OperatorOverlay, s.OperatorTokenFile)
+	}
+}
+
+// TestSeedsCarryTheirPort: a seed given without a port is the default
+// gossip port's, as it is checked and knocked on by rejoin; memberlist
+// would dial a bare address at the gateway's own bind port.
+func TestSeedsCarryTheirPort(t *testing.T) {
+	s, err := LoadConfig(writeConfig(t, strings.Replace(goodConfig, `bind  = "192.0.2.1:7946"`, `bind  = "192.0.2.1:7000"`, 1)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := []string{"198.51.100.1:7946", "203.0.113.1:7000"}; !slices.Equal(s.Seeds, want) {
+		t.Errorf("seeds %q; want %q", s.Seeds, want)
 	}
 }
 
