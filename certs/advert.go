@@ -18,6 +18,10 @@ import (
 // separately (see docs/ARCHITECTURE.md).
 const MaxAdvertSize = 512
 
+// MaxEndpoints is how many underlay endpoints an advert carries: a
+// gateway's configuration may list no more.
+const MaxEndpoints = maxEndpoints
+
 // NextWGKeySize is what a WireGuard key rotation adds to an advert: the
 // next key with its tag and length.
 const NextWGKeySize = 2 + WGKeyLen

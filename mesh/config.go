@@ -317,6 +317,10 @@ func (c *Config) validate() (*Settings, error) {
 		}
 		s.Endpoints = append(s.Endpoints, ap)
 	}
+	if len(w.Endpoints) > certs.MaxEndpoints {
+		// Refused here, not by the advert the gateway signs at its start.
+		errs = append(errs, hclconf.Errorf(w.Body, "endpoints", "%d endpoints: an advert carries at most %d; list the ones peers should try", len(w.Endpoints), certs.MaxEndpoints))
+	}
 	if w.RotateEvery != "" {
 		d, err := time.ParseDuration(w.RotateEvery)
 		switch {
@@ -472,13 +476,17 @@ func setBlank(body hcl.Body, name string) bool {
 }
 
 // reachable refuses an address others cannot be sent to: the unspecified
-// address, a multicast one, port 0.
+// address, a multicast one, a zoned one, port 0.
 func reachable(ap netip.AddrPort) error {
 	switch a := ap.Addr(); {
 	case !a.IsValid() || a.IsUnspecified():
 		return errors.New("no address to reach")
 	case a.IsMulticast():
 		return errors.New("a multicast address")
+	case a.Zone() != "":
+		// It names an interface of this host, which other hosts have
+		// not; memberlist, too, dials a seed without it.
+		return fmt.Errorf("a zone (%%%s): gossip, adverts and join tokens carry addresses without one", a.Zone())
 	case ap.Port() == 0:
 		return errors.New("port 0 is no port to reach")
 	}

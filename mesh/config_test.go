@@ -1,11 +1,16 @@
 package mesh
 
 import (
+	"fmt"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
+	"time"
+
+	"github.com/skybridge-mesh/skybridge/certs"
 )
 
 const goodConfig = `state_dir = "/var/lib/skybridge"
@@ -109,6 +114,13 @@ func TestLoadConfigErrors(t *testing.T) {
 		{"interface name template", `interface = "sb0"`, `interface = "sb%d"`, "interface: \"sb%d\""},
 		{"bind on port 0", `bind  = "192.0.2.1:7946"`, `bind  = "192.0.2.1:0"`, "advertise: gateways cannot reach 192.0.2.1:0 (port 0 is no port to reach)"},
 		{"seed on port 0", `"198.51.100.1"`, `"198.51.100.1:0"`, "seeds: \"198.51.100.1:0\": port 0"},
+		// What the advert the gateway signs at its start would refuse.
+		{"zoned endpoint", `interface = "sb0"`, "interface = \"sb0\"\n  endpoints = [\"[fe80::1%eth0]:51820\"]", ":19:3: endpoints: \"[fe80::1%eth0]:51820\": a zone (%eth0)"},
+		{"nine endpoints", `interface = "sb0"`, "interface = \"sb0\"\n  endpoints = [" + strings.Repeat(`"192.0.2.1:51820", `, 9) + "]", ":19:3: endpoints: 9 endpoints: an advert carries at most 8"},
+		{"zoned bind", `bind  = "192.0.2.1:7946"`, `bind  = "[fe80::1%eth0]:7946"`, "advertise: gateways cannot reach [fe80::1%eth0]:7946 (a zone (%eth0)"},
+		{"zoned advertise", `bind  = "192.0.2.1:7946"`, "bind  = \"192.0.2.1:7946\"\n  advertise = \"[fe80::1%eth0]:7946\"", ":15:3: advertise: gateways cannot reach [fe80::1%eth0]:7946 (a zone (%eth0)"},
+		{"zoned seed", `"198.51.100.1"`, `"fe80::1%eth0"`, "seeds: \"fe80::1%eth0\": a zone (%eth0)"},
+		{"zoned enroll advertise", `dir = "/var/lib/skybridge/identity"`, "dir = \"/var/lib/skybridge/identity\"\n  ca_dir = \"/etc/skybridge/ca\"\n}\nenroll {\n  advertise = \"[fe80::1%eth0]:7947\"", ":15:3: advertise: join tokens must name an address and port burst gateways can reach (a zone (%eth0)"},
 		{"multicast endpoint", `interface = "sb0"`, "interface = \"sb0\"\n  endpoints = [\"224.0.0.1:51820\"]", "endpoints: \"224.0.0.1:51820\": a multicast address"},
 		{"unspecified endpoint", `interface = "sb0"`, "interface = \"sb0\"\n  endpoints = [\"0.0.0.0\"]", "endpoints: \"0.0.0.0\": no address to reach"},
 		{"empty policy file", `interface = "sb0"`, "interface = \"sb0\"\n}\npolicy {\n  file = \"\"", "file: is empty: name the signed residency policy"},
@@ -131,6 +143,52 @@ func TestLoadConfigErrors(t *testing.T) {
 				t.Fatalf("err = %v, want it to contain %q and the file name", err, tc.want)
 			}
 		})
+	}
+}
+
+// TestEndpointsFitTheAdvert: the endpoints a configuration loads with are
+// ones the advert the gateway signs at its start carries: those it would
+// refuse (a zone, more than it holds) are refused where they are written.
+func TestEndpointsFitTheAdvert(t *testing.T) {
+	ca, err := certs.InitCA(filepath.Join(t.TempDir(), "ca"), certs.InitOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, err := ca.IssueIdentity(certs.Attributes{Node: "gw1", Site: "onprem-zrh", Region: "zrh-dc1", Provider: "onprem", Jurisdiction: "CH",
+		OverlayIP: netip.MustParseAddr("100.96.0.1")}, time.Hour, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	endpoints := func(n int) string {
+		var l []string
+		for i := range n {
+			l = append(l, fmt.Sprintf("%q", netip.AddrPortFrom(netip.MustParseAddr("2001:db8::1"), uint16(51820+i))))
+		}
+		return "interface = \"sb0\"\n  endpoints = [" + strings.Join(l, ", ") + "]"
+	}
+	for _, tc := range []struct {
+		name, old, new string
+		loads          bool
+	}{
+		{"eight endpoints", `interface = "sb0"`, endpoints(certs.MaxEndpoints), true},
+		{"nine endpoints", `interface = "sb0"`, endpoints(certs.MaxEndpoints + 1), false},
+		{"zoned endpoint", `interface = "sb0"`, "interface = \"sb0\"\n  endpoints = [\"[fe80::1%eth0]:51820\"]", false},
+		// A zone where the gateway listens is its own business.
+		{"zoned bind, advertise without", `bind  = "192.0.2.1:7946"`, "bind  = \"[fe80::1%eth0]:7946\"\n  advertise = \"[2001:db8::1]:7946\"", true},
+		{"zoned bind", `bind  = "192.0.2.1:7946"`, `bind  = "[fe80::1%eth0]:7946"`, false},
+	} {
+		s, err := LoadConfig(writeConfig(t, strings.Replace(goodConfig, tc.old, tc.new, 1)))
+		if (err == nil) != tc.loads {
+			t.Errorf("%s: loads %v (%v); want %v", tc.name, err == nil, err, tc.loads)
+		}
+		if err != nil {
+			continue
+		}
+		a := id.Attributes()
+		if _, err := certs.SignAdvert(&certs.Advert{Version: 1, Timestamp: time.Now(), Node: a.Node, Site: a.Site, Region: a.Region, Provider: a.Provider,
+			Jurisdiction: a.Jurisdiction, OverlayIP: a.OverlayIP, Endpoints: s.Endpoints}, id); err != nil {
+			t.Errorf("%s: loaded with endpoints %v, which the advert refuses: %v", tc.name, s.Endpoints, err)
+		}
 	}
 }
 
