@@ -255,6 +255,11 @@ func (c *Config) validate() (*Settings, error) {
 		if s.GossipAdvertise, err = parseAddrPort(g.Advertise, DefaultGossipPort); err != nil {
 			errs = append(errs, hclconf.Errorf(g.Body, "advertise", "%v", err))
 		}
+		if s.GossipBind.IsValid() && s.GossipBind.Port() == 0 && s.GossipAdvertise.Port() != 0 {
+			// Nothing would answer at the port advertised. (Without
+			// advertise, the advertised port 0 is refused below.)
+			errs = append(errs, hclconf.Errorf(g.Body, "bind", "port 0 lets the kernel pick a port, not the %d advertise names: give that one", s.GossipAdvertise.Port()))
+		}
 	}
 	if err := reachable(s.GossipAdvertise); err != nil && s.GossipAdvertise.IsValid() {
 		errs = append(errs, hclconf.Errorf(g.Body, "advertise", "gateways cannot reach %s (%v); set advertise to an address and port they can", s.GossipAdvertise, err))
@@ -450,6 +455,10 @@ func (s *Settings) enroll(e *EnrollConfig) error {
 	if listen != "" {
 		if s.EnrollListen, err = parseAddrPort(listen, DefaultEnrollPort); err != nil {
 			return hclconf.Errorf(body, "listen", "%v, or \"off\"", err)
+		}
+		if s.EnrollListen.Port() == 0 {
+			// Join tokens would name another: advertise's, or port 0.
+			return hclconf.Errorf(body, "listen", "port 0 lets the kernel pick a port, which join tokens cannot name: give one (default %d), or \"off\"", DefaultEnrollPort)
 		}
 	}
 	s.EnrollAdvertise = netip.AddrPortFrom(s.GossipAdvertise.Addr(), s.EnrollListen.Port())

@@ -113,6 +113,11 @@ func TestLoadConfigErrors(t *testing.T) {
 		{"interface name with a slash", `interface = "sb0"`, `interface = "sb 0/x"`, ":18:3: interface: \"sb 0/x\": an interface name has 1 to 15 characters, none of them '/'"},
 		{"interface name template", `interface = "sb0"`, `interface = "sb%d"`, "interface: \"sb%d\""},
 		{"bind on port 0", `bind  = "192.0.2.1:7946"`, `bind  = "192.0.2.1:0"`, "advertise: gateways cannot reach 192.0.2.1:0 (port 0 is no port to reach)"},
+		// Port 0 where a port is advertised: the kernel would pick
+		// another, where no gateway or burst gateway is sent.
+		{"bind on port 0, advertised on a port", `bind  = "192.0.2.1:7946"`, "bind  = \"192.0.2.1:0\"\n  advertise = \"192.0.2.1:7946\"", ":14:3: bind: port 0 lets the kernel pick a port, not the 7946 advertise names"},
+		{"enroll listen on port 0", `dir = "/var/lib/skybridge/identity"`, "dir = \"/var/lib/skybridge/identity\"\n  ca_dir = \"/etc/skybridge/ca\"\n}\nenroll {\n  listen = \"192.0.2.1:0\"", ":15:3: listen: port 0 lets the kernel pick a port, which join tokens cannot name"},
+		{"enroll listen on port 0, advertised on a port", `dir = "/var/lib/skybridge/identity"`, "dir = \"/var/lib/skybridge/identity\"\n  ca_dir = \"/etc/skybridge/ca\"\n}\nenroll {\n  listen = \"192.0.2.1:0\"\n  advertise = \"192.0.2.1:7947\"", ":15:3: listen: port 0 lets the kernel pick a port, which join tokens cannot name"},
 		{"seed on port 0", `"198.51.100.1"`, `"198.51.100.1:0"`, "seeds: \"198.51.100.1:0\": port 0"},
 		// What the advert the gateway signs at its start would refuse.
 		{"zoned endpoint", `interface = "sb0"`, "interface = \"sb0\"\n  endpoints = [\"[fe80::1%eth0]:51820\"]", ":19:3: endpoints: \"[fe80::1%eth0]:51820\": a zone (%eth0)"},
