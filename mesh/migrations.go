@@ -455,7 +455,7 @@ func (g *Gateway) StartMigration(req MigrationRequest) (*runningMigration, strin
 		ID: id, Image: req.Image, Name: req.Name, Class: req.Class, Format: req.Format, SourceFormat: req.SourceFormat, Streams: req.Streams, BWLimit: req.BWLimit,
 		From: g.id.Load().Attributes(), To: migrate.Peer{Attributes: dest.Attributes, Addr: netip.AddrPortFrom(dest.Attributes.OverlayIP, migrate.DefaultPort),
 			Via: g.via(g.id.Load().Attributes(), dest.Attributes)},
-		Policy: pol, Identity: g.id.Load(), Trust: g.trust.Load(), TrustNow: g.trust.Load, Dial: g.dev.Dial,
+		Policy: pol, Identity: g.id.Load, Trust: g.trust.Load(), TrustNow: g.trust.Load, Dial: g.dev.Dial,
 		Journal: m.journal, Audit: m.audit, Log: log, Progress: run.publish, Observer: g.metrics,
 	}
 	go func() {

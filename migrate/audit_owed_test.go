@@ -1,13 +1,17 @@
 package migrate
 
 import (
+	"bytes"
 	"context"
 	"os"
 	"path/filepath"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/skybridge-mesh/skybridge/certs"
 )
 
 // TestResumeWritesTheEarlierAttemptsRecord: a send interrupted by a stop
@@ -72,5 +76,52 @@ func TestOwedRecordWrittenOnce(t *testing.T) {
 	}
 	if n != 1 {
 		t.Fatalf("the owed record written %d times; want once", n)
+	}
+}
+
+// TestSendSignsItsEndWithTheIdentityOfThen: a send that outlasts its
+// gateway's certificate, renewed meanwhile, signs its record with the
+// renewed one: signed with the one it began with, the record would not
+// verify, nor any after it. Without a renewal the log refuses the record,
+// which the journal keeps owed for the next start or resume.
+func TestSendSignsItsEndWithTheIdentityOfThen(t *testing.T) {
+	for _, renew := range []bool{true, false} {
+		p := newPair(t, "CH")
+		var current atomic.Pointer[certs.NodeIdentity]
+		current.Store(p.from)
+		var skew atomic.Int64
+		res := p.slowSendWith(t, 30*time.Millisecond, func(c *SendConfig) {
+			c.Identity = current.Load
+			c.Now = func() time.Time { return time.Now().Add(time.Duration(skew.Load())) }
+		})
+		// Under way, the transfer ends after the certificate it began
+		// with: the clock moved on as hours of transfer would.
+		renewed, err := p.ca.IssueIdentity(*p.from.Attributes(), 3*time.Hour, time.Now())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if renew {
+			current.Store(renewed)
+		}
+		skew.Store(int64(time.Until(p.from.Certificate().NotAfter) + time.Minute))
+		if err := <-res; err != nil {
+			t.Fatalf("send: %v", err)
+		}
+		sends, err := p.sendJ.Sends()
+		if err != nil || len(sends) != 1 {
+			t.Fatal(sends, err)
+		}
+		if !renew {
+			if !sends[0].AuditPending {
+				t.Fatal("a record the log refused is not kept owed")
+			}
+			if err := AuditInterrupted(p.sendJ, p.sendAudit, renewed, &sends[0], time.Now().Add(time.Duration(skew.Load()))); err != nil {
+				t.Fatal(err)
+			}
+		}
+		recs := p.records(t, p.sendAudit) // verified
+		if len(recs) != 1 || !bytes.Equal(recs[0].Cert, renewed.Certificate().Raw) {
+			t.Fatalf("renewed %v: %d records; want 1, signed with the renewed certificate", renew, len(recs))
+		}
 	}
 }

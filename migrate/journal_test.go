@@ -104,9 +104,9 @@ func TestEndInterrupted(t *testing.T) {
 		t.Fatalf("a second start before the records were written: %+v, %v; want both again, ended at %s", again, err, now)
 	}
 	log := audit.Open(filepath.Join(t.TempDir(), "audit.log"))
-	id := testIdentity(t)
+	id := testIdentity(t) // valid now, not when the sends ended: recorded now
 	for i := range again {
-		if err := AuditInterrupted(j, log, id, &again[i], now); err != nil {
+		if err := AuditInterrupted(j, log, id, &again[i], time.Now()); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -140,8 +140,8 @@ func TestEndInterruptedAuditPending(t *testing.T) {
 	if err := os.WriteFile(log.Path(), []byte("not a record\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	id := testIdentity(t)
-	if err := AuditInterrupted(j, log, id, &ended[0], started.Add(time.Hour)); err == nil {
+	id := testIdentity(t) // valid now, not when the send ended: recorded now
+	if err := AuditInterrupted(j, log, id, &ended[0], time.Now()); err == nil {
 		t.Fatal("a record appended to a damaged log")
 	}
 	again, err := j.EndInterrupted(started.Add(time.Hour))
@@ -149,7 +149,7 @@ func TestEndInterruptedAuditPending(t *testing.T) {
 		t.Fatalf("the next start handed back %+v, %v; want the send whose record is still owed", again, err)
 	}
 	os.Remove(log.Path())
-	if err := AuditInterrupted(j, log, id, &again[0], started.Add(time.Hour)); err != nil {
+	if err := AuditInterrupted(j, log, id, &again[0], time.Now()); err != nil {
 		t.Fatal(err)
 	}
 	if again, err := j.EndInterrupted(started.Add(time.Hour)); err != nil || len(again) != 0 {

@@ -156,7 +156,7 @@ func (p *pair) config(image, class string) SendConfig {
 	return SendConfig{
 		Image: image, Class: class, Streams: 3,
 		From: p.from.Attributes(), To: Peer{Attributes: p.to.Attributes(), Addr: p.addr},
-		Policy: p.pol, Identity: p.from, Trust: p.tb, Journal: p.sendJ, Audit: p.sendAudit,
+		Policy: p.pol, Identity: func() *certs.NodeIdentity { return p.from }, Trust: p.tb, Journal: p.sendJ, Audit: p.sendAudit,
 		Dial: func(ctx context.Context, addr string) (net.Conn, error) { return d.DialContext(ctx, "tcp", addr) },
 		Log:  slog.New(slog.DiscardHandler),
 	}
@@ -2684,7 +2684,7 @@ func TestStoredImageKeepsItsSite(t *testing.T) {
 		}
 		t.Cleanup(func() { j.Close() })
 		cfg := p.config(raw, "pii-eu")
-		cfg.From, cfg.Identity, cfg.Journal = id.Attributes(), id, j
+		cfg.From, cfg.Identity, cfg.Journal = id.Attributes(), func() *certs.NodeIdentity { return id }, j
 		return cfg
 	}
 	other := as(issue("gw-gva", "onprem-gva", 3))
@@ -2704,7 +2704,7 @@ func TestStoredImageKeepsItsSite(t *testing.T) {
 	if err := p.recvJ.addChunks("recv", held.ID, map[int64]Hash{0: {1}}); err != nil {
 		t.Fatal(err)
 	}
-	c := p.dial(t, other.Identity)
+	c := p.dial(t, other.Identity())
 	cw, cr := newFrameWriter(c), newFrameReader(c)
 	if err := cw.json(frameOffer, Offer{ID: held.ID, Name: "vm2", Class: "pii-eu", Format: FormatRaw, Size: 4 * mib, ChunkSize: mib, Streams: 1}); err != nil {
 		t.Fatal(err)

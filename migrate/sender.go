@@ -161,10 +161,14 @@ type SendConfig struct {
 	// resume reads the image as its first attempt did.
 	SourceFormat string
 
-	From     *certs.Attributes // this gateway
-	To       Peer
-	Policy   *policy.Policy // the residency policy in force here
-	Identity *certs.NodeIdentity
+	From   *certs.Attributes // this gateway
+	To     Peer
+	Policy *policy.Policy // the residency policy in force here
+	// Identity is this gateway's identity, read when it is used: a
+	// migration that outlasts a renewal signs its end's record with the
+	// renewed one, the one it began with having maybe expired, or been
+	// revoked, since (a record it signed then would not verify).
+	Identity func() *certs.NodeIdentity
 	Trust    *certs.TrustBundle
 	// TrustNow, if set, is the trust bundle as it changes during the
 	// migration (a newer revocation list): a destination revoked
@@ -406,7 +410,7 @@ func startRecord(cfg *SendConfig, sid SourceID) (*SendRecord, error) {
 			// overwrites it: its record is owed when a stop, or an audit
 			// log that could not take it then, left it unwritten.
 			if old.AuditPending && cfg.Audit != nil {
-				if err := AuditInterrupted(cfg.Journal, cfg.Audit, cfg.Identity, old, cfg.Now()); err != nil {
+				if err := AuditInterrupted(cfg.Journal, cfg.Audit, cfg.Identity(), old, cfg.Now()); err != nil {
 					return nil, fmt.Errorf("migration %s: the audit record of its earlier attempt cannot be written (%v); it resumes once the audit log takes it: check the log (skybridge audit verify) and the disk's free space", cfg.ID, err)
 				}
 			}
@@ -519,7 +523,7 @@ func (s *sender) finish(err error) {
 		s.cfg.Log.Error("journal", "err", perr)
 	}
 	if f != nil {
-		if _, err := s.cfg.Audit.Append(s.cfg.Identity, "migration", f, s.cfg.Now()); err != nil {
+		if _, err := s.cfg.Audit.Append(s.cfg.Identity(), "migration", f, s.cfg.Now()); err != nil {
 			s.cfg.Log.Error("audit log: the migration's record is kept in the journal and written at the next start or resume; check the log (skybridge audit verify) and the disk's free space", "err", err)
 		} else {
 			s.rec.AuditPending, s.rec.AuditOwed = false, nil
@@ -646,7 +650,7 @@ func (s *sender) dial(ctx context.Context) (*tls.Conn, error) {
 	if err != nil {
 		return nil, fmt.Errorf("reach %s at %s: %w", s.cfg.To.Attributes.Node, s.cfg.To.Addr, err)
 	}
-	c := tls.Client(raw, clientTLS(s.cfg.Identity, s.cfg.Trust, s.cfg.To.Attributes, s.cfg.Now))
+	c := tls.Client(raw, clientTLS(s.cfg.Identity(), s.cfg.Trust, s.cfg.To.Attributes, s.cfg.Now))
 	if err := c.HandshakeContext(dctx); err != nil {
 		raw.Close()
 		if ctx.Err() == nil && dctx.Err() != nil {

@@ -68,7 +68,16 @@ func (l *Log) Path() string { return l.path }
 
 // Append signs and appends a record. Appends from several processes are
 // serialized by a file lock; the record is fsynced before Append returns.
+// It refuses a record, writing nothing, when id's certificate is not
+// valid at the record's time: Verify would refuse it, and the records
+// chained after it.
 func (l *Log) Append(id *certs.NodeIdentity, event string, fields map[string]any, now time.Time) (*Record, error) {
+	// Refused before the log is touched (created, put aside) when the
+	// clock is outside the certificate's validity: the record's time is
+	// the clock's, or a later one within it (appendTo).
+	if err := l.validAt(id.Certificate(), now.UTC()); err != nil {
+		return nil, err
+	}
 	// Again after the log was put aside, by this writer or another: a
 	// few times at most, unless something keeps replacing the file.
 	for range 8 {
@@ -176,15 +185,29 @@ func (l *Log) appendTo(f *os.File, id *certs.NodeIdentity, event string, fields 
 		return nil, fmt.Errorf("audit record fields: %w", err)
 	}
 	event = strings.ToValidUTF8(event, "\uFFFD") // the event's name likewise
-	r := &Record{Seq: seq + 1, Time: now.UTC(), Node: id.Attributes().Node, Event: event, Fields: fields, Cert: id.Certificate().Raw}
+	cert := id.Certificate()
+	r := &Record{Seq: seq + 1, Time: now.UTC(), Node: id.Attributes().Node, Event: event, Fields: fields, Cert: cert.Raw}
 	if last != nil {
 		sum := sha256.Sum256(last)
 		r.Prev = hex.EncodeToString(sum[:])
 		// Records are in time order, whatever the clock did (a step
-		// back): Verify holds a revoked key's records to it.
-		if prev.Time.After(r.Time) {
+		// back): Verify holds a revoked key's records to it. But never
+		// past the end of the certificate that signs: a record dated
+		// there was dated by a clock that ran ahead (under a longer
+		// certificate), and dated after it, every record would be
+		// refused below until the clock caught up. This one is dated by
+		// the clock, before it; Verify judges a revoked key's records by
+		// the latest record before them, not by their order.
+		if prev.Time.After(r.Time) && !prev.Time.After(cert.NotAfter) {
 			r.Time = prev.Time
 		}
+	}
+	// Signed by a certificate not valid at its time, a record never
+	// verifies, nor does the chain through it to the records after it:
+	// refused, for the caller to keep and write once the identity is
+	// renewed or the clock is right.
+	if err := l.validAt(cert, r.Time); err != nil {
+		return nil, err
 	}
 	d, err := r.digest()
 	if err != nil {
@@ -209,6 +232,21 @@ func (l *Log) appendTo(f *os.File, id *certs.NodeIdentity, event string, fields 
 	sum := sha256.Sum256(line)
 	atomicfile.WriteJSON(l.path+headSuffix, head{Seq: r.Seq, SHA256: hex.EncodeToString(sum[:])}, 0o600)
 	return r, nil
+}
+
+// validAt says whether cert is valid at t as Verify judges it: from its
+// NotBefore less the clock skew allowed, to its NotAfter.
+func (l *Log) validAt(cert *x509.Certificate, t time.Time) error {
+	serial := certs.FormatSerial(cert.SerialNumber)
+	if t.After(cert.NotAfter) {
+		return fmt.Errorf("audit log %s: the gateway's certificate %s expired at %s, before the record's time %s, and a record it signed would not verify: renew the gateway's identity (or set its clock right, if that is what is wrong)",
+			l.path, serial, cert.NotAfter.UTC().Format(time.RFC3339), t.Format(time.RFC3339))
+	}
+	if t.Before(certs.ValidFrom(cert)) {
+		return fmt.Errorf("audit log %s: the gateway's certificate %s is valid only from %s (%s earlier allowed), after the record's time %s, and a record it signed would not verify: set the gateway's clock right",
+			l.path, serial, cert.NotBefore.UTC().Format(time.RFC3339), certs.MaxClockSkew, t.Format(time.RFC3339))
+	}
+	return nil
 }
 
 // roundTrip is fields encoded and decoded again by encoding/json.

@@ -183,6 +183,80 @@ func TestAppendInTimeOrder(t *testing.T) {
 	}
 }
 
+// TestAppendOnlyWithinTheCertificatesValidity: a record is not signed
+// by a certificate that is not valid at its time (a send that began
+// before a renewal, a clock far off): it would not verify, nor would any
+// record chained after it. Nothing is written; the log goes on whole
+// once a valid certificate signs.
+func TestAppendOnlyWithinTheCertificatesValidity(t *testing.T) {
+	ca, tb := testCA(t)
+	old := issue(t, ca, "gw1", "100.96.0.1", t0)
+	path := filepath.Join(t.TempDir(), "audit.log")
+	l := Open(path)
+	if _, err := l.Append(old, "migration", map[string]any{"n": 1}, t0.Add(time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	before, _ := os.ReadFile(path)
+	head, _ := os.ReadFile(path + headSuffix)
+	if _, err := l.Append(old, "migration", map[string]any{"n": 2}, old.Certificate().NotAfter.Add(time.Minute)); err == nil || !strings.Contains(err.Error(), "expired") || !strings.Contains(err.Error(), "renew") {
+		t.Fatalf("a record after its certificate's end: %v; want it refused, saying to renew", err)
+	}
+	early := issue(t, ca, "gw1", "100.96.0.1", t0.Add(48*time.Hour))
+	if _, err := l.Append(early, "migration", map[string]any{"n": 2}, t0.Add(2*time.Hour)); err == nil || !strings.Contains(err.Error(), "valid only from") {
+		t.Fatalf("a record before its certificate's start: %v; want it refused", err)
+	}
+	if after, _ := os.ReadFile(path); !bytes.Equal(after, before) {
+		t.Fatalf("refused records changed the log:\n%s", after)
+	}
+	if h, _ := os.ReadFile(path + headSuffix); !bytes.Equal(h, head) {
+		t.Fatalf("refused records changed the head: %s", h)
+	}
+	renewed := issue(t, ca, "gw1", "100.96.0.1", t0.Add(20*time.Hour))
+	if _, err := l.Append(renewed, "migration", map[string]any{"n": 2}, old.Certificate().NotAfter.Add(time.Minute)); err != nil {
+		t.Fatal(err)
+	}
+	b, _ := os.ReadFile(path)
+	if rep, err := Verify(bytes.NewReader(b), tb); err != nil || rep.Records != 2 {
+		t.Fatalf("%+v, %v", rep, err)
+	}
+}
+
+// TestAppendAfterAClockAhead: a clock that ran ahead once dates a record
+// far on (within a long certificate's validity); the records after it
+// are not dated there too, past the end of the shorter certificate that
+// signs them — every one would be refused until the clock caught up —
+// but by the clock, and the log verifies.
+func TestAppendAfterAClockAhead(t *testing.T) {
+	ca, tb := testCA(t)
+	long, err := ca.IssueIdentity(certs.Attributes{Node: "gw1", Site: "s", Region: "r", Provider: "aws", Jurisdiction: "DE", OverlayIP: netip.MustParseAddr("100.96.0.1")}, 30*24*time.Hour, t0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := Open(filepath.Join(t.TempDir(), "audit.log"))
+	l.Append(long, "migration", map[string]any{"n": 1}, t0.Add(time.Hour))
+	if _, err := l.Append(long, "image", map[string]any{"n": 2}, t0.Add(20*24*time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	renewed := issue(t, ca, "gw1", "100.96.0.1", t0.Add(2*time.Hour))
+	for i, at := range []time.Time{t0.Add(3 * time.Hour), t0.Add(4 * time.Hour)} {
+		r, err := l.Append(renewed, "migration", map[string]any{"n": 3 + i}, at)
+		if err != nil {
+			t.Fatalf("a record at %v after one dated %v, its certificate ending %v: %v", at, t0.Add(20*24*time.Hour), renewed.Certificate().NotAfter, err)
+		}
+		if !r.Time.Equal(at) {
+			t.Fatalf("a record at %v after one dated %v is dated %v; want it dated by the clock, within its certificate (to %v)", at, t0.Add(20*24*time.Hour), r.Time, renewed.Certificate().NotAfter)
+		}
+	}
+	// Within the signer's validity, the record ahead still dates it.
+	if r, err := l.Append(renewed, "migration", nil, t0.Add(3*time.Hour)); err != nil || !r.Time.Equal(t0.Add(4*time.Hour)) {
+		t.Fatalf("a record after the clock stepped back an hour: %v; want it dated as the one before", err)
+	}
+	b, _ := os.ReadFile(l.Path())
+	if rep, err := Verify(bytes.NewReader(b), tb); err != nil || rep.Records != 5 {
+		t.Fatalf("%+v, %v", rep, err)
+	}
+}
+
 func testCA(t *testing.T) (*certs.CA, *certs.TrustBundle) {
 	ca, err := certs.InitCA(filepath.Join(t.TempDir(), "ca"), certs.InitOptions{Now: t0.Add(-time.Hour)})
 	if err != nil {
