@@ -110,10 +110,31 @@ func (g *Gateway) storedImagesAffected() {
 	}
 }
 
-// atRestSeen is what the loop last said of an image.
-type atRestSeen struct {
+// atRestVerdict is a verdict on an image as stored.
+type atRestVerdict struct {
 	root    migrate.Hash
 	outside bool
+}
+
+// atRestSeen is what the loop last said of an image: in the gateway's
+// log, and in the audit log, which is behind while it refuses the record
+// (every pass tries again; the gateway's log says it once).
+type atRestSeen struct {
+	logged   atRestVerdict
+	recorded *atRestVerdict // nil: nothing recorded since the image was first judged
+}
+
+// atRestChange is what verdict says after was (nil: nothing said yet):
+// "out-of-policy", "in-policy", or "" for nothing new.
+func atRestChange(was *atRestVerdict, verdict atRestVerdict) string {
+	same := was != nil && was.root == verdict.root
+	switch {
+	case verdict.outside && !(same && was.outside):
+		return "out-of-policy"
+	case !verdict.outside && same && was.outside:
+		return "in-policy"
+	}
+	return ""
 }
 
 // residencyLoop judges the stored images whenever something they depend
@@ -155,7 +176,8 @@ func (g *Gateway) residencyLoop(ctx context.Context) {
 }
 
 // judgeStored judges imgs under the policy in force, logs and audits
-// what changed since seen (updated), publishes the counts, and returns
+// what changed since seen (updated; a record the audit log refuses is
+// owed there, for the next pass), publishes the counts, and returns
 // when a verdict may change by itself next (zero: not by itself).
 func (g *Gateway) judgeStored(imgs []migrate.ImageRecord, seen map[string]atRestSeen) time.Time {
 	ap := g.policy.Load()
@@ -177,34 +199,49 @@ func (g *Gateway) judgeStored(imgs []migrate.ImageRecord, seen map[string]atRest
 		if !a.Allowed {
 			outside[img.Class]++
 		}
+		verdict := atRestVerdict{root: img.Root, outside: !a.Allowed}
 		prev, known := seen[img.Name]
-		seen[img.Name] = atRestSeen{root: img.Root, outside: !a.Allowed}
-		same := known && prev.root == img.Root
-		var action string
-		switch {
-		case !a.Allowed && !(same && prev.outside):
-			action = "out-of-policy"
+		var logged *atRestVerdict
+		if known {
+			logged = &prev.logged
+		}
+		told := atRestChange(logged, verdict)
+		switch told {
+		case "out-of-policy":
 			g.log.Warn("a stored image is outside the residency policy in force: move it to a site the policy allows and remove it here (skybridge migrate remove); the move is a transit from this site, which the policy must allow too (an exception for the move where it does not)",
 				"name", img.Name, "class", img.Class, "rule", a.Rule, "reason", strings.Join(a.Reasons, "; "), "policy", a.Policy)
-		case a.Allowed && same && prev.outside:
-			action = "in-policy"
+		case "in-policy":
 			g.log.Info("a stored image is within the residency policy in force again", "name", img.Name, "class", img.Class, "rule", a.Rule, "policy", a.Policy)
-		default:
-			continue
 		}
-		if g.mig.audit == nil {
-			continue
+		// Judged against what the audit log has, not what the gateway's
+		// log said: a record the audit log refused is written at a later
+		// pass, rather than lost while the gateway runs.
+		action := atRestChange(prev.recorded, verdict)
+		if action != "" && g.mig.audit != nil {
+			f := map[string]any{
+				"action": action, "name": img.Name, "class": img.Class, "root": img.Root.String(), "format": img.Format,
+				"site": self.Site, "jurisdiction": self.Jurisdiction, "policy": a.Policy, "rule": a.Rule, "reasons": a.Reasons,
+			}
+			if a.Exception != "" {
+				f["exception"] = a.Exception
+			}
+			if told == "" {
+				f["recovered"] = "recorded late: the audit log did not take it when the verdict changed"
+			}
+			if _, err := g.mig.audit.Append(id, "image", f, now); err != nil {
+				// Said once per verdict, not at every pass while the
+				// log refuses.
+				if told != "" {
+					g.log.Error("audit log: a stored image's residency verdict is not recorded; it is tried again at every check until the log takes it", "name", img.Name, "action", action, "err", err)
+				}
+				seen[img.Name] = atRestSeen{logged: verdict, recorded: prev.recorded}
+				continue
+			}
+			if told == "" {
+				g.log.Warn("wrote the audit record of a stored image's residency verdict, which the audit log refused when it changed", "name", img.Name, "action", action)
+			}
 		}
-		f := map[string]any{
-			"action": action, "name": img.Name, "class": img.Class, "root": img.Root.String(), "format": img.Format,
-			"site": self.Site, "jurisdiction": self.Jurisdiction, "policy": a.Policy, "rule": a.Rule, "reasons": a.Reasons,
-		}
-		if a.Exception != "" {
-			f["exception"] = a.Exception
-		}
-		if _, err := g.mig.audit.Append(id, "image", f, now); err != nil {
-			g.log.Error("audit log: a stored image's residency verdict is not recorded", "name", img.Name, "action", action, "err", err)
-		}
+		seen[img.Name] = atRestSeen{logged: verdict, recorded: &verdict}
 	}
 	for name := range seen {
 		if !names[name] {

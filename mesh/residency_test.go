@@ -166,6 +166,72 @@ func TestJudgeStored(t *testing.T) {
 	}
 }
 
+// TestJudgeStoredRecordRefused: an image leaving the policy while the
+// audit log cannot take a record (a damaged end, a full disk) has its
+// record written once the log takes it, not lost while the gateway runs;
+// the gateway's log says the verdict and the refusal once, not at every
+// pass the log still refuses.
+func TestJudgeStoredRecordRefused(t *testing.T) {
+	dir := t.TempDir()
+	ca := meshCA(t, dir)
+	id, err := ca.IssueIdentity(certs.Attributes{Node: "gw-fra", Site: "fra-dc", Region: "eu-central-1", Provider: "onprem", Jurisdiction: "DE",
+		OverlayIP: netip.MustParseAddr("100.64.0.9")}, 7*24*time.Hour, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	now := time.Now().Truncate(time.Second)
+	expires := now.Add(time.Hour)
+	var logs bytes.Buffer
+	g := &Gateway{now: func() time.Time { return now }, log: slog.New(slog.NewTextHandler(&logs, nil))}
+	g.id.Store(id)
+	logPath := filepath.Join(dir, "audit.log")
+	g.mig = &migrations{audit: audit.Open(logPath), atRest: atRestState{kick: make(chan struct{}, 1)}}
+	g.policy.Store(&adoptedPolicy{p: residencyPolicy(t, 1, expires, "enforce")})
+	imgs := []migrate.ImageRecord{{Name: "crm", Class: "pii-eu", Format: migrate.FormatRaw, Root: migrate.Hash{1}}}
+	seen := map[string]atRestSeen{}
+	g.judgeStored(imgs, seen) // allowed by the exception: nothing to record
+
+	// The exception runs out while the log's last line is damaged.
+	if err := os.WriteFile(logPath, []byte("not a record\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	now = expires.Add(time.Second)
+	for range 3 {
+		g.judgeStored(imgs, seen)
+		now = now.Add(time.Minute)
+	}
+	if n := strings.Count(logs.String(), "verdict is not recorded"); n != 1 {
+		t.Fatalf("the refusal logged %d times over three passes; want once:\n%s", n, logs.String())
+	}
+	os.Remove(logPath) // repaired
+	for range 3 {
+		g.judgeStored(imgs, seen)
+		now = now.Add(time.Minute)
+	}
+	b, _ := os.ReadFile(logPath)
+	tb, _ := ca.TrustBundle()
+	if _, err := audit.Verify(bytes.NewReader(b), tb); err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for line := range bytes.Lines(b) {
+		var r audit.Record
+		if err := json.Unmarshal(line, &r); err != nil {
+			t.Fatal(err)
+		}
+		got = append(got, r.Fields["action"].(string))
+		if r.Fields["recovered"] == nil {
+			t.Errorf("a record written late does not say so: %v", r.Fields)
+		}
+	}
+	if len(got) != 1 || got[0] != "out-of-policy" {
+		t.Fatalf("records %q; want the one out-of-policy record, once the log took it", got)
+	}
+	if n := strings.Count(logs.String(), "outside the residency policy"); n != 1 {
+		t.Fatalf("the verdict logged %d times; want once:\n%s", n, logs.String())
+	}
+}
+
 // TestAtRestMetrics: the stored images and those outside the policy, by
 // class, as the residency loop last counted them.
 func TestAtRestMetrics(t *testing.T) {
