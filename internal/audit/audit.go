@@ -117,7 +117,7 @@ func (l *Log) append(id *certs.NodeIdentity, event string, fields map[string]any
 	case !os.SameFile(held, cur):
 		return nil, true, nil
 	}
-	last, seq, err := lastLine(f)
+	last, seq, err := l.lastLine(f)
 	if err != nil {
 		return nil, false, err
 	}
@@ -277,14 +277,10 @@ type head struct {
 // for an empty log) with the head beside it. A log ahead of its head is
 // fine (the head's write after an append failed); one behind is not.
 func (l *Log) checkHead(last []byte, seq uint64) error {
-	var h head
-	found, err := atomicfile.ReadJSON(l.path+headSuffix, &h)
+	h, found, err := l.readHead()
 	switch {
-	case errors.Is(err, atomicfile.ErrDamaged):
-		// Written whole or not at all: damaged from outside.
-		return fmt.Errorf("audit log head: %w: check the log with `skybridge audit verify --log %s`; if it is intact, move %s aside (the next record writes a new one)", err, l.path, l.path+headSuffix)
 	case err != nil:
-		return fmt.Errorf("audit log head: %w", err)
+		return err
 	case !found || seq > h.Seq:
 		return nil
 	case seq < h.Seq:
@@ -294,6 +290,19 @@ func (l *Log) checkHead(last []byte, seq uint64) error {
 		return fmt.Errorf("audit log %s: its last record (%d) is not the one written: the log was replaced; restore it from a backup, or move it and %s aside to start a new log", l.path, seq, l.path+headSuffix)
 	}
 	return nil
+}
+
+// readHead reads the head beside the log; found is false if there is none.
+func (l *Log) readHead() (h head, found bool, err error) {
+	found, err = atomicfile.ReadJSON(l.path+headSuffix, &h)
+	switch {
+	case errors.Is(err, atomicfile.ErrDamaged):
+		// Written whole or not at all: damaged from outside.
+		return h, false, fmt.Errorf("audit log head: %w: check the log with `skybridge audit verify --log %s`; if it is intact, move %s aside (the next record writes a new one)", err, l.path, l.path+headSuffix)
+	case err != nil:
+		return h, false, fmt.Errorf("audit log head: %w", err)
+	}
+	return h, found, nil
 }
 
 // HasHead reports whether a head lies beside the log: one was written
@@ -383,7 +392,7 @@ func (l *Log) Ready() error {
 		return fmt.Errorf("lock audit log: %w", err)
 	}
 	defer syscall.Flock(int(f.Fd()), syscall.LOCK_UN)
-	last, seq, err := lastLine(f)
+	last, seq, err := l.lastLine(f)
 	if err != nil {
 		return err
 	}
@@ -408,15 +417,107 @@ func roomFor(path, at string) error {
 
 // lastLine returns the last record of the log and its sequence number,
 // read from the log's end. Bytes after the last newline are an append cut
-// short (a crash, a full disk): that record was never acknowledged, and
-// they are cut off — left, they would make the log's end unreadable, and
-// every later append fail.
-func lastLine(f *os.File) ([]byte, uint64, error) {
-	end, err := atomicfile.CutPartialLine(f)
+// short (a crash, a full disk), never acknowledged, and cut off — left,
+// they would make the log's end unreadable, and every later append fail —
+// unless they are a whole record that only lost its newline (an editor,
+// a copy): that is put back instead (see wholeTail).
+func (l *Log) lastLine(f *os.File) ([]byte, uint64, error) {
+	end, err := atomicfile.WholeEnd(f)
 	if err != nil {
-		return nil, 0, fmt.Errorf("cut off the audit log's unfinished last record: %w", err)
+		return nil, 0, fmt.Errorf("audit log: %w", err)
+	}
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, 0, fmt.Errorf("audit log: %w", err)
+	}
+	if size := fi.Size(); end < size {
+		whole, err := l.wholeTail(f, end, size)
+		if err != nil {
+			return nil, 0, err
+		}
+		if whole {
+			if _, err := f.Write([]byte{'\n'}); err != nil {
+				return nil, 0, fmt.Errorf("put back the newline of the audit log's last record: %w", err)
+			}
+			if err := f.Sync(); err != nil {
+				return nil, 0, fmt.Errorf("put back the newline of the audit log's last record: %w", err)
+			}
+			end = size + 1
+		} else if err := f.Truncate(end); err != nil {
+			return nil, 0, fmt.Errorf("cut off the audit log's unfinished last record: %w", err)
+		}
 	}
 	return lastRecord(f, end)
+}
+
+// wholeTail reports whether the bytes of f after its last newline (end
+// to size) are a whole record that lost its newline, to be kept, rather
+// than an append cut short, to be cut; an error, with nothing cut, when
+// the log's end cannot be judged. With a head: whole only if it is the
+// record the head names, next after the whole ones (acknowledged: cut,
+// it would be gone); cut if the whole records reach the head (what
+// follows was never acknowledged); left for checkHead to report if they
+// do not — the tail may hold the records missing (line ends turned to
+// CR). Without a head (a log of an earlier release, a first head write
+// that failed): whole if it decodes, is signed by its certificate and
+// chains to the last whole record. JSON decodes only with its closing
+// brace, so an append cut short never passes; kept, it is at worst a
+// record whose append failed after the write, which its writer writes
+// again (a duplicate, which shows); cut, an acknowledged one would be
+// gone without a trace.
+func (l *Log) wholeTail(f *os.File, end, size int64) (bool, error) {
+	if size-end > atomicfile.MaxLine {
+		return false, nil // longer than any record
+	}
+	tail := make([]byte, size-end)
+	if _, err := f.ReadAt(tail, end); err != nil {
+		return false, fmt.Errorf("audit log: %w", err)
+	}
+	tail = bytes.TrimSpace(tail)
+	if len(tail) == 0 {
+		return false, nil
+	}
+	last, seq, err := lastRecord(f, end)
+	if err != nil {
+		return false, err
+	}
+	h, found, err := l.readHead()
+	switch {
+	case err != nil:
+		return false, err
+	case found && seq < h.Seq:
+		if sum := sha256.Sum256(tail); seq+1 == h.Seq && hex.EncodeToString(sum[:]) == h.SHA256 {
+			return true, nil
+		}
+		return false, l.checkHead(last, seq)
+	case found:
+		return false, l.checkHead(last, seq)
+	}
+	var rec Record
+	if json.Unmarshal(tail, &rec) != nil || rec.Seq != seq+1 {
+		return false, nil
+	}
+	want := ""
+	if last != nil {
+		sum := sha256.Sum256(last)
+		want = hex.EncodeToString(sum[:])
+	}
+	return rec.Prev == want && rec.signed(), nil
+}
+
+// signed reports whether the record's signature verifies by the
+// certificate it carries (trusted or not: that is Verify's to judge).
+func (r *Record) signed() bool {
+	cert, err := x509.ParseCertificate(r.Cert)
+	if err != nil {
+		return false
+	}
+	pub, ok := cert.PublicKey.(*ecdsa.PublicKey)
+	if !ok {
+		return false
+	}
+	d, err := r.digest()
+	return err == nil && ecdsa.VerifyASN1(pub, d, r.Sig)
 }
 
 // lastRecord is the last record of f before end, and its number.

@@ -341,6 +341,68 @@ func TestAppendAfterCutShort(t *testing.T) {
 	}
 }
 
+// TestNewlineLostIsPutBack: a log whose last record lost only its
+// newline (an editor, a copy) keeps that record — acknowledged, signed —
+// at the next Ready or Append: the newline is put back, whether the head
+// names the record or, without a head, the record chains to the log.
+// What the head does not prove is cut as an append cut short; a log
+// behind its head is left as it is, whatever its end.
+func TestNewlineLostIsPutBack(t *testing.T) {
+	id, tb := identity(t)
+	path := filepath.Join(t.TempDir(), "audit.log")
+	l := Open(path)
+	for i := range 2 {
+		if _, err := l.Append(id, "migration", map[string]any{"n": i}, t0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	whole, _ := os.ReadFile(path)
+	lines := strings.SplitAfter(string(whole), "\n")
+	os.WriteFile(path, whole[:len(whole)-1], 0o600)
+	if err := l.Ready(); err != nil {
+		t.Fatalf("Ready on a log whose last newline was lost: %v", err)
+	}
+	if b, _ := os.ReadFile(path); !bytes.Equal(b, whole) {
+		t.Fatalf("Ready left the log as\n%s\nwant it whole again", b)
+	}
+
+	// Without a head: the record chains to the log, and is kept.
+	os.WriteFile(path, whole[:len(whole)-1], 0o600)
+	os.Remove(path + headSuffix)
+	if r, err := l.Append(id, "migration", map[string]any{"n": 2}, t0); err != nil {
+		t.Fatalf("append after a lost newline, without a head: %v", err)
+	} else if r.Seq != 3 {
+		t.Fatalf("append after a lost newline, without a head: record %d; want 3", r.Seq)
+	}
+	b, _ := os.ReadFile(path)
+	if rep, err := Verify(bytes.NewReader(b), tb); err != nil || rep.Records != 3 || !bytes.HasPrefix(b, whole) {
+		t.Fatalf("the log after that: %+v, %v", rep, err)
+	}
+	// Without a head, a record that does not chain there (a copy of the
+	// first) is cut, as an append cut short is.
+	os.WriteFile(path, []byte(lines[0]+lines[1]+strings.TrimSpace(lines[0])), 0o600)
+	os.Remove(path + headSuffix)
+	if r, err := l.Append(id, "migration", map[string]any{"n": 2}, t0); err != nil {
+		t.Fatalf("append after a record that does not chain: %v", err)
+	} else if r.Seq != 3 {
+		t.Fatalf("append after a record that does not chain: record %d; want it cut, and record 3", r.Seq)
+	}
+	// The head names record 4; a tail other than it, after record 2
+	// (records 3 and 4, their line ends turned to CR), is left for the
+	// head check to refuse.
+	l.Append(id, "migration", map[string]any{"n": 3}, t0)
+	b, _ = os.ReadFile(path)
+	cr := bytes.ReplaceAll(b, []byte("\n"), []byte("\r"))
+	cr = append([]byte(lines[0]+lines[1]), cr[len(lines[0])+len(lines[1]):]...)
+	os.WriteFile(path, cr, 0o600)
+	if err := l.Ready(); err == nil || !strings.Contains(err.Error(), "record 4 was written") {
+		t.Fatalf("Ready on a log behind its head, ending without a newline: %v", err)
+	}
+	if after, _ := os.ReadFile(path); !bytes.Equal(after, cr) {
+		t.Fatal("a log behind its head was changed")
+	}
+}
+
 // TestReady: a log takes a record when it is new or ends in a whole one
 // (an unfinished one is cut off) and its disk has room; a damaged last
 // record, or a disk short of room, is refused before anything starts
