@@ -91,9 +91,6 @@ func auditCommand() *cli.Command {
 						fmt.Fprintf(c.App.Writer, " (%s .. %s)", rep.First.Format(time.RFC3339), rep.Last.Format(time.RFC3339))
 					}
 					fmt.Fprintln(c.App.Writer)
-					if rep.CutShort {
-						fmt.Fprintln(c.App.Writer, "note: part of a record follows the last one: an append cut short (a crash, a full disk), never acknowledged; the gateway cuts it off at its next record")
-					}
 					if !revocations {
 						fmt.Fprintln(c.App.Writer, "note: revocations were not checked: give the CA's revocation list with --crl")
 					}
@@ -102,6 +99,11 @@ func auditCommand() *cli.Command {
 					}
 				} else {
 					fmt.Fprintf(c.App.Writer, "%s: INVALID after %d good records: %v\n", c.String("log"), rep.Records, verr)
+				}
+				// Whatever the verdict: bytes not read as a record are
+				// said so, not passed over.
+				if !c.Bool("json") && rep.CutShort {
+					fmt.Fprintln(c.App.Writer, "note: the log ends in bytes without a newline, not counted as a record: an append cut short (a crash, a full disk), never acknowledged, which the gateway cuts off at its next record, or a record whose newline was lost, which it puts back then")
 				}
 				if verr != nil {
 					return cli.Exit("", 1)

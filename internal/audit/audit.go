@@ -541,7 +541,8 @@ type Report struct {
 	Last    time.Time `json:"last,omitzero"`
 	// CutShort: the log ends in part of a record, without its newline:
 	// an append cut short (a crash, a full disk), never acknowledged,
-	// which the gateway cuts off at its next append. Not counted.
+	// which the gateway cuts off at its next append. Not counted, and
+	// refused where no whole record comes before it.
 	CutShort bool `json:"cut_short,omitempty"`
 }
 
@@ -559,8 +560,15 @@ func Verify(r io.Reader, tb *certs.TrustBundle) (*Report, error) {
 	for {
 		b, err := readLine(br, 16<<20)
 		if err == io.EOF {
-			if len(bytes.TrimSpace(b)) > 0 {
+			if tail := bytes.TrimSpace(b); len(tail) > 0 {
 				rep.CutShort = true
+				// After whole records, part of one is an append cut
+				// short. Alone, it is all the input holds: taken for
+				// that, a file of anything but newlines would be a log
+				// with nothing recorded yet.
+				if rep.Records == 0 {
+					return rep, fmt.Errorf("it holds no whole record, only %d bytes without a newline: %s", len(b), looksLike(tail))
+				}
 			}
 			return rep, nil
 		}
@@ -629,6 +637,20 @@ func Verify(r io.Reader, tb *certs.TrustBundle) (*Report, error) {
 		}
 		prev = append(prev[:0], raw...)
 	}
+}
+
+// looksLike says what bytes without a newline that should be a log look
+// like, and what to do.
+func looksLike(b []byte) string {
+	switch {
+	case bytes.HasPrefix(b, []byte{0x1f, 0x8b}):
+		return "it is compressed (gzip): verify it uncompressed (zcat FILE | skybridge audit verify --log /dev/stdin ...)"
+	case b[0] == '{' && bytes.IndexByte(b, '\r') >= 0:
+		return "records whose lines end in CR, not in a newline, as a copy converted for another system leaves them: verify the log the gateway keeps, or this copy with its line ends turned back (tr '\\r' '\\n')"
+	case b[0] == '{':
+		return "one record, or part of one: a first append cut short (a crash, a full disk), which the gateway cuts off at its next record, or a first record whose newline was lost, which it puts back then"
+	}
+	return fmt.Sprintf("not an audit log: it begins %q", b[:min(len(b), 32)])
 }
 
 // readLine reads one line, its newline included; io.EOF with what is

@@ -84,6 +84,13 @@ func TestAppendVerify(t *testing.T) {
 	if err != nil || rep.Records != 1 || !rep.CutShort || rep.Node != "gw1" {
 		t.Errorf("a log whose last append was cut short: %+v, %v; want 1 record, cut short after it", rep, err)
 	}
+	// Alone, bytes without a newline are all the input holds, not a log
+	// with nothing recorded yet.
+	for _, in := range []string{lines[0][:20], strings.ReplaceAll(string(b), "\n", "\r"), "not a log"} {
+		if rep, err := Verify(strings.NewReader(in), tb); err == nil || !strings.Contains(err.Error(), "no whole record") || !rep.CutShort {
+			t.Errorf("%.20q…: %+v, %v; want no whole record", in, rep, err)
+		}
+	}
 }
 
 // TestVerifyOneGatewaysLog: a log is one gateway's: a record signed by

@@ -1,0 +1,68 @@
+package main
+
+import (
+	"bytes"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/skybridge-mesh/skybridge/certs"
+	"github.com/skybridge-mesh/skybridge/internal/audit"
+)
+
+// TestAuditVerifyNoWholeRecord: input without a newline (a log whose
+// line ends were turned to CR, any other file) is not a log with nothing
+// recorded yet: it holds no whole record, which is said with what its
+// bytes look like, exit 1; bytes without a newline are noted whatever
+// the verdict.
+func TestAuditVerifyNoWholeRecord(t *testing.T) {
+	dir := t.TempDir()
+	ca := filepath.Join(dir, "ca")
+	mustRun(t, "ca", "init", "--dir", ca)
+	c, err := certs.OpenCA(ca)
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, err := c.IssueIdentity(certs.Attributes{Node: "gw1", Site: "s", Region: "r", Provider: "aws", Jurisdiction: "DE", OverlayIP: netip.MustParseAddr("100.96.0.1")}, time.Hour, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	log := filepath.Join(dir, "gw", "audit.log")
+	os.Mkdir(filepath.Dir(log), 0o700)
+	for i := range 3 {
+		if _, err := audit.Open(log).Append(id, "migration", map[string]any{"n": i}, time.Now()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	b, _ := os.ReadFile(log)
+	const note = "note: the log ends in bytes without a newline"
+	for name, tc := range map[string]struct {
+		content []byte
+		want    string
+	}{
+		"line ends turned to CR": {bytes.ReplaceAll(b, []byte("\n"), []byte("\r")), "lines end in CR"},
+		"another file":           {[]byte("PK\x03\x04 not a log"), `not an audit log: it begins "PK\x03\x04 not a log"`},
+		"a first record cut":     {b[:40], "one record, or part of one"},
+	} {
+		copied := filepath.Join(dir, strings.ReplaceAll(name, " ", "-")+".log") // without a head
+		os.WriteFile(copied, tc.content, 0o600)
+		out, _, code := runCLI(t, "audit", "verify", "--log", copied, "--ca-cert", filepath.Join(ca, "ca.crt"))
+		if code != 1 || !strings.Contains(out, "INVALID after 0 good records: it holds no whole record") || !strings.Contains(out, tc.want) || !strings.Contains(out, note) {
+			t.Errorf("%s: exit %d, %q; want 1, no whole record, %q, and the note", name, code, out, tc.want)
+		}
+		if out, _, code := runCLI(t, "audit", "verify", "--json", "--log", copied, "--ca-cert", filepath.Join(ca, "ca.crt")); code != 1 || !strings.Contains(out, `"valid": false`) {
+			t.Errorf("%s, --json: exit %d, %q", name, code, out)
+		}
+	}
+	// After whole records, the note stands beside any verdict.
+	os.WriteFile(log, append(b, `{"seq":4,"ti`...), 0o600)
+	if out, _, code := runCLI(t, "audit", "verify", "--log", log, "--ca-cert", filepath.Join(ca, "ca.crt")); code != 0 || !strings.Contains(out, "3 records of gw1") || !strings.Contains(out, note) {
+		t.Errorf("a log ending in an append cut short: exit %d, %q", code, out)
+	}
+	if out, _, code := runCLI(t, "audit", "verify", "--log", log, "--ca-cert", filepath.Join(ca, "ca.crt"), "--node", "gw2"); code != 1 || !strings.Contains(out, "INVALID") || !strings.Contains(out, note) {
+		t.Errorf("another gateway's log ending in an append cut short: exit %d, %q", code, out)
+	}
+}
