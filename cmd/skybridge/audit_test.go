@@ -2,6 +2,8 @@ package main
 
 import (
 	"bytes"
+	"errors"
+	"io/fs"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -64,5 +66,42 @@ func TestAuditVerifyNoWholeRecord(t *testing.T) {
 	}
 	if out, _, code := runCLI(t, "audit", "verify", "--log", log, "--ca-cert", filepath.Join(ca, "ca.crt"), "--node", "gw2"); code != 1 || !strings.Contains(out, "INVALID") || !strings.Contains(out, note) {
 		t.Errorf("another gateway's log ending in an append cut short: exit %d, %q", code, out)
+	}
+}
+
+// TestAuditVerifyUnreadable: a log or head that cannot be read says
+// nothing of whether the log is intact: exit 2, as the usage says, not
+// the 1 of a log found broken.
+func TestAuditVerifyUnreadable(t *testing.T) {
+	dir := t.TempDir()
+	ca := filepath.Join(dir, "ca")
+	mustRun(t, "ca", "init", "--dir", ca)
+	c, err := certs.OpenCA(ca)
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, err := c.IssueIdentity(certs.Attributes{Node: "gw1", Site: "s", Region: "r", Provider: "aws", Jurisdiction: "DE", OverlayIP: netip.MustParseAddr("100.96.0.1")}, time.Hour, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	log := filepath.Join(dir, "audit.log")
+	if _, err := audit.Open(log).Append(id, "migration", nil, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	verify := func(what, log string) {
+		t.Helper()
+		out, errs, code := runCLI(t, "audit", "verify", "--log", log, "--ca-cert", filepath.Join(ca, "ca.crt"))
+		if code != 2 || strings.Contains(out, "INVALID") || !strings.Contains(errs, "could not be") {
+			t.Errorf("%s: exit %d, %q %q; want 2, saying it could not be read", what, code, out, errs)
+		}
+	}
+	os.WriteFile(log+".head", []byte("{damaged"), 0o600)
+	verify("a damaged head", log)
+	os.Remove(log + ".head")
+	os.Mkdir(log+".head", 0o700)
+	verify("a head that cannot be read", log)
+	// A read error (EIO), where the system gives one.
+	if _, err := os.ReadFile("/proc/self/mem"); err != nil && !errors.Is(err, fs.ErrNotExist) && !errors.Is(err, fs.ErrPermission) {
+		verify("a log that cannot be read", "/proc/self/mem")
 	}
 }

@@ -57,6 +57,10 @@ func auditCommand() *cli.Command {
 					return usageError("--log %s is a directory: give the audit log itself (STATE_DIR/audit.log)", c.String("log"))
 				}
 				rep, verr := audit.Verify(f, tb)
+				var unreadable *audit.UnreadableError
+				if errors.As(verr, &unreadable) {
+					return cli.Exit(fmt.Sprintf("%s could not be read, so it was not checked (after %d good records): %v", c.String("log"), rep.Records, verr), exitError)
+				}
 				if verr == nil && rep.Records == 0 && audit.Open(c.String("log")).HasHead() {
 					// A gateway creates its log with its first record, and
 					// the head beside it with that record: an empty log
@@ -72,6 +76,9 @@ func auditCommand() *cli.Command {
 					// A log cut back is a shorter chain, intact; the
 					// head beside it knows how long it was.
 					verr = audit.Open(c.String("log")).CheckHead()
+					if errors.As(verr, &unreadable) {
+						return cli.Exit(fmt.Sprintf("%s: %d records verify, but whether records were cut from its end could not be checked: %v", c.String("log"), rep.Records, verr), exitError)
+					}
 				}
 				revocations := c.String("crl") != ""
 				headChecked := audit.Open(c.String("log")).HasHead()

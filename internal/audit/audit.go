@@ -297,10 +297,11 @@ func (l *Log) readHead() (h head, found bool, err error) {
 	found, err = atomicfile.ReadJSON(l.path+headSuffix, &h)
 	switch {
 	case errors.Is(err, atomicfile.ErrDamaged):
-		// Written whole or not at all: damaged from outside.
-		return h, false, fmt.Errorf("audit log head: %w: check the log with `skybridge audit verify --log %s`; if it is intact, move %s aside (the next record writes a new one)", err, l.path, l.path+headSuffix)
+		// Written whole or not at all: damaged from outside. What it
+		// vouched for is unknown, not disproved.
+		return h, false, &UnreadableError{fmt.Errorf("audit log head: %w: check the log with `skybridge audit verify --log %s`; if it is intact, move %s aside (the next record writes a new one)", err, l.path, l.path+headSuffix)}
 	case err != nil:
-		return h, false, fmt.Errorf("audit log head: %w", err)
+		return h, false, &UnreadableError{fmt.Errorf("audit log head: %w", err)}
 	}
 	return h, found, nil
 }
@@ -317,19 +318,19 @@ func (l *Log) HasHead() bool {
 func (l *Log) CheckHead() error {
 	f, err := os.Open(l.path)
 	if err != nil {
-		return err
+		return &UnreadableError{err}
 	}
 	defer f.Close()
 	// Shared with other readers, not with an append: a record written
 	// between reading the last one and reading the head would look like
 	// records removed from a live log.
 	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_SH); err != nil {
-		return fmt.Errorf("lock audit log: %w", err)
+		return &UnreadableError{fmt.Errorf("lock audit log: %w", err)}
 	}
 	defer syscall.Flock(int(f.Fd()), syscall.LOCK_UN)
 	end, err := atomicfile.WholeEnd(f) // an unfinished last record was never acknowledged
 	if err != nil {
-		return err
+		return &UnreadableError{err}
 	}
 	last, seq, err := lastRecord(f, end)
 	if err != nil {
@@ -346,8 +347,8 @@ func (l *Log) CheckHead() error {
 // one written: what follows it may have been chained to a log cut back
 // and continued.
 func (l *Log) checkHeadRecord(f *os.File, end int64, seq uint64) error {
-	var h head
-	if found, err := atomicfile.ReadJSON(l.path+headSuffix, &h); err != nil || !found || seq <= h.Seq || h.Seq == 0 {
+	h, found, err := l.readHead()
+	if err != nil || !found || seq <= h.Seq || h.Seq == 0 {
 		return err
 	}
 	sc := bufio.NewScanner(io.NewSectionReader(f, 0, end))
@@ -365,7 +366,7 @@ func (l *Log) checkHeadRecord(f *os.File, end int64, seq uint64) error {
 		return nil
 	}
 	if err := sc.Err(); err != nil {
-		return err
+		return &UnreadableError{err}
 	}
 	return fmt.Errorf("audit log %s: record %d, which its head names, is missing", l.path, h.Seq)
 }
@@ -533,6 +534,13 @@ func lastRecord(f *os.File, end int64) ([]byte, uint64, error) {
 	return last, rec.Seq, nil
 }
 
+// UnreadableError is an error of Verify or CheckHead that says the log,
+// or its head, could not be read: nothing of whether the log is intact.
+type UnreadableError struct{ Err error }
+
+func (e *UnreadableError) Error() string { return e.Err.Error() }
+func (e *UnreadableError) Unwrap() error { return e.Err }
+
 // Report is the outcome of Verify.
 type Report struct {
 	Records int       `json:"records"`
@@ -665,6 +673,8 @@ func readLine(br *bufio.Reader, max int) ([]byte, error) {
 			continue
 		case err == bufio.ErrBufferFull:
 			return nil, fmt.Errorf("a line of more than %d bytes: not an audit log", max)
+		case err != nil && err != io.EOF:
+			return out, &UnreadableError{err}
 		}
 		return out, err
 	}

@@ -7,13 +7,17 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
+	"io"
 	"math/big"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
+	"testing/iotest"
 	"time"
 
 	"github.com/skybridge-mesh/skybridge/certs"
@@ -83,6 +87,11 @@ func TestAppendVerify(t *testing.T) {
 	rep, err = Verify(strings.NewReader(lines[0]+lines[1][:20]), tb)
 	if err != nil || rep.Records != 1 || !rep.CutShort || rep.Node != "gw1" {
 		t.Errorf("a log whose last append was cut short: %+v, %v; want 1 record, cut short after it", rep, err)
+	}
+	// A read error says nothing of the log: told apart from a break.
+	var unreadable *UnreadableError
+	if rep, err := Verify(io.MultiReader(strings.NewReader(lines[0]), iotest.ErrReader(syscall.EIO)), tb); !errors.As(err, &unreadable) || rep.Records != 1 {
+		t.Errorf("a read error after a record: %+v, %v; want it said unreadable", rep, err)
 	}
 	// Alone, bytes without a newline are all the input holds, not a log
 	// with nothing recorded yet.
