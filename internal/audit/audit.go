@@ -703,7 +703,16 @@ func verifyAt(tb *certs.TrustBundle, cert *x509.Certificate, at, latest time.Tim
 			}
 		}
 		if found && after {
-			return certs.AttributesOf(cert)
+			// Judged as one not revoked is, but for the revocation: an
+			// address outside the mesh's range is no more its then.
+			a, err := certs.AttributesOf(cert)
+			if err != nil {
+				return nil, err
+			}
+			if err := a.Validate(tb.MeshPrefix()); err != nil {
+				return nil, fmt.Errorf("certificate of %q: %w", a.Node, err)
+			}
+			return a, nil
 		}
 	}
 	return nil, err

@@ -182,6 +182,40 @@ func TestVerifyRevokedKeyDatedBack(t *testing.T) {
 	}
 }
 
+// TestVerifyRevokedLaterHeldToTheMesh: a signer revoked after its
+// records is still held to what a certificate not revoked is: an overlay
+// address outside the mesh's range is refused either way.
+func TestVerifyRevokedLaterHeldToTheMesh(t *testing.T) {
+	ca, _ := testCA(t)
+	id := issue(t, ca, "gw1", "100.96.0.1", t0)
+	path := filepath.Join(t.TempDir(), "audit.log")
+	if _, err := Open(path).Append(id, "migration", nil, t0.Add(time.Minute)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ca.RevokeSerials([]*big.Int{id.Certificate().SerialNumber}, "superseded", t0.Add(10*time.Minute)); err != nil {
+		t.Fatal(err)
+	}
+	tb, err := ca.TrustBundle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := os.ReadFile(path)
+	if rep, err := Verify(bytes.NewReader(b), tb); err != nil || rep.Records != 1 {
+		t.Fatalf("revoked after its record: %+v, %v", rep, err)
+	}
+	// A mesh on part of the CA's range, which the address is outside.
+	narrow, err := certs.NewTrustBundle(tb.CAs(), netip.MustParsePrefix("100.96.1.0/24"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if narrow, err = narrow.WithCRL(tb.CRL()); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Verify(bytes.NewReader(b), narrow); err == nil || !strings.Contains(err.Error(), "outside the mesh overlay range") {
+		t.Fatalf("a signer revoked later, outside the mesh's range: %v; want it refused", err)
+	}
+}
+
 // TestAppendInTimeOrder: a clock stepped back does not date a record
 // before the one ahead of it; fields are signed as Verify reads them
 // (bytes that are not UTF-8).
