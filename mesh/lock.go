@@ -23,12 +23,25 @@ func LockStateDir(dir string) (release func(), err error) {
 		return nil, fmt.Errorf("create state directory: %w", err)
 	}
 	path := filepath.Join(dir, fileLock)
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+	// Not followed if a link: whoever may write the directory could point
+	// it at /etc/shadow, which a gateway run as root would then truncate
+	// and write its pid in. Nor taken if not a file of its own, alone:
+	// a hard link to such a file is another way to the same.
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|syscall.O_NOFOLLOW|syscall.O_CLOEXEC, 0o600)
+	if errors.Is(err, syscall.ELOOP) {
+		return nil, fmt.Errorf("state directory lock %s is a symbolic link, which a gateway never makes: someone who may write %s put it there; find out who, then remove it", path, dir)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("state directory lock: %w", err)
 	}
+	if err := ownFile(f, path); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("state directory lock: %w", err)
+	}
 	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
-		b, _ := os.ReadFile(path)
+		b := make([]byte, 32)
+		n, _ := f.ReadAt(b, 0)
+		b = b[:n]
 		f.Close()
 		if errors.Is(err, syscall.EWOULDBLOCK) {
 			who := "another gateway"
@@ -44,4 +57,27 @@ func LockStateDir(dir string) (release func(), err error) {
 		f.WriteAt([]byte(strconv.Itoa(os.Getpid())+"\n"), 0)
 	}
 	return func() { f.Close() }, nil
+}
+
+// ownFile refuses an open file a gateway is about to write in place
+// unless it is a regular file of this user's with no other name: one of
+// another user's, or a hard link, may be anybody's file, put there by
+// someone who may write the directory.
+func ownFile(f *os.File, path string) error {
+	fi, err := f.Stat()
+	if err != nil {
+		return err
+	}
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	switch {
+	case !fi.Mode().IsRegular():
+		return fmt.Errorf("%s is a %s, not a file: move it away", path, fileKind(fi.Mode()))
+	case !ok:
+		return nil
+	case int(st.Uid) != os.Geteuid():
+		return fmt.Errorf("%s belongs to user %d, not to this gateway's (uid %d): that user may have put it there to have it written; find out why, then remove it (or chown it to uid %d)", path, st.Uid, os.Geteuid(), os.Geteuid())
+	case st.Nlink != 1:
+		return fmt.Errorf("%s has %d names (hard links), which a gateway never makes: another may be a file that matters (/etc/shadow, to a gateway run as root), linked there to have it written; find out who linked it, then remove this name", path, st.Nlink)
+	}
+	return nil
 }
