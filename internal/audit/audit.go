@@ -92,9 +92,9 @@ func (l *Log) Append(id *certs.NodeIdentity, event string, fields map[string]any
 // append is Append; again says that the log was another gateway's and is
 // now put aside, so the record goes to a new one.
 func (l *Log) append(id *certs.NodeIdentity, event string, fields map[string]any, now time.Time) (_ *Record, again bool, _ error) {
-	f, err := os.OpenFile(l.path, os.O_RDWR|os.O_CREATE|os.O_APPEND, 0o600)
+	f, err := l.open(os.O_CREATE)
 	if err != nil {
-		return nil, false, fmt.Errorf("open audit log: %w", err)
+		return nil, false, err
 	}
 	defer f.Close()
 	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX); err != nil {
@@ -142,6 +142,42 @@ func (l *Log) append(id *certs.NodeIdentity, event string, fields map[string]any
 	}
 	r, err := l.appendTo(f, id, event, fields, now, last, &prev, seq)
 	return r, false, err
+}
+
+// open opens the log to write it (with flag os.O_CREATE, making it if it
+// is not there). The log is written in place, as the gateway's user, in a
+// directory someone else may have written: a symbolic link or a second
+// name (a hard link) at its path may lead to any file of this user's
+// (/etc/shadow, to a gateway run as root), and a file of another user's
+// is theirs to change. None of them is written.
+func (l *Log) open(flag int) (*os.File, error) {
+	f, err := os.OpenFile(l.path, os.O_RDWR|os.O_APPEND|syscall.O_NOFOLLOW|syscall.O_CLOEXEC|flag, 0o600)
+	if errors.Is(err, syscall.ELOOP) {
+		return nil, fmt.Errorf("audit log %s is a symbolic link, which a gateway never makes: someone who may write %s put it there; find out who, then move it away (a gateway starts a new log)", l.path, filepath.Dir(l.path))
+	}
+	if err != nil {
+		return nil, fmt.Errorf("open audit log: %w", err)
+	}
+	fi, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("audit log: %w", err)
+	}
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	switch {
+	case !fi.Mode().IsRegular():
+		err = fmt.Errorf("audit log %s is not a file (mode %v): move it away", l.path, fi.Mode())
+	case !ok:
+	case int(st.Uid) != os.Geteuid():
+		err = fmt.Errorf("audit log %s belongs to user %d, not to this gateway's (uid %d): that user may have put it there to have it written; find out why, then chown it to uid %d if it is the gateway's log, or move it away", l.path, st.Uid, os.Geteuid(), os.Geteuid())
+	case st.Nlink != 1:
+		err = fmt.Errorf("audit log %s has %d names (hard links), which a gateway never makes: another may be a file that matters, linked there to be appended to; find out who linked it, and keep a copy of the log rather than a link", l.path, st.Nlink)
+	}
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	return f, nil
 }
 
 // putAside renames the log, and its head, to names that say whose they
@@ -381,12 +417,12 @@ var minFree uint64 = 16 << 20
 func (l *Log) Ready() error {
 	// Not created here: a gateway's log starts with its first record,
 	// and an empty one reads as emptied.
-	f, err := os.OpenFile(l.path, os.O_RDWR|os.O_APPEND, 0o600)
+	f, err := l.open(0)
 	if errors.Is(err, fs.ErrNotExist) {
 		return roomFor(l.path, filepath.Dir(l.path))
 	}
 	if err != nil {
-		return fmt.Errorf("open audit log: %w", err)
+		return err
 	}
 	defer f.Close()
 	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX); err != nil {
