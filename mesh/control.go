@@ -346,95 +346,15 @@ type closerFunc func() error
 
 func (f closerFunc) Close() error { return f() }
 
-// controlDir checks the way to the control socket's directory, every
-// directory and symbolic link on it from /, and returns the directory as
-// the links lead to it. Each must be root's or this user's (their owner
-// may replace what they hold), and no directory may be written by others
-// unless sticky (/tmp), where only the owner of an entry may replace it:
-// a link in /tmp is then as good as its owner. One its group may write is
-// only said, as for the socket's own directory.
+// controlDir checks the way to the control socket's directory (see
+// trustedWay) and returns the directory as the links lead to it.
 //
 // owner is the user besides root whose directories are trusted: the
 // gateway's own, or, for a client, the user who serves the socket. strict
 // (the client's) also refuses a directory its group or, sticky, others
 // may write: there another user could have made the way, and the socket.
 func controlDir(dir string, owner int, strict bool, log *slog.Logger) (string, error) {
-	links := 0
-	var walk func(at, rel string) (string, error)
-	walk = func(at, rel string) (string, error) {
-		for c := range strings.SplitSeq(rel, "/") {
-			switch c {
-			case "", ".":
-				continue
-			case "..":
-				at = filepath.Dir(at) // at holds no link: its parent is the real one
-				continue
-			}
-			next := filepath.Join(at, c)
-			fi, err := os.Lstat(next)
-			if err != nil {
-				return "", fmt.Errorf("control socket directory: %w", err)
-			}
-			if err := trustedStep(next, fi, owner, strict, log); err != nil {
-				return "", err
-			}
-			switch {
-			case fi.Mode().Type() == os.ModeSymlink:
-				if links++; links > 40 {
-					return "", fmt.Errorf("control socket directory %s: too many symbolic links", dir)
-				}
-				to, err := os.Readlink(next)
-				if err != nil {
-					return "", fmt.Errorf("control socket directory: %w", err)
-				}
-				from := at
-				if filepath.IsAbs(to) {
-					from = "/"
-				}
-				if at, err = walk(from, to); err != nil {
-					return "", err
-				}
-			case fi.IsDir():
-				at = next
-			default:
-				return "", fmt.Errorf("control socket directory %s: %s is a %s, not a directory", dir, next, fileKind(fi.Mode()))
-			}
-		}
-		return at, nil
-	}
-	fi, err := os.Lstat("/")
-	if err != nil {
-		return "", fmt.Errorf("control socket directory: %w", err)
-	}
-	if err := trustedStep("/", fi, owner, strict, log); err != nil {
-		return "", err
-	}
-	return walk("/", dir)
-}
-
-// trustedStep checks one directory or link on the way to the control
-// socket; fi is its Lstat.
-func trustedStep(path string, fi os.FileInfo, owner int, strict bool, log *slog.Logger) error {
-	what := "directory"
-	if fi.Mode().Type() == os.ModeSymlink {
-		what = "symbolic link"
-	}
-	if st, ok := fi.Sys().(*syscall.Stat_t); ok && int(st.Uid) != owner && st.Uid != 0 {
-		return fmt.Errorf("control socket directory: %s %s belongs to user %d, neither this gateway's nor root: that user could take the socket's place; set control { socket = \"…\" } in a directory of the gateway's own, in directories of root's", what, path, st.Uid)
-	}
-	if strict && fi.IsDir() && fi.Mode().Perm()&0o022 != 0 {
-		return fmt.Errorf("directory %s may be written by users other than its owner (mode %v)", path, fi.Mode().Perm())
-	}
-	if !fi.IsDir() || fi.Mode()&os.ModeSticky != 0 {
-		return nil
-	}
-	if fi.Mode().Perm()&0o002 != 0 {
-		return fmt.Errorf("control socket directory: %s %s may be written by any user (mode %v): one could take the socket's place; run chmod o-w on it, or set control { socket = \"…\" } in a directory of the gateway's own", what, path, fi.Mode().Perm())
-	}
-	if fi.Mode().Perm()&0o020 != 0 {
-		log.Warn("control socket: its directory, or one on the way to it, may be written by its group: members could take the socket's place", "dir", path, "mode", fi.Mode().Perm().String())
-	}
-	return nil
+	return trustedWay(dir, owner, strict, log, controlWords)
 }
 
 // fileKind names what a file is, for errors.
