@@ -3,6 +3,7 @@ package mesh
 import (
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -13,16 +14,44 @@ import (
 // fileLock is in the state directory while a gateway runs on it.
 const fileLock = "gateway.lock"
 
+var stateWords = wayWords{
+	what:   "state directory",
+	owner:  "that user could replace what the gateway keeps in it; give the gateway a state_dir in a directory of its own, in directories of root's",
+	anyone: "one could replace what the gateway keeps in it; run chmod o-w on it, or give the gateway a state_dir in a directory of its own",
+	group:  "state directory: it, or one on the way to it, may be written by its group: members could replace what the gateway keeps in it",
+}
+
 // LockStateDir claims the state directory for one gateway process until
 // release is called (or the process ends). A second gateway on the same
 // directory would take over the first one's WireGuard interface, fail on
 // the migration journal's lock, and delete the interface as it gave up:
 // the first kept gossiping with every tunnel gone. It is refused first.
+// So is a directory another user may change, or one on the way to it:
+// the lock is the first thing written in it.
 func LockStateDir(dir string) (release func(), err error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("create state directory: %w", err)
 	}
-	path := filepath.Join(dir, fileLock)
+	// Checked before anything is written in it, by the control socket's
+	// rules: what the gateway keeps there (its journal, audit log, stored
+	// images, operator token and, by default, identity) is as good as
+	// whoever may replace it, and the socket is kept there by default.
+	abs, err := filepath.Abs(dir)
+	if err != nil {
+		return nil, fmt.Errorf("state directory %s: %w", dir, err)
+	}
+	at, err := trustedWay(abs, os.Geteuid(), false, slog.Default(), stateWords)
+	if err != nil {
+		return nil, err
+	}
+	// Sticky is not enough for the directory itself: anyone could put
+	// files there while the gateway is down.
+	if fi, err := os.Stat(at); err != nil {
+		return nil, fmt.Errorf("state directory: %w", err)
+	} else if fi.Mode().Perm()&0o002 != 0 {
+		return nil, fmt.Errorf("state directory %s may be written by any user (mode %v): one could put files of theirs in it while the gateway is down; run chmod o-w on it, or give the gateway a state_dir of its own", dir, fi.Mode().Perm())
+	}
+	path := filepath.Join(at, fileLock)
 	// Not followed if a link: whoever may write the directory could point
 	// it at /etc/shadow, which a gateway run as root would then truncate
 	// and write its pid in. Nor taken if not a file of its own, alone:
