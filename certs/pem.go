@@ -9,7 +9,9 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"path/filepath"
 	"sync"
+	"syscall"
 )
 
 const (
@@ -84,8 +86,9 @@ func parseKeyPEM(b []byte) (*ecdsa.PrivateKey, error) {
 
 // MkdirPrivate makes dir, for keys, 0700. A directory that was there
 // already keeps its mode (it may be the operator's, and shared), but one
-// other users may list or enter is said once a process: the keys in it are
-// 0600, their names and number are not.
+// another user could change is refused (see keyDir), and one others may
+// list or enter is said once a process: the keys in it are 0600, their
+// names and number are not.
 func MkdirPrivate(dir string) error {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return err
@@ -94,9 +97,12 @@ func MkdirPrivate(dir string) error {
 	if err != nil {
 		return err
 	}
+	if err := keyDir(dir, st); err != nil {
+		return err
+	}
 	if perm := st.Mode().Perm(); perm&0o077 != 0 {
 		if _, said := looseDirs.LoadOrStore(dir, true); !said {
-			slog.Warn("a directory holding keys is open to other users (the keys in it are not): run chmod 700 on it", "dir", dir, "mode", fmt.Sprintf("%04o", perm))
+			slog.Warn("a directory holding keys is open to other users: they may see which keys it holds, though not read them (each is 0600, and refused if not); run chmod 700 on it", "dir", dir, "mode", fmt.Sprintf("%04o", perm))
 		}
 	}
 	return nil
@@ -104,8 +110,28 @@ func MkdirPrivate(dir string) error {
 
 var looseDirs sync.Map // of directories said to be open by MkdirPrivate
 
+// keyDir refuses a directory of keys, or of the CA certificates they are
+// trusted by, that another user could change: one of a user other than
+// root or this one, or one its group or others may write (unless sticky,
+// where only the owner of a file may replace it). Whoever may replace
+// the files in it chooses the gateway's keys and the CAs it trusts. st is
+// the directory's Stat.
+func keyDir(dir string, st os.FileInfo) error {
+	if sys, ok := st.Sys().(*syscall.Stat_t); ok && sys.Uid != 0 && int(sys.Uid) != os.Geteuid() {
+		return fmt.Errorf("directory %s, which holds keys, belongs to user %d, neither this user's (uid %d) nor root: that user could replace the keys in it, and the CA certificate; chown it to uid %d if it is meant for this user, or run as user %d", dir, sys.Uid, os.Geteuid(), os.Geteuid(), sys.Uid)
+	}
+	if perm := st.Mode().Perm(); perm&0o022 != 0 && st.Mode()&os.ModeSticky == 0 {
+		return fmt.Errorf("directory %s, which holds keys, may be written by users other than its owner (mode %04o): they could replace the keys in it, and the CA certificate; run chmod 700 %s", dir, perm, dir)
+	}
+	return nil
+}
+
 // ReadPrivateFile reads a file holding a secret and refuses it if other users
-// could read it, as ssh does: a key that leaked is no identity.
+// could read it, as ssh does: a key that leaked is no identity. One of
+// another user's is refused too, root's included (a process of another
+// user reads it only with the privilege to read anyone's files): whoever
+// could write its directory could have put it there, with a secret of
+// their choosing.
 func ReadPrivateFile(path string) ([]byte, error) {
 	f, err := os.Open(path)
 	if err != nil {
@@ -116,8 +142,48 @@ func ReadPrivateFile(path string) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
+	if !st.Mode().IsRegular() {
+		return nil, fmt.Errorf("%s is not a file (mode %v): put the secret in a file of its own", path, st.Mode())
+	}
 	if perm := st.Mode().Perm(); perm&0o077 != 0 {
 		return nil, fmt.Errorf("%s is accessible by other users (mode %04o): run chmod 600 %s", path, perm, path)
+	}
+	if sys, ok := st.Sys().(*syscall.Stat_t); ok && int(sys.Uid) != os.Geteuid() {
+		return nil, fmt.Errorf("%s belongs to user %d, not to this process's user (uid %d): another user may have put it there, with a secret of their choosing; if it is meant for this user, chown it to uid %d, or else run as user %d", path, sys.Uid, os.Geteuid(), os.Geteuid(), sys.Uid)
+	}
+	return io.ReadAll(f)
+}
+
+// readCACert reads dir's ca.crt, which says which CAs the gateway trusts:
+// whoever may change it, or replace it in its directory, adds theirs. So
+// the directory is held to the rules of one of keys (keyDir), and the
+// file must be root's or this user's, and written by its owner alone.
+// (crl.pem needs no such care: a list counts only signed by a CA here.)
+func readCACert(dir string) ([]byte, error) {
+	st, err := os.Stat(dir)
+	if err != nil {
+		return nil, err
+	}
+	if err := keyDir(dir, st); err != nil {
+		return nil, err
+	}
+	path := filepath.Join(dir, fileCACert)
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	if st, err = f.Stat(); err != nil {
+		return nil, err
+	}
+	sys, ok := st.Sys().(*syscall.Stat_t)
+	switch perm := st.Mode().Perm(); {
+	case !st.Mode().IsRegular():
+		return nil, fmt.Errorf("%s is not a file (mode %v)", path, st.Mode())
+	case ok && sys.Uid != 0 && int(sys.Uid) != os.Geteuid():
+		return nil, fmt.Errorf("%s belongs to user %d, neither this user's (uid %d) nor root: that user could put a CA of theirs in it; chown it to uid %d if it is meant for this user, or run as user %d", path, sys.Uid, os.Geteuid(), os.Geteuid(), sys.Uid)
+	case perm&0o022 != 0:
+		return nil, fmt.Errorf("%s may be written by users other than its owner (mode %04o): they could put a CA of theirs in it; run chmod 644 %s", path, perm, path)
 	}
 	return io.ReadAll(f)
 }

@@ -87,7 +87,7 @@ func NewTrustBundle(cas []*x509.Certificate, meshPrefix netip.Prefix) (*TrustBun
 
 // LoadTrustBundle reads ca.crt and, if present, crl.pem from dir.
 func LoadTrustBundle(dir string, meshPrefix netip.Prefix) (*TrustBundle, error) {
-	b, err := os.ReadFile(filepath.Join(dir, fileCACert))
+	b, err := readCACert(dir)
 	if err != nil {
 		return nil, fmt.Errorf("read mesh CA certificate: %w", err)
 	}
