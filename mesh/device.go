@@ -168,7 +168,46 @@ func (d *wgctrlDevice) Close() error {
 	return err
 }
 
+// uapiDir is where wireguard-go's ipc package makes the UAPI sockets (its
+// socketDirectory); a variable for tests.
+var uapiDir = "/var/run/wireguard"
+
+var uapiWords = wayWords{
+	what:   "WireGuard socket directory",
+	owner:  "that user could take the place of the interface's socket, which the gateway sends its private key to; make it root's",
+	anyone: "one could take the place of the interface's socket, which the gateway sends its private key to; run chmod o-w on it",
+	group:  "WireGuard socket directory: it, or one on the way to it, may be written by its group: members could take the place of the interface's socket, which the gateway sends its private key to",
+}
+
+// checkUAPIDir refuses a socket directory another user could put a socket
+// of theirs in, at the interface's name: wgctrl sends the private key to
+// what is there, and ipc.UAPIOpen makes the directory if it is missing
+// but never looks at one that is there. The control socket's rules hold
+// on the way to it (trustedWay); the directory itself may be written by
+// its owner alone, sticky or not, as nothing holds the name while the
+// gateway is down.
+func checkUAPIDir(dir string, log *slog.Logger) error {
+	if _, err := os.Lstat(dir); errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	at, err := trustedWay(dir, os.Geteuid(), false, log, uapiWords)
+	if err != nil {
+		return err
+	}
+	fi, err := os.Stat(at)
+	if err != nil {
+		return fmt.Errorf("WireGuard socket directory: %w", err)
+	}
+	if perm := fi.Mode().Perm(); perm&0o022 != 0 {
+		return fmt.Errorf("WireGuard socket directory %s may be written by users other than its owner (mode %v): one could take the place of the interface's socket, which the gateway sends its private key to; run chmod 755 %s", dir, perm, dir)
+	}
+	return nil
+}
+
 func openTUN(opt DeviceOptions) (Device, error) {
+	if err := checkUAPIDir(uapiDir, opt.Log); err != nil {
+		return nil, err
+	}
 	t, err := tun.CreateTUN(opt.Name, opt.MTU)
 	if err != nil {
 		return nil, fmt.Errorf("create TUN device %s: %w (TUN mode needs root or CAP_NET_ADMIN and /dev/net/tun; netstack mode needs neither)", opt.Name, err)
