@@ -82,10 +82,23 @@ func (d delegate) MergeRemoteState(buf []byte, join bool) {
 // until verified.
 func (d delegate) NotifyAlive(n *memberlist.Node) error {
 	if err := d.g.members.admit(n.Name, nodeAddr(n), n.Meta); err != nil {
+		if first, ok := err.(*certFirstError); ok && first.ask {
+			d.askCertAt(n.Name, first.at)
+		}
 		d.g.log.Debug("refused gossip member", "peer", n.Name, "addr", n.Addr.String(), "err", err)
 		return err
 	}
 	return nil
+}
+
+// askCertAt asks a member for its certificate at the address an alive
+// message gives, not the one gossip knows (certFirstError). From a
+// goroutine of its own: memberlist calls NotifyAlive under its node lock,
+// which a send takes too.
+func (d delegate) askCertAt(name string, at netip.AddrPort) {
+	me := d.g.id.Load()
+	msg := encodeMessage(msgCertRequest, []byte(me.Attributes().Node), me.Certificate().Raw, d.g.gossipAddr())
+	d.g.goSend(func() error { return d.g.sendTo(name, at, msg) }, name)
 }
 
 func (d delegate) NotifyJoin(n *memberlist.Node)   { d.g.memberUp(n) }

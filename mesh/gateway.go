@@ -1117,7 +1117,7 @@ func (g *Gateway) restoreMembers() {
 	n := 0
 	for _, m := range saved {
 		if !m.Alive {
-			g.members.rememberDead(m.Name, m.Gossip, m.Cert, m.Left)
+			g.members.rememberGone(m.Name, m.Gossip, m.Advert, m.Cert, m.Left)
 			continue
 		}
 		if err := g.members.remember(m.Name, m.Gossip, m.Advert, m.Cert); err != nil {
@@ -1125,7 +1125,7 @@ func (g *Gateway) restoreMembers() {
 			// down, say): still a gateway its site misses, whose routes
 			// stay held, until it is retired (rememberDead decides).
 			g.log.Info("not restoring member as a peer; remembered as gone", "peer", m.Name, "err", err)
-			g.members.rememberDead(m.Name, m.Gossip, m.Cert, false)
+			g.members.rememberGone(m.Name, m.Gossip, m.Advert, m.Cert, false)
 			continue
 		}
 		n++
@@ -1144,6 +1144,7 @@ func (g *Gateway) saveMembers() {
 			sm.Alive, sm.Advert, sm.Cert = true, m.VerifiedMeta, m.Verified.Cert.Raw
 		case StateDead:
 			sm.Cert, sm.Left = m.LastCert, m.Left // so that a restart can tell when it has ended, and that it is not missed
+			sm.Advert = m.LastMeta                // and what a newer advert must outdo, and where
 		case StateRefused:
 			// Refused once verified (its certificate ran out while it
 			// was here, say): restored as gone, its site missed and its
@@ -1151,7 +1152,7 @@ func (g *Gateway) saveMembers() {
 			if m.LastCert == nil {
 				continue
 			}
-			sm.Cert = m.LastCert
+			sm.Cert, sm.Advert = m.LastCert, m.LastMeta
 		default:
 			continue
 		}

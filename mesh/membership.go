@@ -42,6 +42,14 @@ type member struct {
 	leavingAt    time.Time       // when its signed leave notice arrived
 	leavingVer   uint64          // the advert version the notice names
 	lastVerified *certs.Verified // kept when it dies, to check its leave notice
+	// verifiedAt is where gossip had the member when its advert was last
+	// verified. memberlist takes a node's address from whoever holds the
+	// gossip key, and moves a node that left to any address: only a newer
+	// advert, which the gateway alone can sign, takes its name elsewhere.
+	verifiedAt netip.AddrPort
+	// certAsked is when a newer advert's certificate was last asked for
+	// at the address its alive message gave (certFirstError).
+	certAsked time.Time
 	// renewing: verified, its new advert names a certificate not fetched
 	// yet; the advert verified last stands meanwhile.
 	renewing bool
@@ -121,10 +129,14 @@ func (ms *membership) admit(name string, gossip netip.AddrPort, meta []byte) err
 	}
 	ms.mu.Lock()
 	defer ms.mu.Unlock()
-	sa, err := ms.admitLocked(name, meta)
+	sa, err := ms.admitLocked(name, gossip, meta)
 	if err == nil {
 		delete(ms.refusedMsg, name)
 		return nil
+	}
+	switch err.(type) {
+	case *certFirstError, *departedError:
+		return err // not an intrusion to count: see each
 	}
 	m, news := ms.members[name], false
 	if m == nil && ms.formerMemberLocked(sa, err) {
@@ -234,8 +246,10 @@ func (ms *membership) dropLocked(name string) {
 // admitLocked is admit's judgement. It returns the advert it decoded, if
 // it got that far (nil for one already verified), so that a refusal need
 // not decode it again.
-func (ms *membership) admitLocked(name string, meta []byte) (*certs.SignedAdvert, error) {
-	if m := ms.members[name]; m != nil && m.state == StateVerified && bytes.Equal(m.meta, meta) {
+func (ms *membership) admitLocked(name string, gossip netip.AddrPort, meta []byte) (*certs.SignedAdvert, error) {
+	m := ms.members[name]
+	floor, bound := ms.boundLocked(m, gossip)
+	if bound == "" && m != nil && m.state == StateVerified && bytes.Equal(m.meta, meta) {
 		return nil, nil // the advert we verified, gossiped again
 	}
 	sa, err := certs.DecodeAdvert(meta)
@@ -248,7 +262,25 @@ func (ms *membership) admitLocked(name string, meta []byte) (*certs.SignedAdvert
 	if err := ms.refusedLocked(sa.CertHash); err != nil {
 		return sa, err
 	}
+	if bound != "" && sa.Version <= floor && m.verifiedAt == gossip && sha256.Sum256(meta) == m.seen.Digest {
+		return sa, &departedError{name}
+	}
+	if bound != "" && sa.Version <= floor {
+		return sa, &certs.VerifyError{Reason: certs.ReasonReplay, Detail: fmt.Sprintf("advert of %q (version %d) gossiped at %s, but %s: only an advert newer than version %d takes it elsewhere or brings it back, and a gateway signs one at every start; someone holding the gossip key replays it, or a second gateway runs under its name (give each gateway its own identity)",
+			name, sa.Version, gossip, bound, floor)}
+	}
 	cert := ms.certs[sa.CertHash]
+	if cert == nil && bound != "" {
+		// Let in as pending, it would be at the address the message
+		// gives until its certificate came, and memberlist would refuse
+		// the gateway itself anywhere else meanwhile.
+		now := ms.now()
+		ask := now.Sub(m.certAsked) >= certRetry
+		if ask {
+			m.certAsked = now
+		}
+		return sa, &certFirstError{at: gossip, ask: ask}
+	}
 	if cert == nil {
 		// Pending: nothing of it is verified yet, so there is a bound
 		// on how many are let in (each is spread to every gateway, kept
@@ -260,7 +292,7 @@ func (ms *membership) admitLocked(name string, meta []byte) (*certs.SignedAdvert
 		return sa, nil
 	}
 	var last *certs.Seen
-	if m := ms.members[name]; m != nil {
+	if m != nil {
 		last = m.seen
 	}
 	// A conflict is not refused here but once in (judgeLocked): a member
@@ -269,6 +301,53 @@ func (ms *membership) admitLocked(name string, meta []byte) (*certs.SignedAdvert
 	// adverts came in.
 	_, err = ms.cache.VerifyAdvert(meta, cert, ms.trust, ms.now(), last)
 	return sa, err
+}
+
+// boundLocked says what ties a member once verified to its last advert,
+// if anything does: an alive message that places it elsewhere than where
+// that advert was verified, or that comes after it left on purpose, is
+// taken only with an advert of a version above floor. Either could
+// otherwise be anyone holding the gossip key: memberlist takes a node's
+// address and liveness from the message, and moves a node that left (or
+// that a forged leave made so) to any address, whatever its incarnation.
+// A gateway's own address changes only with a restart, and every start
+// signs a newer advert (stateDir.nextAdvertVersion).
+func (ms *membership) boundLocked(m *member, gossip netip.AddrPort) (floor uint64, why string) {
+	if m == nil || m.seen == nil {
+		return 0, ""
+	}
+	switch {
+	case m.left || !m.leavingAt.IsZero():
+		return max(m.seen.Version, m.leavingVer), "it left the mesh on purpose"
+	case m.verifiedAt.IsValid() && gossip != m.verifiedAt:
+		return m.seen.Version, fmt.Sprintf("it was verified at %s", m.verifiedAt)
+	}
+	return 0, ""
+}
+
+// certFirstError puts off a member that boundLocked ties to a newer
+// advert, whose advert names a certificate not known yet: it is let in
+// once that certificate is here and the advert verifies. ask says to ask
+// for the certificate at the address the message gives (at most once per
+// certRetry): the members it is known at would otherwise learn it only
+// from its own state exchanges, one member at a time.
+type certFirstError struct {
+	at  netip.AddrPort
+	ask bool
+}
+
+func (e *certFirstError) Error() string {
+	return fmt.Sprintf("its advert names a certificate not known here yet, asked for at %s: let in once that advert verifies", e.at)
+}
+
+// departedError refuses the advert a member that left on purpose last
+// had verified, at the address it had, without counting it as an
+// intrusion: members that have not heard of the departure yet gossip it
+// for a while after every gateway stop.
+type departedError struct{ name string }
+
+func (e *departedError) Error() string {
+	return fmt.Sprintf("%s left the mesh on purpose: its last advert, gossiped again, does not bring it back (a newer one does)", e.name)
 }
 
 // conflictLocked refuses a verified advert that claims an overlay IP, a
@@ -515,6 +594,7 @@ func (ms *membership) judgeLocked(m *member) (needCert bool) {
 		return false
 	}
 	m.verified, m.seen, m.state, m.reason, m.lastVerified, m.verifiedMeta = v, &v.Seen, StateVerified, "", v, m.meta
+	m.verifiedAt = m.gossip
 	if !m.leavingAt.IsZero() && v.Seen.Version > m.leavingVer {
 		// A newer advert than its notice's: it came back (a restart
 		// quicker than gossip's failure detection), and its notice is over.
@@ -1124,6 +1204,15 @@ func (ms *membership) remember(name string, gossip netip.AddrPort, meta, certDER
 // saved without a certificate is forgotten refusedKept after the restart
 // unless it comes back.
 func (ms *membership) rememberDead(name string, gossip netip.AddrPort, certDER []byte, left bool) {
+	ms.rememberGone(name, gossip, nil, certDER, left)
+}
+
+// rememberGone is rememberDead with the advert verified last from the
+// member, if saved (by releases since they were): it is what an advert
+// must be newer than to be taken, and where it was verified is where the
+// member's name stays bound (boundLocked). Without it, after a restart,
+// any advert the gateway ever signed would be taken again, at any address.
+func (ms *membership) rememberGone(name string, gossip netip.AddrPort, meta, certDER []byte, left bool) {
 	if name == ms.self || !gossip.IsValid() {
 		return
 	}
@@ -1139,6 +1228,13 @@ func (ms *membership) rememberDead(name string, gossip netip.AddrPort, certDER [
 	if c, err := x509.ParseCertificate(certDER); err == nil {
 		if a, err := certs.AttributesOf(c); err == nil {
 			m.lastVerified = &certs.Verified{Cert: c, Attributes: a}
+		}
+	}
+	if sa, err := certs.DecodeAdvert(meta); err == nil && sa.Node == name {
+		m.seen = &certs.Seen{Version: sa.Version, Digest: sha256.Sum256(meta)}
+		m.verifiedAt, m.verifiedMeta = gossip, meta
+		if m.lastVerified != nil { // its leave notice must not be older either
+			m.lastVerified.Seen = *m.seen
 		}
 	}
 	ms.members[name] = m
@@ -1164,6 +1260,7 @@ type MemberView struct {
 	Alive        bool   // gossip counts it alive now
 	CertSite     string // the site a verified certificate gave it ("" if never verified)
 	LastCert     []byte // its last verified certificate (DER), kept after it died
+	LastMeta     []byte // its advert verified last, as gossiped, kept after it died
 }
 
 // snapshot copies the members, sorted by name.
@@ -1177,7 +1274,7 @@ func (ms *membership) snapshot() []MemberView {
 			v.VerifiedMeta = m.verifiedMeta
 		}
 		if m.lastVerified != nil { // only a certificate names a site
-			v.CertSite, v.LastCert = m.lastVerified.Attributes.Site, m.lastVerified.Cert.Raw
+			v.CertSite, v.LastCert, v.LastMeta = m.lastVerified.Attributes.Site, m.lastVerified.Cert.Raw, m.verifiedMeta
 		}
 		if m.advert != nil {
 			a := m.advert.Advert

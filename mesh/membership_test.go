@@ -1539,3 +1539,146 @@ func TestMembershipExpiredWhileHere(t *testing.T) {
 		t.Fatalf("gw-late still known %s after its certificate ended", expiredKept)
 	}
 }
+
+// leaveNotice is the signed notice of a gateway leaving on purpose.
+func leaveNotice(t *testing.T, id *certs.NodeIdentity, at time.Time, version uint64) message {
+	t.Helper()
+	name := id.Attributes().Node
+	sig, err := id.Signer().Sign(rand.Reader, leavingDigest(name, at.Unix(), version), crypto.SHA256)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return message{typ: msgLeaving, fields: [][]byte{[]byte(name), binary.BigEndian.AppendUint64(nil, uint64(at.Unix())),
+		binary.BigEndian.AppendUint64(nil, version), sig}}
+}
+
+// TestAdmitBindsAVerifiedName: memberlist takes a node's address and
+// liveness from whoever holds the gossip key, and moves a node that left
+// to any address. Once verified, a member is taken at another address,
+// or back after it left on purpose, only with a newer advert, which only
+// the gateway can sign (it signs one at every start); its last advert at
+// the address it was verified at still brings it back from a false death.
+func TestAdmitBindsAVerifiedName(t *testing.T) {
+	f := newFixture(t)
+	ms := newMembership("self", f.trust(), func() time.Time { return f.now }, func() {})
+	replays := 0
+	ms.onRefuse = func(_, reason string, _ error) {
+		if reason == string(certs.ReasonReplay) {
+			replays++
+		}
+	}
+	here, there, third := gossipAddr, netip.MustParseAddrPort("203.0.113.9:7946"), netip.MustParseAddrPort("198.51.100.3:7946")
+	a := f.identity("gw-a", "site-a", 1, f.now.Add(-time.Hour))
+	if err := ms.addCert(a.Certificate().Raw); err != nil {
+		t.Fatal(err)
+	}
+	join := func(at netip.AddrPort, meta []byte) {
+		t.Helper()
+		if err := ms.admit("gw-a", at, meta); err != nil {
+			t.Fatalf("at %s: %v", at, err)
+		}
+		ms.update("gw-a", at, meta)
+		if v := ms.snapshot()[0]; v.State != StateVerified || v.Gossip != at {
+			t.Fatalf("gw-a %s at %s, want verified at %s", v.State, v.Gossip, at)
+		}
+	}
+	refused := func(at netip.AddrPort, meta []byte, why string) {
+		t.Helper()
+		if err := ms.admit("gw-a", at, meta); certs.ReasonOf(err) != certs.ReasonReplay {
+			t.Fatalf("%s: %v, want refused as a replay", why, err)
+		}
+	}
+	v5 := f.advert(a, 5)
+	join(here, v5)
+	refused(there, v5, "its advert gossiped at another address")
+	refused(there, f.advert(a, 4), "an older advert at another address")
+	// Declared dead, as a forged leave makes it too: its refutation
+	// carries the same advert, from where it was.
+	ms.leave("gw-a")
+	if err := ms.admit("gw-a", here, v5); err != nil {
+		t.Fatalf("a false death refuted: %v", err)
+	}
+	refused(there, v5, "declared dead, then its advert at another address")
+	// Restarted with a new address: a newer advert, bound there from
+	// then on.
+	v6 := f.advert(a, 6)
+	join(there, v6)
+	refused(here, v6, "its advert at the address it had before")
+	if replays != 4 {
+		t.Fatalf("%d refusals counted as replays, want 4", replays)
+	}
+
+	// Renewed while it was down, at a third address: not in as pending
+	// (memberlist would put it there), but put off until its certificate,
+	// asked for there, once per certRetry, comes; not counted.
+	renewed := f.identity("gw-a", "site-a", 1, f.now.Add(-time.Minute))
+	v7 := f.advert(renewed, 7)
+	for i, ask := range []bool{true, false} {
+		err := ms.admit("gw-a", third, v7)
+		if first, ok := err.(*certFirstError); !ok || first.ask != ask || first.at != third {
+			t.Fatalf("a newer advert elsewhere, its certificate unknown (%d): %v, want put off, asked for at %s: %v", i, err, third, ask)
+		}
+	}
+	f.now = f.now.Add(certRetry)
+	if first, ok := ms.admit("gw-a", third, v7).(*certFirstError); !ok || !first.ask {
+		t.Fatalf("asked for again after %s: %+v", certRetry, first)
+	}
+	if err := ms.addCert(renewed.Certificate().Raw); err != nil {
+		t.Fatal(err)
+	}
+	join(third, v7)
+
+	// Left on purpose: neither its last advert nor an older one brings it
+	// back, here or anywhere; a newer one does. Its last advert where it
+	// was is what members that missed the departure gossip for a while:
+	// refused, not counted.
+	g := &Gateway{members: ms, now: func() time.Time { return f.now }}
+	if err := g.handleLeaving(leaveNotice(t, renewed, f.now, 7)); err != nil {
+		t.Fatal(err)
+	}
+	ms.leave("gw-a")
+	if err := ms.admit("gw-a", third, v7); err == nil || certs.ReasonOf(err) != "" {
+		t.Fatalf("its last advert after it left, where it was: %v, want refused, uncounted", err)
+	}
+	refused(here, v7, "its last advert after it left, at another address")
+	if replays != 5 {
+		t.Fatalf("%d refusals counted as replays, want 5", replays)
+	}
+	join(here, f.advert(renewed, 8))
+	if v := ms.snapshot()[0]; v.Left {
+		t.Fatal("back with a newer advert, still shown as left")
+	}
+}
+
+// TestRestartKeepsAdvertVersions: a member saved gone keeps, across a
+// restart, the version of its advert verified last and where it was: an
+// older advert is refused as before the restart, not taken as the first.
+func TestRestartKeepsAdvertVersions(t *testing.T) {
+	f := newFixture(t)
+	ms := newMembership("self", f.trust(), func() time.Time { return f.now }, func() {})
+	there := netip.MustParseAddrPort("203.0.113.9:7946")
+	a := f.identity("gw-a", "site-a", 1, f.now.Add(-time.Hour))
+	ms.addCert(a.Certificate().Raw)
+	v5 := f.advert(a, 5)
+	ms.admit("gw-a", gossipAddr, v5)
+	ms.update("gw-a", gossipAddr, v5)
+	ms.leave("gw-a")
+	dir := stateDir(t.TempDir())
+	(&Gateway{members: ms, state: dir, log: slog.New(slog.DiscardHandler)}).saveMembers()
+
+	restarted := newMembership("self", f.trust(), func() time.Time { return f.now }, func() {})
+	restarted.addCert(a.Certificate().Raw) // as a join's state brings it
+	(&Gateway{members: restarted, state: dir, log: slog.New(slog.DiscardHandler)}).restoreMembers()
+	if err := restarted.admit("gw-a", gossipAddr, f.advert(a, 4)); certs.ReasonOf(err) != certs.ReasonReplay {
+		t.Fatalf("an older advert after the restart: %v, want refused as a replay", err)
+	}
+	if err := restarted.admit("gw-a", there, v5); certs.ReasonOf(err) != certs.ReasonReplay {
+		t.Fatalf("its last advert at another address after the restart: %v, want refused as a replay", err)
+	}
+	if err := restarted.admit("gw-a", gossipAddr, v5); err != nil {
+		t.Fatalf("its last advert where it was: %v", err)
+	}
+	if err := restarted.admit("gw-a", there, f.advert(a, 6)); err != nil {
+		t.Fatalf("a newer advert at another address: %v", err)
+	}
+}

@@ -1,0 +1,263 @@
+package mesh
+
+import (
+	"context"
+	"errors"
+	"io"
+	"log"
+	"net"
+	"net/netip"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/memberlist"
+
+	"github.com/skybridge-mesh/skybridge/certs"
+	"github.com/skybridge-mesh/skybridge/internal/syncbuf"
+)
+
+// What anyone holding the gossip key can do with memberlist itself: run
+// a node under a gateway's name, from an address of its own, with
+// whatever metadata (a gateway's advert, copied from gossip), and leave
+// under that name.
+
+// metaDelegate is a plain memberlist node's delegate: its metadata, and
+// nothing else.
+type metaDelegate []byte
+
+func (d metaDelegate) NodeMeta(limit int) []byte                { return d }
+func (metaDelegate) NotifyMsg([]byte)                           {}
+func (metaDelegate) GetBroadcasts(overhead, limit int) [][]byte { return nil }
+func (metaDelegate) LocalState(join bool) []byte                { return nil }
+func (metaDelegate) MergeRemoteState(buf []byte, join bool)     {}
+
+// keyHolderNode runs a plain memberlist node named name on port (0: a new
+// loopback port) with the mesh's gossip keys and meta as its metadata, on
+// transport if given.
+func keyHolderNode(t *testing.T, keys [][]byte, name string, port int, meta []byte, transport memberlist.Transport) (*memberlist.Memberlist, netip.AddrPort) {
+	t.Helper()
+	kr, err := memberlist.NewKeyring(keys, keys[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if port == 0 {
+		port = loopbackPort(t)
+	}
+	cfg := memberlist.DefaultLocalConfig()
+	cfg.Name = name
+	cfg.BindAddr, cfg.BindPort, cfg.AdvertiseAddr, cfg.AdvertisePort = "127.0.0.1", port, "127.0.0.1", port
+	cfg.Keyring, cfg.GossipVerifyIncoming, cfg.GossipVerifyOutgoing = kr, true, true
+	cfg.Logger = log.New(io.Discard, "", 0)
+	cfg.Delegate = metaDelegate(meta)
+	cfg.Transport = transport
+	m, err := memberlist.Create(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Shutdown() })
+	return m, netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(port))
+}
+
+// mutedTransport is a memberlist transport that can stop sending: a node
+// that hears what is said of it and cannot refute it meanwhile.
+type mutedTransport struct {
+	*memberlist.NetTransport
+	muted atomic.Bool
+}
+
+var errMuted = errors.New("muted")
+
+func (t *mutedTransport) WriteTo(b []byte, addr string) (time.Time, error) {
+	if t.muted.Load() {
+		return time.Now(), nil
+	}
+	return t.NetTransport.WriteTo(b, addr)
+}
+
+func (t *mutedTransport) WriteToAddress(b []byte, a memberlist.Address) (time.Time, error) {
+	if t.muted.Load() {
+		return time.Now(), nil
+	}
+	return t.NetTransport.WriteToAddress(b, a)
+}
+
+func (t *mutedTransport) DialTimeout(addr string, timeout time.Duration) (net.Conn, error) {
+	if t.muted.Load() {
+		return nil, errMuted
+	}
+	return t.NetTransport.DialTimeout(addr, timeout)
+}
+
+func (t *mutedTransport) DialAddressTimeout(a memberlist.Address, timeout time.Duration) (net.Conn, error) {
+	if t.muted.Load() {
+		return nil, errMuted
+	}
+	return t.NetTransport.DialAddressTimeout(a, timeout)
+}
+
+// memberAt is the gateway's view of member name (zero if unknown).
+func memberAt(lg *liveGateway, name string) MemberView {
+	for _, m := range lg.g.members.snapshot() {
+		if m.Name == name {
+			return m
+		}
+	}
+	return MemberView{}
+}
+
+// TestLeftGatewayNotBackOnAKeyHoldersWord: a gateway stopped on purpose
+// is "left" in memberlist, which takes an alive message for its name from
+// any address, whatever its incarnation. Someone holding the gossip key
+// alone runs a node under that name with the gateway's last advert (which
+// gossip showed every member), at the gateway's own address and at one of
+// its own: the gateway stays gone, its site's routes held rather than
+// routed into a tunnel nobody answers, and a gossip key rotation does not
+// wait for it.
+func TestLeftGatewayNotBackOnAKeyHoldersWord(t *testing.T) {
+	logs := &syncbuf.Buffer{}
+	_, hq, fra, lan := liveSitePair(t, logs)
+	last := append([]byte(nil), *fra.g.advert.Load()...)
+	own := fra.g.s.GossipAdvertise
+	fra.stop()
+	waitUntil(t, 20*time.Second, "fra-1 left, its routes held", func() bool {
+		m := memberAt(hq, "fra-1")
+		return m.State == StateDead && m.Left && hq.held(lan) && len(hq.dev.Peers()) == 0
+	})
+	keys := hq.g.keyring.GetKeys()
+	for _, tc := range []struct {
+		where, said string
+		port        int
+	}{
+		{"at its own address", "fra-1 left the mesh on purpose", int(own.Port())},
+		{"at another address", `"peer":"fra-1","reason":"replay"`, 0},
+	} {
+		m, at := keyHolderNode(t, keys, "fra-1", tc.port, last, nil)
+		if _, err := m.Join([]string{hq.g.s.GossipAdvertise.String()}); err != nil {
+			t.Fatal(err)
+		}
+		waitUntil(t, 20*time.Second, "hq to refuse fra-1 "+tc.where, func() bool {
+			if v := memberAt(hq, "fra-1"); v.Alive {
+				t.Fatalf("fra-1, gone, is %s and alive at hq again on the word of a gossip-key holder at %s", v.State, at)
+			}
+			return strings.Contains(logs.String(), tc.said)
+		})
+		m.Shutdown()
+	}
+	if v := memberAt(hq, "fra-1"); v.State != StateDead || !v.Left || v.Gossip != own || !hq.held(lan) || hq.routed(lan) || len(hq.dev.Peers()) != 0 {
+		t.Fatalf("fra-1 at hq: %s, left %v, at %s (was %s); %s held %v, routed %v; %d peers", v.State, v.Left, v.Gossip, own, lan, hq.held(lan), hq.routed(lan), len(hq.dev.Peers()))
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if _, err := hq.g.RotateGossipKey(ctx, true); err != nil {
+		t.Fatalf("gossip key rotation without the gateway that left: %v", err)
+	}
+}
+
+// TestVerifiedNameNotMovedByAKeyHolder: a gateway that is up, held by a
+// gossip-key holder: a node under its name leaves (memberlist takes that
+// as the gateway's own departure, "left", which lets its address move),
+// and a second one joins from the key holder's address with the
+// gateway's current advert before the gateway can refute. The name stays
+// where it was verified: the gateway is heard there again once it can
+// answer, rather than ignored for the key holder's address.
+func TestVerifiedNameNotMovedByAKeyHolder(t *testing.T) {
+	logs := &syncbuf.Buffer{}
+	ca := meshCA(t, t.TempDir())
+	hq := startLiveGateway(t, ca, t.TempDir(), 0, "zrh-dc", nil, logs)
+	id, err := ca.IssueIdentity(certs.Attributes{Node: "fra-1", Site: "fra-dc", Region: "fra", Provider: "onprem", Jurisdiction: "DE",
+		OverlayIP: netip.MustParseAddr("100.64.7.9")}, time.Hour, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	wg, err := certs.GenerateWGKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	proof, err := certs.ProveWGKey(wg, id.Fingerprint())
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := id.Attributes()
+	advert, err := certs.SignAdvert(&certs.Advert{Version: 1, Timestamp: time.Now(), Node: a.Node, Site: a.Site, Region: a.Region, Provider: a.Provider,
+		Jurisdiction: a.Jurisdiction, OverlayIP: a.OverlayIP, WireGuardKey: wg.Public(), WireGuardKeyProof: proof}, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	hq.g.members.addCert(id.Certificate().Raw)
+	keys := hq.g.keyring.GetKeys()
+	port := loopbackPort(t)
+	nt, err := memberlist.NewNetTransport(&memberlist.NetTransportConfig{BindAddrs: []string{"127.0.0.1"}, BindPort: port, Logger: log.New(io.Discard, "", 0)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tr := &mutedTransport{NetTransport: nt}
+	fra, real := keyHolderNode(t, keys, "fra-1", port, advert, tr)
+	seed := []string{hq.g.s.GossipAdvertise.String()}
+	if _, err := fra.Join(seed); err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, 20*time.Second, "fra-1 verified and alive at hq", func() bool {
+		v := memberAt(hq, "fra-1")
+		return v.State == StateVerified && v.Alive && v.Gossip == real
+	})
+
+	tr.muted.Store(true)
+	// Its metadata is not an advert: refused, and its leave is taken all
+	// the same.
+	m1, _ := keyHolderNode(t, keys, "fra-1", 0, []byte("not an advert"), nil)
+	m1.Join(seed)
+	m1.Leave(time.Second)
+	m1.Shutdown()
+	waitUntil(t, 20*time.Second, "fra-1 gone at hq", func() bool { return !memberAt(hq, "fra-1").Alive })
+	m2, at := keyHolderNode(t, keys, "fra-1", 0, advert, nil)
+	if _, err := m2.Join(seed); err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, 20*time.Second, "hq to refuse fra-1 at the key holder's address", func() bool {
+		if v := memberAt(hq, "fra-1"); v.Gossip == at {
+			t.Fatalf("hq has fra-1 %s, alive %v, at the key holder's address %s (it was verified at %s)", v.State, v.Alive, at, real)
+		}
+		return strings.Contains(logs.String(), `"peer":"fra-1","reason":"replay"`)
+	})
+
+	// The gateway can answer again, and knocks (as its rejoin rounds do).
+	tr.muted.Store(false)
+	if _, err := fra.Join(seed); err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, 20*time.Second, "fra-1 verified and alive at hq again, where it is", func() bool {
+		v := memberAt(hq, "fra-1")
+		return v.State == StateVerified && v.Alive && v.Gossip == real
+	})
+}
+
+// TestGatewayBackAtANewAddress: a gateway restarted with another gossip
+// address is taken there, after it left on purpose, on the newer advert
+// its start signs: with the certificate it had, and with one renewed
+// while it was down, which hq learns from it there.
+func TestGatewayBackAtANewAddress(t *testing.T) {
+	ca, hq, fra, lan := liveSitePair(t, io.Discard)
+	for _, renew := range []bool{false, true} {
+		s := *fra.g.s // a copy each time: the gateway stopped keeps its own
+		fra.stop()
+		waitUntil(t, 20*time.Second, "fra-1 left", func() bool { return memberAt(hq, "fra-1").Left })
+		p := loopbackPort(t)
+		ap := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(p))
+		s.GossipBind, s.GossipAdvertise, s.Port, s.Endpoints = ap, ap, p, []netip.AddrPort{ap}
+		if renew {
+			tb, err := ca.TrustBundle()
+			if err != nil {
+				t.Fatal(err)
+			}
+			provisionGateway(t, ca, tb, *fra.g.id.Load().Attributes(), time.Hour, s.Identity.Dir)
+		}
+		fra = runLiveGateway(t, &s, io.Discard)
+		cert := fra.g.id.Load().Certificate()
+		waitUntil(t, 20*time.Second, "fra-1 verified at its new address, its site routed", func() bool {
+			v := memberAt(hq, "fra-1")
+			return v.State == StateVerified && v.Gossip == ap && v.Verified.Cert.Equal(cert) && hq.routed(lan)
+		})
+	}
+}
