@@ -1062,7 +1062,7 @@ func (g *Gateway) syncWithRandomMember() {
 }
 
 // rejoinTargets are up to rejoinFanout of the seeds and the members we
-// know of (from gossip or the state directory) that gossip does not
+// verified once (from gossip or the state directory) that gossip does not
 // currently count as alive: one seed if any is missing, the rest picked at
 // random (a seed is where a lone gateway is most likely to find the mesh).
 func (g *Gateway) rejoinTargets() []string {
@@ -1088,7 +1088,9 @@ func (g *Gateway) rejoinTargets() []string {
 	}
 	seeds := len(out)
 	for _, m := range members {
-		if m.State == StateDead || m.Remembered {
+		// Not at an address only gossip named, for a member never
+		// verified: anyone holding the gossip key names any.
+		if m.State == StateDead && m.LastCert != nil || m.Remembered {
 			add(m.Gossip.String())
 		}
 	}
@@ -1143,6 +1145,9 @@ func (g *Gateway) saveMembers() {
 		case StateVerified:
 			sm.Alive, sm.Advert, sm.Cert = true, m.VerifiedMeta, m.Verified.Cert.Raw
 		case StateDead:
+			if m.LastCert == nil {
+				continue // never verified: restored without a certificate, from an earlier release's save
+			}
 			sm.Cert, sm.Left = m.LastCert, m.Left // so that a restart can tell when it has ended, and that it is not missed
 			sm.Advert = m.LastMeta                // and what a newer advert must outdo, and where
 		case StateRefused:

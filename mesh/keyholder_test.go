@@ -3,6 +3,7 @@ package mesh
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"log"
 	"net"
@@ -259,5 +260,27 @@ func TestGatewayBackAtANewAddress(t *testing.T) {
 			v := memberAt(hq, "fra-1")
 			return v.State == StateVerified && v.Gossip == ap && v.Verified.Cert.Equal(cert) && hq.routed(lan)
 		})
+	}
+}
+
+// TestKeyHolderNodesLeaveNothingBehind: nodes of someone holding the
+// gossip key alone, each under a made-up name with an advert whose
+// certificate never comes, join and leave: the gateway forgets each as it
+// goes, rather than keep it (and save it, and knock on its address) for
+// an hour outside the bound on those waiting for their certificate.
+func TestKeyHolderNodesLeaveNothingBehind(t *testing.T) {
+	_, lg := lonelyGateway(t)
+	signer := newFixture(t).identity("whoever", "x", 1, time.Now().Add(-time.Hour))
+	keys := lg.g.keyring.GetKeys()
+	for i := range 3 {
+		name := fmt.Sprintf("made-up-%d", i)
+		m, _ := keyHolderNode(t, keys, name, 0, madeUpAdvert(t, signer, name, byte(i)), nil)
+		if _, err := m.Join([]string{lg.g.s.GossipAdvertise.String()}); err != nil {
+			t.Fatal(err)
+		}
+		waitUntil(t, 20*time.Second, name+" pending", func() bool { return memberAt(lg, name).State == StatePending })
+		m.Leave(time.Second)
+		m.Shutdown()
+		waitUntil(t, 20*time.Second, name+" forgotten once gone", func() bool { return memberAt(lg, name).Name == "" })
 	}
 }

@@ -57,7 +57,9 @@ type member struct {
 	// a newer one, not verified yet): what is saved for a restart.
 	verifiedMeta []byte
 	changed      time.Time
-	stranger     bool // listed only because admit refused it: never alive here
+	// stranger: listed only to say why it was refused, and not in gossip
+	// (refused at the door, or refused and gone since), never verified.
+	stranger bool
 }
 
 // membership is the gateway's verified view of the mesh. The memberlist
@@ -78,6 +80,7 @@ type membership struct {
 	maxBadCerts int
 	badCertFull bool
 	strangers   int                // members with stranger set
+	unverified  int                // other members never verified (pending, refused in gossip): see maxPending
 	cache       *certs.VerifyCache // verified adverts: re-judging costs a lookup
 	now         func() time.Time
 	// onChange is called (outside the lock) when the verified set may
@@ -214,30 +217,32 @@ func refusal(cert *x509.Certificate, err error) refusedCert {
 	return rc
 }
 
-// maxPending bounds the members let in before their certificate is
-// known: far above the gateways of a mesh joining at once.
+// maxPending bounds the members in gossip never verified (let in before
+// their certificate is known, then refused or still waiting for it): far
+// above the gateways of a mesh joining at once. They are counted, not
+// looked for: memberlist waits on the membership's lock, and a scan of
+// every member at each new name cost it as much as the membership held.
 const maxPending = 4096
 
-// pendingLocked counts the members waiting for their certificate.
-func (ms *membership) pendingLocked() int {
-	n := 0
-	for _, m := range ms.members {
-		if m.state == StatePending {
-			n++
-		}
-	}
-	return n
-}
-
-// maxStrangers bounds the refused members that never got into memberlist,
-// so that one holding the gossip key cannot fill a gateway's memory by
-// trying names; past it, refusals are still counted and logged.
+// maxStrangers bounds the refused members not in gossip, so that one
+// holding the gossip key cannot fill a gateway's memory by trying names;
+// past it, refusals are still counted and logged.
 const maxStrangers = 1024
+
+// addLocked lists a new member.
+func (ms *membership) addLocked(m *member) {
+	ms.members[m.name] = m
+	if m.lastVerified == nil && !m.stranger {
+		ms.unverified++
+	}
+}
 
 // dropLocked forgets a member entirely.
 func (ms *membership) dropLocked(name string) {
 	if m := ms.members[name]; m != nil && m.stranger {
 		ms.strangers--
+	} else if m != nil && m.lastVerified == nil {
+		ms.unverified--
 	}
 	delete(ms.members, name)
 	delete(ms.refusedMsg, name)
@@ -286,8 +291,8 @@ func (ms *membership) admitLocked(name string, gossip netip.AddrPort, meta []byt
 		// on how many are let in (each is spread to every gateway, kept
 		// and asked for its certificate): one holding the gossip key
 		// could otherwise make up names without end.
-		if ms.members[name] == nil && len(ms.members) >= maxPending && ms.pendingLocked() >= maxPending {
-			return sa, fmt.Errorf("%d gateways already wait for their certificate: no more are let in until some are verified or gone", maxPending)
+		if (m == nil || m.stranger) && ms.unverified >= maxPending { // listed as refused by this very bound, say
+			return sa, fmt.Errorf("%d gateways never verified are in gossip already, waiting for their certificate or refused: no more are let in until some are verified or gone", maxPending)
 		}
 		return sa, nil
 	}
@@ -490,11 +495,12 @@ func (ms *membership) update(name string, gossip netip.AddrPort, meta []byte) (n
 	m := ms.members[name]
 	if m == nil {
 		m = &member{name: name}
-		ms.members[name] = m
+		ms.addLocked(m)
 	}
 	if m.stranger {
 		m.stranger = false
 		ms.strangers--
+		ms.unverified++
 	}
 	if !m.alive {
 		// Back (or new): a leave notice or departure from before is over.
@@ -593,6 +599,9 @@ func (ms *membership) judgeLocked(m *member) (needCert bool) {
 		ms.refuseLocked(m, prev, err)
 		return false
 	}
+	if m.lastVerified == nil && !m.stranger {
+		ms.unverified--
+	}
 	m.verified, m.seen, m.state, m.reason, m.lastVerified, m.verifiedMeta = v, &v.Seen, StateVerified, "", v, m.meta
 	m.verifiedAt = m.gossip
 	if !m.leavingAt.IsZero() && v.Seen.Version > m.leavingVer {
@@ -647,7 +656,23 @@ func (ms *membership) leave(name string) {
 				m.reason = "left the mesh"
 			}
 		}
-		ms.forgetEndedLocked()
+		switch {
+		case m.lastVerified != nil || m.stranger:
+			ms.forgetIfEndedLocked(m, ms.now())
+		case m.state == StateRefused && ms.strangers < maxStrangers:
+			// Listed a while yet, to say why it was refused, but among
+			// the strangers and their bound.
+			m.stranger = true
+			ms.strangers++
+			ms.unverified--
+		default:
+			// Never verified: gone, nothing of it is worth keeping,
+			// saving or knocking on, and kept it would escape
+			// maxPending, which counts those in gossip — one holding
+			// the gossip key could make up names, each alive then dead,
+			// without end.
+			ms.dropLocked(name)
+		}
 	}
 	ms.mu.Unlock()
 	ms.changed()
@@ -1009,58 +1034,62 @@ func (ms *membership) warm(tb *certs.TrustBundle) {
 // refusedKept after their last change of state.
 func (ms *membership) forgetEndedLocked() (forgot bool) {
 	now := ms.now()
-	for name, m := range ms.members {
-		if m.alive {
-			continue
+	for _, m := range ms.members {
+		forgot = ms.forgetIfEndedLocked(m, now) || forgot
+	}
+	return forgot
+}
+
+// forgetIfEndedLocked is forgetEndedLocked for one member.
+func (ms *membership) forgetIfEndedLocked(m *member, now time.Time) (forgot bool) {
+	if m.alive {
+		return false
+	}
+	// One refused only because its certificate ran out while it was
+	// still here (its site cut off from its issuer, say), or while
+	// restored and not heard from yet, is a gone gateway like one that
+	// died first: retired as below.
+	expired := m.state == StateRefused && m.lastVerified != nil && m.advert != nil &&
+		!now.Before(m.lastVerified.Cert.NotAfter) && m.advert.CertHash == sha256.Sum256(m.lastVerified.Cert.Raw)
+	if m.remembered && expired {
+		m.remembered = false
+		ms.gen.Add(1)
+		forgot = true
+	}
+	if m.remembered {
+		// Restored at start and not heard from since: gossip may never
+		// report it (a burst gateway gone while we restarted), so it
+		// goes once its certificate is revoked — its refusal then — or
+		// it would be kept, and knocked on, for good.
+		if m.state == StateRefused {
+			ms.dropLocked(m.name)
+			return true
 		}
-		// One refused only because its certificate ran out while it was
-		// still here (its site cut off from its issuer, say), or while
-		// restored and not heard from yet, is a gone gateway like one
-		// that died first: retired as below.
-		expired := m.state == StateRefused && m.lastVerified != nil && m.advert != nil &&
-			!now.Before(m.lastVerified.Cert.NotAfter) && m.advert.CertHash == sha256.Sum256(m.lastVerified.Cert.Raw)
-		if m.remembered && expired {
-			m.remembered = false
+		// Nor is it a peer for good: memberlist takes no news of the
+		// death of a node it never saw, so one that went down while we
+		// were down would be verified, its site reported reachable,
+		// until its certificate ended.
+		if now.Sub(m.changed) >= rememberedFor {
+			m.remembered, m.reason = false, ""
+			ms.judgeLocked(m)
+			m.reason = "not heard from since the restart"
 			ms.gen.Add(1)
 			forgot = true
 		}
-		if m.remembered {
-			// Restored at start and not heard from since: gossip may
-			// never report it (a burst gateway gone while we restarted),
-			// so it goes once its certificate is revoked — its refusal
-			// then — or it would be kept, and knocked on, for good.
-			if m.state == StateRefused {
-				ms.dropLocked(name)
-				forgot = true
-				continue
-			}
-			// Nor is it a peer for good: memberlist takes no news of the
-			// death of a node it never saw, so one that went down while
-			// we were down would be verified, its site reported
-			// reachable, until its certificate ended.
-			if now.Sub(m.changed) >= rememberedFor {
-				m.remembered, m.reason = false, ""
-				ms.judgeLocked(m)
-				m.reason = "not heard from since the restart"
-				ms.gen.Add(1)
-				forgot = true
-			}
-			continue
-		}
-		if (m.state == StateRefused && !expired || m.lastVerified == nil) && now.Sub(m.changed) >= refusedKept {
-			// Refused, or never a peer: listed a while (status says
-			// why), but not for ever.
-			ms.dropLocked(name)
-			forgot = true
-			continue
-		}
-		if m.lastVerified == nil {
-			continue
-		}
-		if !now.Before(retiredAt(m.lastVerified)) || ms.trust.IsRevoked(m.lastVerified.Cert.SerialNumber) {
-			ms.dropLocked(name)
-			forgot = true
-		}
+		return forgot
+	}
+	if (m.state == StateRefused && !expired || m.lastVerified == nil) && now.Sub(m.changed) >= refusedKept {
+		// Refused, or never a peer: listed a while (status says why),
+		// but not for ever.
+		ms.dropLocked(m.name)
+		return true
+	}
+	if m.lastVerified == nil {
+		return forgot
+	}
+	if !now.Before(retiredAt(m.lastVerified)) || ms.trust.IsRevoked(m.lastVerified.Cert.SerialNumber) {
+		ms.dropLocked(m.name)
+		forgot = true
 	}
 	return forgot
 }
@@ -1186,11 +1215,11 @@ func (ms *membership) remember(name string, gossip netip.AddrPort, meta, certDER
 		return nil
 	}
 	m := &member{name: name, gossip: gossip, meta: meta, remembered: true}
-	ms.members[name] = m
+	ms.addLocked(m)
 	ms.gen.Add(1)
 	ms.judgeLocked(m)
 	if m.state != StateVerified {
-		delete(ms.members, name)
+		ms.dropLocked(name)
 		return errors.New(m.reason)
 	}
 	return nil
@@ -1237,8 +1266,8 @@ func (ms *membership) rememberGone(name string, gossip netip.AddrPort, meta, cer
 			m.lastVerified.Seen = *m.seen
 		}
 	}
-	ms.members[name] = m
-	ms.forgetEndedLocked()
+	ms.addLocked(m)
+	ms.forgetIfEndedLocked(m, ms.now())
 	ms.gen.Add(1)
 }
 

@@ -230,6 +230,7 @@ func TestMembershipRefusesForeignIdentity(t *testing.T) {
 	if _, ok := states(ms)["gw-r"]; ok {
 		t.Fatalf("gone refused member still listed after %s: %v", refusedKept, states(ms))
 	}
+	checkCounts(t, ms)
 }
 
 // TestMembershipListsRefusedStranger: the other order of the rogue's
@@ -289,6 +290,7 @@ func TestMembershipListsRefusedStranger(t *testing.T) {
 	if n := len(states(ms)); n != 0 || len(ms.refusedMsg) != 0 || ms.strangers != 0 {
 		t.Fatalf("strangers still listed %s later: %d (refusals remembered: %d, counted %d)", refusedKept, n, len(ms.refusedMsg), ms.strangers)
 	}
+	checkCounts(t, ms)
 }
 
 // TestMembershipGossipsFrom: the transport lets a member's address hold
@@ -641,6 +643,7 @@ func TestMembershipRemember(t *testing.T) {
 	if st := states(ms); len(st) != 0 {
 		t.Fatalf("%s after every certificate ended: %v, want none (gw-n, saved without one, goes after %s)", expiredKept, st, refusedKept)
 	}
+	checkCounts(t, ms)
 }
 
 // TestMembershipGeneration: the reconciler reuses its last plan while the
@@ -784,6 +787,7 @@ func TestLeaveNotice(t *testing.T) {
 			t.Errorf("%s: %s, left %v; want dead, left %v", v.Name, v.State, v.Left, want[v.Name])
 		}
 	}
+	checkCounts(t, ms)
 }
 
 // TestMembershipForgetsEnded: a member that is gone is forgotten once its
@@ -876,12 +880,14 @@ func TestMembershipForgetsEnded(t *testing.T) {
 	if got := known(); !slices.Equal(got, []string{"gw-alive", "gw-lasting"}) {
 		t.Fatalf("%s after gw-expiring's certificate expired: %v", expiredKept, got)
 	}
+	checkCounts(t, ms)
 }
 
 // TestMembershipForgetsStrangers: gone members that never became peers —
-// refused for an advert that does not decode, gone before their
-// certificate came, restored without one — are listed for refusedKept,
-// then forgotten, not saved and knocked on for ever.
+// refused for an advert that does not decode, restored without a
+// certificate — are listed for refusedKept, then forgotten, not saved and
+// knocked on for ever; one gone before its certificate came is dropped at
+// once (TestMembershipDropsTheNeverVerifiedGone).
 func TestMembershipForgetsStrangers(t *testing.T) {
 	f := newFixture(t)
 	clock := f.now
@@ -895,7 +901,7 @@ func TestMembershipForgetsStrangers(t *testing.T) {
 	ms.leave("gw-junk")
 	ms.leave("gw-pending")
 	ms.refresh()
-	want := map[string]MemberState{"gw-junk": StateRefused, "gw-pending": StateDead, "gw-old": StateDead}
+	want := map[string]MemberState{"gw-junk": StateRefused, "gw-old": StateDead}
 	if got := states(ms); !maps.Equal(got, want) {
 		t.Fatalf("gone strangers: %v, want %v", got, want)
 	}
@@ -903,6 +909,90 @@ func TestMembershipForgetsStrangers(t *testing.T) {
 	ms.refresh()
 	if got := states(ms); len(got) != 0 || len(ms.refusedMsg) != 0 {
 		t.Fatalf("after %s: still listed %v, refusals remembered %d", refusedKept, got, len(ms.refusedMsg))
+	}
+	checkCounts(t, ms)
+}
+
+// checkCounts checks the membership's counts of strangers and of members
+// never verified against its members.
+func checkCounts(t *testing.T, ms *membership) {
+	t.Helper()
+	ms.mu.Lock()
+	defer ms.mu.Unlock()
+	strangers, unverified := 0, 0
+	for _, m := range ms.members {
+		switch {
+		case m.stranger:
+			strangers++
+		case m.lastVerified == nil:
+			unverified++
+		}
+	}
+	if strangers != ms.strangers || unverified != ms.unverified {
+		t.Fatalf("counted %d strangers and %d never verified, of %d and %d listed", ms.strangers, ms.unverified, strangers, unverified)
+	}
+}
+
+// madeUpAdvert is an advert that decodes and names node, signed with a
+// certificate the gateway is never sent: all one holding the gossip key
+// needs (its signature is not checked while its certificate is unknown).
+func madeUpAdvert(t *testing.T, signer *certs.NodeIdentity, node string, host byte) []byte {
+	t.Helper()
+	wg, err := certs.GenerateWGKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	raw, err := certs.SignAdvert(&certs.Advert{Version: 1, Timestamp: time.Now(), Node: node, Site: "x", Region: "r", Provider: "p",
+		Jurisdiction: "DE", OverlayIP: netip.AddrFrom4([4]byte{100, 96, 9, host}), WireGuardKey: wg.Public()}, signer)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return raw
+}
+
+// TestMembershipDropsTheNeverVerifiedGone: a member never verified that
+// gossip reports gone (dead, or left: one holding the gossip key can send
+// either right after its alive message) is dropped at once, not kept
+// dead, saved and knocked on, outside maxPending, which counts those in
+// gossip: made-up names, each alive then dead, would grow the membership
+// without end. One refused while in gossip is listed a while yet, among
+// the strangers and within their bound.
+func TestMembershipDropsTheNeverVerifiedGone(t *testing.T) {
+	f, rogueCA := newFixture(t), newFixture(t)
+	ms := newMembership("self", f.trust(), func() time.Time { return f.now }, func() {})
+	ms.onRefuse = func(string, string, error) {}
+	signer := rogueCA.identity("whoever", "x", 1, f.now.Add(-time.Hour))
+	for i := range 3 {
+		name := fmt.Sprintf("made-up-%d", i)
+		meta := madeUpAdvert(t, signer, name, byte(i))
+		at := netip.AddrPortFrom(netip.AddrFrom4([4]byte{203, 0, 113, byte(i)}), 7946)
+		if err := ms.admit(name, at, meta); err != nil {
+			t.Fatal(err)
+		}
+		ms.update(name, at, meta)
+		ms.leave(name)
+	}
+	if got := states(ms); len(got) != 0 {
+		t.Fatalf("made-up names gone from gossip still listed: %v", got)
+	}
+	r := rogueCA.identity("gw-r", "site-r", 9, f.now.Add(-time.Hour))
+	meta := rogueCA.advert(r, 1)
+	ms.admit("gw-r", gossipAddr, meta)
+	ms.update("gw-r", gossipAddr, meta)
+	ms.addCert(r.Certificate().Raw)
+	ms.leave("gw-r")
+	if got := states(ms); !maps.Equal(got, map[string]MemberState{"gw-r": StateRefused}) || ms.strangers != 1 {
+		t.Fatalf("an impostor refused, then gone: %v, strangers %d", got, ms.strangers)
+	}
+	checkCounts(t, ms)
+	g := &Gateway{members: ms, s: &Settings{}, state: stateDir(t.TempDir()), log: slog.New(slog.DiscardHandler)}
+	ms.rememberDead("gw-old", netip.MustParseAddrPort("198.51.100.1:7946"), nil, false) // an earlier release's save
+	if got := g.rejoinTargets(); len(got) != 0 {
+		t.Fatalf("knocking on %v, named only for members never verified", got)
+	}
+	g.saveMembers()
+	if saved, err := g.state.loadMembers(); err != nil || len(saved) != 0 {
+		t.Fatalf("saved %+v (%v), of members never verified", saved, err)
 	}
 }
 
@@ -920,7 +1010,8 @@ func TestRejoinTargets(t *testing.T) {
 	dead := map[string]bool{}
 	for i := range 10 {
 		a := netip.AddrPortFrom(netip.AddrFrom4([4]byte{198, 51, 100, byte(10 + i)}), 7946)
-		ms.rememberDead(fmt.Sprintf("gw-%d", i), a, nil, false)
+		id := f.identity(fmt.Sprintf("gw-%d", i), "site-a", byte(10+i), f.now.Add(-time.Hour))
+		ms.rememberDead(fmt.Sprintf("gw-%d", i), a, id.Certificate().Raw, false)
 		dead[a.String()] = true
 	}
 	g := &Gateway{s: &Settings{Seeds: seeds, GossipAdvertise: self}, members: ms}
@@ -939,7 +1030,8 @@ func TestRejoinTargets(t *testing.T) {
 	}
 	g.s.Seeds = nil
 	ms2 := newMembership("self", f.trust(), func() time.Time { return f.now }, func() {})
-	ms2.rememberDead("gw-x", netip.MustParseAddrPort("198.51.100.99:7946"), nil, false)
+	x := f.identity("gw-x", "site-x", 99, f.now.Add(-time.Hour))
+	ms2.rememberDead("gw-x", netip.MustParseAddrPort("198.51.100.99:7946"), x.Certificate().Raw, false)
 	g.members = ms2
 	if got := g.rejoinTargets(); len(got) != 1 || got[0] != "198.51.100.99:7946" {
 		t.Fatalf("one dead member, no seeds: %v", got)
@@ -973,23 +1065,36 @@ func TestMembershipRefusesHugeCertificates(t *testing.T) {
 // are let in up to maxPending; past that a new one is refused (one
 // holding the gossip key could otherwise make up names without end, each
 // spread to every gateway, kept and asked for its certificate). One
-// already listed is still admitted.
+// already listed is still admitted, and one gone leaves room.
 func TestMembershipBoundsPending(t *testing.T) {
-	f := newFixture(t)
+	f, rogueCA := newFixture(t), newFixture(t)
 	ms := newMembership("self", f.trust(), func() time.Time { return f.now }, func() {})
+	ms.onRefuse = func(string, string, error) {}
+	signer := rogueCA.identity("whoever", "x", 1, f.now.Add(-time.Hour))
 	for i := range maxPending {
 		name := fmt.Sprintf("made-up-%d", i)
-		ms.members[name] = &member{name: name, state: StatePending}
+		meta := madeUpAdvert(t, signer, name, byte(i))
+		if err := ms.admit(name, gossipAddr, meta); err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		ms.update(name, gossipAddr, meta)
 	}
 	id := f.identity("gw-new", "site-a", 7, f.now.Add(-time.Hour))
 	meta := f.advert(id, 1) // its certificate never sent: pending
-	if err := ms.admit("gw-new", gossipAddr, meta); err == nil || !strings.Contains(err.Error(), "wait for their certificate") {
-		t.Fatalf("a new member past %d pending: %v; want it refused", maxPending, err)
+	// Twice: the second time it is listed, as refused.
+	for range 2 {
+		if err := ms.admit("gw-new", gossipAddr, meta); err == nil || !strings.Contains(err.Error(), "waiting for their certificate") {
+			t.Fatalf("a new member past %d pending: %v; want it refused", maxPending, err)
+		}
 	}
-	delete(ms.members, "made-up-0")
+	if err := ms.admit("made-up-1", gossipAddr, madeUpAdvert(t, signer, "made-up-1", 1)); err != nil {
+		t.Fatalf("one listed already, past the bound: %v", err)
+	}
+	ms.leave("made-up-0")
 	if err := ms.admit("gw-new", gossipAddr, meta); err != nil {
 		t.Fatalf("below the bound: %v", err)
 	}
+	checkCounts(t, ms)
 }
 
 // TestMembershipRenewal: a member that renews its certificate stays
@@ -1538,6 +1643,7 @@ func TestMembershipExpiredWhileHere(t *testing.T) {
 	if _, ok := states(ms)["gw-late"]; ok {
 		t.Fatalf("gw-late still known %s after its certificate ended", expiredKept)
 	}
+	checkCounts(t, ms)
 }
 
 // leaveNotice is the signed notice of a gateway leaving on purpose.
@@ -1648,6 +1754,7 @@ func TestAdmitBindsAVerifiedName(t *testing.T) {
 	if v := ms.snapshot()[0]; v.Left {
 		t.Fatal("back with a newer advert, still shown as left")
 	}
+	checkCounts(t, ms)
 }
 
 // TestRestartKeepsAdvertVersions: a member saved gone keeps, across a
