@@ -533,7 +533,7 @@ const (
 	// storm of exchanges.
 	rejoinFanout = 3
 	saveInterval = 5 * time.Second // at most this often is the membership written to disk
-	inboxSize    = 8192            // gossip messages waiting for the worker
+	inboxSize    = 8192            // gossip messages waiting for the worker, in each of its two queues (enqueue)
 	maxSends     = 16              // streams a gateway opens at once for its own messages
 	// maxQueuedSends bounds those waiting for one of them: a policy
 	// announced to a mesh of thousands has each member ask for it.

@@ -79,7 +79,10 @@ type Gateway struct {
 	advert  atomic.Pointer[[]byte]
 	self    atomic.Pointer[Node]
 
-	inbox chan []byte // gossip messages, from the wire
+	inbox chan []byte // gossip messages, from the wire: the quick ones (enqueue)
+	bulk  chan []byte // and the blobs and the large ones
+	// inboxBytes is what inbox and bulk hold, bounded (maxInboxBytes).
+	inboxBytes atomic.Int64
 	// fetch names members whose certificates the worker should ask for:
 	// a channel of its own, so that nothing from the wire can pose as a
 	// job of ours.
@@ -221,7 +224,7 @@ func openGateway(ctx context.Context, s *Settings, logger *slog.Logger, opt opti
 	}
 	g := &Gateway{
 		s: s, now: time.Now, state: stateDir(s.StateDir), opt: opt,
-		inbox: make(chan []byte, inboxSize), fetch: make(chan string, inboxSize), kick: make(chan struct{}, 1), sends: make(chan struct{}, maxSends),
+		inbox: make(chan []byte, inboxSize), bulk: make(chan []byte, inboxSize), fetch: make(chan string, inboxSize), kick: make(chan struct{}, 1), sends: make(chan struct{}, maxSends),
 		lastApplied: map[certs.WGPublicKey]PeerConfig{}, greetings: map[certs.WGPublicKey]greeting{}, certAsked: map[string]time.Time{},
 		blobAsked: map[string]time.Time{}, blobAnswered: map[string]time.Time{}, nextAcked: map[certs.WGPublicKey]time.Time{},
 		started: time.Now(), acks: make(chan keyringAck, 1024), readvertise: make(chan struct{}, 1),
@@ -772,16 +775,6 @@ func (g *Gateway) triggerReconcile() {
 	select {
 	case g.kick <- struct{}{}:
 	default:
-	}
-}
-
-func (g *Gateway) enqueue(msg []byte) {
-	select {
-	case g.inbox <- msg:
-	default:
-		if ok, dropped := g.warnInbox.Allow(); ok {
-			g.log.Warn("gossip inbox full; dropping messages (anti-entropy will repair them)", "dropped_unlogged", dropped)
-		}
 	}
 }
 

@@ -2,10 +2,17 @@ package mesh
 
 import (
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"errors"
 	"fmt"
 	"io"
 	"log"
+	"math/big"
 	"net"
 	"net/netip"
 	"strings"
@@ -283,4 +290,59 @@ func TestKeyHolderNodesLeaveNothingBehind(t *testing.T) {
 		m.Shutdown()
 		waitUntil(t, 20*time.Second, name+" forgotten once gone", func() bool { return memberAt(lg, name).Name == "" })
 	}
+}
+
+// TestKeyHolderBlobsReleased: blobs of a megabyte from someone holding
+// the gossip key, signed by a key of its own, are refused by the worker
+// without holding up a certificate sent after them, and what the queues
+// held is released as they are handled.
+func TestKeyHolderBlobsReleased(t *testing.T) {
+	ca, lg := lonelyGateway(t)
+	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "junk"}, NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCRLSign | x509.KeyUsageCertSign}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &k.PublicKey, k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	issuer, err := x509.ParseCertificate(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	entries := make([]x509.RevocationListEntry, 30000)
+	for i := range entries {
+		entries[i] = x509.RevocationListEntry{SerialNumber: new(big.Int).Lsh(big.NewInt(int64(i+1)), 80), RevocationTime: time.Now()}
+	}
+	list, err := x509.CreateRevocationList(rand.Reader, &x509.RevocationList{Number: big.NewInt(5), ThisUpdate: time.Now(), NextUpdate: time.Now().Add(time.Hour),
+		RevokedCertificateEntries: entries}, issuer, k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, _ := keyHolderNode(t, lg.g.keyring.GetKeys(), "keyholder", 0, nil, nil)
+	to := &memberlist.Node{Name: lg.g.id.Load().Attributes().Node, Addr: lg.g.s.GossipAdvertise.Addr().AsSlice(), Port: lg.g.s.GossipAdvertise.Port()}
+	blob := encodeMessage(msgBlob, []byte{blobCRL}, list)
+	for range 8 {
+		if err := m.SendReliable(to, blob); err != nil {
+			t.Fatal(err)
+		}
+	}
+	id, err := ca.IssueIdentity(certs.Attributes{Node: "probe", Site: "s", Region: "r", Provider: "onprem", Jurisdiction: "CH",
+		OverlayIP: netip.MustParseAddr("100.64.9.9")}, time.Hour, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := m.SendReliable(to, encodeMessage(msgCert, id.Certificate().Raw)); err != nil {
+		t.Fatal(err)
+	}
+	sum := sha256.Sum256(id.Certificate().Raw)
+	waitUntil(t, 20*time.Second, "the certificate learned, the queues empty", func() bool {
+		ms := lg.g.members
+		ms.mu.Lock()
+		_, ok := ms.certs[sum]
+		ms.mu.Unlock()
+		return ok && lg.g.inboxBytes.Load() == 0
+	})
 }

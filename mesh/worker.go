@@ -3,8 +3,12 @@ package mesh
 import (
 	"bytes"
 	"context"
+	"crypto/rsa"
 	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/asn1"
 	"encoding/binary"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -29,16 +33,79 @@ const certAskedPrune = 4096
 // off memberlist's goroutines.
 func (g *Gateway) worker(ctx context.Context) {
 	for {
-		select {
-		case <-ctx.Done():
+		b, name, ok := g.next(ctx)
+		switch {
+		case !ok:
 			return
-		case b := <-g.inbox:
+		case b != nil:
 			if err := g.handle(b); err != nil {
 				g.log.Debug("ignoring gossip message", "err", err)
 			}
-		case name := <-g.fetch:
+			g.inboxBytes.Add(-int64(len(b)))
+		default:
 			g.askCert(name)
 		}
+	}
+}
+
+// next is the worker's next gossip message, or else the next member whose
+// certificate to ask for; ok is false once ctx ends. The quick messages
+// (certificates and their requests, announcements, keyring steps and
+// acknowledgements, leave notices) come before blobs: a blob costs a
+// parse and a signature check of up to a megabyte, and anyone holding the
+// gossip key can send them by the thousand.
+func (g *Gateway) next(ctx context.Context) (b []byte, name string, ok bool) {
+	select {
+	case b := <-g.inbox:
+		return b, "", true
+	case name := <-g.fetch:
+		return nil, name, true
+	default:
+	}
+	select {
+	case <-ctx.Done():
+		return nil, "", false
+	case b := <-g.inbox:
+		return b, "", true
+	case b := <-g.bulk:
+		return b, "", true
+	case name := <-g.fetch:
+		return nil, name, true
+	}
+}
+
+const (
+	// maxInboxBytes bounds what the worker's queues hold: a count alone
+	// let anyone holding the gossip key queue inboxSize messages of
+	// maxUserMessage each, some 8 GiB.
+	maxInboxBytes = 64 << 20
+	// inboxQuickReserve is the part of maxInboxBytes only quick messages
+	// may take, so that blobs cannot keep them out.
+	inboxQuickReserve = 16 << 20
+	// maxQuickMsg is the largest quick message: a certificate request
+	// with the largest certificate taken (maxCertSize) and its framing.
+	maxQuickMsg = maxCertSize + 1<<10
+)
+
+// enqueue hands a gossip message to the worker: a blob, or any message
+// larger than a quick one, to the bulk queue; past the queues' bounds it
+// is dropped, and said once a second with a count.
+func (g *Gateway) enqueue(msg []byte) {
+	queue, limit := g.inbox, int64(maxInboxBytes)
+	if len(msg) > maxQuickMsg || len(msg) > 0 && msg[0] == msgBlob {
+		queue, limit = g.bulk, maxInboxBytes-inboxQuickReserve
+	}
+	n := int64(len(msg))
+	if g.inboxBytes.Add(n) <= limit {
+		select {
+		case queue <- msg:
+			return
+		default:
+		}
+	}
+	g.inboxBytes.Add(-n)
+	if ok, dropped := g.warnInbox.Allow(); ok {
+		g.log.Warn("gossip inbox full; dropping messages (anti-entropy will repair them)", "dropped_unlogged", dropped)
 	}
 }
 
@@ -212,6 +279,9 @@ func (g *Gateway) handle(b []byte) error {
 			if cur := g.trust.Load().CRLs(); len(cur) == 1 && bytes.Equal(cur[0].Raw, m.fields[1]) {
 				return nil
 			}
+			if err := signedByTrustedCA(g.trust.Load(), m.fields[1]); err != nil {
+				return err
+			}
 			crl, err := certs.ParseCRL(m.fields[1])
 			if err != nil {
 				return err
@@ -219,7 +289,7 @@ func (g *Gateway) handle(b []byte) error {
 			// A list of no CA trusted here is said; one no newer than
 			// held is passed over by adoptLists.
 			if !g.trust.Load().SignedByCA(crl) {
-				return errors.New("revocation list not signed by a CA this gateway trusts")
+				return errNotOurCAs
 			}
 			g.adoptLists([]*x509.RevocationList{crl})
 		case blobCRLs:
@@ -316,7 +386,11 @@ func (g *Gateway) takeCRLs(b []byte) error {
 		return nil
 	}
 	crls := make([]*x509.RevocationList, 0, len(raws))
+	trust := g.trust.Load()
 	for _, raw := range raws {
+		if signedByTrustedCA(trust, raw) != nil {
+			continue // passed over unparsed, as adoptLists would once parsed
+		}
 		crl, err := certs.ParseCRL(raw)
 		if err != nil {
 			return err
@@ -582,4 +656,69 @@ func (g *Gateway) policyRevision() string {
 		return p.p.Revision().String()
 	}
 	return "none"
+}
+
+var errNotOurCAs = errors.New("revocation list not signed by a CA this gateway trusts")
+
+// signedByTrustedCA checks, before a revocation list from gossip is
+// parsed, that it names a CA of trust as its issuer and bears that CA's
+// signature: parsing one of a megabyte (some 30,000 serials) costs the
+// worker tens of milliseconds, and anyone holding the gossip key can
+// send lists signed by a key of its own. Only the outer structure and the
+// issuer are read here, and the signature checked over the raw bytes. A
+// signature algorithm not named here (RSA-PSS, whose parameters the
+// parse reads) is left to the parse and listOf, for a CA with an RSA key.
+func signedByTrustedCA(trust *certs.TrustBundle, der []byte) error {
+	if blk, _ := pem.Decode(der); blk != nil {
+		der = blk.Bytes
+	}
+	var list struct {
+		TBS       asn1.RawValue
+		Algorithm pkix.AlgorithmIdentifier
+		Signature asn1.BitString
+	}
+	if _, err := asn1.Unmarshal(der, &list); err != nil {
+		return fmt.Errorf("parse revocation list: %w", err)
+	}
+	// The TBS list: an optional version, the signature algorithm, then
+	// the issuer.
+	var issuer asn1.RawValue
+	rest, err := asn1.Unmarshal(list.TBS.Bytes, &issuer)
+	if err == nil && issuer.Class == asn1.ClassUniversal && issuer.Tag == asn1.TagInteger {
+		rest, err = asn1.Unmarshal(rest, &issuer)
+	}
+	if err == nil {
+		_, err = asn1.Unmarshal(rest, &issuer)
+	}
+	if err != nil {
+		return fmt.Errorf("parse revocation list: %w", err)
+	}
+	algo, known := listAlgorithms[list.Algorithm.Algorithm.String()]
+	for _, ca := range trust.CAs() {
+		if !bytes.Equal(issuer.FullBytes, ca.RawSubject) {
+			continue
+		}
+		if !known {
+			if _, ok := ca.PublicKey.(*rsa.PublicKey); ok {
+				return nil
+			}
+			continue
+		}
+		if ca.CheckSignature(algo, list.TBS.FullBytes, list.Signature.RightAlign()) == nil {
+			return nil
+		}
+	}
+	return errNotOurCAs
+}
+
+// listAlgorithms are the signature algorithms of revocation lists that
+// their object identifier alone names.
+var listAlgorithms = map[string]x509.SignatureAlgorithm{
+	"1.2.840.10045.4.3.2":   x509.ECDSAWithSHA256,
+	"1.2.840.10045.4.3.3":   x509.ECDSAWithSHA384,
+	"1.2.840.10045.4.3.4":   x509.ECDSAWithSHA512,
+	"1.2.840.113549.1.1.11": x509.SHA256WithRSA,
+	"1.2.840.113549.1.1.12": x509.SHA384WithRSA,
+	"1.2.840.113549.1.1.13": x509.SHA512WithRSA,
+	"1.3.101.112":           x509.PureEd25519,
 }

@@ -1,11 +1,19 @@
 package mesh
 
 import (
+	"bytes"
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
 	"crypto/sha256"
 	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/asn1"
 	"encoding/binary"
+	"errors"
 	"fmt"
+	"log/slog"
 	"math/big"
 	"net"
 	"net/netip"
@@ -471,6 +479,107 @@ func TestJoinStateCertificatesFit(t *testing.T) {
 		}
 		if want := min(n, maxJoinCertParts*(maxMessageField/(800+binary.MaxVarintLen32))); carried < want-maxJoinCertParts || carried > n {
 			t.Fatalf("%d certificates: %d carried in %d parts, want about %d", n, carried, len(parts), want)
+		}
+	}
+}
+
+// TestInboxBoundedByBytes: what the worker's queues hold is bounded in
+// bytes, not only in messages (inboxSize messages of a megabyte each,
+// from anyone holding the gossip key, were some 8 GiB); blobs cannot take
+// the part kept for quick messages, and those come first.
+func TestInboxBoundedByBytes(t *testing.T) {
+	g := &Gateway{inbox: make(chan []byte, inboxSize), bulk: make(chan []byte, inboxSize), log: slog.New(slog.DiscardHandler)}
+	d := delegate{g: g}
+	blob := encodeMessage(msgBlob, []byte{blobCRL}, make([]byte, maxMessageField))
+	for range (maxInboxBytes-inboxQuickReserve)/len(blob) + 10 {
+		d.NotifyMsg(blob)
+	}
+	queued := 0
+	for _, q := range []chan []byte{g.inbox, g.bulk} {
+		for range len(q) {
+			b := <-q
+			queued += len(b)
+			q <- b
+		}
+	}
+	if held := g.inboxBytes.Load(); queued > maxInboxBytes-inboxQuickReserve || held != int64(queued) {
+		t.Fatalf("%d MiB of blobs queued (counted %d MiB), more than the %d MiB blobs may take", queued>>20, held>>20, (maxInboxBytes-inboxQuickReserve)>>20)
+	}
+	// A large message of another type is no quick one.
+	d.NotifyMsg(encodeMessage(msgCert, make([]byte, maxQuickMsg)))
+	if len(g.inbox) != 0 {
+		t.Fatal("a message larger than any quick one was queued as quick")
+	}
+	cert := encodeMessage(msgCert, make([]byte, 800))
+	d.NotifyMsg(cert)
+	if len(g.inbox) != 1 {
+		t.Fatal("a certificate was dropped behind the blobs")
+	}
+	if b, _, ok := g.next(context.Background()); !ok || !bytes.Equal(b, cert) {
+		t.Fatalf("the worker's next message is %d bytes, want the certificate before %d blobs", len(b), len(g.bulk))
+	}
+}
+
+// TestRevocationListSignerCheckedFirst: a revocation list from gossip is
+// refused for its signer before it is parsed, which for one of a
+// megabyte costs the worker tens of milliseconds: one whose entries do
+// not even parse is refused as signed by no trusted CA, whether it names
+// its own issuer or copies the name of the mesh's CA.
+func TestRevocationListSignerCheckedFirst(t *testing.T) {
+	f := newFixture(t)
+	trust := f.trust()
+	g := &Gateway{log: slog.New(slog.DiscardHandler)}
+	g.trust.Store(trust)
+	if err := signedByTrustedCA(trust, trust.CRL().Raw); err != nil {
+		t.Fatalf("the mesh CA's own list: %v", err)
+	}
+	for _, copied := range []bool{false, true} {
+		k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		if err != nil {
+			t.Fatal(err)
+		}
+		tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "junk"}, NotBefore: f.now.Add(-time.Hour), NotAfter: f.now.Add(time.Hour),
+			IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCRLSign | x509.KeyUsageCertSign}
+		if copied {
+			tmpl.RawSubject = trust.CAs()[0].RawSubject
+		}
+		der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &k.PublicKey, k)
+		if err != nil {
+			t.Fatal(err)
+		}
+		issuer, err := x509.ParseCertificate(der)
+		if err != nil {
+			t.Fatal(err)
+		}
+		list, err := x509.CreateRevocationList(rand.Reader, &x509.RevocationList{Number: big.NewInt(99), ThisUpdate: f.now, NextUpdate: f.now.Add(time.Hour),
+			RevokedCertificateEntries: []x509.RevocationListEntry{{SerialNumber: big.NewInt(7), RevocationTime: f.now}}}, issuer, k)
+		if err != nil {
+			t.Fatal(err)
+		}
+		// The first entry made a SET, which no parse takes.
+		var outer struct{ TBS, Algorithm, Signature asn1.RawValue }
+		if _, err := asn1.Unmarshal(list, &outer); err != nil {
+			t.Fatal(err)
+		}
+		for in := outer.TBS.Bytes; len(in) > 0; {
+			var v asn1.RawValue
+			if in, err = asn1.Unmarshal(in, &v); err != nil {
+				t.Fatal(err)
+			}
+			if v.Class == asn1.ClassUniversal && v.Tag == asn1.TagSequence && len(v.Bytes) > 0 && v.Bytes[0] == 0x30 {
+				v.Bytes[0] = 0x31 // in list: v aliases it
+				break
+			}
+		}
+		if _, err := x509.ParseRevocationList(list); err == nil {
+			t.Fatal("the damaged list parses")
+		}
+		err = g.handle(encodeMessage(msgBlob, []byte{blobCRL}, list))
+		if !errors.Is(err, errNotOurCAs) {
+			t.Errorf("a list signed by a key of the sender's own (issuer name copied: %v) whose entries do not parse: %v, want refused for its signer", copied, err)
+		}
+		if err := g.handle(encodeMessage(msgBlob, []byte{blobCRLs}, bundle(list))); err != nil {
+			t.Errorf("the same among several lists (issuer name copied: %v): %v, want passed over unparsed", copied, err)
 		}
 	}
 }
