@@ -57,7 +57,7 @@ func TestAdoptPolicyConcurrently(t *testing.T) {
 		if got := lg.g.policy.Load().p.Revision().Version; got != newest {
 			t.Fatalf("round %d: version %d in force after adopting 1 to %d concurrently", round, got, newest)
 		}
-		src, _, _, err := lg.g.state.loadPolicy()
+		src, _, err := lg.g.state.loadPolicy()
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -255,7 +255,7 @@ func TestUntrustedPolicyKeptAcrossRestart(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := g.state.savePolicy(v3, forged.Marshal(), nil); err != nil {
+	if err := g.state.savePolicy(v3, forged.Marshal()); err != nil {
 		t.Fatal(err)
 	}
 	g.prov.Close()
@@ -270,11 +270,12 @@ func TestUntrustedPolicyKeptAcrossRestart(t *testing.T) {
 }
 
 // TestRetiredCAsPolicyKeptAcrossRestart: a policy whose signer was
-// certified by a CA the mesh has retired since (a Vault issuer deleted)
-// stays in force, marked, after a restart as before it, whether the CA
-// went while the gateway ran or while it was down: the CA is no longer in
-// the trust bundle to check the signer against, and starting with no
-// policy would lift every residency limit on the tunnels.
+// certified by a CA the mesh retired while the gateway ran (a Vault issuer
+// deleted) stays in force, marked, after a restart as before it: the CA is
+// no longer in the trust bundle to check the signer against, and starting
+// with no policy would lift every residency limit on the tunnels. The
+// state directory's word alone keeps nothing: a policy this gateway did
+// not withdraw itself, of the same signer, is not kept.
 func TestRetiredCAsPolicyKeptAcrossRestart(t *testing.T) {
 	dir := t.TempDir()
 	ca := meshCA(t, dir)
@@ -299,45 +300,48 @@ func TestRetiredCAsPolicyKeptAcrossRestart(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for i, whileDown := range []bool{false, true} {
-		s := liveSettings(t, filepath.Join(dir, fmt.Sprintf("gw%d", i)))
-		s.Node = provisionGateway(t, ca, both, certs.Attributes{Node: "gw", Site: "zrh-dc", Region: "r", Provider: "onprem", Jurisdiction: "CH",
-			OverlayIP: netip.MustParseAddr("100.64.7.1")}, time.Hour, s.Identity.Dir)
-		open := func() *Gateway {
-			g, err := newGateway(context.Background(), s, slog.New(slog.DiscardHandler), options{device: NewRecordingDevice("p"), noControl: true, noMigrations: true})
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { g.prov.Close(); g.closeDevice() })
-			return g
+	s := liveSettings(t, filepath.Join(dir, "gw"))
+	s.Node = provisionGateway(t, ca, both, certs.Attributes{Node: "gw", Site: "zrh-dc", Region: "r", Provider: "onprem", Jurisdiction: "CH",
+		OverlayIP: netip.MustParseAddr("100.64.7.1")}, time.Hour, s.Identity.Dir)
+	open := func() *Gateway {
+		g, err := newGateway(context.Background(), s, slog.New(slog.DiscardHandler), options{device: NewRecordingDevice("p"), noControl: true, noMigrations: true})
+		if err != nil {
+			t.Fatal(err)
 		}
-		g := open()
-		if ok, err := g.AdoptPolicy(src, sig.Marshal()); !ok || err != nil {
-			t.Fatal(ok, err)
-		}
-		if whileDown {
-			g.prov.Close()
-			g.closeDevice()
-			if err := after.Save(s.Identity.Dir); err != nil {
-				t.Fatal(err)
-			}
-		} else {
-			if !g.adoptTrust(after, time.Now()) {
-				t.Fatal("the bundle without the retired CA was not adopted")
-			}
-			if p := g.policy.Load(); p == nil || !p.untrusted {
-				t.Fatalf("running: %+v, want version 4 kept, marked untrusted", p)
-			}
-			g.prov.Close()
-			g.closeDevice()
-		}
-		g = open()
-		if p := g.policy.Load(); p == nil || p.p.Revision().Version != 4 || !p.untrusted {
-			t.Fatalf("CA retired while down %v, after a restart: policy %s in force, want version 4 kept, marked untrusted", whileDown, g.policyRevision())
-		}
-		if g.withdrawn != (withdrawnPolicy{Name: "retired", Version: 4}) {
-			t.Fatalf("CA retired while down %v, after a restart: withdrawn %+v, want version 4", whileDown, g.withdrawn)
-		}
+		t.Cleanup(func() { g.prov.Close(); g.closeDevice() })
+		return g
+	}
+	g := open()
+	if ok, err := g.AdoptPolicy(src, sig.Marshal()); !ok || err != nil {
+		t.Fatal(ok, err)
+	}
+	if !g.adoptTrust(after, time.Now()) {
+		t.Fatal("the bundle without the retired CA was not adopted")
+	}
+	if p := g.policy.Load(); p == nil || !p.untrusted || g.withdrawn != (withdrawnPolicy{Name: "retired", Version: 4}) {
+		t.Fatalf("running: %+v, withdrawn %+v; want version 4 kept, marked untrusted, and withdrawn", p, g.withdrawn)
+	}
+	g.prov.Close()
+	g.closeDevice()
+	g = open()
+	if p := g.policy.Load(); p == nil || p.p.Revision().Version != 4 || !p.untrusted {
+		t.Fatalf("after a restart: policy %s in force, want version 4 kept, marked untrusted", g.policyRevision())
+	}
+	// Version 5 of the same signer in the state directory, never in force
+	// here: not kept.
+	v5 := bytes.Replace(src, []byte("version = 4"), []byte("version = 5"), 1)
+	sig5, err := policy.Sign("policy.hcl", v5, signer.Signer(), signer.Name(), signer.Certificate(), time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := g.state.savePolicy(v5, sig5.Marshal()); err != nil {
+		t.Fatal(err)
+	}
+	g.prov.Close()
+	g.closeDevice()
+	g = open()
+	if p := g.policy.Load(); p != nil {
+		t.Fatalf("a stored version this gateway did not withdraw, its signer's CA retired: %s in force, want none", g.policyRevision())
 	}
 }
 

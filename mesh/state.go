@@ -1,7 +1,6 @@
 package mesh
 
 import (
-	"crypto/x509"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -82,22 +81,13 @@ func (d stateDir) loadMembers() ([]savedMember, error) {
 // storedPolicy is the policy in force and its signature, kept in one
 // file: written as two, a crash between them left a signature beside the
 // policy it does not sign, and the gateway started without the policy.
-//
-// CAs are the mesh's CAs when it was adopted (DER): should the one that
-// certified its signer be retired while it is in force, the gateway keeps
-// it, marked, after a restart as before one (policy.VerifyRevokedSigner).
 type storedPolicy struct {
-	Policy    []byte   `json:"policy"`
-	Signature []byte   `json:"signature"`
-	CAs       [][]byte `json:"cas,omitempty"`
+	Policy    []byte `json:"policy"`
+	Signature []byte `json:"signature"`
 }
 
-func (d stateDir) savePolicy(src, sig []byte, cas []*x509.Certificate) error {
-	sp := storedPolicy{Policy: src, Signature: sig}
-	for _, c := range cas {
-		sp.CAs = append(sp.CAs, c.Raw)
-	}
-	if err := atomicfile.WriteJSON(d.path(fileAdoptedPolicy), sp, 0o644); err != nil {
+func (d stateDir) savePolicy(src, sig []byte) error {
+	if err := atomicfile.WriteJSON(d.path(fileAdoptedPolicy), storedPolicy{Policy: src, Signature: sig}, 0o644); err != nil {
 		return err
 	}
 	// Where releases before it kept them: never read again.
@@ -122,26 +112,19 @@ func (d stateDir) loadWithdrawn() (w withdrawnPolicy, err error) {
 	return w, err
 }
 
-func (d stateDir) loadPolicy() (src, sig []byte, cas []*x509.Certificate, err error) {
+func (d stateDir) loadPolicy() (src, sig []byte, err error) {
 	var sp storedPolicy
 	found, err := atomicfile.ReadJSON(d.path(fileAdoptedPolicy), &sp)
 	if err != nil {
-		return nil, nil, nil, err
+		return nil, nil, err
 	}
 	if found {
-		for _, der := range sp.CAs {
-			c, err := x509.ParseCertificate(der)
-			if err != nil {
-				return nil, nil, nil, fmt.Errorf("%s: a CA it was adopted under: %w", d.path(fileAdoptedPolicy), err)
-			}
-			cas = append(cas, c)
-		}
-		return sp.Policy, sp.Signature, cas, nil
+		return sp.Policy, sp.Signature, nil
 	}
 	src, err = os.ReadFile(d.path(filePolicy))
 	if err != nil {
-		return nil, nil, nil, err
+		return nil, nil, err
 	}
 	sig, err = os.ReadFile(d.path(filePolicySig))
-	return src, sig, nil, err
+	return src, sig, err
 }

@@ -2,15 +2,10 @@ package mesh
 
 import (
 	"bytes"
-	"crypto/x509"
 	"errors"
 	"io/fs"
-	"net/netip"
 	"os"
-	"path/filepath"
 	"testing"
-
-	"github.com/skybridge-mesh/skybridge/certs"
 )
 
 // TestStatePolicy: the adopted policy and its signature are kept in one
@@ -18,26 +13,22 @@ import (
 // is read, and they go once the policy is saved again.
 func TestStatePolicy(t *testing.T) {
 	d := stateDir(t.TempDir())
-	if _, _, _, err := d.loadPolicy(); !errors.Is(err, fs.ErrNotExist) {
+	if _, _, err := d.loadPolicy(); !errors.Is(err, fs.ErrNotExist) {
 		t.Fatalf("no policy stored: %v", err)
 	}
 	os.WriteFile(d.path(filePolicy), []byte("old policy"), 0o644)
 	os.WriteFile(d.path(filePolicySig), []byte(`{"old":"sig"}`), 0o644)
-	if src, sig, _, err := d.loadPolicy(); err != nil || string(src) != "old policy" || string(sig) != `{"old":"sig"}` {
+	if src, sig, err := d.loadPolicy(); err != nil || string(src) != "old policy" || string(sig) != `{"old":"sig"}` {
 		t.Fatalf("the two files of before: %q %q %v", src, sig, err)
 	}
 	src := []byte("policy \"p\" {\n  version = 2 # \xff not UTF-8\n}\n")
 	sig := []byte("{\n  \"format\": \"x\"\n}\n")
-	ca, err := certs.InitCA(filepath.Join(t.TempDir(), "ca"), certs.InitOptions{MeshPrefix: netip.MustParsePrefix("100.64.0.0/10")})
-	if err != nil {
+	if err := d.savePolicy(src, sig); err != nil {
 		t.Fatal(err)
 	}
-	if err := d.savePolicy(src, sig, []*x509.Certificate{ca.Certificate()}); err != nil {
-		t.Fatal(err)
-	}
-	gotSrc, gotSig, gotCAs, err := d.loadPolicy()
-	if err != nil || !bytes.Equal(gotSrc, src) || !bytes.Equal(gotSig, sig) || len(gotCAs) != 1 || !gotCAs[0].Equal(ca.Certificate()) {
-		t.Fatalf("stored %q %q, loaded %q %q %v, %v", src, sig, gotSrc, gotSig, gotCAs, err)
+	gotSrc, gotSig, err := d.loadPolicy()
+	if err != nil || !bytes.Equal(gotSrc, src) || !bytes.Equal(gotSig, sig) {
+		t.Fatalf("stored %q %q, loaded %q %q, %v", src, sig, gotSrc, gotSig, err)
 	}
 	for _, f := range []string{filePolicy, filePolicySig} {
 		if _, err := os.Stat(d.path(f)); !errors.Is(err, fs.ErrNotExist) {

@@ -466,7 +466,7 @@ func (g *Gateway) loadPolicies() error {
 	g.withdrawn = w
 	var untrusted *adoptedPolicy // the stored policy, if only its signer is no longer trusted
 	var untrustedWhy error
-	switch src, sig, cas, err := g.state.loadPolicy(); {
+	switch src, sig, err := g.state.loadPolicy(); {
 	case errors.Is(err, fs.ErrNotExist):
 	case err != nil:
 		return fmt.Errorf("the residency policy adopted in the last run (state directory %s): %w; restore it from a backup, or move it aside to start from the policy the configuration names (newer ones arrive by gossip; until a policy is in force the gateway links to every verified gateway and takes no migration)",
@@ -475,12 +475,24 @@ func (g *Gateway) loadPolicies() error {
 		if _, err := g.adoptPolicy(src, sig, true); err != nil {
 			g.log.Warn("stored policy refused", "err", err)
 			// Kept only if its signature verifies and only its signer's
-			// revocation, or the retirement of the CA that certified it
-			// (or signed it), stands in the way: then it was in force
-			// when the gateway stopped (recheckPolicy kept it) or until
-			// the trust changed while it was down.
-			if ps, perr := policy.ParseSignature(sig); (errors.Is(err, policy.ErrUntrustedSigner) || errors.Is(err, policy.ErrBadSignature)) && perr == nil {
-				if p, verr := policy.VerifyRevokedSigner("policy.hcl", src, ps, g.trust.Load(), cas, g.now()); verr == nil {
+			// revocation stands in the way: then it was in force when
+			// the gateway stopped (recheckPolicy kept it), or until the
+			// revocation while it was down. Or, the policy this gateway
+			// withdrew itself while it ran (recheckPolicy kept it then
+			// too): its signer's CA may be retired since, which the
+			// signer certificate cannot be checked against any more.
+			// Not on the word of the state directory alone: one of
+			// another mesh (a mesh rebuilt under a new CA) is not kept.
+			if ps, perr := policy.ParseSignature(sig); errors.Is(err, policy.ErrUntrustedSigner) && perr == nil {
+				p, verr := policy.VerifyRevokedSigner("policy.hcl", src, ps, g.trust.Load(), g.now())
+				if verr != nil {
+					if p, verr = policy.VerifyWithdrawn("policy.hcl", src, ps, g.trust.Load(), g.now()); verr == nil {
+						if r := p.Revision(); w.Name != r.Name || w.Version != r.Version {
+							verr = errors.New("not the policy this gateway withdrew")
+						}
+					}
+				}
+				if verr == nil {
 					untrusted, untrustedWhy = &adoptedPolicy{p: p, src: src, sig: sig}, err
 					g.policyMu.Lock()
 					g.withdrawLocked(p.Revision()) // revoked while this gateway was down
@@ -582,7 +594,7 @@ func (g *Gateway) adoptPolicyLocked(src, sigJSON []byte, replace, local bool) (b
 	}
 	g.policy.Store(&adoptedPolicy{p: p, src: src, sig: sigJSON})
 	g.metrics.classes(p.Classes())
-	if err := g.state.savePolicy(src, sigJSON, g.trust.Load().CAs()); err != nil {
+	if err := g.state.savePolicy(src, sigJSON); err != nil {
 		g.log.Warn("save adopted policy", "err", err)
 	}
 	g.log.Info("adopted residency policy", "policy", p.Revision().String())

@@ -12,7 +12,6 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
-	"slices"
 	"strings"
 	"time"
 
@@ -118,21 +117,37 @@ func ParseSignature(b []byte) (*Signature, error) {
 // and returns the compiled policy. now bounds how far in the future the
 // signing time may lie.
 func Verify(file string, src []byte, sig *Signature, tb *certs.TrustBundle, now time.Time) (*Policy, error) {
-	return verify(file, src, sig, tb, now, false, nil)
+	return verify(file, src, sig, tb, now, overlookNothing)
 }
 
-// VerifyRevokedSigner is Verify for a policy a gateway adopted earlier
-// whose signer the mesh no longer trusts: revoked since, or certified by
-// a CA the mesh has retired since (a Vault issuer deleted). Its signature
-// must still verify, by a signer a CA of tb or of formerCAs (those the
-// gateway trusted when it adopted the policy) certified; only the
-// revocation, and the CA's retirement, are overlooked. It is what a
-// gateway keeps in force, marked, when nothing trusted can take its place.
-func VerifyRevokedSigner(file string, src []byte, sig *Signature, tb *certs.TrustBundle, formerCAs []*x509.Certificate, now time.Time) (*Policy, error) {
-	return verify(file, src, sig, tb, now, true, formerCAs)
+// VerifyRevokedSigner is Verify for a policy whose signer the mesh has
+// revoked since: its signature must still verify, by a signer the CA
+// certified, and only the revocation is overlooked. It is what a gateway
+// keeps in force, marked, when nothing trusted can take its place.
+func VerifyRevokedSigner(file string, src []byte, sig *Signature, tb *certs.TrustBundle, now time.Time) (*Policy, error) {
+	return verify(file, src, sig, tb, now, overlookRevocation)
 }
 
-func verify(file string, src []byte, sig *Signature, tb *certs.TrustBundle, now time.Time, revokedToo bool, formerCAs []*x509.Certificate) (*Policy, error) {
+// VerifyWithdrawn is VerifyRevokedSigner for the policy a gateway withdrew
+// itself while it was in force there: the CA that certified its signer may
+// be retired since (a Vault issuer deleted), and the chain to it is not
+// checked again, the gateway having checked it when it adopted the policy.
+// The signature must still be the signer certificate's. Whether the gateway
+// withdrew this very policy is its caller's to know.
+func VerifyWithdrawn(file string, src []byte, sig *Signature, tb *certs.TrustBundle, now time.Time) (*Policy, error) {
+	return verify(file, src, sig, tb, now, overlookChain)
+}
+
+// overlook is what a verification of a policy overlooks in its signer.
+type overlook uint8
+
+const (
+	overlookNothing    overlook = iota
+	overlookRevocation          // its certificate's revocation
+	overlookChain               // its revocation, and whether a CA of the mesh still certifies it
+)
+
+func verify(file string, src []byte, sig *Signature, tb *certs.TrustBundle, now time.Time, ov overlook) (*Policy, error) {
 	if sig == nil {
 		return nil, ErrUnsigned
 	}
@@ -147,7 +162,7 @@ func verify(file string, src []byte, sig *Signature, tb *certs.TrustBundle, now 
 	if sig.SignedAt.After(now.Add(certs.MaxClockSkew)) {
 		return nil, fmt.Errorf("%w: signed in the future (%s)", ErrBadSignature, sig.SignedAt.Format(time.RFC3339))
 	}
-	keys, err := signerKeys(sig, tb, revokedToo, formerCAs)
+	keys, err := signerKeys(sig, tb, ov)
 	if err != nil {
 		return nil, err
 	}
@@ -186,19 +201,11 @@ type signerKey struct {
 }
 
 // signerKeys returns the keys a signature may be checked with: the CA's
-// own, or a delegated signer's after checking its certificate. formerCAs
-// count as the mesh's CAs too.
-func signerKeys(sig *Signature, tb *certs.TrustBundle, revokedToo bool, formerCAs []*x509.Certificate) ([]signerKey, error) {
-	cas, roots := tb.CAs(), tb.Roots()
-	if len(formerCAs) > 0 {
-		cas, roots = append(slices.Clone(cas), formerCAs...), roots.Clone()
-		for _, c := range formerCAs {
-			roots.AddCert(c)
-		}
-	}
+// own, or a delegated signer's after checking its certificate.
+func signerKeys(sig *Signature, tb *certs.TrustBundle, ov overlook) ([]signerKey, error) {
 	if sig.SignerCertificate == "" {
 		var keys []signerKey
-		for _, ca := range cas {
+		for _, ca := range tb.CAs() {
 			if k, ok := ca.PublicKey.(*ecdsa.PublicKey); ok {
 				keys = append(keys, signerKey{k, ca.Subject.CommonName + " (the mesh CA)"})
 			}
@@ -218,10 +225,10 @@ func signerKeys(sig *Signature, tb *certs.TrustBundle, revokedToo bool, formerCA
 	if at.Before(c.NotBefore) && !at.Before(certs.ValidFrom(c)) {
 		at = c.NotBefore
 	}
-	if _, err := c.Verify(x509.VerifyOptions{Roots: roots, CurrentTime: at, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageCodeSigning}}); err != nil {
+	if _, err := c.Verify(x509.VerifyOptions{Roots: tb.Roots(), CurrentTime: at, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageCodeSigning}}); err != nil && ov < overlookChain {
 		return nil, fmt.Errorf("%w: %v", ErrUntrustedSigner, err)
 	}
-	if tb.IsRevoked(c.SerialNumber) && !revokedToo {
+	if tb.IsRevoked(c.SerialNumber) && ov < overlookRevocation {
 		return nil, fmt.Errorf("%w: signer certificate %s is revoked", ErrUntrustedSigner, certs.FormatSerial(c.SerialNumber))
 	}
 	k, ok := c.PublicKey.(*ecdsa.PublicKey)
