@@ -2,6 +2,7 @@ package certs
 
 import (
 	"context"
+	"fmt"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -28,51 +29,97 @@ func asRoot(t *testing.T) {
 // TestForeignKeyInOpenDirAccepted: in an identity directory any user may
 // write, another user can put a wireguard.key of their own (mode 0600,
 // their uid): the gateway must not take it as its key, nor make its keys
-// in such a directory.
+// in such a directory. ReadPrivateFile does not judge the key's owner:
+// the directory is refused as a gateway starts (its trust bundle is read,
+// or saved, before its identity and secrets), with or without a CA.
 func TestForeignKeyInOpenDirAccepted(t *testing.T) {
 	asRoot(t)
-	dir := filepath.Join(t.TempDir(), "identity")
-	if err := os.Mkdir(dir, 0o777); err != nil {
-		t.Fatal(err)
-	}
-	os.Chmod(dir, 0o777)
-	if err := MkdirPrivate(dir); err == nil || !strings.Contains(err.Error(), "may be written by users other than its owner") {
-		t.Errorf("MkdirPrivate on a directory any user may write: %v", err)
-	}
-	planted, _ := GenerateWGKey() // the other user knows this one
-	p := filepath.Join(dir, FileWireGuardKey)
-	if err := os.WriteFile(p, []byte(planted.Base64Secret()+"\n"), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Chown(p, otherUser, otherUser); err != nil {
-		t.Fatal(err)
-	}
-	k, err := (DirSecrets{Dir: dir}).WireGuardKey(context.Background(), "gw1")
-	if err == nil && k.Public() == planted.Public() {
-		t.Fatalf("a wireguard.key owned by uid %d in a world-writable identity directory was taken as the gateway's key", otherUser)
-	}
-	if err == nil || !strings.Contains(err.Error(), "belongs to user 65534") {
-		t.Errorf("a wireguard.key of another user's: %v; want it refused, naming its owner", err)
+	ca := newTestCA(t)
+	attrs := testAttrs("gw1", "s", "100.96.0.1")
+	ctx := context.Background()
+	for _, caDir := range []string{"", ca.Dir()} {
+		dir := filepath.Join(t.TempDir(), "identity")
+		if err := issue(t, ca, attrs, time.Now(), time.Hour).Save(dir, trust(t, ca)); err != nil {
+			t.Fatal(err)
+		}
+		if err := ca.CopyGossipKeyring(ctx, dir); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chmod(dir, 0o777); err != nil {
+			t.Fatal(err)
+		}
+		if err := MkdirPrivate(dir); err == nil || !strings.Contains(err.Error(), "which holds keys, may be written by") {
+			t.Errorf("MkdirPrivate on a directory any user may write: %v", err)
+		}
+		planted, _ := GenerateWGKey() // the other user knows this one
+		p := filepath.Join(dir, FileWireGuardKey)
+		if err := os.WriteFile(p, []byte(planted.Base64Secret()+"\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chown(p, otherUser, otherUser); err != nil {
+			t.Fatal(err)
+		}
+		// As mesh.NewGateway: the provider's trust, identity, secrets.
+		err := func() error {
+			prov, err := Open(ctx, Config{Dir: dir, CADir: caDir, TTL: "1h"}, quietLog())
+			if err != nil {
+				return err
+			}
+			defer prov.Close()
+			if _, err := prov.Trust(ctx); err != nil {
+				return err
+			}
+			if _, _, err := prov.Identity(ctx, attrs); err != nil {
+				return err
+			}
+			k, err := prov.Secrets().WireGuardKey(ctx, attrs.Node)
+			if err == nil && k.Public() == planted.Public() {
+				t.Fatalf("ca_dir %q: a wireguard.key owned by uid %d in a world-writable identity directory was taken as the gateway's key", caDir, otherUser)
+			}
+			return err
+		}()
+		if err == nil || !strings.Contains(err.Error(), "directory "+dir+", which holds keys, may be written by") {
+			t.Errorf("ca_dir %q: a gateway starting on a world-writable identity directory: %v; want it refused for the directory", caDir, err)
+		}
 	}
 }
 
-// TestReadPrivateFileOwner: a secret is taken from its owner alone, as
-// the operator token is: root's too, to another user (who could read it
-// only with the privilege to read anyone's files).
+// TestReadPrivateFileOwner: a secret's owner is not judged, only who may
+// read it: Vault agent writes the token (0600, its own) a gateway run as
+// root reads at every login, and a secret may come through a pipe.
 func TestReadPrivateFileOwner(t *testing.T) {
 	asRoot(t)
 	p := filepath.Join(t.TempDir(), "token")
 	if err := os.WriteFile(p, []byte("secret\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if b, err := ReadPrivateFile(p); err != nil || string(b) != "secret\n" {
-		t.Fatalf("a secret of our own: %q, %v", b, err)
-	}
 	if err := os.Chown(p, otherUser, otherUser); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := ReadPrivateFile(p); err == nil || !strings.Contains(err.Error(), "belongs to user 65534") || !strings.Contains(err.Error(), "chown") {
-		t.Errorf("a secret of another user's: %v", err)
+	if b, err := ReadPrivateFile(p); err != nil || string(b) != "secret\n" {
+		t.Errorf("a 0600 secret of another user's: %q, %v", b, err)
+	}
+	os.Chmod(p, 0o640)
+	if _, err := ReadPrivateFile(p); err == nil || !strings.Contains(err.Error(), "chmod 600") {
+		t.Errorf("a secret its group may read: %v", err)
+	}
+}
+
+// TestReadPrivateFilePipe: --join-token-file <(…) names a pipe, which is
+// the process's own and 0600.
+func TestReadPrivateFilePipe(t *testing.T) {
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	if _, err := w.WriteString("secret\n"); err != nil {
+		t.Fatal(err)
+	}
+	w.Close()
+	path := fmt.Sprintf("/dev/fd/%d", r.Fd())
+	if b, err := ReadPrivateFile(path); err != nil || string(b) != "secret\n" {
+		t.Errorf("a secret from a pipe (%s): %q, %v", path, b, err)
 	}
 }
 

@@ -127,11 +127,13 @@ func keyDir(dir string, st os.FileInfo) error {
 }
 
 // ReadPrivateFile reads a file holding a secret and refuses it if other users
-// could read it, as ssh does: a key that leaked is no identity. One of
-// another user's is refused too, root's included (a process of another
-// user reads it only with the privilege to read anyone's files): whoever
-// could write its directory could have put it there, with a secret of
-// their choosing.
+// could read it, as ssh does: a key that leaked is no identity. Its owner
+// is not judged: a secret may be another user's to write (Vault agent
+// rewrites its token, 0600 and its own, for a gateway run as root), and
+// whether a key could have been put there by another user is its
+// directory's question (keyDir), which a gateway asks as it reads its
+// trust bundle, before its keys. Nor need it be a file: a pipe
+// (--join-token-file <(…), /dev/stdin) keeps a secret off the disk.
 func ReadPrivateFile(path string) ([]byte, error) {
 	f, err := os.Open(path)
 	if err != nil {
@@ -142,14 +144,8 @@ func ReadPrivateFile(path string) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	if !st.Mode().IsRegular() {
-		return nil, fmt.Errorf("%s is not a file (mode %v): put the secret in a file of its own", path, st.Mode())
-	}
 	if perm := st.Mode().Perm(); perm&0o077 != 0 {
 		return nil, fmt.Errorf("%s is accessible by other users (mode %04o): run chmod 600 %s", path, perm, path)
-	}
-	if sys, ok := st.Sys().(*syscall.Stat_t); ok && int(sys.Uid) != os.Geteuid() {
-		return nil, fmt.Errorf("%s belongs to user %d, not to this process's user (uid %d): another user may have put it there, with a secret of their choosing; if it is meant for this user, chown it to uid %d, or else run as user %d", path, sys.Uid, os.Geteuid(), os.Geteuid(), sys.Uid)
 	}
 	return io.ReadAll(f)
 }
