@@ -1,8 +1,10 @@
 package certs
 
 import (
+	"bytes"
 	"context"
 	"fmt"
+	"log/slog"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -48,7 +50,7 @@ func TestForeignKeyInOpenDirAccepted(t *testing.T) {
 		if err := os.Chmod(dir, 0o777); err != nil {
 			t.Fatal(err)
 		}
-		if err := MkdirPrivate(dir); err == nil || !strings.Contains(err.Error(), "which holds keys, may be written by") {
+		if err := MkdirPrivate(dir); err == nil || !strings.Contains(err.Error(), "which holds keys, may be written by any user") {
 			t.Errorf("MkdirPrivate on a directory any user may write: %v", err)
 		}
 		planted, _ := GenerateWGKey() // the other user knows this one
@@ -124,10 +126,10 @@ func TestReadPrivateFilePipe(t *testing.T) {
 }
 
 // TestKeyDirOthersMayChange: a directory of keys another user could
-// change — written by its group or others without the sticky bit, or
-// owned by a user other than root or ours — is refused, whether keys are
-// made in it or its CA certificate read (whoever may replace ca.crt adds
-// their CA); one others may only read is said, not refused.
+// change — written by any user without the sticky bit, or owned by a
+// user other than root or ours — is refused, whether keys are made in it
+// or its CA certificate read (whoever may replace ca.crt adds their CA);
+// one others may only read, or its group write, is said, not refused.
 func TestKeyDirOthersMayChange(t *testing.T) {
 	tb := trust(t, newTestCA(t))
 	prepare := func(t *testing.T, mode os.FileMode, owner int) string {
@@ -155,9 +157,11 @@ func TestKeyDirOthersMayChange(t *testing.T) {
 		{"ours", 0o700, -1, ""},
 		{"others may read it", 0o755, -1, ""},
 		{"sticky, others may write it", 0o777 | os.ModeSticky, -1, ""},
-		{"its group may write it", 0o770, -1, "may be written by users other than its owner"},
-		{"anyone may write it", 0o777, -1, "may be written by users other than its owner"},
+		{"its group may write it", 0o770, -1, ""},
+		{"anyone may write it", 0o777, -1, "may be written by any user"},
+		{"anyone but its group may write it", 0o707, -1, "may be written by any user"},
 		{"root's", 0o755, 0, ""},
+		{"root's, its group may write it", 0o770, 0, ""},
 		{"another user's", 0o700, otherUser, "belongs to user 65534"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -211,5 +215,32 @@ func TestCACertOthersMayChange(t *testing.T) {
 	}
 	if _, err := LoadTrustBundle(dir, netip.Prefix{}); err != nil {
 		t.Errorf("ca.crt saved again: %v", err)
+	}
+}
+
+// TestKeyDirGroupMayWrite: a directory of keys its group may write, as
+// root's 0770 with the gateway's group is, is said once, not refused, and
+// the advice is not chmod 700, which would lock the gateway out.
+func TestKeyDirGroupMayWrite(t *testing.T) {
+	var logs bytes.Buffer
+	defer slog.SetDefault(slog.Default())
+	slog.SetDefault(slog.New(slog.NewTextHandler(&logs, nil)))
+	dir := filepath.Join(t.TempDir(), "identity")
+	if err := trust(t, newTestCA(t)).Save(dir); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(dir, 0o770); err != nil {
+		t.Fatal(err)
+	}
+	for range 2 {
+		if err := MkdirPrivate(dir); err != nil {
+			t.Errorf("MkdirPrivate: %v", err)
+		}
+		if _, err := LoadTrustBundle(dir, netip.Prefix{}); err != nil {
+			t.Errorf("LoadTrustBundle: %v", err)
+		}
+	}
+	if n := strings.Count(logs.String(), "may be written by its group"); n != 1 || strings.Contains(logs.String(), "chmod 700") || strings.Contains(logs.String(), "open to other users") {
+		t.Errorf("said %d times (want once, without chmod 700):\n%s", n, logs.String())
 	}
 }

@@ -100,9 +100,10 @@ func MkdirPrivate(dir string) error {
 	if err := keyDir(dir, st); err != nil {
 		return err
 	}
-	if perm := st.Mode().Perm(); perm&0o077 != 0 {
+	// One its group may write is said by keyDir, once is enough.
+	if perm := st.Mode().Perm(); perm&0o077 != 0 && !groupWritable(st) {
 		if _, said := looseDirs.LoadOrStore(dir, true); !said {
-			slog.Warn("a directory holding keys is open to other users: they may see which keys it holds, though not read them (each is 0600, and refused if not); run chmod 700 on it", "dir", dir, "mode", fmt.Sprintf("%04o", perm))
+			slog.Warn("a directory holding keys is open to other users: they may see which keys it holds, though not read them (each is 0600, and refused if not); run chmod o-rwx on it, and g-rwx unless the gateway reads it through its group", "dir", dir, "mode", fmt.Sprintf("%04o", perm))
 		}
 	}
 	return nil
@@ -111,19 +112,37 @@ func MkdirPrivate(dir string) error {
 var looseDirs sync.Map // of directories said to be open by MkdirPrivate
 
 // keyDir refuses a directory of keys, or of the CA certificates they are
-// trusted by, that another user could change: one of a user other than
-// root or this one, or one its group or others may write (unless sticky,
-// where only the owner of a file may replace it). Whoever may replace
-// the files in it chooses the gateway's keys and the CAs it trusts. st is
-// the directory's Stat.
+// trusted by, that another user could change: one any user may write
+// (unless sticky, where only the owner of a file may replace it), or one
+// of a user other than root or this one. Whoever may replace the files
+// in it chooses the gateway's keys and the CAs it trusts. One its group
+// may write is only said, once a process, as a state directory is: root's
+// with the gateway's group, 0770, is how a service user is commonly let
+// write its keys, and chmod 700 would lock it out. st is the directory's
+// Stat.
 func keyDir(dir string, st os.FileInfo) error {
-	if sys, ok := st.Sys().(*syscall.Stat_t); ok && sys.Uid != 0 && int(sys.Uid) != os.Geteuid() {
-		return fmt.Errorf("directory %s, which holds keys, belongs to user %d, neither this user's (uid %d) nor root: that user could replace the keys in it, and the CA certificate; chown it to uid %d if it is meant for this user, or run as user %d", dir, sys.Uid, os.Geteuid(), os.Geteuid(), sys.Uid)
+	uid := os.Geteuid()
+	if sys, ok := st.Sys().(*syscall.Stat_t); ok && sys.Uid != 0 && int(sys.Uid) != uid {
+		return fmt.Errorf("directory %s, which holds keys, belongs to user %d, neither this user's (uid %d) nor root: that user could replace the keys in it, and the CA certificate; run chown -R %d %s if the keys are this user's, or run this as user %d", dir, sys.Uid, uid, uid, dir, sys.Uid)
 	}
-	if perm := st.Mode().Perm(); perm&0o022 != 0 && st.Mode()&os.ModeSticky == 0 {
-		return fmt.Errorf("directory %s, which holds keys, may be written by users other than its owner (mode %04o): they could replace the keys in it, and the CA certificate; run chmod 700 %s", dir, perm, dir)
+	perm := st.Mode().Perm()
+	if perm&0o002 != 0 && st.Mode()&os.ModeSticky == 0 {
+		return fmt.Errorf("directory %s, which holds keys, may be written by any user (mode %04o): one could replace the keys in it, and the CA certificate; run chmod o-w %s", dir, perm, dir)
+	}
+	if groupWritable(st) {
+		if _, said := groupDirs.LoadOrStore(dir, true); !said {
+			slog.Warn("a directory holding keys may be written by its group: its members could replace the keys in it, and the CA certificate; run chmod g-w on it unless its group is the gateway's alone", "dir", dir, "mode", fmt.Sprintf("%04o", perm))
+		}
 	}
 	return nil
+}
+
+var groupDirs sync.Map // of directories said by keyDir to be written by their group
+
+// groupWritable says whether st, a directory, may be written by its
+// group, to replace what is in it (not only add to it, if sticky).
+func groupWritable(st os.FileInfo) bool {
+	return st.Mode().Perm()&0o020 != 0 && st.Mode()&os.ModeSticky == 0
 }
 
 // ReadPrivateFile reads a file holding a secret and refuses it if other users
