@@ -3,6 +3,7 @@ package mesh
 import (
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -29,17 +30,29 @@ var stateWords = wayWords{
 // So is a directory another user may change, or one on the way to it:
 // the lock is the first thing written in it.
 func LockStateDir(dir string) (release func(), err error) {
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return nil, fmt.Errorf("create state directory: %w", err)
-	}
-	// Checked before anything is written in it, by the control socket's
-	// rules: what the gateway keeps there (its journal, audit log, stored
-	// images, operator token and, by default, identity) is as good as
-	// whoever may replace it, and the socket is kept there by default.
 	abs, err := filepath.Abs(dir)
 	if err != nil {
 		return nil, fmt.Errorf("state directory %s: %w", dir, err)
 	}
+	// The way to what is there already is checked before any of the rest
+	// is made: MkdirAll, run as root, would otherwise make it through a
+	// link or in a directory of another user's, and leave it there when
+	// refused. What it makes is then ours. Said once, by the check below.
+	have, err := existingAncestor(abs)
+	if err != nil {
+		return nil, fmt.Errorf("state directory: %w", err)
+	}
+	if _, err := trustedWay(have, os.Geteuid(), false, slog.New(slog.DiscardHandler), stateWords); err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("create state directory: %w", err)
+	}
+	// Checked again, whole, before anything is written in it, by the
+	// control socket's rules: what the gateway keeps there (its journal,
+	// audit log, stored images, operator token and, by default, identity)
+	// is as good as whoever may replace it, and the socket is kept there
+	// by default. Another user could have changed the way since.
 	at, err := trustedWay(abs, os.Geteuid(), false, slog.Default(), stateWords)
 	if err != nil {
 		return nil, err
@@ -86,6 +99,22 @@ func LockStateDir(dir string) (release func(), err error) {
 		f.WriteAt([]byte(strconv.Itoa(os.Getpid())+"\n"), 0)
 	}
 	return func() { f.Close() }, nil
+}
+
+// existingAncestor returns the longest leading part of path, absolute,
+// that is there (a link counts, as it is: trustedWay follows it).
+func existingAncestor(path string) (string, error) {
+	for {
+		_, err := os.Lstat(path)
+		if err == nil || !errors.Is(err, fs.ErrNotExist) {
+			return path, err
+		}
+		up := filepath.Dir(path)
+		if up == path {
+			return path, err
+		}
+		path = up
+	}
 }
 
 // ownFile refuses an open file a gateway is about to write in place

@@ -68,6 +68,47 @@ func TestLockStateDirWay(t *testing.T) {
 			t.Errorf("a state directory whose parent anyone may write: %v", err)
 		}
 	})
+	// Nothing is made on a way refused: MkdirAll, as root, would make the
+	// directory in one of another user's, or through their link.
+	t.Run("made in a directory anyone may write", func(t *testing.T) {
+		open := chmod(t, t.TempDir(), 0o777)
+		if err := try(t, filepath.Join(open, "state", "gw")); err == nil || !strings.Contains(err.Error(), "directory "+open+" may be written by any user") {
+			t.Errorf("a state directory to make in one anyone may write: %v", err)
+		}
+		if _, err := os.Lstat(filepath.Join(open, "state")); err == nil {
+			t.Errorf("refused, but made %s", filepath.Join(open, "state"))
+		}
+	})
+	t.Run("made in another user's directory", func(t *testing.T) {
+		asRoot(t)
+		theirs := t.TempDir()
+		if err := os.Chown(theirs, otherUser, otherUser); err != nil {
+			t.Fatal(err)
+		}
+		if err := try(t, filepath.Join(theirs, "state")); err == nil || !strings.Contains(err.Error(), "directory "+theirs+" belongs to user 12345") {
+			t.Errorf("a state directory to make in another user's: %v", err)
+		}
+		if _, err := os.Lstat(filepath.Join(theirs, "state")); err == nil {
+			t.Errorf("refused, but made %s", filepath.Join(theirs, "state"))
+		}
+	})
+	t.Run("made through another user's link", func(t *testing.T) {
+		asRoot(t)
+		base, target := t.TempDir(), t.TempDir()
+		link := filepath.Join(base, "var")
+		if err := os.Symlink(target, link); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Lchown(link, otherUser, otherUser); err != nil {
+			t.Fatal(err)
+		}
+		if err := try(t, filepath.Join(link, "state")); err == nil || !strings.Contains(err.Error(), "symbolic link "+link+" belongs to user 12345") {
+			t.Errorf("a state directory to make through another user's link: %v", err)
+		}
+		if _, err := os.Lstat(filepath.Join(target, "state")); err == nil {
+			t.Errorf("refused, but made %s", filepath.Join(target, "state"))
+		}
+	})
 	t.Run("ours in a sticky directory", func(t *testing.T) {
 		if err := try(t, filepath.Join(chmod(t, t.TempDir(), 0o777|os.ModeSticky), "state")); err != nil {
 			t.Errorf("a state directory of ours in a sticky one (/tmp/skybridge): %v", err)
