@@ -18,6 +18,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
@@ -134,7 +135,23 @@ func (l *Log) append(id *certs.NodeIdentity, event string, fields map[string]any
 			return nil, false, err
 		}
 		if node := id.Attributes().Node; prev.Node != node {
-			if err := l.putAside(prev.Node, seq); err != nil {
+			if err := l.putAside(prev.Node, seq, "the state directory goes on as "+node); err != nil {
+				return nil, false, err
+			}
+			return nil, true, nil
+		}
+		// A record dated past the end of the certificate that signs now
+		// was dated by a clock that ran ahead (under a longer
+		// certificate). Dated after it, this record would be refused
+		// until the clock caught up; dated by the clock, before it, it
+		// would be out of order, and a revocation of this certificate
+		// after all its records would still have Verify refuse them
+		// (judged by the latest record before them). A new log starts
+		// at the clock's time, and the old one stays whole beside it.
+		if cert := id.Certificate(); prev.Time.After(cert.NotAfter) {
+			why := fmt.Sprintf("its last record is dated %s, past the end of the certificate %s that signs now (%s): a clock ran ahead",
+				prev.Time.UTC().Format(time.RFC3339), certs.FormatSerial(cert.SerialNumber), cert.NotAfter.UTC().Format(time.RFC3339))
+			if err := l.putAside(prev.Node, seq, why); err != nil {
 				return nil, false, err
 			}
 			return nil, true, nil
@@ -181,8 +198,9 @@ func (l *Log) open(flag int) (*os.File, error) {
 }
 
 // putAside renames the log, and its head, to names that say whose they
-// are and how long: PATH.NODE.SEQ.
-func (l *Log) putAside(node string, seq uint64) error {
+// are and how long: PATH.NODE.SEQ. The log says where it went, and why:
+// whoever checks the log at its path finds a new one there.
+func (l *Log) putAside(node string, seq uint64, why string) error {
 	if !certs.ValidName(node) {
 		node = "unknown"
 	}
@@ -208,7 +226,11 @@ func (l *Log) putAside(node string, seq uint64) error {
 	if err := os.Rename(l.path, aside); err != nil {
 		return fmt.Errorf("put aside the audit log of %s: %w", node, err)
 	}
-	return atomicfile.SyncDir(filepath.Dir(l.path))
+	if err := atomicfile.SyncDir(filepath.Dir(l.path)); err != nil {
+		return err
+	}
+	slog.Warn("audit log put aside, whole, and a new one started", "log", l.path, "aside", aside, "records", seq, "why", why)
+	return nil
 }
 
 // appendTo writes the record after last (numbered seq, prev decoded).
@@ -227,14 +249,10 @@ func (l *Log) appendTo(f *os.File, id *certs.NodeIdentity, event string, fields 
 		sum := sha256.Sum256(last)
 		r.Prev = hex.EncodeToString(sum[:])
 		// Records are in time order, whatever the clock did (a step
-		// back): Verify holds a revoked key's records to it. But never
-		// past the end of the certificate that signs: a record dated
-		// there was dated by a clock that ran ahead (under a longer
-		// certificate), and dated after it, every record would be
-		// refused below until the clock caught up. This one is dated by
-		// the clock, before it; Verify judges a revoked key's records by
-		// the latest record before them, not by their order.
-		if prev.Time.After(r.Time) && !prev.Time.After(cert.NotAfter) {
+		// back): Verify holds a revoked key's records to it. A record
+		// dated past the end of the certificate that signs started a
+		// new log instead (append).
+		if prev.Time.After(r.Time) {
 			r.Time = prev.Time
 		}
 	}

@@ -272,12 +272,15 @@ func TestAppendOnlyWithinTheCertificatesValidity(t *testing.T) {
 }
 
 // TestAppendAfterAClockAhead: a clock that ran ahead once dates a record
-// far on (within a long certificate's validity); the records after it
-// are not dated there too, past the end of the shorter certificate that
-// signs them — every one would be refused until the clock caught up —
-// but by the clock, and the log verifies.
+// far on (within a long certificate's validity); the records after it are
+// not dated there too, past the end of the shorter certificate that signs
+// them — every one would be refused until the clock caught up — nor
+// chained after it dated back by the clock: that log is put aside, whole,
+// and a new one starts. Its records verify when their signer is revoked
+// after them, as a routine renewal does; dated back in the old log, they
+// were judged by the record ahead and refused.
 func TestAppendAfterAClockAhead(t *testing.T) {
-	ca, tb := testCA(t)
+	ca, _ := testCA(t)
 	long, err := ca.IssueIdentity(certs.Attributes{Node: "gw1", Site: "s", Region: "r", Provider: "aws", Jurisdiction: "DE", OverlayIP: netip.MustParseAddr("100.96.0.1")}, 30*24*time.Hour, t0)
 	if err != nil {
 		t.Fatal(err)
@@ -287,23 +290,36 @@ func TestAppendAfterAClockAhead(t *testing.T) {
 	if _, err := l.Append(long, "image", map[string]any{"n": 2}, t0.Add(20*24*time.Hour)); err != nil {
 		t.Fatal(err)
 	}
+	ahead, _ := os.ReadFile(l.Path())
 	renewed := issue(t, ca, "gw1", "100.96.0.1", t0.Add(2*time.Hour))
 	for i, at := range []time.Time{t0.Add(3 * time.Hour), t0.Add(4 * time.Hour)} {
 		r, err := l.Append(renewed, "migration", map[string]any{"n": 3 + i}, at)
 		if err != nil {
 			t.Fatalf("a record at %v after one dated %v, its certificate ending %v: %v", at, t0.Add(20*24*time.Hour), renewed.Certificate().NotAfter, err)
 		}
-		if !r.Time.Equal(at) {
-			t.Fatalf("a record at %v after one dated %v is dated %v; want it dated by the clock, within its certificate (to %v)", at, t0.Add(20*24*time.Hour), r.Time, renewed.Certificate().NotAfter)
+		if !r.Time.Equal(at) || r.Seq != uint64(i+1) {
+			t.Fatalf("a record at %v after one dated %v is record %d dated %v; want record %d of a new log, dated by the clock", at, t0.Add(20*24*time.Hour), r.Seq, r.Time, i+1)
 		}
 	}
-	// Within the signer's validity, the record ahead still dates it.
+	// Within the signer's validity, the record before still dates it.
 	if r, err := l.Append(renewed, "migration", nil, t0.Add(3*time.Hour)); err != nil || !r.Time.Equal(t0.Add(4*time.Hour)) {
 		t.Fatalf("a record after the clock stepped back an hour: %v; want it dated as the one before", err)
 	}
-	b, _ := os.ReadFile(l.Path())
-	if rep, err := Verify(bytes.NewReader(b), tb); err != nil || rep.Records != 5 {
-		t.Fatalf("%+v, %v", rep, err)
+	if b, _ := os.ReadFile(l.Path() + ".gw1.2"); !bytes.Equal(b, ahead) {
+		t.Fatalf("the log with the record ahead was not put aside whole")
+	}
+	if _, err := ca.RevokeSerials([]*big.Int{renewed.Certificate().SerialNumber}, "superseded", t0.Add(5*time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	tb, err := ca.TrustBundle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, want := range map[string]int{l.Path(): 3, l.Path() + ".gw1.2": 2} {
+		b, _ := os.ReadFile(name)
+		if rep, err := Verify(bytes.NewReader(b), tb); err != nil || rep.Records != want {
+			t.Errorf("%s, its renewed signer revoked after its records: %+v, %v; want %d records", name, rep, err, want)
+		}
 	}
 }
 
