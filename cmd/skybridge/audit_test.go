@@ -47,7 +47,7 @@ func TestAuditVerifyNoWholeRecord(t *testing.T) {
 	}{
 		"line ends turned to CR": {bytes.ReplaceAll(b, []byte("\n"), []byte("\r")), "lines end in CR"},
 		"another file":           {[]byte("PK\x03\x04 not a log"), `not an audit log: it begins "PK\x03\x04 not a log"`},
-		"a first record cut":     {b[:40], "one record, or part of one"},
+		"a first record cut":     {b[:40], "part of a record"},
 	} {
 		copied := filepath.Join(dir, strings.ReplaceAll(name, " ", "-")+".log") // without a head
 		os.WriteFile(copied, tc.content, 0o600)
@@ -58,6 +58,12 @@ func TestAuditVerifyNoWholeRecord(t *testing.T) {
 		if out, _, code := runCLI(t, "audit", "verify", "--json", "--log", copied, "--ca-cert", filepath.Join(ca, "ca.crt")); code != 1 || !strings.Contains(out, `"valid": false`) {
 			t.Errorf("%s, --json: exit %d, %q", name, code, out)
 		}
+	}
+	// A last record that only lost its newline is counted, and noted:
+	// the gateway keeps it.
+	os.WriteFile(log, b[:len(b)-1], 0o600)
+	if out, _, code := runCLI(t, "audit", "verify", "--log", log, "--ca-cert", filepath.Join(ca, "ca.crt")); code != 0 || !strings.Contains(out, "3 records of gw1") || !strings.Contains(out, "note: the last record lost its newline") || strings.Contains(out, note) {
+		t.Errorf("a log whose last record lost its newline: exit %d, %q", code, out)
 	}
 	// After whole records, the note stands beside any verdict.
 	os.WriteFile(log, append(b, `{"seq":4,"ti`...), 0o600)

@@ -112,6 +112,9 @@ func auditCommand() *cli.Command {
 				if !c.Bool("json") && rep.CutShort {
 					fmt.Fprintln(c.App.Writer, "note: the log ends in bytes without a newline, not counted as a record: an append cut short (a crash, a full disk), never acknowledged, which the gateway cuts off at its next record, or a record whose newline was lost, which it puts back then")
 				}
+				if !c.Bool("json") && rep.NewlineLost {
+					fmt.Fprintln(c.App.Writer, "note: the last record lost its newline (an editor, a copy), and is counted: the gateway puts the newline back at its next record")
+				}
 				if verr != nil {
 					return cli.Exit("", 1)
 				}

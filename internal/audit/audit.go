@@ -390,10 +390,46 @@ func (l *Log) CheckHead() error {
 	if err != nil {
 		return err
 	}
+	// The record the head names, whole but for its newline (an editor,
+	// a copy), is no record removed: the gateway keeps it, and puts its
+	// newline back at its next append (Verify counts it and notes it).
+	if tail, err := l.tailAfter(f, end); err != nil {
+		return &UnreadableError{err}
+	} else if l.headNames(tail, seq+1) {
+		last, seq = tail, seq+1
+	}
 	if err := l.checkHead(last, seq); err != nil {
 		return err
 	}
 	return l.checkHeadRecord(f, end, seq)
+}
+
+// tailAfter is what follows the last newline of f (at end), less the
+// space around it: nil if nothing does, or more than a record could be.
+func (l *Log) tailAfter(f *os.File, end int64) ([]byte, error) {
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, fmt.Errorf("audit log: %w", err)
+	}
+	if n := fi.Size() - end; n <= 0 || n > atomicfile.MaxLine {
+		return nil, nil
+	}
+	tail := make([]byte, fi.Size()-end)
+	if _, err := f.ReadAt(tail, end); err != nil {
+		return nil, fmt.Errorf("audit log: %w", err)
+	}
+	return bytes.TrimSpace(tail), nil
+}
+
+// headNames reports whether the head names line as record seq; a head
+// not read names nothing (checkHead reports it).
+func (l *Log) headNames(line []byte, seq uint64) bool {
+	h, found, err := l.readHead()
+	if err != nil || !found || len(line) == 0 || h.Seq != seq {
+		return false
+	}
+	sum := sha256.Sum256(line)
+	return hex.EncodeToString(sum[:]) == h.SHA256
 }
 
 // checkHeadRecord checks, for a log ahead of its head (the head's write
@@ -486,7 +522,7 @@ func (l *Log) lastLine(f *os.File) ([]byte, uint64, error) {
 		return nil, 0, fmt.Errorf("audit log: %w", err)
 	}
 	if size := fi.Size(); end < size {
-		whole, err := l.wholeTail(f, end, size)
+		whole, err := l.wholeTail(f, end)
 		if err != nil {
 			return nil, 0, err
 		}
@@ -505,8 +541,8 @@ func (l *Log) lastLine(f *os.File) ([]byte, uint64, error) {
 	return lastRecord(f, end)
 }
 
-// wholeTail reports whether the bytes of f after its last newline (end
-// to size) are a whole record that lost its newline, to be kept, rather
+// wholeTail reports whether the bytes of f after its last newline (at
+// end) are a whole record that lost its newline, to be kept, rather
 // than an append cut short, to be cut; an error, with nothing cut, when
 // the log's end cannot be judged. With a head: whole only if it is the
 // record the head names, next after the whole ones (acknowledged: cut,
@@ -520,17 +556,10 @@ func (l *Log) lastLine(f *os.File) ([]byte, uint64, error) {
 // record whose append failed after the write, which its writer writes
 // again (a duplicate, which shows); cut, an acknowledged one would be
 // gone without a trace.
-func (l *Log) wholeTail(f *os.File, end, size int64) (bool, error) {
-	if size-end > atomicfile.MaxLine {
-		return false, nil // longer than any record
-	}
-	tail := make([]byte, size-end)
-	if _, err := f.ReadAt(tail, end); err != nil {
-		return false, fmt.Errorf("audit log: %w", err)
-	}
-	tail = bytes.TrimSpace(tail)
-	if len(tail) == 0 {
-		return false, nil
+func (l *Log) wholeTail(f *os.File, end int64) (bool, error) {
+	tail, err := l.tailAfter(f, end)
+	if err != nil || len(tail) == 0 {
+		return false, err
 	}
 	last, seq, err := lastRecord(f, end)
 	if err != nil {
@@ -541,7 +570,7 @@ func (l *Log) wholeTail(f *os.File, end, size int64) (bool, error) {
 	case err != nil:
 		return false, err
 	case found && seq < h.Seq:
-		if sum := sha256.Sum256(tail); seq+1 == h.Seq && hex.EncodeToString(sum[:]) == h.SHA256 {
+		if l.headNames(tail, seq+1) {
 			return true, nil
 		}
 		return false, l.checkHead(last, seq)
@@ -606,6 +635,9 @@ type Report struct {
 	// which the gateway cuts off at its next append. Not counted, and
 	// refused where no whole record comes before it.
 	CutShort bool `json:"cut_short,omitempty"`
+	// NewlineLost: the last record, counted, lost its newline (an
+	// editor, a copy); the gateway puts it back at its next append.
+	NewlineLost bool `json:"newline_lost,omitempty"`
 }
 
 // Verify checks every record: its signature by a certificate the mesh CA
@@ -616,13 +648,20 @@ type Report struct {
 func Verify(r io.Reader, tb *certs.TrustBundle) (*Report, error) {
 	br := bufio.NewReaderSize(r, 64<<10)
 	rep := &Report{}
-	var prev []byte
-	var latest time.Time // of the records so far
+	v := verifier{tb: tb, rep: rep}
 	line := 0
 	for {
 		b, err := readLine(br, 16<<20)
 		if err == io.EOF {
-			if tail := bytes.TrimSpace(b); len(tail) > 0 {
+			tail := bytes.TrimSpace(b)
+			switch {
+			case len(tail) == 0:
+			case v.record(tail, line+1) == nil:
+				// A record whole but for its newline (an editor, a
+				// copy), as the gateway keeps it: counted, as it is
+				// at the gateway's next append, which puts it back.
+				rep.NewlineLost = true
+			default:
 				rep.CutShort = true
 				// After whole records, part of one is an append cut
 				// short. Alone, it is all the input holds: taken for
@@ -642,63 +681,80 @@ func Verify(r io.Reader, tb *certs.TrustBundle) (*Report, error) {
 		if len(raw) == 0 {
 			continue
 		}
-		var rec Record
-		if err := json.Unmarshal(raw, &rec); err != nil {
-			return rep, fmt.Errorf("line %d: not a record: %w", line, err)
-		}
-		want := ""
-		if prev != nil {
-			sum := sha256.Sum256(prev)
-			want = hex.EncodeToString(sum[:])
-		}
-		if rec.Prev != want {
-			return rep, fmt.Errorf("line %d: chain broken: a record before it was removed, changed or reordered", line)
-		}
-		if rec.Seq != uint64(rep.Records)+1 {
-			return rep, fmt.Errorf("line %d: sequence %d, expected %d", line, rec.Seq, rep.Records+1)
-		}
-		cert, err := x509.ParseCertificate(rec.Cert)
-		if err != nil {
-			return rep, fmt.Errorf("line %d: signer certificate: %w", line, err)
-		}
-		attrs, err := verifyAt(tb, cert, rec.Time, latest)
-		if err != nil {
-			return rep, fmt.Errorf("line %d: signer: %w", line, err)
-		}
-		if attrs.Node != rec.Node {
-			return rep, fmt.Errorf("line %d: signed by %s but claims node %s", line, attrs.Node, rec.Node)
-		}
-		if rep.Node == "" {
-			rep.Node = rec.Node
-		} else if rec.Node != rep.Node {
-			return rep, fmt.Errorf("line %d: signed by %s, in the log of %s (its first record's signer): a log is one gateway's, so records were put in from another", line, rec.Node, rep.Node)
-		}
-		d, err := rec.digest()
-		if err != nil {
+		if err := v.record(raw, line); err != nil {
 			return rep, err
 		}
-		pub, ok := cert.PublicKey.(*ecdsa.PublicKey)
-		if !ok || !ecdsa.VerifyASN1(pub, d, rec.Sig) {
-			return rep, fmt.Errorf("line %d: signature does not verify: the record was changed", line)
-		}
-		// The signature covers the record as decoded, and decoding drops
-		// a key the record does not have, the first of two copies of one,
-		// one in other case: the last line, which no next record's link
-		// covers, could carry them unseen. Lines are written as the
-		// record's own encoding (appendTo), and must read back as it.
-		if canon, err := json.Marshal(&rec); err != nil || !bytes.Equal(canon, raw) {
-			return rep, fmt.Errorf("line %d: not as the gateway wrote it (a key added, repeated or in other case): the record was changed", line)
-		}
-		if rep.Records == 0 {
-			rep.First = rec.Time
-		}
-		rep.Records++
-		rep.Last = rec.Time
-		if rec.Time.After(latest) {
-			latest = rec.Time
-		}
-		prev = append(prev[:0], raw...)
 	}
+}
+
+// verifier is Verify's state between records.
+type verifier struct {
+	tb     *certs.TrustBundle
+	rep    *Report
+	prev   []byte
+	latest time.Time // of the records so far
+}
+
+// record checks the record raw, of line, and counts it; on an error the
+// report is left as it was.
+func (v *verifier) record(raw []byte, line int) error {
+	rep := v.rep
+	var rec Record
+	if err := json.Unmarshal(raw, &rec); err != nil {
+		return fmt.Errorf("line %d: not a record: %w", line, err)
+	}
+	want := ""
+	if v.prev != nil {
+		sum := sha256.Sum256(v.prev)
+		want = hex.EncodeToString(sum[:])
+	}
+	if rec.Prev != want {
+		return fmt.Errorf("line %d: chain broken: a record before it was removed, changed or reordered", line)
+	}
+	if rec.Seq != uint64(rep.Records)+1 {
+		return fmt.Errorf("line %d: sequence %d, expected %d", line, rec.Seq, rep.Records+1)
+	}
+	cert, err := x509.ParseCertificate(rec.Cert)
+	if err != nil {
+		return fmt.Errorf("line %d: signer certificate: %w", line, err)
+	}
+	attrs, err := verifyAt(v.tb, cert, rec.Time, v.latest)
+	if err != nil {
+		return fmt.Errorf("line %d: signer: %w", line, err)
+	}
+	if attrs.Node != rec.Node {
+		return fmt.Errorf("line %d: signed by %s but claims node %s", line, attrs.Node, rec.Node)
+	}
+	if rep.Node != "" && rec.Node != rep.Node {
+		return fmt.Errorf("line %d: signed by %s, in the log of %s (its first record's signer): a log is one gateway's, so records were put in from another", line, rec.Node, rep.Node)
+	}
+	d, err := rec.digest()
+	if err != nil {
+		return err
+	}
+	pub, ok := cert.PublicKey.(*ecdsa.PublicKey)
+	if !ok || !ecdsa.VerifyASN1(pub, d, rec.Sig) {
+		return fmt.Errorf("line %d: signature does not verify: the record was changed", line)
+	}
+	// The signature covers the record as decoded, and decoding drops
+	// a key the record does not have, the first of two copies of one,
+	// one in other case: the last line, which no next record's link
+	// covers, could carry them unseen. Lines are written as the
+	// record's own encoding (appendTo), and must read back as it.
+	if canon, err := json.Marshal(&rec); err != nil || !bytes.Equal(canon, raw) {
+		return fmt.Errorf("line %d: not as the gateway wrote it (a key added, repeated or in other case): the record was changed", line)
+	}
+	if rep.Records == 0 {
+		rep.First = rec.Time
+		rep.Node = rec.Node
+	}
+	rep.Records++
+	rep.Last = rec.Time
+	if rec.Time.After(v.latest) {
+		v.latest = rec.Time
+	}
+	v.prev = append(v.prev[:0], raw...)
+	return nil
 }
 
 // looksLike says what bytes without a newline that should be a log look
@@ -710,7 +766,7 @@ func looksLike(b []byte) string {
 	case b[0] == '{' && bytes.IndexByte(b, '\r') >= 0:
 		return "records whose lines end in CR, not in a newline, as a copy converted for another system leaves them: verify the log the gateway keeps, or this copy with its line ends turned back (tr '\\r' '\\n')"
 	case b[0] == '{':
-		return "one record, or part of one: a first append cut short (a crash, a full disk), which the gateway cuts off at its next record, or a first record whose newline was lost, which it puts back then"
+		return "part of a record, or one that does not verify: a first append cut short (a crash, a full disk), which the gateway cuts off at its next record (a whole first record that only lost its newline is counted)"
 	}
 	return fmt.Sprintf("not an audit log: it begins %q", b[:min(len(b), 32)])
 }

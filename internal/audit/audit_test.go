@@ -469,6 +469,38 @@ func TestNewlineLostIsPutBack(t *testing.T) {
 	}
 }
 
+// TestVerifyNewlineLost: a last record that only lost its newline, which
+// the gateway keeps (TestNewlineLostIsPutBack), is counted by Verify and
+// noted, and the head that names it passes: not records removed, nor, for
+// a first record, input of no whole record.
+func TestVerifyNewlineLost(t *testing.T) {
+	id, tb := identity(t)
+	path := filepath.Join(t.TempDir(), "audit.log")
+	l := Open(path)
+	for i := range 2 {
+		if _, err := l.Append(id, "migration", map[string]any{"n": i}, t0); err != nil {
+			t.Fatal(err)
+		}
+		whole, _ := os.ReadFile(path)
+		os.WriteFile(path, whole[:len(whole)-1], 0o600)
+		rep, err := Verify(bytes.NewReader(whole[:len(whole)-1]), tb)
+		if err != nil || rep.Records != i+1 || !rep.NewlineLost || rep.CutShort || rep.Node != "gw1" {
+			t.Errorf("record %d without its newline: %+v, %v; want %d records, the newline noted lost", i+1, rep, err, i+1)
+		}
+		if err := l.CheckHead(); err != nil {
+			t.Errorf("head check, record %d without its newline: %v", i+1, err)
+		}
+		os.WriteFile(path, whole, 0o600)
+	}
+	// Any other tail is still the records the head names removed.
+	whole, _ := os.ReadFile(path)
+	lines := strings.SplitAfter(string(whole), "\n")
+	os.WriteFile(path, []byte(lines[0]+strings.TrimSpace(lines[0])), 0o600)
+	if err := l.CheckHead(); err == nil || !strings.Contains(err.Error(), "record 2 was written") {
+		t.Errorf("head check, record 2 replaced by a copy of 1 without its newline: %v", err)
+	}
+}
+
 // TestReady: a log takes a record when it is new or ends in a whole one
 // (an unfinished one is cut off) and its disk has room; a damaged last
 // record, or a disk short of room, is refused before anything starts
