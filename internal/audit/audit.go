@@ -546,11 +546,12 @@ func (l *Log) lastLine(f *os.File) ([]byte, uint64, error) {
 // than an append cut short, to be cut; an error, with nothing cut, when
 // the log's end cannot be judged. With a head: whole only if it is the
 // record the head names, next after the whole ones (acknowledged: cut,
-// it would be gone); cut if the whole records reach the head (what
-// follows was never acknowledged); left for checkHead to report if they
-// do not — the tail may hold the records missing (line ends turned to
-// CR). Without a head (a log of an earlier release, a first head write
-// that failed): whole if it decodes, is signed by its certificate and
+// it would be gone); left for checkHead to report if the whole records
+// do not reach the head otherwise — the tail may hold the records
+// missing (line ends turned to CR). Without a head (a log of an earlier
+// release, a first head write that failed), or one the whole records
+// reach (a later head write that failed: the record was acknowledged
+// all the same): whole if it decodes, is signed by its certificate and
 // chains to the last whole record. JSON decodes only with its closing
 // brace, so an append cut short never passes; kept, it is at worst a
 // record whose append failed after the write, which its writer writes
@@ -575,7 +576,12 @@ func (l *Log) wholeTail(f *os.File, end int64) (bool, error) {
 		}
 		return false, l.checkHead(last, seq)
 	case found:
-		return false, l.checkHead(last, seq)
+		if err := l.checkHead(last, seq); err != nil {
+			return false, err
+		}
+		// The whole records reach the head, and the record after them
+		// may still be acknowledged: appendTo keeps a record whose head
+		// write failed. Judged as without a head.
 	}
 	var rec Record
 	if json.Unmarshal(tail, &rec) != nil || rec.Seq != seq+1 {

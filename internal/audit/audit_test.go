@@ -21,6 +21,7 @@ import (
 	"time"
 
 	"github.com/skybridge-mesh/skybridge/certs"
+	"github.com/skybridge-mesh/skybridge/internal/atomicfile"
 )
 
 var t0 = time.Date(2026, 11, 24, 12, 0, 0, 0, time.UTC)
@@ -443,6 +444,21 @@ func TestNewlineLostIsPutBack(t *testing.T) {
 	b, _ := os.ReadFile(path)
 	if rep, err := Verify(bytes.NewReader(b), tb); err != nil || rep.Records != 3 || !bytes.HasPrefix(b, whole) {
 		t.Fatalf("the log after that: %+v, %v", rep, err)
+	}
+	// The head names the record before it (its write after this one
+	// failed, and the record was acknowledged all the same): judged as
+	// without a head, the record is kept.
+	os.WriteFile(path, whole, 0o600)
+	sum := sha256.Sum256([]byte(strings.TrimSpace(lines[0])))
+	atomicfile.WriteJSON(path+headSuffix, head{Seq: 1, SHA256: hex.EncodeToString(sum[:])}, 0o600)
+	os.WriteFile(path, whole[:len(whole)-1], 0o600)
+	if r, err := l.Append(id, "migration", map[string]any{"n": 2}, t0); err != nil {
+		t.Fatalf("append after a lost newline, the head naming the record before: %v", err)
+	} else if r.Seq != 3 {
+		t.Fatalf("append after a lost newline, the head naming the record before: record %d; want 3", r.Seq)
+	}
+	if b, _ := os.ReadFile(path); !bytes.HasPrefix(b, whole) {
+		t.Fatal("record 2, acknowledged, was cut")
 	}
 	// Without a head, a record that does not chain there (a copy of the
 	// first) is cut, as an append cut short is.
