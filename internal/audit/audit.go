@@ -73,12 +73,6 @@ func (l *Log) Path() string { return l.path }
 // valid at the record's time: Verify would refuse it, and the records
 // chained after it.
 func (l *Log) Append(id *certs.NodeIdentity, event string, fields map[string]any, now time.Time) (*Record, error) {
-	// Refused before the log is touched (created, put aside) when the
-	// clock is outside the certificate's validity: the record's time is
-	// the clock's, or a later one within it (appendTo).
-	if err := l.validAt(id.Certificate(), now.UTC()); err != nil {
-		return nil, err
-	}
 	// Again after the log was put aside, by this writer or another: a
 	// few times at most, unless something keeps replacing the file.
 	for range 8 {
@@ -93,7 +87,17 @@ func (l *Log) Append(id *certs.NodeIdentity, event string, fields map[string]any
 // append is Append; again says that the log was another gateway's and is
 // now put aside, so the record goes to a new one.
 func (l *Log) append(id *certs.NodeIdentity, event string, fields map[string]any, now time.Time) (_ *Record, again bool, _ error) {
-	f, err := l.open(os.O_CREATE)
+	// Whatever refuses the record refuses it before the log is touched
+	// (created, put aside): a new log's first record is dated by the
+	// clock; after a record, by the later of the two (appendTo), which
+	// may be valid when the clock is not (stepped back).
+	f, err := l.open(0)
+	if errors.Is(err, fs.ErrNotExist) {
+		if err := l.validAt(id.Certificate(), now.UTC()); err != nil {
+			return nil, false, err
+		}
+		f, err = l.open(os.O_CREATE)
+	}
 	if err != nil {
 		return nil, false, err
 	}
@@ -135,6 +139,9 @@ func (l *Log) append(id *certs.NodeIdentity, event string, fields map[string]any
 			return nil, false, err
 		}
 		if node := id.Attributes().Node; prev.Node != node {
+			if err := l.validAt(id.Certificate(), now.UTC()); err != nil {
+				return nil, false, err
+			}
 			if err := l.putAside(prev.Node, seq, "the state directory goes on as "+node); err != nil {
 				return nil, false, err
 			}
@@ -149,6 +156,9 @@ func (l *Log) append(id *certs.NodeIdentity, event string, fields map[string]any
 		// (judged by the latest record before them). A new log starts
 		// at the clock's time, and the old one stays whole beside it.
 		if cert := id.Certificate(); prev.Time.After(cert.NotAfter) {
+			if err := l.validAt(cert, now.UTC()); err != nil {
+				return nil, false, err
+			}
 			why := fmt.Sprintf("its last record is dated %s, past the end of the certificate %s that signs now (%s): a clock ran ahead",
 				prev.Time.UTC().Format(time.RFC3339), certs.FormatSerial(cert.SerialNumber), cert.NotAfter.UTC().Format(time.RFC3339))
 			if err := l.putAside(prev.Node, seq, why); err != nil {

@@ -9,6 +9,7 @@ import (
 	"encoding/json"
 	"errors"
 	"io"
+	"io/fs"
 	"math/big"
 	"net/netip"
 	"os"
@@ -269,6 +270,45 @@ func TestAppendOnlyWithinTheCertificatesValidity(t *testing.T) {
 	b, _ := os.ReadFile(path)
 	if rep, err := Verify(bytes.NewReader(b), tb); err != nil || rep.Records != 2 {
 		t.Fatalf("%+v, %v", rep, err)
+	}
+}
+
+// TestAppendClockBeforeTheCertificate: a clock stepped back before the
+// certificate's start is refused only where the record would be dated by
+// it: after a record, the record is dated as that one, within the
+// certificate, and taken; a new log, or one put aside for another name,
+// is neither created nor put aside for a record refused.
+func TestAppendClockBeforeTheCertificate(t *testing.T) {
+	ca, tb := testCA(t)
+	id := issue(t, ca, "gw1", "100.96.0.1", t0)
+	path := filepath.Join(t.TempDir(), "audit.log")
+	l := Open(path)
+	if _, err := l.Append(id, "migration", nil, t0.Add(-time.Hour)); err == nil || !strings.Contains(err.Error(), "valid only from") {
+		t.Fatalf("a first record before its certificate's start: %v; want it refused", err)
+	}
+	if _, err := os.Lstat(path); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("a refused first record left a log: %v", err)
+	}
+	if _, err := l.Append(id, "migration", map[string]any{"n": 1}, t0.Add(time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	r, err := l.Append(id, "migration", map[string]any{"n": 2}, t0.Add(-time.Hour))
+	if err != nil {
+		t.Fatalf("a record after the clock stepped back before its certificate's start: %v; want it dated as the one before", err)
+	}
+	if !r.Time.Equal(t0.Add(time.Hour)) {
+		t.Fatalf("the record is dated %v; want %v", r.Time, t0.Add(time.Hour))
+	}
+	b, _ := os.ReadFile(path)
+	if rep, err := Verify(bytes.NewReader(b), tb); err != nil || rep.Records != 2 {
+		t.Fatalf("%+v, %v", rep, err)
+	}
+	gw2 := issue(t, ca, "gw2", "100.96.0.2", t0)
+	if _, err := l.Append(gw2, "image", nil, t0.Add(-time.Hour)); err == nil || !strings.Contains(err.Error(), "valid only from") {
+		t.Fatalf("another name's first record before its certificate's start: %v; want it refused", err)
+	}
+	if after, _ := os.ReadFile(path); !bytes.Equal(after, b) {
+		t.Fatal("a refused record of another name put the log aside")
 	}
 }
 
