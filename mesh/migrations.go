@@ -355,7 +355,7 @@ func (g *Gateway) openMigrations() error {
 			g.log.Warn("a migration was interrupted when the gateway stopped: resume it", "migration_id", r.ID, "name", r.Name, "to", r.To)
 		}
 		if err := migrate.AuditInterrupted(j, m.audit, g.id.Load(), &r, g.now()); err != nil {
-			g.log.Error("audit log: a migration's record is still not written; the next start or its resume tries again: check the log (skybridge audit verify) and the disk's free space", "migration_id", r.ID, "err", err)
+			g.log.Error("audit log: a migration's record is still not written; the next start or its resume tries again: check the error: the log (skybridge audit verify), the disk's free space, or the gateway's certificate, which must be valid at the record's time (renew the identity, or set the clock right)", "migration_id", r.ID, "err", err)
 			continue
 		}
 		g.log.Warn("wrote the audit record of a migration that ended without it (the gateway stopped, or its audit log refused it then)", "migration_id", r.ID, "name", r.Name, "to", r.To, "state", r.State)

@@ -411,7 +411,7 @@ func startRecord(cfg *SendConfig, sid SourceID) (*SendRecord, error) {
 			// log that could not take it then, left it unwritten.
 			if old.AuditPending && cfg.Audit != nil {
 				if err := AuditInterrupted(cfg.Journal, cfg.Audit, cfg.Identity(), old, cfg.Now()); err != nil {
-					return nil, fmt.Errorf("migration %s: the audit record of its earlier attempt cannot be written (%v); it resumes once the audit log takes it: check the log (skybridge audit verify) and the disk's free space", cfg.ID, err)
+					return nil, fmt.Errorf("migration %s: the audit record of its earlier attempt cannot be written (%v); it resumes once the audit log takes it: check the error: the log (skybridge audit verify), the disk's free space, or the gateway's certificate, which must be valid at the record's time (renew the identity, or set the clock right)", cfg.ID, err)
 				}
 			}
 			// What the journal holds of the attempt must go when it no
@@ -524,7 +524,7 @@ func (s *sender) finish(err error) {
 	}
 	if f != nil {
 		if _, err := s.cfg.Audit.Append(s.cfg.Identity(), "migration", f, s.cfg.Now()); err != nil {
-			s.cfg.Log.Error("audit log: the migration's record is kept in the journal and written at the next start or resume; check the log (skybridge audit verify) and the disk's free space", "err", err)
+			s.cfg.Log.Error("audit log: the migration's record is kept in the journal and written at the next start or resume; check the error: the log (skybridge audit verify), the disk's free space, or the gateway's certificate, which must be valid at the record's time (renew the identity, or set the clock right)", "err", err)
 		} else {
 			s.rec.AuditPending, s.rec.AuditOwed = false, nil
 			if perr := s.cfg.Journal.put(bucketSend, s.rec.ID, s.rec); perr != nil {
