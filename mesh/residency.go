@@ -122,6 +122,13 @@ type atRestVerdict struct {
 type atRestSeen struct {
 	logged   atRestVerdict
 	recorded *atRestVerdict // nil: nothing recorded since the image was first judged
+	owed     *atRestOwed    // the record the audit log last refused
+}
+
+// atRestOwed is a record the audit log refused, kept until it takes it.
+type atRestOwed struct {
+	verdict atRestVerdict
+	fields  map[string]any
 }
 
 // atRestChange is what verdict says after was (nil: nothing said yet):
@@ -213,10 +220,27 @@ func (g *Gateway) judgeStored(imgs []migrate.ImageRecord, seen map[string]atRest
 		case "in-policy":
 			g.log.Info("a stored image is within the residency policy in force again", "name", img.Name, "class", img.Class, "rule", a.Rule, "policy", a.Policy)
 		}
+		// A record the audit log refused for a verdict since changed is
+		// written first, marked recovered, as it was judged: judged from
+		// what the log has, an image back in the policy before the log
+		// took its out-of-policy record would have neither recorded.
+		recorded := prev.recorded
+		if o := prev.owed; o != nil && o.verdict != verdict && g.mig.audit != nil {
+			o.fields["recovered"] = "recorded late: the audit log did not take it when the verdict changed"
+			if _, err := g.mig.audit.Append(id, "image", o.fields, now); err != nil {
+				if told != "" {
+					g.log.Error("audit log: a stored image's residency verdicts are not recorded; they are tried again at every check until the log takes them", "name", img.Name, "action", o.fields["action"], "err", err)
+				}
+				seen[img.Name] = atRestSeen{logged: verdict, recorded: recorded, owed: o}
+				continue
+			}
+			g.log.Warn("wrote the audit record of a stored image's residency verdict, which the audit log refused when it changed", "name", img.Name, "action", o.fields["action"])
+			recorded = &o.verdict
+		}
 		// Judged against what the audit log has, not what the gateway's
 		// log said: a record the audit log refused is written at a later
 		// pass, rather than lost while the gateway runs.
-		action := atRestChange(prev.recorded, verdict)
+		action := atRestChange(recorded, verdict)
 		if action != "" && g.mig.audit != nil {
 			f := map[string]any{
 				"action": action, "name": img.Name, "class": img.Class, "root": img.Root.String(), "format": img.Format,
@@ -234,7 +258,7 @@ func (g *Gateway) judgeStored(imgs []migrate.ImageRecord, seen map[string]atRest
 				if told != "" {
 					g.log.Error("audit log: a stored image's residency verdict is not recorded; it is tried again at every check until the log takes it", "name", img.Name, "action", action, "err", err)
 				}
-				seen[img.Name] = atRestSeen{logged: verdict, recorded: prev.recorded}
+				seen[img.Name] = atRestSeen{logged: verdict, recorded: recorded, owed: &atRestOwed{verdict, f}}
 				continue
 			}
 			if told == "" {

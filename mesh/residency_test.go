@@ -232,6 +232,64 @@ func TestJudgeStoredRecordRefused(t *testing.T) {
 	}
 }
 
+// TestJudgeStoredRecordRefusedBackInPolicy: an image that leaves the
+// policy while the audit log refuses its record, and comes back before
+// the log takes one, has both records written once it does, in order:
+// the out-of-policy record owed, marked recovered, then the in-policy one.
+func TestJudgeStoredRecordRefusedBackInPolicy(t *testing.T) {
+	dir := t.TempDir()
+	ca := meshCA(t, dir)
+	id, err := ca.IssueIdentity(certs.Attributes{Node: "gw-fra", Site: "fra-dc", Region: "eu-central-1", Provider: "onprem", Jurisdiction: "DE",
+		OverlayIP: netip.MustParseAddr("100.64.0.9")}, 7*24*time.Hour, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	now := time.Now().Truncate(time.Second)
+	expires := now.Add(time.Hour)
+	g := &Gateway{now: func() time.Time { return now }, log: slog.New(slog.DiscardHandler)}
+	g.id.Store(id)
+	logPath := filepath.Join(dir, "audit.log")
+	g.mig = &migrations{audit: audit.Open(logPath), atRest: atRestState{kick: make(chan struct{}, 1)}}
+	g.policy.Store(&adoptedPolicy{p: residencyPolicy(t, 1, expires, "enforce")})
+	imgs := []migrate.ImageRecord{{Name: "crm", Class: "pii-eu", Format: migrate.FormatRaw, Root: migrate.Hash{1}}}
+	seen := map[string]atRestSeen{}
+	g.judgeStored(imgs, seen)
+
+	// Out of the policy, then back in it, while the log refuses.
+	if err := os.WriteFile(logPath, []byte("not a record\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	now = expires.Add(time.Second)
+	g.judgeStored(imgs, seen)
+	now = now.Add(time.Minute)
+	g.policy.Store(&adoptedPolicy{p: residencyPolicy(t, 2, now.Add(24*time.Hour), "enforce")})
+	g.judgeStored(imgs, seen)
+	os.Remove(logPath) // repaired
+	for range 2 {
+		now = now.Add(time.Minute)
+		g.judgeStored(imgs, seen)
+	}
+	b, _ := os.ReadFile(logPath)
+	tb, _ := ca.TrustBundle()
+	if _, err := audit.Verify(bytes.NewReader(b), tb); err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for line := range bytes.Lines(b) {
+		var r audit.Record
+		if err := json.Unmarshal(line, &r); err != nil {
+			t.Fatal(err)
+		}
+		got = append(got, r.Fields["action"].(string))
+		if r.Fields["recovered"] == nil {
+			t.Errorf("a record written late does not say so: %v", r.Fields)
+		}
+	}
+	if len(got) != 2 || got[0] != "out-of-policy" || got[1] != "in-policy" {
+		t.Fatalf("records %q; want out-of-policy, then in-policy", got)
+	}
+}
+
 // TestAtRestMetrics: the stored images and those outside the policy, by
 // class, as the residency loop last counted them.
 func TestAtRestMetrics(t *testing.T) {
