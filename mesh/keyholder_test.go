@@ -294,10 +294,10 @@ func TestKeyHolderNodesLeaveNothingBehind(t *testing.T) {
 
 // TestKeyHolderBlobsReleased: blobs of a megabyte from someone holding
 // the gossip key, signed by a key of its own, are refused by the worker
-// without holding up a certificate sent after them, and what the queues
-// held is released as they are handled.
+// without holding up a certificate sent after them, and without being
+// parsed (its signer is checked first), and what the queues held is
+// released as they are handled.
 func TestKeyHolderBlobsReleased(t *testing.T) {
-	ca, lg := lonelyGateway(t)
 	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		t.Fatal(err)
@@ -321,6 +321,8 @@ func TestKeyHolderBlobsReleased(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	parses := countParses(t, list) // before the gateway runs, and put back after it stopped
+	ca, lg := lonelyGateway(t)
 	m, _ := keyHolderNode(t, lg.g.keyring.GetKeys(), "keyholder", 0, nil, nil)
 	to := &memberlist.Node{Name: lg.g.id.Load().Attributes().Node, Addr: lg.g.s.GossipAdvertise.Addr().AsSlice(), Port: lg.g.s.GossipAdvertise.Port()}
 	blob := encodeMessage(msgBlob, []byte{blobCRL}, list)
@@ -345,4 +347,7 @@ func TestKeyHolderBlobsReleased(t *testing.T) {
 		ms.mu.Unlock()
 		return ok && lg.g.inboxBytes.Load() == 0
 	})
+	if n := parses.Load(); n != 0 {
+		t.Fatalf("a list signed by a key of the sender's own was parsed %d times", n)
+	}
 }

@@ -82,6 +82,7 @@ type membership struct {
 	strangers   int                // members with stranger set
 	unverified  int                // other members never verified (pending, refused in gossip): see maxPending
 	cache       *certs.VerifyCache // verified adverts: re-judging costs a lookup
+	lists       passedLists        // revocation lists from gossip passed over (worker.go)
 	now         func() time.Time
 	// onChange is called (outside the lock) when the verified set may
 	// have changed.

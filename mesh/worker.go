@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rsa"
+	"crypto/sha256"
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/asn1"
@@ -15,6 +16,7 @@ import (
 	"net/netip"
 	"os"
 	"slices"
+	"sync"
 	"time"
 
 	"github.com/skybridge-mesh/skybridge/certs"
@@ -273,25 +275,26 @@ func (g *Gateway) handle(b []byte) error {
 		}
 		switch m.fields[0][0] {
 		case blobCRL:
-			// Every state exchange carries the list in force, nearly
-			// always the one held: no parse, signature check and map of
-			// its serials for that.
-			if cur := g.trust.Load().CRLs(); len(cur) == 1 && bytes.Equal(cur[0].Raw, m.fields[1]) {
+			trust := g.trust.Load()
+			der, skip := g.listKnown(trust, m.fields[1])
+			if skip {
 				return nil
 			}
-			if err := signedByTrustedCA(g.trust.Load(), m.fields[1]); err != nil {
+			if err := signedByTrustedCA(trust, der); err != nil {
 				return err
 			}
-			crl, err := certs.ParseCRL(m.fields[1])
+			crl, err := parseCRL(der)
 			if err != nil {
 				return err
 			}
 			// A list of no CA trusted here is said; one no newer than
 			// held is passed over by adoptLists.
-			if !g.trust.Load().SignedByCA(crl) {
+			if !trust.SignedByCA(crl) {
 				return errNotOurCAs
 			}
-			g.adoptLists([]*x509.RevocationList{crl})
+			if !g.adoptLists([]*x509.RevocationList{crl}) {
+				g.listsPassed(trust, der)
+			}
 		case blobCRLs:
 			return g.takeCRLs(m.fields[1])
 		case blobPolicy:
@@ -378,27 +381,95 @@ func (g *Gateway) takeCRLs(b []byte) error {
 	if err != nil { // at most maxBundleParts lists: a mesh has two while an issuer is rotated
 		return fmt.Errorf("bad revocation lists blob: %w", err)
 	}
-	// Every state exchange carries them, nearly always the lists held.
-	held := g.trust.Load().CRLs()
-	if len(held) == len(raws) && !slices.ContainsFunc(raws, func(raw []byte) bool {
-		return !slices.ContainsFunc(held, func(c *x509.RevocationList) bool { return bytes.Equal(c.Raw, raw) })
-	}) {
-		return nil
-	}
-	crls := make([]*x509.RevocationList, 0, len(raws))
 	trust := g.trust.Load()
+	crls := make([]*x509.RevocationList, 0, len(raws))
+	var ders [][]byte
 	for _, raw := range raws {
-		if signedByTrustedCA(trust, raw) != nil {
+		der, skip := g.listKnown(trust, raw)
+		if skip || signedByTrustedCA(trust, der) != nil {
 			continue // passed over unparsed, as adoptLists would once parsed
 		}
-		crl, err := certs.ParseCRL(raw)
+		crl, err := parseCRL(der)
 		if err != nil {
 			return err
 		}
 		crls = append(crls, crl)
+		ders = append(ders, der)
 	}
-	g.adoptLists(crls)
+	if len(crls) > 0 && !g.adoptLists(crls) {
+		g.listsPassed(trust, ders...)
+	}
 	return nil
+}
+
+// parseCRL is certs.ParseCRL; tests count the lists parsed through it.
+var parseCRL = certs.ParseCRL
+
+// listKnown reports whether a revocation list from gossip is one held
+// under trust, or one passed over under it lately, and so need not be
+// checked and parsed again; der is the list as DER. Every state exchange
+// carries the lists in force, and anyone holding the gossip key can send
+// a genuine list, held or older, again and again, and in another framing
+// than the held bytes (PEM, or beside a junk part in a blobCRLs): each
+// passed the signature check and cost a full parse, some 50 ms for a
+// megabyte. A list is compared with those held byte for byte, and with
+// those passed over by its SHA-256.
+func (g *Gateway) listKnown(trust *certs.TrustBundle, raw []byte) (der []byte, known bool) {
+	der = raw
+	if blk, _ := pem.Decode(raw); blk != nil {
+		der = blk.Bytes
+	}
+	if slices.ContainsFunc(trust.CRLs(), func(c *x509.RevocationList) bool { return bytes.Equal(c.Raw, der) }) {
+		return der, true
+	}
+	return der, g.members != nil && g.members.lists.known(trust, sha256.Sum256(der))
+}
+
+// listsPassed remembers lists that adoptLists passed over under trust.
+func (g *Gateway) listsPassed(trust *certs.TrustBundle, ders ...[]byte) {
+	if g.members == nil {
+		return
+	}
+	for _, der := range ders {
+		g.members.lists.add(trust, sha256.Sum256(der))
+	}
+}
+
+// maxPassedLists is how many lists passedLists remembers: a mesh has one
+// list per CA, two while an issuer is rotated, and a replay is of one of
+// a few recent ones.
+const maxPassedLists = 16
+
+// passedLists are the SHA-256 of revocation lists from gossip that
+// changed nothing under one trust bundle (older than those held): what
+// trust becomes next (a newer list, a CA added or retired) may want them,
+// so they are forgotten with it. The oldest goes first past
+// maxPassedLists.
+type passedLists struct {
+	mu    sync.Mutex
+	trust *certs.TrustBundle
+	sums  [][32]byte
+}
+
+func (p *passedLists) known(trust *certs.TrustBundle, sum [32]byte) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.trust == trust && slices.Contains(p.sums, sum)
+}
+
+func (p *passedLists) add(trust *certs.TrustBundle, sum [32]byte) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.trust != trust {
+		p.trust, p.sums = trust, nil
+	}
+	if slices.Contains(p.sums, sum) {
+		return
+	}
+	if len(p.sums) >= maxPassedLists {
+		p.sums = slices.Delete(p.sums, 0, 1)
+	}
+	p.sums = append(p.sums, sum)
 }
 
 // announce tells the mesh (by gossip broadcast) that we hold a version of

@@ -11,6 +11,7 @@ import (
 	"crypto/x509/pkix"
 	"encoding/asn1"
 	"encoding/binary"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -20,6 +21,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -581,5 +583,64 @@ func TestRevocationListSignerCheckedFirst(t *testing.T) {
 		if err := g.handle(encodeMessage(msgBlob, []byte{blobCRLs}, bundle(list))); err != nil {
 			t.Errorf("the same among several lists (issuer name copied: %v): %v, want passed over unparsed", copied, err)
 		}
+	}
+}
+
+// countParses counts the parses of list through parseCRL, for the test's
+// length: those of other lists (another test's gateways) are not counted.
+func countParses(t *testing.T, list []byte) *atomic.Int64 {
+	var n atomic.Int64
+	parse := parseCRL
+	parseCRL = func(b []byte) (*x509.RevocationList, error) {
+		if bytes.Equal(b, list) {
+			n.Add(1)
+		}
+		return parse(b)
+	}
+	t.Cleanup(func() { parseCRL = parse })
+	return &n
+}
+
+// TestRevocationListKnownNotParsed: a genuine revocation list held, or
+// one passed over as older than held, is not parsed again in another
+// framing (PEM, beside a junk part), which anyone holding the gossip key
+// can send without end: only its bytes compared, or its SHA-256.
+func TestRevocationListKnownNotParsed(t *testing.T) {
+	f := newFixture(t)
+	older := f.trust().CRL().Raw
+	id := f.identity("gone", "s", 9, f.now)
+	if _, err := f.ca.RevokeSerials([]*big.Int{id.Certificate().SerialNumber}, "keyCompromise", f.now); err != nil {
+		t.Fatal(err)
+	}
+	trust := f.trust()
+	held := trust.CRL().Raw
+	g := &Gateway{log: slog.New(slog.DiscardHandler), members: newMembership("me", trust, func() time.Time { return f.now }, func() {})}
+	g.trust.Store(trust)
+	pemOf := func(der []byte) []byte { return pem.EncodeToMemory(&pem.Block{Type: "X509 CRL", Bytes: der}) }
+	for _, list := range [][]byte{held, older} {
+		parses := countParses(t, list)
+		msgs := [][]byte{
+			encodeMessage(msgBlob, []byte{blobCRL}, list),
+			encodeMessage(msgBlob, []byte{blobCRL}, pemOf(list)),
+			encodeMessage(msgBlob, []byte{blobCRLs}, bundle(list, []byte("x"))),
+			encodeMessage(msgBlob, []byte{blobCRLs}, bundle(pemOf(list), []byte("x"))),
+		}
+		for range 3 {
+			for _, m := range msgs {
+				if err := g.handle(m); err != nil {
+					t.Fatal(err)
+				}
+			}
+		}
+		want := int64(0) // the list held
+		if bytes.Equal(list, older) {
+			want = 1 // once, to find it older
+		}
+		if got := parses.Load(); got != want {
+			t.Errorf("a list (held: %v) sent %d times in several framings was parsed %d times, want %d", bytes.Equal(list, held), 3*len(msgs), got, want)
+		}
+	}
+	if !bytes.Equal(g.trust.Load().CRL().Raw, held) {
+		t.Fatal("the list held changed")
 	}
 }
