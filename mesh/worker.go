@@ -34,8 +34,9 @@ const certAskedPrune = 4096
 // worker handles gossip messages and certificate fetches one at a time,
 // off memberlist's goroutines.
 func (g *Gateway) worker(ctx context.Context) {
+	var turn queueTurn
 	for {
-		b, name, ok := g.next(ctx)
+		b, name, ok := g.next(ctx, &turn)
 		switch {
 		case !ok:
 			return
@@ -50,17 +51,51 @@ func (g *Gateway) worker(ctx context.Context) {
 	}
 }
 
+const (
+	// bulkEvery is how many quick messages and fetches the worker takes
+	// at most before a blob waiting, and bulkWait how long one waits at
+	// most (as the worker sees it) while quick ones keep coming.
+	bulkEvery = 8
+	bulkWait  = 100 * time.Millisecond
+)
+
+// queueTurn is the worker's count for next: quick messages taken since
+// the last blob, and since when one has been waiting.
+type queueTurn struct {
+	quick   int
+	waiting time.Time
+}
+
 // next is the worker's next gossip message, or else the next member whose
 // certificate to ask for; ok is false once ctx ends. The quick messages
 // (certificates and their requests, announcements, keyring steps and
 // acknowledgements, leave notices) come before blobs: a blob costs a
 // parse and a signature check of up to a megabyte, and anyone holding the
-// gossip key can send them by the thousand.
-func (g *Gateway) next(ctx context.Context) (b []byte, name string, ok bool) {
+// gossip key can send them by the thousand. But not always: a steady
+// stream of quick ones (as many as the gossip key's holder likes) would
+// keep revocation lists and policies out for good, so a blob waiting is
+// taken after bulkEvery quick ones, or once it has waited bulkWait.
+func (g *Gateway) next(ctx context.Context, turn *queueTurn) (b []byte, name string, ok bool) {
+	if len(g.bulk) > 0 {
+		now := time.Now()
+		if turn.waiting.IsZero() {
+			turn.waiting = now
+		}
+		if turn.quick >= bulkEvery || now.Sub(turn.waiting) >= bulkWait {
+			select {
+			case b := <-g.bulk:
+				*turn = queueTurn{}
+				return b, "", true
+			default:
+			}
+		}
+	}
 	select {
 	case b := <-g.inbox:
+		turn.quick++
 		return b, "", true
 	case name := <-g.fetch:
+		turn.quick++
 		return nil, name, true
 	default:
 	}
@@ -68,10 +103,13 @@ func (g *Gateway) next(ctx context.Context) (b []byte, name string, ok bool) {
 	case <-ctx.Done():
 		return nil, "", false
 	case b := <-g.inbox:
+		turn.quick++
 		return b, "", true
 	case b := <-g.bulk:
+		*turn = queueTurn{}
 		return b, "", true
 	case name := <-g.fetch:
+		turn.quick++
 		return nil, name, true
 	}
 }

@@ -517,7 +517,7 @@ func TestInboxBoundedByBytes(t *testing.T) {
 	if len(g.inbox) != 1 {
 		t.Fatal("a certificate was dropped behind the blobs")
 	}
-	if b, _, ok := g.next(context.Background()); !ok || !bytes.Equal(b, cert) {
+	if b, _, ok := g.next(context.Background(), &queueTurn{}); !ok || !bytes.Equal(b, cert) {
 		t.Fatalf("the worker's next message is %d bytes, want the certificate before %d blobs", len(b), len(g.bulk))
 	}
 }
@@ -642,5 +642,44 @@ func TestRevocationListKnownNotParsed(t *testing.T) {
 	}
 	if !bytes.Equal(g.trust.Load().CRL().Raw, held) {
 		t.Fatal("the list held changed")
+	}
+}
+
+// TestWorkerTakesBulk: a steady stream of quick messages does not keep
+// blobs out: one is taken at least every bulkEvery quick ones, or once
+// it has waited bulkWait; with no quick one waiting, at once.
+func TestWorkerTakesBulk(t *testing.T) {
+	g := &Gateway{inbox: make(chan []byte, 64), bulk: make(chan []byte, 64), fetch: make(chan string, 64)}
+	quick, blob := []byte{msgCert}, []byte{msgBlob}
+	for range 40 {
+		g.inbox <- quick
+	}
+	for range 4 {
+		g.bulk <- blob
+	}
+	var turn queueTurn
+	var order []byte
+	for range 44 {
+		b, _, ok := g.next(context.Background(), &turn)
+		if !ok {
+			t.Fatal("next ended")
+		}
+		order = append(order, b[0])
+	}
+	// Every bulkEvery+1'th is a blob while both queues hold some.
+	for i, typ := range order[:4*(bulkEvery+1)] {
+		if want := (i+1)%(bulkEvery+1) == 0; (typ == msgBlob) != want {
+			t.Fatalf("message %d is a blob: %v, want %v (order %v)", i, typ == msgBlob, want, order)
+		}
+	}
+	// A blob that has waited bulkWait goes before the next quick one.
+	g.inbox <- quick
+	g.bulk <- blob
+	turn = queueTurn{waiting: time.Now().Add(-bulkWait)}
+	if b, _, _ := g.next(context.Background(), &turn); b[0] != msgBlob {
+		t.Fatal("a blob that waited bulkWait came after a quick message")
+	}
+	if b, _, _ := g.next(context.Background(), &turn); b[0] != msgCert {
+		t.Fatal("the quick message was lost")
 	}
 }
