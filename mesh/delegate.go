@@ -1,6 +1,8 @@
 package mesh
 
 import (
+	"bytes"
+	"fmt"
 	"net/netip"
 
 	"github.com/hashicorp/memberlist"
@@ -78,9 +80,29 @@ func (d delegate) MergeRemoteState(buf []byte, join bool) {
 
 // NotifyAlive refuses, before memberlist takes them in, members whose
 // advert is known to be bad. Members whose certificate has not arrived
-// yet get in as pending: they gossip, but never become WireGuard peers
-// until verified.
+// yet get in as pending (they gossip, but never become WireGuard peers
+// until verified), if never verified here: a member verified before
+// whose new advert names a certificate not known yet is put off
+// (certFirstError), its certificate asked for at the address the message
+// gives.
+//
+// Our own name, gossiped with an advert of ours above the version we
+// sign now, is said once as an error: every peer holding it refuses our
+// adverts as replays, and tells only its own log. We do not sign above
+// it ourselves: a second gateway run under our identity shows the same,
+// its adverts genuine, and the two would outbid each other's versions
+// without end, the peers moving our name between their addresses at
+// each; the operator knows which case it is.
 func (d delegate) NotifyAlive(n *memberlist.Node) error {
+	if n.Name == d.g.members.self {
+		if self := d.g.self.Load(); self != nil && !bytes.Equal(n.Meta, *d.g.advert.Load()) {
+			if v, first := d.g.members.ownAdvertAhead(n.Meta, self.Advert.Version, d.g.id.Load().Certificate()); first {
+				d.g.log.Error(fmt.Sprintf("the mesh holds an advert of this gateway's of version %d, above the %d it signs now, and refuses its adverts as replays: if no other gateway runs under its identity, its advert version went down (advert.version in its state directory lost, or restored from a backup, while an earlier run's clock was ahead); write %d to %s and restart it",
+					v, self.Advert.Version, v, d.g.state.path(fileAdvertVersion)))
+			}
+		}
+		return nil
+	}
 	if err := d.g.members.admit(n.Name, nodeAddr(n), n.Meta); err != nil {
 		if first, ok := err.(*certFirstError); ok && first.ask {
 			d.askCertAt(n.Name, first.at)

@@ -1,6 +1,7 @@
 package mesh
 
 import (
+	"bytes"
 	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -12,6 +13,7 @@ import (
 	"fmt"
 	"io"
 	"log"
+	"log/slog"
 	"math/big"
 	"net"
 	"net/netip"
@@ -349,5 +351,58 @@ func TestKeyHolderBlobsReleased(t *testing.T) {
 	})
 	if n := parses.Load(); n != 0 {
 		t.Fatalf("a list signed by a key of the sender's own was parsed %d times", n)
+	}
+}
+
+// TestOwnAdvertAheadSaid: a gateway whose advert version went down (its
+// advert.version lost) is refused as a replay by peers that hold its
+// older run's advert; they say what to do, and so does the gateway,
+// once, when it hears that advert gossiped under its name. An advert
+// under its name it cannot verify (anyone holding the gossip key can
+// gossip one) is not taken for it.
+func TestOwnAdvertAheadSaid(t *testing.T) {
+	f := newFixture(t)
+	trust := f.trust()
+	id := f.identity("me", "s", 1, f.now)
+	clock := func() time.Time { return f.now }
+
+	// A peer that verified version 200 at another address.
+	peer := newMembership("peer", trust, clock, func() {})
+	peer.addCert(id.Certificate().Raw)
+	at := netip.MustParseAddrPort("192.0.2.1:7946")
+	if err := peer.admit("me", at, f.advert(id, 200)); err != nil {
+		t.Fatal(err)
+	}
+	if peer.update("me", at, f.advert(id, 200)); peer.verified("me") == nil {
+		t.Fatal("version 200 not verified")
+	}
+	err := peer.admit("me", netip.MustParseAddrPort("192.0.2.2:7946"), f.advert(id, 100))
+	if certs.ReasonOf(err) != certs.ReasonReplay || !strings.Contains(fmt.Sprint(err), "write 200 to advert.version") {
+		t.Errorf("the peer refuses version 100 after 200 with %v, want a replay naming advert.version and 200", err)
+	}
+
+	var logs bytes.Buffer
+	g := &Gateway{log: slog.New(slog.NewTextHandler(&logs, nil)), members: newMembership("me", trust, clock, func() {}), state: stateDir(t.TempDir())}
+	g.id.Store(id)
+	mine := f.advert(id, 100)
+	g.advert.Store(&mine)
+	g.self.Store(&Node{Attributes: id.Attributes(), Advert: certs.Advert{Version: 100}})
+	d := delegate{g: g}
+	other := newFixture(t).identity("me", "s", 1, f.now) // another CA's: no certificate of ours
+	for _, meta := range [][]byte{mine, f.advert(id, 50), newFixture(t).advert(other, 900)} {
+		if err := d.NotifyAlive(&memberlist.Node{Name: "me", Meta: meta}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if logs.Len() != 0 {
+		t.Fatalf("our own advert, an older one or one not ours said: %s", logs.String())
+	}
+	for range 3 {
+		if err := d.NotifyAlive(&memberlist.Node{Name: "me", Meta: f.advert(id, 200)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := strings.Count(logs.String(), "level=ERROR"); n != 1 || !strings.Contains(logs.String(), "version 200, above the 100") || !strings.Contains(logs.String(), "write 200 to ") {
+		t.Fatalf("our advert of version 200 heard 3 times while we sign 100: %d errors, want one naming both and advert.version: %s", n, logs.String())
 	}
 }

@@ -97,6 +97,8 @@ type membership struct {
 	// gw is gateways() as of generation gwGen.
 	gw    []Node
 	gwGen uint64
+	// selfAheadSaid: ownAdvertAhead has reported once.
+	selfAheadSaid bool
 }
 
 // changed records a change and tells the gateway.
@@ -272,8 +274,8 @@ func (ms *membership) admitLocked(name string, gossip netip.AddrPort, meta []byt
 		return sa, &departedError{name}
 	}
 	if bound != "" && sa.Version <= floor {
-		return sa, &certs.VerifyError{Reason: certs.ReasonReplay, Detail: fmt.Sprintf("advert of %q (version %d) gossiped at %s, but %s: only an advert newer than version %d takes it elsewhere or brings it back, and a gateway signs one at every start; someone holding the gossip key replays it, or a second gateway runs under its name (give each gateway its own identity)",
-			name, sa.Version, gossip, bound, floor)}
+		return sa, &certs.VerifyError{Reason: certs.ReasonReplay, Detail: fmt.Sprintf("advert of %q (version %d) gossiped at %s, but %s: only an advert newer than version %d takes it elsewhere or brings it back, and a gateway signs one at every start; someone holding the gossip key replays it, a second gateway runs under its name (give each gateway its own identity), or %s",
+			name, sa.Version, gossip, bound, floor, versionDown(floor))}
 	}
 	cert := ms.certs[sa.CertHash]
 	if cert == nil && bound != "" {
@@ -306,7 +308,48 @@ func (ms *membership) admitLocked(name string, gossip netip.AddrPort, meta []byt
 	// refused in turn, and would stay refused or not by the order the
 	// adverts came in.
 	_, err = ms.cache.VerifyAdvert(meta, cert, ms.trust, ms.now(), last)
+	if last != nil && sa.Version < last.Version && certs.ReasonOf(err) == certs.ReasonReplay {
+		err = fmt.Errorf("%w: someone holding the gossip key replays it, or %s", err, versionDown(last.Version))
+	}
 	return sa, err
+}
+
+// versionDown is the other cause of a gateway's adverts refused as
+// replays, and what to do: its versions went down, which nobody else
+// tells it (its own log says so only if it hears its older advert
+// gossiped, ownAdvertAhead).
+func versionDown(floor uint64) string {
+	return fmt.Sprintf("its advert version went down (advert.version in its state directory lost, or restored from a backup, while an earlier run's clock was ahead): on that gateway, write %d to advert.version in its state directory and restart it, so that its next advert is above version %d",
+		floor, floor)
+}
+
+// ownAdvertAhead reports an advert of this gateway's own gossiped with a
+// version above mine, the version it signs now, once per run: the peers
+// hold it, and refuse every advert it signs now as a replay. Only an
+// advert that verifies with one of its certificates counts: anyone
+// holding the gossip key can gossip its name with any version.
+func (ms *membership) ownAdvertAhead(meta []byte, mine uint64, own *x509.Certificate) (uint64, bool) {
+	ms.mu.Lock()
+	defer ms.mu.Unlock()
+	if ms.selfAheadSaid {
+		return 0, false
+	}
+	sa, err := certs.DecodeAdvert(meta)
+	if err != nil || sa.Node != ms.self || sa.Version <= mine {
+		return 0, false
+	}
+	cert := ms.certs[sa.CertHash]
+	if sa.CertHash == sha256.Sum256(own.Raw) {
+		cert = own
+	}
+	if cert == nil {
+		return 0, false
+	}
+	if _, err := ms.cache.VerifyAdvert(meta, cert, ms.trust, ms.now(), nil); err != nil {
+		return 0, false
+	}
+	ms.selfAheadSaid = true
+	return sa.Version, true
 }
 
 // boundLocked says what ties a member once verified to its last advert,
