@@ -229,10 +229,7 @@ func TestAppendInTimeOrder(t *testing.T) {
 	if err != nil || r.Time.Before(t0.Add(time.Hour)) {
 		t.Fatalf("a record after the clock stepped back: dated %v, %v; want no earlier than the one before", r.Time, err)
 	}
-	b, _ := os.ReadFile(l.Path())
-	if rep, err := Verify(bytes.NewReader(b), tb); err != nil || rep.Records != 2 {
-		t.Fatalf("%+v, %v", rep, err)
-	}
+	verifies(t, l.Path(), tb, 2)
 }
 
 // TestAppendOnlyWithinTheCertificatesValidity: a record is not signed
@@ -267,10 +264,7 @@ func TestAppendOnlyWithinTheCertificatesValidity(t *testing.T) {
 	if _, err := l.Append(renewed, "migration", map[string]any{"n": 2}, old.Certificate().NotAfter.Add(time.Minute)); err != nil {
 		t.Fatal(err)
 	}
-	b, _ := os.ReadFile(path)
-	if rep, err := Verify(bytes.NewReader(b), tb); err != nil || rep.Records != 2 {
-		t.Fatalf("%+v, %v", rep, err)
-	}
+	verifies(t, path, tb, 2)
 }
 
 // TestAppendClockBeforeTheCertificate: a clock stepped back before the
@@ -720,10 +714,7 @@ func TestPutAsideRaces(t *testing.T) {
 		if aside, _ := os.ReadFile(path + ".gw1.2"); !bytes.Equal(aside, old) {
 			t.Fatalf("round %d: gw1's log put aside is not what gw1 wrote:\n%s", round, aside)
 		}
-		b, _ := os.ReadFile(path)
-		if rep, err := Verify(bytes.NewReader(b), tb); err != nil || rep.Records != 4 {
-			t.Fatalf("round %d: gw2's log: %+v %v; want its 4 records", round, rep, err)
-		}
+		verifies(t, path, tb, 4)
 	}
 }
 
@@ -754,5 +745,18 @@ func TestPutAsideKeepsEarlierLogs(t *testing.T) {
 		if b, _ := os.ReadFile(name); !bytes.Equal(b, logs[i]) {
 			t.Errorf("%s: not gw1's log of round %d", name, i)
 		}
+	}
+}
+
+// verifies fails t unless the log at path verifies under tb with records
+// records.
+func verifies(t *testing.T, path string, tb *certs.TrustBundle, records int) {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rep, err := Verify(bytes.NewReader(b), tb); err != nil || rep.Records != records {
+		t.Fatalf("%s: %+v, %v; want %d records verified", path, rep, err, records)
 	}
 }
