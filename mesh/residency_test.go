@@ -208,22 +208,7 @@ func TestJudgeStoredRecordRefused(t *testing.T) {
 		g.judgeStored(imgs, seen)
 		now = now.Add(time.Minute)
 	}
-	b, _ := os.ReadFile(logPath)
-	tb, _ := ca.TrustBundle()
-	if _, err := audit.Verify(bytes.NewReader(b), tb); err != nil {
-		t.Fatal(err)
-	}
-	var got []string
-	for line := range bytes.Lines(b) {
-		var r audit.Record
-		if err := json.Unmarshal(line, &r); err != nil {
-			t.Fatal(err)
-		}
-		got = append(got, r.Fields["action"].(string))
-		if r.Fields["recovered"] == nil {
-			t.Errorf("a record written late does not say so: %v", r.Fields)
-		}
-	}
+	got := lateActions(t, logPath, ca)
 	if len(got) != 1 || got[0] != "out-of-policy" {
 		t.Fatalf("records %q; want the one out-of-policy record, once the log took it", got)
 	}
@@ -269,22 +254,7 @@ func TestJudgeStoredRecordRefusedBackInPolicy(t *testing.T) {
 		now = now.Add(time.Minute)
 		g.judgeStored(imgs, seen)
 	}
-	b, _ := os.ReadFile(logPath)
-	tb, _ := ca.TrustBundle()
-	if _, err := audit.Verify(bytes.NewReader(b), tb); err != nil {
-		t.Fatal(err)
-	}
-	var got []string
-	for line := range bytes.Lines(b) {
-		var r audit.Record
-		if err := json.Unmarshal(line, &r); err != nil {
-			t.Fatal(err)
-		}
-		got = append(got, r.Fields["action"].(string))
-		if r.Fields["recovered"] == nil {
-			t.Errorf("a record written late does not say so: %v", r.Fields)
-		}
-	}
+	got := lateActions(t, logPath, ca)
 	if len(got) != 2 || got[0] != "out-of-policy" || got[1] != "in-policy" {
 		t.Fatalf("records %q; want out-of-policy, then in-policy", got)
 	}
@@ -351,4 +321,27 @@ func TestRecentSendsCached(t *testing.T) {
 	if ended, _ := m.recentSends(); len(ended) != 1 {
 		t.Fatalf("after an end: %+v", ended)
 	}
+}
+
+// lateActions verifies the audit log at logPath and returns the actions
+// of its records, each of which must say it was written late.
+func lateActions(t *testing.T, logPath string, ca *certs.CA) []string {
+	t.Helper()
+	b, _ := os.ReadFile(logPath)
+	tb, _ := ca.TrustBundle()
+	if _, err := audit.Verify(bytes.NewReader(b), tb); err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for line := range bytes.Lines(b) {
+		var r audit.Record
+		if err := json.Unmarshal(line, &r); err != nil {
+			t.Fatal(err)
+		}
+		got = append(got, r.Fields["action"].(string))
+		if r.Fields["recovered"] == nil {
+			t.Errorf("a record written late does not say so: %v", r.Fields)
+		}
+	}
+	return got
 }
