@@ -183,17 +183,7 @@ func TestUntrustedPolicyKeptAcrossRestart(t *testing.T) {
 		t.Fatal(err)
 	}
 	src := []byte("policy {\n  name    = \"revoked\"\n  version = 2\n}\nclass \"risk-batch\" {\n  allow \"store\" {\n    jurisdiction = [\"CH\"]\n  }\n}\n")
-	s := liveSettings(t, filepath.Join(dir, "gw"))
-	s.Node = provisionGateway(t, ca, tb, certs.Attributes{Node: "gw", Site: "zrh-dc", Region: "r", Provider: "onprem", Jurisdiction: "CH",
-		OverlayIP: netip.MustParseAddr("100.64.7.1")}, time.Hour, s.Identity.Dir)
-	open := func() *Gateway {
-		g, err := newGateway(context.Background(), s, slog.New(slog.DiscardHandler), options{device: NewRecordingDevice("p"), noControl: true, noMigrations: true})
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { g.prov.Close(); g.closeDevice() })
-		return g
-	}
+	open := restartable(t, dir, ca, tb)
 	g := open()
 	signer, err := ca.NewPolicySigner("compliance", time.Hour, time.Now())
 	if err != nil {
@@ -300,17 +290,7 @@ func TestRetiredCAsPolicyKeptAcrossRestart(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	s := liveSettings(t, filepath.Join(dir, "gw"))
-	s.Node = provisionGateway(t, ca, both, certs.Attributes{Node: "gw", Site: "zrh-dc", Region: "r", Provider: "onprem", Jurisdiction: "CH",
-		OverlayIP: netip.MustParseAddr("100.64.7.1")}, time.Hour, s.Identity.Dir)
-	open := func() *Gateway {
-		g, err := newGateway(context.Background(), s, slog.New(slog.DiscardHandler), options{device: NewRecordingDevice("p"), noControl: true, noMigrations: true})
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { g.prov.Close(); g.closeDevice() })
-		return g
-	}
+	open := restartable(t, dir, ca, both)
 	g := open()
 	if ok, err := g.AdoptPolicy(src, sig.Marshal()); !ok || err != nil {
 		t.Fatal(ok, err)
@@ -464,4 +444,22 @@ func TestGatewayRefusesAdvertTooLargeToRotate(t *testing.T) {
 		return
 	}
 	t.Fatal("a 61-byte site name started: the test's advert is too small")
+}
+
+// restartable provisions gateway gw of site zrh-dc under ca in dir, and
+// returns what opens it (again: a restart), with no control socket nor
+// migrations.
+func restartable(t *testing.T, dir string, ca *certs.CA, tb *certs.TrustBundle) func() *Gateway {
+	t.Helper()
+	s := liveSettings(t, filepath.Join(dir, "gw"))
+	s.Node = provisionGateway(t, ca, tb, certs.Attributes{Node: "gw", Site: "zrh-dc", Region: "r", Provider: "onprem", Jurisdiction: "CH",
+		OverlayIP: netip.MustParseAddr("100.64.7.1")}, time.Hour, s.Identity.Dir)
+	return func() *Gateway {
+		g, err := newGateway(context.Background(), s, slog.New(slog.DiscardHandler), options{device: NewRecordingDevice("p"), noControl: true, noMigrations: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { g.prov.Close(); g.closeDevice() })
+		return g
+	}
 }
