@@ -146,7 +146,7 @@ func TestRevokedSignersPolicyLeaves(t *testing.T) {
 	if ok, err := lg.g.AdoptPolicy(version(2), sig2.Marshal()); ok || err == nil || !strings.Contains(err.Error(), "not above version 2, which was in force until its signer was revoked") {
 		t.Fatalf("a version 2 after the version 2 in force was withdrawn: adopted %v, %v; want it refused", ok, err)
 	}
-	if w, err := lg.g.state.loadWithdrawn(); err != nil || w != (withdrawnPolicy{Name: "revoked", Version: 2}) {
+	if w, err := lg.g.state.loadWithdrawn(); err != nil || w.version() != "revoked v2" {
 		t.Fatalf("the withdrawn version kept for later runs: %+v, %v", w, err)
 	}
 
@@ -213,7 +213,7 @@ func TestUntrustedPolicyKeptAcrossRestart(t *testing.T) {
 	if p := g.policy.Load(); p == nil || p.p.Revision().Version != 2 || !p.untrusted {
 		t.Fatalf("after a restart: policy %s in force, want version 2 kept, marked untrusted", g.policyRevision())
 	}
-	if g.withdrawn != (withdrawnPolicy{Name: "revoked", Version: 2}) {
+	if g.withdrawn.version() != "revoked v2" {
 		t.Fatalf("after a restart: withdrawn %+v, want version 2", g.withdrawn)
 	}
 	// Kept with its signing time: a newer version dated back before it
@@ -254,7 +254,7 @@ func TestUntrustedPolicyKeptAcrossRestart(t *testing.T) {
 	if p := g.policy.Load(); p != nil {
 		t.Fatalf("a stored policy of a signer this mesh's CA never certified: %s in force, want none", g.policyRevision())
 	}
-	if g.withdrawn != (withdrawnPolicy{Name: "revoked", Version: 2}) {
+	if g.withdrawn.version() != "revoked v2" {
 		t.Fatalf("read back from the state directory: withdrawn %+v, want version 2", g.withdrawn)
 	}
 }
@@ -298,7 +298,7 @@ func TestRetiredCAsPolicyKeptAcrossRestart(t *testing.T) {
 	if !g.adoptTrust(after, time.Now()) {
 		t.Fatal("the bundle without the retired CA was not adopted")
 	}
-	if p := g.policy.Load(); p == nil || !p.untrusted || g.withdrawn != (withdrawnPolicy{Name: "retired", Version: 4}) {
+	if p := g.policy.Load(); p == nil || !p.untrusted || g.withdrawn.version() != "retired v4" {
 		t.Fatalf("running: %+v, withdrawn %+v; want version 4 kept, marked untrusted, and withdrawn", p, g.withdrawn)
 	}
 	g.prov.Close()
@@ -307,21 +307,25 @@ func TestRetiredCAsPolicyKeptAcrossRestart(t *testing.T) {
 	if p := g.policy.Load(); p == nil || p.p.Revision().Version != 4 || !p.untrusted {
 		t.Fatalf("after a restart: policy %s in force, want version 4 kept, marked untrusted", g.policyRevision())
 	}
-	// Version 5 of the same signer in the state directory, never in force
-	// here: not kept.
-	v5 := bytes.Replace(src, []byte("version = 4"), []byte("version = 5"), 1)
-	sig5, err := policy.Sign("policy.hcl", v5, signer.Signer(), signer.Name(), signer.Certificate(), time.Now())
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := g.state.savePolicy(v5, sig5.Marshal()); err != nil {
-		t.Fatal(err)
-	}
-	g.prov.Close()
-	g.closeDevice()
-	g = open()
-	if p := g.policy.Load(); p != nil {
-		t.Fatalf("a stored version this gateway did not withdraw, its signer's CA retired: %s in force, want none", g.policyRevision())
+	// Another policy of the same signer in the state directory, never in
+	// force here, of the next version or of the same one: not kept.
+	for _, other := range [][]byte{
+		bytes.Replace(src, []byte("version = 4"), []byte("version = 5"), 1),
+		append(bytes.Clone(src), "# not the one withdrawn\n"...),
+	} {
+		osig, err := policy.Sign("policy.hcl", other, signer.Signer(), signer.Name(), signer.Certificate(), time.Now())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := g.state.savePolicy(other, osig.Marshal()); err != nil {
+			t.Fatal(err)
+		}
+		g.prov.Close()
+		g.closeDevice()
+		g = open()
+		if p := g.policy.Load(); p != nil {
+			t.Fatalf("a stored policy this gateway did not withdraw, its signer's CA retired: %s in force, want none", g.policyRevision())
+		}
 	}
 }
 
@@ -463,3 +467,6 @@ func restartable(t *testing.T, dir string, ca *certs.CA, tb *certs.TrustBundle) 
 		return g
 	}
 }
+
+// version names w's policy and version, whatever its hash.
+func (w withdrawnPolicy) version() string { return fmt.Sprintf("%s v%d", w.Name, w.Version) }

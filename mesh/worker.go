@@ -596,7 +596,7 @@ func (g *Gateway) loadPolicies() error {
 				p, verr := policy.VerifyRevokedSigner("policy.hcl", src, ps, g.trust.Load(), g.now())
 				if verr != nil {
 					if p, verr = policy.VerifyWithdrawn("policy.hcl", src, ps, g.trust.Load(), g.now()); verr == nil {
-						if r := p.Revision(); w.Name != r.Name || w.Version != r.Version {
+						if r := p.Revision(); w.Name != r.Name || w.Version != r.Version || w.SHA256 != r.SHA256 {
 							verr = errors.New("not the policy this gateway withdrew")
 						}
 					}
@@ -756,7 +756,7 @@ func (g *Gateway) withdrawLocked(r policy.Revision) {
 	if r.Name == g.withdrawn.Name && r.Version <= g.withdrawn.Version {
 		return
 	}
-	g.withdrawn = withdrawnPolicy{Name: r.Name, Version: r.Version}
+	g.withdrawn = withdrawnPolicy{Name: r.Name, Version: r.Version, SHA256: r.SHA256}
 	if err := g.state.saveWithdrawn(g.withdrawn); err != nil {
 		g.log.Warn("save the withdrawn policy's version", "err", err)
 	}

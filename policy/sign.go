@@ -12,6 +12,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"time"
 
@@ -227,6 +228,9 @@ func signerKeys(sig *Signature, tb *certs.TrustBundle, ov overlook) ([]signerKey
 	}
 	if _, err := c.Verify(x509.VerifyOptions{Roots: tb.Roots(), CurrentTime: at, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageCodeSigning}}); err != nil && ov < overlookChain {
 		return nil, fmt.Errorf("%w: %v", ErrUntrustedSigner, err)
+	}
+	if ov == overlookChain && !slices.Contains(c.ExtKeyUsage, x509.ExtKeyUsageCodeSigning) {
+		return nil, fmt.Errorf("%w: signer certificate %s is not for code signing", ErrUntrustedSigner, certs.FormatSerial(c.SerialNumber))
 	}
 	if tb.IsRevoked(c.SerialNumber) && ov < overlookRevocation {
 		return nil, fmt.Errorf("%w: signer certificate %s is revoked", ErrUntrustedSigner, certs.FormatSerial(c.SerialNumber))
