@@ -244,3 +244,41 @@ func TestKeyDirGroupMayWrite(t *testing.T) {
 		t.Errorf("said %d times (want once, without chmod 700):\n%s", n, logs.String())
 	}
 }
+
+// TestReadPrivateFileInGroupWritableDir: a secret of another user's is
+// read where only its owner could have put it (Vault agent's token, for a
+// gateway run as root), but not from a directory its group may write,
+// which is only warned about: another member could have chosen it.
+func TestReadPrivateFileInGroupWritableDir(t *testing.T) {
+	asRoot(t)
+	for _, tt := range []struct {
+		dirMode os.FileMode
+		owner   int
+		ok      bool
+	}{
+		{0o700, otherUser, true},
+		{0o770, os.Geteuid(), true},
+		{0o770, 0, true},
+		{0o770, otherUser, false},
+		{0o777 | os.ModeSticky, otherUser, true}, // only its owner may replace it
+	} {
+		dir := filepath.Join(t.TempDir(), "secrets")
+		if err := os.Mkdir(dir, 0o700); err != nil {
+			t.Fatal(err)
+		}
+		path := filepath.Join(dir, "token")
+		if err := os.WriteFile(path, []byte("s3cret"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chown(path, tt.owner, tt.owner); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chmod(dir, tt.dirMode); err != nil {
+			t.Fatal(err)
+		}
+		_, err := ReadPrivateFile(path)
+		if (err == nil) != tt.ok || err != nil && !strings.Contains(err.Error(), "chown it to the user that reads it") {
+			t.Errorf("directory %v, file of uid %d: %v; want read %v", tt.dirMode, tt.owner, err, tt.ok)
+		}
+	}
+}

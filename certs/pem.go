@@ -147,12 +147,13 @@ func groupWritable(st os.FileInfo) bool {
 
 // ReadPrivateFile reads a file holding a secret and refuses it if other users
 // could read it, as ssh does: a key that leaked is no identity. Its owner
-// is not judged: a secret may be another user's to write (Vault agent
-// rewrites its token, 0600 and its own, for a gateway run as root), and
-// whether a key could have been put there by another user is its
-// directory's question (keyDir), which a gateway asks as it reads its
-// trust bundle, before its keys. Nor need it be a file: a pipe
-// (--join-token-file <(…), /dev/stdin) keeps a secret off the disk.
+// is judged only where others may write its directory: a secret may be
+// another user's to write (Vault agent rewrites its token, 0600 and its
+// own, for a gateway run as root), and whether a key could have been put
+// there by another user is otherwise its directory's question (keyDir),
+// which a gateway asks as it reads its trust bundle, before its keys. Nor
+// need it be a file: a pipe (--join-token-file <(…), /dev/stdin) keeps a
+// secret off the disk.
 func ReadPrivateFile(path string) ([]byte, error) {
 	f, err := os.Open(path)
 	if err != nil {
@@ -165,6 +166,16 @@ func ReadPrivateFile(path string) ([]byte, error) {
 	}
 	if perm := st.Mode().Perm(); perm&0o077 != 0 {
 		return nil, fmt.Errorf("%s is accessible by other users (mode %04o): run chmod 600 %s", path, perm, path)
+	}
+	// In a directory its group may write (only warned about, so that a
+	// service group may write a root gateway's keys), the group's other
+	// members could have put a secret of theirs there: one of a user
+	// other than root or this one is refused.
+	if sys, ok := st.Sys().(*syscall.Stat_t); ok && st.Mode().IsRegular() && sys.Uid != 0 && int(sys.Uid) != os.Geteuid() {
+		if dst, err := os.Stat(filepath.Dir(path)); err == nil && (groupWritable(dst) || dst.Mode().Perm()&0o002 != 0 && dst.Mode()&os.ModeSticky == 0) {
+			return nil, fmt.Errorf("%s belongs to user %d, and others than its owner may write its directory (mode %04o): whoever wrote it may have chosen it; chown it to the user that reads it (uid %d), or keep it in a directory its group and others may not write",
+				path, sys.Uid, dst.Mode().Perm(), os.Geteuid())
+		}
 	}
 	return io.ReadAll(f)
 }
