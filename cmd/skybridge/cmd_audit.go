@@ -110,7 +110,7 @@ func auditCommand() *cli.Command {
 				// Whatever the verdict: bytes not read as a record are
 				// said so, not passed over.
 				if !c.Bool("json") && rep.CutShort {
-					fmt.Fprintln(c.App.Writer, "note: the log ends in bytes without a newline, not counted as a record: an append cut short (a crash, a full disk), never acknowledged, which the gateway cuts off at its next record, or a record whose newline was lost, which it puts back then")
+					fmt.Fprintln(c.App.Writer, "note: the log ends in bytes without a newline that are not a whole record, not counted: an append cut short (a crash, a full disk), never acknowledged, which the gateway cuts off at its next record")
 				}
 				if !c.Bool("json") && rep.NewlineLost {
 					fmt.Fprintln(c.App.Writer, "note: the last record lost its newline (an editor, a copy), and is counted: the gateway puts the newline back at its next record")

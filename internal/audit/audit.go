@@ -122,7 +122,7 @@ func (l *Log) append(id *certs.NodeIdentity, event string, fields map[string]any
 	case !os.SameFile(held, cur):
 		return nil, true, nil
 	}
-	last, seq, err := l.lastLine(f)
+	last, seq, err := l.lastLine(f, id.Certificate().Raw)
 	if err != nil {
 		return nil, false, err
 	}
@@ -493,7 +493,7 @@ func (l *Log) Ready() error {
 		return fmt.Errorf("lock audit log: %w", err)
 	}
 	defer syscall.Flock(int(f.Fd()), syscall.LOCK_UN)
-	last, seq, err := l.lastLine(f)
+	last, seq, err := l.lastLine(f, nil)
 	if err != nil {
 		return err
 	}
@@ -521,8 +521,9 @@ func roomFor(path, at string) error {
 // short (a crash, a full disk), never acknowledged, and cut off — left,
 // they would make the log's end unreadable, and every later append fail —
 // unless they are a whole record that only lost its newline (an editor,
-// a copy): that is put back instead (see wholeTail).
-func (l *Log) lastLine(f *os.File) ([]byte, uint64, error) {
+// a copy): that is put back instead (see wholeTail). own is the
+// certificate of the writer about to append (nil: none).
+func (l *Log) lastLine(f *os.File, own []byte) ([]byte, uint64, error) {
 	end, err := atomicfile.WholeEnd(f)
 	if err != nil {
 		return nil, 0, fmt.Errorf("audit log: %w", err)
@@ -532,7 +533,7 @@ func (l *Log) lastLine(f *os.File) ([]byte, uint64, error) {
 		return nil, 0, fmt.Errorf("audit log: %w", err)
 	}
 	if size := fi.Size(); end < size {
-		whole, err := l.wholeTail(f, end)
+		whole, err := l.wholeTail(f, end, own)
 		if err != nil {
 			return nil, 0, err
 		}
@@ -562,12 +563,14 @@ func (l *Log) lastLine(f *os.File) ([]byte, uint64, error) {
 // release, a first head write that failed), or one the whole records
 // reach (a later head write that failed: the record was acknowledged
 // all the same): whole if it decodes, is signed by its certificate and
-// chains to the last whole record. JSON decodes only with its closing
-// brace, so an append cut short never passes; kept, it is at worst a
-// record whose append failed after the write, which its writer writes
-// again (a duplicate, which shows); cut, an acknowledged one would be
-// gone without a trace.
-func (l *Log) wholeTail(f *os.File, end int64) (bool, error) {
+// chains to the last whole record, under the certificate of that record
+// or of the writer (own): one signed by any other key is no record of
+// this gateway's, and kept, the gateway would chain its records after
+// it. JSON decodes only with its closing brace, so an append cut short
+// never passes; kept, it is at worst a record whose append failed after
+// the write, which its writer writes again (a duplicate, which shows);
+// cut, an acknowledged one would be gone without a trace.
+func (l *Log) wholeTail(f *os.File, end int64, own []byte) (bool, error) {
 	tail, err := l.tailAfter(f, end)
 	if err != nil || len(tail) == 0 {
 		return false, err
@@ -597,12 +600,14 @@ func (l *Log) wholeTail(f *os.File, end int64) (bool, error) {
 	if json.Unmarshal(tail, &rec) != nil || rec.Seq != seq+1 {
 		return false, nil
 	}
-	want := ""
+	want, ours := "", own != nil && bytes.Equal(rec.Cert, own)
 	if last != nil {
 		sum := sha256.Sum256(last)
 		want = hex.EncodeToString(sum[:])
+		var lr Record
+		ours = ours || json.Unmarshal(last, &lr) == nil && bytes.Equal(rec.Cert, lr.Cert)
 	}
-	return rec.Prev == want && rec.signed(), nil
+	return ours && rec.Prev == want && rec.signed(), nil
 }
 
 // signed reports whether the record's signature verifies by the
@@ -677,6 +682,10 @@ func Verify(r io.Reader, tb *certs.TrustBundle) (*Report, error) {
 				// copy), as the gateway keeps it: counted, as it is
 				// at the gateway's next append, which puts it back.
 				rep.NewlineLost = true
+			case json.Valid(tail):
+				// Whole, but not a record as written: changed, or
+				// another's, not an append cut short.
+				return rep, fmt.Errorf("line %d, without a newline: %w", line+1, v.record(tail, line+1))
 			default:
 				rep.CutShort = true
 				// After whole records, part of one is an append cut

@@ -760,3 +760,45 @@ func verifies(t *testing.T, path string, tb *certs.TrustBundle, records int) {
 		t.Fatalf("%s: %+v, %v; want %d records verified", path, rep, err, records)
 	}
 }
+
+// TestForgedTailNotKept: bytes after the last newline that decode as the
+// next record, chained and signed, but by a key not the gateway's (a
+// certificate of anyone's making), are no record of its: verify says
+// so, and an append cuts them rather than chain its record after them.
+func TestForgedTailNotKept(t *testing.T) {
+	ca, tb := testCA(t)
+	id := issue(t, ca, "gw1", "100.96.0.1", t0)
+	other, _ := testCA(t)
+	stranger := issue(t, other, "gw1", "100.96.0.1", t0)
+	path := filepath.Join(t.TempDir(), "audit.log")
+	l := Open(path)
+	if _, err := l.Append(id, "migration", map[string]any{"n": 1}, t0.Add(time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	b, _ := os.ReadFile(path)
+	sum := sha256.Sum256(bytes.TrimSpace(b))
+	r := &Record{Seq: 2, Time: t0.Add(2 * time.Hour), Node: "gw1", Event: "migration", Fields: map[string]any{"n": "forged"}, Cert: stranger.Certificate().Raw, Prev: hex.EncodeToString(sum[:])}
+	d, err := r.digest()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.Sig, err = stranger.Signer().Sign(rand.Reader, d, crypto.SHA256); err != nil {
+		t.Fatal(err)
+	}
+	forged, _ := json.Marshal(r)
+	if err := os.WriteFile(path, append(b, forged...), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	after, _ := os.ReadFile(path)
+	if rep, err := Verify(bytes.NewReader(after), tb); err == nil {
+		t.Fatalf("a forged last record without its newline: %+v, valid; want it refused", rep)
+	}
+	if _, err := l.Append(id, "migration", map[string]any{"n": 2}, t0.Add(3*time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	after, _ = os.ReadFile(path)
+	if bytes.Contains(after, []byte("forged")) {
+		t.Fatalf("the forged record was kept and chained after:\n%s", after)
+	}
+	verifies(t, path, tb, 2)
+}
