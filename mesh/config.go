@@ -533,8 +533,13 @@ const (
 	// storm of exchanges.
 	rejoinFanout = 3
 	saveInterval = 5 * time.Second // at most this often is the membership written to disk
-	inboxSize    = 8192            // gossip messages waiting for the worker, in each of its two queues (enqueue)
-	maxSends     = 16              // streams a gateway opens at once for its own messages
+	inboxSize    = 8192            // quick gossip messages waiting for the worker (enqueue)
+	// bulkSize bounds the blobs and large messages waiting, beside the
+	// bytes they may take: a blob comes only when asked for, at most one
+	// a second per member and kind; a queue as long as the quick one
+	// would cost every gateway 192 KiB of buffer.
+	bulkSize = 1024
+	maxSends = 16 // streams a gateway opens at once for its own messages
 	// maxQueuedSends bounds those waiting for one of them: a policy
 	// announced to a mesh of thousands has each member ask for it.
 	maxQueuedSends = 4096

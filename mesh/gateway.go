@@ -224,7 +224,7 @@ func openGateway(ctx context.Context, s *Settings, logger *slog.Logger, opt opti
 	}
 	g := &Gateway{
 		s: s, now: time.Now, state: stateDir(s.StateDir), opt: opt,
-		inbox: make(chan []byte, inboxSize), bulk: make(chan []byte, inboxSize), fetch: make(chan string, inboxSize), kick: make(chan struct{}, 1), sends: make(chan struct{}, maxSends),
+		inbox: make(chan []byte, inboxSize), bulk: make(chan []byte, bulkSize), fetch: make(chan string, inboxSize), kick: make(chan struct{}, 1), sends: make(chan struct{}, maxSends),
 		lastApplied: map[certs.WGPublicKey]PeerConfig{}, greetings: map[certs.WGPublicKey]greeting{}, certAsked: map[string]time.Time{},
 		blobAsked: map[string]time.Time{}, blobAnswered: map[string]time.Time{}, nextAcked: map[certs.WGPublicKey]time.Time{},
 		started: time.Now(), acks: make(chan keyringAck, 1024), readvertise: make(chan struct{}, 1),

@@ -490,7 +490,7 @@ func TestJoinStateCertificatesFit(t *testing.T) {
 // from anyone holding the gossip key, were some 8 GiB); blobs cannot take
 // the part kept for quick messages, and those come first.
 func TestInboxBoundedByBytes(t *testing.T) {
-	g := &Gateway{inbox: make(chan []byte, inboxSize), bulk: make(chan []byte, inboxSize), log: slog.New(slog.DiscardHandler)}
+	g := &Gateway{inbox: make(chan []byte, inboxSize), bulk: make(chan []byte, bulkSize), log: slog.New(slog.DiscardHandler)}
 	d := delegate{g: g}
 	blob := encodeMessage(msgBlob, []byte{blobCRL}, make([]byte, maxMessageField))
 	for range (maxInboxBytes-inboxQuickReserve)/len(blob) + 10 {
