@@ -123,6 +123,19 @@ func (l *Log) append(id *certs.NodeIdentity, event string, fields map[string]any
 		return nil, true, nil
 	}
 	last, seq, err := l.lastLine(f, id.Certificate().Raw)
+	var unknown *unknownTail
+	if errors.As(err, &unknown) {
+		// Neither cut (it may be an acknowledged record of this gateway,
+		// under a certificate since renewed) nor chained after (it may be
+		// anyone's): the log goes aside whole, for verify to judge.
+		if err := l.validAt(id.Certificate(), now.UTC()); err != nil {
+			return nil, false, err
+		}
+		if err := l.putAside(unknown.node, unknown.seq, "it ends in a record without its newline, under a certificate not the record's before it nor the writer's"); err != nil {
+			return nil, false, err
+		}
+		return nil, true, nil
+	}
 	if err != nil {
 		return nil, false, err
 	}
@@ -522,7 +535,10 @@ func roomFor(path, at string) error {
 // they would make the log's end unreadable, and every later append fail —
 // unless they are a whole record that only lost its newline (an editor,
 // a copy): that is put back instead (see wholeTail). own is the
-// certificate of the writer about to append (nil: none).
+// certificate of the writer about to append (nil: none, and a tail whole
+// under a certificate it cannot place is left as it is); an
+// *unknownTail error says the tail is whole under one own does not
+// place.
 func (l *Log) lastLine(f *os.File, own []byte) ([]byte, uint64, error) {
 	end, err := atomicfile.WholeEnd(f)
 	if err != nil {
@@ -534,7 +550,11 @@ func (l *Log) lastLine(f *os.File, own []byte) ([]byte, uint64, error) {
 	}
 	if size := fi.Size(); end < size {
 		whole, err := l.wholeTail(f, end, own)
-		if err != nil {
+		var unknown *unknownTail
+		switch {
+		case errors.As(err, &unknown) && own == nil:
+			return lastRecord(f, end) // for the writer to judge
+		case err != nil:
 			return nil, 0, err
 		}
 		if whole {
@@ -601,13 +621,35 @@ func (l *Log) wholeTail(f *os.File, end int64, own []byte) (bool, error) {
 		return false, nil
 	}
 	want, ours := "", own != nil && bytes.Equal(rec.Cert, own)
+	node := rec.Node
 	if last != nil {
 		sum := sha256.Sum256(last)
 		want = hex.EncodeToString(sum[:])
 		var lr Record
-		ours = ours || json.Unmarshal(last, &lr) == nil && bytes.Equal(rec.Cert, lr.Cert)
+		if json.Unmarshal(last, &lr) == nil {
+			ours, node = ours || bytes.Equal(rec.Cert, lr.Cert), lr.Node
+		}
 	}
-	return ours && rec.Prev == want && rec.signed(), nil
+	switch {
+	case rec.Prev != want || !rec.signed():
+		return false, nil
+	case !ours:
+		return false, &unknownTail{node: node, seq: seq}
+	}
+	return true, nil
+}
+
+// unknownTail is a last record without its newline, chained and signed,
+// under a certificate neither the record before it carries nor the
+// writer holds: this gateway's under a certificate renewed since, or
+// anyone's. The log's node and last whole record's number name it.
+type unknownTail struct {
+	node string
+	seq  uint64
+}
+
+func (u *unknownTail) Error() string {
+	return "the audit log ends in a record without its newline, signed under a certificate it cannot place"
 }
 
 // signed reports whether the record's signature verifies by the

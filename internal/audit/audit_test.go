@@ -762,43 +762,63 @@ func verifies(t *testing.T, path string, tb *certs.TrustBundle, records int) {
 }
 
 // TestForgedTailNotKept: bytes after the last newline that decode as the
-// next record, chained and signed, but by a key not the gateway's (a
-// certificate of anyone's making), are no record of its: verify says
-// so, and an append cuts them rather than chain its record after them.
+// next record, chained and signed, but under a certificate neither the
+// record before them carries nor the writer holds, are no record the
+// gateway can place: verify refuses a forged one, Ready leaves them as
+// they are, and an append puts the log aside whole rather than cut them
+// (they may be the gateway's, under a certificate renewed since) or chain
+// its record after them (they may be anyone's).
 func TestForgedTailNotKept(t *testing.T) {
 	ca, tb := testCA(t)
 	id := issue(t, ca, "gw1", "100.96.0.1", t0)
 	other, _ := testCA(t)
-	stranger := issue(t, other, "gw1", "100.96.0.1", t0)
-	path := filepath.Join(t.TempDir(), "audit.log")
-	l := Open(path)
-	if _, err := l.Append(id, "migration", map[string]any{"n": 1}, t0.Add(time.Hour)); err != nil {
-		t.Fatal(err)
+	for _, tt := range []struct {
+		name   string
+		signer *certs.NodeIdentity
+		valid  bool // the log put aside verifies
+	}{
+		{"forged", issue(t, other, "gw1", "100.96.0.1", t0), false},
+		{"renewed since", issue(t, ca, "gw1", "100.96.0.1", t0.Add(time.Minute)), true},
+	} {
+		path := filepath.Join(t.TempDir(), "audit.log")
+		l := Open(path)
+		if _, err := l.Append(id, "migration", map[string]any{"n": 1}, t0.Add(time.Hour)); err != nil {
+			t.Fatal(err)
+		}
+		b, _ := os.ReadFile(path)
+		sum := sha256.Sum256(bytes.TrimSpace(b))
+		r := &Record{Seq: 2, Time: t0.Add(2 * time.Hour), Node: "gw1", Event: "migration", Fields: map[string]any{"n": tt.name}, Cert: tt.signer.Certificate().Raw, Prev: hex.EncodeToString(sum[:])}
+		d, err := r.digest()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if r.Sig, err = tt.signer.Signer().Sign(rand.Reader, d, crypto.SHA256); err != nil {
+			t.Fatal(err)
+		}
+		tail, _ := json.Marshal(r)
+		written := append(b, tail...)
+		if err := os.WriteFile(path, written, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if rep, err := Verify(bytes.NewReader(written), tb); (err == nil) != tt.valid {
+			t.Fatalf("%s: a last record without its newline: %+v, %v; want valid %v", tt.name, rep, err, tt.valid)
+		}
+		if err := l.Ready(); err != nil {
+			t.Fatal(err)
+		}
+		if after, _ := os.ReadFile(path); !bytes.Equal(after, written) {
+			t.Fatalf("%s: Ready changed the log:\n%s", tt.name, after)
+		}
+		writer := issue(t, ca, "gw1", "100.96.0.1", t0.Add(2*time.Minute))
+		if _, err := l.Append(writer, "migration", map[string]any{"n": 3}, t0.Add(3*time.Hour)); err != nil {
+			t.Fatal(err)
+		}
+		if aside, _ := os.ReadFile(path + ".gw1.1"); !bytes.Equal(aside, written) {
+			t.Fatalf("%s: the log put aside is not the log as it was:\n%s", tt.name, aside)
+		}
+		if rep, err := Verify(bytes.NewReader(written), tb); (err == nil) != tt.valid || tt.valid && (rep.Records != 2 || !rep.NewlineLost) {
+			t.Fatalf("%s: the log put aside: %+v, %v; want valid %v", tt.name, rep, err, tt.valid)
+		}
+		verifies(t, path, tb, 1)
 	}
-	b, _ := os.ReadFile(path)
-	sum := sha256.Sum256(bytes.TrimSpace(b))
-	r := &Record{Seq: 2, Time: t0.Add(2 * time.Hour), Node: "gw1", Event: "migration", Fields: map[string]any{"n": "forged"}, Cert: stranger.Certificate().Raw, Prev: hex.EncodeToString(sum[:])}
-	d, err := r.digest()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if r.Sig, err = stranger.Signer().Sign(rand.Reader, d, crypto.SHA256); err != nil {
-		t.Fatal(err)
-	}
-	forged, _ := json.Marshal(r)
-	if err := os.WriteFile(path, append(b, forged...), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	after, _ := os.ReadFile(path)
-	if rep, err := Verify(bytes.NewReader(after), tb); err == nil {
-		t.Fatalf("a forged last record without its newline: %+v, valid; want it refused", rep)
-	}
-	if _, err := l.Append(id, "migration", map[string]any{"n": 2}, t0.Add(3*time.Hour)); err != nil {
-		t.Fatal(err)
-	}
-	after, _ = os.ReadFile(path)
-	if bytes.Contains(after, []byte("forged")) {
-		t.Fatalf("the forged record was kept and chained after:\n%s", after)
-	}
-	verifies(t, path, tb, 2)
 }
