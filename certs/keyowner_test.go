@@ -260,7 +260,7 @@ func TestReadPrivateFileInGroupWritableDir(t *testing.T) {
 		{0o770, os.Geteuid(), true},
 		{0o770, 0, true},
 		{0o770, otherUser, false},
-		{0o777 | os.ModeSticky, otherUser, true}, // only its owner may replace it
+		{0o777 | os.ModeSticky, otherUser, false}, // anyone may make it
 	} {
 		dir := filepath.Join(t.TempDir(), "secrets")
 		if err := os.Mkdir(dir, 0o700); err != nil {
@@ -279,6 +279,19 @@ func TestReadPrivateFileInGroupWritableDir(t *testing.T) {
 		_, err := ReadPrivateFile(path)
 		if (err == nil) != tt.ok || err != nil && !strings.Contains(err.Error(), "chown it to the user that reads it") {
 			t.Errorf("directory %v, file of uid %d: %v; want read %v", tt.dirMode, tt.owner, err, tt.ok)
+		}
+		// Through a link from a directory of the reader's alone, the
+		// file's own directory counts.
+		safe := filepath.Join(t.TempDir(), "safe")
+		if err := os.Mkdir(safe, 0o700); err != nil {
+			t.Fatal(err)
+		}
+		link := filepath.Join(safe, "token")
+		if err := os.Symlink(path, link); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := ReadPrivateFile(link); (err == nil) != tt.ok {
+			t.Errorf("directory %v, file of uid %d, through a link: %v; want read %v", tt.dirMode, tt.owner, err, tt.ok)
 		}
 	}
 }

@@ -170,11 +170,24 @@ func ReadPrivateFile(path string) ([]byte, error) {
 	// In a directory its group may write (only warned about, so that a
 	// service group may write a root gateway's keys), the group's other
 	// members could have put a secret of theirs there: one of a user
-	// other than root or this one is refused.
+	// other than root or this one is refused. Sticky or not: that keeps
+	// others from replacing a file, not from making one under a name not
+	// there yet. The directory of the file itself too, where path is a
+	// link.
 	if sys, ok := st.Sys().(*syscall.Stat_t); ok && st.Mode().IsRegular() && sys.Uid != 0 && int(sys.Uid) != os.Geteuid() {
-		if dst, err := os.Stat(filepath.Dir(path)); err == nil && (groupWritable(dst) || dst.Mode().Perm()&0o002 != 0 && dst.Mode()&os.ModeSticky == 0) {
-			return nil, fmt.Errorf("%s belongs to user %d, and others than its owner may write its directory (mode %04o): whoever wrote it may have chosen it; chown it to the user that reads it (uid %d), or keep it in a directory its group and others may not write",
-				path, sys.Uid, dst.Mode().Perm(), os.Geteuid())
+		dirs := []string{filepath.Dir(path)}
+		if real, err := filepath.EvalSymlinks(path); err == nil && filepath.Dir(real) != dirs[0] {
+			dirs = append(dirs, filepath.Dir(real))
+		}
+		for _, dir := range dirs {
+			if dst, err := os.Stat(dir); err != nil || dst.Mode().Perm()&0o022 != 0 {
+				mode := "unknown"
+				if err == nil {
+					mode = fmt.Sprintf("%04o", dst.Mode().Perm())
+				}
+				return nil, fmt.Errorf("%s belongs to user %d, and others than its owner may write its directory %s (mode %s): whoever wrote it may have chosen it; chown it to the user that reads it (uid %d), or keep it in a directory its group and others may not write",
+					path, sys.Uid, dir, mode, os.Geteuid())
+			}
 		}
 	}
 	return io.ReadAll(f)
