@@ -307,6 +307,17 @@ func TestRetiredCAsPolicyKeptAcrossRestart(t *testing.T) {
 	if p := g.policy.Load(); p == nil || p.p.Revision().Version != 4 || !p.untrusted {
 		t.Fatalf("after a restart: policy %s in force, want version 4 kept, marked untrusted", g.policyRevision())
 	}
+	// Withdrawn by an earlier release, which wrote no hash: kept on name
+	// and version, and the hash filled in.
+	if err := g.state.saveWithdrawn(withdrawnPolicy{Name: "retired", Version: 4}); err != nil {
+		t.Fatal(err)
+	}
+	g.prov.Close()
+	g.closeDevice()
+	g = open()
+	if p := g.policy.Load(); p == nil || !p.untrusted || g.withdrawn.SHA256 != p.p.Revision().SHA256 {
+		t.Fatalf("withdrawn by an earlier release: policy %s in force, withdrawn %+v; want version 4 kept, its hash filled in", g.policyRevision(), g.withdrawn)
+	}
 	// Another policy of the same signer in the state directory, never in
 	// force here, of the next version or of the same one: not kept.
 	for _, other := range [][]byte{

@@ -101,10 +101,11 @@ func (d stateDir) savePolicy(src, sig []byte) error {
 type withdrawnPolicy struct {
 	Name    string `json:"name"`
 	Version int64  `json:"version"`
-	// SHA256 is the withdrawn policy's own (releases before the twelfth
-	// of 2026-11-28 wrote none): the policy this gateway withdrew is the
-	// one it may keep after a restart should its signer's CA be retired,
-	// not another of the same name and version.
+	// SHA256 is the withdrawn policy's own: the policy this gateway
+	// withdrew is the one it may keep after a restart should its
+	// signer's CA be retired, not another of the same name and version.
+	// Releases before the twelfth of 2026-11-28 wrote none: then name
+	// and version are all there is to go by, and the hash is filled in.
 	SHA256 string `json:"sha256,omitempty"`
 }
 

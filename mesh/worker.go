@@ -596,7 +596,7 @@ func (g *Gateway) loadPolicies() error {
 				p, verr := policy.VerifyRevokedSigner("policy.hcl", src, ps, g.trust.Load(), g.now())
 				if verr != nil {
 					if p, verr = policy.VerifyWithdrawn("policy.hcl", src, ps, g.trust.Load(), g.now()); verr == nil {
-						if r := p.Revision(); w.Name != r.Name || w.Version != r.Version || w.SHA256 != r.SHA256 {
+						if r := p.Revision(); w.Name != r.Name || w.Version != r.Version || w.SHA256 != "" && w.SHA256 != r.SHA256 {
 							verr = errors.New("not the policy this gateway withdrew")
 						}
 					}
@@ -753,7 +753,9 @@ func (g *Gateway) recheckPolicy() {
 // withdrawLocked records r as withdrawn (Gateway.withdrawn), with
 // g.policyMu held.
 func (g *Gateway) withdrawLocked(r policy.Revision) {
-	if r.Name == g.withdrawn.Name && r.Version <= g.withdrawn.Version {
+	// The same version again fills in its hash where an earlier
+	// release wrote none.
+	if w := g.withdrawn; r.Name == w.Name && (r.Version < w.Version || r.Version == w.Version && w.SHA256 != "") {
 		return
 	}
 	g.withdrawn = withdrawnPolicy{Name: r.Name, Version: r.Version, SHA256: r.SHA256}

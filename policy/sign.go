@@ -229,7 +229,8 @@ func signerKeys(sig *Signature, tb *certs.TrustBundle, ov overlook) ([]signerKey
 	if _, err := c.Verify(x509.VerifyOptions{Roots: tb.Roots(), CurrentTime: at, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageCodeSigning}}); err != nil && ov < overlookChain {
 		return nil, fmt.Errorf("%w: %v", ErrUntrustedSigner, err)
 	}
-	if ov == overlookChain && !slices.Contains(c.ExtKeyUsage, x509.ExtKeyUsageCodeSigning) {
+	// As Verify would judge it: no usage named is any usage.
+	if ov == overlookChain && len(c.ExtKeyUsage)+len(c.UnknownExtKeyUsage) > 0 && !slices.Contains(c.ExtKeyUsage, x509.ExtKeyUsageCodeSigning) && !slices.Contains(c.ExtKeyUsage, x509.ExtKeyUsageAny) {
 		return nil, fmt.Errorf("%w: signer certificate %s is not for code signing", ErrUntrustedSigner, certs.FormatSerial(c.SerialNumber))
 	}
 	if tb.IsRevoked(c.SerialNumber) && ov < overlookRevocation {

@@ -2,6 +2,11 @@ package policy
 
 import (
 	"bytes"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"errors"
 	"math/big"
 	"os"
@@ -233,5 +238,42 @@ func TestDuplicateKeyNotSigned(t *testing.T) {
 	}
 	if _, err := Sign("residency.hcl", dup, testCA(t).Signer(), "mesh CA", nil, nov24); err == nil || !strings.Contains(err.Error(), `residency.hcl:36: key "certified" given twice`) {
 		t.Errorf("Sign of a policy with a key given twice: %v; want it refused, with its place", err)
+	}
+}
+
+// TestVerifyWithdrawnKeyUsage: with its chain no longer checked (its CA
+// retired), a signer certificate still must be one for code signing, as
+// x509 verification judged it: one naming no usage may sign, one naming
+// only others may not.
+func TestVerifyWithdrawnKeyUsage(t *testing.T) {
+	tb := trustOf(t, testCA(t))
+	src := []byte(testPolicy)
+	for _, tt := range []struct {
+		usage []x509.ExtKeyUsage
+		ok    bool
+	}{
+		{nil, true},
+		{[]x509.ExtKeyUsage{x509.ExtKeyUsageCodeSigning}, true},
+		{[]x509.ExtKeyUsage{x509.ExtKeyUsageAny}, true},
+		{[]x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}, false},
+	} {
+		key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		if err != nil {
+			t.Fatal(err)
+		}
+		tmpl := &x509.Certificate{SerialNumber: big.NewInt(7), Subject: pkix.Name{CommonName: "compliance"},
+			NotBefore: nov24.Add(-time.Hour), NotAfter: nov24.Add(time.Hour), ExtKeyUsage: tt.usage}
+		der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		cert, _ := x509.ParseCertificate(der)
+		sig, err := Sign("test.hcl", src, key, "compliance", cert, nov24)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := VerifyWithdrawn("test.hcl", src, sig, tb, nov24); (err == nil) != tt.ok {
+			t.Errorf("usage %v: %v; want accepted %v", tt.usage, err, tt.ok)
+		}
 	}
 }
