@@ -413,13 +413,7 @@ func TestHeadRecordChecked(t *testing.T) {
 // whole last line that is not a record stops appends, saying what to do.
 func TestAppendAfterCutShort(t *testing.T) {
 	id, tb := identity(t)
-	path := filepath.Join(t.TempDir(), "audit.log")
-	l := Open(path)
-	for i := range 2 {
-		if _, err := l.Append(id, "migration", map[string]any{"n": i}, t0); err != nil {
-			t.Fatal(err)
-		}
-	}
+	l, path := logOf(t, id, 2)
 	whole, _ := os.ReadFile(path)
 	f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND, 0)
 	if err != nil {
@@ -450,13 +444,7 @@ func TestAppendAfterCutShort(t *testing.T) {
 // behind its head is left as it is, whatever its end.
 func TestNewlineLostIsPutBack(t *testing.T) {
 	id, tb := identity(t)
-	path := filepath.Join(t.TempDir(), "audit.log")
-	l := Open(path)
-	for i := range 2 {
-		if _, err := l.Append(id, "migration", map[string]any{"n": i}, t0); err != nil {
-			t.Fatal(err)
-		}
-	}
+	l, path := logOf(t, id, 2)
 	whole, _ := os.ReadFile(path)
 	lines := strings.SplitAfter(string(whole), "\n")
 	os.WriteFile(path, whole[:len(whole)-1], 0o600)
@@ -689,13 +677,7 @@ func TestPutAsideRaces(t *testing.T) {
 	ca, tb := testCA(t)
 	gw1, gw2 := issue(t, ca, "gw1", "100.96.0.1", t0), issue(t, ca, "gw2", "100.96.0.2", t0)
 	for round := range 50 {
-		path := filepath.Join(t.TempDir(), "audit.log")
-		l := Open(path)
-		for i := range 2 {
-			if _, err := l.Append(gw1, "migration", map[string]any{"n": i}, t0); err != nil {
-				t.Fatal(err)
-			}
-		}
+		l, path := logOf(t, gw1, 2)
 		old, _ := os.ReadFile(path)
 		var wg sync.WaitGroup
 		errs := make(chan error, 4)
@@ -746,6 +728,19 @@ func TestPutAsideKeepsEarlierLogs(t *testing.T) {
 			t.Errorf("%s: not gw1's log of round %d", name, i)
 		}
 	}
+}
+
+// logOf is a new log of n records by id, and its path.
+func logOf(t *testing.T, id *certs.NodeIdentity, n int) (*Log, string) {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "audit.log")
+	l := Open(path)
+	for i := range n {
+		if _, err := l.Append(id, "migration", map[string]any{"n": i}, t0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return l, path
 }
 
 // verifies fails t unless the log at path verifies under tb with records
