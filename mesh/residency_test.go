@@ -3,6 +3,7 @@ package mesh
 import (
 	"bytes"
 	"encoding/json"
+	"io"
 	"log/slog"
 	"net/netip"
 	"os"
@@ -172,21 +173,10 @@ func TestJudgeStored(t *testing.T) {
 // the gateway's log says the verdict and the refusal once, not at every
 // pass the log still refuses.
 func TestJudgeStoredRecordRefused(t *testing.T) {
-	dir := t.TempDir()
-	ca := meshCA(t, dir)
-	id, err := ca.IssueIdentity(certs.Attributes{Node: "gw-fra", Site: "fra-dc", Region: "eu-central-1", Provider: "onprem", Jurisdiction: "DE",
-		OverlayIP: netip.MustParseAddr("100.64.0.9")}, 7*24*time.Hour, time.Now())
-	if err != nil {
-		t.Fatal(err)
-	}
+	var logs bytes.Buffer
 	now := time.Now().Truncate(time.Second)
 	expires := now.Add(time.Hour)
-	var logs bytes.Buffer
-	g := &Gateway{now: func() time.Time { return now }, log: slog.New(slog.NewTextHandler(&logs, nil))}
-	g.id.Store(id)
-	logPath := filepath.Join(dir, "audit.log")
-	g.mig = &migrations{audit: audit.Open(logPath), atRest: atRestState{kick: make(chan struct{}, 1)}}
-	g.policy.Store(&adoptedPolicy{p: residencyPolicy(t, 1, expires, "enforce")})
+	g, ca, logPath := atRestGateway(t, &now, expires, &logs)
 	imgs := []migrate.ImageRecord{{Name: "crm", Class: "pii-eu", Format: migrate.FormatRaw, Root: migrate.Hash{1}}}
 	seen := map[string]atRestSeen{}
 	g.judgeStored(imgs, seen) // allowed by the exception: nothing to record
@@ -222,20 +212,9 @@ func TestJudgeStoredRecordRefused(t *testing.T) {
 // the log takes one, has both records written once it does, in order:
 // the out-of-policy record owed, marked recovered, then the in-policy one.
 func TestJudgeStoredRecordRefusedBackInPolicy(t *testing.T) {
-	dir := t.TempDir()
-	ca := meshCA(t, dir)
-	id, err := ca.IssueIdentity(certs.Attributes{Node: "gw-fra", Site: "fra-dc", Region: "eu-central-1", Provider: "onprem", Jurisdiction: "DE",
-		OverlayIP: netip.MustParseAddr("100.64.0.9")}, 7*24*time.Hour, time.Now())
-	if err != nil {
-		t.Fatal(err)
-	}
 	now := time.Now().Truncate(time.Second)
 	expires := now.Add(time.Hour)
-	g := &Gateway{now: func() time.Time { return now }, log: slog.New(slog.DiscardHandler)}
-	g.id.Store(id)
-	logPath := filepath.Join(dir, "audit.log")
-	g.mig = &migrations{audit: audit.Open(logPath), atRest: atRestState{kick: make(chan struct{}, 1)}}
-	g.policy.Store(&adoptedPolicy{p: residencyPolicy(t, 1, expires, "enforce")})
+	g, ca, logPath := atRestGateway(t, &now, expires, io.Discard)
 	imgs := []migrate.ImageRecord{{Name: "crm", Class: "pii-eu", Format: migrate.FormatRaw, Root: migrate.Hash{1}}}
 	seen := map[string]atRestSeen{}
 	g.judgeStored(imgs, seen)
@@ -344,4 +323,25 @@ func lateActions(t *testing.T, logPath string, ca *certs.CA) []string {
 		}
 	}
 	return got
+}
+
+// atRestGateway is a gateway of site fra-dc for the residency loop alone,
+// on the clock *now, logging to w, with its audit log (at the path
+// returned) and a policy whose exception for pii-eu at fra-dc runs out
+// at expires.
+func atRestGateway(t *testing.T, now *time.Time, expires time.Time, w io.Writer) (*Gateway, *certs.CA, string) {
+	t.Helper()
+	dir := t.TempDir()
+	ca := meshCA(t, dir)
+	id, err := ca.IssueIdentity(certs.Attributes{Node: "gw-fra", Site: "fra-dc", Region: "eu-central-1", Provider: "onprem", Jurisdiction: "DE",
+		OverlayIP: netip.MustParseAddr("100.64.0.9")}, 7*24*time.Hour, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := &Gateway{now: func() time.Time { return *now }, log: slog.New(slog.NewTextHandler(w, nil))}
+	g.id.Store(id)
+	logPath := filepath.Join(dir, "audit.log")
+	g.mig = &migrations{audit: audit.Open(logPath), atRest: atRestState{kick: make(chan struct{}, 1)}}
+	g.policy.Store(&adoptedPolicy{p: residencyPolicy(t, 1, expires, "enforce")})
+	return g, ca, logPath
 }
