@@ -22,16 +22,7 @@ import (
 // the verdict.
 func TestAuditVerifyNoWholeRecord(t *testing.T) {
 	dir := t.TempDir()
-	ca := filepath.Join(dir, "ca")
-	mustRun(t, "ca", "init", "--dir", ca)
-	c, err := certs.OpenCA(ca)
-	if err != nil {
-		t.Fatal(err)
-	}
-	id, err := c.IssueIdentity(certs.Attributes{Node: "gw1", Site: "s", Region: "r", Provider: "aws", Jurisdiction: "DE", OverlayIP: netip.MustParseAddr("100.96.0.1")}, time.Hour, time.Now())
-	if err != nil {
-		t.Fatal(err)
-	}
+	ca, id := auditSigner(t, dir)
 	log := filepath.Join(dir, "gw", "audit.log")
 	os.Mkdir(filepath.Dir(log), 0o700)
 	for i := range 3 {
@@ -80,16 +71,7 @@ func TestAuditVerifyNoWholeRecord(t *testing.T) {
 // the 1 of a log found broken.
 func TestAuditVerifyUnreadable(t *testing.T) {
 	dir := t.TempDir()
-	ca := filepath.Join(dir, "ca")
-	mustRun(t, "ca", "init", "--dir", ca)
-	c, err := certs.OpenCA(ca)
-	if err != nil {
-		t.Fatal(err)
-	}
-	id, err := c.IssueIdentity(certs.Attributes{Node: "gw1", Site: "s", Region: "r", Provider: "aws", Jurisdiction: "DE", OverlayIP: netip.MustParseAddr("100.96.0.1")}, time.Hour, time.Now())
-	if err != nil {
-		t.Fatal(err)
-	}
+	ca, id := auditSigner(t, dir)
 	log := filepath.Join(dir, "audit.log")
 	if _, err := audit.Open(log).Append(id, "migration", nil, time.Now()); err != nil {
 		t.Fatal(err)
@@ -110,4 +92,21 @@ func TestAuditVerifyUnreadable(t *testing.T) {
 	if _, err := os.ReadFile("/proc/self/mem"); err != nil && !errors.Is(err, fs.ErrNotExist) && !errors.Is(err, fs.ErrPermission) {
 		verify("a log that cannot be read", "/proc/self/mem")
 	}
+}
+
+// auditSigner makes a CA in dir/ca with `ca init` and returns its
+// directory and an identity of gw1 it issued, to sign audit records.
+func auditSigner(t *testing.T, dir string) (string, *certs.NodeIdentity) {
+	t.Helper()
+	ca := filepath.Join(dir, "ca")
+	mustRun(t, "ca", "init", "--dir", ca)
+	c, err := certs.OpenCA(ca)
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, err := c.IssueIdentity(certs.Attributes{Node: "gw1", Site: "s", Region: "r", Provider: "aws", Jurisdiction: "DE", OverlayIP: netip.MustParseAddr("100.96.0.1")}, time.Hour, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ca, id
 }
