@@ -717,9 +717,13 @@ func Verify(r io.Reader, tb *certs.TrustBundle) (*Report, error) {
 		b, err := readLine(br, 16<<20)
 		if err == io.EOF {
 			tail := bytes.TrimSpace(b)
+			var terr error
+			if len(tail) > 0 {
+				terr = v.record(tail, line+1)
+			}
 			switch {
 			case len(tail) == 0:
-			case v.record(tail, line+1) == nil:
+			case terr == nil:
 				// A record whole but for its newline (an editor, a
 				// copy), as the gateway keeps it: counted, as it is
 				// at the gateway's next append, which puts it back.
@@ -727,7 +731,7 @@ func Verify(r io.Reader, tb *certs.TrustBundle) (*Report, error) {
 			case json.Valid(tail):
 				// Whole, but not a record as written: changed, or
 				// another's, not an append cut short.
-				return rep, fmt.Errorf("line %d, without a newline: %w", line+1, v.record(tail, line+1))
+				return rep, fmt.Errorf("line %d, without a newline: %w", line+1, terr)
 			default:
 				rep.CutShort = true
 				// After whole records, part of one is an append cut
