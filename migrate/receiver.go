@@ -746,7 +746,7 @@ func (r *Receiver) control(ctx context.Context, c *tls.Conn, fr *frameReader, fw
 		return
 	}
 	if r.cfg.Audit != nil {
-		if err := r.cfg.Audit.Ready(); err != nil {
+		if err := r.cfg.Audit.Ready(r.cfg.Identity(), r.cfg.Now()); err != nil {
 			log.Error("cannot receive migration: its audit record could not be written", "err", err)
 			fw.json(frameError, "the receiving gateway's audit log cannot take the migration's record (its log says why); nothing was received")
 			return

@@ -52,7 +52,7 @@ func (r *Receiver) RemoveImage(name, reason string) (*ImageRecord, error) {
 		return nil, fmt.Errorf("image %q is kept: say why it is removed (a ticket, a policy change); the audit record keeps the reason", name)
 	}
 	if r.cfg.Audit != nil {
-		if err := r.cfg.Audit.Ready(); err != nil {
+		if err := r.cfg.Audit.Ready(r.cfg.Identity(), r.cfg.Now()); err != nil {
 			return nil, fmt.Errorf("image %q is kept: its removal could not be recorded in the audit log: %w", name, err)
 		}
 	}

@@ -47,6 +47,18 @@ func TestRemoveImage(t *testing.T) {
 		t.Fatal(err)
 	}
 
+	// The gateway's certificate has expired: its record would be refused,
+	// so the image stays.
+	now := p.recv.cfg.Now
+	p.recv.cfg.Now = func() time.Time { return p.to.Certificate().NotAfter.Add(time.Minute) }
+	if _, err := p.recv.RemoveImage("vm", "test"); err == nil || !strings.Contains(err.Error(), "renew") {
+		t.Fatalf("removal under an expired certificate: %v", err)
+	}
+	if _, err := os.Stat(img.Path); err != nil {
+		t.Fatalf("the image's file went with a removal its record could not follow: %v", err)
+	}
+	p.recv.cfg.Now = now
+
 	got, err := p.recv.RemoveImage("vm", "CHG-1234: pii-eu leaves zrh")
 	if err != nil || got.Root != img.Root {
 		t.Fatalf("remove: %+v, %v", got, err)

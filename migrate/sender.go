@@ -669,7 +669,7 @@ func (s *sender) run(ctx context.Context) error {
 	// The record is written when the migration ends: not possible then,
 	// the migration does not start.
 	if s.cfg.Audit != nil {
-		if err := s.cfg.Audit.Ready(); err != nil {
+		if err := s.cfg.Audit.Ready(s.cfg.Identity(), s.cfg.Now()); err != nil {
 			return fmt.Errorf("no migration without its audit record: %w", err)
 		}
 	}

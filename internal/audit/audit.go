@@ -488,10 +488,19 @@ func (l *Log) checkHeadRecord(f *os.File, end int64, seq uint64) error {
 // KiB, and what ends on the same disk (images) may take the rest.
 var minFree uint64 = 16 << 20
 
-// Ready reports whether the log can take a record: its end is a whole
-// record (or it is empty) and its disk has room. What is recorded when it
-// ends — a migration — must not start when its record cannot be written.
-func (l *Log) Ready() error {
+// Ready reports whether the log can take a record signed by id at now:
+// id's certificate is valid then, the log's end is a whole record (or it
+// is empty) and its disk has room. What is recorded when it ends — a
+// migration, a removal — must not start when its record cannot be
+// written. id is nil when the caller signs nothing itself.
+func (l *Log) Ready(id *certs.NodeIdentity, now time.Time) error {
+	// An expired certificate would have the record refused, owed until
+	// the identity is renewed: a removal done by then is in no log.
+	if id != nil {
+		if err := l.validAt(id.Certificate(), now.UTC()); err != nil {
+			return err
+		}
+	}
 	// Not created here: a gateway's log starts with its first record,
 	// and an empty one reads as emptied.
 	f, err := l.open(0)

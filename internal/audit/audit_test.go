@@ -448,7 +448,7 @@ func TestNewlineLostIsPutBack(t *testing.T) {
 	whole, _ := os.ReadFile(path)
 	lines := strings.SplitAfter(string(whole), "\n")
 	os.WriteFile(path, whole[:len(whole)-1], 0o600)
-	if err := l.Ready(); err != nil {
+	if err := l.Ready(nil, t0); err != nil {
 		t.Fatalf("Ready on a log whose last newline was lost: %v", err)
 	}
 	if b, _ := os.ReadFile(path); !bytes.Equal(b, whole) {
@@ -499,7 +499,7 @@ func TestNewlineLostIsPutBack(t *testing.T) {
 	cr := bytes.ReplaceAll(b, []byte("\n"), []byte("\r"))
 	cr = append([]byte(lines[0]+lines[1]), cr[len(lines[0])+len(lines[1]):]...)
 	os.WriteFile(path, cr, 0o600)
-	if err := l.Ready(); err == nil || !strings.Contains(err.Error(), "record 4 was written") {
+	if err := l.Ready(nil, t0); err == nil || !strings.Contains(err.Error(), "record 4 was written") {
 		t.Fatalf("Ready on a log behind its head, ending without a newline: %v", err)
 	}
 	if after, _ := os.ReadFile(path); !bytes.Equal(after, cr) {
@@ -547,8 +547,16 @@ func TestReady(t *testing.T) {
 	id, _ := identity(t)
 	path := filepath.Join(t.TempDir(), "audit.log")
 	l := Open(path)
-	if err := l.Ready(); err != nil {
+	if err := l.Ready(id, t0); err != nil {
 		t.Fatalf("a new log: %v", err)
+	}
+	// A record its certificate is not valid for would be refused.
+	end := id.Certificate().NotAfter
+	if err := l.Ready(id, end.Add(time.Minute)); err == nil || !strings.Contains(err.Error(), "expired") || !strings.Contains(err.Error(), "renew") {
+		t.Fatalf("a certificate expired: %v", err)
+	}
+	if err := l.Ready(id, id.Certificate().NotBefore.Add(-time.Hour)); err == nil || !strings.Contains(err.Error(), "clock") {
+		t.Fatalf("a certificate not valid yet: %v", err)
 	}
 	if _, err := os.Stat(path); !os.IsNotExist(err) {
 		t.Fatalf("Ready made the log (%v): an empty one reads as emptied", err)
@@ -559,13 +567,13 @@ func TestReady(t *testing.T) {
 	f, _ := os.OpenFile(path, os.O_WRONLY|os.O_APPEND, 0)
 	f.WriteString(`{"seq":2,"ti`) // an append cut short
 	f.Close()
-	if err := l.Ready(); err != nil {
+	if err := l.Ready(nil, t0); err != nil {
 		t.Fatalf("a log whose last append was cut short: %v", err)
 	}
 	f, _ = os.OpenFile(path, os.O_WRONLY|os.O_APPEND, 0)
 	f.WriteString("not a record\n")
 	f.Close()
-	if err := l.Ready(); err == nil || !strings.Contains(err.Error(), "last record is damaged") {
+	if err := l.Ready(nil, t0); err == nil || !strings.Contains(err.Error(), "last record is damaged") {
 		t.Fatalf("a log ending in a damaged record: %v", err)
 	}
 
@@ -573,7 +581,7 @@ func TestReady(t *testing.T) {
 	saved := minFree
 	minFree = 1 << 62
 	defer func() { minFree = saved }()
-	if err := l.Ready(); err == nil || !strings.Contains(err.Error(), "free") {
+	if err := l.Ready(nil, t0); err == nil || !strings.Contains(err.Error(), "free") {
 		t.Fatalf("a disk short of room: %v", err)
 	}
 }
@@ -611,7 +619,7 @@ func TestHead(t *testing.T) {
 		if _, err := l.Append(id, "migration", nil, t0); err == nil {
 			t.Errorf("%s: a record was chained to what is left", name)
 		}
-		if err := l.Ready(); err == nil {
+		if err := l.Ready(nil, t0); err == nil {
 			t.Errorf("%s: Ready", name)
 		}
 	}
@@ -633,7 +641,7 @@ func TestHead(t *testing.T) {
 	// A head damaged from outside says what to do; moved aside, the log
 	// goes on and the next record writes a new one.
 	os.WriteFile(path+headSuffix, []byte(`{"seq": 4, "sha`), 0o600)
-	if err := l.Ready(); err == nil || !strings.Contains(err.Error(), "audit verify") || !strings.Contains(err.Error(), "move") {
+	if err := l.Ready(nil, t0); err == nil || !strings.Contains(err.Error(), "audit verify") || !strings.Contains(err.Error(), "move") {
 		t.Fatalf("a damaged head: %v; want what to do", err)
 	}
 	os.Rename(path+headSuffix, path+headSuffix+".damaged")
@@ -798,7 +806,7 @@ func TestForgedTailNotKept(t *testing.T) {
 		if rep, err := Verify(bytes.NewReader(written), tb); (err == nil) != tt.valid {
 			t.Fatalf("%s: a last record without its newline: %+v, %v; want valid %v", tt.name, rep, err, tt.valid)
 		}
-		if err := l.Ready(); err != nil {
+		if err := l.Ready(nil, t0); err != nil {
 			t.Fatal(err)
 		}
 		if after, _ := os.ReadFile(path); !bytes.Equal(after, written) {

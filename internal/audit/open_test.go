@@ -46,7 +46,7 @@ func TestLogNotFollowed(t *testing.T) {
 			path := filepath.Join(dir, "audit.log")
 			put(t, path, victim)
 			l := Open(path)
-			if err := l.Ready(); err == nil || !strings.Contains(err.Error(), what) {
+			if err := l.Ready(nil, t0); err == nil || !strings.Contains(err.Error(), what) {
 				t.Errorf("Ready: %v; want a refusal saying %q", err, what)
 			}
 			if _, err := l.Append(id, "migration", map[string]any{"n": 1}, t0); err == nil || !strings.Contains(err.Error(), what) {
