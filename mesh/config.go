@@ -36,7 +36,7 @@ const (
 //	identity { ... }   # certs.Config: embedded CA files or Vault (default: files in state_dir/identity)
 //	gossip {
 //	  bind      = "192.0.2.1:7946"
-//	  advertise = "192.0.2.1:7946"       # default: bind
+//	  advertise = "192.0.2.1:7946"       # default: bind; without a port, bind's
 //	  seeds     = ["198.51.100.1:7946", "203.0.113.1:7946"]
 //	}
 //	wireguard {
@@ -252,7 +252,13 @@ func (c *Config) validate() (*Settings, error) {
 	}
 	s.GossipAdvertise = s.GossipBind
 	if g.Advertise != "" {
-		if s.GossipAdvertise, err = parseAddrPort(g.Advertise, DefaultGossipPort); err != nil {
+		// A bare address says where, not on which port: the one bound,
+		// as enroll's advertise takes its listen's.
+		port := DefaultGossipPort
+		if s.GossipBind.IsValid() && s.GossipBind.Port() != 0 {
+			port = int(s.GossipBind.Port())
+		}
+		if s.GossipAdvertise, err = parseAddrPort(g.Advertise, port); err != nil {
 			errs = append(errs, hclconf.Errorf(g.Body, "advertise", "%v", err))
 		}
 		if s.GossipBind.IsValid() && s.GossipBind.Port() == 0 && s.GossipAdvertise.Port() != 0 {

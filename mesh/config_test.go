@@ -73,6 +73,19 @@ func TestSeedsCarryTheirPort(t *testing.T) {
 	}
 }
 
+// TestAdvertiseWithoutPort: an advertise address without a port is
+// reached on the port bound, which is where memberlist listens; the
+// default port had peers knock where nothing answers.
+func TestAdvertiseWithoutPort(t *testing.T) {
+	s, err := LoadConfig(writeConfig(t, strings.Replace(goodConfig, `bind  = "192.0.2.1:7946"`, "bind  = \"0.0.0.0:7950\"\n  advertise = \"192.0.2.1\"", 1)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.GossipAdvertise.String() != "192.0.2.1:7950" {
+		t.Errorf("advertise %s; want 192.0.2.1:7950", s.GossipAdvertise)
+	}
+}
+
 func TestLoadConfigOperator(t *testing.T) {
 	for _, tc := range []struct {
 		block   string
