@@ -28,7 +28,11 @@ func fakeGateway(t *testing.T, node, site, pol string, known map[string]*migrate
 	sock := controlSocket(t, func(w http.ResponseWriter, r *http.Request) {
 		switch {
 		case r.Method == http.MethodGet && r.URL.Path == "/v1/migrations":
-			json.NewEncoder(w).Encode(mesh.MigrationList{})
+			var l mesh.MigrationList
+			for _, rec := range known {
+				l.Sending = append(l.Sending, *rec)
+			}
+			json.NewEncoder(w).Encode(l)
 		case r.Method == http.MethodGet && r.URL.Path == "/v1/status":
 			json.NewEncoder(w).Encode(mesh.Status{Node: node, Site: site, Policy: pol})
 		case r.Method == http.MethodGet:
@@ -51,6 +55,10 @@ func fakeGateway(t *testing.T, node, site, pol string, known map[string]*migrate
 			}
 			if req.Image == "/img/other.raw" { // refused at once
 				json.NewEncoder(w).Encode(mesh.MigrationEvent{ID: "cccccccccccccccc", Error: "open image: no such file"})
+				return
+			}
+			if req.Image == "/img/denied.raw" { // refused by the policy
+				json.NewEncoder(w).Encode(mesh.MigrationEvent{ID: id, Error: "denied", Record: &migrate.SendRecord{ID: id, State: migrate.StateDenied, Error: "denied"}})
 				return
 			}
 			json.NewEncoder(w).Encode(mesh.MigrationEvent{ID: id, Record: &migrate.SendRecord{ID: id, State: migrate.StateDone}})
@@ -119,6 +127,38 @@ func TestApplyUnderAnotherPolicy(t *testing.T) {
 	}
 	if _, errs, code := runCLI(t, "migrate", "apply", plan, "--policy-changed-ok", "--socket", sock); code != 0 || len(posts()) != 1 {
 		t.Errorf("with --policy-changed-ok: exit %d, %d sends, %s", code, len(posts()), errs)
+	}
+}
+
+// TestApplyDeniedUnderAnotherPolicy: a VM denied under the plan's policy
+// is sent anew, so under another policy it is held to the plan's ranking
+// as one not started is, whether or not the gateway still lists the
+// denied send (it did, and the VM went out on the old ranking).
+func TestApplyDeniedUnderAnotherPolicy(t *testing.T) {
+	const id = "aaaaaaaaaaaaaaaa"
+	pl := auditPlan.Placements[0]
+	for _, known := range []map[string]*migrate.SendRecord{
+		{id: {ID: id, Image: pl.Image, Name: pl.Name, To: pl.To, State: migrate.StateDenied, Started: time.Now()}},
+		nil, // forgotten by the gateway
+	} {
+		sock, posts := fakeGateway(t, "gw-zrh", "onprem-zrh", "bank v2 (sha256:bbbbbbbbbbbb)", known)
+		plan := writePlan(t, auditPlan, map[string]*vmState{"vm1": {ID: id, From: "gw-zrh", To: "gw-fra", State: migrate.StateDenied, Attempts: 1}})
+		out, errs, code := runCLI(t, "migrate", "apply", plan, "--socket", sock)
+		if len(posts()) != 0 || code == 0 || !strings.Contains(errs, "not started yet (vm1)") {
+			t.Errorf("listed %v: exit %d, %d sends, out %q err %q; want it refused without --policy-changed-ok", known != nil, code, len(posts()), out, errs)
+		}
+	}
+}
+
+// TestApplyDeniedSaysSo: a VM denied again is not one a re-run resumes,
+// and the command says so rather than to run it again.
+func TestApplyDeniedSaysSo(t *testing.T) {
+	sock, _ := fakeGateway(t, "gw-zrh", "onprem-zrh", auditPlan.Policy, nil)
+	p := auditPlan
+	p.Placements = []migrate.Placement{{VM: migrate.VM{Name: "vm1", Image: "/img/denied.raw", Class: "pii-eu"}, To: "gw-fra", Site: "aws-eu-central-1"}}
+	_, errs, code := runCLI(t, "migrate", "apply", writePlan(t, p, nil), "--socket", sock)
+	if code != 1 || !strings.Contains(errs, "denied by the residency policy") || strings.Contains(errs, "to resume them") {
+		t.Errorf("exit %d, %s; want exit 1 saying the VM was denied, not to run the command again to resume it", code, errs)
 	}
 }
 

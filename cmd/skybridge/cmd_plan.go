@@ -324,7 +324,9 @@ func migrateApply(c *cli.Context) error {
 		for _, pl := range plan.Placements {
 			vs := st.VMs[pl.Name]
 			anew := vs == nil || vs.State != migrate.StateDone && (vs.ID == "" || vs.State == migrate.StateDenied || vs.From != "" && vs.From != gs.Node)
-			if anew && started[pl.Name] == "" {
+			// The denied send itself, still listed by the gateway, is
+			// not one under way: the VM is sent anew all the same.
+			if s := started[pl.Name]; anew && (s == "" || vs != nil && vs.State == migrate.StateDenied && s == vs.ID) {
 				fresh = append(fresh, pl.Name)
 			}
 		}
@@ -522,9 +524,14 @@ func waitMigration(ctx context.Context, cl *mesh.Client, id string) (*mesh.Migra
 }
 
 func reportApply(c *cli.Context, plan *migrate.Plan, st *applyState) error {
-	failed := 0
+	failed, denied := 0, 0
 	for _, pl := range plan.Placements {
-		if st.VMs[pl.Name].State != migrate.StateDone {
+		switch st.VMs[pl.Name].State {
+		case migrate.StateDone:
+		case migrate.StateDenied:
+			failed++
+			denied++
+		default:
 			failed++
 		}
 	}
@@ -549,7 +556,12 @@ func reportApply(c *cli.Context, plan *migrate.Plan, st *applyState) error {
 		}
 		fmt.Fprintln(c.App.Writer)
 	}
-	if failed > 0 {
+	switch {
+	case denied == failed && denied > 0:
+		return cli.Exit(fmt.Sprintf("%d migration(s) denied by the residency policy in force: running the command again sends them again, and they are denied again unless the policy changed (plan them again, or change the policy)", denied), 1)
+	case denied > 0:
+		return cli.Exit(fmt.Sprintf("%d migration(s) did not complete: run the same command again to resume them (%d of them denied by the residency policy in force, sent again and denied again unless the policy changed)", failed, denied), 1)
+	case failed > 0:
 		return cli.Exit(fmt.Sprintf("%d migration(s) did not complete: run the same command again to resume them", failed), 1)
 	}
 	return nil
