@@ -74,6 +74,11 @@ func (g *Gateway) RotateWireGuardKey(ctx context.Context) (*WGRotationReport, er
 func (g *Gateway) rotateWireGuardKey(ctx context.Context, due func() bool) (*WGRotationReport, error) {
 	g.wgRotation.Lock()
 	defer g.wgRotation.Unlock()
+	// A caller that gave up while another rotation held the lock (the
+	// CLI's timeout, a Ctrl-C) has reported a failure: no key changes.
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
 	if due != nil && !due() {
 		return nil, nil
 	}

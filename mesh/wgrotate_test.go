@@ -3,6 +3,7 @@ package mesh
 import (
 	"context"
 	"net/netip"
+	"path/filepath"
 	"slices"
 	"testing"
 	"time"
@@ -10,6 +11,7 @@ import (
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
 	"github.com/skybridge-mesh/skybridge/certs"
+	"github.com/skybridge-mesh/skybridge/internal/syncbuf"
 )
 
 // TestWireGuardKeyRotation rotates one gateway's key among three live
@@ -121,5 +123,24 @@ func TestAcksAreSigned(t *testing.T) {
 	// rotation.
 	if err := a.handleKeyringAck(fm); err == nil || len(a.acks) != 0 {
 		t.Fatalf("forged keyring acknowledgement: %v, %d queued", err, len(a.acks))
+	}
+}
+
+// TestRotationAfterCallerGaveUp: a rotation asked for by a caller that
+// has gone by the time it may run (it waited behind another rotation
+// until the CLI's timeout) changes nothing, though no peer is waited for.
+func TestRotationAfterCallerGaveUp(t *testing.T) {
+	dir := t.TempDir()
+	ca, err := certs.InitCA(filepath.Join(dir, "ca"), certs.InitOptions{MeshPrefix: netip.MustParsePrefix("100.64.0.0/10")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	lg := startLiveGateway(t, ca, dir, 0, "zrh-dc", nil, &syncbuf.Buffer{})
+	before := lg.g.wgPublicKey()
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	rep, err := lg.g.RotateWireGuardKey(ctx)
+	if after := lg.g.wgPublicKey(); err == nil || after != before {
+		t.Errorf("rotation for a caller gone: err %v, report %+v, key %s → %s; want it refused and the key kept", err, rep, before, after)
 	}
 }
