@@ -375,6 +375,25 @@ func (j *Journal) storedImage(id string, img *ImageRecord, owed map[string]any) 
 				return err
 			}
 		}
+		// A removal under way of the version this one replaced at its
+		// path has no file left to remove: its file went with the
+		// rename, and a later version's may be given its inode number.
+		if v := tx.Bucket(bucketRemoving).Get([]byte(img.Name)); v != nil {
+			var rm removal
+			if err := json.Unmarshal(v, &rm); err != nil {
+				return fmt.Errorf("removal of image %q under way: %w", img.Name, err)
+			}
+			if rm.Image.Path == img.Path && (rm.Inode != 0 || rm.File != nil) {
+				rm.Inode, rm.File = 0, nil
+				b, err := json.Marshal(rm)
+				if err != nil {
+					return err
+				}
+				if err := tx.Bucket(bucketRemoving).Put([]byte(img.Name), b); err != nil {
+					return err
+				}
+			}
+		}
 		if err := tx.DeleteBucket(chunksBucket("recv", id)); err != nil && !errors.Is(err, berrors.ErrBucketNotFound) {
 			return err
 		}
@@ -568,13 +587,17 @@ func (j *Journal) Image(name string) (*ImageRecord, error) {
 	return &r, nil
 }
 
-// removal is an image being removed: its catalog entry, and the inode of
-// its file then (0: gone already), so that only that file is removed — a
-// removal cut short must not take a newer version stored at the same path
-// meanwhile.
+// removal is an image being removed: its catalog entry, and the identity
+// of its file then (none: gone already), so that only that file is
+// removed — a removal cut short must not take a newer version stored at
+// the same path meanwhile. An inode number alone does not tell them apart:
+// the file system gives a freed one out again at once.
 type removal struct {
 	Image ImageRecord `json:"image"`
-	Inode uint64      `json:"inode,omitempty"`
+	// Inode alone is what entries of earlier releases hold; File is the
+	// whole identity (nil in those).
+	Inode uint64    `json:"inode,omitempty"`
+	File  *SourceID `json:"file,omitempty"`
 	// Reason is the operator's, kept for the record written at the next
 	// start if a stop comes first (empty in entries of earlier releases).
 	Reason string `json:"reason,omitempty"`
@@ -594,7 +617,7 @@ func (j *Journal) takeForRemoval(name, reason string) (*removal, error) {
 			return err
 		}
 		if id, err := sourceID(rm.Image.Path); err == nil {
-			rm.Inode = id.Inode
+			rm.Inode, rm.File = id.Inode, &id
 		} else if !errors.Is(err, fs.ErrNotExist) {
 			return err
 		}

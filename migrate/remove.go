@@ -118,7 +118,7 @@ func (r *Receiver) removeFile(rm *removal) error {
 	case errors.Is(err, fs.ErrNotExist):
 	case err != nil:
 		return fmt.Errorf("image %q: its removal is recorded but its file %s stays (the next start removes it): %w", img.Name, img.Path, err)
-	case rm.Inode == 0 || id.Inode != rm.Inode:
+	case rm.File != nil && !id.Same(*rm.File), rm.File == nil && (rm.Inode == 0 || id.Inode != rm.Inode):
 		r.cfg.Log.Warn("a newer version of the removed image is stored at its path: kept", "name", img.Name, "path", img.Path)
 	default:
 		if err := os.Remove(img.Path); err != nil && !errors.Is(err, fs.ErrNotExist) {

@@ -269,3 +269,90 @@ func TestImageNames(t *testing.T) {
 		t.Errorf("a name an earlier release stored cannot be removed: %v", err)
 	}
 }
+
+// TestRemovalUnderWayKeepsANewerVersion: a removal left under way (its
+// start could not record it, or its last steps failed after the file
+// went) is finished at a later start, and takes only the file it began
+// with: not a newer version stored at the path meanwhile, which the file
+// system may have given the old file's inode number.
+func TestRemovalUnderWayKeepsANewerVersion(t *testing.T) {
+	p := newPair(t, "DE")
+	raw := filepath.Join(p.dir, "vm.raw")
+	makeRaw(t, raw, 8*mib, map[int64]int{0: 3 * mib})
+	version := func(v byte) *ImageRecord {
+		t.Helper()
+		f, err := os.OpenFile(raw, os.O_WRONLY, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		f.WriteAt([]byte{'v', v}, 7*mib)
+		f.Close()
+		if _, err := Send(context.Background(), p.config(raw, "pii-eu")); err != nil {
+			t.Fatal(err)
+		}
+		img, err := p.recvJ.Image("vm")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return img
+	}
+	restart := func() {
+		t.Helper()
+		if _, err := NewReceiver(p.recv.cfg); err != nil {
+			t.Fatal(err)
+		}
+	}
+	kept := func(what string) {
+		t.Helper()
+		if _, err := p.recvJ.Image("vm"); err != nil {
+			t.Fatalf("%s: catalog: %v", what, err)
+		}
+		if _, err := os.Stat(filepath.Join(p.store, "vm.raw")); err != nil {
+			t.Fatalf("%s: the catalog lists vm, but the start that finished the old removal took its file: %v", what, err)
+		}
+	}
+
+	// Stored again over a removal whose file is still there (a stop
+	// before its record, and a start whose audit log refused it): the
+	// old file went with the rename, and the removal has none left.
+	version('1')
+	rm, err := p.recvJ.takeForRemoval("vm", "CHG-7")
+	if err != nil || rm.File == nil {
+		t.Fatalf("removal %+v, %v; want the file's identity in it", rm, err)
+	}
+	version('2')
+	pending, _ := list[removal](p.recvJ, bucketRemoving)
+	if len(pending) != 1 || pending[0].Inode != 0 || pending[0].File != nil {
+		t.Fatalf("removal under way after its path was stored again: %+v; want no file left to it", pending)
+	}
+	restart()
+	kept("stored again")
+
+	// A removal whose file went, its entry left (the directory's sync
+	// failed), and a newer version given that file's inode number: told
+	// apart by the rest of its identity.
+	old := version('3')
+	rm, err = p.recvJ.takeForRemoval("vm", "CHG-8")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Remove(old.Path); err != nil {
+		t.Fatal(err)
+	}
+	version('4')
+	now, err := sourceID(old.Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	reused := *rm.File
+	reused.Inode, reused.Dev = now.Inode, now.Dev
+	rm.File, rm.Inode = &reused, now.Inode
+	if err := p.recvJ.put(bucketRemoving, "vm", rm); err != nil {
+		t.Fatal(err)
+	}
+	restart()
+	kept("inode number given out again")
+	if pending, _ := list[removal](p.recvJ, bucketRemoving); len(pending) != 0 {
+		t.Errorf("removals left under way after a start: %+v", pending)
+	}
+}
