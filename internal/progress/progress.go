@@ -5,6 +5,7 @@ package progress
 import (
 	"fmt"
 	"io"
+	"sync/atomic"
 	"time"
 
 	"github.com/vbauerster/mpb/v8"
@@ -19,7 +20,8 @@ import (
 type Bar struct {
 	p   *mpb.Progress
 	bar *mpb.Bar
-	st  migrate.Stats
+	// st is read by mpb's drawing goroutine as Update replaces it.
+	st atomic.Pointer[migrate.Stats]
 }
 
 // New starts a bar on w labelled with name.
@@ -31,7 +33,11 @@ func New(w io.Writer, name string) *Bar {
 			decor.EwmaSpeed(decor.SizeB1024(0), " % .1f", 30),
 			decor.Name(" ETA "), decor.EwmaETA(decor.ET_STYLE_GO, 30),
 			decor.Any(func(decor.Statistics) string {
-				return fmt.Sprintf("  sent %s, holes skipped %s", units.Bytes(b.st.BytesSent), units.Bytes(b.st.VirtualBytes-b.st.AllocatedBytes))
+				st := b.st.Load()
+				if st == nil {
+					return ""
+				}
+				return fmt.Sprintf("  sent %s, holes skipped %s", units.Bytes(st.BytesSent), units.Bytes(st.VirtualBytes-st.AllocatedBytes))
 			}),
 		),
 	)
@@ -40,8 +46,12 @@ func New(w io.Writer, name string) *Bar {
 
 // Update moves the bar to a progress snapshot.
 func (b *Bar) Update(p *migrate.Progress) {
-	old := b.st
-	b.st = p.Stats
+	var old migrate.Stats
+	if o := b.st.Load(); o != nil {
+		old = *o
+	}
+	st := p.Stats
+	b.st.Store(&st)
 	if p.Stats.Chunks == 0 {
 		return
 	}
