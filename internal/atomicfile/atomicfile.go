@@ -37,13 +37,17 @@ func WriteNew(path string, data []byte, perm os.FileMode) error {
 	if err != nil {
 		return err
 	}
-	defer os.Remove(tmp)
 	if err := os.Link(tmp, path); err != nil {
+		os.Remove(tmp)
 		if errors.Is(err, os.ErrExist) {
 			return fmt.Errorf("%s already exists: %w", path, os.ErrExist)
 		}
 		return fmt.Errorf("link %s into place: %w", path, err)
 	}
+	// The temporary name goes before the directory is synced: removed
+	// after, a crash could bring it back, a second name of a secret
+	// that outlives the file's replacement.
+	os.Remove(tmp)
 	return SyncDir(filepath.Dir(path))
 }
 
