@@ -12,6 +12,7 @@ import (
 	"github.com/hashicorp/hcl/v2/gohcl"
 	"github.com/hashicorp/hcl/v2/hclsyntax"
 	"github.com/zclconf/go-cty/cty"
+	"github.com/zclconf/go-cty/cty/convert"
 )
 
 // DecodeFile parses the configuration file at path into v (a pointer to a
@@ -62,8 +63,14 @@ func duplicateKeys(body *hclsyntax.Body) hcl.Diagnostics {
 		seen := map[string]bool{}
 		for _, item := range obj.Items {
 			k, kd := item.KeyExpr.Value(nil)
-			if kd.HasErrors() || !k.IsKnown() || k.IsNull() || !k.Type().Equals(cty.String) {
+			if kd.HasErrors() || !k.IsKnown() || k.IsNull() {
 				continue // not a literal key: decoding says what is wrong
+			}
+			// As HCL makes the map: a number key is its string (1 and
+			// "1", and 1.0, are one key).
+			k, err := convert.Convert(k, cty.String)
+			if err != nil || k.IsNull() {
+				continue
 			}
 			key := k.AsString()
 			if seen[key] {

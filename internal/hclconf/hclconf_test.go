@@ -57,6 +57,8 @@ func TestDuplicateKeys(t *testing.T) {
 	for src, want := range map[string]string{
 		"labels = { classes = \"pii-eu\", classes = \"swiss-banking-secret\" }\n": `gw.hcl:1:32: key "classes" given twice in this object`,
 		"labels = {\n  tier = \"a\"\n  \"tier\" = \"b\"\n}\n":                     `gw.hcl:3:3: key "tier" given twice`,
+		"labels = { 1 = \"a\", \"1\" = \"b\" }\n":                                 `gw.hcl:1:21: key "1" given twice`,
+		"labels = { 1 = \"a\", 1.0 = \"b\" }\n":                                   `gw.hcl:1:21: key "1" given twice`,
 		"labels = { a = \"x\", b = \"x\" }\n":                                     "",
 	} {
 		path := filepath.Join(t.TempDir(), "gw.hcl")
