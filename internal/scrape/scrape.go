@@ -43,7 +43,8 @@ func Parse(r io.Reader) (Families, error) {
 }
 
 // Value is the value of the series of name whose labels include want,
-// summed over all such series; ok is false if there is none.
+// summed over all such series (of a histogram or a summary, its count of
+// observations); ok is false if there is none.
 func (f Families) Value(name string, want map[string]string) (v float64, ok bool) {
 	mf := f[name]
 	if mf == nil {
@@ -63,6 +64,8 @@ func (f Families) Value(name string, want map[string]string) (v float64, ok bool
 			v += m.Untyped.GetValue()
 		case m.Histogram != nil:
 			v += float64(m.Histogram.GetSampleCount())
+		case m.Summary != nil:
+			v += float64(m.Summary.GetSampleCount())
 		}
 	}
 	return v, ok
