@@ -27,6 +27,8 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/skybridge-mesh/skybridge/certs"
 	"github.com/skybridge-mesh/skybridge/docs/examples"
 	"github.com/skybridge-mesh/skybridge/internal/atomicfile"
@@ -559,14 +561,33 @@ func (r *run) converge(ctx context.Context) error {
 // alive reports a gateway that exited.
 func (r *run) alive() error {
 	for _, s := range r.sites {
-		if s.cmd != nil && s.cmd.ProcessState == nil {
-			var ws syscall.WaitStatus
-			if pid, _ := syscall.Wait4(s.cmd.Process.Pid, &ws, syscall.WNOHANG, nil); pid == s.cmd.Process.Pid {
-				return fmt.Errorf("the gateway of %s exited (%v):\n%s", s.Site, ws, s.logTail(2000))
-			}
+		if s.cmd != nil && s.cmd.Process != nil && s.exited() {
+			return fmt.Errorf("the gateway of %s exited (%v):\n%s", s.Site, s.cmd.ProcessState, s.logTail(2000))
 		}
 	}
 	return nil
+}
+
+// exited reports whether the site's gateway has exited. It looks without
+// reaping (WNOWAIT), so that until then the number stays our child's, and
+// reaps one that has through Wait: its os.Process then knows it is done
+// and signals nothing, and state() leaves out its number, which from then
+// on may be another program's.
+func (s *site) exited() bool {
+	if s.cmd == nil || s.cmd.Process == nil || s.cmd.ProcessState != nil {
+		return true
+	}
+	var info unix.Siginfo
+	err := unix.Waitid(unix.P_PID, s.cmd.Process.Pid, &info, unix.WEXITED|unix.WNOHANG|unix.WNOWAIT, nil)
+	switch {
+	case errors.Is(err, unix.ECHILD):
+		// Reaped already, not by us (SIGCHLD ignored): Wait returns at
+		// once, and marks it done.
+	case err != nil || info.Signo == 0:
+		return false
+	}
+	s.cmd.Wait()
+	return true
 }
 
 // logTail is the last n bytes of the site's gateway log: the log goes
@@ -855,7 +876,8 @@ func (r *run) state() state {
 			st.Namespaces = append(st.Namespaces, s.NS)
 		}
 		st.Ifaces = append(st.Ifaces, s.Iface)
-		if s.cmd != nil && s.cmd.Process != nil {
+		// One reaped is left out: its number may be another's now.
+		if s.cmd != nil && s.cmd.Process != nil && s.cmd.ProcessState == nil {
 			st.PIDs = append(st.PIDs, s.cmd.Process.Pid)
 		}
 	}
@@ -884,7 +906,7 @@ func (r *run) saveState() error {
 // cleanup stops the gateways (SIGTERM, then SIGKILL) and removes the
 // namespaces, their stale sockets and the work directory.
 func (r *run) cleanup() error {
-	if err := teardown(r.state(), r.sites); err != nil {
+	if err := errors.Join(r.stopGateways(), teardown(r.state())); err != nil {
 		// The directory stays, with what is left listed in its state
 		// file, for --down to finish.
 		r.recordState()
@@ -893,28 +915,43 @@ func (r *run) cleanup() error {
 	return os.RemoveAll(r.dir)
 }
 
-// teardown stops the gateways and removes the namespaces and UAPI sockets
-// of st, and says what it could not.
-func teardown(st state, sites []*site) error {
-	var errs []error
-	for _, pid := range st.PIDs {
-		syscall.Kill(pid, syscall.SIGTERM)
+// stopGateways stops the run's gateways: SIGTERM, up to 10 s to exit,
+// then SIGKILL. They are its children, signalled through their os.Process
+// (a pidfd) and never by number, which once one has exited and been
+// reaped may be another program's.
+func (r *run) stopGateways() error {
+	var running []*site
+	for _, s := range r.sites {
+		if !s.exited() {
+			s.cmd.Process.Signal(syscall.SIGTERM)
+			running = append(running, s)
+		}
 	}
+	var errs []error
 	deadline := time.Now().Add(10 * time.Second)
-	for _, pid := range st.PIDs {
-		for time.Now().Before(deadline) && processAlive(pid, sites) {
+	for _, s := range running {
+		for time.Now().Before(deadline) && !s.exited() {
 			time.Sleep(50 * time.Millisecond)
 		}
-		if processAlive(pid, sites) {
-			syscall.Kill(pid, syscall.SIGKILL)
-			for end := time.Now().Add(2 * time.Second); processAlive(pid, sites) && time.Now().Before(end); {
-				time.Sleep(20 * time.Millisecond)
-			}
-			if processAlive(pid, sites) {
-				errs = append(errs, fmt.Errorf("gateway process %d still runs after SIGKILL", pid))
-			}
+		if s.exited() {
+			continue
+		}
+		s.cmd.Process.Kill()
+		for end := time.Now().Add(2 * time.Second); !s.exited() && time.Now().Before(end); {
+			time.Sleep(20 * time.Millisecond)
+		}
+		if !s.exited() {
+			errs = append(errs, fmt.Errorf("the gateway of %s (pid %d) still runs after SIGKILL", s.Site, s.cmd.Process.Pid))
 		}
 	}
+	return errors.Join(errs...)
+}
+
+// teardown removes the namespaces and UAPI sockets of st, and says what
+// it could not. The gateways are stopped before: by the run itself, or by
+// Down.
+func teardown(st state) error {
+	var errs []error
 	for _, ns := range st.Namespaces {
 		out, err := tool("ip", "netns", "del", ns).CombinedOutput()
 		if _, serr := os.Stat(filepath.Join("/run/netns", ns)); err != nil && serr == nil {
@@ -938,19 +975,6 @@ func tool(name string, args ...string) *exec.Cmd {
 	c := exec.Command(name, args...)
 	c.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	return c
-}
-
-// processAlive reaps our own children and reports whether pid still runs.
-func processAlive(pid int, sites []*site) bool {
-	for _, s := range sites {
-		if s.cmd != nil && s.cmd.Process != nil && s.cmd.Process.Pid == pid {
-			var ws syscall.WaitStatus
-			if p, _ := syscall.Wait4(pid, &ws, syscall.WNOHANG, nil); p == pid {
-				return false
-			}
-		}
-	}
-	return syscall.Kill(pid, 0) == nil
 }
 
 // Down tears down a demo left running with --keep, and returns what it
@@ -995,7 +1019,7 @@ func Down(dir string) (skipped []string, err error) {
 			skipped = append(skipped, fmt.Sprintf("interface %q: not a name the demo gives", i))
 		}
 	}
-	if err := teardown(own, nil); err != nil {
+	if err := teardown(own); err != nil {
 		return skipped, err
 	}
 	// What Run made, and the directory only if nothing else is in it:

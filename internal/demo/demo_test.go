@@ -1,9 +1,14 @@
 package demo
 
 import (
+	"bytes"
+	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -68,5 +73,125 @@ func TestAuditWantsItsRecords(t *testing.T) {
 	r.sum.Audit = nil
 	if err := r.audit(); err != nil {
 		t.Fatalf("the records there: %v", err)
+	}
+}
+
+// TestCleanupSignalsOnlyItsGateways: the cleanup of a run whose gateway
+// exited signals none of the processes that came after it. alive() reaped
+// the gateway by number (Wait4), so its number was free, and the cleanup
+// sent SIGTERM, and 10 s later SIGKILL, to that number: to whatever
+// process had it by then. Here another program's process is made to get
+// the number, which the kernel does on request only in a PID namespace
+// (ns_last_pid): the test runs itself again as PID 1 of one of its own.
+func TestCleanupSignalsOnlyItsGateways(t *testing.T) {
+	if os.Getenv(inPIDNamespace) == "" {
+		rerunInPIDNamespace(t)
+		return
+	}
+	r := &run{dir: t.TempDir(), sites: demoSites()}
+	gw := r.sites[0]
+	gw.cmd = exec.Command("/bin/true") // a gateway that exits at once
+	if err := gw.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	pid := gw.cmd.Process.Pid
+	for end := time.Now().Add(10 * time.Second); r.alive() == nil; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(end) {
+			t.Fatal("alive() did not notice the gateway that exited")
+		}
+	}
+	victim := "sleep\x0030\x00"
+	isVictim := func() bool {
+		b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+		return string(b) == victim
+	}
+	// The shell gets pid-1, the sleep it starts pid, unless a thread of
+	// the runtime's takes a number between: then again.
+	for try := 0; !isVictim(); try++ {
+		if try == 20 {
+			t.Fatalf("could not have pid %d given to another program's process", pid)
+		}
+		if err := os.WriteFile("/proc/sys/kernel/ns_last_pid", []byte(strconv.Itoa(pid-2)), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		sh := exec.Command("sh", "-c", "sleep 30; exit 0")
+		if err := sh.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { sh.Process.Kill(); sh.Wait() })
+		for end := time.Now().Add(2 * time.Second); !isVictim() && time.Now().Before(end); {
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	t.Cleanup(func() {
+		if isVictim() {
+			syscall.Kill(pid, syscall.SIGKILL)
+		}
+	})
+	if st := r.state(); len(st.PIDs) != 0 {
+		t.Errorf("the state lists pids %v, of which none is the demo's now", st.PIDs)
+	}
+	// What Run does after the error alive() returned. It signals what it
+	// signals before it returns: the victim would be gone by then.
+	if err := r.cleanup(); err != nil {
+		t.Fatal(err)
+	}
+	if !isVictim() {
+		t.Errorf("the cleanup killed pid %d, `sleep 30` of another program's, once the demo's gateway", pid)
+	}
+}
+
+// inPIDNamespace is set in the environment of a test run again by
+// rerunInPIDNamespace.
+const inPIDNamespace = "SKYBRIDGE_TEST_IN_PID_NAMESPACE"
+
+// rerunInPIDNamespace runs the test again as PID 1 of a PID namespace of
+// its own (unshare(1), as root: CI runs the tests as root) and passes,
+// skips or fails as it did there.
+func rerunInPIDNamespace(t *testing.T) {
+	t.Helper()
+	unshare, err := exec.LookPath("unshare")
+	if os.Geteuid() != 0 || err != nil {
+		if os.Getenv("CI") == "true" {
+			t.Fatal("this test needs root and unshare(1) (util-linux) for a PID namespace; CI must run it as root")
+		}
+		t.Skip("needs root and unshare(1) for a PID namespace of its own")
+	}
+	cmd := exec.Command(unshare, "--pid", "--fork", "--mount-proc", os.Args[0], "-test.run", "^"+t.Name()+"$", "-test.count=1", "-test.v")
+	cmd.Env = append(os.Environ(), inPIDNamespace+"=1")
+	out, err := cmd.CombinedOutput()
+	switch {
+	case err == nil && bytes.Contains(out, []byte("--- SKIP")):
+		t.Skipf("in a PID namespace of its own it skipped:\n%s", out)
+	case err == nil && bytes.Contains(out, []byte("--- PASS")):
+	default:
+		t.Fatalf("in a PID namespace of its own: %v\n%s", err, out)
+	}
+}
+
+// TestCleanupStopsItsGateways: the cleanup stops a gateway still running,
+// through its os.Process, and reaps it.
+func TestCleanupStopsItsGateways(t *testing.T) {
+	r := &run{dir: t.TempDir(), sites: demoSites()}
+	gw := r.sites[1]
+	gw.cmd = exec.Command("sleep", "30")
+	if err := gw.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { gw.cmd.Process.Kill() })
+	if err := r.alive(); err != nil {
+		t.Fatalf("a gateway that runs: %v", err)
+	}
+	if st := r.state(); len(st.PIDs) != 1 || st.PIDs[0] != gw.cmd.Process.Pid {
+		t.Errorf("the state lists pids %v; want the gateway's, %d", st.PIDs, gw.cmd.Process.Pid)
+	}
+	if err := r.cleanup(); err != nil {
+		t.Fatal(err)
+	}
+	if ps := gw.cmd.ProcessState; ps == nil || ps.Sys().(syscall.WaitStatus).Signal() != syscall.SIGTERM {
+		t.Errorf("the gateway after the cleanup: %v; want it ended by SIGTERM, and reaped", ps)
+	}
+	if _, err := os.Stat(r.dir); !os.IsNotExist(err) {
+		t.Errorf("the work directory is still there: %v", err)
 	}
 }
