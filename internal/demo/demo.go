@@ -198,7 +198,9 @@ func Run(ctx context.Context, opt Options) (sum *Summary, err error) {
 	}
 	r.sum.Mode, r.sum.WorkDir = r.mode, r.dir
 	defer func() {
-		if opt.Keep && err == nil {
+		// OK, not err == nil: err is nil too while a panic unwinds, and
+		// a run that crashed is no mesh to keep.
+		if opt.Keep && r.sum.OK {
 			r.sum.Kept = true
 			r.sum.Poke = r.pokeCommands()
 			if serr := r.saveState(); serr != nil {

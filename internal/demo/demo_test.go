@@ -2,6 +2,7 @@ package demo
 
 import (
 	"bytes"
+	"context"
 	"fmt"
 	"os"
 	"os/exec"
@@ -193,5 +194,46 @@ func TestCleanupStopsItsGateways(t *testing.T) {
 	}
 	if _, err := os.Stat(r.dir); !os.IsNotExist(err) {
 		t.Errorf("the work directory is still there: %v", err)
+	}
+}
+
+// panicOnce panics at its first write, as a bug in a step would, and
+// keeps the rest.
+type panicOnce struct {
+	done bool
+	buf  bytes.Buffer
+}
+
+func (p *panicOnce) Write(b []byte) (int, error) {
+	if !p.done {
+		p.done = true
+		panic("a bug in a step")
+	}
+	return p.buf.Write(b)
+}
+
+// TestKeepDoesNotKeepACrashedRun: with --keep, a run that panicked is
+// cleaned up, not kept. A panic unwinds through Run's deferred function
+// with err nil, which took it for a success: it left everything, and
+// said the mesh kept running.
+func TestKeepDoesNotKeepACrashedRun(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "demo")
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	out := &panicOnce{}
+	func() {
+		defer func() {
+			if recover() == nil {
+				t.Error("Run did not pass the panic on")
+			}
+		}()
+		Run(context.Background(), Options{Mode: ModeNetstack, Keep: true, Exe: "/bin/false", Out: out, WorkDir: dir})
+	}()
+	if strings.Contains(out.buf.String(), "keeps running") {
+		t.Errorf("a run that panicked says:\n%s", out.buf.String())
+	}
+	if _, err := os.Stat(dir); !os.IsNotExist(err) {
+		t.Errorf("a run that panicked left its directory: %v", err)
 	}
 }
