@@ -877,7 +877,11 @@ func (r *run) state() state {
 		if s.NS != "" {
 			st.Namespaces = append(st.Namespaces, s.NS)
 		}
-		st.Ifaces = append(st.Ifaces, s.Iface)
+		// Empty until the site's gateway is configured: "" is nothing
+		// to remove, and --down would say it left it alone.
+		if s.Iface != "" {
+			st.Ifaces = append(st.Ifaces, s.Iface)
+		}
 		// One reaped is left out: its number may be another's now.
 		if s.cmd != nil && s.cmd.Process != nil && s.cmd.ProcessState == nil {
 			st.PIDs = append(st.PIDs, s.cmd.Process.Pid)
@@ -1007,7 +1011,13 @@ func Down(dir string) (skipped []string, err error) {
 	procs, skipped := ownGateways(st.PIDs, root)
 	stopProcesses(procs)
 	own := state{Mode: st.Mode}
+	// An empty name stands for nothing: a state file of an earlier
+	// release has one for each site a run killed part way had not come
+	// to.
 	for _, ns := range st.Namespaces {
+		if ns == "" {
+			continue
+		}
 		if demoName(ns) {
 			own.Namespaces = append(own.Namespaces, ns)
 		} else {
@@ -1015,6 +1025,9 @@ func Down(dir string) (skipped []string, err error) {
 		}
 	}
 	for _, i := range st.Ifaces {
+		if i == "" {
+			continue
+		}
 		if demoName(i) {
 			own.Ifaces = append(own.Ifaces, i)
 		} else {

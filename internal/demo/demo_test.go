@@ -237,3 +237,39 @@ func TestKeepDoesNotKeepACrashedRun(t *testing.T) {
 		t.Errorf("a run that panicked left its directory: %v", err)
 	}
 }
+
+// TestDownOfAPartialRun: --down of a run killed before all its gateways
+// were configured leaves nothing alone. The state file listed "" as the
+// interface of each site not yet come to, and --down said it left alone
+// interface "", "not a name the demo gives".
+func TestDownOfAPartialRun(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "demo")
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	r := &run{dir: dir, id: "abcdef", mode: ModeNetstack, sites: demoSites()}
+	r.sites[0].Iface = "sbdabcdef1" // the first gateway's, as startSites sets it
+	if err := r.recordState(); err != nil {
+		t.Fatal(err)
+	}
+	if st := r.state(); len(st.Ifaces) != 1 {
+		t.Errorf("the state lists interfaces %q; want only the first gateway's", st.Ifaces)
+	}
+	skipped, err := Down(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(skipped) != 0 {
+		t.Errorf("--down of a partial run says it left alone: %q", skipped)
+	}
+	// A state file as written before, with the empty names in it.
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, stateFile), []byte(`{"mode":"netns","namespaces":["sbdabcdefwan",""],"interfaces":["sbdabcdef1","",""]}`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if skipped, err := Down(dir); err != nil || len(skipped) != 0 {
+		t.Errorf("--down of an older partial run's state: left alone %q, %v", skipped, err)
+	}
+}
