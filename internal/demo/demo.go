@@ -216,6 +216,15 @@ func Run(ctx context.Context, opt Options) (sum *Summary, err error) {
 		}
 		r.sum.CleanedUp = true
 	}()
+	// From the start, though there is nothing to stop yet: a run killed
+	// before its first namespace or gateway (making the CA) leaves the
+	// CA's private key, and --down removes only a directory that says it
+	// is a demo's.
+	if err := r.recordState(); err != nil {
+		err = fmt.Errorf("record the demo's state in %s (is it writable?): %w", r.dir, err)
+		r.sum.Error = err.Error()
+		return &r.sum, err
+	}
 	if err := r.steps(ctx); err != nil {
 		r.sum.Error = err.Error()
 		return &r.sum, err

@@ -273,3 +273,52 @@ func TestDownOfAPartialRun(t *testing.T) {
 		t.Errorf("--down of an older partial run's state: left alone %q, %v", skipped, err)
 	}
 }
+
+// stopAt blocks the write of a line holding at until released, as if the
+// run were killed there: what it left is what is on disk meanwhile.
+type stopAt struct {
+	at               string
+	reached, release chan struct{}
+}
+
+func (s *stopAt) Write(b []byte) (int, error) {
+	if strings.Contains(string(b), s.at) {
+		close(s.reached)
+		<-s.release
+	}
+	return len(b), nil
+}
+
+// TestDownCleansARunKilledBeforeItsFirstGateway: --down removes what a run
+// killed while it made its identities left, its CA's private key
+// included. The state file was written first with the first namespace, or
+// in netstack mode the first gateway, and --down refused the directory as
+// "not a kept demo".
+func TestDownCleansARunKilledBeforeItsFirstGateway(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "demo")
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	out := &stopAt{at: "mesh CA created", reached: make(chan struct{}), release: make(chan struct{})}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		Run(ctx, Options{Mode: ModeNetstack, Exe: "/bin/false", Out: out, WorkDir: dir})
+	}()
+	defer func() { cancel(); close(out.release); <-done }()
+	select {
+	case <-out.reached:
+	case <-done:
+		t.Fatal("the run ended before it made its identities")
+	}
+	if _, err := os.Stat(filepath.Join(dir, "ca")); err != nil {
+		t.Fatalf("no CA made: %v", err)
+	}
+	if skipped, err := Down(dir); err != nil || len(skipped) != 0 {
+		t.Errorf("--down of a run killed while making its identities: left alone %q, %v", skipped, err)
+	}
+	if _, err := os.Stat(dir); !os.IsNotExist(err) {
+		t.Errorf("the demo's directory, with its CA's private key, is still there: %v", err)
+	}
+}
