@@ -64,7 +64,9 @@ func demoCommand() *cli.Command {
 			// SIGHUP too: a closed terminal or ssh session would otherwise
 			// leave the gateways (process groups of their own) and the
 			// namespaces behind. The signal is kept for the exit status,
-			// 128 + its number, as a shell reports it.
+			// 128 + its number, as a shell reports it. They are caught
+			// until the end, not only until the first: a second Ctrl-C
+			// while the demo cleans up must not stop the cleanup.
 			ctx, cancel := context.WithCancelCause(c.Context)
 			defer cancel(nil)
 			sigs := make(chan os.Signal, 1)
@@ -91,20 +93,28 @@ func demoCommand() *cli.Command {
 				opt.Out, opt.Bars = pipeWatch{c.App.Writer, gone}, c.App.ErrWriter
 			}
 			sum, err := demo.Run(ctx, opt)
+			// Interrupted only if the signal stopped the steps, which
+			// Run's error says: one that came while it cleaned up after
+			// a failure (a Ctrl-C as it waits for the gateways to stop)
+			// did not end the run, and the failure is what to report.
+			var sig interrupted
+			stopped := errors.Is(err, context.Canceled) && errors.As(context.Cause(ctx), &sig)
 			if c.Bool("json") {
 				if sum == nil { // it failed before it had a directory
 					sum = &demo.Summary{Mode: c.String("mode"), Error: err.Error()}
 				}
 				if perr := printJSON(pipeWatch{c.App.Writer, gone}, sum); perr != nil && err == nil {
 					err = perr
+					if errors.Is(perr, syscall.EPIPE) {
+						sig, stopped = interrupted{syscall.SIGPIPE}, true
+					}
 				}
 			}
 			if err == nil {
 				return nil
 			}
 			what, code := "demo failed", 1
-			var sig interrupted
-			if errors.As(context.Cause(ctx), &sig) {
+			if stopped {
 				what, code = "demo interrupted ("+sig.String()+")", 128+int(sig.Signal)
 			}
 			if sum != nil && sum.CleanedUp {

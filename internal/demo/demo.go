@@ -178,6 +178,11 @@ func (r *run) sayf(format string, args ...any) {
 
 // Run runs the demo. Whatever happens — failure, Ctrl-C (ctx) — it removes
 // everything it created unless opt.Keep is set and it succeeded.
+//
+// Its error is ctx's, or wraps it, when ctx was done as the steps stopped,
+// and only then: a caller that cancels ctx on a signal tells by the error
+// whether the signal stopped the run. ctx itself does not say: a signal
+// while Run cleans up after a failure cancels it too.
 func Run(ctx context.Context, opt Options) (sum *Summary, err error) {
 	r := &run{opt: opt, started: time.Now()}
 	b := make([]byte, 3) // names stay within the kernel's 15 characters
@@ -226,6 +231,11 @@ func Run(ctx context.Context, opt Options) (sum *Summary, err error) {
 		return &r.sum, err
 	}
 	if err := r.steps(ctx); err != nil {
+		// A step cut short may fail with an error of its own (a
+		// migration's progress stream that broke).
+		if cerr := ctx.Err(); cerr != nil && !errors.Is(err, cerr) {
+			err = fmt.Errorf("%w (%w)", err, cerr)
+		}
 		r.sum.Error = err.Error()
 		return &r.sum, err
 	}
