@@ -502,7 +502,9 @@ func (r *run) netns() error {
 	// was there already (a kept demo's) is not removed at the cleanup.
 	wan := "sbd" + r.id + "wan"
 	if err := ip("netns", "add", wan); err != nil {
-		return err
+		// The first thing the demo does that takes privileges: without
+		// them ip says only "Operation not permitted".
+		return fmt.Errorf("make the sites' network namespaces: %w: --mode netns needs root (CAP_SYS_ADMIN); run the demo as root, or with --mode netstack for unprivileged gateways on loopback", err)
 	}
 	r.wanNS = wan
 	r.recordState()

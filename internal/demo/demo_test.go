@@ -322,3 +322,23 @@ func TestDownCleansARunKilledBeforeItsFirstGateway(t *testing.T) {
 		t.Errorf("the demo's directory, with its CA's private key, is still there: %v", err)
 	}
 }
+
+// TestNetnsSaysWhatToDo: --mode netns without the privileges for network
+// namespaces says to run as root or in netstack mode, not only ip's
+// "Operation not permitted". ip is one that fails as it does then.
+func TestNetnsSaysWhatToDo(t *testing.T) {
+	bin := t.TempDir()
+	const refusal = "mount --make-shared /run/netns failed: Operation not permitted"
+	if err := os.WriteFile(filepath.Join(bin, "ip"), []byte("#!/bin/sh\necho '"+refusal+"' >&2\nexit 1\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("PATH", bin)
+	r := &run{dir: t.TempDir(), id: "abcdef", mode: ModeNetns, sites: demoSites()}
+	err := r.netns()
+	if err == nil || !strings.Contains(err.Error(), refusal) || !strings.Contains(err.Error(), "as root") || !strings.Contains(err.Error(), "--mode netstack") {
+		t.Errorf("ip refused: %v; want its refusal, and to run as root or with --mode netstack", err)
+	}
+	if st := r.state(); len(st.Namespaces) != 0 {
+		t.Errorf("namespaces recorded though none was made: %q", st.Namespaces)
+	}
+}
