@@ -94,7 +94,7 @@ type Summary struct {
 	Migration MigrationSummary `json:"migration"`
 	Denial    DenialSummary    `json:"denial"`
 	Audit     []AuditSummary   `json:"audit"`
-	Seconds   float64          `json:"seconds"`
+	Seconds   float64          `json:"seconds"` // the whole run, its cleanup included
 	Kept      bool             `json:"kept"`
 	CleanedUp bool             `json:"cleaned_up"`
 	// OK: every step ran and checked out; Error says why not (also
@@ -203,6 +203,9 @@ func Run(ctx context.Context, opt Options) (sum *Summary, err error) {
 	}
 	r.sum.Mode, r.sum.WorkDir = r.mode, r.dir
 	defer func() {
+		// Last, to count the cleanup: it takes seconds of its own (the
+		// gateways' shutdown).
+		defer func() { r.sum.Seconds = time.Since(r.started).Seconds() }()
 		// OK, not err == nil: err is nil too while a panic unwinds, and
 		// a run that crashed is no mesh to keep.
 		if opt.Keep && r.sum.OK {
@@ -239,7 +242,6 @@ func Run(ctx context.Context, opt Options) (sum *Summary, err error) {
 		r.sum.Error = err.Error()
 		return &r.sum, err
 	}
-	r.sum.Seconds = time.Since(r.started).Seconds()
 	r.sum.OK = true
 	return &r.sum, nil
 }
@@ -850,7 +852,7 @@ func (r *run) audit() error {
 
 func (r *run) summary() {
 	m := r.sum.Migration
-	r.sayf("\nsummary: %s image, %s on disk → %s sent (%.1f%% of its virtual size), %.2f s, %s; swiss-banking-secret to the US refused with %d bytes sent; demo took %.1f s\n",
+	r.sayf("\nsummary: %s image, %s on disk → %s sent (%.1f%% of its virtual size), %.2f s, %s; swiss-banking-secret to the US refused with %d bytes sent; the steps took %.1f s\n",
 		units.Bytes(m.Virtual), units.Bytes(m.OnDisk), units.Bytes(m.Sent), 100*float64(m.Sent)/float64(max(m.Virtual, 1)), m.Seconds,
 		map[bool]string{true: "verified end to end", false: "NOT verified"}[m.Verified], r.sum.Denial.Sent, time.Since(r.started).Seconds())
 }

@@ -342,3 +342,24 @@ func TestNetnsSaysWhatToDo(t *testing.T) {
 		t.Errorf("namespaces recorded though none was made: %q", st.Namespaces)
 	}
 }
+
+// TestSecondsIncludeTheCleanup: the run's seconds count its cleanup, which
+// takes seconds of its own. They were taken before it (and on failure not
+// at all). Zurich's gateway here takes a second to stop; the others fail
+// the run as they start.
+func TestSecondsIncludeTheCleanup(t *testing.T) {
+	exe := filepath.Join(t.TempDir(), "gateway")
+	script := "#!/bin/sh\ncase \"$4\" in\n*/zrh/*) trap 'sleep 1; exit 0' TERM; while :; do sleep 0.05; done ;;\nesac\nexit 1\n"
+	if err := os.WriteFile(exe, []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	sum, err := Run(context.Background(), Options{Mode: ModeNetstack, Exe: exe, WorkDir: t.TempDir()})
+	took := time.Since(start).Seconds()
+	if err == nil || !strings.Contains(err.Error(), "exited") {
+		t.Fatalf("a run whose gateways exit: %v", err)
+	}
+	if !sum.CleanedUp || sum.Seconds < 1 || sum.Seconds > took {
+		t.Errorf("cleaned up: %v, in %.2f s by its summary, %.2f s by the clock; want its 1 s cleanup counted", sum.CleanedUp, sum.Seconds, took)
+	}
+}
