@@ -10,8 +10,10 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
+	"time"
 )
 
 type demoSummary struct {
@@ -214,5 +216,111 @@ func TestDemoFailsCleanly(t *testing.T) {
 	}
 	if jerr := json.Unmarshal(out, &full); jerr != nil || err == nil || full.OK || !strings.Contains(full.Error, "the demo needs") || !full.Cleaned {
 		t.Errorf("no room, --json: %v, %+v (%v)\n%s; want a failure saying so, cleaned up", err, full, jerr, out)
+	}
+}
+
+// watchedOutput keeps what is written to it and closes seen once it holds
+// want.
+type watchedOutput struct {
+	mu   sync.Mutex
+	buf  bytes.Buffer
+	want string
+	seen chan struct{}
+}
+
+func (w *watchedOutput) Write(b []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	had := bytes.Contains(w.buf.Bytes(), []byte(w.want))
+	w.buf.Write(b)
+	if !had && bytes.Contains(w.buf.Bytes(), []byte(w.want)) {
+		close(w.seen)
+	}
+	return len(b), nil
+}
+
+func (w *watchedOutput) String() string {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.buf.String()
+}
+
+// TestDemoInterrupted: Ctrl-C part way through a real run, its gateways up
+// and the mesh converged, ends it with exit 130 and leaves nothing of it:
+// no namespace, link, UAPI socket, process or directory.
+func TestDemoInterrupted(t *testing.T) {
+	requireRoot(t)
+	tmp := t.TempDir()
+	cmd := exec.Command(skybridge, "demo")
+	cmd.Env = append(os.Environ(), "TMPDIR="+tmp)
+	// Its own process group, as a shell's job: the SIGINT is the
+	// demo's alone, as a terminal's Ctrl-C would be.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	out := &watchedOutput{want: "mesh converged", seen: make(chan struct{})}
+	var errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = out, &errb
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan struct{})
+	go func() { cmd.Wait(); close(exited) }()
+	defer func() {
+		select {
+		case <-exited:
+		default: // failed before: still let it clean up
+			syscall.Kill(cmd.Process.Pid, syscall.SIGINT)
+			<-exited
+		}
+	}()
+	select {
+	case <-out.seen:
+	case <-exited:
+		t.Fatalf("the demo ended before its mesh converged: %v\n%s\n%s", cmd.ProcessState, out, errb.String())
+	case <-time.After(2 * time.Minute):
+		t.Fatalf("the demo's mesh did not converge within 2 minutes:\n%s", out)
+	}
+	var namespaces []string
+	for _, line := range strings.Split(out.String(), "\n") {
+		if _, names, ok := strings.Cut(line, "a gateway runs in each: "); ok {
+			namespaces = strings.Split(names, ", ")
+		}
+	}
+	if len(namespaces) != 3 || len(namespaces[0]) != len("sbd")+6+len("zrh") {
+		t.Fatalf("the demo's namespaces: %q, from:\n%s", namespaces, out)
+	}
+	// The run's names all hold its id: sbd<id>zrh, u<id>zrh, sbd<id>1.
+	id := namespaces[0][len("sbd") : len("sbd")+6]
+	left := func() []string {
+		var l []string
+		nss, _ := exec.Command("ip", "netns", "list").Output()
+		links, _ := exec.Command("ip", "-o", "link", "show").Output()
+		for _, line := range strings.Split(string(nss)+string(links), "\n") {
+			if strings.Contains(line, id) {
+				l = append(l, line)
+			}
+		}
+		socks, _ := filepath.Glob("/var/run/wireguard/sbd" + id + "*")
+		dirs, _ := filepath.Glob(filepath.Join(tmp, "skybridge-demo-*"))
+		procs, _ := exec.Command("pgrep", "-a", "-f", tmp).Output()
+		return append(append(append(l, socks...), dirs...), strings.Fields(string(procs))...)
+	}
+	if l := left(); len(l) < 3+1+3+1 { // namespaces, the WAN's, UAPI sockets, the directory
+		t.Fatalf("what the running demo made is not all found, so its absence after would say nothing: %q", l)
+	}
+
+	if err := syscall.Kill(cmd.Process.Pid, syscall.SIGINT); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-exited:
+	case <-time.After(time.Minute):
+		t.Fatalf("the demo did not end within a minute of its SIGINT:\n%s", out)
+	}
+	if code := cmd.ProcessState.ExitCode(); code != 130 || !strings.Contains(errb.String(), "demo interrupted (interrupt)") ||
+		!strings.Contains(errb.String(), "everything it created was removed") {
+		t.Errorf("after SIGINT: exit %d, %s; want 130, interrupted, everything removed", code, errb.String())
+	}
+	if l := left(); len(l) != 0 {
+		t.Errorf("left behind by the interrupted demo: %q", l)
 	}
 }
