@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"crypto/sha256"
 	"crypto/x509"
+	"encoding/asn1"
 	"encoding/pem"
 	"errors"
 	"fmt"
@@ -35,7 +36,9 @@ type TrustBundle struct {
 	// below crls[i] (a Vault restored from a snapshot, the CA imported
 	// into another mount or cluster), or nil. Its revocations count as
 	// well: the issuer made them, and its numbers may take days to catch
-	// up. It is never gossiped, and gossip never brings one.
+	// up. It is never gossiped, and gossip never brings one. (A delta
+	// list an earlier release took from gossip and saved is kept here
+	// too, whatever its number, until the issuer answers.)
 	behind  []*x509.RevocationList
 	revoked map[string]struct{} // serial (decimal) → revoked, on any list
 	// signing is the CA that signs new certificates, when the issuer says
@@ -123,6 +126,16 @@ func LoadTrustBundle(dir string, meshPrefix netip.Prefix) (*TrustBundle, error) 
 // would be refused as older, or, numbered as the first, replace it.
 func (tb *TrustBundle) WithSavedCRLs(crls []*x509.RevocationList) (*TrustBundle, error) {
 	for _, crl := range crls {
+		// A delta, saved as a list in force by an earlier release that
+		// took it from gossip: what it revokes counts, but it is not
+		// the CA's list, which the issuer's next answer, or gossip,
+		// brings back. One of a CA no longer held is dropped: kept
+		// aside as a retired CA's list, it would be put in force
+		// should the CA come back.
+		if CheckCompleteCRL(crl) != nil {
+			tb = tb.withBehind(crl)
+			continue
+		}
 		// A list of a CA the bundle no longer holds (an issuer retired;
 		// or ca.crt written and crl.pem not yet) is kept aside: should
 		// the CA be trusted again, its revocations come back with it.
@@ -379,12 +392,16 @@ func ParseCRL(b []byte) (*x509.RevocationList, error) {
 }
 
 // WithCRL returns a copy of the bundle that enforces crl. The list must be
-// signed by one of the bundle's CAs and must not be older (lower CRL number)
-// than the one in force for that CA: revocations only ever accumulate, so
-// an attacker replaying an old list cannot un-revoke anybody.
+// signed by one of the bundle's CAs, be that CA's complete list
+// (CheckCompleteCRL) and must not be older (lower CRL number) than the one
+// in force for that CA: revocations only ever accumulate, so an attacker
+// replaying an old list cannot un-revoke anybody.
 func (tb *TrustBundle) WithCRL(crl *x509.RevocationList) (*TrustBundle, error) {
 	if crl == nil {
 		return nil, errors.New("no revocation list given")
+	}
+	if err := CheckCompleteCRL(crl); err != nil {
+		return nil, err
 	}
 	n := *tb
 	n.crls = slices.Clone(tb.crls)
@@ -407,6 +424,44 @@ func (tb *TrustBundle) WithCRL(crl *x509.RevocationList) (*TrustBundle, error) {
 	n.indexRevoked()
 	n.seal()
 	return &n, nil
+}
+
+var (
+	oidAuthorityKeyID           = asn1.ObjectIdentifier{2, 5, 29, 35}
+	oidCRLNumber                = asn1.ObjectIdentifier{2, 5, 29, 20}
+	oidDeltaCRLIndicator        = asn1.ObjectIdentifier{2, 5, 29, 27}
+	oidIssuingDistributionPoint = asn1.ObjectIdentifier{2, 5, 29, 28}
+)
+
+// CheckCompleteCRL refuses a revocation list that is not all its CA
+// revokes. The bundle holds one list per CA and a newer number replaces
+// it, so a list that covers less would undo every revocation it leaves
+// out. A delta CRL is such a list: it holds only what was revoked since
+// a complete one, and shares its numbers (RFC 5280 5.2.3), so it is
+// numbered above the list it follows. Vault serves its deltas to anyone
+// (pki/crl/delta, with enable_delta), and Go parses them as any other
+// list. A critical extension not understood here may narrow the list as
+// well (an issuing distribution point that covers some certificates
+// only), and RFC 5280 says not to use such a list at all.
+func CheckCompleteCRL(crl *x509.RevocationList) error {
+	for _, e := range crl.Extensions {
+		switch {
+		case e.Id.Equal(oidDeltaCRLIndicator):
+			base := "another"
+			var n *big.Int
+			if _, err := asn1.Unmarshal(e.Value, &n); err == nil {
+				base = "number " + n.String()
+			}
+			return refuse(ReasonMalformed, "revocation list number %s is a delta CRL, of what was revoked since list %s: it would replace the CA's complete list and undo every revocation it does not repeat; a mesh takes complete lists only (Vault: pki/crl or pki/issuer/<id>/crl, not crl/delta)", crl.Number, base)
+		case e.Critical && !e.Id.Equal(oidAuthorityKeyID) && !e.Id.Equal(oidCRLNumber):
+			what := ""
+			if e.Id.Equal(oidIssuingDistributionPoint) {
+				what = " (an issuing distribution point: the list may cover only some of the CA's certificates)"
+			}
+			return refuse(ReasonMalformed, "revocation list number %s has critical extension %s%s, which the mesh does not read: it cannot stand for all its CA revokes; have the CA publish complete lists without it", crl.Number, e.Id, what)
+		}
+	}
+	return nil
 }
 
 // indexRevoked rebuilds the set of revoked serials from the lists.
@@ -495,8 +550,8 @@ func (tb *TrustBundle) Adopt(next *TrustBundle) (*TrustBundle, bool) {
 // signed by one of its CAs and newer than that CA's list in force, and
 // whether it took any: the lists gossip brings, where one of a CA this
 // gateway does not trust (yet), or one it holds already, is nothing to
-// act on, and an older one is refused (it could un-revoke). The issuer's
-// lists kept behind those in force stay.
+// act on, and an older one, or one not complete, is refused (it could
+// un-revoke). The issuer's lists kept behind those in force stay.
 func (tb *TrustBundle) WithNewerCRLs(crls []*x509.RevocationList) (*TrustBundle, bool) {
 	took := false
 	for _, crl := range crls {

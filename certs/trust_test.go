@@ -4,11 +4,13 @@ import (
 	"crypto/rand"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/asn1"
 	"errors"
 	"math/big"
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 )
@@ -490,5 +492,101 @@ func TestTrustBundleIssuerListBehind(t *testing.T) {
 	over, changed := gossiped.Adopt(bundleOf(t, cas, listOfCA(t, ca, 12, a, b, c)))
 	if !changed || over.CRL().Number.Int64() != 12 || len(over.BehindCRLs()) != 0 || !revokes(over, a, b, c) || revokes(over, d) {
 		t.Errorf("the issuer's list numbered above: changed %v, in force %v, %d behind, d revoked %v", changed, over.CRL().Number, len(over.BehindCRLs()), revokes(over, d))
+	}
+}
+
+// listWithExtension is listOfCA with ext among the list's extensions.
+func listWithExtension(t *testing.T, ca *CA, number int64, ext pkix.Extension, ids ...*NodeIdentity) *x509.RevocationList {
+	t.Helper()
+	tmpl := &x509.RevocationList{Number: big.NewInt(number), ThisUpdate: t0, NextUpdate: t0.Add(24 * time.Hour), ExtraExtensions: []pkix.Extension{ext}}
+	for _, id := range ids {
+		tmpl.RevokedCertificateEntries = append(tmpl.RevokedCertificateEntries, x509.RevocationListEntry{SerialNumber: id.Certificate().SerialNumber, RevocationTime: t0})
+	}
+	der, err := x509.CreateRevocationList(rand.Reader, tmpl, ca.Certificate(), ca.key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	crl, err := x509.ParseRevocationList(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return crl
+}
+
+// deltaIndicator is the critical extension of a delta CRL that follows
+// the complete list numbered base, as Vault signs one with enable_delta.
+func deltaIndicator(t *testing.T, base int64) pkix.Extension {
+	t.Helper()
+	v, err := asn1.Marshal(big.NewInt(base))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pkix.Extension{Id: oidDeltaCRLIndicator, Critical: true, Value: v}
+}
+
+// TestTrustBundleRefusesDeltaCRL: a delta CRL of the mesh CA lists only
+// what was revoked since the complete list it follows, and is numbered
+// above it. Taken as the CA's list, gossiped by anyone holding the
+// gossip key (Vault serves deltas to anyone), it undid every revocation
+// it did not repeat. Nor is a list with a critical extension not read
+// here (an issuing distribution point, which narrows what the list
+// covers) taken; one with an extension that is not critical is.
+func TestTrustBundleRefusesDeltaCRL(t *testing.T) {
+	ca := newTestCA(t)
+	victim := issue(t, ca, testAttrs("gw-a", "site-a", "100.96.0.10", "10.1.0.0/16"), t0, 24*time.Hour)
+	bystander := issue(t, ca, testAttrs("gw-b", "site-b", "100.96.0.11", "10.2.0.0/16"), t0, 24*time.Hour)
+	tb := bundleOf(t, []*x509.Certificate{ca.Certificate()}, listOfCA(t, ca, 10, victim))
+	now := t0.Add(time.Hour)
+	raw := sign(t, advertFor(victim, 1, now), victim)
+
+	delta := listWithExtension(t, ca, 11, deltaIndicator(t, 10), bystander)
+	if got, took := tb.WithNewerCRLs([]*x509.RevocationList{delta}); took || !got.IsRevoked(victim.Certificate().SerialNumber) {
+		t.Errorf("a delta CRL from gossip: took %v, revocation kept %v", took, got.IsRevoked(victim.Certificate().SerialNumber))
+	}
+	_, err := tb.WithCRL(delta)
+	if ReasonOf(err) != ReasonMalformed || !strings.Contains(err.Error(), "delta CRL") || !strings.Contains(err.Error(), "since list number 10") {
+		t.Errorf("WithCRL of a delta CRL: %v, want it refused as a delta, naming the list it follows", err)
+	}
+	if _, err := VerifyAdvert(raw, victim.Certificate(), tb, now, nil); ReasonOf(err) != ReasonRevoked {
+		t.Errorf("the revoked gateway's advert: %v, want revoked", err)
+	}
+
+	idp := listWithExtension(t, ca, 11, pkix.Extension{Id: oidIssuingDistributionPoint, Critical: true, Value: []byte{0x30, 0x03, 0x81, 0x01, 0xff}}, bystander)
+	if _, err := tb.WithCRL(idp); ReasonOf(err) != ReasonMalformed || !strings.Contains(err.Error(), "issuing distribution point") {
+		t.Errorf("WithCRL of a list with a critical issuing distribution point: %v, want refused", err)
+	}
+	freshest := listWithExtension(t, ca, 11, pkix.Extension{Id: asn1.ObjectIdentifier{2, 5, 29, 46}, Value: []byte{0x30, 0x00}}, victim, bystander)
+	if got, err := tb.WithCRL(freshest); err != nil || !got.IsRevoked(bystander.Certificate().SerialNumber) {
+		t.Errorf("WithCRL of a complete list with a freshest CRL pointer (not critical): %v", err)
+	}
+}
+
+// TestTrustBundleLoadsSavedDeltaBehind: an earlier release took a delta
+// CRL from gossip and saved it as the list in force. It still loads: its
+// revocations count, beside no list in force, until the issuer's answer
+// puts the complete list back.
+func TestTrustBundleLoadsSavedDeltaBehind(t *testing.T) {
+	ca := newTestCA(t)
+	victim := issue(t, ca, testAttrs("gw-a", "site-a", "100.96.0.10"), t0, 24*time.Hour)
+	bystander := issue(t, ca, testAttrs("gw-b", "site-b", "100.96.0.11"), t0, 24*time.Hour)
+	dir := t.TempDir()
+	if err := trust(t, ca).Save(dir); err != nil {
+		t.Fatal(err)
+	}
+	delta := listWithExtension(t, ca, 11, deltaIndicator(t, 10), bystander)
+	if err := os.WriteFile(filepath.Join(dir, fileCRL), encodePEM(pemCRL, delta.Raw), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	loaded, err := LoadTrustBundle(dir, netip.Prefix{})
+	if err != nil {
+		t.Fatalf("a crl.pem holding a delta: %v, want it loaded", err)
+	}
+	if loaded.CRL() != nil || !loaded.IsRevoked(bystander.Certificate().SerialNumber) {
+		t.Errorf("loaded: list in force %v, the delta's revocation kept %v; want none in force, and it kept", loaded.CRL() != nil, loaded.IsRevoked(bystander.Certificate().SerialNumber))
+	}
+	complete := listOfCA(t, ca, 12, victim, bystander)
+	answered, _ := loaded.Adopt(bundleOf(t, []*x509.Certificate{ca.Certificate()}, complete))
+	if !sameCRL(answered.CRL(), complete) || len(answered.BehindCRLs()) != 0 || !answered.IsRevoked(victim.Certificate().SerialNumber) {
+		t.Errorf("after the issuer's answer: complete list in force %v, %d behind", sameCRL(answered.CRL(), complete), len(answered.BehindCRLs()))
 	}
 }

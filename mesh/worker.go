@@ -330,6 +330,12 @@ func (g *Gateway) handle(b []byte) error {
 			if !trust.SignedByCA(crl) {
 				return errNotOurCAs
 			}
+			// So is a delta, which adoptLists would pass over without
+			// a word: said here, and not parsed again while it comes.
+			if err := certs.CheckCompleteCRL(crl); err != nil {
+				g.listsPassed(trust, der)
+				return err
+			}
 			if !g.adoptLists([]*x509.RevocationList{crl}) {
 				g.listsPassed(trust, der)
 			}
@@ -422,6 +428,7 @@ func (g *Gateway) takeCRLs(b []byte) error {
 	trust := g.trust.Load()
 	crls := make([]*x509.RevocationList, 0, len(raws))
 	var ders [][]byte
+	var partial error
 	for _, raw := range raws {
 		der, skip := g.listKnown(trust, raw)
 		if skip || signedByTrustedCA(trust, der) != nil {
@@ -431,13 +438,18 @@ func (g *Gateway) takeCRLs(b []byte) error {
 		if err != nil {
 			return err
 		}
+		if err := certs.CheckCompleteCRL(crl); err != nil {
+			g.listsPassed(trust, der) // the other lists may still be taken
+			partial = err
+			continue
+		}
 		crls = append(crls, crl)
 		ders = append(ders, der)
 	}
 	if len(crls) > 0 && !g.adoptLists(crls) {
 		g.listsPassed(trust, ders...)
 	}
-	return nil
+	return partial
 }
 
 // parseCRL is certs.ParseCRL; tests count the lists parsed through it.

@@ -683,3 +683,63 @@ func TestWorkerTakesBulk(t *testing.T) {
 		t.Fatal("the quick message was lost")
 	}
 }
+
+// TestGossipedDeltaCRLRefused: a delta CRL of the mesh CA (an issuer that
+// publishes them: Vault with enable_delta, served without a login),
+// gossiped alone or among lists by anyone holding the gossip key, is
+// numbered above the complete list in force, and was taken in its place:
+// every revocation it did not repeat was gone, and VerifyCertificate
+// (keyring operations, certificates learned from then on, policy
+// signers) accepted the revoked certificate again. It is refused, saying
+// why, and the complete list stays in force.
+func TestGossipedDeltaCRLRefused(t *testing.T) {
+	ca, lg := lonelyGateway(t)
+	g := lg.g
+	id, err := ca.IssueIdentity(certs.Attributes{Node: "gw-x", Site: "s", Region: "r", Provider: "onprem", Jurisdiction: "CH",
+		OverlayIP: netip.MustParseAddr("100.64.9.10")}, time.Hour, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ca.RevokeSerials([]*big.Int{id.Certificate().SerialNumber}, "keyCompromise", time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	tb, err := ca.TrustBundle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	complete := tb.CRL()
+	if err := g.handle(encodeMessage(msgBlob, []byte{blobCRL}, complete.Raw)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := g.trust.Load().VerifyCertificate(id.Certificate(), time.Now()); certs.ReasonOf(err) != certs.ReasonRevoked {
+		t.Fatalf("after the complete list: %v, want revoked", err)
+	}
+
+	// The issuer's next deltas: what was revoked since the complete list
+	// (nothing).
+	base, err := asn1.Marshal(complete.Number)
+	if err != nil {
+		t.Fatal(err)
+	}
+	delta := func(n int64) []byte {
+		der, err := x509.CreateRevocationList(rand.Reader, &x509.RevocationList{
+			Number: new(big.Int).Add(complete.Number, big.NewInt(n)), ThisUpdate: time.Now(), NextUpdate: time.Now().Add(time.Hour),
+			ExtraExtensions: []pkix.Extension{{Id: asn1.ObjectIdentifier{2, 5, 29, 27}, Critical: true, Value: base}},
+		}, ca.Certificate(), ca.Signer())
+		if err != nil {
+			t.Fatal(err)
+		}
+		return der
+	}
+	for _, msg := range [][]byte{
+		encodeMessage(msgBlob, []byte{blobCRL}, delta(1)),
+		encodeMessage(msgBlob, []byte{blobCRLs}, bundle(delta(2), complete.Raw)),
+	} {
+		if err := g.handle(msg); certs.ReasonOf(err) != certs.ReasonMalformed || !strings.Contains(err.Error(), "delta CRL") {
+			t.Errorf("a gossiped delta CRL: %v, want it refused as a delta", err)
+		}
+		if _, err := g.trust.Load().VerifyCertificate(id.Certificate(), time.Now()); certs.ReasonOf(err) != certs.ReasonRevoked {
+			t.Errorf("after a gossiped delta CRL: %v, want the certificate still revoked (list in force #%s)", err, g.trust.Load().CRL().Number)
+		}
+	}
+}
