@@ -12,8 +12,8 @@ import (
 // WireGuard key's proof — so that re-judging a member (a newer revocation
 // list, the periodic expiry check, a gossip re-delivery) costs a map
 // lookup. Entries are keyed by the advert's bytes, the certificate and
-// the revocation list in force, and expire with the certificate; the
-// replay and clock checks, which depend on the caller's state, are redone
+// the revocation list in force, and expire with the first certificate of
+// the chain to end, the gateway's or a CA's; the replay and clock checks, which depend on the caller's state, are redone
 // on every call. The certificate's verdict and the key's proof are kept
 // on their own too, so that a member's new advert (a new load figure)
 // costs one signature check.
@@ -95,7 +95,7 @@ func (c *VerifyCache) VerifyAdvert(raw []byte, cert *x509.Certificate, tb *Trust
 		v := *e.v
 		return &v, nil
 	}
-	v, err := verifyAdvert(raw, cert, tb, now, nil, c)
+	v, until, err := verifyAdvert(raw, cert, tb, now, nil, c)
 	if err != nil {
 		return nil, err
 	}
@@ -103,7 +103,7 @@ func (c *VerifyCache) VerifyAdvert(raw []byte, cert *x509.Certificate, tb *Trust
 	if len(c.m) >= maxCacheEntries {
 		c.m = map[verifyKey]verifyEntry{}
 	}
-	c.m[k] = verifyEntry{v: v, notAfter: cert.NotAfter}
+	c.m[k] = verifyEntry{v: v, notAfter: until}
 	c.mu.Unlock()
 	if err := checkFreshness(&v.Advert, now, last, v.Seen); err != nil {
 		return nil, err
@@ -117,23 +117,28 @@ func (c *VerifyCache) VerifyCertificate(tb *TrustBundle, cert *x509.Certificate,
 	if c == nil {
 		return tb.VerifyCertificate(cert, now)
 	}
+	a, _, err := c.certificate(tb, cert, now)
+	return a, err
+}
+
+func (c *VerifyCache) certificate(tb *TrustBundle, cert *x509.Certificate, now time.Time) (*Attributes, time.Time, error) {
 	k := verifyKey{cert: sha256.Sum256(cert.Raw)}
 	k.trust = tb.Key()
 	c.mu.Lock()
 	e, ok := c.m[k]
 	c.mu.Unlock()
 	if ok && now.Before(e.notAfter) && !now.Before(ValidFrom(cert)) {
-		return e.v.Attributes, nil
+		return e.v.Attributes, e.notAfter, nil
 	}
-	attrs, err := tb.VerifyCertificate(cert, now)
+	attrs, until, err := tb.verifyCertificate(cert, now)
 	if err != nil {
-		return nil, err
+		return nil, time.Time{}, err
 	}
 	c.mu.Lock()
 	if len(c.m) >= maxCacheEntries {
 		c.m = map[verifyKey]verifyEntry{}
 	}
-	c.m[k] = verifyEntry{v: &Verified{Attributes: attrs, Cert: cert}, notAfter: cert.NotAfter}
+	c.m[k] = verifyEntry{v: &Verified{Attributes: attrs, Cert: cert}, notAfter: until}
 	c.mu.Unlock()
-	return attrs, nil
+	return attrs, until, nil
 }

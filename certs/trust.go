@@ -691,23 +691,32 @@ func (tb *TrustBundle) IsRevoked(serial *big.Int) bool {
 // to MaxClockSkew behind the issuer's is allowed for (ValidFrom). The
 // refusal reasons are those of VerifyError.
 func (tb *TrustBundle) VerifyCertificate(cert *x509.Certificate, now time.Time) (*Attributes, error) {
+	a, _, err := tb.verifyCertificate(cert, now)
+	return a, err
+}
+
+// verifyCertificate is VerifyCertificate, and says until when its verdict
+// holds as far as validity goes: the end of the first certificate of the
+// chain to end, cert's or a CA's (an issuer need not end its leaves
+// before itself: Vault's leaf_not_after_behavior=permit).
+func (tb *TrustBundle) verifyCertificate(cert *x509.Certificate, now time.Time) (*Attributes, time.Time, error) {
 	if cert == nil {
-		return nil, refuse(ReasonMalformed, "no certificate")
+		return nil, time.Time{}, refuse(ReasonMalformed, "no certificate")
 	}
 	// Check the validity window first: x509.Verify folds expiry and
 	// not-yet-valid into one error and we want to tell them apart.
 	if now.After(cert.NotAfter) {
-		return nil, refuse(ReasonExpired, "certificate of %q expired at %s", nameOf(cert), cert.NotAfter.UTC().Format(time.RFC3339))
+		return nil, time.Time{}, refuse(ReasonExpired, "certificate of %q expired at %s", nameOf(cert), cert.NotAfter.UTC().Format(time.RFC3339))
 	}
 	if now.Before(ValidFrom(cert)) {
-		return nil, refuse(ReasonNotYetValid, "certificate of %q is valid only from %s (this clock says %s; %s of difference are allowed)",
+		return nil, time.Time{}, refuse(ReasonNotYetValid, "certificate of %q is valid only from %s (this clock says %s; %s of difference are allowed)",
 			nameOf(cert), cert.NotBefore.UTC().Format(time.RFC3339), now.UTC().Format(time.RFC3339), MaxClockSkew)
 	}
 	at := now
 	if at.Before(cert.NotBefore) { // within the skew allowed
 		at = cert.NotBefore
 	}
-	_, err := cert.Verify(x509.VerifyOptions{
+	chains, err := cert.Verify(x509.VerifyOptions{
 		Roots:       tb.roots,
 		CurrentTime: at,
 		KeyUsages:   []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
@@ -715,25 +724,37 @@ func (tb *TrustBundle) VerifyCertificate(cert *x509.Certificate, now time.Time) 
 	if err != nil {
 		var inv x509.CertificateInvalidError
 		if errors.As(err, &inv) && inv.Reason == x509.Expired {
-			return nil, refuse(ReasonExpired, "mesh CA certificate is not valid at %s", now.UTC().Format(time.RFC3339))
+			return nil, time.Time{}, refuse(ReasonExpired, "mesh CA certificate is not valid at %s", now.UTC().Format(time.RFC3339))
 		}
 		var ua x509.UnknownAuthorityError
 		if errors.As(err, &ua) {
-			return nil, refuse(ReasonUnknownCA, "certificate of %q is not signed by the mesh CA", nameOf(cert))
+			return nil, time.Time{}, refuse(ReasonUnknownCA, "certificate of %q is not signed by the mesh CA", nameOf(cert))
 		}
-		return nil, refuse(ReasonBadCertificate, "certificate of %q: %v", nameOf(cert), err)
+		return nil, time.Time{}, refuse(ReasonBadCertificate, "certificate of %q: %v", nameOf(cert), err)
+	}
+	var until time.Time
+	for _, chain := range chains { // any chain that still holds will do
+		end := cert.NotAfter
+		for _, c := range chain {
+			if c.NotAfter.Before(end) {
+				end = c.NotAfter
+			}
+		}
+		if end.After(until) {
+			until = end
+		}
 	}
 	if tb.IsRevoked(cert.SerialNumber) {
-		return nil, refuse(ReasonRevoked, "certificate %s of %q is revoked", FormatSerial(cert.SerialNumber), nameOf(cert))
+		return nil, time.Time{}, refuse(ReasonRevoked, "certificate %s of %q is revoked", FormatSerial(cert.SerialNumber), nameOf(cert))
 	}
 	a, err := AttributesOf(cert)
 	if err != nil {
-		return nil, refuse(ReasonBadCertificate, "%v", err)
+		return nil, time.Time{}, refuse(ReasonBadCertificate, "%v", err)
 	}
 	if err := a.Validate(tb.meshPrefix); err != nil {
-		return nil, refuse(ReasonBadCertificate, "certificate of %q: %v", nameOf(cert), err)
+		return nil, time.Time{}, refuse(ReasonBadCertificate, "certificate of %q: %v", nameOf(cert), err)
 	}
-	return a, nil
+	return a, until, nil
 }
 
 // AttributesOf extracts the attributes a gateway certificate carries,

@@ -55,7 +55,8 @@ type Verified struct {
 //   - replay: the advert is older than last, or has the same version but
 //     different content.
 func VerifyAdvert(raw []byte, cert *x509.Certificate, tb *TrustBundle, now time.Time, last *Seen) (*Verified, error) {
-	return verifyAdvert(raw, cert, tb, now, last, uncached{})
+	v, _, err := verifyAdvert(raw, cert, tb, now, last, uncached{})
+	return v, err
 }
 
 // checker does the two checks of VerifyAdvert whose answers outlive an
@@ -63,50 +64,53 @@ func VerifyAdvert(raw []byte, cert *x509.Certificate, tb *TrustBundle, now time.
 // seldom, its advert with every new load figure. VerifyCache remembers
 // them.
 type checker interface {
-	VerifyCertificate(tb *TrustBundle, cert *x509.Certificate, now time.Time) (*Attributes, error)
+	// certificate is TrustBundle.verifyCertificate.
+	certificate(tb *TrustBundle, cert *x509.Certificate, now time.Time) (*Attributes, time.Time, error)
 	proven(key WGPublicKey, certHash [32]byte, p WGProof) error
 }
 
 type uncached struct{}
 
-func (uncached) VerifyCertificate(tb *TrustBundle, cert *x509.Certificate, now time.Time) (*Attributes, error) {
-	return tb.VerifyCertificate(cert, now)
+func (uncached) certificate(tb *TrustBundle, cert *x509.Certificate, now time.Time) (*Attributes, time.Time, error) {
+	return tb.verifyCertificate(cert, now)
 }
 
 func (uncached) proven(key WGPublicKey, certHash [32]byte, p WGProof) error {
 	return VerifyWGProof(key, certHash, p)
 }
 
-func verifyAdvert(raw []byte, cert *x509.Certificate, tb *TrustBundle, now time.Time, last *Seen, c checker) (*Verified, error) {
+// verifyAdvert is VerifyAdvert, and says until when its verdict holds as
+// far as the validity of the certificate's chain goes.
+func verifyAdvert(raw []byte, cert *x509.Certificate, tb *TrustBundle, now time.Time, last *Seen, c checker) (*Verified, time.Time, error) {
 	sa, err := DecodeAdvert(raw)
 	if err != nil {
-		return nil, err
+		return nil, time.Time{}, err
 	}
 	if cert == nil {
-		return nil, refuse(ReasonCertMismatch, "no certificate for advert of %q", sa.Node)
+		return nil, time.Time{}, refuse(ReasonCertMismatch, "no certificate for advert of %q", sa.Node)
 	}
 	if sha256.Sum256(cert.Raw) != sa.CertHash {
-		return nil, refuse(ReasonCertMismatch, "advert of %q names another certificate", sa.Node)
+		return nil, time.Time{}, refuse(ReasonCertMismatch, "advert of %q names another certificate", sa.Node)
 	}
-	attrs, err := c.VerifyCertificate(tb, cert, now)
+	attrs, until, err := c.certificate(tb, cert, now)
 	if err != nil {
-		return nil, err
+		return nil, time.Time{}, err
 	}
 	pub, ok := cert.PublicKey.(*ecdsa.PublicKey)
 	if !ok || !ecdsa.VerifyASN1(pub, advertDigest(sa.body), sa.sig) {
-		return nil, refuse(ReasonBadSignature, "advert of %q does not verify with its certificate key", sa.Node)
+		return nil, time.Time{}, refuse(ReasonBadSignature, "advert of %q does not verify with its certificate key", sa.Node)
 	}
 	if err := checkClaims(&sa.Advert, attrs); err != nil {
-		return nil, err
+		return nil, time.Time{}, err
 	}
 	if err := checkKey(&sa.Advert, c); err != nil {
-		return nil, err
+		return nil, time.Time{}, err
 	}
 	seen := Seen{Version: sa.Version, Digest: sha256.Sum256(raw)}
 	if err := checkFreshness(&sa.Advert, now, last, seen); err != nil {
-		return nil, err
+		return nil, time.Time{}, err
 	}
-	return &Verified{Advert: sa.Advert, Attributes: attrs, Cert: cert, Seen: seen}, nil
+	return &Verified{Advert: sa.Advert, Attributes: attrs, Cert: cert, Seen: seen}, until, nil
 }
 
 // checkFreshness refuses an advert dated in the future or older than the

@@ -9,7 +9,10 @@ import (
 	"crypto/x509/pkix"
 	"fmt"
 	"math/big"
+	"net"
 	"net/netip"
+	"net/url"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -245,5 +248,56 @@ func TestVerifyCertificateClockSkew(t *testing.T) {
 				t.Errorf("%s (cache %v): %v; want not yet valid, saying what this clock reads", tc.name, cache != nil, err)
 			}
 		}
+	}
+}
+
+// TestVerifyCacheEndsWithCA: a verdict is kept until the first
+// certificate of the chain ends, not the gateway's: an issuer may let a
+// leaf outlast itself (Vault's leaf_not_after_behavior=permit). Kept
+// until the leaf's end, the cache went on accepting the advert and the
+// certificate the CA no longer vouched for, which VerifyAdvert refuses.
+func TestVerifyCacheEndsWithCA(t *testing.T) {
+	ca, err := InitCA(filepath.Join(t.TempDir(), "ca"), InitOptions{Now: t0.Add(-24 * time.Hour), Validity: 48 * time.Hour, MeshPrefix: mustPrefix("100.96.0.0/16")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := testAttrs("gw-a", "site-a", "100.96.0.10", "10.1.0.0/16")
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(77), Subject: pkix.Name{CommonName: a.Node},
+		NotBefore: t0.Add(-time.Minute), NotAfter: t0.Add(10 * 24 * time.Hour), // the CA ends at t0+24h
+		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+		BasicConstraintsValid: true, URIs: []*url.URL{a.URI()}, IPAddresses: []net.IP{a.OverlayIP.AsSlice()},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, &key.PublicKey, ca.key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, err := x509.ParseCertificate(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, err := NewNodeIdentity(cert, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tb := trust(t, ca)
+	raw := sign(t, advertFor(id, 1, t0), id)
+	cache := NewVerifyCache()
+	if _, err := cache.VerifyAdvert(raw, cert, tb, t0, nil); err != nil {
+		t.Fatalf("while the CA is valid: %v", err)
+	}
+	after := ca.Certificate().NotAfter.Add(time.Second)
+	if _, err := VerifyAdvert(raw, cert, tb, after, nil); ReasonOf(err) != ReasonExpired {
+		t.Fatalf("after the CA's end, uncached: %v, want expired", err)
+	}
+	if _, err := cache.VerifyAdvert(raw, cert, tb, after, nil); ReasonOf(err) != ReasonExpired {
+		t.Errorf("after the CA's end, the advert through the cache: %v, want expired", err)
+	}
+	if _, err := cache.VerifyCertificate(tb, cert, after); ReasonOf(err) != ReasonExpired {
+		t.Errorf("after the CA's end, the certificate through the cache: %v, want expired", err)
 	}
 }
