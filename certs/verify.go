@@ -23,8 +23,16 @@ func ValidFrom(cert *x509.Certificate) time.Time { return cert.NotBefore.Add(-Ma
 // node, to refuse replays of older ones.
 type Seen struct {
 	Version uint64
-	Digest  [32]byte // SHA-256 of the whole signed advert
+	// Digest is the SHA-256 of what the advert's signature covers, not of
+	// the signature: an ECDSA signature (r, s) verifies as (r, n-s) too,
+	// and anyone who holds the gossip key could gossip a gateway's advert
+	// so re-signed first, to have the gateway's own taken for a replay.
+	// It is not saved: a restart computes it again from the adverts kept.
+	Digest [32]byte
 }
+
+// Seen is what a verifier remembers of s once it is accepted.
+func (s *SignedAdvert) Seen() Seen { return Seen{Version: s.Version, Digest: sha256.Sum256(s.body)} }
 
 // Verified is an advert that passed VerifyAdvert, with the certified
 // attributes it was checked against.
@@ -106,7 +114,7 @@ func verifyAdvert(raw []byte, cert *x509.Certificate, tb *TrustBundle, now time.
 	if err := checkKey(&sa.Advert, c); err != nil {
 		return nil, time.Time{}, err
 	}
-	seen := Seen{Version: sa.Version, Digest: sha256.Sum256(raw)}
+	seen := sa.Seen()
 	if err := checkFreshness(&sa.Advert, now, last, seen); err != nil {
 		return nil, time.Time{}, err
 	}

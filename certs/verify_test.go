@@ -7,6 +7,7 @@ import (
 	"crypto/sha256"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/asn1"
 	"fmt"
 	"math/big"
 	"net"
@@ -55,7 +56,11 @@ func TestVerifyAdvert(t *testing.T) {
 	const proofField = 2 + WGProofLen // tag, one-byte length, proof
 	someKey := func() WGPrivateKey { k, _ := GenerateWGKey(); return k }
 	goodRaw := signed(nil, good)
-	goodSeen := Seen{Version: 7, Digest: sha256.Sum256(goodRaw)}
+	goodSA, err := DecodeAdvert(goodRaw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	goodSeen := Seen{Version: 7, Digest: sha256.Sum256(goodSA.body)} // what is signed, not the signature
 	// Another gateway in good standing naming good's key with good's
 	// proof, which names good's certificate. After good's advert, so
 	// that the shared cache has the proof (for good's certificate).
@@ -155,7 +160,8 @@ func TestVerifyAdvert(t *testing.T) {
 				if err != nil {
 					t.Fatal(err)
 				}
-				if v.Attributes.Site != "aws-eu-central-1" || v.Seen.Digest != sha256.Sum256(tt.raw) {
+				sa, _ := DecodeAdvert(tt.raw)
+				if v.Attributes.Site != "aws-eu-central-1" || v.Seen.Digest != sha256.Sum256(sa.body) {
 					t.Fatalf("accepted advert has wrong attributes or digest: %+v", v)
 				}
 			} else if v != nil {
@@ -299,5 +305,44 @@ func TestVerifyCacheEndsWithCA(t *testing.T) {
 	}
 	if _, err := cache.VerifyCertificate(tb, cert, after); ReasonOf(err) != ReasonExpired {
 		t.Errorf("after the CA's end, the certificate through the cache: %v, want expired", err)
+	}
+}
+
+// TestVerifyAdvertReencodedSignatureIsNoReplay: an ECDSA signature
+// (r, s) verifies as (r, n-s) too, so anyone can write a gateway's
+// signed advert a second way. Same version, same signed content: not a
+// replay, whichever encoding came first.
+func TestVerifyAdvertReencodedSignatureIsNoReplay(t *testing.T) {
+	ca := newTestCA(t)
+	id := issue(t, ca, testAttrs("gw-a", "site-a", "100.96.0.10", "10.1.0.0/16"), t0, 24*time.Hour)
+	tb := trust(t, ca)
+	now := t0.Add(time.Hour)
+	raw := sign(t, advertFor(id, 7, now), id)
+	sa, err := DecodeAdvert(raw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var sig struct{ R, S *big.Int }
+	if _, err := asn1.Unmarshal(sa.sig, &sig); err != nil {
+		t.Fatal(err)
+	}
+	sig.S.Sub(elliptic.P256().Params().N, sig.S)
+	resig, err := asn1.Marshal(sig)
+	if err != nil {
+		t.Fatal(err)
+	}
+	copied := appendField(append([]byte(nil), sa.body...), tagSignature, resig)
+	for _, cache := range []*VerifyCache{nil, NewVerifyCache()} {
+		first, err := cache.VerifyAdvert(copied, id.Certificate(), tb, now, nil)
+		if err != nil {
+			t.Fatalf("the re-encoded advert: %v", err)
+		}
+		if _, err := cache.VerifyAdvert(raw, id.Certificate(), tb, now, &first.Seen); err != nil {
+			t.Errorf("the gateway's own advert after the re-encoded one (cache %v): %v", cache != nil, err)
+		}
+		other := sign(t, advertFor(id, 7, now), id) // another WireGuard key
+		if _, err := cache.VerifyAdvert(other, id.Certificate(), tb, now, &first.Seen); ReasonOf(err) != ReasonReplay {
+			t.Errorf("other content under version 7 (cache %v): %v, want a replay", cache != nil, err)
+		}
 	}
 }

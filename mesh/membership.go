@@ -270,7 +270,7 @@ func (ms *membership) admitLocked(name string, gossip netip.AddrPort, meta []byt
 	if err := ms.refusedLocked(sa.CertHash); err != nil {
 		return sa, err
 	}
-	if bound != "" && sa.Version <= floor && m.verifiedAt == gossip && sha256.Sum256(meta) == m.seen.Digest {
+	if bound != "" && sa.Version <= floor && m.verifiedAt == gossip && sa.Seen().Digest == m.seen.Digest {
 		return sa, &departedError{name}
 	}
 	if bound != "" && sa.Version <= floor {
@@ -1304,7 +1304,8 @@ func (ms *membership) rememberGone(name string, gossip netip.AddrPort, meta, cer
 		}
 	}
 	if sa, err := certs.DecodeAdvert(meta); err == nil && sa.Node == name {
-		m.seen = &certs.Seen{Version: sa.Version, Digest: sha256.Sum256(meta)}
+		seen := sa.Seen()
+		m.seen = &seen
 		m.verifiedAt, m.verifiedMeta = gossip, meta
 		if m.lastVerified != nil { // its leave notice must not be older either
 			m.lastVerified.Seen = *m.seen

@@ -3,9 +3,11 @@ package mesh
 import (
 	"bytes"
 	"crypto"
+	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/sha256"
 	"crypto/x509"
+	"encoding/asn1"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -1787,5 +1789,86 @@ func TestRestartKeepsAdvertVersions(t *testing.T) {
 	}
 	if err := restarted.admit("gw-a", there, f.advert(a, 6)); err != nil {
 		t.Fatalf("a newer advert at another address: %v", err)
+	}
+}
+
+// reencoded is raw with its ECDSA signature (r, s) written as (r, n-s),
+// which verifies as well: what anyone holding the gossip key can make of
+// a gateway's advert, without its key.
+func reencoded(t *testing.T, raw []byte) []byte {
+	t.Helper()
+	// The signature is the last field: tag 0xff, its length in one byte,
+	// then the DER sequence.
+	for i := len(raw) - 3; i >= 0; i-- {
+		if raw[i] != 0xff || int(raw[i+1]) != len(raw)-i-2 || raw[i+2] != 0x30 {
+			continue
+		}
+		var sig struct{ R, S *big.Int }
+		if rest, err := asn1.Unmarshal(raw[i+2:], &sig); err != nil || len(rest) != 0 {
+			continue
+		}
+		sig.S.Sub(elliptic.P256().Params().N, sig.S)
+		der, err := asn1.Marshal(sig)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return append(append(append([]byte(nil), raw[:i]...), 0xff, byte(len(der))), der...)
+	}
+	t.Fatal("no signature field found")
+	return nil
+}
+
+// TestReencodedSignatureIsNoReplay: an advert whose signature is written
+// another way is the same advert. Judged by a digest of the whole advert,
+// a copy re-encoded and gossiped first had the gateway's own advert, and
+// its refutations, refused as "reuses version 5 with different content"
+// and counted as intrusions; and once it had left, the copy at its
+// address was counted as a replay rather than passed over as its last
+// advert, before a restart and after.
+func TestReencodedSignatureIsNoReplay(t *testing.T) {
+	f := newFixture(t)
+	ms := newMembership("self", f.trust(), func() time.Time { return f.now }, func() {})
+	refusals := 0
+	ms.onRefuse = func(string, string, error) { refusals++ }
+	a := f.identity("gw-a", "site-a", 1, f.now.Add(-time.Hour))
+	if err := ms.addCert(a.Certificate().Raw); err != nil {
+		t.Fatal(err)
+	}
+	v5 := f.advert(a, 5)
+	copied := reencoded(t, v5)
+	if bytes.Equal(copied, v5) {
+		t.Fatal("the copy is the advert")
+	}
+	for _, meta := range [][]byte{copied, v5, copied} {
+		if err := ms.admit("gw-a", gossipAddr, meta); err != nil {
+			t.Fatalf("admitted: %v", err)
+		}
+		ms.update("gw-a", gossipAddr, meta)
+		if v := ms.snapshot()[0]; v.State != StateVerified {
+			t.Fatalf("gw-a %s (%s), want verified", v.State, v.Reason)
+		}
+	}
+
+	g := &Gateway{members: ms, now: func() time.Time { return f.now }, state: stateDir(t.TempDir()), log: slog.New(slog.DiscardHandler)}
+	if err := g.handleLeaving(leaveNotice(t, a, f.now, 5)); err != nil {
+		t.Fatal(err)
+	}
+	ms.leave("gw-a")
+	var departed *departedError
+	if err := ms.admit("gw-a", gossipAddr, reencoded(t, copied)); !errors.As(err, &departed) {
+		t.Errorf("its last advert, re-encoded, after it left: %v, want passed over as its last", err)
+	}
+	g.saveMembers()
+	restarted := newMembership("self", f.trust(), func() time.Time { return f.now }, func() {})
+	restarted.onRefuse = ms.onRefuse
+	restarted.addCert(a.Certificate().Raw)
+	(&Gateway{members: restarted, state: g.state, log: slog.New(slog.DiscardHandler)}).restoreMembers()
+	for _, meta := range [][]byte{v5, copied} {
+		if err := restarted.admit("gw-a", gossipAddr, meta); !errors.As(err, &departed) {
+			t.Errorf("after a restart, its last advert (re-encoded %v) after it left: %v, want passed over as its last", !bytes.Equal(meta, v5), err)
+		}
+	}
+	if refusals != 0 {
+		t.Errorf("%d refusals counted, want none", refusals)
 	}
 }
