@@ -3,12 +3,14 @@ package certs
 import (
 	"errors"
 	"fmt"
+	"math"
 	"net/netip"
 	"net/url"
 	"regexp"
 	"slices"
 	"sort"
 	"strings"
+	"time"
 
 	"github.com/skybridge-mesh/skybridge/internal/iso3166"
 )
@@ -76,7 +78,72 @@ func ValidLabelValue(s string) bool { return labelValRE.MatchString(s) }
 
 // Validate checks every attribute and says which one is wrong and how to fix
 // it. meshPrefix, if valid, is the overlay range the overlay IP must be in.
+// It refuses too a set whose gateway's advert could be too large for
+// gossip, which the gateway finds out only at its start.
 func (a *Attributes) Validate(meshPrefix netip.Prefix) error {
+	errs := a.problems(meshPrefix)
+	if len(errs) == 0 {
+		// Not said beside another error: the size is of names and
+		// routes that may yet change for it.
+		if n, err := a.largestAdvert(); err != nil {
+			errs = append(errs, err)
+		} else if n > MaxAdvertSize {
+			fix := fmt.Sprintf("shorten the node, site, region or provider names (%d bytes together)", len(a.Node)+len(a.Site)+len(a.Region)+len(a.Provider))
+			if len(a.Routes) > 0 {
+				fix += fmt.Sprintf(" or aggregate the routes (%d, taking %d bytes)", len(a.Routes), routesSize(a.Routes))
+			}
+			errs = append(errs, fmt.Errorf("the gateway's advert could reach %d bytes, %d more than the %d gossip carries (with one IPv6 endpoint, during a WireGuard key rotation, under load), and the gateway would refuse to start: %s",
+				n, n-MaxAdvertSize, MaxAdvertSize, fix))
+		}
+	}
+	sort.Slice(errs, func(i, j int) bool { return errs[i].Error() < errs[j].Error() })
+	return errors.Join(errs...)
+}
+
+// validateCertified is Validate without the advert's size, for a
+// certificate already issued: one from before Validate counted the advert
+// may be a running gateway's, of an earlier release whose adverts (with
+// no proof of its WireGuard key) fit, and its peers judge the adverts it
+// signs.
+func (a *Attributes) validateCertified(meshPrefix netip.Prefix) error {
+	errs := a.problems(meshPrefix)
+	sort.Slice(errs, func(i, j int) bool { return errs[i].Error() < errs[j].Error() })
+	return errors.Join(errs...)
+}
+
+// largestAdvert is the most an advert of a gateway with these attributes
+// takes (LargestSize) with one endpoint, an IPv6 one (the larger; the
+// configuration's are not known here, and a gateway needs one): the
+// largest version, timestamp and load the wire carries, a next WireGuard
+// key, the key's proof and the longest signature.
+func (a *Attributes) largestAdvert() (int, error) {
+	ad := Advert{
+		Version: math.MaxUint64, Timestamp: time.UnixMilli(1 << 53),
+		Node: a.Node, Site: a.Site, Region: a.Region, Provider: a.Provider, Jurisdiction: a.Jurisdiction,
+		OverlayIP: a.OverlayIP, Routes: a.Routes,
+		Endpoints: []netip.AddrPort{netip.AddrPortFrom(netip.IPv6Unspecified(), 65535)},
+		Load:      math.MaxUint32, NextWireGuardKey: WGPublicKey{1}, WireGuardKeyProof: WGProof{1},
+	}
+	body, err := ad.appendBody(nil)
+	if err != nil {
+		return 0, err
+	}
+	return len(body) + 2 + 72, nil
+}
+
+// routesSize is what routes take in an advert.
+func routesSize(routes []netip.Prefix) int {
+	if len(routes) == 0 {
+		return 0 // the field is left out
+	}
+	var v []byte
+	for _, r := range routes {
+		v = appendPrefix(v, r)
+	}
+	return len(appendField(nil, tagRoutes, v))
+}
+
+func (a *Attributes) problems(meshPrefix netip.Prefix) []error {
 	errs := placeErrors(a.Site, a.Region, a.Provider, a.Jurisdiction, a.Labels)
 	if !nameRE.MatchString(a.Node) {
 		errs = append(errs, badName("node", a.Node))
@@ -116,8 +183,7 @@ func (a *Attributes) Validate(meshPrefix netip.Prefix) error {
 			errs = append(errs, fmt.Errorf("route %s overlaps the mesh overlay range %s: routes are the site networks behind the gateway, not overlay addresses", r, meshPrefix))
 		}
 	}
-	sort.Slice(errs, func(i, j int) bool { return errs[i].Error() < errs[j].Error() })
-	return errors.Join(errs...)
+	return errs
 }
 
 // ValidatePlace checks a site's attributes — its name, region, provider,

@@ -6,16 +6,22 @@ import (
 	"crypto/rand"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"math"
 	"math/big"
 	"net"
+	"net/http"
+	"net/http/httptest"
 	"net/netip"
 	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
+
+	vault "github.com/hashicorp/vault/api"
 )
 
 func TestAttributeURIRoundTrip(t *testing.T) {
@@ -263,5 +269,80 @@ func TestWGKeyMatchesWgTool(t *testing.T) {
 	}
 	if got := strings.TrimSpace(string(out)); got != k.Public().String() {
 		t.Fatalf("wg pubkey = %s, ours = %s", got, k.Public())
+	}
+}
+
+// TestValidateRefusesAdvertTooLarge: the CA, embedded or Vault, certified
+// names and routes whose gateway's advert could not fit in gossip: four
+// 63-character names, or 32 IPv6 routes, each allowed alone. The gateway
+// then refused to start, saying to advertise less, which only a new
+// certificate could do. They are refused at issue, by how many bytes,
+// and the largest set let through does fit, to the byte. A certificate
+// issued before is still verified: its gateway may be of an earlier
+// release, whose adverts fit.
+func TestValidateRefusesAdvertTooLarge(t *testing.T) {
+	ca := newTestCA(t)
+	long := testAttrs(strings.Repeat("n", 63), strings.Repeat("s", 63), "100.96.0.2")
+	long.Region, long.Provider = strings.Repeat("r", 63), strings.Repeat("p", 63)
+	v6 := testAttrs("gw1", "fra", "100.96.0.1")
+	for i := range maxRoutes {
+		v6.Routes = append(v6.Routes, netip.PrefixFrom(netip.AddrFrom16([16]byte{0xfd, 0, byte(i)}), 48))
+	}
+	var asked atomic.Int32 // of Vault, to sign
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		asked.Add(1)
+		w.WriteHeader(http.StatusBadRequest)
+		w.Write([]byte(`{"errors":["not a Vault"]}`))
+	}))
+	defer srv.Close()
+	cfg := vault.DefaultConfig()
+	cfg.Address, cfg.MaxRetries = srv.URL, 0
+	client, err := vault.NewClient(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v := &Vault{client: client, cfg: &VaultConfig{PKIMount: "pki", PKIRole: "gateway"}}
+	for name, a := range map[string]Attributes{"four 63-character names": long, "32 IPv6 /48 routes": v6} {
+		if err := a.Validate(ca.MeshPrefix()); err == nil || !strings.Contains(err.Error(), "more than the 512 gossip carries") {
+			t.Errorf("%s: Validate says %v, want the advert too large", name, err)
+		}
+		if _, err := ca.IssueIdentity(a, time.Hour, t0); err == nil {
+			t.Errorf("%s: the CA issued it", name)
+		}
+		if _, err := v.Sign(t.Context(), nil, a, time.Hour); err == nil || asked.Load() > 0 || !strings.Contains(err.Error(), "gossip carries") {
+			t.Errorf("%s: Vault asked to sign it (%d requests): %v", name, asked.Load(), err)
+		}
+		id := certifyUnchecked(t, ca, a, t0.Add(-time.Minute), t0.Add(time.Hour))
+		if _, err := trust(t, ca).VerifyCertificate(id.Certificate(), t0); err != nil {
+			t.Errorf("%s: certified before, refused now: %v", name, err)
+		}
+	}
+
+	// The site's name grows a byte at a time until the set is refused.
+	a := testAttrs(strings.Repeat("n", 63), "s", "100.96.0.3", "10.1.0.0/16")
+	a.Region, a.Provider = strings.Repeat("r", 63), strings.Repeat("p", 63)
+	var last *NodeIdentity
+	for ; len(a.Site) < 63; a.Site += "s" {
+		err := a.Validate(ca.MeshPrefix())
+		if err == nil {
+			last = issue(t, ca, a, t0, time.Hour)
+			continue
+		}
+		if last == nil || !strings.Contains(err.Error(), "1 more than the 512") {
+			t.Fatalf("site name of %d bytes: %v; want refused by one byte, after a shorter one passed", len(a.Site), err)
+		}
+		break
+	}
+	if last == nil || len(a.Site) == 63 {
+		t.Fatal("no site name was refused: the test's names are too short")
+	}
+	ad := advertFor(last, math.MaxUint64, time.UnixMilli(1<<53))
+	ad.Endpoints = []netip.AddrPort{netip.MustParseAddrPort("[2001:db8::1]:51820")}
+	raw, err := SignAdvert(ad, last)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n, err := LargestSize(raw); err != nil || n != MaxAdvertSize {
+		t.Errorf("the largest set let through: its advert can reach %d bytes (%v), want %d", n, err, MaxAdvertSize)
 	}
 }

@@ -1,7 +1,15 @@
 package certs
 
 import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"math/big"
+	"net"
 	"net/netip"
+	"net/url"
 	"path/filepath"
 	"testing"
 	"time"
@@ -75,4 +83,33 @@ func sign(t testing.TB, a *Advert, id *NodeIdentity) []byte {
 		t.Fatal(err)
 	}
 	return raw
+}
+
+// certifyUnchecked is a gateway certificate of ca for a, signed with none
+// of the checks of issuing: what an issuer that checks less (or a
+// release that did) may have signed.
+func certifyUnchecked(t testing.TB, ca *CA, a Attributes, notBefore, notAfter time.Time) *NodeIdentity {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(77), Subject: pkix.Name{CommonName: a.Node}, NotBefore: notBefore, NotAfter: notAfter,
+		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+		BasicConstraintsValid: true, URIs: []*url.URL{a.URI()}, IPAddresses: []net.IP{a.OverlayIP.AsSlice()},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, &key.PublicKey, ca.key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, err := x509.ParseCertificate(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, err := NewNodeIdentity(cert, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return id
 }

@@ -10,9 +10,7 @@ import (
 	"encoding/asn1"
 	"fmt"
 	"math/big"
-	"net"
 	"net/netip"
-	"net/url"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -267,29 +265,9 @@ func TestVerifyCacheEndsWithCA(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	a := testAttrs("gw-a", "site-a", "100.96.0.10", "10.1.0.0/16")
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(77), Subject: pkix.Name{CommonName: a.Node},
-		NotBefore: t0.Add(-time.Minute), NotAfter: t0.Add(10 * 24 * time.Hour), // the CA ends at t0+24h
-		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
-		BasicConstraintsValid: true, URIs: []*url.URL{a.URI()}, IPAddresses: []net.IP{a.OverlayIP.AsSlice()},
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, &key.PublicKey, ca.key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, err := x509.ParseCertificate(der)
-	if err != nil {
-		t.Fatal(err)
-	}
-	id, err := NewNodeIdentity(cert, key)
-	if err != nil {
-		t.Fatal(err)
-	}
+	// The CA ends at t0+24h, the gateway's certificate ten days later.
+	id := certifyUnchecked(t, ca, testAttrs("gw-a", "site-a", "100.96.0.10", "10.1.0.0/16"), t0.Add(-time.Minute), t0.Add(10*24*time.Hour))
+	cert := id.Certificate()
 	tb := trust(t, ca)
 	raw := sign(t, advertFor(id, 1, t0), id)
 	cache := NewVerifyCache()
