@@ -92,7 +92,7 @@ func (a *Attributes) Validate(meshPrefix netip.Prefix) error {
 			if len(a.Routes) > 0 {
 				fix += fmt.Sprintf(" or aggregate the routes (%d, taking %d bytes)", len(a.Routes), routesSize(a.Routes))
 			}
-			errs = append(errs, fmt.Errorf("the gateway's advert could reach %d bytes, %d more than the %d gossip carries (with one IPv6 endpoint, during a WireGuard key rotation, under load), and the gateway would refuse to start: %s",
+			errs = append(errs, fmt.Errorf("the gateway's advert could reach %d bytes, %d more than the %d gossip carries (during a WireGuard key rotation, under load, even with a single IPv4 endpoint), and the gateway would refuse to start: %s",
 				n, n-MaxAdvertSize, MaxAdvertSize, fix))
 		}
 	}
@@ -100,28 +100,32 @@ func (a *Attributes) Validate(meshPrefix netip.Prefix) error {
 	return errors.Join(errs...)
 }
 
-// validateCertified is Validate without the advert's size, for a
+// ValidateCertified is Validate without the advert's size, for a
 // certificate already issued: one from before Validate counted the advert
 // may be a running gateway's, of an earlier release whose adverts (with
 // no proof of its WireGuard key) fit, and its peers judge the adverts it
 // signs.
-func (a *Attributes) validateCertified(meshPrefix netip.Prefix) error {
+func (a *Attributes) ValidateCertified(meshPrefix netip.Prefix) error {
 	errs := a.problems(meshPrefix)
 	sort.Slice(errs, func(i, j int) bool { return errs[i].Error() < errs[j].Error() })
 	return errors.Join(errs...)
 }
 
-// largestAdvert is the most an advert of a gateway with these attributes
-// takes (LargestSize) with one endpoint, an IPv6 one (the larger; the
-// configuration's are not known here, and a gateway needs one): the
-// largest version, timestamp and load the wire carries, a next WireGuard
-// key, the key's proof and the longest signature.
+// largestAdvert is what the largest advert of a gateway with these
+// attributes takes (LargestSize) at the least: a gateway's start refuses
+// more. With the fewest endpoints it can run with, one IPv4 address (its
+// configuration is not known here), a version and time of this century
+// (they count milliseconds; an advert's grow a byte around 2109), a next
+// WireGuard key, the key's proof, the largest load and the longest
+// signature. At the least, not at the most: a renewal of a certificate
+// whose gateway runs is never refused for it.
 func (a *Attributes) largestAdvert() (int, error) {
+	ms := advertMillisBound.UnixMilli()
 	ad := Advert{
-		Version: math.MaxUint64, Timestamp: time.UnixMilli(1 << 53),
+		Version: uint64(ms), Timestamp: advertMillisBound,
 		Node: a.Node, Site: a.Site, Region: a.Region, Provider: a.Provider, Jurisdiction: a.Jurisdiction,
 		OverlayIP: a.OverlayIP, Routes: a.Routes,
-		Endpoints: []netip.AddrPort{netip.AddrPortFrom(netip.IPv6Unspecified(), 65535)},
+		Endpoints: []netip.AddrPort{netip.AddrPortFrom(netip.IPv4Unspecified(), 65535)},
 		Load:      math.MaxUint32, NextWireGuardKey: WGPublicKey{1}, WireGuardKeyProof: WGProof{1},
 	}
 	body, err := ad.appendBody(nil)
@@ -130,6 +134,10 @@ func (a *Attributes) largestAdvert() (int, error) {
 	}
 	return len(body) + 2 + 72, nil
 }
+
+// advertMillisBound is a time as late as an advert's version and
+// timestamp, both milliseconds, take as many bytes as now.
+var advertMillisBound = time.Date(2100, 1, 1, 0, 0, 0, 0, time.UTC)
 
 // routesSize is what routes take in an advert.
 func routesSize(routes []netip.Prefix) int {

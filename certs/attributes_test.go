@@ -6,7 +6,6 @@ import (
 	"crypto/rand"
 	"crypto/x509"
 	"crypto/x509/pkix"
-	"math"
 	"math/big"
 	"net"
 	"net/http"
@@ -303,6 +302,9 @@ func TestValidateRefusesAdvertTooLarge(t *testing.T) {
 	}
 	v := &Vault{client: client, cfg: &VaultConfig{PKIMount: "pki", PKIRole: "gateway"}}
 	for name, a := range map[string]Attributes{"four 63-character names": long, "32 IPv6 /48 routes": v6} {
+		if n, err := a.largestAdvert(); err != nil || n <= MaxAdvertSize {
+			t.Fatalf("%s: its advert takes %d bytes at the least (%v); the test wants more than %d", name, n, err, MaxAdvertSize)
+		}
 		if err := a.Validate(ca.MeshPrefix()); err == nil || !strings.Contains(err.Error(), "more than the 512 gossip carries") {
 			t.Errorf("%s: Validate says %v, want the advert too large", name, err)
 		}
@@ -336,8 +338,9 @@ func TestValidateRefusesAdvertTooLarge(t *testing.T) {
 	if last == nil || len(a.Site) == 63 {
 		t.Fatal("no site name was refused: the test's names are too short")
 	}
-	ad := advertFor(last, math.MaxUint64, time.UnixMilli(1<<53))
-	ad.Endpoints = []netip.AddrPort{netip.MustParseAddrPort("[2001:db8::1]:51820")}
+	// ... at the least: with one IPv4 endpoint, at this century's times.
+	ad := advertFor(last, uint64(t0.UnixMilli()), t0)
+	ad.Endpoints = []netip.AddrPort{netip.MustParseAddrPort("192.0.2.1:51820")}
 	raw, err := SignAdvert(ad, last)
 	if err != nil {
 		t.Fatal(err)

@@ -751,7 +751,7 @@ func (tb *TrustBundle) verifyCertificate(cert *x509.Certificate, now time.Time) 
 	if err != nil {
 		return nil, time.Time{}, refuse(ReasonBadCertificate, "%v", err)
 	}
-	if err := a.validateCertified(tb.meshPrefix); err != nil {
+	if err := a.ValidateCertified(tb.meshPrefix); err != nil {
 		return nil, time.Time{}, refuse(ReasonBadCertificate, "certificate of %q: %v", nameOf(cert), err)
 	}
 	return a, until, nil

@@ -899,7 +899,7 @@ func verifyAt(tb *certs.TrustBundle, cert *x509.Certificate, at, latest time.Tim
 			if err != nil {
 				return nil, err
 			}
-			if err := a.Validate(tb.MeshPrefix()); err != nil {
+			if err := a.ValidateCertified(tb.MeshPrefix()); err != nil {
 				return nil, fmt.Errorf("certificate of %q: %w", a.Node, err)
 			}
 			return a, nil
