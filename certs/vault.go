@@ -187,6 +187,19 @@ func vaultClientConfig(addr string, tlsc *vault.TLSConfig) (*vault.Config, error
 	if tr, ok := vc.HttpClient.Transport.(*http.Transport); ok && tr.TLSClientConfig != nil {
 		tr.TLSClientConfig.InsecureSkipVerify = false
 	}
+	// Plain http is allowed because it stays on this host. A proxy
+	// (VAULT_PROXY_ADDR, VAULT_HTTP_PROXY: the client sends even loopback
+	// through them) and a redirect (a standby Vault names its active
+	// node, and the client sends the request again, token and body) would
+	// carry it to another, in the clear.
+	if u, err := url.Parse(vc.Address); err == nil && u.Scheme == "http" {
+		tr, ok := vc.HttpClient.Transport.(*http.Transport)
+		if !ok {
+			return nil, fmt.Errorf("vault address %s: plain http needs the client's own transport, to send nothing through a proxy", vc.Address)
+		}
+		tr.Proxy = nil
+		vc.DisableRedirects = true
+	}
 	return vc, nil
 }
 

@@ -127,3 +127,57 @@ func TestVaultClientConfig(t *testing.T) {
 		t.Errorf("the client dials %s (SRV lookup %v), want the configured https://vault.example.com:8200", got, vc.SRVLookup)
 	}
 }
+
+// roundTripper is an http.RoundTripper made of a function.
+type roundTripper func(*http.Request) (*http.Response, error)
+
+func (f roundTripper) RoundTrip(r *http.Request) (*http.Response, error) { return f(r) }
+
+// TestVaultPlainHTTPStaysOnHost: plain http to a Vault on loopback is
+// allowed because it stays on the host, and so it does: through no proxy
+// the environment names (the Vault client's own variables proxy loopback
+// too), and not to where a redirect (a standby's, to its active node)
+// points, which the client followed with the token.
+func TestVaultPlainHTTPStaysOnHost(t *testing.T) {
+	t.Setenv("VAULT_PROXY_ADDR", "http://192.0.2.3:3128")
+	vc, err := vaultClientConfig("http://127.0.0.1:8200", &vault.TLSConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	req, _ := http.NewRequest(http.MethodGet, "http://127.0.0.1:8200/v1/auth/token/lookup-self", nil)
+	if proxy := vc.HttpClient.Transport.(*http.Transport).Proxy; proxy != nil {
+		if p, _ := proxy(req); p != nil {
+			t.Errorf("a request to the Vault on loopback goes through the proxy %s, in the clear", p)
+		}
+	}
+
+	var sent []string
+	vc.HttpClient.Transport = roundTripper(func(r *http.Request) (*http.Response, error) {
+		sent = append(sent, r.URL.Host+" "+r.Header.Get("X-Vault-Token"))
+		if r.URL.Hostname() == "127.0.0.1" {
+			h := http.Header{"Location": {"http://vault-active.example.com:8200" + r.URL.Path}}
+			return &http.Response{StatusCode: http.StatusTemporaryRedirect, Header: h, Body: http.NoBody, Request: r}, nil
+		}
+		return &http.Response{StatusCode: http.StatusForbidden, Header: http.Header{}, Body: http.NoBody, Request: r}, nil
+	})
+	vc.MaxRetries = 0
+	c, err := vault.NewClient(vc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.SetToken("hvs.the-gateways-token")
+	c.Auth().Token().LookupSelfWithContext(t.Context())
+	if len(sent) != 1 || !strings.HasPrefix(sent[0], "127.0.0.1:8200 ") {
+		t.Errorf("requests sent: %q; want the one to loopback only, its redirect not followed", sent)
+	}
+
+	// Over https the proxies and redirects stay as Vault's client has
+	// them: what crosses is encrypted, to a certificate checked.
+	vc, err = vaultClientConfig("https://vault.example.com:8200", &vault.TLSConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if vc.DisableRedirects {
+		t.Error("redirects refused over https too")
+	}
+}
