@@ -218,15 +218,28 @@ func (t *JoinToken) VerifyEnroller(chain [][]byte, now time.Time) error {
 	return nil
 }
 
-// String names the token without its secret.
-func (t *JoinToken) String() string {
+// String names the token without its secret. It, Format, LogValue and
+// MarshalJSON take the token as a value: a copy, a slice of tokens or a
+// struct holding one prints no secret either (Encode is the way to write
+// the token whole).
+func (t JoinToken) String() string {
 	return fmt.Sprintf("join token %s for site %s (expires %s)", t.ID, t.Site, t.Expires.UTC().Format(time.RFC3339))
 }
 
 // Format prints String for every verb, so %#v cannot print the secret.
-func (t *JoinToken) Format(f fmt.State, _ rune) { fmt.Fprint(f, t.String()) }
+func (t JoinToken) Format(f fmt.State, _ rune) { fmt.Fprint(f, t.String()) }
 
 // LogValue logs the token's public half.
-func (t *JoinToken) LogValue() slog.Value {
+func (t JoinToken) LogValue() slog.Value {
 	return slog.GroupValue(slog.String("id", t.ID), slog.String("site", t.Site), slog.Time("expires", t.Expires))
+}
+
+// MarshalJSON writes the token's public half (slog's JSON handler, a
+// response holding the token).
+func (t JoinToken) MarshalJSON() ([]byte, error) {
+	return json.Marshal(struct {
+		ID      string    `json:"id"`
+		Site    string    `json:"site"`
+		Expires time.Time `json:"expires"`
+	}{t.ID, t.Site, t.Expires})
 }

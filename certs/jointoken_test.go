@@ -3,6 +3,7 @@ package certs
 import (
 	"bytes"
 	"encoding/base64"
+	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"log/slog"
@@ -176,5 +177,42 @@ func TestVaultJoinRedacted(t *testing.T) {
 	b, err := json.Marshal(vj)
 	if err != nil || !strings.Contains(string(b), wrapped) {
 		t.Fatalf("the token's JSON lost the wrapped SecretID: %s %v", b, err)
+	}
+}
+
+// TestJoinTokenPrintsNoSecret: a join token prints and logs its public
+// half whether it is held as a pointer, a value (a copy, a slice of
+// tokens, a struct field) or encoded to JSON; Encode alone writes it
+// whole.
+func TestJoinTokenPrintsNoSecret(t *testing.T) {
+	ca := newTestCA(t)
+	tok, err := NewJoinToken("burst-ams", ca.Certificate(), []netip.AddrPort{netip.MustParseAddrPort("192.0.2.1:7947")}, t0.Add(time.Hour))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out bytes.Buffer
+	for _, v := range []any{tok, *tok, []JoinToken{*tok}, struct{ Token JoinToken }{*tok}} {
+		for _, verb := range []string{"%v", "%+v", "%#v", "%s", "%x"} {
+			fmt.Fprintf(&out, verb+"\n", v)
+		}
+		slog.New(slog.NewTextHandler(&out, nil)).Info("m", "v", v)
+		slog.New(slog.NewJSONHandler(&out, nil)).Info("m", "v", v)
+		b, err := json.Marshal(v)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out.Write(b)
+	}
+	for _, s := range []string{base64.StdEncoding.EncodeToString(tok.Secret), base64.RawURLEncoding.EncodeToString(tok.Secret), hex.EncodeToString(tok.Secret)} {
+		if strings.Contains(out.String(), s) {
+			t.Fatalf("the token's secret is in what was printed:\n%s", out.String())
+		}
+	}
+	if !strings.Contains(out.String(), tok.ID) {
+		t.Errorf("the token's ID is not in what was printed:\n%s", out.String())
+	}
+	back, err := ParseJoinToken(tok.Encode())
+	if err != nil || !bytes.Equal(back.Secret, tok.Secret) {
+		t.Errorf("Encode, parsed again: %v, %v; want the secret whole", back, err)
 	}
 }

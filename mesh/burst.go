@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net/netip"
 	"slices"
 	"strings"
@@ -45,6 +46,23 @@ type BurstRequest struct {
 	// this request only: never stored, never logged.
 	VaultToken string `json:"vault_token,omitempty"`
 }
+
+// plainBurstRequest is a BurstRequest without its methods, to print.
+type plainBurstRequest BurstRequest
+
+// redacted is r with its Vault token replaced by a placeholder.
+func (r BurstRequest) redacted() plainBurstRequest {
+	if r.VaultToken != "" {
+		r.VaultToken = "[redacted]"
+	}
+	return plainBurstRequest(r)
+}
+
+// Format prints the request without its Vault token, for every verb.
+func (r BurstRequest) Format(f fmt.State, _ rune) { fmt.Fprintf(f, "%+v", r.redacted()) }
+
+// LogValue logs the request without its Vault token.
+func (r BurstRequest) LogValue() slog.Value { return slog.AnyValue(r.redacted()) }
 
 // Limits of a burst request.
 const (

@@ -1505,3 +1505,30 @@ func TestBurstListSaysWorkLeft(t *testing.T) {
 		t.Error("an open burst is listed as work left")
 	}
 }
+
+// TestBurstRequestPrintsNoVaultToken: a burst request printed or logged
+// leaves out the operator's Vault token it carries, and sends it whole
+// as JSON, which is how it reaches the gateway. (So a slice of requests
+// logged by slog's JSON handler, which encodes it as JSON, would carry
+// the token: none is.)
+func TestBurstRequestPrintsNoVaultToken(t *testing.T) {
+	const token = "hvs.the-operators-token"
+	req := BurstRequest{BurstSite: BurstSite{Site: "burst-ams"}, TTL: time.Hour, VaultToken: token}
+	var out bytes.Buffer
+	for _, v := range []any{req, &req, []BurstRequest{req}} {
+		for _, verb := range []string{"%v", "%+v", "%#v", "%s"} {
+			fmt.Fprintf(&out, verb+"\n", v)
+		}
+		slog.New(slog.NewTextHandler(&out, nil)).Info("m", "v", v)
+	}
+	for _, v := range []any{req, &req} {
+		slog.New(slog.NewJSONHandler(&out, nil)).Info("m", "v", v)
+	}
+	if strings.Contains(out.String(), token) || !strings.Contains(out.String(), "burst-ams") {
+		t.Errorf("printed:\n%s\nwant the site, and not the Vault token", out.String())
+	}
+	b, err := json.Marshal(req)
+	if err != nil || !strings.Contains(string(b), token) {
+		t.Errorf("as JSON: %s, %v; want the token in it, for the gateway", b, err)
+	}
+}
