@@ -247,6 +247,12 @@ func OpenCA(dir string) (*CA, error) {
 	if err != nil {
 		return nil, fmt.Errorf("CA in %s: %w", dir, err)
 	}
+	// ca.crt is held here to what TrustBundle holds it to: the commands
+	// read the bundle after they issued or revoked, and a refusal then
+	// left a certificate nobody held, or a revocation reported as failed.
+	if _, err := readCACert(dir); err != nil {
+		return nil, fmt.Errorf("CA in %s: %w", dir, err)
+	}
 	return &CA{dir: dir, cert: cert, key: key}, nil
 }
 

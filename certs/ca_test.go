@@ -97,6 +97,14 @@ func TestOpenCAErrors(t *testing.T) {
 		t.Errorf("world-readable key: err = %v, want a chmod hint", err)
 	}
 	os.Chmod(keyPath, 0o600)
+	// A ca.crt the trust bundle would be refused for is refused at once,
+	// not once something is issued or revoked.
+	certPath := filepath.Join(dir, fileCACert)
+	os.Chmod(certPath, 0o664)
+	if _, err := OpenCA(dir); err == nil || !strings.Contains(err.Error(), "chmod 644") {
+		t.Errorf("a ca.crt its group may write: err = %v, want a chmod hint", err)
+	}
+	os.Chmod(certPath, 0o644)
 	os.WriteFile(keyPath, []byte("not a key"), 0o600)
 	if _, err := OpenCA(dir); err == nil || !strings.Contains(err.Error(), fileCAKey) {
 		t.Errorf("garbage key: err = %v, want it to name the file", err)

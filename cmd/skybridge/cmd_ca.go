@@ -171,6 +171,10 @@ func caIssue(c *cli.Context) error {
 	if err := checkCAKeyring(c.Context, ca); err != nil {
 		return err
 	}
+	tb, err := ca.TrustBundle()
+	if err != nil {
+		return err
+	}
 
 	var (
 		cert     *x509.Certificate
@@ -207,10 +211,6 @@ func caIssue(c *cli.Context) error {
 		cert = identity.Certificate()
 	}
 
-	tb, err := ca.TrustBundle()
-	if err != nil {
-		return err
-	}
 	// What the gateway needs beside its certificate goes first: the
 	// certificate is then the last thing written, and one that failed to
 	// be written is one nobody holds.

@@ -1,0 +1,91 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/skybridge-mesh/skybridge/certs"
+)
+
+// validIssued counts the certificates ca list calls valid.
+func validIssued(t *testing.T, ca string) int {
+	t.Helper()
+	var list []struct {
+		State string `json:"state"`
+	}
+	if err := json.Unmarshal([]byte(mustRun(t, "ca", "list", "--ca", ca, "--json")), &list); err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, e := range list {
+		if e.State == "valid" {
+			n++
+		}
+	}
+	return n
+}
+
+// TestIssueRefusesBeforeSigningWhatItCannotHandOut: a CA directory whose
+// trust bundle cannot be read (crl.pem gone, a ca.crt its group may
+// write) has ca issue refused before it signs. It signed first, and the
+// certificate it could not hand out stayed valid, held the overlay IP and
+// was the node's latest: the gateway's own renewal was refused as that of
+// a copied key.
+func TestIssueRefusesBeforeSigningWhatItCannotHandOut(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		break_ func(ca string)
+		mend   func(ca string)
+		want   string
+	}{
+		{"crl.pem missing",
+			func(ca string) { os.Rename(filepath.Join(ca, "crl.pem"), filepath.Join(ca, "crl.pem.away")) },
+			func(ca string) { os.Rename(filepath.Join(ca, "crl.pem.away"), filepath.Join(ca, "crl.pem")) },
+			"ca crl --refresh"},
+		{"ca.crt its group may write",
+			func(ca string) { os.Chmod(filepath.Join(ca, "ca.crt"), 0o664) },
+			func(ca string) { os.Chmod(filepath.Join(ca, "ca.crt"), 0o644) },
+			"chmod 644"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			ca, gw := filepath.Join(dir, "ca"), filepath.Join(dir, "gw1")
+			mustRun(t, "ca", "init", "--dir", ca)
+			mustRun(t, issueArgs(ca, gw, "gw1", "100.96.0.1")...)
+			before, _ := os.ReadFile(filepath.Join(gw, "node.crt"))
+
+			tc.break_(ca)
+			_, errs, code := runCLI(t, issueArgs(ca, gw, "gw1", "100.96.0.1", "--label", "tier=gold")...)
+			if code == 0 || !strings.Contains(errs, tc.want) {
+				t.Fatalf("issue: exit %d, %q; want refused, saying %q", code, errs, tc.want)
+			}
+			tc.mend(ca)
+			if after, _ := os.ReadFile(filepath.Join(gw, "node.crt")); !bytes.Equal(before, after) {
+				t.Fatal("the directory's certificate was replaced")
+			}
+			if n := validIssued(t, ca); n != 1 {
+				t.Fatalf("%d valid certificates after the refused issue; want the delivered one alone", n)
+			}
+
+			// The gateway renews the certificate it holds.
+			id, err := certs.LoadNodeIdentity(gw)
+			if err != nil {
+				t.Fatal(err)
+			}
+			c, err := certs.OpenCA(ca)
+			if err != nil {
+				t.Fatal(err)
+			}
+			k, _ := certs.GenerateNodeKey()
+			csr, _ := certs.CreateCSR(k, *id.Attributes())
+			if _, err := c.Renew(id.Certificate(), csr, id.Certificate().NotBefore.Add(20*24*time.Hour)); err != nil {
+				t.Fatalf("renewal of the delivered identity: %v", err)
+			}
+		})
+	}
+}
