@@ -175,6 +175,7 @@ func caIssue(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
+	tb = keepNewerCRLs(c, ca, tb, out)
 
 	var (
 		cert     *x509.Certificate
@@ -249,6 +250,37 @@ func caIssue(c *cli.Context) error {
 	fmt.Fprintf(c.App.Writer, "issued %s for node %s of site %s\n  serial:      %s\n  overlay IP:  %s\n  routes:      %s\n  valid until: %s\n  written to:  %s\n",
 		"certificate", attrs.Node, attrs.Site, res.Serial, attrs.OverlayIP, routesString(attrs.Routes), cert.NotAfter.UTC().Format(time.RFC3339), out)
 	return nil
+}
+
+// keepNewerCRLs returns tb with the lists of out's crl.pem that are newer
+// than its own: the CA's would replace them, and roll back what they
+// revoke (a gateway's list came by gossip, the CA directory was restored
+// from a backup). The CA takes the newer list back, as a gateway holding
+// it does (Provider.Trust): its next list would be numbered below what
+// the mesh holds, and ignored by every gateway. A crl.pem that cannot be
+// read or parsed holds nothing to keep.
+func keepNewerCRLs(c *cli.Context, ca *certs.CA, tb *certs.TrustBundle, out string) *certs.TrustBundle {
+	b, err := os.ReadFile(filepath.Join(out, "crl.pem"))
+	if err != nil {
+		return tb
+	}
+	crls, err := certs.ParseCRLs(b)
+	if err != nil {
+		return tb
+	}
+	merged, newer := tb.WithNewerCRLs(crls)
+	if !newer {
+		return tb
+	}
+	held, caList := merged.CRL(), tb.CRL()
+	if took, err := ca.TakeNewerCRL(held); err != nil {
+		fmt.Fprintf(c.App.ErrWriter, "skybridge: %s holds revocation list #%s, newer than the CA directory's #%s (restored from a backup?), which could not be brought up to date (%v): the CA's next lists would be ignored by every gateway; copy %s into %s\n",
+			out, held.Number, caList.Number, err, filepath.Join(out, "crl.pem"), ca.Dir())
+	} else if took {
+		fmt.Fprintf(c.App.ErrWriter, "skybridge: %s holds revocation list #%s, newer than the CA directory's #%s (restored from a backup?): it is kept there, and written back into %s, so that the CA's next lists carry on from it\n",
+			out, held.Number, caList.Number, ca.Dir())
+	}
+	return merged
 }
 
 // attributeFlags are the flags that describe a gateway, shared by every

@@ -3,8 +3,10 @@ package main
 import (
 	"bytes"
 	"encoding/json"
+	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -87,5 +89,51 @@ func TestIssueRefusesBeforeSigningWhatItCannotHandOut(t *testing.T) {
 				t.Fatalf("renewal of the delivered identity: %v", err)
 			}
 		})
+	}
+}
+
+// TestIssueKeepsNewerCRLOfItsDirectory: ca issue --out a directory whose
+// crl.pem is newer than the CA's (the CA directory restored from a
+// backup) keeps it, rather than roll back a revocation there, and the CA
+// takes it back: its next list is numbered after it, and revokes what it
+// did.
+func TestIssueKeepsNewerCRLOfItsDirectory(t *testing.T) {
+	dir := t.TempDir()
+	ca := filepath.Join(dir, "ca")
+	gw1, gw2 := filepath.Join(dir, "gw1"), filepath.Join(dir, "gw2")
+	mustRun(t, "ca", "init", "--dir", ca)
+	mustRun(t, issueArgs(ca, gw1, "gw1", "100.96.0.1")...)
+	backupCRL, _ := os.ReadFile(filepath.Join(ca, "crl.pem"))
+	backupIdx, _ := os.ReadFile(filepath.Join(ca, "issued.json"))
+	mustRun(t, issueArgs(ca, gw2, "gw2", "100.96.0.2")...)
+	mustRun(t, "ca", "revoke", "--ca", ca, "--node", "gw2", "--reason", "keyCompromise")
+	newer, _ := os.ReadFile(filepath.Join(ca, "crl.pem"))
+	os.WriteFile(filepath.Join(gw1, "crl.pem"), newer, 0o644) // as gossip brought it
+	os.WriteFile(filepath.Join(ca, "crl.pem"), backupCRL, 0o644)
+	os.WriteFile(filepath.Join(ca, "issued.json"), backupIdx, 0o600)
+
+	_, errs, code := runCLI(t, issueArgs(ca, gw1, "gw1", "100.96.0.1", "--label", "tier=gold")...)
+	if code != 0 {
+		t.Fatalf("issue into a directory with a newer list: exit %d, %q", code, errs)
+	}
+	id2, err := certs.LoadNodeIdentity(gw2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	serial := id2.Certificate().SerialNumber
+	tb, err := certs.LoadTrustBundle(gw1, netip.Prefix{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !tb.IsRevoked(serial) {
+		t.Fatalf("gw1's crl.pem is #%s and no longer revokes gw2 (it held #2, which did)", tb.CRL().Number)
+	}
+	if !strings.Contains(errs, "newer than the CA directory's #1") {
+		t.Errorf("issue said %q; want it to say the CA directory's list was older", errs)
+	}
+	var crl crlOutput
+	json.Unmarshal([]byte(mustRun(t, "ca", "crl", "--ca", ca, "--refresh", "--json")), &crl)
+	if crl.Number != "3" || !slices.Contains(crl.Revoked, certs.FormatSerial(serial)) {
+		t.Fatalf("the CA's next list: %+v; want #3, revoking gw2", crl)
 	}
 }
