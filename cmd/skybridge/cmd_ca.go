@@ -472,22 +472,44 @@ func caRevoke(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	tb, err := ca.TrustBundle()
-	if err != nil {
-		return err
-	}
-	out := revokeOutput{Revoked: done, CRLNumber: tb.CRL().Number.String()}
-	if c.Bool("json") {
-		return printJSON(c.App.Writer, out)
-	}
-	for _, e := range done {
-		if e.Kind == certs.KindPolicySigner {
-			fmt.Fprintf(c.App.Writer, "revoked %s (policy signer %s, reason %s)\n", e.Serial, e.Node, e.Reason)
-			continue
+	// Revoked, and the new list written: whatever fails from here on
+	// says so, or the revocation would be taken for one not made (and,
+	// asked again by --node, be refused as of a node with nothing left
+	// to revoke).
+	crlPath := filepath.Join(ca.Dir(), "crl.pem")
+	revokedBut := func(err error) error {
+		serials := make([]string, len(done))
+		for i, e := range done {
+			serials[i] = e.Serial
 		}
-		fmt.Fprintf(c.App.Writer, "revoked %s (node %s, site %s, reason %s)\n", e.Serial, e.Node, e.Site, e.Reason)
+		return fmt.Errorf("revoked %s, on the revocation list written to %s; but %w", strings.Join(serials, ", "), crlPath, err)
 	}
-	fmt.Fprintf(c.App.Writer, "revocation list #%s written to %s\n", out.CRLNumber, filepath.Join(ca.Dir(), "crl.pem"))
+	out := revokeOutput{Revoked: done}
+	tb, tbErr := ca.TrustBundle()
+	if tbErr == nil {
+		out.CRLNumber = tb.CRL().Number.String()
+	} else {
+		tbErr = fmt.Errorf("the CA's trust bundle cannot be read back: %w: mend the CA directory (`skybridge ca crl --ca %s` reads it so too): until then a gateway that reads it (identity.ca_dir) does not take the new list from it", tbErr, ca.Dir())
+	}
+	if c.Bool("json") {
+		if err := printJSON(c.App.Writer, out); err != nil {
+			return revokedBut(err)
+		}
+	} else {
+		for _, e := range done {
+			if e.Kind == certs.KindPolicySigner {
+				fmt.Fprintf(c.App.Writer, "revoked %s (policy signer %s, reason %s)\n", e.Serial, e.Node, e.Reason)
+				continue
+			}
+			fmt.Fprintf(c.App.Writer, "revoked %s (node %s, site %s, reason %s)\n", e.Serial, e.Node, e.Site, e.Reason)
+		}
+		if tbErr == nil {
+			fmt.Fprintf(c.App.Writer, "revocation list #%s written to %s\n", out.CRLNumber, crlPath)
+		}
+	}
+	if tbErr != nil {
+		return revokedBut(tbErr)
+	}
 	return nil
 }
 

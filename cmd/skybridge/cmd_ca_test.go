@@ -137,3 +137,46 @@ func TestIssueKeepsNewerCRLOfItsDirectory(t *testing.T) {
 		t.Fatalf("the CA's next list: %+v; want #3, revoking gw2", crl)
 	}
 }
+
+// TestRevokeSaysWhatWasDone: ca revoke is refused, before it revokes,
+// for what would have failed after (a ca.crt its group may write); and
+// what fails once it revoked (here, a ca.crt the trust bundle refuses for
+// a certificate appended to it) says the revocation was made. It said
+// only what failed, and the revocation was taken for one not made.
+func TestRevokeSaysWhatWasDone(t *testing.T) {
+	dir := t.TempDir()
+	ca, gw := filepath.Join(dir, "ca"), filepath.Join(dir, "gw1")
+	mustRun(t, "ca", "init", "--dir", ca)
+	mustRun(t, issueArgs(ca, gw, "gw1", "100.96.0.1")...)
+	caCert := filepath.Join(ca, "ca.crt")
+	good, _ := os.ReadFile(caCert)
+
+	os.Chmod(caCert, 0o664)
+	_, errs, code := runCLI(t, "ca", "revoke", "--ca", ca, "--node", "gw1")
+	os.Chmod(caCert, 0o644)
+	if code == 0 || !strings.Contains(errs, "chmod 644") {
+		t.Fatalf("revoke with a ca.crt its group may write: exit %d, %q; want refused, saying chmod 644", code, errs)
+	}
+	if n := validIssued(t, ca); n != 1 {
+		t.Fatalf("the refused revoke revoked: %d valid certificates left", n)
+	}
+
+	nodeCert, _ := os.ReadFile(filepath.Join(gw, "node.crt"))
+	os.WriteFile(caCert, append(slices.Clone(good), nodeCert...), 0o644)
+	out, errs, code := runCLI(t, "ca", "revoke", "--ca", ca, "--node", "gw1")
+	os.WriteFile(caCert, good, 0o644)
+	id, err := certs.LoadNodeIdentity(gw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	serial := certs.FormatSerial(id.Certificate().SerialNumber)
+	if validIssued(t, ca) != 0 {
+		t.Fatal("the certificate was not revoked")
+	}
+	if code == 0 || !strings.Contains(errs, "revoked "+serial+", on the revocation list written to") || !strings.Contains(errs, "; but the CA's trust bundle cannot be read back") {
+		t.Errorf("revoke that failed after revoking: exit %d, stderr %q; want it to say what it revoked, and what failed", code, errs)
+	}
+	if !strings.Contains(out, "revoked "+serial+" (node gw1") {
+		t.Errorf("revoke that failed after revoking printed %q; want the revocation", out)
+	}
+}
