@@ -22,6 +22,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"syscall"
 	"time"
 
@@ -85,7 +86,8 @@ type InitOptions struct {
 }
 
 // InitCA creates a CA in dir, which must not exist or be empty. The CA's
-// files are written into a temporary directory and renamed into place, so a
+// files are written into a temporary directory and renamed into place (or,
+// into a directory that is there, moved in, ca.key last: see initIn), so a
 // crash leaves either no CA or a complete one.
 func InitCA(dir string, opt InitOptions) (*CA, error) {
 	if opt.Name == "" {
@@ -144,6 +146,17 @@ func InitCA(dir string, opt InitOptions) (*CA, error) {
 	}
 	ca := &CA{cert: cert, key: key}
 
+	if st, err := os.Stat(dir); err == nil {
+		// An empty directory that is there already, perhaps a mount
+		// point or ".", which rename(2) will not replace: the CA was
+		// written on its parent's filesystem, and then not moved.
+		if err := ca.initIn(dir, st, opt); err != nil {
+			return nil, err
+		}
+		return ca, nil
+	} else if !errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("check CA directory: %w", err)
+	}
 	parent := filepath.Dir(filepath.Clean(dir))
 	if err := os.MkdirAll(parent, 0o755); err != nil {
 		return nil, fmt.Errorf("create %s: %w", parent, err)
@@ -162,39 +175,16 @@ func InitCA(dir string, opt InitOptions) (*CA, error) {
 		return nil, fmt.Errorf("create CA directory: %w", err)
 	}
 	defer os.RemoveAll(tmp) // no-op once renamed
-	ca.dir = tmp
-	keyPEM, err := marshalKeyPEM(key)
-	if err != nil {
-		return nil, err
-	}
-	if err := atomicfile.WriteNew(filepath.Join(tmp, fileCAKey), keyPEM, 0o600); err != nil {
-		return nil, err
-	}
-	if err := atomicfile.WriteNew(filepath.Join(tmp, fileCACert), encodePEM(pemCert, der), 0o644); err != nil {
-		return nil, err
-	}
-	// The mesh's first gossip keyring is born with its CA; `ca issue`
-	// hands it out with every identity.
-	kr, err := GenerateGossipKeyring()
-	if err != nil {
-		return nil, err
-	}
-	if err := atomicfile.WriteNew(filepath.Join(tmp, FileGossipKeyring), kr.MarshalSecret(), 0o600); err != nil {
-		return nil, err
-	}
-	idx := &caIndex{MeshPrefix: opt.MeshPrefix.String()}
-	if err := ca.writeCRL(idx, opt.Now); err != nil {
-		return nil, err
-	}
-	if err := ca.writeIndex(idx); err != nil {
+	if err := ca.writeNew(tmp, opt); err != nil {
 		return nil, err
 	}
 	if err := os.Chmod(tmp, 0o700); err != nil {
 		return nil, err
 	}
 	// rename(2) replaces an empty directory atomically and fails on a
-	// non-empty one, so a concurrent init cannot clobber a CA either.
-	// (os.Rename refuses any existing directory, hence the raw call.)
+	// non-empty one (made meanwhile, another init's made in it), so a
+	// concurrent init cannot clobber a CA either. (os.Rename refuses any
+	// existing directory, hence the raw call.)
 	if err := syscall.Rename(tmp, dir); err != nil {
 		return nil, fmt.Errorf("move new CA into %s: %w (is a CA already there?)", dir, err)
 	}
@@ -205,6 +195,107 @@ func InitCA(dir string, opt InitOptions) (*CA, error) {
 	return ca, nil
 }
 
+// writeNew writes the files of the new CA into dir.
+func (ca *CA) writeNew(dir string, opt InitOptions) error {
+	ca.dir = dir
+	keyPEM, err := marshalKeyPEM(ca.key)
+	if err != nil {
+		return err
+	}
+	if err := atomicfile.WriteNew(filepath.Join(dir, fileCAKey), keyPEM, 0o600); err != nil {
+		return err
+	}
+	if err := atomicfile.WriteNew(filepath.Join(dir, fileCACert), encodePEM(pemCert, ca.cert.Raw), 0o644); err != nil {
+		return err
+	}
+	// The mesh's first gossip keyring is born with its CA; `ca issue`
+	// hands it out with every identity.
+	kr, err := GenerateGossipKeyring()
+	if err != nil {
+		return err
+	}
+	if err := atomicfile.WriteNew(filepath.Join(dir, FileGossipKeyring), kr.MarshalSecret(), 0o600); err != nil {
+		return err
+	}
+	idx := &caIndex{MeshPrefix: opt.MeshPrefix.String()}
+	if err := ca.writeCRL(idx, opt.Now); err != nil {
+		return err
+	}
+	return ca.writeIndex(idx)
+}
+
+// initPrefix begins the name of the directory an init of a directory
+// that is there already writes the CA in, inside it.
+const initPrefix = ".init-"
+
+// initMoves are the files of a new CA in the order an init moves them
+// into a directory that was there: ca.key last, so that a CA is there
+// once it is, whole, and an init cut short before it left no CA but files
+// the next init clears (checkEmptyDir).
+var initMoves = []string{FileGossipKeyring, fileIndex, fileCRL, fileCACert, fileCAKey}
+
+// initIn writes the CA into dir, an empty directory that is there
+// already, under the CA's lock, so that of two inits the second finds
+// the first's CA: into a directory of its own inside dir, on dir's
+// filesystem, then moved into dir (initMoves).
+func (ca *CA) initIn(dir string, st os.FileInfo, opt InitOptions) error {
+	// What OpenCA would refuse the directory for is refused before the
+	// key is written.
+	if err := keyDir(dir, st); err != nil {
+		return err
+	}
+	if st.Mode().Perm() != 0o700 {
+		if err := os.Chmod(dir, 0o700); err != nil {
+			return fmt.Errorf("make the CA directory %s private (mode 0700): %w; give a directory of your own", dir, err)
+		}
+	}
+	unlock, err := lockFile(filepath.Join(dir, fileLock))
+	if err != nil {
+		return fmt.Errorf("create the CA in %s: %w", dir, err)
+	}
+	defer unlock()
+	// Another init may have made its CA meanwhile; and what is there
+	// besides the lock, an init cut short left (checkEmptyDir): under the
+	// lock, none is running.
+	if err := checkEmptyDir(dir); err != nil {
+		return err
+	}
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return fmt.Errorf("check CA directory: %w", err)
+	}
+	for _, e := range ents {
+		if e.Name() != fileLock {
+			if err := os.RemoveAll(filepath.Join(dir, e.Name())); err != nil {
+				return fmt.Errorf("remove what an init cut short left in %s: %w", dir, err)
+			}
+		}
+	}
+	tmp, err := os.MkdirTemp(dir, initPrefix+"*")
+	if err != nil {
+		return fmt.Errorf("create the CA in %s: %w", dir, err)
+	}
+	defer os.RemoveAll(tmp)
+	if err := ca.writeNew(tmp, opt); err != nil {
+		return err
+	}
+	for i, name := range initMoves {
+		if err := os.Rename(filepath.Join(tmp, name), filepath.Join(dir, name)); err != nil {
+			// Taken back, or the next init would find them with no
+			// key, nor anything to say an init left them.
+			for _, moved := range initMoves[:i] {
+				os.Remove(filepath.Join(dir, moved))
+			}
+			return fmt.Errorf("move the new CA's %s into %s: %w", name, dir, err)
+		}
+	}
+	if err := atomicfile.SyncDir(dir); err != nil {
+		return err
+	}
+	ca.dir = dir
+	return nil
+}
+
 func checkEmptyDir(dir string) error {
 	ents, err := os.ReadDir(dir)
 	switch {
@@ -213,18 +304,31 @@ func checkEmptyDir(dir string) error {
 	case err != nil:
 		return fmt.Errorf("check CA directory: %w", err)
 	}
+	// Besides what an init of the directory (initIn) left, or makes
+	// now: its lock, its own directory and, cut short as it moved the CA
+	// in (or still moving it), the files it moved before ca.key.
 	names := map[string]bool{}
+	initLeft, moved := false, true
 	for _, e := range ents {
-		names[e.Name()] = true
+		switch {
+		case e.Name() == fileLock:
+		case e.IsDir() && strings.HasPrefix(e.Name(), initPrefix):
+			initLeft = true
+		default:
+			names[e.Name()] = true
+			moved = moved && slices.Contains(initMoves, e.Name())
+		}
 	}
 	switch {
 	case names[fileCAKey]:
 		return fmt.Errorf("a CA already exists in %s; refusing to overwrite it (choose another --dir, or remove it yourself if you really mean to replace the mesh's trust root)", dir)
+	case initLeft && moved:
+		return nil
 	case names[fileCACert]:
 		// Every gateway's identity directory holds the CA's certificate.
 		return fmt.Errorf("%s holds a CA certificate but no CA key: a gateway's identity directory, or a copy of the CA's certificate, not a CA; give a new or empty directory for the CA", dir)
 	}
-	if len(ents) > 0 {
+	if len(names) > 0 {
 		return fmt.Errorf("%s is not empty; give a new or empty directory for the CA", dir)
 	}
 	return nil

@@ -19,6 +19,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -788,5 +789,118 @@ func TestRevokeAgainAsKeyCompromise(t *testing.T) {
 	}
 	if !trust(t, ca).IsRevoked(id.Certificate().SerialNumber) {
 		t.Fatal("a compromised key's certificate left the list once expired")
+	}
+}
+
+// TestInitCAInDirectoryThere: an empty directory that is there and that
+// rename(2) will not replace (".", a mount point) gets the CA made inside
+// it. The CA was written beside it, its key on the parent's filesystem,
+// and then could not be moved in.
+func TestInitCAInDirectoryThere(t *testing.T) {
+	made := func(t *testing.T, dir string) {
+		t.Helper()
+		if _, err := InitCA(dir, InitOptions{Now: t0}); err != nil {
+			t.Fatalf("init: %v", err)
+		}
+		if _, err := OpenCA(dir); err != nil {
+			t.Fatalf("open the new CA: %v", err)
+		}
+		if st, _ := os.Stat(dir); st.Mode().Perm() != 0o700 {
+			t.Errorf("CA directory mode = %04o, want 0700", st.Mode().Perm())
+		}
+		ents, _ := os.ReadDir(dir)
+		for _, e := range ents {
+			if strings.HasPrefix(e.Name(), initPrefix) {
+				t.Errorf("init left %s in the CA", e.Name())
+			}
+		}
+	}
+	t.Run("the working directory", func(t *testing.T) {
+		t.Chdir(t.TempDir())
+		made(t, ".")
+	})
+	t.Run("a mount point", func(t *testing.T) {
+		asRoot(t)
+		parent := t.TempDir()
+		dir := filepath.Join(parent, "ca")
+		if err := os.Mkdir(dir, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := syscall.Mount(dir, dir, "", syscall.MS_BIND, ""); err != nil {
+			t.Skipf("bind mount: %v", err)
+		}
+		t.Cleanup(func() { syscall.Unmount(dir, syscall.MNT_DETACH) })
+		made(t, dir)
+		if ents, _ := os.ReadDir(parent); len(ents) != 1 {
+			t.Errorf("init left %d entries beside the CA", len(ents))
+		}
+	})
+}
+
+// TestInitCAInDirectoryThereCutShort: an init of a directory that was
+// there, cut short as it moved the CA in (ca.key last), left no CA, and
+// the next init makes one there; a directory holding a ca.crt no init
+// left is still refused.
+func TestInitCAInDirectoryThereCutShort(t *testing.T) {
+	dir := t.TempDir()
+	left := filepath.Join(dir, initPrefix+"123")
+	if err := os.Mkdir(left, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(filepath.Join(left, fileCAKey), []byte("a key"), 0o600)
+	for _, f := range initMoves[:len(initMoves)-1] {
+		os.WriteFile(filepath.Join(dir, f), []byte("moved"), 0o600)
+	}
+	os.WriteFile(filepath.Join(dir, fileLock), nil, 0o600)
+	if _, err := OpenCA(dir); err == nil {
+		t.Fatal("a CA cut short opens")
+	}
+	if _, err := InitCA(dir, InitOptions{Now: t0}); err != nil {
+		t.Fatalf("init after one cut short: %v", err)
+	}
+	if _, err := OpenCA(dir); err != nil {
+		t.Fatalf("open the CA: %v", err)
+	}
+	if _, err := os.Stat(left); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("what the init cut short left: %v; want it removed", err)
+	}
+
+	copied := t.TempDir()
+	os.WriteFile(filepath.Join(copied, fileCACert), []byte("a copy"), 0o644)
+	if _, err := InitCA(copied, InitOptions{Now: t0}); err == nil || !strings.Contains(err.Error(), "no CA key") {
+		t.Fatalf("init of a directory holding a ca.crt: %v", err)
+	}
+}
+
+// TestInitCAConcurrentInDirectoryThere: of inits racing for a directory
+// that is there, one makes the CA and the others find it.
+func TestInitCAConcurrentInDirectoryThere(t *testing.T) {
+	dir := t.TempDir()
+	var (
+		wg  sync.WaitGroup
+		mu  sync.Mutex
+		won []*CA
+	)
+	for range 6 {
+		wg.Go(func() {
+			ca, err := InitCA(dir, InitOptions{Now: t0})
+			if err != nil {
+				if !strings.Contains(err.Error(), "already exists") {
+					t.Errorf("an init that lost: %v; want the CA found", err)
+				}
+				return
+			}
+			mu.Lock()
+			won = append(won, ca)
+			mu.Unlock()
+		})
+	}
+	wg.Wait()
+	if len(won) != 1 {
+		t.Fatalf("%d inits made the CA", len(won))
+	}
+	ca, err := OpenCA(dir)
+	if err != nil || !ca.Certificate().Equal(won[0].Certificate()) {
+		t.Fatalf("the CA in the directory: %v; want the one init made", err)
 	}
 }

@@ -30,7 +30,7 @@ func caCommand() *cli.Command {
 				Usage:     "create a new mesh CA",
 				UsageText: "skybridge ca init --dir DIR [--mesh-cidr 100.96.0.0/16] [--name NAME]",
 				Flags: []cli.Flag{
-					&cli.StringFlag{Name: "dir", Usage: "directory to create the CA in (must not hold a CA)", Required: true},
+					&cli.StringFlag{Name: "dir", Usage: "directory to create the CA in: a new one, or an empty one (a mount point, or . will do)", Required: true},
 					&cli.StringFlag{Name: "mesh-cidr", Value: certs.DefaultMeshPrefix.String(), Usage: "overlay range all gateway overlay IPs must lie in: private, shared (100.64.0.0/10) or unique local space, /24 or wider"},
 					&cli.StringFlag{Name: "name", Value: "skybridge mesh", Usage: `the CA certificate is named "NAME CA"`},
 					&cli.DurationFlag{Name: "validity", Value: certs.DefaultCAValidity, Usage: "lifetime of the CA certificate"},
