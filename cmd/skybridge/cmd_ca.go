@@ -110,9 +110,10 @@ func caInit(c *cli.Context) error {
 		return err
 	}
 	// A CA shorter-lived than the certificates it issues by default
-	// could issue none of them.
-	if v := c.Duration("validity"); v < certs.DefaultNodeTTL {
-		return usageError("--validity %s: a CA must outlive the certificates it issues (%s by default); give at least that, e.g. --validity 87600h for ten years", v, certs.DefaultNodeTTL)
+	// could issue none of them; and one that lives exactly as long, none
+	// either: a certificate issued after it was made ends after it does.
+	if v := c.Duration("validity"); v < minCAValidity {
+		return usageError("--validity %s: a CA must outlive the certificates it issues (%s by default) issued up to a day after it is made; give at least %s, e.g. --validity 87600h for ten years", v, certs.DefaultNodeTTL, minCAValidity)
 	}
 	ca, err := certs.InitCA(c.String("dir"), certs.InitOptions{Name: c.String("name"), MeshPrefix: prefix, Validity: c.Duration("validity")})
 	if err != nil {
@@ -123,6 +124,10 @@ func caInit(c *cli.Context) error {
 		cert.Subject.CommonName, ca.Dir(), ca.MeshPrefix(), cert.NotAfter.UTC().Format(time.RFC3339), filepath.Join(ca.Dir(), "ca.key"))
 	return nil
 }
+
+// minCAValidity is the shortest life ca init gives a CA: a certificate
+// of the default life, issued a day after it.
+const minCAValidity = certs.DefaultNodeTTL + 24*time.Hour
 
 func checkMeshPrefix(p netip.Prefix) error {
 	if err := certs.CheckMeshPrefix(p); err != nil {

@@ -180,3 +180,18 @@ func TestRevokeSaysWhatWasDone(t *testing.T) {
 		t.Errorf("revoke that failed after revoking printed %q; want the revocation", out)
 	}
 }
+
+// TestInitValidityOutlivesADefaultCertificate: the shortest --validity
+// ca init takes leaves a CA that issues a certificate of the default
+// life; 720h, the default life itself, was taken, and every default ca
+// issue after it refused as outliving the CA.
+func TestInitValidityOutlivesADefaultCertificate(t *testing.T) {
+	dir := t.TempDir()
+	_, errs, code := runCLI(t, "ca", "init", "--dir", filepath.Join(dir, "short"), "--validity", certs.DefaultNodeTTL.String())
+	if code != 2 || !strings.Contains(errs, "give at least "+minCAValidity.String()) {
+		t.Errorf("ca init --validity %s: exit %d, %q; want a usage error naming %s", certs.DefaultNodeTTL, code, errs, minCAValidity)
+	}
+	ca := filepath.Join(dir, "ca")
+	mustRun(t, "ca", "init", "--dir", ca, "--validity", minCAValidity.String())
+	mustRun(t, issueArgs(ca, filepath.Join(dir, "gw1"), "gw1", "100.96.0.1")...)
+}
