@@ -868,14 +868,30 @@ func (idx *caIndex) withRenewals(picked []int) []int {
 }
 
 // RevokeNode revokes every certificate of node that is neither expired
-// nor revoked at now. The certificates are looked up under the CA's lock,
-// with the revocation, so one issued to the node meanwhile (a renewal in
-// flight) is revoked too rather than left valid.
+// nor revoked at now (validOfNode). The certificates are looked up under
+// the CA's lock, with the revocation, so one issued to the node meanwhile
+// (a renewal in flight) is revoked too rather than left valid.
 func (ca *CA) RevokeNode(node, reason string, now time.Time) ([]IssuedCert, error) {
 	return ca.revoke(reason, now, func(idx *caIndex) ([]int, error) {
 		out := idx.validOfNode(node, now)
 		if len(out) == 0 {
+			if len(idx.validOfSigner(node, now)) > 0 {
+				return nil, fmt.Errorf("node %q has no valid certificate issued by this CA, but a policy signer of that name has: revoke a policy signer with `skybridge ca revoke --signer %s`", node, node)
+			}
 			return nil, fmt.Errorf("node %q has no valid certificate issued by this CA (see skybridge ca list)", node)
+		}
+		return out, nil
+	})
+}
+
+// RevokeSigner revokes every certificate of the policy signer called name
+// that is neither expired nor revoked at now, as RevokeNode does a
+// node's.
+func (ca *CA) RevokeSigner(name, reason string, now time.Time) ([]IssuedCert, error) {
+	return ca.revoke(reason, now, func(idx *caIndex) ([]int, error) {
+		out := idx.validOfSigner(name, now)
+		if len(out) == 0 {
+			return nil, fmt.Errorf("policy signer %q has no valid certificate issued by this CA (see skybridge ca list)", name)
 		}
 		return out, nil
 	})
@@ -921,11 +937,27 @@ func (ca *CA) revoke(reason string, now time.Time, pick func(*caIndex) ([]int, e
 }
 
 // validOfNode returns the places in the index of the node's certificates
-// that are neither expired nor revoked at now.
+// that are neither expired nor revoked at now: its gateway's, and its
+// enrollment endpoint's, whose key the gateway holds. Not a policy
+// signer's: signers are named apart from gateways, and one of the same
+// name is another holder's (validOfSigner).
 func (idx *caIndex) validOfNode(node string, now time.Time) []int {
+	return idx.valid(now, func(e IssuedCert) bool {
+		return e.Node == node && (e.Kind == KindGateway || e.Kind == "" || e.Kind == KindEnroller)
+	})
+}
+
+// validOfSigner is validOfNode of the policy signer called name.
+func (idx *caIndex) validOfSigner(name string, now time.Time) []int {
+	return idx.valid(now, func(e IssuedCert) bool { return e.Node == name && e.Kind == KindPolicySigner })
+}
+
+// valid returns the places in the index of the certificates of picks
+// that are neither expired nor revoked at now.
+func (idx *caIndex) valid(now time.Time, of func(IssuedCert) bool) []int {
 	var out []int
 	for i, e := range idx.Certs {
-		if e.Node == node && e.RevokedAt == nil && e.NotAfter.After(now) {
+		if of(e) && e.RevokedAt == nil && e.NotAfter.After(now) {
 			out = append(out, i)
 		}
 	}

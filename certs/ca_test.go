@@ -904,3 +904,55 @@ func TestInitCAConcurrentInDirectoryThere(t *testing.T) {
 		t.Fatalf("the CA in the directory: %v; want the one init made", err)
 	}
 }
+
+// TestRevokeNodeLeavesPolicySigner: RevokeNode takes the gateway's
+// certificates and its enrollment endpoint's, not those of a policy
+// signer of the same name, another holder's (it took them all), which
+// RevokeSigner takes. A name only a signer bears is refused, saying so.
+func TestRevokeNodeLeavesPolicySigner(t *testing.T) {
+	ca := newTestCA(t)
+	gw := issue(t, ca, testAttrs("compliance", "s", "100.96.0.1"), t0, time.Hour)
+	k, _ := GenerateNodeKey()
+	enroller, err := ca.IssueEnroller("compliance", netip.MustParseAddr("100.96.0.1"), k.Public(), time.Hour, t0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	signer, err := ca.NewPolicySigner("compliance", time.Hour, t0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ca.NewPolicySigner("treasury", time.Hour, t0); err != nil {
+		t.Fatal(err)
+	}
+	done, err := ca.RevokeNode("compliance", "keyCompromise", t0.Add(time.Minute))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var kinds []string
+	for _, e := range done {
+		kinds = append(kinds, e.Kind)
+	}
+	slices.Sort(kinds)
+	if !slices.Equal(kinds, []string{KindEnroller, KindGateway}) {
+		t.Errorf("RevokeNode revoked %v; want the gateway's and its enrollment endpoint's", kinds)
+	}
+	tb := trust(t, ca)
+	for what, c := range map[string]*x509.Certificate{"gateway": gw.Certificate(), "enrollment endpoint": enroller} {
+		if !tb.IsRevoked(c.SerialNumber) {
+			t.Errorf("the %s's certificate is not revoked", what)
+		}
+	}
+	if tb.IsRevoked(signer.Certificate().SerialNumber) {
+		t.Error("the policy signer of the node's name was revoked with it")
+	}
+	if _, err := ca.RevokeNode("treasury", "keyCompromise", t0.Add(time.Minute)); err == nil || !strings.Contains(err.Error(), "ca revoke --signer treasury") {
+		t.Errorf("RevokeNode of a policy signer's name: %v; want refused, saying to revoke it as a signer", err)
+	}
+	done, err = ca.RevokeSigner("compliance", "keyCompromise", t0.Add(time.Minute))
+	if err != nil || len(done) != 1 || done[0].Kind != KindPolicySigner {
+		t.Fatalf("RevokeSigner = %+v, %v; want the policy signer's certificate alone", done, err)
+	}
+	if !trust(t, ca).IsRevoked(signer.Certificate().SerialNumber) {
+		t.Error("the policy signer is not revoked")
+	}
+}

@@ -65,14 +65,17 @@ func caCommand() *cli.Command {
 			},
 			{
 				Name:  "revoke",
-				Usage: "revoke gateway certificates: they are refused mesh-wide once the new revocation list spreads",
-				UsageText: "skybridge ca revoke --ca DIR (--serial SERIAL ... | --node NAME) [--reason keyCompromise|superseded|...]\n\n" +
+				Usage: "revoke gateway (or policy signer) certificates: they are refused mesh-wide once the new revocation list spreads",
+				UsageText: "skybridge ca revoke --ca DIR (--serial SERIAL ... | --node NAME | --signer NAME) [--reason keyCompromise|superseded|...]\n\n" +
+					"--node revokes the gateway's certificates and its enrollment endpoint's (the gateway holds its key),\n" +
+					"never those of a policy signer of the same name, which --signer revokes.\n" +
 					"A serial revoked for keyCompromise takes with it the certificates renewed from it (identity.renew_from):\n" +
 					"whoever holds its key may have had them issued.",
 				Flags: []cli.Flag{
 					caFlag,
 					&cli.StringSliceFlag{Name: "serial", Usage: "serial to revoke, as ca list prints it (repeatable)"},
-					&cli.StringFlag{Name: "node", Usage: "revoke every valid certificate of this node"},
+					&cli.StringFlag{Name: "node", Usage: "revoke every valid certificate of this gateway, and of its enrollment endpoint"},
+					&cli.StringFlag{Name: "signer", Usage: "revoke every valid certificate of this policy signer (as ca issue-signer --name named it)"},
 					&cli.StringFlag{Name: "reason", Value: "unspecified", Usage: "one of " + strings.Join(certs.RevocationReasons(), ", ")},
 					jsonFlag,
 				},
@@ -449,9 +452,15 @@ type revokeOutput struct {
 }
 
 func caRevoke(c *cli.Context) error {
-	serialArgs, node := c.StringSlice("serial"), c.String("node")
-	if (len(serialArgs) == 0) == (node == "") {
-		return usageError("give either --serial (one or more) or --node")
+	serialArgs, node, signer := c.StringSlice("serial"), c.String("node"), c.String("signer")
+	given := 0
+	for _, g := range []bool{len(serialArgs) > 0, node != "", signer != ""} {
+		if g {
+			given++
+		}
+	}
+	if given != 1 {
+		return usageError("give either --serial (one or more), --node or --signer")
 	}
 	if reason := c.String("reason"); !slices.Contains(certs.RevocationReasons(), reason) {
 		return usageError("--reason %q: want one of %s", reason, strings.Join(certs.RevocationReasons(), ", "))
@@ -461,9 +470,12 @@ func caRevoke(c *cli.Context) error {
 		return err
 	}
 	var done []certs.IssuedCert
-	if node != "" {
+	switch {
+	case node != "":
 		done, err = ca.RevokeNode(node, c.String("reason"), time.Now())
-	} else {
+	case signer != "":
+		done, err = ca.RevokeSigner(signer, c.String("reason"), time.Now())
+	default:
 		serials := make([]*big.Int, 0, len(serialArgs))
 		for _, s := range serialArgs {
 			n, err := certs.ParseSerial(s)
@@ -502,11 +514,14 @@ func caRevoke(c *cli.Context) error {
 		}
 	} else {
 		for _, e := range done {
-			if e.Kind == certs.KindPolicySigner {
+			switch e.Kind {
+			case certs.KindPolicySigner:
 				fmt.Fprintf(c.App.Writer, "revoked %s (policy signer %s, reason %s)\n", e.Serial, e.Node, e.Reason)
-				continue
+			case certs.KindEnroller:
+				fmt.Fprintf(c.App.Writer, "revoked %s (enrollment endpoint of node %s, reason %s)\n", e.Serial, e.Node, e.Reason)
+			default:
+				fmt.Fprintf(c.App.Writer, "revoked %s (node %s, site %s, reason %s)\n", e.Serial, e.Node, e.Site, e.Reason)
 			}
-			fmt.Fprintf(c.App.Writer, "revoked %s (node %s, site %s, reason %s)\n", e.Serial, e.Node, e.Site, e.Reason)
 		}
 		if tbErr == nil {
 			fmt.Fprintf(c.App.Writer, "revocation list #%s written to %s\n", out.CRLNumber, crlPath)

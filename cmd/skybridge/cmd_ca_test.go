@@ -195,3 +195,44 @@ func TestInitValidityOutlivesADefaultCertificate(t *testing.T) {
 	mustRun(t, "ca", "init", "--dir", ca, "--validity", minCAValidity.String())
 	mustRun(t, issueArgs(ca, filepath.Join(dir, "gw1"), "gw1", "100.96.0.1")...)
 }
+
+// TestRevokeNodeNamesWhatItRevokes: ca revoke --node takes the gateway's
+// certificates and its enrollment endpoint's, each named for what it is,
+// and leaves a policy signer of the same name valid; --signer takes that.
+func TestRevokeNodeNamesWhatItRevokes(t *testing.T) {
+	dir := t.TempDir()
+	ca := filepath.Join(dir, "ca")
+	mustRun(t, "ca", "init", "--dir", ca)
+	mustRun(t, issueArgs(ca, filepath.Join(dir, "gw1"), "gw1", "100.96.0.1")...)
+	mustRun(t, "ca", "issue-signer", "--ca", ca, "--name", "gw1", "--out", filepath.Join(dir, "signer"))
+	c, err := certs.OpenCA(ca)
+	if err != nil {
+		t.Fatal(err)
+	}
+	k, _ := certs.GenerateNodeKey()
+	if _, err := c.IssueEnroller("gw1", netip.MustParseAddr("100.96.0.1"), k.Public(), time.Hour, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+
+	out := mustRun(t, "ca", "revoke", "--ca", ca, "--node", "gw1")
+	if !strings.Contains(out, "(node gw1, site onprem-zrh,") || !strings.Contains(out, "(enrollment endpoint of node gw1,") || strings.Contains(out, "policy signer") {
+		t.Errorf("ca revoke --node gw1 printed:\n%s\nwant the gateway's and its enrollment endpoint's certificates, not the policy signer's", out)
+	}
+	var list []certs.IssuedCert
+	json.Unmarshal([]byte(mustRun(t, "ca", "list", "--ca", ca, "--json")), &list)
+	for _, e := range list {
+		if e.Kind == certs.KindPolicySigner && e.RevokedAt != nil {
+			t.Errorf("the policy signer gw1 was revoked with the node gw1: %+v", e)
+		}
+	}
+
+	if _, errs, code := runCLI(t, "ca", "revoke", "--ca", ca, "--node", "gw1", "--signer", "gw1"); code != 2 || !strings.Contains(errs, "give either") {
+		t.Errorf("ca revoke --node and --signer: exit %d, %q; want a usage error", code, errs)
+	}
+	if out := mustRun(t, "ca", "revoke", "--ca", ca, "--signer", "gw1"); !strings.Contains(out, "(policy signer gw1,") {
+		t.Errorf("ca revoke --signer gw1 printed:\n%s\nwant the policy signer's certificate", out)
+	}
+	if n := validIssued(t, ca); n != 0 {
+		t.Errorf("%d certificates left valid; want none", n)
+	}
+}

@@ -221,7 +221,7 @@ func TestPolicySignVerify(t *testing.T) {
 		t.Fatalf("a renamed signer: exit %d %s", code, out)
 	}
 	os.WriteFile(pol+".sig", signed, 0o644)
-	mustRun(t, "ca", "revoke", "--ca", ca, "--node", "compliance")
+	mustRun(t, "ca", "revoke", "--ca", ca, "--signer", "compliance")
 	if out, code := verify(); code != 1 || !strings.Contains(out, "revoked") {
 		t.Fatalf("revoked signer: exit %d %s", code, out)
 	}
