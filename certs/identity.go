@@ -336,19 +336,17 @@ func replaceKeyPair(dir, certFile, keyFile, prevFile string, key *ecdsa.PrivateK
 
 // loadSavedKeyPair reads a pair written by replaceKeyPair: certFile and
 // keyFile — or, if a save was cut short between the key and the
-// certificate, certFile and the key it replaced.
+// certificate, certFile and the key it replaced. It leaves prevFile, even
+// beside a pair that fits: a save may have written it and not yet the
+// new key, and it is all that save leaves to fall back on should its
+// certificate then fail. The next save replaces one a crash left.
 func loadSavedKeyPair(dir, certFile, keyFile, prevFile string) (*x509.Certificate, *ecdsa.PrivateKey, error) {
 	cert, key, err := loadKeyPair(dir, certFile, keyFile)
-	switch {
-	case errors.Is(err, errKeyMismatch):
+	if errors.Is(err, errKeyMismatch) {
 		if c, k, perr := loadKeyPair(dir, certFile, prevFile); perr == nil {
 			slog.Warn(keyFile+" does not fit "+certFile+" (a save was cut short): using the key it was to replace, which does; a renewal replaces both", "dir", dir)
 			return c, k, nil
 		}
-	case err == nil:
-		// A save cut short after the certificate: the old key's copy
-		// has no use left, and is a private key.
-		os.Remove(filepath.Join(dir, prevFile))
 	}
 	return cert, key, err
 }

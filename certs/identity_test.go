@@ -153,3 +153,52 @@ func TestMkdirPrivate(t *testing.T) {
 		t.Errorf("said %d times (want once, of %s alone):\n%s", n, open, logs.String())
 	}
 }
+
+// TestReaderLeavesSaveBackup: a reader (identity show, the gateway) that
+// loads the identity while a save has kept the old key aside and not yet
+// written the new one leaves that copy: the save's certificate may still
+// fail to be written, and the copy is then the one key that fits the
+// certificate there. The reader took it for a leftover and removed it,
+// and the identity was lost.
+func TestReaderLeavesSaveBackup(t *testing.T) {
+	ca := newTestCA(t)
+	dir := filepath.Join(t.TempDir(), "identity")
+	a := issue(t, ca, testAttrs("gw1", "s", "100.96.0.1"), t0, time.Hour)
+	b := issue(t, ca, testAttrs("gw1", "s", "100.96.0.1"), t0, 2*time.Hour)
+	if err := a.Save(dir, trust(t, ca)); err != nil {
+		t.Fatal(err)
+	}
+	// b's save, as replaceKeyPair makes it, with a reader between its
+	// first two steps and its certificate's write failing.
+	old, err := os.ReadFile(filepath.Join(dir, fileNodeKey))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := atomicfile.WriteFile(filepath.Join(dir, fileNodeKeyPrev), old, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := LoadNodeIdentity(dir); err != nil {
+		t.Fatalf("the reader: %v", err)
+	}
+	newKey, err := marshalKeyPEM(b.key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := atomicfile.WriteFile(filepath.Join(dir, fileNodeKey), newKey, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	got, err := LoadNodeIdentity(dir)
+	if err != nil {
+		t.Fatalf("the identity after the save failed at its certificate: %v", err)
+	}
+	if got.Certificate().SerialNumber.Cmp(a.Certificate().SerialNumber) != 0 {
+		t.Fatal("loaded something other than the old pair")
+	}
+	// The next save that completes clears the copy.
+	if err := b.Save(dir, nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, fileNodeKeyPrev)); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("the replaced key stayed after a whole save: %v", err)
+	}
+}
