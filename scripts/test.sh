@@ -19,12 +19,17 @@ if [ -n "${SKIP_VAULT:-}" ] && [ "${CI:-}" = "true" ]; then
 fi
 
 # Debian packages the tests use: wg (checks keys and, later, the mesh),
-# qemu-img (VM images), ip and nft (network namespaces, cut links), openssl
-# (an independent X.509 verifier), chromium (the dashboard's browser test,
-# with a font to render it), prometheus (promtool checks the alerting
-# rules), nodejs (runs the dashboard's script against a status in a unit
-# test).
-packages=(wireguard-tools qemu-utils iproute2 nftables openssl ca-certificates chromium fonts-dejavu-core prometheus nodejs)
+# qemu-img (VM images), ip, ss and nft (network namespaces, cut links),
+# openssl (an independent X.509 verifier), chromium (the dashboard's
+# browser test, with a font to render it), prometheus (promtool checks the
+# alerting rules), nodejs (runs the dashboard's script against a status in
+# a unit test), procps (sysctl and pgrep in the e2e tests; it came only as
+# chromium's dependency before), gcc and libc6-dev (go test -race needs
+# cgo, and Go from the upstream tarball brings no C compiler: without one
+# cgo is off and -race refuses to run; gcc without recommends does not
+# pull libc6-dev). setpriv, mount and timeout come with every Debian
+# (util-linux, mount, coreutils).
+packages=(wireguard-tools qemu-utils iproute2 nftables openssl ca-certificates chromium fonts-dejavu-core prometheus nodejs procps gcc libc6-dev)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -58,6 +63,10 @@ promtool check rules docs/examples/prometheus/alerts.yml
 (cd docs/examples/prometheus && promtool test rules alerts_test.yml)
 
 step "go test (unit and e2e, race detector on)"
+if [ "$(go env CGO_ENABLED)" != 1 ]; then
+  echo "go test -race needs cgo, which is off (CGO_ENABLED=$(go env CGO_ENABLED), CC=$(go env CC)): install gcc and libc6-dev, and unset CGO_ENABLED=0 if it is set" >&2
+  exit 1
+fi
 # Tests' output files (the dashboard's screenshot) are kept here.
 artifacts="${ARTIFACTS_DIR:-${TMPDIR:-/tmp}/skybridge-test-artifacts}"
 mkdir -p "$artifacts"
