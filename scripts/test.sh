@@ -38,9 +38,11 @@ if [ ${#missing[@]} -gt 0 ]; then
   step "installing Debian packages: ${missing[*]}"
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  export DEBIAN_FRONTEND=noninteractive
   $sudo apt-get update -qq
-  $sudo apt-get install -y --no-install-recommends "${missing[@]}"
+  # Through env, not exported: sudo's env_reset drops an exported
+  # variable, and a package's debconf question then stops the script at
+  # a prompt (iperf3's did, in bench.sh).
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"
 fi
 
 step "go mod download"
