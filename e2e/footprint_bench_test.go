@@ -91,7 +91,7 @@ operator { listen = "127.0.0.1:0" }
 		if err != nil {
 			t.Fatal(err)
 		}
-		c := exec.Command(skybridge, "gateway", "run", "--config", cfg)
+		c := childCommand(skybridge, "gateway", "run", "--config", cfg)
 		c.Stdout, c.Stderr = logf, logf
 		if err := c.Start(); err != nil {
 			t.Fatal(err)

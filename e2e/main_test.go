@@ -20,6 +20,8 @@ func TestMain(m *testing.M) {
 	if h := os.Getenv(helperEnv); h != "" {
 		os.Exit(runHelper(h))
 	}
+	// Before any lab of ours: what a run killed by its -timeout left.
+	sweepLabs()
 	dir, err := os.MkdirTemp("", "skybridge-e2e-bin-")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)

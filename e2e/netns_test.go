@@ -24,7 +24,9 @@ import (
 // A test lab: sites as network namespaces on one underlay segment (a
 // bridge in a "wan" namespace), each running the real skybridge binary.
 // Names carry a per-run ID, and everything is removed at the end, also
-// when the test fails.
+// when the test fails. When go test's -timeout kills the test binary no
+// cleanup runs: its children die with it (childCommand), and the next
+// run removes its namespaces and sockets (sweepLabs).
 
 const helperEnv = "SKYBRIDGE_E2E_HELPER"
 
@@ -38,10 +40,21 @@ const helperEnv = "SKYBRIDGE_E2E_HELPER"
 // connects again (as a client of a failed-over service does) and prints
 // the longest time between two echoed lines and the number of reconnects;
 // "closed SRC ADDR" connects from SRC and waits up to 3 s for a byte: exit
-// 0 if the server closes the connection unread, 3 if it holds it.
+// 0 if the server closes the connection unread, 3 if it holds it;
+// "parent" starts `sleep 300` as the harness starts its children, prints
+// its PID and waits: a test kills it to see the child go too.
 func runHelper(h string) int {
 	f := strings.Fields(h)
 	switch f[0] {
+	case "parent":
+		c := childCommand("sleep", "300")
+		if err := c.Start(); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 1
+		}
+		fmt.Println(c.Process.Pid)
+		c.Wait()
+		return 0
 	case "echo":
 		ln, err := net.Listen("tcp", f[1])
 		if err != nil {
@@ -220,6 +233,11 @@ func newLab(t *testing.T) *lab {
 	l := &lab{t: t, id: hex.EncodeToString(b), dir: t.TempDir()}
 	l.wan = "sbw" + l.id
 	t.Cleanup(l.cleanup)
+	// Before any namespace: a run sweeping at the same time must find
+	// the lab's owner alive, not take its namespaces for leftovers.
+	if err := recordOwner(l.id); err != nil {
+		t.Fatal(err)
+	}
 	l.ip("netns", "add", l.wan)
 	l.netnss = append(l.netnss, l.wan)
 	l.nsip(l.wan, "link", "add", "br0", "type", "bridge")
@@ -247,12 +265,31 @@ func (l *lab) cleanup() {
 	out, _ := exec.Command("ip", "netns", "list").Output()
 	if strings.Contains(string(out), l.id) {
 		l.t.Errorf("namespaces left behind: %s", out)
+		return // the record lets the next run remove them
 	}
+	os.Remove(filepath.Join(labRuns, l.id))
+}
+
+// childCommand is exec.Command for a process the harness starts: it is
+// killed when the test binary dies. go test's -timeout ends the binary
+// with a panic that runs no cleanup, and gateways and helpers otherwise
+// ran on under PID 1, holding their namespaces.
+//
+// The kernel sends the signal when the thread that forked the child
+// ends, not the process. Go ends a thread only when a goroutine locked
+// to it (runtime.LockOSThread) returns without unlocking it, and nothing
+// in this package locks one, so the threads, and the children, live as
+// long as the binary; locking the thread around each start would buy
+// nothing more.
+func childCommand(name string, args ...string) *exec.Cmd {
+	c := exec.Command(name, args...)
+	c.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	return c
 }
 
 func (l *lab) run(name string, args ...string) string {
 	l.t.Helper()
-	out, err := exec.Command(name, args...).CombinedOutput()
+	out, err := childCommand(name, args...).CombinedOutput()
 	if err != nil {
 		l.t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
 	}
@@ -267,7 +304,7 @@ func (l *lab) nsip(ns string, args ...string) string {
 }
 
 func (l *lab) nsexec(ns string, args ...string) (string, error) {
-	out, err := exec.Command("ip", append([]string{"netns", "exec", ns}, args...)...).CombinedOutput()
+	out, err := childCommand("ip", append([]string{"netns", "exec", ns}, args...)...).CombinedOutput()
 	return string(out), err
 }
 
@@ -304,7 +341,7 @@ func (l *lab) start(ns, logName string, env []string, args ...string) *exec.Cmd 
 	if err != nil {
 		l.t.Fatal(err)
 	}
-	cmd := exec.Command("ip", append([]string{"netns", "exec", ns}, args...)...)
+	cmd := childCommand("ip", append([]string{"netns", "exec", ns}, args...)...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.Env = append(os.Environ(), env...)
 	if err := cmd.Start(); err != nil {
