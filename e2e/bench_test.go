@@ -146,7 +146,7 @@ func TestBenchMigrateVsRsync(t *testing.T) {
 	// migration of their own: where a migration's cycles go, WireGuard
 	// included. Not a row of the table: perf slows what it watches.
 	syscall.Sync()
-	if stop, sampling := l.perfRecord("migrate raw", 0, []int{gwPID(zrh), gwPID(fra)}, 10); sampling {
+	if stop, sampling := l.perfRecord("migrate raw", []int{gwPID(zrh), gwPID(fra)}, 10); sampling {
 		migrate("bench-perf", raw, "raw")()
 		stop()
 	}

@@ -17,7 +17,7 @@
 # Knobs: SKYBRIDGE_BENCH_SIZES=10,100,300,1000 (scale), SKYBRIDGE_BENCH_ROUNDS=3
 # and SKYBRIDGE_BENCH_SECONDS=5 (dataplane), SKYBRIDGE_BENCH_GIB=8 (migrate),
 # SKYBRIDGE_BENCH_JOINS=10 (burst), SKYBRIDGE_BENCH_LOSS=5,10 and SKYBRIDGE_BENCH_LOSS_FOR=240 (loss), SKYBRIDGE_BENCH_PERF=DIR (dataplane: perf profile of each WireGuard
-# implementation; migrate: of both gateways during a migration of its own), SKYBRIDGE_BENCH_PPROF=FILE (scale: CPU profile of the
+# implementation through a round of its own; migrate: of both gateways during a migration of its own), SKYBRIDGE_BENCH_PPROF=FILE (scale: CPU profile of the
 # largest size), SKYBRIDGE_BENCH_REFERENCE=0 (scale: skip the memberlist reference).
 set -euo pipefail
 cd "$(dirname "$0")/.."
