@@ -100,11 +100,12 @@ type scaleResult struct {
 func kib(n uint64) string { return fmt.Sprintf("%.0f KiB", float64(n)/1024) }
 
 type simGateway struct {
-	g      *Gateway
-	dev    *RecordingDevice
-	key    wgtypes.Key
-	cancel context.CancelFunc
-	done   chan struct{}
+	g        *Gateway
+	dev      *RecordingDevice
+	key      wgtypes.Key
+	endpoint netip.AddrPort // the one it is given to advertise
+	cancel   context.CancelFunc
+	done     chan struct{}
 	// The last check of the device, valid while it applies nothing new.
 	checked struct {
 		applies int
@@ -223,7 +224,7 @@ func runScale(t *testing.T, n int) scaleResult {
 		if err != nil {
 			t.Fatal(err)
 		}
-		sims[i] = &simGateway{g: g, dev: dev, key: wgtypes.Key(g.wgKey.Public()), done: make(chan struct{})}
+		sims[i] = &simGateway{g: g, dev: dev, key: wgtypes.Key(g.wgKey.Public()), endpoint: ap, done: make(chan struct{})}
 	}
 	t.Logf("N=%d: %d identities and gateways prepared in %s", n, n, time.Since(setup).Round(time.Millisecond))
 	defer func() {
@@ -275,13 +276,19 @@ func runScale(t *testing.T, n int) scaleResult {
 		}
 	}
 	lastJoin := time.Now()
-	// Complete and correct: every other live gateway is a peer, at its
-	// gossip address, with exactly its overlay address and its site's route.
+	// Complete and correct: every other live gateway is a peer, at the
+	// endpoint it advertises (its gossip address, whose port is its
+	// WireGuard port here), with exactly its overlay address and its
+	// site's route.
 	var check func(*simGateway, map[wgtypes.Key]wgtypes.Peer, wgtypes.Key) bool
-	want := make(map[wgtypes.Key][2]netip.Prefix, n)
+	type wantPeer struct {
+		allowed  [2]netip.Prefix
+		endpoint netip.AddrPort
+	}
+	want := make(map[wgtypes.Key]wantPeer, n)
 	for _, s := range sims {
 		a := s.g.id.Load().Attributes()
-		want[s.key] = [2]netip.Prefix{netip.PrefixFrom(a.OverlayIP, 32), a.Routes[0]}
+		want[s.key] = wantPeer{[2]netip.Prefix{netip.PrefixFrom(a.OverlayIP, 32), a.Routes[0]}, s.endpoint}
 	}
 	complete := func(s *simGateway, exclude wgtypes.Key) bool {
 		return s.dev.Check(func(peers map[wgtypes.Key]wgtypes.Peer, applies int) bool {
@@ -308,13 +315,13 @@ func runScale(t *testing.T, n int) scaleResult {
 		}
 		for k, p := range peers {
 			w, ok := want[k]
-			if !ok || k == s.key || len(p.AllowedIPs) != 2 || p.Endpoint == nil {
+			if !ok || k == s.key || len(p.AllowedIPs) != 2 || !sameEndpoint(p.Endpoint, w.endpoint) {
 				return false
 			}
 			for _, ip := range p.AllowedIPs {
 				pf, _ := netip.AddrFromSlice(ip.IP)
 				ones, _ := ip.Mask.Size()
-				if q := netip.PrefixFrom(pf.Unmap(), ones); q != w[0] && q != w[1] {
+				if q := netip.PrefixFrom(pf.Unmap(), ones); q != w.allowed[0] && q != w.allowed[1] {
 					return false
 				}
 			}
