@@ -403,9 +403,10 @@ func (c *Config) validate() (*Settings, error) {
 }
 
 // operator validates the operator block. The endpoint is plain HTTP with
-// a bearer token, so it may listen only where nobody can read the token
-// on the way: loopback, or the overlay address, whose traffic WireGuard
-// encrypts and which only verified gateways reach.
+// a bearer token, so it may listen only where the token crosses no
+// network in the clear but the one an operator chose to: loopback, or the
+// overlay address, reached across the mesh encrypted, but from a site
+// network in the clear up to its gateway (README says so).
 func (s *Settings) operator(op OperatorConfig) error {
 	if op.Listen == "off" {
 		return nil
