@@ -442,6 +442,7 @@ operator {
 			return err
 		}
 		s.cmd = exec.Command(args[0], args[1:]...)
+		s.cmd.Env = gatewayEnv(os.Environ())
 		s.cmd.Stdout, s.cmd.Stderr = logf, logf
 		// Its own process group: Ctrl-C in the terminal reaches the demo,
 		// which stops the gateways itself (or leaves them, with --keep).
@@ -1185,4 +1186,18 @@ func stopProcesses(procs []*os.Process) {
 		p.Kill()
 		p.Release()
 	}
+}
+
+// gatewayEnv is env without what an operator may have set for gateways
+// and Vault of their own: a SKYBRIDGE_JOIN_TOKEN had every demo gateway
+// try to enrol with it (and fail), a SKYBRIDGE_CONFIG name another
+// configuration, and a VAULT_TOKEN is no demo gateway's to hold.
+func gatewayEnv(env []string) []string {
+	out := make([]string, 0, len(env))
+	for _, kv := range env {
+		if !strings.HasPrefix(kv, "SKYBRIDGE_") && !strings.HasPrefix(kv, "VAULT_") {
+			out = append(out, kv)
+		}
+	}
+	return out
 }

@@ -363,3 +363,35 @@ func TestSecondsIncludeTheCleanup(t *testing.T) {
 		t.Errorf("cleaned up: %v, in %.2f s by its summary, %.2f s by the clock; want its 1 s cleanup counted", sum.CleanedUp, sum.Seconds, took)
 	}
 }
+
+// TestGatewayEnv: the demo's gateways start without the variables an
+// operator set for gateways and Vault of their own (a join token in
+// SKYBRIDGE_JOIN_TOKEN had each try to enrol), and with the rest. Each
+// gateway here writes down its environment and exits.
+func TestGatewayEnv(t *testing.T) {
+	dir := t.TempDir()
+	exe := filepath.Join(dir, "gateway")
+	if err := os.WriteFile(exe, []byte("#!/bin/sh\nenv > \""+dir+"/env.$$\"\nexit 1\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("SKYBRIDGE_JOIN_TOKEN", "sbjt1.x")
+	t.Setenv("VAULT_TOKEN", "hvs.x")
+	t.Setenv("DEMO_TEST_KEPT", "1")
+	if _, err := Run(context.Background(), Options{Mode: ModeNetstack, Exe: exe, WorkDir: t.TempDir()}); err == nil {
+		t.Fatal("a run whose gateways exit succeeded")
+	}
+	envs, _ := filepath.Glob(filepath.Join(dir, "env.*"))
+	if len(envs) == 0 {
+		t.Fatal("no gateway started")
+	}
+	for _, f := range envs {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		env := string(b)
+		if strings.Contains(env, "SKYBRIDGE_JOIN_TOKEN") || strings.Contains(env, "VAULT_TOKEN") || !strings.Contains(env, "DEMO_TEST_KEPT=1") {
+			t.Errorf("a gateway's environment:\n%s\nwant it without SKYBRIDGE_ and VAULT_ variables, with the rest", env)
+		}
+	}
+}
