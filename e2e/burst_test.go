@@ -136,7 +136,7 @@ func TestBurstSite(t *testing.T) {
 		verdict[c.Class] = c.Allowed
 	}
 	if !verdict["risk-batch"] || verdict["pii-eu"] || len(grant.Tokens) != 1 {
-		t.Fatalf("burst up: %+v", grant)
+		t.Fatalf("burst up: classes %+v, %d tokens; want risk-batch allowed, pii-eu not, one token", grant.Classes, len(grant.Tokens))
 	}
 	if err := os.WriteFile(ams.tokenFile, []byte(grant.Tokens[0]+"\n"), 0o600); err != nil {
 		t.Fatal(err)
