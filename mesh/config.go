@@ -264,7 +264,11 @@ func (c *Config) validate() (*Settings, error) {
 		if s.GossipBind.IsValid() && s.GossipBind.Port() == 0 && s.GossipAdvertise.Port() != 0 {
 			// Nothing would answer at the port advertised. (Without
 			// advertise, the advertised port 0 is refused below.)
-			errs = append(errs, hclconf.Errorf(g.Body, "bind", "port 0 lets the kernel pick a port, not the %d advertise names: give that one", s.GossipAdvertise.Port()))
+			named := fmt.Sprintf("the %d advertise names", s.GossipAdvertise.Port())
+			if _, err := netip.ParseAddrPort(g.Advertise); err != nil {
+				named = fmt.Sprintf("the port advertised (advertise names none: %d, the default)", s.GossipAdvertise.Port())
+			}
+			errs = append(errs, hclconf.Errorf(g.Body, "bind", "port 0 lets the kernel pick a port, not %s: give that one", named))
 		}
 	}
 	if err := reachable(s.GossipAdvertise); err != nil && s.GossipAdvertise.IsValid() {

@@ -129,6 +129,7 @@ func TestLoadConfigErrors(t *testing.T) {
 		// Port 0 where a port is advertised: the kernel would pick
 		// another, where no gateway or burst gateway is sent.
 		{"bind on port 0, advertised on a port", `bind  = "192.0.2.1:7946"`, "bind  = \"192.0.2.1:0\"\n  advertise = \"192.0.2.1:7946\"", ":14:3: bind: port 0 lets the kernel pick a port, not the 7946 advertise names"},
+		{"bind on port 0, advertised without a port", `bind  = "192.0.2.1:7946"`, "bind  = \"192.0.2.1:0\"\n  advertise = \"192.0.2.1\"", ":14:3: bind: port 0 lets the kernel pick a port, not the port advertised (advertise names none: 7946, the default)"},
 		{"enroll listen on port 0", `dir = "/var/lib/skybridge/identity"`, "dir = \"/var/lib/skybridge/identity\"\n  ca_dir = \"/etc/skybridge/ca\"\n}\nenroll {\n  listen = \"192.0.2.1:0\"", ":15:3: listen: port 0 lets the kernel pick a port, which join tokens cannot name"},
 		{"enroll listen on port 0, advertised on a port", `dir = "/var/lib/skybridge/identity"`, "dir = \"/var/lib/skybridge/identity\"\n  ca_dir = \"/etc/skybridge/ca\"\n}\nenroll {\n  listen = \"192.0.2.1:0\"\n  advertise = \"192.0.2.1:7947\"", ":15:3: listen: port 0 lets the kernel pick a port, which join tokens cannot name"},
 		{"seed on port 0", `"198.51.100.1"`, `"198.51.100.1:0"`, "seeds: \"198.51.100.1:0\": port 0"},

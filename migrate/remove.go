@@ -118,8 +118,12 @@ func (r *Receiver) removeFile(rm *removal) error {
 	case errors.Is(err, fs.ErrNotExist):
 	case err != nil:
 		return fmt.Errorf("image %q: its removal is recorded but its file %s stays (the next start removes it): %w", img.Name, img.Path, err)
-	case rm.File != nil && !id.Same(*rm.File), rm.File == nil && (rm.Inode == 0 || id.Inode != rm.Inode):
-		r.cfg.Log.Warn("a newer version of the removed image is stored at its path: kept", "name", img.Name, "path", img.Path)
+	case rm.File != nil && !sameContent(id, *rm.File), rm.File == nil && (rm.Inode == 0 || id.Inode != rm.Inode):
+		if cur, err := r.cfg.Journal.Image(img.Name); err == nil && cur.Path == img.Path {
+			r.cfg.Log.Warn("a newer version of the removed image is stored at its path: kept", "name", img.Name, "path", img.Path)
+		} else {
+			r.cfg.Log.Error("the file at a removed image's path is not the one its removal began with (written to since), and no stored image is there: left for you to look at and remove", "name", img.Name, "path", img.Path)
+		}
 	default:
 		if err := os.Remove(img.Path); err != nil && !errors.Is(err, fs.ErrNotExist) {
 			return fmt.Errorf("image %q: its removal is recorded but its file %s stays (the next start removes it): %w", img.Name, img.Path, err)
@@ -129,6 +133,14 @@ func (r *Receiver) removeFile(rm *removal) error {
 		}
 	}
 	return r.cfg.Journal.deleteKey(bucketRemoving, img.Name)
+}
+
+// sameContent says whether a is still the file b was, its content
+// unchanged: as SourceID.Same, but for what changes a file's ctime and
+// not its content (chmod, chown, chattr: an operator's fix after a
+// removal failed) and for a device number a restart may change.
+func sameContent(a, b SourceID) bool {
+	return a.Inode == b.Inode && a.Size == b.Size && a.MTime.Equal(b.MTime)
 }
 
 // finishRemovals finishes, at a start, the removals a stop interrupted:

@@ -328,10 +328,25 @@ func TestRemovalUnderWayKeepsANewerVersion(t *testing.T) {
 	restart()
 	kept("stored again")
 
+	// A removal whose file could not be removed (its error says the next
+	// start removes it), and the operator's fix (a chmod, which changes
+	// the file's ctime, not its content): the next start removes it.
+	old := version('3')
+	if _, err := p.recvJ.takeForRemoval("vm", "CHG-9"); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(old.Path, 0o640); err != nil {
+		t.Fatal(err)
+	}
+	restart()
+	if _, err := os.Stat(old.Path); !os.IsNotExist(err) {
+		t.Fatalf("a removal whose file's mode changed since it began: the file is still there (%v)", err)
+	}
+
 	// A removal whose file went, its entry left (the directory's sync
 	// failed), and a newer version given that file's inode number: told
 	// apart by the rest of its identity.
-	old := version('3')
+	old = version('4')
 	rm, err = p.recvJ.takeForRemoval("vm", "CHG-8")
 	if err != nil {
 		t.Fatal(err)
@@ -339,7 +354,7 @@ func TestRemovalUnderWayKeepsANewerVersion(t *testing.T) {
 	if err := os.Remove(old.Path); err != nil {
 		t.Fatal(err)
 	}
-	version('4')
+	version('5')
 	now, err := sourceID(old.Path)
 	if err != nil {
 		t.Fatal(err)

@@ -494,17 +494,29 @@ var minFree uint64 = 16 << 20
 // migration, a removal — must not start when its record cannot be
 // written. id is nil when the caller signs nothing itself.
 func (l *Log) Ready(id *certs.NodeIdentity, now time.Time) error {
-	// An expired certificate would have the record refused, owed until
-	// the identity is renewed: a removal done by then is in no log.
-	if id != nil {
-		if err := l.validAt(id.Certificate(), now.UTC()); err != nil {
-			return err
+	// A certificate not valid when the record is dated would have it
+	// refused, owed until the identity is renewed (or the clock set
+	// right): a removal done by then is in no log. Dated as Append dates
+	// it: by the clock, or after the log's last record when the clock
+	// stepped back behind it.
+	valid := func(last []byte) error {
+		if id == nil {
+			return nil
 		}
+		cert, at := id.Certificate(), now.UTC()
+		var prev Record
+		if last != nil && json.Unmarshal(last, &prev) == nil && prev.Node == id.Attributes().Node && prev.Time.After(at) && !prev.Time.After(cert.NotAfter) {
+			at = prev.Time
+		}
+		return l.validAt(cert, at)
 	}
 	// Not created here: a gateway's log starts with its first record,
 	// and an empty one reads as emptied.
 	f, err := l.open(0)
 	if errors.Is(err, fs.ErrNotExist) {
+		if err := valid(nil); err != nil {
+			return err
+		}
 		return roomFor(l.path, filepath.Dir(l.path))
 	}
 	if err != nil {
@@ -520,6 +532,9 @@ func (l *Log) Ready(id *certs.NodeIdentity, now time.Time) error {
 		return err
 	}
 	if err := l.checkHead(last, seq); err != nil {
+		return err
+	}
+	if err := valid(last); err != nil {
 		return err
 	}
 	return roomFor(l.path, l.path)

@@ -558,6 +558,19 @@ func TestReady(t *testing.T) {
 	if err := l.Ready(id, id.Certificate().NotBefore.Add(-time.Hour)); err == nil || !strings.Contains(err.Error(), "clock") {
 		t.Fatalf("a certificate not valid yet: %v", err)
 	}
+	// A clock stepped back behind the log's last record: Append dates
+	// the record after it, and takes it; so does Ready.
+	stepped := Open(filepath.Join(t.TempDir(), "audit.log"))
+	if _, err := stepped.Append(id, "migration", map[string]any{"n": 1}, t0.Add(time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	back := id.Certificate().NotBefore.Add(-time.Hour)
+	if err := stepped.Ready(id, back); err != nil {
+		t.Errorf("a clock stepped back behind the last record: %v", err)
+	}
+	if _, err := stepped.Append(id, "migration", map[string]any{"n": 2}, back); err != nil {
+		t.Errorf("Append with the clock stepped back: %v", err)
+	}
 	if _, err := os.Stat(path); !os.IsNotExist(err) {
 		t.Fatalf("Ready made the log (%v): an empty one reads as emptied", err)
 	}
