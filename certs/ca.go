@@ -994,22 +994,48 @@ func (ca *CA) RefreshCRL(now time.Time) error {
 // TakeNewerCRL writes crl, signed by this CA, as the CA's revocation list
 // if it is later than the one the CA holds — whose directory was restored
 // from a backup, say: its next list would be numbered below what the mesh
-// holds, and ignored by every gateway. It reports whether it did.
+// holds, and ignored by every gateway. It reports whether it did. A
+// revocation the CA made since it fell behind is on its list only, not on
+// crl: the next list, which takes crl's revocations in, is signed at once
+// (only then, so that two copies of a CA directory taking each other's
+// lists settle rather than outbid each other).
 func (ca *CA) TakeNewerCRL(crl *x509.RevocationList) (bool, error) {
 	if crl == nil || crl.Number == nil || crl.CheckSignatureFrom(ca.cert) != nil {
 		return false, nil
 	}
-	unlock, err := lockFile(filepath.Join(ca.dir, fileLock))
-	if err != nil {
-		return false, err
+	now := time.Now()
+	took := false
+	err := ca.updateIndex(now, func(idx *caIndex) error {
+		if b, err := os.ReadFile(filepath.Join(ca.dir, fileCRL)); err == nil {
+			if cur, err := ParseCRL(b); err == nil && cur.Number != nil && cur.Number.Cmp(crl.Number) >= 0 {
+				return errUnchanged
+			}
+		}
+		if err := atomicfile.WriteFile(filepath.Join(ca.dir, fileCRL), encodePEM(pemCRL, crl.Raw), 0o644); err != nil {
+			return err
+		}
+		took = true
+		if !idx.revokesBeyond(crl, now) {
+			return errUnchanged
+		}
+		return ca.writeCRL(idx, now)
+	})
+	return took, err
+}
+
+// revokesBeyond says whether the index revokes a certificate that a list
+// it signs now would name and crl does not.
+func (idx *caIndex) revokesBeyond(crl *x509.RevocationList, now time.Time) bool {
+	on := make(map[string]bool, len(crl.RevokedCertificateEntries))
+	for _, e := range crl.RevokedCertificateEntries {
+		on[FormatSerial(e.SerialNumber)] = true
 	}
-	defer unlock()
-	if b, err := os.ReadFile(filepath.Join(ca.dir, fileCRL)); err == nil {
-		if cur, err := ParseCRL(b); err == nil && cur.Number != nil && cur.Number.Cmp(crl.Number) >= 0 {
-			return false, nil
+	for _, e := range idx.Certs {
+		if e.RevokedAt != nil && (keptForGood(e) || !e.NotAfter.Before(now)) && !on[e.Serial] {
+			return true
 		}
 	}
-	return true, atomicfile.WriteFile(filepath.Join(ca.dir, fileCRL), encodePEM(pemCRL, crl.Raw), 0o644)
+	return false
 }
 
 // CRLPEM returns the current revocation list.

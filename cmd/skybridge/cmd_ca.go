@@ -287,6 +287,12 @@ func keepNewerCRLs(c *cli.Context, ca *certs.CA, tb *certs.TrustBundle, out stri
 	} else if took {
 		fmt.Fprintf(c.App.ErrWriter, "skybridge: %s holds revocation list #%s, newer than the CA directory's #%s (restored from a backup?): it is kept there, and written back into %s, so that the CA's next lists carry on from it\n",
 			out, held.Number, caList.Number, ca.Dir())
+		// A revocation the CA made since it fell behind has the CA sign
+		// the next list at once, with both lists' revocations: that one
+		// goes out.
+		if now, err := ca.TrustBundle(); err == nil {
+			merged, _ = merged.WithNewerCRLs(now.CRLs())
+		}
 	}
 	return merged
 }

@@ -236,3 +236,45 @@ func TestRevokeNodeNamesWhatItRevokes(t *testing.T) {
 		t.Errorf("%d certificates left valid; want none", n)
 	}
 }
+
+// TestIssueKeepsRevocationsOfBothLists: the CA directory is restored
+// from a backup and a gateway revoked there (list #2); then ca issue
+// --out a directory holding the mesh's #3 (from before the restore). The
+// CA takes #3 back and signs #4 with the revocations of both, in its
+// directory and the one issued: #3 alone had the revocation made since
+// the restore on no list.
+func TestIssueKeepsRevocationsOfBothLists(t *testing.T) {
+	dir := t.TempDir()
+	ca := filepath.Join(dir, "ca")
+	gw1, gw2, gw3 := filepath.Join(dir, "gw1"), filepath.Join(dir, "gw2"), filepath.Join(dir, "gw3")
+	mustRun(t, "ca", "init", "--dir", ca)
+	mustRun(t, issueArgs(ca, gw1, "gw1", "100.96.0.1")...)
+	mustRun(t, issueArgs(ca, gw3, "gw3", "100.96.0.3")...)
+	backupCRL, _ := os.ReadFile(filepath.Join(ca, "crl.pem"))
+	backupIdx, _ := os.ReadFile(filepath.Join(ca, "issued.json"))
+	mustRun(t, issueArgs(ca, gw2, "gw2", "100.96.0.2")...)
+	mustRun(t, "ca", "revoke", "--ca", ca, "--node", "gw2", "--reason", "keyCompromise") // #2
+	mustRun(t, "ca", "crl", "--ca", ca, "--refresh")                                      // #3
+	newer, _ := os.ReadFile(filepath.Join(ca, "crl.pem"))
+	os.WriteFile(filepath.Join(gw1, "crl.pem"), newer, 0o644)
+	os.WriteFile(filepath.Join(ca, "crl.pem"), backupCRL, 0o644)
+	os.WriteFile(filepath.Join(ca, "issued.json"), backupIdx, 0o600)
+	mustRun(t, "ca", "revoke", "--ca", ca, "--node", "gw3", "--reason", "keyCompromise") // #2 again, revoking gw3
+
+	if _, errs, code := runCLI(t, issueArgs(ca, gw1, "gw1", "100.96.0.1", "--label", "tier=gold")...); code != 0 {
+		t.Fatalf("issue: %d %s", code, errs)
+	}
+	id3, err := certs.LoadNodeIdentity(gw3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range []string{gw1, ca} {
+		tb, err := certs.LoadTrustBundle(d, netip.Prefix{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !tb.IsRevoked(id3.Certificate().SerialNumber) {
+			t.Errorf("%s: crl.pem #%s does not revoke gw3, revoked by the CA before this issue", filepath.Base(d), tb.CRL().Number)
+		}
+	}
+}
