@@ -956,3 +956,38 @@ func TestRevokeNodeLeavesPolicySigner(t *testing.T) {
 		t.Error("the policy signer is not revoked")
 	}
 }
+
+// TestTakeNewerCRLSettles: a newer list that names every revocation the
+// CA's index holds is taken as it is, not signed again under a number of
+// the CA's own: two copies of a CA directory taking each other's lists
+// would otherwise outbid each other for ever.
+func TestTakeNewerCRLSettles(t *testing.T) {
+	ca := newTestCA(t)
+	id := issue(t, ca, testAttrs("gw1", "s", "100.96.0.1"), time.Now(), time.Hour)
+	if _, err := ca.RevokeSerials([]*big.Int{id.Certificate().SerialNumber}, "keyCompromise", time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	restored, err := ca.CRLPEM()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ca.RefreshCRL(time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	b, _ := ca.CRLPEM()
+	newer, err := ParseCRL(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(ca.Dir(), "crl.pem"), restored, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	took, err := ca.TakeNewerCRL(newer)
+	if err != nil || !took {
+		t.Fatalf("took %v, %v; want the newer list taken", took, err)
+	}
+	b, _ = ca.CRLPEM()
+	if got, err := ParseCRL(b); err != nil || got.Number.Cmp(newer.Number) != 0 {
+		t.Errorf("the CA's list after taking #%s: %v (%v); want that list, not one signed after it", newer.Number, got.Number, err)
+	}
+}
