@@ -521,6 +521,13 @@ func (tb *TrustBundle) Adopt(next *TrustBundle) (*TrustBundle, bool) {
 			n.behind[i] = heldBehind // the answer said nothing of the list
 		case revokesBeyond(issued, n.crls[i]):
 			n.behind[i] = issued
+		case heldBehind != nil && CheckCompleteCRL(heldBehind) != nil && heldBehind.Number != nil && n.crls[i] != nil &&
+			n.crls[i].Number != nil && heldBehind.Number.Cmp(n.crls[i].Number) > 0:
+			// A delta an earlier release put in force: what it revoked
+			// is on no complete list numbered below it (Vault rebuilds
+			// its complete list late), and stays enforced until one
+			// numbered above it comes.
+			n.behind[i] = heldBehind
 		}
 		if !sameCRL(n.crls[i], held) || !sameCRL(n.behind[i], heldBehind) {
 			changed = true

@@ -584,8 +584,16 @@ func TestTrustBundleLoadsSavedDeltaBehind(t *testing.T) {
 	if loaded.CRL() != nil || !loaded.IsRevoked(bystander.Certificate().SerialNumber) {
 		t.Errorf("loaded: list in force %v, the delta's revocation kept %v; want none in force, and it kept", loaded.CRL() != nil, loaded.IsRevoked(bystander.Certificate().SerialNumber))
 	}
+	// The issuer answers with the complete list the delta follows (Vault
+	// rebuilds its complete list late): the delta's revocation stays.
+	lagging := listOfCA(t, ca, 10, victim)
+	answered, _ := loaded.Adopt(bundleOf(t, []*x509.Certificate{ca.Certificate()}, lagging))
+	if !sameCRL(answered.CRL(), lagging) || !answered.IsRevoked(bystander.Certificate().SerialNumber) || !answered.IsRevoked(victim.Certificate().SerialNumber) {
+		t.Errorf("after the issuer's answer of list 10: list 10 in force %v, the delta's revocation kept %v", sameCRL(answered.CRL(), lagging), answered.IsRevoked(bystander.Certificate().SerialNumber))
+	}
+	// A complete list numbered above the delta takes its place.
 	complete := listOfCA(t, ca, 12, victim, bystander)
-	answered, _ := loaded.Adopt(bundleOf(t, []*x509.Certificate{ca.Certificate()}, complete))
+	answered, _ = answered.Adopt(bundleOf(t, []*x509.Certificate{ca.Certificate()}, complete))
 	if !sameCRL(answered.CRL(), complete) || len(answered.BehindCRLs()) != 0 || !answered.IsRevoked(victim.Certificate().SerialNumber) {
 		t.Errorf("after the issuer's answer: complete list in force %v, %d behind", sameCRL(answered.CRL(), complete), len(answered.BehindCRLs()))
 	}
