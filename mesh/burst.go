@@ -127,6 +127,11 @@ func (r *BurstRequest) attributes(meshPrefix netip.Prefix) (certs.Attributes, er
 	if tooMany {
 		v.Labels = nil // said above, counting the label skybridge adds
 	}
+	// Judged under its gateways' longest name: the advert's size counts
+	// it (a bad site name is said as such, not again as a node's).
+	if n := burstNodeName(r.Site, max(r.Gateways, 1)-1); certs.ValidName(n) {
+		v.Node = n
+	}
 	if err := v.Validate(meshPrefix); err != nil {
 		errs = append(errs, err)
 	}

@@ -1532,3 +1532,30 @@ func TestBurstRequestPrintsNoVaultToken(t *testing.T) {
 		t.Errorf("as JSON: %s, %v; want the token in it, for the gateway", b, err)
 	}
 }
+
+// TestBurstRequestJudgedUnderItsGatewaysNames: a burst request is judged
+// under its gateways' longest name (SITE-gwN), which counts in the
+// advert's size: judged under a short stand-in, a request whose gateways
+// could not be certified was accepted, and every enrollment failed.
+func TestBurstRequestJudgedUnderItsGatewaysNames(t *testing.T) {
+	site := strings.Repeat("s", burstNameRoom)
+	prefix := netip.MustParsePrefix("100.64.0.0/16")
+	for n := 1; n <= 32; n++ {
+		var routes []string
+		for i := range n {
+			routes = append(routes, fmt.Sprintf("2001:db8:%x::/48", i+1))
+		}
+		r := BurstRequest{BurstSite: BurstSite{Site: site, Provider: strings.Repeat("p", 40), Region: strings.Repeat("r", 40), Jurisdiction: "DE", Routes: routes},
+			TTL: time.Hour, Gateways: 10}
+		a, err := r.attributes(prefix)
+		if err != nil {
+			continue
+		}
+		for i := range r.Gateways {
+			a.Node = burstNodeName(site, i)
+			if err := a.Validate(prefix); err != nil {
+				t.Fatalf("%d routes: the burst request is accepted, and its gateway %s's certificate refused: %v", n, a.Node, err)
+			}
+		}
+	}
+}
