@@ -34,7 +34,7 @@ func (s *seeLine) Write(b []byte) (int, error) {
 // cleanup finishes. The signal was taken for what stopped it: "demo
 // interrupted (interrupt): <the failure>", exit 130.
 func TestDemoSignalDuringCleanup(t *testing.T) {
-	t.Setenv("SKYBRIDGE_TEST_IDLE", "1") // the gateways: this binary, idling
+	// The gateways: this binary, idling (TestMain).
 	tmp := t.TempDir()
 	t.Setenv("TMPDIR", tmp)
 	// Caught here too: the SIGINT this test sends itself must not end it

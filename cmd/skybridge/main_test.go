@@ -26,10 +26,12 @@ import (
 )
 
 // TestMain doubles as a stand-in process for tests that need one with a
-// given command line (a demo's gateway): with SKYBRIDGE_TEST_IDLE set it
-// waits for SIGTERM, or two minutes, and exits.
+// given command line: with SKYBRIDGE_TEST_IDLE set, or run as a gateway
+// (a demo's, which starts its gateways with an environment of its own), it
+// waits for SIGTERM, or two minutes, and exits. go test never runs it
+// with a command.
 func TestMain(m *testing.M) {
-	if os.Getenv("SKYBRIDGE_TEST_IDLE") != "" {
+	if os.Getenv("SKYBRIDGE_TEST_IDLE") != "" || len(os.Args) > 1 && os.Args[1] == "gateway" {
 		sig := make(chan os.Signal, 1)
 		signal.Notify(sig, syscall.SIGTERM)
 		select {

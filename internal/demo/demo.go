@@ -1188,14 +1188,19 @@ func stopProcesses(procs []*os.Process) {
 	}
 }
 
-// gatewayEnv is env without what an operator may have set for gateways
-// and Vault of their own: a SKYBRIDGE_JOIN_TOKEN had every demo gateway
-// try to enrol with it (and fail), a SKYBRIDGE_CONFIG name another
-// configuration, and a VAULT_TOKEN is no demo gateway's to hold.
+// gatewayEnv is env without what an operator may have set for gateways,
+// CAs and Vault of their own: a SKYBRIDGE_JOIN_TOKEN had every demo
+// gateway try to enrol with it (and fail), a SKYBRIDGE_CONFIG names
+// another configuration, and a VAULT_TOKEN is no demo gateway's to hold.
+// The log's settings (SKYBRIDGE_LOG_LEVEL, _FORMAT) go on.
 func gatewayEnv(env []string) []string {
 	out := make([]string, 0, len(env))
 	for _, kv := range env {
-		if !strings.HasPrefix(kv, "SKYBRIDGE_") && !strings.HasPrefix(kv, "VAULT_") {
+		name, _, _ := strings.Cut(kv, "=")
+		switch {
+		case strings.HasPrefix(name, "VAULT_"):
+		case name == "SKYBRIDGE_JOIN_TOKEN", name == "SKYBRIDGE_CONFIG", name == "SKYBRIDGE_SOCKET", name == "SKYBRIDGE_CA", name == "SKYBRIDGE_POLICY":
+		default:
 			out = append(out, kv)
 		}
 	}
