@@ -104,10 +104,12 @@ operator { listen = "127.0.0.1:0" }
 		args := []string{skybridge, "gateway", "run", "--config", cfg}
 		if asNobody {
 			chownR(t, sdir, 65534)
-			args = append([]string{"setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"}, args...)
+			// Its own parent-death signal: the kernel clears the one
+			// childCommand sets when setpriv changes its user.
+			args = append([]string{"setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--pdeathsig=KILL"}, args...)
 		}
 		logf, _ := os.Create(filepath.Join(dir, fmt.Sprintf("gw%d.log", i)))
-		c := exec.Command(args[0], args[1:]...)
+		c := childCommand(args[0], args[1:]...)
 		c.Stdout, c.Stderr = logf, logf
 		if err := c.Start(); err != nil {
 			t.Fatal(err)
@@ -207,7 +209,7 @@ operator { listen = "127.0.0.1:0" }
 	cmds[2].Process.Signal(syscall.SIGTERM)
 	cmds[2].Wait()
 	waitFor(t, 30*time.Second, "ns-1 drops the departed ns-3", func() (bool, string) { return !peerOf(sockets[0], "ns-3"), "" })
-	c := exec.Command(cmds[2].Args[0], cmds[2].Args[1:]...)
+	c := childCommand(cmds[2].Args[0], cmds[2].Args[1:]...)
 	c.Stdout, c.Stderr = cmds[2].Stdout, cmds[2].Stderr
 	if err := c.Start(); err != nil {
 		t.Fatal(err)

@@ -605,11 +605,9 @@ func (s *site) exited() bool {
 	}
 	var info unix.Siginfo
 	err := unix.Waitid(unix.P_PID, s.cmd.Process.Pid, &info, unix.WEXITED|unix.WNOHANG|unix.WNOWAIT, nil)
-	switch {
-	case errors.Is(err, unix.ECHILD):
-		// Reaped already, not by us (SIGCHLD ignored): Wait returns at
-		// once, and marks it done.
-	case err != nil || info.Signo == 0:
+	// ECHILD cannot come: Go handles SIGCHLD itself, so the child waits
+	// for us, whatever disposition the demo inherited.
+	if err != nil || info.Signo == 0 {
 		return false
 	}
 	s.cmd.Wait()
