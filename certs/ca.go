@@ -296,6 +296,12 @@ func (ca *CA) initIn(dir string, st os.FileInfo, opt InitOptions) error {
 	return nil
 }
 
+// emptyDir says whether dir is a directory with nothing in it.
+func emptyDir(dir string) bool {
+	ents, err := os.ReadDir(dir)
+	return err == nil && len(ents) == 0
+}
+
 func checkEmptyDir(dir string) error {
 	ents, err := os.ReadDir(dir)
 	switch {
@@ -312,6 +318,9 @@ func checkEmptyDir(dir string) error {
 	for _, e := range ents {
 		switch {
 		case e.Name() == fileLock:
+		case e.Name() == "lost+found" && e.IsDir() && emptyDir(filepath.Join(dir, e.Name())):
+			// What mkfs puts at the root of an ext file system: a
+			// mount point of its own for the CA has one.
 		case e.IsDir() && strings.HasPrefix(e.Name(), initPrefix):
 			initLeft = true
 		default:

@@ -835,6 +835,22 @@ func TestInitCAInDirectoryThere(t *testing.T) {
 			t.Errorf("init left %d entries beside the CA", len(ents))
 		}
 	})
+	// A fresh ext file system's root holds an empty lost+found: taken
+	// for empty, and left. One with something in it is not.
+	t.Run("with lost+found", func(t *testing.T) {
+		dir := t.TempDir()
+		if err := os.Mkdir(filepath.Join(dir, "lost+found"), 0o700); err != nil {
+			t.Fatal(err)
+		}
+		made(t, dir)
+		other := t.TempDir()
+		if err := os.MkdirAll(filepath.Join(other, "lost+found", "#1234"), 0o700); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := InitCA(other, InitOptions{Now: t0}); err == nil || !strings.Contains(err.Error(), "not empty") {
+			t.Errorf("init over a lost+found with something in it: %v; want it refused", err)
+		}
+	})
 }
 
 // TestInitCAInDirectoryThereCutShort: an init of a directory that was
