@@ -394,7 +394,12 @@ func TestIssuersSharingAKeyKeepTheirLists(t *testing.T) {
 // makes.
 func listOfCA(t *testing.T, ca *CA, number int64, ids ...*NodeIdentity) *x509.RevocationList {
 	t.Helper()
-	tmpl := &x509.RevocationList{Number: big.NewInt(number), ThisUpdate: t0, NextUpdate: t0.Add(24 * time.Hour)}
+	return signList(t, ca, &x509.RevocationList{Number: big.NewInt(number), ThisUpdate: t0, NextUpdate: t0.Add(24 * time.Hour)}, ids)
+}
+
+// signList is tmpl, revoking the certificates of ids, signed by ca.
+func signList(t *testing.T, ca *CA, tmpl *x509.RevocationList, ids []*NodeIdentity) *x509.RevocationList {
+	t.Helper()
 	for _, id := range ids {
 		tmpl.RevokedCertificateEntries = append(tmpl.RevokedCertificateEntries, x509.RevocationListEntry{SerialNumber: id.Certificate().SerialNumber, RevocationTime: t0})
 	}
@@ -498,19 +503,7 @@ func TestTrustBundleIssuerListBehind(t *testing.T) {
 // listWithExtension is listOfCA with ext among the list's extensions.
 func listWithExtension(t *testing.T, ca *CA, number int64, ext pkix.Extension, ids ...*NodeIdentity) *x509.RevocationList {
 	t.Helper()
-	tmpl := &x509.RevocationList{Number: big.NewInt(number), ThisUpdate: t0, NextUpdate: t0.Add(24 * time.Hour), ExtraExtensions: []pkix.Extension{ext}}
-	for _, id := range ids {
-		tmpl.RevokedCertificateEntries = append(tmpl.RevokedCertificateEntries, x509.RevocationListEntry{SerialNumber: id.Certificate().SerialNumber, RevocationTime: t0})
-	}
-	der, err := x509.CreateRevocationList(rand.Reader, tmpl, ca.Certificate(), ca.key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	crl, err := x509.ParseRevocationList(der)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return crl
+	return signList(t, ca, &x509.RevocationList{Number: big.NewInt(number), ThisUpdate: t0, NextUpdate: t0.Add(24 * time.Hour), ExtraExtensions: []pkix.Extension{ext}}, ids)
 }
 
 // deltaIndicator is the critical extension of a delta CRL that follows

@@ -300,14 +300,7 @@ func TestRevocationListsOfTwoCAs(t *testing.T) {
 
 	// The first CA revokes a gateway; its list arrives with the second
 	// CA's unchanged one and a stranger's.
-	id, err := ca.IssueIdentity(certs.Attributes{Node: "gw-x", Site: "s", Region: "r", Provider: "onprem", Jurisdiction: "CH",
-		OverlayIP: netip.MustParseAddr("100.64.9.10")}, time.Hour, time.Now())
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := ca.RevokeSerials([]*big.Int{id.Certificate().SerialNumber}, "keyCompromise", time.Now()); err != nil {
-		t.Fatal(err)
-	}
+	id := revokedGateway(t, ca)
 	before := g.trust.Load().CRLVersion()
 	blob := encodeMessage(msgBlob, []byte{blobCRLs}, bundle(list(ca).Raw, list(next).Raw, list(stranger).Raw))
 	if err := g.handle(blob); err != nil {
@@ -695,14 +688,7 @@ func TestWorkerTakesBulk(t *testing.T) {
 func TestGossipedDeltaCRLRefused(t *testing.T) {
 	ca, lg := lonelyGateway(t)
 	g := lg.g
-	id, err := ca.IssueIdentity(certs.Attributes{Node: "gw-x", Site: "s", Region: "r", Provider: "onprem", Jurisdiction: "CH",
-		OverlayIP: netip.MustParseAddr("100.64.9.10")}, time.Hour, time.Now())
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := ca.RevokeSerials([]*big.Int{id.Certificate().SerialNumber}, "keyCompromise", time.Now()); err != nil {
-		t.Fatal(err)
-	}
+	id := revokedGateway(t, ca)
 	tb, err := ca.TrustBundle()
 	if err != nil {
 		t.Fatal(err)
@@ -742,4 +728,19 @@ func TestGossipedDeltaCRLRefused(t *testing.T) {
 			t.Errorf("after a gossiped delta CRL: %v, want the certificate still revoked (list in force #%s)", err, g.trust.Load().CRL().Number)
 		}
 	}
+}
+
+// revokedGateway is a gateway certificate ca issued and then revoked for
+// keyCompromise.
+func revokedGateway(t *testing.T, ca *certs.CA) *certs.NodeIdentity {
+	t.Helper()
+	id, err := ca.IssueIdentity(certs.Attributes{Node: "gw-x", Site: "s", Region: "r", Provider: "onprem", Jurisdiction: "CH",
+		OverlayIP: netip.MustParseAddr("100.64.9.10")}, time.Hour, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ca.RevokeSerials([]*big.Int{id.Certificate().SerialNumber}, "keyCompromise", time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	return id
 }
