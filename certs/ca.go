@@ -265,7 +265,7 @@ func (ca *CA) initIn(dir string, st os.FileInfo, opt InitOptions) error {
 		return fmt.Errorf("check CA directory: %w", err)
 	}
 	for _, e := range ents {
-		if e.Name() != fileLock {
+		if e.Name() != fileLock && e.Name() != "lost+found" {
 			if err := os.RemoveAll(filepath.Join(dir, e.Name())); err != nil {
 				return fmt.Errorf("remove what an init cut short left in %s: %w", dir, err)
 			}

@@ -843,6 +843,9 @@ func TestInitCAInDirectoryThere(t *testing.T) {
 			t.Fatal(err)
 		}
 		made(t, dir)
+		if _, err := os.Stat(filepath.Join(dir, "lost+found")); err != nil {
+			t.Errorf("lost+found is gone: %v", err)
+		}
 		other := t.TempDir()
 		if err := os.MkdirAll(filepath.Join(other, "lost+found", "#1234"), 0o700); err != nil {
 			t.Fatal(err)
