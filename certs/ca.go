@@ -610,7 +610,7 @@ func (ca *CA) issue(tmpl *x509.Certificate, pub crypto.PublicKey, ttl time.Durat
 	if ttl < 0 {
 		return nil, refusal{fmt.Errorf("TTL %s is negative", ttl)}
 	}
-	if err := checkNodeKey(pub); err != nil {
+	if err := CheckNodeKey(pub); err != nil {
 		return nil, refusal{err}
 	}
 	notAfter := now.Add(ttl)
@@ -692,7 +692,10 @@ func (idx *caIndex) renewal(e IssuedCert) *x509.Certificate {
 	return c
 }
 
-func checkNodeKey(pub crypto.PublicKey) error {
+// CheckNodeKey refuses a key of a kind no skybridge identity has: before
+// a request's signature is checked, so that a key of any size (an RSA
+// modulus of 100,000 bits costs seconds to verify) costs nothing.
+func CheckNodeKey(pub crypto.PublicKey) error {
 	k, ok := pub.(*ecdsa.PublicKey)
 	if !ok {
 		return fmt.Errorf("gateway key is %T; skybridge identities use ECDSA P-256 keys", pub)

@@ -122,6 +122,9 @@ func ParseCSR(b []byte) (*x509.CertificateRequest, *Attributes, error) {
 	if err != nil {
 		return nil, nil, fmt.Errorf("parse CSR: %w", err)
 	}
+	if err := CheckNodeKey(csr.PublicKey); err != nil {
+		return nil, nil, fmt.Errorf("CSR: %w", err)
+	}
 	if err := csr.CheckSignature(); err != nil {
 		return nil, nil, fmt.Errorf("CSR signature does not verify: %w", err)
 	}
