@@ -100,6 +100,30 @@ func (a *Attributes) Validate(meshPrefix netip.Prefix) error {
 	return errors.Join(errs...)
 }
 
+// rangeEnd refuses the first or last address of an IPv4 mesh range as a
+// new gateway's overlay IP: the gateway puts its address on its interface
+// with the whole range, whose last address is then the interface's
+// broadcast address, which no peer can connect to (the first is the
+// network's, by custom unused). Burst gateways and ca init's count leave
+// both out. A renewal keeps the address it had.
+func rangeEnd(ip netip.Addr, meshPrefix netip.Prefix) error {
+	if !meshPrefix.IsValid() || !ip.Is4() || !meshPrefix.Addr().Is4() || meshPrefix.Bits() > 30 || !meshPrefix.Contains(ip) {
+		return nil
+	}
+	first := meshPrefix.Masked().Addr()
+	b := first.As4()
+	host := uint32(1)<<(32-meshPrefix.Bits()) - 1
+	n := (uint32(b[0])<<24 | uint32(b[1])<<16 | uint32(b[2])<<8 | uint32(b[3])) | host
+	last := netip.AddrFrom4([4]byte{byte(n >> 24), byte(n >> 16), byte(n >> 8), byte(n)})
+	switch ip {
+	case first:
+		return fmt.Errorf("overlay IP %s is the first address of the mesh overlay range %s, its network's: pick one between %s and %s", ip, meshPrefix, first.Next(), last.Prev())
+	case last:
+		return fmt.Errorf("overlay IP %s is the last address of the mesh overlay range %s, its broadcast address, which peers cannot connect to: pick one between %s and %s", ip, meshPrefix, first.Next(), last.Prev())
+	}
+	return nil
+}
+
 // ValidateCertified is Validate without the advert's size, for a
 // certificate already issued: one from before Validate counted the advert
 // may be a running gateway's, of an earlier release whose adverts (with

@@ -465,6 +465,11 @@ func (ca *CA) issueGateway(req IssueRequest, renewedFrom string, check func(*caI
 	if err := attrs.Validate(ca.MeshPrefix()); err != nil {
 		return nil, refusal{err}
 	}
+	if renewedFrom == "" {
+		if err := rangeEnd(attrs.OverlayIP, ca.MeshPrefix()); err != nil {
+			return nil, refusal{err}
+		}
+	}
 	tmpl := &x509.Certificate{
 		Subject: pkix.Name{
 			CommonName:         attrs.Node,

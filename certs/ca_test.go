@@ -1010,3 +1010,26 @@ func TestTakeNewerCRLSettles(t *testing.T) {
 		t.Errorf("the CA's list after taking #%s: %v (%v); want that list, not one signed after it", newer.Number, got.Number, err)
 	}
 }
+
+// TestIssueRefusesRangeEnds: a new gateway is not given the first or the
+// last address of an IPv4 mesh range: on its interface, with the whole
+// range, the last is the broadcast address, which no peer can connect
+// to. The addresses next to them are given.
+func TestIssueRefusesRangeEnds(t *testing.T) {
+	ca := newTestCA(t)
+	p := ca.MeshPrefix()
+	if !p.Addr().Is4() {
+		t.Fatalf("the test CA's range %s is not IPv4", p)
+	}
+	first := p.Masked().Addr()
+	last := first
+	for next := last.Next(); p.Contains(next); next = next.Next() {
+		last = next
+	}
+	for ip, want := range map[netip.Addr]string{first: "first address", last: "broadcast address", first.Next(): "", last.Prev(): ""} {
+		_, err := ca.IssueIdentity(testAttrs("gw-"+strings.ReplaceAll(ip.String(), ".", "-"), "s", ip.String()), time.Hour, time.Now())
+		if want == "" && err != nil || want != "" && (err == nil || !strings.Contains(err.Error(), want)) {
+			t.Errorf("overlay IP %s: %v; want %q", ip, err, want)
+		}
+	}
+}
