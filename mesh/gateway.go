@@ -692,7 +692,7 @@ func (g *Gateway) startGossip() error {
 	cfg.EnableCompression = false
 	d := delegate{g}
 	cfg.Delegate, cfg.Events, cfg.Alive = d, d, d
-	cfg.Logger = log.New(slogWriter{g.log}, "", 0)
+	cfg.Logger = log.New(&gossipLog{slogWriter: slogWriter{g.log}}, "", 0)
 	if g.opt.tune != nil {
 		g.opt.tune(cfg)
 	}
@@ -1275,6 +1275,14 @@ func caNames(tb *certs.TrustBundle) []string {
 type slogWriter struct{ log *slog.Logger }
 
 func (w slogWriter) Write(p []byte) (int, error) {
+	lvl, line := memberlistLine(p)
+	w.log.Log(context.Background(), lvl, line, "component", "gossip")
+	return len(p), nil
+}
+
+// memberlistLine is a memberlist log line's level and its text without
+// the level's tag.
+func memberlistLine(p []byte) (slog.Level, string) {
 	line := strings.TrimSpace(string(p))
 	lvl := slog.LevelDebug
 	switch {
@@ -1295,8 +1303,70 @@ func (w slogWriter) Write(p []byte) (int, error) {
 		// holding the gossip key (or reaching the port) chooses.
 		lvl = slog.LevelDebug
 	}
-	w.log.Log(context.Background(), lvl, line, "component", "gossip")
+	return lvl, line
+}
+
+// gossipLog is memberlist's logger: a slogWriter that logs the failures
+// of a datagram or a stream before its gossip key is checked at most
+// once a second of each kind, as a warning with a count of those left
+// out. Anyone who reaches the gossip port can cause one per datagram (from
+// any source address it cares to forge) or per stream, and memberlist
+// logs each as an error; a member with a wrong or old key still shows.
+type gossipLog struct {
+	slogWriter
+	packets, streams throttle.PerSecond
+}
+
+// junkPackets and junkStreams begin memberlist's lines for a datagram or
+// a stream refused before its gossip key is proven (net.go's ingestPacket
+// and handleConn, memberlist v0.7): a label header that cannot be read or
+// is not ours, a datagram that does not decrypt, a stream that does not
+// (or is not encrypted: "failed to receive"), and the error answer to one
+// that closed at once.
+var (
+	junkPackets = []string{
+		"memberlist: Decrypt packet failed",
+		"memberlist: discarding packet with unacceptable label",
+		"memberlist: unexpected double packet label header",
+		"memberlist: cannot decode label; packet has been truncated",
+		"memberlist: label header cannot be empty when present",
+	}
+	junkStreams = []string{
+		"memberlist: failed to receive",
+		"memberlist: discarding stream with unacceptable label",
+		"memberlist: unexpected double stream label header",
+		"memberlist: Failed to send error",
+	}
+)
+
+func (w *gossipLog) Write(p []byte) (int, error) {
+	lvl, line := memberlistLine(p)
+	var t *throttle.PerSecond
+	switch {
+	case lvl == slog.LevelDebug:
+		// Demoted: our transport ended the stream and said so itself.
+	case hasAnyPrefix(line, junkPackets):
+		t = &w.packets
+	case hasAnyPrefix(line, junkStreams):
+		t = &w.streams
+	}
+	if t == nil {
+		w.log.Log(context.Background(), lvl, line, "component", "gossip")
+		return len(p), nil
+	}
+	if ok, dropped := t.Allow(); ok {
+		w.log.Warn(line, "component", "gossip", "refused_unlogged", dropped)
+	}
 	return len(p), nil
+}
+
+func hasAnyPrefix(s string, prefixes []string) bool {
+	for _, p := range prefixes {
+		if strings.HasPrefix(s, p) {
+			return true
+		}
+	}
+	return false
 }
 
 // nodeFor builds the memberlist address of a member to send to: the
