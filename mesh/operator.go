@@ -31,6 +31,7 @@ import (
 	"golang.org/x/net/netutil"
 
 	"github.com/skybridge-mesh/skybridge/internal/atomicfile"
+	"github.com/skybridge-mesh/skybridge/internal/throttle"
 	"github.com/skybridge-mesh/skybridge/migrate"
 )
 
@@ -53,6 +54,14 @@ const (
 	recentSends     = 20          // finished migrations the dashboard lists
 	operatorHeaders = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
+
+// maxOperatorPerSource bounds the connections of one address (an IPv6
+// /64), so that one client holding connections open without a word cannot
+// take every slot from the token's holders. Prometheus and a browser often
+// share an address (loopback, or one host on a site network): a browser
+// opens up to 6 connections to the endpoint, its event stream among them,
+// and a scraper one or two, which leaves room for a curl and another tab.
+const maxOperatorPerSource = 16
 
 // maxEventStream is how long an event stream runs; then the browser
 // reconnects, and is authenticated again. A variable for tests.
@@ -180,7 +189,18 @@ func (g *Gateway) serveOperator(ctx context.Context) (io.Closer, error) {
 	// held by anyone without the token.
 	srv := &http.Server{Handler: op.routes(), ReadHeaderTimeout: 2 * time.Second, ReadTimeout: 10 * time.Second, IdleTimeout: 60 * time.Second,
 		BaseContext: func(net.Listener) context.Context { return ctx }}
-	go srv.Serve(netutil.LimitListener(ln, maxOperatorConn))
+	// Counted per source before the slots, so that a connection turned
+	// away takes none. On loopback every local user shares 127.0.0.1 (or
+	// picks another 127/8 address), so this bounds the clients of the
+	// site networks that reach the overlay address, not a local one.
+	var warnCrowded throttle.PerSecond
+	perSource := limitPerSource(ln, maxOperatorPerSource, func(from netip.Addr) {
+		if ok, dropped := warnCrowded.Allow(); ok {
+			g.log.Warn("operator connection turned away: its address has as many open as one may; if it is your scraper or browser, look for another client on that host holding connections open",
+				"from", from, "open", maxOperatorPerSource, "turned_away_unlogged", dropped)
+		}
+	})
+	go srv.Serve(netutil.LimitListener(perSource, maxOperatorConn))
 	g.log.Info("operator endpoint: metrics and dashboard (token required)", "address", ln.Addr().String())
 	return closerFunc(func() error {
 		c, cancel := context.WithTimeout(context.Background(), 2*time.Second)
