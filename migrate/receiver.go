@@ -103,6 +103,10 @@ type Receiver struct {
 	unproven     atomic.Int64 // atomic for tests to read
 	unprovenFrom map[netip.Addr]int
 	warnUnproven throttle.PerSecond
+	// warnHandshake says when a failed TLS handshake is worth logging
+	// again: whoever the port takes connections from can fail one per
+	// connection, with bytes that are not TLS or a revoked certificate.
+	warnHandshake throttle.PerSecond
 }
 
 // NewReceiver prepares a receiver; Serve accepts connections.
@@ -376,11 +380,13 @@ func (r *Receiver) handle(ctx context.Context, c *tls.Conn, src netip.Addr) {
 	if err != nil {
 		// Closed before a word: another gateway's reachability probe,
 		// every second from each (mesh/health.go), not news.
-		level := slog.LevelInfo
 		if errors.Is(err, io.EOF) {
-			level = slog.LevelDebug
+			r.cfg.Log.Debug("refused migration connection", "remote", c.RemoteAddr().String(), "err", err)
+			return
 		}
-		r.cfg.Log.Log(ctx, level, "refused migration connection", "remote", c.RemoteAddr().String(), "err", err)
+		if ok, dropped := r.warnHandshake.Allow(); ok {
+			r.cfg.Log.Info("refused migration connection", "remote", c.RemoteAddr().String(), "err", err, "refused_unlogged", dropped)
+		}
 		return
 	}
 	from, err := peerAttributes(c.ConnectionState(), r.cfg.Trust(), r.cfg.Now())
