@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
 	"os"
 	"runtime/debug"
@@ -26,7 +27,8 @@ func main() {
 // run is main without the process: tests call it with their own args and
 // writers and check the exit code.
 func run(args []string, stdout, stderr io.Writer) int {
-	app := newApp(stdout, stderr)
+	out := &rememberWriter{w: stdout}
+	app := newApp(out, stderr)
 	usageErrors(app.Commands, "skybridge")
 	app.OnUsageError = func(_ *cli.Context, err error, _ bool) error {
 		return usageError("%v (see skybridge --help)", err)
@@ -50,17 +52,67 @@ func run(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "skybridge: unknown command %q (see %s --help)\n", unknown, under)
 		return 2
 	}
-	if err == nil {
-		return 0
+	code, msg := 0, ""
+	if err != nil {
+		code, msg = 1, err.Error()
+		var ec cli.ExitCoder
+		if errors.As(err, &ec) && ec.ExitCode() != 0 {
+			code = ec.ExitCode()
+		}
 	}
-	if msg := err.Error(); msg != "" {
+	// Output that did not reach its reader is no answer, whatever the
+	// command made of it: a "valid" lost to a full disk must not pass a
+	// script's test as exit 0, nor a verdict lost with it as a "no".
+	// A code of the command's own above 1 (a usage mistake, the demo's
+	// 141 for a reader gone) says more and stays.
+	if out.err != nil && code <= 1 {
+		if err != nil && errors.Is(err, out.err) {
+			msg = "" // the command's error is the failed write: said once, below
+		}
+		if msg != "" {
+			fmt.Fprintf(stderr, "skybridge: %s\n", printableLines(msg))
+		}
+		fmt.Fprintf(stderr, "skybridge: write standard output: %v: the output is cut short; run the command again with standard output where it can be written\n", writeCause(out.err))
+		return 2
+	}
+	if msg != "" {
 		fmt.Fprintf(stderr, "skybridge: %s\n", printableLines(msg)) // it may quote a gateway's answer
 	}
-	var ec cli.ExitCoder
-	if errors.As(err, &ec) && ec.ExitCode() != 0 {
-		return ec.ExitCode()
+	return code
+}
+
+// rememberWriter is standard output that keeps its first failed write:
+// most commands print line by line and do not look at each result, and
+// run turns the failure into exit 2 for all of them. Once a write has
+// failed the rest fail the same way, unwritten, so that what did get
+// out is a whole beginning and not lines with a hole between them.
+type rememberWriter struct {
+	w   io.Writer
+	err error
+}
+
+func (r *rememberWriter) Write(b []byte) (int, error) {
+	if r.err != nil {
+		return 0, r.err
 	}
-	return 1
+	n, err := r.w.Write(b)
+	if err == nil && n < len(b) {
+		err = io.ErrShortWrite
+	}
+	if err != nil {
+		r.err = err
+	}
+	return n, err
+}
+
+// writeCause is a write error without the file's name, /dev/stdout or
+// the like, which "write standard output" says better.
+func writeCause(err error) error {
+	var pe *fs.PathError
+	if errors.As(err, &pe) {
+		return pe.Err
+	}
+	return err
 }
 
 // usageErrors makes every command's flag mistakes (an unknown flag, a

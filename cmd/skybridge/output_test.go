@@ -2,7 +2,11 @@ package main
 
 import (
 	"bytes"
+	"io/fs"
+	"os"
+	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 )
 
@@ -61,5 +65,46 @@ func TestErrorsPrintable(t *testing.T) {
 	}
 	if got := printableLines("one\n\x1b[2Ktwo"); got != "one\n\\u001b[2Ktwo" {
 		t.Fatalf("printableLines = %q", got)
+	}
+}
+
+// fullWriter is standard output on a full disk.
+type fullWriter struct{}
+
+func (fullWriter) Write([]byte) (int, error) {
+	return 0, &fs.PathError{Op: "write", Path: "/dev/stdout", Err: syscall.ENOSPC}
+}
+
+// TestStdoutWriteFailure: output lost on its way out is no answer: every
+// command exits 2 and says so, a verdict's 0 or 1 included, while a usage
+// mistake keeps its own message.
+func TestStdoutWriteFailure(t *testing.T) {
+	dir := t.TempDir()
+	ca := filepath.Join(dir, "ca")
+	mustRun(t, "ca", "init", "--dir", ca)
+	log := filepath.Join(dir, "audit.log")
+	os.WriteFile(log, nil, 0o600)
+	check := []string{"policy", "check", "--policy", examplePolicy, "--inventory", exampleInventory, "--at", beforeExpiry, "--action", "store", "--class"}
+	for _, args := range [][]string{
+		append(check, "pii-eu", "--site", "aws-eu-central-1"),            // allowed
+		append(check, "swiss-banking-secret", "--site", "aws-us-east-1"), // denied
+		{"policy", "lint", "--policy", examplePolicy},
+		{"policy", "test", exampleTests},
+		{"audit", "verify", "--log", log, "--ca-cert", filepath.Join(ca, "ca.crt")},
+		{"audit", "verify", "--log", log, "--ca-cert", filepath.Join(ca, "ca.crt"), "--json"},
+		{"ca", "crl", "--ca", ca},
+		{"ca", "crl", "--ca", ca, "--json"},
+		{"--help"},
+	} {
+		var errb bytes.Buffer
+		code := run(append([]string{"skybridge"}, args...), fullWriter{}, &errb)
+		errs := errb.String()
+		if code != 2 || strings.Count(errs, "write standard output: no space left on device") != 1 || strings.Count(errs, "no space left") != 1 {
+			t.Errorf("%v to a full disk: exit %d, %q; want 2, saying once that standard output could not be written", args, code, errs)
+		}
+	}
+	var errb bytes.Buffer
+	if code := run([]string{"skybridge", "policy", "check", "--policy", examplePolicy}, fullWriter{}, &errb); code != 2 || !strings.Contains(errb.String(), "missing --class") {
+		t.Errorf("a usage mistake to a full disk: exit %d, %q", code, errb.String())
 	}
 }
