@@ -461,6 +461,9 @@ type verifyOutput struct {
 	// signature's own "signer" is not covered by it.
 	SignedBy  string            `json:"signed_by,omitempty"`
 	Signature *policy.Signature `json:"signature,omitempty"`
+	// RevocationsChecked is false without --crl: a signer the CA has
+	// revoked then verifies as valid.
+	RevocationsChecked bool `json:"revocations_checked"`
 }
 
 func policyVerify(c *cli.Context) error {
@@ -495,7 +498,7 @@ func policyVerify(c *cli.Context) error {
 	if verr == nil {
 		p, verr = policy.Verify(file, src, sig, tb, time.Now())
 	}
-	out := verifyOutput{Valid: verr == nil, Signature: sig}
+	out := verifyOutput{Valid: verr == nil, Signature: sig, RevocationsChecked: c.String("crl") != ""}
 	if verr != nil {
 		out.Error = verr.Error()
 	} else {
@@ -509,6 +512,9 @@ func policyVerify(c *cli.Context) error {
 		fmt.Fprintf(c.App.Writer, "valid: %s signed by %s at %s\n", p.Revision(), printable(p.SignedBy()), sig.SignedAt.Format(time.RFC3339))
 		if sig.Signer != p.SignedBy() && sig.Signer+" (the mesh CA)" != p.SignedBy() {
 			fmt.Fprintf(c.App.Writer, "note: the signature calls its signer %q, which its certificate does not vouch for\n", printable(sig.Signer))
+		}
+		if !out.RevocationsChecked {
+			fmt.Fprintln(c.App.Writer, "note: revocations were not checked: give the CA's revocation list with --crl")
 		}
 	} else {
 		fmt.Fprintf(c.App.Writer, "INVALID: %v\n", verr)

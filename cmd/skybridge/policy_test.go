@@ -221,6 +221,21 @@ func TestPolicySignVerify(t *testing.T) {
 		t.Fatalf("a renamed signer: exit %d %s", code, out)
 	}
 	os.WriteFile(pol+".sig", signed, 0o644)
+	// Without the CA's list a revoked signer would pass as well: said.
+	unchecked := []string{"policy", "verify", "--policy", pol, "--ca-cert", filepath.Join(ca, "ca.crt")}
+	if out := mustRun(t, unchecked...); !strings.Contains(out, "signed by compliance at") || !strings.Contains(out, "note: revocations were not checked: give the CA's revocation list with --crl") {
+		t.Fatalf("verified without --crl:\n%s", out)
+	}
+	var res struct {
+		Valid              bool `json:"valid"`
+		RevocationsChecked bool `json:"revocations_checked"`
+	}
+	if out := mustRun(t, append(unchecked, "--json")...); json.Unmarshal([]byte(out), &res) != nil || !res.Valid || res.RevocationsChecked {
+		t.Fatalf("verified without --crl, --json:\n%s", out)
+	}
+	if out := mustRun(t, append(unchecked, "--json", "--crl", filepath.Join(ca, "crl.pem"))...); json.Unmarshal([]byte(out), &res) != nil || !res.Valid || !res.RevocationsChecked {
+		t.Fatalf("verified with --crl, --json:\n%s", out)
+	}
 	mustRun(t, "ca", "revoke", "--ca", ca, "--signer", "compliance")
 	if out, code := verify(); code != 1 || !strings.Contains(out, "revoked") {
 		t.Fatalf("revoked signer: exit %d %s", code, out)
