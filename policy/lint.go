@@ -29,6 +29,12 @@ func Lint(p *Policy, inv Inventory, now time.Time) []Finding {
 	if p.mode == Audit {
 		add("audit-mode", "warning", Position{File: p.file, Line: 1}, "policy %s is in audit mode: denials are recorded but not enforced", p.rev.Name)
 	}
+	// It compiles, as a policy being written must, and denies every
+	// request, as a class it does not know: signed, it would stop every
+	// migration in the mesh.
+	if len(p.classNames) == 0 {
+		add("no-classes", "warning", Position{File: p.file, Line: 1}, "policy %s defines no class: every data class is denied everywhere; add a class block for each class the mesh may store or carry", p.rev.Name)
+	}
 	for _, e := range p.exceptions {
 		switch {
 		case !now.Before(e.expires):

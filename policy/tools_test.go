@@ -109,6 +109,15 @@ class "c" {
 	}
 }
 
+// TestLintNoClasses: a policy of only its policy block compiles, and
+// denies every request; lint says so, as a warning.
+func TestLintNoClasses(t *testing.T) {
+	fs := Lint(mustParse(t, header), nil, nov24)
+	if len(fs) != 1 || fs[0].Check != "no-classes" || fs[0].Severity != "warning" || !strings.Contains(fs[0].Message, "defines no class") {
+		t.Fatalf("lint of a policy without classes: %+v", fs)
+	}
+}
+
 func jsonOf(v any) string { b, _ := json.Marshal(v); return string(b) }
 
 // TestExampleSuite runs docs/examples/residency_test.hcl: the bank's policy

@@ -130,7 +130,11 @@ func policyErr(err error) error {
 // denies it, as it must for a gateway asked about one; asked here, it is a
 // mistake (a typo), and a "deny" would pass for an answer.
 func knownClass(p *policy.Policy, class string) error {
-	if known := p.Classes(); !slices.Contains(known, class) {
+	known := p.Classes()
+	if len(known) == 0 {
+		return cli.Exit(fmt.Sprintf("unknown class %q: %s defines no class, so it denies every one; add a class block for each", class, p.File()), exitError)
+	}
+	if !slices.Contains(known, class) {
 		return cli.Exit(fmt.Sprintf("unknown class %q (known: %s, in %s)", class, strings.Join(known, ", "), p.File()), exitError)
 	}
 	return nil

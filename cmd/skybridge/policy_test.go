@@ -148,6 +148,25 @@ test "wishful" {
 	}
 }
 
+// TestPolicyWithoutClasses: a policy of only its policy block denies
+// every request; lint warns of it (sign still signs, as for every
+// warning), and explain says the policy defines no class rather than
+// list none.
+func TestPolicyWithoutClasses(t *testing.T) {
+	dir := t.TempDir()
+	ca := filepath.Join(dir, "ca")
+	mustRun(t, "ca", "init", "--dir", ca)
+	pol := filepath.Join(dir, "only.hcl")
+	os.WriteFile(pol, []byte("policy {\n  name = \"only\"\n  version = 1\n}\n"), 0o644)
+	if out := mustRun(t, "policy", "lint", "--policy", pol); !strings.Contains(out, "warning: policy only defines no class") || strings.Contains(out, "no findings") {
+		t.Fatalf("lint of a policy without classes:\n%s", out)
+	}
+	mustRun(t, "policy", "sign", "--policy", pol, "--ca", ca)
+	if out, errs, code := runCLI(t, "policy", "explain", "--policy", pol, "--inventory", exampleInventory, "--class", "x"); code != 2 || !strings.Contains(errs, "only.hcl defines no class") || strings.Contains(errs, "known: ,") {
+		t.Fatalf("explain of a policy without classes: exit %d, %q %q", code, out, errs)
+	}
+}
+
 // TestPolicySignVerify: sign with the CA and with a delegated signer;
 // verification refuses unsigned and tampered policies and a revoked signer.
 func TestPolicySignVerify(t *testing.T) {
