@@ -731,6 +731,9 @@ type IssuedCert struct {
 	RenewedFrom string `json:"renewed_from,omitempty"`
 	// TakenBack: issued, but never delivered (CA.TakeBack).
 	TakenBack bool `json:"taken_back,omitempty"`
+	// AlreadyRevoked marks, in what a revocation returns, a certificate
+	// it found revoked already and left as it was; never so in the index.
+	AlreadyRevoked bool `json:"already_revoked,omitempty"`
 }
 
 // caIndex is the CA's record of what it issued and revoked. The CRL is
@@ -915,6 +918,10 @@ func (ca *CA) RevokeSigner(name, reason string, now time.Time) ([]IssuedCert, er
 }
 
 // revoke revokes the index entries pick chooses, under the CA's lock.
+// Where that changes nothing (each was revoked already, for the reason
+// it keeps) no new list is signed: a revocation repeated, by a script
+// run again or a serial given twice, would otherwise number and date a
+// new list that says what the last one said.
 func (ca *CA) revoke(reason string, now time.Time, pick func(*caIndex) ([]int, error)) ([]IssuedCert, error) {
 	if reason == "" {
 		reason = "unspecified"
@@ -924,11 +931,18 @@ func (ca *CA) revoke(reason string, now time.Time, pick func(*caIndex) ([]int, e
 	}
 	var done []IssuedCert
 	err := ca.updateIndex(now, func(idx *caIndex) error {
+		done = nil
+		before := slices.Clone(idx.Certs) // pick may change an entry too (TakeBack)
 		picked, err := pick(idx)
 		if err != nil {
 			return err
 		}
+		changed, seen := false, map[int]bool{}
 		for _, i := range picked {
+			if seen[i] {
+				continue
+			}
+			seen[i] = true
 			switch c := &idx.Certs[i]; {
 			case c.RevokedAt == nil:
 				t := now.UTC()
@@ -940,7 +954,13 @@ func (ca *CA) revoke(reason string, now time.Time, pick func(*caIndex) ([]int, e
 				// so what the key signs later is still refused.
 				c.Reason = reason
 			}
-			done = append(done, idx.Certs[i])
+			e, was := idx.Certs[i], before[i]
+			e.AlreadyRevoked = was.RevokedAt != nil && was.Reason == e.Reason && was.TakenBack == e.TakenBack
+			changed = changed || !e.AlreadyRevoked
+			done = append(done, e)
+		}
+		if !changed && ca.crlLists(done, now) {
+			return errUnchanged
 		}
 		// The CRL is written before the index: if we crash between the
 		// two, the serial is already revoked for the mesh, and the next
@@ -951,6 +971,34 @@ func (ca *CA) revoke(reason string, now time.Time, pick func(*caIndex) ([]int, e
 		return nil, err
 	}
 	return done, nil
+}
+
+// crlLists reports whether the CA's revocation list, still current at
+// now, lists every one of entries. One the index holds revoked may be
+// missing from it (crl.pem restored from a backup older than the index):
+// revoking it again then signs the list that carries it.
+func (ca *CA) crlLists(entries []IssuedCert, now time.Time) bool {
+	b, err := os.ReadFile(filepath.Join(ca.dir, fileCRL))
+	if err != nil {
+		return false
+	}
+	crl, err := ParseCRL(b)
+	if err != nil || crl.CheckSignatureFrom(ca.cert) != nil {
+		return false // writeCRL says what is wrong with it
+	}
+	if !now.Before(crl.NextUpdate) {
+		return false
+	}
+	listed := map[string]bool{}
+	for _, e := range crl.RevokedCertificateEntries {
+		listed[FormatSerial(e.SerialNumber)] = true
+	}
+	for _, e := range entries {
+		if !listed[e.Serial] {
+			return false
+		}
+	}
+	return true
 }
 
 // validOfNode returns the places in the index of the node's certificates

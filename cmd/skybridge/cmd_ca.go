@@ -500,10 +500,14 @@ func caRevoke(c *cli.Context) error {
 	// asked again by --node, be refused as of a node with nothing left
 	// to revoke).
 	crlPath := filepath.Join(ca.Dir(), "crl.pem")
+	changed := slices.ContainsFunc(done, func(e certs.IssuedCert) bool { return !e.AlreadyRevoked })
 	revokedBut := func(err error) error {
 		serials := make([]string, len(done))
 		for i, e := range done {
 			serials[i] = e.Serial
+		}
+		if !changed {
+			return fmt.Errorf("%s already revoked, on the revocation list in %s; but %w", strings.Join(serials, ", "), crlPath, err)
 		}
 		return fmt.Errorf("revoked %s, on the revocation list written to %s; but %w", strings.Join(serials, ", "), crlPath, err)
 	}
@@ -520,17 +524,25 @@ func caRevoke(c *cli.Context) error {
 		}
 	} else {
 		for _, e := range done {
+			what := "revoked"
+			if e.AlreadyRevoked {
+				what = "already revoked"
+			}
 			switch e.Kind {
 			case certs.KindPolicySigner:
-				fmt.Fprintf(c.App.Writer, "revoked %s (policy signer %s, reason %s)\n", e.Serial, e.Node, e.Reason)
+				fmt.Fprintf(c.App.Writer, "%s %s (policy signer %s, reason %s)\n", what, e.Serial, e.Node, e.Reason)
 			case certs.KindEnroller:
-				fmt.Fprintf(c.App.Writer, "revoked %s (enrollment endpoint of node %s, reason %s)\n", e.Serial, e.Node, e.Reason)
+				fmt.Fprintf(c.App.Writer, "%s %s (enrollment endpoint of node %s, reason %s)\n", what, e.Serial, e.Node, e.Reason)
 			default:
-				fmt.Fprintf(c.App.Writer, "revoked %s (node %s, site %s, reason %s)\n", e.Serial, e.Node, e.Site, e.Reason)
+				fmt.Fprintf(c.App.Writer, "%s %s (node %s, site %s, reason %s)\n", what, e.Serial, e.Node, e.Site, e.Reason)
 			}
 		}
-		if tbErr == nil {
+		switch {
+		case tbErr != nil:
+		case changed:
 			fmt.Fprintf(c.App.Writer, "revocation list #%s written to %s\n", out.CRLNumber, crlPath)
+		default:
+			fmt.Fprintf(c.App.Writer, "revocation list #%s in %s left as it was: it lists them already\n", out.CRLNumber, crlPath)
 		}
 	}
 	if tbErr != nil {

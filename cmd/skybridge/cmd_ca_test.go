@@ -181,6 +181,47 @@ func TestRevokeSaysWhatWasDone(t *testing.T) {
 	}
 }
 
+// TestRevokeAgain: a certificate revoked already is said to be, under
+// the reason it keeps, and no new list is signed for it; a serial given
+// twice is revoked once; a reason changed to keyCompromise is a change,
+// and signed.
+func TestRevokeAgain(t *testing.T) {
+	dir := t.TempDir()
+	ca, gw := filepath.Join(dir, "ca"), filepath.Join(dir, "gw1")
+	mustRun(t, "ca", "init", "--dir", ca)
+	mustRun(t, issueArgs(ca, gw, "gw1", "100.96.0.1")...)
+	id, err := certs.LoadNodeIdentity(gw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	serial := certs.FormatSerial(id.Certificate().SerialNumber)
+	crl := func() string { b, _ := os.ReadFile(filepath.Join(ca, "crl.pem")); return string(b) }
+	revoke := func(extra ...string) string {
+		return mustRun(t, append([]string{"ca", "revoke", "--ca", ca, "--serial", serial}, extra...)...)
+	}
+
+	if out := revoke("--serial", serial); strings.Count(out, serial) != 1 || !strings.Contains(out, "revoked "+serial+" (node gw1, site onprem-zrh, reason unspecified)") || !strings.Contains(out, "written to") {
+		t.Fatalf("a serial given twice:\n%s", out)
+	}
+	first := crl()
+	if out := revoke("--reason", "superseded"); !strings.Contains(out, "already revoked "+serial+" (node gw1, site onprem-zrh, reason unspecified)") || strings.Contains(out, "written to") || crl() != first {
+		t.Fatalf("revoked again: a new list signed, or not said to be revoked already:\n%s", out)
+	}
+	if out := revoke("--reason", "keyCompromise"); strings.Contains(out, "already") || !strings.Contains(out, "reason keyCompromise") || !strings.Contains(out, "written to") || crl() == first {
+		t.Fatalf("a reason changed to keyCompromise, not signed:\n%s", out)
+	}
+	second := crl()
+	var res struct {
+		Revoked []struct {
+			Reason         string `json:"revocation_reason"`
+			AlreadyRevoked bool   `json:"already_revoked"`
+		} `json:"revoked"`
+	}
+	if out := revoke("--reason", "keyCompromise", "--json"); json.Unmarshal([]byte(out), &res) != nil || len(res.Revoked) != 1 || !res.Revoked[0].AlreadyRevoked || res.Revoked[0].Reason != "keyCompromise" || crl() != second {
+		t.Fatalf("revoked again for keyCompromise, --json:\n%s", out)
+	}
+}
+
 // TestInitValidityOutlivesADefaultCertificate: the shortest --validity
 // ca init takes leaves a CA that issues a certificate of the default
 // life; 720h, the default life itself, was taken, and every default ca
@@ -254,7 +295,7 @@ func TestIssueKeepsRevocationsOfBothLists(t *testing.T) {
 	backupIdx, _ := os.ReadFile(filepath.Join(ca, "issued.json"))
 	mustRun(t, issueArgs(ca, gw2, "gw2", "100.96.0.2")...)
 	mustRun(t, "ca", "revoke", "--ca", ca, "--node", "gw2", "--reason", "keyCompromise") // #2
-	mustRun(t, "ca", "crl", "--ca", ca, "--refresh")                                      // #3
+	mustRun(t, "ca", "crl", "--ca", ca, "--refresh")                                     // #3
 	newer, _ := os.ReadFile(filepath.Join(ca, "crl.pem"))
 	os.WriteFile(filepath.Join(gw1, "crl.pem"), newer, 0o644)
 	os.WriteFile(filepath.Join(ca, "crl.pem"), backupCRL, 0o644)
