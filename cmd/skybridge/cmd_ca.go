@@ -102,6 +102,9 @@ func caCommand() *cli.Command {
 }
 
 func caInit(c *cli.Context) error {
+	if err := givenEmpty(c, "name"); err != nil {
+		return err
+	}
 	prefix, err := netip.ParsePrefix(c.String("mesh-cidr"))
 	if err != nil {
 		return usageError("--mesh-cidr %q is not a CIDR prefix such as 100.96.0.0/16", c.String("mesh-cidr"))

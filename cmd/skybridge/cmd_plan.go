@@ -36,6 +36,9 @@ func planCommand() *cli.Command {
 			&cli.StringSliceFlag{Name: "to", Usage: "limit destinations to these nodes, sites, regions or jurisdictions"},
 			&cli.StringFlag{Name: "out", Usage: "write the plan to `FILE` (for migrate apply)"}),
 		Action: func(c *cli.Context) error {
+			if err := givenEmpty(c, "out", "to"); err != nil {
+				return err
+			}
 			// Which gateway first: a usage mistake is said before any
 			// problem of the inventory.
 			cl, err := controlClient(c)

@@ -409,6 +409,9 @@ func policyLint(c *cli.Context) error {
 }
 
 func policySign(c *cli.Context) error {
+	if err := givenEmpty(c, "out", "signer"); err != nil {
+		return err
+	}
 	file := c.String("policy")
 	src, err := os.ReadFile(file)
 	if err != nil {

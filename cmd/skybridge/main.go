@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"os"
 	"runtime/debug"
+	"slices"
 	"strings"
 
 	"github.com/urfave/cli/v2"
@@ -147,33 +148,26 @@ func noteRequired(cmds []*cli.Command, parent string, required map[cli.Flag]bool
 			return usageError("%v (see %s --help)", err, name)
 		}
 		var names []string
-		texts := map[string]bool{} // string flags, whose empty value is as good as none
 		for _, f := range c.Flags {
 			if r, ok := f.(cli.RequiredFlag); ok && r.IsRequired() || required[f] {
 				required[f] = true
 				names = append(names, f.Names()[0])
-				if _, ok := f.(*cli.StringFlag); ok {
-					texts[f.Names()[0]] = true
-				}
 			}
 		}
 		if len(names) > 0 {
 			before := c.Before
 			c.Before = func(ctx *cli.Context) error {
-				var missing, empty []string
+				var missing []string
 				for _, r := range names {
-					switch {
-					case !ctx.IsSet(r):
+					if !ctx.IsSet(r) {
 						missing = append(missing, "--"+r)
-					case texts[r] && strings.TrimSpace(ctx.String(r)) == "":
-						empty = append(empty, "--"+r)
 					}
 				}
 				if len(missing) > 0 {
 					return usageError("missing %s (see %s --help)", strings.Join(missing, ", "), name)
 				}
-				if len(empty) > 0 {
-					return usageError("%s given empty (see %s --help)", strings.Join(empty, ", "), name)
+				if err := givenEmpty(ctx, names...); err != nil {
+					return err
 				}
 				if before != nil {
 					return before(ctx)
@@ -186,6 +180,35 @@ func noteRequired(cmds []*cli.Command, parent string, required map[cli.Flag]bool
 		}
 		noteRequired(c.Subcommands, name, required)
 	}
+}
+
+// givenEmpty refuses those of the string flags names that were given an
+// empty value (a slice flag, one of its values): a required one would
+// pass as given, and one with a default or a meaning when left out
+// would silently take it, as from an unset variable (--out "$OUT").
+// Other kinds of flags are let be: their own parsing refuses "".
+func givenEmpty(ctx *cli.Context, names ...string) error {
+	var empty []string
+	for _, f := range ctx.Command.Flags {
+		n := f.Names()[0]
+		if !slices.Contains(names, n) || !ctx.IsSet(n) {
+			continue
+		}
+		var vals []string
+		switch f.(type) {
+		case *cli.StringFlag:
+			vals = []string{ctx.String(n)}
+		case *cli.StringSliceFlag:
+			vals = ctx.StringSlice(n)
+		}
+		if slices.ContainsFunc(vals, func(v string) bool { return strings.TrimSpace(v) == "" }) {
+			empty = append(empty, "--"+n)
+		}
+	}
+	if len(empty) > 0 {
+		return usageError("%s given empty (see %s --help)", strings.Join(empty, ", "), ctx.Command.HelpName)
+	}
+	return nil
 }
 
 // checkArgs refuses more positional arguments than the command declares

@@ -1246,6 +1246,11 @@ func TestFlagMistakes(t *testing.T) {
 		{[]string{"migrate", "remove", "../etc", "--reason", "CHG-1", "--config", missingConfig}, "give the name of an image"},
 		{[]string{"migrate", "remove", "vm", "--config", missingConfig}, "--reason TEXT"},
 		{[]string{"plan", "--inventory", badInventory}, "say which gateway"},
+		// An empty value would take the flag's default, unsaid.
+		{[]string{"ca", "init", "--dir", filepath.Join(dir, "ca"), "--name", ""}, "--name given empty (see skybridge ca init --help)"},
+		{[]string{"policy", "sign", "--policy", examplePolicy, "--ca", dir, "--out", ""}, "--out given empty (see skybridge policy sign --help)"},
+		{[]string{"plan", "--inventory", badInventory, "--out", " ", "--config", missingConfig}, "--out given empty (see skybridge plan --help)"},
+		{[]string{"plan", "--inventory", badInventory, "--to", "onprem-zrh", "--to", "", "--config", missingConfig}, "--to given empty (see skybridge plan --help)"},
 		{[]string{"migrate", "apply", filepath.Join(dir, "missing-plan.json")}, "say which gateway"},
 	} {
 		if _, errs, code := runCLI(t, tt.args...); code != 2 || !strings.Contains(errs, tt.want) {
