@@ -494,6 +494,16 @@ func caRevoke(c *cli.Context) error {
 			serials = append(serials, n)
 		}
 		done, err = ca.RevokeSerials(serials, c.String("reason"), time.Now())
+		if err != nil {
+			// The CA names a serial as it writes them (11 for 00:11):
+			// the one not found is said as it was typed, to be found
+			// on the command line.
+			for i, s := range serialArgs {
+				if f := certs.FormatSerial(serials[i]); f != s {
+					err = errors.New(strings.Replace(err.Error(), "serial "+f+" was not issued", "serial "+s+" was not issued", 1))
+				}
+			}
+		}
 	}
 	if err != nil {
 		return err

@@ -210,6 +210,10 @@ func TestRevokeAgain(t *testing.T) {
 	if out := revoke("--reason", "keyCompromise"); strings.Contains(out, "already") || !strings.Contains(out, "reason keyCompromise") || !strings.Contains(out, "written to") || crl() == first {
 		t.Fatalf("a reason changed to keyCompromise, not signed:\n%s", out)
 	}
+	// A serial not issued is named as it was typed.
+	if _, errs, code := runCLI(t, "ca", "revoke", "--ca", ca, "--serial", "00:11"); code != 1 || !strings.Contains(errs, "serial 00:11 was not issued") {
+		t.Errorf("revoke of a serial not issued, typed with a leading zero: exit %d, %q", code, errs)
+	}
 	second := crl()
 	var res struct {
 		Revoked []struct {
