@@ -305,6 +305,26 @@ func TestMigrateCancelSaysHowItEnded(t *testing.T) {
 	}
 }
 
+// TestMigrateCancelNotFound: a migration the gateway has no record of is
+// said to be not found, as migrate status says, not "not running".
+func TestMigrateCancelNotFound(t *testing.T) {
+	sock := controlSocket(t, func(w http.ResponseWriter, r *http.Request) {
+		if r.Method == http.MethodPost {
+			http.Error(w, "migration nosuchid is not running", http.StatusInternalServerError)
+			return
+		}
+		http.Error(w, "migration nosuchid: not found", http.StatusNotFound)
+	})
+	_, errs, code := runCLI(t, "migrate", "cancel", "nosuchid", "--socket", sock)
+	if code != 1 || !strings.Contains(errs, "not found") || strings.Contains(errs, "not running") {
+		t.Errorf("cancel of a migration not known: exit %d, %q; want it not found", code, errs)
+	}
+	_, status, _ := runCLI(t, "migrate", "status", "nosuchid", "--socket", sock)
+	if errs != status {
+		t.Errorf("cancel says %q, status %q", errs, status)
+	}
+}
+
 // TestMigrateRunSaysItsID: the migration runs in the gateway, and goes on
 // if the command is stopped: its ID is said at once, so that it can be
 // found and cancelled.

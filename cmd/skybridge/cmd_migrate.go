@@ -84,6 +84,11 @@ func migrateCommand() *cli.Command {
 						return err
 					}
 					if err := cl.CancelMigration(c.Context, id); err != nil {
+						// The gateway says only that it is not running: one
+						// it has no record of is said as status says it.
+						if _, serr := cl.Migration(c.Context, id); errors.Is(serr, mesh.ErrNoSuchMigration) {
+							return serr
+						}
 						return err
 					}
 					// What it ended as is said, not assumed: one already
