@@ -85,6 +85,10 @@ func TestAuditVerifyUnreadable(t *testing.T) {
 	}
 	os.WriteFile(log+".head", []byte("{damaged"), 0o600)
 	verify("a damaged head", log)
+	// Not the gateway's advice, to run this very command.
+	if _, errs, _ := runCLI(t, "audit", "verify", "--log", log, "--ca-cert", filepath.Join(ca, "ca.crt")); strings.Contains(errs, "audit verify") || !strings.Contains(errs, "audit.log.head is damaged") || !strings.Contains(errs, "move the head aside") {
+		t.Errorf("a damaged head: %q; want what to do, not to run audit verify", errs)
+	}
 	os.Remove(log + ".head")
 	os.Mkdir(log+".head", 0o700)
 	verify("a head that cannot be read", log)

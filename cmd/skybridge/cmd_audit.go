@@ -10,6 +10,7 @@ import (
 
 	"github.com/urfave/cli/v2"
 
+	"github.com/skybridge-mesh/skybridge/internal/atomicfile"
 	"github.com/skybridge-mesh/skybridge/internal/audit"
 )
 
@@ -76,6 +77,11 @@ func auditCommand() *cli.Command {
 					// A log cut back is a shorter chain, intact; the
 					// head beside it knows how long it was.
 					verr = audit.Open(c.String("log")).CheckHead()
+					if errors.Is(verr, atomicfile.ErrDamaged) {
+						// The audit package's advice is the gateway's, to
+						// run this command: what is left to do here.
+						return cli.Exit(fmt.Sprintf("%s: %d records verify, but its head %s.head is damaged, so whether records were cut from its end could not be checked: restore the head from the backup that holds this log; or, if this log is known to be whole, move the head aside (the gateway's next record writes a new one)", c.String("log"), rep.Records, filepath.Base(c.String("log"))), exitError)
+					}
 					if errors.As(verr, &unreadable) {
 						return cli.Exit(fmt.Sprintf("%s: %d records verify, but whether records were cut from its end could not be checked: %v", c.String("log"), rep.Records, verr), exitError)
 					}
