@@ -503,14 +503,18 @@ func ParseInventory(r io.Reader) ([]VM, error) {
 			rec[i] = strings.TrimSpace(rec[i])
 		}
 		vm := VM{Name: rec[col["name"]], Image: rec[col["image"]], Class: rec[col["class"]]}
-		if vm.CPU, err = strconv.Atoi(rec[col["cpu"]]); err != nil {
+		if vm.CPU, err = strconv.Atoi(rec[col["cpu"]]); errors.Is(err, strconv.ErrRange) {
+			return nil, fmt.Errorf("inventory line %d: cpu %q is too large", line, rec[col["cpu"]])
+		} else if err != nil {
 			return nil, fmt.Errorf("inventory line %d: cpu %q is not a whole number", line, rec[col["cpu"]])
 		}
 		if vm.MemoryGiB, err = strconv.ParseFloat(rec[col["memory_gib"]], 64); err != nil || math.IsInf(vm.MemoryGiB, 0) || math.IsNaN(vm.MemoryGiB) {
 			return nil, fmt.Errorf("inventory line %d: memory_gib %q is not a number", line, rec[col["memory_gib"]])
 		}
 		if i, ok := col["bytes"]; ok && rec[i] != "" {
-			if vm.Bytes, err = strconv.ParseInt(rec[i], 10, 64); err != nil {
+			if vm.Bytes, err = strconv.ParseInt(rec[i], 10, 64); errors.Is(err, strconv.ErrRange) {
+				return nil, fmt.Errorf("inventory line %d: bytes %q is too large", line, rec[i])
+			} else if err != nil {
 				return nil, fmt.Errorf("inventory line %d: bytes %q is not a whole number", line, rec[i])
 			}
 		}

@@ -448,6 +448,8 @@ func TestParseInventory(t *testing.T) {
 		{"name,image,class,cpu,memory_gib,colour\n", `unknown column "colour"`},
 		{"name,image,class,cpu,memory_gib,CPU\nweb1,/i,risk-batch,32,64,2\n", `column "cpu" is named twice (columns 4 and 6)`},
 		{"name,image,class,cpu,memory_gib\nvm1,/i,risk-batch,eight,4\n", `line 2: cpu "eight" is not a whole number`},
+		{"name,image,class,cpu,memory_gib\nvm1,/i,risk-batch,99999999999999999999,4\n", `line 2: cpu "99999999999999999999" is too large`},
+		{"name,image,class,cpu,memory_gib,bytes\nvm1,/i,risk-batch,1,4,99999999999999999999\n", `line 2: bytes "99999999999999999999" is too large`},
 		{"name,image,class,cpu,memory_gib\nvm1,/i,risk-batch,1,4\nvm1,/j,risk-batch,1,4\n", `VM "vm1": listed twice`},
 		{"name,image,class,cpu,memory_gib\nvm1,/i,,1,4\n", `no data class`},
 		{"name,image,class,cpu,memory_gib\n../etc,/i,risk-batch,1,4\n", `VM "../etc"`},

@@ -110,7 +110,12 @@ func caInit(c *cli.Context) error {
 		return usageError("--mesh-cidr %q is not a CIDR prefix such as 100.96.0.0/16", c.String("mesh-cidr"))
 	}
 	if prefix != prefix.Masked() {
-		return usageError("--mesh-cidr %s has host bits set: did you mean %s?", prefix, prefix.Masked())
+		// Suggested only where it would be taken: 100.64.0.0/8 masks
+		// to public space.
+		if certs.CheckMeshPrefix(prefix.Masked()) == nil {
+			return usageError("--mesh-cidr %s has host bits set: did you mean %s?", prefix, prefix.Masked())
+		}
+		return usageError("--mesh-cidr %s has host bits set, and %s, its range, is not private or shared address space: give a range inside 100.64.0.0/10 (like the default, %s), 10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16 or fc00::/7", prefix, prefix.Masked(), certs.DefaultMeshPrefix)
 	}
 	if err := checkMeshPrefix(prefix); err != nil {
 		return err

@@ -316,6 +316,7 @@ func TestCABadInput(t *testing.T) {
 		{"unknown jurisdiction", withFlag(issueArgs(ca, out, "gw1", "100.96.0.1"), "--jurisdiction", "XX"), 2, "not an ISO 3166-1"},
 		{"bad node name", issueArgs(ca, out, "GW_1", "100.96.0.1"), 2, `node "GW_1" is not valid`},
 		{"mesh CIDR with host bits", []string{"ca", "init", "--dir", filepath.Join(dir, "ca4"), "--mesh-cidr", "100.96.0.5/16"}, 2, "did you mean 100.96.0.0/16"},
+		{"mesh CIDR with host bits, masked to public space", []string{"ca", "init", "--dir", filepath.Join(dir, "ca4"), "--mesh-cidr", "100.64.0.0/8"}, 2, "100.0.0.0/8, its range, is not private or shared address space"},
 		{"no CA", issueArgs(filepath.Join(dir, "nope"), out, "gw1", "100.96.0.1"), 1, "skybridge ca init --dir"},
 		{"CA certificate for its directory", []string{"ca", "list", "--ca", filepath.Join(ca, "ca.crt")}, 1, "is a file: give the CA's directory"},
 		{"bad mesh CIDR", []string{"ca", "init", "--dir", filepath.Join(dir, "ca2"), "--mesh-cidr", "banana"}, 2, "--mesh-cidr"},
