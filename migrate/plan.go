@@ -56,14 +56,30 @@ type Destination struct {
 // advertised; an error (the gateway is then left out, with a note) for a
 // label that is not a finite, non-negative number.
 func capacity(a *certs.Attributes) (cpu, mem float64, err error) {
+	cpu, mem, err = capacityOf(a.Labels)
+	if err != nil {
+		return 0, 0, fmt.Errorf("%s (%s): %w", a.Node, a.Site, err)
+	}
+	return cpu, mem, nil
+}
+
+// CheckCapacityLabels refuses capacity labels a plan could not read, as a
+// certificate is issued: a plan leaves its gateway out, and only a new
+// certificate mends it.
+func CheckCapacityLabels(labels map[string]string) error {
+	_, _, err := capacityOf(labels)
+	return err
+}
+
+func capacityOf(labels map[string]string) (cpu, mem float64, err error) {
 	read := func(label, unit string) (float64, error) {
-		s, ok := a.Labels[label]
+		s, ok := labels[label]
 		if !ok {
 			return math.Inf(1), nil
 		}
 		v, err := strconv.ParseFloat(s, 64)
 		if err != nil || v < 0 || math.IsNaN(v) || math.IsInf(v, 0) {
-			return 0, fmt.Errorf("%s (%s): label %s=%q is not a number of %s", a.Node, a.Site, label, s, unit)
+			return 0, fmt.Errorf("label %s=%q is not a number of %s", label, s, unit)
 		}
 		return v, nil
 	}

@@ -17,6 +17,7 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/skybridge-mesh/skybridge/certs"
+	"github.com/skybridge-mesh/skybridge/migrate"
 )
 
 func caCommand() *cli.Command {
@@ -332,6 +333,9 @@ func attributesFromFlags(c *cli.Context) (certs.Attributes, error) {
 	labels, err := certs.ParseLabels(c.StringSlice("label"))
 	if err != nil {
 		return certs.Attributes{}, usageError("--label: %v", err)
+	}
+	if err := migrate.CheckCapacityLabels(labels); err != nil {
+		return certs.Attributes{}, usageError("--label: %v: give a plain number, e.g. --label %s=64", err, migrate.LabelCapacityCPU)
 	}
 	a := certs.Attributes{
 		Node: c.String("node"), Site: c.String("site"), Region: c.String("region"), Provider: c.String("provider"),

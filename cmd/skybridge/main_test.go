@@ -312,6 +312,8 @@ func TestCABadInput(t *testing.T) {
 		{"route over the mesh", issueArgs(ca, out, "gw1", "100.96.0.1", "--route", "100.96.0.0/24"), 1, "overlaps the mesh overlay range"},
 		{"overlay taken", issueArgs(ca, out, "gw1", "100.96.0.9"), 1, `already held by node "gw0"`},
 		{"bad label", issueArgs(ca, out, "gw1", "100.96.0.1", "--label", "tier"), 2, `label "tier" is not key=value`},
+		{"capacity label not a number", issueArgs(ca, out, "gw1", "100.96.0.1", "--label", "capacity_cpu=abc"), 2, `label capacity_cpu="abc" is not a number of CPUs: give a plain number`},
+		{"capacity label negative", issueArgs(ca, out, "gw1", "100.96.0.1", "--label", "capacity_memory_gib=-5"), 2, `label capacity_memory_gib="-5" is not a number of GiB`},
 		{"bad jurisdiction", withFlag(issueArgs(ca, out, "gw1", "100.96.0.1"), "--jurisdiction", "EU"), 2, "not an ISO 3166-1"},
 		{"unknown jurisdiction", withFlag(issueArgs(ca, out, "gw1", "100.96.0.1"), "--jurisdiction", "XX"), 2, "not an ISO 3166-1"},
 		{"bad node name", issueArgs(ca, out, "GW_1", "100.96.0.1"), 2, `node "GW_1" is not valid`},
