@@ -197,6 +197,13 @@ class "pii-eu" {
 	if dest, _, err := g.pickDestination("us", "pii-eu"); err != nil || dest.node() != "us" {
 		t.Fatalf("a node named us: %v, %v; want that node, not the least loaded US gateway", dest, err)
 	}
+	// The gateway's own site is no destination, and is said to be it.
+	if _, _, err := g.pickDestination("zrh", "pii-eu"); err == nil || !strings.Contains(err.Error(), "is this gateway") {
+		t.Errorf("its own site: %v; want it said to be this gateway", err)
+	}
+	if _, _, err := g.pickDestination("nowhere", "pii-eu"); err == nil || !strings.Contains(err.Error(), "no verified gateway matches") {
+		t.Errorf("a name nothing bears: %v", err)
+	}
 }
 
 // TestHubPathJudged: in the hub topology a migration from a gateway that
