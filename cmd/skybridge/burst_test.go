@@ -2,6 +2,8 @@ package main
 
 import (
 	"bytes"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -49,5 +51,29 @@ func TestBurstDownOutput(t *testing.T) {
 				t.Errorf("%s: output says %q:\n%s", tc.name, n, out.String())
 			}
 		}
+	}
+}
+
+// TestBurstEndedGatewayExitsZero: a burst gateway started after its burst
+// ended says so and exits 0, so that its supervisor does not restart it,
+// even when its standard output cannot be written (a full disk's log
+// file): said on stdout, that made it exit 2, and be restarted for ever.
+func TestBurstEndedGatewayExitsZero(t *testing.T) {
+	dir := t.TempDir()
+	state := filepath.Join(dir, "state")
+	id := filepath.Join(state, "identity")
+	if err := os.MkdirAll(id, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(id, "burst.json"), []byte(`{"site":"burst-ams","node":"burst-ams-gw1","token_id":"t1","enrolled":"2026-01-01T00:00:00Z","expires":"2026-01-02T00:00:00Z","seeds":[],"ended":"2026-01-02T00:00:00Z","end_reason":"expired"}`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cfg := filepath.Join(dir, "gw.hcl")
+	if err := os.WriteFile(cfg, []byte("state_dir = \""+state+"\"\ngossip { bind = \"127.0.0.1:17946\" }\nwireguard { interface = \"sbx\" }\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	var errb bytes.Buffer
+	if code := run([]string{"skybridge", "gateway", "run", "--config", cfg}, fullWriter{}, &errb); code != 0 || !strings.Contains(errb.String(), "burst-ams") {
+		t.Errorf("burst ended, standard output full: exit %d, %q; want 0, and the end said on stderr", code, strings.TrimSpace(errb.String()))
 	}
 }

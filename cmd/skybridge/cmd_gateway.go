@@ -125,10 +125,13 @@ func gatewayRun(c *cli.Context) error {
 		err = g.Run(ctx)
 	}
 	// The end of a burst, now or before this start, is how a burst
-	// gateway is meant to stop: exit 0, so a supervisor does not restart it.
+	// gateway is meant to stop: exit 0, so a supervisor does not restart
+	// it. Said on stderr, with the gateway's log: a daemon's standard
+	// output may be a full disk's file or closed, which would make it
+	// exit 2, and be restarted for ever.
 	var ended *mesh.BurstEndedError
 	if errors.As(err, &ended) {
-		fmt.Fprintln(c.App.Writer, ended.Error())
+		fmt.Fprintln(c.App.ErrWriter, ended.Error())
 		return nil
 	}
 	return err

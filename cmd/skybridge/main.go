@@ -73,7 +73,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		if msg != "" {
 			fmt.Fprintf(stderr, "skybridge: %s\n", printableLines(msg))
 		}
-		fmt.Fprintf(stderr, "skybridge: write standard output: %v: the output is cut short; run the command again with standard output where it can be written\n", writeCause(out.err))
+		fmt.Fprintf(stderr, "skybridge: write standard output: %v: the output is cut short, and what the command changed (an identity issued, a burst opened) stays changed: look before running it again; a command that only reads can be run again with standard output where it can be written\n", writeCause(out.err))
 		return 2
 	}
 	if msg != "" {
