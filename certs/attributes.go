@@ -105,7 +105,8 @@ func (a *Attributes) Validate(meshPrefix netip.Prefix) error {
 // with the whole range, whose last address is then the interface's
 // broadcast address, which no peer can connect to (the first is the
 // network's, by custom unused). Burst gateways and ca init's count leave
-// both out. A renewal keeps the address it had.
+// both out. A gateway that had the address keeps it (a renewal, by
+// renew_from, ca_dir or ca issue again).
 func rangeEnd(ip netip.Addr, meshPrefix netip.Prefix) error {
 	if !meshPrefix.IsValid() || !ip.Is4() || !meshPrefix.Addr().Is4() || meshPrefix.Bits() > 30 || !meshPrefix.Contains(ip) {
 		return nil

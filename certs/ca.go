@@ -465,11 +465,6 @@ func (ca *CA) issueGateway(req IssueRequest, renewedFrom string, check func(*caI
 	if err := attrs.Validate(ca.MeshPrefix()); err != nil {
 		return nil, refusal{err}
 	}
-	if renewedFrom == "" {
-		if err := rangeEnd(attrs.OverlayIP, ca.MeshPrefix()); err != nil {
-			return nil, refusal{err}
-		}
-	}
 	tmpl := &x509.Certificate{
 		Subject: pkix.Name{
 			CommonName:         attrs.Node,
@@ -491,11 +486,16 @@ func (ca *CA) issueGateway(req IssueRequest, renewedFrom string, check func(*caI
 				return c, err
 			}
 		}
+		kept := false // the node had this address already: a renewal, by whatever way
 		for _, e := range idx.Certs {
 			if e.OverlayIP == entry.OverlayIP && e.Node != attrs.Node && e.RevokedAt == nil && e.NotAfter.After(req.Now) {
 				return nil, fmt.Errorf("overlay IP %s is already held by node %q (serial %s, valid until %s): pick another address or revoke that certificate first",
 					attrs.OverlayIP, e.Node, e.Serial, e.NotAfter.UTC().Format(time.RFC3339))
 			}
+			kept = kept || e.OverlayIP == entry.OverlayIP && e.Node == attrs.Node && (e.Kind == KindGateway || e.Kind == "")
+		}
+		if err := rangeEnd(attrs.OverlayIP, ca.MeshPrefix()); err != nil && !kept && renewedFrom == "" {
+			return nil, refusal{err}
 		}
 		return nil, routesFree(idx, attrs, req.Now)
 	})

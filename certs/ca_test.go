@@ -1032,4 +1032,23 @@ func TestIssueRefusesRangeEnds(t *testing.T) {
 			t.Errorf("overlay IP %s: %v; want %q", ip, err, want)
 		}
 	}
+
+	// A gateway that has the address already (certified before) keeps
+	// it, renewed by whatever way: through ca_dir (Sign), or issued again.
+	a := testAttrs("gw-old", "s", last.String())
+	k, _ := GenerateNodeKey()
+	if _, err := ca.issueGateway(IssueRequest{Attributes: a, PublicKey: k.Public(), TTL: time.Hour}, "01", nil); err != nil {
+		t.Fatal(err)
+	}
+	k2, _ := GenerateNodeKey()
+	csr, err := createCSR(k2, a, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ca.Sign(context.Background(), csr, a, time.Hour); err != nil {
+		t.Errorf("a gateway renewing through ca_dir the address it holds: %v", err)
+	}
+	if _, err := ca.IssueIdentity(a, time.Hour, time.Now()); err != nil {
+		t.Errorf("a gateway issued again at the address it holds: %v", err)
+	}
 }
