@@ -532,7 +532,7 @@ func (g *Gateway) pickDestination(to, class string) (dest *Node, alsoRefused []s
 	}
 	if len(matched) == 0 {
 		if self.Node == to || migrate.Matches(self, to) {
-			return nil, nil, fmt.Errorf("%q is this gateway (%s, site %s) and no other verified gateway: a migration goes to another site; name its gateway, site, region or jurisdiction (see skybridge status)", to, self.Node, self.Site)
+			return nil, nil, fmt.Errorf("%q is this gateway (%s, site %s) and no other verified gateway: a migration goes to another gateway; name it, or its site, region or jurisdiction (see skybridge status)", to, self.Node, self.Site)
 		}
 		return nil, nil, fmt.Errorf("no verified gateway matches %q (a node, site, region or jurisdiction): see skybridge status", to)
 	}

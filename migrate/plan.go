@@ -520,7 +520,7 @@ func ParseInventory(r io.Reader) ([]VM, error) {
 		}
 		vm := VM{Name: rec[col["name"]], Image: rec[col["image"]], Class: rec[col["class"]]}
 		if vm.CPU, err = strconv.Atoi(rec[col["cpu"]]); errors.Is(err, strconv.ErrRange) {
-			return nil, fmt.Errorf("inventory line %d: cpu %q is too large", line, rec[col["cpu"]])
+			return nil, fmt.Errorf("inventory line %d: cpu %q is out of range", line, rec[col["cpu"]])
 		} else if err != nil {
 			return nil, fmt.Errorf("inventory line %d: cpu %q is not a whole number", line, rec[col["cpu"]])
 		}
@@ -529,7 +529,7 @@ func ParseInventory(r io.Reader) ([]VM, error) {
 		}
 		if i, ok := col["bytes"]; ok && rec[i] != "" {
 			if vm.Bytes, err = strconv.ParseInt(rec[i], 10, 64); errors.Is(err, strconv.ErrRange) {
-				return nil, fmt.Errorf("inventory line %d: bytes %q is too large", line, rec[i])
+				return nil, fmt.Errorf("inventory line %d: bytes %q is out of range", line, rec[i])
 			} else if err != nil {
 				return nil, fmt.Errorf("inventory line %d: bytes %q is not a whole number", line, rec[i])
 			}

@@ -113,10 +113,10 @@ func caInit(c *cli.Context) error {
 	if prefix != prefix.Masked() {
 		// Suggested only where it would be taken: 100.64.0.0/8 masks
 		// to public space.
-		if certs.CheckMeshPrefix(prefix.Masked()) == nil {
-			return usageError("--mesh-cidr %s has host bits set: did you mean %s?", prefix, prefix.Masked())
+		if err := certs.CheckMeshPrefix(prefix.Masked()); err != nil {
+			return usageError("--mesh-cidr %s has host bits set, and its range will not do either: %v", prefix, err)
 		}
-		return usageError("--mesh-cidr %s has host bits set, and %s, its range, is not private or shared address space: give a range inside 100.64.0.0/10 (like the default, %s), 10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16 or fc00::/7", prefix, prefix.Masked(), certs.DefaultMeshPrefix)
+		return usageError("--mesh-cidr %s has host bits set: did you mean %s?", prefix, prefix.Masked())
 	}
 	if err := checkMeshPrefix(prefix); err != nil {
 		return err
@@ -335,7 +335,7 @@ func attributesFromFlags(c *cli.Context) (certs.Attributes, error) {
 		return certs.Attributes{}, usageError("--label: %v", err)
 	}
 	if err := migrate.CheckCapacityLabels(labels); err != nil {
-		return certs.Attributes{}, usageError("--label: %v: give a plain number, e.g. --label %s=64", err, migrate.LabelCapacityCPU)
+		return certs.Attributes{}, usageError("--label: %v: give a plain number (--label %s=64, --label %s=256)", err, migrate.LabelCapacityCPU, migrate.LabelCapacityMemory)
 	}
 	a := certs.Attributes{
 		Node: c.String("node"), Site: c.String("site"), Region: c.String("region"), Provider: c.String("provider"),
