@@ -1619,3 +1619,38 @@ func TestEnrollCSRKeyBeforeSignature(t *testing.T) {
 		t.Errorf("a request under an RSA key: %v; want it refused for its key's kind, before its signature is checked", err)
 	}
 }
+
+// TestBurstEndKeepsIdentityUntilRecorded: a burst gateway that cannot
+// record its burst's end (a full disk) keeps its identity: removed
+// without it, the next start was of a live burst with no identity, told
+// to run ca issue and restarted for ever; kept, the next start finds the
+// end again and records it then.
+func TestBurstEndKeepsIdentityUntilRecorded(t *testing.T) {
+	dir := t.TempDir()
+	for _, f := range []string{"node.key", "node.crt"} {
+		if err := os.WriteFile(filepath.Join(dir, f), []byte("x"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	enr := &Enrollment{Site: "burst-ams", Node: "burst-ams-gw1", TokenID: "t1", Expires: time.Now().Add(time.Hour)}
+	if err := saveEnrollment(dir, enr); err != nil {
+		t.Fatal(err)
+	}
+	// The record cannot be replaced: a directory where a rename would put
+	// it stands for a disk that takes nothing more.
+	if err := os.Remove(filepath.Join(dir, fileEnrollment)); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.MkdirAll(filepath.Join(dir, fileEnrollment, "x"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	var logs syncbuf.Buffer
+	g := &Gateway{s: &Settings{Identity: certs.Config{Dir: dir}}, burst: enr, state: stateDir(t.TempDir()), log: slog.New(slog.NewTextHandler(&logs, nil))}
+	g.forgetBurst(&BurstEndedError{Site: "burst-ams", Node: "burst-ams-gw1", Reason: "expired"})
+	if _, err := os.Stat(filepath.Join(dir, "node.key")); err != nil {
+		t.Errorf("the identity went though the burst's end was not recorded: %v", err)
+	}
+	if enr.Ended != nil || !strings.Contains(logs.String(), "its identity is kept") {
+		t.Errorf("ended %v, log %s; want the end not taken as recorded, and said", enr.Ended, logs.String())
+	}
+}

@@ -594,7 +594,13 @@ func (g *Gateway) forgetBurst(e *BurstEndedError) {
 		t := time.Now().UTC()
 		enr.Ended, enr.Reason = &t, e.Reason
 		if err := saveEnrollment(dir, enr); err != nil {
-			log.Warn("record the end of the burst", "err", err)
+			// Without the end recorded, a start without the identity
+			// would be of a live burst with none (and be restarted for
+			// ever, told to run ca issue); with it, the start finds the
+			// end again (expiry, revocation) and comes back here.
+			enr.Ended, enr.Reason = nil, ""
+			log.Error("burst ended, but its end could not be recorded: its identity is kept until a start that can record it", "dir", dir, "err", err)
+			return
 		}
 	}
 	if err := forgetBurstIdentity(dir); err != nil {
