@@ -84,7 +84,9 @@ func operatorToken(path string) (string, error) {
 	}
 	if fi, err := os.Stat(path); err == nil && fi.Mode().Perm()&0o077 != 0 {
 		return "", fmt.Errorf("operator token %s is open to other users (mode %04o): run chmod 600 %s", path, fi.Mode().Perm(), path)
-	} else if st, ok := fi.Sys().(*syscall.Stat_t); err == nil && ok && int(st.Uid) != os.Geteuid() {
+	} else if err != nil {
+		return "", fmt.Errorf("operator token: %w", err) // gone since it was read
+	} else if st, ok := fi.Sys().(*syscall.Stat_t); ok && int(st.Uid) != os.Geteuid() {
 		// Another user who could write the directory could have put it
 		// there with a token of their choosing.
 		return "", fmt.Errorf("operator token %s belongs to uid %d, not to this gateway's user (uid %d): delete it and restart to get a new one, or chown it", path, st.Uid, os.Geteuid())
