@@ -55,10 +55,7 @@ func TestIssueRefusesBeforeSigningWhatItCannotHandOut(t *testing.T) {
 			"chmod 644"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			dir := t.TempDir()
-			ca, gw := filepath.Join(dir, "ca"), filepath.Join(dir, "gw1")
-			mustRun(t, "ca", "init", "--dir", ca)
-			mustRun(t, issueArgs(ca, gw, "gw1", "100.96.0.1")...)
+			ca, gw := caWithGateway(t)
 			before, _ := os.ReadFile(filepath.Join(gw, "node.crt"))
 
 			tc.break_(ca)
@@ -144,10 +141,7 @@ func TestIssueKeepsNewerCRLOfItsDirectory(t *testing.T) {
 // a certificate appended to it) says the revocation was made. It said
 // only what failed, and the revocation was taken for one not made.
 func TestRevokeSaysWhatWasDone(t *testing.T) {
-	dir := t.TempDir()
-	ca, gw := filepath.Join(dir, "ca"), filepath.Join(dir, "gw1")
-	mustRun(t, "ca", "init", "--dir", ca)
-	mustRun(t, issueArgs(ca, gw, "gw1", "100.96.0.1")...)
+	ca, gw := caWithGateway(t)
 	caCert := filepath.Join(ca, "ca.crt")
 	good, _ := os.ReadFile(caCert)
 
@@ -186,10 +180,7 @@ func TestRevokeSaysWhatWasDone(t *testing.T) {
 // twice is revoked once; a reason changed to keyCompromise is a change,
 // and signed.
 func TestRevokeAgain(t *testing.T) {
-	dir := t.TempDir()
-	ca, gw := filepath.Join(dir, "ca"), filepath.Join(dir, "gw1")
-	mustRun(t, "ca", "init", "--dir", ca)
-	mustRun(t, issueArgs(ca, gw, "gw1", "100.96.0.1")...)
+	ca, gw := caWithGateway(t)
 	id, err := certs.LoadNodeIdentity(gw)
 	if err != nil {
 		t.Fatal(err)
@@ -322,4 +313,15 @@ func TestIssueKeepsRevocationsOfBothLists(t *testing.T) {
 			t.Errorf("%s: crl.pem #%s does not revoke gw3, revoked by the CA before this issue", filepath.Base(d), tb.CRL().Number)
 		}
 	}
+}
+
+// caWithGateway makes a CA and issues gateway gw1 into a directory of its
+// own, and returns both directories.
+func caWithGateway(t *testing.T) (ca, gw string) {
+	t.Helper()
+	dir := t.TempDir()
+	ca, gw = filepath.Join(dir, "ca"), filepath.Join(dir, "gw1")
+	mustRun(t, "ca", "init", "--dir", ca)
+	mustRun(t, issueArgs(ca, gw, "gw1", "100.96.0.1")...)
+	return ca, gw
 }
