@@ -405,7 +405,13 @@ func (ca *CA) TrustBundle() (*TrustBundle, error) {
 	// removed, or another CA's copied over it) its revocations would
 	// reach nobody.
 	if tb.CRL() == nil {
-		return nil, fmt.Errorf("the CA directory %s holds no revocation list of this CA (%s is missing or another CA's): restore it from a backup, or sign a new one from the CA's index with `skybridge ca crl --refresh --ca %s`", ca.dir, fileCRL, ca.dir)
+		why := "is missing or another CA's"
+		if len(tb.BehindCRLs()) > 0 {
+			// A delta an earlier release took from gossip and wrote
+			// back (TakeNewerCRL), loaded behind no list.
+			why = "holds a delta list, of what was revoked since a complete one, and no complete list"
+		}
+		return nil, fmt.Errorf("the CA directory %s holds no revocation list of this CA (%s %s): restore it from a backup, or sign a new one from the CA's index with `skybridge ca crl --refresh --ca %s`", ca.dir, fileCRL, why, ca.dir)
 	}
 	return tb, nil
 }

@@ -1052,3 +1052,23 @@ func TestIssueRefusesRangeEnds(t *testing.T) {
 		t.Errorf("a gateway issued again at the address it holds: %v", err)
 	}
 }
+
+// TestCADirectoryWithDelta: a CA directory whose crl.pem is a delta (one
+// an earlier release took from gossip and wrote back) is refused for
+// holding no complete list, said as such, and ca crl --refresh mends it.
+func TestCADirectoryWithDelta(t *testing.T) {
+	ca := newTestCA(t)
+	delta := listWithExtension(t, ca, 10, deltaIndicator(t, 9))
+	if err := os.WriteFile(filepath.Join(ca.Dir(), fileCRL), encodePEM(pemCRL, delta.Raw), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ca.TrustBundle(); err == nil || !strings.Contains(err.Error(), "holds a delta list") || !strings.Contains(err.Error(), "ca crl --refresh") {
+		t.Errorf("a CA directory whose list is a delta: %v; want it said, and ca crl --refresh", err)
+	}
+	if err := ca.RefreshCRL(time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	if tb, err := ca.TrustBundle(); err != nil || tb.CRL().Number.Int64() != 11 {
+		t.Errorf("after ca crl --refresh: %v, %v; want list 11 in force", tb, err)
+	}
+}
