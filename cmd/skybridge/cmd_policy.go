@@ -458,6 +458,11 @@ func policySign(c *cli.Context) error {
 		return err
 	}
 	fmt.Fprintf(c.App.Writer, "signed %s as %q, written to %s\n", sig.Policy, sig.Signer, out)
+	// Signed, as lint only warns of it, but not in silence: in force, it
+	// denies every request.
+	if p, err := policy.Parse(file, src); err == nil && len(p.Classes()) == 0 {
+		fmt.Fprintf(c.App.ErrWriter, "skybridge: warning: %s defines no class: in force it denies every request to store or move data (skybridge policy lint --policy %s)\n", file, file)
+	}
 	return nil
 }
 

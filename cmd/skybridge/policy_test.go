@@ -161,7 +161,9 @@ func TestPolicyWithoutClasses(t *testing.T) {
 	if out := mustRun(t, "policy", "lint", "--policy", pol); !strings.Contains(out, "warning: policy only defines no class") || strings.Contains(out, "no findings") {
 		t.Fatalf("lint of a policy without classes:\n%s", out)
 	}
-	mustRun(t, "policy", "sign", "--policy", pol, "--ca", ca)
+	if _, errs, code := runCLI(t, "policy", "sign", "--policy", pol, "--ca", ca); code != 0 || !strings.Contains(errs, "defines no class: in force it denies every request") {
+		t.Errorf("sign of a policy without classes: exit %d, %q; want it signed, with a warning", code, errs)
+	}
 	if out, errs, code := runCLI(t, "policy", "explain", "--policy", pol, "--inventory", exampleInventory, "--class", "x"); code != 2 || !strings.Contains(errs, "only.hcl defines no class") || strings.Contains(errs, "known: ,") {
 		t.Fatalf("explain of a policy without classes: exit %d, %q %q", code, out, errs)
 	}
