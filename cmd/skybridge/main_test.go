@@ -658,8 +658,7 @@ func TestBurstUsage(t *testing.T) {
 // gateway creates its log with its first record — nor one cut back.
 func TestAuditVerifyEmpty(t *testing.T) {
 	dir := t.TempDir()
-	ca := filepath.Join(dir, "ca")
-	mustRun(t, "ca", "init", "--dir", ca)
+	ca, id := auditSigner(t, dir)
 	log := filepath.Join(dir, "audit.log")
 	os.WriteFile(log, nil, 0o600)
 	// Made empty by an earlier release before its first record: no head.
@@ -689,14 +688,6 @@ func TestAuditVerifyEmpty(t *testing.T) {
 
 	// Cut back by a record: a shorter chain, intact; the head beside it
 	// says a record is missing.
-	c, err := certs.OpenCA(ca)
-	if err != nil {
-		t.Fatal(err)
-	}
-	id, err := c.IssueIdentity(certs.Attributes{Node: "gw1", Site: "s", Region: "r", Provider: "aws", Jurisdiction: "DE", OverlayIP: netip.MustParseAddr("100.96.0.1")}, time.Hour, time.Now())
-	if err != nil {
-		t.Fatal(err)
-	}
 	log = filepath.Join(dir, "audit2.log")
 	l := audit.Open(log)
 	l.Append(id, "migration", nil, time.Now())
