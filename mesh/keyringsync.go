@@ -80,15 +80,38 @@ func adoptKeyring(live *memberlist.Keyring, kr *certs.GossipKeyring) (bool, erro
 		errs = append(errs, live.AddKey(k))
 	}
 	errs = append(errs, live.UseKey(kr.Primary()))
-	for _, k := range before {
-		if !hasKey(want, k) {
-			errs = append(errs, live.RemoveKey(k))
-		}
-	}
+	errs = append(errs, removeKeys(live, func(k []byte) bool { return !hasKey(want, k) }))
 	if err := errors.Join(errs...); err != nil {
 		return true, fmt.Errorf("adopt gossip keyring: %w", err)
 	}
 	return true, nil
+}
+
+// removeKeys takes the keys drop chooses (never the primary) out of live
+// without writing into an array memberlist has handed out. Its RemoveKey
+// shifts the keys after the one removed in place, in the array GetKeys
+// returns and its decryption goes through without the keyring's lock: a
+// data race on the keys (seen by the race detector in a rotation). A key
+// removed last shifts nothing, so from the first key dropped on every key
+// is taken out from the end, and those kept are put back; a datagram under
+// one of them in that instant goes unread, as one lost would.
+func removeKeys(live *memberlist.Keyring, drop func([]byte) bool) error {
+	keys := slices.Clone(live.GetKeys()) // primary first, the rest in order
+	i := slices.IndexFunc(keys[min(1, len(keys)):], drop)
+	if i < 0 {
+		return nil
+	}
+	first := i + 1
+	var errs []error
+	for j := len(keys) - 1; j >= first; j-- {
+		errs = append(errs, live.RemoveKey(keys[j]))
+	}
+	for _, k := range keys[first+1:] {
+		if !drop(k) {
+			errs = append(errs, live.AddKey(k))
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // sameKeys reports whether two keyrings (primary first) have the same

@@ -2,6 +2,7 @@ package mesh
 
 import (
 	"bytes"
+	"sync"
 	"testing"
 
 	"github.com/hashicorp/memberlist"
@@ -59,5 +60,64 @@ func TestAdoptKeyring(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestRemoveKeysUnderReaders: keys leave the live keyring while
+// memberlist's decryption goes through the keys it was handed, without the
+// keyring's lock: nothing it holds is written (memberlist's RemoveKey of
+// a key before the last shifts the rest in place, a data race -race
+// reports), and the keys kept stay, in their order.
+func TestRemoveKeysUnderReaders(t *testing.T) {
+	k := make([][]byte, 5)
+	for i := range k {
+		k[i] = bytes.Repeat([]byte{byte(i + 1)}, 32)
+	}
+	for round := range 50 {
+		live, err := memberlist.NewKeyring(k, k[0])
+		if err != nil {
+			t.Fatal(err)
+		}
+		stop, reading := make(chan struct{}), make(chan struct{})
+		var wg sync.WaitGroup
+		wg.Go(func() {
+			for i := 0; ; i++ {
+				if i == 1 {
+					close(reading)
+				}
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				n := 0
+				for _, key := range live.GetKeys() { // as decryptPayload does
+					n += len(key)
+				}
+				if n%32 != 0 {
+					t.Errorf("a torn key: %d bytes in all", n)
+				}
+			}
+		})
+		<-reading
+		drop := map[byte]bool{2: true, 4: true} // k[1] and k[3], neither last
+		err = removeKeys(live, func(key []byte) bool { return drop[key[0]] })
+		close(stop)
+		wg.Wait()
+		if err != nil {
+			t.Fatal(err)
+		}
+		var got []byte
+		for _, key := range live.GetKeys() {
+			got = append(got, key[0])
+		}
+		if !bytes.Equal(got, []byte{1, 3, 5}) {
+			t.Fatalf("round %d: keys %v, want 1, 3, 5, primary first", round, got)
+		}
+	}
+	// The primary is never taken out, whatever drop says.
+	live, _ := memberlist.NewKeyring(k[:2], k[0])
+	if err := removeKeys(live, func([]byte) bool { return true }); err != nil || len(live.GetKeys()) != 1 || live.GetKeys()[0][0] != 1 {
+		t.Errorf("drop all: %v, %d keys left; want the primary alone", err, len(live.GetKeys()))
 	}
 }

@@ -283,16 +283,11 @@ func (g *Gateway) applyKeyringOp(ctx context.Context, op *keyringOp) error {
 		if bytes.Equal(primary, key) {
 			return fmt.Errorf("refusing to remove the primary gossip key")
 		}
-		err = g.keyring.RemoveKey(key)
 		// The rotation's last step leaves the new key alone: a key
 		// installed by an interrupted rotation, or by a gateway since
 		// revoked, goes with the old one rather than outliving the
 		// rotation meant to end it.
-		for _, k := range g.keyring.GetKeys() {
-			if err == nil && !bytes.Equal(k, primary) {
-				err = g.keyring.RemoveKey(k)
-			}
-		}
+		err = removeKeys(g.keyring, func(k []byte) bool { return !bytes.Equal(k, primary) })
 	default:
 		return fmt.Errorf("unknown keyring operation %q", op.kind)
 	}
