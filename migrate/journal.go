@@ -295,10 +295,14 @@ func (j *Journal) dropChunks(side, id string) error {
 // be, and the file renamed onto its path (with its inode, which the path
 // has once the rename is done).
 type stagedImage struct {
-	Image    ImageRecord `json:"image"`
-	Source   string      `json:"source"`
-	Inode    uint64      `json:"inode"`
-	Incoming string      `json:"incoming"` // the receive's file, removed once stored
+	Image  ImageRecord `json:"image"`
+	Source string      `json:"source"`
+	Inode  uint64      `json:"inode"`
+	// File is the source's whole identity, which its rename into place
+	// keeps: an inode number alone is given out again as soon as the file
+	// is freed. Entries of earlier releases hold only Inode.
+	File     *SourceID `json:"file,omitempty"`
+	Incoming string    `json:"incoming"` // the receive's file, removed once stored
 	// Audit is the receiver's audit record of the migration, appended
 	// once the image is in place; Audited says it was. A stop in between
 	// leaves it to recoverStores, so no stored image lacks its record.

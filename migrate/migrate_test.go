@@ -2071,6 +2071,73 @@ func TestReceiverStoppedWhileStoring(t *testing.T) {
 	}
 }
 
+// TestReceiverStagedFileReplaced: a staged image is told at the next start
+// by its file's whole identity, not by its inode number alone, which the
+// file system gives out again once the file is freed. Here the file at the
+// image's path keeps the staged inode but not its content: it is not
+// recorded as the staged image, whose root would describe another file.
+func TestReceiverStagedFileReplaced(t *testing.T) {
+	var rcfg ReceiverConfig
+	var stop atomic.Bool
+	p := newPairWith(t, "DE", func(c *ReceiverConfig) {
+		c.afterRename = func() error {
+			if stop.Load() {
+				return errStopHere
+			}
+			return nil
+		}
+		rcfg = *c
+	})
+	raw := filepath.Join(p.dir, "vm.raw")
+	makeRaw(t, raw, 8*mib, map[int64]int{0: 4096})
+	if _, err := Send(context.Background(), p.config(raw, "pii-eu")); err != nil {
+		t.Fatal(err)
+	}
+	first, err := p.recvJ.Image("vm")
+	if err != nil {
+		t.Fatal(err)
+	}
+	makeRaw(t, raw, 8*mib, map[int64]int{0: 4096, 5 * mib: 64 << 10})
+	stop.Store(true)
+	if _, err := Send(context.Background(), p.config(raw, "pii-eu")); err == nil {
+		t.Fatal("the receiver stopped while storing, yet the send succeeded")
+	}
+	staged, err := p.recvJ.stagedImages()
+	if err != nil || len(staged) != 1 {
+		t.Fatalf("staged: %+v, %v; want the second version", staged, err)
+	}
+	// Other content under the staged inode number.
+	before, err := sourceID(first.Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(first.Path, []byte("not the staged image"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if after, err := sourceID(first.Path); err != nil || after.Inode != before.Inode {
+		t.Fatalf("rewritten in place: inode %d, was %d (%v)", after.Inode, before.Inode, err)
+	}
+	rcfg.afterRename = nil
+	if _, err := NewReceiver(rcfg); err != nil {
+		t.Fatal(err)
+	}
+	img, err := p.recvJ.Image("vm")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, st := range staged {
+		if img.Root == st.Image.Root {
+			t.Errorf("the catalog took the staged image (root %s) for a file that is not it", st.Image.Root)
+		}
+	}
+	if left, _ := p.recvJ.stagedImages(); len(left) != 0 {
+		t.Errorf("still staged: %+v", left)
+	}
+	if strings.Contains(p.recvLog.String(), "recorded an image stored just before the gateway stopped") {
+		t.Errorf("recorded as stored:\n%s", p.recvLog.String())
+	}
+}
+
 // recvRecords reads the receiving gateway's audit log, checks that it
 // verifies, and returns its records.
 func (p *pair) recvRecords(t *testing.T) []audit.Record { return p.records(t, p.recvAudit) }

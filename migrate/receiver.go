@@ -1756,7 +1756,7 @@ func (s *session) finish(cm *Commit, d policy.Decision) (*Done, error) {
 	if err != nil {
 		return nil, err
 	}
-	st.Inode = sid.Inode
+	st.Inode, st.File = sid.Inode, &sid
 	j := s.r.cfg.Journal
 	if err := j.put(bucketStoring, o.ID, &st); err != nil {
 		return nil, err
@@ -1902,6 +1902,15 @@ func (r *Receiver) catalogChanged() {
 	}
 }
 
+// movedInPlace says whether at, the file at the image's path, is the
+// staged source moved there.
+func (st *stagedImage) movedInPlace(at SourceID) bool {
+	if st.File != nil {
+		return sameContent(at, *st.File)
+	}
+	return st.Inode != 0 && at.Inode == st.Inode
+}
+
 // recoverStores finishes the stores a stop interrupted: an image moved
 // into place is recorded; one that was not is left to its receive, which
 // the sender's resume completes.
@@ -1911,7 +1920,7 @@ func (r *Receiver) recoverStores() error {
 		return err
 	}
 	for id, st := range staged {
-		if at, err := sourceID(st.Image.Path); err == nil && st.Inode != 0 && at.Inode == st.Inode {
+		if at, err := sourceID(st.Image.Path); err == nil && st.movedInPlace(at) {
 			if !st.Audited && st.Audit != nil {
 				st.Audit["recovered"] = "recorded when the gateway started again: it stopped as the image was stored"
 				// A failure is logged; stored keeps the record owed.
