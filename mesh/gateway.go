@@ -514,6 +514,12 @@ func (g *Gateway) Run(parent context.Context) error {
 	g.cancelSends() // before the control socket closes: their clients get the final record
 	ctl.Close()
 	wg.Wait()
+	// A rotation asked for over the control socket may be past its
+	// durable point, where no cancellation stops it: the gossip, the
+	// device and, at a burst's end, the key in Vault stay until it has
+	// switched the key, and no other starts.
+	g.wgRotation.Lock()
+	defer g.wgRotation.Unlock()
 	g.ml.Shutdown()
 	g.stopMigrations()
 	g.saveMembers()

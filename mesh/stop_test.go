@@ -12,11 +12,13 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/skybridge-mesh/skybridge/certs"
 	"github.com/skybridge-mesh/skybridge/internal/syncbuf"
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 )
 
 // silentSeed accepts gossip connections and never answers them, like a
@@ -189,6 +191,100 @@ func TestScheduledRotationAfterManual(t *testing.T) {
 	}
 	if after, _ := g.wgKeys(); after != before {
 		t.Fatal("the scheduled rotation replaced the key the manual one had just made")
+	}
+}
+
+// stallingDevice is a recording device whose switch to a new private key,
+// once armed, waits for release, as a rotation's would behind a slow
+// Vault; closedInSwitch says the device was closed under it.
+type stallingDevice struct {
+	*RecordingDevice
+	armed, inSwitch, closedInSwitch atomic.Bool
+	stalled, release                chan struct{}
+}
+
+func (d *stallingDevice) Configure(c wgtypes.Config) error {
+	if c.PrivateKey != nil && d.armed.CompareAndSwap(true, false) {
+		d.inSwitch.Store(true)
+		defer d.inSwitch.Store(false)
+		close(d.stalled)
+		<-d.release
+	}
+	return d.RecordingDevice.Configure(c)
+}
+
+func (d *stallingDevice) Close() error {
+	if d.inSwitch.Load() {
+		d.closedInSwitch.Store(true)
+	}
+	return d.RecordingDevice.Close()
+}
+
+// TestStopWaitsForRotation: a stop waits for a WireGuard key rotation past
+// its durable point (asked for over the control socket, which no stop
+// cancels then) before it shuts the gossip and the device, and, at a
+// burst's end, deletes the key from Vault: the rotation would then write
+// it back.
+func TestStopWaitsForRotation(t *testing.T) {
+	ca, err := certs.InitCA(filepath.Join(t.TempDir(), "ca"), certs.InitOptions{MeshPrefix: netip.MustParsePrefix("100.64.0.0/10")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tb, err := ca.TrustBundle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := liveSettings(t, t.TempDir())
+	attrs := certs.Attributes{Node: "gw", Site: "s", Region: "r", Provider: "onprem", Jurisdiction: "CH", OverlayIP: netip.MustParseAddr("100.64.7.1")}
+	s.Node = provisionGateway(t, ca, tb, attrs, time.Hour, s.Identity.Dir)
+	dev := &stallingDevice{RecordingDevice: NewRecordingDevice("stall"), stalled: make(chan struct{}), release: make(chan struct{})}
+	g, err := newGateway(context.Background(), s, slog.New(slog.DiscardHandler), options{device: dev, noControl: true, noMigrations: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	ran := make(chan error, 1)
+	go func() { ran <- g.Run(ctx) }()
+	waitUntil(t, 20*time.Second, "the gateway to start", func() bool { return g.OperatorAddress() != nil })
+
+	dev.armed.Store(true)
+	rotated := make(chan error, 1)
+	go func() {
+		_, err := g.RotateWireGuardKey(context.Background())
+		rotated <- err
+	}()
+	select {
+	case <-dev.stalled:
+	case <-time.After(20 * time.Second):
+		t.Fatal("the rotation never switched the device's key")
+	}
+	cancel()
+	// Everything else stops at once; a Run that does not wait for the
+	// rotation returns well within this.
+	early := false
+	select {
+	case err := <-ran:
+		early = true
+		t.Errorf("Run returned (%v) while a rotation was switching the device's key", err)
+	case <-time.After(time.Second):
+	}
+	close(dev.release)
+	if err := <-rotated; err != nil && !early {
+		t.Errorf("the rotation: %v", err)
+	}
+	if !early {
+		select {
+		case err := <-ran:
+			if err != nil {
+				t.Errorf("Run: %v", err)
+			}
+		case <-time.After(20 * time.Second):
+			t.Fatal("Run did not return after the rotation ended")
+		}
+	}
+	if dev.closedInSwitch.Load() {
+		t.Error("the device was closed under the rotation's switch of its key")
 	}
 }
 
