@@ -886,7 +886,8 @@ func readLine(br *bufio.Reader, max int) ([]byte, error) {
 }
 
 // verifyAt checks the signer as of the record's time, except that a
-// revocation after the fact still counts for records written after it,
+// revocation after the fact still counts for records written after it
+// (by more than the clocks may differ),
 // and for records that come after one dated after it (latest: the latest
 // record before): dated back, they are not the gateway's, whose records
 // are in time order.
@@ -903,7 +904,11 @@ func verifyAt(tb *certs.TrustBundle, cert *x509.Certificate, at, latest time.Tim
 			for _, e := range crl.RevokedCertificateEntries {
 				if e.SerialNumber.Cmp(cert.SerialNumber) == 0 {
 					found = true
-					after = after && at.Before(e.RevocationTime) && latest.Before(e.RevocationTime)
+					// The record is dated by the gateway's clock, the
+					// revocation by the CA's: they may differ by as
+					// much as the mesh allows between clocks.
+					end := e.RevocationTime.Add(certs.MaxClockSkew)
+					after = after && at.Before(end) && latest.Before(end)
 				}
 			}
 		}

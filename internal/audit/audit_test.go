@@ -184,6 +184,31 @@ func TestVerifyRevokedKeyDatedBack(t *testing.T) {
 	}
 }
 
+// TestVerifyGatewayClockAheadOfCA: a record is dated by its gateway's
+// clock and a revocation by the CA's. A record written a minute before
+// its signer's revocation (for good: reason unspecified), by a gateway
+// whose clock runs 2 minutes ahead of the CA's, still verifies: the log
+// must not read as tampered with for a skew the mesh allows.
+func TestVerifyGatewayClockAheadOfCA(t *testing.T) {
+	ca, _ := testCA(t)
+	id := issue(t, ca, "gw1", "100.96.0.1", t0.Add(-time.Hour))
+	path := filepath.Join(t.TempDir(), "audit.log")
+	if _, err := Open(path).Append(id, "migration", map[string]any{"n": 1}, t0.Add(2*time.Minute)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ca.RevokeSerials([]*big.Int{id.Certificate().SerialNumber}, "unspecified", t0.Add(time.Minute)); err != nil {
+		t.Fatal(err)
+	}
+	tb, err := ca.TrustBundle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := os.ReadFile(path)
+	if rep, err := Verify(bytes.NewReader(b), tb); err != nil || rep.Records != 1 {
+		t.Fatalf("a record written a minute before the revocation, by a clock 2 minutes ahead of the CA's: %+v, %v", rep, err)
+	}
+}
+
 // TestVerifyRevokedLaterHeldToTheMesh: a signer revoked after its
 // records is still held to what a certificate not revoked is: an overlay
 // address outside the mesh's range is refused either way.
