@@ -362,14 +362,8 @@ func (p *Provider) KeepRenewed(ctx context.Context, id *NodeIdentity, renewNow <
 			from = renewed
 		}
 		at := RenewalTime(from, c.NotAfter, rand.Float64())
-		t := time.NewTimer(max(at.Sub(p.now()), 0))
-		select {
-		case <-ctx.Done():
-			t.Stop()
-			return ctx.Err()
-		case <-t.C:
-		case <-renewNow:
-			t.Stop()
+		if err := sleepUntil(ctx, p.now, at, renewNow); err != nil {
+			return err
 		}
 		if err := ctx.Err(); err != nil { // a timer run out as ctx ended
 			return err
@@ -394,7 +388,7 @@ func (p *Provider) KeepRenewed(ctx context.Context, id *NodeIdentity, renewNow <
 			}
 			wait := renewalRetryWait(backoff, left, rand.Float64())
 			p.log.Error("certificate renewal failed", "err", err, "node", attrs.Node, "expires_in", left.Round(100*time.Millisecond), "retry_in", wait.Round(10*time.Millisecond))
-			if err := sleepUntil(ctx, p.now, p.now().Add(wait)); err != nil {
+			if err := sleepUntil(ctx, p.now, p.now().Add(wait), nil); err != nil {
 				return err
 			}
 			backoff = nextRenewalBackoff(backoff, left)
@@ -442,17 +436,30 @@ func renewalRetryWait(backoff, left time.Duration, r float64) time.Duration {
 	return min(backoff, max(left/2, 100*time.Millisecond))
 }
 
-func sleepUntil(ctx context.Context, now func() time.Time, at time.Time) error {
-	d := at.Sub(now())
-	if d <= 0 {
-		return ctx.Err()
-	}
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return ctx.Err()
-	case <-t.C:
-		return nil
+// wallCheck is how often a wait for a time of day looks at the wall
+// clock. Go's timers run on the monotonic clock, which stands still while
+// a VM is suspended and which a step of the wall clock does not move: a
+// renewal due during a suspension of hours would come after the
+// certificate ended.
+var wallCheck = time.Minute
+
+// sleepUntil waits until now() reaches at, ctx ends (its error) or wake
+// receives (nil: never).
+func sleepUntil(ctx context.Context, now func() time.Time, at time.Time, wake <-chan struct{}) error {
+	for {
+		d := at.Sub(now())
+		if d <= 0 {
+			return ctx.Err()
+		}
+		t := time.NewTimer(min(d, wallCheck))
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return ctx.Err()
+		case <-wake:
+			t.Stop()
+			return nil
+		case <-t.C:
+		}
 	}
 }

@@ -72,6 +72,48 @@ func TestProviderFileOffline(t *testing.T) {
 	}
 }
 
+// TestRenewalAfterWallClockJump: a renewal is due by the wall clock, which
+// a VM's suspension or a step of the clock moves and the timers' monotonic
+// clock does not: a gateway that wakes a minute before its certificate
+// ends renews at once, not when its timer would have fired (after the end).
+func TestRenewalAfterWallClockJump(t *testing.T) {
+	defer func(d time.Duration) { wallCheck = d }(wallCheck)
+	wallCheck = 10 * time.Millisecond
+	ca := newTestCA(t)
+	ctx := t.Context()
+	p, err := Open(ctx, Config{Dir: filepath.Join(t.TempDir(), "id"), CADir: ca.Dir(), TTL: "1h"}, quietLog())
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, _, err := p.Identity(ctx, testAttrs("gw1", "onprem-zrh", "100.96.0.1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var step atomic.Int64
+	var read atomic.Bool // the wait has read the clock once
+	p.now = func() time.Time {
+		read.Store(true)
+		return time.Now().Add(time.Duration(step.Load()))
+	}
+	renewed := make(chan struct{}, 1)
+	go p.KeepRenewed(ctx, id, nil, func(*NodeIdentity, *TrustBundle) {
+		select {
+		case renewed <- struct{}{}:
+		default:
+		}
+	})
+	deadline := time.Now().Add(10 * time.Second)
+	for !read.Load() && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	step.Store(int64(time.Until(id.Certificate().NotAfter.Add(-time.Minute))))
+	select {
+	case <-renewed:
+	case <-time.After(10 * time.Second):
+		t.Fatal("no renewal after the wall clock moved to a minute before the certificate's end")
+	}
+}
+
 func TestRenewalRetryWait(t *testing.T) {
 	for _, c := range []struct {
 		backoff, left time.Duration

@@ -1173,6 +1173,39 @@ func TestEnrollmentSource(t *testing.T) {
 	}
 }
 
+// TestBurstEndsByTheWallClock: a burst gateway woken from a suspension
+// past its burst's end leaves the mesh at once: its end is judged by the
+// wall clock, not by a timer, which the suspension did not move.
+func TestBurstEndsByTheWallClock(t *testing.T) {
+	defer func(d time.Duration) { burstClockCheck = d }(burstClockCheck)
+	burstClockCheck = 10 * time.Millisecond
+	ca, err := certs.InitCA(filepath.Join(t.TempDir(), "ca"), certs.InitOptions{MeshPrefix: netip.MustParsePrefix("100.64.0.0/10")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, err := ca.IssueIdentity(certs.Attributes{Node: "burst-ams-gw1", Site: "burst-ams", Region: "r", Provider: "aws", Jurisdiction: "NL",
+		OverlayIP: netip.MustParseAddr("100.64.9.1")}, time.Hour, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var step atomic.Int64
+	g := &Gateway{log: slog.New(slog.DiscardHandler), revokedSelf: make(chan struct{}), burst: &Enrollment{Site: "burst-ams", Node: "burst-ams-gw1"},
+		now: func() time.Time { return time.Now().Add(time.Duration(step.Load())) }}
+	g.id.Store(id)
+	ended := make(chan error, 1)
+	go g.watchBurst(t.Context(), func(err error) { ended <- err })
+	step.Store(int64(2 * time.Hour))
+	select {
+	case err := <-ended:
+		var e *BurstEndedError
+		if !errors.As(err, &e) || e.Reason != "its time is up" {
+			t.Fatalf("the burst ended with %v; want its time up", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("a burst gateway woken an hour after its burst ended stays on")
+	}
+}
+
 // TestBurstEndCutShortIsFinished: a burst ended early is recorded as ended
 // before its certificates are revoked. A gateway stopped in between finds
 // it so: it revokes them then, rather than leave the burst's gateways

@@ -561,19 +561,31 @@ func (g *Gateway) nodeAttributes(tb *certs.TrustBundle) (certs.Attributes, error
 // gateway leaves, so that its signed leave notice is still valid.
 const burstLeaveEarly = 2 * time.Second
 
+// burstClockCheck is how often a burst gateway looks at the wall clock
+// for its end: its timer runs on the monotonic clock, which stands still
+// while a VM is suspended, and a gateway woken after its burst ended
+// would stay on, refused by every peer, for as long as it was suspended.
+var burstClockCheck = time.Minute
+
 // watchBurst ends a burst gateway's run when its certificate is about to
 // expire or when it sees it revoked (`skybridge burst down`).
 func (g *Gateway) watchBurst(ctx context.Context, stop context.CancelCauseFunc) {
-	t := time.NewTimer(time.Until(g.id.Load().Certificate().NotAfter.Add(-burstLeaveEarly)))
-	defer t.Stop()
+	end := g.id.Load().Certificate().NotAfter.Add(-burstLeaveEarly)
 	reason := ""
-	select {
-	case <-ctx.Done():
-		return
-	case <-t.C:
-		reason = "its time is up"
-	case <-g.revokedSelf:
-		reason = "taken down: this gateway's certificate was revoked"
+	for reason == "" {
+		t := time.NewTimer(min(end.Sub(g.now()), burstClockCheck))
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return
+		case <-t.C:
+			if !g.now().Before(end) {
+				reason = "its time is up"
+			}
+		case <-g.revokedSelf:
+			t.Stop()
+			reason = "taken down: this gateway's certificate was revoked"
+		}
 	}
 	g.log.Info("burst site ended: leaving the mesh", "reason", reason)
 	stop(&BurstEndedError{Site: g.burst.Site, Node: g.burst.Node, Reason: reason})
