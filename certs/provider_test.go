@@ -96,12 +96,18 @@ func TestRenewalAfterWallClockJump(t *testing.T) {
 		return time.Now().Add(time.Duration(step.Load()))
 	}
 	renewed := make(chan struct{}, 1)
-	go p.KeepRenewed(ctx, id, nil, func(*NodeIdentity, *TrustBundle) {
-		select {
-		case renewed <- struct{}{}:
-		default:
-		}
-	})
+	kctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		p.KeepRenewed(kctx, id, nil, func(*NodeIdentity, *TrustBundle) {
+			select {
+			case renewed <- struct{}{}:
+			default:
+			}
+		})
+	}()
+	defer func() { cancel(); <-done }() // before wallCheck is put back
 	deadline := time.Now().Add(10 * time.Second)
 	for !read.Load() && time.Now().Before(deadline) {
 		time.Sleep(time.Millisecond)
