@@ -519,15 +519,27 @@ func validInterfaceName(n string) bool {
 	return n != "" && len(n) <= 15 && n != "." && n != ".." && !strings.ContainsAny(n, "/:% \t\n\r\v\f")
 }
 
-// parseAddrPort accepts "ip:port", "[ip6]:port" or a bare IP (with
-// defaultPort).
+// parseAddrPort accepts "ip:port", "[ip6]:port" or an IP alone, "[ip6]"
+// for IPv6 (with defaultPort).
 func parseAddrPort(s string, defaultPort int) (netip.AddrPort, error) {
 	// Unmapped: [::ffff:192.0.2.1] is the IPv4 address, and is judged so
 	// (which family of a peer's endpoints to dial follows ours).
 	if ap, err := netip.ParseAddrPort(s); err == nil {
 		return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()), nil
 	}
-	if a, err := netip.ParseAddr(s); err == nil {
+	bare := strings.TrimSuffix(strings.TrimPrefix(s, "["), "]")
+	if a, err := netip.ParseAddr(bare); err == nil {
+		// Without brackets, 2001:db8::1:7946 is an address whose last
+		// group reads as a port, and whoever wrote it likely meant one:
+		// taken as an address, the gateway would advertise, or dial, one
+		// nobody holds. Only a trailing "::" (as in "::") or a zone
+		// cannot hide a port.
+		if a.Is6() && bare == s && !strings.HasSuffix(s, "::") && a.Zone() == "" {
+			return netip.AddrPort{}, fmt.Errorf("%q: write an IPv6 address in brackets, [%s] or with a port [%s]:%d, as a port after it without them cannot be told from its last group", s, s, s, defaultPort)
+		}
+		if bare != s && (!a.Is6() || len(s) != len(bare)+2) {
+			return netip.AddrPort{}, fmt.Errorf("%q is not an address such as 192.0.2.1:%d or [2001:db8::1]:%d", s, defaultPort, defaultPort)
+		}
 		return netip.AddrPortFrom(a.Unmap(), uint16(defaultPort)), nil
 	}
 	return netip.AddrPort{}, fmt.Errorf("%q is not an address such as 192.0.2.1:%s", s, strconv.Itoa(defaultPort))

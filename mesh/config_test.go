@@ -86,6 +86,42 @@ func TestAdvertiseWithoutPort(t *testing.T) {
 	}
 }
 
+// TestParseAddrPortIPv6: an IPv6 address without brackets is refused
+// unless no port can hide in its last group: 2001:db8::1:7946 was taken as
+// an address, and the gateway advertised, or dialled, one nobody holds.
+func TestParseAddrPortIPv6(t *testing.T) {
+	for in, want := range map[string]string{
+		"[2001:db8::1]:7000":    "[2001:db8::1]:7000",
+		"[2001:db8::1]":         "[2001:db8::1]:7946",
+		"::":                    "[::]:7946",
+		"2001:db8::":            "[2001:db8::]:7946",
+		"[::ffff:192.0.2.1]":    "192.0.2.1:7946",
+		"192.0.2.1":             "192.0.2.1:7946",
+		"2001:db8::1:7946":      "",
+		"2001:db8::1":           "",
+		"[192.0.2.1]":           "",
+		"[2001:db8::1":          "",
+		"2001:db8::1]":          "",
+		"[[2001:db8::1]]":       "",
+		"[2001:db8::1]:":        "",
+		"[2001:db8::1]:7946:46": "",
+	} {
+		ap, err := parseAddrPort(in, DefaultGossipPort)
+		switch {
+		case want == "" && err == nil:
+			t.Errorf("%q: taken as %s; want it refused", in, ap)
+		case want == "" && strings.Count(in, ":") > 1 && !strings.ContainsAny(in, "[]") && !strings.Contains(err.Error(), "brackets"):
+			t.Errorf("%q: %v; want it told to use brackets", in, err)
+		case want != "" && (err != nil || ap.String() != want):
+			t.Errorf("%q: %s, %v; want %s", in, ap, err, want)
+		}
+	}
+	_, err := LoadConfig(writeConfig(t, strings.Replace(goodConfig, `bind  = "192.0.2.1:7946"`, "bind  = \"[::]:7946\"\n  advertise = \"2001:db8:a::1:7946\"", 1)))
+	if err == nil || !strings.Contains(err.Error(), "[2001:db8:a::1:7946]:7946") {
+		t.Errorf("an advertise address without brackets: %v; want it refused, with the bracketed forms", err)
+	}
+}
+
 func TestLoadConfigOperator(t *testing.T) {
 	for _, tc := range []struct {
 		block   string

@@ -1075,7 +1075,9 @@ func (g *Gateway) rejoinTargets() []string {
 	var out []string
 	seen := map[string]bool{}
 	add := func(a string) {
-		if !alive[a] && !seen[a] && a != g.s.GossipAdvertise.String() {
+		// Not ourselves, by either address (as joinSeeds): behind NAT a
+		// seed list shared by all names the bind address.
+		if !alive[a] && !seen[a] && a != g.s.GossipAdvertise.String() && a != g.s.GossipBind.String() {
 			seen[a] = true
 			out = append(out, a)
 		}

@@ -1000,12 +1000,13 @@ func TestMembershipDropsTheNeverVerifiedGone(t *testing.T) {
 
 // TestRejoinTargets: a rejoin round knocks on at most rejoinFanout
 // addresses it does not count alive, one of them a seed when a seed is
-// missing, never itself, never twice.
+// missing, never itself (by the address it advertises or the one it
+// binds, behind NAT), never twice.
 func TestRejoinTargets(t *testing.T) {
 	f := newFixture(t)
 	ms := newMembership("self", f.trust(), func() time.Time { return f.now }, func() {})
-	self := netip.MustParseAddrPort("192.0.2.1:7946")
-	seeds := []string{self.String()}
+	self, bind := netip.MustParseAddrPort("192.0.2.1:7946"), netip.MustParseAddrPort("[2001:db8:a::10]:7946")
+	seeds := []string{self.String(), bind.String()}
 	for i := range 4 {
 		seeds = append(seeds, fmt.Sprintf("192.0.2.%d:7946", 10+i))
 	}
@@ -1016,15 +1017,15 @@ func TestRejoinTargets(t *testing.T) {
 		ms.rememberDead(fmt.Sprintf("gw-%d", i), a, id.Certificate().Raw, false)
 		dead[a.String()] = true
 	}
-	g := &Gateway{s: &Settings{Seeds: seeds, GossipAdvertise: self}, members: ms}
+	g := &Gateway{s: &Settings{Seeds: seeds, GossipAdvertise: self, GossipBind: bind}, members: ms}
 	for range 20 {
 		got := g.rejoinTargets()
-		if len(got) != rejoinFanout || !slices.Contains(seeds[1:], got[0]) {
+		if len(got) != rejoinFanout || !slices.Contains(seeds[2:], got[0]) {
 			t.Fatalf("targets %v: want %d, a seed first", got, rejoinFanout)
 		}
 		seen := map[string]bool{}
 		for _, a := range got {
-			if seen[a] || a == self.String() || !dead[a] && !slices.Contains(seeds, a) {
+			if seen[a] || a == self.String() || a == bind.String() || !dead[a] && !slices.Contains(seeds, a) {
 				t.Fatalf("targets %v: duplicate, self or unknown %s", got, a)
 			}
 			seen[a] = true
