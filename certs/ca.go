@@ -524,10 +524,10 @@ func routesFree(idx *caIndex, attrs Attributes, now time.Time) error {
 		if e.Kind != KindGateway && e.Kind != "" || e.Node == attrs.Node || e.RevokedAt != nil || !e.NotAfter.After(now) {
 			continue
 		}
-		// Later in the index is later issued: NotBefore is to the second.
-		if l, ok := latest[e.Node]; !ok || !e.NotBefore.Before(l.NotBefore) {
-			latest[e.Node] = e
-		}
+		// Later in the index is later issued, as Renew takes it, whatever
+		// the CA's clock said: stepped back between two issues, a later
+		// one has the earlier NotBefore.
+		latest[e.Node] = e
 	}
 	for _, n := range slices.Sorted(maps.Keys(latest)) {
 		e := latest[n]
