@@ -2,6 +2,7 @@ package certs
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"crypto"
 	"crypto/ecdsa"
@@ -657,7 +658,7 @@ func (ca *CA) issue(tmpl *x509.Certificate, pub crypto.PublicKey, ttl time.Durat
 			return err
 		}
 		entry.Serial, entry.NotBefore, entry.NotAfter, entry.Key = FormatSerial(serial), cert.NotBefore, cert.NotAfter, keyID(cert.RawSubjectPublicKeyInfo)
-		idx.Certs = append(idx.Certs, entry)
+		idx.add(entry)
 		if entry.Kind == KindGateway {
 			idx.keepRenewal(entry, der)
 		}
@@ -740,6 +741,12 @@ type IssuedCert struct {
 	// AlreadyRevoked marks, in what a revocation returns, a certificate
 	// it found revoked already and left as it was; never so in the index.
 	AlreadyRevoked bool `json:"already_revoked,omitempty"`
+	// Seq numbers the entries in the order they entered the index, from
+	// 1 (0 in those of earlier releases). An entry the archive gives back
+	// goes back to its place by it (putBack): a node's last entry is its
+	// latest certificate (Renew, routesFree), and NotBefore cannot tell
+	// after the CA's clock went back.
+	Seq int64 `json:"seq,omitempty"`
 }
 
 // caIndex is the CA's record of what it issued and revoked. The CRL is
@@ -751,6 +758,21 @@ type caIndex struct {
 	// Renewals holds, by serial, the certificate (DER) of each gateway's
 	// latest renewal, if that is its latest certificate (keepRenewal).
 	Renewals map[string][]byte `json:"renewals,omitempty"`
+	// LastSeq is the Seq given last.
+	LastSeq int64 `json:"last_seq,omitempty"`
+	// ArchivedEnd is the latest end (NotAfter) of an entry the archive
+	// holds and the index does not: while the CA's clock is less than
+	// archiveAfter past it, the archive may hold a certificate not over
+	// yet, and is read (restoreLocked); otherwise it is not. Zero in an
+	// index of an earlier release, whose archive is read once.
+	ArchivedEnd time.Time `json:"archived_end,omitzero"`
+}
+
+// add appends e to the index, numbered.
+func (idx *caIndex) add(e IssuedCert) {
+	idx.LastSeq++
+	e.Seq = idx.LastSeq
+	idx.Certs = append(idx.Certs, e)
 }
 
 // RoutesFree reports, before anything is issued, whether a gateway
@@ -758,7 +780,7 @@ type caIndex struct {
 // site's (see Issue): a burst site checks it when it opens, rather than at
 // each of its gateways' enrollment.
 func (ca *CA) RoutesFree(a Attributes, now time.Time) error {
-	idx, err := ca.readIndex()
+	idx, err := ca.readIndexAt(now)
 	if err != nil {
 		return err
 	}
@@ -766,7 +788,9 @@ func (ca *CA) RoutesFree(a Attributes, now time.Time) error {
 	return routesFree(idx, a, now)
 }
 
-// Issued lists the certificates this CA has issued, oldest first.
+// Issued lists the certificates this CA has issued, oldest first, as the
+// index was last written: what the archive gives back once the CA's clock
+// is right again (restoreLocked) is listed after the CA's next operation.
 func (ca *CA) Issued() ([]IssuedCert, error) {
 	idx, err := ca.readIndex()
 	if err != nil {
@@ -1038,7 +1062,7 @@ func (idx *caIndex) valid(now time.Time, of func(IssuedCert) bool) []int {
 // SerialsOfNode returns the serials of the node's certificates that are
 // neither expired nor revoked at now.
 func (ca *CA) SerialsOfNode(node string, now time.Time) ([]*big.Int, error) {
-	idx, err := ca.readIndex()
+	idx, err := ca.readIndexAt(now)
 	if err != nil {
 		return nil, err
 	}
@@ -1146,7 +1170,7 @@ func (ca *CA) writeCRL(idx *caIndex, now time.Time) error {
 			switch {
 			case !ok && behind:
 				rt := e.RevocationTime.UTC()
-				idx.Certs = append(idx.Certs, IssuedCert{Serial: FormatSerial(e.SerialNumber), Node: "(unknown: the index was behind the revocation list)",
+				idx.add(IssuedCert{Serial: FormatSerial(e.SerialNumber), Node: "(unknown: the index was behind the revocation list)",
 					NotAfter: ca.cert.NotAfter, RevokedAt: &rt, Reason: reasonName(e.ReasonCode)})
 			case !ok:
 			case idx.Certs[i].RevokedAt == nil:
@@ -1219,6 +1243,9 @@ func (ca *CA) updateIndex(now time.Time, fn func(*caIndex) error) error {
 	if err != nil {
 		return err
 	}
+	if err := ca.restoreLocked(idx, now); err != nil {
+		return err
+	}
 	if err := fn(idx); errors.Is(err, errUnchanged) {
 		return nil
 	} else if err != nil {
@@ -1246,13 +1273,19 @@ const archiveAfter = 30 * 24 * time.Hour
 // half a megabyte a day to it; ended certificates are off the revocation
 // list and cannot conflict with anything. Policy signers stay: the list
 // must name a revoked one for as long as its policies can be checked.
+// What the CA archived while its clock ran ahead comes back once the
+// clock is right (restoreLocked), found by ArchivedEnd.
 func (ca *CA) archiveLocked(idx *caIndex, now time.Time) error {
 	cutoff := now.Add(-archiveAfter)
 	var old, keep []IssuedCert
+	end := idx.ArchivedEnd
 	for _, c := range idx.Certs {
 		if !keptForGood(c) && c.NotAfter.Before(cutoff) {
 			old = append(old, c)
 			delete(idx.Renewals, c.Serial)
+			if c.NotAfter.After(end) {
+				end = c.NotAfter
+			}
 		} else {
 			keep = append(keep, c)
 		}
@@ -1289,8 +1322,174 @@ func (ca *CA) archiveLocked(idx *caIndex, now time.Time) error {
 	if err := f.Close(); err != nil {
 		return fmt.Errorf("CA archive: %w", err)
 	}
-	idx.Certs = keep
+	idx.Certs, idx.ArchivedEnd = keep, end
 	return nil
+}
+
+// readIndexAt is readIndex for a reader that judges the index at now: if
+// the archive may hold certificates not over by now (restoreLocked), they
+// are brought back first, under the CA's lock.
+func (ca *CA) readIndexAt(now time.Time) (*caIndex, error) {
+	idx, err := ca.readIndex()
+	if err != nil {
+		return nil, err
+	}
+	if back, err := ca.archiveMayGiveBack(idx, now); err != nil || !back {
+		return idx, err
+	}
+	err = ca.updateIndex(now, func(locked *caIndex) error {
+		idx = locked
+		return errUnchanged
+	})
+	if err != nil {
+		return nil, err
+	}
+	return idx, nil
+}
+
+// archiveMayGiveBack says whether the archive may hold an entry that is
+// not archiveAfter past its end at now: only when the CA's clock went back
+// past what it archived (ArchivedEnd), or the index does not say.
+func (ca *CA) archiveMayGiveBack(idx *caIndex, now time.Time) (bool, error) {
+	if !idx.ArchivedEnd.IsZero() {
+		return !idx.ArchivedEnd.Before(now.Add(-archiveAfter)), nil
+	}
+	fi, err := os.Stat(filepath.Join(ca.dir, fileArchive))
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return false, nil
+	case err != nil:
+		return false, fmt.Errorf("CA archive: %w", err)
+	}
+	return fi.Size() > 0, nil
+}
+
+// restoreLocked brings back from the archive into the index, before an
+// operation, the entries that are not archiveAfter past their end at now.
+// A CA whose clock ran ahead (a bad NTP server, a VM's clock) archived
+// certificates still valid by the gateways' clocks; left there once the
+// clock is right again, their revocations would leave the next list, their
+// addresses and routes be given out again, and neither `ca revoke` nor a
+// renewal find them. Their revocations come back with them, and a list
+// that drops one is signed anew at once: gateways adopted the one signed
+// while the clock was ahead. The index is written, then the archive
+// rewritten without them (a crash between the two leaves lines of entries
+// the index holds, which are dropped here the next time, and an entry
+// archived again meanwhile listed twice: the later line is its later
+// state). The archive is read only while the clock is behind what it
+// archived, so this costs nothing as the clock goes forward.
+func (ca *CA) restoreLocked(idx *caIndex, now time.Time) error {
+	if back, err := ca.archiveMayGiveBack(idx, now); err != nil || !back {
+		return err
+	}
+	file := filepath.Join(ca.dir, fileArchive)
+	b, err := os.ReadFile(file)
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("CA archive: %w", err)
+	}
+	// A last line without its newline is an append cut short, whose
+	// entries the index still holds (archiveLocked).
+	whole := b[:bytes.LastIndexByte(b, '\n')+1]
+	type line struct {
+		c   IssuedCert
+		raw []byte
+	}
+	var lines []line
+	last := map[string]int{}
+	for n, l := range bytes.Split(whole, []byte{'\n'}) {
+		if l = bytes.TrimSpace(l); len(l) == 0 {
+			continue
+		}
+		var c IssuedCert
+		err := json.Unmarshal(l, &c)
+		if err == nil && c.Serial == "" {
+			err = errors.New("no serial")
+		}
+		if err != nil {
+			return fmt.Errorf("CA archive %s, line %d: %w: the archive is read back for certificates archived while the CA's clock ran ahead; restore it from a backup, or remove the line", file, n+1, err)
+		}
+		last[c.Serial] = len(lines)
+		lines = append(lines, line{c, l})
+	}
+	cutoff := now.Add(-archiveAfter)
+	in := idx.bySerial()
+	var back []IssuedCert
+	var stay bytes.Buffer
+	var end time.Time
+	for i, l := range lines {
+		if _, ok := in[l.c.Serial]; ok || last[l.c.Serial] != i {
+			continue
+		}
+		if !l.c.NotAfter.Before(cutoff) {
+			back = append(back, l.c)
+			continue
+		}
+		stay.Write(l.raw)
+		stay.WriteByte('\n')
+		if l.c.NotAfter.After(end) {
+			end = l.c.NotAfter
+		}
+	}
+	rewrite := stay.Len() != len(b)
+	if len(back) == 0 && !rewrite && end.Equal(idx.ArchivedEnd) {
+		return nil
+	}
+	idx.putBack(back)
+	idx.ArchivedEnd = end
+	if slices.ContainsFunc(back, func(c IssuedCert) bool { return c.RevokedAt != nil }) && ca.crlDrops(idx, now) {
+		if err := ca.writeCRL(idx, now); err != nil {
+			return err
+		}
+	}
+	if err := ca.writeIndex(idx); err != nil {
+		return err
+	}
+	if !rewrite {
+		return nil
+	}
+	if err := atomicfile.WriteFile(file, stay.Bytes(), 0o600); err != nil {
+		return fmt.Errorf("CA archive: %w", err)
+	}
+	return nil
+}
+
+// crlDrops says whether the CA's revocation list leaves out a revocation
+// of the index that a list signed at now would name. A list that cannot
+// be read, or is another CA's, is left to the next revocation, which says
+// what is wrong with it (writeCRL).
+func (ca *CA) crlDrops(idx *caIndex, now time.Time) bool {
+	b, err := os.ReadFile(filepath.Join(ca.dir, fileCRL))
+	if err != nil {
+		return false
+	}
+	crl, err := ParseCRL(b)
+	if err != nil || crl.CheckSignatureFrom(ca.cert) != nil {
+		return false
+	}
+	return idx.revokesBeyond(crl, now)
+}
+
+// putBack puts entries the archive gave back into the index at their
+// places by Seq; those of earlier releases, unnumbered, after the index's
+// unnumbered ones, which are its oldest.
+func (idx *caIndex) putBack(back []IssuedCert) {
+	if len(back) == 0 {
+		return
+	}
+	slices.SortStableFunc(back, func(a, b IssuedCert) int { return cmp.Compare(a.Seq, b.Seq) })
+	out := make([]IssuedCert, 0, len(idx.Certs)+len(back))
+	for _, c := range idx.Certs {
+		for len(back) > 0 && back[0].Seq < c.Seq {
+			out = append(out, back[0])
+			idx.LastSeq = max(idx.LastSeq, back[0].Seq)
+			back = back[1:]
+		}
+		out = append(out, c)
+	}
+	for _, c := range back {
+		idx.LastSeq = max(idx.LastSeq, c.Seq)
+	}
+	idx.Certs = append(out, back...)
 }
 
 // randomSerial returns a positive 127-bit serial: unpredictable, as the
