@@ -104,14 +104,22 @@ func (a *Attributes) Validate(meshPrefix netip.Prefix) error {
 // new gateway's overlay IP: the gateway puts its address on its interface
 // with the whole range, whose last address is then the interface's
 // broadcast address, which no peer can connect to (the first is the
-// network's, by custom unused). Burst gateways and ca init's count leave
-// both out. A gateway that had the address keeps it (a renewal, by
-// renew_from, ca_dir or ca issue again).
+// network's, by custom unused). Of an IPv6 range the first is refused: it
+// is the Subnet-Router anycast address (RFC 4291), which Linux delivers
+// locally on every gateway with forwarding on. Burst gateways and ca
+// init's count leave them out. A gateway that had the address keeps it (a
+// renewal, by renew_from, ca_dir or ca issue again).
 func rangeEnd(ip netip.Addr, meshPrefix netip.Prefix) error {
-	if !meshPrefix.IsValid() || !ip.Is4() || !meshPrefix.Addr().Is4() || meshPrefix.Bits() > 30 || !meshPrefix.Contains(ip) {
+	if !meshPrefix.IsValid() || !meshPrefix.Contains(ip) {
 		return nil
 	}
 	first := meshPrefix.Masked().Addr()
+	if ip.Is6() && meshPrefix.Bits() < 127 && ip == first {
+		return fmt.Errorf("overlay IP %s is the first address of the mesh overlay range %s, its Subnet-Router anycast address, which every gateway takes for its own: pick another, such as %s", ip, meshPrefix, first.Next())
+	}
+	if !ip.Is4() || meshPrefix.Bits() > 30 {
+		return nil
+	}
 	b := first.As4()
 	host := uint32(1)<<(32-meshPrefix.Bits()) - 1
 	n := (uint32(b[0])<<24 | uint32(b[1])<<16 | uint32(b[2])<<8 | uint32(b[3])) | host

@@ -1053,6 +1053,24 @@ func TestIssueRefusesRangeEnds(t *testing.T) {
 	}
 }
 
+// TestIssueRefusesIPv6SubnetRouterAnycast: of an IPv6 mesh range the
+// first address, the Subnet-Router anycast address that Linux delivers
+// locally on every gateway with forwarding on, is refused to a new
+// gateway; the next and the last are given.
+func TestIssueRefusesIPv6SubnetRouterAnycast(t *testing.T) {
+	ca, err := InitCA(filepath.Join(t.TempDir(), "ca"), InitOptions{MeshPrefix: netip.MustParsePrefix("fd5b::/64")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, c := range []struct{ ip, want string }{{"fd5b::", "Subnet-Router anycast"}, {"fd5b::1", ""}, {"fd5b::ffff:ffff:ffff:ffff", ""}} {
+		ip, want := c.ip, c.want
+		_, err := ca.IssueIdentity(testAttrs("gw-"+string(rune('a'+i)), "s", ip), time.Hour, time.Now())
+		if want == "" && err != nil || want != "" && (err == nil || !strings.Contains(err.Error(), want)) {
+			t.Errorf("overlay IP %s: %v; want %q", ip, err, want)
+		}
+	}
+}
+
 // TestCADirectoryWithDelta: a CA directory whose crl.pem is a delta (one
 // an earlier release took from gossip and wrote back) is refused for
 // holding no complete list, said as such, and ca crl --refresh mends it.

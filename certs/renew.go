@@ -362,6 +362,11 @@ func checkRenewFrom(eps []string) error {
 		if _, perr := strconv.ParseUint(port, 10, 16); err != nil || host == "" || perr != nil || port == "0" {
 			return fmt.Errorf("%q is not host:port, such as 198.51.100.1:7947 (the enrollment endpoint of the gateway holding the mesh CA)", ep)
 		}
+		// An https URL cannot carry a zone as written here, and every
+		// renewal would fail, when the certificate is left to end.
+		if strings.Contains(host, "%") {
+			return fmt.Errorf("%q names a zone (%s): give an address that needs none, as the gateway holding the mesh CA advertises", ep, host[strings.Index(host, "%"):])
+		}
 	}
 	return nil
 }

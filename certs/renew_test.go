@@ -175,6 +175,8 @@ func TestRenewFromConfig(t *testing.T) {
 		{Config{Dir: "/x", RenewFrom: []string{"198.51.100.1"}}, "not host:port"},
 		{Config{Dir: "/x", RenewFrom: []string{"198.51.100.1:http"}}, "not host:port"},
 		{Config{Dir: "/x", RenewFrom: []string{":7947"}}, "not host:port"},
+		{Config{Dir: "/x", RenewFrom: []string{"[2001:db8::1]:7947"}}, ""},
+		{Config{Dir: "/x", RenewFrom: []string{"[fe80::1%eth0]:7947"}}, "names a zone (%eth0)"},
 		{Config{Dir: "/x", CADir: "/ca", RenewFrom: []string{"198.51.100.1:7947"}}, "renews from its CA"},
 		{Config{Dir: "/x", Backend: BackendVault, Vault: &VaultConfig{PKIRole: "r", Auth: VaultAuth{Method: "token"}}, RenewFrom: []string{"198.51.100.1:7947"}}, "renews from Vault"},
 	} {
