@@ -7,6 +7,7 @@ import (
 	"math/bits"
 	"slices"
 	"sync"
+	"sync/atomic"
 
 	"github.com/skybridge-mesh/skybridge/internal/units"
 	"github.com/zeebo/blake3"
@@ -146,7 +147,16 @@ func isZero(b []byte) bool {
 	return true
 }
 
-var zeroHashes sync.Map // length → Hash
+// zeroHashes keeps the hashes of zeros by length, up to maxZeroHashes of
+// them: the chunk sizes in use, and images' last chunks, whose length is
+// any a sender chooses: one per image size ever offered, kept for good,
+// would grow for as long as the gateway runs.
+var (
+	zeroHashes  sync.Map // length → Hash
+	nZeroHashes atomic.Int64
+)
+
+const maxZeroHashes = 256
 
 // zeroHash is the hash of n zero bytes, the leaf of a hole in the Merkle
 // tree.
@@ -155,7 +165,11 @@ func zeroHash(n int64) Hash {
 		return h.(Hash)
 	}
 	h := hashChunk(make([]byte, n))
-	zeroHashes.Store(n, h)
+	if nZeroHashes.Load() < maxZeroHashes {
+		if _, had := zeroHashes.LoadOrStore(n, h); !had {
+			nZeroHashes.Add(1)
+		}
+	}
 	return h
 }
 
