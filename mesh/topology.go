@@ -283,7 +283,7 @@ func Compute(in TopologyInput) Plan {
 			plan.Peers = append(plan.Peers, pc)
 		}
 	}
-	dedupe(&plan, in.Self, in.MeshPrefix)
+	dedupe(&plan, in.Self, in.MeshPrefix, members)
 	holdRoutes(in, &plan)
 	addNextKeys(&plan, in.Self, members)
 	return plan
@@ -407,7 +407,7 @@ func holdRoutes(in TopologyInput, plan *Plan) {
 		return
 	}
 	// Rare: whose endpoints lie inside is looked at only when one does.
-	under := underlayOf(plan.Peers)
+	under := underlayOf(plan.Peers, nil, netip.Prefix{})
 	for _, s := range sortedKeys(plan.Held) {
 		slices.SortFunc(plan.Held[s], comparePrefix)
 		for _, p := range plan.Held[s] {
@@ -763,9 +763,17 @@ func sharedClasses(a, b string) []string {
 // dedupe sorts each peer's allowed IPs, drops any prefix that overlaps one
 // already given to another peer (WireGuard routes an address to exactly
 // one peer; the peer of the first site by name keeps it), that covers our own overlay
-// address or routes, or that covers the underlay endpoint of a gateway of
+// address or routes, or that covers an underlay endpoint of a gateway of
 // the same site, and derives the routes: every allowed prefix outside the
-// mesh overlay range.
+// mesh overlay range. members, sorted by node, holds the peers' adverts.
+//
+// Any endpoint the gateway advertises counts, not only the one dialled:
+// WireGuard moves a peer's endpoint to wherever an authenticated packet
+// from it came from, and nothing moves it back while the advertised
+// endpoints stand (DiffPeers). A dual-stack cloud gateway numbered inside
+// its site's IPv6 range, dialled at its IPv4 address, had the range
+// routed here; once it sent from its IPv6 address, our tunnel's packets
+// to it went into the tunnel itself. holdRoutes counts them all too.
 //
 // An endpoint is only advertised, where a site's routes and overlay
 // addresses are certified: an endpoint inside another site's routed
@@ -776,7 +784,7 @@ func sharedClasses(a, b string) []string {
 // (WireGuard then learns where it is); one really numbered inside another
 // site's network has no tunnel from here, as packets to it would loop
 // into that site's: it needs an address outside other sites' prefixes.
-func dedupe(plan *Plan, self Node, mesh netip.Prefix) {
+func dedupe(plan *Plan, self Node, mesh netip.Prefix, members []*Node) {
 	own := append([]netip.Prefix{overlayPrefix(&self)}, self.Advert.Routes...)
 	for i := range plan.Peers {
 		pc := &plan.Peers[i]
@@ -785,7 +793,7 @@ func dedupe(plan *Plan, self Node, mesh netip.Prefix) {
 			pc.Endpoint = netip.AddrPort{}
 		}
 	}
-	under := underlayOf(plan.Peers)
+	under := underlayOf(plan.Peers, members, mesh)
 	var foreign map[string]string // node → the other site's prefix its endpoint is inside
 	for i := range plan.Peers {
 		pc := &plan.Peers[i]
@@ -829,8 +837,13 @@ func dedupe(plan *Plan, self Node, mesh netip.Prefix) {
 				// now.
 				var a netip.Addr
 				var node string
-				if a, node, others = endpointsIn(plan.Peers, p, pc.Site); node != "" {
-					plan.Conflicts = append(plan.Conflicts, fmt.Sprintf("%s of %s covers %s, the underlay address of %s's tunnel; not routed to it", p, pc.Node, a, node))
+				var dialled bool
+				if a, node, dialled, others = endpointsIn(plan.Peers, members, mesh, p, pc.Site); node != "" {
+					if dialled {
+						plan.Conflicts = append(plan.Conflicts, fmt.Sprintf("%s of %s covers %s, the underlay address of %s's tunnel; not routed to it", p, pc.Node, a, node))
+					} else {
+						plan.Conflicts = append(plan.Conflicts, fmt.Sprintf("%s of %s covers %s, an underlay address %s advertises (its tunnel moves there once it sends from it); not routed to it", p, pc.Node, a, node))
+					}
 					continue
 				}
 			}
@@ -869,23 +882,46 @@ func dedupe(plan *Plan, self Node, mesh netip.Prefix) {
 	plan.Routes = slices.Compact(plan.Routes)
 }
 
-// endpointsIn looks at the peers whose endpoint p covers. If one is of
-// site (p's own), it returns its address and name: a site's routes may
-// cover its own gateways' underlay (a private WAN), and then the prefix
-// gives way. Otherwise it returns the others.
-func endpointsIn(peers []PeerConfig, p netip.Prefix, site string) (netip.Addr, string, []string) {
+// endpointsIn looks at the peers whose endpoints p covers. If one is of
+// site (p's own), it returns the address, the peer's name, and whether
+// it is the endpoint dialled: a site's routes may cover its own gateways'
+// underlay (a private WAN), and then the prefix gives way, for any
+// endpoint the gateway advertises (dedupe). Otherwise it returns the
+// peers whose dialled endpoint p covers: those endpoints give way. Another
+// site's gateway with only an endpoint not dialled inside p is left be:
+// an advert cannot unroute another site's network, and its tunnel holds
+// as long as it sends from the endpoint dialled.
+func endpointsIn(peers []PeerConfig, members []*Node, mesh, p netip.Prefix, site string) (netip.Addr, string, bool, []string) {
 	var others []string
 	for _, x := range peers {
 		a := x.Endpoint.Addr().Unmap()
-		if !a.IsValid() || !p.Contains(a) {
+		in := a.IsValid() && p.Contains(a)
+		if x.Site != site {
+			if in {
+				others = append(others, x.Node)
+			}
 			continue
 		}
-		if x.Site == site {
-			return a, x.Node, nil
+		if in {
+			return a, x.Node, true, nil
 		}
-		others = append(others, x.Node)
+		for _, e := range advertised(members, x.Node) {
+			if b := e.Addr().Unmap(); !mesh.Contains(b) && p.Contains(b) {
+				return b, x.Node, false, nil
+			}
+		}
 	}
-	return netip.Addr{}, "", others
+	return netip.Addr{}, "", false, others
+}
+
+// advertised is the endpoints node advertises, if it is one of members
+// (sorted by node).
+func advertised(members []*Node, node string) []netip.AddrPort {
+	i, ok := slices.BinarySearchFunc(members, node, func(m *Node, n string) int { return cmp.Compare(m.node(), n) })
+	if !ok {
+		return nil
+	}
+	return members[i].Advert.Endpoints
 }
 
 // underlay is the addresses the tunnels themselves send to, sorted: the
@@ -897,7 +933,10 @@ type underlay struct {
 	v6 []netip.Addr
 }
 
-func underlayOf(peers []PeerConfig) underlay {
+// underlayOf is the peers' dialled endpoints and, given members (sorted
+// by node), every other endpoint they advertise outside mesh, the overlay
+// range (never dialled): WireGuard follows a peer to any of them (dedupe).
+func underlayOf(peers []PeerConfig, members []*Node, mesh netip.Prefix) underlay {
 	u := underlay{v4: make([]uint32, 0, len(peers))}
 	add := func(a netip.Addr) {
 		if a = a.Unmap(); a.Is4() {
@@ -909,6 +948,11 @@ func underlayOf(peers []PeerConfig) underlay {
 	}
 	for _, pc := range peers {
 		add(pc.Endpoint.Addr())
+		for _, e := range advertised(members, pc.Node) {
+			if a := e.Addr().Unmap(); !mesh.Contains(a) {
+				add(a)
+			}
+		}
 	}
 	slices.Sort(u.v4)
 	slices.SortFunc(u.v6, netip.Addr.Compare)

@@ -568,13 +568,17 @@ func TestRoutesCoveringTheUnderlay(t *testing.T) {
 	fra := gw("fra-1", "aws-eu-central-1", "DE", "aws", 4, "pii-eu", "10.2.0.0/16", "192.0.0.0/8", "2001:db8::/64", "203.0.113.0/24")
 	iad := gw("iad-1", "aws-us-east-1", "US", "aws", 6, "pii-eu", "10.3.0.0/16")
 	plan := Compute(TopologyInput{Self: zrh1, Peers: []Node{fra, iad}, Now: now, MeshPrefix: mesh16})
-	// fra-1 is reached at its IPv4 endpoint: its IPv6 one, inside its
-	// IPv6 prefix, is not in use.
-	if got, want := summary(plan), "fra-1=10.2.0.0/16,100.96.0.4/32,203.0.113.0/24,2001:db8::/64 iad-1=10.3.0.0/16,100.96.0.6/32"; got != want {
+	// fra-1 is dialled at its IPv4 endpoint; its IPv6 one, inside its
+	// IPv6 prefix, keeps that prefix out too (WireGuard moves the tunnel
+	// there once fra-1 sends from it).
+	if got, want := summary(plan), "fra-1=10.2.0.0/16,100.96.0.4/32,203.0.113.0/24 iad-1=10.3.0.0/16,100.96.0.6/32"; got != want {
 		t.Fatalf("plan %s\nwant %s", got, want)
 	}
-	if len(plan.Conflicts) != 1 || !strings.Contains(plan.Conflicts[0], "192.0.0.0/8 of fra-1 covers 192.0.2.4, the underlay address of fra-1's tunnel") {
-		t.Fatalf("conflicts %q; want the prefix over fra-1's endpoint reported", plan.Conflicts)
+	if want := []string{
+		"192.0.0.0/8 of fra-1 covers 192.0.2.4, the underlay address of fra-1's tunnel; not routed to it",
+		"2001:db8::/64 of fra-1 covers 2001:db8::4, an underlay address fra-1 advertises (its tunnel moves there once it sends from it); not routed to it",
+	}; !slices.Equal(plan.Conflicts, want) {
+		t.Fatalf("conflicts %q\nwant %q", plan.Conflicts, want)
 	}
 	for _, r := range plan.Routes {
 		if r.Contains(netip.MustParseAddr("192.0.2.4")) || r.Contains(netip.MustParseAddr("192.0.2.6")) {
@@ -585,8 +589,82 @@ func TestRoutesCoveringTheUnderlay(t *testing.T) {
 	self6 := zrh1
 	self6.Advert.Endpoints = self6.Advert.Endpoints[1:]
 	plan = Compute(TopologyInput{Self: self6, Peers: []Node{fra}, Now: now, MeshPrefix: mesh16})
-	if got, want := summary(plan), "fra-1=10.2.0.0/16,100.96.0.4/32,192.0.0.0/8,203.0.113.0/24"; got != want || len(plan.Conflicts) != 1 {
+	if got, want := summary(plan), "fra-1=10.2.0.0/16,100.96.0.4/32,203.0.113.0/24"; got != want || len(plan.Conflicts) != 2 ||
+		!strings.Contains(plan.Conflicts[1], "2001:db8::/64 of fra-1 covers 2001:db8::4, the underlay address of fra-1's tunnel") {
 		t.Fatalf("over IPv6: plan %s, conflicts %q\nwant %s", got, plan.Conflicts, want)
+	}
+}
+
+// TestRoutesCoveringAnEndpointNotDialled: a site prefix that holds any
+// endpoint a gateway of that site advertises stays out of the interface,
+// not only one holding the endpoint dialled. A cloud site routes its
+// VPC's IPv6 range, which holds its gateway's own IPv6 address (no NAT in
+// IPv6); dialled at its IPv4 endpoint, the gateway still sends from its
+// IPv6 one when it dials us there, WireGuard moves our peer entry to it,
+// and nothing moves it back (the advertised endpoints did not change):
+// routed into the interface, the range then took the tunnel's own packets.
+// Endpoints of other sites' gateways, and advertised ones inside the
+// overlay range, still never unroute a certified prefix.
+func TestRoutesCoveringAnEndpointNotDialled(t *testing.T) {
+	self := zrh1
+	self.Advert.Endpoints = []netip.AddrPort{netip.MustParseAddrPort("192.0.2.1:51820"), netip.MustParseAddrPort("[2001:db8:a::1]:51820")}
+	at := func(n Node, endpoints ...string) Node {
+		n.Advert.Endpoints = nil
+		for _, e := range endpoints {
+			n.Advert.Endpoints = append(n.Advert.Endpoints, netip.MustParseAddrPort(e))
+		}
+		return n
+	}
+	vpc := gw("fra-1", "aws-eu-central-1", "DE", "aws", 4, "risk-batch", "10.2.0.0/16", "2001:db8:b::/56")
+	for _, tc := range []struct {
+		name     string
+		peers    []Node
+		mode     string
+		want     string // summary
+		dialled  string // fra-1's endpoint
+		conflict string // "": none
+	}{
+		{"its own IPv6 address, IPv6 listed first", []Node{at(vpc, "[2001:db8:b::5]:51820", "198.51.100.5:51820")}, TopologyFullMesh,
+			"fra-1=10.2.0.0/16,100.96.0.4/32", "198.51.100.5:51820",
+			"2001:db8:b::/56 of fra-1 covers 2001:db8:b::5, an underlay address fra-1 advertises (its tunnel moves there once it sends from it); not routed to it"},
+		{"its own IPv6 address, through hubs", []Node{at(vpc, "198.51.100.5:51820", "[2001:db8:b::5]:51820")}, TopologyHub,
+			"fra-1=10.2.0.0/16,100.96.0.4/32", "198.51.100.5:51820",
+			"2001:db8:b::/56 of fra-1 covers 2001:db8:b::5, an underlay address fra-1 advertises (its tunnel moves there once it sends from it); not routed to it"},
+		{"a sibling's IPv6 address", []Node{at(vpc, "198.51.100.5:51820"), at(fra2, "198.51.100.6:51820", "[2001:db8:b::6]:51820")}, TopologyFullMesh,
+			"fra-1=10.2.0.0/16,100.96.0.4/32 fra-2=100.96.0.5/32", "198.51.100.5:51820",
+			"2001:db8:b::/56 of fra-1 covers 2001:db8:b::6, an underlay address fra-2 advertises (its tunnel moves there once it sends from it); not routed to it"},
+		{"another site's gateway advertises an address inside", []Node{at(vpc, "198.51.100.5:51820"), at(iad1, "198.51.100.6:51820", "[2001:db8:b::6]:51820")}, TopologyFullMesh,
+			"fra-1=10.2.0.0/16,100.96.0.4/32,2001:db8:b::/56 iad-1=10.3.0.0/16,100.96.0.6/32", "198.51.100.5:51820", ""},
+		{"a sibling advertises an overlay address", []Node{at(vpc, "198.51.100.5:51820"), at(fra2, "198.51.100.6:51820", "100.96.0.4:51820")}, TopologyFullMesh,
+			"fra-1=10.2.0.0/16,100.96.0.4/32,2001:db8:b::/56 fra-2=100.96.0.5/32", "198.51.100.5:51820", ""},
+	} {
+		plan := Compute(TopologyInput{Self: self, Peers: tc.peers, Now: now, MeshPrefix: mesh16, Mode: tc.mode})
+		if got := summary(plan); got != tc.want {
+			t.Errorf("%s: plan %s\nwant %s", tc.name, got, tc.want)
+		}
+		var want []string
+		if tc.conflict != "" {
+			want = []string{tc.conflict}
+		}
+		if !slices.Equal(plan.Conflicts, want) {
+			t.Errorf("%s: conflicts %q\nwant %q", tc.name, plan.Conflicts, want)
+		}
+		for _, pc := range plan.Peers {
+			if pc.Node == "fra-1" && pc.Endpoint.String() != tc.dialled {
+				t.Errorf("%s: fra-1 dialled at %v, want %s", tc.name, pc.Endpoint, tc.dialled)
+			}
+		}
+		// Wherever WireGuard follows a gateway of the site, its tunnel's
+		// packets must not be routed into the interface.
+		for _, p := range tc.peers {
+			for _, e := range p.Advert.Endpoints {
+				for _, r := range plan.Routes {
+					if p.site() == "aws-eu-central-1" && !mesh16.Contains(e.Addr()) && r.Contains(e.Addr()) {
+						t.Errorf("%s: route %s into the interface covers %s, where %s may send from", tc.name, r, e.Addr(), p.node())
+					}
+				}
+			}
+		}
 	}
 }
 
