@@ -130,6 +130,28 @@ func TestRotationScheduleFromTheFuture(t *testing.T) {
 	})
 }
 
+// TestRotationScheduleAfterClockWentBack: a rotation made while the clock
+// ran ahead is dated then; once the clock is set back, a running gateway
+// counts its schedule from now, not from then (no rotation for as long as
+// the clock ran ahead).
+func TestRotationScheduleAfterClockWentBack(t *testing.T) {
+	defer func(d time.Duration) { wgRotationCheck = d }(wgRotationCheck)
+	wgRotationCheck = 10 * time.Millisecond
+	ca, err := certs.InitCA(filepath.Join(t.TempDir(), "ca"), certs.InitOptions{MeshPrefix: netip.MustParsePrefix("100.64.0.0/10")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	lg := startLiveGatewayWith(t, ca, t.TempDir(), 0, "s", nil, io.Discard, func(s *Settings) { s.WGRotateEvery = 24 * time.Hour })
+	defer lg.stop() // before wgRotationCheck is put back
+	waitUntil(t, 10*time.Second, "the rotation schedule to start", func() bool { return lg.g.wgRotated.Load() != 0 })
+	ahead := time.Now().Add(365 * 24 * time.Hour)
+	lg.g.wgRotated.Store(ahead.UnixNano()) // rotated while the clock was a year ahead
+	waitUntil(t, 10*time.Second, "the rotation schedule to count from now", func() bool {
+		at, err := lg.g.state.rotatedAt()
+		return time.Since(time.Unix(0, lg.g.wgRotated.Load())).Abs() < time.Minute && err == nil && time.Since(at).Abs() < time.Minute
+	})
+}
+
 // TestRenewalKeepsTunnels: when a gateway renews its certificate and
 // re-advertises, its peers adopt the new certificate without taking its
 // tunnel down meanwhile, and the advert proves its WireGuard key under

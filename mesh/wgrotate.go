@@ -36,9 +36,11 @@ const (
 	msgWGKeyAck     byte = 10 // node, next public key, its signature: "I have added it"
 	wgAckWait            = 15 * time.Second
 	wgRotatedFile        = "wireguard.rotated" // when the key last changed (RFC 3339)
-	wgRotationCheck      = time.Minute
-	wgRotationRetry      = 15 * time.Minute // after a failed scheduled rotation
+	wgRotationRetry      = 15 * time.Minute    // after a failed scheduled rotation
 )
+
+// wgRotationCheck is how often the rotation schedule is looked at.
+var wgRotationCheck = time.Minute
 
 // WGRotationReport says how a rotation went.
 type WGRotationReport struct {
@@ -281,19 +283,24 @@ func (g *Gateway) rotateOnSchedule(ctx context.Context) {
 		if err := g.state.markRotated(last); err != nil {
 			g.log.Warn("record the rotation schedule's start", "err", err)
 		}
-	} else if now := g.now(); last.After(now.Add(certs.MaxClockSkew)) {
-		// Recorded while the clock was wrong: counted from then, the
-		// schedule would wait for the clock to get there.
-		g.log.Warn("the last WireGuard rotation is recorded in the future (was the clock wrong?); counting from now", "recorded", last, "now", now)
-		last = now
-		if err := g.state.markRotated(last); err != nil {
-			g.log.Warn("record the rotation schedule's start", "err", err)
-		}
 	}
 	g.wgRotated.CompareAndSwap(0, last.UnixNano())
 	var retryAt time.Time // after a failure: not before this
 	due := func() bool { return g.now().Sub(time.Unix(0, g.wgRotated.Load())) >= g.s.WGRotateEvery }
 	for {
+		// A rotation recorded while the clock ran ahead (before this start
+		// or since) is dated then: counted from then once the clock is set
+		// back, the schedule would wait for the clock to get there.
+		now, at := g.now(), g.wgRotated.Load()
+		if time.Unix(0, at).After(now.Add(certs.MaxClockSkew)) && g.wgRotated.CompareAndSwap(at, now.UnixNano()) {
+			g.log.Warn("the last WireGuard rotation is recorded in the future (was the clock wrong?); counting from now", "recorded", time.Unix(0, at).UTC(), "now", now)
+			if err := g.state.markRotated(now); err != nil {
+				g.log.Warn("record the rotation schedule's start", "err", err)
+			}
+		}
+		if next := now.Add(wgRotationRetry); retryAt.After(next) { // set while the clock ran ahead
+			retryAt = next
+		}
 		if due() && !g.now().Before(retryAt) {
 			if _, err := g.rotateWireGuardKey(ctx, due); err != nil && ctx.Err() == nil {
 				retryAt = g.now().Add(wgRotationRetry)
