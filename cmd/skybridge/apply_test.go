@@ -116,6 +116,25 @@ func TestApplyOnSiblingAfterFailover(t *testing.T) {
 	}
 }
 
+// TestApplyFollowsSendOfASiblingBehind: an apply cut short after it
+// started a VM's send, before it saved its ID, finds the send again at the
+// next run, also when the gateway applying it (a sibling, after a
+// failover) runs a minute behind the clock that dated the plan; it was
+// taken for an older send, and the VM sent again.
+func TestApplyFollowsSendOfASiblingBehind(t *testing.T) {
+	const id = "aaaaaaaaaaaaaaaa"
+	pl := auditPlan.Placements[0]
+	p := auditPlan
+	p.Created = time.Now()
+	sock, posts := fakeGateway(t, "gw-zrh-2", "onprem-zrh", auditPlan.Policy, map[string]*migrate.SendRecord{
+		id: {ID: id, Image: pl.Image, Name: pl.Name, To: pl.To, State: migrate.StateDone, Started: p.Created.Add(-time.Minute)}})
+	plan := writePlan(t, p, map[string]*vmState{"vm1": {To: pl.To}})
+	out, errs, code := runCLI(t, "migrate", "apply", plan, "--socket", sock)
+	if code != 0 || len(posts()) != 0 {
+		t.Errorf("exit %d, sends %q; out %s err %s; want the send started before the cut followed, nothing sent again", code, posts(), out, errs)
+	}
+}
+
 // TestApplyUnderAnotherPolicy: a plan made under policy v1 is not applied
 // under v2 unless asked to: its ranking of destinations was v1's.
 func TestApplyUnderAnotherPolicy(t *testing.T) {

@@ -18,6 +18,7 @@ import (
 
 	"github.com/urfave/cli/v2"
 
+	"github.com/skybridge-mesh/skybridge/certs"
 	"github.com/skybridge-mesh/skybridge/internal/atomicfile"
 	"github.com/skybridge-mesh/skybridge/mesh"
 	"github.com/skybridge-mesh/skybridge/migrate"
@@ -305,9 +306,12 @@ func migrateApply(c *cli.Context) error {
 			return fmt.Errorf("nothing applied: %s was made at gateway %s, and this is %s: apply it through %s's control socket, or plan again here", path, plan.From, gs.Node, plan.From)
 		}
 	}
+	// Sends since the plan was made: by this gateway's clock, and the plan
+	// was dated by the planning gateway's (a sibling's, after a failover),
+	// which the mesh allows to differ by MaxClockSkew.
 	started := map[string]string{} // VM name → migration ID
 	for _, r := range l.Sending {
-		if !r.Started.Before(plan.Created) {
+		if !r.Started.Before(plan.Created.Add(-certs.MaxClockSkew)) {
 			for _, pl := range plan.Placements {
 				if r.Name == pl.Name && r.To == pl.To && r.Image == pl.Image {
 					started[pl.Name] = r.ID
