@@ -217,6 +217,18 @@ func (t *burstToken) issued(key string) *x509.Certificate {
 	return c
 }
 
+// forgetIssued drops the certificate and key kept for each token to be
+// asked again: once a burst has ended, redeem answers every token of it
+// "ended" before it looks at them, and its revocation goes by the
+// serials. Kept, they were most of the record (its certificate is 1 KB
+// a token), for the week an ended burst is listed, and the whole record
+// is rewritten at every enrollment.
+func (r *burstRecord) forgetIssued() {
+	for i := range r.Tokens {
+		r.Tokens[i].Cert, r.Tokens[i].Key = nil, ""
+	}
+}
+
 func (r *burstRecord) active(now time.Time) bool { return r.Ended == nil && now.Before(r.Expires) }
 
 // burstBook is every burst this gateway opened.
@@ -332,6 +344,7 @@ func (r *burstRecord) end(reason string, now time.Time) []string {
 		t := now.UTC()
 		r.Ended, r.EndReason = &t, reason
 	}
+	r.forgetIssued()
 	var serials []string
 	for _, t := range r.Tokens {
 		if t.Serial != "" {
@@ -504,6 +517,13 @@ func (d stateDir) loadBursts() (*burstBook, error) {
 		return nil, fmt.Errorf("%w; it records the burst sites this gateway opened, which tokens were used and the overlay addresses given out, so it is not rewritten: restore it from a backup (or repair it: JSON). Removed, open bursts are forgotten — their gateways stay until their certificates expire, `burst down` cannot end them, and with Vault their addresses may be given out again", err)
 	} else if err != nil {
 		return nil, err
+	}
+	// Bursts ended by an earlier release still hold them: dropped at the
+	// next save.
+	for _, r := range bk.Bursts {
+		if r.Ended != nil {
+			r.forgetIssued()
+		}
 	}
 	return &bk, nil
 }

@@ -867,11 +867,13 @@ func (g *Gateway) endBurstLocked(r *burstRecord, reason string) ([]string, error
 			g.log.Warn("burst site: the CA issued certificates its record does not name (an enrollment cut short); revoking them too", "burst_site", r.Site, "serials", strays)
 		}
 	}
-	wasOpen := r.Ended == nil
+	wasOpen, tokens := r.Ended == nil, slices.Clone(r.Tokens)
 	serials := append(r.end(reason, now), strays...)
 	if err := g.state.saveBursts(e.book); err != nil {
 		if wasOpen { // still open on disk: keep it open here, so it can be ended again
-			r.Ended, r.EndReason = nil, ""
+			// With the certificates end forgot: a gateway that lost its
+			// answer is sent its own again, not issued another.
+			r.Ended, r.EndReason, r.Tokens = nil, "", tokens
 		}
 		return nil, fmt.Errorf("record the end of burst %s: %w", r.Site, err)
 	}
