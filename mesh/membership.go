@@ -60,6 +60,11 @@ type member struct {
 	// stranger: listed only to say why it was refused, and not in gossip
 	// (refused at the door, or refused and gone since), never verified.
 	stranger bool
+	// revokedAt is when a revocation list just adopted refused it while
+	// it was here, its refusal (revokedErr) not counted yet: see
+	// revokedGrace.
+	revokedAt  time.Time
+	revokedErr error
 }
 
 // membership is the gateway's verified view of the mesh. The memberlist
@@ -89,8 +94,13 @@ type membership struct {
 	onChange func()
 	// onRefuse, if set, is told (under the lock) why a member or a gossip
 	// message was refused, as a metric label.
-	onRefuse   func(name, reason string, err error)
-	refusedMsg map[string][32]byte // hash of the last message refused per name, counted once
+	onRefuse func(name, reason string, err error)
+	// adopting is set while members are judged again under a revocation
+	// list just adopted; revokedGrace is how long one it revokes may
+	// take to go before its refusal counts (defaultRevokedGrace).
+	adopting     bool
+	revokedGrace time.Duration
+	refusedMsg   map[string][32]byte // hash of the last message refused per name, counted once
 	// gen counts such changes: a reconcile that finds it unchanged (and
 	// nothing else changed) reuses its last plan instead of recomputing.
 	gen atomic.Uint64
@@ -114,6 +124,7 @@ func newMembership(self string, tb *certs.TrustBundle, now func() time.Time, onC
 	return &membership{
 		self: self, trust: tb, now: now, onChange: onChange, cache: certs.NewVerifyCache(),
 		members: map[string]*member{}, certs: map[[32]byte]*x509.Certificate{}, badCert: map[[32]byte]refusedCert{}, maxBadCerts: defaultMaxBadCerts, refusedMsg: map[string][32]byte{},
+		revokedGrace: defaultRevokedGrace,
 	}
 }
 
@@ -135,6 +146,9 @@ func (ms *membership) admit(name string, gossip netip.AddrPort, meta []byte) err
 	}
 	ms.mu.Lock()
 	defer ms.mu.Unlock()
+	if m := ms.members[name]; m != nil && !m.revokedAt.IsZero() {
+		ms.stayedRevokedLocked(m, ms.now())
+	}
 	sa, err := ms.admitLocked(name, gossip, meta)
 	if err == nil {
 		delete(ms.refusedMsg, name)
@@ -660,10 +674,42 @@ func (ms *membership) judgeLocked(m *member) (needCert bool) {
 // member judged again) of a member gossip says is here is counted. One
 // that is gone (left, dead, remembered from before a restart) is refused
 // when its certificate is revoked or runs out: a burst taken down or a
-// gateway decommissioned, not the intrusion the count alerts on.
+// gateway decommissioned, not the intrusion the count alerts on. Nor is
+// one still here that a revocation list just adopted revokes, if it goes
+// within revokedGrace: a burst's gateways leave only once they see their
+// own revocation, so the gateway that ran burst down, and others by a
+// race, adopt it while they are still here. One that stays is counted
+// then (stayedRevokedLocked).
 func (ms *membership) refuseLocked(m *member, prev MemberState, err error) {
 	m.verified, m.state, m.reason, m.renewing = nil, StateRefused, err.Error(), false
-	if prev != StateRefused && m.alive && ms.onRefuse != nil {
+	if prev == StateRefused || !m.alive {
+		return
+	}
+	if ms.adopting && certs.ReasonOf(err) == certs.ReasonRevoked {
+		m.revokedAt, m.revokedErr = ms.now(), err
+		return
+	}
+	if ms.onRefuse != nil {
+		ms.onRefuse(m.name, rejectionReason(err), err)
+	}
+}
+
+// defaultRevokedGrace is how long a gateway refused as revoked while
+// here has to leave before its refusal is counted: a burst gateway leaves
+// within seconds of its revocation reaching it by gossip. One that stays
+// is one the mesh revoked (its key stolen, say) that goes on gossiping,
+// which the count must not miss: a minute late, it still alerts.
+const defaultRevokedGrace = leavingMatches
+
+// stayedRevokedLocked counts the refusal refuseLocked put off, of a
+// member still here revokedGrace after it.
+func (ms *membership) stayedRevokedLocked(m *member, now time.Time) {
+	if m.revokedAt.IsZero() || now.Sub(m.revokedAt) < ms.revokedGrace {
+		return
+	}
+	err := m.revokedErr
+	m.revokedAt, m.revokedErr = time.Time{}, nil
+	if m.alive && m.state == StateRefused && ms.onRefuse != nil {
 		ms.onRefuse(m.name, rejectionReason(err), err)
 	}
 }
@@ -692,6 +738,7 @@ func (ms *membership) leave(name string) {
 	ms.mu.Lock()
 	if m := ms.members[name]; m != nil {
 		m.alive, m.remembered = false, false
+		m.revokedAt, m.revokedErr = time.Time{}, nil // gone in time, or counted already
 		ms.judgeLocked(m)
 		m.left = !m.leavingAt.IsZero() && ms.now().Sub(m.leavingAt) < leavingMatches
 		if m.state == StateDead {
@@ -1013,7 +1060,9 @@ func (ms *membership) setTrust(tb *certs.TrustBundle) {
 			ms.badCert[sum] = refusal(c, err)
 		}
 	}
+	ms.adopting = true
 	ms.rejudgeLocked()
+	ms.adopting = false
 	ms.forgetEndedLocked()
 	ms.mu.Unlock()
 	ms.changed()
@@ -1231,6 +1280,10 @@ func b2i(b bool) int {
 // refresh re-judges everyone at the current time (expiry).
 func (ms *membership) refresh() {
 	ms.mu.Lock()
+	now := ms.now()
+	for _, m := range ms.members {
+		ms.stayedRevokedLocked(m, now)
+	}
 	changed := ms.rejudgeLocked()
 	changed = ms.forgetEndedLocked() || changed
 	ms.pruneCertsLocked(false)

@@ -846,7 +846,11 @@ func TestMembershipForgetsEnded(t *testing.T) {
 	// log line and a metric per echo).
 	ms.refresh()
 	reported := 0
-	ms.onRefuse = func(string, string, error) { reported++ }
+	ms.onRefuse = func(name, _ string, _ error) {
+		if name != "gw-alive" { // revoked and still here: counted once its grace is over
+			reported++
+		}
+	}
 	for range 3 {
 		if err := ms.admit("gw-revoked", gossipAddr, adverts["gw-revoked"]); certs.ReasonOf(err) != certs.ReasonRevoked {
 			t.Fatalf("a revoked member's advert at the door: %v, want refused as revoked", err)
@@ -1156,26 +1160,49 @@ func TestMembershipRenewal(t *testing.T) {
 
 // TestMembershipCountsRefusalsOfMembersHere: revoking a gateway that has
 // gone (a burst taken down, a gateway decommissioned) refuses it without
-// counting a refusal, which alerts as an intrusion; revoking one that is
-// still here counts.
+// counting a refusal, which alerts as an intrusion; so does revoking one
+// that goes within revokedGrace (a burst's gateways leave once they see
+// their own revocation, after the gateway that ran burst down adopted it).
+// One still here after that is counted then, once: when gossip brings it
+// again, or at the periodic refresh.
 func TestMembershipCountsRefusalsOfMembersHere(t *testing.T) {
 	f := newFixture(t)
 	var refused []string
 	ms := newMembership("self", f.trust(), func() time.Time { return f.now }, func() {})
 	ms.onRefuse = func(name, reason string, _ error) { refused = append(refused, name+":"+reason) }
-	gone := f.identity("gw-gone", "site-g", 1, f.now.Add(-time.Hour))
-	here := f.identity("gw-here", "site-h", 2, f.now.Add(-time.Hour))
-	for _, id := range []*certs.NodeIdentity{gone, here} {
+	adverts := map[string][]byte{}
+	var serials []*big.Int
+	for i, name := range []string{"gw-gone", "gw-leaving", "gw-here", "gw-gossiping"} {
+		id := f.identity(name, "site-"+name, byte(i+1), f.now.Add(-time.Hour))
+		adverts[name] = f.advert(id, 1)
+		serials = append(serials, id.Certificate().SerialNumber)
 		ms.addCert(id.Certificate().Raw)
-		ms.update(id.Attributes().Node, gossipAddr, f.advert(id, 1))
+		ms.update(name, gossipAddr, adverts[name])
 	}
 	ms.leave("gw-gone")
-	if _, err := f.ca.RevokeSerials([]*big.Int{gone.Certificate().SerialNumber, here.Certificate().SerialNumber}, "cessationOfOperation", f.now); err != nil {
+	if _, err := f.ca.RevokeSerials(serials, "cessationOfOperation", f.now); err != nil {
 		t.Fatal(err)
 	}
 	ms.setTrust(f.trust())
-	if !slices.Equal(refused, []string{"gw-here:revoked"}) {
-		t.Fatalf("refusals counted: %v, want gw-here's only", refused)
+	if got := states(ms); got["gw-here"] != StateRefused || got["gw-leaving"] != StateRefused {
+		t.Fatalf("after the revocation: %v; want the members still here refused", got)
+	}
+	f.now = f.now.Add(ms.revokedGrace - time.Second)
+	ms.leave("gw-leaving")
+	ms.refresh()
+	if err := ms.admit("gw-gossiping", gossipAddr, adverts["gw-gossiping"]); certs.ReasonOf(err) != certs.ReasonRevoked {
+		t.Fatalf("the revoked member's advert: %v, want refused as revoked", err)
+	}
+	if len(refused) != 0 {
+		t.Fatalf("refusals counted within the grace: %v, want none yet", refused)
+	}
+	f.now = f.now.Add(2 * time.Second)
+	ms.admit("gw-gossiping", gossipAddr, adverts["gw-gossiping"])
+	ms.refresh()
+	ms.admit("gw-gossiping", gossipAddr, adverts["gw-gossiping"])
+	ms.refresh()
+	if !slices.Equal(refused, []string{"gw-gossiping:revoked", "gw-here:revoked"}) {
+		t.Fatalf("refusals counted: %v, want those of the two members still here past the grace, once each", refused)
 	}
 }
 

@@ -1,0 +1,139 @@
+package mesh
+
+import (
+	"context"
+	"math/big"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	dto "github.com/prometheus/client_model/go"
+
+	"github.com/skybridge-mesh/skybridge/internal/syncbuf"
+)
+
+// rejectedRevoked reads skybridge_verification_rejections_total{reason="revoked"}.
+func rejectedRevoked(t *testing.T, g *Gateway) float64 {
+	t.Helper()
+	var m dto.Metric
+	if err := g.metrics.rejections.WithLabelValues("revoked").Write(&m); err != nil {
+		t.Fatal(err)
+	}
+	return m.GetCounter().GetValue()
+}
+
+// setRevokedGrace sets how long a gateway gives a member it revokes to go
+// before its refusal counts.
+func setRevokedGrace(g *Gateway, d time.Duration) {
+	g.members.mu.Lock()
+	g.members.revokedGrace = d
+	g.members.mu.Unlock()
+}
+
+// TestBurstDownCountsNoRevokedGateway: burst down revokes the burst's
+// gateways, and they leave once they see it; the gateway that ran it, and
+// others by a race, adopt the revocation while they are still here. That
+// is no intrusion: skybridge_verification_rejections_total{reason="revoked"}
+// feeds the critical SkybridgeIdentityRejected alert, which every burst
+// down set off.
+func TestBurstDownCountsNoRevokedGateway(t *testing.T) {
+	dir := t.TempDir()
+	logs := &syncbuf.Buffer{}
+	ca := meshCA(t, dir)
+	defer func() {
+		if t.Failed() {
+			t.Logf("logs:\n%s", logs.String())
+		}
+	}()
+	hq := startEnroller(t, ca, dir, logs)
+	fra := startLiveGatewayWith(t, ca, dir, 1, "aws-fra", []string{hq.g.s.GossipAdvertise.String()}, logs, nil)
+	waitUntil(t, 20*time.Second, "the two static gateways peer", func() bool { return len(hq.dev.Peers()) == 1 && len(fra.dev.Peers()) == 1 })
+	grant, err := hq.g.BurstUp(context.Background(), BurstRequest{BurstSite: amsSite, TTL: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	bs := liveSettings(t, filepath.Join(dir, "burst1"))
+	if _, err := Join(context.Background(), bs, grant.Tokens[0], nil); err != nil {
+		t.Fatal(err)
+	}
+	burst := runLiveGateway(t, bs, logs)
+	waitUntil(t, 20*time.Second, "both static gateways peer with the burst gateway", func() bool { return len(hq.dev.Peers()) == 2 && len(fra.dev.Peers()) == 2 })
+	if _, err := hq.g.BurstDown(context.Background(), amsSite.Site, ""); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-burst.done:
+	case <-time.After(20 * time.Second):
+		t.Fatal("the burst gateway did not leave")
+	}
+	for _, lg := range []*liveGateway{hq, fra} {
+		waitUntil(t, 20*time.Second, "the burst gateway forgotten", func() bool {
+			for _, m := range lg.g.members.snapshot() {
+				if m.Name == "burst-ams-gw1" {
+					return false
+				}
+			}
+			return len(lg.dev.Peers()) == 1
+		})
+		// Past its grace now: a refusal only put off would be counted.
+		setRevokedGrace(lg.g, 0)
+		lg.g.members.refresh()
+	}
+	for _, lg := range []*liveGateway{hq, fra} {
+		if n := rejectedRevoked(t, lg.g); n != 0 {
+			t.Errorf("%s counted %v revoked identities after a burst down, as intrusions", lg.g.s.Node.Name, n)
+		}
+	}
+	if strings.Contains(logs.String(), `"msg":"gateway refused"`) {
+		t.Error("a gateway logged the burst's gateway refused (a warning), as an intrusion")
+	}
+}
+
+// TestRevokedGatewayThatStaysIsCounted: a gateway revoked while it runs
+// that does not go (its key stolen, say) is refused at once, and counted
+// as the intrusion it is once its grace is over.
+func TestRevokedGatewayThatStaysIsCounted(t *testing.T) {
+	dir := t.TempDir()
+	logs := &syncbuf.Buffer{}
+	ca := meshCA(t, dir)
+	defer func() {
+		if t.Failed() {
+			t.Logf("logs:\n%s", logs.String())
+		}
+	}()
+	hq := startEnroller(t, ca, dir, logs)
+	fra := startLiveGatewayWith(t, ca, dir, 1, "aws-fra", []string{hq.g.s.GossipAdvertise.String()}, logs, nil)
+	waitUntil(t, 20*time.Second, "the two static gateways peer", func() bool { return len(hq.dev.Peers()) == 1 && len(fra.dev.Peers()) == 1 })
+	if _, err := ca.RevokeSerials([]*big.Int{fra.g.id.Load().Certificate().SerialNumber}, "keyCompromise", time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	tb, err := ca.TrustBundle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !hq.g.adoptTrust(tb, time.Now()) {
+		t.Fatal("the new revocation list was not adopted")
+	}
+	if hq.g.members.verified("op1") != nil {
+		t.Fatal("the revoked gateway is still verified")
+	}
+	if n := rejectedRevoked(t, hq.g); n != 0 {
+		t.Fatalf("the revoked gateway counted %v times at once, before its grace to go", n)
+	}
+	setRevokedGrace(hq.g, 0)
+	waitUntil(t, 20*time.Second, "the revoked gateway, still here, counted", func() bool {
+		hq.g.members.refresh() // as the gateway does every 30 s
+		return rejectedRevoked(t, hq.g) == 1
+	})
+	if !slices.ContainsFunc(strings.Split(logs.String(), "\n"), func(l string) bool {
+		return strings.Contains(l, `"msg":"gateway refused"`) && strings.Contains(l, `"peer":"op1","reason":"revoked"`)
+	}) {
+		t.Error("the revoked gateway still here was not logged refused")
+	}
+	hq.g.members.refresh()
+	if n := rejectedRevoked(t, hq.g); n != 1 {
+		t.Errorf("the revoked gateway counted %v times, want once", n)
+	}
+}
