@@ -73,6 +73,28 @@ func (c *VerifyCache) proven(key WGPublicKey, cert [32]byte, p WGProof) error {
 	return nil
 }
 
+// Retain drops the verdicts reached under any trust bundle but trust (its
+// Key): once a gateway adopts a new revocation list, none of the old
+// ones' entries is looked up again, and in a mesh of thousands, each list
+// adopted left a copy of every member's until the cache filled (some
+// 47 MB) and was cleared whole.
+func (c *VerifyCache) Retain(trust string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for k := range c.m {
+		if k.trust != trust {
+			delete(c.m, k)
+		}
+	}
+}
+
+// Len is how many verdicts the cache holds.
+func (c *VerifyCache) Len() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return len(c.m)
+}
+
 // maxCacheEntries bounds the cache; when full it is simply cleared (the
 // next round of verifications refills it).
 const maxCacheEntries = 1 << 16

@@ -1064,6 +1064,7 @@ func (ms *membership) setTrust(tb *certs.TrustBundle) {
 	ms.rejudgeLocked()
 	ms.adopting = false
 	ms.forgetEndedLocked()
+	ms.cache.Retain(tb.Key())
 	ms.mu.Unlock()
 	ms.changed()
 }

@@ -581,9 +581,15 @@ func TestMembershipRevocation(t *testing.T) {
 	if _, err := f.ca.RevokeSerials([]*big.Int{a.Certificate().SerialNumber}, "keyCompromise", f.now); err != nil {
 		t.Fatal(err)
 	}
+	held := ms.cache.Len()
 	ms.setTrust(f.trust())
 	if got := states(ms); got["gw-a"] != StateRefused || got["gw-b"] != StateVerified {
 		t.Fatalf("after revocation: %v", got)
+	}
+	// The verdicts under the old list go: none is looked up again, and in
+	// a large mesh each list adopted left a copy of every member's.
+	if n := ms.cache.Len(); n >= held {
+		t.Errorf("%d verdicts cached after the new list, %d before; want the old list's gone", n, held)
 	}
 	var names []string
 	for _, g := range ms.gateways() {
