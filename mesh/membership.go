@@ -1430,7 +1430,7 @@ func (ms *membership) gateways() []Node {
 	out := make([]Node, 0, len(ms.members))
 	for _, m := range ms.members {
 		if m.state == StateVerified {
-			out = append(out, Node{Attributes: m.verified.Attributes, Advert: m.verified.Advert})
+			out = append(out, Node{Attributes: m.verified.Attributes, Advert: m.verified.Advert, Gossip: m.gossip})
 		}
 	}
 	slices.SortFunc(out, func(a, b Node) int { return cmp.Compare(a.node(), b.node()) })

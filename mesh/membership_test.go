@@ -594,6 +594,9 @@ func TestMembershipRevocation(t *testing.T) {
 	var names []string
 	for _, g := range ms.gateways() {
 		names = append(names, g.Attributes.Node)
+		if g.Gossip != gossipAddr {
+			t.Errorf("%s gossips at %s; want %s, which the topology keeps out of the tunnels", g.Attributes.Node, g.Gossip, gossipAddr)
+		}
 	}
 	if !slices.Equal(names, []string{"gw-b"}) {
 		t.Fatalf("peers after revocation: %v", names)

@@ -30,6 +30,9 @@ const Keepalive = 25 * time.Second
 type Node struct {
 	Attributes *certs.Attributes // certified
 	Advert     certs.Advert      // verified against the certificate
+	// Gossip is the address it gossips at (memberlist's, unsigned): like
+	// its endpoints, no route into the interface may cover it (dedupe).
+	Gossip netip.AddrPort
 }
 
 func (g *Node) node() string { return g.Attributes.Node }
@@ -836,13 +839,15 @@ func dedupe(plan *Plan, self Node, mesh netip.Prefix, members []*Node) {
 				// ever. Rare: whose endpoints they are is looked at only
 				// now.
 				var a netip.Addr
-				var node string
-				var dialled bool
-				if a, node, dialled, others = endpointsIn(plan.Peers, members, mesh, p, pc.Site); node != "" {
-					if dialled {
+				var node, why string
+				if a, node, why, others = endpointsIn(plan.Peers, members, mesh, p, pc.Site); node != "" {
+					switch why {
+					case underTunnel:
 						plan.Conflicts = append(plan.Conflicts, fmt.Sprintf("%s of %s covers %s, the underlay address of %s's tunnel; not routed to it", p, pc.Node, a, node))
-					} else {
+					case underEndpoint:
 						plan.Conflicts = append(plan.Conflicts, fmt.Sprintf("%s of %s covers %s, an underlay address %s advertises (its tunnel moves there once it sends from it); not routed to it", p, pc.Node, a, node))
+					default:
+						plan.Conflicts = append(plan.Conflicts, fmt.Sprintf("%s of %s covers %s, the address %s gossips at (its gossip must not go through the tunnel); not routed to it", p, pc.Node, a, node))
 					}
 					continue
 				}
@@ -882,16 +887,26 @@ func dedupe(plan *Plan, self Node, mesh netip.Prefix, members []*Node) {
 	plan.Routes = slices.Compact(plan.Routes)
 }
 
+// What of a gateway's underlay a prefix covers (endpointsIn).
+const (
+	underTunnel   = "tunnel"   // the endpoint dialled
+	underEndpoint = "endpoint" // another endpoint it advertises
+	underGossip   = "gossip"   // the address it gossips at
+)
+
 // endpointsIn looks at the peers whose endpoints p covers. If one is of
-// site (p's own), it returns the address, the peer's name, and whether
-// it is the endpoint dialled: a site's routes may cover its own gateways'
-// underlay (a private WAN), and then the prefix gives way, for any
-// endpoint the gateway advertises (dedupe). Otherwise it returns the
+// site (p's own), it returns the address, the peer's name, and which of
+// its addresses it is (underTunnel…): a site's routes may cover its own
+// gateways' underlay (a private WAN), and then the prefix gives way, for
+// any endpoint the gateway advertises, or the address it gossips at:
+// routed into the tunnel, gossip to it would arrive from an address the
+// gateway does not take from us, it would be declared dead, its routes
+// held back, gossip would recover, and so on (dedupe). Otherwise it returns the
 // peers whose dialled endpoint p covers: those endpoints give way. Another
 // site's gateway with only an endpoint not dialled inside p is left be:
 // an advert cannot unroute another site's network, and its tunnel holds
 // as long as it sends from the endpoint dialled.
-func endpointsIn(peers []PeerConfig, members []*Node, mesh, p netip.Prefix, site string) (netip.Addr, string, bool, []string) {
+func endpointsIn(peers []PeerConfig, members []*Node, mesh, p netip.Prefix, site string) (netip.Addr, string, string, []string) {
 	var others []string
 	for _, x := range peers {
 		a := x.Endpoint.Addr().Unmap()
@@ -903,25 +918,31 @@ func endpointsIn(peers []PeerConfig, members []*Node, mesh, p netip.Prefix, site
 			continue
 		}
 		if in {
-			return a, x.Node, true, nil
+			return a, x.Node, underTunnel, nil
 		}
-		for _, e := range advertised(members, x.Node) {
+		m := memberNamed(members, x.Node)
+		if m == nil {
+			continue
+		}
+		for _, e := range m.Advert.Endpoints {
 			if b := e.Addr().Unmap(); !mesh.Contains(b) && p.Contains(b) {
-				return b, x.Node, false, nil
+				return b, x.Node, underEndpoint, nil
 			}
 		}
+		if b := m.Gossip.Addr().Unmap(); b.IsValid() && !mesh.Contains(b) && p.Contains(b) {
+			return b, x.Node, underGossip, nil
+		}
 	}
-	return netip.Addr{}, "", false, others
+	return netip.Addr{}, "", "", others
 }
 
-// advertised is the endpoints node advertises, if it is one of members
-// (sorted by node).
-func advertised(members []*Node, node string) []netip.AddrPort {
+// memberNamed is node's entry in members (sorted by node), or nil.
+func memberNamed(members []*Node, node string) *Node {
 	i, ok := slices.BinarySearchFunc(members, node, func(m *Node, n string) int { return cmp.Compare(m.node(), n) })
 	if !ok {
 		return nil
 	}
-	return members[i].Advert.Endpoints
+	return members[i]
 }
 
 // underlay is the addresses the tunnels themselves send to, sorted: the
@@ -935,7 +956,9 @@ type underlay struct {
 
 // underlayOf is the peers' dialled endpoints and, given members (sorted
 // by node), every other endpoint they advertise outside mesh, the overlay
-// range (never dialled): WireGuard follows a peer to any of them (dedupe).
+// range (never dialled): WireGuard follows a peer to any of them (dedupe);
+// and the addresses they gossip at, which gossip must reach outside the
+// tunnels.
 func underlayOf(peers []PeerConfig, members []*Node, mesh netip.Prefix) underlay {
 	u := underlay{v4: make([]uint32, 0, len(peers))}
 	add := func(a netip.Addr) {
@@ -948,10 +971,17 @@ func underlayOf(peers []PeerConfig, members []*Node, mesh netip.Prefix) underlay
 	}
 	for _, pc := range peers {
 		add(pc.Endpoint.Addr())
-		for _, e := range advertised(members, pc.Node) {
+		m := memberNamed(members, pc.Node)
+		if m == nil {
+			continue
+		}
+		for _, e := range m.Advert.Endpoints {
 			if a := e.Addr().Unmap(); !mesh.Contains(a) {
 				add(a)
 			}
+		}
+		if a := m.Gossip.Addr().Unmap(); !mesh.Contains(a) {
+			add(a)
 		}
 	}
 	slices.Sort(u.v4)

@@ -603,8 +603,11 @@ func TestRoutesCoveringTheUnderlay(t *testing.T) {
 // IPv6 one when it dials us there, WireGuard moves our peer entry to it,
 // and nothing moves it back (the advertised endpoints did not change):
 // routed into the interface, the range then took the tunnel's own packets.
-// Endpoints of other sites' gateways, and advertised ones inside the
-// overlay range, still never unroute a certified prefix.
+// The address a gateway gossips at counts too: routed into the interface,
+// gossip to it arrived through the tunnel, from an address the gateway
+// does not take from us, and it flapped dead and alive. Endpoints of other
+// sites' gateways, and advertised ones inside the overlay range, still
+// never unroute a certified prefix.
 func TestRoutesCoveringAnEndpointNotDialled(t *testing.T) {
 	self := zrh1
 	self.Advert.Endpoints = []netip.AddrPort{netip.MustParseAddrPort("192.0.2.1:51820"), netip.MustParseAddrPort("[2001:db8:a::1]:51820")}
@@ -613,6 +616,10 @@ func TestRoutesCoveringAnEndpointNotDialled(t *testing.T) {
 		for _, e := range endpoints {
 			n.Advert.Endpoints = append(n.Advert.Endpoints, netip.MustParseAddrPort(e))
 		}
+		return n
+	}
+	gossipAt := func(n Node, a string) Node {
+		n.Gossip = netip.MustParseAddrPort(a)
 		return n
 	}
 	vpc := gw("fra-1", "aws-eu-central-1", "DE", "aws", 4, "risk-batch", "10.2.0.0/16", "2001:db8:b::/56")
@@ -637,6 +644,11 @@ func TestRoutesCoveringAnEndpointNotDialled(t *testing.T) {
 			"fra-1=10.2.0.0/16,100.96.0.4/32,2001:db8:b::/56 iad-1=10.3.0.0/16,100.96.0.6/32", "198.51.100.5:51820", ""},
 		{"a sibling advertises an overlay address", []Node{at(vpc, "198.51.100.5:51820"), at(fra2, "198.51.100.6:51820", "100.96.0.4:51820")}, TopologyFullMesh,
 			"fra-1=10.2.0.0/16,100.96.0.4/32,2001:db8:b::/56 fra-2=100.96.0.5/32", "198.51.100.5:51820", ""},
+		{"its gossip address", []Node{gossipAt(at(vpc, "198.51.100.5:51820"), "[2001:db8:b::7]:7946")}, TopologyFullMesh,
+			"fra-1=10.2.0.0/16,100.96.0.4/32", "198.51.100.5:51820",
+			"2001:db8:b::/56 of fra-1 covers 2001:db8:b::7, the address fra-1 gossips at (its gossip must not go through the tunnel); not routed to it"},
+		{"another site's gateway gossips inside", []Node{at(vpc, "198.51.100.5:51820"), gossipAt(at(iad1, "198.51.100.6:51820"), "[2001:db8:b::7]:7946")}, TopologyFullMesh,
+			"fra-1=10.2.0.0/16,100.96.0.4/32,2001:db8:b::/56 iad-1=10.3.0.0/16,100.96.0.6/32", "198.51.100.5:51820", ""},
 	} {
 		plan := Compute(TopologyInput{Self: self, Peers: tc.peers, Now: now, MeshPrefix: mesh16, Mode: tc.mode})
 		if got := summary(plan); got != tc.want {
@@ -657,9 +669,9 @@ func TestRoutesCoveringAnEndpointNotDialled(t *testing.T) {
 		// Wherever WireGuard follows a gateway of the site, its tunnel's
 		// packets must not be routed into the interface.
 		for _, p := range tc.peers {
-			for _, e := range p.Advert.Endpoints {
+			for _, e := range append(slices.Clone(p.Advert.Endpoints), p.Gossip) {
 				for _, r := range plan.Routes {
-					if p.site() == "aws-eu-central-1" && !mesh16.Contains(e.Addr()) && r.Contains(e.Addr()) {
+					if p.site() == "aws-eu-central-1" && e.IsValid() && !mesh16.Contains(e.Addr()) && r.Contains(e.Addr()) {
 						t.Errorf("%s: route %s into the interface covers %s, where %s may send from", tc.name, r, e.Addr(), p.node())
 					}
 				}
