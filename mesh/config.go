@@ -275,7 +275,10 @@ func (c *Config) validate() (*Settings, error) {
 		errs = append(errs, hclconf.Errorf(g.Body, "advertise", "gateways cannot reach %s (%v); set advertise to an address and port they can", s.GossipAdvertise, err))
 	}
 	for _, seed := range g.Seeds {
-		ap, err := parseAddrPort(seed, DefaultGossipPort)
+		// A seed without a port is at the port this gateway binds, as
+		// memberlist has always dialled it, and as a bare advertise is
+		// (a mesh on one port need not repeat it).
+		ap, err := parseAddrPort(seed, int(s.GossipBind.Port()))
 		if err == nil {
 			err = reachable(ap)
 		}
@@ -283,8 +286,7 @@ func (c *Config) validate() (*Settings, error) {
 			errs = append(errs, hclconf.Errorf(g.Body, "seeds", "%q: %v", seed, err))
 			continue
 		}
-		// With its port: memberlist dials a seed without one at the
-		// gateway's own bind port, not the default it is checked with.
+		// With its port, so that rejoin rounds knock where joins go.
 		s.Seeds = append(s.Seeds, ap.String())
 	}
 	switch g.Profile {

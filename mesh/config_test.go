@@ -60,15 +60,16 @@ func TestLoadConfigDefaults(t *testing.T) {
 	}
 }
 
-// TestSeedsCarryTheirPort: a seed given without a port is the default
-// gossip port's, as it is checked and knocked on by rejoin; memberlist
-// would dial a bare address at the gateway's own bind port.
+// TestSeedsCarryTheirPort: a seed given without a port is at the port the
+// gateway binds, where memberlist has always dialled it (a mesh on another
+// port than 7946 wrote its seeds bare), and is kept with it, so that rejoin
+// rounds knock where joins go.
 func TestSeedsCarryTheirPort(t *testing.T) {
 	s, err := LoadConfig(writeConfig(t, strings.Replace(goodConfig, `bind  = "192.0.2.1:7946"`, `bind  = "192.0.2.1:7000"`, 1)))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if want := []string{"198.51.100.1:7946", "203.0.113.1:7000"}; !slices.Equal(s.Seeds, want) {
+	if want := []string{"198.51.100.1:7000", "203.0.113.1:7000"}; !slices.Equal(s.Seeds, want) {
 		t.Errorf("seeds %q; want %q", s.Seeds, want)
 	}
 }
