@@ -1246,6 +1246,7 @@ func (ca *CA) updateIndex(now time.Time, fn func(*caIndex) error) error {
 	if err := ca.restoreLocked(idx, now); err != nil {
 		return err
 	}
+	idx.number()
 	if err := fn(idx); errors.Is(err, errUnchanged) {
 		return nil
 	} else if err != nil {
@@ -1410,7 +1411,11 @@ func (ca *CA) restoreLocked(idx *caIndex, now time.Time) error {
 		}
 		last[c.Serial] = len(lines)
 		lines = append(lines, line{c, l})
+		// An index an earlier release rewrote (a rollback) lost its
+		// numbers, and numbers them again above those archived.
+		idx.LastSeq = max(idx.LastSeq, c.Seq)
 	}
+	idx.number()
 	cutoff := now.Add(-archiveAfter)
 	in := idx.bySerial()
 	var back []IssuedCert
@@ -1469,9 +1474,23 @@ func (ca *CA) crlDrops(idx *caIndex, now time.Time) bool {
 	return idx.revokesBeyond(crl, now)
 }
 
-// putBack puts entries the archive gave back into the index at their
-// places by Seq; those of earlier releases, unnumbered, after the index's
-// unnumbered ones, which are its oldest.
+// number gives the entries an earlier release wrote, unnumbered, their
+// numbers, in index order: they were issued before any numbered one (a
+// release that numbers nothing rewrites every entry without its number).
+// Numbered, an entry the archive gives back goes back before them.
+func (idx *caIndex) number() {
+	for i := range idx.Certs {
+		if idx.Certs[i].Seq == 0 {
+			idx.LastSeq++
+			idx.Certs[i].Seq = idx.LastSeq
+		}
+	}
+}
+
+// putBack puts entries the archive gave back into the index (numbered:
+// number) at their places by Seq; those an earlier release archived,
+// unnumbered, first: a gateway's were its earlier certificates, which
+// ended first.
 func (idx *caIndex) putBack(back []IssuedCert) {
 	if len(back) == 0 {
 		return

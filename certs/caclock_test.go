@@ -4,9 +4,11 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"io/fs"
 	"math/big"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -276,7 +278,27 @@ func TestArchiveGivesBackToEarlierIndex(t *testing.T) {
 	ended := issue(t, ca, testAttrs("gw0", "s", "100.96.0.9"), t0, time.Hour)
 	gw1 := issue(t, ca, testAttrs("gw1", "s", "100.96.0.1"), t0, 60*24*time.Hour)
 	issueEnrollerAt(t, ca, jumped)
-	// Written by an earlier release, which did not number the entries.
+	asEarlierRelease(t, ca, false)
+	file := filepath.Join(ca.Dir(), fileIndex)
+
+	later := t0.Add(35 * 24 * time.Hour) // gw0's ended too long ago to come back
+	if _, err := ca.SerialsOfNode("gw1", later); err != nil {
+		t.Errorf("gw1 (valid until %s) with the clock right again: %v", gw1.Certificate().NotAfter, err)
+	}
+	if got := archiveSerials(t, ca); len(got) != 1 || got[0] != serialOf(ended) {
+		t.Errorf("archive holds %v, want gw0's %s alone", got, serialOf(ended))
+	}
+	if b, _ := os.ReadFile(file); !bytes.Contains(b, []byte(`"archived_end"`)) {
+		t.Errorf("index does not say up to when its archive holds entries: %s", b)
+	}
+}
+
+// asEarlierRelease rewrites the CA's index, and its archive unless only
+// the index, as a release that did not number the entries wrote them:
+// what an upgraded CA directory holds; a rollback to such a release
+// rewrites the index, and only appends to the archive.
+func asEarlierRelease(t *testing.T, ca *CA, indexOnly bool) {
+	t.Helper()
 	file := filepath.Join(ca.Dir(), fileIndex)
 	var idx map[string]any
 	b, err := os.ReadFile(file)
@@ -296,7 +318,9 @@ func TestArchiveGivesBackToEarlierIndex(t *testing.T) {
 	}
 	archive := filepath.Join(ca.Dir(), fileArchive)
 	b, err = os.ReadFile(archive)
-	if err != nil {
+	if errors.Is(err, fs.ErrNotExist) || indexOnly {
+		return
+	} else if err != nil {
 		t.Fatal(err)
 	}
 	var lines bytes.Buffer
@@ -311,15 +335,47 @@ func TestArchiveGivesBackToEarlierIndex(t *testing.T) {
 	if err := os.WriteFile(archive, lines.Bytes(), 0o600); err != nil {
 		t.Fatal(err)
 	}
+}
 
-	later := t0.Add(35 * 24 * time.Hour) // gw0's ended too long ago to come back
-	if _, err := ca.SerialsOfNode("gw1", later); err != nil {
-		t.Errorf("gw1 (valid until %s) with the clock right again: %v", gw1.Certificate().NotAfter, err)
+// TestArchiveGivesBackEarlierReleaseInOrder: gw1 was issued A, then B,
+// by a release that did not number the index's entries. Upgraded, the
+// CA's clock runs ahead far enough to archive A, not B; once it is right,
+// A comes back before B, not after: a gateway's last entry is its latest
+// certificate, and gw1's renewal of B was refused as one whose key was
+// copied. A rollback and a new upgrade number the entries above those
+// archived.
+func TestArchiveGivesBackEarlierReleaseInOrder(t *testing.T) {
+	ca := newTestCA(t)
+	a := issue(t, ca, testAttrs("gw1", "s", "100.96.0.1"), t0, 30*24*time.Hour)
+	b := issue(t, ca, testAttrs("gw1", "s", "100.96.0.1"), t0.Add(24*time.Hour), 30*24*time.Hour)
+	asEarlierRelease(t, ca, false)
+	issueEnrollerAt(t, ca, t0.Add(60*24*time.Hour+12*time.Hour)) // archives A, not B
+	if got := archiveSerials(t, ca); len(got) != 1 || got[0] != serialOf(a) {
+		t.Fatalf("archive holds %v, want A alone", got)
 	}
-	if got := archiveSerials(t, ca); len(got) != 1 || got[0] != serialOf(ended) {
-		t.Errorf("archive holds %v, want gw0's %s alone", got, serialOf(ended))
+	asEarlierRelease(t, ca, true) // rolled back, then upgraded again
+	if err := renewAt(ca, b, t0.Add(17*24*time.Hour)); err != nil {
+		t.Errorf("gw1's renewal of its certificate B once A came back: %v", err)
 	}
-	if b, _ := os.ReadFile(file); !bytes.Contains(b, []byte(`"archived_end"`)) {
-		t.Errorf("index does not say up to when its archive holds entries: %s", b)
+	issued, err := ca.Issued()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var order []string
+	seen := map[int64]bool{}
+	for _, c := range issued {
+		if seen[c.Seq] || c.Seq == 0 {
+			t.Errorf("entry %s numbered %d, twice or not at all", c.Serial, c.Seq)
+		}
+		seen[c.Seq] = true
+		switch c.Serial {
+		case serialOf(a):
+			order = append(order, "A")
+		case serialOf(b):
+			order = append(order, "B")
+		}
+	}
+	if !slices.Equal(order, []string{"A", "B"}) {
+		t.Errorf("gw1's certificates in index order: %v; want A, B", order)
 	}
 }
