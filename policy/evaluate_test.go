@@ -166,6 +166,7 @@ func TestEvaluate(t *testing.T) {
 		{name: "exception expired", class: "pii", action: Store, sites: []Site{iad}, at: time.Date(2027, 1, 1, 0, 0, 0, 0, time.UTC), outcome: "deny", reason: `exception "pii-us" ran until 2026-12-31 and has expired`},
 		{name: "exception for another action", class: "pii", action: Transit, sites: []Site{zrh, iad}, outcome: "deny"},
 		{name: "exception for another site", class: "pii", action: Store, sites: []Site{iad2}, outcome: "deny"},
+		{name: "exception for another class", class: "secret", action: Store, sites: []Site{iad}, outcome: "deny", kind: "default-deny", reason: "denied by default"},
 		{name: "an exception for one site of a denied store names none", class: "pii", action: Store, sites: []Site{iad, zrh}, outcome: "deny", kind: "default-deny", reason: "onprem-zrh"},
 		{name: "exception expiring at an instant", class: "pii", action: Store, sites: []Site{shared}, at: time.Date(2026, 12, 1, 0, 0, 0, 0, time.UTC), outcome: "deny", kind: "deny"},
 
@@ -513,13 +514,60 @@ exception "us-transit" {
 	}
 }
 
+// TestStrictestRequirementHolds: where two allows of a class admit the
+// same sites, the stricter requirement of the two holds (the fewest
+// max_hops, the most min_replica_zones): an allow written broadly for
+// other sites must not loosen what a narrower one requires where both
+// match.
+func TestStrictestRequirementHolds(t *testing.T) {
+	p := mustParse(t, header+`class "c" {
+  allow "transit" {
+    jurisdiction = ["CH"]
+    require {
+      max_hops = 1
+    }
+  }
+  allow "transit" {
+    site = ["*"]
+    require {
+      max_hops = 3
+    }
+  }
+  allow "store" {
+    jurisdiction = ["CH"]
+    require {
+      min_replica_zones = 2
+    }
+  }
+  allow "store" {
+    site = ["*"]
+    require {
+      min_replica_zones = 1
+    }
+  }
+}
+`)
+	d := p.Evaluate(Request{Class: "c", Action: Transit, Sites: []Site{zrh, gva, bsl}, Time: nov24})
+	if d.Allowed || d.Rule.Kind != "max-hops" || d.Rule.Pos.Line != 6 {
+		t.Errorf("2 hops where one admitting allow permits 1 and another 3: %s by %s (%v); want denied by the allow at line 6", d.Outcome(), d.Rule, d.Reasons)
+	}
+	d = p.Evaluate(Request{Class: "c", Action: Store, Sites: []Site{gva}, Time: nov24})
+	if d.Allowed || d.Rule.Kind != "requirement" || d.Rule.Pos.Line != 18 {
+		t.Errorf("a store in 1 zone where one admitting allow requires 2 and another 1: %s by %s (%v); want denied by the allow at line 18", d.Outcome(), d.Rule, d.Reasons)
+	}
+}
+
 // TestAuditModeJudgesOnlyRules: audit mode, of the policy or of a class,
 // lets through what the class's rules would refuse, and says which is in
-// audit mode. A request it cannot judge (a class the policy does not
-// define, a misspelt one; no site; no time) is refused in every mode: a
-// policy rolled out in audit mode must not let any class through.
+// audit mode. A class that says mode = "enforce" is enforced under a
+// policy in audit mode: its owners asked for it, and a policy rolled out
+// in audit mode must not quietly stop enforcing it. A request it cannot
+// judge (a class the policy does not define, a misspelt one; no site; no
+// time) is refused in every mode: a policy rolled out in audit mode must
+// not let any class through.
 func TestAuditModeJudgesOnlyRules(t *testing.T) {
-	p := mustParse(t, strings.Replace(testPolicy, "version = 3", "version = 3\n  mode    = \"audit\"", 1))
+	p := mustParse(t, strings.Replace(strings.Replace(testPolicy, "version = 3", "version = 3\n  mode    = \"audit\"", 1),
+		`class "secret" {`, `class "secret" {`+"\n  mode = \"enforce\"", 1))
 	for _, tc := range []struct {
 		name    string
 		req     Request
@@ -528,6 +576,7 @@ func TestAuditModeJudgesOnlyRules(t *testing.T) {
 	}{
 		{"a class's denial", Request{Class: "pii", Action: Store, Sites: []Site{zrh}, Time: nov24}, "audit", `allowed anyway: policy test is in audit mode`},
 		{"a class in audit mode of its own", Request{Class: "trial", Action: Store, Sites: []Site{zrh}, Time: nov24}, "audit", `allowed anyway: class "trial" is in audit mode`},
+		{"a class in enforce mode of its own", Request{Class: "secret", Action: Store, Sites: []Site{gcpZrh}, Time: nov24}, "deny", "denied by default"},
 		{"an undefined class", Request{Class: "piii", Action: Store, Sites: []Site{fra}, Time: nov24}, "deny", `class "piii" is not defined`},
 		{"an unknown action", Request{Class: "pii", Action: "delete", Sites: []Site{fra}, Time: nov24}, "deny", "not store or transit"},
 		{"no site", Request{Class: "pii", Action: Store, Time: nov24}, "deny", "names no site"},

@@ -2,6 +2,7 @@ package policy
 
 import (
 	"bytes"
+	"crypto"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -65,6 +66,13 @@ func TestSignVerify(t *testing.T) {
 	resigned := *sig
 	resigned.SignedAt = sig.SignedAt.Add(time.Second)
 	foreign, _ := Sign("test.hcl", src, other.Signer(), "other CA", nil, nov24)
+	// A day ahead of the verifier's clock, beyond any skew allowed: a
+	// signature that could be dated ahead would outrank, in Adopt, every
+	// policy signed until then.
+	ahead, err := Sign("test.hcl", src, ca.Signer(), "mesh CA", nil, nov24.Add(24*time.Hour))
+	if err != nil {
+		t.Fatal(err)
+	}
 	tests := []struct {
 		name string
 		src  []byte
@@ -76,6 +84,7 @@ func TestSignVerify(t *testing.T) {
 		{"forged signature", src, &forged, ErrBadSignature},
 		{"signing time changed", src, &resigned, ErrBadSignature},
 		{"signed by another mesh's CA", src, foreign, ErrBadSignature},
+		{"signed in the future", src, ahead, ErrBadSignature},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -115,6 +124,22 @@ func TestDelegatedSigner(t *testing.T) {
 	// signing time.
 	if _, err := Verify("test.hcl", src, sig, trustOf(t, ca), nov24.Add(30*24*time.Hour)); err != nil {
 		t.Fatalf("signature refused after signer expiry: %v", err)
+	}
+	// But not one dated after the certificate ended: the CA vouched for
+	// the key only until then, and a key kept (or leaked) past it could
+	// otherwise go on signing policies. Sign refuses to make one, so it
+	// is made here by hand.
+	late := *sig
+	late.SignedAt = signer.Certificate().NotAfter.Add(48 * time.Hour).UTC().Truncate(time.Second)
+	digest, err := signDigest(late.Policy.SHA256, late.SignedAt)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if late.Signature, err = signer.Signer().Sign(rand.Reader, digest, crypto.SHA256); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Verify("test.hcl", src, &late, trustOf(t, ca), late.SignedAt); !errors.Is(err, ErrUntrustedSigner) {
+		t.Fatalf("a signature dated after its signer's certificate ended: %v; want an untrusted signer", err)
 	}
 
 	// Signed on a machine whose clock runs 3 minutes behind the CA's,
@@ -156,7 +181,8 @@ func TestAdopt(t *testing.T) {
 	v3 := mustParse(t, testPolicy)
 	v4 := mustParse(t, strings.Replace(testPolicy, "version = 3", "version = 4", 1))
 	v3b := mustParse(t, strings.Replace(testPolicy, `reason   = "DR test"`, `reason   = "DR test!"`, 1))
-	other := mustParse(t, strings.Replace(testPolicy, `name    = "test"`, `name    = "other"`, 1))
+	// Newer, so that only its name can refuse it.
+	other := mustParse(t, strings.Replace(strings.Replace(testPolicy, `name    = "test"`, `name    = "other"`, 1), "version = 3", "version = 4", 1))
 	for _, tc := range []struct {
 		name      string
 		cur, cand *Policy
@@ -174,8 +200,8 @@ func TestAdopt(t *testing.T) {
 			t.Errorf("%s: Adopt = %v, %v; want %v, %v", tc.name, adopt, err, tc.adopt, tc.err)
 		}
 	}
-	if _, err := Adopt(v3, other); err == nil {
-		t.Error("a policy of another name replaced the one in force")
+	if adopt, err := Adopt(v3, other); adopt || err == nil || !strings.Contains(err.Error(), `policy "other" cannot replace policy "test"`) {
+		t.Errorf("a newer policy of another name: Adopt = %v, %v; want it refused for its name", adopt, err)
 	}
 
 	// Signed versions: a newer one dated before the policy in force is
