@@ -123,6 +123,9 @@ func TestVerifyEnroller(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// The enrolling gateway serves TLS: a certificate of the pinned CA
+	// for client authentication only is not one it may serve with.
+	clientOnly := certifyUnchecked(t, ca, attrs, now.Add(-time.Hour), now.Add(time.Hour))
 	tok, err := NewJoinToken("burst", ca.Certificate(), []netip.AddrPort{netip.MustParseAddrPort("192.0.2.1:7947")}, now.Add(time.Hour))
 	if err != nil {
 		t.Fatal(err)
@@ -140,6 +143,7 @@ func TestVerifyEnroller(t *testing.T) {
 		{"another CA's gateway with the pinned CA", [][]byte{fake.Certificate().Raw, ca.Certificate().Raw}, now, "does not chain"},
 		{"expired certificate", [][]byte{id.Certificate().Raw, ca.Certificate().Raw}, now.Add(2 * time.Hour), "does not chain"},
 		{"another gateway of the mesh", [][]byte{other.Certificate().Raw, ca.Certificate().Raw}, now, "the join token names gw1"},
+		{"client authentication only", [][]byte{clientOnly.Certificate().Raw, ca.Certificate().Raw}, now, "does not chain"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			err := tok.VerifyEnroller(tc.chain, tc.at)

@@ -372,6 +372,14 @@ func TestVerifyRenewer(t *testing.T) {
 	if err := verifyRenewer([][]byte{rogue.Raw}, tb, now); err == nil {
 		t.Fatal("another CA's enrollment endpoint taken")
 	}
+	// Nor a revoked one: its key may be what the one posing as the
+	// endpoint holds.
+	if _, err := ca.RevokeSerials([]*big.Int{enroller.SerialNumber}, "keyCompromise", t0.Add(time.Minute)); err != nil {
+		t.Fatal(err)
+	}
+	if err := verifyRenewer([][]byte{enroller.Raw, ca.Certificate().Raw}, trust(t, ca), now); err == nil || !strings.Contains(err.Error(), "is revoked") {
+		t.Fatalf("a revoked enrollment endpoint's certificate: %v; want it refused as revoked", err)
+	}
 }
 
 // TestRenewerKeepsItsKeyAndTakesUpRenewals: a renewal through a CA holder

@@ -73,6 +73,25 @@ func TestVerifyAdvert(t *testing.T) {
 		return sign(t, a, bystander)
 	}()
 
+	// Certificates the CA key signed without the checks of issuing (an
+	// issuer that checks less, or a release that did): what they grant
+	// is judged again on admission, or one gateway could draw the mesh's
+	// traffic, or its overlay, to itself.
+	unchecked := func(node, overlay string, routes ...string) *NodeIdentity {
+		return certifyUnchecked(t, ca, testAttrs(node, "aws-eu-central-1", overlay, routes...), now.Add(-time.Hour), now.Add(time.Hour))
+	}
+	defaultRoute := unchecked("gw6", "100.96.0.15", "0.0.0.0/0")
+	overlayRoute := unchecked("gw7", "100.96.0.16", "100.96.7.0/24")
+	mappedRoute := unchecked("gw8", "100.96.0.17", "::ffff:10.1.0.0/112")
+	outsideMesh := unchecked("gw9", "100.96.9.9")
+	// A mesh_cidr inside the CA's name constraint: as with a CA that has
+	// none (Vault's), x509 lets the overlay IP through and only the
+	// attributes' check keeps it in the mesh.
+	narrow, err := NewTrustBundle(tb.CAs(), netip.MustParsePrefix("100.96.0.0/24"))
+	if err != nil {
+		t.Fatal(err)
+	}
+
 	tampered := append([]byte(nil), goodRaw...)
 	// Flip a bit inside the endpoint port: the advert still decodes, so
 	// only the signature can catch it.
@@ -112,6 +131,11 @@ func TestVerifyAdvert(t *testing.T) {
 		{name: "claims a route not granted", raw: signed(func(a *Advert) { a.Routes = append(a.Routes, netip.MustParsePrefix("10.30.0.0/16")) }, good), cert: good, want: ReasonAttributeMismatch},
 		{name: "claims a super-prefix of a granted route", raw: signed(func(a *Advert) { a.Routes = []netip.Prefix{netip.MustParsePrefix("10.0.0.0/8")} }, good), cert: good, want: ReasonAttributeMismatch},
 		{name: "claims default route", raw: signed(func(a *Advert) { a.Routes = []netip.Prefix{netip.MustParsePrefix("0.0.0.0/0")} }, good), cert: good, want: ReasonAttributeMismatch},
+
+		{name: "certified a default route", raw: signed(nil, defaultRoute), cert: defaultRoute, want: ReasonBadCertificate},
+		{name: "certified a route into the overlay", raw: signed(nil, overlayRoute), cert: overlayRoute, want: ReasonBadCertificate},
+		{name: "certified a route written as IPv4-in-IPv6", raw: signed(nil, mappedRoute), cert: mappedRoute, want: ReasonBadCertificate},
+		{name: "certified an overlay IP outside mesh_cidr", raw: signed(nil, outsideMesh), cert: outsideMesh, tb: narrow, want: ReasonBadCertificate},
 
 		{name: "valid mid-rotation", raw: signed(func(a *Advert) { rotating(a) }, good), cert: good},
 		{name: "claims a WireGuard key it does not hold", raw: signed(func(a *Advert) { a.WireGuardKey = someKey().Public() }, good), cert: good, want: ReasonUnprovenKey},
