@@ -105,7 +105,8 @@ func TestAppendVerify(t *testing.T) {
 }
 
 // TestVerifyOneGatewaysLog: a log is one gateway's: a record signed by
-// another gateway of the mesh, spliced in, breaks it. A state directory
+// another gateway of the mesh, spliced in, breaks it, and so does one
+// naming another gateway than its signer. A state directory
 // that goes on under another name puts its log aside, whole, and starts
 // a new one.
 func TestVerifyOneGatewaysLog(t *testing.T) {
@@ -126,6 +127,15 @@ func TestVerifyOneGatewaysLog(t *testing.T) {
 	line, _ := json.Marshal(spliced)
 	if rep, err := Verify(bytes.NewReader(append(bytes.Clone(gw1Log), append(line, '\n')...)), tb); err == nil || !strings.Contains(err.Error(), "line 3: signed by gw2, in the log of gw1") {
 		t.Fatalf("a record of gw2 in gw1's log: %+v, %v", rep, err)
+	}
+	// gw2's records naming gw1 would be read, in the report and by
+	// `audit verify --node gw1`, as gw1's log.
+	claimed := &Record{Seq: 1, Time: t0, Node: "gw1", Event: "migration", Fields: map[string]any{"n": 1}, Cert: gw2.Certificate().Raw}
+	d, _ = claimed.digest()
+	claimed.Sig, _ = gw2.Signer().Sign(rand.Reader, d, crypto.SHA256)
+	line, _ = json.Marshal(claimed)
+	if rep, err := Verify(bytes.NewReader(append(line, '\n')), tb); err == nil || !strings.Contains(err.Error(), "line 1: signed by gw2 but claims node gw1") {
+		t.Fatalf("a record of gw1 signed by gw2: %+v, %v; want it refused", rep, err)
 	}
 
 	// The directory goes on as gw2: gw1's log is put aside.
