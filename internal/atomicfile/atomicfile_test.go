@@ -10,24 +10,31 @@ import (
 	"testing"
 )
 
+// TestWriteFileReplacesAndSetsMode: the file has the mode asked for, a
+// key's 0600 or a trust bundle's 0644. The temporary file starts 0600,
+// so only 0644 shows the mode is set: left as it was, the CA
+// certificate and CRL a gateway writes for others to read would be
+// readable by its user alone.
 func TestWriteFileReplacesAndSetsMode(t *testing.T) {
-	dir := t.TempDir()
-	p := filepath.Join(dir, "key")
-	if err := WriteFile(p, []byte("one"), 0o600); err != nil {
-		t.Fatal(err)
+	for _, perm := range []os.FileMode{0o600, 0o644} {
+		dir := t.TempDir()
+		p := filepath.Join(dir, "key")
+		if err := WriteFile(p, []byte("one"), perm); err != nil {
+			t.Fatal(err)
+		}
+		if err := WriteFile(p, []byte("two"), perm); err != nil {
+			t.Fatal(err)
+		}
+		got, err := os.ReadFile(p)
+		if err != nil || string(got) != "two" {
+			t.Fatalf("content = %q, %v; want two", got, err)
+		}
+		st, _ := os.Stat(p)
+		if st.Mode().Perm() != perm {
+			t.Fatalf("mode = %v, want %v", st.Mode().Perm(), perm)
+		}
+		assertNoTemps(t, dir)
 	}
-	if err := WriteFile(p, []byte("two"), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	got, err := os.ReadFile(p)
-	if err != nil || string(got) != "two" {
-		t.Fatalf("content = %q, %v; want two", got, err)
-	}
-	st, _ := os.Stat(p)
-	if st.Mode().Perm() != 0o600 {
-		t.Fatalf("mode = %v, want 0600", st.Mode().Perm())
-	}
-	assertNoTemps(t, dir)
 }
 
 func TestWriteNewRefusesExisting(t *testing.T) {
@@ -84,13 +91,15 @@ func TestJSON(t *testing.T) {
 	if found, err := ReadJSON(path, &got); found || err != nil {
 		t.Fatalf("missing file: found %v, %v", found, err)
 	}
-	if err := WriteJSON(path, map[string]int{"a": 1}, 0o600); err != nil {
+	// 0644, as the state a gateway keeps for others to read (its
+	// adopted policy): the temporary file starts 0600.
+	if err := WriteJSON(path, map[string]int{"a": 1}, 0o644); err != nil {
 		t.Fatal(err)
 	}
 	if st, err := os.Stat(path); err != nil {
 		t.Fatal(err)
-	} else if st.Mode().Perm() != 0o600 {
-		t.Fatalf("mode %v, want 0600", st.Mode())
+	} else if st.Mode().Perm() != 0o644 {
+		t.Fatalf("mode %v, want 0644", st.Mode())
 	}
 	if found, err := ReadJSON(path, &got); !found || err != nil || got["a"] != 1 {
 		t.Fatalf("round trip: %v %v %v", found, err, got)
