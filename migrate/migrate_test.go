@@ -1576,6 +1576,13 @@ func TestReceiverRefusesBadFrames(t *testing.T) {
 	rand.Read(good)
 	h := hashChunk(good)
 	wrong := hashChunk([]byte("something else"))
+	// 1,000 bytes compressed, with their own hash, for a place of 1 MiB:
+	// the hash matches what it holds, so only its length tells.
+	enc, err := newChunkEncoder(1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	short := enc.EncodeAll(good[:1000], nil)
 	for _, tc := range []struct {
 		name   string
 		typ    byte
@@ -1588,6 +1595,7 @@ func TestReceiverRefusesBadFrames(t *testing.T) {
 		{"fewer bytes than it says", frameChunk, [][]byte{chunkHeader(0, h, 0, mib), good[:1000]}, 0, "chunk of the wrong length"},
 		{"not zstd", frameChunk, [][]byte{chunkHeader(0, h, flagZstd, mib), good[:1000]}, 0, "does not decompress"},
 		{"compressed, no smaller", frameChunk, [][]byte{chunkHeader(0, h, flagZstd, mib), good}, 0, "chunk of the wrong length"},
+		{"decompresses short", frameChunk, [][]byte{chunkHeader(0, hashChunk(good[:1000]), flagZstd, mib), short}, 0, "does not decompress"},
 		{"damaged", frameChunk, [][]byte{chunkHeader(0, wrong, 0, mib), good}, 0, "hash mismatch"},
 		{"stored chunk past the new end", frameSame, [][]byte{indexFrame(3, acc.Base[3])}, 3, "chunk outside the image"},
 		{"not what is stored", frameSame, [][]byte{indexFrame(1, wrong)}, 1, "not in the stored version"},

@@ -6,6 +6,7 @@ import (
 	"crypto/rand"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"log/slog"
 	"maps"
 	"os"
@@ -154,6 +155,58 @@ func TestListedZeroChunkIsAHole(t *testing.T) {
 		if rep, err := VerifyImage(context.Background(), tc.rec); err != nil || !rep.OK {
 			t.Errorf("verify the intact image, its record %s: %+v %v", tc.name, rep, err)
 		}
+	}
+}
+
+// TestCommitHeldToWhatWasReceived: a commit is stored only if it agrees
+// with the offer and with the chunks received: its manifest of the
+// offered size, its root the manifest's, each chunk it lists the one
+// that arrived intact. A sender's commit is its word for what the image
+// is, and the catalog, VerifyImage and the audit record take that root
+// as the image's.
+func TestCommitHeldToWhatWasReceived(t *testing.T) {
+	p := newPair(t, "DE")
+	for n, tc := range []struct {
+		name string
+		bend func(m *Manifest, root *Hash)
+		want string
+	}{
+		{"a manifest of another size than offered", func(m *Manifest, root *Hash) { m.Size *= 2; *root = m.Root() }, "manifest does not match the offer"},
+		{"a manifest of another chunk size than offered", func(m *Manifest, root *Hash) { m.ChunkSize /= 2; *root = m.Root() }, "manifest does not match the offer"},
+		{"a root that is not the manifest's", func(m *Manifest, root *Hash) { root[0] ^= 1 }, "differs from the announced root"},
+		{"a manifest naming another chunk than the one received", func(m *Manifest, root *Hash) {
+			m.Chunks[0] = hashChunk([]byte("other"))
+			*root = m.Root()
+		}, "chunk 0 was never received intact"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			offer := Offer{ID: fmt.Sprintf("badcommit%07d", n), Name: "vm", Class: "pii-eu", Format: FormatRaw, Size: 2 * mib, ChunkSize: mib, Streams: 1}
+			rs := p.offerRaw(t, offer)
+			defer func() {
+				rs.ctrl.Close()
+				rs.data.Close()
+				waitIdle(t, p.recv, offer.ID)
+			}()
+			chunk := make([]byte, mib)
+			rand.Read(chunk)
+			m := Manifest{Size: offer.Size, ChunkSize: mib, Chunks: map[int64]Hash{0: hashChunk(chunk)}}
+			rs.dw.frame(frameChunk, chunkHeader(0, m.Chunks[0], 0, mib), chunk)
+			rs.dw.flush()
+			if typ, b, err := rs.dr.next(nil); err != nil || typ != frameAck {
+				t.Fatalf("chunk 0: frame %d %q %v", typ, b, err)
+			}
+			root := m.Root()
+			tc.bend(&m, &root)
+			if err := rs.cw.json(frameCommit, Commit{Manifest: m, Root: root}); err != nil {
+				t.Fatal(err)
+			}
+			if typ, b, err := rs.cr.next(nil); err != nil || typ != frameError || !strings.Contains(string(b), tc.want) {
+				t.Fatalf("the commit: frame %d %q %v; want an error saying %q", typ, b, err, tc.want)
+			}
+			if img, err := p.recvJ.Image("vm"); err == nil {
+				t.Fatalf("the image was stored: %+v", img)
+			}
+		})
 	}
 }
 

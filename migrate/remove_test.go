@@ -250,16 +250,21 @@ func TestLongReadsEnd(t *testing.T) {
 // TestImageNames: names of new images hold no control or invisible
 // characters (they reach operators' terminals and audit records) and are
 // UTF-8; names stored by earlier releases, which allowed them, can still
-// be removed.
+// be removed. No name, new or stored, holds a path separator: it names a
+// file in the store, and "vm/../../tmp/x" (which the rule against a
+// leading '.' lets through) would name one anywhere.
 func TestImageNames(t *testing.T) {
 	for name, ok := range map[string]bool{
-		"vm-01.qcow2": true,
-		"Zürich-db":   true,
-		"vm\x1b[2K":   false,
-		"vm\u202egpj": false,
-		"vm\xff":      false,
-		"../vm":       false,
-		".hidden":     false,
+		"vm-01.qcow2":    true,
+		"Zürich-db":      true,
+		"vm\x1b[2K":      false,
+		"vm\u202egpj":    false,
+		"vm\xff":         false,
+		"../vm":          false,
+		".hidden":        false,
+		"vm/../../tmp/x": false,
+		"a/b":            false,
+		`a\b`:            false,
 	} {
 		if err := checkName(name); (err == nil) != ok {
 			t.Errorf("checkName(%q) = %v, want ok %v", name, err, ok)
@@ -267,6 +272,9 @@ func TestImageNames(t *testing.T) {
 	}
 	if err := checkStoredName("vm\x1b[2K"); err != nil {
 		t.Errorf("a name an earlier release stored cannot be removed: %v", err)
+	}
+	if err := checkStoredName("vm/../../tmp/x"); err == nil {
+		t.Error("a stored name holding a path separator is taken: its removal would remove a file outside the store")
 	}
 }
 

@@ -80,9 +80,12 @@ func TestResumeSeesSourceRewrittenWithMtimeKept(t *testing.T) {
 	}
 }
 
-// TestVerifyImageGrown: a stored image longer than its manifest is not
-// the image stored; what lies past the manifest's end was never checked.
-func TestVerifyImageGrown(t *testing.T) {
+// TestVerifyImageOfAnotherSize: a stored image longer than its manifest
+// is not the image stored; what lies past the manifest's end was never
+// checked. One shorter is truncated, though all it lost was a hole (its
+// data intact, read as the manifest's chunks): the disk a VM boots from
+// is smaller than the one sent.
+func TestVerifyImageOfAnotherSize(t *testing.T) {
 	p := newPair(t, "DE")
 	raw := filepath.Join(p.dir, "vm.raw")
 	makeRaw(t, raw, 4*mib, map[int64]int{0: mib})
@@ -92,6 +95,18 @@ func TestVerifyImageGrown(t *testing.T) {
 	img, err := p.recvJ.Image("vm")
 	if err != nil {
 		t.Fatal(err)
+	}
+	if err := os.Truncate(img.Path, 2*mib); err != nil {
+		t.Fatal(err)
+	}
+	if rep, err := VerifyImage(context.Background(), img); err == nil || !strings.Contains(err.Error(), "truncated") {
+		t.Errorf("a stored image cut from 4 to 2 MiB, over its hole: %+v, %v; want it said truncated", rep, err)
+	}
+	if err := os.Truncate(img.Path, 4*mib); err != nil { // the hole back
+		t.Fatal(err)
+	}
+	if rep, err := VerifyImage(context.Background(), img); err != nil || !rep.OK {
+		t.Fatalf("the image with its hole back: %+v, %v", rep, err)
 	}
 	f, err := os.OpenFile(img.Path, os.O_WRONLY|os.O_APPEND, 0)
 	if err != nil {

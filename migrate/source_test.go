@@ -45,6 +45,7 @@ func TestOpenSourceHostileQcow2(t *testing.T) {
 		{"cluster_bits 8", craftedQcow2(8, 1, mib, 112, l1...), "cluster_bits 8"},
 		{"an L1 table of 32 GB", craftedQcow2(16, 0xedff0001, mib, 112, l1...), "L1 table"},
 		{"an L1 table past the end", craftedQcow2(16, 1, mib, 1<<40, l1...), "outside"},
+		{"an L1 table partly past the end", craftedQcow2(16, 2, mib, 112, l1...), "outside"},
 		{"an L1 table too small", craftedQcow2(16, 1, 1<<40, 112, l1...), "needs"},
 		{"a virtual size of 2^62", craftedQcow2(16, 1, 1<<62, 112, l1...), "virtual size"},
 	} {
