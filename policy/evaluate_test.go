@@ -174,7 +174,7 @@ func TestEvaluate(t *testing.T) {
 		{name: "direct tunnel", class: "secret", action: Transit, sites: []Site{zrh, gva}, outcome: "allow", oblig: Obligations{MaxHops: 1}},
 		{name: "too many hops", class: "secret", action: Transit, sites: []Site{zrh, bsl, gva}, outcome: "deny", kind: "max-hops", line: 24, reason: "has 2 hops"},
 		{name: "path through a forbidden site", class: "pii", action: Transit, sites: []Site{fra, iad, osl}, outcome: "deny", reason: "aws-us-east-1"},
-		{name: "strictest max_hops wins", class: "pii", action: Transit, sites: []Site{zrh, fra, osl, shared}, outcome: "allow", oblig: Obligations{MaxHops: 3}},
+		{name: "transit within its allow's max_hops", class: "pii", action: Transit, sites: []Site{zrh, fra, osl, shared}, outcome: "allow", oblig: Obligations{MaxHops: 3}},
 		{name: "multi-site store: all must allow", class: "secret", action: Store, sites: []Site{zrh, gcpZrh}, outcome: "deny", reason: "gcp-zrh"},
 
 		// requirements, met by what the sites' certificates attest
