@@ -798,10 +798,11 @@ func TestAuditVerifyAcrossRotation(t *testing.T) {
 	if out, _, code := runCLI(t, "audit", "verify", "--log", log, "--ca-cert", filepath.Join(dir, "new", "ca.crt")); code != 1 || !strings.Contains(out, "line 1") {
 		t.Fatalf("the same log against the new CA alone: exit %d, %q", code, out)
 	}
-	// A record the old CA's gateway signed after its revocation: the old
-	// CA's list, second in the file, counts too.
+	// A record the old CA's gateway signed after its revocation (by more
+	// than clocks may differ): the old CA's list, second in the file,
+	// counts too.
 	late := filepath.Join(dir, "late.log")
-	audit.Open(late).Append(ids[0], "migration", nil, time.Now())
+	audit.Open(late).Append(ids[0], "migration", nil, time.Now().Add(10*time.Minute))
 	if out, _, code := runCLI(t, "audit", "verify", "--log", late, "--ca-cert", bothCAs, "--crl", bothCRLs); code != 1 || !strings.Contains(out, "revoked") {
 		t.Fatalf("a record signed after the signer's revocation: exit %d, %q", code, out)
 	}
