@@ -359,7 +359,11 @@ func (g *Gateway) signAdvert() error {
 	}
 	id := g.id.Load()
 	a := id.Attributes()
-	v, warn := g.state.nextAdvertVersion(uint64(g.now().UnixMilli()))
+	var last uint64
+	if self := g.self.Load(); self != nil {
+		last = self.Advert.Version
+	}
+	v, warn := g.state.nextAdvertVersion(uint64(g.now().UnixMilli()), last)
 	if warn != nil {
 		g.log.Warn("advert version not kept; the clock keeps versions rising", "version", v, "err", warn)
 	}

@@ -29,24 +29,26 @@ type stateDir string
 func (d stateDir) path(name string) string { return filepath.Join(string(d), name) }
 
 // nextAdvertVersion returns a version strictly above any used before,
-// even across restarts and lost state files: the larger of the stored
-// version + 1 and the current time in milliseconds. Always a version: a
-// stored one that cannot be read or written (a damaged file, a full disk)
-// is reported in warn, and the clock alone keeps versions rising unless it
-// went back — refusing to sign instead would leave the advert, and a
-// renewed certificate in it, unannounced.
-func (d stateDir) nextAdvertVersion(nowMillis uint64) (v uint64, warn error) {
-	var last uint64
+// even across restarts and lost state files: the largest of the stored
+// version + 1, last + 1 (the last this run signed) and the current time in
+// milliseconds. Always a version: a stored one that cannot be read or
+// written (a damaged file, a full disk) is reported in warn, and last and
+// the clock keep versions rising — refusing to sign instead would leave
+// the advert, and a renewed certificate in it, unannounced. (Without last,
+// a file not kept and a clock gone back gave one version twice, which
+// peers refuse as a forgery.)
+func (d stateDir) nextAdvertVersion(nowMillis, last uint64) (v uint64, warn error) {
+	var stored uint64
 	b, err := os.ReadFile(d.path(fileAdvertVersion))
 	switch {
 	case err == nil:
-		if last, err = strconv.ParseUint(strings.TrimSpace(string(b)), 10, 64); err != nil {
+		if stored, err = strconv.ParseUint(strings.TrimSpace(string(b)), 10, 64); err != nil {
 			warn = fmt.Errorf("%s is damaged: %w", d.path(fileAdvertVersion), err)
 		}
 	case !errors.Is(err, os.ErrNotExist):
 		warn = err
 	}
-	v = max(last+1, nowMillis)
+	v = max(stored+1, last+1, nowMillis)
 	if err := atomicfile.WriteFile(d.path(fileAdvertVersion), []byte(strconv.FormatUint(v, 10)+"\n"), 0o644); err != nil {
 		warn = errors.Join(warn, err)
 	}

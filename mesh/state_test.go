@@ -43,20 +43,25 @@ func TestStatePolicy(t *testing.T) {
 // warning, instead of no advert at all.
 func TestAdvertVersion(t *testing.T) {
 	d := stateDir(t.TempDir())
-	v1, warn := d.nextAdvertVersion(1000)
+	v1, warn := d.nextAdvertVersion(1000, 0)
 	if warn != nil || v1 != 1000 {
 		t.Fatalf("first version %d, %v", v1, warn)
 	}
-	if v2, warn := d.nextAdvertVersion(900); warn != nil || v2 != 1001 {
+	if v2, warn := d.nextAdvertVersion(900, 0); warn != nil || v2 != 1001 {
 		t.Fatalf("with the clock behind: %d, %v; want 1001", v2, warn)
 	}
 	os.WriteFile(d.path(fileAdvertVersion), []byte("12x\n"), 0o644)
-	if v, warn := d.nextAdvertVersion(2000); warn == nil || v != 2000 {
+	if v, warn := d.nextAdvertVersion(2000, 0); warn == nil || v != 2000 {
 		t.Fatalf("a damaged version file: %d, %v; want 2000 and a warning", v, warn)
 	}
 	os.Remove(d.path(fileAdvertVersion))
 	os.Mkdir(d.path(fileAdvertVersion), 0o700)
-	if v, warn := d.nextAdvertVersion(3000); warn == nil || v != 3000 {
+	if v, warn := d.nextAdvertVersion(3000, 0); warn == nil || v != 3000 {
 		t.Fatalf("a version that cannot be kept: %d, %v; want 3000 and a warning", v, warn)
+	}
+	// Not kept, with the clock gone back: above the last this run signed,
+	// not the clock's again (peers refuse a version twice as a forgery).
+	if v, warn := d.nextAdvertVersion(2500, 3000); warn == nil || v != 3001 {
+		t.Fatalf("a version not kept, the clock behind the last signed: %d, %v; want 3001 and a warning", v, warn)
 	}
 }
