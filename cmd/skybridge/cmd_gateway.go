@@ -87,8 +87,22 @@ func gatewayRun(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	ctx, stop := signal.NotifyContext(c.Context, syscall.SIGINT, syscall.SIGTERM)
+	// SIGHUP too (a closed terminal or ssh session, a `kill -HUP`): Go's
+	// default ends the process outright, with no leave notice and the
+	// routes into the interface gone with it, so the mesh's traffic
+	// takes the host's other routes, in clear. Unless it was started
+	// ignoring SIGHUP (nohup), which it goes on doing.
+	sigs := []os.Signal{syscall.SIGINT, syscall.SIGTERM}
+	if !signal.Ignored(syscall.SIGHUP) {
+		sigs = append(sigs, syscall.SIGHUP)
+	}
+	ctx, stop := signal.NotifyContext(c.Context, sigs...)
 	defer stop()
+	// A log reader gone (`| tee` ended by the same Ctrl-C, a log shipper
+	// restarted) must not kill the gateway at its next line, its stop's
+	// first one included: Go dies of a broken pipe on standard error
+	// unless SIGPIPE is handled. The line is lost instead.
+	signal.Ignore(syscall.SIGPIPE)
 	// Stopping takes a few seconds (leaving the mesh, ending migrations);
 	// a second signal ends the process at once, as without the handler.
 	context.AfterFunc(ctx, stop)
@@ -109,10 +123,13 @@ func gatewayRun(c *cli.Context) error {
 	}
 	if token != "" {
 		if _, err := mesh.Join(ctx, s, token, slog.Default()); err != nil {
-			return err
+			return stoppedBeforeRun(ctx, err)
 		}
 	}
 	g, err := mesh.New(ctx, s, slog.Default())
+	if err != nil && stoppedBeforeRun(ctx, err) == nil {
+		return nil
+	}
 	// Only once it failed: an enrollment kept in the state directory (a
 	// burst gateway restarted) decides what the gateway has, or that its
 	// burst is over.
@@ -482,4 +499,15 @@ func policyPublish(c *cli.Context) error {
 		fmt.Fprintf(c.App.Writer, "gateway already runs %s\n", rev)
 	}
 	return nil
+}
+
+// stoppedBeforeRun is nil for an error that is only the stop asked for
+// (a signal while the gateway enrols or waits for Vault at start): a
+// supervisor must not count `systemctl stop` as a failure.
+func stoppedBeforeRun(ctx context.Context, err error) error {
+	if err != nil && ctx.Err() != nil && errors.Is(err, context.Canceled) {
+		slog.Info("gateway stopped before it ran, as asked", "was", err)
+		return nil
+	}
+	return err
 }
