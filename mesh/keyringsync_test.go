@@ -2,7 +2,9 @@ package mesh
 
 import (
 	"bytes"
+	"slices"
 	"sync"
+	"sync/atomic"
 	"testing"
 
 	"github.com/hashicorp/memberlist"
@@ -66,20 +68,40 @@ func TestAdoptKeyring(t *testing.T) {
 // TestRemoveKeysUnderReaders: keys leave the live keyring while
 // memberlist's decryption goes through the keys it was handed, without the
 // keyring's lock: nothing it holds is written (memberlist's RemoveKey of
-// a key before the last shifts the rest in place, a data race -race
-// reports), and the keys kept stay, in their order.
+// a key before the last shifts the rest in place), and the keys kept stay,
+// in their order. Written, the keys a decryption holds are no longer the
+// keyring it was handed: one key twice and a key still installed skipped,
+// a datagram under it unread. -race reports the write as a data race; the
+// keys are compared too, so that the test fails without it.
 func TestRemoveKeysUnderReaders(t *testing.T) {
 	k := make([][]byte, 5)
 	for i := range k {
 		k[i] = bytes.Repeat([]byte{byte(i + 1)}, 32)
+	}
+	// intact reports whether keys, read as decryptPayload reads them, are
+	// a keyring: the primary first, then keys of k each once, in order.
+	intact := func(keys [][]byte) bool {
+		last := -1
+		for _, key := range keys {
+			i := slices.IndexFunc(k, func(x []byte) bool { return bytes.Equal(x, key) })
+			if i <= last || last < 0 && i != 0 {
+				return false
+			}
+			last = i
+		}
+		return true
 	}
 	for round := range 50 {
 		live, err := memberlist.NewKeyring(k, k[0])
 		if err != nil {
 			t.Fatal(err)
 		}
+		// Handed out before the removal, as to a decryption under way
+		// through it: it must still read as it did.
+		held := live.GetKeys()
 		stop, reading := make(chan struct{}), make(chan struct{})
 		var wg sync.WaitGroup
+		var written atomic.Int64
 		wg.Go(func() {
 			for i := 0; ; i++ {
 				if i == 1 {
@@ -90,12 +112,8 @@ func TestRemoveKeysUnderReaders(t *testing.T) {
 					return
 				default:
 				}
-				n := 0
-				for _, key := range live.GetKeys() { // as decryptPayload does
-					n += len(key)
-				}
-				if n%32 != 0 {
-					t.Errorf("a torn key: %d bytes in all", n)
+				if !intact(live.GetKeys()) {
+					written.Add(1)
 				}
 			}
 		})
@@ -107,11 +125,13 @@ func TestRemoveKeysUnderReaders(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		var got []byte
-		for _, key := range live.GetKeys() {
-			got = append(got, key[0])
+		if n := written.Load(); n > 0 {
+			t.Fatalf("round %d: a reader found keys written under it %d times", round, n)
 		}
-		if !bytes.Equal(got, []byte{1, 3, 5}) {
+		if !slices.EqualFunc(held, k, bytes.Equal) {
+			t.Fatalf("round %d: the keys handed out before the removal now read %v, want 1 to 5", round, firstBytes(held))
+		}
+		if got := firstBytes(live.GetKeys()); !bytes.Equal(got, []byte{1, 3, 5}) {
 			t.Fatalf("round %d: keys %v, want 1, 3, 5, primary first", round, got)
 		}
 	}
@@ -120,4 +140,13 @@ func TestRemoveKeysUnderReaders(t *testing.T) {
 	if err := removeKeys(live, func([]byte) bool { return true }); err != nil || len(live.GetKeys()) != 1 || live.GetKeys()[0][0] != 1 {
 		t.Errorf("drop all: %v, %d keys left; want the primary alone", err, len(live.GetKeys()))
 	}
+}
+
+// firstBytes names each key by its first byte.
+func firstBytes(keys [][]byte) []byte {
+	var b []byte
+	for _, key := range keys {
+		b = append(b, key[0])
+	}
+	return b
 }

@@ -347,6 +347,69 @@ func TestBurstGatewayCannotRotate(t *testing.T) {
 	}
 }
 
+// TestKeyringStepSignedByAMeshGateway: a keyring step carries authority
+// only from a gateway the mesh CA certified, in its own name. A
+// certificate of another CA is anyone's to make (the signature under it
+// proves nothing), and a gateway signing in another's name would pass its
+// steps off as that gateway's rotation: the one the members let run, and
+// answer. The same gateway in its own name is taken.
+func TestKeyringStepSignedByAMeshGateway(t *testing.T) {
+	ca, lg := lonelyGateway(t)
+	g := lg.g
+	me := g.s.Node.Name
+	rogue, err := certs.InitCA(filepath.Join(t.TempDir(), "rogue"), certs.InitOptions{MeshPrefix: netip.MustParsePrefix("100.64.0.0/10")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	attrs := certs.Attributes{Node: "op9", Site: "far", Region: "r", Provider: "onprem", Jurisdiction: "CH", OverlayIP: netip.MustParseAddr("100.64.9.30")}
+	foreign, err := rogue.IssueIdentity(attrs, time.Hour, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	op := &keyringOp{kind: opUse, key: g.keyring.GetPrimaryKey(), id: []byte("foreign-op-00001"), at: time.Now(), initiator: "op9", certDER: foreign.Certificate().Raw}
+	if err := g.verifyKeyringOp(received(t, g, foreign, op, me)); certs.ReasonOf(err) != certs.ReasonUnknownCA {
+		t.Errorf("a step signed under another CA's certificate: %v; want it refused as unknown_ca", err)
+	}
+
+	attrs.Node, attrs.OverlayIP = "probe", netip.MustParseAddr("100.64.9.31")
+	member, err := ca.IssueIdentity(attrs, time.Hour, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	op = &keyringOp{kind: opUse, key: g.keyring.GetPrimaryKey(), id: []byte("borrow-op-000001"), at: time.Now(), initiator: "op7", certDER: member.Certificate().Raw}
+	if err := g.verifyKeyringOp(received(t, g, member, op, me)); err == nil || !strings.Contains(err.Error(), "claims to come from op7") {
+		t.Errorf("a step the mesh gateway probe signed in op7's name: %v; want it refused", err)
+	}
+	op = &keyringOp{kind: opUse, key: g.keyring.GetPrimaryKey(), id: []byte("own-op-000000001"), at: time.Now(), initiator: "probe", certDER: member.Certificate().Raw}
+	if err := g.verifyKeyringOp(received(t, g, member, op, me)); err != nil {
+		t.Fatalf("a step the mesh gateway probe signed in its own name: %v", err)
+	}
+}
+
+// TestRemoveStepSparesThePrimary: a member that missed a rotation's use
+// step still has the old key primary when the remove step names it. The
+// step is refused and the keyring left as it is: taken, it would keep the
+// old key and drop the new one the rest of the mesh now speaks, cutting
+// the member off.
+func TestRemoveStepSparesThePrimary(t *testing.T) {
+	_, lg := lonelyGateway(t)
+	g := lg.g
+	old := g.keyring.GetPrimaryKey()
+	nk, err := certs.NewGossipKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := g.keyring.AddKey(nk); err != nil { // the install step, taken
+		t.Fatal(err)
+	}
+	if err := g.applyKeyringOp(context.Background(), &keyringOp{kind: opRemove, key: old}); err == nil || !strings.Contains(err.Error(), "primary") {
+		t.Errorf("a remove step naming the primary key: %v; want it refused", err)
+	}
+	if keys := g.keyring.GetKeys(); len(keys) != 2 || !bytes.Equal(keys[0], old) || !bytes.Equal(keys[1], nk) {
+		t.Errorf("after the refused remove step: %d keys, the old one primary %v; want both kept", len(keys), len(keys) > 0 && bytes.Equal(keys[0], old))
+	}
+}
+
 // received is op as member m receives it from g, signed by id.
 func received(t *testing.T, g *Gateway, id *certs.NodeIdentity, op *keyringOp, m string) *keyringOp {
 	t.Helper()
