@@ -723,8 +723,10 @@ func TestMembershipGeneration(t *testing.T) {
 
 // TestLeaveNotice: a gateway that leaves on purpose is told from one that
 // crashed only by its signed notice, whichever arrives first, the notice
-// or gossip's report; a notice signed by anyone else, stale, or from an
-// earlier run of the gateway counts for nothing.
+// or gossip's report; a notice signed by anyone else, stale, dated ahead
+// (taken, one dated far ahead could be replayed against that run of the
+// gateway until its date), or from an earlier run of the gateway counts
+// for nothing.
 func TestLeaveNotice(t *testing.T) {
 	f := newFixture(t)
 	ms := newMembership("self", f.trust(), func() time.Time { return f.now }, func() {})
@@ -764,6 +766,9 @@ func TestLeaveNotice(t *testing.T) {
 	}
 	if err := g.handleLeaving(notice("forged", ids["forged"], f.now.Add(-10*time.Minute), 10)); err == nil {
 		t.Error("a stale notice was accepted")
+	}
+	if err := g.handleLeaving(notice("forged", ids["forged"], f.now.Add(10*time.Minute), 10)); err == nil || !strings.Contains(err.Error(), "dated") {
+		t.Errorf("a notice dated 10 minutes ahead: %v; want it refused", err)
 	}
 	// A genuine notice, replayed against the gateway's next run (a newer
 	// advert), which then crashes: a crash, not a departure.
@@ -1258,7 +1263,7 @@ func TestMembershipRememberedInTime(t *testing.T) {
 func TestGossipLimits(t *testing.T) {
 	f := newFixture(t)
 	ms := newMembership("self", f.trust(), func() time.Time { return f.now }, func() {})
-	g := &Gateway{members: ms, inbox: make(chan []byte, 8), log: slog.New(slog.DiscardHandler)}
+	g := &Gateway{members: ms, inbox: make(chan []byte, 8), bulk: make(chan []byte, 8), log: slog.New(slog.DiscardHandler)}
 	d := delegate{g: g}
 
 	many := make([][]byte, maxFields+1)
@@ -1268,11 +1273,18 @@ func TestGossipLimits(t *testing.T) {
 	if m, err := decodeMessage(encodeMessage(msgCert, many[:maxFields]...), maxFields); err != nil || len(m.fields) != maxFields {
 		t.Errorf("a message of %d fields: %d, %v", maxFields, len(m.fields), err)
 	}
+	// Too large for the quick inbox, a message goes to the bulk queue:
+	// the bound must hold there, before the message is copied.
 	d.NotifyMsg(make([]byte, maxUserMessage+1))
 	d.NotifyMsg(nil)
-	if len(g.inbox) != 0 {
-		t.Errorf("%d messages of impossible sizes queued for the worker", len(g.inbox))
+	if n := len(g.inbox) + len(g.bulk); n != 0 || g.inboxBytes.Load() != 0 {
+		t.Errorf("%d messages of impossible sizes queued for the worker, %d bytes held", n, g.inboxBytes.Load())
 	}
+	d.NotifyMsg(append([]byte{msgBlob}, make([]byte, maxUserMessage-1)...))
+	if len(g.bulk) != 1 {
+		t.Fatalf("a blob of %d bytes, the bound, was not queued", maxUserMessage)
+	}
+	<-g.bulk
 	d.NotifyMsg(encodeMessage(msgAnnounce, []byte{blobCRL}, u64(1), make([]byte, 32)))
 	if len(g.inbox) != 1 {
 		t.Fatalf("a well-formed message was not queued")

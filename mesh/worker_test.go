@@ -27,6 +27,7 @@ import (
 
 	"github.com/skybridge-mesh/skybridge/certs"
 	"github.com/skybridge-mesh/skybridge/internal/syncbuf"
+	"github.com/skybridge-mesh/skybridge/policy"
 )
 
 // lonelyGateway runs one live gateway with a CA of its own.
@@ -119,37 +120,29 @@ func TestCertRequestAnsweredOnlyWithItsCertificate(t *testing.T) {
 
 // TestBlobRequestsBounded: a blob request names its requester in its own
 // words (the gossip key is all it takes to send one). A stranger gossip
-// merely named gets nothing, not even the public revocation list, and a
-// stream of requests naming a member draws one blob a second, not one
-// each: otherwise a few bytes of requests would aim a gateway's policy
-// and lists at any member, or at any address, a thousandfold.
+// merely named gets nothing: not the policy, which only verified members
+// get, nor even the public revocation list. A stream of requests naming a
+// member draws one blob a second, not one each: otherwise a few bytes of
+// requests would aim a gateway's policy and lists at any member, or at any
+// address, a thousandfold.
 func TestBlobRequestsBounded(t *testing.T) {
 	ca, lg := lonelyGateway(t)
 	d := delegate{g: lg.g}
+	// A policy held, so that requests for it would be answered.
+	<-lg.g.joined // gossip up: adopting announces
+	src := []byte("policy {\n  name    = \"bounded\"\n  version = 1\n}\nclass \"risk-batch\" {\n  allow \"store\" {\n    jurisdiction = [\"CH\"]\n  }\n}\n")
+	sig, err := policy.Sign("policy.hcl", src, ca.Signer(), "mesh CA", nil, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ok, err := lg.g.AdoptPolicy(src, sig.Marshal()); !ok || err != nil {
+		t.Fatalf("adopt a policy to be asked for: %v, %v", ok, err)
+	}
 	listen := func() *net.UDPConn { return listenUDP(t) }
 	at := func(c *net.UDPConn) netip.AddrPort { return netip.MustParseAddrPort(c.LocalAddr().String()) }
 	stranger, member, sync := listen(), listen(), listen()
 	lg.g.members.update("stranger", at(stranger), []byte("junk meta"))
-	id, err := ca.IssueIdentity(certs.Attributes{Node: "member", Site: "far", Region: "r", Provider: "onprem", Jurisdiction: "CH",
-		OverlayIP: netip.MustParseAddr("100.64.9.9")}, time.Hour, time.Now())
-	if err != nil {
-		t.Fatal(err)
-	}
-	wg, _ := certs.GenerateWGKey()
-	proof, _ := certs.ProveWGKey(wg, id.Fingerprint())
-	a := id.Attributes()
-	meta, err := certs.SignAdvert(&certs.Advert{Version: 1, Timestamp: time.Now(), Node: a.Node, Site: a.Site, Region: a.Region, Provider: a.Provider,
-		Jurisdiction: a.Jurisdiction, OverlayIP: a.OverlayIP, WireGuardKey: wg.Public(), WireGuardKeyProof: proof}, id)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := lg.g.members.addCert(id.Certificate().Raw); err != nil {
-		t.Fatal(err)
-	}
-	lg.g.members.update("member", at(member), meta)
-	if lg.g.members.verified("member") == nil {
-		t.Fatal("the member is not verified")
-	}
+	verifiedMember(t, lg.g, ca, "member", "100.64.9.9", at(member))
 	buf := make([]byte, 64<<10)
 	// synced sends a certificate request last and waits for its answer:
 	// the worker takes messages in order and sends a list this small as
@@ -182,6 +175,7 @@ func TestBlobRequestsBounded(t *testing.T) {
 	}
 	for range 20 {
 		d.NotifyMsg(encodeMessage(msgBlobRequest, []byte{blobCRL}, []byte("stranger"), nil))
+		d.NotifyMsg(encodeMessage(msgBlobRequest, []byte{blobPolicy}, []byte("stranger"), nil))
 		d.NotifyMsg(encodeMessage(msgBlobRequest, []byte{blobCRL}, []byte("member"), nil))
 	}
 	synced()
@@ -202,12 +196,16 @@ func TestBlobRequestsBounded(t *testing.T) {
 
 	// Announcements of a newer policy make the gateway ask the member
 	// named, if verified: a forged one naming anyone else is ignored, and
-	// takes nothing from the member's.
+	// takes nothing from the member's. The stranger is named for the
+	// forgery: gossip knows where it is, so an ask would reach it.
 	for range 20 {
-		d.NotifyMsg(encodeMessage(msgAnnounce, []byte{blobPolicy}, binary.BigEndian.AppendUint64(nil, 1<<62), []byte("nobody")))
+		d.NotifyMsg(encodeMessage(msgAnnounce, []byte{blobPolicy}, binary.BigEndian.AppendUint64(nil, 1<<62), []byte("stranger")))
 	}
 	d.NotifyMsg(encodeMessage(msgAnnounce, []byte{blobPolicy}, binary.BigEndian.AppendUint64(nil, 7), []byte("member")))
 	synced()
+	if n := count(stranger); n != 0 {
+		t.Errorf("20 announcements naming a member never verified made %d requests to it", n)
+	}
 	if n := count(member); n != 1 {
 		t.Errorf("an announcement by a member after 20 forged ones made %d requests to it, want 1", n)
 	}
@@ -408,6 +406,34 @@ func mustIssue(t *testing.T, ca *certs.CA, node, ip string) []byte {
 		t.Fatal(err)
 	}
 	return id.Certificate().Raw
+}
+
+// verifiedMember makes node (certified by ca, at overlay address ip) a
+// verified member of g, gossiping from gossip: its certificate and signed
+// advert reach g as they would by gossip. No gateway runs behind it.
+func verifiedMember(t *testing.T, g *Gateway, ca *certs.CA, node, ip string, gossip netip.AddrPort) *certs.NodeIdentity {
+	t.Helper()
+	id, err := ca.IssueIdentity(certs.Attributes{Node: node, Site: "far-" + node, Region: "r", Provider: "onprem", Jurisdiction: "CH",
+		OverlayIP: netip.MustParseAddr(ip)}, time.Hour, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	wg, _ := certs.GenerateWGKey()
+	proof, _ := certs.ProveWGKey(wg, id.Fingerprint())
+	a := id.Attributes()
+	meta, err := certs.SignAdvert(&certs.Advert{Version: 1, Timestamp: time.Now(), Node: a.Node, Site: a.Site, Region: a.Region, Provider: a.Provider,
+		Jurisdiction: a.Jurisdiction, OverlayIP: a.OverlayIP, WireGuardKey: wg.Public(), WireGuardKeyProof: proof}, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := g.members.addCert(id.Certificate().Raw); err != nil {
+		t.Fatal(err)
+	}
+	g.members.update(node, gossip, meta)
+	if g.members.verified(node) == nil {
+		t.Fatalf("%s is not verified", node)
+	}
+	return id
 }
 
 // listenUDP is a UDP socket on loopback, closed with the test.
