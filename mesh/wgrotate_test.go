@@ -83,6 +83,93 @@ func TestWireGuardRotationAckLost(t *testing.T) {
 	}
 }
 
+// TestWireGuardAckCountsOnlyForAPeerWaitedFor: the rotation waits for the
+// peers of its plan as it began. An acknowledgement from any other member
+// (one verified since, which is no peer of that plan) counts for nothing:
+// counted, it could end the wait before a peer holds the next key, and
+// the switch would cut that peer off until gossip brought it the new key.
+func TestWireGuardAckCountsOnlyForAPeerWaitedFor(t *testing.T) {
+	ca, lg := lonelyGateway(t)
+	g := lg.g
+	d := delegate{g: g}
+	peer := verifiedMember(t, g, ca, "peer", "100.64.9.9", netip.MustParseAddrPort("127.0.0.2:9"))
+	waitUntil(t, 10*time.Second, "peer in the plan", func() bool {
+		p := g.plan.Load()
+		return p != nil && slices.ContainsFunc(p.Peers, func(pc PeerConfig) bool { return pc.Node == "peer" })
+	})
+	type result struct {
+		rep *WGRotationReport
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		rep, err := g.RotateWireGuardKey(context.Background())
+		done <- result{rep, err}
+	}()
+	waitUntil(t, 10*time.Second, "the rotation waiting for acknowledgements", func() bool { return g.wgAck.Load() != nil })
+	next := g.wgAck.Load().key
+	newcomer := verifiedMember(t, g, ca, "newcomer", "100.64.9.10", netip.MustParseAddrPort("127.0.0.3:9"))
+	// The worker takes them in order: the newcomer's first.
+	for _, id := range []*certs.NodeIdentity{newcomer, peer} {
+		from := &Gateway{}
+		from.id.Store(id)
+		ack, err := from.signedAck(msgWGKeyAck, next[:])
+		if err != nil {
+			t.Fatal(err)
+		}
+		d.NotifyMsg(ack)
+	}
+	select {
+	case r := <-done:
+		if r.err != nil {
+			t.Fatal(r.err)
+		}
+		if !slices.Equal(r.rep.Ready, []string{"peer"}) || len(r.rep.Late) != 0 {
+			t.Errorf("ready %v, late %v; want the peer ready, and the newcomer's acknowledgement not counted", r.rep.Ready, r.rep.Late)
+		}
+	case <-time.After(wgAckWait + 10*time.Second):
+		t.Fatal("the rotation did not end")
+	}
+}
+
+// TestWireGuardAckOfAnotherKeyNotCounted: a peer's signed acknowledgement
+// counts only for the rotation to the key it names. One of another key
+// (an earlier rotation's, which anyone holding the gossip key can replay)
+// must not let the gateway switch before the peer holds the new one.
+func TestWireGuardAckOfAnotherKeyNotCounted(t *testing.T) {
+	f := newFixture(t)
+	ms := newMembership("self", f.trust(), func() time.Time { return f.now }, func() {})
+	a := f.identity("gw-a", "site-a", 1, f.now.Add(-time.Hour))
+	if err := ms.addCert(a.Certificate().Raw); err != nil {
+		t.Fatal(err)
+	}
+	ms.update("gw-a", gossipAddr, f.advert(a, 1))
+	peer := &Gateway{}
+	peer.id.Store(a)
+	ack := func(k certs.WGPublicKey) message {
+		b, err := peer.signedAck(msgWGKeyAck, k[:])
+		if err != nil {
+			t.Fatal(err)
+		}
+		m, err := decodeMessage(b, maxFields)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return m
+	}
+	next, _ := certs.GenerateWGKey()
+	earlier, _ := certs.GenerateWGKey()
+	g := &Gateway{members: ms}
+	w := &wgAckWaiter{key: next.Public(), ch: make(chan string, 2)}
+	g.wgAck.Store(w)
+	if err := g.handleWGKeyAck(ack(earlier.Public())); err != nil || len(w.ch) != 0 {
+		t.Errorf("gw-a's acknowledgement of another key: %v, %d counted; want none", err, len(w.ch))
+	}
+	if err := g.handleWGKeyAck(ack(next.Public())); err != nil || len(w.ch) != 1 {
+		t.Fatalf("gw-a's acknowledgement of the key rotated to: %v, %d counted; want it", err, len(w.ch))
+	}
+}
+
 // TestAcksAreSigned: an acknowledgement counts only when the member it
 // names signed it — holding the gossip key is not enough to acknowledge a
 // keyring step or a next WireGuard key for a gateway that missed it.
