@@ -1653,6 +1653,32 @@ func TestEnrollCSRKeyBeforeSignature(t *testing.T) {
 	}
 }
 
+// TestEnrollCSRSignatureChecked: an enrollment request proves that its
+// sender holds the key it asks to have certified: one of the right kind
+// whose signature does not verify is refused. Without the proof, a token
+// would get any public key at all certified as the burst gateway's,
+// another gateway's among them.
+func TestEnrollCSRSignatureChecked(t *testing.T) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	good, err := certs.CreateCSR(key, certs.Attributes{Node: "x", Site: "s", Region: "r", Provider: "aws", Jurisdiction: "NL", OverlayIP: netip.MustParseAddr("100.64.0.9")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := parseEnrollCSR(good); err != nil {
+		t.Fatalf("a request its key signed: %v", err)
+	}
+	blk, _ := pem.Decode(good)
+	der := bytes.Clone(blk.Bytes)
+	der[len(der)-1] ^= 1 // the signature's last byte
+	bad := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der})
+	if _, err := parseEnrollCSR(bad); err == nil || !strings.Contains(err.Error(), "not signed by its key") {
+		t.Errorf("a P-256 request whose signature does not verify: %v; want it refused", err)
+	}
+}
+
 // TestBurstEndKeepsIdentityUntilRecorded: a burst gateway that cannot
 // record its burst's end (a full disk) keeps its identity: removed
 // without it, the next start was of a live burst with no identity, told

@@ -78,8 +78,15 @@ func TestMigrationSeenBeforeItsRecord(t *testing.T) {
 	if _, err := m.resolve(MigrationRequest{ID: first.ID}); err == nil || !strings.Contains(err.Error(), "already running") {
 		t.Errorf("resume before the record: %v; want already running", err)
 	}
-	if _, err := m.begin(first, cancel); err == nil {
-		t.Error("the same ID began twice")
+	// An ID runs once, whatever its destination: two runs would share one
+	// journal record and its chunks, and the second would take the first's
+	// place among those running, which could then no longer be cancelled.
+	// (To the same destination it is refused as a second send of the
+	// image too, which hid whether this check holds.)
+	twice := first
+	twice.To = "gw-iad"
+	if _, err := m.begin(twice, cancel); err == nil || !strings.Contains(err.Error(), "already running") {
+		t.Errorf("the same ID begun again, to another gateway: %v; want it refused as running", err)
 	}
 	// One image to one destination at a time; to another, it may go.
 	again := first

@@ -443,7 +443,9 @@ func BenchmarkComputeAway(b *testing.B) {
 }
 
 // TestLinkMemo: plans computed with a memo equal plans computed afresh,
-// across membership changes, a new policy, and an exception expiring.
+// across membership changes, a new policy, an exception expiring, and our
+// own certificate renewed with other classes (a link judged for the
+// classes we carried is not the link for those we carry now).
 func TestLinkMemo(t *testing.T) {
 	withException := meshPolicy + `
 exception "iad-dr" {
@@ -459,21 +461,25 @@ exception "iad-dr" {
 	polA, polB := mustPolicy(t, meshPolicy), mustPolicy(t, withException)
 	iadRisk := gw("iad-9", "aws-us-east-1", "US", "aws", 9, "swiss-banking-secret", "10.9.0.0/16")
 	zrhRisk := gw("zrh-9", "onprem-zrh", "CH", "onprem", 8, "swiss-banking-secret", "10.1.0.0/16")
+	zrhBatch := gw("zrh-9", "onprem-zrh", "CH", "onprem", 8, "risk-batch", "10.1.0.0/16") // zrh-9 renewed
+	expired := time.Date(2026, 11, 30, 0, 0, 0, 0, time.UTC)
 	steps := []struct {
 		name   string
+		self   Node
 		peers  []Node
 		policy *policy.Policy
 		at     time.Time
 	}{
-		{"first plan", []Node{zrh2, fra1, iad1}, polA, now},
-		{"a member joins", []Node{zrh2, fra1, fra2, iad1, gva1}, polA, now},
-		{"a member leaves", []Node{zrh2, fra2, gva1}, polA, now},
-		{"a new policy with an exception", []Node{zrh2, fra1, iadRisk, gva1}, polB, now},
-		{"the exception expires", []Node{zrh2, fra1, iadRisk, gva1}, polB, time.Date(2026, 11, 30, 0, 0, 0, 0, time.UTC)},
+		{"first plan", zrhRisk, []Node{zrh2, fra1, iad1}, polA, now},
+		{"a member joins", zrhRisk, []Node{zrh2, fra1, fra2, iad1, gva1}, polA, now},
+		{"a member leaves", zrhRisk, []Node{zrh2, fra2, gva1}, polA, now},
+		{"a new policy with an exception", zrhRisk, []Node{zrh2, fra1, iadRisk, gva1}, polB, now},
+		{"the exception expires", zrhRisk, []Node{zrh2, fra1, iadRisk, gva1}, polB, expired},
+		{"our certificate renewed with other classes", zrhBatch, []Node{zrh2, fra1, iadRisk, gva1}, polB, expired},
 	}
 	var memo LinkMemo
 	for _, st := range steps {
-		in := TopologyInput{Self: zrhRisk, Peers: st.peers, Policy: st.policy, Now: st.at, MeshPrefix: mesh16}
+		in := TopologyInput{Self: st.self, Peers: st.peers, Policy: st.policy, Now: st.at, MeshPrefix: mesh16}
 		fresh := Compute(in)
 		in.Memo = &memo
 		memoized := Compute(in)
@@ -486,10 +492,19 @@ exception "iad-dr" {
 	in := TopologyInput{Self: zrhRisk, Peers: []Node{iadRisk}, Policy: polB, MeshPrefix: mesh16}
 	in.Now = now
 	before := Compute(in)
-	in.Now = time.Date(2026, 11, 30, 0, 0, 0, 0, time.UTC)
+	in.Now = expired
 	after := Compute(in)
 	if before.Links[0].Allowed == after.Links[0].Allowed {
 		t.Fatalf("test policy: the exception changes nothing (%v / %v)", before.Links, after.Links)
+	}
+	// The renewal matters too: fra-1 shares a class with zrh-9 only after
+	// it.
+	in = TopologyInput{Self: zrhRisk, Peers: []Node{fra1}, Policy: polB, Now: expired, MeshPrefix: mesh16}
+	before = Compute(in)
+	in.Self = zrhBatch
+	after = Compute(in)
+	if before.Links[0].Allowed == after.Links[0].Allowed {
+		t.Fatalf("test policy: the renewal changes nothing (%v / %v)", before.Links, after.Links)
 	}
 }
 
