@@ -1111,7 +1111,8 @@ func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision, log
 	// nothing of a restart: its resume of a changed source is refused,
 	// where it used to overrun its room by the chunks held. One that does
 	// not say how many chunks hold data may fill every one: room for them
-	// all.)
+	// all.) The journal's record of every chunk that may hold data comes
+	// on top: it shares the store's disk.
 	allow := chunkCount(o.Size, o.ChunkSize)
 	if o.Chunks != nil {
 		allow = *o.Chunks
@@ -1123,11 +1124,8 @@ func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision, log
 	if !rec.Restarted {
 		fresh = max(0, allow-int64(len(durable)-len(lost)))
 	}
-	need := fresh * o.ChunkSize
-	if o.Format == FormatQcow2 {
-		need += qcowMetaBytes(o.Size, allow, o.ChunkSize)
-	}
-	hold, err := r.reserve(o.ID, need)
+	need, journal := receiveNeed(o, allow, fresh)
+	hold, err := r.reserve(o.ID, need, journal)
 	if err != nil {
 		return nil, nil, err
 	}

@@ -18,6 +18,31 @@ import (
 // the journal, the audit log and the gateway's state may share its disk.
 const storeHeadroom = 64 << 20
 
+// journalPerChunk is what a receive may add to the journal, which shares
+// the store's disk, per chunk that may hold data: the chunk's entry among
+// those held durable, its line in the staged and then the catalog
+// manifest, and the pages bbolt copies on write and frees only once no
+// reader holds them. A receive of 16,384 chunks grew the journal by 258
+// bytes a chunk; twice that leaves room for pages that split half full.
+// Left to storeHeadroom, shared by every receive, one receive of
+// MaxManifestChunks used all of it, and two of 150,000 chunks filled the
+// disk and failed a commit.
+const journalPerChunk = 512
+
+// receiveNeed is what a receive may add to the store's disk: up to fresh
+// new chunks, a qcow2 image's metadata, and the journal's record of the
+// allow chunks that may hold data (journal, part of need). The journal's
+// share stays held until the receive ends: most of it is written at the
+// commit.
+func receiveNeed(o *Offer, allow, fresh int64) (need, journal int64) {
+	journal = allow * journalPerChunk
+	need = fresh*o.ChunkSize + journal
+	if o.Format == FormatQcow2 {
+		need += qcowMetaBytes(o.Size, allow, o.ChunkSize)
+	}
+	return need, journal
+}
+
 // reservation is the share of the store's free space a receive may still
 // use: what it may write, reckoned at its offer, less what it has written
 // since (which the free space already shows).
@@ -29,9 +54,9 @@ type reservation struct {
 func (v *reservation) remaining() int64 { return max(0, v.bytes-v.wrote.Load()) }
 
 // roomFor says why a store with free bytes free cannot take a receive that
-// writes up to need bytes while others may still write held bytes; nil if
-// it can and keeps storeHeadroom spare.
-func roomFor(need, free, held int64, others int) error {
+// writes up to need bytes (journal of them to the journal) while others
+// may still write held bytes; nil if it can and keeps storeHeadroom spare.
+func roomFor(need, journal, free, held int64, others int) error {
 	if need+held+storeHeadroom <= free {
 		return nil
 	}
@@ -39,8 +64,8 @@ func roomFor(need, free, held int64, others int) error {
 	if held > 0 {
 		of = fmt.Sprintf(", %s of it held for %d other migrations under way,", units.Bytes(held), others)
 	}
-	return fmt.Errorf("the image needs up to %s in the destination's image store, which has %s free%s and keeps %s spare: free space there, or send the image to another destination",
-		units.Bytes(need), units.Bytes(free), of, units.Bytes(storeHeadroom))
+	return fmt.Errorf("the image needs up to %s in the destination's image store (%s of it for the migration journal's record of its chunks), which has %s free%s and keeps %s spare: free space there, or send the image to another destination",
+		units.Bytes(need), units.Bytes(journal), units.Bytes(free), of, units.Bytes(storeHeadroom))
 }
 
 // freeBytes is the space unprivileged writers may still use on dir's
@@ -54,10 +79,10 @@ func freeBytes(dir string) (int64, error) {
 }
 
 // reserve takes a share of the store's free space for receive id, being
-// opened (in r.opening), which may write up to need bytes. The shares are
-// those of the receives under way and being opened: one goes with its
-// receive, an earlier attempt's with the ID.
-func (r *Receiver) reserve(id string, need int64) (*reservation, error) {
+// opened (in r.opening), which may write up to need bytes, journal of them
+// to the journal. The shares are those of the receives under way and being
+// opened: one goes with its receive, an earlier attempt's with the ID.
+func (r *Receiver) reserve(id string, need, journal int64) (*reservation, error) {
 	free, err := freeBytes(r.cfg.StoreDir)
 	if err != nil {
 		return nil, err
@@ -78,7 +103,7 @@ func (r *Receiver) reserve(id string, need int64) (*reservation, error) {
 			others++
 		}
 	}
-	if err := roomFor(need, free, held, others); err != nil {
+	if err := roomFor(need, journal, free, held, others); err != nil {
 		return nil, err
 	}
 	v := &reservation{bytes: need}

@@ -21,21 +21,22 @@ import (
 func TestRoomFor(t *testing.T) {
 	const M = 1 << 20
 	for _, tc := range []struct {
-		name             string
-		need, free, held int64
-		others           int
-		want             string // "" if it fits
+		name                      string
+		need, journal, free, held int64
+		others                    int
+		want                      string // "" if it fits
 	}{
-		{"fits", 100 * M, 200 * M, 0, 0, ""},
-		{"fits exactly with the headroom", 100 * M, 100*M + storeHeadroom, 0, 0, ""},
-		{"nothing to write, headroom there", 0, storeHeadroom, 0, 0, ""},
-		{"short of the headroom", 100 * M, 100*M + storeHeadroom - 1, 0, 0, "needs up to 100.0 MiB in the destination's image store, which has 164.0 MiB free and keeps 64.0 MiB spare"},
-		{"too big", 1 << 40, 10 << 30, 0, 0, "needs up to 1.0 TiB"},
-		{"fits alone, not beside others", 100 * M, 200 * M, 50 * M, 2, "200.0 MiB free, 50.0 MiB of it held for 2 other migrations under way,"},
-		{"beside others, still fits", 100 * M, 300 * M, 50 * M, 2, ""},
-		{"disk nearly full, nothing to write", 0, storeHeadroom - 1, 0, 0, "needs up to 0 B"},
+		{"fits", 100 * M, 0, 200 * M, 0, 0, ""},
+		{"fits exactly with the headroom", 100 * M, 0, 100*M + storeHeadroom, 0, 0, ""},
+		{"nothing to write, headroom there", 0, 0, storeHeadroom, 0, 0, ""},
+		{"short of the headroom", 100 * M, 0, 100*M + storeHeadroom - 1, 0, 0, "needs up to 100.0 MiB in the destination's image store (0 B of it for the migration journal's record of its chunks), which has 164.0 MiB free and keeps 64.0 MiB spare"},
+		{"too big", 1 << 40, 0, 10 << 30, 0, 0, "needs up to 1.0 TiB"},
+		{"fits alone, not beside others", 100 * M, 0, 200 * M, 50 * M, 2, "200.0 MiB free, 50.0 MiB of it held for 2 other migrations under way,"},
+		{"beside others, still fits", 100 * M, 0, 300 * M, 50 * M, 2, ""},
+		{"disk nearly full, nothing to write", 0, 0, storeHeadroom - 1, 0, 0, "needs up to 0 B"},
+		{"short by the journal's share", 100 * M, 28 * M, 164*M - 1, 0, 0, "needs up to 100.0 MiB in the destination's image store (28.0 MiB of it for the migration journal's record of its chunks)"},
 	} {
-		err := roomFor(tc.need, tc.free, tc.held, tc.others)
+		err := roomFor(tc.need, tc.journal, tc.free, tc.held, tc.others)
 		switch {
 		case tc.want == "" && err != nil:
 			t.Errorf("%s: %v", tc.name, err)
@@ -44,6 +45,40 @@ func TestRoomFor(t *testing.T) {
 		case err != nil && !strings.Contains(err.Error(), "free space there, or send the image to another destination"):
 			t.Errorf("%s: %v; the error does not say what to do", tc.name, err)
 		}
+	}
+}
+
+// TestReceiveNeedCountsTheJournal: what a receive reserves counts the
+// journal's growth for every chunk that may hold data, which shares the
+// store's disk: measured at 258 bytes a chunk, it was left to the 64 MiB
+// spare, which one receive of MaxManifestChunks chunks used whole and two
+// receives shared until a commit failed on a full disk.
+func TestReceiveNeedCountsTheJournal(t *testing.T) {
+	const measured = 258 // bytes a chunk the journal grew by
+	raw := &Offer{Format: FormatRaw, Size: 4 * mib, ChunkSize: mib}
+	for _, tc := range []struct {
+		name                  string
+		o                     *Offer
+		allow, fresh          int64
+		wantNeed, wantJournal int64
+	}{
+		{"a new receive", raw, 2, 2, 2*mib + 2*journalPerChunk, 2 * journalPerChunk},
+		// Held chunks take no new room, but the manifests the commit
+		// writes list them too.
+		{"a resume holding every chunk", raw, 2, 0, 2 * journalPerChunk, 2 * journalPerChunk},
+		{"qcow2", &Offer{Format: FormatQcow2, Size: 4 * mib, ChunkSize: mib}, 2, 1, mib + 2*journalPerChunk + qcowMetaBytes(4*mib, 2, mib), 2 * journalPerChunk},
+	} {
+		need, journal := receiveNeed(tc.o, tc.allow, tc.fresh)
+		if need != tc.wantNeed || journal != tc.wantJournal {
+			t.Errorf("%s: need %d, journal %d; want %d, %d", tc.name, need, journal, tc.wantNeed, tc.wantJournal)
+		}
+	}
+	// The largest receive of 4 KiB chunks this release sends: its journal
+	// share covers what was measured, and alone exceeds the spare.
+	big := &Offer{Format: FormatRaw, Size: MaxManifestChunks * 4096, ChunkSize: 4096}
+	need, journal := receiveNeed(big, MaxManifestChunks, MaxManifestChunks)
+	if journal < measured*MaxManifestChunks || journal <= storeHeadroom || need != MaxManifestChunks*4096+journal {
+		t.Errorf("%d chunks of 4 KiB: need %d, journal %d; want the journal at least %d a chunk, beyond the %d spare", int64(MaxManifestChunks), need, journal, measured, storeHeadroom)
 	}
 }
 
@@ -96,7 +131,7 @@ func TestReceiverMakesRoom(t *testing.T) {
 	}
 
 	// Too big for the store: refused before anything is written.
-	if _, err := Send(context.Background(), image("huge", 10)); err == nil || !strings.Contains(err.Error(), "needs up to 10.0 MiB in the destination's image store") {
+	if _, err := Send(context.Background(), image("huge", 10)); err == nil || !strings.Contains(err.Error(), "needs up to 10.1 MiB in the destination's image store (80.0 KiB of it for the migration journal's record of its chunks)") {
 		t.Fatalf("a 10 MiB image into 8 MiB of room: %v; want a refusal saying what it needs", err)
 	}
 	if names := incoming(); len(names) != 0 {
@@ -256,8 +291,11 @@ func (p *pair) attemptReserving(t *testing.T, o Offer, wantHold int64, chunks ..
 	p.recv.mu.Lock()
 	hold := p.recv.sessions[o.ID].hold
 	p.recv.mu.Unlock()
-	if hold.bytes != wantHold {
-		t.Fatalf("%d chunks held, restarted %v: reserved %d bytes, want %d", len(acc.Have), o.Restarted, hold.bytes, wantHold)
+	// Beside the chunks' room, the journal's record of every chunk the
+	// offer said may hold data, held ones included.
+	journal := *o.Chunks * journalPerChunk
+	if hold.bytes != wantHold+journal {
+		t.Fatalf("%d chunks held, restarted %v: reserved %d bytes, want %d and %d for the journal", len(acc.Have), o.Restarted, hold.bytes, wantHold, journal)
 	}
 	chunk := make([]byte, o.ChunkSize)
 	for _, i := range chunks {
@@ -273,8 +311,8 @@ func (p *pair) attemptReserving(t *testing.T, o Offer, wantHold int64, chunks ..
 		if err != nil || typ != frameAck {
 			t.Fatalf("chunk %d: answer type %d %q, %v; want an ack", i, typ, b, err)
 		}
-		if wrote := hold.wrote.Load(); wrote > hold.bytes {
-			t.Fatalf("%d chunks held, the sender was let write %d bytes against a reservation of %d", len(acc.Have), wrote, hold.bytes)
+		if wrote := hold.wrote.Load(); wrote > hold.bytes-journal {
+			t.Fatalf("%d chunks held, the sender was let write %d bytes against a reservation of %d for chunks", len(acc.Have), wrote, hold.bytes-journal)
 		}
 	}
 	return ""
