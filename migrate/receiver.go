@@ -751,16 +751,11 @@ func (r *Receiver) control(ctx context.Context, c *tls.Conn, fr *frameReader, fw
 		fw.json(frameDeny, Deny{Rule: d.Rule.String(), Reasons: d.Reasons})
 		return
 	}
-	if r.cfg.Audit != nil {
-		if err := r.cfg.Audit.Ready(r.cfg.Identity(), r.cfg.Now()); err != nil {
-			log.Error("cannot receive migration: its audit record could not be written", "err", err)
-			fw.json(frameError, "the receiving gateway's audit log cannot take the migration's record (its log says why); nothing was received")
-			return
-		}
-	}
 	s, acc, err := r.open(o, from, d, log)
 	if err != nil {
-		log.Error("cannot receive migration", "err", err)
+		if !errors.Is(err, errAuditNotReady) { // logged with its cause
+			log.Error("cannot receive migration", "err", err)
+		}
 		fw.json(frameError, err.Error())
 		return
 	}
@@ -969,6 +964,10 @@ func (r *Receiver) isStopping() bool {
 
 var errStopping = errors.New("the receiving gateway is stopping: resume the migration when it is back")
 
+// errAuditNotReady is what a sender is told of an audit log that cannot
+// take the migration's record: why is the receiving gateway's to know.
+var errAuditNotReady = errors.New("the receiving gateway's audit log cannot take the migration's record (its log says why); nothing was received")
+
 // open creates or resumes the session's temporary image.
 func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision, log *slog.Logger) (*session, *Accept, error) {
 	r.mu.Lock()
@@ -1128,6 +1127,16 @@ func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision, log
 	hold, err := r.reserve(o.ID, need, journal)
 	if err != nil {
 		return nil, nil, err
+	}
+	// After the room: the audit log shares the store's disk, and refuses
+	// when it is nearly full, where the sender is better told what
+	// reserve says (free space there, or another destination) than that
+	// the log refused.
+	if r.cfg.Audit != nil {
+		if err := r.cfg.Audit.Ready(r.cfg.Identity(), r.cfg.Now()); err != nil {
+			log.Error("cannot receive migration: its audit record could not be written", "err", err)
+			return nil, nil, errAuditNotReady
+		}
 	}
 	rec.Attempted = r.cfg.Now()
 	if err := j.put(bucketRecv, o.ID, &rec); err != nil {

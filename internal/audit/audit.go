@@ -491,9 +491,27 @@ var minFree uint64 = 16 << 20
 // Ready reports whether the log can take a record signed by id at now:
 // id's certificate is valid then, the log's end is a whole record (or it
 // is empty) and its disk has room. What is recorded when it ends — a
-// migration, a removal — must not start when its record cannot be
-// written. id is nil when the caller signs nothing itself.
-func (l *Log) Ready(id *certs.NodeIdentity, now time.Time) error {
+// migration, a removal (ReadyToFree) — must not start when its record
+// cannot be written. id is nil when the caller signs nothing itself.
+func (l *Log) Ready(id *certs.NodeIdentity, now time.Time) error { return l.ready(id, now, true) }
+
+// ReadyToFree is Ready for a record of what frees space (an image's
+// removal): the log must be whole and the certificate valid, but its disk
+// need not have minFree free. A removal is how a full disk is emptied,
+// and its record, a few hundred bytes, fits where the margin does not; if
+// it does not fit, Append fails and its caller undoes what it began.
+func (l *Log) ReadyToFree(id *certs.NodeIdentity, now time.Time) error {
+	return l.ready(id, now, false)
+}
+
+// ready is Ready, checking the disk's free space only if margin.
+func (l *Log) ready(id *certs.NodeIdentity, now time.Time, margin bool) error {
+	room := func(at string) error {
+		if !margin {
+			return nil
+		}
+		return roomFor(l.path, at)
+	}
 	// A certificate not valid when the record is dated would have it
 	// refused, owed until the identity is renewed (or the clock set
 	// right): a removal done by then is in no log. Dated as Append dates
@@ -517,7 +535,7 @@ func (l *Log) Ready(id *certs.NodeIdentity, now time.Time) error {
 		if err := valid(nil); err != nil {
 			return err
 		}
-		return roomFor(l.path, filepath.Dir(l.path))
+		return room(filepath.Dir(l.path))
 	}
 	if err != nil {
 		return err
@@ -537,7 +555,7 @@ func (l *Log) Ready(id *certs.NodeIdentity, now time.Time) error {
 	if err := valid(last); err != nil {
 		return err
 	}
-	return roomFor(l.path, l.path)
+	return room(l.path)
 }
 
 // roomFor reports whether the disk of at (the log, or its directory

@@ -634,6 +634,40 @@ func TestReady(t *testing.T) {
 	}
 }
 
+// TestReadyToFree: a record of what frees space (an image's removal) is
+// taken on a disk short of the margin a migration needs, there most of
+// all; a log ending in a damaged record still refuses it, as does a
+// certificate not valid at its time.
+func TestReadyToFree(t *testing.T) {
+	id, _ := identity(t)
+	saved := minFree
+	minFree = 1 << 62 // no disk has that free
+	defer func() { minFree = saved }()
+	path := filepath.Join(t.TempDir(), "audit.log")
+	l := Open(path)
+	if err := l.Ready(id, t0); err == nil {
+		t.Fatal("Ready on a disk short of room: nil")
+	}
+	if err := l.ReadyToFree(id, t0); err != nil {
+		t.Fatalf("a new log on a disk short of room: %v", err)
+	}
+	if _, err := l.Append(id, "image", map[string]any{"action": "removed"}, t0); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.ReadyToFree(id, t0); err != nil {
+		t.Fatalf("a log of one record on a disk short of room: %v", err)
+	}
+	if err := l.ReadyToFree(id, id.Certificate().NotAfter.Add(time.Hour)); err == nil {
+		t.Error("a record dated past its certificate's end: nil")
+	}
+	f, _ := os.OpenFile(path, os.O_WRONLY|os.O_APPEND, 0)
+	f.WriteString("not a record\n")
+	f.Close()
+	if err := l.ReadyToFree(id, t0); err == nil || !strings.Contains(err.Error(), "last record is damaged") {
+		t.Fatalf("a log ending in a damaged record: %v", err)
+	}
+}
+
 // TestHead: a log cut back, emptied or replaced by an older copy still
 // verifies as a chain; its head says records are missing, and no record
 // is chained to what is left.

@@ -1,0 +1,144 @@
+package migrate
+
+import (
+	"context"
+	"errors"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+
+	"github.com/skybridge-mesh/skybridge/internal/audit"
+)
+
+// fullDiskPair is a pair whose receiving gateway keeps its images, journal
+// and audit log on one tmpfs of the given size (mount(8)'s "96m"), as a
+// gateway keeps them in its state directory (images/, migrate.db,
+// audit.log); tweak, if set, makes a last change to the receiver's
+// configuration, state being the tmpfs. It returns the pair and state.
+func fullDiskPair(t *testing.T, size string, tweak func(c *ReceiverConfig, state string)) (*pair, string) {
+	t.Helper()
+	mount := tmpfsStore(t, size) // skips without root
+	var state string
+	var j *Journal
+	var lg *audit.Log
+	p := newPairWith(t, "DE", func(c *ReceiverConfig) {
+		state = filepath.Join(filepath.Dir(c.StoreDir), "state")
+		mount(&ReceiverConfig{StoreDir: state})
+		var err error
+		if j, err = OpenJournal(filepath.Join(state, "migrate.db")); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { j.Close() }) // before the tmpfs is unmounted
+		lg = audit.Open(filepath.Join(state, "audit.log"))
+		c.StoreDir, c.Journal, c.Audit = filepath.Join(state, "images"), j, lg
+		if tweak != nil {
+			tweak(c, state)
+		}
+	})
+	p.recvJ.Close()
+	p.recvJ, p.recvAudit, p.store = j, lg, filepath.Join(state, "images")
+	return p, state
+}
+
+// fill writes a file into dir until its file system is full, and returns
+// a function that removes it.
+func fill(t *testing.T, dir string) (free func()) {
+	t.Helper()
+	path := filepath.Join(dir, "filler")
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	buf := make([]byte, mib)
+	for _, n := range []int{mib, 4096, 1} {
+		for {
+			if _, err := f.Write(buf[:n]); err != nil {
+				if !errors.Is(err, syscall.ENOSPC) {
+					t.Fatal(err)
+				}
+				break
+			}
+		}
+	}
+	return func() {
+		if err := os.Remove(path); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// TestRemoveOnANearlyFullDisk: on a disk with less free than the margin
+// a migration's audit record needs (16 MiB), an offer is refused saying
+// the disk is short of room, not that the audit log refused; and an image
+// is removed, with its record, where before the removal that would free
+// the space was refused.
+func TestRemoveOnANearlyFullDisk(t *testing.T) {
+	p, state := fullDiskPair(t, "72m", nil)
+	raw := filepath.Join(p.dir, "vm.raw")
+	makeRaw(t, raw, 6*mib, map[int64]int{0: 6 * mib})
+	if _, err := Send(context.Background(), p.config(raw, "pii-eu")); err != nil {
+		t.Fatal(err)
+	}
+	img, err := p.recvJ.Image("vm")
+	if err != nil {
+		t.Fatal(err)
+	}
+	free := fill(t, state)
+	defer free()
+	// Give 8 MiB back: room for thousands of records, half the margin.
+	filler := filepath.Join(state, "filler")
+	fi, err := os.Stat(filler)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(filler, fi.Size()-8*mib); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.recvAudit.Ready(p.to, p.recv.cfg.Now()); err == nil {
+		t.Fatal("the audit log takes a migration's record with 8 MiB free; the test needs it to refuse")
+	}
+
+	other := filepath.Join(p.dir, "other.raw")
+	makeRaw(t, other, 4*mib, map[int64]int{0: mib})
+	if _, err := Send(context.Background(), p.config(other, "pii-eu")); err == nil || !strings.Contains(err.Error(), "free space there, or send the image to another destination") {
+		t.Fatalf("an offer on a nearly full disk: %v; want it told the disk is short of room", err)
+	}
+
+	if _, err := p.recv.RemoveImage("vm", "CHG-1: the disk is full"); err != nil {
+		t.Fatalf("a removal on a nearly full disk: %v", err)
+	}
+	if _, err := os.Stat(img.Path); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("the image's file is still there: %v", err)
+	}
+	recs := p.recvRecords(t)
+	if last := recs[len(recs)-1]; last.Fields["action"] != "removed" || last.Fields["name"] != "vm" || last.Fields["reason"] != "CHG-1: the disk is full" {
+		t.Errorf("last record: %+v; want the removal's", last)
+	}
+}
+
+// TestReceiverSaysTheStoreIsShortBeforeItsAuditLog: an offer the store
+// has no room for, at a receiver whose audit log cannot take a record, is
+// told of the room: on a nearly full disk the audit log refuses too, and
+// "free space there, or send the image to another destination" is what the
+// sender can act on.
+func TestReceiverSaysTheStoreIsShortBeforeItsAuditLog(t *testing.T) {
+	p := newPair(t, "DE")
+	if err := os.WriteFile(p.recvAudit.Path(), []byte("not a record\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	c := p.dial(t, nil)
+	cw, cr := newFrameWriter(c), newFrameReader(c)
+	// 16 TiB of data: more than the test's disk has.
+	o := Offer{ID: "0123456789abcdef", Name: "vm", Class: "pii-eu", Format: FormatRaw, Size: MaxImageSize, ChunkSize: 32 << 20, Streams: 1, Chunks: new(int64(1 << 19))}
+	if err := cw.json(frameOffer, o); err != nil {
+		t.Fatal(err)
+	}
+	typ, b, err := cr.next(nil)
+	if err != nil || typ != frameError || !strings.Contains(string(b), "free space there, or send the image to another destination") {
+		t.Fatalf("answer: type %d %q, %v; want the store's lack of room", typ, b, err)
+	}
+}
