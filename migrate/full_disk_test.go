@@ -3,12 +3,14 @@ package migrate
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/skybridge-mesh/skybridge/internal/audit"
 )
@@ -140,5 +142,71 @@ func TestReceiverSaysTheStoreIsShortBeforeItsAuditLog(t *testing.T) {
 	typ, b, err := cr.next(nil)
 	if err != nil || typ != frameError || !strings.Contains(string(b), "free space there, or send the image to another destination") {
 		t.Fatalf("answer: type %d %q, %v; want the store's lack of room", typ, b, err)
+	}
+}
+
+// TestReceiverSaysToResumeWhenTheDiskFills: a disk filled while a
+// migration is received ends it, the sender told the errno, to free space
+// and how to resume; its chunks wait, and the resume stores the image.
+func TestReceiverSaysToResumeWhenTheDiskFills(t *testing.T) {
+	p, state := fullDiskPair(t, "72m", nil)
+	raw := filepath.Join(p.dir, "vm.raw")
+	const chunk, n = 64 << 10, 60
+	blocks := map[int64]int{}
+	for i := range int64(n) {
+		blocks[i*chunk] = chunk
+	}
+	makeRaw(t, raw, n*chunk, blocks)
+	cfg := p.config(raw, "pii-eu")
+	cfg.ChunkSize, cfg.ID = chunk, NewID()
+	spyOn(&cfg, 20*time.Millisecond)
+	res := make(chan error, 1)
+	go func() {
+		_, err := Send(context.Background(), cfg)
+		res <- err
+	}()
+	waitFor(t, "a durable chunk", func() bool {
+		a := p.recv.Active()
+		return len(a) == 1 && a[0].Durable > 0
+	})
+	free := fill(t, state)
+	err := <-res
+	if err == nil || !strings.Contains(err.Error(), "no space left on device") || !strings.Contains(err.Error(), "free space there, then resume the migration (skybridge migrate resume "+cfg.ID+")") {
+		t.Fatalf("the sender's error on a disk filled under the receive: %v; want the errno and what to do", err)
+	}
+	if _, err := p.recvJ.Image("vm"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("the image is in the catalog: %v", err)
+	}
+	waitIdle(t, p.recv, cfg.ID)
+	free()
+	id := cfg.ID
+	cfg = p.config(raw, "pii-eu")
+	cfg.ChunkSize, cfg.ID = chunk, id
+	if _, err := Send(context.Background(), cfg); err != nil {
+		t.Fatalf("the resume once space is freed: %v", err)
+	}
+	p.stored(raw)
+}
+
+// TestWriteFailedSaysWhatToDo: what a sender is told of a write here
+// that failed for want of space says to free it and resume, whether the
+// errno came as such or as bbolt's text; other failures are told as they
+// are.
+func TestWriteFailedSaysWhatToDo(t *testing.T) {
+	s := &session{offer: Offer{ID: "0123456789abcdef"}}
+	hint := "the destination's disk is full: free space there, then resume the migration (skybridge migrate resume 0123456789abcdef)"
+	for _, tc := range []struct {
+		err  error
+		full bool
+	}{
+		{&fs.PathError{Op: "write", Path: "/store/.incoming/0123456789abcdef.raw", Err: syscall.ENOSPC}, true},
+		{&fs.PathError{Op: "write", Path: "/store/.incoming/0123456789abcdef.raw", Err: syscall.EDQUOT}, true},
+		{fmt.Errorf("file resize error: %s", syscall.ENOSPC), true},
+		{&fs.PathError{Op: "write", Path: "/store/.incoming/0123456789abcdef.raw", Err: syscall.EIO}, false},
+	} {
+		got := s.writeFailed("write", tc.err)
+		if !strings.HasPrefix(got, "write: "+tc.err.Error()) || strings.Contains(got, hint) != tc.full {
+			t.Errorf("%v: %q; want the error, and what to do if the disk is full (%v)", tc.err, got, tc.full)
+		}
 	}
 }

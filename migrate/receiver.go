@@ -1395,7 +1395,7 @@ func (s *session) data(fr *frameReader, w *lockedWriter) {
 				cm.Lock()
 				if err := s.temp.writeChunk(wr.chunk, s.at+wr.index*o.ChunkSize); err != nil {
 					failed.Store(true)
-					refuse("write: " + err.Error())
+					refuse(s.writeFailed("write", err))
 				} else {
 					s.add(wr.index, wr.hash, w, wr.wire, false)
 				}
@@ -1506,7 +1506,7 @@ func (s *session) data(fr *frameReader, w *lockedWriter) {
 			switch {
 			case err != nil:
 				failed.Store(true)
-				refuse("write: " + err.Error())
+				refuse(s.writeFailed("write", err))
 				return
 			case why != "":
 				nack(i, h, why)
@@ -1668,7 +1668,7 @@ func (s *session) flush() error {
 		// the sender waiting for acknowledgements until it gives up on
 		// a receiver it takes for gone. A resume re-reads what is held.
 		s.log.Error("could not make received chunks durable; ending the session", "err", err, "chunks", len(batch))
-		why := []byte("the receiver could not make chunks durable: " + err.Error())
+		why := []byte(s.writeFailed("the receiver could not make chunks durable", err))
 		sent := map[*lockedWriter]bool{}
 		for _, p := range batch {
 			if !sent[p.to] {

@@ -1,8 +1,11 @@
 package migrate
 
 import (
+	"errors"
 	"fmt"
+	"strings"
 	"sync/atomic"
+	"syscall"
 
 	"golang.org/x/sys/unix"
 
@@ -66,6 +69,24 @@ func roomFor(need, journal, free, held int64, others int) error {
 	}
 	return fmt.Errorf("the image needs up to %s in the destination's image store (%s of it for the migration journal's record of its chunks), which has %s free%s and keeps %s spare: free space there, or send the image to another destination",
 		units.Bytes(need), units.Bytes(journal), units.Bytes(free), of, units.Bytes(storeHeadroom))
+}
+
+// diskFull says whether err is a write refused for want of space. bbolt
+// words some of its failures with the errno's text only ("file resize
+// error: no space left on device").
+func diskFull(err error) bool {
+	return errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT) || strings.Contains(err.Error(), syscall.ENOSPC.Error())
+}
+
+// writeFailed is what the sender is told of a write here that failed (what
+// was being done, and err): on a full disk, what to do about it too. The
+// chunks made durable wait for the resume.
+func (s *session) writeFailed(what string, err error) string {
+	why := what + ": " + err.Error()
+	if diskFull(err) {
+		why += ": the destination's disk is full: free space there, then resume the migration (skybridge migrate resume " + s.offer.ID + ")"
+	}
+	return why
 }
 
 // freeBytes is the space unprivileged writers may still use on dir's
