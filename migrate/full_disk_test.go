@@ -5,9 +5,11 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -71,6 +73,178 @@ func fill(t *testing.T, dir string) (free func()) {
 			t.Fatal(err)
 		}
 	}
+}
+
+// serveAgain serves r on a new listener until the test ends.
+func serveAgain(t *testing.T, r *Receiver) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	served := make(chan error, 1)
+	go func() { served <- r.Serve(ctx, ln) }()
+	t.Cleanup(func() {
+		cancel()
+		<-served
+	})
+}
+
+// cataloged is the root the catalog itself records for name (Image gives a
+// version in place before the catalog has it).
+func cataloged(t *testing.T, j *Journal, name string) Hash {
+	t.Helper()
+	cat, err := j.Catalog()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, img := range cat {
+		if img.Name == name {
+			return img.Root
+		}
+	}
+	return Hash{}
+}
+
+// TestReceiverStartsWithAnImageItCannotRecord: a gateway that starts with
+// an image in place that its journal cannot record (a full disk) starts
+// all the same: the image stays staged, and is recorded once the journal
+// takes it. Meanwhile Image gives the version the path holds, which
+// verifies, and an offer or a removal of its name is refused, saying why:
+// a commit would replace a version the catalog never knew, a removal
+// record the one before it. Before, NewReceiver failed, and with it the
+// gateway, tunnels and all.
+func TestReceiverStartsWithAnImageItCannotRecord(t *testing.T) {
+	var rcfg ReceiverConfig
+	var stop, fail atomic.Bool
+	full := &fs.PathError{Op: "write", Path: "migrate.db", Err: syscall.ENOSPC}
+	p := newPairWith(t, "DE", func(c *ReceiverConfig) {
+		c.afterRename = func() error {
+			if stop.Load() {
+				return errStopHere
+			}
+			return nil
+		}
+		c.recordFails = func() error {
+			if fail.Load() {
+				return full
+			}
+			return nil
+		}
+		rcfg = *c
+	})
+	raw := filepath.Join(p.dir, "vm.raw")
+	makeRaw(t, raw, 8*mib, map[int64]int{0: 4096})
+	if _, err := Send(context.Background(), p.config(raw, "pii-eu")); err != nil {
+		t.Fatal(err)
+	}
+	first := cataloged(t, p.recvJ, "vm")
+	makeRaw(t, raw, 8*mib, map[int64]int{0: 4096, 5 * mib: 64 << 10})
+	stop.Store(true)
+	second, err := Send(context.Background(), p.config(raw, "pii-eu"))
+	if err == nil {
+		t.Fatal("the receiver stopped while storing, yet the send succeeded")
+	}
+	stop.Store(false)
+
+	fail.Store(true)
+	rcfg.afterRename = nil
+	r, err := NewReceiver(rcfg)
+	if err != nil {
+		t.Fatalf("a start with an image in place the journal cannot record: %v", err)
+	}
+	if !strings.Contains(p.recvLog.String(), "an image in place is not recorded in the catalog yet: the disk is full: free space on it") {
+		t.Errorf("not logged as a full disk:\n%s", p.recvLog.String())
+	}
+	if cataloged(t, p.recvJ, "vm") != first {
+		t.Fatal("the catalog changed though its record failed")
+	}
+	img, err := p.recvJ.Image("vm")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rep, err := VerifyImage(context.Background(), img); err != nil || !rep.OK {
+		t.Fatalf("verify of the image in place, not yet recorded: %+v %v", rep, err)
+	}
+	waiting := fmt.Sprintf("the version migration %s stored here is not recorded in the receiving gateway's catalog yet", second.ID)
+	if _, err := Send(context.Background(), p.config(raw, "pii-eu")); err == nil || !strings.Contains(err.Error(), waiting) {
+		t.Fatalf("an offer of the name: %v; want it refused until the image is recorded", err)
+	}
+	if _, err := r.RemoveImage("vm", "CHG-1"); err == nil || !strings.Contains(err.Error(), "is kept: its newest version, stored by migration "+second.ID+", is not recorded in the catalog yet") {
+		t.Fatalf("a removal of the name: %v; want it refused until the image is recorded", err)
+	}
+	if _, err := os.Stat(img.Path); err != nil {
+		t.Fatal(err)
+	}
+
+	// The journal takes it again: the receiver's loop records it.
+	fail.Store(false)
+	serveAgain(t, r)
+	waitFor(t, "the image and its audit record to be recorded", func() bool {
+		owed, err := p.recvJ.auditOwed()
+		return err == nil && len(owed) == 0 && cataloged(t, p.recvJ, "vm") == img.Root
+	})
+	if staged, _ := p.recvJ.stagedImages(); len(staged) != 0 {
+		t.Errorf("still staged: %+v", staged)
+	}
+	done := 0
+	for _, rec := range p.recvRecords(t) {
+		if rec.Fields["migration_id"] == second.ID && rec.Fields["outcome"] == "done" && rec.Fields["recovered"] != nil {
+			done++
+		}
+	}
+	if done != 1 {
+		t.Errorf("%d records of the image stored, want 1, marked recovered", done)
+	}
+	if _, err := Send(context.Background(), p.config(raw, "pii-eu")); err != nil {
+		t.Fatalf("an offer of the name once its image is recorded: %v", err)
+	}
+	p.stored(raw)
+}
+
+// TestReceiverStartsOnAFullDisk: as TestReceiverStartsWithAnImageItCannotRecord,
+// on a disk really full: bbolt's write fails there, as no fake does.
+func TestReceiverStartsOnAFullDisk(t *testing.T) {
+	var rcfg ReceiverConfig
+	var free func()
+	p, _ := fullDiskPair(t, "96m", func(c *ReceiverConfig, state string) {
+		c.afterRename = func() error {
+			free = fill(t, state)
+			return errStopHere
+		}
+		rcfg = *c
+	})
+	const chunk, n = 4096, 4096 // a manifest of 4,096 chunks: more than the journal's free pages hold
+	raw := filepath.Join(p.dir, "vm.raw")
+	makeRaw(t, raw, n*chunk, map[int64]int{0: n * chunk})
+	cfg := p.config(raw, "pii-eu")
+	cfg.ChunkSize = chunk
+	if _, err := Send(context.Background(), cfg); err == nil {
+		t.Fatal("the receiver stopped while storing, yet the send succeeded")
+	}
+	p.stopRecv()
+	if free == nil {
+		t.Fatal("the image was never moved into place")
+	}
+	staged, err := p.recvJ.stagedImages()
+	if err != nil || len(staged) != 1 {
+		t.Fatalf("staged: %d, %v; want the image", len(staged), err)
+	}
+	rcfg.afterRename = nil
+	r, err := NewReceiver(rcfg)
+	if err != nil {
+		t.Fatalf("a start on a full disk: %v", err)
+	}
+	if !strings.Contains(p.recvLog.String(), "the disk is full: free space on it") {
+		t.Errorf("not logged as a full disk:\n%s", p.recvLog.String())
+	}
+	free()
+	serveAgain(t, r)
+	for _, st := range staged {
+		waitFor(t, "the image to be recorded", func() bool { return cataloged(t, p.recvJ, "vm") == st.Image.Root })
+	}
+	p.stored(raw)
 }
 
 // TestRemoveOnANearlyFullDisk: on a disk with less free than the margin

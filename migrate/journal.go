@@ -582,8 +582,24 @@ func (j *Journal) Send(id string) (*SendRecord, error) {
 // Images lists the stored images.
 func (j *Journal) Images() ([]ImageRecord, error) { return list[ImageRecord](j, bucketImages) }
 
-// Image returns one stored image.
+// Image returns one stored image: the catalog's record of it or, while a
+// version moved into place at its path is not in the catalog yet (its
+// record failed: a full disk), that version's, which is what the path
+// holds: verified against the catalog's, an intact image would read as
+// damaged.
 func (j *Journal) Image(name string) (*ImageRecord, error) {
+	staged, err := j.stagedImages()
+	if err != nil {
+		return nil, err
+	}
+	for _, st := range staged {
+		if st.Image.Name != name {
+			continue
+		}
+		if at, err := sourceID(st.Image.Path); err == nil && st.movedInPlace(at) {
+			return &st.Image, nil
+		}
+	}
 	var r ImageRecord
 	if err := j.get(bucketImages, name, &r); err != nil {
 		return nil, err

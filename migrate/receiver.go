@@ -68,6 +68,10 @@ type ReceiverConfig struct {
 	// stored version. errStopHere stops the receive there, as a crash
 	// would; another error is a failure there (a full disk, say).
 	afterRename func() error
+	// recordFails, in tests, runs before the catalog records a stored
+	// image: an error fails the record, as a full disk does the
+	// journal's write.
+	recordFails func() error
 }
 
 // errStopHere, from afterRename, stands for the gateway stopping.
@@ -80,6 +84,12 @@ type Receiver struct {
 	// auditMu makes writing the records owed and the next record one
 	// step (appendEvent, payOwed).
 	auditMu sync.Mutex
+	// recordMu makes recording the images in place the catalog lacks one
+	// step (recoverStores): two would both record one. recordKick wakes
+	// Serve's loop to try again soon after a commit could not record its
+	// image.
+	recordMu   sync.Mutex
+	recordKick chan struct{}
 
 	mu       sync.Mutex
 	sessions map[string]*session
@@ -128,8 +138,9 @@ func NewReceiver(cfg ReceiverConfig) (*Receiver, error) {
 	if err != nil {
 		return nil, err
 	}
-	r := &Receiver{cfg: cfg, dec: dec, sessions: map[string]*session{}, opening: map[string]receiveLoad{}, removing: map[string]bool{}, unprovenFrom: map[netip.Addr]int{}}
-	if err := r.recoverStores(); err != nil {
+	r := &Receiver{cfg: cfg, dec: dec, sessions: map[string]*session{}, opening: map[string]receiveLoad{}, removing: map[string]bool{}, unprovenFrom: map[netip.Addr]int{},
+		recordKick: make(chan struct{}, 1)}
+	if _, err := r.recoverStores(true); err != nil {
 		return nil, fmt.Errorf("image store: %w", err)
 	}
 	if err := r.finishRemovals(); err != nil {
@@ -195,12 +206,25 @@ func (r *Receiver) Serve(ctx context.Context, ln net.Listener) error {
 	fctx, stopForgetting := context.WithCancel(ctx)
 	defer stopForgetting() // before shutdown
 	r.handlers.Go(func() {
+		var forgot time.Time
 		for {
-			r.forgetAbandoned()
+			if time.Since(forgot) >= time.Hour {
+				r.forgetAbandoned()
+				forgot = time.Now()
+			}
+			// An image in place the catalog lacks holds its name from
+			// migrations and removals: tried often until recorded.
+			wait := time.Hour
+			if left, err := r.recoverStores(false); err != nil {
+				r.cfg.Log.Warn("list the images being stored", "err", err)
+			} else if len(left) > 0 {
+				wait = stagedRetry
+			}
 			select {
 			case <-fctx.Done():
 				return
-			case <-time.After(time.Hour):
+			case <-r.recordKick:
+			case <-time.After(wait):
 			}
 		}
 	})
@@ -840,11 +864,16 @@ func (r *Receiver) control(ctx context.Context, c *tls.Conn, fr *frameReader, fw
 			return
 		}
 		// The image is in place: recorded now if what failed has
-		// passed, else at the next start; never audited as failed.
+		// passed, else later (recoverStores); never audited as failed.
 		if rerr := r.completeStore(o.ID, stored.st); rerr != nil {
-			log.Error("migration stored and verified, but not recorded in the catalog: the gateway records it when it starts again", "err", err, "again", rerr)
+			log.Error("migration stored and verified, but not recorded in the catalog: the gateway tries again every minute, and when it starts again", "err", err, "again", rerr)
 			r.cfg.Observer.Ended(RoleReceive, StateFailed, r.cfg.Now().Sub(s.start))
-			fw.json(frameError, "the image was stored, but the receiving gateway could not record it yet (it does when it starts again): "+err.Error())
+			fw.json(frameError, "the image was stored, but the receiving gateway could not record it yet (it tries again every minute, and when it starts again): "+err.Error())
+			closeSession() // first: the image of a session under way is its own to record
+			select {
+			case r.recordKick <- struct{}{}:
+			default:
+			}
 			return
 		}
 		log.Warn("migration stored; recording it failed once, and succeeded when tried again", "err", err)
@@ -1026,6 +1055,13 @@ func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision, log
 		if !old.takeOver() {
 			return nil, nil, fmt.Errorf("migration %s: the previous attempt does not let go", o.ID)
 		}
+	}
+	// A version of the name in place that the catalog lacks (its journal
+	// write failed: a full disk) is recorded first, or the offer waits.
+	if sid, err := r.waitingRecord(o.ID, o.Name); err != nil {
+		return nil, nil, err
+	} else if sid != "" {
+		return nil, nil, fmt.Errorf("image %q: the version migration %s stored here is not recorded in the receiving gateway's catalog yet (its disk is full, or its journal failed: its log says which); it is recorded within a minute of the journal taking it: free space there, then send it again", o.Name, sid)
 	}
 	// A stored image is replaced only by one of its own class: a sender
 	// the policy lets store some class here could otherwise overwrite
@@ -1881,15 +1917,26 @@ func (s *session) zeroAbsent(m *Manifest) error {
 // removes what is left of its receive and an older version in the other
 // format.
 func (r *Receiver) stored(id string, st *stagedImage) error {
-	var owed map[string]any
-	if !st.Audited && st.Audit != nil && r.cfg.Audit != nil {
-		owed = st.Audit
-	}
-	if err := r.cfg.Journal.storedImage(id, &st.Image, owed); err != nil {
-		return err
-	}
-	if owed != nil {
+	owed, err := r.record(id, st)
+	if err == nil && owed {
 		r.cfg.Log.Error("an image is stored without its audit record, which the audit log did not take: it is written before the next record, or at the next start", "migration_id", id, "name", st.Image.Name)
+	}
+	return err
+}
+
+// record is stored, saying whether the audit record is owed.
+func (r *Receiver) record(id string, st *stagedImage) (owed bool, err error) {
+	var fields map[string]any
+	if !st.Audited && st.Audit != nil && r.cfg.Audit != nil {
+		fields = st.Audit
+	}
+	if r.cfg.recordFails != nil {
+		if err := r.cfg.recordFails(); err != nil {
+			return false, err
+		}
+	}
+	if err := r.cfg.Journal.storedImage(id, &st.Image, fields); err != nil {
+		return false, err
 	}
 	if st.Incoming != st.Source {
 		os.Remove(st.Incoming) // converted to qcow2 beside it
@@ -1900,7 +1947,7 @@ func (r *Receiver) stored(id string, st *stagedImage) error {
 	}
 	os.Remove(filepath.Join(r.cfg.StoreDir, st.Image.Name+"."+other))
 	r.catalogChanged()
-	return nil
+	return fields != nil, nil
 }
 
 func (r *Receiver) catalogChanged() {
@@ -1918,25 +1965,52 @@ func (st *stagedImage) movedInPlace(at SourceID) bool {
 	return st.Inode != 0 && at.Inode == st.Inode
 }
 
-// recoverStores finishes the stores a stop interrupted: an image moved
-// into place is recorded; one that was not is left to its receive, which
-// the sender's resume completes.
-func (r *Receiver) recoverStores() error {
+// recoverStores finishes the stores that no session is finishing: those a
+// stop interrupted (starting) or whose record the journal could not take
+// (a full disk). An image moved into place is recorded; one that was not
+// is left to its receive, which the sender's resume completes. An image
+// that still cannot be recorded is logged and stays staged, and is
+// returned (by migration ID): a gateway on a full disk still starts, and
+// the record is tried again every minute while one is left (Serve), at an
+// offer or removal (waitingRecord), and at the next start.
+func (r *Receiver) recoverStores(starting bool) (left map[string]*stagedImage, err error) {
+	r.recordMu.Lock()
+	defer r.recordMu.Unlock()
 	staged, err := r.cfg.Journal.stagedImages()
 	if err != nil {
-		return err
+		return nil, err
 	}
+	left = map[string]*stagedImage{}
 	for id, st := range staged {
+		r.mu.Lock()
+		storing := r.sessions[id] != nil // its commit records it, or says it could not
+		r.mu.Unlock()
+		if storing {
+			continue
+		}
 		if at, err := sourceID(st.Image.Path); err == nil && st.movedInPlace(at) {
 			if !st.Audited && st.Audit != nil {
-				st.Audit["recovered"] = "recorded when the gateway started again: it stopped as the image was stored"
-				// A failure is logged; stored keeps the record owed.
-				st.Audited = r.appendAudit(st.Audit)
+				// Owed in the catalog record's transaction and written
+				// after it, not appended before: an append whose record
+				// the journal then failed to take would be made again at
+				// every try.
+				st.Audit["recovered"] = "recorded late: the gateway stopped, or its journal could not take the record (a full disk), as the image was stored"
 			}
-			if err := r.stored(id, &st); err != nil {
-				return fmt.Errorf("record image %q, stored by migration %s before a stop: %w", st.Image.Name, id, err)
+			if _, err := r.record(id, &st); err != nil {
+				left[id] = &st
+				what := "the journal cannot take its record (see the error)"
+				if diskFull(err) {
+					what = "the disk is full: free space on it"
+				}
+				r.cfg.Log.Error("an image in place is not recorded in the catalog yet: "+what+"; it stays staged, is recorded within a minute of the journal taking it, and takes no migration or removal of its name until then",
+					"migration_id", id, "name", st.Image.Name, "path", st.Image.Path, "root", st.Image.Root.String(), "err", err)
+				continue
 			}
-			r.cfg.Log.Warn("recorded an image stored just before the gateway stopped", "migration_id", id, "name", st.Image.Name, "root", st.Image.Root.String())
+			if starting {
+				r.cfg.Log.Warn("recorded an image stored just before the gateway stopped", "migration_id", id, "name", st.Image.Name, "root", st.Image.Root.String())
+			} else {
+				r.cfg.Log.Warn("recorded an image stored while the journal could not take its record", "migration_id", id, "name", st.Image.Name, "root", st.Image.Root.String())
+			}
 			continue
 		}
 		// Not moved into place: the receive resumes from its file. A
@@ -1945,8 +2019,34 @@ func (r *Receiver) recoverStores() error {
 			os.Remove(st.Source)
 		}
 		if err := r.cfg.Journal.deleteKey(bucketStoring, id); err != nil {
-			return err
+			// Harmless meanwhile: nothing replaced the stored version.
+			r.cfg.Log.Warn("forget an image staged but not moved into place (tried again later)", "migration_id", id, "name", st.Image.Name, "err", err)
 		}
 	}
-	return nil
+	r.payOwed() // a failure is logged; the next record tries again
+	return left, nil
+}
+
+// stagedRetry is how often a receiver tries again to record the images in
+// place that its journal could not take: their names take no migration or
+// removal meanwhile, and an operator who freed space waits no longer.
+const stagedRetry = time.Minute
+
+// waitingRecord records the images in place the catalog lacks, and
+// returns the migration of the one still unrecorded that an offer of name
+// under id, or a removal of name (id ""), must wait for. Until it is
+// recorded, an offer's commit would replace a version the catalog never
+// knew, its record lost, and a removal would record the version before it
+// as removed.
+func (r *Receiver) waitingRecord(id, name string) (string, error) {
+	left, err := r.recoverStores(false)
+	if err != nil {
+		return "", fmt.Errorf("the images being stored: %w", err)
+	}
+	for sid, st := range left {
+		if sid == id || st.Image.Name == name {
+			return sid, nil
+		}
+	}
+	return "", nil
 }

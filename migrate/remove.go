@@ -79,6 +79,14 @@ func (r *Receiver) RemoveImage(name, reason string) (*ImageRecord, error) {
 		r.mu.Unlock()
 	}()
 
+	// A newer version in place that the catalog lacks (its journal write
+	// failed: a full disk) is recorded first: the removal would record
+	// the version before it as removed, and take the newer one's file.
+	if sid, err := r.waitingRecord("", name); err != nil {
+		return nil, fmt.Errorf("image %q is kept: %w", name, err)
+	} else if sid != "" {
+		return nil, fmt.Errorf("image %q is kept: its newest version, stored by migration %s, is not recorded in the catalog yet (the gateway's log says why: a full disk?); it is recorded within a minute of the journal taking it: free space on the gateway's disk (remove another image), then remove this one again", name, sid)
+	}
 	rm, err := r.cfg.Journal.takeForRemoval(name, reason)
 	if errors.Is(err, ErrNotFound) {
 		return nil, fmt.Errorf("no stored image %q on this gateway: an image is stored by the gateway it was migrated to (skybridge migrate list there)", name)
