@@ -1348,12 +1348,22 @@ func (ca *CA) readIndexAt(now time.Time) (*caIndex, error) {
 	return idx, nil
 }
 
+// restoreCutoff is the end (NotAfter) from which an archived entry comes
+// back at now: archiveAfter before it, give or take restoreSlack. Without
+// the slack, operations dated a little back (the enrollment endpoint's
+// certificate is backdated by the clocks' allowance; a renewal that waited
+// for the lock) brought back what the one before had just archived, the
+// whole archive read and rewritten under the lock each time.
+func restoreCutoff(now time.Time) time.Time { return now.Add(-archiveAfter + restoreSlack) }
+
+const restoreSlack = time.Hour
+
 // archiveMayGiveBack says whether the archive may hold an entry that is
 // not archiveAfter past its end at now: only when the CA's clock went back
 // past what it archived (ArchivedEnd), or the index does not say.
 func (ca *CA) archiveMayGiveBack(idx *caIndex, now time.Time) (bool, error) {
 	if !idx.ArchivedEnd.IsZero() {
-		return !idx.ArchivedEnd.Before(now.Add(-archiveAfter)), nil
+		return !idx.ArchivedEnd.Before(restoreCutoff(now)), nil
 	}
 	fi, err := os.Stat(filepath.Join(ca.dir, fileArchive))
 	switch {
@@ -1416,7 +1426,7 @@ func (ca *CA) restoreLocked(idx *caIndex, now time.Time) error {
 		idx.LastSeq = max(idx.LastSeq, c.Seq)
 	}
 	idx.number()
-	cutoff := now.Add(-archiveAfter)
+	cutoff := restoreCutoff(now)
 	in := idx.bySerial()
 	var back []IssuedCert
 	var stay bytes.Buffer
@@ -1494,6 +1504,17 @@ func (idx *caIndex) number() {
 func (idx *caIndex) putBack(back []IssuedCert) {
 	if len(back) == 0 {
 		return
+	}
+	// Numbered after, in index order, the index's own numbers with them:
+	// numbered at the end, the entries put first would read as the latest
+	// at the next give-back, sorted by number.
+	if slices.ContainsFunc(back, func(c IssuedCert) bool { return c.Seq == 0 }) {
+		defer func() {
+			for i := range idx.Certs {
+				idx.LastSeq++
+				idx.Certs[i].Seq = idx.LastSeq
+			}
+		}()
 	}
 	slices.SortStableFunc(back, func(a, b IssuedCert) int { return cmp.Compare(a.Seq, b.Seq) })
 	out := make([]IssuedCert, 0, len(idx.Certs)+len(back))

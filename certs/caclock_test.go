@@ -379,3 +379,62 @@ func TestArchiveGivesBackEarlierReleaseInOrder(t *testing.T) {
 		t.Errorf("gw1's certificates in index order: %v; want A, B", order)
 	}
 }
+
+// TestArchiveGivesBackEarlierReleaseNumbered: an entry an earlier release
+// archived, unnumbered, comes back before the gateway's newer certificate
+// and numbered before it too: numbered last, the next give-back (sorted by
+// number) put it after, and the renewal of the newer one was refused as
+// one whose key was copied.
+func TestArchiveGivesBackEarlierReleaseNumbered(t *testing.T) {
+	ca := newTestCA(t)
+	issue(t, ca, testAttrs("gw1", "s", "100.96.0.1"), t0, 30*24*time.Hour)                        // A, ends t0+30d
+	b := issue(t, ca, testAttrs("gw1", "s", "100.96.0.1"), t0.Add(24*time.Hour), 40*24*time.Hour) // B, ends t0+41d
+	issueEnrollerAt(t, ca, t0.Add(65*24*time.Hour))                                               // ahead: archives A, not B
+	asEarlierRelease(t, ca, false)
+	issue(t, ca, testAttrs("gw2", "s", "100.96.0.2"), right, time.Hour) // right again: A comes back
+	issued, err := ca.Issued()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 1; i < len(issued); i++ {
+		if issued[i-1].Seq >= issued[i].Seq {
+			t.Errorf("entry %d (%s) numbered %d, entry %d (%s) %d: index order and numbers disagree",
+				i-1, issued[i-1].Node, issued[i-1].Seq, i, issued[i].Node, issued[i].Seq)
+		}
+	}
+	issueEnrollerAt(t, ca, t0.Add(100*24*time.Hour)) // ahead again, then right
+	if err := renewAt(ca, b, t0.Add(25*24*time.Hour)); err != nil {
+		t.Errorf("gw1's renewal of B, its latest certificate: %v", err)
+	}
+}
+
+// TestArchiveNotReadForAnOperationDatedBack: an operation dated a little
+// back (the enrollment endpoint's certificate is backdated by the clocks'
+// allowance) does not bring back what the one before it just archived: the
+// archive was read and rewritten under the CA's lock, for an entry the
+// next operation archived again.
+func TestArchiveNotReadForAnOperationDatedBack(t *testing.T) {
+	ca := newTestCA(t)
+	ended := issue(t, ca, testAttrs("gw1", "s", "100.96.0.1"), t0, 24*time.Hour)
+	now := t0.Add(24*time.Hour + archiveAfter + 2*time.Minute) // 2 minutes after it is archiveAfter past its end
+	issue(t, ca, testAttrs("gw2", "s", "100.96.0.2"), now, time.Hour)
+	if got := archiveSerials(t, ca); !slices.Contains(got, serialOf(ended)) {
+		t.Fatalf("archive %v lacks gw1's", got)
+	}
+	file := filepath.Join(ca.Dir(), fileArchive)
+	before, err := os.Stat(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	issueEnrollerAt(t, ca, now.Add(time.Minute).Add(-MaxClockSkew))
+	if after, err := os.Stat(file); err != nil || !os.SameFile(before, after) {
+		t.Errorf("the archive was rewritten by an operation dated 4 minutes back (%v)", err)
+	}
+	issued, err := ca.Issued()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if slices.ContainsFunc(issued, func(c IssuedCert) bool { return c.Serial == serialOf(ended) }) {
+		t.Error("gw1's certificate, 30 days past its end, came back into the index")
+	}
+}
