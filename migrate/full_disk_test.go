@@ -384,3 +384,81 @@ func TestWriteFailedSaysWhatToDo(t *testing.T) {
 		}
 	}
 }
+
+// TestRecoveredStoreReadAgain: recoverStores, which runs beside sessions
+// (Serve's loop, every offer and removal), reads each staged image again
+// once its session is known to be over. Recorded from the list it read
+// before, an image a session stored meanwhile, record and all, was
+// recorded a second time, with a second "done" audit record.
+func TestRecoveredStoreReadAgain(t *testing.T) {
+	type gate struct{ entered, release chan struct{} }
+	var failAll atomic.Bool
+	var blockOnce atomic.Pointer[gate]
+	var onRename atomic.Pointer[func()]
+	full := &fs.PathError{Op: "write", Path: "migrate.db", Err: syscall.ENOSPC}
+	p := newPairWith(t, "DE", func(c *ReceiverConfig) {
+		c.afterRename = func() error {
+			if f := onRename.Swap(nil); f != nil {
+				(*f)()
+			}
+			return nil
+		}
+		c.recordFails = func() error {
+			if g := blockOnce.Swap(nil); g != nil {
+				close(g.entered)
+				<-g.release
+				return full
+			}
+			if failAll.Load() {
+				return full
+			}
+			return nil
+		}
+	})
+	// Images in place whose record the journal could not take.
+	failAll.Store(true)
+	for i := range 3 {
+		raw := filepath.Join(p.dir, fmt.Sprintf("a%d.raw", i))
+		makeRaw(t, raw, 4*mib, map[int64]int{0: 4096})
+		if _, err := Send(context.Background(), p.config(raw, "pii-eu")); err == nil {
+			t.Fatal("a send whose record fails succeeded")
+		}
+	}
+	for attempt := range 8 {
+		raw := filepath.Join(p.dir, fmt.Sprintf("b%d.raw", attempt))
+		makeRaw(t, raw, 4*mib, map[int64]int{0: 4096})
+		cfg := p.config(raw, "pii-eu")
+		cfg.ID = NewID()
+		g := &gate{entered: make(chan struct{}), release: make(chan struct{})}
+		recovered := make(chan struct{})
+		f := func() {
+			// b is staged and in place, its audit record not written:
+			// a recoverStores (any offer's or the loop's) reads it now
+			// and stalls on another image's record.
+			blockOnce.Store(g)
+			go func() {
+				defer close(recovered)
+				p.recv.recoverStores(false)
+			}()
+			<-g.entered
+			failAll.Store(false) // b's own record goes through
+		}
+		onRename.Store(&f)
+		if _, err := Send(context.Background(), cfg); err != nil {
+			t.Fatal(err)
+		}
+		waitIdle(t, p.recv, cfg.ID) // b's session has closed
+		close(g.release)
+		<-recovered
+		failAll.Store(true)
+		done := 0
+		for _, rec := range p.recvRecords(t) {
+			if rec.Fields["migration_id"] == cfg.ID && rec.Fields["outcome"] == "done" {
+				done++
+			}
+		}
+		if done != 1 {
+			t.Fatalf("attempt %d: %d \"done\" audit records of migration %s, want 1", attempt, done, cfg.ID)
+		}
+	}
+}

@@ -1981,12 +1981,22 @@ func (r *Receiver) recoverStores(starting bool) (left map[string]*stagedImage, e
 		return nil, err
 	}
 	left = map[string]*stagedImage{}
-	for id, st := range staged {
+	for id := range staged {
 		r.mu.Lock()
 		storing := r.sessions[id] != nil // its commit records it, or says it could not
 		r.mu.Unlock()
 		if storing {
 			continue
+		}
+		// Read again now that its session is known to be over: one that
+		// ended since the list was read recorded its image (the entry
+		// gone), or marked its record written; recorded again from the
+		// list, it had a second "done" record.
+		var st stagedImage
+		if err := r.cfg.Journal.get(bucketStoring, id, &st); errors.Is(err, ErrNotFound) {
+			continue
+		} else if err != nil {
+			return nil, err
 		}
 		if at, err := sourceID(st.Image.Path); err == nil && st.movedInPlace(at) {
 			if !st.Audited && st.Audit != nil {
