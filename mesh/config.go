@@ -278,7 +278,11 @@ func (c *Config) validate() (*Settings, error) {
 		// A seed without a port is at the port this gateway binds, as
 		// memberlist has always dialled it, and as a bare advertise is
 		// (a mesh on one port need not repeat it).
-		ap, err := parseAddrPort(seed, int(s.GossipBind.Port()))
+		port := DefaultGossipPort // a bind not given, or refused above
+		if s.GossipBind.Port() != 0 {
+			port = int(s.GossipBind.Port())
+		}
+		ap, err := parseAddrPort(seed, port)
 		if err == nil {
 			err = reachable(ap)
 		}
@@ -534,9 +538,10 @@ func parseAddrPort(s string, defaultPort int) (netip.AddrPort, error) {
 		// Without brackets, 2001:db8::1:7946 is an address whose last
 		// group reads as a port, and whoever wrote it likely meant one:
 		// taken as an address, the gateway would advertise, or dial, one
-		// nobody holds. Only a trailing "::" (as in "::") or a zone
-		// cannot hide a port.
-		if a.Is6() && bare == s && !strings.HasSuffix(s, "::") && a.Zone() == "" {
+		// nobody holds. Only a trailing "::" (as in "::"), an IPv4 address
+		// as its last part (::ffff:192.0.2.1) or a zone cannot hide a port.
+		last := s[strings.LastIndexByte(s, ':')+1:]
+		if a.Is6() && bare == s && !strings.HasSuffix(s, "::") && !strings.Contains(last, ".") && a.Zone() == "" {
 			return netip.AddrPort{}, fmt.Errorf("%q: write an IPv6 address in brackets, [%s] or with a port [%s]:%d, as a port after it without them cannot be told from its last group", s, s, s, defaultPort)
 		}
 		if bare != s && (!a.Is6() || len(s) != len(bare)+2) {

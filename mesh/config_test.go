@@ -97,6 +97,8 @@ func TestParseAddrPortIPv6(t *testing.T) {
 		"::":                    "[::]:7946",
 		"2001:db8::":            "[2001:db8::]:7946",
 		"[::ffff:192.0.2.1]":    "192.0.2.1:7946",
+		"::ffff:192.0.2.1":      "192.0.2.1:7946",
+		"64:ff9b::192.0.2.1":    "[64:ff9b::c000:201]:7946",
 		"192.0.2.1":             "192.0.2.1:7946",
 		"2001:db8::1:7946":      "",
 		"2001:db8::1":           "",
@@ -120,6 +122,12 @@ func TestParseAddrPortIPv6(t *testing.T) {
 	_, err := LoadConfig(writeConfig(t, strings.Replace(goodConfig, `bind  = "192.0.2.1:7946"`, "bind  = \"[::]:7946\"\n  advertise = \"2001:db8:a::1:7946\"", 1)))
 	if err == nil || !strings.Contains(err.Error(), "[2001:db8:a::1:7946]:7946") {
 		t.Errorf("an advertise address without brackets: %v; want it refused, with the bracketed forms", err)
+	}
+	// A bind refused is one mistake: the bare seeds, valid, are not
+	// refused with it for "port 0".
+	_, err = LoadConfig(writeConfig(t, strings.Replace(goodConfig, `bind  = "192.0.2.1:7946"`, `bind  = "2001:db8::5"`, 1)))
+	if err == nil || strings.Contains(err.Error(), "port 0") {
+		t.Errorf("a bind without brackets: %v; want it refused, and the seeds not", err)
 	}
 }
 

@@ -135,6 +135,24 @@ func TestApplyFollowsSendOfASiblingBehind(t *testing.T) {
 	}
 }
 
+// TestApplyTakesNoSendBeforeThePlan: through the gateway that made the
+// plan (one clock), a send of the VM that began before the plan (a trial
+// a few minutes earlier) is not the plan's: the VM is sent. The clock
+// allowance for a sibling took it for the plan's, and sent nothing.
+func TestApplyTakesNoSendBeforeThePlan(t *testing.T) {
+	const id = "aaaaaaaaaaaaaaaa"
+	pl := auditPlan.Placements[0]
+	p := auditPlan
+	p.Created = time.Now()
+	sock, posts := fakeGateway(t, "gw-zrh", "onprem-zrh", auditPlan.Policy, map[string]*migrate.SendRecord{
+		id: {ID: id, Image: pl.Image, Name: pl.Name, To: pl.To, State: migrate.StateDone, Started: p.Created.Add(-3 * time.Minute)}})
+	plan := writePlan(t, p, nil)
+	out, errs, code := runCLI(t, "migrate", "apply", plan, "--socket", sock)
+	if code != 0 || len(posts()) != 1 {
+		t.Errorf("exit %d, sends %q; out %s err %s; want vm1 sent (the earlier send is not the plan's)", code, posts(), out, errs)
+	}
+}
+
 // TestApplyUnderAnotherPolicy: a plan made under policy v1 is not applied
 // under v2 unless asked to: its ranking of destinations was v1's.
 func TestApplyUnderAnotherPolicy(t *testing.T) {

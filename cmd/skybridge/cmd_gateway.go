@@ -105,7 +105,16 @@ func gatewayRun(c *cli.Context) error {
 	signal.Ignore(syscall.SIGPIPE)
 	// Stopping takes a few seconds (leaving the mesh, ending migrations);
 	// a second signal ends the process at once, as without the handler.
-	context.AfterFunc(ctx, stop)
+	// Not a second SIGHUP: a closed terminal sends two (the shell passes
+	// its own on to its jobs, then the kernel hangs up the foreground
+	// group as the shell exits), and the second killed the gateway in its
+	// stop.
+	context.AfterFunc(ctx, func() {
+		if slices.Contains(sigs, os.Signal(syscall.SIGHUP)) {
+			signal.Ignore(syscall.SIGHUP)
+		}
+		stop()
+	})
 	// Before anything touches the state: the enrollment, the interface.
 	release, err := mesh.LockStateDir(s.StateDir)
 	if err != nil {

@@ -306,12 +306,18 @@ func migrateApply(c *cli.Context) error {
 			return fmt.Errorf("nothing applied: %s was made at gateway %s, and this is %s: apply it through %s's control socket, or plan again here", path, plan.From, gs.Node, plan.From)
 		}
 	}
-	// Sends since the plan was made: by this gateway's clock, and the plan
-	// was dated by the planning gateway's (a sibling's, after a failover),
-	// which the mesh allows to differ by MaxClockSkew.
+	// Sends since the plan was made: by this gateway's clock. Through a
+	// sibling of the planning gateway (after a failover), the plan was
+	// dated by another clock, which the mesh allows to differ by
+	// MaxClockSkew; through the planning gateway, by the same one, and a
+	// send of the VM just before the plan (a trial) is not the plan's.
+	since := plan.Created
+	if plan.From != "" && gs.Node != plan.From {
+		since = since.Add(-certs.MaxClockSkew)
+	}
 	started := map[string]string{} // VM name → migration ID
 	for _, r := range l.Sending {
-		if !r.Started.Before(plan.Created.Add(-certs.MaxClockSkew)) {
+		if !r.Started.Before(since) {
 			for _, pl := range plan.Placements {
 				if r.Name == pl.Name && r.To == pl.To && r.Image == pl.Image {
 					started[pl.Name] = r.ID

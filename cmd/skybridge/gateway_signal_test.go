@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"os/signal"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -142,14 +143,35 @@ func stoppedGracefully(t *testing.T, err error, state string) {
 }
 
 // TestGatewayStopsOnHangup: SIGHUP (a closed terminal or ssh session, a
-// `kill -HUP` meant as "reload") stops the gateway as SIGTERM does. It
-// killed it outright: no leave notice, and in TUN mode the routes into
+// `kill -HUP` meant as "reload") stops the gateway as SIGTERM does, and a
+// second one during the stop does not cut it short. It killed it outright: no leave notice, and in TUN mode the routes into
 // the interface gone with it, the mesh's traffic then sent by the host's
 // other routes, in clear.
 func TestGatewayStopsOnHangup(t *testing.T) {
+	if signal.Ignored(syscall.SIGHUP) {
+		t.Skip("run under nohup: the gateway inherits SIGHUP ignored, and keeps it so")
+	}
 	cfg, state := netstackGateway(t)
 	cmd, r, done := runningGateway(t, cfg)
-	go io.Copy(io.Discard, r)
+	stopping := make(chan struct{})
+	go func() {
+		sc := bufio.NewScanner(r)
+		for sc.Scan() {
+			if strings.Contains(sc.Text(), "gateway stopping") {
+				close(stopping)
+				break
+			}
+		}
+		io.Copy(io.Discard, r)
+	}()
+	cmd.Process.Signal(syscall.SIGHUP) // the shell's
+	select {
+	case <-stopping:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the gateway did not begin its stop within 30 s of a hangup")
+	}
+	// A closed terminal hangs up twice: the kernel's, as the shell exits,
+	// comes during the stop, and must not end it.
 	cmd.Process.Signal(syscall.SIGHUP)
 	stoppedGracefully(t, exitOf(t, done), state)
 }
