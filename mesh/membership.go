@@ -65,6 +65,7 @@ type member struct {
 	// revokedGrace.
 	revokedAt  time.Time
 	revokedErr error
+	revokedVer uint64 // the version of its last advert then
 }
 
 // membership is the gateway's verified view of the mesh. The memberlist
@@ -95,6 +96,13 @@ type membership struct {
 	// onRefuse, if set, is told (under the lock) why a member or a gossip
 	// message was refused, as a metric label.
 	onRefuse func(name, reason string, err error)
+	// wentRevoked holds, by name, the members refused as revoked whose
+	// count was put off and who went within the grace (forgotten then):
+	// a newer advert of one at the door is a revoked gateway come back,
+	// counted once; an echo of its last (gossip from members that have
+	// not seen it go, as after every burst down) is not. Kept
+	// refusedKept, up to maxStrangers.
+	wentRevoked map[string]wentRevoked
 	// adopting is set while members are judged again under a revocation
 	// list just adopted; revokedGrace is how long one it revokes may
 	// take to go before its refusal counts (defaultRevokedGrace).
@@ -159,6 +167,15 @@ func (ms *membership) admit(name string, gossip netip.AddrPort, meta []byte) err
 		return err // not an intrusion to count: see each
 	}
 	m, news := ms.members[name], false
+	if w, ok := ms.wentRevoked[name]; ok && sa != nil && sa.Version > w.version && certs.ReasonOf(err) == certs.ReasonRevoked {
+		// Revoked while here, gone within the grace, and back with a
+		// newer advert: the intrusion the grace put off.
+		delete(ms.wentRevoked, name)
+		if ms.onRefuse != nil {
+			ms.onRefuse(name, rejectionReason(err), err)
+		}
+		return err
+	}
 	if m == nil && ms.formerMemberLocked(sa, err) {
 		// An echo of a gateway forgotten when its certificate ended:
 		// its refusal was counted and logged when it was made.
@@ -687,11 +704,20 @@ func (ms *membership) refuseLocked(m *member, prev MemberState, err error) {
 	}
 	if ms.adopting && certs.ReasonOf(err) == certs.ReasonRevoked {
 		m.revokedAt, m.revokedErr = ms.now(), err
+		if m.advert != nil {
+			m.revokedVer = m.advert.Version
+		}
 		return
 	}
 	if ms.onRefuse != nil {
 		ms.onRefuse(m.name, rejectionReason(err), err)
 	}
+}
+
+// wentRevoked is a member refused as revoked that went within the grace.
+type wentRevoked struct {
+	version uint64 // of its last advert when it was refused
+	at      time.Time
 }
 
 // defaultRevokedGrace is how long a gateway refused as revoked while
@@ -738,7 +764,13 @@ func (ms *membership) leave(name string) {
 	ms.mu.Lock()
 	if m := ms.members[name]; m != nil {
 		m.alive, m.remembered = false, false
-		m.revokedAt, m.revokedErr = time.Time{}, nil // gone in time, or counted already
+		if !m.revokedAt.IsZero() && len(ms.wentRevoked) < maxStrangers { // gone in time: counted if it comes back
+			if ms.wentRevoked == nil {
+				ms.wentRevoked = map[string]wentRevoked{}
+			}
+			ms.wentRevoked[name] = wentRevoked{version: m.revokedVer, at: ms.now()}
+		}
+		m.revokedAt = time.Time{}
 		ms.judgeLocked(m)
 		m.left = !m.leavingAt.IsZero() && ms.now().Sub(m.leavingAt) < leavingMatches
 		if m.state == StateDead {
@@ -1284,6 +1316,11 @@ func (ms *membership) refresh() {
 	now := ms.now()
 	for _, m := range ms.members {
 		ms.stayedRevokedLocked(m, now)
+	}
+	for name, w := range ms.wentRevoked {
+		if now.Sub(w.at) > refusedKept {
+			delete(ms.wentRevoked, name)
+		}
 	}
 	changed := ms.rejudgeLocked()
 	changed = ms.forgetEndedLocked() || changed

@@ -11,6 +11,7 @@ import (
 
 	dto "github.com/prometheus/client_model/go"
 
+	"github.com/skybridge-mesh/skybridge/certs"
 	"github.com/skybridge-mesh/skybridge/internal/syncbuf"
 )
 
@@ -135,5 +136,49 @@ func TestRevokedGatewayThatStaysIsCounted(t *testing.T) {
 	hq.g.members.refresh()
 	if n := rejectedRevoked(t, hq.g); n != 1 {
 		t.Errorf("the revoked gateway counted %v times, want once", n)
+	}
+}
+
+// TestRevokedGatewayBackAfterGoingIsCounted: a gateway revoked while here
+// that goes within the grace (a lost probe, or leaving once it sees its
+// revocation) and knocks again with a newer advert is counted, once: the
+// grace put its count off, and the door counts no member already
+// refused. An echo of its old advert (gossip from members that have not
+// seen it go, as after every burst down) is not counted.
+func TestRevokedGatewayBackAfterGoingIsCounted(t *testing.T) {
+	f := newFixture(t)
+	clock := f.now
+	a := f.identity("gw-a", "site-a", 1, f.now.Add(-time.Hour))
+	ms := newMembership("self", f.trust(), func() time.Time { return clock }, func() {})
+	refused := 0
+	ms.onRefuse = func(string, string, error) { refused++ }
+	ms.addCert(a.Certificate().Raw)
+	old := f.advert(a, 1)
+	ms.update("gw-a", gossipAddr, old)
+	if states(ms)["gw-a"] != StateVerified {
+		t.Fatalf("gw-a not verified: %v", states(ms))
+	}
+	if _, err := f.ca.RevokeSerials([]*big.Int{a.Certificate().SerialNumber}, "keyCompromise", f.now); err != nil {
+		t.Fatal(err)
+	}
+	ms.setTrust(f.trust())
+	clock = clock.Add(10 * time.Second)
+	ms.leave("gw-a") // gone within the grace
+	clock = clock.Add(20 * time.Second)
+	if err := ms.admit("gw-a", gossipAddr, old); certs.ReasonOf(err) != certs.ReasonRevoked {
+		t.Fatalf("an echo of the revoked gateway's advert: %v", err)
+	}
+	if refused != 0 {
+		t.Fatalf("an echo of the advert it had when revoked counted %d times; want none", refused)
+	}
+	for i := range 3 { // back, again and again
+		if err := ms.admit("gw-a", gossipAddr, f.advert(a, uint64(2+i))); certs.ReasonOf(err) != certs.ReasonRevoked {
+			t.Fatalf("the revoked gateway at the door: %v", err)
+		}
+		clock = clock.Add(time.Minute)
+		ms.refresh()
+	}
+	if refused != 1 {
+		t.Errorf("a revoked gateway that went within the grace and knocked again three times counted %d times; want once", refused)
 	}
 }
