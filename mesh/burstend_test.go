@@ -17,6 +17,24 @@ import (
 	"github.com/skybridge-mesh/skybridge/internal/syncbuf"
 )
 
+// enrolledOnce starts an enrolling gateway, opens burst-ams and enrols
+// one gateway into it, and returns the enroller, the token and request
+// the gateway sent, and the answer it got.
+func enrolledOnce(t *testing.T) (hq *liveGateway, tok *certs.JoinToken, body []byte, res *enrollResponse) {
+	t.Helper()
+	dir := t.TempDir()
+	hq = startEnroller(t, meshCA(t, dir), dir, &syncbuf.Buffer{})
+	grant, err := hq.g.BurstUp(context.Background(), BurstRequest{BurstSite: amsSite, TTL: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tok, body = burstAsk(t, grant.Tokens[0], filepath.Join(dir, "burst", "identity"))
+	if res, err = postEnroll(context.Background(), tok, body, slog.New(slog.DiscardHandler)); err != nil {
+		t.Fatal(err)
+	}
+	return hq, tok, body, res
+}
+
 // TestBurstEndForgetsIssuedCertificates: the record keeps each token's
 // certificate and key only while its burst runs (to answer a gateway that
 // lost its answer). An ended burst is listed for a week, and the record is
@@ -24,19 +42,8 @@ import (
 // tokens asked again still hear that it ended, and its serials are still
 // there to revoke.
 func TestBurstEndForgetsIssuedCertificates(t *testing.T) {
-	dir := t.TempDir()
-	ca := meshCA(t, dir)
-	hq := startEnroller(t, ca, dir, &syncbuf.Buffer{})
-	grant, err := hq.g.BurstUp(context.Background(), BurstRequest{BurstSite: amsSite, TTL: time.Hour})
-	if err != nil {
-		t.Fatal(err)
-	}
-	tok, body := burstAsk(t, grant.Tokens[0], filepath.Join(dir, "burst", "identity"))
+	hq, tok, body, res := enrolledOnce(t)
 	log := slog.New(slog.DiscardHandler)
-	res, err := postEnroll(context.Background(), tok, body, log)
-	if err != nil {
-		t.Fatal(err)
-	}
 	issued, err := certs.ParseCertificatesPEM(res.Certificate)
 	if err != nil || len(issued) != 1 {
 		t.Fatal(issued, err)
@@ -108,19 +115,8 @@ func TestBurstEndedEarlierLoadsWithoutCertificates(t *testing.T) {
 // that lost its answer meanwhile is sent its own certificate again, not
 // issued another.
 func TestBurstEndNotRecordedKeepsCertificates(t *testing.T) {
-	dir := t.TempDir()
-	ca := meshCA(t, dir)
-	hq := startEnroller(t, ca, dir, &syncbuf.Buffer{})
-	grant, err := hq.g.BurstUp(context.Background(), BurstRequest{BurstSite: amsSite, TTL: time.Hour})
-	if err != nil {
-		t.Fatal(err)
-	}
-	tok, body := burstAsk(t, grant.Tokens[0], filepath.Join(dir, "burst", "identity"))
+	hq, tok, body, first := enrolledOnce(t)
 	log := slog.New(slog.DiscardHandler)
-	first, err := postEnroll(context.Background(), tok, body, log)
-	if err != nil {
-		t.Fatal(err)
-	}
 	// A directory where the record goes: it cannot be replaced.
 	path := hq.g.state.path(fileBursts)
 	if err := os.Remove(path); err != nil {

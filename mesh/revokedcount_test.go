@@ -33,6 +33,25 @@ func setRevokedGrace(g *Gateway, d time.Duration) {
 	g.members.mu.Unlock()
 }
 
+// enrollerAndPeer starts an enrolling gateway and a static one of
+// aws-fra peered with it, both logging to one buffer shown if the test
+// fails.
+func enrollerAndPeer(t *testing.T) (dir string, ca *certs.CA, hq, fra *liveGateway, logs *syncbuf.Buffer) {
+	t.Helper()
+	dir = t.TempDir()
+	logs = &syncbuf.Buffer{}
+	ca = meshCA(t, dir)
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("logs:\n%s", logs.String())
+		}
+	})
+	hq = startEnroller(t, ca, dir, logs)
+	fra = startLiveGatewayWith(t, ca, dir, 1, "aws-fra", []string{hq.g.s.GossipAdvertise.String()}, logs, nil)
+	waitUntil(t, 20*time.Second, "the two static gateways peer", func() bool { return len(hq.dev.Peers()) == 1 && len(fra.dev.Peers()) == 1 })
+	return dir, ca, hq, fra, logs
+}
+
 // TestBurstDownCountsNoRevokedGateway: burst down revokes the burst's
 // gateways, and they leave once they see it; the gateway that ran it, and
 // others by a race, adopt the revocation while they are still here. That
@@ -40,17 +59,7 @@ func setRevokedGrace(g *Gateway, d time.Duration) {
 // feeds the critical SkybridgeIdentityRejected alert, which every burst
 // down set off.
 func TestBurstDownCountsNoRevokedGateway(t *testing.T) {
-	dir := t.TempDir()
-	logs := &syncbuf.Buffer{}
-	ca := meshCA(t, dir)
-	defer func() {
-		if t.Failed() {
-			t.Logf("logs:\n%s", logs.String())
-		}
-	}()
-	hq := startEnroller(t, ca, dir, logs)
-	fra := startLiveGatewayWith(t, ca, dir, 1, "aws-fra", []string{hq.g.s.GossipAdvertise.String()}, logs, nil)
-	waitUntil(t, 20*time.Second, "the two static gateways peer", func() bool { return len(hq.dev.Peers()) == 1 && len(fra.dev.Peers()) == 1 })
+	dir, _, hq, fra, logs := enrollerAndPeer(t)
 	grant, err := hq.g.BurstUp(context.Background(), BurstRequest{BurstSite: amsSite, TTL: time.Hour})
 	if err != nil {
 		t.Fatal(err)
@@ -96,17 +105,7 @@ func TestBurstDownCountsNoRevokedGateway(t *testing.T) {
 // that does not go (its key stolen, say) is refused at once, and counted
 // as the intrusion it is once its grace is over.
 func TestRevokedGatewayThatStaysIsCounted(t *testing.T) {
-	dir := t.TempDir()
-	logs := &syncbuf.Buffer{}
-	ca := meshCA(t, dir)
-	defer func() {
-		if t.Failed() {
-			t.Logf("logs:\n%s", logs.String())
-		}
-	}()
-	hq := startEnroller(t, ca, dir, logs)
-	fra := startLiveGatewayWith(t, ca, dir, 1, "aws-fra", []string{hq.g.s.GossipAdvertise.String()}, logs, nil)
-	waitUntil(t, 20*time.Second, "the two static gateways peer", func() bool { return len(hq.dev.Peers()) == 1 && len(fra.dev.Peers()) == 1 })
+	_, ca, hq, fra, logs := enrollerAndPeer(t)
 	if _, err := ca.RevokeSerials([]*big.Int{fra.g.id.Load().Certificate().SerialNumber}, "keyCompromise", time.Now()); err != nil {
 		t.Fatal(err)
 	}

@@ -1982,6 +1982,23 @@ func TestReceiverOneMigrationPerName(t *testing.T) {
 	}
 }
 
+// pairStoppingAfterRename is a pair whose receiver stops, as a crash
+// would, once it renamed an image into place while stop is set; rcfg is
+// its configuration, for a gateway starting on the same journal and store.
+func pairStoppingAfterRename(t *testing.T) (p *pair, rcfg *ReceiverConfig, stop *atomic.Bool) {
+	rcfg, stop = new(ReceiverConfig), new(atomic.Bool)
+	p = newPairWith(t, "DE", func(c *ReceiverConfig) {
+		c.afterRename = func() error {
+			if stop.Load() {
+				return errStopHere
+			}
+			return nil
+		}
+		*rcfg = *c
+	})
+	return p, rcfg, stop
+}
+
 // TestReceiverStoppedWhileStoring: a receiving gateway stopped after a new
 // version of an image replaced the stored one, before the catalog recorded
 // it, records it when it starts again: the catalog never describes the
@@ -1993,17 +2010,7 @@ func TestReceiverStoppedWhileStoring(t *testing.T) {
 			if format == FormatQcow2 {
 				qemuImg(t)
 			}
-			var rcfg ReceiverConfig
-			var stop atomic.Bool
-			p := newPairWith(t, "DE", func(c *ReceiverConfig) {
-				c.afterRename = func() error {
-					if stop.Load() {
-						return errStopHere
-					}
-					return nil
-				}
-				rcfg = *c
-			})
+			p, rcfg, stop := pairStoppingAfterRename(t)
 			raw := filepath.Join(p.dir, "vm.raw")
 			makeRaw(t, raw, 8*mib, map[int64]int{0: 4096, 3 * mib: 64 << 10})
 			if _, err := Send(context.Background(), p.config(raw, "pii-eu")); err != nil {
@@ -2025,7 +2032,7 @@ func TestReceiverStoppedWhileStoring(t *testing.T) {
 			}
 			// A gateway starting on the same journal and store.
 			rcfg.afterRename = nil
-			r, err := NewReceiver(rcfg)
+			r, err := NewReceiver(*rcfg)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -2085,17 +2092,7 @@ func TestReceiverStoppedWhileStoring(t *testing.T) {
 // image's path keeps the staged inode but not its content: it is not
 // recorded as the staged image, whose root would describe another file.
 func TestReceiverStagedFileReplaced(t *testing.T) {
-	var rcfg ReceiverConfig
-	var stop atomic.Bool
-	p := newPairWith(t, "DE", func(c *ReceiverConfig) {
-		c.afterRename = func() error {
-			if stop.Load() {
-				return errStopHere
-			}
-			return nil
-		}
-		rcfg = *c
-	})
+	p, rcfg, stop := pairStoppingAfterRename(t)
 	raw := filepath.Join(p.dir, "vm.raw")
 	makeRaw(t, raw, 8*mib, map[int64]int{0: 4096})
 	if _, err := Send(context.Background(), p.config(raw, "pii-eu")); err != nil {
@@ -2126,7 +2123,7 @@ func TestReceiverStagedFileReplaced(t *testing.T) {
 		t.Fatalf("rewritten in place: inode %d, was %d (%v)", after.Inode, before.Inode, err)
 	}
 	rcfg.afterRename = nil
-	if _, err := NewReceiver(rcfg); err != nil {
+	if _, err := NewReceiver(*rcfg); err != nil {
 		t.Fatal(err)
 	}
 	img, err := p.recvJ.Image("vm")
