@@ -462,3 +462,49 @@ func TestRecoveredStoreReadAgain(t *testing.T) {
 		}
 	}
 }
+
+// TestCommitOnAFullDiskAuditedOnce: on a disk that fills as an image is
+// stored, the "done" record is appended (a few hundred bytes fit) but the
+// journal's note that it was does not, nor the catalog record. Recorded
+// later (Serve's loop, the next offer), the image was owed its record a
+// second time.
+func TestCommitOnAFullDiskAuditedOnce(t *testing.T) {
+	var filler string
+	p, _ := fullDiskPair(t, "96m", func(c *ReceiverConfig, state string) {
+		c.afterRename = func() error {
+			fill(t, state)
+			filler = filepath.Join(state, "filler")
+			fi, err := os.Stat(filler)
+			if err != nil {
+				t.Fatal(err)
+			}
+			// Room for the audit record, not for the journal's pages.
+			return os.Truncate(filler, fi.Size()-4096)
+		}
+	})
+	const chunk, n = 4096, 4096
+	raw := filepath.Join(p.dir, "vm.raw")
+	makeRaw(t, raw, n*chunk, map[int64]int{0: n * chunk})
+	cfg := p.config(raw, "pii-eu")
+	cfg.ChunkSize, cfg.ID = chunk, NewID()
+	_, err := Send(context.Background(), cfg)
+	if err == nil {
+		t.Fatal("a send stored on a disk too full to record it succeeded")
+	}
+	waitIdle(t, p.recv, cfg.ID)
+	if err := os.Remove(filler); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.recv.recoverStores(false); err != nil { // as the next offer, or the loop
+		t.Fatal(err)
+	}
+	done := 0
+	for _, rec := range p.recvRecords(t) {
+		if rec.Fields["migration_id"] == cfg.ID && rec.Fields["outcome"] == "done" {
+			done++
+		}
+	}
+	if done != 1 {
+		t.Errorf("%d \"done\" audit records of migration %s, want 1\nreceiver log:\n%s", done, cfg.ID, p.recvLog.String())
+	}
+}

@@ -92,6 +92,7 @@ type Receiver struct {
 	recordKick chan struct{}
 
 	mu       sync.Mutex
+	audited  map[string]bool // auditedUnsaid
 	sessions map[string]*session
 	// opening holds the IDs open is setting up, from before it reads
 	// their record until their session is in sessions (or it failed):
@@ -1826,6 +1827,7 @@ func (s *session) finish(cm *Commit, d policy.Decision) (*Done, error) {
 		// must not write the record twice.
 		st.Audited = true
 		if err := j.put(bucketStoring, o.ID, &st); err != nil {
+			s.r.auditedUnsaid(o.ID)
 			return failed(err)
 		}
 	}
@@ -1842,10 +1844,23 @@ func (r *Receiver) completeStore(id string, st *stagedImage) error {
 	if !st.Audited && r.appendAudit(st.Audit) {
 		st.Audited = true
 		if err := r.cfg.Journal.put(bucketStoring, id, st); err != nil {
-			r.cfg.Log.Error("journal: the image's audit record is written, but not marked so: the next start may write it again", "migration_id", id, "err", err)
+			r.auditedUnsaid(id)
+			r.cfg.Log.Error("journal: the image's audit record is written, but not marked so: a start before it is recorded may write it again", "migration_id", id, "err", err)
 		}
 	}
 	return r.stored(id, st)
+}
+
+// auditedUnsaid notes that the "done" record of migration id's image is
+// written though the journal could not say so (a full disk): recorded
+// later (recoverStores), it is not owed again. Until the gateway stops.
+func (r *Receiver) auditedUnsaid(id string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.audited == nil {
+		r.audited = map[string]bool{}
+	}
+	r.audited[id] = true
 }
 
 // storedError is a failure after a received image replaced the stored
@@ -1984,6 +1999,7 @@ func (r *Receiver) recoverStores(starting bool) (left map[string]*stagedImage, e
 	for id := range staged {
 		r.mu.Lock()
 		storing := r.sessions[id] != nil // its commit records it, or says it could not
+		audited := r.audited[id]
 		r.mu.Unlock()
 		if storing {
 			continue
@@ -1998,6 +2014,7 @@ func (r *Receiver) recoverStores(starting bool) (left map[string]*stagedImage, e
 		} else if err != nil {
 			return nil, err
 		}
+		st.Audited = st.Audited || audited
 		if at, err := sourceID(st.Image.Path); err == nil && st.movedInPlace(at) {
 			if !st.Audited && st.Audit != nil {
 				// Owed in the catalog record's transaction and written
@@ -2016,6 +2033,9 @@ func (r *Receiver) recoverStores(starting bool) (left map[string]*stagedImage, e
 					"migration_id", id, "name", st.Image.Name, "path", st.Image.Path, "root", st.Image.Root.String(), "err", err)
 				continue
 			}
+			r.mu.Lock()
+			delete(r.audited, id)
+			r.mu.Unlock()
 			if starting {
 				r.cfg.Log.Warn("recorded an image stored just before the gateway stopped", "migration_id", id, "name", st.Image.Name, "root", st.Image.Root.String())
 			} else {
