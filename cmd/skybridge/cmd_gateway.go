@@ -103,18 +103,21 @@ func gatewayRun(c *cli.Context) error {
 	// first one included: Go dies of a broken pipe on standard error
 	// unless SIGPIPE is handled. The line is lost instead.
 	signal.Ignore(syscall.SIGPIPE)
+	defer signal.Reset(syscall.SIGPIPE) // for a caller that goes on (tests)
 	// Stopping takes a few seconds (leaving the mesh, ending migrations);
 	// a second signal ends the process at once, as without the handler.
 	// Not a second SIGHUP: a closed terminal sends two (the shell passes
 	// its own on to its jobs, then the kernel hangs up the foreground
 	// group as the shell exits), and the second killed the gateway in its
 	// stop.
-	context.AfterFunc(ctx, func() {
+	// Only for a stop asked for: not once the run returns, when stop ends
+	// ctx, and a caller that goes on (tests) would be left ignoring SIGHUP.
+	defer context.AfterFunc(ctx, func() {
 		if slices.Contains(sigs, os.Signal(syscall.SIGHUP)) {
 			signal.Ignore(syscall.SIGHUP)
 		}
 		stop()
-	})
+	})()
 	// Before anything touches the state: the enrollment, the interface.
 	release, err := mesh.LockStateDir(s.StateDir)
 	if err != nil {
