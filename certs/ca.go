@@ -1407,6 +1407,7 @@ func (ca *CA) restoreLocked(idx *caIndex, now time.Time) error {
 	}
 	var lines []line
 	last := map[string]int{}
+	lowest := int64(1) // the lowest number the archive holds
 	for n, l := range bytes.Split(whole, []byte{'\n'}) {
 		if l = bytes.TrimSpace(l); len(l) == 0 {
 			continue
@@ -1424,6 +1425,9 @@ func (ca *CA) restoreLocked(idx *caIndex, now time.Time) error {
 		// An index an earlier release rewrote (a rollback) lost its
 		// numbers, and numbers them again above those archived.
 		idx.LastSeq = max(idx.LastSeq, c.Seq)
+		if c.Seq != 0 {
+			lowest = min(lowest, c.Seq)
+		}
 	}
 	idx.number()
 	cutoff := restoreCutoff(now)
@@ -1449,7 +1453,7 @@ func (ca *CA) restoreLocked(idx *caIndex, now time.Time) error {
 	if len(back) == 0 && !rewrite && end.Equal(idx.ArchivedEnd) {
 		return nil
 	}
-	idx.putBack(back)
+	idx.putBack(back, lowest)
 	idx.ArchivedEnd = end
 	if slices.ContainsFunc(back, func(c IssuedCert) bool { return c.RevokedAt != nil }) && ca.crlDrops(idx, now) {
 		if err := ca.writeCRL(idx, now); err != nil {
@@ -1501,20 +1505,34 @@ func (idx *caIndex) number() {
 // number) at their places by Seq; those an earlier release archived,
 // unnumbered, first: a gateway's were its earlier certificates, which
 // ended first.
-func (idx *caIndex) putBack(back []IssuedCert) {
+func (idx *caIndex) putBack(back []IssuedCert, lowest int64) {
 	if len(back) == 0 {
 		return
 	}
-	// Numbered after, in index order, the index's own numbers with them:
-	// numbered at the end, the entries put first would read as the latest
-	// at the next give-back, sorted by number.
-	if slices.ContainsFunc(back, func(c IssuedCert) bool { return c.Seq == 0 }) {
-		defer func() {
-			for i := range idx.Certs {
-				idx.LastSeq++
-				idx.Certs[i].Seq = idx.LastSeq
-			}
-		}()
+	// Those unnumbered are numbered below every number given (negative,
+	// if need be; lowest is the archive's), in the archive's order:
+	// numbered last, they would read as the latest at the next give-back,
+	// which goes by number; and the index's own, and the archive's, keep
+	// theirs.
+	for _, c := range idx.Certs {
+		if c.Seq != 0 {
+			lowest = min(lowest, c.Seq)
+		}
+	}
+	n := int64(0)
+	for _, c := range back {
+		if c.Seq == 0 {
+			n++
+		}
+	}
+	top := lowest - 1
+	if top < n { // down through 0, which says "unnumbered"
+		top = min(top, -1)
+	}
+	for i, next := 0, top-n+1; i < len(back); i++ {
+		if back[i].Seq == 0 {
+			back[i].Seq, next = next, next+1
+		}
 	}
 	slices.SortStableFunc(back, func(a, b IssuedCert) int { return cmp.Compare(a.Seq, b.Seq) })
 	out := make([]IssuedCert, 0, len(idx.Certs)+len(back))

@@ -438,3 +438,24 @@ func TestArchiveNotReadForAnOperationDatedBack(t *testing.T) {
 		t.Error("gw1's certificate, 30 days past its end, came back into the index")
 	}
 }
+
+// TestArchiveGiveBackKeepsNumbers: an earlier release's entry given back
+// is numbered below every number, and the others keep theirs. Renumbering
+// the index put an entry issued before one still archived (gw1's E, longer
+// lived, before S) above it, and S given back later went before E: E then
+// read as gw1's latest certificate, though S was issued after it.
+func TestArchiveGiveBackKeepsNumbers(t *testing.T) {
+	idx := &caIndex{LastSeq: 5, Certs: []IssuedCert{{Serial: "e", Node: "gw1", Seq: 3}}}
+	idx.putBack([]IssuedCert{{Serial: "x", Node: "gw9"}}, 5) // S (5) stays archived
+	idx.putBack([]IssuedCert{{Serial: "s", Node: "gw1", Seq: 5}}, 5)
+	var order []string
+	for i, c := range idx.Certs {
+		order = append(order, c.Serial)
+		if i > 0 && c.Seq <= idx.Certs[i-1].Seq {
+			t.Errorf("%s numbered %d after %s's %d", c.Serial, c.Seq, idx.Certs[i-1].Serial, idx.Certs[i-1].Seq)
+		}
+	}
+	if !slices.Equal(order, []string{"x", "e", "s"}) {
+		t.Errorf("index order %v; want [x e s]: the earlier release's first, S after E", order)
+	}
+}

@@ -158,6 +158,12 @@ func (ms *membership) admit(name string, gossip netip.AddrPort, meta []byte) err
 		ms.stayedRevokedLocked(m, ms.now())
 	}
 	sa, err := ms.admitLocked(name, gossip, meta)
+	if m := ms.members[name]; m != nil && !m.revokedAt.IsZero() && sa != nil {
+		// Its count put off: an advert it signed meanwhile (a load
+		// change, before it saw its revocation) is its own, echoed after
+		// it went, not a return.
+		m.revokedVer = max(m.revokedVer, sa.Version)
+	}
 	if err == nil {
 		delete(ms.refusedMsg, name)
 		return nil
@@ -768,7 +774,8 @@ func (ms *membership) leave(name string) {
 			if ms.wentRevoked == nil {
 				ms.wentRevoked = map[string]wentRevoked{}
 			}
-			ms.wentRevoked[name] = wentRevoked{version: m.revokedVer, at: ms.now()}
+			// Its leave notice names its last version: it signs none after.
+			ms.wentRevoked[name] = wentRevoked{version: max(m.revokedVer, m.leavingVer), at: ms.now()}
 		}
 		m.revokedAt = time.Time{}
 		ms.judgeLocked(m)

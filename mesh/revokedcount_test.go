@@ -181,3 +181,37 @@ func TestRevokedGatewayBackAfterGoingIsCounted(t *testing.T) {
 		t.Errorf("a revoked gateway that went within the grace and knocked again three times counted %d times; want once", refused)
 	}
 }
+
+// TestRevokedGatewayEchoOfItsLastAdvertNotCounted: a gateway whose
+// revocation was adopted while it was here re-signs its advert (a load
+// change) before it sees the revocation, then leaves within the grace;
+// members that had not adopted it yet echo that advert after it went. It
+// is the gateway's own, not a return: not counted.
+func TestRevokedGatewayEchoOfItsLastAdvertNotCounted(t *testing.T) {
+	f := newFixture(t)
+	clock := f.now
+	a := f.identity("gw-a", "site-a", 1, f.now.Add(-time.Hour))
+	ms := newMembership("self", f.trust(), func() time.Time { return clock }, func() {})
+	refused := 0
+	ms.onRefuse = func(string, string, error) { refused++ }
+	ms.addCert(a.Certificate().Raw)
+	ms.update("gw-a", gossipAddr, f.advert(a, 1))
+	if _, err := f.ca.RevokeSerials([]*big.Int{a.Certificate().SerialNumber}, "keyCompromise", f.now); err != nil {
+		t.Fatal(err)
+	}
+	ms.setTrust(f.trust())
+	clock = clock.Add(2 * time.Second)
+	resigned := f.advert(a, 2)
+	if err := ms.admit("gw-a", gossipAddr, resigned); certs.ReasonOf(err) != certs.ReasonRevoked {
+		t.Fatalf("its advert re-signed in the grace, at the door: %v", err)
+	}
+	clock = clock.Add(5 * time.Second)
+	ms.leave("gw-a")
+	clock = clock.Add(5 * time.Second)
+	if err := ms.admit("gw-a", gossipAddr, resigned); certs.ReasonOf(err) != certs.ReasonRevoked {
+		t.Fatalf("its echo: %v", err)
+	}
+	if refused != 0 {
+		t.Errorf("an echo of the advert it signed before it went counted %d times; want none", refused)
+	}
+}

@@ -1848,7 +1848,13 @@ func (r *Receiver) completeStore(id string, st *stagedImage) error {
 			r.cfg.Log.Error("journal: the image's audit record is written, but not marked so: a start before it is recorded may write it again", "migration_id", id, "err", err)
 		}
 	}
-	return r.stored(id, st)
+	if err := r.stored(id, st); err != nil {
+		return err
+	}
+	r.mu.Lock()
+	delete(r.audited, id)
+	r.mu.Unlock()
+	return nil
 }
 
 // auditedUnsaid notes that the "done" record of migration id's image is
