@@ -145,40 +145,26 @@ func TestRevokedGatewayThatStaysIsCounted(t *testing.T) {
 // refused. An echo of its old advert (gossip from members that have not
 // seen it go, as after every burst down) is not counted.
 func TestRevokedGatewayBackAfterGoingIsCounted(t *testing.T) {
-	f := newFixture(t)
-	clock := f.now
-	a := f.identity("gw-a", "site-a", 1, f.now.Add(-time.Hour))
-	ms := newMembership("self", f.trust(), func() time.Time { return clock }, func() {})
-	refused := 0
-	ms.onRefuse = func(string, string, error) { refused++ }
-	ms.addCert(a.Certificate().Raw)
-	old := f.advert(a, 1)
-	ms.update("gw-a", gossipAddr, old)
-	if states(ms)["gw-a"] != StateVerified {
-		t.Fatalf("gw-a not verified: %v", states(ms))
-	}
-	if _, err := f.ca.RevokeSerials([]*big.Int{a.Certificate().SerialNumber}, "keyCompromise", f.now); err != nil {
-		t.Fatal(err)
-	}
-	ms.setTrust(f.trust())
-	clock = clock.Add(10 * time.Second)
+	r := revokedWhileHere(t)
+	f, ms, a, old, clock := r.f, r.ms, r.a, r.advert, &r.clock
+	*clock = clock.Add(10 * time.Second)
 	ms.leave("gw-a") // gone within the grace
-	clock = clock.Add(20 * time.Second)
+	*clock = clock.Add(20 * time.Second)
 	if err := ms.admit("gw-a", gossipAddr, old); certs.ReasonOf(err) != certs.ReasonRevoked {
 		t.Fatalf("an echo of the revoked gateway's advert: %v", err)
 	}
-	if refused != 0 {
-		t.Fatalf("an echo of the advert it had when revoked counted %d times; want none", refused)
+	if r.refused != 0 {
+		t.Fatalf("an echo of the advert it had when revoked counted %d times; want none", r.refused)
 	}
 	for i := range 3 { // back, again and again
 		if err := ms.admit("gw-a", gossipAddr, f.advert(a, uint64(2+i))); certs.ReasonOf(err) != certs.ReasonRevoked {
 			t.Fatalf("the revoked gateway at the door: %v", err)
 		}
-		clock = clock.Add(time.Minute)
+		*clock = clock.Add(time.Minute)
 		ms.refresh()
 	}
-	if refused != 1 {
-		t.Errorf("a revoked gateway that went within the grace and knocked again three times counted %d times; want once", refused)
+	if r.refused != 1 {
+		t.Errorf("a revoked gateway that went within the grace and knocked again three times counted %d times; want once", r.refused)
 	}
 }
 
@@ -188,30 +174,52 @@ func TestRevokedGatewayBackAfterGoingIsCounted(t *testing.T) {
 // members that had not adopted it yet echo that advert after it went. It
 // is the gateway's own, not a return: not counted.
 func TestRevokedGatewayEchoOfItsLastAdvertNotCounted(t *testing.T) {
-	f := newFixture(t)
-	clock := f.now
-	a := f.identity("gw-a", "site-a", 1, f.now.Add(-time.Hour))
-	ms := newMembership("self", f.trust(), func() time.Time { return clock }, func() {})
-	refused := 0
-	ms.onRefuse = func(string, string, error) { refused++ }
-	ms.addCert(a.Certificate().Raw)
-	ms.update("gw-a", gossipAddr, f.advert(a, 1))
-	if _, err := f.ca.RevokeSerials([]*big.Int{a.Certificate().SerialNumber}, "keyCompromise", f.now); err != nil {
-		t.Fatal(err)
-	}
-	ms.setTrust(f.trust())
-	clock = clock.Add(2 * time.Second)
+	r := revokedWhileHere(t)
+	f, ms, a, clock := r.f, r.ms, r.a, &r.clock
+	*clock = clock.Add(2 * time.Second)
 	resigned := f.advert(a, 2)
 	if err := ms.admit("gw-a", gossipAddr, resigned); certs.ReasonOf(err) != certs.ReasonRevoked {
 		t.Fatalf("its advert re-signed in the grace, at the door: %v", err)
 	}
-	clock = clock.Add(5 * time.Second)
+	*clock = clock.Add(5 * time.Second)
 	ms.leave("gw-a")
-	clock = clock.Add(5 * time.Second)
+	*clock = clock.Add(5 * time.Second)
 	if err := ms.admit("gw-a", gossipAddr, resigned); certs.ReasonOf(err) != certs.ReasonRevoked {
 		t.Fatalf("its echo: %v", err)
 	}
-	if refused != 0 {
-		t.Errorf("an echo of the advert it signed before it went counted %d times; want none", refused)
+	if r.refused != 0 {
+		t.Errorf("an echo of the advert it signed before it went counted %d times; want none", r.refused)
 	}
+}
+
+// graceRevoked is a membership that verified gw-a (its advert, version 1)
+// and then adopted a list revoking it while it was here: its count put
+// off. The membership's clock is clock; refused counts what it counted.
+type graceRevoked struct {
+	f       *fixture
+	ms      *membership
+	a       *certs.NodeIdentity
+	advert  []byte
+	clock   time.Time
+	refused int
+}
+
+func revokedWhileHere(t *testing.T) *graceRevoked {
+	t.Helper()
+	r := &graceRevoked{f: newFixture(t)}
+	r.clock = r.f.now
+	r.a = r.f.identity("gw-a", "site-a", 1, r.f.now.Add(-time.Hour))
+	r.ms = newMembership("self", r.f.trust(), func() time.Time { return r.clock }, func() {})
+	r.ms.onRefuse = func(string, string, error) { r.refused++ }
+	r.ms.addCert(r.a.Certificate().Raw)
+	r.advert = r.f.advert(r.a, 1)
+	r.ms.update("gw-a", gossipAddr, r.advert)
+	if states(r.ms)["gw-a"] != StateVerified {
+		t.Fatalf("gw-a not verified: %v", states(r.ms))
+	}
+	if _, err := r.f.ca.RevokeSerials([]*big.Int{r.a.Certificate().SerialNumber}, "keyCompromise", r.f.now); err != nil {
+		t.Fatal(err)
+	}
+	r.ms.setTrust(r.f.trust())
+	return r
 }
