@@ -194,26 +194,38 @@ func TestVerifyRevokedKeyDatedBack(t *testing.T) {
 	}
 }
 
-// TestVerifyGatewayClockAheadOfCA: a record is dated by its gateway's
-// clock and a revocation by the CA's. A record written a minute before
-// its signer's revocation (for good: reason unspecified), by a gateway
-// whose clock runs 2 minutes ahead of the CA's, still verifies: the log
-// must not read as tampered with for a skew the mesh allows.
-func TestVerifyGatewayClockAheadOfCA(t *testing.T) {
+// oneRecordRevoked is a log of one record gw1 (certified from issued)
+// wrote at, its certificate then revoked for reason at revoked, and the
+// trust bundle that says so.
+func oneRecordRevoked(t *testing.T, issued, at time.Time, reason string, revoked time.Time) (*certs.TrustBundle, []byte) {
+	t.Helper()
 	ca, _ := testCA(t)
-	id := issue(t, ca, "gw1", "100.96.0.1", t0.Add(-time.Hour))
+	id := issue(t, ca, "gw1", "100.96.0.1", issued)
 	path := filepath.Join(t.TempDir(), "audit.log")
-	if _, err := Open(path).Append(id, "migration", map[string]any{"n": 1}, t0.Add(2*time.Minute)); err != nil {
+	if _, err := Open(path).Append(id, "migration", map[string]any{"n": 1}, at); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := ca.RevokeSerials([]*big.Int{id.Certificate().SerialNumber}, "unspecified", t0.Add(time.Minute)); err != nil {
+	if _, err := ca.RevokeSerials([]*big.Int{id.Certificate().SerialNumber}, reason, revoked); err != nil {
 		t.Fatal(err)
 	}
 	tb, err := ca.TrustBundle()
 	if err != nil {
 		t.Fatal(err)
 	}
-	b, _ := os.ReadFile(path)
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tb, b
+}
+
+// TestVerifyGatewayClockAheadOfCA: a record is dated by its gateway's
+// clock and a revocation by the CA's. A record written a minute before
+// its signer's revocation (for good: reason unspecified), by a gateway
+// whose clock runs 2 minutes ahead of the CA's, still verifies: the log
+// must not read as tampered with for a skew the mesh allows.
+func TestVerifyGatewayClockAheadOfCA(t *testing.T) {
+	tb, b := oneRecordRevoked(t, t0.Add(-time.Hour), t0.Add(2*time.Minute), "unspecified", t0.Add(time.Minute))
 	if rep, err := Verify(bytes.NewReader(b), tb); err != nil || rep.Records != 1 {
 		t.Fatalf("a record written a minute before the revocation, by a clock 2 minutes ahead of the CA's: %+v, %v", rep, err)
 	}
@@ -223,20 +235,7 @@ func TestVerifyGatewayClockAheadOfCA(t *testing.T) {
 // records is still held to what a certificate not revoked is: an overlay
 // address outside the mesh's range is refused either way.
 func TestVerifyRevokedLaterHeldToTheMesh(t *testing.T) {
-	ca, _ := testCA(t)
-	id := issue(t, ca, "gw1", "100.96.0.1", t0)
-	path := filepath.Join(t.TempDir(), "audit.log")
-	if _, err := Open(path).Append(id, "migration", nil, t0.Add(time.Minute)); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := ca.RevokeSerials([]*big.Int{id.Certificate().SerialNumber}, "superseded", t0.Add(10*time.Minute)); err != nil {
-		t.Fatal(err)
-	}
-	tb, err := ca.TrustBundle()
-	if err != nil {
-		t.Fatal(err)
-	}
-	b, _ := os.ReadFile(path)
+	tb, b := oneRecordRevoked(t, t0, t0.Add(time.Minute), "superseded", t0.Add(10*time.Minute))
 	if rep, err := Verify(bytes.NewReader(b), tb); err != nil || rep.Records != 1 {
 		t.Fatalf("revoked after its record: %+v, %v", rep, err)
 	}
