@@ -6,8 +6,6 @@ import (
 	"maps"
 	"math/bits"
 	"slices"
-	"sync"
-	"sync/atomic"
 
 	"github.com/skybridge-mesh/skybridge/internal/units"
 	"github.com/zeebo/blake3"
@@ -147,31 +145,11 @@ func isZero(b []byte) bool {
 	return true
 }
 
-// zeroHashes keeps the hashes of zeros by length, up to maxZeroHashes of
-// them: the chunk sizes in use, and images' last chunks, whose length is
-// any a sender chooses: one per image size ever offered, kept for good,
-// would grow for as long as the gateway runs.
-var (
-	zeroHashes  sync.Map // length → Hash
-	nZeroHashes atomic.Int64
-)
-
-const maxZeroHashes = 256
-
 // zeroHash is the hash of n zero bytes, the leaf of a hole in the Merkle
-// tree.
-func zeroHash(n int64) Hash {
-	if h, ok := zeroHashes.Load(n); ok {
-		return h.(Hash)
-	}
-	h := hashChunk(make([]byte, n))
-	if nZeroHashes.Load() < maxZeroHashes {
-		if _, had := zeroHashes.LoadOrStore(n, h); !had {
-			nZeroHashes.Add(1)
-		}
-	}
-	return h
-}
+// tree. Not kept: a manifest walk asks for a whole chunk's and its last
+// chunk's once each (withoutZeroChunks, Root), a few per migration, and
+// kept by length they grew with every image size a sender offered.
+func zeroHash(n int64) Hash { return hashChunk(make([]byte, n)) }
 
 // withoutZeroChunks is m without the chunks it lists as all zeros — holes,
 // which a manifest leaves out — or m itself if it lists none. The root is
@@ -181,8 +159,7 @@ func (m *Manifest) withoutZeroChunks() *Manifest {
 	if n <= 0 {
 		return m
 	}
-	// Once per manifest: past zeroHash's bound, a length is hashed anew
-	// at every call, and this compares every chunk listed.
+	// Once per walk, not per chunk listed: each is a chunk of zeros hashed.
 	whole, last := zeroHash(m.ChunkSize), zeroHash(chunkLen(n-1, m.Size, m.ChunkSize))
 	var zero []int64
 	for i, h := range m.Chunks {
