@@ -167,6 +167,11 @@ func TestReceiverStartsWithAnImageItCannotRecord(t *testing.T) {
 	if rep, err := VerifyImage(context.Background(), img); err != nil || !rep.OK {
 		t.Fatalf("verify of the image in place, not yet recorded: %+v %v", rep, err)
 	}
+	// Offers go to the pair's receiver, which did not start on this
+	// journal: it learns of the image as a start does.
+	if left, err := p.recv.recoverStores(true); err != nil || len(left) != 1 {
+		t.Fatalf("the pair's receiver finds %d images waiting (%v); want the one", len(left), err)
+	}
 	waiting := fmt.Sprintf("the version migration %s stored here is not recorded in the receiving gateway's catalog yet", second.ID)
 	if _, err := Send(context.Background(), p.config(raw, "pii-eu")); err == nil || !strings.Contains(err.Error(), waiting) {
 		t.Fatalf("an offer of the name: %v; want it refused until the image is recorded", err)
@@ -506,5 +511,39 @@ func TestCommitOnAFullDiskAuditedOnce(t *testing.T) {
 	}
 	if done != 1 {
 		t.Errorf("%d \"done\" audit records of migration %s, want 1\nreceiver log:\n%s", done, cfg.ID, p.recvLog.String())
+	}
+}
+
+// TestOfferWaitsForTheImageJustUnrecorded: in a running gateway, an offer
+// of a name whose new version is in place, its record failed a moment
+// ago, waits for it at once: not only once the receiver's loop has tried
+// to record it (its commit would replace a version the catalog never had,
+// and lose its record).
+func TestOfferWaitsForTheImageJustUnrecorded(t *testing.T) {
+	var fail atomic.Bool
+	full := &fs.PathError{Op: "write", Path: "migrate.db", Err: syscall.ENOSPC}
+	p := newPairWith(t, "DE", func(c *ReceiverConfig) {
+		c.recordFails = func() error {
+			if fail.Load() {
+				return full
+			}
+			return nil
+		}
+	})
+	raw := filepath.Join(p.dir, "vm.raw")
+	makeRaw(t, raw, 4*mib, map[int64]int{0: 4096})
+	if _, err := Send(context.Background(), p.config(raw, "pii-eu")); err != nil {
+		t.Fatal(err)
+	}
+	makeRaw(t, raw, 4*mib, map[int64]int{0: 4096, 2 * mib: 4096})
+	fail.Store(true)
+	second, err := Send(context.Background(), p.config(raw, "pii-eu"))
+	if err == nil {
+		t.Fatal("a send whose record failed succeeded")
+	}
+	makeRaw(t, raw, 4*mib, map[int64]int{0: 4096, 3 * mib: 4096})
+	waiting := fmt.Sprintf("the version migration %s stored here is not recorded in the receiving gateway's catalog yet", second.ID)
+	if _, err := Send(context.Background(), p.config(raw, "pii-eu")); err == nil || !strings.Contains(err.Error(), waiting) {
+		t.Fatalf("an offer of the name right after: %v; want it to wait for the image in place", err)
 	}
 }

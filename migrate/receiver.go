@@ -91,9 +91,13 @@ type Receiver struct {
 	recordMu   sync.Mutex
 	recordKick chan struct{}
 
-	mu       sync.Mutex
-	audited  map[string]bool // auditedUnsaid
-	sessions map[string]*session
+	mu      sync.Mutex
+	audited map[string]bool // auditedUnsaid
+	// unrecorded names, by migration ID, the images in place the catalog
+	// lacks (recoverStores): an offer or removal of one of them waits,
+	// and one of no such name reads nothing to know it.
+	unrecorded map[string]string
+	sessions   map[string]*session
 	// opening holds the IDs open is setting up, from before it reads
 	// their record until their session is in sessions (or it failed):
 	// forgetAbandoned leaves them alone.
@@ -870,7 +874,8 @@ func (r *Receiver) control(ctx context.Context, c *tls.Conn, fr *frameReader, fw
 			log.Error("migration stored and verified, but not recorded in the catalog: the gateway tries again every minute, and when it starts again", "err", err, "again", rerr)
 			r.cfg.Observer.Ended(RoleReceive, StateFailed, r.cfg.Now().Sub(s.start))
 			fw.json(frameError, "the image was stored, but the receiving gateway could not record it yet (it tries again every minute, and when it starts again): "+err.Error())
-			closeSession() // first: the image of a session under way is its own to record
+			r.setUnrecorded(o.ID, o.Name) // before its session goes: an offer of the name waits from now
+			closeSession()                // first: the image of a session under way is its own to record
 			select {
 			case r.recordKick <- struct{}{}:
 			default:
@@ -1851,9 +1856,7 @@ func (r *Receiver) completeStore(id string, st *stagedImage) error {
 	if err := r.stored(id, st); err != nil {
 		return err
 	}
-	r.mu.Lock()
-	delete(r.audited, id)
-	r.mu.Unlock()
+	r.setUnrecorded(id, "")
 	return nil
 }
 
@@ -1997,9 +2000,18 @@ func (st *stagedImage) movedInPlace(at SourceID) bool {
 func (r *Receiver) recoverStores(starting bool) (left map[string]*stagedImage, err error) {
 	r.recordMu.Lock()
 	defer r.recordMu.Unlock()
+	// Noted before the list is read, so still listed if still staged.
+	r.mu.Lock()
+	noted := slices.Collect(maps.Keys(r.unrecorded))
+	r.mu.Unlock()
 	staged, err := r.cfg.Journal.stagedImages()
 	if err != nil {
 		return nil, err
+	}
+	for _, id := range noted {
+		if _, ok := staged[id]; !ok {
+			r.setUnrecorded(id, "") // recorded since, or gone
+		}
 	}
 	left = map[string]*stagedImage{}
 	for id := range staged {
@@ -2016,6 +2028,7 @@ func (r *Receiver) recoverStores(starting bool) (left map[string]*stagedImage, e
 		// list, it had a second "done" record.
 		var st stagedImage
 		if err := r.cfg.Journal.get(bucketStoring, id, &st); errors.Is(err, ErrNotFound) {
+			r.setUnrecorded(id, "")
 			continue
 		} else if err != nil {
 			return nil, err
@@ -2031,6 +2044,7 @@ func (r *Receiver) recoverStores(starting bool) (left map[string]*stagedImage, e
 			}
 			if _, err := r.record(id, &st); err != nil {
 				left[id] = &st
+				r.setUnrecorded(id, st.Image.Name)
 				what := "the journal cannot take its record (see the error)"
 				if diskFull(err) {
 					what = "the disk is full: free space on it"
@@ -2039,9 +2053,7 @@ func (r *Receiver) recoverStores(starting bool) (left map[string]*stagedImage, e
 					"migration_id", id, "name", st.Image.Name, "path", st.Image.Path, "root", st.Image.Root.String(), "err", err)
 				continue
 			}
-			r.mu.Lock()
-			delete(r.audited, id)
-			r.mu.Unlock()
+			r.setUnrecorded(id, "")
 			if starting {
 				r.cfg.Log.Warn("recorded an image stored just before the gateway stopped", "migration_id", id, "name", st.Image.Name, "root", st.Image.Root.String())
 			} else {
@@ -2054,6 +2066,7 @@ func (r *Receiver) recoverStores(starting bool) (left map[string]*stagedImage, e
 		if st.Source != st.Incoming {
 			os.Remove(st.Source)
 		}
+		r.setUnrecorded(id, "")
 		if err := r.cfg.Journal.deleteKey(bucketStoring, id); err != nil {
 			// Harmless meanwhile: nothing replaced the stored version.
 			r.cfg.Log.Warn("forget an image staged but not moved into place (tried again later)", "migration_id", id, "name", st.Image.Name, "err", err)
@@ -2068,21 +2081,46 @@ func (r *Receiver) recoverStores(starting bool) (left map[string]*stagedImage, e
 // removal meanwhile, and an operator who freed space waits no longer.
 const stagedRetry = time.Minute
 
-// waitingRecord records the images in place the catalog lacks, and
-// returns the migration of the one still unrecorded that an offer of name
-// under id, or a removal of name (id ""), must wait for. Until it is
+// waitingRecord returns the migration whose image, in place but not in
+// the catalog, an offer of name under id, or a removal of name (id ""),
+// must wait for; it tries to record such an image first, and reads
+// nothing when there is none. Until it is
 // recorded, an offer's commit would replace a version the catalog never
 // knew, its record lost, and a removal would record the version before it
 // as removed.
 func (r *Receiver) waitingRecord(id, name string) (string, error) {
-	left, err := r.recoverStores(false)
-	if err != nil {
+	waiting := func() string {
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		for sid, n := range r.unrecorded {
+			if sid == id || n == name {
+				return sid
+			}
+		}
+		return ""
+	}
+	if waiting() == "" {
+		return "", nil
+	}
+	if _, err := r.recoverStores(false); err != nil {
 		return "", fmt.Errorf("the images being stored: %w", err)
 	}
-	for sid, st := range left {
-		if sid == id || st.Image.Name == name {
-			return sid, nil
-		}
+	return waiting(), nil
+}
+
+// setUnrecorded notes that migration id's image, name, is in place but not
+// in the catalog; an empty name that it is not (recorded, or gone). Its
+// note that the audit record is written goes with it.
+func (r *Receiver) setUnrecorded(id, name string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if name == "" {
+		delete(r.unrecorded, id)
+		delete(r.audited, id)
+		return
 	}
-	return "", nil
+	if r.unrecorded == nil {
+		r.unrecorded = map[string]string{}
+	}
+	r.unrecorded[id] = name
 }
