@@ -588,14 +588,31 @@ func (j *Journal) Images() ([]ImageRecord, error) { return list[ImageRecord](j, 
 // holds: verified against the catalog's, an intact image would read as
 // damaged.
 func (j *Journal) Image(name string) (*ImageRecord, error) {
-	staged, err := j.stagedImages()
+	var staged []stagedImage
+	err := j.db.View(func(tx *bolt.Tx) error {
+		return tx.Bucket(bucketStoring).ForEach(func(k, v []byte) error {
+			// The name first: a commit under way stages a manifest of up
+			// to millions of chunks, not to be built for another name.
+			var named struct {
+				Image struct {
+					Name string `json:"name"`
+				} `json:"image"`
+			}
+			if err := json.Unmarshal(v, &named); err != nil || named.Image.Name != name {
+				return nil // a damaged entry is stagedImages' to report
+			}
+			var st stagedImage
+			if err := json.Unmarshal(v, &st); err != nil {
+				return fmt.Errorf("image being stored by migration %s: %w", k, err)
+			}
+			staged = append(staged, st)
+			return nil
+		})
+	})
 	if err != nil {
 		return nil, err
 	}
 	for _, st := range staged {
-		if st.Image.Name != name {
-			continue
-		}
 		if at, err := sourceID(st.Image.Path); err == nil && st.movedInPlace(at) {
 			return &st.Image, nil
 		}
