@@ -41,18 +41,7 @@ func netstackGateway(t *testing.T) (cfg, state string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cfg = filepath.Join(dir, "gw.hcl")
-	src := fmt.Sprintf(`state_dir = %q
-node {
-  name         = "gw1"
-  site         = "onprem-zrh"
-  region       = "zrh-dc1"
-  provider     = "onprem"
-  jurisdiction = "CH"
-  overlay_ip   = "100.96.0.1"
-}
-identity { dir = %q }
-gossip {
+	cfg = gatewayConfigWith(t, dir, fmt.Sprintf(`gossip {
   bind    = "127.0.0.1:%d"
   profile = "local"
 }
@@ -63,10 +52,7 @@ wireguard {
   behind_nat = true
 }
 operator { listen = "127.0.0.1:0" }
-`, state, filepath.Join(state, "identity"), ports[0], ports[1])
-	if err := os.WriteFile(cfg, []byte(src), 0o644); err != nil {
-		t.Fatal(err)
-	}
+`, ports[0], ports[1]), fmt.Sprintf("identity { dir = %q }\n", filepath.Join(state, "identity")))
 	return cfg, state
 }
 

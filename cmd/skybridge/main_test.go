@@ -999,6 +999,13 @@ func TestBandwidthLimit(t *testing.T) {
 // in dir/state, with the given identity block (none if empty).
 func gatewayConfig(t *testing.T, dir, identity string) string {
 	t.Helper()
+	return gatewayConfigWith(t, dir, "gossip { bind = \"127.0.0.1:7946\" }\nwireguard { interface = \"sbx\" }\n", identity)
+}
+
+// gatewayConfigWith is gatewayConfig with the given gossip and wireguard
+// blocks (network).
+func gatewayConfigWith(t *testing.T, dir, network, identity string) string {
+	t.Helper()
 	cfg := filepath.Join(dir, "gw.hcl")
 	src := `state_dir = "` + filepath.Join(dir, "state") + `"
 node {
@@ -1009,9 +1016,7 @@ node {
   jurisdiction = "CH"
   overlay_ip   = "100.96.0.1"
 }
-gossip { bind = "127.0.0.1:7946" }
-wireguard { interface = "sbx" }
-` + identity
+` + network + identity
 	if err := os.WriteFile(cfg, []byte(src), 0o644); err != nil {
 		t.Fatal(err)
 	}
