@@ -66,6 +66,11 @@ type migrations struct {
 
 	atRest         atRestState
 	catalogChanged atomic.Bool // since the residency loop last listed the images
+
+	// unended holds the sends a stop cut short that the start could not
+	// record as ended (a full disk), by ID, with their start: they read
+	// as interrupted, and a resume or the next start records them.
+	unended map[string]time.Time
 }
 
 type runningMigration struct {
@@ -259,6 +264,7 @@ func (m *migrations) lookup(id string) (*migrate.SendRecord, *migrate.Progress, 
 		return nil, nil, err
 	}
 	if run == nil {
+		m.asEnded(rec)
 		return rec, nil, nil
 	}
 	run.mu.Lock()
@@ -291,6 +297,11 @@ func (m *migrations) sends() ([]migrate.SendRecord, error) {
 	if err != nil {
 		return nil, err
 	}
+	for i := range sends {
+		if !slices.ContainsFunc(firsts, func(f migrate.SendRecord) bool { return f.ID == sends[i].ID }) {
+			m.asEnded(&sends[i])
+		}
+	}
 	for _, f := range firsts {
 		if !slices.ContainsFunc(sends, func(r migrate.SendRecord) bool { return r.ID == f.ID }) {
 			sends = append(sends, f)
@@ -298,6 +309,14 @@ func (m *migrations) sends() ([]migrate.SendRecord, error) {
 	}
 	slices.SortFunc(sends, func(a, b migrate.SendRecord) int { return a.Started.Compare(b.Started) })
 	return sends, nil
+}
+
+// asEnded shows a send that does not run as EndInterrupted would have
+// recorded it, if the start could not (unended): not as running.
+func (m *migrations) asEnded(r *migrate.SendRecord) {
+	if started, ok := m.unended[r.ID]; ok && r.State == migrate.StateRunning && r.Started.Equal(started) {
+		r.State, r.Error = migrate.StateFailed, migrate.Interrupted
+	}
 }
 
 // forgetStaleSends drops from j the chunks of unfinished sends not resumed
@@ -343,14 +362,35 @@ func (g *Gateway) openMigrations() error {
 	// Sends a stopped gateway left running: said once, and no client
 	// waits on them for ever.
 	ended, err := j.EndInterrupted(g.now())
+	var unended map[string]time.Time
 	if err != nil {
-		j.Close()
-		return fmt.Errorf("journal %s: %w", filepath.Join(g.s.StateDir, "migrate.db"), err)
+		// A full disk must not keep the gateway, and the site's tunnels,
+		// down: what the journal could not record is read instead, and a
+		// resume or the next start records it.
+		all, rerr := j.Sends()
+		if rerr != nil {
+			j.Close()
+			return fmt.Errorf("journal %s: %w", filepath.Join(g.s.StateDir, "migrate.db"), err)
+		}
+		unended = map[string]time.Time{}
+		for _, r := range all {
+			if r.State == migrate.StateRunning {
+				unended[r.ID] = r.Started
+				ended = append(ended, r)
+			}
+		}
+		g.log.Error("journal: the migrations a stop cut short cannot be recorded as ended, nor their audit records written (free space on the disk); they show as interrupted, and a resume or the next start records them",
+			"path", filepath.Join(g.s.StateDir, "migrate.db"), "migrations", len(unended), "err", err)
 	}
 	forgetStaleSends(j, g.now(), g.log)
 	m := &migrations{journal: j, audit: audit.Open(filepath.Join(g.s.StateDir, "audit.log")),
-		store: filepath.Join(g.s.StateDir, "images"), running: map[string]*runningMigration{}, atRest: atRestState{kick: make(chan struct{}, 1)}}
+		store: filepath.Join(g.s.StateDir, "images"), running: map[string]*runningMigration{}, atRest: atRestState{kick: make(chan struct{}, 1)},
+		unended: unended}
 	for _, r := range ended {
+		if unended != nil {
+			g.log.Warn("a migration was interrupted when the gateway stopped: resume it", "migration_id", r.ID, "name", r.Name, "to", r.To)
+			continue
+		}
 		if r.Error == migrate.Interrupted && r.AuditOwed == nil {
 			g.log.Warn("a migration was interrupted when the gateway stopped: resume it", "migration_id", r.ID, "name", r.Name, "to", r.To)
 		}

@@ -58,6 +58,34 @@ func TestResumeWritesTheEarlierAttemptsRecord(t *testing.T) {
 	}
 }
 
+// TestResumeEndsWhatTheStartCouldNot: a send a stop cut short, which the
+// start could not record as ended (a full disk), is still running in the
+// journal when it is resumed: the resume records the attempt's end, once.
+func TestResumeEndsWhatTheStartCouldNot(t *testing.T) {
+	p := newPair(t, "DE")
+	raw := filepath.Join(p.dir, "vm.raw")
+	makeRaw(t, raw, 32*mib, map[int64]int{0: 16 * mib})
+	rec, _ := p.interrupted(raw, 8)
+	rec.State, rec.Error, rec.Finished, rec.AuditPending = StateRunning, "", time.Time{}, false
+	if err := p.sendJ.put(bucketSend, rec.ID, rec); err != nil {
+		t.Fatal(err)
+	}
+	cfg := p.config(raw, "pii-eu")
+	cfg.ID = rec.ID
+	if r, err := Send(context.Background(), cfg); err != nil || r.State != StateDone {
+		t.Fatal(r, err)
+	}
+	n := 0
+	for _, r := range p.records(t, p.sendAudit) {
+		if r.Fields["migration_id"] == rec.ID && r.Fields["error"] == Interrupted {
+			n++
+		}
+	}
+	if n != 1 {
+		t.Fatalf("records of the interrupted attempt: %d; want 1", n)
+	}
+}
+
 // TestOwedRecordWrittenOnce: records written at once (sessions, a
 // removal) write an owed record once, not once each.
 func TestOwedRecordWrittenOnce(t *testing.T) {

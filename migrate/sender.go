@@ -406,6 +406,12 @@ func startRecord(cfg *SendConfig, sid SourceID) (*SendRecord, error) {
 			if old.Image != cfg.Image || old.To != cfg.To.Attributes.Node || old.Name != cfg.Name {
 				return nil, fmt.Errorf("migration %s was %s → %s as %s; it cannot resume as something else", cfg.ID, old.Image, old.To, old.Name)
 			}
+			if old.State == StateRunning {
+				// Nothing runs it (the gateway refuses to resume a migration
+				// that runs): an attempt a stop cut short, which the start
+				// could not record as ended (EndInterrupted on a full disk).
+				old.State, old.Error, old.Finished, old.AuditPending = StateFailed, Interrupted, cfg.Now(), true
+			}
 			// How the earlier attempt ended is recorded before this one
 			// overwrites it: its record is owed when a stop, or an audit
 			// log that could not take it then, left it unwritten.
