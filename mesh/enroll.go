@@ -71,6 +71,10 @@ type perSourceListener struct {
 	max     int
 	refused func(from netip.Addr)
 	open    sourceCounts
+	// exact holds the addresses that count alone, not by their /64: the
+	// overlay's, each one gateway's, which WireGuard lets no one else
+	// send from.
+	exact netip.Prefix
 }
 
 func limitPerSource(ln net.Listener, max int, refused func(netip.Addr)) *perSourceListener {
@@ -115,6 +119,9 @@ func (l *perSourceListener) Accept() (net.Conn, error) {
 		}
 		ap, _ := netip.ParseAddrPort(c.RemoteAddr().String())
 		from := sourceOf(ap.Addr())
+		if a := ap.Addr().Unmap(); l.exact.IsValid() && l.exact.Contains(a) {
+			from = a
+		}
 		if !l.open.take(from, l.max, nil) {
 			c.Close()
 			if l.refused != nil {

@@ -56,7 +56,7 @@ const (
 )
 
 // maxOperatorPerSource bounds the connections of one address (an IPv6
-// /64), so that one client holding connections open without a word cannot
+// /64, but a gateway's own overlay address), so that one client holding connections open without a word cannot
 // take every slot from the token's holders. Prometheus and a browser often
 // share an address (loopback, or one host on a site network): a browser
 // opens up to 6 connections to the endpoint, its event stream among them,
@@ -202,6 +202,10 @@ func (g *Gateway) serveOperator(ctx context.Context) (io.Closer, error) {
 				"from", from, "open", maxOperatorPerSource, "turned_away_unlogged", dropped)
 		}
 	})
+	if g.s.OperatorOverlay {
+		// With an IPv6 overlay, every gateway would share one /64's share.
+		perSource.exact = g.trust.Load().MeshPrefix()
+	}
 	go srv.Serve(netutil.LimitListener(perSource, maxOperatorConn))
 	g.log.Info("operator endpoint: metrics and dashboard (token required)", "address", ln.Addr().String())
 	return closerFunc(func() error {

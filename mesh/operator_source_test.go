@@ -4,6 +4,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/netip"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -75,5 +76,63 @@ func TestOperatorOneSourceHoldsFewSlots(t *testing.T) {
 	}
 	if n := strings.Count(logs.String(), "operator connection turned away"); n < 1 {
 		t.Errorf("connections turned away logged %d warnings; want them said", n)
+	}
+}
+
+// addrConn is a connection from a given address.
+type addrConn struct {
+	net.Conn
+	from net.Addr
+}
+
+func (c addrConn) RemoteAddr() net.Addr { return c.from }
+
+// fromListener hands out one connection from each address in turn.
+type fromListener struct {
+	net.Listener
+	from []netip.Addr
+}
+
+func (l *fromListener) Accept() (net.Conn, error) {
+	if len(l.from) == 0 {
+		return nil, net.ErrClosed
+	}
+	a := l.from[0]
+	l.from = l.from[1:]
+	c, _ := net.Pipe()
+	return addrConn{Conn: c, from: net.TCPAddrFromAddrPort(netip.AddrPortFrom(a, 40000))}, nil
+}
+
+// TestOverlaySourcesCountAlone: on an IPv6 overlay the gateways' addresses
+// share a /64, yet each is one gateway's: each has its own share of the
+// operator endpoint's connections, where another IPv6 address counts by
+// its /64 (a host may pick any address in it).
+func TestOverlaySourcesCountAlone(t *testing.T) {
+	overlay := netip.MustParsePrefix("fd00:5b::/64")
+	gw1, gw2 := netip.MustParseAddr("fd00:5b::1:1"), netip.MustParseAddr("fd00:5b::2:1")
+	host1, host2 := netip.MustParseAddr("2001:db8::1"), netip.MustParseAddr("2001:db8::2")
+	var from []netip.Addr
+	for _, a := range []netip.Addr{gw1, gw2, host1, host2} {
+		for range 2 {
+			from = append(from, a)
+		}
+	}
+	var refused []netip.Addr
+	l := limitPerSource(&fromListener{from: from}, 2, func(a netip.Addr) { refused = append(refused, a) })
+	l.exact = overlay
+	accepted := map[netip.Addr]int{}
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			break
+		}
+		ap, _ := netip.ParseAddrPort(c.RemoteAddr().String())
+		accepted[ap.Addr()]++
+	}
+	if accepted[gw1] != 2 || accepted[gw2] != 2 {
+		t.Errorf("overlay addresses of one /64: accepted %d and %d; want each its share of 2", accepted[gw1], accepted[gw2])
+	}
+	if accepted[host1]+accepted[host2] != 2 || len(refused) != 2 {
+		t.Errorf("host addresses of one /64: accepted %d, refused %d; want 2 between them, 2 refused", accepted[host1]+accepted[host2], len(refused))
 	}
 }
