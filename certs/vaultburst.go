@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"path"
 	"slices"
 	"strings"
@@ -1281,8 +1282,53 @@ func (v *Vault) VaultJoinFor(b *VaultBurst) (*VaultJoin, error) {
 			return nil, fmt.Errorf("vault ca_cert: %w", err)
 		}
 		vj.CACert = string(pemb)
+		return vj, nil
 	}
+	// Without ca_cert this gateway trusts the CA the Vault client takes
+	// from its environment (the Vault CLI's variables); a burst gateway,
+	// a fresh VM, has neither, and would not trust Vault.
+	pemb, err := envVaultCA()
+	if err != nil {
+		return nil, err
+	}
+	vj.CACert = string(pemb)
 	return vj, nil
+}
+
+// envVaultCA reads the CA the Vault client trusts from its environment,
+// in the client's order: VAULT_CACERT_BYTES, VAULT_CACERT (a file),
+// VAULT_CAPATH (a directory of PEM files). None set: nil.
+func envVaultCA() ([]byte, error) {
+	if b := os.Getenv(vault.EnvVaultCACertBytes); b != "" {
+		return []byte(b), nil
+	}
+	if f := os.Getenv(vault.EnvVaultCACert); f != "" {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			return nil, fmt.Errorf("$%s, the CA this gateway trusts Vault by, for burst gateways' join tokens: %w (set vault { ca_cert = ... } instead)", vault.EnvVaultCACert, err)
+		}
+		return b, nil
+	}
+	dir := os.Getenv(vault.EnvVaultCAPath)
+	if dir == "" {
+		return nil, nil
+	}
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, fmt.Errorf("$%s, the CAs this gateway trusts Vault by, for burst gateways' join tokens: %w (set vault { ca_cert = ... } instead)", vault.EnvVaultCAPath, err)
+	}
+	var all []byte
+	for _, e := range ents {
+		if e.IsDir() { // as the client reads it: the files and the links in it
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join(dir, e.Name()))
+		if err != nil {
+			return nil, fmt.Errorf("$%s: %w (set vault { ca_cert = ... } instead)", vault.EnvVaultCAPath, err)
+		}
+		all = append(append(all, b...), '\n')
+	}
+	return all, nil
 }
 
 // UnwrapSecretID redeems the wrapped SecretID of a join token. Vault

@@ -1,7 +1,10 @@
 package certs
 
 import (
+	"encoding/pem"
 	"net/http"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -179,5 +182,54 @@ func TestVaultPlainHTTPStaysOnHost(t *testing.T) {
 	}
 	if vc.DisableRedirects {
 		t.Error("redirects refused over https too")
+	}
+}
+
+// TestVaultJoinCarriesTheEnvironmentsCA: a gateway that trusts Vault by
+// the Vault CLI's variables, not ca_cert, hands burst gateways (fresh VMs,
+// which have neither) that CA in their join tokens; ca_cert, set, wins.
+func TestVaultJoinCarriesTheEnvironmentsCA(t *testing.T) {
+	dir := t.TempDir()
+	ca := newTestCA(t)
+	pemOf := func(ca *CA) []byte { return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: ca.Certificate().Raw}) }
+	pemA, pemB := pemOf(ca), pemOf(newTestCA(t))
+	fileA, fileB := filepath.Join(dir, "a.pem"), filepath.Join(dir, "b.pem")
+	os.WriteFile(fileA, pemA, 0o600)
+	os.WriteFile(fileB, pemB, 0o600)
+	c, err := vault.NewClient(&vault.Config{Address: "https://vault.example.com:8200"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	joinCA := func(cfg *VaultConfig) string {
+		t.Helper()
+		vj, err := (&Vault{client: c, cfg: cfg, meshPrefix: ca.MeshPrefix()}).VaultJoinFor(&VaultBurst{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return vj.CACert
+	}
+	for _, tc := range []struct {
+		env, value string
+		want       []string
+	}{
+		{vault.EnvVaultCACertBytes, string(pemA), []string{string(pemA)}},
+		{vault.EnvVaultCACert, fileB, []string{string(pemB)}},
+		{vault.EnvVaultCAPath, dir, []string{string(pemA), string(pemB)}},
+	} {
+		t.Run(tc.env, func(t *testing.T) {
+			t.Setenv(tc.env, tc.value)
+			got := joinCA(&VaultConfig{})
+			for _, w := range tc.want {
+				if !strings.Contains(got, w) {
+					t.Errorf("$%s set: the join token's CA lacks one this gateway trusts Vault by (%d bytes)", tc.env, len(got))
+				}
+			}
+			if got := joinCA(&VaultConfig{CACert: fileA}); got != string(pemA) {
+				t.Errorf("ca_cert set with $%s: the join token carries %d bytes, not ca_cert's", tc.env, len(got))
+			}
+		})
+	}
+	if got := joinCA(&VaultConfig{}); got != "" {
+		t.Errorf("no CA configured: the join token carries %q", got)
 	}
 }
