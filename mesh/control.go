@@ -313,24 +313,37 @@ func (g *Gateway) streamMigration(w http.ResponseWriter, r *http.Request, req Mi
 	for {
 		select {
 		case <-r.Context().Done():
+			// A stop cancels the sends and waits for them before it
+			// closes the socket, which ends this request too: the end,
+			// there already, is still the client's.
+			select {
+			case <-run.done:
+				send(finalEvent(id, run))
+			default:
+			}
 			return
 		case p, ok := <-sub:
 			if !ok {
 				<-run.done
-				ev := MigrationEvent{ID: id, Record: run.rec}
-				if run.err != nil {
-					ev.Error = run.err.Error()
-					var d *migrate.DeniedError
-					if errors.As(run.err, &d) {
-						ev.Denied = d
-					}
-				}
-				send(ev)
+				send(finalEvent(id, run))
 				return
 			}
 			send(MigrationEvent{ID: id, Progress: &p})
 		}
 	}
+}
+
+// finalEvent is how a migration ended, once run.done is closed.
+func finalEvent(id string, run *runningMigration) MigrationEvent {
+	ev := MigrationEvent{ID: id, Record: run.rec}
+	if run.err != nil {
+		ev.Error = run.err.Error()
+		var d *migrate.DeniedError
+		if errors.As(run.err, &d) {
+			ev.Denied = d
+		}
+	}
+	return ev
 }
 
 func reply(w http.ResponseWriter, v any, err error) {
