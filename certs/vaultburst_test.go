@@ -191,7 +191,9 @@ func TestVaultPlainHTTPStaysOnHost(t *testing.T) {
 func TestVaultJoinCarriesTheEnvironmentsCA(t *testing.T) {
 	dir := t.TempDir()
 	ca := newTestCA(t)
-	pemOf := func(ca *CA) []byte { return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: ca.Certificate().Raw}) }
+	pemOf := func(ca *CA) []byte {
+		return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: ca.Certificate().Raw})
+	}
 	pemA, pemB := pemOf(ca), pemOf(newTestCA(t))
 	fileA, fileB := filepath.Join(dir, "a.pem"), filepath.Join(dir, "b.pem")
 	os.WriteFile(fileA, pemA, 0o600)
