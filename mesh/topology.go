@@ -316,12 +316,9 @@ func holdRoutes(in TopologyInput, plan *Plan) {
 	if len(in.Away) == 0 {
 		return
 	}
-	up := make(map[string]bool, len(plan.Carriers)+1) // sites with a gateway verified here
-	up[in.Self.site()] = true
 	var hub *certs.Attributes // ours, where we reach other sites through it
 	for i := range in.Peers {
 		p := &in.Peers[i]
-		up[p.site()] = true
 		if in.Mode == TopologyHub && p.site() == in.Self.site() && plan.Carriers[p.site()] == p.node() {
 			hub = p.Attributes
 		}
@@ -371,9 +368,16 @@ func holdRoutes(in TopologyInput, plan *Plan) {
 		// routes, a label residency judges otherwise), and a prefix
 		// routed here until now must not fall to the host's other
 		// routes. What a live peer carries is left (covered). Our own
-		// site's are the host's to route; behind a hub, a site with a
-		// gateway up is as the hub routes it.
-		if a.site() == in.Self.site() || in.Mode == TopologyHub && up[a.site()] {
+		// site's are the host's to route. Behind a hub, a site with a
+		// gateway up is as its hub (its first by name) routes it: one
+		// away that sorts after the hub never carried the site's routes
+		// here, but one that sorts before it was the hub, and what it
+		// carried the hub in its place may not (left unheld, they went
+		// to the host's routes once any gateway of the site was up).
+		if a.site() == in.Self.site() {
+			continue
+		}
+		if h := plan.Carriers[a.site()]; in.Mode == TopologyHub && h != "" && h < a.node() {
 			continue
 		}
 		ok, judged := linked[a.Attributes]

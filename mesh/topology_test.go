@@ -902,6 +902,11 @@ func TestHeldRoutes(t *testing.T) {
 			self:  gw("zrh-2", "onprem-zrh", "CH", "onprem", 2, "swiss-banking-secret,pii-eu,risk-batch", "10.1.0.0/16"),
 			peers: []Node{zrh1}, away: []AwayGateway{away(iad1, ""), away(fra1, "")},
 			want: "aws-eu-central-1=10.2.0.0/16"},
+		{name: "hub mode: a site's hub away, what the hub now does not advertise is held", mode: TopologyHub,
+			peers: []Node{fra2}, away: []AwayGateway{away(gw("fra-1", "aws-eu-central-1", "DE", "aws", 4, "", "10.2.0.0/16", "10.12.0.0/16"), "")},
+			want: "aws-eu-central-1=10.12.0.0/16"},
+		{name: "hub mode: a gateway away that was not its site's hub was never routed here", mode: TopologyHub,
+			peers: []Node{fra1}, away: []AwayGateway{away(gw("fra-2", "aws-eu-central-1", "DE", "aws", 5, "", "10.2.0.0/16", "10.12.0.0/16"), "")}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -1,0 +1,175 @@
+package mesh
+
+import (
+	"fmt"
+	"net/netip"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/skybridge-mesh/skybridge/policy"
+)
+
+// hubsim_test.go follows packets hop by hop through the plans every
+// gateway of a mesh computes: one gateway's plan can be right on its own
+// and still send traffic where the next gateway drops it, or where no
+// gateway routes it on (the host's routes: in clear).
+
+// simMesh is the plans of every gateway of a mesh.
+type simMesh struct {
+	nodes []Node
+	plans map[string]Plan
+	by    map[string]*Node
+}
+
+// newSim computes each gateway's plan, every other gateway its peer.
+func newSim(nodes []Node, mode string, pol *policy.Policy) *simMesh {
+	w := &simMesh{nodes: nodes, plans: map[string]Plan{}, by: map[string]*Node{}}
+	for i := range nodes {
+		self := nodes[i]
+		w.by[self.node()] = &nodes[i]
+		peers := append(slices.Clone(nodes[:i]), nodes[i+1:]...)
+		w.plans[self.node()] = Compute(TopologyInput{Self: self, Peers: peers, Policy: pol, Mode: mode, Now: now, MeshPrefix: mesh16})
+	}
+	return w
+}
+
+// lookupPeer is the peer WireGuard sends a to: the longest prefix of
+// the peers' allowed IPs that holds it.
+func lookupPeer(peers []PeerConfig, a netip.Addr) (PeerConfig, bool) {
+	best, bits, ok := PeerConfig{}, -1, false
+	for _, pc := range peers {
+		for _, p := range pc.AllowedIPs {
+			if p.Contains(a) && p.Bits() > bits {
+				best, bits, ok = pc, p.Bits(), true
+			}
+		}
+	}
+	return best, ok
+}
+
+// send follows a packet from src, sent at gateway start, to dst. It
+// returns the gateways it passed and how it ended: "delivered" (to a
+// gateway's overlay address), "lan" (into a site's network), or what
+// went wrong where.
+func (w *simMesh) send(start string, src, dst netip.Addr) (string, string) {
+	cur := start
+	path := []string{cur}
+	for range 8 {
+		n := w.by[cur]
+		plan := w.plans[cur]
+		if n.Attributes.OverlayIP == dst {
+			return strings.Join(path, ">"), "delivered"
+		}
+		for _, r := range n.Attributes.Routes {
+			if r.Contains(dst) {
+				return strings.Join(path, ">"), "lan"
+			}
+		}
+		routed := mesh16.Contains(dst)
+		for _, r := range plan.Routes {
+			routed = routed || r.Contains(dst)
+		}
+		if !routed {
+			return strings.Join(path, ">"), "sent by the host's routes at " + cur
+		}
+		pc, ok := lookupPeer(plan.Peers, dst)
+		if !ok {
+			return strings.Join(path, ">"), "no peer for it at " + cur
+		}
+		// WireGuard at the next gateway takes the packet only from the
+		// peer whose allowed IPs hold its source.
+		next := pc.Node
+		back, ok := lookupPeer(w.plans[next].Peers, src)
+		if !ok || back.Node != cur {
+			return strings.Join(append(path, next), ">"), fmt.Sprintf("refused at %s: source %s from %s (taken from %q)", next, src, cur, back.Node)
+		}
+		cur = next
+		path = append(path, cur)
+	}
+	return strings.Join(path, ">"), "loop"
+}
+
+// hubMesh is three sites: one of three gateways, one of two, one of one.
+func hubMesh() []Node {
+	return []Node{
+		gw("a-1", "site-a", "DE", "aws", 11, "x", "10.11.0.0/16"),
+		gw("a-2", "site-a", "DE", "aws", 12, "x", "10.11.0.0/16"),
+		gw("a-3", "site-a", "DE", "aws", 13, "x", "10.11.0.0/16"),
+		gw("b-1", "site-b", "DE", "aws", 21, "x", "10.21.0.0/16"),
+		gw("b-2", "site-b", "DE", "aws", 22, "x", "10.21.0.0/16"),
+		gw("c-1", "site-c", "DE", "aws", 31, "x", "10.31.0.0/16"),
+	}
+}
+
+// TestHubSimDelivers: in the hub topology every gateway reaches every
+// other one, both ways, and the hubs each other's networks.
+func TestHubSimDelivers(t *testing.T) {
+	w := newSim(hubMesh(), TopologyHub, nil)
+	for _, a := range w.nodes {
+		for _, b := range w.nodes {
+			if a.node() == b.node() {
+				continue
+			}
+			if path, r := w.send(a.node(), a.Attributes.OverlayIP, b.Attributes.OverlayIP); r != "delivered" {
+				t.Errorf("%s -> %s: %s, through %s", a.node(), b.node(), r, path)
+			}
+		}
+	}
+	for _, s := range []struct{ from, to string }{{"a-1", "10.21.0.9"}, {"b-1", "10.31.0.9"}, {"c-1", "10.11.0.9"}} {
+		src := w.by[s.from].Attributes.Routes[0].Addr().Next()
+		if path, r := w.send(s.from, src, netip.MustParseAddr(s.to)); r != "lan" {
+			t.Errorf("%s -> %s: %s, through %s", s.from, s.to, r, path)
+		}
+	}
+}
+
+// TestHubDeadHubRoutesHeld: a site's hub goes away, and its new hub does
+// not advertise all it did (certificates re-issued one gateway at a
+// time): what the old one carried is held, at a hub and at a non-hub as
+// in a full mesh, not left to the host's routes.
+func TestHubDeadHubRoutesHeld(t *testing.T) {
+	b1 := gw("b-1", "site-b", "DE", "aws", 21, "x", "10.21.0.0/16", "10.22.0.0/16") // the hub, away
+	b2 := gw("b-2", "site-b", "DE", "aws", 22, "x", "10.21.0.0/16")                 // up, re-issued without 10.22/16
+	a1 := gw("a-1", "site-a", "DE", "aws", 11, "x", "10.11.0.0/16")
+	a2 := gw("a-2", "site-a", "DE", "aws", 12, "x", "10.11.0.0/16")
+	for _, mode := range []string{TopologyFullMesh, TopologyHub} {
+		for _, self := range []Node{a1, a2} {
+			sibling := a2
+			if self.node() == "a-2" {
+				sibling = a1
+			}
+			up := Compute(TopologyInput{Self: self, Peers: []Node{sibling, b1, b2}, Mode: mode, Now: now, MeshPrefix: mesh16})
+			if got := planState(up, "10.22.0.0/16"); got != "routed" {
+				t.Fatalf("%s, %s: setup: 10.22.0.0/16 is %s while b-1 is up", mode, self.node(), got)
+			}
+			gone := Compute(TopologyInput{Self: self, Peers: []Node{sibling, b2}, Away: []AwayGateway{{Node: b1}}, Mode: mode, Now: now, MeshPrefix: mesh16})
+			if got := planState(gone, "10.22.0.0/16"); got != "held" {
+				t.Errorf("%s, seen from %s: b-1 away, its 10.22.0.0/16 is %s, want held", mode, self.node(), got)
+			}
+			if got := planState(gone, "10.21.0.0/16"); got != "routed" {
+				t.Errorf("%s, seen from %s: 10.21.0.0/16, which b-2 carries, is %s", mode, self.node(), got)
+			}
+		}
+	}
+}
+
+// TestHubDeadHubResidencyHeld: a site's hub goes away, and the gateway
+// left is one residency does not link us to (labels rolled out one
+// gateway at a time): the site's routes are held.
+func TestHubDeadHubResidencyHeld(t *testing.T) {
+	pol := mustPolicy(t, meshPolicy)
+	zrh := gw("zrh-1", "onprem-zrh", "CH", "onprem", 1, "pii-eu", "10.1.0.0/16")
+	f1 := gw("fra-1", "aws-eu-central-1", "DE", "aws", 4, "pii-eu", "10.2.0.0/16")     // linked, the hub, away
+	f2 := gw("fra-2", "aws-eu-central-1", "DE", "aws", 5, "risk-batch", "10.2.0.0/16") // up, not linked
+	for _, mode := range []string{TopologyFullMesh, TopologyHub} {
+		up := Compute(TopologyInput{Self: zrh, Peers: []Node{f1, f2}, Policy: pol, Mode: mode, Now: now, MeshPrefix: mesh16})
+		if got := planState(up, "10.2.0.0/16"); got != "routed" {
+			t.Fatalf("%s: setup: 10.2.0.0/16 is %s while fra-1 is up", mode, got)
+		}
+		gone := Compute(TopologyInput{Self: zrh, Peers: []Node{f2}, Away: []AwayGateway{{Node: f1}}, Policy: pol, Mode: mode, Now: now, MeshPrefix: mesh16})
+		if got := planState(gone, "10.2.0.0/16"); got != "held" {
+			t.Errorf("%s: fra-1 away, 10.2.0.0/16 is %s, want held", mode, got)
+		}
+	}
+}
