@@ -173,3 +173,164 @@ func TestHubDeadHubResidencyHeld(t *testing.T) {
 		}
 	}
 }
+
+// admitted reports whether the policy lets a class both ends of path
+// handle travel along it (the sites of the gateways passed, in order).
+func admitted(pol *policy.Policy, path []*Node) bool {
+	from, to := path[0].Attributes, path[len(path)-1].Attributes
+	sites := make([]policy.Site, len(path))
+	for i, n := range path {
+		sites[i] = policy.SiteOf(n.Attributes)
+	}
+	for _, c := range sharedClasses(from.Labels[ClassesLabel], to.Labels[ClassesLabel]) {
+		if d := pol.Evaluate(policy.Request{Class: c, Action: policy.Transit, Sites: sites, Time: now}); d.Allowed {
+			return true
+		}
+	}
+	return false
+}
+
+// checkPolicy sends between every two gateways of different sites, and
+// fails where one is delivered along a path the policy forbids for every
+// class both ends handle. It returns the pairs delivered.
+func (w *simMesh) checkPolicy(t *testing.T, pol *policy.Policy) map[string]bool {
+	t.Helper()
+	delivered := map[string]bool{}
+	for _, a := range w.nodes {
+		for _, b := range w.nodes {
+			if a.site() == b.site() {
+				continue
+			}
+			path, r := w.send(a.node(), a.Attributes.OverlayIP, b.Attributes.OverlayIP)
+			if r != "delivered" {
+				continue
+			}
+			delivered[a.node()+">"+b.node()] = true
+			var hops []*Node
+			for _, n := range strings.Split(path, ">") {
+				hops = append(hops, w.by[n])
+			}
+			if !admitted(pol, hops) {
+				t.Errorf("%s -> %s is delivered through %s, which the policy forbids for every class both handle", a.node(), b.node(), path)
+			}
+		}
+	}
+	return delivered
+}
+
+const relayPolicy = `policy {
+  name    = "relay-test"
+  version = 1
+}
+class "pii" {
+  allow "transit" {
+    labels = { certified = "iso27001" }
+  }
+  allow "store" {
+    labels = { certified = "iso27001" }
+  }
+}
+class "batch" {
+  allow "transit" {
+    site = ["*"]
+  }
+  allow "store" {
+    site = ["*"]
+  }
+}
+`
+
+// labelled is n with these labels, and no others, on its certificate.
+func labelled(n Node, kv ...string) Node {
+	a := *n.Attributes
+	a.Labels = map[string]string{}
+	for i := 0; i < len(kv); i += 2 {
+		a.Labels[kv[i]] = kv[i+1]
+	}
+	n.Attributes = &a
+	return n
+}
+
+// relayMesh: site-b's certificates are being re-issued one gateway at a
+// time. b-2's new one attests iso27001 and handles pii alone; b-1, its
+// hub, still has the old one, which may not carry pii.
+func relayMesh() []Node {
+	return []Node{
+		labelled(gw("a-1", "site-a", "DE", "aws", 11, "", "10.11.0.0/16"), ClassesLabel, "pii,batch", "certified", "iso27001"),
+		labelled(gw("a-2", "site-a", "DE", "aws", 12, "", "10.11.0.0/16"), ClassesLabel, "pii,batch", "certified", "iso27001"),
+		labelled(gw("b-1", "site-b", "DE", "aws", 21, "", "10.21.0.0/16"), ClassesLabel, "batch"),
+		labelled(gw("b-2", "site-b", "DE", "aws", 22, "", "10.21.0.0/16"), ClassesLabel, "pii", "certified", "iso27001"),
+	}
+}
+
+// TestHubRelayThroughForbiddenRemoteHub: in the hub topology a link to
+// another site's gateway that is not its hub is judged through that hub,
+// as a migration is (hubVia): whatever reaches b-2 is pii, which b-1 may
+// not pass on. Judged as a direct tunnel, it was relayed through b-1.
+func TestHubRelayThroughForbiddenRemoteHub(t *testing.T) {
+	pol := mustPolicy(t, relayPolicy)
+	w := newSim(relayMesh(), TopologyHub, pol)
+	delivered := w.checkPolicy(t, pol)
+	for _, pair := range []string{"a-1>b-1", "b-1>a-1", "a-2>b-1", "b-1>a-2"} {
+		if !delivered[pair] {
+			t.Errorf("%s, batch between any sites, is not delivered", pair)
+		}
+	}
+	for _, l := range w.plans["a-1"].Links {
+		if l.Site == "site-b" && !l.Allowed {
+			t.Errorf("a-1 shows no link to site-b, though it links to b-1: %s", l.Reason)
+		}
+	}
+}
+
+// TestHubRelayMaxHops: max_hops counts the tunnels of the hub topology's
+// path, as a migration's do: pii (max_hops = 1) goes between hubs only.
+func TestHubRelayMaxHops(t *testing.T) {
+	pol := mustPolicy(t, `policy {
+  name    = "hops"
+  version = 1
+}
+class "pii" {
+  allow "transit" {
+    site = ["*"]
+    require {
+      max_hops = 1
+    }
+  }
+  allow "store" {
+    site = ["*"]
+  }
+}
+`)
+	w := newSim([]Node{
+		gw("a-1", "site-a", "DE", "aws", 11, "pii", "10.11.0.0/16"),
+		gw("a-2", "site-a", "DE", "aws", 12, "pii", "10.11.0.0/16"),
+		gw("b-1", "site-b", "DE", "aws", 21, "pii", "10.21.0.0/16"),
+		gw("b-2", "site-b", "DE", "aws", 22, "pii", "10.21.0.0/16"),
+	}, TopologyHub, pol)
+	delivered := w.checkPolicy(t, pol)
+	if !delivered["a-1>b-1"] || !delivered["b-1>a-1"] {
+		t.Errorf("the hubs do not reach each other: delivered %v", delivered)
+	}
+	l := w.plans["a-2"].Links
+	if len(l) != 1 || l[0].Allowed || !strings.Contains(l[0].Reason, "has 2 hops") || !strings.Contains(l[0].Reason, "through hub a-1") {
+		t.Errorf("a-2's links %+v: want site-b refused, as 2 hops through a-1", l)
+	}
+}
+
+// TestHubLinkMemo: a memoized decision is one judged through the same
+// hubs: b-2's link, refused through b-1, stands once b-1 leaves and b-2
+// is its site's hub.
+func TestHubLinkMemo(t *testing.T) {
+	pol := mustPolicy(t, relayPolicy)
+	nodes := relayMesh()
+	var memo LinkMemo
+	for _, peers := range [][]Node{nodes[1:], {nodes[1], nodes[3]}, nodes[1:]} {
+		in := TopologyInput{Self: nodes[0], Peers: peers, Policy: pol, Mode: TopologyHub, Now: now, MeshPrefix: mesh16}
+		fresh := Compute(in)
+		in.Memo = &memo
+		if a, b := fmt.Sprint(fresh), fmt.Sprint(Compute(in)); a != b {
+			t.Errorf("peers %d: memoized plan differs:\n fresh %s\n memo  %s", len(peers), a, b)
+		}
+	}
+}

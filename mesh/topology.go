@@ -95,18 +95,26 @@ type Link struct {
 // a reconcile in a large mesh evaluates the policy only for sites it has
 // not judged yet. Decisions are reused only under the same policy, the same
 // own attributes, and until an exception of the policy expires; peers are
-// known by their verified attributes, which never change once verified.
+// known by their verified attributes, which never change once verified,
+// and, in the hub topology, by the hubs between us (via).
 // The zero value is ready; a nil *LinkMemo decides afresh every time.
 type LinkMemo struct {
 	policy     *policy.Policy
 	self       *certs.Attributes
 	until      time.Time // decisions hold strictly before this; zero: forever
-	links, now map[*certs.Attributes]Link
+	links, now map[*certs.Attributes]memoLink
 }
 
-func (m *LinkMemo) link(in TopologyInput, peer *certs.Attributes) Link {
+// memoLink is a decision of a LinkMemo, and the hubs it was judged
+// through: a site's hub changes with the membership.
+type memoLink struct {
+	Link
+	via [2]*certs.Attributes
+}
+
+func (m *LinkMemo) link(in TopologyInput, via []*certs.Attributes, peer *certs.Attributes) Link {
 	if m == nil {
-		return residencyLink(in.Policy, in.Self.Attributes, peer, in.Now)
+		return residencyPath(in.Policy, in.Self.Attributes, via, peer, in.Now)
 	}
 	if m.policy != in.Policy || m.self != in.Self.Attributes || !m.holds(in.Now) {
 		m.policy, m.self, m.links, m.until = in.Policy, in.Self.Attributes, nil, time.Time{}
@@ -115,25 +123,28 @@ func (m *LinkMemo) link(in TopologyInput, peer *certs.Attributes) Link {
 		}
 	}
 	if m.now == nil {
-		m.now = map[*certs.Attributes]Link{}
+		m.now = map[*certs.Attributes]memoLink{}
 	}
+	var key [2]*certs.Attributes
+	copy(key[:], via)
 	l, ok := m.links[peer]
-	if !ok {
-		l = residencyLink(in.Policy, in.Self.Attributes, peer, in.Now)
+	if !ok || l.via != key {
+		l = memoLink{residencyPath(in.Policy, in.Self.Attributes, via, peer, in.Now), key}
 	}
 	m.now[peer] = l
-	return l
+	return l.Link
 }
 
-// reuse is the decision for peer, a gateway with the same place as first,
-// which was judged in this plan: first's, remembered as peer's too.
-func (m *LinkMemo) reuse(in TopologyInput, first, peer *certs.Attributes) Link {
+// reuse is the decision for peer, a gateway with the same place as first
+// and reached through the same hubs (via), which was judged in this plan:
+// first's, remembered as peer's too.
+func (m *LinkMemo) reuse(in TopologyInput, via []*certs.Attributes, first, peer *certs.Attributes) Link {
 	if m == nil {
-		return residencyLink(in.Policy, in.Self.Attributes, first, in.Now)
+		return residencyPath(in.Policy, in.Self.Attributes, via, first, in.Now)
 	}
 	l := m.now[first]
 	m.now[peer] = l
-	return l
+	return l.Link
 }
 
 // samePlace reports whether two gateways of one site have the place and
@@ -199,6 +210,17 @@ func Compute(in TopologyInput) Plan {
 	// peering with one that, judging its site by a sibling, did not peer
 	// back. Gateways of a site with the same place share one judgement.
 	// The plan shows a site's link as allowed if any of its gateways is.
+	//
+	// In the hub topology data to a gateway passes the hubs between us
+	// (hubVia), and is judged along that path, each hub's site and
+	// max_hops included, as a migration is: judged as one tunnel, a
+	// class went through a remote hub whose site the policy forbids it.
+	// A site's hub is reached by a shorter path than its other gateways,
+	// and shares no judgement with them.
+	var hubs map[string]*certs.Attributes
+	if in.Mode == TopologyHub {
+		hubs = hubsOf(&in.Self, peers)
+	}
 	links := make(map[string]Link, len(peers))
 	firsts := make(map[string]*Node, len(peers))
 	allowed := make([]bool, len(peers))
@@ -209,16 +231,21 @@ func Compute(in TopologyInput) Plan {
 			allowed[i] = true
 			continue
 		}
+		var via []*certs.Attributes
+		if hubs != nil {
+			via = hubVia(hubs, in.Self.Attributes, p.Attributes)
+		}
 		f := firsts[s]
 		if f != nil && samePlace(f.Attributes, p.Attributes) {
-			allowed[i] = in.Memo.reuse(in, f.Attributes, p.Attributes).Allowed
+			allowed[i] = in.Memo.reuse(in, via, f.Attributes, p.Attributes).Allowed
 			continue
 		}
-		l := in.Memo.link(in, p.Attributes)
+		l := in.Memo.link(in, via, p.Attributes)
 		allowed[i] = l.Allowed
-		if f == nil {
-			firsts[s], links[s] = p, l
-		} else if l.Allowed && !links[s].Allowed {
+		if f == nil && (hubs == nil || hubs[s] != p.Attributes) {
+			firsts[s] = p
+		}
+		if cur, ok := links[s]; !ok || l.Allowed && !cur.Allowed {
 			links[s] = l
 		}
 	}
@@ -260,7 +287,7 @@ func Compute(in TopologyInput) Plan {
 	}
 	plan.Carriers = carrier
 	if in.Mode == TopologyHub {
-		hubLinks(in, peers, carrier, allowed, &plan)
+		hubLinks(in, peers, hubs, allowed, &plan)
 	}
 
 	members := make([]*Node, 0, len(peers)) // the linked ones (pointers: a Node is a few hundred bytes)
@@ -360,6 +387,10 @@ func holdRoutes(in TopologyInput, plan *Plan) {
 			ways[a.site()] = append(ways[a.site()], a.Gossip.Unmap())
 		}
 	}
+	var via []*certs.Attributes // between us and a remote site's hub: ours, unless we are it
+	if hub != nil {
+		via = []*certs.Attributes{hub}
+	}
 	linked := map[*certs.Attributes]bool{}
 	for i := range in.Away {
 		a := &in.Away[i]
@@ -382,7 +413,9 @@ func holdRoutes(in TopologyInput, plan *Plan) {
 		}
 		ok, judged := linked[a.Attributes]
 		if !judged {
-			ok = residencyLink(in.Policy, in.Self.Attributes, a.Attributes, in.Now).Allowed &&
+			// Judged as while it was up: in the hub topology as its
+			// site's hub, reached through ours.
+			ok = residencyPath(in.Policy, in.Self.Attributes, via, a.Attributes, in.Now).Allowed &&
 				(hub == nil || residencyLink(in.Policy, hub, a.Attributes, in.Now).Allowed)
 			linked[a.Attributes] = ok
 		}
@@ -588,19 +621,11 @@ func addNextKeys(plan *Plan, self Node, members []*Node) {
 // on the gateway's own labels alone, a gateway whose labels differ from
 // its hub's (a rollout of re-issued certificates) routed addresses to the
 // hub that the hub does not route on: lost. Nothing to narrow where the
-// two have the same place, as a site's gateways have but for a rollout.
-func hubLinks(in TopologyInput, peers []Node, hub map[string]string, allowed []bool, plan *Plan) {
-	name := hub[in.Self.site()]
-	if name == in.Self.node() {
-		return
-	}
-	var h *Node
-	for i := range peers {
-		if peers[i].node() == name {
-			h = &peers[i]
-		}
-	}
-	if h == nil || samePlace(in.Self.Attributes, h.Attributes) {
+// two have the same place, as a site's gateways have but for a rollout:
+// our path is then the hub's and one tunnel more.
+func hubLinks(in TopologyInput, peers []Node, hubs map[string]*certs.Attributes, allowed []bool, plan *Plan) {
+	h := hubs[in.Self.site()]
+	if h == in.Self.Attributes || samePlace(in.Self.Attributes, h) {
 		return
 	}
 	for i := range peers {
@@ -608,11 +633,25 @@ func hubLinks(in TopologyInput, peers []Node, hub map[string]string, allowed []b
 		if !allowed[i] || p.site() == in.Self.site() {
 			continue
 		}
-		if l := residencyLink(in.Policy, h.Attributes, p.Attributes, in.Now); !l.Allowed {
+		if l := residencyPath(in.Policy, h, hubVia(hubs, h, p.Attributes), p.Attributes, in.Now); !l.Allowed {
 			allowed[i] = false
-			plan.Conflicts = append(plan.Conflicts, fmt.Sprintf("%s is not reached: our hub %s does not link to it (%s), though our own certificate would", p.node(), name, l.Reason))
+			plan.Conflicts = append(plan.Conflicts, fmt.Sprintf("%s is not reached: our hub %s does not link to it (%s), though our own certificate would", p.node(), h.Node, l.Reason))
 		}
 	}
+}
+
+// hubsOf names each site's hub in the hub topology: its first gateway by
+// name (peers are sorted by name), self's site's included. The carriers
+// of Compute and the paths of migrations (Gateway.via) choose the same.
+func hubsOf(self *Node, peers []Node) map[string]*certs.Attributes {
+	hubs := map[string]*certs.Attributes{self.site(): self.Attributes}
+	for i := range peers {
+		p := &peers[i]
+		if h, ok := hubs[p.site()]; !ok || p.node() < h.Node {
+			hubs[p.site()] = p.Attributes
+		}
+	}
+	return hubs
 }
 
 // hubVia is the gateways data from one gateway to another passes through
@@ -712,6 +751,15 @@ func pickEndpoint(self, peer []netip.AddrPort) netip.AddrPort {
 // residencyLink decides whether two sites may have a tunnel: only if the
 // policy lets at least one class both sites handle travel between them.
 func residencyLink(p *policy.Policy, self, peer *certs.Attributes, now time.Time) Link {
+	return residencyPath(p, self, nil, peer, now)
+}
+
+// residencyPath is residencyLink for data relayed through the hubs via
+// (hubVia): a class both ends handle must be let travel along the whole
+// path, through each hub's site and within max_hops. The hubs need not
+// handle the class themselves: they only pass it on, as in a migration
+// (policy.AdmitPath).
+func residencyPath(p *policy.Policy, self *certs.Attributes, via []*certs.Attributes, peer *certs.Attributes, now time.Time) Link {
 	l := Link{Site: peer.Site}
 	if p == nil {
 		l.Allowed, l.Reason = true, "no residency policy in force"
@@ -722,7 +770,15 @@ func residencyLink(p *policy.Policy, self, peer *certs.Attributes, now time.Time
 		l.Reason = fmt.Sprintf("sites %s and %s handle no data class in common (label %q)", self.Site, peer.Site, ClassesLabel)
 		return l
 	}
-	path := []policy.Site{policy.SiteOf(self), policy.SiteOf(peer)}
+	path := policy.PathOf(self, via, peer)
+	through := ""
+	if len(via) > 0 {
+		names := make([]string, len(via))
+		for i, h := range via {
+			names[i] = h.Node
+		}
+		through = " through hub " + strings.Join(names, " and hub ")
+	}
 	var denials []string
 	var audit *Link // the first class audit mode alone lets through
 	for _, c := range shared {
@@ -730,22 +786,28 @@ func residencyLink(p *policy.Policy, self, peer *certs.Attributes, now time.Time
 		switch {
 		case d.Allowed && !d.Denied:
 			l.Allowed, l.Class = true, c
-			l.Reason = fmt.Sprintf("%s may travel between %s and %s (%s)", c, self.Site, peer.Site, d.Rule)
+			l.Reason = fmt.Sprintf("%s may travel between %s and %s%s (%s)", c, self.Site, peer.Site, through, d.Rule)
 			return l
 		case d.Allowed && audit == nil:
 			// Not the reason yet: a class further on may be allowed
 			// outright, and the link must not read as resting on the
 			// rule that denies this one.
 			audit = &Link{Site: peer.Site, Allowed: true, Class: c, Audit: true,
-				Reason: fmt.Sprintf("audit mode lets %s travel between %s and %s, which the policy denies (%s): the tunnel goes when the class is enforced", c, self.Site, peer.Site, d.Rule)}
+				Reason: fmt.Sprintf("audit mode lets %s travel between %s and %s%s, which the policy denies (%s): the tunnel goes when the class is enforced", c, self.Site, peer.Site, through, d.Rule)}
 		}
-		denials = append(denials, fmt.Sprintf("%s: %s", c, d.Rule))
+		why := d.Rule.String()
+		if through != "" {
+			// The rule alone does not say which hub or how many
+			// tunnels: the reasons do.
+			why = strings.Join(d.Reasons, "; ")
+		}
+		denials = append(denials, fmt.Sprintf("%s: %s", c, why))
 	}
 	if audit != nil {
 		return *audit
 	}
-	l.Reason = fmt.Sprintf("policy %s lets none of the shared classes travel between %s and %s (%s)",
-		p.Revision(), self.Site, peer.Site, strings.Join(denials, "; "))
+	l.Reason = fmt.Sprintf("policy %s lets none of the shared classes travel between %s and %s%s (%s)",
+		p.Revision(), self.Site, peer.Site, through, strings.Join(denials, "; "))
 	return l
 }
 
