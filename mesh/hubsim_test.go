@@ -90,6 +90,30 @@ func (w *simMesh) send(start string, src, dst netip.Addr) (string, string) {
 	return strings.Join(path, ">"), "loop"
 }
 
+// checkRoutes sends from every gateway into each prefix it routes, and
+// fails where the packet is not delivered into a site's network (another
+// gateway sends it by its host's routes, or drops it), or, under pol,
+// goes along a path the policy forbids for every class both ends handle.
+func (w *simMesh) checkRoutes(t *testing.T, pol *policy.Policy) {
+	t.Helper()
+	for _, n := range w.nodes {
+		for _, r := range w.plans[n.node()].Routes {
+			path, end := w.send(n.node(), n.Attributes.OverlayIP, r.Addr().Next())
+			if end != "lan" {
+				t.Errorf("%s routes %s: %s, through %s", n.node(), r, end, path)
+				continue
+			}
+			var hops []*Node
+			for _, g := range strings.Split(path, ">") {
+				hops = append(hops, w.by[g])
+			}
+			if pol != nil && !admitted(pol, hops) {
+				t.Errorf("%s routes %s through %s, which the policy forbids for every class both ends handle", n.node(), r, path)
+			}
+		}
+	}
+}
+
 // hubMesh is three sites: one of three gateways, one of two, one of one.
 func hubMesh() []Node {
 	return []Node{
@@ -116,6 +140,7 @@ func TestHubSimDelivers(t *testing.T) {
 			}
 		}
 	}
+	w.checkRoutes(t, nil)
 	for _, s := range []struct{ from, to string }{{"a-1", "10.21.0.9"}, {"b-1", "10.31.0.9"}, {"c-1", "10.11.0.9"}} {
 		src := w.by[s.from].Attributes.Routes[0].Addr().Next()
 		if path, r := w.send(s.from, src, netip.MustParseAddr(s.to)); r != "lan" {
@@ -332,5 +357,84 @@ func TestHubLinkMemo(t *testing.T) {
 		if a, b := fmt.Sprint(fresh), fmt.Sprint(Compute(in)); a != b {
 			t.Errorf("peers %d: memoized plan differs:\n fresh %s\n memo  %s", len(peers), a, b)
 		}
+	}
+}
+
+// TestHubContestedPrefixAsTheHubSettles: a prefix two sites claim goes
+// to the first site by name at a non-hub as at its hub. All of a
+// non-hub's routes go to its hub, and settled as that one peer's claims,
+// the longer prefix was dropped; the non-hub routed 10.7.0.0/16 to a hub
+// that sends all of it but 10.7.128.0/24 by its host's routes.
+func TestHubContestedPrefixAsTheHubSettles(t *testing.T) {
+	w := newSim([]Node{
+		gw("a-1", "site-a", "DE", "aws", 11, "", "10.11.0.0/16"),
+		gw("a-2", "site-a", "DE", "aws", 12, "", "10.11.0.0/16"),
+		gw("b-1", "site-b", "DE", "aws", 21, "", "10.7.128.0/24"), // the first site by name keeps its claim
+		gw("c-1", "site-c", "DE", "aws", 31, "", "10.7.0.0/16"),
+	}, TopologyHub, nil)
+	w.checkRoutes(t, nil)
+	if hub, non := w.plans["a-1"], w.plans["a-2"]; !slices.Equal(hub.Routes, non.Routes) || !slices.Equal(hub.Conflicts, non.Conflicts) {
+		t.Errorf("the hub a-1 routes %v (%q), its non-hub a-2 %v (%q)", hub.Routes, hub.Conflicts, non.Routes, non.Conflicts)
+	}
+}
+
+// TestHubRemoteHubEndpointInsideItsRoutes: a site's routes over its hub's
+// own endpoint are not routed at another site's hub (its tunnel's packets
+// would loop into the tunnel), nor at that hub's non-hubs, which routed
+// them to a hub that does not route them on.
+func TestHubRemoteHubEndpointInsideItsRoutes(t *testing.T) {
+	nodes := hubMesh()
+	nodes[3].Advert.Endpoints = []netip.AddrPort{netip.MustParseAddrPort("10.21.0.1:51820")} // b-1, numbered in its site's network
+	w := newSim(nodes, TopologyHub, nil)
+	w.checkRoutes(t, nil)
+	for _, n := range []string{"a-1", "a-2", "a-3"} {
+		if got := planState(w.plans[n], "10.21.0.0/16"); got != "neither" {
+			t.Errorf("%s: 10.21.0.0/16 is %s; conflicts %q", n, got, w.plans[n].Conflicts)
+		}
+	}
+}
+
+// TestHubClaimOfASiteOnlyTheHubLinks: a site our hub links to and we do
+// not (pii, max_hops = 1, goes between hubs only) still has its claims
+// settled here as at the hub: the other site's overlapping prefix, which
+// the hub does not route, is not routed here either.
+func TestHubClaimOfASiteOnlyTheHubLinks(t *testing.T) {
+	pol := mustPolicy(t, `policy {
+  name    = "hops"
+  version = 1
+}
+class "pii" {
+  allow "transit" {
+    site = ["*"]
+    require {
+      max_hops = 1
+    }
+  }
+  allow "store" {
+    site = ["*"]
+  }
+}
+class "batch" {
+  allow "transit" {
+    site = ["*"]
+  }
+  allow "store" {
+    site = ["*"]
+  }
+}
+`)
+	w := newSim([]Node{
+		gw("a-1", "site-a", "DE", "aws", 11, "pii,batch", "10.11.0.0/16"),
+		gw("a-2", "site-a", "DE", "aws", 12, "pii,batch", "10.11.0.0/16"),
+		gw("b-1", "site-b", "DE", "aws", 21, "pii", "10.7.128.0/24"),
+		gw("c-1", "site-c", "DE", "aws", 31, "batch", "10.7.0.0/16"),
+	}, TopologyHub, pol)
+	w.checkRoutes(t, pol)
+	w.checkPolicy(t, pol)
+	if got := planState(w.plans["a-1"], "10.7.128.0/24"); got != "routed" {
+		t.Fatalf("setup: the hub a-1 does not route b-1's 10.7.128.0/24 (%s): %q", got, w.plans["a-1"].Conflicts)
+	}
+	if got := planState(w.plans["a-2"], "10.7.0.0/16"); got != "neither" {
+		t.Errorf("a-2: c-1's 10.7.0.0/16, which its hub does not route, is %s", got)
 	}
 }

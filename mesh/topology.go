@@ -299,7 +299,7 @@ func Compute(in TopologyInput) Plan {
 
 	switch in.Mode {
 	case TopologyHub:
-		plan.Peers = hubPeers(in, members, carrier, &plan)
+		plan.Peers = hubPeers(in, peers, allowed, members, carrier, &plan)
 	default:
 		orphans := orphanRoutes(members, carrier, in.Self.site(), better)
 		plan.Peers = make([]PeerConfig, 0, len(members))
@@ -672,7 +672,8 @@ func hubVia(hubs map[string]*certs.Attributes, from, to *certs.Attributes) []*ce
 // hubPeers builds the hub topology: each site's hub (its route carrier)
 // peers with the other sites' hubs and with its own site's gateways; every
 // other gateway peers only with its site's hub, which relays for it.
-func hubPeers(in TopologyInput, members []*Node, hub map[string]string, plan *Plan) []PeerConfig {
+// peers and allowed are Compute's, members the peers we link to.
+func hubPeers(in TopologyInput, peers []Node, allowed []bool, members []*Node, hub map[string]string, plan *Plan) []PeerConfig {
 	selfIsHub := hub[in.Self.site()] == in.Self.node()
 	var out []PeerConfig
 	if !selfIsHub {
@@ -681,16 +682,15 @@ func hubPeers(in TopologyInput, members []*Node, hub map[string]string, plan *Pl
 				continue
 			}
 			pc := peerConfig(&in, p)
-			// Everything else in the mesh is reached through the hub.
+			// Everything else in the mesh is reached through the hub:
+			// our site's gateways, and the other sites' as the hub has
+			// them (relayed).
 			for _, q := range members {
-				if q.node() == in.Self.node() {
-					continue
-				}
-				pc.AllowedIPs = append(pc.AllowedIPs, overlayPrefix(q))
-				if hub[q.site()] == q.node() && q.site() != in.Self.site() {
-					pc.AllowedIPs = append(pc.AllowedIPs, q.Advert.Routes...)
+				if q.site() == in.Self.site() {
+					pc.AllowedIPs = append(pc.AllowedIPs, overlayPrefix(q))
 				}
 			}
+			pc.AllowedIPs = append(pc.AllowedIPs, relayed(in, p, peers, allowed, members, hub, plan)...)
 			out = append(out, pc)
 		}
 		return out
@@ -712,6 +712,57 @@ func hubPeers(in TopologyInput, members []*Node, hub map[string]string, plan *Pl
 			}
 			pc.AllowedIPs = append(pc.AllowedIPs, p.Advert.Routes...)
 			out = append(out, pc)
+		}
+	}
+	return out
+}
+
+// relayed is what a gateway that is not its site's hub routes to other
+// sites through its hub h: the allowed IPs the hub gives each other
+// site's hub, of the gateways we link to, settled as the hub settles
+// them (dedupe): site by site, against the claims of every hub it links
+// to, ours or not. Settled here as the claims of one peer, the hub, a
+// prefix two sites claimed went by prefix order, not to the first site
+// by name; a site's routes over its hub's own endpoint stayed in; and a
+// claim of a site we do not link to counted for nothing. What the hub
+// did not route on it sent by its host's routes, in clear.
+func relayed(in TopologyInput, h *Node, peers []Node, allowed []bool, members []*Node, hub map[string]string, plan *Plan) []netip.Prefix {
+	var hubs []*Node        // the other sites' hubs our hub links to, by name
+	var settle []PeerConfig // each one's entry at our hub (no endpoint: we do not dial it)
+	var linked []bool       // whether we link to that hub ourselves
+	at := map[string]int{}  // site → its entry in settle
+	for i := range peers {
+		q := &peers[i]
+		if q.site() == in.Self.site() || hub[q.site()] != q.node() {
+			continue
+		}
+		// As our hub judges it: it links to what we link to (hubLinks).
+		if !allowed[i] && !residencyLink(in.Policy, h.Attributes, q.Attributes, in.Now).Allowed {
+			continue
+		}
+		at[q.site()] = len(settle)
+		hubs = append(hubs, q)
+		settle = append(settle, PeerConfig{Node: q.node(), Site: q.site(), AllowedIPs: slices.Clone(q.Advert.Routes)})
+		linked = append(linked, allowed[i])
+	}
+	for _, m := range members {
+		if i, ok := at[m.site()]; ok {
+			settle[i].AllowedIPs = append(settle[i].AllowedIPs, overlayPrefix(m))
+		}
+	}
+	settled := Plan{Peers: settle}
+	dedupe(&settled, *h, in.MeshPrefix, hubs)
+	plan.Conflicts = append(plan.Conflicts, settled.Conflicts...)
+	var out []netip.Prefix
+	for i, pc := range settled.Peers {
+		for _, p := range pc.AllowedIPs {
+			// The routes of a hub we do not link to were there to be
+			// settled against: what we reach of its site is the
+			// gateways we link to.
+			if !linked[i] && slices.Contains(hubs[i].Advert.Routes, p) {
+				continue
+			}
+			out = append(out, p)
 		}
 	}
 	return out
