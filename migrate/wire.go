@@ -68,11 +68,19 @@ const (
 )
 
 // checkOffer refuses an offer the receiver cannot take as it is: its ID
-// names files in the store, its sizes size buffers.
+// names files in the store, its sizes size buffers, and its ID, name and
+// class are copied into the audit record of its verdict, which is kept
+// for good (a class is bounded as a policy names them; the name as a file
+// name).
 func checkOffer(o *Offer) error {
 	switch {
 	case !validID(o.ID):
-		return fmt.Errorf("migration ID %q: want 1 to 64 letters, digits, '-' or '_'", o.ID)
+		return fmt.Errorf("migration ID %s: want 1 to 64 letters, digits, '-' or '_'", clip(o.ID))
+	case !validClass(o.Class):
+		// No policy can define such a class, so it would be denied: the
+		// denial's record would carry it twice, escaped, and a peer
+		// could grow the audit log by ten times what it sends.
+		return fmt.Errorf("data class %s: want 1 to 63 lower-case letters, digits, '-' or '_', starting with a letter or digit, as a residency policy names its classes (no policy can define this one, so no gateway takes it): correct the class the image was planned with", clip(o.Class))
 	case o.ChunkSize < MinChunkSize || o.ChunkSize > maxChunkSize:
 		return fmt.Errorf("chunk size %d: want %d to %d bytes", o.ChunkSize, MinChunkSize, maxChunkSize)
 	case o.Size < 0 || o.Size > MaxImageSize:
@@ -103,6 +111,30 @@ func validID(id string) bool {
 		}
 	}
 	return true
+}
+
+// validClass reports whether c can be a data class: the rule the policy
+// compiler holds class names to (policy/compile.go nameRE).
+func validClass(c string) bool {
+	if c == "" || len(c) > 63 {
+		return false
+	}
+	for i, r := range c {
+		if !(r >= 'a' && r <= 'z' || r >= '0' && r <= '9' || i > 0 && (r == '-' || r == '_')) {
+			return false
+		}
+	}
+	return true
+}
+
+// clip quotes what a peer sent for an error that names it: a few dozen
+// bytes say what is wrong as well as the 64 KiB a first frame may hold.
+func clip(s string) string {
+	const most = 64
+	if len(s) <= most {
+		return fmt.Sprintf("%q", s)
+	}
+	return fmt.Sprintf("%q… (%d bytes)", s[:most], len(s))
 }
 
 // Join attaches a data stream to a migration.
