@@ -122,6 +122,12 @@ type Receiver struct {
 	// again: whoever the port takes connections from can fail one per
 	// connection, with bytes that are not TLS or a revoked certificate.
 	warnHandshake throttle.PerSecond
+	// denials paces the audit records of offers the policy refuses, by
+	// sending gateway (paceDenial); denialKick wakes Serve's loop to
+	// record the denials counted instead.
+	denyMu     sync.Mutex
+	denials    map[string]*denialPace
+	denialKick chan struct{}
 }
 
 // NewReceiver prepares a receiver; Serve accepts connections.
@@ -144,7 +150,7 @@ func NewReceiver(cfg ReceiverConfig) (*Receiver, error) {
 		return nil, err
 	}
 	r := &Receiver{cfg: cfg, dec: dec, sessions: map[string]*session{}, opening: map[string]receiveLoad{}, removing: map[string]bool{}, unprovenFrom: map[netip.Addr]int{},
-		recordKick: make(chan struct{}, 1)}
+		recordKick: make(chan struct{}, 1), denials: map[string]*denialPace{}, denialKick: make(chan struct{}, 1)}
 	if _, err := r.recoverStores(true); err != nil {
 		return nil, fmt.Errorf("image store: %w", err)
 	}
@@ -225,10 +231,14 @@ func (r *Receiver) Serve(ctx context.Context, ln net.Listener) error {
 			} else if len(left) > 0 {
 				wait = stagedRetry
 			}
+			if r.flushDenials(false) {
+				wait = min(wait, denialEvery)
+			}
 			select {
 			case <-fctx.Done():
 				return
 			case <-r.recordKick:
+			case <-r.denialKick:
 			case <-time.After(wait):
 			}
 		}
@@ -339,6 +349,7 @@ func (r *Receiver) shutdown() {
 		s.abortUnlessCommitted()
 	}
 	r.handlers.Wait()
+	r.flushDenials(true) // no offer comes any more: the counts are final
 }
 
 // forgetAbandoned removes the receives not offered again for
@@ -774,8 +785,10 @@ func (r *Receiver) control(ctx context.Context, c *tls.Conn, fr *frameReader, fw
 	}
 	d, ok := r.decide(o, from, via)
 	if !ok {
-		log.Warn("migration refused by the residency policy", "rule", d.Rule.String(), "reason", strings.Join(d.Reasons, "; "))
-		r.audit(o, from, d, "denied", Hash{}, 0, r.cfg.Now(), r.cfg.Now(), "")
+		if r.paceDenial(o, from) {
+			log.Warn("migration refused by the residency policy", "rule", d.Rule.String(), "reason", strings.Join(d.Reasons, "; "))
+			r.audit(o, from, d, "denied", Hash{}, 0, r.cfg.Now(), r.cfg.Now(), "")
+		}
 		r.cfg.Observer.Ended(RoleReceive, StateDenied, 0)
 		fw.json(frameDeny, Deny{Rule: d.Rule.String(), Reasons: d.Reasons})
 		return
@@ -989,6 +1002,149 @@ func (r *Receiver) auditFields(o *Offer, from *certs.Attributes, d policy.Decisi
 	}
 	decisionFields(f, &d)
 	return f
+}
+
+// A denied offer moves nothing and costs its sender a handshake; its
+// record costs the receiver some 2.5 KiB of audit log, signed, fsynced
+// and kept for good. A gateway that offers without pause (compromised, or
+// a script in a loop) gets a hundred a second denied, 20 GiB of log a
+// day, and the receiver refuses every migration once its disk has less
+// than 16 MiB free. So one sending gateway's denials are recorded one by
+// one up to denialBurst in a row (a plan sent with --parallel, all of it
+// refused), then one per denialEvery; those past that are counted, and
+// the count, their classes and when they came are recorded with its next
+// record, or within denialEvery of the first counted. Their migration IDs
+// and names are not recorded here: the sender's own audit log records
+// each denial it is told of, and the decisions metrics count every one.
+const (
+	denialBurst      = maxSessionsPerPeer
+	denialEvery      = time.Minute
+	maxDenialClasses = 8 // the classes a count names, the first ones denied
+)
+
+// denialPace is one sending gateway's pace of denial records: the
+// records it may have written now (up to denialBurst) as of at, and the
+// denials counted since its last.
+type denialPace struct {
+	tokens float64
+	at     time.Time
+	counted
+}
+
+// counted is the denials of one gateway's offers not recorded one by one.
+type counted struct {
+	from        *certs.Attributes
+	n           int64
+	classes     []string
+	moreClasses bool
+	first, last time.Time
+}
+
+func (p *denialPace) refill(now time.Time) {
+	if d := now.Sub(p.at); d > 0 { // a clock stepped back refills nothing
+		p.tokens = min(denialBurst, p.tokens+float64(d)/float64(denialEvery))
+		p.at = now
+	}
+}
+
+// take returns the denials counted, and counts from zero again.
+func (p *denialPace) take() counted {
+	c := p.counted
+	p.counted = counted{from: c.from}
+	return c
+}
+
+// paceDenial reports whether the policy's refusal of o, from from, is to
+// be recorded now; if not, it is counted. The denials counted before a
+// recorded one are recorded first.
+func (r *Receiver) paceDenial(o *Offer, from *certs.Attributes) bool {
+	now := r.cfg.Now()
+	r.denyMu.Lock()
+	p := r.denials[from.Node]
+	if p == nil {
+		p = &denialPace{tokens: denialBurst, at: now}
+		r.denials[from.Node] = p
+	}
+	p.from = from
+	p.refill(now)
+	if p.tokens < 1 {
+		if p.n == 0 {
+			p.first = now
+		}
+		p.n++
+		p.last = now
+		if !slices.Contains(p.classes, o.Class) {
+			if len(p.classes) < maxDenialClasses {
+				p.classes = append(p.classes, o.Class)
+			} else {
+				p.moreClasses = true
+			}
+		}
+		first := p.n == 1
+		r.denyMu.Unlock()
+		if first {
+			r.cfg.Log.Warn("offers refused by the residency policy come from one gateway faster than they are recorded one by one: counted, and the count recorded within a minute",
+				"peer", from.Node, "peer_site", from.Site, "recorded_in_a_row", denialBurst, "then_one_every", denialEvery)
+			select {
+			case r.denialKick <- struct{}{}:
+			default:
+			}
+		}
+		return false
+	}
+	p.tokens--
+	c := p.take()
+	r.denyMu.Unlock()
+	r.recordDenials(&c)
+	return true
+}
+
+// flushDenials records the denials counted of each gateway whose pace
+// allows a record again (of all, when the receiver stops), and reports
+// whether any are left counted.
+func (r *Receiver) flushDenials(all bool) (left bool) {
+	now := r.cfg.Now()
+	var due []counted
+	r.denyMu.Lock()
+	for node, p := range r.denials {
+		p.refill(now)
+		if p.n > 0 && (all || p.tokens >= 1) {
+			p.tokens = max(0, p.tokens-1)
+			due = append(due, p.take())
+		}
+		if p.n > 0 {
+			left = true
+		} else if p.tokens >= denialBurst {
+			delete(r.denials, node) // as if it had never offered
+		}
+	}
+	r.denyMu.Unlock()
+	for i := range due {
+		r.recordDenials(&due[i])
+	}
+	return left
+}
+
+// recordDenials writes the audit record of the denials c counted, if any.
+// (Like a single denial's, a record the log refuses is only logged.)
+func (r *Receiver) recordDenials(c *counted) {
+	if c.n == 0 {
+		return
+	}
+	self := r.cfg.Identity().Attributes()
+	f := map[string]any{
+		"role": "receiver", "outcome": "denied", "denials": c.n, "classes": c.classes, "first": c.first, "last": c.last,
+		"source_node": c.from.Node, "source_site": c.from.Site, "source_jurisdiction": c.from.Jurisdiction,
+		"destination_node": self.Node, "destination_site": self.Site, "destination_jurisdiction": self.Jurisdiction,
+		"note": fmt.Sprintf("offers refused by the residency policy, counted rather than recorded one by one: one gateway's are recorded %d in a row, then one every %s", denialBurst, denialEvery),
+	}
+	if c.moreClasses {
+		f["more_classes"] = true
+	}
+	if !r.appendEvent("migration-denials", f) {
+		r.cfg.Log.Warn("offers refused by the residency policy, counted: the audit log did not take their record", "peer", c.from.Node, "peer_site", c.from.Site,
+			"denials", c.n, "classes", strings.Join(c.classes, ","), "first", c.first, "last", c.last)
+	}
 }
 
 func (r *Receiver) isStopping() bool {
