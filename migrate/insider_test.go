@@ -5,8 +5,10 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/skybridge-mesh/skybridge/policy"
 )
@@ -64,5 +66,52 @@ func TestOfferClassAsPolicyNamesThem(t *testing.T) {
 		if err := checkOffer(&o); (err == nil) != validClass(c) || err != nil && !strings.Contains(err.Error(), "data class") {
 			t.Errorf("offer of class %q: %v", c, err)
 		}
+	}
+}
+
+// TestInsiderEmptyOffersLeaveReceivesForAWeek: a peer the policy lets
+// send one class here offers empty migrations (no chunk may hold data, so
+// reserve asks for no room) under new IDs and hangs up. Each used to
+// leave a receive record in the journal and a file in .incoming (sparse,
+// of the size offered), listed as interrupted and kept AbandonedAfter;
+// maxSessionsPerPeer bounds only those under way. A receive that holds no
+// chunk as its session ends has nothing to resume: it is forgotten then.
+func TestInsiderEmptyOffersLeaveReceivesForAWeek(t *testing.T) {
+	p := newPair(t, "DE")
+	const offers = 2 * maxSessionsPerPeer
+	zero := int64(0)
+	for i := range offers {
+		c := p.dial(t, nil)
+		w, r := newFrameWriter(c), newFrameReader(c)
+		o := Offer{ID: fmt.Sprintf("empty%011d", i), Name: fmt.Sprintf("vm%d", i), Class: "pii-eu", Format: FormatRaw, Size: 1 << 40, ChunkSize: 4096, Streams: 1, Chunks: &zero}
+		if err := w.json(frameOffer, o); err != nil {
+			t.Fatal(err)
+		}
+		var acc Accept
+		if err := r.json(frameAccept, &acc); err != nil {
+			t.Fatalf("offer %d: %v", i, err)
+		}
+		c.Close()
+	}
+	// The sessions end as their control streams close, and their
+	// receives are settled after.
+	var recs []RecvRecord
+	var files []os.DirEntry
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		var err error
+		if recs, err = p.recvJ.Receives(); err != nil {
+			t.Fatal(err)
+		}
+		files, _ = os.ReadDir(filepath.Join(p.store, ".incoming"))
+		if len(recs)+len(files)+len(p.recv.Active()) == 0 || time.Now().After(deadline) {
+			break
+		}
+	}
+	un, err := p.recv.Unfinished()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(recs) > 0 || len(files) > 0 || len(un) > 0 {
+		t.Errorf("%d empty offers, their senders gone, left %d receives, %d incoming files and %d unfinished listed; want none", offers, len(recs), len(files), len(un))
 	}
 }

@@ -1827,6 +1827,19 @@ func TestReceiverEndsSilentSession(t *testing.T) {
 	if err := fr.json(frameAccept, &acc); err != nil {
 		t.Fatal(err)
 	}
+	// A chunk made durable: a receive that holds none is forgotten as it
+	// ends, having nothing to resume.
+	dc := p.dial(t, nil)
+	dw, dr := newFrameWriter(dc), newFrameReader(dc)
+	if err := dw.json(frameJoin, Join{ID: offer.ID}); err != nil {
+		t.Fatal(err)
+	}
+	chunk := bytes.Repeat([]byte("held"), mib/4)
+	dw.frame(frameChunk, chunkHeader(0, hashChunk(chunk), 0, mib), chunk)
+	dw.flush()
+	if typ, b, err := dr.next(nil); err != nil || typ != frameAck {
+		t.Fatalf("the chunk: answer type %d %q, %v; want its ack", typ, b, err)
+	}
 	// Silent from here on: the receiver ends the session and closes the
 	// control connection.
 	if _, _, err := fr.next(nil); err == nil {

@@ -364,16 +364,7 @@ func (r *Receiver) forgetAbandoned() {
 	}
 	now := r.cfg.Now()
 	for _, rec := range recs {
-		// Its last sign of life: the last offer, or the last chunk
-		// written (a session that ran for days, records of releases that
-		// did not note the offers).
-		last := rec.Started
-		if rec.Attempted.After(last) {
-			last = rec.Attempted
-		}
-		if fi, err := os.Stat(rec.Temp); err == nil && fi.ModTime().After(last) {
-			last = fi.ModTime()
-		}
+		last := lastSign(&rec)
 		if now.Sub(last) < AbandonedAfter {
 			continue
 		}
@@ -386,6 +377,84 @@ func (r *Receiver) forgetAbandoned() {
 			continue
 		}
 		r.cfg.Log.Info("forgot an abandoned receive: its sender has not offered it again", "migration_id", rec.ID, "name", rec.Name, "from", rec.From, "last_offered", last)
+	}
+}
+
+// lastSign is a receive's last sign of life: the last offer, or the last
+// chunk written (a session that ran for days, records of releases that
+// did not note the offers).
+func lastSign(rec *RecvRecord) time.Time {
+	last := rec.Started
+	if rec.Attempted.After(last) {
+		last = rec.Attempted
+	}
+	if fi, err := os.Stat(rec.Temp); err == nil && fi.ModTime().After(last) {
+		last = fi.ModTime()
+	}
+	return last
+}
+
+// settle keeps for a resume a receive whose session ended before its
+// image was stored, unless it holds no chunk: a resume of it would be sent
+// every chunk, as a new receive is, so it is forgotten at once, file and
+// record, rather than listed as interrupted for AbandonedAfter (an offer
+// costs its sender nothing but a handshake, and makes a file as large as
+// the image's size). One kept goes beside at most maxInterruptedPerPeer
+// of its sender's: the oldest go first.
+func (r *Receiver) settle(s *session) {
+	s.mu.Lock()
+	held := len(s.durable)
+	s.mu.Unlock()
+	if held > 0 {
+		r.trimInterrupted(s.from.Node, s.offer.ID)
+		return
+	}
+	if _, err := r.forget(s.offer.ID, s.record.Temp); err != nil {
+		s.log.Warn("forget a receive that holds no chunk", "file", s.record.Temp, "err", err)
+	}
+}
+
+// trimInterrupted forgets node's oldest interrupted receives (by their last
+// sign of life) past maxInterruptedPerPeer, counting keep, which stays: it
+// has just been interrupted, and is the likeliest to be resumed.
+func (r *Receiver) trimInterrupted(node, keep string) {
+	recs, err := r.cfg.Journal.Receives()
+	if err != nil {
+		r.cfg.Log.Warn("list unfinished receives", "err", err)
+		return
+	}
+	type aged struct {
+		rec  *RecvRecord
+		last time.Time
+	}
+	var theirs []aged
+	r.mu.Lock()
+	for i := range recs {
+		rec := &recs[i]
+		if _, opening := r.opening[rec.ID]; rec.From != node || rec.ID == keep || r.sessions[rec.ID] != nil || opening {
+			continue
+		}
+		theirs = append(theirs, aged{rec: rec})
+	}
+	r.mu.Unlock()
+	over := len(theirs) + 1 - maxInterruptedPerPeer
+	if over <= 0 {
+		return
+	}
+	for i := range theirs {
+		theirs[i].last = lastSign(theirs[i].rec)
+	}
+	slices.SortFunc(theirs, func(a, b aged) int { return a.last.Compare(b.last) })
+	for _, a := range theirs[:over] {
+		active, err := r.forget(a.rec.ID, a.rec.Temp)
+		switch {
+		case active: // resumed meanwhile
+		case err != nil:
+			r.cfg.Log.Warn("forget an interrupted receive past those kept per gateway", "migration_id", a.rec.ID, "err", err)
+		default:
+			r.cfg.Log.Info("forgot an interrupted receive: its sender has more interrupted here than are kept for resumes; a resume sends every chunk again",
+				"migration_id", a.rec.ID, "name", a.rec.Name, "from", a.rec.From, "last_offered", a.last, "kept", maxInterruptedPerPeer)
+		}
 	}
 }
 
@@ -802,7 +871,15 @@ func (r *Receiver) control(ctx context.Context, c *tls.Conn, fr *frameReader, fw
 		return
 	}
 	closeSession := sync.OnceFunc(s.close)
-	defer closeSession()
+	// Unless its image is stored, or what came removed, the receive is
+	// kept for a resume once its session has ended (settle).
+	kept := true
+	defer func() {
+		closeSession()
+		if kept {
+			r.settle(s)
+		}
+	}()
 	if !s.attach(c) { // ended by a stopping receiver as it opened
 		fw.json(frameError, errStopping.Error())
 		return
@@ -852,6 +929,7 @@ func (r *Receiver) control(ctx context.Context, c *tls.Conn, fr *frameReader, fw
 	if peer := c.ConnectionState().PeerCertificates; len(peer) > 0 && r.cfg.Trust().IsRevoked(peer[0].SerialNumber) {
 		why := fmt.Sprintf("the sending gateway's certificate %s was revoked while the image came", certs.FormatSerial(peer[0].SerialNumber))
 		log.Warn("migration refused at commit: " + why + "; the received data is removed")
+		kept = false
 		closeSession()
 		if _, err := r.forget(o.ID, s.record.Temp); err != nil {
 			log.Error("remove the data of a migration from a revoked sender", "file", s.record.Temp, "err", err)
@@ -866,6 +944,7 @@ func (r *Receiver) control(ctx context.Context, c *tls.Conn, fr *frameReader, fw
 	// it here. Then what came is removed rather than stored.
 	if d, ok = r.decide(o, from, via); !ok {
 		log.Warn("migration refused at commit: the residency policy no longer allows it here; the received data is removed", "rule", d.Rule.String(), "reason", strings.Join(d.Reasons, "; "), "policy", d.Policy.RevisionString())
+		kept = false
 		closeSession() // its syncer and file done with, the data can go
 		if _, err := r.forget(o.ID, s.record.Temp); err != nil {
 			log.Error("remove the data of a migration the policy no longer allows here", "file", s.record.Temp, "err", err)
@@ -878,6 +957,7 @@ func (r *Receiver) control(ctx context.Context, c *tls.Conn, fr *frameReader, fw
 	done, err := s.finish(&cm, d)
 	var stored *storedError
 	if errors.As(err, &stored) {
+		kept = false // the image is in place
 		if errors.Is(err, errStopHere) {
 			return
 		}
@@ -905,6 +985,7 @@ func (r *Receiver) control(ctx context.Context, c *tls.Conn, fr *frameReader, fw
 		fw.json(frameError, err.Error())
 		return
 	}
+	kept = false
 	log.Info("migration stored and verified", "name", done.Name, "root", done.Root.String(), "received_bytes", done.Received, "reused_chunks", done.Reused)
 	if n := s.baseBad.Load(); n > 0 {
 		log.Warn("the stored version of the image had bad chunks, fetched from the sender instead", "name", done.Name, "bad_chunks", n)

@@ -145,6 +145,14 @@ const (
 	maxReceiveBuffers  = 1 << 30
 )
 
+// maxInterruptedPerPeer bounds the interrupted receives kept for one
+// gateway's resumes (each holds at least a chunk; those that hold none
+// are forgotten as they end): kept for AbandonedAfter, each with its
+// record, its line in `migrate list` and its incoming file, they would
+// otherwise pile up without end from a gateway that offers and hangs up.
+// Four times as many as it may run at once.
+const maxInterruptedPerPeer = 4 * maxSessionsPerPeer
+
 // receiveLoad is a receive under way, or one being opened.
 type receiveLoad struct {
 	id, name, from string
