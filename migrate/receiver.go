@@ -1563,8 +1563,14 @@ func (r *Receiver) Unfinished() ([]Incoming, error) {
 	if err != nil {
 		return out, fmt.Errorf("list unfinished receives: %w", err)
 	}
+	// A set, not a search of out for each record: out grows with the
+	// records, and a lookup in it for each was quadratic.
+	active := make(map[string]bool, len(out))
+	for _, in := range out {
+		active[in.ID] = true
+	}
 	for _, rec := range recs {
-		if slices.ContainsFunc(out, func(in Incoming) bool { return in.ID == rec.ID }) {
+		if active[rec.ID] {
 			continue
 		}
 		in := Incoming{ID: rec.ID, Name: rec.Name, Class: rec.Class, From: rec.From, FromSite: rec.FromSite, Size: rec.Size, Started: rec.Started, Interrupted: true}
