@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
+	"strings"
 
 	"github.com/klauspost/compress/flate"
 	"github.com/klauspost/compress/zstd"
@@ -74,15 +76,18 @@ func (r fullReads) Read(p []byte) (int, error) {
 }
 
 // OpenSource opens a raw or qcow2 image, detecting the format by content,
-// as qemu-img does. Only for an image whose format nobody recorded: a
-// guest writes what it likes into sector 0 of a raw disk, a qcow2 header
-// included, and its disk would then be read as the image that header
-// describes. OpenSourceAs opens an image as a format known otherwise.
+// as qemu-img does, and refuses one whose first bytes say it is of
+// another format qemu-img knows (VMDK, VHDX, VDI, ...). Only for an image
+// whose format nobody recorded: a guest writes what it likes into sector
+// 0 of a raw disk, a qcow2 header included, and its disk would then be
+// read as the image that header describes. OpenSourceAs opens an image as
+// a format known otherwise.
 func OpenSource(path string) (Source, error) { return OpenSourceAs(path, "") }
 
 // OpenSourceAs opens an image as format: raw is read as raw whatever its
 // first bytes hold; qcow2 must start with the qcow2 magic; "" detects the
-// format by content (OpenSource).
+// format by content (OpenSource). Only raw opens an image whose first
+// bytes name another format.
 func OpenSourceAs(path, format string) (Source, error) {
 	if err := checkSourceFormat(format); err != nil {
 		return nil, err
@@ -91,9 +96,15 @@ func OpenSourceAs(path, format string) (Source, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open image: %w", err)
 	}
-	magic := make([]byte, 4)
-	n, _ := f.ReadAt(magic, 0)
-	isQcow2 := n == 4 && bytes.Equal(magic, qcow2Magic)
+	// Past a short file's end the bytes probed stay zeros, as qemu-img's
+	// do.
+	head := make([]byte, probeSize)
+	f.ReadAt(head, 0)
+	isQcow2 := bytes.HasPrefix(head, qcow2Magic)
+	if name := foreignFormat(head); name != "" && format != FormatRaw {
+		f.Close()
+		return nil, foreignFormatError(path, name)
+	}
 	switch {
 	case format == FormatQcow2 && !isQcow2:
 		f.Close()
@@ -115,6 +126,93 @@ func OpenSourceAs(path, format string) (Source, error) {
 		return nil, fmt.Errorf("%s: %d bytes, more than the %d a migration can describe", path, st.Size(), int64(MaxImageSize))
 	}
 	return &rawSource{f: f, size: st.Size()}, nil
+}
+
+// probeSize is how much of an image qemu-img reads to tell its format.
+const probeSize = 512
+
+// foreignFormat names the format other than raw and qcow2 that head (an
+// image's first probeSize bytes) says the image is, by the signatures
+// qemu-img tells formats by, or "". Read as raw, such an image migrates
+// as a disk holding the container, not the guest's disk: the VMDK
+// qemu-img makes of a 64 MiB disk arrives as a 64 KiB one, verified
+// intact. A fixed VHD, its footer at the end, qemu-img reads as raw, and
+// it is one: the guest's disk followed by a 512-byte sector. qemu-img
+// also takes a file named *.dmg for a DMG image: a name is no content.
+func foreignFormat(head []byte) string {
+	le, be := binary.LittleEndian, binary.BigEndian
+	at := func(off int, s string) bool { return bytes.HasPrefix(head[off:], []byte(s)) }
+	has := func(s string) bool { return at(0, s) }
+	switch {
+	case has("QFI\xfb") && be.Uint32(head[4:8]) == 1:
+		return "qcow (version 1)"
+	case has("KDMV"), has("COWD"), vmdkDescriptor(head), has("# Disk DescriptorFile"):
+		// The last is how VMware starts a descriptor, which qemu-img
+		// takes only when the version line follows.
+		return "VMDK"
+	case has("vhdxfile"):
+		return "VHDX"
+	case le.Uint32(head[0x40:0x44]) == 0xbeda107f:
+		return "VDI"
+	case has("conectix"):
+		return "VHD"
+	case has("QED\x00"):
+		return "QED"
+	case has("LUKS\xba\xbe") && be.Uint16(head[6:8]) == 1:
+		// LUKS2 (cryptsetup's default) qemu-img reads as raw, and it is
+		// one: a guest's disk encrypted whole by the guest.
+		return "LUKS"
+	case (has("WithoutFreeSpace") || has("WithouFreSpacExt")) && le.Uint32(head[16:20]) == 2:
+		return "Parallels"
+	case has("Bochs Virtual HD Image\x00") && at(32, "Redolog\x00") && at(48, "Growing\x00") &&
+		(le.Uint32(head[64:68]) == 0x20000 || le.Uint32(head[64:68]) == 0x10000):
+		return "Bochs"
+	case has("#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n"):
+		return "cloop"
+	}
+	return ""
+}
+
+// vmdkDescriptor says whether head is a VMDK descriptor as qemu-img tells
+// one: comment and blank lines, then a version line.
+func vmdkDescriptor(head []byte) bool {
+	for p := head; len(p) > 0; {
+		switch p[0] {
+		case '#':
+			_, p, _ = bytes.Cut(p, []byte("\n"))
+			continue
+		case ' ':
+			p = bytes.TrimLeft(p, " ")
+			p = bytes.TrimPrefix(p, []byte("\r"))
+			if len(p) == 0 || p[0] != '\n' {
+				return false
+			}
+			p = p[1:]
+			continue
+		}
+		for _, v := range []string{"version=1", "version=2", "version=3"} {
+			if rest, ok := bytes.CutPrefix(p, []byte(v)); ok && (bytes.HasPrefix(rest, []byte("\n")) || bytes.HasPrefix(rest, []byte("\r\n"))) {
+				return true
+			}
+		}
+		return false
+	}
+	return false
+}
+
+// foreignFormatError refuses an image of a format skybridge does not
+// read, saying how to make it one it does.
+func foreignFormatError(path, name string) error {
+	out := strings.TrimSuffix(path, filepath.Ext(path)) + ".qcow2"
+	if out == path {
+		out = strings.TrimSuffix(path, ".qcow2") + "-converted.qcow2"
+	}
+	convert := fmt.Sprintf("qemu-img convert -O qcow2 %s %s", path, out)
+	if name == "LUKS" {
+		// Converted without its passphrase it would not be decrypted.
+		convert = fmt.Sprintf("qemu-img convert --object secret,id=key,file=PASSPHRASE-FILE --image-opts driver=luks,key-secret=key,file.filename=%s -O qcow2 %s", path, out)
+	}
+	return fmt.Errorf("%s is a %s image, as its first bytes say: skybridge migrates raw and qcow2 images; convert it first, `%s`, and migrate that; or, if it is a raw disk whose guest wrote those bytes at its start, name its source format raw (--source-format raw)", path, name, convert)
 }
 
 // openStored opens a stored image as the format its catalog record says,

@@ -392,3 +392,174 @@ func TestZeroLengthQcow2(t *testing.T) {
 		}
 	}
 }
+
+// TestOpenSourceRefusesOtherFormats: an image qemu-img made in a format
+// other than raw and qcow2 is refused when its format is told from its
+// first bytes (or named qcow2), naming the format and how to convert it;
+// the conversion it names makes an image that migrates, holding the same
+// disk, and a migration of it as it is stores nothing. Named raw, it is
+// read as raw. A fixed VHD and a LUKS2 container qemu-img reads as raw,
+// and so do we.
+func TestOpenSourceRefusesOtherFormats(t *testing.T) {
+	q := qemuImg(t)
+	p := newPair(t, "DE")
+	run := func(args ...string) {
+		t.Helper()
+		if out, err := exec.Command(q, args...).CombinedOutput(); err != nil {
+			t.Fatalf("qemu-img %v: %v %s", args, err, out)
+		}
+	}
+	raw := filepath.Join(p.dir, "disk.raw")
+	makeRaw(t, raw, 4*mib, map[int64]int{0: 64 << 10, 3 * mib: 4096})
+	pass := filepath.Join(p.dir, "pass")
+	if err := os.WriteFile(pass, []byte("secret"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	image := func(name, format string, opts ...string) string {
+		t.Helper()
+		path := filepath.Join(p.dir, name)
+		run(append(append([]string{"convert", "-O", format}, opts...), raw, path)...)
+		return path
+	}
+	// A short key derivation: the default takes seconds to make and open.
+	luks := []string{"--object", "secret,id=key,file=" + pass, "-o", "key-secret=key,iter-time=10"}
+	cases := []struct{ path, format string }{
+		{image("sparse.vmdk", "vmdk"), "VMDK"},
+		{image("descriptor.vmdk", "vmdk", "-o", "subformat=monolithicFlat"), "VMDK"},
+		{image("stream.vmdk", "vmdk", "-o", "subformat=streamOptimized"), "VMDK"},
+		{image("vm.vhdx", "vhdx"), "VHDX"},
+		{image("vm.vdi", "vdi"), "VDI"},
+		{image("vm.vhd", "vpc"), "VHD"},
+		{image("vm.qed", "qed"), "QED"},
+		{image("vm.hdd", "parallels"), "Parallels"},
+		{image("vm.qcow", "qcow"), "qcow (version 1)"},
+		{image("vm.luks", "luks", luks...), "LUKS"},
+	}
+	for _, tc := range cases {
+		name := filepath.Base(tc.path)
+		if out, err := exec.Command(q, "info", tc.path).CombinedOutput(); err != nil || strings.Contains(string(out), "file format: raw") {
+			t.Fatalf("%s: qemu-img info says %v\n%s", name, err, out)
+		}
+		for _, as := range []string{"", FormatQcow2} {
+			src, err := OpenSourceAs(tc.path, as)
+			if err == nil {
+				t.Errorf("%s as %q: opened as a %s image of %d bytes", name, as, src.Format(), src.Size())
+				src.Close()
+				continue
+			}
+			for _, want := range []string{"is a " + tc.format + " image", "qemu-img convert", "-O qcow2", "--source-format raw"} {
+				if !strings.Contains(err.Error(), want) {
+					t.Errorf("%s as %q: %v; want it to say %q", name, as, err, want)
+				}
+			}
+		}
+		src, err := OpenSourceAs(tc.path, FormatRaw)
+		if err != nil || src.Format() != FormatRaw {
+			t.Errorf("%s named raw: %v", name, err)
+		} else {
+			src.Close()
+		}
+		cfg := p.config(tc.path, "pii-eu")
+		cfg.Name = strings.ReplaceAll(name, ".", "-")
+		if _, err := Send(context.Background(), cfg); err == nil {
+			t.Errorf("%s: migrated", name)
+		}
+		if img, err := p.recvJ.Image(cfg.Name); !errors.Is(err, ErrNotFound) {
+			t.Errorf("%s: stored as %+v (%v)", name, img, err)
+		}
+	}
+
+	// The conversion the refusal names, run as it says (the passphrase
+	// file named), makes a qcow2 image of the same disk.
+	for _, tc := range []struct{ path, converted string }{
+		{cases[0].path, filepath.Join(p.dir, "sparse.qcow2")},
+		{cases[len(cases)-1].path, filepath.Join(p.dir, "vm.qcow2")},
+	} {
+		_, err := OpenSource(tc.path)
+		_, cmd, ok := strings.Cut(err.Error(), "`")
+		cmd, _, ok2 := strings.Cut(cmd, "`")
+		if !ok || !ok2 {
+			t.Fatalf("%s: no command in %v", tc.path, err)
+		}
+		args := strings.Fields(strings.ReplaceAll(cmd, "PASSPHRASE-FILE", pass))
+		if args[0] != "qemu-img" {
+			t.Fatalf("%s: %q is no qemu-img command", tc.path, cmd)
+		}
+		run(args[1:]...)
+		src, err := OpenSource(tc.converted)
+		if err != nil || src.Format() != FormatQcow2 {
+			t.Fatalf("%s, converted as told to %s: %v", tc.path, tc.converted, err)
+		}
+		src.Close()
+		compare(t, raw, tc.converted)
+	}
+
+	// What qemu-img reads as raw is raw: a fixed VHD (its footer at the
+	// end), and a LUKS2 container, such as a guest encrypting its disk
+	// whole makes.
+	fixed := image("fixed.vhd", "vpc", "-o", "subformat=fixed")
+	luks2 := filepath.Join(p.dir, "luks2.raw")
+	b, err := os.ReadFile(cases[len(cases)-1].path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	binary.BigEndian.PutUint16(b[6:8], 2)
+	if err := os.WriteFile(luks2, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, path := range []string{fixed, luks2} {
+		if out, err := exec.Command(q, "info", path).CombinedOutput(); err != nil || !strings.Contains(string(out), "file format: raw") {
+			t.Fatalf("%s: qemu-img info says %v\n%s", path, err, out)
+		}
+		src, err := OpenSource(path)
+		if err != nil {
+			t.Errorf("%s: %v", filepath.Base(path), err)
+			continue
+		}
+		if src.Format() != FormatRaw {
+			t.Errorf("%s: read as %s", filepath.Base(path), src.Format())
+		}
+		src.Close()
+	}
+}
+
+// TestForeignFormatSignatures: the signatures of formats qemu-img reads
+// but does not make (Bochs, cloop), and the limits of those it makes,
+// tell a format as qemu-img's probes do.
+func TestForeignFormatSignatures(t *testing.T) {
+	le := binary.LittleEndian
+	head := func(parts ...any) []byte {
+		b := make([]byte, probeSize)
+		for i := 0; i < len(parts); i += 2 {
+			off := parts[i].(int)
+			switch v := parts[i+1].(type) {
+			case string:
+				copy(b[off:], v)
+			case uint32:
+				le.PutUint32(b[off:], v)
+			}
+		}
+		return b
+	}
+	for _, tc := range []struct {
+		name, want string
+		head       []byte
+	}{
+		{"bochs", "Bochs", head(0, "Bochs Virtual HD Image", 32, "Redolog", 48, "Growing", 64, uint32(0x20000))},
+		{"bochs v1", "Bochs", head(0, "Bochs Virtual HD Image", 32, "Redolog", 48, "Growing", 64, uint32(0x10000))},
+		{"bochs flat", "", head(0, "Bochs Virtual HD Image", 32, "Redolog", 48, "Flat", 64, uint32(0x20000))},
+		{"cloop", "cloop", head(0, "#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n")},
+		{"shell script", "", head(0, "#!/bin/sh\necho hello\n")},
+		{"vmdk descriptor, CRLF", "VMDK", head(0, "# comment\r\n   \r\nversion=2\r\nCID=1\r\n")},
+		{"vmdk descriptor, VMware's", "VMDK", head(0, "# Disk DescriptorFile\n\nversion=1\n")},
+		{"comment, then text", "", head(0, "# notes\nhello\n")},
+		{"parallels version 3", "", head(0, "WithoutFreeSpace", 16, uint32(3))},
+		{"parallels", "Parallels", head(0, "WithoutFreeSpace", 16, uint32(2))},
+		{"vdi", "VDI", head(0x40, uint32(0xbeda107f))},
+		{"zeros", "", head()},
+	} {
+		if got := foreignFormat(tc.head); got != tc.want {
+			t.Errorf("%s: %q, want %q", tc.name, got, tc.want)
+		}
+	}
+}

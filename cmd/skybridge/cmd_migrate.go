@@ -31,8 +31,10 @@ func migrateCommand() *cli.Command {
 				ArgsUsage: "IMAGE",
 				UsageText: "skybridge migrate run IMAGE --to SITE|REGION|JURISDICTION --class CLASS [--name NAME] [--format raw|qcow2]\n" +
 					"    [--source-format raw|qcow2] [--streams N] [--bwlimit 200MB/s] [--json] (--config gateway.hcl | --socket PATH)\n\n" +
-					"Without --source-format the image's format is told from its first bytes, as qemu-img does: name it for\n" +
-					"a raw disk, whose guest may have written a qcow2 header at its start. A resume reads it as the first attempt did.",
+					"Without --source-format the image's format is told from its first bytes, as qemu-img does, and an image of\n" +
+					"another format (VMDK, VHDX, VDI, VHD, QED, LUKS, ...) is refused: convert it with qemu-img convert -O qcow2.\n" +
+					"Name it for a raw disk, whose guest may have written a qcow2 header (or another format's) at its start.\n" +
+					"A resume reads it as the first attempt did.",
 				Flags: append(append([]cli.Flag(nil), socketFlags...),
 					&cli.StringFlag{Name: "to", Usage: "destination: a node, site, region or jurisdiction", Required: true},
 					&cli.StringFlag{Name: "class", Usage: "data class of the image (the residency policy decides with it)", Required: true},
