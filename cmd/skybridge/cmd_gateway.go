@@ -68,7 +68,7 @@ func gatewayCommand() *cli.Command {
 		Usage: "run a gateway: gossip with the other gateways and keep the WireGuard mesh configured",
 		Subcommands: []*cli.Command{{
 			Name:  "run",
-			Usage: "run the gateway of one site until SIGINT/SIGTERM (then it leaves the cluster and removes its interface)",
+			Usage: "run the gateway of one site until SIGINT, SIGTERM or SIGHUP (unless started under nohup): then it leaves the cluster and removes its interface",
 			UsageText: "skybridge gateway run --config FILE [--join-token-file FILE]\n\n" +
 				"With a join token (from `skybridge burst up`) a fresh gateway enrols into a burst site first; its configuration\n" +
 				"then has no node block. It leaves the mesh and removes its identity when the burst ends, and exits 0.",

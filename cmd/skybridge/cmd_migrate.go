@@ -323,7 +323,9 @@ func printMigrationResult(w io.Writer, ev *mesh.MigrationEvent) {
 		return
 	}
 	st := r.Stats
-	fmt.Fprintf(w, "migration %s: %s %s → %s (%s) as %s.%s\n", r.ID, r.State, printable(r.Image), r.To, r.ToSite, printable(r.Name), r.Format)
+	// The name alone, as migrate verify and remove take it: "as vm.raw"
+	// was read as a name, and there is no image vm.raw.
+	fmt.Fprintf(w, "migration %s: %s %s → %s (%s) as %s, format %s\n", r.ID, r.State, printable(r.Image), r.To, r.ToSite, printable(r.Name), r.Format)
 	if r.State == migrate.StateDone {
 		fmt.Fprintf(w, "  verified: root %s\n", r.Root)
 	}
