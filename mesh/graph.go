@@ -60,8 +60,8 @@ type GraphGateway struct {
 const (
 	TunnelFresh  = "fresh"  // handshook within 150 s
 	TunnelAgeing = "ageing" // 150-180 s: a re-key is due
-	TunnelStale  = "stale"  // older than 180 s (or never) while sending: broken
-	TunnelIdle   = "idle"   // configured, no handshake and nothing sent: WireGuard handshakes on demand
+	TunnelStale  = "stale"  // older than 180 s (or never, 180 s after it began to send) while sending: broken
+	TunnelIdle   = "idle"   // configured, no handshake and nothing sent (or for 180 s at most): WireGuard handshakes on demand
 	TunnelRemote = "remote" // between two other gateways: its health is on their dashboards
 )
 
@@ -253,7 +253,13 @@ func (g *MeshGraph) gateways() int {
 
 func tunnelHealth(m MemberStatus, now time.Time) string {
 	if m.LastHandshake.IsZero() {
-		if m.TxBytes > 0 {
+		// Failing once it has sent for over 180 s unanswered, as a tunnel
+		// that handshook: a new peer sends its first initiation at once
+		// (the greeting), an idle one with its first packet, and the
+		// answer comes a round trip later, or a retry 5 s on. A status
+		// that does not say when it began to send (SentSince zero) is
+		// judged by the counter alone.
+		if m.TxBytes > 0 && (m.SentSince.IsZero() || now.Sub(m.SentSince) > staleHandshake) {
 			return TunnelStale
 		}
 		return TunnelIdle

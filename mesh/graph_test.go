@@ -1,10 +1,13 @@
 package mesh
 
 import (
+	"context"
 	"encoding/xml"
 	"fmt"
 	"io"
+	"log/slog"
 	"net/netip"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -14,6 +17,8 @@ import (
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
 	"github.com/skybridge-mesh/skybridge/certs"
+	"github.com/skybridge-mesh/skybridge/internal/scrape"
+	"github.com/skybridge-mesh/skybridge/internal/syncbuf"
 	"github.com/skybridge-mesh/skybridge/policy"
 )
 
@@ -53,8 +58,11 @@ func TestBuildGraphTunnelHealth(t *testing.T) {
 	if h := tunnelHealth(MemberStatus{LastHandshake: now.Add(-time.Hour)}, now); h != TunnelIdle {
 		t.Errorf("old handshake, no traffic: %s, want idle", h)
 	}
-	if h := tunnelHealth(MemberStatus{TxBytes: 148}, now); h != TunnelStale {
-		t.Errorf("never handshook while sending: %s, want stale", h)
+	if h := tunnelHealth(MemberStatus{TxBytes: 148, SentSince: now.Add(-181 * time.Second)}, now); h != TunnelStale {
+		t.Errorf("never handshook while sending for 181 s: %s, want stale", h)
+	}
+	if h := tunnelHealth(MemberStatus{TxBytes: 148, SentSince: now.Add(-time.Second)}, now); h != TunnelIdle {
+		t.Errorf("first initiation sent a second ago, unanswered yet: %s, want idle", h)
 	}
 	// One that carried traffic, then nothing for longer than a session
 	// lasts, is idle too: what it sent was before its last handshake.
@@ -119,7 +127,7 @@ func TestNoteSent(t *testing.T) {
 	var k wgtypes.Key
 	k[0] = 1
 	look := func(tx int64) time.Time {
-		return g.noteSent([]wgtypes.Peer{{PublicKey: k, TransmitBytes: tx}})[certs.WGPublicKey(k)]
+		return g.noteSent([]wgtypes.Peer{{PublicKey: k, TransmitBytes: tx}})[certs.WGPublicKey(k)].at
 	}
 	if at := look(100); !at.IsZero() {
 		t.Fatalf("first look at 100 bytes: %v, want zero (not known when it was sent)", at)
@@ -152,6 +160,81 @@ func TestNoteSent(t *testing.T) {
 	}
 }
 
+// TestNewTunnelGrace: a tunnel that never handshook fails once it has
+// been seen sending for over 180 s, not at its first initiation: the
+// wait is counted from the look that first saw its transmit counter
+// above zero, whether the peer is new or was idle until then. A greeting
+// that re-creates the peer (its counter falls) is the same wait; a peer
+// gone is forgotten, and a new key, or the same one configured again,
+// waits anew.
+func TestNewTunnelGrace(t *testing.T) {
+	clock := time.Date(2026, 12, 1, 12, 0, 0, 0, time.UTC)
+	g := &Gateway{now: func() time.Time { return clock }}
+	key := func(b byte) wgtypes.Key { var k wgtypes.Key; k[0] = b; return k }
+	look := func(peers map[wgtypes.Key]int64) {
+		var ps []wgtypes.Peer
+		for k, tx := range peers {
+			ps = append(ps, wgtypes.Peer{PublicKey: k, TransmitBytes: tx})
+		}
+		g.noteSent(ps)
+	}
+	// As Status judges the peer with key k, sending tx bytes.
+	judge := func(k wgtypes.Key, tx int64) (health string, reachable bool) {
+		sent := g.noteSent([]wgtypes.Peer{{PublicKey: k, TransmitBytes: tx}})[certs.WGPublicKey(k)]
+		ms := MemberStatus{Node: "b1", Site: "b", SiteVerified: true, State: StateVerified, Peer: true, TxBytes: tx, LastSent: sent.at, SentSince: sent.since}
+		for _, s := range siteHealth(&Status{Site: "a", Members: []MemberStatus{ms}}, clock) {
+			if s.name == "b" {
+				reachable = s.reachable
+			}
+		}
+		return tunnelHealth(ms, clock), reachable
+	}
+	start := clock
+	expect := func(what string, k wgtypes.Key, tx int64, want string) {
+		t.Helper()
+		h, reachable := judge(k, tx)
+		if h != want || reachable != (want != TunnelStale) {
+			t.Errorf("%s, %s after the wait began: %q, site reachable %v; want %q", what, clock.Sub(start), h, reachable, want)
+		}
+	}
+
+	expect("a new peer's first initiation", key(1), 148, TunnelIdle)
+	clock = clock.Add(time.Second)
+	expect("greeted again", key(1), 2*148, TunnelIdle)
+	clock = clock.Add(time.Second)
+	expect("greeted again, the peer re-created", key(1), 148, TunnelIdle)
+	clock = start.Add(staleHandshake)
+	expect("retried for 180 s", key(1), 148*37, TunnelIdle)
+	clock = clock.Add(time.Second)
+	expect("retried for over 180 s, the greeting's re-creation included", key(1), 148*38, TunnelStale)
+
+	// The peer is gone, then back with a new key: a new wait.
+	look(nil)
+	if len(g.sent) != 0 {
+		t.Fatalf("peers gone are remembered: %v", g.sent)
+	}
+	start = clock
+	expect("a new key's first initiation", key(2), 148, TunnelIdle)
+	clock = clock.Add(time.Minute)
+	expect("a new key, a minute on", key(2), 148*13, TunnelIdle)
+	// The same key configured again after it was gone for 3 minutes: a
+	// new wait too.
+	look(nil)
+	clock = clock.Add(3 * time.Minute)
+	start = clock
+	expect("a peer configured again", key(2), 148, TunnelIdle)
+
+	// A peer idle since it was configured, an hour ago, starts sending.
+	look(map[wgtypes.Key]int64{key(3): 0})
+	clock = clock.Add(time.Hour)
+	look(map[wgtypes.Key]int64{key(3): 0})
+	start = clock
+	clock = clock.Add(10 * time.Second)
+	expect("an idle peer's first initiation", key(3), 148, TunnelIdle)
+	clock = start.Add(staleHandshake + 10*time.Second + time.Second)
+	expect("its initiations unanswered for over 180 s", key(3), 148*19, TunnelStale)
+}
+
 // TestIdleTunnelNotStaleAfterQuietLooks: a tunnel that carried traffic an
 // hour ago and has been idle since is idle, whether the first look at its
 // counter comes after that hour or the look before came hours before it;
@@ -165,7 +248,7 @@ func TestIdleTunnelNotStaleAfterQuietLooks(t *testing.T) {
 	used := now.Add(-time.Hour) // last traffic and handshake
 	health := func(g *Gateway, tx int64) MemberStatus {
 		sent := g.noteSent([]wgtypes.Peer{{PublicKey: k, TransmitBytes: tx, LastHandshakeTime: used}})
-		ms := MemberStatus{Node: "b1", Site: "b", SiteVerified: true, State: StateVerified, Peer: true, LastHandshake: used, TxBytes: tx, LastSent: sent[certs.WGPublicKey(k)]}
+		ms := MemberStatus{Node: "b1", Site: "b", SiteVerified: true, State: StateVerified, Peer: true, LastHandshake: used, TxBytes: tx, LastSent: sent[certs.WGPublicKey(k)].at}
 		ms.Health = tunnelHealth(ms, clock)
 		return ms
 	}
@@ -476,5 +559,86 @@ func TestSiteReachableThroughItsTunnels(t *testing.T) {
 	}
 	if !got["u"] {
 		t.Error("site u, with no tunnel from here and a verified live gateway, is not reachable")
+	}
+}
+
+// unansweredDevice is a recording device whose peers have each sent a
+// handshake initiation (148 bytes) and had no answer yet.
+type unansweredDevice struct{ *RecordingDevice }
+
+func (d unansweredDevice) Device() (*wgtypes.Device, error) {
+	dev, err := d.RecordingDevice.Device()
+	if err == nil {
+		for i := range dev.Peers {
+			dev.Peers[i].TransmitBytes = 148
+		}
+	}
+	return dev, err
+}
+
+// TestNewTunnelNotFailingLive: a gateway that has just peered with
+// another, its first initiation unanswered yet, says so in its status
+// and metrics: the tunnel idle, not failing, and the other site
+// reachable. Unanswered for over 180 s, it would be failing.
+func TestNewTunnelNotFailingLive(t *testing.T) {
+	dir := t.TempDir()
+	ca := meshCA(t, dir)
+	tb, err := ca.TrustBundle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := liveSettings(t, filepath.Join(dir, "hq"))
+	s.Node = provisionGateway(t, ca, tb, certs.Attributes{Node: "hq-1", Site: "zrh-dc", Region: "zrh", Provider: "onprem", Jurisdiction: "CH",
+		OverlayIP: netip.MustParseAddr("100.64.7.1")}, time.Hour, s.Identity.Dir)
+	dev := unansweredDevice{NewRecordingDevice("hq")}
+	g, err := newGateway(context.Background(), s, slog.New(slog.DiscardHandler), options{device: dev, noControl: true, noMigrations: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); g.Run(ctx) }()
+	t.Cleanup(func() { cancel(); <-done })
+
+	fs := liveSettings(t, filepath.Join(dir, "fra"))
+	fs.Node = provisionGateway(t, ca, tb, certs.Attributes{Node: "fra-1", Site: "fra-dc", Region: "fra", Provider: "onprem", Jurisdiction: "DE",
+		OverlayIP: netip.MustParseAddr("100.64.7.9")}, time.Hour, fs.Identity.Dir)
+	fs.Seeds = []string{s.GossipAdvertise.String()}
+	runLiveGateway(t, fs, &syncbuf.Buffer{})
+
+	var fra MemberStatus
+	waitUntil(t, 20*time.Second, "fra-1 a peer of hq-1", func() bool {
+		st, err := g.Status()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, m := range st.Members {
+			if m.Node == "fra-1" && m.Peer {
+				fra = m
+				return true
+			}
+		}
+		return false
+	})
+	if fra.Health != TunnelIdle || fra.SentSince.IsZero() {
+		t.Errorf("fra-1's tunnel, its first initiation unanswered yet: health %q (sent since %v), want idle", fra.Health, fra.SentSince)
+	}
+	mfs, err := g.metrics.reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	fam := scrape.Families{}
+	for _, mf := range mfs {
+		fam[mf.GetName()] = mf
+	}
+	if v, ok := fam.Value("skybridge_peer_tunnel_failing", map[string]string{"peer": "fra-1"}); !ok || v != 0 {
+		t.Errorf("skybridge_peer_tunnel_failing{peer=\"fra-1\"} = %v (present %v), want 0", v, ok)
+	}
+	if v, ok := fam.Value("skybridge_site_reachable", map[string]string{"site": "fra-dc"}); !ok || v != 1 {
+		t.Errorf("skybridge_site_reachable{site=\"fra-dc\"} = %v (present %v), want 1", v, ok)
+	}
+	later := fra.SentSince.Add(staleHandshake + time.Second)
+	if h := tunnelHealth(fra, later); h != TunnelStale {
+		t.Errorf("unanswered for 181 s: %q, want stale", h)
 	}
 }

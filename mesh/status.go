@@ -103,6 +103,11 @@ type MemberStatus struct {
 	// without a handshake, not when it has been idle since it last
 	// carried traffic.
 	LastSent time.Time `json:"last_sent,omitzero"`
+	// SentSince is when the gateway first saw TxBytes above zero for this
+	// peer's key (zero: not yet). A tunnel that never handshook fails
+	// only 180 s after it: a new peer's first initiation goes out at once
+	// and is answered a round trip later.
+	SentSince time.Time `json:"sent_since,omitzero"`
 	// Keepalive is the tunnel's persistent keepalive (zero: none). Such a
 	// tunnel sends every interval, so it handshakes every 2 minutes: it is
 	// never idle.
@@ -217,7 +222,8 @@ func (g *Gateway) Status() (*Status, error) {
 			if i, ok := peers[m.Verified.Advert.WireGuardKey]; ok {
 				p := dev.Peers[i]
 				ms.Peer, ms.LastHandshake, ms.RxBytes, ms.TxBytes = true, p.LastHandshakeTime, p.ReceiveBytes, p.TransmitBytes
-				ms.LastSent, ms.Keepalive = sent[m.Verified.Advert.WireGuardKey], p.PersistentKeepaliveInterval
+				s := sent[m.Verified.Advert.WireGuardKey]
+				ms.LastSent, ms.SentSince, ms.Keepalive = s.at, s.since, p.PersistentKeepaliveInterval
 				ms.Health = tunnelHealth(ms, g.now())
 				if p.Endpoint != nil {
 					ms.Endpoint = p.Endpoint.String()
@@ -239,16 +245,23 @@ func (g *Gateway) Status() (*Status, error) {
 }
 
 // sentMark is a peer's transmit counter as last seen, when it was seen,
-// and when it was last seen to grow.
+// when it was last seen to grow, and when it was first seen above zero.
 type sentMark struct {
 	bytes  int64
 	looked time.Time // zero: bytes is no baseline to date growth from
 	at     time.Time
+	// since is dated to the look that saw it, the latest it can have
+	// begun: a tunnel is failing only once it has certainly sent 180 s
+	// without a handshake. Kept when the counter falls (a greeting
+	// re-creates the peer, and is part of the same wait for an answer);
+	// a new key is a new peer, and a new wait.
+	since time.Time
 }
 
 // noteSent records the peers' transmit counters and returns, per peer,
-// when each was last seen to grow. The reconciler calls it every time it
-// reads the device, and Status too; it may be called from both at once.
+// when each was last seen to grow and first seen above zero. The
+// reconciler calls it every time it reads the device, and Status too; it
+// may be called from both at once.
 //
 // Growth is dated to the look before the one that saw it: the earliest
 // it can have been sent. Dated to the look that saw it, traffic an hour
@@ -256,12 +269,11 @@ type sentMark struct {
 // a tunnel idle since its last handshake as failing (STALE, its site
 // unreachable). A counter seen for the first time, whatever it holds,
 // says nothing of when it was sent: the next growth will.
-func (g *Gateway) noteSent(peers []wgtypes.Peer) map[certs.WGPublicKey]time.Time {
+func (g *Gateway) noteSent(peers []wgtypes.Peer) map[certs.WGPublicKey]sentMark {
 	now := g.now()
 	g.sentMu.Lock()
 	defer g.sentMu.Unlock()
 	next := make(map[certs.WGPublicKey]sentMark, len(peers)) // peers gone are forgotten
-	out := make(map[certs.WGPublicKey]time.Time, len(peers))
 	for _, p := range peers {
 		k := certs.WGPublicKey(p.PublicKey)
 		m, seen := g.sent[k]
@@ -281,8 +293,11 @@ func (g *Gateway) noteSent(peers []wgtypes.Peer) map[certs.WGPublicKey]time.Time
 			}
 			m.bytes, m.looked = p.TransmitBytes, now
 		}
-		next[k], out[k] = m, m.at
+		if m.since.IsZero() && p.TransmitBytes > 0 {
+			m.since = now
+		}
+		next[k] = m
 	}
 	g.sent = next
-	return out
+	return next // no look writes to it again: each makes its own
 }
