@@ -212,7 +212,7 @@ func foreignFormatError(path, name string) error {
 		// Converted without its passphrase it would not be decrypted.
 		convert = fmt.Sprintf("qemu-img convert --object secret,id=key,file=PASSPHRASE-FILE --image-opts driver=luks,key-secret=key,file.filename=%s -O qcow2 %s", path, out)
 	}
-	return fmt.Errorf("%s is a %s image, as its first bytes say: skybridge migrates raw and qcow2 images; convert it first, `%s`, and migrate that; or, if it is a raw disk whose guest wrote those bytes at its start, name its source format raw (--source-format raw)", path, name, convert)
+	return fmt.Errorf("%s is a %s image, as its first bytes say: skybridge migrates raw and qcow2 images; convert it first, `%s`, and migrate that; or, if it is a raw disk whose guest wrote those bytes at its start, migrate it with its source format named raw (skybridge migrate run --source-format raw)", path, name, convert)
 }
 
 // openStored opens a stored image as the format its catalog record says,
