@@ -59,12 +59,18 @@ type burstGrant struct {
 	} `json:"classes"`
 }
 
-func burstUp(t *testing.T, socket string, args ...string) burstGrant {
+// burstUp runs `burst up` on the gateway at socket; the lab's logs must
+// hold none of the tokens it grants.
+func (l *lab) burstUp(socket string, args ...string) burstGrant {
+	t := l.t
 	t.Helper()
 	out, _ := sb(t, 0, append([]string{"burst", "up", "--socket", socket, "--json"}, args...)...)
 	var g burstGrant
 	if err := json.Unmarshal([]byte(out), &g); err != nil {
 		t.Fatalf("burst up output: %v\n%s", err, out)
+	}
+	for _, tok := range g.Tokens {
+		l.secrets.add(joinToken, "a token of burst site "+g.Site, tok)
 	}
 	return g
 }
@@ -128,7 +134,7 @@ func TestBurstSite(t *testing.T) {
 	}
 
 	const ttl = 75 * time.Second
-	grant := burstUp(t, zrh.socket, "--site", "burst-ams", "--provider", "aws", "--region", "eu-west-1", "--jurisdiction", "NL",
+	grant := l.burstUp(zrh.socket, "--site", "burst-ams", "--provider", "aws", "--region", "eu-west-1", "--jurisdiction", "NL",
 		"--ttl", ttl.String(), "--label", "classes=risk-batch", "--routes", "10.9.0.0/24")
 	opened := time.Now()
 	verdict := map[string]bool{}
@@ -150,6 +156,7 @@ func TestBurstSite(t *testing.T) {
 	// Now, while it is surely a member: what follows has no time budget,
 	// and the burst ends ttl after it opened.
 	amsKey := publicKeyOf(t, zrh.socket, "burst-ams-gw1")
+	l.secrets.addDir(ams.dir) // removed when the burst ends
 
 	// The token is spent: a second server presenting it gets a clear no.
 	out, err := l.nsexec(par.ns, "timeout", "30", skybridge, "gateway", "run", "--config", par.cfg, "--join-token-file", ams.tokenFile) // a token wrongly accepted would run on
@@ -172,7 +179,7 @@ func TestBurstSite(t *testing.T) {
 	compareImages(t, img, filepath.Join(ams.dir, "images", "risk.raw"))
 
 	// A second burst site, ended early by burst down.
-	g2 := burstUp(t, zrh.socket, "--site", "burst-par", "--provider", "aws", "--region", "eu-west-3", "--jurisdiction", "FR",
+	g2 := l.burstUp(zrh.socket, "--site", "burst-par", "--provider", "aws", "--region", "eu-west-3", "--jurisdiction", "FR",
 		"--ttl", "1h", "--label", "classes=risk-batch", "--routes", "10.10.0.0/24")
 	os.WriteFile(par.tokenFile, []byte(g2.Tokens[0]), 0o600)
 	par.cmd = l.start(par.ns, par.log, nil, skybridge, "gateway", "run", "--config", par.cfg, "--join-token-file", par.tokenFile)
@@ -181,6 +188,7 @@ func TestBurstSite(t *testing.T) {
 		return err == nil, out
 	})
 	parKey := publicKeyOf(t, zrh.socket, "burst-par-gw1")
+	l.secrets.addDir(par.dir)
 	downAt := time.Now()
 	out, _ = sb(t, 0, "burst", "down", "--socket", zrh.socket, "--site", "burst-par")
 	if !strings.Contains(out, "1 identities revoked") {
@@ -189,7 +197,7 @@ func TestBurstSite(t *testing.T) {
 	l.checkBurstGone(par, "burst-par-gw1", parKey, "10.10.0.0/24", downAt, 30*time.Second, zrh, fra)
 
 	// An expired token is refused with a clear error.
-	g3 := burstUp(t, zrh.socket, "--site", "burst-lhr", "--provider", "aws", "--region", "eu-west-2", "--jurisdiction", "GB",
+	g3 := l.burstUp(zrh.socket, "--site", "burst-lhr", "--provider", "aws", "--region", "eu-west-2", "--jurisdiction", "GB",
 		"--ttl", "1h", "--token-ttl", "1s", "--routes", "10.11.0.0/24")
 	time.Sleep(time.Until(g3.TokenExpires) + 100*time.Millisecond) // the token's expiry is the condition
 	os.WriteFile(par.tokenFile, []byte(g3.Tokens[0]), 0o600)
@@ -322,7 +330,7 @@ func TestBenchBurstJoin(t *testing.T) {
 		server := fmt.Sprintf("10.%d.0.1", 20+i)
 		b := l.addBurstServer(short, fmt.Sprintf("192.0.2.%d", 20+i), server)
 		site := fmt.Sprintf("burst-%d", i)
-		g := burstUp(t, zrh.socket, "--site", site, "--provider", "aws", "--region", "eu-west-1", "--jurisdiction", "NL",
+		g := l.burstUp(zrh.socket, "--site", site, "--provider", "aws", "--region", "eu-west-1", "--jurisdiction", "NL",
 			"--ttl", "1h", "--label", "classes=risk-batch", "--routes", fmt.Sprintf("10.%d.0.0/24", 20+i))
 		os.WriteFile(b.tokenFile, []byte(g.Tokens[0]), 0o600)
 		b.cmd = l.start(b.ns, b.log, nil, skybridge, "gateway", "run", "--config", b.cfg, "--join-token-file", b.tokenFile)

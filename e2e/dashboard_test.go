@@ -298,6 +298,8 @@ func keepDemo(t *testing.T) *keptDemo {
 	}
 	t.Cleanup(func() {
 		logTails(t, filepath.Join(d.WorkDir, "*", "gateway.log"))
+		// Before --down removes the keys and logs it made.
+		noSecretsInLogs(t, d.WorkDir, nil)
 		sb(t, 0, "demo", "--down", d.WorkDir)
 		// --down leaves the directory to what it did not make: the
 		// test's own images, which would stay in the temporary directory

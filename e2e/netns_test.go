@@ -224,6 +224,10 @@ type lab struct {
 	wan    string
 	procs  []*exec.Cmd
 	netnss []string
+	// secrets the logs must not hold beyond those of the files in dir at
+	// the end: tokens the test was given, keys of gateways that removed
+	// them.
+	secrets secretSet
 }
 
 func newLab(t *testing.T) *lab {
@@ -253,6 +257,8 @@ func (l *lab) cleanup() {
 			p.Wait()
 		}
 	}
+	// Every process has stopped: its log is complete.
+	noSecretsInLogs(l.t, l.dir, &l.secrets)
 	for _, ns := range l.netnss {
 		exec.Command("ip", "netns", "del", ns).Run()
 	}

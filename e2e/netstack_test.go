@@ -42,6 +42,7 @@ func TestNetstackMeshUnprivileged(t *testing.T) {
 			c.Process.Signal(syscall.SIGTERM)
 			c.Wait()
 		}
+		noSecretsInLogs(t, dir, nil)
 	})
 	asNobody := os.Geteuid() == 0
 	if asNobody {
