@@ -103,8 +103,13 @@ func TestHAFailover(t *testing.T) {
 	outage, _ := strconv.Atoi(m[1])
 	t.Logf("active gateway killed: routes moved after %s; the client's longest wait between echoed lines was %d ms (%s reconnects)",
 		moved.Round(100*time.Millisecond), outage, m[2])
-	if outage > 15000 {
-		t.Errorf("outage %d ms: failover is meant to take seconds (target 5 s)", outage)
+	// The README says about two seconds (measured 1.6–2.8 s: two missed
+	// probes a second apart, a reconcile, the client's 1 s read deadline
+	// before it reconnects). Six leaves room for -race on a loaded
+	// 2-core machine; the 15 s allowed before let a failover several
+	// times slower than documented pass.
+	if outage > 6000 {
+		t.Errorf("outage %d ms, at most 6000 ms allowed (about 2 s expected): failover is slower than the probes alone explain; the on-prem gateway's log says when it judged gw-2a unreachable", outage)
 	}
 
 	// gw-2a returns: the routes move back only after it has answered
