@@ -54,8 +54,24 @@ func TestDashboardInBrowser(t *testing.T) {
 		Tunnels []struct{ A, B, Health string } `json:"tunnels"`
 	}
 	out, _ = sb(t, 0, "graph", "--socket", zrh.Socket, "--format", "json")
-	if err := json.Unmarshal([]byte(out), &graph); err != nil || len(graph.Sites) != 3 || len(graph.Tunnels) == 0 {
-		t.Fatalf("graph --format json: %v\n%s", err, out)
+	if err := json.Unmarshal([]byte(out), &graph); err != nil || len(graph.Sites) != len(demo.Sites) {
+		t.Fatalf("graph --format json: %v, want the demo's %d sites\n%s", err, len(demo.Sites), out)
+	}
+	// The demo's policy lets every site peer with every other: a full
+	// mesh, one tunnel for each pair of its gateways.
+	var want, got []string
+	for i, a := range demo.Sites {
+		for _, b := range demo.Sites[i+1:] {
+			want = append(want, min(a.Node, b.Node)+"-"+max(a.Node, b.Node))
+		}
+	}
+	for _, tn := range graph.Tunnels {
+		got = append(got, min(tn.A, tn.B)+"-"+max(tn.A, tn.B))
+	}
+	slices.Sort(want)
+	slices.Sort(got)
+	if !slices.Equal(got, want) {
+		t.Errorf("graph --format json: tunnels %v, want the full mesh %v\n%s", got, want, out)
 	}
 
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
@@ -155,14 +171,24 @@ func TestDashboardInBrowser(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// A series missing reads as 0, which a check of "at least" or "at
+	// most" would take for a value: missing fails instead. The demo's
+	// migrations have made every series read here.
+	metric := func(fam scrape.Families, name string, labels map[string]string) float64 {
+		t.Helper()
+		v, ok := fam.Value(name, labels)
+		if !ok {
+			t.Errorf("no series %s%v in the metrics", name, labels)
+		}
+		return v
+	}
 	counter := func(url, tok, name string, labels map[string]string) float64 {
 		t.Helper()
 		fam, err := scrape.Get(ctx, http.DefaultClient, url, strings.TrimSpace(tok))
 		if err != nil {
 			t.Fatal(err)
 		}
-		v, _ := fam.Value(name, labels)
-		return v
+		return metric(fam, name, labels)
 	}
 	sendRole, recvRole := map[string]string{"role": "send"}, map[string]string{"role": "receive"}
 	sentBefore := counter(link.Metrics, token, "skybridge_migration_bytes_total", sendRole)
@@ -243,34 +269,45 @@ func TestDashboardInBrowser(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	sent, _ := fam.Value("skybridge_migration_bytes_total", sendRole)
+	sent := metric(fam, "skybridge_migration_bytes_total", sendRole)
 	if d := sent - sentBefore; d != float64(final.Record.Stats.BytesSent) {
 		t.Errorf("skybridge_migration_bytes_total{role=send} rose by %.0f, the migration sent %d", d, final.Record.Stats.BytesSent)
 	}
-	if n, _ := fam.Value("skybridge_migration_duration_seconds", map[string]string{"role": "send", "outcome": "done"}); n != doneBefore+1 {
+	if n := metric(fam, "skybridge_migration_duration_seconds", map[string]string{"role": "send", "outcome": "done"}); n != doneBefore+1 {
 		t.Errorf("sends recorded as done went from %v to %v, want one more", doneBefore, n)
 	}
-	if v, _ := fam.Value("skybridge_policy_decisions_total", map[string]string{"class": "swiss-banking-secret", "outcome": "denied"}); v < 1 {
+	if v := metric(fam, "skybridge_policy_decisions_total", map[string]string{"class": "swiss-banking-secret", "outcome": "denied"}); v < 1 {
 		t.Errorf("the demo's denial is not counted: %v", v)
 	}
-	if v, _ := fam.Value("skybridge_policy_decisions_total", map[string]string{"class": "pii-eu", "action": "store", "outcome": "allowed"}); v < 2 {
+	if v := metric(fam, "skybridge_policy_decisions_total", map[string]string{"class": "pii-eu", "action": "store", "outcome": "allowed"}); v < 2 {
 		t.Errorf("pii-eu store decisions allowed: %v, want at least 2", v)
 	}
 	for _, s := range demo.Sites {
-		if v, ok := fam.Value("skybridge_site_reachable", map[string]string{"site": s.Site}); !ok || v != 1 {
+		if v := metric(fam, "skybridge_site_reachable", map[string]string{"site": s.Site}); v != 1 {
 			t.Errorf("skybridge_site_reachable{site=%q} = %v", s.Site, v)
 		}
 	}
-	if v, _ := fam.Value("skybridge_peer_handshake_age_seconds", map[string]string{"peer": demo.Sites[1].Node}); v > 180 {
+	if v := metric(fam, "skybridge_peer_handshake_age_seconds", map[string]string{"peer": demo.Sites[1].Node}); v > 180 {
 		t.Errorf("handshake age with %s is %v s right after a migration through its tunnel", demo.Sites[1].Node, v)
 	}
 	// The receiver counted what arrived.
 	if d := counter(fra.Metrics, string(ftok), "skybridge_migration_bytes_total", recvRole) - recvBefore; d != float64(final.Record.Stats.BytesSent) {
 		t.Errorf("receiver's bytes rose by %.0f, the sender sent %d", d, final.Record.Stats.BytesSent)
 	}
-	// One gateway's token opens no other gateway's endpoint.
-	if _, err := scrape.Get(ctx, http.DefaultClient, fra.Metrics, token); err == nil {
-		t.Error("zrh's token opened fra's metrics")
+	// One gateway's token opens no other gateway's endpoint: refused as
+	// unauthorised, not failing some other way (unreachable, a 500).
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, fra.Metrics, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Authorization", "Bearer "+token)
+	if r, err := http.DefaultClient.Do(req); err != nil {
+		t.Errorf("fra's metrics with zrh's token: %v", err)
+	} else {
+		r.Body.Close()
+		if r.StatusCode != http.StatusUnauthorized {
+			t.Errorf("fra's metrics with zrh's token: HTTP %d, want 401", r.StatusCode)
+		}
 	}
 }
 
