@@ -186,16 +186,23 @@ func TestDemoFailsCleanly(t *testing.T) {
 		t.Errorf("left behind: %v", left)
 	}
 
-	// No directory to work in at all: still JSON, with the error.
+	// No directory to work in at all: still JSON, with the error, and
+	// exit 1 (a failure, not an interruption's 128+signal), saying so.
 	cmd := exec.Command(skybridge, "demo", "--mode", "netstack", "--json")
 	cmd.Env = append(os.Environ(), "TMPDIR="+filepath.Join(tmp, "missing"))
-	out, _ := cmd.Output()
+	var errb bytes.Buffer
+	cmd.Stderr = &errb
+	out, err := cmd.Output()
 	var sum struct {
 		OK    bool   `json:"ok"`
 		Error string `json:"error"`
 	}
 	if jerr := json.Unmarshal(out, &sum); jerr != nil || sum.OK || sum.Error == "" {
 		t.Errorf("no temporary directory, --json: %+v (%v)\n%s; want JSON with the error", sum, jerr, out)
+	}
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) || ee.ExitCode() != 1 || !strings.Contains(errb.String(), "demo failed") {
+		t.Errorf("no temporary directory: %v, %s; want exit 1, the demo failed", err, errb.String())
 	}
 
 	// No room: said before anything starts, nothing left.
@@ -214,8 +221,8 @@ func TestDemoFailsCleanly(t *testing.T) {
 		Error   string `json:"error"`
 		Cleaned bool   `json:"cleaned_up"`
 	}
-	if jerr := json.Unmarshal(out, &full); jerr != nil || err == nil || full.OK || !strings.Contains(full.Error, "the demo needs") || !full.Cleaned {
-		t.Errorf("no room, --json: %v, %+v (%v)\n%s; want a failure saying so, cleaned up", err, full, jerr, out)
+	if jerr := json.Unmarshal(out, &full); jerr != nil || !errors.As(err, &ee) || ee.ExitCode() != 1 || full.OK || !strings.Contains(full.Error, "the demo needs") || !full.Cleaned {
+		t.Errorf("no room, --json: %v, %+v (%v)\n%s; want exit 1, a failure saying so, cleaned up", err, full, jerr, out)
 	}
 }
 
