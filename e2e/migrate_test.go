@@ -403,4 +403,100 @@ func TestMigrationEndToEnd(t *testing.T) {
 		sb(t, 0, "audit", "verify", "--log", filepath.Join(fra.dir, "audit.log"), "--ca-cert", filepath.Join(caDir, "ca.crt"))
 		sb(t, 1, "migrate", "remove", "vm", "--reason", "again", "--socket", fra.socket)
 	})
+
+	// The checks above pass on what is intact; these make sure they can
+	// fail. Whichever image is stored: a run of some subtests stores
+	// another.
+	t.Run("a flipped byte in a stored image and a tampered audit log are found", func(t *testing.T) {
+		out, _ := sb(t, 0, "migrate", "list", "--json", "--socket", fra.socket)
+		var listed struct {
+			Images []struct {
+				Name string `json:"name"`
+				Path string `json:"path"`
+			} `json:"images"`
+		}
+		if err := json.Unmarshal([]byte(out), &listed); err != nil || len(listed.Images) == 0 {
+			t.Fatalf("migrate list: %v\n%s", err, out)
+		}
+		img := listed.Images[0]
+		sb(t, 0, "migrate", "verify", img.Name, "--socket", fra.socket)
+		// A byte of data, not of qcow2's tables: damage the format would
+		// report as unreadable, not as an image that changed.
+		out2, err := exec.Command("qemu-img", "map", "--output=json", img.Path).Output()
+		if err != nil {
+			t.Fatalf("qemu-img map %s: %v", img.Path, err)
+		}
+		type extent struct {
+			Data   bool  `json:"data"`
+			Zero   bool  `json:"zero"`
+			Offset int64 `json:"offset"` // in the file
+			Length int64 `json:"length"`
+		}
+		var extents []extent
+		if err := json.Unmarshal(out2, &extents); err != nil {
+			t.Fatalf("qemu-img map: %v\n%s", err, out2)
+		}
+		i := slices.IndexFunc(extents, func(e extent) bool { return e.Data && !e.Zero && e.Offset > 0 })
+		if i < 0 {
+			t.Fatalf("qemu-img map: no data in %s\n%s", img.Path, out2)
+		}
+		at := extents[i].Offset + extents[i].Length/2
+		f, err := os.OpenFile(img.Path, os.O_RDWR, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b := make([]byte, 1)
+		if _, err := f.ReadAt(b, at); err != nil {
+			t.Fatal(err)
+		}
+		b[0] ^= 0x01
+		if _, err := f.WriteAt(b, at); err != nil {
+			t.Fatal(err)
+		}
+		f.Close()
+		out, _ = sb(t, 1, "migrate", "verify", img.Name, "--socket", fra.socket)
+		if !strings.Contains(out, ": DAMAGED: ") || strings.Contains(out, "manifest: []") {
+			t.Errorf("migrate verify of %s with a byte flipped at %d: exit 1, but it says\n%s\nwant DAMAGED, naming the chunk", img.Name, at, out)
+		}
+
+		// Copies of the audit log, with its head: the head first, so the
+		// log copied after holds at least the records it counts (nothing
+		// is being recorded now: no migration or removal is under way),
+		// and the untouched copy verifies.
+		dir := t.TempDir()
+		logf := filepath.Join(dir, "audit.log")
+		for _, f := range []string{"audit.log.head", "audit.log"} {
+			b, err := os.ReadFile(filepath.Join(fra.dir, f))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := os.WriteFile(filepath.Join(dir, f), b, 0o600); err != nil {
+				t.Fatal(err)
+			}
+		}
+		caCert := filepath.Join(caDir, "ca.crt")
+		sb(t, 0, "audit", "verify", "--log", logf, "--ca-cert", caCert)
+		whole, _ := os.ReadFile(logf)
+		lines := strings.SplitAfter(string(whole), "\n") // the last is "", after the last newline
+		// A record changed (its time, to another valid one: not a line
+		// that cannot be read, which exits 2).
+		changed := slices.Clone(lines)
+		changed[0] = strings.Replace(changed[0], `"time":"20`, `"time":"21`, 1)
+		if changed[0] == lines[0] {
+			t.Fatalf("no time in the record: %s", lines[0])
+		}
+		if err := os.WriteFile(logf, []byte(strings.Join(changed, "")), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if out, _ := sb(t, 1, "audit", "verify", "--log", logf, "--ca-cert", caCert); !strings.Contains(out, "INVALID after 0 good records") {
+			t.Errorf("audit verify of a log whose first record changed:\n%s", out)
+		}
+		// The last record cut off: the head beside it says it was there.
+		if err := os.WriteFile(logf, []byte(strings.Join(lines[:len(lines)-2], "")), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if out, _ := sb(t, 1, "audit", "verify", "--log", logf, "--ca-cert", caCert); !strings.Contains(out, "INVALID") {
+			t.Errorf("audit verify of a log cut by its last record, its head beside it:\n%s", out)
+		}
+	})
 }
