@@ -47,9 +47,14 @@ func (p *cutProxy) setDelay(d time.Duration) {
 func newCutProxy(t *testing.T, vaultAddr string) *cutProxy {
 	u, err := url.Parse(vaultAddr)
 	must(t, err)
-	p := &cutProxy{t: t, addr: "127.0.0.1:0", upstream: u.Host, conns: map[net.Conn]struct{}{}}
+	// A port of freeport's band, not one the kernel picks: those come
+	// from the ephemeral range, where an outgoing connection (a gateway's
+	// to Vault, another test's) could be given it while the proxy is
+	// down, and the proxy could not come back on its address.
+	ports, err := freeport.Loopback(1)
+	must(t, err)
+	p := &cutProxy{t: t, addr: fmt.Sprintf("127.0.0.1:%d", ports[0]), upstream: u.Host, conns: map[net.Conn]struct{}{}}
 	p.up()
-	p.addr = p.ln.Addr().String()
 	t.Cleanup(p.down)
 	return p
 }
