@@ -1,7 +1,6 @@
 package vault
 
 import (
-	"bytes"
 	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -23,12 +22,14 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/hashicorp/vault/api"
 	"github.com/skybridge-mesh/skybridge/certs"
 	"github.com/skybridge-mesh/skybridge/internal/freeport"
+	"github.com/skybridge-mesh/skybridge/internal/syncbuf"
 	"golang.org/x/sync/errgroup"
 )
 
@@ -47,15 +48,28 @@ func buildSkybridge(t *testing.T) string {
 }
 
 type gwProc struct {
-	cmd    *exec.Cmd
-	log    *bytes.Buffer
+	cmd *exec.Cmd
+	// log is read while the gateway writes it (a test waits for a line):
+	// a bytes.Buffer there is a data race.
+	log    *syncbuf.Buffer
 	exited chan error
+}
+
+// dieWithTest makes c killed when the test binary dies: go test's
+// -timeout ends it with no cleanup run, and a gateway left running holds
+// its ports and state directory for the next run. As the main e2e's
+// childCommand: the signal comes when the forking thread ends, and nothing
+// this binary links locks a goroutine to a thread, so threads live as long
+// as the binary.
+func dieWithTest(c *exec.Cmd) *exec.Cmd {
+	c.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	return c
 }
 
 func startGW(t *testing.T, bin string, env []string, args ...string) *gwProc {
 	t.Helper()
-	g := &gwProc{log: &bytes.Buffer{}, exited: make(chan error, 1)}
-	g.cmd = exec.Command(bin, args...)
+	g := &gwProc{log: &syncbuf.Buffer{}, exited: make(chan error, 1)}
+	g.cmd = dieWithTest(exec.Command(bin, args...))
 	g.cmd.Env = append(os.Environ(), env...)
 	g.cmd.Stdout, g.cmd.Stderr = g.log, g.log
 	if err := g.cmd.Start(); err != nil {
@@ -324,7 +338,7 @@ operator { listen = "off" }
 	// The wrapped SecretID is gone: the token cannot enrol another.
 	rctx, cancel := context.WithTimeout(ctx, 30*time.Second) // a token wrongly accepted would run on
 	defer cancel()
-	reuse := exec.CommandContext(rctx, bin, "gateway", "run", "--config", burstCfg("c", ports[4], ports[5]), "--join-token-file", tokenFile)
+	reuse := dieWithTest(exec.CommandContext(rctx, bin, "gateway", "run", "--config", burstCfg("c", ports[4], ports[5]), "--join-token-file", tokenFile))
 	if out, err := reuse.CombinedOutput(); err == nil || !strings.Contains(string(out), "already used or expired") {
 		t.Fatalf("token reuse: %v\n%s", err, out)
 	}
