@@ -38,9 +38,25 @@ func TestNetstackMeshUnprivileged(t *testing.T) {
 	var cmds []*exec.Cmd
 	var sockets []string
 	t.Cleanup(func() {
+		// A gateway that does not stop must not hang the test until go
+		// test's -timeout ends the binary, with no cleanup and no word of
+		// which gateway it was: killed, and the test fails saying so.
 		for _, c := range cmds {
 			c.Process.Signal(syscall.SIGTERM)
-			c.Wait()
+		}
+		const stopWithin = 20 * time.Second // a stop waits for no peer: seconds under -race
+		deadline := time.Now().Add(stopWithin)
+		for i, c := range cmds {
+			exited := make(chan struct{})
+			go func() { c.Wait(); close(exited) }()
+			select {
+			case <-exited:
+			case <-time.After(time.Until(deadline)):
+				c.Process.Kill()
+				<-exited
+				t.Errorf("gateway %d did not stop within %s of SIGTERM: killed; its log says where it stuck", i+1, stopWithin)
+				logTails(t, filepath.Join(dir, fmt.Sprintf("gw%d.log", i+1)))
+			}
 		}
 		noSecretsInLogs(t, dir, nil)
 	})
