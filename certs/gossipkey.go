@@ -45,18 +45,21 @@ func NewGossipKeyring(keys [][]byte) (*GossipKeyring, error) {
 	if len(keys) == 0 {
 		return nil, fmt.Errorf("gossip keyring is empty: it needs at least one key")
 	}
-	kr := &GossipKeyring{}
+	kr := &GossipKeyring{keys: make([][]byte, 0, len(keys))}
+	// A set, not a comparison of every pair: a keyring read from a file
+	// or Vault may hold thousands of keys (written before rotation steps
+	// were bounded), and each rotation step rebuilds it.
+	seen := make(map[string]struct{}, len(keys))
 	for i, k := range keys {
 		switch len(k) {
 		case 16, 24, 32:
 		default:
 			return nil, fmt.Errorf("gossip key %d is %d bytes; keys must be 16, 24 or 32 bytes (AES-128/192/256)", i+1, len(k))
 		}
-		for _, have := range kr.keys {
-			if bytes.Equal(have, k) {
-				return nil, fmt.Errorf("gossip key %d appears twice in the keyring", i+1)
-			}
+		if _, dup := seen[string(k)]; dup {
+			return nil, fmt.Errorf("gossip key %d appears twice in the keyring", i+1)
 		}
+		seen[string(k)] = struct{}{}
 		kr.keys = append(kr.keys, bytes.Clone(k))
 	}
 	return kr, nil
