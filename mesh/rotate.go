@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/skybridge-mesh/skybridge/certs"
+	"github.com/skybridge-mesh/skybridge/internal/throttle"
 )
 
 // Gossip key rotation without a restart, in three cluster-wide steps, each
@@ -42,10 +43,33 @@ const (
 	opUseHash       = "use-sha256"     // the key named by its SHA-256
 	opRemoveHash    = "remove-sha256"
 
+	// What a rotation sends once its install step finds a member's
+	// keyring full (maxGossipKeys): every key goes but the member's
+	// primary and the initiator's, named by its SHA-256. It keeps a key
+	// more than the remove step does, so it lets no one do what a remove
+	// step does not already.
+	opClean     = "clean"
+	opCleanHash = "clean-sha256"
+
 	keyringOpDomain = "skybridge keyring op v1\x00"
 	keyringOpMaxAge = certs.MaxClockSkew
 	keyringAckWait  = 15 * time.Second
+
+	// maxGossipKeys bounds the keys an install step leaves in a keyring.
+	// A rotation needs two (the old key and the new); the rest is margin:
+	// a key left by a rotation cut short, and one installed by a rotation
+	// of an older release, which does not wait its turn. Without a bound
+	// one gateway could install keys on every other without end, and each
+	// costs: memberlist tries every installed key on each packet the
+	// primary does not open (anyone reaching the gossip port can send
+	// them), and each step rewrites the whole keyring.
+	maxGossipKeys = 4
 )
+
+// errKeyringFull refuses an install step into a keyring holding
+// maxGossipKeys keys. Its text reaches the initiator, which recognises it
+// (refusedError) and clears the keyrings before installing again.
+var errKeyringFull = errors.New("gossip keyring full")
 
 type keyringAck struct {
 	node    string
@@ -61,6 +85,10 @@ type keyringOp struct {
 	initiator string
 	certDER   []byte
 	sig       []byte
+	// local is a step applied by its initiator, which takes it past
+	// maxGossipKeys: its operator asked for it, and it keeps its keys
+	// until the remove step (see rotationStepRoom).
+	local bool
 }
 
 func (op *keyringOp) digest() []byte {
@@ -87,6 +115,10 @@ type opLog struct {
 		initiator string
 		until     time.Time
 	}
+	// warn says when a keyring step not taken is worth logging again:
+	// any gateway of the mesh can sign steps, and anyone holding the
+	// gossip key can send ones that do not verify.
+	warn throttle.PerSecond
 }
 
 // rotationOpenFor is how long after a step a rotation counts as under
@@ -147,21 +179,21 @@ func (g *Gateway) handleKeyringOp(m message) error {
 		}
 	}
 	if err := g.verifyKeyringOp(op); err != nil {
-		g.log.Warn("refused gossip keyring operation", "peer", op.initiator, "err", err)
+		g.logKeyringOp(op, err, false)
 		if errors.Is(err, errOpTime) || errors.Is(err, errBurstRotates) {
 			refuse(err)
 		}
 		return err
 	}
 	if err := g.claimRotation(op.initiator, op.kind); err != nil {
-		g.log.Warn("refused gossip keyring operation", "peer", op.initiator, "err", err)
+		g.logKeyringOp(op, err, false)
 		refuse(err)
 		return err
 	}
 	// The answer goes on a stream, from a goroutine: a lost one would
 	// fail the step, and the worker is not held up meanwhile.
 	if err := g.applyKeyringOp(g.runCtx, op); err != nil {
-		g.log.Error("gossip keyring operation failed", "op", op.kind, "peer", op.initiator, "err", err)
+		g.logKeyringOp(op, err, !errors.Is(err, errKeyringFull))
 		refuse(err)
 		return err
 	}
@@ -171,6 +203,19 @@ func (g *Gateway) handleKeyringOp(m message) error {
 	}
 	g.goSend(func() error { return g.sendStream(op.initiator, ack) }, op.initiator)
 	return nil
+}
+
+// logKeyringOp logs a keyring step not taken: refused, or failed (the
+// keyring could not be changed or kept), at most once a second.
+func (g *Gateway) logKeyringOp(op *keyringOp, err error, failed bool) {
+	ok, dropped := g.ops.warn.Allow()
+	switch {
+	case !ok:
+	case failed:
+		g.log.Error("gossip keyring operation failed", "op", op.kind, "peer", op.initiator, "err", err, "refused_unlogged", dropped)
+	default:
+		g.log.Warn("refused gossip keyring operation", "op", op.kind, "peer", op.initiator, "err", err, "refused_unlogged", dropped)
+	}
 }
 
 // rotationSends bounds the keyring operations a rotation step sends at
@@ -265,7 +310,7 @@ func (g *Gateway) applyKeyringOp(ctx context.Context, op *keyringOp) error {
 			return err
 		}
 		kind, key = opInstall, k
-	case opUseHash, opRemoveHash:
+	case opUseHash, opRemoveHash, opCleanHash:
 		k, err := g.installedKey(key)
 		if err != nil {
 			return err
@@ -275,9 +320,12 @@ func (g *Gateway) applyKeyringOp(ctx context.Context, op *keyringOp) error {
 	var err error
 	switch kind {
 	case opInstall:
-		err = g.keyring.AddKey(key)
+		err = g.installKey(key, !op.local)
 	case opUse:
 		err = g.keyring.UseKey(key)
+	case opClean:
+		primary := g.keyring.GetPrimaryKey()
+		err = removeKeys(g.keyring, func(k []byte) bool { return !bytes.Equal(k, primary) && !bytes.Equal(k, key) })
 	case opRemove:
 		primary := g.keyring.GetPrimaryKey()
 		if bytes.Equal(primary, key) {
@@ -303,7 +351,15 @@ func (g *Gateway) applyKeyringOp(ctx context.Context, op *keyringOp) error {
 	// gateway, which may only read Vault's, is not refused at every
 	// later rotation.
 	own := func(*certs.GossipKeyring) (*certs.GossipKeyring, error) { return certs.NewGossipKeyring(live) }
-	shared := func(cur *certs.GossipKeyring) (*certs.GossipKeyring, error) { return keyringStep(cur, kind, key, live) }
+	shared := func(cur *certs.GossipKeyring) (*certs.GossipKeyring, error) {
+		next, err := keyringStep(cur, kind, key, live)
+		// Bound as the live keyring is: it is what gateways started
+		// after load, and each step writes it whole.
+		if err == nil && cur != nil && !op.local && next.Len() > cur.Len() && next.Len() > maxGossipKeys {
+			return nil, keyringFull(cur.Len())
+		}
+		return next, err
+	}
 	update := shared
 	if _, ok := g.prov.Secrets().(certs.DirSecrets); ok {
 		update = own
@@ -320,6 +376,27 @@ func (g *Gateway) applyKeyringOp(ctx context.Context, op *keyringOp) error {
 		}
 	}
 	return nil
+}
+
+// installKey adds key to the live keyring for an install step. Bounded,
+// it is refused past maxGossipKeys; a key already there is no step at
+// all (the same key sent again: a newcomer's catch-up, a resumed
+// rotation).
+func (g *Gateway) installKey(key []byte, bounded bool) error {
+	keys := g.keyring.GetKeys() // primary first
+	if hasKey(keys, key) {
+		return nil
+	}
+	if n := len(keys); bounded && n >= maxGossipKeys {
+		return keyringFull(n)
+	}
+	return g.keyring.AddKey(key)
+}
+
+// keyringFull refuses an install step into a keyring of n keys.
+func keyringFull(n int) error {
+	return fmt.Errorf("%w: it holds %d keys, and takes no new one at %d or more; `skybridge keys rotate-gossip` clears the keys left over before it installs its own, and a gateway installing keys it never removes is one to revoke",
+		errKeyringFull, n, maxGossipKeys)
 }
 
 // joinUnderAnyKey is memberlist's Join, tried again under each other key
@@ -396,7 +473,8 @@ func (g *Gateway) cutOff() bool {
 
 // keyringStep is a shared keyring cur after a rotation step (kind, key)
 // that left this gateway's keyring live (primary first): the key added,
-// made primary, or — the last step — the live primary alone.
+// made primary, kept with the primary alone (opClean), or — the last
+// step — the live primary alone.
 func keyringStep(cur *certs.GossipKeyring, kind string, key []byte, live [][]byte) (*certs.GossipKeyring, error) {
 	if cur == nil {
 		return certs.NewGossipKeyring(live)
@@ -404,9 +482,15 @@ func keyringStep(cur *certs.GossipKeyring, kind string, key []byte, live [][]byt
 	keys := cur.Keys()
 	switch kind {
 	case opInstall:
-		if !slices.ContainsFunc(keys, func(k []byte) bool { return bytes.Equal(k, key) }) {
+		if !hasKey(keys, key) {
 			keys = append(keys, key)
 		}
+	case opClean:
+		kept := [][]byte{keys[0]}
+		if !bytes.Equal(keys[0], key) && hasKey(keys, key) {
+			kept = append(kept, key)
+		}
+		keys = kept
 	case opUse:
 		keys = append([][]byte{key}, slices.DeleteFunc(keys, func(k []byte) bool { return bytes.Equal(k, key) })...)
 	default: // opRemove
@@ -432,7 +516,7 @@ func (g *Gateway) keyringOpFor(id *certs.NodeIdentity, op *keyringOp, m string) 
 			return nil, fmt.Errorf("seal the new key: %w", err)
 		}
 		mop.kind, mop.key = opInstallSealed, sealed
-	case opUse, opRemove:
+	case opUse, opRemove, opClean:
 		sum := sha256.Sum256(op.key)
 		mop.kind, mop.key = op.kind+"-sha256", sum[:]
 	}
@@ -549,14 +633,14 @@ func (g *Gateway) RotateGossipKey(ctx context.Context, force bool) (*RotationRep
 		if i > 0 && len(newcomers) > 0 {
 			g.log.Info("gossip key rotation: members verified since it began go through the earlier steps", "members", newcomers)
 			for _, earlier := range steps[:i] {
-				if err := g.rotationStep(ctx, earlier.kind, earlier.key, newcomers); err != nil {
+				if err := g.rotationStepRoom(ctx, earlier.kind, earlier.key, newcomers); err != nil {
 					return nil, fmt.Errorf("gossip key rotation, step %q for members verified since it began: %w", earlier.kind, err)
 				}
 			}
 		}
 		members = append(members, newcomers...)
 		sort.Strings(members)
-		if err := g.rotationStep(ctx, step.kind, step.key, members); err != nil {
+		if err := g.rotationStepRoom(ctx, step.kind, step.key, members); err != nil {
 			return nil, fmt.Errorf("gossip key rotation, step %q: %w", step.kind, err)
 		}
 		if g.afterRotationStep != nil {
@@ -715,9 +799,40 @@ func (g *Gateway) rotationMembers() []string {
 	return out
 }
 
+// rotationStepRoom is rotationStep, but an install step a member refused
+// for a full keyring (keys of rotations cut short, of a gateway since
+// revoked, or of a release before the bound) clears the members'
+// keyrings (opClean) and is sent again: the remove step would clear
+// them, but a rotation must install first. This gateway keeps its own
+// keys (its install is not bound) until the remove step: a member still
+// on an older primary key, which the clearing leaves it, must be heard
+// meanwhile.
+func (g *Gateway) rotationStepRoom(ctx context.Context, kind string, key []byte, members []string) error {
+	err := g.rotationStep(ctx, kind, key, members)
+	if kind != opInstall || !errors.Is(err, errKeyringFull) {
+		return err
+	}
+	g.log.Warn("gossip key rotation: a member's keyring is full; clearing the keys left over on the members, then installing again", "err", err)
+	if err := g.rotationStep(ctx, opClean, g.keyring.GetPrimaryKey(), members); err != nil {
+		return fmt.Errorf("clearing full keyrings: %w", err)
+	}
+	return g.rotationStep(ctx, kind, key, members)
+}
+
+// refusedError is a member's refusal of a rotation step, in its words.
+type refusedError struct{ node, why string }
+
+func (e *refusedError) Error() string { return e.node + " could not apply it: " + e.why }
+
+// Is recognises a full keyring (errKeyringFull) in the member's words,
+// which is all that crosses the wire.
+func (e *refusedError) Is(target error) bool {
+	return target == errKeyringFull && strings.Contains(e.why, errKeyringFull.Error())
+}
+
 func (g *Gateway) rotationStep(ctx context.Context, kind string, key []byte, members []string) error {
 	id := g.id.Load()
-	op := &keyringOp{kind: kind, key: key, id: make([]byte, opIDLen), at: g.now(), initiator: id.Attributes().Node, certDER: id.Certificate().Raw}
+	op := &keyringOp{kind: kind, key: key, id: make([]byte, opIDLen), at: g.now(), initiator: id.Attributes().Node, certDER: id.Certificate().Raw, local: true}
 	rand.Read(op.id)
 	// Drain acks of earlier, failed steps.
 	for len(g.acks) > 0 {
@@ -726,8 +841,10 @@ func (g *Gateway) rotationStep(ctx context.Context, kind string, key []byte, mem
 	if err := g.claimRotation(op.initiator, op.kind); err != nil {
 		return err
 	}
-	if err := g.applyKeyringOp(ctx, op); err != nil {
-		return err
+	if kind != opClean { // see rotationStepRoom
+		if err := g.applyKeyringOp(ctx, op); err != nil {
+			return err
+		}
 	}
 	// Sent from goroutines, a few at a time (a stream each: dial, write,
 	// close), while the answers are read: one member after another took
@@ -771,7 +888,14 @@ func (g *Gateway) rotationStep(ctx context.Context, kind string, key []byte, mem
 				continue
 			}
 			if a.refused != "" {
-				return fmt.Errorf("%s could not apply it: %s", a.node, a.refused)
+				if kind != opClean {
+					return &refusedError{a.node, a.refused}
+				}
+				// A member that cannot clear its keyring (one of a
+				// release before the step refuses it as unknown) keeps
+				// its keys: the install that follows says whether it
+				// has room.
+				g.log.Warn("gossip key rotation: a member kept the keys its keyring holds", "member", a.node, "err", &refusedError{a.node, a.refused})
 			}
 			delete(waiting, a.node)
 		case <-deadline.C:

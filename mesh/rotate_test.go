@@ -273,12 +273,16 @@ func TestKeyringStep(t *testing.T) {
 		{"use", ring(k(1), k(2)), opUse, k(2), [][]byte{k(2), k(1)}, ring(k(2), k(1))},
 		{"use, stored already so", ring(k(2), k(1)), opUse, k(2), [][]byte{k(2)}, ring(k(2), k(1))},
 		{"use of a key the store lacks", ring(k(1)), opUse, k(2), [][]byte{k(2), k(1)}, ring(k(2), k(1))},
+		{"clean keeps the stored primary and the initiator's", ring(k(2), k(7), k(1), k(8)), opClean, k(1), [][]byte{k(1)}, ring(k(2), k(1))},
+		{"clean, the stored primary the initiator's", ring(k(1), k(7), k(8), k(9), k(6)), opClean, k(1), [][]byte{k(1)}, ring(k(1))},
 		{"remove leaves the live primary alone", ring(k(1), k(2), k(9)), opRemove, k(1), [][]byte{k(2)}, ring(k(2))},
 		{"nothing stored", nil, opInstall, k(2), [][]byte{k(1), k(2)}, ring(k(1), k(2))},
 	} {
 		got, err := keyringStep(c.cur, c.kind, c.key, c.live)
-		if err != nil || !got.Same(c.want) {
-			t.Errorf("%s: %v, %v; want %v", c.name, got.Keys(), err, c.want.Keys())
+		if err != nil {
+			t.Errorf("%s: %v", c.name, err)
+		} else if !got.Same(c.want) {
+			t.Errorf("%s: %v; want %v", c.name, got.Keys(), c.want.Keys())
 		}
 	}
 }
