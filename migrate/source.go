@@ -137,8 +137,11 @@ const probeSize = 512
 // as a disk holding the container, not the guest's disk: the VMDK
 // qemu-img makes of a 64 MiB disk arrives as a 64 KiB one, verified
 // intact. A fixed VHD, its footer at the end, qemu-img reads as raw, and
-// it is one: the guest's disk followed by a 512-byte sector. qemu-img
-// also takes a file named *.dmg for a DMG image: a name is no content.
+// it is one: the guest's disk followed by a 512-byte sector. A LUKS
+// container (qemu-img reads version 1 as LUKS, version 2 as raw) is read
+// as raw too: its bytes are the image, and move as they are, encrypted;
+// converted, it would travel and rest decrypted. qemu-img also takes a
+// file named *.dmg for a DMG image: a name is no content.
 func foreignFormat(head []byte) string {
 	le, be := binary.LittleEndian, binary.BigEndian
 	at := func(off int, s string) bool { return bytes.HasPrefix(head[off:], []byte(s)) }
@@ -158,10 +161,6 @@ func foreignFormat(head []byte) string {
 		return "VHD"
 	case has("QED\x00"):
 		return "QED"
-	case has("LUKS\xba\xbe") && be.Uint16(head[6:8]) == 1:
-		// LUKS2 (cryptsetup's default) qemu-img reads as raw, and it is
-		// one: a guest's disk encrypted whole by the guest.
-		return "LUKS"
 	case (has("WithoutFreeSpace") || has("WithouFreSpacExt")) && le.Uint32(head[16:20]) == 2:
 		return "Parallels"
 	case has("Bochs Virtual HD Image\x00") && at(32, "Redolog\x00") && at(48, "Growing\x00") &&
@@ -208,10 +207,6 @@ func foreignFormatError(path, name string) error {
 		out = strings.TrimSuffix(path, ".qcow2") + "-converted.qcow2"
 	}
 	convert := fmt.Sprintf("qemu-img convert -O qcow2 %s %s", path, out)
-	if name == "LUKS" {
-		// Converted without its passphrase it would not be decrypted.
-		convert = fmt.Sprintf("qemu-img convert --object secret,id=key,file=PASSPHRASE-FILE --image-opts driver=luks,key-secret=key,file.filename=%s -O qcow2 %s", path, out)
-	}
 	return fmt.Errorf("%s is a %s image, as its first bytes say: skybridge migrates raw and qcow2 images; convert it first, `%s`, and migrate that; or, if it is a raw disk whose guest wrote those bytes at its start, migrate it with its source format named raw (skybridge migrate run --source-format raw)", path, name, convert)
 }
 

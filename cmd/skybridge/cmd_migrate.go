@@ -32,7 +32,7 @@ func migrateCommand() *cli.Command {
 				UsageText: "skybridge migrate run IMAGE --to SITE|REGION|JURISDICTION --class CLASS [--name NAME] [--format raw|qcow2]\n" +
 					"    [--source-format raw|qcow2] [--streams N] [--bwlimit 200MB/s] [--json] (--config gateway.hcl | --socket PATH)\n\n" +
 					"Without --source-format the image's format is told from its first bytes, as qemu-img does, and an image of\n" +
-					"another format (VMDK, VHDX, VDI, VHD, QED, LUKS, ...) is refused: convert it with qemu-img convert -O qcow2.\n" +
+					"another format (VMDK, VHDX, VDI, VHD, QED, ...) is refused: convert it with qemu-img convert -O qcow2 (a LUKS container moves as raw, encrypted).\n" +
 					"Name it for a raw disk, whose guest may have written a qcow2 header (or another format's) at its start.\n" +
 					"A resume reads it as the first attempt did.",
 				Flags: append(append([]cli.Flag(nil), socketFlags...),
