@@ -722,6 +722,105 @@ func lastRecord(f *os.File, end int64) ([]byte, uint64, error) {
 	return last, rec.Seq, nil
 }
 
+// Find returns the last record of the log signed by node, dated at or
+// after since, for which match is true; nil when there is none. It is
+// for a record a gateway may have written just before it stopped: the
+// log is fsynced before the journal says a record was written, so the log
+// says whether it was, and a record written again would count its event
+// twice. The log is read back from its end, a block at a time, up to the
+// first record dated before since (records are in time order) and no
+// further than maxFind bytes: a log of years is hundreds of MiB, and it
+// is read as the gateway starts. Only whole records count: bytes after
+// the last newline were never acknowledged.
+func (l *Log) Find(node string, since time.Time, match func(*Record) bool) (*Record, error) {
+	f, err := os.Open(l.path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, &UnreadableError{err}
+	}
+	defer f.Close()
+	end, err := atomicfile.WholeEnd(f)
+	if err != nil {
+		return nil, &UnreadableError{fmt.Errorf("audit log %s: %w", l.path, err)}
+	}
+	return findIn(f, end, node, since, match)
+}
+
+// maxFind bounds how far back Find reads. Records written since the one
+// looked for are a few at a stop, but all of them when its journal could
+// not say so for long (a full disk), and all since a clock that ran ahead,
+// as every record after is dated as that one; past the bound the record
+// is taken as not written, and written again at worst: twice, marked
+// recovered, rather than never.
+var maxFind int64 = 64 << 20
+
+// findIn is Find over the whole lines of r before end.
+func findIn(r io.ReaderAt, end int64, node string, since time.Time, match func(*Record) bool) (*Record, error) {
+	const block = 64 << 10
+	var buf []byte // the bytes read from at, less the lines judged after them
+	at := end
+	for {
+		// The lines whole in buf, last first: a line is whole once the
+		// newline before it is read, or the log's start.
+		for {
+			buf = bytes.TrimRight(buf, "\n")
+			i := bytes.LastIndexByte(buf, '\n')
+			if i < 0 && at > 0 {
+				break
+			}
+			line := buf[i+1:]
+			if rec, stop := judge(line, node, since, match); rec != nil || stop {
+				return rec, nil
+			}
+			if i < 0 {
+				return nil, nil // the log's first line
+			}
+			buf = buf[:i]
+		}
+		if at == 0 || end-at >= maxFind {
+			return nil, nil
+		}
+		if len(buf) > atomicfile.MaxLine {
+			return nil, &UnreadableError{fmt.Errorf("audit log: a line of more than %d MiB before offset %d: not an audit log; check it with `skybridge audit verify`", atomicfile.MaxLine>>20, at+int64(len(buf)))}
+		}
+		n := min(block, at)
+		at -= n
+		b := make([]byte, n, n+int64(len(buf)))
+		if _, err := r.ReadAt(b, at); err != nil {
+			return nil, &UnreadableError{fmt.Errorf("audit log: %w", err)}
+		}
+		buf = append(b, buf...)
+	}
+}
+
+// judge says whether line is the record Find looks for (rec), or one
+// dated before since, where it stops. A line that is no record, changed
+// or damaged, is passed over: it is not the one written.
+func judge(line []byte, node string, since time.Time, match func(*Record) bool) (rec *Record, stop bool) {
+	line = bytes.TrimSpace(line)
+	// Its time and signer first: most records read are passed over.
+	var head struct {
+		Time time.Time `json:"time"`
+		Node string    `json:"node"`
+	}
+	if len(line) == 0 || json.Unmarshal(line, &head) != nil {
+		return nil, false
+	}
+	if head.Time.Before(since) {
+		return nil, true
+	}
+	if head.Node != node {
+		return nil, false
+	}
+	var r Record
+	if json.Unmarshal(line, &r) != nil || !match(&r) || !r.signed() {
+		return nil, false
+	}
+	return &r, false
+}
+
 // UnreadableError is an error of Verify or CheckHead that says the log,
 // or its head, could not be read: nothing of whether the log is intact.
 type UnreadableError struct{ Err error }
