@@ -1053,16 +1053,33 @@ func (r *Receiver) payOwedLocked() bool {
 		return false
 	}
 	for _, o := range owed {
-		if o.Fields["recovered"] == nil {
-			o.Fields["recovered"] = "recorded late: the audit log did not take it when the image was stored"
+		// Owed by a stop after the append and before the journal said
+		// so (finish, completeStore, or here before the key went), the
+		// record is in the log, which is fsynced first: written again,
+		// the image would be stored twice in the audit trail. A log
+		// that cannot be read back is written to all the same: twice
+		// shows; never does not.
+		id := r.cfg.Identity()
+		written, err := auditWritten(r.cfg.Audit, id.Attributes().Node, o.Fields)
+		if err != nil {
+			r.cfg.Log.Warn("audit log: cannot read back whether a stored image's record was written before a stop; writing it (it may be there twice)", "migration_id", o.ID, "err", err)
 		}
-		if _, err := r.cfg.Audit.Append(r.cfg.Identity(), "migration", o.Fields, r.cfg.Now()); err != nil {
-			r.cfg.Log.Error("audit log: a stored image's record is still owed", "migration_id", o.ID, "err", err)
-			return false
+		if !written {
+			if o.Fields["recovered"] == nil {
+				o.Fields["recovered"] = "recorded late: the audit log did not take it when the image was stored"
+			}
+			if _, err := r.cfg.Audit.Append(id, "migration", o.Fields, r.cfg.Now()); err != nil {
+				r.cfg.Log.Error("audit log: a stored image's record is still owed", "migration_id", o.ID, "err", err)
+				return false
+			}
 		}
 		if err := r.cfg.Journal.deleteKey(bucketAuditOwed, o.key); err != nil {
-			r.cfg.Log.Error("journal: an owed audit record is written but not marked so: it may be written again", "migration_id", o.ID, "err", err)
+			r.cfg.Log.Error("journal: an owed audit record is written but not marked so: the next try finds it in the audit log", "migration_id", o.ID, "err", err)
 			return false
+		}
+		if written {
+			r.cfg.Log.Warn("the audit record of a stored image was written before the gateway stopped, though its journal did not say so: not written again", "migration_id", o.ID)
+			continue
 		}
 		r.cfg.Log.Warn("wrote the audit record of an image stored while the audit log could not take it", "migration_id", o.ID)
 	}
@@ -2093,7 +2110,7 @@ func (r *Receiver) completeStore(id string, st *stagedImage) error {
 		st.Audited = true
 		if err := r.cfg.Journal.put(bucketStoring, id, st); err != nil {
 			r.auditedUnsaid(id)
-			r.cfg.Log.Error("journal: the image's audit record is written, but not marked so: a start before it is recorded may write it again", "migration_id", id, "err", err)
+			r.cfg.Log.Error("journal: the image's audit record is written, but not marked so: a start before it is recorded looks for it in the audit log", "migration_id", id, "err", err)
 		}
 	}
 	if err := r.stored(id, st); err != nil {
@@ -2282,7 +2299,8 @@ func (r *Receiver) recoverStores(starting bool) (left map[string]*stagedImage, e
 				// Owed in the catalog record's transaction and written
 				// after it, not appended before: an append whose record
 				// the journal then failed to take would be made again at
-				// every try.
+				// every try. One appended before the stop is in the log,
+				// and payOwed only forgets it.
 				st.Audit["recovered"] = "recorded late: the gateway stopped, or its journal could not take the record (a full disk), as the image was stored"
 			}
 			if _, err := r.record(id, &st); err != nil {

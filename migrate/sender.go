@@ -1,6 +1,7 @@
 package migrate
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"crypto/tls"
@@ -9,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"math/big"
 	"net"
 	"net/netip"
@@ -566,18 +568,67 @@ func (s *sender) auditFields(denied *DeniedError) map[string]any {
 // not write (EndInterrupted found it): its start, its end as found, and
 // what its journal holds; then its journal record is no longer pending
 // it. Who decided what is in the records of the attempt's receiver, and
-// of the resume.
+// of the resume. A record the log holds already (the stop came after its
+// append, before the journal said so) is not written again.
 func AuditInterrupted(j *Journal, log *audit.Log, id *certs.NodeIdentity, r *SendRecord, now time.Time) error {
 	f := r.AuditOwed // as the sender made it, decision and all
 	if f == nil {    // a stop before it was made: what the journal holds
 		f = sendAuditFields(r, id.Attributes())
 	}
-	f["recovered"] = "recorded late: the gateway stopped, or its audit log refused the record, as the migration ended"
-	if _, err := log.Append(id, "migration", f, now); err != nil {
-		return err
+	// A log that cannot be read back is written to all the same: the
+	// record twice, which shows, rather than a resume refused for good.
+	if written, _ := auditWritten(log, id.Attributes().Node, f); !written {
+		f["recovered"] = "recorded late: the gateway stopped, or its audit log refused the record, as the migration ended"
+		if _, err := log.Append(id, "migration", f, now); err != nil {
+			return err
+		}
 	}
 	r.AuditPending, r.AuditOwed = false, nil
 	return j.put(bucketSend, r.ID, r)
+}
+
+// auditWritten reports whether log holds migration record f, signed by
+// node, already: a stop between its append and the journal's note that
+// it was written leaves it owed, and the log, fsynced first, says whether
+// it was. f is compared whole but for "recovered", which a record written
+// late carries: its start and end, to the nanosecond, tell one attempt's
+// record from another's. The log is read back only to a little before
+// f's end, which was taken before the record was appended: by as much as
+// the mesh allows a clock to be off, as one set back in between dates
+// the record before its end.
+func auditWritten(log *audit.Log, node string, f map[string]any) (bool, error) {
+	// As the log holds fields: through JSON (times as text, numbers as
+	// floats), and encoded again with their keys sorted.
+	canon := func(f map[string]any) ([]byte, error) {
+		f = maps.Clone(f)
+		delete(f, "recovered")
+		return json.Marshal(f)
+	}
+	b, err := canon(f)
+	if err != nil {
+		return false, err
+	}
+	var want map[string]any
+	if err := json.Unmarshal(b, &want); err != nil {
+		return false, err
+	}
+	if b, err = canon(want); err != nil {
+		return false, err
+	}
+	var since time.Time // unknown: back as far as Find reads
+	if end, ok := want["end"].(string); ok {
+		if t, err := time.Parse(time.RFC3339Nano, end); err == nil {
+			since = t.Add(-certs.MaxClockSkew)
+		}
+	}
+	rec, err := log.Find(node, since, func(r *audit.Record) bool {
+		if r.Event != "migration" || r.Fields["migration_id"] != want["migration_id"] {
+			return false
+		}
+		got, err := canon(r.Fields)
+		return err == nil && bytes.Equal(got, b)
+	})
+	return rec != nil, err
 }
 
 // sendAuditFields are the fields of a sender's audit record that its
