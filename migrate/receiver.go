@@ -1139,10 +1139,12 @@ type counted struct {
 }
 
 func (p *denialPace) refill(now time.Time) {
-	if d := now.Sub(p.at); d > 0 { // a clock stepped back refills nothing
+	// A clock stepped back refills nothing, and the refill counts on
+	// from there: counted denials wait a minute, not the whole step.
+	if d := now.Sub(p.at); d > 0 {
 		p.tokens = min(denialBurst, p.tokens+float64(d)/float64(denialEvery))
-		p.at = now
 	}
+	p.at = now
 }
 
 // take returns the denials counted, and counts from zero again.

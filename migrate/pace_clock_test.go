@@ -1,0 +1,48 @@
+package migrate
+
+import (
+	"fmt"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// TestDenialCountAfterClockStepBack: denials counted after the
+// receiver's clock stepped back (an NTP correction) are recorded within a
+// minute, as others are; the refill waited for the clock to pass where it
+// stood before the step (here 40 minutes), and a crash meanwhile lost
+// them.
+func TestDenialCountAfterClockStepBack(t *testing.T) {
+	var skew atomic.Int64
+	p := newPairWith(t, "DE", func(c *ReceiverConfig) {
+		c.Now = func() time.Time { return time.Now().Add(time.Duration(skew.Load())) }
+	})
+	n := 0
+	deny := func() {
+		t.Helper()
+		c := p.dial(t, nil)
+		defer c.Close()
+		w, r := newFrameWriter(c), newFrameReader(c)
+		n++
+		o := Offer{ID: fmt.Sprintf("deny%012d", n), Name: "vm", Class: "swiss-banking-secret", Format: FormatRaw, Size: 4096, ChunkSize: 4096, Streams: 1}
+		if err := w.json(frameOffer, o); err != nil {
+			t.Fatal(err)
+		}
+		var d Deny
+		if err := r.json(frameDeny, &d); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// (Certificates here last an hour from now: the clock runs 40 min
+	// fast, and is then corrected.)
+	skew.Store(int64(40 * time.Minute))
+	for range denialBurst {
+		deny() // recorded one by one, the burst spent
+	}
+	skew.Store(0) // the clock is corrected back 40 minutes
+	deny()        // counted
+	skew.Add(int64(5 * denialEvery))
+	if left := p.recv.flushDenials(false); left {
+		t.Errorf("five minutes after a denial was counted, the count is still held: it waits for the clock to pass where it stood before the step")
+	}
+}
