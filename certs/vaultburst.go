@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
 	"maps"
 	"net/http"
 	"net/netip"
@@ -1296,12 +1297,9 @@ func (v *Vault) VaultJoinFor(b *VaultBurst) (*VaultJoin, error) {
 }
 
 // envVaultCA reads the CA the Vault client trusts from its environment,
-// in the client's order: VAULT_CACERT_BYTES, VAULT_CACERT (a file),
-// VAULT_CAPATH (a directory of PEM files). None set: nil.
+// in the client's order (go-rootcerts): VAULT_CACERT (a file),
+// VAULT_CACERT_BYTES, VAULT_CAPATH (a tree of PEM files). None set: nil.
 func envVaultCA() ([]byte, error) {
-	if b := os.Getenv(vault.EnvVaultCACertBytes); b != "" {
-		return []byte(b), nil
-	}
 	if f := os.Getenv(vault.EnvVaultCACert); f != "" {
 		b, err := os.ReadFile(f)
 		if err != nil {
@@ -1309,24 +1307,28 @@ func envVaultCA() ([]byte, error) {
 		}
 		return b, nil
 	}
+	if b := os.Getenv(vault.EnvVaultCACertBytes); b != "" {
+		return []byte(b), nil
+	}
 	dir := os.Getenv(vault.EnvVaultCAPath)
 	if dir == "" {
 		return nil, nil
 	}
-	ents, err := os.ReadDir(dir)
-	if err != nil {
-		return nil, fmt.Errorf("$%s, the CAs this gateway trusts Vault by, for burst gateways' join tokens: %w (set vault { ca_cert = ... } instead)", vault.EnvVaultCAPath, err)
-	}
 	var all []byte
-	for _, e := range ents {
-		if e.IsDir() { // as the client reads it: the files and the links in it
-			continue
+	// Walked as the client walks it: every file and link in the tree.
+	err := filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {
+		if err != nil || d.IsDir() {
+			return err
 		}
-		b, err := os.ReadFile(filepath.Join(dir, e.Name()))
+		b, err := os.ReadFile(path)
 		if err != nil {
-			return nil, fmt.Errorf("$%s: %w (set vault { ca_cert = ... } instead)", vault.EnvVaultCAPath, err)
+			return err
 		}
 		all = append(append(all, b...), '\n')
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("$%s, the CAs this gateway trusts Vault by, for burst gateways' join tokens: %w (set vault { ca_cert = ... } instead)", vault.EnvVaultCAPath, err)
 	}
 	return all, nil
 }
