@@ -376,6 +376,41 @@ func BenchmarkCompute1000(b *testing.B) {
 	}
 }
 
+// BenchmarkComputeHub1000 is one reconcile's planning in hub mode: 250
+// sites of four gateways under a residency policy, planned by a site's
+// hub and by one of its other gateways (which judges each link along the
+// hubs its data passes, and settles the other sites' claims as its hub).
+func BenchmarkComputeHub1000(b *testing.B) {
+	pol := mustPolicy(b, meshPolicy)
+	var nodes []Node
+	for i := range 1000 {
+		site := i / 4
+		n := gw(fmt.Sprintf("s%03d-%c", site, 'a'+i%4), fmt.Sprintf("site-%d", site), "CH", "onprem", 0, "swiss-banking-secret", fmt.Sprintf("10.%d.%d.0/24", site/256, site%256))
+		n.Attributes.OverlayIP = netip.AddrFrom4([4]byte{100, 96, byte(i / 256), byte(i%256 + 1)})
+		n.Advert.OverlayIP = n.Attributes.OverlayIP
+		n.Advert.WireGuardKey[0], n.Advert.WireGuardKey[1] = byte(i), byte(i>>8)
+		n.Advert.Endpoints = []netip.AddrPort{netip.AddrPortFrom(netip.AddrFrom4([4]byte{198, 51, byte(100 + i/256), byte(i % 256)}), 51820)}
+		nodes = append(nodes, n)
+	}
+	for _, self := range []int{0, 1} {
+		for _, memo := range []bool{false, true} {
+			b.Run(fmt.Sprintf("hub=%v/memo=%v", self == 0, memo), func(b *testing.B) {
+				peers := slices.Delete(slices.Clone(nodes), self, self+1)
+				in := TopologyInput{Self: nodes[self], Peers: peers, Mode: TopologyHub, Policy: pol, Now: now, MeshPrefix: netip.MustParsePrefix("100.96.0.0/12")}
+				if memo {
+					in.Memo = &LinkMemo{}
+				}
+				b.ReportAllocs()
+				for b.Loop() {
+					if p := Compute(in); len(p.Peers) == 0 {
+						b.Fatal("no peers")
+					}
+				}
+			})
+		}
+	}
+}
+
 // BenchmarkComputeContested: a thousand peers of 32 routes each, two of
 // which claim overlapping prefixes: only the overlapping claims are
 // settled against each other (every prefix was checked against every one
