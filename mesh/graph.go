@@ -256,10 +256,12 @@ func tunnelHealth(m MemberStatus, now time.Time) string {
 		// Failing once it has sent for over 180 s unanswered, as a tunnel
 		// that handshook: a new peer sends its first initiation at once
 		// (the greeting), an idle one with its first packet, and the
-		// answer comes a round trip later, or a retry 5 s on. A status
-		// that does not say when it began to send (SentSince zero) is
-		// judged by the counter alone.
-		if m.TxBytes > 0 && (m.SentSince.IsZero() || now.Sub(m.SentSince) > staleHandshake) {
+		// answer comes a round trip later, or a retry 5 s on. A tunnel
+		// kept alive sends from its first look, even when the host lets
+		// none of its packets out (the counter grows only when one
+		// leaves). A status that does not say when it began to send
+		// (SentSince zero) is judged by the counter alone.
+		if (m.TxBytes > 0 || m.Keepalive > 0 && !m.SentSince.IsZero()) && (m.SentSince.IsZero() || now.Sub(m.SentSince) > staleHandshake) {
 			return TunnelStale
 		}
 		return TunnelIdle

@@ -293,7 +293,7 @@ func (g *Gateway) noteSent(peers []wgtypes.Peer) map[certs.WGPublicKey]sentMark 
 			}
 			m.bytes, m.looked = p.TransmitBytes, now
 		}
-		if m.since.IsZero() && p.TransmitBytes > 0 {
+		if m.since.IsZero() && (p.TransmitBytes > 0 || p.PersistentKeepaliveInterval > 0) {
 			m.since = now
 		}
 		next[k] = m
