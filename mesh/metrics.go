@@ -84,7 +84,7 @@ func newMetrics(g *Gateway) *metrics {
 		migDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name:    "skybridge_migration_duration_seconds",
 			Help:    "Duration of ended migrations, by role and outcome (done, denied, cancelled, failed).",
-			Buckets: prometheus.ExponentialBuckets(1, 2, 14), // 1 s .. 2.3 h
+			Buckets: prometheus.ExponentialBuckets(1, 2, 18), // 1 s .. 36 h: terabytes, resumed
 		}, []string{"role", "outcome"}),
 		decisions: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "skybridge_policy_decisions_total",
@@ -367,6 +367,12 @@ func (c *gatewayCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(descIssuerAnswered, prometheus.GaugeValue, float64(c.g.issuerAnswered.Load()))
 		ch <- prometheus.MustNewConstMetric(descIssuerRefresh, prometheus.GaugeValue, c.g.prov.Refresh().Seconds())
 	}
+	// The migrations too: the stalled-migration alert reads them when
+	// the device cannot be.
+	send, awaiting, recv := c.g.migrationsRunning()
+	ch <- prometheus.MustNewConstMetric(descRunning, prometheus.GaugeValue, float64(send), migrate.RoleSend)
+	ch <- prometheus.MustNewConstMetric(descAwaiting, prometheus.GaugeValue, float64(awaiting))
+	ch <- prometheus.MustNewConstMetric(descRunning, prometheus.GaugeValue, float64(recv), migrate.RoleReceive)
 	st, err := c.g.Status()
 	if err != nil {
 		ch <- prometheus.NewInvalidMetric(descMembers, err) // logged by the handler
@@ -399,10 +405,6 @@ func (c *gatewayCollector) Collect(ch chan<- prometheus.Metric) {
 	for _, site := range sortedKeys(st.Held) {
 		ch <- prometheus.MustNewConstMetric(descRoutesHeld, prometheus.GaugeValue, float64(len(st.Held[site])), site)
 	}
-	send, awaiting, recv := c.g.migrationsRunning()
-	ch <- prometheus.MustNewConstMetric(descRunning, prometheus.GaugeValue, float64(send), migrate.RoleSend)
-	ch <- prometheus.MustNewConstMetric(descAwaiting, prometheus.GaugeValue, float64(awaiting))
-	ch <- prometheus.MustNewConstMetric(descRunning, prometheus.GaugeValue, float64(recv), migrate.RoleReceive)
 }
 
 // atRestCollector exports the stored images as the residency loop last
