@@ -65,9 +65,10 @@ type Gateway struct {
 	keyring *memberlist.Keyring
 	// keyringMu is held while the live keyring changes and the change is
 	// stored (applyKeyringOp), by catchUpKeyring around its check and
-	// adoption, and by a gateway alone while it tries its other keys
-	// (joinUnderAnyKey).
+	// adoption, and by joinUnderAnyKey around each swap of its primary,
+	// never across the join itself.
 	keyringMu sync.Mutex
+	keyTrial  *keyTrial // a join's trial of another key (guarded by keyringMu)
 	dev       Device
 
 	ml      *memberlist.Memberlist

@@ -29,17 +29,20 @@ func (g *Gateway) catchUpKeyring(ctx context.Context) {
 		// A rotation step may change the keyring while Vault is read:
 		// what was read is taken only if the live keyring is still the
 		// one it was read against. A step holds keyringMu until its
-		// change is stored, so a read begun after that sees it.
+		// change is stored, so a read begun after that sees it. (A join
+		// trying another key changes nothing: the keys are compared as
+		// they are without its trial, which ends before the adoption.)
 		g.keyringMu.Lock()
-		before := g.keyring.GetKeys()
+		before := slices.Clone(g.liveKeys())
 		g.keyringMu.Unlock()
 		kr, err := vs.GossipKeyringFromVault(ctx)
 		if err == nil {
 			g.keyringMu.Lock()
-			if !sameKeys(before, g.keyring.GetKeys()) {
+			if !sameKeys(before, g.liveKeys()) {
 				g.keyringMu.Unlock()
 				continue // a step landed meanwhile: read again
 			}
+			g.endKeyTrial()
 			changed, err := adoptKeyring(g.keyring, kr)
 			g.keyringMu.Unlock()
 			if err != nil {

@@ -310,6 +310,7 @@ func (g *Gateway) applyKeyringOp(ctx context.Context, op *keyringOp) error {
 	// read before the write for the one the step left.
 	g.keyringMu.Lock()
 	defer g.keyringMu.Unlock()
+	g.endKeyTrial()
 	kind, key := op.kind, op.key
 	switch kind {
 	case opInstallSealed:
@@ -449,24 +450,54 @@ func keyringFull(n int) error {
 // Only a gateway cut off tries (cutOff): knocks on members gone for good
 // fail all the time in a live mesh, and each would otherwise put this
 // gateway's traffic under another key for the length of a join — unread
-// by the mesh, which would declare it dead — and hold up rotation steps,
-// which wait for the keyring meanwhile.
+// by the mesh, which would declare it dead.
+//
+// keyringMu is not held across a join: each address that takes the
+// connection and never answers costs memberlist's TCP timeout (10 s LAN,
+// 30 s WAN), and the gossip worker, which applies the keyring steps it
+// receives, would wait as long with every message behind the step — past
+// the initiator's keyringAckWait, so a rotation by --force with another
+// site away failed on a gateway cut off from it. The key tried is a trial
+// instead (keyTrial): a step or a catch-up that comes meanwhile ends it
+// first (endKeyTrial), and the join, finding it gone, leaves the keyring
+// as they left it.
 func (g *Gateway) joinUnderAnyKey(addrs []string) (int, error) {
 	n, err := g.ml.Join(addrs)
 	if n > 0 || len(g.keyring.GetKeys()) < 2 || g.leaving.Load() || !g.cutOff() {
 		return n, err
 	}
 	g.keyringMu.Lock()
-	defer g.keyringMu.Unlock()
-	primary := g.keyring.GetPrimaryKey()
-	for _, k := range g.keyring.GetKeys() {
-		if bytes.Equal(k, primary) {
-			continue
+	before := slices.Clone(g.keyring.GetKeys()) // primary first
+	g.keyringMu.Unlock()
+	primary := before[0]
+	for _, k := range before[1:] {
+		g.keyringMu.Lock()
+		// Between two keys, a step may have changed the keyring, or
+		// another join (joinSeeds beside a rejoin round) begun its own
+		// trial: a primary put aside twice would not come back.
+		if g.keyTrial != nil || !sameKeys(before, g.keyring.GetKeys()) {
+			g.keyringMu.Unlock()
+			return n, err
 		}
 		if uerr := g.keyring.UseKey(k); uerr != nil {
+			g.keyringMu.Unlock()
 			continue
 		}
-		if n, _ := g.ml.Join(addrs); n > 0 {
+		trial := &keyTrial{primary: primary}
+		g.keyTrial = trial
+		g.keyringMu.Unlock()
+
+		m, _ := g.ml.Join(addrs)
+
+		g.keyringMu.Lock()
+		if g.keyTrial != trial {
+			// A step or a catch-up put the primary back and changed the
+			// keyring: theirs stands, whatever this join found.
+			g.keyringMu.Unlock()
+			return n, err
+		}
+		g.keyTrial = nil
+		if m > 0 {
 			g.log.Warn("nobody answered under this gateway's primary gossip key, and the mesh answered under another key of its keyring: a rotation finished without this gateway; it uses the mesh's key now (the old one stays installed until the next rotation removes it)",
 				"keys", len(g.keyring.GetKeys()))
 			if _, own := g.prov.Secrets().(certs.DirSecrets); own {
@@ -477,13 +508,56 @@ func (g *Gateway) joinUnderAnyKey(addrs []string) (int, error) {
 					g.log.Warn("store the gossip keyring", "err", serr)
 				}
 			}
-			return n, nil
+			g.keyringMu.Unlock()
+			return m, nil
 		}
-	}
-	if uerr := g.keyring.UseKey(primary); uerr != nil { // nobody answered under any: as it was
-		g.log.Warn("restore the primary gossip key", "err", uerr)
+		if uerr := g.keyring.UseKey(primary); uerr != nil { // nobody answered under it: as it was
+			g.log.Warn("restore the primary gossip key", "err", uerr)
+		}
+		g.keyringMu.Unlock()
 	}
 	return n, err
+}
+
+// keyTrial is a join's trial of a key of the keyring other than its
+// primary (joinUnderAnyKey): the key tried is primary for the join, and
+// primary is the one put aside meanwhile.
+type keyTrial struct {
+	primary []byte
+}
+
+// endKeyTrial puts back the primary key a join's trial put aside, before
+// the keyring changes under keyringMu: a use step taken during the trial
+// would be undone when the join put its primary back, and a remove step
+// would keep the key tried and drop the mesh's.
+func (g *Gateway) endKeyTrial() {
+	t := g.keyTrial
+	if t == nil {
+		return
+	}
+	g.keyTrial = nil
+	if err := g.keyring.UseKey(t.primary); err != nil {
+		g.log.Warn("restore the primary gossip key", "err", err)
+	}
+}
+
+// liveKeys are the keyring's keys, primary first, with the primary a
+// join's trial put aside in its place (under keyringMu): what the keyring
+// is, rather than what one join sends under.
+func (g *Gateway) liveKeys() [][]byte {
+	keys := g.keyring.GetKeys()
+	t := g.keyTrial
+	if t == nil {
+		return keys
+	}
+	return append([][]byte{t.primary}, slices.DeleteFunc(slices.Clone(keys), func(k []byte) bool { return bytes.Equal(k, t.primary) })...)
+}
+
+// primaryKey is the keyring's primary key, as liveKeys has it.
+func (g *Gateway) primaryKey() []byte {
+	g.keyringMu.Lock()
+	defer g.keyringMu.Unlock()
+	return g.liveKeys()[0]
 }
 
 // cutOff reports whether this gateway hears from no other site: alone,
@@ -646,7 +720,7 @@ func (g *Gateway) RotateGossipKey(ctx context.Context, force bool) (*RotationRep
 	if err != nil {
 		return nil, err
 	}
-	old := g.keyring.GetPrimaryKey()
+	old := g.primaryKey() // not a key a join is trying
 	steps := []struct {
 		kind string
 		key  []byte
@@ -853,7 +927,7 @@ func (g *Gateway) rotationStepRoom(ctx context.Context, kind string, key []byte,
 		return err
 	}
 	g.log.Warn("gossip key rotation: a member's keyring is full; clearing the keys left over on the members, then installing again", "err", err)
-	if err := g.rotationStep(ctx, opClean, g.keyring.GetPrimaryKey(), members); err != nil {
+	if err := g.rotationStep(ctx, opClean, g.primaryKey(), members); err != nil {
 		return fmt.Errorf("clearing full keyrings: %w", err)
 	}
 	return g.rotationStep(ctx, kind, key, members)
