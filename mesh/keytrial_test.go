@@ -164,3 +164,35 @@ func TestKeyringStepDuringJoinUnderOtherKey(t *testing.T) {
 		t.Errorf("keyring has %d keys after the join; want 2", n)
 	}
 }
+
+// TestNoJoinUnderOtherKeyWhileRotating: while a rotation is under way
+// here, a cut-off gateway whose join finds nobody does not try its other
+// keys: the steps reach it, and its answers must go under the key the
+// initiator reads. Once none is, it tries them again.
+func TestNoJoinUnderOtherKeyWhileRotating(t *testing.T) {
+	lg, _, primary, _ := startTwoKeyGateway(t)
+	g := lg.g
+	seed, accepted, _ := knockedSeed(t, 1<<30) // every connection refused at once
+
+	g.ops.Lock()
+	g.ops.open.initiator, g.ops.open.until = "op5", g.now().Add(rotationOpenFor)
+	g.ops.Unlock()
+	if n, _ := g.joinUnderAnyKey([]string{seed}); n != 0 {
+		t.Fatalf("joined %d through a seed that answers nothing", n)
+	}
+	if got := accepted.Load(); got != 1 {
+		t.Errorf("%d knocks with a rotation under way; want 1, under the primary key only", got)
+	}
+
+	g.ops.Lock()
+	g.ops.open.initiator = ""
+	g.ops.Unlock()
+	before := accepted.Load()
+	g.joinUnderAnyKey([]string{seed})
+	if got := accepted.Load() - before; got != 2 {
+		t.Errorf("%d knocks with no rotation under way; want 2, under each key", got)
+	}
+	if !bytes.Equal(g.keyring.GetPrimaryKey(), primary) {
+		t.Error("the primary key did not come back after nobody answered under the other key")
+	}
+}

@@ -450,7 +450,11 @@ func keyringFull(n int) error {
 // Only a gateway cut off tries (cutOff): knocks on members gone for good
 // fail all the time in a live mesh, and each would otherwise put this
 // gateway's traffic under another key for the length of a join — unread
-// by the mesh, which would declare it dead.
+// by the mesh, which would declare it dead. Nor while a rotation is under
+// way here (claimRotation): its steps reach this gateway, which is then
+// not the one left behind, and what it sends meanwhile, its answers among
+// it, would go under a key the initiator may not hold. A rotation whose
+// initiator went quiet counts until rotationOpenFor has passed.
 //
 // keyringMu is not held across a join: each address that takes the
 // connection and never answers costs memberlist's TCP timeout (10 s LAN,
@@ -472,10 +476,11 @@ func (g *Gateway) joinUnderAnyKey(addrs []string) (int, error) {
 	primary := before[0]
 	for _, k := range before[1:] {
 		g.keyringMu.Lock()
-		// Between two keys, a step may have changed the keyring, or
-		// another join (joinSeeds beside a rejoin round) begun its own
-		// trial: a primary put aside twice would not come back.
-		if g.keyTrial != nil || !sameKeys(before, g.keyring.GetKeys()) {
+		// Between two keys, a step may have changed the keyring, a
+		// rotation begun, or another join (joinSeeds beside a rejoin
+		// round) begun its own trial: a primary put aside twice would
+		// not come back.
+		if g.keyTrial != nil || g.rotationOpen() || !sameKeys(before, g.keyring.GetKeys()) {
 			g.keyringMu.Unlock()
 			return n, err
 		}
@@ -558,6 +563,15 @@ func (g *Gateway) primaryKey() []byte {
 	g.keyringMu.Lock()
 	defer g.keyringMu.Unlock()
 	return g.liveKeys()[0]
+}
+
+// rotationOpen reports whether a gossip key rotation is under way here
+// (claimRotation).
+func (g *Gateway) rotationOpen() bool {
+	now := g.now()
+	g.ops.Lock()
+	defer g.ops.Unlock()
+	return g.ops.open.initiator != "" && now.Before(g.ops.open.until)
 }
 
 // cutOff reports whether this gateway hears from no other site: alone,
