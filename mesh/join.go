@@ -91,17 +91,25 @@ func saveEnrollment(dir string, e *Enrollment) error {
 
 // filePendingEnrollment, in the identity directory (0600), holds the key a
 // burst gateway asks a certificate for, written before it asks and removed
-// once the identity is stored. An answer lost — to a crash, to the network
-// — is asked for again with the same key and token, which the enrolling
-// gateway answers again rather than calling the token used; an identity
-// found half-stored beside it is this enrollment's, to be replaced.
+// once the identity is stored (at the next start, if a crash came
+// between). An answer lost — to a crash, to the network — is asked for
+// again with the same key and token, which the enrolling gateway answers
+// again rather than calling the token used; an identity found half-stored
+// beside it is this enrollment's, to be replaced.
 const filePendingEnrollment = "burst.pending.json"
 
 // forgetBurstIdentity removes what an ended burst gateway holds that could
 // rejoin the mesh: its identity and secrets, and the key of an enrollment
 // a crash left pending.
 func forgetBurstIdentity(dir string) error {
-	errs := []error{certs.ForgetIdentity(dir)}
+	return errors.Join(certs.ForgetIdentity(dir), forgetPending(dir))
+}
+
+// forgetPending removes the key kept for an enrollment, with the
+// temporaries of its writes a crash left: once the identity is stored,
+// a copy of its private key that nothing reads.
+func forgetPending(dir string) error {
+	var errs []error
 	temps, _ := filepath.Glob(filepath.Join(dir, atomicfile.TempPattern(filePendingEnrollment)))
 	for _, path := range append(temps, filepath.Join(dir, filePendingEnrollment)) {
 		if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
@@ -109,6 +117,14 @@ func forgetBurstIdentity(dir string) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// dropPending is forgetPending for an enrolled gateway, which runs on
+// without it: the key left is said, for whoever can remove it.
+func dropPending(dir string, log *slog.Logger) {
+	if err := forgetPending(dir); err != nil {
+		log.Warn("enrolled, but the pending enrollment's key file, a copy of the node's private key, could not be removed: remove it by hand", "file", filepath.Join(dir, filePendingEnrollment), "err", err)
+	}
 }
 
 type pendingEnrollment struct {
@@ -189,6 +205,10 @@ func Join(ctx context.Context, s *Settings, token string, log *slog.Logger) (*En
 		return nil, err
 	}
 	if enr != nil && enr.Ended == nil {
+		// A crash between the enrollment record and the removal of the
+		// key kept for it left the key: every start comes here, and it
+		// stayed for the whole burst.
+		dropPending(dir, log)
 		log.Info("already enrolled in a burst site: the join token is not used again", "site", enr.Site, "node", enr.Node, "until", enr.Expires)
 		return enr, nil
 	}
@@ -248,9 +268,7 @@ func Join(ctx context.Context, s *Settings, token string, log *slog.Logger) (*En
 	if err != nil {
 		return nil, err
 	}
-	if err := os.Remove(filepath.Join(dir, filePendingEnrollment)); err != nil {
-		log.Warn("enrolled, but the pending enrollment's key file could not be removed", "err", err)
-	}
+	dropPending(dir, log)
 	log.Info("enrolled in burst site", "site", enr.Site, "node", enr.Node, "until", enr.Expires)
 	return enr, nil
 }
@@ -479,6 +497,9 @@ func applyEnrollment(s *Settings) (*Settings, *Enrollment, error) {
 		}
 		return s, enr, &BurstEndedError{Site: enr.Site, Node: enr.Node, Reason: enr.Reason}
 	}
+	// A gateway restarted without its token comes here alone: what
+	// Join removes once enrolled goes here too.
+	dropPending(s.Identity.Dir, slog.Default())
 	c := *s // the caller's settings are left as they were
 	c.Seeds = append(slices.Clone(s.Seeds), enr.Seeds...)
 	if v := enr.Vault; v != nil {
