@@ -4,8 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"time"
 
@@ -121,7 +123,8 @@ func (d DirSecrets) UpdateGossipKeyring(ctx context.Context, update func(*Gossip
 // shared with other processes (two `skybridge` commands at once). It
 // blocks in the kernel, so that the CA's index, locked for every
 // certificate a burst's enrolments issue, passes from one to the next at
-// once; lockFileContext polls, to give up.
+// once; lockFileContext polls, to give up. Once held, what a holder
+// killed mid-write left goes (clearLeftovers).
 func lockFile(path string) (unlock func(), err error) {
 	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR, 0o600)
 	if err != nil {
@@ -131,6 +134,7 @@ func lockFile(path string) (unlock func(), err error) {
 		f.Close()
 		return nil, fmt.Errorf("lock %s: %w", path, err)
 	}
+	clearLeftovers(path)
 	return func() {
 		syscall.Flock(int(f.Fd()), syscall.LOCK_UN)
 		f.Close()
@@ -148,6 +152,7 @@ func lockFileContext(ctx context.Context, path string) (unlock func(), err error
 	for {
 		err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
 		if err == nil {
+			clearLeftovers(path)
 			return func() {
 				syscall.Flock(int(f.Fd()), syscall.LOCK_UN)
 				f.Close()
@@ -166,6 +171,72 @@ func lockFileContext(ctx context.Context, path string) (unlock func(), err error
 	}
 }
 
+// staleTemp is the age past which a write's temporary file is taken for
+// one a crash left: a write lasts as long as an fsync, and one stalled
+// longer (its process stopped) only fails at its rename, leaving the file
+// it was to replace as it was.
+const staleTemp = time.Hour
+
+// clearLeftovers removes, once the lock at path is held, what holders of
+// it killed mid-write (kill -9, a crash) left beside it, which nothing
+// else removes: the temporaries of the files that are written under that
+// lock alone, so that none can be a write under way — the CA's index,
+// revocation list and archive under the CA's lock (a copy of the index
+// each), a renewal's key under the renewal lock. The CA directory's
+// gossip keyring is written under a lock of its own: its temporaries go
+// once staleTemp old. A removal that fails is said; the lock's holder
+// goes on.
+func clearLeftovers(lock string) {
+	dir := filepath.Dir(lock)
+	var err error
+	switch filepath.Base(lock) {
+	case fileLock:
+		err = errors.Join(atomicfile.RemoveTemps(dir, 0, fileIndex, fileCRL, fileArchive),
+			atomicfile.RemoveTemps(dir, staleTemp, FileGossipKeyring), removeDeadInits(dir))
+	case fileRenewLock:
+		err = atomicfile.RemoveTemps(dir, 0, fileNodeKeyNext)
+	}
+	if err != nil {
+		slog.Warn("files a write cut short left could not be removed, copies of what they were to replace: remove them by hand", "dir", dir, "err", err)
+	}
+}
+
+// removeDeadInits removes the directories `ca init --dir DIR` writes a
+// new CA in beside DIR (.DIR.init-N), left by inits killed before they
+// moved it into place: each holds the key of a CA that never was.
+// InitCA removes them at the next init of DIR, which never comes once
+// DIR holds a CA (it is refused). Once it does, no init of DIR can finish
+// (its rename fails on a directory that is not empty): one beside it is
+// dead, or doomed; those staleTemp old go, which no init still runs in.
+func removeDeadInits(dir string) error {
+	if _, err := os.Lstat(filepath.Join(dir, fileCAKey)); err != nil {
+		return nil
+	}
+	abs, err := filepath.Abs(dir)
+	if err != nil {
+		return nil
+	}
+	parent, prefix := filepath.Dir(abs), "."+filepath.Base(abs)+".init-"
+	ents, err := os.ReadDir(parent)
+	if err != nil {
+		return nil // a parent we may not list holds nothing of ours we could see
+	}
+	var errs []error
+	for _, e := range ents {
+		n, ok := strings.CutPrefix(e.Name(), prefix)
+		if !ok || n == "" || strings.Trim(n, "0123456789") != "" || !e.IsDir() {
+			continue
+		}
+		if fi, err := e.Info(); err != nil || time.Since(fi.ModTime()) < staleTemp {
+			continue
+		}
+		if err := os.RemoveAll(filepath.Join(parent, e.Name())); err != nil {
+			errs = append(errs, fmt.Errorf("remove %s, left by a `ca init` that never finished: %w", filepath.Join(parent, e.Name()), err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
 // ForgetIdentity removes a gateway's identity and secrets from dir (node
 // key and certificate, WireGuard key, gossip keyring): what a burst
 // gateway does when its site ends, so nothing that could rejoin the mesh
@@ -174,7 +245,7 @@ func lockFileContext(ctx context.Context, path string) (unlock func(), err error
 // while writing one of them go too: they may hold the same secrets.
 func ForgetIdentity(dir string) error {
 	var errs []error
-	for _, name := range []string{fileNodeKey, fileNodeKeyPrev, fileNodeKeyNext, fileNodeCert, FileWireGuardKey, FileGossipKeyring, FileVaultSecretID, FileVaultRoleID} {
+	for _, name := range identitySecrets {
 		temps, _ := filepath.Glob(filepath.Join(dir, atomicfile.TempPattern(name)))
 		for _, path := range append(temps, filepath.Join(dir, name)) {
 			if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
@@ -189,6 +260,10 @@ func ForgetIdentity(dir string) error {
 	}
 	return errors.Join(errs...)
 }
+
+// identitySecrets are the files of an identity directory that hold a
+// secret, or say whose it is.
+var identitySecrets = []string{fileNodeKey, fileNodeKeyPrev, fileNodeKeyNext, fileNodeCert, FileWireGuardKey, FileGossipKeyring, FileVaultSecretID, FileVaultRoleID}
 
 // SaveGossipKeyring writes the mesh's gossip keyring into dir (0600), as
 // an enrolled gateway receives it.

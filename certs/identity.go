@@ -358,6 +358,7 @@ func loadSavedKeyPair(dir, certFile, keyFile, prevFile string) (*x509.Certificat
 // was cut short between the key and the certificate, node.crt and the key
 // it replaced.
 func LoadNodeIdentity(dir string) (*NodeIdentity, error) {
+	clearStaleTemps(dir)
 	cert, key, err := loadSavedKeyPair(dir, fileNodeCert, fileNodeKey, fileNodeKeyPrev)
 	if errors.Is(err, os.ErrNotExist) {
 		return nil, fmt.Errorf("no node identity in %s: issue one with `skybridge ca issue ... --out %s`", dir, dir)
@@ -366,6 +367,21 @@ func LoadNodeIdentity(dir string) (*NodeIdentity, error) {
 		return nil, identityError(dir, err)
 	}
 	return NewNodeIdentity(cert, key)
+}
+
+// clearStaleTemps removes the temporaries of the identity's files that
+// writes killed midway (kill -9, a crash) left in dir: copies of its keys
+// that nothing else removed but a burst's end. Their writers hold no lock
+// in common (the gateway obtaining its certificate, `ca issue --out`, an
+// enrollment, a copy of Vault's secrets), so only those staleTemp old go,
+// which no write under way can be. A removal that fails is said, unless
+// refused (a reader that is not the owner: the owner's next load clears
+// them); the identity is read all the same.
+func clearStaleTemps(dir string) {
+	err := atomicfile.RemoveTemps(dir, staleTemp, append([]string{fileCACert, fileCRL}, identitySecrets...)...)
+	if err != nil && !errors.Is(err, fs.ErrPermission) {
+		slog.Warn("files a write cut short left in the identity directory could not be removed, copies of its keys: remove them by hand", "dir", dir, "err", err)
+	}
 }
 
 // identityError says what to do about an identity directory that could

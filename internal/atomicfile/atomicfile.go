@@ -11,8 +11,13 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
 )
 
 // WriteFile atomically replaces path with data, created with mode perm.
@@ -54,7 +59,71 @@ func WriteNew(path string, data []byte, perm os.FileMode) error {
 // TempPattern is the glob of the temporary files written on the way to
 // the file called base: what a crash leaves, for a caller that must not
 // leave a secret behind.
-func TempPattern(base string) string { return "." + base + ".tmp-*" }
+func TempPattern(base string) string { return tempPrefix(base) + "*" }
+
+func tempPrefix(base string) string { return "." + base + ".tmp-" }
+
+// isTemp says whether name is one writeTemp gives on the way to base:
+// its prefix and what os.CreateTemp puts for the star, a uint32 in
+// decimal. Nothing else matches: not a file of the caller's that happens
+// to begin the same way.
+func isTemp(name, base string) bool {
+	n, ok := strings.CutPrefix(name, tempPrefix(base))
+	if !ok {
+		return false
+	}
+	v, err := strconv.ParseUint(n, 10, 32)
+	return err == nil && strconv.FormatUint(v, 10) == n
+}
+
+// RemoveTemps removes from dir the temporary files of writes to the
+// files called names that never finished: their process died between
+// making one and renaming it (kill -9, a crash, the power), and nothing
+// else ever removes it. Each holds what its file was to hold: a private
+// key, a whole index. Regular files named as writeTemp names them go,
+// nothing else.
+//
+// A write under way loses its temporary file too, and fails (its rename
+// finds nothing; the file it was to replace stays as it was). So call
+// this holding the lock that every writer of these files holds, with
+// minAge 0; or, where they hold none in common, give minAge, and only
+// files last written longer ago than that go: a write lasts as long as
+// an fsync, and one stalled longer (its process stopped) only fails.
+func RemoveTemps(dir string, minAge time.Duration, names ...string) error {
+	ents, err := os.ReadDir(dir)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("look for temporary files left in %s: %w", dir, err)
+	}
+	var errs []error
+	removed := false
+	for _, e := range ents {
+		if !e.Type().IsRegular() || !slices.ContainsFunc(names, func(base string) bool { return isTemp(e.Name(), base) }) {
+			continue
+		}
+		if minAge > 0 {
+			fi, err := e.Info()
+			if err != nil || time.Since(fi.ModTime()) < minAge {
+				continue // gone meanwhile, or maybe a write under way
+			}
+		}
+		path := filepath.Join(dir, e.Name())
+		if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			errs = append(errs, fmt.Errorf("remove %s, left by a write that never finished: %w", path, err))
+			continue
+		}
+		removed = true
+	}
+	if removed {
+		// Not brought back by a crash: it may be a secret's copy.
+		if err := SyncDir(dir); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
 
 func writeTemp(path string, data []byte, perm os.FileMode) (string, error) {
 	// Said before anything is written: the rename would fail with a
