@@ -9,12 +9,14 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"reflect"
 	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
+	"unsafe"
 
 	"golang.zx2c4.com/wireguard/conn"
 	"golang.zx2c4.com/wireguard/device"
@@ -23,6 +25,8 @@ import (
 	"golang.zx2c4.com/wireguard/tun/netstack"
 	"golang.zx2c4.com/wireguard/wgctrl"
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
 
 	"github.com/skybridge-mesh/skybridge/certs"
 )
@@ -149,7 +153,9 @@ func (d *wgctrlDevice) Routes() (RouteTable, error)      { return d.link.routes(
 func (d *wgctrlDevice) SetRoutes(c RouteChange) error    { return d.link.setRoutes(c) }
 
 // overlayKeepAlive notices a peer gateway that vanished (killed, cut off)
-// within about 25 s, instead of the kernel's default of minutes.
+// within about 25 s, instead of the kernel's default of minutes; netstack
+// connections get the same (keepNetstackAlive), where gVisor's default is
+// none. A variable for tests.
 var overlayKeepAlive = net.KeepAliveConfig{Enable: true, Idle: 10 * time.Second, Interval: 5 * time.Second, Count: 3}
 
 func (d *wgctrlDevice) Listen(addr netip.AddrPort) (net.Listener, error) {
@@ -299,6 +305,10 @@ type NetstackDevice struct {
 }
 
 func openNetstack(opt DeviceOptions) (Device, error) {
+	// Refused before it is up, rather than each connection later.
+	if _, err := gonetEndpoint(); err != nil {
+		return nil, err
+	}
 	t, tnet, err := netstack.CreateNetTUN([]netip.Addr{opt.Overlay}, nil, opt.MTU)
 	if err != nil {
 		return nil, fmt.Errorf("create netstack device: %w", err)
@@ -356,7 +366,67 @@ func (d *NetstackDevice) Close() error {
 // the gateway's own clients (and tests).
 func (d *NetstackDevice) DialContext(ctx context.Context, network, addr string) (net.Conn, error) {
 	c, err := d.net.DialContext(ctx, network, addr)
-	return c, refusedAsKernel(err)
+	if err != nil {
+		return nil, refusedAsKernel(err)
+	}
+	if err := keepNetstackAlive(c); err != nil {
+		c.Close()
+		return nil, err
+	}
+	return c, nil
+}
+
+// gonetEndpoint is where a gonet.TCPConn keeps its gVisor endpoint, the
+// one place keepalive is set: gonet does not give it out, nor
+// netstack.Net its stack, gVisor has no default for a whole stack, and an
+// accepted endpoint does not take its listener's. Without it a sender
+// whose receiver was killed after the commit waited out the commit's 10
+// minutes, `running (commit)`, its resume refused as already running.
+// The field is found by name and checked by type: under a gVisor that
+// moved it, netstack devices do not open (nor the tests pass), rather
+// than read something else as the endpoint.
+var gonetEndpoint = sync.OnceValues(func() (uintptr, error) {
+	f, ok := reflect.TypeFor[gonet.TCPConn]().FieldByName("ep")
+	if !ok || f.Type != reflect.TypeFor[tcpip.Endpoint]() {
+		return 0, errors.New("this build's gVisor keeps a netstack connection's endpoint where skybridge does not look, and its connections would never notice a peer that vanished: build skybridge with the gVisor its go.mod names")
+	}
+	return f.Offset, nil
+})
+
+// keepNetstackAlive gives a netstack TCP connection overlayKeepAlive's
+// timings, as the kernel's connections have them (a value of zero or
+// less leaves gVisor's own); other connections are left as they are.
+func keepNetstackAlive(c net.Conn) error {
+	tc, ok := c.(*gonet.TCPConn)
+	if !ok {
+		return nil
+	}
+	off, err := gonetEndpoint()
+	if err != nil {
+		return err
+	}
+	ep := *(*tcpip.Endpoint)(unsafe.Add(unsafe.Pointer(tc), off))
+	ka := overlayKeepAlive
+	if ka.Idle > 0 {
+		idle := tcpip.KeepaliveIdleOption(ka.Idle)
+		if err := ep.SetSockOpt(&idle); err != nil {
+			return fmt.Errorf("set keepalive on a netstack connection: %s", err)
+		}
+	}
+	if ka.Interval > 0 {
+		interval := tcpip.KeepaliveIntervalOption(ka.Interval)
+		if err := ep.SetSockOpt(&interval); err != nil {
+			return fmt.Errorf("set keepalive on a netstack connection: %s", err)
+		}
+	}
+	if ka.Count > 0 {
+		if err := ep.SetSockOptInt(tcpip.KeepaliveCountOption, ka.Count); err != nil {
+			return fmt.Errorf("set keepalive on a netstack connection: %s", err)
+		}
+	}
+	// Last: it starts the timer, with the timings above.
+	ep.SocketOptions().SetKeepAlive(ka.Enable)
+	return nil
 }
 
 // refusedAsKernel makes gVisor's refusal, which it says in words of its
@@ -396,7 +466,14 @@ func (l *netstackListener) Accept() (net.Conn, error) {
 	if err != nil && l.closed.Load() {
 		return nil, fmt.Errorf("%w (%v)", net.ErrClosed, err)
 	}
-	return c, err
+	if err != nil {
+		return nil, err
+	}
+	if err := keepNetstackAlive(c); err != nil {
+		c.Close()
+		return nil, err
+	}
+	return c, nil
 }
 
 func (d *NetstackDevice) Dial(ctx context.Context, addr string) (net.Conn, error) {
