@@ -653,8 +653,8 @@ func (s *session) chunkLock(i int64) *sync.Mutex {
 // DefaultIdleTimeout is how long a receiver waits for a word from a
 // sender that has not committed before it ends the session, whose chunks
 // then wait for a resume. TCP keepalive on the overlay notices a vanished
-// peer sooner where the kernel carries the connections; netstack's do not
-// probe, and without this a sender that vanished held its session — file,
+// peer sooner (kernel and netstack connections alike), but not a peer
+// that answers and stalls; without this such a sender held its session — file,
 // goroutines, advertised load — for good. A sender that reads chunks it
 // need not send (zeros, chunks the receiver has) says so with Alive frames
 // at a quarter of the limit the receiver announced; one of a release

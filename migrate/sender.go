@@ -766,7 +766,7 @@ func (s *sender) run(ctx context.Context) error {
 	// hashes every chunk it holds first, saying nothing meanwhile — the
 	// chunks it acknowledged before, and those that were on their way
 	// when the last attempt ended (answerInFlight). A receiver hung, or
-	// whose host vanished where no keepalive tells (netstack), must not
+	// whose host vanished where no keepalive tells, must not
 	// hold the migration for good. (Chunks of zeros were never sent:
 	// the receiver holds none of them to read back.)
 	s.progress("offered")

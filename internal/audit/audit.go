@@ -22,6 +22,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -59,7 +60,12 @@ func (r *Record) digest() ([]byte, error) {
 }
 
 // Log is an audit log file.
-type Log struct{ path string }
+type Log struct {
+	path string
+	// tidied: the head's temporaries a writer killed before its rename
+	// left are gone (once a process: only a crash leaves them).
+	tidied atomic.Bool
+}
 
 // Open returns the log at path (created on first append).
 func Open(path string) *Log { return &Log{path: path} }
@@ -121,6 +127,12 @@ func (l *Log) append(id *certs.NodeIdentity, event string, fields map[string]any
 		return nil, false, fmt.Errorf("audit log: %w", err)
 	case !os.SameFile(held, cur):
 		return nil, true, nil
+	}
+	if !l.tidied.Load() {
+		// Every writer of the head holds this lock.
+		if atomicfile.RemoveTemps(filepath.Dir(l.path), 0, filepath.Base(l.path)+headSuffix) == nil {
+			l.tidied.Store(true)
+		}
 	}
 	last, seq, err := l.lastLine(f, id.Certificate().Raw)
 	var unknown *unknownTail

@@ -906,3 +906,31 @@ func TestForgedTailNotKept(t *testing.T) {
 		verifies(t, path, tb, 1)
 	}
 }
+
+// TestAppendClearsHeadTemps: the temporary of a head a writer killed
+// before its rename left goes at the next process's first append (every
+// head is written under the log's lock); other files stay.
+func TestAppendClearsHeadTemps(t *testing.T) {
+	id, _ := identity(t)
+	dir := t.TempDir()
+	l := Open(filepath.Join(dir, "audit.log"))
+	if _, err := l.Append(id, "migration", map[string]any{"n": 0}, t0); err != nil {
+		t.Fatal(err)
+	}
+	left, other := filepath.Join(dir, ".audit.log.head.tmp-1234"), filepath.Join(dir, ".node.key.tmp-1234")
+	for _, p := range []string{left, other} {
+		if err := os.WriteFile(p, []byte("{}"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	l = Open(l.Path()) // a process started again
+	if _, err := l.Append(id, "migration", map[string]any{"n": 1}, t0.Add(time.Minute)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(left); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("the head's temporary is still there: %v", err)
+	}
+	if _, err := os.Stat(other); err != nil {
+		t.Errorf("another file's temporary went: %v", err)
+	}
+}
