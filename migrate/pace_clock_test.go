@@ -46,3 +46,25 @@ func TestDenialCountAfterClockStepBack(t *testing.T) {
 		t.Errorf("five minutes after a denial was counted, the count is still held: it waits for the clock to pass where it stood before the step")
 	}
 }
+
+// TestBadOfferEndsFailed: an offer the receiver cannot take counts as a
+// receive failed before it started, as its sender counts it.
+func TestBadOfferEndsFailed(t *testing.T) {
+	var e endings
+	p := newPairWith(t, "DE", func(c *ReceiverConfig) { c.Observer = &e })
+	c := p.dial(t, nil)
+	defer c.Close()
+	w, r := newFrameWriter(c), newFrameReader(c)
+	o := Offer{ID: "bad000000001", Name: "vm", Class: "Not A Class", Format: FormatRaw, Size: 4096, ChunkSize: 4096, Streams: 1}
+	if err := w.json(frameOffer, o); err != nil {
+		t.Fatal(err)
+	}
+	if typ, _, err := r.next(nil); err != nil || typ != frameError {
+		t.Fatalf("answer: %d, %v; want an error", typ, err)
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if len(e.seen) != 1 || e.seen[0] != RoleReceive+"/"+StateFailed {
+		t.Errorf("ends %v; want one receive/failed", e.seen)
+	}
+}

@@ -842,6 +842,8 @@ type pendingChunk struct {
 func (r *Receiver) control(ctx context.Context, c *tls.Conn, fr *frameReader, fw *frameWriter, from *certs.Attributes, o *Offer) {
 	log := r.cfg.Log.With("migration_id", o.ID, "peer", from.Node, "peer_site", from.Site, "class", o.Class)
 	if err := checkOffer(o); err != nil {
+		// Failed before it started, as the sender counts it too.
+		r.cfg.Observer.Ended(RoleReceive, StateFailed, 0)
 		fw.json(frameError, "bad offer: "+err.Error())
 		return
 	}
@@ -867,6 +869,7 @@ func (r *Receiver) control(ctx context.Context, c *tls.Conn, fr *frameReader, fw
 		if !errors.Is(err, errAuditNotReady) { // logged with its cause
 			log.Error("cannot receive migration", "err", err)
 		}
+		r.cfg.Observer.Ended(RoleReceive, StateFailed, 0)
 		fw.json(frameError, err.Error())
 		return
 	}
