@@ -412,7 +412,14 @@ func startRecord(cfg *SendConfig, sid SourceID) (*SendRecord, error) {
 				// Nothing runs it (the gateway refuses to resume a migration
 				// that runs): an attempt a stop cut short, which the start
 				// could not record as ended (EndInterrupted on a full disk).
+				// Its end is journalled before its audit record is written,
+				// as EndInterrupted does: a record written, then a journal
+				// that refused the rest, would be written again at the next
+				// resume under another end, not found as the same.
 				old.State, old.Error, old.Finished, old.AuditPending = StateFailed, Interrupted, cfg.Now(), true
+				if err := cfg.Journal.put(bucketSend, old.ID, old); err != nil {
+					return nil, fmt.Errorf("migration %s: its interrupted attempt cannot be recorded as ended (%v); it resumes once the journal takes it: free space on the disk", cfg.ID, err)
+				}
 			}
 			// How the earlier attempt ended is recorded before this one
 			// overwrites it: its record is owed when a stop, or an audit
