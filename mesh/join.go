@@ -98,11 +98,17 @@ func saveEnrollment(dir string, e *Enrollment) error {
 // beside it is this enrollment's, to be replaced.
 const filePendingEnrollment = "burst.pending.json"
 
-// forgetBurstIdentity removes what an ended burst gateway holds that could
-// rejoin the mesh: its identity and secrets, and the key of an enrollment
-// a crash left pending.
-func forgetBurstIdentity(dir string) error {
-	return errors.Join(certs.ForgetIdentity(dir), forgetPending(dir))
+// forgetBurstIdentity removes what the ended burst of token holds that
+// could rejoin the mesh: its identity and secrets, and the key of an
+// enrollment a crash left pending, unless that key is a new token's: its
+// answer lost, the enrollment is asked for again with it (with another,
+// the enroller calls the token used).
+func forgetBurstIdentity(dir, token string) error {
+	err := certs.ForgetIdentity(dir)
+	if p, perr := loadPending(dir); perr == nil && p != nil && p.TokenID != token {
+		return err
+	}
+	return errors.Join(err, forgetPending(dir))
 }
 
 // forgetPending removes the key kept for an enrollment, with the
@@ -215,7 +221,7 @@ func Join(ctx context.Context, s *Settings, token string, log *slog.Logger) (*En
 	// A fresh gateway, or one whose burst ended (its identity is gone, or
 	// goes now if a crash left it): a new token enrols it anew.
 	if enr != nil {
-		if err := forgetBurstIdentity(dir); err != nil {
+		if err := forgetBurstIdentity(dir, enr.TokenID); err != nil {
 			return nil, fmt.Errorf("burst %s ended, but its identity could not be removed: %w", enr.Site, err)
 		}
 	}
@@ -492,7 +498,7 @@ func applyEnrollment(s *Settings) (*Settings, *Enrollment, error) {
 	}
 	if enr.Ended != nil {
 		// Whatever of its identity a crash left behind goes too.
-		if err := forgetBurstIdentity(s.Identity.Dir); err != nil {
+		if err := forgetBurstIdentity(s.Identity.Dir, enr.TokenID); err != nil {
 			return s, enr, fmt.Errorf("burst %s ended, but its identity could not be removed: %w", enr.Site, err)
 		}
 		return s, enr, &BurstEndedError{Site: enr.Site, Node: enr.Node, Reason: enr.Reason}
@@ -636,7 +642,11 @@ func (g *Gateway) forgetBurst(e *BurstEndedError) {
 			return
 		}
 	}
-	if err := forgetBurstIdentity(dir); err != nil {
+	var token string
+	if g.burst != nil {
+		token = g.burst.TokenID
+	}
+	if err := forgetBurstIdentity(dir, token); err != nil {
 		log.Error("burst ended, but its identity could not be removed", "dir", dir, "err", err)
 	}
 	if err := os.Remove(g.state.path(fileMembers)); err != nil && !errors.Is(err, os.ErrNotExist) {
