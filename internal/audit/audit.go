@@ -309,11 +309,21 @@ func (l *Log) appendTo(f *os.File, id *certs.NodeIdentity, event string, fields 
 	if err != nil {
 		return nil, err
 	}
+	st, err := f.Stat()
+	if err != nil {
+		return nil, fmt.Errorf("audit log: %w", err)
+	}
 	if _, err := f.Write(append(line, '\n')); err != nil {
 		return nil, fmt.Errorf("append audit record: %w", err)
 	}
-	if err := f.Sync(); err != nil {
-		return nil, err
+	if err := syncFile(f); err != nil {
+		// Refused, the record must not be in the log: the page cache
+		// would still show it (Find takes it as written, and the record
+		// owed is dropped) while the disk may never hold it.
+		if terr := f.Truncate(st.Size()); terr == nil {
+			f.Sync()
+		}
+		return nil, fmt.Errorf("append audit record: %w", err)
 	}
 	// The record is kept; a head left behind (its write failed) is one
 	// the log is ahead of, which checkHead allows, and the next append
@@ -350,6 +360,9 @@ func roundTrip(fields map[string]any) (map[string]any, error) {
 	var out map[string]any
 	return out, json.Unmarshal(b, &out)
 }
+
+// syncFile is f.Sync; a variable for tests of a disk that refuses it.
+var syncFile = (*os.File).Sync
 
 // headSuffix names the file beside the log that holds its last record's
 // sequence number and hash: the log emptied, cut back or replaced by an

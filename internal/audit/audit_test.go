@@ -934,3 +934,28 @@ func TestAppendClearsHeadTemps(t *testing.T) {
 		t.Errorf("another file's temporary went: %v", err)
 	}
 }
+
+// TestRefusedSyncLeavesNoRecord: a record whose fsync the disk refused is
+// not left in the log, where the page cache would show it (and a record
+// owed would be taken as written) though the disk may never hold it.
+func TestRefusedSyncLeavesNoRecord(t *testing.T) {
+	id, tb := identity(t)
+	l := Open(filepath.Join(t.TempDir(), "audit.log"))
+	if _, err := l.Append(id, "migration", map[string]any{"n": 0}, t0); err != nil {
+		t.Fatal(err)
+	}
+	syncFile = func(*os.File) error { return syscall.EIO }
+	_, err := l.Append(id, "migration", map[string]any{"n": 1}, t0.Add(time.Minute))
+	syncFile = (*os.File).Sync
+	if err == nil {
+		t.Fatal("appended with its fsync refused")
+	}
+	if _, err := l.Append(id, "migration", map[string]any{"n": 2}, t0.Add(2*time.Minute)); err != nil {
+		t.Fatal(err)
+	}
+	b, _ := os.ReadFile(l.Path())
+	rep, err := Verify(bytes.NewReader(b), tb)
+	if err != nil || rep.Records != 2 || strings.Contains(string(b), `"n":1`) {
+		t.Fatalf("log after a refused fsync: %d records, %v; want 2, without the refused one:\n%s", rep.Records, err, b)
+	}
+}
