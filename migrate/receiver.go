@@ -523,6 +523,7 @@ func (r *Receiver) handle(ctx context.Context, c *tls.Conn, src netip.Addr) {
 	case frameOffer:
 		var o Offer
 		if err := jsonUnmarshal(p, &o); err != nil {
+			r.cfg.Observer.Ended(RoleReceive, StateFailed, 0)
 			fw.frame(frameError, []byte("bad offer"))
 			fw.flush()
 			return
@@ -884,6 +885,7 @@ func (r *Receiver) control(ctx context.Context, c *tls.Conn, fr *frameReader, fw
 		}
 	}()
 	if !s.attach(c) { // ended by a stopping receiver as it opened
+		r.cfg.Observer.Ended(RoleReceive, StateFailed, 0)
 		fw.json(frameError, errStopping.Error())
 		return
 	}

@@ -47,24 +47,39 @@ func TestDenialCountAfterClockStepBack(t *testing.T) {
 	}
 }
 
-// TestBadOfferEndsFailed: an offer the receiver cannot take counts as a
-// receive failed before it started, as its sender counts it.
+// TestBadOfferEndsFailed: an offer the receiver cannot take (malformed,
+// or not JSON at all) counts as a receive failed before it started, as
+// its sender counts it.
 func TestBadOfferEndsFailed(t *testing.T) {
 	var e endings
 	p := newPairWith(t, "DE", func(c *ReceiverConfig) { c.Observer = &e })
-	c := p.dial(t, nil)
-	defer c.Close()
-	w, r := newFrameWriter(c), newFrameReader(c)
-	o := Offer{ID: "bad000000001", Name: "vm", Class: "Not A Class", Format: FormatRaw, Size: 4096, ChunkSize: 4096, Streams: 1}
-	if err := w.json(frameOffer, o); err != nil {
-		t.Fatal(err)
-	}
-	if typ, _, err := r.next(nil); err != nil || typ != frameError {
-		t.Fatalf("answer: %d, %v; want an error", typ, err)
-	}
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	if len(e.seen) != 1 || e.seen[0] != RoleReceive+"/"+StateFailed {
-		t.Errorf("ends %v; want one receive/failed", e.seen)
+	for name, send := range map[string]func(w *frameWriter) error{
+		"malformed": func(w *frameWriter) error {
+			return w.json(frameOffer, Offer{ID: "bad000000001", Name: "vm", Class: "Not A Class", Format: FormatRaw, Size: 4096, ChunkSize: 4096, Streams: 1})
+		},
+		"not JSON": func(w *frameWriter) error {
+			if err := w.frame(frameOffer, []byte("{")); err != nil {
+				return err
+			}
+			return w.flush()
+		},
+	} {
+		e.mu.Lock()
+		e.seen = nil
+		e.mu.Unlock()
+		c := p.dial(t, nil)
+		w, r := newFrameWriter(c), newFrameReader(c)
+		if err := send(w); err != nil {
+			t.Fatal(err)
+		}
+		if typ, _, err := r.next(nil); err != nil || typ != frameError {
+			t.Fatalf("%s: answer %d, %v; want an error", name, typ, err)
+		}
+		c.Close()
+		e.mu.Lock()
+		if len(e.seen) != 1 || e.seen[0] != RoleReceive+"/"+StateFailed {
+			t.Errorf("%s: ends %v; want one receive/failed", name, e.seen)
+		}
+		e.mu.Unlock()
 	}
 }
