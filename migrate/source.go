@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
@@ -14,6 +15,7 @@ import (
 	"github.com/klauspost/compress/zstd"
 	"github.com/lima-vm/go-qcow2reader/image"
 	"github.com/lima-vm/go-qcow2reader/image/qcow2"
+	qcowlog "github.com/lima-vm/go-qcow2reader/log"
 	"golang.org/x/sys/unix"
 )
 
@@ -41,6 +43,10 @@ type Source interface {
 var qcow2Magic = []byte{'Q', 'F', 'I', 0xfb}
 
 func init() {
+	// The reader's warnings (a dirty bit it reads past, as qemu-img
+	// does) went to standard error beside the gateway's log, as
+	// WARNINGs, for images that migrate correctly.
+	qcowlog.SetWarnFunc(func(s string) { slog.Debug("qcow2 reader: " + s) })
 	// The reader asks a compressed cluster's decompressor for its bytes
 	// with one Read and takes an error, io.EOF included, as the read's
 	// end: flate returns a cluster that fits its 32 KiB window with
@@ -332,9 +338,11 @@ func openQcow2(path string, f *os.File) (Source, error) {
 		f.Close()
 		return nil, fmt.Errorf("%s is marked corrupt by qemu, its metadata found inconsistent: repair it first with `qemu-img check -r all %s` (on a copy if in doubt), then migrate it", path, path)
 	}
-	// Extended L2 entries (subclusters) halve what an L2 table maps, and
-	// the reader's support for them is experimental: such an image was
-	// sent with data missing. qemu makes them only when asked to.
+	// Extended L2 entries (subclusters) halve what an L2 table maps,
+	// which the extents' walk of the L1 table (checkQcow2Header's span
+	// per entry) does not reckon with, and the reader's support for them
+	// is experimental: such an image was sent with data missing. qemu
+	// makes them only when asked to.
 	if incompat&(1<<qcow2.IncompatibleFeaturesExtendedL2EntriesBit) != 0 {
 		f.Close()
 		return nil, fmt.Errorf("%s has extended L2 entries (subclusters), which skybridge does not read: convert it first with `qemu-img convert -O qcow2 -o extended_l2=off %s plain.qcow2`", path, path)

@@ -5,6 +5,8 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"log"
+	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -564,5 +566,43 @@ func TestForeignFormatSignatures(t *testing.T) {
 		if got := foreignFormat(tc.head); got != tc.want {
 			t.Errorf("%s: %q, want %q", tc.name, got, tc.want)
 		}
+	}
+}
+
+// TestQcow2ReaderWarningsInOurLog: the qcow2 reader's warnings (here, a
+// dirty bit lazy refcounts left, which it reads past as qemu-img does) go
+// to the gateway's log at debug level, not to standard error beside it
+// as WARNINGs for an image that migrates correctly.
+func TestQcow2ReaderWarningsInOurLog(t *testing.T) {
+	q := qemuImg(t)
+	img := filepath.Join(t.TempDir(), "dirty.qcow2")
+	if out, err := exec.Command(q, "create", "-f", "qcow2", "-o", "lazy_refcounts=on", img, "4M").CombinedOutput(); err != nil {
+		t.Fatalf("qemu-img create: %v %s", err, out)
+	}
+	f, err := os.OpenFile(img, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var bits [8]byte
+	f.ReadAt(bits[:], 72)
+	binary.BigEndian.PutUint64(bits[:], binary.BigEndian.Uint64(bits[:])|1) // dirty
+	f.WriteAt(bits[:], 72)
+	f.Close()
+	var stderr bytes.Buffer
+	log.SetOutput(&stderr)
+	defer log.SetOutput(os.Stderr)
+	var ours bytes.Buffer
+	defer slog.SetDefault(slog.Default())
+	slog.SetDefault(slog.New(slog.NewTextHandler(&ours, &slog.HandlerOptions{Level: slog.LevelDebug})))
+	src, err := OpenSource(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	src.Close()
+	if stderr.Len() != 0 {
+		t.Errorf("written beside the log: %q", stderr.String())
+	}
+	if !strings.Contains(ours.String(), "dirty bit") {
+		t.Errorf("the reader's warning is not in the log: %q", ours.String())
 	}
 }
