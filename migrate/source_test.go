@@ -588,12 +588,14 @@ func TestQcow2ReaderWarningsInOurLog(t *testing.T) {
 	binary.BigEndian.PutUint64(bits[:], binary.BigEndian.Uint64(bits[:])|1) // dirty
 	f.WriteAt(bits[:], 72)
 	f.Close()
-	var stderr bytes.Buffer
-	log.SetOutput(&stderr)
-	defer log.SetOutput(os.Stderr)
-	var ours bytes.Buffer
-	defer slog.SetDefault(slog.Default())
+	var ours, stderr bytes.Buffer
+	was := slog.Default()
 	slog.SetDefault(slog.New(slog.NewTextHandler(&ours, &slog.HandlerOptions{Level: slog.LevelDebug})))
+	log.SetOutput(&stderr) // after: slog.SetDefault sends the log package's output to it
+	defer func() {
+		slog.SetDefault(was)
+		log.SetOutput(os.Stderr)
+	}()
 	src, err := OpenSource(img)
 	if err != nil {
 		t.Fatal(err)
