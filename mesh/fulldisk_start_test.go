@@ -2,15 +2,14 @@ package mesh
 
 import (
 	"bytes"
-	"errors"
 	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
+	"github.com/skybridge-mesh/skybridge/internal/smalldisk"
 	"github.com/skybridge-mesh/skybridge/migrate"
 )
 
@@ -20,17 +19,8 @@ import (
 // reads as interrupted (not running, which nothing would end), and the
 // log says why its record waits.
 func TestStartWithInterruptedSendOnAFullDisk(t *testing.T) {
-	if os.Geteuid() != 0 {
-		if os.Getenv("CI") == "true" {
-			t.Fatal("mounting a small filesystem for the state directory needs root, which CI has")
-		}
-		t.Skip("needs root to mount a small filesystem")
-	}
 	state := t.TempDir()
-	if err := syscall.Mount("tmpfs", state, "tmpfs", 0, "size=4m,mode=0700"); err != nil {
-		t.Fatalf("mount a tmpfs for the state directory: %v", err)
-	}
-	t.Cleanup(func() { syscall.Unmount(state, syscall.MNT_DETACH) })
+	smalldisk.Mount(t, state, "4m")
 
 	f := newFixture(t)
 	dev := &gatedDevice{RecordingDevice: NewRecordingDevice("mig"), gate: make(chan struct{}), dialing: make(chan struct{}, 1)}
@@ -46,13 +36,7 @@ func TestStartWithInterruptedSendOnAFullDisk(t *testing.T) {
 	// A long path makes a record larger than the free pages the journal
 	// holds, so that ending it needs the disk's room (as a journal of
 	// many migrations does).
-	dir := t.TempDir()
-	for range 12 {
-		dir = filepath.Join(dir, strings.Repeat("d", 250))
-	}
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		t.Fatal(err)
-	}
+	dir := smalldisk.DeepDir(t, t.TempDir())
 	img := filepath.Join(dir, "vm07.raw")
 	if err := os.WriteFile(img, []byte(strings.Repeat("x", 1<<20)), 0o600); err != nil {
 		t.Fatal(err)
@@ -66,23 +50,7 @@ func TestStartWithInterruptedSendOnAFullDisk(t *testing.T) {
 	close(dev.gate)
 	waitEnd(t, run)
 
-	fill := func() {
-		fl, err := os.OpenFile(filepath.Join(state, "filler"), os.O_CREATE|os.O_WRONLY, 0o600)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer fl.Close()
-		buf := make([]byte, 4096)
-		for {
-			if _, err := fl.Write(buf); err != nil {
-				if !errors.Is(err, syscall.ENOSPC) {
-					t.Fatal(err)
-				}
-				return
-			}
-		}
-	}
-	fill()
+	smalldisk.Fill(t, state)
 
 	var logs bytes.Buffer
 	g2, _ := migGateway(t, f, dev)

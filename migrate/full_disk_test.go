@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/skybridge-mesh/skybridge/internal/audit"
+	"github.com/skybridge-mesh/skybridge/internal/smalldisk"
 )
 
 // fullDiskPair is a pair whose receiving gateway keeps its images, journal
@@ -45,34 +46,6 @@ func fullDiskPair(t *testing.T, size string, tweak func(c *ReceiverConfig, state
 	p.recvJ.Close()
 	p.recvJ, p.recvAudit, p.store = j, lg, filepath.Join(state, "images")
 	return p, state
-}
-
-// fill writes a file into dir until its file system is full, and returns
-// a function that removes it.
-func fill(t *testing.T, dir string) (free func()) {
-	t.Helper()
-	path := filepath.Join(dir, "filler")
-	f, err := os.OpenFile(path, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	buf := make([]byte, mib)
-	for _, n := range []int{mib, 4096, 1} {
-		for {
-			if _, err := f.Write(buf[:n]); err != nil {
-				if !errors.Is(err, syscall.ENOSPC) {
-					t.Fatal(err)
-				}
-				break
-			}
-		}
-	}
-	return func() {
-		if err := os.Remove(path); err != nil {
-			t.Fatal(err)
-		}
-	}
 }
 
 // serveAgain serves r on a new listener until the test ends.
@@ -215,7 +188,7 @@ func TestReceiverStartsOnAFullDisk(t *testing.T) {
 	var free func()
 	p, _ := fullDiskPair(t, "96m", func(c *ReceiverConfig, state string) {
 		c.afterRename = func() error {
-			free = fill(t, state)
+			free = smalldisk.Fill(t, state)
 			return errStopHere
 		}
 		rcfg = *c
@@ -268,7 +241,7 @@ func TestRemoveOnANearlyFullDisk(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	free := fill(t, state)
+	free := smalldisk.Fill(t, state)
 	defer free()
 	// Give 8 MiB back: room for thousands of records, half the margin.
 	filler := filepath.Join(state, "filler")
@@ -348,7 +321,7 @@ func TestReceiverSaysToResumeWhenTheDiskFills(t *testing.T) {
 		a := p.recv.Active()
 		return len(a) == 1 && a[0].Durable > 0
 	})
-	free := fill(t, state)
+	free := smalldisk.Fill(t, state)
 	err := <-res
 	if err == nil || !strings.Contains(err.Error(), "no space left on device") || !strings.Contains(err.Error(), "free space there, then resume the migration (skybridge migrate resume "+cfg.ID+")") {
 		t.Fatalf("the sender's error on a disk filled under the receive: %v; want the errno and what to do", err)
@@ -477,7 +450,7 @@ func TestCommitOnAFullDiskAuditedOnce(t *testing.T) {
 	var filler string
 	p, _ := fullDiskPair(t, "96m", func(c *ReceiverConfig, state string) {
 		c.afterRename = func() error {
-			fill(t, state)
+			smalldisk.Fill(t, state)
 			filler = filepath.Join(state, "filler")
 			fi, err := os.Stat(filler)
 			if err != nil {

@@ -2,13 +2,11 @@ package migrate
 
 import (
 	"context"
-	"errors"
-	"os"
 	"path/filepath"
-	"strings"
-	"syscall"
 	"testing"
 	"time"
+
+	"github.com/skybridge-mesh/skybridge/internal/smalldisk"
 )
 
 // TestResumeOnAFullJournalRecordsTheAttemptOnce: a send a stop cut short,
@@ -18,17 +16,8 @@ import (
 // each resume and written to the audit log before the journal refused the
 // rest, so each resume wrote one more.
 func TestResumeOnAFullJournalRecordsTheAttemptOnce(t *testing.T) {
-	if os.Geteuid() != 0 {
-		if os.Getenv("CI") == "true" {
-			t.Fatal("mounting a small filesystem for the journal needs root, which CI has")
-		}
-		t.Skip("needs root to mount a small filesystem")
-	}
 	state := t.TempDir()
-	if err := syscall.Mount("tmpfs", state, "tmpfs", 0, "size=4m,mode=0700"); err != nil {
-		t.Fatalf("mount a tmpfs for the journal: %v", err)
-	}
-	t.Cleanup(func() { syscall.Unmount(state, syscall.MNT_DETACH) })
+	smalldisk.Mount(t, state, "4m")
 	j, err := OpenJournal(filepath.Join(state, "migrate.db"))
 	if err != nil {
 		t.Fatal(err)
@@ -38,13 +27,7 @@ func TestResumeOnAFullJournalRecordsTheAttemptOnce(t *testing.T) {
 	p := newPair(t, "DE")
 	// A long path: the record outgrows the journal's free pages, so that
 	// writing it needs the disk's room.
-	dir := p.dir
-	for range 12 {
-		dir = filepath.Join(dir, strings.Repeat("d", 250))
-	}
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		t.Fatal(err)
-	}
+	dir := smalldisk.DeepDir(t, p.dir)
 	raw := filepath.Join(dir, "vm.raw")
 	makeRaw(t, raw, 32*mib, map[int64]int{0: 16 * mib})
 	// Interrupted in the pair's journal; its record, as a stop leaves
@@ -58,27 +41,14 @@ func TestResumeOnAFullJournalRecordsTheAttemptOnce(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	filler := filepath.Join(state, "filler")
-	f, err := os.OpenFile(filler, os.O_CREATE|os.O_WRONLY, 0o600)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for buf := make([]byte, 4096); ; {
-		if _, err := f.Write(buf); err != nil {
-			if !errors.Is(err, syscall.ENOSPC) {
-				t.Fatal(err)
-			}
-			break
-		}
-	}
-	f.Close()
+	free := smalldisk.Fill(t, state)
 	cfg.ID = rec.ID
 	for i := range 2 {
 		if _, err := Send(context.Background(), cfg); err == nil {
 			t.Fatalf("resume %d on a full journal succeeded", i+1)
 		}
 	}
-	os.Remove(filler)
+	free()
 	if r, err := Send(context.Background(), cfg); err != nil || r.State != StateDone {
 		t.Fatalf("resume with room: %v", err)
 	}

@@ -13,9 +13,10 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"testing"
 	"time"
+
+	"github.com/skybridge-mesh/skybridge/internal/smalldisk"
 )
 
 func TestRoomFor(t *testing.T) {
@@ -83,24 +84,11 @@ func TestReceiveNeedCountsTheJournal(t *testing.T) {
 }
 
 // tmpfsStore mounts a tmpfs of the given size (mount(8)'s "72m") where the
-// receiver keeps its images.
+// receiver keeps its images, until the test ends.
 func tmpfsStore(t *testing.T, size string) func(*ReceiverConfig) {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		if os.Getenv("CI") == "true" {
-			t.Fatal("mounting a small filesystem for the image store needs root, which CI has")
-		}
-		t.Skip("needs root to mount a small filesystem")
-	}
-	return func(c *ReceiverConfig) {
-		if err := os.MkdirAll(c.StoreDir, 0o700); err != nil {
-			t.Fatal(err)
-		}
-		if err := syscall.Mount("tmpfs", c.StoreDir, "tmpfs", 0, "size="+size+",mode=0700"); err != nil {
-			t.Fatalf("mount a tmpfs for the image store: %v", err)
-		}
-		t.Cleanup(func() { syscall.Unmount(c.StoreDir, syscall.MNT_DETACH) })
-	}
+	smalldisk.NeedRoot(t) // before the pair is made
+	return func(c *ReceiverConfig) { smalldisk.Mount(t, c.StoreDir, size) }
 }
 
 // TestReceiverMakesRoom: a receiver takes a migration only if its image
