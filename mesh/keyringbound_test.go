@@ -90,50 +90,6 @@ func storedKeys(t *testing.T, dir string) [][]byte {
 	return kr.Keys()
 }
 
-// TestKeyringInstallsOfOneInitiatorDoNotStack: a gateway sending install
-// steps one after another, each of another key under a fresh ID and none
-// followed by its use step, has one key installed at a time: each takes
-// the place of the last, here and in the file. It used to add every one,
-// on every gateway, and never remove them. Its own key sent again is
-// taken as it was (a newcomer's catch-up sends it so), and once its use
-// step came, its next install is a step of another rotation.
-func TestKeyringInstallsOfOneInitiatorDoNotStack(t *testing.T) {
-	ca, lg := lonelyGateway(t)
-	g := lg.g
-	in := newInsider(t, ca, g)
-	primary := g.keyring.GetPrimaryKey()
-	var last []byte
-	for i := range 3 * maxGossipKeys {
-		last = newGossipKey(t)
-		if err := in.step(opInstall, last); err != nil {
-			t.Fatalf("install step %d: %v", i, err)
-		}
-		if keys := g.keyring.GetKeys(); len(keys) != 2 || !bytes.Equal(keys[0], primary) || !bytes.Equal(keys[1], last) {
-			t.Fatalf("after install step %d: %d keys; want the primary and the last key installed", i, len(keys))
-		}
-	}
-	if err := in.step(opInstall, last); err != nil {
-		t.Fatalf("the last key installed again: %v", err)
-	}
-	if keys := g.keyring.GetKeys(); len(keys) != 2 || !bytes.Equal(keys[1], last) {
-		t.Fatalf("after the last key installed again: %d keys", len(keys))
-	}
-	if stored := storedKeys(t, g.s.Identity.Dir); len(stored) != 2 || !bytes.Equal(stored[0], primary) || !bytes.Equal(stored[1], last) {
-		t.Fatalf("the keyring file holds %d keys; want the primary and the last key installed", len(stored))
-	}
-
-	if err := in.step(opUse, last); err != nil {
-		t.Fatal(err)
-	}
-	next := newGossipKey(t)
-	if err := in.step(opInstall, next); err != nil {
-		t.Fatal(err)
-	}
-	if keys := g.keyring.GetKeys(); len(keys) != 3 || !bytes.Equal(keys[0], last) || !hasKey(keys, primary) || !hasKey(keys, next) {
-		t.Fatalf("an install after the use step: %d keys; want the key in use, the one before and the new one", len(keys))
-	}
-}
-
 // TestKeyringInstallBound: an install step into a keyring holding
 // maxGossipKeys keys is refused, saying why, and neither the keyring nor
 // its files (the gateway's and the CA directory's copy) change. Without
@@ -313,50 +269,4 @@ func TestRotationClearsFullKeyrings(t *testing.T) {
 		t.Fatal("op0 does not speak the key before the rotation cut short")
 	}
 	rotate(m.gws[0].g)
-}
-
-// TestRotationRunAgainReplacesItsKey: a rotation that fails at its
-// install step (a member cannot keep its keyring) and is run again, and
-// again, leaves one key of its own installed on the gateways that took
-// a step, not one for each run; once the member is mended, the next run
-// goes through.
-func TestRotationRunAgainReplacesItsKey(t *testing.T) {
-	m := startLiveMesh(t)
-	a, op1, op2 := m.gws[0].g, m.gws[1].g, m.gws[2].g
-	keyring := filepath.Join(op2.s.Identity.Dir, certs.FileGossipKeyring)
-	kept, err := os.ReadFile(keyring)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Remove(keyring); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Mkdir(keyring, 0o700); err != nil { // its keyring can no longer be kept
-		t.Fatal(err)
-	}
-	for run := range maxGossipKeys {
-		if _, err := a.RotateGossipKey(context.Background(), false); err == nil || !strings.Contains(err.Error(), "op2 could not apply it") {
-			t.Fatalf("run %d with op2 unable to keep its keyring: %v; want op2's refusal", run, err)
-		}
-		keys := a.keyring.GetKeys()
-		if len(keys) != 2 {
-			t.Fatalf("run %d: the initiator holds %d keys; want its primary and the key of its last run", run, len(keys))
-		}
-		waitUntil(t, 10*time.Second, "op1 to hold the initiator's keys", func() bool { return sameKeys(op1.keyring.GetKeys(), keys) })
-	}
-	if err := os.Remove(keyring); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(keyring, kept, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := a.RotateGossipKey(context.Background(), false); err != nil {
-		t.Fatalf("the run once op2 is mended: %v", err)
-	}
-	nk := a.keyring.GetPrimaryKey()
-	for _, lg := range m.gws {
-		if keys := lg.g.keyring.GetKeys(); len(keys) != 1 || !bytes.Equal(keys[0], nk) {
-			t.Errorf("%s holds %d keys after the rotation, the new one primary: %v", lg.g.s.Node.Name, len(keys), len(keys) > 0 && bytes.Equal(keys[0], nk))
-		}
-	}
 }

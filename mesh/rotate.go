@@ -114,12 +114,6 @@ type opLog struct {
 	open struct {
 		initiator string
 		until     time.Time
-		// installed is the key the initiator's last install step added
-		// here, until its use step comes: its next install takes that
-		// key's place rather than stacking beside it (a rotation run
-		// again after failing, or a gateway installing keys it never
-		// removes).
-		installed []byte
 	}
 	// warn says when a keyring step not taken is worth logging again:
 	// any gateway of the mesh can sign steps, and anyone holding the
@@ -145,11 +139,8 @@ func (g *Gateway) claimRotation(initiator, kind string) error {
 		return fmt.Errorf("a gossip key rotation by %s is under way (abandoned at %s at the latest): one at a time; rotate again once it is done",
 			o.initiator, o.until.UTC().Format(time.RFC3339))
 	}
-	if o.initiator != initiator {
-		o.installed = nil // another's key: not this initiator's to replace
-	}
 	if kind == opRemove || kind == opRemoveHash {
-		o.initiator, o.installed = "", nil
+		o.initiator = ""
 		return nil
 	}
 	o.initiator, o.until = initiator, now.Add(rotationOpenFor)
@@ -327,19 +318,12 @@ func (g *Gateway) applyKeyringOp(ctx context.Context, op *keyringOp) error {
 		}
 		kind, key = strings.TrimSuffix(kind, "-sha256"), k
 	}
-	var replaced []byte // the initiator's earlier key an install takes the place of
 	var err error
 	switch kind {
 	case opInstall:
-		replaced, err = g.installKey(op.initiator, key, !op.local)
+		err = g.installKey(key, !op.local)
 	case opUse:
-		if err = g.keyring.UseKey(key); err == nil {
-			g.ops.Lock()
-			if o := &g.ops.open; o.initiator == op.initiator && bytes.Equal(o.installed, key) {
-				o.installed = nil // in use now: the rotation goes on
-			}
-			g.ops.Unlock()
-		}
+		err = g.keyring.UseKey(key)
 	case opClean:
 		primary := g.keyring.GetPrimaryKey()
 		err = removeKeys(g.keyring, func(k []byte) bool { return !bytes.Equal(k, primary) && !bytes.Equal(k, key) })
@@ -369,7 +353,7 @@ func (g *Gateway) applyKeyringOp(ctx context.Context, op *keyringOp) error {
 	// later rotation.
 	own := func(*certs.GossipKeyring) (*certs.GossipKeyring, error) { return certs.NewGossipKeyring(live) }
 	shared := func(cur *certs.GossipKeyring) (*certs.GossipKeyring, error) {
-		next, err := keyringStep(cur, kind, key, replaced, live)
+		next, err := keyringStep(cur, kind, key, live)
 		// Bound as the live keyring is: gateways load it when they
 		// start, and each step writes it whole.
 		if err == nil && cur != nil && !op.local && next.Len() > cur.Len() && next.Len() > maxGossipKeys {
@@ -395,39 +379,19 @@ func (g *Gateway) applyKeyringOp(ctx context.Context, op *keyringOp) error {
 	return nil
 }
 
-// installKey adds key to the live keyring for initiator's install step,
-// in the place of the key its last install added if no use step of it
-// came since (opLog.open), and returns the key replaced. Bounded, it is
-// refused past maxGossipKeys; a key already there is no step at all (the
-// same key sent again: a newcomer's catch-up, a resumed rotation).
-func (g *Gateway) installKey(initiator string, key []byte, bounded bool) ([]byte, error) {
+// installKey adds key to the live keyring for an install step. Bounded,
+// it is refused past maxGossipKeys; a key already there is no step at
+// all (the same key sent again: a newcomer's catch-up, a resumed
+// rotation).
+func (g *Gateway) installKey(key []byte, bounded bool) error {
 	keys := g.keyring.GetKeys() // primary first
 	if hasKey(keys, key) {
-		return nil, nil
+		return nil
 	}
-	g.ops.Lock()
-	defer g.ops.Unlock()
-	o := &g.ops.open
-	mine := initiator != "" && o.initiator == initiator
-	var replaced []byte
-	if mine && o.installed != nil && hasKey(keys[min(1, len(keys)):], o.installed) {
-		replaced = o.installed
+	if n := len(keys); bounded && n >= maxGossipKeys {
+		return keyringFull(n)
 	}
-	if n := len(keys); bounded && replaced == nil && n >= maxGossipKeys {
-		return nil, keyringFull(n)
-	}
-	if replaced != nil {
-		if err := removeKeys(g.keyring, func(k []byte) bool { return bytes.Equal(k, replaced) }); err != nil {
-			return nil, err
-		}
-	}
-	if err := g.keyring.AddKey(key); err != nil {
-		return nil, err
-	}
-	if mine {
-		o.installed = bytes.Clone(key)
-	}
-	return replaced, nil
+	return g.keyring.AddKey(key)
 }
 
 // keyringFull refuses an install step into a keyring of n keys.
@@ -596,20 +560,16 @@ func (g *Gateway) cutOff() bool {
 }
 
 // keyringStep is a shared keyring cur after a rotation step (kind, key)
-// that left this gateway's keyring live (primary first): the key added
-// (in the place of the key replaced, as installKey did), made primary,
-// the one key kept beside the primary (opClean), or — the last step —
-// the live primary alone.
-func keyringStep(cur *certs.GossipKeyring, kind string, key, replaced []byte, live [][]byte) (*certs.GossipKeyring, error) {
+// that left this gateway's keyring live (primary first): the key added,
+// made primary, kept with the primary alone (opClean), or — the last
+// step — the live primary alone.
+func keyringStep(cur *certs.GossipKeyring, kind string, key []byte, live [][]byte) (*certs.GossipKeyring, error) {
 	if cur == nil {
 		return certs.NewGossipKeyring(live)
 	}
 	keys := cur.Keys()
 	switch kind {
 	case opInstall:
-		if replaced != nil && !bytes.Equal(keys[0], replaced) {
-			keys = slices.DeleteFunc(keys, func(k []byte) bool { return bytes.Equal(k, replaced) })
-		}
 		if !hasKey(keys, key) {
 			keys = append(keys, key)
 		}

@@ -261,29 +261,24 @@ func TestKeyringStep(t *testing.T) {
 		return kr
 	}
 	for _, c := range []struct {
-		name     string
-		cur      *certs.GossipKeyring
-		kind     string
-		key      []byte
-		replaced []byte
-		live     [][]byte
-		want     *certs.GossipKeyring
+		name string
+		cur  *certs.GossipKeyring
+		kind string
+		key  []byte
+		live [][]byte
+		want *certs.GossipKeyring
 	}{
-		{"install on the stored keyring", ring(k(1), k(9)), opInstall, k(2), nil, [][]byte{k(1), k(2)}, ring(k(1), k(9), k(2))},
-		{"install already there", ring(k(1), k(2)), opInstall, k(2), nil, [][]byte{k(1), k(2)}, ring(k(1), k(2))},
-		{"install in the place of the initiator's last", ring(k(1), k(9), k(2)), opInstall, k(3), k(2), [][]byte{k(1), k(3)}, ring(k(1), k(9), k(3))},
-		{"install in the place of the stored primary", ring(k(2), k(1)), opInstall, k(3), k(2), [][]byte{k(1), k(3)}, ring(k(2), k(1), k(3))},
-		{"install into a full keyring, in the place of the initiator's last", ring(k(1), k(7), k(8), k(2)), opInstall, k(3), k(2), [][]byte{k(1), k(3)}, ring(k(1), k(7), k(8), k(3))},
-		{"install into a full keyring, already there", ring(k(1), k(7), k(8), k(2)), opInstall, k(2), nil, [][]byte{k(1), k(2)}, ring(k(1), k(7), k(8), k(2))},
-		{"use", ring(k(1), k(2)), opUse, k(2), nil, [][]byte{k(2), k(1)}, ring(k(2), k(1))},
-		{"use, stored already so", ring(k(2), k(1)), opUse, k(2), nil, [][]byte{k(2)}, ring(k(2), k(1))},
-		{"use of a key the store lacks", ring(k(1)), opUse, k(2), nil, [][]byte{k(2), k(1)}, ring(k(2), k(1))},
-		{"clean keeps the stored primary and the initiator's", ring(k(2), k(7), k(1), k(8)), opClean, k(1), nil, [][]byte{k(1)}, ring(k(2), k(1))},
-		{"clean, the stored primary the initiator's", ring(k(1), k(7), k(8), k(9), k(6)), opClean, k(1), nil, [][]byte{k(1)}, ring(k(1))},
-		{"remove leaves the live primary alone", ring(k(1), k(2), k(9)), opRemove, k(1), nil, [][]byte{k(2)}, ring(k(2))},
-		{"nothing stored", nil, opInstall, k(2), nil, [][]byte{k(1), k(2)}, ring(k(1), k(2))},
+		{"install on the stored keyring", ring(k(1), k(9)), opInstall, k(2), [][]byte{k(1), k(2)}, ring(k(1), k(9), k(2))},
+		{"install already there", ring(k(1), k(2)), opInstall, k(2), [][]byte{k(1), k(2)}, ring(k(1), k(2))},
+		{"use", ring(k(1), k(2)), opUse, k(2), [][]byte{k(2), k(1)}, ring(k(2), k(1))},
+		{"use, stored already so", ring(k(2), k(1)), opUse, k(2), [][]byte{k(2)}, ring(k(2), k(1))},
+		{"use of a key the store lacks", ring(k(1)), opUse, k(2), [][]byte{k(2), k(1)}, ring(k(2), k(1))},
+		{"clean keeps the stored primary and the initiator's", ring(k(2), k(7), k(1), k(8)), opClean, k(1), [][]byte{k(1)}, ring(k(2), k(1))},
+		{"clean, the stored primary the initiator's", ring(k(1), k(7), k(8), k(9), k(6)), opClean, k(1), [][]byte{k(1)}, ring(k(1))},
+		{"remove leaves the live primary alone", ring(k(1), k(2), k(9)), opRemove, k(1), [][]byte{k(2)}, ring(k(2))},
+		{"nothing stored", nil, opInstall, k(2), [][]byte{k(1), k(2)}, ring(k(1), k(2))},
 	} {
-		got, err := keyringStep(c.cur, c.kind, c.key, c.replaced, c.live)
+		got, err := keyringStep(c.cur, c.kind, c.key, c.live)
 		if err != nil {
 			t.Errorf("%s: %v", c.name, err)
 		} else if !got.Same(c.want) {
