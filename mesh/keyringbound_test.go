@@ -270,3 +270,47 @@ func TestRotationClearsFullKeyrings(t *testing.T) {
 	}
 	rotate(m.gws[0].g)
 }
+
+// TestRotationClearsOnlyFullKeyrings: the clearing before an install goes
+// to the members that refused it as full, and keeps the keys other
+// members speak. op1 speaks K (it took the use step of a rotation cut
+// short; op0 and op2 did not), and op2's keyring is full of keys
+// installed after K. op2 kept its primary and op0's alone, and could no
+// longer read op1; op1, with room, was cleared too, of keys a member
+// (one cut off for a time) may still speak.
+func TestRotationClearsOnlyFullKeyrings(t *testing.T) {
+	m := startLiveMesh(t)
+	a, op1, op2 := m.gws[0].g, m.gws[1].g, m.gws[2].g
+	k := newGossipKey(t)
+	for _, lg := range m.gws {
+		if err := lg.g.keyring.AddKey(k); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := op1.keyring.UseKey(k); err != nil {
+		t.Fatal(err)
+	}
+	for len(op2.keyring.GetKeys()) < maxGossipKeys {
+		if err := op2.keyring.AddKey(newGossipKey(t)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	spare := newGossipKey(t)
+	if err := op1.keyring.AddKey(spare); err != nil {
+		t.Fatal(err)
+	}
+	nk := newGossipKey(t)
+	if err := a.rotationStepRoom(context.Background(), opInstall, nk, []string{"op1", "op2"}); err != nil {
+		t.Fatalf("install with op2 full: %v", err)
+	}
+	if keys := op2.keyring.GetKeys(); !hasKey(keys, k) || !hasKey(keys, a.keyring.GetPrimaryKey()) || !hasKey(keys, nk) || len(keys) != maxGossipKeys {
+		t.Errorf("op2 holds %d keys after the clearing and the install; want %d, op1's primary (%t), op0's (%t) and the new key (%t) among them",
+			len(keys), maxGossipKeys, hasKey(keys, k), hasKey(keys, a.keyring.GetPrimaryKey()), hasKey(keys, nk))
+	}
+	if keys := op1.keyring.GetKeys(); !hasKey(keys, spare) || !hasKey(keys, nk) {
+		t.Errorf("op1, with room, was cleared: it holds %d keys", len(keys))
+	}
+	if !strings.Contains(m.logs.String(), "keyring is full; clearing") {
+		t.Error("the rotation did not say it cleared full keyrings")
+	}
+}

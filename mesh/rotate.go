@@ -43,11 +43,15 @@ const (
 	opUseHash       = "use-sha256"     // the key named by its SHA-256
 	opRemoveHash    = "remove-sha256"
 
-	// What a rotation sends once its install step finds a member's
-	// keyring full (maxGossipKeys): every key goes but the member's
-	// primary and the initiator's, named by its SHA-256. It keeps a key
-	// more than the remove step does, so it lets no one do what a remove
-	// step does not already.
+	// What a rotation sends to the members whose keyring its install
+	// step finds full (maxGossipKeys): each keeps its primary and the
+	// keys named (by SHA-256: the initiator's primary, then its other
+	// keys, the most recent first) it holds, then its own most recent,
+	// maxGossipKeys-1 in all. Another member may speak a key other than
+	// the initiator's (it took the use step of a rotation cut short),
+	// which the initiator holds when it took that rotation's install. It
+	// keeps keys the remove step does not, so it lets no one do what a
+	// remove step does not already.
 	opClean     = "clean"
 	opCleanHash = "clean-sha256"
 
@@ -311,7 +315,17 @@ func (g *Gateway) applyKeyringOp(ctx context.Context, op *keyringOp) error {
 			return err
 		}
 		kind, key = opInstall, k
-	case opUseHash, opRemoveHash, opCleanHash:
+	case opCleanHash:
+		// Keys this gateway does not hold are passed over: one may be
+		// the key the initiator is installing, or one it took without
+		// this gateway.
+		if len(key) == 0 || len(key)%sha256.Size != 0 {
+			return fmt.Errorf("clean step: %d bytes do not name keys by SHA-256", len(key))
+		}
+		kind = opClean
+	case opClean: // sent by no initiator: the keys to keep are named
+		return fmt.Errorf("unknown keyring operation %q", op.kind)
+	case opUseHash, opRemoveHash:
 		k, err := g.installedKey(key)
 		if err != nil {
 			return err
@@ -325,8 +339,8 @@ func (g *Gateway) applyKeyringOp(ctx context.Context, op *keyringOp) error {
 	case opUse:
 		err = g.keyring.UseKey(key)
 	case opClean:
-		primary := g.keyring.GetPrimaryKey()
-		err = removeKeys(g.keyring, func(k []byte) bool { return !bytes.Equal(k, primary) && !bytes.Equal(k, key) })
+		kept := cleanKept(g.keyring.GetKeys(), key)
+		err = removeKeys(g.keyring, func(k []byte) bool { return !hasKey(kept, k) })
 	case opRemove:
 		primary := g.keyring.GetPrimaryKey()
 		if bytes.Equal(primary, key) {
@@ -561,7 +575,7 @@ func (g *Gateway) cutOff() bool {
 
 // keyringStep is a shared keyring cur after a rotation step (kind, key)
 // that left this gateway's keyring live (primary first): the key added,
-// made primary, kept with the primary alone (opClean), or — the last
+// made primary, cleared as a member's is (cleanKept), or — the last
 // step — the live primary alone.
 func keyringStep(cur *certs.GossipKeyring, kind string, key []byte, live [][]byte) (*certs.GossipKeyring, error) {
 	if cur == nil {
@@ -574,17 +588,58 @@ func keyringStep(cur *certs.GossipKeyring, kind string, key []byte, live [][]byt
 			keys = append(keys, key)
 		}
 	case opClean:
-		kept := [][]byte{keys[0]}
-		if !bytes.Equal(keys[0], key) && hasKey(keys, key) {
-			kept = append(kept, key)
-		}
-		keys = kept
+		keys = cleanKept(keys, key)
 	case opUse:
 		keys = append([][]byte{key}, slices.DeleteFunc(keys, func(k []byte) bool { return bytes.Equal(k, key) })...)
 	default: // opRemove
 		keys = live[:1]
 	}
 	return certs.NewGossipKeyring(keys)
+}
+
+// cleanKept are the keys (primary first, the rest in the order they
+// were installed) a clean step keeps: the primary, the keys named
+// (SHA-256s, in order) held, then the most recent, maxGossipKeys-1 in
+// all, so that the install after it has room.
+func cleanKept(keys [][]byte, named []byte) [][]byte {
+	kept := [][]byte{keys[0]}
+	keep := func(k []byte) {
+		if len(kept) < maxGossipKeys-1 && !hasKey(kept, k) {
+			kept = append(kept, k)
+		}
+	}
+	for sum := range slices.Chunk(named, sha256.Size) {
+		for _, k := range keys {
+			if h := sha256.Sum256(k); bytes.Equal(h[:], sum) {
+				keep(k)
+			}
+		}
+	}
+	for i := len(keys) - 1; i >= 1; i-- {
+		keep(keys[i])
+	}
+	return kept
+}
+
+// cleanNames names, by SHA-256, the keys a clean step asks the members
+// to keep: this gateway's primary, then its other keys, the most recent
+// first, but the key installing (no member it is sent to holds it).
+func (g *Gateway) cleanNames(installing []byte) []byte {
+	g.keyringMu.Lock()
+	keys := slices.Clone(g.liveKeys()) // primary first
+	g.keyringMu.Unlock()
+	var names []byte
+	name := func(k []byte) {
+		if len(names) < (maxGossipKeys-1)*sha256.Size && !bytes.Equal(k, installing) {
+			sum := sha256.Sum256(k)
+			names = append(names, sum[:]...)
+		}
+	}
+	name(keys[0])
+	for i := len(keys) - 1; i >= 1; i-- {
+		name(keys[i])
+	}
+	return names
 }
 
 // keyringOpFor is what member m is sent of op: the new key sealed to m's
@@ -604,9 +659,11 @@ func (g *Gateway) keyringOpFor(id *certs.NodeIdentity, op *keyringOp, m string) 
 			return nil, fmt.Errorf("seal the new key: %w", err)
 		}
 		mop.kind, mop.key = opInstallSealed, sealed
-	case opUse, opRemove, opClean:
+	case opUse, opRemove:
 		sum := sha256.Sum256(op.key)
 		mop.kind, mop.key = op.kind+"-sha256", sum[:]
+	case opClean: // named already (cleanNames)
+		mop.kind = opCleanHash
 	}
 	sig, err := id.Signer().Sign(rand.Reader, mop.digest(), crypto.SHA256)
 	if err != nil {
@@ -887,24 +944,49 @@ func (g *Gateway) rotationMembers() []string {
 	return out
 }
 
-// rotationStepRoom is rotationStep, but an install step a member refused
+// rotationStepRoom is rotationStep, but an install step members refused
 // for a full keyring (keys of rotations cut short, of a gateway since
-// revoked, or of a release before the bound) clears the members'
-// keyrings (opClean) and is sent again: the remove step would clear
-// them, but a rotation must install first. This gateway keeps its own
-// keys (its install is not bound) until the remove step: a member still
-// on an older primary key, which the clearing leaves it, must be heard
-// meanwhile.
+// revoked, or of a release before the bound) clears their keyrings
+// (opClean) and is sent again: the remove step would clear them, but a
+// rotation must install first. Only they are cleared: a member with room
+// may speak a key the clearing would drop, and keeps every key it holds
+// until the remove step. This gateway keeps its own keys too (its install
+// is not bound): a member still on an older primary key, which the
+// clearing leaves it, must be heard meanwhile.
 func (g *Gateway) rotationStepRoom(ctx context.Context, kind string, key []byte, members []string) error {
 	err := g.rotationStep(ctx, kind, key, members)
-	if kind != opInstall || !errors.Is(err, errKeyringFull) {
+	var full *keyringsFull
+	if kind != opInstall || !errors.As(err, &full) {
 		return err
 	}
-	g.log.Warn("gossip key rotation: a member's keyring is full; clearing the keys left over on the members, then installing again", "err", err)
-	if err := g.rotationStep(ctx, opClean, g.primaryKey(), members); err != nil {
+	g.log.Warn("gossip key rotation: a member's keyring is full; clearing the keys left over on the members that refused, then installing again", "members", full.nodes(), "err", err)
+	if err := g.rotationStep(ctx, opClean, g.cleanNames(key), full.nodes()); err != nil {
 		return fmt.Errorf("clearing full keyrings: %w", err)
 	}
 	return g.rotationStep(ctx, kind, key, members)
+}
+
+// keyringsFull is an install step refused for a full keyring by the
+// members named, and taken by the rest.
+type keyringsFull struct{ refusals []*refusedError }
+
+func (e *keyringsFull) Error() string {
+	why := make([]string, len(e.refusals))
+	for i, r := range e.refusals {
+		why[i] = r.Error()
+	}
+	return strings.Join(why, "; ")
+}
+
+func (e *keyringsFull) Is(target error) bool { return target == errKeyringFull }
+
+func (e *keyringsFull) nodes() []string {
+	out := make([]string, len(e.refusals))
+	for i, r := range e.refusals {
+		out[i] = r.node
+	}
+	slices.Sort(out)
+	return out
 }
 
 // refusedError is a member's refusal of a rotation step, in its words.
@@ -959,6 +1041,7 @@ func (g *Gateway) rotationStep(ctx context.Context, kind string, key []byte, mem
 	for _, m := range members {
 		waiting[m] = true
 	}
+	var full []*refusedError
 	deadline := time.NewTimer(keyringAckWait)
 	defer deadline.Stop()
 	for len(waiting) > 0 {
@@ -976,14 +1059,22 @@ func (g *Gateway) rotationStep(ctx context.Context, kind string, key []byte, mem
 				continue
 			}
 			if a.refused != "" {
-				if kind != opClean {
-					return &refusedError{a.node, a.refused}
+				r := &refusedError{a.node, a.refused}
+				switch {
+				case kind == opInstall && errors.Is(r, errKeyringFull):
+					// The others' answers are waited for: each
+					// member refusing so is to be cleared
+					// (rotationStepRoom), and only those.
+					full = append(full, r)
+				case kind != opClean:
+					return r
+				default:
+					// A member that cannot clear its keyring (one of
+					// a release before the step refuses it as
+					// unknown) keeps its keys: the install that
+					// follows says whether it has room.
+					g.log.Warn("gossip key rotation: a member kept the keys its keyring holds", "member", a.node, "err", r)
 				}
-				// A member that cannot clear its keyring (one of a
-				// release before the step refuses it as unknown) keeps
-				// its keys: the install that follows says whether it
-				// has room.
-				g.log.Warn("gossip key rotation: a member kept the keys its keyring holds", "member", a.node, "err", &refusedError{a.node, a.refused})
 			}
 			delete(waiting, a.node)
 		case <-deadline.C:
@@ -994,6 +1085,9 @@ func (g *Gateway) rotationStep(ctx context.Context, kind string, key []byte, mem
 			slices.Sort(missing)
 			return fmt.Errorf("no acknowledgement from %s within %s", strings.Join(missing, ", "), keyringAckWait)
 		}
+	}
+	if len(full) > 0 {
+		return &keyringsFull{full}
 	}
 	return nil
 }

@@ -3,6 +3,7 @@ package mesh
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -260,6 +261,14 @@ func TestKeyringStep(t *testing.T) {
 		}
 		return kr
 	}
+	sums := func(keys ...[]byte) []byte {
+		var b []byte
+		for _, k := range keys {
+			sum := sha256.Sum256(k)
+			b = append(b, sum[:]...)
+		}
+		return b
+	}
 	for _, c := range []struct {
 		name string
 		cur  *certs.GossipKeyring
@@ -273,8 +282,10 @@ func TestKeyringStep(t *testing.T) {
 		{"use", ring(k(1), k(2)), opUse, k(2), [][]byte{k(2), k(1)}, ring(k(2), k(1))},
 		{"use, stored already so", ring(k(2), k(1)), opUse, k(2), [][]byte{k(2)}, ring(k(2), k(1))},
 		{"use of a key the store lacks", ring(k(1)), opUse, k(2), [][]byte{k(2), k(1)}, ring(k(2), k(1))},
-		{"clean keeps the stored primary and the initiator's", ring(k(2), k(7), k(1), k(8)), opClean, k(1), [][]byte{k(1)}, ring(k(2), k(1))},
-		{"clean, the stored primary the initiator's", ring(k(1), k(7), k(8), k(9), k(6)), opClean, k(1), [][]byte{k(1)}, ring(k(1))},
+		{"clean keeps the stored primary, the initiator's, then the most recent", ring(k(2), k(7), k(1), k(8), k(6)), opClean, sums(k(1)), [][]byte{k(1)}, ring(k(2), k(1), k(6))},
+		{"clean, the stored primary the initiator's", ring(k(1), k(7), k(8), k(9), k(6)), opClean, sums(k(1)), [][]byte{k(1)}, ring(k(1), k(6), k(9))},
+		{"clean keeps the keys named before the most recent", ring(k(1), k(5), k(7), k(8), k(9)), opClean, sums(k(1), k(4), k(5), k(8)), [][]byte{k(1)}, ring(k(1), k(5), k(8))},
+		{"clean of a keyring with room", ring(k(1), k(7)), opClean, sums(k(2)), [][]byte{k(1)}, ring(k(1), k(7))},
 		{"remove leaves the live primary alone", ring(k(1), k(2), k(9)), opRemove, k(1), [][]byte{k(2)}, ring(k(2))},
 		{"nothing stored", nil, opInstall, k(2), [][]byte{k(1), k(2)}, ring(k(1), k(2))},
 	} {
