@@ -120,11 +120,20 @@ func TestKeyringInstallBound(t *testing.T) {
 	if err := ca.Secrets().UpdateGossipKeyring(t.Context(), func(*certs.GossipKeyring) (*certs.GossipKeyring, error) { return certs.NewGossipKeyring(full) }); err != nil {
 		t.Fatal(err)
 	}
+	ownBefore := storedKeys(t, g.s.Identity.Dir)
 	if err := in.step(opInstall, newGossipKey(t)); !errors.Is(err, errKeyringFull) || !strings.Contains(err.Error(), "the CA directory's gossip keyring") {
 		t.Fatalf("install step with the CA directory's copy full: %v; want it refused as full", err)
 	}
 	if n := len(storedKeys(t, ca.Dir())); n != maxGossipKeys {
 		t.Fatalf("the CA directory's copy holds %d keys, want %d", n, maxGossipKeys)
+	}
+	// Refused, it is not taken here either: the key was live, and in the
+	// gateway's own file, though its initiator was told otherwise.
+	if keys := g.keyring.GetKeys(); len(keys) != 1 || !bytes.Equal(keys[0], primary) {
+		t.Errorf("an install step refused for the CA directory's copy left %d keys live", len(keys))
+	}
+	if own := storedKeys(t, g.s.Identity.Dir); len(own) != len(ownBefore) {
+		t.Errorf("an install step refused for the CA directory's copy left %d keys in the gateway's file, %d before", len(own), len(ownBefore))
 	}
 	if err := ca.Secrets().UpdateGossipKeyring(t.Context(), func(*certs.GossipKeyring) (*certs.GossipKeyring, error) { return certs.NewGossipKeyring(full[:1]) }); err != nil {
 		t.Fatal(err)

@@ -335,7 +335,12 @@ func (g *Gateway) applyKeyringOp(ctx context.Context, op *keyringOp) error {
 	var err error
 	switch kind {
 	case opInstall:
-		err = g.installKey(key, !op.local)
+		if !op.local && !hasKey(g.keyring.GetKeys(), key) {
+			err = g.sharedRoom(ctx, key)
+		}
+		if err == nil {
+			err = g.installKey(key, !op.local)
+		}
 	case opUse:
 		err = g.keyring.UseKey(key)
 	case opClean:
@@ -406,6 +411,28 @@ func (g *Gateway) installKey(key []byte, bounded bool) error {
 		return keyringFull(n)
 	}
 	return g.keyring.AddKey(key)
+}
+
+// sharedRoom refuses an install step that a keyring others take theirs
+// from (Vault's, the CA directory's copy) has no room for, before the
+// live keyring changes: refused once it had, the step left the key live
+// and in this gateway's file, which its refusal says it did not take. A
+// copy that cannot be read is left to its update to report.
+func (g *Gateway) sharedRoom(ctx context.Context, key []byte) error {
+	full := func(kr *certs.GossipKeyring) bool {
+		return kr.Len() >= maxGossipKeys && !hasKey(kr.Keys(), key)
+	}
+	if _, own := g.prov.Secrets().(certs.DirSecrets); !own {
+		if kr, err := g.prov.Secrets().GossipKeyring(ctx); err == nil && full(kr) {
+			return keyringFull(kr.Len())
+		}
+	}
+	if ca, ok := g.prov.Issuer().(*certs.CA); ok {
+		if kr, err := ca.Secrets().GossipKeyring(ctx); err == nil && full(kr) {
+			return fmt.Errorf("the CA directory's gossip keyring: %w", keyringFull(kr.Len()))
+		}
+	}
+	return nil
 }
 
 // keyringFull refuses an install step into a keyring of n keys.
