@@ -438,3 +438,49 @@ class "batch" {
 		t.Errorf("a-2: c-1's 10.7.0.0/16, which its hub does not route, is %s", got)
 	}
 }
+
+// TestHubOwnHubAwayRoutesHeld: our own site's hub goes away, and the
+// gateway that becomes our hub is one the policy keeps from site-b
+// (certificates re-issued one gateway at a time): site-b's routes, routed
+// here through the old hub, are held, whether site-b's hub is up or away
+// too, not left to the host's routes. One of our gateways away that
+// sorts after our hub was never our hub and holds nothing.
+func TestHubOwnHubAwayRoutesHeld(t *testing.T) {
+	pol := mustPolicy(t, relayPolicy)
+	a1 := labelled(gw("a-1", "site-a", "DE", "aws", 11, "", "10.11.0.0/16"), ClassesLabel, "pii", "certified", "iso27001") // our hub, goes away
+	a2 := labelled(gw("a-2", "site-a", "DE", "aws", 12, "", "10.11.0.0/16"), ClassesLabel, "pii")                          // old certificate
+	a3 := labelled(gw("a-3", "site-a", "DE", "aws", 13, "", "10.11.0.0/16"), ClassesLabel, "pii", "certified", "iso27001") // self
+	a4 := labelled(gw("a-4", "site-a", "DE", "aws", 14, "", "10.11.0.0/16"), ClassesLabel, "pii", "certified", "iso27001")
+	b1 := labelled(gw("b-1", "site-b", "DE", "aws", 21, "", "10.21.0.0/16"), ClassesLabel, "pii", "certified", "iso27001")
+	in := func(peers []Node, away ...Node) TopologyInput {
+		var aw []AwayGateway
+		for _, n := range away {
+			aw = append(aw, AwayGateway{Node: n})
+		}
+		return TopologyInput{Self: a3, Peers: peers, Away: aw, Policy: pol, Mode: TopologyHub, Now: now, MeshPrefix: mesh16}
+	}
+	if got := planState(Compute(in([]Node{a1, a2, b1})), "10.21.0.0/16"); got != "routed" {
+		t.Fatalf("setup: 10.21.0.0/16 is %s at a-3 while a-1 is up", got)
+	}
+	if got := planState(Compute(in([]Node{a2, b1})), "10.21.0.0/16"); got != "neither" {
+		t.Fatalf("setup: 10.21.0.0/16 is %s at a-3 with a-2 its hub: a-2 must not reach site-b", got)
+	}
+	for _, c := range []struct {
+		name string
+		in   TopologyInput
+		want string
+	}{
+		{"a-1 away, b-1 up", in([]Node{a2, b1}, a1), "held"},
+		{"a-1 and b-1 away", in([]Node{a2}, a1, b1), "held"},
+		{"a-4 away, sorting after our hub", in([]Node{a1, b1}, a4), "routed"},
+	} {
+		p := Compute(c.in)
+		if got := planState(p, "10.21.0.0/16"); got != c.want {
+			t.Errorf("%s: 10.21.0.0/16 is %s at a-3, want %s; links %+v", c.name, got, c.want, p.Links)
+		}
+	}
+	// Our own site's routes stay the host's to route.
+	if p := Compute(in([]Node{a2, b1}, a1)); len(p.Held["site-a"]) > 0 {
+		t.Errorf("our own site's routes are held: %v", p.Held)
+	}
+}

@@ -329,7 +329,8 @@ func Compute(in TopologyInput) Plan {
 // a route it withdrew while up is free at once. A site we would not link
 // to (residency, or our hub does not) was never routed here, and is not
 // held either: its traffic goes wherever the host sends it, as while it
-// was up.
+// was up. Behind a hub, what we reached through a hub of our own site
+// now away and the new one does not reach is held, up or not.
 //
 // A held prefix gives way to the away site's own gateways' addresses
 // (their endpoints and gossip addresses): holding them would drop the
@@ -387,11 +388,45 @@ func holdRoutes(in TopologyInput, plan *Plan) {
 			ways[a.site()] = append(ways[a.site()], a.Gossip.Unmap())
 		}
 	}
-	var via []*certs.Attributes // between us and a remote site's hub: ours, unless we are it
+	// Behind a hub, an away gateway of our own site that sorts before it
+	// may have been our hub: what we reached through it, the new hub may
+	// not reach (a certificate re-issued with a label residency judges
+	// otherwise), and the routes of the remote hubs it linked us to must
+	// not fall to the host's routes either. Any of them may have been
+	// ours (which went first is not known here), so each is judged. A
+	// hub ourselves, we reach directly all we reached through one.
+	var formers []*certs.Attributes
 	if hub != nil {
-		via = []*certs.Attributes{hub}
+		for i := range in.Away {
+			if a := &in.Away[i]; a.site() == in.Self.site() && a.node() < hub.Node {
+				formers = append(formers, a.Attributes)
+			}
+		}
 	}
-	linked := map[*certs.Attributes]bool{}
+	// through reports whether we link to q, as its site's hub, when h is
+	// our hub (nil: none, we are ours or in a full mesh).
+	through := func(h, q *certs.Attributes) bool {
+		if h == nil {
+			return residencyPath(in.Policy, in.Self.Attributes, nil, q, in.Now).Allowed
+		}
+		return residencyPath(in.Policy, in.Self.Attributes, []*certs.Attributes{h}, q, in.Now).Allowed &&
+			residencyLink(in.Policy, h, q, in.Now).Allowed
+	}
+	hold := func(site string, routes []netip.Prefix) {
+		for _, p := range routes {
+			p = p.Masked()
+			if _, ok := overlapsAny(p, own); ok || (in.MeshPrefix.Contains(p.Addr()) && p.Bits() >= in.MeshPrefix.Bits()) || covered(p) {
+				continue
+			}
+			if slices.ContainsFunc(ways[site], p.Contains) || slices.Contains(plan.Held[site], p) {
+				continue
+			}
+			if plan.Held == nil {
+				plan.Held = map[string][]netip.Prefix{}
+			}
+			plan.Held[site] = append(plan.Held[site], p)
+		}
+	}
 	for i := range in.Away {
 		a := &in.Away[i]
 		// A live gateway of its site does not stand for it: it may not
@@ -411,15 +446,9 @@ func holdRoutes(in TopologyInput, plan *Plan) {
 		if h := plan.Carriers[a.site()]; in.Mode == TopologyHub && h != "" && h < a.node() {
 			continue
 		}
-		ok, judged := linked[a.Attributes]
-		if !judged {
-			// Judged as while it was up: in the hub topology as its
-			// site's hub, reached through ours.
-			ok = residencyPath(in.Policy, in.Self.Attributes, via, a.Attributes, in.Now).Allowed &&
-				(hub == nil || residencyLink(in.Policy, hub, a.Attributes, in.Now).Allowed)
-			linked[a.Attributes] = ok
-		}
-		if !ok {
+		// Judged as while it was up: in the hub topology as its site's
+		// hub, reached through ours, or through one we had.
+		if !through(hub, a.Attributes) && !slices.ContainsFunc(formers, func(g *certs.Attributes) bool { return through(g, a.Attributes) }) {
 			continue
 		}
 		routes := a.Advert.Routes
@@ -429,18 +458,15 @@ func holdRoutes(in TopologyInput, plan *Plan) {
 			// what it routed.
 			routes = a.Attributes.Routes
 		}
-		for _, p := range routes {
-			p = p.Masked()
-			if _, ok := overlapsAny(p, own); ok || (in.MeshPrefix.Contains(p.Addr()) && p.Bits() >= in.MeshPrefix.Bits()) || covered(p) {
-				continue
-			}
-			if slices.ContainsFunc(ways[a.site()], p.Contains) || slices.Contains(plan.Held[a.site()], p) {
-				continue
-			}
-			if plan.Held == nil {
-				plan.Held = map[string][]netip.Prefix{}
-			}
-			plan.Held[a.site()] = append(plan.Held[a.site()], p)
+		hold(a.site(), routes)
+	}
+	for i := 0; len(formers) > 0 && i < len(in.Peers); i++ {
+		q := &in.Peers[i] // a remote hub up, reached through one we had
+		if q.site() == in.Self.site() || plan.Carriers[q.site()] != q.node() {
+			continue
+		}
+		if slices.ContainsFunc(formers, func(g *certs.Attributes) bool { return through(g, q.Attributes) }) {
+			hold(q.site(), q.Advert.Routes)
 		}
 	}
 	if len(plan.Held) == 0 {
