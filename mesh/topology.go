@@ -641,27 +641,69 @@ func addNextKeys(plan *Plan, self Node, members []*Node) {
 	}
 }
 
-// hubLinks narrows, at a gateway that is not its site's hub, the remote
-// gateways it links to to those its hub links to as well: it reaches them
-// only through the hub, which peers only where the policy lets it. Judged
-// on the gateway's own labels alone, a gateway whose labels differ from
-// its hub's (a rollout of re-issued certificates) routed addresses to the
-// hub that the hub does not route on: lost. Nothing to narrow where the
-// two have the same place, as a site's gateways have but for a rollout:
-// our path is then the hub's and one tunnel more.
+// hubLinks narrows the remote gateways we link to in the hub topology to
+// those the hubs between us link to as well: we reach them only through
+// the hubs, which peer only where the policy lets them.
+//
+// At a gateway that is not its site's hub, to those its hub links to:
+// judged on the gateway's own labels alone, a gateway whose labels
+// differ from its hub's (a rollout of re-issued certificates) routed
+// addresses to the hub that the hub does not route on: lost. Nothing to
+// narrow where the two have the same place, as a site's gateways have
+// but for a rollout: our path is then the hub's and one tunnel more.
+//
+// And, at any gateway, a remote gateway that is not its site's hub to
+// one whose hub links to us: that hub takes from ours only the sources it
+// links to itself (hubPeers). Judged from our end alone, a gateway routed
+// to another site's gateway whose hub dropped its packets, while that
+// gateway, narrowing by its own hub, did not route back. Nothing to ask
+// where the gateway has its hub's place: our path to it is then the
+// hub's path to us and one tunnel more.
+//
+// A site of which nothing is left shows as not linked, with why.
 func hubLinks(in TopologyInput, peers []Node, hubs map[string]*certs.Attributes, allowed []bool, plan *Plan) {
 	h := hubs[in.Self.site()]
-	if h == in.Self.Attributes || samePlace(in.Self.Attributes, h) {
-		return
-	}
+	narrow := h != in.Self.Attributes && !samePlace(in.Self.Attributes, h)
+	var refused map[string]string // site → why the first of its gateways refused here is
 	for i := range peers {
 		p := &peers[i]
 		if !allowed[i] || p.site() == in.Self.site() {
 			continue
 		}
-		if l := residencyPath(in.Policy, h, hubVia(hubs, h, p.Attributes), p.Attributes, in.Now); !l.Allowed {
-			allowed[i] = false
-			plan.Conflicts = append(plan.Conflicts, fmt.Sprintf("%s is not reached: our hub %s does not link to it (%s), though our own certificate would", p.node(), h.Node, l.Reason))
+		why := ""
+		if far := hubs[p.site()]; far != p.Attributes && !samePlace(far, p.Attributes) {
+			if l := residencyPath(in.Policy, far, hubVia(hubs, far, in.Self.Attributes), in.Self.Attributes, in.Now); !l.Allowed {
+				why = fmt.Sprintf("%s is not reached: its hub %s does not link to us (%s), though our own certificate would", p.node(), far.Node, l.Reason)
+			}
+		}
+		if why == "" && narrow {
+			if l := residencyPath(in.Policy, h, hubVia(hubs, h, p.Attributes), p.Attributes, in.Now); !l.Allowed {
+				why = fmt.Sprintf("%s is not reached: our hub %s does not link to it (%s), though our own certificate would", p.node(), h.Node, l.Reason)
+			}
+		}
+		if why == "" {
+			continue
+		}
+		allowed[i] = false
+		plan.Conflicts = append(plan.Conflicts, why)
+		if refused == nil {
+			refused = map[string]string{}
+		}
+		if _, ok := refused[p.site()]; !ok {
+			refused[p.site()] = why
+		}
+	}
+	if refused == nil {
+		return
+	}
+	for i := range peers {
+		if allowed[i] {
+			delete(refused, peers[i].site())
+		}
+	}
+	for i := range plan.Links {
+		if l := &plan.Links[i]; l.Allowed && refused[l.Site] != "" {
+			*l = Link{Site: l.Site, Reason: refused[l.Site]}
 		}
 	}
 }

@@ -196,11 +196,13 @@ func TestCompute(t *testing.T) {
 		{
 			// zrh-2's re-issued certificate adds risk-batch, which may
 			// go to the US; zrh-1, its hub, does not have it yet, and
-			// does not link there: zrh-2 does not route iad-1 through it.
+			// does not link there: zrh-2 does not route iad-1 through it,
+			// and shows no link to its site.
 			name: "hub mode: a non-hub reaches only what its hub links to", mode: TopologyHub, policy: pol,
 			self:  gw("zrh-2", "onprem-zrh", "CH", "onprem", 2, "swiss-banking-secret,pii-eu,risk-batch", "10.1.0.0/16"),
 			peers: []Node{zrh1, fra1, fra2, iad1},
 			want:  "zrh-1=10.2.0.0/16,100.96.0.1/32,100.96.0.4/32,100.96.0.5/32", routes: "10.2.0.0/16", conflicts: 1,
+			refused: []string{"aws-us-east-1"},
 		},
 		{
 			name: "hub mode respects residency", self: iad1, peers: []Node{zrh1, zrh2, fra1, fra2}, mode: TopologyHub, policy: pol,
