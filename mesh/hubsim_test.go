@@ -664,3 +664,31 @@ class "pii" {
 		}
 	}
 }
+
+// TestHubSecondAwayMayHaveBeenTheHub: two gateways of a site away that
+// sort before its first one up were each perhaps its hub: b-1 went
+// first, b-2 was the hub and carried 10.23.0.0/16 (a certificate
+// re-issued with it), then went too. Which went first is not in the
+// membership, so b-2's routes are held, though with b-2 gone first it
+// was never the hub and they were never routed here: refused where the
+// host's routes sent them until then, rather than sent in clear where
+// they were routed.
+func TestHubSecondAwayMayHaveBeenTheHub(t *testing.T) {
+	a1 := gw("a-1", "site-a", "DE", "aws", 11, "x", "10.11.0.0/16")
+	b1 := gw("b-1", "site-b", "DE", "aws", 21, "x", "10.21.0.0/16")
+	b2 := gw("b-2", "site-b", "DE", "aws", 22, "x", "10.21.0.0/16", "10.23.0.0/16")
+	b3 := gw("b-3", "site-b", "DE", "aws", 23, "x", "10.21.0.0/16")
+	in := func(peers []Node, away ...Node) TopologyInput {
+		var aw []AwayGateway
+		for _, n := range away {
+			aw = append(aw, AwayGateway{Node: n})
+		}
+		return TopologyInput{Self: a1, Peers: peers, Away: aw, Mode: TopologyHub, Now: now, MeshPrefix: mesh16}
+	}
+	if got := planState(Compute(in([]Node{b2, b3}, b1)), "10.23.0.0/16"); got != "routed" {
+		t.Fatalf("setup: b-1 away, b-2 the hub: 10.23.0.0/16 is %s", got)
+	}
+	if got := planState(Compute(in([]Node{b3}, b1, b2)), "10.23.0.0/16"); got != "held" {
+		t.Errorf("b-1 then b-2 away: 10.23.0.0/16, routed through b-2, is %s, want held", got)
+	}
+}

@@ -437,7 +437,8 @@ func holdRoutes(in TopologyInput, plan *Plan) {
 		// site's are the host's to route. Behind a hub, a site with a
 		// gateway up is as its hub (its first by name) routes it: one
 		// away that sorts after the hub never carried the site's routes
-		// here, but one that sorts before it was the hub, and what it
+		// here, but one that sorts before it may have been the hub (any
+		// of them: which went first is not known here), and what it
 		// carried the hub in its place may not (left unheld, they went
 		// to the host's routes once any gateway of the site was up).
 		if a.site() == in.Self.site() {
