@@ -556,6 +556,24 @@ class "batch" {
 }
 `
 
+// oneHopPolicy lets pii go anywhere in one tunnel: between hubs only.
+const oneHopPolicy = `policy {
+  name    = "one-hop"
+  version = 1
+}
+class "pii" {
+  allow "transit" {
+    site = ["*"]
+    require {
+      max_hops = 1
+    }
+  }
+  allow "store" {
+    site = ["*"]
+  }
+}
+`
+
 // TestHubRemoteHubTakesOnlyWhatItLinks: a remote hub takes from our hub
 // only the sources it links to itself (the hubs need not handle a class
 // to pass it on, but b-1 shares none with a-2). a-2 linked b-2 on its own
@@ -598,22 +616,7 @@ func TestHubRemoteHubTakesOnlyWhatItLinks(t *testing.T) {
 // sends into the interface is delivered, along a path the policy allows.
 // The seeds are fixed; a failure names its seed and mesh.
 func TestHubRandomMeshesDeliver(t *testing.T) {
-	pols := []*policy.Policy{nil, mustPolicy(t, relayPolicy), mustPolicy(t, openPolicy), mustPolicy(t, `policy {
-  name    = "one-hop"
-  version = 1
-}
-class "pii" {
-  allow "transit" {
-    site = ["*"]
-    require {
-      max_hops = 1
-    }
-  }
-  allow "store" {
-    site = ["*"]
-  }
-}
-`)}
+	pols := []*policy.Policy{nil, mustPolicy(t, relayPolicy), mustPolicy(t, openPolicy), mustPolicy(t, oneHopPolicy)}
 	labels := [][]string{
 		{ClassesLabel, "pii,batch", "certified", "iso27001"},
 		{ClassesLabel, "pii", "certified", "iso27001"},
@@ -690,5 +693,57 @@ func TestHubSecondAwayMayHaveBeenTheHub(t *testing.T) {
 	}
 	if got := planState(Compute(in([]Node{b3}, b1, b2)), "10.23.0.0/16"); got != "held" {
 		t.Errorf("b-1 then b-2 away: 10.23.0.0/16, routed through b-2, is %s, want held", got)
+	}
+}
+
+// TestHubLinkMemoChurn: with a memo, a plan is the plan computed afresh
+// through random memberships, gateways coming and going, away or up,
+// which move the hubs, and policies replaced: a decision is reused only
+// as judged by the same gateway through the same hubs under the same
+// policy, ours as the hubs' (LinkMemo.view).
+func TestHubLinkMemoChurn(t *testing.T) {
+	pols := []*policy.Policy{mustPolicy(t, relayPolicy), mustPolicy(t, openPolicy), mustPolicy(t, oneHopPolicy)}
+	labels := [][]string{
+		{ClassesLabel, "pii,batch", "certified", "iso27001"},
+		{ClassesLabel, "pii", "certified", "iso27001"},
+		{ClassesLabel, "batch"},
+		{ClassesLabel, "pii,batch"},
+	}
+	for seed := range uint64(200) {
+		r := rand.New(rand.NewPCG(seed, 9))
+		var nodes []Node
+		host := byte(10)
+		for s := range 3 {
+			for g := range 1 + r.IntN(3) {
+				host++
+				n := gw(fmt.Sprintf("%c-%d", 'a'+s, g+1), fmt.Sprintf("site-%c", 'a'+s), "DE", "aws", host, "", fmt.Sprintf("10.%d.0.0/16", 10+s), fmt.Sprintf("10.%d.%d.0/24", 20+s, g))
+				nodes = append(nodes, labelled(n, labels[r.IntN(len(labels))]...))
+			}
+		}
+		pol := pols[r.IntN(len(pols))]
+		self := nodes[r.IntN(len(nodes))]
+		var memo LinkMemo
+		for step := range 6 {
+			if r.IntN(4) == 0 {
+				pol = pols[r.IntN(len(pols))]
+			}
+			var peers []Node
+			var away []AwayGateway
+			for _, n := range nodes {
+				switch {
+				case n.node() == self.node():
+				case r.IntN(3) != 0:
+					peers = append(peers, n)
+				case r.IntN(2) == 0:
+					away = append(away, AwayGateway{Node: n})
+				}
+			}
+			in := TopologyInput{Self: self, Peers: peers, Away: away, Policy: pol, Mode: TopologyHub, Now: now, MeshPrefix: mesh16}
+			fresh := fmt.Sprint(Compute(in))
+			in.Memo = &memo
+			if got := fmt.Sprint(Compute(in)); got != fresh {
+				t.Fatalf("seed %d, step %d, %s: the memoized plan differs:\n fresh %s\n memo  %s", seed, step, self.node(), fresh, got)
+			}
+		}
 	}
 }

@@ -103,33 +103,57 @@ type LinkMemo struct {
 	self       *certs.Attributes
 	until      time.Time // decisions hold strictly before this; zero: forever
 	links, now map[*certs.Attributes]memoLink
+	// views are decisions as another gateway judges them (view): in the
+	// hub topology, what a hub links to decides what we reach through it.
+	// Kept in place, each marked with the last plan that asked for it.
+	views map[memoView]viewLink
+	plans uint64 // plans done
 }
 
 // memoLink is a decision of a LinkMemo, and the hubs it was judged
 // through: a site's hub changes with the membership.
 type memoLink struct {
 	Link
-	via [2]*certs.Attributes
+	via hubPath
 }
 
-func (m *LinkMemo) link(in TopologyInput, via []*certs.Attributes, peer *certs.Attributes) Link {
-	if m == nil {
-		return residencyPath(in.Policy, in.Self.Attributes, via, peer, in.Now)
-	}
+// memoView is what a decision of LinkMemo.view is about: from's link to
+// to, through via.
+type memoView struct {
+	from, to *certs.Attributes
+	via      hubPath
+}
+
+// viewLink is a decision of LinkMemo.view; done forgets it after a plan
+// that did not ask for it (a hub gone, a path changed).
+type viewLink struct {
+	Link
+	plan uint64 // the last plan that asked for it
+}
+
+// judging forgets the decisions made under another policy, by another
+// certificate of ours, or before an exception of the policy expired.
+func (m *LinkMemo) judging(in TopologyInput) {
 	if m.policy != in.Policy || m.self != in.Self.Attributes || !m.holds(in.Now) {
 		m.policy, m.self, m.links, m.until = in.Policy, in.Self.Attributes, nil, time.Time{}
+		clear(m.views)
 		if in.Policy != nil {
 			m.until = in.Policy.NextChange(in.Now)
 		}
 	}
+}
+
+func (m *LinkMemo) link(in TopologyInput, via hubPath, peer *certs.Attributes) Link {
+	if m == nil {
+		return residencyPath(in.Policy, in.Self.Attributes, via.slice(), peer, in.Now)
+	}
+	m.judging(in)
 	if m.now == nil {
 		m.now = map[*certs.Attributes]memoLink{}
 	}
-	var key [2]*certs.Attributes
-	copy(key[:], via)
 	l, ok := m.links[peer]
-	if !ok || l.via != key {
-		l = memoLink{residencyPath(in.Policy, in.Self.Attributes, via, peer, in.Now), key}
+	if !ok || l.via != via {
+		l = memoLink{residencyPath(in.Policy, in.Self.Attributes, via.slice(), peer, in.Now), via}
 	}
 	m.now[peer] = l
 	return l.Link
@@ -138,13 +162,37 @@ func (m *LinkMemo) link(in TopologyInput, via []*certs.Attributes, peer *certs.A
 // reuse is the decision for peer, a gateway with the same place as first
 // and reached through the same hubs (via), which was judged in this plan:
 // first's, remembered as peer's too.
-func (m *LinkMemo) reuse(in TopologyInput, via []*certs.Attributes, first, peer *certs.Attributes) Link {
+func (m *LinkMemo) reuse(in TopologyInput, via hubPath, first, peer *certs.Attributes) Link {
 	if m == nil {
-		return residencyPath(in.Policy, in.Self.Attributes, via, first, in.Now)
+		return residencyPath(in.Policy, in.Self.Attributes, via.slice(), first, in.Now)
 	}
 	l := m.now[first]
 	m.now[peer] = l
 	return l.Link
+}
+
+// view is from's link to to through via, as from judges it: ours through
+// another hub, or a hub's own (hubLinks, relayed, holdRoutes). Asked at
+// every plan of a non-hub, for every other site's hub, it was most of the
+// plan's cost.
+func (m *LinkMemo) view(in TopologyInput, from *certs.Attributes, via hubPath, to *certs.Attributes) Link {
+	if m == nil {
+		return residencyPath(in.Policy, from, via.slice(), to, in.Now)
+	}
+	m.judging(in)
+	k := memoView{from, to, via}
+	v, ok := m.views[k]
+	if !ok {
+		v.Link = residencyPath(in.Policy, from, via.slice(), to, in.Now)
+		if m.views == nil {
+			m.views = map[memoView]viewLink{}
+		}
+	}
+	if !ok || v.plan != m.plans {
+		v.plan = m.plans
+		m.views[k] = v
+	}
+	return v.Link
 }
 
 // samePlace reports whether two gateways of one site have the place and
@@ -163,6 +211,12 @@ func (m *LinkMemo) holds(now time.Time) bool {
 func (m *LinkMemo) done() {
 	if m != nil {
 		m.links, m.now = m.now, nil
+		for k, v := range m.views {
+			if v.plan != m.plans {
+				delete(m.views, k)
+			}
+		}
+		m.plans++
 	}
 }
 
@@ -231,9 +285,9 @@ func Compute(in TopologyInput) Plan {
 			allowed[i] = true
 			continue
 		}
-		var via []*certs.Attributes
+		var via hubPath
 		if hubs != nil {
-			via = hubVia(hubs, in.Self.Attributes, p.Attributes)
+			via = hubsBetween(hubs, in.Self.Attributes, p.Attributes)
 		}
 		f := firsts[s]
 		if f != nil && samePlace(f.Attributes, p.Attributes) {
@@ -249,7 +303,6 @@ func Compute(in TopologyInput) Plan {
 			links[s] = l
 		}
 	}
-	in.Memo.done()
 	for _, s := range sortedKeys(links) {
 		plan.Links = append(plan.Links, links[s])
 	}
@@ -316,6 +369,7 @@ func Compute(in TopologyInput) Plan {
 	dedupe(&plan, in.Self, in.MeshPrefix, members)
 	holdRoutes(in, &plan)
 	addNextKeys(&plan, in.Self, members)
+	in.Memo.done()
 	return plan
 }
 
@@ -407,10 +461,9 @@ func holdRoutes(in TopologyInput, plan *Plan) {
 	// our hub (nil: none, we are ours or in a full mesh).
 	through := func(h, q *certs.Attributes) bool {
 		if h == nil {
-			return residencyPath(in.Policy, in.Self.Attributes, nil, q, in.Now).Allowed
+			return in.Memo.view(in, in.Self.Attributes, hubPath{}, q).Allowed
 		}
-		return residencyPath(in.Policy, in.Self.Attributes, []*certs.Attributes{h}, q, in.Now).Allowed &&
-			residencyLink(in.Policy, h, q, in.Now).Allowed
+		return in.Memo.view(in, in.Self.Attributes, hubPath{h}, q).Allowed && in.Memo.view(in, h, hubPath{}, q).Allowed
 	}
 	hold := func(site string, routes []netip.Prefix) {
 		for _, p := range routes {
@@ -673,12 +726,12 @@ func hubLinks(in TopologyInput, peers []Node, hubs map[string]*certs.Attributes,
 		}
 		why := ""
 		if far := hubs[p.site()]; far != p.Attributes && !samePlace(far, p.Attributes) {
-			if l := residencyPath(in.Policy, far, hubVia(hubs, far, in.Self.Attributes), in.Self.Attributes, in.Now); !l.Allowed {
+			if l := in.Memo.view(in, far, hubsBetween(hubs, far, in.Self.Attributes), in.Self.Attributes); !l.Allowed {
 				why = fmt.Sprintf("%s is not reached: its hub %s does not link to us (%s), though our own certificate would", p.node(), far.Node, l.Reason)
 			}
 		}
 		if why == "" && narrow {
-			if l := residencyPath(in.Policy, h, hubVia(hubs, h, p.Attributes), p.Attributes, in.Now); !l.Allowed {
+			if l := in.Memo.view(in, h, hubsBetween(hubs, h, p.Attributes), p.Attributes); !l.Allowed {
 				why = fmt.Sprintf("%s is not reached: our hub %s does not link to it (%s), though our own certificate would", p.node(), h.Node, l.Reason)
 			}
 		}
@@ -728,12 +781,34 @@ func hubsOf(self *Node, peers []Node) map[string]*certs.Attributes {
 // is not the hub itself (once, for two gateways of one site). hubs names
 // each site's hub (none for a site with no gateway in view).
 func hubVia(hubs map[string]*certs.Attributes, from, to *certs.Attributes) []*certs.Attributes {
-	var via []*certs.Attributes
-	for _, h := range []*certs.Attributes{hubs[from.Site], hubs[to.Site]} {
-		if h == nil || h.Node == from.Node || h.Node == to.Node || len(via) > 0 && via[len(via)-1].Node == h.Node {
+	via := hubsBetween(hubs, from, to)
+	return append([]*certs.Attributes(nil), via.slice()...)
+}
+
+// hubPath is the hubs between two gateways (hubVia), nil past the last:
+// there are two at most, and a plan asks for them for every peer, as a
+// value it need not allocate.
+type hubPath [2]*certs.Attributes
+
+// slice is the hubs of v, in order.
+func (v *hubPath) slice() []*certs.Attributes {
+	n := 0
+	for n < len(v) && v[n] != nil {
+		n++
+	}
+	return v[:n]
+}
+
+// hubsBetween is hubVia as a hubPath.
+func hubsBetween(hubs map[string]*certs.Attributes, from, to *certs.Attributes) hubPath {
+	var via hubPath
+	n := 0
+	for _, h := range [2]*certs.Attributes{hubs[from.Site], hubs[to.Site]} {
+		if h == nil || h.Node == from.Node || h.Node == to.Node || n > 0 && via[n-1].Node == h.Node {
 			continue
 		}
-		via = append(via, h)
+		via[n] = h
+		n++
 	}
 	return via
 }
@@ -796,23 +871,46 @@ func hubPeers(in TopologyInput, peers []Node, allowed []bool, members []*Node, h
 // claim of a site we do not link to counted for nothing. What the hub
 // did not route on it sent by its host's routes, in clear.
 func relayed(in TopologyInput, h *Node, peers []Node, allowed []bool, members []*Node, hub map[string]string, plan *Plan) []netip.Prefix {
-	var hubs []*Node        // the other sites' hubs our hub links to, by name
-	var settle []PeerConfig // each one's entry at our hub (no endpoint: we do not dial it)
-	var linked []bool       // whether we link to that hub ourselves
-	at := map[string]int{}  // site → its entry in settle
+	// Asked at every plan of a non-hub, about every other site: sized
+	// from the sites (hub) up front, and the entries' allowed IPs parts of
+	// one array, each with room for its own alone (dedupe sorts them in
+	// place). Grown one by one, they were most of the plan's allocations.
+	hubs := make([]*Node, 0, len(hub))        // the other sites' hubs our hub links to, by name
+	settle := make([]PeerConfig, 0, len(hub)) // each one's entry at our hub (no endpoint: we do not dial it)
+	linked := make([]bool, 0, len(hub))       // whether we link to that hub ourselves
+	at := make(map[string]int, len(hub))      // site → its entry in settle
 	for i := range peers {
 		q := &peers[i]
 		if q.site() == in.Self.site() || hub[q.site()] != q.node() {
 			continue
 		}
 		// As our hub judges it: it links to what we link to (hubLinks).
-		if !allowed[i] && !residencyLink(in.Policy, h.Attributes, q.Attributes, in.Now).Allowed {
+		if !allowed[i] && !in.Memo.view(in, h.Attributes, hubPath{}, q.Attributes).Allowed {
 			continue
 		}
 		at[q.site()] = len(settle)
 		hubs = append(hubs, q)
-		settle = append(settle, PeerConfig{Node: q.node(), Site: q.site(), AllowedIPs: slices.Clone(q.Advert.Routes)})
+		settle = append(settle, PeerConfig{Node: q.node(), Site: q.site()})
 		linked = append(linked, allowed[i])
+	}
+	size := make([]int, len(settle)) // each entry's routes and overlay addresses
+	for i, q := range hubs {
+		size[i] = len(q.Advert.Routes)
+	}
+	for _, m := range members {
+		if i, ok := at[m.site()]; ok {
+			size[i]++
+		}
+	}
+	total := 0
+	for _, n := range size {
+		total += n
+	}
+	ips := make([]netip.Prefix, total)
+	off := 0
+	for i, q := range hubs {
+		settle[i].AllowedIPs = append(ips[off:off:off+size[i]], q.Advert.Routes...)
+		off += size[i]
 	}
 	for _, m := range members {
 		if i, ok := at[m.site()]; ok {
@@ -822,7 +920,7 @@ func relayed(in TopologyInput, h *Node, peers []Node, allowed []bool, members []
 	settled := Plan{Peers: settle}
 	dedupe(&settled, *h, in.MeshPrefix, hubs)
 	plan.Conflicts = append(plan.Conflicts, settled.Conflicts...)
-	var out []netip.Prefix
+	out := make([]netip.Prefix, 0, total)
 	for i, pc := range settled.Peers {
 		for _, p := range pc.AllowedIPs {
 			// The routes of a hub we do not link to were there to be
