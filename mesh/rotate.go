@@ -649,8 +649,9 @@ func cleanKept(keys [][]byte, named []byte) [][]byte {
 }
 
 // cleanNames names, by SHA-256, the keys a clean step asks the members
-// to keep: this gateway's primary, then its other keys, the most recent
-// first, but the key installing (no member it is sent to holds it).
+// to keep: this gateway's primary, the key it spoke before, then its
+// other keys, the most recent first, but the key installing (no member it
+// is sent to holds it).
 func (g *Gateway) cleanNames(installing []byte) []byte {
 	g.keyringMu.Lock()
 	keys := slices.Clone(g.liveKeys()) // primary first
@@ -663,7 +664,14 @@ func (g *Gateway) cleanNames(installing []byte) []byte {
 		}
 	}
 	name(keys[0])
-	for i := len(keys) - 1; i >= 1; i-- {
+	// Then the key after the primary: memberlist's UseKey puts the new
+	// primary first and leaves the others in their order, so after a
+	// use step the key spoken before is there, and a member that missed
+	// that step still speaks it. Then the most recent.
+	if len(keys) > 1 {
+		name(keys[1])
+	}
+	for i := len(keys) - 1; i >= 2; i-- {
 		name(keys[i])
 	}
 	return names
