@@ -365,10 +365,7 @@ func (d *NetstackDevice) DialContext(ctx context.Context, network, addr string) 
 	if err != nil {
 		return nil, refusedAsKernel(err)
 	}
-	if err := keepNetstackAlive(c); err != nil {
-		c.Close()
-		return nil, err
-	}
+	keepNetstackAlive(c)
 	return c, nil
 }
 
@@ -393,37 +390,33 @@ var gonetEndpoint = sync.OnceValues(func() (uintptr, bool) {
 // keepNetstackAlive gives a netstack TCP connection overlayKeepAlive's
 // timings, as the kernel's connections have them (a value of zero or
 // less leaves gVisor's own); other connections are left as they are.
-func keepNetstackAlive(c net.Conn) error {
+func keepNetstackAlive(c net.Conn) {
 	tc, ok := c.(*gonet.TCPConn)
 	if !ok {
-		return nil
+		return
 	}
 	off, ok := gonetEndpoint()
 	if !ok {
-		return nil
+		return
 	}
 	ep := *(*tcpip.Endpoint)(unsafe.Add(unsafe.Pointer(tc), off))
 	ka := overlayKeepAlive
+	// gVisor takes these options on any TCP endpoint; one it refused
+	// would leave the connection as it was, without keepalive, not to be
+	// closed for it (an Accept's error ends its server).
 	if ka.Idle > 0 {
 		idle := tcpip.KeepaliveIdleOption(ka.Idle)
-		if err := ep.SetSockOpt(&idle); err != nil {
-			return fmt.Errorf("set keepalive on a netstack connection: %s", err)
-		}
+		ep.SetSockOpt(&idle)
 	}
 	if ka.Interval > 0 {
 		interval := tcpip.KeepaliveIntervalOption(ka.Interval)
-		if err := ep.SetSockOpt(&interval); err != nil {
-			return fmt.Errorf("set keepalive on a netstack connection: %s", err)
-		}
+		ep.SetSockOpt(&interval)
 	}
 	if ka.Count > 0 {
-		if err := ep.SetSockOptInt(tcpip.KeepaliveCountOption, ka.Count); err != nil {
-			return fmt.Errorf("set keepalive on a netstack connection: %s", err)
-		}
+		ep.SetSockOptInt(tcpip.KeepaliveCountOption, ka.Count)
 	}
 	// Last: it starts the timer, with the timings above.
 	ep.SocketOptions().SetKeepAlive(ka.Enable)
-	return nil
 }
 
 // refusedAsKernel makes gVisor's refusal, which it says in words of its
@@ -466,10 +459,7 @@ func (l *netstackListener) Accept() (net.Conn, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := keepNetstackAlive(c); err != nil {
-		c.Close()
-		return nil, err
-	}
+	keepNetstackAlive(c)
 	return c, nil
 }
 

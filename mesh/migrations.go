@@ -387,12 +387,11 @@ func (g *Gateway) openMigrations() error {
 		store: filepath.Join(g.s.StateDir, "images"), running: map[string]*runningMigration{}, atRest: atRestState{kick: make(chan struct{}, 1)},
 		unended: unended}
 	for _, r := range ended {
-		if unended != nil {
+		if unended != nil || r.Error == migrate.Interrupted && r.AuditOwed == nil {
 			g.log.Warn("a migration was interrupted when the gateway stopped: resume it", "migration_id", r.ID, "name", r.Name, "to", r.To)
-			continue
 		}
-		if r.Error == migrate.Interrupted && r.AuditOwed == nil {
-			g.log.Warn("a migration was interrupted when the gateway stopped: resume it", "migration_id", r.ID, "name", r.Name, "to", r.To)
+		if unended != nil {
+			continue // recorded, with its audit record, at its resume or the next start
 		}
 		if err := migrate.AuditInterrupted(j, m.audit, g.id.Load(), &r, g.now()); err != nil {
 			g.log.Error("audit log: a migration's record is still not written; the next start or its resume tries again: check the error: the log (skybridge audit verify), the disk's free space, or the gateway's certificate, which must be valid at the record's time (renew the identity, or set the clock right)", "migration_id", r.ID, "err", err)

@@ -56,8 +56,9 @@ const (
 )
 
 // maxOperatorPerSource bounds the connections of one address (an IPv6
-// /64, but a gateway's own overlay address), so that one client holding connections open without a word cannot
-// take every slot from the token's holders. Prometheus and a browser often
+// /64, but a gateway's own overlay address), so that one client holding
+// connections open without a word cannot take every slot from the
+// token's holders. Prometheus and a browser often
 // share an address (loopback, or one host on a site network): a browser
 // opens up to 6 connections to the endpoint, its event stream among them,
 // and a scraper one or two, which leaves room for a curl and another tab.

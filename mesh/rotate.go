@@ -45,8 +45,7 @@ const (
 
 	// What a rotation sends to the members whose keyring its install
 	// step finds full (maxGossipKeys): each keeps its primary and the
-	// keys named (by SHA-256: the initiator's primary, then its other
-	// keys, the most recent first) it holds, then its own most recent,
+	// keys named (by SHA-256, cleanNames) it holds, then its own most recent,
 	// maxGossipKeys-1 in all. Another member may speak a key other than
 	// the initiator's (it took the use step of a rotation cut short),
 	// which the initiator holds when it took that rotation's install. It
@@ -291,12 +290,20 @@ func sealContext(opID []byte, node string) []byte {
 
 // installedKey is the installed key whose SHA-256 is sum.
 func (g *Gateway) installedKey(sum []byte) ([]byte, error) {
-	for _, k := range g.keyring.GetKeys() {
-		if h := sha256.Sum256(k); bytes.Equal(h[:], sum) {
-			return k, nil
-		}
+	if k := keyBySum(g.keyring.GetKeys(), sum); k != nil {
+		return k, nil
 	}
 	return nil, errors.New("no installed gossip key has that SHA-256: was the install step missed?")
+}
+
+// keyBySum is the key of keys whose SHA-256 is sum, or nil.
+func keyBySum(keys [][]byte, sum []byte) []byte {
+	for _, k := range keys {
+		if h := sha256.Sum256(k); bytes.Equal(h[:], sum) {
+			return k
+		}
+	}
+	return nil
 }
 
 // applyKeyringOp changes the live keyring and the stored one together.
@@ -636,10 +643,8 @@ func cleanKept(keys [][]byte, named []byte) [][]byte {
 		}
 	}
 	for sum := range slices.Chunk(named, sha256.Size) {
-		for _, k := range keys {
-			if h := sha256.Sum256(k); bytes.Equal(h[:], sum) {
-				keep(k)
-			}
+		if k := keyBySum(keys, sum); k != nil {
+			keep(k)
 		}
 	}
 	for i := len(keys) - 1; i >= 1; i-- {
@@ -1012,8 +1017,6 @@ func (e *keyringsFull) Error() string {
 	}
 	return strings.Join(why, "; ")
 }
-
-func (e *keyringsFull) Is(target error) bool { return target == errKeyringFull }
 
 func (e *keyringsFull) nodes() []string {
 	out := make([]string, len(e.refusals))

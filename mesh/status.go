@@ -103,10 +103,12 @@ type MemberStatus struct {
 	// without a handshake, not when it has been idle since it last
 	// carried traffic.
 	LastSent time.Time `json:"last_sent,omitzero"`
-	// SentSince is when the gateway first saw TxBytes above zero for this
-	// peer's key (zero: not yet). A tunnel that never handshook fails
-	// only 180 s after it: a new peer's first initiation goes out at once
-	// and is answered a round trip later.
+	// SentSince is when the gateway first saw this peer's key send
+	// (zero: not yet): TxBytes above zero, or a persistent keepalive,
+	// which sends from the first look even when the host lets nothing
+	// out. A tunnel that never handshook fails only 180 s after it: a new
+	// peer's first initiation goes out at once and is answered a round
+	// trip later.
 	SentSince time.Time `json:"sent_since,omitzero"`
 	// Keepalive is the tunnel's persistent keepalive (zero: none). Such a
 	// tunnel sends every interval, so it handshakes every 2 minutes: it is
@@ -259,7 +261,7 @@ type sentMark struct {
 }
 
 // noteSent records the peers' transmit counters and returns, per peer,
-// when each was last seen to grow and first seen above zero. The
+// when each was last seen to grow and first seen to send (SentSince). The
 // reconciler calls it every time it reads the device, and Status too; it
 // may be called from both at once.
 //

@@ -966,15 +966,10 @@ func pickEndpoint(self, peer []netip.AddrPort) netip.AddrPort {
 	return peer[0]
 }
 
-// residencyLink decides whether two sites may have a tunnel: only if the
-// policy lets at least one class both sites handle travel between them.
-func residencyLink(p *policy.Policy, self, peer *certs.Attributes, now time.Time) Link {
-	return residencyPath(p, self, nil, peer, now)
-}
-
-// residencyPath is residencyLink for data relayed through the hubs via
-// (hubVia): a class both ends handle must be let travel along the whole
-// path, through each hub's site and within max_hops. The hubs need not
+// residencyPath decides whether two sites may have a tunnel: only if the
+// policy lets at least one class both sites handle travel between them,
+// directly (via nil) or relayed through the hubs via (hubVia): along the
+// whole path, through each hub's site and within max_hops. The hubs need not
 // handle the class themselves: they only pass it on, as in a migration
 // (policy.AdmitPath).
 func residencyPath(p *policy.Policy, self *certs.Attributes, via []*certs.Attributes, peer *certs.Attributes, now time.Time) Link {

@@ -1168,7 +1168,7 @@ class "gamma" {
 	} {
 		a := &certs.Attributes{Node: "a1", Site: "site-a", Region: "r", Provider: "aws", Jurisdiction: "US", Labels: map[string]string{ClassesLabel: tt.classes}}
 		b := &certs.Attributes{Node: "b1", Site: "site-b", Region: "r", Provider: "aws", Jurisdiction: "US", Labels: map[string]string{ClassesLabel: tt.classes}}
-		l := residencyLink(p, a, b, now)
+		l := residencyPath(p, a, nil, b, now)
 		if l.Allowed != tt.allowed || l.Audit != tt.aud || l.Class != tt.class || !strings.Contains(l.Reason, tt.reason) {
 			t.Errorf("classes %s: %+v; want allowed %v, audit %v, class %q, a reason with %q", tt.classes, l, tt.allowed, tt.aud, tt.class, tt.reason)
 		}

@@ -59,11 +59,11 @@ func TestOfferClassAsPolicyNamesThem(t *testing.T) {
 	} {
 		src := fmt.Sprintf("policy {\n  name = \"p\"\n  version = 1\n}\nclass %q {\n  allow \"store\" {\n    jurisdiction = [\"DE\"]\n  }\n}\n", c)
 		_, err := policy.Parse("p.hcl", []byte(src))
-		if defined := err == nil; defined != validClass(c) {
-			t.Errorf("class %q: a policy may define it: %v (%v); an offer may name it: %v", c, defined, err, validClass(c))
+		if defined := err == nil; defined != policy.ValidName(c) {
+			t.Errorf("class %q: a policy may define it: %v (%v); an offer may name it: %v", c, defined, err, policy.ValidName(c))
 		}
 		o := Offer{ID: "0123456789abcdef", Name: "vm", Class: c, Format: FormatRaw, Size: 4096, ChunkSize: 4096, Streams: 1}
-		if err := checkOffer(&o); (err == nil) != validClass(c) || err != nil && !strings.Contains(err.Error(), "data class") {
+		if err := checkOffer(&o); (err == nil) != policy.ValidName(c) || err != nil && !strings.Contains(err.Error(), "data class") {
 			t.Errorf("offer of class %q: %v", c, err)
 		}
 	}

@@ -7,6 +7,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+
+	"github.com/skybridge-mesh/skybridge/policy"
 )
 
 // The migration protocol runs over mutually authenticated TLS connections
@@ -76,7 +78,7 @@ func checkOffer(o *Offer) error {
 	switch {
 	case !validID(o.ID):
 		return fmt.Errorf("migration ID %s: want 1 to 64 letters, digits, '-' or '_'", clip(o.ID))
-	case !validClass(o.Class):
+	case !policy.ValidName(o.Class):
 		// No policy can define such a class, so it would be denied: the
 		// denial's record would carry it twice, escaped, and a peer
 		// could grow the audit log by ten times what it sends.
@@ -107,20 +109,6 @@ func validID(id string) bool {
 	}
 	for _, c := range id {
 		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '_') {
-			return false
-		}
-	}
-	return true
-}
-
-// validClass reports whether c can be a data class: the rule the policy
-// compiler holds class names to (policy/compile.go nameRE).
-func validClass(c string) bool {
-	if c == "" || len(c) > 63 {
-		return false
-	}
-	for i, r := range c {
-		if !(r >= 'a' && r <= 'z' || r >= '0' && r <= '9' || i > 0 && (r == '-' || r == '_')) {
 			return false
 		}
 	}

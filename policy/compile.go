@@ -81,6 +81,11 @@ func (e *exception) ref() *ExceptionRef {
 }
 
 // Revision identifies the policy.
+// ValidName reports whether s may name a class (or a site, a check, an
+// exception) in a policy: what a peer offers as a class, for one, before
+// it is copied into a record.
+func ValidName(s string) bool { return nameRE.MatchString(s) }
+
 func (p *Policy) Revision() Revision { return p.rev }
 
 // SignedBy is the name the verified signer's certificate gives it (a
