@@ -535,17 +535,7 @@ func (g *Gateway) via(from, to *certs.Attributes) []*certs.Attributes {
 	if g.s.Topology != TopologyHub {
 		return nil
 	}
-	hubs := map[string]*certs.Attributes{}
-	consider := func(a *certs.Attributes) {
-		if h := hubs[a.Site]; h == nil || a.Node < h.Node {
-			hubs[a.Site] = a
-		}
-	}
-	consider(g.id.Load().Attributes())
-	for _, n := range g.members.gateways() {
-		consider(n.Attributes)
-	}
-	return hubVia(hubs, from, to)
+	return hubVia(hubsOf(&Node{Attributes: g.id.Load().Attributes()}, g.members.gateways()), from, to)
 }
 
 // pickDestination resolves "to" — a node, a site, a region or a

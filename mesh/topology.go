@@ -312,30 +312,29 @@ func Compute(in TopologyInput) Plan {
 	// reaches none, so that the routes stay somewhere). In a full mesh
 	// that is each gateway's own choice; hubs must be the same for
 	// everyone (a hub peers only with hubs), so they are chosen from the
-	// membership alone.
-	down := in.Down
-	if in.Mode == TopologyHub {
-		down = nil
-	}
+	// membership alone (hubsOf), and a hub we do not link to leaves its
+	// site unreached from here, as it leaves us unreached from there.
 	carrier := make(map[string]string, len(links)+1) // site → node
 	better := func(a, b string) bool {               // a should carry rather than b
-		if down[a] != down[b] {
-			return !down[a]
+		if in.Down[a] != in.Down[b] {
+			return !in.Down[a]
 		}
 		return a < b
 	}
-	carrier[in.Self.site()] = in.Self.node()
-	for i := range peers {
-		g := &peers[i]
-		// In a full mesh, only a gateway we link to can carry its site's
-		// routes here. Hubs are the same for every viewer: a hub we do
-		// not link to leaves its site unreached from here, as it leaves
-		// us unreached from there.
-		if !allowed[i] && in.Mode != TopologyHub {
-			continue
+	if in.Mode == TopologyHub {
+		for s, h := range hubs {
+			carrier[s] = h.Node
 		}
-		if c, ok := carrier[g.site()]; !ok || better(g.node(), c) {
-			carrier[g.site()] = g.node()
+	} else {
+		carrier[in.Self.site()] = in.Self.node()
+		for i := range peers {
+			g := &peers[i]
+			if !allowed[i] { // only a gateway we link to can carry here
+				continue
+			}
+			if c, ok := carrier[g.site()]; !ok || better(g.node(), c) {
+				carrier[g.site()] = g.node()
+			}
 		}
 	}
 	plan.Carriers = carrier
