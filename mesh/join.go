@@ -115,14 +115,11 @@ func forgetBurstIdentity(dir, token string) error {
 // temporaries of its writes a crash left: once the identity is stored,
 // a copy of its private key that nothing reads.
 func forgetPending(dir string) error {
-	var errs []error
-	temps, _ := filepath.Glob(filepath.Join(dir, atomicfile.TempPattern(filePendingEnrollment)))
-	for _, path := range append(temps, filepath.Join(dir, filePendingEnrollment)) {
-		if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
-			errs = append(errs, err)
-		}
+	err := atomicfile.RemoveTemps(dir, 0, filePendingEnrollment)
+	if rerr := os.Remove(filepath.Join(dir, filePendingEnrollment)); rerr != nil && !errors.Is(rerr, os.ErrNotExist) {
+		err = errors.Join(err, rerr)
 	}
-	return errors.Join(errs...)
+	return err
 }
 
 // dropPending is forgetPending for an enrolled gateway, which runs on
