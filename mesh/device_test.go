@@ -34,36 +34,7 @@ func freeUDPPort(t *testing.T) int {
 // and carries TCP between their overlay addresses: a real WireGuard
 // handshake, no root, no TUN.
 func TestNetstackDevicesTalk(t *testing.T) {
-	type end struct {
-		key     certs.WGPrivateKey
-		port    int
-		overlay netip.Addr
-		dev     *NetstackDevice
-	}
-	mk := func(host byte) *end {
-		k, _ := certs.GenerateWGKey()
-		e := &end{key: k, port: freeUDPPort(t), overlay: netip.AddrFrom4([4]byte{100, 96, 0, host})}
-		d, err := OpenDevice(DeviceOptions{Name: "ns" + string('0'+host), Mode: ModeNetstack, Port: e.port, MTU: 1420,
-			PrivateKey: k, Overlay: e.overlay, MeshPrefix: mesh16, Log: slog.New(slog.DiscardHandler)})
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { d.Close() })
-		e.dev = d.(*NetstackDevice)
-		return e
-	}
-	a, b := mk(1), mk(2)
-	link := func(from, to *end) {
-		cfg, _ := DiffPeers(nil, []PeerConfig{{
-			Node: "peer", PublicKey: to.key.Public(), Endpoint: netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(to.port)),
-			AllowedIPs: []netip.Prefix{netip.PrefixFrom(to.overlay, 32)},
-		}}, nil)
-		if err := from.dev.Configure(wgtypes.Config{Peers: cfg}); err != nil {
-			t.Fatal(err)
-		}
-	}
-	link(a, b)
-	link(b, a)
+	a, b := netstackPair(t, 1, 2)
 
 	ln, err := b.dev.Net().ListenTCPAddrPort(netip.AddrPortFrom(b.overlay, 9000))
 	if err != nil {

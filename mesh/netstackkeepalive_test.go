@@ -15,20 +15,22 @@ import (
 	"github.com/skybridge-mesh/skybridge/certs"
 )
 
-// netstackPair opens two netstack devices at 100.96.0.host, each the
-// other's peer over loopback; closed with the test.
-func netstackPair(t *testing.T, hostA, hostB byte) (a, b *NetstackDevice) {
+// netstackEnd is one of two netstack devices a test links.
+type netstackEnd struct {
+	key     certs.WGPrivateKey
+	port    int
+	overlay netip.Addr
+	dev     *NetstackDevice
+}
+
+// netstackPair opens two netstack devices at 100.96.0.hostA and .hostB,
+// each the other's WireGuard peer on loopback, until the test ends.
+func netstackPair(t *testing.T, hostA, hostB byte) (a, b *netstackEnd) {
 	t.Helper()
-	type end struct {
-		key     certs.WGPrivateKey
-		port    int
-		overlay netip.Addr
-		dev     *NetstackDevice
-	}
-	mk := func(host byte) *end {
+	mk := func(host byte) *netstackEnd {
 		k, _ := certs.GenerateWGKey()
-		e := &end{key: k, port: freeUDPPort(t), overlay: netip.AddrFrom4([4]byte{100, 96, 0, host})}
-		d, err := OpenDevice(DeviceOptions{Name: "nska" + string('0'+host), Mode: ModeNetstack, Port: e.port, MTU: 1420,
+		e := &netstackEnd{key: k, port: freeUDPPort(t), overlay: netip.AddrFrom4([4]byte{100, 96, 0, host})}
+		d, err := OpenDevice(DeviceOptions{Name: "ns" + string('0'+host), Mode: ModeNetstack, Port: e.port, MTU: 1420,
 			PrivateKey: k, Overlay: e.overlay, MeshPrefix: mesh16, Log: slog.New(slog.DiscardHandler)})
 		if err != nil {
 			t.Fatal(err)
@@ -37,8 +39,8 @@ func netstackPair(t *testing.T, hostA, hostB byte) (a, b *NetstackDevice) {
 		e.dev = d.(*NetstackDevice)
 		return e
 	}
-	ea, eb := mk(hostA), mk(hostB)
-	for _, l := range [][2]*end{{ea, eb}, {eb, ea}} {
+	a, b = mk(hostA), mk(hostB)
+	for _, l := range [][2]*netstackEnd{{a, b}, {b, a}} {
 		from, to := l[0], l[1]
 		cfg, _ := DiffPeers(nil, []PeerConfig{{
 			Node: "peer", PublicKey: to.key.Public(), Endpoint: netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(to.port)),
@@ -48,7 +50,7 @@ func netstackPair(t *testing.T, hostA, hostB byte) (a, b *NetstackDevice) {
 			t.Fatal(err)
 		}
 	}
-	return ea.dev, eb.dev
+	return a, b
 }
 
 // TestNetstackKeepAliveNoticesVanishedPeer: a netstack connection whose
@@ -67,7 +69,8 @@ func TestNetstackKeepAliveNoticesVanishedPeer(t *testing.T) {
 		dialerGoes bool // the dialling gateway vanishes, or the listening one
 	}{{"the listener vanishes", false}, {"the dialer vanishes", true}} {
 		t.Run(tc.name, func(t *testing.T) {
-			a, b := netstackPair(t, byte(10+2*i), byte(11+2*i))
+			ea, eb := netstackPair(t, byte(10+2*i), byte(11+2*i))
+			a, b := ea.dev, eb.dev
 			bAddr := netip.AddrPortFrom(netip.AddrFrom4([4]byte{100, 96, 0, byte(11 + 2*i)}), 9000)
 			ln, err := b.Listen(bAddr)
 			if err != nil {
