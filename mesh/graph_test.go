@@ -1,7 +1,6 @@
 package mesh
 
 import (
-	"context"
 	"encoding/xml"
 	"fmt"
 	"io"
@@ -591,14 +590,7 @@ func TestNewTunnelNotFailingLive(t *testing.T) {
 	s.Node = provisionGateway(t, ca, tb, certs.Attributes{Node: "hq-1", Site: "zrh-dc", Region: "zrh", Provider: "onprem", Jurisdiction: "CH",
 		OverlayIP: netip.MustParseAddr("100.64.7.1")}, time.Hour, s.Identity.Dir)
 	dev := unansweredDevice{NewRecordingDevice("hq")}
-	g, err := newGateway(context.Background(), s, slog.New(slog.DiscardHandler), options{device: dev, noControl: true, noMigrations: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { defer close(done); g.Run(ctx) }()
-	t.Cleanup(func() { cancel(); <-done })
+	g := runGateway(t, s, dev, slog.New(slog.DiscardHandler), nil)
 
 	fs := liveSettings(t, filepath.Join(dir, "fra"))
 	fs.Node = provisionGateway(t, ca, tb, certs.Attributes{Node: "fra-1", Site: "fra-dc", Region: "fra", Provider: "onprem", Jurisdiction: "DE",

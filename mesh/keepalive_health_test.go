@@ -42,16 +42,10 @@ func TestKeptAliveNeverHandshookFails(t *testing.T) {
 	s.Seeds = []string{b.g.s.GossipAdvertise.String()}
 	s.BehindNAT = true
 	dev := NewRecordingDevice("op0")
-	g, err := newGateway(context.Background(), s, slog.New(slog.NewJSONHandler(&logs, nil)), options{device: dev, noControl: true, noMigrations: true})
-	if err != nil {
-		t.Fatal(err)
-	}
 	var skew atomic.Int64
-	g.now = func() time.Time { return time.Now().Add(time.Duration(skew.Load())) }
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { defer close(done); g.Run(ctx) }()
-	t.Cleanup(func() { cancel(); <-done })
+	g := runGateway(t, s, dev, slog.New(slog.NewJSONHandler(&logs, nil)), func(g *Gateway) {
+		g.now = func() time.Time { return time.Now().Add(time.Duration(skew.Load())) }
+	})
 
 	waitUntil(t, 20*time.Second, "op0 peers with op1 with a keepalive", func() bool {
 		for _, p := range dev.Peers() {

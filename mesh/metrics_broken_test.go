@@ -45,14 +45,7 @@ func TestMigrationMetricsWithoutTheDevice(t *testing.T) {
 	s := liveSettings(t, gdir)
 	s.Node = provisionGateway(t, ca, tb, attrs, time.Hour, s.Identity.Dir)
 	dev := &unreadableDevice{RecordingDevice: NewRecordingDevice("op0")}
-	g, err := newGateway(context.Background(), s, slog.New(slog.DiscardHandler), options{device: dev, noControl: true, noMigrations: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { defer close(done); g.Run(ctx) }()
-	t.Cleanup(func() { cancel(); <-done })
+	g := runGateway(t, s, dev, slog.New(slog.DiscardHandler), nil)
 	waitUntil(t, 10*time.Second, "the operator endpoint", func() bool { return g.OperatorAddress() != nil })
 	tok := (&liveGateway{g: g}).token(t)
 	dev.broken.Store(true)

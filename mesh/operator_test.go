@@ -64,6 +64,25 @@ func startLiveGatewayWith(t *testing.T, ca *certs.CA, dir string, i int, site st
 	return runLiveGateway(t, s, logs)
 }
 
+// runGateway runs a gateway of s on dev until the test ends, without
+// waiting for it to start; tweak, if set, changes it before it runs (its
+// clock, say, which no goroutine reads yet).
+func runGateway(t testing.TB, s *Settings, dev Device, log *slog.Logger, tweak func(*Gateway)) *Gateway {
+	t.Helper()
+	g, err := newGateway(context.Background(), s, log, options{device: dev, noControl: true, noMigrations: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if tweak != nil {
+		tweak(g)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); g.Run(ctx) }()
+	t.Cleanup(func() { cancel(); <-done })
+	return g
+}
+
 // liveSettings are the settings of an in-process gateway in dir with its
 // gossip on a free loopback port, and no node block.
 func liveSettings(t testing.TB, dir string) *Settings {
