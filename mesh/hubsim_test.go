@@ -319,10 +319,9 @@ func TestHubRelayThroughForbiddenRemoteHub(t *testing.T) {
 	}
 }
 
-// TestHubRelayMaxHops: max_hops counts the tunnels of the hub topology's
-// path, as a migration's do: pii (max_hops = 1) goes between hubs only.
-func TestHubRelayMaxHops(t *testing.T) {
-	pol := mustPolicy(t, `policy {
+// hopsPolicy lets pii travel one tunnel only (max_hops = 1: between
+// hubs), and batch anywhere.
+const hopsPolicy = `policy {
   name    = "hops"
   version = 1
 }
@@ -337,7 +336,20 @@ class "pii" {
     site = ["*"]
   }
 }
-`)
+class "batch" {
+  allow "transit" {
+    site = ["*"]
+  }
+  allow "store" {
+    site = ["*"]
+  }
+}
+`
+
+// TestHubRelayMaxHops: max_hops counts the tunnels of the hub topology's
+// path, as a migration's do: pii (max_hops = 1) goes between hubs only.
+func TestHubRelayMaxHops(t *testing.T) {
+	pol := mustPolicy(t, hopsPolicy)
 	w := newSim([]Node{
 		gw("a-1", "site-a", "DE", "aws", 11, "pii", "10.11.0.0/16"),
 		gw("a-2", "site-a", "DE", "aws", 12, "pii", "10.11.0.0/16"),
@@ -410,30 +422,7 @@ func TestHubRemoteHubEndpointInsideItsRoutes(t *testing.T) {
 // settled here as at the hub: the other site's overlapping prefix, which
 // the hub does not route, is not routed here either.
 func TestHubClaimOfASiteOnlyTheHubLinks(t *testing.T) {
-	pol := mustPolicy(t, `policy {
-  name    = "hops"
-  version = 1
-}
-class "pii" {
-  allow "transit" {
-    site = ["*"]
-    require {
-      max_hops = 1
-    }
-  }
-  allow "store" {
-    site = ["*"]
-  }
-}
-class "batch" {
-  allow "transit" {
-    site = ["*"]
-  }
-  allow "store" {
-    site = ["*"]
-  }
-}
-`)
+	pol := mustPolicy(t, hopsPolicy)
 	w := newSim([]Node{
 		gw("a-1", "site-a", "DE", "aws", 11, "pii,batch", "10.11.0.0/16"),
 		gw("a-2", "site-a", "DE", "aws", 12, "pii,batch", "10.11.0.0/16"),
