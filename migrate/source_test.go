@@ -295,12 +295,7 @@ func TestOpenSourceAs(t *testing.T) {
 func TestOpenSourceRefusesSnapshotsAndCorrupt(t *testing.T) {
 	q := qemuImg(t)
 	p := newPair(t, "DE")
-	run := func(args ...string) {
-		t.Helper()
-		if out, err := exec.Command(q, args...).CombinedOutput(); err != nil {
-			t.Fatalf("qemu-img %v: %v %s", args, err, out)
-		}
-	}
+	run := qemuImgRunner(t, q)
 	raw := filepath.Join(p.dir, "vm.raw")
 	makeRaw(t, raw, 4*mib, map[int64]int{0: 64 << 10, 3 * mib: 4096})
 	image := func(name string, opts ...string) string {
@@ -405,12 +400,7 @@ func TestZeroLengthQcow2(t *testing.T) {
 func TestOpenSourceRefusesOtherFormats(t *testing.T) {
 	q := qemuImg(t)
 	p := newPair(t, "DE")
-	run := func(args ...string) {
-		t.Helper()
-		if out, err := exec.Command(q, args...).CombinedOutput(); err != nil {
-			t.Fatalf("qemu-img %v: %v %s", args, err, out)
-		}
-	}
+	run := qemuImgRunner(t, q)
 	raw := filepath.Join(p.dir, "disk.raw")
 	makeRaw(t, raw, 4*mib, map[int64]int{0: 64 << 10, 3 * mib: 4096})
 	image := func(name, format string, opts ...string) string {
@@ -604,5 +594,16 @@ func TestQcow2ReaderWarningsInOurLog(t *testing.T) {
 	}
 	if !strings.Contains(ours.String(), "dirty bit") {
 		t.Errorf("the reader's warning is not in the log: %q", ours.String())
+	}
+}
+
+// qemuImgRunner runs qemu-img (q) with the arguments given, failing the
+// test if it fails.
+func qemuImgRunner(t *testing.T, q string) func(args ...string) {
+	return func(args ...string) {
+		t.Helper()
+		if out, err := exec.Command(q, args...).CombinedOutput(); err != nil {
+			t.Fatalf("qemu-img %v: %v %s", args, err, out)
+		}
 	}
 }
