@@ -314,6 +314,7 @@ func openGateway(ctx context.Context, s *Settings, logger *slog.Logger, opt opti
 			return nil, err
 		}
 	}
+	g.warnForwarding(tb.MeshPrefix(), attrs.Routes)
 	if !opt.noMigrations {
 		if err := g.openMigrations(); err != nil {
 			g.routesAtStop(false) // an adopted interface's, as at a stop

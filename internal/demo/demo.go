@@ -535,6 +535,13 @@ func (r *run) netns() error {
 			return err
 		}
 	}
+	// The gateways route their sites' networks, as real ones do, which a
+	// new namespace's host does not forward (the gateway warns of it).
+	for _, s := range r.sites {
+		if out, err := tool("ip", "netns", "exec", s.NS, "sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward").CombinedOutput(); err != nil {
+			return fmt.Errorf("turn IP forwarding on in %s: %v: %s", s.NS, err, bytes.TrimSpace(out))
+		}
+	}
 	return nil
 }
 
