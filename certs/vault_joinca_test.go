@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	vault "github.com/hashicorp/vault/api"
@@ -81,6 +82,30 @@ func TestVaultJoinCAIsTheClientsCA(t *testing.T) {
 		}
 		if !trusts(burst, caB) {
 			t.Errorf("the join token lacks the CA in a subdirectory of VAULT_CAPATH, which the gateway's client trusts Vault by")
+		}
+	})
+	// A system's CA directory holds each CA under several names: its
+	// file, a hash link to it, and a bundle of them all.
+	t.Run("VAULT_CAPATH holding each CA more than once", func(t *testing.T) {
+		capath := t.TempDir()
+		os.WriteFile(filepath.Join(capath, "a.pem"), pemOf(caA), 0o600)
+		os.WriteFile(filepath.Join(capath, "b.pem"), pemOf(caB), 0o600)
+		os.Symlink("a.pem", filepath.Join(capath, "1a2b3c4d.0"))
+		os.WriteFile(filepath.Join(capath, "bundle.crt"), append(pemOf(caA), pemOf(caB)...), 0o600)
+		t.Setenv(vault.EnvVaultCAPath, capath)
+		c, err := vault.NewClient(&vault.Config{Address: "https://vault.example.com:8200"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		vj, err := (&Vault{client: c, cfg: &VaultConfig{}}).VaultJoinFor(&VaultBurst{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if n := strings.Count(vj.CACert, "-----BEGIN CERTIFICATE-----"); n != 2 {
+			t.Errorf("the join token carries %d certificates for the 2 CAs of VAULT_CAPATH (%d bytes): each should go once", n, len(vj.CACert))
+		}
+		if burst := burstPool(t); !trusts(burst, caA) || !trusts(burst, caB) {
+			t.Errorf("the join token lacks a CA of VAULT_CAPATH")
 		}
 	})
 }

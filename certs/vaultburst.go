@@ -3,8 +3,10 @@ package certs
 import (
 	"context"
 	"crypto/rand"
+	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -1315,17 +1317,31 @@ func envVaultCA() ([]byte, error) {
 		return nil, nil
 	}
 	var all []byte
-	// Walked as the client walks it: every file and link in the tree.
+	seen := map[[sha256.Size]byte]bool{}
+	// Walked as the client walks it: every file and link in the tree, of
+	// which it trusts the certificates. Each goes into the token once: a
+	// system's CA directory holds each CA under two names or more (its
+	// file, its hash links, a bundle of all), and /etc/ssl/certs whole
+	// made a token of a megabyte, more than a command line, a variable
+	// or a VM's user data carries.
 	err := filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {
 		if err != nil || d.IsDir() {
 			return err
 		}
-		b, err := os.ReadFile(path)
+		rest, err := os.ReadFile(path)
 		if err != nil {
 			return err
 		}
-		all = append(append(all, b...), '\n')
-		return nil
+		for {
+			var b *pem.Block
+			if b, rest = pem.Decode(rest); b == nil {
+				return nil
+			}
+			if sum := sha256.Sum256(b.Bytes); b.Type == "CERTIFICATE" && len(b.Headers) == 0 && !seen[sum] {
+				seen[sum] = true
+				all = append(all, pem.EncodeToMemory(&pem.Block{Type: b.Type, Bytes: b.Bytes})...)
+			}
+		}
 	})
 	if err != nil {
 		return nil, fmt.Errorf("$%s, the CAs this gateway trusts Vault by, for burst gateways' join tokens: %w (set vault { ca_cert = ... } instead)", vault.EnvVaultCAPath, err)
