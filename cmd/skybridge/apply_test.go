@@ -381,3 +381,45 @@ func TestMigrateRunSaysItsID(t *testing.T) {
 		t.Errorf("exit %d, stderr %q: want the ID said once", code, errs)
 	}
 }
+
+// TestResumeAtANewPace: `migrate resume` sends the pace it is given, and
+// none it is not (the gateway then keeps the migration's own). Without
+// the flags a migration cancelled for a cap that proved wrong resumed at
+// that cap.
+func TestResumeAtANewPace(t *testing.T) {
+	const id = "aaaaaaaaaaaaaaaa"
+	known := map[string]*migrate.SendRecord{id: {ID: id, State: migrate.StateCancelled, BWLimit: 200e6, Streams: 4}}
+	for _, c := range []struct {
+		args      []string
+		want, not []string
+	}{
+		{[]string{"--bwlimit", "50MB/s", "--streams", "1"}, []string{`"bwlimit":50000000`, `"streams":1`}, nil},
+		{[]string{"--bwlimit", "none"}, []string{`"bwlimit":-1`}, []string{`"streams"`}},
+		{nil, nil, []string{`"bwlimit"`, `"streams"`}},
+	} {
+		sock, posts := fakeGateway(t, "gw-zrh", "onprem-zrh", auditPlan.Policy, known)
+		if _, errs, code := runCLI(t, append([]string{"migrate", "resume", id, "--socket", sock}, c.args...)...); code != 0 {
+			t.Fatalf("%q: exit %d %s", c.args, code, errs)
+		}
+		p := posts()
+		if len(p) != 1 {
+			t.Fatalf("%q: %d requests, want 1", c.args, len(p))
+		}
+		for _, w := range c.want {
+			if !strings.Contains(p[0], w) {
+				t.Errorf("%q: the resume request %s lacks %s", c.args, p[0], w)
+			}
+		}
+		for _, n := range c.not {
+			if strings.Contains(p[0], n) {
+				t.Errorf("%q: the resume request %s sets %s, which the gateway then takes over the migration's own", c.args, p[0], n)
+			}
+		}
+	}
+	for _, bad := range [][]string{{"--streams", "0"}, {"--bwlimit", "fast"}} {
+		sock, posts := fakeGateway(t, "gw-zrh", "onprem-zrh", auditPlan.Policy, known)
+		if _, errs, code := runCLI(t, append([]string{"migrate", "resume", id, "--socket", sock}, bad...)...); code != 2 || len(posts()) != 0 || !strings.Contains(errs, bad[0]) {
+			t.Errorf("%q: exit %d, %d requests, %s; want a usage error naming the flag, nothing sent", bad, code, len(posts()), errs)
+		}
+	}
+}

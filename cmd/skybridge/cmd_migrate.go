@@ -52,9 +52,11 @@ func migrateCommand() *cli.Command {
 				Name:      "resume",
 				Usage:     "continue an interrupted migration: only chunks not yet durable at the destination are sent",
 				ArgsUsage: "ID",
-				UsageText: "skybridge migrate resume ID [--json] (--config | --socket)",
-				Flags:     append(append([]cli.Flag(nil), socketFlags...), jsonFlag),
-				Action:    migrateResume,
+				UsageText: "skybridge migrate resume ID [--streams N] [--bwlimit 200MB/s|none] [--json] (--config | --socket)",
+				Flags: append(append([]cli.Flag(nil), socketFlags...), jsonFlag,
+					&cli.IntFlag{Name: "streams", Usage: "parallel TLS streams (default: the migration's own)"},
+					&cli.StringFlag{Name: "bwlimit", Usage: "bandwidth cap, e.g. 200MB/s, or none to lift it (default: the migration's own)"}),
+				Action: migrateResume,
 			},
 			{
 				Name:   "list",
@@ -229,7 +231,22 @@ func migrateResume(c *cli.Context) error {
 	if id == "" {
 		return usageError("which migration? skybridge migrate resume ID (see skybridge migrate list)")
 	}
-	return runMigration(c, mesh.MigrationRequest{ID: id})
+	// Unset, the gateway keeps the migration's own pace: a cancel is
+	// often for a cap that proved wrong, which a resume then changes.
+	req := mesh.MigrationRequest{ID: id}
+	if s := c.String("bwlimit"); s != "" {
+		var err error
+		if req.BWLimit, err = parseRate(s); err != nil {
+			return usageError("--bwlimit: %v", err)
+		}
+	}
+	if c.IsSet("streams") {
+		if n := c.Int("streams"); n < 1 || n > migrate.MaxStreams {
+			return usageError("--streams %d: want 1 to %d", n, migrate.MaxStreams)
+		}
+		req.Streams = c.Int("streams")
+	}
+	return runMigration(c, req)
 }
 
 // runMigration streams a migration's progress: a live bar, or with --json
