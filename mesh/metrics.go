@@ -40,6 +40,8 @@ type metrics struct {
 	probes          *prometheus.CounterVec
 	probeAttempts   prometheus.Counter
 	verdicts        *prometheus.CounterVec
+	offersDenied    *prometheus.CounterVec
+	receivesDropped *prometheus.CounterVec
 
 	recent *decisionLog
 	known  atomic.Pointer[map[string]bool] // the adopted policy's classes
@@ -110,11 +112,19 @@ func newMetrics(g *Gateway) *metrics {
 			Name: "skybridge_gateway_verdicts_total",
 			Help: "Times a gateway of a remote site with a choice of gateways was judged unreachable through its tunnel (two probes missed in a row) or reachable again (answering for 10 s; at once while no gateway of its site is proven), by verdict. Both rising: a gateway that comes and goes, and its site's routes with it.",
 		}, []string{"verdict"}),
+		offersDenied: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "skybridge_migration_offers_denied_total",
+			Help: "Migration offers this gateway's residency policy denied, each one (its audit log records one sending gateway's 32 in a row, then one a minute, and counts the rest), by the kind of rule that denied it (deny, default_deny, requirement, max_hops) or no_policy: none in force here.",
+		}, []string{"reason"}),
+		receivesDropped: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "skybridge_migration_receives_dropped_total",
+			Help: "Interrupted receives forgotten with the chunks they held, by reason (too_many: their sender had more than 128 interrupted here, and the oldest went; abandoned: not offered again for a week). A resume of one sends every chunk again.",
+		}, []string{"reason"}),
 		recent: &decisionLog{max: maxRecentDecisions},
 	}
 	m.reg.MustRegister(m.rejections, m.reconcileRuns, m.reconcileErrors, m.reconcileTime,
 		m.migBytes, m.migChunks, m.migDone, m.migRetries, m.migDuration, m.decisions, m.enrollments, m.renewals,
-		m.probes, m.probeAttempts, m.verdicts, &gatewayCollector{g: g}, atRestCollector{g: g},
+		m.probes, m.probeAttempts, m.verdicts, m.offersDenied, m.receivesDropped, &gatewayCollector{g: g}, atRestCollector{g: g},
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	// Every label value a rule or dashboard may select on exists from the
 	// start, so that rate() and absent() see zeros rather than nothing.
@@ -140,6 +150,12 @@ func newMetrics(g *Gateway) *metrics {
 	}
 	for _, v := range []string{"unreachable", "reachable"} {
 		m.verdicts.WithLabelValues(v)
+	}
+	for _, r := range migrate.DenialReasons {
+		m.offersDenied.WithLabelValues(r)
+	}
+	for _, r := range migrate.DropReasons {
+		m.receivesDropped.WithLabelValues(r)
 	}
 	return m
 }
@@ -224,6 +240,15 @@ func (m *metrics) Retried(role string) { m.migRetries.WithLabelValues(role).Inc(
 func (m *metrics) Ended(role, outcome string, took time.Duration) {
 	m.migDuration.WithLabelValues(role, outcome).Observe(took.Seconds())
 }
+
+// The receiver tells of its refusals an Observer that is a
+// migrate.RefusalObserver: should the methods below stop matching it, they
+// would count nothing, without a word.
+var _ migrate.RefusalObserver = (*metrics)(nil)
+
+func (m *metrics) OfferDenied(reason string) { m.offersDenied.WithLabelValues(reason).Inc() }
+
+func (m *metrics) ReceiveDropped(reason string) { m.receivesDropped.WithLabelValues(reason).Inc() }
 
 func decisionOutcome(d policy.Decision) string {
 	switch {

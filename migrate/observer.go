@@ -31,6 +31,44 @@ type Observer interface {
 	Ended(role, outcome string, took time.Duration)
 }
 
+// Why a receiver denied an offer, as OfferDenied names it: the kind of
+// the policy's rule that refused it, or no policy in force. A fixed set:
+// each is a metric's label value.
+const (
+	DeniedNoPolicy    = "no_policy"
+	DeniedByRule      = "deny"         // a deny rule
+	DeniedByDefault   = "default_deny" // no allow rule or exception for the site, or a class the policy does not define
+	DeniedRequirement = "requirement"  // the site's certificate does not attest what the allow asks (encryption at rest, replica zones)
+	DeniedMaxHops     = "max_hops"     // a path longer than the allow lets the data take
+)
+
+// DenialReasons are the reasons OfferDenied gives.
+var DenialReasons = []string{DeniedNoPolicy, DeniedByRule, DeniedByDefault, DeniedRequirement, DeniedMaxHops}
+
+// Why a receiver forgot an interrupted receive with the chunks it held,
+// as ReceiveDropped names it.
+const (
+	DroppedTooMany   = "too_many"  // its sender had more interrupted here than are kept (maxInterruptedPerPeer); the oldest went
+	DroppedAbandoned = "abandoned" // not offered again for AbandonedAfter
+)
+
+// DropReasons are the reasons ReceiveDropped gives.
+var DropReasons = []string{DroppedTooMany, DroppedAbandoned}
+
+// RefusalObserver is told what a receiver refuses or forgets that no
+// migration's end shows. A receiver whose Observer implements it calls
+// it; the methods are apart from Observer's so that an Observer with no
+// use for them (a test's) need not have them.
+type RefusalObserver interface {
+	// OfferDenied reports each offer the receiver's policy denied,
+	// those its audit log counts rather than records one by one
+	// (paceDenial) included.
+	OfferDenied(reason string)
+	// ReceiveDropped reports an interrupted receive forgotten with the
+	// chunks it held: a resume of it sends every chunk again.
+	ReceiveDropped(reason string)
+}
+
 type nopObserver struct{}
 
 func (nopObserver) Decided(string, string, policy.Request, policy.Decision) {}
@@ -44,4 +82,16 @@ func observer(o Observer) Observer {
 		return nopObserver{}
 	}
 	return o
+}
+
+type nopRefusals struct{}
+
+func (nopRefusals) OfferDenied(string)    {}
+func (nopRefusals) ReceiveDropped(string) {}
+
+func refusalObserver(o Observer) RefusalObserver {
+	if r, ok := o.(RefusalObserver); ok {
+		return r
+	}
+	return nopRefusals{}
 }

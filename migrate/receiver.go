@@ -79,8 +79,9 @@ var errStopHere = errors.New("the gateway stopped here (a test)")
 
 // Receiver accepts migrations into a gateway's image store.
 type Receiver struct {
-	cfg ReceiverConfig
-	dec *zstd.Decoder
+	cfg      ReceiverConfig
+	refusals RefusalObserver // cfg.Observer, if it is one
+	dec      *zstd.Decoder
 	// auditMu makes writing the records owed and the next record one
 	// step (appendEvent, payOwed).
 	auditMu sync.Mutex
@@ -149,7 +150,7 @@ func NewReceiver(cfg ReceiverConfig) (*Receiver, error) {
 	if err != nil {
 		return nil, err
 	}
-	r := &Receiver{cfg: cfg, dec: dec, sessions: map[string]*session{}, opening: map[string]receiveLoad{}, removing: map[string]bool{}, unprovenFrom: map[netip.Addr]int{},
+	r := &Receiver{cfg: cfg, refusals: refusalObserver(cfg.Observer), dec: dec, sessions: map[string]*session{}, opening: map[string]receiveLoad{}, removing: map[string]bool{}, unprovenFrom: map[netip.Addr]int{},
 		recordKick: make(chan struct{}, 1), denials: map[string]*denialPace{}, denialKick: make(chan struct{}, 1)}
 	if _, err := r.recoverStores(true); err != nil {
 		return nil, fmt.Errorf("image store: %w", err)
@@ -376,6 +377,7 @@ func (r *Receiver) forgetAbandoned() {
 			r.cfg.Log.Warn("forget an abandoned receive", "migration_id", rec.ID, "err", err)
 			continue
 		}
+		r.refusals.ReceiveDropped(DroppedAbandoned)
 		r.cfg.Log.Info("forgot an abandoned receive: its sender has not offered it again", "migration_id", rec.ID, "name", rec.Name, "from", rec.From, "last_offered", last)
 	}
 }
@@ -452,6 +454,7 @@ func (r *Receiver) trimInterrupted(node, keep string) {
 		case err != nil:
 			r.cfg.Log.Warn("forget an interrupted receive past those kept per gateway", "migration_id", a.rec.ID, "err", err)
 		default:
+			r.refusals.ReceiveDropped(DroppedTooMany)
 			r.cfg.Log.Info("forgot an interrupted receive: its sender has more interrupted here than are kept for resumes; a resume sends every chunk again",
 				"migration_id", a.rec.ID, "name", a.rec.Name, "from", a.rec.From, "last_offered", a.last, "kept", maxInterruptedPerPeer)
 		}
@@ -857,6 +860,7 @@ func (r *Receiver) control(ctx context.Context, c *tls.Conn, fr *frameReader, fw
 	}
 	d, ok := r.decide(o, from, via)
 	if !ok {
+		r.refusals.OfferDenied(denialReason(d))
 		if r.paceDenial(o, from) {
 			log.Warn("migration refused by the residency policy", "rule", d.Rule.String(), "reason", strings.Join(d.Reasons, "; "))
 			r.audit(o, from, d, "denied", Hash{}, 0, r.cfg.Now(), r.cfg.Now(), "")
@@ -1003,13 +1007,33 @@ func (r *Receiver) decide(o *Offer, from *certs.Attributes, via []*certs.Attribu
 	p := r.cfg.Policy()
 	self := r.cfg.Identity().Attributes()
 	if p == nil {
-		return policy.Decision{Rule: policy.RuleRef{Kind: "default-deny", Name: "no policy"}, Reasons: []string{"no residency policy is in force on the receiving gateway"}}, false
+		return policy.Decision{Rule: ruleNoPolicy, Reasons: []string{"no residency policy is in force on the receiving gateway"}}, false
 	}
 	checks, verdict := p.AdmitPath(o.Class, policy.PathOf(from, via, self), r.cfg.Now())
 	for _, c := range checks {
 		r.cfg.Observer.Decided(RoleReceive, o.ID, c.Request, c.Decision)
 	}
 	return verdict, verdict.Allowed
+}
+
+// ruleNoPolicy is the rule of a denial by a receiver with no policy.
+var ruleNoPolicy = policy.RuleRef{Kind: "default-deny", Name: "no policy"}
+
+// denialReason names what denied an offer for OfferDenied, one of
+// DenialReasons: a kind of rule not named here counts as a default
+// denial rather than make up a label value.
+func denialReason(d policy.Decision) string {
+	switch {
+	case d.Rule == ruleNoPolicy:
+		return DeniedNoPolicy
+	case d.Rule.Kind == "deny":
+		return DeniedByRule
+	case d.Rule.Kind == "requirement":
+		return DeniedRequirement
+	case d.Rule.Kind == "max-hops":
+		return DeniedMaxHops
+	}
+	return DeniedByDefault
 }
 
 func (r *Receiver) audit(o *Offer, from *certs.Attributes, d policy.Decision, outcome string, root Hash, bytes int64, start, end time.Time, errText string) {
@@ -1118,7 +1142,8 @@ func (r *Receiver) auditFields(o *Offer, from *certs.Attributes, d policy.Decisi
 // the count, their classes and when they came are recorded with its next
 // record, or within denialEvery of the first counted. Their migration IDs
 // and names are not recorded here: the sender's own audit log records
-// each denial it is told of, and the decisions metrics count every one.
+// each denial it is told of, and the metrics count every one (OfferDenied,
+// and the decisions).
 const (
 	denialBurst      = maxSessionsPerPeer
 	denialEvery      = time.Minute
