@@ -40,6 +40,7 @@ type metrics struct {
 	probes          *prometheus.CounterVec
 	probeAttempts   prometheus.Counter
 	verdicts        *prometheus.CounterVec
+	keyringRefused  *prometheus.CounterVec
 	offersDenied    *prometheus.CounterVec
 	receivesDropped *prometheus.CounterVec
 
@@ -112,6 +113,10 @@ func newMetrics(g *Gateway) *metrics {
 			Name: "skybridge_gateway_verdicts_total",
 			Help: "Times a gateway of a remote site with a choice of gateways was judged unreachable through its tunnel (two probes missed in a row) or reachable again (answering for 10 s; at once while no gateway of its site is proven), by verdict. Both rising: a gateway that comes and goes, and its site's routes with it.",
 		}, []string{"verdict"}),
+		keyringRefused: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "skybridge_gossip_keyring_steps_refused_total",
+			Help: "Gossip key rotation steps (install, use, remove, clean; unknown: a kind this release does not know) sent to this gateway and not taken, by step and reason (malformed: it does not parse; unverified: not signed by a gateway of the mesh, or replayed; burst_initiator: a burst gateway's; clock_skew: dated too far from this clock; rotation_under_way: another gateway's rotation is under way; keyring_full: an install into a keyring of 4 keys; missed_step: names a key not installed here; failed: the keyring could not be changed or stored).",
+		}, []string{"step", "reason"}),
 		offersDenied: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "skybridge_migration_offers_denied_total",
 			Help: "Migration offers this gateway's residency policy denied, each one (its audit log records one sending gateway's 32 in a row, then one a minute, and counts the rest), by the kind of rule that denied it (deny, default_deny, requirement, max_hops) or no_policy: none in force here.",
@@ -124,7 +129,7 @@ func newMetrics(g *Gateway) *metrics {
 	}
 	m.reg.MustRegister(m.rejections, m.reconcileRuns, m.reconcileErrors, m.reconcileTime,
 		m.migBytes, m.migChunks, m.migDone, m.migRetries, m.migDuration, m.decisions, m.enrollments, m.renewals,
-		m.probes, m.probeAttempts, m.verdicts, m.offersDenied, m.receivesDropped, &gatewayCollector{g: g}, atRestCollector{g: g},
+		m.probes, m.probeAttempts, m.verdicts, m.keyringRefused, m.offersDenied, m.receivesDropped, &gatewayCollector{g: g}, atRestCollector{g: g},
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	// Every label value a rule or dashboard may select on exists from the
 	// start, so that rate() and absent() see zeros rather than nothing.
@@ -151,6 +156,11 @@ func newMetrics(g *Gateway) *metrics {
 	for _, v := range []string{"unreachable", "reachable"} {
 		m.verdicts.WithLabelValues(v)
 	}
+	for _, step := range keyringSteps {
+		for _, reason := range keyringRefusals {
+			m.keyringRefused.WithLabelValues(step, reason)
+		}
+	}
 	for _, r := range migrate.DenialReasons {
 		m.offersDenied.WithLabelValues(r)
 	}
@@ -158,6 +168,13 @@ func newMetrics(g *Gateway) *metrics {
 		m.receivesDropped.WithLabelValues(r)
 	}
 	return m
+}
+
+// keyringStepRefused counts a keyring step this gateway did not take;
+// stepName and the refusal constants (rotate.go) keep both labels to
+// fixed sets, whatever the step's sender wrote.
+func (m *metrics) keyringStepRefused(kind, reason string) {
+	m.keyringRefused.WithLabelValues(stepName(kind), reason).Inc()
 }
 
 func (m *metrics) probed(answered bool, attempts int) {

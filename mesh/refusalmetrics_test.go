@@ -2,6 +2,9 @@ package mesh
 
 import (
 	"context"
+	"crypto"
+	"crypto/rand"
+	"crypto/sha256"
 	"errors"
 	"maps"
 	"net"
@@ -15,6 +18,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 
+	"github.com/skybridge-mesh/skybridge/certs"
 	"github.com/skybridge-mesh/skybridge/migrate"
 )
 
@@ -79,8 +83,9 @@ func counts(t *testing.T, c *prometheus.CounterVec) map[string]float64 {
 func TestRefusalMetricsExported(t *testing.T) {
 	_, lg := lonelyGateway(t)
 	for name, n := range map[string]int{
-		"skybridge_migration_offers_denied_total":    len(migrate.DenialReasons),
-		"skybridge_migration_receives_dropped_total": len(migrate.DropReasons),
+		"skybridge_gossip_keyring_steps_refused_total": len(keyringSteps) * len(keyringRefusals),
+		"skybridge_migration_offers_denied_total":      len(migrate.DenialReasons),
+		"skybridge_migration_receives_dropped_total":   len(migrate.DropReasons),
 	} {
 		if got, series := exportedCounts(t, lg.g, name); series != n || len(got) != 0 {
 			t.Errorf("%s before anything was refused: %d series, %v not at zero; want %d at zero", name, series, got, n)
@@ -227,5 +232,117 @@ func TestReceivesDroppedCounted(t *testing.T) {
 	want := map[string]float64{"reason=" + migrate.DroppedTooMany: 2, "reason=" + migrate.DroppedAbandoned: 1}
 	if !maps.Equal(got, want) {
 		t.Errorf("skybridge_migration_receives_dropped_total: %v, want %v", got, want)
+	}
+}
+
+// keyringStepBy is a keyring step of kind signed by id, in its own name
+// and dated at, as g receives it over gossip: the key sealed to g
+// (install), named by its SHA-256 (use), or as it is (other kinds).
+func keyringStepBy(t *testing.T, g *Gateway, id *certs.NodeIdentity, kind string, key []byte, at time.Time) message {
+	t.Helper()
+	op := &keyringOp{kind: kind, key: key, id: make([]byte, opIDLen), at: at, initiator: id.Attributes().Node, certDER: id.Certificate().Raw}
+	rand.Read(op.id)
+	me := g.id.Load()
+	switch kind {
+	case opInstall:
+		sealed, err := certs.SealTo(me.Certificate(), key, sealContext(op.id, me.Attributes().Node))
+		if err != nil {
+			t.Fatal(err)
+		}
+		op.kind, op.key = opInstallSealed, sealed
+	case opUse:
+		sum := sha256.Sum256(key)
+		op.kind, op.key = opUseHash, sum[:]
+	}
+	sig, err := id.Signer().Sign(rand.Reader, op.digest(), crypto.SHA256)
+	if err != nil {
+		t.Fatal(err)
+	}
+	op.sig = sig
+	m, err := decodeMessage(op.encode(), maxFields)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m
+}
+
+// TestKeyringRefusalsCounted: every keyring step a gateway does not take
+// is counted in skybridge_gossip_keyring_steps_refused_total, by step and
+// why; a step taken is not. Before, a forged or replayed step, a burst
+// gateway's, or an install into a full keyring (a gateway of the mesh
+// installing keys it never removes) showed in the log alone, at most
+// once a second.
+func TestKeyringRefusalsCounted(t *testing.T) {
+	ca, lg := lonelyGateway(t)
+	g := lg.g
+	issue := func(node string, host byte, labels map[string]string) *certs.NodeIdentity {
+		t.Helper()
+		id, err := ca.IssueIdentity(certs.Attributes{Node: node, Site: "cloud", Region: "r", Provider: "aws", Jurisdiction: "CH",
+			OverlayIP: netip.AddrFrom4([4]byte{100, 64, 9, host}), Labels: labels}, time.Hour, time.Now())
+		if err != nil {
+			t.Fatal(err)
+		}
+		return id
+	}
+	probe, other := issue("probe", 9, nil), issue("probe2", 10, nil)
+	burst := issue("burst-ams-gw0", 20, map[string]string{certs.BurstLabel: "true"})
+	step := func(m message) error {
+		t.Helper()
+		return g.handleKeyringOp(m)
+	}
+
+	// Taken: no count.
+	k := newGossipKey(t)
+	if err := step(keyringStepBy(t, g, probe, opInstall, k, time.Now())); err != nil {
+		t.Fatalf("install step with room: %v", err)
+	}
+	// Replayed: refused unanswered, as a forgery is.
+	use := keyringStepBy(t, g, probe, opUse, k, time.Now())
+	if err := step(use); err != nil {
+		t.Fatalf("use step of the key installed: %v", err)
+	}
+	if err := step(use); err == nil || !strings.Contains(err.Error(), "replayed") {
+		t.Fatalf("use step replayed: %v; want it refused", err)
+	}
+	if err := step(message{typ: msgKeyringOp, fields: [][]byte{[]byte(opUse)}}); err == nil {
+		t.Fatal("a keyring step of one field was taken")
+	}
+	if err := step(keyringStepBy(t, g, probe, opUse, newGossipKey(t), time.Now())); !errors.Is(err, errKeyMissing) {
+		t.Fatalf("use step of a key never installed: %v; want it refused as missed", err)
+	}
+	if err := step(keyringStepBy(t, g, probe, opUse, k, time.Now().Add(-time.Hour))); !errors.Is(err, errOpTime) {
+		t.Fatalf("use step dated an hour ago: %v; want it refused", err)
+	}
+	if err := step(keyringStepBy(t, g, burst, opUse, k, time.Now())); !errors.Is(err, errBurstRotates) {
+		t.Fatalf("use step of a burst gateway: %v; want it refused", err)
+	}
+	if err := step(keyringStepBy(t, g, other, opUse, k, time.Now())); err == nil || !strings.Contains(err.Error(), "is under way") {
+		t.Fatalf("use step of probe2 during probe's rotation: %v; want it refused", err)
+	}
+	if err := step(keyringStepBy(t, g, probe, "frobnicate", k, time.Now())); err == nil || !strings.Contains(err.Error(), "unknown keyring operation") {
+		t.Fatalf("a step of a kind no release sends: %v; want it refused", err)
+	}
+	for len(g.keyring.GetKeys()) < maxGossipKeys {
+		if err := g.keyring.AddKey(newGossipKey(t)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := step(keyringStepBy(t, g, probe, opInstall, newGossipKey(t), time.Now())); !errors.Is(err, errKeyringFull) {
+		t.Fatalf("install step into a full keyring: %v; want it refused as full", err)
+	}
+
+	got, _ := exportedCounts(t, g, "skybridge_gossip_keyring_steps_refused_total")
+	want := map[string]float64{
+		"reason=unverified,step=use":         1, // replayed
+		"reason=malformed,step=unknown":      1,
+		"reason=missed_step,step=use":        1,
+		"reason=clock_skew,step=use":         1,
+		"reason=burst_initiator,step=use":    1,
+		"reason=rotation_under_way,step=use": 1,
+		"reason=failed,step=unknown":         1,
+		"reason=keyring_full,step=install":   1,
+	}
+	if !maps.Equal(got, want) {
+		t.Errorf("skybridge_gossip_keyring_steps_refused_total:\n%v\nwant\n%v", got, want)
 	}
 }

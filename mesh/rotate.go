@@ -74,6 +74,46 @@ const (
 // (refusedError) and clears the keyrings before installing again.
 var errKeyringFull = errors.New("gossip keyring full")
 
+// errKeyMissing refuses a step naming a key this gateway does not hold.
+var errKeyMissing = errors.New("no installed gossip key has that SHA-256: was the install step missed?")
+
+// Why a gateway did not take a keyring step, as
+// skybridge_gossip_keyring_steps_refused_total says: the log tells of
+// them at most once a second, and no alert reads a log. A forged step (a
+// leaked gossip key) pages (SkybridgeKeyringStepForged); a gateway
+// installing keys it never removes shows as keyring_full.
+const (
+	refusedMalformed  = "malformed"  // does not parse
+	refusedUnverified = "unverified" // not signed by a gateway of the mesh, or replayed
+	refusedBurst      = "burst_initiator"
+	refusedClock      = "clock_skew"
+	refusedBusy       = "rotation_under_way" // another initiator's (claimRotation)
+	refusedFull       = "keyring_full"
+	refusedMissedStep = "missed_step" // names a key not installed here
+	refusedFailed     = "failed"      // the keyring could not be changed or stored
+)
+
+var (
+	keyringSteps    = []string{opInstall, opUse, opRemove, opClean, "unknown"}
+	keyringRefusals = []string{refusedMalformed, refusedUnverified, refusedBurst, refusedClock, refusedBusy, refusedFull, refusedMissedStep, refusedFailed}
+)
+
+// stepName names a step's kind for the metrics: the sender writes it, and
+// must not make up label values.
+func stepName(kind string) string {
+	switch kind {
+	case opInstall, opInstallSealed:
+		return opInstall
+	case opUse, opUseHash:
+		return opUse
+	case opRemove, opRemoveHash:
+		return opRemove
+	case opClean, opCleanHash:
+		return opClean
+	}
+	return "unknown"
+}
+
 type keyringAck struct {
 	node    string
 	id      []byte
@@ -165,6 +205,7 @@ func parseKeyringOp(m message) (*keyringOp, error) {
 func (g *Gateway) handleKeyringOp(m message) error {
 	op, err := parseKeyringOp(m)
 	if err != nil {
+		g.metrics.keyringStepRefused("", refusedMalformed)
 		return err
 	}
 	// The initiator is told why a step it signed is not taken: otherwise
@@ -183,12 +224,20 @@ func (g *Gateway) handleKeyringOp(m message) error {
 	}
 	if err := g.verifyKeyringOp(op); err != nil {
 		g.logKeyringOp(op, err, false)
-		if errors.Is(err, errOpTime) || errors.Is(err, errBurstRotates) {
+		switch {
+		case errors.Is(err, errOpTime):
+			g.metrics.keyringStepRefused(op.kind, refusedClock)
 			refuse(err)
+		case errors.Is(err, errBurstRotates):
+			g.metrics.keyringStepRefused(op.kind, refusedBurst)
+			refuse(err)
+		default:
+			g.metrics.keyringStepRefused(op.kind, refusedUnverified)
 		}
 		return err
 	}
 	if err := g.claimRotation(op.initiator, op.kind); err != nil {
+		g.metrics.keyringStepRefused(op.kind, refusedBusy)
 		g.logKeyringOp(op, err, false)
 		refuse(err)
 		return err
@@ -196,6 +245,14 @@ func (g *Gateway) handleKeyringOp(m message) error {
 	// The answer goes on a stream, from a goroutine: a lost one would
 	// fail the step, and the worker is not held up meanwhile.
 	if err := g.applyKeyringOp(g.runCtx, op); err != nil {
+		switch {
+		case errors.Is(err, errKeyringFull):
+			g.metrics.keyringStepRefused(op.kind, refusedFull)
+		case errors.Is(err, errKeyMissing):
+			g.metrics.keyringStepRefused(op.kind, refusedMissedStep)
+		default:
+			g.metrics.keyringStepRefused(op.kind, refusedFailed)
+		}
 		g.logKeyringOp(op, err, !errors.Is(err, errKeyringFull))
 		refuse(err)
 		return err
@@ -293,7 +350,7 @@ func (g *Gateway) installedKey(sum []byte) ([]byte, error) {
 	if k := keyBySum(g.keyring.GetKeys(), sum); k != nil {
 		return k, nil
 	}
-	return nil, errors.New("no installed gossip key has that SHA-256: was the install step missed?")
+	return nil, errKeyMissing
 }
 
 // keyBySum is the key of keys whose SHA-256 is sum, or nil.
