@@ -501,7 +501,9 @@ func (g *Gateway) sharedRoom(ctx context.Context, key []byte) error {
 
 // keyringFull refuses an install step into a keyring of n keys.
 func keyringFull(n int) error {
-	return fmt.Errorf("%w: it holds %d keys, and takes no new one at %d or more; `skybridge keys rotate-gossip` clears the keys left over before it installs its own, and a gateway installing keys it never removes is one to revoke",
+	// Said to the initiator's operator too, who may be running a
+	// release whose rotation cannot clear (during an upgrade).
+	return fmt.Errorf("%w: it holds %d keys, and takes no new one at %d or more; `skybridge keys rotate-gossip` run on a gateway of a release from 2026-11-28 on clears the keys left over (from rotations cut short) before it installs its own, which an earlier release's cannot; a gateway that installs keys run after run and never finishes a rotation is one to revoke",
 		errKeyringFull, n, maxGossipKeys)
 }
 
