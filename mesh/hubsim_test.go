@@ -736,3 +736,42 @@ func TestHubLinkMemoChurn(t *testing.T) {
 		}
 	}
 }
+
+// TestHubRefusedLinkNamesItsRule: a link refused along a hub path names
+// the rule that decided, as one refused direct does (README: every
+// decision explainable). Through a hub the reason gave the policy's
+// words alone, with no rule and no file:line.
+func TestHubRefusedLinkNamesItsRule(t *testing.T) {
+	pol := mustPolicy(t, `policy {
+  name    = "t"
+  version = 1
+}
+class "x" {
+  allow "transit" {
+    jurisdiction = ["DE"]
+  }
+}
+`)
+	a1 := gw("a-1", "site-a", "DE", "aws", 11, "x", "10.11.0.0/16")
+	a2 := gw("a-2", "site-a", "DE", "aws", 12, "x", "10.11.0.0/16")
+	b1 := gw("b-1", "site-b", "US", "aws", 21, "x", "10.21.0.0/16")
+	for _, mode := range []string{TopologyFullMesh, TopologyHub} {
+		plan := Compute(TopologyInput{Self: a2, Peers: []Node{a1, b1}, Policy: pol, Mode: mode, Now: now, MeshPrefix: mesh16})
+		found := false
+		for _, l := range plan.Links {
+			if l.Site != "site-b" {
+				continue
+			}
+			found = true
+			if l.Allowed || !strings.Contains(l.Reason, "mesh.hcl:") {
+				t.Errorf("%s: the link to site-b, refused, does not name the rule that refused it: %+v", mode, l)
+			}
+			if mode == TopologyHub && !strings.Contains(l.Reason, "through hub a-1") {
+				t.Errorf("hub: the reason does not say the path goes through the hub: %s", l.Reason)
+			}
+		}
+		if !found {
+			t.Errorf("%s: no link to site-b in the plan", mode)
+		}
+	}
+}

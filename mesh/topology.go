@@ -1008,10 +1008,11 @@ func residencyPath(p *policy.Policy, self *certs.Attributes, via []*certs.Attrib
 				Reason: fmt.Sprintf("audit mode lets %s travel between %s and %s%s, which the policy denies (%s): the tunnel goes when the class is enforced", c, self.Site, peer.Site, through, d.Rule)}
 		}
 		why := d.Rule.String()
-		if through != "" {
+		if through != "" && len(d.Reasons) > 0 {
 			// The rule alone does not say which hub or how many
-			// tunnels: the reasons do.
-			why = strings.Join(d.Reasons, "; ")
+			// tunnels: the reasons do, and the rule still says
+			// which part of the policy decided.
+			why += ": " + strings.Join(d.Reasons, "; ")
 		}
 		denials = append(denials, fmt.Sprintf("%s: %s", c, why))
 	}
