@@ -33,6 +33,7 @@ import (
 
 	"github.com/skybridge-mesh/skybridge/certs"
 	"github.com/skybridge-mesh/skybridge/internal/syncbuf"
+	"github.com/skybridge-mesh/skybridge/policy"
 )
 
 // amsSite is the burst site the tests open.
@@ -1388,6 +1389,9 @@ class "risk-batch" {
   allow "store" {
     jurisdiction = ["NL"]
   }
+  allow "transit" {
+    jurisdiction = ["NL"]
+  }
 }
 class "secret" {
   allow "store" {
@@ -1711,5 +1715,61 @@ func TestBurstEndKeepsIdentityUntilRecorded(t *testing.T) {
 	}
 	if enr.Ended != nil || !strings.Contains(logs.String(), "its identity is kept") {
 		t.Errorf("ended %v, log %s; want the end not taken as recorded, and said", enr.Ended, logs.String())
+	}
+}
+
+// TestBurstClassVerdictsJudgeTransit: burst up's table of what the burst
+// site may store says denied for a class the policy forbids to travel
+// into it, as a migration's sender then judges. It judged the store
+// alone: "allowed", and every migration of the class there refused.
+func TestBurstClassVerdictsJudgeTransit(t *testing.T) {
+	pol := mustPolicy(t, `policy {
+  name    = "t"
+  version = 1
+}
+class "pii" {
+  allow "store" {
+    jurisdiction = ["DE"]
+  }
+  allow "transit" {
+    jurisdiction = ["DE"]
+  }
+  deny "transit" {
+    labels = { "skybridge/burst" = "true" }
+    reason = "no personal data over burst links"
+  }
+}
+class "batch" {
+  allow "store" {
+    jurisdiction = ["DE"]
+  }
+  allow "transit" {
+    jurisdiction = ["DE"]
+  }
+}
+class "logs" {
+  allow "store" {
+    jurisdiction = ["DE"]
+  }
+}
+`)
+	g := &Gateway{}
+	g.policy.Store(&adoptedPolicy{p: pol})
+	req := BurstRequest{BurstSite: BurstSite{Site: "burst-fra", Provider: "aws", Region: "eu-central-1", Jurisdiction: "DE", Routes: []string{"10.9.0.0/16"}, Labels: map[string]string{ClassesLabel: "pii,batch,logs"}}, Gateways: 1, TTL: time.Hour}
+	a, err := req.attributes(mesh16)
+	if err != nil {
+		t.Fatal(err)
+	}
+	from := &certs.Attributes{Node: "gw-fra", Site: "aws-fra", Region: "eu-central-1", Provider: "aws", Jurisdiction: "DE"}
+	burstGW := a
+	burstGW.Node = "burst-fra-1"
+	for _, v := range g.classVerdicts(a, now) {
+		_, sender := pol.AdmitPath(v.Class, policy.PathOf(from, nil, &burstGW), now)
+		if v.Allowed != sender.Allowed {
+			t.Errorf("%s: burst up's table says allowed %v (%s); a migration's sender there: %s (%s)", v.Class, v.Allowed, v.Rule, sender.Outcome(), sender.Rule)
+		}
+		if v.Class == "pii" && (!strings.Contains(v.Rule, "transit") || !strings.Contains(strings.Join(v.Reasons, " "), "burst links")) {
+			t.Errorf("pii: the table names %q, %q; want the deny transit rule and its reason", v.Rule, v.Reasons)
+		}
 	}
 }

@@ -711,7 +711,12 @@ func (g *Gateway) checkBurstSite(a certs.Attributes, gateways int) error {
 }
 
 // classVerdicts asks the policy in force, for each class it defines,
-// whether the burst site may store it.
+// whether the burst site may store it: whether data of the class may
+// rest there, and travel into it, which a migration's sender judges for
+// every site of its path, the destination's included. A site allowed to
+// store a class its policy forbids to travel there (a deny "transit" for
+// burst sites, say) was listed as allowed, and every migration there of
+// the class refused.
 func (g *Gateway) classVerdicts(a certs.Attributes, now time.Time) []ClassVerdict {
 	ap := g.policy.Load()
 	if ap == nil {
@@ -721,6 +726,12 @@ func (g *Gateway) classVerdicts(a certs.Attributes, now time.Time) []ClassVerdic
 	var out []ClassVerdict
 	for _, c := range ap.p.Classes() {
 		d := ap.p.Evaluate(policy.Request{Class: c, Action: policy.Store, Sites: []policy.Site{site}, Time: now})
+		// The transit verdict decides when it is the worse of the two:
+		// denied, or let through by audit mode alone where the store is
+		// allowed outright.
+		if t := ap.p.Evaluate(policy.Request{Class: c, Action: policy.Transit, Sites: []policy.Site{site}, Time: now}); d.Allowed && (!t.Allowed || t.Audit && !d.Audit) {
+			d = t
+		}
 		out = append(out, ClassVerdict{Class: c, Allowed: d.Allowed, Audit: d.Audit, Rule: d.Rule.String(), Reasons: d.Reasons})
 	}
 	return out
