@@ -555,6 +555,7 @@ func (r *Receiver) handle(ctx context.Context, c *tls.Conn, src netip.Addr) {
 			fw.flush()
 			return
 		}
+		s.heard.touch()
 		s.data(fr, &lockedWriter{fw: fw})
 		s.running.Done()
 	}

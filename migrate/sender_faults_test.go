@@ -162,7 +162,10 @@ func (p *pair) ackingReceiver(t *testing.T, onEOF func()) netip.AddrPort {
 // them. A receiver that never does (its process wedged, its host gone
 // where no keepalive tells) must not hold the migration for ever.
 func TestSenderDoesNotWaitForStreamsForEver(t *testing.T) {
-	stallAfter(t, 300*time.Millisecond)
+	// The stall timeout bounds each write and the wait for
+	// acknowledgements as well: 300 ms failed the transfer itself when
+	// the fake receiver went unscheduled that long (2 runs in 55).
+	stallAfter(t, 2*time.Second)
 	p := newPair(t, "DE")
 	wedged := make(chan struct{})
 	t.Cleanup(func() { close(wedged) })
@@ -183,7 +186,7 @@ func TestSenderDoesNotWaitForStreamsForEver(t *testing.T) {
 			t.Fatalf("every chunk acknowledged and the commit answered: %v", err)
 		}
 	case <-time.After(10 * time.Second):
-		t.Error("the sender still waits for its streams to close 10 s after every chunk was acknowledged (stall timeout 300 ms)")
+		t.Error("the sender still waits for its streams to close 10 s after every chunk was acknowledged (stall timeout 2 s)")
 		cancel()
 		<-res
 	}

@@ -227,9 +227,14 @@ func TestSenderDetectsStalledReceiver(t *testing.T) {
 // or a sender with nothing left to send but unacknowledged chunks would
 // wait for ever.
 func TestKeepalivesAreNoProgress(t *testing.T) {
-	stallAfter(t, time.Second)
-	// Keepalives every 100 ms, a tenth of the stall timeout.
-	p := newPairWith(t, "DE", func(c *ReceiverConfig) { c.IdleTimeout = 400 * time.Millisecond })
+	// Keepalives every 1.5 s (a quarter of the receiver's idle limit),
+	// so at least one crosses the stall timeout's window. The limits are
+	// seconds, not a fraction of one: the set-up (three TLS streams, the
+	// first chunks compressed, under -race on a busy machine) must not
+	// outlast them, or the session ends before the path is spoiled and
+	// the test tests nothing (6 runs in 10 failed so, with 1 s and 400 ms).
+	stallAfter(t, 3*time.Second)
+	p := newPairWith(t, "DE", func(c *ReceiverConfig) { c.IdleTimeout = 6 * time.Second })
 	r := &relay{}
 	err := sendBreaking(t, p, r, func() { r.swallow.Store(true) }, "the sender's keepalives kept a migration that nothing acknowledged waiting")
 	if err == nil || !strings.Contains(err.Error(), "stopped taking data") {

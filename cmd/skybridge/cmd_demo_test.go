@@ -67,6 +67,14 @@ func TestDemoSignalDuringCleanup(t *testing.T) {
 	// Zurich's gateway stopped keeps the cleanup waiting, with its
 	// SIGTERM pending; Frankfurt's ending fails the demo.
 	zrh, fra := st.PIDs[0], st.PIDs[1]
+	// Not before its runtime catches SIGTERM: stopped earlier, it is
+	// killed by the demo's SIGTERM at once, which is then never pending
+	// (the demo says its gateways run as soon as they are started).
+	for deadline := time.Now().Add(time.Minute); !sigtermCaught(zrh); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("Zurich's gateway did not catch SIGTERM within a minute of its start")
+		}
+	}
 	if err := syscall.Kill(zrh, syscall.SIGSTOP); err != nil {
 		t.Fatal(err)
 	}
@@ -102,13 +110,20 @@ func TestDemoSignalDuringCleanup(t *testing.T) {
 }
 
 // sigtermPending reports whether pid has a SIGTERM pending.
-func sigtermPending(pid int) bool {
+func sigtermPending(pid int) bool { return sigtermIn(pid, "ShdPnd") }
+
+// sigtermCaught reports whether process pid has a SIGTERM handler.
+func sigtermCaught(pid int) bool { return sigtermIn(pid, "SigCgt") }
+
+// sigtermIn reports whether SIGTERM is in the signal mask field of
+// process pid's /proc status.
+func sigtermIn(pid int, field string) bool {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
 		return false
 	}
 	for _, line := range strings.Split(string(b), "\n") {
-		if mask, ok := strings.CutPrefix(line, "ShdPnd:\t"); ok {
+		if mask, ok := strings.CutPrefix(line, field+":\t"); ok {
 			m, _ := strconv.ParseUint(mask, 16, 64)
 			return m&(1<<(syscall.SIGTERM-1)) != 0
 		}
