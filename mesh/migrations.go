@@ -540,12 +540,15 @@ func (g *Gateway) via(from, to *certs.Attributes) []*certs.Attributes {
 
 // pickDestination resolves "to" — a node, a site, a region or a
 // jurisdiction — to one verified gateway the policy lets this class reach,
-// the least loaded one (ties: by name); one the policy allows only in
-// audit mode, where it denies, only if no other is. A gateway's name is
-// that gateway alone, whatever else it could be read as (a node named
-// like a country code): `migrate apply` names the gateway its plan chose.
-// If the policy permits none, the first match is returned so that the
-// migration is refused (and recorded) with the policy's reasons.
+// chosen as the planner chooses (migrate.MakePlan): not a gateway of our
+// own site unless "to" names it or the site; of those the rules allow
+// before those only an exception admits, and those only audit mode lets
+// through last (migrate.StandingOf); within each, the least loaded (ties:
+// by name). A gateway's name is that gateway alone, whatever else it
+// could be read as (a node named like a country code): `migrate apply`
+// names the gateway its plan chose. If the policy permits none, the first
+// match is returned so that the migration is refused (and recorded) with
+// the policy's reasons.
 func (g *Gateway) pickDestination(to, class string) (dest *Node, alsoRefused []string, err error) {
 	self := g.id.Load().Attributes()
 	var matched []Node
@@ -565,6 +568,13 @@ func (g *Gateway) pickDestination(to, class string) (dest *Node, alsoRefused []s
 		}
 		return nil, nil, fmt.Errorf("no verified gateway matches %q (a node, site, region or jurisdiction): see skybridge status", to)
 	}
+	// A gateway of our own site moves nothing out of it, and idle beside
+	// us it would be the least loaded: only when named, as in a plan.
+	if matched = slices.DeleteFunc(matched, func(n Node) bool {
+		return n.site() == self.Site && to != n.node() && to != n.site()
+	}); len(matched) == 0 {
+		return nil, nil, fmt.Errorf("only gateways of this gateway's own site %s match %q, and they are no destination unless named: name one, or the site, to move the image within the site", self.Site, to)
+	}
 	slices.SortFunc(matched, func(a, b Node) int {
 		if c := cmp.Compare(a.Advert.Load, b.Advert.Load); c != 0 {
 			return c
@@ -577,24 +587,24 @@ func (g *Gateway) pickDestination(to, class string) (dest *Node, alsoRefused []s
 	}
 	now := g.now()
 	refused := map[string]bool{matched[0].site(): true} // the one tried says its own
-	audited := -1                                       // the first the policy denies but lets through in audit mode
+	best, bestStanding := -1, migrate.Refused
 	for i := range matched {
-		to := matched[i].Attributes
-		_, verdict := p.p.AdmitPath(class, policy.PathOf(self, g.via(self, to), to), now)
-		switch {
-		case verdict.Allowed && !verdict.Denied:
-			return &matched[i], nil, nil
-		case verdict.Allowed && audited < 0:
-			audited = i
-		case !verdict.Allowed:
-			if a := matched[i].Attributes; !refused[a.Site] { // one line per site
-				refused[a.Site] = true
-				alsoRefused = append(alsoRefused, fmt.Sprintf("site %s (%s): %s", a.Site, a.Jurisdiction, strings.Join(verdict.Reasons, ", ")))
-			}
+		a := matched[i].Attributes
+		_, verdict := p.p.AdmitPath(class, policy.PathOf(self, g.via(self, a), a), now)
+		st := migrate.StandingOf(&verdict)
+		if st < bestStanding {
+			best, bestStanding = i, st
+		}
+		if st == migrate.ByRule {
+			break // the least loaded of the best standing
+		}
+		if st == migrate.Refused && !refused[a.Site] { // one line per site
+			refused[a.Site] = true
+			alsoRefused = append(alsoRefused, fmt.Sprintf("site %s (%s): %s", a.Site, a.Jurisdiction, strings.Join(verdict.Reasons, ", ")))
 		}
 	}
-	if audited >= 0 {
-		return &matched[audited], nil, nil
+	if best >= 0 {
+		return &matched[best], nil, nil
 	}
 	return &matched[0], alsoRefused, nil
 }

@@ -155,6 +155,31 @@ type SitePlan struct {
 	Throughput      float64 `json:"throughput,omitempty"`
 }
 
+// Standing is what a move the policy admits rests on, best first: a
+// planned VM and `migrate run --to` pick among the destinations of the
+// best standing, so that both choose alike.
+type Standing int
+
+const (
+	ByRule      Standing = iota // the class's rules allow it
+	ByException                 // only an exception does: the data rests outside the rules once it expires
+	ByAudit                     // the policy denies it, and audit mode lets it through
+	Refused                     // the policy refuses it
+)
+
+// StandingOf is what the verdict of policy.AdmitPath rests on.
+func StandingOf(v *policy.Decision) Standing {
+	switch {
+	case !v.Allowed:
+		return Refused
+	case v.Denied:
+		return ByAudit
+	case len(v.Exceptions) > 0:
+		return ByException
+	}
+	return ByRule
+}
+
 // Matches reports whether a gateway is what a "to" selector names: its
 // node, site or region, or its jurisdiction (an ISO 3166 code).
 func Matches(a *certs.Attributes, to string) bool {
@@ -221,6 +246,7 @@ type slot struct {
 	rule      map[string]string   // class → admitting rule
 	audit     map[string]bool     // class → denied, let through by audit mode
 	waived    map[string][]string // class → the exceptions that admit it, for a time
+	standing  map[string]Standing // class → what the admission rests on
 }
 
 // room is a site's capacity and what the plan has used of it. The
@@ -255,11 +281,11 @@ func (s *slot) fill(vm VM) float64 {
 // (not the source's own site unless they name it or its gateway) and the
 // policy admits (store at the destination, transit on the way) with room
 // left; those the class's rules allow before those only an exception
-// admits, and those only audit mode lets through last; within each, the
-// least loaded first — migrations it is receiving plus those planned for
-// it, as a dispatcher hands work to the least busy worker — then the one
-// left least full, then by name. The largest VMs are placed first, so
-// that they are not the ones left without room.
+// admits, and those only audit mode lets through last (StandingOf); within
+// each, the least loaded first — migrations it is receiving plus those
+// planned for it, as a dispatcher hands work to the least busy worker —
+// then the one left least full, then by name. The largest VMs are placed
+// first, so that they are not the ones left without room.
 func MakePlan(in PlanInput) (*Plan, error) {
 	if err := ValidateInventory(in.VMs); err != nil {
 		return nil, err
@@ -311,7 +337,7 @@ func MakePlan(in PlanInput) (*Plan, error) {
 			p.Notes = append(p.Notes, fmt.Sprintf("the gateways of %s advertise different capacities: planned with the smaller", d.Attributes.Site))
 			r.cpu, r.mem = min(r.cpu, cpu), min(r.mem, mem)
 		}
-		slots = append(slots, &slot{dest: d, room: r, policyErr: map[string]string{}, rule: map[string]string{}, audit: map[string]bool{}, waived: map[string][]string{}})
+		slots = append(slots, &slot{dest: d, room: r, policyErr: map[string]string{}, rule: map[string]string{}, audit: map[string]bool{}, waived: map[string][]string{}, standing: map[string]Standing{}})
 	}
 
 	order := make([]int, len(in.VMs))
@@ -329,7 +355,7 @@ func MakePlan(in PlanInput) (*Plan, error) {
 		// Where the policy's rules allow it; where only an exception
 		// does, until it expires (the data is then stored outside the
 		// policy); where only its audit mode lets it through.
-		var best, bestWaived, bestAudit *slot
+		var bests [Refused]*slot
 		var reasons []string
 		for _, s := range slots {
 			if msg := s.admits(in, vm.Class); msg != "" {
@@ -341,20 +367,11 @@ func MakePlan(in PlanInput) (*Plan, error) {
 					s.dest.Attributes.Node, s.dest.Attributes.Site, vm.CPU, vm.MemoryGiB, s.room.cpu-float64(s.room.usedCPU), s.room.mem-s.room.usedMem))
 				continue
 			}
-			switch {
-			case s.audit[vm.Class]:
-				if bestAudit == nil || better(s, bestAudit, vm) {
-					bestAudit = s
-				}
-			case len(s.waived[vm.Class]) > 0:
-				if bestWaived == nil || better(s, bestWaived, vm) {
-					bestWaived = s
-				}
-			case best == nil || better(s, best, vm):
-				best = s
+			if b := &bests[s.standing[vm.Class]]; *b == nil || better(s, *b, vm) {
+				*b = s
 			}
 		}
-		best = cmp.Or(best, bestWaived, bestAudit)
+		best := cmp.Or(bests[:]...)
 		if best == nil {
 			if len(slots) == 0 {
 				reasons = noSlotReasons(in, ownSite, len(badLabel) > 0)
@@ -425,7 +442,7 @@ func (s *slot) admits(in PlanInput, class string) string {
 	} else {
 		_, verdict := in.Policy.AdmitPath(class, policy.PathOf(in.From, s.dest.Via, a), in.Now)
 		if verdict.Allowed {
-			s.rule[class], s.audit[class] = verdict.Rule.String(), verdict.Denied
+			s.rule[class], s.audit[class], s.standing[class] = verdict.Rule.String(), verdict.Denied, StandingOf(&verdict)
 			for _, e := range verdict.Exceptions {
 				s.waived[class] = append(s.waived[class], e.Name)
 			}
