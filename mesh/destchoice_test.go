@@ -1,8 +1,13 @@
 package mesh
 
 import (
+	"context"
+	"net"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -68,13 +73,141 @@ func (g *Gateway) replan() {
 	g.plan.Store(&plan)
 }
 
-// gatewayDests are the verified gateways as destinations of a plan.
-func gatewayDests(g *Gateway) []migrate.Destination {
-	var dests []migrate.Destination
+// routed reports whether the gateway's plan routes node's overlay
+// address into a tunnel.
+func routed(g *Gateway, node string) bool {
 	for _, n := range g.members.gateways() {
-		dests = append(dests, migrate.Destination{Attributes: n.Attributes, Via: g.via(g.id.Load().Attributes(), n.Attributes)})
+		if n.node() == node {
+			for _, pc := range g.plan.Load().Peers {
+				for _, p := range pc.AllowedIPs {
+					if p.Contains(n.Attributes.OverlayIP) {
+						return true
+					}
+				}
+			}
+		}
 	}
-	return dests
+	return false
+}
+
+// TestPickDestinationIgnoresTopology: `migrate run --to DE --class pii`
+// went to a gateway this one has no tunnel to (its site handles no class
+// in common with ours), though another DE gateway the policy allows just
+// as well is linked: the migration failed to connect. Named, the
+// unlinked one is refused with the link's reason, before any dial.
+func TestPickDestinationIgnoresTopology(t *testing.T) {
+	g := reachGateway(t, TopologyFullMesh, "gw-self", "pii",
+		[3]string{"gw-a", "fra", "batch"}, // policy allows pii there; no tunnel (no shared class)
+		[3]string{"gw-b", "muc", "pii"},   // policy allows pii there; linked
+	)
+	if routed(g, "gw-a") || !routed(g, "gw-b") {
+		t.Fatalf("setup: routed gw-a %v, gw-b %v", routed(g, "gw-a"), routed(g, "gw-b"))
+	}
+	dest, _, err := g.pickDestination("DE", "pii")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if dest.node() != "gw-b" {
+		t.Errorf("--to DE picked %s (site %s), to which this gateway has no tunnel; gw-b, linked and allowed, was passed over", dest.node(), dest.site())
+	}
+	if _, _, err := g.pickDestination("gw-a", "pii"); err == nil || !strings.Contains(err.Error(), "no data class in common") {
+		t.Errorf("gw-a named: %v; want it refused with why there is no tunnel", err)
+	}
+	// A class the policy refuses there is refused by the sender, and
+	// recorded, as it was: nothing is dialled for that either.
+	if dest, _, err := g.pickDestination("gw-a", "secret"); err != nil || dest.node() != "gw-a" {
+		t.Errorf("gw-a named for a class the policy refuses: %v, %v; want it for the sender to refuse", dest, err)
+	}
+	if _, _, err := g.pickDestination("fra", "pii"); err == nil || !strings.Contains(err.Error(), "gw-a (site fra) is not reached: sites zrh and fra handle no data class in common") {
+		t.Errorf("site fra: %v; want it refused with the link's reason", err)
+	}
+}
+
+// TestPickDestinationThroughHub: behind a hub, a gateway of another site
+// is reached through the hubs, not a peer of ours; one whose own hub
+// does not link to us is not reached at all, and says which hub.
+func TestPickDestinationThroughHub(t *testing.T) {
+	g := reachGateway(t, TopologyHub, "zrh-2", "pii", // zrh-1 is our hub
+		[3]string{"zrh-1", "zrh", "pii"},
+		[3]string{"fra-1", "fra", "pii"},
+		[3]string{"fra-2", "fra", "pii"},
+		[3]string{"muc-1", "muc", "batch"}, // muc's hub: no class in common with us
+		[3]string{"muc-2", "muc", "pii"},
+	)
+	if dest, _, err := g.pickDestination("fra-2", "pii"); err != nil || dest.node() != "fra-2" {
+		t.Errorf("fra-2, reached through zrh-1 and fra-1: %v, %v", dest, err)
+	}
+	if dest, _, err := g.pickDestination("muc-2", "pii"); err == nil || !strings.Contains(err.Error(), "its hub muc-1 does not link to us") {
+		t.Errorf("muc-2, whose hub does not link to us: %v, %v; want it refused, naming the hub", dest, err)
+	}
+	if dest, _, err := g.pickDestination("muc", "pii"); err == nil || !strings.Contains(err.Error(), "muc-1 (site muc) is not reached: sites zrh and muc handle no data class in common") ||
+		!strings.Contains(err.Error(), "muc-2 (site muc) is not reached: its hub muc-1 does not link to us") {
+		t.Errorf("site muc: %v, %v; want it refused, saying why each of its gateways is not reached", dest, err)
+	}
+}
+
+// TestStartMigrationRefusesUnreachedNode: a migration named to a
+// gateway this one has no tunnel to is refused before anything is
+// dialled or recorded, with the link's reason.
+func TestStartMigrationRefusesUnreachedNode(t *testing.T) {
+	f := newFixture(t)
+	dev := &dialCounter{RecordingDevice: NewRecordingDevice("mig")}
+	g, ms := migGateway(t, f, dev)
+	fra := f.identity("gw-fra", "fra", 2, f.now.Add(-2*time.Hour)) // no classes label: no tunnel under a policy
+	ms.addCert(fra.Certificate().Raw)
+	ms.update("gw-fra", gossipAddr, f.advert(fra, 1))
+	g.replan()
+	img := filepath.Join(t.TempDir(), "vm.raw")
+	if err := os.WriteFile(img, []byte("x"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	_, _, err := g.StartMigration(MigrationRequest{Image: img, To: "gw-fra", Class: "c"})
+	if err == nil || !strings.Contains(err.Error(), "is not reached") || !strings.Contains(err.Error(), "no data class in common") {
+		t.Fatalf("StartMigration to gw-fra: %v; want it refused as not reached, with the link's reason", err)
+	}
+	if n := dev.dials.Load(); n != 0 {
+		t.Errorf("%d dials to a gateway known not reached", n)
+	}
+	if sends, err := g.mig.sends(); err != nil || len(sends) != 0 {
+		t.Errorf("sends recorded: %d, %v; want none", len(sends), err)
+	}
+}
+
+type dialCounter struct {
+	*RecordingDevice
+	dials atomic.Int32
+}
+
+func (d *dialCounter) Dial(ctx context.Context, addr string) (net.Conn, error) {
+	d.dials.Add(1)
+	return d.RecordingDevice.Dial(ctx, addr)
+}
+
+// TestPlanIgnoresTopology: the planner placed a VM at a gateway this one
+// has no tunnel to, while one it is linked to, with room, is allowed
+// too; with only the unlinked one, the VM is unplaced, with the link's
+// reason.
+func TestPlanIgnoresTopology(t *testing.T) {
+	g := reachGateway(t, TopologyFullMesh, "gw-self", "pii",
+		[3]string{"gw-a", "fra", "batch"},
+		[3]string{"gw-b", "muc", "pii"},
+	)
+	vms := []migrate.VM{{Name: "vm1", Image: "/img/vm1", Class: "pii", CPU: 1, MemoryGiB: 1, Bytes: 1}}
+	for _, to := range []string{"DE", "fra"} {
+		plan, err := migrate.MakePlan(migrate.PlanInput{From: g.id.Load().Attributes(), Policy: g.policy.Load().p, Now: g.now(),
+			Destinations: g.destinations(nil), To: []string{to}, VMs: vms})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, pl := range plan.Placements {
+			if !routed(g, pl.To) {
+				t.Errorf("--to %s: plan places %s (%s) at %s, to which this gateway has no tunnel (rule %s); migrate apply cannot reach it", to, pl.Name, pl.Class, pl.To, pl.Rule)
+			}
+		}
+		if to == "fra" && (len(plan.Unplaced) != 1 || !strings.Contains(strings.Join(plan.Unplaced[0].Reasons, " "), "gw-a (fra): not reached from gw-self: sites zrh and fra handle no data class in common")) {
+			t.Errorf("--to fra: unplaced %+v; want vm1, with the link's reason", plan.Unplaced)
+		}
+	}
 }
 
 // TestPickDestinationOwnSite: `migrate run --to DE` from a DE site picked
@@ -93,7 +226,7 @@ func TestPickDestinationOwnSite(t *testing.T) {
 	if dest.site() == "zrh" {
 		t.Errorf("--to DE picked %s, a gateway of our own site %s; the planner leaves it out (a --to naming the jurisdiction does not name the site)", dest.node(), dest.site())
 	}
-	plan, err := migrate.MakePlan(migrate.PlanInput{From: g.id.Load().Attributes(), Policy: g.policy.Load().p, Now: g.now(), Destinations: gatewayDests(g), To: []string{"DE"},
+	plan, err := migrate.MakePlan(migrate.PlanInput{From: g.id.Load().Attributes(), Policy: g.policy.Load().p, Now: g.now(), Destinations: g.destinations(nil), To: []string{"DE"},
 		VMs: []migrate.VM{{Name: "vm1", Image: "/img/vm1", Class: "pii", CPU: 1, MemoryGiB: 1, Bytes: 1}}})
 	if err != nil || len(plan.Placements) != 1 || plan.Placements[0].To != dest.node() {
 		t.Errorf("--to DE: migrate run picks %s, the planner %+v (%v)", dest.node(), plan.Placements, err)
@@ -145,7 +278,7 @@ exception "fra-for-now" {
 	if err != nil {
 		t.Fatal(err)
 	}
-	plan, err := migrate.MakePlan(migrate.PlanInput{From: g.id.Load().Attributes(), Policy: pol, Now: g.now(), Destinations: gatewayDests(g), To: []string{"DE"},
+	plan, err := migrate.MakePlan(migrate.PlanInput{From: g.id.Load().Attributes(), Policy: pol, Now: g.now(), Destinations: g.destinations(nil), To: []string{"DE"},
 		VMs: []migrate.VM{{Name: "vm1", Image: "/img/vm1", Class: "pii", CPU: 1, MemoryGiB: 1, Bytes: 1}}})
 	if err != nil || len(plan.Placements) != 1 || plan.Placements[0].To != dest.node() || dest.node() != "gw-b" {
 		t.Errorf("--to DE: migrate run picks %s, the planner %+v (%v); want both gw-b, which the rules allow", dest.node(), plan.Placements, err)

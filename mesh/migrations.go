@@ -541,14 +541,17 @@ func (g *Gateway) via(from, to *certs.Attributes) []*certs.Attributes {
 // pickDestination resolves "to" — a node, a site, a region or a
 // jurisdiction — to one verified gateway the policy lets this class reach,
 // chosen as the planner chooses (migrate.MakePlan): not a gateway of our
-// own site unless "to" names it or the site; of those the rules allow
-// before those only an exception admits, and those only audit mode lets
-// through last (migrate.StandingOf); within each, the least loaded (ties:
-// by name). A gateway's name is that gateway alone, whatever else it
-// could be read as (a node named like a country code): `migrate apply`
-// names the gateway its plan chose. If the policy permits none, the first
-// match is returned so that the migration is refused (and recorded) with
-// the policy's reasons.
+// own site unless "to" names it or the site, nor one our tunnels do not
+// reach; of those the rules allow before those only an exception admits,
+// and those only audit mode lets through last (migrate.StandingOf); within
+// each, the least loaded (ties: by name). A gateway's name is that gateway
+// alone, whatever else it could be read as (a node named like a country
+// code): `migrate apply` names the gateway its plan chose. If the policy
+// permits none, the first it refuses is returned so that the migration is
+// refused (and recorded) with the policy's reasons, before any dial. If it
+// permits only gateways our tunnels do not reach, the migration is refused
+// here with why they are not, rather than dialled until the connection
+// times out.
 func (g *Gateway) pickDestination(to, class string) (dest *Node, alsoRefused []string, err error) {
 	self := g.id.Load().Attributes()
 	var matched []Node
@@ -585,28 +588,63 @@ func (g *Gateway) pickDestination(to, class string) (dest *Node, alsoRefused []s
 	if p == nil {
 		return &matched[0], nil, nil // Send refuses: no policy
 	}
+	// The policy first: a move it refuses is refused by Send, and
+	// recorded, before anything is dialled, whether our tunnels reach
+	// there or not.
 	now := g.now()
-	refused := map[string]bool{matched[0].site(): true} // the one tried says its own
 	best, bestStanding := -1, migrate.Refused
+	refusedAt := -1 // the first the policy refuses: tried if none may take it
+	unreachedWhy := ""
+	type why struct{ site, line string }
+	var whys []why // the others', one line per site and reason
+	said := map[[2]string]bool{}
 	for i := range matched {
 		a := matched[i].Attributes
 		_, verdict := p.p.AdmitPath(class, policy.PathOf(self, g.via(self, a), a), now)
 		st := migrate.StandingOf(&verdict)
-		if st < bestStanding {
-			best, bestStanding = i, st
+		if st == migrate.Refused {
+			if refusedAt < 0 {
+				refusedAt = i
+			}
+			if line := fmt.Sprintf("site %s (%s): %s", a.Site, a.Jurisdiction, strings.Join(verdict.Reasons, ", ")); !said[[2]string{a.Site, line}] {
+				said[[2]string{a.Site, line}] = true
+				whys = append(whys, why{a.Site, line})
+			}
+			continue
 		}
-		if st == migrate.ByRule {
-			break // the least loaded of the best standing
+		reason := g.unreached(a)
+		if reason == "" {
+			if st < bestStanding {
+				best, bestStanding = i, st
+			}
+			if st == migrate.ByRule {
+				break // the least loaded of the best standing
+			}
+			continue
 		}
-		if st == migrate.Refused && !refused[a.Site] { // one line per site
-			refused[a.Site] = true
-			alsoRefused = append(alsoRefused, fmt.Sprintf("site %s (%s): %s", a.Site, a.Jurisdiction, strings.Join(verdict.Reasons, ", ")))
+		unreachedWhy = cmp.Or(unreachedWhy, reason)
+		if !said[[2]string{a.Site, reason}] { // the first of its site named
+			said[[2]string{a.Site, reason}] = true
+			whys = append(whys, why{"", fmt.Sprintf("%s (site %s) is not reached: %s", a.Node, a.Site, reason)})
 		}
 	}
 	if best >= 0 {
 		return &matched[best], nil, nil
 	}
-	return &matched[0], alsoRefused, nil
+	for _, w := range whys {
+		// The refusal of the one tried says its own site's reasons.
+		if refusedAt < 0 || w.site != matched[refusedAt].site() {
+			alsoRefused = append(alsoRefused, w.line)
+		}
+	}
+	switch {
+	case refusedAt >= 0:
+		return &matched[refusedAt], alsoRefused, nil
+	case matched[0].node() == to:
+		return nil, nil, fmt.Errorf("%s (site %s) is not reached from this gateway, so a migration to it could not connect: %s; send it to a gateway this one reaches (skybridge status says which sites it has no tunnel to, and why)",
+			to, matched[0].site(), unreachedWhy)
+	}
+	return nil, nil, fmt.Errorf("no gateway matching %q is reached from this gateway, so a migration there could not connect: %s; send it to a gateway this one reaches (skybridge status says which sites it has no tunnel to, and why)", to, strings.Join(alsoRefused, "; "))
 }
 
 // Migration returns a migration's record (and live progress if running).

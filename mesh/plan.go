@@ -3,8 +3,11 @@ package mesh
 import (
 	"errors"
 	"fmt"
+	"strings"
 
+	"github.com/skybridge-mesh/skybridge/certs"
 	"github.com/skybridge-mesh/skybridge/migrate"
+	"github.com/skybridge-mesh/skybridge/policy"
 )
 
 // PlanRequest asks the gateway where a list of VMs may go.
@@ -44,16 +47,68 @@ func (g *Gateway) Plan(req PlanRequest) (*migrate.Plan, error) {
 	if err != nil {
 		return nil, err
 	}
-	var dests []migrate.Destination
-	self := g.id.Load().Attributes()
-	for _, n := range g.members.gateways() {
-		dests = append(dests, migrate.Destination{Attributes: n.Attributes, Load: int(n.Advert.Load), Throughput: rates[n.Attributes.Site], Via: g.via(self, n.Attributes)})
-	}
-	in := migrate.PlanInput{From: self, Now: g.now(), VMs: vms, To: req.To, Destinations: dests}
+	in := migrate.PlanInput{From: g.id.Load().Attributes(), Now: g.now(), VMs: vms, To: req.To, Destinations: g.destinations(rates)}
 	if p := g.policy.Load(); p != nil {
 		in.Policy = p.p
 	}
 	return migrate.MakePlan(in)
+}
+
+// destinations are the verified gateways as a plan weighs them, each
+// with why this gateway's tunnels do not reach it, if they do not.
+func (g *Gateway) destinations(rates map[string]float64) []migrate.Destination {
+	self := g.id.Load().Attributes()
+	var dests []migrate.Destination
+	for _, n := range g.members.gateways() {
+		dests = append(dests, migrate.Destination{Attributes: n.Attributes, Load: int(n.Advert.Load), Throughput: rates[n.Attributes.Site],
+			Via: g.via(self, n.Attributes), Unreached: g.unreached(n.Attributes)})
+	}
+	return dests
+}
+
+// unreached says why the tunnels of this gateway's last reconcile carry
+// nothing to gateway a ("" if they do). Verified is not reached: the
+// topology links two sites only if a class both handle may travel
+// between them, and in the hub topology a gateway is reached only if the
+// hubs on the way link on. A route counts, not a peer: behind a hub every
+// other gateway is reached through it. Before a first reconcile there is
+// nothing to tell by (""): the connection says.
+func (g *Gateway) unreached(a *certs.Attributes) string {
+	plan := g.plan.Load()
+	if plan == nil {
+		return ""
+	}
+	for _, pc := range plan.Peers {
+		for _, p := range pc.AllowedIPs {
+			if p.Contains(a.OverlayIP) {
+				return ""
+			}
+		}
+	}
+	// Why, as the topology judged it: gateway by gateway, since the link
+	// a site shows is allowed if any of its gateways is, and refused
+	// with the first refused one's reason.
+	self := g.id.Load().Attributes()
+	if a.Site != self.Site {
+		var pol *policy.Policy
+		if p := g.policy.Load(); p != nil {
+			pol = p.p
+		}
+		if l := residencyPath(pol, self, g.via(self, a), a, g.now()); !l.Allowed {
+			return l.Reason
+		}
+	}
+	for _, c := range plan.Conflicts {
+		if why, ok := strings.CutPrefix(c, a.Node+" is not reached: "); ok { // hubLinks': which hub does not link on
+			return why
+		}
+	}
+	for _, l := range plan.Links {
+		if l.Site == a.Site && !l.Allowed {
+			return l.Reason
+		}
+	}
+	return fmt.Sprintf("no tunnel of this gateway routes its overlay address %s (see skybridge status: links and conflicts); a gateway that joined just now is routed at the next reconcile, in a moment", a.OverlayIP)
 }
 
 // allocatedBytes is what migrating an image moves at most: its allocated

@@ -50,6 +50,11 @@ type Destination struct {
 	// Via are the gateways the data passes through on its way there (a
 	// hub topology's hubs), as Peer.Via.
 	Via []*certs.Attributes
+	// Unreached says why the source's tunnels do not carry data there
+	// ("" if they do): the residency link refused, or a hub that does not
+	// link on. Such a gateway is left out with it as the reason, since
+	// `migrate apply` would only fail to connect to it.
+	Unreached string
 }
 
 // capacity reads the capacity labels: +Inf for a dimension not
@@ -278,14 +283,15 @@ func (s *slot) fill(vm VM) float64 {
 }
 
 // MakePlan places the VMs: for each, the destinations the selectors name
-// (not the source's own site unless they name it or its gateway) and the
-// policy admits (store at the destination, transit on the way) with room
-// left; those the class's rules allow before those only an exception
-// admits, and those only audit mode lets through last (StandingOf); within
-// each, the least loaded first — migrations it is receiving plus those
-// planned for it, as a dispatcher hands work to the least busy worker —
-// then the one left least full, then by name. The largest VMs are placed
-// first, so that they are not the ones left without room.
+// (not the source's own site unless they name it or its gateway, nor one
+// the source's tunnels do not reach) and the policy admits (store at the
+// destination, transit on the way) with room left; those the class's
+// rules allow before those only an exception admits, and those only audit
+// mode lets through last (StandingOf); within each, the least loaded
+// first — migrations it is receiving plus those planned for it, as a
+// dispatcher hands work to the least busy worker — then the one left least
+// full, then by name. The largest VMs are placed first, so that they are
+// not the ones left without room.
 func MakePlan(in PlanInput) (*Plan, error) {
 	if err := ValidateInventory(in.VMs); err != nil {
 		return nil, err
@@ -298,10 +304,11 @@ func MakePlan(in PlanInput) (*Plan, error) {
 	slices.SortFunc(dests, func(a, b Destination) int { return cmp.Compare(a.Attributes.Node, b.Attributes.Node) })
 	var slots []*slot
 	ownSite := 0 // gateways of the source's own site left out
-	// Gateways left out for a capacity label that is no number: among the
-	// reasons of a VM left unplaced, which would otherwise not name them
-	// (or, with no other destination, blame an empty mesh).
-	var badLabel []string
+	// Gateways left out for a capacity label that is no number, or as not
+	// reached: among the reasons of a VM left unplaced, which would
+	// otherwise not name them (or, with no other destination, blame an
+	// empty mesh).
+	var leftOut []string
 	rooms := map[string]*room{}
 	for _, d := range dests {
 		if d.Attributes.Node == in.From.Node {
@@ -318,10 +325,14 @@ func MakePlan(in PlanInput) (*Plan, error) {
 			ownSite++
 			continue
 		}
+		if d.Unreached != "" {
+			leftOut = append(leftOut, fmt.Sprintf("%s (%s): not reached from %s: %s", d.Attributes.Node, d.Attributes.Site, in.From.Node, d.Unreached))
+			continue
+		}
 		cpu, mem, err := capacity(d.Attributes)
 		if err != nil {
 			p.Notes = append(p.Notes, err.Error()+": left out of the plan")
-			badLabel = append(badLabel, err.Error()+": left out of the plan; its certificate's capacity labels must be plain numbers (--label capacity_cpu=64): issue it again with them")
+			leftOut = append(leftOut, err.Error()+": left out of the plan; its certificate's capacity labels must be plain numbers (--label capacity_cpu=64): issue it again with them")
 			continue
 		}
 		if math.IsInf(cpu, 1) || math.IsInf(mem, 1) {
@@ -374,9 +385,9 @@ func MakePlan(in PlanInput) (*Plan, error) {
 		best := cmp.Or(bests[:]...)
 		if best == nil {
 			if len(slots) == 0 {
-				reasons = noSlotReasons(in, ownSite, len(badLabel) > 0)
+				reasons = noSlotReasons(in, ownSite, len(leftOut) > 0)
 			}
-			why[i] = append(slices.Clone(badLabel), reasons...)
+			why[i] = append(slices.Clone(leftOut), reasons...)
 			continue
 		}
 		best.usedCPU += vm.CPU
@@ -455,16 +466,16 @@ func (s *slot) admits(in PlanInput, class string) string {
 }
 
 // noSlotReasons says why a VM has no destination when none was left to
-// weigh, besides the gateways left out for their labels (badLabel), which
-// the VM's reasons name: the others that matched were of the source's own
-// site, or there were none.
-func noSlotReasons(in PlanInput, ownSite int, badLabel bool) []string {
+// weigh, besides the gateways left out for their labels or as not reached
+// (leftOut), which the VM's reasons name: the others that matched were of
+// the source's own site, or there were none.
+func noSlotReasons(in PlanInput, ownSite int, leftOut bool) []string {
 	switch {
-	case ownSite > 0 && badLabel:
+	case ownSite > 0 && leftOut:
 		return []string{fmt.Sprintf("the other gateways that match are of the source's own site %s, and they are no destination unless named: name one, or the site, in --to to move VMs within the site", in.From.Site)}
 	case ownSite > 0:
 		return []string{fmt.Sprintf("only gateways of the source's own site %s match, and they are no destination unless named: name one, or the site, in --to to move VMs within the site", in.From.Site)}
-	case badLabel:
+	case leftOut:
 		return nil
 	}
 	return []string{noDestination(in.To)}

@@ -27,7 +27,7 @@ import (
 func planCommand() *cli.Command {
 	return &cli.Command{
 		Name:  "plan",
-		Usage: "place many VMs at once: a destination for each that the policy permits and has room, least loaded first",
+		Usage: "place many VMs at once: a destination for each that the policy permits, this gateway reaches and has room, least loaded first",
 		UsageText: "skybridge plan --inventory vms.csv [--to SITE|REGION|JURISDICTION ...] [--out plan.json] [--json] (--config | --socket)\n\n" +
 			"The inventory is CSV with a header: name,image,class,cpu,memory_gib[,bytes]. Relative image paths are\n" +
 			"relative to the inventory. Gateways advertise capacity with the certificate labels capacity_cpu and\n" +
