@@ -131,6 +131,15 @@ func (j *Journal) get(bucket []byte, key string, v any) error {
 	})
 }
 
+// hasKey reports whether bucket holds key.
+func (j *Journal) hasKey(bucket []byte, key string) (has bool, err error) {
+	err = j.db.View(func(tx *bolt.Tx) error {
+		has = tx.Bucket(bucket).Get([]byte(key)) != nil
+		return nil
+	})
+	return has, err
+}
+
 func (j *Journal) deleteKey(bucket []byte, key string) error {
 	return j.db.Update(func(tx *bolt.Tx) error { return tx.Bucket(bucket).Delete([]byte(key)) })
 }

@@ -369,8 +369,8 @@ func (r *Receiver) forgetAbandoned() {
 		if now.Sub(last) < AbandonedAfter {
 			continue
 		}
-		active, err := r.forget(rec.ID, rec.Temp)
-		if active {
+		active, removed, err := r.forget(rec.ID, rec.Temp)
+		if active || err == nil && !removed {
 			continue
 		}
 		if err != nil {
@@ -411,7 +411,7 @@ func (r *Receiver) settle(s *session) {
 		r.trimInterrupted(s.from.Node, s.offer.ID)
 		return
 	}
-	if _, err := r.forget(s.offer.ID, s.record.Temp); err != nil {
+	if _, _, err := r.forget(s.offer.ID, s.record.Temp); err != nil {
 		s.log.Warn("forget a receive that holds no chunk", "file", s.record.Temp, "err", err)
 	}
 }
@@ -448,9 +448,10 @@ func (r *Receiver) trimInterrupted(node, keep string) {
 	}
 	slices.SortFunc(theirs, func(a, b aged) int { return a.last.Compare(b.last) })
 	for _, a := range theirs[:over] {
-		active, err := r.forget(a.rec.ID, a.rec.Temp)
+		active, removed, err := r.forget(a.rec.ID, a.rec.Temp)
 		switch {
 		case active: // resumed meanwhile
+		case err == nil && !removed: // forgotten meanwhile, by another session's trim
 		case err != nil:
 			r.cfg.Log.Warn("forget an interrupted receive past those kept per gateway", "migration_id", a.rec.ID, "err", err)
 		default:
@@ -464,17 +465,20 @@ func (r *Receiver) trimInterrupted(node, keep string) {
 // forget removes a receive — incoming file, chunks, record — unless it is
 // being received or opened; then it reports it active. Under the lock, so
 // that an offer of the ID comes after, finds no record and starts over.
-func (r *Receiver) forget(id, temp string) (active bool, err error) {
+// removed says whether the record was there to remove: sessions of one
+// sender that end together each trim its receives from one listing, and
+// what one forgot is not counted or told again by the others.
+func (r *Receiver) forget(id, temp string) (active, removed bool, err error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if _, opening := r.opening[id]; r.sessions[id] != nil || opening {
-		return true, nil
+		return true, false, nil
 	}
-	err = os.Remove(temp)
-	if errors.Is(err, fs.ErrNotExist) {
-		err = nil
+	removed, err = r.cfg.Journal.hasKey(bucketRecv, id)
+	if rerr := os.Remove(temp); !errors.Is(rerr, fs.ErrNotExist) {
+		err = errors.Join(err, rerr)
 	}
-	return false, errors.Join(err, r.cfg.Journal.dropChunks("recv", id), r.cfg.Journal.deleteKey(bucketRecv, id))
+	return false, removed, errors.Join(err, r.cfg.Journal.dropChunks("recv", id), r.cfg.Journal.deleteKey(bucketRecv, id))
 }
 
 // The first frame of a migration connection: an offer or a join.
@@ -941,7 +945,7 @@ func (r *Receiver) control(ctx context.Context, c *tls.Conn, fr *frameReader, fw
 		log.Warn("migration refused at commit: " + why + "; the received data is removed")
 		kept = false
 		closeSession()
-		if _, err := r.forget(o.ID, s.record.Temp); err != nil {
+		if _, _, err := r.forget(o.ID, s.record.Temp); err != nil {
 			log.Error("remove the data of a migration from a revoked sender", "file", s.record.Temp, "err", err)
 		}
 		r.audit(o, from, d, "denied", cm.Root, s.received.Load(), s.start, r.cfg.Now(), why)
@@ -956,7 +960,7 @@ func (r *Receiver) control(ctx context.Context, c *tls.Conn, fr *frameReader, fw
 		log.Warn("migration refused at commit: the residency policy no longer allows it here; the received data is removed", "rule", d.Rule.String(), "reason", strings.Join(d.Reasons, "; "), "policy", d.Policy.RevisionString())
 		kept = false
 		closeSession() // its syncer and file done with, the data can go
-		if _, err := r.forget(o.ID, s.record.Temp); err != nil {
+		if _, _, err := r.forget(o.ID, s.record.Temp); err != nil {
 			log.Error("remove the data of a migration the policy no longer allows here", "file", s.record.Temp, "err", err)
 		}
 		r.audit(o, from, d, "denied", cm.Root, s.received.Load(), s.start, r.cfg.Now(), "denied at commit")
