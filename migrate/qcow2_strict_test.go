@@ -243,6 +243,14 @@ func TestQcow2ReadAsQemu(t *testing.T) {
 			put64(b, 72, get64(b, 72)|1)
 			return b
 		}, ""},
+		{"virtual size not whole sectors", "v3", func(t *testing.T, b []byte) []byte {
+			put64(b, 24, 64<<10-100) // qemu: 65024 bytes
+			return b
+		}, ""},
+		{"virtual size under a sector", "v3", func(t *testing.T, b []byte) []byte {
+			put64(b, 24, 100) // qemu: none
+			return b
+		}, ""},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			b := slices.Clone(bases[c.base])

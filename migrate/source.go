@@ -345,7 +345,7 @@ type qcow2Source struct {
 	img  *qcow2.Qcow2
 	path string
 	l1   qcow2L1 // as checkQcow2Header bounded it
-	size int64   // the virtual size
+	size int64   // the virtual size, in whole sectors
 	v3   bool    // version 3, which has zero clusters
 }
 
@@ -402,7 +402,12 @@ func openQcow2(path string, f *os.File) (Source, error) {
 		f.Close()
 		return nil, fmt.Errorf("%s: not a qcow2 image qemu would make: %w", path, err)
 	}
-	size := int64(binary.BigEndian.Uint64(hdr[24:32]))
+	// qemu takes the virtual size in whole 512-byte sectors, rounded down
+	// (qemu-img info says 65024 bytes of a header's 65436): the disk a
+	// guest saw under qemu, and what qemu-img convert writes. Read to the
+	// header's size, the destination would hold a larger disk than the
+	// guest's, ending in bytes no guest could read or write.
+	size := int64(binary.BigEndian.Uint64(hdr[24:32])) &^ (qcowSector - 1)
 	if size == 0 {
 		// qemu-img makes an empty image without an L1 table (offset 0),
 		// which the reader refuses; there is nothing in it to read.
@@ -421,11 +426,25 @@ func openQcow2(path string, f *os.File) (Source, error) {
 	return &qcow2Source{f: f, r: r, img: img, path: path, l1: l1, size: size, v3: version >= 3}, nil
 }
 
+// ReadAt reads the virtual disk up to its size in whole sectors.
 func (q *qcow2Source) ReadAt(p []byte, off int64) (int, error) {
+	if off >= q.size {
+		if len(p) == 0 {
+			return 0, nil
+		}
+		return 0, io.EOF
+	}
+	end := false
+	if int64(len(p)) > q.size-off {
+		p, end = p[:q.size-off], true
+	}
 	n, err := q.img.ReadAt(p, off)
 	if errors.Is(err, errCompressedCluster) {
 		// qemu-img check finds nothing to repair here: the data is lost.
 		err = fmt.Errorf("%s: %w; the image is corrupt there, and qemu fails to read it as well (`qemu-img convert -O raw %s /dev/null` stops at it): migrate the image from a backup", q.path, err, q.path)
+	}
+	if err == nil && end {
+		err = io.EOF
 	}
 	return n, err
 }
