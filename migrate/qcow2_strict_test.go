@@ -239,6 +239,11 @@ func TestQcow2ReadAsQemu(t *testing.T) {
 			put64(b, l2Entry(b, 1), 1<<63)
 			return b
 		}, ""},
+		{"backing file offset without a name", "v3", func(t *testing.T, b []byte) []byte {
+			put64(b, 8, 0x200)
+			put32(b, 16, 0)
+			return b
+		}, ""},
 		{"dirty", "v3", func(t *testing.T, b []byte) []byte {
 			put64(b, 72, get64(b, 72)|1)
 			return b
@@ -251,6 +256,33 @@ func TestQcow2ReadAsQemu(t *testing.T) {
 			put64(b, 24, 100) // qemu: none
 			return b
 		}, ""},
+		{"version 0", "v3", func(t *testing.T, b []byte) []byte {
+			put32(b, 4, 0) // qemu-img: raw
+			return b
+		}, ""},
+
+		// Headers qemu refuses to open.
+		{"version 4", "v3", func(t *testing.T, b []byte) []byte { put32(b, 4, 4); return b }, "--source-format raw"},
+		{"version 5, version 2's header", "v2", func(t *testing.T, b []byte) []byte { put32(b, 4, 5); return b }, "version 5"},
+		{"header_length 72 in version 3", "v3", func(t *testing.T, b []byte) []byte { put32(b, 100, 72); return b }, "header_length 72"},
+		{"header_length past its cluster", "v3", func(t *testing.T, b []byte) []byte { put32(b, 100, 8192); return b }, "header_length 8192"},
+		{"refcount_order 7", "v3", func(t *testing.T, b []byte) []byte { put32(b, 96, 7); return b }, "refcount_order 7"},
+		{"compression type bit on zlib", "v3", func(t *testing.T, b []byte) []byte {
+			put64(b, 72, get64(b, 72)|1<<3)
+			return b
+		}, "compression type"},
+		{"zstd without the compression type bit", "zstd", func(t *testing.T, b []byte) []byte {
+			put64(b, 72, get64(b, 72)&^(1<<3))
+			return b
+		}, "compression type"},
+		{"raw external data without a data file", "v3", func(t *testing.T, b []byte) []byte {
+			put64(b, 88, get64(b, 88)|2)
+			return b
+		}, "external data"},
+		{"refcount table not cluster-aligned", "v3", func(t *testing.T, b []byte) []byte {
+			put64(b, 48, get64(b, 48)+512)
+			return b
+		}, "refcount table"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			b := slices.Clone(bases[c.base])

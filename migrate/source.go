@@ -133,13 +133,18 @@ func OpenSourceAs(path, format string) (Source, error) {
 	// do.
 	head := make([]byte, probeSize)
 	f.ReadAt(head, 0)
-	isQcow2 := bytes.HasPrefix(head, qcow2Magic)
+	hasMagic := bytes.HasPrefix(head, qcow2Magic)
+	// qemu-img takes the magic for qcow2 only with a version of 2 or more
+	// (1 is qcow's, which foreignFormat names): with version 0 it reads
+	// the image as raw, and so do we, or a raw disk whose guest wrote
+	// such bytes would be refused here and read by qemu.
+	isQcow2 := hasMagic && binary.BigEndian.Uint32(head[4:8]) >= 2
 	if name := foreignFormat(head); name != "" && format != FormatRaw {
 		f.Close()
 		return nil, foreignFormatError(path, name)
 	}
 	switch {
-	case format == FormatQcow2 && !isQcow2:
+	case format == FormatQcow2 && !hasMagic:
 		f.Close()
 		return nil, fmt.Errorf("%s does not start with the qcow2 magic: it is not a qcow2 image; open it as raw if it is a raw disk", path)
 	case format == FormatQcow2, format == "" && isQcow2:
@@ -274,8 +279,10 @@ type qcow2L1 struct{ off, size, perEntry int64 }
 // before the reader sizes its tables by them: it allocates the whole L1
 // table the header declares, and panics on cluster sizes qemu never makes.
 // The bounds are qemu's own (cluster_bits 9 to 21, an L1 table of at most
-// 32 MiB that fits in the file and covers the virtual size). It returns
-// the L1 table it checked.
+// 32 MiB that fits in the file and covers the virtual size), and so are
+// the other checks qemu opens an image with, which the reader skips:
+// qemu refuses such an image whole, and we read it. It returns the L1
+// table it checked.
 func checkQcow2Header(hdr []byte, fileSize int64) (qcow2L1, error) {
 	be := binary.BigEndian
 	bits, size := be.Uint32(hdr[20:24]), be.Uint64(hdr[24:32])
@@ -285,6 +292,35 @@ func checkQcow2Header(hdr []byte, fileSize int64) (qcow2L1, error) {
 		return qcow2L1{}, fmt.Errorf("cluster_bits %d: qemu makes 9 to 21", bits)
 	case size > MaxImageSize:
 		return qcow2L1{}, fmt.Errorf("virtual size %d: more than the %d a migration can describe", size, int64(MaxImageSize))
+	}
+	cs := uint64(1) << bits
+	switch rtOff, rtClusters := be.Uint64(hdr[48:56]), uint64(be.Uint32(hdr[56:60])); {
+	case rtOff%cs != 0:
+		return qcow2L1{}, fmt.Errorf("refcount table at %d, not on a cluster boundary", rtOff)
+	case rtClusters*cs > 8<<20:
+		return qcow2L1{}, fmt.Errorf("refcount table of %d clusters: qemu takes at most 8 MiB", rtClusters)
+	}
+	if be.Uint32(hdr[4:8]) >= 3 {
+		hlen, order := be.Uint32(hdr[100:104]), be.Uint32(hdr[96:100])
+		incompat, autoclear := be.Uint64(hdr[72:80]), be.Uint64(hdr[88:96])
+		var ctype byte // zlib, unless the header is long enough to say
+		if hlen > 104 {
+			ctype = hdr[104]
+		}
+		bit := "clear"
+		if incompat&(1<<qcow2.IncompatibleFeaturesCompressionTypeBit) != 0 {
+			bit = "set"
+		}
+		switch {
+		case hlen < 104 || uint64(hlen) > cs:
+			return qcow2L1{}, fmt.Errorf("header_length %d: qemu takes 104 bytes up to a cluster (%d)", hlen, cs)
+		case order > 6:
+			return qcow2L1{}, fmt.Errorf("refcount_order %d: qemu takes at most 6 (64-bit refcounts)", order)
+		case (bit == "set") != (ctype != 0):
+			return qcow2L1{}, fmt.Errorf("compression type %d with its feature bit %s: qemu takes the bit set for a type other than zlib (0), and only then", ctype, bit)
+		case autoclear&(1<<qcow2.AutoclearFeaturesRawExternalBit) != 0 && incompat&(1<<qcow2.IncompatibleFeaturesExternalDataFileBit) == 0:
+			return qcow2L1{}, errors.New("raw external data without an external data file")
+		}
 	}
 	perL1 := uint64(1) << (2*bits - 3) // bytes one L2 table maps
 	switch need := (size + perL1 - 1) / perL1; {
@@ -350,14 +386,19 @@ type qcow2Source struct {
 }
 
 func openQcow2(path string, f *os.File) (Source, error) {
-	// Refuse backing files before the reader tries to open one: a chain
-	// of images is not something to move piecemeal across jurisdictions.
-	hdr := make([]byte, 80) // version 2's header and version 3's incompatible features
-	if _, err := f.ReadAt(hdr, 0); err != nil {
+	hdr := make([]byte, 112) // version 3's header and its compression type
+	if _, err := f.ReadAt(hdr[:80], 0); err != nil {
 		f.Close()
 		return nil, fmt.Errorf("%s: truncated qcow2 header: %w", path, err)
 	}
+	f.ReadAt(hdr[80:], 80) // past the end zeros, as qemu reads them
+	// qemu reads versions 2 and 3, and refuses an image of another whole;
+	// the reader takes any from 2 on as version 3.
 	version := binary.BigEndian.Uint32(hdr[4:8])
+	if version < 2 || version > 3 {
+		f.Close()
+		return nil, fmt.Errorf("%s: qcow2 version %d, which qemu does not read either (it reads versions 2 and 3); if it is a raw disk whose guest wrote these bytes at its start, migrate it with its source format named raw (skybridge migrate run --source-format raw)", path, version)
+	}
 	var incompat uint64 // version 2 has no feature bits
 	if version >= 3 {
 		incompat = binary.BigEndian.Uint64(hdr[72:80])
@@ -386,7 +427,11 @@ func openQcow2(path string, f *os.File) (Source, error) {
 		f.Close()
 		return nil, fmt.Errorf("%s holds internal snapshots (%d), which a migration does not carry: delete them (`qemu-img snapshot -l` lists them, `qemu-img snapshot -d NAME %s` deletes one), or migrate a copy of the current state alone, `qemu-img convert -O qcow2 %s flat.qcow2`", path, n, path, path)
 	}
-	if off, n := binary.BigEndian.Uint64(hdr[8:16]), binary.BigEndian.Uint32(hdr[16:20]); off != 0 {
+	// Refuse backing files before the reader tries to open one: a chain
+	// of images is not something to move piecemeal across jurisdictions.
+	// An offset with a name of no bytes is no backing file to qemu (and
+	// qcowFile hides it from the reader).
+	if off, n := binary.BigEndian.Uint64(hdr[8:16]), binary.BigEndian.Uint32(hdr[16:20]); off != 0 && n != 0 {
 		name := make([]byte, min(n, 1023))
 		f.ReadAt(name, int64(off))
 		f.Close()
@@ -459,7 +504,10 @@ func (q *qcow2Source) Close() error   { return q.f.Close() }
 // check allows less than a cluster past the end). A cluster wholly past
 // the end, which qemu reads as zeros too, Extents refuses first, and
 // reading one stays an error: a stored image cut short is found so,
-// chunk by chunk.
+// chunk by chunk. The header's backing file offset reads as 0: one with
+// a name is refused before the reader opens the image, and one without a
+// name is no backing file to qemu, while the reader would open the
+// image's directory as one.
 type qcowFile struct {
 	f           *os.File
 	size        int64 // the file's, when opened
@@ -476,6 +524,9 @@ func (r *qcowFile) ReadAt(p []byte, off int64) (int, error) {
 		return n, err
 	}
 	clear(p[n:])
+	if off < 16 && off+int64(len(p)) > 8 {
+		clear(p[max(8-off, 0):min(16-off, int64(len(p)))])
+	}
 	return len(p), nil
 }
 
