@@ -78,6 +78,16 @@ func compressedWithSectors(t *testing.T, b []byte) int {
 	return 0
 }
 
+// putExtension writes a header extension of type typ that says it is n
+// bytes long in front of those of a version 3 image.
+func putExtension(b []byte, typ, n uint32) []byte {
+	hlen := int(binary.BigEndian.Uint32(b[100:104]))
+	copy(b[hlen+8:1<<strictClusterBits], b[hlen:])
+	put32(b, hlen, typ)
+	put32(b, hlen+4, n)
+	return b
+}
+
 // lastDataCluster is the host offset of the last data cluster of an
 // uncompressed strictFixture image, the file's last cluster.
 func lastDataCluster(t *testing.T, b []byte) int {
@@ -283,6 +293,20 @@ func TestQcow2ReadAsQemu(t *testing.T) {
 			put64(b, 48, get64(b, 48)+512)
 			return b
 		}, "refcount table"},
+		{"header extension past its cluster", "v3", func(t *testing.T, b []byte) []byte {
+			return putExtension(b, 0x12345678, 1<<strictClusterBits)
+		}, "header extension 0x12345678"},
+		{"backing format name of 16 bytes", "v3", func(t *testing.T, b []byte) []byte {
+			return putExtension(b, 0xe2792aca, 16)
+		}, "backing file format"},
+		{"encryption header without encryption", "v3", func(t *testing.T, b []byte) []byte {
+			return putExtension(b, 0x0537be77, 16)
+		}, "encryption header"},
+		{"backing file offset past the header's cluster", "v3", func(t *testing.T, b []byte) []byte {
+			put64(b, 8, 1<<40)
+			put32(b, 16, 0)
+			return b
+		}, "backing file name at"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			b := slices.Clone(bases[c.base])

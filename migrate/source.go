@@ -299,6 +299,8 @@ func checkQcow2Header(hdr []byte, fileSize int64) (qcow2L1, error) {
 		return qcow2L1{}, fmt.Errorf("refcount table at %d, not on a cluster boundary", rtOff)
 	case rtClusters*cs > 8<<20:
 		return qcow2L1{}, fmt.Errorf("refcount table of %d clusters: qemu takes at most 8 MiB", rtClusters)
+	case be.Uint64(hdr[8:16]) > cs:
+		return qcow2L1{}, fmt.Errorf("backing file name at %d, past the header's cluster", be.Uint64(hdr[8:16]))
 	}
 	if be.Uint32(hdr[4:8]) >= 3 {
 		hlen, order := be.Uint32(hdr[100:104]), be.Uint32(hdr[96:100])
@@ -332,6 +334,41 @@ func checkQcow2Header(hdr []byte, fileSize int64) (qcow2L1, error) {
 		return qcow2L1{}, fmt.Errorf("L1 table at %d (%d entries) lies outside the %d-byte file", l1Off, l1Size, fileSize)
 	}
 	return qcow2L1{off: int64(l1Off), size: int64(l1Size), perEntry: int64(perL1)}, nil
+}
+
+// checkQcow2Extensions refuses the header extensions qemu refuses to open
+// an image with, and the reader skips: one that runs past the end of
+// their area (the header's cluster, or the backing file's name where one
+// starts before), a backing format name of 16 bytes or more, an
+// encryption header without encryption. The area is at most a cluster
+// (checkQcow2Header bounds the backing file name's offset), so the walk
+// is bounded.
+func checkQcow2Extensions(f io.ReaderAt, hdr []byte) error {
+	be := binary.BigEndian
+	off, end := uint64(72), uint64(1)<<be.Uint32(hdr[20:24])
+	if be.Uint32(hdr[4:8]) >= 3 {
+		off = uint64(be.Uint32(hdr[100:104]))
+	}
+	if b := be.Uint64(hdr[8:16]); b != 0 {
+		end = b
+	}
+	for off < end {
+		var ext [8]byte
+		f.ReadAt(ext[:], int64(off)) // past the end zeros, as qemu reads them
+		typ, n := be.Uint32(ext[:4]), uint64(be.Uint32(ext[4:]))
+		switch off += 8; {
+		case off > end || n > end-off:
+			return fmt.Errorf("header extension %#x of %d bytes at %d runs past the end of the extensions at %d", typ, n, off-8, end)
+		case typ == 0:
+			return nil
+		case typ == uint32(qcow2.HeaderExtensionTypeBackingFileFormatNameString) && n >= 16:
+			return fmt.Errorf("backing file format name of %d bytes: qemu takes at most 15", n)
+		case typ == uint32(qcow2.HeaderExtensionTypeFullDiskEncryptionHeaderPointer) && be.Uint32(hdr[32:36]) != 2:
+			return errors.New("encryption header extension in an image without LUKS encryption")
+		}
+		off += (n + 7) &^ 7
+	}
+	return nil
 }
 
 // rawSource is a raw image file read sparse-aware: SEEK_DATA/SEEK_HOLE
@@ -443,6 +480,9 @@ func openQcow2(path string, f *os.File) (Source, error) {
 		return nil, err
 	}
 	l1, err := checkQcow2Header(hdr, st.Size())
+	if err == nil {
+		err = checkQcow2Extensions(f, hdr)
+	}
 	if err != nil {
 		f.Close()
 		return nil, fmt.Errorf("%s: not a qcow2 image qemu would make: %w", path, err)
