@@ -22,18 +22,8 @@ func TestDeniedOffersPaced(t *testing.T) {
 	n := 0
 	deny := func(class string) {
 		t.Helper()
-		c := p.dial(t, nil)
-		defer c.Close()
-		w, r := newFrameWriter(c), newFrameReader(c)
 		n++
-		o := Offer{ID: fmt.Sprintf("deny%012d", n), Name: "vm", Class: class, Format: FormatRaw, Size: 4096, ChunkSize: 4096, Streams: 1}
-		if err := w.json(frameOffer, o); err != nil {
-			t.Fatal(err)
-		}
-		var d Deny
-		if err := r.json(frameDeny, &d); err != nil {
-			t.Fatalf("offer %d of %q: %v; want a denial", n, class, err)
-		}
+		p.offerDenied(t, fmt.Sprintf("deny%012d", n), class)
 	}
 	// The destination is in DE: swiss-banking-secret stays in CH, and
 	// the other class is no policy's.

@@ -177,6 +177,14 @@ type rawSession struct {
 // offerRaw offers o on a control stream and joins one data stream to it.
 func (p *pair) offerRaw(t *testing.T, o Offer) *rawSession {
 	t.Helper()
+	rs := p.offered(t, o)
+	rs.join(t, p, o.ID)
+	return rs
+}
+
+// offered offers o on a control stream, which the receiver accepts.
+func (p *pair) offered(t *testing.T, o Offer) *rawSession {
+	t.Helper()
 	rs := &rawSession{ctrl: p.dial(t, nil)}
 	rs.cw, rs.cr = newFrameWriter(rs.ctrl), newFrameReader(rs.ctrl)
 	if err := rs.cw.json(frameOffer, o); err != nil {
@@ -185,12 +193,34 @@ func (p *pair) offerRaw(t *testing.T, o Offer) *rawSession {
 	if err := rs.cr.json(frameAccept, &rs.acc); err != nil {
 		t.Fatalf("offer: %v", err)
 	}
+	return rs
+}
+
+// join joins a data stream to migration id.
+func (rs *rawSession) join(t *testing.T, p *pair, id string) {
+	t.Helper()
 	rs.data = p.dial(t, nil)
 	rs.dw, rs.dr = newFrameWriter(rs.data), newFrameReader(rs.data)
-	if err := rs.dw.json(frameJoin, Join{ID: o.ID}); err != nil {
+	if err := rs.dw.json(frameJoin, Join{ID: id}); err != nil {
 		t.Fatal(err)
 	}
-	return rs
+}
+
+// offerDenied offers a 4 KiB image of class under id, which the
+// receiver's policy must deny.
+func (p *pair) offerDenied(t *testing.T, id, class string) {
+	t.Helper()
+	c := p.dial(t, nil)
+	defer c.Close()
+	w, r := newFrameWriter(c), newFrameReader(c)
+	o := Offer{ID: id, Name: "vm", Class: class, Format: FormatRaw, Size: 4096, ChunkSize: 4096, Streams: 1}
+	if err := w.json(frameOffer, o); err != nil {
+		t.Fatal(err)
+	}
+	var d Deny
+	if err := r.json(frameDeny, &d); err != nil {
+		t.Fatalf("offer %s of %q: %v; want a denial", id, class, err)
+	}
 }
 
 func (p *pair) dial(t *testing.T, from *certs.NodeIdentity) *tls.Conn {
@@ -1818,28 +1848,16 @@ func TestReceiverQuietOnProbes(t *testing.T) {
 // chunk.
 func TestJoinIsHeard(t *testing.T) {
 	p := newPairWith(t, "DE", func(c *ReceiverConfig) { c.IdleTimeout = time.Minute })
-	c := p.dial(t, nil)
-	fw, fr := newFrameWriter(c), newFrameReader(c)
 	offer := Offer{ID: "0123456789abcdef", Name: "vm", Class: "pii-eu", Format: FormatRaw, Size: mib, ChunkSize: mib, Streams: 1}
-	if err := fw.json(frameOffer, offer); err != nil {
-		t.Fatal(err)
-	}
-	var acc Accept
-	if err := fr.json(frameAccept, &acc); err != nil {
-		t.Fatal(err)
-	}
+	rs := p.offered(t, offer)
 	p.recv.mu.Lock()
 	s := p.recv.sessions[offer.ID]
 	p.recv.mu.Unlock()
 	if s == nil {
 		t.Fatal("no session for the offer")
 	}
-	dc := p.dial(t, nil)
-	dw := newFrameWriter(dc)
 	joined := time.Now()
-	if err := dw.json(frameJoin, Join{ID: offer.ID}); err != nil {
-		t.Fatal(err)
-	}
+	rs.join(t, p, offer.ID)
 	// Heard since the join was sent: the join; before it, the offer.
 	waitFor(t, "the data stream's join taken as news from the sender", func() bool { return s.heard.age() < time.Since(joined) })
 }
@@ -1852,32 +1870,19 @@ func TestReceiverEndsSilentSession(t *testing.T) {
 	// chunk on a busy machine (300 ms failed 2 runs in 35 so), which the
 	// receiver takes for silence too.
 	p := newPairWith(t, "DE", func(c *ReceiverConfig) { c.IdleTimeout = 3 * time.Second })
-	c := p.dial(t, nil)
-	fw, fr := newFrameWriter(c), newFrameReader(c)
 	offer := Offer{ID: "0123456789abcdef", Name: "vm", Class: "pii-eu", Format: FormatRaw, Size: mib, ChunkSize: mib, Streams: 1}
-	if err := fw.json(frameOffer, offer); err != nil {
-		t.Fatal(err)
-	}
-	var acc Accept
-	if err := fr.json(frameAccept, &acc); err != nil {
-		t.Fatal(err)
-	}
+	rs := p.offerRaw(t, offer)
 	// A chunk made durable: a receive that holds none is forgotten as it
 	// ends, having nothing to resume.
-	dc := p.dial(t, nil)
-	dw, dr := newFrameWriter(dc), newFrameReader(dc)
-	if err := dw.json(frameJoin, Join{ID: offer.ID}); err != nil {
-		t.Fatal(err)
-	}
 	chunk := bytes.Repeat([]byte("held"), mib/4)
-	dw.frame(frameChunk, chunkHeader(0, hashChunk(chunk), 0, mib), chunk)
-	dw.flush()
-	if typ, b, err := dr.next(nil); err != nil || typ != frameAck {
+	rs.dw.frame(frameChunk, chunkHeader(0, hashChunk(chunk), 0, mib), chunk)
+	rs.dw.flush()
+	if typ, b, err := rs.dr.next(nil); err != nil || typ != frameAck {
 		t.Fatalf("the chunk: answer type %d %q, %v; want its ack", typ, b, err)
 	}
 	// Silent from here on: the receiver ends the session and closes the
 	// control connection.
-	if _, _, err := fr.next(nil); err == nil {
+	if _, _, err := rs.cr.next(nil); err == nil {
 		t.Fatal("the control connection of a silent sender was not closed")
 	}
 	deadline := time.Now().Add(10 * time.Second)
