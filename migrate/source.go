@@ -601,8 +601,8 @@ const (
 // maps over the virtual size, each read once. The reader's walk asked
 // about every cluster an L2 table maps: a 6 MiB image whose 2048 L1
 // entries all mapped one L2 table of zeros took 41 s of CPU. The tables
-// lie in the file, and one mapped twice qemu finds corrupt, and so do
-// we: the cost is at most a read of the file. Every entry is checked as
+// lie in the file, and one mapped twice is refused (no qemu tool makes
+// one): the cost is at most a read of the file. Every entry is checked as
 // qemu checks it reading the image, or qemu-img check does, and an image
 // with one they find corrupt is refused before a send reads anything:
 // the reader would read it from other bytes than qemu returns, or as
@@ -632,7 +632,12 @@ func (q *qcow2Source) Extents() ([]Extent, error) {
 			return nil, q.corrupt(fmt.Errorf("the L2 table of L1 entry %d, at %#x, lies %w", i, l2, q.pastEnd()))
 		}
 		if j, ok := mapped[l2]; ok {
-			return nil, q.corrupt(fmt.Errorf("L1 entries %d and %d map the same L2 table, at %#x", j, i, l2))
+			// Not corruption when the refcounts say the table is
+			// shared (qemu-img check -r all makes them say so), but
+			// no qemu tool makes such an image, and read once per
+			// entry that maps it, a table would cost as much as the
+			// entries mapping it, whatever the file holds.
+			return nil, fmt.Errorf("%s: L1 entries %d and %d map the same L2 table, at %#x, which qemu may read but skybridge does not: flatten a copy with `qemu-img convert -O qcow2 %s COPY` and migrate the copy", q.path, j, i, l2, q.path)
 		}
 		mapped[l2] = i
 		// Only the entries over the virtual size: qemu reads no others.
