@@ -88,10 +88,16 @@ func TestVaultJoinCAIsTheClientsCA(t *testing.T) {
 	// file, a hash link to it, and a bundle of them all.
 	t.Run("VAULT_CAPATH holding each CA more than once", func(t *testing.T) {
 		capath := t.TempDir()
-		os.WriteFile(filepath.Join(capath, "a.pem"), pemOf(caA), 0o600)
-		os.WriteFile(filepath.Join(capath, "b.pem"), pemOf(caB), 0o600)
-		os.Symlink("a.pem", filepath.Join(capath, "1a2b3c4d.0"))
-		os.WriteFile(filepath.Join(capath, "bundle.crt"), append(pemOf(caA), pemOf(caB)...), 0o600)
+		for _, err := range []error{
+			os.WriteFile(filepath.Join(capath, "a.pem"), pemOf(caA), 0o600),
+			os.WriteFile(filepath.Join(capath, "b.pem"), pemOf(caB), 0o600),
+			os.Symlink("a.pem", filepath.Join(capath, "1a2b3c4d.0")),
+			os.WriteFile(filepath.Join(capath, "bundle.crt"), append(pemOf(caA), pemOf(caB)...), 0o600),
+		} {
+			if err != nil {
+				t.Fatal(err)
+			}
+		}
 		t.Setenv(vault.EnvVaultCAPath, capath)
 		c, err := vault.NewClient(&vault.Config{Address: "https://vault.example.com:8200"})
 		if err != nil {

@@ -68,6 +68,31 @@ func startCLIMesh(t *testing.T, n int) *cliMesh {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// Registered before the first start: a set-up failing half-way does
+	// not leave the gateways it started running.
+	t.Cleanup(func() {
+		// Stopped, not killed: a gateway that does not stop on SIGTERM
+		// fails the test, naming itself. One after the other: a gateway
+		// whose peers all stop with it waits seconds for its leave
+		// notice to go out, which one stopped alone sends at once.
+		for _, s := range m.sites {
+			if s.cmd == nil || s.cmd.Process == nil {
+				continue // not started: the set-up failed before it
+			}
+			s.cmd.Process.Signal(syscall.SIGTERM)
+			exited := make(chan struct{})
+			go func() { s.cmd.Wait(); close(exited) }()
+			select {
+			case <-exited:
+			case <-time.After(20 * time.Second):
+				s.cmd.Process.Kill()
+				<-exited
+				t.Errorf("gw-%s did not stop within 20 s of SIGTERM: killed", s.short)
+			}
+		}
+		logTails(t, filepath.Join(m.dir, "*.log"))
+		noSecretsInLogs(t, m.dir, nil)
+	})
 	for i, s := range m.sites {
 		s.dir = filepath.Join(m.dir, s.short)
 		s.cfg = filepath.Join(m.dir, s.short+".hcl")
@@ -118,26 +143,6 @@ operator { listen = "127.0.0.1:0" }
 		}
 		logf.Close()
 	}
-	t.Cleanup(func() {
-		// Stopped, not killed: a gateway that does not stop on SIGTERM
-		// fails the test, naming itself. One after the other: a gateway
-		// whose peers all stop with it waits seconds for its leave
-		// notice to go out, which one stopped alone sends at once.
-		for _, s := range m.sites {
-			s.cmd.Process.Signal(syscall.SIGTERM)
-			exited := make(chan struct{})
-			go func() { s.cmd.Wait(); close(exited) }()
-			select {
-			case <-exited:
-			case <-time.After(20 * time.Second):
-				s.cmd.Process.Kill()
-				<-exited
-				t.Errorf("gw-%s did not stop within 20 s of SIGTERM: killed", s.short)
-			}
-		}
-		logTails(t, filepath.Join(m.dir, "*.log"))
-		noSecretsInLogs(t, m.dir, nil)
-	})
 	for _, s := range m.sites {
 		waitFor(t, 60*time.Second, "gw-"+s.short+" has every other gateway as a peer", func() (bool, string) {
 			st, err := status(s.socket)
@@ -792,9 +797,9 @@ func TestCLIMigrateCancelResume(t *testing.T) {
 	const chunks = 8 // of random data, 1 MiB each: a chunk each
 	sparseImage(t, img, 64<<20, chunks)
 	// Capped, so that it is still sending when it is cancelled: the 8 MiB
-	// take 4 s, and on two streams the first two chunks are done after
-	// one, leaving three to cancel in.
-	run := startCLI(t, "migrate", "run", img, "--to", "aws-eu-central-1", "--class", "pii-eu", "--streams", "2", "--bwlimit", "2MB/s", "--json", "--socket", zrh.socket)
+	// take 8 s, and on two streams the first two chunks are done after
+	// two, leaving six to cancel in on a busy machine.
+	run := startCLI(t, "migrate", "run", img, "--to", "aws-eu-central-1", "--class", "pii-eu", "--streams", "2", "--bwlimit", "1MB/s", "--json", "--socket", zrh.socket)
 	id := ""
 	for ev := range run.events {
 		id = ev.ID
@@ -820,7 +825,7 @@ func TestCLIMigrateCancelResume(t *testing.T) {
 	if want := fmt.Sprintf("migration %s cancelled: skybridge migrate resume %s carries on where it stopped", id, id); !strings.Contains(run.stderr.String(), want) {
 		t.Errorf("migrate run, cancelled, said:\n%s\nwant %q", run.stderr.String(), want)
 	}
-	if stopped > 3*time.Second {
+	if stopped > 5*time.Second { // a process started, fsyncs: not the 6 s left at the cap
 		t.Errorf("migrate run ended %s after migrate cancel: not promptly", stopped)
 	}
 	sent := last.Record.Stats
@@ -863,9 +868,12 @@ func TestCLIMigrateCancelResume(t *testing.T) {
 	if held < int64(sent.ChunksDone)<<20 || held >= chunks<<20 {
 		t.Fatalf("gw-fra holds %d bytes of the cancelled migration; want the %d chunks acknowledged before the cancel, not all %d", held, sent.ChunksDone, chunks)
 	}
-	// Nothing more arrives once it is cancelled.
-	if l := listMigrations(t, fra.socket); len(l.Receiving) != 1 || l.Receiving[0].Received != held {
-		t.Fatalf("gw-fra's receive of the cancelled migration changed: %+v, held %d bytes", l.Receiving, held)
+	// Nothing more arrives once it is cancelled: watched for longer than
+	// a chunk takes at the cap.
+	for end := time.Now().Add(1500 * time.Millisecond); time.Now().Before(end); time.Sleep(100 * time.Millisecond) {
+		if l := listMigrations(t, fra.socket); len(l.Receiving) != 1 || l.Receiving[0].Received != held {
+			t.Fatalf("gw-fra's receive of the cancelled migration changed: %+v, held %d bytes", l.Receiving, held)
+		}
 	}
 
 	// The resume sends only what had not arrived.
@@ -912,10 +920,10 @@ func TestCLIMigrateReceiverRefusal(t *testing.T) {
 	img := filepath.Join(m.dir, "vm.raw")
 	const chunks = 8
 	sparseImage(t, img, 64<<20, chunks)
-	// One stream at 2MB/s: its first chunk is durable at Frankfurt half
-	// a second in, the last about four seconds in, and the new policy
+	// One stream at 1MB/s: its first chunk is durable at Frankfurt a
+	// second in, the last about eight seconds in, and the new policy
 	// comes between the two with seconds to spare.
-	run := startCLI(t, "migrate", "run", img, "--to", "aws-eu-central-1", "--class", "pii-eu", "--streams", "1", "--bwlimit", "2MB/s", "--socket", zrh.socket)
+	run := startCLI(t, "migrate", "run", img, "--to", "aws-eu-central-1", "--class", "pii-eu", "--streams", "1", "--bwlimit", "1MB/s", "--socket", zrh.socket)
 	id := ""
 	waitFor(t, 30*time.Second, "gw-fra holds a chunk of the migration durable", func() (bool, string) {
 		l := listMigrations(t, fra.socket)
@@ -932,10 +940,10 @@ func TestCLIMigrateReceiverRefusal(t *testing.T) {
 	if !strings.Contains(out, "gateway adopted e2e v2") {
 		t.Fatalf("policy publish to gw-fra said:\n%s", out)
 	}
-	select {
-	case <-run.exited:
-		t.Fatalf("the migration ended before gw-fra adopted version 2 (exit %d): the cap leaves too little time on this machine\n%s%s", run.code, run.stdout.String(), run.stderr.String())
-	default:
+	// Still receiving, nothing stored: the commit, to come, is judged
+	// under version 2.
+	if l := listMigrations(t, fra.socket); len(l.Images) != 0 || len(l.Receiving) != 1 {
+		t.Fatalf("gw-fra had stored the migration, or ended its receive, before it adopted version 2: the cap leaves too little time on this machine: %+v", l)
 	}
 	run.wait(t, time.Minute)
 	if run.code != 1 {

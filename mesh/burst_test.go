@@ -1752,10 +1752,16 @@ class "logs" {
     jurisdiction = ["DE"]
   }
 }
+class "audited" {
+  mode = "audit"
+  allow "store" {
+    jurisdiction = ["DE"]
+  }
+}
 `)
 	g := &Gateway{}
 	g.policy.Store(&adoptedPolicy{p: pol})
-	req := BurstRequest{BurstSite: BurstSite{Site: "burst-fra", Provider: "aws", Region: "eu-central-1", Jurisdiction: "DE", Routes: []string{"10.9.0.0/16"}, Labels: map[string]string{ClassesLabel: "pii,batch,logs"}}, Gateways: 1, TTL: time.Hour}
+	req := BurstRequest{BurstSite: BurstSite{Site: "burst-fra", Provider: "aws", Region: "eu-central-1", Jurisdiction: "DE", Routes: []string{"10.9.0.0/16"}, Labels: map[string]string{ClassesLabel: "pii,batch,logs,audited"}}, Gateways: 1, TTL: time.Hour}
 	a, err := req.attributes(mesh16)
 	if err != nil {
 		t.Fatal(err)
@@ -1770,6 +1776,10 @@ class "logs" {
 		}
 		if v.Class == "pii" && (!strings.Contains(v.Rule, "transit") || !strings.Contains(strings.Join(v.Reasons, " "), "burst links")) {
 			t.Errorf("pii: the table names %q, %q; want the deny transit rule and its reason", v.Rule, v.Reasons)
+		}
+		// Stored by its rules, carried there by audit mode alone.
+		if v.Class == "audited" && (!v.Allowed || !v.Audit || !strings.Contains(v.Rule, "transit")) {
+			t.Errorf("audited: %+v; want allowed in audit mode, by the transit rule", v)
 		}
 	}
 }

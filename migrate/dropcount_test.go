@@ -35,8 +35,8 @@ func TestDroppedReceivesCountedOnce(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	const settling = 4 // sessions of gw-zrh interrupted together
-	for trial := 0; trial < 20; trial++ {
+	const settling = 4                   // sessions of gw-zrh interrupted together
+	for trial := 0; trial < 5; trial++ { // each a race; the double count showed at the first
 		recs, _ := p.recvJ.Receives()
 		for _, r := range recs {
 			p.recv.forget(r.ID, r.Temp)
