@@ -70,8 +70,8 @@ func TestHubFailover(t *testing.T) {
 	// And what hub gw-1a relays of gw-1b's connections to Frankfurt's
 	// echo server, which its host forwards from one tunnel to another.
 	for _, spec := range []string{
-		"add chain inet sbclear fwd { type filter hook forward priority 0 ; }",
-		"add rule inet sbclear fwd ip daddr " + far + " tcp dport 7000 counter",
+		"add chain inet sbclear relay { type filter hook forward priority 0 ; }",
+		"add rule inet sbclear relay ip daddr " + far + " tcp dport 7000 counter",
 	} {
 		if out, err := l.nsexec(zrhA.ns, append([]string{"nft"}, strings.Fields(spec)...)...); err != nil {
 			t.Fatalf("nft %s: %v %s", spec, err, out)
@@ -178,11 +178,11 @@ func TestHubFailover(t *testing.T) {
 	// probes of each other whatever the connection's path).
 	crossesHubA := func(what string) {
 		t.Helper()
-		before := counted(zrhA, "fwd")
+		before := counted(zrhA, "relay")
 		if err := dial(); err != nil {
 			t.Fatalf("TCP gw-1b → %s %s: %v", far, what, err)
 		}
-		if after := counted(zrhA, "fwd"); after <= before {
+		if after := counted(zrhA, "relay"); after <= before {
 			t.Errorf("%s, hub gw-1a did not relay gw-1b's connection: %d packets forwarded, then %d", what, before, after)
 		}
 	}
