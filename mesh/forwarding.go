@@ -58,7 +58,7 @@ func (g *Gateway) warnForwarding(meshPrefix netip.Prefix, routes []netip.Prefix)
 	if off := forwardingOff(forwardingNeeded(g.s.Topology, meshPrefix, routes)); len(off) > 0 {
 		why := "its site's networks"
 		if g.s.Topology == TopologyHub {
-			why = "its site's networks and, as its site's hub, the other gateways of the site"
+			why = "its site's networks and, should it be its site's hub (any gateway may become it), the site's other gateways"
 		}
 		g.log.Warn("IP forwarding is off on this host: the kernel drops the packets this gateway should route for "+why+
 			"; turn it on (sysctl -w NAME=1, and a file in /etc/sysctl.d/ to keep it across reboots)", "off", off)
