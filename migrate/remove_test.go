@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -17,7 +18,12 @@ import (
 // the removal could not be recorded, and one whose file a stop already
 // took is forgotten.
 func TestRemoveImage(t *testing.T) {
-	p := newPair(t, "DE")
+	// The receiver's clock, moved through an atomic: its background loop
+	// reads it meanwhile (a removal kicks it).
+	var skew atomic.Int64
+	p := newPairWith(t, "DE", func(c *ReceiverConfig) {
+		c.Now = func() time.Time { return time.Now().Add(time.Duration(skew.Load())) }
+	})
 	raw := filepath.Join(p.dir, "vm.raw")
 	makeRaw(t, raw, 8*mib, map[int64]int{0: 3 * mib})
 	if _, err := Send(context.Background(), p.config(raw, "pii-eu")); err != nil {
@@ -49,15 +55,14 @@ func TestRemoveImage(t *testing.T) {
 
 	// The gateway's certificate has expired: its record would be refused,
 	// so the image stays.
-	now := p.recv.cfg.Now
-	p.recv.cfg.Now = func() time.Time { return p.to.Certificate().NotAfter.Add(time.Minute) }
+	skew.Store(int64(time.Until(p.to.Certificate().NotAfter.Add(time.Minute))))
 	if _, err := p.recv.RemoveImage("vm", "test"); err == nil || !strings.Contains(err.Error(), "renew") {
 		t.Fatalf("removal under an expired certificate: %v", err)
 	}
 	if _, err := os.Stat(img.Path); err != nil {
 		t.Fatalf("the image's file went with a removal its record could not follow: %v", err)
 	}
-	p.recv.cfg.Now = now
+	skew.Store(0)
 
 	got, err := p.recv.RemoveImage("vm", "CHG-1234: pii-eu leaves zrh")
 	if err != nil || got.Root != img.Root {
