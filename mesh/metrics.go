@@ -258,11 +258,6 @@ func (m *metrics) Ended(role, outcome string, took time.Duration) {
 	m.migDuration.WithLabelValues(role, outcome).Observe(took.Seconds())
 }
 
-// The receiver tells of its refusals an Observer that is a
-// migrate.RefusalObserver: should the methods below stop matching it, they
-// would count nothing, without a word.
-var _ migrate.RefusalObserver = (*metrics)(nil)
-
 func (m *metrics) OfferDenied(reason string) { m.offersDenied.WithLabelValues(reason).Inc() }
 
 func (m *metrics) ReceiveDropped(reason string) { m.receivesDropped.WithLabelValues(reason).Inc() }

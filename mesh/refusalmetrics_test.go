@@ -224,7 +224,7 @@ class "c" {
 // it; TestDeniedOffersCounted, that the gateway's receiver tells its
 // metrics.)
 func TestReceivesDroppedCounted(t *testing.T) {
-	var o migrate.RefusalObserver = newMetrics(&Gateway{})
+	var o migrate.Observer = newMetrics(&Gateway{})
 	o.ReceiveDropped(migrate.DroppedTooMany)
 	o.ReceiveDropped(migrate.DroppedTooMany)
 	o.ReceiveDropped(migrate.DroppedAbandoned)

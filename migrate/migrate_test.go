@@ -2721,14 +2721,11 @@ func TestReceiverStopsCleanly(t *testing.T) {
 
 // endings is an Observer that records only ends.
 type endings struct {
+	nopObserver
 	mu   sync.Mutex
 	seen []string // role/outcome
 }
 
-func (e *endings) Decided(string, string, policy.Request, policy.Decision) {}
-func (e *endings) Moved(string, int, int64)                                {}
-func (e *endings) Done(string, int)                                        {}
-func (e *endings) Retried(string)                                          {}
 func (e *endings) Ended(role, outcome string, _ time.Duration) {
 	e.mu.Lock()
 	defer e.mu.Unlock()

@@ -29,6 +29,13 @@ type Observer interface {
 	Retried(role string)
 	// Ended reports a migration's end: done, denied, cancelled or failed.
 	Ended(role, outcome string, took time.Duration)
+	// OfferDenied reports each offer the receiver's policy denied,
+	// those its audit log counts rather than records one by one
+	// (paceDenial) included.
+	OfferDenied(reason string)
+	// ReceiveDropped reports an interrupted receive forgotten with the
+	// chunks it held: a resume of it sends every chunk again.
+	ReceiveDropped(reason string)
 }
 
 // Why a receiver denied an offer, as OfferDenied names it: the kind of
@@ -55,20 +62,6 @@ const (
 // DropReasons are the reasons ReceiveDropped gives.
 var DropReasons = []string{DroppedTooMany, DroppedAbandoned}
 
-// RefusalObserver is told what a receiver refuses or forgets that no
-// migration's end shows. A receiver whose Observer implements it calls
-// it; the methods are apart from Observer's so that an Observer with no
-// use for them (a test's) need not have them.
-type RefusalObserver interface {
-	// OfferDenied reports each offer the receiver's policy denied,
-	// those its audit log counts rather than records one by one
-	// (paceDenial) included.
-	OfferDenied(reason string)
-	// ReceiveDropped reports an interrupted receive forgotten with the
-	// chunks it held: a resume of it sends every chunk again.
-	ReceiveDropped(reason string)
-}
-
 type nopObserver struct{}
 
 func (nopObserver) Decided(string, string, policy.Request, policy.Decision) {}
@@ -76,22 +69,12 @@ func (nopObserver) Moved(string, int, int64)                                {}
 func (nopObserver) Done(string, int)                                        {}
 func (nopObserver) Retried(string)                                          {}
 func (nopObserver) Ended(string, string, time.Duration)                     {}
+func (nopObserver) OfferDenied(string)                                      {}
+func (nopObserver) ReceiveDropped(string)                                   {}
 
 func observer(o Observer) Observer {
 	if o == nil {
 		return nopObserver{}
 	}
 	return o
-}
-
-type nopRefusals struct{}
-
-func (nopRefusals) OfferDenied(string)    {}
-func (nopRefusals) ReceiveDropped(string) {}
-
-func refusalObserver(o Observer) RefusalObserver {
-	if r, ok := o.(RefusalObserver); ok {
-		return r
-	}
-	return nopRefusals{}
 }

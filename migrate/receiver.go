@@ -79,9 +79,8 @@ var errStopHere = errors.New("the gateway stopped here (a test)")
 
 // Receiver accepts migrations into a gateway's image store.
 type Receiver struct {
-	cfg      ReceiverConfig
-	refusals RefusalObserver // cfg.Observer, if it is one
-	dec      *zstd.Decoder
+	cfg ReceiverConfig
+	dec *zstd.Decoder
 	// auditMu makes writing the records owed and the next record one
 	// step (appendEvent, payOwed).
 	auditMu sync.Mutex
@@ -150,7 +149,7 @@ func NewReceiver(cfg ReceiverConfig) (*Receiver, error) {
 	if err != nil {
 		return nil, err
 	}
-	r := &Receiver{cfg: cfg, refusals: refusalObserver(cfg.Observer), dec: dec, sessions: map[string]*session{}, opening: map[string]receiveLoad{}, removing: map[string]bool{}, unprovenFrom: map[netip.Addr]int{},
+	r := &Receiver{cfg: cfg, dec: dec, sessions: map[string]*session{}, opening: map[string]receiveLoad{}, removing: map[string]bool{}, unprovenFrom: map[netip.Addr]int{},
 		recordKick: make(chan struct{}, 1), denials: map[string]*denialPace{}, denialKick: make(chan struct{}, 1)}
 	if _, err := r.recoverStores(true); err != nil {
 		return nil, fmt.Errorf("image store: %w", err)
@@ -377,7 +376,7 @@ func (r *Receiver) forgetAbandoned() {
 			r.cfg.Log.Warn("forget an abandoned receive", "migration_id", rec.ID, "err", err)
 			continue
 		}
-		r.refusals.ReceiveDropped(DroppedAbandoned)
+		r.cfg.Observer.ReceiveDropped(DroppedAbandoned)
 		r.cfg.Log.Info("forgot an abandoned receive: its sender has not offered it again", "migration_id", rec.ID, "name", rec.Name, "from", rec.From, "last_offered", last)
 	}
 }
@@ -455,7 +454,7 @@ func (r *Receiver) trimInterrupted(node, keep string) {
 		case err != nil:
 			r.cfg.Log.Warn("forget an interrupted receive past those kept per gateway", "migration_id", a.rec.ID, "err", err)
 		default:
-			r.refusals.ReceiveDropped(DroppedTooMany)
+			r.cfg.Observer.ReceiveDropped(DroppedTooMany)
 			r.cfg.Log.Info("forgot an interrupted receive: its sender has more interrupted here than are kept for resumes; a resume sends every chunk again",
 				"migration_id", a.rec.ID, "name", a.rec.Name, "from", a.rec.From, "last_offered", a.last, "kept", maxInterruptedPerPeer)
 		}
@@ -865,7 +864,7 @@ func (r *Receiver) control(ctx context.Context, c *tls.Conn, fr *frameReader, fw
 	}
 	d, ok := r.decide(o, from, via)
 	if !ok {
-		r.refusals.OfferDenied(denialReason(d))
+		r.cfg.Observer.OfferDenied(denialReason(d))
 		if r.paceDenial(o, from) {
 			log.Warn("migration refused by the residency policy", "rule", d.Rule.String(), "reason", strings.Join(d.Reasons, "; "))
 			r.audit(o, from, d, "denied", Hash{}, 0, r.cfg.Now(), r.cfg.Now(), "")
