@@ -194,14 +194,9 @@ func migrateRun(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	var bw int64
-	if s := c.String("bwlimit"); s != "" {
-		if bw, err = parseRate(s); err != nil {
-			return usageError("--bwlimit: %v", err)
-		}
-	}
-	if n := c.Int("streams"); n < 1 || n > migrate.MaxStreams {
-		return usageError("--streams %d: want 1 to %d", n, migrate.MaxStreams)
+	bw, err := paceFlags(c)
+	if err != nil {
+		return err
 	}
 	switch f := c.String("format"); f {
 	case "", migrate.FormatRaw, migrate.FormatQcow2:
@@ -233,20 +228,29 @@ func migrateResume(c *cli.Context) error {
 	}
 	// Unset, the gateway keeps the migration's own pace: a cancel is
 	// often for a cap that proved wrong, which a resume then changes.
-	req := mesh.MigrationRequest{ID: id}
-	if s := c.String("bwlimit"); s != "" {
-		var err error
-		if req.BWLimit, err = parseRate(s); err != nil {
-			return usageError("--bwlimit: %v", err)
-		}
+	bw, err := paceFlags(c)
+	if err != nil {
+		return err
 	}
+	req := mesh.MigrationRequest{ID: id, BWLimit: bw}
 	if c.IsSet("streams") {
-		if n := c.Int("streams"); n < 1 || n > migrate.MaxStreams {
-			return usageError("--streams %d: want 1 to %d", n, migrate.MaxStreams)
-		}
 		req.Streams = c.Int("streams")
 	}
 	return runMigration(c, req)
+}
+
+// paceFlags checks --streams, if set or defaulted, and parses --bwlimit:
+// 0 if not given, -1 for none.
+func paceFlags(c *cli.Context) (bwlimit int64, err error) {
+	if n := c.Int("streams"); (n != 0 || c.IsSet("streams")) && (n < 1 || n > migrate.MaxStreams) {
+		return 0, usageError("--streams %d: want 1 to %d", n, migrate.MaxStreams)
+	}
+	if s := c.String("bwlimit"); s != "" {
+		if bwlimit, err = parseRate(s); err != nil {
+			return 0, usageError("--bwlimit: %v", err)
+		}
+	}
+	return bwlimit, nil
 }
 
 // runMigration streams a migration's progress: a live bar, or with --json

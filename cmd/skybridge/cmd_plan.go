@@ -201,18 +201,12 @@ func migrateApply(c *cli.Context) error {
 	if path == "" {
 		return usageError("which plan? skybridge migrate apply PLAN (from skybridge plan --out PLAN)")
 	}
-	if n := c.Int("streams"); n < 1 || n > migrate.MaxStreams {
-		return usageError("--streams %d: want 1 to %d", n, migrate.MaxStreams)
+	bw, err := paceFlags(c) // 0: none for a new migration, a resumed one's own
+	if err != nil {
+		return err
 	}
 	if c.Int("parallel") < 1 {
 		return usageError("--parallel %d: at least 1", c.Int("parallel"))
-	}
-	var bw int64 // 0: none for a new migration, a resumed one's own
-	if s := c.String("bwlimit"); s != "" {
-		var err error
-		if bw, err = parseRate(s); err != nil {
-			return usageError("--bwlimit: %v", err)
-		}
 	}
 	cl, err := controlClient(c)
 	if err != nil {
