@@ -722,31 +722,4 @@ func (e *pastEndError) Error() string { return fmt.Sprintf("past the end of the 
 
 func (q *qcow2Source) pastEnd() error { return &pastEndError{q.r.size} }
 
-// extentsIn appends the allocated ranges of [from, to) to out, as the
-// reader finds them, a cluster at a time, joining one that continues the
-// last: the walk Extents replaced, and what tests compare it with.
-func (q *qcow2Source) extentsIn(out []Extent, from, to int64) ([]Extent, error) {
-	for off := from; off < to; {
-		e, err := q.img.Extent(off, to-off)
-		if err != nil {
-			return nil, fmt.Errorf("qcow2 allocation map at %d: %w", off, err)
-		}
-		if e.Length <= 0 {
-			return nil, fmt.Errorf("qcow2 allocation map stalls at %d", off)
-		}
-		if end := e.Start + e.Length; end > to {
-			e.Length = to - e.Start // the next stretch is asked on its own
-		}
-		if e.Allocated && !e.Zero {
-			if n := len(out); n > 0 && out[n-1].Off+out[n-1].Len == e.Start {
-				out[n-1].Len += e.Length
-			} else {
-				out = append(out, Extent{e.Start, e.Length})
-			}
-		}
-		off = e.Start + e.Length
-	}
-	return out, nil
-}
-
 var _ image.Image = (*qcow2.Qcow2)(nil)
