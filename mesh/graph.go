@@ -106,8 +106,19 @@ func (g *Gateway) graphOf(st *Status, localOnly bool) *MeshGraph {
 			in.Policy = pol.p
 		}
 		g.graph.edges, g.graph.key, g.graph.at = meshEdges(nodes, in), key, now
+		g.graph.sum = nil
 	}
-	return buildGraph(nodes, g.graph.edges, selfp.node(), st.Members, now, localOnly && len(nodes) > svgDetailLimit)
+	if !localOnly || len(nodes) <= svgDetailLimit {
+		return buildGraph(nodes, g.graph.edges, selfp.node(), st.Members, now, false)
+	}
+	// A dashboard's picture every second needs this gateway's tunnels
+	// and the others counted per pair of sites: summed once per edges and
+	// membership, not in a pass over every tunnel each time (a fifth of
+	// a second and more at 1,000 gateways).
+	if g.graph.sum == nil || g.graph.sumKey != key {
+		g.graph.sum, g.graph.sumKey = summarize(nodes, g.graph.edges, selfp.node()), key
+	}
+	return drawLocal(nodes, g.graph.sum, selfp.node(), st.Members, now)
 }
 
 // How long Graph keeps the mesh's edges.
@@ -116,12 +127,15 @@ const (
 	graphChurnAge = 5 * time.Second
 )
 
-// graphCache holds the edges Graph computed last.
+// graphCache holds the edges Graph computed last, and their summary
+// for the membership of sumKey.
 type graphCache struct {
-	mu    sync.Mutex
-	key   planKey
-	at    time.Time
-	edges map[[2]string]bool
+	mu     sync.Mutex
+	key    planKey
+	at     time.Time
+	edges  map[[2]string]bool
+	sum    *edgeSummary
+	sumKey planKey
 }
 
 // meshEdges computes every gateway's plan, as that gateway would, and
@@ -153,6 +167,147 @@ func meshEdges(nodes []Node, in TopologyInput) map[[2]string]bool {
 // buildGraph is the pure part of Graph. With localOnly, Tunnels holds
 // only self's tunnels and the others are only counted.
 func buildGraph(nodes []Node, edges map[[2]string]bool, self string, members []MemberStatus, now time.Time, localOnly bool) *MeshGraph {
+	if localOnly {
+		return drawLocal(nodes, summarize(nodes, edges, self), self, members, now)
+	}
+	g, peer := graphSites(nodes, self, members)
+	siteOf := map[string]string{}
+	for _, n := range nodes {
+		siteOf[n.node()] = n.site()
+	}
+	links := map[[2]string]*GraphSiteLink{}
+	for e := range edges {
+		sa, okA := siteOf[e[0]]
+		sb, okB := siteOf[e[1]]
+		if !okA || !okB {
+			continue // computed before the gateway left
+		}
+		t := selfTunnel(e, self, peer, now)
+		g.Tunnels = append(g.Tunnels, t)
+		if sa != sb {
+			countSiteLink(links, sa, sb, t.Health)
+		}
+	}
+	return finishGraph(g, links)
+}
+
+// edgeSummary is what a dashboard's picture needs of the mesh's edges:
+// this gateway's tunnels, and the others counted.
+type edgeSummary struct {
+	mine      [][2]string         // self's tunnels (A < B)
+	total     int                 // tunnels between gateways of the membership
+	siteLinks map[[2]string][]int // per pair of sites (A < B): the tunnels, then which of mine they hold
+}
+
+// summarize sums edges over the gateways in nodes; edges of a gateway
+// that has left since they were computed are left out.
+func summarize(nodes []Node, edges map[[2]string]bool, self string) *edgeSummary {
+	siteOf := make(map[string]string, len(nodes))
+	for _, n := range nodes {
+		siteOf[n.node()] = n.site()
+	}
+	s := &edgeSummary{siteLinks: map[[2]string][]int{}}
+	for e := range edges {
+		sa, okA := siteOf[e[0]]
+		sb, okB := siteOf[e[1]]
+		if !okA || !okB {
+			continue
+		}
+		s.total++
+		mine := e[0] == self || e[1] == self
+		if mine {
+			s.mine = append(s.mine, e)
+		}
+		if sa == sb {
+			continue
+		}
+		k := [2]string{min(sa, sb), max(sa, sb)}
+		l := s.siteLinks[k]
+		if l == nil {
+			l = []int{0}
+		}
+		l[0]++
+		if mine {
+			l = append(l, len(s.mine)-1)
+		}
+		s.siteLinks[k] = l
+	}
+	return s
+}
+
+// drawLocal is buildGraph with localOnly, from the edges' summary: only
+// this gateway's tunnels are looked at.
+func drawLocal(nodes []Node, sum *edgeSummary, self string, members []MemberStatus, now time.Time) *MeshGraph {
+	g, peer := graphSites(nodes, self, members)
+	tunnels := make([]GraphTunnel, len(sum.mine))
+	for i, e := range sum.mine {
+		tunnels[i] = selfTunnel(e, self, peer, now)
+	}
+	g.Tunnels = append(g.Tunnels, tunnels...)
+	g.TunnelsOmitted = sum.total - len(sum.mine)
+	links := make(map[[2]string]*GraphSiteLink, len(sum.siteLinks))
+	for k, l := range sum.siteLinks {
+		sl := &GraphSiteLink{A: k[0], B: k[1], Tunnels: l[0], Health: TunnelRemote}
+		for _, i := range l[1:] {
+			if h := tunnels[i].Health; sl.Health == TunnelRemote || healthRank[h] > healthRank[sl.Health] {
+				sl.Health = h
+			}
+		}
+		links[k] = sl
+	}
+	return finishGraph(g, links)
+}
+
+// selfTunnel is the tunnel e as this gateway sees it: its own with the
+// device's health, others remote.
+func selfTunnel(e [2]string, self string, peer map[string]MemberStatus, now time.Time) GraphTunnel {
+	t := GraphTunnel{A: e[0], B: e[1], Health: TunnelRemote}
+	other := ""
+	switch self {
+	case e[0]:
+		other = e[1]
+	case e[1]:
+		other = e[0]
+	}
+	if m, ok := peer[other]; ok {
+		t.Health, t.LastHandshake = tunnelHealth(m, now), m.LastHandshake
+		if !m.LastHandshake.IsZero() {
+			t.AgeSeconds = math.Round(now.Sub(m.LastHandshake).Seconds())
+		}
+	} else if other != "" {
+		t.Health = TunnelIdle // planned, not yet on the device
+	}
+	return t
+}
+
+// countSiteLink counts a tunnel of the given health between sites sa and
+// sb in links.
+func countSiteLink(links map[[2]string]*GraphSiteLink, sa, sb, health string) {
+	k := [2]string{min(sa, sb), max(sa, sb)}
+	l := links[k]
+	if l == nil {
+		l = &GraphSiteLink{A: k[0], B: k[1], Health: TunnelRemote}
+		links[k] = l
+	}
+	l.Tunnels++
+	if health != TunnelRemote && (l.Health == TunnelRemote || healthRank[health] > healthRank[l.Health]) {
+		l.Health = health
+	}
+}
+
+// finishGraph sorts g's tunnels and adds the site links.
+func finishGraph(g *MeshGraph, links map[[2]string]*GraphSiteLink) *MeshGraph {
+	slices.SortFunc(g.Tunnels, func(a, b GraphTunnel) int { return cmp.Or(cmp.Compare(a.A, b.A), cmp.Compare(a.B, b.B)) })
+	for _, l := range links {
+		g.SiteLinks = append(g.SiteLinks, *l)
+	}
+	slices.SortFunc(g.SiteLinks, func(a, b GraphSiteLink) int { return cmp.Or(cmp.Compare(a.A, b.A), cmp.Compare(a.B, b.B)) })
+	return g
+}
+
+// graphSites starts the graph: its sites and gateways, those of sites
+// that are down included; and the device's peers by node.
+func graphSites(nodes []Node, self string, members []MemberStatus) (*MeshGraph, map[string]MemberStatus) {
 	g := &MeshGraph{Self: self, Sites: []GraphSite{}, Tunnels: []GraphTunnel{}, SiteLinks: []GraphSiteLink{}} // [] not null in JSON
 	bySite := map[string][]Node{}
 	for _, n := range nodes {
@@ -193,58 +348,7 @@ func buildGraph(nodes []Node, edges map[[2]string]bool, self string, members []M
 			peer[m.Node] = m
 		}
 	}
-	siteOf := map[string]string{}
-	for _, n := range nodes {
-		siteOf[n.node()] = n.site()
-	}
-	links := map[[2]string]*GraphSiteLink{}
-	for e := range edges {
-		sa, okA := siteOf[e[0]]
-		sb, okB := siteOf[e[1]]
-		if !okA || !okB {
-			continue // computed before the gateway left
-		}
-		t := GraphTunnel{A: e[0], B: e[1], Health: TunnelRemote}
-		other := ""
-		switch self {
-		case e[0]:
-			other = e[1]
-		case e[1]:
-			other = e[0]
-		}
-		if m, ok := peer[other]; ok {
-			t.Health, t.LastHandshake = tunnelHealth(m, now), m.LastHandshake
-			if !m.LastHandshake.IsZero() {
-				t.AgeSeconds = math.Round(now.Sub(m.LastHandshake).Seconds())
-			}
-		} else if other != "" {
-			t.Health = TunnelIdle // planned, not yet on the device
-		}
-		if other != "" || !localOnly {
-			g.Tunnels = append(g.Tunnels, t)
-		} else {
-			g.TunnelsOmitted++
-		}
-		if sa == sb {
-			continue
-		}
-		k := [2]string{min(sa, sb), max(sa, sb)}
-		l := links[k]
-		if l == nil {
-			l = &GraphSiteLink{A: k[0], B: k[1], Health: TunnelRemote}
-			links[k] = l
-		}
-		l.Tunnels++
-		if t.Health != TunnelRemote && (l.Health == TunnelRemote || healthRank[t.Health] > healthRank[l.Health]) {
-			l.Health = t.Health
-		}
-	}
-	slices.SortFunc(g.Tunnels, func(a, b GraphTunnel) int { return cmp.Or(cmp.Compare(a.A, b.A), cmp.Compare(a.B, b.B)) })
-	for _, l := range links {
-		g.SiteLinks = append(g.SiteLinks, *l)
-	}
-	slices.SortFunc(g.SiteLinks, func(a, b GraphSiteLink) int { return cmp.Or(cmp.Compare(a.A, b.A), cmp.Compare(a.B, b.B)) })
-	return g
+	return g, peer
 }
 
 // healthRank orders this gateway's tunnel states from good to bad.

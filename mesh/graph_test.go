@@ -463,7 +463,7 @@ func TestDecisionLog(t *testing.T) {
 // the mesh: every gateway's plan (the topology is computed for each, as
 // each would) and the SVG. sites×gateways per site.
 func BenchmarkGraph(b *testing.B) {
-	for _, size := range []struct{ sites, per int }{{3, 1}, {10, 10}, {30, 10}} {
+	for _, size := range []struct{ sites, per int }{{3, 1}, {10, 10}, {30, 10}, {100, 10}} {
 		var nodes []Node
 		for s := range size.sites {
 			for g := range size.per {
@@ -481,9 +481,20 @@ func BenchmarkGraph(b *testing.B) {
 			}
 		})
 		edges := meshEdges(nodes, in)
+		if n := len(nodes); len(edges) != n*(n-1)/2 {
+			b.Fatalf("%d gateways in a full mesh: %d tunnels, want %d", n, len(edges), n*(n-1)/2)
+		}
+		// As graphOf draws a dashboard's snapshot: the edges' summary is
+		// kept with them.
+		self := nodes[0].node()
+		sum := summarize(nodes, edges, self)
 		b.Run(fmt.Sprintf("gateways=%d/svg", len(nodes)), func(b *testing.B) {
 			for b.Loop() {
-				buildGraph(nodes, edges, nodes[0].node(), nil, in.Now, true).SVG()
+				if len(nodes) <= svgDetailLimit {
+					buildGraph(nodes, edges, self, nil, in.Now, false).SVG()
+				} else {
+					drawLocal(nodes, sum, self, nil, in.Now).SVG()
+				}
 			}
 		})
 	}
