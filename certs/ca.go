@@ -462,8 +462,58 @@ func (ca *CA) Issue(req IssueRequest) (*x509.Certificate, error) {
 // issueGateway is Issue of a renewal of the certificate renewedFrom (if
 // set), with a further check of the index, if any, under its lock, which
 // may refuse, or answer with a certificate issued already for the same
-// request (see issue).
+// request (see issuance).
 func (ca *CA) issueGateway(req IssueRequest, renewedFrom string, check func(*caIndex) (*x509.Certificate, error)) (*x509.Certificate, error) {
+	is, err := ca.gatewayIssuance(req, renewedFrom, check)
+	if err != nil {
+		return nil, err
+	}
+	return ca.issue(is)
+}
+
+// IssueMany is Issue of several gateway certificates under one hold of
+// the CA's lock and one write of its index. The index is read and written
+// whole, with an fsync, at every issue: a burst's gateways enrolling
+// together, each issued on its own, cost one write of an index that grows
+// with each, and 2,000 of them took minutes. Each request is judged as
+// Issue judges it, against the index with those before it in reqs
+// issued; one refused or failed (its error in errs, its certificate nil)
+// leaves the others. err, the index not written, fails them all.
+func (ca *CA) IssueMany(reqs []IssueRequest) (issued []*x509.Certificate, errs []error, err error) {
+	issued, errs = make([]*x509.Certificate, len(reqs)), make([]error, len(reqs))
+	iss := make([]*issuance, len(reqs))
+	var now time.Time
+	for i, req := range reqs {
+		if iss[i], errs[i] = ca.gatewayIssuance(req, "", nil); errs[i] == nil && iss[i].now.After(now) {
+			now = iss[i].now
+		}
+	}
+	if now.IsZero() { // every one refused: nothing to take the lock for
+		return issued, errs, nil
+	}
+	err = ca.updateIndex(now, func(idx *caIndex) error {
+		changed := false
+		for i, is := range iss {
+			if is == nil {
+				continue
+			}
+			issued[i], errs[i] = ca.sign(is, idx)
+			changed = changed || errs[i] == nil
+		}
+		if !changed {
+			return errUnchanged
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, nil, err
+	}
+	return issued, errs, nil
+}
+
+// gatewayIssuance is what issueGateway issues, checked as far as it can
+// be without the index.
+func (ca *CA) gatewayIssuance(req IssueRequest, renewedFrom string, check func(*caIndex) (*x509.Certificate, error)) (*issuance, error) {
 	if req.Now.IsZero() {
 		req.Now = time.Now()
 	}
@@ -487,7 +537,7 @@ func (ca *CA) issueGateway(req IssueRequest, renewedFrom string, check func(*caI
 	for _, r := range attrs.Routes {
 		entry.Routes = append(entry.Routes, r.String())
 	}
-	return ca.issue(tmpl, req.PublicKey, req.TTL, req.Now, entry, func(idx *caIndex) (*x509.Certificate, error) {
+	return ca.prepare(tmpl, req.PublicKey, req.TTL, req.Now, entry, func(idx *caIndex) (*x509.Certificate, error) {
 		if check != nil {
 			if c, err := check(idx); c != nil || err != nil {
 				return c, err
@@ -581,7 +631,7 @@ func (ca *CA) IssueEnroller(node string, overlayIP netip.Addr, pub crypto.Public
 		URIs:        []*url.URL{a.URI()}, // a newcomer of an earlier release reads the name there
 		IPAddresses: []net.IP{overlayIP.AsSlice()},
 	}
-	return ca.issue(tmpl, pub, ttl, now, IssuedCert{Kind: KindEnroller, Node: node}, nil)
+	return ca.issueNew(tmpl, pub, ttl, now, IssuedCert{Kind: KindEnroller, Node: node})
 }
 
 // IssuePolicySigner certifies pub as a policy signer called name: a
@@ -596,7 +646,7 @@ func (ca *CA) IssuePolicySigner(name string, pub crypto.PublicKey, ttl time.Dura
 		Subject:     pkix.Name{CommonName: name, Organization: []string{"skybridge"}, OrganizationalUnit: []string{"policy signers"}},
 		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageCodeSigning},
 	}
-	return ca.issue(tmpl, pub, ttl, now, IssuedCert{Kind: KindPolicySigner, Node: name}, nil)
+	return ca.issueNew(tmpl, pub, ttl, now, IssuedCert{Kind: KindPolicySigner, Node: name})
 }
 
 // ErrIssueRefused is what errors.Is finds in the CA's refusal to issue a
@@ -611,11 +661,32 @@ type refusal struct{ error }
 func (r refusal) Is(target error) bool { return target == ErrIssueRefused }
 func (r refusal) Unwrap() error        { return r.error }
 
-// issue signs tmpl for pub, valid from now for ttl, and records entry in
-// the index; check, if set, may refuse under the index lock, or return a
-// certificate issued already for the same request (a renewal asked again),
-// which is then the answer: nothing is issued, nor the index written.
-func (ca *CA) issue(tmpl *x509.Certificate, pub crypto.PublicKey, ttl time.Duration, now time.Time, entry IssuedCert, check func(*caIndex) (*x509.Certificate, error)) (*x509.Certificate, error) {
+// issuance is a certificate to issue: tmpl for pub, recorded as entry;
+// check, if set, may refuse under the index lock, or return a
+// certificate issued already for the same request (a renewal asked
+// again), which is then the answer: nothing is issued, nor the index
+// written.
+type issuance struct {
+	tmpl  *x509.Certificate
+	pub   crypto.PublicKey
+	now   time.Time
+	entry IssuedCert
+	check func(*caIndex) (*x509.Certificate, error)
+}
+
+// issueNew signs tmpl for pub, valid from now for ttl, and records entry
+// in the index.
+func (ca *CA) issueNew(tmpl *x509.Certificate, pub crypto.PublicKey, ttl time.Duration, now time.Time, entry IssuedCert) (*x509.Certificate, error) {
+	is, err := ca.prepare(tmpl, pub, ttl, now, entry, nil)
+	if err != nil {
+		return nil, err
+	}
+	return ca.issue(is)
+}
+
+// prepare checks what can be checked of an issuance without the index:
+// tmpl for pub, valid from now for ttl.
+func (ca *CA) prepare(tmpl *x509.Certificate, pub crypto.PublicKey, ttl time.Duration, now time.Time, entry IssuedCert, check func(*caIndex) (*x509.Certificate, error)) (*issuance, error) {
 	if ttl == 0 {
 		ttl = DefaultNodeTTL
 	}
@@ -632,40 +703,55 @@ func (ca *CA) issue(tmpl *x509.Certificate, pub crypto.PublicKey, ttl time.Durat
 	tmpl.NotBefore, tmpl.NotAfter = now.Add(-backdate), notAfter
 	tmpl.KeyUsage = x509.KeyUsageDigitalSignature
 	tmpl.BasicConstraintsValid = true
+	return &issuance{tmpl: tmpl, pub: pub, now: now, entry: entry, check: check}, nil
+}
 
+// issue issues is under the CA's lock and records it in the index.
+func (ca *CA) issue(is *issuance) (*x509.Certificate, error) {
 	var cert *x509.Certificate
-	err := ca.updateIndex(now, func(idx *caIndex) error {
-		if check != nil {
-			c, err := check(idx)
-			if err != nil {
-				return refusal{err}
-			}
-			if c != nil {
-				cert = c
-				return errUnchanged
-			}
-		}
-		serial, err := randomSerial()
-		if err != nil {
-			return err
-		}
-		tmpl.SerialNumber = serial
-		der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, pub, ca.key)
-		if err != nil {
-			return fmt.Errorf("sign certificate for %s: %w", tmpl.Subject.CommonName, err)
-		}
-		if cert, err = x509.ParseCertificate(der); err != nil {
-			return err
-		}
-		entry.Serial, entry.NotBefore, entry.NotAfter, entry.Key = FormatSerial(serial), cert.NotBefore, cert.NotAfter, keyID(cert.RawSubjectPublicKeyInfo)
-		idx.add(entry)
-		if entry.Kind == KindGateway {
-			idx.keepRenewal(entry, der)
-		}
-		return nil
+	err := ca.updateIndex(is.now, func(idx *caIndex) error {
+		c, err := ca.sign(is, idx)
+		cert = c
+		return err
 	})
 	if err != nil {
 		return nil, err
+	}
+	return cert, nil
+}
+
+// sign signs is and adds it to idx, under the CA's lock; idx is left as
+// it was if it fails. The certificate its check answered with comes with
+// errUnchanged.
+func (ca *CA) sign(is *issuance, idx *caIndex) (*x509.Certificate, error) {
+	if is.check != nil {
+		c, err := is.check(idx)
+		if err != nil {
+			return nil, refusal{err}
+		}
+		if c != nil {
+			return c, errUnchanged
+		}
+	}
+	serial, err := randomSerial()
+	if err != nil {
+		return nil, err
+	}
+	tmpl := is.tmpl
+	tmpl.SerialNumber = serial
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, is.pub, ca.key)
+	if err != nil {
+		return nil, fmt.Errorf("sign certificate for %s: %w", tmpl.Subject.CommonName, err)
+	}
+	cert, err := x509.ParseCertificate(der)
+	if err != nil {
+		return nil, err
+	}
+	entry := is.entry
+	entry.Serial, entry.NotBefore, entry.NotAfter, entry.Key = FormatSerial(serial), cert.NotBefore, cert.NotAfter, keyID(cert.RawSubjectPublicKeyInfo)
+	idx.add(entry)
+	if entry.Kind == KindGateway {
+		idx.keepRenewal(entry, der)
 	}
 	return cert, nil
 }

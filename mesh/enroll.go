@@ -47,6 +47,11 @@ type enrollment struct {
 	vault *certs.Vault // Vault: it admits them; we set it up and keep the record
 	mu    sync.Mutex   // guards book and its file
 	book  *burstBook
+	// queue holds the enrollments waiting to be served (enrolQueued),
+	// draining says a goroutine serves them; both under qmu.
+	qmu      sync.Mutex
+	queue    []*enrolJob
+	draining bool
 	// warnRefused says when a refusal is worth logging again: anyone who
 	// can reach the endpoint can have enrollments refused.
 	warnRefused throttle.PerSecond
@@ -247,7 +252,7 @@ func (g *Gateway) serveEnrollment(ctx context.Context) (io.Closer, error) {
 			http.Error(w, "malformed enrollment request: "+err.Error(), http.StatusBadRequest)
 			return
 		}
-		res, err := g.enrol(r.Context(), req, r.RemoteAddr)
+		res, err := g.enrol(req, r.RemoteAddr)
 		var refused *enrollRefusal
 		switch {
 		case errors.As(err, &refused):
@@ -334,8 +339,9 @@ func (g *Gateway) renewPeer(chain []*x509.Certificate, csr []byte, from string) 
 
 // enrol redeems a token: it certifies the newcomer's key for the burst
 // site, records the token as used (durably, before answering) and hands
-// over what a gateway needs to join.
-func (g *Gateway) enrol(ctx context.Context, req enrollRequest, from string) (*enrollResponse, error) {
+// over what a gateway needs to join. The enrollments that come while
+// others are being served wait, and are served together (enrolBatch).
+func (g *Gateway) enrol(req enrollRequest, from string) (*enrollResponse, error) {
 	e := g.enroll
 	if !validTokenID(req.Token) {
 		g.metrics.enrollment("refused")
@@ -346,111 +352,272 @@ func (g *Gateway) enrol(ctx context.Context, req enrollRequest, from string) (*e
 		return nil, &enrollRefusal{err}
 	}
 	keySum := sha256.Sum256(csr.RawSubjectPublicKeyInfo)
-	key := hex.EncodeToString(keySum[:])
-	e.mu.Lock()
-	defer e.mu.Unlock()
+	j := &enrolJob{req: req, csr: csr, key: hex.EncodeToString(keySum[:]), from: from, done: make(chan struct{})}
+	e.qmu.Lock()
+	e.queue = append(e.queue, j)
+	start := !e.draining
+	e.draining = true
+	e.qmu.Unlock()
+	if start {
+		go g.enrolQueued()
+	}
+	// Not given up when the newcomer hangs up: served all the same, it
+	// gets what it was issued when it asks again with its key.
+	<-j.done
+	return j.res, j.err
+}
+
+// enrolJob is one newcomer's enrollment, waiting to be served.
+type enrolJob struct {
+	req  enrollRequest
+	csr  *x509.CertificateRequest
+	key  string // the hex SHA-256 of the key to certify
+	from string
+	res  *enrollResponse
+	err  error
+	done chan struct{}
+}
+
+func (j *enrolJob) finish(res *enrollResponse, err error) {
+	j.res, j.err = res, err
+	close(j.done)
+}
+
+// enrolQueued serves the enrollments queued, those that came meanwhile
+// together, until none is left.
+func (g *Gateway) enrolQueued() {
+	e := g.enroll
+	for {
+		e.qmu.Lock()
+		batch := e.queue
+		e.queue = nil
+		if len(batch) == 0 {
+			e.draining = false
+			e.qmu.Unlock()
+			return
+		}
+		e.qmu.Unlock()
+		e.mu.Lock()
+		later := g.enrolBatch(batch)
+		e.mu.Unlock()
+		if len(later) > 0 {
+			e.qmu.Lock()
+			e.queue = append(later, e.queue...)
+			e.qmu.Unlock()
+		}
+	}
+}
+
+// enrolling is an enrollment of a batch whose token was redeemed.
+type enrolling struct {
+	j      *enrolJob
+	rec    *burstRecord
+	t      *burstToken
+	again  bool // its token used already, by the same key
+	attrs  certs.Attributes
+	cert   *x509.Certificate
+	before burstToken // the token before this enrollment, to put back if its use cannot be recorded
+	failed bool
+}
+
+func (a *enrolling) fail(err error) {
+	a.failed = true
+	a.j.finish(nil, err)
+}
+
+// enrolBatch serves enrollments that came together, under e.mu: their
+// certificates issued by one write of the CA's index, their tokens'
+// use recorded by one write of the burst record. Both files are written
+// whole, with an fsync, and grow with every gateway enrolled: written for
+// each gateway, 2,000 gateways' enrollments took minutes, and those
+// behind one address (16 served at once) gave up. A token asked for twice
+// in the batch is served once; the other asks are returned, for the next
+// batch, which finds it used.
+func (g *Gateway) enrolBatch(batch []*enrolJob) (later []*enrolJob) {
+	e := g.enroll
 	now := g.now()
-	rec, i, again, err := e.book.redeem(req.Token, req.Secret, key, now)
-	if err != nil {
-		if ok, dropped := e.warnRefused.Allow(); ok {
-			g.log.Warn("enrollment refused", "token", req.Token, "from", from, "err", err, "refused_unlogged", dropped)
-		}
-		g.metrics.enrollment("refused")
-		return nil, &enrollRefusal{err}
-	}
-	// Everything that can fail comes before the certificate and the
-	// token's use, which is final.
-	kr, err := g.prov.Secrets().GossipKeyring(ctx)
-	if err != nil {
-		return nil, fmt.Errorf("gossip keyring: %w", err)
-	}
 	tb := g.trust.Load()
-	t := &rec.Tokens[i]
-	var ip netip.Addr
-	var cert *x509.Certificate // sent again, if asked again
-	if again {
-		// The same gateway (it holds the key) lost the answer: it gets
-		// the certificate it was sent, with its name and address.
-		if ip, err = netip.ParseAddr(t.OverlayIP); err != nil {
-			return nil, fmt.Errorf("burst record of %s: token %s: %w", rec.Site, t.ID, err)
+	var (
+		all     []*enrolling
+		issue   []*enrolling
+		used    map[netip.Addr]bool // overlay addresses in use, read once the batch needs them
+		redeems = map[string]bool{}
+	)
+	for _, j := range batch {
+		if redeems[j.req.Token] {
+			later = append(later, j)
+			continue
 		}
-		// An answer that was lost leaves its certificate valid. One an
-		// operator revoked (a stolen key, say) must stay revoked: the
-		// token and the key are no way back in.
-		valid, err := e.stillValid(t.Serial, now)
+		redeems[j.req.Token] = true
+		rec, i, again, err := e.book.redeem(j.req.Token, j.req.Secret, j.key, now)
 		if err != nil {
-			return nil, fmt.Errorf("the CA's record of certificate %s: %w", t.Serial, err)
-		}
-		if !valid {
-			g.log.Warn("enrollment refused: the token's certificate was revoked; it does not enrol again", "token", req.Token, "peer", t.Node, "serial", t.Serial, "from", from)
+			if ok, dropped := e.warnRefused.Allow(); ok {
+				g.log.Warn("enrollment refused", "token", j.req.Token, "from", j.from, "err", err, "refused_unlogged", dropped)
+			}
 			g.metrics.enrollment("refused")
-			return nil, &enrollRefusal{fmt.Errorf("the certificate this token was enrolled with (serial %s) is revoked: the token does not enrol again", t.Serial)}
+			j.finish(nil, &enrollRefusal{err})
+			continue
 		}
-		cert = t.issued(key)
-	} else if ip, err = pickOverlayIP(tb.MeshPrefix(), g.overlayIPsInUse(e)); err != nil {
-		return nil, err
+		a := &enrolling{j: j, rec: rec, t: &rec.Tokens[i], again: again}
+		t := a.t
+		var ip netip.Addr
+		if again {
+			// The same gateway (it holds the key) lost the answer: it gets
+			// the certificate it was sent, with its name and address.
+			if ip, err = netip.ParseAddr(t.OverlayIP); err != nil {
+				j.finish(nil, fmt.Errorf("burst record of %s: token %s: %w", rec.Site, t.ID, err))
+				continue
+			}
+			// An answer that was lost leaves its certificate valid. One an
+			// operator revoked (a stolen key, say) must stay revoked: the
+			// token and the key are no way back in.
+			valid, err := e.stillValid(t.Serial, now)
+			if err != nil {
+				j.finish(nil, fmt.Errorf("the CA's record of certificate %s: %w", t.Serial, err))
+				continue
+			}
+			if !valid {
+				g.log.Warn("enrollment refused: the token's certificate was revoked; it does not enrol again", "token", j.req.Token, "peer", t.Node, "serial", t.Serial, "from", j.from)
+				g.metrics.enrollment("refused")
+				j.finish(nil, &enrollRefusal{fmt.Errorf("the certificate this token was enrolled with (serial %s) is revoked: the token does not enrol again", t.Serial)})
+				continue
+			}
+			a.cert = t.issued(j.key)
+		} else {
+			if used == nil {
+				used = g.overlayIPsInUse(e)
+			}
+			if ip, err = pickOverlayIP(tb.MeshPrefix(), used); err != nil {
+				j.finish(nil, err)
+				continue
+			}
+			used[ip] = true // not for another of the batch
+		}
+		routes, err := certs.ParseRoutes(rec.Routes)
+		if err != nil {
+			j.finish(nil, fmt.Errorf("burst record of %s: %w", rec.Site, err))
+			continue
+		}
+		a.attrs = certs.Attributes{Node: rec.nodeName(i), Site: rec.Site, Region: rec.Region, Provider: rec.Provider,
+			Jurisdiction: rec.Jurisdiction, OverlayIP: ip, Routes: routes, Labels: rec.Labels}
+		all = append(all, a)
+		if a.cert == nil {
+			issue = append(issue, a)
+		}
 	}
-	routes, err := certs.ParseRoutes(rec.Routes)
+	if len(all) == 0 {
+		return later
+	}
+	// Everything that can fail comes before the certificates and the
+	// tokens' use, which is final.
+	kr, err := g.prov.Secrets().GossipKeyring(context.Background())
 	if err != nil {
-		return nil, fmt.Errorf("burst record of %s: %w", rec.Site, err)
+		for _, a := range all {
+			a.fail(fmt.Errorf("gossip keyring: %w", err))
+		}
+		return later
 	}
-	attrs := certs.Attributes{Node: rec.nodeName(i), Site: rec.Site, Region: rec.Region, Provider: rec.Provider,
-		Jurisdiction: rec.Jurisdiction, OverlayIP: ip, Routes: routes, Labels: rec.Labels}
-	if cert != nil {
-		// Nothing is issued, nothing revoked: a holder of the token and
-		// the key that asks again and again costs the CA's index and the
-		// mesh's revocation list nothing.
-		g.log.Info("burst gateway asked again for its enrollment (its answer was lost): the certificate it was issued is sent again", "peer", attrs.Node, "peer_site", rec.Site, "from", from, "serial", t.Serial)
-	} else {
+	for _, a := range all {
+		if a.cert != nil {
+			// Nothing is issued, nothing revoked: a holder of the token and
+			// the key that asks again and again costs the CA's index and the
+			// mesh's revocation list nothing.
+			g.log.Info("burst gateway asked again for its enrollment (its answer was lost): the certificate it was issued is sent again", "peer", a.attrs.Node, "peer_site", a.rec.Site, "from", a.j.from, "serial", a.t.Serial)
+		}
+	}
+	if len(issue) > 0 {
+		g.issueEnrolled(issue, now)
+	}
+	cas, seeds := tb.CAPEM(), g.seedsForNewcomer()
+	var crl []byte
+	if c := tb.CRL(); c != nil {
+		crl = pem.EncodeToMemory(&pem.Block{Type: "X509 CRL", Bytes: c.Raw})
+	}
+	for _, a := range all {
+		if a.failed {
+			continue
+		}
+		g.metrics.enrollment("enrolled")
+		g.log.Info("burst gateway enrolled", "peer", a.attrs.Node, "peer_site", a.rec.Site, "overlay_ip", a.attrs.OverlayIP.String(), "from", a.j.from,
+			"serial", a.t.Serial, "until", a.rec.Expires)
+		a.j.finish(&enrollResponse{
+			Certificate: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: a.cert.Raw}),
+			CAs:         cas, CRL: crl, Keyring: kr.MarshalSecret(), Seeds: seeds, Expires: a.rec.Expires,
+		}, nil)
+	}
+	return later
+}
+
+// issueEnrolled certifies the newcomers of a batch, each until its burst
+// ends, and records their tokens used; those it fails have failed.
+func (g *Gateway) issueEnrolled(issue []*enrolling, now time.Time) {
+	e := g.enroll
+	reqs := make([]certs.IssueRequest, len(issue))
+	for k, a := range issue {
 		// The identity ends with the burst.
-		cert, err = e.ca.Issue(certs.IssueRequest{Attributes: attrs, PublicKey: csr.PublicKey, TTL: rec.Expires.Sub(now), Now: now})
-		if errors.Is(err, certs.ErrIssueRefused) {
+		reqs[k] = certs.IssueRequest{Attributes: a.attrs, PublicKey: a.j.csr.PublicKey, TTL: a.rec.Expires.Sub(now), Now: now}
+	}
+	issued, errs, err := e.ca.IssueMany(reqs)
+	var recorded []*enrolling
+	for k, a := range issue {
+		switch {
+		case err != nil:
+			a.fail(fmt.Errorf("certify %s: %w", a.attrs.Node, err))
+		case errors.Is(errs[k], certs.ErrIssueRefused):
 			// Asking again will not change it (a route another site took
 			// since the burst opened, say): the newcomer is told, at once.
-			g.log.Warn("enrollment refused: the CA refuses the certificate", "token", req.Token, "peer", attrs.Node, "from", from, "err", err)
+			g.log.Warn("enrollment refused: the CA refuses the certificate", "token", a.j.req.Token, "peer", a.attrs.Node, "from", a.j.from, "err", errs[k])
 			g.metrics.enrollment("refused")
-			return nil, &enrollRefusal{fmt.Errorf("the mesh CA refuses %s's certificate: %w", attrs.Node, err)}
-		}
-		if err != nil {
-			return nil, fmt.Errorf("certify %s: %w", attrs.Node, err)
-		}
-		before := *t
-		used := now.UTC()
-		if again {
-			used = *t.Used
-		}
-		t.Used, t.Node, t.OverlayIP, t.Serial, t.Key, t.Cert = &used, attrs.Node, ip.String(), certs.FormatSerial(cert.SerialNumber), key, cert.Raw
-		if err := g.state.saveBursts(e.book); err != nil {
-			// Unrecorded, the token would work again: take the certificate back.
-			*t = before
-			if _, rerr := e.ca.RevokeSerials([]*big.Int{cert.SerialNumber}, "cessationOfOperation", now); rerr != nil {
-				g.log.Error("enrollment: could not record the token nor revoke the certificate issued for it", "serial", certs.FormatSerial(cert.SerialNumber), "err", rerr)
+			a.fail(&enrollRefusal{fmt.Errorf("the mesh CA refuses %s's certificate: %w", a.attrs.Node, errs[k])})
+		case errs[k] != nil:
+			a.fail(fmt.Errorf("certify %s: %w", a.attrs.Node, errs[k]))
+		default:
+			a.cert, a.before = issued[k], *a.t
+			t := a.t
+			used := now.UTC()
+			if a.again {
+				used = *t.Used
 			}
-			return nil, fmt.Errorf("record enrollment: %w", err)
+			t.Used, t.Node, t.OverlayIP, t.Serial, t.Key, t.Cert = &used, a.attrs.Node, a.attrs.OverlayIP.String(), certs.FormatSerial(a.cert.SerialNumber), a.j.key, a.cert.Raw
+			recorded = append(recorded, a)
 		}
-		if again {
-			// Enrolled by a release that kept no certificate: it is
-			// issued once more, and kept from now on.
-			if old, err := certs.ParseSerial(before.Serial); err == nil {
-				if _, err := e.ca.RevokeSerials([]*big.Int{old}, "superseded", now); err != nil {
-					// The burst's end revokes it with the rest (its strays).
-					g.log.Warn("enrollment asked again: the certificate it supersedes is not revoked yet", "serial", before.Serial, "err", err)
-				}
+	}
+	if len(recorded) == 0 {
+		return
+	}
+	if err := g.state.saveBursts(e.book); err != nil {
+		// Unrecorded, the tokens would work again: take the certificates back.
+		var serials []*big.Int
+		for _, a := range recorded {
+			*a.t = a.before
+			serials = append(serials, a.cert.SerialNumber)
+		}
+		if _, rerr := e.ca.RevokeSerials(serials, "cessationOfOperation", now); rerr != nil {
+			var ss []string
+			for _, s := range serials {
+				ss = append(ss, certs.FormatSerial(s))
 			}
-			g.log.Info("burst gateway asked again for its enrollment (its answer was lost), enrolled before its certificate was kept: certificate re-issued for the same key", "peer", attrs.Node, "peer_site", rec.Site, "from", from, "superseded", before.Serial)
+			g.log.Error("enrollment: could not record the tokens nor revoke the certificates issued for them", "serials", ss, "err", rerr)
 		}
+		for _, a := range recorded {
+			a.fail(fmt.Errorf("record enrollment: %w", err))
+		}
+		return
 	}
-	res := &enrollResponse{
-		Certificate: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: cert.Raw}),
-		CAs:         tb.CAPEM(), Keyring: kr.MarshalSecret(), Seeds: g.seedsForNewcomer(), Expires: rec.Expires,
+	for _, a := range recorded {
+		if !a.again {
+			continue
+		}
+		// Enrolled by a release that kept no certificate: it is
+		// issued once more, and kept from now on.
+		if old, err := certs.ParseSerial(a.before.Serial); err == nil {
+			if _, err := e.ca.RevokeSerials([]*big.Int{old}, "superseded", now); err != nil {
+				// The burst's end revokes it with the rest (its strays).
+				g.log.Warn("enrollment asked again: the certificate it supersedes is not revoked yet", "serial", a.before.Serial, "err", err)
+			}
+		}
+		g.log.Info("burst gateway asked again for its enrollment (its answer was lost), enrolled before its certificate was kept: certificate re-issued for the same key", "peer", a.attrs.Node, "peer_site", a.rec.Site, "from", a.j.from, "superseded", a.before.Serial)
 	}
-	if crl := tb.CRL(); crl != nil {
-		res.CRL = pem.EncodeToMemory(&pem.Block{Type: "X509 CRL", Bytes: crl.Raw})
-	}
-	g.metrics.enrollment("enrolled")
-	g.log.Info("burst gateway enrolled", "peer", attrs.Node, "peer_site", rec.Site, "overlay_ip", ip.String(), "from", from,
-		"serial", t.Serial, "until", rec.Expires)
-	return res, nil
 }
 
 // enrollRefusal is an enrollment refused for what the newcomer sent (its
