@@ -603,12 +603,17 @@ type session struct {
 	// those it has written, nNew of them new, the others rewrite chunks,
 	// held at the offer and found changed, written again in their room;
 	// a rewrite chunk whose room the file lost (true: the file was cut
-	// short, or a hole punched there) counts as new.
+	// short) counts as new, and so does a held chunk with holes in its
+	// room (partial) when it is written again all the same.
 	hold    *reservation
 	allow   int64
 	newMax  int64
 	nNew    int64
 	rewrite map[int64]bool
+	partial map[int64]struct{}
+	// blank: the incoming file was empty at the offer, so a chunk
+	// written for the first time lands on holes only (clean).
+	blank bool
 	// received (payload bytes) and nDurable (len(durable)) are what
 	// Active reports, kept apart from mu: a commit holds mu for as long
 	// as storing the image takes, and Active, on every metrics scrape,
@@ -714,22 +719,27 @@ func recheckChunks(f *os.File, rec *RecvRecord, durable map[int64]Hash, j *Journ
 	return bad, j.removeChunks("recv", rec.ID, bad)
 }
 
-// lostChunks lists the held chunks that do not lie whole in data of the
-// incoming file at path: past its end, or in a hole. Written again, they
-// take new room. When the file's allocation cannot be read, every held
-// chunk is listed: room for too many refuses a resume that might fit, room
-// for too few lets it fill the disk.
-func lostChunks(path string, rec *RecvRecord, durable map[int64]Hash) map[int64]struct{} {
-	lost := map[int64]struct{}{}
+// heldRoom sorts the held chunks by the room they keep in the incoming
+// file at path. lost: not wholly within the file (cut short); written
+// again, they take new room. partial: within it, with holes, which a
+// chunk written again may fill: chunks are written sparse (writeSparse),
+// so most have some, and a hole punched since looks the same. When the
+// file's allocation cannot be read, every held chunk is both: room for
+// too many refuses a resume that might fit, room for too few lets it fill
+// the disk.
+func heldRoom(path string, rec *RecvRecord, durable map[int64]Hash) (lost, partial map[int64]struct{}) {
+	lost, partial = map[int64]struct{}{}, map[int64]struct{}{}
 	if len(durable) == 0 {
-		return lost
+		return lost, partial
 	}
 	var extents []Extent
+	var size int64
 	f, err := os.Open(path)
 	if err == nil {
 		var st os.FileInfo
 		if st, err = f.Stat(); err == nil {
-			extents, err = (&rawSource{f: f, size: st.Size()}).Extents()
+			size = st.Size()
+			extents, err = (&rawSource{f: f, size: size}).Extents()
 		}
 		f.Close()
 	}
@@ -740,11 +750,14 @@ func lostChunks(path string, rec *RecvRecord, durable map[int64]Hash) map[int64]
 		for k < len(extents) && extents[k].Off+extents[k].Len <= from {
 			k++
 		}
-		if err != nil || k == len(extents) || extents[k].Off > from || extents[k].Off+extents[k].Len < to {
+		if err != nil || to > size {
 			lost[i] = struct{}{}
 		}
+		if err != nil || k == len(extents) || extents[k].Off > from || extents[k].Off+extents[k].Len < to {
+			partial[i] = struct{}{}
+		}
 	}
-	return lost
+	return lost, partial
 }
 
 // join counts a data stream joining the session, and refuses one beyond
@@ -1422,14 +1435,18 @@ func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision, log
 	if err != nil {
 		return nil, nil, err
 	}
-	// Held chunks whose room the file no longer has: cut short, or a hole
-	// punched. Read back below, they are found changed and written again
-	// in new room. Found here, from the file's allocation and before the
-	// read back, so that a resume short of room is refused at once, not
-	// after reading what it held.
-	var lost map[int64]struct{}
-	if resumed && old == nil {
-		lost = lostChunks(temp, &rec, durable)
+	// Held chunks whose room the file no longer has: cut short. Read back
+	// below, they are found changed and written again in new room. Found
+	// here, from the file's size and before the read back, so that a
+	// resume short of room is refused at once, not after reading what it
+	// held. (Those with holes in their room are most of them, written
+	// sparse: found changed, their holes are filled below.)
+	var lost, partial map[int64]struct{}
+	if resumed {
+		lost, partial = heldRoom(temp, &rec, durable)
+		if old != nil {
+			lost = nil // the file of a session this process had open never left its hands
+		}
 	}
 	// Room for what may still come, before anything is written: the
 	// chunks that may hold data, less those the file holds from an
@@ -1496,12 +1513,21 @@ func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision, log
 			f.Close()
 			return nil, nil, err
 		}
+		var restore []int64
 		for _, i := range bad {
 			_, rewrite[i] = lost[i]
+			if _, holes := partial[i]; holes && !rewrite[i] {
+				restore = append(restore, i)
+			}
+			delete(partial, i)
+		}
+		if err := r.restoreRoom(f, &rec, restore); err != nil {
+			f.Close()
+			return nil, nil, err
 		}
 	}
 	s := &session{r: r, log: log, offer: *o, from: from, temp: f, at: rec.DataAt, record: &rec, start: r.cfg.Now(), policy: d,
-		hold: hold, allow: allow, newMax: fresh, rewrite: rewrite, fresh: map[int64]struct{}{}, durable: durable, pending: map[int64]pendingChunk{}, kick: make(chan struct{}, 1), heard: newStamp(), stop: make(chan struct{}), synced: make(chan struct{}), closed: make(chan struct{})}
+		hold: hold, allow: allow, newMax: fresh, rewrite: rewrite, partial: partial, blank: !resumed, fresh: map[int64]struct{}{}, durable: durable, pending: map[int64]pendingChunk{}, kick: make(chan struct{}, 1), heard: newStamp(), stop: make(chan struct{}), synced: make(chan struct{}), closed: make(chan struct{})}
 	s.nDurable.Store(int64(len(durable)))
 	// A copy: the session's own map is written by its syncer while the
 	// answer is encoded, and the session is running by then.
@@ -1731,7 +1757,7 @@ func (s *session) data(fr *frameReader, w *lockedWriter) {
 			if !failed.Load() {
 				cm := s.chunkLock(wr.index)
 				cm.Lock()
-				if err := s.temp.writeChunk(wr.chunk, s.at+wr.index*o.ChunkSize); err != nil {
+				if err := s.temp.writeSparse(wr.chunk, s.at+wr.index*o.ChunkSize, s.clean(wr.index), false); err != nil {
 					failed.Store(true)
 					refuse(s.writeFailed("write", err))
 				} else {
@@ -1874,6 +1900,18 @@ func (s *session) claim(i int64) bool {
 		return false
 	}
 	if _, ok := s.durable[i]; ok {
+		if _, holes := s.partial[i]; !holes {
+			return true
+		}
+		// Held, unchanged, with holes in its room: sent again all the
+		// same, it may fill them, as a new chunk does its room.
+		if s.nNew >= s.newMax {
+			return false
+		}
+		delete(s.partial, i)
+		s.fresh[i] = struct{}{}
+		s.nNew++
+		s.hold.wrote.Add(s.offer.ChunkSize)
 		return true
 	}
 	if _, ok := s.fresh[i]; ok {
@@ -1931,8 +1969,18 @@ func (s *session) copyFromBase(i int64, h Hash, buf []byte) (why string, err err
 	// Through the page cache: a re-sync copies most of an image this way,
 	// and direct writes, each waiting for the device, would put every
 	// copy behind the disk.
-	_, err = s.temp.WriteAt(b, s.at+i*s.offer.ChunkSize)
-	return "", err
+	return "", s.temp.writeSparse(b, s.at+i*s.offer.ChunkSize, s.clean(i), true)
+}
+
+// clean says whether chunk i's room in the incoming file holds no data
+// yet: the file was empty at the offer, and the chunk has not been
+// written since. (Under the chunk's lock, which its writes take.)
+func (s *session) clean(i int64) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	_, durable := s.durable[i]
+	_, pending := s.pending[i]
+	return s.blank && !durable && !pending
 }
 
 func (s *session) add(i int64, h Hash, w *lockedWriter, wire int64, reused bool) {

@@ -110,20 +110,7 @@ func (r *Receiver) reserve(id string, need, journal int64) (*reservation, error)
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	byID := map[string]*reservation{} // a session replacing an attempt is briefly both
-	for _, l := range r.loadsLocked() {
-		if l.hold != nil && l.id != id {
-			byID[l.id] = l.hold
-		}
-	}
-	var held int64
-	others := 0
-	for _, v := range byID {
-		if rem := v.remaining(); rem > 0 {
-			held += rem
-			others++
-		}
-	}
+	held, others := r.heldLocked(id)
 	if err := roomFor(need, journal, free, held, others); err != nil {
 		return nil, err
 	}
@@ -132,6 +119,59 @@ func (r *Receiver) reserve(id string, need, journal int64) (*reservation, error)
 	l.hold = v
 	r.opening[id] = l
 	return v, nil
+}
+
+// heldLocked is what the receives under way and being opened, but for
+// receive except, may still write, and how many of them may. r.mu is
+// held.
+func (r *Receiver) heldLocked(except string) (held int64, others int) {
+	byID := map[string]*reservation{} // a session replacing an attempt is briefly both
+	for _, l := range r.loadsLocked() {
+		if l.hold != nil && l.id != except {
+			byID[l.id] = l.hold
+		}
+	}
+	for _, v := range byID {
+		if rem := v.remaining(); rem > 0 {
+			held += rem
+			others++
+		}
+	}
+	return held, others
+}
+
+// restoreRoom allocates the holes of a receive's held chunks that are to
+// be written again where they lie (found changed when read back): written
+// sparse, or punched since, such a chunk holds less than its room, which
+// its writing again may fill, and the receive's reservation counted it as
+// there. Taken under r.mu, as reserve takes a share: the others' shares,
+// and this receive's own, still count on the free space.
+func (r *Receiver) restoreRoom(f *directFile, rec *RecvRecord, chunks []int64) error {
+	if len(chunks) == 0 {
+		return nil
+	}
+	free, err := freeBytes(r.cfg.StoreDir)
+	if err != nil {
+		return err
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	held, _ := r.heldLocked("")
+	need := int64(len(chunks)) * rec.ChunkSize // at most: some of it is allocated
+	if need+held+storeHeadroom > free {
+		return fmt.Errorf("%d chunks held from the migration's earlier attempt changed since, and are received again where they lie, which takes up to %s more in the destination's image store; it has %s free, %s of it held for the migrations under way, and keeps %s spare: free space there, then resume the migration",
+			len(chunks), units.Bytes(need), units.Bytes(free), units.Bytes(held), units.Bytes(storeHeadroom))
+	}
+	for _, i := range chunks {
+		off, n := rec.DataAt+i*rec.ChunkSize, chunkLen(i, rec.Size, rec.ChunkSize)
+		if err := unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_KEEP_SIZE, off, n); err != nil {
+			// Its bytes are to be replaced: zeros take its room as well.
+			if _, werr := f.WriteAt(make([]byte, n), off); werr != nil {
+				return fmt.Errorf("make room for chunk %d, held and changed since, in the incoming image: %w", i, werr)
+			}
+		}
+	}
+	return nil
 }
 
 // What the receives under way hold of the receiver besides disk space:
