@@ -589,6 +589,9 @@ type session struct {
 	at    int64  // where virtual offset 0 is in temp (RecvRecord.DataAt)
 	base  Source // the stored version of the image, for incremental re-sync
 	baseM map[int64]Hash
+	// baseData reads base in its extents only (base itself when they
+	// cannot be listed: its chunks are then found unreadable one by one).
+	baseData io.ReaderAt
 	// baseBad counts the stored version's chunks found unreadable or
 	// damaged: the first is logged when found, the count at the end (a
 	// qcow2 cut in half is found chunk by chunk, thousands of them).
@@ -693,6 +696,12 @@ func recheckChunks(f *os.File, rec *RecvRecord, durable map[int64]Hash, j *Journ
 		return nil, nil
 	}
 	start := time.Now()
+	var data io.ReaderAt = f // its chunks are sparse: read in its extents
+	if st, err := f.Stat(); err == nil {
+		if extents, err := (&rawSource{f: f, size: st.Size()}).Extents(); err == nil {
+			data = extentReader{f, extents}
+		}
+	}
 	buf := make([]byte, rec.ChunkSize)
 	var bad []int64
 	for k, i := range slices.Sorted(maps.Keys(durable)) { // in the file's order
@@ -703,7 +712,7 @@ func recheckChunks(f *os.File, rec *RecvRecord, durable map[int64]Hash, j *Journ
 		b := buf[:chunkLen(i, rec.Size, rec.ChunkSize)]
 		// A chunk that cannot be read (a failing disk) is received
 		// again like one that changed, not a resume failing for good.
-		if _, err := f.ReadAt(b, rec.DataAt+i*rec.ChunkSize); err != nil || hashChunk(b) != durable[i] {
+		if err := readChunk(data, b, rec.DataAt+i*rec.ChunkSize); err != nil || hashChunk(b) != durable[i] {
 			bad = append(bad, i)
 		}
 	}
@@ -1544,7 +1553,10 @@ func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision, log
 					return i*img.Manifest.ChunkSize+chunkLen(i, img.Manifest.Size, img.Manifest.ChunkSize) > have
 				})
 			}
-			s.base, s.baseM = base, chunks
+			s.base, s.baseM, s.baseData = base, chunks, base
+			if extents, err := base.Extents(); err == nil {
+				s.baseData = extentReader{base, extents}
+			}
 			acc.Base = chunks
 		}
 	}
@@ -1954,7 +1966,7 @@ func (s *session) copyFromBase(i int64, h Hash, buf []byte) (why string, err err
 	b := buf[:chunkLen(i, s.offer.Size, s.offer.ChunkSize)]
 	// Either way the sender sends the chunk itself, and the new version
 	// is whole; but the stored one is not, and its owner must hear of it.
-	if err := readChunk(s.base, b, i*s.offer.ChunkSize); err != nil {
+	if err := readChunk(s.baseData, b, i*s.offer.ChunkSize); err != nil {
 		if s.baseBad.Add(1) == 1 {
 			s.log.Warn("stored version of the image unreadable; the chunk is fetched from the sender (the count of such chunks comes at the end)", "name", s.offer.Name, "chunk", i, "err", err)
 		}

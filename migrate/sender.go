@@ -9,6 +9,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"maps"
 	"math/big"
@@ -301,7 +302,7 @@ func Send(ctx context.Context, cfg SendConfig) (rec *SendRecord, err error) {
 		return nil, err
 	}
 	begun = true // finish reports its end from here on
-	s := &sender{cfg: cfg, src: src, extents: extents, rec: rec, start: cfg.Now()}
+	s := &sender{cfg: cfg, src: src, data: extentReader{src, extents}, extents: extents, rec: rec, start: cfg.Now()}
 	s.stats.VirtualBytes = src.Size()
 	err = s.run(ctx)
 	if err != nil && ctx.Err() != nil && !s.answered {
@@ -483,7 +484,8 @@ func startRecord(cfg *SendConfig, sid SourceID) (*SendRecord, error) {
 type sender struct {
 	cfg     SendConfig
 	src     Source
-	extents []Extent // where src holds data, read once at the start
+	data    io.ReaderAt // src, read in its extents only
+	extents []Extent    // where src holds data, read once at the start
 	rec     *SendRecord
 	start   time.Time
 	// destSerial is the serial of the certificate the destination
@@ -1327,7 +1329,7 @@ func (s *sender) prepare(i int64, enc *zstd.Encoder, acc *Accept) (*job, error) 
 	size, chunk := s.src.Size(), s.cfg.ChunkSize
 	n := chunkLen(i, size, chunk)
 	buf := chunkBuf(int(n))
-	if err := readChunk(s.src, buf, i*chunk); err != nil {
+	if err := readChunk(s.data, buf, i*chunk); err != nil {
 		return nil, fmt.Errorf("read chunk %d of %s: %w", i, s.cfg.Image, err)
 	}
 	s.mu.Lock()

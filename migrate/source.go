@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"sort"
 	"strings"
 
 	"github.com/klauspost/compress/flate"
@@ -369,6 +370,40 @@ func checkQcow2Extensions(f io.ReaderAt, hdr []byte) error {
 		off += (n + 7) &^ 7
 	}
 	return nil
+}
+
+// extentReader reads an image whose data lies in extents (Extents, in
+// order) without reading the rest, which it fills with zeros. A chunk
+// with 4 KiB of data in a MiB was read whole, its holes through the page
+// cache, which zeroes a page for each (1 GiB of holes read at 206 to
+// 372 MB/s on this project's test machine): an image whose 200 MiB of
+// data lie scattered over 50 GiB was read for 50 GiB at the source,
+// again by migrate verify, by a resume reading back what it holds, and
+// by a re-sync copying from the stored version. A read in an extent that
+// comes back short is the image's end, cut short since, as with ReadAt.
+type extentReader struct {
+	r       io.ReaderAt
+	extents []Extent
+}
+
+func (x extentReader) ReadAt(p []byte, off int64) (int, error) {
+	end := off + int64(len(p))
+	k := sort.Search(len(x.extents), func(k int) bool { return x.extents[k].Off+x.extents[k].Len > off })
+	at := off // read or zeroed up to here
+	for ; k < len(x.extents) && x.extents[k].Off < end; k++ {
+		e := x.extents[k]
+		from, to := max(e.Off, off), min(e.Off+e.Len, end)
+		clear(p[at-off : from-off])
+		if n, err := x.r.ReadAt(p[from-off:to-off], from); n < int(to-from) {
+			if err == nil {
+				err = io.EOF
+			}
+			return int(from-off) + n, err
+		}
+		at = to
+	}
+	clear(p[at-off:])
+	return len(p), nil
 }
 
 // rawSource is a raw image file read sparse-aware: SEEK_DATA/SEEK_HOLE

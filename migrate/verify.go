@@ -69,7 +69,7 @@ func VerifyImage(ctx context.Context, rec *ImageRecord) (*VerifyReport, error) {
 		}
 		n := chunkLen(i, m.Size, m.ChunkSize)
 		b := buf[:n]
-		if err := readChunk(src, b, i*m.ChunkSize); err != nil {
+		if err := readChunk(extentReader{src, extents}, b, i*m.ChunkSize); err != nil {
 			return nil, fmt.Errorf("read chunk %d: %w", i, err)
 		}
 		rep.BytesRead += n
