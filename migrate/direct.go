@@ -102,19 +102,38 @@ var zeroBlock [sparseBlock]byte
 // them holes, or makes holes of them unless clean says the range holds
 // no data yet (a new file). Data goes through writeChunk, or the page
 // cache if buffered.
-func (f *directFile) writeSparse(b []byte, off int64, clean, buffered bool) error {
+func (f *directFile) writeSparse(b []byte, off int64, clean, buffered bool) (err error) {
+	sparseRuns(b, off, func(from, to int, hole bool) bool {
+		switch {
+		case hole && !clean:
+			err = f.punch(b[from:to], off+int64(from))
+		case hole:
+		case buffered:
+			_, err = f.File.WriteAt(b[from:to], off+int64(from))
+		default:
+			err = f.writeChunk(b[from:to], off+int64(from))
+		}
+		return err == nil
+	})
+	return err
+}
+
+// sparseSize is what writeSparse(b, off) writes.
+func sparseSize(b []byte, off int64) (n int64) {
+	sparseRuns(b, off, func(from, to int, hole bool) bool {
+		if !hole {
+			n += int64(to - from)
+		}
+		return true
+	})
+	return n
+}
+
+// sparseRuns splits b, to be written at off, into the runs writeSparse
+// writes and those it leaves holes, in order, while yield returns true.
+func sparseRuns(b []byte, off int64, yield func(from, to int, hole bool) bool) {
 	zero := func(p []byte) bool { return bytes.Equal(p, zeroBlock[:len(p)]) }
-	write := func(p []byte, at int) error {
-		if len(p) == 0 {
-			return nil
-		}
-		if buffered {
-			_, err := f.File.WriteAt(p, off+int64(at))
-			return err
-		}
-		return f.writeChunk(p, off+int64(at))
-	}
-	from := 0 // the bytes from here on are not written yet
+	from := 0 // the bytes from here on are not yielded yet
 	for p := 0; p < len(b); {
 		q := min(len(b), p+int(sparseBlock-(off+int64(p))%sparseBlock)) // a block, the first cut at the grid
 		if !zero(b[p:q]) {
@@ -129,19 +148,16 @@ func (f *directFile) writeSparse(b []byte, off int64, clean, buffered bool) erro
 			q = e
 		}
 		if q-p >= sparseHole || p == 0 || q == len(b) {
-			if err := write(b[from:p], from); err != nil {
-				return err
-			}
-			if !clean {
-				if err := f.punch(b[p:q], off+int64(p)); err != nil {
-					return err
-				}
+			if from < p && !yield(from, p, false) || !yield(p, q, true) {
+				return
 			}
 			from = q
 		}
 		p = q
 	}
-	return write(b[from:], from)
+	if from < len(b) {
+		yield(from, len(b), false)
+	}
 }
 
 // punch makes zeros of the len(z) bytes at off, a hole where the file

@@ -9,6 +9,7 @@ import (
 	"io/fs"
 	"log/slog"
 	"maps"
+	"math"
 	"net"
 	"net/netip"
 	"os"
@@ -27,6 +28,7 @@ import (
 	"github.com/skybridge-mesh/skybridge/internal/atomicfile"
 	"github.com/skybridge-mesh/skybridge/internal/audit"
 	"github.com/skybridge-mesh/skybridge/internal/throttle"
+	"github.com/skybridge-mesh/skybridge/internal/units"
 	"github.com/skybridge-mesh/skybridge/policy"
 )
 
@@ -602,18 +604,24 @@ type session struct {
 	// hold is the session's share of the store's free space; allow is
 	// how many chunks may hold data (the offer's Chunks), and newMax how
 	// many of them it may write where the file held none at its offer
-	// (what hold made room for: all of them after a restart); fresh are
-	// those it has written, nNew of them new, the others rewrite chunks,
-	// held at the offer and found changed, written again in their room;
-	// a rewrite chunk whose room the file lost (true: the file was cut
-	// short) counts as new, and so does a held chunk with holes in its
-	// room (partial) when it is written again all the same.
-	hold    *reservation
-	allow   int64
-	newMax  int64
-	nNew    int64
-	rewrite map[int64]bool
-	partial map[int64]struct{}
+	// (what hold made room for: all of them after a restart), taking
+	// dataMax bytes at most (receiveData), as bytesMax, the offer's
+	// Bytes (MaxInt64 if it gives none), bounds them written sparse;
+	// fresh are those it has written, nNew of them new, which took
+	// newBytes, the others rewrite chunks, held at the offer and found
+	// changed, written again in their room; a rewrite chunk whose room
+	// the file lost (true: the file was cut short) counts as new, and so
+	// does a held chunk with holes in its room (partial) when it is
+	// written again all the same.
+	hold     *reservation
+	allow    int64
+	newMax   int64
+	nNew     int64
+	dataMax  int64
+	bytesMax int64
+	newBytes int64
+	rewrite  map[int64]bool
+	partial  map[int64]struct{}
 	// blank: the incoming file was empty at the offer, so a chunk
 	// written for the first time lands on holes only (clean).
 	blank bool
@@ -625,7 +633,7 @@ type session struct {
 	nDurable atomic.Int64
 
 	mu      sync.Mutex
-	fresh   map[int64]struct{}
+	fresh   map[int64]bool // true: in new room, counted in nNew
 	durable map[int64]Hash
 	pending map[int64]pendingChunk
 	reused  int
@@ -1536,7 +1544,10 @@ func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision, log
 		}
 	}
 	s := &session{r: r, log: log, offer: *o, from: from, temp: f, at: rec.DataAt, record: &rec, start: r.cfg.Now(), policy: d,
-		hold: hold, allow: allow, newMax: fresh, rewrite: rewrite, partial: partial, blank: !resumed, fresh: map[int64]struct{}{}, durable: durable, pending: map[int64]pendingChunk{}, kick: make(chan struct{}, 1), heard: newStamp(), stop: make(chan struct{}), synced: make(chan struct{}), closed: make(chan struct{})}
+		hold: hold, allow: allow, newMax: fresh, dataMax: receiveData(o, fresh), bytesMax: math.MaxInt64, rewrite: rewrite, partial: partial, blank: !resumed, fresh: map[int64]bool{}, durable: durable, pending: map[int64]pendingChunk{}, kick: make(chan struct{}, 1), heard: newStamp(), stop: make(chan struct{}), synced: make(chan struct{}), closed: make(chan struct{})}
+	if o.Bytes != nil {
+		s.bytesMax = *o.Bytes
+	}
 	s.nDurable.Store(int64(len(durable)))
 	// A copy: the session's own map is written by its syncer while the
 	// answer is encoded, and the session is running by then.
@@ -1769,7 +1780,11 @@ func (s *session) data(fr *frameReader, w *lockedWriter) {
 			if !failed.Load() {
 				cm := s.chunkLock(wr.index)
 				cm.Lock()
-				if err := s.temp.writeSparse(wr.chunk, s.at+wr.index*o.ChunkSize, s.clean(wr.index), false); err != nil {
+				at := s.at + wr.index*o.ChunkSize
+				if !s.spend(wr.index, sparseSize(wr.chunk, at)) {
+					failed.Store(true)
+					refuse(s.overSpent())
+				} else if err := s.temp.writeSparse(wr.chunk, at, s.clean(wr.index), false); err != nil {
 					failed.Store(true)
 					refuse(s.writeFailed("write", err))
 				} else {
@@ -1880,6 +1895,10 @@ func (s *session) data(fr *frameReader, w *lockedWriter) {
 			cm.Unlock()
 			spare <- chunk
 			switch {
+			case errors.Is(err, errOverSpent):
+				failed.Store(true)
+				refuse(s.overSpent())
+				return
 			case err != nil:
 				failed.Store(true)
 				refuse(s.writeFailed("write", err))
@@ -1917,36 +1936,63 @@ func (s *session) claim(i int64) bool {
 		}
 		// Held, unchanged, with holes in its room: sent again all the
 		// same, it may fill them, as a new chunk does its room.
-		if s.nNew >= s.newMax {
+		if !s.claimNew(i) {
 			return false
 		}
 		delete(s.partial, i)
-		s.fresh[i] = struct{}{}
-		s.nNew++
-		s.hold.wrote.Add(s.offer.ChunkSize)
 		return true
 	}
 	if _, ok := s.fresh[i]; ok {
 		return true
 	}
-	if lostRoom, ok := s.rewrite[i]; ok {
-		if lostRoom {
-			if s.nNew >= s.newMax {
-				return false
-			}
-			s.nNew++
-			s.hold.wrote.Add(s.offer.ChunkSize)
-		}
-		s.fresh[i] = struct{}{}
+	if lostRoom, ok := s.rewrite[i]; ok && !lostRoom {
+		s.fresh[i] = false
 		return true
 	}
+	return s.claimNew(i)
+}
+
+// claimNew admits chunk i into new room while the offer's chunks leave
+// some. (s.mu held.)
+func (s *session) claimNew(i int64) bool {
 	if s.nNew >= s.newMax {
 		return false
 	}
-	s.fresh[i] = struct{}{}
+	s.fresh[i] = true
 	s.nNew++
-	s.hold.wrote.Add(s.offer.ChunkSize)
+	s.spent()
 	return true
+}
+
+// spend admits a write of n bytes of chunk i (sparseSize): one in new
+// room while the offer's Bytes, which bound the new room, leave enough.
+// A chunk in new room written twice counts twice: its room is then what
+// both writes took.
+func (s *session) spend(i, n int64) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.fresh[i] {
+		return true
+	}
+	if n > s.bytesMax-s.newBytes {
+		return false
+	}
+	s.newBytes += n
+	s.spent()
+	return true
+}
+
+// spent keeps what the receive's reservation says it wrote at what it may
+// no longer write: of its room for new chunks (dataMax), all but what
+// the chunks the offer leaves may take, whole, and what the Bytes left
+// may. (s.mu held.)
+func (s *session) spent() {
+	left := min((s.newMax-s.nNew)*s.offer.ChunkSize, s.bytesMax-s.newBytes)
+	s.hold.wrote.Store(s.dataMax - left)
+}
+
+func (s *session) overSpent() string {
+	return fmt.Sprintf("more data than the %s the offer said its chunks hold, written with their zeros as holes: the store made room for that only", units.Bytes(s.bytesMax))
 }
 
 func (s *session) overClaimed() string {
@@ -1981,8 +2027,16 @@ func (s *session) copyFromBase(i int64, h Hash, buf []byte) (why string, err err
 	// Through the page cache: a re-sync copies most of an image this way,
 	// and direct writes, each waiting for the device, would put every
 	// copy behind the disk.
-	return "", s.temp.writeSparse(b, s.at+i*s.offer.ChunkSize, s.clean(i), true)
+	at := s.at + i*s.offer.ChunkSize
+	if !s.spend(i, sparseSize(b, at)) {
+		return "", errOverSpent
+	}
+	return "", s.temp.writeSparse(b, at, s.clean(i), true)
 }
+
+// errOverSpent is a chunk copied from the stored version that the room
+// made for the receive does not take (overSpent says why).
+var errOverSpent = errors.New("more data than the room made for it")
 
 // clean says whether chunk i's room in the incoming file holds no data
 // yet: the file was empty at the offer, and the chunk has not been

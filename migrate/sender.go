@@ -767,7 +767,8 @@ func (s *sender) run(ctx context.Context) error {
 	stopClose := context.AfterFunc(ctx, func() { ctrl.Close() })
 	cw, cr := newFrameWriter(ctrl), newFrameReader(ctrl)
 	offer := Offer{ID: s.rec.ID, Name: s.rec.Name, Class: s.rec.Class, Format: s.rec.Format, Size: size, ChunkSize: chunk,
-		Streams: s.cfg.Streams, Policy: s.decision.Policy.RevisionString(), Chunks: new(int64(len(cands))), Restarted: s.rec.Restarted}
+		Streams: s.cfg.Streams, Policy: s.decision.Policy.RevisionString(), Chunks: new(int64(len(cands))), Bytes: new(sparseBytes(s.extents, size, chunk)),
+		Restarted: s.rec.Restarted}
 	if err := cw.json(frameOffer, offer); err != nil {
 		return err
 	}

@@ -33,17 +33,29 @@ const storeHeadroom = 64 << 20
 const journalPerChunk = 512
 
 // receiveNeed is what a receive may add to the store's disk: up to fresh
-// new chunks, a qcow2 image's metadata, and the journal's record of the
-// allow chunks that may hold data (journal, part of need). The journal's
-// share stays held until the receive ends: most of it is written at the
-// commit.
+// new chunks (receiveData), a qcow2 image's metadata, and the journal's
+// record of the allow chunks that may hold data (journal, part of need).
+// The journal's share stays held until the receive ends: most of it is
+// written at the commit.
 func receiveNeed(o *Offer, allow, fresh int64) (need, journal int64) {
 	journal = allow * journalPerChunk
-	need = fresh*o.ChunkSize + journal
+	need = receiveData(o, fresh) + journal
 	if o.Format == FormatQcow2 {
 		need += qcowMetaBytes(o.Size, allow, o.ChunkSize)
 	}
 	return need, journal
+}
+
+// receiveData is what up to fresh new chunks of o take on the store's
+// disk: each its whole size at most, and all of them no more than the
+// offer's Bytes, written sparse. (Chunks written again where they lie
+// take no new room.)
+func receiveData(o *Offer, fresh int64) int64 {
+	n := fresh * o.ChunkSize
+	if o.Bytes != nil {
+		n = min(n, *o.Bytes)
+	}
+	return n
 }
 
 // reservation is the share of the store's free space a receive may still

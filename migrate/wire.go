@@ -50,6 +50,11 @@ type Offer struct {
 	// it makes room for and holds the sender to. Senders of releases
 	// before it leave it out; their receives are bounded by the size.
 	Chunks *int64 `json:"chunks,omitempty"`
+	// Bytes bounds what those chunks take on the receiver's disk, which
+	// writes their zeros as holes (sparseBytes): what it makes room for
+	// and holds the sender to, when less than the chunks whole. Senders of
+	// releases before it leave it out.
+	Bytes *int64 `json:"bytes,omitempty"`
 	// Restarted: the sender started the migration's chunks over (its
 	// source changed since an earlier attempt), so the chunks the receiver
 	// holds from it may all be replaced by others, written beside them.
@@ -93,6 +98,8 @@ func checkOffer(o *Offer) error {
 		return fmt.Errorf("%d data streams: want 1 to %d", o.Streams, MaxStreams)
 	case o.Chunks != nil && (*o.Chunks < 0 || *o.Chunks > chunkCount(o.Size, o.ChunkSize)):
 		return fmt.Errorf("%d chunks holding data, in an image of %d", *o.Chunks, chunkCount(o.Size, o.ChunkSize))
+	case o.Bytes != nil && *o.Bytes < 0:
+		return fmt.Errorf("%d bytes holding data", *o.Bytes)
 	case o.Chunks != nil && *o.Chunks > maxOfferChunks:
 		// Its commit might not fit a frame: refused before any of its
 		// data moves, not after all of it has.
