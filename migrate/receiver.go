@@ -1520,7 +1520,22 @@ func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision, log
 	}
 	if err := f.Truncate(rec.DataAt + o.Size); err != nil {
 		f.Close()
-		return nil, nil, fmt.Errorf("size the incoming image: %w", err)
+		if !errors.Is(err, syscall.EFBIG) {
+			return nil, nil, fmt.Errorf("size the incoming image: %w", err)
+		}
+		// No attempt of it can be received here: not kept as one to
+		// resume, listed as interrupted for a week. (Being opened, it is
+		// this offer's alone.)
+		if !resumed {
+			if ferr := errors.Join(j.deleteKey(bucketRecv, o.ID), os.Remove(temp)); ferr != nil {
+				log.Warn("forget a receive the store's file system cannot hold", "file", temp, "err", ferr)
+			}
+		}
+		what := "the image"
+		if rec.DataAt > 0 {
+			what = fmt.Sprintf("the image and %s in front for its qcow2 metadata", units.Bytes(rec.DataAt))
+		}
+		return nil, nil, fmt.Errorf("the destination's image store is on a file system that takes no file of %s (%s; ext4 takes 16 TiB less 4 KiB at most): store images this large on one that takes them (XFS), or send it to another destination", units.Bytes(rec.DataAt+o.Size), what)
 	}
 	// The file of a session this process had open never left its hands.
 	rewrite := map[int64]bool{} // held, found changed: written again where they are
