@@ -623,8 +623,10 @@ type session struct {
 	rewrite  map[int64]bool
 	partial  map[int64]struct{}
 	// blank: the incoming file was empty at the offer, so a chunk
-	// written for the first time lands on holes only (clean).
-	blank bool
+	// written for the first time lands on holes only (clean), and
+	// written are the chunks written since (under mu).
+	blank   bool
+	written map[int64]struct{}
 	// received (payload bytes) and nDurable (len(durable)) are what
 	// Active reports, kept apart from mu: a commit holds mu for as long
 	// as storing the image takes, and Active, on every metrics scrape,
@@ -2054,14 +2056,23 @@ func (s *session) copyFromBase(i int64, h Hash, buf []byte) (why string, err err
 var errOverSpent = errors.New("more data than the room made for it")
 
 // clean says whether chunk i's room in the incoming file holds no data
-// yet: the file was empty at the offer, and the chunk has not been
-// written since. (Under the chunk's lock, which its writes take.)
+// yet, the file empty at the offer and the chunk not written since, and
+// counts it written from now on: a write that skips its zeros leaves
+// there whatever an earlier write put. Pending and durable alone could
+// not say: a chunk leaves pending for durable only after an fsync and the
+// journal's write, and one sent again meanwhile kept the first write's
+// bytes where the second had zeros, stored under the second's hash.
+// (Under the chunk's lock, which its writes take.)
 func (s *session) clean(i int64) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	_, durable := s.durable[i]
-	_, pending := s.pending[i]
-	return s.blank && !durable && !pending
+	_, written := s.written[i]
+	if s.written == nil {
+		s.written = map[int64]struct{}{}
+	}
+	s.written[i] = struct{}{}
+	return s.blank && !durable && !written
 }
 
 func (s *session) add(i int64, h Hash, w *lockedWriter, wire int64, reused bool) {
