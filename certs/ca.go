@@ -1204,6 +1204,16 @@ func (ca *CA) TakeNewerCRL(crl *x509.RevocationList) (bool, error) {
 	return took, err
 }
 
+// onList says whether a list signed at now names e: revoked, and a
+// policy signer's or not expired by more than the clock skew the mesh
+// allows. A gateway whose clock runs behind the CA's by up to
+// MaxClockSkew takes a certificate for valid that long past its end;
+// dropped from the list at its end, a revoked one would be taken by it
+// again.
+func onList(e IssuedCert, now time.Time) bool {
+	return e.RevokedAt != nil && (keptForGood(e) || !e.NotAfter.Before(now.Add(-MaxClockSkew)))
+}
+
 // revokesBeyond says whether the index revokes a certificate that a list
 // it signs now would name and crl does not.
 func (idx *caIndex) revokesBeyond(crl *x509.RevocationList, now time.Time) bool {
@@ -1212,7 +1222,7 @@ func (idx *caIndex) revokesBeyond(crl *x509.RevocationList, now time.Time) bool 
 		on[FormatSerial(e.SerialNumber)] = true
 	}
 	for _, e := range idx.Certs {
-		if e.RevokedAt != nil && (keptForGood(e) || !e.NotAfter.Before(now)) && !on[e.Serial] {
+		if onList(e, now) && !on[e.Serial] {
 			return true
 		}
 	}
@@ -1277,7 +1287,7 @@ func (ca *CA) writeCRL(idx *caIndex, now time.Time) error {
 		// caught by the list's number, not its entries. A policy
 		// signer's stays: a policy is judged at its signing time, when
 		// the signer was valid, and only the list says it was revoked.
-		if e.RevokedAt == nil || !keptForGood(e) && e.NotAfter.Before(now) {
+		if !onList(e, now) {
 			continue
 		}
 		s, err := ParseSerial(e.Serial)

@@ -1248,7 +1248,10 @@ func (g *Gateway) delistEnded(e *enrollment, now time.Time, done map[*burstRecor
 	var due []*burstRecord
 	listed := false
 	for _, r := range e.book.Bursts {
-		if done[r] || r.Vault || !r.CertsRevoked || !now.After(r.Expires) {
+		// Not before the list may leave them out (certs.MaxClockSkew
+		// past their end): signed earlier, it would keep them, and none
+		// would be signed again.
+		if done[r] || r.Vault || !r.CertsRevoked || !now.After(r.Expires.Add(certs.MaxClockSkew)) {
 			continue
 		}
 		due = append(due, r)
