@@ -349,7 +349,17 @@ func TestNetnsSaysWhatToDo(t *testing.T) {
 // the run as they start.
 func TestSecondsIncludeTheCleanup(t *testing.T) {
 	exe := filepath.Join(t.TempDir(), "gateway")
-	script := "#!/bin/sh\ncase \"$4\" in\n*/zrh/*) trap 'sleep 1; exit 0' TERM; while :; do sleep 0.05; done ;;\nesac\nexit 1\n"
+	// The others exit only once Zurich's trap is set: Zurich's shell, not
+	// run that far when the run failed (a loaded machine ran Frankfurt's
+	// first), died of the SIGTERM at once, and the run took under a second.
+	script := `#!/bin/sh
+ready="$(dirname "$0")/zrh-trapped"
+case "$4" in
+*/zrh/*) trap 'sleep 1; exit 0' TERM; : >"$ready"; while :; do sleep 0.05; done ;;
+esac
+until [ -e "$ready" ]; do sleep 0.01; done
+exit 1
+`
 	if err := os.WriteFile(exe, []byte(script), 0o755); err != nil {
 		t.Fatal(err)
 	}
