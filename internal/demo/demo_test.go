@@ -382,7 +382,11 @@ exit 1
 func TestGatewayEnv(t *testing.T) {
 	dir := t.TempDir()
 	exe := filepath.Join(dir, "gateway")
-	if err := os.WriteFile(exe, []byte("#!/bin/sh\nenv > \""+dir+"/env.$$\"\nexit 1\n"), 0o755); err != nil {
+	// Named env.* once written whole: the run stops the gateways still
+	// running when one has exited, and a shell stopped after it had
+	// opened the file for env, before env wrote, left it empty.
+	script := "#!/bin/sh\nenv > \"" + dir + "/.env.$$\" && mv \"" + dir + "/.env.$$\" \"" + dir + "/env.$$\"\nexit 1\n"
+	if err := os.WriteFile(exe, []byte(script), 0o755); err != nil {
 		t.Fatal(err)
 	}
 	t.Setenv("SKYBRIDGE_JOIN_TOKEN", "sbjt1.x")
