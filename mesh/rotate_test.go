@@ -240,13 +240,16 @@ func TestJoinUnderTheMeshKey(t *testing.T) {
 	waitUntil(t, 20*time.Second, "op3 on the new key and verified by op0", func() bool {
 		return bytes.Equal(late.g.keyring.GetPrimaryKey(), nk) && a.members.verified("op3") != nil
 	})
-	stored, err := os.ReadFile(filepath.Join(late.g.s.Identity.Dir, certs.FileGossipKeyring))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if kr, err := certs.ParseGossipKeyring(stored); err != nil || !bytes.Equal(kr.Primary(), nk) {
-		t.Errorf("op3's keyring file does not have the mesh's key primary (%v): a restart would cut it off again", err)
-	}
+	// The join stores the key it found answered once it has returned,
+	// and op3 can be on it, and verified, while the join still runs: the
+	// file read at once missed it (2 in 30 under -race and a busy
+	// machine).
+	keyring := filepath.Join(late.g.s.Identity.Dir, certs.FileGossipKeyring)
+	waitUntil(t, 20*time.Second, "op3's keyring file to have the mesh's key primary, or a restart would cut it off again", func() bool {
+		b, err := os.ReadFile(keyring)
+		kr, perr := certs.ParseGossipKeyring(b)
+		return err == nil && perr == nil && bytes.Equal(kr.Primary(), nk)
+	})
 }
 
 // TestKeyringStep: a keyring others take theirs from gets the step, not
