@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -311,7 +312,19 @@ func TestReceiverSaysToResumeWhenTheDiskFills(t *testing.T) {
 	makeRaw(t, raw, n*chunk, blocks)
 	cfg := p.config(raw, "pii-eu")
 	cfg.ChunkSize, cfg.ID = chunk, NewID()
+	// The second half of the chunks is read only once the disk is full:
+	// held up by no more than reads of 20 ms a chunk, on a busy machine
+	// (the race detector, CI) it had all been sent by then, and the disk
+	// filled at the commit or after the migration (6 runs in 30).
 	spyOn(&cfg, 20*time.Millisecond)
+	filled := make(chan struct{})
+	fill := sync.OnceFunc(func() { close(filled) })
+	t.Cleanup(fill) // a test that fails first leaves no sender waiting
+	open := cfg.open
+	cfg.open = func(path string) (Source, error) {
+		src, err := open(path)
+		return &heldSource{Source: src, from: n / 2 * chunk, until: filled}, err
+	}
 	res := make(chan error, 1)
 	go func() {
 		_, err := Send(context.Background(), cfg)
@@ -322,6 +335,7 @@ func TestReceiverSaysToResumeWhenTheDiskFills(t *testing.T) {
 		return len(a) == 1 && a[0].Durable > 0
 	})
 	free := smalldisk.Fill(t, state)
+	fill()
 	err := <-res
 	if err == nil || !strings.Contains(err.Error(), "no space left on device") || !strings.Contains(err.Error(), "free space there, then resume the migration (skybridge migrate resume "+cfg.ID+")") {
 		t.Fatalf("the sender's error on a disk filled under the receive: %v; want the errno and what to do", err)
@@ -338,6 +352,21 @@ func TestReceiverSaysToResumeWhenTheDiskFills(t *testing.T) {
 		t.Fatalf("the resume once space is freed: %v", err)
 	}
 	p.stored(raw)
+}
+
+// heldSource holds the reads of its source from offset from on until
+// until is closed.
+type heldSource struct {
+	Source
+	from  int64
+	until <-chan struct{}
+}
+
+func (h *heldSource) ReadAt(p []byte, off int64) (int, error) {
+	if off >= h.from {
+		<-h.until
+	}
+	return h.Source.ReadAt(p, off)
 }
 
 // TestWriteFailedSaysWhatToDo: what a sender is told of a write here
