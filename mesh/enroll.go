@@ -441,6 +441,7 @@ func (g *Gateway) enrolBatch(batch []*enrolJob) (later []*enrolJob) {
 		all     []*enrolling
 		issue   []*enrolling
 		used    map[netip.Addr]bool // overlay addresses in use, read once the batch needs them
+		index   []certs.IssuedCert  // the CA's index, likewise: one read, not one a lost answer
 		redeems = map[string]bool{}
 	)
 	for _, j := range batch {
@@ -471,12 +472,13 @@ func (g *Gateway) enrolBatch(batch []*enrolJob) (later []*enrolJob) {
 			// An answer that was lost leaves its certificate valid. One an
 			// operator revoked (a stolen key, say) must stay revoked: the
 			// token and the key are no way back in.
-			valid, err := e.stillValid(t.Serial, now)
-			if err != nil {
-				j.finish(nil, fmt.Errorf("the CA's record of certificate %s: %w", t.Serial, err))
-				continue
+			if index == nil {
+				if index, err = e.ca.Issued(); err != nil {
+					j.finish(nil, fmt.Errorf("the CA's record of certificate %s: %w", t.Serial, err))
+					continue
+				}
 			}
-			if !valid {
+			if !stillValid(index, t.Serial, now) {
 				g.log.Warn("enrollment refused: the token's certificate was revoked; it does not enrol again", "token", j.req.Token, "peer", t.Node, "serial", t.Serial, "from", j.from)
 				g.metrics.enrollment("refused")
 				j.finish(nil, &enrollRefusal{fmt.Errorf("the certificate this token was enrolled with (serial %s) is revoked: the token does not enrol again", t.Serial)})
@@ -1108,19 +1110,15 @@ func (g *Gateway) endBurstLocked(r *burstRecord, reason string) ([]string, error
 	return serials, nil
 }
 
-// stillValid reports whether the CA holds the certificate serial as
-// neither revoked nor expired; an error if its record cannot be read.
-func (e *enrollment) stillValid(serial string, now time.Time) (bool, error) {
-	issued, err := e.ca.Issued()
-	if err != nil {
-		return false, err
-	}
-	for _, c := range issued {
+// stillValid reports whether the CA's index holds the certificate serial
+// as neither revoked nor expired.
+func stillValid(index []certs.IssuedCert, serial string, now time.Time) bool {
+	for _, c := range index {
 		if c.Serial == serial {
-			return c.RevokedAt == nil && c.NotAfter.After(now), nil
+			return c.RevokedAt == nil && c.NotAfter.After(now)
 		}
 	}
-	return false, nil
+	return false
 }
 
 // enrollerCertTTL is how long an enrollment endpoint's certificate lasts;
