@@ -344,7 +344,7 @@ func postEnroll(ctx context.Context, tok *certs.JoinToken, body []byte, log *slo
 		err := errors.Join(errs...)
 		wait := jitter.Spread(backoff)
 		if time.Now().Add(wait).After(deadline) {
-			return nil, fmt.Errorf("no enrollment endpoint answered before join token %s expired at %s (check that this server reaches %s over TCP, then ask for a new token with `skybridge burst up`): %w",
+			return nil, fmt.Errorf("no enrollment endpoint enrolled this server before join token %s expired at %s (check that this server reaches %s over TCP, and the enrolling gateway's log for the errors below, then ask for a new token with `skybridge burst up`): %w",
 				tok.ID, tok.Expires.UTC().Format(time.RFC3339), endpointList(tok.Endpoints), err)
 		}
 		log.Warn("no enrollment endpoint answered (not reachable yet, or turning away more connections from this address than it serves at once), trying again until the join token expires",
