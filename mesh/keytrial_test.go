@@ -129,7 +129,7 @@ func TestKeyringStepDuringJoinUnderOtherKey(t *testing.T) {
 	id := make([]byte, opIDLen)
 	rand.Read(id)
 	op := &keyringOp{kind: opUse, key: second, id: id, at: time.Now(), initiator: "op5", certDER: sib.Certificate().Raw}
-	msg, err := g.keyringOpFor(sib, op, g.s.Node.Name)
+	msg, err := g.keyringOpFor(sib, op, g.s.Node.Name, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -282,6 +282,16 @@ func (g *Gateway) logKeyringOp(op *keyringOp, err error, failed bool) {
 // once.
 const rotationSends = 16
 
+// maxStepResends bounds how often one step is sent again to a member
+// that renewed its certificate meanwhile (rotationStep): renewals come
+// at two thirds of a certificate's life, minutes apart but for lives
+// made short on purpose.
+const maxStepResends = 3
+
+// renewalRecheck is how often a rotation step looks for members whose
+// certificate changed since the step was sent to them.
+const renewalRecheck = 250 * time.Millisecond
+
 // maxRefusal bounds the reason a member gives for refusing a keyring
 // operation.
 const maxRefusal = 400
@@ -744,16 +754,17 @@ func (g *Gateway) cleanNames(installing []byte) []byte {
 // keyringOpFor is what member m is sent of op: the new key sealed to m's
 // certificate, or a key named by its hash, signed, since it is m's own —
 // by id, whose certificate op carries (a renewal during the rotation
-// must not sign with the new key what names the old certificate).
-func (g *Gateway) keyringOpFor(id *certs.NodeIdentity, op *keyringOp, m string) ([]byte, error) {
+// must not sign with the new key what names the old certificate). to
+// is m's certificate, which the install step seals to (nil if m is not
+// verified: the other steps seal nothing).
+func (g *Gateway) keyringOpFor(id *certs.NodeIdentity, op *keyringOp, m string, to *x509.Certificate) ([]byte, error) {
 	mop := *op
 	switch op.kind {
 	case opInstall:
-		v := g.members.verified(m)
-		if v == nil {
+		if to == nil {
 			return nil, errors.New("the member is no longer verified")
 		}
-		sealed, err := certs.SealTo(v.Cert, op.key, sealContext(op.id, m))
+		sealed, err := certs.SealTo(to, op.key, sealContext(op.id, m))
 		if err != nil {
 			return nil, fmt.Errorf("seal the new key: %w", err)
 		}
@@ -1098,8 +1109,8 @@ func (e *refusedError) Is(target error) bool {
 }
 
 func (g *Gateway) rotationStep(ctx context.Context, kind string, key []byte, members []string) error {
-	id := g.id.Load()
-	op := &keyringOp{kind: kind, key: key, id: make([]byte, opIDLen), at: g.now(), initiator: id.Attributes().Node, certDER: id.Certificate().Raw, local: true}
+	signer := g.id.Load()
+	op := &keyringOp{kind: kind, key: key, id: make([]byte, opIDLen), at: g.now(), initiator: signer.Attributes().Node, certDER: signer.Certificate().Raw, local: true}
 	rand.Read(op.id)
 	// Drain acks of earlier, failed steps.
 	for len(g.acks) > 0 {
@@ -1121,26 +1132,58 @@ func (g *Gateway) rotationStep(ctx context.Context, kind string, key []byte, mem
 		member string
 		err    error
 	}
-	sends := make(chan sent, len(members))
+	sends := make(chan sent, len(members)*(1+maxStepResends))
 	sem := make(chan struct{}, rotationSends)
-	for _, m := range members {
-		go func() {
-			sem <- struct{}{}
-			defer func() { <-sem }()
-			msg, err := g.keyringOpFor(id, op, m)
-			if err == nil {
-				err = g.sendStream(m, msg)
-			}
-			sends <- sent{m, err}
-		}()
+	send := func(m string, id []byte, to *x509.Certificate) {
+		sem <- struct{}{}
+		defer func() { <-sem }()
+		mop := *op
+		mop.id = id
+		msg, err := g.keyringOpFor(signer, &mop, m, to)
+		if err == nil {
+			err = g.sendStream(m, msg)
+		}
+		sends <- sent{m, err}
 	}
-	waiting := map[string]bool{}
+	certOf := func(m string) *x509.Certificate {
+		if v := g.members.verified(m); v != nil {
+			return v.Cert
+		}
+		return nil
+	}
+	// A member that renews its certificate while a step is on its way
+	// (a new key with each renewal) cannot open a key sealed to the old
+	// one, and signs its answer with a key this gateway cannot check
+	// until gossip brings the new certificate. Once it does, the step
+	// is sent again, made for the new certificate, under an ID of its
+	// own: the member took the first one's ID as used.
+	type waiter struct {
+		to      *x509.Certificate // the member's, as last sent
+		ids     [][]byte          // of every send, the latest last
+		resends int
+	}
+	waiting := map[string]*waiter{}
 	for _, m := range members {
-		waiting[m] = true
+		w := &waiter{to: certOf(m), ids: [][]byte{op.id}}
+		waiting[m] = w
+		go send(m, op.id, w.to)
+	}
+	renewed := func(m string, w *waiter) bool {
+		to := certOf(m)
+		return to != nil && w.to != nil && !to.Equal(w.to) && w.resends < maxStepResends
+	}
+	resend := func(m string, w *waiter) {
+		id := make([]byte, opIDLen)
+		rand.Read(id)
+		w.ids, w.to = append(w.ids, id), certOf(m)
+		w.resends++
+		go send(m, id, w.to)
 	}
 	var full []*refusedError
 	deadline := time.NewTimer(keyringAckWait)
 	defer deadline.Stop()
+	recheck := time.NewTicker(renewalRecheck)
+	defer recheck.Stop()
 	for len(waiting) > 0 {
 		select {
 		case <-ctx.Done():
@@ -1151,11 +1194,25 @@ func (g *Gateway) rotationStep(ctx context.Context, kind string, key []byte, mem
 				// acknowledgement missing in a quarter of a minute.
 				return fmt.Errorf("not sent to %s: %w", s.member, s.err)
 			}
+		case <-recheck.C:
+			for m, w := range waiting {
+				if renewed(m, w) {
+					resend(m, w)
+				}
+			}
 		case a := <-g.acks:
-			if !bytes.Equal(a.id, op.id) {
+			w := waiting[a.node]
+			if w == nil || !slices.ContainsFunc(w.ids, func(id []byte) bool { return bytes.Equal(a.id, id) }) {
 				continue
 			}
 			if a.refused != "" {
+				if !bytes.Equal(a.id, w.ids[len(w.ids)-1]) {
+					continue // answered by the send that replaced it
+				}
+				if renewed(a.node, w) {
+					resend(a.node, w)
+					continue
+				}
 				r := &refusedError{a.node, a.refused}
 				switch {
 				case kind == opInstall && errors.Is(r, errKeyringFull):

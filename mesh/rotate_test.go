@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -112,12 +113,61 @@ func TestGossipKeyRotation(t *testing.T) {
 	// What each step sends a member: the key sealed to it, or its hash.
 	for _, kind := range []string{opInstall, opUse, opRemove} {
 		op := &keyringOp{kind: kind, key: nk, id: []byte("0123456789abcdef"), at: time.Now(), initiator: "op0", certDER: a.g.id.Load().Certificate().Raw}
-		msg, err := a.g.keyringOpFor(a.g.id.Load(), op, "op1")
+		msg, err := a.g.keyringOpFor(a.g.id.Load(), op, "op1", m.gws[1].g.id.Load().Certificate())
 		if err != nil {
 			t.Fatal(err)
 		}
 		if bytes.Contains(msg, nk) {
 			t.Errorf("the %s step sends the new key as it is", kind)
+		}
+	}
+}
+
+// TestGossipKeyRotationAcrossARenewal: a member that renews its
+// certificate (a new key) as a rotation begins is sent a key sealed to
+// the old one, which it cannot open, and answers with a signature the
+// initiator cannot check until gossip brings the new certificate. Once it
+// does, the step goes again, sealed to the new one, and the rotation
+// completes: it failed, with no acknowledgement from the member.
+func TestGossipKeyRotationAcrossARenewal(t *testing.T) {
+	m := startLiveMesh(t)
+	a, b := m.gws[0].g, m.gws[1].g
+	attrs := *b.id.Load().Attributes()
+	fresh, err := m.ca.IssueIdentity(attrs, time.Hour, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Renewed, but not yet re-advertised: the initiator seals to the
+	// certificate it holds.
+	b.id.Store(fresh)
+	type result struct {
+		rep *RotationReport
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		rep, err := a.RotateGossipKey(context.Background(), false)
+		done <- result{rep, err}
+	}()
+	waitUntil(t, 20*time.Second, "op1 to refuse the key sealed to its old certificate", func() bool {
+		return strings.Contains(m.logs.String(), "sealed secret does not open")
+	})
+	tb, err := m.ca.TrustBundle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	b.renewed(fresh, tb)
+	r := <-done
+	if r.err != nil {
+		t.Fatalf("rotation across a member's renewal: %v", r.err)
+	}
+	if !slices.Equal(r.rep.Members, []string{"op1", "op2"}) {
+		t.Errorf("acknowledged by %v, want op1 and op2", r.rep.Members)
+	}
+	nk := a.keyring.GetPrimaryKey()
+	for _, lg := range m.gws {
+		if keys := lg.g.keyring.GetKeys(); len(keys) != 1 || !bytes.Equal(keys[0], nk) {
+			t.Errorf("%s holds %d keys after the rotation, the new one primary: %v", lg.g.s.Node.Name, len(keys), len(keys) > 0 && bytes.Equal(keys[0], nk))
 		}
 	}
 }
@@ -431,7 +481,11 @@ func TestRemoveStepSparesThePrimary(t *testing.T) {
 // received is op as member m receives it from g, signed by id.
 func received(t *testing.T, g *Gateway, id *certs.NodeIdentity, op *keyringOp, m string) *keyringOp {
 	t.Helper()
-	msg, err := g.keyringOpFor(id, op, m)
+	var to *x509.Certificate
+	if v := g.members.verified(m); v != nil {
+		to = v.Cert
+	}
+	msg, err := g.keyringOpFor(id, op, m, to)
 	if err != nil {
 		t.Fatal(err)
 	}
