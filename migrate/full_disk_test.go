@@ -354,6 +354,89 @@ func TestReceiverSaysToResumeWhenTheDiskFills(t *testing.T) {
 	p.stored(raw)
 }
 
+// TestReceiverSaysToResumeWhenTheDiskFillsAtCommit: a disk that fills
+// once every chunk is durable fails the commit (the qcow2 metadata, the
+// journal's record), not a chunk. The sender is told to free space and
+// resume, as when it fills under the transfer; the receiver audits no
+// failure, since nothing failed verification and the migration is not
+// over; and the resume commits the chunks it holds, sending none again.
+// Before, the sender was told the errno alone and the receiver logged and
+// audited "failed verification".
+func TestReceiverSaysToResumeWhenTheDiskFillsAtCommit(t *testing.T) {
+	qemuImg(t)
+	// The audit log on another disk, as a gateway may keep it: on the
+	// full one, no record of the commit could be written anyway.
+	logs := audit.Open(filepath.Join(t.TempDir(), "audit.log"))
+	p, state := fullDiskPair(t, "72m", func(c *ReceiverConfig, _ string) { c.Audit = logs })
+	raw := filepath.Join(p.dir, "vm.raw")
+	const chunk, n = 64 << 10, 40
+	blocks := map[int64]int{}
+	for i := range int64(n) {
+		blocks[i*chunk] = chunk
+	}
+	makeRaw(t, raw, (n+1)*chunk, blocks)
+	// The last chunk is zeros written out: read (it is data to SEEK_DATA),
+	// then sent as a hole. Its read is held until the disk is full, so
+	// the commit follows the filling and no chunk does.
+	f, err := os.OpenFile(raw, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt(make([]byte, chunk), n*chunk); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	cfg := p.config(raw, "pii-eu")
+	cfg.ChunkSize, cfg.ID, cfg.Format = chunk, NewID(), FormatQcow2
+	filled := make(chan struct{})
+	fill := sync.OnceFunc(func() { close(filled) })
+	t.Cleanup(fill)
+	cfg.open = func(path string) (Source, error) {
+		src, err := OpenSource(path)
+		return &heldSource{Source: src, from: n * chunk, until: filled}, err
+	}
+	res := make(chan error, 1)
+	go func() {
+		_, err := Send(context.Background(), cfg)
+		res <- err
+	}()
+	waitFor(t, "every chunk with data durable", func() bool {
+		a := p.recv.Active()
+		return len(a) == 1 && a[0].Durable == n
+	})
+	free := smalldisk.Fill(t, state)
+	fill()
+	err = <-res
+	hint := "free space there, then resume the migration (skybridge migrate resume " + cfg.ID + ")"
+	if err == nil || !strings.Contains(err.Error(), "commit") || !strings.Contains(err.Error(), "no space left on device") || !strings.Contains(err.Error(), hint) {
+		t.Fatalf("the sender's error on a disk filled at the commit: %v; want the errno and what to do", err)
+	}
+	if _, err := p.recvJ.Image("vm"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("the image is in the catalog: %v", err)
+	}
+	waitIdle(t, p.recv, cfg.ID)
+	free()
+	id := cfg.ID
+	cfg = p.config(raw, "pii-eu")
+	cfg.ChunkSize, cfg.ID, cfg.Format = chunk, id, FormatQcow2
+	rec, err := Send(context.Background(), cfg)
+	if err != nil {
+		t.Fatalf("the resume once space is freed: %v", err)
+	}
+	if rec.Stats.ChunksSent != 0 {
+		t.Errorf("the resume sent %d chunks; every one was durable at the destination", rec.Stats.ChunksSent)
+	}
+	p.stored(raw)
+	// Its one record says done.
+	b, err := os.ReadFile(logs.Path())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Count(string(b), `"migration_id":"`+id+`"`) != 1 || !strings.Contains(string(b), `"outcome":"done"`) || strings.Contains(string(b), `"outcome":"failed"`) {
+		t.Errorf("the receiver's audit log after the resume, want one record of the migration, done:\n%s", b)
+	}
+}
+
 // heldSource holds the reads of its source from offset from on until
 // until is closed.
 type heldSource struct {

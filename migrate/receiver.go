@@ -1023,6 +1023,15 @@ func (r *Receiver) control(ctx context.Context, c *tls.Conn, fr *frameReader, fw
 		log.Warn("migration stored; recording it failed once, and succeeded when tried again", "err", err)
 		done, err = stored.done, nil
 	}
+	if err != nil && diskFull(err) {
+		// Nothing failed verification: the chunks are durable, and a
+		// resume once there is room commits them, sending none again.
+		// Not audited as failed: the migration is not over.
+		log.Error("migration interrupted at its commit: the image store's disk is full; its durable chunks wait for a resume", "err", err)
+		r.cfg.Observer.Ended(RoleReceive, StateFailed, r.cfg.Now().Sub(s.start))
+		fw.json(frameError, s.writeFailed("commit", err))
+		return
+	}
 	if err != nil {
 		log.Error("migration failed verification", "err", err)
 		r.audit(o, from, d, "failed", cm.Root, s.received.Load(), s.start, r.cfg.Now(), err.Error())
