@@ -10,6 +10,8 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 // TestImageLargerThanTheStoreTakes: an image larger than the store's file
@@ -46,7 +48,8 @@ func TestImageLargerThanTheStoreTakes(t *testing.T) {
 		cfg := p.config(img, "pii-eu")
 		cfg.Format = format
 		_, err := Send(context.Background(), cfg)
-		if err == nil || !strings.Contains(err.Error(), "on a file system that takes no file of 17.0 TiB") || !strings.Contains(err.Error(), "or send it to another destination") {
+		if err == nil || !strings.Contains(err.Error(), "on a file system that takes no file of 17.0 TiB") || !strings.Contains(err.Error(), "or send it to another destination") ||
+			fileSystemNote(p.store) != "" && !strings.Contains(err.Error(), fileSystemNote(p.store)) {
 			t.Fatalf("%s: %v; want a refusal saying the store's file system takes no file that large, and what to do", format, err)
 		}
 		if u, err := p.recv.Unfinished(); err != nil || len(u) != 0 {
@@ -54,6 +57,28 @@ func TestImageLargerThanTheStoreTakes(t *testing.T) {
 		}
 		if left, _ := os.ReadDir(filepath.Join(p.store, ".incoming")); len(left) != 0 {
 			t.Fatalf("%s: incoming files left behind: %v", format, left)
+		}
+	}
+}
+
+// TestFileSystemNote: the refusal names ext4's limit only on ext4, and
+// says nothing of a file system it cannot tell.
+func TestFileSystemNote(t *testing.T) {
+	for _, tc := range []struct {
+		magic int64
+		want  string
+	}{
+		{unix.EXT4_SUPER_MAGIC, "it is ext4 (or ext2/3), which takes 16 TiB less 4 KiB at most"},
+		{unix.XFS_SUPER_MAGIC, "it is XFS"},
+		{unix.TMPFS_MAGIC, "it is tmpfs"},
+		{unix.NFS_SUPER_MAGIC, "it is NFS, whose server's file system sets the limit"},
+		{0x12345678, ""},
+	} {
+		if got := fileSystemNoteOf(tc.magic); got != tc.want {
+			t.Errorf("file system %#x: %q, want %q", tc.magic, got, tc.want)
+		}
+		if tc.magic != unix.EXT4_SUPER_MAGIC && strings.Contains(fileSystemNoteOf(tc.magic), "16 TiB") {
+			t.Errorf("file system %#x is said to take 16 TiB at most", tc.magic)
 		}
 	}
 }

@@ -1546,7 +1546,10 @@ func (r *Receiver) open(o *Offer, from *certs.Attributes, d policy.Decision, log
 		if rec.DataAt > 0 {
 			what = fmt.Sprintf("the image and %s in front for its qcow2 metadata", units.Bytes(rec.DataAt))
 		}
-		return nil, nil, fmt.Errorf("the destination's image store is on a file system that takes no file of %s (%s; ext4 takes 16 TiB less 4 KiB at most): store images this large on one that takes them (XFS), or send it to another destination", units.Bytes(rec.DataAt+o.Size), what)
+		if fsys := fileSystemNote(filepath.Dir(temp)); fsys != "" {
+			what += "; " + fsys
+		}
+		return nil, nil, fmt.Errorf("the destination's image store is on a file system that takes no file of %s (%s): store images this large on one that takes them (XFS), or send it to another destination", units.Bytes(rec.DataAt+o.Size), what)
 	}
 	// The file of a session this process had open never left its hands.
 	rewrite := map[int64]bool{} // held, found changed: written again where they are

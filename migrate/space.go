@@ -269,3 +269,34 @@ func admitLoad(under []receiveLoad, l receiveLoad) error {
 	}
 	return nil
 }
+
+// fileSystemNote names the file system of dir for a refusal of a file it
+// cannot hold, with its limit where that is what refused it: ext4 (with
+// 4 KiB blocks) is the common case, but the store may be on any other.
+// Empty if the file system cannot be told.
+func fileSystemNote(dir string) string {
+	var st unix.Statfs_t
+	if err := unix.Statfs(dir, &st); err != nil {
+		return ""
+	}
+	return fileSystemNoteOf(int64(st.Type))
+}
+
+// fileSystemNoteOf is fileSystemNote for statfs(2)'s f_type.
+func fileSystemNoteOf(magic int64) string {
+	switch magic {
+	case unix.EXT4_SUPER_MAGIC: // ext2 and ext3 too
+		return "it is ext4 (or ext2/3), which takes 16 TiB less 4 KiB at most"
+	case unix.XFS_SUPER_MAGIC:
+		return "it is XFS"
+	case unix.BTRFS_SUPER_MAGIC:
+		return "it is Btrfs"
+	case unix.TMPFS_MAGIC:
+		return "it is tmpfs"
+	case unix.NFS_SUPER_MAGIC:
+		return "it is NFS, whose server's file system sets the limit"
+	case unix.FUSE_SUPER_MAGIC:
+		return "it is a FUSE file system"
+	}
+	return ""
+}
