@@ -62,3 +62,24 @@ func TestVerifyCostsTheData(t *testing.T) {
 		t.Fatalf("verify against another manifest: %+v %v; want chunks %d and %d named", rep, err, at/MinChunkSize, at/MinChunkSize+1)
 	}
 }
+
+// TestDataIn: what a read of a range costs is its bytes in the extents.
+func TestDataIn(t *testing.T) {
+	ext := []Extent{{Off: 0, Len: 10}, {Off: 20, Len: 5}, {Off: 100, Len: 50}}
+	for _, tc := range []struct{ off, n, want int64 }{
+		{0, 200, 65},
+		{0, 10, 10},
+		{5, 20, 10},   // 5..10 and 20..25
+		{10, 10, 0},   // the hole between
+		{22, 100, 25}, // 22..25 and 100..122
+		{140, 60, 10},
+		{150, 10, 0},
+	} {
+		if got := dataIn(ext, tc.off, tc.n); got != tc.want {
+			t.Errorf("dataIn(%d, %d) = %d, want %d", tc.off, tc.n, got, tc.want)
+		}
+	}
+	if got := dataIn(nil, 0, 100); got != 0 {
+		t.Errorf("no extents: %d", got)
+	}
+}

@@ -123,9 +123,9 @@ type Stats struct {
 	ChunksZero     int           `json:"chunks_zero"`    // allocated but all zeros: sent as holes
 	ChunksResumed  int           `json:"chunks_resumed"` // acknowledged in an earlier attempt: not even read
 	ChunksHad      int           `json:"chunks_had"`     // durable at the destination from an earlier attempt, read here to be sure
-	BytesRead      int64         `json:"bytes_read"`
-	BytesRaw       int64         `json:"bytes_raw"`  // uncompressed bytes of the chunks sent
-	BytesSent      int64         `json:"bytes_sent"` // chunk payload on the wire (after compression)
+	BytesRead      int64         `json:"bytes_read"`     // of the image's data: holes in a chunk are not read
+	BytesRaw       int64         `json:"bytes_raw"`      // uncompressed bytes of the chunks sent
+	BytesSent      int64         `json:"bytes_sent"`     // chunk payload on the wire (after compression)
 	Retries        int           `json:"retries"`
 	Duration       time.Duration `json:"duration_ns"`
 }
@@ -1334,7 +1334,7 @@ func (s *sender) prepare(i int64, enc *zstd.Encoder, acc *Accept) (*job, error) 
 		return nil, fmt.Errorf("read chunk %d of %s: %w", i, s.cfg.Image, err)
 	}
 	s.mu.Lock()
-	s.stats.BytesRead += n
+	s.stats.BytesRead += dataIn(s.extents, i*chunk, n)
 	s.mu.Unlock()
 	if isZero(buf) {
 		putChunkBuf(buf)

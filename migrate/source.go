@@ -406,6 +406,20 @@ func (x extentReader) ReadAt(p []byte, off int64) (int, error) {
 	return len(p), nil
 }
 
+// dataIn is how many bytes of [off, off+n) lie in extents (sorted, not
+// overlapping, as Extents returns them): what an extentReader reads of
+// them, the rest being zeros it need not read.
+func dataIn(extents []Extent, off, n int64) int64 {
+	end := off + n
+	k := sort.Search(len(extents), func(k int) bool { return extents[k].Off+extents[k].Len > off })
+	var in int64
+	for ; k < len(extents) && extents[k].Off < end; k++ {
+		e := extents[k]
+		in += min(e.Off+e.Len, end) - max(e.Off, off)
+	}
+	return in
+}
+
 // rawSource is a raw image file read sparse-aware: SEEK_DATA/SEEK_HOLE
 // find the allocated ranges, so holes are never read.
 type rawSource struct {

@@ -13,7 +13,7 @@ type VerifyReport struct {
 	Root      Hash    `json:"root"`
 	Expected  Hash    `json:"expected"`
 	OK        bool    `json:"ok"`
-	BytesRead int64   `json:"bytes_read"`
+	BytesRead int64   `json:"bytes_read"`           // of the image's data: holes are not read
 	BadChunks []int64 `json:"bad_chunks,omitempty"` // chunks whose content differs from the manifest
 }
 
@@ -73,7 +73,7 @@ func VerifyImage(ctx context.Context, rec *ImageRecord) (*VerifyReport, error) {
 		if err := readChunk(extentReader{src, extents}, b, i*m.ChunkSize); err != nil {
 			return nil, fmt.Errorf("read chunk %d: %w", i, err)
 		}
-		rep.BytesRead += n
+		rep.BytesRead += dataIn(extents, i*m.ChunkSize, n)
 		if !isZero(b) {
 			got.Chunks[i] = hashChunk(b)
 		}
