@@ -434,7 +434,7 @@ func keysCommand() *cli.Command {
 				if c.Bool("json") {
 					return printJSON(c.App.Writer, rep)
 				}
-				fmt.Fprintf(c.App.Writer, "gossip key rotated on %d other gateways in %s: %s\n", len(rep.Members), rep.Elapsed.Round(time.Millisecond), strings.Join(rep.Members, ", "))
+				fmt.Fprintln(c.App.Writer, gossipRotationSummary(rep))
 				if len(rep.LeftOut) > 0 {
 					if rep.Keyring != "" {
 						fmt.Fprintf(c.App.Writer, "left out, away: %s — copy the new keyring (%s) into each one's identity directory before it starts again\n", strings.Join(rep.LeftOut, ", "), rep.Keyring)
@@ -522,4 +522,13 @@ func stoppedBeforeRun(ctx context.Context, err error) error {
 		return nil
 	}
 	return err
+}
+
+// gossipRotationSummary is the first line `keys rotate-gossip` prints.
+func gossipRotationSummary(rep *mesh.RotationReport) string {
+	took := rep.Elapsed.Round(time.Millisecond)
+	if len(rep.Members) == 0 {
+		return fmt.Sprintf("gossip key rotated on this gateway alone in %s: no other gateway is a member", took)
+	}
+	return fmt.Sprintf("gossip key rotated on %d other gateways in %s: %s", len(rep.Members), took, strings.Join(rep.Members, ", "))
 }
