@@ -528,7 +528,7 @@ func stoppedBeforeRun(ctx context.Context, err error) error {
 func gossipRotationSummary(rep *mesh.RotationReport) string {
 	took := rep.Elapsed.Round(time.Millisecond)
 	if len(rep.Members) == 0 {
-		return fmt.Sprintf("gossip key rotated on this gateway alone in %s: no other gateway is a member", took)
+		return fmt.Sprintf("gossip key rotated on this gateway alone in %s: no other gateway took part", took)
 	}
 	return fmt.Sprintf("gossip key rotated on %d other gateways in %s: %s", len(rep.Members), took, strings.Join(rep.Members, ", "))
 }

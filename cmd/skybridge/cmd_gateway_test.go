@@ -22,14 +22,14 @@ func TestGatewayRunHelpSignals(t *testing.T) {
 	}
 }
 
-// TestGossipRotationSummary: a rotation with no other member says so,
+// TestGossipRotationSummary: a rotation no other gateway took part in says so,
 // rather than end its line on a colon naming no one.
 func TestGossipRotationSummary(t *testing.T) {
 	for _, tc := range []struct {
 		rep  mesh.RotationReport
 		want string
 	}{
-		{mesh.RotationReport{Elapsed: 11 * time.Millisecond}, "gossip key rotated on this gateway alone in 11ms: no other gateway is a member"},
+		{mesh.RotationReport{Elapsed: 11 * time.Millisecond}, "gossip key rotated on this gateway alone in 11ms: no other gateway took part"},
 		{mesh.RotationReport{Members: []string{"ams-gw1", "fra-gw1"}, Elapsed: 1234567 * time.Microsecond}, "gossip key rotated on 2 other gateways in 1.235s: ams-gw1, fra-gw1"},
 	} {
 		if got := gossipRotationSummary(&tc.rep); got != tc.want {
