@@ -401,6 +401,15 @@ func (g *Gateway) applyKeyringOp(ctx context.Context, op *keyringOp) error {
 		return fmt.Errorf("unknown keyring operation %q", op.kind)
 	case opUseHash, opRemoveHash:
 		k, err := g.installedKey(key)
+		if err != nil && kind == opRemoveHash && len(g.keyring.GetKeys()) == 1 {
+			// Taken already: the initiator sends a step again, under a
+			// new ID, to a member that renewed its certificate before
+			// its answer arrived (rotationStep), and the answer to this
+			// one is what it waits for. A member reaches the remove step
+			// only once it took the use step, so the one key it holds is
+			// the new primary, as the step would leave it.
+			return nil
+		}
 		if err != nil {
 			return err
 		}
