@@ -79,6 +79,12 @@ type Gateway struct {
 	policy  atomic.Pointer[adoptedPolicy]
 	advert  atomic.Pointer[[]byte]
 	self    atomic.Pointer[Node]
+	// advertBy is the identity that signed advert, and formerID the one
+	// that signed the adverts before the last certificate change, for a
+	// while (leave.go): peers check what this gateway signs against the
+	// certificate its advert named when it reached them.
+	advertBy atomic.Pointer[certs.NodeIdentity]
+	formerID atomic.Pointer[formerIdentity]
 
 	inbox chan []byte // gossip messages, from the wire: the quick ones (enqueue)
 	bulk  chan []byte // and the blobs and the large ones
@@ -387,6 +393,10 @@ func (g *Gateway) signAdvert() error {
 	if err != nil {
 		return err
 	}
+	if by := g.advertBy.Load(); by != nil && by != id {
+		g.formerID.Store(&formerIdentity{id: by, until: g.now().Add(formerIdentityFor)})
+	}
+	g.advertBy.Store(id)
 	g.advert.Store(&raw)
 	g.self.Store(&Node{Attributes: a, Advert: *ad})
 	return nil

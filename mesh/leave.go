@@ -8,6 +8,8 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"slices"
+	"strconv"
 	"time"
 
 	"github.com/skybridge-mesh/skybridge/certs"
@@ -58,27 +60,72 @@ func (g *Gateway) announceLeaving() {
 	if self == nil {
 		return // never advertised: nobody to tell
 	}
-	version := self.Advert.Version
-	id := g.id.Load()
-	node := id.Attributes().Node
-	at := g.now().Unix()
-	sig, err := id.Signer().Sign(rand.Reader, leavingDigest(node, at, version), crypto.SHA256)
-	if err != nil {
-		g.log.Warn("sign leave notice", "err", err)
-		return
-	}
-	msg := encodeMessage(msgLeaving, []byte(node), binary.BigEndian.AppendUint64(nil, uint64(at)),
-		binary.BigEndian.AppendUint64(nil, version), sig)
-	// Gossip carries it to members a lost datagram would miss; memberlist
-	// goes on sending broadcasts while Leave spreads our departure.
-	if g.queue != nil {
-		g.queue.QueueBroadcast(broadcast{name: "leaving/" + node, msg: msg})
+	msgs := g.leaveNotices(self.Advert.Version)
+	for i, msg := range msgs {
+		// Gossip carries them to members a lost datagram would miss;
+		// memberlist goes on sending broadcasts while Leave spreads our
+		// departure. Named apart, or each would replace the one before.
+		name := "leaving/" + self.Attributes.Node
+		if i > 0 {
+			name += "/" + strconv.Itoa(i)
+		}
+		if g.queue != nil {
+			g.queue.QueueBroadcast(broadcast{name: name, msg: msg})
+		}
 	}
 	for _, m := range g.members.snapshot() {
 		if m.Alive && m.Gossip.IsValid() {
-			g.sendAsync(m.Name, m.Gossip, msg)
+			for _, msg := range msgs {
+				g.sendAsync(m.Name, m.Gossip, msg)
+			}
 		}
 	}
+}
+
+// formerIdentityFor is how long after a certificate change the identity
+// before it still signs leave notices: peers hold the old certificate
+// until gossip brings the new advert and they fetch its certificate,
+// seconds but for a peer cut off meanwhile.
+const formerIdentityFor = 10 * time.Minute
+
+// formerIdentity is the identity that signed this gateway's adverts
+// before the last certificate change (a renewal), kept until.
+type formerIdentity struct {
+	id    *certs.NodeIdentity
+	until time.Time
+}
+
+// leaveNotices are this gateway's leave notices naming advert version,
+// one signed by each identity a peer may check it against: a peer checks
+// a notice against the certificate of the advert it verified last. A
+// gateway that renewed its certificate shortly before it stops has peers
+// that hold the certificate before (its new advert on its way, or its
+// certificate not fetched yet), and one that renewed as it stopped has
+// an advert that names the old one (signAdvert signs none once leaving):
+// signed with the new key only, the notice was thrown away there, and
+// the gateway reported declared dead rather than gone on purpose.
+func (g *Gateway) leaveNotices(version uint64) [][]byte {
+	now := g.now()
+	ids := []*certs.NodeIdentity{g.id.Load()}
+	if by := g.advertBy.Load(); by != nil && !slices.Contains(ids, by) {
+		ids = append(ids, by)
+	}
+	if f := g.formerID.Load(); f != nil && now.Before(f.until) && now.Before(f.id.Certificate().NotAfter) && !slices.Contains(ids, f.id) {
+		ids = append(ids, f.id)
+	}
+	at := now.Unix()
+	var msgs [][]byte
+	for _, id := range ids {
+		node := id.Attributes().Node
+		sig, err := id.Signer().Sign(rand.Reader, leavingDigest(node, at, version), crypto.SHA256)
+		if err != nil {
+			g.log.Warn("sign leave notice", "serial", certs.FormatSerial(id.Certificate().SerialNumber), "err", err)
+			continue
+		}
+		msgs = append(msgs, encodeMessage(msgLeaving, []byte(node), binary.BigEndian.AppendUint64(nil, uint64(at)),
+			binary.BigEndian.AppendUint64(nil, version), sig))
+	}
+	return msgs
 }
 
 // handleLeaving checks a leave notice and records it.

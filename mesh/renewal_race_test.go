@@ -3,9 +3,13 @@ package mesh
 import (
 	"bytes"
 	"context"
+	"crypto/ecdsa"
+	"encoding/binary"
 	"slices"
 	"testing"
 	"time"
+
+	"github.com/skybridge-mesh/skybridge/certs"
 )
 
 // TestGossipKeyRotationRemoveStepAcrossARenewal: a member that renews
@@ -59,5 +63,67 @@ func TestGossipKeyRotationRemoveStepAcrossARenewal(t *testing.T) {
 		if keys := lg.g.keyring.GetKeys(); len(keys) != 1 || !bytes.Equal(keys[0], nk) {
 			t.Errorf("%s holds %d keys after the rotation, the new one primary: %v", lg.g.s.Node.Name, len(keys), len(keys) > 0 && bytes.Equal(keys[0], nk))
 		}
+	}
+}
+
+// TestLeaveNoticeAcrossARenewal: a gateway that renewed its certificate
+// and stops before its peers hold the new one (its advert on its way,
+// or, renewed as it stops, never re-signed) signed its leave notice with
+// the new key only: the peers, checking it against the certificate they
+// hold, threw it away and reported the gateway declared dead, not gone
+// on purpose.
+func TestLeaveNoticeAcrossARenewal(t *testing.T) {
+	m := startLiveMesh(t)
+	b := m.gws[1]
+	fresh, err := m.ca.IssueIdentity(*b.g.id.Load().Attributes(), time.Hour, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	b.g.id.Store(fresh) // renewed, not re-advertised
+	b.stop()
+	waitUntil(t, 20*time.Second, "op0 to record op1 as gone on purpose", func() bool {
+		v := memberAt(m.gws[0], "op1")
+		return v.State == StateDead && v.Left
+	})
+	if v := memberAt(m.gws[0], "op1"); v.Reason != "left the mesh" {
+		t.Errorf("op1 at op0: %q, want left the mesh", v.Reason)
+	}
+}
+
+// TestLeaveNoticeSignedForTheCertificateBefore: after a renewal, re-
+// advertised, a gateway's leave notice is signed with the key its peers
+// still check it against until they hold the new certificate too.
+func TestLeaveNoticeSignedForTheCertificateBefore(t *testing.T) {
+	m := startLiveMesh(t)
+	b := m.gws[1].g
+	old := b.id.Load()
+	fresh, err := m.ca.IssueIdentity(*old.Attributes(), time.Hour, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	tb, err := m.ca.TrustBundle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	b.renewed(fresh, tb)
+	version := b.self.Load().Advert.Version
+	signedBy := map[*certs.NodeIdentity]bool{}
+	for _, raw := range b.leaveNotices(version) {
+		msg, err := decodeMessage(raw, maxFields)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(msg.fields) != 4 || string(msg.fields[0]) != "op1" || binary.BigEndian.Uint64(msg.fields[2]) != version {
+			t.Fatalf("leave notice %q, want op1's naming version %d", msg.fields, version)
+		}
+		at := int64(binary.BigEndian.Uint64(msg.fields[1]))
+		for _, id := range []*certs.NodeIdentity{old, fresh} {
+			if ecdsa.VerifyASN1(id.Certificate().PublicKey.(*ecdsa.PublicKey), leavingDigest("op1", at, version), msg.fields[3]) {
+				signedBy[id] = true
+			}
+		}
+	}
+	if !signedBy[old] || !signedBy[fresh] {
+		t.Fatalf("leave notices signed for the certificate before the renewal: %v, for the new one: %v; want both", signedBy[old], signedBy[fresh])
 	}
 }
