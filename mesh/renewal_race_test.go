@@ -6,6 +6,7 @@ import (
 	"crypto/ecdsa"
 	"encoding/binary"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -125,5 +126,61 @@ func TestLeaveNoticeSignedForTheCertificateBefore(t *testing.T) {
 	}
 	if !signedBy[old] || !signedBy[fresh] {
 		t.Fatalf("leave notices signed for the certificate before the renewal: %v, for the new one: %v; want both", signedBy[old], signedBy[fresh])
+	}
+}
+
+// TestGossipKeyRotationStepOutlivesTheInitiatorsCertificate: a step is
+// sent again to a member that renewed meanwhile (rotationStep), later in
+// the step. Signed with the identity the step began with, the initiator's
+// certificate before a renewal of its own, it was refused unanswered by
+// the member once that certificate had ended, and the rotation failed
+// with no acknowledgement: certificates of a minute or less end within a
+// step's wait of their renewal.
+func TestGossipKeyRotationStepOutlivesTheInitiatorsCertificate(t *testing.T) {
+	m := startLiveMesh(t)
+	a, b := m.gws[0].g, m.gws[1].g
+	tb, err := m.ca.TrustBundle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	freshB, err := m.ca.IssueIdentity(*b.id.Load().Attributes(), time.Hour, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	renewedA, err := m.ca.IssueIdentity(*a.id.Load().Attributes(), time.Hour, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The step begins under a certificate of the initiator's that ends
+	// within it (the members take the certificate the step carries).
+	ending, err := m.ca.IssueIdentity(*a.id.Load().Attributes(), 3*time.Second, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.id.Store(ending)
+	b.id.Store(freshB) // renewed, not yet re-advertised
+	type result struct {
+		rep *RotationReport
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		rep, err := a.RotateGossipKey(context.Background(), false)
+		done <- result{rep, err}
+	}()
+	waitUntil(t, 20*time.Second, "op1 to refuse the key sealed to its old certificate", func() bool {
+		return strings.Contains(m.logs.String(), "sealed secret does not open")
+	})
+	a.renewed(renewedA, tb)
+	waitUntil(t, 10*time.Second, "the initiator's certificate before its renewal to end", func() bool {
+		return time.Now().After(ending.Certificate().NotAfter)
+	})
+	b.renewed(freshB, tb)
+	r := <-done
+	if r.err != nil {
+		t.Fatalf("rotation across a member's renewal, after the initiator's certificate the step began with ended: %v", r.err)
+	}
+	if !slices.Equal(r.rep.Members, []string{"op1", "op2"}) {
+		t.Errorf("acknowledged by %v, want op1 and op2", r.rep.Members)
 	}
 }

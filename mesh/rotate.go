@@ -766,8 +766,19 @@ func (g *Gateway) cleanNames(installing []byte) []byte {
 // must not sign with the new key what names the old certificate). to
 // is m's certificate, which the install step seals to (nil if m is not
 // verified: the other steps seal nothing).
+//
+// An id of this gateway's that it has renewed since (the identity a step
+// began with) gives way to the identity in force, whose certificate the
+// step then carries instead: a step is sent again late in its wait, to a
+// member that renewed meanwhile (rotationStep), and signed under the
+// certificate before this gateway's own renewal it was refused unanswered
+// once that certificate had ended — certificates of a minute or less end
+// within a step's wait of their renewal.
 func (g *Gateway) keyringOpFor(id *certs.NodeIdentity, op *keyringOp, m string, to *x509.Certificate) ([]byte, error) {
 	mop := *op
+	if cur := g.id.Load(); cur != id && cur.Attributes().Node == id.Attributes().Node {
+		id, mop.certDER = cur, cur.Certificate().Raw
+	}
 	switch op.kind {
 	case opInstall:
 		if to == nil {
