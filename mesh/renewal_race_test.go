@@ -4,7 +4,10 @@ import (
 	"bytes"
 	"context"
 	"crypto/ecdsa"
+	"crypto/sha256"
 	"encoding/binary"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -152,8 +155,11 @@ func TestGossipKeyRotationStepOutlivesTheInitiatorsCertificate(t *testing.T) {
 		t.Fatal(err)
 	}
 	// The step begins under a certificate of the initiator's that ends
-	// within it (the members take the certificate the step carries).
-	ending, err := m.ca.IssueIdentity(*a.id.Load().Attributes(), 3*time.Second, time.Now())
+	// within it (the members take the certificate the step carries):
+	// late enough that the step's first sends arrive before, on a busy
+	// machine, and early enough to leave the step's wait for the send
+	// again after it.
+	ending, err := m.ca.IssueIdentity(*a.id.Load().Attributes(), 7*time.Second, time.Now())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -172,7 +178,7 @@ func TestGossipKeyRotationStepOutlivesTheInitiatorsCertificate(t *testing.T) {
 		return strings.Contains(m.logs.String(), "sealed secret does not open")
 	})
 	a.renewed(renewedA, tb)
-	waitUntil(t, 10*time.Second, "the initiator's certificate before its renewal to end", func() bool {
+	waitUntil(t, 20*time.Second, "the initiator's certificate before its renewal to end", func() bool {
 		return time.Now().After(ending.Certificate().NotAfter)
 	})
 	b.renewed(freshB, tb)
@@ -182,5 +188,54 @@ func TestGossipKeyRotationStepOutlivesTheInitiatorsCertificate(t *testing.T) {
 	}
 	if !slices.Equal(r.rep.Members, []string{"op1", "op2"}) {
 		t.Errorf("acknowledged by %v, want op1 and op2", r.rep.Members)
+	}
+}
+
+// TestRemoveStepTakenAgainStoresTheKeyring: a remove step sent again to
+// a member whose live keyring already holds the new key alone is
+// acknowledged, and its stored keyring brought to the same: the first
+// step may have changed the live keyring and failed to store it (refused
+// then), and the acknowledgement of the second must not leave the old key
+// in the file the gateway loads when it starts again.
+func TestRemoveStepTakenAgainStoresTheKeyring(t *testing.T) {
+	m := startLiveMesh(t)
+	b := m.gws[1].g
+	old := b.keyring.GetPrimaryKey()
+	nk, err := certs.NewGossipKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Live: the new key alone. Stored: both, as a remove step whose
+	// store write failed leaves them.
+	if err := b.keyring.AddKey(nk); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.keyring.UseKey(nk); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.keyring.RemoveKey(old); err != nil {
+		t.Fatal(err)
+	}
+	both := func(*certs.GossipKeyring) (*certs.GossipKeyring, error) {
+		return certs.NewGossipKeyring([][]byte{nk, old})
+	}
+	if err := b.prov.Secrets().UpdateGossipKeyring(context.Background(), both); err != nil {
+		t.Fatal(err)
+	}
+	sum := sha256.Sum256(old)
+	op := &keyringOp{kind: opRemoveHash, key: sum[:], id: []byte("remove-again-016"), at: time.Now(), initiator: "op0"}
+	if err := b.applyKeyringOp(context.Background(), op); err != nil {
+		t.Fatalf("the remove step sent again: %v; want it taken", err)
+	}
+	raw, err := os.ReadFile(filepath.Join(b.s.Identity.Dir, certs.FileGossipKeyring))
+	if err != nil {
+		t.Fatal(err)
+	}
+	kr, err := certs.ParseGossipKeyring(raw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if keys := kr.Keys(); len(keys) != 1 || !bytes.Equal(keys[0], nk) {
+		t.Errorf("stored keyring after the remove step taken again: %d keys, the new one first: %v; want the new key alone", len(keys), len(keys) > 0 && bytes.Equal(keys[0], nk))
 	}
 }

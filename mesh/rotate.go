@@ -401,19 +401,23 @@ func (g *Gateway) applyKeyringOp(ctx context.Context, op *keyringOp) error {
 		return fmt.Errorf("unknown keyring operation %q", op.kind)
 	case opUseHash, opRemoveHash:
 		k, err := g.installedKey(key)
-		if err != nil && kind == opRemoveHash && len(g.keyring.GetKeys()) == 1 {
+		switch {
+		case err == nil:
+			kind, key = strings.TrimSuffix(kind, "-sha256"), k
+		case kind == opRemoveHash && len(g.keyring.GetKeys()) == 1:
 			// Taken already: the initiator sends a step again, under a
 			// new ID, to a member that renewed its certificate before
 			// its answer arrived (rotationStep), and the answer to this
 			// one is what it waits for. A member reaches the remove step
 			// only once it took the use step, so the one key it holds is
-			// the new primary, as the step would leave it.
-			return nil
-		}
-		if err != nil {
+			// the new primary, as the step would leave it. The stores
+			// are brought to it all the same (a remove naming no key
+			// removes all but the primary): the first step may have
+			// changed the live keyring and failed to store it.
+			kind, key = opRemove, nil
+		default:
 			return err
 		}
-		kind, key = strings.TrimSuffix(kind, "-sha256"), k
 	}
 	var err error
 	switch kind {
@@ -1154,9 +1158,20 @@ func (g *Gateway) rotationStep(ctx context.Context, kind string, key []byte, mem
 	}
 	sends := make(chan sent, len(members)*(1+maxStepResends))
 	sem := make(chan struct{}, rotationSends)
+	// A send still waiting its turn when the step ends is not made: its
+	// member answered another, and a step arriving after the next one
+	// began (a clean step after the install it made room for) would undo
+	// what that one did.
+	stepDone := make(chan struct{})
+	defer close(stepDone)
 	send := func(m string, id []byte, to *x509.Certificate) {
 		sem <- struct{}{}
 		defer func() { <-sem }()
+		select {
+		case <-stepDone:
+			return
+		default:
+		}
 		mop := *op
 		mop.id = id
 		msg, err := g.keyringOpFor(signer, &mop, m, to)
@@ -1209,9 +1224,11 @@ func (g *Gateway) rotationStep(ctx context.Context, kind string, key []byte, mem
 		case <-ctx.Done():
 			return ctx.Err()
 		case s := <-sends:
-			if s.err != nil {
+			if s.err != nil && waiting[s.member] != nil {
 				// Said now, with the reason, rather than as an
 				// acknowledgement missing in a quarter of a minute.
+				// (A member that answered another send is not failed
+				// for this one.)
 				return fmt.Errorf("not sent to %s: %w", s.member, s.err)
 			}
 		case <-recheck.C:

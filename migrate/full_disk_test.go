@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -367,7 +368,8 @@ func TestReceiverSaysToResumeWhenTheDiskFillsAtCommit(t *testing.T) {
 	// The audit log on another disk, as a gateway may keep it: on the
 	// full one, no record of the commit could be written anyway.
 	logs := audit.Open(filepath.Join(t.TempDir(), "audit.log"))
-	p, state := fullDiskPair(t, "72m", func(c *ReceiverConfig, _ string) { c.Audit = logs })
+	var ends endings
+	p, state := fullDiskPair(t, "72m", func(c *ReceiverConfig, _ string) { c.Audit, c.Observer = logs, &ends })
 	raw := filepath.Join(p.dir, "vm.raw")
 	const chunk, n = 64 << 10, 40
 	blocks := map[int64]int{}
@@ -427,6 +429,13 @@ func TestReceiverSaysToResumeWhenTheDiskFillsAtCommit(t *testing.T) {
 		t.Errorf("the resume sent %d chunks; every one was durable at the destination", rec.Stats.ChunksSent)
 	}
 	p.stored(raw)
+	// It ended once, done: the commit on a full disk was no end.
+	ends.mu.Lock()
+	seen := slices.Clone(ends.seen)
+	ends.mu.Unlock()
+	if !slices.Equal(seen, []string{RoleReceive + "/" + StateDone}) {
+		t.Errorf("the receive's ends for the metrics: %v; want one, done", seen)
+	}
 	// Its one record says done.
 	b, err := os.ReadFile(logs.Path())
 	if err != nil {

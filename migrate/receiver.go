@@ -1027,8 +1027,9 @@ func (r *Receiver) control(ctx context.Context, c *tls.Conn, fr *frameReader, fw
 		// Nothing failed verification: the chunks are durable, and a
 		// resume once there is room commits them, sending none again.
 		// Not audited as failed: the migration is not over.
+		// Nor counted as ended (skybridge_migration_duration_seconds),
+		// as a receive interrupted under the transfer is not.
 		log.Error("migration interrupted at its commit: the image store's disk is full; its durable chunks wait for a resume", "err", err)
-		r.cfg.Observer.Ended(RoleReceive, StateFailed, r.cfg.Now().Sub(s.start))
 		fw.json(frameError, s.writeFailed("commit", err))
 		return
 	}
