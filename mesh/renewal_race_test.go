@@ -8,7 +8,6 @@ import (
 	"encoding/binary"
 	"os"
 	"path/filepath"
-	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -42,32 +41,12 @@ func TestGossipKeyRotationRemoveStepAcrossARenewal(t *testing.T) {
 			b.id.Store(fresh)
 		}
 	}
-	type result struct {
-		rep *RotationReport
-		err error
-	}
-	done := make(chan result, 1)
-	go func() {
-		rep, err := a.RotateGossipKey(context.Background(), false)
-		done <- result{rep, err}
-	}()
+	done := rotateAsync(a)
 	waitUntil(t, 20*time.Second, "op1 to take the remove step", func() bool {
 		return b.id.Load() == fresh && len(b.keyring.GetKeys()) == 1
 	})
 	b.renewed(fresh, tb)
-	r := <-done
-	if r.err != nil {
-		t.Fatalf("rotation across a renewal after the remove step: %v", r.err)
-	}
-	if !slices.Equal(r.rep.Members, []string{"op1", "op2"}) {
-		t.Errorf("acknowledged by %v, want op1 and op2", r.rep.Members)
-	}
-	nk := a.keyring.GetPrimaryKey()
-	for _, lg := range m.gws {
-		if keys := lg.g.keyring.GetKeys(); len(keys) != 1 || !bytes.Equal(keys[0], nk) {
-			t.Errorf("%s holds %d keys after the rotation, the new one primary: %v", lg.g.s.Node.Name, len(keys), len(keys) > 0 && bytes.Equal(keys[0], nk))
-		}
-	}
+	rotatedEverywhere(t, m, <-done, "rotation across a renewal after the remove step")
 }
 
 // TestLeaveNoticeAcrossARenewal: a gateway that renewed its certificate
@@ -165,15 +144,7 @@ func TestGossipKeyRotationStepOutlivesTheInitiatorsCertificate(t *testing.T) {
 	}
 	a.id.Store(ending)
 	b.id.Store(freshB) // renewed, not yet re-advertised
-	type result struct {
-		rep *RotationReport
-		err error
-	}
-	done := make(chan result, 1)
-	go func() {
-		rep, err := a.RotateGossipKey(context.Background(), false)
-		done <- result{rep, err}
-	}()
+	done := rotateAsync(a)
 	waitUntil(t, 20*time.Second, "op1 to refuse the key sealed to its old certificate", func() bool {
 		return strings.Contains(m.logs.String(), "sealed secret does not open")
 	})
@@ -182,13 +153,7 @@ func TestGossipKeyRotationStepOutlivesTheInitiatorsCertificate(t *testing.T) {
 		return time.Now().After(ending.Certificate().NotAfter)
 	})
 	b.renewed(freshB, tb)
-	r := <-done
-	if r.err != nil {
-		t.Fatalf("rotation across a member's renewal, after the initiator's certificate the step began with ended: %v", r.err)
-	}
-	if !slices.Equal(r.rep.Members, []string{"op1", "op2"}) {
-		t.Errorf("acknowledged by %v, want op1 and op2", r.rep.Members)
-	}
+	rotatedEverywhere(t, m, <-done, "rotation across a member's renewal, after the initiator's certificate the step began with ended")
 }
 
 // TestRemoveStepTakenAgainStoresTheKeyring: a remove step sent again to

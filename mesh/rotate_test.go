@@ -140,15 +140,7 @@ func TestGossipKeyRotationAcrossARenewal(t *testing.T) {
 	// Renewed, but not yet re-advertised: the initiator seals to the
 	// certificate it holds.
 	b.id.Store(fresh)
-	type result struct {
-		rep *RotationReport
-		err error
-	}
-	done := make(chan result, 1)
-	go func() {
-		rep, err := a.RotateGossipKey(context.Background(), false)
-		done <- result{rep, err}
-	}()
+	done := rotateAsync(a)
 	waitUntil(t, 20*time.Second, "op1 to refuse the key sealed to its old certificate", func() bool {
 		return strings.Contains(m.logs.String(), "sealed secret does not open")
 	})
@@ -157,17 +149,40 @@ func TestGossipKeyRotationAcrossARenewal(t *testing.T) {
 		t.Fatal(err)
 	}
 	b.renewed(fresh, tb)
-	r := <-done
+	rotatedEverywhere(t, m, <-done, "rotation across a member's renewal")
+}
+
+// rotation is how a rotation ended.
+type rotation struct {
+	rep *RotationReport
+	err error
+}
+
+// rotateAsync starts a gossip key rotation from g; its outcome comes on
+// the channel returned.
+func rotateAsync(g *Gateway) <-chan rotation {
+	done := make(chan rotation, 1)
+	go func() {
+		rep, err := g.RotateGossipKey(context.Background(), false)
+		done <- rotation{rep, err}
+	}()
+	return done
+}
+
+// rotatedEverywhere checks that rotation r (what) succeeded, acknowledged
+// by op1 and op2, and left every gateway of m with the new key alone.
+func rotatedEverywhere(t *testing.T, m *liveMesh, r rotation, what string) {
+	t.Helper()
 	if r.err != nil {
-		t.Fatalf("rotation across a member's renewal: %v", r.err)
+		t.Fatalf("%s: %v", what, r.err)
 	}
 	if !slices.Equal(r.rep.Members, []string{"op1", "op2"}) {
-		t.Errorf("acknowledged by %v, want op1 and op2", r.rep.Members)
+		t.Errorf("%s: acknowledged by %v, want op1 and op2", what, r.rep.Members)
 	}
-	nk := a.keyring.GetPrimaryKey()
+	nk := m.gws[0].g.keyring.GetPrimaryKey()
 	for _, lg := range m.gws {
 		if keys := lg.g.keyring.GetKeys(); len(keys) != 1 || !bytes.Equal(keys[0], nk) {
-			t.Errorf("%s holds %d keys after the rotation, the new one primary: %v", lg.g.s.Node.Name, len(keys), len(keys) > 0 && bytes.Equal(keys[0], nk))
+			t.Errorf("%s: %s holds %d keys, the new one primary: %v", what, lg.g.s.Node.Name, len(keys), len(keys) > 0 && bytes.Equal(keys[0], nk))
 		}
 	}
 }
