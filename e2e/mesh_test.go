@@ -432,7 +432,10 @@ func TestMeshEndToEnd(t *testing.T) {
 		if !strings.Contains(errs, "signature does not verify") {
 			t.Errorf("tampered policy: %s", errs)
 		}
-		st, _ := status(s1.socket)
+		st, err := status(s1.socket)
+		if err != nil {
+			t.Fatalf("gw-1's status after a tampered publish: %v", err)
+		}
 		if !strings.HasPrefix(st.Policy, "e2e v2") {
 			t.Errorf("after a tampered publish gw-1 runs %q", st.Policy)
 		}

@@ -158,17 +158,17 @@ operator { listen = "127.0.0.1:0" }
 		return ok, strings.Join(state, " ")
 	})
 
-	peerOf := func(sock, node string) bool {
+	peerOf := func(sock, node string) (bool, error) {
 		st, err := statusAs(sock, asNobody)
 		if err != nil {
-			return false
+			return false, err
 		}
 		for _, m := range st.Members {
 			if m.Node == node && m.Peer {
-				return true
+				return true, nil
 			}
 		}
-		return false
+		return false, nil
 	}
 	// The gateway issued offline for a minute has renewed its certificate
 	// through the one holding the CA by about 40 s in (two thirds of its
@@ -182,7 +182,8 @@ operator { listen = "127.0.0.1:0" }
 		if err != nil {
 			return false, err.Error()
 		}
-		return st.Identity.Serial != first.Identity.Serial && st.Identity.Issuer == "renew_from" && peerOf(sockets[0], "ns-3"),
+		peer, _ := peerOf(sockets[0], "ns-3")
+		return st.Identity.Serial != first.Identity.Serial && st.Identity.Issuer == "renew_from" && peer,
 			fmt.Sprintf("serial %s (issuer %q)", st.Identity.Serial, st.Identity.Issuer)
 	})
 
@@ -225,14 +226,24 @@ operator { listen = "127.0.0.1:0" }
 	// others, which only gossip with the new key now.
 	cmds[2].Process.Signal(syscall.SIGTERM)
 	cmds[2].Wait()
-	waitFor(t, 30*time.Second, "ns-1 drops the departed ns-3", func() (bool, string) { return !peerOf(sockets[0], "ns-3"), "" })
+	waitFor(t, 30*time.Second, "ns-1 drops the departed ns-3", func() (bool, string) {
+		// A status that fails says nothing of ns-1's peers.
+		peer, err := peerOf(sockets[0], "ns-3")
+		if err != nil {
+			return false, err.Error()
+		}
+		return !peer, "ns-3 still a peer"
+	})
 	c := childCommand(cmds[2].Args[0], cmds[2].Args[1:]...)
 	c.Stdout, c.Stderr = cmds[2].Stdout, cmds[2].Stderr
 	if err := c.Start(); err != nil {
 		t.Fatal(err)
 	}
 	cmds[2] = c
-	waitFor(t, 30*time.Second, "ns-1 takes ns-3 back, gossiping under the new key", func() (bool, string) { return peerOf(sockets[0], "ns-3"), "" })
+	waitFor(t, 30*time.Second, "ns-1 takes ns-3 back, gossiping under the new key", func() (bool, string) {
+		peer, err := peerOf(sockets[0], "ns-3")
+		return peer, fmt.Sprint(err)
+	})
 }
 
 func chownR(t *testing.T, dir string, uid int) {
