@@ -268,15 +268,22 @@ func TestHubFailover(t *testing.T) {
 	waitFor(t, 20*time.Second, "TCP gw-1b → "+far+" again, through its own tunnel to gw-2a", held(flowedAgain(tookOver)))
 	at, _ := flowedSince(killed)
 	t.Logf("traffic from gw-1b to Frankfurt flowed again %s after the kill", at.Sub(killed).Round(time.Millisecond))
-	for _, s := range []*meshSite{zrhB, fraA, fraB} {
-		st, err := status(s.socket)
-		if err != nil {
-			t.Fatalf("gw-%s status: %v", s.short, err)
+	// Waited for, not read once: the tunnels above prove what gw-1b and
+	// gw-2a took in, not that gw-2b, whose one peer is gw-2a, has seen
+	// gw-1a go.
+	waitFor(t, 30*time.Second, "every other gateway to carry Zurich's routes through gw-1b", func() (bool, string) {
+		ok, state := true, []string{}
+		for _, s := range []*meshSite{zrhB, fraA, fraB} {
+			st, err := status(s.socket)
+			if err != nil {
+				return false, fmt.Sprintf("gw-%s status: %v", s.short, err)
+			}
+			c := st.Carriers[zrhB.site]
+			ok = ok && c == "gw-1b"
+			state = append(state, fmt.Sprintf("gw-%s: %q", s.short, c))
 		}
-		if c := st.Carriers[zrhB.site]; c != "gw-1b" {
-			t.Errorf("gw-%s: Zurich's routes go through %q, want gw-1b", s.short, c)
-		}
-	}
+		return ok, strings.Join(state, ", ")
+	})
 
 	// gw-1a returns: first by name again, it is Zurich's hub again (hubs
 	// are chosen from the membership alone), and gw-1b goes back behind
