@@ -1158,19 +1158,23 @@ func (g *Gateway) rotationStep(ctx context.Context, kind string, key []byte, mem
 	}
 	sends := make(chan sent, len(members)*(1+maxStepResends))
 	sem := make(chan struct{}, rotationSends)
-	// A send still waiting its turn when the step ends is not made: its
-	// member answered another, and a step arriving after the next one
-	// began (a clean step after the install it made room for) would undo
-	// what that one did.
+	// A send again still waiting its turn when the step ends is not
+	// made: its member answered another, and a step arriving after the
+	// next one began (a clean step after the install it made room for)
+	// would undo what that one did. First sends are all made, the step
+	// ended or not: a member refusing at once does not keep the others
+	// from taking the step, as they did before sends were ever made again.
 	stepDone := make(chan struct{})
 	defer close(stepDone)
 	send := func(m string, id []byte, to *x509.Certificate) {
 		sem <- struct{}{}
 		defer func() { <-sem }()
-		select {
-		case <-stepDone:
-			return
-		default:
+		if !bytes.Equal(id, op.id) {
+			select {
+			case <-stepDone:
+				return
+			default:
+			}
 		}
 		mop := *op
 		mop.id = id
