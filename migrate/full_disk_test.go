@@ -402,8 +402,8 @@ func TestReceiverSaysToResumeWhenTheDiskFillsAtCommit(t *testing.T) {
 	free := smalldisk.Fill(t, state)
 	fill()
 	err = <-res
-	if err == nil || !strings.HasPrefix(err.Error(), "commit: ") {
-		t.Fatalf("the sender's error on a disk filled at the commit: %v; want the commit's", err)
+	if err == nil || !strings.HasPrefix(err.Error(), "commit: receiver: store the image: ") {
+		t.Fatalf("the sender's error on a disk filled at the commit: %v; want the commit's, saying what failed once", err)
 	}
 	toldToResume(t, p, err, cfg.ID, "at the commit")
 	free()

@@ -1030,7 +1030,7 @@ func (r *Receiver) control(ctx context.Context, c *tls.Conn, fr *frameReader, fw
 		// Nor counted as ended (skybridge_migration_duration_seconds),
 		// as a receive interrupted under the transfer is not.
 		log.Error("migration interrupted at its commit: the image store's disk is full; its durable chunks wait for a resume", "err", err)
-		fw.json(frameError, s.writeFailed("commit", err))
+		fw.json(frameError, s.writeFailed("store the image", err)) // the sender says "commit"
 		return
 	}
 	if err != nil {

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"iter"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -387,12 +388,8 @@ type extentReader struct {
 }
 
 func (x extentReader) ReadAt(p []byte, off int64) (int, error) {
-	end := off + int64(len(p))
-	k := sort.Search(len(x.extents), func(k int) bool { return x.extents[k].Off+x.extents[k].Len > off })
 	at := off // read or zeroed up to here
-	for ; k < len(x.extents) && x.extents[k].Off < end; k++ {
-		e := x.extents[k]
-		from, to := max(e.Off, off), min(e.Off+e.Len, end)
+	for from, to := range within(x.extents, off, off+int64(len(p))) {
 		clear(p[at-off : from-off])
 		if n, err := x.r.ReadAt(p[from-off:to-off], from); n < int(to-from) {
 			if err == nil {
@@ -406,16 +403,26 @@ func (x extentReader) ReadAt(p []byte, off int64) (int, error) {
 	return len(p), nil
 }
 
-// dataIn is how many bytes of [off, off+n) lie in extents (sorted, not
-// overlapping, as Extents returns them): what an extentReader reads of
-// them, the rest being zeros it need not read.
+// within yields, in order, the parts of extents (sorted, not overlapping,
+// as Extents returns them) that lie in [off, end), as from and to.
+func within(extents []Extent, off, end int64) iter.Seq2[int64, int64] {
+	return func(yield func(int64, int64) bool) {
+		k := sort.Search(len(extents), func(k int) bool { return extents[k].Off+extents[k].Len > off })
+		for ; k < len(extents) && extents[k].Off < end; k++ {
+			e := extents[k]
+			if !yield(max(e.Off, off), min(e.Off+e.Len, end)) {
+				return
+			}
+		}
+	}
+}
+
+// dataIn is how many bytes of [off, off+n) lie in extents: what an
+// extentReader reads of them, the rest being zeros it need not read.
 func dataIn(extents []Extent, off, n int64) int64 {
-	end := off + n
-	k := sort.Search(len(extents), func(k int) bool { return extents[k].Off+extents[k].Len > off })
 	var in int64
-	for ; k < len(extents) && extents[k].Off < end; k++ {
-		e := extents[k]
-		in += min(e.Off+e.Len, end) - max(e.Off, off)
+	for from, to := range within(extents, off, off+n) {
+		in += to - from
 	}
 	return in
 }
